@@ -1,0 +1,7 @@
+"""``python -m nbtask``."""
+
+import sys
+
+from nbtask.cli import main
+
+sys.exit(main())

@@ -1,0 +1,423 @@
+"""The :class:`App`: task registry, connection to the broker, and sending of tasks."""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+from nbtask.brokers import Broker, Publish, open_broker
+from nbtask.envelope import Signer, dumps
+from nbtask.errors import (
+    ConfigurationError,
+    SerializationError,
+    TaskNotFound,
+)
+from nbtask.events import Event, EventType, State
+from nbtask.handle import TaskHandle
+from nbtask.listener import Listener, decode_event
+from nbtask.settings import Settings
+from nbtask.task import TASK_OPTIONS
+from nbtask.task import Task as BaseTask
+
+if TYPE_CHECKING:
+    from nbtask.embedded import EmbeddedCluster
+
+__all__ = ["App"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class App:
+    """A task application: define tasks on it, send them, and follow their handles.
+
+    Nothing connects until the first task is sent (or :meth:`connect` is called). With no
+    broker configured (no ``broker=`` and no ``NBTASK_BROKER``) the first connection
+    starts the embedded local cluster: a private Redis and worker processes that stop
+    with this process.
+
+    Parameters
+    ----------
+    name
+        A label for this app, shown in logs.
+    broker
+        Broker URL; overrides ``NBTASK_BROKER``.
+    secret
+        Signing secret; overrides ``NBTASK_SECRET``. Required with a broker URL.
+    insecure
+        Run without a secret on a broker URL (warns; see the README's security model).
+    settings
+        Start from these settings instead of ``Settings.from_env()``.
+    **overrides
+        Any other :class:`~nbtask.settings.Settings` field.
+
+    Examples
+    --------
+    >>> app = App("demo")
+    >>> @app.task
+    ... def add(x, y):
+    ...     return x + y
+    >>> add.delay(2, 3).get(timeout=10)
+    5
+    """
+
+    Task: type[BaseTask]
+
+    def __init__(
+        self,
+        name: str = "nbtask",
+        *,
+        broker: str | None = None,
+        secret: str | None = None,
+        insecure: bool | None = None,
+        settings: Settings | None = None,
+        **overrides: Any,
+    ) -> None:
+        if broker is not None:
+            overrides["broker_url"] = broker
+        if secret is not None:
+            overrides["secret"] = secret
+        if insecure is not None:
+            overrides["insecure"] = insecure
+        base = settings if settings is not None else Settings.from_env()
+        unknown = sorted(set(overrides) - set(base.__dataclass_fields__))
+        if unknown:
+            raise ConfigurationError(f"App() got unknown setting(s): {', '.join(unknown)}")
+        self.settings = base.replace(**overrides)
+        if self.settings.broker_url is not None and not (
+            self.settings.secret or self.settings.insecure
+        ):
+            Signer(None)  # raises the one clear "no secret is set" error
+        self.name = name
+        self.client_id = uuid.uuid4().hex[:16]
+        self.tasks: dict[str, BaseTask] = {}
+        self.Task = type("Task", (BaseTask,), {"abstract": True, "__module__": __name__})
+        self.cluster: EmbeddedCluster | None = None
+        self._broker: Broker | None = None
+        self._signer: Signer | None = None
+        self._listener: Listener | None = None
+        self._shipped: dict[int, tuple[str, bytes]] = {}
+        self._lock = threading.RLock()
+        atexit.register(_close_at_exit, weakref.ref(self))
+
+    # Defining tasks --------------------------------------------------------------------------
+    @overload
+    def task(self, fn: F, /) -> BaseTask: ...
+    @overload
+    def task(self, name: str | None = None, /, **options: Any) -> Callable[[F], BaseTask]: ...
+
+    def task(self, fn: Any = None, /, **options: Any) -> Any:
+        """Turn a function into a task; use bare (``@app.task``) or with options.
+
+        Parameters
+        ----------
+        name : str, optional
+            Registered name; default ``module.qualname``. May be given positionally.
+        bind : bool
+            Pass the task instance as the first argument (``self``).
+        base : type
+            Task class to derive from (a subclass of ``app.Task``).
+        queue : str
+            Queue to send to by default.
+        acks_late : bool
+            Acknowledge after the task returns, so a crashed worker's task is redelivered.
+        ignore_result : bool
+            Do not keep the result in the store (the client is still told the outcome).
+        expires : float
+            Seconds after sending after which the task is dropped unstarted.
+        """
+        if isinstance(fn, str):
+            options["name"] = fn
+            fn = None
+        unknown = sorted(set(options) - TASK_OPTIONS)
+        if unknown:
+            raise ConfigurationError(
+                f"unknown task option(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(TASK_OPTIONS))}"
+            )
+
+        def decorate(func: Callable[..., Any]) -> BaseTask:
+            return self._make_task(func, options)
+
+        return decorate(fn) if fn is not None else decorate
+
+    def _make_task(self, func: Callable[..., Any], options: Mapping[str, Any]) -> BaseTask:
+        if not callable(func):
+            raise ConfigurationError(f"@app.task needs a function, got {func!r}")
+        base = options.get("base", self.Task)
+        if not (isinstance(base, type) and issubclass(base, BaseTask)):
+            raise ConfigurationError(f"base={base!r} is not a Task class (use app.Task)")
+        bind = bool(options.get("bind", False))
+        run = func if bind else staticmethod(func)
+        attrs: dict[str, Any] = {
+            "run": run,
+            "name": options.get("name") or f"{func.__module__}.{func.__qualname__}",
+            "abstract": False,
+            "bind": bind,
+            "__module__": func.__module__,
+            "__qualname__": func.__qualname__,
+            "__doc__": func.__doc__,
+            "__wrapped__": func,
+        }
+        for key in ("queue", "acks_late", "ignore_result", "expires"):
+            if key in options:
+                attrs[key] = options[key]
+        cls = type(func.__name__, (base,), attrs)
+        return self.register_task(cls())
+
+    def register_task(self, task: BaseTask) -> BaseTask:
+        """Register a task instance (a class-based task with ``run``) under its name."""
+        if getattr(type(task), "abstract", False) and type(task).__dict__.get("abstract", False):
+            raise ConfigurationError(f"{type(task).__name__} is abstract and cannot be registered")
+        if not task.name:
+            cls = type(task)
+            type.__setattr__(cls, "name", f"{cls.__module__}.{cls.__qualname__}")
+        existing = self.tasks.get(task.name)
+        # Re-running a notebook cell redefines a task: that replaces it. Two different
+        # functions under one name would silently run the wrong code: refuse.
+        if existing is not None and _origin(existing) != _origin(task):
+            raise ConfigurationError(
+                f"task name {task.name!r} is already used by {_origin(existing)}; "
+                f"give {_origin(task)} another name=..."
+            )
+        task.app = self
+        self.tasks[task.name] = task
+        return task
+
+    # Connecting ------------------------------------------------------------------------------
+    def connect(self) -> Broker:
+        """Connect (starting the embedded cluster if no broker is configured)."""
+        with self._lock:
+            if self._broker is not None:
+                return self._broker
+            settings = self.settings
+            if settings.broker_url is None:
+                from nbtask.embedded import EmbeddedCluster
+
+                self.cluster = EmbeddedCluster.start(settings)
+                url: str = self.cluster.url
+                secret: str | None = self.cluster.secret
+            else:
+                url, secret = settings.broker_url, settings.secret
+            signer = Signer(
+                secret, max_bytes=settings.max_message_bytes, insecure=settings.insecure
+            )
+            broker = open_broker(settings, url)
+            broker.ping()
+            self._signer, self._broker = signer, broker
+            return broker
+
+    @property
+    def broker(self) -> Broker:
+        """The connected broker (connects on first use)."""
+        return self._broker or self.connect()
+
+    @property
+    def signer(self) -> Signer:
+        """Signs messages and verifies events."""
+        self.connect()
+        assert self._signer is not None
+        return self._signer
+
+    @property
+    def channel(self) -> str:
+        """The key of this client's event channel."""
+        return f"{self.settings.key_prefix}:c:{self.client_id}"
+
+    def _listen(self) -> Listener:
+        with self._lock:
+            if self._listener is None or not self._listener.alive:
+                self._listener = Listener(
+                    open_broker(self.settings, self._url()), self.signer, self.channel
+                )
+            return self._listener
+
+    def _url(self) -> str:
+        if self.cluster is not None:
+            return self.cluster.url
+        assert self.settings.broker_url is not None
+        return self.settings.broker_url
+
+    def close(self) -> None:
+        """Stop the listener, disconnect, and stop the embedded cluster if it was started."""
+        with self._lock:
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
+            if self._broker is not None:
+                self._broker.close()
+                self._broker = None
+            if self.cluster is not None:
+                self.cluster.stop()
+                self.cluster = None
+
+    def __enter__(self) -> App:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Sending ---------------------------------------------------------------------------------
+    def send(
+        self,
+        task: BaseTask,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        queue: str | None = None,
+        eta: float | None = None,
+        expires: float | None = None,
+        task_id: str | None = None,
+    ) -> TaskHandle:
+        """Send one task; used by :meth:`Task.apply_async`."""
+        message, handle = self._prepare(task, args, kwargs, queue, eta, expires, task_id)
+        self._listen().register(handle)
+        self.broker.publish([message])
+        return handle
+
+    def send_many(self, task: BaseTask, arg_tuples: Sequence[tuple[Any, ...]]) -> list[TaskHandle]:
+        """Send one task per argument tuple in a single round trip."""
+        prepared = [self._prepare(task, args, {}, None, None, None, None) for args in arg_tuples]
+        listener = self._listen()
+        for _, handle in prepared:
+            listener.register(handle)
+        self.broker.publish([message for message, _ in prepared])
+        return [handle for _, handle in prepared]
+
+    def _prepare(
+        self,
+        task: BaseTask,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        queue: str | None,
+        eta: float | None,
+        expires: float | None,
+        task_id: str | None,
+    ) -> tuple[Publish, TaskHandle]:
+        task_id = task_id or uuid.uuid4().hex
+        queue = queue or task.queue or self.settings.default_queue
+        digest, code = self._code_for(task)
+        try:
+            payload = dumps((args, kwargs))
+        except Exception as exc:
+            raise SerializationError(_unpicklable_message(task.name, args, kwargs, exc)) from None
+        cls = type(task)
+        header = {
+            "kind": "task",
+            "id": task_id,
+            "name": task.name,
+            "queue": queue,
+            "client": self.channel,
+            "created": time.time(),
+            "eta": eta,
+            "expires": expires,
+            "acks_late": bool(task.acks_late),
+            "ignore_result": bool(task.ignore_result),
+            "module": cls.__module__,
+            "code": digest,
+            "code_len": len(code),
+        }
+        raw = self.signer.seal(header, code + payload)
+        record = {"state": State.PENDING.value, "name": task.name, "client": self.channel}
+        return Publish(queue, task_id, raw, record, eta), TaskHandle(self, task_id, task.name)
+
+    def _code_for(self, task: BaseTask) -> tuple[str | None, bytes]:
+        """``(digest, pickled task)`` for tasks workers cannot import (``__main__``)."""
+        if type(task).__module__ != "__main__":
+            return None, b""
+        cached = self._shipped.get(id(task))
+        if cached is None:
+            try:
+                code = dumps(task)
+            except Exception as exc:
+                raise SerializationError(
+                    f"task {task.name!r} cannot be shipped to workers: {exc}"
+                ) from None
+            cached = (hashlib.sha256(code).hexdigest()[:32], code)
+            self._shipped[id(task)] = cached
+        return cached
+
+    # Following tasks -------------------------------------------------------------------------
+    def handle(self, task_id: str) -> TaskHandle:
+        """Re-attach to a task by id, from this or any other process.
+
+        Events the task already sent are replayed (output included) while they are
+        still kept; a finished task's result comes from the result store.
+
+        Raises
+        ------
+        TaskNotFound
+            No record of the task (a wrong id, or one older than ``result_ttl``).
+        """
+        listener = self._listen()
+        existing = listener.get(task_id)
+        if existing is not None:
+            return existing
+        record = self.broker.get_record(task_id)
+        if not record:
+            raise TaskNotFound(
+                f"no task {task_id!r} in the result store: the id is wrong, or the task "
+                f"finished more than result_ttl ({self.settings.result_ttl:.0f} s) ago"
+            )
+        handle = TaskHandle(self, task_id, record.get("name", b"?").decode())
+        channel = record.get("client", b"").decode()
+        if "result" in record:
+            event, result = decode_event(self.signer, record["result"])
+            handle.apply(event, result)
+        else:
+            listener.register(handle, channel=channel or None)
+        return handle
+
+    def revoke(self, task_id: str) -> bool:
+        """Revoke a task that has not started yet; return whether it was revoked."""
+        handle = self._listen().get(task_id)
+        record = self.broker.get_record(task_id)
+        channel = record.get("client", self.channel.encode()).decode()
+        event = Event(EventType.REVOKED, task_id, seq=1 << 30, data={"reason": "revoked"})
+        raw = self.signer.seal(event.to_header())
+        revoked = self.broker.revoke_pending(task_id, raw, channel)
+        if revoked and handle is not None and channel != self.channel:
+            handle.apply(event)
+        return revoked
+
+    def workers(self) -> dict[str, str]:
+        """Live workers on this broker, ``{worker_id: JSON info}``."""
+        return self.broker.workers()
+
+    def __repr__(self) -> str:
+        where = self.settings.broker_url or "embedded"
+        return f"<App {self.name!r} broker={where} tasks={len(self.tasks)}>"
+
+
+def _close_at_exit(ref: weakref.ReferenceType[App]) -> None:
+    app = ref()
+    if app is not None:
+        app.close()
+
+
+def _origin(task: BaseTask) -> str:
+    code = type(task).__dict__.get("__wrapped__", type(task))
+    return f"{code.__module__}.{code.__qualname__}"
+
+
+def _unpicklable_message(
+    name: str, args: tuple[Any, ...], kwargs: dict[str, Any], exc: Exception
+) -> str:
+    labelled = [(f"argument {i}", a) for i, a in enumerate(args)] + [
+        (f"argument {k!r}", v) for k, v in kwargs.items()
+    ]
+    for label, value in labelled:
+        try:
+            dumps(value)
+        except Exception as inner:
+            return (
+                f"{label} of task {name!r} ({type(value).__name__}) cannot be pickled: {inner}. "
+                "Pass something picklable instead (e.g. a path or a plain value) and open the "
+                "resource inside the task"
+            )
+    return f"the arguments of task {name!r} cannot be pickled: {exc}"

@@ -1,0 +1,455 @@
+"""The Redis broker, on Redis Streams.
+
+One Stream per queue with a consumer group, a sorted set per queue for ETA messages, one
+Stream per client for events, and a hash per task for its result.
+
+Delivery rules (see the README's "Delivery semantics"):
+
+* A message stays in the group's pending list from delivery until the worker finishes,
+  whatever the task's ``acks_late``; the supervisor renews the lease of every pending
+  entry its children hold at each heartbeat, so a running task is never redelivered.
+* When a child or a whole worker dies, its pending entries are handled by the supervisor
+  (or by any live worker once the dead worker's heartbeat lapses): ``acks_late`` messages
+  are put back, others are reported ``WORKER_LOST``.
+* ETA messages wait in ``<prefix>:eta:<queue>`` and are moved to the stream when due, so
+  no worker ever holds one unacknowledged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from nbtask.brokers import Delivery, Publish
+from nbtask.errors import BrokerUnavailable
+from nbtask.settings import Settings
+
+__all__ = ["GROUP", "RedisBroker"]
+
+GROUP = "workers"
+CHANNEL_MAXLEN = 10_000
+_FINAL = ("SUCCESS", "FAILURE", "REVOKED", "WORKER_LOST")
+
+# Take one message from the first queue (in the order given) that has one. When none
+# has, return the last entry id of each stream, so the caller can block on XREAD from
+# exactly there and be woken by the next XADD without a race.
+_FETCH = """
+for i, key in ipairs(KEYS) do
+  local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', key, '>')
+  if r then return {i, r[1][2][1][1], r[1][2][1][2]} end
+end
+local ids = {}
+for i, key in ipairs(KEYS) do
+  local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  if last[1] then ids[i] = last[1][1] else ids[i] = '0-0' end
+end
+return {0, ids}
+"""
+
+# A task may start only from PENDING/RETRY (or with no record, e.g. an expired one):
+# this refuses duplicates of a running task, replays of a finished one and revoked tasks
+# in the same atomic step that marks it STARTED.
+_START = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state and state ~= 'PENDING' and state ~= 'RETRY' then return state end
+for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[1], 'state', 'STARTED')
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
+_REVOKE = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state and state ~= 'PENDING' and state ~= 'RETRY' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'REVOKED', 'result', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[1])
+return 1
+"""
+
+_MOVE_DUE = """
+local moved = 0
+for i = 1, #KEYS, 2 do
+  local due = redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', ARGV[1], 'LIMIT', 0, 500)
+  for _, m in ipairs(due) do
+    redis.call('XADD', KEYS[i + 1], '*', 'e', m, 'n', '0')
+    redis.call('ZREM', KEYS[i], m)
+    moved = moved + 1
+  end
+end
+local nxt = false
+for i = 1, #KEYS, 2 do
+  local first = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+  if first[2] and (not nxt or tonumber(first[2]) < nxt) then nxt = tonumber(first[2]) end
+end
+if nxt then return tostring(nxt) end
+return false
+"""
+
+
+@contextlib.contextmanager
+def _translate_errors(url: str) -> Iterator[None]:
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        raise BrokerUnavailable(
+            f"cannot reach the Redis broker at {url}: {exc}. Is redis-server running there? "
+            "(start one with: redis-server --port 6379, or unset NBTASK_BROKER to use the "
+            "embedded cluster)"
+        ) from exc
+
+
+class RedisBroker:
+    """A :class:`~nbtask.brokers.Broker` on Redis Streams.
+
+    Parameters
+    ----------
+    url
+        ``redis://``, ``rediss://`` or ``unix://`` URL of the server.
+    settings
+        Key prefix, TTLs, visibility timeout and heartbeat interval.
+    """
+
+    def __init__(self, url: str, settings: Settings) -> None:
+        self.url = url
+        self.settings = settings
+        self._prefix = settings.key_prefix
+        # Typed as Any: redis-py's reply types are unions over decode_responses that would
+        # need a cast at every call; this adapter checks the shapes it reads instead.
+        self.redis: Any = redis.Redis.from_url(url, socket_connect_timeout=5)
+        self._fetch = self.redis.register_script(_FETCH)
+        self._start = self.redis.register_script(_START)
+        self._revoke = self.redis.register_script(_REVOKE)
+        self._move_due = self.redis.register_script(_MOVE_DUE)
+        self._ttl = int(settings.result_ttl)
+
+    # Keys ----------------------------------------------------------------------------------
+    def queue_key(self, queue: str) -> str:
+        """The stream holding ``queue``'s messages."""
+        return f"{self._prefix}:q:{queue}"
+
+    def eta_key(self, queue: str) -> str:
+        """The sorted set holding ``queue``'s messages that are not due yet."""
+        return f"{self._prefix}:eta:{queue}"
+
+    def record_key(self, task_id: str) -> str:
+        """The hash holding a task's state and result."""
+        return f"{self._prefix}:r:{task_id}"
+
+    def channel_key(self, client_id: str) -> str:
+        """The stream carrying events to one client."""
+        return f"{self._prefix}:c:{client_id}"
+
+    @property
+    def dead_letter_key(self) -> str:
+        """The stream of messages given up on."""
+        return f"{self._prefix}:dead"
+
+    def _hb_key(self, worker_id: str) -> str:
+        return f"{self._prefix}:hb:{worker_id}"
+
+    @property
+    def _workers_key(self) -> str:
+        return f"{self._prefix}:workers"
+
+    # Lifecycle -------------------------------------------------------------------------------
+    def ping(self) -> None:
+        """Raise :class:`BrokerUnavailable` unless the server answers."""
+        with _translate_errors(self.url):
+            self.redis.ping()
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self.redis.close()
+        self.redis.connection_pool.disconnect()
+
+    # Client side -----------------------------------------------------------------------------
+    def publish(self, messages: Sequence[Publish]) -> None:
+        """Enqueue messages and write their PENDING records, in one round trip."""
+        with _translate_errors(self.url), self.redis.pipeline(transaction=False) as pipe:
+            for msg in messages:
+                if msg.eta is not None and msg.eta > time.time():
+                    pipe.zadd(self.eta_key(msg.queue), {msg.raw: msg.eta})
+                else:
+                    pipe.xadd(self.queue_key(msg.queue), {"e": msg.raw, "n": 0})
+                key = self.record_key(msg.task_id)
+                pipe.hset(key, mapping=dict(msg.record))
+                pipe.expire(key, self._ttl)
+            pipe.execute()
+
+    def read_events(
+        self, channels: Mapping[str, str], block_seconds: float
+    ) -> list[tuple[str, str, bytes]]:
+        """Block on the client channels; return ``(channel, entry id, raw)`` triples."""
+        with _translate_errors(self.url):
+            reply = self.redis.xread(
+                dict(channels), count=500, block=max(1, int(block_seconds * 1000))
+            )
+        out: list[tuple[str, str, bytes]] = []
+        for stream, entries in reply or ():
+            name = stream.decode()
+            for entry_id, fields in entries:
+                out.append((name, entry_id.decode(), fields.get(b"e", b"")))
+        return out
+
+    def wake(self, channel: str) -> None:
+        """Append an empty entry so a blocked reader returns."""
+        with _translate_errors(self.url):
+            self.redis.xadd(channel, {"e": b""}, maxlen=CHANNEL_MAXLEN, approximate=True)
+
+    def keep_channel(self, channel: str) -> None:
+        """Push back the expiry of an event channel."""
+        with _translate_errors(self.url):
+            self.redis.expire(channel, self._ttl)
+
+    def get_record(self, task_id: str) -> dict[str, bytes]:
+        """The task's stored record, keys decoded; empty if unknown."""
+        with _translate_errors(self.url):
+            raw: dict[bytes, bytes] = self.redis.hgetall(self.record_key(task_id))
+        return {k.decode(): v for k, v in raw.items()}
+
+    def revoke_pending(self, task_id: str, raw_event: bytes, channel: str) -> bool:
+        """Mark a not-yet-started task REVOKED (atomically with the start check)."""
+        with _translate_errors(self.url):
+            keys = [self.record_key(task_id), channel]
+            return bool(self._revoke(keys=keys, args=[raw_event, self._ttl, CHANNEL_MAXLEN]))
+
+    # Worker side -----------------------------------------------------------------------------
+    def ensure_queues(self, queues: Iterable[str]) -> None:
+        """Create each queue's stream and consumer group if missing."""
+        with _translate_errors(self.url):
+            for queue in queues:
+                try:
+                    self.redis.xgroup_create(self.queue_key(queue), GROUP, id="0", mkstream=True)
+                except ResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):
+                        raise
+
+    def fetch(self, queues: Sequence[str], consumer: str, block_seconds: float) -> Delivery | None:
+        """Take one message, waiting up to ``block_seconds``; never more than one."""
+        keys = [self.queue_key(q) for q in queues]
+        with _translate_errors(self.url):
+            if len(keys) == 1:
+                # One queue: the server hands each entry to exactly one blocked consumer.
+                reply = self.redis.execute_command(
+                    "XREADGROUP",
+                    "GROUP",
+                    GROUP,
+                    consumer,
+                    "COUNT",
+                    1,
+                    "BLOCK",
+                    max(1, int(block_seconds * 1000)),
+                    "STREAMS",
+                    keys[0],
+                    ">",
+                )
+                if not reply:
+                    return None
+                entry_id, fields = reply[0][1][0]
+                return _delivery(queues[0], entry_id, fields)
+            deadline = time.monotonic() + block_seconds
+            while True:
+                index, *rest = self._fetch(keys=keys, args=[GROUP, consumer])
+                if index:
+                    return _delivery(queues[index - 1], rest[0], rest[1])
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                last_ids = dict(zip(keys, rest[0], strict=False))
+                self.redis.xread(last_ids, count=1, block=max(1, int(remaining * 1000)))
+
+    def start(
+        self, task_id: str, channel: str, raw_event: bytes, record: Mapping[str, str]
+    ) -> str | None:
+        """Mark STARTED and send the started event; else return the state that forbids it."""
+        args: list[Any] = [raw_event, self._ttl, CHANNEL_MAXLEN]
+        for key, value in record.items():
+            args += [key, value]
+        with _translate_errors(self.url):
+            reply = self._start(keys=[self.record_key(task_id), channel], args=args)
+        return None if reply == 1 else bytes(reply).decode()
+
+    def emit(self, channel: str, raw_events: Sequence[bytes]) -> None:
+        """Append events to a client's channel in one round trip."""
+        with _translate_errors(self.url), self.redis.pipeline(transaction=False) as pipe:
+            for raw in raw_events:
+                pipe.xadd(channel, {"e": raw}, maxlen=CHANNEL_MAXLEN, approximate=True)
+            pipe.execute()
+
+    def finish(
+        self,
+        delivery: Delivery | None,
+        task_id: str,
+        channel: str,
+        raw_event: bytes,
+        record: Mapping[str, str | bytes],
+    ) -> None:
+        """Store the final record, send the final event and acknowledge, in one MULTI."""
+        key = self.record_key(task_id)
+        with _translate_errors(self.url), self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping=dict(record))
+            pipe.expire(key, self._ttl)
+            pipe.xadd(channel, {"e": raw_event}, maxlen=CHANNEL_MAXLEN, approximate=True)
+            pipe.expire(channel, self._ttl)
+            if delivery is not None:
+                stream = self.queue_key(delivery.queue)
+                pipe.xack(stream, GROUP, delivery.delivery_id)
+                pipe.xdel(stream, delivery.delivery_id)
+            pipe.execute()
+
+    def discard(self, delivery: Delivery) -> None:
+        """Acknowledge and delete a delivery that must not run."""
+        stream = self.queue_key(delivery.queue)
+        with _translate_errors(self.url), self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(stream, GROUP, delivery.delivery_id)
+            pipe.xdel(stream, delivery.delivery_id)
+            pipe.execute()
+
+    def requeue(self, delivery: Delivery, task_id: str) -> None:
+        """Re-add the message with its redelivery count raised, and drop the old entry."""
+        stream = self.queue_key(delivery.queue)
+        with _translate_errors(self.url), self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(stream, {"e": delivery.raw, "n": delivery.deliveries + 1})
+            pipe.hset(self.record_key(task_id), "state", "PENDING")
+            pipe.xack(stream, GROUP, delivery.delivery_id)
+            pipe.xdel(stream, delivery.delivery_id)
+            pipe.execute()
+
+    def dead_letter(self, delivery: Delivery) -> None:
+        """Move the message to the dead-letter stream and acknowledge it."""
+        stream = self.queue_key(delivery.queue)
+        with _translate_errors(self.url), self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(
+                self.dead_letter_key,
+                {"e": delivery.raw, "q": delivery.queue, "n": delivery.deliveries},
+                maxlen=CHANNEL_MAXLEN,
+                approximate=True,
+            )
+            pipe.xack(stream, GROUP, delivery.delivery_id)
+            pipe.xdel(stream, delivery.delivery_id)
+            pipe.execute()
+
+    def pending_of(self, queues: Sequence[str], consumer: str) -> list[Delivery]:
+        """Claim and return every delivery ``consumer`` holds unacknowledged."""
+        out: list[Delivery] = []
+        with _translate_errors(self.url):
+            for queue in queues:
+                stream = self.queue_key(queue)
+                pending = self.redis.xpending_range(stream, GROUP, "-", "+", 1000, consumer)
+                ids = [p["message_id"] for p in pending]
+                if ids:
+                    out += self._claim(queue, consumer, ids)
+        return out
+
+    def _claim(self, queue: str, consumer: str, ids: list[Any]) -> list[Delivery]:
+        stream = self.queue_key(queue)
+        claimed = self.redis.xclaim(stream, GROUP, consumer, 0, ids)
+        out = []
+        for entry_id, fields in claimed:
+            if fields:  # None when the entry was deleted meanwhile
+                out.append(_delivery(queue, entry_id, fields))
+            else:
+                self.redis.xack(stream, GROUP, entry_id)
+        return out
+
+    def heartbeat(
+        self, worker_id: str, info: str, consumers: Sequence[str], queues: Sequence[str]
+    ) -> None:
+        """Refresh the worker's presence and reset the idle time of its pending entries."""
+        ttl_ms = int(3 * self.settings.heartbeat_interval * 1000)
+        with _translate_errors(self.url):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.set(self._hb_key(worker_id), info, px=ttl_ms)
+            pipe.hset(self._workers_key, worker_id, info)
+            pipe.execute()
+            for queue in queues:
+                stream = self.queue_key(queue)
+                for consumer in consumers:
+                    pending = self.redis.xpending_range(stream, GROUP, "-", "+", 1000, consumer)
+                    ids = [p["message_id"] for p in pending]
+                    if ids:
+                        # Re-claiming to the same consumer resets the entry's idle time:
+                        # the lease renewal that keeps long tasks from being reclaimed.
+                        self.redis.xclaim(stream, GROUP, consumer, 0, ids, justid=True)
+
+    def unregister(self, worker_id: str, consumers: Sequence[str], queues: Sequence[str]) -> None:
+        """Forget a worker and delete its (idle) consumers."""
+        with _translate_errors(self.url):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.delete(self._hb_key(worker_id))
+            pipe.hdel(self._workers_key, worker_id)
+            for queue in queues:
+                for consumer in consumers:
+                    pipe.xgroup_delconsumer(self.queue_key(queue), GROUP, consumer)
+            with contextlib.suppress(ResponseError):
+                pipe.execute()
+
+    def workers(self) -> dict[str, str]:
+        """Workers whose heartbeat is current."""
+        return self._registered(alive=True)
+
+    def dead_workers(self) -> dict[str, str]:
+        """Registered workers whose heartbeat key has expired."""
+        return self._registered(alive=False)
+
+    def _registered(self, *, alive: bool) -> dict[str, str]:
+        with _translate_errors(self.url):
+            registered: dict[bytes, bytes] = self.redis.hgetall(self._workers_key)
+            ids = list(registered)
+            beats = self.redis.mget([self._hb_key(w.decode()) for w in ids]) if ids else []
+        return {
+            w.decode(): registered[w].decode()
+            for w, beat in zip(ids, beats, strict=True)
+            if bool(beat) is alive
+        }
+
+    def claim_dead_worker(self, worker_id: str) -> bool:
+        """Win the right to clean up ``worker_id`` (for one minute)."""
+        with _translate_errors(self.url):
+            lock = f"{self._prefix}:reclaim:{worker_id}"
+            return bool(self.redis.set(lock, b"1", nx=True, ex=60))
+
+    def stale_deliveries(self, queues: Sequence[str], consumer: str) -> list[Delivery]:
+        """Claim entries nobody renewed for ``visibility_timeout`` (a backstop)."""
+        min_idle = int(self.settings.visibility_timeout * 1000)
+        out: list[Delivery] = []
+        with _translate_errors(self.url):
+            for queue in queues:
+                reply = self.redis.xautoclaim(
+                    self.queue_key(queue), GROUP, consumer, min_idle, "0-0", count=100
+                )
+                for entry_id, fields in reply[1]:
+                    if fields:
+                        out.append(_delivery(queue, entry_id, fields))
+        return out
+
+    def move_due(self, queues: Sequence[str]) -> float | None:
+        """Move due ETA messages to their streams; return the next due time."""
+        keys: list[str] = []
+        for queue in queues:
+            keys += [self.eta_key(queue), self.queue_key(queue)]
+        with _translate_errors(self.url):
+            nxt = self._move_due(keys=keys, args=[repr(time.time())])
+        return float(nxt) if nxt else None
+
+    def forget_worker(self, worker_id: str) -> None:
+        """Drop a dead worker from the registry once its deliveries are handled."""
+        with _translate_errors(self.url):
+            self.redis.hdel(self._workers_key, worker_id)
+
+
+def _delivery(queue: str, entry_id: bytes | str, fields: Any) -> Delivery:
+    if isinstance(fields, list):  # raw reply: a flat [k, v, k, v] list
+        fields = dict(zip(fields[::2], fields[1::2], strict=False))
+    entry = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    return Delivery(queue, entry, fields.get(b"e", b""), int(fields.get(b"n", 0)))

@@ -1,0 +1,377 @@
+"""A worker's child process.
+
+It takes one message at a time, verifies it, runs the task, streams its output and
+progress, and reports the outcome.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import io
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from nbtask._process import die_with_parent
+from nbtask.brokers import Broker, Delivery, open_broker
+from nbtask.envelope import Envelope, Signer, dumps
+from nbtask.errors import BrokerUnavailable, NbtaskError, NotRegistered
+from nbtask.events import Event, EventType, State
+from nbtask.settings import Settings
+from nbtask.task import Request, Task, _current
+
+__all__ = ["Child", "TaskMessage"]
+
+log = logging.getLogger("nbtask.worker")
+_FLUSH_SECONDS = 1 / 15  # the widget repaints at most ~15 times a second anyway
+_FINAL_SEQ = 1 << 30  # above any event a child sends; used by the supervisor too
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskMessage:
+    """The verified header of a task message, typed."""
+
+    id: str
+    name: str
+    queue: str
+    client: str
+    created: float
+    eta: float | None
+    expires: float | None
+    acks_late: bool
+    ignore_result: bool
+    module: str
+    code: str | None
+    code_len: int
+    retries: int = 0
+
+    @classmethod
+    def from_header(cls, header: Mapping[str, Any]) -> TaskMessage:
+        """Check field types; raise ``ValueError`` naming the first bad field."""
+        if header.get("kind") != "task":
+            raise ValueError("not a task message")
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            if field.name not in header:
+                if field.default is dataclasses.MISSING:
+                    raise ValueError(f"field {field.name!r} is missing")
+                continue
+            value = header[field.name]
+            if not _type_ok(value, str(field.type)):
+                raise ValueError(f"field {field.name!r} has a wrong type")
+            values[field.name] = value
+        return cls(**values)
+
+
+def _type_ok(value: object, spec: str) -> bool:
+    kinds = {"str": str, "float": (int, float), "bool": bool, "int": int, "None": type(None)}
+    allowed = tuple(kinds[part.strip()] for part in spec.split("|"))
+    flat: list[type] = []
+    for kind in allowed:
+        flat.extend(kind if isinstance(kind, tuple) else (kind,))
+    return isinstance(value, tuple(flat)) and not (isinstance(value, bool) and bool not in flat)
+
+
+class Outbox:
+    """Buffers a running task's output and progress and sends them ~15 times a second.
+
+    Output is concatenated and progress is coalesced (the latest value wins); both are
+    flushed before the final event, so nothing a task printed is lost.
+    """
+
+    def __init__(self, broker: Broker, signer: Signer) -> None:
+        self._broker = broker
+        self._signer = signer
+        self._lock = threading.Lock()
+        self._task_id = ""
+        self._channel = ""
+        self._seq = 0
+        self._text: list[tuple[EventType, str]] = []
+        self._progress: dict[str, Any] | None = None
+        self._wake = threading.Event()
+        threading.Thread(target=self._pump, name="nbtask-outbox", daemon=True).start()
+
+    def begin(self, task_id: str, channel: str) -> Event:
+        """Start a task; return its ``started`` event (sequence number 1)."""
+        with self._lock:
+            self._task_id, self._channel, self._seq = task_id, channel, 1
+            self._text, self._progress = [], None
+        return Event(EventType.STARTED, task_id, 1)
+
+    def emit(self, kind: str, data: Mapping[str, Any]) -> None:
+        """Queue an event from task code (``progress`` for now)."""
+        if kind == "progress":
+            with self._lock:
+                self._progress = dict(data)
+            self._wake.set()
+
+    def write(self, kind: EventType, text: str) -> None:
+        """Queue output text."""
+        with self._lock:
+            if self._text and self._text[-1][0] is kind:
+                self._text[-1] = (kind, self._text[-1][1] + text)
+            else:
+                self._text.append((kind, text))
+        self._wake.set()
+
+    def end(self) -> int:
+        """Flush everything and return the sequence number for the final event."""
+        self.flush()
+        with self._lock:
+            self._seq += 1
+            return self._seq
+
+    def flush(self) -> None:
+        """Send what is buffered now."""
+        with self._lock:
+            text, progress = self._text, self._progress
+            self._text, self._progress = [], None
+            if not text and progress is None:
+                return
+            events = []
+            for kind, chunk in text:
+                self._seq += 1
+                events.append(Event(kind, self._task_id, self._seq, {"text": chunk}))
+            if progress is not None:
+                self._seq += 1
+                events.append(Event(EventType.PROGRESS, self._task_id, self._seq, progress))
+            channel = self._channel
+        raws = [self._signer.seal(e.to_header()) for e in events]
+        try:
+            self._broker.emit(channel, raws)
+        except BrokerUnavailable as exc:
+            log.warning("could not send %d event(s) of task %s: %s", len(raws), self._task_id, exc)
+
+    def _pump(self) -> None:
+        while True:
+            self._wake.wait()
+            time.sleep(_FLUSH_SECONDS)
+            self._wake.clear()
+            self.flush()
+
+
+class _Stream(io.TextIOBase):
+    """``sys.stdout``/``sys.stderr`` inside a task: text goes to the client."""
+
+    def __init__(self, outbox: Outbox, kind: EventType) -> None:
+        self._outbox, self._kind = outbox, kind
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self._outbox.write(self._kind, text)
+        return len(text)
+
+
+class Child:
+    """The loop of one child process (created by the supervisor, run after fork)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        url: str,
+        secret: str | None,
+        queues: Sequence[str],
+        consumer: str,
+        hostname: str,
+        tasks: Mapping[str, Task],
+    ) -> None:
+        self.settings = settings
+        self.url = url
+        self.secret = secret
+        self.queues = list(queues)
+        self.consumer = consumer
+        self.hostname = hostname
+        self.tasks = dict(tasks)
+        self._shipped: dict[str, Task] = {}
+        self._stop = False
+
+    def run(self) -> None:
+        """Serve messages until SIGTERM (finishing the current task first)."""
+        die_with_parent(signal.SIGKILL)
+        # Ctrl-C in a terminal reaches the whole process group: only the supervisor acts.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, self._on_term)
+        self.broker = open_broker(self.settings, self.url)
+        self.signer = Signer(
+            self.secret, max_bytes=self.settings.max_message_bytes, insecure=self.settings.insecure
+        )
+        self.outbox = Outbox(self.broker, self.signer)
+        backoff = 0.1
+        while not self._stop:
+            try:
+                delivery = self.broker.fetch(self.queues, self.consumer, 1.0)
+                backoff = 0.1
+            except BrokerUnavailable as exc:
+                log.warning("broker unreachable (%s); retrying in %.1f s", exc, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            if delivery is not None:
+                self.handle(delivery)
+
+    def _on_term(self, signum: int, frame: object) -> None:
+        self._stop = True
+
+    def handle(self, delivery: Delivery) -> None:
+        """Verify, run and report one delivery."""
+        try:
+            envelope = self.signer.open(delivery.raw)
+            message = TaskMessage.from_header(envelope.header)
+        except (NbtaskError, ValueError) as exc:
+            log.error(
+                "rejected message %s on queue %s: %s; moved to the dead-letter stream",
+                delivery.delivery_id,
+                delivery.queue,
+                exc,
+            )
+            self.broker.dead_letter(delivery)
+            return
+        now = time.time()
+        if message.eta is None and now - message.created > self.settings.max_age:
+            log.error(
+                "rejected task %s: sent %.0f s ago, older than max_age",
+                message.id,
+                now - message.created,
+            )
+            self.broker.dead_letter(delivery)
+            return
+        if message.expires is not None and now > message.expires:
+            self._report(
+                delivery,
+                message,
+                Event(EventType.REVOKED, message.id, _FINAL_SEQ, {"reason": "expired"}),
+            )
+            return
+        started = self.outbox.begin(message.id, message.client)
+        started = dataclasses.replace(started, data={"worker": self.hostname, "pid": os.getpid()})
+        refused = self.broker.start(
+            message.id,
+            message.client,
+            self.signer.seal(started.to_header()),
+            {"worker": self.hostname, "pid": str(os.getpid()), "started_at": repr(now)},
+        )
+        if refused is not None:
+            log.warning("dropped a message for task %s: it is already %s", message.id, refused)
+            self.broker.discard(delivery)
+            return
+        final, body = self._execute(delivery, message, envelope)
+        self._report(delivery, message, final, body)
+
+    def _execute(
+        self, delivery: Delivery, message: TaskMessage, envelope: Envelope
+    ) -> tuple[Event, bytes]:
+        seq = 0
+        try:
+            task = self._resolve(message, envelope)
+            args, kwargs = _loads(envelope.body[message.code_len :])
+            request = Request(
+                id=message.id,
+                name=message.name,
+                args=tuple(args),
+                kwargs=kwargs,
+                queue=message.queue,
+                hostname=self.hostname,
+                retries=message.retries,
+                eta=message.eta,
+                emit=self.outbox.emit,
+                delivery_info={"queue": delivery.queue, "redelivered": delivery.deliveries > 0},
+            )
+            token = _current.set(request)
+            saved = sys.stdout, sys.stderr
+            sys.stdout = _Stream(self.outbox, EventType.STDOUT)
+            sys.stderr = _Stream(self.outbox, EventType.STDERR)
+            try:
+                started = time.perf_counter()
+                result = task.run(*args, **kwargs)
+                runtime = time.perf_counter() - started
+            finally:
+                sys.stdout, sys.stderr = saved
+                _current.reset(token)
+            seq = self.outbox.end()
+            return Event(EventType.SUCCESS, message.id, seq, {"runtime": runtime}), dumps(result)
+        except BaseException as exc:
+            seq = seq or self.outbox.end()
+            return _failure(message.id, seq, exc), b""
+
+    def _resolve(self, message: TaskMessage, envelope: Envelope) -> Task:
+        if message.code is not None:
+            task = self._shipped.get(message.code)
+            if task is None:
+                # One instance per process for shipped tasks too, keyed by code digest.
+                task = _loads(envelope.body[: message.code_len])
+                self._shipped[message.code] = task
+            return task
+        task = self.tasks.get(message.name)
+        if task is None:
+            task = self._import(message)
+        return task
+
+    def _import(self, message: TaskMessage) -> Task:
+        try:
+            module = importlib.import_module(message.module)
+        except ImportError as exc:
+            raise NotRegistered(
+                self._unknown(message, f"importing {message.module!r} failed: {exc}")
+            ) from None
+        for value in vars(module).values():
+            if isinstance(value, Task) and not getattr(value, "abstract", True):
+                self.tasks.setdefault(value.name, value)
+        task = self.tasks.get(message.name)
+        if task is None:
+            raise NotRegistered(
+                self._unknown(message, f"module {message.module!r} defines no such task")
+            )
+        return task
+
+    def _unknown(self, message: TaskMessage, why: str) -> str:
+        known = ", ".join(sorted(self.tasks)) or "none"
+        return (
+            f"task {message.name!r} is not registered on worker {self.hostname} ({why}). "
+            f"Registered tasks: {known}. Start the worker with -A for the module that defines "
+            "it, and import it under the same path on both sides ('proj.tasks' and 'tasks' "
+            "are different names)"
+        )
+
+    def _report(
+        self, delivery: Delivery, message: TaskMessage, final: Event, body: bytes = b""
+    ) -> None:
+        try:
+            raw = self.signer.seal(final.to_header(), body)
+        except NbtaskError as exc:
+            final = _failure(message.id, final.seq, exc)
+            raw = self.signer.seal(final.to_header())
+        assert final.state is not None
+        record: dict[str, str | bytes] = {
+            "state": final.state.value,
+            "finished_at": repr(time.time()),
+        }
+        if not (message.ignore_result and final.state is State.SUCCESS):
+            record["result"] = raw
+        self.broker.finish(delivery, message.id, message.client, raw, record)
+
+
+def _loads(data: bytes) -> Any:
+    # Only ever called on the body of an envelope whose MAC verified.
+    return Envelope({}, data).load_body()
+
+
+def _failure(task_id: str, seq: int, exc: BaseException) -> Event:
+    tb = exc.__traceback__
+    # Skip the worker's own frames: the remote traceback starts in the user's code.
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        tb = tb.tb_next
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    data = {"ename": type(exc).__name__, "evalue": str(exc), "traceback": text}
+    return Event(EventType.FAILURE, task_id, seq, data)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))

@@ -1,0 +1,273 @@
+"""The ``nbtask`` command (also ``python -m nbtask``)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from nbtask._version import __version__
+from nbtask.errors import ConfigurationError, NbtaskError
+from nbtask.settings import Settings, read_secret_file
+from nbtask.task import Task
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``nbtask`` command line; return the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        code: int = args.run(args)
+    except NbtaskError as exc:
+        print(f"nbtask {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nbtask", description="Run nbtask workers and inspect tasks."
+    )
+    parser.add_argument("--version", action="version", version=f"nbtask {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    worker = sub.add_parser("worker", help="serve tasks from a broker")
+    _broker_options(worker)
+    worker.add_argument(
+        "-Q", "--queues", default="", help="comma-separated queues (default: default)"
+    )
+    worker.add_argument(
+        "-c",
+        "--concurrency",
+        type=_positive_int,
+        default=None,
+        help="child processes (default: one per CPU core)",
+    )
+    worker.add_argument(
+        "-A",
+        "--app",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE[:attr] and register the tasks it defines (repeatable)",
+    )
+    worker.add_argument(
+        "--loglevel", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    worker.set_defaults(run=_run_worker)
+
+    cluster = sub.add_parser(
+        "cluster", help="run a private Redis and workers in the foreground (the embedded cluster)"
+    )
+    cluster.add_argument("-c", "--concurrency", type=_positive_int, default=2)
+    cluster.add_argument("-A", "--app", action="append", default=[], metavar="MODULE")
+    cluster.add_argument("--dir", default=None, help=argparse.SUPPRESS)
+    cluster.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    cluster.add_argument("--embedded", action="store_true", help=argparse.SUPPRESS)
+    cluster.add_argument("--key-prefix", default=None, help=argparse.SUPPRESS)
+    cluster.add_argument(
+        "--loglevel", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    cluster.set_defaults(run=_run_cluster)
+
+    status = sub.add_parser("status", help="list live workers")
+    _broker_options(status)
+    status.set_defaults(run=_run_status)
+
+    inspect = sub.add_parser("inspect", help="show a task's stored state")
+    _broker_options(inspect)
+    inspect.add_argument("task_id")
+    inspect.set_defaults(run=_run_inspect)
+    return parser
+
+
+def _broker_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-b", "--broker", default=None, help="broker URL (default: $NBTASK_BROKER)")
+    parser.add_argument(
+        "--secret-file",
+        default=None,
+        help="file holding the signing secret (default: $NBTASK_SECRET)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="accept no secret (anyone with broker access can run code)",
+    )
+    parser.add_argument("--key-prefix", default=None, help="key prefix (default: nbtask)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, object] = {}
+    if getattr(args, "broker", None):
+        overrides["broker_url"] = args.broker
+    if getattr(args, "secret_file", None):
+        overrides["secret"] = read_secret_file(args.secret_file)
+    if getattr(args, "insecure", False):
+        overrides["insecure"] = True
+    if getattr(args, "key_prefix", None):
+        overrides["key_prefix"] = args.key_prefix
+    settings = Settings.from_env(None, **overrides)
+    if getattr(args, "command", "") != "cluster":
+        if settings.broker_url is None:
+            raise ConfigurationError("no broker: pass -b URL or set NBTASK_BROKER")
+        if not (settings.secret or settings.insecure):
+            raise ConfigurationError(
+                "no secret: set NBTASK_SECRET or pass --secret-file FILE (the same secret "
+                "as the clients'), or --insecure"
+            )
+    return settings
+
+
+def _import_tasks(specs: Sequence[str]) -> dict[str, Task]:
+    tasks: dict[str, Task] = {}
+    sys.path.insert(0, os.getcwd())
+    for spec in specs:
+        module_name, _, attr = spec.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ConfigurationError(f"-A {spec}: cannot import {module_name!r}: {exc}") from None
+        source = getattr(module, attr) if attr else module
+        found = getattr(source, "tasks", None) if attr else None
+        values = found.values() if isinstance(found, dict) else vars(source).values()
+        for value in values:
+            if isinstance(value, Task) and not type(value).__dict__.get("abstract", False):
+                tasks[value.name] = value
+    return tasks
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="[%(asctime)s %(levelname)s %(processName)s] %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    from nbtask.worker import Worker
+
+    settings = _settings(args)
+    _logging(args.loglevel)
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    assert settings.broker_url is not None
+    worker = Worker(
+        settings,
+        settings.broker_url,
+        settings.secret,
+        queues=queues,
+        concurrency=args.concurrency,
+        tasks=_import_tasks(args.app),
+    )
+    print(worker.banner(), flush=True)
+    return worker.run()
+
+
+def _run_cluster(args: argparse.Namespace) -> int:
+    from nbtask.embedded import start_redis_server
+    from nbtask.worker import Worker
+
+    settings = _settings(args)
+    _logging(args.loglevel)
+    secret = settings.secret or secrets.token_hex(32)
+    directory = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="nbtask-"))
+    redis_process, url = start_redis_server(directory)
+    tasks = _import_tasks(args.app)
+    try:
+        worker = Worker(
+            settings,
+            url,
+            secret,
+            concurrency=args.concurrency,
+            tasks=tasks,
+            parent_pid=args.parent_pid,
+            on_ready=_announce_embedded if args.embedded else None,
+        )
+        if not args.embedded:
+            print(worker.banner(), flush=True)
+            print(
+                f"\nConnect a client with:\n  export NBTASK_BROKER={url}\n"
+                f"  export NBTASK_SECRET={secret}\n",
+                flush=True,
+            )
+        return worker.run()
+    finally:
+        redis_process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(Exception):
+            redis_process.wait(5)
+        if args.embedded or not args.dir:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _announce_embedded(worker: object) -> None:
+    # The client waits for this one line; after it, stdout goes nowhere so a full pipe
+    # can never block the worker.
+    from nbtask.worker import Worker
+
+    assert isinstance(worker, Worker)
+    print(f"READY {worker.url}", flush=True)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from nbtask.brokers import open_broker
+
+    settings = _settings(args)
+    assert settings.broker_url is not None
+    broker = open_broker(settings, settings.broker_url)
+    workers = broker.workers()
+    if not workers:
+        print("no live workers")
+    for worker_id, info in sorted(workers.items()):
+        data = json.loads(info)
+        print(
+            f"{worker_id}: pid {data['pid']} queues {','.join(data['queues'])} "
+            f"concurrency {data['concurrency']}"
+        )
+    return 0
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from nbtask.brokers import open_broker
+
+    settings = _settings(args)
+    assert settings.broker_url is not None
+    record = open_broker(settings, settings.broker_url).get_record(args.task_id)
+    if not record:
+        print(f"nbtask inspect: no task {args.task_id!r} in the result store", file=sys.stderr)
+        return 1
+    for key in ("name", "state", "worker", "pid", "started_at", "finished_at"):
+        if key in record:
+            print(f"{key}: {record[key].decode(errors='replace')}")
+    return 0

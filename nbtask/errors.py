@@ -1,0 +1,100 @@
+"""Every exception nbtask raises, under one base class :class:`NbtaskError`."""
+
+from __future__ import annotations
+
+__all__ = [
+    "BrokerUnavailable",
+    "ConfigurationError",
+    "NbtaskError",
+    "NotRegistered",
+    "RemoteError",
+    "SerializationError",
+    "SignatureError",
+    "TaskNotFound",
+    "TaskRevoked",
+    "TimeLimitExceeded",
+    "TooLarge",
+    "WorkerLost",
+]
+
+
+class NbtaskError(Exception):
+    """Base class of every error nbtask raises."""
+
+
+class ConfigurationError(NbtaskError, ValueError):
+    """A setting, option or URL is wrong; the message says which and how to fix it."""
+
+
+class BrokerUnavailable(NbtaskError, ConnectionError):
+    """The broker cannot be reached."""
+
+
+class SignatureError(NbtaskError):
+    """A message or result failed verification: unsigned, forged, tampered or truncated."""
+
+
+class SerializationError(NbtaskError, TypeError):
+    """A value cannot be serialised (pickled) or deserialised; the message names it."""
+
+
+class TooLarge(NbtaskError, ValueError):
+    """A message is larger than the configured ``max_message_bytes``."""
+
+
+class NotRegistered(NbtaskError, KeyError):
+    """A worker received a task name it does not know."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "task not registered"
+
+
+class TaskNotFound(NbtaskError, LookupError):
+    """No task with this id is known to the result store (never sent, or expired)."""
+
+
+class TaskRevoked(NbtaskError):
+    """The task was revoked or cancelled before it finished."""
+
+
+class TimeLimitExceeded(NbtaskError):
+    """The task ran past its hard time limit and its process was killed."""
+
+
+class WorkerLost(NbtaskError):
+    """The worker process running the task died before it reported a result."""
+
+
+class RemoteError(NbtaskError):
+    """An exception raised by task code on a worker.
+
+    Parameters
+    ----------
+    ename
+        The name of the original exception type, e.g. ``"ZeroDivisionError"``.
+    evalue
+        ``str()`` of the original exception.
+    traceback
+        The worker-side traceback as text.
+    task_id
+        The id of the task that failed.
+    """
+
+    def __init__(self, ename: str, evalue: str, traceback: str = "", task_id: str = "") -> None:
+        super().__init__(ename, evalue)
+        self.ename = ename
+        self.evalue = evalue
+        self.traceback = traceback
+        self.task_id = task_id
+
+    def __str__(self) -> str:
+        text = f"{self.ename}: {self.evalue}" if self.evalue else self.ename
+        if self.traceback:
+            text += "\n\nRemote " + self.traceback.rstrip()[0].lower() + self.traceback.rstrip()[1:]
+        return text
+
+    def _render_traceback_(self) -> list[str]:
+        # IPython calls this instead of printing the local traceback, so the notebook shows
+        # the worker's traceback, which is the one that points at the user's code.
+        lines = self.traceback.rstrip().splitlines() if self.traceback else []
+        return [*lines, f"{self.ename}: {self.evalue}"]

@@ -1,0 +1,183 @@
+"""One frozen :class:`Settings` dataclass holding every tunable, with its unit and default."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from nbtask.errors import ConfigurationError
+
+__all__ = ["DEFAULT_QUEUE", "Settings"]
+
+DEFAULT_QUEUE = "default"
+_SCHEMES = ("redis", "rediss", "unix")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Configuration of an :class:`~nbtask.App` and of ``nbtask worker``.
+
+    Durations are float seconds; sizes are bytes.
+
+    Parameters
+    ----------
+    broker_url
+        ``redis://host:port/db``, ``rediss://…`` or ``unix:///path/redis.sock``.
+        ``None`` starts the embedded local cluster.
+    secret
+        The shared HMAC key that signs every message. Required for a remote broker.
+    insecure
+        Accept a remote broker without a secret (a fixed, public key is used and a
+        warning is shown). Anyone who can write to the broker can then run code.
+    key_prefix
+        Prefix of every Redis key nbtask creates, so several apps can share a server.
+    default_queue
+        Queue used when a task names none.
+    result_ttl
+        How long final states and results are kept for re-attaching, seconds.
+    visibility_timeout
+        How long an unacknowledged message may go without a lease renewal before
+        another worker reclaims it, seconds. Live workers renew leases every heartbeat.
+    heartbeat_interval
+        How often workers renew their presence and leases, seconds. A worker is taken
+        as dead after three missed heartbeats.
+    max_message_bytes
+        Largest message accepted on either side.
+    max_age
+        Messages older than this (not counting an ETA) are rejected as replays, seconds.
+    max_redeliveries
+        How many times an ``acks_late`` message may be redelivered after its worker
+        died before it is dead-lettered with a FAILURE result.
+    worker_concurrency
+        Child processes of a worker; ``None`` means one per CPU core.
+    embedded_workers
+        Child processes of the embedded cluster's worker.
+    """
+
+    broker_url: str | None = None
+    secret: str | None = None
+    insecure: bool = False
+    key_prefix: str = "nbtask"
+    default_queue: str = DEFAULT_QUEUE
+    result_ttl: float = 86400.0
+    visibility_timeout: float = 30.0
+    heartbeat_interval: float = 1.0
+    max_message_bytes: int = 512 * 1024 * 1024
+    max_age: float = 7 * 86400.0
+    max_redeliveries: int = 5
+    worker_concurrency: int | None = None
+    embedded_workers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.broker_url is not None:
+            _check_broker_url(self.broker_url)
+        for name in ("result_ttl", "visibility_timeout", "heartbeat_interval", "max_age"):
+            if not getattr(self, name) > 0:
+                raise ConfigurationError(f"{name} must be a positive number of seconds")
+        if self.visibility_timeout <= 3 * self.heartbeat_interval:
+            raise ConfigurationError(
+                "visibility_timeout must be longer than three heartbeat_interval periods, "
+                "or live workers would lose their leases"
+            )
+        if self.max_message_bytes < 1024:
+            raise ConfigurationError("max_message_bytes must be at least 1024")
+        if self.worker_concurrency is not None and self.worker_concurrency < 1:
+            raise ConfigurationError("worker_concurrency must be at least 1")
+        if self.embedded_workers < 1:
+            raise ConfigurationError("embedded_workers must be at least 1")
+        if not self.key_prefix or any(c in self.key_prefix for c in " \n{}"):
+            raise ConfigurationError("key_prefix must be a non-empty word without spaces or braces")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Read ``NBTASK_*`` variables, then apply ``overrides``.
+
+        Recognised: ``NBTASK_BROKER``, ``NBTASK_SECRET``, ``NBTASK_SECRET_FILE``,
+        ``NBTASK_INSECURE``, ``NBTASK_KEY_PREFIX``, ``NBTASK_RESULT_TTL``,
+        ``NBTASK_VISIBILITY_TIMEOUT``, ``NBTASK_HEARTBEAT_INTERVAL``,
+        ``NBTASK_MAX_MESSAGE_BYTES``, ``NBTASK_WORKERS``.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        if env.get("NBTASK_BROKER"):
+            values["broker_url"] = env["NBTASK_BROKER"]
+        if env.get("NBTASK_SECRET"):
+            values["secret"] = env["NBTASK_SECRET"]
+        elif env.get("NBTASK_SECRET_FILE"):
+            values["secret"] = read_secret_file(env["NBTASK_SECRET_FILE"])
+        if env.get("NBTASK_INSECURE", "").lower() in ("1", "true", "yes"):
+            values["insecure"] = True
+        if env.get("NBTASK_KEY_PREFIX"):
+            values["key_prefix"] = env["NBTASK_KEY_PREFIX"]
+        numeric = {
+            "NBTASK_RESULT_TTL": ("result_ttl", float),
+            "NBTASK_VISIBILITY_TIMEOUT": ("visibility_timeout", float),
+            "NBTASK_HEARTBEAT_INTERVAL": ("heartbeat_interval", float),
+            "NBTASK_MAX_MESSAGE_BYTES": ("max_message_bytes", int),
+            "NBTASK_WORKERS": ("embedded_workers", int),
+        }
+        for var, (field, kind) in numeric.items():
+            if env.get(var):
+                try:
+                    values[field] = kind(env[var])
+                except ValueError:
+                    raise ConfigurationError(
+                        f"{var}={env[var]!r} is not a valid {kind.__name__}"
+                    ) from None
+        values.update(overrides)
+        return cls.from_mapping(values)
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: object) -> Settings:
+        """Settings for the broker at ``url``; other fields from ``overrides``."""
+        return cls.from_mapping({"broker_url": url, **overrides})
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, object]) -> Settings:
+        """Build settings from a mapping, rejecting unknown names with a clear error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigurationError(
+                f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return cls(**values)  # type: ignore[arg-type]
+
+    def replace(self, **changes: object) -> Settings:
+        """A copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @property
+    def is_local_broker(self) -> bool:
+        """True for a unix socket or loopback broker, where a missing secret is tolerable."""
+        if self.broker_url is None:
+            return True
+        parts = urlsplit(self.broker_url)
+        return parts.scheme == "unix" or parts.hostname in ("127.0.0.1", "localhost", "::1")
+
+
+def read_secret_file(path: str | os.PathLike[str]) -> str:
+    """Read a secret from a file, stripping surrounding whitespace."""
+    try:
+        secret = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read the secret file {path}: {exc.strerror}") from None
+    if not secret:
+        raise ConfigurationError(f"the secret file {path} is empty")
+    return secret
+
+
+def _check_broker_url(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in _SCHEMES:
+        raise ConfigurationError(
+            f"unsupported broker URL {url!r}: use redis://host:port/db, rediss://… or "
+            "unix:///path/to/redis.sock"
+        )
+    if parts.scheme == "unix" and not parts.path:
+        raise ConfigurationError(f"broker URL {url!r} names no socket path")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigurationError(f"broker URL {url!r} names no host")

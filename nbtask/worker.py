@@ -1,0 +1,312 @@
+"""``nbtask worker``: a supervisor process and its child processes.
+
+The supervisor runs no task code. It forks one child per slot (each takes one message at
+a time, so prefetch equals free slots), restarts a child that dies and settles the task it
+held (redelivered if ``acks_late``, else ``WORKER_LOST``), renews the leases of running
+tasks at every heartbeat, moves due ETA messages onto their queues, and cleans up after
+other workers whose heartbeat lapsed.
+
+Signals: the first SIGTERM/SIGINT is a warm shutdown (children finish their current task),
+the second a cold one (children are killed; their tasks are settled as if they died).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+from nbtask.brokers import Broker, Delivery, open_broker
+from nbtask.child import _FINAL_SEQ, Child, TaskMessage
+from nbtask.envelope import Signer
+from nbtask.errors import BrokerUnavailable, NbtaskError
+from nbtask.events import Event, EventType, State
+from nbtask.settings import Settings
+from nbtask.task import Task
+
+__all__ = ["EXIT_OK", "EXIT_SIGNAL", "Worker"]
+
+log = logging.getLogger("nbtask.worker")
+
+EXIT_OK = 0
+EXIT_SIGNAL = 130  # stopped by a second (cold) signal
+_TICK_SECONDS = 0.1
+_STALE_CHECK_EVERY = 10  # heartbeats between visibility-timeout sweeps
+
+
+class Worker:
+    """A supervisor with ``concurrency`` child processes serving ``queues``.
+
+    Parameters
+    ----------
+    settings
+        Key prefix, heartbeat interval, visibility timeout, redelivery cap.
+    url
+        Broker URL.
+    secret
+        Signing secret (``None`` only with ``settings.insecure``).
+    queues
+        Queues to serve, in priority order.
+    concurrency
+        Child processes; default one per CPU core.
+    tasks
+        Registered tasks (from ``-A module``); tasks sent by value need no registration.
+    parent_pid
+        Stop (cold) when this process is gone: used by the embedded cluster.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        url: str,
+        secret: str | None,
+        *,
+        queues: Sequence[str] = (),
+        concurrency: int | None = None,
+        tasks: Mapping[str, Task] | None = None,
+        parent_pid: int | None = None,
+        on_ready: Callable[[Worker], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.url = url
+        self.secret = secret
+        self.queues = list(queues) or [settings.default_queue]
+        self.concurrency = concurrency or settings.worker_concurrency or os.cpu_count() or 1
+        self.tasks = dict(tasks or {})
+        self.parent_pid = parent_pid
+        self.hostname = socket.gethostname()
+        self.worker_id = f"{self.hostname}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.consumers = [f"{self.worker_id}-{slot}" for slot in range(self.concurrency)]
+        self._on_ready = on_ready
+        self._children: dict[int, BaseProcess] = {}
+        self._signals = 0
+        self._started = time.time()
+        self._context = multiprocessing.get_context("fork")
+
+    # Running ---------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Serve until stopped; return the process exit code."""
+        self.broker: Broker = open_broker(self.settings, self.url)
+        self.signer = Signer(
+            self.secret, max_bytes=self.settings.max_message_bytes, insecure=self.settings.insecure
+        )
+        self.broker.ensure_queues(self.queues)
+        # Handlers only count signals; the loop below decides what to do.
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self._heartbeat()
+        for slot in range(self.concurrency):
+            self._spawn(slot)
+        log.info("worker %s ready", self.worker_id)
+        if self._on_ready is not None:
+            self._on_ready(self)
+        try:
+            return self._loop()
+        finally:
+            self._shutdown()
+
+    def banner(self) -> str:
+        """The startup banner: broker, queues, concurrency and registered tasks."""
+        names = (
+            "\n".join(f"  . {name}" for name in sorted(self.tasks))
+            or "  (none: tasks sent by value only)"
+        )
+        return (
+            f"nbtask worker {self.worker_id}\n"
+            f"  broker:      {_redact(self.url)}\n"
+            f"  queues:      {', '.join(self.queues)}\n"
+            f"  concurrency: {self.concurrency} child processes\n"
+            f"[tasks]\n{names}"
+        )
+
+    def _loop(self) -> int:
+        next_heartbeat = time.monotonic() + self.settings.heartbeat_interval
+        beats = 0
+        warm = False
+        while True:
+            if self._signals >= 2:
+                log.warning("cold shutdown: killing %d child process(es)", len(self._children))
+                return EXIT_SIGNAL
+            if self._signals == 1 and not warm:
+                warm = True
+                log.info(
+                    "warm shutdown: children finish their current task (signal again to stop now)"
+                )
+                for child in self._children.values():
+                    if child.pid:
+                        os.kill(child.pid, signal.SIGTERM)
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                log.warning("parent process %d is gone; stopping", self.parent_pid)
+                return EXIT_OK
+            sentinels = {c.sentinel: slot for slot, c in self._children.items()}
+            ready = multiprocessing.connection.wait(list(sentinels), timeout=_TICK_SECONDS)
+            for sentinel in ready:
+                assert isinstance(sentinel, int)
+                self._child_exited(sentinels[sentinel], respawn=not warm)
+            if warm and not self._children:
+                return EXIT_OK
+            try:
+                self.broker.move_due(self.queues)
+                if time.monotonic() >= next_heartbeat:
+                    next_heartbeat = time.monotonic() + self.settings.heartbeat_interval
+                    beats += 1
+                    self._heartbeat()
+                    self._reclaim_dead_workers()
+                    if beats % _STALE_CHECK_EVERY == 0:
+                        for delivery in self.broker.stale_deliveries(self.queues, self.worker_id):
+                            self._settle_lost(delivery, "its lease expired (visibility timeout)")
+            except BrokerUnavailable as exc:
+                log.warning("broker unreachable (%s); retrying", exc)
+                time.sleep(min(1.0, self.settings.heartbeat_interval))
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+
+    def _spawn(self, slot: int) -> None:
+        child = Child(
+            self.settings,
+            self.url,
+            self.secret,
+            self.queues,
+            self.consumers[slot],
+            self.hostname,
+            self.tasks,
+        )
+        process = self._context.Process(target=child.run, name=f"nbtask-child-{slot}")
+        process.start()
+        self._children[slot] = process
+
+    def _child_exited(self, slot: int, *, respawn: bool) -> None:
+        process = self._children.pop(slot)
+        process.join()
+        if process.exitcode != 0:
+            log.error(
+                "child %d (pid %s) died with exit code %s", slot, process.pid, process.exitcode
+            )
+        reason = f"its worker process {process.pid} exited with code {process.exitcode}"
+        try:
+            for delivery in self.broker.pending_of(self.queues, self.consumers[slot]):
+                self._settle_lost(delivery, reason)
+        except BrokerUnavailable as exc:
+            log.warning("could not settle the tasks of child %d yet: %s", slot, exc)
+        if respawn:
+            self._spawn(slot)
+
+    def _shutdown(self) -> None:
+        for process in self._children.values():
+            if process.pid and process.is_alive():
+                process.kill()
+        for slot in list(self._children):
+            self._child_exited(slot, respawn=False)
+        try:
+            self.broker.unregister(self.worker_id, self.consumers, self.queues)
+        except BrokerUnavailable as exc:
+            log.warning("could not unregister from the broker: %s", exc)
+        self.broker.close()
+        log.info("worker %s stopped", self.worker_id)
+
+    # Housekeeping ----------------------------------------------------------------------------
+    def _info(self) -> str:
+        return json.dumps(
+            {
+                "hostname": self.hostname,
+                "pid": os.getpid(),
+                "queues": self.queues,
+                "concurrency": self.concurrency,
+                "consumers": self.consumers,
+                "started": self._started,
+                "tasks": sorted(self.tasks),
+            }
+        )
+
+    def _heartbeat(self) -> None:
+        self.broker.heartbeat(self.worker_id, self._info(), self.consumers, self.queues)
+
+    def _reclaim_dead_workers(self) -> None:
+        for worker_id, info_text in self.broker.dead_workers().items():
+            if worker_id == self.worker_id or not self.broker.claim_dead_worker(worker_id):
+                continue
+            try:
+                info = json.loads(info_text)
+                queues, consumers = list(info["queues"]), list(info["consumers"])
+            except (ValueError, KeyError, TypeError):
+                self.broker.forget_worker(worker_id)
+                continue
+            reason = f"worker {worker_id} stopped sending heartbeats"
+            settled = 0
+            for consumer in consumers:
+                for delivery in self.broker.pending_of(queues, consumer):
+                    self._settle_lost(delivery, reason)
+                    settled += 1
+            self.broker.unregister(worker_id, consumers, queues)
+            log.warning("cleaned up after dead worker %s (%d task(s) settled)", worker_id, settled)
+
+    def _settle_lost(self, delivery: Delivery, reason: str) -> None:
+        """Settle a delivery whose worker died: redeliver (acks_late) or report it lost."""
+        try:
+            message = TaskMessage.from_header(self.signer.open(delivery.raw).header)
+        except (NbtaskError, ValueError) as exc:
+            log.error("dead-lettered an unverifiable message %s: %s", delivery.delivery_id, exc)
+            self.broker.dead_letter(delivery)
+            return
+        record = self.broker.get_record(message.id)
+        if record.get("state", b"").decode() in {
+            s.value for s in (State.SUCCESS, State.FAILURE, State.REVOKED, State.WORKER_LOST)
+        }:
+            self.broker.discard(delivery)  # it finished; only the acknowledgement was lost
+            return
+        if message.acks_late and delivery.deliveries < self.settings.max_redeliveries:
+            log.warning(
+                "task %s [%s]: %s; redelivering (attempt %d)",
+                message.name,
+                message.id,
+                reason,
+                delivery.deliveries + 2,
+            )
+            self.broker.requeue(delivery, message.id)
+            return
+        if message.acks_late:
+            event = Event(
+                EventType.FAILURE,
+                message.id,
+                _FINAL_SEQ,
+                {
+                    "ename": "WorkerLost",
+                    "reason": reason,
+                    "evalue": f"redelivered {delivery.deliveries} time(s) and its worker died each "
+                    "time; moved to the dead-letter stream",
+                },
+            )
+            self.broker.dead_letter(delivery)
+            delivery_to_ack = None
+        else:
+            event = Event(EventType.WORKER_LOST, message.id, _FINAL_SEQ, {"reason": reason})
+            delivery_to_ack = delivery
+            log.error("task %s [%s]: %s; reported WORKER_LOST", message.name, message.id, reason)
+        raw = self.signer.seal(event.to_header())
+        assert event.state is not None
+        record_out: dict[str, str | bytes] = {
+            "state": event.state.value,
+            "result": raw,
+            "finished_at": repr(time.time()),
+        }
+        self.broker.finish(delivery_to_ack, message.id, message.client, raw, record_out)
+
+
+def _redact(url: str) -> str:
+    """The URL without its password."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
