@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import sys
 import hashlib
 import threading
 import time
@@ -280,6 +281,26 @@ class App:
         self.broker.publish([message])
         return handle
 
+    def send_task(
+        self,
+        name: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        acks_late: bool = False,
+        **options: Any,
+    ) -> TaskHandle:
+        """Send a task by name, for tasks that only the workers define (Celery's ``send_task``).
+
+        ``options`` are those of :meth:`Task.apply_async`.
+        """
+        task = self.tasks.get(name)
+        if task is None:
+            attrs = {"name": name, "abstract": False, "acks_late": acks_late, "__module__": ""}
+            task = type("RemoteTask", (self.Task,), attrs)()
+            task.app = self
+        return task.apply_async(args, kwargs, **options)
+
     def send_many(self, task: BaseTask, arg_tuples: Sequence[tuple[Any, ...]]) -> list[TaskHandle]:
         """Send one task per argument tuple in a single round trip."""
         prepared = [self._prepare(task, args, {}, None, None, None, None) for args in arg_tuples]
@@ -327,8 +348,12 @@ class App:
         return Publish(queue, task_id, raw, record, eta), TaskHandle(self, task_id, task.name)
 
     def _code_for(self, task: BaseTask) -> tuple[str | None, bytes]:
-        """``(digest, pickled task)`` for tasks workers cannot import (``__main__``)."""
-        if type(task).__module__ != "__main__":
+        """``(digest, pickled task)`` for tasks workers cannot import by name.
+
+        Module-level tasks of importable modules travel by name; tasks defined in
+        ``__main__`` (a notebook, a script) or inside a function travel by value.
+        """
+        if not type(task).__module__ or _importable(task):  # "" marks send_task's stand-ins
             return None, b""
         cached = self._shipped.get(id(task))
         if cached is None:
@@ -392,6 +417,17 @@ class App:
     def __repr__(self) -> str:
         where = self.settings.broker_url or "embedded"
         return f"<App {self.name!r} broker={where} tasks={len(self.tasks)}>"
+
+
+def _importable(task: BaseTask) -> bool:
+    cls = type(task)
+    module = sys.modules.get(cls.__module__)
+    if module is None or cls.__module__ == "__main__":
+        return False
+    target: Any = module
+    for part in cls.__qualname__.split("."):
+        target = getattr(target, part, None)
+    return target is task
 
 
 def _close_at_exit(ref: weakref.ReferenceType[App]) -> None:

@@ -316,6 +316,8 @@ class Child:
         return task
 
     def _import(self, message: TaskMessage) -> Task:
+        if not message.module:
+            raise NotRegistered(self._unknown(message, "it was sent by name only"))
         try:
             module = importlib.import_module(message.module)
         except ImportError as exc:
@@ -369,7 +371,8 @@ def _failure(task_id: str, seq: int, exc: BaseException) -> Event:
     # Skip the worker's own frames: the remote traceback starts in the user's code.
     while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
         tb = tb.tb_next
-    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    # No user frame at all (e.g. NotRegistered): the message says everything.
+    text = "".join(traceback.format_exception(type(exc), exc, tb)) if tb is not None else ""
     data = {"ename": type(exc).__name__, "evalue": str(exc), "traceback": text}
     return Event(EventType.FAILURE, task_id, seq, data)
 

@@ -1,0 +1,148 @@
+"""Fixtures: the real Redis at 127.0.0.1:6379, per-test key prefixes, worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+
+from nbtask import App, Settings
+from nbtask.brokers import open_broker
+
+ROOT = Path(__file__).resolve().parent.parent
+REDIS_URL = os.environ.get("NBTASK_TEST_REDIS", "redis://127.0.0.1:6379/0")
+SECRET = "test-secret-" + uuid.uuid4().hex
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The real Redis; a missing server fails the test with how to start it."""
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except redis.ConnectionError as exc:
+        pytest.fail(
+            f"the Redis server at {REDIS_URL} is not reachable ({exc}). Start it with: "
+            "redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' --appendonly no"
+        )
+    return REDIS_URL
+
+
+@pytest.fixture
+def prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of this test's own; its keys (and only those) are deleted after."""
+    name = f"nbtest-{uuid.uuid4().hex[:10]}"
+    yield name
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{name}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture
+def settings(redis_url: str, prefix: str) -> Settings:
+    """Settings for the real Redis with short heartbeats so failures show up fast."""
+    return Settings(
+        broker_url=redis_url,
+        secret=SECRET,
+        key_prefix=prefix,
+        heartbeat_interval=0.2,
+        visibility_timeout=2.0,
+        result_ttl=600.0,
+    )
+
+
+@pytest.fixture
+def app(settings: Settings) -> Iterator[App]:
+    """A client app on the real Redis."""
+    application = App("test", settings=settings)
+    yield application
+    application.close()
+
+
+class WorkerProcess:
+    """A ``python -m nbtask worker`` subprocess."""
+
+    def __init__(self, process: subprocess.Popen[bytes], settings: Settings, log: Path) -> None:
+        self.process = process
+        self.settings = settings
+        self.log = log
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def children(self) -> list[psutil.Process]:
+        return psutil.Process(self.pid).children()
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        broker = open_broker(self.settings, self.settings.broker_url or "")
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise AssertionError(f"worker exited early:\n{self.log.read_text()}")
+                live = [i for i in broker.workers().values() if f'"pid": {self.pid},' in i]
+                if live and len(self.children()) >= 1:
+                    return
+                time.sleep(0.05)
+        finally:
+            broker.close()
+        raise AssertionError(f"worker not ready after {timeout} s:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+
+
+@pytest.fixture
+def start_worker(
+    settings: Settings, tmp_path: Path
+) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start real worker processes for this test's prefix; all stopped after the test."""
+    started: list[WorkerProcess] = []
+
+    def start(*extra: str, concurrency: int = 2, wait: bool = True) -> WorkerProcess:
+        env = dict(os.environ)
+        env.update({
+            "NBTASK_SECRET": settings.secret or "",
+            "NBTASK_HEARTBEAT_INTERVAL": str(settings.heartbeat_interval),
+            "NBTASK_VISIBILITY_TIMEOUT": str(settings.visibility_timeout),
+            "PYTHONPATH": str(ROOT),
+        })
+        log = tmp_path / f"worker-{len(started)}.log"
+        command = [
+            sys.executable, "-m", "nbtask", "worker", "-b", settings.broker_url or "",
+            "--key-prefix", settings.key_prefix, "-c", str(concurrency),
+            "-A", "tests.sample_tasks", *extra,
+        ]
+        with log.open("wb") as out:
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                       cwd=ROOT)
+        worker = WorkerProcess(process, settings, log)
+        started.append(worker)
+        if wait:
+            worker.wait_ready()
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
