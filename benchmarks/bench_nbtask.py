@@ -107,8 +107,6 @@ def measure_remote(url: str, quick: bool, profile: str | None) -> dict[str, Any]
     cfg = Config.quick() if quick else Config()
     prefix = f"nbbench-{uuid.uuid4().hex[:12]}"
     secret = secrets.token_hex(32)
-    # The App reads its key prefix from the environment like the worker does.
-    os.environ["NBTASK_KEY_PREFIX"] = prefix
     from nbtask import App
 
     with tempfile.TemporaryDirectory(prefix="nbbench-worker-") as tmp:
@@ -118,7 +116,7 @@ def measure_remote(url: str, quick: bool, profile: str | None) -> dict[str, Any]
         app = None
         stop_s: float | None = None
         try:
-            app = App("bench", broker=url, secret=secret)
+            app = App("bench", broker=url, secret=secret, key_prefix=prefix)
             driver = NbtaskDriver(app, cfg.timeout)
             driver.call_noop()  # returns once the worker is consuming
             startup_s = time.perf_counter() - t0
@@ -177,11 +175,16 @@ def cold_one(idle_wait: float) -> dict[str, Any]:
 
     import psutil
 
-    # The worker supervisor's pid comes from the app; its children (recursive,
-    # so a pool under a helper process is found too) are the worker processes.
+    # The embedded cluster process is the worker supervisor (app.cluster.worker_pid).
+    # Its children are the forked worker children, which run the supervisor's own
+    # executable, and the private redis-server, which does not.
+    if app.cluster is None:
+        raise RuntimeError("App() did not start an embedded cluster; is NBTASK_BROKER set?")
     supervisor = psutil.Process(app.cluster.worker_pid)
     time.sleep(idle_wait)
-    children = supervisor.children(recursive=True)
+    everyone = supervisor.children(recursive=True)
+    children = [c for c in everyone if c.exe() == supervisor.exe()]
+    others = [c for c in everyone if c not in children]
     child_rss = [_vmrss_mib(c.pid) for c in children]
     child_uss = [c.memory_full_info().uss / 2**20 for c in children]
     memory = {
@@ -191,10 +194,12 @@ def cold_one(idle_wait: float) -> dict[str, Any]:
         "child_rss_mib": child_rss,
         "child_rss_max_mib": max(child_rss) if child_rss else None,
         "child_uss_max_mib": max(child_uss) if child_uss else None,
+        "other_processes": {f"{c.name()}[{c.pid}]": _vmrss_mib(c.pid) for c in others},
+        "others_rss_mib": sum(_vmrss_mib(c.pid) for c in others),
         "client_rss_mib": _vmrss_mib(os.getpid()),
     }
 
-    watched = [supervisor, *children]
+    watched = [supervisor, *everyone]
     t2 = time.perf_counter()
     app.close()
     close_s = time.perf_counter() - t2

@@ -245,17 +245,20 @@ def _notes(runs: list[dict[str, Any]]) -> list[str]:
             tot = med(system, case, "elapsed_s")
             if sub is not None and tot is not None:
                 notes.append(f"{system} {case}: submit {sub:.3f} s of {tot:.3f} s total")
-    for label, path in [
-        ("nbtask import (before App())", ("cold_start", "import_s")),
-        ("nbtask app.close() after cold start", ("cold_start", "close_s")),
-        ("nbtask worker supervisor RSS", ("idle_memory", "supervisor_rss_mib")),
-        ("nbtask worker children", ("idle_memory", "children")),
-        ("nbtask worker child USS (max)", ("idle_memory", "child_uss_max_mib")),
-        ("nbtask remote worker: SIGTERM → exit", ("info", "worker_stop_s")),
+    for label, path, unit in [
+        ("nbtask import (before App())", ("cold_start", "import_s"), "s"),
+        ("nbtask second no-op after cold start", ("cold_start", "second_call_s"), "s"),
+        ("nbtask app.close() of the embedded cluster", ("cold_start", "close_s"), "s"),
+        ("nbtask embedded worker children", ("idle_memory", "children"), ""),
+        ("nbtask embedded worker child USS, max", ("idle_memory", "child_uss_max_mib"), "MiB"),
+        ("nbtask embedded supervisor RSS", ("idle_memory", "supervisor_rss_mib"), "MiB"),
+        ("nbtask embedded redis-server RSS", ("idle_memory", "others_rss_mib"), "MiB"),
+        ("nbtask remote worker startup to 1st result", ("info", "worker_startup_s"), "s"),
+        ("nbtask remote worker SIGTERM to exit", ("info", "worker_stop_s"), "s"),
     ]:
         v = med("nbtask", *path)
         if v is not None:
-            notes.append(f"{label}: {v:.3g}")
+            notes.append(f"{label}: {v:.3g} {unit}".rstrip())
     return notes
 
 

@@ -38,9 +38,8 @@ def fails() -> None:
 def main() -> None:
     started = time.perf_counter()
     print("add(2, 3) =", add.delay(2, 3).get(timeout=30))
-    print(
-        f"  (first result {time.perf_counter() - started:.2f} s after App(), cluster start included)"
-    )
+    elapsed = time.perf_counter() - started
+    print(f"  (first result {elapsed:.2f} s after App(), cluster start included)")
 
     handle = crunch.delay(20)
     while not handle.done():

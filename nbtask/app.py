@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import atexit
-import sys
 import hashlib
+import sys
 import threading
 import time
 import uuid
