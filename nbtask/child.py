@@ -58,31 +58,43 @@ class TaskMessage:
         if header.get("kind") != "task":
             raise ValueError("not a task message")
         values: dict[str, Any] = {}
-        for field in dataclasses.fields(cls):
-            if field.name not in header:
-                if field.default is dataclasses.MISSING:
-                    raise ValueError(f"field {field.name!r} is missing")
+        for name, kinds, required in _MESSAGE_FIELDS:
+            if name not in header:
+                if required:
+                    raise ValueError(f"field {name!r} is missing")
                 continue
-            value = header[field.name]
-            if not _type_ok(value, str(field.type)):
-                raise ValueError(f"field {field.name!r} has a wrong type")
-            values[field.name] = value
+            value = header[name]
+            # bool is an int subclass: accept it only where a bool is expected.
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                raise ValueError(f"field {name!r} has a wrong type")
+            values[name] = value
         return cls(**values)
 
 
-def _type_ok(value: object, spec: str) -> bool:
-    kinds = {"str": str, "float": (int, float), "bool": bool, "int": int, "None": type(None)}
-    allowed = tuple(kinds[part.strip()] for part in spec.split("|"))
-    flat: list[type] = []
-    for kind in allowed:
-        flat.extend(kind if isinstance(kind, tuple) else (kind,))
-    return isinstance(value, tuple(flat)) and not (isinstance(value, bool) and bool not in flat)
+def _field_kinds(spec: str) -> tuple[type, ...]:
+    names = {
+        "str": (str,),
+        "float": (int, float),
+        "bool": (bool,),
+        "int": (int,),
+        "None": (type(None),),
+    }
+    return tuple(kind for part in spec.split("|") for kind in names[part.strip()])
+
+
+# (name, accepted types, required) for each TaskMessage field, computed once.
+_MESSAGE_FIELDS = tuple(
+    (f.name, _field_kinds(str(f.type)), f.default is dataclasses.MISSING)
+    for f in dataclasses.fields(TaskMessage)
+)
 
 
 class Outbox:
-    """Buffers a running task's output and progress and sends them ~15 times a second.
+    """Buffers a running task's events and sends them ~15 times a second.
 
-    Output is concatenated and progress is coalesced (the latest value wins); both are
+    Output is concatenated and progress is coalesced (the latest value wins). The
+    ``started`` event goes out with the first flush, about 1/15 s into the task; a task
+    that ends sooner skips it (its final event names the worker). Everything buffered is
     flushed before the final event, so nothing a task printed is lost.
     """
 
@@ -93,17 +105,19 @@ class Outbox:
         self._task_id = ""
         self._channel = ""
         self._seq = 0
+        self._started: Event | None = None
         self._text: list[tuple[EventType, str]] = []
         self._progress: dict[str, Any] | None = None
         self._wake = threading.Event()
         threading.Thread(target=self._pump, name="nbtask-outbox", daemon=True).start()
 
-    def begin(self, task_id: str, channel: str) -> Event:
-        """Start a task; return its ``started`` event (sequence number 1)."""
+    def begin(self, task_id: str, channel: str, details: Mapping[str, Any]) -> None:
+        """Start buffering for a task that was just marked STARTED."""
         with self._lock:
             self._task_id, self._channel, self._seq = task_id, channel, 1
             self._text, self._progress = [], None
-        return Event(EventType.STARTED, task_id, 1)
+            self._started = Event(EventType.STARTED, task_id, 1, details)
+        self._wake.set()
 
     def emit(self, kind: str, data: Mapping[str, Any]) -> None:
         """Queue an event from task code (``progress`` for now)."""
@@ -122,7 +136,9 @@ class Outbox:
         self._wake.set()
 
     def end(self) -> int:
-        """Flush everything and return the sequence number for the final event."""
+        """Flush what the task left and return the sequence number for its final event."""
+        with self._lock:
+            self._started = None
         self.flush()
         with self._lock:
             self._seq += 1
@@ -131,18 +147,18 @@ class Outbox:
     def flush(self) -> None:
         """Send what is buffered now."""
         with self._lock:
-            text, progress = self._text, self._progress
-            self._text, self._progress = [], None
-            if not text and progress is None:
-                return
-            events = []
-            for kind, chunk in text:
+            events = [] if self._started is None else [self._started]
+            self._started = None
+            for kind, chunk in self._text:
                 self._seq += 1
                 events.append(Event(kind, self._task_id, self._seq, {"text": chunk}))
-            if progress is not None:
+            if self._progress is not None:
                 self._seq += 1
-                events.append(Event(EventType.PROGRESS, self._task_id, self._seq, progress))
+                events.append(Event(EventType.PROGRESS, self._task_id, self._seq, self._progress))
+            self._text, self._progress = [], None
             channel = self._channel
+        if not events:
+            return
         raws = [self._signer.seal(e.to_header()) for e in events]
         try:
             self._broker.emit(channel, raws)
@@ -193,6 +209,7 @@ class Child:
         self.tasks = dict(tasks)
         self._shipped: dict[str, Task] = {}
         self._stop = False
+        self._whoami: dict[str, Any] = {"worker": hostname}
 
     def run(self) -> None:
         """Serve messages until SIGTERM (finishing the current task first)."""
@@ -205,6 +222,7 @@ class Child:
             self.secret, max_bytes=self.settings.max_message_bytes, insecure=self.settings.insecure
         )
         self.outbox = Outbox(self.broker, self.signer)
+        self._whoami["pid"] = os.getpid()
         backoff = 0.1
         while not self._stop:
             try:
@@ -251,18 +269,13 @@ class Child:
                 Event(EventType.REVOKED, message.id, _FINAL_SEQ, {"reason": "expired"}),
             )
             return
-        started = self.outbox.begin(message.id, message.client)
-        started = dataclasses.replace(started, data={"worker": self.hostname, "pid": os.getpid()})
-        refused = self.broker.start(
-            message.id,
-            message.client,
-            self.signer.seal(started.to_header()),
-            {"worker": self.hostname, "pid": str(os.getpid()), "started_at": repr(now)},
-        )
+        record = {"worker": self.hostname, "pid": str(os.getpid()), "started_at": repr(now)}
+        refused = self.broker.start(message.id, record)
         if refused is not None:
             log.warning("dropped a message for task %s: it is already %s", message.id, refused)
             self.broker.discard(delivery)
             return
+        self.outbox.begin(message.id, message.client, self._whoami)
         final, body = self._execute(delivery, message, envelope)
         self._report(delivery, message, final, body)
 
@@ -366,14 +379,16 @@ def _loads(data: bytes) -> Any:
     return Envelope({}, data).load_body()
 
 
-def _failure(task_id: str, seq: int, exc: BaseException) -> Event:
+def _failure(
+    task_id: str, seq: int, exc: BaseException, details: Mapping[str, Any] | None = None
+) -> Event:
     tb = exc.__traceback__
     # Skip the worker's own frames: the remote traceback starts in the user's code.
     while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
         tb = tb.tb_next
     # No user frame at all (e.g. NotRegistered): the message says everything.
     text = "".join(traceback.format_exception(type(exc), exc, tb)) if tb is not None else ""
-    data = {"ename": type(exc).__name__, "evalue": str(exc), "traceback": text}
+    data = {**(details or {}), "ename": type(exc).__name__, "evalue": str(exc), "traceback": text}
     return Event(EventType.FAILURE, task_id, seq, data)
 
 

@@ -77,10 +77,8 @@ class Broker(Protocol):
     def fetch(self, queues: Sequence[str], consumer: str, block_seconds: float) -> Delivery | None:
         """Take one message for ``consumer``, waiting up to ``block_seconds``."""
 
-    def start(
-        self, task_id: str, channel: str, raw_event: bytes, record: Mapping[str, str]
-    ) -> str | None:
-        """Record a task as STARTED and tell its client; else the state that forbids it."""
+    def start(self, task_id: str, record: Mapping[str, str]) -> str | None:
+        """Record a task as STARTED (atomically checked); else return the state forbidding it."""
 
     def emit(self, channel: str, raw_events: Sequence[bytes]) -> None:
         """Send events to a client's channel."""

@@ -18,13 +18,15 @@ Delivery rules (see the README's "Delivery semantics"):
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from nbtask.brokers import Delivery, Publish
@@ -59,11 +61,35 @@ return {0, ids}
 _START = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state and state ~= 'PENDING' and state ~= 'RETRY' then return state end
-for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-redis.call('HSET', KEYS[1], 'state', 'STARTED')
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[1])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('HSET', KEYS[1], 'state', 'STARTED', unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+# The last step of a task, atomically: store the final record, tell the client, ack.
+# KEYS: record, channel, stream; ARGV: ttl, maxlen, event, entry id ('' = no ack), fields...
+_FINISH = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+if ARGV[4] ~= '' then
+  redis.call('XACK', KEYS[3], 'workers', ARGV[4])
+  redis.call('XDEL', KEYS[3], ARGV[4])
+end
+return 1
+"""
+
+# Enqueue one message (or park it until its ETA) and write its PENDING record.
+# KEYS: stream, eta set, record; ARGV: raw, ttl, eta ('' = now), fields...
+_PUBLISH = """
+if ARGV[3] == '' then
+  redis.call('XADD', KEYS[1], '*', 'e', ARGV[1], 'n', '0')
+else
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+end
+redis.call('HSET', KEYS[3], unpack(ARGV, 4))
+redis.call('EXPIRE', KEYS[3], ARGV[2])
 return 1
 """
 
@@ -125,9 +151,15 @@ class RedisBroker:
         self._prefix = settings.key_prefix
         # Typed as Any: redis-py's reply types are unions over decode_responses that would
         # need a cast at every call; this adapter checks the shapes it reads instead.
-        self.redis: Any = redis.Redis.from_url(url, socket_connect_timeout=5)
+        # RESP2 keeps raw replies in one known shape for the hot path below.
+        self.redis: Any = redis.Redis.from_url(url, socket_connect_timeout=5, protocol=2)
         self._fetch = self.redis.register_script(_FETCH)
-        self._start = self.redis.register_script(_START)
+        self._sha = {
+            name: hashlib.sha1(body.encode()).hexdigest()
+            for name, body in (("start", _START), ("finish", _FINISH), ("publish", _PUBLISH))
+        }
+        self._scripts = {"start": _START, "finish": _FINISH, "publish": _PUBLISH}
+        self._local = threading.local()
         self._revoke = self.redis.register_script(_REVOKE)
         self._move_due = self.redis.register_script(_MOVE_DUE)
         self._ttl = int(settings.result_ttl)
@@ -166,39 +198,97 @@ class RedisBroker:
         """Raise :class:`BrokerUnavailable` unless the server answers."""
         with _translate_errors(self.url):
             self.redis.ping()
+            for body in self._scripts.values():
+                self.redis.script_load(body)
 
     def close(self) -> None:
-        """Close every pooled connection."""
+        """Close every pooled connection and this thread's own."""
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            connection.disconnect()
         self.redis.close()
         self.redis.connection_pool.disconnect()
 
     # Client side -----------------------------------------------------------------------------
     def publish(self, messages: Sequence[Publish]) -> None:
         """Enqueue messages and write their PENDING records, in one round trip."""
-        with _translate_errors(self.url), self.redis.pipeline(transaction=False) as pipe:
-            for msg in messages:
-                if msg.eta is not None and msg.eta > time.time():
-                    pipe.zadd(self.eta_key(msg.queue), {msg.raw: msg.eta})
-                else:
-                    pipe.xadd(self.queue_key(msg.queue), {"e": msg.raw, "n": 0})
-                key = self.record_key(msg.task_id)
-                pipe.hset(key, mapping=dict(msg.record))
-                pipe.expire(key, self._ttl)
-            pipe.execute()
+        now = time.time()
+        commands = []
+        for msg in messages:
+            due = "" if msg.eta is None or msg.eta <= now else repr(msg.eta)
+            fields = [part for item in msg.record.items() for part in item]
+            keys = (
+                self.queue_key(msg.queue),
+                self.eta_key(msg.queue),
+                self.record_key(msg.task_id),
+            )
+            commands.append(self._evalsha("publish", keys, msg.raw, self._ttl, due, *fields))
+        with _translate_errors(self.url):
+            self._run_scripts(commands)
+
+    def _evalsha(self, script: str, keys: Sequence[str], *args: Any) -> tuple[Any, ...]:
+        return ("EVALSHA", self._sha[script], len(keys), *keys, *args)
+
+    def _run_scripts(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Run EVALSHA commands, loading the scripts first if the server lost them."""
+        try:
+            return self._run(commands)
+        except NoScriptError:
+            # Only a restarted (emptied) server answers NOSCRIPT, and it answers it for
+            # every command of the batch, so running the batch again runs each once.
+            for body in self._scripts.values():
+                self.redis.script_load(body)
+            return self._run(commands)
+
+    def _connection(self) -> Any:
+        # One connection per thread, kept: taking one from the pool on every call costs
+        # a health-check syscall, more than the command itself on a local server.
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            pool = self.redis.connection_pool
+            connection = pool.connection_class(**pool.connection_kwargs)
+            self._local.connection = connection
+        return connection
+
+    def _run(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands`` in one write and read every reply.
+
+        A pipeline without redis-py's per-command bookkeeping: on the hot path (publish,
+        fetch, start, finish) that bookkeeping costs more than the round trip itself.
+        """
+        connection = self._connection()
+        replies: list[Any] = []
+        error: ResponseError | None = None
+        try:
+            connection.send_packed_command(connection.pack_commands(commands))
+            for _ in commands:
+                try:
+                    replies.append(connection.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+                    error = error or exc
+        except BaseException:
+            # A half-read connection cannot be reused; the next call reconnects.
+            connection.disconnect()
+            raise
+        if error is not None:
+            raise error
+        return replies
 
     def read_events(
         self, channels: Mapping[str, str], block_seconds: float
     ) -> list[tuple[str, str, bytes]]:
         """Block on the client channels; return ``(channel, entry id, raw)`` triples."""
+        block = max(1, int(block_seconds * 1000))
+        command = ("XREAD", "COUNT", 500, "BLOCK", block, "STREAMS", *channels, *channels.values())
         with _translate_errors(self.url):
-            reply = self.redis.xread(
-                dict(channels), count=500, block=max(1, int(block_seconds * 1000))
-            )
+            (reply,) = self._run([command])
         out: list[tuple[str, str, bytes]] = []
         for stream, entries in reply or ():
             name = stream.decode()
             for entry_id, fields in entries:
-                out.append((name, entry_id.decode(), fields.get(b"e", b"")))
+                raw = fields[1] if len(fields) >= 2 and fields[0] == b"e" else b""
+                out.append((name, entry_id.decode(), raw))
         return out
 
     def wake(self, channel: str) -> None:
@@ -240,7 +330,8 @@ class RedisBroker:
         with _translate_errors(self.url):
             if len(keys) == 1:
                 # One queue: the server hands each entry to exactly one blocked consumer.
-                reply = self.redis.execute_command(
+                block = max(1, int(block_seconds * 1000))
+                command = (
                     "XREADGROUP",
                     "GROUP",
                     GROUP,
@@ -248,11 +339,12 @@ class RedisBroker:
                     "COUNT",
                     1,
                     "BLOCK",
-                    max(1, int(block_seconds * 1000)),
+                    block,
                     "STREAMS",
                     keys[0],
                     ">",
                 )
+                (reply,) = self._run([command])
                 if not reply:
                     return None
                 entry_id, fields = reply[0][1][0]
@@ -268,23 +360,21 @@ class RedisBroker:
                 last_ids = dict(zip(keys, rest[0], strict=False))
                 self.redis.xread(last_ids, count=1, block=max(1, int(remaining * 1000)))
 
-    def start(
-        self, task_id: str, channel: str, raw_event: bytes, record: Mapping[str, str]
-    ) -> str | None:
-        """Mark STARTED and send the started event; else return the state that forbids it."""
-        args: list[Any] = [raw_event, self._ttl, CHANNEL_MAXLEN]
-        for key, value in record.items():
-            args += [key, value]
+    def start(self, task_id: str, record: Mapping[str, str]) -> str | None:
+        """Mark STARTED unless the task must not run; then return the state that forbids it."""
+        fields = [part for item in record.items() for part in item]
+        command = self._evalsha("start", [self.record_key(task_id)], self._ttl, *fields)
         with _translate_errors(self.url):
-            reply = self._start(keys=[self.record_key(task_id), channel], args=args)
+            (reply,) = self._run_scripts([command])
         return None if reply == 1 else bytes(reply).decode()
 
     def emit(self, channel: str, raw_events: Sequence[bytes]) -> None:
         """Append events to a client's channel in one round trip."""
-        with _translate_errors(self.url), self.redis.pipeline(transaction=False) as pipe:
-            for raw in raw_events:
-                pipe.xadd(channel, {"e": raw}, maxlen=CHANNEL_MAXLEN, approximate=True)
-            pipe.execute()
+        with _translate_errors(self.url):
+            self._run([self._xadd_event(channel, raw) for raw in raw_events])
+
+    def _xadd_event(self, channel: str, raw: bytes) -> tuple[Any, ...]:
+        return ("XADD", channel, "MAXLEN", "~", CHANNEL_MAXLEN, "*", "e", raw)
 
     def finish(
         self,
@@ -294,26 +384,27 @@ class RedisBroker:
         raw_event: bytes,
         record: Mapping[str, str | bytes],
     ) -> None:
-        """Store the final record, send the final event and acknowledge, in one MULTI."""
-        key = self.record_key(task_id)
-        with _translate_errors(self.url), self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping=dict(record))
-            pipe.expire(key, self._ttl)
-            pipe.xadd(channel, {"e": raw_event}, maxlen=CHANNEL_MAXLEN, approximate=True)
-            pipe.expire(channel, self._ttl)
-            if delivery is not None:
-                stream = self.queue_key(delivery.queue)
-                pipe.xack(stream, GROUP, delivery.delivery_id)
-                pipe.xdel(stream, delivery.delivery_id)
-            pipe.execute()
+        """Store the final record, send the final event and acknowledge, atomically."""
+        fields = [part for item in record.items() for part in item]
+        stream = self.queue_key(delivery.queue) if delivery is not None else self.dead_letter_key
+        entry = delivery.delivery_id if delivery is not None else ""
+        keys = (self.record_key(task_id), channel, stream)
+        command = self._evalsha(
+            "finish", keys, self._ttl, CHANNEL_MAXLEN, raw_event, entry, *fields
+        )
+        with _translate_errors(self.url):
+            self._run_scripts([command])
 
     def discard(self, delivery: Delivery) -> None:
         """Acknowledge and delete a delivery that must not run."""
         stream = self.queue_key(delivery.queue)
-        with _translate_errors(self.url), self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(stream, GROUP, delivery.delivery_id)
-            pipe.xdel(stream, delivery.delivery_id)
-            pipe.execute()
+        with _translate_errors(self.url):
+            self._run(
+                [
+                    ("XACK", stream, GROUP, delivery.delivery_id),
+                    ("XDEL", stream, delivery.delivery_id),
+                ]
+            )
 
     def requeue(self, delivery: Delivery, task_id: str) -> None:
         """Re-add the message with its redelivery count raised, and drop the old entry."""
