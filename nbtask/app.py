@@ -17,6 +17,7 @@ from nbtask.envelope import Signer, dumps
 from nbtask.errors import (
     ConfigurationError,
     SerializationError,
+    SignatureError,
     TaskNotFound,
 )
 from nbtask.events import Event, EventType, State
@@ -393,6 +394,11 @@ class App:
         channel = record.get("client", b"").decode()
         if "result" in record:
             event, result = decode_event(self.signer, record["result"])
+            if event.task_id != task_id:
+                # Correctly signed, but another task's: someone moved it here.
+                raise SignatureError(
+                    f"the stored result of task {task_id!r} belongs to task {event.task_id!r}"
+                )
             handle.apply(event, result)
         else:
             listener.register(handle, channel=channel or None)

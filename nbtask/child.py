@@ -254,7 +254,7 @@ class Child:
             self.broker.dead_letter(delivery)
             return
         now = time.time()
-        if message.eta is None and now - message.created > self.settings.max_age:
+        if message.eta is None and now - message.created > self.settings.replay_window:
             log.error(
                 "rejected task %s: sent %.0f s ago, older than max_age",
                 message.id,

@@ -123,17 +123,8 @@ class EmbeddedCluster:
         secret = secrets.token_hex(32)
         env = dict(os.environ)
         env.pop("NBTASK_BROKER", None)
-        env["NBTASK_SECRET"] = secret
         # The workers must agree with this client on every timing and limit.
-        env.update(
-            {
-                "NBTASK_KEY_PREFIX": settings.key_prefix,
-                "NBTASK_RESULT_TTL": repr(settings.result_ttl),
-                "NBTASK_VISIBILITY_TIMEOUT": repr(settings.visibility_timeout),
-                "NBTASK_HEARTBEAT_INTERVAL": repr(settings.heartbeat_interval),
-                "NBTASK_MAX_MESSAGE_BYTES": str(settings.max_message_bytes),
-            }
-        )
+        env.update(settings.replace(broker_url=None, secret=secret).to_env())
         # Workers import tasks by module name: give them the client's import path.
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
         command = [

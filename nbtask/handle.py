@@ -36,7 +36,7 @@ class TaskHandle(concurrent.futures.Future[Any]):
         self.app = app
         self.id = task_id
         self.name = name
-        self._state: State = State.PENDING
+        self._task_state: State = State.PENDING
         self._progress: Progress | None = None
         self._stdout: list[str] = []
         self._stderr: list[str] = []
@@ -49,7 +49,7 @@ class TaskHandle(concurrent.futures.Future[Any]):
     @property
     def state(self) -> State:
         """The latest known state (``PENDING`` until the first event)."""
-        return self._state
+        return self._task_state
 
     @property
     def progress(self) -> Progress | None:
@@ -77,11 +77,11 @@ class TaskHandle(concurrent.futures.Future[Any]):
 
     def successful(self) -> bool:
         """True if the task finished with a result."""
-        return self._state is State.SUCCESS
+        return self._task_state is State.SUCCESS
 
     def failed(self) -> bool:
         """True if the task finished without a result."""
-        return self.done() and self._state is not State.SUCCESS
+        return self.done() and self._task_state is not State.SUCCESS
 
     def get(self, timeout: float | None = None, *, propagate: bool = True) -> Any:
         """Wait for the result, up to ``timeout`` seconds.
@@ -97,7 +97,7 @@ class TaskHandle(concurrent.futures.Future[Any]):
             return self.result(timeout)
         except concurrent.futures.TimeoutError:
             raise TimeoutError(
-                f"task {self.name}[{self.id}] is still {self._state.value} after {timeout} s"
+                f"task {self.name}[{self.id}] is still {self._task_state.value} after {timeout} s"
             ) from None
         except BaseException:
             if propagate:
@@ -130,7 +130,7 @@ class TaskHandle(concurrent.futures.Future[Any]):
         elif kind is EventType.STDERR:
             self._stderr.append(str(data.get("text", "")))
         if event.state is not None:
-            self._state = event.state
+            self._task_state = event.state
         self._info.update({k: v for k, v in data.items() if k in ("worker", "pid", "reason")})
 
     def _settle(self, event: Event, result: Any) -> None:
@@ -164,4 +164,4 @@ class TaskHandle(concurrent.futures.Future[Any]):
         return self.app.revoke(self.id)
 
     def __repr__(self) -> str:
-        return f"<TaskHandle {self.name}[{self.id}] {self._state.value}>"
+        return f"<TaskHandle {self.name}[{self.id}] {self._task_state.value}>"

@@ -48,6 +48,8 @@ class Settings:
         Largest message accepted on either side.
     max_age
         Messages older than this (not counting an ETA) are rejected as replays, seconds.
+        At most ``result_ttl``, so every message young enough to run still finds the
+        record that tells a worker whether it already ran. Defaults to ``result_ttl``.
     max_redeliveries
         How many times an ``acks_late`` message may be redelivered after its worker
         died before it is dead-lettered with a FAILURE result.
@@ -66,7 +68,7 @@ class Settings:
     visibility_timeout: float = 30.0
     heartbeat_interval: float = 1.0
     max_message_bytes: int = 512 * 1024 * 1024
-    max_age: float = 7 * 86400.0
+    max_age: float | None = None
     max_redeliveries: int = 5
     worker_concurrency: int | None = None
     embedded_workers: int = 2
@@ -75,13 +77,21 @@ class Settings:
         if self.broker_url is not None:
             _check_broker_url(self.broker_url)
         for name in ("result_ttl", "visibility_timeout", "heartbeat_interval", "max_age"):
-            if not getattr(self, name) > 0:
+            value = getattr(self, name)
+            if value is not None and not value > 0:
                 raise ConfigurationError(f"{name} must be a positive number of seconds")
         if self.visibility_timeout <= 3 * self.heartbeat_interval:
             raise ConfigurationError(
                 "visibility_timeout must be longer than three heartbeat_interval periods, "
                 "or live workers would lose their leases"
             )
+        if self.max_age is not None and self.max_age > self.result_ttl:
+            raise ConfigurationError(
+                "max_age must not exceed result_ttl: an older message could find its "
+                "record expired and run a second time"
+            )
+        if self.max_redeliveries < 0:
+            raise ConfigurationError("max_redeliveries must be 0 or more")
         if self.max_message_bytes < 1024:
             raise ConfigurationError("max_message_bytes must be at least 1024")
         if self.worker_concurrency is not None and self.worker_concurrency < 1:
@@ -98,7 +108,9 @@ class Settings:
         Recognised: ``NBTASK_BROKER``, ``NBTASK_SECRET``, ``NBTASK_SECRET_FILE``,
         ``NBTASK_INSECURE``, ``NBTASK_KEY_PREFIX``, ``NBTASK_RESULT_TTL``,
         ``NBTASK_VISIBILITY_TIMEOUT``, ``NBTASK_HEARTBEAT_INTERVAL``,
-        ``NBTASK_MAX_MESSAGE_BYTES``, ``NBTASK_WORKERS``.
+        ``NBTASK_MAX_MESSAGE_BYTES``, ``NBTASK_MAX_AGE``, ``NBTASK_MAX_REDELIVERIES``,
+        ``NBTASK_CONCURRENCY`` (worker child processes), ``NBTASK_WORKERS`` (embedded
+        cluster child processes), ``NBTASK_DEFAULT_QUEUE``.
         """
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
@@ -112,11 +124,16 @@ class Settings:
             values["insecure"] = True
         if env.get("NBTASK_KEY_PREFIX"):
             values["key_prefix"] = env["NBTASK_KEY_PREFIX"]
+        if env.get("NBTASK_DEFAULT_QUEUE"):
+            values["default_queue"] = env["NBTASK_DEFAULT_QUEUE"]
         numeric = {
             "NBTASK_RESULT_TTL": ("result_ttl", float),
             "NBTASK_VISIBILITY_TIMEOUT": ("visibility_timeout", float),
             "NBTASK_HEARTBEAT_INTERVAL": ("heartbeat_interval", float),
             "NBTASK_MAX_MESSAGE_BYTES": ("max_message_bytes", int),
+            "NBTASK_MAX_AGE": ("max_age", float),
+            "NBTASK_MAX_REDELIVERIES": ("max_redeliveries", int),
+            "NBTASK_CONCURRENCY": ("worker_concurrency", int),
             "NBTASK_WORKERS": ("embedded_workers", int),
         }
         for var, (field, kind) in numeric.items():
@@ -147,8 +164,34 @@ class Settings:
         return cls(**values)  # type: ignore[arg-type]
 
     def replace(self, **changes: object) -> Settings:
-        """A copy with ``changes`` applied."""
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+        """A copy with ``changes`` applied (unknown names are refused)."""
+        return self.from_mapping({**dataclasses.asdict(self), **changes})
+
+    def to_env(self) -> dict[str, str]:
+        """The ``NBTASK_*`` variables that give a worker process these settings."""
+        env = {
+            "NBTASK_KEY_PREFIX": self.key_prefix,
+            "NBTASK_DEFAULT_QUEUE": self.default_queue,
+            "NBTASK_RESULT_TTL": repr(self.result_ttl),
+            "NBTASK_VISIBILITY_TIMEOUT": repr(self.visibility_timeout),
+            "NBTASK_HEARTBEAT_INTERVAL": repr(self.heartbeat_interval),
+            "NBTASK_MAX_MESSAGE_BYTES": str(self.max_message_bytes),
+            "NBTASK_MAX_REDELIVERIES": str(self.max_redeliveries),
+        }
+        if self.max_age is not None:
+            env["NBTASK_MAX_AGE"] = repr(self.max_age)
+        if self.broker_url is not None:
+            env["NBTASK_BROKER"] = self.broker_url
+        if self.secret is not None:
+            env["NBTASK_SECRET"] = self.secret
+        if self.insecure:
+            env["NBTASK_INSECURE"] = "1"
+        return env
+
+    @property
+    def replay_window(self) -> float:
+        """How old a message may be and still run: ``max_age``, else ``result_ttl``."""
+        return self.result_ttl if self.max_age is None else self.max_age
 
     @property
     def is_local_broker(self) -> bool:

@@ -1,0 +1,254 @@
+"""The ``nbtask`` command, run as ``python -m nbtask`` in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, SECRET, WorkerProcess
+
+import nbtask
+from nbtask import App, Settings
+
+
+def run(
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 60,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m nbtask ARGS`` with no NBTASK_* variable but those in ``env``."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("NBTASK_")}
+    base["PYTHONPATH"] = str(ROOT)
+    base.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "nbtask", *args],
+        env=base,
+        cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+# Help and version ------------------------------------------------------------------------
+def test_version() -> None:
+    result = run("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"nbtask {nbtask.__version__}"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["-h"],
+        ["worker", "--help"],
+        ["cluster", "--help"],
+        ["status", "--help"],
+        ["inspect", "--help"],
+    ],
+)
+def test_help_exits_zero(args: list[str]) -> None:
+    result = run(*args)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: nbtask")
+    assert result.stderr == ""
+
+
+def test_top_level_help_lists_the_commands() -> None:
+    out = run("--help").stdout
+    for command in ("worker", "cluster", "status", "inspect"):
+        assert command in out
+
+
+def test_worker_help_documents_its_options() -> None:
+    out = run("worker", "--help").stdout
+    for option in ("--broker", "--secret-file", "--insecure", "--concurrency", "--app", "-Q"):
+        assert option in out
+
+
+def test_no_command_is_a_usage_error() -> None:
+    result = run()
+    assert result.returncode == 2
+    assert "worker" in result.stdout + result.stderr
+
+
+def test_unknown_command_is_a_usage_error() -> None:
+    result = run("frobnicate")
+    assert result.returncode == 2
+    assert "invalid choice" in result.stderr
+
+
+# Bad input: exit 2 and one clear line ------------------------------------------------------
+def test_worker_without_broker() -> None:
+    result = run("worker")
+    assert result.returncode == 2
+    line = one_error_line(result)
+    assert line.startswith("nbtask worker: error:")
+    assert "NBTASK_BROKER" in line
+    assert "-b" in line
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:6379", "localhost:6379", "amqpx://h//"])
+def test_worker_bad_url_scheme(url: str) -> None:
+    result = run("worker", "-b", url, env={"NBTASK_SECRET": SECRET})
+    assert result.returncode == 2
+    line = one_error_line(result)
+    assert "unsupported broker URL" in line
+    assert "redis://" in line
+
+
+def test_worker_bad_url_from_environment() -> None:
+    result = run("worker", env={"NBTASK_BROKER": "http://x", "NBTASK_SECRET": SECRET})
+    assert result.returncode == 2
+    assert "redis://" in one_error_line(result)
+
+
+def test_worker_missing_secret(redis_url: str) -> None:
+    result = run("worker", "-b", redis_url)
+    assert result.returncode == 2
+    line = one_error_line(result)
+    assert "NBTASK_SECRET" in line
+    assert "--secret-file" in line
+
+
+def test_worker_missing_secret_file(redis_url: str, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-secret"
+    result = run("worker", "-b", redis_url, "--secret-file", str(missing))
+    assert result.returncode == 2
+    assert str(missing) in one_error_line(result)
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "many"])
+def test_worker_bad_concurrency(redis_url: str, value: str) -> None:
+    result = run("worker", "-b", redis_url, "-c", value, env={"NBTASK_SECRET": SECRET})
+    assert result.returncode == 2
+    # argparse prints its usage first; the error itself is one line naming the option.
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, result.stderr
+    assert "-c/--concurrency" in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_worker_unknown_app_module(redis_url: str, prefix: str, tmp_path: Path) -> None:
+    result = run(
+        "worker", "-b", redis_url, "--key-prefix", prefix, "-A", "no_such_module",
+        env={"NBTASK_SECRET": SECRET},
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    line = one_error_line(result)
+    assert "no_such_module" in line
+    assert line.startswith("nbtask worker: error:")
+
+
+def test_worker_unreachable_broker_is_one_line(prefix: str) -> None:
+    # Port 9 on loopback: nothing listens there, the connection is refused at once.
+    result = run(
+        "worker", "-b", "redis://127.0.0.1:9/0", "--key-prefix", prefix,
+        env={"NBTASK_SECRET": SECRET},
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, result.stderr
+    assert "127.0.0.1:9" in errors[0]
+
+
+@pytest.mark.parametrize("command", ["status", "inspect"])
+def test_status_and_inspect_need_a_broker(command: str) -> None:
+    args = [command] if command == "status" else [command, "some-id"]
+    result = run(*args)
+    assert result.returncode == 2
+    assert "NBTASK_BROKER" in one_error_line(result)
+
+
+# Against the real Redis ----------------------------------------------------------------------
+def test_status_lists_a_running_worker(
+    redis_url: str, prefix: str, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    worker = start_worker(concurrency=2)
+    result = run(
+        "status", "-b", redis_url, "--key-prefix", prefix, env={"NBTASK_SECRET": SECRET}
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1, result.stdout
+    assert f"pid {worker.pid}" in lines[0]
+    assert "queues default" in lines[0]
+    assert "concurrency 2" in lines[0]
+
+
+def test_status_with_no_workers(redis_url: str, prefix: str) -> None:
+    result = run(
+        "status", "-b", redis_url, "--key-prefix", prefix, env={"NBTASK_SECRET": SECRET}
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "no live workers"
+
+
+def test_status_with_secret_file(
+    redis_url: str, prefix: str, tmp_path: Path, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    worker = start_worker(concurrency=1)
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET + "\n")
+    result = run(
+        "status", "-b", redis_url, "--key-prefix", prefix, "--secret-file", str(secret_file)
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"pid {worker.pid}" in result.stdout
+
+
+def test_inspect_finished_task(
+    app: App,
+    settings: Settings,
+    redis_url: str,
+    prefix: str,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    worker = start_worker(concurrency=1)
+    handle = app.send_task("tests.sample_tasks.add", (2, 3))
+    assert handle.get(timeout=15) == 5
+    result = run(
+        "inspect", handle.id, "-b", redis_url, "--key-prefix", prefix,
+        env={"NBTASK_SECRET": SECRET},
+    )
+    assert result.returncode == 0, result.stderr
+    fields = dict(line.split(": ", 1) for line in result.stdout.strip().splitlines())
+    assert fields["state"] == "SUCCESS"
+    assert fields["name"] == "tests.sample_tasks.add"
+    assert int(fields["pid"]) in {c.pid for c in worker.children()}
+    assert float(fields["finished_at"]) >= float(fields["started_at"])
+
+
+def test_inspect_pending_task(app: App, redis_url: str, prefix: str) -> None:
+    handle = app.send_task("tests.sample_tasks.add", (2, 3))  # no worker: stays pending
+    result = run(
+        "inspect", handle.id, "-b", redis_url, "--key-prefix", prefix,
+        env={"NBTASK_SECRET": SECRET},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "state: PENDING" in result.stdout
+
+
+def test_inspect_unknown_id(redis_url: str, prefix: str) -> None:
+    result = run(
+        "inspect", "no-such-task-id", "-b", redis_url, "--key-prefix", prefix,
+        env={"NBTASK_SECRET": SECRET},
+    )
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert "no-such-task-id" in one_error_line(result)

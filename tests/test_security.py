@@ -1,0 +1,544 @@
+"""Forged, tampered, truncated, oversized, replayed and expired messages (DESIGN §4, §9).
+
+Every attack is fed to a real worker (``start_worker``) or a real client listener through
+the real Redis. The payloads carry a *trace*: an object whose unpickling creates a file,
+so "nothing was unpickled" is checked directly, and a *marker* task that appends a line to
+a file, so "nothing was executed" (and "executed once") is checked directly too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import pytest
+import redis
+from conftest import SECRET, WorkerProcess
+
+import nbtask
+from nbtask import App, Settings
+from nbtask.envelope import Signer
+from nbtask.events import Event, EventType
+
+MARKER_TASK = "tests.sample_tasks.slow_marker"
+ADD_TASK = "tests.sample_tasks.add"
+SMALL_LIMIT = 64 * 1024  # NBTASK_MAX_MESSAGE_BYTES of the workers in this module
+MAC_SIZE = 32
+
+
+# Payloads whose unpickling leaves a trace --------------------------------------------------
+class Touch:
+    """Unpickles to ``None`` after creating ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (Path(self.path),))
+
+
+class _FalseAfterTouch:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (bool, (Touch(self.path),))
+
+
+class ZeroSeconds:
+    """Unpickles to ``0.0`` after creating ``path``: a valid ``seconds`` for slow_marker."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (float, (_FalseAfterTouch(self.path),))
+
+
+def pickled(value: object) -> bytes:
+    data: bytes = cloudpickle.dumps(value, protocol=5)
+    return data
+
+
+def task_header(app: App, task_id: str, **changes: Any) -> dict[str, Any]:
+    """A task header as ``App._prepare`` writes it, for the sample marker task."""
+    header: dict[str, Any] = {
+        "kind": "task",
+        "id": task_id,
+        "name": MARKER_TASK,
+        "queue": "default",
+        "client": app.channel,
+        "created": time.time(),
+        "eta": None,
+        "expires": None,
+        "acks_late": False,
+        "ignore_result": False,
+        "module": "tests.sample_tasks",
+        "code": None,
+        "code_len": 0,
+    }
+    header.update(changes)
+    return header
+
+
+def flip(raw: bytes, index: int) -> bytes:
+    return raw[:index] + bytes((raw[index] ^ 0x01,)) + raw[index + 1 :]
+
+
+def header_span(raw: bytes) -> tuple[int, int]:
+    """``(start, end)`` of the JSON header inside a sealed message."""
+    length = int.from_bytes(raw[4:8], "big")
+    return 8, 8 + length
+
+
+def resign(raw_unsigned: bytes, key: str = SECRET) -> bytes:
+    return raw_unsigned + hmac.new(key.encode(), raw_unsigned, hashlib.sha256).digest()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
+
+
+class Attack:
+    """Files the attack checks, and the app that knows the real secret."""
+
+    def __init__(self, app: App, tmp_path: Path) -> None:
+        self.app = app
+        self.trace = tmp_path / "trace-unpickled"
+        self.marker = tmp_path / "marker-executed"
+        self.task_id = uuid.uuid4().hex
+
+    def body(self) -> bytes:
+        """Arguments of the marker task; unpickling them creates the trace file."""
+        return pickled(((str(self.marker), ZeroSeconds(self.trace)), {}))
+
+    def valid(self, **changes: Any) -> bytes:
+        return self.app.signer.seal(task_header(self.app, self.task_id, **changes), self.body())
+
+
+# The forged task messages ------------------------------------------------------------------
+def _unsigned_pickle(a: Attack) -> bytes:
+    return pickled(((str(a.marker), ZeroSeconds(a.trace)), {}))
+
+
+def _unsigned_trace(a: Attack) -> bytes:
+    return pickled(Touch(a.trace))
+
+
+def _wrong_key(a: Attack) -> bytes:
+    return Signer("not-the-secret").seal(task_header(a.app, a.task_id), a.body())
+
+
+def _tampered_header(a: Attack) -> bytes:
+    raw = a.valid()
+    start, end = header_span(raw)
+    at = raw.index(b'"created"', start, end) + 12  # a digit of the timestamp
+    return flip(raw, at)
+
+
+def _tampered_body(a: Attack) -> bytes:
+    raw = a.valid()
+    _, end = header_span(raw)
+    return flip(raw, end + (len(raw) - MAC_SIZE - end) // 2)
+
+
+def _tampered_mac(a: Attack) -> bytes:
+    raw = a.valid()
+    return flip(raw, len(raw) - 1)
+
+
+def _truncated_mac(a: Attack) -> bytes:
+    return a.valid()[:-1]
+
+
+def _truncated_half(a: Attack) -> bytes:
+    raw = a.valid()
+    return raw[: len(raw) // 2]
+
+
+def _truncated_prefix(a: Attack) -> bytes:
+    return a.valid()[:8]
+
+
+def _empty(a: Attack) -> bytes:
+    return b""
+
+
+def _wrong_version(a: Attack) -> bytes:
+    # Correctly MACed with the real secret, so only the version check can reject it.
+    raw = a.valid()
+    unsigned = raw[:3] + bytes((2,)) + raw[4:-MAC_SIZE]
+    return resign(unsigned)
+
+
+def _oversized_garbage(a: Attack) -> bytes:
+    return b"NBT\x01" + b"\x00\x00\x00\x02{}" + b"x" * (SMALL_LIMIT * 2)
+
+
+def _oversized_signed(a: Attack) -> bytes:
+    # Signed with the real secret, but over the worker's NBTASK_MAX_MESSAGE_BYTES.
+    return a.valid(padding="p" * (SMALL_LIMIT * 2))
+
+
+def _signed_event_as_task(a: Attack) -> bytes:
+    # A genuine signed event (workers write these to client channels, which anyone with
+    # broker access can read) pushed into a task queue: not a task, must not run.
+    event = Event(EventType.SUCCESS, a.task_id, 5)
+    return a.app.signer.seal(event.to_header(), pickled(Touch(a.trace)))
+
+
+def _signed_bad_field_types(a: Attack) -> bytes:
+    return a.valid(created="yesterday", code_len="many")
+
+
+FORGERIES: dict[str, Callable[[Attack], bytes]] = {
+    "unsigned-pickle": _unsigned_pickle,
+    "unsigned-trace-object": _unsigned_trace,
+    "wrong-key": _wrong_key,
+    "tampered-header": _tampered_header,
+    "tampered-body": _tampered_body,
+    "tampered-mac": _tampered_mac,
+    "truncated-mac": _truncated_mac,
+    "truncated-half": _truncated_half,
+    "truncated-prefix": _truncated_prefix,
+    "empty": _empty,
+    "wrong-version": _wrong_version,
+    "oversized-garbage": _oversized_garbage,
+    "oversized-signed": _oversized_signed,
+    "signed-event-as-task": _signed_event_as_task,
+    "signed-bad-field-types": _signed_bad_field_types,
+}
+
+
+@pytest.fixture
+def small_worker(
+    start_worker: Callable[..., WorkerProcess], monkeypatch: pytest.MonkeyPatch
+) -> WorkerProcess:
+    """A worker (one child) whose message limit is SMALL_LIMIT."""
+    # start_worker copies os.environ, so the limit reaches the worker only.
+    monkeypatch.setenv("NBTASK_MAX_MESSAGE_BYTES", str(SMALL_LIMIT))
+    return start_worker(concurrency=1)
+
+
+def _r(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(settings.broker_url or "")
+
+
+def _queue(settings: Settings) -> str:
+    return f"{settings.key_prefix}:q:default"
+
+
+def _dead(settings: Settings) -> str:
+    return f"{settings.key_prefix}:dead"
+
+
+def _entry_gone(client: redis.Redis, stream: str, entry_id: bytes) -> Callable[[], bool]:
+    return lambda: not client.xrange(stream, entry_id, entry_id)
+
+
+def _assert_still_serving(app: App, worker: WorkerProcess, child_pids: set[int]) -> None:
+    assert worker.process.poll() is None, worker.log.read_text()
+    assert {c.pid for c in worker.children()} == child_pids, (
+        f"a child process died:\n{worker.log.read_text()}"
+    )
+    handle = app.send_task(ADD_TASK, (2, 3))
+    assert handle.get(timeout=15) == 5, worker.log.read_text()
+
+
+@pytest.mark.parametrize("kind", list(FORGERIES))
+def test_worker_rejects_forged_message(
+    kind: str, app: App, settings: Settings, small_worker: WorkerProcess, tmp_path: Path
+) -> None:
+    attack = Attack(app, tmp_path)
+    raw = FORGERIES[kind](attack)
+    children = {c.pid for c in small_worker.children()}
+    client = _r(settings)
+    try:
+        entry_id = client.xadd(_queue(settings), {"e": raw, "n": 0})
+        wait_for(_entry_gone(client, _queue(settings), entry_id), what="the worker to take it")
+        dead = client.xrange(_dead(settings))
+        assert [fields[b"e"] for _, fields in dead] == [raw], "not dead-lettered"
+        assert client.hgetall(f"{settings.key_prefix}:r:{attack.task_id}") == {}
+        pending = client.xpending(_queue(settings), "workers")
+        assert pending["pending"] == 0
+    finally:
+        client.close()
+
+    _assert_still_serving(app, small_worker, children)
+    assert not attack.trace.exists(), "the forged message was unpickled"
+    assert not attack.marker.exists(), "the forged message was executed"
+    text = small_worker.log.read_text()
+    lines = [line for line in text.splitlines() if entry_id.decode() in line]
+    assert len(lines) == 1, lines
+    assert "rejected" in lines[0]
+    assert "Traceback" not in small_worker.log.read_text()
+
+
+def test_worker_drops_replay_of_finished_task(
+    app: App,
+    settings: Settings,
+    start_worker: Callable[..., WorkerProcess],
+    tmp_path: Path,
+) -> None:
+    marker = tmp_path / "marker"
+    client = _r(settings)
+    try:
+        # Send before any worker runs, so the genuine signed bytes can be read back.
+        handle = app.send_task(MARKER_TASK, (str(marker), 0.0))
+        [(_, fields)] = client.xrange(_queue(settings))
+        genuine = fields[b"e"]
+        worker = start_worker(concurrency=1)
+        children = {c.pid for c in worker.children()}
+        handle.get(timeout=15)
+        assert marker.read_text().count("\n") == 1
+
+        replay_id = client.xadd(_queue(settings), {"e": genuine, "n": 0})
+        wait_for(_entry_gone(client, _queue(settings), replay_id), what="the replay to be taken")
+        again_id = client.xadd(_queue(settings), {"e": genuine, "n": 3})
+        wait_for(_entry_gone(client, _queue(settings), again_id), what="the 2nd replay")
+        _assert_still_serving(app, worker, children)
+        assert marker.read_text().count("\n") == 1, "a replayed task ran again"
+        record = client.hgetall(f"{settings.key_prefix}:r:{handle.id}")
+        assert record[b"state"] == b"SUCCESS"
+        assert client.xpending(_queue(settings), "workers")["pending"] == 0
+    finally:
+        client.close()
+    lines = [line for line in worker.log.read_text().splitlines() if handle.id in line]
+    assert len(lines) == 2, lines  # one clear line per replay
+    assert all("already SUCCESS" in line for line in lines)
+
+
+def test_worker_rejects_message_older_than_max_age(
+    app: App, settings: Settings, small_worker: WorkerProcess, tmp_path: Path
+) -> None:
+    attack = Attack(app, tmp_path)
+    # Genuinely signed, but created eight days ago (max_age is seven by default).
+    raw = attack.valid(created=time.time() - 8 * 86400)
+    children = {c.pid for c in small_worker.children()}
+    client = _r(settings)
+    try:
+        entry_id = client.xadd(_queue(settings), {"e": raw, "n": 0})
+        wait_for(_entry_gone(client, _queue(settings), entry_id), what="the worker to take it")
+        assert [f[b"e"] for _, f in client.xrange(_dead(settings))] == [raw]
+    finally:
+        client.close()
+    _assert_still_serving(app, small_worker, children)
+    assert not attack.trace.exists()
+    assert not attack.marker.exists()
+    lines = [line for line in small_worker.log.read_text().splitlines() if attack.task_id in line]
+    assert len(lines) == 1, lines
+    assert "max_age" in lines[0]
+
+
+def test_worker_runs_the_same_message_when_genuine(
+    app: App, settings: Settings, small_worker: WorkerProcess, tmp_path: Path
+) -> None:
+    """Control for the forgeries: the same hand-built message, genuinely signed, runs once."""
+    attack = Attack(app, tmp_path)
+    client = _r(settings)
+    try:
+        client.xadd(_queue(settings), {"e": attack.valid(), "n": 0})
+        key = f"{settings.key_prefix}:r:{attack.task_id}"
+        wait_for(lambda: client.hget(key, "state") == b"SUCCESS", what="the control task")
+    finally:
+        client.close()
+    assert attack.marker.read_text().count("\n") == 1
+    assert attack.trace.exists()  # the control's arguments were (legitimately) unpickled
+
+
+# The client side ---------------------------------------------------------------------------
+def _event(task_id: str, kind: EventType = EventType.SUCCESS, seq: int = 99) -> dict[str, Any]:
+    return Event(kind, task_id, seq, {"runtime": 0.0}).to_header()
+
+
+def test_client_ignores_forged_events(
+    app: App,
+    settings: Settings,
+    start_worker: Callable[..., WorkerProcess],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="nbtask.listener")
+    trace = tmp_path / "trace-unpickled"
+    marker = tmp_path / "marker"
+    handle = app.send_task(MARKER_TASK, (str(marker), 0.0))  # pending: no worker yet
+    tid = handle.id
+    signer = app.signer
+    trace_body = pickled(Touch(trace))
+    valid_success = signer.seal(_event(tid), trace_body)
+    start, end = header_span(valid_success)
+    forged = {
+        "unsigned-pickle": trace_body,
+        "wrong-key-success": Signer("not-the-secret").seal(_event(tid), trace_body),
+        "tampered-body": flip(valid_success, len(valid_success) - MAC_SIZE - 3),
+        "tampered-header": flip(valid_success, start + (end - start) // 2),
+        "tampered-mac": flip(valid_success, len(valid_success) - 1),
+        "truncated": valid_success[:-5],
+        "wrong-version": resign(valid_success[:3] + b"\x02" + valid_success[4:-MAC_SIZE]),
+        "wrong-key-failure": Signer("x").seal(
+            Event(EventType.FAILURE, tid, 99, {"ename": "Forged", "evalue": "x"}).to_header()
+        ),
+        "signed-task-message": signer.seal(task_header(app, tid), trace_body),
+    }
+    client = _r(settings)
+    try:
+        for raw in forged.values():
+            client.xadd(app.channel, {"e": raw})
+        # A genuine progress event after them: once it is applied, all the forgeries
+        # before it on the stream have been read (the listener reads in order).
+        progress = Event(EventType.PROGRESS, tid, 0, {"done": 1, "total": 2})
+        client.xadd(app.channel, {"e": signer.seal(progress.to_header())})
+    finally:
+        client.close()
+    wait_for(lambda: handle.progress is not None, what="the genuine progress event")
+    assert handle.state is nbtask.State.PENDING
+    assert not handle.done()
+    assert not trace.exists(), "a forged event was unpickled"
+    dropped = [r for r in caplog.records if "does not verify" in r.getMessage()]
+    assert len(dropped) == len(forged), [r.getMessage() for r in caplog.records]
+
+    worker = start_worker(concurrency=1)
+    assert handle.get(timeout=15) in {c.pid for c in worker.children()}
+    assert marker.read_text().count("\n") == 1
+    assert not trace.exists()
+    assert handle.state is nbtask.State.SUCCESS
+
+
+@pytest.fixture
+def finished(
+    app: App, settings: Settings, start_worker: Callable[..., WorkerProcess]
+) -> tuple[str, str]:
+    """Two finished add tasks: ``(id of 2+3, id of 40+2)``."""
+    start_worker(concurrency=1)
+    first = app.send_task(ADD_TASK, (2, 3))
+    second = app.send_task(ADD_TASK, (40, 2))
+    assert first.get(timeout=15) == 5
+    assert second.get(timeout=15) == 42
+    return first.id, second.id
+
+
+@pytest.fixture
+def reader(settings: Settings) -> Iterator[App]:
+    """A second client (another kernel) that re-attaches to tasks by id."""
+    other = App("reader", settings=settings)
+    yield other
+    other.close()
+
+
+def test_reattach_to_stored_result_works(
+    finished: tuple[str, str], reader: App
+) -> None:
+    """Control for the tampering tests below."""
+    assert reader.handle(finished[0]).get(timeout=5) == 5
+
+
+def _tamper_result(settings: Settings, task_id: str, raw: bytes) -> None:
+    client = _r(settings)
+    try:
+        key = f"{settings.key_prefix}:r:{task_id}"
+        assert client.hexists(key, "result")
+        client.hset(key, "result", raw)
+    finally:
+        client.close()
+
+
+def _stored(settings: Settings, task_id: str) -> bytes:
+    client = _r(settings)
+    try:
+        value: bytes = client.hget(f"{settings.key_prefix}:r:{task_id}", "result")
+        return value
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("how", ["body", "header", "mac", "truncate"])
+def test_tampered_stored_result_raises_signature_error(
+    how: str, finished: tuple[str, str], reader: App, settings: Settings
+) -> None:
+    tid = finished[0]
+    raw = _stored(settings, tid)
+    start, end = header_span(raw)
+    tampered = {
+        "body": flip(raw, len(raw) - MAC_SIZE - 2),
+        "header": flip(raw, start + (end - start) // 2),
+        "mac": flip(raw, len(raw) - 1),
+        "truncate": raw[:-1],
+    }[how]
+    _tamper_result(settings, tid, tampered)
+    with pytest.raises(nbtask.SignatureError):
+        reader.handle(tid)
+
+
+@pytest.mark.parametrize("how", ["unsigned-pickle", "wrong-key"])
+def test_forged_stored_result_is_never_unpickled(
+    how: str, finished: tuple[str, str], reader: App, settings: Settings, tmp_path: Path
+) -> None:
+    tid = finished[0]
+    trace = tmp_path / "trace-unpickled"
+    body = pickled(Touch(trace))
+    forged = body if how == "unsigned-pickle" else Signer("x").seal(_event(tid), body)
+    _tamper_result(settings, tid, forged)
+    with pytest.raises(nbtask.NbtaskError):
+        reader.handle(tid)
+    assert not trace.exists()
+
+
+def test_stored_result_of_another_task_is_refused(
+    finished: tuple[str, str], reader: App, settings: Settings
+) -> None:
+    """A genuinely signed result copied from task B's record into task A's must not pass
+    for A's result: the signed header names the task it belongs to."""
+    first, second = finished
+    _tamper_result(settings, first, _stored(settings, second))
+    with pytest.raises(nbtask.NbtaskError):
+        value = reader.handle(first).get(timeout=5)
+        pytest.fail(f"task {first} (2+3) reported task {second}'s result {value!r}")
+
+
+# Secrets and brokers ---------------------------------------------------------------------
+def test_remote_broker_without_secret_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NBTASK_SECRET", raising=False)
+    monkeypatch.delenv("NBTASK_SECRET_FILE", raising=False)
+    monkeypatch.delenv("NBTASK_INSECURE", raising=False)
+    with pytest.raises(nbtask.ConfigurationError) as info:
+        App(broker="redis://10.0.0.1:6379/0")
+    assert "NBTASK_SECRET" in str(info.value)
+    assert "insecure" in str(info.value)
+
+
+def test_insecure_app_sends_and_warns(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("NBTASK_SECRET", raising=False)
+    monkeypatch.delenv("NBTASK_SECRET_FILE", raising=False)
+    insecure = App(broker=redis_url, insecure=True, key_prefix=prefix)
+    try:
+        with pytest.warns(UserWarning, match="insecure"):
+            handle = insecure.send_task(ADD_TASK, (1, 2))
+        client = redis.Redis.from_url(redis_url)
+        try:
+            [(_, fields)] = client.xrange(f"{prefix}:q:default")
+        finally:
+            client.close()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            envelope = Signer(None, insecure=True).open(fields[b"e"])
+        assert envelope.header["id"] == handle.id
+        # A worker with a real secret would refuse it.
+        with pytest.raises(nbtask.SignatureError):
+            Signer(SECRET).open(fields[b"e"])
+    finally:
+        insecure.close()

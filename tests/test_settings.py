@@ -1,0 +1,292 @@
+"""The frozen Settings dataclass: defaults, NBTASK_* parsing, validation."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from nbtask import App, ConfigurationError, Settings
+
+REDIS = "redis://127.0.0.1:6379/0"
+
+
+# Defaults and immutability -------------------------------------------------------------------
+def test_defaults() -> None:
+    s = Settings()
+    assert s.broker_url is None
+    assert s.secret is None
+    assert s.insecure is False
+    assert s.key_prefix == "nbtask"
+    assert s.default_queue == "default"
+    assert s.result_ttl == 86400.0
+    assert s.visibility_timeout > 3 * s.heartbeat_interval
+    assert s.max_message_bytes >= 1024
+    assert s.worker_concurrency is None
+    assert s.embedded_workers >= 1
+
+
+def test_frozen() -> None:
+    s = Settings()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.key_prefix = "other"  # type: ignore[misc]
+
+
+def test_replace_returns_a_validated_copy() -> None:
+    s = Settings()
+    t = s.replace(key_prefix="other")
+    assert (s.key_prefix, t.key_prefix) == ("nbtask", "other")
+    with pytest.raises(ConfigurationError):
+        s.replace(heartbeat_interval=100.0)
+
+
+def test_constructor_reads_no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NBTASK_BROKER", REDIS)
+    monkeypatch.setenv("NBTASK_KEY_PREFIX", "fromenv")
+    assert Settings() == Settings.from_env({})
+
+
+# from_env -------------------------------------------------------------------------------------
+def test_from_env_empty_is_the_defaults() -> None:
+    assert Settings.from_env({}) == Settings()
+
+
+def test_from_env_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [n for n in __import__("os").environ if n.startswith("NBTASK_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("NBTASK_KEY_PREFIX", "fromenv")
+    assert Settings.from_env().key_prefix == "fromenv"
+
+
+def test_from_env_every_variable(tmp_path: Path) -> None:
+    env = {
+        "NBTASK_BROKER": "redis://broker.example:6380/2",
+        "NBTASK_SECRET": "s3cret",
+        "NBTASK_INSECURE": "1",
+        "NBTASK_KEY_PREFIX": "proj",
+        "NBTASK_RESULT_TTL": "3600",
+        "NBTASK_VISIBILITY_TIMEOUT": "45.5",
+        "NBTASK_HEARTBEAT_INTERVAL": "2.5",
+        "NBTASK_MAX_MESSAGE_BYTES": "1048576",
+        "NBTASK_WORKERS": "3",
+        "UNRELATED": "ignored",
+    }
+    s = Settings.from_env(env)
+    assert s.broker_url == "redis://broker.example:6380/2"
+    assert s.secret == "s3cret"
+    assert s.insecure is True
+    assert s.key_prefix == "proj"
+    assert s.result_ttl == 3600.0
+    assert s.visibility_timeout == 45.5
+    assert s.heartbeat_interval == 2.5
+    assert s.max_message_bytes == 1048576
+    assert isinstance(s.max_message_bytes, int)
+    assert s.embedded_workers == 3
+
+
+def test_from_env_secret_file(tmp_path: Path) -> None:
+    path = tmp_path / "secret"
+    path.write_text("  from-a-file\n")
+    assert Settings.from_env({"NBTASK_SECRET_FILE": str(path)}).secret == "from-a-file"
+
+
+def test_from_env_secret_wins_over_secret_file(tmp_path: Path) -> None:
+    path = tmp_path / "secret"
+    path.write_text("from-a-file")
+    env = {"NBTASK_SECRET": "direct", "NBTASK_SECRET_FILE": str(path)}
+    assert Settings.from_env(env).secret == "direct"
+
+
+def test_from_env_missing_secret_file_names_it(tmp_path: Path) -> None:
+    path = tmp_path / "nope"
+    with pytest.raises(ConfigurationError, match="nope"):
+        Settings.from_env({"NBTASK_SECRET_FILE": str(path)})
+
+
+def test_from_env_empty_secret_file_names_it(tmp_path: Path) -> None:
+    path = tmp_path / "blank"
+    path.write_text("  \n")
+    with pytest.raises(ConfigurationError, match=r"blank.*empty|empty.*blank"):
+        Settings.from_env({"NBTASK_SECRET_FILE": str(path)})
+
+
+@pytest.mark.parametrize("value", ["1", "true", "TRUE", "yes", "Yes"])
+def test_from_env_insecure_true(value: str) -> None:
+    assert Settings.from_env({"NBTASK_INSECURE": value}).insecure is True
+
+
+@pytest.mark.parametrize("value", ["", "0", "false", "no"])
+def test_from_env_insecure_false(value: str) -> None:
+    assert Settings.from_env({"NBTASK_INSECURE": value}).insecure is False
+
+
+def test_from_env_empty_values_are_unset() -> None:
+    env = {"NBTASK_BROKER": "", "NBTASK_SECRET": "", "NBTASK_RESULT_TTL": ""}
+    assert Settings.from_env(env) == Settings()
+
+
+def test_from_env_overrides_win() -> None:
+    s = Settings.from_env({"NBTASK_KEY_PREFIX": "env"}, key_prefix="arg", secret="x")
+    assert (s.key_prefix, s.secret) == ("arg", "x")
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("NBTASK_RESULT_TTL", "one day"),
+        ("NBTASK_VISIBILITY_TIMEOUT", "30s"),
+        ("NBTASK_HEARTBEAT_INTERVAL", "fast"),
+        ("NBTASK_MAX_MESSAGE_BYTES", "1.5"),
+        ("NBTASK_MAX_MESSAGE_BYTES", "10MB"),
+        ("NBTASK_WORKERS", "two"),
+        ("NBTASK_WORKERS", "2.0"),
+    ],
+)
+def test_from_env_unparsable_value_names_the_variable(var: str, value: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Settings.from_env({var: value})
+    assert var in str(info.value)
+    assert repr(value) in str(info.value) or value in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "field"),
+    [
+        ("NBTASK_RESULT_TTL", "0", "result_ttl"),
+        ("NBTASK_RESULT_TTL", "-5", "result_ttl"),
+        ("NBTASK_VISIBILITY_TIMEOUT", "-1", "visibility_timeout"),
+        ("NBTASK_HEARTBEAT_INTERVAL", "0", "heartbeat_interval"),
+        ("NBTASK_HEARTBEAT_INTERVAL", "20", "visibility_timeout"),
+        ("NBTASK_MAX_MESSAGE_BYTES", "100", "max_message_bytes"),
+        ("NBTASK_WORKERS", "0", "embedded_workers"),
+        ("NBTASK_KEY_PREFIX", "has space", "key_prefix"),
+        ("NBTASK_BROKER", "http://example.com", "redis://"),
+    ],
+)
+def test_from_env_invalid_value_names_the_setting(var: str, value: str, field: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Settings.from_env({var: value})
+    text = str(info.value)
+    assert var in text or field in text, text
+
+
+def test_from_env_nan_is_rejected() -> None:
+    with pytest.raises(ConfigurationError, match=r"RESULT_TTL|result_ttl"):
+        Settings.from_env({"NBTASK_RESULT_TTL": "nan"})
+
+
+# Unknown fields ------------------------------------------------------------------------------
+def test_unknown_field_in_mapping_is_rejected_with_the_known_names() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Settings.from_mapping({"brokr_url": REDIS})
+    assert "brokr_url" in str(info.value)
+    assert "broker_url" in str(info.value)
+
+
+def test_unknown_override_in_from_env_and_from_url_is_rejected() -> None:
+    with pytest.raises(ConfigurationError, match="visibilty_timeout"):
+        Settings.from_env({}, visibilty_timeout=10.0)
+    with pytest.raises(ConfigurationError, match="nope"):
+        Settings.from_url(REDIS, nope=1)
+
+
+def test_unknown_setting_passed_to_app_is_rejected() -> None:
+    with pytest.raises(ConfigurationError, match="result_tll"):
+        App(settings=Settings(), result_tll=5)
+
+
+def test_unknown_field_in_replace_is_rejected() -> None:
+    with pytest.raises((ConfigurationError, TypeError)):
+        Settings().replace(nope=1)
+
+
+# Broker URLs -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/0",
+        "redis://:pw@host.example:6379/1",
+        "rediss://host.example:6380/0",
+        "unix:///tmp/redis.sock",
+    ],
+)
+def test_good_broker_urls(url: str) -> None:
+    assert Settings.from_url(url).broker_url == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://host:6379", "amqp-typo://guest@host//", "host:6379", "localhost", "ftp://x", ""],
+)
+def test_bad_broker_url_scheme_is_rejected_with_the_accepted_forms(url: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Settings(broker_url=url)
+    text = str(info.value)
+    assert "redis://" in text
+    assert "unix://" in text
+
+
+@pytest.mark.parametrize("url", ["redis://", "redis:///0", "unix://"])
+def test_broker_url_without_host_or_path_is_rejected(url: str) -> None:
+    with pytest.raises(ConfigurationError, match="names no"):
+        Settings(broker_url=url)
+
+
+@pytest.mark.parametrize(
+    ("url", "local"),
+    [
+        (None, True),
+        ("unix:///tmp/r.sock", True),
+        ("redis://127.0.0.1:6379/0", True),
+        ("redis://localhost/0", True),
+        ("redis://[::1]:6379/0", True),
+        ("redis://10.0.0.1:6379/0", False),
+        ("rediss://cache.example.com:6380/0", False),
+    ],
+)
+def test_is_local_broker(url: str | None, local: bool) -> None:
+    assert Settings(broker_url=url).is_local_broker is local
+
+
+# Numeric checks ----------------------------------------------------------------------------------
+def test_visibility_timeout_must_exceed_three_heartbeats() -> None:
+    with pytest.raises(ConfigurationError, match="visibility_timeout") as info:
+        Settings(visibility_timeout=3.0, heartbeat_interval=1.0)
+    assert "heartbeat" in str(info.value)
+    with pytest.raises(ConfigurationError):
+        Settings(visibility_timeout=2.0, heartbeat_interval=1.0)
+    assert Settings(visibility_timeout=3.01, heartbeat_interval=1.0).visibility_timeout == 3.01
+    assert Settings(visibility_timeout=2.0, heartbeat_interval=0.2).heartbeat_interval == 0.2
+
+
+DURATIONS = ["result_ttl", "visibility_timeout", "heartbeat_interval", "max_age"]
+
+
+@pytest.mark.parametrize("name", DURATIONS)
+@pytest.mark.parametrize("value", [0, -1.0])
+def test_durations_must_be_positive(name: str, value: float) -> None:
+    with pytest.raises(ConfigurationError, match=name):
+        Settings(**{name: value})
+
+
+@pytest.mark.parametrize(
+    ("changes", "name"),
+    [
+        ({"max_message_bytes": 1023}, "max_message_bytes"),
+        ({"worker_concurrency": 0}, "worker_concurrency"),
+        ({"embedded_workers": 0}, "embedded_workers"),
+        ({"key_prefix": ""}, "key_prefix"),
+        ({"key_prefix": "a b"}, "key_prefix"),
+        ({"key_prefix": "a{b}"}, "key_prefix"),
+        ({"key_prefix": "a\nb"}, "key_prefix"),
+    ],
+)
+def test_other_checks(changes: dict[str, object], name: str) -> None:
+    with pytest.raises(ConfigurationError, match=name):
+        Settings(**changes)  # type: ignore[arg-type]
+
+
+def test_configuration_error_is_a_value_error() -> None:
+    with pytest.raises(ValueError):
+        Settings(max_message_bytes=1)
