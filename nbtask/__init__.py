@@ -25,7 +25,7 @@ from nbtask.errors import (
 from nbtask.events import Progress, State
 from nbtask.handle import TaskHandle
 from nbtask.settings import Settings
-from nbtask.task import Signature, Task, current_request, progress
+from nbtask.task import Signature, Task, current_request, progress, track
 
 __all__ = [
     # The API
@@ -52,4 +52,5 @@ __all__ = [
     "__version__",
     "current_request",
     "progress",
+    "track",
 ]

@@ -106,7 +106,9 @@ class Outbox:
         self._channel = ""
         self._seq = 0
         self._started: Event | None = None
-        self._text: list[tuple[EventType, str]] = []
+        # Output in the order produced: stdout/stderr text (adjacent chunks merged) and
+        # rich displays. Progress is kept apart because only its latest value matters.
+        self._output: list[tuple[EventType, dict[str, Any]]] = []
         self._progress: dict[str, Any] | None = None
         self._wake = threading.Event()
         threading.Thread(target=self._pump, name="nbtask-outbox", daemon=True).start()
@@ -115,24 +117,33 @@ class Outbox:
         """Start buffering for a task that was just marked STARTED."""
         with self._lock:
             self._task_id, self._channel, self._seq = task_id, channel, 1
-            self._text, self._progress = [], None
+            self._output, self._progress = [], None
             self._started = Event(EventType.STARTED, task_id, 1, details)
         self._wake.set()
 
     def emit(self, kind: str, data: Mapping[str, Any]) -> None:
-        """Queue an event from task code (``progress`` for now)."""
-        if kind == "progress":
+        """Queue an event from task code: ``progress`` (coalesced) or ``display``.
+
+        ``display`` data is a MIME bundle: ``{"data": {mime: value}, "metadata": {...}}``
+        (optionally ``"transient"``); it keeps its place among printed text.
+        """
+        if kind == EventType.PROGRESS.value:
             with self._lock:
                 self._progress = dict(data)
-            self._wake.set()
+        elif kind == EventType.DISPLAY.value:
+            with self._lock:
+                self._output.append((EventType.DISPLAY, dict(data)))
+        else:
+            raise ValueError(f"tasks cannot send {kind!r} events")
+        self._wake.set()
 
     def write(self, kind: EventType, text: str) -> None:
         """Queue output text."""
         with self._lock:
-            if self._text and self._text[-1][0] is kind:
-                self._text[-1] = (kind, self._text[-1][1] + text)
+            if self._output and self._output[-1][0] is kind:
+                self._output[-1][1]["text"] += text
             else:
-                self._text.append((kind, text))
+                self._output.append((kind, {"text": text}))
         self._wake.set()
 
     def end(self) -> int:
@@ -149,13 +160,13 @@ class Outbox:
         with self._lock:
             events = [] if self._started is None else [self._started]
             self._started = None
-            for kind, chunk in self._text:
+            for kind, data in self._output:
                 self._seq += 1
-                events.append(Event(kind, self._task_id, self._seq, {"text": chunk}))
+                events.append(Event(kind, self._task_id, self._seq, data))
             if self._progress is not None:
                 self._seq += 1
                 events.append(Event(EventType.PROGRESS, self._task_id, self._seq, self._progress))
-            self._text, self._progress = [], None
+            self._output, self._progress = [], None
             channel = self._channel
         if not events:
             return

@@ -40,6 +40,7 @@ class TaskHandle(concurrent.futures.Future[Any]):
         self._progress: Progress | None = None
         self._stdout: list[str] = []
         self._stderr: list[str] = []
+        self._outputs: list[Event] = []
         self._last_seq = -1
         self._info: dict[str, Any] = {}
         self._listeners: list[Callable[[Event], None]] = []
@@ -65,6 +66,11 @@ class TaskHandle(concurrent.futures.Future[Any]):
     def stderr(self) -> str:
         """Everything the task wrote to stderr so far."""
         return "".join(self._stderr)
+
+    @property
+    def outputs(self) -> list[Event]:
+        """Output events in the order the task produced them: stdout, stderr, display."""
+        return list(self._outputs)
 
     @property
     def info(self) -> dict[str, Any]:
@@ -127,8 +133,12 @@ class TaskHandle(concurrent.futures.Future[Any]):
             self._progress = event.progress
         elif kind is EventType.STDOUT:
             self._stdout.append(str(data.get("text", "")))
+            self._outputs.append(event)
         elif kind is EventType.STDERR:
             self._stderr.append(str(data.get("text", "")))
+            self._outputs.append(event)
+        elif kind is EventType.DISPLAY:
+            self._outputs.append(event)
         if event.state is not None:
             self._task_state = event.state
         self._info.update({k: v for k, v in data.items() if k in ("worker", "pid", "reason")})

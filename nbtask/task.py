@@ -6,8 +6,8 @@ import contextvars
 import dataclasses
 import datetime as dt
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from nbtask.errors import ConfigurationError
 
@@ -15,7 +15,15 @@ if TYPE_CHECKING:
     from nbtask.app import App
     from nbtask.handle import TaskHandle
 
-__all__ = ["TASK_OPTIONS", "Request", "Signature", "Task", "current_request", "progress"]
+__all__ = [
+    "TASK_OPTIONS",
+    "Request",
+    "Signature",
+    "Task",
+    "current_request",
+    "progress",
+    "track",
+]
 
 # Options @app.task accepts; anything else is refused at decoration time.
 TASK_OPTIONS = frozenset({"name", "bind", "base", "queue", "acks_late", "ignore_result", "expires"})
@@ -38,6 +46,8 @@ class Request:
     delivery_info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     emit: Callable[[str, Mapping[str, Any]], None] | None = None
 
+
+T = TypeVar("T")
 
 _current: contextvars.ContextVar[Request | None] = contextvars.ContextVar(
     "nbtask_request", default=None
@@ -64,6 +74,26 @@ def progress(done: float, total: float | None = None, message: str = "") -> None
     request = _current.get()
     if request is not None and request.emit is not None:
         request.emit("progress", {"done": done, "total": total, "message": message})
+
+
+def track(iterable: Iterable[T], total: int | None = None, message: str = "") -> Iterator[T]:
+    """Yield from ``iterable``, reporting progress after each item (like ``tqdm``).
+
+    Parameters
+    ----------
+    iterable
+        What to loop over.
+    total
+        Number of items; taken from ``len(iterable)`` when it has one.
+    message
+        Shown beside the progress bar.
+    """
+    if total is None and isinstance(iterable, Sized):
+        total = len(iterable)
+    progress(0, total, message)
+    for done, item in enumerate(iterable, start=1):
+        yield item
+        progress(done, total, message)
 
 
 class Task:
