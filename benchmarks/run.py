@@ -107,6 +107,28 @@ def _redis_version(url: str) -> str:
         r.close()
 
 
+def _commandstats(url: str) -> dict[str, int]:
+    # Read-only (no CONFIG RESETSTAT), so it is safe on a server shared with others;
+    # with --url the deltas then include their traffic too.
+    r = redis.Redis.from_url(url)
+    try:
+        stats: dict[str, Any] = r.info("commandstats")
+    finally:
+        r.close()
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+
+
+def _tasks_per_run(cfg: dict[str, Any]) -> int:
+    """Task round trips one harness run makes (1 is the first, start-up call)."""
+    return (
+        1
+        + int(cfg["latency_warmup"])
+        + int(cfg["latency_calls"])
+        + 2 * int(cfg["throughput_tasks"])
+        + int(cfg["data_repeats"])
+    )
+
+
 # --------------------------------------------------------------------------- runs
 
 
@@ -126,11 +148,14 @@ def run_system(system: str, url: str, args: argparse.Namespace, run_dir: Path) -
         cmd.append("--quick")
     if system == "nbtask":
         cmd += ["--cold-runs", str(args.cold_runs), "--idle-wait", "1.5" if args.quick else "3"]
+    before = _commandstats(url)
     t0 = time.perf_counter()
     proc = subprocess.run(
         cmd, check=False, cwd=REPO, env=_child_env(), capture_output=True, text=True
     )
     wall = time.perf_counter() - t0
+    after = _commandstats(url)
+    calls = {k: n - before.get(k, 0) for k, n in after.items() if n > before.get(k, 0)}
     if proc.returncode != 0 or not out.exists():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
         print(f"  {system}: FAILED (exit {proc.returncode})", file=sys.stderr)
@@ -139,6 +164,9 @@ def run_system(system: str, url: str, args: argparse.Namespace, run_dir: Path) -
         return {"error": f"exit {proc.returncode}", "stderr_tail": tail, "wall_s": wall}
     data: dict[str, Any] = json.loads(out.read_text())
     data["wall_s"] = wall
+    data["redis_commands"] = dict(sorted(calls.items(), key=lambda kv: -kv[1]))
+    if "config" in data:
+        data["redis_commands_per_task"] = sum(calls.values()) / _tasks_per_run(data["config"])
     return data
 
 
@@ -245,6 +273,12 @@ def _notes(runs: list[dict[str, Any]]) -> list[str]:
             tot = med(system, case, "elapsed_s")
             if sub is not None and tot is not None:
                 notes.append(f"{system} {case}: submit {sub:.3f} s of {tot:.3f} s total")
+    for system in SYSTEMS:
+        per_task = med(system, "redis_commands_per_task")
+        cmds = next((r[system].get("redis_commands") for r in runs if system in r), None)
+        if per_task is not None and cmds:
+            top = ", ".join(f"{k} {v:,}" for k, v in list(cmds.items())[:6])
+            notes.append(f"{system} Redis commands per task: {per_task:.1f} (run 1: {top})")
     for label, path, unit in [
         ("nbtask import (before App())", ("cold_start", "import_s"), "s"),
         ("nbtask second no-op after cold start", ("cold_start", "second_call_s"), "s"),

@@ -98,6 +98,8 @@ class App:
         self.name = name
         self.client_id = uuid.uuid4().hex[:16]
         self.tasks: dict[str, BaseTask] = {}
+        # Named %%task cells, registered by the notebook layer as reusable tasks.
+        self.cells: dict[str, BaseTask] = {}
         self.Task = type("Task", (BaseTask,), {"abstract": True, "__module__": __name__})
         self.cluster: EmbeddedCluster | None = None
         self._broker: Broker | None = None

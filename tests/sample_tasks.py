@@ -32,3 +32,44 @@ def slow_early(path: str, seconds: float) -> int:
         f.write(f"{os.getpid()}\n")
     time.sleep(seconds)
     return os.getpid()
+
+
+@app.task
+def chatty(n: int) -> int:
+    """Print a few lines and report progress; return ``n``."""
+    import nbtask
+
+    for i in range(n):
+        print(f"line {i}")
+        nbtask.progress(i + 1, n, "counting")
+    return n
+
+
+@app.task
+def explode(message: str) -> None:
+    """Raise ValueError(message) from a helper, so the traceback has two user frames."""
+    _explode_helper(message)
+
+
+def _explode_helper(message: str) -> None:
+    raise ValueError(message)
+
+
+@app.task
+def wait_for_file(marker: str, go: str, timeout: float = 15.0) -> int:
+    """Append this pid to ``marker``, print, then wait until ``go`` exists; return the pid."""
+    with Path(marker).open("a") as f:
+        f.write(f"{os.getpid()}\n")
+    print("waiting for the go file")
+    deadline = time.monotonic() + timeout
+    while not Path(go).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{go} did not appear within {timeout} s")
+        time.sleep(0.02)
+    return os.getpid()
+
+
+@app.task
+def started_at() -> float:
+    """Return the wall-clock time at which the task started running."""
+    return time.time()
