@@ -414,8 +414,8 @@ class App:
         event = Event(EventType.REVOKED, task_id, seq=1 << 30, data={"reason": "revoked"})
         raw = self.signer.seal(event.to_header())
         revoked = self.broker.revoke_pending(task_id, raw, channel)
-        if revoked and handle is not None and channel != self.channel:
-            handle.apply(event)
+        if revoked and handle is not None:
+            handle.apply(event)  # at once; the same event arriving later is ignored
         return revoked
 
     def workers(self) -> dict[str, str]:

@@ -1,0 +1,216 @@
+"""The embedded local cluster: started by ``App()`` with no broker, gone when its client is;
+and ``python -m nbtask cluster`` in the foreground."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+
+from nbtask import App
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``predicate`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """``pid: cmdline`` of live (non-zombie) processes whose command line contains ``text``."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            cmdline = " ".join(proc.info["cmdline"] or ())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if text in cmdline:
+            found.append(f"{proc.info['pid']}: {cmdline}")
+    return found
+
+
+def clean_env() -> dict[str, str]:
+    """The environment without any NBTASK_* variable, so ``App()`` embeds a cluster."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NBTASK_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Lines:
+    """Collects a subprocess's stdout lines on a thread, for reads with a deadline."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.seen: list[str] = []
+        self._q: queue.Queue[str] = queue.Queue()
+        assert proc.stdout is not None
+        threading.Thread(target=self._pump, args=(proc.stdout,), daemon=True).start()
+
+    def _pump(self, stream) -> None:
+        for raw in iter(stream.readline, b""):
+            self._q.put(raw.decode(errors="replace"))
+        self._q.put("")
+
+    def until(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                line = self._q.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if not line:
+                raise AssertionError(
+                    f"process ended (code {self.proc.wait()}) before printing {pattern!r}; "
+                    f"output so far:\n{''.join(self.seen)}"
+                )
+            self.seen.append(line)
+            match = re.search(pattern, line)
+            if match:
+                return match
+        raise AssertionError(f"no line matching {pattern!r} in {timeout} s:\n{''.join(self.seen)}")
+
+
+CLIENT_SCRIPT = r"""
+import sys, time
+from nbtask import App
+
+app = App("embedded-test")
+
+@app.task
+def triple(x):
+    return 3 * x
+
+print("RESULT", triple.delay(14).get(timeout=30), flush=True)
+print("DIR", app.cluster.directory, flush=True)
+print("PID", app.cluster.process.pid, flush=True)
+if sys.argv[1] == "hang":
+    print("HANGING", flush=True)
+    time.sleep(600)
+"""
+
+
+def _run_client(mode: str, tmp_path: Path) -> tuple[subprocess.Popen[bytes], Lines]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CLIENT_SCRIPT, mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=clean_env(),
+        cwd=tmp_path,
+    )
+    return proc, Lines(proc)
+
+
+def _assert_cluster_gone(directory: str, timeout: float) -> None:
+    wait_until(
+        lambda: not processes_mentioning(directory) and not os.path.exists(directory),
+        timeout,
+        f"the cluster in {directory} to go away",
+    )
+
+
+def test_embedded_cluster_round_trip_and_cleanup_on_exit(tmp_path: Path) -> None:
+    proc, out = _run_client("exit", tmp_path)
+    try:
+        assert out.until(r"^RESULT (\S+)").group(1) == "42"
+        directory = out.until(r"^DIR (\S+)").group(1)
+        cluster_pid = int(out.until(r"^PID (\d+)").group(1))
+        assert proc.wait(30) == 0, "".join(out.seen)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert os.path.basename(directory).startswith("nbtask-")
+    # The client waited for the cluster on exit: nothing of it may remain.
+    _assert_cluster_gone(directory, timeout=5)
+    assert not psutil.pid_exists(cluster_pid) or (
+        psutil.Process(cluster_pid).status() == psutil.STATUS_ZOMBIE
+    )
+
+
+def test_embedded_cluster_cleans_up_after_client_is_killed(tmp_path: Path) -> None:
+    proc, out = _run_client("hang", tmp_path)
+    try:
+        assert out.until(r"^RESULT (\S+)").group(1) == "42"
+        directory = out.until(r"^DIR (\S+)").group(1)
+        out.until(r"^HANGING")
+        alive = processes_mentioning(directory)
+        # The cluster (supervisor) and its redis-server at least.
+        assert any("redis-server" in p for p in alive), alive
+        assert any("nbtask" in p and "cluster" in p for p in alive), alive
+        assert os.path.isdir(directory)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    _assert_cluster_gone(directory, timeout=10)
+
+
+def test_foreground_cluster_command(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nbtask", "cluster", "-c", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=clean_env(),
+        cwd=tmp_path,
+    )
+    out = Lines(proc)
+    try:
+        url = out.until(r"export NBTASK_BROKER=(\S+)").group(1)
+        secret = out.until(r"export NBTASK_SECRET=(\S+)").group(1)
+        assert url.startswith("unix://")
+        socket_path = url[len("unix://") :]
+        directory = os.path.dirname(socket_path)
+        servers = [c for c in psutil.Process(proc.pid).children() if "redis-server" in c.name()]
+        assert len(servers) == 1, psutil.Process(proc.pid).children()
+        server = servers[0]
+        redis.Redis(unix_socket_path=socket_path).ping()
+
+        # The printed exports are enough for a client to use the cluster.
+        with App("fg", broker=url, secret=secret) as client:
+
+            @client.task
+            def negate(x: int) -> int:
+                return -x
+
+            assert negate.delay(5).get(timeout=20) == -5
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0, "".join(out.seen)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    wait_until(
+        lambda: not server.is_running() or server.status() == psutil.STATUS_ZOMBIE,
+        10,
+        "the cluster's redis-server to stop",
+    )
+    assert not processes_mentioning(directory)
+    assert not os.path.exists(directory)
+
+
+@pytest.fixture(autouse=True)
+def _no_broker_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("NBTASK_"):
+            monkeypatch.delenv(name)

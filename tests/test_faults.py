@@ -1,0 +1,199 @@
+"""Fault tests on the real Redis: workers and their children killed mid-task, tasks longer
+than the visibility timeout, and warm shutdown. Each asserts the state the user sees and
+that nothing is lost or run twice where it must not be."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+
+import nbtask
+from nbtask import App, State
+
+SLOW_MARKER = "tests.sample_tasks.slow_marker"  # acks_late
+SLOW_EARLY = "tests.sample_tasks.slow_early"  # early ack
+WAIT_FOR_FILE = "tests.sample_tasks.wait_for_file"
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``predicate`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def pids_in(path: Path) -> list[int]:
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def event_types(app: App, task_id: str) -> list[str]:
+    """The types of every event sent to this client's channel about ``task_id``, in order."""
+    out = []
+    for _, fields in app.broker.redis.xrange(app.channel):  # type: ignore[attr-defined]
+        raw = fields.get(b"e", b"")
+        if raw:
+            header = app.signer.open(raw).header
+            if header["id"] == task_id:
+                out.append(header["type"])
+    return out
+
+
+def queue_is_drained(r: redis.Redis, prefix: str) -> bool:
+    stream = f"{prefix}:q:default"
+    return r.xlen(stream) == 0 and r.xpending(stream, "workers")["pending"] == 0
+
+
+@pytest.fixture
+def r(redis_url: str):
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def test_acks_late_child_killed_is_redelivered_and_finishes_once(
+    app: App, start_worker, tmp_path: Path, prefix: str, r: redis.Redis
+) -> None:
+    worker = start_worker(concurrency=2)
+    marker = tmp_path / "marker"
+    h = app.send_task(SLOW_MARKER, (str(marker), 2.0), acks_late=True)
+    # Killed mid-task: after the client has seen it start.
+    wait_until(lambda: h.state is State.STARTED, 10, "the task to start")
+    first = pids_in(marker)[0]
+    assert first in {c.pid for c in worker.children()}
+    os.kill(first, signal.SIGKILL)
+
+    result = h.get(timeout=15)
+    assert h.state is State.SUCCESS
+    starts = pids_in(marker)
+    assert len(starts) == 2, f"expected one start and one redelivery, got {starts}"
+    assert starts[0] == first
+    assert result == starts[1] != first
+    assert result in {c.pid for c in worker.children()}  # the respawned/other child
+    assert worker.process.poll() is None  # the supervisor survived
+    types = event_types(app, h.id)
+    assert types.count("success") == 1, types
+    assert types.count("started") == 2, types
+    assert "worker_lost" not in types and "failure" not in types, types
+    assert app.broker.get_record(h.id)["state"] == b"SUCCESS"
+    assert queue_is_drained(r, prefix)
+
+
+def test_early_ack_child_killed_reports_worker_lost(
+    app: App, start_worker, tmp_path: Path, prefix: str, r: redis.Redis
+) -> None:
+    worker = start_worker(concurrency=2)
+    marker = tmp_path / "marker"
+    h = app.send_task(SLOW_EARLY, (str(marker), 30.0))
+    wait_until(lambda: len(pids_in(marker)) == 1, 10, "the task to start")
+    os.kill(pids_in(marker)[0], signal.SIGKILL)
+
+    with pytest.raises(nbtask.WorkerLost):
+        h.get(timeout=5)
+    assert h.state is State.WORKER_LOST
+    assert app.broker.get_record(h.id)["state"] == b"WORKER_LOST"
+    # Not rerun: nothing left queued or pending, and it started only once.
+    assert queue_is_drained(r, prefix)
+    assert len(pids_in(marker)) == 1
+    # The supervisor replaced the child and keeps serving.
+    assert worker.process.poll() is None
+    assert app.send_task("tests.sample_tasks.add", (1, 1)).get(timeout=10) == 2
+    assert len(pids_in(marker)) == 1
+
+
+def test_whole_worker_killed_tasks_settled_by_another_worker(
+    app: App, start_worker, tmp_path: Path, prefix: str, r: redis.Redis
+) -> None:
+    first = start_worker(concurrency=2)
+    late_marker, early_marker = tmp_path / "late", tmp_path / "early"
+    late = app.send_task(SLOW_MARKER, (str(late_marker), 1.0), acks_late=True)
+    early = app.send_task(SLOW_EARLY, (str(early_marker), 30.0))
+    wait_until(
+        lambda: len(pids_in(late_marker)) == 1 and len(pids_in(early_marker)) == 1,
+        10,
+        "both tasks to start",
+    )
+    victims = [first.pid] + [c.pid for c in first.children()]
+    assert set(pids_in(late_marker) + pids_in(early_marker)) <= set(victims)
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    first.process.wait(10)
+    wait_until(lambda: not any(psutil.pid_exists(p) for p in victims[1:]), 5, "children to die")
+    assert not late.done() and not early.done()
+
+    second = start_worker(concurrency=2)
+    heartbeat = app.settings.heartbeat_interval
+    # The second worker sees the first one's heartbeat lapse and settles its tasks.
+    with pytest.raises(nbtask.WorkerLost):
+        early.get(timeout=3 * heartbeat + 3.0)
+    assert early.state is State.WORKER_LOST
+
+    result = late.get(timeout=15)
+    assert late.state is State.SUCCESS
+    starts = pids_in(late_marker)
+    assert len(starts) == 2, starts
+    assert result == starts[1]
+    assert result in {c.pid for c in second.children()}
+    assert len(pids_in(early_marker)) == 1  # early-acked: never rerun
+    assert event_types(app, late.id).count("success") == 1
+    assert queue_is_drained(r, prefix)
+
+
+def test_task_longer_than_visibility_timeout_runs_once(
+    app: App, start_worker, tmp_path: Path, prefix: str, r: redis.Redis
+) -> None:
+    assert app.settings.visibility_timeout == 2.0
+    start_worker(concurrency=2)
+    start_worker(concurrency=2)
+    marker = tmp_path / "marker"
+    h = app.send_task(SLOW_MARKER, (str(marker), 5.0), acks_late=True)
+    result = h.get(timeout=20)
+    assert h.state is State.SUCCESS
+    assert pids_in(marker) == [result], "the task was redelivered while it was running"
+    types = event_types(app, h.id)
+    assert types.count("started") == 1, types
+    assert types.count("success") == 1, types
+    assert queue_is_drained(r, prefix)
+
+
+def test_warm_shutdown_finishes_the_running_task(app: App, start_worker, tmp_path: Path) -> None:
+    worker = start_worker(concurrency=2)
+    marker, go = tmp_path / "marker", tmp_path / "go"
+    h = app.send_task(WAIT_FOR_FILE, (str(marker), str(go)))
+    wait_until(lambda: len(pids_in(marker)) == 1, 10, "the task to start")
+    children = worker.children()
+
+    busy = pids_in(marker)[0]
+    assert len(children) == 2 and busy in {c.pid for c in children}
+
+    worker.process.send_signal(signal.SIGTERM)
+    # The idle child leaves (so the signal was acted on); the busy one keeps running.
+    idle = next(c for c in children if c.pid != busy)
+    wait_until(
+        lambda: not idle.is_running() or idle.status() == psutil.STATUS_ZOMBIE,
+        10,
+        "the idle child to exit",
+    )
+    assert psutil.Process(busy).status() != psutil.STATUS_ZOMBIE
+    assert worker.process.poll() is None
+    assert not h.done()
+    go.touch()
+
+    assert h.get(timeout=10) == pids_in(marker)[0]
+    assert h.state is State.SUCCESS
+    assert worker.process.wait(15) == 0
+    worker_log = worker.log.read_text()
+    assert "died" not in worker_log, worker_log
+    wait_until(
+        lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children),
+        5,
+        "the child processes to exit",
+    )
