@@ -3,29 +3,26 @@
 from __future__ import annotations
 
 import atexit
-import hashlib
-import sys
 import threading
-import time
 import uuid
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from nbtask.brokers import Broker, Publish, open_broker
-from nbtask.envelope import Signer, dumps
+from nbtask.envelope import Signer
 from nbtask.errors import (
     ConfigurationError,
-    SerializationError,
     SignatureError,
     TaskNotFound,
 )
 from nbtask.events import Event, EventType, State
 from nbtask.handle import TaskHandle
 from nbtask.listener import Listener, decode_event
+from nbtask.message import build_message
 from nbtask.settings import Settings
-from nbtask.task import TASK_OPTIONS
 from nbtask.task import Task as BaseTask
+from nbtask.task import validate_options
 
 if TYPE_CHECKING:
     from nbtask.embedded import EmbeddedCluster
@@ -33,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["App"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+Call = tuple[BaseTask, Sequence[Any], Mapping[str, Any], Mapping[str, Any]]
 
 
 class App:
@@ -138,12 +136,7 @@ class App:
         if isinstance(fn, str):
             options["name"] = fn
             fn = None
-        unknown = sorted(set(options) - TASK_OPTIONS)
-        if unknown:
-            raise ConfigurationError(
-                f"unknown task option(s) {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(TASK_OPTIONS))}"
-            )
+        options = validate_options(options)
 
         def decorate(func: Callable[..., Any]) -> BaseTask:
             return self._make_task(func, options)
@@ -168,9 +161,7 @@ class App:
             "__doc__": func.__doc__,
             "__wrapped__": func,
         }
-        for key in ("queue", "acks_late", "ignore_result", "expires"):
-            if key in options:
-                attrs[key] = options[key]
+        attrs.update({k: v for k, v in options.items() if k not in ("name", "bind", "base")})
         cls = type(func.__name__, (base,), attrs)
         return self.register_task(cls())
 
@@ -270,18 +261,26 @@ class App:
     def send(
         self,
         task: BaseTask,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        *,
-        queue: str | None = None,
-        eta: float | None = None,
-        expires: float | None = None,
-        task_id: str | None = None,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        options: Mapping[str, Any],
     ) -> TaskHandle:
-        """Send one task; used by :meth:`Task.apply_async`."""
-        message, handle = self._prepare(task, args, kwargs, queue, eta, expires, task_id)
+        """Send one task; used by :meth:`Task.apply_async` (``options`` are its keywords)."""
+        return self.send_batch([(task, args, kwargs, options)])[0]
+
+    def send_batch(self, calls: Sequence[Call]) -> list[TaskHandle]:
+        """Send ``(task, args, kwargs, options)`` calls in one round trip."""
+        prepared = [self._prepare(*call) for call in calls]
+        listener = self._listen()
+        for _, handle in prepared:
+            listener.register(handle)
+        self.broker.publish([message for message, _ in prepared])
+        return [handle for _, handle in prepared]
+
+    def expect(self, task_id: str, name: str) -> TaskHandle:
+        """A handle for a task that a worker will send (a later step of a chain)."""
+        handle = TaskHandle(self, task_id, name)
         self._listen().register(handle)
-        self.broker.publish([message])
         return handle
 
     def send_task(
@@ -304,71 +303,29 @@ class App:
             task.app = self
         return task.apply_async(args, kwargs, **options)
 
-    def send_many(self, task: BaseTask, arg_tuples: Sequence[tuple[Any, ...]]) -> list[TaskHandle]:
-        """Send one task per argument tuple in a single round trip."""
-        prepared = [self._prepare(task, args, {}, None, None, None, None) for args in arg_tuples]
-        listener = self._listen()
-        for _, handle in prepared:
-            listener.register(handle)
-        self.broker.publish([message for message, _ in prepared])
-        return [handle for _, handle in prepared]
-
     def _prepare(
         self,
         task: BaseTask,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        queue: str | None,
-        eta: float | None,
-        expires: float | None,
-        task_id: str | None,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        options: Mapping[str, Any],
     ) -> tuple[Publish, TaskHandle]:
-        task_id = task_id or uuid.uuid4().hex
-        queue = queue or task.queue or self.settings.default_queue
-        digest, code = self._code_for(task)
-        try:
-            payload = dumps((args, kwargs))
-        except Exception as exc:
-            raise SerializationError(_unpicklable_message(task.name, args, kwargs, exc)) from None
-        cls = type(task)
-        header = {
-            "kind": "task",
-            "id": task_id,
-            "name": task.name,
-            "queue": queue,
-            "client": self.channel,
-            "created": time.time(),
-            "eta": eta,
-            "expires": expires,
-            "acks_late": bool(task.acks_late),
-            "ignore_result": bool(task.ignore_result),
-            "module": cls.__module__,
-            "code": digest,
-            "code_len": len(code),
-        }
-        raw = self.signer.seal(header, code + payload)
+        queue = options.get("queue") or task.queue or self.settings.default_queue
+        if task.ignore_result is None:
+            options = {**options, "ignore_result": self.settings.task_ignore_result}
+        message, raw = build_message(
+            task,
+            args,
+            kwargs,
+            signer=self.signer,
+            channel=self.channel,
+            queue=queue,
+            code_cache=self._shipped,
+            options=options,
+        )
         record = {"state": State.PENDING.value, "name": task.name, "client": self.channel}
-        return Publish(queue, task_id, raw, record, eta), TaskHandle(self, task_id, task.name)
-
-    def _code_for(self, task: BaseTask) -> tuple[str | None, bytes]:
-        """``(digest, pickled task)`` for tasks workers cannot import by name.
-
-        Module-level tasks of importable modules travel by name; tasks defined in
-        ``__main__`` (a notebook, a script) or inside a function travel by value.
-        """
-        if not type(task).__module__ or _importable(task):  # "" marks send_task's stand-ins
-            return None, b""
-        cached = self._shipped.get(id(task))
-        if cached is None:
-            try:
-                code = dumps(task)
-            except Exception as exc:
-                raise SerializationError(
-                    f"task {task.name!r} cannot be shipped to workers: {exc}"
-                ) from None
-            cached = (hashlib.sha256(code).hexdigest()[:32], code)
-            self._shipped[id(task)] = cached
-        return cached
+        handle = TaskHandle(self, message.id, task.name)
+        return Publish(queue, message.id, raw, record, message.eta), handle
 
     # Following tasks -------------------------------------------------------------------------
     def handle(self, task_id: str) -> TaskHandle:
@@ -406,17 +363,40 @@ class App:
             listener.register(handle, channel=channel or None)
         return handle
 
-    def revoke(self, task_id: str) -> bool:
-        """Revoke a task that has not started yet; return whether it was revoked."""
+    def revoke(self, task_id: str, *, terminate: bool = False, grace: float = 5.0) -> bool:
+        """Revoke a task: a queued one never starts; with ``terminate``, a running one stops.
+
+        Parameters
+        ----------
+        task_id
+            The task to revoke.
+        terminate
+            Also stop it if it is running: its worker process gets SIGINT (a
+            ``KeyboardInterrupt`` in the task) and is killed ``grace`` seconds later if
+            the task has not ended by then. Its state becomes ``REVOKED``.
+        grace
+            Seconds between the interrupt and the kill.
+
+        Returns
+        -------
+        bool
+            True if the task was revoked before it started, or a terminate request was
+            sent to the workers; False if it had already finished.
+        """
         handle = self._listen().get(task_id)
         record = self.broker.get_record(task_id)
         channel = record.get("client", self.channel.encode()).decode()
         event = Event(EventType.REVOKED, task_id, seq=1 << 30, data={"reason": "revoked"})
         raw = self.signer.seal(event.to_header())
-        revoked = self.broker.revoke_pending(task_id, raw, channel)
-        if revoked and handle is not None:
-            handle.apply(event)  # at once; the same event arriving later is ignored
-        return revoked
+        if self.broker.revoke_pending(task_id, raw, channel):
+            if handle is not None:
+                handle.apply(event)  # at once; the same event arriving later is ignored
+            return True
+        if not terminate or record.get("state") != State.STARTED.value.encode():
+            return False
+        command = {"kind": "control", "cmd": "terminate", "id": task_id, "grace": float(grace)}
+        self.broker.send_control(self.signer.seal(command))
+        return True
 
     def workers(self) -> dict[str, str]:
         """Live workers on this broker, ``{worker_id: JSON info}``."""
@@ -425,17 +405,6 @@ class App:
     def __repr__(self) -> str:
         where = self.settings.broker_url or "embedded"
         return f"<App {self.name!r} broker={where} tasks={len(self.tasks)}>"
-
-
-def _importable(task: BaseTask) -> bool:
-    cls = type(task)
-    module = sys.modules.get(cls.__module__)
-    if module is None or cls.__module__ == "__main__":
-        return False
-    target: Any = module
-    for part in cls.__qualname__.split("."):
-        target = getattr(target, part, None)
-    return target is task
 
 
 def _close_at_exit(ref: weakref.ReferenceType[App]) -> None:
@@ -447,21 +416,3 @@ def _close_at_exit(ref: weakref.ReferenceType[App]) -> None:
 def _origin(task: BaseTask) -> str:
     code = type(task).__dict__.get("__wrapped__", type(task))
     return f"{code.__module__}.{code.__qualname__}"
-
-
-def _unpicklable_message(
-    name: str, args: tuple[Any, ...], kwargs: dict[str, Any], exc: Exception
-) -> str:
-    labelled = [(f"argument {i}", a) for i, a in enumerate(args)] + [
-        (f"argument {k!r}", v) for k, v in kwargs.items()
-    ]
-    for label, value in labelled:
-        try:
-            dumps(value)
-        except Exception as inner:
-            return (
-                f"{label} of task {name!r} ({type(value).__name__}) cannot be pickled: {inner}. "
-                "Pass something picklable instead (e.g. a path or a plain value) and open the "
-                "resource inside the task"
-            )
-    return f"the arguments of task {name!r} cannot be pickled: {exc}"

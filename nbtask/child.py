@@ -1,201 +1,94 @@
 """A worker's child process.
 
-It takes one message at a time, verifies it, runs the task, streams its output and
-progress, and reports the outcome.
+It takes one message at a time, verifies it, runs the task under its limits, streams its
+output and progress, reports the outcome, sends linked tasks, and calls the handlers.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import importlib
-import io
 import logging
+import multiprocessing
 import os
 import signal
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Mapping, Sequence
+from types import FrameType
 from typing import Any
 
 from nbtask._process import die_with_parent
-from nbtask.brokers import Broker, Delivery, open_broker
-from nbtask.envelope import Envelope, Signer, dumps
-from nbtask.errors import BrokerUnavailable, NbtaskError, NotRegistered
+from nbtask.brokers import Delivery, Publish, open_broker
+from nbtask.canvas import Signature
+from nbtask.envelope import Envelope, Signer
+from nbtask.errors import (
+    BrokerUnavailable,
+    NbtaskError,
+    NotRegistered,
+    Retry,
+    SerializationError,
+    SoftTimeLimitExceeded,
+)
 from nbtask.events import Event, EventType, State
+from nbtask.message import Callbacks, TaskMessage, build_message, decode_value, encode_value
+from nbtask.outbox import Outbox, TaskStream
 from nbtask.settings import Settings
-from nbtask.task import Request, Task, _current
+from nbtask.task import ExceptionInfo, Request, Task, _current
 
-__all__ = ["Child", "TaskMessage"]
+__all__ = ["FINAL_SEQ", "Child", "SlotState"]
 
 log = logging.getLogger("nbtask.worker")
-_FLUSH_SECONDS = 1 / 15  # the widget repaints at most ~15 times a second anyway
-_FINAL_SEQ = 1 << 30  # above any event a child sends; used by the supervisor too
+FINAL_SEQ = 1 << 30  # above any event a child sends; used for events sent on its behalf
 
 
-@dataclasses.dataclass(frozen=True)
-class TaskMessage:
-    """The verified header of a task message, typed."""
+class SlotState:
+    """What one child is running, in memory shared with the supervisor.
 
-    id: str
-    name: str
-    queue: str
-    client: str
-    created: float
-    eta: float | None
-    expires: float | None
-    acks_late: bool
-    ignore_result: bool
-    module: str
-    code: str | None
-    code_len: int
-    retries: int = 0
-
-    @classmethod
-    def from_header(cls, header: Mapping[str, Any]) -> TaskMessage:
-        """Check field types; raise ``ValueError`` naming the first bad field."""
-        if header.get("kind") != "task":
-            raise ValueError("not a task message")
-        values: dict[str, Any] = {}
-        for name, kinds, required in _MESSAGE_FIELDS:
-            if name not in header:
-                if required:
-                    raise ValueError(f"field {name!r} is missing")
-                continue
-            value = header[name]
-            # bool is an int subclass: accept it only where a bool is expected.
-            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-                raise ValueError(f"field {name!r} has a wrong type")
-            values[name] = value
-        return cls(**values)
-
-
-def _field_kinds(spec: str) -> tuple[type, ...]:
-    names = {
-        "str": (str,),
-        "float": (int, float),
-        "bool": (bool,),
-        "int": (int,),
-        "None": (type(None),),
-    }
-    return tuple(kind for part in spec.split("|") for kind in names[part.strip()])
-
-
-# (name, accepted types, required) for each TaskMessage field, computed once.
-_MESSAGE_FIELDS = tuple(
-    (f.name, _field_kinds(str(f.type)), f.default is dataclasses.MISSING)
-    for f in dataclasses.fields(TaskMessage)
-)
-
-
-class Outbox:
-    """Buffers a running task's events and sends them ~15 times a second.
-
-    Output is concatenated and progress is coalesced (the latest value wins). The
-    ``started`` event goes out with the first flush, about 1/15 s into the task; a task
-    that ends sooner skips it (its final event names the worker). Everything buffered is
-    flushed before the final event, so nothing a task printed is lost.
+    Written by the child, read by the supervisor to enforce hard time limits and to find
+    the child running a task it must terminate.
     """
 
-    def __init__(self, broker: Broker, signer: Signer) -> None:
-        self._broker = broker
-        self._signer = signer
-        self._lock = threading.Lock()
-        self._task_id = ""
-        self._channel = ""
-        self._seq = 0
-        self._started: Event | None = None
-        # Output in the order produced: stdout/stderr text (adjacent chunks merged) and
-        # rich displays. Progress is kept apart because only its latest value matters.
-        self._output: list[tuple[EventType, dict[str, Any]]] = []
-        self._progress: dict[str, Any] | None = None
-        self._wake = threading.Event()
-        threading.Thread(target=self._pump, name="nbtask-outbox", daemon=True).start()
+    def __init__(self) -> None:
+        self._task = multiprocessing.RawArray(ctypes.c_char, 64)
+        self._deadline = multiprocessing.RawValue(ctypes.c_double, 0.0)
 
-    def begin(self, task_id: str, channel: str, details: Mapping[str, Any]) -> None:
-        """Start buffering for a task that was just marked STARTED."""
-        with self._lock:
-            self._task_id, self._channel, self._seq = task_id, channel, 1
-            self._output, self._progress = [], None
-            self._started = Event(EventType.STARTED, task_id, 1, details)
-        self._wake.set()
+    @property
+    def task_id(self) -> str:
+        """The running task's id, or ``""`` when idle."""
+        return bytes(self._task.value).decode()
 
-    def emit(self, kind: str, data: Mapping[str, Any]) -> None:
-        """Queue an event from task code: ``progress`` (coalesced) or ``display``.
+    @property
+    def deadline(self) -> float:
+        """Epoch seconds past which the supervisor kills the child (0: no limit)."""
+        return float(self._deadline.value)
 
-        ``display`` data is a MIME bundle: ``{"data": {mime: value}, "metadata": {...}}``
-        (optionally ``"transient"``); it keeps its place among printed text.
-        """
-        if kind == EventType.PROGRESS.value:
-            with self._lock:
-                self._progress = dict(data)
-        elif kind == EventType.DISPLAY.value:
-            with self._lock:
-                self._output.append((EventType.DISPLAY, dict(data)))
-        else:
-            raise ValueError(f"tasks cannot send {kind!r} events")
-        self._wake.set()
+    def occupy(self, task_id: str, deadline: float) -> None:
+        """Record the task now running."""
+        self._deadline.value = 0.0
+        self._task.value = task_id.encode()[:63]
+        self._deadline.value = deadline
 
-    def write(self, kind: EventType, text: str) -> None:
-        """Queue output text."""
-        with self._lock:
-            if self._output and self._output[-1][0] is kind:
-                self._output[-1][1]["text"] += text
-            else:
-                self._output.append((kind, {"text": text}))
-        self._wake.set()
-
-    def end(self) -> int:
-        """Flush what the task left and return the sequence number for its final event."""
-        with self._lock:
-            self._started = None
-        self.flush()
-        with self._lock:
-            self._seq += 1
-            return self._seq
-
-    def flush(self) -> None:
-        """Send what is buffered now."""
-        with self._lock:
-            events = [] if self._started is None else [self._started]
-            self._started = None
-            for kind, data in self._output:
-                self._seq += 1
-                events.append(Event(kind, self._task_id, self._seq, data))
-            if self._progress is not None:
-                self._seq += 1
-                events.append(Event(EventType.PROGRESS, self._task_id, self._seq, self._progress))
-            self._output, self._progress = [], None
-            channel = self._channel
-        if not events:
-            return
-        raws = [self._signer.seal(e.to_header()) for e in events]
-        try:
-            self._broker.emit(channel, raws)
-        except BrokerUnavailable as exc:
-            log.warning("could not send %d event(s) of task %s: %s", len(raws), self._task_id, exc)
-
-    def _pump(self) -> None:
-        while True:
-            self._wake.wait()
-            time.sleep(_FLUSH_SECONDS)
-            self._wake.clear()
-            self.flush()
+    def clear(self) -> None:
+        """Record that the child is idle."""
+        self._deadline.value = 0.0
+        self._task.value = b""
 
 
-class _Stream(io.TextIOBase):
-    """``sys.stdout``/``sys.stderr`` inside a task: text goes to the client."""
+@dataclasses.dataclass
+class Outcome:
+    """How one run ended: the final (or retry) event and what goes with it."""
 
-    def __init__(self, outbox: Outbox, kind: EventType) -> None:
-        self._outbox, self._kind = outbox, kind
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, text: str) -> int:
-        self._outbox.write(self._kind, text)
-        return len(text)
+    event: Event
+    body: bytes = b""
+    retval: Any = None
+    exc: BaseException | None = None
+    einfo: ExceptionInfo | None = None
+    retry_in: float | None = None
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class Child:
@@ -206,28 +99,39 @@ class Child:
         settings: Settings,
         url: str,
         secret: str | None,
+        *,
         queues: Sequence[str],
         consumer: str,
+        worker_id: str,
         hostname: str,
         tasks: Mapping[str, Task],
+        slot: SlotState,
     ) -> None:
         self.settings = settings
         self.url = url
         self.secret = secret
         self.queues = list(queues)
         self.consumer = consumer
+        self.worker_id = worker_id
         self.hostname = hostname
         self.tasks = dict(tasks)
+        self.slot = slot
         self._shipped: dict[str, Task] = {}
+        self._code_cache: dict[int, tuple[str, bytes]] = {}
         self._stop = False
+        self._running = False
+        self._terminated = False
         self._whoami: dict[str, Any] = {"worker": hostname}
 
     def run(self) -> None:
         """Serve messages until SIGTERM (finishing the current task first)."""
         die_with_parent(signal.SIGKILL)
-        # Ctrl-C in a terminal reaches the whole process group: only the supervisor acts.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # A process group of its own: Ctrl-C in a terminal reaches only the supervisor,
+        # so SIGINT here always means "terminate the running task".
+        os.setpgid(0, 0)
+        signal.signal(signal.SIGINT, self._on_interrupt)
         signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGALRM, self._on_alarm)
         self.broker = open_broker(self.settings, self.url)
         self.signer = Signer(
             self.secret, max_bytes=self.settings.max_message_bytes, insecure=self.settings.insecure
@@ -239,17 +143,26 @@ class Child:
             try:
                 delivery = self.broker.fetch(self.queues, self.consumer, 1.0)
                 backoff = 0.1
+                if delivery is not None:
+                    self.handle(delivery)
             except BrokerUnavailable as exc:
                 log.warning("broker unreachable (%s); retrying in %.1f s", exc, backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
-                continue
-            if delivery is not None:
-                self.handle(delivery)
 
-    def _on_term(self, signum: int, frame: object) -> None:
+    def _on_term(self, signum: int, frame: FrameType | None) -> None:
         self._stop = True
 
+    def _on_interrupt(self, signum: int, frame: FrameType | None) -> None:
+        if self._running:
+            self._terminated = True
+            raise KeyboardInterrupt("task terminated (revoked)")
+
+    def _on_alarm(self, signum: int, frame: FrameType | None) -> None:
+        if self._running:
+            raise SoftTimeLimitExceeded("the task ran past its soft time limit")
+
+    # One delivery ----------------------------------------------------------------------------
     def handle(self, delivery: Delivery) -> None:
         """Verify, run and report one delivery."""
         try:
@@ -258,27 +171,26 @@ class Child:
         except (NbtaskError, ValueError) as exc:
             log.error(
                 "rejected message %s on queue %s: %s; moved to the dead-letter stream",
-                delivery.delivery_id,
-                delivery.queue,
-                exc,
-            )
+                delivery.delivery_id, delivery.queue, exc,
+            )  # fmt: skip
             self.broker.dead_letter(delivery)
             return
         now = time.time()
         if message.eta is None and now - message.created > self.settings.replay_window:
-            log.error(
-                "rejected task %s: sent %.0f s ago, older than max_age",
-                message.id,
-                now - message.created,
-            )
+            log.error("rejected task %s: sent %.0f s ago, older than max_age", message.id,
+                      now - message.created)  # fmt: skip
             self.broker.dead_letter(delivery)
             return
         if message.expires is not None and now > message.expires:
-            self._report(
-                delivery,
-                message,
-                Event(EventType.REVOKED, message.id, _FINAL_SEQ, {"reason": "expired"}),
-            )
+            revoked = Event(EventType.REVOKED, message.id, FINAL_SEQ, {"reason": "expired"})
+            self._settle(delivery, message, Outcome(revoked))
+            return
+        code, callbacks_raw, arguments = message.split(envelope)
+        try:
+            task: Task | None = self._resolve(message, code)
+        except Exception as exc:
+            task, resolve_error = None, exc
+        if task is not None and self._rate_limited(delivery, message, task):
             return
         record = {"worker": self.hostname, "pid": str(os.getpid()), "started_at": repr(now)}
         refused = self.broker.start(message.id, record)
@@ -287,51 +199,210 @@ class Child:
             self.broker.discard(delivery)
             return
         self.outbox.begin(message.id, message.client, self._whoami)
-        final, body = self._execute(delivery, message, envelope)
-        self._report(delivery, message, final, body)
+        if task is None:
+            outcome = self._failed(message, resolve_error, self.outbox.end())
+        else:
+            outcome = self._execute(delivery, message, task, arguments)
+        self._settle(delivery, message, outcome, envelope)
+        callbacks = decode_value(callbacks_raw, "cloudpickle") if callbacks_raw else None
+        if callbacks:
+            self._send_callbacks(message, outcome, callbacks)
+        if task is not None:
+            self._call_handlers(task, message, outcome)
+
+    def _rate_limited(self, delivery: Delivery, message: TaskMessage, task: Task) -> bool:
+        """Put a task over its rate limit back for later, without holding this slot."""
+        if task.rate_limit is None or self.settings.worker_disable_rate_limits:
+            return False
+        wait = self.broker.rate_wait(f"{self.worker_id}:{message.name}", task.rate_limit)
+        if wait <= 0:
+            return False
+        self.broker.finish(delivery, message.id, message.client, b"", {},
+                           requeue=(delivery.raw, time.time() + wait))  # fmt: skip
+        return True
 
     def _execute(
-        self, delivery: Delivery, message: TaskMessage, envelope: Envelope
-    ) -> tuple[Event, bytes]:
-        seq = 0
+        self, delivery: Delivery, message: TaskMessage, task: Task, arguments: bytes
+    ) -> Outcome:
+        time_limit = message.time_limit
+        self.slot.occupy(message.id, time.time() + time_limit if time_limit else 0.0)
+        token = None
+        saved = sys.stdout, sys.stderr
+        args: Any = ()
+        kwargs: Any = {}
         try:
-            task = self._resolve(message, envelope)
-            args, kwargs = _loads(envelope.body[message.code_len :])
+            args, kwargs = decode_value(arguments, message.serializer)
             request = Request(
-                id=message.id,
-                name=message.name,
-                args=tuple(args),
-                kwargs=kwargs,
-                queue=message.queue,
-                hostname=self.hostname,
-                retries=message.retries,
-                eta=message.eta,
-                emit=self.outbox.emit,
+                id=message.id, name=message.name, args=tuple(args), kwargs=kwargs,
+                queue=message.queue, hostname=self.hostname, retries=message.retries,
+                eta=message.eta, expires=message.expires, time_limit=time_limit,
+                soft_time_limit=message.soft_time_limit, parent_id=message.parent_id,
+                root_id=message.root_id, emit=self.outbox.emit,
                 delivery_info={"queue": delivery.queue, "redelivered": delivery.deliveries > 0},
-            )
+            )  # fmt: skip
             token = _current.set(request)
-            saved = sys.stdout, sys.stderr
-            sys.stdout = _Stream(self.outbox, EventType.STDOUT)
-            sys.stderr = _Stream(self.outbox, EventType.STDERR)
+            sys.stdout = TaskStream(self.outbox, EventType.STDOUT)
+            sys.stderr = TaskStream(self.outbox, EventType.STDERR)
+            _call_handler(task.before_start, message.id, tuple(args), kwargs)
+            self._terminated = False
+            self._running = True
+            if message.soft_time_limit:
+                signal.setitimer(signal.ITIMER_REAL, message.soft_time_limit)
+            started = time.perf_counter()
             try:
-                started = time.perf_counter()
-                result = task.run(*args, **kwargs)
-                runtime = time.perf_counter() - started
+                retval = task.run(*args, **kwargs)
             finally:
-                sys.stdout, sys.stderr = saved
-                _current.reset(token)
-            seq = self.outbox.end()
-            return Event(EventType.SUCCESS, message.id, seq, {"runtime": runtime}), dumps(result)
+                self._running = False
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            outcome = self._succeeded(message, retval, time.perf_counter() - started)
         except BaseException as exc:
-            seq = seq or self.outbox.end()
-            return _failure(message.id, seq, exc), b""
+            outcome = self._after_exception(message, task, exc)
+        finally:
+            sys.stdout, sys.stderr = saved
+            if token is not None:
+                _current.reset(token)
+            self.slot.clear()
+        outcome.args, outcome.kwargs = tuple(args), kwargs
+        return outcome
 
-    def _resolve(self, message: TaskMessage, envelope: Envelope) -> Task:
+    def _succeeded(self, message: TaskMessage, retval: Any, runtime: float) -> Outcome:
+        seq = self.outbox.end()
+        try:
+            body = encode_value(retval, message.serializer, f"the result of task {message.name!r}")
+        except SerializationError as exc:
+            return self._failed(message, exc, seq)
+        data = {**self._whoami, "runtime": runtime, "serializer": message.serializer}
+        return Outcome(Event(EventType.SUCCESS, message.id, seq, data), body, retval=retval)
+
+    def _after_exception(self, message: TaskMessage, task: Task, exc: BaseException) -> Outcome:
+        if self._terminated:
+            seq = self.outbox.end()
+            event = Event(EventType.REVOKED, message.id, seq, {"reason": "terminated"})
+            return Outcome(event, exc=exc)
+        if (
+            not isinstance(exc, Retry)
+            and task.autoretry_for
+            and isinstance(exc, task.autoretry_for)
+        ):
+            try:
+                task.retry(exc=exc)
+            except BaseException as decided:
+                exc = decided
+        if isinstance(exc, Retry):
+            seq = self.outbox.end()
+            cause = exc.exc if exc.exc is not None else exc
+            data = {
+                "reason": str(cause),
+                "retries": message.retries + 1,
+                "eta": time.time() + exc.when,
+            }
+            outcome = Outcome(Event(EventType.RETRY, message.id, seq, data), exc=cause)
+            outcome.einfo, outcome.retry_in = _einfo(cause), exc.when
+            return outcome
+        return self._failed(message, exc, self.outbox.end())
+
+    def _failed(self, message: TaskMessage, exc: BaseException, seq: int) -> Outcome:
+        event = _failure(message.id, seq, exc, self._whoami)
+        return Outcome(event, exc=exc, einfo=_einfo(exc))
+
+    def _settle(
+        self,
+        delivery: Delivery,
+        message: TaskMessage,
+        outcome: Outcome,
+        envelope: Envelope | None = None,
+    ) -> None:
+        """Store the outcome, tell the client and acknowledge (re-sending a retry)."""
+        try:
+            raw = self.signer.seal(outcome.event.to_header(), outcome.body)
+        except NbtaskError as exc:
+            outcome.event, outcome.body = _failure(message.id, outcome.event.seq, exc), b""
+            raw = self.signer.seal(outcome.event.to_header())
+        state = outcome.event.state
+        assert state is not None
+        record: dict[str, str | bytes] = {"state": state.value, "finished_at": repr(time.time())}
+        keep_result = not (message.ignore_result and state is State.SUCCESS)
+        if keep_result and state is not State.RETRY:
+            record["result"] = raw
+        if not message.store_result and state is not State.RETRY:
+            record = {}  # backend=None: the client is told, the store keeps nothing
+        requeue = None
+        if outcome.retry_in is not None and envelope is not None:
+            due = time.time() + outcome.retry_in
+            header = {**message.to_header(), "retries": message.retries + 1, "eta": due,
+                      "created": time.time()}  # fmt: skip
+            requeue = (self.signer.seal(header, envelope.body), due)
+        self.broker.finish(delivery, message.id, message.client, raw, record, requeue=requeue)
+
+    # After the outcome -----------------------------------------------------------------------
+    def _send_callbacks(self, message: TaskMessage, outcome: Outcome, callbacks: Callbacks) -> None:
+        """Send ``link`` signatures on success, ``link_error`` ones on failure."""
+        state = outcome.event.state
+        if state is State.SUCCESS:
+            calls = [(sig, () if sig.immutable else (outcome.retval,)) for sig in callbacks.link]
+        elif state in (State.FAILURE, State.REVOKED):
+            calls = [(sig, () if sig.immutable else (message.id,)) for sig in callbacks.link_error]
+            # Later steps of a chain will never run: tell their handles why, now.
+            self._fail_downstream(message, outcome, callbacks.link)
+        else:
+            return
+        publishes = []
+        for sig, first in calls:
+            options = {**sig.options, "parent_id": message.id, "root_id": message.root_id}
+            queue = options.get("queue") or sig.task.queue or self.settings.default_queue
+            sent, raw = build_message(
+                sig.task, (*first, *sig.args), sig.kwargs, signer=self.signer,
+                channel=message.client, queue=queue, code_cache=self._code_cache, options=options,
+            )  # fmt: skip
+            record = {"state": State.PENDING.value, "name": sig.task.name, "client": message.client}
+            publishes.append(Publish(queue, sent.id, raw, record, sent.eta))
+        if publishes:
+            self.broker.publish(publishes)
+
+    def _fail_downstream(
+        self, message: TaskMessage, outcome: Outcome, links: Sequence[Signature]
+    ) -> None:
+        for sig in links:
+            task_id = sig.options.get("task_id")
+            if not task_id:
+                continue
+            data = {
+                **outcome.event.data,
+                "reason": f"an earlier task in the chain ({message.id}) did not succeed",
+            }
+            event = Event(outcome.event.type, task_id, FINAL_SEQ, data)
+            raw = self.signer.seal(event.to_header())
+            assert event.state is not None
+            self.broker.finish(
+                None, task_id, message.client, raw, {"state": event.state.value, "result": raw}
+            )
+            nested = sig.options.get("callbacks")
+            if isinstance(nested, Callbacks):
+                self._fail_downstream(message, outcome, nested.link)
+
+    def _call_handlers(self, task: Task, message: TaskMessage, outcome: Outcome) -> None:
+        """Celery's handlers, in Celery's order, after the outcome is stored."""
+        state = outcome.event.state
+        args, kwargs = outcome.args, outcome.kwargs
+        if state is State.SUCCESS:
+            _call_handler(task.on_success, outcome.retval, message.id, args, kwargs)
+        elif state is State.RETRY and outcome.exc is not None and outcome.einfo is not None:
+            _call_handler(task.on_retry, outcome.exc, message.id, args, kwargs, outcome.einfo)
+        elif outcome.exc is not None and outcome.einfo is not None:
+            _call_handler(task.on_failure, outcome.exc, message.id, args, kwargs, outcome.einfo)
+        assert state is not None
+        retval = outcome.retval if state is State.SUCCESS else outcome.exc
+        _call_handler(
+            task.after_return, state.value, retval, message.id, args, kwargs, outcome.einfo
+        )
+
+    # Finding the task ------------------------------------------------------------------------
+    def _resolve(self, message: TaskMessage, code: bytes) -> Task:
         if message.code is not None:
             task = self._shipped.get(message.code)
             if task is None:
                 # One instance per process for shipped tasks too, keyed by code digest.
-                task = _loads(envelope.body[: message.code_len])
+                task = decode_value(code, "cloudpickle")
                 self._shipped[message.code] = task
             return task
         task = self.tasks.get(message.name)
@@ -345,17 +416,15 @@ class Child:
         try:
             module = importlib.import_module(message.module)
         except ImportError as exc:
-            raise NotRegistered(
-                self._unknown(message, f"importing {message.module!r} failed: {exc}")
-            ) from None
+            why = f"importing {message.module!r} failed: {exc}"
+            raise NotRegistered(self._unknown(message, why)) from None
         for value in vars(module).values():
             if isinstance(value, Task) and not getattr(value, "abstract", True):
                 self.tasks.setdefault(value.name, value)
         task = self.tasks.get(message.name)
         if task is None:
-            raise NotRegistered(
-                self._unknown(message, f"module {message.module!r} defines no such task")
-            )
+            why = f"module {message.module!r} defines no such task"
+            raise NotRegistered(self._unknown(message, why))
         return task
 
     def _unknown(self, message: TaskMessage, why: str) -> str:
@@ -367,27 +436,19 @@ class Child:
             "are different names)"
         )
 
-    def _report(
-        self, delivery: Delivery, message: TaskMessage, final: Event, body: bytes = b""
-    ) -> None:
-        try:
-            raw = self.signer.seal(final.to_header(), body)
-        except NbtaskError as exc:
-            final = _failure(message.id, final.seq, exc)
-            raw = self.signer.seal(final.to_header())
-        assert final.state is not None
-        record: dict[str, str | bytes] = {
-            "state": final.state.value,
-            "finished_at": repr(time.time()),
-        }
-        if not (message.ignore_result and final.state is State.SUCCESS):
-            record["result"] = raw
-        self.broker.finish(delivery, message.id, message.client, raw, record)
+
+def _call_handler(handler: Any, *args: Any) -> None:
+    # A failing handler must not lose the task's (already stored) outcome: log it only.
+    try:
+        handler(*args)
+    except Exception:
+        log.exception("handler %s raised; the task's outcome is unaffected", handler.__name__)
 
 
-def _loads(data: bytes) -> Any:
-    # Only ever called on the body of an envelope whose MAC verified.
-    return Envelope({}, data).load_body()
+def _einfo(exc: BaseException) -> ExceptionInfo:
+    return ExceptionInfo(
+        exc, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    )
 
 
 def _failure(

@@ -5,11 +5,14 @@ from __future__ import annotations
 __all__ = [
     "BrokerUnavailable",
     "ConfigurationError",
+    "MaxRetriesExceededError",
     "NbtaskError",
     "NotRegistered",
     "RemoteError",
+    "Retry",
     "SerializationError",
     "SignatureError",
+    "SoftTimeLimitExceeded",
     "TaskNotFound",
     "TaskRevoked",
     "TimeLimitExceeded",
@@ -55,6 +58,33 @@ class TaskNotFound(NbtaskError, LookupError):
 
 class TaskRevoked(NbtaskError):
     """The task was revoked or cancelled before it finished."""
+
+
+class SoftTimeLimitExceeded(NbtaskError):
+    """Raised inside a task when it passes its soft time limit; it may clean up and return."""
+
+
+class Retry(NbtaskError):
+    """Raised by ``self.retry()``: the task is sent again later; not a failure.
+
+    Parameters
+    ----------
+    message
+        Why the task is retried.
+    exc
+        The exception that caused the retry, if any.
+    when
+        Seconds until the retry runs.
+    """
+
+    def __init__(self, message: str = "", exc: BaseException | None = None, when: float = 0.0):
+        super().__init__(message or (f"retry: {exc!r}" if exc else "retry"))
+        self.exc = exc
+        self.when = when
+
+
+class MaxRetriesExceededError(NbtaskError):
+    """A task asked for another retry after using all of ``max_retries``."""
 
 
 class TimeLimitExceeded(NbtaskError):

@@ -37,6 +37,7 @@ class EventType(str, enum.Enum):
     STDOUT = "stdout"
     STDERR = "stderr"
     DISPLAY = "display"
+    STATE = "state"
     RETRY = "retry"
     SUCCESS = "success"
     FAILURE = "failure"

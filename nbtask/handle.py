@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from nbtask.errors import RemoteError, TaskRevoked, WorkerLost
 from nbtask.events import FINAL_STATES, Event, EventType, Progress, State
+from nbtask.task import current_request
 
 if TYPE_CHECKING:
     from nbtask.app import App
@@ -44,13 +45,20 @@ class TaskHandle(concurrent.futures.Future[Any]):
         self._last_seq = -1
         self._info: dict[str, Any] = {}
         self._listeners: list[Callable[[Event], None]] = []
+        self._custom_state: str | None = None
+        #: The previous step's handle, for a chain's later steps.
+        self.parent: TaskHandle | None = None
         self._lock = threading.Lock()
 
     # State -------------------------------------------------------------------------------------
     @property
-    def state(self) -> State:
-        """The latest known state (``PENDING`` until the first event)."""
-        return self._task_state
+    def state(self) -> State | str:
+        """The latest known state (``PENDING`` until the first event).
+
+        A custom state set with ``self.update_state(state=...)`` shows as that string
+        until the task's next state.
+        """
+        return self._custom_state or self._task_state
 
     @property
     def progress(self) -> Progress | None:
@@ -89,21 +97,38 @@ class TaskHandle(concurrent.futures.Future[Any]):
         """True if the task finished without a result."""
         return self.done() and self._task_state is not State.SUCCESS
 
-    def get(self, timeout: float | None = None, *, propagate: bool = True) -> Any:
+    def get(
+        self,
+        timeout: float | None = None,
+        *,
+        propagate: bool = True,
+        disable_sync_subtasks: bool = True,
+    ) -> Any:
         """Wait for the result, up to ``timeout`` seconds.
+
+        Inside a running task this refuses to wait (a worker slot blocked on another
+        task can deadlock the pool); chain the tasks instead, or pass
+        ``disable_sync_subtasks=False`` if you are sure.
 
         Raises
         ------
+        RuntimeError
+            Called inside a task without ``disable_sync_subtasks=False``.
         TimeoutError
             The task is not done after ``timeout`` seconds (it keeps running).
         RemoteError
             The task raised; carries the original type name and remote traceback.
         """
+        if disable_sync_subtasks and current_request() is not None:
+            raise RuntimeError(
+                "never wait for a task's result inside another task: the worker slot blocks "
+                "and the pool can deadlock. Chain them instead: (first.s(x) | second.s()).delay()"
+            )
         try:
             return self.result(timeout)
         except concurrent.futures.TimeoutError:
             raise TimeoutError(
-                f"task {self.name}[{self.id}] is still {self._task_state.value} after {timeout} s"
+                f"task {self.name}[{self.id}] is still {self.state} after {timeout} s"
             ) from None
         except BaseException:
             if propagate:
@@ -139,9 +164,15 @@ class TaskHandle(concurrent.futures.Future[Any]):
             self._outputs.append(event)
         elif kind is EventType.DISPLAY:
             self._outputs.append(event)
+        elif kind is EventType.STATE:
+            self._custom_state = str(data.get("state", "")) or None
+            self._info["meta"] = data.get("meta", {})
         if event.state is not None:
             self._task_state = event.state
-        self._info.update({k: v for k, v in data.items() if k in ("worker", "pid", "reason")})
+            self._custom_state = None
+        self._info.update(
+            {k: v for k, v in data.items() if k in ("worker", "pid", "reason", "retries", "eta")}
+        )
 
     def _settle(self, event: Event, result: Any) -> None:
         data = event.data
@@ -168,10 +199,14 @@ class TaskHandle(concurrent.futures.Future[Any]):
             )
 
     def cancel(self) -> bool:
-        """Revoke the task if it has not started; return whether it was revoked."""
+        """Revoke the task: a queued one never runs, a running one is interrupted.
+
+        Returns whether it was revoked (or an interrupt was sent); the handle reads
+        ``REVOKED`` once the worker confirms.
+        """
         if self.done():
             return False
-        return self.app.revoke(self.id)
+        return self.app.revoke(self.id, terminate=True)
 
     def __repr__(self) -> str:
-        return f"<TaskHandle {self.name}[{self.id}] {self._task_state.value}>"
+        return f"<TaskHandle {self.name}[{self.id}] {self.state}>"

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from nbtask.errors import BrokerUnavailable, NbtaskError
 from nbtask.events import Event, EventType
+from nbtask.message import SERIALIZERS, decode_value
 
 if TYPE_CHECKING:
     from nbtask.brokers import Broker
@@ -35,7 +36,12 @@ def decode_event(signer: Signer, raw: bytes) -> tuple[Event, Any]:
         event = Event.from_header(envelope.header)
     except (KeyError, ValueError, TypeError) as exc:
         raise NbtaskError(f"malformed event header: {exc}") from None
-    result = envelope.load_body() if event.type is EventType.SUCCESS else None
+    result = None
+    if event.type is EventType.SUCCESS and envelope.body:
+        serializer = str(event.data.get("serializer", "cloudpickle"))
+        if serializer not in SERIALIZERS:
+            raise NbtaskError(f"event names an unknown serializer {serializer!r}")
+        result = decode_value(envelope.body, serializer)
     return event, result
 
 

@@ -55,6 +55,10 @@ class Settings:
         died before it is dead-lettered with a FAILURE result.
     worker_concurrency
         Child processes of a worker; ``None`` means one per CPU core.
+    task_ignore_result
+        Default for tasks that do not set ``ignore_result`` (Celery's setting).
+    worker_disable_rate_limits
+        Workers ignore every ``rate_limit`` (and skip the bucket check entirely).
     embedded_workers
         Child processes of the embedded cluster's worker.
     """
@@ -72,6 +76,8 @@ class Settings:
     max_redeliveries: int = 5
     worker_concurrency: int | None = None
     embedded_workers: int = 2
+    task_ignore_result: bool = False
+    worker_disable_rate_limits: bool = False
 
     def __post_init__(self) -> None:
         if self.broker_url is not None:
@@ -120,8 +126,13 @@ class Settings:
             values["secret"] = env["NBTASK_SECRET"]
         elif env.get("NBTASK_SECRET_FILE"):
             values["secret"] = read_secret_file(env["NBTASK_SECRET_FILE"])
-        if env.get("NBTASK_INSECURE", "").lower() in ("1", "true", "yes"):
-            values["insecure"] = True
+        for var, field in (
+            ("NBTASK_INSECURE", "insecure"),
+            ("NBTASK_TASK_IGNORE_RESULT", "task_ignore_result"),
+            ("NBTASK_WORKER_DISABLE_RATE_LIMITS", "worker_disable_rate_limits"),
+        ):
+            if env.get(var, "").lower() in ("1", "true", "yes"):
+                values[field] = True
         if env.get("NBTASK_KEY_PREFIX"):
             values["key_prefix"] = env["NBTASK_KEY_PREFIX"]
         if env.get("NBTASK_DEFAULT_QUEUE"):
@@ -186,6 +197,8 @@ class Settings:
             env["NBTASK_SECRET"] = self.secret
         if self.insecure:
             env["NBTASK_INSECURE"] = "1"
+        if self.worker_disable_rate_limits:
+            env["NBTASK_WORKER_DISABLE_RATE_LIMITS"] = "1"
         return env
 
     @property

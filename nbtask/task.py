@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import datetime as dt
+import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar
 
-from nbtask.errors import ConfigurationError
+from nbtask.canvas import Signature
+from nbtask.errors import ConfigurationError, MaxRetriesExceededError, Retry
+from nbtask.message import Callbacks
 
 if TYPE_CHECKING:
     from nbtask.app import App
@@ -17,8 +20,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TASK_OPTIONS",
+    "ExceptionInfo",
     "Request",
-    "Signature",
     "Task",
     "current_request",
     "progress",
@@ -26,7 +29,27 @@ __all__ = [
 ]
 
 # Options @app.task accepts; anything else is refused at decoration time.
-TASK_OPTIONS = frozenset({"name", "bind", "base", "queue", "acks_late", "ignore_result", "expires"})
+# Options @app.task accepts (Celery's names); anything else is refused at decoration time.
+TASK_OPTIONS = frozenset({
+    "name", "bind", "base", "queue", "acks_late", "ignore_result", "expires",
+    "max_retries", "default_retry_delay", "retry_backoff", "retry_backoff_max",
+    "retry_jitter", "autoretry_for", "rate_limit", "time_limit", "soft_time_limit",
+    "serializer", "reject_on_worker_lost", "priority", "backend", "typing",
+})  # fmt: skip
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExceptionInfo:
+    """What failure handlers get as ``einfo``: the exception and its traceback text."""
+
+    exception: BaseException
+    traceback: str
+
+    @property
+    def type(self) -> type[BaseException]:
+        """The exception's class."""
+        return type(self.exception)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +64,9 @@ class Request:
     hostname: str
     retries: int = 0
     eta: float | None = None
+    expires: float | None = None
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
     parent_id: str | None = None
     root_id: str | None = None
     delivery_info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -107,9 +133,27 @@ class Task:
     name: ClassVar[str] = ""
     queue: ClassVar[str | None] = None
     acks_late: ClassVar[bool] = False
-    ignore_result: ClassVar[bool] = False
+    #: ``None`` follows the app's ``task_ignore_result`` setting.
+    ignore_result: ClassVar[bool | None] = None
     expires: ClassVar[float | None] = None
     bind: ClassVar[bool] = False
+    max_retries: ClassVar[int | None] = 3
+    default_retry_delay: ClassVar[float] = 180.0
+    retry_backoff: ClassVar[bool | float] = False
+    retry_backoff_max: ClassVar[float] = 600.0
+    retry_jitter: ClassVar[bool] = True
+    autoretry_for: ClassVar[tuple[type[BaseException], ...]] = ()
+    #: Tasks per second on one worker (parsed from ``"10/s"``, ``"100/m"``, ``"1000/h"``).
+    rate_limit: ClassVar[float | None] = None
+    time_limit: ClassVar[float | None] = None
+    soft_time_limit: ClassVar[float | None] = None
+    serializer: ClassVar[str] = "cloudpickle"
+    #: ``None``: an ``acks_late`` task whose worker died is redelivered; ``False``: it
+    #: fails with ``WorkerLost`` instead (Celery's behaviour without this option).
+    reject_on_worker_lost: ClassVar[bool | None] = None
+    #: ``False`` keeps no record at all in the result store (the client is still told).
+    store_result: ClassVar[bool] = True
+    typing: ClassVar[bool] = True
     # Abstract classes (the app's Task base, user base classes) are never registered.
     abstract: ClassVar[bool] = True
 
@@ -135,6 +179,108 @@ class Task:
         """Report progress from inside the running task (see :func:`nbtask.progress`)."""
         progress(done, total, message)
 
+    def update_state(self, state: str, meta: Mapping[str, Any] | None = None) -> None:
+        """Report a custom state (e.g. ``"PROGRESS"``) with JSON-safe ``meta``.
+
+        The client sees it as ``handle.state`` and ``handle.info["meta"]`` until the
+        task's next state.
+        """
+        request = self.request
+        if request.emit is not None:
+            request.emit("state", {"state": str(state), "meta": dict(meta or {})})
+
+    def retry(
+        self,
+        exc: BaseException | None = None,
+        countdown: float | None = None,
+        eta: dt.datetime | float | None = None,
+        max_retries: int | None = None,
+    ) -> NoReturn:
+        """Send this task again later with the same arguments; call as ``raise self.retry()``.
+
+        Parameters
+        ----------
+        exc
+            The cause; re-raised as the task's error once retries are exhausted.
+        countdown
+            Seconds until the retry (default: ``default_retry_delay``, or the backoff).
+        eta
+            When to retry, instead of ``countdown``.
+        max_retries
+            Override the task's ``max_retries`` for this decision.
+
+        Raises
+        ------
+        Retry
+            Always, unless retries are exhausted.
+        MaxRetriesExceededError
+            Retries are exhausted and there is no ``exc`` to re-raise.
+        """
+        request = self.request
+        limit = self.max_retries if max_retries is None else max_retries
+        if limit is not None and request.retries >= limit:
+            if exc is not None:
+                raise exc
+            raise MaxRetriesExceededError(
+                f"task {self.name}[{request.id}] gave up after {request.retries} retries"
+            )
+        if eta is not None:
+            when = max(0.0, (_epoch(eta, absolute=True) or 0.0) - time.time())
+        elif countdown is not None:
+            when = float(countdown)
+        else:
+            when = self.retry_delay(request.retries)
+        raise Retry(f"retry in {when:.3g} s" + (f": {exc!r}" if exc else ""), exc, when)
+
+    def retry_delay(self, retries: int) -> float:
+        """Seconds before retry number ``retries + 1``: fixed, or exponential with jitter."""
+        if not self.retry_backoff:
+            return float(self.default_retry_delay)
+        factor = 1.0 if self.retry_backoff is True else float(self.retry_backoff)
+        delay = min(factor * (2**retries), float(self.retry_backoff_max))
+        # Full jitter, as Celery: spreads retries of many failing tasks apart.
+        return random.uniform(0, delay) if self.retry_jitter else delay
+
+    # Handlers: called on the worker, after the outcome is stored; errors are logged. ---------
+    def before_start(self, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        """Called before the task runs."""
+
+    def on_success(
+        self, retval: Any, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> None:
+        """Called when the task returned ``retval``."""
+
+    def on_failure(
+        self,
+        exc: BaseException,
+        task_id: str,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        einfo: ExceptionInfo,
+    ) -> None:
+        """Called when the task raised ``exc``."""
+
+    def on_retry(
+        self,
+        exc: BaseException,
+        task_id: str,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        einfo: ExceptionInfo,
+    ) -> None:
+        """Called when the task is to be retried."""
+
+    def after_return(
+        self,
+        status: str,
+        retval: Any,
+        task_id: str,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        einfo: ExceptionInfo | None,
+    ) -> None:
+        """Called after every run, whatever the outcome (``status`` is the state)."""
+
     # Calling -------------------------------------------------------------------------------
     def delay(self, *args: Any, **kwargs: Any) -> TaskHandle:
         """Send the task with these arguments; shortcut for :meth:`apply_async`."""
@@ -142,7 +288,7 @@ class Task:
 
     def apply_async(
         self,
-        args: Sequence[Any] = (),
+        args: Sequence[Any] | None = None,
         kwargs: Mapping[str, Any] | None = None,
         *,
         queue: str | None = None,
@@ -150,6 +296,10 @@ class Task:
         eta: dt.datetime | float | None = None,
         expires: dt.datetime | float | None = None,
         task_id: str | None = None,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+        link: Signature | Sequence[Signature] | None = None,
+        link_error: Signature | Sequence[Signature] | None = None,
     ) -> TaskHandle:
         """Send the task to a worker and return its handle at once.
 
@@ -167,27 +317,61 @@ class Task:
             Drop the task unstarted after this time (seconds from now, or a ``datetime``).
         task_id
             Use this id instead of a random one.
+        time_limit, soft_time_limit
+            Override the task's limits for this call, seconds.
+        link, link_error
+            Signatures to send with the result when the task succeeds, or with the task
+            id when it fails.
         """
+        options = self.send_options(
+            queue=queue, countdown=countdown, eta=eta, expires=expires, task_id=task_id,
+            time_limit=time_limit, soft_time_limit=soft_time_limit, link=link,
+            link_error=link_error,
+        )  # fmt: skip
+        return self._app().send(self, tuple(args or ()), dict(kwargs or {}), options)
+
+    def send_options(
+        self,
+        *,
+        queue: str | None = None,
+        countdown: float | None = None,
+        eta: dt.datetime | float | None = None,
+        expires: dt.datetime | float | None = None,
+        task_id: str | None = None,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+        link: Signature | Sequence[Signature] | None = None,
+        link_error: Signature | Sequence[Signature] | None = None,
+    ) -> dict[str, Any]:
+        """Check :meth:`apply_async` options and turn them into message options."""
         if countdown is not None and eta is not None:
             raise ConfigurationError("pass either countdown or eta, not both")
         due = time.time() + countdown if countdown is not None else _epoch(eta, absolute=True)
-        return self._app().send(
-            self,
-            tuple(args),
-            dict(kwargs or {}),
-            queue=queue,
-            eta=due,
-            expires=_epoch(expires if expires is not None else self.expires, absolute=False),
-            task_id=task_id,
-        )
+        options: dict[str, Any] = {
+            "queue": queue,
+            "eta": due,
+            "expires": _epoch(expires if expires is not None else self.expires, absolute=False),
+            "task_id": task_id,
+        }
+        for name, value in (("time_limit", time_limit), ("soft_time_limit", soft_time_limit)):
+            if value is not None:
+                options[name] = _positive(name, value)
+        callbacks = _callbacks(link, link_error)
+        if callbacks:
+            options["callbacks"] = callbacks
+        return options
 
     def delay_many(self, arg_tuples: Iterable[Sequence[Any]]) -> list[TaskHandle]:
         """Send one task per argument tuple, in a single round trip to the broker."""
-        return self._app().send_many(self, [tuple(a) for a in arg_tuples])
+        return self._app().send_batch([(self, tuple(a), {}, {}) for a in arg_tuples])
 
     def s(self, *args: Any, **kwargs: Any) -> Signature:
         """A signature: this task with (some of) its arguments, to send later."""
         return Signature(self, args, kwargs)
+
+    def si(self, *args: Any, **kwargs: Any) -> Signature:
+        """An immutable signature: in a chain it ignores the previous task's result."""
+        return Signature(self, args, kwargs, immutable=True)
 
     def _app(self) -> App:
         if self.app is None:
@@ -207,28 +391,94 @@ class Task:
         return f"<@task: {self.name}>"
 
 
-@dataclasses.dataclass(frozen=True)
-class Signature:
-    """A task plus arguments, ready to send (``task.s(...)``)."""
+def validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Check ``@app.task`` options; return them as class attributes (rate limits parsed)."""
+    unknown = sorted(set(options) - TASK_OPTIONS)
+    if unknown:
+        raise ConfigurationError(
+            f"unknown task option(s) {', '.join(unknown)}; known: {', '.join(sorted(TASK_OPTIONS))}"
+        )
+    attrs = dict(options)
+    for name in (
+        "time_limit",
+        "soft_time_limit",
+        "expires",
+        "default_retry_delay",
+        "retry_backoff_max",
+    ):
+        if attrs.get(name) is not None:
+            attrs[name] = _positive(name, attrs[name])
+    if "rate_limit" in attrs:
+        attrs["rate_limit"] = parse_rate(attrs["rate_limit"])
+    max_retries = attrs.get("max_retries")
+    if max_retries is not None and (not isinstance(max_retries, int) or max_retries < 0):
+        raise ConfigurationError(
+            f"max_retries must be a whole number >= 0 or None, got {max_retries!r}"
+        )
+    autoretry = attrs.get("autoretry_for", ())
+    autoretry = tuple(autoretry) if isinstance(autoretry, (list, tuple)) else (autoretry,)
+    if not all(isinstance(e, type) and issubclass(e, BaseException) for e in autoretry):
+        raise ConfigurationError(
+            f"autoretry_for takes exception classes, got {options['autoretry_for']!r}"
+        )
+    if "autoretry_for" in attrs:
+        attrs["autoretry_for"] = autoretry
+    if "serializer" in attrs and attrs["serializer"] not in ("cloudpickle", "json"):
+        raise ConfigurationError(
+            f"serializer must be 'cloudpickle' or 'json', got {attrs['serializer']!r}"
+        )
+    if attrs.pop("priority", None) is not None:
+        raise ConfigurationError(
+            "priority is not supported on the Redis broker (a Stream is first in, first out); "
+            "send urgent work to its own queue and start workers with -Q urgent,default, which "
+            "serve the queues in that order"
+        )
+    if "backend" in attrs:
+        backend = attrs.pop("backend")
+        if backend not in (None, False, True):
+            raise ConfigurationError(
+                "backend= takes None/False (keep no result record) or True (the app's store)"
+            )
+        attrs["store_result"] = bool(backend)
+    return attrs
 
-    task: Task
-    args: tuple[Any, ...] = ()
-    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
-    def delay(self, *args: Any, **kwargs: Any) -> TaskHandle:
-        """Send with extra arguments appended (positional) and merged (keyword)."""
-        return self.apply_async(args, kwargs)
+def parse_rate(rate: object) -> float | None:
+    """``"10/s"``, ``"100/m"``, ``"1000/h"`` or a number (per second) -> tasks per second."""
+    if rate is None:
+        return None
+    if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0:
+        return float(rate)
+    if isinstance(rate, str):
+        amount, _, unit = rate.strip().partition("/")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = -1.0
+        if value > 0 and (unit or "s") in _RATE_UNITS:
+            return value / _RATE_UNITS[unit or "s"]
+    raise ConfigurationError(
+        f"rate_limit={rate!r} is not a rate: use e.g. '10/s', '100/m', '1000/h' or a number"
+    )
 
-    def apply_async(
-        self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, **options: Any
-    ) -> TaskHandle:
-        """Send with extra arguments and :meth:`Task.apply_async` options."""
-        merged = {**self.kwargs, **(kwargs or {})}
-        return self.task.apply_async((*self.args, *args), merged, **options)
 
-    def __repr__(self) -> str:
-        parts = [repr(a) for a in self.args] + [f"{k}={v!r}" for k, v in self.kwargs.items()]
-        return f"{self.task.name}({', '.join(parts)})"
+def _positive(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _callbacks(
+    link: Signature | Sequence[Signature] | None, link_error: Signature | Sequence[Signature] | None
+) -> Callbacks:
+    def as_tuple(value: Signature | Sequence[Signature] | None, name: str) -> tuple[Signature, ...]:
+        items = () if value is None else (value,) if isinstance(value, Signature) else tuple(value)
+        for item in items:
+            if not isinstance(item, Signature):
+                raise ConfigurationError(f"{name} takes signatures (task.s(...)), got {item!r}")
+        return items
+
+    return Callbacks(as_tuple(link, "link"), as_tuple(link_error, "link_error"))
 
 
 def _epoch(when: dt.datetime | float | None, *, absolute: bool) -> float | None:

@@ -26,10 +26,11 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from nbtask.brokers import Broker, Delivery, open_broker
-from nbtask.child import _FINAL_SEQ, Child, TaskMessage
+from nbtask.child import FINAL_SEQ, Child, SlotState
 from nbtask.envelope import Signer
 from nbtask.errors import BrokerUnavailable, NbtaskError
 from nbtask.events import Event, EventType, State
+from nbtask.message import TaskMessage
 from nbtask.settings import Settings
 from nbtask.task import Task
 
@@ -88,6 +89,10 @@ class Worker:
         self.consumers = [f"{self.worker_id}-{slot}" for slot in range(self.concurrency)]
         self._on_ready = on_ready
         self._children: dict[int, BaseProcess] = {}
+        self._slots = [SlotState() for _ in range(self.concurrency)]
+        # slot -> (task id, why it is being stopped, when to SIGKILL it)
+        self._stopping: dict[int, tuple[str, str, float]] = {}
+        self._control_position = "$"
         self._signals = 0
         self._started = time.time()
         self._context = multiprocessing.get_context("fork")
@@ -156,6 +161,8 @@ class Worker:
                 return EXIT_OK
             try:
                 self.broker.move_due(self.queues)
+                self._enforce_limits()
+                self._read_control()
                 if time.monotonic() >= next_heartbeat:
                     next_heartbeat = time.monotonic() + self.settings.heartbeat_interval
                     beats += 1
@@ -173,14 +180,10 @@ class Worker:
 
     def _spawn(self, slot: int) -> None:
         child = Child(
-            self.settings,
-            self.url,
-            self.secret,
-            self.queues,
-            self.consumers[slot],
-            self.hostname,
-            self.tasks,
-        )
+            self.settings, self.url, self.secret, queues=self.queues,
+            consumer=self.consumers[slot], worker_id=self.worker_id, hostname=self.hostname,
+            tasks=self.tasks, slot=self._slots[slot],
+        )  # fmt: skip
         process = self._context.Process(target=child.run, name=f"nbtask-child-{slot}")
         process.start()
         self._children[slot] = process
@@ -193,9 +196,11 @@ class Worker:
                 "child %d (pid %s) died with exit code %s", slot, process.pid, process.exitcode
             )
         reason = f"its worker process {process.pid} exited with code {process.exitcode}"
+        stopped = self._stopping.pop(slot, None)
+        self._slots[slot].clear()
         try:
             for delivery in self.broker.pending_of(self.queues, self.consumers[slot]):
-                self._settle_lost(delivery, reason)
+                self._settle_lost(delivery, reason, stopped)
         except BrokerUnavailable as exc:
             log.warning("could not settle the tasks of child %d yet: %s", slot, exc)
         if respawn:
@@ -250,8 +255,58 @@ class Worker:
             self.broker.unregister(worker_id, consumers, queues)
             log.warning("cleaned up after dead worker %s (%d task(s) settled)", worker_id, settled)
 
-    def _settle_lost(self, delivery: Delivery, reason: str) -> None:
-        """Settle a delivery whose worker died: redeliver (acks_late) or report it lost."""
+    def _enforce_limits(self) -> None:
+        """Kill children past their task's hard time limit or a terminate's grace period."""
+        now = time.time()
+        for slot, process in list(self._children.items()):
+            state = self._slots[slot]
+            task_id, deadline = state.task_id, state.deadline
+            stopping = self._stopping.get(slot)
+            if stopping is not None and stopping[0] != task_id:
+                del self._stopping[slot]  # that task ended by itself
+                stopping = None
+            if stopping is not None and now >= stopping[2]:
+                self._kill(slot, process, stopping)
+            elif task_id and deadline and now >= deadline and stopping is None:
+                self._kill(slot, process, (task_id, "time_limit", now))
+
+    def _kill(self, slot: int, process: BaseProcess, stopping: tuple[str, str, float]) -> None:
+        log.error("killing child %d (pid %s): task %s %s", slot, process.pid, stopping[0],
+                  "passed its hard time limit" if stopping[1] == "time_limit"
+                  else "ignored its terminate request")  # fmt: skip
+        self._stopping[slot] = stopping
+        if process.pid:
+            os.kill(process.pid, signal.SIGKILL)
+
+    def _read_control(self) -> None:
+        for entry_id, raw in self.broker.read_control(self._control_position):
+            self._control_position = entry_id
+            if not raw:
+                continue
+            try:
+                command = self.signer.open(raw).header
+            except NbtaskError as exc:
+                log.error("ignored a control message that does not verify: %s", exc)
+                continue
+            if command.get("kind") == "control" and command.get("cmd") == "terminate":
+                self._terminate(str(command.get("id")), float(command.get("grace", 5.0)))
+
+    def _terminate(self, task_id: str, grace: float) -> None:
+        for slot, process in self._children.items():
+            if self._slots[slot].task_id == task_id and process.pid:
+                log.warning("terminating task %s in child %d (SIGINT, SIGKILL after %.1f s)",
+                            task_id, slot, grace)  # fmt: skip
+                self._stopping[slot] = (task_id, "revoked", time.time() + grace)
+                os.kill(process.pid, signal.SIGINT)
+
+    def _settle_lost(
+        self, delivery: Delivery, reason: str, stopped: tuple[str, str, float] | None = None
+    ) -> None:
+        """Settle a delivery whose worker died: redeliver (acks_late) or report it lost.
+
+        ``stopped`` names a task this supervisor killed on purpose (time limit, revoke):
+        that one is reported as such, never redelivered.
+        """
         try:
             message = TaskMessage.from_header(self.signer.open(delivery.raw).header)
         except (NbtaskError, ValueError) as exc:
@@ -264,7 +319,19 @@ class Worker:
         }:
             self.broker.discard(delivery)  # it finished; only the acknowledgement was lost
             return
-        if message.acks_late and delivery.deliveries < self.settings.max_redeliveries:
+        if stopped is not None and stopped[0] == message.id:
+            if stopped[1] == "revoked":
+                event = Event(EventType.REVOKED, message.id, FINAL_SEQ, {"reason": "terminated"})
+            else:
+                event = Event(EventType.FAILURE, message.id, FINAL_SEQ, {
+                    "ename": "TimeLimitExceeded", "reason": reason,
+                    "evalue": f"task {message.name} ran past its hard time limit "
+                              f"({message.time_limit} s) and its process was killed",
+                })  # fmt: skip
+            self._report_lost(delivery, message, event)
+            return
+        redeliver = message.acks_late and message.reject_on_worker_lost is not False
+        if redeliver and delivery.deliveries < self.settings.max_redeliveries:
             log.warning(
                 "task %s [%s]: %s; redelivering (attempt %d)",
                 message.name,
@@ -274,11 +341,11 @@ class Worker:
             )
             self.broker.requeue(delivery, message.id)
             return
-        if message.acks_late:
+        if redeliver:
             event = Event(
                 EventType.FAILURE,
                 message.id,
-                _FINAL_SEQ,
+                FINAL_SEQ,
                 {
                     "ename": "WorkerLost",
                     "reason": reason,
@@ -289,9 +356,12 @@ class Worker:
             self.broker.dead_letter(delivery)
             delivery_to_ack = None
         else:
-            event = Event(EventType.WORKER_LOST, message.id, _FINAL_SEQ, {"reason": reason})
+            event = Event(EventType.WORKER_LOST, message.id, FINAL_SEQ, {"reason": reason})
             delivery_to_ack = delivery
             log.error("task %s [%s]: %s; reported WORKER_LOST", message.name, message.id, reason)
+        self._report_lost(delivery_to_ack, message, event)
+
+    def _report_lost(self, delivery: Delivery | None, message: TaskMessage, event: Event) -> None:
         raw = self.signer.seal(event.to_header())
         assert event.state is not None
         record_out: dict[str, str | bytes] = {
@@ -299,7 +369,7 @@ class Worker:
             "result": raw,
             "finished_at": repr(time.time()),
         }
-        self.broker.finish(delivery_to_ack, message.id, message.client, raw, record_out)
+        self.broker.finish(delivery, message.id, message.client, raw, record_out)
 
 
 def _redact(url: str) -> str:

@@ -90,8 +90,19 @@ class Broker(Protocol):
         channel: str,
         raw_event: bytes,
         record: Mapping[str, str | bytes],
+        *,
+        requeue: tuple[bytes, float] | None = None,
     ) -> None:
-        """Store the final state, tell the client and acknowledge, atomically."""
+        """Store the record, tell the client, park ``requeue`` for later, ack: atomically."""
+
+    def rate_wait(self, bucket: str, rate: float) -> float:
+        """Take a token of ``bucket`` (``rate`` per second) or say how long to wait."""
+
+    def send_control(self, raw: bytes) -> None:
+        """Broadcast a signed control message to every worker."""
+
+    def read_control(self, after: str) -> list[tuple[str, bytes]]:
+        """Control messages after entry ``after`` (``"$"``: just the current last id)."""
 
     def discard(self, delivery: Delivery) -> None:
         """Acknowledge and delete a delivery that must not run."""

@@ -22,7 +22,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -66,18 +66,38 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 return 1
 """
 
-# The last step of a task, atomically: store the final record, tell the client, ack.
-# KEYS: record, channel, stream; ARGV: ttl, maxlen, event, entry id ('' = no ack), fields...
+# The last step of a task, atomically: store the record (no fields: delete it), tell the
+# client, park a message for later (a retry) and acknowledge the delivery.
+# KEYS: record, channel, stream, eta set
+# ARGV: ttl, maxlen, event ('' = none), entry id ('' = no ack), later ('' = none), due, fields...
 _FINISH = """
-redis.call('HSET', KEYS[1], unpack(ARGV, 5))
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[1])
+if #ARGV > 6 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+elseif ARGV[3] ~= '' then
+  redis.call('DEL', KEYS[1])
+end
+if ARGV[3] ~= '' then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[3])
+  redis.call('EXPIRE', KEYS[2], ARGV[1])
+end
+if ARGV[5] ~= '' then redis.call('ZADD', KEYS[4], ARGV[6], ARGV[5]) end
 if ARGV[4] ~= '' then
   redis.call('XACK', KEYS[3], 'workers', ARGV[4])
   redis.call('XDEL', KEYS[3], ARGV[4])
 end
 return 1
+"""
+
+# A token bucket per (worker, task name) holding one token: tasks start at most ``rate``
+# per second. Returns how long to wait, in seconds ('0' = go now).
+# KEYS: bucket; ARGV: rate, now
+_RATE = """
+local rate, now = tonumber(ARGV[1]), tonumber(ARGV[2])
+local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+if last + 1 / rate > now then return tostring(last + 1 / rate - now) end
+redis.call('SET', KEYS[1], tostring(now), 'EX', 3600)
+return '0'
 """
 
 # Enqueue one message (or park it until its ETA) and write its PENDING record.
@@ -145,6 +165,10 @@ class RedisBroker:
         Key prefix, TTLs, visibility timeout and heartbeat interval.
     """
 
+    _SCRIPTS: ClassVar[dict[str, str]] = {
+        "start": _START, "finish": _FINISH, "publish": _PUBLISH, "rate": _RATE,
+    }  # fmt: skip
+
     def __init__(self, url: str, settings: Settings) -> None:
         self.url = url
         self.settings = settings
@@ -155,10 +179,9 @@ class RedisBroker:
         self.redis: Any = redis.Redis.from_url(url, socket_connect_timeout=5, protocol=2)
         self._fetch = self.redis.register_script(_FETCH)
         self._sha = {
-            name: hashlib.sha1(body.encode()).hexdigest()
-            for name, body in (("start", _START), ("finish", _FINISH), ("publish", _PUBLISH))
+            name: hashlib.sha1(body.encode()).hexdigest() for name, body in self._SCRIPTS.items()
         }
-        self._scripts = {"start": _START, "finish": _FINISH, "publish": _PUBLISH}
+        self._scripts = self._SCRIPTS
         self._local = threading.local()
         self._revoke = self.redis.register_script(_REVOKE)
         self._move_due = self.redis.register_script(_MOVE_DUE)
@@ -383,17 +406,56 @@ class RedisBroker:
         channel: str,
         raw_event: bytes,
         record: Mapping[str, str | bytes],
+        *,
+        requeue: tuple[bytes, float] | None = None,
     ) -> None:
-        """Store the final record, send the final event and acknowledge, atomically."""
+        """Store the record, send the event, park ``requeue`` until its due time, and ack.
+
+        All in one atomic step. An empty ``record`` deletes the task's record; an empty
+        ``raw_event`` sends nothing and leaves the record alone.
+        """
         fields = [part for item in record.items() for part in item]
-        stream = self.queue_key(delivery.queue) if delivery is not None else self.dead_letter_key
+        queue = delivery.queue if delivery is not None else ""
+        keys = (self.record_key(task_id), channel, self.queue_key(queue), self.eta_key(queue))
+        later, due = requeue if requeue is not None else (b"", 0.0)
         entry = delivery.delivery_id if delivery is not None else ""
-        keys = (self.record_key(task_id), channel, stream)
         command = self._evalsha(
-            "finish", keys, self._ttl, CHANNEL_MAXLEN, raw_event, entry, *fields
+            "finish", keys, self._ttl, CHANNEL_MAXLEN, raw_event, entry, later, repr(due), *fields
         )
         with _translate_errors(self.url):
             self._run_scripts([command])
+
+    def rate_wait(self, bucket: str, rate: float) -> float:
+        """Take the token of ``bucket`` (``rate`` per second) or say how long to wait."""
+        command = self._evalsha(
+            "rate", [f"{self._prefix}:rate:{bucket}"], repr(rate), repr(time.time())
+        )
+        with _translate_errors(self.url):
+            (reply,) = self._run_scripts([command])
+        return float(reply)
+
+    def send_control(self, raw: bytes) -> None:
+        """Broadcast a signed control message (e.g. terminate) to every worker."""
+        with _translate_errors(self.url):
+            self._run([("XADD", self._control_key, "MAXLEN", "~", 1000, "*", "e", raw)])
+
+    def read_control(self, after: str) -> list[tuple[str, bytes]]:
+        """Control messages after entry ``after`` (``"$"``: from now on), without waiting."""
+        if after == "$":
+            with _translate_errors(self.url):
+                (last,) = self._run([("XREVRANGE", self._control_key, "+", "-", "COUNT", 1)])
+            return [(last[0][0].decode() if last else "0-0", b"")]
+        with _translate_errors(self.url):
+            (reply,) = self._run([("XREAD", "COUNT", 100, "STREAMS", self._control_key, after)])
+        out = []
+        for _stream, entries in reply or ():
+            for entry_id, fields in entries:
+                out.append((entry_id.decode(), fields[1] if len(fields) >= 2 else b""))
+        return out
+
+    @property
+    def _control_key(self) -> str:
+        return f"{self._prefix}:control"
 
     def discard(self, delivery: Delivery) -> None:
         """Acknowledge and delete a delivery that must not run."""
