@@ -16,7 +16,7 @@ from nbtask.errors import (
     SignatureError,
     TaskNotFound,
 )
-from nbtask.events import Event, EventType, State
+from nbtask.events import FINAL_SEQ, Event, EventType, State
 from nbtask.handle import TaskHandle
 from nbtask.listener import Listener, decode_event
 from nbtask.message import build_message
@@ -386,7 +386,7 @@ class App:
         handle = self._listen().get(task_id)
         record = self.broker.get_record(task_id)
         channel = record.get("client", self.channel.encode()).decode()
-        event = Event(EventType.REVOKED, task_id, seq=1 << 30, data={"reason": "revoked"})
+        event = Event(EventType.REVOKED, task_id, seq=FINAL_SEQ, data={"reason": "revoked"})
         raw = self.signer.seal(event.to_header())
         if self.broker.revoke_pending(task_id, raw, channel):
             if handle is not None:

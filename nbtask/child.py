@@ -23,7 +23,7 @@ from typing import Any
 from nbtask._process import die_with_parent
 from nbtask.brokers import Delivery, Publish, open_broker
 from nbtask.canvas import Signature
-from nbtask.envelope import Envelope, Signer
+from nbtask.envelope import Buffer, Envelope, Signer
 from nbtask.errors import (
     BrokerUnavailable,
     NbtaskError,
@@ -32,16 +32,16 @@ from nbtask.errors import (
     SerializationError,
     SoftTimeLimitExceeded,
 )
-from nbtask.events import Event, EventType, State
+from nbtask.events import FINAL_SEQ, RUN_SEQ_SPAN, Event, EventType, State
+from nbtask.handle import TaskHandle
 from nbtask.message import Callbacks, TaskMessage, build_message, decode_value, encode_value
 from nbtask.outbox import Outbox, TaskStream
 from nbtask.settings import Settings
 from nbtask.task import ExceptionInfo, Request, Task, _current
 
-__all__ = ["FINAL_SEQ", "Child", "SlotState"]
+__all__ = ["Child", "SlotState", "WorkerSender"]
 
 log = logging.getLogger("nbtask.worker")
-FINAL_SEQ = 1 << 30  # above any event a child sends; used for events sent on its behalf
 
 
 class SlotState:
@@ -89,6 +89,43 @@ class Outcome:
     retry_in: float | None = None
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class WorkerSender:
+    """Sends tasks from inside a running task, to the same client, through this worker.
+
+    The handles it returns are not followed here (a task must not wait for another);
+    the client can re-attach to them by id.
+    """
+
+    def __init__(self, child: Child, message: TaskMessage) -> None:
+        self._child = child
+        self._message = message
+
+    def send(
+        self, task: Task, args: Sequence[Any], kwargs: Mapping[str, Any], options: Mapping[str, Any]
+    ) -> TaskHandle:
+        """Send one call."""
+        return self.send_batch([(task, args, kwargs, options)])[0]
+
+    def send_batch(
+        self, calls: Sequence[tuple[Task, Sequence[Any], Mapping[str, Any], Mapping[str, Any]]]
+    ) -> list[TaskHandle]:
+        """Send several calls in one round trip, as children of the running task."""
+        message = self._message
+        family = {"parent_id": message.id, "root_id": message.root_id}
+        sigs = [
+            Signature(task, tuple(args), kwargs, {**options, **family})
+            for task, args, kwargs, options in calls
+        ]
+        return [
+            TaskHandle(None, task_id, sig.task.name)
+            for sig, task_id in zip(sigs, self._child.publish(message.client, sigs), strict=True)
+        ]
+
+    def expect(self, task_id: str, name: str) -> TaskHandle:
+        """A handle nobody follows here."""
+        return TaskHandle(None, task_id, name)
 
 
 class Child:
@@ -139,12 +176,14 @@ class Child:
         self.outbox = Outbox(self.broker, self.signer)
         self._whoami["pid"] = os.getpid()
         backoff = 0.1
+        delivery: Delivery | None = None
         while not self._stop:
             try:
-                delivery = self.broker.fetch(self.queues, self.consumer, 1.0)
+                if delivery is None:
+                    delivery = self.broker.fetch(self.queues, self.consumer, 1.0)
                 backoff = 0.1
-                if delivery is not None:
-                    self.handle(delivery)
+                # handle() may take the next message with its last write: one round trip.
+                delivery = self.handle(delivery) if delivery is not None else None
             except BrokerUnavailable as exc:
                 log.warning("broker unreachable (%s); retrying in %.1f s", exc, backoff)
                 time.sleep(backoff)
@@ -163,8 +202,8 @@ class Child:
             raise SoftTimeLimitExceeded("the task ran past its soft time limit")
 
     # One delivery ----------------------------------------------------------------------------
-    def handle(self, delivery: Delivery) -> None:
-        """Verify, run and report one delivery."""
+    def handle(self, delivery: Delivery) -> Delivery | None:
+        """Verify, run and report one delivery; return the next one if it came along."""
         try:
             envelope = self.signer.open(delivery.raw)
             message = TaskMessage.from_header(envelope.header)
@@ -174,41 +213,43 @@ class Child:
                 delivery.delivery_id, delivery.queue, exc,
             )  # fmt: skip
             self.broker.dead_letter(delivery)
-            return
+            return None
         now = time.time()
         if message.eta is None and now - message.created > self.settings.replay_window:
             log.error("rejected task %s: sent %.0f s ago, older than max_age", message.id,
                       now - message.created)  # fmt: skip
             self.broker.dead_letter(delivery)
-            return
+            return None
         if message.expires is not None and now > message.expires:
             revoked = Event(EventType.REVOKED, message.id, FINAL_SEQ, {"reason": "expired"})
-            self._settle(delivery, message, Outcome(revoked))
-            return
+            return self._settle(delivery, message, Outcome(revoked))
         code, callbacks_raw, arguments = message.split(envelope)
         try:
             task: Task | None = self._resolve(message, code)
         except Exception as exc:
             task, resolve_error = None, exc
         if task is not None and self._rate_limited(delivery, message, task):
-            return
+            return None
         record = {"worker": self.hostname, "pid": str(os.getpid()), "started_at": repr(now)}
         refused = self.broker.start(message.id, record)
         if refused is not None:
             log.warning("dropped a message for task %s: it is already %s", message.id, refused)
             self.broker.discard(delivery)
-            return
-        self.outbox.begin(message.id, message.client, self._whoami)
+            return None
+        self.outbox.begin(
+            message.id, message.client, self._whoami, first_seq=message.retries * RUN_SEQ_SPAN
+        )
         if task is None:
             outcome = self._failed(message, resolve_error, self.outbox.end())
         else:
             outcome = self._execute(delivery, message, task, arguments)
-        self._settle(delivery, message, outcome, envelope)
+        following = self._settle(delivery, message, outcome, envelope)
         callbacks = decode_value(callbacks_raw, "cloudpickle") if callbacks_raw else None
         if callbacks:
             self._send_callbacks(message, outcome, callbacks)
         if task is not None:
             self._call_handlers(task, message, outcome)
+        return following
 
     def _rate_limited(self, delivery: Delivery, message: TaskMessage, task: Task) -> bool:
         """Put a task over its rate limit back for later, without holding this slot."""
@@ -222,7 +263,7 @@ class Child:
         return True
 
     def _execute(
-        self, delivery: Delivery, message: TaskMessage, task: Task, arguments: bytes
+        self, delivery: Delivery, message: TaskMessage, task: Task, arguments: Buffer
     ) -> Outcome:
         time_limit = message.time_limit
         self.slot.occupy(message.id, time.time() + time_limit if time_limit else 0.0)
@@ -238,6 +279,7 @@ class Child:
                 eta=message.eta, expires=message.expires, time_limit=time_limit,
                 soft_time_limit=message.soft_time_limit, parent_id=message.parent_id,
                 root_id=message.root_id, emit=self.outbox.emit,
+                sender=WorkerSender(self, message),
                 delivery_info={"queue": delivery.queue, "redelivered": delivery.deliveries > 0},
             )  # fmt: skip
             token = _current.set(request)
@@ -311,8 +353,11 @@ class Child:
         message: TaskMessage,
         outcome: Outcome,
         envelope: Envelope | None = None,
-    ) -> None:
-        """Store the outcome, tell the client and acknowledge (re-sending a retry)."""
+    ) -> Delivery | None:
+        """Store the outcome, tell the client and acknowledge (re-sending a retry).
+
+        Unless the child is stopping, the same round trip waits for the next message.
+        """
         try:
             raw = self.signer.seal(outcome.event.to_header(), outcome.body)
         except NbtaskError as exc:
@@ -332,7 +377,11 @@ class Child:
             header = {**message.to_header(), "retries": message.retries + 1, "eta": due,
                       "created": time.time()}  # fmt: skip
             requeue = (self.signer.seal(header, envelope.body), due)
-        self.broker.finish(delivery, message.id, message.client, raw, record, requeue=requeue)
+        then_fetch = None if self._stop else (self.queues, self.consumer, 1.0)
+        return self.broker.finish(
+            delivery, message.id, message.client, raw, record, requeue=requeue,
+            then_fetch=then_fetch,
+        )  # fmt: skip
 
     # After the outcome -----------------------------------------------------------------------
     def _send_callbacks(self, message: TaskMessage, outcome: Outcome, callbacks: Callbacks) -> None:
@@ -346,18 +395,26 @@ class Child:
             self._fail_downstream(message, outcome, callbacks.link)
         else:
             return
+        family = {"parent_id": message.id, "root_id": message.root_id}
+        self.publish(message.client, [
+            Signature(sig.task, (*first, *sig.args), sig.kwargs, {**sig.options, **family})
+            for sig, first in calls
+        ])  # fmt: skip
+
+    def publish(self, channel: str, sigs: Sequence[Signature]) -> list[str]:
+        """Send signatures (with their final arguments) for ``channel``'s client; their ids."""
         publishes = []
-        for sig, first in calls:
-            options = {**sig.options, "parent_id": message.id, "root_id": message.root_id}
-            queue = options.get("queue") or sig.task.queue or self.settings.default_queue
+        for sig in sigs:
+            queue = sig.options.get("queue") or sig.task.queue or self.settings.default_queue
             sent, raw = build_message(
-                sig.task, (*first, *sig.args), sig.kwargs, signer=self.signer,
-                channel=message.client, queue=queue, code_cache=self._code_cache, options=options,
+                sig.task, sig.args, sig.kwargs, signer=self.signer, channel=channel,
+                queue=queue, code_cache=self._code_cache, options=sig.options,
             )  # fmt: skip
-            record = {"state": State.PENDING.value, "name": sig.task.name, "client": message.client}
+            record = {"state": State.PENDING.value, "name": sig.task.name, "client": channel}
             publishes.append(Publish(queue, sent.id, raw, record, sent.eta))
         if publishes:
             self.broker.publish(publishes)
+        return [p.task_id for p in publishes]
 
     def _fail_downstream(
         self, message: TaskMessage, outcome: Outcome, links: Sequence[Signature]
@@ -397,7 +454,7 @@ class Child:
         )
 
     # Finding the task ------------------------------------------------------------------------
-    def _resolve(self, message: TaskMessage, code: bytes) -> Task:
+    def _resolve(self, message: TaskMessage, code: Buffer) -> Task:
         if message.code is not None:
             task = self._shipped.get(message.code)
             if task is None:

@@ -35,6 +35,8 @@ _LENGTH = struct.Struct(">I")
 _MAC_SIZE = hashlib.sha256().digest_size
 _PREFIX_SIZE = len(MAGIC) + 1 + _LENGTH.size
 _MIN_SIZE = _PREFIX_SIZE + 2 + _MAC_SIZE  # the smallest header is "{}"
+# A message body: bytes, or a view into a received message (not copied).
+Buffer = bytes | memoryview
 
 
 def dumps(value: object) -> bytes:
@@ -48,7 +50,7 @@ class Envelope:
     """A verified message: its header and its still-serialised body."""
 
     header: Mapping[str, Any]
-    body: bytes
+    body: Buffer
 
     def load_body(self) -> Any:
         """Unpickle the body; only reachable for envelopes whose MAC verified."""
@@ -98,7 +100,7 @@ class Signer:
         self._verify_keys = [self._key, *(_as_bytes(s) for s in old_secrets)]
         self.max_bytes = max_bytes
 
-    def seal(self, header: Mapping[str, Any], body: bytes = b"") -> bytes:
+    def seal(self, header: Mapping[str, Any], body: Buffer = b"") -> bytes:
         """Encode and sign ``header`` and ``body`` into one message."""
         head = json.dumps(header, separators=(",", ":")).encode()
         size = _PREFIX_SIZE + len(head) + len(body) + _MAC_SIZE
@@ -107,8 +109,11 @@ class Signer:
                 f"message of {size:,} bytes is over the limit of {self.max_bytes:,} bytes "
                 "(max_message_bytes); pass large data by reference (a path or URL) instead"
             )
-        unsigned = b"".join((MAGIC, bytes((FORMAT_VERSION,)), _LENGTH.pack(len(head)), head, body))
-        return unsigned + hmac.new(self._key, unsigned, hashlib.sha256).digest()
+        prefix = b"".join((MAGIC, bytes((FORMAT_VERSION,)), _LENGTH.pack(len(head)), head))
+        # MAC the parts as they are and join once: a large body is copied only once.
+        mac = hmac.new(self._key, prefix, hashlib.sha256)
+        mac.update(body)
+        return b"".join((prefix, body, mac.digest()))
 
     def open(self, raw: bytes) -> Envelope:
         """Verify ``raw`` and return its envelope; raise before parsing anything unverified.
@@ -129,7 +134,8 @@ class Signer:
                 f"message format version {raw[len(MAGIC)]} is not supported (this nbtask "
                 f"speaks {FORMAT_VERSION}); run the same nbtask version on clients and workers"
             )
-        unsigned, mac = raw[:-_MAC_SIZE], raw[-_MAC_SIZE:]
+        # A view, not a copy: a large body is never copied while it is checked.
+        unsigned, mac = memoryview(raw)[:-_MAC_SIZE], raw[-_MAC_SIZE:]
         if not any(
             hmac.compare_digest(hmac.new(key, unsigned, hashlib.sha256).digest(), mac)
             for key in self._verify_keys
@@ -143,7 +149,7 @@ class Signer:
         if body_start > len(unsigned):
             raise SignatureError("message header length is past the end of the message")
         try:
-            header = json.loads(unsigned[_PREFIX_SIZE:body_start])
+            header = json.loads(bytes(unsigned[_PREFIX_SIZE:body_start]))
         except ValueError:
             raise SignatureError("message header is not valid JSON") from None
         if not isinstance(header, dict):

@@ -8,7 +8,14 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["FINAL_STATES", "Event", "EventType", "Progress", "State"]
+__all__ = ["FINAL_SEQ", "FINAL_STATES", "RUN_SEQ_SPAN", "Event", "EventType", "Progress", "State"]
+
+# Sequence numbers order a task's events. Each run (first try, then each retry) numbers
+# its events from ``retries * RUN_SEQ_SPAN``, so a retry's events are never taken for
+# stale ones; events sent on a task's behalf (revoked, worker lost) use FINAL_SEQ, above
+# all of them and still exact in a JavaScript number.
+RUN_SEQ_SPAN = 1_000_000
+FINAL_SEQ = 1 << 52
 
 
 class State(str, enum.Enum):

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from nbtask.errors import RemoteError, TaskRevoked, WorkerLost
+from nbtask.errors import NbtaskError, RemoteError, TaskRevoked, WorkerLost
 from nbtask.events import FINAL_STATES, Event, EventType, Progress, State
 from nbtask.task import current_request
 
@@ -32,7 +32,7 @@ class TaskHandle(concurrent.futures.Future[Any]):
         The task's registered name.
     """
 
-    def __init__(self, app: App, task_id: str, name: str) -> None:
+    def __init__(self, app: App | None, task_id: str, name: str) -> None:
         super().__init__()
         self.app = app
         self.id = task_id
@@ -206,6 +206,11 @@ class TaskHandle(concurrent.futures.Future[Any]):
         """
         if self.done():
             return False
+        if self.app is None:
+            raise NbtaskError(
+                f"task {self.id} was sent from inside another task; revoke it from a client "
+                "with app.revoke(task_id, terminate=True)"
+            )
         return self.app.revoke(self.id, terminate=True)
 
     def __repr__(self) -> str:

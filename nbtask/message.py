@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from nbtask.envelope import Envelope, Signer, dumps
+from nbtask.envelope import Buffer, Envelope, Signer, dumps
 from nbtask.errors import ConfigurationError, SerializationError
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ class TaskMessage:
         """The JSON header carrying this message."""
         return {"kind": "task", **dataclasses.asdict(self)}
 
-    def split(self, envelope: Envelope) -> tuple[bytes, bytes, bytes]:
+    def split(self, envelope: Envelope) -> tuple[Buffer, Buffer, Buffer]:
         """``(code, callbacks, arguments)`` parts of a verified envelope's body."""
         body = envelope.body
         end = self.code_len + self.callbacks_len
@@ -134,10 +134,10 @@ def encode_value(value: Any, serializer: str, what: str) -> bytes:
         raise SerializationError(f"{what} cannot be serialised with {serializer}: {exc}") from None
 
 
-def decode_value(data: bytes, serializer: str) -> Any:
+def decode_value(data: Buffer, serializer: str) -> Any:
     """Load what :func:`encode_value` made; only call on a verified envelope's body."""
     if serializer == "json":
-        return json.loads(data)
+        return json.loads(bytes(data))
     return Envelope({}, data).load_body()
 
 

@@ -44,12 +44,14 @@ class Outbox:
         self._wake = threading.Event()
         threading.Thread(target=self._pump, name="nbtask-outbox", daemon=True).start()
 
-    def begin(self, task_id: str, channel: str, details: Mapping[str, Any]) -> None:
+    def begin(
+        self, task_id: str, channel: str, details: Mapping[str, Any], first_seq: int = 0
+    ) -> None:
         """Start buffering for a task that was just marked STARTED."""
         with self._lock:
-            self._task_id, self._channel, self._seq = task_id, channel, 1
+            self._task_id, self._channel, self._seq = task_id, channel, first_seq + 1
             self._output, self._progress = [], None
-            self._started = Event(EventType.STARTED, task_id, 1, details)
+            self._started = Event(EventType.STARTED, task_id, first_seq + 1, details)
         self._wake.set()
 
     def emit(self, kind: str, data: Mapping[str, Any]) -> None:

@@ -8,7 +8,7 @@ import datetime as dt
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
-from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, Protocol, TypeVar
 
 from nbtask.canvas import Signature
 from nbtask.errors import ConfigurationError, MaxRetriesExceededError, Retry
@@ -37,6 +37,23 @@ TASK_OPTIONS = frozenset({
     "serializer", "reject_on_worker_lost", "priority", "backend", "typing",
 })  # fmt: skip
 _RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class Sender(Protocol):
+    """What sends tasks: an :class:`~nbtask.App`, or a worker on behalf of a running task."""
+
+    def send(
+        self, task: Task, args: Sequence[Any], kwargs: Mapping[str, Any], options: Mapping[str, Any]
+    ) -> TaskHandle:
+        """Send one call."""
+
+    def send_batch(
+        self, calls: Sequence[tuple[Task, Sequence[Any], Mapping[str, Any], Mapping[str, Any]]]
+    ) -> list[TaskHandle]:
+        """Send several calls in one round trip."""
+
+    def expect(self, task_id: str, name: str) -> TaskHandle:
+        """A handle for a task someone else will send."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +88,8 @@ class Request:
     root_id: str | None = None
     delivery_info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     emit: Callable[[str, Mapping[str, Any]], None] | None = None
+    #: Sends tasks from inside this one (on a worker, where the task has no App).
+    sender: Sender | None = None
 
 
 T = TypeVar("T")
@@ -373,7 +392,12 @@ class Task:
         """An immutable signature: in a chain it ignores the previous task's result."""
         return Signature(self, args, kwargs, immutable=True)
 
-    def _app(self) -> App:
+    def _app(self) -> Sender:
+        # Inside a running task on a worker, tasks shipped by value have no App: they
+        # send through the worker, to the same client.
+        request = _current.get()
+        if request is not None and request.sender is not None:
+            return request.sender
         if self.app is None:
             raise ConfigurationError(
                 f"task {self.name!r} is not bound to an App; create it with @app.task"

@@ -26,10 +26,10 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from nbtask.brokers import Broker, Delivery, open_broker
-from nbtask.child import FINAL_SEQ, Child, SlotState
+from nbtask.child import Child, SlotState
 from nbtask.envelope import Signer
 from nbtask.errors import BrokerUnavailable, NbtaskError
-from nbtask.events import Event, EventType, State
+from nbtask.events import FINAL_SEQ, Event, EventType, State
 from nbtask.message import TaskMessage
 from nbtask.settings import Settings
 from nbtask.task import Task

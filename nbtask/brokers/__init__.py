@@ -92,8 +92,13 @@ class Broker(Protocol):
         record: Mapping[str, str | bytes],
         *,
         requeue: tuple[bytes, float] | None = None,
-    ) -> None:
-        """Store the record, tell the client, park ``requeue`` for later, ack: atomically."""
+        then_fetch: tuple[Sequence[str], str, float] | None = None,
+    ) -> Delivery | None:
+        """Store the record, tell the client, park ``requeue`` for later, ack: atomically.
+
+        With ``then_fetch=(queues, consumer, block_seconds)`` the broker may also take the
+        next message in the same round trip and return it (else it returns ``None``).
+        """
 
     def rate_wait(self, bucket: str, rate: float) -> float:
         """Take a token of ``bucket`` (``rate`` per second) or say how long to wait."""

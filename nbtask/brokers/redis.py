@@ -273,8 +273,11 @@ class RedisBroker:
             self._local.connection = connection
         return connection
 
-    def _run(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+    def _run(self, commands: Sequence[tuple[Any, ...]], *, block_seconds: float = 0.0) -> list[Any]:
         """Send ``commands`` in one write and read every reply.
+
+        ``block_seconds`` is how long a blocking command (XREAD BLOCK) may wait; the
+        socket's read timeout is stretched past it for this call.
 
         A pipeline without redis-py's per-command bookkeeping: on the hot path (publish,
         fetch, start, finish) that bookkeeping costs more than the round trip itself.
@@ -286,7 +289,11 @@ class RedisBroker:
             connection.send_packed_command(connection.pack_commands(commands))
             for _ in commands:
                 try:
-                    replies.append(connection.read_response())
+                    if block_seconds:
+                        timeout = block_seconds + (connection.socket_timeout or 5.0)
+                        replies.append(connection.read_response(timeout=timeout))
+                    else:
+                        replies.append(connection.read_response())
                 except ResponseError as exc:
                     replies.append(exc)
                     error = error or exc
@@ -305,7 +312,7 @@ class RedisBroker:
         block = max(1, int(block_seconds * 1000))
         command = ("XREAD", "COUNT", 500, "BLOCK", block, "STREAMS", *channels, *channels.values())
         with _translate_errors(self.url):
-            (reply,) = self._run([command])
+            (reply,) = self._run([command], block_seconds=block_seconds)
         out: list[tuple[str, str, bytes]] = []
         for stream, entries in reply or ():
             name = stream.decode()
@@ -367,7 +374,7 @@ class RedisBroker:
                     keys[0],
                     ">",
                 )
-                (reply,) = self._run([command])
+                (reply,) = self._run([command], block_seconds=block_seconds)
                 if not reply:
                     return None
                 entry_id, fields = reply[0][1][0]
@@ -408,11 +415,14 @@ class RedisBroker:
         record: Mapping[str, str | bytes],
         *,
         requeue: tuple[bytes, float] | None = None,
-    ) -> None:
+        then_fetch: tuple[Sequence[str], str, float] | None = None,
+    ) -> Delivery | None:
         """Store the record, send the event, park ``requeue`` until its due time, and ack.
 
         All in one atomic step. An empty ``record`` deletes the task's record; an empty
-        ``raw_event`` sends nothing and leaves the record alone.
+        ``raw_event`` sends nothing and leaves the record alone. ``then_fetch`` =
+        ``(queues, consumer, block_seconds)`` also waits for the next message in the same
+        round trip (one queue only) and returns it.
         """
         fields = [part for item in record.items() for part in item]
         queue = delivery.queue if delivery is not None else ""
@@ -422,8 +432,24 @@ class RedisBroker:
         command = self._evalsha(
             "finish", keys, self._ttl, CHANNEL_MAXLEN, raw_event, entry, later, repr(due), *fields
         )
+        if then_fetch is None or len(then_fetch[0]) != 1:
+            with _translate_errors(self.url):
+                self._run_scripts([command])
+            return None
+        queues, consumer, block_seconds = then_fetch
+        fetch = self._fetch_command(queues[0], consumer, block_seconds)
         with _translate_errors(self.url):
-            self._run_scripts([command])
+            try:
+                _, reply = self._run([command, fetch], block_seconds=block_seconds)
+            except NoScriptError:
+                self._run_scripts([command])
+                return None
+        return _delivery(queues[0], *reply[0][1][0]) if reply else None
+
+    def _fetch_command(self, queue: str, consumer: str, block_seconds: float) -> tuple[Any, ...]:
+        block = max(1, int(block_seconds * 1000))
+        return ("XREADGROUP", "GROUP", GROUP, consumer, "COUNT", 1, "BLOCK", block,
+                "STREAMS", self.queue_key(queue), ">")  # fmt: skip
 
     def rate_wait(self, bucket: str, rate: float) -> float:
         """Take the token of ``bucket`` (``rate`` per second) or say how long to wait."""
