@@ -250,6 +250,7 @@ def measure_cold(runs: int, idle_wait: float) -> dict[str, Any]:
             "child_rss_max_mib",
             "child_uss_max_mib",
             "client_rss_mib",
+            "others_rss_mib",
         )
     }
     return {"cold_start": cold, "idle_memory": memory, "cold_runs": raw}

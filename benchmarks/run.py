@@ -338,6 +338,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "private_redis": None if args.url else args.redis_server,
             "redis_version": _redis_version(url),
             "python": platform.python_version(),
+            # redis-py uses hiredis when installed, for both systems alike; the
+            # anchor numbers were taken without it.
+            "hiredis": bool(getattr(redis.utils, "HIREDIS_AVAILABLE", False)),
+            "redis_py": redis.__version__,
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
             "runs": args.runs,
