@@ -207,12 +207,16 @@ class Child:
         try:
             envelope = self.signer.open(delivery.raw)
             message = TaskMessage.from_header(envelope.header)
+            if delivery.task_id is not None and delivery.task_id != message.id:
+                raise ValueError("the queue entry names another task than the message")
         except (NbtaskError, ValueError) as exc:
             log.error(
                 "rejected message %s on queue %s: %s; moved to the dead-letter stream",
                 delivery.delivery_id, delivery.queue, exc,
             )  # fmt: skip
             self.broker.dead_letter(delivery)
+            if delivery.verdict == "OK" and delivery.task_id:
+                self.broker.release(delivery.task_id)
             return None
         now = time.time()
         if message.eta is None and now - message.created > self.settings.replay_window:
@@ -228,13 +232,16 @@ class Child:
             task: Task | None = self._resolve(message, code)
         except Exception as exc:
             task, resolve_error = None, exc
-        if task is not None and self._rate_limited(delivery, message, task):
-            return None
-        record = {"worker": self.hostname, "pid": str(os.getpid()), "started_at": repr(now)}
-        refused = self.broker.start(message.id, record)
+        if delivery.verdict is None:
+            record = {"worker": self.hostname, "pid": str(os.getpid())}
+            refused = self.broker.start(message.id, record)
+        else:
+            refused = None if delivery.verdict == "OK" else delivery.verdict
         if refused is not None:
             log.warning("dropped a message for task %s: it is already %s", message.id, refused)
             self.broker.discard(delivery)
+            return None
+        if task is not None and self._rate_limited(delivery, message, task):
             return None
         self.outbox.begin(
             message.id, message.client, self._whoami, first_seq=message.retries * RUN_SEQ_SPAN
@@ -258,7 +265,8 @@ class Child:
         wait = self.broker.rate_wait(f"{self.worker_id}:{message.name}", task.rate_limit)
         if wait <= 0:
             return False
-        self.broker.finish(delivery, message.id, message.client, b"", {},
+        # Back to PENDING (the start check may have marked it STARTED) and parked.
+        self.broker.finish(delivery, message.id, message.client, b"", {"state": "PENDING"},
                            requeue=(delivery.raw, time.time() + wait))  # fmt: skip
         return True
 

@@ -42,6 +42,7 @@ EXIT_OK = 0
 EXIT_SIGNAL = 130  # stopped by a second (cold) signal
 _TICK_SECONDS = 0.1
 _STALE_CHECK_EVERY = 10  # heartbeats between visibility-timeout sweeps
+_CRASH_LOOP_SECONDS = 1.0  # a child that dies younger than this is respawned with backoff
 
 
 class Worker:
@@ -93,6 +94,9 @@ class Worker:
         # slot -> (task id, why it is being stopped, when to SIGKILL it)
         self._stopping: dict[int, tuple[str, str, float]] = {}
         self._control_position = "$"
+        self._spawned_at: dict[int, float] = {}
+        self._backoff: dict[int, float] = {}
+        self._respawn_at: dict[int, float] = {}
         self._signals = 0
         self._started = time.time()
         self._context = multiprocessing.get_context("fork")
@@ -153,12 +157,16 @@ class Worker:
                 log.warning("parent process %d is gone; stopping", self.parent_pid)
                 return EXIT_OK
             sentinels = {c.sentinel: slot for slot, c in self._children.items()}
+            if not sentinels:
+                time.sleep(_TICK_SECONDS)  # wait() on nothing would return at once
             ready = multiprocessing.connection.wait(list(sentinels), timeout=_TICK_SECONDS)
             for sentinel in ready:
                 assert isinstance(sentinel, int)
                 self._child_exited(sentinels[sentinel], respawn=not warm)
             if warm and not self._children:
                 return EXIT_OK
+            if not warm:
+                self._respawn_due()
             try:
                 self.broker.move_due(self.queues)
                 self._enforce_limits()
@@ -187,6 +195,7 @@ class Worker:
         process = self._context.Process(target=child.run, name=f"nbtask-child-{slot}")
         process.start()
         self._children[slot] = process
+        self._spawned_at[slot] = time.monotonic()
 
     def _child_exited(self, slot: int, *, respawn: bool) -> None:
         process = self._children.pop(slot)
@@ -203,8 +212,25 @@ class Worker:
                 self._settle_lost(delivery, reason, stopped)
         except BrokerUnavailable as exc:
             log.warning("could not settle the tasks of child %d yet: %s", slot, exc)
-        if respawn:
+        if not respawn:
+            return
+        if time.monotonic() - self._spawned_at.get(slot, 0.0) < _CRASH_LOOP_SECONDS:
+            # Dying right after start (a broken import, a bad environment): back off
+            # instead of burning a core on respawns.
+            delay = min(2 * self._backoff.get(slot, _CRASH_LOOP_SECONDS / 2), 30.0)
+            self._backoff[slot] = delay
+            self._respawn_at[slot] = time.monotonic() + delay
+            log.error("child %d keeps dying at start; next try in %.1f s", slot, delay)
+        else:
+            self._backoff.pop(slot, None)
             self._spawn(slot)
+
+    def _respawn_due(self) -> None:
+        now = time.monotonic()
+        for slot, when in list(self._respawn_at.items()):
+            if now >= when:
+                del self._respawn_at[slot]
+                self._spawn(slot)
 
     def _shutdown(self) -> None:
         for process in self._children.values():

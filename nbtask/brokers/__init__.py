@@ -20,13 +20,18 @@ __all__ = ["Broker", "Delivery", "Publish", "open_broker"]
 class Delivery:
     """A message handed to a worker and not yet acknowledged.
 
-    ``deliveries`` counts earlier deliveries that ended with the worker dead.
+    ``deliveries`` counts earlier deliveries that ended with the worker dead. ``verdict``
+    is set when the broker already decided whether the task may start: ``"OK"`` (it is
+    now STARTED) or the state that forbids it; ``None`` means "ask ``start()``".
     """
 
     queue: str
     delivery_id: str
     raw: bytes
     deliveries: int = 0
+    verdict: str | None = None
+    #: The task id as the broker saw it (unverified; checked against the signed header).
+    task_id: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +84,9 @@ class Broker(Protocol):
 
     def start(self, task_id: str, record: Mapping[str, str]) -> str | None:
         """Record a task as STARTED (atomically checked); else return the state forbidding it."""
+
+    def release(self, task_id: str) -> None:
+        """Undo a start verdict for a message that then failed verification."""
 
     def emit(self, channel: str, raw_events: Sequence[bytes]) -> None:
         """Send events to a client's channel."""

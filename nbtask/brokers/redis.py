@@ -18,7 +18,10 @@ Delivery rules (see the README's "Delivery semantics"):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import os
+import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -42,10 +45,40 @@ _FINAL = ("SUCCESS", "FAILURE", "REVOKED", "WORKER_LOST")
 # Take one message from the first queue (in the order given) that has one. When none
 # has, return the last entry id of each stream, so the caller can block on XREAD from
 # exactly there and be woken by the next XADD without a race.
-_FETCH = """
+# Mark a task STARTED unless it must not run, atomically with its delivery. A task may
+# start only from PENDING/RETRY (or with no record, e.g. an expired one): this refuses
+# duplicates of a running task, replays of a finished one and revoked tasks. Returns
+# 'OK' or the state that forbids it. The task id is the stream entry's plain 'i' field;
+# the worker checks it against the signed header before running anything.
+_CHECK_START = """
+local function check_start(fields, prefix, ttl, worker, pid)
+  local task_id
+  for i = 1, #fields, 2 do if fields[i] == 'i' then task_id = fields[i + 1] end end
+  if not task_id then return 'NOID' end
+  local key = prefix .. task_id
+  local state = redis.call('HGET', key, 'state')
+  if state and state ~= 'PENDING' and state ~= 'RETRY' then return state end
+  local now = redis.call('TIME')
+  redis.call('HSET', key, 'state', 'STARTED', 'worker', worker, 'pid', pid,
+             'started_at', tostring(tonumber(now[1]) + tonumber(now[2]) / 1e6))
+  redis.call('EXPIRE', key, ttl)
+  return 'OK'
+end
+"""
+
+# Take one message from the first queue (in the order given) that has one, and check it
+# may start. When none has, return the last entry id of each stream, so the caller can
+# block on XREAD from exactly there and be woken by the next XADD without a race.
+# ARGV: group, consumer, record key prefix, ttl, worker, pid
+_FETCH = (
+    _CHECK_START
+    + """
 for i, key in ipairs(KEYS) do
   local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', key, '>')
-  if r then return {i, r[1][2][1][1], r[1][2][1][2]} end
+  if r then
+    local entry = r[1][2][1]
+    return {i, entry[1], entry[2], check_start(entry[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])}
+  end
 end
 local ids = {}
 for i, key in ipairs(KEYS) do
@@ -54,17 +87,29 @@ for i, key in ipairs(KEYS) do
 end
 return {0, ids}
 """
+)
 
-# A task may start only from PENDING/RETRY (or with no record, e.g. an expired one):
-# this refuses duplicates of a running task, replays of a finished one and revoked tasks
-# in the same atomic step that marks it STARTED.
-_START = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if state and state ~= 'PENDING' and state ~= 'RETRY' then return state end
-redis.call('HSET', KEYS[1], 'state', 'STARTED', unpack(ARGV, 2))
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-return 1
+# Sent in the same write as a blocking XREADGROUP, so Redis runs it the moment that
+# read is served: the start check costs no extra round trip. It looks at what this
+# consumer was given after entry ARGV[7] (nothing, if the read timed out).
+# KEYS: stream; ARGV: group, consumer, record key prefix, ttl, worker, pid, last entry id
+_STARTED = (
+    _CHECK_START
+    + """
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '(' .. ARGV[7], '+', 1, ARGV[2])
+if #pending == 0 then return false end
+local entry = redis.call('XRANGE', KEYS[1], pending[1][1], pending[1][1])
+if #entry == 0 then return false end
+return {entry[1][1], check_start(entry[1][2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])}
 """
+)
+
+_START = (
+    _CHECK_START
+    + """
+return check_start({'i', ARGV[1]}, ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+"""
+)
 
 # The last step of a task, atomically: store the record (no fields: delete it), tell the
 # client, park a message for later (a retry) and acknowledge the delivery.
@@ -101,14 +146,15 @@ return '0'
 """
 
 # Enqueue one message (or park it until its ETA) and write its PENDING record.
-# KEYS: stream, eta set, record; ARGV: raw, ttl, eta ('' = now), fields...
+# ETA members are "<task id>:<message>", so the move to the stream can set 'i'.
+# KEYS: stream, eta set, record; ARGV: raw, ttl, eta ('' = now), task id, fields...
 _PUBLISH = """
 if ARGV[3] == '' then
-  redis.call('XADD', KEYS[1], '*', 'e', ARGV[1], 'n', '0')
+  redis.call('XADD', KEYS[1], '*', 'e', ARGV[1], 'n', '0', 'i', ARGV[4])
 else
-  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4] .. ':' .. ARGV[1])
 end
-redis.call('HSET', KEYS[3], unpack(ARGV, 4))
+redis.call('HSET', KEYS[3], unpack(ARGV, 5))
 redis.call('EXPIRE', KEYS[3], ARGV[2])
 return 1
 """
@@ -127,7 +173,9 @@ local moved = 0
 for i = 1, #KEYS, 2 do
   local due = redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', ARGV[1], 'LIMIT', 0, 500)
   for _, m in ipairs(due) do
-    redis.call('XADD', KEYS[i + 1], '*', 'e', m, 'n', '0')
+    local cut = string.find(m, ':', 1, true)
+    redis.call('XADD', KEYS[i + 1], '*', 'e', string.sub(m, cut + 1), 'n', '0',
+               'i', string.sub(m, 1, cut - 1))
     redis.call('ZREM', KEYS[i], m)
     moved = moved + 1
   end
@@ -166,7 +214,8 @@ class RedisBroker:
     """
 
     _SCRIPTS: ClassVar[dict[str, str]] = {
-        "start": _START, "finish": _FINISH, "publish": _PUBLISH, "rate": _RATE,
+        "start": _START, "started": _STARTED, "fetch": _FETCH, "finish": _FINISH,
+        "publish": _PUBLISH, "rate": _RATE,
     }  # fmt: skip
 
     def __init__(self, url: str, settings: Settings) -> None:
@@ -177,7 +226,7 @@ class RedisBroker:
         # need a cast at every call; this adapter checks the shapes it reads instead.
         # RESP2 keeps raw replies in one known shape for the hot path below.
         self.redis: Any = redis.Redis.from_url(url, socket_connect_timeout=5, protocol=2)
-        self._fetch = self.redis.register_script(_FETCH)
+        self._last_seen: dict[str, str] = {}
         self._sha = {
             name: hashlib.sha1(body.encode()).hexdigest() for name, body in self._SCRIPTS.items()
         }
@@ -221,8 +270,7 @@ class RedisBroker:
         """Raise :class:`BrokerUnavailable` unless the server answers."""
         with _translate_errors(self.url):
             self.redis.ping()
-            for body in self._scripts.values():
-                self.redis.script_load(body)
+            self._load_scripts()
 
     def close(self) -> None:
         """Close every pooled connection and this thread's own."""
@@ -245,7 +293,9 @@ class RedisBroker:
                 self.eta_key(msg.queue),
                 self.record_key(msg.task_id),
             )
-            commands.append(self._evalsha("publish", keys, msg.raw, self._ttl, due, *fields))
+            commands.append(
+                self._evalsha("publish", keys, msg.raw, self._ttl, due, msg.task_id, *fields)
+            )
         with _translate_errors(self.url):
             self._run_scripts(commands)
 
@@ -259,8 +309,7 @@ class RedisBroker:
         except NoScriptError:
             # Only a restarted (emptied) server answers NOSCRIPT, and it answers it for
             # every command of the batch, so running the batch again runs each once.
-            for body in self._scripts.values():
-                self.redis.script_load(body)
+            self._load_scripts()
             return self._run(commands)
 
     def _connection(self) -> Any:
@@ -273,11 +322,18 @@ class RedisBroker:
             self._local.connection = connection
         return connection
 
-    def _run(self, commands: Sequence[tuple[Any, ...]], *, block_seconds: float = 0.0) -> list[Any]:
+    def _run(
+        self,
+        commands: Sequence[tuple[Any, ...]],
+        *,
+        block_seconds: float = 0.0,
+        raise_errors: bool = True,
+    ) -> list[Any]:
         """Send ``commands`` in one write and read every reply.
 
         ``block_seconds`` is how long a blocking command (XREAD BLOCK) may wait; the
-        socket's read timeout is stretched past it for this call.
+        socket's read timeout is stretched past it for this call. With ``raise_errors``
+        false, error replies are returned in their places instead of raised.
 
         A pipeline without redis-py's per-command bookkeeping: on the hot path (publish,
         fetch, start, finish) that bookkeeping costs more than the round trip itself.
@@ -301,7 +357,7 @@ class RedisBroker:
             # A half-read connection cannot be reused; the next call reconnects.
             connection.disconnect()
             raise
-        if error is not None:
+        if error is not None and raise_errors:
             raise error
         return replies
 
@@ -355,48 +411,91 @@ class RedisBroker:
                         raise
 
     def fetch(self, queues: Sequence[str], consumer: str, block_seconds: float) -> Delivery | None:
-        """Take one message, waiting up to ``block_seconds``; never more than one."""
-        keys = [self.queue_key(q) for q in queues]
+        """Take one message, waiting up to ``block_seconds``; never more than one.
+
+        The delivery comes with its start verdict (``Delivery.verdict``), decided by
+        Redis in the same round trip.
+        """
         with _translate_errors(self.url):
-            if len(keys) == 1:
-                # One queue: the server hands each entry to exactly one blocked consumer.
-                block = max(1, int(block_seconds * 1000))
-                command = (
-                    "XREADGROUP",
-                    "GROUP",
-                    GROUP,
-                    consumer,
-                    "COUNT",
-                    1,
-                    "BLOCK",
-                    block,
-                    "STREAMS",
-                    keys[0],
-                    ">",
-                )
-                (reply,) = self._run([command], block_seconds=block_seconds)
-                if not reply:
-                    return None
-                entry_id, fields = reply[0][1][0]
-                return _delivery(queues[0], entry_id, fields)
-            deadline = time.monotonic() + block_seconds
-            while True:
-                index, *rest = self._fetch(keys=keys, args=[GROUP, consumer])
-                if index:
-                    return _delivery(queues[index - 1], rest[0], rest[1])
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return None
-                last_ids = dict(zip(keys, rest[0], strict=False))
-                self.redis.xread(last_ids, count=1, block=max(1, int(remaining * 1000)))
+            if len(queues) == 1:
+                return self._read_one(queues[0], consumer, block_seconds, ())
+            return self._fetch_many(queues, consumer, block_seconds)
+
+    def _read_one(
+        self,
+        queue: str,
+        consumer: str,
+        block_seconds: float,
+        leading: Sequence[tuple[Any, ...]],
+    ) -> Delivery | None:
+        # One write: [leading commands,] a blocking read, and the start check that Redis
+        # runs as soon as the read is served. One queue: the server hands each entry to
+        # exactly one blocked consumer.
+        stream = self.queue_key(queue)
+        started = self._evalsha(
+            "started", [stream], GROUP, consumer, f"{self._prefix}:r:", self._ttl,
+            *self._identity(), self._last_seen.get(stream, "0-0"),
+        )  # fmt: skip
+        commands = [*leading, self._fetch_command(queue, consumer, block_seconds), started]
+        replies = self._run(commands, block_seconds=block_seconds, raise_errors=False)
+        if any(isinstance(r, NoScriptError) for r in replies):
+            # A restarted server forgot the scripts: nothing they do happened. Run them
+            # again now that they are loaded (the read itself did happen).
+            self._load_scripts()
+            for position, reply in enumerate(replies):
+                if isinstance(reply, NoScriptError):
+                    replies[position] = self._run([commands[position]])[0]
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                raise reply
+        read, verdict = replies[-2], replies[-1]
+        if not read:
+            return None
+        entry_id, fields = read[0][1][0]
+        delivery = _delivery(queue, entry_id, fields)
+        self._last_seen[stream] = delivery.delivery_id
+        if verdict and verdict[0] == entry_id:
+            delivery = _with_verdict(delivery, verdict[1])
+        return delivery
+
+    def _fetch_many(
+        self, queues: Sequence[str], consumer: str, block_seconds: float
+    ) -> Delivery | None:
+        keys = [self.queue_key(q) for q in queues]
+        deadline = time.monotonic() + block_seconds
+        args = (GROUP, consumer, f"{self._prefix}:r:", self._ttl, *self._identity())
+        while True:
+            index, *rest = self._run_scripts([self._evalsha("fetch", keys, *args)])[0]
+            if index:
+                return _with_verdict(_delivery(queues[index - 1], rest[0], rest[1]), rest[2])
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            command = ("XREAD", "COUNT", 1, "BLOCK", max(1, int(remaining * 1000)), "STREAMS",
+                       *keys, *rest[0])  # fmt: skip
+            self._run([command], block_seconds=remaining)
+
+    def _identity(self) -> tuple[str, int]:
+        # Who marks tasks STARTED: this host and process (children call this after fork).
+        return socket.gethostname(), os.getpid()
+
+    def _load_scripts(self) -> None:
+        for body in self._scripts.values():
+            self.redis.script_load(body)
 
     def start(self, task_id: str, record: Mapping[str, str]) -> str | None:
-        """Mark STARTED unless the task must not run; then return the state that forbids it."""
-        fields = [part for item in record.items() for part in item]
-        command = self._evalsha("start", [self.record_key(task_id)], self._ttl, *fields)
+        """Mark STARTED unless the task must not run; then return the state that forbids it.
+
+        Deliveries from :meth:`fetch` already carry this verdict; this is for the rest.
+        """
+        command = self._evalsha(
+            "start", [], task_id, f"{self._prefix}:r:", self._ttl,
+            record.get("worker", ""), record.get("pid", ""),
+        )  # fmt: skip
         with _translate_errors(self.url):
             (reply,) = self._run_scripts([command])
-        return None if reply == 1 else bytes(reply).decode()
+        verdict = bytes(reply).decode()
+        return None if verdict == "OK" else verdict
 
     def emit(self, channel: str, raw_events: Sequence[bytes]) -> None:
         """Append events to a client's channel in one round trip."""
@@ -428,6 +527,8 @@ class RedisBroker:
         queue = delivery.queue if delivery is not None else ""
         keys = (self.record_key(task_id), channel, self.queue_key(queue), self.eta_key(queue))
         later, due = requeue if requeue is not None else (b"", 0.0)
+        if later:
+            later = task_id.encode() + b":" + later  # the ETA set's member format
         entry = delivery.delivery_id if delivery is not None else ""
         command = self._evalsha(
             "finish", keys, self._ttl, CHANNEL_MAXLEN, raw_event, entry, later, repr(due), *fields
@@ -437,19 +538,18 @@ class RedisBroker:
                 self._run_scripts([command])
             return None
         queues, consumer, block_seconds = then_fetch
-        fetch = self._fetch_command(queues[0], consumer, block_seconds)
         with _translate_errors(self.url):
-            try:
-                _, reply = self._run([command, fetch], block_seconds=block_seconds)
-            except NoScriptError:
-                self._run_scripts([command])
-                return None
-        return _delivery(queues[0], *reply[0][1][0]) if reply else None
+            return self._read_one(queues[0], consumer, block_seconds, [command])
 
     def _fetch_command(self, queue: str, consumer: str, block_seconds: float) -> tuple[Any, ...]:
         block = max(1, int(block_seconds * 1000))
         return ("XREADGROUP", "GROUP", GROUP, consumer, "COUNT", 1, "BLOCK", block,
                 "STREAMS", self.queue_key(queue), ">")  # fmt: skip
+
+    def release(self, task_id: str) -> None:
+        """Undo a start verdict for a message that then failed verification."""
+        with _translate_errors(self.url):
+            self.redis.hset(self.record_key(task_id), "state", "PENDING")
 
     def rate_wait(self, bucket: str, rate: float) -> float:
         """Take the token of ``bucket`` (``rate`` per second) or say how long to wait."""
@@ -498,7 +598,7 @@ class RedisBroker:
         """Re-add the message with its redelivery count raised, and drop the old entry."""
         stream = self.queue_key(delivery.queue)
         with _translate_errors(self.url), self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(stream, {"e": delivery.raw, "n": delivery.deliveries + 1})
+            pipe.xadd(stream, {"e": delivery.raw, "n": delivery.deliveries + 1, "i": task_id})
             pipe.hset(self.record_key(task_id), "state", "PENDING")
             pipe.xack(stream, GROUP, delivery.delivery_id)
             pipe.xdel(stream, delivery.delivery_id)
@@ -627,8 +727,19 @@ class RedisBroker:
             self.redis.hdel(self._workers_key, worker_id)
 
 
+def _with_verdict(delivery: Delivery, verdict: bytes) -> Delivery:
+    # NOID: an entry without the plain task id (not written by nbtask's publish): the
+    # worker asks start() itself once it has read the signed header.
+    text = verdict.decode()
+    return delivery if text == "NOID" else dataclasses.replace(delivery, verdict=text)
+
+
 def _delivery(queue: str, entry_id: bytes | str, fields: Any) -> Delivery:
     if isinstance(fields, list):  # raw reply: a flat [k, v, k, v] list
         fields = dict(zip(fields[::2], fields[1::2], strict=False))
     entry = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-    return Delivery(queue, entry, fields.get(b"e", b""), int(fields.get(b"n", 0)))
+    task_id = fields.get(b"i")
+    return Delivery(
+        queue, entry, fields.get(b"e", b""), int(fields.get(b"n", 0)),
+        task_id=task_id.decode(errors="replace") if task_id else None,
+    )  # fmt: skip
