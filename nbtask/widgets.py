@@ -1,0 +1,399 @@
+"""Live views of a task under a cell: an ipywidgets :class:`TaskWidget` or a text fallback.
+
+A view changes only through :meth:`TaskView.apply`, called with each event of its task
+(from the listener thread). Events update a plain model at once; the screen is repainted
+at most ~15 times a second per task (a timer catches the last change) and the final state
+is painted immediately, so it is never dropped. Painting happens under one lock per view,
+so each widget has a single writer (two threads writing one widget can reorder updates).
+"""
+
+from __future__ import annotations
+
+import html
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from nbtask.events import FINAL_STATES, Event, EventType, State
+
+if TYPE_CHECKING:
+    from nbtask.handle import TaskHandle
+
+__all__ = ["TaskView", "TaskWidget", "TextView", "cancel_task", "follow", "make_view"]
+
+_MIN_INTERVAL = 1 / 15
+_COLORS = {
+    State.PENDING: "#888",
+    State.STARTED: "#1f77b4",
+    State.RETRY: "#ff7f0e",
+    State.SUCCESS: "#2ca02c",
+    State.FAILURE: "#d62728",
+    State.REVOKED: "#7f7f7f",
+    State.WORKER_LOST: "#d62728",
+}
+
+
+def cancel_task(handle: TaskHandle) -> bool:
+    """Revoke a queued task, or interrupt (then kill) a running one.
+
+    Uses ``app.revoke(id, terminate=True)`` where the core supports it, else the plain
+    revoke, which stops only a task that has not started.
+    """
+    if handle.done():
+        return False
+    app: Any = handle.app
+    revoke = app.revoke
+    try:
+        return bool(revoke(handle.id, terminate=True))
+    except TypeError:  # a core without terminate=: only a queued task can be stopped
+        return bool(revoke(handle.id))
+
+
+def follow(handle: TaskHandle, callback: Callable[[Event], None]) -> None:
+    """Call ``callback`` with every event of ``handle``: those already applied, then new ones.
+
+    Output events applied before this call are replayed first; an event is never passed
+    twice (they are told apart by sequence number).
+    """
+    seen: set[int] = set()
+    lock = threading.Lock()
+    backlog: list[Event] = []
+    replaying = True
+
+    def on_event(event: Event) -> None:
+        with lock:
+            if replaying:
+                backlog.append(event)
+                return
+            if event.seq and event.seq in seen:
+                return
+            seen.add(event.seq)
+        callback(event)
+
+    handle.on_event(on_event)
+    for event in handle.outputs:
+        seen.add(event.seq)
+        callback(event)
+    with lock:
+        replaying = False
+        pending, backlog[:] = list(backlog), []
+    for event in pending:
+        if not (event.seq and event.seq in seen):
+            seen.add(event.seq)
+            callback(event)
+    if handle.done() and not any(e.state in FINAL_STATES for e in pending):
+        callback(_final_event(handle))
+
+
+def _final_event(handle: TaskHandle) -> Event:
+    """A synthetic final event for a handle that was already done when followed."""
+    state = handle.state
+    info = handle.info
+    kinds = {
+        "SUCCESS": EventType.SUCCESS,
+        "REVOKED": EventType.REVOKED,
+        "WORKER_LOST": EventType.WORKER_LOST,
+    }
+    kind = kinds.get(str(state), EventType.FAILURE)
+    data: dict[str, Any] = dict(info)
+    if kind is EventType.FAILURE:
+        exc = handle.exception(0)
+        data.update(
+            ename=getattr(exc, "ename", type(exc).__name__),
+            evalue=getattr(exc, "evalue", str(exc)),
+            traceback=getattr(exc, "traceback", ""),
+        )
+    return Event(kind, handle.id, 1 << 31, data)
+
+
+class TaskView:
+    """What every view shows, kept as plain data; subclasses paint it.
+
+    Parameters
+    ----------
+    handle
+        The task shown.
+    label
+        How the task is named on screen (the cell's name or first line).
+    """
+
+    def __init__(self, handle: TaskHandle, label: str) -> None:
+        self.handle = handle
+        self.label = label
+        self.state = State.PENDING
+        self.done = 0.0
+        self.total: float | None = None
+        self.message = ""
+        self.worker = ""
+        self.pid = ""
+        self.created = time.time()
+        self.started: float | None = None
+        self.finished: float | None = None
+        self.error = ""
+        self.result: dict[str, Any] | None = None
+        self.pending_output: list[Event] = []
+        self.paints = 0
+        self._lock = threading.RLock()
+        self._last_paint = 0.0
+        self._timer: threading.Timer | None = None
+        self._rate_start: tuple[float, float] | None = None
+
+    def apply(self, event: Event) -> None:
+        """Update the model from one event and repaint (throttled; final states at once)."""
+        with self._lock:
+            self._update(event)
+            final = event.state in FINAL_STATES
+            now = time.monotonic()
+            if final or now - self._last_paint >= _MIN_INTERVAL:
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+                self._repaint()
+            elif self._timer is None:
+                self._timer = threading.Timer(_MIN_INTERVAL - (now - self._last_paint), self._late)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _late(self) -> None:
+        with self._lock:
+            self._timer = None
+            self._repaint()
+
+    def _repaint(self) -> None:
+        self._last_paint = time.monotonic()
+        self.paints += 1
+        self.paint()
+        self.pending_output = []
+
+    def _update(self, event: Event) -> None:
+        data = event.data
+        if event.state is not None:
+            self.state = event.state
+        if "worker" in data:
+            self.worker = str(data["worker"])
+        if "pid" in data:
+            self.pid = str(data["pid"])
+        if event.type is EventType.STARTED and self.started is None:
+            self.started = event.timestamp or time.time()
+        if event.type is EventType.PROGRESS:
+            self.done = float(data.get("done", 0.0))
+            self.total = None if data.get("total") is None else float(data["total"])
+            self.message = str(data.get("message", ""))
+            if self._rate_start is None:
+                self._rate_start = (time.time(), self.done)
+        elif event.type in (EventType.STDOUT, EventType.STDERR):
+            self.pending_output.append(event)
+        elif event.type is EventType.DISPLAY:
+            if dict(data.get("metadata", {})).get("nbtask", {}).get("execute_result"):
+                self.result = dict(data)
+            else:
+                self.pending_output.append(event)
+        if event.state in FINAL_STATES:
+            self.finished = time.time()
+            if self.started is None:
+                self.started = self.finished
+            if event.type is not EventType.SUCCESS:
+                self.error = str(data.get("traceback") or "") or (
+                    f"{data.get('ename', event.type.value)}: "
+                    f"{data.get('evalue', data.get('reason', ''))}"
+                )
+
+    # Derived text --------------------------------------------------------------------------
+    def elapsed(self) -> float:
+        """Seconds since the task started (or was sent), up to when it finished."""
+        start = self.started or self.created
+        return max(0.0, (self.finished or time.time()) - start)
+
+    def eta(self) -> float | None:
+        """Seconds left at the rate seen so far, if a total is known."""
+        if self._rate_start is None or not self.total or self.finished:
+            return None
+        began, done0 = self._rate_start
+        rate = (self.done - done0) / max(time.time() - began, 1e-9)
+        return None if rate <= 0 else max(0.0, (self.total - self.done) / rate)
+
+    def progress_text(self) -> str:
+        """``3/10 message, ETA 4 s`` (empty without progress)."""
+        if self._rate_start is None:
+            return ""
+        count = f"{self.done:g}/{self.total:g}" if self.total else f"{self.done:g}"
+        eta = self.eta()
+        parts = [count, self.message, f"ETA {eta:.0f} s" if eta is not None else ""]
+        return " ".join(p for p in parts if p)
+
+    def status_text(self) -> str:
+        """One line: label, state, progress, elapsed, worker."""
+        pid = f" pid {self.pid}" if self.pid else ""
+        where = f" on {self.worker}{pid}" if self.worker else ""
+        progress = self.progress_text()
+        return (
+            f"[{self.label}] {self.state.value}"
+            + (f" {progress}" if progress else "")
+            + f" {self.elapsed():.1f} s{where}"
+        )
+
+    def paint(self) -> None:
+        """Show the model; called with the view's lock held."""
+        raise NotImplementedError
+
+
+class TaskWidget(TaskView):
+    """The ipywidgets view: badge, progress bar, timing, worker, output, result, Cancel.
+
+    Display it with ``display(widget)``; feed it with :meth:`apply` (or :func:`follow`).
+    """
+
+    def __init__(self, handle: TaskHandle, label: str) -> None:
+        super().__init__(handle, label)
+        import ipywidgets as w
+
+        self.badge = w.HTML()
+        self.bar = w.FloatProgress(value=0.0, min=0.0, max=1.0, layout=w.Layout(width="40%"))
+        self.detail = w.Label()
+        self.timing = w.Label()
+        self.output = w.Output()
+        self.outcome = w.Output()
+        self.cancel_button = w.Button(description="Cancel", button_style="warning")
+        self.cancel_button.on_click(self._on_cancel)
+        head = w.HBox([self.badge, self.bar, self.detail, self.cancel_button])
+        self.box = w.VBox([head, self.timing, self.output, self.outcome])
+        self._outputs: list[dict[str, Any]] = []
+        with self._lock:
+            self._repaint()
+
+    def _on_cancel(self, _button: Any) -> None:
+        self.cancel_button.disabled = True
+        self.cancel_button.description = "Cancelling"
+        cancel_task(self.handle)
+
+    def paint(self) -> None:
+        """Push the model into the widgets, as one message per widget."""
+        with self.bar.hold_sync():  # value, max and style in one message
+            if self.total:
+                self.bar.max = self.total
+                self.bar.value = min(self.done, self.total)
+            elif self.state is State.SUCCESS:
+                self.bar.value = self.bar.max
+            self.bar.bar_style = {State.SUCCESS: "success", State.FAILURE: "danger"}.get(
+                self.state, ""
+            )
+        self.detail.value = self.progress_text()
+        where = f" · {self.worker} pid {self.pid}" if self.worker else ""
+        self.timing.value = f"{self.elapsed():.1f} s{where}"
+        if self.pending_output:
+            for event in self.pending_output:
+                _append_output(self._outputs, event)
+            self.output.outputs = tuple(self._outputs)
+        if self.finished is not None:
+            self.cancel_button.layout.display = "none"
+            if not self.outcome.outputs and self.error:
+                self.outcome.outputs = (
+                    {"output_type": "stream", "name": "stderr", "text": self.error},
+                )
+            elif not self.outcome.outputs and self.result is not None:
+                self.outcome.outputs = (
+                    {
+                        "output_type": "display_data",
+                        "data": self.result.get("data", {}),
+                        "metadata": {},
+                    },
+                )
+        # The badge goes last: when it reads SUCCESS, everything else is already shown.
+        color = _COLORS.get(self.state, "#888")
+        self.badge.value = (
+            f'<b>{html.escape(self.label)}</b> <span style="background:{color};color:white;'
+            f'padding:1px 6px;border-radius:3px">{self.state.value}</span>'
+        )
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.box._repr_mimebundle_(**kwargs)
+
+
+def _append_output(outputs: list[dict[str, Any]], event: Event) -> None:
+    """Append one output event as an nbformat output, merging adjacent stream text."""
+    if event.type is EventType.DISPLAY:
+        data = dict(event.data)
+        if data.get("clear"):
+            outputs.clear()
+            return
+        outputs.append(
+            {
+                "output_type": "display_data",
+                "data": data.get("data", {}),
+                "metadata": data.get("metadata", {}),
+            }
+        )
+        return
+    name = "stdout" if event.type is EventType.STDOUT else "stderr"
+    text = str(event.data.get("text", ""))
+    if outputs and outputs[-1]["output_type"] == "stream" and outputs[-1]["name"] == name:
+        outputs[-1] = {**outputs[-1], "text": outputs[-1]["text"] + text}
+    else:
+        outputs.append({"output_type": "stream", "name": name, "text": text})
+
+
+class TextView(TaskView):
+    """Text fallback: a progress line, streamed output, then the result or traceback.
+
+    In a kernel without widgets it keeps one display up to date (so text lands under its
+    own cell, not whichever cell runs now); elsewhere (a terminal) it prints.
+    """
+
+    def __init__(self, handle: TaskHandle, label: str, *, in_kernel: bool) -> None:
+        super().__init__(handle, label)
+        self.in_kernel = in_kernel
+        self.text = ""
+        self._last_line = ""
+        self._display: Any = None
+        if in_kernel:
+            from IPython.display import display
+
+            self._display = display({"text/plain": self.status_text()}, raw=True, display_id=True)
+
+    def paint(self) -> None:
+        """Redraw the display, or print what is new."""
+        chunks = []
+        for event in self.pending_output:
+            if event.type is EventType.DISPLAY:
+                bundle = dict(event.data.get("data", {}))
+                chunks.append(str(bundle.get("text/plain", "")) + "\n")
+            else:
+                chunks.append(str(event.data.get("text", "")))
+        new = "".join(chunks)
+        self.text += new
+        tail = ""
+        if self.finished is not None:
+            tail = self.error or (
+                str(self.result.get("data", {}).get("text/plain", "")) if self.result else ""
+            )
+        if self._display is not None:
+            parts = [self.status_text(), self.text.rstrip("\n"), tail]
+            self._display.update({"text/plain": "\n".join(p for p in parts if p)}, raw=True)
+            return
+        out = sys.stdout
+        line = self.status_text()
+        if new:
+            out.write(new)
+        # A terminal gets a status line only when the state or the progress changes.
+        key = f"{self.state.value} {self.progress_text()}"
+        if self.finished is not None or key != self._last_line:
+            out.write(line + "\n")
+            self._last_line = key
+        if tail:
+            out.write(tail.rstrip("\n") + "\n")
+        out.flush()
+
+
+def make_view(handle: TaskHandle, label: str, shell: Any = None) -> TaskView:
+    """The best view for where we run: a widget in a kernel, else text."""
+    import os
+
+    in_kernel = shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+    if in_kernel and os.environ.get("NBTASK_WIDGETS", "1") != "0":
+        try:
+            return TaskWidget(handle, label)
+        except ImportError:
+            pass
+    return TextView(handle, label, in_kernel=in_kernel)

@@ -1,0 +1,37 @@
+"""Cell analysis and the pre-send check (no broker needed)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from nbtask.cells import CellError, analyze, prepare
+
+
+def test_reads_assigned_and_mutated() -> None:
+    found = analyze(
+        "df['c'] = df.a * 2\nx = y + 1\nfor i in range(n):\n    acc.append(i)\n"
+        "def f(q):\n    return q + z + x\nimport numpy as np\n[k * m for k in ks]\nw += 1\n"
+    )
+    assert found.reads == ("df", "y", "range", "n", "acc", "ks", "m", "w", "z")
+    assert found.assigned == ("x", "i", "f", "np", "w")
+    assert found.mutated == ("df", "acc")
+
+
+def test_names_assigned_before_reading_are_not_shipped() -> None:
+    found = analyze("a = 1\nb = a + 1\nclass C:\n    v = b\n    def m(self):\n        return a\n")
+    assert found.reads == ()
+    assert found.assigned == ("a", "b", "C")
+
+
+def test_unpicklable_undefined_and_too_big() -> None:
+    ns = {"lock": threading.Lock(), "ok": 1, "big": b"x" * 5000}
+    with pytest.raises(CellError, match=r"variable 'lock' \(_thread.lock\) cannot be pickled"):
+        prepare("print(lock, ok)", "print(lock, ok)", ns, max_bytes=10**6, filename="c")
+    with pytest.raises(CellError, match="'ghost' is not defined"):
+        prepare("ghost + 1", "ghost + 1", ns, max_bytes=10**6, filename="c")
+    with pytest.raises(CellError, match=r"over the .* message limit.*'big'"):
+        prepare("len(big)", "len(big)", ns, max_bytes=2048, filename="c")
+    spec, blob, _ = prepare("y = ok + 1", "y = ok + 1", ns, max_bytes=10**6, filename="c")
+    assert spec.names == ("ok",) and spec.assigned == ("y",) and blob

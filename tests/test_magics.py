@@ -1,0 +1,245 @@
+"""The magics in a real IPython shell, against the real Redis and the embedded cluster."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.testing.globalipapp import start_ipython
+
+from nbtask import Settings, State
+from nbtask.cells import CellError
+from nbtask.events import EventType
+from nbtask.magics import Session, session_of
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def broker_env(settings: Settings) -> dict[str, str]:
+    env = settings.to_env()
+    env["NBTASK_BROKER"] = settings.broker_url or ""
+    env["NBTASK_SECRET"] = settings.secret or ""
+    return env
+
+
+@pytest.fixture
+def ip() -> Iterator[InteractiveShell]:
+    shell = start_ipython() or InteractiveShell.instance()  # the one global test shell
+    yield shell
+    shell.run_line_magic("unload_ext", "nbtask")
+    for name in [n for n in shell.user_ns if n not in shell.user_ns_hidden]:
+        shell.user_ns.pop(name, None)
+
+
+@pytest.fixture
+def nb(ip: InteractiveShell, settings: Settings, start_worker: Any,
+       monkeypatch: pytest.MonkeyPatch) -> Session:
+    """A shell with the extension loaded against the real Redis and two worker processes."""
+    start_worker()
+    for key, value in broker_env(settings).items():
+        monkeypatch.setenv(key, value)
+    ip.run_line_magic("load_ext", "nbtask")
+    session = session_of(ip)
+    assert session is not None
+    return session
+
+
+def run(ip: InteractiveShell, code: str) -> Any:
+    result = ip.run_cell(code)
+    if result.error_before_exec or result.error_in_exec:
+        raise result.error_before_exec or result.error_in_exec
+    return result.result
+
+
+def test_load_prints_broker_and_workers(nb: Session, capsys: pytest.CaptureFixture[str]) -> None:
+    assert "worker process" in nb.describe()
+    nb.shell.run_line_magic("nbtask", "status")
+    out = capsys.readouterr().out
+    assert "worker" in out and "queues default" in out
+
+
+def test_help_lists_every_flag(ip: InteractiveShell, nb: Session) -> None:
+    doc = ip.find_cell_magic("task").__doc__
+    for flag in ("--queue", "--wait", "--timeout", "--retries", "--out", "name"):
+        assert flag in doc
+
+
+def test_wait_cell_three_names_in_place_change_and_result(
+    ip: InteractiveShell, nb: Session, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(ip, "import pandas as pd\ndf = pd.DataFrame({'a': [1, 2, 3]})\nitems = [1]\nk = 10")
+    result = ip.run_cell_magic(
+        "task", "--wait",
+        "print('shipping', k)\n"
+        "df['b'] = df.a * k\n"
+        "items.append(2)\n"
+        "x, y = k + 1, k + 2\n"
+        "z = x + y\n"
+        "z * 2\n",
+    )
+    assert "shipping 10" in capsys.readouterr().out
+    assert repr(result) == "46"
+    assert (ip.user_ns["x"], ip.user_ns["y"], ip.user_ns["z"]) == (11, 12, 23)
+    assert list(ip.user_ns["df"]["b"]) == [10, 20, 30]
+    assert ip.user_ns["items"] == [1, 2]
+    assert run(ip, "df.b.sum() + x + y + z") == 106
+
+
+def test_background_cell_pending_names_and_independent_cells(
+    ip: InteractiveShell, nb: Session, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(ip, "import pandas as pd\ndf = pd.DataFrame({'a': [1, 2]})")
+    started = time.monotonic()
+    ip.run_cell_magic(
+        "task", "--out h",
+        "import time\nfor i in range(6):\n    print('tick', i)\n    time.sleep(0.5)\n"
+        "df['c'] = df.a + 1\nfinished = True\n",
+    )
+    run(ip, "independent = 1 + 1")  # reads no pending name: runs at once
+    assert time.monotonic() - started < 1.5
+    assert ip.user_ns["h"].state is not State.SUCCESS
+    assert "finished" not in ip.user_ns
+    assert run(ip, "list(df.c)") == [2, 3]  # waits for the task, then sees its change
+    assert time.monotonic() - started >= 2.5
+    assert ip.user_ns["finished"] is True
+    out = capsys.readouterr().out
+    assert "waiting for task" in out and "tick 5" in out
+
+
+def test_named_cell_rerun_with_other_inputs(ip: InteractiveShell, nb: Session) -> None:
+    run(ip, "base = 2\nfactor = 3")
+    ip.run_cell_magic("task", "scale --wait", "scaled = base * factor\nlabel = f'{base}x{factor}'")
+    assert ip.user_ns["scaled"] == 6
+    cell = nb.app.cells["scale"]
+    assert cell.delay(factor=10).get(timeout=20) == {"scaled": 20, "label": "2x10"}
+    handles = cell.map([{"base": 1}, {"base": 5}])
+    assert [h.get(timeout=20)["scaled"] for h in handles] == [3, 15]
+
+
+def test_tqdm_loop_becomes_progress(ip: InteractiveShell, nb: Session) -> None:
+    ip.run_cell_magic(
+        "task", "--wait --out h",
+        "from tqdm import tqdm\nimport time\ntotal = 0\n"
+        "for i in tqdm(range(20), desc='summing'):\n    total += i\n    time.sleep(0.01)\n",
+    )
+    handle = ip.user_ns["h"]
+    assert handle.progress is not None
+    assert (handle.progress.done, handle.progress.total) == (20, 20)
+    assert handle.progress.message == "summing"
+    assert "\r" not in handle.stderr and "it/s" not in handle.stderr
+    assert ip.user_ns["total"] == 190
+
+
+def test_plot_arrives_as_png_and_html_in_order(ip: InteractiveShell, nb: Session) -> None:
+    ip.run_cell_magic(
+        "task", "--wait --out h",
+        "import matplotlib.pyplot as plt\nfrom IPython.display import HTML, display\n"
+        "print('before')\ndisplay(HTML('<b>bold</b>'))\n"
+        "plt.plot([1, 2, 3])\nplt.show()\nprint('after')\n",
+    )
+    kinds = []
+    for event in ip.user_ns["h"].outputs:
+        if event.type is EventType.DISPLAY:
+            kinds.append(sorted(event.data["data"]))
+        else:
+            kinds.append(event.data["text"].strip())
+    assert kinds[0] == "before"
+    assert "text/html" in kinds[1]
+    assert "image/png" in kinds[2]
+    assert kinds[-1] == "after"
+
+
+def test_exception_is_the_users_type_with_cell_lines(ip: InteractiveShell, nb: Session) -> None:
+    with pytest.raises(ZeroDivisionError) as info:
+        ip.run_cell_magic("task", "--wait", "a = 1\n\ndef f(v):\n    return v / 0\n\nf(a)\n")
+    text = "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
+    # Lines count from the %%task line, as the notebook numbers them.
+    assert 'line 5, in f' in text and 'line 7, in <module>' in text
+    assert "return v / 0" in text
+    assert "nbtask" not in text.replace("Cell In", "")
+
+
+def test_unpicklable_variable_names_it_and_sends_nothing(ip: InteractiveShell, nb: Session) -> None:
+    run(ip, "import threading\nlock = threading.Lock()\nfine = 1")
+    with pytest.raises(CellError, match=r"variable 'lock' \(_thread.lock\) cannot be pickled"):
+        ip.run_cell_magic("task", "", "print(fine, lock)")
+    with pytest.raises(CellError, match="'nowhere' is not defined"):
+        ip.run_cell_magic("task", "", "print(nowhere)")
+    assert nb.pending.runs == []
+
+
+def test_cancel_running_cell(ip: InteractiveShell, nb: Session) -> None:
+    from nbtask.widgets import cancel_task
+
+    ip.run_cell_magic("task", "--out h", "import time\nprint('started')\ntime.sleep(30)\ndone = 1")
+    handle = ip.user_ns["h"]
+    wait_until(lambda: "started" in handle.stdout, 15, "the cell to start")
+    cancel_task(handle)
+    wait_until(handle.done, 15, "the task to stop")
+    assert handle.state is State.REVOKED
+    view = nb.views[handle.id]
+    wait_until(lambda: view.state is State.REVOKED, 5, "the view to show REVOKED")
+
+
+def test_interrupt_while_waiting_cancels(ip: InteractiveShell, nb: Session) -> None:
+    import signal
+    import threading
+
+    ip.run_cell_magic("task", "--out h", "import time\nprint('started')\ntime.sleep(30)\nlate = 1")
+    handle = ip.user_ns["h"]
+    wait_until(lambda: "started" in handle.stdout, 15, "the cell to start")
+    threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        nb.pending.wait(["late"])
+    wait_until(handle.done, 15, "the task to stop")
+    assert handle.state is State.REVOKED
+
+
+def test_reattach_replays_a_finished_tasks_output(
+    ip: InteractiveShell, nb: Session, settings: Settings
+) -> None:
+    ip.run_cell_magic("task", "--wait --out h", "print('kept output')\nanswer = 42\nanswer")
+    task_id = ip.user_ns["h"].id
+    from nbtask import App
+
+    other = Session(ip, App("other", settings=settings))  # another kernel, in effect
+    try:
+        view = other.attach(task_id)
+        wait_until(lambda: view.state is State.SUCCESS, 10, "the re-attached state")
+        assert "kept output" in "".join(
+            str(e.data.get("text", "")) for e in other.app.handle(task_id).outputs
+        ) or "kept output" in getattr(view, "text", "")
+    finally:
+        other.app.close()
+
+
+def test_shell_magics_and_system_commands_run_on_the_worker(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    ip.run_cell_magic("task", "--wait --out h", "!echo from-shell\n%time v = 3\nw = v + 1")
+    assert ip.user_ns["w"] == 4
+    assert "from-shell" in ip.user_ns["h"].stdout
+
+
+def test_embedded_cluster(ip: InteractiveShell, monkeypatch: pytest.MonkeyPatch,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    for key in [k for k in os.environ if k.startswith("NBTASK_")]:
+        monkeypatch.delenv(key)
+    ip.run_line_magic("load_ext", "nbtask")
+    assert "embedded cluster" in capsys.readouterr().out
+    run(ip, "n = 5")
+    result = ip.run_cell_magic("task", "--wait", "import os\nsquare = n * n\nos.getpid()")
+    assert ip.user_ns["square"] == 25
+    assert int(repr(result)) != os.getpid()
+    ip.run_line_magic("reload_ext", "nbtask")  # a new session; the old cluster is stopped
+    assert ip.run_cell_magic("task", "--wait", "square + 1").bundle["data"]["text/plain"] == "26"
