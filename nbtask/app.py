@@ -13,10 +13,11 @@ from nbtask.brokers import Broker, Publish, open_broker
 from nbtask.envelope import Signer
 from nbtask.errors import (
     ConfigurationError,
+    NbtaskError,
     SignatureError,
     TaskNotFound,
 )
-from nbtask.events import FINAL_SEQ, Event, EventType, State
+from nbtask.events import FINAL_SEQ, FINAL_STATES, Event, EventType, State
 from nbtask.handle import TaskHandle
 from nbtask.listener import Listener, decode_event
 from nbtask.message import build_message
@@ -103,7 +104,10 @@ class App:
         self._broker: Broker | None = None
         self._signer: Signer | None = None
         self._listener: Listener | None = None
-        self._shipped: dict[int, tuple[str, bytes]] = {}
+        # Tasks pickled by value, once each; weak so a redefined task's entry goes away.
+        self._shipped: weakref.WeakKeyDictionary[BaseTask, tuple[str, bytes]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._lock = threading.RLock()
         atexit.register(_close_at_exit, weakref.ref(self))
 
@@ -352,6 +356,14 @@ class App:
         handle = TaskHandle(self, task_id, record.get("name", b"?").decode())
         channel = record.get("client", b"").decode()
         if "result" in record:
+            # Output first, from the client's event channel while it is kept.
+            for raw in self.broker.replay(channel) if channel else ():
+                try:
+                    event, _ = decode_event(self.signer, raw)
+                except NbtaskError:
+                    continue
+                if event.task_id == task_id and event.state not in FINAL_STATES:
+                    handle.apply(event)
             event, result = decode_event(self.signer, record["result"])
             if event.task_id != task_id:
                 # Correctly signed, but another task's: someone moved it here.

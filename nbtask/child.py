@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 import traceback
+import weakref
 from collections.abc import Mapping, Sequence
 from types import FrameType
 from typing import Any
@@ -154,7 +155,9 @@ class Child:
         self.tasks = dict(tasks)
         self.slot = slot
         self._shipped: dict[str, Task] = {}
-        self._code_cache: dict[int, tuple[str, bytes]] = {}
+        self._code_cache: weakref.WeakKeyDictionary[Task, tuple[str, bytes]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._stop = False
         self._running = False
         self._terminated = False
@@ -525,7 +528,14 @@ def _failure(
         tb = tb.tb_next
     # No user frame at all (e.g. NotRegistered): the message says everything.
     text = "".join(traceback.format_exception(type(exc), exc, tb)) if tb is not None else ""
-    data = {**(details or {}), "ename": type(exc).__name__, "evalue": str(exc), "traceback": text}
+    kind = type(exc)
+    data = {
+        **(details or {}),
+        "ename": kind.__name__,
+        "etype": f"{kind.__module__}.{kind.__qualname__}",
+        "evalue": str(exc),
+        "traceback": text,
+    }
     return Event(EventType.FAILURE, task_id, seq, data)
 
 

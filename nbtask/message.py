@@ -16,7 +16,7 @@ import json
 import sys
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from nbtask.envelope import Buffer, Envelope, Signer, dumps
@@ -141,7 +141,9 @@ def decode_value(data: Buffer, serializer: str) -> Any:
     return Envelope({}, data).load_body()
 
 
-def code_for(task: Task, cache: dict[int, tuple[str, bytes]]) -> tuple[str | None, bytes]:
+def code_for(
+    task: Task, cache: MutableMapping[Task, tuple[str, bytes]]
+) -> tuple[str | None, bytes]:
     """``(digest, pickled task)`` for tasks workers cannot import by name, else ``(None, b"")``.
 
     Module-level tasks of importable modules travel by name; tasks defined in ``__main__``
@@ -149,7 +151,7 @@ def code_for(task: Task, cache: dict[int, tuple[str, bytes]]) -> tuple[str | Non
     """
     if not type(task).__module__ or _importable(task):  # "" marks send_task's stand-ins
         return None, b""
-    cached = cache.get(id(task))
+    cached = cache.get(task)
     if cached is None:
         try:
             code = dumps(task)
@@ -158,7 +160,7 @@ def code_for(task: Task, cache: dict[int, tuple[str, bytes]]) -> tuple[str | Non
                 f"task {task.name!r} cannot be shipped to workers: {exc}"
             ) from None
         cached = (hashlib.sha256(code).hexdigest()[:32], code)
-        cache[id(task)] = cached
+        cache[task] = cached
     return cached
 
 
@@ -181,7 +183,7 @@ def build_message(
     signer: Signer,
     channel: str,
     queue: str,
-    code_cache: dict[int, tuple[str, bytes]],
+    code_cache: MutableMapping[Task, tuple[str, bytes]],
     options: Mapping[str, Any],
 ) -> tuple[TaskMessage, bytes]:
     """Build and sign the message for one call of ``task``.

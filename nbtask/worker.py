@@ -256,6 +256,7 @@ class Worker:
                 "consumers": self.consumers,
                 "started": self._started,
                 "tasks": sorted(self.tasks),
+                "busy": [slot.task_id for slot in self._slots if slot.task_id],
             }
         )
 

@@ -63,6 +63,9 @@ class Broker(Protocol):
     ) -> list[tuple[str, str, bytes]]:
         """Wait for events on ``{channel: last_id}``; return ``(channel, id, raw)`` triples."""
 
+    def replay(self, channel: str) -> list[bytes]:
+        """Every event still kept on a client's channel, oldest first."""
+
     def wake(self, channel: str) -> None:
         """Make a reader blocked on ``channel`` return at once."""
 

@@ -377,6 +377,12 @@ class RedisBroker:
                 out.append((name, entry_id.decode(), raw))
         return out
 
+    def replay(self, channel: str) -> list[bytes]:
+        """Every event still kept on a client's channel, oldest first."""
+        with _translate_errors(self.url):
+            (entries,) = self._run([("XRANGE", channel, "-", "+", "COUNT", CHANNEL_MAXLEN)])
+        return [f[1] for _id, f in entries if len(f) >= 2 and f[0] == b"e" and f[1]]
+
     def wake(self, channel: str) -> None:
         """Append an empty entry so a blocked reader returns."""
         with _translate_errors(self.url):
