@@ -18,7 +18,7 @@ import hmac
 import json
 import struct
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import cloudpickle
@@ -100,10 +100,11 @@ class Signer:
         self._verify_keys = [self._key, *(_as_bytes(s) for s in old_secrets)]
         self.max_bytes = max_bytes
 
-    def seal(self, header: Mapping[str, Any], body: Buffer = b"") -> bytes:
-        """Encode and sign ``header`` and ``body`` into one message."""
+    def seal(self, header: Mapping[str, Any], body: Buffer | Sequence[Buffer] = b"") -> bytes:
+        """Encode and sign ``header`` and ``body`` (bytes, or parts joined) into one message."""
+        parts = [body] if isinstance(body, (bytes, memoryview)) else list(body)
         head = json.dumps(header, separators=(",", ":")).encode()
-        size = _PREFIX_SIZE + len(head) + len(body) + _MAC_SIZE
+        size = _PREFIX_SIZE + len(head) + sum(len(p) for p in parts) + _MAC_SIZE
         if size > self.max_bytes:
             raise TooLarge(
                 f"message of {size:,} bytes is over the limit of {self.max_bytes:,} bytes "
@@ -112,8 +113,9 @@ class Signer:
         prefix = b"".join((MAGIC, bytes((FORMAT_VERSION,)), _LENGTH.pack(len(head)), head))
         # MAC the parts as they are and join once: a large body is copied only once.
         mac = hmac.new(self._key, prefix, hashlib.sha256)
-        mac.update(body)
-        return b"".join((prefix, body, mac.digest()))
+        for part in parts:
+            mac.update(part)
+        return b"".join((prefix, *parts, mac.digest()))
 
     def open(self, raw: bytes) -> Envelope:
         """Verify ``raw`` and return its envelope; raise before parsing anything unverified.

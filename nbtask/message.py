@@ -86,7 +86,7 @@ class TaskMessage:
 
     def to_header(self) -> dict[str, Any]:
         """The JSON header carrying this message."""
-        return {"kind": "task", **dataclasses.asdict(self)}
+        return {"kind": "task", **{name: getattr(self, name) for name, _, _ in _MESSAGE_FIELDS}}
 
     def split(self, envelope: Envelope) -> tuple[Buffer, Buffer, Buffer]:
         """``(code, callbacks, arguments)`` parts of a verified envelope's body."""
@@ -225,7 +225,7 @@ def build_message(
         root_id=options.get("root_id") or task_id,
         store_result=bool(getattr(task, "store_result", True)),
     )
-    return message, signer.seal(message.to_header(), code + links + payload)
+    return message, signer.seal(message.to_header(), (code, links, payload))
 
 
 def unpicklable_message(

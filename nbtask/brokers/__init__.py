@@ -72,6 +72,9 @@ class Broker(Protocol):
     def keep_channel(self, channel: str) -> None:
         """Extend the life of a client's event channel (the client is alive)."""
 
+    def recent_tasks(self, group: str, channel: str, limit: int) -> list[tuple[str, str, float]]:
+        """Note ``channel`` as a client of ``group``; its clients' newest ``(id, channel, at)``."""
+
     def get_record(self, task_id: str) -> dict[str, bytes]:
         """The stored record of a task (empty when unknown or expired)."""
 

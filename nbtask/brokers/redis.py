@@ -39,6 +39,7 @@ from nbtask.settings import Settings
 __all__ = ["GROUP", "RedisBroker"]
 
 GROUP = "workers"
+_LARGE_BYTES = 1 << 20  # messages from here on are sent without extra copies
 CHANNEL_MAXLEN = 10_000
 _FINAL = ("SUCCESS", "FAILURE", "REVOKED", "WORKER_LOST")
 
@@ -115,8 +116,12 @@ return check_start({'i', ARGV[1]}, ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 # client, park a message for later (a retry) and acknowledge the delivery.
 # KEYS: record, channel, stream, eta set
 # ARGV: ttl, maxlen, event ('' = none), entry id ('' = no ack), later ('' = none), due, fields...
+# A field value '=event' stands for the event itself (a stored result), sent only once.
 _FINISH = """
 if #ARGV > 6 then
+  for i = 8, #ARGV, 2 do
+    if ARGV[i] == '=event' then ARGV[i] = ARGV[3] end
+  end
   redis.call('HSET', KEYS[1], unpack(ARGV, 7))
   redis.call('EXPIRE', KEYS[1], ARGV[1])
 elseif ARGV[3] ~= '' then
@@ -154,8 +159,13 @@ if ARGV[3] == '' then
 else
   redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4] .. ':' .. ARGV[1])
 end
-redis.call('HSET', KEYS[3], unpack(ARGV, 5))
+redis.call('HSET', KEYS[3], unpack(ARGV, 6))
 redis.call('EXPIRE', KEYS[3], ARGV[2])
+if KEYS[4] then
+  redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4])
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', tonumber(ARGV[5]) - tonumber(ARGV[2]))
+  redis.call('EXPIRE', KEYS[4], ARGV[2])
+end
 return 1
 """
 
@@ -227,6 +237,7 @@ class RedisBroker:
         # RESP2 keeps raw replies in one known shape for the hot path below.
         self.redis: Any = redis.Redis.from_url(url, socket_connect_timeout=5, protocol=2)
         self._last_seen: dict[str, str] = {}
+        self._whoami: tuple[str, int] = ("", -1)
         self._sha = {
             name: hashlib.sha1(body.encode()).hexdigest() for name, body in self._SCRIPTS.items()
         }
@@ -252,6 +263,10 @@ class RedisBroker:
     def channel_key(self, client_id: str) -> str:
         """The stream carrying events to one client."""
         return f"{self._prefix}:c:{client_id}"
+
+    def _client_tasks_key(self, channel: str) -> str:
+        # The tasks a client sent, by send time (written at publish, for recent_tasks).
+        return f"{self._prefix}:client-tasks:{channel.rsplit(':', 1)[-1]}"
 
     @property
     def dead_letter_key(self) -> str:
@@ -284,33 +299,52 @@ class RedisBroker:
     def publish(self, messages: Sequence[Publish]) -> None:
         """Enqueue messages and write their PENDING records, in one round trip."""
         now = time.time()
-        commands = []
+        commands: list[tuple[Any, ...]] = []
         for msg in messages:
-            due = "" if msg.eta is None or msg.eta <= now else repr(msg.eta)
+            due = None if msg.eta is None or msg.eta <= now else msg.eta
             fields = [part for item in msg.record.items() for part in item]
-            keys = (
-                self.queue_key(msg.queue),
-                self.eta_key(msg.queue),
-                self.record_key(msg.task_id),
-            )
-            commands.append(
-                self._evalsha("publish", keys, msg.raw, self._ttl, due, msg.task_id, *fields)
-            )
+            record = self.record_key(msg.task_id)
+            client = msg.record.get("client")
+            index = (self._client_tasks_key(client),) if client else ()
+            if len(msg.raw) < _LARGE_BYTES:
+                keys = (self.queue_key(msg.queue), self.eta_key(msg.queue), record, *index)
+                commands.append(self._evalsha(
+                    "publish", keys, msg.raw, self._ttl, "" if due is None else repr(due),
+                    msg.task_id, repr(now), *fields,
+                ))  # fmt: skip
+                continue
+            # A large message skips the script: a script argument is one more copy of it
+            # inside Redis. MULTI keeps the same all-or-nothing effect.
+            commands.append(("MULTI",))
+            if due is None:
+                commands.append(("XADD", self.queue_key(msg.queue), "*", "e", msg.raw, "n", 0,
+                                 "i", msg.task_id))  # fmt: skip
+            else:
+                member = msg.task_id.encode() + b":" + msg.raw
+                commands.append(("ZADD", self.eta_key(msg.queue), repr(due), member))
+            commands += [("HSET", record, *fields), ("EXPIRE", record, self._ttl)]
+            for key in index:
+                commands += [("ZADD", key, repr(now), msg.task_id),
+                             ("ZREMRANGEBYSCORE", key, "-inf", repr(now - self._ttl)),
+                             ("EXPIRE", key, self._ttl)]  # fmt: skip
+            commands.append(("EXEC",))
         with _translate_errors(self.url):
-            self._run_scripts(commands)
+            self._run_scripts(commands, large=any(len(m.raw) >= _LARGE_BYTES for m in messages))
 
     def _evalsha(self, script: str, keys: Sequence[str], *args: Any) -> tuple[Any, ...]:
         return ("EVALSHA", self._sha[script], len(keys), *keys, *args)
 
-    def _run_scripts(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+    def _run_scripts(
+        self, commands: Sequence[tuple[Any, ...]], *, large: bool = False
+    ) -> list[Any]:
         """Run EVALSHA commands, loading the scripts first if the server lost them."""
         try:
-            return self._run(commands)
+            return self._run(commands, large=large)
         except NoScriptError:
             # Only a restarted (emptied) server answers NOSCRIPT, and it answers it for
             # every command of the batch, so running the batch again runs each once.
             self._load_scripts()
-            return self._run(commands)
+            return self._run(commands, large=large)
 
     def _connection(self) -> Any:
         # One connection per thread, kept: taking one from the pool on every call costs
@@ -328,12 +362,14 @@ class RedisBroker:
         *,
         block_seconds: float = 0.0,
         raise_errors: bool = True,
+        large: bool = False,
     ) -> list[Any]:
         """Send ``commands`` in one write and read every reply.
 
         ``block_seconds`` is how long a blocking command (XREAD BLOCK) may wait; the
         socket's read timeout is stretched past it for this call. With ``raise_errors``
-        false, error replies are returned in their places instead of raised.
+        false, error replies are returned in their places instead of raised. ``large``
+        says an argument may be big enough to send without copying it.
 
         A pipeline without redis-py's per-command bookkeeping: on the hot path (publish,
         fetch, start, finish) that bookkeeping costs more than the round trip itself.
@@ -342,7 +378,8 @@ class RedisBroker:
         replies: list[Any] = []
         error: ResponseError | None = None
         try:
-            connection.send_packed_command(connection.pack_commands(commands))
+            packed = _pack(commands) if large else connection.pack_commands(commands)
+            connection.send_packed_command(packed)
             for _ in commands:
                 try:
                     if block_seconds:
@@ -392,6 +429,37 @@ class RedisBroker:
         """Push back the expiry of an event channel."""
         with _translate_errors(self.url):
             self.redis.expire(channel, self._ttl)
+
+    def recent_tasks(self, group: str, channel: str, limit: int) -> list[tuple[str, str, float]]:
+        """Note ``channel`` as a client of ``group``; return the group's newest tasks.
+
+        A group (``<prefix>:client-group:<group>``, a sorted set of channels) outlives its
+        clients for ``result_ttl``: a restarted notebook kernel finds the tasks its earlier
+        clients sent. Returns ``(task_id, channel, sent_at)``, newest first, at most
+        ``limit`` (``limit=0`` only notes the client).
+        """
+        key = f"{self._prefix}:client-group:{group}"
+        now = time.time()
+        with _translate_errors(self.url):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zadd(key, {channel: now})
+            pipe.zremrangebyscore(key, "-inf", now - self._ttl)
+            pipe.expire(key, self._ttl)
+            pipe.zrange(key, 0, -1)
+            channels = [c.decode() for c in pipe.execute()[-1]]
+            if limit <= 0:
+                return []
+            pipe = self.redis.pipeline(transaction=False)
+            for name in channels:
+                pipe.zrevrange(self._client_tasks_key(name), 0, limit - 1, withscores=True)
+            replies = pipe.execute()
+        found = [
+            (task_id.decode(), name, float(score))
+            for name, entries in zip(channels, replies, strict=True)
+            for task_id, score in entries
+        ]
+        found.sort(key=lambda item: item[2], reverse=True)
+        return found[:limit]
 
     def get_record(self, task_id: str) -> dict[str, bytes]:
         """The task's stored record, keys decoded; empty if unknown."""
@@ -443,7 +511,8 @@ class RedisBroker:
             *self._identity(), self._last_seen.get(stream, "0-0"),
         )  # fmt: skip
         commands = [*leading, self._fetch_command(queue, consumer, block_seconds), started]
-        replies = self._run(commands, block_seconds=block_seconds, raise_errors=False)
+        large = any(isinstance(a, bytes) and len(a) >= _LARGE_BYTES for c in leading for a in c)
+        replies = self._run(commands, block_seconds=block_seconds, raise_errors=False, large=large)
         if any(isinstance(r, NoScriptError) for r in replies):
             # A restarted server forgot the scripts: nothing they do happened. Run them
             # again now that they are loaded (the read itself did happen).
@@ -482,8 +551,12 @@ class RedisBroker:
             self._run([command], block_seconds=remaining)
 
     def _identity(self) -> tuple[str, int]:
-        # Who marks tasks STARTED: this host and process (children call this after fork).
-        return socket.gethostname(), os.getpid()
+        # Who marks tasks STARTED: this host and process (children call this after fork,
+        # so the cache is keyed by pid).
+        pid = os.getpid()
+        if self._whoami[1] != pid:
+            self._whoami = (socket.gethostname(), pid)
+        return self._whoami
 
     def _load_scripts(self) -> None:
         for body in self._scripts.values():
@@ -529,7 +602,11 @@ class RedisBroker:
         ``(queues, consumer, block_seconds)`` also waits for the next message in the same
         round trip (one queue only) and returns it.
         """
-        fields = [part for item in record.items() for part in item]
+        fields = [
+            part
+            for key, value in record.items()
+            for part in (key, b"=event" if value is raw_event and raw_event else value)
+        ]
         queue = delivery.queue if delivery is not None else ""
         keys = (self.record_key(task_id), channel, self.queue_key(queue), self.eta_key(queue))
         later, due = requeue if requeue is not None else (b"", 0.0)
@@ -541,7 +618,7 @@ class RedisBroker:
         )
         if then_fetch is None or len(then_fetch[0]) != 1:
             with _translate_errors(self.url):
-                self._run_scripts([command])
+                self._run_scripts([command], large=len(raw_event) >= _LARGE_BYTES)
             return None
         queues, consumer, block_seconds = then_fetch
         with _translate_errors(self.url):
@@ -731,6 +808,26 @@ class RedisBroker:
         """Drop a dead worker from the registry once its deliveries are handled."""
         with _translate_errors(self.url):
             self.redis.hdel(self._workers_key, worker_id)
+
+
+def _pack(commands: Sequence[tuple[Any, ...]]) -> list[bytes]:
+    """RESP-encode ``commands``; large arguments are sent as they are, never copied.
+
+    (redis-py with hiredis packs everything into one buffer: for a 50 MB argument that
+    copy costs more than sending it.)
+    """
+    chunks: list[bytes] = []
+    for command in commands:
+        head = [b"*%d\r\n" % len(command)]
+        for arg in command:
+            data = arg if isinstance(arg, bytes) else str(arg).encode()
+            if len(data) >= _LARGE_BYTES:
+                chunks += [b"".join((*head, b"$%d\r\n" % len(data))), data]
+                head = [b"\r\n"]
+            else:
+                head.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        chunks.append(b"".join(head))
+    return chunks
 
 
 def _with_verdict(delivery: Delivery, verdict: bytes) -> Delivery:
