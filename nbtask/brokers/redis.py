@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import logging
 import os
 import socket
 import threading
@@ -35,6 +36,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from nbtask.brokers import Delivery, Publish
 from nbtask.errors import BrokerUnavailable
 from nbtask.settings import Settings
+
+log = logging.getLogger(__name__)
 
 __all__ = ["GROUP", "RedisBroker"]
 
@@ -280,6 +283,18 @@ class RedisBroker:
     def _workers_key(self) -> str:
         return f"{self._prefix}:workers"
 
+    @contextlib.contextmanager
+    def _queues_may_be_gone(self, queues: Iterable[str]) -> Iterator[None]:
+        # NOGROUP: the server lost the queues (restarted without persistence, or purged).
+        # Create them again; what was being done finds nothing this time.
+        try:
+            yield
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            log.warning("queues %s were gone from the broker; created them again", list(queues))
+            self.ensure_queues(queues)
+
     # Lifecycle -------------------------------------------------------------------------------
     def ping(self) -> None:
         """Raise :class:`BrokerUnavailable` unless the server answers."""
@@ -374,26 +389,40 @@ class RedisBroker:
         A pipeline without redis-py's per-command bookkeeping: on the hot path (publish,
         fetch, start, finish) that bookkeeping costs more than the round trip itself.
         """
-        connection = self._connection()
-        replies: list[Any] = []
-        error: ResponseError | None = None
-        try:
-            packed = _pack(commands) if large else connection.pack_commands(commands)
-            connection.send_packed_command(packed)
-            for _ in commands:
-                try:
-                    if block_seconds:
-                        timeout = block_seconds + (connection.socket_timeout or 5.0)
-                        replies.append(connection.read_response(timeout=timeout))
-                    else:
-                        replies.append(connection.read_response())
-                except ResponseError as exc:
-                    replies.append(exc)
-                    error = error or exc
-        except BaseException:
-            # A half-read connection cannot be reused; the next call reconnects.
-            connection.disconnect()
-            raise
+        packed = None
+        for attempt in (1, 2):
+            connection = self._connection()
+            fresh = connection._sock is None  # redis-py has no public "is connected"
+            replies: list[Any] = []
+            error: ResponseError | None = None
+            try:
+                packed = packed or (
+                    _pack(commands) if large else connection.pack_commands(commands)
+                )
+                connection.send_packed_command(packed)
+                for _ in commands:
+                    try:
+                        if block_seconds:
+                            timeout = block_seconds + (connection.socket_timeout or 5.0)
+                            replies.append(connection.read_response(timeout=timeout))
+                        else:
+                            replies.append(connection.read_response())
+                    except ResponseError as exc:
+                        replies.append(exc)
+                        error = error or exc
+            except (RedisConnectionError, RedisTimeoutError):
+                # A half-read connection cannot be reused; the next call reconnects.
+                connection.disconnect()
+                # A connection that went stale while idle (the server restarted) fails
+                # before the first reply: the server never ran these commands. Once more
+                # on a new connection; a fresh one failing is a real outage.
+                if attempt == 2 or fresh or replies:
+                    raise
+                continue
+            except BaseException:
+                connection.disconnect()
+                raise
+            break
         if error is not None and raise_errors:
             raise error
         return replies
@@ -493,7 +522,9 @@ class RedisBroker:
         with _translate_errors(self.url):
             if len(queues) == 1:
                 return self._read_one(queues[0], consumer, block_seconds, ())
-            return self._fetch_many(queues, consumer, block_seconds)
+            with self._queues_may_be_gone(queues):
+                return self._fetch_many(queues, consumer, block_seconds)
+            return None
 
     def _read_one(
         self,
@@ -519,7 +550,11 @@ class RedisBroker:
             self._load_scripts()
             for position, reply in enumerate(replies):
                 if isinstance(reply, NoScriptError):
-                    replies[position] = self._run([commands[position]])[0]
+                    replies[position] = self._run([commands[position]], raise_errors=False)[0]
+        if any(isinstance(r, ResponseError) and "NOGROUP" in str(r) for r in replies[-2:]):
+            with self._queues_may_be_gone([queue]):
+                raise replies[-2] if isinstance(replies[-2], ResponseError) else replies[-1]
+            replies[-2:] = [None, None]  # the caller simply fetches again
         for reply in replies:
             if isinstance(reply, ResponseError):
                 raise reply
@@ -704,7 +739,7 @@ class RedisBroker:
     def pending_of(self, queues: Sequence[str], consumer: str) -> list[Delivery]:
         """Claim and return every delivery ``consumer`` holds unacknowledged."""
         out: list[Delivery] = []
-        with _translate_errors(self.url):
+        with _translate_errors(self.url), self._queues_may_be_gone(queues):
             for queue in queues:
                 stream = self.queue_key(queue)
                 pending = self.redis.xpending_range(stream, GROUP, "-", "+", 1000, consumer)
@@ -734,6 +769,7 @@ class RedisBroker:
             pipe.set(self._hb_key(worker_id), info, px=ttl_ms)
             pipe.hset(self._workers_key, worker_id, info)
             pipe.execute()
+        with _translate_errors(self.url), self._queues_may_be_gone(queues):
             for queue in queues:
                 stream = self.queue_key(queue)
                 for consumer in consumers:
@@ -785,7 +821,7 @@ class RedisBroker:
         """Claim entries nobody renewed for ``visibility_timeout`` (a backstop)."""
         min_idle = int(self.settings.visibility_timeout * 1000)
         out: list[Delivery] = []
-        with _translate_errors(self.url):
+        with _translate_errors(self.url), self._queues_may_be_gone(queues):
             for queue in queues:
                 reply = self.redis.xautoclaim(
                     self.queue_key(queue), GROUP, consumer, min_idle, "0-0", count=100

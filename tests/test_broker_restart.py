@@ -1,0 +1,113 @@
+"""A broker that goes away and comes back: workers and clients carry on by themselves."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nbtask import App, BrokerUnavailable
+
+ROOT = Path(__file__).resolve().parent.parent
+REDIS_SERVER = "/usr/bin/redis-server"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PrivateRedis:
+    """A redis-server of this test's own, so it may be stopped and started at will."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = _free_port()
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.02)
+        raise AssertionError("private redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    if not os.access(REDIS_SERVER, os.X_OK):
+        pytest.fail(f"{REDIS_SERVER} is missing: apt-get install -y redis-server")
+    server = PrivateRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_worker_and_client_survive_a_broker_restart(
+    private_redis: PrivateRedis, tmp_path: Path
+) -> None:
+    env = dict(os.environ, NBTASK_SECRET="restart-secret", NBTASK_HEARTBEAT_INTERVAL="0.2",
+               NBTASK_VISIBILITY_TIMEOUT="2", PYTHONPATH=str(ROOT))  # fmt: skip
+    log = (tmp_path / "worker.log").open("wb")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "nbtask", "worker", "-b", private_redis.url, "-c", "1"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    app = App("restart", broker=private_redis.url, secret="restart-secret")
+    try:
+
+        @app.task
+        def add(x: int, y: int) -> int:
+            return x + y
+
+        assert add.delay(1, 2).get(timeout=20) == 3
+
+        private_redis.stop()
+        with pytest.raises(BrokerUnavailable):
+            add.delay(5, 5)  # nothing to send to: one clear error, nothing half-sent
+        private_redis.start()
+
+        # The restarted server is empty (no persistence): the worker re-creates its queue,
+        # the client's listener reconnects and reads the new events.
+        deadline = time.monotonic() + 30
+        result = None
+        while result is None and time.monotonic() < deadline:
+            try:
+                result = add.delay(2, 3).get(timeout=5)
+            except (BrokerUnavailable, TimeoutError):
+                time.sleep(0.2)
+        assert result == 5
+        assert worker.poll() is None, (tmp_path / "worker.log").read_text()
+    finally:
+        app.close()
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(10)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        log.close()
