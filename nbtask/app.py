@@ -21,9 +21,9 @@ from nbtask.events import FINAL_SEQ, FINAL_STATES, Event, EventType, State
 from nbtask.handle import TaskHandle
 from nbtask.listener import Listener, decode_event
 from nbtask.message import build_message
+from nbtask.options import validate_options
 from nbtask.settings import Settings
 from nbtask.task import Task as BaseTask
-from nbtask.task import validate_options
 
 if TYPE_CHECKING:
     from nbtask.embedded import EmbeddedCluster

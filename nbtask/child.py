@@ -6,11 +6,9 @@ output and progress, reports the outcome, sends linked tasks, and calls the hand
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import importlib
 import logging
-import multiprocessing
 import os
 import signal
 import sys
@@ -34,48 +32,16 @@ from nbtask.errors import (
     SoftTimeLimitExceeded,
 )
 from nbtask.events import FINAL_SEQ, RUN_SEQ_SPAN, Event, EventType, State
-from nbtask.handle import TaskHandle
 from nbtask.message import Callbacks, TaskMessage, build_message, decode_value, encode_value
 from nbtask.outbox import Outbox, TaskStream
+from nbtask.sender import WorkerSender
 from nbtask.settings import Settings
+from nbtask.slots import SlotState
 from nbtask.task import ExceptionInfo, Request, Task, _current
 
-__all__ = ["Child", "SlotState", "WorkerSender"]
+__all__ = ["Child"]
 
 log = logging.getLogger("nbtask.worker")
-
-
-class SlotState:
-    """What one child is running, in memory shared with the supervisor.
-
-    Written by the child, read by the supervisor to enforce hard time limits and to find
-    the child running a task it must terminate.
-    """
-
-    def __init__(self) -> None:
-        self._task = multiprocessing.RawArray(ctypes.c_char, 64)
-        self._deadline = multiprocessing.RawValue(ctypes.c_double, 0.0)
-
-    @property
-    def task_id(self) -> str:
-        """The running task's id, or ``""`` when idle."""
-        return bytes(self._task.value).decode()
-
-    @property
-    def deadline(self) -> float:
-        """Epoch seconds past which the supervisor kills the child (0: no limit)."""
-        return float(self._deadline.value)
-
-    def occupy(self, task_id: str, deadline: float) -> None:
-        """Record the task now running."""
-        self._deadline.value = 0.0
-        self._task.value = task_id.encode()[:63]
-        self._deadline.value = deadline
-
-    def clear(self) -> None:
-        """Record that the child is idle."""
-        self._deadline.value = 0.0
-        self._task.value = b""
 
 
 @dataclasses.dataclass
@@ -90,43 +56,6 @@ class Outcome:
     retry_in: float | None = None
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-
-
-class WorkerSender:
-    """Sends tasks from inside a running task, to the same client, through this worker.
-
-    The handles it returns are not followed here (a task must not wait for another);
-    the client can re-attach to them by id.
-    """
-
-    def __init__(self, child: Child, message: TaskMessage) -> None:
-        self._child = child
-        self._message = message
-
-    def send(
-        self, task: Task, args: Sequence[Any], kwargs: Mapping[str, Any], options: Mapping[str, Any]
-    ) -> TaskHandle:
-        """Send one call."""
-        return self.send_batch([(task, args, kwargs, options)])[0]
-
-    def send_batch(
-        self, calls: Sequence[tuple[Task, Sequence[Any], Mapping[str, Any], Mapping[str, Any]]]
-    ) -> list[TaskHandle]:
-        """Send several calls in one round trip, as children of the running task."""
-        message = self._message
-        family = {"parent_id": message.id, "root_id": message.root_id}
-        sigs = [
-            Signature(task, tuple(args), kwargs, {**options, **family})
-            for task, args, kwargs, options in calls
-        ]
-        return [
-            TaskHandle(None, task_id, sig.task.name)
-            for sig, task_id in zip(sigs, self._child.publish(message.client, sigs), strict=True)
-        ]
-
-    def expect(self, task_id: str, name: str) -> TaskHandle:
-        """A handle nobody follows here."""
-        return TaskHandle(None, task_id, name)
 
 
 class Child:

@@ -26,12 +26,13 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from nbtask.brokers import Broker, Delivery, open_broker
-from nbtask.child import Child, SlotState
+from nbtask.child import Child
 from nbtask.envelope import Signer
 from nbtask.errors import BrokerUnavailable, NbtaskError
 from nbtask.events import FINAL_SEQ, Event, EventType, State
 from nbtask.message import TaskMessage
 from nbtask.settings import Settings
+from nbtask.slots import SlotState
 from nbtask.task import Task
 
 __all__ = ["EXIT_OK", "EXIT_SIGNAL", "Worker"]

@@ -1,0 +1,41 @@
+"""What each worker child is running, in memory shared with its supervisor."""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+
+__all__ = ["SlotState"]
+
+
+class SlotState:
+    """What one child is running, in memory shared with the supervisor.
+
+    Written by the child, read by the supervisor to enforce hard time limits and to find
+    the child running a task it must terminate.
+    """
+
+    def __init__(self) -> None:
+        self._task = multiprocessing.RawArray(ctypes.c_char, 64)
+        self._deadline = multiprocessing.RawValue(ctypes.c_double, 0.0)
+
+    @property
+    def task_id(self) -> str:
+        """The running task's id, or ``""`` when idle."""
+        return bytes(self._task.value).decode()
+
+    @property
+    def deadline(self) -> float:
+        """Epoch seconds past which the supervisor kills the child (0: no limit)."""
+        return float(self._deadline.value)
+
+    def occupy(self, task_id: str, deadline: float) -> None:
+        """Record the task now running."""
+        self._deadline.value = 0.0
+        self._task.value = task_id.encode()[:63]
+        self._deadline.value = deadline
+
+    def clear(self) -> None:
+        """Record that the child is idle."""
+        self._deadline.value = 0.0
+        self._task.value = b""
