@@ -182,7 +182,10 @@ class Child:
             outcome = self._failed(message, resolve_error, self.outbox.end())
         else:
             outcome = self._execute(delivery, message, task, arguments)
-        following = self._settle(delivery, message, outcome, envelope)
+        # Callbacks and handlers run after the outcome is stored; only without them may
+        # the last write also wait for the next message (which would delay them).
+        later = bool(callbacks_raw) or (task is not None and _has_handlers(task))
+        following = self._settle(delivery, message, outcome, envelope, fetch_next=not later)
         callbacks = decode_value(callbacks_raw, "cloudpickle") if callbacks_raw else None
         if callbacks:
             self._send_callbacks(message, outcome, callbacks)
@@ -293,10 +296,13 @@ class Child:
         message: TaskMessage,
         outcome: Outcome,
         envelope: Envelope | None = None,
+        *,
+        fetch_next: bool = False,
     ) -> Delivery | None:
         """Store the outcome, tell the client and acknowledge (re-sending a retry).
 
-        Unless the child is stopping, the same round trip waits for the next message.
+        With ``fetch_next`` (and unless the child is stopping) the same round trip also
+        waits for the next message.
         """
         try:
             raw = self.signer.seal(outcome.event.to_header(), outcome.body)
@@ -317,7 +323,7 @@ class Child:
             header = {**message.to_header(), "retries": message.retries + 1, "eta": due,
                       "created": time.time()}  # fmt: skip
             requeue = (self.signer.seal(header, envelope.body), due)
-        then_fetch = None if self._stop else (self.queues, self.consumer, 1.0)
+        then_fetch = (self.queues, self.consumer, 1.0) if fetch_next and not self._stop else None
         return self.broker.finish(
             delivery, message.id, message.client, raw, record, requeue=requeue,
             then_fetch=then_fetch,
@@ -432,6 +438,14 @@ class Child:
             "it, and import it under the same path on both sides ('proj.tasks' and 'tasks' "
             "are different names)"
         )
+
+
+_AFTER_HANDLERS = ("on_success", "on_failure", "on_retry", "after_return")
+
+
+def _has_handlers(task: Task) -> bool:
+    """True if the task's class overrides any handler that runs after the outcome."""
+    return any(getattr(type(task), name) is not getattr(Task, name) for name in _AFTER_HANDLERS)
 
 
 def _call_handler(handler: Any, *args: Any) -> None:
