@@ -97,6 +97,32 @@ def _parser() -> argparse.ArgumentParser:
     _broker_options(inspect)
     inspect.add_argument("task_id")
     inspect.set_defaults(run=_run_inspect)
+
+    run = sub.add_parser(
+        "run", help="execute a notebook headless, streaming its output (embedded cluster)"
+    )
+    run.add_argument("notebook", help="the .ipynb file to run")
+    run.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        metavar="OUT.ipynb",
+        help="where to write the executed notebook (default: NAME.out.ipynb beside it)",
+    )
+    run.add_argument(
+        "-b",
+        "--broker",
+        default=None,
+        help="broker URL (default: $NBTASK_BROKER, else the embedded cluster)",
+    )
+    run.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="seconds one cell may run (default: 600)",
+    )
+    run.set_defaults(run=_run_notebook)
     return parser
 
 
@@ -270,4 +296,15 @@ def _run_inspect(args: argparse.Namespace) -> int:
     for key in ("name", "state", "worker", "pid", "started_at", "finished_at"):
         if key in record:
             print(f"{key}: {record[key].decode(errors='replace')}")
+    return 0
+
+
+def _run_notebook(args: argparse.Namespace) -> int:
+    from nbtask.runner import NotebookFailed, run_notebook
+
+    try:
+        run_notebook(args.notebook, args.output, broker=args.broker, timeout=args.timeout)
+    except NotebookFailed as exc:
+        print(f"nbtask run: error: {exc}", file=sys.stderr)
+        return 1
     return 0

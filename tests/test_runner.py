@@ -1,0 +1,156 @@
+"""``nbtask run NOTEBOOK``: headless execution, streamed to the terminal, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+from conftest import ROOT
+from nbformat.v4 import new_code_cell, new_notebook
+
+from nbtask import Settings
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def nbtask_run(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> Any:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("NBTASK_")}
+    return subprocess.run(
+        [sys.executable, "-m", "nbtask", "run", *args],
+        env={**base, **(env or {})},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=170,
+        check=False,
+    )
+
+
+def write_notebook(path: Path, *sources: str, tags: dict[int, list[str]] | None = None) -> Path:
+    nb = new_notebook(
+        cells=[new_code_cell(s) for s in sources],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}},
+    )  # fmt: skip
+    for index, cell_tags in (tags or {}).items():
+        nb.cells[index].metadata["tags"] = cell_tags
+    nbformat.write(nb, path)
+    return path
+
+
+def test_quickstart_runs_and_streams(tmp_path: Path) -> None:
+    out = tmp_path / "quickstart-run.ipynb"
+    result = nbtask_run("notebooks/quickstart.ipynb", "-o", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    stdout = result.stdout
+    # a progress line per code cell, in order
+    assert (
+        "nbtask run: notebooks/quickstart.ipynb (10 code cells) on the embedded cluster" in stdout
+    )
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("── [")]
+    assert [ln.split("]")[0] for ln in lines] == [f"── [{i}/10" for i in range(1, 11)], lines
+    # the cells' text output, as it was produced
+    for expected in [
+        "nbtask: embedded cluster",
+        "chunk 0 done",
+        "chunk 15 done",
+        "[crunch] SUCCESS 20/20 crunching",
+        "total = 22499775000500000",
+        "<Figure size 600x250 with 1 Axes>",
+        "ZeroDivisionError: division by zero",
+        "long_task is REVOKED",
+        "nbtask run: 10 cells ran in",
+        f"wrote {out}",
+    ]:
+        assert expected in stdout, f"{expected!r} not in:\n{stdout}"
+    assert stdout.index("chunk 0 done") < stdout.index("total = ")
+    assert "\x1b[" not in stdout, "no colour codes when the terminal is a pipe"
+
+    nb = nbformat.read(out, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.execution_count for c in code)
+    plot = next(c for c in code if "matplotlib" in c.source)
+    assert any("image/png" in o.get("data", {}) for o in plot.outputs)
+    # headless: the text view, not a widget nobody can see
+    crunch = next(c for c in code if c.source.startswith("%%task crunch"))
+    assert "application/vnd.jupyter.widget-view+json" not in json.dumps(crunch.outputs)
+
+
+def test_failing_cell_exits_non_zero_with_one_line(tmp_path: Path) -> None:
+    notebook = write_notebook(
+        tmp_path / "broken.ipynb",
+        "print('before')",
+        "raise KeyError('expected')",  # tagged: the run goes on
+        "def f():\n    return 1 / 0\nf()",
+        "print('after')",
+        tags={1: ["raises-exception"]},
+    )
+    result = nbtask_run(str(notebook), cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        "nbtask run: error: cell 3 failed with ZeroDivisionError: division by zero; "
+        f"the executed notebook is in {tmp_path / 'broken.out.ipynb'}"
+    ], result.stderr
+    assert "before" in result.stdout and "KeyError" in result.stdout
+    assert "return 1 / 0" in result.stdout  # the traceback was streamed
+    assert "after" not in result.stdout
+    written = nbformat.read(tmp_path / "broken.out.ipynb", as_version=4)
+    assert written.cells[2].outputs[0].output_type == "error"
+    assert written.cells[3].execution_count is None
+
+
+def test_usage_errors_are_one_line(tmp_path: Path) -> None:
+    missing = nbtask_run(str(tmp_path / "nope.ipynb"))
+    assert missing.returncode == 2
+    assert missing.stderr.splitlines() == [
+        f"nbtask run: error: no notebook at {tmp_path / 'nope.ipynb'}"
+    ]
+    (tmp_path / "junk.ipynb").write_text("not json")
+    junk = nbtask_run(str(tmp_path / "junk.ipynb"))
+    assert junk.returncode == 2 and len(junk.stderr.splitlines()) == 1, junk.stderr
+    timeout = nbtask_run(
+        str(write_notebook(tmp_path / "slow.ipynb", "import time; time.sleep(30)")),
+        "--timeout", "2",
+    )  # fmt: skip
+    assert timeout.returncode == 1
+    assert timeout.stderr.startswith("nbtask run: error: cell 1 did not finish within 2 s")
+    assert len(timeout.stderr.splitlines()) == 1, timeout.stderr
+
+
+def test_broker_option_runs_on_a_real_broker(
+    settings: Settings, start_worker: Any, tmp_path: Path
+) -> None:
+    worker = start_worker(concurrency=1)
+    notebook = write_notebook(
+        tmp_path / "remote.ipynb",
+        "%load_ext nbtask",
+        "%%task --wait\nimport os\nprint('worker pid', os.getpid())\nanswer = 6 * 7",
+        "print('answer', answer)",
+    )
+    env = {**settings.to_env(), "NBTASK_SECRET": settings.secret or ""}
+    env.pop("NBTASK_BROKER", None)
+    result = nbtask_run(str(notebook), "--broker", settings.broker_url or "", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"on {settings.broker_url}" in result.stdout
+    assert "answer 42" in result.stdout
+    pid = int(result.stdout.split("worker pid ")[1].split()[0])
+    assert pid in {c.pid for c in worker.children()}
+
+
+def test_import_nbtask_stays_light() -> None:
+    code = (
+        "import sys, nbtask, nbtask.cli; "
+        "print(sorted(m for m in ('nbclient', 'nbformat', 'IPython', 'ipywidgets', 'kombu') "
+        "if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert result.stdout.strip() == "[]"
