@@ -125,8 +125,10 @@ class Child:
         self._stop = True
 
     def _on_interrupt(self, signum: int, frame: FrameType | None) -> None:
+        # Only the supervisor sends SIGINT: terminate the task this slot holds. If it has
+        # not started running yet, it never will (see handle()).
+        self._terminated = True
         if self._running:
-            self._terminated = True
             raise KeyboardInterrupt("task terminated (revoked)")
 
     def _on_alarm(self, signum: int, frame: FrameType | None) -> None:
@@ -136,6 +138,17 @@ class Child:
     # One delivery ----------------------------------------------------------------------------
     def handle(self, delivery: Delivery) -> Delivery | None:
         """Verify, run and report one delivery; return the next one if it came along."""
+        # The task is STARTED from the moment it was delivered: claim the slot now, so a
+        # terminate request finds this child even before the task begins to run.
+        self._terminated = False
+        if delivery.verdict == "OK" and delivery.task_id:
+            self.slot.occupy(delivery.task_id, 0.0)
+        try:
+            return self._handle(delivery)
+        finally:
+            self.slot.clear()
+
+    def _handle(self, delivery: Delivery) -> Delivery | None:
         try:
             envelope = self.signer.open(delivery.raw)
             message = TaskMessage.from_header(envelope.header)
@@ -178,8 +191,14 @@ class Child:
         self.outbox.begin(
             message.id, message.client, self._whoami, first_seq=message.retries * RUN_SEQ_SPAN
         )
+        self.slot.occupy(message.id, 0.0)
         if task is None:
             outcome = self._failed(message, resolve_error, self.outbox.end())
+        elif self._terminated:
+            event = Event(
+                EventType.REVOKED, message.id, self.outbox.end(), {"reason": "terminated"}
+            )
+            outcome = Outcome(event)
         else:
             outcome = self._execute(delivery, message, task, arguments)
         # Callbacks and handlers run after the outcome is stored; only without them may
@@ -208,7 +227,12 @@ class Child:
     def _execute(
         self, delivery: Delivery, message: TaskMessage, task: Task, arguments: Buffer
     ) -> Outcome:
-        time_limit = message.time_limit
+        # A limit in the message (set by the caller) wins; else the task's own, which a
+        # task sent by name only has here.
+        time_limit = message.time_limit if message.time_limit is not None else task.time_limit
+        soft_limit = message.soft_time_limit
+        if soft_limit is None:
+            soft_limit = task.soft_time_limit
         self.slot.occupy(message.id, time.time() + time_limit if time_limit else 0.0)
         token = None
         saved = sys.stdout, sys.stderr
@@ -220,7 +244,7 @@ class Child:
                 id=message.id, name=message.name, args=tuple(args), kwargs=kwargs,
                 queue=message.queue, hostname=self.hostname, retries=message.retries,
                 eta=message.eta, expires=message.expires, time_limit=time_limit,
-                soft_time_limit=message.soft_time_limit, parent_id=message.parent_id,
+                soft_time_limit=soft_limit, parent_id=message.parent_id,
                 root_id=message.root_id, emit=self.outbox.emit,
                 sender=WorkerSender(self, message),
                 delivery_info={"queue": delivery.queue, "redelivered": delivery.deliveries > 0},
@@ -229,10 +253,9 @@ class Child:
             sys.stdout = TaskStream(self.outbox, EventType.STDOUT)
             sys.stderr = TaskStream(self.outbox, EventType.STDERR)
             _call_handler(task.before_start, message.id, tuple(args), kwargs)
-            self._terminated = False
             self._running = True
-            if message.soft_time_limit:
-                signal.setitimer(signal.ITIMER_REAL, message.soft_time_limit)
+            if soft_limit:
+                signal.setitimer(signal.ITIMER_REAL, soft_limit)
             started = time.perf_counter()
             try:
                 retval = task.run(*args, **kwargs)
@@ -246,7 +269,6 @@ class Child:
             sys.stdout, sys.stderr = saved
             if token is not None:
                 _current.reset(token)
-            self.slot.clear()
         outcome.args, outcome.kwargs = tuple(args), kwargs
         return outcome
 
@@ -393,7 +415,8 @@ class Child:
             _call_handler(task.on_retry, outcome.exc, message.id, args, kwargs, outcome.einfo)
         elif outcome.exc is not None and outcome.einfo is not None:
             _call_handler(task.on_failure, outcome.exc, message.id, args, kwargs, outcome.einfo)
-        assert state is not None
+        if state is None or state is State.RETRY:
+            return  # Celery skips after_return for a retry: the task has not returned yet
         retval = outcome.retval if state is State.SUCCESS else outcome.exc
         _call_handler(
             task.after_return, state.value, retval, message.id, args, kwargs, outcome.einfo

@@ -9,7 +9,6 @@ from nbtask.errors import ConfigurationError
 
 __all__ = ["TASK_OPTIONS", "parse_rate", "positive", "validate_options"]
 
-# Options @app.task accepts; anything else is refused at decoration time.
 # Options @app.task accepts (Celery's names); anything else is refused at decoration time.
 TASK_OPTIONS = frozenset({
     "name", "bind", "base", "queue", "acks_late", "ignore_result", "expires",
@@ -28,6 +27,7 @@ def validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
             f"unknown task option(s) {', '.join(unknown)}; known: {', '.join(sorted(TASK_OPTIONS))}"
         )
     attrs = dict(options)
+    _check_types(attrs)
     for name in (
         "time_limit",
         "soft_time_limit",
@@ -70,6 +70,28 @@ def validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
             )
         attrs["store_result"] = bool(backend)
     return attrs
+
+
+_BOOLS = ("bind", "acks_late", "retry_jitter", "typing")
+_OPTIONAL_BOOLS = ("ignore_result", "reject_on_worker_lost")
+_OPTIONAL_STRINGS = ("name", "queue")
+
+
+def _check_types(attrs: Mapping[str, Any]) -> None:
+    # A string "false" is truthy: refuse it rather than silently mean True.
+    for name in _BOOLS:
+        if name in attrs and not isinstance(attrs[name], bool):
+            raise ConfigurationError(f"{name} must be True or False, got {attrs[name]!r}")
+    for name in _OPTIONAL_BOOLS:
+        if attrs.get(name) is not None and not isinstance(attrs[name], bool):
+            raise ConfigurationError(f"{name} must be True, False or None, got {attrs[name]!r}")
+    for name in _OPTIONAL_STRINGS:
+        value = attrs.get(name)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise ConfigurationError(f"{name} must be a non-empty string, got {value!r}")
+    backoff = attrs.get("retry_backoff")
+    if backoff is not None and not isinstance(backoff, (bool, int, float)):
+        raise ConfigurationError(f"retry_backoff must be True/False or seconds, got {backoff!r}")
 
 
 def parse_rate(rate: object) -> float | None:

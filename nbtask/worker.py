@@ -43,6 +43,7 @@ EXIT_OK = 0
 EXIT_SIGNAL = 130  # stopped by a second (cold) signal
 _TICK_SECONDS = 0.1
 _STALE_CHECK_EVERY = 10  # heartbeats between visibility-timeout sweeps
+_TERMINATE_MEMORY_SECONDS = 10.0  # how long a terminate waits for its task to show up
 _CRASH_LOOP_SECONDS = 1.0  # a child that dies younger than this is respawned with backoff
 
 
@@ -95,6 +96,8 @@ class Worker:
         # slot -> (task id, why it is being stopped, when to SIGKILL it)
         self._stopping: dict[int, tuple[str, str, float]] = {}
         self._control_position = "$"
+        # task id -> (when to stop looking for it, grace period)
+        self._terminates: dict[str, tuple[float, float]] = {}
         self._spawned_at: dict[int, float] = {}
         self._backoff: dict[int, float] = {}
         self._respawn_at: dict[int, float] = {}
@@ -113,6 +116,9 @@ class Worker:
         # Handlers only count signals; the loop below decides what to do.
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        # Fix the control stream position before any child can take a task, so a
+        # terminate sent from now on is never missed.
+        self._read_control()
         self._heartbeat()
         for slot in range(self.concurrency):
             self._spawn(slot)
@@ -172,6 +178,7 @@ class Worker:
                 self.broker.move_due(self.queues)
                 self._enforce_limits()
                 self._read_control()
+                self._apply_terminates()
                 if time.monotonic() >= next_heartbeat:
                     next_heartbeat = time.monotonic() + self.settings.heartbeat_interval
                     beats += 1
@@ -320,12 +327,25 @@ class Worker:
                 self._terminate(str(command.get("id")), float(command.get("grace", 5.0)))
 
     def _terminate(self, task_id: str, grace: float) -> None:
-        for slot, process in self._children.items():
-            if self._slots[slot].task_id == task_id and process.pid:
-                log.warning("terminating task %s in child %d (SIGINT, SIGKILL after %.1f s)",
-                            task_id, slot, grace)  # fmt: skip
-                self._stopping[slot] = (task_id, "revoked", time.time() + grace)
-                os.kill(process.pid, signal.SIGINT)
+        # Remembered for a while: the request can overtake the delivery it is about (the
+        # task is STARTED in Redis a moment before its child records it in its slot).
+        self._terminates[task_id] = (time.monotonic() + _TERMINATE_MEMORY_SECONDS, grace)
+        self._apply_terminates()
+
+    def _apply_terminates(self) -> None:
+        now = time.monotonic()
+        for task_id, (forget_at, grace) in list(self._terminates.items()):
+            for slot, process in self._children.items():
+                if self._slots[slot].task_id == task_id and process.pid:
+                    log.warning("terminating task %s in child %d (SIGINT, SIGKILL after %.1f s)",
+                                task_id, slot, grace)  # fmt: skip
+                    self._stopping[slot] = (task_id, "revoked", time.time() + grace)
+                    os.kill(process.pid, signal.SIGINT)
+                    del self._terminates[task_id]
+                    break
+            else:
+                if now >= forget_at:
+                    del self._terminates[task_id]
 
     def _settle_lost(
         self, delivery: Delivery, reason: str, stopped: tuple[str, str, float] | None = None

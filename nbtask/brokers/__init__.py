@@ -63,6 +63,9 @@ class Broker(Protocol):
     ) -> list[tuple[str, str, bytes]]:
         """Wait for events on ``{channel: last_id}``; return ``(channel, id, raw)`` triples."""
 
+    def channel_end(self, channel: str) -> str:
+        """The id of the newest event on a channel (``"0-0"`` when empty)."""
+
     def replay(self, channel: str) -> list[bytes]:
         """Every event still kept on a client's channel, oldest first."""
 

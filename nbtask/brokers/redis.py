@@ -443,6 +443,12 @@ class RedisBroker:
                 out.append((name, entry_id.decode(), raw))
         return out
 
+    def channel_end(self, channel: str) -> str:
+        """The id of the newest event on a channel (``"0-0"`` when empty)."""
+        with _translate_errors(self.url):
+            (last,) = self._run([("XREVRANGE", channel, "+", "-", "COUNT", 1)])
+        return str(last[0][0].decode()) if last else "0-0"
+
     def replay(self, channel: str) -> list[bytes]:
         """Every event still kept on a client's channel, oldest first."""
         with _translate_errors(self.url):

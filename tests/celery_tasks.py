@@ -1,0 +1,206 @@
+"""Module-level tasks for the Celery Tasks-guide tests (``-A tests.celery_tasks``).
+
+Workers resolve these by name; the tests send them with ``app.send_task(NAME, ...)``.
+Handlers and task bodies record what they see as JSON lines in a file named by the
+task's first argument, so the tests can read, from the client, what happened on the worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from nbtask import App, ExceptionInfo
+
+app = App("celery-tasks", insecure=True)
+
+PREFIX = "tests.celery_tasks"
+
+
+def record(path: str, **entry: Any) -> None:
+    """Append one JSON line to ``path`` (one short O_APPEND write: atomic between processes)."""
+    with Path(path).open("a") as f:
+        f.write(json.dumps({**entry, "pid": os.getpid()}, default=repr) + "\n")
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON lines :func:`record` wrote, in order."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+# A custom base class with a lazily created resource (the guide's DatabaseTask) ------------
+class DbTask(app.Task):
+    """Caches a "connection" on the instance: created once per worker process."""
+
+    _db: dict[str, Any] | None = None
+    calls = 0
+
+    @property
+    def db(self) -> dict[str, Any]:
+        if self._db is None:
+            self._db = {"token": uuid.uuid4().hex, "pid": os.getpid()}
+        return self._db
+
+
+@app.task(base=DbTask, bind=True)
+def use_db(self: DbTask) -> dict[str, Any]:
+    """Count calls on the task instance and return the cached resource's token."""
+    self.calls += 1
+    return {"pid": os.getpid(), "calls": self.calls, "token": self.db["token"]}
+
+
+# A class-based task, registered explicitly ------------------------------------------------
+class AddTask(app.Task):
+    """The guide's class-based task: ``run`` is the body."""
+
+    def run(self, x: int, y: int) -> int:
+        return x + y
+
+
+add_task = app.register_task(AddTask())
+
+
+# Handlers, recorded in order ---------------------------------------------------------------
+def _einfo(einfo: ExceptionInfo | None) -> dict[str, Any] | None:
+    if einfo is None:
+        return None
+    return {
+        "class": type(einfo).__name__,
+        "type": einfo.type.__name__,
+        "exception": type(einfo.exception).__name__,
+        "has_traceback": "Traceback" in einfo.traceback,
+    }
+
+
+class Recording(app.Task):
+    """Records every handler call (with its arguments) to the file named by ``args[0]``."""
+
+    def before_start(self, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        record(args[0], h="before_start", task_id=task_id, args=list(args), kwargs=dict(kwargs))
+
+    def on_success(
+        self, retval: Any, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> None:
+        record(args[0], h="on_success", retval=retval, task_id=task_id, args=list(args),
+               kwargs=dict(kwargs))  # fmt: skip
+
+    def on_failure(
+        self,
+        exc: BaseException,
+        task_id: str,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        einfo: ExceptionInfo,
+    ) -> None:
+        record(args[0], h="on_failure", exc=type(exc).__name__, exc_text=str(exc),
+               task_id=task_id, args=list(args), kwargs=dict(kwargs),
+               einfo=_einfo(einfo))  # fmt: skip
+
+    def on_retry(
+        self,
+        exc: BaseException,
+        task_id: str,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        einfo: ExceptionInfo,
+    ) -> None:
+        record(args[0], h="on_retry", exc=type(exc).__name__, exc_text=str(exc),
+               task_id=task_id, args=list(args), kwargs=dict(kwargs),
+               einfo=_einfo(einfo))  # fmt: skip
+
+    def after_return(
+        self,
+        status: str,
+        retval: Any,
+        task_id: str,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        einfo: ExceptionInfo | None,
+    ) -> None:
+        shown = type(retval).__name__ if isinstance(retval, BaseException) else retval
+        record(args[0], h="after_return", status=str(status), retval=shown, task_id=task_id,
+               args=list(args), kwargs=dict(kwargs))  # fmt: skip
+
+
+@app.task(base=Recording, bind=True)
+def handled_ok(self: Recording, path: str, x: int, *, scale: int = 1) -> int:
+    record(path, h="run", task_id=self.request.id, retries=self.request.retries)
+    return x * scale
+
+
+@app.task(base=Recording, bind=True)
+def handled_fail(self: Recording, path: str, message: str) -> None:
+    record(path, h="run", task_id=self.request.id, retries=self.request.retries)
+    raise ValueError(message)
+
+
+@app.task(base=Recording, bind=True, max_retries=3)
+def handled_retry(self: Recording, path: str) -> int:
+    """Fails once, is retried at once, then succeeds with its retry count."""
+    record(path, h="run", task_id=self.request.id, retries=self.request.retries)
+    if self.request.retries == 0:
+        raise self.retry(exc=ConnectionError("flaky"), countdown=0.1)
+    return self.request.retries
+
+
+class FaultyHandlers(app.Task):
+    """Every completion handler raises: the task's outcome must still be delivered."""
+
+    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        raise RuntimeError("on_success handler boom")
+
+    def on_failure(self, exc: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        raise RuntimeError("on_failure handler boom")
+
+    def after_return(self, *args: Any) -> None:
+        raise RuntimeError("after_return handler boom")
+
+
+@app.task(base=FaultyHandlers)
+def faulty_ok(x: int) -> int:
+    return x + 1
+
+
+@app.task(base=FaultyHandlers)
+def faulty_fail(message: str) -> None:
+    raise KeyError(message)
+
+
+class SlowSuccess(app.Task):
+    """``on_success`` waits for a go file: shows the result is delivered before it runs."""
+
+    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        marker, go = args[0], args[1]
+        record(marker, h="on_success waiting")
+        deadline = time.monotonic() + 15
+        while not Path(go).exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        record(marker, h="on_success done")
+
+
+@app.task(base=SlowSuccess)
+def slow_handler(marker: str, go: str) -> int:
+    return os.getpid()
+
+
+@app.task
+def mark(path: str, label: str) -> str:
+    """Record that this task ran (with ``label``) and return the label."""
+    record(path, h="ran", label=label)
+    return label
+
+
+# Limits declared on module tasks, sent by name ----------------------------------------------
+@app.task(time_limit=1)
+def hard_limited_sleep(seconds: float) -> int:
+    """Sleep ``seconds``; its hard time limit (1 s) is declared here, on the worker's side."""
+    time.sleep(seconds)
+    return os.getpid()

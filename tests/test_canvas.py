@@ -1,0 +1,248 @@
+"""Canvas (issue 4, item 10): signatures, link/link_error, chains, groups, and tasks that
+send or wait for other tasks."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import nbtask
+from nbtask import App, State, chain, group
+from tests.celery_tasks import read_records
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def _tasks(app: App):
+    """A few small tasks defined like a notebook's (shipped by value)."""
+
+    @app.task
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task
+    def mul(x: int, y: int) -> int:
+        return x * y
+
+    @app.task
+    def fail(x: object, message: str = "middle step failed") -> None:
+        raise ValueError(message)
+
+    @app.task
+    def note(value: object, path: str) -> object:
+        from tests.celery_tasks import record
+
+        record(path, value=value)
+        return value
+
+    return add, mul, fail, note
+
+
+# Signatures -----------------------------------------------------------------------------------
+def test_signatures_partial_and_immutable(app: App, start_worker) -> None:
+    start_worker()
+    add, mul, _, _ = _tasks(app)
+    sig = add.s(2)
+    assert (sig.task, sig.args, sig.immutable) == (add, (2,), False)
+    # Arguments given when sending come first, as in Celery: add.s(2).delay(8) -> add(8, 2).
+    assert sig.delay(8).get(timeout=10) == 10
+    assert mul.s(3).apply_async((5,)).get(timeout=10) == 15
+    # An immutable signature ignores extra arguments.
+    assert add.si(1, 2).delay(100).get(timeout=10) == 3
+    assert add.s(y=4).delay(1).get(timeout=10) == 5
+    assert "add" in repr(add.si(1, 2))
+    # Options set on a signature are used when it is sent.
+    task_id = uuid.uuid4().hex
+    h = add.s(1, 1).set(task_id=task_id).delay()
+    assert h.id == task_id
+    assert h.get(timeout=10) == 2
+
+
+# link / link_error ----------------------------------------------------------------------------
+def test_link_gets_the_result(app: App, start_worker) -> None:
+    start_worker()
+    add, mul, _, _ = _tasks(app)
+    link_id = uuid.uuid4().hex
+    follow = app.expect(link_id, mul.name)
+    h = add.apply_async((2, 3), link=mul.s(10).set(task_id=link_id))
+    assert h.get(timeout=10) == 5
+    assert follow.get(timeout=10) == 50
+
+
+def test_link_error_gets_the_failed_task_id(app: App, start_worker, tmp_path: Path) -> None:
+    start_worker()
+    add, _, fail, note = _tasks(app)
+    errback_id, never_id = uuid.uuid4().hex, uuid.uuid4().hex
+    ledger = tmp_path / "ledger"
+    errback = app.expect(errback_id, note.name)
+    h = fail.apply_async(
+        (1,),
+        link=note.s(str(ledger)).set(task_id=never_id),
+        link_error=note.s(str(ledger)).set(task_id=errback_id),
+    )
+    with pytest.raises(nbtask.RemoteError):
+        h.get(timeout=10)
+    assert errback.get(timeout=10) == h.id
+    assert [rec["value"] for rec in read_records(ledger)] == [h.id]  # the link never ran
+
+    # On success, link_error is not sent.
+    ok = add.apply_async((1, 1), link_error=note.s(str(ledger)))
+    assert ok.get(timeout=10) == 2
+    time.sleep(0.3)
+    assert len(read_records(ledger)) == 1
+
+
+# Chains ---------------------------------------------------------------------------------------
+def test_chain_of_three_returns_the_last_result_with_parents(app: App, start_worker) -> None:
+    start_worker()
+    add, mul, _, _ = _tasks(app)
+    last = (add.s(1, 2) | add.s(3) | mul.s(10)).delay()
+    assert last.get(timeout=15) == 60
+    second, first = last.parent, last.parent.parent
+    assert second is not None and first is not None
+    assert first.parent is None
+    assert first.get(timeout=10) == 3
+    assert second.get(timeout=10) == 6
+    assert [h.state for h in (first, second, last)] == [State.SUCCESS] * 3
+    assert len({first.id, second.id, last.id}) == 3
+
+    # chain() is the same; si() ignores the previous result; arguments go to the first step.
+    assert chain(add.s(1), add.si(10, 10), mul.s(2)).delay(5).get(timeout=15) == 40
+
+
+def test_chain_with_a_failing_middle_step(app: App, start_worker, tmp_path: Path) -> None:
+    start_worker()
+    add, _, fail, note = _tasks(app)
+    ledger = tmp_path / "ledger"
+    last = (add.s(1, 1) | fail.s() | note.s(str(ledger))).delay()
+    with pytest.raises(nbtask.RemoteError) as info:
+        last.get(timeout=15)
+    assert info.value.ename == "ValueError"
+    assert "middle step failed" in info.value.evalue
+    assert last.state is State.FAILURE
+    middle, first = last.parent, last.parent.parent
+    assert first.get(timeout=10) == 2
+    with pytest.raises(nbtask.RemoteError) as middle_info:
+        middle.get(timeout=10)
+    assert middle_info.value.ename == "ValueError"
+    # The last step was never sent, so it never ran; its record says FAILURE too.
+    assert app.broker.get_record(last.id)["state"] == b"FAILURE"
+    time.sleep(0.3)
+    assert read_records(ledger) == []
+
+
+# Groups ---------------------------------------------------------------------------------------
+def test_group_get_returns_results_in_order(app: App, start_worker) -> None:
+    start_worker(concurrency=2)
+    add, mul, _, _ = _tasks(app)
+    g = group([add.s(i, i) for i in range(10)] + [mul.s(3, 4)])
+    gh = g.delay()
+    assert len(gh) == 11
+    assert gh.get(timeout=15) == [2 * i for i in range(10)] + [12]
+    assert gh.ready()
+    assert gh.progress == 1.0
+    assert gh.completed_count() == 11
+    assert group([]).delay().get() == []
+
+
+def test_group_progress_and_completed_count(app: App, start_worker, tmp_path: Path) -> None:
+    start_worker(concurrency=3)
+    add, _, fail, _ = _tasks(app)
+    marker, go = tmp_path / "marker", tmp_path / "go"
+
+    @app.task
+    def wait_for(marker: str, go: str) -> str:
+        import time as t
+        from pathlib import Path as P
+
+        P(marker).write_text("waiting")
+        deadline = t.monotonic() + 15
+        while not P(go).exists() and t.monotonic() < deadline:
+            t.sleep(0.02)
+        return "released"
+
+    try:
+        gh = group([add.s(1, 1), fail.s(0), wait_for.s(str(marker), str(go))]).delay()
+        wait_until(lambda: gh.handles[0].ready() and gh.handles[1].ready(), 10, "two done")
+        assert gh.progress == pytest.approx(2 / 3)
+        assert gh.completed_count() == 1  # the failed one finished, but not successfully
+        assert not gh.ready()
+        assert "2/3" in repr(gh)
+    finally:
+        go.touch()
+    with pytest.raises(nbtask.RemoteError):
+        gh.get(timeout=10)  # the first error met
+    wait_until(gh.ready, 10, "the whole group")
+    assert gh.progress == 1.0
+    assert gh.completed_count() == 2
+    assert gh.handles[2].result() == "released"
+
+
+# Tasks that wait for, or send, other tasks ---------------------------------------------------
+def test_get_inside_a_task_raises_and_points_to_chains(app: App, start_worker) -> None:
+    start_worker(concurrency=2)
+    add, _, _, _ = _tasks(app)
+
+    @app.task
+    def waits_for_subtask() -> str:
+        sub = add.delay(1, 2)
+        try:
+            sub.get(timeout=5)
+        except RuntimeError as exc:
+            return str(exc)
+        return "get() did not refuse"
+
+    message = waits_for_subtask.delay().get(timeout=10)
+    assert "chain" in message.lower()
+    assert ".s(" in message
+
+    @app.task
+    def uncaught() -> int:
+        return add.delay(1, 2).get(timeout=5)
+
+    with pytest.raises(nbtask.RemoteError) as info:
+        uncaught.delay().get(timeout=10)
+    assert info.value.ename == "RuntimeError"
+
+
+def test_get_inside_a_task_when_explicitly_allowed(app: App, start_worker) -> None:
+    # disable_sync_subtasks=False is the guide's explicit escape hatch: the wait must
+    # then actually return the subtask's result.
+    start_worker(concurrency=2)
+    add, _, _, _ = _tasks(app)
+
+    @app.task
+    def waits_anyway() -> int:
+        return add.delay(20, 22).get(timeout=5, disable_sync_subtasks=False)
+
+    assert waits_anyway.delay().get(timeout=15) == 42
+
+
+def test_subtask_sent_from_a_task_can_be_reattached(app: App, start_worker) -> None:
+    start_worker(concurrency=2)
+
+    @app.task(bind=True)
+    def child(self, x: int) -> dict:
+        return {"x": x * 2, "parent_id": self.request.parent_id, "root_id": self.request.root_id}
+
+    @app.task
+    def parent(x: int) -> list[str]:
+        return [child.delay(x).id, child.delay(x + 1).id]
+
+    h = parent.delay(5)
+    ids = h.get(timeout=10)
+    results = [app.handle(task_id).get(timeout=10) for task_id in ids]
+    assert [r["x"] for r in results] == [10, 12]
+    assert {r["parent_id"] for r in results} == {h.id}
+    assert {r["root_id"] for r in results} == {h.id}
+    assert app.handle(ids[0]).state is State.SUCCESS

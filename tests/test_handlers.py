@@ -1,0 +1,254 @@
+"""Custom task classes and handlers (issue 4, item 4): one instance per worker process,
+class-based tasks, abstract bases, Celery's handler arguments and order, faulty handlers."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import nbtask
+from nbtask import App, ConfigurationError, State
+from tests import celery_tasks
+from tests.celery_tasks import read_records
+
+USE_DB = "tests.celery_tasks.use_db"
+ADD_TASK = "tests.celery_tasks.AddTask"
+HANDLED_OK = "tests.celery_tasks.handled_ok"
+HANDLED_FAIL = "tests.celery_tasks.handled_fail"
+HANDLED_RETRY = "tests.celery_tasks.handled_retry"
+FAULTY_OK = "tests.celery_tasks.faulty_ok"
+FAULTY_FAIL = "tests.celery_tasks.faulty_fail"
+SLOW_HANDLER = "tests.celery_tasks.slow_handler"
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def _per_process(results: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+    by_pid: dict[int, list[dict[str, Any]]] = {}
+    for result in results:
+        by_pid.setdefault(result["pid"], []).append(result)
+    return by_pid
+
+
+def _assert_one_instance_per_process(results: list[dict[str, Any]]) -> None:
+    for pid, seen in _per_process(results).items():
+        assert [s["calls"] for s in seen] == list(range(1, len(seen) + 1)), (
+            f"process {pid} did not reuse its task instance: {seen}"
+        )
+        assert len({s["token"] for s in seen}) == 1, f"process {pid} re-created its resource"
+
+
+# One instance per worker process --------------------------------------------------------------
+def test_module_base_class_one_instance_per_process(app: App, start_worker) -> None:
+    start_worker("-A", "tests.celery_tasks", concurrency=2)
+    # One at a time, so both children get several calls in some order.
+    results = [app.send_task(USE_DB).get(timeout=10) for _ in range(8)]
+    _assert_one_instance_per_process(results)
+    assert sum(len(v) for v in _per_process(results).values()) == 8
+    # Sent together too.
+    more = [h.get(timeout=10) for h in [app.send_task(USE_DB) for _ in range(8)]]
+    _assert_one_instance_per_process(results + more)
+
+
+def test_shipped_base_class_one_instance_per_process(app: App, start_worker) -> None:
+    start_worker(concurrency=1)
+
+    class NotebookDb(app.Task):
+        _conn: dict | None = None
+        calls = 0
+
+        @property
+        def conn(self) -> dict:
+            if self._conn is None:
+                import os
+                import uuid
+
+                self._conn = {"token": uuid.uuid4().hex, "pid": os.getpid()}
+            return self._conn
+
+    @app.task(base=NotebookDb, bind=True)
+    def query(self: NotebookDb, n: int) -> dict:
+        import os
+
+        self.calls += 1
+        return {"pid": os.getpid(), "calls": self.calls, "token": self.conn["token"], "n": n}
+
+    results = [query.delay(i).get(timeout=10) for i in range(5)]
+    assert [r["n"] for r in results] == list(range(5))
+    assert len({r["pid"] for r in results}) == 1
+    _assert_one_instance_per_process(results)
+
+
+# Class-based tasks and abstract bases ------------------------------------------------------------
+def test_class_based_task_registered_with_register_task(app: App, start_worker) -> None:
+    start_worker("-A", "tests.celery_tasks")
+    # Registered in the module: the worker knows it by name.
+    assert celery_tasks.add_task.name == ADD_TASK
+    assert celery_tasks.app.tasks[ADD_TASK] is celery_tasks.add_task
+    assert app.send_task(ADD_TASK, (2, 3)).get(timeout=10) == 5
+
+    # Defined here (a notebook's class): registered on the client's app and shipped.
+    class MulTask(app.Task):
+        name = "local.mul"
+
+        def run(self, x: int, y: int) -> int:
+            return x * y
+
+    mul = app.register_task(MulTask())
+    assert app.tasks["local.mul"] is mul
+    assert mul.delay(6, 7).get(timeout=10) == 42
+    assert mul.apply_async((2,), {"y": 5}).get(timeout=10) == 10
+    assert mul(3, 3) == 9
+
+
+def test_abstract_bases_are_never_registered(app: App, start_worker) -> None:
+    worker = start_worker("-A", "tests.celery_tasks")
+    names = set(celery_tasks.app.tasks)
+    for base in ("DbTask", "Recording", "FaultyHandlers", "SlowSuccess", "Task"):
+        assert f"tests.celery_tasks.{base}" not in names
+    assert not any(name.endswith((".DbTask", ".Recording", ".Task")) for name in names)
+    info = json.loads(next(i for i in app.workers().values() if f'"pid": {worker.pid},' in i))
+    assert USE_DB in info["tasks"]
+    assert ADD_TASK in info["tasks"]
+    assert not any(name.endswith((".DbTask", ".Recording", ".FaultyHandlers")) for name in
+                   info["tasks"])  # fmt: skip
+
+    with pytest.raises(ConfigurationError):
+        app.register_task(app.Task())
+
+    class Explicit(app.Task):
+        abstract = True
+
+        def run(self) -> None:
+            return None
+
+    with pytest.raises(ConfigurationError):
+        app.register_task(Explicit())
+
+    class Base(app.Task):
+        pass
+
+    @app.task(base=Base)
+    def concrete() -> int:
+        return 1
+
+    assert list(app.tasks) == [concrete.name]
+
+
+# Handlers: Celery's arguments in Celery's order -----------------------------------------------
+def _handlers(path: Path) -> list[str]:
+    return [rec["h"] for rec in read_records(path)]
+
+
+def test_handlers_on_success_in_order_with_celerys_arguments(
+    app: App, start_worker, tmp_path: Path
+) -> None:
+    start_worker("-A", "tests.celery_tasks", concurrency=1)
+    log = tmp_path / "calls"
+    h = app.send_task(HANDLED_OK, (str(log), 6), {"scale": 7})
+    assert h.get(timeout=10) == 42
+    wait_until(lambda: "after_return" in _handlers(log), 10, "after_return")
+    records = read_records(log)
+    assert [r["h"] for r in records] == ["before_start", "run", "on_success", "after_return"]
+    before, _, success, after = records
+    assert (before["task_id"], before["args"], before["kwargs"]) == (h.id, [str(log), 6],
+                                                                     {"scale": 7})  # fmt: skip
+    assert (success["retval"], success["task_id"], success["args"], success["kwargs"]) == (
+        42, h.id, [str(log), 6], {"scale": 7})  # fmt: skip
+    assert (after["status"], after["retval"], after["task_id"], after["args"],
+            after["kwargs"]) == ("SUCCESS", 42, h.id, [str(log), 6], {"scale": 7})  # fmt: skip
+    assert len({r["pid"] for r in records}) == 1
+
+
+def test_handlers_on_failure_in_order_with_celerys_arguments(
+    app: App, start_worker, tmp_path: Path
+) -> None:
+    start_worker("-A", "tests.celery_tasks", concurrency=1)
+    log = tmp_path / "calls"
+    h = app.send_task(HANDLED_FAIL, (str(log), "bad thing"))
+    with pytest.raises(nbtask.RemoteError) as info:
+        h.get(timeout=10)
+    assert info.value.ename == "ValueError"
+    wait_until(lambda: "after_return" in _handlers(log), 10, "after_return")
+    records = read_records(log)
+    assert [r["h"] for r in records] == ["before_start", "run", "on_failure", "after_return"]
+    failure, after = records[2], records[3]
+    assert (failure["exc"], failure["exc_text"], failure["task_id"], failure["args"],
+            failure["kwargs"]) == ("ValueError", "bad thing", h.id, [str(log), "bad thing"],
+                                   {})  # fmt: skip
+    assert failure["einfo"]["type"] == "ValueError"
+    assert failure["einfo"]["exception"] == "ValueError"
+    assert failure["einfo"]["has_traceback"]
+    assert (after["status"], after["retval"], after["task_id"]) == ("FAILURE", "ValueError", h.id)
+
+
+def test_handlers_on_retry_then_success(app: App, start_worker, tmp_path: Path) -> None:
+    # Celery (celery/app/trace.py): after_return is skipped for RETRY; the retried run
+    # gets its own before_start ... after_return.
+    start_worker("-A", "tests.celery_tasks", concurrency=1)
+    log = tmp_path / "calls"
+    h = app.send_task(HANDLED_RETRY, (str(log),))
+    assert h.get(timeout=10) == 1
+    wait_until(lambda: _handlers(log)[-2:] == ["on_success", "after_return"], 10,
+               "the second run's after_return")  # fmt: skip
+    records = read_records(log)
+    assert [r["h"] for r in records] == [
+        "before_start", "run", "on_retry",
+        "before_start", "run", "on_success", "after_return",
+    ]  # fmt: skip
+    retry = records[2]
+    assert (retry["exc"], retry["exc_text"], retry["task_id"], retry["args"]) == (
+        "ConnectionError", "flaky", h.id, [str(log)])  # fmt: skip
+    assert retry["einfo"]["type"] == "ConnectionError"
+    assert [r["retries"] for r in records if r["h"] == "run"] == [0, 1]
+    assert records[-1]["status"] == "SUCCESS"
+
+
+def test_result_is_delivered_before_on_success_runs(app: App, start_worker, tmp_path: Path) -> None:
+    start_worker("-A", "tests.celery_tasks", concurrency=1)
+    marker, go = tmp_path / "marker", tmp_path / "go"
+    try:
+        h = app.send_task(SLOW_HANDLER, (str(marker), str(go)))
+        pid = h.get(timeout=10)  # while on_success still waits for the go file
+        assert h.state is State.SUCCESS
+        wait_until(lambda: len(read_records(marker)) == 1, 10, "on_success to start")
+        assert read_records(marker)[0]["pid"] == pid
+    finally:
+        go.touch()
+    wait_until(lambda: len(read_records(marker)) == 2, 10, "on_success to finish")
+
+
+def test_an_exception_in_a_handler_is_logged_and_the_result_kept(app: App, start_worker) -> None:
+    worker = start_worker("-A", "tests.celery_tasks", concurrency=1)
+    ok = app.send_task(FAULTY_OK, (41,))
+    assert ok.get(timeout=10) == 42
+    assert ok.state is State.SUCCESS
+    failed = app.send_task(FAULTY_FAIL, ("the task's own error",))
+    with pytest.raises(nbtask.RemoteError) as info:
+        failed.get(timeout=10)
+    assert info.value.ename == "KeyError"  # not the handler's RuntimeError
+    assert "the task's own error" in info.value.evalue
+
+    def logged() -> str:
+        return worker.log.read_text()
+
+    for text in ("on_success handler boom", "on_failure handler boom",
+                 "after_return handler boom"):  # fmt: skip
+        wait_until(lambda text=text: text in logged(), 10, f"{text!r} in the worker log")
+    assert "handler on_success raised" in logged()
+    # The stored records hold the task's outcome, and the child is still serving.
+    assert app.broker.get_record(ok.id)["state"] == b"SUCCESS"
+    assert app.broker.get_record(failed.id)["state"] == b"FAILURE"
+    assert app.send_task(FAULTY_OK, (1,)).get(timeout=10) == 2
+    assert worker.process.poll() is None

@@ -1,0 +1,247 @@
+"""Time limits and rate limits (issue 4, items 6, 7 and 9)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+
+import nbtask
+from nbtask import App, State
+from tests.celery_tasks import read_records
+
+HARD_LIMITED_SLEEP = "tests.celery_tasks.hard_limited_sleep"
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def _child_pids(worker) -> set[int]:
+    return {p.pid for p in worker.children() if p.is_running()}
+
+
+# Soft limit ---------------------------------------------------------------------------------
+def test_soft_time_limit_raises_inside_the_task_which_can_return(app: App, start_worker) -> None:
+    start_worker()
+
+    @app.task(soft_time_limit=0.5)
+    def cleans_up() -> str:
+        import time as t
+
+        from nbtask import SoftTimeLimitExceeded
+
+        try:
+            t.sleep(10)
+        except SoftTimeLimitExceeded as exc:
+            return f"cleaned up after: {exc}"
+        return "never interrupted"
+
+    @app.task(soft_time_limit=0.3)
+    def does_not_catch() -> None:
+        import time as t
+
+        t.sleep(10)
+
+    h = cleans_up.delay()
+    assert h.get(timeout=10).startswith("cleaned up after")
+    assert h.state is State.SUCCESS
+
+    with pytest.raises(nbtask.RemoteError) as info:
+        does_not_catch.delay().get(timeout=10)
+    assert info.value.ename == "SoftTimeLimitExceeded"
+
+
+def test_soft_limit_does_not_leak_into_the_next_task(app: App, start_worker) -> None:
+    start_worker(concurrency=1)
+
+    @app.task(soft_time_limit=0.5)
+    def quick() -> int:
+        return 1
+
+    @app.task
+    def longer() -> str:
+        import time as t
+
+        t.sleep(1.0)
+        return "finished"
+
+    assert quick.delay().get(timeout=10) == 1
+    # The alarm of the first task must have been cancelled when it returned.
+    assert longer.delay().get(timeout=10) == "finished"
+
+
+# Hard limit ---------------------------------------------------------------------------------
+def test_hard_time_limit_kills_the_child_which_is_replaced(
+    app: App, start_worker, tmp_path: Path
+) -> None:
+    worker = start_worker(concurrency=1)
+    ledger = tmp_path / "ledger"
+
+    @app.task(time_limit=1)
+    def stuck(path: str) -> None:
+        import time as t
+
+        from tests.celery_tasks import record
+
+        record(path, h="started")
+        while True:  # ignores everything but SIGKILL
+            with contextlib.suppress(BaseException):
+                t.sleep(30)
+
+    @app.task
+    def whoami() -> int:
+        import os
+
+        return os.getpid()
+
+    before = whoami.delay().get(timeout=10)
+    h = stuck.delay(str(ledger))
+    with pytest.raises(nbtask.RemoteError) as info:
+        h.get(timeout=15)
+    assert info.value.ename == "TimeLimitExceeded"
+    assert h.state is State.FAILURE
+    killed = read_records(ledger)[0]["pid"]
+    assert killed == before
+    assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == "zombie"
+    # The supervisor replaced the child and keeps serving.
+    after = whoami.delay().get(timeout=15)
+    assert after != killed
+    assert after in _child_pids(worker)
+    assert worker.process.poll() is None
+
+
+def test_per_call_time_limit_overrides_the_task(app: App, start_worker) -> None:
+    start_worker(concurrency=1)
+
+    @app.task(time_limit=30)
+    def sleeper(seconds: float) -> str:
+        import time as t
+
+        t.sleep(seconds)
+        return "slept"
+
+    with pytest.raises(nbtask.RemoteError) as info:
+        sleeper.apply_async((20,), time_limit=1).get(timeout=15)
+    assert info.value.ename == "TimeLimitExceeded"
+
+    @app.task(soft_time_limit=30)
+    def soft_sleeper(seconds: float) -> str:
+        import time as t
+
+        from nbtask import SoftTimeLimitExceeded
+
+        try:
+            t.sleep(seconds)
+        except SoftTimeLimitExceeded:
+            return "soft limit"
+        return "slept"
+
+    assert soft_sleeper.apply_async((20,), soft_time_limit=0.3).get(timeout=15) == "soft limit"
+    assert sleeper.delay(0.1).get(timeout=10) == "slept"
+
+
+def test_time_limit_declared_on_a_module_task_is_honoured_when_sent_by_name(
+    app: App, start_worker
+) -> None:
+    # The client does not import the module (Celery's send_task): the worker's own
+    # definition says time_limit=1, and the worker must enforce it.
+    start_worker("-A", "tests.celery_tasks", concurrency=1)
+    h = app.send_task(HARD_LIMITED_SLEEP, (8,))
+    with pytest.raises(nbtask.RemoteError) as info:
+        h.get(timeout=6)
+    assert info.value.ename == "TimeLimitExceeded"
+
+
+# Rate limits --------------------------------------------------------------------------------
+def test_rate_limit_spaces_starts_without_delaying_other_tasks(
+    app: App, start_worker, prefix: str, r: redis.Redis
+) -> None:
+    start_worker(concurrency=2)
+
+    @app.task(rate_limit="5/s")
+    def limited(i: int) -> float:
+        import time as t
+
+        return t.time()
+
+    @app.task
+    def free(i: int) -> float:
+        import time as t
+
+        return t.time()
+
+    # Warm both children so the first starts are not spread by process start-up.
+    assert free.delay(0).get(timeout=10)
+    slow = [limited.delay(i) for i in range(8)]
+    fast = [free.delay(i) for i in range(6)]
+    assert all(isinstance(h.get(timeout=10), float) for h in fast)
+    # The unlimited tasks, sent after the limited ones, did not wait for them.
+    assert not all(h.done() for h in slow), "unlimited tasks waited behind limited ones"
+
+    starts = sorted(h.get(timeout=15) for h in slow)
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert min(gaps) >= 0.17, f"rate_limit='5/s' let tasks start {min(gaps):.3f} s apart"
+    assert all(h.state is State.SUCCESS for h in slow)
+    # Waiting tasks were parked, not held by a child.
+    assert r.zcard(f"{prefix}:eta:default") == 0
+
+
+def test_rate_limit_per_minute_holds_back_the_second_call(app: App, start_worker) -> None:
+    start_worker(concurrency=2)
+
+    @app.task(rate_limit="1/m")
+    def once_a_minute() -> int:
+        return 1
+
+    @app.task
+    def free() -> int:
+        return 2
+
+    calls = [once_a_minute.delay(), once_a_minute.delay()]
+    done, _ = concurrent.futures.wait(
+        calls, timeout=10, return_when=concurrent.futures.FIRST_COMPLETED
+    )
+    assert len(done) == 1
+    (first,) = done
+    (second,) = [h for h in calls if h is not first]
+    assert first.result() == 1
+    # The other child is not blocked by the parked call.
+    assert free.delay().get(timeout=10) == 2
+    assert not second.done()
+    assert second.state is State.PENDING
+
+
+def test_worker_disable_rate_limits(
+    app: App, start_worker, prefix: str, r: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NBTASK_WORKER_DISABLE_RATE_LIMITS", "1")
+    start_worker(concurrency=2)
+
+    @app.task(rate_limit="1/m")
+    def once_a_minute(i: int) -> int:
+        return i
+
+    # With limits on, only one call could start this minute.
+    handles = [once_a_minute.delay(i) for i in range(6)]
+    assert [h.get(timeout=10) for h in handles] == list(range(6))
+    # The rate-limit code path was skipped entirely: no bucket was ever written.
+    assert list(r.scan_iter(match=f"{prefix}:rate:*")) == []

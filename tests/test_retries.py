@@ -1,0 +1,218 @@
+"""Retries (issue 4, items 3 and 5): ``self.retry``, ``max_retries``, ``autoretry_for`` with
+backoff, the RETRY state on the handle, and retries parked in the ETA set."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+import nbtask
+from nbtask import App, State, Task
+from tests.celery_tasks import read_records
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def test_retry_waits_in_the_eta_set_with_state_retry_and_its_reason(
+    app: App, start_worker, prefix: str, r: redis.Redis, tmp_path: Path
+) -> None:
+    start_worker()
+    ledger = tmp_path / "ledger"
+
+    @app.task(bind=True, max_retries=3)
+    def flaky(self: Task, path: str) -> int:
+        from tests.celery_tasks import record
+
+        record(path, retries=self.request.retries, id=self.request.id)
+        if self.request.retries < 2:
+            raise self.retry(exc=ConnectionError(f"not yet {self.request.retries}"), countdown=2.0)
+        return self.request.retries
+
+    h = flaky.delay(str(ledger))
+    wait_until(lambda: h.state is State.RETRY, 10, "the first retry")
+    assert "not yet 0" in h.info["reason"]
+    assert h.info["retries"] == 1
+    assert h.info["eta"] > time.time()
+    assert not h.done()
+    # The retry is a new message parked in the sorted set: not in the stream, and not
+    # held unacknowledged by a worker.
+    stream = f"{prefix}:q:default"
+    assert r.zcard(f"{prefix}:eta:default") == 1
+    assert r.xlen(stream) == 0
+    assert r.xpending(stream, "workers")["pending"] == 0
+    assert app.broker.get_record(h.id)["state"] == b"RETRY"
+
+    wait_until(lambda: h.info.get("retries") == 2, 10, "the second retry")
+    assert "not yet 1" in h.info["reason"]
+
+    assert h.get(timeout=15) == 2
+    assert h.state is State.SUCCESS
+    runs = read_records(ledger)
+    assert [run["retries"] for run in runs] == [0, 1, 2]
+    assert {run["id"] for run in runs} == {h.id}, "a retry must keep the task id"
+    assert r.zcard(f"{prefix}:eta:default") == 0
+
+
+def test_max_retries_exhausted_reraises_the_original_exception(
+    app: App, start_worker, tmp_path: Path
+) -> None:
+    start_worker()
+    ledger = tmp_path / "ledger"
+
+    @app.task(bind=True, max_retries=2)
+    def always_fails(self: Task, path: str) -> None:
+        from tests.celery_tasks import record
+
+        record(path, retries=self.request.retries)
+        raise self.retry(exc=KeyError("boom"), countdown=0.05)
+
+    h = always_fails.delay(str(ledger))
+    with pytest.raises(nbtask.RemoteError) as info:
+        h.get(timeout=15)
+    err = info.value
+    # Celery re-raises the cause; a MaxRetriesExceededError carrying it is fine too.
+    assert err.ename in ("KeyError", "MaxRetriesExceededError")
+    assert "boom" in err.evalue
+    assert h.state is State.FAILURE
+    assert [run["retries"] for run in read_records(ledger)] == [0, 1, 2]
+
+
+def test_max_retries_exhausted_without_a_cause_and_per_call_override(
+    app: App, start_worker, tmp_path: Path
+) -> None:
+    start_worker()
+    ledger = tmp_path / "ledger"
+
+    @app.task(bind=True, max_retries=10)
+    def no_cause(self: Task, path: str) -> None:
+        from tests.celery_tasks import record
+
+        record(path, retries=self.request.retries)
+        raise self.retry(countdown=0.05, max_retries=1)  # this call's limit wins
+
+    h = no_cause.delay(str(ledger))
+    with pytest.raises(nbtask.RemoteError) as info:
+        h.get(timeout=15)
+    assert info.value.ename == "MaxRetriesExceededError"
+    assert "1 retries" in info.value.evalue
+    assert [run["retries"] for run in read_records(ledger)] == [0, 1]
+
+
+def test_autoretry_for_with_exponential_backoff_without_jitter(
+    app: App, start_worker, tmp_path: Path
+) -> None:
+    start_worker()
+    ledger = tmp_path / "ledger"
+
+    @app.task(bind=True, autoretry_for=(ConnectionError,), retry_backoff=0.3,
+              retry_jitter=False, max_retries=3)  # fmt: skip
+    def unreachable(self: Task, path: str) -> None:
+        import time as t
+
+        from tests.celery_tasks import record
+
+        record(path, retries=self.request.retries, at=t.time())
+        raise ConnectionError(f"down on try {self.request.retries}")
+
+    h = unreachable.delay(str(ledger))
+    with pytest.raises(nbtask.RemoteError) as info:
+        h.get(timeout=20)
+    assert info.value.ename == "ConnectionError"
+    assert "down on try 3" in info.value.evalue
+    runs = read_records(ledger)
+    assert [run["retries"] for run in runs] == [0, 1, 2, 3]
+    gaps = [b["at"] - a["at"] for a, b in itertools.pairwise(runs)]
+    # 0.3 s, 0.6 s, 1.2 s: never sooner than the backoff, and growing.
+    for gap, delay in zip(gaps, (0.3, 0.6, 1.2), strict=True):
+        assert gap >= delay - 0.02, f"retry after {gap:.3f} s, before its {delay} s backoff"
+    assert gaps[0] < gaps[1] < gaps[2], f"delays did not grow: {gaps}"
+
+
+def test_autoretry_for_only_the_listed_exceptions(app: App, start_worker, tmp_path: Path) -> None:
+    start_worker()
+    ledger = tmp_path / "ledger"
+
+    @app.task(bind=True, autoretry_for=(ConnectionError,), default_retry_delay=0.05)
+    def wrong_kind(self: Task, path: str) -> None:
+        from tests.celery_tasks import record
+
+        record(path, retries=self.request.retries)
+        raise ValueError("not a connection problem")
+
+    h = wrong_kind.delay(str(ledger))
+    with pytest.raises(nbtask.RemoteError) as info:
+        h.get(timeout=10)
+    assert info.value.ename == "ValueError"
+    assert len(read_records(ledger)) == 1
+
+
+def test_retry_delay_backoff_cap_and_jitter() -> None:
+    app = App("delays", settings=nbtask.Settings(insecure=True))
+
+    @app.task(retry_backoff=True, retry_backoff_max=10, retry_jitter=False)
+    def exact() -> None:
+        return None
+
+    @app.task(retry_backoff=2, retry_backoff_max=10)
+    def jittered() -> None:
+        return None
+
+    @app.task(default_retry_delay=7)
+    def fixed() -> None:
+        return None
+
+    assert [exact.retry_delay(n) for n in range(6)] == [1, 2, 4, 8, 10, 10]
+    for n in range(8):
+        assert 0 <= jittered.retry_delay(n) <= min(2 * 2**n, 10)
+    assert len({jittered.retry_delay(5) for _ in range(20)}) > 1, "no jitter"
+    assert [fixed.retry_delay(n) for n in range(3)] == [7, 7, 7]
+    app.close()
+
+
+def test_request_fields_inside_a_bound_task(app: App, start_worker) -> None:
+    start_worker()
+
+    @app.task(bind=True)
+    def introspect(self: Task, x: int, *, y: int = 0) -> dict:
+        req = self.request
+        return {
+            "id": req.id, "args": list(req.args), "kwargs": dict(req.kwargs),
+            "retries": req.retries, "hostname": req.hostname, "queue": req.queue,
+            "eta": req.eta, "parent_id": req.parent_id, "root_id": req.root_id,
+            "delivery_info": dict(req.delivery_info), "name": self.name,
+        }  # fmt: skip
+
+    h = introspect.apply_async((1,), {"y": 2})
+    seen = h.get(timeout=10)
+    assert seen["id"] == h.id
+    assert seen["args"] == [1]
+    assert seen["kwargs"] == {"y": 2}
+    assert seen["retries"] == 0
+    assert seen["hostname"]
+    assert seen["queue"] == "default"
+    assert seen["eta"] is None
+    assert seen["parent_id"] is None
+    assert seen["root_id"] == h.id
+    assert seen["delivery_info"]["queue"] == "default"
+    assert seen["name"] == introspect.name
+
+    later = introspect.apply_async((3,), countdown=0.2)
+    assert later.get(timeout=10)["eta"] is not None

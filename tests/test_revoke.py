@@ -1,0 +1,258 @@
+"""Revoke and cancel (issue 4, item 8): queued tasks never start, running ones are
+interrupted then killed, and no revoked task runs anyway, even under load."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+
+import nbtask
+from nbtask import App, State
+from tests.celery_tasks import read_records
+
+SLOW_HANDLER = "tests.celery_tasks.slow_handler"
+MARK = "tests.celery_tasks.mark"
+WAIT_FOR_FILE = "tests.sample_tasks.wait_for_file"
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def _busy(app: App, task_id: str) -> bool:
+    """True once a worker's heartbeat lists ``task_id`` among its running tasks."""
+    return any(task_id in json.loads(info).get("busy", []) for info in app.workers().values())
+
+
+def _warm_up(app: App, tmp_path: Path) -> None:
+    """Return once the supervisor has gone round its loop with a task running."""
+    marker, go = tmp_path / "warm-marker", tmp_path / "warm-go"
+    h = app.send_task(WAIT_FOR_FILE, (str(marker), str(go)))
+    wait_until(lambda: _busy(app, h.id), 10, "the warm-up task to show as busy")
+    go.touch()
+    h.get(timeout=10)
+
+
+def _drained(r: redis.Redis, prefix: str) -> bool:
+    stream = f"{prefix}:q:default"
+    return (
+        r.xlen(stream) == 0
+        and r.xpending(stream, "workers")["pending"] == 0
+        and r.zcard(f"{prefix}:eta:default") == 0
+    )
+
+
+def test_revoke_queued_and_eta_tasks_they_never_run(
+    app: App, start_worker, prefix: str, r: redis.Redis, tmp_path: Path
+) -> None:
+    ledger = tmp_path / "ledger"
+
+    @app.task
+    def marker(path: str, label: str) -> str:
+        from tests.celery_tasks import record
+
+        record(path, label=label)
+        return label
+
+    queued = marker.delay(str(ledger), "queued")
+    later = marker.apply_async((str(ledger), "later"), countdown=1.0)
+    kept = marker.delay(str(ledger), "kept")
+    assert app.revoke(queued.id) is True
+    assert app.revoke(later.id) is True
+    for h in (queued, later):
+        with pytest.raises(nbtask.TaskRevoked):
+            h.get(timeout=5)
+        assert h.state is State.REVOKED
+
+    start_worker()
+    assert kept.get(timeout=10) == "kept"
+    wait_until(lambda: _drained(r, prefix), 10, "the revoked messages to be dropped")
+    assert [rec["label"] for rec in read_records(ledger)] == ["kept"]
+    assert app.broker.get_record(queued.id)["state"] == b"REVOKED"
+    assert app.broker.get_record(later.id)["state"] == b"REVOKED"
+    assert app.revoke(kept.id) is False  # finished: nothing to revoke
+
+
+def test_cancel_a_running_task_interrupts_it(app: App, start_worker, tmp_path: Path) -> None:
+    worker = start_worker(concurrency=1)
+    ledger = tmp_path / "ledger"
+
+    @app.task
+    def long_loop(path: str) -> str:
+        import time as t
+
+        from tests.celery_tasks import record
+
+        record(path, h="started")
+        try:
+            t.sleep(30)
+        except KeyboardInterrupt as exc:
+            record(path, h="interrupted", why=str(exc))
+            raise
+        return "finished"
+
+    @app.task
+    def whoami() -> int:
+        import os
+
+        return os.getpid()
+
+    h = long_loop.delay(str(ledger))
+    wait_until(lambda: len(read_records(ledger)) == 1, 10, "the task to start")
+    wait_until(lambda: _busy(app, h.id), 10, "the worker to report the task running")
+    pid = read_records(ledger)[0]["pid"]
+    assert h.cancel() is True
+    with pytest.raises(nbtask.TaskRevoked):
+        h.get(timeout=10)
+    assert h.state is State.REVOKED
+    records = read_records(ledger)
+    assert [rec["h"] for rec in records] == ["started", "interrupted"]
+    assert app.broker.get_record(h.id)["state"] == b"REVOKED"
+    # The child handled the interrupt itself: it is still alive and serves the next task.
+    assert whoami.delay().get(timeout=10) == pid
+    assert pid in {p.pid for p in worker.children()}
+
+
+def test_a_task_that_ignores_the_interrupt_is_killed_after_the_grace_period(
+    app: App, start_worker, tmp_path: Path
+) -> None:
+    worker = start_worker(concurrency=1)
+    ledger = tmp_path / "ledger"
+
+    @app.task
+    def stubborn(path: str) -> str:
+        import time as t
+
+        from tests.celery_tasks import record
+
+        record(path, h="started")
+        while True:
+            try:
+                t.sleep(30)
+            except KeyboardInterrupt:
+                record(path, h="ignored")
+
+    @app.task
+    def whoami() -> int:
+        import os
+
+        return os.getpid()
+
+    h = stubborn.delay(str(ledger))
+    wait_until(lambda: len(read_records(ledger)) == 1, 10, "the task to start")
+    wait_until(lambda: _busy(app, h.id), 10, "the worker to report the task running")
+    pid = read_records(ledger)[0]["pid"]
+    assert app.revoke(h.id, terminate=True, grace=0.5) is True
+    with pytest.raises(nbtask.TaskRevoked):
+        h.get(timeout=10)
+    assert h.state is State.REVOKED
+    assert [rec["h"] for rec in read_records(ledger)] == ["started", "ignored"]
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    replacement = whoami.delay().get(timeout=15)
+    assert replacement != pid
+    assert worker.process.poll() is None
+    assert app.broker.get_record(h.id)["state"] == b"REVOKED"
+
+
+def test_revoke_every_other_task_under_load(
+    app: App, start_worker, prefix: str, r: redis.Redis, tmp_path: Path
+) -> None:
+    start_worker(concurrency=2)
+    ledger = tmp_path / "ledger"
+
+    @app.task
+    def work(path: str, i: int) -> int:
+        import time as t
+
+        import nbtask as nb
+
+        request = nb.current_request()
+        assert request is not None
+        with open(path, "a") as f:
+            f.write(request.id + "\n")
+        t.sleep(0.01)
+        return i
+
+    handles = work.delay_many([(str(ledger), i) for i in range(200)])
+    revoked: set[str] = set()
+    too_late: set[str] = set()
+    for h in handles[::2]:
+        (revoked if app.revoke(h.id) else too_late).add(h.id)
+
+    _, not_done = concurrent.futures.wait(handles, timeout=30)
+    assert not not_done, f"{len(not_done)} task(s) never settled"
+    ran = Counter(path_line for path_line in ledger.read_text().split())
+    assert revoked, "no task was still queued when revoked: the test proves nothing"
+    assert len(revoked) >= 50, f"only {len(revoked)} revoked before they started"
+    assert sorted(revoked & set(ran)) == [], "a task revoked before it started ran anyway"
+    for h in handles:
+        if h.id in revoked:
+            assert h.state is State.REVOKED, h
+            assert app.broker.get_record(h.id)["state"] == b"REVOKED"
+        else:
+            assert h.result() == handles.index(h), h
+            assert h.state is State.SUCCESS
+            assert ran[h.id] == 1, f"{h} ran {ran[h.id]} times"
+    assert too_late <= set(ran)
+    wait_until(lambda: _drained(r, prefix), 10, "the queue to drain")
+
+
+def test_cancel_while_the_previous_task_runs_its_handler(
+    app: App, start_worker, tmp_path: Path
+) -> None:
+    # One child. Task A's on_success handler blocks until the go file exists. The child
+    # takes nothing more while A's handlers run (a slot is busy until they end), so B is
+    # still queued: cancelling it answers True, and B must end REVOKED and never run.
+    start_worker("-A", "tests.celery_tasks", concurrency=1)
+    marker, go, ledger = tmp_path / "marker", tmp_path / "go", tmp_path / "ledger"
+    _warm_up(app, tmp_path)
+    try:
+        a = app.send_task(SLOW_HANDLER, (str(marker), str(go)))
+        b = app.send_task(MARK, (str(ledger), "B"))
+        a.get(timeout=10)
+        wait_until(lambda: len(read_records(marker)) == 1, 10, "A's on_success to start")
+        assert app.broker.get_record(b.id).get("state") == b"PENDING", "B was taken early"
+        assert b.cancel() is True
+        time.sleep(0.5)  # let the supervisor act on the terminate request
+    finally:
+        go.touch()
+    with pytest.raises(nbtask.TaskRevoked):
+        b.get(timeout=10)
+    assert b.state is State.REVOKED
+    assert read_records(ledger) == [], "B was cancelled but ran anyway"
+
+
+def test_terminate_right_after_the_worker_started(app: App, start_worker, tmp_path: Path) -> None:
+    # The worker announced itself (heartbeat) and its child took the task at once; a
+    # terminate sent now must not be lost because the supervisor had not yet pinned
+    # its position in the control stream.
+    start_worker(concurrency=1)
+    marker, go = tmp_path / "marker", tmp_path / "go"
+    try:
+        h = app.send_task(WAIT_FOR_FILE, (str(marker), str(go)))
+        wait_until(marker.exists, 10, "the task to start")
+        assert h.cancel() is True
+        with pytest.raises(nbtask.TaskRevoked):
+            h.get(timeout=5)
+    finally:
+        go.touch()
+    assert h.state is State.REVOKED
