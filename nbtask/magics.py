@@ -17,15 +17,16 @@ from typing import Any, TypeVar, cast
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from IPython.display import display, publish_display_data
+from IPython.display import clear_output, display, publish_display_data
 
 from nbtask.app import App
-from nbtask.cells import CellError, NamedCell, analyze, cell_runner, prepare
+from nbtask.board import Row, TaskBoard, format_row, notebook_group
+from nbtask.cells import CellError, analyze, prepare
+from nbtask.celltask import NamedCell, cell_runner
 from nbtask.events import FINAL_STATES, Event, EventType
-from nbtask.listener import decode_event
 from nbtask.pending import WAIT_NAME, CellRun, Pending, WaitInserter, wait_interruptibly
 from nbtask.settings import read_secret_file
-from nbtask.widgets import TaskView, TaskWidget, cancel_task, follow, make_view
+from nbtask.widgets import TaskView, TaskWidget, cancel_task, follow, make_view, widgets_enabled
 
 __all__ = ["Session", "TaskMagics", "load_ipython_extension", "unload_ipython_extension"]
 
@@ -73,14 +74,24 @@ class Session:
         self.pending = Pending(shell.user_ns)
         self.inserter = WaitInserter(self.pending)
         self.views: dict[str, TaskView] = {}
+        self.attached: dict[str, str] = {}  # task id -> label, for tasks re-opened by id
+        self.boards: list[TaskBoard] = []
+        #: Names this notebook's clients on the broker, across kernel restarts.
+        self.group = notebook_group()
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+        self._timers: list[threading.Timer] = []
 
     # Lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         """Connect, install the hooks and say where the cells will run."""
         self.app.connect()
+        self.app.broker.recent_tasks(self.group, self.app.channel, 0)  # found after a restart
         self.shell.push({WAIT_NAME: self.pending.wait}, interactive=False)
         self.shell.ast_transformers.append(self.inserter)
         self.shell.events.register("pre_run_cell", self._pre_run_cell)
+        self._ticker = threading.Thread(target=self._tick, name="nbtask-ticker", daemon=True)
+        self._ticker.start()
         print(self.describe())
 
     def stop(self) -> None:
@@ -91,8 +102,27 @@ class Session:
             self.shell.events.unregister("pre_run_cell", self._pre_run_cell)
         self.shell.user_ns.pop(WAIT_NAME, None)
         self.shell.user_ns_hidden.pop(WAIT_NAME, None)
+        self._stop.set()
+        for timer in self._timers:
+            timer.cancel()
+        if self._ticker is not None:
+            self._ticker.join(5)
         if self.owns_app:
             self.app.close()
+
+    def _tick(self) -> None:
+        """Twice a second: elapsed times of running tasks, and the ``%tasks`` boards.
+
+        One thread, so views are not repainted only when an event arrives; it never
+        prints (output from a thread lands in whichever cell runs now).
+        """
+        while not self._stop.wait(0.5):
+            for view in list(self.views.values()):
+                with contextlib.suppress(Exception):
+                    view.tick()
+            for board in list(self.boards):
+                with contextlib.suppress(Exception):
+                    board.refresh()
 
     def _pre_run_cell(self, *_info: Any) -> None:
         self.pending.harvest()
@@ -116,6 +146,7 @@ class Session:
             self.app.close()
         self.app, self.owns_app = app, True
         self.app.connect()
+        self.app.broker.recent_tasks(self.group, self.app.channel, 0)
         print(self.describe())
 
     # %%task ----------------------------------------------------------------------------------
@@ -165,6 +196,7 @@ class Session:
             timer = threading.Timer(args.timeout, cancel_task, (handle,))
             timer.daemon = True
             timer.start()
+            self._timers = [t for t in self._timers if t.is_alive()] + [timer]
         return None
 
     def _wait(self, run: CellRun, timeout: float | None) -> Any:
@@ -195,8 +227,15 @@ class Session:
                     data = dict(event.data)
                     if data.get("metadata", {}).get("nbtask", {}).get("execute_result"):
                         result = data
-                    elif not data.get("clear"):
-                        publish_display_data(data.get("data", {}), data.get("metadata", {}))
+                    elif data.get("clear"):
+                        clear_output()
+                    else:  # display ids too: an update replaces the display, as locally
+                        publish_display_data(
+                            data.get("data", {}),
+                            data.get("metadata", {}),
+                            transient=data.get("transient") or None,
+                            update=bool(data.get("update")),
+                        )
                 elif event.type is EventType.PROGRESS:
                     line.show(event)
                 if event.state in FINAL_STATES:
@@ -211,51 +250,91 @@ class Session:
         return _Result(result) if result is not None else None
 
     # %tasks and status -----------------------------------------------------------------------
-    def attach(self, task_id: str) -> TaskView:
-        """Re-open a task by id (any client's), replaying the output it left."""
+    def attach(self, task_id: str, *, show: bool = True) -> TaskView:
+        """Re-open a task by id (any client's), replaying the output it left.
+
+        ``app.handle`` replays a finished task's output from its client's event channel
+        (while it is kept) and follows a running one live.
+        """
         view = self.views.get(task_id)
-        if view is not None:
-            return view
-        handle = self.app.handle(task_id)
-        view = make_view(handle, task_id[:8], self.shell)
-        if isinstance(view, TaskWidget):
+        if view is None:
+            handle = self.app.handle(task_id)
+            label = self.attached.get(task_id) or _label_of(handle, self.pending.runs)
+            view = make_view(handle, label, self.shell, show=show)
+            if show and isinstance(view, TaskWidget):
+                display(view)
+            follow(handle, view.apply)
+            self.views[task_id] = view
+            self.attached.setdefault(task_id, label)
+        elif show and isinstance(view, TaskWidget):
             display(view)
-        if handle.done() and not handle.outputs:
-            for event in replay(self.app, task_id):
-                view.apply(event)
-        follow(handle, view.apply)
-        self.views[task_id] = view
         return view
+
+    def attach_recent(self, limit: int = 20) -> list[str]:
+        """Re-attach to this notebook's newest tasks; return their ids, oldest first.
+
+        The tasks of every client noted under :attr:`group`: this kernel's and those of
+        earlier kernels of the notebook (before a restart).
+        """
+        found = self.app.broker.recent_tasks(self.group, self.app.channel, limit)
+        ids = []
+        for task_id, _channel, _sent in reversed(found):
+            try:
+                self.attach(task_id, show=False)
+            except Exception:  # expired meanwhile, or not ours to read: skip it
+                continue
+            ids.append(task_id)
+        return ids
+
+    def rows(self) -> list[Row]:
+        """The rows of the board: tasks sent or re-opened here, in that order."""
+        rows = [Row(r.handle, r.label, self.views.get(r.handle.id)) for r in self.pending.runs]
+        known = {r.handle.id for r in rows}
+        for task_id, label in self.attached.items():
+            view = self.views.get(task_id)
+            if task_id not in known and view is not None:
+                rows.append(Row(view.handle, label, view))
+        return rows
 
     def board(self) -> str:
         """One text line per task of this notebook (newest last)."""
-        rows = []
-        for run in self.pending.runs:
-            view = self.views.get(run.handle.id)
-            state = str(run.handle.state)
-            progress = view.progress_text() if view else ""
-            worker = str(run.handle.info.get("worker", ""))
-            elapsed = f"{view.elapsed():.1f} s" if view else ""
-            rows.append(
-                f"{run.handle.id[:8]}  {run.label[:30]:30}  {state:11} {progress:18} "
-                f"{worker:16} {elapsed}"
-            )
-        return "\n".join(rows) or "no tasks yet"
+        return "\n".join(format_row(row) for row in self.rows()) or "no tasks yet"
+
+    def show_board(self) -> TaskBoard | None:
+        """Display the live board (a widget in a kernel with widgets, else text)."""
+        if widgets_enabled(self.shell):
+            board = TaskBoard(self.rows, lambda task_id: self.attach(task_id, show=False))
+            self.boards.append(board)
+            display(board)
+            return board
+        print(self.board())
+        return None
 
     def status(self) -> str:
-        """Broker, workers (host/pid/queues/concurrency) and running cells."""
+        """Broker, workers (host/pid/queues/concurrency/busy) and running cells."""
         lines = [self.describe()]
+        labels = {r.handle.id: r.label for r in self.pending.runs}
         for worker_id, info_text in sorted(self.app.workers().items()):
             info = json.loads(info_text)
+            busy = [labels.get(t, t[:8]) for t in info.get("busy", [])]
             lines.append(
                 f"  worker {worker_id}: host {info.get('hostname')} pid {info.get('pid')} "
                 f"queues {','.join(info.get('queues', []))} "
-                f"concurrency {info.get('concurrency')}"
+                f"concurrency {info.get('concurrency')} "
+                f"busy {len(busy)}" + (f" ({', '.join(busy)})" if busy else "")
             )
         running = self.pending.running()
         lines.append(f"  {len(running)} cell(s) pending")
         lines.extend(f"    {r.handle.id[:8]} {r.label} {r.handle.state!s}" for r in running)
         return "\n".join(lines)
+
+
+def _label_of(handle: Any, runs: list[CellRun]) -> str:
+    for run in runs:
+        if run.handle.id == handle.id:
+            return run.label
+    name = "cell" if handle.name == "nbtask.cell" else handle.name
+    return f"{name} {handle.id[:8]}"
 
 
 class _ProgressLine:
@@ -287,30 +366,6 @@ class _ProgressLine:
     def close(self) -> None:
         if self.handle is not None:
             self.handle.update({"text/plain": ""}, raw=True)
-
-
-def replay(app: App, task_id: str) -> list[Event]:
-    """The events a task sent to its client's channel, while the channel is kept."""
-    record = app.broker.get_record(task_id)
-    channel = record.get("client", b"").decode()
-    if not channel:
-        return []
-    found: list[Event] = []
-    position = "0-0"
-    while True:
-        entries = app.broker.read_events({channel: position}, block_seconds=0.001)
-        if not entries:
-            return found
-        for _channel, entry_id, raw in entries:
-            position = entry_id
-            if not raw:
-                continue
-            try:
-                event, _ = decode_event(app.signer, raw)
-            except Exception:
-                continue
-            if event.task_id == task_id:
-                found.append(event)
 
 
 @_typed(magics_class)
@@ -367,14 +422,34 @@ class TaskMagics(Magics):  # type: ignore[misc]
 
     @_typed(magic_arguments())
     @_typed(argument("--attach", metavar="ID", help="re-open a task by id, replaying its output"))
+    @_typed(
+        argument(
+            "-a",
+            "--all",
+            action="store_true",
+            help="also this notebook's recent tasks from before a kernel restart "
+            "(re-attached, their output replayed)",
+        )
+    )
+    @_typed(argument("-n", "--limit", type=int, default=20, help="at most N recent tasks (--all)"))
     @_typed(line_magic)
     def tasks(self, line: str) -> Any:
-        """A board of this notebook's tasks (``--attach ID`` re-opens any task)."""
+        """A live board of this notebook's tasks; each row re-opens that task's widget.
+
+        ``--all`` adds the notebook's recent tasks from the result store, including those
+        sent before a kernel restart; ``--attach ID`` re-opens any task by id.
+        """
         args = parse_argstring(self.tasks, line)
         if args.attach:
             view = self.session.attach(args.attach)
-            return None if isinstance(view, TaskWidget) else print(view.status_text())
-        print(self.session.board())
+            if not isinstance(view, TaskWidget):
+                print(view.status_text())
+                if view.text:  # type: ignore[attr-defined]
+                    print(view.text.rstrip("\n"))  # type: ignore[attr-defined]
+            return None
+        if args.all:
+            self.session.attach_recent(args.limit)
+        self.session.show_board()
         return None
 
 

@@ -14,20 +14,29 @@ import ast
 import builtins
 import contextlib
 import dataclasses
+import importlib
 import sys
 import time
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from nbtask.cells import analyze, load_values
 from nbtask.errors import RemoteError
+from nbtask.listener import decode_event
 from nbtask.widgets import cancel_task
 
 if TYPE_CHECKING:
     from nbtask.handle import TaskHandle
     from nbtask.widgets import TaskView
 
-__all__ = ["CellRun", "Pending", "WaitInserter", "local_exception"]
+__all__ = [
+    "CellRun",
+    "Pending",
+    "WaitInserter",
+    "exception_type",
+    "failure_type",
+    "local_exception",
+]
 
 WAIT_NAME = "__nbtask_wait__"
 
@@ -114,7 +123,7 @@ class Pending:
         mine = [n for n, r in self.owner.items() if r is run]
         try:
             if exc is not None:
-                raise local_exception(exc, self.namespace)
+                raise local_exception(exc, self.namespace, failure_type(run.handle))
             result = run.handle.result(0)
             for name, value in load_values(result).items():
                 if self.owner.get(name, run) is run:
@@ -144,17 +153,23 @@ def wait_interruptibly(handle: TaskHandle, timeout: float | None = None) -> None
         raise
 
 
-def local_exception(exc: BaseException, namespace: MutableMapping[str, Any]) -> BaseException:
+def local_exception(
+    exc: BaseException, namespace: MutableMapping[str, Any], etype: str | None = None
+) -> BaseException:
     """The user's own exception type for a remote failure, showing the remote traceback.
 
-    ``ValueError`` raised in a worker cell is raised as a ``ValueError`` here (types from
-    builtins or the notebook's namespace); its display is the worker's traceback, which
-    points at the cell's own lines. Other types stay a :class:`RemoteError`.
+    ``ValueError`` raised in a worker cell is raised as a ``ValueError`` here. The type is
+    found from ``etype`` (``"module.QualName"``, sent by the worker with the failure): the
+    module is imported if it is not yet (the event is signed, so the name is trusted), and
+    types of the notebook itself (``__main__``) come from its namespace; without ``etype``,
+    builtins and the namespace are searched by name. Its display is the worker's
+    traceback, which points at the cell's own lines. A type that cannot be found or
+    rebuilt from its message stays a :class:`RemoteError`.
     """
     if not isinstance(exc, RemoteError):
         return exc
-    cls = getattr(builtins, exc.ename, None) or namespace.get(exc.ename)
-    if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+    cls = exception_type(etype, exc.ename, namespace)
+    if cls is None:
         return exc
     try:
         rebuilt = cls(exc.evalue)
@@ -169,6 +184,62 @@ def local_exception(exc: BaseException, namespace: MutableMapping[str, Any]) -> 
         return exc
     rebuilt.__suppress_context__ = True
     return rebuilt
+
+
+def exception_type(
+    etype: str | None, ename: str, namespace: Mapping[str, Any]
+) -> type[BaseException] | None:
+    """The exception class named ``etype`` (``"pkg.mod.Outer.Inner"``), or ``None``.
+
+    The split between module and qualified name is not marked, so each split is tried
+    from the longest module name down.
+    """
+    found: Any = None
+    if etype:
+        parts = etype.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            module_name, qualname = ".".join(parts[:cut]), parts[cut:]
+            if "<locals>" in qualname:
+                break
+            if module_name == "__main__":
+                found = _walk(namespace.get(qualname[0]), qualname[1:])
+            else:
+                module = sys.modules.get(module_name)
+                if module is None:
+                    try:
+                        module = importlib.import_module(module_name)
+                    except Exception:
+                        continue
+                found = _walk(module, qualname)
+            if found is not None:
+                break
+    if found is None:
+        found = getattr(builtins, ename, None) or namespace.get(ename)
+    if isinstance(found, type) and issubclass(found, BaseException):
+        return found
+    return None
+
+
+def _walk(obj: Any, names: Iterable[str]) -> Any:
+    for name in names:
+        obj = getattr(obj, name, None)
+    return obj
+
+
+def failure_type(handle: TaskHandle) -> str | None:
+    """The ``module.QualName`` of a failed task's exception, from its stored final event."""
+    app = handle.app
+    if app is None:
+        return None
+    try:
+        raw = app.broker.get_record(handle.id).get("result")
+        if not raw:
+            return None
+        event, _ = decode_event(app.signer, raw)
+    except Exception:  # expired, or unreadable: the name alone will do
+        return None
+    etype = event.data.get("etype") if event.task_id == handle.id else None
+    return str(etype) if etype else None
 
 
 class WaitInserter(ast.NodeTransformer):

@@ -21,7 +21,16 @@ from nbtask.events import FINAL_STATES, Event, EventType, State
 if TYPE_CHECKING:
     from nbtask.handle import TaskHandle
 
-__all__ = ["TaskView", "TaskWidget", "TextView", "cancel_task", "follow", "make_view"]
+__all__ = [
+    "OutputLog",
+    "TaskView",
+    "TaskWidget",
+    "TextView",
+    "cancel_task",
+    "follow",
+    "make_view",
+    "widgets_enabled",
+]
 
 _MIN_INTERVAL = 1 / 15
 _COLORS = {
@@ -79,12 +88,29 @@ def follow(handle: TaskHandle, callback: Callable[[Event], None]) -> None:
     with lock:
         replaying = False
         pending, backlog[:] = list(backlog), []
+    if not handle.done():
+        # State and progress that arrived before we followed are not in ``outputs``.
+        for event in _catch_up(handle):
+            callback(event)
     for event in pending:
         if not (event.seq and event.seq in seen):
             seen.add(event.seq)
             callback(event)
     if handle.done() and not any(e.state in FINAL_STATES for e in pending):
         callback(_final_event(handle))
+
+
+def _catch_up(handle: TaskHandle) -> list[Event]:
+    """Synthetic events (seq 0) for a running handle's state and progress so far."""
+    events = []
+    if handle.state in (State.STARTED, State.RETRY):
+        kind = EventType.STARTED if handle.state is State.STARTED else EventType.RETRY
+        events.append(Event(kind, handle.id, 0, handle.info))
+    progress = handle.progress
+    if progress is not None:
+        data = {"done": progress.done, "total": progress.total, "message": progress.message}
+        events.append(Event(EventType.PROGRESS, handle.id, 0, data))
+    return events
 
 
 def _final_event(handle: TaskHandle) -> Event:
@@ -234,6 +260,23 @@ class TaskView:
             + f" {self.elapsed():.1f} s{where}"
         )
 
+    def timing_text(self) -> str:
+        """``12.3 s · host pid 123``."""
+        where = f" · {self.worker} pid {self.pid}" if self.worker else ""
+        return f"{self.elapsed():.1f} s{where}"
+
+    def tick(self) -> None:
+        """Show the elapsed time of an unfinished task anew (called about once a second).
+
+        Between events nothing else changes, so only the timing is repainted.
+        """
+        with self._lock:
+            if self.finished is None:
+                self._tick()
+
+    def _tick(self) -> None:
+        """Repaint the timing; called with the view's lock held."""
+
     def paint(self) -> None:
         """Show the model; called with the view's lock held."""
         raise NotImplementedError
@@ -259,7 +302,7 @@ class TaskWidget(TaskView):
         self.cancel_button.on_click(self._on_cancel)
         head = w.HBox([self.badge, self.bar, self.detail, self.cancel_button])
         self.box = w.VBox([head, self.timing, self.output, self.outcome])
-        self._outputs: list[dict[str, Any]] = []
+        self.log = OutputLog()
         with self._lock:
             self._repaint()
 
@@ -280,12 +323,11 @@ class TaskWidget(TaskView):
                 self.state, ""
             )
         self.detail.value = self.progress_text()
-        where = f" · {self.worker} pid {self.pid}" if self.worker else ""
-        self.timing.value = f"{self.elapsed():.1f} s{where}"
+        self.timing.value = self.timing_text()
         if self.pending_output:
             for event in self.pending_output:
-                _append_output(self._outputs, event)
-            self.output.outputs = tuple(self._outputs)
+                self.log.add(event)
+            self.output.outputs = tuple(self.log.outputs)
         if self.finished is not None:
             self.cancel_button.layout.display = "none"
             if not self.outcome.outputs and self.error:
@@ -307,31 +349,68 @@ class TaskWidget(TaskView):
             f'padding:1px 6px;border-radius:3px">{self.state.value}</span>'
         )
 
+    def _tick(self) -> None:
+        self.timing.value = self.timing_text()
+
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        return self.box._repr_mimebundle_(**kwargs)
+        bundle = self.box._repr_mimebundle_(**kwargs)
+        if isinstance(bundle, dict):  # frontends without widgets show the status line
+            bundle["text/plain"] = self.status_text()
+        return bundle
 
 
-def _append_output(outputs: list[dict[str, Any]], event: Event) -> None:
-    """Append one output event as an nbformat output, merging adjacent stream text."""
-    if event.type is EventType.DISPLAY:
+class OutputLog:
+    """A task's output as nbformat outputs, in order, as a kernel would show it.
+
+    Adjacent stream text of one stream is merged; a display update (``display_id`` with
+    ``update``, e.g. ``DisplayHandle.update``) replaces the outputs shown under that id
+    instead of adding one; ``clear_output()`` empties the log.
+    """
+
+    def __init__(self) -> None:
+        self.outputs: list[dict[str, Any]] = []
+        self.ids: list[str | None] = []  # the display id of each output, if any
+
+    def add(self, event: Event) -> None:
+        """Add one STDOUT, STDERR or DISPLAY event."""
+        if event.type is not EventType.DISPLAY:
+            name = "stdout" if event.type is EventType.STDOUT else "stderr"
+            text = str(event.data.get("text", ""))
+            last = self.outputs[-1] if self.outputs else None
+            if last is not None and last["output_type"] == "stream" and last["name"] == name:
+                self.outputs[-1] = {**last, "text": last["text"] + text}
+            else:
+                self.outputs.append({"output_type": "stream", "name": name, "text": text})
+                self.ids.append(None)
+            return
         data = dict(event.data)
         if data.get("clear"):
-            outputs.clear()
+            self.outputs.clear()
+            self.ids.clear()
             return
-        outputs.append(
-            {
-                "output_type": "display_data",
-                "data": data.get("data", {}),
-                "metadata": data.get("metadata", {}),
-            }
-        )
-        return
-    name = "stdout" if event.type is EventType.STDOUT else "stderr"
-    text = str(event.data.get("text", ""))
-    if outputs and outputs[-1]["output_type"] == "stream" and outputs[-1]["name"] == name:
-        outputs[-1] = {**outputs[-1], "text": outputs[-1]["text"] + text}
-    else:
-        outputs.append({"output_type": "stream", "name": name, "text": text})
+        output = {
+            "output_type": "display_data",
+            "data": data.get("data", {}),
+            "metadata": data.get("metadata", {}),
+        }
+        display_id = dict(data.get("transient") or {}).get("display_id")
+        if data.get("update"):
+            for i, known in enumerate(self.ids):
+                if display_id is not None and known == display_id:
+                    self.outputs[i] = output
+            return  # an update of an unknown display shows nothing, as in a kernel
+        self.outputs.append(output)
+        self.ids.append(None if display_id is None else str(display_id))
+
+    def text(self) -> str:
+        """The outputs as plain text (displays by their ``text/plain``)."""
+        chunks = []
+        for output in self.outputs:
+            if output["output_type"] == "stream":
+                chunks.append(str(output["text"]))
+            else:
+                chunks.append(str(output["data"].get("text/plain", "")) + "\n")
+        return "".join(chunks)
 
 
 class TextView(TaskView):
@@ -341,13 +420,18 @@ class TextView(TaskView):
     own cell, not whichever cell runs now); elsewhere (a terminal) it prints.
     """
 
-    def __init__(self, handle: TaskHandle, label: str, *, in_kernel: bool) -> None:
+    def __init__(
+        self, handle: TaskHandle, label: str, *, in_kernel: bool, show: bool = True
+    ) -> None:
         super().__init__(handle, label)
         self.in_kernel = in_kernel
+        self.quiet = not show  # keeps the text without showing it (a re-attached task)
+        self.log = OutputLog()
+        #: The output so far as text (display updates replace what they update).
         self.text = ""
         self._last_line = ""
         self._display: Any = None
-        if in_kernel:
+        if in_kernel and show:
             from IPython.display import display
 
             self._display = display({"text/plain": self.status_text()}, raw=True, display_id=True)
@@ -356,18 +440,21 @@ class TextView(TaskView):
         """Redraw the display, or print what is new."""
         chunks = []
         for event in self.pending_output:
-            if event.type is EventType.DISPLAY:
+            self.log.add(event)
+            if event.type is not EventType.DISPLAY:
+                chunks.append(str(event.data.get("text", "")))
+            elif not event.data.get("clear"):  # a terminal cannot replace: print updates
                 bundle = dict(event.data.get("data", {}))
                 chunks.append(str(bundle.get("text/plain", "")) + "\n")
-            else:
-                chunks.append(str(event.data.get("text", "")))
         new = "".join(chunks)
-        self.text += new
+        self.text = self.log.text()
         tail = ""
         if self.finished is not None:
             tail = self.error or (
                 str(self.result.get("data", {}).get("text/plain", "")) if self.result else ""
             )
+        if self.quiet:
+            return
         if self._display is not None:
             parts = [self.status_text(), self.text.rstrip("\n"), tail]
             self._display.update({"text/plain": "\n".join(p for p in parts if p)}, raw=True)
@@ -385,15 +472,37 @@ class TextView(TaskView):
             out.write(tail.rstrip("\n") + "\n")
         out.flush()
 
+    def _tick(self) -> None:
+        if self._display is not None:  # the status line shows the elapsed time
+            self._repaint()
 
-def make_view(handle: TaskHandle, label: str, shell: Any = None) -> TaskView:
-    """The best view for where we run: a widget in a kernel, else text."""
+
+def widgets_enabled(shell: Any) -> bool:
+    """True in a kernel (where a frontend may show widgets) unless ``NBTASK_WIDGETS=0``.
+
+    A kernel cannot tell whether its frontend renders widgets: set ``NBTASK_WIDGETS=0``
+    for text views (nbconvert, consoles); widgets also carry a text status for frontends
+    without them.
+    """
     import os
 
     in_kernel = shell is not None and "IPKernelApp" in getattr(shell, "config", {})
-    if in_kernel and os.environ.get("NBTASK_WIDGETS", "1") != "0":
-        try:
-            return TaskWidget(handle, label)
-        except ImportError:
-            pass
-    return TextView(handle, label, in_kernel=in_kernel)
+    if not in_kernel or os.environ.get("NBTASK_WIDGETS", "1") == "0":
+        return False
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_view(handle: TaskHandle, label: str, shell: Any = None, *, show: bool = True) -> TaskView:
+    """The best view for where we run: a widget in a kernel, else text.
+
+    A text view in a kernel displays itself unless ``show`` is false; a widget is shown
+    by displaying it.
+    """
+    if widgets_enabled(shell):
+        return TaskWidget(handle, label)
+    in_kernel = shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+    return TextView(handle, label, in_kernel=in_kernel, show=show)

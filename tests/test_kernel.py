@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import time
 from collections.abc import Callable, Iterator
@@ -15,20 +16,37 @@ from nbtask import Settings
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def kc(settings: Settings, start_worker: Any) -> Iterator[Any]:
-    start_worker()
-    env = dict(__import__("os").environ)
+def broker_env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
     env.update(settings.to_env())
     env.update({"NBTASK_BROKER": settings.broker_url or "", "NBTASK_SECRET": settings.secret or ""})
-    km = KernelManager(kernel_name="python3", transport="ipc")
-    km.start_kernel(env=env, cwd=str(ROOT))
-    client = km.client()
-    client.start_channels()
-    client.wait_for_ready(timeout=30)
-    yield client
-    client.stop_channels()
-    km.shutdown_kernel(now=True)
+    return env
+
+
+@pytest.fixture
+def kernel() -> Iterator[Callable[[dict[str, str]], tuple[Any, Any]]]:
+    """Start kernels with a given environment; all shut down after the test."""
+    started: list[tuple[Any, Any]] = []
+
+    def start(env: dict[str, str]) -> tuple[Any, Any]:
+        km = KernelManager(kernel_name="python3", transport="ipc")
+        km.start_kernel(env=env, cwd=str(ROOT))
+        client = km.client()
+        client.start_channels()
+        client.wait_for_ready(timeout=30)
+        started.append((km, client))
+        return km, client
+
+    yield start
+    for km, client in started:
+        client.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+@pytest.fixture
+def kc(settings: Settings, start_worker: Any, kernel: Any) -> Any:
+    start_worker()
+    return kernel(broker_env(settings))[1]
 
 
 def execute(kc: Any, code: str, timeout: float = 60) -> tuple[str, list[dict[str, Any]], Any]:
@@ -147,3 +165,149 @@ def test_wait_cell_output_is_the_cells_own(kc: Any) -> None:
     assert errors and errors[0]["content"]["ename"] == "KeyError"
     traceback = "\n".join(errors[0]["content"]["traceback"])
     assert "line 3" in traceback and "raise KeyError" in traceback, traceback
+
+
+def comm_opens(msgs: list[dict[str, Any]]) -> dict[str, list[str]]:
+    opens: dict[str, list[str]] = {}
+    for m in msgs:
+        if m["msg_type"] == "comm_open":
+            state = m["content"]["data"]["state"]
+            opens.setdefault(state["_model_name"], []).append(m["content"]["comm_id"])
+    return opens
+
+
+def test_embedded_cluster_in_a_kernel(kernel: Any) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NBTASK_")}
+    _, kc = kernel(env)
+    _, msgs, reply = execute(kc, "%load_ext nbtask")
+    assert reply["content"]["status"] == "ok", reply["content"]
+    assert "embedded cluster" in stream_text(msgs)
+    execute(kc, "%%task\nimport os\nrows = [1, 2, 3]\nwhere = os.getpid()")
+    _, msgs, _ = execute(kc, "import os\nprint(sum(rows), where != os.getpid())")
+    assert "6 True" in stream_text(msgs)
+    _, msgs, _ = execute(kc, "%nbtask status")
+    assert "busy 0" in stream_text(msgs)
+    _, msgs, reply = execute(kc, "%unload_ext nbtask")
+    assert reply["content"]["status"] == "ok"
+
+
+def test_text_fallback_in_a_kernel_without_widgets(
+    settings: Settings, start_worker: Any, kernel: Any
+) -> None:
+    start_worker()
+    _, kc = kernel({**broker_env(settings), "NBTASK_WIDGETS": "0"})
+    execute(kc, "%load_ext nbtask")
+    _, msgs, _ = execute(
+        kc, "%%task\nimport time\nprint('line one')\ntime.sleep(1)\nprint('line two')\n6 * 7"
+    )
+    assert not comm_opens(msgs), "no widget without a widget frontend"
+    shown = [m for m in msgs if m["msg_type"] == "display_data"]
+    assert shown and "PENDING" in shown[0]["content"]["data"]["text/plain"]
+    display_id = shown[0]["content"]["transient"]["display_id"]
+    later = drain_until(kc, lambda m: m["msg_type"] == "update_display_data"
+                        and "SUCCESS" in m["content"]["data"]["text/plain"])
+    updates = [m for m in later if m["msg_type"] == "update_display_data"]
+    assert all(m["content"]["transient"]["display_id"] == display_id for m in updates)
+    final = updates[-1]["content"]["data"]["text/plain"]
+    assert "line one\nline two" in final and final.rstrip().endswith("42")
+
+
+def test_display_updates_replace_and_elapsed_ticks(kc: Any) -> None:
+    execute(kc, "%load_ext nbtask")
+    _, msgs, _ = execute(
+        kc,
+        "%%task\nimport time\nfrom IPython.display import display\n"
+        "h = display('step 0', display_id=True)\n"
+        "for i in range(1, 4):\n    time.sleep(0.3)\n    h.update(f'step {i}')\n"
+        "time.sleep(1.5)\nprint('end')",
+    )
+    opens = comm_opens(msgs)
+    output = opens["OutputModel"][0]
+    timing = opens["LabelModel"][1]  # detail, then timing
+    later = drain_until(kc, lambda m: m["msg_type"] == "comm_msg"
+                        and m["content"]["comm_id"] == output
+                        and "end" in str(m["content"]["data"].get("state", {}).get("outputs")))
+    outputs = [m["content"]["data"]["state"]["outputs"] for m in later
+               if m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == output
+               and "outputs" in m["content"]["data"].get("state", {})]
+    last = outputs[-1]
+    shown = [o["data"]["text/plain"] for o in last if o["output_type"] == "display_data"]
+    assert shown == ["'step 3'"], last  # one display, updated in place
+    # The elapsed time moved while no event arrived (the 1.5 s sleep).
+    times = [m["content"]["data"]["state"]["value"] for m in later
+             if m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == timing
+             and "value" in m["content"]["data"].get("state", {})]
+    assert len(set(times)) >= 3, times
+
+    _, msgs, _ = execute(
+        kc,
+        "%%task --wait\nfrom IPython.display import display\n"
+        "h = display('first', display_id=True)\nh.update('second')",
+    )
+    kinds = [m["msg_type"] for m in msgs if "display" in m["msg_type"]]
+    assert kinds == ["display_data", "update_display_data"], kinds
+
+
+def test_exception_types_from_modules_are_reraised(kc: Any) -> None:
+    execute(kc, "%load_ext nbtask")
+    _, msgs, _ = execute(
+        kc, "%%task --wait\nimport statistics\nraise statistics.StatisticsError('no data')"
+    )
+    errors = [m for m in msgs if m["msg_type"] == "error"]
+    assert errors and errors[0]["content"]["ename"] == "StatisticsError", errors
+    traceback = "\n".join(errors[0]["content"]["traceback"])
+    assert "line 3" in traceback
+
+
+def test_restart_then_tasks_all_reattaches_and_replays(
+    settings: Settings, start_worker: Any, kernel: Any
+) -> None:
+    start_worker()
+    km, kc = kernel(broker_env(settings))
+    execute(kc, "%load_ext nbtask")
+    execute(kc, "%%task --wait\nprint('from before the restart')\nkept = 1")
+    execute(kc, "%%task\nimport time\ntime.sleep(60)\nnever = 1")
+
+    km.restart_kernel(now=True)
+    kc.wait_for_ready(timeout=30)
+    while True:  # drop what the old kernel left on iopub
+        try:
+            kc.get_iopub_msg(timeout=0.5)
+        except queue.Empty:
+            break
+    _, msgs, reply = execute(kc, "%load_ext nbtask")
+    assert reply["content"]["status"] == "ok", reply["content"]
+    _, msgs, reply = execute(kc, "%tasks --all")
+    assert reply["content"]["status"] == "ok", reply["content"]
+    opens = comm_opens(msgs)
+    buttons = [m["content"]["comm_id"] for m in msgs if m["msg_type"] == "comm_open"
+               and m["content"]["data"]["state"].get("description") == "Open"]
+    assert "GridBoxModel" in opens and len(buttons) == 2
+    _, msgs, _ = execute(
+        kc,
+        "from nbtask.magics import session_of\nimport time\ns = session_of(get_ipython())\n"
+        "deadline = time.monotonic() + 15\n"
+        "while any(v.state.value == 'PENDING' for v in s.views.values()) "
+        "and time.monotonic() < deadline:\n    time.sleep(0.1)\n"
+        "for v in s.views.values():\n    print(v.state.value, repr(v.handle.stdout))",
+    )
+    text = stream_text(msgs)
+    assert "SUCCESS 'from before the restart\\n'" in text, text
+    assert "STARTED" in text, text
+
+    # A row's Open button shows that task's widget under the board.
+    boxes = opens["BoxModel"]
+    first = buttons[0]
+    content = {"method": "custom", "content": {"event": "click"}}
+    click = kc.session.msg("comm_msg", {"comm_id": first, "data": content})
+    kc.shell_channel.send(click)
+    drain_until(kc, lambda m: m["msg_type"] == "comm_msg" and m["content"]["comm_id"] in boxes
+                and m["content"]["data"].get("state", {}).get("children"))
+    # The still-running task from the old kernel can be cancelled from the new one.
+    _, msgs, _ = execute(
+        kc,
+        "from nbtask.widgets import cancel_task\nimport time\n"
+        "v = [v for v in s.views.values() if not v.handle.done()][0]\n"
+        "cancel_task(v.handle)\nv.handle.exception(20)\ntime.sleep(0.3)\nprint(v.state.value)",
+    )
+    assert "REVOKED" in stream_text(msgs)

@@ -243,3 +243,101 @@ def test_embedded_cluster(ip: InteractiveShell, monkeypatch: pytest.MonkeyPatch,
     assert int(repr(result)) != os.getpid()
     ip.run_line_magic("reload_ext", "nbtask")  # a new session; the old cluster is stopped
     assert ip.run_cell_magic("task", "--wait", "square + 1").bundle["data"]["text/plain"] == "26"
+
+
+def test_timeout_cancels_a_background_and_a_waiting_cell(ip: InteractiveShell, nb: Session) -> None:
+    ip.run_cell_magic("task", "--timeout 1 --out h", "import time\ntime.sleep(30)\nlate = 1")
+    handle = ip.user_ns["h"]
+    wait_until(handle.done, 15, "the timeout to cancel the task")
+    assert handle.state is State.REVOKED
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"did not finish within 1\.0 s"):
+        ip.run_cell_magic("task", "--wait --timeout 1", "import time\ntime.sleep(30)")
+    assert time.monotonic() - started < 5
+
+
+def test_exception_type_from_a_module_is_reraised(ip: InteractiveShell, nb: Session) -> None:
+    import json
+    import statistics
+
+    with pytest.raises(statistics.StatisticsError, match="no data") as caught:
+        ip.run_cell_magic(
+            "task", "--wait", "import statistics\nraise statistics.StatisticsError('no data')"
+        )
+    assert "line 3" in caught.value.remote_traceback  # type: ignore[attr-defined]
+    # A type that cannot be rebuilt from its message stays a RemoteError.
+    from nbtask.errors import RemoteError
+
+    with pytest.raises(RemoteError) as remote:
+        ip.run_cell_magic("task", "--wait", "import json\njson.loads('{')")
+    assert remote.value.ename == "JSONDecodeError" and json  # needs (msg, doc, pos)
+
+
+def test_status_lists_busy_tasks(
+    ip: InteractiveShell, nb: Session, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ip.run_cell_magic("task", "--out h", "import time\nprint('go')\ntime.sleep(30)\nzz = 1")
+    handle = ip.user_ns["h"]
+    wait_until(lambda: "go" in handle.stdout, 15, "the cell to start")
+    deadline = time.monotonic() + 5
+    while "busy 1 (import time)" not in nb.status() and time.monotonic() < deadline:
+        time.sleep(0.1)  # the next heartbeat
+    assert "busy 1 (import time)" in nb.status()
+    handle.cancel()
+    wait_until(handle.done, 15, "the cancel")
+
+
+def test_tasks_all_after_a_restart_reattaches_and_replays(
+    ip: InteractiveShell, nb: Session, settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ip.run_cell_magic("task", "--wait --out h", "print('kept output')\nanswer = 42")
+    first = ip.user_ns["h"].id
+    ip.run_cell_magic("task", "--wait", "print('second')")
+    from nbtask import App
+
+    # A restarted kernel: a new session with a new client, for the same notebook.
+    later = Session(ip, App("restarted", settings=settings))
+    later.app.connect()
+    later.app.broker.recent_tasks(later.group, later.app.channel, 0)
+    try:
+        assert later.board() == "no tasks yet"
+        capsys.readouterr()
+        ids = later.attach_recent()
+        assert ids[0] == first and len(ids) == 2
+        view = later.views[first]
+        wait_until(lambda: view.state is State.SUCCESS, 10, "the re-attached state")
+        assert "kept output" in view.text  # type: ignore[attr-defined]
+        board = later.board()
+        assert first[:8] in board and "SUCCESS" in board
+        assert "kept output" not in capsys.readouterr().out  # re-attached quietly
+        from nbtask.magics import TaskMagics
+
+        TaskMagics(ip, later).tasks(f"--attach {first}")
+        assert "kept output" in capsys.readouterr().out
+    finally:
+        later.app.close()
+
+
+def test_task_board_rows_open_the_tasks_widget(ip: InteractiveShell, nb: Session) -> None:
+    from nbtask.board import TaskBoard
+    from nbtask.widgets import TaskWidget, follow
+
+    ip.run_cell_magic("task", "--wait --out h", "print('in the widget')")
+    handle = ip.user_ns["h"]
+    widgets: dict[str, TaskWidget] = {}
+
+    def opener(task_id: str) -> TaskWidget:
+        widget = TaskWidget(nb.app.handle(task_id), "opened")
+        follow(widget.handle, widget.apply)
+        widgets[task_id] = widget
+        return widget
+
+    board = TaskBoard(nb.rows, opener)
+    label, badge, *_rest, button = board._shown[handle.id]
+    assert label.value.startswith("print(") and "SUCCESS" in badge.value
+    button.click()
+    assert board.detail.children == (widgets[handle.id].box,)
+    assert "in the widget" in str(widgets[handle.id].output.outputs)
+    ip.run_cell_magic("task", "--wait", "x = 1")
+    board.refresh()  # a new task gets a row
+    assert len(board._shown) == 2

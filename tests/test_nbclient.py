@@ -1,0 +1,62 @@
+"""A whole notebook through nbclient: cell outputs and the widget state saved with it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import nbformat
+import pytest
+from conftest import ROOT
+from nbclient import NotebookClient
+from nbformat.v4 import new_code_cell, new_notebook
+
+from nbtask import Settings
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+
+
+def test_notebook_runs_with_tasks_and_saves_widget_state(
+    settings: Settings, start_worker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    start_worker()
+    for key, value in settings.to_env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("NBTASK_BROKER", settings.broker_url or "")
+    monkeypatch.setenv("NBTASK_SECRET", settings.secret or "")
+    nb = new_notebook(cells=[
+        new_code_cell("%load_ext nbtask"),
+        new_code_cell("import pandas as pd\ndf = pd.DataFrame({'a': [1, 2]})"),
+        new_code_cell(
+            "%%task prep\nimport time\nfrom tqdm import tqdm\nfor i in tqdm(range(4)):\n"
+            "    time.sleep(0.25)\ndf['b'] = df['a'] * 10\ntotal = int(df['b'].sum())\n"
+            "print('total', total)"
+        ),
+        new_code_cell("print(total, list(df.columns))"),
+        new_code_cell(
+            "%%task --wait\nimport matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\n"
+            "plt.show()\n'plotted'"
+        ),
+        new_code_cell("import time\ntime.sleep(1)  # the widget's last repaint is saved"),
+    ])  # fmt: skip
+    NotebookClient(
+        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+    ).execute()
+
+    assert "worker process" in nb.cells[0].outputs[0]["text"]
+    view = next(o for o in nb.cells[2].outputs if WIDGET_VIEW in o.get("data", {}))
+    assert "prep" in view["data"]["text/plain"]  # a status line for frontends without widgets
+    printed = "".join(o.get("text", "") for o in nb.cells[3].outputs)
+    assert "waiting for task 'prep'" in printed and "30 ['a', 'b']" in printed
+    kinds = {o["output_type"] for o in nb.cells[4].outputs}
+    assert {"display_data", "execute_result"} <= kinds
+    assert any("image/png" in o.get("data", {}) for o in nb.cells[4].outputs)
+
+    state = nb.metadata["widgets"][WIDGET_STATE]["state"]
+    box = state[view["data"][WIDGET_VIEW]["model_id"]]["state"]
+    head_id = box["children"][0].removeprefix("IPY_MODEL_")
+    head = state[head_id]["state"]["children"]
+    badge_id, bar_id = (c.removeprefix("IPY_MODEL_") for c in head[:2])
+    assert "SUCCESS" in state[badge_id]["state"]["value"]
+    assert state[bar_id]["state"]["value"] == 4 and state[bar_id]["state"]["max"] == 4
+    nbformat.validate(nb)

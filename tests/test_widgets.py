@@ -1,0 +1,82 @@
+"""Views without a kernel: the output log, text views, the notebook group."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+
+from nbtask.board import notebook_group
+from nbtask.events import Event, EventType
+from nbtask.handle import TaskHandle
+from nbtask.pending import exception_type
+from nbtask.widgets import OutputLog, TextView
+
+
+def display(seq: int, text: str, display_id: str | None = None, update: bool = False) -> Event:
+    data: dict[str, Any] = {"data": {"text/plain": text}, "metadata": {}}
+    if display_id:
+        data["transient"] = {"display_id": display_id}
+    if update:
+        data["update"] = True
+    return Event(EventType.DISPLAY, "t", seq, data)
+
+
+def test_display_updates_replace_the_display_they_name() -> None:
+    log = OutputLog()
+    log.add(Event(EventType.STDOUT, "t", 1, {"text": "a"}))
+    log.add(Event(EventType.STDOUT, "t", 2, {"text": "b\n"}))
+    log.add(display(3, "bar 0", "d1"))
+    log.add(display(4, "other"))
+    log.add(display(5, "bar 1", "d1", update=True))
+    log.add(display(6, "nowhere", "d2", update=True))  # unknown id: nothing shown
+    assert [o.get("text") or o["data"]["text/plain"] for o in log.outputs] == [
+        "ab\n", "bar 1", "other",
+    ]
+    assert log.text() == "ab\nbar 1\nother\n"
+    log.add(Event(EventType.DISPLAY, "t", 7, {"clear": True}))
+    assert log.outputs == [] and log.ids == []
+
+
+def test_text_view_in_a_terminal_prints_and_ticks_quietly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stdout", out)
+    view = TextView(TaskHandle(None, "t", "x"), "label", in_kernel=False)
+    view.apply(Event(EventType.STARTED, "t", 1, {"worker": "host", "pid": 1}))
+    view.apply(display(2, "shown", "d"))
+    view.tick()
+    view.apply(display(3, "again", "d", update=True))
+    view.apply(Event(EventType.SUCCESS, "t", 4, {}))
+    assert view.text == "again\n"
+    assert "shown" in out.getvalue() and "SUCCESS" in out.getvalue()
+
+
+def test_notebook_group_is_stable_per_notebook() -> None:
+    one = notebook_group({"JPY_SESSION_NAME": "/home/u/a.ipynb"})
+    assert one == notebook_group({"JPY_SESSION_NAME": "/home/u/a.ipynb"}, cwd="/elsewhere")
+    assert one != notebook_group({"JPY_SESSION_NAME": "/home/u/b.ipynb"})
+    assert notebook_group({}, cwd="/x") == notebook_group({}, cwd="/x") != one
+
+
+class Outer:
+    class Inner(Exception):
+        pass
+
+
+def test_exception_types_are_found_by_module_and_qualname() -> None:
+    import statistics
+
+    assert exception_type("statistics.StatisticsError", "StatisticsError", {}) is (
+        statistics.StatisticsError
+    )
+    assert exception_type(f"{__name__}.Outer.Inner", "Inner", {}) is Outer.Inner
+    assert exception_type("builtins.KeyError", "KeyError", {}) is KeyError
+    mine = type("Mine", (Exception,), {})
+    assert exception_type("__main__.Mine", "Mine", {"Mine": mine}) is mine
+    assert exception_type("nowhere.at.All", "All", {}) is None
+    assert exception_type("m.f.<locals>.E", "E", {}) is None
+    assert exception_type(None, "ValueError", {}) is ValueError
+    assert exception_type("os.path", "path", {}) is None  # not an exception type
