@@ -34,6 +34,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from nbtask.brokers import Delivery, Publish
+from nbtask.brokers import redis_scripts as scripts
 from nbtask.errors import BrokerUnavailable
 from nbtask.settings import Settings
 
@@ -44,163 +45,6 @@ __all__ = ["GROUP", "RedisBroker"]
 GROUP = "workers"
 _LARGE_BYTES = 1 << 20  # messages from here on are sent without extra copies
 CHANNEL_MAXLEN = 10_000
-_FINAL = ("SUCCESS", "FAILURE", "REVOKED", "WORKER_LOST")
-
-# Take one message from the first queue (in the order given) that has one. When none
-# has, return the last entry id of each stream, so the caller can block on XREAD from
-# exactly there and be woken by the next XADD without a race.
-# Mark a task STARTED unless it must not run, atomically with its delivery. A task may
-# start only from PENDING/RETRY (or with no record, e.g. an expired one): this refuses
-# duplicates of a running task, replays of a finished one and revoked tasks. Returns
-# 'OK' or the state that forbids it. The task id is the stream entry's plain 'i' field;
-# the worker checks it against the signed header before running anything.
-_CHECK_START = """
-local function check_start(fields, prefix, ttl, worker, pid)
-  local task_id
-  for i = 1, #fields, 2 do if fields[i] == 'i' then task_id = fields[i + 1] end end
-  if not task_id then return 'NOID' end
-  local key = prefix .. task_id
-  local state = redis.call('HGET', key, 'state')
-  if state and state ~= 'PENDING' and state ~= 'RETRY' then return state end
-  local now = redis.call('TIME')
-  redis.call('HSET', key, 'state', 'STARTED', 'worker', worker, 'pid', pid,
-             'started_at', tostring(tonumber(now[1]) + tonumber(now[2]) / 1e6))
-  redis.call('EXPIRE', key, ttl)
-  return 'OK'
-end
-"""
-
-# Take one message from the first queue (in the order given) that has one, and check it
-# may start. When none has, return the last entry id of each stream, so the caller can
-# block on XREAD from exactly there and be woken by the next XADD without a race.
-# ARGV: group, consumer, record key prefix, ttl, worker, pid
-_FETCH = (
-    _CHECK_START
-    + """
-for i, key in ipairs(KEYS) do
-  local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', key, '>')
-  if r then
-    local entry = r[1][2][1]
-    return {i, entry[1], entry[2], check_start(entry[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])}
-  end
-end
-local ids = {}
-for i, key in ipairs(KEYS) do
-  local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
-  if last[1] then ids[i] = last[1][1] else ids[i] = '0-0' end
-end
-return {0, ids}
-"""
-)
-
-# Sent in the same write as a blocking XREADGROUP, so Redis runs it the moment that
-# read is served: the start check costs no extra round trip. It looks at what this
-# consumer was given after entry ARGV[7] (nothing, if the read timed out).
-# KEYS: stream; ARGV: group, consumer, record key prefix, ttl, worker, pid, last entry id
-_STARTED = (
-    _CHECK_START
-    + """
-local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '(' .. ARGV[7], '+', 1, ARGV[2])
-if #pending == 0 then return false end
-local entry = redis.call('XRANGE', KEYS[1], pending[1][1], pending[1][1])
-if #entry == 0 then return false end
-return {entry[1][1], check_start(entry[1][2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])}
-"""
-)
-
-_START = (
-    _CHECK_START
-    + """
-return check_start({'i', ARGV[1]}, ARGV[2], ARGV[3], ARGV[4], ARGV[5])
-"""
-)
-
-# The last step of a task, atomically: store the record (no fields: delete it), tell the
-# client, park a message for later (a retry) and acknowledge the delivery.
-# KEYS: record, channel, stream, eta set
-# ARGV: ttl, maxlen, event ('' = none), entry id ('' = no ack), later ('' = none), due, fields...
-# A field value '=event' stands for the event itself (a stored result), sent only once.
-_FINISH = """
-if #ARGV > 6 then
-  for i = 8, #ARGV, 2 do
-    if ARGV[i] == '=event' then ARGV[i] = ARGV[3] end
-  end
-  redis.call('HSET', KEYS[1], unpack(ARGV, 7))
-  redis.call('EXPIRE', KEYS[1], ARGV[1])
-elseif ARGV[3] ~= '' then
-  redis.call('DEL', KEYS[1])
-end
-if ARGV[3] ~= '' then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[3])
-  redis.call('EXPIRE', KEYS[2], ARGV[1])
-end
-if ARGV[5] ~= '' then redis.call('ZADD', KEYS[4], ARGV[6], ARGV[5]) end
-if ARGV[4] ~= '' then
-  redis.call('XACK', KEYS[3], 'workers', ARGV[4])
-  redis.call('XDEL', KEYS[3], ARGV[4])
-end
-return 1
-"""
-
-# A token bucket per (worker, task name) holding one token: tasks start at most ``rate``
-# per second. Returns how long to wait, in seconds ('0' = go now).
-# KEYS: bucket; ARGV: rate, now
-_RATE = """
-local rate, now = tonumber(ARGV[1]), tonumber(ARGV[2])
-local last = tonumber(redis.call('GET', KEYS[1]) or '0')
-if last + 1 / rate > now then return tostring(last + 1 / rate - now) end
-redis.call('SET', KEYS[1], tostring(now), 'EX', 3600)
-return '0'
-"""
-
-# Enqueue one message (or park it until its ETA) and write its PENDING record.
-# ETA members are "<task id>:<message>", so the move to the stream can set 'i'.
-# KEYS: stream, eta set, record; ARGV: raw, ttl, eta ('' = now), task id, fields...
-_PUBLISH = """
-if ARGV[3] == '' then
-  redis.call('XADD', KEYS[1], '*', 'e', ARGV[1], 'n', '0', 'i', ARGV[4])
-else
-  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4] .. ':' .. ARGV[1])
-end
-redis.call('HSET', KEYS[3], unpack(ARGV, 6))
-redis.call('EXPIRE', KEYS[3], ARGV[2])
-if KEYS[4] then
-  redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4])
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', tonumber(ARGV[5]) - tonumber(ARGV[2]))
-  redis.call('EXPIRE', KEYS[4], ARGV[2])
-end
-return 1
-"""
-
-_REVOKE = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if state and state ~= 'PENDING' and state ~= 'RETRY' then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'REVOKED', 'result', ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[1])
-return 1
-"""
-
-_MOVE_DUE = """
-local moved = 0
-for i = 1, #KEYS, 2 do
-  local due = redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', ARGV[1], 'LIMIT', 0, 500)
-  for _, m in ipairs(due) do
-    local cut = string.find(m, ':', 1, true)
-    redis.call('XADD', KEYS[i + 1], '*', 'e', string.sub(m, cut + 1), 'n', '0',
-               'i', string.sub(m, 1, cut - 1))
-    redis.call('ZREM', KEYS[i], m)
-    moved = moved + 1
-  end
-end
-local nxt = false
-for i = 1, #KEYS, 2 do
-  local first = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
-  if first[2] and (not nxt or tonumber(first[2]) < nxt) then nxt = tonumber(first[2]) end
-end
-if nxt then return tostring(nxt) end
-return false
-"""
 
 
 @contextlib.contextmanager
@@ -227,8 +71,8 @@ class RedisBroker:
     """
 
     _SCRIPTS: ClassVar[dict[str, str]] = {
-        "start": _START, "started": _STARTED, "fetch": _FETCH, "finish": _FINISH,
-        "publish": _PUBLISH, "rate": _RATE,
+        "start": scripts.START, "started": scripts.STARTED, "fetch": scripts.FETCH,
+        "finish": scripts.FINISH, "publish": scripts.PUBLISH, "rate": scripts.RATE,
     }  # fmt: skip
 
     def __init__(self, url: str, settings: Settings) -> None:
@@ -246,8 +90,8 @@ class RedisBroker:
         }
         self._scripts = self._SCRIPTS
         self._local = threading.local()
-        self._revoke = self.redis.register_script(_REVOKE)
-        self._move_due = self.redis.register_script(_MOVE_DUE)
+        self._revoke = self.redis.register_script(scripts.REVOKE)
+        self._move_due = self.redis.register_script(scripts.MOVE_DUE)
         self._ttl = int(settings.result_ttl)
 
     # Keys ----------------------------------------------------------------------------------
