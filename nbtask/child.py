@@ -109,17 +109,24 @@ class Child:
         self._whoami["pid"] = os.getpid()
         backoff = 0.1
         delivery: Delivery | None = None
-        while not self._stop:
+        # A message already taken is always handled, even once asked to stop.
+        while not self._stop or delivery is not None:
             try:
                 if delivery is None:
                     delivery = self.broker.fetch(self.queues, self.consumer, 1.0)
                 backoff = 0.1
-                # handle() may take the next message with its last write: one round trip.
-                delivery = self.handle(delivery) if delivery is not None else None
+                if delivery is not None:
+                    # Handled exactly once, whatever happens: handle() may return the
+                    # next message, taken with its last write (one round trip).
+                    taken, delivery = delivery, None
+                    delivery = self.handle(taken)
             except BrokerUnavailable as exc:
                 log.warning("broker unreachable (%s); retrying in %.1f s", exc, backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+            except Exception:
+                # Never lose the worker slot to one bad message: log and carry on.
+                log.exception("unexpected error while handling a message; continuing")
 
     def _on_term(self, signum: int, frame: FrameType | None) -> None:
         self._stop = True
@@ -254,6 +261,8 @@ class Child:
             sys.stderr = TaskStream(self.outbox, EventType.STDERR)
             _call_handler(task.before_start, message.id, tuple(args), kwargs)
             self._running = True
+            if self._terminated:  # a terminate that came while the task was being set up
+                raise KeyboardInterrupt("task terminated (revoked)")
             if soft_limit:
                 signal.setitimer(signal.ITIMER_REAL, soft_limit)
             started = time.perf_counter()
@@ -346,10 +355,21 @@ class Child:
                       "created": time.time()}  # fmt: skip
             requeue = (self.signer.seal(header, envelope.body), due)
         then_fetch = (self.queues, self.consumer, 1.0) if fetch_next and not self._stop else None
-        return self.broker.finish(
-            delivery, message.id, message.client, raw, record, requeue=requeue,
-            then_fetch=then_fetch,
-        )  # fmt: skip
+        backoff = 0.1
+        while True:
+            # The task has run: its outcome is written, however long the broker is away
+            # (giving up would leave the message to be settled as if the worker died).
+            try:
+                return self.broker.finish(
+                    delivery, message.id, message.client, raw, record, requeue=requeue,
+                    then_fetch=then_fetch,
+                )  # fmt: skip
+            except BrokerUnavailable as exc:
+                log.warning("cannot store the outcome of task %s yet (%s); retrying in %.1f s",
+                            message.id, exc, backoff)  # fmt: skip
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                then_fetch = None
 
     # After the outcome -----------------------------------------------------------------------
     def _send_callbacks(self, message: TaskMessage, outcome: Outcome, callbacks: Callbacks) -> None:

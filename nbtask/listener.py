@@ -108,10 +108,14 @@ class Listener:
                     positions = dict(self._positions)
                 entries = self._broker.read_events(positions, block_seconds=5.0)
                 backoff = 0.1
-            except BrokerUnavailable as exc:
-                # The channel is a stream and we keep our position: after reconnecting,
-                # every event sent meanwhile is read, so no final state is missed.
-                log.warning("event channel unreachable (%s); retrying in %.1f s", exc, backoff)
+            except Exception as exc:
+                # The channel is a stream and we keep our position: after the broker is
+                # back (or the error passes), every event sent meanwhile is read, so no
+                # final state is missed. The thread itself never dies of it.
+                if isinstance(exc, BrokerUnavailable):
+                    log.warning("event channel unreachable (%s); retrying in %.1f s", exc, backoff)
+                else:
+                    log.exception("error reading the event channel; retrying in %.1f s", backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue

@@ -42,6 +42,7 @@ class Outbox:
         self._output: list[tuple[EventType, dict[str, Any]]] = []
         self._progress: dict[str, Any] | None = None
         self._wake = threading.Event()
+        self._flush_lock = threading.Lock()
         threading.Thread(target=self._pump, name="nbtask-outbox", daemon=True).start()
 
     def begin(
@@ -89,7 +90,15 @@ class Outbox:
             return self._seq
 
     def flush(self) -> None:
-        """Send what is buffered now."""
+        """Send what is buffered now.
+
+        Flushes are serialised end to end, so the final flush in :meth:`end` waits for
+        one in progress: no output can reach the client after the final event.
+        """
+        with self._flush_lock:
+            self._flush()
+
+    def _flush(self) -> None:
         with self._lock:
             events = [] if self._started is None else [self._started]
             self._started = None
@@ -103,11 +112,16 @@ class Outbox:
             channel = self._channel
         if not events:
             return
-        raws = [self._signer.seal(e.to_header()) for e in events]
         try:
+            raws = [self._signer.seal(e.to_header()) for e in events]
             self._broker.emit(channel, raws)
         except BrokerUnavailable as exc:
-            log.warning("could not send %d event(s) of task %s: %s", len(raws), self._task_id, exc)
+            log.warning(
+                "could not send %d event(s) of task %s: %s", len(events), self._task_id, exc
+            )
+        except Exception:
+            # e.g. one display over max_message_bytes: drop these, keep streaming later ones.
+            log.exception("could not send %d event(s) of task %s", len(events), self._task_id)
 
     def _pump(self) -> None:
         while True:

@@ -69,7 +69,7 @@ class Settings:
     key_prefix: str = "nbtask"
     default_queue: str = DEFAULT_QUEUE
     result_ttl: float = 86400.0
-    visibility_timeout: float = 30.0
+    visibility_timeout: float = 10.0
     heartbeat_interval: float = 1.0
     max_message_bytes: int = 512 * 1024 * 1024
     max_age: float | None = None

@@ -190,6 +190,11 @@ class Worker:
             except BrokerUnavailable as exc:
                 log.warning("broker unreachable (%s); retrying", exc)
                 time.sleep(min(1.0, self.settings.heartbeat_interval))
+            except Exception:
+                # A housekeeping step failing (a read-only replica, an out-of-memory
+                # reply) must not take the worker and its running tasks down with it.
+                log.exception("housekeeping step failed; retrying")
+                time.sleep(min(1.0, self.settings.heartbeat_interval))
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals += 1
@@ -282,13 +287,19 @@ class Worker:
                 self.broker.forget_worker(worker_id)
                 continue
             reason = f"worker {worker_id} stopped sending heartbeats"
+            # Only leases nobody renewed for the visibility timeout: a worker that merely
+            # paused past its heartbeats keeps the tasks it is still running.
+            idle = self.settings.visibility_timeout
             settled = 0
             for consumer in consumers:
-                for delivery in self.broker.pending_of(queues, consumer):
+                for delivery in self.broker.pending_of(queues, consumer, min_idle=idle):
                     self._settle_lost(delivery, reason)
                     settled += 1
-            self.broker.unregister(worker_id, consumers, queues)
-            log.warning("cleaned up after dead worker %s (%d task(s) settled)", worker_id, settled)
+            if settled:
+                log.warning("settled %d task(s) of dead worker %s", settled, worker_id)
+            if not self.broker.holds_pending(queues, consumers):
+                self.broker.unregister(worker_id, consumers, queues)
+                log.warning("cleaned up after dead worker %s", worker_id)
 
     def _enforce_limits(self) -> None:
         """Kill children past their task's hard time limit or a terminate's grace period."""

@@ -130,10 +130,10 @@ def test_whole_worker_killed_tasks_settled_by_another_worker(
     assert not late.done() and not early.done()
 
     second = start_worker(concurrency=2)
-    heartbeat = app.settings.heartbeat_interval
-    # The second worker sees the first one's heartbeat lapse and settles its tasks.
+    # The second worker sees the first one's heartbeat lapse and settles its tasks once
+    # their leases are unrenewed for the visibility timeout.
     with pytest.raises(nbtask.WorkerLost):
-        early.get(timeout=3 * heartbeat + 3.0)
+        early.get(timeout=app.settings.visibility_timeout + 3.0)
     assert early.state is State.WORKER_LOST
 
     result = late.get(timeout=15)
@@ -144,6 +144,33 @@ def test_whole_worker_killed_tasks_settled_by_another_worker(
     assert result in {c.pid for c in second.children()}
     assert len(pids_in(early_marker)) == 1  # early-acked: never rerun
     assert event_types(app, late.id).count("success") == 1
+    assert queue_is_drained(r, prefix)
+
+
+def test_paused_worker_keeps_its_running_task(
+    app: App, start_worker, tmp_path: Path, prefix: str, r: redis.Redis
+) -> None:
+    # A supervisor that stops for longer than three heartbeats (but less than the
+    # visibility timeout) looks dead to the other worker, yet its child still runs the
+    # task: nothing may be taken away from it, nor reported lost.
+    first = start_worker(concurrency=1)
+    start_worker(concurrency=1)
+    marker = tmp_path / "marker"
+    h = app.send_task(SLOW_MARKER, (str(marker), 2.5), acks_late=True)
+    wait_until(lambda: len(pids_in(marker)) == 1, 10, "the task to start")
+    runner = pids_in(marker)[0]
+    paused = first.pid if runner in {c.pid for c in first.children()} else None
+    if paused is None:  # it started on the other worker: pause that one instead
+        paused = psutil.Process(runner).parent().pid
+    os.kill(paused, signal.SIGSTOP)
+    try:
+        time.sleep(6 * app.settings.heartbeat_interval)  # well past 3 missed heartbeats
+    finally:
+        os.kill(paused, signal.SIGCONT)
+    assert h.get(timeout=20) == runner
+    assert pids_in(marker) == [runner], "the task was run a second time"
+    types = event_types(app, h.id)
+    assert types.count("success") == 1 and "worker_lost" not in types, types
     assert queue_is_drained(r, prefix)
 
 

@@ -135,8 +135,13 @@ class Broker(Protocol):
     def dead_letter(self, delivery: Delivery) -> None:
         """Move a delivery to the dead-letter stream (after its final state was stored)."""
 
-    def pending_of(self, queues: Sequence[str], consumer: str) -> list[Delivery]:
-        """Unacknowledged deliveries held by ``consumer``."""
+    def pending_of(
+        self, queues: Sequence[str], consumer: str, min_idle: float = 0.0
+    ) -> list[Delivery]:
+        """Unacknowledged deliveries held by ``consumer`` (lease idle for ``min_idle`` s)."""
+
+    def holds_pending(self, queues: Sequence[str], consumers: Sequence[str]) -> bool:
+        """True if any of ``consumers`` still holds an unacknowledged delivery."""
 
     def heartbeat(
         self, worker_id: str, info: str, consumers: Sequence[str], queues: Sequence[str]

@@ -586,13 +586,22 @@ class RedisBroker:
             pipe.xdel(stream, delivery.delivery_id)
             pipe.execute()
 
-    def pending_of(self, queues: Sequence[str], consumer: str) -> list[Delivery]:
-        """Claim and return every delivery ``consumer`` holds unacknowledged."""
+    def pending_of(
+        self, queues: Sequence[str], consumer: str, min_idle: float = 0.0
+    ) -> list[Delivery]:
+        """Claim and return the deliveries ``consumer`` holds unacknowledged.
+
+        ``min_idle`` (seconds) leaves out entries whose lease was renewed more recently:
+        a worker that only looked dead (paused, slow) keeps what it is running.
+        """
         out: list[Delivery] = []
+        idle = int(min_idle * 1000) or None
         with _translate_errors(self.url), self._queues_may_be_gone(queues):
             for queue in queues:
                 stream = self.queue_key(queue)
-                pending = self.redis.xpending_range(stream, GROUP, "-", "+", 1000, consumer)
+                pending = self.redis.xpending_range(
+                    stream, GROUP, "-", "+", 1000, consumer, idle=idle
+                )
                 ids = [p["message_id"] for p in pending]
                 if ids:
                     out += self._claim(queue, consumer, ids)
@@ -662,10 +671,21 @@ class RedisBroker:
         }
 
     def claim_dead_worker(self, worker_id: str) -> bool:
-        """Win the right to clean up ``worker_id`` (for one minute)."""
+        """Win the right to clean up ``worker_id`` for the next two heartbeats."""
         with _translate_errors(self.url):
             lock = f"{self._prefix}:reclaim:{worker_id}"
-            return bool(self.redis.set(lock, b"1", nx=True, ex=60))
+            hold_ms = max(100, int(2000 * self.settings.heartbeat_interval))
+            return bool(self.redis.set(lock, b"1", nx=True, px=hold_ms))
+
+    def holds_pending(self, queues: Sequence[str], consumers: Sequence[str]) -> bool:
+        """True if any of ``consumers`` still holds an unacknowledged delivery."""
+        with _translate_errors(self.url), self._queues_may_be_gone(queues):
+            for queue in queues:
+                summary = self.redis.xpending(self.queue_key(queue), GROUP)
+                holders = {c["name"].decode() for c in summary.get("consumers", [])}
+                if holders & set(consumers):
+                    return True
+        return False
 
     def stale_deliveries(self, queues: Sequence[str], consumer: str) -> list[Delivery]:
         """Claim entries nobody renewed for ``visibility_timeout`` (a backstop)."""
