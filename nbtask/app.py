@@ -371,10 +371,6 @@ class App:
                     f"the stored result of task {task_id!r} belongs to task {event.task_id!r}"
                 )
             handle.apply(event, result)
-        elif record.get("state", b"").decode() == State.SUCCESS.value:
-            # ignore_result: it succeeded, and its value was not kept.
-            kept = {"reason": "its result was not kept (ignore_result)"}
-            handle.apply(Event(EventType.SUCCESS, task_id, FINAL_SEQ, kept), None)
         else:
             listener.register(handle, channel=channel or None)
         return handle

@@ -31,10 +31,27 @@ class Signature:
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     immutable: bool = False
+    #: Options already converted by :meth:`for_worker` (message options, not call options).
+    prepared: bool = False
 
     def set(self, **options: Any) -> Signature:
         """A copy with these :meth:`~nbtask.Task.apply_async` options added."""
         return dataclasses.replace(self, options={**self.options, **options})
+
+    def for_worker(self, **extra: Any) -> Signature:
+        """A copy whose options are checked and converted now, for a worker to send later.
+
+        Everything becomes absolute here (``expires``, ``eta``) except ``countdown``,
+        which counts from when the worker sends it.
+        """
+        if self.prepared:
+            return dataclasses.replace(self, options={**self.options, **extra})
+        options = dict(self.options)
+        countdown = options.pop("countdown", None)
+        converted = self.task.send_options(**options)
+        if countdown is not None:
+            converted["countdown"] = float(countdown)
+        return dataclasses.replace(self, options={**converted, **extra}, prepared=True)
 
     def delay(self, *args: Any, **kwargs: Any) -> TaskHandle:
         """Send it, with extra arguments."""
@@ -88,10 +105,10 @@ class Chain:
         root = ids[0]
         following: Signature | None = None
         for step, task_id in zip(reversed(self.steps[1:]), reversed(ids[1:]), strict=True):
-            options: dict[str, Any] = {**step.options, "task_id": task_id, "root_id": root}
+            extra: dict[str, Any] = {"task_id": task_id, "root_id": root}
             if following is not None:
-                options["callbacks"] = Callbacks(link=(following,))
-            following = dataclasses.replace(step, options=options)
+                extra["callbacks"] = Callbacks(link=(following,))
+            following = step.for_worker(**extra)
         app = self.steps[0].task._app()
         later = zip(self.steps[1:], ids[1:], strict=True)
         handles = [app.expect(task_id, step.task.name) for step, task_id in later]

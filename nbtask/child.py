@@ -168,22 +168,11 @@ class Child:
             )  # fmt: skip
             self.broker.dead_letter(delivery)
             if delivery.verdict == "OK" and delivery.task_id:
-                self.broker.release(delivery.task_id)
+                self._report_unverifiable(delivery.task_id, exc)
             return None
-        now = time.time()
-        if message.eta is None and now - message.created > self.settings.replay_window:
-            log.error("rejected task %s: sent %.0f s ago, older than max_age", message.id,
-                      now - message.created)  # fmt: skip
-            self.broker.dead_letter(delivery)
-            return None
-        if message.expires is not None and now > message.expires:
-            revoked = Event(EventType.REVOKED, message.id, FINAL_SEQ, {"reason": "expired"})
-            return self._settle(delivery, message, Outcome(revoked))
         code, callbacks_raw, arguments = message.split(envelope)
-        try:
-            task: Task | None = self._resolve(message, code)
-        except Exception as exc:
-            task, resolve_error = None, exc
+        # First whether it may start at all: a duplicate or replay of a finished task
+        # must leave that task's record as it is.
         if delivery.verdict is None:
             record = {"worker": self.hostname, "pid": str(os.getpid())}
             refused = self.broker.start(message.id, record)
@@ -192,7 +181,33 @@ class Child:
         if refused is not None:
             log.warning("dropped a message for task %s: it is already %s", message.id, refused)
             self.broker.discard(delivery)
+            if refused == State.REVOKED.value:
+                gone = Outcome(
+                    Event(EventType.REVOKED, message.id, FINAL_SEQ, {"reason": "revoked"})
+                )
+                self._after_outcome(message, gone, callbacks_raw, None)
             return None
+        now = time.time()
+        if message.eta is None and now - message.created > self.settings.replay_window:
+            log.error("rejected task %s: sent %.0f s ago, older than max_age", message.id,
+                      now - message.created)  # fmt: skip
+            self.broker.dead_letter(delivery)
+            too_old = _failure(message.id, FINAL_SEQ, NbtaskError(
+                f"the message was {now - message.created:.0f} s old, older than max_age "
+                f"({self.settings.replay_window:.0f} s); it was not run"
+            ))  # fmt: skip
+            return self._settle(None, message, Outcome(too_old))
+        if message.expires is not None and now > message.expires:
+            expired = Outcome(
+                Event(EventType.REVOKED, message.id, FINAL_SEQ, {"reason": "expired"})
+            )
+            following = self._settle(delivery, message, expired)
+            self._after_outcome(message, expired, callbacks_raw, None)
+            return following
+        try:
+            task: Task | None = self._resolve(message, code)
+        except Exception as exc:
+            task, resolve_error = None, exc
         if task is not None and self._rate_limited(delivery, message, task):
             return None
         self.outbox.begin(
@@ -212,12 +227,36 @@ class Child:
         # the last write also wait for the next message (which would delay them).
         later = bool(callbacks_raw) or (task is not None and _has_handlers(task))
         following = self._settle(delivery, message, outcome, envelope, fetch_next=not later)
-        callbacks = decode_value(callbacks_raw, "cloudpickle") if callbacks_raw else None
-        if callbacks:
-            self._send_callbacks(message, outcome, callbacks)
+        self._after_outcome(message, outcome, callbacks_raw, task)
+        return following
+
+    def _after_outcome(
+        self, message: TaskMessage, outcome: Outcome, callbacks_raw: Buffer, task: Task | None
+    ) -> None:
+        """Send linked tasks (or fail a chain's later steps), then call the handlers."""
+        try:
+            callbacks = decode_value(callbacks_raw, "cloudpickle") if callbacks_raw else None
+            if callbacks:
+                self._send_callbacks(message, outcome, callbacks)
+        except Exception:
+            # e.g. a callback argument whose class this worker cannot import. The task's
+            # own outcome is stored; the chain's later steps cannot be told who they are.
+            log.exception("could not send the callbacks of task %s", message.id)
         if task is not None:
             self._call_handlers(task, message, outcome)
-        return following
+
+    def _report_unverifiable(self, task_id: str, exc: BaseException) -> None:
+        """Settle a task whose message failed verification (it was marked STARTED)."""
+        channel = self.broker.get_record(task_id).get("client", b"").decode()
+        event = _failure(task_id, FINAL_SEQ, NbtaskError(
+            f"the message for this task failed verification and was not run: {exc}"
+        ))  # fmt: skip
+        raw = self.signer.seal(event.to_header())
+        record: dict[str, str | bytes] = {
+            "state": State.FAILURE.value, "result": raw, "finished_at": repr(time.time()),
+        }  # fmt: skip
+        if channel:
+            self.broker.finish(None, task_id, channel, raw, record)
 
     def _rate_limited(self, delivery: Delivery, message: TaskMessage, task: Task) -> bool:
         """Put a task over its rate limit back for later, without holding this slot."""
@@ -323,7 +362,7 @@ class Child:
 
     def _settle(
         self,
-        delivery: Delivery,
+        delivery: Delivery | None,
         message: TaskMessage,
         outcome: Outcome,
         envelope: Envelope | None = None,
@@ -343,8 +382,11 @@ class Child:
         state = outcome.event.state
         assert state is not None
         record: dict[str, str | bytes] = {"state": state.value, "finished_at": repr(time.time())}
-        keep_result = not (message.ignore_result and state is State.SUCCESS)
-        if keep_result and state is not State.RETRY:
+        if message.ignore_result and state is State.SUCCESS:
+            # The outcome is still signed in the store; only the value is left out.
+            kept = {**outcome.event.data, "result_kept": False}
+            record["result"] = self.signer.seal({**outcome.event.to_header(), "data": kept})
+        elif state is not State.RETRY:
             record["result"] = raw
         if not message.store_result and state is not State.RETRY:
             record = {}  # backend=None: the client is told, the store keeps nothing
@@ -393,10 +435,13 @@ class Child:
         """Send signatures (with their final arguments) for ``channel``'s client; their ids."""
         publishes = []
         for sig in sigs:
-            queue = sig.options.get("queue") or sig.task.queue or self.settings.default_queue
+            options = dict(sig.options)
+            if options.get("countdown") is not None:
+                options["eta"] = time.time() + float(options["countdown"])
+            queue = options.get("queue") or sig.task.queue or self.settings.default_queue
             sent, raw = build_message(
                 sig.task, sig.args, sig.kwargs, signer=self.signer, channel=channel,
-                queue=queue, code_cache=self._code_cache, options=sig.options,
+                queue=queue, code_cache=self._code_cache, options=options,
             )  # fmt: skip
             record = {"state": State.PENDING.value, "name": sig.task.name, "client": channel}
             publishes.append(Publish(queue, sent.id, raw, record, sent.eta))

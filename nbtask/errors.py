@@ -87,14 +87,6 @@ class MaxRetriesExceededError(NbtaskError):
     """A task asked for another retry after using all of ``max_retries``."""
 
 
-class TimeLimitExceeded(NbtaskError):
-    """The task ran past its hard time limit and its process was killed."""
-
-
-class WorkerLost(NbtaskError):
-    """The worker process running the task died before it reported a result."""
-
-
 class RemoteError(NbtaskError):
     """An exception raised by task code on a worker.
 
@@ -128,3 +120,11 @@ class RemoteError(NbtaskError):
         # the worker's traceback, which is the one that points at the user's code.
         lines = self.traceback.rstrip().splitlines() if self.traceback else []
         return [*lines, f"{self.ename}: {self.evalue}"]
+
+
+class TimeLimitExceeded(RemoteError):
+    """The task ran past its hard time limit and its process was killed."""
+
+
+class WorkerLost(RemoteError):
+    """The worker process running the task died before it reported a result."""

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from nbtask.errors import NbtaskError, RemoteError, TaskRevoked, WorkerLost
+from nbtask.errors import NbtaskError, RemoteError, TaskRevoked, TimeLimitExceeded, WorkerLost
 from nbtask.events import FINAL_STATES, Event, EventType, Progress, State
 from nbtask.task import current_request
 
@@ -15,6 +15,12 @@ if TYPE_CHECKING:
     from nbtask.app import App
 
 __all__ = ["TaskHandle"]
+
+
+_KNOWN_FAILURES: dict[str, type[RemoteError]] = {
+    "TimeLimitExceeded": TimeLimitExceeded,
+    "WorkerLost": WorkerLost,
+}
 
 
 class TaskHandle(concurrent.futures.Future[Any]):
@@ -148,7 +154,10 @@ class TaskHandle(concurrent.futures.Future[Any]):
             self._last_seq = max(self._last_seq, event.seq)
             self._apply(event)
         if event.state in FINAL_STATES:
-            self._settle(event, result)
+            try:
+                self._settle(event, result)
+            except concurrent.futures.InvalidStateError:
+                return  # another thread settled it first (e.g. a revoke racing the result)
         for callback in list(self._listeners):
             callback(event)
 
@@ -181,16 +190,17 @@ class TaskHandle(concurrent.futures.Future[Any]):
         elif event.type is EventType.REVOKED:
             self.set_exception(TaskRevoked(f"task {self.name}[{self.id}] was revoked"))
         elif event.type is EventType.WORKER_LOST:
-            self.set_exception(
-                WorkerLost(
-                    f"the worker running task {self.name}[{self.id}] died "
-                    f"({data.get('reason', 'no reason known')}); the task was not retried "
-                    "because it is not acks_late"
-                )
+            why = (
+                f"the worker running task {self.name}[{self.id}] died "
+                f"({data.get('reason', 'no reason known')}); it was not run again (early "
+                "ack, or acks_late with reject_on_worker_lost=False)"
             )
+            self.set_exception(WorkerLost("WorkerLost", why, "", self.id))
         else:
+            # Failures nbtask itself reports come back as its own exception types.
+            kind = _KNOWN_FAILURES.get(str(data.get("ename", "")), RemoteError)
             self.set_exception(
-                RemoteError(
+                kind(
                     str(data.get("ename", "Exception")),
                     str(data.get("evalue", "")),
                     str(data.get("traceback", "")),

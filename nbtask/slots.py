@@ -22,7 +22,7 @@ class SlotState:
     @property
     def task_id(self) -> str:
         """The running task's id, or ``""`` when idle."""
-        return bytes(self._task.value).decode()
+        return bytes(self._task.value).decode(errors="replace")
 
     @property
     def deadline(self) -> float:

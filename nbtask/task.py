@@ -6,6 +6,7 @@ import contextvars
 import dataclasses
 import datetime as dt
 import random
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, Protocol, TypeVar
@@ -83,6 +84,8 @@ class Request:
 
 
 T = TypeVar("T")
+# Task ids end up in Redis key names, shared memory slots and ETA members.
+_TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 
 _current: contextvars.ContextVar[Request | None] = contextvars.ContextVar(
     "nbtask_request", default=None
@@ -355,6 +358,11 @@ class Task:
         """Check :meth:`apply_async` options and turn them into message options."""
         if countdown is not None and eta is not None:
             raise ConfigurationError("pass either countdown or eta, not both")
+        if task_id is not None and not _TASK_ID.fullmatch(str(task_id)):
+            raise ConfigurationError(
+                f"task_id={task_id!r} is not a valid id: use 1 to 64 letters, digits, '_', "
+                "'-' or '.', starting with a letter or digit"
+            )
         due = time.time() + countdown if countdown is not None else _epoch(eta, absolute=True)
         options: dict[str, Any] = {
             "queue": queue,
@@ -415,7 +423,10 @@ def _callbacks(
                 raise ConfigurationError(f"{name} takes signatures (task.s(...)), got {item!r}")
         return items
 
-    return Callbacks(as_tuple(link, "link"), as_tuple(link_error, "link_error"))
+    return Callbacks(
+        tuple(sig.for_worker() for sig in as_tuple(link, "link")),
+        tuple(sig.for_worker() for sig in as_tuple(link_error, "link_error")),
+    )
 
 
 def _epoch(when: dt.datetime | float | None, *, absolute: bool) -> float | None:

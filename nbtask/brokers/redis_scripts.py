@@ -115,6 +115,11 @@ return '0'
 # ETA members are "<task id>:<message>", so the move to the stream can set 'i'.
 # KEYS: stream, eta set, record; ARGV: raw, ttl, eta ('' = now), task id, fields...
 PUBLISH = """
+-- A task already final (a chain step revoked before a worker sent it) stays so.
+local state = redis.call('HGET', KEYS[3], 'state')
+if state == 'REVOKED' or state == 'SUCCESS' or state == 'FAILURE' or state == 'WORKER_LOST' then
+  return 0
+end
 if ARGV[3] == '' then
   redis.call('XADD', KEYS[1], '*', 'e', ARGV[1], 'n', '0', 'i', ARGV[4])
 else
@@ -136,6 +141,7 @@ if state and state ~= 'PENDING' and state ~= 'RETRY' then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'REVOKED', 'result', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
 return 1
 """
 
