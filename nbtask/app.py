@@ -171,7 +171,7 @@ class App:
 
     def register_task(self, task: BaseTask) -> BaseTask:
         """Register a task instance (a class-based task with ``run``) under its name."""
-        if getattr(type(task), "abstract", False) and type(task).__dict__.get("abstract", False):
+        if type(task).is_abstract():
             raise ConfigurationError(f"{type(task).__name__} is abstract and cannot be registered")
         if not task.name:
             cls = type(task)

@@ -510,7 +510,7 @@ class Child:
             why = f"importing {message.module!r} failed: {exc}"
             raise NotRegistered(self._unknown(message, why)) from None
         for value in vars(module).values():
-            if isinstance(value, Task) and not getattr(value, "abstract", True):
+            if isinstance(value, Task) and not type(value).is_abstract():
                 self.tasks.setdefault(value.name, value)
         task = self.tasks.get(message.name)
         if task is None:

@@ -93,6 +93,18 @@ def _parser() -> argparse.ArgumentParser:
     _broker_options(status)
     status.set_defaults(run=_run_status)
 
+    cancel = sub.add_parser("cancel", help="revoke a task: never start it, or stop it running")
+    _broker_options(cancel)
+    cancel.add_argument("task_id")
+    cancel.add_argument(
+        "--grace",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="seconds between the interrupt and the kill (default: 5)",
+    )
+    cancel.set_defaults(run=_run_cancel)
+
     inspect = sub.add_parser("inspect", help="show a task's stored state")
     _broker_options(inspect)
     inspect.add_argument("task_id")
@@ -180,13 +192,17 @@ def _import_tasks(specs: Sequence[str]) -> dict[str, Task]:
         module_name, _, attr = spec.partition(":")
         try:
             module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ConfigurationError(f"-A {spec}: cannot import {module_name!r}: {exc}") from None
+        except Exception as exc:
+            raise ConfigurationError(
+                f"-A {spec}: cannot import {module_name!r}: {type(exc).__name__}: {exc}"
+            ) from None
+        if attr and not hasattr(module, attr):
+            raise ConfigurationError(f"-A {spec}: module {module_name!r} has no {attr!r}")
         source = getattr(module, attr) if attr else module
         found = getattr(source, "tasks", None) if attr else None
         values = found.values() if isinstance(found, dict) else vars(source).values()
         for value in values:
-            if isinstance(value, Task) and not type(value).__dict__.get("abstract", False):
+            if isinstance(value, Task) and not type(value).is_abstract():
                 tasks[value.name] = value
     return tasks
 
@@ -276,11 +292,15 @@ def _run_status(args: argparse.Namespace) -> int:
     if not workers:
         print("no live workers")
     for worker_id, info in sorted(workers.items()):
-        data = json.loads(info)
-        print(
-            f"{worker_id}: pid {data['pid']} queues {','.join(data['queues'])} "
-            f"concurrency {data['concurrency']}"
-        )
+        try:
+            data = json.loads(info)
+            line = (
+                f"pid {data['pid']} queues {','.join(data['queues'])} "
+                f"concurrency {data['concurrency']} busy {len(data.get('busy', []))}"
+            )
+        except (ValueError, KeyError, TypeError):
+            line = "(unreadable worker info)"
+        print(f"{worker_id}: {line}")
     return 0
 
 
@@ -297,6 +317,29 @@ def _run_inspect(args: argparse.Namespace) -> int:
         if key in record:
             print(f"{key}: {record[key].decode(errors='replace')}")
     return 0
+
+
+def _run_cancel(args: argparse.Namespace) -> int:
+    from nbtask.app import App
+
+    settings = _settings(args)
+    app = App("nbtask-cli", settings=settings)
+    try:
+        state = app.broker.get_record(args.task_id).get("state", b"").decode()
+        if not state:
+            print(f"nbtask cancel: no task {args.task_id!r} in the result store", file=sys.stderr)
+            return 1
+        if app.revoke(args.task_id, terminate=True, grace=args.grace):
+            print(
+                f"{args.task_id}: revoked"
+                if state != "STARTED"
+                else f"{args.task_id}: running; interrupt sent (kill after {args.grace:g} s)"
+            )
+            return 0
+        print(f"nbtask cancel: task {args.task_id!r} already finished ({state})", file=sys.stderr)
+        return 1
+    finally:
+        app.close()
 
 
 def _run_notebook(args: argparse.Namespace) -> int:

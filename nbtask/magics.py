@@ -19,6 +19,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import clear_output, display, publish_display_data
 
+from nbtask._urls import redact_url
 from nbtask.app import App
 from nbtask.board import Row, TaskBoard, format_row, notebook_group
 from nbtask.cells import CellError, analyze, prepare
@@ -133,7 +134,7 @@ class Session:
             where = f"embedded cluster ({self.app.cluster.url})"
             count = self.app.settings.embedded_workers
         else:
-            where = _redact(self.app.settings.broker_url or "")
+            where = redact_url(self.app.settings.broker_url or "")
             infos = [json.loads(i) for i in self.app.workers().values()]
             count = sum(int(i.get("concurrency") or 1) for i in infos)
         return f"nbtask: {where}, {count} worker process{'es' if count != 1 else ''}"
@@ -458,13 +459,6 @@ def _first_line(cell: str) -> str:
         if text.strip() and not text.lstrip().startswith("#"):
             return text.strip()[:40]
     return "cell"
-
-
-def _redact(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
 
 
 def load_ipython_extension(shell: Any, app: App | None = None) -> None:

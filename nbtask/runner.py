@@ -32,6 +32,7 @@ from jupyter_core.paths import jupyter_runtime_dir
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
+from nbtask._urls import redact_url
 from nbtask.errors import ConfigurationError, NbtaskError
 
 __all__ = ["NotebookFailed", "RunResult", "default_output", "run_notebook"]
@@ -261,7 +262,7 @@ def run_notebook(
     code_cells = client.code_total
     where = broker or kernel_env.get("NBTASK_BROKER") or "the embedded cluster"
     plural = "s" if code_cells != 1 else ""
-    client._write(f"nbtask run: {source} ({code_cells} code cell{plural}) on {_redact(where)}")
+    client._write(f"nbtask run: {source} ({code_cells} code cell{plural}) on {redact_url(where)}")
     started = time.monotonic()
     failure: str | None = None
     # The kernel process's own stderr (its log, not the cells' output, which arrives as
@@ -320,10 +321,3 @@ def _describe_error(nb: Any, client: _StreamingClient, exc: CellExecutionError) 
     evalue = str(getattr(exc, "evalue", "") or "").strip().splitlines()
     detail = f"{ename}: {evalue[0]}" if evalue else ename
     return f"cell {_current_cell(nb, client)} failed with {detail}"
-
-
-def _redact(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url

@@ -171,6 +171,11 @@ class Task:
 
     app: App | None = None
 
+    @classmethod
+    def is_abstract(cls) -> bool:
+        """True for a base class that declares ``abstract = True`` in its own body."""
+        return bool(cls.__dict__.get("abstract", False))
+
     def run(self, *args: Any, **kwargs: Any) -> Any:
         """The task's body; override it (``@app.task`` does this for you)."""
         raise NotImplementedError(f"{type(self).__name__}.run is not implemented")

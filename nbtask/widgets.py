@@ -45,19 +45,10 @@ _COLORS = {
 
 
 def cancel_task(handle: TaskHandle) -> bool:
-    """Revoke a queued task, or interrupt (then kill) a running one.
-
-    Uses ``app.revoke(id, terminate=True)`` where the core supports it, else the plain
-    revoke, which stops only a task that has not started.
-    """
+    """Revoke a queued task, or interrupt (then kill) a running one."""
     if handle.done():
         return False
-    app: Any = handle.app
-    revoke = app.revoke
-    try:
-        return bool(revoke(handle.id, terminate=True))
-    except TypeError:  # a core without terminate=: only a queued task can be stopped
-        return bool(revoke(handle.id))
+    return handle.cancel()
 
 
 def follow(handle: TaskHandle, callback: Callable[[Event], None]) -> None:

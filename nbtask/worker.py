@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
+from nbtask._urls import redact_url
 from nbtask.brokers import Broker, Delivery, open_broker
 from nbtask.child import Child
 from nbtask.envelope import Signer
@@ -98,6 +99,7 @@ class Worker:
         self._control_position = "$"
         # task id -> (when to stop looking for it, grace period)
         self._terminates: dict[str, tuple[float, float]] = {}
+        self._killed: set[int] = set()
         self._spawned_at: dict[int, float] = {}
         self._backoff: dict[int, float] = {}
         self._respawn_at: dict[int, float] = {}
@@ -138,7 +140,7 @@ class Worker:
         )
         return (
             f"nbtask worker {self.worker_id}\n"
-            f"  broker:      {_redact(self.url)}\n"
+            f"  broker:      {redact_url(self.url)}\n"
             f"  queues:      {', '.join(self.queues)}\n"
             f"  concurrency: {self.concurrency} child processes\n"
             f"[tasks]\n{names}"
@@ -213,6 +215,7 @@ class Worker:
     def _child_exited(self, slot: int, *, respawn: bool) -> None:
         process = self._children.pop(slot)
         process.join()
+        self._killed.discard(process.pid or 0)
         if process.exitcode != 0:
             log.error(
                 "child %d (pid %s) died with exit code %s", slot, process.pid, process.exitcode
@@ -317,6 +320,9 @@ class Worker:
                 self._kill(slot, process, (task_id, "time_limit", now))
 
     def _kill(self, slot: int, process: BaseProcess, stopping: tuple[str, str, float]) -> None:
+        if process.pid in self._killed:
+            return  # already sent; waiting for it to be reaped
+        self._killed.add(process.pid or 0)
         log.error("killing child %d (pid %s): task %s %s", slot, process.pid, stopping[0],
                   "passed its hard time limit" if stopping[1] == "time_limit"
                   else "ignored its terminate request")  # fmt: skip
@@ -429,13 +435,3 @@ class Worker:
             "finished_at": repr(time.time()),
         }
         self.broker.finish(delivery, message.id, message.client, raw, record_out)
-
-
-def _redact(url: str) -> str:
-    """The URL without its password."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"

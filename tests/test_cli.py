@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -252,3 +253,39 @@ def test_inspect_unknown_id(redis_url: str, prefix: str) -> None:
     assert result.returncode == 1
     assert result.stdout == ""
     assert "no-such-task-id" in one_error_line(result)
+
+
+def test_cancel_queued_running_and_unknown(
+    app: App,
+    redis_url: str,
+    prefix: str,
+    tmp_path: Path,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    cli = ("-b", redis_url, "--key-prefix", prefix)
+    queued = app.send_task("tests.sample_tasks.add", (2, 3))  # no worker yet
+    result = run("cancel", queued.id, *cli, env={"NBTASK_SECRET": SECRET})
+    assert result.returncode == 0, result.stderr
+    assert "revoked" in result.stdout
+    with pytest.raises(nbtask.TaskRevoked):
+        queued.get(timeout=10)
+
+    start_worker(concurrency=1)
+    marker, go = tmp_path / "marker", tmp_path / "go"
+    running = app.send_task("tests.sample_tasks.wait_for_file", (str(marker), str(go)))
+    try:
+        deadline = time.monotonic() + 10
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), "the task did not start"
+        result = run("cancel", running.id, "--grace", "1", *cli, env={"NBTASK_SECRET": SECRET})
+        assert result.returncode == 0, result.stderr
+        assert "interrupt sent" in result.stdout
+        with pytest.raises(nbtask.TaskRevoked):
+            running.get(timeout=10)
+    finally:
+        go.touch()
+
+    result = run("cancel", "no-such-task", *cli, env={"NBTASK_SECRET": SECRET})
+    assert result.returncode == 1
+    assert "no-such-task" in one_error_line(result)

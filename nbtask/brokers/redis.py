@@ -693,12 +693,17 @@ class RedisBroker:
         out: list[Delivery] = []
         with _translate_errors(self.url), self._queues_may_be_gone(queues):
             for queue in queues:
-                reply = self.redis.xautoclaim(
-                    self.queue_key(queue), GROUP, consumer, min_idle, "0-0", count=100
-                )
-                for entry_id, fields in reply[1]:
-                    if fields:
-                        out.append(_delivery(queue, entry_id, fields))
+                cursor = "0-0"
+                while True:  # the whole pending list, a hundred entries at a time
+                    reply = self.redis.xautoclaim(
+                        self.queue_key(queue), GROUP, consumer, min_idle, cursor, count=100
+                    )
+                    for entry_id, fields in reply[1]:
+                        if fields:
+                            out.append(_delivery(queue, entry_id, fields))
+                    cursor = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+                    if cursor == "0-0":
+                        break
         return out
 
     def move_due(self, queues: Sequence[str]) -> float | None:
