@@ -222,15 +222,19 @@ class Worker:
             )
         reason = f"its worker process {process.pid} exited with code {process.exitcode}"
         stopped = self._stopping.pop(slot, None)
+        had_task = bool(self._slots[slot].task_id)
         self._slots[slot].clear()
         try:
-            for delivery in self.broker.pending_of(self.queues, self.consumers[slot]):
+            lost = self.broker.pending_of(self.queues, self.consumers[slot])
+            for delivery in lost:
                 self._settle_lost(delivery, reason, stopped)
+            had_task = had_task or bool(lost)
         except BrokerUnavailable as exc:
             log.warning("could not settle the tasks of child %d yet: %s", slot, exc)
         if not respawn:
             return
-        if time.monotonic() - self._spawned_at.get(slot, 0.0) < _CRASH_LOOP_SECONDS:
+        young = time.monotonic() - self._spawned_at.get(slot, 0.0) < _CRASH_LOOP_SECONDS
+        if young and not had_task:
             # Dying right after start (a broken import, a bad environment): back off
             # instead of burning a core on respawns.
             delay = min(2 * self._backoff.get(slot, _CRASH_LOOP_SECONDS / 2), 30.0)

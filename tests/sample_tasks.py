@@ -73,3 +73,23 @@ def wait_for_file(marker: str, go: str, timeout: float = 15.0) -> int:
 def started_at() -> float:
     """Return the wall-clock time at which the task started running."""
     return time.time()
+
+
+@app.task(acks_late=True)
+def poison(path: str) -> None:
+    """Record a start, then kill this worker process: a message no worker survives."""
+    with Path(path).open("a") as f:
+        f.write(f"{os.getpid()}\n")
+    os.kill(os.getpid(), 9)
+
+
+@app.task
+def record_id(path: str) -> str:
+    """Append this task's id to ``path`` (to count executions) and return it."""
+    from nbtask import current_request
+
+    request = current_request()
+    assert request is not None
+    with Path(path).open("a") as f:
+        f.write(f"{request.id}\n")
+    return request.id
