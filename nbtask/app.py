@@ -203,9 +203,7 @@ class App:
                 secret: str | None = self.cluster.secret
             else:
                 url, secret = settings.broker_url, settings.secret
-            signer = Signer(
-                secret, max_bytes=settings.max_message_bytes, insecure=settings.insecure
-            )
+            signer = Signer.for_settings(settings, secret)
             broker = open_broker(settings, url)
             broker.ping()
             self._signer, self._broker = signer, broker

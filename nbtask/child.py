@@ -102,9 +102,7 @@ class Child:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGALRM, self._on_alarm)
         self.broker = open_broker(self.settings, self.url)
-        self.signer = Signer(
-            self.secret, max_bytes=self.settings.max_message_bytes, insecure=self.settings.insecure
-        )
+        self.signer = Signer.for_settings(self.settings, self.secret)
         self.outbox = Outbox(self.broker, self.signer)
         self._whoami["pid"] = os.getpid()
         backoff = 0.1

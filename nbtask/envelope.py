@@ -24,6 +24,7 @@ from typing import Any
 import cloudpickle
 
 from nbtask.errors import ConfigurationError, SignatureError, TooLarge
+from nbtask.settings import Settings
 
 __all__ = ["FORMAT_VERSION", "INSECURE_KEY", "Envelope", "Signer", "dumps"]
 
@@ -99,6 +100,16 @@ class Signer:
         self._key = _as_bytes(secret)
         self._verify_keys = [self._key, *(_as_bytes(s) for s in old_secrets)]
         self.max_bytes = max_bytes
+
+    @classmethod
+    def for_settings(cls, settings: Settings, secret: str | None) -> Signer:
+        """The signer for ``settings`` (its limits, old secrets, insecure flag) and ``secret``."""
+        return cls(
+            secret,
+            old_secrets=settings.old_secrets,
+            max_bytes=settings.max_message_bytes,
+            insecure=settings.insecure,
+        )
 
     def seal(self, header: Mapping[str, Any], body: Buffer | Sequence[Buffer] = b"") -> bytes:
         """Encode and sign ``header`` and ``body`` (bytes, or parts joined) into one message."""

@@ -14,6 +14,7 @@ __all__ = ["DEFAULT_QUEUE", "Settings"]
 
 DEFAULT_QUEUE = "default"
 _SCHEMES = ("redis", "rediss", "unix")
+_KOMBU_SCHEMES = ("amqp", "amqps", "memory")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,10 +26,18 @@ class Settings:
     Parameters
     ----------
     broker_url
-        ``redis://host:port/db``, ``rediss://…`` or ``unix:///path/redis.sock``.
+        ``redis://host:port/db``, ``rediss://…`` or ``unix:///path/redis.sock``; or a
+        kombu URL (``amqp://``, ``amqps://``, ``memory://``), which needs ``result_url``.
         ``None`` starts the embedded local cluster.
+    result_url
+        Redis URL of the result store used with a kombu broker (records, the atomic start
+        check, re-attach, ETA parking, worker registry). Ignored with a Redis broker,
+        which is its own store.
     secret
         The shared HMAC key that signs every message. Required for a remote broker.
+    old_secrets
+        Keys still accepted, never used to sign: for rotating ``secret`` without losing
+        messages in flight (see the README's security model).
     insecure
         Accept a remote broker without a secret (a fixed, public key is used and a
         warning is shown). Anyone who can write to the broker can then run code.
@@ -64,7 +73,9 @@ class Settings:
     """
 
     broker_url: str | None = None
+    result_url: str | None = None
     secret: str | None = None
+    old_secrets: tuple[str, ...] = ()
     insecure: bool = False
     key_prefix: str = "nbtask"
     default_queue: str = DEFAULT_QUEUE
@@ -80,8 +91,14 @@ class Settings:
     worker_disable_rate_limits: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.old_secrets, str):  # one secret given as a plain string
+            object.__setattr__(self, "old_secrets", (self.old_secrets,))
+        else:
+            object.__setattr__(self, "old_secrets", tuple(self.old_secrets))
         if self.broker_url is not None:
             _check_broker_url(self.broker_url)
+        if self.result_url is not None:
+            _check_broker_url(self.result_url, redis_only=True)
         for name in ("result_ttl", "visibility_timeout", "heartbeat_interval", "max_age"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -111,8 +128,9 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         """Read ``NBTASK_*`` variables, then apply ``overrides``.
 
-        Recognised: ``NBTASK_BROKER``, ``NBTASK_SECRET``, ``NBTASK_SECRET_FILE``,
-        ``NBTASK_INSECURE``, ``NBTASK_KEY_PREFIX``, ``NBTASK_RESULT_TTL``,
+        Recognised: ``NBTASK_BROKER``, ``NBTASK_RESULT_URL``, ``NBTASK_SECRET``,
+        ``NBTASK_OLD_SECRETS`` (comma-separated),
+        ``NBTASK_SECRET_FILE``, ``NBTASK_INSECURE``, ``NBTASK_KEY_PREFIX``, ``NBTASK_RESULT_TTL``,
         ``NBTASK_VISIBILITY_TIMEOUT``, ``NBTASK_HEARTBEAT_INTERVAL``,
         ``NBTASK_MAX_MESSAGE_BYTES``, ``NBTASK_MAX_AGE``, ``NBTASK_MAX_REDELIVERIES``,
         ``NBTASK_CONCURRENCY`` (worker child processes), ``NBTASK_WORKERS`` (embedded
@@ -122,6 +140,12 @@ class Settings:
         values: dict[str, object] = {}
         if env.get("NBTASK_BROKER"):
             values["broker_url"] = env["NBTASK_BROKER"]
+        if env.get("NBTASK_RESULT_URL"):
+            values["result_url"] = env["NBTASK_RESULT_URL"]
+        if env.get("NBTASK_OLD_SECRETS"):
+            values["old_secrets"] = tuple(
+                part.strip() for part in env["NBTASK_OLD_SECRETS"].split(",") if part.strip()
+            )
         if env.get("NBTASK_SECRET"):
             values["secret"] = env["NBTASK_SECRET"]
         elif env.get("NBTASK_SECRET_FILE"):
@@ -193,8 +217,12 @@ class Settings:
             env["NBTASK_MAX_AGE"] = repr(self.max_age)
         if self.broker_url is not None:
             env["NBTASK_BROKER"] = self.broker_url
+        if self.result_url is not None:
+            env["NBTASK_RESULT_URL"] = self.result_url
         if self.secret is not None:
             env["NBTASK_SECRET"] = self.secret
+        if self.old_secrets:
+            env["NBTASK_OLD_SECRETS"] = ",".join(self.old_secrets)
         if self.insecure:
             env["NBTASK_INSECURE"] = "1"
         if self.worker_disable_rate_limits:
@@ -226,12 +254,22 @@ def read_secret_file(path: str | os.PathLike[str]) -> str:
     return secret
 
 
-def _check_broker_url(url: str) -> None:
+def _check_broker_url(url: str, *, redis_only: bool = False) -> None:
     parts = urlsplit(url)
+    if redis_only and parts.scheme not in _SCHEMES:
+        raise ConfigurationError(
+            f"unsupported result store URL {url!r}: use redis://host:port/db, rediss://… or "
+            "unix:///path/to/redis.sock"
+        )
+    if parts.scheme in _KOMBU_SCHEMES:
+        if parts.scheme != "memory" and not parts.hostname:
+            raise ConfigurationError(f"broker URL {url!r} names no host")
+        return
     if parts.scheme not in _SCHEMES:
         raise ConfigurationError(
-            f"unsupported broker URL {url!r}: use redis://host:port/db, rediss://… or "
-            "unix:///path/to/redis.sock"
+            f"unsupported broker URL {url!r}: use redis://host:port/db, rediss://…, "
+            "unix:///path/to/redis.sock, or amqp://user:password@host:5672/vhost (RabbitMQ, "
+            "with NBTASK_RESULT_URL set to a Redis URL)"
         )
     if parts.scheme == "unix" and not parts.path:
         raise ConfigurationError(f"broker URL {url!r} names no socket path")

@@ -111,9 +111,7 @@ class Worker:
     def run(self) -> int:
         """Serve until stopped; return the process exit code."""
         self.broker: Broker = open_broker(self.settings, self.url)
-        self.signer = Signer(
-            self.secret, max_bytes=self.settings.max_message_bytes, insecure=self.settings.insecure
-        )
+        self.signer = Signer.for_settings(self.settings, self.secret)
         self.broker.ensure_queues(self.queues)
         # Handlers only count signals; the loop below decides what to do.
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -229,6 +227,11 @@ class Worker:
             for delivery in lost:
                 self._settle_lost(delivery, reason, stopped)
             had_task = had_task or bool(lost)
+            if stopped is not None and not any(d.task_id == stopped[0] for d in lost):
+                # A broker that gives a dead child's message back by itself (AMQP) may
+                # not show it yet: store why it was killed now, so that the copy coming
+                # back finds the task final and is dropped.
+                self._report_stopped(stopped, reason)
         except BrokerUnavailable as exc:
             log.warning("could not settle the tasks of child %d yet: %s", slot, exc)
         if not respawn:
@@ -389,15 +392,7 @@ class Worker:
             self.broker.discard(delivery)  # it finished; only the acknowledgement was lost
             return
         if stopped is not None and stopped[0] == message.id:
-            if stopped[1] == "revoked":
-                event = Event(EventType.REVOKED, message.id, FINAL_SEQ, {"reason": "terminated"})
-            else:
-                event = Event(EventType.FAILURE, message.id, FINAL_SEQ, {
-                    "ename": "TimeLimitExceeded", "reason": reason,
-                    "evalue": f"task {message.name} ran past its hard time limit "
-                              f"({message.time_limit} s) and its process was killed",
-                })  # fmt: skip
-            self._report_lost(delivery, message, event)
+            self._report_lost(delivery, message, _stopped_event(stopped, reason, message.name))
             return
         redeliver = message.acks_late and message.reject_on_worker_lost is not False
         if redeliver and delivery.deliveries < self.settings.max_redeliveries:
@@ -430,6 +425,21 @@ class Worker:
             log.error("task %s [%s]: %s; reported WORKER_LOST", message.name, message.id, reason)
         self._report_lost(delivery_to_ack, message, event)
 
+    def _report_stopped(self, stopped: tuple[str, str, float], reason: str) -> None:
+        task_id = stopped[0]
+        record = self.broker.get_record(task_id)
+        channel = record.get("client", b"").decode()
+        if not channel or record.get("state", b"").decode() != State.STARTED.value:
+            return
+        name = record.get("name", b"task").decode()
+        event = _stopped_event(stopped, reason, name)
+        raw = self.signer.seal(event.to_header())
+        assert event.state is not None
+        final: dict[str, str | bytes] = {
+            "state": event.state.value, "result": raw, "finished_at": repr(time.time()),
+        }  # fmt: skip
+        self.broker.finish(None, task_id, channel, raw, final)
+
     def _report_lost(self, delivery: Delivery | None, message: TaskMessage, event: Event) -> None:
         raw = self.signer.seal(event.to_header())
         assert event.state is not None
@@ -439,3 +449,14 @@ class Worker:
             "finished_at": repr(time.time()),
         }
         self.broker.finish(delivery, message.id, message.client, raw, record_out)
+
+
+def _stopped_event(stopped: tuple[str, str, float], reason: str, name: str) -> Event:
+    """The final event of a task this supervisor killed on purpose."""
+    task_id, why, _ = stopped
+    if why == "revoked":
+        return Event(EventType.REVOKED, task_id, FINAL_SEQ, {"reason": "terminated"})
+    return Event(EventType.FAILURE, task_id, FINAL_SEQ, {
+        "ename": "TimeLimitExceeded", "reason": reason,
+        "evalue": f"task {name} ran past its hard time limit and its process was killed",
+    })  # fmt: skip

@@ -290,3 +290,16 @@ def test_other_checks(changes: dict[str, object], name: str) -> None:
 def test_configuration_error_is_a_value_error() -> None:
     with pytest.raises(ValueError):
         Settings(max_message_bytes=1)
+
+
+def test_old_secrets_from_env_and_signer_accepts_them() -> None:
+    from nbtask.envelope import Signer
+
+    settings = Settings.from_env({"NBTASK_SECRET": "new", "NBTASK_OLD_SECRETS": "old, older"})
+    assert settings.old_secrets == ("old", "older")
+    assert Settings(secret="s", old_secrets="one").old_secrets == ("one",)
+    sealed_with_old = Signer("old").seal({"kind": "x"})
+    assert (
+        Signer.for_settings(settings, settings.secret).open(sealed_with_old).header["kind"] == "x"
+    )
+    assert settings.to_env()["NBTASK_OLD_SECRETS"] == "old,older"

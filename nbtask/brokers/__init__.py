@@ -13,7 +13,7 @@ from typing import Protocol
 
 from nbtask.settings import Settings
 
-__all__ = ["Broker", "Delivery", "Publish", "open_broker"]
+__all__ = ["KOMBU_SCHEMES", "Broker", "Delivery", "Publish", "open_broker"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,8 +170,21 @@ class Broker(Protocol):
         """Drop a dead worker from the registry once its deliveries are handled."""
 
 
+#: URL schemes served by :class:`nbtask.brokers.kombu.KombuBroker` (imported lazily:
+#: ``import nbtask`` never loads kombu).
+KOMBU_SCHEMES = ("amqp", "amqps", "memory")
+
+
 def open_broker(settings: Settings, url: str) -> Broker:
-    """Open the broker for ``url`` (a Redis URL)."""
+    """Open the broker for ``url``.
+
+    Redis for ``redis``/``rediss``/``unix``; kombu for ``amqp``/``amqps``/``memory``
+    (which needs ``settings.result_url``).
+    """
+    if url.split("://", 1)[0].lower() in KOMBU_SCHEMES:
+        from nbtask.brokers.kombu import KombuBroker
+
+        return KombuBroker(url, settings)
     from nbtask.brokers.redis import RedisBroker
 
     return RedisBroker(url, settings)

@@ -1,0 +1,883 @@
+"""A broker for any kombu URL (RabbitMQ over ``amqp://``/``amqps://``, ``memory://``).
+
+Task messages and events travel over AMQP; everything that needs an atomic check or
+must outlive a client stays in a Redis **result store** (``Settings.result_url``, env
+``NBTASK_RESULT_URL``), driven through a :class:`~nbtask.brokers.redis.RedisBroker` on
+that URL: task records and the atomic start check, re-attach (``app.handle(id)``),
+revoke, ETA/countdown parking, rate limits, control messages and the worker registry.
+Without a result store an AMQP broker is refused at connect time: re-attach and
+exactly-once starts are impossible without it.
+
+Task queues
+    One durable classic queue per nbtask queue, named ``<key_prefix>:q:<queue>``, on the
+    default exchange. Messages are persistent, published with publisher confirms, and
+    carry the task id (``nbtask-id``, unverified: the worker checks it against the signed
+    header) and nbtask's redelivery count (``nbtask-deliveries``) as headers. The broker
+    never looks inside a body. Queues are declared by whoever publishes to them first.
+
+Prefetch = free slots
+    Every worker child has its own connection and channel with ``basic_qos(prefetch=1)``
+    (global when it consumes several queues), so it holds at most the one message it
+    runs. There is no priority between several queues (RabbitMQ round-robins them).
+
+Acknowledgement
+    As on Redis, a delivery is acknowledged only after its outcome is stored (and the
+    client told), whatever the task's ``acks_late``. The difference between the two
+    shows when a child dies: its connection closes and RabbitMQ redelivers the message
+    with ``redelivered=True``. The receiving child's fetch looks at the record in the
+    same Redis call as the start check: a redelivered message whose task is still
+    ``STARTED`` is a *lost delivery*. It is parked in the store (``<prefix>:lost``, with
+    the consumer that held it), acknowledged on AMQP, and settled by a supervisor exactly
+    like a Redis pending entry of a dead child: ``acks_late`` tasks are put back (record
+    reset to PENDING first, redelivery count raised, dead-lettered past
+    ``max_redeliveries``), early-ack tasks are reported ``WORKER_LOST``. Supervisors find
+    parked deliveries through the dead-worker sweep they run every heartbeat (a pseudo
+    worker :data:`LOST_HOLDER` is listed while any is parked) and through
+    ``pending_of``/``stale_deliveries``. A parked task that a live worker still lists as
+    busy (its channel closed but it runs on) is left alone until it ends.
+
+    A hard time limit or ``revoke(terminate=True)`` kills a child: the supervisor stores
+    that outcome (TimeLimitExceeded, REVOKED) as soon as the child is gone, so the copy
+    RabbitMQ gives back finds the task final and is dropped.
+
+Events
+    One exclusive, auto-delete reply queue per client, named after its channel
+    (``<key_prefix>:c:<client id>``), declared and consumed by the client's listener
+    thread (the first channel it keeps alive). Workers publish events to it (transient,
+    no confirms); a client that is gone simply drops them. Final events are also
+    appended to the client's Redis stream by the store (as with the Redis broker), so:
+    a listener that (re)declares its queue first catches up on the final states it may
+    have missed from that stream; another process re-attaching to a running task
+    (an adopted channel) and a worker waiting on a subtask read the stream instead of the
+    exclusive queue; ``replay`` replays final states only (output events go over AMQP
+    only). Ids returned by ``read_events`` for AMQP events are synthetic and increasing.
+
+ETA / countdown / retry
+    Parked in the store's sorted set ``<prefix>:eta:<queue>`` (never held unacknowledged
+    by a worker); the supervisor's ``move_due`` claims due members atomically into
+    ``<prefix>:eta-moving:<queue>``, publishes them to AMQP and then drops them (a member
+    stuck there 30 s after a crash is published again; the start check makes a duplicate
+    harmless).
+
+RabbitMQ's ``consumer_timeout``
+    RabbitMQ closes the channel of a consumer that holds a delivery unacknowledged past
+    ``consumer_timeout`` (default 30 minutes), so a task running longer loses its channel
+    and the message is redelivered. On RabbitMQ 3.12 and later nbtask declares its task
+    queues with ``x-consumer-timeout`` = :data:`CONSUMER_TIMEOUT_MS` (7 days). On older
+    servers (3.10 here) the server-wide value applies: raise it for long tasks
+    (``consumer_timeout = 604800000`` in rabbitmq.conf, or at run time
+    ``rabbitmqctl eval 'application:set_env(rabbit, consumer_timeout, 604800000).'``).
+    When it strikes, the redelivered copy is parked but not settled while the running
+    worker lists the task as busy; the task finishes and stores its outcome, and the
+    failed acknowledgement is logged with this advice. AMQP heartbeats are off for the
+    same reason (a child runs user code and cannot answer them); TCP keepalive remains.
+
+``memory://`` is in-process only (worker processes cannot share it) and kombu's memory
+channel does not give unacknowledged messages back when it closes: it serves tests of the
+broker itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import kombu as _kombu
+from kombu.exceptions import OperationalError
+
+from nbtask.brokers import Delivery, Publish
+from nbtask.brokers.redis import CHANNEL_MAXLEN, RedisBroker
+from nbtask.errors import BrokerUnavailable, ConfigurationError
+from nbtask.settings import Settings
+
+__all__ = ["CONSUMER_TIMEOUT_MS", "LOST_HOLDER", "KombuBroker"]
+
+log = logging.getLogger(__name__)
+
+#: The pseudo worker listed by ``dead_workers`` while lost deliveries wait to be settled.
+LOST_HOLDER = "nbtask-amqp-redelivered"
+#: ``x-consumer-timeout`` of task queues on RabbitMQ >= 3.12, milliseconds (7 days).
+CONSUMER_TIMEOUT_MS = 7 * 24 * 3600 * 1000
+_LOST_LEASE = 30.0  # a claimed lost delivery is claimable again after this, seconds
+_MOVING_STUCK = 30.0  # an ETA message claimed but not published after this is resent
+_ID_HEADER = "nbtask-id"
+_DELIVERIES_HEADER = "nbtask-deliveries"
+# kombu is only partly annotated: used as Any, its objects checked where read.
+kombu: Any = _kombu
+Message = Any
+_CONTENT = {"content_type": "application/octet-stream", "content_encoding": "binary"}
+
+# Start check of a fetched message, one Redis call: like the Redis broker's, plus the
+# consumer that holds it, and 'LOST' for a redelivered message whose task is STARTED.
+# ARGV: task id, record prefix, ttl, worker, pid, consumer, redelivered ('1'/'0')
+_START = """
+local key = ARGV[2] .. ARGV[1]
+local state = redis.call('HGET', key, 'state')
+if ARGV[7] == '1' and state == 'STARTED' then return 'LOST' end
+if state and state ~= 'PENDING' and state ~= 'RETRY' then return state end
+local now = redis.call('TIME')
+redis.call('HSET', key, 'state', 'STARTED', 'worker', ARGV[4], 'pid', ARGV[5],
+           'consumer', ARGV[6], 'started_at', tostring(tonumber(now[1]) + tonumber(now[2]) / 1e6))
+redis.call('EXPIRE', key, ARGV[3])
+return 'OK'
+"""
+
+# Park a lost delivery (idempotent). KEYS: lost set, lost hash, record
+# ARGV: task id, raw, queue, deliveries, now
+_PARK = """
+local holder = redis.call('HGET', KEYS[3], 'consumer') or ''
+redis.call('HSET', KEYS[2], 'e', ARGV[2], 'q', ARGV[3], 'n', ARGV[4], 'h', holder)
+redis.call('ZADD', KEYS[1], 'NX', ARGV[5], ARGV[1])
+return 1
+"""
+
+# Claim lost deliveries that are still claimable. KEYS: lost set; ARGV: now, lease, ids...
+_CLAIM = """
+local out = {}
+for i = 3, #ARGV do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) <= tonumber(ARGV[1]) then
+    redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]), ARGV[i])
+    table.insert(out, ARGV[i])
+  end
+end
+return out
+"""
+
+# Write a PENDING record (and park an ETA message). Returns 0 when the task is already
+# final (a chain step revoked before it was sent: it stays so), else 1.
+# KEYS: record, eta set[, client index]; ARGV: ttl, now, task id, due ('' = now), member,
+# fields...
+_RECORD = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'REVOKED' or state == 'SUCCESS' or state == 'FAILURE' or state == 'WORKER_LOST' then
+  return 0
+end
+if ARGV[4] ~= '' then redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5]) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+if KEYS[3] then
+  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', tonumber(ARGV[2]) - tonumber(ARGV[1]))
+  redis.call('EXPIRE', KEYS[3], ARGV[1])
+end
+return 1
+"""
+
+# Claim due ETA messages (and ones stuck mid-move) into the moving sets.
+# KEYS: eta set, moving set, ...; ARGV: now, stuck-before
+# Returns {next due or '', queue index, member, queue index, member, ...}.
+_MOVE_DUE = """
+local out = {''}
+for i = 1, #KEYS, 2 do
+  local q = tostring((i + 1) / 2)
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', ARGV[1], 'LIMIT', 0, 500)) do
+    redis.call('ZREM', KEYS[i], m)
+    redis.call('ZADD', KEYS[i + 1], ARGV[1], m)
+    table.insert(out, q)
+    table.insert(out, m)
+  end
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[i + 1], '-inf', ARGV[2], 'LIMIT', 0, 500)) do
+    redis.call('ZADD', KEYS[i + 1], ARGV[1], m)
+    table.insert(out, q)
+    table.insert(out, m)
+  end
+end
+local nxt = false
+for i = 1, #KEYS, 2 do
+  local first = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+  if first[2] and (not nxt or tonumber(first[2]) < nxt) then nxt = tonumber(first[2]) end
+end
+if nxt then out[1] = tostring(nxt) end
+return out
+"""
+
+
+class _Link:
+    """One thread's AMQP connection, its channel, and what it consumes."""
+
+    def __init__(self, conn: Any, generation: int) -> None:
+        self.conn = conn
+        self.channel: Any = conn.channel()
+        self.generation = generation
+        self.declared: set[str] = set()
+        self.task_queues: tuple[str, ...] = ()
+        self.task_consumer: Any = None
+        self.inbox: deque[Message] = deque()
+        self.held: dict[str, Message] = {}
+        self.reply: str | None = None
+        self.reply_consumer: Any = None
+        self.replies: deque[Message] = deque()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.conn.release()
+
+
+class KombuBroker:
+    """A :class:`~nbtask.brokers.Broker` on kombu (AMQP) with a Redis result store.
+
+    Parameters
+    ----------
+    url
+        A kombu URL: ``amqp://user:password@host:5672/vhost``, ``amqps://…``,
+        ``memory://`` (in-process only).
+    settings
+        ``result_url`` (required), key prefix, TTLs, heartbeat interval.
+    """
+
+    def __init__(self, url: str, settings: Settings) -> None:
+        if not settings.result_url:
+            raise ConfigurationError(
+                f"the broker {_redact(url)} needs a result store: set NBTASK_RESULT_URL (or "
+                "Settings(result_url=...)) to a Redis URL, e.g. redis://127.0.0.1:6379/0. "
+                "Task records, exactly-once starts, revoke, ETA/countdown and re-attach "
+                "(app.handle(id)) live there"
+            )
+        self.url = url
+        self.settings = settings
+        self.store = RedisBroker(settings.result_url, settings)
+        self._prefix = settings.key_prefix
+        self._ttl = int(settings.result_ttl)
+        self._local = threading.local()
+        self._generations = itertools.count(1)
+        self._links: list[_Link] = []
+        self._links_lock = threading.Lock()
+        self._own_channels: set[str] = set()
+        self._store_positions: dict[str, str] = {}
+        self._event_ids = itertools.count(1)
+        self._whoami: tuple[str, int] = ("", -1)
+        redis_client = self.store.redis
+        self._start = redis_client.register_script(_START)
+        self._park = redis_client.register_script(_PARK)
+        self._claim_script = redis_client.register_script(_CLAIM)
+        self._record = redis_client.register_script(_RECORD)
+        self._move = redis_client.register_script(_MOVE_DUE)
+        self._consumer_timeout: bool | None = None
+
+    # Names -----------------------------------------------------------------------------------
+    def queue_name(self, queue: str) -> str:
+        """The AMQP queue holding ``queue``'s messages."""
+        return f"{self._prefix}:q:{queue}"
+
+    def _queue_of(self, amqp_name: str) -> str:
+        head = f"{self._prefix}:q:"
+        return amqp_name[len(head) :] if amqp_name.startswith(head) else amqp_name
+
+    @property
+    def _lost_key(self) -> str:
+        return f"{self._prefix}:lost"
+
+    def _lost_entry(self, task_id: str) -> str:
+        return f"{self._prefix}:lost:{task_id}"
+
+    def _moving_key(self, queue: str) -> str:
+        return f"{self._prefix}:eta-moving:{queue}"
+
+    # Connections -----------------------------------------------------------------------------
+    def _link(self) -> _Link:
+        link: _Link | None = getattr(self._local, "link", None)
+        if link is not None:
+            return link
+        conn = kombu.Connection(
+            self.url,
+            connect_timeout=5,
+            heartbeat=0,  # a child runs user code and cannot answer AMQP heartbeats
+            transport_options={"confirm_publish": True},
+        )
+        try:
+            conn.ensure_connection(max_retries=1, timeout=5)
+        except Exception as exc:
+            conn.release()
+            raise self._unavailable(exc) from exc
+        link = _Link(conn, next(self._generations))
+        self._local.link = link
+        with self._links_lock:
+            self._links.append(link)
+        return link
+
+    def _drop_link(self) -> None:
+        link: _Link | None = getattr(self._local, "link", None)
+        self._local.link = None
+        if link is not None:
+            link.close()
+            with self._links_lock, contextlib.suppress(ValueError):
+                self._links.remove(link)
+
+    def _unavailable(self, exc: BaseException) -> BrokerUnavailable:
+        return BrokerUnavailable(
+            f"cannot reach the AMQP broker at {_redact(self.url)}: {exc}. Is RabbitMQ running "
+            "there? (start it with: rabbitmq-server -detached)"
+        )
+
+    @contextlib.contextmanager
+    def _amqp(self) -> Iterator[_Link]:
+        """Yield this thread's link; connection errors become :class:`BrokerUnavailable`."""
+        link = self._link()
+        errors: tuple[type[BaseException], ...] = (OSError, OperationalError, *_conn_errors(link))
+        try:
+            yield link
+        except errors as exc:
+            if isinstance(exc, TimeoutError):
+                raise
+            self._drop_link()
+            raise self._unavailable(exc) from exc
+
+    def _declare_task_queue(self, link: _Link, name: str) -> None:
+        if name in link.declared:
+            return
+        arguments: dict[str, Any] = {}
+        if self._supports_consumer_timeout(link):
+            arguments["x-consumer-timeout"] = CONSUMER_TIMEOUT_MS
+        link.channel.queue_declare(
+            queue=name, durable=True, exclusive=False, auto_delete=False,
+            arguments=arguments or None,
+        )  # fmt: skip
+        link.declared.add(name)
+
+    def _supports_consumer_timeout(self, link: _Link) -> bool:
+        if self._consumer_timeout is None:
+            props = getattr(link.conn.connection, "server_properties", None) or {}
+            version = props.get("version", b"")
+            text = version.decode() if isinstance(version, bytes) else str(version)
+            try:
+                major, minor = (int(part) for part in text.split(".")[:2])
+            except ValueError:
+                major, minor = 0, 0
+            self._consumer_timeout = (major, minor) >= (3, 12) and "RabbitMQ" in str(
+                props.get("product", b"")
+            )
+        return self._consumer_timeout
+
+    def _send(
+        self,
+        link: _Link,
+        routing_key: str,
+        raw: bytes,
+        *,
+        persistent: bool,
+        headers: Mapping[str, Any] | None = None,
+    ) -> None:
+        message = link.channel.prepare_message(
+            raw, priority=None, headers=dict(headers or {}),
+            properties={"delivery_mode": 2 if persistent else 1}, **_CONTENT,
+        )  # fmt: skip
+        link.channel.basic_publish(message, exchange="", routing_key=routing_key)
+
+    # Lifecycle -------------------------------------------------------------------------------
+    def ping(self) -> None:
+        """Raise :class:`BrokerUnavailable` unless both RabbitMQ and the store answer."""
+        self.store.ping()
+        with self._amqp():
+            pass
+
+    def close(self) -> None:
+        """Close every thread's AMQP connection and the store."""
+        with self._links_lock:
+            links, self._links = self._links, []
+        for link in links:
+            link.close()
+        self._local = threading.local()
+        self.store.close()
+
+    # Client side -----------------------------------------------------------------------------
+    def publish(self, messages: Sequence[Publish]) -> None:
+        """Write the PENDING records (ETA ones parked in the store), then enqueue the rest."""
+        now = time.time()
+        pipe = self.store.redis.pipeline(transaction=False)
+        for msg in messages:
+            due = msg.eta is not None and msg.eta > now
+            fields = [part for item in msg.record.items() for part in item]
+            keys = [self.store.record_key(msg.task_id), self.store.eta_key(msg.queue)]
+            client = msg.record.get("client")
+            if client:
+                keys.append(f"{self._prefix}:client-tasks:{client.rsplit(':', 1)[-1]}")
+            member = msg.task_id.encode() + b":" + msg.raw if due else b""
+            self._record(
+                keys=keys,
+                args=[self._ttl, repr(now), msg.task_id, repr(msg.eta) if due else "", member,
+                      *fields],
+                client=pipe,
+            )  # fmt: skip
+        with _store_errors(self.store):
+            sent = pipe.execute()
+        with self._amqp() as link:
+            for msg, ok in zip(messages, sent, strict=True):
+                if ok and not (msg.eta is not None and msg.eta > now):
+                    self._enqueue(link, msg.queue, msg.task_id, msg.raw, 0)
+
+    def _enqueue(self, link: _Link, queue: str, task_id: str, raw: bytes, deliveries: int) -> None:
+        name = self.queue_name(queue)
+        self._declare_task_queue(link, name)
+        headers = {_ID_HEADER: task_id, _DELIVERIES_HEADER: deliveries}
+        self._send(link, name, raw, persistent=True, headers=headers)
+
+    def read_events(
+        self, channels: Mapping[str, str], block_seconds: float
+    ) -> list[tuple[str, str, bytes]]:
+        """Events of this client's reply queue, and of adopted channels (from the store).
+
+        A channel this broker keeps alive (:meth:`keep_channel`) is read from its AMQP
+        reply queue; any other from the store's stream of final events.
+        """
+        own = [c for c in channels if c in self._own_channels]
+        foreign = {c: p for c, p in channels.items() if c not in self._own_channels}
+        deadline = time.monotonic() + block_seconds
+        while True:
+            out: list[tuple[str, str, bytes]] = []
+            remaining = deadline - time.monotonic()
+            if own:
+                out += self._read_replies(own[0], 0.0 if foreign else max(remaining, 0.0))
+            if foreign:
+                out += self.store.read_events(foreign, 0.001) if not out else []
+            remaining = deadline - time.monotonic()
+            if out or remaining <= 0:
+                return out
+            if foreign and own:
+                out = self._read_replies(own[0], min(0.25, remaining))
+                if out:
+                    return out
+            elif foreign:
+                return self.store.read_events(foreign, min(remaining, 0.5))
+
+    def _read_replies(self, channel: str, block_seconds: float) -> list[tuple[str, str, bytes]]:
+        out: list[tuple[str, str, bytes]] = []
+        with self._amqp() as link:
+            if link.reply != channel:
+                out += self._consume_replies(link, channel)
+            if not link.replies and not out and block_seconds > 0:
+                with contextlib.suppress(TimeoutError):
+                    link.conn.drain_events(timeout=block_seconds)
+            # Anything else already buffered comes along without waiting.
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    link.conn.drain_events(timeout=0)
+        while link.replies:
+            message = link.replies.popleft()
+            out.append((channel, self._next_event_id(), bytes(message.body)))
+        return out
+
+    def _next_event_id(self) -> str:
+        return f"{int(time.time() * 1000)}-{next(self._event_ids)}"
+
+    def _consume_replies(self, link: _Link, channel: str) -> list[tuple[str, str, bytes]]:
+        """Declare and consume the reply queue; return final events missed meanwhile."""
+        link.channel.queue_declare(queue=channel, durable=False, exclusive=True, auto_delete=True)
+        queue = kombu.Queue(channel, exchange="", routing_key=channel, durable=False,
+                            exclusive=True, auto_delete=True, no_declare=True)  # fmt: skip
+        consumer = kombu.Consumer(link.channel, queues=[queue], no_ack=True,
+                                  on_message=link.replies.append)  # fmt: skip
+        consumer.consume()
+        link.reply, link.reply_consumer = channel, consumer
+        # What was sent before the queue existed (or while it was gone) reached only the
+        # store: catch up from there, from where the last catch-up stopped.
+        after = self._store_positions.get(channel, "0-0")
+        missed = self.store.redis.xrange(channel, f"({after}" if after != "0-0" else "-", "+")
+        out = []
+        for entry_id, fields in missed:
+            self._store_positions[channel] = entry_id.decode()
+            raw = fields.get(b"e", b"")
+            if raw:
+                out.append((channel, self._next_event_id(), raw))
+        if not missed:
+            self._store_positions[channel] = self.store.channel_end(channel)
+        return out
+
+    def channel_end(self, channel: str) -> str:
+        """The newest stored event id of a channel (final events are stored)."""
+        return self.store.channel_end(channel)
+
+    def replay(self, channel: str) -> list[bytes]:
+        """The final events still kept for a client (output events are not stored)."""
+        return self.store.replay(channel)
+
+    def wake(self, channel: str) -> None:
+        """Send an empty event so a reader blocked on ``channel`` returns."""
+        if channel in self._own_channels:
+            with self._amqp() as link:
+                self._send(link, channel, b"", persistent=False)
+        else:
+            self.store.wake(channel)
+
+    def keep_channel(self, channel: str) -> None:
+        """Mark ``channel`` as this client's own (read from AMQP) and keep its stream."""
+        self._own_channels.add(channel)
+        self.store.keep_channel(channel)
+
+    def recent_tasks(self, group: str, channel: str, limit: int) -> list[tuple[str, str, float]]:
+        """See :meth:`RedisBroker.recent_tasks`."""
+        return self.store.recent_tasks(group, channel, limit)
+
+    def get_record(self, task_id: str) -> dict[str, bytes]:
+        """The task's stored record."""
+        return self.store.get_record(task_id)
+
+    def revoke_pending(self, task_id: str, raw_event: bytes, channel: str) -> bool:
+        """Mark a not-yet-started task REVOKED in the store and tell its client."""
+        if not self.store.revoke_pending(task_id, raw_event, channel):
+            return False
+        self.emit(channel, [raw_event])
+        return True
+
+    # Worker side -----------------------------------------------------------------------------
+    def ensure_queues(self, queues: Iterable[str]) -> None:
+        """Declare the durable task queues."""
+        with self._amqp() as link:
+            for queue in queues:
+                self._declare_task_queue(link, self.queue_name(queue))
+
+    def fetch(self, queues: Sequence[str], consumer: str, block_seconds: float) -> Delivery | None:
+        """Take one message (prefetch 1), with its start verdict from the store."""
+        deadline = time.monotonic() + block_seconds
+        while True:
+            with self._amqp() as link:
+                self._consume_tasks(link, queues)
+                if not link.inbox:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return None
+                    try:
+                        link.conn.drain_events(timeout=remaining)
+                    except TimeoutError:
+                        return None
+                    continue
+                message = link.inbox.popleft()
+                delivery = self._accept(link, message, consumer)
+            if delivery is not None:
+                return delivery
+
+    def _consume_tasks(self, link: _Link, queues: Sequence[str]) -> None:
+        names = tuple(self.queue_name(q) for q in queues)
+        if link.task_queues == names:
+            return
+        if link.task_consumer is not None:
+            link.task_consumer.cancel()
+        for name in names:
+            self._declare_task_queue(link, name)
+        # One unacknowledged message per child: for several queues the limit is global to
+        # the channel (RabbitMQ applies a non-global one per consumer).
+        link.channel.basic_qos(0, 1, len(names) > 1)
+        kqueues = [kombu.Queue(n, exchange="", routing_key=n, no_declare=True) for n in names]
+        consumer = kombu.Consumer(link.channel, queues=kqueues, no_ack=False,
+                                  on_message=link.inbox.append)  # fmt: skip
+        consumer.consume()
+        link.task_queues, link.task_consumer = names, consumer
+
+    def _identity(self) -> tuple[str, int]:
+        pid = os.getpid()
+        if self._whoami[1] != pid:
+            self._whoami = (socket.gethostname(), pid)
+        return self._whoami
+
+    def _accept(self, link: _Link, message: Message, consumer: str) -> Delivery | None:
+        headers = message.headers or {}
+        task_id = headers.get(_ID_HEADER)
+        task_id = task_id.decode() if isinstance(task_id, bytes) else task_id
+        deliveries = int(headers.get(_DELIVERIES_HEADER, 0) or 0)
+        redelivered = _redelivered(message)
+        queue = self._queue_of(str(message.delivery_info.get("routing_key", "")))
+        raw = bytes(message.body)
+        verdict: str | None = None
+        if task_id:
+            with _store_errors(self.store):
+                reply = self._start(args=[
+                    task_id, f"{self._prefix}:r:", self._ttl, *self._identity(), consumer,
+                    "1" if redelivered else "0",
+                ])  # fmt: skip
+            verdict = reply.decode() if isinstance(reply, bytes) else str(reply)
+            if verdict == "LOST":
+                log.warning("task %s was redelivered after its worker lost it; parked for its "
+                            "supervisor to settle", task_id)  # fmt: skip
+                self._park_lost(task_id, raw, queue, deliveries)
+                message.ack()
+                return None
+        delivery_id = f"{link.generation}:{message.delivery_tag}"
+        link.held[delivery_id] = message
+        return Delivery(queue, delivery_id, raw, deliveries, verdict=verdict, task_id=task_id)
+
+    def _park_lost(self, task_id: str, raw: bytes, queue: str, deliveries: int) -> None:
+        with _store_errors(self.store):
+            self._park(
+                keys=[self._lost_key, self._lost_entry(task_id), self.store.record_key(task_id)],
+                args=[task_id, raw, queue, deliveries, repr(time.time())],
+            )
+
+    def start(self, task_id: str, record: Mapping[str, str]) -> str | None:
+        """Mark STARTED unless the task must not run (for deliveries without a verdict)."""
+        return self.store.start(task_id, record)
+
+    def release(self, task_id: str) -> None:
+        """Undo a start verdict for a message that then failed verification."""
+        self.store.release(task_id)
+
+    def emit(self, channel: str, raw_events: Sequence[bytes]) -> None:
+        """Publish events to a client's reply queue (dropped if the client is gone)."""
+        if not channel:
+            return
+        with self._amqp() as link:
+            for raw in raw_events:
+                self._send(link, channel, raw, persistent=False)
+
+    def finish(
+        self,
+        delivery: Delivery | None,
+        task_id: str,
+        channel: str,
+        raw_event: bytes,
+        record: Mapping[str, str | bytes],
+        *,
+        requeue: tuple[bytes, float] | None = None,
+        then_fetch: tuple[Sequence[str], str, float] | None = None,
+    ) -> Delivery | None:
+        """Store the outcome (and park ``requeue``), tell the client, then acknowledge."""
+        # The store's finish with an empty entry id: record, stream event, ETA park; no ack.
+        parked = None if delivery is None else Delivery(delivery.queue, "", b"")
+        self.store.finish(parked, task_id, channel, raw_event, record, requeue=requeue)
+        if raw_event and channel:
+            self.emit(channel, [raw_event])
+        if delivery is not None:
+            self._settle(delivery)
+        if then_fetch is not None and then_fetch[0]:
+            return self.fetch(*then_fetch)
+        return None
+
+    def _settle(self, delivery: Delivery) -> None:
+        """Acknowledge an AMQP delivery, or drop a parked lost one from the store."""
+        if delivery.delivery_id.startswith("lost:"):
+            task_id = delivery.delivery_id[len("lost:") :]
+            with _store_errors(self.store):
+                pipe = self.store.redis.pipeline(transaction=True)
+                pipe.zrem(self._lost_key, task_id)
+                pipe.delete(self._lost_entry(task_id))
+                pipe.execute()
+            return
+        link: _Link | None = getattr(self._local, "link", None)
+        message = link.held.pop(delivery.delivery_id, None) if link is not None else None
+        if message is None:
+            log.warning("cannot acknowledge delivery %s: its connection was closed meanwhile; "
+                        "RabbitMQ redelivers it and the redelivered copy is dropped, since "
+                        "its task is settled", delivery.delivery_id)  # fmt: skip
+            return
+        try:
+            message.ack()
+        except Exception as exc:
+            self._drop_link()
+            log.error(
+                "could not acknowledge delivery %s (%s): the outcome is stored and the "
+                "redelivered copy will be dropped. If RabbitMQ closed the channel for "
+                "'delivery acknowledgement timed out', the task ran longer than its "
+                "consumer_timeout: raise it (rabbitmq.conf consumer_timeout, see "
+                "nbtask.brokers.kombu)", delivery.delivery_id, exc,
+            )  # fmt: skip
+
+    def rate_wait(self, bucket: str, rate: float) -> float:
+        """Take the token of ``bucket`` or say how long to wait."""
+        return self.store.rate_wait(bucket, rate)
+
+    def send_control(self, raw: bytes) -> None:
+        """Broadcast a signed control message (through the store)."""
+        self.store.send_control(raw)
+
+    def read_control(self, after: str) -> list[tuple[str, bytes]]:
+        """Control messages after ``after`` (through the store)."""
+        return self.store.read_control(after)
+
+    def discard(self, delivery: Delivery) -> None:
+        """Acknowledge and drop a delivery that must not run."""
+        self._settle(delivery)
+
+    def requeue(self, delivery: Delivery, task_id: str) -> None:
+        """Reset the record to PENDING, publish the message again (count raised), settle."""
+        with _store_errors(self.store):
+            self.store.redis.hset(self.store.record_key(task_id), "state", "PENDING")
+        with self._amqp() as link:
+            self._enqueue(link, delivery.queue, task_id, delivery.raw, delivery.deliveries + 1)
+        self._settle(delivery)
+
+    def dead_letter(self, delivery: Delivery) -> None:
+        """Copy the message to the store's dead-letter stream, then settle it."""
+        with _store_errors(self.store):
+            self.store.redis.xadd(
+                self.store.dead_letter_key,
+                {"e": delivery.raw, "q": delivery.queue, "n": delivery.deliveries},
+                maxlen=CHANNEL_MAXLEN,
+                approximate=True,
+            )
+        self._settle(delivery)
+
+    def pending_of(
+        self, queues: Sequence[str], consumer: str, min_idle: float = 0.0
+    ) -> list[Delivery]:
+        """Claim parked lost deliveries: all for :data:`LOST_HOLDER`, else ``consumer``'s.
+
+        AMQP itself gives a dead consumer's deliveries back; only the ones already parked
+        by whoever received them again are returned (``min_idle`` does not apply).
+        """
+        return self._claim_lost(None if consumer == LOST_HOLDER else consumer)
+
+    def _claim_lost(self, holder: str | None) -> list[Delivery]:
+        now = time.time()
+        with _store_errors(self.store):
+            ids = [i.decode() for i in self.store.redis.zrangebyscore(
+                self._lost_key, "-inf", now, start=0, num=100
+            )]  # fmt: skip
+            if not ids:
+                return []
+            busy = self._busy_tasks()
+            entries = {}
+            for task_id in ids:
+                fields = self.store.redis.hgetall(self._lost_entry(task_id))
+                if not fields:  # settled meanwhile
+                    self.store.redis.zrem(self._lost_key, task_id)
+                    continue
+                if task_id in busy:
+                    continue  # a live worker still runs it (its channel closed, not it)
+                if holder is not None and fields.get(b"h", b"").decode() != holder:
+                    continue
+                entries[task_id] = fields
+            if not entries:
+                return []
+            claimed = self._claim_script(
+                keys=[self._lost_key], args=[repr(now), repr(_LOST_LEASE), *entries]
+            )
+        out = []
+        for raw_id in claimed:
+            task_id = raw_id.decode()
+            fields = entries[task_id]
+            out.append(Delivery(
+                fields.get(b"q", b"").decode(), f"lost:{task_id}", fields.get(b"e", b""),
+                int(fields.get(b"n", b"0") or 0), task_id=task_id,
+            ))  # fmt: skip
+        return out
+
+    def _busy_tasks(self) -> set[str]:
+        busy: set[str] = set()
+        for info in self.store.workers().values():
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                busy.update(str(t) for t in json.loads(info).get("busy", ()) if t)
+        return busy
+
+    def holds_pending(self, queues: Sequence[str], consumers: Sequence[str]) -> bool:
+        """False for real consumers: AMQP gives their deliveries back by itself.
+
+        True for :data:`LOST_HOLDER`, a pseudo worker that is never registered and so
+        never unregistered.
+        """
+        return LOST_HOLDER in consumers
+
+    def heartbeat(
+        self, worker_id: str, info: str, consumers: Sequence[str], queues: Sequence[str]
+    ) -> None:
+        """Announce a live worker (AMQP needs no lease renewal)."""
+        ttl_ms = int(3 * self.settings.heartbeat_interval * 1000)
+        with _store_errors(self.store):
+            pipe = self.store.redis.pipeline(transaction=False)
+            pipe.set(f"{self._prefix}:hb:{worker_id}", info, px=ttl_ms)
+            pipe.hset(f"{self._prefix}:workers", worker_id, info)
+            pipe.execute()
+
+    def unregister(self, worker_id: str, consumers: Sequence[str], queues: Sequence[str]) -> None:
+        """Forget a worker."""
+        with _store_errors(self.store):
+            pipe = self.store.redis.pipeline(transaction=False)
+            pipe.delete(f"{self._prefix}:hb:{worker_id}")
+            pipe.hdel(f"{self._prefix}:workers", worker_id)
+            pipe.execute()
+
+    def dead_workers(self) -> dict[str, str]:
+        """Workers whose heartbeat lapsed, plus :data:`LOST_HOLDER` if deliveries wait.
+
+        Those are deliveries lost by dead children, parked to be settled.
+        """
+        dead = self.store.dead_workers()
+        with _store_errors(self.store):
+            waiting = self.store.redis.zcount(self._lost_key, "-inf", time.time())
+        if waiting:
+            dead[LOST_HOLDER] = json.dumps({"queues": [], "consumers": [LOST_HOLDER]})
+        return dead
+
+    def claim_dead_worker(self, worker_id: str) -> bool:
+        """Win the right to clean up after ``worker_id``."""
+        return self.store.claim_dead_worker(worker_id)
+
+    def stale_deliveries(self, queues: Sequence[str], consumer: str) -> list[Delivery]:
+        """Parked lost deliveries (a backstop to the dead-worker sweep)."""
+        return self._claim_lost(None)
+
+    def move_due(self, queues: Sequence[str]) -> float | None:
+        """Publish due ETA messages to their queues; return the next due time."""
+        keys: list[str] = []
+        for queue in queues:
+            keys += [self.store.eta_key(queue), self._moving_key(queue)]
+        now = time.time()
+        with _store_errors(self.store):
+            reply = self._move(keys=keys, args=[repr(now), repr(now - _MOVING_STUCK)])
+        nxt = float(reply[0].decode()) if reply and reply[0] else None
+        moved = list(zip(reply[1::2], reply[2::2], strict=True))
+        if moved:
+            with self._amqp() as link:
+                for index, member in moved:
+                    queue = queues[int(index) - 1]
+                    task_id, _, raw = bytes(member).partition(b":")
+                    self._enqueue(link, queue, task_id.decode(), raw, 0)
+            pipe = self.store.redis.pipeline(transaction=False)
+            for index, member in moved:
+                pipe.zrem(self._moving_key(queues[int(index) - 1]), member)
+            with _store_errors(self.store):
+                pipe.execute()
+        return nxt
+
+    def workers(self) -> dict[str, str]:
+        """Live workers."""
+        return self.store.workers()
+
+    def forget_worker(self, worker_id: str) -> None:
+        """Drop a dead worker from the registry."""
+        self.store.forget_worker(worker_id)
+
+
+def _redelivered(message: Message) -> bool:
+    """The AMQP ``redelivered`` flag (kombu's virtual transports keep it in the payload)."""
+    if message.delivery_info.get("redelivered"):
+        return True
+    payload = getattr(message, "_raw", None)
+    return isinstance(payload, dict) and bool(payload.get("redelivered"))
+
+
+def _conn_errors(link: _Link) -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (
+        *link.conn.connection_errors,
+        *link.conn.channel_errors,
+    )
+    return errors
+
+
+@contextlib.contextmanager
+def _store_errors(store: RedisBroker) -> Iterator[None]:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        raise BrokerUnavailable(
+            f"cannot reach the result store at {_redact(store.url)}: {exc}. Is redis-server "
+            "running there? (NBTASK_RESULT_URL)"
+        ) from exc
+
+
+def _redact(url: str) -> str:
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"

@@ -1,0 +1,269 @@
+"""The same behaviours on both brokers: Redis Streams and RabbitMQ through kombu.
+
+The module's ``settings`` fixture overrides conftest's and is parametrised, so conftest's
+``app`` and ``start_worker`` run every test once per broker. On AMQP the result store is
+the real Redis (``NBTASK_RESULT_URL``) under the test's own key prefix, and the queues
+``<prefix>:q:*`` this test declared are deleted after it. ``memory://`` is covered by
+in-process tests of the broker object (worker processes cannot share it).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, SECRET
+
+import nbtask
+from nbtask import App, Settings, State
+from nbtask.brokers import Publish, open_broker
+from nbtask.errors import ConfigurationError
+
+AMQP_URL = os.environ.get("NBTASK_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
+SLOW_MARKER = "tests.sample_tasks.slow_marker"  # acks_late
+SLOW_EARLY = "tests.sample_tasks.slow_early"  # early ack
+
+
+def _amqp_reachable() -> None:
+    import kombu
+
+    conn = kombu.Connection(AMQP_URL, connect_timeout=3)
+    try:
+        conn.ensure_connection(max_retries=1, timeout=3)
+    except Exception as exc:
+        pytest.fail(
+            f"RabbitMQ at {AMQP_URL} is not reachable ({exc}). Start it with: "
+            "rabbitmq-server -detached (then wait a few seconds for port 5672)"
+        )
+    finally:
+        conn.release()
+
+
+def _delete_queues(prefix: str, queues: list[str]) -> None:
+    import kombu
+
+    with kombu.Connection(AMQP_URL, connect_timeout=3) as conn:
+        channel = conn.channel()
+        for queue in queues:
+            channel.queue_delete(f"{prefix}:q:{queue}")
+
+
+@pytest.fixture(params=["redis", "amqp"])
+def settings(
+    request: pytest.FixtureRequest, redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Settings]:
+    """Settings for one broker; the AMQP one keeps its records in the real Redis."""
+    common: dict[str, object] = {
+        "secret": SECRET, "key_prefix": prefix, "heartbeat_interval": 0.2,
+        "visibility_timeout": 2.0, "result_ttl": 600.0,
+    }  # fmt: skip
+    if request.param == "redis":
+        yield Settings(broker_url=redis_url, **common)  # type: ignore[arg-type]
+        return
+    _amqp_reachable()
+    monkeypatch.setenv("NBTASK_RESULT_URL", redis_url)  # read by the worker processes
+    yield Settings(broker_url=AMQP_URL, result_url=redis_url, **common)  # type: ignore[arg-type]
+    _delete_queues(prefix, ["default"])
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def pids_in(path: Path) -> list[int]:
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def test_round_trip_main_function_by_value(app: App, start_worker) -> None:
+    start_worker()
+    assert app.send_task("tests.sample_tasks.add", (2, 3)).get(timeout=10) == 5
+
+    @app.task
+    def mul(x: int, y: int) -> int:
+        return x * y
+
+    assert mul.__module__ == __name__  # shipped by value: the worker cannot import this
+    assert mul.delay(6, 7).get(timeout=10) == 42
+
+
+def test_many_concurrent_tasks_none_lost(app: App, start_worker) -> None:
+    start_worker(concurrency=4)
+
+    @app.task
+    def square(x: int) -> int:
+        return x * x
+
+    handles = square.delay_many((x,) for x in range(300))
+    assert [h.get(timeout=30) for h in handles] == [x * x for x in range(300)]
+    assert all(app.broker.get_record(h.id)["state"] == b"SUCCESS" for h in handles)
+
+
+def test_countdown_runs_after_its_delay(app: App, start_worker) -> None:
+    start_worker()
+
+    @app.task
+    def now() -> float:
+        return time.time()
+
+    sent = time.time()
+    h = now.apply_async(countdown=1.0)
+    ran = h.get(timeout=10)
+    assert ran >= sent + 1.0
+
+
+def test_remote_error(app: App, start_worker) -> None:
+    start_worker()
+    h = app.send_task("tests.sample_tasks.explode", ("boom",))
+    with pytest.raises(nbtask.RemoteError) as info:
+        h.get(timeout=10)
+    assert "boom" in str(info.value)
+    assert h.state is State.FAILURE
+
+
+def test_acks_late_child_killed_is_redelivered_and_finishes_once(
+    app: App, start_worker, tmp_path: Path
+) -> None:
+    worker = start_worker(concurrency=2)
+    marker = tmp_path / "marker"
+    h = app.send_task(SLOW_MARKER, (str(marker), 2.0), acks_late=True)
+    wait_until(lambda: h.state is State.STARTED and len(pids_in(marker)) == 1, 10, "the start")
+    first = pids_in(marker)[0]
+    os.kill(first, signal.SIGKILL)
+
+    result = h.get(timeout=20)
+    starts = pids_in(marker)
+    assert len(starts) == 2, f"expected one start and one redelivery, got {starts}"
+    assert result == starts[1] != first
+    assert app.broker.get_record(h.id)["state"] == b"SUCCESS"
+    assert worker.process.poll() is None
+
+
+def test_early_ack_child_killed_reports_worker_lost(
+    app: App, start_worker, tmp_path: Path, settings: Settings
+) -> None:
+    worker = start_worker(concurrency=2)
+    marker = tmp_path / "marker"
+    h = app.send_task(SLOW_EARLY, (str(marker), 30.0))
+    wait_until(lambda: len(pids_in(marker)) == 1, 10, "the task to start")
+    killed = time.monotonic()
+    os.kill(pids_in(marker)[0], signal.SIGKILL)
+
+    with pytest.raises(nbtask.WorkerLost):
+        h.get(timeout=10)
+    # Within a few heartbeats (plus a child's restart, which AMQP needs to receive the
+    # redelivered copy).
+    assert time.monotonic() - killed < 3.0 + 5 * settings.heartbeat_interval
+    assert h.state is State.WORKER_LOST
+    assert app.broker.get_record(h.id)["state"] == b"WORKER_LOST"
+    assert worker.process.poll() is None
+    assert app.send_task("tests.sample_tasks.add", (1, 1)).get(timeout=10) == 2
+    assert len(pids_in(marker)) == 1  # never rerun
+
+
+def test_revoke_queued_task_never_runs(app: App, start_worker, tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    queued = app.send_task(SLOW_EARLY, (str(marker), 0.0))
+    kept = app.send_task("tests.sample_tasks.add", (2, 2))
+    assert app.revoke(queued.id) is True
+    with pytest.raises(nbtask.TaskRevoked):
+        queued.get(timeout=5)
+    start_worker()
+    assert kept.get(timeout=10) == 4
+    time.sleep(0.3)  # the revoked message is taken and dropped, not run
+    assert not marker.exists()
+    assert app.broker.get_record(queued.id)["state"] == b"REVOKED"
+
+
+def test_reattach_from_a_second_process(
+    app: App, start_worker, settings: Settings, tmp_path: Path
+) -> None:
+    start_worker()
+    marker = tmp_path / "marker"
+    running = app.send_task(SLOW_EARLY, (str(marker), 1.5))
+    done = app.send_task("tests.sample_tasks.add", (20, 22))
+    assert done.get(timeout=10) == 42
+    wait_until(marker.exists, 10, "the slow task to start")
+    code = (
+        "import sys\n"
+        "from nbtask import App, Settings\n"
+        "app = App('second', settings=Settings.from_env())\n"
+        "print(app.handle(sys.argv[1]).get(timeout=15), app.handle(sys.argv[2]).get(timeout=15))\n"
+        "app.close()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NBTASK_")}
+    env.update(settings.to_env(), PYTHONPATH=str(ROOT))
+    out = subprocess.run(
+        [sys.executable, "-c", code, running.id, done.id], env=env, cwd=ROOT,
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(running.get(timeout=10)), "42"]
+
+
+# kombu only ------------------------------------------------------------------------------
+
+
+def test_amqp_without_result_store_is_refused_with_how_to_fix(prefix: str) -> None:
+    with pytest.raises(ConfigurationError, match="NBTASK_RESULT_URL"):
+        App("x", settings=Settings(broker_url=AMQP_URL, secret=SECRET, key_prefix=prefix)).connect()
+
+
+def test_memory_transport_round_trip_events_eta_and_redelivery(redis_url: str, prefix: str) -> None:
+    url = "memory://"
+    settings = Settings(broker_url=url, result_url=redis_url, secret=SECRET, key_prefix=prefix)
+    broker = open_broker(settings, url)
+    channel = f"{prefix}:c:me"
+    try:
+        broker.ping()
+        broker.keep_channel(channel)
+        assert broker.read_events({channel: "0-0"}, 0.1) == []
+        record = {"state": "PENDING", "client": channel, "name": "t"}
+        broker.publish([Publish("default", "t1", b"one", record)])
+        delivery = broker.fetch(["default"], "c1", 2.0)
+        assert delivery is not None and delivery.raw == b"one" and delivery.verdict == "OK"
+        assert broker.get_record("t1")["state"] == b"STARTED"
+        broker.emit(channel, [b"progress"])
+        broker.finish(delivery, "t1", channel, b"final", {"state": "SUCCESS", "result": b"final"})
+        raws = [raw for _, _, raw in broker.read_events({channel: "0-0"}, 1.0)]
+        assert raws == [b"progress", b"final"]
+        assert broker.replay(channel) == [b"final"]  # the stored (final) events
+
+        broker.publish([Publish("default", "t2", b"two", record, eta=time.time() + 0.3)])
+        assert broker.fetch(["default"], "c1", 0.1) is None  # parked in the store
+        time.sleep(0.35)
+        assert broker.move_due(["default"]) is None
+        later = broker.fetch(["default"], "c1", 2.0)
+        assert later is not None and later.raw == b"two"
+
+        # The consumer's connection dies holding t2 (STARTED): the redelivered copy is
+        # parked as lost, and its supervisor gets it back as a pending delivery. (RabbitMQ
+        # gives the message back when the connection closes; memory:// must be told.)
+        other = open_broker(settings, url)
+        broker._link().channel.basic_recover(requeue=True)  # type: ignore[attr-defined]
+        broker.close()
+        assert other.fetch(["default"], "c2", 0.5) is None
+        lost = other.pending_of(["default"], "c1")
+        assert [(d.task_id, d.raw) for d in lost] == [("t2", b"two")]
+        other.requeue(lost[0], "t2")
+        again = other.fetch(["default"], "c2", 2.0)
+        assert again is not None and again.verdict == "OK" and again.deliveries == 1
+        other.close()
+    finally:
+        broker.close()
+
+
+def test_kombu_is_a_lazy_import() -> None:
+    code = "import nbtask, nbtask.brokers, sys; print('kombu' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    assert out.stdout.strip() == "False"
