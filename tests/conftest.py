@@ -23,6 +23,15 @@ REDIS_URL = os.environ.get("NBTASK_TEST_REDIS", "redis://127.0.0.1:6379/0")
 SECRET = "test-secret-" + uuid.uuid4().hex
 
 
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``predicate`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     """The real Redis; a missing server fails the test with how to start it."""
@@ -114,29 +123,40 @@ class WorkerProcess:
 
 
 @pytest.fixture
-def start_worker(
-    settings: Settings, tmp_path: Path
-) -> Iterator[Callable[..., WorkerProcess]]:
+def start_worker(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     """Start real worker processes for this test's prefix; all stopped after the test."""
     started: list[WorkerProcess] = []
 
     def start(*extra: str, concurrency: int = 2, wait: bool = True) -> WorkerProcess:
         env = dict(os.environ)
-        env.update({
-            "NBTASK_SECRET": settings.secret or "",
-            "NBTASK_HEARTBEAT_INTERVAL": str(settings.heartbeat_interval),
-            "NBTASK_VISIBILITY_TIMEOUT": str(settings.visibility_timeout),
-            "PYTHONPATH": str(ROOT),
-        })
+        env.update(
+            {
+                "NBTASK_SECRET": settings.secret or "",
+                "NBTASK_HEARTBEAT_INTERVAL": str(settings.heartbeat_interval),
+                "NBTASK_VISIBILITY_TIMEOUT": str(settings.visibility_timeout),
+                "PYTHONPATH": str(ROOT),
+            }
+        )
         log = tmp_path / f"worker-{len(started)}.log"
         command = [
-            sys.executable, "-m", "nbtask", "worker", "-b", settings.broker_url or "",
-            "--key-prefix", settings.key_prefix, "-c", str(concurrency),
-            "-A", "tests.sample_tasks", *extra,
+            sys.executable,
+            "-m",
+            "nbtask",
+            "worker",
+            "-b",
+            settings.broker_url or "",
+            "--key-prefix",
+            settings.key_prefix,
+            "-c",
+            str(concurrency),
+            "-A",
+            "tests.sample_tasks",
+            *extra,
         ]
         with log.open("wb") as out:
-            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                       cwd=ROOT)
+            process = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+            )
         worker = WorkerProcess(process, settings, log)
         started.append(worker)
         if wait:

@@ -145,7 +145,13 @@ def test_worker_bad_concurrency(redis_url: str, value: str) -> None:
 
 def test_worker_unknown_app_module(redis_url: str, prefix: str, tmp_path: Path) -> None:
     result = run(
-        "worker", "-b", redis_url, "--key-prefix", prefix, "-A", "no_such_module",
+        "worker",
+        "-b",
+        redis_url,
+        "--key-prefix",
+        prefix,
+        "-A",
+        "no_such_module",
         env={"NBTASK_SECRET": SECRET},
         cwd=tmp_path,
     )
@@ -158,7 +164,11 @@ def test_worker_unknown_app_module(redis_url: str, prefix: str, tmp_path: Path) 
 def test_worker_unreachable_broker_is_one_line(prefix: str) -> None:
     # Port 9 on loopback: nothing listens there, the connection is refused at once.
     result = run(
-        "worker", "-b", "redis://127.0.0.1:9/0", "--key-prefix", prefix,
+        "worker",
+        "-b",
+        "redis://127.0.0.1:9/0",
+        "--key-prefix",
+        prefix,
         env={"NBTASK_SECRET": SECRET},
     )
     assert result.returncode != 0
@@ -181,9 +191,7 @@ def test_status_lists_a_running_worker(
     redis_url: str, prefix: str, start_worker: Callable[..., WorkerProcess]
 ) -> None:
     worker = start_worker(concurrency=2)
-    result = run(
-        "status", "-b", redis_url, "--key-prefix", prefix, env={"NBTASK_SECRET": SECRET}
-    )
+    result = run("status", "-b", redis_url, "--key-prefix", prefix, env={"NBTASK_SECRET": SECRET})
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1, result.stdout
@@ -193,9 +201,7 @@ def test_status_lists_a_running_worker(
 
 
 def test_status_with_no_workers(redis_url: str, prefix: str) -> None:
-    result = run(
-        "status", "-b", redis_url, "--key-prefix", prefix, env={"NBTASK_SECRET": SECRET}
-    )
+    result = run("status", "-b", redis_url, "--key-prefix", prefix, env={"NBTASK_SECRET": SECRET})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "no live workers"
 
@@ -224,7 +230,12 @@ def test_inspect_finished_task(
     handle = app.send_task("tests.sample_tasks.add", (2, 3))
     assert handle.get(timeout=15) == 5
     result = run(
-        "inspect", handle.id, "-b", redis_url, "--key-prefix", prefix,
+        "inspect",
+        handle.id,
+        "-b",
+        redis_url,
+        "--key-prefix",
+        prefix,
         env={"NBTASK_SECRET": SECRET},
     )
     assert result.returncode == 0, result.stderr
@@ -238,7 +249,12 @@ def test_inspect_finished_task(
 def test_inspect_pending_task(app: App, redis_url: str, prefix: str) -> None:
     handle = app.send_task("tests.sample_tasks.add", (2, 3))  # no worker: stays pending
     result = run(
-        "inspect", handle.id, "-b", redis_url, "--key-prefix", prefix,
+        "inspect",
+        handle.id,
+        "-b",
+        redis_url,
+        "--key-prefix",
+        prefix,
         env={"NBTASK_SECRET": SECRET},
     )
     assert result.returncode == 0, result.stderr
@@ -247,7 +263,12 @@ def test_inspect_pending_task(app: App, redis_url: str, prefix: str) -> None:
 
 def test_inspect_unknown_id(redis_url: str, prefix: str) -> None:
     result = run(
-        "inspect", "no-such-task-id", "-b", redis_url, "--key-prefix", prefix,
+        "inspect",
+        "no-such-task-id",
+        "-b",
+        redis_url,
+        "--key-prefix",
+        prefix,
         env={"NBTASK_SECRET": SECRET},
     )
     assert result.returncode == 1

@@ -7,12 +7,12 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import pytest
 import redis
+from conftest import wait_until
 
 import nbtask
 from nbtask import App, State
@@ -20,15 +20,6 @@ from nbtask import App, State
 SLOW_MARKER = "tests.sample_tasks.slow_marker"  # acks_late
 SLOW_EARLY = "tests.sample_tasks.slow_early"  # early ack
 WAIT_FOR_FILE = "tests.sample_tasks.wait_for_file"
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``predicate`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def pids_in(path: Path) -> list[int]:

@@ -4,12 +4,11 @@ class-based tasks, abstract bases, Celery's handler arguments and order, faulty 
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_until
 
 import nbtask
 from nbtask import App, ConfigurationError, State
@@ -24,14 +23,6 @@ HANDLED_RETRY = "tests.celery_tasks.handled_retry"
 FAULTY_OK = "tests.celery_tasks.faulty_ok"
 FAULTY_FAIL = "tests.celery_tasks.faulty_fail"
 SLOW_HANDLER = "tests.celery_tasks.slow_handler"
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def _per_process(results: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:

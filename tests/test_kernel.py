@@ -56,8 +56,11 @@ def execute(kc: Any, code: str, timeout: float = 60) -> tuple[str, list[dict[str
     while True:
         m = kc.get_iopub_msg(timeout=timeout)
         msgs.append(m)
-        if (m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == "status"
-                and m["content"]["execution_state"] == "idle"):
+        if (
+            m["parent_header"].get("msg_id") == msg_id
+            and m["msg_type"] == "status"
+            and m["content"]["execution_state"] == "idle"
+        ):
             return msg_id, msgs, reply
 
 
@@ -104,16 +107,27 @@ def test_widget_updates_after_the_cell_and_pending_names(kc: Any) -> None:
     _, msgs, _ = execute(kc, "print('independent')")
     assert time.monotonic() - t0 < 1.5 and "independent" in stream_text(msgs)
 
-    later = drain_until(kc, lambda m: m["msg_type"] == "comm_msg"
-                        and m["content"]["comm_id"] == badge
-                        and "SUCCESS" in str(m["content"]["data"].get("state", {}).get("value")))
+    later = drain_until(
+        kc,
+        lambda m: (
+            m["msg_type"] == "comm_msg"
+            and m["content"]["comm_id"] == badge
+            and "SUCCESS" in str(m["content"]["data"].get("state", {}).get("value"))
+        ),
+    )
     updates = [m for m in later if m["msg_type"] == "comm_msg"]
-    values = [m["content"]["data"]["state"]["value"] for m in updates
-              if m["content"]["comm_id"] == bar and "value" in m["content"]["data"]["state"]]
+    values = [
+        m["content"]["data"]["state"]["value"]
+        for m in updates
+        if m["content"]["comm_id"] == bar and "value" in m["content"]["data"]["state"]
+    ]
     assert values and values[-1] == 6.0
     assert values == sorted(values)
-    outputs = [m["content"]["data"]["state"]["outputs"] for m in updates
-               if "outputs" in m["content"]["data"]["state"]]
+    outputs = [
+        m["content"]["data"]["state"]["outputs"]
+        for m in updates
+        if "outputs" in m["content"]["data"]["state"]
+    ]
     printed = "".join(o.get("text", "") for out in outputs[-2:] for o in out)
     assert "tick 5" in printed
 
@@ -130,18 +144,36 @@ def test_pending_read_waits_and_cancel_button(kc: Any) -> None:
     assert "waiting for task" in text and "14" in text
 
     _, msgs, _ = execute(kc, "%%task\nimport time\nprint('sleeping')\ntime.sleep(60)\nnever = 1")
-    button = next(m["content"]["comm_id"] for m in msgs if m["msg_type"] == "comm_open"
-                  and m["content"]["data"]["state"]["_model_name"] == "ButtonModel")
-    badge = next(m["content"]["comm_id"] for m in msgs if m["msg_type"] == "comm_open"
-                 and m["content"]["data"]["state"]["_model_name"] == "HTMLModel")
-    drain_until(kc, lambda m: m["msg_type"] == "comm_msg"
-                and "sleeping" in str(m["content"]["data"].get("state", {}).get("outputs")))
+    button = next(
+        m["content"]["comm_id"]
+        for m in msgs
+        if m["msg_type"] == "comm_open"
+        and m["content"]["data"]["state"]["_model_name"] == "ButtonModel"
+    )
+    badge = next(
+        m["content"]["comm_id"]
+        for m in msgs
+        if m["msg_type"] == "comm_open"
+        and m["content"]["data"]["state"]["_model_name"] == "HTMLModel"
+    )
+    drain_until(
+        kc,
+        lambda m: (
+            m["msg_type"] == "comm_msg"
+            and "sleeping" in str(m["content"]["data"].get("state", {}).get("outputs"))
+        ),
+    )
     content = {"method": "custom", "content": {"event": "click"}}
     click = kc.session.msg("comm_msg", {"comm_id": button, "data": content})
     kc.shell_channel.send(click)
-    drain_until(kc, lambda m: m["msg_type"] == "comm_msg"
-                and m["content"]["comm_id"] == badge
-                and "REVOKED" in str(m["content"]["data"].get("state", {}).get("value")))
+    drain_until(
+        kc,
+        lambda m: (
+            m["msg_type"] == "comm_msg"
+            and m["content"]["comm_id"] == badge
+            and "REVOKED" in str(m["content"]["data"].get("state", {}).get("value"))
+        ),
+    )
 
 
 def test_wait_cell_output_is_the_cells_own(kc: Any) -> None:
@@ -152,11 +184,13 @@ def test_wait_cell_output_is_the_cells_own(kc: Any) -> None:
         "plt.plot([1, 2])\nplt.show()\n6 * 7",
     )
     assert reply["content"]["status"] == "ok"
-    kinds = [m["msg_type"] for m in msgs if m["msg_type"] in
-             ("stream", "display_data", "execute_result")]
+    kinds = [
+        m["msg_type"] for m in msgs if m["msg_type"] in ("stream", "display_data", "execute_result")
+    ]
     assert kinds[0] == "stream" and "hello" in stream_text(msgs)
-    assert any(m["msg_type"] == "display_data" and "image/png" in m["content"]["data"]
-               for m in msgs)
+    assert any(
+        m["msg_type"] == "display_data" and "image/png" in m["content"]["data"] for m in msgs
+    )
     result = [m for m in msgs if m["msg_type"] == "execute_result"]
     assert result and result[0]["content"]["data"]["text/plain"] == "42"
 
@@ -204,8 +238,13 @@ def test_text_fallback_in_a_kernel_without_widgets(
     shown = [m for m in msgs if m["msg_type"] == "display_data"]
     assert shown and "PENDING" in shown[0]["content"]["data"]["text/plain"]
     display_id = shown[0]["content"]["transient"]["display_id"]
-    later = drain_until(kc, lambda m: m["msg_type"] == "update_display_data"
-                        and "SUCCESS" in m["content"]["data"]["text/plain"])
+    later = drain_until(
+        kc,
+        lambda m: (
+            m["msg_type"] == "update_display_data"
+            and "SUCCESS" in m["content"]["data"]["text/plain"]
+        ),
+    )
     updates = [m for m in later if m["msg_type"] == "update_display_data"]
     assert all(m["content"]["transient"]["display_id"] == display_id for m in updates)
     final = updates[-1]["content"]["data"]["text/plain"]
@@ -224,19 +263,32 @@ def test_display_updates_replace_and_elapsed_ticks(kc: Any) -> None:
     opens = comm_opens(msgs)
     output = opens["OutputModel"][0]
     timing = opens["LabelModel"][1]  # detail, then timing
-    later = drain_until(kc, lambda m: m["msg_type"] == "comm_msg"
-                        and m["content"]["comm_id"] == output
-                        and "end" in str(m["content"]["data"].get("state", {}).get("outputs")))
-    outputs = [m["content"]["data"]["state"]["outputs"] for m in later
-               if m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == output
-               and "outputs" in m["content"]["data"].get("state", {})]
+    later = drain_until(
+        kc,
+        lambda m: (
+            m["msg_type"] == "comm_msg"
+            and m["content"]["comm_id"] == output
+            and "end" in str(m["content"]["data"].get("state", {}).get("outputs"))
+        ),
+    )
+    outputs = [
+        m["content"]["data"]["state"]["outputs"]
+        for m in later
+        if m["msg_type"] == "comm_msg"
+        and m["content"]["comm_id"] == output
+        and "outputs" in m["content"]["data"].get("state", {})
+    ]
     last = outputs[-1]
     shown = [o["data"]["text/plain"] for o in last if o["output_type"] == "display_data"]
     assert shown == ["'step 3'"], last  # one display, updated in place
     # The elapsed time moved while no event arrived (the 1.5 s sleep).
-    times = [m["content"]["data"]["state"]["value"] for m in later
-             if m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == timing
-             and "value" in m["content"]["data"].get("state", {})]
+    times = [
+        m["content"]["data"]["state"]["value"]
+        for m in later
+        if m["msg_type"] == "comm_msg"
+        and m["content"]["comm_id"] == timing
+        and "value" in m["content"]["data"].get("state", {})
+    ]
     assert len(set(times)) >= 3, times
 
     _, msgs, _ = execute(
@@ -280,8 +332,12 @@ def test_restart_then_tasks_all_reattaches_and_replays(
     _, msgs, reply = execute(kc, "%tasks --all")
     assert reply["content"]["status"] == "ok", reply["content"]
     opens = comm_opens(msgs)
-    buttons = [m["content"]["comm_id"] for m in msgs if m["msg_type"] == "comm_open"
-               and m["content"]["data"]["state"].get("description") == "Open"]
+    buttons = [
+        m["content"]["comm_id"]
+        for m in msgs
+        if m["msg_type"] == "comm_open"
+        and m["content"]["data"]["state"].get("description") == "Open"
+    ]
     assert "GridBoxModel" in opens and len(buttons) == 2
     _, msgs, _ = execute(
         kc,
@@ -301,8 +357,14 @@ def test_restart_then_tasks_all_reattaches_and_replays(
     content = {"method": "custom", "content": {"event": "click"}}
     click = kc.session.msg("comm_msg", {"comm_id": first, "data": content})
     kc.shell_channel.send(click)
-    drain_until(kc, lambda m: m["msg_type"] == "comm_msg" and m["content"]["comm_id"] in boxes
-                and m["content"]["data"].get("state", {}).get("children"))
+    drain_until(
+        kc,
+        lambda m: (
+            m["msg_type"] == "comm_msg"
+            and m["content"]["comm_id"] in boxes
+            and m["content"]["data"].get("state", {}).get("children")
+        ),
+    )
     # The still-running task from the old kernel can be cancelled from the new one.
     _, msgs, _ = execute(
         kc,

@@ -14,11 +14,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SECRET
+from conftest import ROOT, SECRET, wait_until
 
 import nbtask
 from nbtask import App, Settings, State
@@ -70,14 +70,6 @@ def settings(
     monkeypatch.setenv("NBTASK_RESULT_URL", redis_url)  # read by the worker processes
     yield Settings(broker_url=AMQP_URL, result_url=redis_url, **common)  # type: ignore[arg-type]
     _delete_queues(prefix, ["default"])
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def pids_in(path: Path) -> list[int]:

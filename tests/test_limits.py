@@ -5,8 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import itertools
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -18,14 +17,6 @@ from nbtask import App, State
 from tests.celery_tasks import read_records
 
 HARD_LIMITED_SLEEP = "tests.celery_tasks.hard_limited_sleep"
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from conftest import wait_until
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.testing.globalipapp import start_ipython
 
@@ -15,14 +16,6 @@ from nbtask import Settings, State
 from nbtask.cells import CellError
 from nbtask.events import EventType
 from nbtask.magics import Session, session_of
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def broker_env(settings: Settings) -> dict[str, str]:
@@ -42,8 +35,9 @@ def ip() -> Iterator[InteractiveShell]:
 
 
 @pytest.fixture
-def nb(ip: InteractiveShell, settings: Settings, start_worker: Any,
-       monkeypatch: pytest.MonkeyPatch) -> Session:
+def nb(
+    ip: InteractiveShell, settings: Settings, start_worker: Any, monkeypatch: pytest.MonkeyPatch
+) -> Session:
     """A shell with the extension loaded against the real Redis and two worker processes."""
     start_worker()
     for key, value in broker_env(settings).items():
@@ -79,7 +73,8 @@ def test_wait_cell_three_names_in_place_change_and_result(
 ) -> None:
     run(ip, "import pandas as pd\ndf = pd.DataFrame({'a': [1, 2, 3]})\nitems = [1]\nk = 10")
     result = ip.run_cell_magic(
-        "task", "--wait",
+        "task",
+        "--wait",
         "print('shipping', k)\n"
         "df['b'] = df.a * k\n"
         "items.append(2)\n"
@@ -101,7 +96,8 @@ def test_background_cell_pending_names_and_independent_cells(
     run(ip, "import pandas as pd\ndf = pd.DataFrame({'a': [1, 2]})")
     started = time.monotonic()
     ip.run_cell_magic(
-        "task", "--out h",
+        "task",
+        "--out h",
         "import time\nfor i in range(6):\n    print('tick', i)\n    time.sleep(0.5)\n"
         "df['c'] = df.a + 1\nfinished = True\n",
     )
@@ -128,7 +124,8 @@ def test_named_cell_rerun_with_other_inputs(ip: InteractiveShell, nb: Session) -
 
 def test_tqdm_loop_becomes_progress(ip: InteractiveShell, nb: Session) -> None:
     ip.run_cell_magic(
-        "task", "--wait --out h",
+        "task",
+        "--wait --out h",
         "from tqdm import tqdm\nimport time\ntotal = 0\n"
         "for i in tqdm(range(20), desc='summing'):\n    total += i\n    time.sleep(0.01)\n",
     )
@@ -142,7 +139,8 @@ def test_tqdm_loop_becomes_progress(ip: InteractiveShell, nb: Session) -> None:
 
 def test_plot_arrives_as_png_and_html_in_order(ip: InteractiveShell, nb: Session) -> None:
     ip.run_cell_magic(
-        "task", "--wait --out h",
+        "task",
+        "--wait --out h",
         "import matplotlib.pyplot as plt\nfrom IPython.display import HTML, display\n"
         "print('before')\ndisplay(HTML('<b>bold</b>'))\n"
         "plt.plot([1, 2, 3])\nplt.show()\nprint('after')\n",
@@ -164,7 +162,7 @@ def test_exception_is_the_users_type_with_cell_lines(ip: InteractiveShell, nb: S
         ip.run_cell_magic("task", "--wait", "a = 1\n\ndef f(v):\n    return v / 0\n\nf(a)\n")
     text = "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
     # Lines count from the %%task line, as the notebook numbers them.
-    assert 'line 5, in f' in text and 'line 7, in <module>' in text
+    assert "line 5, in f" in text and "line 7, in <module>" in text
     assert "return v / 0" in text
     assert "nbtask" not in text.replace("Cell In", "")
 
@@ -231,8 +229,9 @@ def test_shell_magics_and_system_commands_run_on_the_worker(
     assert "from-shell" in ip.user_ns["h"].stdout
 
 
-def test_embedded_cluster(ip: InteractiveShell, monkeypatch: pytest.MonkeyPatch,
-                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_embedded_cluster(
+    ip: InteractiveShell, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     for key in [k for k in os.environ if k.startswith("NBTASK_")]:
         monkeypatch.delenv(key)
     ip.run_line_magic("load_ext", "nbtask")

@@ -7,12 +7,13 @@ import concurrent.futures
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 import redis
+from conftest import wait_until
 
 import nbtask
 from nbtask import App, State
@@ -21,14 +22,6 @@ from tests.celery_tasks import read_records
 SLOW_HANDLER = "tests.celery_tasks.slow_handler"
 MARK = "tests.celery_tasks.mark"
 WAIT_FOR_FILE = "tests.sample_tasks.wait_for_file"
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 @pytest.fixture

@@ -13,11 +13,11 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import redis
+from conftest import wait_until
 
 import nbtask
 from nbtask import App, Settings, State
@@ -28,15 +28,6 @@ EXPLODE = "tests.sample_tasks.explode"
 WAIT_FOR_FILE = "tests.sample_tasks.wait_for_file"
 SLOW_EARLY = "tests.sample_tasks.slow_early"
 STARTED_AT = "tests.sample_tasks.started_at"
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``predicate`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def lines(path: Path) -> list[str]:

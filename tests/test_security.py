@@ -438,9 +438,7 @@ def reader(settings: Settings) -> Iterator[App]:
     other.close()
 
 
-def test_reattach_to_stored_result_works(
-    finished: tuple[str, str], reader: App
-) -> None:
+def test_reattach_to_stored_result_works(finished: tuple[str, str], reader: App) -> None:
     """Control for the tampering tests below."""
     assert reader.handle(finished[0]).get(timeout=5) == 5
 

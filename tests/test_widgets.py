@@ -32,7 +32,9 @@ def test_display_updates_replace_the_display_they_name() -> None:
     log.add(display(5, "bar 1", "d1", update=True))
     log.add(display(6, "nowhere", "d2", update=True))  # unknown id: nothing shown
     assert [o.get("text") or o["data"]["text/plain"] for o in log.outputs] == [
-        "ab\n", "bar 1", "other",
+        "ab\n",
+        "bar 1",
+        "other",
     ]
     assert log.text() == "ab\nbar 1\nother\n"
     log.add(Event(EventType.DISPLAY, "t", 7, {"clear": True}))
