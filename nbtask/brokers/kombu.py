@@ -94,7 +94,8 @@ from typing import Any
 import kombu as _kombu
 from kombu.exceptions import OperationalError
 
-from nbtask.brokers import Delivery, Publish
+from nbtask._urls import redact_url
+from nbtask.brokers import Delivery, Publish, kombu_scripts
 from nbtask.brokers.redis import CHANNEL_MAXLEN, RedisBroker
 from nbtask.errors import BrokerUnavailable, ConfigurationError
 from nbtask.settings import Settings
@@ -115,91 +116,6 @@ _DELIVERIES_HEADER = "nbtask-deliveries"
 kombu: Any = _kombu
 Message = Any
 _CONTENT = {"content_type": "application/octet-stream", "content_encoding": "binary"}
-
-# Start check of a fetched message, one Redis call: like the Redis broker's, plus the
-# consumer that holds it, and 'LOST' for a redelivered message whose task is STARTED.
-# ARGV: task id, record prefix, ttl, worker, pid, consumer, redelivered ('1'/'0')
-_START = """
-local key = ARGV[2] .. ARGV[1]
-local state = redis.call('HGET', key, 'state')
-if ARGV[7] == '1' and state == 'STARTED' then return 'LOST' end
-if state and state ~= 'PENDING' and state ~= 'RETRY' then return state end
-local now = redis.call('TIME')
-redis.call('HSET', key, 'state', 'STARTED', 'worker', ARGV[4], 'pid', ARGV[5],
-           'consumer', ARGV[6], 'started_at', tostring(tonumber(now[1]) + tonumber(now[2]) / 1e6))
-redis.call('EXPIRE', key, ARGV[3])
-return 'OK'
-"""
-
-# Park a lost delivery (idempotent). KEYS: lost set, lost hash, record
-# ARGV: task id, raw, queue, deliveries, now
-_PARK = """
-local holder = redis.call('HGET', KEYS[3], 'consumer') or ''
-redis.call('HSET', KEYS[2], 'e', ARGV[2], 'q', ARGV[3], 'n', ARGV[4], 'h', holder)
-redis.call('ZADD', KEYS[1], 'NX', ARGV[5], ARGV[1])
-return 1
-"""
-
-# Claim lost deliveries that are still claimable. KEYS: lost set; ARGV: now, lease, ids...
-_CLAIM = """
-local out = {}
-for i = 3, #ARGV do
-  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
-  if score and tonumber(score) <= tonumber(ARGV[1]) then
-    redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]), ARGV[i])
-    table.insert(out, ARGV[i])
-  end
-end
-return out
-"""
-
-# Write a PENDING record (and park an ETA message). Returns 0 when the task is already
-# final (a chain step revoked before it was sent: it stays so), else 1.
-# KEYS: record, eta set[, client index]; ARGV: ttl, now, task id, due ('' = now), member,
-# fields...
-_RECORD = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if state == 'REVOKED' or state == 'SUCCESS' or state == 'FAILURE' or state == 'WORKER_LOST' then
-  return 0
-end
-if ARGV[4] ~= '' then redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5]) end
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-if KEYS[3] then
-  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', tonumber(ARGV[2]) - tonumber(ARGV[1]))
-  redis.call('EXPIRE', KEYS[3], ARGV[1])
-end
-return 1
-"""
-
-# Claim due ETA messages (and ones stuck mid-move) into the moving sets.
-# KEYS: eta set, moving set, ...; ARGV: now, stuck-before
-# Returns {next due or '', queue index, member, queue index, member, ...}.
-_MOVE_DUE = """
-local out = {''}
-for i = 1, #KEYS, 2 do
-  local q = tostring((i + 1) / 2)
-  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', ARGV[1], 'LIMIT', 0, 500)) do
-    redis.call('ZREM', KEYS[i], m)
-    redis.call('ZADD', KEYS[i + 1], ARGV[1], m)
-    table.insert(out, q)
-    table.insert(out, m)
-  end
-  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[i + 1], '-inf', ARGV[2], 'LIMIT', 0, 500)) do
-    redis.call('ZADD', KEYS[i + 1], ARGV[1], m)
-    table.insert(out, q)
-    table.insert(out, m)
-  end
-end
-local nxt = false
-for i = 1, #KEYS, 2 do
-  local first = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
-  if first[2] and (not nxt or tonumber(first[2]) < nxt) then nxt = tonumber(first[2]) end
-end
-if nxt then out[1] = tostring(nxt) end
-return out
-"""
 
 
 class _Link:
@@ -238,7 +154,7 @@ class KombuBroker:
     def __init__(self, url: str, settings: Settings) -> None:
         if not settings.result_url:
             raise ConfigurationError(
-                f"the broker {_redact(url)} needs a result store: set NBTASK_RESULT_URL (or "
+                f"the broker {redact_url(url)} needs a result store: set NBTASK_RESULT_URL (or "
                 "Settings(result_url=...)) to a Redis URL, e.g. redis://127.0.0.1:6379/0. "
                 "Task records, exactly-once starts, revoke, ETA/countdown and re-attach "
                 "(app.handle(id)) live there"
@@ -257,11 +173,11 @@ class KombuBroker:
         self._event_ids = itertools.count(1)
         self._whoami: tuple[str, int] = ("", -1)
         redis_client = self.store.redis
-        self._start = redis_client.register_script(_START)
-        self._park = redis_client.register_script(_PARK)
-        self._claim_script = redis_client.register_script(_CLAIM)
-        self._record = redis_client.register_script(_RECORD)
-        self._move = redis_client.register_script(_MOVE_DUE)
+        self._start = redis_client.register_script(kombu_scripts.START)
+        self._park = redis_client.register_script(kombu_scripts.PARK)
+        self._claim_script = redis_client.register_script(kombu_scripts.CLAIM)
+        self._record = redis_client.register_script(kombu_scripts.RECORD)
+        self._move = redis_client.register_script(kombu_scripts.MOVE_DUE)
         self._consumer_timeout: bool | None = None
 
     # Names -----------------------------------------------------------------------------------
@@ -315,7 +231,7 @@ class KombuBroker:
 
     def _unavailable(self, exc: BaseException) -> BrokerUnavailable:
         return BrokerUnavailable(
-            f"cannot reach the AMQP broker at {_redact(self.url)}: {exc}. Is RabbitMQ running "
+            f"cannot reach the AMQP broker at {redact_url(self.url)}: {exc}. Is RabbitMQ running "
             "there? (start it with: rabbitmq-server -detached)"
         )
 
@@ -870,14 +786,6 @@ def _store_errors(store: RedisBroker) -> Iterator[None]:
         yield
     except (RedisConnectionError, RedisTimeoutError) as exc:
         raise BrokerUnavailable(
-            f"cannot reach the result store at {_redact(store.url)}: {exc}. Is redis-server "
+            f"cannot reach the result store at {redact_url(store.url)}: {exc}. Is redis-server "
             "running there? (NBTASK_RESULT_URL)"
         ) from exc
-
-
-def _redact(url: str) -> str:
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
