@@ -223,8 +223,8 @@ class App:
 
     @property
     def channel(self) -> str:
-        """The key of this client's event channel."""
-        return f"{self.settings.key_prefix}:c:{self.client_id}"
+        """The key of this client's event channel (connects on first use)."""
+        return self.broker.channel_key(self.client_id)
 
     def _listen(self) -> Listener:
         with self._lock:

@@ -55,6 +55,9 @@ class Broker(Protocol):
         """Release connections."""
 
     # Client side -------------------------------------------------------------------------
+    def channel_key(self, client_id: str) -> str:
+        """The name of a client's event channel."""
+
     def publish(self, messages: Sequence[Publish]) -> None:
         """Enqueue messages (and their PENDING records) in one round trip."""
 

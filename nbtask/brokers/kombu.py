@@ -181,6 +181,10 @@ class KombuBroker:
         self._consumer_timeout: bool | None = None
 
     # Names -----------------------------------------------------------------------------------
+    def channel_key(self, client_id: str) -> str:
+        """A client's channel name: its reply queue here, its stream in the store."""
+        return self.store.channel_key(client_id)
+
     def queue_name(self, queue: str) -> str:
         """The AMQP queue holding ``queue``'s messages."""
         return f"{self._prefix}:q:{queue}"
@@ -506,7 +510,7 @@ class KombuBroker:
         if task_id:
             with _store_errors(self.store):
                 reply = self._start(args=[
-                    task_id, f"{self._prefix}:r:", self._ttl, *self._identity(), consumer,
+                    task_id, self.store.record_key(""), self._ttl, *self._identity(), consumer,
                     "1" if redelivered else "0",
                 ])  # fmt: skip
             verdict = reply.decode() if isinstance(reply, bytes) else str(reply)

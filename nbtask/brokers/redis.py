@@ -388,7 +388,7 @@ class RedisBroker:
         # exactly one blocked consumer.
         stream = self.queue_key(queue)
         started = self._evalsha(
-            "started", [stream], GROUP, consumer, f"{self._prefix}:r:", self._ttl,
+            "started", [stream], GROUP, consumer, self.record_key(""), self._ttl,
             *self._identity(), self._last_seen.get(stream, "0-0"),
         )  # fmt: skip
         commands = [*leading, self._fetch_command(queue, consumer, block_seconds), started]
@@ -423,7 +423,7 @@ class RedisBroker:
     ) -> Delivery | None:
         keys = [self.queue_key(q) for q in queues]
         deadline = time.monotonic() + block_seconds
-        args = (GROUP, consumer, f"{self._prefix}:r:", self._ttl, *self._identity())
+        args = (GROUP, consumer, self.record_key(""), self._ttl, *self._identity())
         while True:
             index, *rest = self._run_scripts([self._evalsha("fetch", keys, *args)])[0]
             if index:
@@ -453,7 +453,7 @@ class RedisBroker:
         Deliveries from :meth:`fetch` already carry this verdict; this is for the rest.
         """
         command = self._evalsha(
-            "start", [], task_id, f"{self._prefix}:r:", self._ttl,
+            "start", [], task_id, self.record_key(""), self._ttl,
             record.get("worker", ""), record.get("pid", ""),
         )  # fmt: skip
         with _translate_errors(self.url):
