@@ -20,7 +20,7 @@ from nbtask.errors import (
 from nbtask.events import FINAL_SEQ, FINAL_STATES, Event, EventType, State
 from nbtask.handle import TaskHandle
 from nbtask.listener import Listener, decode_event
-from nbtask.message import build_message
+from nbtask.message import build_message, to_publish
 from nbtask.options import validate_options
 from nbtask.settings import Settings
 from nbtask.task import Task as BaseTask
@@ -325,9 +325,7 @@ class App:
             code_cache=self._shipped,
             options=options,
         )
-        record = {"state": State.PENDING.value, "name": task.name, "client": self.channel}
-        handle = TaskHandle(self, message.id, task.name)
-        return Publish(queue, message.id, raw, record, message.eta), handle
+        return to_publish(message, raw), TaskHandle(self, message.id, task.name)
 
     # Following tasks -------------------------------------------------------------------------
     def handle(self, task_id: str) -> TaskHandle:

@@ -20,7 +20,7 @@ from types import FrameType
 from typing import Any
 
 from nbtask._process import die_with_parent
-from nbtask.brokers import Delivery, Publish, open_broker
+from nbtask.brokers import Delivery, open_broker
 from nbtask.canvas import Signature
 from nbtask.envelope import Buffer, Envelope, Signer
 from nbtask.errors import (
@@ -32,7 +32,14 @@ from nbtask.errors import (
     SoftTimeLimitExceeded,
 )
 from nbtask.events import FINAL_SEQ, RUN_SEQ_SPAN, Event, EventType, State
-from nbtask.message import Callbacks, TaskMessage, build_message, decode_value, encode_value
+from nbtask.message import (
+    Callbacks,
+    TaskMessage,
+    build_message,
+    decode_value,
+    encode_value,
+    to_publish,
+)
 from nbtask.outbox import Outbox, TaskStream
 from nbtask.sender import WorkerSender
 from nbtask.settings import Settings
@@ -441,8 +448,7 @@ class Child:
                 sig.task, sig.args, sig.kwargs, signer=self.signer, channel=channel,
                 queue=queue, code_cache=self._code_cache, options=options,
             )  # fmt: skip
-            record = {"state": State.PENDING.value, "name": sig.task.name, "client": channel}
-            publishes.append(Publish(queue, sent.id, raw, record, sent.eta))
+            publishes.append(to_publish(sent, raw))
         if publishes:
             self.broker.publish(publishes)
         return [p.task_id for p in publishes]

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from nbtask.brokers import Publish
 from nbtask.envelope import Buffer, Envelope, Signer, dumps
 from nbtask.errors import ConfigurationError, SerializationError
 
@@ -33,6 +34,7 @@ __all__ = [
     "build_message",
     "decode_value",
     "encode_value",
+    "to_publish",
 ]
 
 SERIALIZERS = ("cloudpickle", "json")
@@ -226,6 +228,12 @@ def build_message(
         store_result=bool(getattr(task, "store_result", True)),
     )
     return message, signer.seal(message.to_header(), (code, links, payload))
+
+
+def to_publish(message: TaskMessage, raw: bytes) -> Publish:
+    """What the broker needs to enqueue ``message``, with its PENDING record."""
+    record = {"state": "PENDING", "name": message.name, "client": message.client}
+    return Publish(message.queue, message.id, raw, record, message.eta)
 
 
 def unpicklable_message(
