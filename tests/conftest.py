@@ -1,4 +1,10 @@
-"""Fixtures: the real Redis at 127.0.0.1:6379, per-test key prefixes, worker processes."""
+"""Fixtures: the real Redis and RabbitMQ, per-test key prefixes, worker processes.
+
+Every test runs on the Redis broker. A module or test marked ``brokers`` runs once per
+broker it names, both by default: ``redis`` and ``amqp`` (RabbitMQ through kombu, with the
+real Redis as its result store); the ``settings`` fixture, and so ``app`` and
+``start_worker``, follow.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ from nbtask.brokers import open_broker
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = os.environ.get("NBTASK_TEST_REDIS", "redis://127.0.0.1:6379/0")
+AMQP_URL = os.environ.get("NBTASK_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
+BROKERS = ("redis", "amqp")
 SECRET = "test-secret-" + uuid.uuid4().hex
 
 
@@ -30,6 +38,23 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.01)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "brokers(*kinds): run once per broker (default: both)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    marker = metafunc.definition.get_closest_marker("brokers")
+    if marker is not None and "broker_kind" in metafunc.fixturenames:
+        metafunc.parametrize("broker_kind", marker.args or BROKERS, indirect=True)
+
+
+@pytest.fixture
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    """``"redis"``, or the broker a ``brokers`` test runs on this time."""
+    kind: str = getattr(request, "param", "redis")
+    return kind
 
 
 @pytest.fixture(scope="session")
@@ -57,17 +82,60 @@ def prefix(redis_url: str) -> Iterator[str]:
     client.close()
 
 
+def amqp_reachable() -> None:
+    """Fail, saying how to start it, unless RabbitMQ answers at AMQP_URL."""
+    import kombu
+
+    conn = kombu.Connection(AMQP_URL, connect_timeout=3)
+    try:
+        conn.ensure_connection(max_retries=1, timeout=3)
+    except Exception as exc:
+        pytest.fail(
+            f"RabbitMQ at {AMQP_URL} is not reachable ({exc}). Start it with: "
+            "rabbitmq-server -detached (then wait a few seconds for port 5672)"
+        )
+    finally:
+        conn.release()
+
+
+def delete_amqp_queues(prefix: str) -> None:
+    """Delete the durable task queues a test declared (``<prefix>:q:*``)."""
+    import kombu
+
+    out = subprocess.run(
+        ["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name"],
+        capture_output=True, text=True, timeout=30, check=False,
+    ).stdout  # fmt: skip
+    names = [n for n in out.split() if n.startswith(f"{prefix}:q:")] or [f"{prefix}:q:default"]
+    with kombu.Connection(AMQP_URL, connect_timeout=3) as conn:
+        channel = conn.channel()
+        for name in names:
+            channel.queue_delete(name)
+
+
 @pytest.fixture
-def settings(redis_url: str, prefix: str) -> Settings:
-    """Settings for the real Redis with short heartbeats so failures show up fast."""
-    return Settings(
-        broker_url=redis_url,
+def settings(
+    broker_kind: str, redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Settings]:
+    """Settings for the broker under test, with short heartbeats so failures show up fast.
+
+    On AMQP the records live in the real Redis under the test's own prefix, and the
+    queues the test declared are deleted after it.
+    """
+    common = Settings(
         secret=SECRET,
         key_prefix=prefix,
         heartbeat_interval=0.2,
         visibility_timeout=2.0,
         result_ttl=600.0,
     )
+    if broker_kind == "redis":
+        yield common.replace(broker_url=redis_url)
+        return
+    amqp_reachable()
+    monkeypatch.setenv("NBTASK_RESULT_URL", redis_url)  # read by the worker processes
+    yield common.replace(broker_url=AMQP_URL, result_url=redis_url)
+    delete_amqp_queues(prefix)
 
 
 @pytest.fixture

@@ -1,75 +1,30 @@
-"""The same behaviours on both brokers: Redis Streams and RabbitMQ through kombu.
+"""The kombu broker: the basics on both brokers, then what only AMQP has.
 
-The module's ``settings`` fixture overrides conftest's and is parametrised, so conftest's
-``app`` and ``start_worker`` run every test once per broker. On AMQP the result store is
-the real Redis (``NBTASK_RESULT_URL``) under the test's own key prefix, and the queues
-``<prefix>:q:*`` this test declared are deleted after it. ``memory://`` is covered by
-in-process tests of the broker object (worker processes cannot share it).
+Faults, reliability and security run on both brokers in their own modules
+(``brokers`` marker); ``memory://`` is covered by in-process tests of the broker object
+(worker processes cannot share it).
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SECRET, wait_until
+from conftest import AMQP_URL, ROOT, SECRET, wait_until
+from raw_broker import raw_broker
 
 import nbtask
 from nbtask import App, Settings, State
 from nbtask.brokers import Publish, open_broker
 from nbtask.errors import ConfigurationError
 
-AMQP_URL = os.environ.get("NBTASK_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
-SLOW_MARKER = "tests.sample_tasks.slow_marker"  # acks_late
 SLOW_EARLY = "tests.sample_tasks.slow_early"  # early ack
 
-
-def _amqp_reachable() -> None:
-    import kombu
-
-    conn = kombu.Connection(AMQP_URL, connect_timeout=3)
-    try:
-        conn.ensure_connection(max_retries=1, timeout=3)
-    except Exception as exc:
-        pytest.fail(
-            f"RabbitMQ at {AMQP_URL} is not reachable ({exc}). Start it with: "
-            "rabbitmq-server -detached (then wait a few seconds for port 5672)"
-        )
-    finally:
-        conn.release()
-
-
-def _delete_queues(prefix: str, queues: list[str]) -> None:
-    import kombu
-
-    with kombu.Connection(AMQP_URL, connect_timeout=3) as conn:
-        channel = conn.channel()
-        for queue in queues:
-            channel.queue_delete(f"{prefix}:q:{queue}")
-
-
-@pytest.fixture(params=["redis", "amqp"])
-def settings(
-    request: pytest.FixtureRequest, redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Settings]:
-    """Settings for one broker; the AMQP one keeps its records in the real Redis."""
-    common: dict[str, object] = {
-        "secret": SECRET, "key_prefix": prefix, "heartbeat_interval": 0.2,
-        "visibility_timeout": 2.0, "result_ttl": 600.0,
-    }  # fmt: skip
-    if request.param == "redis":
-        yield Settings(broker_url=redis_url, **common)  # type: ignore[arg-type]
-        return
-    _amqp_reachable()
-    monkeypatch.setenv("NBTASK_RESULT_URL", redis_url)  # read by the worker processes
-    yield Settings(broker_url=AMQP_URL, result_url=redis_url, **common)  # type: ignore[arg-type]
-    _delete_queues(prefix, ["default"])
+pytestmark = pytest.mark.brokers
 
 
 def pids_in(path: Path) -> list[int]:
@@ -120,46 +75,6 @@ def test_remote_error(app: App, start_worker) -> None:
         h.get(timeout=10)
     assert "boom" in str(info.value)
     assert h.state is State.FAILURE
-
-
-def test_acks_late_child_killed_is_redelivered_and_finishes_once(
-    app: App, start_worker, tmp_path: Path
-) -> None:
-    worker = start_worker(concurrency=2)
-    marker = tmp_path / "marker"
-    h = app.send_task(SLOW_MARKER, (str(marker), 2.0), acks_late=True)
-    wait_until(lambda: h.state is State.STARTED and len(pids_in(marker)) == 1, 10, "the start")
-    first = pids_in(marker)[0]
-    os.kill(first, signal.SIGKILL)
-
-    result = h.get(timeout=20)
-    starts = pids_in(marker)
-    assert len(starts) == 2, f"expected one start and one redelivery, got {starts}"
-    assert result == starts[1] != first
-    assert app.broker.get_record(h.id)["state"] == b"SUCCESS"
-    assert worker.process.poll() is None
-
-
-def test_early_ack_child_killed_reports_worker_lost(
-    app: App, start_worker, tmp_path: Path, settings: Settings
-) -> None:
-    worker = start_worker(concurrency=2)
-    marker = tmp_path / "marker"
-    h = app.send_task(SLOW_EARLY, (str(marker), 30.0))
-    wait_until(lambda: len(pids_in(marker)) == 1, 10, "the task to start")
-    killed = time.monotonic()
-    os.kill(pids_in(marker)[0], signal.SIGKILL)
-
-    with pytest.raises(nbtask.WorkerLost):
-        h.get(timeout=10)
-    # Within a few heartbeats (plus a child's restart, which AMQP needs to receive the
-    # redelivered copy).
-    assert time.monotonic() - killed < 3.0 + 5 * settings.heartbeat_interval
-    assert h.state is State.WORKER_LOST
-    assert app.broker.get_record(h.id)["state"] == b"WORKER_LOST"
-    assert worker.process.poll() is None
-    assert app.send_task("tests.sample_tasks.add", (1, 1)).get(timeout=10) == 2
-    assert len(pids_in(marker)) == 1  # never rerun
 
 
 def test_revoke_queued_task_never_runs(app: App, start_worker, tmp_path: Path) -> None:
@@ -252,6 +167,45 @@ def test_memory_transport_round_trip_events_eta_and_redelivery(redis_url: str, p
         other.close()
     finally:
         broker.close()
+
+
+@pytest.mark.brokers("amqp")
+def test_malformed_headers_and_text_bodies_are_dead_lettered(
+    app: App, settings: Settings, start_worker
+) -> None:
+    """Anyone with broker access sets the headers and properties beside a message too."""
+    import kombu
+
+    worker = start_worker(concurrency=1)
+    access = raw_broker(settings)
+    sent = []
+    try:
+        with kombu.Connection(AMQP_URL) as conn:
+            channel = conn.channel()
+            for headers, encoding in [
+                ({"nbtask-id": 12, "nbtask-deliveries": "many"}, "binary"),
+                ({"nbtask-id": b"\xff\xfe", "nbtask-deliveries": -1}, "binary"),
+                ({"nbtask-deliveries": 1 << 40}, "binary"),
+                ({}, "utf-8"),  # py-amqp hands a text body over as str
+            ]:
+                raw = f"forged {len(sent)}".encode()
+                message = channel.prepare_message(
+                    raw, headers=headers, content_type="text/plain", content_encoding=encoding
+                )
+                channel.basic_publish(
+                    message, exchange="", routing_key=f"{settings.key_prefix}:q:default"
+                )
+                sent.append(raw)
+        wait_until(lambda: len(access.dead_letters()) == len(sent), 15, "all to be dead-lettered")
+        assert [fields[b"e"] for fields in access.dead_letters()] == sent
+        assert [int(fields[b"n"]) for fields in access.dead_letters()] == [0, 0, 0, 0]
+        assert app.send_task("tests.sample_tasks.add", (2, 2)).get(timeout=15) == 4
+        assert access.drained()
+    finally:
+        access.close()
+    log = worker.log.read_text()
+    assert log.count("rejected message") == len(sent), log
+    assert "Traceback" not in log
 
 
 def test_kombu_is_a_lazy_import() -> None:

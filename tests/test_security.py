@@ -1,9 +1,11 @@
 """Forged, tampered, truncated, oversized, replayed and expired messages (DESIGN §4, §9).
 
 Every attack is fed to a real worker (``start_worker``) or a real client listener through
-the real Redis. The payloads carry a *trace*: an object whose unpickling creates a file,
-so "nothing was unpickled" is checked directly, and a *marker* task that appends a line to
-a file, so "nothing was executed" (and "executed once") is checked directly too.
+the real broker, once on Redis and once on RabbitMQ (``brokers`` marker), by writing to its
+queues and channels directly as anyone with broker access can. The payloads carry a
+*trace*: an object whose unpickling creates a file, so "nothing was unpickled" is checked
+directly, and a *marker* task that appends a line to a file, so "nothing was executed"
+(and "executed once") is checked directly too.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import cloudpickle
 import pytest
 import redis
 from conftest import SECRET, WorkerProcess
+from raw_broker import RawBroker, raw_broker
 
 import nbtask
 from nbtask import App, Settings
@@ -32,6 +35,8 @@ MARKER_TASK = "tests.sample_tasks.slow_marker"
 ADD_TASK = "tests.sample_tasks.add"
 SMALL_LIMIT = 64 * 1024  # NBTASK_MAX_MESSAGE_BYTES of the workers in this module
 MAC_SIZE = 32
+
+pytestmark = pytest.mark.brokers
 
 
 # Payloads whose unpickling leaves a trace --------------------------------------------------
@@ -233,20 +238,16 @@ def small_worker(
     return start_worker(concurrency=1)
 
 
-def _r(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(settings.broker_url or "")
+@pytest.fixture
+def access(settings: Settings) -> Iterator[RawBroker]:
+    """The broker's queues and store, written to directly."""
+    raw = raw_broker(settings)
+    yield raw
+    raw.close()
 
 
-def _queue(settings: Settings) -> str:
-    return f"{settings.key_prefix}:q:default"
-
-
-def _dead(settings: Settings) -> str:
-    return f"{settings.key_prefix}:dead"
-
-
-def _entry_gone(client: redis.Redis, stream: str, entry_id: bytes) -> Callable[[], bool]:
-    return lambda: not client.xrange(stream, entry_id, entry_id)
+def _log_lines(worker: WorkerProcess, word: str) -> list[str]:
+    return [line for line in worker.log.read_text().splitlines() if word in line]
 
 
 def _assert_still_serving(app: App, worker: WorkerProcess, child_pids: set[int]) -> None:
@@ -260,81 +261,67 @@ def _assert_still_serving(app: App, worker: WorkerProcess, child_pids: set[int])
 
 @pytest.mark.parametrize("kind", list(FORGERIES))
 def test_worker_rejects_forged_message(
-    kind: str, app: App, settings: Settings, small_worker: WorkerProcess, tmp_path: Path
+    kind: str, app: App, access: RawBroker, small_worker: WorkerProcess, tmp_path: Path
 ) -> None:
     attack = Attack(app, tmp_path)
     raw = FORGERIES[kind](attack)
     children = {c.pid for c in small_worker.children()}
-    client = _r(settings)
-    try:
-        entry_id = client.xadd(_queue(settings), {"e": raw, "n": 0})
-        wait_for(_entry_gone(client, _queue(settings), entry_id), what="the worker to take it")
-        dead = client.xrange(_dead(settings))
-        assert [fields[b"e"] for _, fields in dead] == [raw], "not dead-lettered"
-        assert client.hgetall(f"{settings.key_prefix}:r:{attack.task_id}") == {}
-        pending = client.xpending(_queue(settings), "workers")
-        assert pending["pending"] == 0
-    finally:
-        client.close()
+    access.inject(raw)
+    wait_for(lambda: len(access.dead_letters()) == 1, what="the worker to dead-letter it")
+    assert [fields[b"e"] for fields in access.dead_letters()] == [raw]
+    assert access.record(attack.task_id) == {}
 
     _assert_still_serving(app, small_worker, children)
+    assert access.drained()
     assert not attack.trace.exists(), "the forged message was unpickled"
     assert not attack.marker.exists(), "the forged message was executed"
-    text = small_worker.log.read_text()
-    lines = [line for line in text.splitlines() if entry_id.decode() in line]
+    lines = _log_lines(small_worker, "rejected")
     assert len(lines) == 1, lines
-    assert "rejected" in lines[0]
     assert "Traceback" not in small_worker.log.read_text()
 
 
+@pytest.mark.parametrize("named", [True, False], ids=["id-named", "id-unnamed"])
 def test_worker_drops_replay_of_finished_task(
+    named: bool,
     app: App,
-    settings: Settings,
+    access: RawBroker,
     start_worker: Callable[..., WorkerProcess],
     tmp_path: Path,
 ) -> None:
     marker = tmp_path / "marker"
-    client = _r(settings)
-    try:
-        # Send before any worker runs, so the genuine signed bytes can be read back.
-        handle = app.send_task(MARKER_TASK, (str(marker), 0.0))
-        [(_, fields)] = client.xrange(_queue(settings))
-        genuine = fields[b"e"]
-        worker = start_worker(concurrency=1)
-        children = {c.pid for c in worker.children()}
-        handle.get(timeout=15)
-        assert marker.read_text().count("\n") == 1
+    # Send before any worker runs, so the genuine signed bytes can be read back.
+    handle = app.send_task(MARKER_TASK, (str(marker), 0.0))
+    genuine = access.peek()
+    worker = start_worker(concurrency=1)
+    children = {c.pid for c in worker.children()}
+    handle.get(timeout=15)
+    assert marker.read_text().count("\n") == 1
 
-        replay_id = client.xadd(_queue(settings), {"e": genuine, "n": 0})
-        wait_for(_entry_gone(client, _queue(settings), replay_id), what="the replay to be taken")
-        again_id = client.xadd(_queue(settings), {"e": genuine, "n": 3})
-        wait_for(_entry_gone(client, _queue(settings), again_id), what="the 2nd replay")
-        _assert_still_serving(app, worker, children)
-        assert marker.read_text().count("\n") == 1, "a replayed task ran again"
-        record = client.hgetall(f"{settings.key_prefix}:r:{handle.id}")
-        assert record[b"state"] == b"SUCCESS"
-        assert client.xpending(_queue(settings), "workers")["pending"] == 0
-    finally:
-        client.close()
-    lines = [line for line in worker.log.read_text().splitlines() if handle.id in line]
+    # Replayed with the task id beside it (as nbtask sends it) or without (the worker
+    # finds it in the signed header): refused before or after verification.
+    task_id = handle.id if named else None
+    access.inject(genuine, task_id=task_id)
+    access.inject(genuine, deliveries=3, task_id=task_id)
+    wait_for(lambda: len(_log_lines(worker, handle.id)) == 2, what="both replays to be dropped")
+    _assert_still_serving(app, worker, children)
+    assert marker.read_text().count("\n") == 1, "a replayed task ran again"
+    assert access.record(handle.id)[b"state"] == b"SUCCESS"
+    assert access.drained()
+    lines = _log_lines(worker, handle.id)
     assert len(lines) == 2, lines  # one clear line per replay
     assert all("already SUCCESS" in line for line in lines)
 
 
 def test_worker_rejects_message_older_than_max_age(
-    app: App, settings: Settings, small_worker: WorkerProcess, tmp_path: Path
+    app: App, access: RawBroker, small_worker: WorkerProcess, tmp_path: Path
 ) -> None:
     attack = Attack(app, tmp_path)
     # Genuinely signed, but created eight days ago (max_age is seven by default).
     raw = attack.valid(created=time.time() - 8 * 86400)
     children = {c.pid for c in small_worker.children()}
-    client = _r(settings)
-    try:
-        entry_id = client.xadd(_queue(settings), {"e": raw, "n": 0})
-        wait_for(_entry_gone(client, _queue(settings), entry_id), what="the worker to take it")
-        assert [f[b"e"] for _, f in client.xrange(_dead(settings))] == [raw]
-    finally:
-        client.close()
+    access.inject(raw)
+    wait_for(lambda: len(access.dead_letters()) == 1, what="the worker to dead-letter it")
+    assert [f[b"e"] for f in access.dead_letters()] == [raw]
     _assert_still_serving(app, small_worker, children)
     assert not attack.trace.exists()
     assert not attack.marker.exists()
@@ -344,17 +331,14 @@ def test_worker_rejects_message_older_than_max_age(
 
 
 def test_worker_runs_the_same_message_when_genuine(
-    app: App, settings: Settings, small_worker: WorkerProcess, tmp_path: Path
+    app: App, access: RawBroker, small_worker: WorkerProcess, tmp_path: Path
 ) -> None:
     """Control for the forgeries: the same hand-built message, genuinely signed, runs once."""
     attack = Attack(app, tmp_path)
-    client = _r(settings)
-    try:
-        client.xadd(_queue(settings), {"e": attack.valid(), "n": 0})
-        key = f"{settings.key_prefix}:r:{attack.task_id}"
-        wait_for(lambda: client.hget(key, "state") == b"SUCCESS", what="the control task")
-    finally:
-        client.close()
+    access.inject(attack.valid())
+    wait_for(
+        lambda: access.record(attack.task_id).get(b"state") == b"SUCCESS", what="the control task"
+    )
     assert attack.marker.read_text().count("\n") == 1
     assert attack.trace.exists()  # the control's arguments were (legitimately) unpickled
 
@@ -366,7 +350,7 @@ def _event(task_id: str, kind: EventType = EventType.SUCCESS, seq: int = 99) -> 
 
 def test_client_ignores_forged_events(
     app: App,
-    settings: Settings,
+    access: RawBroker,
     start_worker: Callable[..., WorkerProcess],
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
@@ -393,16 +377,12 @@ def test_client_ignores_forged_events(
         ),
         "signed-task-message": signer.seal(task_header(app, tid), trace_body),
     }
-    client = _r(settings)
-    try:
-        for raw in forged.values():
-            client.xadd(app.channel, {"e": raw})
-        # A genuine progress event after them: once it is applied, all the forgeries
-        # before it on the stream have been read (the listener reads in order).
-        progress = Event(EventType.PROGRESS, tid, 0, {"done": 1, "total": 2})
-        client.xadd(app.channel, {"e": signer.seal(progress.to_header())})
-    finally:
-        client.close()
+    for raw in forged.values():
+        access.push_event(app.channel, raw)
+    # A genuine progress event after them: once it is applied, all the forgeries before
+    # it on the channel have been read (the listener reads in order).
+    progress = Event(EventType.PROGRESS, tid, 0, {"done": 1, "total": 2})
+    access.push_event(app.channel, signer.seal(progress.to_header()))
     wait_for(lambda: handle.progress is not None, what="the genuine progress event")
     assert handle.state is nbtask.State.PENDING
     assert not handle.done()
@@ -443,31 +423,22 @@ def test_reattach_to_stored_result_works(finished: tuple[str, str], reader: App)
     assert reader.handle(finished[0]).get(timeout=5) == 5
 
 
-def _tamper_result(settings: Settings, task_id: str, raw: bytes) -> None:
-    client = _r(settings)
-    try:
-        key = f"{settings.key_prefix}:r:{task_id}"
-        assert client.hexists(key, "result")
-        client.hset(key, "result", raw)
-    finally:
-        client.close()
+def _tamper_result(access: RawBroker, task_id: str, raw: bytes) -> None:
+    key = access.keys.record_key(task_id)
+    assert access.store.hexists(key, "result")
+    access.store.hset(key, "result", raw)
 
 
-def _stored(settings: Settings, task_id: str) -> bytes:
-    client = _r(settings)
-    try:
-        value: bytes = client.hget(f"{settings.key_prefix}:r:{task_id}", "result")
-        return value
-    finally:
-        client.close()
+def _stored(access: RawBroker, task_id: str) -> bytes:
+    return access.record(task_id)[b"result"]
 
 
 @pytest.mark.parametrize("how", ["body", "header", "mac", "truncate"])
 def test_tampered_stored_result_raises_signature_error(
-    how: str, finished: tuple[str, str], reader: App, settings: Settings
+    how: str, finished: tuple[str, str], reader: App, access: RawBroker
 ) -> None:
     tid = finished[0]
-    raw = _stored(settings, tid)
+    raw = _stored(access, tid)
     start, end = header_span(raw)
     tampered = {
         "body": flip(raw, len(raw) - MAC_SIZE - 2),
@@ -475,44 +446,46 @@ def test_tampered_stored_result_raises_signature_error(
         "mac": flip(raw, len(raw) - 1),
         "truncate": raw[:-1],
     }[how]
-    _tamper_result(settings, tid, tampered)
+    _tamper_result(access, tid, tampered)
     with pytest.raises(nbtask.SignatureError):
         reader.handle(tid)
 
 
 @pytest.mark.parametrize("how", ["unsigned-pickle", "wrong-key"])
 def test_forged_stored_result_is_never_unpickled(
-    how: str, finished: tuple[str, str], reader: App, settings: Settings, tmp_path: Path
+    how: str, finished: tuple[str, str], reader: App, access: RawBroker, tmp_path: Path
 ) -> None:
     tid = finished[0]
     trace = tmp_path / "trace-unpickled"
     body = pickled(Touch(trace))
     forged = body if how == "unsigned-pickle" else Signer("x").seal(_event(tid), body)
-    _tamper_result(settings, tid, forged)
+    _tamper_result(access, tid, forged)
     with pytest.raises(nbtask.NbtaskError):
         reader.handle(tid)
     assert not trace.exists()
 
 
 def test_stored_result_of_another_task_is_refused(
-    finished: tuple[str, str], reader: App, settings: Settings
+    finished: tuple[str, str], reader: App, access: RawBroker
 ) -> None:
     """A genuinely signed result copied from task B's record into task A's must not pass
     for A's result: the signed header names the task it belongs to."""
     first, second = finished
-    _tamper_result(settings, first, _stored(settings, second))
+    _tamper_result(access, first, _stored(access, second))
     with pytest.raises(nbtask.NbtaskError):
         value = reader.handle(first).get(timeout=5)
         pytest.fail(f"task {first} (2+3) reported task {second}'s result {value!r}")
 
 
 # Secrets and brokers ---------------------------------------------------------------------
-def test_remote_broker_without_secret_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("url", ["redis://10.0.0.1:6379/0", "amqp://guest:guest@10.0.0.1:5672//"])
+def test_remote_broker_without_secret_is_refused(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NBTASK_SECRET", raising=False)
     monkeypatch.delenv("NBTASK_SECRET_FILE", raising=False)
     monkeypatch.delenv("NBTASK_INSECURE", raising=False)
+    monkeypatch.setenv("NBTASK_RESULT_URL", "redis://10.0.0.1:6379/0")
     with pytest.raises(nbtask.ConfigurationError) as info:
-        App(broker="redis://10.0.0.1:6379/0")
+        App(broker=url)
     assert "NBTASK_SECRET" in str(info.value)
     assert "insecure" in str(info.value)
 

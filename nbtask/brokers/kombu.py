@@ -383,7 +383,7 @@ class KombuBroker:
                     link.conn.drain_events(timeout=0)
         while link.replies:
             message = link.replies.popleft()
-            out.append((channel, self._next_event_id(), bytes(message.body)))
+            out.append((channel, self._next_event_id(), _body(message)))
         return out
 
     def _next_event_id(self) -> str:
@@ -499,13 +499,10 @@ class KombuBroker:
         return self._whoami
 
     def _accept(self, link: _Link, message: Message, consumer: str) -> Delivery | None:
-        headers = message.headers or {}
-        task_id = headers.get(_ID_HEADER)
-        task_id = task_id.decode() if isinstance(task_id, bytes) else task_id
-        deliveries = int(headers.get(_DELIVERIES_HEADER, 0) or 0)
+        task_id, deliveries = _read_headers(message.headers)
         redelivered = _redelivered(message)
         queue = self._queue_of(str(message.delivery_info.get("routing_key", "")))
-        raw = bytes(message.body)
+        raw = _body(message)
         verdict: str | None = None
         if task_id:
             with _store_errors(self.store):
@@ -763,6 +760,33 @@ class KombuBroker:
     def forget_worker(self, worker_id: str) -> None:
         """Drop a dead worker from the registry."""
         self.store.forget_worker(worker_id)
+
+
+def _read_headers(headers: object) -> tuple[str | None, int]:
+    """The task id and redelivery count beside a message.
+
+    Anyone may have set them, so anything malformed reads as absent (the worker then goes
+    by the signed header).
+    """
+    if not isinstance(headers, Mapping):
+        return None, 0
+    task_id = headers.get(_ID_HEADER)
+    if isinstance(task_id, bytes):
+        task_id = task_id.decode("utf-8", "replace")
+    count = headers.get(_DELIVERIES_HEADER)
+    deliveries = count if isinstance(count, int) and 0 <= count < 1 << 31 else 0
+    return (task_id if isinstance(task_id, str) and task_id else None), deliveries
+
+
+def _body(message: Message) -> bytes:
+    """The body as sent.
+
+    py-amqp hands an empty body, or one sent with a text content encoding, over as ``str``.
+    """
+    body = message.body
+    if isinstance(body, str):
+        return body.encode("utf-8", "surrogateescape")
+    return bytes(body)
 
 
 def _redelivered(message: Message) -> bool:

@@ -1,0 +1,195 @@
+"""Direct access to a broker's queues and store, as a test (or an attacker) has it.
+
+Tests that run on both brokers use :func:`raw_broker` to put raw bytes on a task queue,
+read a message back, see whether a queue is drained, and read the store that both brokers
+share (records, the dead-letter stream, a client's stream of events). The store is the
+Redis at ``settings.result_url`` on AMQP and the broker itself on Redis; key names come
+from :class:`~nbtask.brokers.redis.RedisBroker` so they are defined once.
+"""
+
+from __future__ import annotations
+
+import abc
+import subprocess
+import time
+from typing import Any
+
+import redis
+
+from nbtask import Settings
+from nbtask.brokers.redis import RedisBroker
+from nbtask.envelope import Signer
+
+__all__ = ["RawBroker", "raw_broker"]
+
+
+class RawBroker(abc.ABC):
+    """The store side, common to both brokers; the queue side is per broker."""
+
+    #: Whether a client's stream keeps every event (Redis) or only final ones (AMQP).
+    keeps_every_event = True
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.keys = RedisBroker(settings.result_url or settings.broker_url or "", settings)
+        self.store: redis.Redis = self.keys.redis
+
+    def close(self) -> None:
+        self.keys.close()
+
+    # Queue side ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def inject(self, raw: bytes, *, deliveries: int = 0, task_id: str | None = None) -> None:
+        """Put ``raw`` on the default task queue, as anyone with broker access could."""
+
+    @abc.abstractmethod
+    def peek(self) -> bytes:
+        """The one message waiting on the default queue, left there."""
+
+    @abc.abstractmethod
+    def drained(self, queue: str = "default") -> bool:
+        """Nothing waiting on ``queue`` and nothing taken but unacknowledged."""
+
+    @abc.abstractmethod
+    def push_event(self, channel: str, raw: bytes) -> None:
+        """Put ``raw`` on a client's event channel, where its listener reads."""
+
+    # Store side ----------------------------------------------------------------------------
+    def record(self, task_id: str) -> dict[bytes, bytes]:
+        fields: dict[bytes, bytes] = self.store.hgetall(self.keys.record_key(task_id))
+        return fields
+
+    def dead_letters(self) -> list[dict[bytes, bytes]]:
+        """The dead-letter stream's entries' fields, oldest first."""
+        return [fields for _, fields in self.store.xrange(self.keys.dead_letter_key)]
+
+    def stored_event_types(self, signer: Signer, channel: str, task_id: str) -> list[str]:
+        """Types of the events about ``task_id`` kept on ``channel``'s stream, in order.
+
+        Redis keeps every event there; AMQP only the final ones (the rest travel over AMQP).
+        """
+        out = []
+        for _, fields in self.store.xrange(channel):
+            raw = fields.get(b"e", b"")
+            if raw:
+                header = signer.open(raw).header
+                if header["id"] == task_id:
+                    out.append(str(header["type"]))
+        return out
+
+
+class _RedisQueues(RawBroker):
+    def _stream(self, queue: str = "default") -> str:
+        return self.keys.queue_key(queue)
+
+    def inject(self, raw: bytes, *, deliveries: int = 0, task_id: str | None = None) -> None:
+        fields: dict[str, Any] = {"e": raw, "n": deliveries}
+        if task_id is not None:
+            fields["i"] = task_id
+        self.store.xadd(self._stream(), fields)
+
+    def peek(self) -> bytes:
+        [(_, fields)] = self.store.xrange(self._stream())
+        raw: bytes = fields[b"e"]
+        return raw
+
+    def drained(self, queue: str = "default") -> bool:
+        stream = self._stream(queue)
+        pending = self.store.xpending(stream, "workers")["pending"]
+        return bool(self.store.xlen(stream) == 0 and pending == 0)
+
+    def push_event(self, channel: str, raw: bytes) -> None:
+        self.store.xadd(channel, {"e": raw})
+
+
+class _AmqpQueues(RawBroker):
+    keeps_every_event = False
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        import kombu
+
+        self.connection = kombu.Connection(settings.broker_url, connect_timeout=5)
+        self.channel = self.connection.channel()
+
+    def close(self) -> None:
+        self.connection.release()
+        super().close()
+
+    def _queue(self, queue: str = "default") -> str:
+        return f"{self.settings.key_prefix}:q:{queue}"
+
+    def _publish(self, routing_key: str, raw: bytes, headers: dict[str, Any]) -> None:
+        message = self.channel.prepare_message(
+            raw, headers=headers, content_type="application/octet-stream",
+            content_encoding="binary",
+        )  # fmt: skip
+        self.channel.basic_publish(message, exchange="", routing_key=routing_key)
+
+    def inject(self, raw: bytes, *, deliveries: int = 0, task_id: str | None = None) -> None:
+        name = self._queue()
+        self.channel.queue_declare(queue=name, durable=True, auto_delete=False)
+        headers: dict[str, Any] = {"nbtask-deliveries": deliveries}
+        if task_id is not None:
+            headers["nbtask-id"] = task_id
+        self._publish(name, raw, headers)
+
+    def peek(self) -> bytes:
+        message = self.channel.basic_get(self._queue(), no_ack=False)
+        assert message is not None, "no message waiting on the queue"
+        raw = bytes(message.body)
+        self.channel.basic_reject(message.delivery_info["delivery_tag"], requeue=True)
+        return raw
+
+    def drained(self, queue: str = "default") -> bool:
+        ready, unacked = _rabbitmq_counts(self._queue(queue))
+        lost = self.store.zcard(f"{self.settings.key_prefix}:lost")
+        return ready == 0 and unacked == 0 and lost == 0
+
+    def push_event(self, channel: str, raw: bytes) -> None:
+        # The client's listener declares its reply queue when it starts reading; a
+        # message for a queue that does not exist yet would be dropped.
+        deadline = time.monotonic() + 10
+        while not self._exists(channel):
+            assert time.monotonic() < deadline, f"the reply queue {channel} never appeared"
+            time.sleep(0.05)
+        self._publish(channel, raw, {})
+
+    def _exists(self, name: str) -> bool:
+        from amqp.exceptions import NotFound, ResourceLocked
+
+        try:
+            self.channel.queue_declare(queue=name, passive=True)
+        except (NotFound, ResourceLocked) as exc:
+            self.channel = self.connection.channel()  # a failed check closes the channel
+            return isinstance(exc, ResourceLocked)  # exclusive to its client: it exists
+        return True
+
+
+def _rabbitmq_counts(name: str) -> tuple[int, int]:
+    """``(ready, unacknowledged)`` messages of a queue, from ``rabbitmqctl``.
+
+    AMQP itself reports only ready messages; the unacknowledged ones show here.
+    """
+    try:
+        out = subprocess.run(
+            ["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name", "messages_ready",
+             "messages_unacknowledged"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise AssertionError(
+            f"cannot count the queue's messages with rabbitmqctl ({exc}); run the tests as a "
+            "user allowed to run rabbitmqctl (root here)"
+        ) from exc
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == name:
+            return int(parts[1]), int(parts[2])
+    return 0, 0  # never declared: nothing in it
+
+
+def raw_broker(settings: Settings) -> RawBroker:
+    """Raw access for the broker ``settings`` name."""
+    url = settings.broker_url or ""
+    return _AmqpQueues(settings) if url.startswith("amqp") else _RedisQueues(settings)
