@@ -25,9 +25,10 @@ from nbtask.board import Row, TaskBoard, format_row, notebook_group
 from nbtask.cells import CellError, analyze, prepare
 from nbtask.celltask import NamedCell, cell_runner
 from nbtask.events import FINAL_STATES, Event, EventType
+from nbtask.follow import cancel_task, follow
 from nbtask.pending import WAIT_NAME, CellRun, Pending, WaitInserter, wait_interruptibly
 from nbtask.settings import read_secret_file
-from nbtask.widgets import TaskView, TaskWidget, cancel_task, follow, make_view, widgets_enabled
+from nbtask.widgets import TaskView, TaskWidget, make_view, widgets_enabled
 
 __all__ = ["Session", "TaskMagics", "load_ipython_extension", "unload_ipython_extension"]
 

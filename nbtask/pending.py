@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from nbtask.cells import analyze, load_values
 from nbtask.errors import RemoteError
+from nbtask.follow import cancel_task
 from nbtask.listener import decode_event
-from nbtask.widgets import cancel_task
 
 if TYPE_CHECKING:
     from nbtask.handle import TaskHandle

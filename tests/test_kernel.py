@@ -368,7 +368,7 @@ def test_restart_then_tasks_all_reattaches_and_replays(
     # The still-running task from the old kernel can be cancelled from the new one.
     _, msgs, _ = execute(
         kc,
-        "from nbtask.widgets import cancel_task\nimport time\n"
+        "from nbtask.follow import cancel_task\nimport time\n"
         "v = [v for v in s.views.values() if not v.handle.done()][0]\n"
         "cancel_task(v.handle)\nv.handle.exception(20)\ntime.sleep(0.3)\nprint(v.state.value)",
     )

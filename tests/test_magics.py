@@ -177,7 +177,7 @@ def test_unpicklable_variable_names_it_and_sends_nothing(ip: InteractiveShell, n
 
 
 def test_cancel_running_cell(ip: InteractiveShell, nb: Session) -> None:
-    from nbtask.widgets import cancel_task
+    from nbtask.follow import cancel_task
 
     ip.run_cell_magic("task", "--out h", "import time\nprint('started')\ntime.sleep(30)\ndone = 1")
     handle = ip.user_ns["h"]
@@ -319,7 +319,8 @@ def test_tasks_all_after_a_restart_reattaches_and_replays(
 
 def test_task_board_rows_open_the_tasks_widget(ip: InteractiveShell, nb: Session) -> None:
     from nbtask.board import TaskBoard
-    from nbtask.widgets import TaskWidget, follow
+    from nbtask.follow import follow
+    from nbtask.widgets import TaskWidget
 
     ip.run_cell_magic("task", "--wait --out h", "print('in the widget')")
     handle = ip.user_ns["h"]
