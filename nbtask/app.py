@@ -368,6 +368,14 @@ class App:
                 )
             handle.apply(event, result)
         else:
+            # Where a broker keeps only final events (AMQP), the record alone says the task
+            # is running; the channel's events, if kept, then replay on top of it.
+            state = record.get("state", b"").decode()
+            if state in (State.STARTED.value, State.RETRY.value):
+                info: dict[str, Any] = {
+                    k: record[k].decode() for k in ("worker", "pid") if k in record
+                }
+                handle.apply(Event(EventType(state.lower()), task_id, 0, info))
             listener.register(handle, channel=channel or None)
         return handle
 
@@ -391,20 +399,51 @@ class App:
             True if the task was revoked before it started, or a terminate request was
             sent to the workers; False if it had already finished.
         """
-        handle = self._listen().get(task_id)
         record = self.broker.get_record(task_id)
-        channel = record.get("client", self.channel.encode()).decode()
-        event = Event(EventType.REVOKED, task_id, seq=FINAL_SEQ, data={"reason": "revoked"})
-        raw = self.signer.seal(event.to_header())
-        if self.broker.revoke_pending(task_id, raw, channel):
-            if handle is not None:
-                handle.apply(event)  # at once; the same event arriving later is ignored
+        if self._revoke_pending(task_id, record, "revoked"):
             return True
         if not terminate or record.get("state") != State.STARTED.value.encode():
             return False
         command = {"kind": "control", "cmd": "terminate", "id": task_id, "grace": float(grace)}
         self.broker.send_control(self.signer.seal(command))
         return True
+
+    def _revoke_pending(self, task_id: str, record: Mapping[str, bytes], reason: str) -> bool:
+        """Mark a task that has not started REVOKED and tell its client; False if it had."""
+        channel = record.get("client", self.channel.encode()).decode()
+        event = Event(EventType.REVOKED, task_id, seq=FINAL_SEQ, data={"reason": reason})
+        if not self.broker.revoke_pending(task_id, self.signer.seal(event.to_header()), channel):
+            return False
+        handle = self._listen().get(task_id)
+        if handle is not None:
+            handle.apply(event)  # at once; the same event arriving later is ignored
+        return True
+
+    def purge(self, queues: Sequence[str] | None = None) -> list[str]:
+        """Delete every message waiting on ``queues``; each of those tasks becomes REVOKED.
+
+        Messages waiting for their ETA or countdown go too. Tasks already running are left
+        alone (``revoke(id, terminate=True)`` stops one). Each purged task's state becomes
+        ``REVOKED`` with reason ``"purged"`` and its client is told, so no handle waits
+        for a task that will never run.
+
+        Parameters
+        ----------
+        queues
+            Queue names; default: the default queue.
+
+        Returns
+        -------
+        list of str
+            The ids of the tasks purged.
+        """
+        names = list(queues) if queues else [self.settings.default_queue]
+        purged = []
+        for task_id in dict.fromkeys(self.broker.purge(names)):
+            record = self.broker.get_record(task_id)
+            if record and self._revoke_pending(task_id, record, "purged"):
+                purged.append(task_id)
+        return purged
 
     def workers(self) -> dict[str, str]:
         """Live workers on this broker, ``{worker_id: JSON info}``."""

@@ -105,6 +105,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     cancel.set_defaults(run=_run_cancel)
 
+    purge = sub.add_parser(
+        "purge", help="delete the messages waiting on queues; their tasks become REVOKED"
+    )
+    _broker_options(purge)
+    purge.add_argument(
+        "-Q", "--queues", default="", help="comma-separated queues (default: default)"
+    )
+    purge.add_argument("-f", "--force", action="store_true", help="do not ask to confirm")
+    purge.set_defaults(run=_run_purge)
+
     inspect = sub.add_parser("inspect", help="show a task's stored state")
     _broker_options(inspect)
     inspect.add_argument("task_id")
@@ -151,6 +161,10 @@ def _broker_options(parser: argparse.ArgumentParser) -> None:
         help="accept no secret (anyone with broker access can run code)",
     )
     parser.add_argument("--key-prefix", default=None, help="key prefix (default: nbtask)")
+
+
+def _queue_names(text: str) -> list[str]:
+    return [q.strip() for q in text.split(",") if q.strip()]
 
 
 def _positive_int(text: str) -> int:
@@ -220,7 +234,7 @@ def _run_worker(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     _logging(args.loglevel)
-    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    queues = _queue_names(args.queues)
     assert settings.broker_url is not None
     worker = Worker(
         settings,
@@ -340,6 +354,25 @@ def _run_cancel(args: argparse.Namespace) -> int:
         return 1
     finally:
         app.close()
+
+
+def _run_purge(args: argparse.Namespace) -> int:
+    from nbtask.app import App
+
+    settings = _settings(args)
+    queues = _queue_names(args.queues) or [settings.default_queue]
+    if not args.force:
+        answer = input(f"Delete every message waiting on {', '.join(queues)}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing purged", file=sys.stderr)
+            return 1
+    app = App("nbtask-cli", settings=settings)
+    try:
+        purged = app.purge(queues)
+    finally:
+        app.close()
+    print(f"purged {len(purged)} task(s) from {', '.join(queues)}")
+    return 0
 
 
 def _run_notebook(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 import redis
+from raw_broker import RawBroker, raw_broker
 
 from nbtask import App, Settings
 from nbtask.brokers import open_broker
@@ -136,6 +137,14 @@ def settings(
     monkeypatch.setenv("NBTASK_RESULT_URL", redis_url)  # read by the worker processes
     yield common.replace(broker_url=AMQP_URL, result_url=redis_url)
     delete_amqp_queues(prefix)
+
+
+@pytest.fixture
+def access(settings: Settings) -> Iterator[RawBroker]:
+    """The broker's queues and store, reached directly (as anyone with broker access can)."""
+    raw = raw_broker(settings)
+    yield raw
+    raw.close()
 
 
 @pytest.fixture

@@ -26,9 +26,6 @@ __all__ = ["RawBroker", "raw_broker"]
 class RawBroker(abc.ABC):
     """The store side, common to both brokers; the queue side is per broker."""
 
-    #: Whether a client's stream keeps every event (Redis) or only final ones (AMQP).
-    keeps_every_event = True
-
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.keys = RedisBroker(settings.result_url or settings.broker_url or "", settings)
@@ -64,10 +61,7 @@ class RawBroker(abc.ABC):
         return [fields for _, fields in self.store.xrange(self.keys.dead_letter_key)]
 
     def stored_event_types(self, signer: Signer, channel: str, task_id: str) -> list[str]:
-        """Types of the events about ``task_id`` kept on ``channel``'s stream, in order.
-
-        Redis keeps every event there; AMQP only the final ones (the rest travel over AMQP).
-        """
+        """Types of the events about ``task_id`` kept on ``channel``'s stream, in order."""
         out = []
         for _, fields in self.store.xrange(channel):
             raw = fields.get(b"e", b"")
@@ -95,7 +89,10 @@ class _RedisQueues(RawBroker):
 
     def drained(self, queue: str = "default") -> bool:
         stream = self._stream(queue)
-        pending = self.store.xpending(stream, "workers")["pending"]
+        try:
+            pending = self.store.xpending(stream, "workers")["pending"]
+        except redis.ResponseError:  # no worker ever read it: nothing can be pending
+            pending = 0
         return bool(self.store.xlen(stream) == 0 and pending == 0)
 
     def push_event(self, channel: str, raw: bytes) -> None:
@@ -103,8 +100,6 @@ class _RedisQueues(RawBroker):
 
 
 class _AmqpQueues(RawBroker):
-    keeps_every_event = False
-
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         import kombu

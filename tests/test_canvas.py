@@ -14,6 +14,8 @@ import nbtask
 from nbtask import App, State, chain, group
 from tests.celery_tasks import read_records
 
+pytestmark = pytest.mark.brokers
+
 
 def _tasks(app: App):
     """A few small tasks defined like a notebook's (shipped by value)."""

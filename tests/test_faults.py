@@ -12,10 +12,10 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import wait_until
-from raw_broker import RawBroker, raw_broker
+from raw_broker import RawBroker
 
 import nbtask
-from nbtask import App, Settings, State
+from nbtask import App, State
 
 pytestmark = pytest.mark.brokers
 
@@ -28,20 +28,13 @@ def pids_in(path: Path) -> list[int]:
     return [int(x) for x in path.read_text().split()] if path.exists() else []
 
 
-def event_types(r: RawBroker, app: App, task_id: str) -> list[str]:
-    """The stored events about ``task_id`` (all on Redis, the final ones on AMQP)."""
-    return r.stored_event_types(app.signer, app.channel, task_id)
-
-
-@pytest.fixture
-def r(settings: Settings):
-    access = raw_broker(settings)
-    yield access
-    access.close()
+def event_types(access: RawBroker, app: App, task_id: str) -> list[str]:
+    """The types of every event sent to this client's channel about ``task_id``, in order."""
+    return access.stored_event_types(app.signer, app.channel, task_id)
 
 
 def test_acks_late_child_killed_is_redelivered_and_finishes_once(
-    app: App, start_worker, tmp_path: Path, r: RawBroker
+    app: App, start_worker, tmp_path: Path, access: RawBroker
 ) -> None:
     worker = start_worker(concurrency=2)
     marker = tmp_path / "marker"
@@ -60,17 +53,16 @@ def test_acks_late_child_killed_is_redelivered_and_finishes_once(
     assert result == starts[1] != first
     assert result in {c.pid for c in worker.children()}  # the respawned/other child
     assert worker.process.poll() is None  # the supervisor survived
-    types = event_types(r, app, h.id)
+    types = event_types(access, app, h.id)
     assert types.count("success") == 1, types
-    if r.keeps_every_event:
-        assert types.count("started") == 2, types
+    assert types.count("started") == 2, types
     assert "worker_lost" not in types and "failure" not in types, types
-    assert r.record(h.id)[b"state"] == b"SUCCESS"
-    assert r.drained()
+    assert access.record(h.id)[b"state"] == b"SUCCESS"
+    assert access.drained()
 
 
 def test_early_ack_child_killed_reports_worker_lost(
-    app: App, start_worker, tmp_path: Path, r: RawBroker
+    app: App, start_worker, tmp_path: Path, access: RawBroker
 ) -> None:
     worker = start_worker(concurrency=2)
     marker = tmp_path / "marker"
@@ -81,9 +73,9 @@ def test_early_ack_child_killed_reports_worker_lost(
     with pytest.raises(nbtask.WorkerLost):
         h.get(timeout=5)
     assert h.state is State.WORKER_LOST
-    assert r.record(h.id)[b"state"] == b"WORKER_LOST"
+    assert access.record(h.id)[b"state"] == b"WORKER_LOST"
     # Not rerun: nothing left queued or pending, and it started only once.
-    assert r.drained()
+    assert access.drained()
     assert len(pids_in(marker)) == 1
     # The supervisor replaced the child and keeps serving.
     assert worker.process.poll() is None
@@ -92,7 +84,7 @@ def test_early_ack_child_killed_reports_worker_lost(
 
 
 def test_whole_worker_killed_tasks_settled_by_another_worker(
-    app: App, start_worker, tmp_path: Path, r: RawBroker
+    app: App, start_worker, tmp_path: Path, access: RawBroker
 ) -> None:
     first = start_worker(concurrency=2)
     late_marker, early_marker = tmp_path / "late", tmp_path / "early"
@@ -125,12 +117,12 @@ def test_whole_worker_killed_tasks_settled_by_another_worker(
     assert result == starts[1]
     assert result in {c.pid for c in second.children()}
     assert len(pids_in(early_marker)) == 1  # early-acked: never rerun
-    assert event_types(r, app, late.id).count("success") == 1
-    assert r.drained()
+    assert event_types(access, app, late.id).count("success") == 1
+    assert access.drained()
 
 
 def test_paused_worker_keeps_its_running_task(
-    app: App, start_worker, tmp_path: Path, r: RawBroker
+    app: App, start_worker, tmp_path: Path, access: RawBroker
 ) -> None:
     # A supervisor that stops for longer than three heartbeats (but less than the
     # visibility timeout) looks dead to the other worker, yet its child still runs the
@@ -151,13 +143,13 @@ def test_paused_worker_keeps_its_running_task(
         os.kill(paused, signal.SIGCONT)
     assert h.get(timeout=20) == runner
     assert pids_in(marker) == [runner], "the task was run a second time"
-    types = event_types(r, app, h.id)
+    types = event_types(access, app, h.id)
     assert types.count("success") == 1 and "worker_lost" not in types, types
-    assert r.drained()
+    assert access.drained()
 
 
 def test_task_longer_than_visibility_timeout_runs_once(
-    app: App, start_worker, tmp_path: Path, r: RawBroker
+    app: App, start_worker, tmp_path: Path, access: RawBroker
 ) -> None:
     assert app.settings.visibility_timeout == 2.0
     start_worker(concurrency=2)
@@ -167,11 +159,10 @@ def test_task_longer_than_visibility_timeout_runs_once(
     result = h.get(timeout=20)
     assert h.state is State.SUCCESS
     assert pids_in(marker) == [result], "the task was redelivered while it was running"
-    types = event_types(r, app, h.id)
-    if r.keeps_every_event:
-        assert types.count("started") == 1, types
+    types = event_types(access, app, h.id)
+    assert types.count("started") == 1, types
     assert types.count("success") == 1, types
-    assert r.drained()
+    assert access.drained()
 
 
 def test_warm_shutdown_finishes_the_running_task(app: App, start_worker, tmp_path: Path) -> None:

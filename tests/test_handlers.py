@@ -15,6 +15,8 @@ from nbtask import App, ConfigurationError, State
 from tests import celery_tasks
 from tests.celery_tasks import read_records
 
+pytestmark = pytest.mark.brokers
+
 USE_DB = "tests.celery_tasks.use_db"
 ADD_TASK = "tests.celery_tasks.AddTask"
 HANDLED_OK = "tests.celery_tasks.handled_ok"

@@ -143,7 +143,7 @@ def test_memory_transport_round_trip_events_eta_and_redelivery(redis_url: str, p
         broker.finish(delivery, "t1", channel, b"final", {"state": "SUCCESS", "result": b"final"})
         raws = [raw for _, _, raw in broker.read_events({channel: "0-0"}, 1.0)]
         assert raws == [b"progress", b"final"]
-        assert broker.replay(channel) == [b"final"]  # the stored (final) events
+        assert broker.replay(channel) == [b"progress", b"final"]  # kept in the store too
 
         broker.publish([Publish("default", "t2", b"two", record, eta=time.time() + 0.3)])
         assert broker.fetch(["default"], "c1", 0.1) is None  # parked in the store
@@ -206,6 +206,20 @@ def test_malformed_headers_and_text_bodies_are_dead_lettered(
     log = worker.log.read_text()
     assert log.count("rejected message") == len(sent), log
     assert "Traceback" not in log
+
+
+def test_unreachable_result_store_is_named_and_its_password_hidden(prefix: str) -> None:
+    store = "redis://:hunter2@127.0.0.1:1/0"  # nothing listens on port 1
+    settings = Settings(broker_url=AMQP_URL, result_url=store, secret=SECRET, key_prefix=prefix)
+    broker = open_broker(settings, AMQP_URL)
+    try:
+        with pytest.raises(nbtask.BrokerUnavailable) as info:
+            broker.get_record("some-task")
+    finally:
+        broker.close()
+    message = str(info.value)
+    assert "result store" in message and "NBTASK_RESULT_URL" in message
+    assert "hunter2" not in message and "127.0.0.1:1" in message
 
 
 def test_kombu_is_a_lazy_import() -> None:

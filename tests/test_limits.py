@@ -16,6 +16,8 @@ import nbtask
 from nbtask import App, State
 from tests.celery_tasks import read_records
 
+pytestmark = pytest.mark.brokers
+
 HARD_LIMITED_SLEEP = "tests.celery_tasks.hard_limited_sleep"
 
 

@@ -16,6 +16,8 @@ from conftest import wait_until
 import nbtask
 from nbtask import App, Settings, State, Task
 
+pytestmark = pytest.mark.brokers
+
 
 @pytest.fixture
 def r(redis_url: str) -> Iterator[redis.Redis]:

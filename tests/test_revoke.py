@@ -14,10 +14,13 @@ import psutil
 import pytest
 import redis
 from conftest import wait_until
+from raw_broker import RawBroker
 
 import nbtask
 from nbtask import App, State
 from tests.celery_tasks import read_records
+
+pytestmark = pytest.mark.brokers
 
 SLOW_HANDLER = "tests.celery_tasks.slow_handler"
 MARK = "tests.celery_tasks.mark"
@@ -45,17 +48,12 @@ def _warm_up(app: App, tmp_path: Path) -> None:
     h.get(timeout=10)
 
 
-def _drained(r: redis.Redis, prefix: str) -> bool:
-    stream = f"{prefix}:q:default"
-    return (
-        r.xlen(stream) == 0
-        and r.xpending(stream, "workers")["pending"] == 0
-        and r.zcard(f"{prefix}:eta:default") == 0
-    )
+def _drained(r: redis.Redis, prefix: str, access: RawBroker) -> bool:
+    return access.drained() and r.zcard(f"{prefix}:eta:default") == 0
 
 
 def test_revoke_queued_and_eta_tasks_they_never_run(
-    app: App, start_worker, prefix: str, r: redis.Redis, tmp_path: Path
+    app: App, start_worker, prefix: str, r: redis.Redis, access: RawBroker, tmp_path: Path
 ) -> None:
     ledger = tmp_path / "ledger"
 
@@ -78,7 +76,7 @@ def test_revoke_queued_and_eta_tasks_they_never_run(
 
     start_worker()
     assert kept.get(timeout=10) == "kept"
-    wait_until(lambda: _drained(r, prefix), 10, "the revoked messages to be dropped")
+    wait_until(lambda: _drained(r, prefix, access), 10, "the revoked messages to be dropped")
     assert [rec["label"] for rec in read_records(ledger)] == ["kept"]
     assert app.broker.get_record(queued.id)["state"] == b"REVOKED"
     assert app.broker.get_record(later.id)["state"] == b"REVOKED"
@@ -167,7 +165,7 @@ def test_a_task_that_ignores_the_interrupt_is_killed_after_the_grace_period(
 
 
 def test_revoke_every_other_task_under_load(
-    app: App, start_worker, prefix: str, r: redis.Redis, tmp_path: Path
+    app: App, start_worker, prefix: str, r: redis.Redis, access: RawBroker, tmp_path: Path
 ) -> None:
     start_worker(concurrency=2)
     ledger = tmp_path / "ledger"
@@ -206,7 +204,7 @@ def test_revoke_every_other_task_under_load(
             assert h.state is State.SUCCESS
             assert ran[h.id] == 1, f"{h} ran {ran[h.id]} times"
     assert too_late <= set(ran)
-    wait_until(lambda: _drained(r, prefix), 10, "the queue to drain")
+    wait_until(lambda: _drained(r, prefix, access), 10, "the queue to drain")
 
 
 def test_cancel_while_the_previous_task_runs_its_handler(

@@ -18,9 +18,13 @@ from pathlib import Path
 import pytest
 import redis
 from conftest import wait_until
+from raw_broker import RawBroker
 
 import nbtask
 from nbtask import App, Settings, State
+
+pytestmark = pytest.mark.brokers
+
 
 ADD = "tests.sample_tasks.add"
 CHATTY = "tests.sample_tasks.chatty"
@@ -198,7 +202,7 @@ def test_unknown_task_name_lists_registered_names(app: App, start_worker) -> Non
 
 
 def test_unpicklable_argument_raises_at_call_site_and_sends_nothing(
-    app: App, prefix: str, r: redis.Redis
+    app: App, prefix: str, r: redis.Redis, access: RawBroker
 ) -> None:
     @app.task
     def use(value: object, other: object = None) -> None:
@@ -214,21 +218,21 @@ def test_unpicklable_argument_raises_at_call_site_and_sends_nothing(
         app.send_task(ADD, (threading.Lock(), 2))
     assert "argument 0" in str(info2.value)
 
-    assert r.xlen(f"{prefix}:q:default") == 0
+    assert access.drained()
     assert r.zcard(f"{prefix}:eta:default") == 0
     assert list(r.scan_iter(match=f"{prefix}:r:*")) == []
 
 
 # ETA, expiry, revocation -------------------------------------------------------------------
 def test_countdown_waits_in_the_eta_set_then_runs(
-    app: App, start_worker, prefix: str, r: redis.Redis
+    app: App, start_worker, prefix: str, r: redis.Redis, access: RawBroker
 ) -> None:
     start_worker()
     sent = time.time()
     h = app.send_task(STARTED_AT, countdown=1.0)
-    # Not in the stream, where a worker could hold it unacknowledged: in the sorted set.
+    # Not on the queue, where a worker could hold it unacknowledged: in the sorted set.
     assert r.zcard(f"{prefix}:eta:default") == 1
-    assert r.xlen(f"{prefix}:q:default") == 0
+    assert access.drained()
     assert h.state is State.PENDING
     began = h.get(timeout=10)
     assert began >= sent + 0.95, f"started {began - sent:.3f} s after sending, before its ETA"
@@ -246,7 +250,7 @@ def test_expires_in_the_past_is_revoked(app: App, start_worker) -> None:
 
 
 def test_cancel_a_queued_task_then_it_never_runs(
-    app: App, start_worker, prefix: str, r: redis.Redis, tmp_path: Path
+    app: App, start_worker, access: RawBroker, tmp_path: Path
 ) -> None:
     marker = tmp_path / "ran"
     h = app.send_task(SLOW_EARLY, (str(marker), 0.0))
@@ -258,13 +262,8 @@ def test_cancel_a_queued_task_then_it_never_runs(
     assert h.cancel() is False  # already final
 
     start_worker()
-    # The worker takes the revoked message and drops it: the stream drains, nothing pending.
-    stream = f"{prefix}:q:default"
-    wait_until(
-        lambda: r.xlen(stream) == 0 and r.xpending(stream, "workers")["pending"] == 0,
-        10,
-        "the worker to drop the revoked message",
-    )
+    # The worker takes the revoked message and drops it: the queue drains, nothing pending.
+    wait_until(access.drained, 10, "the worker to drop the revoked message")
     assert not marker.exists(), "a revoked task ran"
     assert app.broker.get_record(h.id)["state"] == b"REVOKED"
     # The worker is healthy and serves the next task.
@@ -278,9 +277,7 @@ import json, sys, time
 from nbtask import App, Settings, TaskNotFound, State
 
 cfg = json.loads(sys.argv[1])
-settings = Settings(broker_url=cfg["url"], secret=cfg["secret"], key_prefix=cfg["prefix"],
-                    heartbeat_interval=0.2, visibility_timeout=2.0, result_ttl=600.0)
-app = App("reattach", settings=settings)
+app = App("reattach", settings=Settings.from_env())
 name = lambda state: getattr(state, "value", str(state))  # printable whatever .state returns
 for task_id in cfg["ids"]:
     try:
@@ -335,17 +332,15 @@ def test_reattach_from_a_second_process(
     wait_until(lambda: running.state is State.STARTED, 10, "the task to start")
     unknown = "0" * 32
 
-    cfg = {
-        "url": settings.broker_url,
-        "secret": settings.secret,
-        "prefix": settings.key_prefix,
-        "ids": [finished.id, running.id, unknown],
-    }
+    cfg = {"ids": [finished.id, running.id, unknown]}
     proc = subprocess.Popen(
         [sys.executable, "-c", REATTACH_SCRIPT, json.dumps(cfg)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env={k: v for k, v in os.environ.items() if not k.startswith("NBTASK_")},
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("NBTASK_")},
+            **settings.to_env(),
+        },
     )
     try:
         out = _line_reader(proc.stdout)

@@ -24,7 +24,7 @@ import cloudpickle
 import pytest
 import redis
 from conftest import SECRET, WorkerProcess
-from raw_broker import RawBroker, raw_broker
+from raw_broker import RawBroker
 
 import nbtask
 from nbtask import App, Settings
@@ -236,14 +236,6 @@ def small_worker(
     # start_worker copies os.environ, so the limit reaches the worker only.
     monkeypatch.setenv("NBTASK_MAX_MESSAGE_BYTES", str(SMALL_LIMIT))
     return start_worker(concurrency=1)
-
-
-@pytest.fixture
-def access(settings: Settings) -> Iterator[RawBroker]:
-    """The broker's queues and store, written to directly."""
-    raw = raw_broker(settings)
-    yield raw
-    raw.close()
 
 
 def _log_lines(worker: WorkerProcess, word: str) -> list[str]:

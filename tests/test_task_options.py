@@ -13,6 +13,8 @@ import pytest
 from nbtask import App, ConfigurationError, Settings, Task
 from tests import celery_tasks
 
+pytestmark = pytest.mark.brokers
+
 
 @pytest.fixture
 def local() -> Iterator[App]:

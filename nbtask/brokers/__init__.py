@@ -87,6 +87,12 @@ class Broker(Protocol):
     def revoke_pending(self, task_id: str, raw_event: bytes, channel: str) -> bool:
         """Mark a task REVOKED if it has not started; return whether it was."""
 
+    def purge(self, queues: Sequence[str]) -> list[str]:
+        """Delete the messages waiting on ``queues`` (ETA ones too), not ones being run.
+
+        Returns the task ids the broker saw beside them (unverified).
+        """
+
     # Worker side -------------------------------------------------------------------------
     def ensure_queues(self, queues: Iterable[str]) -> None:
         """Create the queues (idempotent)."""

@@ -36,6 +36,12 @@ Acknowledgement
     ``pending_of``/``stale_deliveries``. A parked task that a live worker still lists as
     busy (its channel closed but it runs on) is left alone until it ends.
 
+    Dropped connections: a publish on a connection that went stale while idle is sent
+    once more on a new one (a duplicate is dropped by the start check); a publish that
+    still fails deletes the PENDING records it wrote. A start check whose reply is lost
+    with the store's connection leaves the task STARTED by the asking child, which keeps
+    the message and asks again: its own STARTED counts as OK.
+
     A hard time limit or ``revoke(terminate=True)`` kills a child: the supervisor stores
     that outcome (TimeLimitExceeded, REVOKED) as soon as the child is gone, so the copy
     RabbitMQ gives back finds the task final and is dropped.
@@ -44,13 +50,13 @@ Events
     One exclusive, auto-delete reply queue per client, named after its channel
     (``<key_prefix>:c:<client id>``), declared and consumed by the client's listener
     thread (the first channel it keeps alive). Workers publish events to it (transient,
-    no confirms); a client that is gone simply drops them. Final events are also
-    appended to the client's Redis stream by the store (as with the Redis broker), so:
-    a listener that (re)declares its queue first catches up on the final states it may
-    have missed from that stream; another process re-attaching to a running task
-    (an adopted channel) and a worker waiting on a subtask read the stream instead of the
-    exclusive queue; ``replay`` replays final states only (output events go over AMQP
-    only). Ids returned by ``read_events`` for AMQP events are synthetic and increasing.
+    no confirms); a client that is gone simply drops them. Every event is also appended
+    to the client's Redis stream in the store (as with the Redis broker), so: a listener
+    that (re)declares its queue first catches up from that stream on what it may have
+    missed (a handle ignores an event it already applied); another process re-attaching
+    to a task (an adopted channel) and a worker waiting on a subtask read the stream
+    instead of the exclusive queue, and ``replay`` replays output as well as final
+    states. Ids returned by ``read_events`` for AMQP events are synthetic and increasing.
 
 ETA / countdown / retry
     Parked in the store's sorted set ``<prefix>:eta:<queue>`` (never held unacknowledged
@@ -88,7 +94,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import kombu as _kombu
@@ -161,7 +167,7 @@ class KombuBroker:
             )
         self.url = url
         self.settings = settings
-        self.store = RedisBroker(settings.result_url, settings)
+        self.store = RedisBroker(settings.result_url, settings, role="result store")
         self._prefix = settings.key_prefix
         self._ttl = int(settings.result_ttl)
         self._local = threading.local()
@@ -249,8 +255,28 @@ class KombuBroker:
         except errors as exc:
             if isinstance(exc, TimeoutError):
                 raise
+            if isinstance(exc, BrokerUnavailable):
+                raise  # the result store's: the AMQP link is fine, and it names the store
             self._drop_link()
             raise self._unavailable(exc) from exc
+
+    def _publishing(self, send: Callable[[_Link], None]) -> None:
+        """Run ``send`` on this thread's link; once more on a new link if an old one failed.
+
+        A link that went stale while idle (its connection dropped, RabbitMQ restarted)
+        fails only when used; a fresh link failing is a real outage. At worst a message
+        that reached RabbitMQ just before its connection died is sent twice: the start
+        check drops the second task message, a handle ignores a repeated event.
+        """
+        for attempt in (1, 2):
+            fresh = getattr(self._local, "link", None) is None
+            try:
+                with self._amqp() as link:
+                    send(link)
+                return
+            except BrokerUnavailable:
+                if fresh or attempt == 2:
+                    raise
 
     def _declare_task_queue(self, link: _Link, name: str) -> None:
         if name in link.declared:
@@ -328,12 +354,31 @@ class KombuBroker:
                       *fields],
                 client=pipe,
             )  # fmt: skip
-        with _store_errors(self.store):
+        with self.store.translate_errors():
             sent = pipe.execute()
-        with self._amqp() as link:
-            for msg, ok in zip(messages, sent, strict=True):
-                if ok and not (msg.eta is not None and msg.eta > now):
-                    self._enqueue(link, msg.queue, msg.task_id, msg.raw, 0)
+        queued = [
+            msg for msg, ok in zip(messages, sent, strict=True)
+            if ok and not (msg.eta is not None and msg.eta > now)
+        ]  # fmt: skip
+
+        def send(link: _Link) -> None:
+            for msg in queued:
+                self._enqueue(link, msg.queue, msg.task_id, msg.raw, 0)
+
+        try:
+            self._publishing(send)
+        except BrokerUnavailable:
+            # Nothing half-sent: no PENDING record is left for a message never queued.
+            with contextlib.suppress(Exception):
+                pipe = self.store.redis.pipeline(transaction=False)
+                for msg in queued:
+                    pipe.delete(self.store.record_key(msg.task_id))
+                    client = msg.record.get("client")
+                    if client:
+                        tasks_key = f"{self._prefix}:client-tasks:{client.rsplit(':', 1)[-1]}"
+                        pipe.zrem(tasks_key, msg.task_id)
+                pipe.execute()
+            raise
 
     def _enqueue(self, link: _Link, queue: str, task_id: str, raw: bytes, deliveries: int) -> None:
         name = self.queue_name(queue)
@@ -371,16 +416,24 @@ class KombuBroker:
 
     def _read_replies(self, channel: str, block_seconds: float) -> list[tuple[str, str, bytes]]:
         out: list[tuple[str, str, bytes]] = []
-        with self._amqp() as link:
-            if link.reply != channel:
-                out += self._consume_replies(link, channel)
-            if not link.replies and not out and block_seconds > 0:
+        link: _Link | None = None
+        try:
+            with self._amqp() as link:
+                if link.reply != channel:
+                    out += self._consume_replies(link, channel)
+                if not link.replies and not out and block_seconds > 0:
+                    with contextlib.suppress(TimeoutError):
+                        link.conn.drain_events(timeout=block_seconds)
+                # Anything else already buffered comes along without waiting.
                 with contextlib.suppress(TimeoutError):
-                    link.conn.drain_events(timeout=block_seconds)
-            # Anything else already buffered comes along without waiting.
-            with contextlib.suppress(TimeoutError):
-                while True:
-                    link.conn.drain_events(timeout=0)
+                    while True:
+                        link.conn.drain_events(timeout=0)
+        except BrokerUnavailable:
+            # Events already read (a catch-up, whose position has moved on, or received
+            # ones: no_ack) are handed over all the same; the next read reconnects.
+            if not out and (link is None or not link.replies):
+                raise
+        assert link is not None
         while link.replies:
             message = link.replies.popleft()
             out.append((channel, self._next_event_id(), _body(message)))
@@ -399,17 +452,27 @@ class KombuBroker:
         consumer.consume()
         link.reply, link.reply_consumer = channel, consumer
         # What was sent before the queue existed (or while it was gone) reached only the
-        # store: catch up from there, from where the last catch-up stopped.
+        # store: catch up from there, from where the last catch-up stopped. Without the
+        # store, the next read starts over on a new connection (queue and catch-up both)
+        # instead of carrying on with a gap.
         after = self._store_positions.get(channel, "0-0")
-        missed = self.store.redis.xrange(channel, f"({after}" if after != "0-0" else "-", "+")
+        try:
+            with self.store.translate_errors():
+                missed = self.store.redis.xrange(
+                    channel, f"({after}" if after != "0-0" else "-", "+"
+                )
+                end = None if missed else self.store.channel_end(channel)
+        except BrokerUnavailable:
+            self._drop_link()
+            raise
         out = []
         for entry_id, fields in missed:
             self._store_positions[channel] = entry_id.decode()
             raw = fields.get(b"e", b"")
             if raw:
                 out.append((channel, self._next_event_id(), raw))
-        if not missed:
-            self._store_positions[channel] = self.store.channel_end(channel)
+        if end is not None:
+            self._store_positions[channel] = end
         return out
 
     def channel_end(self, channel: str) -> str:
@@ -417,14 +480,13 @@ class KombuBroker:
         return self.store.channel_end(channel)
 
     def replay(self, channel: str) -> list[bytes]:
-        """The final events still kept for a client (output events are not stored)."""
+        """Every event still kept for a client, oldest first."""
         return self.store.replay(channel)
 
     def wake(self, channel: str) -> None:
         """Send an empty event so a reader blocked on ``channel`` returns."""
         if channel in self._own_channels:
-            with self._amqp() as link:
-                self._send(link, channel, b"", persistent=False)
+            self._send_events(channel, [b""])
         else:
             self.store.wake(channel)
 
@@ -445,7 +507,7 @@ class KombuBroker:
         """Mark a not-yet-started task REVOKED in the store and tell its client."""
         if not self.store.revoke_pending(task_id, raw_event, channel):
             return False
-        self.emit(channel, [raw_event])
+        self._send_events(channel, [raw_event])  # the store's script kept it
         return True
 
     # Worker side -----------------------------------------------------------------------------
@@ -471,7 +533,13 @@ class KombuBroker:
                         return None
                     continue
                 message = link.inbox.popleft()
-                delivery = self._accept(link, message, consumer)
+                try:
+                    delivery = self._accept(link, message, consumer)
+                except BrokerUnavailable:
+                    # The store is away: keep the message (unacknowledged, it stays with
+                    # this consumer) and take it again, rather than give it back.
+                    link.inbox.appendleft(message)
+                    raise
             if delivery is not None:
                 return delivery
 
@@ -505,7 +573,7 @@ class KombuBroker:
         raw = _body(message)
         verdict: str | None = None
         if task_id:
-            with _store_errors(self.store):
+            with self.store.translate_errors():
                 reply = self._start(args=[
                     task_id, self.store.record_key(""), self._ttl, *self._identity(), consumer,
                     "1" if redelivered else "0",
@@ -522,7 +590,7 @@ class KombuBroker:
         return Delivery(queue, delivery_id, raw, deliveries, verdict=verdict, task_id=task_id)
 
     def _park_lost(self, task_id: str, raw: bytes, queue: str, deliveries: int) -> None:
-        with _store_errors(self.store):
+        with self.store.translate_errors():
             self._park(
                 keys=[self._lost_key, self._lost_entry(task_id), self.store.record_key(task_id)],
                 args=[task_id, raw, queue, deliveries, repr(time.time())],
@@ -537,12 +605,20 @@ class KombuBroker:
         self.store.release(task_id)
 
     def emit(self, channel: str, raw_events: Sequence[bytes]) -> None:
-        """Publish events to a client's reply queue (dropped if the client is gone)."""
+        """Keep events in the client's stream, then publish them to its reply queue."""
         if not channel:
             return
-        with self._amqp() as link:
+        self.store.emit(channel, raw_events)
+        self._send_events(channel, raw_events)
+
+    def _send_events(self, channel: str, raw_events: Sequence[bytes]) -> None:
+        """Publish events to a client's reply queue (dropped if the client is gone)."""
+
+        def send(link: _Link) -> None:
             for raw in raw_events:
                 self._send(link, channel, raw, persistent=False)
+
+        self._publishing(send)
 
     def finish(
         self,
@@ -560,7 +636,7 @@ class KombuBroker:
         parked = None if delivery is None else Delivery(delivery.queue, "", b"")
         self.store.finish(parked, task_id, channel, raw_event, record, requeue=requeue)
         if raw_event and channel:
-            self.emit(channel, [raw_event])
+            self._send_events(channel, [raw_event])  # the store's finish kept it
         if delivery is not None:
             self._settle(delivery)
         if then_fetch is not None and then_fetch[0]:
@@ -571,7 +647,7 @@ class KombuBroker:
         """Acknowledge an AMQP delivery, or drop a parked lost one from the store."""
         if delivery.delivery_id.startswith("lost:"):
             task_id = delivery.delivery_id[len("lost:") :]
-            with _store_errors(self.store):
+            with self.store.translate_errors():
                 pipe = self.store.redis.pipeline(transaction=True)
                 pipe.zrem(self._lost_key, task_id)
                 pipe.delete(self._lost_entry(task_id))
@@ -614,15 +690,16 @@ class KombuBroker:
 
     def requeue(self, delivery: Delivery, task_id: str) -> None:
         """Reset the record to PENDING, publish the message again (count raised), settle."""
-        with _store_errors(self.store):
+        with self.store.translate_errors():
             self.store.redis.hset(self.store.record_key(task_id), "state", "PENDING")
-        with self._amqp() as link:
-            self._enqueue(link, delivery.queue, task_id, delivery.raw, delivery.deliveries + 1)
+        self._publishing(lambda link: self._enqueue(
+            link, delivery.queue, task_id, delivery.raw, delivery.deliveries + 1
+        ))  # fmt: skip
         self._settle(delivery)
 
     def dead_letter(self, delivery: Delivery) -> None:
         """Copy the message to the store's dead-letter stream, then settle it."""
-        with _store_errors(self.store):
+        with self.store.translate_errors():
             self.store.redis.xadd(
                 self.store.dead_letter_key,
                 {"e": delivery.raw, "q": delivery.queue, "n": delivery.deliveries},
@@ -643,7 +720,7 @@ class KombuBroker:
 
     def _claim_lost(self, holder: str | None) -> list[Delivery]:
         now = time.time()
-        with _store_errors(self.store):
+        with self.store.translate_errors():
             ids = [i.decode() for i in self.store.redis.zrangebyscore(
                 self._lost_key, "-inf", now, start=0, num=100
             )]  # fmt: skip
@@ -696,7 +773,7 @@ class KombuBroker:
     ) -> None:
         """Announce a live worker (AMQP needs no lease renewal)."""
         ttl_ms = int(3 * self.settings.heartbeat_interval * 1000)
-        with _store_errors(self.store):
+        with self.store.translate_errors():
             pipe = self.store.redis.pipeline(transaction=False)
             pipe.set(f"{self._prefix}:hb:{worker_id}", info, px=ttl_ms)
             pipe.hset(f"{self._prefix}:workers", worker_id, info)
@@ -704,7 +781,7 @@ class KombuBroker:
 
     def unregister(self, worker_id: str, consumers: Sequence[str], queues: Sequence[str]) -> None:
         """Forget a worker."""
-        with _store_errors(self.store):
+        with self.store.translate_errors():
             pipe = self.store.redis.pipeline(transaction=False)
             pipe.delete(f"{self._prefix}:hb:{worker_id}")
             pipe.hdel(f"{self._prefix}:workers", worker_id)
@@ -716,7 +793,7 @@ class KombuBroker:
         Those are deliveries lost by dead children, parked to be settled.
         """
         dead = self.store.dead_workers()
-        with _store_errors(self.store):
+        with self.store.translate_errors():
             waiting = self.store.redis.zcount(self._lost_key, "-inf", time.time())
         if waiting:
             dead[LOST_HOLDER] = json.dumps({"queues": [], "consumers": [LOST_HOLDER]})
@@ -736,22 +813,50 @@ class KombuBroker:
         for queue in queues:
             keys += [self.store.eta_key(queue), self._moving_key(queue)]
         now = time.time()
-        with _store_errors(self.store):
+        with self.store.translate_errors():
             reply = self._move(keys=keys, args=[repr(now), repr(now - _MOVING_STUCK)])
         nxt = float(reply[0].decode()) if reply and reply[0] else None
         moved = list(zip(reply[1::2], reply[2::2], strict=True))
         if moved:
-            with self._amqp() as link:
+
+            def send(link: _Link) -> None:
                 for index, member in moved:
                     queue = queues[int(index) - 1]
                     task_id, _, raw = bytes(member).partition(b":")
                     self._enqueue(link, queue, task_id.decode(), raw, 0)
+
+            self._publishing(send)
             pipe = self.store.redis.pipeline(transaction=False)
             for index, member in moved:
                 pipe.zrem(self._moving_key(queues[int(index) - 1]), member)
-            with _store_errors(self.store):
+            with self.store.translate_errors():
                 pipe.execute()
         return nxt
+
+    def purge(self, queues: Sequence[str]) -> list[str]:
+        """Delete the messages waiting on ``queues`` and parked for an ETA; their task ids.
+
+        Deliveries a worker holds unacknowledged (tasks being run) are not touched.
+        """
+        ids: list[str] = []
+        with self._amqp() as link:
+            for queue in queues:
+                name = self.queue_name(queue)
+                self._declare_task_queue(link, name)
+                waiting = kombu.Queue(name, exchange="", routing_key=name, no_declare=True)
+                bound = waiting.bind(link.channel)
+                while (message := bound.get(no_ack=True)) is not None:
+                    task_id, _ = _read_headers(message.headers)
+                    ids += [task_id] if task_id else []
+        pipe = self.store.redis.pipeline(transaction=True)
+        for queue in queues:
+            pipe.zrange(self.store.eta_key(queue), 0, -1)
+            pipe.delete(self.store.eta_key(queue))
+        with self.store.translate_errors():
+            replies = pipe.execute()
+        for members in replies[::2]:
+            ids += [bytes(member).partition(b":")[0].decode() for member in members]
+        return ids
 
     def workers(self) -> dict[str, str]:
         """Live workers."""
@@ -803,17 +908,3 @@ def _conn_errors(link: _Link) -> tuple[type[BaseException], ...]:
         *link.conn.channel_errors,
     )
     return errors
-
-
-@contextlib.contextmanager
-def _store_errors(store: RedisBroker) -> Iterator[None]:
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import TimeoutError as RedisTimeoutError
-
-    try:
-        yield
-    except (RedisConnectionError, RedisTimeoutError) as exc:
-        raise BrokerUnavailable(
-            f"cannot reach the result store at {redact_url(store.url)}: {exc}. Is redis-server "
-            "running there? (NBTASK_RESULT_URL)"
-        ) from exc

@@ -6,10 +6,16 @@ __all__ = ["CLAIM", "MOVE_DUE", "PARK", "RECORD", "START"]
 
 # Start check of a fetched message, one Redis call: like the Redis broker's, plus the
 # consumer that holds it, and 'LOST' for a redelivered message whose task is STARTED.
+# STARTED by this very consumer process means its own earlier check, whose reply was lost
+# (it runs one task at a time, and is not running this one): 'OK'.
 # ARGV: task id, record prefix, ttl, worker, pid, consumer, redelivered ('1'/'0')
 START = """
 local key = ARGV[2] .. ARGV[1]
 local state = redis.call('HGET', key, 'state')
+if state == 'STARTED' then
+  local by = redis.call('HMGET', key, 'consumer', 'pid')
+  if by[1] == ARGV[6] and by[2] == ARGV[5] then return 'OK' end
+end
 if ARGV[7] == '1' and state == 'STARTED' then return 'LOST' end
 if state and state ~= 'PENDING' and state ~= 'RETRY' then return state end
 local now = redis.call('TIME')

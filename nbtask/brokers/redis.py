@@ -13,6 +13,9 @@ Delivery rules (see the README's "Delivery semantics"):
   are put back, others are reported ``WORKER_LOST``.
 * ETA messages wait in ``<prefix>:eta:<queue>`` and are moved to the stream when due, so
   no worker ever holds one unacknowledged.
+* A read whose reply is lost with its connection may still have delivered an entry (and
+  marked its task STARTED): after any connection error the consumer's next fetch takes
+  such an entry back from its own pending list before it reads new ones.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from nbtask._urls import redact_url
 from nbtask.brokers import Delivery, Publish
 from nbtask.brokers import redis_scripts as scripts
 from nbtask.errors import BrokerUnavailable
@@ -47,16 +51,11 @@ _LARGE_BYTES = 1 << 20  # messages from here on are sent without extra copies
 CHANNEL_MAXLEN = 10_000
 
 
-@contextlib.contextmanager
-def _translate_errors(url: str) -> Iterator[None]:
-    try:
-        yield
-    except (RedisConnectionError, RedisTimeoutError) as exc:
-        raise BrokerUnavailable(
-            f"cannot reach the Redis broker at {url}: {exc}. Is redis-server running there? "
-            "(start one with: redis-server --port 6379, or unset NBTASK_BROKER to use the "
-            "embedded cluster)"
-        ) from exc
+_BROKER_HINT = (
+    "Is redis-server running there? (start one with: redis-server --port 6379, or unset "
+    "NBTASK_BROKER to use the embedded cluster)"
+)
+_STORE_HINT = "Is redis-server running there? (the result store: NBTASK_RESULT_URL)"
 
 
 class RedisBroker:
@@ -68,6 +67,9 @@ class RedisBroker:
         ``redis://``, ``rediss://`` or ``unix://`` URL of the server.
     settings
         Key prefix, TTLs, visibility timeout and heartbeat interval.
+    role
+        ``"broker"``, or ``"result store"`` when it serves another broker (named so in
+        errors).
     """
 
     _SCRIPTS: ClassVar[dict[str, str]] = {
@@ -75,8 +77,10 @@ class RedisBroker:
         "finish": scripts.FINISH, "publish": scripts.PUBLISH, "rate": scripts.RATE,
     }  # fmt: skip
 
-    def __init__(self, url: str, settings: Settings) -> None:
+    def __init__(self, url: str, settings: Settings, role: str = "broker") -> None:
         self.url = url
+        hint = _BROKER_HINT if role == "broker" else _STORE_HINT
+        self._unreachable = (f"cannot reach the Redis {role} at {redact_url(url)}", hint)
         self.settings = settings
         self._prefix = settings.key_prefix
         # Typed as Any: redis-py's reply types are unions over decode_responses that would
@@ -92,7 +96,18 @@ class RedisBroker:
         self._local = threading.local()
         self._revoke = self.redis.register_script(scripts.REVOKE)
         self._move_due = self.redis.register_script(scripts.MOVE_DUE)
+        self._purge = self.redis.register_script(scripts.PURGE)
+        self._recover = self.redis.register_script(scripts.RECOVER)
         self._ttl = int(settings.result_ttl)
+
+    @contextlib.contextmanager
+    def translate_errors(self) -> Iterator[None]:
+        """Turn redis-py's connection errors into one :class:`BrokerUnavailable`."""
+        try:
+            yield
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            what, hint = self._unreachable
+            raise BrokerUnavailable(f"{what}: {exc}. {hint}") from exc
 
     # Keys ----------------------------------------------------------------------------------
     def queue_key(self, queue: str) -> str:
@@ -142,7 +157,7 @@ class RedisBroker:
     # Lifecycle -------------------------------------------------------------------------------
     def ping(self) -> None:
         """Raise :class:`BrokerUnavailable` unless the server answers."""
-        with _translate_errors(self.url):
+        with self.translate_errors():
             self.redis.ping()
             self._load_scripts()
 
@@ -187,7 +202,7 @@ class RedisBroker:
                              ("ZREMRANGEBYSCORE", key, "-inf", repr(now - self._ttl)),
                              ("EXPIRE", key, self._ttl)]  # fmt: skip
             commands.append(("EXEC",))
-        with _translate_errors(self.url):
+        with self.translate_errors():
             self._run_scripts(commands, large=any(len(m.raw) >= _LARGE_BYTES for m in messages))
 
     def _evalsha(self, script: str, keys: Sequence[str], *args: Any) -> tuple[Any, ...]:
@@ -257,6 +272,8 @@ class RedisBroker:
             except (RedisConnectionError, RedisTimeoutError):
                 # A half-read connection cannot be reused; the next call reconnects.
                 connection.disconnect()
+                # A read served meanwhile may have delivered an entry: see fetch().
+                self._local.read_lost = True
                 # A connection that went stale while idle (the server restarted) fails
                 # before the first reply: the server never ran these commands. Once more
                 # on a new connection; a fresh one failing is a real outage.
@@ -277,7 +294,7 @@ class RedisBroker:
         """Block on the client channels; return ``(channel, entry id, raw)`` triples."""
         block = max(1, int(block_seconds * 1000))
         command = ("XREAD", "COUNT", 500, "BLOCK", block, "STREAMS", *channels, *channels.values())
-        with _translate_errors(self.url):
+        with self.translate_errors():
             (reply,) = self._run([command], block_seconds=block_seconds)
         out: list[tuple[str, str, bytes]] = []
         for stream, entries in reply or ():
@@ -289,24 +306,24 @@ class RedisBroker:
 
     def channel_end(self, channel: str) -> str:
         """The id of the newest event on a channel (``"0-0"`` when empty)."""
-        with _translate_errors(self.url):
+        with self.translate_errors():
             (last,) = self._run([("XREVRANGE", channel, "+", "-", "COUNT", 1)])
         return str(last[0][0].decode()) if last else "0-0"
 
     def replay(self, channel: str) -> list[bytes]:
         """Every event still kept on a client's channel, oldest first."""
-        with _translate_errors(self.url):
+        with self.translate_errors():
             (entries,) = self._run([("XRANGE", channel, "-", "+", "COUNT", CHANNEL_MAXLEN)])
         return [f[1] for _id, f in entries if len(f) >= 2 and f[0] == b"e" and f[1]]
 
     def wake(self, channel: str) -> None:
         """Append an empty entry so a blocked reader returns."""
-        with _translate_errors(self.url):
+        with self.translate_errors():
             self.redis.xadd(channel, {"e": b""}, maxlen=CHANNEL_MAXLEN, approximate=True)
 
     def keep_channel(self, channel: str) -> None:
         """Push back the expiry of an event channel."""
-        with _translate_errors(self.url):
+        with self.translate_errors():
             self.redis.expire(channel, self._ttl)
 
     def recent_tasks(self, group: str, channel: str, limit: int) -> list[tuple[str, str, float]]:
@@ -319,7 +336,7 @@ class RedisBroker:
         """
         key = f"{self._prefix}:client-group:{group}"
         now = time.time()
-        with _translate_errors(self.url):
+        with self.translate_errors():
             pipe = self.redis.pipeline(transaction=False)
             pipe.zadd(key, {channel: now})
             pipe.zremrangebyscore(key, "-inf", now - self._ttl)
@@ -342,20 +359,26 @@ class RedisBroker:
 
     def get_record(self, task_id: str) -> dict[str, bytes]:
         """The task's stored record, keys decoded; empty if unknown."""
-        with _translate_errors(self.url):
+        with self.translate_errors():
             raw: dict[bytes, bytes] = self.redis.hgetall(self.record_key(task_id))
         return {k.decode(): v for k, v in raw.items()}
 
     def revoke_pending(self, task_id: str, raw_event: bytes, channel: str) -> bool:
         """Mark a not-yet-started task REVOKED (atomically with the start check)."""
-        with _translate_errors(self.url):
+        with self.translate_errors():
             keys = [self.record_key(task_id), channel]
             return bool(self._revoke(keys=keys, args=[raw_event, self._ttl, CHANNEL_MAXLEN]))
+
+    def purge(self, queues: Sequence[str]) -> list[str]:
+        """Delete the messages waiting on ``queues`` (ETA ones too); their task ids."""
+        keys = [key for queue in queues for key in (self.queue_key(queue), self.eta_key(queue))]
+        with self.translate_errors():
+            return [raw.decode() for raw in self._purge(keys=keys, args=[GROUP])]
 
     # Worker side -----------------------------------------------------------------------------
     def ensure_queues(self, queues: Iterable[str]) -> None:
         """Create each queue's stream and consumer group if missing."""
-        with _translate_errors(self.url):
+        with self.translate_errors():
             for queue in queues:
                 try:
                     self.redis.xgroup_create(self.queue_key(queue), GROUP, id="0", mkstream=True)
@@ -369,7 +392,11 @@ class RedisBroker:
         The delivery comes with its start verdict (``Delivery.verdict``), decided by
         Redis in the same round trip.
         """
-        with _translate_errors(self.url):
+        with self.translate_errors():
+            if getattr(self._local, "read_lost", False):
+                recovered = self._recover_lost_read(queues, consumer)
+                if recovered is not None:
+                    return recovered
             if len(queues) == 1:
                 return self._read_one(queues[0], consumer, block_seconds, ())
             with self._queues_may_be_gone(queues):
@@ -418,6 +445,29 @@ class RedisBroker:
             delivery = _with_verdict(delivery, verdict[1])
         return delivery
 
+    def _recover_lost_read(self, queues: Sequence[str], consumer: str) -> Delivery | None:
+        """A delivery given to ``consumer`` by a read whose reply was lost, if any.
+
+        A connection that dies while a read is being served loses the entry the read
+        delivered: it waits in the consumer's pending list, which nothing else looks at
+        while the worker lives (its supervisor renews the lease). So after any connection
+        error the next fetch looks there first, until it finds nothing.
+        """
+        keys = [self.queue_key(queue) for queue in queues]
+        reply = None
+        with self._queues_may_be_gone(queues):
+            reply = self._recover(
+                keys=keys, args=[GROUP, consumer, self.record_key(""), self._ttl, *self._identity()]
+            )
+        if not reply:
+            self._local.read_lost = False
+            return None
+        index, entry_id, fields, verdict = reply
+        delivery = _with_verdict(_delivery(queues[int(index) - 1], entry_id, fields), verdict)
+        log.warning("took back entry %s of queue %s, delivered while the connection was lost",
+                    delivery.delivery_id, delivery.queue)  # fmt: skip
+        return delivery
+
     def _fetch_many(
         self, queues: Sequence[str], consumer: str, block_seconds: float
     ) -> Delivery | None:
@@ -456,14 +506,14 @@ class RedisBroker:
             "start", [], task_id, self.record_key(""), self._ttl,
             record.get("worker", ""), record.get("pid", ""),
         )  # fmt: skip
-        with _translate_errors(self.url):
+        with self.translate_errors():
             (reply,) = self._run_scripts([command])
         verdict = bytes(reply).decode()
         return None if verdict == "OK" else verdict
 
     def emit(self, channel: str, raw_events: Sequence[bytes]) -> None:
         """Append events to a client's channel in one round trip."""
-        with _translate_errors(self.url):
+        with self.translate_errors():
             self._run([self._xadd_event(channel, raw) for raw in raw_events])
 
     def _xadd_event(self, channel: str, raw: bytes) -> tuple[Any, ...]:
@@ -501,12 +551,13 @@ class RedisBroker:
         command = self._evalsha(
             "finish", keys, self._ttl, CHANNEL_MAXLEN, raw_event, entry, later, repr(due), *fields
         )
-        if then_fetch is None or len(then_fetch[0]) != 1:
-            with _translate_errors(self.url):
+        read_lost = getattr(self._local, "read_lost", False)  # fetch() recovers that first
+        if then_fetch is None or len(then_fetch[0]) != 1 or read_lost:
+            with self.translate_errors():
                 self._run_scripts([command], large=len(raw_event) >= _LARGE_BYTES)
             return None
         queues, consumer, block_seconds = then_fetch
-        with _translate_errors(self.url):
+        with self.translate_errors():
             return self._read_one(queues[0], consumer, block_seconds, [command])
 
     def _fetch_command(self, queue: str, consumer: str, block_seconds: float) -> tuple[Any, ...]:
@@ -516,7 +567,7 @@ class RedisBroker:
 
     def release(self, task_id: str) -> None:
         """Undo a start verdict for a message that then failed verification."""
-        with _translate_errors(self.url):
+        with self.translate_errors():
             self.redis.hset(self.record_key(task_id), "state", "PENDING")
 
     def rate_wait(self, bucket: str, rate: float) -> float:
@@ -524,22 +575,22 @@ class RedisBroker:
         command = self._evalsha(
             "rate", [f"{self._prefix}:rate:{bucket}"], repr(rate), repr(time.time())
         )
-        with _translate_errors(self.url):
+        with self.translate_errors():
             (reply,) = self._run_scripts([command])
         return float(reply)
 
     def send_control(self, raw: bytes) -> None:
         """Broadcast a signed control message (e.g. terminate) to every worker."""
-        with _translate_errors(self.url):
+        with self.translate_errors():
             self._run([("XADD", self._control_key, "MAXLEN", "~", 1000, "*", "e", raw)])
 
     def read_control(self, after: str) -> list[tuple[str, bytes]]:
         """Control messages after entry ``after`` (``"$"``: from now on), without waiting."""
         if after == "$":
-            with _translate_errors(self.url):
+            with self.translate_errors():
                 (last,) = self._run([("XREVRANGE", self._control_key, "+", "-", "COUNT", 1)])
             return [(last[0][0].decode() if last else "0-0", b"")]
-        with _translate_errors(self.url):
+        with self.translate_errors():
             (reply,) = self._run([("XREAD", "COUNT", 100, "STREAMS", self._control_key, after)])
         out = []
         for _stream, entries in reply or ():
@@ -554,7 +605,7 @@ class RedisBroker:
     def discard(self, delivery: Delivery) -> None:
         """Acknowledge and delete a delivery that must not run."""
         stream = self.queue_key(delivery.queue)
-        with _translate_errors(self.url):
+        with self.translate_errors():
             self._run(
                 [
                     ("XACK", stream, GROUP, delivery.delivery_id),
@@ -565,7 +616,7 @@ class RedisBroker:
     def requeue(self, delivery: Delivery, task_id: str) -> None:
         """Re-add the message with its redelivery count raised, and drop the old entry."""
         stream = self.queue_key(delivery.queue)
-        with _translate_errors(self.url), self.redis.pipeline(transaction=True) as pipe:
+        with self.translate_errors(), self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(stream, {"e": delivery.raw, "n": delivery.deliveries + 1, "i": task_id})
             pipe.hset(self.record_key(task_id), "state", "PENDING")
             pipe.xack(stream, GROUP, delivery.delivery_id)
@@ -575,7 +626,7 @@ class RedisBroker:
     def dead_letter(self, delivery: Delivery) -> None:
         """Move the message to the dead-letter stream and acknowledge it."""
         stream = self.queue_key(delivery.queue)
-        with _translate_errors(self.url), self.redis.pipeline(transaction=True) as pipe:
+        with self.translate_errors(), self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(
                 self.dead_letter_key,
                 {"e": delivery.raw, "q": delivery.queue, "n": delivery.deliveries},
@@ -596,7 +647,7 @@ class RedisBroker:
         """
         out: list[Delivery] = []
         idle = int(min_idle * 1000) or None
-        with _translate_errors(self.url), self._queues_may_be_gone(queues):
+        with self.translate_errors(), self._queues_may_be_gone(queues):
             for queue in queues:
                 stream = self.queue_key(queue)
                 pending = self.redis.xpending_range(
@@ -623,12 +674,12 @@ class RedisBroker:
     ) -> None:
         """Refresh the worker's presence and reset the idle time of its pending entries."""
         ttl_ms = int(3 * self.settings.heartbeat_interval * 1000)
-        with _translate_errors(self.url):
+        with self.translate_errors():
             pipe = self.redis.pipeline(transaction=False)
             pipe.set(self._hb_key(worker_id), info, px=ttl_ms)
             pipe.hset(self._workers_key, worker_id, info)
             pipe.execute()
-        with _translate_errors(self.url), self._queues_may_be_gone(queues):
+        with self.translate_errors(), self._queues_may_be_gone(queues):
             for queue in queues:
                 stream = self.queue_key(queue)
                 for consumer in consumers:
@@ -641,7 +692,7 @@ class RedisBroker:
 
     def unregister(self, worker_id: str, consumers: Sequence[str], queues: Sequence[str]) -> None:
         """Forget a worker and delete its (idle) consumers."""
-        with _translate_errors(self.url):
+        with self.translate_errors():
             pipe = self.redis.pipeline(transaction=False)
             pipe.delete(self._hb_key(worker_id))
             pipe.hdel(self._workers_key, worker_id)
@@ -660,7 +711,7 @@ class RedisBroker:
         return self._registered(alive=False)
 
     def _registered(self, *, alive: bool) -> dict[str, str]:
-        with _translate_errors(self.url):
+        with self.translate_errors():
             registered: dict[bytes, bytes] = self.redis.hgetall(self._workers_key)
             ids = list(registered)
             beats = self.redis.mget([self._hb_key(w.decode()) for w in ids]) if ids else []
@@ -672,14 +723,14 @@ class RedisBroker:
 
     def claim_dead_worker(self, worker_id: str) -> bool:
         """Win the right to clean up ``worker_id`` for the next two heartbeats."""
-        with _translate_errors(self.url):
+        with self.translate_errors():
             lock = f"{self._prefix}:reclaim:{worker_id}"
             hold_ms = max(100, int(2000 * self.settings.heartbeat_interval))
             return bool(self.redis.set(lock, b"1", nx=True, px=hold_ms))
 
     def holds_pending(self, queues: Sequence[str], consumers: Sequence[str]) -> bool:
         """True if any of ``consumers`` still holds an unacknowledged delivery."""
-        with _translate_errors(self.url), self._queues_may_be_gone(queues):
+        with self.translate_errors(), self._queues_may_be_gone(queues):
             for queue in queues:
                 summary = self.redis.xpending(self.queue_key(queue), GROUP)
                 holders = {c["name"].decode() for c in summary.get("consumers", [])}
@@ -691,7 +742,7 @@ class RedisBroker:
         """Claim entries nobody renewed for ``visibility_timeout`` (a backstop)."""
         min_idle = int(self.settings.visibility_timeout * 1000)
         out: list[Delivery] = []
-        with _translate_errors(self.url), self._queues_may_be_gone(queues):
+        with self.translate_errors(), self._queues_may_be_gone(queues):
             for queue in queues:
                 cursor = "0-0"
                 while True:  # the whole pending list, a hundred entries at a time
@@ -711,13 +762,13 @@ class RedisBroker:
         keys: list[str] = []
         for queue in queues:
             keys += [self.eta_key(queue), self.queue_key(queue)]
-        with _translate_errors(self.url):
+        with self.translate_errors():
             nxt = self._move_due(keys=keys, args=[repr(time.time())])
         return float(nxt) if nxt else None
 
     def forget_worker(self, worker_id: str) -> None:
         """Drop a dead worker from the registry once its deliveries are handled."""
-        with _translate_errors(self.url):
+        with self.translate_errors():
             self.redis.hdel(self._workers_key, worker_id)
 
 

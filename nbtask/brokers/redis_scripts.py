@@ -5,7 +5,10 @@ Scripts see keys and arguments exactly as the Python side documents them beside 
 
 from __future__ import annotations
 
-__all__ = ["FETCH", "FINISH", "MOVE_DUE", "PUBLISH", "RATE", "REVOKE", "START", "STARTED"]
+__all__ = [
+    "FETCH", "FINISH", "MOVE_DUE", "PUBLISH", "PURGE", "RATE", "RECOVER", "REVOKE", "START",
+    "STARTED",
+]  # fmt: skip
 
 # Mark a task STARTED unless it must not run, atomically with its delivery. A task may
 # start only from PENDING/RETRY (or with no record, e.g. an expired one): this refuses
@@ -70,6 +73,37 @@ START = (
     CHECK_START
     + """
 return check_start({'i', ARGV[1]}, ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+"""
+)
+
+# A delivery this consumer was given by a read whose reply never reached it (the
+# connection died while the read was served): the oldest entry still pending for it, with
+# its start verdict. That read's start check ran, so a task STARTED by this very process
+# (worker, pid) may start: 'OK'. One STARTED by another process is a dead child's, left
+# for its supervisor to settle.
+# KEYS: streams; ARGV: group, consumer, record key prefix, ttl, worker, pid
+RECOVER = (
+    CHECK_START
+    + """
+for i, key in ipairs(KEYS) do
+  for _, p in ipairs(redis.call('XPENDING', key, ARGV[1], '-', '+', 10, ARGV[2])) do
+    local entry = redis.call('XRANGE', key, p[1], p[1])
+    if #entry == 0 then
+      redis.call('XACK', key, ARGV[1], p[1])  -- deleted meanwhile
+    else
+      local fields, task_id = entry[1][2], nil
+      for j = 1, #fields, 2 do if fields[j] == 'i' then task_id = fields[j + 1] end end
+      local r = {}
+      if task_id then r = redis.call('HMGET', ARGV[3] .. task_id, 'state', 'worker', 'pid') end
+      if r[1] == 'STARTED' and r[2] == ARGV[5] and r[3] == ARGV[6] then
+        return {i, p[1], fields, 'OK'}
+      elseif r[1] ~= 'STARTED' then
+        return {i, p[1], fields, check_start(fields, ARGV[3], ARGV[4], ARGV[5], ARGV[6])}
+      end
+    end
+  end
+end
+return false
 """
 )
 
@@ -164,4 +198,36 @@ for i = 1, #KEYS, 2 do
 end
 if nxt then return tostring(nxt) end
 return false
+"""
+
+# Delete every message still waiting: stream entries no worker was given yet (after the
+# group's last-delivered id; ones being run stay) and the whole ETA set. Returns the task
+# ids the entries named. KEYS: stream, eta set, ...; ARGV: group
+PURGE = """
+local ids = {}
+for i = 1, #KEYS, 2 do
+  local last = '0-0'
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[i])) do
+      local name, delivered
+      for j = 1, #g, 2 do
+        if g[j] == 'name' then name = g[j + 1] end
+        if g[j] == 'last-delivered-id' then delivered = g[j + 1] end
+      end
+      if name == ARGV[1] then last = delivered end
+    end
+  end
+  for _, entry in ipairs(redis.call('XRANGE', KEYS[i], last, '+')) do
+    if entry[1] ~= last then
+      local fields = entry[2]
+      for j = 1, #fields, 2 do if fields[j] == 'i' then table.insert(ids, fields[j + 1]) end end
+      redis.call('XDEL', KEYS[i], entry[1])
+    end
+  end
+  for _, m in ipairs(redis.call('ZRANGE', KEYS[i + 1], 0, -1)) do
+    table.insert(ids, string.sub(m, 1, (string.find(m, ':', 1, true) or 1) - 1))
+  end
+  redis.call('DEL', KEYS[i + 1])
+end
+return ids
 """
