@@ -102,6 +102,7 @@ from kombu.exceptions import OperationalError
 
 from nbtask._urls import redact_url
 from nbtask.brokers import Delivery, Publish, kombu_scripts
+from nbtask.brokers.kombu_lost import LOST_HOLDER, LostDeliveries
 from nbtask.brokers.redis import CHANNEL_MAXLEN, RedisBroker
 from nbtask.errors import BrokerUnavailable, ConfigurationError
 from nbtask.settings import Settings
@@ -110,11 +111,8 @@ __all__ = ["CONSUMER_TIMEOUT_MS", "LOST_HOLDER", "KombuBroker"]
 
 log = logging.getLogger(__name__)
 
-#: The pseudo worker listed by ``dead_workers`` while lost deliveries wait to be settled.
-LOST_HOLDER = "nbtask-amqp-redelivered"
 #: ``x-consumer-timeout`` of task queues on RabbitMQ >= 3.12, milliseconds (7 days).
 CONSUMER_TIMEOUT_MS = 7 * 24 * 3600 * 1000
-_LOST_LEASE = 30.0  # a claimed lost delivery is claimable again after this, seconds
 _MOVING_STUCK = 30.0  # an ETA message claimed but not published after this is resent
 _ID_HEADER = "nbtask-id"
 _DELIVERIES_HEADER = "nbtask-deliveries"
@@ -168,6 +166,7 @@ class KombuBroker:
         self.url = url
         self.settings = settings
         self.store = RedisBroker(settings.result_url, settings, role="result store")
+        self.lost = LostDeliveries(self.store)
         self._prefix = settings.key_prefix
         self._ttl = int(settings.result_ttl)
         self._local = threading.local()
@@ -180,8 +179,6 @@ class KombuBroker:
         self._whoami: tuple[str, int] = ("", -1)
         redis_client = self.store.redis
         self._start = redis_client.register_script(kombu_scripts.START)
-        self._park = redis_client.register_script(kombu_scripts.PARK)
-        self._claim_script = redis_client.register_script(kombu_scripts.CLAIM)
         self._record = redis_client.register_script(kombu_scripts.RECORD)
         self._move = redis_client.register_script(kombu_scripts.MOVE_DUE)
         self._consumer_timeout: bool | None = None
@@ -198,13 +195,6 @@ class KombuBroker:
     def _queue_of(self, amqp_name: str) -> str:
         head = f"{self._prefix}:q:"
         return amqp_name[len(head) :] if amqp_name.startswith(head) else amqp_name
-
-    @property
-    def _lost_key(self) -> str:
-        return f"{self._prefix}:lost"
-
-    def _lost_entry(self, task_id: str) -> str:
-        return f"{self._prefix}:lost:{task_id}"
 
     def _moving_key(self, queue: str) -> str:
         return f"{self._prefix}:eta-moving:{queue}"
@@ -346,7 +336,7 @@ class KombuBroker:
             keys = [self.store.record_key(msg.task_id), self.store.eta_key(msg.queue)]
             client = msg.record.get("client")
             if client:
-                keys.append(f"{self._prefix}:client-tasks:{client.rsplit(':', 1)[-1]}")
+                keys.append(self.store.client_tasks_key(client))
             member = msg.task_id.encode() + b":" + msg.raw if due else b""
             self._record(
                 keys=keys,
@@ -375,8 +365,7 @@ class KombuBroker:
                     pipe.delete(self.store.record_key(msg.task_id))
                     client = msg.record.get("client")
                     if client:
-                        tasks_key = f"{self._prefix}:client-tasks:{client.rsplit(':', 1)[-1]}"
-                        pipe.zrem(tasks_key, msg.task_id)
+                        pipe.zrem(self.store.client_tasks_key(client), msg.task_id)
                 pipe.execute()
             raise
 
@@ -582,19 +571,12 @@ class KombuBroker:
             if verdict == "LOST":
                 log.warning("task %s was redelivered after its worker lost it; parked for its "
                             "supervisor to settle", task_id)  # fmt: skip
-                self._park_lost(task_id, raw, queue, deliveries)
+                self.lost.park(task_id, raw, queue, deliveries)
                 message.ack()
                 return None
         delivery_id = f"{link.generation}:{message.delivery_tag}"
         link.held[delivery_id] = message
         return Delivery(queue, delivery_id, raw, deliveries, verdict=verdict, task_id=task_id)
-
-    def _park_lost(self, task_id: str, raw: bytes, queue: str, deliveries: int) -> None:
-        with self.store.translate_errors():
-            self._park(
-                keys=[self._lost_key, self._lost_entry(task_id), self.store.record_key(task_id)],
-                args=[task_id, raw, queue, deliveries, repr(time.time())],
-            )
 
     def start(self, task_id: str, record: Mapping[str, str]) -> str | None:
         """Mark STARTED unless the task must not run (for deliveries without a verdict)."""
@@ -645,13 +627,7 @@ class KombuBroker:
 
     def _settle(self, delivery: Delivery) -> None:
         """Acknowledge an AMQP delivery, or drop a parked lost one from the store."""
-        if delivery.delivery_id.startswith("lost:"):
-            task_id = delivery.delivery_id[len("lost:") :]
-            with self.store.translate_errors():
-                pipe = self.store.redis.pipeline(transaction=True)
-                pipe.zrem(self._lost_key, task_id)
-                pipe.delete(self._lost_entry(task_id))
-                pipe.execute()
+        if self.lost.settle(delivery):
             return
         link: _Link | None = getattr(self._local, "link", None)
         message = link.held.pop(delivery.delivery_id, None) if link is not None else None
@@ -716,49 +692,7 @@ class KombuBroker:
         AMQP itself gives a dead consumer's deliveries back; only the ones already parked
         by whoever received them again are returned (``min_idle`` does not apply).
         """
-        return self._claim_lost(None if consumer == LOST_HOLDER else consumer)
-
-    def _claim_lost(self, holder: str | None) -> list[Delivery]:
-        now = time.time()
-        with self.store.translate_errors():
-            ids = [i.decode() for i in self.store.redis.zrangebyscore(
-                self._lost_key, "-inf", now, start=0, num=100
-            )]  # fmt: skip
-            if not ids:
-                return []
-            busy = self._busy_tasks()
-            entries = {}
-            for task_id in ids:
-                fields = self.store.redis.hgetall(self._lost_entry(task_id))
-                if not fields:  # settled meanwhile
-                    self.store.redis.zrem(self._lost_key, task_id)
-                    continue
-                if task_id in busy:
-                    continue  # a live worker still runs it (its channel closed, not it)
-                if holder is not None and fields.get(b"h", b"").decode() != holder:
-                    continue
-                entries[task_id] = fields
-            if not entries:
-                return []
-            claimed = self._claim_script(
-                keys=[self._lost_key], args=[repr(now), repr(_LOST_LEASE), *entries]
-            )
-        out = []
-        for raw_id in claimed:
-            task_id = raw_id.decode()
-            fields = entries[task_id]
-            out.append(Delivery(
-                fields.get(b"q", b"").decode(), f"lost:{task_id}", fields.get(b"e", b""),
-                int(fields.get(b"n", b"0") or 0), task_id=task_id,
-            ))  # fmt: skip
-        return out
-
-    def _busy_tasks(self) -> set[str]:
-        busy: set[str] = set()
-        for info in self.store.workers().values():
-            with contextlib.suppress(ValueError, TypeError, AttributeError):
-                busy.update(str(t) for t in json.loads(info).get("busy", ()) if t)
-        return busy
+        return self.lost.claim(None if consumer == LOST_HOLDER else consumer)
 
     def holds_pending(self, queues: Sequence[str], consumers: Sequence[str]) -> bool:
         """False for real consumers: AMQP gives their deliveries back by itself.
@@ -772,20 +706,11 @@ class KombuBroker:
         self, worker_id: str, info: str, consumers: Sequence[str], queues: Sequence[str]
     ) -> None:
         """Announce a live worker (AMQP needs no lease renewal)."""
-        ttl_ms = int(3 * self.settings.heartbeat_interval * 1000)
-        with self.store.translate_errors():
-            pipe = self.store.redis.pipeline(transaction=False)
-            pipe.set(f"{self._prefix}:hb:{worker_id}", info, px=ttl_ms)
-            pipe.hset(f"{self._prefix}:workers", worker_id, info)
-            pipe.execute()
+        self.store.heartbeat(worker_id, info, (), ())
 
     def unregister(self, worker_id: str, consumers: Sequence[str], queues: Sequence[str]) -> None:
         """Forget a worker."""
-        with self.store.translate_errors():
-            pipe = self.store.redis.pipeline(transaction=False)
-            pipe.delete(f"{self._prefix}:hb:{worker_id}")
-            pipe.hdel(f"{self._prefix}:workers", worker_id)
-            pipe.execute()
+        self.store.unregister(worker_id, (), ())
 
     def dead_workers(self) -> dict[str, str]:
         """Workers whose heartbeat lapsed, plus :data:`LOST_HOLDER` if deliveries wait.
@@ -793,9 +718,7 @@ class KombuBroker:
         Those are deliveries lost by dead children, parked to be settled.
         """
         dead = self.store.dead_workers()
-        with self.store.translate_errors():
-            waiting = self.store.redis.zcount(self._lost_key, "-inf", time.time())
-        if waiting:
+        if self.lost.waiting():
             dead[LOST_HOLDER] = json.dumps({"queues": [], "consumers": [LOST_HOLDER]})
         return dead
 
@@ -805,7 +728,7 @@ class KombuBroker:
 
     def stale_deliveries(self, queues: Sequence[str], consumer: str) -> list[Delivery]:
         """Parked lost deliveries (a backstop to the dead-worker sweep)."""
-        return self._claim_lost(None)
+        return self.lost.claim(None)
 
     def move_due(self, queues: Sequence[str]) -> float | None:
         """Publish due ETA messages to their queues; return the next due time."""

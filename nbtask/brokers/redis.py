@@ -126,8 +126,8 @@ class RedisBroker:
         """The stream carrying events to one client."""
         return f"{self._prefix}:c:{client_id}"
 
-    def _client_tasks_key(self, channel: str) -> str:
-        # The tasks a client sent, by send time (written at publish, for recent_tasks).
+    def client_tasks_key(self, channel: str) -> str:
+        """The tasks a client sent, by send time (written at publish, for recent_tasks)."""
         return f"{self._prefix}:client-tasks:{channel.rsplit(':', 1)[-1]}"
 
     @property
@@ -179,7 +179,7 @@ class RedisBroker:
             fields = [part for item in msg.record.items() for part in item]
             record = self.record_key(msg.task_id)
             client = msg.record.get("client")
-            index = (self._client_tasks_key(client),) if client else ()
+            index = (self.client_tasks_key(client),) if client else ()
             if len(msg.raw) < _LARGE_BYTES:
                 keys = (self.queue_key(msg.queue), self.eta_key(msg.queue), record, *index)
                 commands.append(self._evalsha(
@@ -347,7 +347,7 @@ class RedisBroker:
                 return []
             pipe = self.redis.pipeline(transaction=False)
             for name in channels:
-                pipe.zrevrange(self._client_tasks_key(name), 0, limit - 1, withscores=True)
+                pipe.zrevrange(self.client_tasks_key(name), 0, limit - 1, withscores=True)
             replies = pipe.execute()
         found = [
             (task_id.decode(), name, float(score))
