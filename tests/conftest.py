@@ -205,15 +205,8 @@ def start_worker(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., W
     started: list[WorkerProcess] = []
 
     def start(*extra: str, concurrency: int = 2, wait: bool = True) -> WorkerProcess:
-        env = dict(os.environ)
-        env.update(
-            {
-                "NBTASK_SECRET": settings.secret or "",
-                "NBTASK_HEARTBEAT_INTERVAL": str(settings.heartbeat_interval),
-                "NBTASK_VISIBILITY_TIMEOUT": str(settings.visibility_timeout),
-                "PYTHONPATH": str(ROOT),
-            }
-        )
+        # The test's settings, except where it set a variable for its workers alone.
+        env = {**settings.to_env(), **os.environ, "PYTHONPATH": str(ROOT)}
         log = tmp_path / f"worker-{len(started)}.log"
         command = [
             sys.executable,

@@ -155,7 +155,6 @@ def test_cut_while_tasks_run_and_others_wait(
     start_worker,
     route: Route,
     settings: Settings,
-    prefix: str,
     redis_url: str,
     tmp_path: Path,
 ) -> None:
@@ -205,7 +204,6 @@ def test_cut_again_and_again_under_load(
     start_worker,
     route: Route,
     settings: Settings,
-    prefix: str,
     redis_url: str,
     tmp_path: Path,
 ) -> None:

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
-from raw_broker import raw_broker
+from raw_broker import RawBroker, raw_broker
 
 import nbtask
 from nbtask import App, Settings, State
+from nbtask._urls import redact_url
 
 pytestmark = pytest.mark.brokers
 
@@ -84,8 +85,8 @@ def test_load_from_four_clients_nothing_lost_nothing_twice(
     assert len(runs) == 10_000, "tasks were lost"
     assert max(runs.values()) == 1, "a task ran twice"
     print(
-        f"{settings.broker_url}: 10,000 tasks from 4 clients on 2 workers x 2 children: "
-        f"{elapsed:.1f} s, client peak RSS {peak_rss:.0f} MiB"
+        f"{redact_url(settings.broker_url or '')}: 10,000 tasks from 4 clients on 2 workers "
+        f"x 2 children: {elapsed:.1f} s, client peak RSS {peak_rss:.0f} MiB"
     )
 
 
@@ -105,7 +106,7 @@ app.close()
 
 
 def test_client_gone_results_wait_for_re_attach(
-    settings: Settings, start_worker, tmp_path: Path
+    settings: Settings, start_worker, access: RawBroker, tmp_path: Path
 ) -> None:
     start_worker(concurrency=2)
     ids_file = tmp_path / "ids"
@@ -133,3 +134,6 @@ def test_client_gone_results_wait_for_re_attach(
     finally:
         later.close()
     assert results == [2 * i for i in range(20)]
+    # Kept until result_ttl, then gone: every record carries that expiry.
+    ttls = [access.store.ttl(access.keys.record_key(task_id)) for task_id in ids]
+    assert all(0 < ttl <= settings.result_ttl for ttl in ttls), ttls
