@@ -253,6 +253,11 @@ class Child:
     def _report_unverifiable(self, task_id: str, exc: BaseException) -> None:
         """Settle a task whose message failed verification (it was marked STARTED)."""
         channel = self.broker.get_record(task_id).get("client", b"").decode()
+        if not channel:
+            # No client sent this task: the id beside the message was forged, and the
+            # record is the start check's alone.
+            self.broker.forget_unsent(task_id)
+            return
         event = _failure(task_id, FINAL_SEQ, NbtaskError(
             f"the message for this task failed verification and was not run: {exc}"
         ))  # fmt: skip
@@ -260,8 +265,7 @@ class Child:
         record: dict[str, str | bytes] = {
             "state": State.FAILURE.value, "result": raw, "finished_at": repr(time.time()),
         }  # fmt: skip
-        if channel:
-            self.broker.finish(None, task_id, channel, raw, record)
+        self.broker.finish(None, task_id, channel, raw, record)
 
     def _rate_limited(self, delivery: Delivery, message: TaskMessage, task: Task) -> bool:
         """Put a task over its rate limit back for later, without holding this slot."""

@@ -272,6 +272,40 @@ def test_worker_rejects_forged_message(
     assert "Traceback" not in small_worker.log.read_text()
 
 
+@pytest.mark.parametrize("kind", ["wrong-key", "tampered-body"])
+def test_forged_message_naming_an_unknown_task_leaves_no_record(
+    kind: str, app: App, access: RawBroker, small_worker: WorkerProcess, tmp_path: Path
+) -> None:
+    """The task id beside a message is the attacker's too: the start check may mark it
+    STARTED before the signature is checked, and that record must not outlive the check."""
+    attack = Attack(app, tmp_path)
+    raw = FORGERIES[kind](attack)
+    access.inject(raw, task_id=attack.task_id)
+    wait_for(lambda: len(access.dead_letters()) == 1, what="the worker to dead-letter it")
+    _assert_still_serving(app, small_worker, {c.pid for c in small_worker.children()})
+    assert access.record(attack.task_id) == {}
+    assert not attack.trace.exists() and not attack.marker.exists()
+    assert len(_log_lines(small_worker, "rejected")) == 1
+
+
+def test_forged_message_naming_a_pending_task_fails_it_and_says_why(
+    app: App, access: RawBroker, start_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    """A message that does not verify, beside the id of a real queued task, is refused; the
+    start check had already claimed that task, so its client is told it was not run."""
+    attack = Attack(app, tmp_path)
+    # The genuine message waits for its countdown; the forgery is on the queue now.
+    genuine = app.send_task(ADD_TASK, (1, 2), countdown=3.0)
+    access.inject(_wrong_key(attack), task_id=genuine.id)
+    worker = start_worker(concurrency=1)
+    with pytest.raises(nbtask.NbtaskError, match="failed verification"):
+        genuine.get(timeout=15)
+    assert access.record(genuine.id)[b"state"] == b"FAILURE"
+    assert not attack.trace.exists() and not attack.marker.exists()
+    assert len(_log_lines(worker, "rejected")) == 1
+    assert app.send_task(ADD_TASK, (2, 2)).get(timeout=15) == 4
+
+
 @pytest.mark.parametrize("named", [True, False], ids=["id-named", "id-unnamed"])
 def test_worker_drops_replay_of_finished_task(
     named: bool,

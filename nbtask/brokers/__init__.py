@@ -103,8 +103,8 @@ class Broker(Protocol):
     def start(self, task_id: str, record: Mapping[str, str]) -> str | None:
         """Record a task as STARTED (atomically checked); else return the state forbidding it."""
 
-    def release(self, task_id: str) -> None:
-        """Undo a start verdict for a message that then failed verification."""
+    def forget_unsent(self, task_id: str) -> None:
+        """Delete a record that only a start check wrote: no client ever sent that task."""
 
     def emit(self, channel: str, raw_events: Sequence[bytes]) -> None:
         """Send events to a client's channel."""

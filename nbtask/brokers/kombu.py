@@ -582,9 +582,9 @@ class KombuBroker:
         """Mark STARTED unless the task must not run (for deliveries without a verdict)."""
         return self.store.start(task_id, record)
 
-    def release(self, task_id: str) -> None:
-        """Undo a start verdict for a message that then failed verification."""
-        self.store.release(task_id)
+    def forget_unsent(self, task_id: str) -> None:
+        """Delete a record that only a start check wrote (in the store)."""
+        self.store.forget_unsent(task_id)
 
     def emit(self, channel: str, raw_events: Sequence[bytes]) -> None:
         """Keep events in the client's stream, then publish them to its reply queue."""

@@ -97,6 +97,7 @@ class RedisBroker:
         self._revoke = self.redis.register_script(scripts.REVOKE)
         self._move_due = self.redis.register_script(scripts.MOVE_DUE)
         self._purge = self.redis.register_script(scripts.PURGE)
+        self._forget = self.redis.register_script(scripts.FORGET_UNSENT)
         self._recover = self.redis.register_script(scripts.RECOVER)
         self._ttl = int(settings.result_ttl)
 
@@ -565,10 +566,10 @@ class RedisBroker:
         return ("XREADGROUP", "GROUP", GROUP, consumer, "COUNT", 1, "BLOCK", block,
                 "STREAMS", self.queue_key(queue), ">")  # fmt: skip
 
-    def release(self, task_id: str) -> None:
-        """Undo a start verdict for a message that then failed verification."""
+    def forget_unsent(self, task_id: str) -> None:
+        """Delete a record that only a start check wrote (it names no client)."""
         with self.translate_errors():
-            self.redis.hset(self.record_key(task_id), "state", "PENDING")
+            self._forget(keys=[self.record_key(task_id)])
 
     def rate_wait(self, bucket: str, rate: float) -> float:
         """Take the token of ``bucket`` (``rate`` per second) or say how long to wait."""

@@ -6,8 +6,8 @@ Scripts see keys and arguments exactly as the Python side documents them beside 
 from __future__ import annotations
 
 __all__ = [
-    "FETCH", "FINISH", "MOVE_DUE", "PUBLISH", "PURGE", "RATE", "RECOVER", "REVOKE", "START",
-    "STARTED",
+    "FETCH", "FINISH", "FORGET_UNSENT", "MOVE_DUE", "PUBLISH", "PURGE", "RATE", "RECOVER",
+    "REVOKE", "START", "STARTED",
 ]  # fmt: skip
 
 # Mark a task STARTED unless it must not run, atomically with its delivery. A task may
@@ -230,4 +230,11 @@ for i = 1, #KEYS, 2 do
   redis.call('DEL', KEYS[i + 1])
 end
 return ids
+"""
+
+# A record without a client was written by a start check alone, for a task id that came
+# beside a message no client sent (it then failed verification): delete it. KEYS: record
+FORGET_UNSENT = """
+if redis.call('HEXISTS', KEYS[1], 'client') == 0 then return redis.call('DEL', KEYS[1]) end
+return 0
 """
