@@ -88,7 +88,8 @@ class _Pair:
 
     def join(self, timeout: float) -> None:
         for thread in self.threads:
-            if thread is not threading.current_thread():
+            # A pair cut between its registration and start() has pumps not yet started.
+            if thread.ident is not None and thread is not threading.current_thread():
                 thread.join(timeout)
 
 

@@ -64,6 +64,6 @@ def test_binder_environment_runs_the_quickstart(tmp_path: Path) -> None:
         cwd=work, env=env, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    assert "total = 22499775000500000" in run.stdout
-    assert "long_task is REVOKED" in run.stdout
+    assert "total = 22499775000500000" in run.stdout, run.stdout
+    assert "long_task is REVOKED" in run.stdout, run.stdout
     assert (work / "executed.ipynb").exists()
