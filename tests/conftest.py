@@ -83,6 +83,12 @@ def prefix(redis_url: str) -> Iterator[str]:
     client.close()
 
 
+def client_env(settings: Settings) -> dict[str, str]:
+    """The environment of a client process with these settings and no others."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NBTASK_")}
+    return {**env, **settings.to_env(), "PYTHONPATH": str(ROOT)}
+
+
 def amqp_reachable() -> None:
     """Fail, saying how to start it, unless RabbitMQ answers at AMQP_URL."""
     import kombu

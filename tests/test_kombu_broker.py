@@ -7,14 +7,13 @@ Faults, reliability and security run on both brokers in their own modules
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import AMQP_URL, ROOT, SECRET, wait_until
+from conftest import AMQP_URL, ROOT, SECRET, client_env, wait_until
 from raw_broker import raw_broker
 
 import nbtask
@@ -107,10 +106,8 @@ def test_reattach_from_a_second_process(
         "print(app.handle(sys.argv[1]).get(timeout=15), app.handle(sys.argv[2]).get(timeout=15))\n"
         "app.close()\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NBTASK_")}
-    env.update(settings.to_env(), PYTHONPATH=str(ROOT))
     out = subprocess.run(
-        [sys.executable, "-c", code, running.id, done.id], env=env, cwd=ROOT,
+        [sys.executable, "-c", code, running.id, done.id], env=client_env(settings), cwd=ROOT,
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr

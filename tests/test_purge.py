@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, wait_until
+from conftest import client_env, wait_until
 from raw_broker import RawBroker
 
 import nbtask
@@ -51,8 +50,7 @@ def test_purge_command_asks_first_then_purges(
     app: App, settings: Settings, access: RawBroker
 ) -> None:
     handles = [app.send_task("tests.sample_tasks.add", (i, i)) for i in range(2)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NBTASK_")}
-    env.update(settings.to_env(), PYTHONPATH=str(ROOT))
+    env = client_env(settings)
     command = [sys.executable, "-m", "nbtask", "purge", "-Q", "default"]
 
     declined = subprocess.run(command, input="n\n", env=env, capture_output=True, text=True,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import client_env
 from raw_broker import RawBroker, raw_broker
 
 import nbtask
@@ -20,12 +19,6 @@ from nbtask import App, Settings, State
 from nbtask._urls import redact_url
 
 pytestmark = pytest.mark.brokers
-
-
-def _client_env(settings: Settings) -> dict[str, str]:
-    """The environment of a client process with these settings (and nothing else)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NBTASK_")}
-    return {**env, **settings.to_env(), "PYTHONPATH": str(ROOT)}
 
 
 def test_poison_message_is_redelivered_up_to_the_cap_then_dead_lettered(
@@ -66,7 +59,7 @@ def test_load_from_four_clients_nothing_lost_nothing_twice(
     clients = [
         subprocess.Popen(
             [sys.executable, str(script), str(ledger), "2500"],
-            env=_client_env(settings),
+            env=client_env(settings),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -123,7 +116,7 @@ def test_client_gone_results_wait_for_re_attach(
     """)
     )
     gone = subprocess.run(
-        [sys.executable, str(script)], env=_client_env(settings), capture_output=True,
+        [sys.executable, str(script)], env=client_env(settings), capture_output=True,
         text=True, check=False,
     )  # fmt: skip
     assert gone.returncode == -signal.SIGKILL, gone.stderr

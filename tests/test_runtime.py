@@ -6,7 +6,6 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
-import os
 import queue
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import wait_until
+from conftest import client_env, wait_until
 from raw_broker import RawBroker
 
 import nbtask
@@ -337,10 +336,7 @@ def test_reattach_from_a_second_process(
         [sys.executable, "-c", REATTACH_SCRIPT, json.dumps(cfg)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env={
-            **{k: v for k, v in os.environ.items() if not k.startswith("NBTASK_")},
-            **settings.to_env(),
-        },
+        env=client_env(settings),
     )
     try:
         out = _line_reader(proc.stdout)
