@@ -30,7 +30,7 @@ def main() -> None:
         ip = start_ipython()
         assert ip is not None
         ip.run_line_magic("load_ext", "nbtask")
-        from nbtask.magics import session_of
+        from nbtask.notebook.magics import session_of
 
         session = session_of(ip)
         assert session is not None

@@ -9,8 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from nbtask._version import __version__
-from nbtask.app import App
-from nbtask.canvas import Chain, Group, GroupHandle, Signature, chain, group
+from nbtask.client.app import App
+from nbtask.core.canvas import Chain, Group, GroupHandle, Signature, chain, group
+from nbtask.core.context import current_request, progress, track
+from nbtask.core.handle import TaskHandle
+from nbtask.core.task import ExceptionInfo, Task
 from nbtask.errors import (
     BrokerUnavailable,
     ConfigurationError,
@@ -28,22 +31,20 @@ from nbtask.errors import (
     TooLarge,
     WorkerLost,
 )
-from nbtask.events import Progress, State
-from nbtask.handle import TaskHandle
 from nbtask.settings import Settings
-from nbtask.task import ExceptionInfo, Task, current_request, progress, track
+from nbtask.wire.events import Progress, State
 
 
 def load_ipython_extension(shell: Any) -> None:
     """``%load_ext nbtask``; imports the notebook layer (IPython, ipywidgets) only now."""
-    from nbtask.magics import load_ipython_extension as load
+    from nbtask.notebook.magics import load_ipython_extension as load  # noqa: PLC0415 - heavy
 
     load(shell)
 
 
 def unload_ipython_extension(shell: Any) -> None:
     """``%unload_ext nbtask``: remove the magics' hooks and stop what they started."""
-    from nbtask.magics import unload_ipython_extension as unload
+    from nbtask.notebook.magics import unload_ipython_extension as unload  # noqa: PLC0415
 
     unload(shell)
 

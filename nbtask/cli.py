@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import json
 import logging
 import os
 import secrets
@@ -17,9 +16,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nbtask._version import __version__
-from nbtask.errors import ConfigurationError, NbtaskError
+from nbtask.brokers import open_broker
+from nbtask.client.app import App
+from nbtask.client.embedded import start_redis_server
+from nbtask.core.task import Task
+from nbtask.errors import ConfigurationError, NbtaskError, NotebookFailed
 from nbtask.settings import Settings, read_secret_file
-from nbtask.task import Task
+from nbtask.wire.events import State
+from nbtask.worker import Worker
 
 __all__ = ["main"]
 
@@ -230,8 +234,6 @@ def _logging(level: str) -> None:
 
 
 def _run_worker(args: argparse.Namespace) -> int:
-    from nbtask.worker import Worker
-
     settings = _settings(args)
     _logging(args.loglevel)
     queues = _queue_names(args.queues)
@@ -249,9 +251,6 @@ def _run_worker(args: argparse.Namespace) -> int:
 
 
 def _run_cluster(args: argparse.Namespace) -> int:
-    from nbtask.embedded import start_redis_server
-    from nbtask.worker import Worker
-
     settings = _settings(args)
     _logging(args.loglevel)
     secret = settings.secret or secrets.token_hex(32)
@@ -284,12 +283,9 @@ def _run_cluster(args: argparse.Namespace) -> int:
             shutil.rmtree(directory, ignore_errors=True)
 
 
-def _announce_embedded(worker: object) -> None:
+def _announce_embedded(worker: Worker) -> None:
     # The client waits for this one line; after it, stdout goes nowhere so a full pipe
     # can never block the worker.
-    from nbtask.worker import Worker
-
-    assert isinstance(worker, Worker)
     print(f"READY {worker.url}", flush=True)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
@@ -297,59 +293,64 @@ def _announce_embedded(worker: object) -> None:
 
 
 def _run_status(args: argparse.Namespace) -> int:
-    from nbtask.brokers import open_broker
-
     settings = _settings(args)
     assert settings.broker_url is not None
-    broker = open_broker(settings, settings.broker_url)
-    workers = broker.workers()
+    transport = open_broker(settings, settings.broker_url)
+    try:
+        workers = transport.store.workers()
+    finally:
+        transport.close()
     if not workers:
         print("no live workers")
     for worker_id, info in sorted(workers.items()):
-        try:
-            data = json.loads(info)
-            line = (
-                f"pid {data['pid']} queues {','.join(data['queues'])} "
-                f"concurrency {data['concurrency']} busy {len(data.get('busy', []))}"
-            )
-        except (ValueError, KeyError, TypeError):
-            line = "(unreadable worker info)"
-        print(f"{worker_id}: {line}")
+        print(
+            f"{_printable(worker_id)}: pid {info.pid} queues {_printable(','.join(info.queues))} "
+            f"concurrency {info.concurrency} busy {len(info.busy)}"
+        )
     return 0
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from nbtask.brokers import open_broker
-
     settings = _settings(args)
     assert settings.broker_url is not None
-    record = open_broker(settings, settings.broker_url).get_record(args.task_id)
-    if not record:
+    transport = open_broker(settings, settings.broker_url)
+    try:
+        record = transport.store.get_record(args.task_id)
+    finally:
+        transport.close()
+    if record is None:
         print(f"nbtask inspect: no task {args.task_id!r} in the result store", file=sys.stderr)
         return 1
-    for key in ("name", "state", "worker", "pid", "started_at", "finished_at"):
-        if key in record:
-            print(f"{key}: {record[key].decode(errors='replace')}")
+    fields = {
+        "name": record.name,
+        "state": record.state.value if record.state is not None else "",
+        "worker": record.worker,
+        "pid": record.pid,
+        "started_at": "" if record.started_at is None else repr(record.started_at),
+        "finished_at": "" if record.finished_at is None else repr(record.finished_at),
+    }
+    for key, value in fields.items():
+        if value:
+            print(f"{key}: {_printable(value)}")
     return 0
 
 
 def _run_cancel(args: argparse.Namespace) -> int:
-    from nbtask.app import App
-
     settings = _settings(args)
     app = App("nbtask-cli", settings=settings)
     try:
-        state = app.broker.get_record(args.task_id).get("state", b"").decode()
-        if not state:
+        record = app.store.get_record(args.task_id)
+        if record is None:
             print(f"nbtask cancel: no task {args.task_id!r} in the result store", file=sys.stderr)
             return 1
         if app.revoke(args.task_id, terminate=True, grace=args.grace):
             print(
                 f"{args.task_id}: revoked"
-                if state != "STARTED"
+                if record.state is not State.STARTED
                 else f"{args.task_id}: running; interrupt sent (kill after {args.grace:g} s)"
             )
             return 0
+        state = record.state.value if record.state is not None else "unknown"
         print(f"nbtask cancel: task {args.task_id!r} already finished ({state})", file=sys.stderr)
         return 1
     finally:
@@ -357,8 +358,6 @@ def _run_cancel(args: argparse.Namespace) -> int:
 
 
 def _run_purge(args: argparse.Namespace) -> int:
-    from nbtask.app import App
-
     settings = _settings(args)
     queues = _queue_names(args.queues) or [settings.default_queue]
     if not args.force:
@@ -376,7 +375,8 @@ def _run_purge(args: argparse.Namespace) -> int:
 
 
 def _run_notebook(args: argparse.Namespace) -> int:
-    from nbtask.runner import NotebookFailed, run_notebook
+    # nbclient and the kernel machinery load only for this command.
+    from nbtask.notebook.headless import run_notebook  # noqa: PLC0415 - heavy
 
     try:
         run_notebook(args.notebook, args.output, broker=args.broker, timeout=args.timeout)
@@ -384,3 +384,8 @@ def _run_notebook(args: argparse.Namespace) -> int:
         print(f"nbtask run: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _printable(text: str) -> str:
+    """``text`` without control characters: registry entries and records are unsigned."""
+    return "".join(ch if ch.isprintable() else "?" for ch in text)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 __all__ = [
     "BrokerUnavailable",
+    "CellError",
     "ConfigurationError",
+    "DecodeError",
     "MaxRetriesExceededError",
     "NbtaskError",
     "NotRegistered",
+    "NotebookFailed",
     "RemoteError",
     "Retry",
     "SerializationError",
@@ -35,6 +38,10 @@ class BrokerUnavailable(NbtaskError, ConnectionError):
 
 class SignatureError(NbtaskError):
     """A message or result failed verification: unsigned, forged, tampered or truncated."""
+
+
+class DecodeError(NbtaskError, ValueError):
+    """A verified message is malformed: a missing field, a wrong type, an unknown kind."""
 
 
 class SerializationError(NbtaskError, TypeError):
@@ -100,14 +107,19 @@ class RemoteError(NbtaskError):
         The worker-side traceback as text.
     task_id
         The id of the task that failed.
+    etype
+        The original type's ``module.QualName``, when the worker sent it.
     """
 
-    def __init__(self, ename: str, evalue: str, traceback: str = "", task_id: str = "") -> None:
+    def __init__(
+        self, ename: str, evalue: str, traceback: str = "", task_id: str = "", etype: str = ""
+    ) -> None:
         super().__init__(ename, evalue)
         self.ename = ename
         self.evalue = evalue
         self.traceback = traceback
         self.task_id = task_id
+        self.etype = etype
 
     def __str__(self) -> str:
         text = f"{self.ename}: {self.evalue}" if self.evalue else self.ename
@@ -128,3 +140,24 @@ class TimeLimitExceeded(RemoteError):
 
 class WorkerLost(RemoteError):
     """The worker process running the task died before it reported a result."""
+
+
+class CellError(NbtaskError):
+    """The pre-send check refused a ``%%task`` cell; nothing was sent."""
+
+
+class NotebookFailed(NbtaskError):
+    """``nbtask run`` failed: a cell raised, a cell timed out, or the kernel died.
+
+    A cell tagged ``raises-exception`` may raise.
+
+    Attributes
+    ----------
+    result : object
+        What ran, and where the executed notebook was written
+        (:class:`nbtask.notebook.headless.RunResult`).
+    """
+
+    def __init__(self, message: str, result: object) -> None:
+        super().__init__(message)
+        self.result = result

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from nbtask.errors import ConfigurationError
 
-__all__ = ["DEFAULT_QUEUE", "Settings"]
+__all__ = ["DEFAULT_QUEUE", "ENVIRONMENT", "KOMBU_SCHEMES", "REDIS_SCHEMES", "Settings"]
 
 DEFAULT_QUEUE = "default"
-_SCHEMES = ("redis", "rediss", "unix")
-_KOMBU_SCHEMES = ("amqp", "amqps", "memory")
+#: Broker URL schemes served by Redis (Streams), and by kombu (AMQP, in-process memory).
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+KOMBU_SCHEMES = ("amqp", "amqps", "memory")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +100,12 @@ class Settings:
             _check_broker_url(self.broker_url)
         if self.result_url is not None:
             _check_broker_url(self.result_url, redis_only=True)
+        self._check_durations()
+        self._check_counts()
+        if not self.key_prefix or any(c in self.key_prefix for c in " \n{}"):
+            raise ConfigurationError("key_prefix must be a non-empty word without spaces or braces")
+
+    def _check_durations(self) -> None:
         for name in ("result_ttl", "visibility_timeout", "heartbeat_interval", "max_age"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -113,72 +120,35 @@ class Settings:
                 "max_age must not exceed result_ttl: an older message could find its "
                 "record expired and run a second time"
             )
-        if self.max_redeliveries < 0:
-            raise ConfigurationError("max_redeliveries must be 0 or more")
-        if self.max_message_bytes < 1024:
-            raise ConfigurationError("max_message_bytes must be at least 1024")
-        if self.worker_concurrency is not None and self.worker_concurrency < 1:
-            raise ConfigurationError("worker_concurrency must be at least 1")
-        if self.embedded_workers < 1:
-            raise ConfigurationError("embedded_workers must be at least 1")
-        if not self.key_prefix or any(c in self.key_prefix for c in " \n{}"):
-            raise ConfigurationError("key_prefix must be a non-empty word without spaces or braces")
+
+    def _check_counts(self) -> None:
+        minimums = {
+            "max_redeliveries": 0,
+            "max_message_bytes": 1024,
+            "worker_concurrency": 1,
+            "embedded_workers": 1,
+        }
+        for name, least in minimums.items():
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise ConfigurationError(f"{name} must be at least {least}, got {value}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         """Read ``NBTASK_*`` variables, then apply ``overrides``.
 
-        Recognised: ``NBTASK_BROKER``, ``NBTASK_RESULT_URL``, ``NBTASK_SECRET``,
-        ``NBTASK_OLD_SECRETS`` (comma-separated),
-        ``NBTASK_SECRET_FILE``, ``NBTASK_INSECURE``, ``NBTASK_KEY_PREFIX``, ``NBTASK_RESULT_TTL``,
-        ``NBTASK_VISIBILITY_TIMEOUT``, ``NBTASK_HEARTBEAT_INTERVAL``,
-        ``NBTASK_MAX_MESSAGE_BYTES``, ``NBTASK_MAX_AGE``, ``NBTASK_MAX_REDELIVERIES``,
-        ``NBTASK_CONCURRENCY`` (worker child processes), ``NBTASK_WORKERS`` (embedded
-        cluster child processes), ``NBTASK_DEFAULT_QUEUE``.
+        Each field has one variable (:data:`ENVIRONMENT`: ``NBTASK_BROKER``,
+        ``NBTASK_SECRET``, ``NBTASK_CONCURRENCY``...); ``NBTASK_SECRET_FILE`` names a file
+        holding the secret when ``NBTASK_SECRET`` is unset. Flags take ``1``/``true``/
+        ``yes``; ``NBTASK_OLD_SECRETS`` is comma-separated.
         """
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
-        if env.get("NBTASK_BROKER"):
-            values["broker_url"] = env["NBTASK_BROKER"]
-        if env.get("NBTASK_RESULT_URL"):
-            values["result_url"] = env["NBTASK_RESULT_URL"]
-        if env.get("NBTASK_OLD_SECRETS"):
-            values["old_secrets"] = tuple(
-                part.strip() for part in env["NBTASK_OLD_SECRETS"].split(",") if part.strip()
-            )
-        if env.get("NBTASK_SECRET"):
-            values["secret"] = env["NBTASK_SECRET"]
-        elif env.get("NBTASK_SECRET_FILE"):
-            values["secret"] = read_secret_file(env["NBTASK_SECRET_FILE"])
-        for var, field in (
-            ("NBTASK_INSECURE", "insecure"),
-            ("NBTASK_TASK_IGNORE_RESULT", "task_ignore_result"),
-            ("NBTASK_WORKER_DISABLE_RATE_LIMITS", "worker_disable_rate_limits"),
-        ):
-            if env.get(var, "").lower() in ("1", "true", "yes"):
-                values[field] = True
-        if env.get("NBTASK_KEY_PREFIX"):
-            values["key_prefix"] = env["NBTASK_KEY_PREFIX"]
-        if env.get("NBTASK_DEFAULT_QUEUE"):
-            values["default_queue"] = env["NBTASK_DEFAULT_QUEUE"]
-        numeric = {
-            "NBTASK_RESULT_TTL": ("result_ttl", float),
-            "NBTASK_VISIBILITY_TIMEOUT": ("visibility_timeout", float),
-            "NBTASK_HEARTBEAT_INTERVAL": ("heartbeat_interval", float),
-            "NBTASK_MAX_MESSAGE_BYTES": ("max_message_bytes", int),
-            "NBTASK_MAX_AGE": ("max_age", float),
-            "NBTASK_MAX_REDELIVERIES": ("max_redeliveries", int),
-            "NBTASK_CONCURRENCY": ("worker_concurrency", int),
-            "NBTASK_WORKERS": ("embedded_workers", int),
-        }
-        for var, (field, kind) in numeric.items():
+        for field, (var, parse) in _ENV.items():
             if env.get(var):
-                try:
-                    values[field] = kind(env[var])
-                except ValueError:
-                    raise ConfigurationError(
-                        f"{var}={env[var]!r} is not a valid {kind.__name__}"
-                    ) from None
+                values[field] = _read(var, env[var], parse)
+        if "secret" not in values and env.get("NBTASK_SECRET_FILE"):
+            values["secret"] = read_secret_file(env["NBTASK_SECRET_FILE"])
         values.update(overrides)
         return cls.from_mapping(values)
 
@@ -203,30 +173,18 @@ class Settings:
         return self.from_mapping({**dataclasses.asdict(self), **changes})
 
     def to_env(self) -> dict[str, str]:
-        """The ``NBTASK_*`` variables that give a worker process these settings."""
-        env = {
-            "NBTASK_KEY_PREFIX": self.key_prefix,
-            "NBTASK_DEFAULT_QUEUE": self.default_queue,
-            "NBTASK_RESULT_TTL": repr(self.result_ttl),
-            "NBTASK_VISIBILITY_TIMEOUT": repr(self.visibility_timeout),
-            "NBTASK_HEARTBEAT_INTERVAL": repr(self.heartbeat_interval),
-            "NBTASK_MAX_MESSAGE_BYTES": str(self.max_message_bytes),
-            "NBTASK_MAX_REDELIVERIES": str(self.max_redeliveries),
-        }
-        if self.max_age is not None:
-            env["NBTASK_MAX_AGE"] = repr(self.max_age)
-        if self.broker_url is not None:
-            env["NBTASK_BROKER"] = self.broker_url
-        if self.result_url is not None:
-            env["NBTASK_RESULT_URL"] = self.result_url
-        if self.secret is not None:
-            env["NBTASK_SECRET"] = self.secret
-        if self.old_secrets:
-            env["NBTASK_OLD_SECRETS"] = ",".join(self.old_secrets)
-        if self.insecure:
-            env["NBTASK_INSECURE"] = "1"
-        if self.worker_disable_rate_limits:
-            env["NBTASK_WORKER_DISABLE_RATE_LIMITS"] = "1"
+        """The ``NBTASK_*`` variables that give another process (a worker) these settings."""
+        env = {}
+        for field, (var, _) in _ENV.items():
+            value = getattr(self, field)
+            if value is None or value is False or value == ():
+                continue
+            if value is True:
+                env[var] = "1"
+            elif isinstance(value, tuple):
+                env[var] = ",".join(value)
+            else:
+                env[var] = repr(value) if isinstance(value, float) else str(value)
         return env
 
     @property
@@ -234,13 +192,45 @@ class Settings:
         """How old a message may be and still run: ``max_age``, else ``result_ttl``."""
         return self.result_ttl if self.max_age is None else self.max_age
 
-    @property
-    def is_local_broker(self) -> bool:
-        """True for a unix socket or loopback broker, where a missing secret is tolerable."""
-        if self.broker_url is None:
-            return True
-        parts = urlsplit(self.broker_url)
-        return parts.scheme == "unix" or parts.hostname in ("127.0.0.1", "localhost", "::1")
+
+def _flag(text: str) -> bool:
+    return text.strip().lower() in ("1", "true", "yes")
+
+
+def _secrets(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+# Each field's environment variable and how its text is read: one table for both ways.
+_ENV: dict[str, tuple[str, Callable[[str], object]]] = {
+    "broker_url": ("NBTASK_BROKER", str),
+    "result_url": ("NBTASK_RESULT_URL", str),
+    "secret": ("NBTASK_SECRET", str),
+    "old_secrets": ("NBTASK_OLD_SECRETS", _secrets),
+    "insecure": ("NBTASK_INSECURE", _flag),
+    "key_prefix": ("NBTASK_KEY_PREFIX", str),
+    "default_queue": ("NBTASK_DEFAULT_QUEUE", str),
+    "result_ttl": ("NBTASK_RESULT_TTL", float),
+    "visibility_timeout": ("NBTASK_VISIBILITY_TIMEOUT", float),
+    "heartbeat_interval": ("NBTASK_HEARTBEAT_INTERVAL", float),
+    "max_message_bytes": ("NBTASK_MAX_MESSAGE_BYTES", int),
+    "max_age": ("NBTASK_MAX_AGE", float),
+    "max_redeliveries": ("NBTASK_MAX_REDELIVERIES", int),
+    "worker_concurrency": ("NBTASK_CONCURRENCY", int),
+    "embedded_workers": ("NBTASK_WORKERS", int),
+    "task_ignore_result": ("NBTASK_TASK_IGNORE_RESULT", _flag),
+    "worker_disable_rate_limits": ("NBTASK_WORKER_DISABLE_RATE_LIMITS", _flag),
+}
+#: Each setting's environment variable, ``{field: "NBTASK_..."}``.
+ENVIRONMENT = {field: var for field, (var, _) in _ENV.items()}
+
+
+def _read(var: str, text: str, parse: Callable[[str], object]) -> object:
+    try:
+        return parse(text)
+    except ValueError:
+        kind = getattr(parse, "__name__", "value")
+        raise ConfigurationError(f"{var}={text!r} is not a valid {kind}") from None
 
 
 def read_secret_file(path: str | os.PathLike[str]) -> str:
@@ -256,16 +246,16 @@ def read_secret_file(path: str | os.PathLike[str]) -> str:
 
 def _check_broker_url(url: str, *, redis_only: bool = False) -> None:
     parts = urlsplit(url)
-    if redis_only and parts.scheme not in _SCHEMES:
+    if redis_only and parts.scheme not in REDIS_SCHEMES:
         raise ConfigurationError(
             f"unsupported result store URL {url!r}: use redis://host:port/db, rediss://… or "
             "unix:///path/to/redis.sock"
         )
-    if parts.scheme in _KOMBU_SCHEMES:
+    if parts.scheme in KOMBU_SCHEMES:
         if parts.scheme != "memory" and not parts.hostname:
             raise ConfigurationError(f"broker URL {url!r} names no host")
         return
-    if parts.scheme not in _SCHEMES:
+    if parts.scheme not in REDIS_SCHEMES:
         raise ConfigurationError(
             f"unsupported broker URL {url!r}: use redis://host:port/db, rediss://…, "
             "unix:///path/to/redis.sock, or amqp://user:password@host:5672/vhost (RabbitMQ, "

@@ -4,7 +4,8 @@ Tests that run on both brokers use :func:`raw_broker` to put raw bytes on a task
 read a message back, see whether a queue is drained, and read the store that both brokers
 share (records, the dead-letter stream, a client's stream of events). The store is the
 Redis at ``settings.result_url`` on AMQP and the broker itself on Redis; key names come
-from :class:`~nbtask.brokers.redis.RedisBroker` so they are defined once.
+from :class:`~nbtask.brokers.redis_store.RedisStore` and the Streams transport, so they
+are defined once.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from typing import Any
 import redis
 
 from nbtask import Settings
-from nbtask.brokers.redis import RedisBroker
-from nbtask.envelope import Signer
+from nbtask.brokers.redis_link import RedisLink
+from nbtask.brokers.redis_store import RedisStore
+from nbtask.brokers.redis_streams import StreamsTransport
+from nbtask.wire.envelope import Signer
 
 __all__ = ["RawBroker", "raw_broker"]
 
@@ -28,8 +31,10 @@ class RawBroker(abc.ABC):
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.keys = RedisBroker(settings.result_url or settings.broker_url or "", settings)
-        self.store: redis.Redis = self.keys.redis
+        url = settings.result_url or settings.broker_url or ""
+        self.keys = RedisStore(RedisLink(url, "broker"), settings)
+        self.streams = StreamsTransport(self.keys)
+        self.store: redis.Redis = self.keys.link.redis
 
     def close(self) -> None:
         self.keys.close()
@@ -74,7 +79,7 @@ class RawBroker(abc.ABC):
 
 class _RedisQueues(RawBroker):
     def _stream(self, queue: str = "default") -> str:
-        return self.keys.queue_key(queue)
+        return self.streams.queue_key(queue)
 
     def inject(self, raw: bytes, *, deliveries: int = 0, task_id: str | None = None) -> None:
         fields: dict[str, Any] = {"e": raw, "n": deliveries}

@@ -15,7 +15,7 @@ import venv
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 BINDER = ROOT / "binder"
 

@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import wait_until
+from helpers import wait_until
 
 import nbtask
 from nbtask import App, State, chain, group
@@ -130,7 +130,7 @@ def test_chain_with_a_failing_middle_step(app: App, start_worker, tmp_path: Path
         middle.get(timeout=10)
     assert middle_info.value.ename == "ValueError"
     # The last step was never sent, so it never ran; its record says FAILURE too.
-    assert app.broker.get_record(last.id)["state"] == b"FAILURE"
+    assert app.store.get_record(last.id).state == "FAILURE"
     time.sleep(0.3)
     assert read_records(ledger) == []
 

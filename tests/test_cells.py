@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from nbtask.cells import CellError, analyze, prepare
+from nbtask.notebook.shipping import CellError, analyze, prepare
 
 
 def test_reads_assigned_and_mutated() -> None:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SECRET, WorkerProcess
+from helpers import ROOT, SECRET, WorkerProcess
 
 import nbtask
 from nbtask import App, Settings

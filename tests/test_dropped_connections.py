@@ -24,14 +24,13 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import AMQP_URL, SECRET, amqp_reachable, delete_amqp_queues, wait_until
+from helpers import AMQP_URL, SECRET, amqp_reachable, delete_amqp_queues, wait_until
 from raw_broker import raw_broker
 from tcp_proxy import TcpProxy
 
 import nbtask
 from nbtask import App, Settings
-from nbtask.events import FINAL_STATES, State
-from nbtask.listener import decode_event
+from nbtask.wire.events import FINAL_STATES, State, decode_event
 
 SLOW_MARKER = "tests.sample_tasks.slow_marker"  # acks_late
 SLOW_EARLY = "tests.sample_tasks.slow_early"  # early ack
@@ -130,7 +129,7 @@ def pids_in(path: Path) -> list[int]:
 def final_events(app: App, task_id: str) -> set[bytes]:
     """The distinct final events of ``task_id`` kept on the client's stream."""
     finals = set()
-    for raw in app.broker.replay(app.channel):
+    for raw in app.store.replay(app.channel):
         event, _ = decode_event(app.signer, raw)
         if event.task_id == task_id and event.state in FINAL_STATES:
             finals.add(raw)
@@ -185,7 +184,7 @@ def test_cut_while_tasks_run_and_others_wait(
     starts = pids_in(late_marker)
     assert 1 <= len(starts) <= 2 and late_pid in starts, starts  # once, or redelivered
     for handle in (late, early, filler, *queued, due_later):
-        assert app.broker.get_record(handle.id)["state"] == b"SUCCESS"
+        assert app.store.get_record(handle.id).state == "SUCCESS"
         assert len(final_events(app, handle.id)) == 1, handle  # one outcome, not two runs
     wait_until(
         lambda: drained(route, settings, redis_url), 10, "no delivery left pending or parked"
@@ -226,7 +225,7 @@ def test_cut_again_and_again_under_load(
     try:
         wait_until(lambda: all(h.ready() for h in handles), 25, "every result")
     except AssertionError:
-        stuck = {h.id: app.broker.get_record(h.id) for h in handles if not h.ready()}
+        stuck = {h.id: app.store.get_record(h.id) for h in handles if not h.ready()}
         raise AssertionError(f"no result for {len(stuck)} task(s): {stuck}") from None
     finally:
         done.set()
@@ -241,7 +240,7 @@ def test_cut_again_and_again_under_load(
     assert len(pids_in(early_marker)) == 100 - len(lost)  # each ran once, a lost one never
     assert len(pids_in(late_marker)) >= 100
     finals: dict[str, set[bytes]] = {}
-    for raw in app.broker.replay(app.channel):
+    for raw in app.store.replay(app.channel):
         event, _ = decode_event(app.signer, raw)
         if event.state in FINAL_STATES:
             finals.setdefault(event.task_id, set()).add(raw)
@@ -292,7 +291,7 @@ def test_broker_outage_then_everyone_carries_on(
     assert len(pids_in(late_marker)) in (1, 2)
     assert len(final_events(app, late.id)) == 1
     # Nothing of the refused calls was sent: no record, and they never ran.
-    assert [app.broker.get_record(task_id) for task_id in refused_ids] == [{}] * len(refused_ids)
+    assert [app.store.get_record(task_id) for task_id in refused_ids] == [None] * len(refused_ids)
     assert not never.exists()
     assert worker.process.poll() is None
 
@@ -354,7 +353,7 @@ def _offline_client_catches_up(
         handles = [*waiting, *queued]
         wait_until(
             lambda: all(
-                watcher.broker.get_record(h.id).get("state") == State.SUCCESS.value.encode()
+                getattr(watcher.store.get_record(h.id), "state", None) is State.SUCCESS
                 for h in handles
             ),
             20, "every task to finish while the client is offline",
@@ -393,7 +392,7 @@ def _listener_failed_on(
 ) -> bool:
     """Whether the client's listener logged a failure to reach one of ``proxies``."""
     for record in caplog.records:
-        if record.name != "nbtask.listener" or record.created < since:
+        if record.name != "nbtask.client.listener" or record.created < since:
             continue
         text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
         if any(f"127.0.0.1:{proxy.url_port}" in text for proxy in proxies):

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import redis
-from conftest import wait_until
+from helpers import wait_until
 
 from nbtask import App
 

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nbtask
-from nbtask.envelope import FORMAT_VERSION, MAGIC, Envelope, Signer, dumps
 from nbtask.errors import ConfigurationError, SignatureError, TooLarge
+from nbtask.wire.envelope import FORMAT_VERSION, MAGIC, Envelope, Signer, dumps
 
 KEY = "k" * 32
 MAC_SIZE = 32

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import wait_until
+from helpers import wait_until
 from raw_broker import RawBroker
 
 import nbtask

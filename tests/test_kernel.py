@@ -341,7 +341,7 @@ def test_restart_then_tasks_all_reattaches_and_replays(
     assert "GridBoxModel" in opens and len(buttons) == 2
     _, msgs, _ = execute(
         kc,
-        "from nbtask.magics import session_of\nimport time\ns = session_of(get_ipython())\n"
+        "from nbtask.notebook.magics import session_of\nimport time\ns = session_of(get_ipython())\n"
         "deadline = time.monotonic() + 15\n"
         "while any(v.state.value == 'PENDING' for v in s.views.values()) "
         "and time.monotonic() < deadline:\n    time.sleep(0.1)\n"
@@ -368,7 +368,7 @@ def test_restart_then_tasks_all_reattaches_and_replays(
     # The still-running task from the old kernel can be cancelled from the new one.
     _, msgs, _ = execute(
         kc,
-        "from nbtask.follow import cancel_task\nimport time\n"
+        "from nbtask.notebook.follow import cancel_task\nimport time\n"
         "v = [v for v in s.views.values() if not v.handle.done()][0]\n"
         "cancel_task(v.handle)\nv.handle.exception(20)\ntime.sleep(0.3)\nprint(v.state.value)",
     )

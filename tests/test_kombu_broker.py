@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import AMQP_URL, ROOT, SECRET, client_env, wait_until
+from helpers import AMQP_URL, ROOT, SECRET, client_env, wait_until
 from raw_broker import raw_broker
 
 import nbtask
@@ -51,7 +51,7 @@ def test_many_concurrent_tasks_none_lost(app: App, start_worker) -> None:
 
     handles = square.delay_many((x,) for x in range(300))
     assert [h.get(timeout=30) for h in handles] == [x * x for x in range(300)]
-    assert all(app.broker.get_record(h.id)["state"] == b"SUCCESS" for h in handles)
+    assert all(app.store.get_record(h.id).state == "SUCCESS" for h in handles)
 
 
 def test_countdown_runs_after_its_delay(app: App, start_worker) -> None:
@@ -87,7 +87,7 @@ def test_revoke_queued_task_never_runs(app: App, start_worker, tmp_path: Path) -
     assert kept.get(timeout=10) == 4
     time.sleep(0.3)  # the revoked message is taken and dropped, not run
     assert not marker.exists()
-    assert app.broker.get_record(queued.id)["state"] == b"REVOKED"
+    assert app.store.get_record(queued.id).state == "REVOKED"
 
 
 def test_reattach_from_a_second_process(
@@ -135,12 +135,12 @@ def test_memory_transport_round_trip_events_eta_and_redelivery(redis_url: str, p
         broker.publish([Publish("default", "t1", b"one", record)])
         delivery = broker.fetch(["default"], "c1", 2.0)
         assert delivery is not None and delivery.raw == b"one" and delivery.verdict == "OK"
-        assert broker.get_record("t1")["state"] == b"STARTED"
+        assert broker.store.get_record("t1").state == "STARTED"
         broker.emit(channel, [b"progress"])
         broker.finish(delivery, "t1", channel, b"final", {"state": "SUCCESS", "result": b"final"})
         raws = [raw for _, _, raw in broker.read_events({channel: "0-0"}, 1.0)]
         assert raws == [b"progress", b"final"]
-        assert broker.replay(channel) == [b"progress", b"final"]  # kept in the store too
+        assert broker.store.replay(channel) == [b"progress", b"final"]  # kept in the store
 
         broker.publish([Publish("default", "t2", b"two", record, eta=time.time() + 0.3)])
         assert broker.fetch(["default"], "c1", 0.1) is None  # parked in the store
@@ -153,10 +153,10 @@ def test_memory_transport_round_trip_events_eta_and_redelivery(redis_url: str, p
         # parked as lost, and its supervisor gets it back as a pending delivery. (RabbitMQ
         # gives the message back when the connection closes; memory:// must be told.)
         other = open_broker(settings, url)
-        broker._link().channel.basic_recover(requeue=True)  # type: ignore[attr-defined]
+        broker.links.get().channel.basic_recover(requeue=True)  # type: ignore[attr-defined]
         broker.close()
         assert other.fetch(["default"], "c2", 0.5) is None
-        lost = other.pending_of(["default"], "c1")
+        lost = other.held(["default"], "c1")
         assert [(d.task_id, d.raw) for d in lost] == [("t2", b"two")]
         other.requeue(lost[0], "t2")
         again = other.fetch(["default"], "c2", 2.0)
@@ -211,7 +211,7 @@ def test_unreachable_result_store_is_named_and_its_password_hidden(prefix: str) 
     broker = open_broker(settings, AMQP_URL)
     try:
         with pytest.raises(nbtask.BrokerUnavailable) as info:
-            broker.get_record("some-task")
+            broker.store.get_record("some-task")
     finally:
         broker.close()
     message = str(info.value)

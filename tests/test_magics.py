@@ -8,14 +8,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import wait_until
+from helpers import wait_until
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.testing.globalipapp import start_ipython
 
 from nbtask import Settings, State
-from nbtask.cells import CellError
-from nbtask.events import EventType
-from nbtask.magics import Session, session_of
+from nbtask.notebook.magics import session_of
+from nbtask.notebook.session import Session
+from nbtask.notebook.shipping import CellError
+from nbtask.wire.events import EventType
 
 
 def broker_env(settings: Settings) -> dict[str, str]:
@@ -177,7 +178,7 @@ def test_unpicklable_variable_names_it_and_sends_nothing(ip: InteractiveShell, n
 
 
 def test_cancel_running_cell(ip: InteractiveShell, nb: Session) -> None:
-    from nbtask.follow import cancel_task
+    from nbtask.notebook.follow import cancel_task
 
     ip.run_cell_magic("task", "--out h", "import time\nprint('started')\ntime.sleep(30)\ndone = 1")
     handle = ip.user_ns["h"]
@@ -297,7 +298,7 @@ def test_tasks_all_after_a_restart_reattaches_and_replays(
     # A restarted kernel: a new session with a new client, for the same notebook.
     later = Session(ip, App("restarted", settings=settings))
     later.app.connect()
-    later.app.broker.recent_tasks(later.group, later.app.channel, 0)
+    later.app.store.recent_tasks(later.group, later.app.channel, 0)
     try:
         assert later.board() == "no tasks yet"
         capsys.readouterr()
@@ -309,7 +310,7 @@ def test_tasks_all_after_a_restart_reattaches_and_replays(
         board = later.board()
         assert first[:8] in board and "SUCCESS" in board
         assert "kept output" not in capsys.readouterr().out  # re-attached quietly
-        from nbtask.magics import TaskMagics
+        from nbtask.notebook.magics import TaskMagics
 
         TaskMagics(ip, later).tasks(f"--attach {first}")
         assert "kept output" in capsys.readouterr().out
@@ -318,9 +319,9 @@ def test_tasks_all_after_a_restart_reattaches_and_replays(
 
 
 def test_task_board_rows_open_the_tasks_widget(ip: InteractiveShell, nb: Session) -> None:
-    from nbtask.board import TaskBoard
-    from nbtask.follow import follow
-    from nbtask.widgets import TaskWidget
+    from nbtask.notebook.board import TaskBoard
+    from nbtask.notebook.follow import follow
+    from nbtask.notebook.widgets import TaskWidget
 
     ip.run_cell_magic("task", "--wait --out h", "print('in the widget')")
     handle = ip.user_ns["h"]

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import client_env, wait_until
+from helpers import client_env, wait_until
 from raw_broker import RawBroker
 
 import nbtask

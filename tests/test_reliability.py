@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import client_env
+from helpers import client_env
 from raw_broker import RawBroker, raw_broker
 
 import nbtask

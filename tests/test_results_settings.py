@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import wait_until
+from helpers import wait_until
 
 import nbtask
 from nbtask import App, Settings, State, Task
+from nbtask.wire.records import TaskRecord
 
 pytestmark = pytest.mark.brokers
 
@@ -48,15 +49,15 @@ def test_ignore_result_client_still_learns_success_store_keeps_no_result(
     h = fire_and_forget.delay(1)
     assert h.get(timeout=10) == 2  # the caller's own handle is told
     assert h.state is State.SUCCESS
-    record = app.broker.get_record(h.id)
-    assert record["state"] == b"SUCCESS"
+    record = app.store.get_record(h.id)
+    assert record.state == "SUCCESS"
     assert _no_value_kept(app, record)
 
     # Failures are still stored: ignore_result is about return values.
     bad = fails_anyway.delay()
     with pytest.raises(nbtask.RemoteError):
         bad.get(timeout=10)
-    assert "result" in app.broker.get_record(bad.id)
+    assert app.store.get_record(bad.id).result is not None
 
 
 @pytest.mark.parametrize("who", ["same client", "another client"])
@@ -98,8 +99,8 @@ def test_app_wide_task_ignore_result(settings: Settings, start_worker) -> None:
 
         h1, h2 = default.delay(2), keeps.delay(2)
         assert (h1.get(timeout=10), h2.get(timeout=10)) == (4, 6)
-        assert _no_value_kept(quiet, quiet.broker.get_record(h1.id))
-        assert "result" in quiet.broker.get_record(h2.id)
+        assert _no_value_kept(quiet, quiet.store.get_record(h1.id))
+        assert quiet.store.get_record(h2.id).result is not None
     finally:
         quiet.close()
 
@@ -125,7 +126,7 @@ def test_backend_none_keeps_no_record_at_all(app: App, start_worker) -> None:
     h = unrecorded.delay(5)
     assert h.get(timeout=10) == -5
     assert h.state is State.SUCCESS
-    wait_until(lambda: app.broker.get_record(h.id) == {}, 5, "the record to be gone")
+    wait_until(lambda: app.store.get_record(h.id) is None, 5, "the record to be gone")
     with pytest.raises(nbtask.TaskNotFound):
         app.handle(h.id)
 
@@ -133,7 +134,7 @@ def test_backend_none_keeps_no_record_at_all(app: App, start_worker) -> None:
     with pytest.raises(nbtask.RemoteError) as info:
         bad.get(timeout=10)
     assert info.value.ename == "KeyError"
-    assert app.broker.get_record(bad.id) == {}
+    assert app.store.get_record(bad.id) is None
 
 
 # Serializers -----------------------------------------------------------------------------------
@@ -219,7 +220,7 @@ def test_expires_drops_stale_messages_as_revoked(
             h.get(timeout=10)
         assert h.state is State.REVOKED
         assert h.info.get("reason") == "expired"
-        assert app.broker.get_record(h.id)["state"] == b"REVOKED"
+        assert app.store.get_record(h.id).state == "REVOKED"
     assert h4.get(timeout=10) == "fresh"
     assert not ledger.exists(), "an expired task ran"
 
@@ -270,7 +271,8 @@ def test_update_state_outside_a_task_is_refused() -> None:
     local.close()
 
 
-def _no_value_kept(app: App, record: dict[str, bytes]) -> bool:
+def _no_value_kept(app: App, record: TaskRecord | None) -> bool:
     """The store holds the signed outcome of an ignore_result task, without its value."""
-    envelope = app.signer.open(record["result"])
+    assert record is not None and record.result is not None
+    envelope = app.signer.open(record.result)
     return envelope.body == b"" and envelope.header["data"].get("result_kept") is False

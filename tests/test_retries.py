@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import wait_until
+from helpers import wait_until
 from raw_broker import RawBroker
 
 import nbtask
@@ -52,7 +52,7 @@ def test_retry_waits_in_the_eta_set_with_state_retry_and_its_reason(
     # held unacknowledged by a worker.
     assert r.zcard(f"{prefix}:eta:default") == 1
     assert access.drained()
-    assert app.broker.get_record(h.id)["state"] == b"RETRY"
+    assert app.store.get_record(h.id).state == "RETRY"
 
     wait_until(lambda: h.info.get("retries") == 2, 10, "the second retry")
     assert "not yet 1" in h.info["reason"]

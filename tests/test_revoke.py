@@ -4,7 +4,6 @@ interrupted then killed, and no revoked task runs anyway, even under load."""
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 import redis
-from conftest import wait_until
+from helpers import wait_until
 from raw_broker import RawBroker
 
 import nbtask
@@ -36,7 +35,7 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
 
 def _busy(app: App, task_id: str) -> bool:
     """True once a worker's heartbeat lists ``task_id`` among its running tasks."""
-    return any(task_id in json.loads(info).get("busy", []) for info in app.workers().values())
+    return any(task_id in info.busy for info in app.workers().values())
 
 
 def _warm_up(app: App, tmp_path: Path) -> None:
@@ -78,8 +77,8 @@ def test_revoke_queued_and_eta_tasks_they_never_run(
     assert kept.get(timeout=10) == "kept"
     wait_until(lambda: _drained(r, prefix, access), 10, "the revoked messages to be dropped")
     assert [rec["label"] for rec in read_records(ledger)] == ["kept"]
-    assert app.broker.get_record(queued.id)["state"] == b"REVOKED"
-    assert app.broker.get_record(later.id)["state"] == b"REVOKED"
+    assert app.store.get_record(queued.id).state == "REVOKED"
+    assert app.store.get_record(later.id).state == "REVOKED"
     assert app.revoke(kept.id) is False  # finished: nothing to revoke
 
 
@@ -117,7 +116,7 @@ def test_cancel_a_running_task_interrupts_it(app: App, start_worker, tmp_path: P
     assert h.state is State.REVOKED
     records = read_records(ledger)
     assert [rec["h"] for rec in records] == ["started", "interrupted"]
-    assert app.broker.get_record(h.id)["state"] == b"REVOKED"
+    assert app.store.get_record(h.id).state == "REVOKED"
     # The child handled the interrupt itself: it is still alive and serves the next task.
     assert whoami.delay().get(timeout=10) == pid
     assert pid in {p.pid for p in worker.children()}
@@ -161,7 +160,7 @@ def test_a_task_that_ignores_the_interrupt_is_killed_after_the_grace_period(
     replacement = whoami.delay().get(timeout=15)
     assert replacement != pid
     assert worker.process.poll() is None
-    assert app.broker.get_record(h.id)["state"] == b"REVOKED"
+    assert app.store.get_record(h.id).state == "REVOKED"
 
 
 def test_revoke_every_other_task_under_load(
@@ -198,7 +197,7 @@ def test_revoke_every_other_task_under_load(
     for h in handles:
         if h.id in revoked:
             assert h.state is State.REVOKED, h
-            assert app.broker.get_record(h.id)["state"] == b"REVOKED"
+            assert app.store.get_record(h.id).state == "REVOKED"
         else:
             assert h.result() == handles.index(h), h
             assert h.state is State.SUCCESS
@@ -221,7 +220,7 @@ def test_cancel_while_the_previous_task_runs_its_handler(
         b = app.send_task(MARK, (str(ledger), "B"))
         a.get(timeout=10)
         wait_until(lambda: len(read_records(marker)) == 1, 10, "A's on_success to start")
-        assert app.broker.get_record(b.id).get("state") == b"PENDING", "B was taken early"
+        assert app.store.get_record(b.id).state == "PENDING", "B was taken early"
         assert b.cancel() is True
         time.sleep(0.5)  # let the supervisor act on the terminate request
     finally:

@@ -11,7 +11,7 @@ from typing import Any
 
 import nbformat
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 from nbformat.v4 import new_code_cell, new_notebook
 
 from nbtask import Settings

@@ -23,13 +23,13 @@ from typing import Any
 import cloudpickle
 import pytest
 import redis
-from conftest import SECRET, WorkerProcess
+from helpers import SECRET, WorkerProcess
 from raw_broker import RawBroker
 
 import nbtask
 from nbtask import App, Settings
-from nbtask.envelope import Signer
-from nbtask.events import Event, EventType
+from nbtask.wire.envelope import Signer
+from nbtask.wire.events import Event, EventType
 
 MARKER_TASK = "tests.sample_tasks.slow_marker"
 ADD_TASK = "tests.sample_tasks.add"
@@ -381,7 +381,7 @@ def test_client_ignores_forged_events(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="nbtask.listener")
+    caplog.set_level(logging.WARNING, logger="nbtask.client.listener")
     trace = tmp_path / "trace-unpickled"
     marker = tmp_path / "marker"
     handle = app.send_task(MARKER_TASK, (str(marker), 0.0))  # pending: no worker yet

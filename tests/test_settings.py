@@ -233,22 +233,6 @@ def test_broker_url_without_host_or_path_is_rejected(url: str) -> None:
         Settings(broker_url=url)
 
 
-@pytest.mark.parametrize(
-    ("url", "local"),
-    [
-        (None, True),
-        ("unix:///tmp/r.sock", True),
-        ("redis://127.0.0.1:6379/0", True),
-        ("redis://localhost/0", True),
-        ("redis://[::1]:6379/0", True),
-        ("redis://10.0.0.1:6379/0", False),
-        ("rediss://cache.example.com:6380/0", False),
-    ],
-)
-def test_is_local_broker(url: str | None, local: bool) -> None:
-    assert Settings(broker_url=url).is_local_broker is local
-
-
 # Numeric checks ----------------------------------------------------------------------------------
 def test_visibility_timeout_must_exceed_three_heartbeats() -> None:
     with pytest.raises(ConfigurationError, match="visibility_timeout") as info:
@@ -293,7 +277,7 @@ def test_configuration_error_is_a_value_error() -> None:
 
 
 def test_old_secrets_from_env_and_signer_accepts_them() -> None:
-    from nbtask.envelope import Signer
+    from nbtask.wire.envelope import Signer
 
     settings = Settings.from_env({"NBTASK_SECRET": "new", "NBTASK_OLD_SECRETS": "old, older"})
     assert settings.old_secrets == ("old", "older")

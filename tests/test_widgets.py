@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-from nbtask.board import notebook_group
-from nbtask.events import Event, EventType
-from nbtask.handle import TaskHandle
-from nbtask.pending import exception_type
-from nbtask.widgets import OutputLog, TextView
+from nbtask.core.handle import TaskHandle
+from nbtask.notebook.board import notebook_group
+from nbtask.notebook.pending import exception_type
+from nbtask.notebook.widgets import OutputLog, TextView
+from nbtask.wire.events import Event, EventType
 
 
 def display(seq: int, text: str, display_id: str | None = None, update: bool = False) -> Event:

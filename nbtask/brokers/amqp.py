@@ -1,0 +1,470 @@
+"""The AMQP transport (RabbitMQ through kombu), with the Redis store beside it.
+
+Task messages and live events travel over AMQP; everything that needs an atomic check or
+must outlive a client stays in the Redis store (``Settings.result_url``). The design in
+short (``docs/architecture.md`` has the whole of it):
+
+* One durable queue per nbtask queue (``<key_prefix>:q:<queue>``), persistent messages
+  published with confirms, the task id and nbtask's redelivery count as headers (never
+  trusted: the worker checks the id against the signed header).
+* Every worker child has its own connection with prefetch 1 (global across its queues):
+  prefetch equals free slots.
+* A delivery is acknowledged only after its outcome is stored. A dead child's messages
+  come back from RabbitMQ marked redelivered; the start check then finds the task
+  STARTED by someone else and says ``LOST``: the copy is parked in the store
+  (:mod:`nbtask.brokers.amqp_lost`) and settled by a supervisor like a Redis pending
+  entry of a dead child.
+* Events go to one exclusive auto-delete reply queue per client and are also kept on the
+  client's stream in the store, so a listener that (re)declares its queue catches up
+  from there, and another process can re-attach.
+* ETA messages are parked in the store and published when due.
+* RabbitMQ closes the channel of a consumer that holds a delivery past its
+  ``consumer_timeout``: on RabbitMQ 3.12 and later the task queues are declared with a
+  7-day ``x-consumer-timeout``; on older servers raise ``consumer_timeout``. AMQP
+  heartbeats are off (a child runs user code and cannot answer them).
+
+``memory://`` is in-process only (worker processes cannot share it): it serves tests of
+the transport itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable, Mapping, Sequence
+
+from nbtask.brokers.amqp_links import (
+    DELIVERIES_HEADER,
+    ID_HEADER,
+    Link,
+    Links,
+    Message,
+    body_of,
+    kombu,
+    read_headers,
+    redelivered,
+)
+from nbtask.brokers.amqp_lost import LostDeliveries
+from nbtask.brokers.base import Delivery, Publish, StartBy, Verdict
+from nbtask.brokers.redis_store import RedisStore
+from nbtask.errors import BrokerUnavailable
+
+__all__ = ["AmqpTransport"]
+
+log = logging.getLogger(__name__)
+
+_MOVING_STUCK = 30.0  # an ETA message claimed but not published after this is resent
+
+
+class AmqpTransport:
+    """A :class:`~nbtask.brokers.base.Transport` on kombu (AMQP) with a Redis store.
+
+    Parameters
+    ----------
+    url
+        A kombu URL: ``amqp://user:password@host:5672/vhost``, ``amqps://…``,
+        ``memory://`` (in-process only).
+    store
+        The Redis store (``Settings.result_url``).
+    """
+
+    def __init__(self, url: str, store: RedisStore) -> None:
+        self.url = url
+        self._store = store
+        self.settings = store.settings
+        self.lost = LostDeliveries(store)
+        self._prefix = self.settings.key_prefix
+        self.links = Links(url)
+        self._own_channels: set[str] = set()
+        self._store_positions: dict[str, str] = {}
+        self._event_ids = itertools.count(1)
+        self._whoami: tuple[str, int] = ("", -1)
+
+    @property
+    def store(self) -> RedisStore:
+        """The Redis store holding records, channels' history, ETA parking, the registry."""
+        return self._store
+
+    # Names -----------------------------------------------------------------------------------
+    def queue_name(self, queue: str) -> str:
+        """The AMQP queue holding ``queue``'s messages."""
+        return f"{self._prefix}:q:{queue}"
+
+    def _queue_of(self, amqp_name: str) -> str:
+        head = f"{self._prefix}:q:"
+        return amqp_name[len(head) :] if amqp_name.startswith(head) else amqp_name
+
+    def _moving_key(self, queue: str) -> str:
+        return f"{self._prefix}:eta-moving:{queue}"
+
+    # Lifecycle -------------------------------------------------------------------------------
+    def ping(self) -> None:
+        """Raise :class:`BrokerUnavailable` unless both RabbitMQ and the store answer."""
+        self.store.ping()
+        with self.links.using():
+            pass
+
+    def close(self) -> None:
+        """Close every thread's AMQP connection and the store."""
+        self.links.close()
+        self.store.close()
+
+    # Client side -----------------------------------------------------------------------------
+    def publish(self, messages: Sequence[Publish]) -> list[str]:
+        """Write the PENDING records (ETA ones parked in the store), then enqueue the rest."""
+        now = time.time()
+        refused = self.store.write_pending(messages)
+        queued = [
+            msg
+            for msg, why in zip(messages, refused, strict=True)
+            if not why and not (msg.eta is not None and msg.eta > now)
+        ]
+
+        def send(link: Link) -> None:
+            for msg in queued:
+                self._enqueue(link, msg.queue, msg.task_id, msg.raw, 0)
+
+        try:
+            self.links.publishing(send)
+        except BrokerUnavailable:
+            # Nothing half-sent: no PENDING record is left for a message never queued.
+            with contextlib.suppress(Exception):
+                self.store.forget_pending(
+                    (msg.task_id, str(msg.record.get("client", ""))) for msg in queued
+                )
+            raise
+        return refused
+
+    def _enqueue(self, link: Link, queue: str, task_id: str, raw: bytes, deliveries: int) -> None:
+        name = self.queue_name(queue)
+        self.links.declare_task_queue(link, name)
+        headers = {ID_HEADER: task_id, DELIVERIES_HEADER: deliveries}
+        self.links.send(link, name, raw, persistent=True, headers=headers)
+
+    def read_events(
+        self, channels: Mapping[str, str], block_seconds: float
+    ) -> list[tuple[str, str, bytes]]:
+        """Events of this client's reply queue, and of adopted channels (from the store).
+
+        A channel this transport keeps alive (:meth:`keep_channel`) is read from its AMQP
+        reply queue; any other from the store's stream.
+        """
+        own = [c for c in channels if c in self._own_channels]
+        foreign = {c: p for c, p in channels.items() if c not in self._own_channels}
+        deadline = time.monotonic() + block_seconds
+        while True:
+            out: list[tuple[str, str, bytes]] = []
+            remaining = deadline - time.monotonic()
+            if own:
+                out += self._read_replies(own[0], 0.0 if foreign else max(remaining, 0.0))
+            if foreign:
+                out += self.store.read_events(foreign, 0.001) if not out else []
+            remaining = deadline - time.monotonic()
+            if out or remaining <= 0:
+                return out
+            if foreign and own:
+                out = self._read_replies(own[0], min(0.25, remaining))
+                if out:
+                    return out
+            elif foreign:
+                return self.store.read_events(foreign, min(remaining, 0.5))
+
+    def _read_replies(self, channel: str, block_seconds: float) -> list[tuple[str, str, bytes]]:
+        out: list[tuple[str, str, bytes]] = []
+        link: Link | None = None
+        try:
+            with self.links.using() as link:
+                if link.reply != channel:
+                    out += self._consume_replies(link, channel)
+                if not link.replies and not out and block_seconds > 0:
+                    with contextlib.suppress(TimeoutError):
+                        link.conn.drain_events(timeout=block_seconds)
+                # Anything else already buffered comes along without waiting.
+                with contextlib.suppress(TimeoutError):
+                    while True:
+                        link.conn.drain_events(timeout=0)
+        except BrokerUnavailable:
+            # Events already read (a catch-up, whose position has moved on, or received
+            # ones: no_ack) are handed over all the same; the next read reconnects.
+            if not out and (link is None or not link.replies):
+                raise
+        assert link is not None
+        while link.replies:
+            message = link.replies.popleft()
+            out.append((channel, self._next_event_id(), body_of(message)))
+        return out
+
+    def _next_event_id(self) -> str:
+        return f"{int(time.time() * 1000)}-{next(self._event_ids)}"
+
+    def _consume_replies(self, link: Link, channel: str) -> list[tuple[str, str, bytes]]:
+        """Declare and consume the reply queue; return events missed meanwhile."""
+        link.channel.queue_declare(queue=channel, durable=False, exclusive=True, auto_delete=True)
+        queue = kombu.Queue(
+            channel,
+            exchange="",
+            routing_key=channel,
+            durable=False,
+            exclusive=True,
+            auto_delete=True,
+            no_declare=True,
+        )
+        consumer = kombu.Consumer(
+            link.channel, queues=[queue], no_ack=True, on_message=link.replies.append
+        )
+        consumer.consume()
+        link.reply, link.reply_consumer = channel, consumer
+        # What was sent before the queue existed (or while it was gone) reached only the
+        # store: catch up from there, from where the last catch-up stopped. Without the
+        # store, the next read starts over on a new connection (queue and catch-up both)
+        # instead of carrying on with a gap.
+        after = self._store_positions.get(channel, "0-0")
+        try:
+            missed = self.store.events_after(channel, after)
+            end = None if missed else self.store.channel_end(channel)
+        except BrokerUnavailable:
+            self.links.drop()
+            raise
+        out = []
+        for entry_id, raw in missed:
+            self._store_positions[channel] = entry_id
+            if raw:
+                out.append((channel, self._next_event_id(), raw))
+        if end is not None:
+            self._store_positions[channel] = end
+        return out
+
+    def wake(self, channel: str) -> None:
+        """Send an empty event so a reader blocked on ``channel`` returns."""
+        if channel in self._own_channels:
+            self.notify(channel, [b""])
+        else:
+            self.store.wake(channel)
+
+    def keep_channel(self, channel: str) -> None:
+        """Mark ``channel`` as this client's own (read from AMQP) and keep its stream."""
+        self._own_channels.add(channel)
+        self.store.keep_channel(channel)
+
+    def notify(self, channel: str, raw_events: Sequence[bytes]) -> None:
+        """Publish events to a client's reply queue (dropped if the client is gone)."""
+
+        def send(link: Link) -> None:
+            for raw in raw_events:
+                self.links.send(link, channel, raw, persistent=False)
+
+        self.links.publishing(send)
+
+    def purge(self, queues: Sequence[str]) -> list[str]:
+        """Delete the messages waiting on ``queues`` and parked for an ETA; their task ids.
+
+        Deliveries a worker holds unacknowledged (tasks being run) are not touched.
+        """
+        ids: list[str] = []
+        with self.links.using() as link:
+            for queue in queues:
+                name = self.queue_name(queue)
+                self.links.declare_task_queue(link, name)
+                waiting = kombu.Queue(name, exchange="", routing_key=name, no_declare=True)
+                bound = waiting.bind(link.channel)
+                while (message := bound.get(no_ack=True)) is not None:
+                    task_id, _ = read_headers(message.headers)
+                    ids += [task_id] if task_id else []
+        return ids + self.store.take_waiting(queues)
+
+    # Worker side -----------------------------------------------------------------------------
+    def ensure_queues(self, queues: Iterable[str]) -> None:
+        """Declare the durable task queues."""
+        with self.links.using() as link:
+            for queue in queues:
+                self.links.declare_task_queue(link, self.queue_name(queue))
+
+    def fetch(self, queues: Sequence[str], consumer: str, block_seconds: float) -> Delivery | None:
+        """Take one message (prefetch 1), with its start verdict from the store."""
+        deadline = time.monotonic() + block_seconds
+        while True:
+            with self.links.using() as link:
+                self._consume_tasks(link, queues)
+                if not link.inbox:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return None
+                    try:
+                        link.conn.drain_events(timeout=remaining)
+                    except TimeoutError:
+                        return None
+                    continue
+                message = link.inbox.popleft()
+                try:
+                    delivery = self._accept(link, message, consumer)
+                except BrokerUnavailable:
+                    # The store is away: keep the message (unacknowledged, it stays with
+                    # this consumer) and take it again, rather than give it back.
+                    link.inbox.appendleft(message)
+                    raise
+            if delivery is not None:
+                return delivery
+
+    def _consume_tasks(self, link: Link, queues: Sequence[str]) -> None:
+        names = tuple(self.queue_name(q) for q in queues)
+        if link.task_queues == names:
+            return
+        if link.task_consumer is not None:
+            link.task_consumer.cancel()
+        for name in names:
+            self.links.declare_task_queue(link, name)
+        # One unacknowledged message per child: for several queues the limit is global to
+        # the channel (RabbitMQ applies a non-global one per consumer).
+        link.channel.basic_qos(0, 1, len(names) > 1)
+        kqueues = [kombu.Queue(n, exchange="", routing_key=n, no_declare=True) for n in names]
+        consumer = kombu.Consumer(
+            link.channel, queues=kqueues, no_ack=False, on_message=link.inbox.append
+        )
+        consumer.consume()
+        link.task_queues, link.task_consumer = names, consumer
+
+    def _starter(self, consumer: str) -> StartBy:
+        pid = os.getpid()
+        if self._whoami[1] != pid:
+            self._whoami = (socket.gethostname(), pid)
+        return StartBy(self._whoami[0], str(pid), consumer)
+
+    def _accept(self, link: Link, message: Message, consumer: str) -> Delivery | None:
+        task_id, deliveries = read_headers(message.headers)
+        queue = self._queue_of(str(message.delivery_info.get("routing_key", "")))
+        raw = body_of(message)
+        verdict: str | None = None
+        if task_id:
+            by = self._starter(consumer)
+            verdict = self.store.start(task_id, by, redelivered=redelivered(message))
+            if verdict == Verdict.LOST:
+                log.warning(
+                    "task %s was redelivered after its worker lost it; parked for its "
+                    "supervisor to settle",
+                    task_id,
+                )
+                self.lost.park(task_id, raw, queue, deliveries)
+                message.ack()
+                return None
+        delivery_id = f"{link.generation}:{message.delivery_tag}"
+        link.held[delivery_id] = message
+        return Delivery(queue, delivery_id, raw, deliveries, verdict=verdict, task_id=task_id)
+
+    def emit(self, channel: str, raw_events: Sequence[bytes]) -> None:
+        """Keep events in the client's stream, then publish them to its reply queue."""
+        if not channel:
+            return
+        self.store.append_events(channel, raw_events)
+        self.notify(channel, raw_events)
+
+    def finish(
+        self,
+        delivery: Delivery | None,
+        task_id: str,
+        channel: str,
+        raw_event: bytes,
+        fields: Mapping[str, str | bytes],
+        *,
+        requeue: tuple[bytes, float] | None = None,
+        then_fetch: tuple[Sequence[str], str, float] | None = None,
+    ) -> Delivery | None:
+        """Store the outcome (and park ``requeue``), tell the client, then acknowledge."""
+        queue = delivery.queue if delivery is not None else ""
+        self.store.settle(task_id, channel, raw_event, fields, queue=queue, later=requeue)
+        if raw_event and channel:
+            self.notify(channel, [raw_event])  # the store's settle kept it
+        if delivery is not None:
+            self._settle(delivery)
+        if then_fetch is not None and then_fetch[0]:
+            return self.fetch(*then_fetch)
+        return None
+
+    def _settle(self, delivery: Delivery) -> None:
+        """Acknowledge an AMQP delivery, or drop a parked lost one from the store."""
+        if self.lost.settle(delivery):
+            return
+        link = self.links.current()
+        message = link.held.pop(delivery.delivery_id, None) if link is not None else None
+        if message is None:
+            log.warning(
+                "cannot acknowledge delivery %s: its connection was closed meanwhile; "
+                "RabbitMQ redelivers it and the redelivered copy is dropped, since its task "
+                "is settled",
+                delivery.delivery_id,
+            )
+            return
+        try:
+            message.ack()
+        except Exception as exc:
+            self.links.drop()
+            log.error(
+                "could not acknowledge delivery %s (%s): the outcome is stored and the "
+                "redelivered copy will be dropped. If RabbitMQ closed the channel for "
+                "'delivery acknowledgement timed out', the task ran longer than its "
+                "consumer_timeout: raise it (rabbitmq.conf consumer_timeout, see "
+                "nbtask.brokers.amqp)",
+                delivery.delivery_id,
+                exc,
+            )
+
+    def discard(self, delivery: Delivery) -> None:
+        """Acknowledge and drop a delivery that must not run."""
+        self._settle(delivery)
+
+    def requeue(self, delivery: Delivery, task_id: str) -> None:
+        """Reset the record to PENDING, publish the message again (count raised), settle."""
+        self.store.reset_pending(task_id)
+        count = delivery.deliveries + 1
+        self.links.publishing(
+            lambda link: self._enqueue(link, delivery.queue, task_id, delivery.raw, count)
+        )
+        self._settle(delivery)
+
+    def dead_letter(self, delivery: Delivery) -> None:
+        """Copy the message to the store's dead-letter stream, then settle it."""
+        self.store.dead_letter(delivery)
+        self._settle(delivery)
+
+    def held(self, queues: Sequence[str], consumer: str, min_idle: float = 0.0) -> list[Delivery]:
+        """Parked deliveries that ``consumer`` had lost (``min_idle`` does not apply).
+
+        AMQP itself gives a dead consumer's deliveries back; only the ones already parked
+        by whoever received them again are returned.
+        """
+        return self.lost.claim(consumer)
+
+    def holds_any(self, queues: Sequence[str], consumers: Sequence[str]) -> bool:
+        """False: AMQP gives a dead consumer's deliveries back by itself."""
+        return False
+
+    def orphans(self) -> list[Delivery]:
+        """Parked lost deliveries, whoever lost them, that may be settled now."""
+        return self.lost.claim(None) if self.lost.waiting() else []
+
+    def stale(self, queues: Sequence[str], consumer: str) -> list[Delivery]:
+        """None: AMQP has no leases (a dead holder's connection closes)."""
+        return []
+
+    def renew(self, consumers: Sequence[str], queues: Sequence[str]) -> None:
+        """Nothing to renew: AMQP keeps a delivery as long as its connection lives."""
+
+    def forget_consumers(self, consumers: Sequence[str], queues: Sequence[str]) -> None:
+        """Nothing to forget: a consumer ends with its connection."""
+
+    def move_due(self, queues: Sequence[str]) -> float | None:
+        """Publish due ETA messages to their queues; return the next due time."""
+        nxt, moved = self.store.claim_due(queues, self._moving_key, _MOVING_STUCK)
+        if moved:
+
+            def send(link: Link) -> None:
+                for queue, member in moved:
+                    task_id, _, raw = member.partition(b":")
+                    self._enqueue(link, queue, task_id.decode("utf-8", "replace"), raw, 0)
+
+            self.links.publishing(send)
+            self.store.drop_moved([(self._moving_key(q), m) for q, m in moved])
+        return nxt

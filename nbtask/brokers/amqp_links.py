@@ -1,0 +1,247 @@
+"""AMQP connections of the AMQP transport: one per thread, and what each consumes.
+
+Also the reading of what RabbitMQ hands over beside a body (headers, the redelivered
+flag): anyone who can publish sets those, so nothing there is trusted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import kombu as _kombu
+from kombu.exceptions import OperationalError
+
+from nbtask._urls import redact_url
+from nbtask.errors import BrokerUnavailable
+
+__all__ = ["CONSUMER_TIMEOUT_MS", "Link", "Links", "body_of", "read_headers", "redelivered"]
+
+#: ``x-consumer-timeout`` of task queues on RabbitMQ >= 3.12, milliseconds (7 days).
+CONSUMER_TIMEOUT_MS = 7 * 24 * 3600 * 1000
+ID_HEADER = "nbtask-id"
+DELIVERIES_HEADER = "nbtask-deliveries"
+# kombu is only partly annotated: used as Any, its objects checked where read.
+kombu: Any = _kombu
+Message = Any
+_CONTENT = {"content_type": "application/octet-stream", "content_encoding": "binary"}
+
+
+class Link:
+    """One thread's AMQP connection, its channel, and what it consumes."""
+
+    def __init__(self, conn: Any, generation: int) -> None:
+        self.conn = conn
+        self.channel: Any = conn.channel()
+        self.generation = generation
+        self.declared: set[str] = set()
+        self.task_queues: tuple[str, ...] = ()
+        self.task_consumer: Any = None
+        self.inbox: deque[Message] = deque()
+        self.held: dict[str, Message] = {}
+        self.reply: str | None = None
+        self.reply_consumer: Any = None
+        self.replies: deque[Message] = deque()
+
+    def close(self) -> None:
+        """Release the connection (errors ignored: it may be gone already)."""
+        with contextlib.suppress(Exception):
+            self.conn.release()
+
+
+class Links:
+    """The AMQP connections of one transport, one per thread (a thread's own is reused).
+
+    Parameters
+    ----------
+    url
+        The kombu URL.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._local = threading.local()
+        self._generations = itertools.count(1)
+        self._links: list[Link] = []
+        self._lock = threading.Lock()
+        self._consumer_timeout: bool | None = None
+
+    def current(self) -> Link | None:
+        """The calling thread's link, if it has one."""
+        link: Link | None = getattr(self._local, "link", None)
+        return link
+
+    def get(self) -> Link:
+        """The calling thread's link, connecting it first if needed."""
+        link = self.current()
+        if link is not None:
+            return link
+        conn = kombu.Connection(
+            self.url,
+            connect_timeout=5,
+            heartbeat=0,  # a child runs user code and cannot answer AMQP heartbeats
+            transport_options={"confirm_publish": True},
+        )
+        try:
+            conn.ensure_connection(max_retries=1, timeout=5)
+        except Exception as exc:
+            conn.release()
+            raise self.unavailable(exc) from exc
+        link = Link(conn, next(self._generations))
+        self._local.link = link
+        with self._lock:
+            self._links.append(link)
+        return link
+
+    def drop(self) -> None:
+        """Close this thread's link; the next use connects anew."""
+        link = self.current()
+        self._local.link = None
+        if link is not None:
+            link.close()
+            with self._lock, contextlib.suppress(ValueError):
+                self._links.remove(link)
+
+    def close(self) -> None:
+        """Close every thread's link."""
+        with self._lock:
+            links, self._links = self._links, []
+        for link in links:
+            link.close()
+        self._local = threading.local()
+
+    def unavailable(self, exc: BaseException) -> BrokerUnavailable:
+        """The one error for a broker that cannot be reached."""
+        return BrokerUnavailable(
+            f"cannot reach the AMQP broker at {redact_url(self.url)}: {exc}. Is RabbitMQ running "
+            "there? (start it with: rabbitmq-server -detached)"
+        )
+
+    @contextlib.contextmanager
+    def using(self) -> Iterator[Link]:
+        """Yield this thread's link; connection errors become :class:`BrokerUnavailable`."""
+        link = self.get()
+        errors: tuple[type[BaseException], ...] = (OSError, OperationalError, *_conn_errors(link))
+        try:
+            yield link
+        except errors as exc:
+            if isinstance(exc, TimeoutError):
+                raise
+            if isinstance(exc, BrokerUnavailable):
+                raise  # the result store's: the AMQP link is fine, and it names the store
+            self.drop()
+            raise self.unavailable(exc) from exc
+
+    def publishing(self, send: Callable[[Link], None]) -> None:
+        """Run ``send`` on this thread's link; once more on a new link if an old one failed.
+
+        A link that went stale while idle (its connection dropped, RabbitMQ restarted)
+        fails only when used; a fresh link failing is a real outage. At worst a message
+        that reached RabbitMQ just before its connection died is sent twice: the start
+        check drops the second task message, a handle ignores a repeated event.
+        """
+        for attempt in (1, 2):
+            fresh = self.current() is None
+            try:
+                with self.using() as link:
+                    send(link)
+                return
+            except BrokerUnavailable:
+                if fresh or attempt == 2:
+                    raise
+
+    def declare_task_queue(self, link: Link, name: str) -> None:
+        """Declare a durable task queue (once per link)."""
+        if name in link.declared:
+            return
+        arguments: dict[str, Any] = {}
+        if self._supports_consumer_timeout(link):
+            arguments["x-consumer-timeout"] = CONSUMER_TIMEOUT_MS
+        link.channel.queue_declare(
+            queue=name,
+            durable=True,
+            exclusive=False,
+            auto_delete=False,
+            arguments=arguments or None,
+        )
+        link.declared.add(name)
+
+    def _supports_consumer_timeout(self, link: Link) -> bool:
+        if self._consumer_timeout is None:
+            props = getattr(link.conn.connection, "server_properties", None) or {}
+            version = props.get("version", b"")
+            text = version.decode() if isinstance(version, bytes) else str(version)
+            try:
+                major, minor = (int(part) for part in text.split(".")[:2])
+            except ValueError:
+                major, minor = 0, 0
+            self._consumer_timeout = (major, minor) >= (3, 12) and "RabbitMQ" in str(
+                props.get("product", b"")
+            )
+        return self._consumer_timeout
+
+    @staticmethod
+    def send(
+        link: Link,
+        routing_key: str,
+        raw: bytes,
+        *,
+        persistent: bool,
+        headers: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Publish ``raw`` on the default exchange (confirmed if the link confirms)."""
+        message = link.channel.prepare_message(
+            raw,
+            priority=None,
+            headers=dict(headers or {}),
+            properties={"delivery_mode": 2 if persistent else 1},
+            **_CONTENT,
+        )
+        link.channel.basic_publish(message, exchange="", routing_key=routing_key)
+
+
+def read_headers(headers: object) -> tuple[str | None, int]:
+    """The task id and redelivery count beside a message.
+
+    Anyone may have set them, so anything malformed reads as absent (the worker then goes
+    by the signed header).
+    """
+    if not isinstance(headers, Mapping):
+        return None, 0
+    task_id = headers.get(ID_HEADER)
+    if isinstance(task_id, bytes):
+        task_id = task_id.decode("utf-8", "replace")
+    count = headers.get(DELIVERIES_HEADER)
+    deliveries = count if isinstance(count, int) and 0 <= count < 1 << 31 else 0
+    return (task_id if isinstance(task_id, str) and task_id else None), deliveries
+
+
+def body_of(message: Message) -> bytes:
+    """The body as sent.
+
+    py-amqp hands an empty body, or one sent with a text content encoding, over as ``str``.
+    """
+    body = message.body
+    if isinstance(body, str):
+        return body.encode("utf-8", "surrogateescape")
+    return bytes(body)
+
+
+def redelivered(message: Message) -> bool:
+    """The AMQP ``redelivered`` flag (kombu's virtual transports keep it in the payload)."""
+    if message.delivery_info.get("redelivered"):
+        return True
+    payload = getattr(message, "_raw", None)
+    return isinstance(payload, dict) and bool(payload.get("redelivered"))
+
+
+def _conn_errors(link: Link) -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (
+        *link.conn.connection_errors,
+        *link.conn.channel_errors,
+    )
+    return errors

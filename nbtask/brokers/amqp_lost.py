@@ -1,0 +1,106 @@
+"""Lost deliveries on AMQP: messages RabbitMQ gave back after the child running them died.
+
+A child that receives a message whose task is already ``STARTED`` (and that is marked
+redelivered) holds a copy its previous holder lost. It parks the copy in the store
+(``<prefix>:lost`` sorted by when it may be claimed, ``<prefix>:lost:<task id>`` holding
+the message, its queue, redelivery count and the consumer that held it) and acknowledges
+it on AMQP. A supervisor then claims it, like a Redis pending entry of a dead child, and
+settles it: ``acks_late`` tasks are put back, early-ack ones reported ``WORKER_LOST``. A
+task that a live worker still lists as busy (its connection dropped, not the child) is
+left alone until it ends; a claim lapses after :data:`CLAIM_LEASE`.
+"""
+
+from __future__ import annotations
+
+import time
+
+from nbtask.brokers.base import Delivery
+from nbtask.brokers.redis_store import RedisStore
+
+__all__ = ["CLAIM_LEASE", "LostDeliveries"]
+
+#: Seconds after which a claimed but unsettled lost delivery may be claimed again.
+CLAIM_LEASE = 30.0
+_DELIVERY_PREFIX = "lost:"  # delivery ids of parked deliveries
+
+
+class LostDeliveries:
+    """The parked lost deliveries of one key prefix, in the Redis store."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self._key = f"{store.prefix}:lost"
+
+    def _entry(self, task_id: str) -> str:
+        return f"{self._key}:{task_id}"
+
+    def park(self, task_id: str, raw: bytes, queue: str, deliveries: int) -> None:
+        """Keep a lost copy for a supervisor to settle (idempotent)."""
+        keys = [self._key, self._entry(task_id), self.store.record_key(task_id)]
+        self.store.link.call(
+            "park_lost", keys, task_id, raw, queue, deliveries, repr(time.time()), large=True
+        )
+
+    def waiting(self) -> int:
+        """How many parked deliveries may be claimed now."""
+        with self.store.link.translate_errors():
+            return int(self.store.link.redis.zcount(self._key, "-inf", time.time()))
+
+    def claim(self, holder: str | None) -> list[Delivery]:
+        """Claim claimable deliveries: all of them, or those ``holder`` had lost."""
+        now = time.time()
+        redis = self.store.link.redis
+        with self.store.link.translate_errors():
+            ids = [
+                i.decode("utf-8", "replace")
+                for i in redis.zrangebyscore(self._key, "-inf", now, 0, 100)
+            ]
+            if not ids:
+                return []
+            busy = {task for info in self.store.workers().values() for task in info.busy}
+            entries = {}
+            for task_id in ids:
+                fields = redis.hgetall(self._entry(task_id))
+                if not fields:  # settled meanwhile
+                    redis.zrem(self._key, task_id)
+                    continue
+                if task_id in busy:
+                    continue  # a live worker still runs it (its channel closed, not it)
+                if holder is not None and fields.get(b"h", b"").decode() != holder:
+                    continue
+                entries[task_id] = fields
+        if not entries:
+            return []
+        claimed = self.store.link.call(
+            "claim_lost", [self._key], repr(now), repr(CLAIM_LEASE), *entries
+        )
+        out = []
+        for raw_id in claimed:
+            task_id = raw_id.decode()
+            fields = entries[task_id]
+            try:
+                deliveries = int(fields.get(b"n", b"0") or 0)
+            except ValueError:
+                deliveries = 0
+            out.append(
+                Delivery(
+                    fields.get(b"q", b"").decode("utf-8", "replace"),
+                    _DELIVERY_PREFIX + task_id,
+                    fields.get(b"e", b""),
+                    deliveries,
+                    task_id=task_id,
+                )
+            )
+        return out
+
+    def settle(self, delivery: Delivery) -> bool:
+        """Drop a parked delivery once handled; False if ``delivery`` is not a parked one."""
+        if not delivery.delivery_id.startswith(_DELIVERY_PREFIX):
+            return False
+        task_id = delivery.delivery_id[len(_DELIVERY_PREFIX) :]
+        with self.store.link.translate_errors():
+            pipe = self.store.link.redis.pipeline(transaction=True)
+            pipe.zrem(self._key, task_id)
+            pipe.delete(self._entry(task_id))
+            pipe.execute()
+        return True

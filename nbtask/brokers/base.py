@@ -1,0 +1,244 @@
+"""What the layers above need from a broker: a :class:`Transport` and its :class:`Store`.
+
+A transport moves signed messages: task queues (deliver, acknowledge, redeliver,
+dead-letter) and the events workers send to a client. The store keeps what must be
+checked atomically or must outlive a client: task records and the start check, client
+channels, control messages, ETA parking, rate limits and the worker registry. A transport
+never looks inside a body, and nothing above ``brokers/`` knows which broker is in use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol
+
+from nbtask.wire.records import RecordFields, TaskRecord, WorkerInfo
+
+__all__ = ["Delivery", "Publish", "StartBy", "Store", "Transport", "Verdict"]
+
+
+class Verdict:
+    """What the start check says of a delivered task (besides a state that forbids it)."""
+
+    #: It may run: it is now STARTED by the asking consumer.
+    OK = "OK"
+    #: The delivery carries no task id beside it: ask :meth:`Store.start` once the signed
+    #: header is read.
+    ASK = "NOID"
+    #: A redelivered message whose task another holder STARTED and then lost (it died).
+    LOST = "LOST"
+
+
+@dataclasses.dataclass(frozen=True)
+class Delivery:
+    """A message handed to a worker and not yet acknowledged.
+
+    ``deliveries`` counts earlier deliveries that ended with the worker dead. ``verdict``
+    is set when the transport already ran the start check: ``"OK"`` (the task is now
+    STARTED) or the state that forbids it; ``None`` means "ask :meth:`Store.start`".
+    """
+
+    queue: str
+    delivery_id: str
+    raw: bytes
+    deliveries: int = 0
+    verdict: str | None = None
+    #: The task id as the transport saw it (unverified; checked against the signed header).
+    task_id: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Publish:
+    """One message to enqueue: ``raw`` for ``queue``, due at ``eta`` (epoch seconds) if set."""
+
+    queue: str
+    task_id: str
+    raw: bytes
+    record: RecordFields
+    eta: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StartBy:
+    """Who asks the start check: a worker host, a process and its consumer name."""
+
+    worker: str
+    pid: str
+    consumer: str
+
+
+class Store(Protocol):
+    """Task records, client channels, control, ETA parking, rate limits, worker registry."""
+
+    def ping(self) -> None:
+        """Raise :class:`~nbtask.errors.BrokerUnavailable` unless the store answers."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+    # Records -------------------------------------------------------------------------------
+    def get_record(self, task_id: str) -> TaskRecord | None:
+        """A task's record; ``None`` when unknown or expired."""
+
+    def start(self, task_id: str, by: StartBy, *, redelivered: bool = False) -> str:
+        """The start check: ``"OK"`` (now STARTED by ``by``) or the state forbidding it."""
+
+    def forget_unsent(self, task_id: str) -> None:
+        """Delete a record that only a start check wrote: no client ever sent that task."""
+
+    def settle(
+        self,
+        task_id: str,
+        channel: str,
+        raw_event: bytes,
+        fields: Mapping[str, str | bytes],
+        *,
+        queue: str = "",
+        later: tuple[bytes, float] | None = None,
+    ) -> None:
+        """Store a task's end (no fields: delete its record) and tell its client."""
+
+    def revoke_pending(self, task_id: str, raw_event: bytes, channel: str) -> bool:
+        """Mark a task REVOKED if it has not started; return whether it was."""
+
+    # Client channels -----------------------------------------------------------------------
+    def channel_key(self, client_id: str) -> str:
+        """The name of a client's event channel."""
+
+    def channel_end(self, channel: str) -> str:
+        """The id of the newest event on a channel (``"0-0"`` when empty)."""
+
+    def replay(self, channel: str) -> list[bytes]:
+        """Every event still kept on a client's channel, oldest first."""
+
+    def recent_tasks(self, group: str, channel: str, limit: int) -> list[tuple[str, str, float]]:
+        """Note ``channel`` as a client of ``group``; its clients' newest ``(id, channel, at)``."""
+
+    # Control, rate limits ------------------------------------------------------------------
+    def send_control(self, raw: bytes) -> None:
+        """Broadcast a signed control message to every worker."""
+
+    def read_control(self, after: str) -> list[tuple[str, bytes]]:
+        """Control messages after entry ``after`` (``"$"``: just the current last id)."""
+
+    def rate_wait(self, bucket: str, rate: float) -> float:
+        """Take a token of ``bucket`` (``rate`` per second) or say how long to wait."""
+
+    # Worker registry -----------------------------------------------------------------------
+    def heartbeat(self, worker_id: str, info: WorkerInfo) -> None:
+        """Announce a live worker."""
+
+    def unregister(self, worker_id: str) -> None:
+        """Remove a stopped worker."""
+
+    def workers(self) -> dict[str, WorkerInfo]:
+        """Live workers."""
+
+    def dead_workers(self) -> dict[str, WorkerInfo | None]:
+        """Registered workers whose heartbeat lapsed (``None``: an unreadable entry)."""
+
+    def claim_dead_worker(self, worker_id: str) -> bool:
+        """Take the right to clean up after a dead worker (only one claimant wins)."""
+
+    def forget_worker(self, worker_id: str) -> None:
+        """Drop a dead worker from the registry once its deliveries are handled."""
+
+
+class Transport(Protocol):
+    """Moves messages: task queues and the events sent to clients."""
+
+    @property
+    def store(self) -> Store:
+        """The store this transport keeps its records in."""
+
+    def ping(self) -> None:
+        """Raise :class:`~nbtask.errors.BrokerUnavailable` unless transport and store answer."""
+
+    def close(self) -> None:
+        """Release connections (the store's too)."""
+
+    # Client side ---------------------------------------------------------------------------
+    def publish(self, messages: Sequence[Publish]) -> list[str]:
+        """Enqueue messages with their PENDING records.
+
+        Returns, per message, ``""`` or the final state that refused it (its task already
+        ended: a revoked chain step, or a reused id); a refused message is not queued.
+        """
+
+    def read_events(
+        self, channels: Mapping[str, str], block_seconds: float
+    ) -> list[tuple[str, str, bytes]]:
+        """Wait for events on ``{channel: last_id}``; return ``(channel, id, raw)`` triples."""
+
+    def wake(self, channel: str) -> None:
+        """Make a reader blocked on ``channel`` return at once."""
+
+    def notify(self, channel: str, raw_events: Sequence[bytes]) -> None:
+        """Deliver events the store already keeps to a live client (nothing more is kept)."""
+
+    def keep_channel(self, channel: str) -> None:
+        """Keep ``channel``: its client reads it and is alive."""
+
+    def purge(self, queues: Sequence[str]) -> list[str]:
+        """Delete the messages waiting on ``queues`` (ETA ones too), not ones being run.
+
+        Returns the task ids seen beside them (unverified).
+        """
+
+    # Worker side ---------------------------------------------------------------------------
+    def ensure_queues(self, queues: Iterable[str]) -> None:
+        """Create the queues (idempotent)."""
+
+    def fetch(self, queues: Sequence[str], consumer: str, block_seconds: float) -> Delivery | None:
+        """Take one message for ``consumer`` with its start verdict, waiting a while."""
+
+    def emit(self, channel: str, raw_events: Sequence[bytes]) -> None:
+        """Send events to a client."""
+
+    def finish(
+        self,
+        delivery: Delivery | None,
+        task_id: str,
+        channel: str,
+        raw_event: bytes,
+        fields: Mapping[str, str | bytes],
+        *,
+        requeue: tuple[bytes, float] | None = None,
+        then_fetch: tuple[Sequence[str], str, float] | None = None,
+    ) -> Delivery | None:
+        """Store the record, tell the client, park ``requeue`` for later, acknowledge.
+
+        With ``then_fetch=(queues, consumer, block_seconds)`` the transport may also take
+        the next message in the same round trip and return it (else it returns ``None``).
+        """
+
+    def discard(self, delivery: Delivery) -> None:
+        """Acknowledge and delete a delivery that must not run."""
+
+    def requeue(self, delivery: Delivery, task_id: str) -> None:
+        """Put an unfinished delivery back on its queue, counting the redelivery."""
+
+    def dead_letter(self, delivery: Delivery) -> None:
+        """Keep a delivery in the dead-letter stream and acknowledge it."""
+
+    def held(self, queues: Sequence[str], consumer: str, min_idle: float = 0.0) -> list[Delivery]:
+        """Unacknowledged deliveries of a dead ``consumer`` (lease idle ``min_idle`` s)."""
+
+    def holds_any(self, queues: Sequence[str], consumers: Sequence[str]) -> bool:
+        """True if any of ``consumers`` still holds an unacknowledged delivery."""
+
+    def orphans(self) -> list[Delivery]:
+        """Deliveries lost by dead holders that the transport itself found."""
+
+    def stale(self, queues: Sequence[str], consumer: str) -> list[Delivery]:
+        """Deliveries whose lease lapsed (no renewal for ``visibility_timeout``)."""
+
+    def renew(self, consumers: Sequence[str], queues: Sequence[str]) -> None:
+        """Renew the leases that live ``consumers`` hold."""
+
+    def forget_consumers(self, consumers: Sequence[str], queues: Sequence[str]) -> None:
+        """Forget the consumers of a worker that stopped."""
+
+    def move_due(self, queues: Sequence[str]) -> float | None:
+        """Move due ETA messages onto their queues; return the next due time, if any."""

@@ -1,0 +1,215 @@
+"""One Redis server as nbtask talks to it: a lean pipeline, its Lua scripts, clear errors.
+
+Shared by the Redis store and the Redis Streams transport (which, on a Redis broker, use
+the same server and so the same link).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from nbtask._urls import redact_url
+from nbtask.errors import BrokerUnavailable
+
+__all__ = ["LARGE_BYTES", "Command", "RedisLink"]
+
+#: Arguments from this size on are sent as they are, never copied into one buffer.
+LARGE_BYTES = 1 << 20
+Command = tuple[Any, ...]
+
+_HINTS = {
+    "broker": (
+        "Is redis-server running there? (start one with: redis-server --port 6379, or unset "
+        "NBTASK_BROKER to use the embedded cluster)"
+    ),
+    "result store": "Is redis-server running there? (the result store: NBTASK_RESULT_URL)",
+}
+
+
+class RedisLink:
+    """Connections to one Redis server, one per thread, and the scripts run on it.
+
+    Parameters
+    ----------
+    url
+        ``redis://``, ``rediss://`` or ``unix://`` URL of the server.
+    role
+        ``"broker"`` or ``"result store"``: how errors name the server.
+    """
+
+    def __init__(self, url: str, role: str) -> None:
+        self.url = url
+        self._unreachable = (f"cannot reach the Redis {role} at {redact_url(url)}", _HINTS[role])
+        # Typed as Any: redis-py's reply types are unions over decode_responses that would
+        # need a cast at every call; the callers check the shapes they read instead.
+        # RESP2 keeps raw replies in one known shape for the hot path.
+        self.redis: Any = redis.Redis.from_url(url, socket_connect_timeout=5, protocol=2)
+        self._scripts: dict[str, str] = {}
+        self._sha: dict[str, str] = {}
+        self._local = threading.local()
+
+    def add_scripts(self, scripts: Mapping[str, str]) -> None:
+        """Make ``scripts`` (name -> Lua) callable with :meth:`evalsha`."""
+        for name, body in scripts.items():
+            self._scripts[name] = body
+            self._sha[name] = hashlib.sha1(body.encode()).hexdigest()
+
+    @contextlib.contextmanager
+    def translate_errors(self) -> Iterator[None]:
+        """Turn redis-py's connection errors into one :class:`BrokerUnavailable`."""
+        try:
+            yield
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            what, hint = self._unreachable
+            raise BrokerUnavailable(f"{what}: {exc}. {hint}") from exc
+
+    def ping(self) -> None:
+        """Raise :class:`BrokerUnavailable` unless the server answers; load the scripts."""
+        with self.translate_errors():
+            self.redis.ping()
+            self.load_scripts()
+
+    def load_scripts(self) -> None:
+        """Load every script (a restarted server forgets them)."""
+        for body in self._scripts.values():
+            self.redis.script_load(body)
+
+    def close(self) -> None:
+        """Close every pooled connection and this thread's own."""
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            connection.disconnect()
+        self.redis.close()
+        self.redis.connection_pool.disconnect()
+
+    @property
+    def read_lost(self) -> bool:
+        """A connection of this thread failed since the flag was last cleared.
+
+        A blocking read served meanwhile may have delivered an entry whose reply never
+        arrived; the Streams transport looks for it before reading anew.
+        """
+        return bool(getattr(self._local, "read_lost", False))
+
+    @read_lost.setter
+    def read_lost(self, value: bool) -> None:
+        self._local.read_lost = value
+
+    def evalsha(self, script: str, keys: Sequence[str], *args: Any) -> Command:
+        """The command that runs the script named ``script``."""
+        return ("EVALSHA", self._sha[script], len(keys), *keys, *args)
+
+    def call(self, script: str, keys: Sequence[str], *args: Any, large: bool = False) -> Any:
+        """Run one script and return its reply."""
+        with self.translate_errors():
+            return self.run_scripts([self.evalsha(script, keys, *args)], large=large)[0]
+
+    def run_scripts(self, commands: Sequence[Command], *, large: bool = False) -> list[Any]:
+        """Run commands (scripts among them), loading the scripts if the server lost them."""
+        try:
+            return self.run(commands, large=large)
+        except NoScriptError:
+            # Only a restarted (emptied) server answers NOSCRIPT, and it answers it for
+            # every script of the batch, so running the batch again runs each once.
+            self.load_scripts()
+            return self.run(commands, large=large)
+
+    def _connection(self) -> Any:
+        # One connection per thread, kept: taking one from the pool on every call costs
+        # a health-check syscall, more than the command itself on a local server.
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            pool = self.redis.connection_pool
+            connection = pool.connection_class(**pool.connection_kwargs)
+            self._local.connection = connection
+        return connection
+
+    def run(
+        self,
+        commands: Sequence[Command],
+        *,
+        block_seconds: float = 0.0,
+        raise_errors: bool = True,
+        large: bool = False,
+    ) -> list[Any]:
+        """Send ``commands`` in one write and read every reply.
+
+        ``block_seconds`` is how long a blocking command (XREAD BLOCK) may wait; the
+        socket's read timeout is stretched past it for this call. With ``raise_errors``
+        false, error replies are returned in their places instead of raised. ``large``
+        says an argument may be big enough to send without copying it.
+
+        A pipeline without redis-py's per-command bookkeeping: on the hot path (publish,
+        fetch, start, finish) that bookkeeping costs more than the round trip itself.
+        """
+        packed = None
+        for attempt in (1, 2):
+            connection = self._connection()
+            fresh = connection._sock is None  # redis-py has no public "is connected"
+            replies: list[Any] = []
+            try:
+                packed = packed or (pack(commands) if large else connection.pack_commands(commands))
+                connection.send_packed_command(packed)
+                _read_replies(connection, len(commands), block_seconds, replies)
+            except (RedisConnectionError, RedisTimeoutError):
+                # A half-read connection cannot be reused; the next call reconnects.
+                connection.disconnect()
+                self.read_lost = True
+                # A connection that went stale while idle (the server restarted) fails
+                # before the first reply: the server never ran these commands. Once more
+                # on a new connection; a fresh one failing is a real outage.
+                if attempt == 2 or fresh or replies:
+                    raise
+                continue
+            except BaseException:
+                connection.disconnect()
+                raise
+            break
+        if raise_errors:
+            for reply in replies:
+                if isinstance(reply, ResponseError):
+                    raise reply
+        return replies
+
+
+def _read_replies(connection: Any, count: int, block_seconds: float, replies: list[Any]) -> None:
+    # Fills ``replies`` as they come: a caller whose connection fails midway must know
+    # whether the server already ran some of the commands.
+    timeout = block_seconds + (connection.socket_timeout or 5.0) if block_seconds else None
+    for _ in range(count):
+        try:
+            if timeout is None:
+                replies.append(connection.read_response())
+            else:
+                replies.append(connection.read_response(timeout=timeout))
+        except ResponseError as exc:
+            replies.append(exc)
+
+
+def pack(commands: Sequence[Command]) -> list[bytes]:
+    """RESP-encode ``commands``; large arguments are sent as they are, never copied.
+
+    (redis-py with hiredis packs everything into one buffer: for a 50 MB argument that
+    copy costs more than sending it.)
+    """
+    chunks: list[bytes] = []
+    for command in commands:
+        head = [b"*%d\r\n" % len(command)]
+        for arg in command:
+            data = arg if isinstance(arg, bytes) else str(arg).encode()
+            if len(data) >= LARGE_BYTES:
+                chunks += [b"".join((*head, b"$%d\r\n" % len(data))), data]
+                head = [b"\r\n"]
+            else:
+                head.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        chunks.append(b"".join(head))
+    return chunks

@@ -1,0 +1,458 @@
+"""The result store, on Redis: task records, client channels, control, ETA, rate limits.
+
+Keys, all under ``<key_prefix>:``:
+
+* ``r:<task id>``: a task's record (a hash), kept ``result_ttl``.
+* ``c:<client id>``: a client's event channel (a stream), kept while the client lives
+  and ``result_ttl`` after.
+* ``client-tasks:<client id>`` and ``client-group:<group>``: what a client sent, and a
+  notebook's clients across kernel restarts (for re-attaching).
+* ``eta:<queue>``: messages waiting for their due time (a sorted set).
+* ``control``: signed control messages to every worker (a stream).
+* ``workers`` and ``hb:<worker id>``: the worker registry and heartbeats.
+* ``dead``: messages given up on (a stream).
+* ``rate:<bucket>``: rate-limit buckets.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from redis.exceptions import ResponseError
+
+from nbtask.brokers.base import Delivery, Publish, StartBy
+from nbtask.brokers.redis_link import LARGE_BYTES, RedisLink
+from nbtask.brokers.scripts import STORE_SCRIPTS
+from nbtask.settings import Settings
+from nbtask.wire.records import RecordFields, TaskRecord, WorkerInfo
+
+__all__ = ["CHANNEL_MAXLEN", "RedisStore"]
+
+#: Events kept per client channel (older ones are trimmed).
+CHANNEL_MAXLEN = 10_000
+
+
+class RedisStore:
+    """A :class:`~nbtask.brokers.base.Store` on Redis.
+
+    Parameters
+    ----------
+    link
+        The server (shared with the Redis Streams transport on a Redis broker).
+    settings
+        Key prefix, TTLs, heartbeat interval.
+    """
+
+    def __init__(self, link: RedisLink, settings: Settings) -> None:
+        self.link = link
+        self.settings = settings
+        self.prefix = settings.key_prefix
+        self.ttl = int(settings.result_ttl)
+        link.add_scripts(STORE_SCRIPTS)
+
+    # Keys ----------------------------------------------------------------------------------
+    def record_key(self, task_id: str) -> str:
+        """The hash holding a task's state and result."""
+        return f"{self.prefix}:r:{task_id}"
+
+    def channel_key(self, client_id: str) -> str:
+        """The stream carrying events to one client."""
+        return f"{self.prefix}:c:{client_id}"
+
+    def client_tasks_key(self, channel: str) -> str:
+        """The tasks a client sent, by send time (written at publish, for recent_tasks)."""
+        return f"{self.prefix}:client-tasks:{channel.rsplit(':', 1)[-1]}"
+
+    def eta_key(self, queue: str) -> str:
+        """The sorted set holding ``queue``'s messages that are not due yet."""
+        return f"{self.prefix}:eta:{queue}"
+
+    @property
+    def dead_letter_key(self) -> str:
+        """The stream of messages given up on."""
+        return f"{self.prefix}:dead"
+
+    @property
+    def control_key(self) -> str:
+        """The stream of control messages to every worker."""
+        return f"{self.prefix}:control"
+
+    def _hb_key(self, worker_id: str) -> str:
+        return f"{self.prefix}:hb:{worker_id}"
+
+    @property
+    def _workers_key(self) -> str:
+        return f"{self.prefix}:workers"
+
+    # Lifecycle -------------------------------------------------------------------------------
+    def ping(self) -> None:
+        """Raise :class:`~nbtask.errors.BrokerUnavailable` unless the store answers."""
+        self.link.ping()
+
+    def close(self) -> None:
+        """Release connections."""
+        self.link.close()
+
+    # Records ---------------------------------------------------------------------------------
+    def get_record(self, task_id: str) -> TaskRecord | None:
+        """The task's stored record; ``None`` if unknown or expired."""
+        with self.link.translate_errors():
+            try:
+                fields = self.link.redis.hgetall(self.record_key(task_id))
+            except ResponseError:  # WRONGTYPE: not a record nbtask wrote
+                return None
+        return TaskRecord.parse(fields)
+
+    def pending_command(
+        self, task_id: str, queue: str, fields: RecordFields, member: bytes = b"", due: float = 0.0
+    ) -> tuple[Any, ...]:
+        """The command writing a PENDING record (and parking ``member`` until ``due``)."""
+        client = fields.get("client")
+        index = self.client_tasks_key(str(client)) if client else ""
+        keys = (self.record_key(task_id), self.eta_key(queue), index)
+        args = (self.ttl, repr(time.time()), task_id, repr(due), member, *_flat(fields))
+        return self.link.evalsha("record", keys, *args)
+
+    def write_pending(self, messages: Sequence[Publish]) -> list[str]:
+        """Write the PENDING records of ``messages`` (parking ETA ones), in one round trip.
+
+        Returns, per message, ``""`` or the final state that refused it.
+        """
+        now = time.time()
+        commands = []
+        for msg in messages:
+            parked = msg.eta is not None and msg.eta > now
+            member = msg.task_id.encode() + b":" + msg.raw if parked else b""
+            due = msg.eta if parked and msg.eta is not None else 0.0
+            commands.append(self.pending_command(msg.task_id, msg.queue, msg.record, member, due))
+        with self.link.translate_errors():
+            replies = self.link.run_scripts(commands, large=True)
+        return [r.decode() if isinstance(r, bytes) else str(r or "") for r in replies]
+
+    def start(self, task_id: str, by: StartBy, *, redelivered: bool = False) -> str:
+        """The one start check: ``"OK"`` (now STARTED) or the state that forbids a start."""
+        reply = self.link.call(
+            "start",
+            [self.record_key(task_id)],
+            self.ttl,
+            by.worker,
+            by.pid,
+            by.consumer,
+            "1" if redelivered else "0",
+        )
+        return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+    def forget_unsent(self, task_id: str) -> None:
+        """Delete a record that only a start check wrote (it names no client)."""
+        self.link.call("forget_unsent", [self.record_key(task_id)])
+
+    def settle_args(
+        self,
+        task_id: str,
+        channel: str,
+        raw_event: bytes,
+        fields: Mapping[str, str | bytes],
+        *,
+        queue: str = "",
+        later: tuple[bytes, float] | None = None,
+    ) -> tuple[tuple[str, str, str], tuple[Any, ...]]:
+        """Keys and arguments of the step ending a task (see :meth:`settle`).
+
+        Keys: record, channel, ETA set; arguments: ttl, channel length, event, ETA member,
+        due time, record fields.
+        """
+        member, due = _member(task_id, later)
+        keys = (self.record_key(task_id), channel, self.eta_key(queue))
+        args = (self.ttl, CHANNEL_MAXLEN, raw_event, member, repr(due), *_flat(fields, raw_event))
+        return keys, args
+
+    def settle(
+        self,
+        task_id: str,
+        channel: str,
+        raw_event: bytes,
+        fields: Mapping[str, str | bytes],
+        *,
+        queue: str = "",
+        later: tuple[bytes, float] | None = None,
+    ) -> None:
+        """Store a task's end and tell its client (no message to acknowledge).
+
+        No ``fields`` deletes the task's record; ``later`` (a message and its due time)
+        is parked until then: a retry.
+        """
+        keys, args = self.settle_args(task_id, channel, raw_event, fields, queue=queue, later=later)
+        self.link.call("settle", keys, *args, large=len(raw_event) >= LARGE_BYTES)
+
+    def reset_pending(self, task_id: str) -> None:
+        """Set a task that is to run again back to PENDING (a redelivery)."""
+        with self.link.translate_errors():
+            self.link.redis.hset(self.record_key(task_id), "state", "PENDING")
+
+    def revoke_pending(self, task_id: str, raw_event: bytes, channel: str) -> bool:
+        """Mark a not-yet-started task REVOKED and tell its client; whether it was."""
+        keys = [self.record_key(task_id), channel]
+        return bool(self.link.call("revoke", keys, raw_event, self.ttl, CHANNEL_MAXLEN))
+
+    def forget_pending(self, publishes: Iterable[tuple[str, str]]) -> None:
+        """Delete the PENDING records of ``(task id, channel)`` never queued after all."""
+        with self.link.translate_errors():
+            pipe = self.link.redis.pipeline(transaction=False)
+            for task_id, channel in publishes:
+                pipe.delete(self.record_key(task_id))
+                if channel:
+                    pipe.zrem(self.client_tasks_key(channel), task_id)
+            pipe.execute()
+
+    # Client channels -------------------------------------------------------------------------
+    def event_command(self, channel: str, raw: bytes) -> tuple[Any, ...]:
+        """The command appending one event to a client's channel."""
+        return ("XADD", channel, "MAXLEN", "~", CHANNEL_MAXLEN, "*", "e", raw)
+
+    def append_events(self, channel: str, raw_events: Sequence[bytes]) -> None:
+        """Append events to a client's channel, in one round trip."""
+        with self.link.translate_errors():
+            self.link.run([self.event_command(channel, raw) for raw in raw_events])
+
+    def read_events(
+        self, channels: Mapping[str, str], block_seconds: float
+    ) -> list[tuple[str, str, bytes]]:
+        """Block on client channels ``{channel: after id}``; ``(channel, id, raw)`` triples."""
+        block = max(1, int(block_seconds * 1000))
+        command = ("XREAD", "COUNT", 500, "BLOCK", block, "STREAMS", *channels, *channels.values())
+        with self.link.translate_errors():
+            (reply,) = self.link.run([command], block_seconds=block_seconds)
+        out: list[tuple[str, str, bytes]] = []
+        for stream, entries in reply or ():
+            name = stream.decode()
+            for entry_id, fields in entries:
+                out.append((name, entry_id.decode(), _event_of(fields)))
+        return out
+
+    def events_after(self, channel: str, after: str) -> list[tuple[str, bytes]]:
+        """``(id, raw)`` of the events on ``channel`` after entry ``after`` (``"0-0"``: all)."""
+        start = f"({after}" if after != "0-0" else "-"
+        with self.link.translate_errors():
+            (entries,) = self.link.run([("XRANGE", channel, start, "+")])
+        return [(entry_id.decode(), _event_of(fields)) for entry_id, fields in entries]
+
+    def channel_end(self, channel: str) -> str:
+        """The id of the newest event on a channel (``"0-0"`` when empty)."""
+        with self.link.translate_errors():
+            (last,) = self.link.run([("XREVRANGE", channel, "+", "-", "COUNT", 1)])
+        return str(last[0][0].decode()) if last else "0-0"
+
+    def replay(self, channel: str) -> list[bytes]:
+        """Every event still kept on a client's channel, oldest first."""
+        with self.link.translate_errors():
+            (entries,) = self.link.run([("XRANGE", channel, "-", "+", "COUNT", CHANNEL_MAXLEN)])
+        return [raw for _id, fields in entries if (raw := _event_of(fields))]
+
+    def wake(self, channel: str) -> None:
+        """Append an empty entry so a reader blocked on ``channel`` returns."""
+        with self.link.translate_errors():
+            self.link.run([self.event_command(channel, b"")])
+
+    def keep_channel(self, channel: str) -> None:
+        """Push back the expiry of an event channel (its client is alive)."""
+        with self.link.translate_errors():
+            self.link.redis.expire(channel, self.ttl)
+
+    def recent_tasks(self, group: str, channel: str, limit: int) -> list[tuple[str, str, float]]:
+        """Note ``channel`` as a client of ``group``; return the group's newest tasks.
+
+        A group (``<prefix>:client-group:<group>``, a sorted set of channels) outlives its
+        clients for ``result_ttl``: a restarted notebook kernel finds the tasks its earlier
+        clients sent. Returns ``(task_id, channel, sent_at)``, newest first, at most
+        ``limit`` (``limit=0`` only notes the client).
+        """
+        key = f"{self.prefix}:client-group:{group}"
+        now = time.time()
+        with self.link.translate_errors():
+            pipe = self.link.redis.pipeline(transaction=False)
+            pipe.zadd(key, {channel: now})
+            pipe.zremrangebyscore(key, "-inf", now - self.ttl)
+            pipe.expire(key, self.ttl)
+            pipe.zrange(key, 0, -1)
+            channels = [c.decode("utf-8", "replace") for c in pipe.execute()[-1]]
+            if limit <= 0:
+                return []
+            pipe = self.link.redis.pipeline(transaction=False)
+            for name in channels:
+                pipe.zrevrange(self.client_tasks_key(name), 0, limit - 1, withscores=True)
+            replies = pipe.execute(raise_on_error=False)
+        found = [
+            (task_id.decode("utf-8", "replace"), name, float(score))
+            for name, entries in zip(channels, replies, strict=True)
+            if isinstance(entries, list)
+            for task_id, score in entries
+        ]
+        found.sort(key=lambda item: item[2], reverse=True)
+        return found[:limit]
+
+    # Control ---------------------------------------------------------------------------------
+    def send_control(self, raw: bytes) -> None:
+        """Broadcast a signed control message (e.g. terminate) to every worker."""
+        with self.link.translate_errors():
+            self.link.run([("XADD", self.control_key, "MAXLEN", "~", 1000, "*", "e", raw)])
+
+    def read_control(self, after: str) -> list[tuple[str, bytes]]:
+        """Control messages after entry ``after`` (``"$"``: from now on), without waiting."""
+        if after == "$":
+            return [(self.channel_end(self.control_key), b"")]
+        with self.link.translate_errors():
+            (reply,) = self.link.run([("XREAD", "COUNT", 100, "STREAMS", self.control_key, after)])
+        return [
+            (entry_id.decode(), _event_of(fields))
+            for _stream, entries in reply or ()
+            for entry_id, fields in entries
+        ]
+
+    # ETA -------------------------------------------------------------------------------------
+    def claim_due(
+        self, queues: Sequence[str], moving_key: Callable[[str], str], stuck_after: float
+    ) -> tuple[float | None, list[tuple[str, bytes]]]:
+        """Claim due ETA messages of ``queues`` into their ``moving_key(queue)`` sets.
+
+        Returns the next due time and ``(queue, member)`` pairs to publish; a member
+        claimed ``stuck_after`` seconds ago and still there is claimed again.
+        """
+        keys: list[str] = []
+        for queue in queues:
+            keys += [self.eta_key(queue), moving_key(queue)]
+        now = time.time()
+        reply = self.link.call("claim_due", keys, repr(now), repr(now - stuck_after))
+        nxt = float(reply[0].decode()) if reply and reply[0] else None
+        moved = [
+            (queues[int(index) - 1], bytes(member))
+            for index, member in zip(reply[1::2], reply[2::2], strict=True)
+        ]
+        return nxt, moved
+
+    def drop_moved(self, members: Sequence[tuple[str, bytes]]) -> None:
+        """Forget ``(moving set, member)`` pairs once their messages are published."""
+        with self.link.translate_errors():
+            pipe = self.link.redis.pipeline(transaction=False)
+            for key, member in members:
+                pipe.zrem(key, member)
+            pipe.execute()
+
+    def take_waiting(self, queues: Sequence[str]) -> list[str]:
+        """Delete the ETA messages of ``queues``; the task ids they named."""
+        with self.link.translate_errors():
+            pipe = self.link.redis.pipeline(transaction=True)
+            for queue in queues:
+                pipe.zrange(self.eta_key(queue), 0, -1)
+                pipe.delete(self.eta_key(queue))
+            replies = pipe.execute()
+        return [
+            bytes(member).partition(b":")[0].decode("utf-8", "replace")
+            for members in replies[::2]
+            for member in members
+        ]
+
+    # Rate limits -----------------------------------------------------------------------------
+    def rate_wait(self, bucket: str, rate: float) -> float:
+        """Take the token of ``bucket`` (``rate`` per second) or say how long to wait."""
+        key = f"{self.prefix}:rate:{bucket}"
+        return float(self.link.call("rate", [key], repr(rate), repr(time.time())))
+
+    # Worker registry -------------------------------------------------------------------------
+    def heartbeat(self, worker_id: str, info: WorkerInfo) -> None:
+        """Announce a live worker for three heartbeats."""
+        ttl_ms = int(3 * self.settings.heartbeat_interval * 1000)
+        text = info.to_json()
+        with self.link.translate_errors():
+            pipe = self.link.redis.pipeline(transaction=False)
+            pipe.set(self._hb_key(worker_id), text, px=ttl_ms)
+            pipe.hset(self._workers_key, worker_id, text)
+            pipe.execute()
+
+    def unregister(self, worker_id: str) -> None:
+        """Remove a stopped worker from the registry."""
+        with self.link.translate_errors():
+            pipe = self.link.redis.pipeline(transaction=False)
+            pipe.delete(self._hb_key(worker_id))
+            pipe.hdel(self._workers_key, worker_id)
+            pipe.execute()
+
+    def workers(self) -> dict[str, WorkerInfo]:
+        """Workers whose heartbeat is current (unreadable entries are left out)."""
+        return {w: i for w, i in self._registered(alive=True).items() if i is not None}
+
+    def dead_workers(self) -> dict[str, WorkerInfo | None]:
+        """Registered workers whose heartbeat lapsed (``None``: an unreadable entry)."""
+        return self._registered(alive=False)
+
+    def _registered(self, *, alive: bool) -> dict[str, WorkerInfo | None]:
+        with self.link.translate_errors():
+            registered: dict[bytes, bytes] = self.link.redis.hgetall(self._workers_key)
+            ids = list(registered)
+            names = [w.decode("utf-8", "replace") for w in ids]
+            beats = self.link.redis.mget([self._hb_key(n) for n in names]) if ids else []
+        return {
+            name: WorkerInfo.parse(registered[raw])
+            for raw, name, beat in zip(ids, names, beats, strict=True)
+            if bool(beat) is alive
+        }
+
+    def claim_dead_worker(self, worker_id: str) -> bool:
+        """Win the right to clean up ``worker_id`` for the next two heartbeats."""
+        with self.link.translate_errors():
+            lock = f"{self.prefix}:reclaim:{worker_id}"
+            hold_ms = max(100, int(2000 * self.settings.heartbeat_interval))
+            return bool(self.link.redis.set(lock, b"1", nx=True, px=hold_ms))
+
+    def forget_worker(self, worker_id: str) -> None:
+        """Drop a dead worker from the registry once its deliveries are handled."""
+        with self.link.translate_errors():
+            self.link.redis.hdel(self._workers_key, worker_id)
+
+    # Dead letters ----------------------------------------------------------------------------
+    def dead_letter_command(self, delivery: Delivery) -> tuple[Any, ...]:
+        """The command keeping a message given up on in the dead-letter stream."""
+        return (
+            "XADD",
+            self.dead_letter_key,
+            "MAXLEN",
+            "~",
+            CHANNEL_MAXLEN,
+            "*",
+            "e",
+            delivery.raw,
+            "q",
+            delivery.queue,
+            "n",
+            delivery.deliveries,
+        )
+
+    def dead_letter(self, delivery: Delivery) -> None:
+        """Keep a message given up on in the dead-letter stream."""
+        with self.link.translate_errors():
+            self.link.run([self.dead_letter_command(delivery)], large=True)
+
+
+def _flat(fields: Mapping[str, str | bytes], raw_event: bytes = b"") -> list[str | bytes]:
+    """Record fields as a flat list; the event itself is written once, as ``=event``."""
+    return [
+        part
+        for key, value in fields.items()
+        for part in (key, b"=event" if raw_event and value is raw_event else value)
+    ]
+
+
+def _member(task_id: str, later: tuple[bytes, float] | None) -> tuple[bytes, float]:
+    """The ETA set member ``"<task id>:<message>"`` and its due time, or nothing."""
+    if later is None or not later[0]:
+        return b"", 0.0
+    return task_id.encode() + b":" + later[0], later[1]
+
+
+def _event_of(fields: Any) -> bytes:
+    """The raw event of a stream entry's flat field list (``b""`` for a wake-up or junk)."""
+    if isinstance(fields, list) and len(fields) >= 2 and fields[0] == b"e":
+        value = fields[1]
+        return value if isinstance(value, bytes) else b""
+    return b""

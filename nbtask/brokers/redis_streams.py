@@ -1,0 +1,522 @@
+"""The Redis Streams transport: one Stream per queue with a consumer group.
+
+It shares its server with the Redis store, so each step of a task is one round trip: the
+PENDING record is written with the message, the start check runs the moment a blocking
+read is served, and the final record, the client's event and the acknowledgement go in
+one script.
+
+Delivery rules (see the README's "Delivery semantics"):
+
+* A message stays in the group's pending list from delivery until the worker finishes,
+  whatever the task's ``acks_late``; the supervisor renews the lease of every pending
+  entry its children hold at each heartbeat, so a running task is never redelivered.
+* When a child or a whole worker dies, its pending entries are handled by the supervisor
+  (or by any live worker once the dead worker's heartbeat lapses): ``acks_late`` messages
+  are put back, others are reported ``WORKER_LOST``.
+* ETA messages wait in the store's ``<prefix>:eta:<queue>`` and are moved to the stream
+  when due, so no worker ever holds one unacknowledged.
+* A read whose reply is lost with its connection may still have delivered an entry (and
+  marked its task STARTED): after any connection error the consumer's next fetch takes
+  such an entry back from its own pending list before it reads new ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+from redis.exceptions import NoScriptError, ResponseError
+
+from nbtask.brokers.base import Delivery, Publish, Verdict
+from nbtask.brokers.redis_link import LARGE_BYTES, Command
+from nbtask.brokers.redis_store import RedisStore
+from nbtask.brokers.scripts import STREAMS_SCRIPTS
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GROUP", "StreamsTransport"]
+
+GROUP = "workers"
+
+
+class StreamsTransport:
+    """A :class:`~nbtask.brokers.base.Transport` on Redis Streams, beside its store.
+
+    Parameters
+    ----------
+    store
+        The Redis store on the same server.
+    """
+
+    def __init__(self, store: RedisStore) -> None:
+        self._store = store
+        self.link = store.link
+        self.settings = store.settings
+        self._last_seen: dict[str, str] = {}
+        self._whoami: tuple[str, int] = ("", -1)
+        self.link.add_scripts(STREAMS_SCRIPTS)
+
+    @property
+    def store(self) -> RedisStore:
+        """The Redis store on the same server."""
+        return self._store
+
+    def queue_key(self, queue: str) -> str:
+        """The stream holding ``queue``'s messages."""
+        return f"{self.settings.key_prefix}:q:{queue}"
+
+    @contextlib.contextmanager
+    def _queues_may_be_gone(self, queues: Iterable[str]) -> Iterator[None]:
+        # NOGROUP: the server lost the queues (restarted without persistence, or purged).
+        # Create them again; what was being done finds nothing this time.
+        try:
+            yield
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            log.warning("queues %s were gone from the broker; created them again", list(queues))
+            self.ensure_queues(queues)
+
+    def ping(self) -> None:
+        """Raise :class:`~nbtask.errors.BrokerUnavailable` unless the server answers."""
+        self.link.ping()
+
+    def close(self) -> None:
+        """Close the server's connections."""
+        self.link.close()
+
+    # Client side -----------------------------------------------------------------------------
+    def publish(self, messages: Sequence[Publish]) -> list[str]:
+        """Enqueue messages and write their PENDING records, in one round trip."""
+        now = time.time()
+        commands: list[Command] = []
+        large = False
+        for msg in messages:
+            due = None if msg.eta is None or msg.eta <= now else msg.eta
+            if len(msg.raw) < LARGE_BYTES:
+                commands.append(self._publish_command(msg, due, now))
+                continue
+            # A large message skips the script: a script argument is one more copy of it
+            # inside Redis. The record is written by the same shared step, and MULTI
+            # keeps it all-or-nothing; if the task is already final the message is still
+            # queued, and the start check drops it.
+            large = True
+            if due is None:
+                queue_it: Command = (
+                    "XADD",
+                    self.queue_key(msg.queue),
+                    "*",
+                    "e",
+                    msg.raw,
+                    "n",
+                    0,
+                    "i",
+                    msg.task_id,
+                )
+            else:
+                queue_it = (
+                    "ZADD",
+                    self.store.eta_key(msg.queue),
+                    repr(due),
+                    msg.task_id.encode() + b":" + msg.raw,
+                )
+            record = self.store.pending_command(msg.task_id, msg.queue, msg.record)
+            commands += [("MULTI",), record, queue_it, ("EXEC",)]
+        with self.link.translate_errors():
+            replies = self.link.run_scripts(commands, large=large)
+        return _refusals(replies)
+
+    def _publish_command(self, msg: Publish, due: float | None, now: float) -> Command:
+        client = msg.record.get("client")
+        index = self.store.client_tasks_key(str(client)) if client else ""
+        keys = (
+            self.queue_key(msg.queue),
+            self.store.eta_key(msg.queue),
+            self.store.record_key(msg.task_id),
+            index,
+        )
+        fields = [part for item in msg.record.items() for part in item]
+        return self.link.evalsha(
+            "publish",
+            keys,
+            msg.raw,
+            self.store.ttl,
+            "" if due is None else repr(due),
+            msg.task_id,
+            repr(now),
+            *fields,
+        )
+
+    def read_events(
+        self, channels: Mapping[str, str], block_seconds: float
+    ) -> list[tuple[str, str, bytes]]:
+        """Block on client channels (streams in the store)."""
+        return self.store.read_events(channels, block_seconds)
+
+    def wake(self, channel: str) -> None:
+        """Make a reader blocked on ``channel`` return at once."""
+        self.store.wake(channel)
+
+    def keep_channel(self, channel: str) -> None:
+        """Keep a live client's channel."""
+        self.store.keep_channel(channel)
+
+    def notify(self, channel: str, raw_events: Sequence[bytes]) -> None:
+        """Nothing to do: the store's stream is the channel its client reads."""
+
+    def purge(self, queues: Sequence[str]) -> list[str]:
+        """Delete the messages waiting on ``queues`` (ETA ones too); their task ids."""
+        keys = [k for q in queues for k in (self.queue_key(q), self.store.eta_key(q))]
+        reply = self.link.call("purge", keys, GROUP)
+        return [raw.decode("utf-8", "replace") for raw in reply]
+
+    # Worker side -----------------------------------------------------------------------------
+    def ensure_queues(self, queues: Iterable[str]) -> None:
+        """Create each queue's stream and consumer group if missing."""
+        with self.link.translate_errors():
+            for queue in queues:
+                try:
+                    self.link.redis.xgroup_create(
+                        self.queue_key(queue), GROUP, id="0", mkstream=True
+                    )
+                except ResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):
+                        raise
+
+    def emit(self, channel: str, raw_events: Sequence[bytes]) -> None:
+        """Append events to a client's channel, in one round trip."""
+        self.store.append_events(channel, raw_events)
+
+    def fetch(self, queues: Sequence[str], consumer: str, block_seconds: float) -> Delivery | None:
+        """Take one message, waiting up to ``block_seconds``; never more than one.
+
+        The delivery comes with its start verdict (``Delivery.verdict``), decided by
+        Redis in the same round trip.
+        """
+        with self.link.translate_errors():
+            if self.link.read_lost:
+                recovered = self._recover_lost_read(queues, consumer)
+                if recovered is not None:
+                    return recovered
+            if len(queues) == 1:
+                return self._read_one(queues[0], consumer, block_seconds, ())
+            with self._queues_may_be_gone(queues):
+                return self._fetch_many(queues, consumer, block_seconds)
+            return None
+
+    def _start_args(self, consumer: str) -> tuple[Any, ...]:
+        # ARGV shared by the fetching scripts: group, consumer, record key prefix, ttl,
+        # worker, pid.
+        host, pid = self._identity()
+        return (GROUP, consumer, self.store.record_key(""), self.store.ttl, host, pid)
+
+    def _read_one(
+        self, queue: str, consumer: str, block_seconds: float, leading: Sequence[Command]
+    ) -> Delivery | None:
+        # One write: [leading commands,] a blocking read, and the start check that Redis
+        # runs as soon as the read is served. One queue: the server hands each entry to
+        # exactly one blocked consumer.
+        stream = self.queue_key(queue)
+        block = max(1, int(block_seconds * 1000))
+        read = (
+            "XREADGROUP",
+            "GROUP",
+            GROUP,
+            consumer,
+            "COUNT",
+            1,
+            "BLOCK",
+            block,
+            "STREAMS",
+            stream,
+            ">",
+        )
+        started = self.link.evalsha(
+            "started", [stream], *self._start_args(consumer), self._last_seen.get(stream, "0-0")
+        )
+        commands = [*leading, read, started]
+        large = any(isinstance(a, bytes) and len(a) >= LARGE_BYTES for c in leading for a in c)
+        replies = self.link.run(
+            commands, block_seconds=block_seconds, raise_errors=False, large=large
+        )
+        if any(isinstance(r, NoScriptError) for r in replies):
+            # A restarted server forgot the scripts: nothing they do happened. Run them
+            # again now that they are loaded (the read itself did happen).
+            self.link.load_scripts()
+            for position, reply in enumerate(replies):
+                if isinstance(reply, NoScriptError):
+                    replies[position] = self.link.run([commands[position]], raise_errors=False)[0]
+        if any(isinstance(r, ResponseError) and "NOGROUP" in str(r) for r in replies[-2:]):
+            with self._queues_may_be_gone([queue]):
+                raise replies[-2] if isinstance(replies[-2], ResponseError) else replies[-1]
+            replies[-2:] = [None, None]  # the caller simply fetches again
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                raise reply
+        entries, verdict = replies[-2], replies[-1]
+        if not entries:
+            return None
+        entry_id, fields = entries[0][1][0]
+        delivery = _delivery(queue, entry_id, fields)
+        self._last_seen[stream] = delivery.delivery_id
+        if verdict and verdict[0] == entry_id:
+            delivery = _with_verdict(delivery, verdict[1])
+        return delivery
+
+    def _recover_lost_read(self, queues: Sequence[str], consumer: str) -> Delivery | None:
+        """A delivery given to ``consumer`` by a read whose reply was lost, if any.
+
+        A connection that dies while a read is being served loses the entry the read
+        delivered: it waits in the consumer's pending list, which nothing else looks at
+        while the worker lives (its supervisor renews the lease). So after any connection
+        error the next fetch looks there first, until it finds nothing.
+        """
+        keys = [self.queue_key(queue) for queue in queues]
+        reply = None
+        with self._queues_may_be_gone(queues):
+            reply = self.link.run_scripts(
+                [self.link.evalsha("recover", keys, *self._start_args(consumer))]
+            )[0]
+        if not reply:
+            self.link.read_lost = False
+            return None
+        index, entry_id, fields, verdict = reply
+        delivery = _with_verdict(_delivery(queues[int(index) - 1], entry_id, fields), verdict)
+        log.warning(
+            "took back entry %s of queue %s, delivered while the connection was lost",
+            delivery.delivery_id,
+            delivery.queue,
+        )
+        return delivery
+
+    def _fetch_many(
+        self, queues: Sequence[str], consumer: str, block_seconds: float
+    ) -> Delivery | None:
+        keys = [self.queue_key(q) for q in queues]
+        deadline = time.monotonic() + block_seconds
+        fetch = self.link.evalsha("fetch", keys, *self._start_args(consumer))
+        while True:
+            index, *rest = self.link.run_scripts([fetch])[0]
+            if index:
+                return _with_verdict(_delivery(queues[index - 1], rest[0], rest[1]), rest[2])
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            block = max(1, int(remaining * 1000))
+            self.link.run(
+                [("XREAD", "COUNT", 1, "BLOCK", block, "STREAMS", *keys, *rest[0])],
+                block_seconds=remaining,
+            )
+
+    def _identity(self) -> tuple[str, int]:
+        # Who marks tasks STARTED: this host and process (children call this after fork,
+        # so the cache is keyed by pid).
+        pid = os.getpid()
+        if self._whoami[1] != pid:
+            self._whoami = (socket.gethostname(), pid)
+        return self._whoami
+
+    def finish(
+        self,
+        delivery: Delivery | None,
+        task_id: str,
+        channel: str,
+        raw_event: bytes,
+        fields: Mapping[str, str | bytes],
+        *,
+        requeue: tuple[bytes, float] | None = None,
+        then_fetch: tuple[Sequence[str], str, float] | None = None,
+    ) -> Delivery | None:
+        """Store the record, send the event, park ``requeue`` until its due time, and ack.
+
+        All in one atomic step. An empty ``fields`` deletes the task's record; an empty
+        ``raw_event`` sends nothing. ``then_fetch`` = ``(queues, consumer,
+        block_seconds)`` also waits for the next message in the same round trip (one
+        queue only) and returns it.
+        """
+        queue = delivery.queue if delivery is not None else ""
+        (record, channel_key, eta), (ttl, maxlen, event, member, due, *rest) = (
+            self.store.settle_args(task_id, channel, raw_event, fields, queue=queue, later=requeue)
+        )
+        # The store's settle, with the stream entry to acknowledge added.
+        entry = delivery.delivery_id if delivery is not None else ""
+        keys = (record, channel_key, self.queue_key(queue), eta)
+        command = self.link.evalsha("finish", keys, ttl, maxlen, event, entry, member, due, *rest)
+        large = len(raw_event) >= LARGE_BYTES
+        if then_fetch is None or len(then_fetch[0]) != 1 or self.link.read_lost:
+            with self.link.translate_errors():
+                self.link.run_scripts([command], large=large)
+            return None
+        queues, consumer, block_seconds = then_fetch
+        with self.link.translate_errors():
+            return self._read_one(queues[0], consumer, block_seconds, [command])
+
+    def discard(self, delivery: Delivery) -> None:
+        """Acknowledge and delete a delivery that must not run."""
+        stream = self.queue_key(delivery.queue)
+        with self.link.translate_errors():
+            self.link.run(
+                [
+                    ("XACK", stream, GROUP, delivery.delivery_id),
+                    ("XDEL", stream, delivery.delivery_id),
+                ]
+            )
+
+    def requeue(self, delivery: Delivery, task_id: str) -> None:
+        """Re-add the message with its redelivery count raised, and drop the old entry."""
+        stream = self.queue_key(delivery.queue)
+        commands: list[Command] = [
+            ("MULTI",),
+            ("XADD", stream, "*", "e", delivery.raw, "n", delivery.deliveries + 1, "i", task_id),
+            ("HSET", self.store.record_key(task_id), "state", "PENDING"),
+            ("XACK", stream, GROUP, delivery.delivery_id),
+            ("XDEL", stream, delivery.delivery_id),
+            ("EXEC",),
+        ]
+        with self.link.translate_errors():
+            self.link.run(commands, large=True)
+
+    def dead_letter(self, delivery: Delivery) -> None:
+        """Move the message to the dead-letter stream and acknowledge it."""
+        stream = self.queue_key(delivery.queue)
+        commands: list[Command] = [
+            ("MULTI",),
+            self.store.dead_letter_command(delivery),
+            ("XACK", stream, GROUP, delivery.delivery_id),
+            ("XDEL", stream, delivery.delivery_id),
+            ("EXEC",),
+        ]
+        with self.link.translate_errors():
+            self.link.run(commands, large=True)
+
+    def held(self, queues: Sequence[str], consumer: str, min_idle: float = 0.0) -> list[Delivery]:
+        """Claim and return the deliveries ``consumer`` holds unacknowledged.
+
+        ``min_idle`` (seconds) leaves out entries whose lease was renewed more recently:
+        a worker that only looked dead (paused, slow) keeps what it is running.
+        """
+        out: list[Delivery] = []
+        idle = int(min_idle * 1000) or None
+        redis = self.link.redis
+        with self.link.translate_errors(), self._queues_may_be_gone(queues):
+            for queue in queues:
+                stream = self.queue_key(queue)
+                pending = redis.xpending_range(stream, GROUP, "-", "+", 1000, consumer, idle=idle)
+                ids = [p["message_id"] for p in pending]
+                if ids:
+                    out += self._claim(queue, consumer, ids)
+        return out
+
+    def _claim(self, queue: str, consumer: str, ids: list[Any]) -> list[Delivery]:
+        stream = self.queue_key(queue)
+        claimed = self.link.redis.xclaim(stream, GROUP, consumer, 0, ids)
+        out = []
+        for entry_id, fields in claimed:
+            if fields:  # None when the entry was deleted meanwhile
+                out.append(_delivery(queue, entry_id, fields))
+            else:
+                self.link.redis.xack(stream, GROUP, entry_id)
+        return out
+
+    def holds_any(self, queues: Sequence[str], consumers: Sequence[str]) -> bool:
+        """True if any of ``consumers`` still holds an unacknowledged delivery."""
+        with self.link.translate_errors(), self._queues_may_be_gone(queues):
+            for queue in queues:
+                summary = self.link.redis.xpending(self.queue_key(queue), GROUP)
+                holders = {c["name"].decode() for c in summary.get("consumers", [])}
+                if holders & set(consumers):
+                    return True
+        return False
+
+    def orphans(self) -> list[Delivery]:
+        """None: a dead holder's entries stay in its pending list (see :meth:`held`)."""
+        return []
+
+    def renew(self, consumers: Sequence[str], queues: Sequence[str]) -> None:
+        """Reset the idle time of the entries ``consumers`` hold: their lease renewal."""
+        redis = self.link.redis
+        with self.link.translate_errors(), self._queues_may_be_gone(queues):
+            for queue in queues:
+                stream = self.queue_key(queue)
+                for consumer in consumers:
+                    pending = redis.xpending_range(stream, GROUP, "-", "+", 1000, consumer)
+                    ids = [p["message_id"] for p in pending]
+                    if ids:
+                        # Re-claiming to the same consumer resets the entry's idle time:
+                        # the lease renewal that keeps long tasks from being reclaimed.
+                        redis.xclaim(stream, GROUP, consumer, 0, ids, justid=True)
+
+    def forget_consumers(self, consumers: Sequence[str], queues: Sequence[str]) -> None:
+        """Delete the (idle) consumers of a worker that stopped."""
+        with self.link.translate_errors():
+            pipe = self.link.redis.pipeline(transaction=False)
+            for queue in queues:
+                for consumer in consumers:
+                    pipe.xgroup_delconsumer(self.queue_key(queue), GROUP, consumer)
+            with contextlib.suppress(ResponseError):
+                pipe.execute()
+
+    def stale(self, queues: Sequence[str], consumer: str) -> list[Delivery]:
+        """Claim entries nobody renewed for ``visibility_timeout`` (a backstop)."""
+        min_idle = int(self.settings.visibility_timeout * 1000)
+        out: list[Delivery] = []
+        with self.link.translate_errors(), self._queues_may_be_gone(queues):
+            for queue in queues:
+                cursor = "0-0"
+                while True:  # the whole pending list, a hundred entries at a time
+                    reply = self.link.redis.xautoclaim(
+                        self.queue_key(queue), GROUP, consumer, min_idle, cursor, count=100
+                    )
+                    out += [_delivery(queue, e, f) for e, f in reply[1] if f]
+                    cursor = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+                    if cursor == "0-0":
+                        break
+        return out
+
+    def move_due(self, queues: Sequence[str]) -> float | None:
+        """Move due ETA messages to their streams; return the next due time."""
+        keys: list[str] = []
+        for queue in queues:
+            keys += [self.store.eta_key(queue), self.queue_key(queue)]
+        nxt = self.link.call("move_due", keys, repr(time.time()))
+        return float(nxt) if nxt else None
+
+
+def _refusals(replies: Sequence[Any]) -> list[str]:
+    """Per message, ``""`` or the state that refused it, from publish's replies."""
+    out: list[str] = []
+    for reply in replies:
+        if reply in (b"OK", b"QUEUED", "OK", "QUEUED"):
+            continue  # MULTI and the commands it queued
+        value = reply[0] if isinstance(reply, list) else reply  # EXEC: the record's reply
+        out.append(value.decode() if isinstance(value, bytes) else str(value or ""))
+    return out
+
+
+def _with_verdict(delivery: Delivery, verdict: bytes) -> Delivery:
+    text = verdict.decode()
+    return delivery if text == Verdict.ASK else dataclasses.replace(delivery, verdict=text)
+
+
+def _delivery(queue: str, entry_id: bytes | str, fields: Any) -> Delivery:
+    if isinstance(fields, list):  # raw reply: a flat [k, v, k, v] list
+        fields = dict(zip(fields[::2], fields[1::2], strict=False))
+    entry = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    task_id = fields.get(b"i")
+    try:
+        deliveries = int(fields.get(b"n", 0))
+    except ValueError:
+        deliveries = 0
+    return Delivery(
+        queue,
+        entry,
+        fields.get(b"e", b""),
+        deliveries,
+        task_id=task_id.decode(errors="replace") if task_id else None,
+    )

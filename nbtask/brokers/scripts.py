@@ -1,0 +1,386 @@
+"""Every Lua script nbtask runs on Redis: each step that must be atomic is one script.
+
+The bookkeeping shared by both transports is written once, as Lua functions that the
+scripts below are built from: :data:`CHECK_START` (may a delivered task start?),
+:data:`WRITE_PENDING` (a task's record when its message is sent) and :data:`WRITE_FINAL`
+(its record and event when it ends). The store's scripts serve any transport; the
+``STREAMS_*`` scripts fuse those steps with the Redis Streams transport's own commands,
+so each step of a task is one round trip there.
+
+ETA members are ``"<task id>:<message>"``, so the move to a queue can name the task.
+"""
+
+from __future__ import annotations
+
+__all__ = ["STORE_SCRIPTS", "STREAMS_SCRIPTS"]
+
+# May the task whose record is at `key` start now? A task starts only from PENDING or
+# RETRY (or with no record, e.g. an expired one): duplicates of a running task, replays
+# of a finished one and revoked tasks are refused. Returns 'OK' (and marks it STARTED by
+# worker/pid/consumer) or the state that forbids it. STARTED by this very consumer process
+# means its own earlier check, whose reply was lost with its connection (a consumer runs
+# one task at a time, and is not running this one): 'OK'. A redelivered message
+# (redelivered = '1') whose task is STARTED by someone else was lost by a dead holder:
+# 'LOST'.
+CHECK_START = """
+local function check_start(key, ttl, worker, pid, consumer, redelivered)
+  local state = redis.call('HGET', key, 'state')
+  if state == 'STARTED' then
+    local by = redis.call('HMGET', key, 'worker', 'pid', 'consumer')
+    if by[1] == worker and by[2] == pid and by[3] == consumer then return 'OK' end
+    if redelivered == '1' then return 'LOST' end
+  end
+  if state and state ~= 'PENDING' and state ~= 'RETRY' then return state end
+  local now = redis.call('TIME')
+  redis.call('HSET', key, 'state', 'STARTED', 'worker', worker, 'pid', pid,
+             'consumer', consumer,
+             'started_at', tostring(tonumber(now[1]) + tonumber(now[2]) / 1e6))
+  redis.call('EXPIRE', key, ttl)
+  return 'OK'
+end
+"""
+
+# Write the PENDING record of a task being sent, and note it among its client's tasks
+# (`index`, '' for none). A task already final (revoked before a worker sent a chain's
+# next step, or an id reused) stays so: returns that state, else ''.
+WRITE_PENDING = """
+local function write_pending(key, ttl, index, now, task_id, fields)
+  local state = redis.call('HGET', key, 'state')
+  if state == 'REVOKED' or state == 'SUCCESS' or state == 'FAILURE' or state == 'WORKER_LOST' then
+    return state
+  end
+  redis.call('HSET', key, unpack(fields))
+  redis.call('EXPIRE', key, ttl)
+  if index ~= '' then
+    redis.call('ZADD', index, now, task_id)
+    redis.call('ZREMRANGEBYSCORE', index, '-inf', tonumber(now) - tonumber(ttl))
+    redis.call('EXPIRE', index, ttl)
+  end
+  return ''
+end
+"""
+
+# The end of a task (or a retry): store its record (no fields and an event: delete it)
+# and append the event to its client's channel. A field value '=event' stands for the
+# event itself (a stored result), so it is sent only once.
+WRITE_FINAL = """
+local function write_final(key, channel, ttl, maxlen, event, fields)
+  if #fields > 0 then
+    for i = 2, #fields, 2 do
+      if fields[i] == '=event' then fields[i] = event end
+    end
+    redis.call('HSET', key, unpack(fields))
+    redis.call('EXPIRE', key, ttl)
+  elseif event ~= '' then
+    redis.call('DEL', key)
+  end
+  if event ~= '' and channel ~= '' then
+    redis.call('XADD', channel, 'MAXLEN', '~', maxlen, '*', 'e', event)
+    redis.call('EXPIRE', channel, ttl)
+  end
+end
+"""
+
+# Store scripts ------------------------------------------------------------------------------
+
+# KEYS: record; ARGV: ttl, worker, pid, consumer, redelivered
+_START = (
+    CHECK_START
+    + """
+return check_start(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+"""
+)
+
+# Write a PENDING record, and park the message until its ETA (member '' = not parked).
+# KEYS: record, eta set, client index; ARGV: ttl, now, task id, due, member, fields...
+_RECORD = (
+    WRITE_PENDING
+    + """
+local refused = write_pending(KEYS[1], ARGV[1], KEYS[3], ARGV[2], ARGV[3], {unpack(ARGV, 6)})
+if refused ~= '' then return refused end
+if ARGV[5] ~= '' then redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5]) end
+return ''
+"""
+)
+
+# A task's end, told to its client and stored, and a retry parked until it is due.
+# KEYS: record, channel, eta set; ARGV: ttl, maxlen, event, member ('' = none), due, fields...
+_SETTLE = (
+    WRITE_FINAL
+    + """
+write_final(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], {unpack(ARGV, 6)})
+if ARGV[4] ~= '' then redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4]) end
+return 1
+"""
+)
+
+# Mark a task that has not started REVOKED and tell its client.
+# KEYS: record, channel; ARGV: event, ttl, maxlen
+_REVOKE = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state and state ~= 'PENDING' and state ~= 'RETRY' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'REVOKED', 'result', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
+# A token bucket per (worker, task name) holding one token: tasks start at most `rate`
+# per second. Returns how long to wait, in seconds ('0' = go now).
+# KEYS: bucket; ARGV: rate, now
+_RATE = """
+local rate, now = tonumber(ARGV[1]), tonumber(ARGV[2])
+local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+if last + 1 / rate > now then return tostring(last + 1 / rate - now) end
+redis.call('SET', KEYS[1], tostring(now), 'EX', 3600)
+return '0'
+"""
+
+# A record without a client was written by a start check alone, for a task id that came
+# beside a message no client sent (it then failed verification): delete it. KEYS: record
+_FORGET_UNSENT = """
+if redis.call('HEXISTS', KEYS[1], 'client') == 0 then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# Claim due ETA messages (and ones stuck mid-move) into the moving sets, for a transport
+# that publishes them itself. KEYS: eta set, moving set, ...; ARGV: now, stuck-before
+# Returns {next due or '', queue index, member, queue index, member, ...}.
+_CLAIM_DUE = """
+local out = {''}
+for i = 1, #KEYS, 2 do
+  local q = tostring((i + 1) / 2)
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', ARGV[1], 'LIMIT', 0, 500)) do
+    redis.call('ZREM', KEYS[i], m)
+    redis.call('ZADD', KEYS[i + 1], ARGV[1], m)
+    table.insert(out, q)
+    table.insert(out, m)
+  end
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[i + 1], '-inf', ARGV[2], 'LIMIT', 0, 500)) do
+    redis.call('ZADD', KEYS[i + 1], ARGV[1], m)
+    table.insert(out, q)
+    table.insert(out, m)
+  end
+end
+local nxt = false
+for i = 1, #KEYS, 2 do
+  local first = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+  if first[2] and (not nxt or tonumber(first[2]) < nxt) then nxt = tonumber(first[2]) end
+end
+if nxt then out[1] = tostring(nxt) end
+return out
+"""
+
+# Park a lost delivery (idempotent), with the consumer that held it.
+# KEYS: lost set, lost hash, record; ARGV: task id, raw, queue, deliveries, now
+_PARK_LOST = """
+local holder = redis.call('HGET', KEYS[3], 'consumer') or ''
+redis.call('HSET', KEYS[2], 'e', ARGV[2], 'q', ARGV[3], 'n', ARGV[4], 'h', holder)
+redis.call('ZADD', KEYS[1], 'NX', ARGV[5], ARGV[1])
+return 1
+"""
+
+# Claim lost deliveries that are still claimable. KEYS: lost set; ARGV: now, lease, ids...
+_CLAIM_LOST = """
+local out = {}
+for i = 3, #ARGV do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) <= tonumber(ARGV[1]) then
+    redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]), ARGV[i])
+    table.insert(out, ARGV[i])
+  end
+end
+return out
+"""
+
+STORE_SCRIPTS = {
+    "start": _START,
+    "record": _RECORD,
+    "settle": _SETTLE,
+    "revoke": _REVOKE,
+    "rate": _RATE,
+    "forget_unsent": _FORGET_UNSENT,
+    "claim_due": _CLAIM_DUE,
+    "park_lost": _PARK_LOST,
+    "claim_lost": _CLAIM_LOST,
+}
+
+# Redis Streams transport scripts -------------------------------------------------------------
+
+# The task id of a stream entry's fields: its plain 'i' field (the worker checks it
+# against the signed header before running anything). Entries without one were not
+# written by nbtask: 'NOID', and the worker asks the store itself once it has read the
+# signed header.
+_ENTRY_START = (
+    CHECK_START
+    + """
+local function entry_start(fields, prefix, ttl, worker, pid, consumer)
+  local task_id
+  for i = 1, #fields, 2 do if fields[i] == 'i' then task_id = fields[i + 1] end end
+  if not task_id then return 'NOID' end
+  return check_start(prefix .. task_id, ttl, worker, pid, consumer, '0')
+end
+"""
+)
+
+# Enqueue one message (or park it until its ETA) and write its PENDING record.
+# KEYS: stream, eta set, record, client index; ARGV: raw, ttl, due ('' = now), task id,
+# now, fields...
+_PUBLISH = (
+    WRITE_PENDING
+    + """
+local refused = write_pending(KEYS[3], ARGV[2], KEYS[4], ARGV[5], ARGV[4], {unpack(ARGV, 6)})
+if refused ~= '' then return refused end
+if ARGV[3] == '' then
+  redis.call('XADD', KEYS[1], '*', 'e', ARGV[1], 'n', '0', 'i', ARGV[4])
+else
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4] .. ':' .. ARGV[1])
+end
+return ''
+"""
+)
+
+# The last step of a task, atomically: store the record, tell the client, park a
+# message for later (a retry) and acknowledge the delivery.
+# KEYS: record, channel, stream, eta set
+# ARGV: ttl, maxlen, event ('' = none), entry id ('' = no ack), later ('' = none), due,
+# fields...
+_FINISH = (
+    WRITE_FINAL
+    + """
+write_final(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], {unpack(ARGV, 7)})
+if ARGV[5] ~= '' then redis.call('ZADD', KEYS[4], ARGV[6], ARGV[5]) end
+if ARGV[4] ~= '' then
+  redis.call('XACK', KEYS[3], 'workers', ARGV[4])
+  redis.call('XDEL', KEYS[3], ARGV[4])
+end
+return 1
+"""
+)
+
+# Take one message from the first queue (in the order given) that has one, and check it
+# may start. When none has, return the last entry id of each stream, so the caller can
+# block on XREAD from exactly there and be woken by the next XADD without a race.
+# ARGV: group, consumer, record key prefix, ttl, worker, pid
+_FETCH = (
+    _ENTRY_START
+    + """
+for i, key in ipairs(KEYS) do
+  local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', key, '>')
+  if r then
+    local entry = r[1][2][1]
+    return {i, entry[1], entry[2],
+            entry_start(entry[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[2])}
+  end
+end
+local ids = {}
+for i, key in ipairs(KEYS) do
+  local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  if last[1] then ids[i] = last[1][1] else ids[i] = '0-0' end
+end
+return {0, ids}
+"""
+)
+
+# Sent in the same write as a blocking XREADGROUP, so Redis runs it the moment that
+# read is served: the start check costs no extra round trip. It looks at what this
+# consumer was given after entry ARGV[7] (nothing, if the read timed out).
+# KEYS: stream; ARGV: group, consumer, record key prefix, ttl, worker, pid, last entry id
+_STARTED = (
+    _ENTRY_START
+    + """
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '(' .. ARGV[7], '+', 1, ARGV[2])
+if #pending == 0 then return false end
+local entry = redis.call('XRANGE', KEYS[1], pending[1][1], pending[1][1])
+if #entry == 0 then return false end
+return {entry[1][1], entry_start(entry[1][2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[2])}
+"""
+)
+
+# A delivery this consumer was given by a read whose reply never reached it (the
+# connection died while the read was served): the oldest entry still pending for it, with
+# its start verdict. That read's start check ran, so a task STARTED by this very consumer
+# process may start ('OK'). One STARTED by another process is a dead child's, left for its
+# supervisor to settle.
+# KEYS: streams; ARGV: group, consumer, record key prefix, ttl, worker, pid
+_RECOVER = (
+    _ENTRY_START
+    + """
+for i, key in ipairs(KEYS) do
+  for _, p in ipairs(redis.call('XPENDING', key, ARGV[1], '-', '+', 10, ARGV[2])) do
+    local entry = redis.call('XRANGE', key, p[1], p[1])
+    if #entry == 0 then
+      redis.call('XACK', key, ARGV[1], p[1])  -- deleted meanwhile
+    else
+      local verdict = entry_start(entry[1][2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[2])
+      if verdict ~= 'STARTED' then return {i, p[1], entry[1][2], verdict} end
+    end
+  end
+end
+return false
+"""
+)
+
+# Move due ETA messages onto their streams; return the next due time.
+# KEYS: eta set, stream, ...; ARGV: now
+_MOVE_DUE = """
+for i = 1, #KEYS, 2 do
+  local due = redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', ARGV[1], 'LIMIT', 0, 500)
+  for _, m in ipairs(due) do
+    local cut = string.find(m, ':', 1, true)
+    redis.call('XADD', KEYS[i + 1], '*', 'e', string.sub(m, cut + 1), 'n', '0',
+               'i', string.sub(m, 1, cut - 1))
+    redis.call('ZREM', KEYS[i], m)
+  end
+end
+local nxt = false
+for i = 1, #KEYS, 2 do
+  local first = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+  if first[2] and (not nxt or tonumber(first[2]) < nxt) then nxt = tonumber(first[2]) end
+end
+if nxt then return tostring(nxt) end
+return false
+"""
+
+# Delete every message still waiting: stream entries no worker was given yet (after the
+# group's last-delivered id; ones being run stay) and the whole ETA set. Returns the task
+# ids the entries named. KEYS: stream, eta set, ...; ARGV: group
+_PURGE = """
+local ids = {}
+for i = 1, #KEYS, 2 do
+  local last = '0-0'
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[i])) do
+      local name, delivered
+      for j = 1, #g, 2 do
+        if g[j] == 'name' then name = g[j + 1] end
+        if g[j] == 'last-delivered-id' then delivered = g[j + 1] end
+      end
+      if name == ARGV[1] then last = delivered end
+    end
+  end
+  for _, entry in ipairs(redis.call('XRANGE', KEYS[i], last, '+')) do
+    if entry[1] ~= last then
+      local fields = entry[2]
+      for j = 1, #fields, 2 do if fields[j] == 'i' then table.insert(ids, fields[j + 1]) end end
+      redis.call('XDEL', KEYS[i], entry[1])
+    end
+  end
+  for _, m in ipairs(redis.call('ZRANGE', KEYS[i + 1], 0, -1)) do
+    table.insert(ids, string.sub(m, 1, (string.find(m, ':', 1, true) or 1) - 1))
+  end
+  redis.call('DEL', KEYS[i + 1])
+end
+return ids
+"""
+
+STREAMS_SCRIPTS = {
+    "publish": _PUBLISH,
+    "finish": _FINISH,
+    "fetch": _FETCH,
+    "started": _STARTED,
+    "recover": _RECOVER,
+    "move_due": _MOVE_DUE,
+    "purge": _PURGE,
+}

@@ -1,0 +1,1 @@
+"""The client side: the :class:`~nbtask.App`, its listener thread, the embedded cluster."""

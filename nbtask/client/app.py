@@ -1,0 +1,457 @@
+"""The :class:`App`: task registry, connection to the broker, and sending of tasks."""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import uuid
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar, overload
+
+from nbtask.brokers import Store, Transport, open_broker
+from nbtask.client.embedded import EmbeddedCluster
+from nbtask.client.listener import Listener
+from nbtask.core.canvas import Call
+from nbtask.core.handle import TaskHandle
+from nbtask.core.options import validate_options
+from nbtask.core.outgoing import MessageBuilder
+from nbtask.core.task import Task as BaseTask
+from nbtask.errors import ConfigurationError, NbtaskError, SignatureError, TaskNotFound
+from nbtask.settings import Settings
+from nbtask.wire.envelope import Signer
+from nbtask.wire.events import FINAL_SEQ, FINAL_STATES, Event, EventType, State, decode_event
+from nbtask.wire.records import TaskRecord, WorkerInfo
+
+__all__ = ["App"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class App:
+    """A task application: define tasks on it, send them, and follow their handles.
+
+    Nothing connects until the first task is sent (or :meth:`connect` is called). With no
+    broker configured (no ``broker=`` and no ``NBTASK_BROKER``) the first connection
+    starts the embedded local cluster: a private Redis and worker processes that stop
+    with this process.
+
+    Parameters
+    ----------
+    name
+        A label for this app, shown in logs.
+    broker
+        Broker URL; overrides ``NBTASK_BROKER``.
+    secret
+        Signing secret; overrides ``NBTASK_SECRET``. Required with a broker URL.
+    insecure
+        Run without a secret on a broker URL (warns; see the README's security model).
+    settings
+        Start from these settings instead of ``Settings.from_env()``.
+    **overrides
+        Any other :class:`~nbtask.settings.Settings` field.
+
+    Examples
+    --------
+    >>> app = App("demo")
+    >>> @app.task
+    ... def add(x, y):
+    ...     return x + y
+    >>> add.delay(2, 3).get(timeout=10)
+    5
+    """
+
+    Task: type[BaseTask]
+
+    def __init__(
+        self,
+        name: str = "nbtask",
+        *,
+        broker: str | None = None,
+        secret: str | None = None,
+        insecure: bool | None = None,
+        settings: Settings | None = None,
+        **overrides: Any,
+    ) -> None:
+        if broker is not None:
+            overrides["broker_url"] = broker
+        if secret is not None:
+            overrides["secret"] = secret
+        if insecure is not None:
+            overrides["insecure"] = insecure
+        base = settings if settings is not None else Settings.from_env()
+        unknown = sorted(set(overrides) - set(base.__dataclass_fields__))
+        if unknown:
+            raise ConfigurationError(f"App() got unknown setting(s): {', '.join(unknown)}")
+        self.settings = base.replace(**overrides)
+        if self.settings.broker_url is not None and not (
+            self.settings.secret or self.settings.insecure
+        ):
+            Signer(None)  # raises the one clear "no secret is set" error
+        self.name = name
+        self.client_id = uuid.uuid4().hex[:16]
+        self.tasks: dict[str, BaseTask] = {}
+        # Named %%task cells, registered by the notebook layer as reusable tasks.
+        self.cells: dict[str, BaseTask] = {}
+        self.Task = type("Task", (BaseTask,), {"abstract": True, "__module__": __name__})
+        self.cluster: EmbeddedCluster | None = None
+        self._transport: Transport | None = None
+        self._builder: MessageBuilder | None = None
+        self._listener: Listener | None = None
+        self._lock = threading.RLock()
+        atexit.register(_close_at_exit, weakref.ref(self))
+
+    # Defining tasks --------------------------------------------------------------------------
+    @overload
+    def task(self, fn: F, /) -> BaseTask: ...
+    @overload
+    def task(self, name: str | None = None, /, **options: Any) -> Callable[[F], BaseTask]: ...
+
+    def task(self, fn: Any = None, /, **options: Any) -> Any:
+        """Turn a function into a task; use bare (``@app.task``) or with options.
+
+        Parameters
+        ----------
+        name : str, optional
+            Registered name; default ``module.qualname``. May be given positionally.
+        bind : bool
+            Pass the task instance as the first argument (``self``).
+        base : type
+            Task class to derive from (a subclass of ``app.Task``).
+        queue : str
+            Queue to send to by default.
+        acks_late : bool
+            Acknowledge after the task returns, so a crashed worker's task is redelivered.
+        ignore_result : bool
+            Do not keep the result in the store (the client is still told the outcome).
+        expires : float
+            Seconds after sending after which the task is dropped unstarted.
+        """
+        if isinstance(fn, str):
+            options["name"] = fn
+            fn = None
+        options = validate_options(options)
+
+        def decorate(func: Callable[..., Any]) -> BaseTask:
+            return self._make_task(func, options)
+
+        return decorate(fn) if fn is not None else decorate
+
+    def _make_task(self, func: Callable[..., Any], options: Mapping[str, Any]) -> BaseTask:
+        if not callable(func):
+            raise ConfigurationError(f"@app.task needs a function, got {func!r}")
+        base = options.get("base", self.Task)
+        if not (isinstance(base, type) and issubclass(base, BaseTask)):
+            raise ConfigurationError(f"base={base!r} is not a Task class (use app.Task)")
+        bind = bool(options.get("bind", False))
+        run = func if bind else staticmethod(func)
+        attrs: dict[str, Any] = {
+            "run": run,
+            "name": options.get("name") or f"{func.__module__}.{func.__qualname__}",
+            "abstract": False,
+            "bind": bind,
+            "__module__": func.__module__,
+            "__qualname__": func.__qualname__,
+            "__doc__": func.__doc__,
+            "__wrapped__": func,
+        }
+        attrs.update({k: v for k, v in options.items() if k not in ("name", "bind", "base")})
+        cls = type(func.__name__, (base,), attrs)
+        return self.register_task(cls())
+
+    def register_task(self, task: BaseTask) -> BaseTask:
+        """Register a task instance (a class-based task with ``run``) under its name."""
+        if type(task).is_abstract():
+            raise ConfigurationError(f"{type(task).__name__} is abstract and cannot be registered")
+        if not task.name:
+            cls = type(task)
+            type.__setattr__(cls, "name", f"{cls.__module__}.{cls.__qualname__}")
+        existing = self.tasks.get(task.name)
+        # Re-running a notebook cell redefines a task: that replaces it. Two different
+        # functions under one name would silently run the wrong code: refuse.
+        if existing is not None and _origin(existing) != _origin(task):
+            raise ConfigurationError(
+                f"task name {task.name!r} is already used by {_origin(existing)}; "
+                f"give {_origin(task)} another name=..."
+            )
+        task.app = self
+        self.tasks[task.name] = task
+        return task
+
+    # Connecting ------------------------------------------------------------------------------
+    def connect(self) -> Transport:
+        """Connect (starting the embedded cluster if no broker is configured)."""
+        with self._lock:
+            if self._transport is not None:
+                return self._transport
+            settings = self.settings
+            if settings.broker_url is None:
+                self.cluster = EmbeddedCluster.start(settings)
+                url: str = self.cluster.url
+                secret: str | None = self.cluster.secret
+            else:
+                url, secret = settings.broker_url, settings.secret
+            signer = Signer.for_settings(settings, secret)
+            transport = open_broker(settings, url)
+            transport.ping()
+            self._builder, self._transport = MessageBuilder(signer, settings), transport
+            return transport
+
+    @property
+    def transport(self) -> Transport:
+        """The connected broker's transport (connects on first use)."""
+        return self._transport or self.connect()
+
+    @property
+    def store(self) -> Store:
+        """The connected broker's store: task records, the worker registry (connects)."""
+        return self.transport.store
+
+    @property
+    def signer(self) -> Signer:
+        """Signs messages and verifies events."""
+        return self._message_builder().signer
+
+    def _message_builder(self) -> MessageBuilder:
+        self.connect()
+        assert self._builder is not None
+        return self._builder
+
+    @property
+    def channel(self) -> str:
+        """The key of this client's event channel (connects on first use)."""
+        return self.store.channel_key(self.client_id)
+
+    def _listen(self) -> Listener:
+        with self._lock:
+            if self._listener is None or not self._listener.alive:
+                self._listener = Listener(
+                    open_broker(self.settings, self._url()), self.signer, self.channel
+                )
+            return self._listener
+
+    def _url(self) -> str:
+        if self.cluster is not None:
+            return self.cluster.url
+        assert self.settings.broker_url is not None
+        return self.settings.broker_url
+
+    def close(self) -> None:
+        """Stop the listener, disconnect, and stop the embedded cluster if it was started."""
+        with self._lock:
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
+            if self._transport is not None:
+                self._transport.close()
+                self._transport = None
+            if self.cluster is not None:
+                self.cluster.stop()
+                self.cluster = None
+
+    def __enter__(self) -> App:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Sending ---------------------------------------------------------------------------------
+    def send(
+        self,
+        task: BaseTask,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        options: Mapping[str, Any],
+    ) -> TaskHandle:
+        """Send one task with message ``options`` (see :meth:`Task.send_options`)."""
+        return self.send_batch([(task, args, kwargs, options)])[0]
+
+    def send_batch(self, calls: Sequence[Call]) -> list[TaskHandle]:
+        """Send ``(task, args, kwargs, options)`` calls in one round trip.
+
+        Raises
+        ------
+        ConfigurationError
+            A call reused the id of a task that already ended (``task_id=``); the other
+            calls were sent.
+        """
+        builder, channel = self._message_builder(), self.channel
+        built = [builder.build(call, channel) for call in calls]
+        handles = [TaskHandle(self, message.id, message.name) for message, _ in built]
+        listener = self._listen()
+        for handle in handles:
+            listener.register(handle)
+        refused = self.transport.publish([publish for _, publish in built])
+        ended = [(h, state) for h, state in zip(handles, refused, strict=True) if state]
+        if ended:
+            for handle, _ in ended:
+                listener.forget(handle.id)
+            names = ", ".join(f"{h.id!r} ({state})" for h, state in ended)
+            raise ConfigurationError(
+                f"task id {names} was already used by a task that ended: nothing was sent "
+                "for it. Task ids are single-use; leave task_id out for a fresh one"
+            )
+        return handles
+
+    def expect(self, task_id: str, name: str) -> TaskHandle:
+        """A handle for a task that a worker will send (a later step of a chain)."""
+        handle = TaskHandle(self, task_id, name)
+        self._listen().register(handle)
+        return handle
+
+    def send_task(
+        self,
+        name: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        acks_late: bool = False,
+        **options: Any,
+    ) -> TaskHandle:
+        """Send a task by name, for tasks that only the workers define (Celery's ``send_task``).
+
+        ``options`` are those of :meth:`Task.apply_async`.
+        """
+        task = self.tasks.get(name)
+        if task is None:
+            attrs = {"name": name, "abstract": False, "acks_late": acks_late, "__module__": ""}
+            task = type("RemoteTask", (self.Task,), attrs)()
+            task.app = self
+        return task.apply_async(args, kwargs, **options)
+
+    # Following tasks -------------------------------------------------------------------------
+    def handle(self, task_id: str) -> TaskHandle:
+        """Re-attach to a task by id, from this or any other process.
+
+        Events the task already sent are replayed (output included) while they are
+        still kept; a finished task's result comes from the result store.
+
+        Raises
+        ------
+        TaskNotFound
+            No record of the task (a wrong id, or one older than ``result_ttl``).
+        """
+        listener = self._listen()
+        existing = listener.get(task_id)
+        if existing is not None:
+            return existing
+        record = self.store.get_record(task_id)
+        if record is None:
+            raise TaskNotFound(
+                f"no task {task_id!r} in the result store: the id is wrong, or the task "
+                f"finished more than result_ttl ({self.settings.result_ttl:.0f} s) ago"
+            )
+        handle = TaskHandle(self, task_id, record.name or "?")
+        channel = record.client
+        if record.result is not None:
+            # Output first, from the client's event channel while it is kept.
+            for raw in self.store.replay(channel) if channel else ():
+                try:
+                    event, _ = decode_event(self.signer, raw)
+                except NbtaskError:
+                    continue
+                if event.task_id == task_id and event.state not in FINAL_STATES:
+                    handle.apply(event)
+            event, result = decode_event(self.signer, record.result)
+            if event.task_id != task_id:
+                # Correctly signed, but another task's: someone moved it here.
+                raise SignatureError(
+                    f"the stored result of task {task_id!r} belongs to task {event.task_id!r}"
+                )
+            handle.apply(event, result)
+        else:
+            # Where a broker keeps only final events (AMQP), the record alone says the task
+            # is running; the channel's events, if kept, then replay on top of it.
+            if record.state in (State.STARTED, State.RETRY):
+                info = {"worker": record.worker, "pid": record.pid}
+                kind = EventType.STARTED if record.state is State.STARTED else EventType.RETRY
+                handle.apply(Event(kind, task_id, 0, info))
+            listener.register(handle, channel=channel or None)
+        return handle
+
+    def revoke(self, task_id: str, *, terminate: bool = False, grace: float = 5.0) -> bool:
+        """Revoke a task: a queued one never starts; with ``terminate``, a running one stops.
+
+        Parameters
+        ----------
+        task_id
+            The task to revoke.
+        terminate
+            Also stop it if it is running: its worker process gets SIGINT (a
+            ``KeyboardInterrupt`` in the task) and is killed ``grace`` seconds later if
+            the task has not ended by then. Its state becomes ``REVOKED``.
+        grace
+            Seconds between the interrupt and the kill.
+
+        Returns
+        -------
+        bool
+            True if the task was revoked before it started, or a terminate request was
+            sent to the workers; False if it had already finished.
+        """
+        record = self.store.get_record(task_id)
+        if self._revoke_pending(task_id, record, "revoked"):
+            return True
+        if not terminate or record is None or record.state is not State.STARTED:
+            return False
+        command = {"kind": "control", "cmd": "terminate", "id": task_id, "grace": float(grace)}
+        self.store.send_control(self.signer.seal(command))
+        return True
+
+    def _revoke_pending(self, task_id: str, record: TaskRecord | None, reason: str) -> bool:
+        """Mark a task that has not started REVOKED and tell its client; False if it had."""
+        channel = record.client if record is not None and record.client else self.channel
+        event = Event(EventType.REVOKED, task_id, seq=FINAL_SEQ, data={"reason": reason})
+        raw = self.signer.seal(event.to_header())
+        if not self.store.revoke_pending(task_id, raw, channel):
+            return False
+        self.transport.notify(channel, [raw])  # the store keeps it; a live client hears it
+        handle = self._listen().get(task_id)
+        if handle is not None:
+            handle.apply(event)  # at once; the same event arriving later is ignored
+        return True
+
+    def purge(self, queues: Sequence[str] | None = None) -> list[str]:
+        """Delete every message waiting on ``queues``; each of those tasks becomes REVOKED.
+
+        Messages waiting for their ETA or countdown go too. Tasks already running are left
+        alone (``revoke(id, terminate=True)`` stops one). Each purged task's state becomes
+        ``REVOKED`` with reason ``"purged"`` and its client is told, so no handle waits
+        for a task that will never run.
+
+        Parameters
+        ----------
+        queues
+            Queue names; default: the default queue.
+
+        Returns
+        -------
+        list of str
+            The ids of the tasks purged.
+        """
+        names = list(queues) if queues else [self.settings.default_queue]
+        purged = []
+        for task_id in dict.fromkeys(self.transport.purge(names)):
+            record = self.store.get_record(task_id)
+            if record is not None and self._revoke_pending(task_id, record, "purged"):
+                purged.append(task_id)
+        return purged
+
+    def workers(self) -> dict[str, WorkerInfo]:
+        """Live workers on this broker, ``{worker_id: info}``."""
+        return self.store.workers()
+
+    def __repr__(self) -> str:
+        where = self.settings.broker_url or "embedded"
+        return f"<App {self.name!r} broker={where} tasks={len(self.tasks)}>"
+
+
+def _close_at_exit(ref: weakref.ReferenceType[App]) -> None:
+    app = ref()
+    if app is not None:
+        app.close()
+
+
+def _origin(task: BaseTask) -> str:
+    code = type(task).__dict__.get("__wrapped__", type(task))
+    return f"{code.__module__}.{code.__qualname__}"

@@ -1,0 +1,288 @@
+"""Signatures and workflows: ``task.s()``, ``task.si()``, chains (``a.s() | b.s()``), groups.
+
+Also who sends them: a :class:`Sender` (an :class:`~nbtask.App`, or the worker running
+the current task).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+from nbtask.core.handle import TaskHandle
+from nbtask.errors import ConfigurationError
+
+__all__ = [
+    "Call",
+    "Callbacks",
+    "Chain",
+    "Group",
+    "GroupHandle",
+    "Sender",
+    "Signable",
+    "Signature",
+    "chain",
+    "current_sender",
+    "group",
+    "sending_through",
+]
+
+
+class Signable(Protocol):
+    """A task, as a signature needs it (:class:`~nbtask.Task` is one)."""
+
+    @property
+    def name(self) -> str:
+        """The registered name."""
+
+    @property
+    def queue(self) -> str | None:
+        """The task's own queue, if any."""
+
+    # Called with the keywords of :meth:`nbtask.Task.apply_async` and of its
+    # ``send_options``: typed loosely here, checked by the task itself.
+    @property
+    def apply_async(self) -> Callable[..., TaskHandle]:
+        """Send the task."""
+
+    @property
+    def send_options(self) -> Callable[..., dict[str, Any]]:
+        """Check ``apply_async`` options and turn them into message options."""
+
+    def sender(self) -> Sender:
+        """What sends this task now: its app, or the worker running the current task."""
+
+
+#: One call to send: ``(task, args, kwargs, message options)``.
+Call = tuple[Signable, Sequence[Any], Mapping[str, Any], Mapping[str, Any]]
+
+
+class Sender(Protocol):
+    """What sends tasks: an :class:`~nbtask.App`, or a worker on behalf of a running task."""
+
+    def send_batch(self, calls: Sequence[Call]) -> list[TaskHandle]:
+        """Send several calls in one round trip."""
+
+    def expect(self, task_id: str, name: str) -> TaskHandle:
+        """A handle for a task someone else will send."""
+
+
+_sender: contextvars.ContextVar[Sender | None] = contextvars.ContextVar(
+    "nbtask_sender", default=None
+)
+
+
+def current_sender() -> Sender | None:
+    """Who sends tasks from inside the task running now (``None`` outside a task)."""
+    return _sender.get()
+
+
+@contextlib.contextmanager
+def sending_through(sender: Sender) -> Iterator[None]:
+    """Tasks sent inside the block go through ``sender`` (a worker, for a running task)."""
+    token = _sender.set(sender)
+    try:
+        yield
+    finally:
+        _sender.reset(token)
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    """A task with (some of) its arguments and options, to send later.
+
+    Arguments given when it is sent come first, then the signature's own, as in Celery:
+    ``add.s(2).delay(8)`` runs ``add(8, 2)``, and in a chain each result is passed as the
+    next task's first argument, unless the signature is immutable (``task.si()``).
+    """
+
+    task: Signable
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    immutable: bool = False
+    #: Options already converted by :meth:`for_worker` (message options, not call options).
+    prepared: bool = False
+
+    def set(self, **options: Any) -> Signature:
+        """A copy with these :meth:`~nbtask.Task.apply_async` options added."""
+        return dataclasses.replace(self, options={**self.options, **options})
+
+    def for_worker(self, **extra: Any) -> Signature:
+        """A copy whose options are checked and converted now, for a worker to send later.
+
+        Everything becomes absolute here (``expires``, ``eta``) except ``countdown``,
+        which counts from when the worker sends it.
+        """
+        if self.prepared:
+            return dataclasses.replace(self, options={**self.options, **extra})
+        options = dict(self.options)
+        countdown = options.pop("countdown", None)
+        converted = self.task.send_options(**options)
+        if countdown is not None:
+            converted["countdown"] = float(countdown)
+        return dataclasses.replace(self, options={**converted, **extra}, prepared=True)
+
+    def delay(self, *args: Any, **kwargs: Any) -> TaskHandle:
+        """Send it, with extra arguments."""
+        return self.apply_async(args, kwargs)
+
+    def apply_async(
+        self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, **options: Any
+    ) -> TaskHandle:
+        """Send it, with extra arguments and options."""
+        call_args = self.args if self.immutable else (*args, *self.args)
+        merged = {**self.kwargs, **(kwargs or {})}
+        return self.task.apply_async(call_args, merged, **{**self.options, **options})
+
+    def __or__(self, other: Signature | Chain) -> Chain:
+        return Chain((self,)) | other
+
+    def __repr__(self) -> str:
+        parts = [repr(a) for a in self.args] + [f"{k}={v!r}" for k, v in self.kwargs.items()]
+        return f"{self.task.name}{'!' if self.immutable else ''}({', '.join(parts)})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Callbacks:
+    """Signatures to send when the task succeeds (``link``) or fails (``link_error``)."""
+
+    link: tuple[Signature, ...] = ()
+    link_error: tuple[Signature, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.link or self.link_error)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chain:
+    """Tasks run one after the other, each getting the previous one's result.
+
+    The workers send each next step themselves when a step succeeds; if a step fails, the
+    later steps never run and their handles fail with the same error.
+    """
+
+    steps: tuple[Signature, ...]
+
+    def __or__(self, other: Signature | Chain) -> Chain:
+        more = other.steps if isinstance(other, Chain) else (other,)
+        if not all(isinstance(step, Signature) for step in more):
+            raise ConfigurationError(f"only signatures can be chained, got {other!r}")
+        return Chain(self.steps + more)
+
+    def delay(self, *args: Any, **kwargs: Any) -> TaskHandle:
+        """Start the chain; extra arguments go to the first step."""
+        return self.apply_async(args, kwargs)
+
+    def apply_async(
+        self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None
+    ) -> TaskHandle:
+        """Start the chain and return the last step's handle (``.parent`` walks back)."""
+        if not self.steps:
+            raise ConfigurationError("an empty chain has nothing to run")
+        ids = [step.options.get("task_id") or uuid.uuid4().hex for step in self.steps]
+        root = ids[0]
+        following: Signature | None = None
+        for step, task_id in zip(reversed(self.steps[1:]), reversed(ids[1:]), strict=True):
+            extra: dict[str, Any] = {"task_id": task_id, "root_id": root}
+            if following is not None:
+                extra["callbacks"] = Callbacks(link=(following,))
+            following = step.for_worker(**extra)
+        app = self.steps[0].task.sender()
+        later = zip(self.steps[1:], ids[1:], strict=True)
+        handles = [app.expect(task_id, step.task.name) for step, task_id in later]
+        first = self.steps[0].set(task_id=root)
+        if following is not None:
+            first = first.set(link=following)
+        head = first.apply_async(args, kwargs)
+        previous = head
+        for handle in handles:
+            handle.parent = previous
+            previous = handle
+        return previous
+
+
+def chain(*steps: Signature | Chain) -> Chain:
+    """``chain(a.s(), b.s())``, the same as ``a.s() | b.s()``."""
+    result = Chain(())
+    for step in steps:
+        result = result | step
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """Tasks sent together to run in parallel."""
+
+    tasks: tuple[Signature, ...]
+
+    def delay(self) -> GroupHandle:
+        """Send every task, in one round trip."""
+        return self.apply_async()
+
+    def apply_async(self) -> GroupHandle:
+        """Send every task, in one round trip; return their :class:`GroupHandle`."""
+        if not self.tasks:
+            return GroupHandle([])
+        app = self.tasks[0].task.sender()
+        calls = [
+            (sig.task, sig.args, dict(sig.kwargs), sig.task.send_options(**sig.options))
+            for sig in self.tasks
+        ]
+        return GroupHandle(app.send_batch(calls))
+
+
+def group(tasks: Iterable[Signature]) -> Group:
+    """``group([add.s(1, 1), add.s(2, 2)])``: run tasks in parallel."""
+    items = tuple(tasks)
+    if not all(isinstance(t, Signature) for t in items):
+        raise ConfigurationError("group() takes signatures (task.s(...))")
+    return Group(items)
+
+
+class GroupHandle:
+    """The handles of a group's tasks, gathered.
+
+    Parameters
+    ----------
+    handles
+        One :class:`~nbtask.TaskHandle` per task, in the group's order.
+    """
+
+    def __init__(self, handles: Sequence[TaskHandle]) -> None:
+        self.handles = list(handles)
+
+    def get(self, timeout: float | None = None) -> list[Any]:
+        """Every result, in order; raises the first error met."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        results = []
+        for handle in self.handles:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            results.append(handle.get(timeout=left))
+        return results
+
+    def ready(self) -> bool:
+        """True once every task finished."""
+        return all(h.ready() for h in self.handles)
+
+    def completed_count(self) -> int:
+        """How many tasks finished successfully."""
+        return sum(1 for h in self.handles if h.successful())
+
+    @property
+    def progress(self) -> float:
+        """Finished tasks over all tasks (1.0 for an empty group)."""
+        if not self.handles:
+            return 1.0
+        return sum(1 for h in self.handles if h.ready()) / len(self.handles)
+
+    def __len__(self) -> int:
+        return len(self.handles)
+
+    def __repr__(self) -> str:
+        return f"<GroupHandle {sum(h.ready() for h in self.handles)}/{len(self.handles)} done>"

@@ -1,0 +1,92 @@
+"""What a running task knows about itself: its request, and how it reports progress."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from typing import Any, TypeVar
+
+__all__ = ["Request", "current_request", "progress", "running", "track"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What a running task knows about its own execution (``self.request``)."""
+
+    id: str
+    name: str
+    args: tuple[Any, ...]
+    kwargs: Mapping[str, Any]
+    queue: str
+    hostname: str
+    retries: int = 0
+    eta: float | None = None
+    expires: float | None = None
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    parent_id: str | None = None
+    root_id: str | None = None
+    delivery_info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: Sends the task's events to its client: ``emit(kind, data)``.
+    emit: Callable[[str, Mapping[str, Any]], None] | None = None
+
+
+T = TypeVar("T")
+
+_current: contextvars.ContextVar[Request | None] = contextvars.ContextVar(
+    "nbtask_request", default=None
+)
+
+
+def current_request() -> Request | None:
+    """The request of the task running in this context, or ``None`` outside a task."""
+    return _current.get()
+
+
+@contextlib.contextmanager
+def running(request: Request) -> Iterator[None]:
+    """Run the block as the task ``request`` describes (a worker does this)."""
+    token = _current.set(request)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def progress(done: float, total: float | None = None, message: str = "") -> None:
+    """Report progress of the running task; does nothing outside a task.
+
+    Parameters
+    ----------
+    done
+        Units of work done so far.
+    total
+        Units of work in all, if known.
+    message
+        A short note shown beside the progress bar.
+    """
+    request = _current.get()
+    if request is not None and request.emit is not None:
+        request.emit("progress", {"done": done, "total": total, "message": message})
+
+
+def track(iterable: Iterable[T], total: int | None = None, message: str = "") -> Iterator[T]:
+    """Yield from ``iterable``, reporting progress after each item (like ``tqdm``).
+
+    Parameters
+    ----------
+    iterable
+        What to loop over.
+    total
+        Number of items; taken from ``len(iterable)`` when it has one.
+    message
+        Shown beside the progress bar.
+    """
+    if total is None and isinstance(iterable, Sized):
+        total = len(iterable)
+    progress(0, total, message)
+    for done, item in enumerate(iterable, start=1):
+        yield item
+        progress(done, total, message)

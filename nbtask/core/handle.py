@@ -1,0 +1,232 @@
+"""The client's handle on one task: a :class:`concurrent.futures.Future` with live state."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from nbtask.core.context import current_request
+from nbtask.errors import NbtaskError, RemoteError, TaskRevoked, TimeLimitExceeded, WorkerLost
+from nbtask.wire.events import FINAL_STATES, Event, EventType, Progress, State
+
+__all__ = ["Revoker", "TaskHandle"]
+
+
+class Revoker(Protocol):
+    """What a handle cancels its task through (an :class:`~nbtask.App`)."""
+
+    def revoke(self, task_id: str, *, terminate: bool = False, grace: float = 5.0) -> bool:
+        """Revoke a task; see :meth:`nbtask.App.revoke`."""
+
+
+_KNOWN_FAILURES: dict[str, type[RemoteError]] = {
+    "TimeLimitExceeded": TimeLimitExceeded,
+    "WorkerLost": WorkerLost,
+}
+
+
+class TaskHandle(concurrent.futures.Future[Any]):
+    """A task that was sent; updated by the app's listener thread as events arrive.
+
+    It is a :class:`concurrent.futures.Future`, so ``result()``, ``exception()``,
+    ``done()``, ``add_done_callback()``, :func:`concurrent.futures.wait` and
+    :func:`asyncio.wrap_future` work. Done callbacks run on the listener thread.
+
+    Attributes
+    ----------
+    id : str
+        The task id, usable with ``app.handle(id)`` from any process.
+    name : str
+        The task's registered name.
+    """
+
+    def __init__(self, app: Revoker | None, task_id: str, name: str) -> None:
+        super().__init__()
+        self.app = app
+        self.id = task_id
+        self.name = name
+        self._task_state: State = State.PENDING
+        self._progress: Progress | None = None
+        self._stdout: list[str] = []
+        self._stderr: list[str] = []
+        self._outputs: list[Event] = []
+        self._last_seq = -1
+        self._info: dict[str, Any] = {}
+        self._listeners: list[Callable[[Event], None]] = []
+        self._custom_state: str | None = None
+        #: The previous step's handle, for a chain's later steps.
+        self.parent: TaskHandle | None = None
+        self._lock = threading.Lock()
+
+    # State -------------------------------------------------------------------------------------
+    @property
+    def state(self) -> State | str:
+        """The latest known state (``PENDING`` until the first event).
+
+        A custom state set with ``self.update_state(state=...)`` shows as that string
+        until the task's next state.
+        """
+        return self._custom_state or self._task_state
+
+    @property
+    def progress(self) -> Progress | None:
+        """The latest progress report, if any."""
+        return self._progress
+
+    @property
+    def stdout(self) -> str:
+        """Everything the task printed so far."""
+        return "".join(self._stdout)
+
+    @property
+    def stderr(self) -> str:
+        """Everything the task wrote to stderr so far."""
+        return "".join(self._stderr)
+
+    @property
+    def outputs(self) -> list[Event]:
+        """Output events in the order the task produced them: stdout, stderr, display."""
+        return list(self._outputs)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """Details from the worker: ``worker`` (host), ``pid``, retry reason, error."""
+        return dict(self._info)
+
+    def ready(self) -> bool:
+        """True once the task reached a final state."""
+        return self.done()
+
+    def successful(self) -> bool:
+        """True if the task finished with a result."""
+        return self._task_state is State.SUCCESS
+
+    def failed(self) -> bool:
+        """True if the task finished without a result."""
+        return self.done() and self._task_state is not State.SUCCESS
+
+    def get(
+        self,
+        timeout: float | None = None,
+        *,
+        propagate: bool = True,
+        disable_sync_subtasks: bool = True,
+    ) -> Any:
+        """Wait for the result, up to ``timeout`` seconds.
+
+        Inside a running task this refuses to wait (a worker slot blocked on another
+        task can deadlock the pool); chain the tasks instead, or pass
+        ``disable_sync_subtasks=False`` if you are sure.
+
+        Raises
+        ------
+        RuntimeError
+            Called inside a task without ``disable_sync_subtasks=False``.
+        TimeoutError
+            The task is not done after ``timeout`` seconds (it keeps running).
+        RemoteError
+            The task raised; carries the original type name and remote traceback.
+        """
+        if disable_sync_subtasks and current_request() is not None:
+            raise RuntimeError(
+                "never wait for a task's result inside another task: the worker slot blocks "
+                "and the pool can deadlock. Chain them instead: (first.s(x) | second.s()).delay()"
+            )
+        try:
+            return self.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(
+                f"task {self.name}[{self.id}] is still {self.state} after {timeout} s"
+            ) from None
+        except BaseException:
+            if propagate:
+                raise
+            return self.exception(0)
+
+    def on_event(self, callback: Callable[[Event], None]) -> None:
+        """Call ``callback(event)`` for every later event (on the listener thread)."""
+        self._listeners.append(callback)
+
+    # Fed by the listener ----------------------------------------------------------------------
+    def apply(self, event: Event, result: Any = None) -> None:
+        """Apply one event; events older than the last one applied are ignored."""
+        with self._lock:
+            if self.done() or (event.seq and event.seq <= self._last_seq):
+                return
+            self._last_seq = max(self._last_seq, event.seq)
+            self._apply(event)
+        if event.state in FINAL_STATES:
+            try:
+                self._settle(event, result)
+            except concurrent.futures.InvalidStateError:
+                return  # another thread settled it first (e.g. a revoke racing the result)
+        for callback in list(self._listeners):
+            callback(event)
+
+    def _apply(self, event: Event) -> None:
+        kind, data = event.type, event.data
+        if kind is EventType.PROGRESS:
+            self._progress = event.progress
+        elif kind is EventType.STDOUT:
+            self._stdout.append(str(data.get("text", "")))
+            self._outputs.append(event)
+        elif kind is EventType.STDERR:
+            self._stderr.append(str(data.get("text", "")))
+            self._outputs.append(event)
+        elif kind is EventType.DISPLAY:
+            self._outputs.append(event)
+        elif kind is EventType.STATE:
+            self._custom_state = str(data.get("state", "")) or None
+            self._info["meta"] = data.get("meta", {})
+        if event.state is not None:
+            self._task_state = event.state
+            self._custom_state = None
+        self._info.update(
+            {k: v for k, v in data.items() if k in ("worker", "pid", "reason", "retries", "eta")}
+        )
+
+    def _settle(self, event: Event, result: Any) -> None:
+        data = event.data
+        if event.type is EventType.SUCCESS:
+            self.set_result(result)
+        elif event.type is EventType.REVOKED:
+            self.set_exception(TaskRevoked(f"task {self.name}[{self.id}] was revoked"))
+        elif event.type is EventType.WORKER_LOST:
+            why = (
+                f"the worker running task {self.name}[{self.id}] died "
+                f"({data.get('reason', 'no reason known')}); it was not run again (early "
+                "ack, or acks_late with reject_on_worker_lost=False)"
+            )
+            self.set_exception(WorkerLost("WorkerLost", why, "", self.id))
+        else:
+            # Failures nbtask itself reports come back as its own exception types.
+            kind = _KNOWN_FAILURES.get(str(data.get("ename", "")), RemoteError)
+            self.set_exception(
+                kind(
+                    str(data.get("ename", "Exception")),
+                    str(data.get("evalue", "")),
+                    str(data.get("traceback", "")),
+                    self.id,
+                    str(data.get("etype", "")),
+                )
+            )
+
+    def cancel(self) -> bool:
+        """Revoke the task: a queued one never runs, a running one is interrupted.
+
+        Returns whether it was revoked (or an interrupt was sent); the handle reads
+        ``REVOKED`` once the worker confirms.
+        """
+        if self.done():
+            return False
+        if self.app is None:
+            raise NbtaskError(
+                f"task {self.id} was sent from inside another task; revoke it from a client "
+                "with app.revoke(task_id, terminate=True)"
+            )
+        return self.app.revoke(self.id, terminate=True)
+
+    def __repr__(self) -> str:
+        return f"<TaskHandle {self.name}[{self.id}] {self.state}>"

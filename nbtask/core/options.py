@@ -1,0 +1,139 @@
+"""The options ``@app.task`` accepts, checked when a task is defined."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from nbtask.errors import ConfigurationError
+
+__all__ = ["TASK_OPTIONS", "parse_rate", "positive", "validate_options"]
+
+# Options @app.task accepts (Celery's names); anything else is refused at decoration time.
+TASK_OPTIONS = frozenset(
+    {
+        "name",
+        "bind",
+        "base",
+        "queue",
+        "acks_late",
+        "ignore_result",
+        "expires",
+        "max_retries",
+        "default_retry_delay",
+        "retry_backoff",
+        "retry_backoff_max",
+        "retry_jitter",
+        "autoretry_for",
+        "rate_limit",
+        "time_limit",
+        "soft_time_limit",
+        "serializer",
+        "reject_on_worker_lost",
+        "priority",
+        "backend",
+        "typing",
+    }
+)
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Check ``@app.task`` options; return them as class attributes (rate limits parsed)."""
+    unknown = sorted(set(options) - TASK_OPTIONS)
+    if unknown:
+        raise ConfigurationError(
+            f"unknown task option(s) {', '.join(unknown)}; known: {', '.join(sorted(TASK_OPTIONS))}"
+        )
+    attrs = dict(options)
+    _check_types(attrs)
+    for name in (
+        "time_limit",
+        "soft_time_limit",
+        "expires",
+        "default_retry_delay",
+        "retry_backoff_max",
+    ):
+        if attrs.get(name) is not None:
+            attrs[name] = positive(name, attrs[name])
+    if "rate_limit" in attrs:
+        attrs["rate_limit"] = parse_rate(attrs["rate_limit"])
+    max_retries = attrs.get("max_retries")
+    if max_retries is not None and (not isinstance(max_retries, int) or max_retries < 0):
+        raise ConfigurationError(
+            f"max_retries must be a whole number >= 0 or None, got {max_retries!r}"
+        )
+    autoretry = attrs.get("autoretry_for", ())
+    autoretry = tuple(autoretry) if isinstance(autoretry, (list, tuple)) else (autoretry,)
+    if not all(isinstance(e, type) and issubclass(e, BaseException) for e in autoretry):
+        raise ConfigurationError(
+            f"autoretry_for takes exception classes, got {options['autoretry_for']!r}"
+        )
+    if "autoretry_for" in attrs:
+        attrs["autoretry_for"] = autoretry
+    if "serializer" in attrs and attrs["serializer"] not in ("cloudpickle", "json"):
+        raise ConfigurationError(
+            f"serializer must be 'cloudpickle' or 'json', got {attrs['serializer']!r}"
+        )
+    if attrs.pop("priority", None) is not None:
+        raise ConfigurationError(
+            "priority is not supported on the Redis broker (a Stream is first in, first out); "
+            "send urgent work to its own queue and start workers with -Q urgent,default, which "
+            "serve the queues in that order"
+        )
+    if "backend" in attrs:
+        backend = attrs.pop("backend")
+        if backend not in (None, False, True):
+            raise ConfigurationError(
+                "backend= takes None/False (keep no result record) or True (the app's store)"
+            )
+        attrs["store_result"] = bool(backend)
+    return attrs
+
+
+_BOOLS = ("bind", "acks_late", "retry_jitter", "typing")
+_OPTIONAL_BOOLS = ("ignore_result", "reject_on_worker_lost")
+_OPTIONAL_STRINGS = ("name", "queue")
+
+
+def _check_types(attrs: Mapping[str, Any]) -> None:
+    # A string "false" is truthy: refuse it rather than silently mean True.
+    for name in _BOOLS:
+        if name in attrs and not isinstance(attrs[name], bool):
+            raise ConfigurationError(f"{name} must be True or False, got {attrs[name]!r}")
+    for name in _OPTIONAL_BOOLS:
+        if attrs.get(name) is not None and not isinstance(attrs[name], bool):
+            raise ConfigurationError(f"{name} must be True, False or None, got {attrs[name]!r}")
+    for name in _OPTIONAL_STRINGS:
+        value = attrs.get(name)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise ConfigurationError(f"{name} must be a non-empty string, got {value!r}")
+    backoff = attrs.get("retry_backoff")
+    if backoff is not None and not isinstance(backoff, (bool, int, float)):
+        raise ConfigurationError(f"retry_backoff must be True/False or seconds, got {backoff!r}")
+
+
+def parse_rate(rate: object) -> float | None:
+    """``"10/s"``, ``"100/m"``, ``"1000/h"`` or a number (per second) -> tasks per second."""
+    if rate is None:
+        return None
+    if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0:
+        return float(rate)
+    if isinstance(rate, str):
+        amount, _, unit = rate.strip().partition("/")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = -1.0
+        if value > 0 and (unit or "s") in _RATE_UNITS:
+            return value / _RATE_UNITS[unit or "s"]
+    raise ConfigurationError(
+        f"rate_limit={rate!r} is not a rate: use e.g. '10/s', '100/m', '1000/h' or a number"
+    )
+
+
+def positive(name: str, value: float) -> float:
+    """``value`` as a float, if it is a positive number of seconds; else a clear error."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
+    return float(value)

@@ -1,0 +1,162 @@
+"""Building outgoing task messages: from a call of a task to signed bytes to enqueue.
+
+Shared by the client (:class:`~nbtask.App`) and by workers (a chain's next step, a task
+sent from inside a task), so a message is built in one place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+import uuid
+import weakref
+from collections.abc import Mapping, MutableMapping, Sequence
+from typing import Any
+
+from nbtask.brokers.base import Publish
+from nbtask.core.canvas import Call, Callbacks, Signable
+from nbtask.core.task import Task
+from nbtask.errors import ConfigurationError, SerializationError
+from nbtask.settings import Settings
+from nbtask.wire.envelope import Signer, dumps
+from nbtask.wire.message import SERIALIZERS, TaskMessage, encode_value
+from nbtask.wire.records import pending_fields
+
+__all__ = ["MessageBuilder", "as_task", "code_for", "to_publish", "unpicklable_message"]
+
+
+def code_for(
+    task: Task, cache: MutableMapping[Task, tuple[str, bytes]]
+) -> tuple[str | None, bytes]:
+    """``(digest, pickled task)`` for tasks workers cannot import by name, else ``(None, b"")``.
+
+    Module-level tasks of importable modules travel by name; tasks defined in ``__main__``
+    (a notebook, a script) or inside a function travel by value, pickled once per task.
+    """
+    if not type(task).__module__ or _importable(task):  # "" marks send_task's stand-ins
+        return None, b""
+    cached = cache.get(task)
+    if cached is None:
+        try:
+            code = dumps(task)
+        except Exception as exc:
+            raise SerializationError(
+                f"task {task.name!r} cannot be shipped to workers: {exc}"
+            ) from None
+        cached = (hashlib.sha256(code).hexdigest()[:32], code)
+        cache[task] = cached
+    return cached
+
+
+def _importable(task: Task) -> bool:
+    cls = type(task)
+    module = sys.modules.get(cls.__module__)
+    if module is None or cls.__module__ == "__main__":
+        return False
+    target: Any = module
+    for part in cls.__qualname__.split("."):
+        target = getattr(target, part, None)
+    return target is task
+
+
+class MessageBuilder:
+    """Builds the signed messages of task calls, for one client's channel or for any.
+
+    Parameters
+    ----------
+    signer
+        Signs every message.
+    settings
+        The default queue and ``task_ignore_result``.
+    """
+
+    def __init__(self, signer: Signer, settings: Settings) -> None:
+        self.signer = signer
+        self.settings = settings
+        # Tasks pickled by value, once each; weak so a redefined task's entry goes away.
+        self._code: weakref.WeakKeyDictionary[Task, tuple[str, bytes]] = weakref.WeakKeyDictionary()
+
+    def build(self, call: Call, channel: str) -> tuple[TaskMessage, Publish]:
+        """The message for one ``(task, args, kwargs, options)`` call of ``channel``'s client.
+
+        ``options`` (message options, see :meth:`~nbtask.Task.send_options`) may hold
+        ``queue, task_id, eta, countdown, expires, retries, time_limit, soft_time_limit,
+        parent_id, root_id, callbacks`` (a :class:`~nbtask.core.canvas.Callbacks`).
+        """
+        signable, args, kwargs, options = call
+        task = as_task(signable)
+        queue = options.get("queue") or task.queue or self.settings.default_queue
+        digest, code = code_for(task, self._code)
+        serializer = getattr(task, "serializer", "cloudpickle")
+        if serializer not in SERIALIZERS:
+            raise ConfigurationError(f"unknown serializer {serializer!r}; use one of {SERIALIZERS}")
+        try:
+            payload = encode_value((list(args), dict(kwargs)), serializer, "arguments")
+        except SerializationError:
+            why = unpicklable_message(task.name, args, kwargs, serializer)
+            raise SerializationError(why) from None
+        callbacks: Callbacks | None = options.get("callbacks")
+        links = encode_value(callbacks, "cloudpickle", "callbacks") if callbacks else b""
+        task_id = options.get("task_id") or uuid.uuid4().hex
+        ignore_result = task.ignore_result
+        if ignore_result is None:
+            ignore_result = self.settings.task_ignore_result
+        now = time.time()
+        countdown = options.get("countdown")
+        message = TaskMessage(
+            id=task_id,
+            name=task.name,
+            queue=queue,
+            client=channel,
+            created=now,
+            eta=now + float(countdown) if countdown is not None else options.get("eta"),
+            expires=options.get("expires"),
+            acks_late=bool(task.acks_late),
+            ignore_result=bool(options.get("ignore_result", ignore_result)),
+            module=type(task).__module__,
+            code=digest,
+            code_len=len(code),
+            callbacks_len=len(links),
+            retries=int(options.get("retries", 0)),
+            time_limit=options.get("time_limit", task.time_limit),
+            soft_time_limit=options.get("soft_time_limit", task.soft_time_limit),
+            reject_on_worker_lost=task.reject_on_worker_lost,
+            serializer=serializer,
+            parent_id=options.get("parent_id"),
+            root_id=options.get("root_id") or task_id,
+            store_result=bool(task.store_result),
+        )
+        raw = self.signer.seal(message.to_header(), (code, links, payload))
+        return message, to_publish(message, raw)
+
+
+def as_task(task: Signable) -> Task:
+    """``task`` as a :class:`~nbtask.Task`; anything else is refused with a clear error."""
+    if not isinstance(task, Task):
+        raise ConfigurationError(f"{task!r} is not a task: make one with @app.task")
+    return task
+
+
+def to_publish(message: TaskMessage, raw: bytes) -> Publish:
+    """What the transport needs to enqueue ``message``, with its PENDING record."""
+    record = pending_fields(message.name, message.client)
+    return Publish(message.queue, message.id, raw, record, message.eta)
+
+
+def unpicklable_message(
+    name: str, args: Sequence[Any], kwargs: Mapping[str, Any], serializer: str
+) -> str:
+    """Name the first argument that cannot be serialised, and say what to do."""
+    labelled = [(f"argument {i}", a) for i, a in enumerate(args)]
+    labelled += [(f"argument {k!r}", v) for k, v in kwargs.items()]
+    for label, value in labelled:
+        try:
+            encode_value(value, serializer, label)
+        except SerializationError as exc:
+            return (
+                f"{label} of task {name!r} ({type(value).__name__}) cannot be sent: {exc}. "
+                "Pass something serialisable instead (e.g. a path or a plain value) and open "
+                "the resource inside the task"
+            )
+    return f"the arguments of task {name!r} cannot be serialised with {serializer}"

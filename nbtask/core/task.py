@@ -1,0 +1,359 @@
+"""The :class:`Task` base class: a unit of work, its options, and how it is sent."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import random
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar, NoReturn
+
+from nbtask.core.canvas import Callbacks, Sender, Signature, current_sender
+from nbtask.core.context import Request, current_request, progress
+from nbtask.core.handle import TaskHandle
+from nbtask.core.options import positive
+from nbtask.errors import ConfigurationError, MaxRetriesExceededError, Retry
+
+__all__ = ["ExceptionInfo", "Task"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExceptionInfo:
+    """What failure handlers get as ``einfo``: the exception and its traceback text."""
+
+    exception: BaseException
+    traceback: str
+
+    @property
+    def type(self) -> type[BaseException]:
+        """The exception's class."""
+        return type(self.exception)
+
+
+# Task ids end up in Redis key names, shared memory slots and ETA members.
+_TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+
+
+class Task:
+    """A unit of work that workers run; subclass it for custom task classes.
+
+    ``@app.task`` makes a subclass whose ``run`` is the decorated function and returns
+    its single instance. A worker process keeps one instance per task, so attributes set
+    on ``self`` (a cached connection, a loaded model) survive from call to call.
+    """
+
+    name: ClassVar[str] = ""
+    queue: ClassVar[str | None] = None
+    acks_late: ClassVar[bool] = False
+    #: ``None`` follows the app's ``task_ignore_result`` setting.
+    ignore_result: ClassVar[bool | None] = None
+    expires: ClassVar[float | None] = None
+    bind: ClassVar[bool] = False
+    max_retries: ClassVar[int | None] = 3
+    default_retry_delay: ClassVar[float] = 180.0
+    retry_backoff: ClassVar[bool | float] = False
+    retry_backoff_max: ClassVar[float] = 600.0
+    retry_jitter: ClassVar[bool] = True
+    autoretry_for: ClassVar[tuple[type[BaseException], ...]] = ()
+    #: Tasks per second on one worker (parsed from ``"10/s"``, ``"100/m"``, ``"1000/h"``).
+    rate_limit: ClassVar[float | None] = None
+    time_limit: ClassVar[float | None] = None
+    soft_time_limit: ClassVar[float | None] = None
+    serializer: ClassVar[str] = "cloudpickle"
+    #: ``None``: an ``acks_late`` task whose worker died is redelivered; ``False``: it
+    #: fails with ``WorkerLost`` instead (Celery's behaviour without this option).
+    reject_on_worker_lost: ClassVar[bool | None] = None
+    #: ``False`` keeps no record at all in the result store (the client is still told).
+    store_result: ClassVar[bool] = True
+    typing: ClassVar[bool] = True
+    # Abstract classes (the app's Task base, user base classes) are never registered.
+    abstract: ClassVar[bool] = True
+
+    #: The app the task is registered on (``None`` for a task shipped to a worker).
+    app: Sender | None = None
+
+    @classmethod
+    def is_abstract(cls) -> bool:
+        """True for a base class that declares ``abstract = True`` in its own body."""
+        return bool(cls.__dict__.get("abstract", False))
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """The task's body; override it (``@app.task`` does this for you)."""
+        raise NotImplementedError(f"{type(self).__name__}.run is not implemented")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the task here, in this process."""
+        return self.run(*args, **kwargs)
+
+    @property
+    def request(self) -> Request:
+        """The current execution's request; only inside a running task."""
+        request = current_request()
+        if request is None:
+            raise RuntimeError(f"{self.name}.request is only available while the task runs")
+        return request
+
+    def update_progress(self, done: float, total: float | None = None, message: str = "") -> None:
+        """Report progress from inside the running task (see :func:`nbtask.progress`)."""
+        progress(done, total, message)
+
+    def update_state(self, state: str, meta: Mapping[str, Any] | None = None) -> None:
+        """Report a custom state (e.g. ``"PROGRESS"``) with JSON-safe ``meta``.
+
+        The client sees it as ``handle.state`` and ``handle.info["meta"]`` until the
+        task's next state.
+        """
+        request = self.request
+        if request.emit is not None:
+            request.emit("state", {"state": str(state), "meta": dict(meta or {})})
+
+    def retry(
+        self,
+        exc: BaseException | None = None,
+        countdown: float | None = None,
+        eta: dt.datetime | float | None = None,
+        max_retries: int | None = None,
+    ) -> NoReturn:
+        """Send this task again later with the same arguments; call as ``raise self.retry()``.
+
+        Parameters
+        ----------
+        exc
+            The cause; re-raised as the task's error once retries are exhausted.
+        countdown
+            Seconds until the retry (default: ``default_retry_delay``, or the backoff).
+        eta
+            When to retry, instead of ``countdown``.
+        max_retries
+            Override the task's ``max_retries`` for this decision.
+
+        Raises
+        ------
+        Retry
+            Always, unless retries are exhausted.
+        MaxRetriesExceededError
+            Retries are exhausted and there is no ``exc`` to re-raise.
+        """
+        request = self.request
+        limit = self.max_retries if max_retries is None else max_retries
+        if limit is not None and request.retries >= limit:
+            if exc is not None:
+                raise exc
+            raise MaxRetriesExceededError(
+                f"task {self.name}[{request.id}] gave up after {request.retries} retries"
+            )
+        if eta is not None:
+            when = max(0.0, (_epoch(eta, absolute=True) or 0.0) - time.time())
+        elif countdown is not None:
+            when = float(countdown)
+        else:
+            when = self.retry_delay(request.retries)
+        raise Retry(f"retry in {when:.3g} s" + (f": {exc!r}" if exc else ""), exc, when)
+
+    def retry_delay(self, retries: int) -> float:
+        """Seconds before retry number ``retries + 1``: fixed, or exponential with jitter."""
+        if not self.retry_backoff:
+            return float(self.default_retry_delay)
+        factor = 1.0 if self.retry_backoff is True else float(self.retry_backoff)
+        delay = min(factor * (2**retries), float(self.retry_backoff_max))
+        # Full jitter, as Celery: spreads retries of many failing tasks apart.
+        return random.uniform(0, delay) if self.retry_jitter else delay
+
+    # Handlers: called on the worker, after the outcome is stored; errors are logged. ---------
+    def before_start(self, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        """Called before the task runs."""
+
+    def on_success(
+        self, retval: Any, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> None:
+        """Called when the task returned ``retval``."""
+
+    def on_failure(
+        self,
+        exc: BaseException,
+        task_id: str,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        einfo: ExceptionInfo,
+    ) -> None:
+        """Called when the task raised ``exc``."""
+
+    def on_retry(
+        self,
+        exc: BaseException,
+        task_id: str,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        einfo: ExceptionInfo,
+    ) -> None:
+        """Called when the task is to be retried."""
+
+    def after_return(
+        self,
+        status: str,
+        retval: Any,
+        task_id: str,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        einfo: ExceptionInfo | None,
+    ) -> None:
+        """Called after every run, whatever the outcome (``status`` is the state)."""
+
+    # Calling -------------------------------------------------------------------------------
+    def delay(self, *args: Any, **kwargs: Any) -> TaskHandle:
+        """Send the task with these arguments; shortcut for :meth:`apply_async`."""
+        return self.apply_async(args, kwargs)
+
+    def apply_async(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        queue: str | None = None,
+        countdown: float | None = None,
+        eta: dt.datetime | float | None = None,
+        expires: dt.datetime | float | None = None,
+        task_id: str | None = None,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+        link: Signature | Sequence[Signature] | None = None,
+        link_error: Signature | Sequence[Signature] | None = None,
+    ) -> TaskHandle:
+        """Send the task to a worker and return its handle at once.
+
+        Parameters
+        ----------
+        args, kwargs
+            Arguments for ``run``; anything cloudpickle can serialise.
+        queue
+            Queue to send to, instead of the task's own.
+        countdown
+            Run no earlier than this many seconds from now.
+        eta
+            Run no earlier than this time (an aware ``datetime`` or epoch seconds).
+        expires
+            Drop the task unstarted after this time (seconds from now, or a ``datetime``).
+        task_id
+            Use this id instead of a random one.
+        time_limit, soft_time_limit
+            Override the task's limits for this call, seconds.
+        link, link_error
+            Signatures to send with the result when the task succeeds, or with the task
+            id when it fails.
+        """
+        options = self.send_options(
+            queue=queue,
+            countdown=countdown,
+            eta=eta,
+            expires=expires,
+            task_id=task_id,
+            time_limit=time_limit,
+            soft_time_limit=soft_time_limit,
+            link=link,
+            link_error=link_error,
+        )
+        return self.sender().send_batch([(self, tuple(args or ()), dict(kwargs or {}), options)])[0]
+
+    def send_options(
+        self,
+        *,
+        queue: str | None = None,
+        countdown: float | None = None,
+        eta: dt.datetime | float | None = None,
+        expires: dt.datetime | float | None = None,
+        task_id: str | None = None,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+        link: Signature | Sequence[Signature] | None = None,
+        link_error: Signature | Sequence[Signature] | None = None,
+    ) -> dict[str, Any]:
+        """Check :meth:`apply_async` options and turn them into message options."""
+        if countdown is not None and eta is not None:
+            raise ConfigurationError("pass either countdown or eta, not both")
+        if task_id is not None and not _TASK_ID.fullmatch(str(task_id)):
+            raise ConfigurationError(
+                f"task_id={task_id!r} is not a valid id: use 1 to 64 letters, digits, '_', "
+                "'-' or '.', starting with a letter or digit"
+            )
+        due = time.time() + countdown if countdown is not None else _epoch(eta, absolute=True)
+        options: dict[str, Any] = {
+            "queue": queue,
+            "eta": due,
+            "expires": _epoch(expires if expires is not None else self.expires, absolute=False),
+            "task_id": task_id,
+        }
+        for name, value in (("time_limit", time_limit), ("soft_time_limit", soft_time_limit)):
+            if value is not None:
+                options[name] = positive(name, value)
+        callbacks = _callbacks(link, link_error)
+        if callbacks:
+            options["callbacks"] = callbacks
+        return options
+
+    def delay_many(self, arg_tuples: Iterable[Sequence[Any]]) -> list[TaskHandle]:
+        """Send one task per argument tuple, in a single round trip to the broker."""
+        return self.sender().send_batch([(self, tuple(a), {}, {}) for a in arg_tuples])
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
+        """A signature: this task with (some of) its arguments, to send later."""
+        return Signature(self, args, kwargs)
+
+    def si(self, *args: Any, **kwargs: Any) -> Signature:
+        """An immutable signature: in a chain it ignores the previous task's result."""
+        return Signature(self, args, kwargs, immutable=True)
+
+    def sender(self) -> Sender:
+        """What sends this task now: its app, or the worker running the current task.
+
+        Inside a running task on a worker, tasks shipped by value have no app: they are
+        sent through the worker, to the same client.
+        """
+        running = current_sender()
+        if running is not None:
+            return running
+        if self.app is None:
+            raise ConfigurationError(
+                f"task {self.name!r} is not bound to an App; create it with @app.task"
+            )
+        return self.app
+
+    # Pickling --------------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        # The app holds connections and threads: a shipped task travels without it.
+        state = dict(self.__dict__)
+        state.pop("app", None)
+        return state
+
+    def __repr__(self) -> str:
+        return f"<@task: {self.name}>"
+
+
+def _callbacks(
+    link: Signature | Sequence[Signature] | None, link_error: Signature | Sequence[Signature] | None
+) -> Callbacks:
+    def as_tuple(value: Signature | Sequence[Signature] | None, name: str) -> tuple[Signature, ...]:
+        items = () if value is None else (value,) if isinstance(value, Signature) else tuple(value)
+        for item in items:
+            if not isinstance(item, Signature):
+                raise ConfigurationError(f"{name} takes signatures (task.s(...)), got {item!r}")
+        return items
+
+    return Callbacks(
+        tuple(sig.for_worker() for sig in as_tuple(link, "link")),
+        tuple(sig.for_worker() for sig in as_tuple(link_error, "link_error")),
+    )
+
+
+def _epoch(when: dt.datetime | float | None, *, absolute: bool) -> float | None:
+    """Turn a datetime or seconds into epoch seconds (relative seconds unless absolute)."""
+    if when is None:
+        return None
+    if isinstance(when, dt.datetime):
+        if when.tzinfo is None:
+            raise ConfigurationError("eta/expires datetimes must be timezone-aware")
+        return when.timestamp()
+    if isinstance(when, (int, float)):
+        return float(when) if absolute else time.time() + float(when)
+    raise ConfigurationError(f"expected a datetime or a number of seconds, got {when!r}")

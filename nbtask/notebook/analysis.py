@@ -1,0 +1,283 @@
+"""What a cell does with names, found statically: what it reads, assigns and may mutate.
+
+Nothing here imports IPython, so this module imports cheaply.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from collections.abc import Iterable
+
+__all__ = ["SHELL_NAMES", "CellAnalysis", "analyze"]
+
+# Method names that change their receiver: `xs.append(1)` makes `xs` an output of the cell.
+_MUTATORS = frozenset(
+    [
+        "append",
+        "extend",
+        "insert",
+        "pop",
+        "remove",
+        "clear",
+        "update",
+        "setdefault",
+        "popitem",
+        "sort",
+        "reverse",
+        "add",
+        "discard",
+        "difference_update",
+        "intersection_update",
+        "symmetric_difference_update",
+        "drop",
+        "rename",
+        "fillna",
+        "set_index",
+        "reset_index",
+        "sort_values",
+        "sort_index",
+        "shuffle",
+    ]
+)
+#: Names every IPython shell defines; the worker's shell has its own.
+SHELL_NAMES = frozenset({"get_ipython", "exit", "quit", "In", "Out", "_ih", "_oh", "_dh"})
+_SCOPE_NODES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
+_COMP_NODES = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+
+
+@dataclasses.dataclass(frozen=True)
+class CellAnalysis:
+    """What a cell does with names, found statically.
+
+    Attributes
+    ----------
+    reads : tuple of str
+        Names read before the cell assigns them (in order of first use).
+    assigned : tuple of str
+        Names the cell binds at top level (assignments, imports, defs, loop targets).
+    mutated : tuple of str
+        Names whose value the cell may change in place (``df["c"] = ...``, ``xs.append``).
+    """
+
+    reads: tuple[str, ...]
+    assigned: tuple[str, ...]
+    mutated: tuple[str, ...]
+
+
+def analyze(source: str | ast.Module) -> CellAnalysis:
+    """Find the names a cell reads, assigns and may mutate.
+
+    Parameters
+    ----------
+    source
+        Python source (IPython syntax already transformed) or its parsed module.
+
+    Raises
+    ------
+    SyntaxError
+        The source does not parse.
+    """
+    tree = ast.parse(source) if isinstance(source, str) else source
+    scan = _Scan()
+    for statement in tree.body:
+        scan.visit(statement)
+    # Names free in function bodies are read when the function is called: ship them
+    # unless the cell itself binds them somewhere.
+    late = [n for n in scan.deferred if n not in scan.assigned and n not in scan.reads]
+    return CellAnalysis(tuple([*scan.reads, *late]), tuple(scan.assigned), tuple(scan.mutated))
+
+
+class _Scan(ast.NodeVisitor):
+    """Walks top-level statements in evaluation order, tracking nested scopes."""
+
+    def __init__(self) -> None:
+        self.reads: dict[str, None] = {}
+        self.assigned: dict[str, None] = {}
+        self.mutated: dict[str, None] = {}
+        self.deferred: dict[str, None] = {}
+        self.bound: set[str] = set()
+        self.scopes: list[tuple[set[str], set[str]]] = []  # (locals, declared global)
+        self.lazy = 0  # inside a function body: reads happen when it is called
+
+    def _load(self, name: str) -> None:
+        if any(name in local for local, _ in self.scopes if name not in _):
+            return
+        if self.lazy:
+            self.deferred.setdefault(name)
+        elif name not in self.bound:
+            self.reads.setdefault(name)
+
+    def _store(self, name: str) -> None:
+        if self.scopes and name not in self.scopes[-1][1]:
+            return  # a local of a function, class body or comprehension
+        self.bound.add(name)
+        self.assigned.setdefault(name)
+
+    def visit_Name(self, node: ast.Name) -> None:
+        if isinstance(node.ctx, ast.Load):
+            self._load(node.id)
+        elif isinstance(node.ctx, ast.Store):
+            self._store(node.id)
+
+    def visit_Assign(self, node: ast.Assign) -> None:
+        self.visit(node.value)
+        for target in node.targets:
+            self._mark_mutated(target)
+            self.visit(target)
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> None:
+        if node.value is not None:
+            self.visit(node.value)
+        self._mark_mutated(node.target)
+        self.visit(node.target)
+
+    def visit_AugAssign(self, node: ast.AugAssign) -> None:
+        if isinstance(node.target, ast.Name):
+            self._load(node.target.id)
+        self.visit(node.value)
+        self._mark_mutated(node.target)
+        self.visit(node.target)
+
+    def visit_Delete(self, node: ast.Delete) -> None:
+        for target in node.targets:
+            self._mark_mutated(target)
+            if not isinstance(target, ast.Name):
+                self.visit(target)
+
+    def visit_Call(self, node: ast.Call) -> None:
+        func = node.func
+        if isinstance(func, ast.Attribute) and func.attr in _MUTATORS:
+            self._mark_mutated(func.value, deep=True)
+        self.generic_visit(node)
+
+    def _mark_mutated(self, target: ast.expr, deep: bool = False) -> None:
+        node: ast.expr = target
+        if not deep and isinstance(node, ast.Name):
+            return  # rebinding, not mutation
+        while isinstance(node, (ast.Subscript, ast.Attribute, ast.Starred)):
+            node = node.value
+        if isinstance(node, ast.Name) and not self.scopes:
+            self.mutated.setdefault(node.id)
+        elif isinstance(node, (ast.Tuple, ast.List)):
+            for element in node.elts:
+                self._mark_mutated(element)
+
+    def _loop(self, node: ast.For | ast.AsyncFor) -> None:
+        self.visit(node.iter)
+        self.visit(node.target)
+        for statement in [*node.body, *node.orelse]:
+            self.visit(statement)
+
+    visit_For = visit_AsyncFor = _loop
+
+    def visit_Import(self, node: ast.Import | ast.ImportFrom) -> None:
+        for alias in node.names:
+            if alias.name != "*":
+                self._store(alias.asname or alias.name.split(".")[0])
+
+    visit_ImportFrom = visit_Import
+
+    def visit_ExceptHandler(self, node: ast.ExceptHandler) -> None:
+        if node.type is not None:
+            self.visit(node.type)
+        if node.name:
+            self._store(node.name)
+        for statement in node.body:
+            self.visit(statement)
+
+    def visit_MatchAs(self, node: ast.MatchAs) -> None:
+        self.generic_visit(node)
+        if node.name:
+            self._store(node.name)
+
+    def visit_MatchStar(self, node: ast.MatchStar) -> None:
+        if node.name:
+            self._store(node.name)
+
+    def visit_Global(self, node: ast.Global) -> None:
+        if self.scopes:
+            self.scopes[-1][1].update(node.names)
+
+    def _function(self, node: ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda) -> None:
+        args = node.args
+        for default in [*args.defaults, *(d for d in args.kw_defaults if d is not None)]:
+            self.visit(default)
+        body: list[ast.AST] = [node.body] if isinstance(node, ast.Lambda) else [*node.body]
+        if not isinstance(node, ast.Lambda):
+            for decorator in node.decorator_list:
+                self.visit(decorator)
+            self._store(node.name)
+        params = {a.arg for a in [*args.posonlyargs, *args.args, *args.kwonlyargs]}
+        params |= {a.arg for a in (args.vararg, args.kwarg) if a is not None}
+        declared = _declared_global(body)
+        self.scopes.append((params | (_bound_in(body) - declared), declared))
+        self.lazy += 1
+        for statement in body:
+            self.visit(statement)
+        self.lazy -= 1
+        self.scopes.pop()
+
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_Lambda = _function
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        for expr in [*node.decorator_list, *node.bases, *(k.value for k in node.keywords)]:
+            self.visit(expr)
+        self._store(node.name)
+        declared = _declared_global(node.body)
+        self.scopes.append((_bound_in(node.body) - declared, declared))
+        for statement in node.body:
+            self.visit(statement)
+        self.scopes.pop()
+
+    def _comprehension(self, node: ast.expr) -> None:
+        assert isinstance(node, _COMP_NODES)
+        first, *rest = node.generators
+        self.visit(first.iter)  # evaluated in the enclosing scope
+        targets = _bound_in([g.target for g in node.generators])
+        self.scopes.append((targets, set()))
+        for expr in first.ifs:
+            self.visit(expr)
+        for generator in rest:
+            self.visit(generator.iter)
+            for expr in generator.ifs:
+                self.visit(expr)
+        parts = [node.key, node.value] if isinstance(node, ast.DictComp) else [node.elt]
+        for part in parts:
+            self.visit(part)
+        self.scopes.pop()
+
+    visit_ListComp = visit_SetComp = visit_DictComp = visit_GeneratorExp = _comprehension
+
+
+def _bound_in(nodes: Iterable[ast.AST]) -> set[str]:
+    """Names bound directly in ``nodes``, not inside nested scopes."""
+    found: set[str] = set()
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            found.add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            found.add(node.name)
+            continue
+        elif isinstance(node, (ast.Lambda, *_COMP_NODES)):
+            continue
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.update(a.asname or a.name.split(".")[0] for a in node.names if a.name != "*")
+        elif isinstance(node, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)) and node.name:
+            found.add(node.name)
+        stack.extend(ast.iter_child_nodes(node))
+    return found
+
+
+def _declared_global(nodes: Iterable[ast.AST]) -> set[str]:
+    found: set[str] = set()
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.Global):
+            found.update(node.names)
+        elif not isinstance(node, (*_SCOPE_NODES, *_COMP_NODES)):
+            stack.extend(ast.iter_child_nodes(node))
+    return found

@@ -1,0 +1,117 @@
+"""The tasks that carry notebook cells: :class:`CellTask` and named cells.
+
+:class:`CellTask` is the one task (``nbtask.cell``) that runs ``%%task`` cells on the
+workers; :class:`NamedCell` is a named cell (``%%task clean``) exposed as a reusable task,
+``app.cells["clean"]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from nbtask.core.task import Task
+from nbtask.errors import CellError
+from nbtask.notebook.analysis import analyze
+from nbtask.notebook.cellshell import execute_cell
+from nbtask.notebook.shipping import CellSpec, prepare
+from nbtask.wire.envelope import Envelope
+
+__all__ = ["CellTask", "NamedCell", "cell_task"]
+
+
+class CellTask(Task):
+    """The task that runs notebook cells on workers (one instance per app)."""
+
+    name = "nbtask.cell"
+    abstract = False
+
+    def run(self, spec: CellSpec, blob: bytes) -> Any:
+        """Run ``spec`` with the values pickled in ``blob``; see :func:`execute_cell`."""
+        return execute_cell(spec, blob)
+
+
+def cell_task(app: Any) -> CellTask:
+    """The app's one :class:`CellTask` (registered on first use)."""
+    task = app.tasks.get(CellTask.name)
+    if not isinstance(task, CellTask):
+        task = app.register_task(CellTask())
+    assert isinstance(task, CellTask)
+    return task
+
+
+class NamedCell(Task):
+    """A named ``%%task`` cell as a reusable task: ``app.cells["clean"].delay(df=other)``.
+
+    ``delay(**inputs)`` reruns the cell's code with ``inputs`` for some of its free
+    variables (the others come from the notebook's namespace at call time); the handle's
+    result is ``{name: value}`` for the names the cell assigns.
+
+    Parameters
+    ----------
+    app
+        The app the cell runs on.
+    name
+        The cell's name (``%%task clean``).
+    source, python
+        The cell as typed, and as plain Python.
+    namespace
+        The notebook's namespace, for the inputs not given.
+    """
+
+    abstract = False
+
+    def __init__(
+        self, app: Any, name: str, source: str, python: str, namespace: Mapping[str, Any]
+    ) -> None:
+        self.app = app
+        self.name = name  # type: ignore[misc]
+        self.source = source
+        self.python = python
+        self.namespace = namespace
+        self.inputs = analyze(python).reads
+
+    def _spec(self, inputs: Mapping[str, Any]) -> tuple[CellSpec, bytes]:
+        spec, blob, _ = prepare(
+            self.source,
+            self.python,
+            self.namespace,
+            max_bytes=self._client().settings.max_message_bytes,
+            filename=f"Cell {self.name}",
+            plain=True,
+            overrides=inputs,
+        )
+        return spec, blob
+
+    def apply_async(
+        self, args: Any = (), kwargs: Mapping[str, Any] | None = None, **options: Any
+    ) -> Any:
+        """Send the cell with ``kwargs`` as inputs; ``options`` as for ``Task.apply_async``."""
+        if args:
+            raise CellError(f"cell {self.name!r} takes its inputs by name: .delay(x=...)")
+        spec, blob = self._spec(kwargs or {})
+        return cell_task(self._client()).apply_async((spec, blob), **options)
+
+    def _client(self) -> Any:
+        if self.app is None:
+            raise CellError(f"cell {self.name!r} is not bound to an App")
+        return self.app
+
+    def map(self, inputs: Iterable[Mapping[str, Any]]) -> list[Any]:
+        """Send the cell once per mapping of inputs; return the handles."""
+        return [self.apply_async((), dict(each)) for each in inputs]
+
+    def run(self, **inputs: Any) -> dict[str, Any]:
+        """Run the cell here, in this process (plain Python, no magics)."""
+        spec, blob = self._spec(inputs)
+        namespace: dict[str, Any] = Envelope({}, blob).load_body() if blob else {}
+        exec(compile(self.python, spec.filename, "exec"), namespace)
+        return {n: namespace[n] for n in spec.assigned if n in namespace}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("namespace", None)  # the notebook's namespace never travels
+        return state
+
+    def __repr__(self) -> str:
+        return f"<cell {self.name!r} inputs={list(self.inputs)}>"

@@ -1,0 +1,100 @@
+"""Following a task: every event of a handle, from those already applied to the last.
+
+A view that starts following a task late (a re-attached handle, a board opened after the
+fact) gets the output already received, then the state and progress so far, then each new
+event once, so what it shows never depends on when it started.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from nbtask.wire.events import FINAL_STATES, Event, EventType, State
+
+if TYPE_CHECKING:
+    from nbtask.core.handle import TaskHandle
+
+__all__ = ["cancel_task", "follow"]
+
+
+def cancel_task(handle: TaskHandle) -> bool:
+    """Revoke a queued task, or interrupt (then kill) a running one."""
+    if handle.done():
+        return False
+    return handle.cancel()
+
+
+def follow(handle: TaskHandle, callback: Callable[[Event], None]) -> None:
+    """Call ``callback`` with every event of ``handle``: those already applied, then new ones.
+
+    Output events applied before this call are replayed first; an event is never passed
+    twice (they are told apart by sequence number).
+    """
+    seen: set[int] = set()
+    lock = threading.Lock()
+    backlog: list[Event] = []
+    replaying = True
+
+    def on_event(event: Event) -> None:
+        with lock:
+            if replaying:
+                backlog.append(event)
+                return
+            if event.seq and event.seq in seen:
+                return
+            seen.add(event.seq)
+        callback(event)
+
+    handle.on_event(on_event)
+    for event in handle.outputs:
+        seen.add(event.seq)
+        callback(event)
+    with lock:
+        replaying = False
+        pending, backlog[:] = list(backlog), []
+    if not handle.done():
+        # State and progress that arrived before we followed are not in ``outputs``.
+        for event in _catch_up(handle):
+            callback(event)
+    for event in pending:
+        if not (event.seq and event.seq in seen):
+            seen.add(event.seq)
+            callback(event)
+    if handle.done() and not any(e.state in FINAL_STATES for e in pending):
+        callback(_final_event(handle))
+
+
+def _catch_up(handle: TaskHandle) -> list[Event]:
+    """Synthetic events (seq 0) for a running handle's state and progress so far."""
+    events = []
+    if handle.state in (State.STARTED, State.RETRY):
+        kind = EventType.STARTED if handle.state is State.STARTED else EventType.RETRY
+        events.append(Event(kind, handle.id, 0, handle.info))
+    progress = handle.progress
+    if progress is not None:
+        data = {"done": progress.done, "total": progress.total, "message": progress.message}
+        events.append(Event(EventType.PROGRESS, handle.id, 0, data))
+    return events
+
+
+def _final_event(handle: TaskHandle) -> Event:
+    """A synthetic final event for a handle that was already done when followed."""
+    state = handle.state
+    info = handle.info
+    kinds = {
+        "SUCCESS": EventType.SUCCESS,
+        "REVOKED": EventType.REVOKED,
+        "WORKER_LOST": EventType.WORKER_LOST,
+    }
+    kind = kinds.get(str(state), EventType.FAILURE)
+    data: dict[str, Any] = dict(info)
+    if kind is EventType.FAILURE:
+        exc = handle.exception(0)
+        data.update(
+            ename=getattr(exc, "ename", type(exc).__name__),
+            evalue=getattr(exc, "evalue", str(exc)),
+            traceback=getattr(exc, "traceback", ""),
+        )
+    return Event(kind, handle.id, 1 << 31, data)

@@ -1,0 +1,309 @@
+"""``nbtask run NOTEBOOK``: execute a notebook headless and stream it to the terminal.
+
+The notebook runs top to bottom in a fresh kernel (the Python running nbtask) with
+:mod:`nbclient`, against the embedded cluster or a broker. Each code cell gets a progress
+line, and its text output is written to the terminal as the kernel produces it. The
+executed notebook is written out, even when a cell fails.
+
+``%%task`` cells show their text view here (``NBTASK_WIDGETS=0`` in the kernel): a widget
+has no one to draw it in a headless run, and text reads well both in the terminal and in
+the executed notebook.
+
+nbclient and nbformat are imported only when this module is, so ``import nbtask`` stays
+light.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import IO, Any, TextIO
+
+import nbformat as _nbformat
+from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
+from jupyter_client.manager import AsyncKernelManager
+from jupyter_core.paths import jupyter_runtime_dir
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+
+from nbtask._urls import redact_url
+from nbtask.errors import ConfigurationError, NotebookFailed
+
+__all__ = ["RunResult", "default_output", "run_notebook"]
+
+nbformat: Any = _nbformat  # partly annotated: read/write are untyped
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# The text view's first line: "[label] STATE ..." (see nbtask.widgets.TextView).
+_STATUS = re.compile(r"^\[(?P<label>[^\]]*)\] (?P<state>[A-Z_]+)\b")
+_STATUS_INTERVAL = 1.0
+
+
+@dataclasses.dataclass
+class RunResult:
+    """The outcome of :func:`run_notebook`."""
+
+    notebook: Any
+    output: Path | None
+    cells_run: int
+    seconds: float
+
+
+def default_output(path: Path) -> Path:
+    """``quickstart.ipynb`` -> ``quickstart.out.ipynb``, next to it."""
+    return path.with_name(f"{path.stem}.out.ipynb")
+
+
+class _NativeKernels(KernelSpecManager):
+    """``python3`` is always the Python running nbtask, whatever kernelspecs are installed.
+
+    So the kernel can import the nbtask this command belongs to (a ``python3`` spec in a
+    Jupyter data dir may point at another interpreter).
+    """
+
+    def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+        if kernel_name == "python3":
+            return KernelSpec(
+                argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                display_name="Python 3 (ipykernel)",
+                language="python",
+                metadata={"debugger": True},
+            )
+        return super().get_kernel_spec(kernel_name)
+
+
+class _StreamingClient(NotebookClient):
+    """A NotebookClient that also writes each output to a terminal as it arrives."""
+
+    def __init__(self, nb: Any, out: TextIO, **kwargs: Any) -> None:
+        super().__init__(nb, **kwargs)
+        self.out = out
+        self.color = bool(getattr(out, "isatty", lambda: False)())
+        self.code_total = sum(1 for c in nb.cells if c.cell_type == "code" and c.source.strip())
+        self.code_seen = 0
+        self.started_at = time.monotonic()
+        self._displays: dict[str, tuple[str, str, float]] = {}  # id -> (status, body, time)
+        self._line_start = True
+        self.on_cell_execute = self._announce
+
+    def create_kernel_manager(self) -> Any:
+        name = self.kernel_name or self.nb.metadata.get("kernelspec", {}).get("name") or "python3"
+        self.kernel_name = name
+        # IPC sockets (no "running over TCP without encryption" warning), at an absolute
+        # path: the kernel runs in the notebook's directory, not ours.
+        sockets = Path(jupyter_runtime_dir()) / f"nbtask-run-{uuid.uuid4().hex[:12]}"
+        sockets.parent.mkdir(parents=True, exist_ok=True)
+        self.km = AsyncKernelManager(
+            kernel_name=name,
+            transport="ipc",
+            ip=str(sockets),
+            kernel_spec_manager=_NativeKernels(),
+        )
+        return self.km
+
+    # Terminal ------------------------------------------------------------------------------
+    def _write(self, text: str, *, raw: bool = False) -> None:
+        """Write a line (ended with a newline), or ``raw`` text as it comes (a stream)."""
+        if not text:
+            return
+        if not self.color:
+            text = _ANSI.sub("", text)
+        if not raw:
+            if not self._line_start:
+                text = "\n" + text
+            if not text.endswith("\n"):
+                text += "\n"
+        self.out.write(text)
+        self.out.flush()
+        self._line_start = text.endswith("\n")
+
+    def _announce(self, cell: Any, cell_index: int, **_kw: Any) -> None:
+        self.code_seen += 1
+        first = next((ln for ln in cell.source.splitlines() if ln.strip()), "")
+        elapsed = time.monotonic() - self.started_at
+        self._write(
+            f"── [{self.code_seen}/{self.code_total}] cell {cell_index + 1} "
+            f"({elapsed:.1f} s): {first[:70]}"
+        )
+
+    def process_message(self, msg: dict[str, Any], cell: Any, cell_index: int) -> Any:
+        try:
+            self._echo(msg)
+        except Exception as exc:  # the terminal copy must never break the run
+            self.log.debug("could not echo %s: %s", msg.get("msg_type"), exc)
+        return super().process_message(msg, cell, cell_index)
+
+    def _echo(self, msg: dict[str, Any]) -> None:
+        kind = msg["msg_type"]
+        content = msg["content"]
+        if kind == "stream":
+            self._write(str(content.get("text", "")), raw=True)
+        elif kind == "error":
+            self._write("\n".join(content.get("traceback", [])))
+        elif kind in ("execute_result", "display_data", "update_display_data"):
+            data = content.get("data", {})
+            text = data.get("text/plain")
+            display_id = (content.get("transient") or {}).get("display_id")
+            if text is not None and display_id and data.keys() == {"text/plain"}:
+                self._echo_display(str(display_id), str(text), kind != "update_display_data")
+            elif text is not None:
+                self._write(str(text))
+            elif data:
+                self._write(f"[{', '.join(sorted(data))}]")
+
+    def _echo_display(self, display_id: str, text: str, new: bool) -> None:
+        """A display updated in place (a task's text view): print only what changed.
+
+        Its first line is the task's status: printed when the state changes, at most once a
+        second otherwise. The rest is output that only grows: printed as it grows.
+        """
+        status, _, body = text.partition("\n")
+        old_status, old_body, last = self._displays.get(display_id, ("", "", 0.0))
+        now = time.monotonic()
+        if new or not body.startswith(old_body):
+            old_body = ""  # replaced, not appended to: show it whole
+        added = body[len(old_body) :]
+        old_state = _STATUS.match(old_status)
+        state = _STATUS.match(status)
+        changed = (state and state["state"]) != (old_state and old_state["state"])
+        if added.strip():
+            self._write(added.lstrip("\n"))
+        if status != old_status and (changed or now - last >= _STATUS_INTERVAL):
+            self._write(status)
+            last = now
+        self._displays[display_id] = (status, body, last)
+
+
+def run_notebook(
+    path: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None = None,
+    *,
+    broker: str | None = None,
+    timeout: float | None = 600.0,
+    kernel_name: str | None = None,
+    env: dict[str, str] | None = None,
+    out: TextIO | None = None,
+    write: bool = True,
+) -> RunResult:
+    """Execute the notebook at ``path`` top to bottom, streaming its text output.
+
+    Parameters
+    ----------
+    path
+        The notebook to run; its directory is the kernel's working directory.
+    output
+        Where to write the executed notebook (default: :func:`default_output`).
+    broker
+        Broker URL for the kernel's ``NBTASK_BROKER`` (default: the environment's, else
+        the embedded cluster). Its secret comes from ``NBTASK_SECRET`` as usual.
+    timeout
+        Seconds one cell may run (``None``: no limit).
+    kernel_name
+        Kernel to use (default: the notebook's, ``python3`` meaning this Python).
+    env
+        Extra environment variables for the kernel.
+    out
+        Where the progress lines and outputs go (default: ``sys.stdout``).
+    write
+        Write the executed notebook (also when a cell fails).
+
+    Raises
+    ------
+    ConfigurationError
+        The notebook cannot be read, or the kernel does not exist.
+    NotebookFailed
+        A cell raised an error (unless tagged ``raises-exception``), timed out, or the
+        kernel died. The executed notebook has been written.
+    """
+    source = Path(path)
+    try:
+        nb = nbformat.read(source, as_version=4)
+    except FileNotFoundError:
+        raise ConfigurationError(f"no notebook at {source}") from None
+    except Exception as exc:
+        raise ConfigurationError(f"{source} is not a readable notebook: {exc}") from None
+    target = Path(output) if output is not None else default_output(source)
+    stream = out if out is not None else sys.stdout
+
+    kernel_env = dict(os.environ)
+    kernel_env["NBTASK_WIDGETS"] = "0"
+    if broker:
+        kernel_env["NBTASK_BROKER"] = broker
+    kernel_env.update(env or {})
+
+    client = _StreamingClient(
+        nb,
+        stream,
+        timeout=timeout,
+        kernel_name=kernel_name or "",
+        resources={"metadata": {"path": str(source.resolve().parent)}},
+        record_timing=False,
+    )
+    code_cells = client.code_total
+    where = broker or kernel_env.get("NBTASK_BROKER") or "the embedded cluster"
+    plural = "s" if code_cells != 1 else ""
+    client._write(f"nbtask run: {source} ({code_cells} code cell{plural}) on {redact_url(where)}")
+    started = time.monotonic()
+    failure: str | None = None
+    # The kernel process's own stderr (its log, not the cells' output, which arrives as
+    # messages) is kept out of the terminal; its last line explains a kernel that died.
+    with tempfile.TemporaryFile() as kernel_log:
+        try:
+            client.execute(env=kernel_env, stderr=kernel_log)
+        except CellExecutionError as exc:
+            failure = _describe_error(nb, client, exc)
+        except CellTimeoutError:
+            failure = (
+                f"cell {_current_cell(nb, client)} did not finish within {timeout:g} s "
+                "(raise --timeout)"
+            )
+        except DeadKernelError:
+            failure = f"the kernel died while running cell {_current_cell(nb, client)}"
+            failure += _last_words(kernel_log)
+        except NoSuchKernel as exc:
+            raise ConfigurationError(f"no kernel named {exc.args[0]!r}") from None
+        except RuntimeError as exc:  # nbclient: "Kernel didn't respond in 60 seconds"
+            failure = f"the kernel did not start: {exc}{_last_words(kernel_log)}"
+    seconds = time.monotonic() - started
+    result = RunResult(nb, target if write else None, client.code_seen, seconds)
+    if write:
+        nbformat.write(nb, target)
+    if failure is not None:
+        written = f"; the executed notebook is in {target}" if write else ""
+        raise NotebookFailed(failure + written, result)
+    client._write(
+        f"nbtask run: {client.code_seen} cells ran in {seconds:.1f} s"
+        + (f"; wrote {target}" if write else "")
+    )
+    return result
+
+
+def _last_words(log: IO[bytes]) -> str:
+    """`` (kernel: <its last stderr line>)``, or nothing."""
+    log.seek(0)
+    lines = [ln.strip() for ln in log.read().decode(errors="replace").splitlines() if ln.strip()]
+    return f" (kernel: {lines[-1][:200]})" if lines else ""
+
+
+def _current_cell(nb: Any, client: _StreamingClient) -> str:
+    """``3`` (1-based), the cell the client was running when it stopped."""
+    seen = 0
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type == "code" and cell.source.strip():
+            seen += 1
+            if seen == client.code_seen:
+                return str(index + 1)
+    return "?"
+
+
+def _describe_error(nb: Any, client: _StreamingClient, exc: CellExecutionError) -> str:
+    ename = getattr(exc, "ename", "") or "error"
+    evalue = str(getattr(exc, "evalue", "") or "").strip().splitlines()
+    detail = f"{ename}: {evalue[0]}" if evalue else ename
+    return f"cell {_current_cell(nb, client)} failed with {detail}"

@@ -1,0 +1,143 @@
+"""IPython magics: ``%load_ext nbtask``, ``%%task``, ``%nbtask``, ``%tasks``.
+
+The magics are thin: they parse arguments and call :class:`~nbtask.notebook.session.Session`,
+which holds this notebook's app, its cell runs and the hooks that deliver pending names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from nbtask.client.app import App
+from nbtask.errors import CellError
+from nbtask.notebook.session import Session
+from nbtask.notebook.widgets import TaskWidget
+from nbtask.settings import read_secret_file
+
+__all__ = ["TaskMagics", "load_ipython_extension", "session_of", "unload_ipython_extension"]
+
+F = TypeVar("F")
+
+
+def _typed(decorator: Any) -> Callable[[F], F]:
+    """IPython's decorators are unannotated: keep the decorated function's type."""
+    return cast("Callable[[F], F]", decorator)
+
+
+_SESSIONS: dict[int, Session] = {}  # id(shell) -> its session (one per loaded shell)
+
+
+@_typed(magics_class)
+class TaskMagics(Magics):  # type: ignore[misc]
+    """``%%task``, ``%nbtask`` and ``%tasks``."""
+
+    def __init__(self, shell: Any, session: Session) -> None:
+        super().__init__(shell)
+        self.session = session
+
+    @_typed(magic_arguments())
+    @_typed(argument("name", nargs="?", help="register the cell as app.cells[NAME]"))
+    @_typed(argument("-q", "--queue", help="send to this queue"))
+    @_typed(argument("-w", "--wait", action="store_true", help="block; output streams here"))
+    @_typed(argument("-t", "--timeout", type=float, help="cancel the task after S seconds"))
+    @_typed(argument("-r", "--retries", type=int, default=0, help="rerun N times on error"))
+    @_typed(argument("-o", "--out", metavar="VAR", help="store the TaskHandle in VAR"))
+    @_typed(cell_magic)
+    def task(self, line: str, cell: str) -> Any:
+        """Run this cell on a worker.
+
+        The names the cell reads are shipped; the names it assigns (and shipped values
+        it changes in place) come back. Without --wait the cell returns at once with a
+        live view, and a later cell reading an assigned name waits for it.
+        """
+        args = parse_argstring(self.task, line)
+        return self.session.submit_cell(cell, args)
+
+    @_typed(magic_arguments())
+    @_typed(argument("command", choices=["connect", "status", "workers"]))
+    @_typed(argument("value", nargs="?", help="broker URL (connect) or process count (workers)"))
+    @_typed(argument("--secret-file", help="file holding the signing secret (connect)"))
+    @_typed(line_magic)
+    def nbtask(self, line: str) -> None:
+        """Connect to a broker, show the status, or resize the embedded cluster."""
+        args = parse_argstring(self.nbtask, line)
+        session = self.session
+        if args.command == "status":
+            print(session.status())
+        elif args.command == "connect":
+            if not args.value:
+                raise CellError("usage: %nbtask connect URL [--secret-file F]")
+            secret = read_secret_file(args.secret_file) if args.secret_file else None
+            session.reconnect(App("notebook", broker=args.value, secret=secret))
+        else:
+            if session.app.cluster is None:
+                raise CellError("%nbtask workers N resizes the embedded cluster only")
+            count = int(args.value or 0)
+            if count < 1:
+                raise CellError("usage: %nbtask workers N (N >= 1)")
+            session.reconnect(
+                App("notebook", settings=session.app.settings, embedded_workers=count)
+            )
+
+    @_typed(magic_arguments())
+    @_typed(argument("--attach", metavar="ID", help="re-open a task by id, replaying its output"))
+    @_typed(
+        argument(
+            "-a",
+            "--all",
+            action="store_true",
+            help="also this notebook's recent tasks from before a kernel restart "
+            "(re-attached, their output replayed)",
+        )
+    )
+    @_typed(argument("-n", "--limit", type=int, default=20, help="at most N recent tasks (--all)"))
+    @_typed(line_magic)
+    def tasks(self, line: str) -> Any:
+        """A live board of this notebook's tasks; each row re-opens that task's widget.
+
+        ``--all`` adds the notebook's recent tasks from the result store, including those
+        sent before a kernel restart; ``--attach ID`` re-opens any task by id.
+        """
+        args = parse_argstring(self.tasks, line)
+        if args.attach:
+            view = self.session.attach(args.attach)
+            if not isinstance(view, TaskWidget):
+                print(view.status_text())
+                if view.text:  # type: ignore[attr-defined]
+                    print(view.text.rstrip("\n"))  # type: ignore[attr-defined]
+            return None
+        if args.all:
+            self.session.attach_recent(args.limit)
+        self.session.show_board()
+        return None
+
+
+def load_ipython_extension(shell: Any, app: App | None = None) -> None:
+    """``%load_ext nbtask``: connect (or start the embedded cluster) and add the magics."""
+    if id(shell) in _SESSIONS:
+        return
+    session = Session(shell, app)
+    session.start()
+    _SESSIONS[id(shell)] = session
+    shell.register_magics(TaskMagics(shell, session))
+
+
+def unload_ipython_extension(shell: Any) -> None:
+    """``%unload_ext nbtask``: remove the hooks, stop the listener and embedded cluster."""
+    session = _SESSIONS.pop(id(shell), None)
+    if session is not None:
+        session.stop()
+        # IPython keeps registered magics after unloading; drop ours so none is left
+        # pointing at a closed session.
+        for kind, names in (("cell", ["task"]), ("line", ["nbtask", "tasks"])):
+            for name in names:
+                shell.magics_manager.magics[kind].pop(name, None)
+
+
+def session_of(shell: Any) -> Session | None:
+    """The session loaded into ``shell``, if any."""
+    return _SESSIONS.get(id(shell))

@@ -1,0 +1,253 @@
+"""Pending names: what a background ``%%task`` cell will assign, delivered on the main thread.
+
+A non-blocking cell makes the names it assigns (and the shipped values it may change in
+place) *pending*. A later cell that reads one waits for that task first (an AST transformer
+inserts the wait as the cell's first statement, so the kernel's interrupt stops it like any
+code); cells that read no pending name run at once. Finished tasks' values are written into
+the namespace only from the kernel's main thread: in that wait, or in a ``pre_run_cell``
+hook — never from the listener thread.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import contextlib
+import dataclasses
+import importlib
+import sys
+import time
+from collections.abc import Iterable, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+from nbtask.errors import RemoteError
+from nbtask.notebook.analysis import analyze
+from nbtask.notebook.follow import cancel_task
+from nbtask.notebook.shipping import load_values
+
+if TYPE_CHECKING:
+    from nbtask.core.handle import TaskHandle
+    from nbtask.notebook.widgets import TaskView
+
+__all__ = [
+    "CellRun",
+    "Pending",
+    "WaitInserter",
+    "exception_type",
+    "local_exception",
+]
+
+WAIT_NAME = "__nbtask_wait__"
+
+
+@dataclasses.dataclass(eq=False)
+class CellRun:
+    """One ``%%task`` execution as the notebook sees it."""
+
+    handle: TaskHandle
+    label: str
+    names: tuple[str, ...]
+    view: TaskView | None = None
+    submitted: float = dataclasses.field(default_factory=time.time)
+    delivered: bool = False
+
+
+class Pending:
+    """The notebook's cell runs and the names they will assign.
+
+    Parameters
+    ----------
+    namespace
+        The notebook's ``user_ns``; written only from the main thread.
+    """
+
+    def __init__(self, namespace: MutableMapping[str, Any]) -> None:
+        self.namespace = namespace
+        self.runs: list[CellRun] = []
+        self.owner: dict[str, CellRun] = {}
+
+    def add(self, run: CellRun, *, pending: bool = True) -> None:
+        """Track a run; with ``pending`` its names wait for it."""
+        self.runs.append(run)
+        if pending:
+            for name in run.names:
+                self.owner[name] = run
+
+    def forget(self, names: Iterable[str]) -> None:
+        """The notebook rebinds these names itself: later task values must not win."""
+        for name in names:
+            self.owner.pop(name, None)
+
+    def running(self) -> list[CellRun]:
+        """Runs not finished yet."""
+        return [r for r in self.runs if not r.handle.done()]
+
+    def harvest(self) -> None:
+        """Write the values of every successfully finished run (main thread only)."""
+        for run in self.runs:
+            if not run.delivered and run.handle.done() and run.handle.exception(0) is None:
+                self.deliver(run)
+
+    def wait(self, names: Iterable[str]) -> None:
+        """Wait for the runs that assign ``names``, then deliver their values.
+
+        Raises
+        ------
+        KeyboardInterrupt
+            Interrupted while waiting: the task is cancelled as well.
+        BaseException
+            The task failed: the user's own exception type where it can be rebuilt.
+        """
+        wanted = list(dict.fromkeys(names))
+        runs = list(dict.fromkeys(self.owner[n] for n in wanted if n in self.owner))
+        for run in runs:
+            if not run.handle.done():
+                mine = ", ".join(n for n in wanted if self.owner.get(n) is run)
+                print(
+                    f"nbtask: waiting for task {run.label!r} [{run.handle.id[:8]}], "
+                    f"which assigns {mine}",
+                    flush=True,
+                )
+                wait_interruptibly(run.handle)
+            self.deliver(run, raise_errors=True)
+
+    def deliver(self, run: CellRun, *, raise_errors: bool = False) -> None:
+        """Write a finished run's values into the namespace, or raise its error."""
+        if run.delivered:
+            return
+        exc = run.handle.exception(0)
+        if exc is not None and not raise_errors:
+            return  # shown in its view; raised when a later cell reads one of its names
+        run.delivered = True
+        mine = [n for n, r in self.owner.items() if r is run]
+        try:
+            if exc is not None:
+                raise local_exception(exc, self.namespace)
+            result = run.handle.result(0)
+            for name, value in load_values(result).items():
+                if self.owner.get(name, run) is run:
+                    self.namespace[name] = value
+            for name in result.get("deleted", ()):
+                if self.owner.get(name, run) is run:
+                    self.namespace.pop(name, None)
+            for name, why in dict(result.get("skipped", {})).items():
+                print(f"nbtask: {name} stays on the worker: {why}", file=sys.stderr)
+        finally:
+            self.forget(mine)
+
+
+def wait_interruptibly(handle: TaskHandle, timeout: float | None = None) -> None:
+    """Wait for ``handle``; an interrupt (the Stop button) cancels the task and re-raises."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while not handle.done():
+            if deadline is not None and time.monotonic() > deadline:
+                cancel_task(handle)
+                raise TimeoutError(f"task {handle.id} did not finish within {timeout} s")
+            # Short waits keep the main thread responsive to SIGINT.
+            with contextlib.suppress(Exception):
+                handle.exception(0.1)
+    except KeyboardInterrupt:
+        cancel_task(handle)
+        raise
+
+
+def local_exception(exc: BaseException, namespace: MutableMapping[str, Any]) -> BaseException:
+    """The user's own exception type for a remote failure, showing the remote traceback.
+
+    ``ValueError`` raised in a worker cell is raised as a ``ValueError`` here. The type is
+    found from ``etype`` (``"module.QualName"``, sent by the worker with the failure): the
+    module is imported if it is not yet (the event is signed, so the name is trusted), and
+    types of the notebook itself (``__main__``) come from its namespace; without ``etype``,
+    builtins and the namespace are searched by name. Its display is the worker's
+    traceback, which points at the cell's own lines. A type that cannot be found or
+    rebuilt from its message stays a :class:`RemoteError`.
+    """
+    if not isinstance(exc, RemoteError):
+        return exc
+    cls = exception_type(exc.etype or None, exc.ename, namespace)
+    if cls is None:
+        return exc
+    try:
+        rebuilt = cls(exc.evalue)
+    except Exception:
+        return exc
+    lines = exc.traceback.rstrip().splitlines() or [f"{exc.ename}: {exc.evalue}"]
+    try:
+        rebuilt._render_traceback_ = lambda: lines  # type: ignore[attr-defined]
+        rebuilt.remote_traceback = exc.traceback  # type: ignore[attr-defined]
+        rebuilt.task_id = exc.task_id  # type: ignore[attr-defined]
+    except AttributeError:
+        return exc
+    rebuilt.__suppress_context__ = True
+    return rebuilt
+
+
+def exception_type(
+    etype: str | None, ename: str, namespace: Mapping[str, Any]
+) -> type[BaseException] | None:
+    """The exception class named ``etype`` (``"pkg.mod.Outer.Inner"``), or ``None``.
+
+    The split between module and qualified name is not marked, so each split is tried
+    from the longest module name down.
+    """
+    found: Any = None
+    if etype:
+        parts = etype.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            module_name, qualname = ".".join(parts[:cut]), parts[cut:]
+            if "<locals>" in qualname:
+                break
+            if module_name == "__main__":
+                found = _walk(namespace.get(qualname[0]), qualname[1:])
+            else:
+                module = sys.modules.get(module_name)
+                if module is None:
+                    try:
+                        module = importlib.import_module(module_name)
+                    except Exception:
+                        continue
+                found = _walk(module, qualname)
+            if found is not None:
+                break
+    if found is None:
+        found = getattr(builtins, ename, None) or namespace.get(ename)
+    if isinstance(found, type) and issubclass(found, BaseException):
+        return found
+    return None
+
+
+def _walk(obj: Any, names: Iterable[str]) -> Any:
+    for name in names:
+        obj = getattr(obj, name, None)
+    return obj
+
+
+class WaitInserter(ast.NodeTransformer):
+    """IPython AST transformer: a cell reading pending names first waits for them.
+
+    The wait is inserted as the cell's first statement (on its first line, so the cell's
+    own line numbers do not move). A cell that assigns a pending name without reading it
+    takes the name over: the running task's value will not overwrite it.
+    """
+
+    def __init__(self, pending: Pending) -> None:
+        self.pending = pending
+
+    def visit(self, node: ast.AST) -> Any:
+        """Rewrite a cell's module (IPython calls this once per cell)."""
+        if not isinstance(node, ast.Module) or not self.pending.owner or not node.body:
+            return node
+        found = analyze(node)
+        needed = [n for n in found.reads if n in self.pending.owner]
+        self.pending.forget(n for n in found.assigned if n not in needed)
+        if not needed:
+            return node
+        call = ast.parse(f"{WAIT_NAME}({needed!r})").body[0]
+        first = node.body[0]
+        for sub in ast.walk(call):
+            if isinstance(sub, (ast.expr, ast.stmt)):
+                sub.lineno = sub.end_lineno = first.lineno
+                sub.col_offset = sub.end_col_offset = 0
+        node.body.insert(0, call)
+        return node

@@ -1,0 +1,365 @@
+"""One notebook's session: its app, its cell runs and the hooks that deliver pending names."""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import sys
+import threading
+import time
+from typing import Any
+
+from IPython.display import clear_output, display, publish_display_data
+
+from nbtask._urls import redact_url
+from nbtask.client.app import App
+from nbtask.errors import CellError
+from nbtask.notebook.analysis import analyze
+from nbtask.notebook.board import Row, TaskBoard, format_row, notebook_group
+from nbtask.notebook.celltask import NamedCell, cell_task
+from nbtask.notebook.follow import cancel_task, follow
+from nbtask.notebook.pending import WAIT_NAME, CellRun, Pending, WaitInserter, wait_interruptibly
+from nbtask.notebook.shipping import prepare
+from nbtask.notebook.widgets import TaskView, TaskWidget, make_view, widgets_enabled
+from nbtask.wire.events import FINAL_STATES, Event, EventType
+
+__all__ = ["Session"]
+
+
+class _Result:
+    """The last expression of a ``--wait`` cell, shown as the cell's own ``Out``."""
+
+    def __init__(self, bundle: dict[str, Any]) -> None:
+        self.bundle = bundle
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> Any:
+        metadata = dict(self.bundle.get("metadata", {}))
+        metadata.pop("nbtask", None)
+        return dict(self.bundle.get("data", {})), metadata
+
+    def __repr__(self) -> str:
+        return str(self.bundle.get("data", {}).get("text/plain", ""))
+
+
+class Session:
+    """One notebook's connection, cell runs and hooks.
+
+    Parameters
+    ----------
+    shell
+        The IPython shell the extension was loaded into.
+    app
+        Use this app instead of one made from the environment.
+    """
+
+    def __init__(self, shell: Any, app: App | None = None) -> None:
+        self.shell = shell
+        self.owns_app = app is None
+        self.app = app if app is not None else App("notebook")
+        self.pending = Pending(shell.user_ns)
+        self.inserter = WaitInserter(self.pending)
+        self.views: dict[str, TaskView] = {}
+        self.attached: dict[str, str] = {}  # task id -> label, for tasks re-opened by id
+        self.boards: list[TaskBoard] = []
+        #: Names this notebook's clients on the broker, across kernel restarts.
+        self.group = notebook_group()
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+        self._timers: list[threading.Timer] = []
+
+    # Lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect, install the hooks and say where the cells will run."""
+        self.app.connect()
+        self.app.store.recent_tasks(self.group, self.app.channel, 0)  # found after a restart
+        self.shell.push({WAIT_NAME: self.pending.wait}, interactive=False)
+        self.shell.ast_transformers.append(self.inserter)
+        self.shell.events.register("pre_run_cell", self._pre_run_cell)
+        self._ticker = threading.Thread(target=self._tick, name="nbtask-ticker", daemon=True)
+        self._ticker.start()
+        print(self.describe())
+
+    def stop(self) -> None:
+        """Remove the hooks and close the app if this session made it."""
+        if self.inserter in self.shell.ast_transformers:
+            self.shell.ast_transformers.remove(self.inserter)
+        with contextlib.suppress(ValueError):  # not registered
+            self.shell.events.unregister("pre_run_cell", self._pre_run_cell)
+        self.shell.user_ns.pop(WAIT_NAME, None)
+        self.shell.user_ns_hidden.pop(WAIT_NAME, None)
+        self._stop.set()
+        for timer in self._timers:
+            timer.cancel()
+        if self._ticker is not None:
+            self._ticker.join(5)
+        if self.owns_app:
+            self.app.close()
+
+    def _tick(self) -> None:
+        """Twice a second: elapsed times of running tasks, and the ``%tasks`` boards.
+
+        One thread, so views are not repainted only when an event arrives; it never
+        prints (output from a thread lands in whichever cell runs now).
+        """
+        while not self._stop.wait(0.5):
+            for view in list(self.views.values()):
+                with contextlib.suppress(Exception):
+                    view.tick()
+            for board in list(self.boards):
+                with contextlib.suppress(Exception):
+                    board.refresh()
+
+    def _pre_run_cell(self, *_info: Any) -> None:
+        self.pending.harvest()
+
+    def describe(self) -> str:
+        """``nbtask: <broker>, <n> worker processes``."""
+        if self.app.cluster is not None:
+            where = f"embedded cluster ({self.app.cluster.url})"
+            count = self.app.settings.embedded_workers
+        else:
+            where = redact_url(self.app.settings.broker_url or "")
+            count = sum(info.concurrency for info in self.app.workers().values())
+        return f"nbtask: {where}, {count} worker process{'es' if count != 1 else ''}"
+
+    def reconnect(self, app: App) -> None:
+        """Switch to another app (closing ours) unless cells are still running."""
+        if self.pending.running():
+            raise CellError("cells are still running; wait for them or cancel them first")
+        if self.owns_app:
+            self.app.close()
+        self.app, self.owns_app = app, True
+        self.app.connect()
+        self.app.store.recent_tasks(self.group, self.app.channel, 0)
+        print(self.describe())
+
+    # %%task ----------------------------------------------------------------------------------
+    def submit_cell(self, cell: str, args: Any) -> Any:
+        """Check, send and follow one cell; see :meth:`TaskMagics.task`."""
+        python = self.shell.transform_cell(cell)
+        try:
+            found = analyze(python)
+        except SyntaxError as exc:
+            raise CellError(f"the cell does not parse: {exc}") from None
+        self.pending.harvest()
+        self.pending.wait([n for n in found.reads if n in self.pending.owner])
+        label = args.name or _first_line(cell)
+        spec, blob, found = prepare(
+            cell,
+            python,
+            self.shell.user_ns,
+            max_bytes=self.app.settings.max_message_bytes,
+            filename=f"Cell In[{self.shell.execution_count}]",
+            retries=args.retries,
+            hidden=self.shell.user_ns_hidden,
+            line_offset=1,  # tracebacks count the %%task line, as the notebook numbers lines
+        )
+        if args.name:
+            self.app.cells[args.name] = NamedCell(
+                self.app, args.name, cell, python, self.shell.user_ns
+            )
+        handle = cell_task(self.app).apply_async(
+            (spec, blob), queue=args.queue, expires=args.timeout
+        )
+        names = tuple(dict.fromkeys([*found.assigned, *found.mutated]))
+        run = CellRun(handle, label, names)
+        if args.out:
+            self.shell.user_ns[args.out] = handle
+        if args.wait:
+            self.pending.forget(names)
+            self.pending.add(run, pending=False)
+            return self._wait(run, args.timeout)
+        self.pending.add(run)
+        view = make_view(handle, label, self.shell)
+        run.view = view
+        self.views[handle.id] = view
+        if isinstance(view, TaskWidget):
+            display(view)
+        follow(handle, view.apply)
+        if args.timeout:
+            timer = threading.Timer(args.timeout, cancel_task, (handle,))
+            timer.daemon = True
+            timer.start()
+            self._timers = [t for t in self._timers if t.is_alive()] + [timer]
+        return None
+
+    def _wait(self, run: CellRun, timeout: float | None) -> Any:
+        """Stream a task's output into this cell as it comes; return its last expression."""
+        events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        follow(run.handle, events.put)
+        line = _ProgressLine(run.label, self.shell)
+        result: dict[str, Any] | None = None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    event = events.get(timeout=0.1)
+                except queue.Empty:
+                    if deadline is not None and time.monotonic() > deadline:
+                        cancel_task(run.handle)
+                        raise TimeoutError(
+                            f"task {run.label!r} did not finish within {timeout} s; cancelled"
+                        ) from None
+                    continue
+                if event.type is EventType.PROGRESS:
+                    line.show(event)
+                else:
+                    result = _show_output(event) or result
+                if event.state in FINAL_STATES:
+                    break
+        except KeyboardInterrupt:
+            cancel_task(run.handle)
+            raise
+        finally:
+            line.close()
+        wait_interruptibly(run.handle)
+        self.pending.deliver(run, raise_errors=True)
+        return _Result(result) if result is not None else None
+
+    # %tasks and status -----------------------------------------------------------------------
+    def attach(self, task_id: str, *, show: bool = True) -> TaskView:
+        """Re-open a task by id (any client's), replaying the output it left.
+
+        ``app.handle`` replays a finished task's output from its client's event channel
+        (while it is kept) and follows a running one live.
+        """
+        view = self.views.get(task_id)
+        if view is None:
+            handle = self.app.handle(task_id)
+            label = self.attached.get(task_id) or _label_of(handle, self.pending.runs)
+            view = make_view(handle, label, self.shell, show=show)
+            if show and isinstance(view, TaskWidget):
+                display(view)
+            follow(handle, view.apply)
+            self.views[task_id] = view
+            self.attached.setdefault(task_id, label)
+        elif show and isinstance(view, TaskWidget):
+            display(view)
+        return view
+
+    def attach_recent(self, limit: int = 20) -> list[str]:
+        """Re-attach to this notebook's newest tasks; return their ids, oldest first.
+
+        The tasks of every client noted under :attr:`group`: this kernel's and those of
+        earlier kernels of the notebook (before a restart).
+        """
+        found = self.app.store.recent_tasks(self.group, self.app.channel, limit)
+        ids = []
+        for task_id, _channel, _sent in reversed(found):
+            try:
+                self.attach(task_id, show=False)
+            except Exception:  # expired meanwhile, or not ours to read: skip it
+                continue
+            ids.append(task_id)
+        return ids
+
+    def rows(self) -> list[Row]:
+        """The rows of the board: tasks sent or re-opened here, in that order."""
+        rows = [Row(r.handle, r.label, self.views.get(r.handle.id)) for r in self.pending.runs]
+        known = {r.handle.id for r in rows}
+        for task_id, label in self.attached.items():
+            view = self.views.get(task_id)
+            if task_id not in known and view is not None:
+                rows.append(Row(view.handle, label, view))
+        return rows
+
+    def board(self) -> str:
+        """One text line per task of this notebook (newest last)."""
+        return "\n".join(format_row(row) for row in self.rows()) or "no tasks yet"
+
+    def show_board(self) -> TaskBoard | None:
+        """Display the live board (a widget in a kernel with widgets, else text)."""
+        if widgets_enabled(self.shell):
+            board = TaskBoard(self.rows, lambda task_id: self.attach(task_id, show=False))
+            self.boards.append(board)
+            display(board)
+            return board
+        print(self.board())
+        return None
+
+    def status(self) -> str:
+        """Broker, workers (host/pid/queues/concurrency/busy) and running cells."""
+        lines = [self.describe()]
+        labels = {r.handle.id: r.label for r in self.pending.runs}
+        for worker_id, info in sorted(self.app.workers().items()):
+            busy = [labels.get(t, t[:8]) for t in info.busy]
+            lines.append(
+                f"  worker {worker_id}: host {info.hostname} pid {info.pid} "
+                f"queues {','.join(info.queues)} concurrency {info.concurrency} "
+                f"busy {len(busy)}" + (f" ({', '.join(busy)})" if busy else "")
+            )
+        running = self.pending.running()
+        lines.append(f"  {len(running)} cell(s) pending")
+        lines.extend(f"    {r.handle.id[:8]} {r.label} {r.handle.state!s}" for r in running)
+        return "\n".join(lines)
+
+
+def _show_output(event: Event) -> dict[str, Any] | None:
+    """Show one output event in the running cell, as the cell would locally.
+
+    Returns the cell's last expression (a display bundle) when the event carries it.
+    """
+    if event.type in (EventType.STDOUT, EventType.STDERR):
+        stream = sys.stdout if event.type is EventType.STDOUT else sys.stderr
+        stream.write(str(event.data.get("text", "")))
+        stream.flush()
+    elif event.type is EventType.DISPLAY:
+        data = dict(event.data)
+        if data.get("metadata", {}).get("nbtask", {}).get("execute_result"):
+            return data
+        if data.get("clear"):
+            clear_output()
+        else:  # display ids too: an update replaces the display, as locally
+            publish_display_data(
+                data.get("data", {}),
+                data.get("metadata", {}),
+                transient=data.get("transient") or None,
+                update=bool(data.get("update")),
+            )
+    return None
+
+
+def _label_of(handle: Any, runs: list[CellRun]) -> str:
+    for run in runs:
+        if run.handle.id == handle.id:
+            return run.label
+    name = "cell" if handle.name == "nbtask.cell" else handle.name
+    return f"{name} {handle.id[:8]}"
+
+
+class _ProgressLine:
+    """A transient progress line under a ``--wait`` cell, gone when the cell ends."""
+
+    def __init__(self, label: str, shell: Any) -> None:
+        self.label = label
+        self.in_kernel = "IPKernelApp" in getattr(shell, "config", {})
+        self.handle: Any = None
+        self.last = 0.0
+
+    def show(self, event: Event) -> None:
+        now = time.monotonic()
+        if now - self.last < 1 / 15:
+            return
+        self.last = now
+        progress = event.progress
+        if progress is None:
+            return
+        total = f"/{progress.total:g}" if progress.total else ""
+        text = f"[{self.label}] {progress.done:g}{total} {progress.message}".rstrip()
+        if not self.in_kernel:
+            sys.stderr.write(text + "\n")
+        elif self.handle is None:
+            self.handle = display({"text/plain": text}, raw=True, display_id=True)
+        else:
+            self.handle.update({"text/plain": text}, raw=True)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.update({"text/plain": ""}, raw=True)
+
+
+def _first_line(cell: str) -> str:
+    for text in cell.splitlines():
+        if text.strip() and not text.lstrip().startswith("#"):
+            return text.strip()[:40]
+    return "cell"

@@ -1,0 +1,410 @@
+"""Live views of a task under a cell: an ipywidgets :class:`TaskWidget` or a text fallback.
+
+A view changes only through :meth:`TaskView.apply`, called with each event of its task
+(from the listener thread). Events update a plain model at once; the screen is repainted
+at most ~15 times a second per task (a timer catches the last change) and the final state
+is painted immediately, so it is never dropped. Painting happens under one lock per view,
+so each widget has a single writer (two threads writing one widget can reorder updates).
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+import ipywidgets as w
+from IPython.display import display
+
+from nbtask.core.handle import TaskHandle
+from nbtask.notebook.follow import cancel_task
+from nbtask.wire.events import FINAL_STATES, Event, EventType, State
+
+__all__ = [
+    "OutputLog",
+    "TaskView",
+    "TaskWidget",
+    "TextView",
+    "make_view",
+    "widgets_enabled",
+]
+
+_MIN_INTERVAL = 1 / 15
+_COLORS = {
+    State.PENDING: "#888",
+    State.STARTED: "#1f77b4",
+    State.RETRY: "#ff7f0e",
+    State.SUCCESS: "#2ca02c",
+    State.FAILURE: "#d62728",
+    State.REVOKED: "#7f7f7f",
+    State.WORKER_LOST: "#d62728",
+}
+
+
+class TaskView:
+    """What every view shows, kept as plain data; subclasses paint it.
+
+    Parameters
+    ----------
+    handle
+        The task shown.
+    label
+        How the task is named on screen (the cell's name or first line).
+    """
+
+    def __init__(self, handle: TaskHandle, label: str) -> None:
+        self.handle = handle
+        self.label = label
+        self.state = State.PENDING
+        self.done = 0.0
+        self.total: float | None = None
+        self.message = ""
+        self.worker = ""
+        self.pid = ""
+        self.created = time.time()
+        self.started: float | None = None
+        self.finished: float | None = None
+        self.error = ""
+        self.result: dict[str, Any] | None = None
+        self.pending_output: list[Event] = []
+        self.paints = 0
+        self._lock = threading.RLock()
+        self._last_paint = 0.0
+        self._timer: threading.Timer | None = None
+        self._rate_start: tuple[float, float] | None = None
+
+    def apply(self, event: Event) -> None:
+        """Update the model from one event and repaint (throttled; final states at once)."""
+        with self._lock:
+            self._update(event)
+            final = event.state in FINAL_STATES
+            now = time.monotonic()
+            if final or now - self._last_paint >= _MIN_INTERVAL:
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+                self._repaint()
+            elif self._timer is None:
+                self._timer = threading.Timer(_MIN_INTERVAL - (now - self._last_paint), self._late)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _late(self) -> None:
+        with self._lock:
+            self._timer = None
+            self._repaint()
+
+    def _repaint(self) -> None:
+        self._last_paint = time.monotonic()
+        self.paints += 1
+        self.paint()
+        self.pending_output = []
+
+    def _update(self, event: Event) -> None:
+        self._update_state(event)
+        data = event.data
+        if event.type is EventType.PROGRESS:
+            self.done = float(data.get("done", 0.0))
+            self.total = None if data.get("total") is None else float(data["total"])
+            self.message = str(data.get("message", ""))
+            if self._rate_start is None:
+                self._rate_start = (time.time(), self.done)
+        elif event.type in (EventType.STDOUT, EventType.STDERR):
+            self.pending_output.append(event)
+        elif event.type is EventType.DISPLAY:
+            if dict(data.get("metadata", {})).get("nbtask", {}).get("execute_result"):
+                self.result = dict(data)
+            else:
+                self.pending_output.append(event)
+
+    def _update_state(self, event: Event) -> None:
+        data = event.data
+        if event.state is not None:
+            self.state = event.state
+        if "worker" in data:
+            self.worker = str(data["worker"])
+        if "pid" in data:
+            self.pid = str(data["pid"])
+        if event.type is EventType.STARTED and self.started is None:
+            self.started = event.timestamp or time.time()
+        if event.state in FINAL_STATES:
+            self.finished = time.time()
+            if self.started is None:
+                self.started = self.finished
+            if event.type is not EventType.SUCCESS:
+                self.error = str(data.get("traceback") or "") or (
+                    f"{data.get('ename', event.type.value)}: "
+                    f"{data.get('evalue', data.get('reason', ''))}"
+                )
+
+    # Derived text --------------------------------------------------------------------------
+    def elapsed(self) -> float:
+        """Seconds since the task started (or was sent), up to when it finished."""
+        start = self.started or self.created
+        return max(0.0, (self.finished or time.time()) - start)
+
+    def eta(self) -> float | None:
+        """Seconds left at the rate seen so far, if a total is known."""
+        if self._rate_start is None or not self.total or self.finished:
+            return None
+        began, done0 = self._rate_start
+        rate = (self.done - done0) / max(time.time() - began, 1e-9)
+        return None if rate <= 0 else max(0.0, (self.total - self.done) / rate)
+
+    def progress_text(self) -> str:
+        """``3/10 message, ETA 4 s`` (empty without progress)."""
+        if self._rate_start is None:
+            return ""
+        count = f"{self.done:g}/{self.total:g}" if self.total else f"{self.done:g}"
+        eta = self.eta()
+        parts = [count, self.message, f"ETA {eta:.0f} s" if eta is not None else ""]
+        return " ".join(p for p in parts if p)
+
+    def status_text(self) -> str:
+        """One line: label, state, progress, elapsed, worker."""
+        pid = f" pid {self.pid}" if self.pid else ""
+        where = f" on {self.worker}{pid}" if self.worker else ""
+        progress = self.progress_text()
+        return (
+            f"[{self.label}] {self.state.value}"
+            + (f" {progress}" if progress else "")
+            + f" {self.elapsed():.1f} s{where}"
+        )
+
+    def timing_text(self) -> str:
+        """``12.3 s · host pid 123``."""
+        where = f" · {self.worker} pid {self.pid}" if self.worker else ""
+        return f"{self.elapsed():.1f} s{where}"
+
+    def tick(self) -> None:
+        """Show the elapsed time of an unfinished task anew (called about once a second).
+
+        Between events nothing else changes, so only the timing is repainted.
+        """
+        with self._lock:
+            if self.finished is None:
+                self._tick()
+
+    def _tick(self) -> None:
+        """Repaint the timing; called with the view's lock held."""
+
+    def paint(self) -> None:
+        """Show the model; called with the view's lock held."""
+        raise NotImplementedError
+
+
+class TaskWidget(TaskView):
+    """The ipywidgets view: badge, progress bar, timing, worker, output, result, Cancel.
+
+    Display it with ``display(widget)``; feed it with :meth:`apply` (or :func:`follow`).
+    """
+
+    def __init__(self, handle: TaskHandle, label: str) -> None:
+        super().__init__(handle, label)
+        self.badge = w.HTML()
+        self.bar = w.FloatProgress(value=0.0, min=0.0, max=1.0, layout=w.Layout(width="40%"))
+        self.detail = w.Label()
+        self.timing = w.Label()
+        self.output = w.Output()
+        self.outcome = w.Output()
+        self.cancel_button = w.Button(description="Cancel", button_style="warning")
+        self.cancel_button.on_click(self._on_cancel)
+        head = w.HBox([self.badge, self.bar, self.detail, self.cancel_button])
+        self.box = w.VBox([head, self.timing, self.output, self.outcome])
+        self.log = OutputLog()
+        with self._lock:
+            self._repaint()
+
+    def _on_cancel(self, _button: Any) -> None:
+        self.cancel_button.disabled = True
+        self.cancel_button.description = "Cancelling"
+        cancel_task(self.handle)
+
+    def paint(self) -> None:
+        """Push the model into the widgets, as one message per widget."""
+        with self.bar.hold_sync():  # value, max and style in one message
+            if self.total:
+                self.bar.max = self.total
+                self.bar.value = min(self.done, self.total)
+            elif self.state is State.SUCCESS:
+                self.bar.value = self.bar.max
+            self.bar.bar_style = {State.SUCCESS: "success", State.FAILURE: "danger"}.get(
+                self.state, ""
+            )
+        self.detail.value = self.progress_text()
+        self.timing.value = self.timing_text()
+        if self.pending_output:
+            for event in self.pending_output:
+                self.log.add(event)
+            self.output.outputs = tuple(self.log.outputs)
+        if self.finished is not None:
+            self.cancel_button.layout.display = "none"
+            if not self.outcome.outputs and self.error:
+                self.outcome.outputs = (
+                    {"output_type": "stream", "name": "stderr", "text": self.error},
+                )
+            elif not self.outcome.outputs and self.result is not None:
+                self.outcome.outputs = (
+                    {
+                        "output_type": "display_data",
+                        "data": self.result.get("data", {}),
+                        "metadata": {},
+                    },
+                )
+        # The badge goes last: when it reads SUCCESS, everything else is already shown.
+        color = _COLORS.get(self.state, "#888")
+        self.badge.value = (
+            f'<b>{html.escape(self.label)}</b> <span style="background:{color};color:white;'
+            f'padding:1px 6px;border-radius:3px">{self.state.value}</span>'
+        )
+
+    def _tick(self) -> None:
+        self.timing.value = self.timing_text()
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        bundle = self.box._repr_mimebundle_(**kwargs)
+        if isinstance(bundle, dict):  # frontends without widgets show the status line
+            bundle["text/plain"] = self.status_text()
+        return bundle
+
+
+class OutputLog:
+    """A task's output as nbformat outputs, in order, as a kernel would show it.
+
+    Adjacent stream text of one stream is merged; a display update (``display_id`` with
+    ``update``, e.g. ``DisplayHandle.update``) replaces the outputs shown under that id
+    instead of adding one; ``clear_output()`` empties the log.
+    """
+
+    def __init__(self) -> None:
+        self.outputs: list[dict[str, Any]] = []
+        self.ids: list[str | None] = []  # the display id of each output, if any
+
+    def add(self, event: Event) -> None:
+        """Add one STDOUT, STDERR or DISPLAY event."""
+        if event.type is not EventType.DISPLAY:
+            name = "stdout" if event.type is EventType.STDOUT else "stderr"
+            text = str(event.data.get("text", ""))
+            last = self.outputs[-1] if self.outputs else None
+            if last is not None and last["output_type"] == "stream" and last["name"] == name:
+                self.outputs[-1] = {**last, "text": last["text"] + text}
+            else:
+                self.outputs.append({"output_type": "stream", "name": name, "text": text})
+                self.ids.append(None)
+            return
+        data = dict(event.data)
+        if data.get("clear"):
+            self.outputs.clear()
+            self.ids.clear()
+            return
+        output = {
+            "output_type": "display_data",
+            "data": data.get("data", {}),
+            "metadata": data.get("metadata", {}),
+        }
+        display_id = dict(data.get("transient") or {}).get("display_id")
+        if data.get("update"):
+            for i, known in enumerate(self.ids):
+                if display_id is not None and known == display_id:
+                    self.outputs[i] = output
+            return  # an update of an unknown display shows nothing, as in a kernel
+        self.outputs.append(output)
+        self.ids.append(None if display_id is None else str(display_id))
+
+    def text(self) -> str:
+        """The outputs as plain text (displays by their ``text/plain``)."""
+        chunks = []
+        for output in self.outputs:
+            if output["output_type"] == "stream":
+                chunks.append(str(output["text"]))
+            else:
+                chunks.append(str(output["data"].get("text/plain", "")) + "\n")
+        return "".join(chunks)
+
+
+class TextView(TaskView):
+    """Text fallback: a progress line, streamed output, then the result or traceback.
+
+    In a kernel without widgets it keeps one display up to date (so text lands under its
+    own cell, not whichever cell runs now); elsewhere (a terminal) it prints.
+    """
+
+    def __init__(
+        self, handle: TaskHandle, label: str, *, in_kernel: bool, show: bool = True
+    ) -> None:
+        super().__init__(handle, label)
+        self.in_kernel = in_kernel
+        self.quiet = not show  # keeps the text without showing it (a re-attached task)
+        self.log = OutputLog()
+        #: The output so far as text (display updates replace what they update).
+        self.text = ""
+        self._last_line = ""
+        self._display: Any = None
+        if in_kernel and show:
+            self._display = display({"text/plain": self.status_text()}, raw=True, display_id=True)
+
+    def paint(self) -> None:
+        """Redraw the display, or print what is new."""
+        chunks = []
+        for event in self.pending_output:
+            self.log.add(event)
+            if event.type is not EventType.DISPLAY:
+                chunks.append(str(event.data.get("text", "")))
+            elif not event.data.get("clear"):  # a terminal cannot replace: print updates
+                bundle = dict(event.data.get("data", {}))
+                chunks.append(str(bundle.get("text/plain", "")) + "\n")
+        new = "".join(chunks)
+        self.text = self.log.text()
+        tail = ""
+        if self.finished is not None:
+            tail = self.error or (
+                str(self.result.get("data", {}).get("text/plain", "")) if self.result else ""
+            )
+        if self.quiet:
+            return
+        if self._display is not None:
+            parts = [self.status_text(), self.text.rstrip("\n"), tail]
+            self._display.update({"text/plain": "\n".join(p for p in parts if p)}, raw=True)
+            return
+        out = sys.stdout
+        line = self.status_text()
+        if new:
+            out.write(new)
+        # A terminal gets a status line only when the state or the progress changes.
+        key = f"{self.state.value} {self.progress_text()}"
+        if self.finished is not None or key != self._last_line:
+            out.write(line + "\n")
+            self._last_line = key
+        if tail:
+            out.write(tail.rstrip("\n") + "\n")
+        out.flush()
+
+    def _tick(self) -> None:
+        if self._display is not None:  # the status line shows the elapsed time
+            self._repaint()
+
+
+def widgets_enabled(shell: Any) -> bool:
+    """True in a kernel (where a frontend may show widgets) unless ``NBTASK_WIDGETS=0``.
+
+    A kernel cannot tell whether its frontend renders widgets: set ``NBTASK_WIDGETS=0``
+    for text views (nbconvert, consoles); widgets also carry a text status for frontends
+    without them.
+    """
+    in_kernel = shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+    return in_kernel and os.environ.get("NBTASK_WIDGETS", "1") != "0"
+
+
+def make_view(handle: TaskHandle, label: str, shell: Any = None, *, show: bool = True) -> TaskView:
+    """The best view for where we run: a widget in a kernel, else text.
+
+    A text view in a kernel displays itself unless ``show`` is false; a widget is shown
+    by displaying it.
+    """
+    if widgets_enabled(shell):
+        return TaskWidget(handle, label)
+    in_kernel = shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+    return TextView(handle, label, in_kernel=in_kernel, show=show)

@@ -1,0 +1,190 @@
+"""Task states and the events workers send to a client about its tasks."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from nbtask.errors import DecodeError
+from nbtask.wire.envelope import Signer
+from nbtask.wire.message import SERIALIZERS, decode_value
+
+__all__ = [
+    "FINAL_SEQ",
+    "FINAL_STATES",
+    "RUN_SEQ_SPAN",
+    "Event",
+    "EventType",
+    "Progress",
+    "State",
+    "decode_event",
+]
+
+# Sequence numbers order a task's events. Each run (first try, then each retry) numbers
+# its events from ``retries * RUN_SEQ_SPAN``, so a retry's events are never taken for
+# stale ones; events sent on a task's behalf (revoked, worker lost) use FINAL_SEQ, above
+# all of them and still exact in a JavaScript number.
+RUN_SEQ_SPAN = 1_000_000
+FINAL_SEQ = 1 << 52
+
+
+class State(str, enum.Enum):
+    """Where a task is in its life; the names are Celery's plus ``WORKER_LOST``."""
+
+    PENDING = "PENDING"
+    STARTED = "STARTED"
+    RETRY = "RETRY"
+    SUCCESS = "SUCCESS"
+    FAILURE = "FAILURE"
+    REVOKED = "REVOKED"
+    WORKER_LOST = "WORKER_LOST"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+FINAL_STATES = frozenset({State.SUCCESS, State.FAILURE, State.REVOKED, State.WORKER_LOST})
+
+
+class EventType(str, enum.Enum):
+    """Kinds of event on a client's event channel."""
+
+    STARTED = "started"
+    PROGRESS = "progress"
+    STDOUT = "stdout"
+    STDERR = "stderr"
+    DISPLAY = "display"
+    STATE = "state"
+    RETRY = "retry"
+    SUCCESS = "success"
+    FAILURE = "failure"
+    REVOKED = "revoked"
+    WORKER_LOST = "worker_lost"
+
+
+_STATE_OF = {
+    EventType.STARTED: State.STARTED,
+    EventType.RETRY: State.RETRY,
+    EventType.SUCCESS: State.SUCCESS,
+    EventType.FAILURE: State.FAILURE,
+    EventType.REVOKED: State.REVOKED,
+    EventType.WORKER_LOST: State.WORKER_LOST,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """How far a task is: ``done`` of ``total`` (``None`` when unknown), and a message."""
+
+    done: float
+    total: float | None = None
+    message: str = ""
+
+    @property
+    def fraction(self) -> float | None:
+        """``done / total`` clipped to [0, 1], or ``None`` without a total."""
+        if not self.total:
+            return None
+        return min(max(self.done / self.total, 0.0), 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """One event about one task, as carried in a signed envelope's header.
+
+    Parameters
+    ----------
+    type
+        What happened.
+    task_id
+        The task it is about.
+    seq
+        Per-task sequence number, so a client can order and de-duplicate.
+    data
+        JSON-safe details: ``text`` for output, ``done/total/message`` for progress,
+        ``ename/evalue/traceback`` for failures, ``worker``/``pid`` for started.
+    timestamp
+        When the worker created it (``time.time()``).
+    """
+
+    type: EventType
+    task_id: str
+    seq: int = 0
+    data: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    timestamp: float = dataclasses.field(default_factory=time.time)
+
+    @property
+    def state(self) -> State | None:
+        """The state this event moves the task into, if any."""
+        return _STATE_OF.get(self.type)
+
+    @property
+    def progress(self) -> Progress | None:
+        """The progress carried by a progress event."""
+        if self.type is not EventType.PROGRESS:
+            return None
+        return Progress(
+            float(self.data.get("done", 0.0)),
+            None if self.data.get("total") is None else float(self.data["total"]),
+            str(self.data.get("message", "")),
+        )
+
+    def to_header(self) -> dict[str, Any]:
+        """The JSON header that carries this event."""
+        return {
+            "kind": "event",
+            "type": self.type.value,
+            "id": self.task_id,
+            "seq": self.seq,
+            "ts": self.timestamp,
+            "data": dict(self.data),
+        }
+
+    @classmethod
+    def from_header(cls, header: Mapping[str, Any]) -> Event:
+        """Rebuild an event from a verified header.
+
+        Raises
+        ------
+        DecodeError
+            The header is not a well-formed event.
+        """
+        if header.get("kind") != "event":
+            raise DecodeError("not an event header")
+        data = header.get("data", {})
+        if not isinstance(data, dict):
+            raise DecodeError("event data is not an object")
+        try:
+            return cls(
+                EventType(header["type"]),
+                str(header["id"]),
+                int(header.get("seq", 0)),
+                data,
+                float(header.get("ts", 0.0)),
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise DecodeError(f"malformed event header: {exc!r}") from None
+
+
+def decode_event(signer: Signer, raw: bytes) -> tuple[Event, Any]:
+    """Verify and decode one event; the body (a result) is unpickled only after the MAC.
+
+    Raises
+    ------
+    SignatureError
+        The event does not verify.
+    DecodeError
+        It verifies but is malformed.
+    """
+    envelope = signer.open(raw)
+    event = Event.from_header(envelope.header)
+    result = None
+    if event.type is EventType.SUCCESS and envelope.body:
+        serializer = str(event.data.get("serializer", "cloudpickle"))
+        if serializer not in SERIALIZERS:
+            raise DecodeError(f"event names an unknown serializer {serializer!r}")
+        result = decode_value(envelope.body, serializer)
+    return event, result

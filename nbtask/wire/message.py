@@ -1,0 +1,115 @@
+"""Task messages: the typed header, the body layout, and how values are serialised.
+
+The body of a task envelope is three parts, so a worker can load each separately::
+
+    code (the task pickled by value, or empty) | callbacks (pickle, or empty) | arguments
+
+``code_len`` and ``callbacks_len`` in the header give the split. Arguments are a
+cloudpickle of ``(args, kwargs)``, or JSON with ``serializer="json"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from nbtask.errors import DecodeError, SerializationError
+from nbtask.wire.envelope import Buffer, Envelope, dumps
+
+__all__ = ["SERIALIZERS", "TaskMessage", "decode_value", "encode_value"]
+
+SERIALIZERS = ("cloudpickle", "json")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskMessage:
+    """The verified header of a task message, typed."""
+
+    id: str
+    name: str
+    queue: str
+    client: str
+    created: float
+    eta: float | None
+    expires: float | None
+    acks_late: bool
+    ignore_result: bool
+    module: str
+    code: str | None
+    code_len: int
+    callbacks_len: int = 0
+    retries: int = 0
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    reject_on_worker_lost: bool | None = None
+    serializer: str = "cloudpickle"
+    parent_id: str | None = None
+    root_id: str | None = None
+    store_result: bool = True
+
+    @classmethod
+    def from_header(cls, header: Mapping[str, Any]) -> TaskMessage:
+        """Check field types; raise :class:`~nbtask.errors.DecodeError` naming a bad field."""
+        if header.get("kind") != "task":
+            raise DecodeError("not a task message")
+        values: dict[str, Any] = {}
+        for name, kinds, required in _MESSAGE_FIELDS:
+            if name not in header:
+                if required:
+                    raise DecodeError(f"field {name!r} is missing")
+                continue
+            value = header[name]
+            # bool is an int subclass: accept it only where a bool is expected.
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                raise DecodeError(f"field {name!r} has a wrong type")
+            values[name] = value
+        if values.get("serializer", "cloudpickle") not in SERIALIZERS:
+            raise DecodeError("field 'serializer' names no known serializer")
+        return cls(**values)
+
+    def to_header(self) -> dict[str, Any]:
+        """The JSON header carrying this message."""
+        return {"kind": "task", **{name: getattr(self, name) for name, _, _ in _MESSAGE_FIELDS}}
+
+    def split(self, envelope: Envelope) -> tuple[Buffer, Buffer, Buffer]:
+        """``(code, callbacks, arguments)`` parts of a verified envelope's body."""
+        body = envelope.body
+        end = self.code_len + self.callbacks_len
+        return body[: self.code_len], body[self.code_len : end], body[end:]
+
+
+def _field_kinds(spec: str) -> tuple[type, ...]:
+    names = {
+        "str": (str,),
+        "float": (int, float),
+        "bool": (bool,),
+        "int": (int,),
+        "None": (type(None),),
+    }
+    return tuple(kind for part in spec.split("|") for kind in names[part.strip()])
+
+
+# (name, accepted types, required) for each TaskMessage field, computed once.
+_MESSAGE_FIELDS = tuple(
+    (f.name, _field_kinds(str(f.type)), f.default is dataclasses.MISSING)
+    for f in dataclasses.fields(TaskMessage)
+)
+
+
+def encode_value(value: Any, serializer: str, what: str) -> bytes:
+    """Serialise arguments or a result; ``what`` names it in the error."""
+    try:
+        if serializer == "json":
+            return json.dumps(value, separators=(",", ":")).encode()
+        return dumps(value)
+    except Exception as exc:
+        raise SerializationError(f"{what} cannot be serialised with {serializer}: {exc}") from None
+
+
+def decode_value(data: Buffer, serializer: str) -> Any:
+    """Load what :func:`encode_value` made; only call on a verified envelope's body."""
+    if serializer == "json":
+        return json.loads(bytes(data))
+    return Envelope({}, data).load_body()

@@ -1,0 +1,172 @@
+"""Typed records kept in the store: a task's record and a worker's registry entry.
+
+Both are plain bookkeeping that anyone with broker access can overwrite, so both are
+parsed defensively here, in one place: a field that is missing, of the wrong type, not
+UTF-8 or absurdly nested reads as absent, and never raises. Only the signed ``result``
+of a task record is ever trusted, and only after its signature verifies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from nbtask.wire.events import FINAL_STATES, State
+
+__all__ = ["RecordFields", "TaskRecord", "WorkerInfo", "final_fields", "pending_fields"]
+
+#: A record as written: field name -> text or bytes (the signed result).
+RecordFields = dict[str, str | bytes]
+_MAX_INFO_BYTES = 64 * 1024  # a worker's entry is a few hundred bytes; more is not one
+
+
+def pending_fields(name: str, client: str) -> RecordFields:
+    """The fields of a task's record when its message is sent."""
+    return {"state": State.PENDING.value, "name": name, "client": client}
+
+
+def final_fields(state: State, result: bytes, *, at: float | None = None) -> RecordFields:
+    """The fields of a task's record once it ended (or is to be retried).
+
+    ``result`` is the signed event that ended it (empty for a retry, whose record keeps
+    no result).
+    """
+    fields: RecordFields = {
+        "state": state.value,
+        "finished_at": repr(time.time() if at is None else at),
+    }
+    if result:
+        fields["result"] = result
+    return fields
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else ""
+
+
+def _number(value: object) -> float | None:
+    try:
+        return float(_text(value))
+    except ValueError:
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskRecord:
+    """A task's stored record, read from the store.
+
+    Attributes
+    ----------
+    state : State or None
+        The plain state field (``None`` when missing or not a known state). Unsigned: a
+        hint for displays, never proof of anything.
+    name, client : str
+        The task's name and the event channel of the client that sent it.
+    worker, pid, consumer : str
+        Who marked it STARTED.
+    started_at, finished_at : float or None
+        Epoch seconds.
+    result : bytes or None
+        The signed final event (verify before use).
+    """
+
+    state: State | None = None
+    name: str = ""
+    client: str = ""
+    worker: str = ""
+    pid: str = ""
+    consumer: str = ""
+    started_at: float | None = None
+    finished_at: float | None = None
+    result: bytes | None = None
+
+    @classmethod
+    def parse(cls, fields: Mapping[Any, Any]) -> TaskRecord | None:
+        """A record from a hash's fields (keys bytes or str); ``None`` when empty."""
+        if not fields:
+            return None
+        plain = {_text(k): v for k, v in fields.items()}
+        state_text = _text(plain.get("state", b""))
+        try:
+            state: State | None = State(state_text)
+        except ValueError:
+            state = None
+        result = plain.get("result")
+        return cls(
+            state=state,
+            name=_text(plain.get("name", b"")),
+            client=_text(plain.get("client", b"")),
+            worker=_text(plain.get("worker", b"")),
+            pid=_text(plain.get("pid", b"")),
+            consumer=_text(plain.get("consumer", b"")),
+            started_at=_number(plain.get("started_at", b"")),
+            finished_at=_number(plain.get("finished_at", b"")),
+            result=bytes(result) if isinstance(result, (bytes, bytearray)) and result else None,
+        )
+
+    @property
+    def final(self) -> bool:
+        """The state field says the task ended."""
+        return self.state in FINAL_STATES
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerInfo:
+    """A live worker as it announces itself in the registry at every heartbeat."""
+
+    hostname: str
+    pid: int
+    queues: tuple[str, ...]
+    concurrency: int
+    consumers: tuple[str, ...]
+    started: float = 0.0
+    tasks: tuple[str, ...] = ()
+    busy: tuple[str, ...] = ()
+
+    def to_json(self) -> str:
+        """The registry entry's text."""
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def parse(cls, raw: object) -> WorkerInfo | None:
+        """An entry read from the registry; ``None`` for anything that is not one."""
+        data = raw.encode() if isinstance(raw, str) else raw
+        if not isinstance(data, (bytes, bytearray)) or len(data) > _MAX_INFO_BYTES:
+            return None
+        try:
+            value = json.loads(bytes(data).decode("utf-8"))
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(value, dict):
+            return None
+        try:
+            return cls(
+                hostname=_field(value, "hostname", str),
+                pid=_field(value, "pid", int),
+                queues=_strings(value.get("queues")),
+                concurrency=_field(value, "concurrency", int),
+                consumers=_strings(value.get("consumers")),
+                started=float(_field(value, "started", (int, float), 0.0)),
+                tasks=_strings(value.get("tasks", [])),
+                busy=_strings(value.get("busy", [])),
+            )
+        except (TypeError, ValueError):
+            return None
+
+
+def _field(data: Mapping[str, Any], name: str, kind: Any, default: Any = None) -> Any:
+    value = data.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise TypeError(name)
+    return value
+
+
+def _strings(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError("not a list of strings")
+    return tuple(value)

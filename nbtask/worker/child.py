@@ -1,0 +1,516 @@
+"""A worker's child process.
+
+It takes one message at a time and handles it in four steps: **admit** (verify it, check
+that it may start), **run** (the task, under its limits, streaming its output and
+progress), **settle** (store the outcome, tell the client, acknowledge) and **follow up**
+(linked tasks, a chain's next step, the handlers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from types import FrameType
+from typing import Any
+
+from nbtask._process import die_with_parent
+from nbtask.brokers import Delivery, StartBy, Verdict, open_broker
+from nbtask.core.canvas import Callbacks, sending_through
+from nbtask.core.context import Request, running
+from nbtask.core.outgoing import MessageBuilder
+from nbtask.core.task import Task
+from nbtask.errors import (
+    BrokerUnavailable,
+    NbtaskError,
+    NotRegistered,
+    Retry,
+    SerializationError,
+    SoftTimeLimitExceeded,
+)
+from nbtask.settings import Settings
+from nbtask.wire.envelope import Buffer, Envelope, Signer
+from nbtask.wire.events import FINAL_SEQ, RUN_SEQ_SPAN, Event, EventType, State
+from nbtask.wire.message import TaskMessage, decode_value, encode_value
+from nbtask.worker.outbox import Outbox, TaskStream
+from nbtask.worker.settle import (
+    FollowUps,
+    Outcome,
+    call_handler,
+    exception_info,
+    failure_event,
+    has_handlers,
+    outcome_fields,
+    report,
+)
+from nbtask.worker.slots import SlotState
+from nbtask.worker.subtasks import SubtaskPublisher, WorkerSender
+
+__all__ = ["Child"]
+
+log = logging.getLogger("nbtask.worker")
+
+
+@dataclasses.dataclass(frozen=True)
+class Admitted:
+    """A delivery that verified and may start: its message and the body's parts."""
+
+    delivery: Delivery
+    envelope: Envelope
+    message: TaskMessage
+    code: Buffer
+    callbacks: Buffer
+    arguments: Buffer
+
+
+class Child:
+    """The loop of one child process (created by the supervisor, run after fork)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        url: str,
+        secret: str | None,
+        *,
+        queues: Sequence[str],
+        consumer: str,
+        worker_id: str,
+        hostname: str,
+        tasks: Mapping[str, Task],
+        slot: SlotState,
+    ) -> None:
+        self.settings = settings
+        self.url = url
+        self.secret = secret
+        self.queues = list(queues)
+        self.consumer = consumer
+        self.worker_id = worker_id
+        self.hostname = hostname
+        self.tasks = dict(tasks)
+        self.slot = slot
+        self._shipped: dict[str, Task] = {}
+        self._stop = False
+        self._running = False
+        self._terminated = False
+        self._whoami: dict[str, Any] = {"worker": hostname}
+
+    def run(self) -> None:
+        """Serve messages until SIGTERM (finishing the current task first)."""
+        die_with_parent(signal.SIGKILL)
+        # A process group of its own: Ctrl-C in a terminal reaches only the supervisor,
+        # so SIGINT here always means "terminate the running task".
+        os.setpgid(0, 0)
+        signal.signal(signal.SIGINT, self._on_interrupt)
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGALRM, self._on_alarm)
+        self.transport = open_broker(self.settings, self.url)
+        self.signer = Signer.for_settings(self.settings, self.secret)
+        self.outbox = Outbox(self.transport, self.signer)
+        self.publisher = SubtaskPublisher(
+            self.transport, MessageBuilder(self.signer, self.settings)
+        )
+        self.follow_ups = FollowUps(self.transport, self.signer, self.publisher)
+        self._whoami["pid"] = os.getpid()
+        self._serve()
+
+    def _serve(self) -> None:
+        backoff = 0.1
+        delivery: Delivery | None = None
+        # A message already taken is always handled, even once asked to stop.
+        while not self._stop or delivery is not None:
+            try:
+                if delivery is None:
+                    delivery = self.transport.fetch(self.queues, self.consumer, 1.0)
+                backoff = 0.1
+                if delivery is not None:
+                    # Handled exactly once, whatever happens: handle() may return the
+                    # next message, taken with its last write (one round trip).
+                    taken, delivery = delivery, None
+                    delivery = self.handle(taken)
+            except BrokerUnavailable as exc:
+                log.warning("broker unreachable (%s); retrying in %.1f s", exc, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            except Exception:
+                # Never lose the worker slot to one bad message: log and carry on.
+                log.exception("unexpected error while handling a message; continuing")
+
+    def _on_term(self, signum: int, frame: FrameType | None) -> None:
+        self._stop = True
+
+    def _on_interrupt(self, signum: int, frame: FrameType | None) -> None:
+        # Only the supervisor sends SIGINT: terminate the task this slot holds. If it has
+        # not started running yet, it never will (see handle()).
+        self._terminated = True
+        if self._running:
+            raise KeyboardInterrupt("task terminated (revoked)")
+
+    def _on_alarm(self, signum: int, frame: FrameType | None) -> None:
+        if self._running:
+            raise SoftTimeLimitExceeded("the task ran past its soft time limit")
+
+    # One delivery ----------------------------------------------------------------------------
+    def handle(self, delivery: Delivery) -> Delivery | None:
+        """Admit, run, settle and follow up one delivery; return the next, if it came along."""
+        # The task is STARTED from the moment it was delivered: claim the slot now, so a
+        # terminate request finds this child even before the task begins to run.
+        self._terminated = False
+        if delivery.verdict == Verdict.OK and delivery.task_id:
+            self.slot.occupy(delivery.task_id, 0.0)
+        try:
+            admitted = self._admit(delivery)
+            if admitted is None:
+                return None
+            return self._run_admitted(admitted)
+        finally:
+            self.slot.clear()
+
+    # Admit -------------------------------------------------------------------------------------
+    def _admit(self, delivery: Delivery) -> Admitted | None:
+        """Verify a delivery and decide whether it may start; settle it here if not."""
+        try:
+            envelope = self.signer.open(delivery.raw)
+            message = TaskMessage.from_header(envelope.header)
+            if delivery.task_id is not None and delivery.task_id != message.id:
+                raise NbtaskError("the queue entry names another task than the message")
+        except NbtaskError as exc:
+            self._reject(delivery, exc)
+            return None
+        code, callbacks, arguments = message.split(envelope)
+        admitted = Admitted(delivery, envelope, message, code, callbacks, arguments)
+        refused = self._start_verdict(admitted)
+        if refused is not None:
+            self._drop(admitted, refused)
+            return None
+        now = time.time()
+        if message.eta is None and now - message.created > self.settings.replay_window:
+            self._too_old(admitted, now - message.created)
+            return None
+        if message.expires is not None and now > message.expires:
+            expired = Outcome(
+                Event(EventType.REVOKED, message.id, FINAL_SEQ, {"reason": "expired"})
+            )
+            self._settle(admitted, expired)
+            self.follow_ups.run(message, expired, self._callbacks(admitted), None)
+            return None
+        return admitted
+
+    def _reject(self, delivery: Delivery, exc: BaseException) -> None:
+        """Dead-letter a message that does not verify (and settle its task, if one began)."""
+        log.error(
+            "rejected message %s on queue %s: %s; moved to the dead-letter stream",
+            delivery.delivery_id,
+            delivery.queue,
+            exc,
+        )
+        self.transport.dead_letter(delivery)
+        if delivery.verdict == Verdict.OK and delivery.task_id:
+            self._report_unverifiable(delivery.task_id, exc)
+
+    def _report_unverifiable(self, task_id: str, exc: BaseException) -> None:
+        """Settle a task whose message failed verification (it was marked STARTED)."""
+        record = self.transport.store.get_record(task_id)
+        if record is None or not record.client:
+            # No client sent this task: the id beside the message was forged, and the
+            # record is the start check's alone.
+            self.transport.store.forget_unsent(task_id)
+            return
+        why = NbtaskError(f"the message for this task failed verification and was not run: {exc}")
+        report(
+            self.transport,
+            self.signer,
+            task_id,
+            record.client,
+            failure_event(task_id, FINAL_SEQ, why),
+        )
+
+    def _start_verdict(self, admitted: Admitted) -> str | None:
+        """``None`` if the task may start (it is now STARTED), else the state forbidding it.
+
+        A duplicate or a replay of a finished task leaves that task's record as it is.
+        """
+        verdict = admitted.delivery.verdict
+        if verdict is None:
+            by = StartBy(self.hostname, str(os.getpid()), self.consumer)
+            verdict = self.transport.store.start(admitted.message.id, by)
+        return None if verdict == Verdict.OK else verdict
+
+    def _drop(self, admitted: Admitted, refused: str) -> None:
+        message = admitted.message
+        log.warning("dropped a message for task %s: it is already %s", message.id, refused)
+        self.transport.discard(admitted.delivery)
+        if refused == State.REVOKED.value:
+            gone = Outcome(Event(EventType.REVOKED, message.id, FINAL_SEQ, {"reason": "revoked"}))
+            self.follow_ups.run(message, gone, self._callbacks(admitted), None)
+
+    def _too_old(self, admitted: Admitted, age: float) -> None:
+        message = admitted.message
+        log.error("rejected task %s: sent %.0f s ago, older than max_age", message.id, age)
+        self.transport.dead_letter(admitted.delivery)
+        why = NbtaskError(
+            f"the message was {age:.0f} s old, older than max_age "
+            f"({self.settings.replay_window:.0f} s); it was not run"
+        )
+        self._settle(admitted, Outcome(failure_event(message.id, FINAL_SEQ, why)), ack=False)
+
+    # Run ---------------------------------------------------------------------------------------
+    def _run_admitted(self, admitted: Admitted) -> Delivery | None:
+        message = admitted.message
+        try:
+            task: Task | None = self._resolve(message, admitted.code)
+            resolve_error: BaseException | None = None
+        except Exception as exc:
+            task, resolve_error = None, exc
+        if task is not None and self._rate_limited(admitted, task):
+            return None
+        first_seq = message.retries * RUN_SEQ_SPAN
+        self.outbox.begin(message.id, message.client, self._whoami, first_seq=first_seq)
+        self.slot.occupy(message.id, 0.0)
+        if task is None:
+            assert resolve_error is not None
+            outcome = self._failed(message, resolve_error, self.outbox.end())
+        elif self._terminated:
+            reason = {"reason": "terminated"}
+            outcome = Outcome(Event(EventType.REVOKED, message.id, self.outbox.end(), reason))
+        else:
+            outcome = self._execute(admitted, task)
+        # Callbacks and handlers run after the outcome is stored; only without them may
+        # the last write also wait for the next message (which would delay them).
+        later = bool(admitted.callbacks) or (task is not None and has_handlers(task))
+        following = self._settle(admitted, outcome, fetch_next=not later)
+        self.follow_ups.run(message, outcome, self._callbacks(admitted), task)
+        return following
+
+    def _rate_limited(self, admitted: Admitted, task: Task) -> bool:
+        """Put a task over its rate limit back for later, without holding this slot."""
+        if task.rate_limit is None or self.settings.worker_disable_rate_limits:
+            return False
+        message, delivery = admitted.message, admitted.delivery
+        bucket = f"{self.worker_id}:{message.name}"
+        wait = self.transport.store.rate_wait(bucket, task.rate_limit)
+        if wait <= 0:
+            return False
+        # Back to PENDING (the start check marked it STARTED) and parked.
+        self.transport.finish(
+            delivery,
+            message.id,
+            message.client,
+            b"",
+            {"state": State.PENDING.value},
+            requeue=(delivery.raw, time.time() + wait),
+        )
+        return True
+
+    def _request(self, admitted: Admitted, task: Task, args: Any, kwargs: Any) -> Request:
+        message, delivery = admitted.message, admitted.delivery
+        # A limit in the message (set by the caller) wins; else the task's own, which a
+        # task sent by name only has here.
+        time_limit = message.time_limit if message.time_limit is not None else task.time_limit
+        soft_limit = message.soft_time_limit
+        if soft_limit is None:
+            soft_limit = task.soft_time_limit
+        return Request(
+            id=message.id,
+            name=message.name,
+            args=tuple(args),
+            kwargs=kwargs,
+            queue=message.queue,
+            hostname=self.hostname,
+            retries=message.retries,
+            eta=message.eta,
+            expires=message.expires,
+            time_limit=time_limit,
+            soft_time_limit=soft_limit,
+            parent_id=message.parent_id,
+            root_id=message.root_id,
+            emit=self.outbox.emit,
+            delivery_info={"queue": delivery.queue, "redelivered": delivery.deliveries > 0},
+        )
+
+    def _execute(self, admitted: Admitted, task: Task) -> Outcome:
+        message = admitted.message
+        try:
+            args, kwargs = decode_value(admitted.arguments, message.serializer)
+        except Exception as exc:
+            return self._failed(message, exc, self.outbox.end())
+        request = self._request(admitted, task, args, kwargs)
+        deadline = time.time() + request.time_limit if request.time_limit else 0.0
+        self.slot.occupy(message.id, deadline)
+        saved = sys.stdout, sys.stderr
+        sys.stdout = TaskStream(self.outbox, EventType.STDOUT)
+        sys.stderr = TaskStream(self.outbox, EventType.STDERR)
+        # The request stays current until the outcome is decided: an autoretry needs it.
+        with running(request), sending_through(WorkerSender(self.publisher, message)):
+            try:
+                call_handler(task.before_start, message.id, tuple(args), kwargs)
+                outcome = self._call(message, task, args, kwargs, request.soft_time_limit)
+            except BaseException as exc:
+                outcome = self._after_exception(message, task, exc)
+            finally:
+                sys.stdout, sys.stderr = saved
+        outcome.args, outcome.kwargs = tuple(args), kwargs
+        return outcome
+
+    def _call(
+        self, message: TaskMessage, task: Task, args: Any, kwargs: Any, soft_limit: float | None
+    ) -> Outcome:
+        self._running = True
+        if self._terminated:  # a terminate that came while the task was being set up
+            self._running = False
+            raise KeyboardInterrupt("task terminated (revoked)")
+        if soft_limit:
+            signal.setitimer(signal.ITIMER_REAL, soft_limit)
+        started = time.perf_counter()
+        try:
+            retval = task.run(*args, **kwargs)
+        finally:
+            self._running = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        return self._succeeded(message, retval, time.perf_counter() - started)
+
+    def _succeeded(self, message: TaskMessage, retval: Any, runtime: float) -> Outcome:
+        seq = self.outbox.end()
+        try:
+            body = encode_value(retval, message.serializer, f"the result of task {message.name!r}")
+        except SerializationError as exc:
+            return self._failed(message, exc, seq)
+        data = {**self._whoami, "runtime": runtime, "serializer": message.serializer}
+        return Outcome(Event(EventType.SUCCESS, message.id, seq, data), body, retval=retval)
+
+    def _after_exception(self, message: TaskMessage, task: Task, exc: BaseException) -> Outcome:
+        if self._terminated:
+            seq = self.outbox.end()
+            event = Event(EventType.REVOKED, message.id, seq, {"reason": "terminated"})
+            return Outcome(event, exc=exc)
+        if (
+            not isinstance(exc, Retry)
+            and task.autoretry_for
+            and isinstance(exc, task.autoretry_for)
+        ):
+            try:
+                task.retry(exc=exc)
+            except BaseException as decided:
+                exc = decided
+        if not isinstance(exc, Retry):
+            return self._failed(message, exc, self.outbox.end())
+        seq = self.outbox.end()
+        cause = exc.exc if exc.exc is not None else exc
+        data = {"reason": str(cause), "retries": message.retries + 1, "eta": time.time() + exc.when}
+        outcome = Outcome(Event(EventType.RETRY, message.id, seq, data), exc=cause)
+        outcome.einfo, outcome.retry_in = exception_info(cause), exc.when
+        return outcome
+
+    def _failed(self, message: TaskMessage, exc: BaseException, seq: int) -> Outcome:
+        event = failure_event(message.id, seq, exc, self._whoami)
+        return Outcome(event, exc=exc, einfo=exception_info(exc))
+
+    # Settle ------------------------------------------------------------------------------------
+    def _settle(
+        self, admitted: Admitted, outcome: Outcome, *, ack: bool = True, fetch_next: bool = False
+    ) -> Delivery | None:
+        """Store the outcome, tell the client and acknowledge (re-sending a retry).
+
+        With ``fetch_next`` (and unless the child is stopping) the same round trip also
+        waits for the next message.
+        """
+        message = admitted.message
+        try:
+            raw = self.signer.seal(outcome.event.to_header(), outcome.body)
+        except NbtaskError as exc:
+            outcome.event, outcome.body = failure_event(message.id, outcome.event.seq, exc), b""
+            raw = self.signer.seal(outcome.event.to_header())
+        fields = outcome_fields(self.signer, message, outcome, raw)
+        requeue = None
+        if outcome.retry_in is not None:
+            due = time.time() + outcome.retry_in
+            header = {
+                **message.to_header(),
+                "retries": message.retries + 1,
+                "eta": due,
+                "created": time.time(),
+            }
+            requeue = (self.signer.seal(header, admitted.envelope.body), due)
+        then_fetch = (self.queues, self.consumer, 1.0) if fetch_next and not self._stop else None
+        delivery = admitted.delivery if ack else None
+        backoff = 0.1
+        while True:
+            # The task has run: its outcome is written, however long the broker is away
+            # (giving up would leave the message to be settled as if the worker died).
+            try:
+                return self.transport.finish(
+                    delivery,
+                    message.id,
+                    message.client,
+                    raw,
+                    fields,
+                    requeue=requeue,
+                    then_fetch=then_fetch,
+                )
+            except BrokerUnavailable as exc:
+                log.warning(
+                    "cannot store the outcome of task %s yet (%s); retrying in %.1f s",
+                    message.id,
+                    exc,
+                    backoff,
+                )
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                then_fetch = None
+
+    def _callbacks(self, admitted: Admitted) -> Callbacks | None:
+        """The linked signatures a verified message carries, if any can be loaded."""
+        if not admitted.callbacks:
+            return None
+        try:
+            callbacks = decode_value(admitted.callbacks, "cloudpickle")
+        except Exception:
+            # e.g. a callback argument whose class this worker cannot import. The task's
+            # own outcome is stored; the chain's later steps cannot be told who they are.
+            log.exception("could not load the callbacks of task %s", admitted.message.id)
+            return None
+        return callbacks if isinstance(callbacks, Callbacks) else None
+
+    # Finding the task ------------------------------------------------------------------------
+    def _resolve(self, message: TaskMessage, code: Buffer) -> Task:
+        if message.code is not None:
+            task = self._shipped.get(message.code)
+            if task is None:
+                # One instance per process for shipped tasks too, keyed by code digest.
+                task = decode_value(code, "cloudpickle")
+                self._shipped[message.code] = task
+            return task
+        task = self.tasks.get(message.name)
+        if task is None:
+            task = self._import(message)
+        return task
+
+    def _import(self, message: TaskMessage) -> Task:
+        if not message.module:
+            raise NotRegistered(self._unknown(message, "it was sent by name only"))
+        try:
+            module = importlib.import_module(message.module)
+        except ImportError as exc:
+            why = f"importing {message.module!r} failed: {exc}"
+            raise NotRegistered(self._unknown(message, why)) from None
+        for value in vars(module).values():
+            if isinstance(value, Task) and not type(value).is_abstract():
+                self.tasks.setdefault(value.name, value)
+        task = self.tasks.get(message.name)
+        if task is None:
+            why = f"module {message.module!r} defines no such task"
+            raise NotRegistered(self._unknown(message, why))
+        return task
+
+    def _unknown(self, message: TaskMessage, why: str) -> str:
+        known = ", ".join(sorted(self.tasks)) or "none"
+        return (
+            f"task {message.name!r} is not registered on worker {self.hostname} ({why}). "
+            f"Registered tasks: {known}. Start the worker with -A for the module that defines "
+            "it, and import it under the same path on both sides ('proj.tasks' and 'tasks' "
+            "are different names)"
+        )

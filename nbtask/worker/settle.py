@@ -1,0 +1,217 @@
+"""Settling a task: its outcome, the record kept of it, and what follows it.
+
+Every final record a worker writes is built here (:func:`outcome_fields` for a run,
+:func:`report` for an outcome nbtask states on a task's behalf: lost, stopped, refused),
+and so is everything that follows an outcome: linked tasks (or failing a chain's later
+steps) and Celery's handlers, in Celery's order, after the outcome is stored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import traceback
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from nbtask.brokers import Delivery, Transport
+from nbtask.core.canvas import Callbacks, Signature
+from nbtask.core.task import ExceptionInfo, Task
+from nbtask.wire.envelope import Signer
+from nbtask.wire.events import FINAL_SEQ, Event, EventType, State
+from nbtask.wire.message import TaskMessage
+from nbtask.wire.records import RecordFields, final_fields
+from nbtask.worker.subtasks import SubtaskPublisher
+
+__all__ = [
+    "FollowUps",
+    "Outcome",
+    "call_handler",
+    "exception_info",
+    "failure_event",
+    "has_handlers",
+    "outcome_fields",
+    "report",
+]
+
+log = logging.getLogger("nbtask.worker")
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_AFTER_HANDLERS = ("on_success", "on_failure", "on_retry", "after_return")
+
+
+@dataclasses.dataclass
+class Outcome:
+    """How one run ended: the final (or retry) event and what goes with it."""
+
+    event: Event
+    body: bytes = b""
+    retval: Any = None
+    exc: BaseException | None = None
+    einfo: ExceptionInfo | None = None
+    retry_in: float | None = None
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def state(self) -> State:
+        """The state the outcome puts the task in."""
+        state = self.event.state
+        assert state is not None, "an outcome's event always moves the task's state"
+        return state
+
+
+def exception_info(exc: BaseException) -> ExceptionInfo:
+    """The ``einfo`` handlers get: the exception and its whole traceback as text."""
+    return ExceptionInfo(
+        exc, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    )
+
+
+def failure_event(
+    task_id: str, seq: int, exc: BaseException, details: Mapping[str, Any] | None = None
+) -> Event:
+    """The FAILURE event for ``exc``, its traceback starting in the user's code."""
+    tb = exc.__traceback__
+    # Skip nbtask's own frames: the remote traceback starts in the user's code.
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        tb = tb.tb_next
+    # No user frame at all (e.g. NotRegistered): the message says everything.
+    text = "".join(traceback.format_exception(type(exc), exc, tb)) if tb is not None else ""
+    kind = type(exc)
+    data = {
+        **(details or {}),
+        "ename": kind.__name__,
+        "etype": f"{kind.__module__}.{kind.__qualname__}",
+        "evalue": str(exc),
+        "traceback": text,
+    }
+    return Event(EventType.FAILURE, task_id, seq, data)
+
+
+def outcome_fields(
+    signer: Signer, message: TaskMessage, outcome: Outcome, raw_event: bytes
+) -> RecordFields:
+    """The record kept of a run: its state, and its signed result unless told otherwise."""
+    state = outcome.state
+    if state is State.RETRY:
+        return final_fields(state, b"")
+    if not message.store_result:
+        return {}  # backend=None: the client is told, the store keeps nothing
+    if message.ignore_result and state is State.SUCCESS:
+        # The outcome is still signed in the store; only the value is left out.
+        kept = {**outcome.event.data, "result_kept": False}
+        return final_fields(state, signer.seal({**outcome.event.to_header(), "data": kept}))
+    return final_fields(state, raw_event)
+
+
+def report(
+    transport: Transport,
+    signer: Signer,
+    task_id: str,
+    channel: str,
+    event: Event,
+    delivery: Delivery | None = None,
+) -> None:
+    """Store and send a final event nbtask states on a task's behalf (and ack ``delivery``)."""
+    raw = signer.seal(event.to_header())
+    assert event.state is not None
+    transport.finish(delivery, task_id, channel, raw, final_fields(event.state, raw))
+
+
+class FollowUps:
+    """What follows a stored outcome: linked tasks, a chain's later steps, the handlers.
+
+    Parameters
+    ----------
+    transport, signer
+        Where failed later steps of a chain are reported.
+    publisher
+        Sends linked tasks.
+    """
+
+    def __init__(self, transport: Transport, signer: Signer, publisher: SubtaskPublisher) -> None:
+        self.transport = transport
+        self.signer = signer
+        self.publisher = publisher
+
+    def run(
+        self, message: TaskMessage, outcome: Outcome, callbacks: Callbacks | None, task: Task | None
+    ) -> None:
+        """Send linked tasks (or fail a chain's later steps), then call the handlers."""
+        try:
+            if callbacks:
+                self._send_callbacks(message, outcome, callbacks)
+        except Exception:
+            # e.g. a callback argument that cannot be pickled. The task's own outcome is
+            # stored; the chain's later steps cannot be told who they are.
+            log.exception("could not send the callbacks of task %s", message.id)
+        if task is not None:
+            _call_handlers(task, message, outcome)
+
+    def _send_callbacks(self, message: TaskMessage, outcome: Outcome, callbacks: Callbacks) -> None:
+        """Send ``link`` signatures on success, ``link_error`` ones on failure."""
+        state = outcome.state
+        if state is State.SUCCESS:
+            calls = [(sig, () if sig.immutable else (outcome.retval,)) for sig in callbacks.link]
+        elif state in (State.FAILURE, State.REVOKED):
+            calls = [(sig, () if sig.immutable else (message.id,)) for sig in callbacks.link_error]
+            # Later steps of a chain will never run: tell their handles why, now.
+            self._fail_downstream(message, outcome, callbacks.link)
+        else:
+            return
+        family = {"parent_id": message.id, "root_id": message.root_id}
+        self.publisher.publish(
+            message.client,
+            [
+                Signature(sig.task, (*first, *sig.args), sig.kwargs, {**sig.options, **family})
+                for sig, first in calls
+            ],
+        )
+
+    def _fail_downstream(
+        self, message: TaskMessage, outcome: Outcome, links: Sequence[Signature]
+    ) -> None:
+        for sig in links:
+            task_id = sig.options.get("task_id")
+            if not task_id:
+                continue
+            data = {
+                **outcome.event.data,
+                "reason": f"an earlier task in the chain ({message.id}) did not succeed",
+            }
+            event = Event(outcome.event.type, task_id, FINAL_SEQ, data)
+            report(self.transport, self.signer, task_id, message.client, event)
+            nested = sig.options.get("callbacks")
+            if isinstance(nested, Callbacks):
+                self._fail_downstream(message, outcome, nested.link)
+
+
+def has_handlers(task: Task) -> bool:
+    """True if the task's class overrides any handler that runs after the outcome."""
+    return any(getattr(type(task), name) is not getattr(Task, name) for name in _AFTER_HANDLERS)
+
+
+def call_handler(handler: Any, *args: Any) -> None:
+    """Call a handler; a failing one must not lose the (already stored) outcome: log it."""
+    try:
+        handler(*args)
+    except Exception:
+        log.exception("handler %s raised; the task's outcome is unaffected", handler.__name__)
+
+
+def _call_handlers(task: Task, message: TaskMessage, outcome: Outcome) -> None:
+    """Celery's handlers, in Celery's order, after the outcome is stored."""
+    state = outcome.state
+    args, kwargs = outcome.args, outcome.kwargs
+    if state is State.SUCCESS:
+        call_handler(task.on_success, outcome.retval, message.id, args, kwargs)
+    elif state is State.RETRY and outcome.exc is not None and outcome.einfo is not None:
+        call_handler(task.on_retry, outcome.exc, message.id, args, kwargs, outcome.einfo)
+    elif outcome.exc is not None and outcome.einfo is not None:
+        call_handler(task.on_failure, outcome.exc, message.id, args, kwargs, outcome.einfo)
+    if state is State.RETRY:
+        return  # Celery skips after_return for a retry: the task has not returned yet
+    retval = outcome.retval if state is State.SUCCESS else outcome.exc
+    call_handler(task.after_return, state.value, retval, message.id, args, kwargs, outcome.einfo)

@@ -1,0 +1,120 @@
+"""Sending tasks from a worker: linked tasks, a chain's next step, tasks a task sends."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from nbtask.brokers import Transport
+from nbtask.core.canvas import Call, Signature
+from nbtask.core.handle import TaskHandle
+from nbtask.core.outgoing import MessageBuilder
+from nbtask.errors import NbtaskError
+from nbtask.wire.events import decode_event
+from nbtask.wire.message import TaskMessage
+
+__all__ = ["SubtaskPublisher", "WorkerHandle", "WorkerSender"]
+
+
+class SubtaskPublisher:
+    """Sends tasks from a worker process, each for the client whose task caused it.
+
+    Parameters
+    ----------
+    transport
+        Where the messages go.
+    builder
+        Builds and signs them.
+    """
+
+    def __init__(self, transport: Transport, builder: MessageBuilder) -> None:
+        self.transport = transport
+        self.builder = builder
+
+    def publish(self, channel: str, sigs: Sequence[Signature]) -> list[str]:
+        """Send signatures (with their final arguments) for ``channel``'s client; their ids.
+
+        A signature whose task already ended (a chain step revoked before this worker
+        sent it) stays as it is: its message is not queued.
+        """
+        publishes = [
+            self.builder.build((sig.task, sig.args, sig.kwargs, sig.options), channel)[1]
+            for sig in sigs
+        ]
+        if publishes:
+            self.transport.publish(publishes)
+        return [p.task_id for p in publishes]
+
+
+class WorkerSender:
+    """Sends tasks from inside a running task, to the same client, through this worker.
+
+    The client can re-attach to the tasks it sends by id. Waiting on them here is refused
+    (``get()`` inside a task) unless asked for with ``disable_sync_subtasks=False``: then
+    the handle follows the client's event channel itself while it waits.
+    """
+
+    def __init__(self, publisher: SubtaskPublisher, message: TaskMessage) -> None:
+        self._publisher = publisher
+        self._message = message
+
+    def send_batch(self, calls: Sequence[Call]) -> list[TaskHandle]:
+        """Send several calls in one round trip, as children of the running task."""
+        message = self._message
+        family = {"parent_id": message.id, "root_id": message.root_id}
+        sigs = [
+            Signature(task, tuple(args), kwargs, {**options, **family})
+            for task, args, kwargs, options in calls
+        ]
+        ids = self._publisher.publish(message.client, sigs)
+        return [self.expect(task_id, sig.task.name) for sig, task_id in zip(sigs, ids, strict=True)]
+
+    def expect(self, task_id: str, name: str) -> TaskHandle:
+        """A handle that follows the task only while someone waits on it."""
+        return WorkerHandle(self._publisher, self._message.client, task_id, name)
+
+
+class WorkerHandle(TaskHandle):
+    """A handle inside a worker: no listener thread feeds it, so waiting reads events."""
+
+    def __init__(self, publisher: SubtaskPublisher, channel: str, task_id: str, name: str) -> None:
+        super().__init__(None, task_id, name)
+        self._transport = publisher.transport
+        self._signer = publisher.builder.signer
+        self._channel = channel
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the result by reading the client's event channel, then return it."""
+        if not self.done():
+            self._follow(timeout)
+        return super().result(0)
+
+    def _follow(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        store = self._transport.store
+        # From the channel's current end, then the store, in that order: an outcome that
+        # lands in between is in the store; one after it arrives as an event.
+        position = store.channel_end(self._channel)
+        record = store.get_record(self.id)
+        if record is not None and record.result:
+            self._apply_raw(record.result)
+        while not self.done():
+            left = 1.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                return
+            for _channel, entry_id, raw in self._transport.read_events(
+                {self._channel: position}, block_seconds=min(left, 1.0)
+            ):
+                position = entry_id
+                self._apply_raw(raw)
+
+    def _apply_raw(self, raw: bytes) -> None:
+        if not raw:
+            return
+        try:
+            event, value = decode_event(self._signer, raw)
+        except NbtaskError:
+            return
+        if event.task_id == self.id:
+            self.apply(event, value)

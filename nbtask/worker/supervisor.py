@@ -1,0 +1,473 @@
+"""``nbtask worker``: a supervisor process and its child processes.
+
+The supervisor runs no task code. It forks one child per slot (each takes one message at
+a time, so prefetch equals free slots), restarts a child that dies and settles the task it
+held (redelivered if ``acks_late``, else ``WORKER_LOST``), renews the leases of running
+tasks at every heartbeat, moves due ETA messages onto their queues, and cleans up after
+other workers whose heartbeat lapsed.
+
+Signals: the first SIGTERM/SIGINT is a warm shutdown (children finish their current task),
+the second a cold one (children are killed; their tasks are settled as if they died).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+from nbtask._urls import redact_url
+from nbtask.brokers import Delivery, Transport, open_broker
+from nbtask.core.task import Task
+from nbtask.errors import BrokerUnavailable, NbtaskError
+from nbtask.settings import Settings
+from nbtask.wire.envelope import Signer
+from nbtask.wire.events import FINAL_SEQ, Event, EventType, State
+from nbtask.wire.message import TaskMessage
+from nbtask.wire.records import WorkerInfo
+from nbtask.worker.child import Child
+from nbtask.worker.settle import report
+from nbtask.worker.slots import SlotState
+
+__all__ = ["EXIT_OK", "EXIT_SIGNAL", "Worker"]
+
+log = logging.getLogger("nbtask.worker")
+
+EXIT_OK = 0
+EXIT_SIGNAL = 130  # stopped by a second (cold) signal
+_TICK_SECONDS = 0.1
+_STALE_CHECK_EVERY = 10  # heartbeats between visibility-timeout sweeps
+_TERMINATE_MEMORY_SECONDS = 10.0  # how long a terminate waits for its task to show up
+_CRASH_LOOP_SECONDS = 1.0  # a child that dies younger than this is respawned with backoff
+
+
+class Worker:
+    """A supervisor with ``concurrency`` child processes serving ``queues``.
+
+    Parameters
+    ----------
+    settings
+        Key prefix, heartbeat interval, visibility timeout, redelivery cap.
+    url
+        Broker URL.
+    secret
+        Signing secret (``None`` only with ``settings.insecure``).
+    queues
+        Queues to serve, in priority order.
+    concurrency
+        Child processes; default one per CPU core.
+    tasks
+        Registered tasks (from ``-A module``); tasks sent by value need no registration.
+    parent_pid
+        Stop (cold) when this process is gone: used by the embedded cluster.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        url: str,
+        secret: str | None,
+        *,
+        queues: Sequence[str] = (),
+        concurrency: int | None = None,
+        tasks: Mapping[str, Task] | None = None,
+        parent_pid: int | None = None,
+        on_ready: Callable[[Worker], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.url = url
+        self.secret = secret
+        self.queues = list(queues) or [settings.default_queue]
+        self.concurrency = concurrency or settings.worker_concurrency or os.cpu_count() or 1
+        self.tasks = dict(tasks or {})
+        self.parent_pid = parent_pid
+        self.hostname = socket.gethostname()
+        self.worker_id = f"{self.hostname}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.consumers = [f"{self.worker_id}-{slot}" for slot in range(self.concurrency)]
+        self._on_ready = on_ready
+        self._children: dict[int, BaseProcess] = {}
+        self._slots = [SlotState() for _ in range(self.concurrency)]
+        # slot -> (task id, why it is being stopped, when to SIGKILL it)
+        self._stopping: dict[int, tuple[str, str, float]] = {}
+        self._control_position = "$"
+        # task id -> (when to stop looking for it, grace period)
+        self._terminates: dict[str, tuple[float, float]] = {}
+        self._killed: set[int] = set()
+        self._spawned_at: dict[int, float] = {}
+        self._backoff: dict[int, float] = {}
+        self._respawn_at: dict[int, float] = {}
+        self._signals = 0
+        self._warm = False
+        self._started = time.time()
+        self._context = multiprocessing.get_context("fork")
+
+    # Running ---------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Serve until stopped; return the process exit code."""
+        self.transport: Transport = open_broker(self.settings, self.url)
+        self.store = self.transport.store
+        self.signer = Signer.for_settings(self.settings, self.secret)
+        self.transport.ensure_queues(self.queues)
+        # Handlers only count signals; the loop below decides what to do.
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        # Fix the control stream position before any child can take a task, so a
+        # terminate sent from now on is never missed.
+        self._read_control()
+        self._heartbeat()
+        for slot in range(self.concurrency):
+            self._spawn(slot)
+        log.info("worker %s ready", self.worker_id)
+        if self._on_ready is not None:
+            self._on_ready(self)
+        try:
+            return self._loop()
+        finally:
+            self._shutdown()
+
+    def banner(self) -> str:
+        """The startup banner: broker, queues, concurrency and registered tasks."""
+        names = (
+            "\n".join(f"  . {name}" for name in sorted(self.tasks))
+            or "  (none: tasks sent by value only)"
+        )
+        return (
+            f"nbtask worker {self.worker_id}\n"
+            f"  broker:      {redact_url(self.url)}\n"
+            f"  queues:      {', '.join(self.queues)}\n"
+            f"  concurrency: {self.concurrency} child processes\n"
+            f"[tasks]\n{names}"
+        )
+
+    def _loop(self) -> int:
+        next_heartbeat = time.monotonic() + self.settings.heartbeat_interval
+        beats = 0
+        while True:
+            code = self._watch_signals_and_parent()
+            if code is not None:
+                return code
+            self._reap_children()
+            if self._warm and not self._children:
+                return EXIT_OK
+            if not self._warm:
+                self._respawn_due()
+            try:
+                beat = time.monotonic() >= next_heartbeat
+                self._housekeeping(beat=beat, beats=beats)
+                if beat:
+                    next_heartbeat = time.monotonic() + self.settings.heartbeat_interval
+                    beats += 1
+            except BrokerUnavailable as exc:
+                log.warning("broker unreachable (%s); retrying", exc)
+                time.sleep(min(1.0, self.settings.heartbeat_interval))
+            except Exception:
+                # A housekeeping step failing (a read-only replica, an out-of-memory
+                # reply) must not take the worker and its running tasks down with it.
+                log.exception("housekeeping step failed; retrying")
+                time.sleep(min(1.0, self.settings.heartbeat_interval))
+
+    def _watch_signals_and_parent(self) -> int | None:
+        """The exit code if the worker must stop now; a first signal starts a warm stop."""
+        if self._signals >= 2:
+            log.warning("cold shutdown: killing %d child process(es)", len(self._children))
+            return EXIT_SIGNAL
+        if self._signals == 1 and not self._warm:
+            self._warm = True
+            log.info("warm shutdown: children finish their current task (signal again to stop now)")
+            for child in self._children.values():
+                if child.pid:
+                    os.kill(child.pid, signal.SIGTERM)
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            log.warning("parent process %d is gone; stopping", self.parent_pid)
+            return EXIT_OK
+        return None
+
+    def _reap_children(self) -> None:
+        """Wait a tick for children to exit; settle and replace those that did."""
+        sentinels = {c.sentinel: slot for slot, c in self._children.items()}
+        if not sentinels:
+            time.sleep(_TICK_SECONDS)  # wait() on nothing would return at once
+        ready = multiprocessing.connection.wait(list(sentinels), timeout=_TICK_SECONDS)
+        for sentinel in ready:
+            assert isinstance(sentinel, int)
+            self._child_exited(sentinels[sentinel], respawn=not self._warm)
+
+    def _housekeeping(self, *, beat: bool, beats: int) -> None:
+        """Every tick: ETA, limits, control; every heartbeat: presence, dead workers."""
+        self.transport.move_due(self.queues)
+        self._enforce_limits()
+        self._read_control()
+        self._apply_terminates()
+        if not beat:
+            return
+        self._heartbeat()
+        self._reclaim_dead_workers()
+        for delivery in self.transport.orphans():
+            self._settle_lost(delivery, "its worker process died (redelivered by the broker)")
+        if (beats + 1) % _STALE_CHECK_EVERY == 0:  # this is heartbeat number beats + 1
+            for delivery in self.transport.stale(self.queues, self.worker_id):
+                self._settle_lost(delivery, "its lease expired (visibility timeout)")
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+
+    def _spawn(self, slot: int) -> None:
+        child = Child(
+            self.settings,
+            self.url,
+            self.secret,
+            queues=self.queues,
+            consumer=self.consumers[slot],
+            worker_id=self.worker_id,
+            hostname=self.hostname,
+            tasks=self.tasks,
+            slot=self._slots[slot],
+        )
+        process = self._context.Process(target=child.run, name=f"nbtask-child-{slot}")
+        process.start()
+        self._children[slot] = process
+        self._spawned_at[slot] = time.monotonic()
+
+    def _child_exited(self, slot: int, *, respawn: bool) -> None:
+        process = self._children.pop(slot)
+        process.join()
+        self._killed.discard(process.pid or 0)
+        if process.exitcode != 0:
+            log.error(
+                "child %d (pid %s) died with exit code %s", slot, process.pid, process.exitcode
+            )
+        reason = f"its worker process {process.pid} exited with code {process.exitcode}"
+        stopped = self._stopping.pop(slot, None)
+        had_task = bool(self._slots[slot].task_id)
+        self._slots[slot].clear()
+        try:
+            lost = self.transport.held(self.queues, self.consumers[slot])
+            for delivery in lost:
+                self._settle_lost(delivery, reason, stopped)
+            had_task = had_task or bool(lost)
+            if stopped is not None and not any(d.task_id == stopped[0] for d in lost):
+                # A broker that gives a dead child's message back by itself (AMQP) may
+                # not show it yet: store why it was killed now, so that the copy coming
+                # back finds the task final and is dropped.
+                self._report_stopped(stopped, reason)
+        except BrokerUnavailable as exc:
+            log.warning("could not settle the tasks of child %d yet: %s", slot, exc)
+        if not respawn:
+            return
+        young = time.monotonic() - self._spawned_at.get(slot, 0.0) < _CRASH_LOOP_SECONDS
+        if young and not had_task:
+            # Dying right after start (a broken import, a bad environment): back off
+            # instead of burning a core on respawns.
+            delay = min(2 * self._backoff.get(slot, _CRASH_LOOP_SECONDS / 2), 30.0)
+            self._backoff[slot] = delay
+            self._respawn_at[slot] = time.monotonic() + delay
+            log.error("child %d keeps dying at start; next try in %.1f s", slot, delay)
+        else:
+            self._backoff.pop(slot, None)
+            self._spawn(slot)
+
+    def _respawn_due(self) -> None:
+        now = time.monotonic()
+        for slot, when in list(self._respawn_at.items()):
+            if now >= when:
+                del self._respawn_at[slot]
+                self._spawn(slot)
+
+    def _shutdown(self) -> None:
+        for process in self._children.values():
+            if process.pid and process.is_alive():
+                process.kill()
+        for slot in list(self._children):
+            self._child_exited(slot, respawn=False)
+        try:
+            self.store.unregister(self.worker_id)
+            self.transport.forget_consumers(self.consumers, self.queues)
+        except BrokerUnavailable as exc:
+            log.warning("could not unregister from the broker: %s", exc)
+        self.transport.close()
+        log.info("worker %s stopped", self.worker_id)
+
+    # Housekeeping ----------------------------------------------------------------------------
+    def _info(self) -> WorkerInfo:
+        return WorkerInfo(
+            hostname=self.hostname,
+            pid=os.getpid(),
+            queues=tuple(self.queues),
+            concurrency=self.concurrency,
+            consumers=tuple(self.consumers),
+            started=self._started,
+            tasks=tuple(sorted(self.tasks)),
+            busy=tuple(slot.task_id for slot in self._slots if slot.task_id),
+        )
+
+    def _heartbeat(self) -> None:
+        self.store.heartbeat(self.worker_id, self._info())
+        self.transport.renew(self.consumers, self.queues)
+
+    def _reclaim_dead_workers(self) -> None:
+        for worker_id, info in self.store.dead_workers().items():
+            if worker_id == self.worker_id or not self.store.claim_dead_worker(worker_id):
+                continue
+            if info is None:  # an entry nbtask did not write: nothing to settle
+                log.warning("dropped unreadable worker entry %r from the registry", worker_id)
+                self.store.forget_worker(worker_id)
+                continue
+            reason = f"worker {worker_id} stopped sending heartbeats"
+            # Only leases nobody renewed for the visibility timeout: a worker that merely
+            # paused past its heartbeats keeps the tasks it is still running.
+            idle = self.settings.visibility_timeout
+            settled = 0
+            for consumer in info.consumers:
+                for delivery in self.transport.held(info.queues, consumer, min_idle=idle):
+                    self._settle_lost(delivery, reason)
+                    settled += 1
+            if settled:
+                log.warning("settled %d task(s) of dead worker %s", settled, worker_id)
+            if not self.transport.holds_any(info.queues, info.consumers):
+                self.store.unregister(worker_id)
+                self.transport.forget_consumers(info.consumers, info.queues)
+                log.warning("cleaned up after dead worker %s", worker_id)
+
+    def _enforce_limits(self) -> None:
+        """Kill children past their task's hard time limit or a terminate's grace period."""
+        now = time.time()
+        for slot, process in list(self._children.items()):
+            state = self._slots[slot]
+            task_id, deadline = state.task_id, state.deadline
+            stopping = self._stopping.get(slot)
+            if stopping is not None and stopping[0] != task_id:
+                del self._stopping[slot]  # that task ended by itself
+                stopping = None
+            if stopping is not None and now >= stopping[2]:
+                self._kill(slot, process, stopping)
+            elif task_id and deadline and now >= deadline and stopping is None:
+                self._kill(slot, process, (task_id, "time_limit", now))
+
+    def _kill(self, slot: int, process: BaseProcess, stopping: tuple[str, str, float]) -> None:
+        if process.pid in self._killed:
+            return  # already sent; waiting for it to be reaped
+        self._killed.add(process.pid or 0)
+        log.error(
+            "killing child %d (pid %s): task %s %s",
+            slot,
+            process.pid,
+            stopping[0],
+            "passed its hard time limit"
+            if stopping[1] == "time_limit"
+            else "ignored its terminate request",
+        )
+        self._stopping[slot] = stopping
+        if process.pid:
+            os.kill(process.pid, signal.SIGKILL)
+
+    def _read_control(self) -> None:
+        for entry_id, raw in self.store.read_control(self._control_position):
+            self._control_position = entry_id
+            if not raw:
+                continue
+            try:
+                command = self.signer.open(raw).header
+            except NbtaskError as exc:
+                log.error("ignored a control message that does not verify: %s", exc)
+                continue
+            if command.get("kind") == "control" and command.get("cmd") == "terminate":
+                self._terminate(str(command.get("id")), float(command.get("grace", 5.0)))
+
+    def _terminate(self, task_id: str, grace: float) -> None:
+        # Remembered for a while: the request can overtake the delivery it is about (the
+        # task is STARTED in Redis a moment before its child records it in its slot).
+        self._terminates[task_id] = (time.monotonic() + _TERMINATE_MEMORY_SECONDS, grace)
+        self._apply_terminates()
+
+    def _apply_terminates(self) -> None:
+        now = time.monotonic()
+        for task_id, (forget_at, grace) in list(self._terminates.items()):
+            for slot, process in self._children.items():
+                if self._slots[slot].task_id == task_id and process.pid:
+                    log.warning(
+                        "terminating task %s in child %d (SIGINT, SIGKILL after %.1f s)",
+                        task_id,
+                        slot,
+                        grace,
+                    )
+                    self._stopping[slot] = (task_id, "revoked", time.time() + grace)
+                    os.kill(process.pid, signal.SIGINT)
+                    del self._terminates[task_id]
+                    break
+            else:
+                if now >= forget_at:
+                    del self._terminates[task_id]
+
+    def _settle_lost(
+        self, delivery: Delivery, reason: str, stopped: tuple[str, str, float] | None = None
+    ) -> None:
+        """Settle a delivery whose worker died: redeliver (acks_late) or report it lost.
+
+        ``stopped`` names a task this supervisor killed on purpose (time limit, revoke):
+        that one is reported as such, never redelivered.
+        """
+        try:
+            message = TaskMessage.from_header(self.signer.open(delivery.raw).header)
+        except NbtaskError as exc:
+            log.error("dead-lettered an unverifiable message %s: %s", delivery.delivery_id, exc)
+            self.transport.dead_letter(delivery)
+            return
+        record = self.store.get_record(message.id)
+        if record is not None and record.final:
+            self.transport.discard(delivery)  # it finished; only the acknowledgement was lost
+            return
+        if stopped is not None and stopped[0] == message.id:
+            event = _stopped_event(stopped, reason, message.name)
+            report(self.transport, self.signer, message.id, message.client, event, delivery)
+            return
+        redeliver = message.acks_late and message.reject_on_worker_lost is not False
+        if redeliver and delivery.deliveries < self.settings.max_redeliveries:
+            log.warning(
+                "task %s [%s]: %s; redelivering (attempt %d)",
+                message.name,
+                message.id,
+                reason,
+                delivery.deliveries + 2,
+            )
+            self.transport.requeue(delivery, message.id)
+            return
+        if redeliver:
+            evalue = (
+                f"redelivered {delivery.deliveries} time(s) and its worker died each time; "
+                "moved to the dead-letter stream"
+            )
+            data = {"ename": "WorkerLost", "reason": reason, "evalue": evalue}
+            event = Event(EventType.FAILURE, message.id, FINAL_SEQ, data)
+            self.transport.dead_letter(delivery)
+            report(self.transport, self.signer, message.id, message.client, event)
+            return
+        log.error("task %s [%s]: %s; reported WORKER_LOST", message.name, message.id, reason)
+        event = Event(EventType.WORKER_LOST, message.id, FINAL_SEQ, {"reason": reason})
+        report(self.transport, self.signer, message.id, message.client, event, delivery)
+
+    def _report_stopped(self, stopped: tuple[str, str, float], reason: str) -> None:
+        """Store why a task this supervisor killed ended, unless it ended otherwise."""
+        task_id = stopped[0]
+        record = self.store.get_record(task_id)
+        if record is None or not record.client or record.state is not State.STARTED:
+            return
+        event = _stopped_event(stopped, reason, record.name or "task")
+        report(self.transport, self.signer, task_id, record.client, event)
+
+
+def _stopped_event(stopped: tuple[str, str, float], reason: str, name: str) -> Event:
+    """The final event of a task this supervisor killed on purpose."""
+    task_id, why, _ = stopped
+    if why == "revoked":
+        return Event(EventType.REVOKED, task_id, FINAL_SEQ, {"reason": "terminated"})
+    evalue = f"task {name} ran past its hard time limit and its process was killed"
+    data = {"ename": "TimeLimitExceeded", "reason": reason, "evalue": evalue}
+    return Event(EventType.FAILURE, task_id, FINAL_SEQ, data)
