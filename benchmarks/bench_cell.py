@@ -18,11 +18,17 @@ URL = os.environ.get("NBTASK_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 def main() -> None:
     prefix = f"nbbench-{uuid.uuid4().hex[:8]}"
-    os.environ.update({"NBTASK_BROKER": URL, "NBTASK_SECRET": "bench-" + uuid.uuid4().hex,
-                       "NBTASK_KEY_PREFIX": prefix})
+    os.environ.update(
+        {
+            "NBTASK_BROKER": URL,
+            "NBTASK_SECRET": "bench-" + uuid.uuid4().hex,
+            "NBTASK_KEY_PREFIX": prefix,
+        }
+    )
     worker = subprocess.Popen(
         [sys.executable, "-m", "nbtask", "worker", "-b", URL, "--key-prefix", prefix, "-c", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         from IPython.testing.globalipapp import start_ipython

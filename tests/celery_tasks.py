@@ -89,8 +89,14 @@ class Recording(app.Task):
     def on_success(
         self, retval: Any, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]
     ) -> None:
-        record(args[0], h="on_success", retval=retval, task_id=task_id, args=list(args),
-               kwargs=dict(kwargs))  # fmt: skip
+        record(
+            args[0],
+            h="on_success",
+            retval=retval,
+            task_id=task_id,
+            args=list(args),
+            kwargs=dict(kwargs),
+        )
 
     def on_failure(
         self,
@@ -100,9 +106,16 @@ class Recording(app.Task):
         kwargs: Mapping[str, Any],
         einfo: ExceptionInfo,
     ) -> None:
-        record(args[0], h="on_failure", exc=type(exc).__name__, exc_text=str(exc),
-               task_id=task_id, args=list(args), kwargs=dict(kwargs),
-               einfo=_einfo(einfo))  # fmt: skip
+        record(
+            args[0],
+            h="on_failure",
+            exc=type(exc).__name__,
+            exc_text=str(exc),
+            task_id=task_id,
+            args=list(args),
+            kwargs=dict(kwargs),
+            einfo=_einfo(einfo),
+        )
 
     def on_retry(
         self,
@@ -112,9 +125,16 @@ class Recording(app.Task):
         kwargs: Mapping[str, Any],
         einfo: ExceptionInfo,
     ) -> None:
-        record(args[0], h="on_retry", exc=type(exc).__name__, exc_text=str(exc),
-               task_id=task_id, args=list(args), kwargs=dict(kwargs),
-               einfo=_einfo(einfo))  # fmt: skip
+        record(
+            args[0],
+            h="on_retry",
+            exc=type(exc).__name__,
+            exc_text=str(exc),
+            task_id=task_id,
+            args=list(args),
+            kwargs=dict(kwargs),
+            einfo=_einfo(einfo),
+        )
 
     def after_return(
         self,
@@ -126,8 +146,15 @@ class Recording(app.Task):
         einfo: ExceptionInfo | None,
     ) -> None:
         shown = type(retval).__name__ if isinstance(retval, BaseException) else retval
-        record(args[0], h="after_return", status=str(status), retval=shown, task_id=task_id,
-               args=list(args), kwargs=dict(kwargs))  # fmt: skip
+        record(
+            args[0],
+            h="after_return",
+            status=str(status),
+            retval=shown,
+            task_id=task_id,
+            args=list(args),
+            kwargs=dict(kwargs),
+        )
 
 
 @app.task(base=Recording, bind=True)

@@ -23,6 +23,7 @@ from helpers import (
     REDIS_URL,
     ROOT,
     SECRET,
+    SESSION_PREFIX,
     WorkerProcess,
     amqp_reachable,
     delete_amqp_queues,
@@ -65,7 +66,7 @@ def redis_url() -> str:
 @pytest.fixture
 def prefix(redis_url: str) -> Iterator[str]:
     """A key prefix of this test's own; its keys (and only those) are deleted after."""
-    name = f"nbtest-{uuid.uuid4().hex[:10]}"
+    name = f"{SESSION_PREFIX}-{uuid.uuid4().hex[:10]}"
     yield name
     client = redis.Redis.from_url(redis_url)
     keys = list(client.scan_iter(match=f"{name}:*", count=1000))
@@ -96,7 +97,13 @@ def settings(
     amqp_reachable()
     monkeypatch.setenv("NBTASK_RESULT_URL", redis_url)  # read by the worker processes
     yield common.replace(broker_url=AMQP_URL, result_url=redis_url)
-    delete_amqp_queues(prefix)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _delete_the_sessions_amqp_queues() -> Iterator[None]:
+    """The task queues this session's tests declared on RabbitMQ, deleted at its end."""
+    yield
+    delete_amqp_queues(SESSION_PREFIX)
 
 
 @pytest.fixture
@@ -151,4 +158,4 @@ def start_worker(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., W
 
     yield start
     for worker in started:
-        worker.stop()
+        worker.end()

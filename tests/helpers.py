@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from nbtask import Settings
+from nbtask import App, Settings
 from nbtask.brokers import open_broker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +33,23 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.01)
+
+
+def wait_for_housekeeping(app: App, timeout: float = 15.0) -> None:
+    """Until every live worker has been through a whole heartbeat begun from now on.
+
+    A supervisor's heartbeat and the housekeeping after it (dead workers, lost deliveries,
+    leases) run together: seeing a second heartbeat after ``now`` means the first one's
+    housekeeping is done, and a task's follow-ups too (a slot stays busy until they end).
+    """
+    now = time.time()
+    interval = app.settings.heartbeat_interval
+
+    def beaten() -> bool:
+        live = app.workers().values()
+        return bool(live) and all(i.seen > now + interval and not i.busy for i in live)
+
+    wait_until(beaten, timeout, "every worker's next heartbeat, idle")
 
 
 def client_env(settings: Settings) -> dict[str, str]:
@@ -57,15 +74,29 @@ def amqp_reachable() -> None:
         conn.release()
 
 
+#: Every key prefix of this test session starts so (one per process under pytest-xdist),
+#: so the session's leftovers can be deleted at its end without touching another's.
+SESSION_PREFIX = f"nbtest-{uuid.uuid4().hex[:6]}"
+
+
 def delete_amqp_queues(prefix: str) -> None:
-    """Delete the durable task queues a test declared (``<prefix>:q:*``)."""
+    """Delete the durable task queues declared under ``prefix`` (``<prefix>...:q:*``).
+
+    Listing queues costs a ``rabbitmqctl`` run (about a second), so tests leave theirs
+    (each test's prefix is its own) and the session deletes them all once at its end.
+    """
     import kombu
 
     out = subprocess.run(
         ["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name"],
-        capture_output=True, text=True, timeout=30, check=False,
-    ).stdout  # fmt: skip
-    names = [n for n in out.split() if n.startswith(f"{prefix}:q:")] or [f"{prefix}:q:default"]
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    ).stdout
+    names = [n for n in out.split() if n.startswith(prefix) and ":q:" in n]
+    if not names:
+        return
     with kombu.Connection(AMQP_URL, connect_timeout=3) as conn:
         channel = conn.channel()
         for name in names:
@@ -103,14 +134,25 @@ class WorkerProcess:
         raise AssertionError(f"worker not ready after {timeout} s:\n{self.log.read_text()}")
 
     def stop(self) -> None:
+        """Warm shutdown, as an operator's Ctrl-C: running tasks finish first."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
-                self.process.send_signal(signal.SIGTERM)
-                try:
-                    self.process.wait(10)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait()
+                self.end()
+
+    def end(self) -> None:
+        """Cold shutdown (a second signal): children are killed, their tasks settled.
+
+        What a test's teardown needs: no waiting for idle children to notice a warm stop.
+        """
+        while self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(0.05)
+            except subprocess.TimeoutExpired:
+                continue
+        if self.process.returncode is None:  # pragma: no cover - wait() sets it
+            self.process.kill()
+            self.process.wait()

@@ -121,9 +121,11 @@ class _AmqpQueues(RawBroker):
 
     def _publish(self, routing_key: str, raw: bytes, headers: dict[str, Any]) -> None:
         message = self.channel.prepare_message(
-            raw, headers=headers, content_type="application/octet-stream",
+            raw,
+            headers=headers,
+            content_type="application/octet-stream",
             content_encoding="binary",
-        )  # fmt: skip
+        )
         self.channel.basic_publish(message, exchange="", routing_key=routing_key)
 
     def inject(self, raw: bytes, *, deliveries: int = 0, task_id: str | None = None) -> None:
@@ -173,10 +175,20 @@ def _rabbitmq_counts(name: str) -> tuple[int, int]:
     """
     try:
         out = subprocess.run(
-            ["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name", "messages_ready",
-             "messages_unacknowledged"],
-            capture_output=True, text=True, timeout=30, check=True,
-        ).stdout  # fmt: skip
+            [
+                "rabbitmqctl",
+                "list_queues",
+                "-q",
+                "--no-table-headers",
+                "name",
+                "messages_ready",
+                "messages_unacknowledged",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         raise AssertionError(
             f"cannot count the queue's messages with rabbitmqctl ({exc}); run the tests as a "

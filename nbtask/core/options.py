@@ -32,7 +32,6 @@ TASK_OPTIONS = frozenset(
         "reject_on_worker_lost",
         "priority",
         "backend",
-        "typing",
     }
 )
 _RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
@@ -77,9 +76,10 @@ def validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
         )
     if attrs.pop("priority", None) is not None:
         raise ConfigurationError(
-            "priority is not supported on the Redis broker (a Stream is first in, first out); "
-            "send urgent work to its own queue and start workers with -Q urgent,default, which "
-            "serve the queues in that order"
+            "priority is not supported: each nbtask queue is served first in, first out, on "
+            "Redis and RabbitMQ alike. Send urgent work to a queue of its own (queue='urgent') "
+            "and give it workers: on Redis, workers started with -Q urgent,default take from "
+            "'urgent' first; on RabbitMQ, start workers that serve -Q urgent alone"
         )
     if "backend" in attrs:
         backend = attrs.pop("backend")
@@ -91,7 +91,7 @@ def validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return attrs
 
 
-_BOOLS = ("bind", "acks_late", "retry_jitter", "typing")
+_BOOLS = ("bind", "acks_late", "retry_jitter")
 _OPTIONAL_BOOLS = ("ignore_result", "reject_on_worker_lost")
 _OPTIONAL_STRINGS = ("name", "queue")
 

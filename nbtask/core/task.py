@@ -67,7 +67,6 @@ class Task:
     reject_on_worker_lost: ClassVar[bool | None] = None
     #: ``False`` keeps no record at all in the result store (the client is still told).
     store_result: ClassVar[bool] = True
-    typing: ClassVar[bool] = True
     # Abstract classes (the app's Task base, user base classes) are never registered.
     abstract: ClassVar[bool] = True
 

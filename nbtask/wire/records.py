@@ -127,6 +127,8 @@ class WorkerInfo:
     started: float = 0.0
     tasks: tuple[str, ...] = ()
     busy: tuple[str, ...] = ()
+    #: When this entry was written (epoch seconds): the worker's last heartbeat.
+    seen: float = 0.0
 
     def to_json(self) -> str:
         """The registry entry's text."""
@@ -154,6 +156,7 @@ class WorkerInfo:
                 started=float(_field(value, "started", (int, float), 0.0)),
                 tasks=_strings(value.get("tasks", [])),
                 busy=_strings(value.get("busy", [])),
+                seen=float(_field(value, "seen", (int, float), 0.0)),
             )
         except (TypeError, ValueError):
             return None

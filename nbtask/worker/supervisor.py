@@ -306,6 +306,7 @@ class Worker:
             started=self._started,
             tasks=tuple(sorted(self.tasks)),
             busy=tuple(slot.task_id for slot in self._slots if slot.task_id),
+            seen=time.time(),
         )
 
     def _heartbeat(self) -> None:

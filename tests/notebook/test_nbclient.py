@@ -24,21 +24,23 @@ def test_notebook_runs_with_tasks_and_saves_widget_state(
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("NBTASK_BROKER", settings.broker_url or "")
     monkeypatch.setenv("NBTASK_SECRET", settings.secret or "")
-    nb = new_notebook(cells=[
-        new_code_cell("%load_ext nbtask"),
-        new_code_cell("import pandas as pd\ndf = pd.DataFrame({'a': [1, 2]})"),
-        new_code_cell(
-            "%%task prep\nimport time\nfrom tqdm import tqdm\nfor i in tqdm(range(4)):\n"
-            "    time.sleep(0.25)\ndf['b'] = df['a'] * 10\ntotal = int(df['b'].sum())\n"
-            "print('total', total)"
-        ),
-        new_code_cell("print(total, list(df.columns))"),
-        new_code_cell(
-            "%%task --wait\nimport matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\n"
-            "plt.show()\n'plotted'"
-        ),
-        new_code_cell("import time\ntime.sleep(1)  # the widget's last repaint is saved"),
-    ])  # fmt: skip
+    nb = new_notebook(
+        cells=[
+            new_code_cell("%load_ext nbtask"),
+            new_code_cell("import pandas as pd\ndf = pd.DataFrame({'a': [1, 2]})"),
+            new_code_cell(
+                "%%task prep\nimport time\nfrom tqdm import tqdm\nfor i in tqdm(range(4)):\n"
+                "    time.sleep(0.25)\ndf['b'] = df['a'] * 10\ntotal = int(df['b'].sum())\n"
+                "print('total', total)"
+            ),
+            new_code_cell("print(total, list(df.columns))"),
+            new_code_cell(
+                "%%task --wait\nimport matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\n"
+                "plt.show()\n'plotted'"
+            ),
+            new_code_cell("import time\ntime.sleep(1)  # the widget's last repaint is saved"),
+        ]
+    )
     NotebookClient(
         nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
     ).execute()

@@ -9,11 +9,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from helpers import ROOT
 from jupyter_client.manager import KernelManager
 
 from nbtask import Settings
-
-ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
 
 def broker_env(settings: Settings) -> dict[str, str]:
@@ -341,7 +340,8 @@ def test_restart_then_tasks_all_reattaches_and_replays(
     assert "GridBoxModel" in opens and len(buttons) == 2
     _, msgs, _ = execute(
         kc,
-        "from nbtask.notebook.magics import session_of\nimport time\ns = session_of(get_ipython())\n"
+        "from nbtask.notebook.magics import session_of\nimport time\n"
+        "s = session_of(get_ipython())\n"
         "deadline = time.monotonic() + 15\n"
         "while any(v.state.value == 'PENDING' for v in s.views.values()) "
         "and time.monotonic() < deadline:\n    time.sleep(0.1)\n"

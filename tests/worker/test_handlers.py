@@ -155,12 +155,24 @@ def test_handlers_on_success_in_order_with_celerys_arguments(
     records = read_records(log)
     assert [r["h"] for r in records] == ["before_start", "run", "on_success", "after_return"]
     before, _, success, after = records
-    assert (before["task_id"], before["args"], before["kwargs"]) == (h.id, [str(log), 6],
-                                                                     {"scale": 7})  # fmt: skip
+    assert (before["task_id"], before["args"], before["kwargs"]) == (
+        h.id,
+        [str(log), 6],
+        {"scale": 7},
+    )
     assert (success["retval"], success["task_id"], success["args"], success["kwargs"]) == (
-        42, h.id, [str(log), 6], {"scale": 7})  # fmt: skip
-    assert (after["status"], after["retval"], after["task_id"], after["args"],
-            after["kwargs"]) == ("SUCCESS", 42, h.id, [str(log), 6], {"scale": 7})  # fmt: skip
+        42,
+        h.id,
+        [str(log), 6],
+        {"scale": 7},
+    )
+    assert (after["status"], after["retval"], after["task_id"], after["args"], after["kwargs"]) == (
+        "SUCCESS",
+        42,
+        h.id,
+        [str(log), 6],
+        {"scale": 7},
+    )
     assert len({r["pid"] for r in records}) == 1
 
 
@@ -177,9 +189,13 @@ def test_handlers_on_failure_in_order_with_celerys_arguments(
     records = read_records(log)
     assert [r["h"] for r in records] == ["before_start", "run", "on_failure", "after_return"]
     failure, after = records[2], records[3]
-    assert (failure["exc"], failure["exc_text"], failure["task_id"], failure["args"],
-            failure["kwargs"]) == ("ValueError", "bad thing", h.id, [str(log), "bad thing"],
-                                   {})  # fmt: skip
+    assert (
+        failure["exc"],
+        failure["exc_text"],
+        failure["task_id"],
+        failure["args"],
+        failure["kwargs"],
+    ) == ("ValueError", "bad thing", h.id, [str(log), "bad thing"], {})
     assert failure["einfo"]["type"] == "ValueError"
     assert failure["einfo"]["exception"] == "ValueError"
     assert failure["einfo"]["has_traceback"]
@@ -193,16 +209,28 @@ def test_handlers_on_retry_then_success(app: App, start_worker, tmp_path: Path) 
     log = tmp_path / "calls"
     h = app.send_task(HANDLED_RETRY, (str(log),))
     assert h.get(timeout=10) == 1
-    wait_until(lambda: _handlers(log)[-2:] == ["on_success", "after_return"], 10,
-               "the second run's after_return")  # fmt: skip
+    wait_until(
+        lambda: _handlers(log)[-2:] == ["on_success", "after_return"],
+        10,
+        "the second run's after_return",
+    )
     records = read_records(log)
     assert [r["h"] for r in records] == [
-        "before_start", "run", "on_retry",
-        "before_start", "run", "on_success", "after_return",
-    ]  # fmt: skip
+        "before_start",
+        "run",
+        "on_retry",
+        "before_start",
+        "run",
+        "on_success",
+        "after_return",
+    ]
     retry = records[2]
     assert (retry["exc"], retry["exc_text"], retry["task_id"], retry["args"]) == (
-        "ConnectionError", "flaky", h.id, [str(log)])  # fmt: skip
+        "ConnectionError",
+        "flaky",
+        h.id,
+        [str(log)],
+    )
     assert retry["einfo"]["type"] == "ConnectionError"
     assert [r["retries"] for r in records if r["h"] == "run"] == [0, 1]
     assert records[-1]["status"] == "SUCCESS"
@@ -236,8 +264,7 @@ def test_an_exception_in_a_handler_is_logged_and_the_result_kept(app: App, start
     def logged() -> str:
         return worker.log.read_text()
 
-    for text in ("on_success handler boom", "on_failure handler boom",
-                 "after_return handler boom"):  # fmt: skip
+    for text in ("on_success handler boom", "on_failure handler boom", "after_return handler boom"):
         wait_until(lambda text=text: text in logged(), 10, f"{text!r} in the worker log")
     assert "handler on_success raised" in logged()
     # The stored records hold the task's outcome, and the child is still serving.

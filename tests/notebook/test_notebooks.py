@@ -37,9 +37,11 @@ def clean_env(**extra: str) -> dict[str, str]:
 def execute(name: str, env: dict[str, str]) -> Any:
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     client = NotebookClient(
-        nb, timeout=120, kernel_name="python3",
+        nb,
+        timeout=120,
+        kernel_name="python3",
         resources={"metadata": {"path": str(NOTEBOOKS)}},
-    )  # fmt: skip
+    )
     client.execute(env=env)  # raises on an error in a cell not tagged raises-exception
     nbformat.validate(nb)
     return nb

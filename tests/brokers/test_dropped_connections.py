@@ -24,7 +24,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from helpers import AMQP_URL, SECRET, amqp_reachable, delete_amqp_queues, wait_until
+from helpers import AMQP_URL, SECRET, amqp_reachable, wait_until
 from raw_broker import raw_broker
 from tcp_proxy import TcpProxy
 
@@ -115,11 +115,13 @@ def settings(
     if "result_url" in urls:
         monkeypatch.setenv("NBTASK_RESULT_URL", urls["result_url"])  # read by the workers
     yield Settings(
-        secret=SECRET, key_prefix=prefix, heartbeat_interval=0.2, visibility_timeout=2.0,
-        result_ttl=600.0, **urls,  # type: ignore[arg-type]
-    )  # fmt: skip
-    if route.kind == "amqp":
-        delete_amqp_queues(prefix)
+        secret=SECRET,
+        key_prefix=prefix,
+        heartbeat_interval=0.2,
+        visibility_timeout=2.0,
+        result_ttl=600.0,
+        **urls,  # type: ignore[arg-type]
+    )
 
 
 def pids_in(path: Path) -> list[int]:
@@ -262,8 +264,9 @@ def test_broker_outage_then_everyone_carries_on(
     early = app.send_task(SLOW_EARLY, (str(early_marker), 1.0))
     wait_until(
         lambda: len(pids_in(late_marker)) == 1 and len(pids_in(early_marker)) == 1,
-        10, "both slow tasks to start",
-    )  # fmt: skip
+        10,
+        "both slow tasks to start",
+    )
 
     down = time.monotonic()
     refused_ids = []
@@ -285,8 +288,11 @@ def test_broker_outage_then_everyone_carries_on(
     assert early.get(timeout=20) == pids_in(early_marker)[0]
     assert app.send_task(ADD, (2, 3)).get(timeout=20) == 5
     assert [h.get(timeout=20) for h in [app.send_task(ADD, (i, 1)) for i in range(4)]] == [
-        1, 2, 3, 4,
-    ]  # fmt: skip
+        1,
+        2,
+        3,
+        4,
+    ]
     assert len(pids_in(early_marker)) == 1
     assert len(pids_in(late_marker)) in (1, 2)
     assert len(final_events(app, late.id)) == 1
@@ -356,8 +362,9 @@ def _offline_client_catches_up(
                 getattr(watcher.store.get_record(h.id), "state", None) is State.SUCCESS
                 for h in handles
             ),
-            20, "every task to finish while the client is offline",
-        )  # fmt: skip
+            20,
+            "every task to finish while the client is offline",
+        )
         # Both children take a task of another client: so each has finished telling
         # ours (into a reply queue that is gone, on AMQP), and only a catch-up can help.
         ours_done, free = tmp_path / "free", tmp_path / "go-free"

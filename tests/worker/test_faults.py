@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import psutil
@@ -138,7 +137,12 @@ def test_paused_worker_keeps_its_running_task(
         paused = psutil.Process(runner).parent().pid
     os.kill(paused, signal.SIGSTOP)
     try:
-        time.sleep(6 * app.settings.heartbeat_interval)  # well past 3 missed heartbeats
+        # Until its heartbeat lapsed (3 missed) and the other worker swept it as dead.
+        wait_until(
+            lambda: paused not in {i.pid for i in app.workers().values()}, 10, "it to look dead"
+        )
+        seen = max(i.seen for i in app.workers().values())
+        wait_until(lambda: max(i.seen for i in app.workers().values()) > seen, 10, "another sweep")
     finally:
         os.kill(paused, signal.SIGCONT)
     assert h.get(timeout=20) == runner

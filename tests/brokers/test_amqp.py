@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import AMQP_URL, ROOT, SECRET, client_env, wait_until
+from helpers import AMQP_URL, ROOT, SECRET, client_env, wait_for_housekeeping, wait_until
 from raw_broker import raw_broker
 
 import nbtask
@@ -85,7 +85,7 @@ def test_revoke_queued_task_never_runs(app: App, start_worker, tmp_path: Path) -
         queued.get(timeout=5)
     start_worker()
     assert kept.get(timeout=10) == 4
-    time.sleep(0.3)  # the revoked message is taken and dropped, not run
+    wait_for_housekeeping(app)  # the revoked message was taken and dropped, not run
     assert not marker.exists()
     assert app.store.get_record(queued.id).state == "REVOKED"
 
@@ -107,9 +107,14 @@ def test_reattach_from_a_second_process(
         "app.close()\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code, running.id, done.id], env=client_env(settings), cwd=ROOT,
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        [sys.executable, "-c", code, running.id, done.id],
+        env=client_env(settings),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(running.get(timeout=10)), "42"]
 
@@ -221,6 +226,7 @@ def test_unreachable_result_store_is_named_and_its_password_hidden(prefix: str) 
 
 def test_kombu_is_a_lazy_import() -> None:
     code = "import nbtask, nbtask.brokers, sys; print('kombu' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                         text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "False"

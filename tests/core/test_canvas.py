@@ -3,12 +3,11 @@ send or wait for other tasks."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from pathlib import Path
 
 import pytest
-from helpers import wait_until
+from helpers import wait_for_housekeeping, wait_until
 
 import nbtask
 from nbtask import App, State, chain, group
@@ -92,7 +91,7 @@ def test_link_error_gets_the_failed_task_id(app: App, start_worker, tmp_path: Pa
     # On success, link_error is not sent.
     ok = add.apply_async((1, 1), link_error=note.s(str(ledger)))
     assert ok.get(timeout=10) == 2
-    time.sleep(0.3)
+    wait_for_housekeeping(app)
     assert len(read_records(ledger)) == 1
 
 
@@ -131,7 +130,7 @@ def test_chain_with_a_failing_middle_step(app: App, start_worker, tmp_path: Path
     assert middle_info.value.ename == "ValueError"
     # The last step was never sent, so it never ran; its record says FAILURE too.
     assert app.store.get_record(last.id).state == "FAILURE"
-    time.sleep(0.3)
+    wait_for_housekeeping(app)
     assert read_records(ledger) == []
 
 

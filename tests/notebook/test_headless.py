@@ -35,9 +35,10 @@ def nbtask_run(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) 
 def write_notebook(path: Path, *sources: str, tags: dict[int, list[str]] | None = None) -> Path:
     nb = new_notebook(
         cells=[new_code_cell(s) for s in sources],
-        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
-                                 "language": "python"}},
-    )  # fmt: skip
+        metadata={
+            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}
+        },
+    )
     for index, cell_tags in (tags or {}).items():
         nb.cells[index].metadata["tags"] = cell_tags
     nbformat.write(nb, path)
@@ -117,8 +118,9 @@ def test_usage_errors_are_one_line(tmp_path: Path) -> None:
     assert junk.returncode == 2 and len(junk.stderr.splitlines()) == 1, junk.stderr
     timeout = nbtask_run(
         str(write_notebook(tmp_path / "slow.ipynb", "import time; time.sleep(30)")),
-        "--timeout", "2",
-    )  # fmt: skip
+        "--timeout",
+        "2",
+    )
     assert timeout.returncode == 1
     assert timeout.stderr.startswith("nbtask run: error: cell 1 did not finish within 2 s")
     assert len(timeout.stderr.splitlines()) == 1, timeout.stderr

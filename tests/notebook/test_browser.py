@@ -87,21 +87,36 @@ def lab(tmp_path: Path) -> Iterator[str]:
         json.dumps({"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}})
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("NBTASK_")}
-    env.update(JUPYTER_CONFIG_DIR=str(cfg), JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"),
-               IPYTHONDIR=str(tmp_path / "ipy"))  # fmt: skip
+    env.update(
+        JUPYTER_CONFIG_DIR=str(cfg),
+        JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"),
+        IPYTHONDIR=str(tmp_path / "ipy"),
+    )
     port = free_port()
     log_path = tmp_path / "lab.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root",
-             "--ip=127.0.0.1", f"--port={port}", f"--IdentityProvider.token={TOKEN}",
-             f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True",
-             "--LabApp.news_url=None",
-             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-             f"--LabApp.workspaces_dir={tmp_path / 'ws'}",
-             f"--LabApp.user_settings_dir={tmp_path / 'settings'}"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "jupyterlab",
+                "--no-browser",
+                "--allow-root",
+                "--ip=127.0.0.1",
+                f"--port={port}",
+                f"--IdentityProvider.token={TOKEN}",
+                f"--ServerApp.root_dir={root}",
+                "--LabApp.expose_app_in_browser=True",
+                "--LabApp.news_url=None",
+                "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+                f"--LabApp.workspaces_dir={tmp_path / 'ws'}",
+                f"--LabApp.user_settings_dir={tmp_path / 'settings'}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=root,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):

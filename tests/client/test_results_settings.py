@@ -146,8 +146,11 @@ def test_json_serializer_round_trip(app: App, start_worker) -> None:
         return {"value": value, "label": label, "type": type(value).__name__}
 
     data = {"a": [1, 2.5, None, True], "b": {"nested": "ü"}}
-    assert echo.delay(data, label="x").get(timeout=10) == {"value": data, "label": "x",
-                                                             "type": "dict"}  # fmt: skip
+    assert echo.delay(data, label="x").get(timeout=10) == {
+        "value": data,
+        "label": "x",
+        "type": "dict",
+    }
     # JSON has no tuples: they arrive as lists, as with Celery's json serializer.
     assert echo.delay((1, 2)).get(timeout=10)["value"] == [1, 2]
 
@@ -213,7 +216,8 @@ def test_expires_drops_stale_messages_as_revoked(
     soon = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=0.3)
     h3 = stale_per_call.apply_async((str(ledger),), expires=soon)
     h4 = fresh.apply_async(expires=60)
-    time.sleep(0.6)  # nobody serves the queue until they are stale
+    stale_at = time.time() + 0.3
+    wait_until(lambda: time.time() > stale_at, 5, "the tasks to be stale (nobody serves them)")
     start_worker()
     for h in (h1, h2, h3):
         with pytest.raises(nbtask.TaskRevoked):

@@ -20,8 +20,6 @@ from helpers import wait_until
 
 from nbtask import App
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def processes_mentioning(text: str) -> list[str]:
     """``pid: cmdline`` of live (non-zombie) processes whose command line contains ``text``."""

@@ -53,14 +53,16 @@ def test_purge_command_asks_first_then_purges(
     env = client_env(settings)
     command = [sys.executable, "-m", "nbtask", "purge", "-Q", "default"]
 
-    declined = subprocess.run(command, input="n\n", env=env, capture_output=True, text=True,
-                              timeout=60, check=False)  # fmt: skip
+    declined = subprocess.run(
+        command, input="n\n", env=env, capture_output=True, text=True, timeout=60, check=False
+    )
     assert declined.returncode == 1
     assert "nothing purged" in declined.stderr
     assert all(access.record(h.id)[b"state"] == b"PENDING" for h in handles)
 
-    forced = subprocess.run([*command, "--force"], env=env, capture_output=True, text=True,
-                            timeout=60, check=False)  # fmt: skip
+    forced = subprocess.run(
+        [*command, "--force"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
     assert forced.returncode == 0, forced.stderr
     assert forced.stdout.strip() == "purged 2 task(s) from default"
     for handle in handles:

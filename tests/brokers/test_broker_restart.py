@@ -12,10 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 from nbtask import App, BrokerUnavailable
 
-ROOT = Path(__file__).resolve().parent.parent
 REDIS_SERVER = "/usr/bin/redis-server"
 
 
@@ -39,10 +39,21 @@ class PrivateRedis:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory)],
+            [
+                REDIS_SERVER,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
             stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with socket.socket() as s:
@@ -71,13 +82,20 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
 def test_worker_and_client_survive_a_broker_restart(
     private_redis: PrivateRedis, tmp_path: Path
 ) -> None:
-    env = dict(os.environ, NBTASK_SECRET="restart-secret", NBTASK_HEARTBEAT_INTERVAL="0.2",
-               NBTASK_VISIBILITY_TIMEOUT="2", PYTHONPATH=str(ROOT))  # fmt: skip
+    env = dict(
+        os.environ,
+        NBTASK_SECRET="restart-secret",
+        NBTASK_HEARTBEAT_INTERVAL="0.2",
+        NBTASK_VISIBILITY_TIMEOUT="2",
+        PYTHONPATH=str(ROOT),
+    )
     log = (tmp_path / "worker.log").open("wb")
     worker = subprocess.Popen(
         [sys.executable, "-m", "nbtask", "worker", "-b", private_redis.url, "-c", "1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     app = App("restart", broker=private_redis.url, secret="restart-secret")
     try:
 

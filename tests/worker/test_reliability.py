@@ -116,9 +116,12 @@ def test_client_gone_results_wait_for_re_attach(
     """)
     )
     gone = subprocess.run(
-        [sys.executable, str(script)], env=client_env(settings), capture_output=True,
-        text=True, check=False,
-    )  # fmt: skip
+        [sys.executable, str(script)],
+        env=client_env(settings),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert gone.returncode == -signal.SIGKILL, gone.stderr
     ids = ids_file.read_text().split()
     later = App("later", settings=settings)

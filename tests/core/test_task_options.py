@@ -83,9 +83,15 @@ def test_every_option_is_accepted_and_kept(local: App) -> None:
 
 @pytest.mark.parametrize(
     ("rate", "per_second"),
-    [("10/s", 10.0), ("100/m", 100 / 60), ("1000/h", 1000 / 3600), ("5", 5.0), (2, 2.0),
-     (0.5, 0.5)],
-)  # fmt: skip
+    [
+        ("10/s", 10.0),
+        ("100/m", 100 / 60),
+        ("1000/h", 1000 / 3600),
+        ("5", 5.0),
+        (2, 2.0),
+        (0.5, 0.5),
+    ],
+)
 def test_rate_limit_forms(local: App, rate: object, per_second: float) -> None:
     @local.task(rate_limit=rate)
     def limited() -> None:
@@ -208,9 +214,15 @@ def test_base_must_be_a_task_class(local: App) -> None:
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("bind", "yes"), ("acks_late", "no"), ("ignore_result", "false"),
-     ("reject_on_worker_lost", "no"), ("retry_jitter", "off"), ("queue", 3)],
-)  # fmt: skip
+    [
+        ("bind", "yes"),
+        ("acks_late", "no"),
+        ("ignore_result", "false"),
+        ("reject_on_worker_lost", "no"),
+        ("retry_jitter", "off"),
+        ("queue", 3),
+    ],
+)
 def test_bad_types_for_flags_and_queue(local: App, option: str, value: object) -> None:
     # "a bad value raises at decoration time": ignore_result="false" would silently
     # throw results away, queue=3 would fail only when the first call is sent.

@@ -116,8 +116,13 @@ def test_autoretry_for_with_exponential_backoff_without_jitter(
     start_worker()
     ledger = tmp_path / "ledger"
 
-    @app.task(bind=True, autoretry_for=(ConnectionError,), retry_backoff=0.3,
-              retry_jitter=False, max_retries=3)  # fmt: skip
+    @app.task(
+        bind=True,
+        autoretry_for=(ConnectionError,),
+        retry_backoff=0.3,
+        retry_jitter=False,
+        max_retries=3,
+    )
     def unreachable(self: Task, path: str) -> None:
         import time as t
 
@@ -188,11 +193,18 @@ def test_request_fields_inside_a_bound_task(app: App, start_worker) -> None:
     def introspect(self: Task, x: int, *, y: int = 0) -> dict:
         req = self.request
         return {
-            "id": req.id, "args": list(req.args), "kwargs": dict(req.kwargs),
-            "retries": req.retries, "hostname": req.hostname, "queue": req.queue,
-            "eta": req.eta, "parent_id": req.parent_id, "root_id": req.root_id,
-            "delivery_info": dict(req.delivery_info), "name": self.name,
-        }  # fmt: skip
+            "id": req.id,
+            "args": list(req.args),
+            "kwargs": dict(req.kwargs),
+            "retries": req.retries,
+            "hostname": req.hostname,
+            "queue": req.queue,
+            "eta": req.eta,
+            "parent_id": req.parent_id,
+            "root_id": req.root_id,
+            "delivery_info": dict(req.delivery_info),
+            "name": self.name,
+        }
 
     h = introspect.apply_async((1,), {"y": 2})
     seen = h.get(timeout=10)
