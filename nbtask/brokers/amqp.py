@@ -47,6 +47,7 @@ from nbtask.brokers.amqp_links import (
     kombu,
     read_headers,
     redelivered,
+    refusal_of,
 )
 from nbtask.brokers.amqp_lost import LostDeliveries
 from nbtask.brokers.base import Delivery, Publish, StartBy, Verdict
@@ -337,6 +338,18 @@ class AmqpTransport:
         task_id, deliveries = read_headers(message.headers)
         queue = self._queue_of(str(message.delivery_info.get("routing_key", "")))
         raw = body_of(message)
+        refusal = refusal_of(message)
+        if refusal:
+            # Before the start check and the signature: nbtask never sends such a message.
+            log.error(
+                "rejected message %s on queue %s: %s; moved to the dead-letter stream",
+                message.delivery_tag,
+                queue,
+                refusal,
+            )
+            self.store.dead_letter(Delivery(queue, "", raw, deliveries, task_id=task_id))
+            message.ack()
+            return None
         verdict: str | None = None
         if task_id:
             by = self._starter(consumer)

@@ -15,11 +15,20 @@ from typing import Any
 
 import kombu as _kombu
 from kombu.exceptions import OperationalError
+from kombu.transport import pyamqp as _pyamqp
 
 from nbtask._urls import redact_url
 from nbtask.errors import BrokerUnavailable
 
-__all__ = ["CONSUMER_TIMEOUT_MS", "Link", "Links", "body_of", "read_headers", "redelivered"]
+__all__ = [
+    "CONSUMER_TIMEOUT_MS",
+    "Link",
+    "Links",
+    "body_of",
+    "read_headers",
+    "redelivered",
+    "refusal_of",
+]
 
 #: ``x-consumer-timeout`` of task queues on RabbitMQ >= 3.12, milliseconds (7 days).
 CONSUMER_TIMEOUT_MS = 7 * 24 * 3600 * 1000
@@ -29,6 +38,54 @@ DELIVERIES_HEADER = "nbtask-deliveries"
 kombu: Any = _kombu
 Message = Any
 _CONTENT = {"content_type": "application/octet-stream", "content_encoding": "binary"}
+
+
+# kombu would decompress a body whose headers name a compression before nbtask sees it:
+# a 146-byte bz2 bomb grows to hundreds of MB before any signature or size check. These
+# classes make kombu hand messages over as they arrived; one that names a compression or
+# a text encoding is marked refused (nbtask never sends either), and its body is never
+# decoded.
+pyamqp: Any = _pyamqp
+
+
+class _GuardedMessage(pyamqp.Message):  # type: ignore[misc]
+    def __init__(self, msg: Any, channel: Any = None, **kwargs: Any) -> None:
+        properties = msg.properties
+        headers = properties.get("application_headers")
+        self.refusal = ""
+        if isinstance(headers, dict) and "compression" in headers:
+            self.refusal = f"it names a compression ({str(headers['compression'])[:40]!r})"
+            properties["application_headers"] = {
+                k: v for k, v in headers.items() if k != "compression"
+            }
+        encoding = properties.get("content_encoding")
+        if not self.refusal and encoding not in (None, "", "binary"):
+            self.refusal = f"it names a content encoding ({str(encoding)[:40]!r})"
+        super().__init__(msg, channel=channel, **kwargs)
+
+
+class _GuardedChannel(pyamqp.Channel):  # type: ignore[misc]
+    Message = _GuardedMessage
+
+
+class _GuardedConnection(pyamqp.Connection):  # type: ignore[misc]
+    Channel = _GuardedChannel
+
+
+class _GuardedTransport(pyamqp.Transport):  # type: ignore[misc]
+    Connection = _GuardedConnection
+
+
+class _GuardedSSLTransport(pyamqp.SSLTransport):  # type: ignore[misc]
+    Connection = _GuardedConnection
+
+
+_GUARDED = {"amqp": _GuardedTransport, "amqps": _GuardedSSLTransport}
+
+
+def refusal_of(message: Message) -> str:
+    """Why a received message is refused before anything reads its body (``""``: it isn't)."""
+    return str(getattr(message, "refusal", ""))
 
 
 class Link:
@@ -82,6 +139,7 @@ class Links:
             return link
         conn = kombu.Connection(
             self.url,
+            transport=_GUARDED.get(self.url.split("://", 1)[0].lower()),
             connect_timeout=5,
             heartbeat=0,  # a child runs user code and cannot answer AMQP heartbeats
             transport_options={"confirm_publish": True},

@@ -28,6 +28,11 @@ class Verdict:
     ASK = "NOID"
     #: A redelivered message whose task another holder STARTED and then lost (it died).
     LOST = "LOST"
+    #: The task already ended: its record holds a signed final outcome (whatever the
+    #: plain state field says).
+    FINISHED = "FINISHED"
+    #: The task's record is not one nbtask wrote (another Redis type): nothing may start.
+    BAD_RECORD = "BADRECORD"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +89,9 @@ class Store(Protocol):
     def start(self, task_id: str, by: StartBy, *, redelivered: bool = False) -> str:
         """The start check: ``"OK"`` (now STARTED by ``by``) or the state forbidding it."""
 
+    def forget_ended_before(self, seconds: float) -> None:
+        """Forget which tasks ended more than ``seconds`` ago (their replays are too old)."""
+
     def forget_unsent(self, task_id: str) -> None:
         """Delete a record that only a start check wrote: no client ever sent that task."""
 
@@ -105,6 +113,9 @@ class Store(Protocol):
     # Client channels -----------------------------------------------------------------------
     def channel_key(self, client_id: str) -> str:
         """The name of a client's event channel."""
+
+    def is_channel(self, name: str) -> bool:
+        """True if ``name`` is shaped like a client channel (records naming one are unsigned)."""
 
     def channel_end(self, channel: str) -> str:
         """The id of the newest event on a channel (``"0-0"`` when empty)."""

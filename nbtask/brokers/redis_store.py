@@ -16,6 +16,8 @@ Keys, all under ``<key_prefix>:``:
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -29,6 +31,8 @@ from nbtask.settings import Settings
 from nbtask.wire.records import RecordFields, TaskRecord, WorkerInfo
 
 __all__ = ["CHANNEL_MAXLEN", "RedisStore"]
+
+log = logging.getLogger(__name__)
 
 #: Events kept per client channel (older ones are trimmed).
 CHANNEL_MAXLEN = 10_000
@@ -50,6 +54,7 @@ class RedisStore:
         self.settings = settings
         self.prefix = settings.key_prefix
         self.ttl = int(settings.result_ttl)
+        self._channel_name = re.compile(re.escape(self.channel_key("")) + r"[0-9a-f]{1,32}")
         link.add_scripts(STORE_SCRIPTS)
 
     # Keys ----------------------------------------------------------------------------------
@@ -60,6 +65,10 @@ class RedisStore:
     def channel_key(self, client_id: str) -> str:
         """The stream carrying events to one client."""
         return f"{self.prefix}:c:{client_id}"
+
+    def is_channel(self, name: str) -> bool:
+        """True if ``name`` is shaped like a client channel of this key prefix."""
+        return self._channel_name.fullmatch(name) is not None
 
     def client_tasks_key(self, channel: str) -> str:
         """The tasks a client sent, by send time (written at publish, for recent_tasks)."""
@@ -73,6 +82,16 @@ class RedisStore:
     def dead_letter_key(self) -> str:
         """The stream of messages given up on."""
         return f"{self.prefix}:dead"
+
+    @property
+    def done_key(self) -> str:
+        """The sorted set of ended tasks (id by end time), kept for ``max_age``."""
+        return f"{self.prefix}:done"
+
+    def forget_ended_before(self, seconds: float) -> None:
+        """Forget ended tasks older than ``seconds``: their messages are too old to run."""
+        with self.link.translate_errors():
+            self.link.redis.zremrangebyscore(self.done_key, "-inf", time.time() - seconds)
 
     @property
     def control_key(self) -> str:
@@ -319,17 +338,30 @@ class RedisStore:
         Returns the next due time and ``(queue, member)`` pairs to publish; a member
         claimed ``stuck_after`` seconds ago and still there is claimed again.
         """
-        keys: list[str] = []
+        keys = [self.dead_letter_key]
         for queue in queues:
             keys += [self.eta_key(queue), moving_key(queue)]
         now = time.time()
-        reply = self.link.call("claim_due", keys, repr(now), repr(now - stuck_after))
-        nxt = float(reply[0].decode()) if reply and reply[0] else None
-        moved = [
+        reply = self.link.call(
+            "claim_due", keys, repr(now), repr(now - stuck_after), CHANNEL_MAXLEN
+        )
+        nxt, moved = self.due_reply(reply[:2]), reply[2:]
+        return nxt, [
             (queues[int(index) - 1], bytes(member))
-            for index, member in zip(reply[1::2], reply[2::2], strict=True)
+            for index, member in zip(moved[::2], moved[1::2], strict=True)
         ]
-        return nxt, moved
+
+    def due_reply(self, reply: Sequence[Any]) -> float | None:
+        """The next due time from an ETA script's ``{next, quarantined}``; logs quarantine."""
+        if int(reply[1]):
+            log.error(
+                "moved %d ETA entr%s without a task id to the dead-letter stream %s "
+                "(not written by nbtask)",
+                int(reply[1]),
+                "y" if int(reply[1]) == 1 else "ies",
+                self.dead_letter_key,
+            )
+        return float(reply[0]) if reply[0] else None
 
     def drop_moved(self, members: Sequence[tuple[str, bytes]]) -> None:
         """Forget ``(moving set, member)`` pairs once their messages are published."""
@@ -388,13 +420,21 @@ class RedisStore:
 
     def _registered(self, *, alive: bool) -> dict[str, WorkerInfo | None]:
         with self.link.translate_errors():
-            registered: dict[bytes, bytes] = self.link.redis.hgetall(self._workers_key)
-            ids = list(registered)
-            names = [w.decode("utf-8", "replace") for w in ids]
-            beats = self.link.redis.mget([self._hb_key(n) for n in names]) if ids else []
+            try:
+                registered: dict[bytes, bytes] = self.link.redis.hgetall(self._workers_key)
+            except ResponseError:  # not a hash: nbtask did not write it
+                log.error("the worker registry %s is not a hash; ignored", self._workers_key)
+                return {}
+            names = {raw: _utf8(raw) for raw in registered}
+            junk = [raw for raw, name in names.items() if name is None]
+            if junk:  # an id nbtask never wrote: drop it, or it would be read forever
+                log.error("dropped %d unreadable entr(ies) of the worker registry", len(junk))
+                self.link.redis.hdel(self._workers_key, *junk)
+            ids = [(raw, name) for raw, name in names.items() if name is not None]
+            beats = self.link.redis.mget([self._hb_key(n) for _, n in ids]) if ids else []
         return {
             name: WorkerInfo.parse(registered[raw])
-            for raw, name, beat in zip(ids, names, beats, strict=True)
+            for (raw, name), beat in zip(ids, beats, strict=True)
             if bool(beat) is alive
         }
 
@@ -432,6 +472,13 @@ class RedisStore:
         """Keep a message given up on in the dead-letter stream."""
         with self.link.translate_errors():
             self.link.run([self.dead_letter_command(delivery)], large=True)
+
+
+def _utf8(raw: bytes) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def _flat(fields: Mapping[str, str | bytes], raw_event: bytes = b"") -> list[str | bytes]:

@@ -35,7 +35,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from nbtask.brokers.base import Delivery, Publish, Verdict
 from nbtask.brokers.redis_link import LARGE_BYTES, Command
-from nbtask.brokers.redis_store import RedisStore
+from nbtask.brokers.redis_store import CHANNEL_MAXLEN, RedisStore
 from nbtask.brokers.scripts import STREAMS_SCRIPTS
 
 log = logging.getLogger(__name__)
@@ -481,11 +481,11 @@ class StreamsTransport:
 
     def move_due(self, queues: Sequence[str]) -> float | None:
         """Move due ETA messages to their streams; return the next due time."""
-        keys: list[str] = []
+        keys = [self.store.dead_letter_key]
         for queue in queues:
             keys += [self.store.eta_key(queue), self.queue_key(queue)]
-        nxt = self.link.call("move_due", keys, repr(time.time()))
-        return float(nxt) if nxt else None
+        reply = self.link.call("move_due", keys, repr(time.time()), CHANNEL_MAXLEN)
+        return self.store.due_reply(reply)
 
 
 def _refusals(replies: Sequence[Any]) -> list[str]:

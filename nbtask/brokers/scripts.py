@@ -14,6 +14,37 @@ from __future__ import annotations
 
 __all__ = ["STORE_SCRIPTS", "STREAMS_SCRIPTS"]
 
+# The record at `key` as a hash: anything else there was not written by nbtask (someone
+# with write access to Redis put it there). Reading: 'bad'; writing: it is replaced.
+RECORD_STATE = """
+local function record_state(key)
+  local state = redis.pcall('HGET', key, 'state')
+  if type(state) == 'table' then return 'bad' end
+  return state
+end
+local function own_record(key)
+  if record_state(key) == 'bad' then redis.call('DEL', key) end
+end
+-- Ended tasks are also remembered apart from their records, in '<prefix>:done' (task id
+-- by end time, trimmed to max_age by the workers): a replay must find both gone to run.
+local function done_of(key)
+  local prefix, task_id = string.match(key, '^(.*):r:([^:]+)$')
+  if prefix then return prefix .. ':done', task_id end
+  return nil, nil
+end
+local function ended(key)
+  local done, task_id = done_of(key)
+  return done ~= nil and redis.call('ZSCORE', done, task_id) ~= false
+end
+local function mark_ended(key)
+  local done, task_id = done_of(key)
+  if done then
+    local now = redis.call('TIME')
+    redis.call('ZADD', done, tonumber(now[1]) + tonumber(now[2]) / 1e6, task_id)
+  end
+end
+"""
+
 # May the task whose record is at `key` start now? A task starts only from PENDING or
 # RETRY (or with no record, e.g. an expired one): duplicates of a running task, replays
 # of a finished one and revoked tasks are refused. Returns 'OK' (and marks it STARTED by
@@ -21,16 +52,22 @@ __all__ = ["STORE_SCRIPTS", "STREAMS_SCRIPTS"]
 # means its own earlier check, whose reply was lost with its connection (a consumer runs
 # one task at a time, and is not running this one): 'OK'. A redelivered message
 # (redelivered = '1') whose task is STARTED by someone else was lost by a dead holder:
-# 'LOST'.
-CHECK_START = """
+# 'LOST'. A record holding a signed outcome, or a task remembered as ended, means the task
+# ended, whatever its plain state field says: 'FINISHED'. A key of another type:
+# 'BADRECORD'.
+CHECK_START = (
+    RECORD_STATE
+    + """
 local function check_start(key, ttl, worker, pid, consumer, redelivered)
-  local state = redis.call('HGET', key, 'state')
+  local state = record_state(key)
+  if state == 'bad' then return 'BADRECORD' end
   if state == 'STARTED' then
     local by = redis.call('HMGET', key, 'worker', 'pid', 'consumer')
     if by[1] == worker and by[2] == pid and by[3] == consumer then return 'OK' end
     if redelivered == '1' then return 'LOST' end
   end
   if state and state ~= 'PENDING' and state ~= 'RETRY' then return state end
+  if redis.call('HEXISTS', key, 'result') == 1 or ended(key) then return 'FINISHED' end
   local now = redis.call('TIME')
   redis.call('HSET', key, 'state', 'STARTED', 'worker', worker, 'pid', pid,
              'consumer', consumer,
@@ -39,16 +76,21 @@ local function check_start(key, ttl, worker, pid, consumer, redelivered)
   return 'OK'
 end
 """
+)
 
 # Write the PENDING record of a task being sent, and note it among its client's tasks
 # (`index`, '' for none). A task already final (revoked before a worker sent a chain's
 # next step, or an id reused) stays so: returns that state, else ''.
-WRITE_PENDING = """
+WRITE_PENDING = (
+    RECORD_STATE
+    + """
 local function write_pending(key, ttl, index, now, task_id, fields)
-  local state = redis.call('HGET', key, 'state')
+  own_record(key)
+  local state = record_state(key)
   if state == 'REVOKED' or state == 'SUCCESS' or state == 'FAILURE' or state == 'WORKER_LOST' then
     return state
   end
+  if redis.call('HEXISTS', key, 'result') == 1 or ended(key) then return 'FINISHED' end
   redis.call('HSET', key, unpack(fields))
   redis.call('EXPIRE', key, ttl)
   if index ~= '' then
@@ -59,15 +101,21 @@ local function write_pending(key, ttl, index, now, task_id, fields)
   return ''
 end
 """
+)
 
 # The end of a task (or a retry): store its record (no fields and an event: delete it)
 # and append the event to its client's channel. A field value '=event' stands for the
-# event itself (a stored result), so it is sent only once.
-WRITE_FINAL = """
+# event itself (a stored result), so it is sent only once. A final state is remembered.
+WRITE_FINAL = (
+    RECORD_STATE
+    + """
+local FINAL = {SUCCESS = true, FAILURE = true, REVOKED = true, WORKER_LOST = true}
 local function write_final(key, channel, ttl, maxlen, event, fields)
+  own_record(key)
   if #fields > 0 then
     for i = 2, #fields, 2 do
       if fields[i] == '=event' then fields[i] = event end
+      if fields[i - 1] == 'state' and FINAL[fields[i]] then mark_ended(key) end
     end
     redis.call('HSET', key, unpack(fields))
     redis.call('EXPIRE', key, ttl)
@@ -80,6 +128,7 @@ local function write_final(key, channel, ttl, maxlen, event, fields)
   end
 end
 """
+)
 
 # Store scripts ------------------------------------------------------------------------------
 
@@ -116,15 +165,21 @@ return 1
 
 # Mark a task that has not started REVOKED and tell its client.
 # KEYS: record, channel; ARGV: event, ttl, maxlen
-_REVOKE = """
-local state = redis.call('HGET', KEYS[1], 'state')
+_REVOKE = (
+    RECORD_STATE
+    + """
+own_record(KEYS[1])
+local state = record_state(KEYS[1])
 if state and state ~= 'PENDING' and state ~= 'RETRY' then return 0 end
+if redis.call('HEXISTS', KEYS[1], 'result') == 1 or ended(KEYS[1]) then return 0 end
+mark_ended(KEYS[1])
 redis.call('HSET', KEYS[1], 'state', 'REVOKED', 'result', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 return 1
 """
+)
 
 # A token bucket per (worker, task name) holding one token: tasks start at most `rate`
 # per second. Returns how long to wait, in seconds ('0' = go now).
@@ -139,23 +194,55 @@ return '0'
 
 # A record without a client was written by a start check alone, for a task id that came
 # beside a message no client sent (it then failed verification): delete it. KEYS: record
-_FORGET_UNSENT = """
+_FORGET_UNSENT = (
+    RECORD_STATE
+    + """
+if record_state(KEYS[1]) == 'bad' then return 0 end
 if redis.call('HEXISTS', KEYS[1], 'client') == 0 then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+)
+
+# An ETA member "<task id>:<message>", split; a member without a task id (not written by
+# nbtask) is moved to the dead-letter stream instead, so it cannot stop the others.
+ETA_MEMBER = """
+local function split_member(member, eta_key, dead_key, maxlen)
+  local cut = string.find(member, ':', 1, true)
+  if cut and cut > 1 then return string.sub(member, 1, cut - 1), string.sub(member, cut + 1) end
+  redis.call('XADD', dead_key, 'MAXLEN', '~', maxlen, '*', 'e', member, 'q', eta_key, 'n', '0')
+  redis.call('ZREM', eta_key, member)
+  return nil, nil
+end
+local function next_due(keys, first)
+  local nxt = false
+  for i = first, #keys, 2 do
+    local head = redis.call('ZRANGE', keys[i], 0, 0, 'WITHSCORES')
+    if head[2] and (not nxt or tonumber(head[2]) < nxt) then nxt = tonumber(head[2]) end
+  end
+  if nxt then return tostring(nxt) end
+  return ''
+end
+"""
 
 # Claim due ETA messages (and ones stuck mid-move) into the moving sets, for a transport
-# that publishes them itself. KEYS: eta set, moving set, ...; ARGV: now, stuck-before
-# Returns {next due or '', queue index, member, queue index, member, ...}.
-_CLAIM_DUE = """
-local out = {''}
-for i = 1, #KEYS, 2 do
-  local q = tostring((i + 1) / 2)
+# that publishes them itself. KEYS: dead letters, eta set, moving set, ...
+# ARGV: now, stuck-before, maxlen
+# Returns {next due or '', quarantined, queue index, member, queue index, member, ...}.
+_CLAIM_DUE = (
+    ETA_MEMBER
+    + """
+local out, bad = {'', 0}, 0
+for i = 2, #KEYS, 2 do
+  local q = tostring(i / 2)
   for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', ARGV[1], 'LIMIT', 0, 500)) do
-    redis.call('ZREM', KEYS[i], m)
-    redis.call('ZADD', KEYS[i + 1], ARGV[1], m)
-    table.insert(out, q)
-    table.insert(out, m)
+    if split_member(m, KEYS[i], KEYS[1], ARGV[3]) then
+      redis.call('ZREM', KEYS[i], m)
+      redis.call('ZADD', KEYS[i + 1], ARGV[1], m)
+      table.insert(out, q)
+      table.insert(out, m)
+    else
+      bad = bad + 1
+    end
   end
   for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[i + 1], '-inf', ARGV[2], 'LIMIT', 0, 500)) do
     redis.call('ZADD', KEYS[i + 1], ARGV[1], m)
@@ -163,19 +250,18 @@ for i = 1, #KEYS, 2 do
     table.insert(out, m)
   end
 end
-local nxt = false
-for i = 1, #KEYS, 2 do
-  local first = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
-  if first[2] and (not nxt or tonumber(first[2]) < nxt) then nxt = tonumber(first[2]) end
-end
-if nxt then out[1] = tostring(nxt) end
+out[1] = next_due(KEYS, 2)
+out[2] = bad
 return out
 """
+)
 
 # Park a lost delivery (idempotent), with the consumer that held it.
 # KEYS: lost set, lost hash, record; ARGV: task id, raw, queue, deliveries, now
 _PARK_LOST = """
-local holder = redis.call('HGET', KEYS[3], 'consumer') or ''
+local holder = redis.pcall('HGET', KEYS[3], 'consumer')
+if type(holder) ~= 'string' then holder = '' end
+redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], 'e', ARGV[2], 'q', ARGV[3], 'n', ARGV[4], 'h', holder)
 redis.call('ZADD', KEYS[1], 'NX', ARGV[5], ARGV[1])
 return 1
@@ -322,26 +408,26 @@ return false
 """
 )
 
-# Move due ETA messages onto their streams; return the next due time.
-# KEYS: eta set, stream, ...; ARGV: now
-_MOVE_DUE = """
-for i = 1, #KEYS, 2 do
-  local due = redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', ARGV[1], 'LIMIT', 0, 500)
-  for _, m in ipairs(due) do
-    local cut = string.find(m, ':', 1, true)
-    redis.call('XADD', KEYS[i + 1], '*', 'e', string.sub(m, cut + 1), 'n', '0',
-               'i', string.sub(m, 1, cut - 1))
-    redis.call('ZREM', KEYS[i], m)
+# Move due ETA messages onto their streams. KEYS: dead letters, eta set, stream, ...
+# ARGV: now, maxlen. Returns {next due or '', quarantined}.
+_MOVE_DUE = (
+    ETA_MEMBER
+    + """
+local bad = 0
+for i = 2, #KEYS, 2 do
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', ARGV[1], 'LIMIT', 0, 500)) do
+    local task_id, raw = split_member(m, KEYS[i], KEYS[1], ARGV[2])
+    if task_id then
+      redis.call('XADD', KEYS[i + 1], '*', 'e', raw, 'n', '0', 'i', task_id)
+      redis.call('ZREM', KEYS[i], m)
+    else
+      bad = bad + 1
+    end
   end
 end
-local nxt = false
-for i = 1, #KEYS, 2 do
-  local first = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
-  if first[2] and (not nxt or tonumber(first[2]) < nxt) then nxt = tonumber(first[2]) end
-end
-if nxt then return tostring(nxt) end
-return false
+return {next_due(KEYS, 2), bad}
 """
+)
 
 # Delete every message still waiting: stream entries no worker was given yet (after the
 # group's last-delivered id; ones being run stay) and the whole ETA set. Returns the task

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -26,6 +27,7 @@ from nbtask.wire.records import TaskRecord, WorkerInfo
 __all__ = ["App"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+_SECRET_CHECK_SECONDS = 5.0
 
 
 class App:
@@ -98,6 +100,7 @@ class App:
         self._transport: Transport | None = None
         self._builder: MessageBuilder | None = None
         self._listener: Listener | None = None
+        self._secret_checked: dict[str, float] = {}  # queue -> when its workers were checked
         self._lock = threading.RLock()
         atexit.register(_close_at_exit, weakref.ref(self))
 
@@ -277,6 +280,7 @@ class App:
         """
         builder, channel = self._message_builder(), self.channel
         built = [builder.build(call, channel) for call in calls]
+        self._check_workers_share_our_secret({message.queue for message, _ in built})
         handles = [TaskHandle(self, message.id, message.name) for message, _ in built]
         listener = self._listen()
         for handle in handles:
@@ -292,6 +296,33 @@ class App:
                 "for it. Task ids are single-use; leave task_id out for a fresh one"
             )
         return handles
+
+    def _check_workers_share_our_secret(self, queues: set[str]) -> None:
+        """Refuse to send where live workers could not verify the message (a wrong secret).
+
+        Workers announce the public ids of the secrets they accept; one that does not know
+        this client's would dead-letter the message, and the client could not even read
+        its report. Checked at most every few seconds per queue.
+        """
+        now = time.monotonic()
+        due = [q for q in queues if now - self._secret_checked.get(q, -1e9) > _SECRET_CHECK_SECONDS]
+        if not due:
+            return
+        workers = self.store.workers()
+        mine = self.signer.key_id
+        for queue in due:
+            serving = {w: i for w, i in workers.items() if queue in i.queues}
+            # A worker that names no secret (an older nbtask) cannot be judged: skipped.
+            strangers = sorted(w for w, i in serving.items() if i.keys and mine not in i.keys)
+            if strangers:
+                also = "also " if len(strangers) < len(serving) else ""
+                raise ConfigurationError(
+                    f"queue {queue!r} is {also}served by workers that do not share this "
+                    f"client's secret ({', '.join(strangers[:3])}): they would refuse its "
+                    "tasks. Set NBTASK_SECRET to the workers' secret, or give apps with "
+                    "different secrets different key prefixes (NBTASK_KEY_PREFIX)"
+                )
+            self._secret_checked[queue] = now
 
     def expect(self, task_id: str, name: str) -> TaskHandle:
         """A handle for a task that a worker will send (a later step of a chain)."""
@@ -342,7 +373,8 @@ class App:
                 f"finished more than result_ttl ({self.settings.result_ttl:.0f} s) ago"
             )
         handle = TaskHandle(self, task_id, record.name or "?")
-        channel = record.client
+        # Unsigned: only a name shaped like a client channel of this app is ever read.
+        channel = record.client if self.store.is_channel(record.client) else ""
         if record.result is not None:
             # Output first, from the client's event channel while it is kept.
             for raw in self.store.replay(channel) if channel else ():
@@ -400,7 +432,8 @@ class App:
 
     def _revoke_pending(self, task_id: str, record: TaskRecord | None, reason: str) -> bool:
         """Mark a task that has not started REVOKED and tell its client; False if it had."""
-        channel = record.client if record is not None and record.client else self.channel
+        known = record is not None and self.store.is_channel(record.client)
+        channel = record.client if known and record is not None else self.channel
         event = Event(EventType.REVOKED, task_id, seq=FINAL_SEQ, data={"reason": reason})
         raw = self.signer.seal(event.to_header())
         if not self.store.revoke_pending(task_id, raw, channel):

@@ -93,6 +93,8 @@ class Listener:
                 # final state is missed. The thread itself never dies of it.
                 if isinstance(exc, BrokerUnavailable):
                     log.warning("event channel unreachable (%s); retrying in %.1f s", exc, backoff)
+                elif self._drop_adopted_channels(exc):
+                    continue
                 else:
                     log.exception("error reading the event channel; retrying in %.1f s", backoff)
                 self._stop.wait(backoff)
@@ -122,6 +124,20 @@ class Listener:
         if handle.done():
             with self._lock:
                 self._handles.pop(event.task_id, None)
+
+    def _drop_adopted_channels(self, exc: Exception) -> bool:
+        """After a read error that is not an outage, stop reading other clients' channels.
+
+        Their names come from unsigned records: one naming a key that is not a channel
+        must not stop this client's own events. Returns whether any were dropped.
+        """
+        with self._lock:
+            adopted = [c for c in self._positions if c != self.channel]
+            if not adopted:
+                return False
+            self._positions = {self.channel: self._positions[self.channel]}
+        log.error("stopped reading %s after a read error (%s)", ", ".join(adopted), exc)
+        return True
 
     def _drop_idle_channels(self) -> None:
         # Adopted channels are read only while a handle that needs them is unfinished.

@@ -8,8 +8,15 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from nbtask.core.context import current_request
-from nbtask.errors import NbtaskError, RemoteError, TaskRevoked, TimeLimitExceeded, WorkerLost
-from nbtask.wire.events import FINAL_STATES, Event, EventType, Progress, State
+from nbtask.errors import (
+    NbtaskError,
+    RemoteError,
+    SerializationError,
+    TaskRevoked,
+    TimeLimitExceeded,
+    WorkerLost,
+)
+from nbtask.wire.events import FINAL_STATES, Event, EventType, Progress, State, Unloadable
 
 __all__ = ["Revoker", "TaskHandle"]
 
@@ -151,13 +158,17 @@ class TaskHandle(concurrent.futures.Future[Any]):
 
     # Fed by the listener ----------------------------------------------------------------------
     def apply(self, event: Event, result: Any = None) -> None:
-        """Apply one event; events older than the last one applied are ignored."""
+        """Apply one event; events older than the last one applied are ignored.
+
+        A final state is never taken for an old event: whatever its number, it ends the task.
+        """
+        final = event.state in FINAL_STATES
         with self._lock:
-            if self.done() or (event.seq and event.seq <= self._last_seq):
+            if self.done() or (not final and event.seq and event.seq <= self._last_seq):
                 return
             self._last_seq = max(self._last_seq, event.seq)
             self._apply(event)
-        if event.state in FINAL_STATES:
+        if final:
             try:
                 self._settle(event, result)
             except concurrent.futures.InvalidStateError:
@@ -189,7 +200,15 @@ class TaskHandle(concurrent.futures.Future[Any]):
 
     def _settle(self, event: Event, result: Any) -> None:
         data = event.data
-        if event.type is EventType.SUCCESS:
+        if event.type is EventType.SUCCESS and isinstance(result, Unloadable):
+            self.set_exception(
+                SerializationError(
+                    f"task {self.name}[{self.id}] succeeded, but its result cannot be loaded "
+                    f"in this process ({result.why}): install what defines it here, or "
+                    "return plain values (numbers, strings, lists, dicts, numpy arrays)"
+                )
+            )
+        elif event.type is EventType.SUCCESS:
             self.set_result(result)
         elif event.type is EventType.REVOKED:
             self.set_exception(TaskRevoked(f"task {self.name}[{self.id}] was revoked"))

@@ -107,6 +107,7 @@ class MessageBuilder:
         message = TaskMessage(
             id=task_id,
             name=task.name,
+            prefix=self.settings.key_prefix,
             queue=queue,
             client=channel,
             created=now,

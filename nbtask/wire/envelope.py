@@ -26,7 +26,7 @@ import cloudpickle
 from nbtask.errors import ConfigurationError, SignatureError, TooLarge
 from nbtask.settings import Settings
 
-__all__ = ["FORMAT_VERSION", "INSECURE_KEY", "Envelope", "Signer", "dumps"]
+__all__ = ["FORMAT_VERSION", "INSECURE_KEY", "Envelope", "Signer", "dumps", "key_id"]
 
 FORMAT_VERSION = 1
 MAGIC = b"NBT"
@@ -38,6 +38,11 @@ _PREFIX_SIZE = len(MAGIC) + 1 + _LENGTH.size
 _MIN_SIZE = _PREFIX_SIZE + 2 + _MAC_SIZE  # the smallest header is "{}"
 # A message body: bytes, or a view into a received message (not copied).
 Buffer = bytes | memoryview
+
+
+def key_id(key: str | bytes) -> str:
+    """A short public name for a secret, to tell secrets apart without revealing them."""
+    return hashlib.sha256(b"nbtask key id\x00" + _as_bytes(key)).hexdigest()[:16]
 
 
 def dumps(value: object) -> bytes:
@@ -100,6 +105,9 @@ class Signer:
         self._key = _as_bytes(secret)
         self._verify_keys = [self._key, *(_as_bytes(s) for s in old_secrets)]
         self.max_bytes = max_bytes
+        #: The public name of the signing secret, and of every secret accepted.
+        self.key_id = key_id(self._key)
+        self.accepted_key_ids = tuple(dict.fromkeys(key_id(k) for k in self._verify_keys))
 
     @classmethod
     def for_settings(cls, settings: Settings, secret: str | None) -> Signer:

@@ -20,15 +20,24 @@ __all__ = [
     "EventType",
     "Progress",
     "State",
+    "Unloadable",
     "decode_event",
+    "run_seq_base",
 ]
 
-# Sequence numbers order a task's events. Each run (first try, then each retry) numbers
-# its events from ``retries * RUN_SEQ_SPAN``, so a retry's events are never taken for
-# stale ones; events sent on a task's behalf (revoked, worker lost) use FINAL_SEQ, above
-# all of them and still exact in a JavaScript number.
+# Sequence numbers order a task's events. Each run (first try, each retry, each
+# redelivery after a worker died) numbers its events from a range of its own (see
+# run_seq_base), so a later run's events are never taken for stale ones; events sent on
+# a task's behalf (revoked, worker lost) use FINAL_SEQ, above all of them and still exact
+# in a JavaScript number.
 RUN_SEQ_SPAN = 1_000_000
 FINAL_SEQ = 1 << 52
+_DELIVERY_SLOTS = 64  # redeliveries numbered apart within one retry
+
+
+def run_seq_base(retries: int, deliveries: int) -> int:
+    """Where the events of the run ``(retries, deliveries)`` start numbering."""
+    return (retries * _DELIVERY_SLOTS + min(deliveries, _DELIVERY_SLOTS - 1)) * RUN_SEQ_SPAN
 
 
 class State(str, enum.Enum):
@@ -169,8 +178,18 @@ class Event:
             raise DecodeError(f"malformed event header: {exc!r}") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class Unloadable:
+    """A verified result that cannot be loaded in this process (its class is missing here)."""
+
+    why: str
+
+
 def decode_event(signer: Signer, raw: bytes) -> tuple[Event, Any]:
     """Verify and decode one event; the body (a result) is unpickled only after the MAC.
+
+    A result that verifies but cannot be loaded here (a class only the worker can import)
+    comes back as :class:`Unloadable`, so the task still ends, with an error that says so.
 
     Raises
     ------
@@ -186,5 +205,8 @@ def decode_event(signer: Signer, raw: bytes) -> tuple[Event, Any]:
         serializer = str(event.data.get("serializer", "cloudpickle"))
         if serializer not in SERIALIZERS:
             raise DecodeError(f"event names an unknown serializer {serializer!r}")
-        result = decode_value(envelope.body, serializer)
+        try:
+            result = decode_value(envelope.body, serializer)
+        except Exception as exc:
+            result = Unloadable(f"{type(exc).__name__}: {exc}")
     return event, result

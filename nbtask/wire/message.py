@@ -29,6 +29,9 @@ class TaskMessage:
 
     id: str
     name: str
+    #: The key prefix of the app that sent it and the queue it was sent to: a message
+    #: copied to another app's keys or another queue is refused there.
+    prefix: str
     queue: str
     client: str
     created: float

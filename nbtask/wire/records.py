@@ -129,6 +129,8 @@ class WorkerInfo:
     busy: tuple[str, ...] = ()
     #: When this entry was written (epoch seconds): the worker's last heartbeat.
     seen: float = 0.0
+    #: Public names of the secrets it accepts (:func:`nbtask.wire.envelope.key_id`).
+    keys: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         """The registry entry's text."""
@@ -157,6 +159,7 @@ class WorkerInfo:
                 tasks=_strings(value.get("tasks", [])),
                 busy=_strings(value.get("busy", [])),
                 seen=float(_field(value, "seen", (int, float), 0.0)),
+                keys=_strings(value.get("keys", [])),
             )
         except (TypeError, ValueError):
             return None

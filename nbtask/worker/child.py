@@ -35,7 +35,7 @@ from nbtask.errors import (
 )
 from nbtask.settings import Settings
 from nbtask.wire.envelope import Buffer, Envelope, Signer
-from nbtask.wire.events import FINAL_SEQ, RUN_SEQ_SPAN, Event, EventType, State
+from nbtask.wire.events import FINAL_SEQ, Event, EventType, State, run_seq_base
 from nbtask.wire.message import TaskMessage, decode_value, encode_value
 from nbtask.worker.outbox import Outbox, TaskStream
 from nbtask.worker.settle import (
@@ -115,7 +115,12 @@ class Child:
             self.transport, MessageBuilder(self.signer, self.settings)
         )
         self.follow_ups = FollowUps(self.transport, self.signer, self.publisher)
-        self._whoami["pid"] = os.getpid()
+        self._pid = os.getpid()
+        self._whoami["pid"] = self._pid
+        # For the child's whole life: a task's text goes to its client, anything else to
+        # the worker's log, and text from threads a task left behind to no other task.
+        sys.stdout = TaskStream(self.outbox, EventType.STDOUT, sys.stdout)
+        sys.stderr = TaskStream(self.outbox, EventType.STDERR, sys.stderr)
         self._serve()
 
     def _serve(self) -> None:
@@ -123,6 +128,7 @@ class Child:
         delivery: Delivery | None = None
         # A message already taken is always handled, even once asked to stop.
         while not self._stop or delivery is not None:
+            self._exit_if_forked(0)
             try:
                 if delivery is None:
                     delivery = self.transport.fetch(self.queues, self.consumer, 1.0)
@@ -166,9 +172,34 @@ class Child:
             admitted = self._admit(delivery)
             if admitted is None:
                 return None
-            return self._run_admitted(admitted)
+            try:
+                return self._run_admitted(admitted)
+            except BrokerUnavailable:
+                raise
+            except Exception as exc:
+                # A failure while reporting (an exception whose str() raises, an outcome
+                # that cannot be sent): the task must still end, and say why.
+                log.exception("could not settle task %s; reporting it failed", delivery.task_id)
+                self._settle_unreported(admitted, exc)
+                return None
         finally:
             self.slot.clear()
+
+    def _settle_unreported(self, admitted: Admitted, exc: Exception) -> None:
+        why = NbtaskError(
+            f"the task ended but nbtask could not report its outcome "
+            f"({type(exc).__name__}); the worker's log has the details"
+        )
+        event = failure_event(admitted.message.id, FINAL_SEQ, why, self._whoami)
+        self._settle(admitted, Outcome(event))
+
+    def _exit_if_forked(self, code: int) -> None:
+        """End a process that task code forked from this child: only the child reports.
+
+        The copy must not report an outcome or take messages: it has no supervisor.
+        """
+        if os.getpid() != self._pid:
+            os._exit(code)
 
     # Admit -------------------------------------------------------------------------------------
     def _admit(self, delivery: Delivery) -> Admitted | None:
@@ -181,6 +212,10 @@ class Child:
         except NbtaskError as exc:
             self._reject(delivery, exc)
             return None
+        if message.prefix != self.settings.key_prefix or message.queue != delivery.queue:
+            where = f"key prefix {message.prefix!r}, queue {message.queue!r}"
+            self._reject(delivery, NbtaskError(f"the message was sent to {where}, not here"))
+            return None
         code, callbacks, arguments = message.split(envelope)
         admitted = Admitted(delivery, envelope, message, code, callbacks, arguments)
         refused = self._start_verdict(admitted)
@@ -188,8 +223,10 @@ class Child:
             self._drop(admitted, refused)
             return None
         now = time.time()
-        if message.eta is None and now - message.created > self.settings.replay_window:
-            self._too_old(admitted, now - message.created)
+        # Counted from the signed due time: a countdown or retry does not age while it waits.
+        age = now - max(message.created, message.eta or 0.0)
+        if age > self.settings.replay_window:
+            self._too_old(admitted, age)
             return None
         if message.expires is not None and now > message.expires:
             expired = Outcome(
@@ -215,7 +252,7 @@ class Child:
     def _report_unverifiable(self, task_id: str, exc: BaseException) -> None:
         """Settle a task whose message failed verification (it was marked STARTED)."""
         record = self.transport.store.get_record(task_id)
-        if record is None or not record.client:
+        if record is None or not self.transport.store.is_channel(record.client):
             # No client sent this task: the id beside the message was forged, and the
             # record is the start check's alone.
             self.transport.store.forget_unsent(task_id)
@@ -242,6 +279,12 @@ class Child:
 
     def _drop(self, admitted: Admitted, refused: str) -> None:
         message = admitted.message
+        if refused == Verdict.BAD_RECORD:
+            self._reject(
+                admitted.delivery,
+                NbtaskError(f"the record of task {message.id} is not one nbtask wrote"),
+            )
+            return
         log.warning("dropped a message for task %s: it is already %s", message.id, refused)
         self.transport.discard(admitted.delivery)
         if refused == State.REVOKED.value:
@@ -268,7 +311,7 @@ class Child:
             task, resolve_error = None, exc
         if task is not None and self._rate_limited(admitted, task):
             return None
-        first_seq = message.retries * RUN_SEQ_SPAN
+        first_seq = run_seq_base(message.retries, admitted.delivery.deliveries)
         self.outbox.begin(message.id, message.client, self._whoami, first_seq=first_seq)
         self.slot.occupy(message.id, 0.0)
         if task is None:
@@ -341,9 +384,6 @@ class Child:
         request = self._request(admitted, task, args, kwargs)
         deadline = time.time() + request.time_limit if request.time_limit else 0.0
         self.slot.occupy(message.id, deadline)
-        saved = sys.stdout, sys.stderr
-        sys.stdout = TaskStream(self.outbox, EventType.STDOUT)
-        sys.stderr = TaskStream(self.outbox, EventType.STDERR)
         # The request stays current until the outcome is decided: an autoretry needs it.
         with running(request), sending_through(WorkerSender(self.publisher, message)):
             try:
@@ -351,8 +391,7 @@ class Child:
                 outcome = self._call(message, task, args, kwargs, request.soft_time_limit)
             except BaseException as exc:
                 outcome = self._after_exception(message, task, exc)
-            finally:
-                sys.stdout, sys.stderr = saved
+        self._exit_if_forked(_exit_code(outcome))
         outcome.args, outcome.kwargs = tuple(args), kwargs
         return outcome
 
@@ -514,3 +553,11 @@ class Child:
             "it, and import it under the same path on both sides ('proj.tasks' and 'tasks' "
             "are different names)"
         )
+
+
+def _exit_code(outcome: Outcome) -> int:
+    """The exit code of a forked copy of a child, from how its task code ended."""
+    if isinstance(outcome.exc, SystemExit):
+        code = outcome.exc.code
+        return code if isinstance(code, int) else 1
+    return 0 if outcome.exc is None else 1

@@ -27,6 +27,10 @@ class Outbox:
     ``started`` event goes out with the first flush, about 1/15 s into the task; a task
     that ends sooner skips it (its final event names the worker). Everything buffered is
     flushed before the final event, so nothing a task printed is lost.
+
+    Output belongs to the task whose code wrote it: a thread a task started and left
+    running is remembered as that task's, and what it writes later is dropped (logged once)
+    rather than shown as another task's output.
     """
 
     def __init__(self, transport: Transport, signer: Signer) -> None:
@@ -43,13 +47,20 @@ class Outbox:
         self._progress: dict[str, Any] | None = None
         self._wake = threading.Event()
         self._flush_lock = threading.Lock()
+        self._active = False
+        self._threads_before: set[int] = set()
+        # Threads a task left running -> that task's id; their later output is dropped.
+        self._leftovers: dict[int, str] = {}
         threading.Thread(target=self._pump, name="nbtask-outbox", daemon=True).start()
 
     def begin(
         self, task_id: str, channel: str, details: Mapping[str, Any], first_seq: int = 0
     ) -> None:
         """Start buffering for a task that was just marked STARTED."""
+        alive = _thread_ids()
         with self._lock:
+            self._leftovers = {t: owner for t, owner in self._leftovers.items() if t in alive}
+            self._threads_before, self._active = alive, True
             self._task_id, self._channel, self._seq = task_id, channel, first_seq + 1
             self._output, self._progress = [], None
             self._started = Event(EventType.STARTED, task_id, first_seq + 1, details)
@@ -71,19 +82,38 @@ class Outbox:
             raise ValueError(f"tasks cannot send {kind!r} events")
         self._wake.set()
 
-    def write(self, kind: EventType, text: str) -> None:
-        """Queue output text."""
+    def write(self, kind: EventType, text: str) -> bool:
+        """Queue output text of the running task; False if it is not the task's.
+
+        Text from a thread an earlier task left running is dropped (logged once per
+        thread); text written while no task runs is not queued (the caller shows it in the
+        worker's log instead).
+        """
+        thread = threading.get_ident()
         with self._lock:
+            owner = self._leftovers.get(thread)
+            if owner is None and not self._active:
+                return False
+            if owner is not None:
+                if owner:  # log once per thread, then remember it silently
+                    log.warning("dropped output of a thread that task %s left running", owner)
+                    self._leftovers[thread] = ""
+                return True
             if self._output and self._output[-1][0] is kind:
                 self._output[-1][1]["text"] += text
             else:
                 self._output.append((kind, {"text": text}))
         self._wake.set()
+        return True
 
     def end(self) -> int:
         """Flush what the task left and return the sequence number for its final event."""
+        left = _thread_ids()
         with self._lock:
             self._started = None
+            self._active = False
+            for thread in left - self._threads_before:
+                self._leftovers[thread] = self._task_id
         self.flush()
         with self._lock:
             self._seq += 1
@@ -132,16 +162,29 @@ class Outbox:
 
 
 class TaskStream(io.TextIOBase):
-    """``sys.stdout``/``sys.stderr`` inside a task: text goes to the client."""
+    """``sys.stdout``/``sys.stderr`` of a worker child: a task's text goes to its client.
 
-    def __init__(self, outbox: Outbox, kind: EventType) -> None:
-        self._outbox, self._kind = outbox, kind
+    Text written while no task runs (a handler after the outcome) goes to ``fallback``,
+    the worker's own stream.
+    """
+
+    def __init__(self, outbox: Outbox, kind: EventType, fallback: Any) -> None:
+        self._outbox, self._kind, self._fallback = outbox, kind, fallback
 
     def writable(self) -> bool:
         """Always: this stream only writes."""
         return True
 
     def write(self, text: str) -> int:
-        """Queue ``text`` for the client."""
-        self._outbox.write(self._kind, text)
+        """Queue ``text`` for the running task's client (or the worker's log)."""
+        if not self._outbox.write(self._kind, text):
+            self._fallback.write(text)
         return len(text)
+
+    def flush(self) -> None:
+        """Flush the worker's own stream (a task's text is sent in batches anyway)."""
+        self._fallback.flush()
+
+
+def _thread_ids() -> set[int]:
+    return {thread.ident for thread in threading.enumerate() if thread.ident is not None}

@@ -97,12 +97,15 @@ def outcome_fields(
     state = outcome.state
     if state is State.RETRY:
         return final_fields(state, b"")
+    header = outcome.event.to_header()
     if not message.store_result:
-        return {}  # backend=None: the client is told, the store keeps nothing
+        # backend=None: no result at all, only a signed note that the task ended, kept
+        # like any record so that a replay of its message cannot run it again.
+        return final_fields(state, signer.seal({**header, "data": {"result_kept": False}}))
     if message.ignore_result and state is State.SUCCESS:
         # The outcome is still signed in the store; only the value is left out.
         kept = {**outcome.event.data, "result_kept": False}
-        return final_fields(state, signer.seal({**outcome.event.to_header(), "data": kept}))
+        return final_fields(state, signer.seal({**header, "data": kept}))
     return final_fields(state, raw_event)
 
 

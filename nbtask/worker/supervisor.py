@@ -106,6 +106,9 @@ class Worker:
         self._respawn_at: dict[int, float] = {}
         self._signals = 0
         self._warm = False
+        self._failing: dict[str, str] = {}  # housekeeping step -> its last error
+        # Ended tasks are remembered a little past max_age: a message older is refused.
+        self._replays_after = settings.replay_window + 60.0
         self._started = time.time()
         self._context = multiprocessing.get_context("fork")
 
@@ -168,11 +171,6 @@ class Worker:
             except BrokerUnavailable as exc:
                 log.warning("broker unreachable (%s); retrying", exc)
                 time.sleep(min(1.0, self.settings.heartbeat_interval))
-            except Exception:
-                # A housekeeping step failing (a read-only replica, an out-of-memory
-                # reply) must not take the worker and its running tasks down with it.
-                log.exception("housekeeping step failed; retrying")
-                time.sleep(min(1.0, self.settings.heartbeat_interval))
 
     def _watch_signals_and_parent(self) -> int | None:
         """The exit code if the worker must stop now; a first signal starts a warm stop."""
@@ -201,20 +199,52 @@ class Worker:
             self._child_exited(sentinels[sentinel], respawn=not self._warm)
 
     def _housekeeping(self, *, beat: bool, beats: int) -> None:
-        """Every tick: ETA, limits, control; every heartbeat: presence, dead workers."""
-        self.transport.move_due(self.queues)
-        self._enforce_limits()
-        self._read_control()
-        self._apply_terminates()
-        if not beat:
-            return
-        self._heartbeat()
-        self._reclaim_dead_workers()
+        """Every tick: limits, ETA, control; every heartbeat: presence, dead workers.
+
+        Each step runs on its own: one that fails (a key nbtask did not write, a
+        read-only replica) is logged and the others still run, so no bad entry can stop
+        heartbeats or time limits.
+        """
+        steps: list[tuple[str, Callable[[], object]]] = [
+            ("time limits", self._enforce_limits),
+            ("control messages", self._read_control),
+            ("terminate requests", self._apply_terminates),
+        ]
+        if beat:
+            steps.append(("heartbeat", self._heartbeat))
+        steps.append(("countdowns", lambda: self.transport.move_due(self.queues)))
+        if beat:
+            steps += [
+                ("dead workers", self._reclaim_dead_workers),
+                ("lost deliveries", self._settle_orphans),
+                ("ended tasks", lambda: self.store.forget_ended_before(self._replays_after)),
+            ]
+        if beat and (beats + 1) % _STALE_CHECK_EVERY == 0:  # heartbeat number beats + 1
+            steps.append(("expired leases", self._settle_stale))
+        for name, step in steps:
+            self._run_step(name, step)
+
+    def _run_step(self, name: str, step: Callable[[], object]) -> None:
+        try:
+            step()
+        except BrokerUnavailable:
+            raise
+        except Exception as exc:
+            # Logged when a step starts failing or fails differently, not every tick.
+            if self._failing.get(name) != repr(exc):
+                log.exception("housekeeping step %r failed; the others go on", name)
+            self._failing[name] = repr(exc)
+        else:
+            if self._failing.pop(name, None) is not None:
+                log.info("housekeeping step %r works again", name)
+
+    def _settle_orphans(self) -> None:
         for delivery in self.transport.orphans():
             self._settle_lost(delivery, "its worker process died (redelivered by the broker)")
-        if (beats + 1) % _STALE_CHECK_EVERY == 0:  # this is heartbeat number beats + 1
-            for delivery in self.transport.stale(self.queues, self.worker_id):
-                self._settle_lost(delivery, "its lease expired (visibility timeout)")
+
+    def _settle_stale(self) -> None:
+        for delivery in self.transport.stale(self.queues, self.worker_id):
+            self._settle_lost(delivery, "its lease expired (visibility timeout)")
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals += 1
@@ -307,6 +337,7 @@ class Worker:
             tasks=tuple(sorted(self.tasks)),
             busy=tuple(slot.task_id for slot in self._slots if slot.task_id),
             seen=time.time(),
+            keys=self.signer.accepted_key_ids,
         )
 
     def _heartbeat(self) -> None:
@@ -458,10 +489,15 @@ class Worker:
         """Store why a task this supervisor killed ended, unless it ended otherwise."""
         task_id = stopped[0]
         record = self.store.get_record(task_id)
-        if record is None or not record.client or record.state is not State.STARTED:
+        channel = record.client if record is not None else ""
+        if (
+            record is None
+            or not self.store.is_channel(channel)
+            or record.state is not State.STARTED
+        ):
             return
         event = _stopped_event(stopped, reason, record.name or "task")
-        report(self.transport, self.signer, task_id, record.client, event)
+        report(self.transport, self.signer, task_id, channel, event)
 
 
 def _stopped_event(stopped: tuple[str, str, float], reason: str, name: str) -> Event:

@@ -1,4 +1,4 @@
-"""Revoke and cancel (issue 4, item 8): queued tasks never start, running ones are
+"""Revoke and cancel: queued tasks never start, running ones are
 interrupted then killed, and no revoked task runs anyway, even under load."""
 
 from __future__ import annotations

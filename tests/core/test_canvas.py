@@ -1,4 +1,4 @@
-"""Canvas (issue 4, item 10): signatures, link/link_error, chains, groups, and tasks that
+"""Canvas: signatures, link/link_error, chains, groups, and tasks that
 send or wait for other tasks."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``@app.task`` options, checked at decoration time (issue 4, items 1-2).
+"""``@app.task`` options, checked at decoration time.
 
 Nothing here needs a broker: decorating a function never connects.
 """

@@ -1,4 +1,4 @@
-"""Custom task classes and handlers (issue 4, item 4): one instance per worker process,
+"""Custom task classes and handlers: one instance per worker process,
 class-based tasks, abstract bases, Celery's handler arguments and order, faulty handlers."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Time limits and rate limits (issue 4, items 6, 7 and 9)."""
+"""Time limits and rate limits."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Retries (issue 4, items 3 and 5): ``self.retry``, ``max_retries``, ``autoretry_for`` with
+"""Retries: ``self.retry``, ``max_retries``, ``autoretry_for`` with
 backoff, the RETRY state on the handle, and retries parked in the ETA set."""
 
 from __future__ import annotations

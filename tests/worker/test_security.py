@@ -74,11 +74,12 @@ def pickled(value: object) -> bytes:
 
 
 def task_header(app: App, task_id: str, **changes: Any) -> dict[str, Any]:
-    """A task header as ``App._prepare`` writes it, for the sample marker task."""
+    """A task header as a client writes it, for the sample marker task."""
     header: dict[str, Any] = {
         "kind": "task",
         "id": task_id,
         "name": MARKER_TASK,
+        "prefix": app.settings.key_prefix,
         "queue": "default",
         "client": app.channel,
         "created": time.time(),
