@@ -41,8 +41,15 @@ class RawBroker(abc.ABC):
 
     # Queue side ----------------------------------------------------------------------------
     @abc.abstractmethod
-    def inject(self, raw: bytes, *, deliveries: int = 0, task_id: str | None = None) -> None:
-        """Put ``raw`` on the default task queue, as anyone with broker access could."""
+    def inject(
+        self,
+        raw: bytes,
+        *,
+        deliveries: int = 0,
+        task_id: str | None = None,
+        queue: str = "default",
+    ) -> None:
+        """Put ``raw`` on a task queue, as anyone with broker access could."""
 
     @abc.abstractmethod
     def peek(self) -> bytes:
@@ -81,11 +88,18 @@ class _RedisQueues(RawBroker):
     def _stream(self, queue: str = "default") -> str:
         return self.streams.queue_key(queue)
 
-    def inject(self, raw: bytes, *, deliveries: int = 0, task_id: str | None = None) -> None:
+    def inject(
+        self,
+        raw: bytes,
+        *,
+        deliveries: int = 0,
+        task_id: str | None = None,
+        queue: str = "default",
+    ) -> None:
         fields: dict[str, Any] = {"e": raw, "n": deliveries}
         if task_id is not None:
             fields["i"] = task_id
-        self.store.xadd(self._stream(), fields)
+        self.store.xadd(self._stream(queue), fields)
 
     def peek(self) -> bytes:
         [(_, fields)] = self.store.xrange(self._stream())
@@ -128,8 +142,15 @@ class _AmqpQueues(RawBroker):
         )
         self.channel.basic_publish(message, exchange="", routing_key=routing_key)
 
-    def inject(self, raw: bytes, *, deliveries: int = 0, task_id: str | None = None) -> None:
-        name = self._queue()
+    def inject(
+        self,
+        raw: bytes,
+        *,
+        deliveries: int = 0,
+        task_id: str | None = None,
+        queue: str = "default",
+    ) -> None:
+        name = self._queue(queue)
         self.channel.queue_declare(queue=name, durable=True, auto_delete=False)
         headers: dict[str, Any] = {"nbtask-deliveries": deliveries}
         if task_id is not None:

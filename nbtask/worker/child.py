@@ -280,10 +280,13 @@ class Child:
     def _drop(self, admitted: Admitted, refused: str) -> None:
         message = admitted.message
         if refused == Verdict.BAD_RECORD:
-            self._reject(
-                admitted.delivery,
-                NbtaskError(f"the record of task {message.id} is not one nbtask wrote"),
+            why = NbtaskError(
+                f"the record of task {message.id} in the store is not one nbtask wrote (it "
+                "was overwritten with another type); the task was not run"
             )
+            self._reject(admitted.delivery, why)
+            # The message verified, so its client is known: tell it (the record is replaced).
+            self._settle(admitted, Outcome(failure_event(message.id, FINAL_SEQ, why)), ack=False)
             return
         log.warning("dropped a message for task %s: it is already %s", message.id, refused)
         self.transport.discard(admitted.delivery)

@@ -84,10 +84,18 @@ def failure_event(
         **(details or {}),
         "ename": kind.__name__,
         "etype": f"{kind.__module__}.{kind.__qualname__}",
-        "evalue": str(exc),
+        "evalue": _text_of(exc),
         "traceback": text,
     }
     return Event(EventType.FAILURE, task_id, seq, data)
+
+
+def _text_of(exc: BaseException) -> str:
+    """``str(exc)``, even for an exception whose ``__str__`` raises."""
+    try:
+        return str(exc)
+    except Exception as failed:
+        return f"<{type(exc).__name__}: str() raised {type(failed).__name__}>"
 
 
 def outcome_fields(

@@ -1,0 +1,138 @@
+"""Bookkeeping nbtask did not write (anyone with broker access can): one bad entry is
+logged, dropped or quarantined, and never stops heartbeats, countdowns, recovery, a
+listener or a command. Both brokers where it applies."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from helpers import wait_until
+from raw_broker import RawBroker
+
+import nbtask
+from nbtask import App, Settings, State
+from nbtask.cli import main
+
+pytestmark = pytest.mark.brokers
+
+ADD = "tests.sample_tasks.add"
+SLOW_EARLY = "tests.sample_tasks.slow_early"
+
+
+def pids_in(path: Path) -> list[int]:
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def test_eta_member_without_a_task_id_is_quarantined_and_countdowns_go_on(
+    app: App, access: RawBroker, start_worker
+) -> None:
+    access.store.zadd(access.keys.eta_key("default"), {b"no task id in here": time.time() - 1})
+    worker = start_worker(concurrency=1)
+    assert app.send_task(ADD, (1, 2), countdown=0.3).get(timeout=15) == 3
+    wait_until(lambda: len(access.dead_letters()) == 1, 10, "the bad member to be set aside")
+    assert access.dead_letters()[0][b"e"] == b"no task id in here"
+    seen = max(i.seen for i in app.workers().values())
+    wait_until(lambda: max(i.seen for i in app.workers().values()) > seen, 5, "a heartbeat")
+    assert worker.log.read_text().count("without a task id") == 1
+
+
+def test_record_of_another_type_refuses_its_task_and_the_worker_serves_on(
+    app: App, access: RawBroker, start_worker
+) -> None:
+    tampered = app.send_task(ADD, (1, 1))
+    record = access.keys.record_key(tampered.id)
+    access.store.delete(record)
+    access.store.set(record, "not a hash")
+    worker = start_worker(concurrency=1)
+    with pytest.raises(nbtask.RemoteError, match="not one nbtask wrote"):
+        tampered.get(timeout=15)
+    assert [app.send_task(ADD, (i, i)).get(timeout=15) for i in range(3)] == [0, 2, 4]
+    assert worker.log.read_text().count("rejected message") == 1
+
+
+def test_unreadable_registry_entries_do_not_stop_dead_worker_recovery(
+    app: App, settings: Settings, access: RawBroker, start_worker, tmp_path: Path
+) -> None:
+    registry = f"{settings.key_prefix}:workers"
+    access.store.hset(registry, b"\xff\xfe not utf-8", b"{}")
+    access.store.hset(registry, "deeply-nested", "[" * 50_000 + "]" * 50_000)
+    access.store.hset(registry, "not-json", b"\x00\x01\x02")
+    start_worker(concurrency=1)
+    start_worker(concurrency=1)
+    marker = tmp_path / "marker"
+    h = app.send_task(SLOW_EARLY, (str(marker), 30.0))
+    wait_until(lambda: len(pids_in(marker)) == 1, 10, "the task to start")
+    runner = psutil.Process(pids_in(marker)[0])
+    supervisor = runner.parent()
+    assert supervisor is not None
+    supervisor.kill()  # the whole worker: the other one must notice and settle its task
+    runner.kill()
+    with pytest.raises(nbtask.WorkerLost):
+        h.get(timeout=30)
+    assert h.state is State.WORKER_LOST
+    assert access.store.hget(registry, b"\xff\xfe not utf-8") is None  # dropped
+    assert access.store.hget(registry, "deeply-nested") is None
+
+
+def test_forged_channel_in_a_record_does_not_stop_the_listener(
+    app: App, settings: Settings, access: RawBroker, start_worker
+) -> None:
+    not_a_stream = f"{settings.key_prefix}:c:{'a' * 16}"  # shaped like a channel, a hash
+    access.store.hset(not_a_stream, "x", "y")
+    access.store.hset(
+        access.keys.record_key("forged-task"),
+        mapping={"state": "STARTED", "name": "forged", "client": not_a_stream},
+    )
+    access.store.hset(
+        access.keys.record_key("forged-two"),
+        mapping={"state": "STARTED", "name": "forged", "client": f"{settings.key_prefix}:r:x"},
+    )
+    forged = app.handle("forged-task")  # what %tasks --all does for a listed task
+    app.handle("forged-two")  # not shaped like a channel: never read at all
+    start_worker()
+    assert app.send_task(ADD, (2, 2)).get(timeout=15) == 4
+    assert not forged.done()
+
+
+@pytest.mark.brokers("redis")
+def test_malformed_stream_entries_are_dead_lettered_or_run(
+    app: App, access: RawBroker, start_worker
+) -> None:
+    """Fields of a queue entry are unsigned: a bad redelivery count reads as none, an entry
+    without a message is dead-lettered; each is acknowledged either way."""
+    genuine = app.send_task(ADD, (5, 5))
+    raw = access.peek()
+    stream = access.streams.queue_key("default")
+    access.store.xtrim(stream, maxlen=0)
+    access.store.xadd(stream, {"e": raw, "n": "many", "i": genuine.id})
+    access.store.xadd(stream, {"x": "no message here", "i": "nothing"})
+    worker = start_worker(concurrency=1)
+    assert genuine.get(timeout=15) == 10
+    wait_until(lambda: len(access.dead_letters()) == 1, 10, "the empty entry to be set aside")
+    wait_until(access.drained, 10, "every entry to be acknowledged")
+    assert "Traceback" not in worker.log.read_text()
+
+
+def test_cli_reads_bad_registry_and_records_safely(
+    settings: Settings, access: RawBroker, start_worker, tmp_path: Path, capsys
+) -> None:
+    start_worker(concurrency=1)
+    registry = f"{settings.key_prefix}:workers"
+    access.store.hset(registry, b"\xff\xfe", b"\xff")
+    access.store.hset(
+        access.keys.record_key("shouting"),
+        mapping={"state": "SUCCESS", "name": "\x1b[31mred\x1b[0m\x07", "worker": b"\xff\xfe"},
+    )
+    secret = tmp_path / "secret"
+    secret.write_text(settings.secret or "")
+    common = ["-b", settings.broker_url or "", "--key-prefix", settings.key_prefix]
+    common += ["--secret-file", str(secret)]
+    assert main(["status", *common]) == 0
+    status = capsys.readouterr().out
+    assert "pid" in status and "\x1b" not in status
+    assert main(["inspect", "shouting", *common]) == 0
+    shown = capsys.readouterr().out
+    assert "\x1b" not in shown and "\x07" not in shown and "red" in shown

@@ -1,0 +1,166 @@
+"""Replays of genuine messages, by someone with broker access but not the secret: a task
+that ended never runs again, whatever was done to its plain bookkeeping, and a message
+runs only in the app and queue it was sent to. Both brokers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import wait_for_housekeeping, wait_until
+from raw_broker import RawBroker, raw_broker
+
+from nbtask import App, Settings
+
+pytestmark = pytest.mark.brokers
+
+RECORD_ID = "tests.sample_tasks.record_id"  # appends the task id to a file, per run
+
+
+def runs_in(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+def _log_count(worker: object, text: str) -> int:
+    return str(worker.log.read_text()).count(text)  # type: ignore[attr-defined]
+
+
+def _sent_then_run(app: App, access: RawBroker, start_worker, ledger: Path, **options):
+    """Send a task with no worker up, keep its message as sent, then run it."""
+    h = app.send_task(RECORD_ID, (str(ledger),), **options)
+    wait_until(lambda: _waiting(access), 5, "the message on its queue")
+    raw = access.peek()
+    worker = start_worker(concurrency=1)
+    assert h.get(timeout=15) == h.id
+    return h, raw, worker
+
+
+def _waiting(access: RawBroker) -> bool:
+    try:
+        access.peek()
+    except (AssertionError, ValueError):
+        return False
+    return True
+
+
+def test_replay_of_a_backend_none_task_never_runs_it_again(
+    app: App, access: RawBroker, start_worker, tmp_path: Path
+) -> None:
+    ledger = tmp_path / "ledger"
+
+    @app.task(backend=None)
+    def unrecorded(path: str) -> str:
+        from nbtask import current_request
+
+        request = current_request()
+        assert request is not None
+        with open(path, "a") as f:
+            f.write(f"{request.id}\n")
+        return request.id
+
+    h = unrecorded.delay(str(ledger))
+    wait_until(lambda: _waiting(access), 5, "the message on its queue")
+    raw = access.peek()
+    worker = start_worker(concurrency=1)
+    assert h.get(timeout=15) == h.id
+    access.inject(raw, task_id=h.id)
+    access.inject(raw)  # and without the id beside it
+    wait_until(lambda: _log_count(worker, f"dropped a message for task {h.id}") == 2, 15, "drops")
+    assert runs_in(ledger) == [h.id]
+
+
+def test_state_reset_or_record_deleted_then_replayed_never_runs_again(
+    app: App, access: RawBroker, start_worker, tmp_path: Path
+) -> None:
+    ledger = tmp_path / "ledger"
+    h, raw, worker = _sent_then_run(app, access, start_worker, ledger)
+    record = access.keys.record_key(h.id)
+
+    access.store.hset(record, "state", "PENDING")  # the plain field alone says "not run"
+    access.inject(raw, task_id=h.id)
+    wait_until(lambda: _log_count(worker, f"dropped a message for task {h.id}") == 1, 15, "drop")
+
+    access.store.delete(record)  # the record gone: the ended task is remembered apart
+    access.inject(raw, task_id=h.id)
+    wait_until(lambda: _log_count(worker, f"dropped a message for task {h.id}") == 2, 15, "drop")
+    wait_for_housekeeping(app)
+    assert runs_in(ledger) == [h.id]
+
+
+@pytest.fixture
+def short_max_age(monkeypatch: pytest.MonkeyPatch) -> float:
+    """Workers refuse messages older than this (start_worker copies os.environ)."""
+    monkeypatch.setenv("NBTASK_MAX_AGE", "2.0")
+    return 2.0
+
+
+def test_countdown_message_replayed_after_max_age_is_refused(
+    app: App, access: RawBroker, start_worker, tmp_path: Path, short_max_age: float
+) -> None:
+    """An ETA message ages from its signed due time: replayed after max_age, and after
+    everything that remembered its task is gone, it is still refused."""
+    ledger = tmp_path / "ledger"
+    eta_key = access.keys.eta_key("default")
+    h = app.send_task(RECORD_ID, (str(ledger),), countdown=0.3)
+    [member] = access.store.zrange(eta_key, 0, -1)
+    raw = member.partition(b":")[2]  # the message as parked for its due time
+    worker = start_worker(concurrency=1)
+    assert h.get(timeout=15) == h.id
+
+    due = time.time() + short_max_age + 0.5
+    wait_until(lambda: time.time() > due, 10, "max_age to pass since its due time")
+    access.store.delete(access.keys.record_key(h.id))  # expired, and forgotten as ended
+    access.store.zrem(access.keys.done_key, h.id)
+    access.inject(raw, task_id=h.id)
+    wait_until(lambda: len(access.dead_letters()) == 1, 15, "the replay to be dead-lettered")
+    assert access.dead_letters()[0][b"e"] == raw
+    assert "older than max_age" in worker.log.read_text()
+    wait_for_housekeeping(app)
+    assert runs_in(ledger) == [h.id]
+
+
+@pytest.fixture
+def other_app(settings: Settings) -> Iterator[tuple[Settings, RawBroker]]:
+    """A second app on the same broker with the same secret, under its own key prefix."""
+    other = settings.replace(key_prefix=f"{settings.key_prefix}:b")
+    access = raw_broker(other)
+    yield other, access
+    access.close()
+
+
+def test_message_copied_to_another_app_or_queue_is_refused(
+    app: App,
+    access: RawBroker,
+    start_worker,
+    tmp_path: Path,
+    other_app: tuple[Settings, RawBroker],
+) -> None:
+    other, other_access = other_app
+    ledger = tmp_path / "ledger"
+    h = app.send_task(RECORD_ID, (str(ledger),))
+    wait_until(lambda: _waiting(access), 5, "the message on its queue")
+    raw = access.peek()
+    # The other app's worker, same secret: the message is not for its key prefix.
+    stranger = start_worker("--key-prefix", other.key_prefix, concurrency=1, wait=False)
+    watcher = App("watcher", settings=other)
+    try:
+        wait_until(lambda: bool(watcher.workers()), 20, "the other app's worker")
+    finally:
+        watcher.close()
+    other_access.inject(raw)
+    wait_until(lambda: len(other_access.dead_letters()) == 1, 15, "the copy to be dead-lettered")
+    assert other_access.dead_letters()[0][b"e"] == raw
+    assert "was sent to key prefix" in stranger.log.read_text()
+    assert runs_in(ledger) == []
+    # Its own app, another queue: not for that queue either.
+    worker = start_worker("-Q", "elsewhere", concurrency=1)
+    access.inject(raw, queue="elsewhere")
+    wait_until(lambda: len(access.dead_letters()) == 1, 15, "the copy to be dead-lettered")
+    assert "queue 'default', not here" in worker.log.read_text()
+    assert runs_in(ledger) == []
+    # The genuine message still runs once, on its own queue.
+    start_worker(concurrency=1)
+    assert h.get(timeout=15) == h.id
+    assert runs_in(ledger) == [h.id]

@@ -1,0 +1,133 @@
+"""A task's end always reaches its client, and stays re-attachable: after a redelivery,
+when reporting the failure itself fails, when the result cannot be loaded by the client,
+and when an id or a secret is wrong. Both brokers."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from helpers import wait_until
+from raw_broker import RawBroker
+
+import nbtask
+from nbtask import App, ConfigurationError, Settings, State
+
+pytestmark = pytest.mark.brokers
+
+
+def pids_in(path: Path) -> list[int]:
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def test_redelivered_acks_late_task_after_much_output_still_succeeds(
+    app: App, settings: Settings, start_worker, tmp_path: Path, access: RawBroker
+) -> None:
+    """Its first run printed 40 lines and was killed: the rerun's SUCCESS must not be
+    taken for an event older than those lines, by this handle or a re-attached one."""
+    worker = start_worker(concurrency=1)
+    marker = tmp_path / "marker"
+
+    @app.task(acks_late=True)
+    def chatty_once(path: str) -> str:
+        import os
+        import time
+
+        first = not os.path.exists(path)
+        with open(path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        if first:
+            for i in range(40):
+                print(f"line {i}", flush=True)
+            time.sleep(60)
+        return "done"
+
+    h = chatty_once.delay(str(marker))
+    wait_until(lambda: h.stdout.count("\n") == 40, 15, "the first run's 40 lines")
+    os.kill(pids_in(marker)[0], signal.SIGKILL)
+    assert h.get(timeout=20) == "done"
+    assert h.state is State.SUCCESS
+    assert len(pids_in(marker)) == 2
+    assert worker.process.poll() is None
+
+    other = App("other", settings=settings)
+    try:
+        again = other.handle(h.id)
+        assert again.get(timeout=10) == "done"  # the stored SUCCESS, after the old lines
+        assert again.stdout.count("line ") == 40
+    finally:
+        other.close()
+    assert access.stored_event_types(app.signer, app.channel, h.id).count("success") == 1
+
+
+def test_exception_whose_str_raises_still_ends_the_task(app: App, start_worker) -> None:
+    start_worker()
+
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no text for this one")
+
+    @app.task
+    def fails_oddly() -> None:
+        raise Unprintable()
+
+    h = fails_oddly.delay()
+    with pytest.raises(nbtask.RemoteError) as info:
+        h.get(timeout=10)
+    assert info.value.ename == "Unprintable"
+    assert "str() raised RuntimeError" in info.value.evalue
+    assert h.state is State.FAILURE
+    assert app.send_task("tests.sample_tasks.add", (1, 1)).get(timeout=10) == 2
+
+
+def test_result_only_the_worker_can_load_ends_with_a_clear_error(app: App, start_worker) -> None:
+    start_worker()
+
+    @app.task
+    def returns_a_stranger() -> object:
+        import sys
+        import types
+
+        module = types.ModuleType("only_on_the_worker")
+        exec("class Stranger:\n    pass\n", module.__dict__)
+        sys.modules["only_on_the_worker"] = module  # pickled by reference, as installed code
+        return module.Stranger()
+
+    h = returns_a_stranger.delay()
+    with pytest.raises(nbtask.SerializationError, match="only_on_the_worker"):
+        h.get(timeout=10)
+    assert h.state is State.SUCCESS  # it did succeed; only this process cannot load it
+
+
+def test_reused_task_id_is_refused_at_send_time(app: App, start_worker) -> None:
+    start_worker()
+    first = app.send_task("tests.sample_tasks.add", (1, 2), task_id="used-once")
+    assert first.get(timeout=10) == 3
+    with pytest.raises(ConfigurationError, match=r"used-once.*SUCCESS"):
+        app.send_task("tests.sample_tasks.add", (3, 4), task_id="used-once")
+
+
+def test_client_with_another_secret_is_refused_at_send_time(
+    settings: Settings, start_worker
+) -> None:
+    start_worker()
+    stranger = App("stranger", settings=settings.replace(secret="not-the-workers-secret"))
+    try:
+        with pytest.raises(ConfigurationError, match=r"queue 'default'.*NBTASK_SECRET"):
+            stranger.send_task("tests.sample_tasks.add", (1, 1))
+    finally:
+        stranger.close()
+
+
+def test_two_apps_with_different_secrets_on_one_prefix_are_refused(
+    app: App, start_worker, tmp_path: Path
+) -> None:
+    """Each app's workers would dead-letter the other's tasks: half of them lost."""
+    start_worker()
+    other_secret = tmp_path / "secret"
+    other_secret.write_text("the-other-apps-secret")
+    start_worker("--secret-file", str(other_secret))
+    with pytest.raises(ConfigurationError, match="also served by workers"):
+        app.send_task("tests.sample_tasks.add", (1, 1))
