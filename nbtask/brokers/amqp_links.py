@@ -41,9 +41,11 @@ _CONTENT = {"content_type": "application/octet-stream", "content_encoding": "bin
 
 
 # kombu would decompress a body whose headers name a compression before nbtask sees it:
-# a 146-byte bz2 bomb grows to hundreds of MB before any signature or size check. These
-# classes make kombu hand messages over as they arrived; one that names a compression or
-# a text encoding is marked refused (nbtask never sends either), and its body is never
+# a bz2 bomb of a few hundred bytes grows to hundreds of MB before any signature or size
+# check. And py-amqp decodes a body whose content encoding names a text encoding, so one
+# sent as latin-1 or UTF-16 would come out re-encoded, not as sent. These classes make
+# kombu and py-amqp hand messages over as they arrived; one that names a compression or a
+# text encoding is marked refused (nbtask never sends either), and its body is never
 # decoded.
 pyamqp: Any = _pyamqp
 
@@ -66,6 +68,10 @@ class _GuardedMessage(pyamqp.Message):  # type: ignore[misc]
 
 class _GuardedChannel(pyamqp.Channel):  # type: ignore[misc]
     Message = _GuardedMessage
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.auto_decode = False  # bodies stay the bytes sent, whatever encoding they name
 
 
 class _GuardedConnection(pyamqp.Connection):  # type: ignore[misc]
@@ -281,7 +287,8 @@ def read_headers(headers: object) -> tuple[str | None, int]:
 def body_of(message: Message) -> bytes:
     """The body as sent.
 
-    py-amqp hands an empty body, or one sent with a text content encoding, over as ``str``.
+    py-amqp hands an empty body over as ``str`` (and decodes no other: see
+    ``_GuardedChannel``).
     """
     body = message.body
     if isinstance(body, str):
