@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,6 +33,10 @@ class Outbox:
     Output belongs to the task whose code wrote it: a thread a task started and left
     running is remembered as that task's, and what it writes later is dropped (logged once)
     rather than shown as another task's output.
+
+    A process that task code forks from the child gets a copy of the outbox that sends
+    nothing: the broker connections it shares with the child are the child's alone, and
+    only the child reports. Its printed text goes to the worker's own stream.
     """
 
     def __init__(self, transport: Transport, signer: Signer) -> None:
@@ -51,7 +57,17 @@ class Outbox:
         self._threads_before: set[int] = set()
         # Threads a task left running -> that task's id; their later output is dropped.
         self._leftovers: dict[int, str] = {}
+        self._forked = False
         threading.Thread(target=self._pump, name="nbtask-outbox", daemon=True).start()
+        outbox = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _disown(outbox()))
+
+    def _disown(self) -> None:
+        """In a process forked from the child (only the forking thread runs on there)."""
+        self._forked = True
+        # Another thread may have held these at the fork, and it does not exist here.
+        self._lock, self._flush_lock = threading.Lock(), threading.Lock()
+        self._wake = threading.Event()
 
     def begin(
         self, task_id: str, channel: str, details: Mapping[str, Any], first_seq: int = 0
@@ -72,6 +88,8 @@ class Outbox:
         ``display`` data is a MIME bundle: ``{"data": {mime: value}, "metadata": {...}}``
         (optionally ``"transient"``); it keeps its place among printed text.
         """
+        if self._forked:
+            return
         if kind == EventType.PROGRESS.value:
             with self._lock:
                 self._progress = dict(data)
@@ -86,9 +104,11 @@ class Outbox:
         """Queue output text of the running task; False if it is not the task's.
 
         Text from a thread an earlier task left running is dropped (logged once per
-        thread); text written while no task runs is not queued (the caller shows it in the
-        worker's log instead).
+        thread); text written while no task runs, or in a process forked from the child, is
+        not queued (the caller shows it in the worker's log instead).
         """
+        if self._forked:
+            return False
         thread = threading.get_ident()
         with self._lock:
             owner = self._leftovers.get(thread)
@@ -123,8 +143,11 @@ class Outbox:
         """Send what is buffered now.
 
         Flushes are serialised end to end, so the final flush in :meth:`end` waits for
-        one in progress: no output can reach the client after the final event.
+        one in progress: no output can reach the client after the final event. A forked
+        copy of the child sends nothing.
         """
+        if self._forked:
+            return
         with self._flush_lock:
             self._flush()
 
@@ -184,6 +207,11 @@ class TaskStream(io.TextIOBase):
     def flush(self) -> None:
         """Flush the worker's own stream (a task's text is sent in batches anyway)."""
         self._fallback.flush()
+
+
+def _disown(outbox: Outbox | None) -> None:
+    if outbox is not None:
+        outbox._disown()
 
 
 def _thread_ids() -> set[int]:
