@@ -188,7 +188,8 @@ class TaskStream(io.TextIOBase):
     """``sys.stdout``/``sys.stderr`` of a worker child: a task's text goes to its client.
 
     Text written while no task runs (a handler after the outcome) goes to ``fallback``,
-    the worker's own stream.
+    the worker's own stream, a line at a time: the worker's log gets it as it is written,
+    in order with the log records, even where that stream is a buffered file.
     """
 
     def __init__(self, outbox: Outbox, kind: EventType, fallback: Any) -> None:
@@ -202,6 +203,8 @@ class TaskStream(io.TextIOBase):
         """Queue ``text`` for the running task's client (or the worker's log)."""
         if not self._outbox.write(self._kind, text):
             self._fallback.write(text)
+            if "\n" in text:
+                self._fallback.flush()
         return len(text)
 
     def flush(self) -> None:
