@@ -1,0 +1,154 @@
+"""What task code leaves behind stays its own, on both brokers.
+
+A process the task forked neither reports an outcome nor takes messages; a thread it left
+running never writes into a later task's output; text written outside any task (a
+handler after the outcome) goes to the worker's log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from helpers import WorkerProcess, wait_until
+from raw_broker import RawBroker
+
+from nbtask import App
+
+pytestmark = pytest.mark.brokers
+
+FINAL_EVENTS = {"success", "failure", "revoked", "worker_lost"}
+
+
+def exited(pid: int) -> bool:
+    """The process is gone, or a zombie (it has exited; its parent has not reaped it)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def end_if_running(pid: int) -> None:
+    """Kill a forked copy that outlived its test (it has no supervisor to end it)."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        process = psutil.Process(pid)
+        if process.status() != psutil.STATUS_ZOMBIE:
+            process.kill()
+
+
+def final_events(access: RawBroker, app: App, task_id: str) -> list[str]:
+    """The final events sent to this client's channel about ``task_id``, in order."""
+    types = access.stored_event_types(app.signer, app.channel, task_id)
+    return [t for t in types if t in FINAL_EVENTS]
+
+
+@pytest.mark.parametrize("ending", ["returns", "exits"])
+def test_a_process_forked_by_a_task_neither_reports_nor_takes_messages(
+    ending: str,
+    app: App,
+    access: RawBroker,
+    start_worker: Callable[..., WorkerProcess],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    worker = start_worker(concurrency=1)
+    [child] = worker.children()
+    pids = tmp_path / "pids"
+
+    @app.task
+    def forks(path: str, ending: str) -> int:
+        import sys
+
+        print("before the fork")
+        fork = os.fork()
+        if fork == 0:  # the copy: its value (or exit) must not become the task's outcome
+            if ending == "exits":
+                sys.exit(0)
+            return -1
+        Path(path).write_text(f"{os.getpid()} {fork}")
+        return os.getpid()
+
+    @app.task
+    def whoami() -> int:
+        return os.getpid()
+
+    handle = forks.delay(str(pids), ending)
+    assert handle.get(timeout=15) == child.pid
+    parent, fork = (int(pid) for pid in pids.read_text().split())
+    request.addfinalizer(lambda: end_if_running(fork))
+    assert parent == child.pid != fork
+    wait_until(lambda: exited(fork), 10, f"the forked copy {fork} to exit")
+    assert whoami.delay().get(timeout=15) == child.pid
+    assert final_events(access, app, handle.id) == ["success"]
+    assert handle.stdout == "before the fork\n"  # the copy sent nothing either
+    assert [c.pid for c in worker.children()] == [child.pid]
+
+
+def test_output_of_a_thread_a_task_left_running_reaches_no_later_task(
+    app: App, start_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    worker = start_worker(concurrency=1)
+    ticks = tmp_path / "ticks"
+
+    @app.task
+    def leaves_a_thread(path: str) -> None:
+        import threading
+        import time
+
+        def chatter() -> None:
+            while True:
+                print("chatter from a thread left running")
+                with Path(path).open("a") as f:
+                    f.write(".")
+                time.sleep(0.02)
+
+        threading.Thread(target=chatter, daemon=True).start()
+
+    @app.task
+    def says_hello(path: str) -> tuple[int, int]:
+        import time
+
+        first = Path(path).stat().st_size
+        print("hello from the second task")
+        time.sleep(0.3)  # the thread keeps printing meanwhile
+        return first, Path(path).stat().st_size
+
+    first = leaves_a_thread.delay(str(ticks))
+    first.get(timeout=15)
+    ended = ticks.stat().st_size
+    wait_until(lambda: ticks.stat().st_size > ended, 10, "the thread to print after its task")
+    second = says_hello.delay(str(ticks))
+    before, after = second.get(timeout=15)
+    assert after > before, "the thread did not print while the second task ran"
+    assert second.stdout == "hello from the second task\n"
+    lines = [line for line in worker.log.read_text().splitlines() if "dropped output" in line]
+    assert len(lines) == 1, lines
+    assert f"dropped output of a thread that task {first.id} left running" in lines[0]
+
+
+def test_a_handlers_print_goes_to_the_worker_log_not_the_tasks_output(
+    app: App, start_worker: Callable[..., WorkerProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker's stdout is then a buffered file, as under a process manager.
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
+    worker = start_worker(concurrency=1)
+
+    class Noisy(app.Task):
+        def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+            print(f"on_success saw {retval} for {task_id}")
+
+    @app.task(base=Noisy)
+    def seven() -> int:
+        print("seven's own line")
+        return 7
+
+    handle = seven.delay()
+    assert handle.get(timeout=15) == 7
+    line = f"on_success saw 7 for {handle.id}"
+    wait_until(lambda: line in worker.log.read_text(), 10, "the handler's line in the log")
+    assert handle.stdout == "seven's own line\n"
