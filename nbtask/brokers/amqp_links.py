@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -99,6 +100,7 @@ class Link:
 
     def __init__(self, conn: Any, generation: int) -> None:
         self.conn = conn
+        self.pid = os.getpid()
         self.channel: Any = conn.channel()
         self.generation = generation
         self.declared: set[str] = set()
@@ -136,6 +138,8 @@ class Links:
     def current(self) -> Link | None:
         """The calling thread's link, if it has one."""
         link: Link | None = getattr(self._local, "link", None)
+        if link is not None and link.pid != os.getpid():
+            return None  # a process forked meanwhile never uses its parent's connection
         return link
 
     def get(self) -> Link:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -125,12 +126,13 @@ class RedisLink:
 
     def _connection(self) -> Any:
         # One connection per thread, kept: taking one from the pool on every call costs
-        # a health-check syscall, more than the command itself on a local server.
+        # a health-check syscall, more than the command itself on a local server. A
+        # process forked meanwhile (by task code) never uses its parent's socket.
         connection = getattr(self._local, "connection", None)
-        if connection is None:
+        if connection is None or getattr(self._local, "pid", None) != os.getpid():
             pool = self.redis.connection_pool
             connection = pool.connection_class(**pool.connection_kwargs)
-            self._local.connection = connection
+            self._local.connection, self._local.pid = connection, os.getpid()
         return connection
 
     def run(

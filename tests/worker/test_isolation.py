@@ -152,3 +152,37 @@ def test_a_handlers_print_goes_to_the_worker_log_not_the_tasks_output(
     line = f"on_success saw 7 for {handle.id}"
     wait_until(lambda: line in worker.log.read_text(), 10, "the handler's line in the log")
     assert handle.stdout == "seven's own line\n"
+
+
+def test_a_forked_copy_that_sends_a_task_uses_its_own_connection(
+    app: App,
+    access: RawBroker,
+    start_worker: Callable[..., WorkerProcess],
+    tmp_path: Path,
+) -> None:
+    """The copy shares nothing on the wire with the child: a task it sends arrives, and
+    the child's own outcome and later tasks are untouched."""
+    start_worker(concurrency=1)
+    ledger = tmp_path / "ledger"
+
+    @app.task
+    def note(path: str, who: str) -> str:
+        with open(path, "a") as f:
+            f.write(f"{who}\n")
+        return who
+
+    @app.task
+    def forks_and_sends(path: str) -> int:
+        fork = os.fork()
+        if fork == 0:
+            note.delay(path, "sent by the copy")
+            return -1
+        os.waitpid(fork, 0)
+        return os.getpid()
+
+    handle = forks_and_sends.delay(str(ledger))
+    parent = handle.get(timeout=15)
+    assert parent > 0
+    wait_until(lambda: ledger.exists() and "copy" in ledger.read_text(), 15, "the copy's task")
+    assert note.delay(str(ledger), "after").get(timeout=15) == "after"
+    assert final_events(access, app, handle.id) == ["success"]
