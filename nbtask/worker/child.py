@@ -9,7 +9,6 @@ progress), **settle** (store the outcome, tell the client, acknowledge) and **fo
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import os
 import signal
@@ -28,7 +27,6 @@ from nbtask.core.task import Task
 from nbtask.errors import (
     BrokerUnavailable,
     NbtaskError,
-    NotRegistered,
     Retry,
     SerializationError,
     SoftTimeLimitExceeded,
@@ -37,6 +35,7 @@ from nbtask.settings import Settings
 from nbtask.wire.envelope import Buffer, Envelope, Signer
 from nbtask.wire.events import FINAL_SEQ, Event, EventType, State, run_seq_base
 from nbtask.wire.message import TaskMessage, decode_value, encode_value
+from nbtask.worker.finder import TaskFinder
 from nbtask.worker.outbox import Outbox, TaskStream
 from nbtask.worker.settle import (
     FollowUps,
@@ -91,9 +90,8 @@ class Child:
         self.consumer = consumer
         self.worker_id = worker_id
         self.hostname = hostname
-        self.tasks = dict(tasks)
+        self.tasks = TaskFinder(tasks, hostname)
         self.slot = slot
-        self._shipped: dict[str, Task] = {}
         self._stop = False
         self._running = False
         self._terminated = False
@@ -308,7 +306,7 @@ class Child:
     def _run_admitted(self, admitted: Admitted) -> Delivery | None:
         message = admitted.message
         try:
-            task: Task | None = self._resolve(message, admitted.code)
+            task: Task | None = self.tasks.find(message, admitted.code)
             resolve_error: BaseException | None = None
         except Exception as exc:
             task, resolve_error = None, exc
@@ -516,46 +514,6 @@ class Child:
             log.exception("could not load the callbacks of task %s", admitted.message.id)
             return None
         return callbacks if isinstance(callbacks, Callbacks) else None
-
-    # Finding the task ------------------------------------------------------------------------
-    def _resolve(self, message: TaskMessage, code: Buffer) -> Task:
-        if message.code is not None:
-            task = self._shipped.get(message.code)
-            if task is None:
-                # One instance per process for shipped tasks too, keyed by code digest.
-                task = decode_value(code, "cloudpickle")
-                self._shipped[message.code] = task
-            return task
-        task = self.tasks.get(message.name)
-        if task is None:
-            task = self._import(message)
-        return task
-
-    def _import(self, message: TaskMessage) -> Task:
-        if not message.module:
-            raise NotRegistered(self._unknown(message, "it was sent by name only"))
-        try:
-            module = importlib.import_module(message.module)
-        except ImportError as exc:
-            why = f"importing {message.module!r} failed: {exc}"
-            raise NotRegistered(self._unknown(message, why)) from None
-        for value in vars(module).values():
-            if isinstance(value, Task) and not type(value).is_abstract():
-                self.tasks.setdefault(value.name, value)
-        task = self.tasks.get(message.name)
-        if task is None:
-            why = f"module {message.module!r} defines no such task"
-            raise NotRegistered(self._unknown(message, why))
-        return task
-
-    def _unknown(self, message: TaskMessage, why: str) -> str:
-        known = ", ".join(sorted(self.tasks)) or "none"
-        return (
-            f"task {message.name!r} is not registered on worker {self.hostname} ({why}). "
-            f"Registered tasks: {known}. Start the worker with -A for the module that defines "
-            "it, and import it under the same path on both sides ('proj.tasks' and 'tasks' "
-            "are different names)"
-        )
 
 
 def _exit_code(outcome: Outcome) -> int:
