@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 
 import nbtask
-from nbtask import App, RemoteError
+from nbtask import App
 
 app = App("quickstart")  # no NBTASK_BROKER: starts a private Redis and 2 worker processes
 
@@ -57,8 +57,8 @@ def main() -> None:
 
     try:
         fails.delay().get(timeout=30)
-    except RemoteError as exc:
-        print(f"fails() raised {exc.ename}: {exc.evalue}")
+    except ValueError as exc:  # the task's own exception type
+        print(f"fails() raised {type(exc).__name__}: {exc}")
 
     later = add.apply_async((40, 2), countdown=0.5)
     print("add(40, 2) after a 0.5 s countdown =", later.get(timeout=30))

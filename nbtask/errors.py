@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "BrokerUnavailable",
     "CellError",
+    "CellNameError",
     "ConfigurationError",
     "DecodeError",
     "MaxRetriesExceededError",
@@ -144,6 +145,23 @@ class WorkerLost(RemoteError):
 
 class CellError(NbtaskError):
     """The pre-send check refused a ``%%task`` cell; nothing was sent."""
+
+    def _render_traceback_(self) -> list[str]:
+        # IPython shows this instead of a traceback: the error is about the user's cell,
+        # one line as Python shows its own, not nbtask's internal frames.
+        return [f"{_user_facing_name(self)}: {self}"]
+
+
+class CellNameError(CellError, NameError):
+    """The cell reads a name defined nowhere: Python's own ``NameError``, found before sending."""
+
+
+def _user_facing_name(exc: BaseException) -> str:
+    """The built-in exception an nbtask error stands for (``NameError``), else its name."""
+    for kind in type(exc).__mro__:
+        if kind.__module__ == "builtins" and kind not in (Exception, BaseException, object):
+            return kind.__name__
+    return type(exc).__name__
 
 
 class NotebookFailed(NbtaskError):

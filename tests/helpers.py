@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from nbtask import App, Settings
+from nbtask import App, RemoteError, Settings
 from nbtask.brokers import open_broker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +33,17 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.01)
+
+
+def remote_of(exc: BaseException) -> RemoteError:
+    """The worker's account of a task's error (name, message, traceback text).
+
+    ``get()`` raises the task's own exception type, its cause the ``RemoteError`` holding
+    that account; a type the client cannot load is a ``RemoteError`` itself.
+    """
+    found = exc if isinstance(exc, RemoteError) else exc.__cause__
+    assert isinstance(found, RemoteError), f"no remote account on {exc!r}"
+    return found
 
 
 def wait_for_housekeeping(app: App, timeout: float = 15.0) -> None:

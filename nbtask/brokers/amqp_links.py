@@ -159,7 +159,11 @@ class Links:
         except Exception as exc:
             conn.release()
             raise self.unavailable(exc) from exc
-        link = Link(conn, next(self._generations))
+        try:
+            link = Link(conn, next(self._generations))
+        except Exception as exc:  # the connection dropped while its channel opened
+            conn.release()
+            raise self.unavailable(exc) from exc
         self._local.link = link
         with self._lock:
             self._links.append(link)

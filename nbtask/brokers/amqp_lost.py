@@ -57,15 +57,26 @@ class LostDeliveries:
             ]
             if not ids:
                 return []
-            busy = {task for info in self.store.workers().values() for task in info.busy}
+            live = self.store.workers().values()
+            busy = {task for info in live for task in info.busy}
+            # Holders still alive, as their supervisors last saw them: (consumer, pid).
+            alive = {
+                (c, str(p))
+                for info in live
+                for c, p in zip(info.consumers, info.pids, strict=False)  # pids: may be none
+            }
             entries = {}
             for task_id in ids:
                 fields = redis.hgetall(self._entry(task_id))
                 if not fields:  # settled meanwhile
                     redis.zrem(self._key, task_id)
                     continue
-                if task_id in busy:
-                    continue  # a live worker still runs it (its channel closed, not it)
+                held_by = (fields.get(b"h", b"").decode(), fields.get(b"p", b"").decode())
+                running = task_id in busy or (holder is None and held_by in alive)
+                if running and not self._ended(task_id):
+                    # A live child still runs it (its channel closed, not the child): it
+                    # ends by itself, or its supervisor settles it when the child dies.
+                    continue
                 if holder is not None and fields.get(b"h", b"").decode() != holder:
                     continue
                 entries[task_id] = fields
@@ -92,6 +103,10 @@ class LostDeliveries:
                 )
             )
         return out
+
+    def _ended(self, task_id: str) -> bool:
+        record = self.store.get_record(task_id)
+        return record is not None and record.final
 
     def settle(self, delivery: Delivery) -> bool:
         """Drop a parked delivery once handled; False if ``delivery`` is not a parked one."""

@@ -105,13 +105,17 @@ end
 
 # The end of a task (or a retry): store its record (no fields and an event: delete it)
 # and append the event to its client's channel. A field value '=event' stands for the
-# event itself (a stored result), so it is sent only once. A final state is remembered.
+# event itself (a stored result), so it is sent only once. A final state is remembered,
+# and never replaced.
 WRITE_FINAL = (
     RECORD_STATE
     + """
 local FINAL = {SUCCESS = true, FAILURE = true, REVOKED = true, WORKER_LOST = true}
 local function write_final(key, channel, ttl, maxlen, event, fields)
   own_record(key)
+  -- A final state stays final: a second outcome (a race between a worker reporting a
+  -- task lost and the task ending after all) is neither stored nor sent.
+  if FINAL[record_state(key)] then return end
   if #fields > 0 then
     for i = 2, #fields, 2 do
       if fields[i] == '=event' then fields[i] = event end
@@ -256,13 +260,14 @@ return out
 """
 )
 
-# Park a lost delivery (idempotent), with the consumer that held it.
+# Park a lost delivery (idempotent), with the consumer (and process) that held it.
 # KEYS: lost set, lost hash, record; ARGV: task id, raw, queue, deliveries, now
 _PARK_LOST = """
-local holder = redis.pcall('HGET', KEYS[3], 'consumer')
-if type(holder) ~= 'string' then holder = '' end
+local by = redis.pcall('HMGET', KEYS[3], 'consumer', 'pid')
+if type(by) ~= 'table' or by.err then by = {} end
 redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[2], 'e', ARGV[2], 'q', ARGV[3], 'n', ARGV[4], 'h', holder)
+redis.call('HSET', KEYS[2], 'e', ARGV[2], 'q', ARGV[3], 'n', ARGV[4],
+           'h', by[1] or '', 'p', by[2] or '')
 redis.call('ZADD', KEYS[1], 'NX', ARGV[5], ARGV[1])
 return 1
 """

@@ -8,7 +8,11 @@ import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from typing import Any, TypeVar
 
-__all__ = ["Request", "current_request", "progress", "running", "track"]
+__all__ = ["PARTIAL_RESULT", "Request", "current_request", "progress", "running", "track"]
+
+#: An exception raised by task code may carry, under this attribute, what the task did
+#: before it failed (a notebook cell's names): it travels with the failure, signed.
+PARTIAL_RESULT = "__nbtask_partial__"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from nbtask.core.context import current_request
@@ -65,6 +65,8 @@ class TaskHandle(concurrent.futures.Future[Any]):
         self._custom_state: str | None = None
         #: The previous step's handle, for a chain's later steps.
         self.parent: TaskHandle | None = None
+        #: What the task did before it failed, as it reported it (a notebook cell's names).
+        self.partial: Any = None
         self._lock = threading.Lock()
 
     # State -------------------------------------------------------------------------------------
@@ -220,17 +222,38 @@ class TaskHandle(concurrent.futures.Future[Any]):
             )
             self.set_exception(WorkerLost("WorkerLost", why, "", self.id))
         else:
-            # Failures nbtask itself reports come back as its own exception types.
-            kind = _KNOWN_FAILURES.get(str(data.get("ename", "")), RemoteError)
-            self.set_exception(
-                kind(
-                    str(data.get("ename", "Exception")),
-                    str(data.get("evalue", "")),
-                    str(data.get("traceback", "")),
-                    self.id,
-                    str(data.get("etype", "")),
-                )
-            )
+            body = result if isinstance(result, dict) else {}
+            self.partial = body.get("partial")
+            self.set_exception(self._task_exception(data, body.get("exception")))
+
+    def _task_exception(self, data: Mapping[str, Any], original: object) -> BaseException:
+        """The task's own exception when it travelled and loads here, else a RemoteError.
+
+        Either way the worker's traceback comes along: as the original's ``__cause__`` (a
+        :class:`RemoteError` holding it, printed first, as for a chained exception) and
+        in IPython as the traceback shown.
+        """
+        # Failures nbtask itself reports come back as its own exception types.
+        kind = _KNOWN_FAILURES.get(str(data.get("ename", "")), RemoteError)
+        remote = kind(
+            str(data.get("ename", "Exception")),
+            str(data.get("evalue", "")),
+            str(data.get("traceback", "")),
+            self.id,
+            str(data.get("etype", "")),
+        )
+        if kind is not RemoteError or not isinstance(original, BaseException):
+            return remote
+        try:
+            original.__cause__ = remote
+            original.__suppress_context__ = True
+            # IPython shows this instead of the local frames, which are nbtask's wait.
+            original._render_traceback_ = remote._render_traceback_  # type: ignore[attr-defined]
+            original.task_id = self.id  # type: ignore[attr-defined]
+            original.remote_traceback = remote.traceback  # type: ignore[attr-defined]
+        except (AttributeError, TypeError):  # an exception type that takes no attributes
+            return remote
+        return original
 
     def cancel(self) -> bool:
         """Revoke the task: a queued one never runs, a running one is interrupted.

@@ -58,11 +58,25 @@ class CellAnalysis:
         Names the cell binds at top level (assignments, imports, defs, loop targets).
     mutated : tuple of str
         Names whose value the cell may change in place (``df["c"] = ...``, ``xs.append``).
+    late : tuple of str
+        Those of ``reads`` read only inside function bodies: read when the function is
+        called, so they may be defined later, as in plain Python.
+    imports : tuple of str
+        Top-level packages the cell imports.
+    star_imports : tuple of str
+        Modules the cell imports ``*`` from (their names are bound, unseen here).
+    named_strings : tuple of str
+        String constants shaped like names passed to calls (``display('df1')``,
+        ``eval('x')``): names the cell may reach through a string.
     """
 
     reads: tuple[str, ...]
     assigned: tuple[str, ...]
     mutated: tuple[str, ...]
+    late: tuple[str, ...] = ()
+    imports: tuple[str, ...] = ()
+    star_imports: tuple[str, ...] = ()
+    named_strings: tuple[str, ...] = ()
 
 
 def analyze(source: str | ast.Module) -> CellAnalysis:
@@ -85,7 +99,15 @@ def analyze(source: str | ast.Module) -> CellAnalysis:
     # Names free in function bodies are read when the function is called: ship them
     # unless the cell itself binds them somewhere.
     late = [n for n in scan.deferred if n not in scan.assigned and n not in scan.reads]
-    return CellAnalysis(tuple([*scan.reads, *late]), tuple(scan.assigned), tuple(scan.mutated))
+    return CellAnalysis(
+        tuple([*scan.reads, *late]),
+        tuple(scan.assigned),
+        tuple(scan.mutated),
+        tuple(late),
+        tuple(scan.imports),
+        tuple(scan.star_imports),
+        tuple(scan.named_strings),
+    )
 
 
 class _Scan(ast.NodeVisitor):
@@ -99,6 +121,9 @@ class _Scan(ast.NodeVisitor):
         self.bound: set[str] = set()
         self.scopes: list[tuple[set[str], set[str]]] = []  # (locals, declared global)
         self.lazy = 0  # inside a function body: reads happen when it is called
+        self.imports: dict[str, None] = {}
+        self.star_imports: dict[str, None] = {}
+        self.named_strings: dict[str, None] = {}
 
     def _load(self, name: str) -> None:
         if any(name in local for local, _ in self.scopes if name not in _):
@@ -149,6 +174,10 @@ class _Scan(ast.NodeVisitor):
         func = node.func
         if isinstance(func, ast.Attribute) and func.attr in _MUTATORS:
             self._mark_mutated(func.value, deep=True)
+        for arg in node.args:
+            value = arg.value if isinstance(arg, ast.Constant) else None
+            if isinstance(value, str) and value.isidentifier():
+                self.named_strings.setdefault(value)
         self.generic_visit(node)
 
     def _mark_mutated(self, target: ast.expr, deep: bool = False) -> None:
@@ -172,9 +201,16 @@ class _Scan(ast.NodeVisitor):
     visit_For = visit_AsyncFor = _loop
 
     def visit_Import(self, node: ast.Import | ast.ImportFrom) -> None:
+        module = node.module if isinstance(node, ast.ImportFrom) else None
+        relative = isinstance(node, ast.ImportFrom) and node.level > 0
         for alias in node.names:
             if alias.name != "*":
                 self._store(alias.asname or alias.name.split(".")[0])
+            elif module and not relative and not self.scopes:
+                self.star_imports.setdefault(module)
+            top = (module or alias.name).split(".")[0]
+            if top and not relative:
+                self.imports.setdefault(top)
 
     visit_ImportFrom = visit_Import
 

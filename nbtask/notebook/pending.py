@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ast
 import builtins
-import contextlib
 import dataclasses
 import importlib
 import sys
@@ -21,9 +20,11 @@ from collections.abc import Iterable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from nbtask.errors import RemoteError
+from nbtask.notebook import process_state
 from nbtask.notebook.analysis import analyze
 from nbtask.notebook.follow import cancel_task
-from nbtask.notebook.shipping import load_values
+from nbtask.notebook.shipping import load_values, share_namespace
+from nbtask.wire.envelope import Envelope
 
 if TYPE_CHECKING:
     from nbtask.core.handle import TaskHandle
@@ -38,6 +39,7 @@ __all__ = [
 ]
 
 WAIT_NAME = "__nbtask_wait__"
+_POLL_SECONDS = 0.02
 
 
 @dataclasses.dataclass(eq=False)
@@ -121,19 +123,29 @@ class Pending:
         run.delivered = True
         mine = [n for n, r in self.owner.items() if r is run]
         try:
+            # A failed cell's effects before its failing line happened too, as locally.
+            effects = run.handle.partial if exc is not None else run.handle.result(0)
+            if isinstance(effects, Mapping):
+                self._apply(run, effects)
             if exc is not None:
                 raise local_exception(exc, self.namespace)
-            result = run.handle.result(0)
-            for name, value in load_values(result).items():
-                if self.owner.get(name, run) is run:
-                    self.namespace[name] = value
-            for name in result.get("deleted", ()):
-                if self.owner.get(name, run) is run:
-                    self.namespace.pop(name, None)
-            for name, why in dict(result.get("skipped", {})).items():
-                print(f"nbtask: {name} stays on the worker: {why}", file=sys.stderr)
         finally:
             self.forget(mine)
+
+    def _apply(self, run: CellRun, effects: Mapping[str, Any]) -> None:
+        """Write a cell's names and process-wide state changes into this kernel."""
+        for name, value in load_values(effects).items():
+            if self.owner.get(name, run) is run:
+                self.namespace[name] = value
+        for name in effects.get("deleted", ()):
+            if self.owner.get(name, run) is run:
+                self.namespace.pop(name, None)
+        share_namespace(self.namespace)
+        for name, why in dict(effects.get("skipped", {})).items():
+            print(f"nbtask: {name} stays on the worker: {why}", file=sys.stderr)
+        state = effects.get("state")
+        if state:
+            process_state.apply(Envelope({}, state).load_body())
 
 
 def wait_interruptibly(handle: TaskHandle, timeout: float | None = None) -> None:
@@ -144,9 +156,9 @@ def wait_interruptibly(handle: TaskHandle, timeout: float | None = None) -> None
             if deadline is not None and time.monotonic() > deadline:
                 cancel_task(handle)
                 raise TimeoutError(f"task {handle.id} did not finish within {timeout} s")
-            # Short waits keep the main thread responsive to SIGINT.
-            with contextlib.suppress(Exception):
-                handle.exception(0.1)
+            # A sleep, not a wait on the handle's lock: a signal ends a sleep at once when it
+            # reaches this thread, and within the sleep when it reaches another one.
+            time.sleep(_POLL_SECONDS)
     except KeyboardInterrupt:
         cancel_task(handle)
         raise

@@ -14,6 +14,7 @@ from IPython.display import clear_output, display, publish_display_data
 from nbtask._urls import redact_url
 from nbtask.client.app import App
 from nbtask.errors import CellError
+from nbtask.notebook import process_state
 from nbtask.notebook.analysis import analyze
 from nbtask.notebook.board import Row, TaskBoard, format_row, notebook_group
 from nbtask.notebook.celltask import NamedCell, cell_task
@@ -63,6 +64,8 @@ class Session:
         self.boards: list[TaskBoard] = []
         #: Names this notebook's clients on the broker, across kernel restarts.
         self.group = notebook_group()
+        #: The kernel's environment when nbtask was loaded: cells ship what changed since.
+        self.baseline = process_state.Baseline()
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
         self._timers: list[threading.Timer] = []
@@ -153,6 +156,7 @@ class Session:
             retries=args.retries,
             hidden=self.shell.user_ns_hidden,
             line_offset=1,  # tracebacks count the %%task line, as the notebook numbers lines
+            state=process_state.capture(self.baseline),
         )
         if args.name:
             self.app.cells[args.name] = NamedCell(

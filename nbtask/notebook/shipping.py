@@ -7,20 +7,23 @@ builds the :class:`CellSpec` a worker runs (:mod:`nbtask.notebook.cellshell`).
 from __future__ import annotations
 
 import builtins
+import contextlib
 import dataclasses
+import importlib
 import os
+import re
 import sys
 import types
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping, MutableMapping
 from typing import Any
 
 import cloudpickle
 
-from nbtask.errors import CellError
+from nbtask.errors import CellError, CellNameError
 from nbtask.notebook.analysis import SHELL_NAMES, CellAnalysis, analyze
 from nbtask.wire.envelope import Envelope, dumps
 
-__all__ = ["CellSpec", "load_values", "prepare"]
+__all__ = ["CellSpec", "load_values", "prepare", "share_namespace"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +44,11 @@ class CellSpec:
         Rerun the cell this many times after an exception.
     plain : bool
         Return ``{name: value}`` (a named cell's ``.delay``) instead of a packed blob.
+    line_offset : int
+        Lines before the cell's first (the ``%%task`` line), so line numbers match.
+    state : bytes
+        The kernel's process-wide state, pickled, applied on the worker before the cell
+        runs (empty: none).
     """
 
     source: str
@@ -50,6 +58,7 @@ class CellSpec:
     retries: int = 0
     plain: bool = False
     line_offset: int = 0
+    state: bytes = b""
 
 
 def prepare(
@@ -64,6 +73,7 @@ def prepare(
     overrides: Mapping[str, Any] | None = None,
     hidden: Container[str] = (),
     line_offset: int = 0,
+    state: Mapping[str, Any] | None = None,
 ) -> tuple[CellSpec, bytes, CellAnalysis]:
     """Check a cell and pickle its inputs; raise :class:`CellError` before anything is sent.
 
@@ -87,6 +97,8 @@ def prepare(
         See :class:`CellSpec`.
     hidden
         The shell's own names (``get_ipython``, ``In``...): the worker's shell has its own.
+    state
+        The kernel's process-wide state (:func:`nbtask.notebook.process_state.capture`).
 
     Returns
     -------
@@ -97,25 +109,12 @@ def prepare(
         found = analyze(python)
     except SyntaxError as exc:
         raise CellError(f"the cell does not parse: {exc}") from None
+    _refuse_what_a_worker_cannot_do(python, found, namespace)
     overrides = dict(overrides or {})
-    values: dict[str, Any] = {}
-    undefined = []
-    for name in found.reads:
-        if name in overrides:
-            values[name] = overrides[name]
-        elif name in hidden or name in SHELL_NAMES:
-            continue
-        elif name in namespace:
-            values[name] = namespace[name]
-        elif not hasattr(builtins, name) and name not in found.assigned:
-            undefined.append(name)
     unknown = sorted(set(overrides) - set(found.reads))
     if unknown:
         raise CellError(f"the cell does not read {', '.join(map(repr, unknown))}")
-    # Magics can bind names the analysis cannot see (``%time v = 3``): let the worker judge.
-    if undefined and "get_ipython()" not in python:
-        names = ", ".join(repr(n) for n in undefined)
-        raise CellError(f"name {names} is not defined in the notebook (the cell reads it)")
+    values = _values(found, namespace, overrides, hidden, python)
     _ship_local_modules(values.values())
     try:
         blob = dumps(values)
@@ -130,8 +129,97 @@ def prepare(
             f"message limit (max_message_bytes); the biggest: {biggest}. Load the data "
             "inside the cell (e.g. from a path) instead of shipping it"
         )
-    spec = CellSpec(source, filename, tuple(values), found.assigned, retries, plain, line_offset)
+    spec = CellSpec(
+        source,
+        filename,
+        tuple(values),
+        found.assigned,
+        retries,
+        plain,
+        line_offset,
+        dumps(dict(state)) if state is not None else b"",
+    )
     return spec, blob, found
+
+
+# Line magics that act on the kernel's own process or environment.
+_KERNEL_MAGICS = re.compile(r"run_line_magic\(['\"](pip|conda|mamba|who|whos|who_ls)['\"]")
+
+
+def _refuse_what_a_worker_cannot_do(
+    python: str, found: CellAnalysis, namespace: Mapping[str, Any]
+) -> None:
+    magic = _KERNEL_MAGICS.search(python)
+    if magic:
+        raise CellError(
+            f"%{magic.group(1)} acts on this kernel (its packages, its names): run it in a "
+            "cell without %%task"
+        )
+    widgets = "ipywidgets" in found.imports or any(
+        _module_of(namespace[n]).startswith("ipywidgets") for n in found.reads if n in namespace
+    )
+    if widgets:
+        raise CellError(
+            "widgets live in the kernel that shows them, not on a worker: run this cell "
+            "without %%task (do the heavy work in a %%task cell before it)"
+        )
+
+
+def _module_of(value: Any) -> str:
+    if isinstance(value, types.ModuleType):
+        return value.__name__
+    return str(getattr(value, "__module__", None) or type(value).__module__ or "")
+
+
+def _values(
+    found: CellAnalysis,
+    namespace: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    hidden: Container[str],
+    python: str,
+) -> dict[str, Any]:
+    """The values to ship, by name; a name read now but defined nowhere is refused."""
+    values: dict[str, Any] = {}
+    undefined = []
+    starred = _star_names(found.star_imports)
+    for name in found.reads:
+        if name in overrides:
+            values[name] = overrides[name]
+        elif name in hidden or name in SHELL_NAMES:
+            continue
+        elif name in namespace:
+            values[name] = namespace[name]
+        elif name in found.late or name in starred or hasattr(builtins, name):
+            continue  # read when a function runs (maybe defined by then), or bound by *
+        elif name not in found.assigned:
+            undefined.append(name)
+    # Magics can bind names the analysis cannot see (``%time v = 3``): let the worker judge.
+    if undefined and "get_ipython()" not in python:
+        more = f" (nor {', '.join(map(repr, undefined[1:]))})" if len(undefined) > 1 else ""
+        raise CellNameError(f"name {undefined[0]!r} is not defined{more}")
+    # Names reached through strings (``display('df1')``, ``eval('x')``): shipped when they
+    # can be, as locally they would be found in the namespace.
+    for name in found.named_strings:
+        if name in namespace and name not in values and name not in hidden:
+            with contextlib.suppress(Exception):
+                dumps(namespace[name])
+                values[name] = namespace[name]
+    return values
+
+
+def _star_names(modules: Iterable[str]) -> set[str]:
+    """The names ``from module import *`` binds, for modules this kernel can import."""
+    names: set[str] = set()
+    for module_name in modules:
+        try:
+            module = importlib.import_module(module_name)
+        except Exception:  # the cell may import what only the workers have
+            continue
+        public = getattr(module, "__all__", None)
+        if public is None:
+            public = [n for n in vars(module) if not n.startswith("_")]
+        names.update(str(n) for n in public)
+    return names
 
 
 def _unpicklable(values: Mapping[str, Any]) -> str:
@@ -189,3 +277,53 @@ def load_values(result: Mapping[str, Any]) -> dict[str, Any]:
     blob = result.get("values", b"")
     values: dict[str, Any] = Envelope({}, blob).load_body() if blob else {}
     return values
+
+
+def share_namespace(namespace: MutableMapping[str, Any]) -> list[str]:
+    """Let functions and classes defined in the notebook see ``namespace`` as their globals.
+
+    A function pickled by value arrives with a private copy of the globals it named; in the
+    notebook it reads the namespace itself, so a name defined in a later cell is found.
+    The top-level functions, and the methods of top-level classes, are made to read
+    ``namespace`` again; the globals they carried are added to it where it has no such
+    name (they are the notebook's values, pickled with them). Returns the names added.
+    """
+    carried: dict[str, Any] = {}
+    for name, value in list(namespace.items()):
+        if _from_notebook(value, namespace):
+            carried.update(value.__globals__)
+            namespace[name] = _rebound(value, namespace)
+        elif isinstance(value, type) and value.__module__ == "__main__":
+            for attribute, member in list(vars(value).items()):
+                if _from_notebook(member, namespace):
+                    carried.update(member.__globals__)
+                    setattr(value, attribute, _rebound(member, namespace))
+    added = [n for n in carried if n not in namespace and not n.startswith("__")]
+    for name in added:
+        namespace[name] = carried[name]
+    return added
+
+
+def _from_notebook(value: Any, namespace: Mapping[str, Any]) -> bool:
+    return (
+        isinstance(value, types.FunctionType)
+        and value.__module__ == "__main__"
+        and value.__globals__ is not namespace
+    )
+
+
+def _rebound(function: types.FunctionType, namespace: Any) -> types.FunctionType:
+    copy = types.FunctionType(
+        function.__code__,
+        namespace,
+        function.__name__,
+        function.__defaults__,
+        function.__closure__,
+    )
+    copy.__kwdefaults__ = function.__kwdefaults__
+    copy.__dict__.update(function.__dict__)
+    copy.__qualname__ = function.__qualname__
+    copy.__annotations__ = function.__annotations__
+    copy.__doc__ = function.__doc__
+    copy.__module__ = function.__module__
+    return copy

@@ -131,7 +131,12 @@ class TaskView:
         if event.type is EventType.STARTED and self.started is None:
             self.started = event.timestamp or time.time()
         if event.state in FINAL_STATES:
-            self.finished = time.time()
+            # The worker's clock for both ends: a task that ended before its ``started``
+            # event went out says when it started in its final event.
+            self.finished = event.timestamp or time.time()
+            if self.started is None:
+                began = data.get("started_at")
+                self.started = float(began) if isinstance(began, (int, float)) else None
             if self.started is None:
                 self.started = self.finished
             if event.type is not EventType.SUCCESS:

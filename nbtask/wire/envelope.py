@@ -12,14 +12,17 @@ unpickled.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import hmac
+import io
 import json
 import struct
+import types
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import cloudpickle
 
@@ -45,10 +48,30 @@ def key_id(key: str | bytes) -> str:
     return hashlib.sha256(b"nbtask key id\x00" + _as_bytes(key)).hexdigest()[:16]
 
 
+def _code_keeping_its_file(code: types.CodeType) -> Any:
+    """Cloudpickle's code reducer, keeping the file name it drops.
+
+    A function shipped by value then still reports ``File "/path/to/script.py", line 17``
+    (or ``Cell In[7]``) in a traceback, as it would where it was defined.
+    """
+    rebuild, args = _CLOUDPICKLE_CODE_REDUCE(code)
+    return rebuild, tuple(code.co_filename if a == "<dynamic-code>" else a for a in args)
+
+
+_CLOUDPICKLE_CODE_REDUCE = cloudpickle.Pickler.dispatch_table[types.CodeType]
+
+
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+    dispatch_table: ClassVar[collections.ChainMap[Any, Any]] = collections.ChainMap(
+        {types.CodeType: _code_keeping_its_file}, cloudpickle.Pickler.dispatch_table
+    )
+
+
 def dumps(value: object) -> bytes:
-    """Serialise ``value`` with cloudpickle (protocol 5)."""
-    data: bytes = cloudpickle.dumps(value, protocol=5)
-    return data
+    """Serialise ``value`` with cloudpickle (protocol 5), keeping code's file names."""
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=5).dump(value)
+    return buffer.getvalue()
 
 
 @dataclasses.dataclass(frozen=True)

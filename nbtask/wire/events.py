@@ -201,7 +201,7 @@ def decode_event(signer: Signer, raw: bytes) -> tuple[Event, Any]:
     envelope = signer.open(raw)
     event = Event.from_header(envelope.header)
     result = None
-    if event.type is EventType.SUCCESS and envelope.body:
+    if event.type in (EventType.SUCCESS, EventType.FAILURE) and envelope.body:
         serializer = str(event.data.get("serializer", "cloudpickle"))
         if serializer not in SERIALIZERS:
             raise DecodeError(f"event names an unknown serializer {serializer!r}")

@@ -131,6 +131,8 @@ class WorkerInfo:
     seen: float = 0.0
     #: Public names of the secrets it accepts (:func:`nbtask.wire.envelope.key_id`).
     keys: tuple[str, ...] = ()
+    #: The process id of each consumer's child (0 while none runs), in order.
+    pids: tuple[int, ...] = ()
 
     def to_json(self) -> str:
         """The registry entry's text."""
@@ -160,6 +162,7 @@ class WorkerInfo:
                 busy=_strings(value.get("busy", [])),
                 seen=float(_field(value, "seen", (int, float), 0.0)),
                 keys=_strings(value.get("keys", [])),
+                pids=_ints(value.get("pids", [])),
             )
         except (TypeError, ValueError):
             return None
@@ -170,6 +173,14 @@ def _field(data: Mapping[str, Any], name: str, kind: Any, default: Any = None) -
     if isinstance(value, bool) or not isinstance(value, kind):
         raise TypeError(name)
     return value
+
+
+def _ints(value: object) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        raise TypeError("not a list of integers")
+    return tuple(value)
 
 
 def _strings(value: object) -> tuple[str, ...]:

@@ -42,6 +42,7 @@ from nbtask.worker.settle import (
     Outcome,
     call_handler,
     exception_info,
+    failure_body,
     failure_event,
     has_handlers,
     outcome_fields,
@@ -313,6 +314,7 @@ class Child:
         if task is not None and self._rate_limited(admitted, task):
             return None
         first_seq = run_seq_base(message.retries, admitted.delivery.deliveries)
+        self._whoami["started_at"] = time.time()  # in every event of this run, final ones too
         self.outbox.begin(message.id, message.client, self._whoami, first_seq=first_seq)
         self.slot.occupy(message.id, 0.0)
         if task is None:
@@ -447,7 +449,8 @@ class Child:
 
     def _failed(self, message: TaskMessage, exc: BaseException, seq: int) -> Outcome:
         event = failure_event(message.id, seq, exc, self._whoami)
-        return Outcome(event, exc=exc, einfo=exception_info(exc))
+        einfo = exception_info(exc)
+        return Outcome(event, failure_body(exc), exc=exc, einfo=einfo)
 
     # Settle ------------------------------------------------------------------------------------
     def _settle(

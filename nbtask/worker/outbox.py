@@ -19,16 +19,18 @@ from nbtask.wire.events import Event, EventType
 __all__ = ["Outbox", "TaskStream"]
 
 log = logging.getLogger("nbtask.worker")
-_FLUSH_SECONDS = 1 / 15  # the widget repaints at most ~15 times a second anyway
+_FLUSH_SECONDS = 1 / 15  # the cap: the widget repaints at most ~15 times a second anyway
 
 
 class Outbox:
-    """Buffers a running task's events and sends them ~15 times a second.
+    """Sends a running task's events: the first at once, the rest at most ~15 times a second.
 
-    Output is concatenated and progress is coalesced (the latest value wins). The
-    ``started`` event goes out with the first flush, about 1/15 s into the task; a task
-    that ends sooner skips it (its final event names the worker). Everything buffered is
-    flushed before the final event, so nothing a task printed is lost.
+    The first event after a quiet spell (``started``, a first progress report) goes out at
+    once, from the outbox's own thread, while the task runs on; events that follow within
+    1/15 s are sent together at the end of it, output concatenated and progress coalesced
+    (the latest value wins). A task that ends before its ``started`` event went out skips
+    it (its final event names the worker). Everything buffered is flushed before the final
+    event, which is never delayed, so nothing a task printed is lost.
 
     Output belongs to the task whose code wrote it: a thread a task started and left
     running is remembered as that task's, and what it writes later is dropped (logged once)
@@ -177,11 +179,17 @@ class Outbox:
             log.exception("could not send %d event(s) of task %s", len(events), self._task_id)
 
     def _pump(self) -> None:
+        # Leading edge: the first event after a quiet spell goes out at once; events that
+        # follow within the cap wait for it and go together (progress coalesced).
+        last = 0.0
         while True:
             self._wake.wait()
-            time.sleep(_FLUSH_SECONDS)
+            wait = last + _FLUSH_SECONDS - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
             self._wake.clear()
             self.flush()
+            last = time.monotonic()
 
 
 class TaskStream(io.TextIOBase):

@@ -17,8 +17,9 @@ from typing import Any
 
 from nbtask.brokers import Delivery, Transport
 from nbtask.core.canvas import Callbacks, Signature
+from nbtask.core.context import PARTIAL_RESULT
 from nbtask.core.task import ExceptionInfo, Task
-from nbtask.wire.envelope import Signer
+from nbtask.wire.envelope import Signer, dumps
 from nbtask.wire.events import FINAL_SEQ, Event, EventType, State
 from nbtask.wire.message import TaskMessage
 from nbtask.wire.records import RecordFields, final_fields
@@ -29,6 +30,7 @@ __all__ = [
     "Outcome",
     "call_handler",
     "exception_info",
+    "failure_body",
     "failure_event",
     "has_handlers",
     "outcome_fields",
@@ -98,6 +100,28 @@ def _text_of(exc: BaseException) -> str:
         return f"<{type(exc).__name__}: str() raised {type(failed).__name__}>"
 
 
+def failure_body(exc: BaseException) -> bytes:
+    """What travels with a FAILURE event, signed: the exception and the task's partial work.
+
+    The exception itself, and what the task did before it failed
+    (:data:`~nbtask.core.context.PARTIAL_RESULT`), when they pickle. The client raises
+    the task's own exception type from it; a body that does not pickle (or load) leaves
+    the event's text, and a ``RemoteError``.
+    """
+    partial = exc.__dict__.pop(PARTIAL_RESULT, None) if hasattr(exc, "__dict__") else None
+    tb = exc.__traceback__
+    try:
+        exc.__traceback__ = None  # frames do not travel; the event has their text
+        return dumps({"exception": exc, "partial": partial})
+    except Exception:
+        try:
+            return dumps({"exception": None, "partial": partial})
+        except Exception:
+            return b""
+    finally:
+        exc.__traceback__ = tb
+
+
 def outcome_fields(
     signer: Signer, message: TaskMessage, outcome: Outcome, raw_event: bytes
 ) -> RecordFields:
@@ -124,9 +148,13 @@ def report(
     channel: str,
     event: Event,
     delivery: Delivery | None = None,
+    body: bytes = b"",
 ) -> None:
-    """Store and send a final event nbtask states on a task's behalf (and ack ``delivery``)."""
-    raw = signer.seal(event.to_header())
+    """Store and send a final event nbtask states on a task's behalf (and ack ``delivery``).
+
+    ``body`` goes with it (a failed step's exception, for the later steps of its chain).
+    """
+    raw = signer.seal(event.to_header(), body)
     assert event.state is not None
     transport.finish(delivery, task_id, channel, raw, final_fields(event.state, raw))
 
@@ -193,7 +221,8 @@ class FollowUps:
                 "reason": f"an earlier task in the chain ({message.id}) did not succeed",
             }
             event = Event(outcome.event.type, task_id, FINAL_SEQ, data)
-            report(self.transport, self.signer, task_id, message.client, event)
+            body = outcome.body if outcome.state is State.FAILURE else b""
+            report(self.transport, self.signer, task_id, message.client, event, body=body)
             nested = sig.options.get("callbacks")
             if isinstance(nested, Callbacks):
                 self._fail_downstream(message, outcome, nested.link)

@@ -338,6 +338,10 @@ class Worker:
             busy=tuple(slot.task_id for slot in self._slots if slot.task_id),
             seen=time.time(),
             keys=self.signer.accepted_key_ids,
+            pids=tuple(
+                (self._children[slot].pid or 0) if slot in self._children else 0
+                for slot in range(self.concurrency)
+            ),
         )
 
     def _heartbeat(self) -> None:

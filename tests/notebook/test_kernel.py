@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import queue
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,7 +30,10 @@ def kernel() -> Iterator[Callable[[dict[str, str]], tuple[Any, Any]]]:
     started: list[tuple[Any, Any]] = []
 
     def start(env: dict[str, str]) -> tuple[Any, Any]:
-        km = KernelManager(kernel_name="python3", transport="ipc")
+        # IPC sockets in a folder of their own: under pytest-xdist another process starts
+        # kernels too, and the default names (kernel-ipc-N in the cwd) would collide.
+        sockets = Path(tempfile.mkdtemp(prefix="nbtask-kernel-")) / "kernel"
+        km = KernelManager(kernel_name="python3", transport="ipc", ip=str(sockets))
         km.start_kernel(env=env, cwd=str(ROOT))
         client = km.client()
         client.start_channels()

@@ -1,0 +1,189 @@
+"""Process-wide state that a cell can read or change without naming a variable.
+
+matplotlib's rcParams (``plt.rc``, ``plt.style.use``, seaborn themes), the global random
+generators of :mod:`random` and :mod:`numpy.random`, pandas options, warnings filters, the
+working directory, environment variables and ``sys.path`` additions made from the
+notebook. A ``%%task`` cell is shipped with a snapshot of the kernel's (:func:`capture`),
+the worker applies it before the cell runs (:func:`apply`), and what the cell changed comes
+back (:func:`changes`) to be applied in the kernel: a sequence of cells gives the same
+numbers and the same figures whichever worker runs each, and as if they had run locally.
+
+Only state of modules already imported is captured; nothing here imports matplotlib,
+numpy or pandas.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import random
+import sys
+import warnings
+from collections.abc import Mapping
+from typing import Any, cast
+
+__all__ = ["Baseline", "apply", "capture", "changes"]
+
+#: One snapshot: kind -> its state (each kind optional).
+State = dict[str, Any]
+
+
+class Baseline:
+    """What the kernel's environment and ``sys.path`` were when nbtask was loaded.
+
+    Only what the notebook changed since is shipped: a worker keeps its own ``PATH``,
+    ``NBTASK_*`` and paths, which may rightly differ on another machine.
+    """
+
+    def __init__(self) -> None:
+        self.environ = dict(os.environ)
+        self.path = list(sys.path)
+
+    def environ_changes(self) -> dict[str, str | None]:
+        """Variables set, changed or removed since (``None``: removed)."""
+        now = os.environ
+        changed: dict[str, str | None] = {k: v for k, v in now.items() if self.environ.get(k) != v}
+        changed.update({k: None for k in self.environ if k not in now})
+        return changed
+
+    def path_additions(self) -> list[str]:
+        """Entries of ``sys.path`` added since, in order."""
+        return [p for p in sys.path if p not in self.path]
+
+
+def capture(baseline: Baseline | None = None) -> State:
+    """A snapshot of the process-wide state of the modules imported here.
+
+    With ``baseline`` (the kernel, shipping a cell): also the environment and ``sys.path``
+    changes since, and ``None`` for matplotlib's and pandas' settings when they are not
+    imported here, which tells a worker to put its own back to a fresh process's.
+    """
+    state: State = {"random": random.getstate(), "warnings": list(warnings.filters)}
+    with contextlib.suppress(OSError):
+        state["cwd"] = os.getcwd()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        state["numpy.random"] = numpy.random.get_state()
+    matplotlib = sys.modules.get("matplotlib")
+    if matplotlib is not None:
+        state["rcParams"] = _rc_params(matplotlib)
+    pandas = sys.modules.get("pandas")
+    if pandas is not None:
+        state["pandas"] = _pandas_options(pandas)
+    if baseline is not None:
+        state.setdefault("rcParams", None)
+        state.setdefault("pandas", None)
+        state["environ"] = baseline.environ_changes()
+        state["sys.path"] = baseline.path_additions()
+    else:  # whole, for changes() to tell what a cell did
+        state["environ"] = dict(os.environ)
+        state["sys.path"] = list(sys.path)
+    return state
+
+
+def apply(state: Mapping[str, Any]) -> None:
+    """Make this process's state what ``state`` says (kinds it does not name stay)."""
+    if "random" in state:
+        random.setstate(state["random"])
+    if "warnings" in state:
+        # In place: the interpreter's C side holds this very list.
+        filters = cast("list[Any]", warnings.filters)
+        filters[:] = state["warnings"]
+        warnings._filters_mutated()  # type: ignore[attr-defined]  # as simplefilter does
+    if "cwd" in state:
+        # Another machine may not have the kernel's folder: the worker's own stays then.
+        with contextlib.suppress(OSError):
+            os.chdir(state["cwd"])
+    if "numpy.random" in state:
+        # The kernel had it, so the cell's code expects it here too.
+        importlib.import_module("numpy").random.set_state(state["numpy.random"])
+    _apply_settings(state)
+    for key, value in dict(state.get("environ", {})).items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    for entry in reversed(list(state.get("sys.path", []))):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+
+
+def _apply_settings(state: Mapping[str, Any]) -> None:
+    """Set rcParams and pandas options; ``None``: as a fresh process has them."""
+    if "rcParams" in state:
+        if state["rcParams"] is not None:
+            _set_rc_params(importlib.import_module("matplotlib"), state["rcParams"])
+        elif "matplotlib" in sys.modules:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sys.modules["matplotlib"].rc_file_defaults()
+    if "pandas" in state:
+        if state["pandas"] is not None:
+            pandas = importlib.import_module("pandas")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # options deprecated in this pandas
+                for key, value in state["pandas"].items():
+                    with contextlib.suppress(Exception):  # an option this pandas lacks
+                        if not _same(pandas.get_option(key), value):
+                            pandas.set_option(key, value)
+        elif "pandas" in sys.modules:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sys.modules["pandas"].reset_option("all")
+
+
+def changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> State:
+    """What differs from ``before`` in ``after``: the state a cell changed."""
+    changed: State = {}
+    for kind, value in after.items():
+        if kind in ("rcParams", "pandas"):
+            old = before.get(kind, {})
+            diff = {k: v for k, v in value.items() if k not in old or not _same(old[k], v)}
+            if diff:
+                changed[kind] = diff
+        elif kind == "environ":
+            old = before.get(kind, {})
+            diff = {k: v for k, v in value.items() if old.get(k) != v}
+            diff.update({k: None for k in old if k not in value})
+            if diff:
+                changed[kind] = diff
+        elif kind == "sys.path":
+            added = [p for p in value if p not in before.get(kind, [])]
+            if added:
+                changed[kind] = added
+        elif kind not in before or not _same(before[kind], value):
+            changed[kind] = value
+    return changed
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # numpy arrays inside (numpy.random's state): compare their reprs
+        return repr(a) == repr(b)
+
+
+def _rc_params(matplotlib: Any) -> dict[str, Any]:
+    # Validated values, as rcParams holds them; the backend stays the worker's own.
+    return {k: v for k, v in dict(matplotlib.rcParams).items() if k != "backend"}
+
+
+def _set_rc_params(matplotlib: Any, params: Mapping[str, Any]) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated keys some styles still carry
+        for key, value in params.items():
+            with contextlib.suppress(KeyError, ValueError, TypeError):
+                matplotlib.rcParams[key] = value
+
+
+def _pandas_options(pandas: Any) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    registered = getattr(getattr(pandas, "_config", None), "config", None)
+    keys = list(getattr(registered, "_registered_options", {}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # reading an option deprecated in this pandas warns
+        for key in keys:
+            with contextlib.suppress(Exception):
+                options[key] = pandas.get_option(key)
+    return options

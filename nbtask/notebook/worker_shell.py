@@ -1,0 +1,182 @@
+"""The IPython shell that runs notebook cells on a worker: one per worker process.
+
+It behaves as a kernel's shell for the cell: magics, ``!cmd``, the last expression's
+display, rich output and ``tqdm`` bars, each turned into the task's events instead of
+messages to a frontend. What a worker cannot do (a GUI event loop, ``input()``) is
+refused with one line saying why.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import os
+import sys
+import traceback
+from typing import Any
+
+from IPython.core.compilerop import CachingCompiler
+from IPython.core.displayhook import DisplayHook
+from IPython.core.displaypub import DisplayPublisher
+from IPython.core.error import StdinNotImplementedError, UsageError
+from IPython.core.interactiveshell import InteractiveShell
+from traitlets.config import Config
+
+from nbtask.core.context import current_request, progress
+
+__all__ = ["BASE_NS", "worker_shell"]
+
+_SHELL: Any = None  # the worker's one IPython shell, made on first use in this process
+#: The names every cell's namespace starts with (the shell's own).
+BASE_NS: dict[str, Any] = {}
+
+
+def worker_shell() -> Any:
+    """The worker shell of the calling process, made on first use."""
+    global _SHELL  # noqa: PLW0603 - one shell per worker process, made lazily
+    if _SHELL is None:
+        _SHELL = _make_shell()
+        BASE_NS.update(_SHELL.user_ns)
+    return _SHELL
+
+
+def _make_shell() -> Any:
+    # Figures are drawn by the same inline backend a kernel uses, shown when the cell ends.
+    os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+
+    class Publisher(DisplayPublisher):  # type: ignore[misc]
+        def publish(self, data: Any, metadata: Any = None, *args: Any, **kwargs: Any) -> None:
+            bundle: dict[str, Any] = {
+                "data": _jsonable(data),
+                "metadata": _jsonable(metadata or {}),
+            }
+            for key in ("transient", "update"):
+                if kwargs.get(key):
+                    bundle[key] = _jsonable(kwargs[key])
+            _emit_display(bundle)
+
+        def clear_output(self, wait: bool = False) -> None:
+            _emit_display({"data": {}, "metadata": {}, "clear": True})
+
+    class Hook(DisplayHook):  # type: ignore[misc]
+        cell_source = ""
+
+        def quiet(self) -> bool:
+            return bool(self.semicolon_at_end_of_expression(self.cell_source))
+
+        def start_displayhook(self) -> None:
+            pass
+
+        def write_output_prompt(self) -> None:
+            pass
+
+        def write_format_data(self, format_dict: Any, md_dict: Any = None) -> None:
+            metadata = {**_jsonable(md_dict or {}), "nbtask": {"execute_result": True}}
+            _emit_display({"data": _jsonable(format_dict), "metadata": metadata})
+
+        def finish_displayhook(self) -> None:
+            pass
+
+    class Compiler(CachingCompiler):  # type: ignore[misc]
+        cell_filename = "<cell>"
+
+        line_offset = 0
+
+        def get_code_name(self, raw_code: str, transformed_code: str, number: int) -> str:
+            return self.cell_filename
+
+        # Shift line numbers (and the cached source) so tracebacks match the notebook's cell.
+        def cache(self, transformed_code: str, number: int = 0, raw_code: Any = None) -> str:
+            padded = "\n" * self.line_offset + transformed_code
+            return str(super().cache(padded, number, raw_code))
+
+        def ast_parse(self, source: str, filename: str = "<unknown>", symbol: str = "exec") -> Any:
+            tree = super().ast_parse(source, filename, symbol)
+            return ast.increment_lineno(tree, self.line_offset)
+
+    class WorkerShell(InteractiveShell):  # type: ignore[misc]
+        displayhook_class = Hook
+        display_pub_class = Publisher
+
+        def showtraceback(self, *args: Any, **kwargs: Any) -> None:
+            if kwargs.get("running_compiled_code"):
+                return  # the cell's own exception: re-raised to the client instead
+            # Anything else (a failing _repr_html_, say) is shown, as a kernel shows it.
+            kind, value, tb = sys.exc_info()
+            if value is not None:
+                sys.stderr.write("".join(traceback.format_exception(kind, value, tb)))
+
+        def showsyntaxerror(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def enable_gui(self, gui: str | None = None) -> None:
+            if gui not in (None, "inline"):
+                raise UsageError(
+                    f"a worker has no screen: %matplotlib {gui} cannot open windows there. "
+                    "Use %matplotlib inline (figures come back as images)"
+                )
+
+        def raw_input(self, prompt: str = "") -> str:
+            raise StdinNotImplementedError(
+                "input() cannot be answered in a %%task cell (it runs on a worker): ask "
+                "for the value in a cell of its own and use the variable"
+            )
+
+    config = Config()
+    config.HistoryManager.enabled = False
+    config.InteractiveShell.cache_size = 0
+    config.InteractiveShell.colors = "NoColor"
+    config.InteractiveShell.ast_node_interactivity = "last_expr"
+    shell = WorkerShell.instance(config=config)
+    shell.compile = Compiler()
+    shell.user_ns["input"] = shell.raw_input  # as a kernel replaces it for its cells
+    _install_tqdm()
+    return shell
+
+
+def _emit_display(bundle: dict[str, Any]) -> None:
+    request = current_request()
+    if request is not None and request.emit is not None:
+        request.emit("display", bundle)
+
+
+def _jsonable(value: Any) -> Any:
+    """MIME data as JSON: bytes become base64 text, as a kernel would send them."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+def _install_tqdm() -> None:
+    r"""Make ``tqdm`` bars in worker cells report progress instead of writing ``\\r`` text."""
+    try:  # tqdm is optional: only cells that use it need it
+        import tqdm  # noqa: PLC0415
+        import tqdm.auto  # noqa: PLC0415
+        import tqdm.std  # noqa: PLC0415
+    except ImportError:
+        return
+    devnull = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the worker
+
+    class ProgressTqdm(tqdm.std.tqdm):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["file"] = devnull
+            super().__init__(*args, **kwargs)
+
+        def display(self, msg: Any = None, pos: Any = None) -> bool:
+            progress(self.n, self.total, str(self.desc or ""))
+            return True
+
+    def trange(*args: Any, **kwargs: Any) -> Any:
+        return ProgressTqdm(range(*args), **kwargs)
+
+    modules: list[Any] = [tqdm, tqdm.std, tqdm.auto, sys.modules.get("tqdm.autonotebook")]
+    for module in modules:
+        if module is not None:
+            module.tqdm = ProgressTqdm
+            module.trange = trange
