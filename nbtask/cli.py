@@ -124,6 +124,13 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("task_id")
     inspect.set_defaults(run=_run_inspect)
 
+    journal = sub.add_parser(
+        "log", help="show what workers said about a task (handler output, retries)"
+    )
+    _broker_options(journal)
+    journal.add_argument("task_id")
+    journal.set_defaults(run=_run_log)
+
     run = sub.add_parser(
         "run", help="execute a notebook headless, streaming its output (embedded cluster)"
     )
@@ -332,6 +339,22 @@ def _run_inspect(args: argparse.Namespace) -> int:
     for key, value in fields.items():
         if value:
             print(f"{key}: {_printable(value)}")
+    return 0
+
+
+def _run_log(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    assert settings.broker_url is not None
+    transport = open_broker(settings, settings.broker_url)
+    try:
+        lines = transport.store.read_journal(args.task_id)
+    finally:
+        transport.close()
+    if not lines:
+        print(f"nbtask log: nothing was logged about task {args.task_id!r}", file=sys.stderr)
+        return 1
+    for line in lines:
+        print(_printable(line))
     return 0
 
 

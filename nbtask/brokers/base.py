@@ -136,6 +136,20 @@ class Store(Protocol):
     def rate_wait(self, bucket: str, rate: float) -> float:
         """Take a token of ``bucket`` (``rate`` per second) or say how long to wait."""
 
+    # Versions ------------------------------------------------------------------------------
+    def announce_versions(self, worker_id: str, versions: Mapping[str, str]) -> None:
+        """Keep the Python and package versions a worker runs."""
+
+    def versions(self, worker_id: str, modules: Sequence[str]) -> dict[str, str]:
+        """The versions of ``modules`` a worker announced."""
+
+    # Task journals -------------------------------------------------------------------------
+    def append_journal(self, task_id: str, lines: Sequence[str]) -> None:
+        """Keep lines a worker wrote about a task (handler output, log lines) with it."""
+
+    def read_journal(self, task_id: str) -> list[str]:
+        """What workers said about a task, oldest first."""
+
     # Worker registry -----------------------------------------------------------------------
     def heartbeat(self, worker_id: str, info: WorkerInfo) -> None:
         """Announce a live worker."""

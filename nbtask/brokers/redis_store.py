@@ -9,7 +9,9 @@ Keys, all under ``<key_prefix>:``:
   notebook's clients across kernel restarts (for re-attaching).
 * ``eta:<queue>``: messages waiting for their due time (a sorted set).
 * ``control``: signed control messages to every worker (a stream).
-* ``workers`` and ``hb:<worker id>``: the worker registry and heartbeats.
+* ``workers``, ``hb:<worker id>``, ``versions:<worker id>``: the worker registry
+  (:mod:`nbtask.brokers.redis_workers`).
+* ``log:<task id>``: what workers said about a task (its journal).
 * ``dead``: messages given up on (a stream).
 * ``rate:<bucket>``: rate-limit buckets.
 """
@@ -26,9 +28,10 @@ from redis.exceptions import ResponseError
 
 from nbtask.brokers.base import Delivery, Publish, StartBy
 from nbtask.brokers.redis_link import LARGE_BYTES, RedisLink
+from nbtask.brokers.redis_workers import RedisWorkers
 from nbtask.brokers.scripts import STORE_SCRIPTS
 from nbtask.settings import Settings
-from nbtask.wire.records import RecordFields, TaskRecord, WorkerInfo
+from nbtask.wire.records import RecordFields, TaskRecord
 
 __all__ = ["CHANNEL_MAXLEN", "RedisStore"]
 
@@ -36,9 +39,10 @@ log = logging.getLogger(__name__)
 
 #: Events kept per client channel (older ones are trimmed).
 CHANNEL_MAXLEN = 10_000
+_JOURNAL_LINES = 1_000
 
 
-class RedisStore:
+class RedisStore(RedisWorkers):
     """A :class:`~nbtask.brokers.base.Store` on Redis.
 
     Parameters
@@ -97,13 +101,6 @@ class RedisStore:
     def control_key(self) -> str:
         """The stream of control messages to every worker."""
         return f"{self.prefix}:control"
-
-    def _hb_key(self, worker_id: str) -> str:
-        return f"{self.prefix}:hb:{worker_id}"
-
-    @property
-    def _workers_key(self) -> str:
-        return f"{self.prefix}:workers"
 
     # Lifecycle -------------------------------------------------------------------------------
     def ping(self) -> None:
@@ -391,64 +388,31 @@ class RedisStore:
         key = f"{self.prefix}:rate:{bucket}"
         return float(self.link.call("rate", [key], repr(rate), repr(time.time())))
 
-    # Worker registry -------------------------------------------------------------------------
-    def heartbeat(self, worker_id: str, info: WorkerInfo) -> None:
-        """Announce a live worker for three heartbeats."""
-        ttl_ms = int(3 * self.settings.heartbeat_interval * 1000)
-        text = info.to_json()
+    # Task journals -------------------------------------------------------------------------
+    def journal_key(self, task_id: str) -> str:
+        """The list of what workers said about a task (handler output, log lines)."""
+        return f"{self.prefix}:log:{task_id}"
+
+    def append_journal(self, task_id: str, lines: Sequence[str]) -> None:
+        """Keep ``lines`` with the task, for ``result_ttl`` (the newest 1,000)."""
+        key = self.journal_key(task_id)
         with self.link.translate_errors():
-            pipe = self.link.redis.pipeline(transaction=False)
-            pipe.set(self._hb_key(worker_id), text, px=ttl_ms)
-            pipe.hset(self._workers_key, worker_id, text)
-            pipe.execute()
+            self.link.run(
+                [
+                    ("RPUSH", key, *lines),
+                    ("LTRIM", key, -_JOURNAL_LINES, -1),
+                    ("EXPIRE", key, self.ttl),
+                ]
+            )
 
-    def unregister(self, worker_id: str) -> None:
-        """Remove a stopped worker from the registry."""
-        with self.link.translate_errors():
-            pipe = self.link.redis.pipeline(transaction=False)
-            pipe.delete(self._hb_key(worker_id))
-            pipe.hdel(self._workers_key, worker_id)
-            pipe.execute()
-
-    def workers(self) -> dict[str, WorkerInfo]:
-        """Workers whose heartbeat is current (unreadable entries are left out)."""
-        return {w: i for w, i in self._registered(alive=True).items() if i is not None}
-
-    def dead_workers(self) -> dict[str, WorkerInfo | None]:
-        """Registered workers whose heartbeat lapsed (``None``: an unreadable entry)."""
-        return self._registered(alive=False)
-
-    def _registered(self, *, alive: bool) -> dict[str, WorkerInfo | None]:
+    def read_journal(self, task_id: str) -> list[str]:
+        """What workers said about a task, oldest first."""
         with self.link.translate_errors():
             try:
-                registered: dict[bytes, bytes] = self.link.redis.hgetall(self._workers_key)
-            except ResponseError:  # not a hash: nbtask did not write it
-                log.error("the worker registry %s is not a hash; ignored", self._workers_key)
-                return {}
-            names = {raw: _utf8(raw) for raw in registered}
-            junk = [raw for raw, name in names.items() if name is None]
-            if junk:  # an id nbtask never wrote: drop it, or it would be read forever
-                log.error("dropped %d unreadable entr(ies) of the worker registry", len(junk))
-                self.link.redis.hdel(self._workers_key, *junk)
-            ids = [(raw, name) for raw, name in names.items() if name is not None]
-            beats = self.link.redis.mget([self._hb_key(n) for _, n in ids]) if ids else []
-        return {
-            name: WorkerInfo.parse(registered[raw])
-            for (raw, name), beat in zip(ids, beats, strict=True)
-            if bool(beat) is alive
-        }
-
-    def claim_dead_worker(self, worker_id: str) -> bool:
-        """Win the right to clean up ``worker_id`` for the next two heartbeats."""
-        with self.link.translate_errors():
-            lock = f"{self.prefix}:reclaim:{worker_id}"
-            hold_ms = max(100, int(2000 * self.settings.heartbeat_interval))
-            return bool(self.link.redis.set(lock, b"1", nx=True, px=hold_ms))
-
-    def forget_worker(self, worker_id: str) -> None:
-        """Drop a dead worker from the registry once its deliveries are handled."""
-        with self.link.translate_errors():
-            self.link.redis.hdel(self._workers_key, worker_id)
+                lines = self.link.redis.lrange(self.journal_key(task_id), 0, -1)
+            except ResponseError:  # not a list: nbtask did not write it
+                return []
+        return [line.decode("utf-8", "replace") for line in lines]
 
     # Dead letters ----------------------------------------------------------------------------
     def dead_letter_command(self, delivery: Delivery) -> tuple[Any, ...]:
@@ -472,13 +436,6 @@ class RedisStore:
         """Keep a message given up on in the dead-letter stream."""
         with self.link.translate_errors():
             self.link.run([self.dead_letter_command(delivery)], large=True)
-
-
-def _utf8(raw: bytes) -> str | None:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
 
 
 def _flat(fields: Mapping[str, str | bytes], raw_event: bytes = b"") -> list[str | bytes]:

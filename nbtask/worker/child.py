@@ -35,7 +35,9 @@ from nbtask.settings import Settings
 from nbtask.wire.envelope import Buffer, Envelope, Signer
 from nbtask.wire.events import FINAL_SEQ, Event, EventType, State, run_seq_base
 from nbtask.wire.message import TaskMessage, decode_value, encode_value
+from nbtask.wire.versions import installed_versions
 from nbtask.worker.finder import TaskFinder
+from nbtask.worker.journal import Journal
 from nbtask.worker.outbox import Outbox, TaskStream
 from nbtask.worker.settle import (
     FollowUps,
@@ -83,6 +85,7 @@ class Child:
         hostname: str,
         tasks: Mapping[str, Task],
         slot: SlotState,
+        announce_versions: bool = False,
     ) -> None:
         self.settings = settings
         self.url = url
@@ -93,6 +96,7 @@ class Child:
         self.hostname = hostname
         self.tasks = TaskFinder(tasks, hostname)
         self.slot = slot
+        self._announce_versions = announce_versions
         self._stop = False
         self._running = False
         self._terminated = False
@@ -118,8 +122,15 @@ class Child:
         self._whoami["pid"] = self._pid
         # For the child's whole life: a task's text goes to its client, anything else to
         # the worker's log, and text from threads a task left behind to no other task.
-        sys.stdout = TaskStream(self.outbox, EventType.STDOUT, sys.stdout)
-        sys.stderr = TaskStream(self.outbox, EventType.STDERR, sys.stderr)
+        self.journal = Journal(self.transport.store)
+        logging.getLogger("nbtask").addHandler(self.journal)
+        sys.stdout = TaskStream(self.outbox, EventType.STDOUT, sys.stdout, self.journal)
+        sys.stderr = TaskStream(self.outbox, EventType.STDERR, sys.stderr, self.journal)
+        if self._announce_versions:
+            try:
+                self.transport.store.announce_versions(self.worker_id, installed_versions())
+            except Exception as exc:  # a comparison aid for clients, never a reason to stop
+                log.warning("could not announce this worker's package versions: %s", exc)
         self._serve()
 
     def _serve(self) -> None:
@@ -167,10 +178,12 @@ class Child:
         self._terminated = False
         if delivery.verdict == Verdict.OK and delivery.task_id:
             self.slot.occupy(delivery.task_id, 0.0)
+        self.journal.about(delivery.task_id or "")
         try:
             admitted = self._admit(delivery)
             if admitted is None:
                 return None
+            self.journal.about(admitted.message.id)
             try:
                 return self._run_admitted(admitted)
             except BrokerUnavailable:
@@ -182,6 +195,7 @@ class Child:
                 self._settle_unreported(admitted, exc)
                 return None
         finally:
+            self.journal.about("")
             self.slot.clear()
 
     def _settle_unreported(self, admitted: Admitted, exc: Exception) -> None:

@@ -15,6 +15,7 @@ from nbtask.brokers import Transport
 from nbtask.errors import BrokerUnavailable
 from nbtask.wire.envelope import Signer
 from nbtask.wire.events import Event, EventType
+from nbtask.worker.journal import Journal
 
 __all__ = ["Outbox", "TaskStream"]
 
@@ -200,8 +201,11 @@ class TaskStream(io.TextIOBase):
     in order with the log records, even where that stream is a buffered file.
     """
 
-    def __init__(self, outbox: Outbox, kind: EventType, fallback: Any) -> None:
+    def __init__(
+        self, outbox: Outbox, kind: EventType, fallback: Any, journal: Journal | None = None
+    ) -> None:
         self._outbox, self._kind, self._fallback = outbox, kind, fallback
+        self._journal = journal
 
     def writable(self) -> bool:
         """Always: this stream only writes."""
@@ -213,6 +217,8 @@ class TaskStream(io.TextIOBase):
             self._fallback.write(text)
             if "\n" in text:
                 self._fallback.flush()
+            if self._journal is not None:  # a handler's output, kept with its task
+                self._journal.write(text)
         return len(text)
 
     def flush(self) -> None:

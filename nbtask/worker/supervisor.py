@@ -12,6 +12,7 @@ the second a cold one (children are killed; their tasks are settled as if they d
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -260,6 +261,9 @@ class Worker:
             hostname=self.hostname,
             tasks=self.tasks,
             slot=self._slots[slot],
+            # One child announces the worker's package versions, once, at the start: it
+            # takes about a second, which the supervisor's own start should not wait for.
+            announce_versions=slot == 0 and slot not in self._spawned_at,
         )
         process = self._context.Process(target=child.run, name=f"nbtask-child-{slot}")
         process.start()
@@ -466,13 +470,8 @@ class Worker:
             return
         redeliver = message.acks_late and message.reject_on_worker_lost is not False
         if redeliver and delivery.deliveries < self.settings.max_redeliveries:
-            log.warning(
-                "task %s [%s]: %s; redelivering (attempt %d)",
-                message.name,
-                message.id,
-                reason,
-                delivery.deliveries + 2,
-            )
+            attempt = delivery.deliveries + 2
+            self._note(message, f"{reason}; redelivering (attempt {attempt})", logging.WARNING)
             self.transport.requeue(delivery, message.id)
             return
         if redeliver:
@@ -485,9 +484,15 @@ class Worker:
             self.transport.dead_letter(delivery)
             report(self.transport, self.signer, message.id, message.client, event)
             return
-        log.error("task %s [%s]: %s; reported WORKER_LOST", message.name, message.id, reason)
+        self._note(message, f"{reason}; reported WORKER_LOST", logging.ERROR)
         event = Event(EventType.WORKER_LOST, message.id, FINAL_SEQ, {"reason": reason})
         report(self.transport, self.signer, message.id, message.client, event, delivery)
+
+    def _note(self, message: TaskMessage, text: str, level: int) -> None:
+        """Log what happened to a task, and keep it in the task's journal."""
+        log.log(level, "task %s [%s]: %s", message.name, message.id, text)
+        with contextlib.suppress(BrokerUnavailable):
+            self.store.append_journal(message.id, [f"{logging.getLevelName(level)} {text}"])
 
     def _report_stopped(self, stopped: tuple[str, str, float], reason: str) -> None:
         """Store why a task this supervisor killed ended, unless it ended otherwise."""

@@ -1,0 +1,132 @@
+"""The worker registry on Redis: heartbeats, dead workers, the versions workers run.
+
+Keys, under ``<key_prefix>:``: ``workers`` (a hash of worker id -> :class:`WorkerInfo`
+JSON), ``hb:<worker id>`` (a heartbeat, expiring after three intervals),
+``reclaim:<worker id>`` (who cleans up a dead worker) and ``versions:<worker id>``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+from redis.exceptions import ResponseError
+
+from nbtask.brokers.redis_link import RedisLink
+from nbtask.settings import Settings
+from nbtask.wire.records import WorkerInfo
+
+__all__ = ["RedisWorkers"]
+
+log = logging.getLogger(__name__)
+
+
+class RedisWorkers:
+    """The worker-registry part of :class:`~nbtask.brokers.redis_store.RedisStore`."""
+
+    link: RedisLink
+    settings: Settings
+    prefix: str
+    ttl: int
+
+    def _hb_key(self, worker_id: str) -> str:
+        return f"{self.prefix}:hb:{worker_id}"
+
+    @property
+    def _workers_key(self) -> str:
+        return f"{self.prefix}:workers"
+
+    # Worker registry -------------------------------------------------------------------------
+    def heartbeat(self, worker_id: str, info: WorkerInfo) -> None:
+        """Announce a live worker for three heartbeats."""
+        ttl_ms = int(3 * self.settings.heartbeat_interval * 1000)
+        text = info.to_json()
+        with self.link.translate_errors():
+            pipe = self.link.redis.pipeline(transaction=False)
+            pipe.set(self._hb_key(worker_id), text, px=ttl_ms)
+            pipe.hset(self._workers_key, worker_id, text)
+            pipe.execute()
+
+    def unregister(self, worker_id: str) -> None:
+        """Remove a stopped worker from the registry."""
+        with self.link.translate_errors():
+            pipe = self.link.redis.pipeline(transaction=False)
+            pipe.delete(self._hb_key(worker_id))
+            pipe.hdel(self._workers_key, worker_id)
+            pipe.execute()
+
+    def workers(self) -> dict[str, WorkerInfo]:
+        """Workers whose heartbeat is current (unreadable entries are left out)."""
+        return {w: i for w, i in self._registered(alive=True).items() if i is not None}
+
+    def dead_workers(self) -> dict[str, WorkerInfo | None]:
+        """Registered workers whose heartbeat lapsed (``None``: an unreadable entry)."""
+        return self._registered(alive=False)
+
+    def _registered(self, *, alive: bool) -> dict[str, WorkerInfo | None]:
+        with self.link.translate_errors():
+            try:
+                registered: dict[bytes, bytes] = self.link.redis.hgetall(self._workers_key)
+            except ResponseError:  # not a hash: nbtask did not write it
+                log.error("the worker registry %s is not a hash; ignored", self._workers_key)
+                return {}
+            names = {raw: _utf8(raw) for raw in registered}
+            junk = [raw for raw, name in names.items() if name is None]
+            if junk:  # an id nbtask never wrote: drop it, or it would be read forever
+                log.error("dropped %d unreadable entr(ies) of the worker registry", len(junk))
+                self.link.redis.hdel(self._workers_key, *junk)
+            ids = [(raw, name) for raw, name in names.items() if name is not None]
+            beats = self.link.redis.mget([self._hb_key(n) for _, n in ids]) if ids else []
+        return {
+            name: WorkerInfo.parse(registered[raw])
+            for (raw, name), beat in zip(ids, beats, strict=True)
+            if bool(beat) is alive
+        }
+
+    def claim_dead_worker(self, worker_id: str) -> bool:
+        """Win the right to clean up ``worker_id`` for the next two heartbeats."""
+        with self.link.translate_errors():
+            lock = f"{self.prefix}:reclaim:{worker_id}"
+            hold_ms = max(100, int(2000 * self.settings.heartbeat_interval))
+            return bool(self.link.redis.set(lock, b"1", nx=True, px=hold_ms))
+
+    def forget_worker(self, worker_id: str) -> None:
+        """Drop a dead worker from the registry once its deliveries are handled."""
+        with self.link.translate_errors():
+            self.link.redis.hdel(self._workers_key, worker_id)
+
+    # Versions ------------------------------------------------------------------------------
+    def _versions_key(self, worker_id: str) -> str:
+        return f"{self.prefix}:versions:{worker_id}"
+
+    def announce_versions(self, worker_id: str, versions: Mapping[str, str]) -> None:
+        """Keep the versions a worker runs (for as long as its registry entry lives)."""
+        key = self._versions_key(worker_id)
+        with self.link.translate_errors():
+            pipe = self.link.redis.pipeline(transaction=True)
+            pipe.delete(key)
+            pipe.hset(key, mapping=dict(versions))
+            pipe.expire(key, self.ttl)
+            pipe.execute()
+
+    def versions(self, worker_id: str, modules: Sequence[str]) -> dict[str, str]:
+        """The versions of ``modules`` a worker announced (those it has)."""
+        if not modules:
+            return {}
+        with self.link.translate_errors():
+            try:
+                found = self.link.redis.hmget(self._versions_key(worker_id), list(modules))
+            except ResponseError:
+                return {}
+        return {
+            module: value.decode("utf-8", "replace")
+            for module, value in zip(modules, found, strict=True)
+            if isinstance(value, bytes)
+        }
+
+
+def _utf8(raw: bytes) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
