@@ -24,7 +24,7 @@ from nbtask.wire.envelope import Signer
 from nbtask.wire.events import FINAL_SEQ, FINAL_STATES, Event, EventType, State, decode_event
 from nbtask.wire.records import TaskRecord, WorkerInfo
 
-__all__ = ["App"]
+__all__ = ["App", "default_app", "use_as_default"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 _SECRET_CHECK_SECONDS = 5.0
@@ -101,6 +101,8 @@ class App:
         self._builder: MessageBuilder | None = None
         self._listener: Listener | None = None
         self._secret_checked: dict[str, float] = {}  # queue -> when its workers were checked
+        #: True once :meth:`close` ran.
+        self.closed = False
         self._lock = threading.RLock()
         atexit.register(_close_at_exit, weakref.ref(self))
 
@@ -148,12 +150,15 @@ class App:
             raise ConfigurationError(f"base={base!r} is not a Task class (use app.Task)")
         bind = bool(options.get("bind", False))
         run = func if bind else staticmethod(func)
+        # Code run without a ``__name__`` (exec'd strings, some shells) has no module:
+        # it is the notebook's own, as ``__main__`` is.
+        module = func.__module__ or "__main__"
         attrs: dict[str, Any] = {
             "run": run,
-            "name": options.get("name") or f"{func.__module__}.{func.__qualname__}",
+            "name": options.get("name") or f"{module}.{func.__qualname__}",
             "abstract": False,
             "bind": bind,
-            "__module__": func.__module__,
+            "__module__": module,
             "__qualname__": func.__qualname__,
             "__doc__": func.__doc__,
             "__wrapped__": func,
@@ -189,7 +194,7 @@ class App:
                 return self._transport
             settings = self.settings
             if settings.broker_url is None:
-                self.cluster = EmbeddedCluster.start(settings)
+                self.cluster = EmbeddedCluster.shared(settings)
                 url: str = self.cluster.url
                 secret: str | None = self.cluster.secret
             else:
@@ -240,8 +245,9 @@ class App:
         return self.settings.broker_url
 
     def close(self) -> None:
-        """Stop the listener, disconnect, and stop the embedded cluster if it was started."""
+        """Stop the listener, disconnect, and give back the embedded cluster if it used one."""
         with self._lock:
+            self.closed = True
             if self._listener is not None:
                 self._listener.close()
                 self._listener = None
@@ -249,7 +255,7 @@ class App:
                 self._transport.close()
                 self._transport = None
             if self.cluster is not None:
-                self.cluster.stop()
+                self.cluster.release()
                 self.cluster = None
 
     def __enter__(self) -> App:
@@ -477,6 +483,31 @@ class App:
     def __repr__(self) -> str:
         where = self.settings.broker_url or "embedded"
         return f"<App {self.name!r} broker={where} tasks={len(self.tasks)}>"
+
+
+_default: App | None = None  # the one default app of this process
+_default_lock = threading.Lock()
+
+
+def default_app() -> App:
+    """The default app of the process: in a notebook, the notebook's own.
+
+    ``%load_ext nbtask`` uses it for ``%%task`` cells (its named cells are
+    ``nbtask.app().cells``), and an ``App()`` made in the same process shares its embedded
+    cluster. Made on first use (from the environment), and again after it was closed.
+    """
+    global _default  # noqa: PLW0603 - the one default app (DESIGN: no other global state)
+    with _default_lock:
+        if _default is None or _default.closed:
+            _default = App("notebook")
+        return _default
+
+
+def use_as_default(app: App) -> None:
+    """Make ``app`` the default app (``%nbtask connect`` switches the notebook to it)."""
+    global _default  # noqa: PLW0603 - as above
+    with _default_lock:
+        _default = app
 
 
 def _close_at_exit(ref: weakref.ReferenceType[App]) -> None:

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -110,6 +111,37 @@ class EmbeddedCluster:
         self.secret = secret
         self.directory = directory
         self.process = process
+        self.workers = 0
+        self.key_prefix = ""
+        self._users = 0
+
+    @classmethod
+    def shared(cls, settings: Settings) -> EmbeddedCluster:
+        """The process's embedded cluster, started on first use and shared by every app.
+
+        One notebook, one cluster: apps of one process (the notebook's and ``App()``
+        made in it) use the same private Redis and workers, as long as they ask for the
+        same number of workers and key prefix. Each user gives it back with
+        :meth:`release`; the last one stops it.
+        """
+        with _SHARED_LOCK:
+            running = _SHARED.get((settings.embedded_workers, settings.key_prefix))
+            if running is None or running.process.poll() is not None:
+                running = cls.start(settings)
+                running.workers, running.key_prefix = settings.embedded_workers, settings.key_prefix
+                _SHARED[(running.workers, running.key_prefix)] = running
+            running._users += 1
+            return running
+
+    def release(self) -> None:
+        """One user of a shared cluster is done with it; the last one stops it."""
+        with _SHARED_LOCK:
+            self._users -= 1
+            if self._users > 0:
+                return
+            if _SHARED.get((self.workers, self.key_prefix)) is self:
+                del _SHARED[(self.workers, self.key_prefix)]
+        self.stop()
 
     @property
     def worker_pid(self) -> int:
@@ -181,6 +213,10 @@ class EmbeddedCluster:
 
     def __repr__(self) -> str:
         return f"<EmbeddedCluster {self.url} pid={self.process.pid}>"
+
+
+_SHARED: dict[tuple[int, str], EmbeddedCluster] = {}  # (workers, key prefix) -> cluster
+_SHARED_LOCK = threading.Lock()
 
 
 def _read_line(process: subprocess.Popen[bytes], timeout: float) -> str:
