@@ -63,6 +63,14 @@ def wait_for_housekeeping(app: App, timeout: float = 15.0) -> None:
     wait_until(beaten, timeout, "every worker's next heartbeat, idle")
 
 
+def broker_env(settings: Settings) -> dict[str, str]:
+    """The variables that point a kernel (or a shell) at the test's broker."""
+    env = settings.to_env()
+    env["NBTASK_BROKER"] = settings.broker_url or ""
+    env["NBTASK_SECRET"] = settings.secret or ""
+    return env
+
+
 def client_env(settings: Settings) -> dict[str, str]:
     """The environment of a client process with these settings and no others."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NBTASK_")}

@@ -44,6 +44,7 @@ _MUTATORS = frozenset(
 SHELL_NAMES = frozenset({"get_ipython", "exit", "quit", "In", "Out", "_ih", "_oh", "_dh"})
 _SCOPE_NODES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
 _COMP_NODES = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+_MAX_EXPRESSION = 500  # longer strings passed to calls are text, not code
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +67,9 @@ class CellAnalysis:
     star_imports : tuple of str
         Modules the cell imports ``*`` from (their names are bound, unseen here).
     named_strings : tuple of str
-        String constants shaped like names passed to calls (``display('df1')``,
-        ``eval('x')``): names the cell may reach through a string.
+        Names read by string constants shaped like expressions passed to calls
+        (``display('df1')``, ``eval("pd.merge(a, b)")``): names the cell may reach
+        through a string.
     """
 
     reads: tuple[str, ...]
@@ -154,8 +156,17 @@ class _Scan(ast.NodeVisitor):
     def visit_AnnAssign(self, node: ast.AnnAssign) -> None:
         if node.value is not None:
             self.visit(node.value)
+        self._annotation(node.annotation)
         self._mark_mutated(node.target)
         self.visit(node.target)
+
+    def _annotation(self, node: ast.expr | None) -> None:
+        # Evaluated at definition unless ``from __future__ import annotations`` is in
+        # effect (maybe from an earlier cell): shipped when defined, never refused.
+        if node is not None:
+            self.lazy += 1
+            self.visit(node)
+            self.lazy -= 1
 
     def visit_AugAssign(self, node: ast.AugAssign) -> None:
         if isinstance(node.target, ast.Name):
@@ -176,8 +187,8 @@ class _Scan(ast.NodeVisitor):
             self._mark_mutated(func.value, deep=True)
         for arg in node.args:
             value = arg.value if isinstance(arg, ast.Constant) else None
-            if isinstance(value, str) and value.isidentifier():
-                self.named_strings.setdefault(value)
+            if isinstance(value, str):
+                self.named_strings.update(dict.fromkeys(_names_in_expression(value)))
         self.generic_visit(node)
 
     def _mark_mutated(self, target: ast.expr, deep: bool = False) -> None:
@@ -243,6 +254,10 @@ class _Scan(ast.NodeVisitor):
         if not isinstance(node, ast.Lambda):
             for decorator in node.decorator_list:
                 self.visit(decorator)
+            every = [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]
+            for arg in every:
+                self._annotation(arg.annotation if arg is not None else None)
+            self._annotation(node.returns)
             self._store(node.name)
         params = {a.arg for a in [*args.posonlyargs, *args.args, *args.kwonlyargs]}
         params |= {a.arg for a in (args.vararg, args.kwarg) if a is not None}
@@ -284,6 +299,17 @@ class _Scan(ast.NodeVisitor):
         self.scopes.pop()
 
     visit_ListComp = visit_SetComp = visit_DictComp = visit_GeneratorExp = _comprehension
+
+
+def _names_in_expression(text: str) -> list[str]:
+    """The names a string would read if evaluated (``'df1'``, ``"pd.merge(a, b)"``)."""
+    if len(text) > _MAX_EXPRESSION or not text.strip():
+        return []
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except (SyntaxError, ValueError):
+        return []  # prose, a path, a format string: not code
+    return [n.id for n in ast.walk(tree) if isinstance(n, ast.Name)]
 
 
 def _bound_in(nodes: Iterable[ast.AST]) -> set[str]:

@@ -58,16 +58,28 @@ class TaskMagics(Magics):  # type: ignore[misc]
         return self.session.submit_cell(cell, args)
 
     @_typed(magic_arguments())
-    @_typed(argument("command", choices=["connect", "status", "workers"]))
-    @_typed(argument("value", nargs="?", help="broker URL (connect) or process count (workers)"))
+    @_typed(argument("command", choices=["connect", "status", "workers", "log"]))
+    @_typed(
+        argument(
+            "value",
+            nargs="?",
+            help="broker URL (connect), process count (workers) or task id (log)",
+        )
+    )
     @_typed(argument("--secret-file", help="file holding the signing secret (connect)"))
     @_typed(line_magic)
     def nbtask(self, line: str) -> None:
-        """Connect to a broker, show the status, or resize the embedded cluster."""
+        """Connect to a broker, show the status or a log, or resize the embedded cluster.
+
+        ``%nbtask log ID`` shows what workers said about a task after its outcome (its
+        handlers' output, retries, redeliveries); ``%nbtask log`` the embedded cluster's log.
+        """
         args = parse_argstring(self.nbtask, line)
         session = self.session
         if args.command == "status":
             print(session.status())
+        elif args.command == "log":
+            print(session.log(args.value))
         elif args.command == "connect":
             if not args.value:
                 raise CellError("usage: %nbtask connect URL [--secret-file F]")

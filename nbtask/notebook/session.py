@@ -7,15 +7,17 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Sequence
+from types import ModuleType
 from typing import Any
 
 from IPython.display import clear_output, display, publish_display_data
 
 from nbtask._urls import redact_url
-from nbtask.client.app import App
+from nbtask.client.app import App, default_app, use_as_default
 from nbtask.errors import CellError
 from nbtask.notebook import process_state
-from nbtask.notebook.analysis import analyze
+from nbtask.notebook.analysis import CellAnalysis, analyze
 from nbtask.notebook.board import Row, TaskBoard, format_row, notebook_group
 from nbtask.notebook.celltask import NamedCell, cell_task
 from nbtask.notebook.follow import cancel_task, follow
@@ -23,6 +25,7 @@ from nbtask.notebook.pending import WAIT_NAME, CellRun, Pending, WaitInserter, w
 from nbtask.notebook.shipping import prepare
 from nbtask.notebook.widgets import TaskView, TaskWidget, make_view, widgets_enabled
 from nbtask.wire.events import FINAL_STATES, Event, EventType
+from nbtask.wire.versions import PYTHON, version_of
 
 __all__ = ["Session"]
 
@@ -56,7 +59,7 @@ class Session:
     def __init__(self, shell: Any, app: App | None = None) -> None:
         self.shell = shell
         self.owns_app = app is None
-        self.app = app if app is not None else App("notebook")
+        self.app = app if app is not None else default_app()
         self.pending = Pending(shell.user_ns)
         self.inserter = WaitInserter(self.pending)
         self.views: dict[str, TaskView] = {}
@@ -66,6 +69,7 @@ class Session:
         self.group = notebook_group()
         #: The kernel's environment when nbtask was loaded: cells ship what changed since.
         self.baseline = process_state.Baseline()
+        self._warned: set[tuple[str, str]] = set()  # (package, worker version) warned about
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
         self._timers: list[threading.Timer] = []
@@ -132,6 +136,7 @@ class Session:
         if self.owns_app:
             self.app.close()
         self.app, self.owns_app = app, True
+        use_as_default(app)
         self.app.connect()
         self.app.store.recent_tasks(self.group, self.app.channel, 0)
         print(self.describe())
@@ -158,6 +163,7 @@ class Session:
             line_offset=1,  # tracebacks count the %%task line, as the notebook numbers lines
             state=process_state.capture(self.baseline),
         )
+        self._warn_about_versions(found, spec.names, args.queue or self.app.settings.default_queue)
         if args.name:
             self.app.cells[args.name] = NamedCell(
                 self.app, args.name, cell, python, self.shell.user_ns
@@ -186,6 +192,32 @@ class Session:
             timer.start()
             self._timers = [t for t in self._timers if t.is_alive()] + [timer]
         return None
+
+    def _warn_about_versions(self, found: CellAnalysis, shipped: Sequence[str], queue: str) -> None:
+        """Warn, once per package, of another version on the workers of ``queue``.
+
+        A package the cell uses (or Python itself) at another version there: a value made
+        with one may not load the same with the other.
+        """
+        modules = {PYTHON, *found.imports}
+        for name in shipped:
+            value = self.shell.user_ns.get(name)
+            module = getattr(value, "__module__", None) or type(value).__module__
+            modules.add(str(value.__name__ if isinstance(value, ModuleType) else module))
+        here = {m: v for m in {m.split(".")[0] for m in modules} if (v := version_of(m))}
+        for worker_id, info in self.app.workers().items():
+            if queue not in info.queues:
+                continue
+            for module, theirs in self.app.store.versions(worker_id, sorted(here)).items():
+                mine = here[module]
+                if _differs(module, mine, theirs) and (module, theirs) not in self._warned:
+                    self._warned.add((module, theirs))
+                    print(
+                        f"nbtask: {module} is {mine} here but {theirs} on worker {worker_id} "
+                        f"(queue {queue}): values made with one may not load the same in the "
+                        "other",
+                        file=sys.stderr,
+                    )
 
     def _wait(self, run: CellRun, timeout: float | None) -> Any:
         """Stream a task's output into this cell as it comes; return its last expression."""
@@ -281,12 +313,30 @@ class Session:
         print(self.board())
         return None
 
+    def log(self, task_id: str | None = None, lines: int = 50) -> str:
+        """A task's journal (handler output, retries...), or the embedded cluster's log."""
+        if task_id:
+            kept = self.app.store.read_journal(task_id)
+            return "\n".join(kept) if kept else f"nothing was logged about task {task_id}"
+        cluster = self.app.cluster
+        if cluster is None:
+            return (
+                "workers log to their own output (nbtask worker ...); %nbtask log ID shows "
+                "what they said about one task"
+            )
+        text = (cluster.directory / "cluster.log").read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
     def status(self) -> str:
         """Broker, workers (host/pid/queues/concurrency/busy) and running cells."""
         lines = [self.describe()]
         labels = {r.handle.id: r.label for r in self.pending.runs}
+        # A worker's list is as of its last heartbeat: what this notebook already saw end
+        # is not busy any more.
+        ended = {r.handle.id for r in self.pending.runs if r.handle.done()}
+        ended |= {t for t, view in self.views.items() if view.handle.done()}
         for worker_id, info in sorted(self.app.workers().items()):
-            busy = [labels.get(t, t[:8]) for t in info.busy]
+            busy = [labels.get(t, t[:8]) for t in info.busy if t not in ended]
             lines.append(
                 f"  worker {worker_id}: host {info.hostname} pid {info.pid} "
                 f"queues {','.join(info.queues)} concurrency {info.concurrency} "
@@ -296,6 +346,13 @@ class Session:
         lines.append(f"  {len(running)} cell(s) pending")
         lines.extend(f"    {r.handle.id[:8]} {r.label} {r.handle.state!s}" for r in running)
         return "\n".join(lines)
+
+
+def _differs(module: str, mine: str, theirs: str) -> bool:
+    # Python: a patch release does not change pickles; major.minor may.
+    if module == PYTHON:
+        return mine.split(".")[:2] != theirs.split(".")[:2]
+    return mine != theirs
 
 
 def _show_output(event: Event) -> dict[str, Any] | None:

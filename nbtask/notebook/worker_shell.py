@@ -110,11 +110,11 @@ def _make_shell() -> Any:
             pass
 
         def enable_gui(self, gui: str | None = None) -> None:
-            if gui not in (None, "inline"):
-                raise UsageError(
-                    f"a worker has no screen: %matplotlib {gui} cannot open windows there. "
-                    "Use %matplotlib inline (figures come back as images)"
-                )
+            _refuse_screen(gui)
+
+        def enable_matplotlib(self, gui: str | None = None) -> Any:
+            _refuse_screen(gui)  # before matplotlib tries to import a GUI toolkit
+            return super().enable_matplotlib(gui)
 
         def raw_input(self, prompt: str = "") -> str:
             raise StdinNotImplementedError(
@@ -132,6 +132,14 @@ def _make_shell() -> Any:
     shell.user_ns["input"] = shell.raw_input  # as a kernel replaces it for its cells
     _install_tqdm()
     return shell
+
+
+def _refuse_screen(gui: str | None) -> None:
+    if gui not in (None, "inline"):
+        raise UsageError(
+            f"a worker has no screen: %matplotlib {gui} cannot open windows there. "
+            "Use %matplotlib inline (figures come back as images)"
+        )
 
 
 def _emit_display(bundle: dict[str, Any]) -> None:

@@ -25,6 +25,16 @@ def test_names_assigned_before_reading_are_not_shipped() -> None:
     assert found.assigned == ("a", "b", "C")
 
 
+def test_annotations_are_shipped_but_never_refused() -> None:
+    # Evaluated when the function is defined, unless postponed by a __future__ import.
+    found = analyze("def f(ws: List[str], *a: Num) -> Dict[str, int]:\n    return {}\nv: Row = 1")
+    assert found.reads == ("List", "str", "Num", "Dict", "int", "Row")
+    assert set(found.late) == set(found.reads)
+    cell = "def f(x: Missing, y: Known) -> None:\n    pass"
+    spec, _, _ = prepare(cell, cell, {"Known": int}, max_bytes=10**6, filename="c")
+    assert spec.names == ("Known",)
+
+
 def test_unpicklable_undefined_and_too_big() -> None:
     ns = {"lock": threading.Lock(), "ok": 1, "big": b"x" * 5000}
     with pytest.raises(CellError, match=r"variable 'lock' \(_thread.lock\) cannot be pickled"):

@@ -4,49 +4,16 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from helpers import wait_until
 from IPython.core.interactiveshell import InteractiveShell
-from IPython.testing.globalipapp import start_ipython
 
 from nbtask import Settings, State
-from nbtask.notebook.magics import session_of
 from nbtask.notebook.session import Session
 from nbtask.notebook.shipping import CellError
 from nbtask.wire.events import EventType
-
-
-def broker_env(settings: Settings) -> dict[str, str]:
-    env = settings.to_env()
-    env["NBTASK_BROKER"] = settings.broker_url or ""
-    env["NBTASK_SECRET"] = settings.secret or ""
-    return env
-
-
-@pytest.fixture
-def ip() -> Iterator[InteractiveShell]:
-    shell = start_ipython() or InteractiveShell.instance()  # the one global test shell
-    yield shell
-    shell.run_line_magic("unload_ext", "nbtask")
-    for name in [n for n in shell.user_ns if n not in shell.user_ns_hidden]:
-        shell.user_ns.pop(name, None)
-
-
-@pytest.fixture
-def nb(
-    ip: InteractiveShell, settings: Settings, start_worker: Any, monkeypatch: pytest.MonkeyPatch
-) -> Session:
-    """A shell with the extension loaded against the real Redis and two worker processes."""
-    start_worker()
-    for key, value in broker_env(settings).items():
-        monkeypatch.setenv(key, value)
-    ip.run_line_magic("load_ext", "nbtask")
-    session = session_of(ip)
-    assert session is not None
-    return session
 
 
 def run(ip: InteractiveShell, code: str) -> Any:

@@ -1,0 +1,235 @@
+"""A ``%%task`` cell behaves as it would locally: magics, process-wide state, partial
+effects on failure, late-bound names, one-line refusals, and the notebook's own app."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import SECRET, wait_until
+from IPython.core.interactiveshell import InteractiveShell
+
+import nbtask
+from nbtask import App, Settings, State
+from nbtask.errors import CellError, CellNameError
+from nbtask.notebook.session import Session
+
+
+def task(ip: InteractiveShell, source: str, line: str = "--wait") -> Any:
+    return ip.run_cell_magic("task", line, source)
+
+
+def run(ip: InteractiveShell, code: str) -> None:
+    result = ip.run_cell(code)
+    assert result.error_in_exec is None and result.error_before_exec is None
+
+
+def test_matplotlib_inline_is_honoured_and_gui_backends_refused(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    task(ip, "%matplotlib inline\nimport matplotlib.pyplot as plt\nplt.plot([1, 2])\nx = 1")
+    assert ip.user_ns["x"] == 1
+    with pytest.raises(Exception, match="a worker has no screen"):
+        task(ip, "%matplotlib qt\ny = 2")
+
+
+def test_random_state_follows_the_notebook_both_ways(ip: InteractiveShell, nb: Session) -> None:
+    run(ip, "import random\nrandom.seed(99)")
+    task(ip, "a = random.random()")
+    run(ip, "b = random.random()")  # the kernel's generator moved on as if it had drawn a
+    random.seed(99)
+    assert (ip.user_ns["a"], ip.user_ns["b"]) == (random.random(), random.random())
+
+
+def test_rc_params_environment_cwd_and_path_follow_the_notebook(
+    ip: InteractiveShell, nb: Session, tmp_path: Path
+) -> None:
+    run(ip, "import matplotlib\nmatplotlib.rcParams['font.size'] = 21.0")
+    run(ip, "import os\nos.environ['NBTASK_TEST_LABEL'] = 'from the notebook'")
+    task(ip, "seen = (matplotlib.rcParams['font.size'], os.environ.get('NBTASK_TEST_LABEL'))")
+    assert ip.user_ns["seen"] == (21.0, "from the notebook")
+    folder = str(tmp_path)
+    before = os.getcwd()
+    try:
+        task(
+            ip,
+            f"import os, sys\nos.chdir({folder!r})\nos.environ['NBTASK_TEST_BACK'] = 'set there'"
+            f"\nsys.path.append({folder!r})\nmatplotlib.rcParams['font.size'] = 9.0",
+        )
+        assert os.getcwd() == folder
+        assert os.environ.get("NBTASK_TEST_BACK") == "set there"
+        assert folder in sys.path
+        import matplotlib
+
+        assert matplotlib.rcParams["font.size"] == 9.0
+    finally:
+        os.chdir(before)
+        os.environ.pop("NBTASK_TEST_BACK", None)
+        os.environ.pop("NBTASK_TEST_LABEL", None)
+        while folder in sys.path:
+            sys.path.remove(folder)
+        matplotlib.rcParams["font.size"] = 10.0
+
+
+@pytest.fixture
+def shipped(ip: InteractiveShell) -> None:
+    ip.user_ns["shipped"] = []
+
+
+@pytest.mark.parametrize("line", ["--wait", "--out h"])
+def test_names_bound_before_the_failing_line_come_back(
+    ip: InteractiveShell, nb: Session, line: str, shipped: None
+) -> None:
+    source = "import json\nbound = 5\nshipped.append(1)\nraise KeyError('k')"
+    if line == "--wait":
+        with pytest.raises(KeyError):
+            task(ip, source, line)
+    else:
+        task(ip, source, line)
+        later = ip.run_cell("bound")  # a later cell reads it: waits, then raises the error
+        assert isinstance(later.error_in_exec, KeyError)
+    assert ip.user_ns["bound"] == 5
+    assert ip.user_ns["shipped"] == [1]  # mutated in place before the failure, as locally
+    assert "json" in ip.user_ns
+
+
+def test_late_bound_names_star_imports_and_named_strings(ip: InteractiveShell, nb: Session) -> None:
+    task(ip, "def f():\n    return later + 1")  # `later` is defined by a later cell
+    run(ip, "later = 41")
+    task(ip, "r = f()")
+    assert ip.user_ns["r"] == 42
+    task(ip, "from typing import *\npair = Tuple[int, int]")
+    assert str(ip.user_ns["pair"]) == "typing.Tuple[int, int]"
+    run(ip, "table = [1, 2, 3]\noffset = 10")
+    task(ip, "total = sum(eval('table'))\nmore = eval('len(table) + offset')")  # via strings
+    assert (ip.user_ns["total"], ip.user_ns["more"]) == (6, 13)
+
+
+def test_refusals_are_one_line_before_anything_is_sent(ip: InteractiveShell, nb: Session) -> None:
+    with pytest.raises(CellNameError) as undefined:
+        task(ip, "print(nowhere)")
+    assert isinstance(undefined.value, NameError)
+    assert undefined.value._render_traceback_() == ["NameError: name 'nowhere' is not defined"]
+    for source, why in [
+        ("%pip install six", "acts on this kernel"),
+        ("%who", "acts on this kernel"),
+        ("import ipywidgets\nw = ipywidgets.IntSlider()", "widgets live in the kernel"),
+    ]:
+        with pytest.raises(CellError, match=why) as refused:
+            task(ip, source)
+        assert len(refused.value._render_traceback_()) == 1
+    with pytest.raises(Exception, match="input"):
+        task(ip, "name = input('who? ')")
+
+
+def test_notebook_app_is_public_and_named_cells_are_reachable(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    run(ip, "base = 10")
+    task(ip, "scaled = base * 3", "clean --wait")
+    assert nbtask.app() is nb.app
+    assert nbtask.app().cells["clean"].delay(base=2).get(timeout=15)["scaled"] == 6
+
+
+def test_handler_output_is_kept_with_its_task(
+    ip: InteractiveShell, nb: Session, settings: Settings, tmp_path: Path
+) -> None:
+    run(
+        ip,
+        "from nbtask import app\nclass Audited(app().Task):\n    abstract = True\n"
+        "    def on_success(self, retval, task_id, args, kwargs):\n"
+        "        print('audited', retval)\n"
+        "@app().task(base=Audited)\ndef double(x):\n    return 2 * x\nh = double.delay(21)",
+    )
+    handle = ip.user_ns["h"]
+    assert handle.get(timeout=15) == 42
+    wait_until(lambda: "audited 42" in nb.log(handle.id), 10, "the handler's output")
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET)
+    shown = subprocess.run(
+        [sys.executable, "-m", "nbtask", "log", handle.id, "-b", settings.broker_url or "",
+         "--key-prefix", settings.key_prefix, "--secret-file", str(secret)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert shown.returncode == 0 and "audited 42" in shown.stdout, shown.stderr
+
+
+def test_another_version_on_the_workers_is_named_once(
+    ip: InteractiveShell, nb: Session, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy
+
+    for worker_id in nb.app.workers():
+        nb.app.store.announce_versions(
+            worker_id, {"python": sys.version.split()[0], "numpy": "0.1"}
+        )
+    run(ip, "import numpy as np")
+    task(ip, "m = float(np.mean([1, 2]))")
+    task(ip, "n = float(np.mean([3, 4]))")
+    err = capsys.readouterr().err
+    assert err.count(f"numpy is {numpy.__version__} here but 0.1 on worker") == 1
+
+
+def test_status_forgets_tasks_as_they_end(ip: InteractiveShell, nb: Session) -> None:
+    task(ip, "import time\ntime.sleep(1)\nslept = 1", "--out h")
+    handle = ip.user_ns["h"]
+    wait_until(lambda: "busy 1" in nb.status(), 10, "the task to show as busy")
+    handle.result(15)
+    assert "busy 1" not in nb.status()  # at once, not at the worker's next heartbeat
+
+
+def test_elapsed_time_is_the_tasks_own(ip: InteractiveShell, nb: Session) -> None:
+    task(ip, "import time\ntime.sleep(1.2)\ndone = 1", "--out h")
+    handle = ip.user_ns["h"]
+    handle.result(15)
+    view = nb.views[handle.id]
+    wait_until(lambda: view.state is State.SUCCESS, 5, "the view's final state")
+    assert 1.1 <= view.elapsed() < 5
+
+
+@pytest.mark.parametrize("attempt", range(5))
+def test_interrupt_while_waiting_always_cancels_under_load(
+    ip: InteractiveShell, nb: Session, attempt: int
+) -> None:
+    import signal
+    import threading
+
+    burners = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)
+    ]  # both cores busy, as on a loaded machine
+    try:
+        task(ip, "import time\nprint('started')\ntime.sleep(30)\nlate = 1", "--out h")
+        handle = ip.user_ns["h"]
+        wait_until(lambda: "started" in handle.stdout, 20, "the cell to start")
+        started = time.monotonic()
+        threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            nb.pending.wait(["late"])
+        assert time.monotonic() - started < 5
+        wait_until(handle.done, 15, "the task to stop")
+        assert handle.state is State.REVOKED
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+
+
+def test_one_embedded_cluster_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in [k for k in os.environ if k.startswith("NBTASK_")]:
+        monkeypatch.delenv(key)
+    first, second = App("first"), App("second", secret=None)
+    try:
+        first.connect()
+        second.connect()
+        assert first.cluster is second.cluster is not None
+        assert second.send_task("nbtask.no.such.task").exception(15) is not None
+    finally:
+        second.close()
+        assert first.cluster is not None and first.cluster.process.poll() is None
+        first.close()
