@@ -52,10 +52,10 @@ def test_quickstart_runs_and_streams(tmp_path: Path) -> None:
     stdout = result.stdout
     # a progress line per code cell, in order
     assert (
-        "nbtask run: notebooks/quickstart.ipynb (10 code cells) on the embedded cluster" in stdout
+        "nbtask run: notebooks/quickstart.ipynb (11 code cells) on the embedded cluster" in stdout
     )
     lines = [ln for ln in stdout.splitlines() if ln.startswith("── [")]
-    assert [ln.split("]")[0] for ln in lines] == [f"── [{i}/10" for i in range(1, 11)], lines
+    assert [ln.split("]")[0] for ln in lines] == [f"── [{i}/11" for i in range(1, 12)], lines
     # the cells' text output, as it was produced
     for expected in [
         "nbtask: embedded cluster",
@@ -63,10 +63,11 @@ def test_quickstart_runs_and_streams(tmp_path: Path) -> None:
         "chunk 15 done",
         "[crunch] SUCCESS 20/20 crunching",
         "total = 22499775000500000",
+        "6656670000",  # the named cell sent again with size=1_000
         "<Figure size 600x250 with 1 Axes>",
         "ZeroDivisionError: division by zero",
         "long_task is REVOKED",
-        "nbtask run: 10 cells ran in",
+        "nbtask run: 11 cells ran in",
         f"wrote {out}",
     ]:
         assert expected in stdout, f"{expected!r} not in:\n{stdout}"
