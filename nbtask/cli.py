@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from nbtask._text import printable
 from nbtask._version import __version__
 from nbtask.brokers import open_broker
 from nbtask.client.app import App
@@ -311,7 +312,7 @@ def _run_status(args: argparse.Namespace) -> int:
         print("no live workers")
     for worker_id, info in sorted(workers.items()):
         print(
-            f"{_printable(worker_id)}: pid {info.pid} queues {_printable(','.join(info.queues))} "
+            f"{printable(worker_id)}: pid {info.pid} queues {printable(','.join(info.queues))} "
             f"concurrency {info.concurrency} busy {len(info.busy)}"
         )
     return 0
@@ -338,7 +339,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
     }
     for key, value in fields.items():
         if value:
-            print(f"{key}: {_printable(value)}")
+            print(f"{key}: {printable(value)}")
     return 0
 
 
@@ -354,7 +355,7 @@ def _run_log(args: argparse.Namespace) -> int:
         print(f"nbtask log: nothing was logged about task {args.task_id!r}", file=sys.stderr)
         return 1
     for line in lines:
-        print(_printable(line))
+        print(line)
     return 0
 
 
@@ -407,8 +408,3 @@ def _run_notebook(args: argparse.Namespace) -> int:
         print(f"nbtask run: error: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def _printable(text: str) -> str:
-    """``text`` without control characters: registry entries and records are unsigned."""
-    return "".join(ch if ch.isprintable() else "?" for ch in text)

@@ -8,7 +8,7 @@ a transport module beside ``redis_streams`` and ``amqp`` and choose it in
 
 from __future__ import annotations
 
-from nbtask._urls import redact_url
+from nbtask._text import redact_url
 from nbtask.brokers.base import Delivery, Publish, StartBy, Store, Transport, Verdict
 from nbtask.brokers.redis_link import RedisLink
 from nbtask.brokers.redis_store import RedisStore

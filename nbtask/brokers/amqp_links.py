@@ -18,7 +18,7 @@ import kombu as _kombu
 from kombu.exceptions import OperationalError
 from kombu.transport import pyamqp as _pyamqp
 
-from nbtask._urls import redact_url
+from nbtask._text import redact_url
 from nbtask.errors import BrokerUnavailable
 
 __all__ = [

@@ -18,7 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from nbtask._urls import redact_url
+from nbtask._text import redact_url
 from nbtask.errors import BrokerUnavailable
 
 __all__ = ["LARGE_BYTES", "Command", "RedisLink"]

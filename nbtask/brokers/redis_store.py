@@ -26,6 +26,7 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
+from nbtask._text import printable
 from nbtask.brokers.base import Delivery, Publish, StartBy
 from nbtask.brokers.redis_link import LARGE_BYTES, RedisLink
 from nbtask.brokers.redis_workers import RedisWorkers
@@ -406,13 +407,13 @@ class RedisStore(RedisWorkers):
             )
 
     def read_journal(self, task_id: str) -> list[str]:
-        """What workers said about a task, oldest first."""
+        """What workers said about a task, oldest first (unsigned: shown printable)."""
         with self.link.translate_errors():
             try:
                 lines = self.link.redis.lrange(self.journal_key(task_id), 0, -1)
             except ResponseError:  # not a list: nbtask did not write it
                 return []
-        return [line.decode("utf-8", "replace") for line in lines]
+        return [printable(line.decode("utf-8", "replace")) for line in lines]
 
     # Dead letters ----------------------------------------------------------------------------
     def dead_letter_command(self, delivery: Delivery) -> tuple[Any, ...]:

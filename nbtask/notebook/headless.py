@@ -32,7 +32,7 @@ from jupyter_core.paths import jupyter_runtime_dir
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
-from nbtask._urls import redact_url
+from nbtask._text import redact_url
 from nbtask.errors import ConfigurationError, NotebookFailed
 
 __all__ = ["RunResult", "default_output", "run_notebook"]

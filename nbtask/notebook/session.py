@@ -13,7 +13,7 @@ from typing import Any
 
 from IPython.display import clear_output, display, publish_display_data
 
-from nbtask._urls import redact_url
+from nbtask._text import redact_url
 from nbtask.client.app import App, default_app, use_as_default
 from nbtask.errors import CellError
 from nbtask.notebook import process_state

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
-from nbtask._urls import redact_url
+from nbtask._text import redact_url
 from nbtask.brokers import Delivery, Transport, open_broker
 from nbtask.core.task import Task
 from nbtask.errors import BrokerUnavailable, NbtaskError

@@ -264,8 +264,20 @@ def test_an_exception_in_a_handler_is_logged_and_the_result_kept(app: App, start
     for text in ("on_success handler boom", "on_failure handler boom", "after_return handler boom"):
         wait_until(lambda text=text: text in logged(), 10, f"{text!r} in the worker log")
     assert "handler on_success raised" in logged()
+    # ...and in each task's journal, for `nbtask log ID` and `%nbtask log ID`.
+    wait_until(
+        lambda: any("on_success handler boom" in line for line in app.store.read_journal(ok.id)),
+        10,
+        "the handler's error in the task's journal",
+    )
     # The stored records hold the task's outcome, and the child is still serving.
     assert app.store.get_record(ok.id).state == "SUCCESS"
     assert app.store.get_record(failed.id).state == "FAILURE"
     assert app.send_task(FAULTY_OK, (1,)).get(timeout=10) == 2
     assert worker.process.poll() is None
+
+
+def test_journals_are_shown_without_control_codes(app: App) -> None:
+    # Journals are unsigned: someone with broker access can write one, but it is only text.
+    app.store.append_journal("forged", ["\x1b[2Jcleared\tscreen", "plain"])
+    assert app.store.read_journal("forged") == ["?[2Jcleared\tscreen", "plain"]

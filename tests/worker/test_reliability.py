@@ -16,7 +16,7 @@ from raw_broker import RawBroker, raw_broker
 
 import nbtask
 from nbtask import App, Settings, State
-from nbtask._urls import redact_url
+from nbtask._text import redact_url
 
 pytestmark = pytest.mark.brokers
 
