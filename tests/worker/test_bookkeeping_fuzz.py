@@ -147,4 +147,4 @@ def test_cli_status_and_inspect_survive_junk(
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
             assert main(["status", *common]) == 0
             assert main(["inspect", "looked-at", *common]) in (0, 1)
-        assert all(ch.isprintable() or ch == "\n" for ch in out.getvalue())
+        assert all(ch.isprintable() or ch in "\n\t" for ch in out.getvalue())
