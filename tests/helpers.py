@@ -122,6 +122,13 @@ def delete_amqp_queues(prefix: str) -> None:
             channel.queue_delete(name)
 
 
+def _is_versions_probe(process: psutil.Process) -> bool:
+    try:
+        return "nbtask.wire.versions" in process.cmdline()
+    except psutil.Error:  # gone already
+        return True
+
+
 class WorkerProcess:
     """A ``python -m nbtask worker`` subprocess."""
 
@@ -135,7 +142,8 @@ class WorkerProcess:
         return self.process.pid
 
     def children(self) -> list[psutil.Process]:
-        return psutil.Process(self.pid).children()
+        """The worker's child processes, without the short-lived probe of its versions."""
+        return [c for c in psutil.Process(self.pid).children() if not _is_versions_probe(c)]
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         broker = open_broker(self.settings, self.settings.broker_url or "")

@@ -45,13 +45,14 @@ class RedisWorkers:
             pipe = self.link.redis.pipeline(transaction=False)
             pipe.set(self._hb_key(worker_id), text, px=ttl_ms)
             pipe.hset(self._workers_key, worker_id, text)
+            pipe.expire(self._versions_key(worker_id), self.ttl)  # kept while it lives
             pipe.execute()
 
     def unregister(self, worker_id: str) -> None:
         """Remove a stopped worker from the registry."""
         with self.link.translate_errors():
             pipe = self.link.redis.pipeline(transaction=False)
-            pipe.delete(self._hb_key(worker_id))
+            pipe.delete(self._hb_key(worker_id), self._versions_key(worker_id))
             pipe.hdel(self._workers_key, worker_id)
             pipe.execute()
 
@@ -93,7 +94,10 @@ class RedisWorkers:
     def forget_worker(self, worker_id: str) -> None:
         """Drop a dead worker from the registry once its deliveries are handled."""
         with self.link.translate_errors():
-            self.link.redis.hdel(self._workers_key, worker_id)
+            pipe = self.link.redis.pipeline(transaction=False)
+            pipe.delete(self._versions_key(worker_id))
+            pipe.hdel(self._workers_key, worker_id)
+            pipe.execute()
 
     # Versions ------------------------------------------------------------------------------
     def _versions_key(self, worker_id: str) -> str:

@@ -35,7 +35,6 @@ from nbtask.settings import Settings
 from nbtask.wire.envelope import Buffer, Envelope, Signer
 from nbtask.wire.events import FINAL_SEQ, Event, EventType, State, run_seq_base
 from nbtask.wire.message import TaskMessage, decode_value, encode_value
-from nbtask.wire.versions import installed_versions
 from nbtask.worker.finder import TaskFinder
 from nbtask.worker.journal import Journal
 from nbtask.worker.outbox import Outbox, TaskStream
@@ -85,7 +84,6 @@ class Child:
         hostname: str,
         tasks: Mapping[str, Task],
         slot: SlotState,
-        announce_versions: bool = False,
     ) -> None:
         self.settings = settings
         self.url = url
@@ -96,7 +94,6 @@ class Child:
         self.hostname = hostname
         self.tasks = TaskFinder(tasks, hostname)
         self.slot = slot
-        self._announce_versions = announce_versions
         self._stop = False
         self._running = False
         self._terminated = False
@@ -126,11 +123,6 @@ class Child:
         logging.getLogger("nbtask").addHandler(self.journal)
         sys.stdout = TaskStream(self.outbox, EventType.STDOUT, sys.stdout, self.journal)
         sys.stderr = TaskStream(self.outbox, EventType.STDERR, sys.stderr, self.journal)
-        if self._announce_versions:
-            try:
-                self.transport.store.announce_versions(self.worker_id, installed_versions())
-            except Exception as exc:  # a comparison aid for clients, never a reason to stop
-                log.warning("could not announce this worker's package versions: %s", exc)
         self._serve()
 
     def _serve(self) -> None:

@@ -19,6 +19,7 @@ import multiprocessing.connection
 import os
 import signal
 import socket
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -34,6 +35,7 @@ from nbtask.wire.envelope import Signer
 from nbtask.wire.events import FINAL_SEQ, Event, EventType, State
 from nbtask.wire.message import TaskMessage
 from nbtask.wire.records import WorkerInfo
+from nbtask.wire.versions import probe_result, start_probe
 from nbtask.worker.child import Child
 from nbtask.worker.settle import report
 from nbtask.worker.slots import SlotState
@@ -112,6 +114,8 @@ class Worker:
         self._replays_after = settings.replay_window + 60.0
         self._started = time.time()
         self._context = multiprocessing.get_context("fork")
+        self._versions_probe: subprocess.Popen[bytes] | None = None
+        self._versions: dict[str, str] | None = None  # found, not yet announced
 
     # Running ---------------------------------------------------------------------------------
     def run(self) -> int:
@@ -129,6 +133,8 @@ class Worker:
         self._heartbeat()
         for slot in range(self.concurrency):
             self._spawn(slot)
+        # Found by a child process: it takes CPU and memory this one should not keep.
+        self._versions_probe = start_probe()
         log.info("worker %s ready", self.worker_id)
         if self._on_ready is not None:
             self._on_ready(self)
@@ -207,6 +213,7 @@ class Worker:
         heartbeats or time limits.
         """
         steps: list[tuple[str, Callable[[], object]]] = [
+            ("versions", self._announce_versions),
             ("time limits", self._enforce_limits),
             ("control messages", self._read_control),
             ("terminate requests", self._apply_terminates),
@@ -261,9 +268,6 @@ class Worker:
             hostname=self.hostname,
             tasks=self.tasks,
             slot=self._slots[slot],
-            # One child announces the worker's package versions, once, at the start: it
-            # takes about a second, which the supervisor's own start should not wait for.
-            announce_versions=slot == 0 and slot not in self._spawned_at,
         )
         process = self._context.Process(target=child.run, name=f"nbtask-child-{slot}")
         process.start()
@@ -316,6 +320,9 @@ class Worker:
                 self._spawn(slot)
 
     def _shutdown(self) -> None:
+        if self._versions_probe is not None:
+            self._versions_probe.kill()
+            self._versions_probe.wait()
         for process in self._children.values():
             if process.pid and process.is_alive():
                 process.kill()
@@ -347,6 +354,16 @@ class Worker:
                 for slot in range(self.concurrency)
             ),
         )
+
+    def _announce_versions(self) -> None:
+        """Tell clients the package versions found at the start, once they are found."""
+        if self._versions_probe is not None:
+            self._versions = probe_result(self._versions_probe)
+            if self._versions is not None:
+                self._versions_probe = None
+        if self._versions is not None:
+            self.store.announce_versions(self.worker_id, self._versions)
+            self._versions = None
 
     def _heartbeat(self) -> None:
         self.store.heartbeat(self.worker_id, self._info())
