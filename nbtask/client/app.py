@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import threading
-import time
 import uuid
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -13,6 +12,8 @@ from typing import Any, TypeVar, overload
 from nbtask.brokers import Store, Transport, open_broker
 from nbtask.client.embedded import EmbeddedCluster
 from nbtask.client.listener import Listener
+from nbtask.client.live_workers import LiveWorkers
+from nbtask.client.routes import Routes
 from nbtask.core.canvas import Call
 from nbtask.core.handle import TaskHandle
 from nbtask.core.options import validate_options
@@ -27,7 +28,6 @@ from nbtask.wire.records import TaskRecord, WorkerInfo
 __all__ = ["App", "default_app", "use_as_default"]
 
 F = TypeVar("F", bound=Callable[..., Any])
-_SECRET_CHECK_SECONDS = 5.0
 
 
 class App:
@@ -48,6 +48,8 @@ class App:
         Signing secret; overrides ``NBTASK_SECRET``. Required with a broker URL.
     insecure
         Run without a secret on a broker URL (warns; see the README's security model).
+    routes
+        ``{task name or pattern: queue}``, Celery's ``task_routes``: see :attr:`routes`.
     settings
         Start from these settings instead of ``Settings.from_env()``.
     **overrides
@@ -72,6 +74,7 @@ class App:
         broker: str | None = None,
         secret: str | None = None,
         insecure: bool | None = None,
+        routes: Mapping[str, Any] | None = None,
         settings: Settings | None = None,
         **overrides: Any,
     ) -> None:
@@ -90,6 +93,7 @@ class App:
             self.settings.secret or self.settings.insecure
         ):
             Signer(None)  # raises the one clear "no secret is set" error
+        self._routes = Routes(routes)
         self.name = name
         self.client_id = uuid.uuid4().hex[:16]
         self.tasks: dict[str, BaseTask] = {}
@@ -100,11 +104,36 @@ class App:
         self._transport: Transport | None = None
         self._builder: MessageBuilder | None = None
         self._listener: Listener | None = None
-        self._secret_checked: dict[str, float] = {}  # queue -> when its workers were checked
+        self._live: LiveWorkers | None = None
         #: True once :meth:`close` ran.
         self.closed = False
         self._lock = threading.RLock()
         atexit.register(_close_at_exit, weakref.ref(self))
+
+    # Routing ---------------------------------------------------------------------------------
+    @property
+    def routes(self) -> dict[str, str]:
+        """The queue of a task when neither its call nor its task names one (settable).
+
+        ``{task name or pattern: queue}``, Celery's ``task_routes`` in dict form: patterns
+        are ``fnmatch`` globs (``"etl.*"``); a key that is the task's name wins, then the
+        first pattern that matches, in order; a value may be ``{"queue": name}``. A
+        ``%%task`` cell is routed by its name, an unnamed one as ``nbtask.cell``.
+
+        Raises
+        ------
+        ConfigurationError
+            On setting: a key or value of another shape (naming the key).
+        """
+        return dict(self._routes.table)
+
+    @routes.setter
+    def routes(self, routes: Mapping[str, Any] | None) -> None:
+        self._routes = Routes(routes)
+
+    def route(self, name: str) -> str | None:
+        """The queue :attr:`routes` give task ``name``, or ``None`` when no key matches."""
+        return self._routes.queue_for(name)
 
     # Defining tasks --------------------------------------------------------------------------
     @overload
@@ -203,6 +232,7 @@ class App:
             transport = open_broker(settings, url)
             transport.ping()
             self._builder, self._transport = MessageBuilder(signer, settings), transport
+            self._live = LiveWorkers(transport.store, signer.key_id)
             return transport
 
     @property
@@ -251,6 +281,7 @@ class App:
             if self._listener is not None:
                 self._listener.close()
                 self._listener = None
+            self._live = None
             if self._transport is not None:
                 self._transport.close()
                 self._transport = None
@@ -286,8 +317,8 @@ class App:
         """
         builder, channel = self._message_builder(), self.channel
         built = [builder.build(call, channel) for call in calls]
-        self._check_workers_share_our_secret({message.queue for message, _ in built})
-        handles = [TaskHandle(self, message.id, message.name) for message, _ in built]
+        self._live_workers().check_secret({message.queue for message, _ in built})
+        handles = [TaskHandle(self, m.id, m.name, m.queue) for m, _ in built]
         listener = self._listen()
         for handle in handles:
             listener.register(handle)
@@ -303,32 +334,20 @@ class App:
             )
         return handles
 
-    def _check_workers_share_our_secret(self, queues: set[str]) -> None:
-        """Refuse to send where live workers could not verify the message (a wrong secret).
+    def _live_workers(self) -> LiveWorkers:
+        self.connect()
+        assert self._live is not None
+        return self._live
 
-        Workers announce the public ids of the secrets they accept; one that does not know
-        this client's would dead-letter the message, and the client could not even read
-        its report. Checked at most every few seconds per queue.
+    def waiting_reason(self, queue: str) -> str | None:
+        """Why a task sent to ``queue`` cannot start: no live worker consumes the queue.
+
+        ``None`` when one does (or when that cannot be told now). Goes by the worker
+        registry as read at most every few seconds, so asking costs no round trip to
+        the broker each time; :attr:`TaskHandle.waiting_reason` asks this.
         """
-        now = time.monotonic()
-        due = [q for q in queues if now - self._secret_checked.get(q, -1e9) > _SECRET_CHECK_SECONDS]
-        if not due:
-            return
-        workers = self.store.workers()
-        mine = self.signer.key_id
-        for queue in due:
-            serving = {w: i for w, i in workers.items() if queue in i.queues}
-            # A worker that names no secret (an older nbtask) cannot be judged: skipped.
-            strangers = sorted(w for w, i in serving.items() if i.keys and mine not in i.keys)
-            if strangers:
-                also = "also " if len(strangers) < len(serving) else ""
-                raise ConfigurationError(
-                    f"queue {queue!r} is {also}served by workers that do not share this "
-                    f"client's secret ({', '.join(strangers[:3])}): they would refuse its "
-                    "tasks. Set NBTASK_SECRET to the workers' secret, or give apps with "
-                    "different secrets different key prefixes (NBTASK_KEY_PREFIX)"
-                )
-            self._secret_checked[queue] = now
+        live = self._live
+        return None if live is None else live.waiting_reason(queue)
 
     def expect(self, task_id: str, name: str) -> TaskHandle:
         """A handle for a task that a worker will send (a later step of a chain)."""
@@ -378,7 +397,7 @@ class App:
                 f"no task {task_id!r} in the result store: the id is wrong, or the task "
                 f"finished more than result_ttl ({self.settings.result_ttl:.0f} s) ago"
             )
-        handle = TaskHandle(self, task_id, record.name or "?")
+        handle = TaskHandle(self, task_id, record.name or "?", record.queue)
         # Unsigned: only a name shaped like a client channel of this app is ever read.
         channel = record.client if self.store.is_channel(record.client) else ""
         if record.result is not None:
@@ -477,8 +496,8 @@ class App:
         return purged
 
     def workers(self) -> dict[str, WorkerInfo]:
-        """Live workers on this broker, ``{worker_id: info}``."""
-        return self.store.workers()
+        """Live workers on this broker, ``{worker_id: info}`` (read now)."""
+        return self._live_workers().read()
 
     def __repr__(self) -> str:
         where = self.settings.broker_url or "embedded"

@@ -18,14 +18,17 @@ from nbtask.errors import (
 )
 from nbtask.wire.events import FINAL_STATES, Event, EventType, Progress, State, Unloadable
 
-__all__ = ["Revoker", "TaskHandle"]
+__all__ = ["Client", "TaskHandle"]
 
 
-class Revoker(Protocol):
-    """What a handle cancels its task through (an :class:`~nbtask.App`)."""
+class Client(Protocol):
+    """What a handle reaches its client through (an :class:`~nbtask.App`)."""
 
     def revoke(self, task_id: str, *, terminate: bool = False, grace: float = 5.0) -> bool:
         """Revoke a task; see :meth:`nbtask.App.revoke`."""
+
+    def waiting_reason(self, queue: str) -> str | None:
+        """Why a task on ``queue`` cannot start yet, if known (``App.waiting_reason``)."""
 
 
 _KNOWN_FAILURES: dict[str, type[RemoteError]] = {
@@ -47,13 +50,16 @@ class TaskHandle(concurrent.futures.Future[Any]):
         The task id, usable with ``app.handle(id)`` from any process.
     name : str
         The task's registered name.
+    queue : str
+        The queue it was sent to (empty when not known, e.g. a chain's later step).
     """
 
-    def __init__(self, app: Revoker | None, task_id: str, name: str) -> None:
+    def __init__(self, app: Client | None, task_id: str, name: str, queue: str = "") -> None:
         super().__init__()
         self.app = app
         self.id = task_id
         self.name = name
+        self.queue = queue
         self._task_state: State = State.PENDING
         self._progress: Progress | None = None
         self._stdout: list[str] = []
@@ -101,8 +107,26 @@ class TaskHandle(concurrent.futures.Future[Any]):
 
     @property
     def info(self) -> dict[str, Any]:
-        """Details from the worker: ``worker`` (host), ``pid``, retry reason, error."""
-        return dict(self._info)
+        """Details from the worker: ``worker`` (host), ``pid``, retry reason, error.
+
+        While the task waits for a worker, ``waiting`` says why (:attr:`waiting_reason`).
+        """
+        waiting = self.waiting_reason
+        return {**self._info, "waiting": waiting} if waiting else dict(self._info)
+
+    @property
+    def waiting_reason(self) -> str | None:
+        """Why the task has not started, when nbtask can tell; else ``None``.
+
+        While the task is ``PENDING`` and no live worker consumes its queue, this reads
+        ``"no live worker consumes queue 'gpu'"``: the task waits, queued, until a worker
+        of that queue starts (``nbtask worker -Q gpu``), and then this is ``None`` again.
+        It goes by the workers' registry as read at most every few seconds (no broker
+        round trip per look); ``None`` too once the task started or ended.
+        """
+        if self.app is None or not self.queue or self._task_state is not State.PENDING:
+            return None
+        return None if self.done() else self.app.waiting_reason(self.queue)
 
     def ready(self) -> bool:
         """True once the task reached a final state."""
@@ -146,8 +170,10 @@ class TaskHandle(concurrent.futures.Future[Any]):
         try:
             return self.result(timeout)
         except concurrent.futures.TimeoutError:
+            waiting = self.waiting_reason
+            why = f" (waiting: {waiting})" if waiting else ""
             raise TimeoutError(
-                f"task {self.name}[{self.id}] is still {self.state} after {timeout} s"
+                f"task {self.name}[{self.id}] is still {self.state} after {timeout} s{why}"
             ) from None
         except BaseException:
             if propagate:
@@ -271,4 +297,6 @@ class TaskHandle(concurrent.futures.Future[Any]):
         return self.app.revoke(self.id, terminate=True)
 
     def __repr__(self) -> str:
-        return f"<TaskHandle {self.name}[{self.id}] {self.state}>"
+        waiting = self.waiting_reason
+        why = f", waiting: {waiting}" if waiting else ""
+        return f"<TaskHandle {self.name}[{self.id}] {self.state}{why}>"

@@ -141,7 +141,7 @@ def as_task(task: Signable) -> Task:
 
 def to_publish(message: TaskMessage, raw: bytes) -> Publish:
     """What the transport needs to enqueue ``message``, with its PENDING record."""
-    record = pending_fields(message.name, message.client)
+    record = pending_fields(message.name, message.client, message.queue)
     return Publish(message.queue, message.id, raw, record, message.eta)
 
 

@@ -8,7 +8,7 @@ import random
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar, NoReturn, Protocol
 
 from nbtask.core.canvas import Callbacks, Sender, Signature, current_sender
 from nbtask.core.context import Request, current_request, progress
@@ -16,7 +16,14 @@ from nbtask.core.handle import TaskHandle
 from nbtask.core.options import positive
 from nbtask.errors import ConfigurationError, MaxRetriesExceededError, Retry
 
-__all__ = ["ExceptionInfo", "Task"]
+__all__ = ["ExceptionInfo", "Task", "TaskApp"]
+
+
+class TaskApp(Sender, Protocol):
+    """The app a task is registered on (an :class:`~nbtask.App`): sends it, and routes it."""
+
+    def route(self, name: str) -> str | None:
+        """The queue the app's routes give task ``name``, or ``None``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +78,7 @@ class Task:
     abstract: ClassVar[bool] = True
 
     #: The app the task is registered on (``None`` for a task shipped to a worker).
-    app: Sender | None = None
+    app: TaskApp | None = None
 
     @classmethod
     def is_abstract(cls) -> bool:
@@ -227,7 +234,8 @@ class Task:
         args, kwargs
             Arguments for ``run``; anything cloudpickle can serialise.
         queue
-            Queue to send to, instead of the task's own.
+            Queue to send to. Without it: the task's own ``queue``, else the queue the
+            app's ``routes`` give its name, else the app's default queue.
         countdown
             Run no earlier than this many seconds from now.
         eta
@@ -278,7 +286,7 @@ class Task:
             )
         due = time.time() + countdown if countdown is not None else _epoch(eta, absolute=True)
         options: dict[str, Any] = {
-            "queue": queue,
+            "queue": queue or self.queue or self._routed_queue(),
             "eta": due,
             "expires": _epoch(expires if expires is not None else self.expires, absolute=False),
             "task_id": task_id,
@@ -291,9 +299,15 @@ class Task:
             options["callbacks"] = callbacks
         return options
 
+    def _routed_queue(self) -> str | None:
+        # Routes are the task's app's: on a worker, a task imported by module still has
+        # them; one shipped by value has no app (its chains were routed by the client).
+        return self.app.route(self.name) if self.app is not None else None
+
     def delay_many(self, arg_tuples: Iterable[Sequence[Any]]) -> list[TaskHandle]:
         """Send one task per argument tuple, in a single round trip to the broker."""
-        return self.sender().send_batch([(self, tuple(a), {}, {}) for a in arg_tuples])
+        options = self.send_options()
+        return self.sender().send_batch([(self, tuple(a), {}, options) for a in arg_tuples])
 
     def s(self, *args: Any, **kwargs: Any) -> Signature:
         """A signature: this task with (some of) its arguments, to send later."""

@@ -56,12 +56,16 @@ class Row:
         self.view = view
 
     def cells(self) -> tuple[str, str, str, str, str]:
-        """``(label, state, progress, worker, duration)`` as text."""
+        """``(label, state, progress, worker, duration)`` as text.
+
+        A task that waits for a worker of its queue says why in the worker column.
+        """
         view, handle = self.view, self.handle
         state = str(view.state.value if view is not None else handle.state)
         if view is not None:
             progress = view.progress_text()
             worker = f"{view.worker} pid {view.pid}" if view.worker else ""
+            waiting = view.waiting
             duration = f"{view.elapsed():.1f} s"
         else:
             report = handle.progress
@@ -72,8 +76,9 @@ class Row:
             )
             info = handle.info
             worker = f"{info['worker']} pid {info.get('pid', '')}" if "worker" in info else ""
+            waiting = info.get("waiting", "")
             duration = ""
-        return self.label, state, progress, worker, duration
+        return self.label, state, progress, worker or (waiting and f"waiting: {waiting}"), duration
 
 
 def format_row(row: Row) -> str:

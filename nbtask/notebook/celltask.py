@@ -86,11 +86,16 @@ class NamedCell(Task):
     def apply_async(
         self, args: Any = (), kwargs: Mapping[str, Any] | None = None, **options: Any
     ) -> Any:
-        """Send the cell with ``kwargs`` as inputs; ``options`` as for ``Task.apply_async``."""
+        """Send the cell with ``kwargs`` as inputs; ``options`` as for ``Task.apply_async``.
+
+        Without ``queue=``, the app's routes pick one by the cell's name.
+        """
         if args:
             raise CellError(f"cell {self.name!r} takes its inputs by name: .delay(x=...)")
         spec, blob = self._spec(kwargs or {})
-        return cell_task(self._client()).apply_async((spec, blob), **options)
+        app = self._client()
+        queue = options.pop("queue", None) or app.route(self.name)
+        return cell_task(app).apply_async((spec, blob), queue=queue, **options)
 
     def _client(self) -> Any:
         if self.app is None:

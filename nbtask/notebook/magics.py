@@ -40,8 +40,10 @@ class TaskMagics(Magics):  # type: ignore[misc]
         self.session = session
 
     @_typed(magic_arguments())
-    @_typed(argument("name", nargs="?", help="register the cell as app.cells[NAME]"))
-    @_typed(argument("-q", "--queue", help="send to this queue"))
+    @_typed(
+        argument("name", nargs="?", help="register the cell as app.cells[NAME] (routes match NAME)")
+    )
+    @_typed(argument("-q", "--queue", help="send to this queue (default: the app's routes)"))
     @_typed(argument("-w", "--wait", action="store_true", help="block; output streams here"))
     @_typed(argument("-t", "--timeout", type=float, help="cancel the task after S seconds"))
     @_typed(argument("-r", "--retries", type=int, default=0, help="rerun N times on error"))
@@ -84,15 +86,17 @@ class TaskMagics(Magics):  # type: ignore[misc]
             if not args.value:
                 raise CellError("usage: %nbtask connect URL [--secret-file F]")
             secret = read_secret_file(args.secret_file) if args.secret_file else None
-            session.reconnect(App("notebook", broker=args.value, secret=secret))
+            routes = session.app.routes  # the notebook's routes stay with it
+            session.reconnect(App("notebook", broker=args.value, secret=secret, routes=routes))
         else:
             if session.app.cluster is None:
                 raise CellError("%nbtask workers N resizes the embedded cluster only")
             count = int(args.value or 0)
             if count < 1:
                 raise CellError("usage: %nbtask workers N (N >= 1)")
+            app = session.app
             session.reconnect(
-                App("notebook", settings=session.app.settings, embedded_workers=count)
+                App("notebook", settings=app.settings, routes=app.routes, embedded_workers=count)
             )
 
     @_typed(magic_arguments())

@@ -163,14 +163,14 @@ class Session:
             line_offset=1,  # tracebacks count the %%task line, as the notebook numbers lines
             state=process_state.capture(self.baseline),
         )
-        self._warn_about_versions(found, spec.names, args.queue or self.app.settings.default_queue)
         if args.name:
             self.app.cells[args.name] = NamedCell(
                 self.app, args.name, cell, python, self.shell.user_ns
             )
-        handle = cell_task(self.app).apply_async(
-            (spec, blob), queue=args.queue, expires=args.timeout
-        )
+        # --queue, else the routes by the cell's name (then by nbtask.cell, as any cell).
+        queue = args.queue or (self.app.route(args.name) if args.name else None)
+        handle = cell_task(self.app).apply_async((spec, blob), queue=queue, expires=args.timeout)
+        self._warn_about_versions(found, spec.names, handle.queue)
         names = tuple(dict.fromkeys([*found.assigned, *found.mutated]))
         run = CellRun(handle, label, names)
         if args.out:
@@ -236,6 +236,7 @@ class Session:
                         raise TimeoutError(
                             f"task {run.label!r} did not finish within {timeout} s; cancelled"
                         ) from None
+                    line.waiting(run.handle.waiting_reason)
                     continue
                 if event.type is EventType.PROGRESS:
                     line.show(event)
@@ -344,7 +345,10 @@ class Session:
             )
         running = self.pending.running()
         lines.append(f"  {len(running)} cell(s) pending")
-        lines.extend(f"    {r.handle.id[:8]} {r.label} {r.handle.state!s}" for r in running)
+        for run in running:
+            waiting = run.handle.waiting_reason
+            why = f" (waiting: {waiting})" if waiting else ""
+            lines.append(f"    {run.handle.id[:8]} {run.label} {run.handle.state!s}{why}")
         return "\n".join(lines)
 
 
@@ -389,13 +393,17 @@ def _label_of(handle: Any, runs: list[CellRun]) -> str:
 
 
 class _ProgressLine:
-    """A transient progress line under a ``--wait`` cell, gone when the cell ends."""
+    """A transient progress line under a ``--wait`` cell, gone when the cell ends.
+
+    Before the task starts, it says why the task waits, if nbtask can tell.
+    """
 
     def __init__(self, label: str, shell: Any) -> None:
         self.label = label
         self.in_kernel = "IPKernelApp" in getattr(shell, "config", {})
         self.handle: Any = None
         self.last = 0.0
+        self.why = ""
 
     def show(self, event: Event) -> None:
         now = time.monotonic()
@@ -406,7 +414,19 @@ class _ProgressLine:
         if progress is None:
             return
         total = f"/{progress.total:g}" if progress.total else ""
-        text = f"[{self.label}] {progress.done:g}{total} {progress.message}".rstrip()
+        self._put(f"[{self.label}] {progress.done:g}{total} {progress.message}".rstrip())
+
+    def waiting(self, why: str | None) -> None:
+        """Say why the task waits (``None``: it does not, or it cannot be told); on change."""
+        if (why or "") == self.why:
+            return
+        self.why = why or ""
+        if why:
+            self._put(f"[{self.label}] waiting: {why}")
+        elif self.in_kernel:
+            self._put("")
+
+    def _put(self, text: str) -> None:
         if not self.in_kernel:
             sys.stderr.write(text + "\n")
         elif self.handle is None:

@@ -68,6 +68,9 @@ class TaskView:
         self.started: float | None = None
         self.finished: float | None = None
         self.error = ""
+        #: Why the task waits, while it is PENDING and nbtask can tell (see
+        #: :attr:`TaskHandle.waiting_reason`); empty otherwise.
+        self.waiting = handle.waiting_reason or ""
         self.result: dict[str, Any] | None = None
         self.pending_output: list[Event] = []
         self.paints = 0
@@ -124,6 +127,8 @@ class TaskView:
         data = event.data
         if event.state is not None:
             self.state = event.state
+        if self.state is not State.PENDING:
+            self.waiting = ""
         if "worker" in data:
             self.worker = str(data["worker"])
         if "pid" in data:
@@ -168,11 +173,15 @@ class TaskView:
         parts = [count, self.message, f"ETA {eta:.0f} s" if eta is not None else ""]
         return " ".join(p for p in parts if p)
 
+    def detail_text(self) -> str:
+        """``waiting: <why>`` while the task waits for a worker, else :meth:`progress_text`."""
+        return f"waiting: {self.waiting}" if self.waiting else self.progress_text()
+
     def status_text(self) -> str:
-        """One line: label, state, progress, elapsed, worker."""
+        """One line: label, state, progress (or why it waits), elapsed, worker."""
         pid = f" pid {self.pid}" if self.pid else ""
         where = f" on {self.worker}{pid}" if self.worker else ""
-        progress = self.progress_text()
+        progress = self.detail_text()
         return (
             f"[{self.label}] {self.state.value}"
             + (f" {progress}" if progress else "")
@@ -187,10 +196,18 @@ class TaskView:
     def tick(self) -> None:
         """Show the elapsed time of an unfinished task anew (called about once a second).
 
-        Between events nothing else changes, so only the timing is repainted.
+        Between events only that changes, and, for a task still PENDING, whether it
+        waits for a worker of its queue: the view repaints whole when that changes.
         """
+        # Read outside the lock: now and then it reads the worker registry.
+        waiting = (self.handle.waiting_reason or "") if self.state is State.PENDING else ""
         with self._lock:
-            if self.finished is None:
+            if self.finished is not None:
+                return
+            if self.state is State.PENDING and waiting != self.waiting:
+                self.waiting = waiting
+                self._repaint()
+            else:
                 self._tick()
 
     def _tick(self) -> None:
@@ -239,7 +256,7 @@ class TaskWidget(TaskView):
             self.bar.bar_style = {State.SUCCESS: "success", State.FAILURE: "danger"}.get(
                 self.state, ""
             )
-        self.detail.value = self.progress_text()
+        self.detail.value = self.detail_text()
         self.timing.value = self.timing_text()
         if self.pending_output:
             for event in self.pending_output:
@@ -350,6 +367,9 @@ class TextView(TaskView):
         self._display: Any = None
         if in_kernel and show:
             self._display = display({"text/plain": self.status_text()}, raw=True, display_id=True)
+        elif show and self.waiting:  # a terminal hears at once why the task waits
+            with self._lock:
+                self._repaint()
 
     def paint(self) -> None:
         """Redraw the display, or print what is new."""
@@ -379,7 +399,7 @@ class TextView(TaskView):
         if new:
             out.write(new)
         # A terminal gets a status line only when the state or the progress changes.
-        key = f"{self.state.value} {self.progress_text()}"
+        key = f"{self.state.value} {self.detail_text()}"
         if self.finished is not None or key != self._last_line:
             out.write(line + "\n")
             self._last_line = key

@@ -23,9 +23,9 @@ RecordFields = dict[str, str | bytes]
 _MAX_INFO_BYTES = 64 * 1024  # a worker's entry is a few hundred bytes; more is not one
 
 
-def pending_fields(name: str, client: str) -> RecordFields:
+def pending_fields(name: str, client: str, queue: str) -> RecordFields:
     """The fields of a task's record when its message is sent."""
-    return {"state": State.PENDING.value, "name": name, "client": client}
+    return {"state": State.PENDING.value, "name": name, "client": client, "queue": queue}
 
 
 def final_fields(state: State, result: bytes, *, at: float | None = None) -> RecordFields:
@@ -65,8 +65,9 @@ class TaskRecord:
     state : State or None
         The plain state field (``None`` when missing or not a known state). Unsigned: a
         hint for displays, never proof of anything.
-    name, client : str
-        The task's name and the event channel of the client that sent it.
+    name, client, queue : str
+        The task's name, the event channel of the client that sent it, and the queue it
+        was sent to.
     worker, pid, consumer : str
         Who marked it STARTED.
     started_at, finished_at : float or None
@@ -78,6 +79,7 @@ class TaskRecord:
     state: State | None = None
     name: str = ""
     client: str = ""
+    queue: str = ""
     worker: str = ""
     pid: str = ""
     consumer: str = ""
@@ -101,6 +103,7 @@ class TaskRecord:
             state=state,
             name=_text(plain.get("name", b"")),
             client=_text(plain.get("client", b"")),
+            queue=_text(plain.get("queue", b"")),
             worker=_text(plain.get("worker", b"")),
             pid=_text(plain.get("pid", b"")),
             consumer=_text(plain.get("consumer", b"")),

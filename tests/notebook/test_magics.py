@@ -305,3 +305,45 @@ def test_task_board_rows_open_the_tasks_widget(ip: InteractiveShell, nb: Session
     ip.run_cell_magic("task", "--wait", "x = 1")
     board.refresh()  # a new task gets a row
     assert len(board._shown) == 2
+
+
+@pytest.mark.brokers
+def test_routed_cells_and_a_cell_that_waits_for_a_worker(
+    ip: InteractiveShell, nb: Session, start_worker: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nbtask.notebook.follow import follow
+    from nbtask.notebook.widgets import TaskWidget
+
+    nb.app.routes = {"etl.*": "lonely", "nbtask.cell": "lonely"}
+    reason = "no live worker consumes queue 'lonely'"
+    # A cell is routed by its name, one no key matches (or with no name) as nbtask.cell;
+    # --queue beats the routes.
+    ip.run_cell_magic("task", "etl.load --out h", "loaded = 1")
+    ip.run_cell_magic("task", "misc --out m", "misc = 2")
+    ip.run_cell_magic("task", "--out anon", "anon = 3")
+    ip.run_cell_magic("task", "etl.other --queue default --wait --out direct", "other = 4")
+    handle = ip.user_ns["h"]
+    queues = [ip.user_ns[n].queue for n in ("h", "m", "anon", "direct")]
+    assert queues == ["lonely", "lonely", "lonely", "default"]
+    assert nb.app.cells["etl.load"].delay().queue == "lonely"  # the named cell as a task
+    # The view under the cell, %tasks and %nbtask status say why the cell waits.
+    view = nb.views[handle.id]
+    assert view.waiting == reason
+    assert f"waiting: {reason}" in view.status_text()
+    assert f"[etl.load] PENDING waiting: {reason}" in capsys.readouterr().out
+    widget = TaskWidget(handle, "etl.load")
+    follow(handle, widget.apply)
+    assert widget.detail.value == f"waiting: {reason}"
+    ip.run_line_magic("tasks", "")
+    assert f"waiting: {reason}" in capsys.readouterr().out
+    assert f"(waiting: {reason})" in nb.status()
+    # A --wait cell says so on its transient line until it times out.
+    with pytest.raises(TimeoutError):
+        ip.run_cell_magic("task", "etl.waits --wait --timeout 1", "never = 1")
+    assert f"[etl.waits] waiting: {reason}" in capsys.readouterr().err
+    # A worker of the queue comes: the cell runs and the notice is gone everywhere.
+    start_worker("-Q", "lonely", concurrency=1)
+    assert run(ip, "loaded + misc + anon") == 6
+    wait_until(lambda: view.state is State.SUCCESS, 10, "the view to show the end")
+    assert view.waiting == "" and "waiting" not in nb.board()
+    assert widget.waiting == "" and widget.detail.value == ""

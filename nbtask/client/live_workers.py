@@ -1,0 +1,117 @@
+"""What a client knows of the live workers: the worker registry, read every few seconds.
+
+Sending checks two things against it without a broker round trip per task: that the
+workers of a queue share this client's secret (else the send is refused), and whether any
+live worker consumes the queue at all (else the task's handle says why it waits). Both
+read one snapshot of the registry, read again at most every :data:`REFRESH_SECONDS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable
+
+from nbtask.brokers import Store
+from nbtask.errors import BrokerUnavailable, ConfigurationError
+from nbtask.wire.records import WorkerInfo
+
+__all__ = ["REFRESH_SECONDS", "LiveWorkers"]
+
+#: The oldest snapshot of the registry that sending and handles go by, seconds.
+REFRESH_SECONDS = 2.0
+
+
+@dataclasses.dataclass
+class _Snapshot:
+    workers: dict[str, WorkerInfo]
+    taken: float  # time.monotonic()
+    #: Every queue some live worker consumes.
+    queues: frozenset[str] = dataclasses.field(init=False)
+    #: Queues whose workers in this snapshot were found to share the client's secret.
+    trusted: set[str] = dataclasses.field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.queues = frozenset(q for info in self.workers.values() for q in info.queues)
+
+
+class LiveWorkers:
+    """The live workers of one broker, as of a recent read of its registry.
+
+    Parameters
+    ----------
+    store
+        Holds the registry (each live worker's queues, secrets, last heartbeat).
+    key_id
+        The public id of this client's secret (:attr:`~nbtask.wire.envelope.Signer.key_id`).
+    """
+
+    def __init__(self, store: Store, key_id: str) -> None:
+        self._store = store
+        self._key_id = key_id
+        self._snapshot: _Snapshot | None = None
+        self._failed_at = float("-inf")  # when a quiet read last failed
+
+    def read(self) -> dict[str, WorkerInfo]:
+        """Read the registry now (one round trip); later checks go by what it found."""
+        return self._read().workers
+
+    def _read(self) -> _Snapshot:
+        snapshot = _Snapshot(self._store.workers(), time.monotonic())
+        self._snapshot = snapshot
+        return snapshot
+
+    def _current(self) -> _Snapshot:
+        snapshot = self._snapshot
+        if snapshot is not None and time.monotonic() - snapshot.taken <= REFRESH_SECONDS:
+            return snapshot
+        return self._read()
+
+    def check_secret(self, queues: Iterable[str]) -> None:
+        """Refuse to send where live workers could not verify the message (a wrong secret).
+
+        Workers announce the public ids of the secrets they accept; one that does not know
+        this client's would dead-letter the message, and the client could not even read
+        its report.
+
+        Raises
+        ------
+        ConfigurationError
+            A live worker of one of ``queues`` names secrets, none of them this client's.
+        """
+        snapshot = self._current()
+        for queue in queues:
+            if queue in snapshot.trusted:
+                continue
+            serving = {w: i for w, i in snapshot.workers.items() if queue in i.queues}
+            # A worker that names no secret (an older nbtask) cannot be judged: skipped.
+            strangers = sorted(
+                w for w, i in serving.items() if i.keys and self._key_id not in i.keys
+            )
+            if strangers:
+                also = "also " if len(strangers) < len(serving) else ""
+                raise ConfigurationError(
+                    f"queue {queue!r} is {also}served by workers that do not share this "
+                    f"client's secret ({', '.join(strangers[:3])}): they would refuse its "
+                    "tasks. Set NBTASK_SECRET to the workers' secret, or give apps with "
+                    "different secrets different key prefixes (NBTASK_KEY_PREFIX)"
+                )
+            snapshot.trusted.add(queue)
+
+    def waiting_reason(self, queue: str) -> str | None:
+        """Why a task sent to ``queue`` waits, if no live worker consumes it; else ``None``.
+
+        Never raises: when the registry cannot be read, nothing is claimed (and it is not
+        tried again for a few seconds).
+        """
+        now = time.monotonic()
+        if now - self._failed_at < REFRESH_SECONDS:
+            return None
+        try:
+            snapshot = self._current()
+        except BrokerUnavailable:
+            self._failed_at = now
+            return None
+        if queue in snapshot.queues:
+            return None
+        return f"no live worker consumes queue {queue!r}"
