@@ -55,7 +55,12 @@ class Settings:
         How often workers renew their presence and leases, seconds. A worker is taken
         as dead after three missed heartbeats.
     max_message_bytes
-        Largest message accepted on either side.
+        Largest message accepted on either side. Values of ``blob_threshold`` bytes or
+        more never count against it: they travel out of band, as blobs.
+    blob_threshold
+        Arguments and results (pickled) of this many bytes or more travel out of band: their
+        large parts (numpy and pandas buffers, long byte strings) are kept in the store as
+        content-addressed blobs, signed by digest, and only the digests ride in the message.
     max_age
         Messages older than this (not counting an ETA) are rejected as replays, seconds.
         At most ``result_ttl``, so every message young enough to run still finds the
@@ -84,6 +89,7 @@ class Settings:
     visibility_timeout: float = 10.0
     heartbeat_interval: float = 1.0
     max_message_bytes: int = 512 * 1024 * 1024
+    blob_threshold: int = 4 * 1024 * 1024
     max_age: float | None = None
     max_redeliveries: int = 5
     worker_concurrency: int | None = None
@@ -125,6 +131,7 @@ class Settings:
         minimums = {
             "max_redeliveries": 0,
             "max_message_bytes": 1024,
+            "blob_threshold": 0,
             "worker_concurrency": 1,
             "embedded_workers": 1,
         }
@@ -214,6 +221,7 @@ _ENV: dict[str, tuple[str, Callable[[str], object]]] = {
     "visibility_timeout": ("NBTASK_VISIBILITY_TIMEOUT", float),
     "heartbeat_interval": ("NBTASK_HEARTBEAT_INTERVAL", float),
     "max_message_bytes": ("NBTASK_MAX_MESSAGE_BYTES", int),
+    "blob_threshold": ("NBTASK_BLOB_THRESHOLD", int),
     "max_age": ("NBTASK_MAX_AGE", float),
     "max_redeliveries": ("NBTASK_MAX_REDELIVERIES", int),
     "worker_concurrency": ("NBTASK_CONCURRENCY", int),

@@ -202,7 +202,10 @@ class App:
             signer = Signer.for_settings(settings, secret)
             transport = open_broker(settings, url)
             transport.ping()
-            self._builder, self._transport = MessageBuilder(signer, settings), transport
+            self._builder, self._transport = (
+                MessageBuilder(signer, settings, transport.store),
+                transport,
+            )
             return transport
 
     @property
@@ -390,7 +393,7 @@ class App:
                     continue
                 if event.task_id == task_id and event.state not in FINAL_STATES:
                     handle.apply(event)
-            event, result = decode_event(self.signer, record.result)
+            event, result = decode_event(self.signer, record.result, self.store.get_blob)
             if event.task_id != task_id:
                 # Correctly signed, but another task's: someone moved it here.
                 raise SignatureError(

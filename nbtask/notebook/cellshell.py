@@ -22,13 +22,14 @@ from nbtask.core.context import PARTIAL_RESULT
 from nbtask.notebook import process_state
 from nbtask.notebook.shipping import CellSpec, share_namespace
 from nbtask.notebook.worker_shell import BASE_NS, worker_shell
+from nbtask.wire.blobs import Packed
 from nbtask.wire.envelope import Envelope, dumps
 
 __all__ = ["execute_cell"]
 _IPYTHON_NAMES = frozenset({"_", "__", "___", "_exit_code", "_i", "_ii", "_iii"})
 
 
-def execute_cell(spec: CellSpec, blob: bytes) -> Any:
+def execute_cell(spec: CellSpec, blob: Packed) -> Any:
     """Run a cell in this process's worker shell, in a fresh namespace.
 
     Returns
@@ -47,7 +48,7 @@ def execute_cell(spec: CellSpec, blob: bytes) -> Any:
     """
     shell = worker_shell()
     for attempt in range(spec.retries + 1):
-        shipped: dict[str, Any] = Envelope({}, blob).load_body() if blob else {}
+        shipped: dict[str, Any] = blob.load()
         before = {n: _digest(v) for n, v in shipped.items() if _may_change(v)}
         namespace = shell.user_ns
         namespace.clear()
@@ -105,15 +106,15 @@ def _pack(effects: dict[str, Any], plain: bool) -> Any:
     out: dict[str, Any] = effects["out"]
     skipped: dict[str, str] = {}
     try:
-        blob = dumps(out)
+        blob = Packed.of(out)  # large arrays stay uncopied, to travel out of band
     except Exception:
         for name, value in list(out.items()):
             try:
-                dumps(value)
+                Packed.of(value)
             except Exception as exc:
                 skipped[name] = f"{type(value).__name__} cannot be pickled: {exc}"
                 del out[name]
-        blob = dumps(out)
+        blob = Packed.of(out)
     if plain:
         return out
     try:

@@ -156,7 +156,6 @@ class Session:
             cell,
             python,
             self.shell.user_ns,
-            max_bytes=self.app.settings.max_message_bytes,
             filename=f"Cell In[{self.shell.execution_count}]",
             retries=args.retries,
             hidden=self.shell.user_ns_hidden,

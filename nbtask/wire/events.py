@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from nbtask.errors import DecodeError
+from nbtask.wire.blobs import Fetch
 from nbtask.wire.envelope import Signer
 from nbtask.wire.message import SERIALIZERS, decode_value
 
@@ -185,11 +186,13 @@ class Unloadable:
     why: str
 
 
-def decode_event(signer: Signer, raw: bytes) -> tuple[Event, Any]:
+def decode_event(signer: Signer, raw: bytes, fetch: Fetch | None = None) -> tuple[Event, Any]:
     """Verify and decode one event; the body (a result) is unpickled only after the MAC.
 
-    A result that verifies but cannot be loaded here (a class only the worker can import)
-    comes back as :class:`Unloadable`, so the task still ends, with an error that says so.
+    A result that verifies but cannot be loaded here (a class only the worker can import,
+    a blob that expired or does not match its digest) comes back as :class:`Unloadable`,
+    so the task still ends, with an error that says so. ``fetch`` returns the blobs of a
+    result sent out of band (the event's ``layout`` names them).
 
     Raises
     ------
@@ -201,12 +204,14 @@ def decode_event(signer: Signer, raw: bytes) -> tuple[Event, Any]:
     envelope = signer.open(raw)
     event = Event.from_header(envelope.header)
     result = None
-    if event.type in (EventType.SUCCESS, EventType.FAILURE) and envelope.body:
+    # A result kept wholly out of band leaves the body empty: its layout names it.
+    has_value = bool(envelope.body) or "layout" in event.data
+    if event.type in (EventType.SUCCESS, EventType.FAILURE) and has_value:
         serializer = str(event.data.get("serializer", "cloudpickle"))
         if serializer not in SERIALIZERS:
             raise DecodeError(f"event names an unknown serializer {serializer!r}")
         try:
-            result = decode_value(envelope.body, serializer)
+            result = decode_value(envelope.body, serializer, event.data.get("layout"), fetch)
         except Exception as exc:
             result = Unloadable(f"{type(exc).__name__}: {exc}")
     return event, result

@@ -34,7 +34,7 @@ from nbtask.errors import (
 from nbtask.settings import Settings
 from nbtask.wire.envelope import Buffer, Envelope, Signer
 from nbtask.wire.events import FINAL_SEQ, Event, EventType, State, run_seq_base
-from nbtask.wire.message import TaskMessage, decode_value, encode_value
+from nbtask.wire.message import TaskMessage, decode_value, split
 from nbtask.worker.finder import TaskFinder
 from nbtask.worker.journal import Journal
 from nbtask.worker.outbox import Outbox, TaskStream
@@ -112,7 +112,7 @@ class Child:
         self.signer = Signer.for_settings(self.settings, self.secret)
         self.outbox = Outbox(self.transport, self.signer)
         self.publisher = SubtaskPublisher(
-            self.transport, MessageBuilder(self.signer, self.settings)
+            self.transport, MessageBuilder(self.signer, self.settings, self.transport.store)
         )
         self.follow_ups = FollowUps(self.transport, self.signer, self.publisher)
         self._pid = os.getpid()
@@ -387,7 +387,12 @@ class Child:
     def _execute(self, admitted: Admitted, task: Task) -> Outcome:
         message = admitted.message
         try:
-            args, kwargs = decode_value(admitted.arguments, message.serializer)
+            args, kwargs = decode_value(
+                admitted.arguments,
+                message.serializer,
+                message.args_layout,
+                self.transport.store.get_blob,
+            )
         except Exception as exc:
             return self._failed(message, exc, self.outbox.end())
         request = self._request(admitted, task, args, kwargs)
@@ -423,11 +428,16 @@ class Child:
 
     def _succeeded(self, message: TaskMessage, retval: Any, runtime: float) -> Outcome:
         seq = self.outbox.end()
+        what = f"the result of task {message.name!r}"
         try:
-            body = encode_value(retval, message.serializer, f"the result of task {message.name!r}")
+            result = split(retval, message.serializer, what, self.settings.blob_threshold)
         except SerializationError as exc:
             return self._failed(message, exc, seq)
+        self.transport.store.put_blobs(result.blobs)
         data = {**self._whoami, "runtime": runtime, "serializer": message.serializer}
+        if result.layout_json is not None:
+            data["layout"] = result.layout_json
+        body = b"".join(result.inline)  # small: the large parts are blobs
         return Outcome(Event(EventType.SUCCESS, message.id, seq, data), body, retval=retval)
 
     def _after_exception(self, message: TaskMessage, task: Task, exc: BaseException) -> Outcome:
