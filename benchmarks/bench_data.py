@@ -1,0 +1,174 @@
+"""The data path: large arguments, results and cell variables, against the raw Redis floor.
+
+Starts ``python -m nbtask worker -c 2`` on the Redis at ``--url`` (its own key prefix,
+deleted after), then measures, median of ``--repeats``:
+
+* ``arg_50mb_s``: a fresh 50 MB float64 array as an argument, its sum back;
+* ``arg_50mb_again_s``: the same array again (blobs are named by content);
+* ``echo_50mb_s``: a fresh 50 MB array there and back;
+* ``floor_50mb_s``: raw redis-py, pickle + SET + GET + unpickle of the same bytes (one
+  hop: what an argument needs at the least);
+* ``cell_400mb``: in a fresh IPython process each, a cell that makes a 400 MB array and
+  takes its mean, run plainly and under ``%%task --wait``: wall time and the growth of
+  that process's RSS.
+
+Run it with ``PYTHONPATH`` pointing at the nbtask tree to measure::
+
+    python benchmarks/bench_data.py --url redis://127.0.0.1:6379/0 --json-out data.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+from bench_nbtask import _start_worker, _stop
+from common import delete_prefix
+
+__all__ = ["main"]
+
+ARRAY_ITEMS = 50_000_000 // 8
+CELL = "import numpy as np\nx = np.ones(50_000_000)\nm = float(x.mean())\n"
+
+
+def total(a: Any) -> float:
+    return float(a.sum())
+
+
+def echo(a: Any) -> Any:
+    return a
+
+
+def _median_time(call: Callable[[int], object], repeats: int) -> float:
+    times = []
+    for i in range(repeats):
+        started = time.perf_counter()
+        call(i)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def measure_arrays(url: str, prefix: str, secret: str, repeats: int) -> dict[str, float]:
+    from nbtask import App
+
+    app = App("bench-data", broker=url, secret=secret, key_prefix=prefix)
+    try:
+        remote_total, remote_echo = app.task(total), app.task(echo)
+        remote_total.delay(np.zeros(1)).get(timeout=60)  # the worker is consuming
+        array = np.random.default_rng(0).random(ARRAY_ITEMS)
+
+        def fresh(i: int) -> np.ndarray[Any, Any]:
+            array[0] = time.perf_counter() + i  # new content, new blob
+            return array
+
+        out = {
+            "arg_50mb_s": _median_time(
+                lambda i: remote_total.delay(fresh(i)).get(timeout=120), repeats
+            ),
+            "arg_50mb_again_s": _median_time(
+                lambda i: remote_total.delay(array).get(timeout=120), repeats
+            ),
+            "echo_50mb_s": _median_time(
+                lambda i: remote_echo.delay(fresh(i)).get(timeout=120), repeats
+            ),
+        }
+    finally:
+        app.close()
+    client = redis.Redis.from_url(url)
+    key = f"{prefix}:floor"
+
+    def floor(i: int) -> None:
+        client.set(key, pickle.dumps(fresh_floor(i), protocol=5))
+        pickle.loads(client.get(key) or b"")
+
+    floor_array = np.random.default_rng(1).random(ARRAY_ITEMS)
+
+    def fresh_floor(i: int) -> np.ndarray[Any, Any]:
+        floor_array[0] = i
+        return floor_array
+
+    out["floor_50mb_s"] = _median_time(floor, repeats)
+    client.delete(key)
+    client.close()
+    return out
+
+
+_CELL_RUNNER = """
+import json, os, sys, time
+from IPython.testing.globalipapp import start_ipython
+
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+
+ip = start_ipython()
+remote = sys.argv[1] == "task"
+if remote:
+    ip.run_line_magic("load_ext", "nbtask")
+    ip.run_cell("%%task --wait\\nwarm = 1\\n")
+before = rss()
+started = time.perf_counter()
+cell = sys.argv[2]
+result = ip.run_cell(("%%task --wait\\n" + cell) if remote else cell)
+seconds = time.perf_counter() - started
+assert result.success, result.error_in_exec
+print(json.dumps({"s": seconds, "rss_growth_mib": rss() - before, "m": ip.user_ns["m"]}))
+"""
+
+
+def measure_cell(url: str, prefix: str, secret: str, how: str) -> dict[str, float]:
+    env = {**os.environ, "NBTASK_BROKER": url, "NBTASK_SECRET": secret}
+    env["NBTASK_KEY_PREFIX"] = prefix
+    done = subprocess.run(
+        [sys.executable, "-c", _CELL_RUNNER, how, CELL],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    )
+    data: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return data
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json-out")
+    args = parser.parse_args(argv)
+    prefix = f"nbbench-data-{uuid.uuid4().hex[:10]}"
+    secret = secrets.token_hex(32)
+    with tempfile.TemporaryDirectory(prefix="nbbench-data-") as tmp:
+        worker = _start_worker(args.url, secret, prefix, Path(tmp) / "worker.log")
+        try:
+            out: dict[str, Any] = measure_arrays(args.url, prefix, secret, args.repeats)
+            out["cell_400mb"] = {
+                how: measure_cell(args.url, prefix, secret, how) for how in ("plain", "task")
+            }
+        finally:
+            _stop(worker)
+            delete_prefix(args.url, prefix)
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.json_out:
+        Path(args.json_out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
