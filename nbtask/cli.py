@@ -18,6 +18,7 @@ from pathlib import Path
 from nbtask._text import printable
 from nbtask._version import __version__
 from nbtask.brokers import open_broker
+from nbtask.brokers.local_blobs import remove_local_blobs
 from nbtask.client.app import App
 from nbtask.client.embedded import start_redis_server
 from nbtask.core.task import Task
@@ -289,6 +290,7 @@ def _run_cluster(args: argparse.Namespace) -> int:
             redis_process.wait(5)
         if args.embedded or not args.dir:
             shutil.rmtree(directory, ignore_errors=True)
+            remove_local_blobs(url)
 
 
 def _announce_embedded(worker: Worker) -> None:

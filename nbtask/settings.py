@@ -61,6 +61,11 @@ class Settings:
         Arguments and results (pickled) of this many bytes or more travel out of band: their
         large parts (numpy and pandas buffers, long byte strings) are kept in the store as
         content-addressed blobs, signed by digest, and only the digests ride in the message.
+    blob_dir
+        A directory on a memory filesystem that every client and worker of this store can
+        reach, because they all run on one host: blobs then go through it (shared
+        memory) instead of the store. The embedded cluster, and any store reached through
+        a unix socket, use one under ``/dev/shm`` without being told.
     max_age
         Messages older than this (not counting an ETA) are rejected as replays, seconds.
         At most ``result_ttl``, so every message young enough to run still finds the
@@ -90,6 +95,7 @@ class Settings:
     heartbeat_interval: float = 1.0
     max_message_bytes: int = 512 * 1024 * 1024
     blob_threshold: int = 4 * 1024 * 1024
+    blob_dir: str | None = None
     max_age: float | None = None
     max_redeliveries: int = 5
     worker_concurrency: int | None = None
@@ -222,6 +228,7 @@ _ENV: dict[str, tuple[str, Callable[[str], object]]] = {
     "heartbeat_interval": ("NBTASK_HEARTBEAT_INTERVAL", float),
     "max_message_bytes": ("NBTASK_MAX_MESSAGE_BYTES", int),
     "blob_threshold": ("NBTASK_BLOB_THRESHOLD", int),
+    "blob_dir": ("NBTASK_BLOB_DIR", str),
     "max_age": ("NBTASK_MAX_AGE", float),
     "max_redeliveries": ("NBTASK_MAX_REDELIVERIES", int),
     "worker_concurrency": ("NBTASK_CONCURRENCY", int),

@@ -142,7 +142,7 @@ class Store(Protocol):
     def put_blobs(self, blobs: Mapping[str, Buffer]) -> None:
         """Keep large values sent out of band, ``{digest: bytes}``, for ``result_ttl``."""
 
-    def get_blob(self, digest: str, size: int) -> bytearray:
+    def get_blob(self, digest: str, size: int) -> Buffer:
         """A kept blob's bytes; raise :class:`~nbtask.errors.BlobError` if it is gone."""
 
     # Versions ------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 A blob is kept as ``<key_prefix>:blob:<digest>:<n>`` keys, each a chunk of at most
 :data:`CHUNK_BYTES` (a Redis string holds at most 512 MB, and a chunk read at a time keeps
-a reader's peak memory near the blob's own size), for ``result_ttl``. Blobs are named by
+a reader's peak memory near the blob's own size), for ``result_ttl``. When every user of
+the store shares this host, blobs go through shared memory instead
+(:mod:`nbtask.brokers.local_blobs`). Blobs are named by
 their content, so a blob already kept is not sent again: its expiry is refreshed instead.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from nbtask.brokers.local_blobs import LocalBlobs
 from nbtask.brokers.redis_link import RedisLink
 from nbtask.errors import BlobError
 from nbtask.settings import Settings
@@ -27,6 +30,8 @@ class RedisBlobs:
     settings: Settings
     prefix: str
     ttl: int
+    #: Blobs on this host, through shared memory, when every user of the store is here.
+    local_blobs: LocalBlobs | None = None
     #: The size of a blob's chunks (a class attribute, so tests can make it small).
     chunk_bytes: int = CHUNK_BYTES
 
@@ -37,6 +42,9 @@ class RedisBlobs:
     def put_blobs(self, blobs: Mapping[str, Buffer]) -> None:
         """Keep ``{digest: bytes}`` for ``result_ttl`` (sending only those not kept yet)."""
         if not blobs:
+            return
+        if self.local_blobs is not None:
+            self.local_blobs.put(blobs)
             return
         keys = {digest: self._blob_keys(digest, len(data)) for digest, data in blobs.items()}
         with self.link.translate_errors():
@@ -56,14 +64,18 @@ class RedisBlobs:
             if writes:
                 self.link.run(writes, large=True)
 
-    def get_blob(self, digest: str, size: int) -> bytearray:
-        """A blob's bytes, read chunk by chunk into one writable buffer.
+    def get_blob(self, digest: str, size: int) -> Buffer:
+        """A blob's bytes (mapped from shared memory, or read chunk by chunk from Redis).
 
         Raises
         ------
         BlobError
             The blob is not kept (it expired, or was deleted) or has the wrong size.
         """
+        if self.local_blobs is not None:
+            mapped = self.local_blobs.get(digest, size)
+            if mapped is not None:
+                return mapped
         data = bytearray(size)
         at = 0
         with self.link.translate_errors():

@@ -29,6 +29,7 @@ from redis.exceptions import ResponseError
 
 from nbtask._text import printable
 from nbtask.brokers.base import Delivery, Publish, StartBy
+from nbtask.brokers.local_blobs import LocalBlobs
 from nbtask.brokers.redis_blobs import RedisBlobs
 from nbtask.brokers.redis_link import LARGE_BYTES, RedisLink
 from nbtask.brokers.redis_workers import RedisWorkers
@@ -61,6 +62,7 @@ class RedisStore(RedisWorkers, RedisBlobs):
         self.settings = settings
         self.prefix = settings.key_prefix
         self.ttl = int(settings.result_ttl)
+        self.local_blobs = LocalBlobs.open(link.url, settings)
         self._channel_name = re.compile(re.escape(self.channel_key("")) + r"[0-9a-f]{1,32}")
         link.add_scripts(STORE_SCRIPTS)
 

@@ -9,6 +9,7 @@ unpickled, and the task fails saying so.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from raw_broker import RawBroker
 
 import nbtask
 from nbtask import App, State
+from nbtask.brokers.local_blobs import LocalBlobs
 from nbtask.errors import BlobError
 from nbtask.wire.blobs import digest_of, split_value
 
@@ -177,3 +179,64 @@ def test_small_values_stay_inline_and_large_ones_split(app: App) -> None:
     assert len(large.blobs) == 1 and large.size > ARRAY_BYTES
     # The pickle stream stays inline: a few hundred bytes that say how to rebuild it.
     assert large.layout[0].digest is None and large.layout[0].size < 1024
+
+
+@pytest.fixture
+def on_one_host(
+    app: App, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[App, Path]]:
+    """A client and (started after) workers that share ``blob_dir``: blobs skip the store."""
+    directory = tmp_path / "blobs"
+    monkeypatch.setenv("NBTASK_BLOB_DIR", str(directory))  # read by the worker processes
+    local = App("local", settings=app.settings.replace(blob_dir=str(directory)))
+    yield local, directory
+    local.close()
+
+
+def test_blobs_go_through_a_shared_directory_on_one_host(
+    on_one_host: tuple[App, Path], start_worker, access: RawBroker
+) -> None:
+    local, directory = on_one_host
+    start_worker()
+
+    @local.task
+    def doubled(values: Any) -> Any:
+        return values * 2
+
+    array = _array(4)
+    result = doubled.delay(array).get(timeout=30)
+    assert np.array_equal(result, array * 2)
+    result[0] = -1.0  # mapped copy-on-write: writable, and the file is unchanged
+    assert len(list(directory.iterdir())) == 2 and _blob_keys(access) == []
+    assert oct(directory.stat().st_mode & 0o777) == oct(0o700)
+
+
+def test_a_tampered_blob_in_the_shared_directory_is_refused(
+    on_one_host: tuple[App, Path], start_worker, tmp_path: Path
+) -> None:
+    local, directory = on_one_host
+    trace = tmp_path / "unpickled"
+
+    @local.task
+    def length(data: Any) -> int:
+        return len(data)
+
+    handle = length.apply_async(([bytes([i % 256]) * 1024 for i in range(6000)],), countdown=1)
+    (path,) = directory.iterdir()
+    forged = pickle.dumps(Touch(trace), protocol=5)
+    path.write_bytes(forged + b"\0" * (path.stat().st_size - len(forged)))
+    start_worker()
+    with pytest.raises(BlobError, match="does not match its signed digest"):
+        handle.get(timeout=30)
+    assert not trace.exists(), "a tampered blob was unpickled"
+
+
+def test_a_blob_directory_others_may_write_to_is_not_used(app: App, tmp_path: Path) -> None:
+    directory = tmp_path / "open-to-all"
+    directory.mkdir(mode=0o777)
+    directory.chmod(0o777)
+    settings = app.settings.replace(blob_dir=str(directory))
+    assert LocalBlobs.open(settings.broker_url or "", settings) is None
+    directory.chmod(0o700)
+    opened = LocalBlobs.open(settings.broker_url or "", settings)
+    assert opened is not None and opened.directory == directory
