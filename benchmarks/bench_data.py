@@ -6,6 +6,10 @@ deleted after), then measures, median of ``--repeats``:
 * ``arg_50mb_s``: a fresh 50 MB float64 array as an argument, its sum back;
 * ``arg_50mb_again_s``: the same array again (blobs are named by content);
 * ``echo_50mb_s``: a fresh 50 MB array there and back;
+
+each through the Redis at ``--url`` (``store``) and through the embedded cluster
+(``embedded``: blobs in shared memory), and
+
 * ``floor_50mb_s``: raw redis-py, pickle + SET + GET + unpickle of the same bytes (one
   hop: what an argument needs at the least);
 * ``cell_400mb``: in a fresh IPython process each, a cell that makes a 400 MB array and
@@ -62,49 +66,58 @@ def _median_time(call: Callable[[int], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure_arrays(url: str, prefix: str, secret: str, repeats: int) -> dict[str, float]:
-    from nbtask import App
+def measure_arrays(app: Any, repeats: int) -> dict[str, float]:
+    """50 MB arrays to and from ``app``'s workers: fresh content, then the same again."""
+    remote_total, remote_echo = app.task(total), app.task(echo)
+    remote_total.delay(np.zeros(1)).get(timeout=60)  # the workers are consuming
+    array = np.random.default_rng(0).random(ARRAY_ITEMS)
 
-    app = App("bench-data", broker=url, secret=secret, key_prefix=prefix)
-    try:
-        remote_total, remote_echo = app.task(total), app.task(echo)
-        remote_total.delay(np.zeros(1)).get(timeout=60)  # the worker is consuming
-        array = np.random.default_rng(0).random(ARRAY_ITEMS)
+    def fresh(i: int) -> np.ndarray[Any, Any]:
+        array[0] = time.perf_counter() + i  # new content, new blob
+        return array
 
-        def fresh(i: int) -> np.ndarray[Any, Any]:
-            array[0] = time.perf_counter() + i  # new content, new blob
-            return array
+    return {
+        "arg_50mb_s": _median_time(
+            lambda i: remote_total.delay(fresh(i)).get(timeout=120), repeats
+        ),
+        "arg_50mb_again_s": _median_time(
+            lambda i: remote_total.delay(array).get(timeout=120), repeats
+        ),
+        "echo_50mb_s": _median_time(
+            lambda i: remote_echo.delay(fresh(i)).get(timeout=120), repeats
+        ),
+    }
 
-        out = {
-            "arg_50mb_s": _median_time(
-                lambda i: remote_total.delay(fresh(i)).get(timeout=120), repeats
-            ),
-            "arg_50mb_again_s": _median_time(
-                lambda i: remote_total.delay(array).get(timeout=120), repeats
-            ),
-            "echo_50mb_s": _median_time(
-                lambda i: remote_echo.delay(fresh(i)).get(timeout=120), repeats
-            ),
-        }
-    finally:
-        app.close()
+
+def measure_floor(url: str, prefix: str, repeats: int) -> float:
+    """Raw redis-py: pickle, SET, GET and unpickle a fresh 50 MB array."""
     client = redis.Redis.from_url(url)
     key = f"{prefix}:floor"
+    array = np.random.default_rng(1).random(ARRAY_ITEMS)
 
-    def floor(i: int) -> None:
-        client.set(key, pickle.dumps(fresh_floor(i), protocol=5))
+    def one(i: int) -> None:
+        array[0] = i
+        client.set(key, pickle.dumps(array, protocol=5))
         pickle.loads(client.get(key) or b"")
 
-    floor_array = np.random.default_rng(1).random(ARRAY_ITEMS)
+    try:
+        return _median_time(one, repeats)
+    finally:
+        client.delete(key)
+        client.close()
 
-    def fresh_floor(i: int) -> np.ndarray[Any, Any]:
-        floor_array[0] = i
-        return floor_array
 
-    out["floor_50mb_s"] = _median_time(floor, repeats)
-    client.delete(key)
-    client.close()
-    return out
+def measure_embedded(repeats: int) -> dict[str, float]:
+    """The same arrays through the embedded cluster (blobs in shared memory)."""
+    from nbtask import App
+
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("NBTASK_")}
+    app = App("bench-embedded")
+    try:
+        return measure_arrays(app, repeats)
+    finally:
+        app.close()
+        os.environ.update(saved)
 
 
 _CELL_RUNNER = """
@@ -156,7 +169,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="nbbench-data-") as tmp:
         worker = _start_worker(args.url, secret, prefix, Path(tmp) / "worker.log")
         try:
-            out: dict[str, Any] = measure_arrays(args.url, prefix, secret, args.repeats)
+            from nbtask import App
+
+            app = App("bench-data", broker=args.url, secret=secret, key_prefix=prefix)
+            try:
+                out: dict[str, Any] = {"store": measure_arrays(app, args.repeats)}
+            finally:
+                app.close()
+            out["floor_50mb_s"] = measure_floor(args.url, prefix, args.repeats)
+            out["embedded"] = measure_embedded(args.repeats)
             out["cell_400mb"] = {
                 how: measure_cell(args.url, prefix, secret, how) for how in ("plain", "task")
             }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import queue
 import sys
 import threading
@@ -21,6 +22,7 @@ from nbtask.notebook.analysis import CellAnalysis, analyze
 from nbtask.notebook.board import Row, TaskBoard, format_row, notebook_group
 from nbtask.notebook.celltask import NamedCell, cell_task
 from nbtask.notebook.follow import cancel_task, follow
+from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.pending import WAIT_NAME, CellRun, Pending, WaitInserter, wait_interruptibly
 from nbtask.notebook.shipping import prepare
 from nbtask.notebook.widgets import TaskView, TaskWidget, make_view, widgets_enabled
@@ -60,7 +62,7 @@ class Session:
         self.shell = shell
         self.owns_app = app is None
         self.app = app if app is not None else default_app()
-        self.pending = Pending(shell.user_ns)
+        self.pending = Pending(shell.user_ns, on_kept=self._bind_kept)
         self.inserter = WaitInserter(self.pending)
         self.views: dict[str, TaskView] = {}
         self.attached: dict[str, str] = {}  # task id -> label, for tasks re-opened by id
@@ -141,6 +143,10 @@ class Session:
         self.app.store.recent_tasks(self.group, self.app.channel, 0)
         print(self.describe())
 
+    def _bind_kept(self, value: RemoteValue) -> None:
+        """Let a kept value that reached the notebook be fetched through this app."""
+        value.bind(self.app.store.get_blob, self.app.settings.fetch_budget)
+
     # %%task ----------------------------------------------------------------------------------
     def submit_cell(self, cell: str, args: Any) -> Any:
         """Check, send and follow one cell; see :meth:`TaskMagics.task`."""
@@ -161,6 +167,12 @@ class Session:
             hidden=self.shell.user_ns_hidden,
             line_offset=1,  # tracebacks count the %%task line, as the notebook numbers lines
             state=process_state.capture(self.baseline),
+        )
+        spec = dataclasses.replace(
+            spec,
+            keep_threshold=self.app.settings.keep_threshold,
+            keep=tuple(args.keep),
+            fetch=tuple(args.fetch),
         )
         self._warn_about_versions(found, spec.names, args.queue or self.app.settings.default_queue)
         if args.name:

@@ -50,6 +50,11 @@ class CellSpec:
     state : bytes
         The kernel's process-wide state, pickled, applied on the worker before the cell
         runs (empty: none).
+    keep_threshold : int or None
+        Assigned names whose pickled size is at least this stay on the workers
+        (:mod:`nbtask.notebook.kept`); ``None``: every name comes back.
+    keep, fetch : tuple of str
+        Names kept on the workers whatever their size, and names that always come back.
     """
 
     source: str
@@ -60,6 +65,9 @@ class CellSpec:
     plain: bool = False
     line_offset: int = 0
     state: bytes = b""
+    keep_threshold: int | None = None
+    keep: tuple[str, ...] = ()
+    fetch: tuple[str, ...] = ()
 
 
 def prepare(

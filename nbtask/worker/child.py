@@ -381,6 +381,7 @@ class Child:
             parent_id=message.parent_id,
             root_id=message.root_id,
             emit=self.outbox.emit,
+            blob_store=self.transport.store,
             delivery_info={"queue": delivery.queue, "redelivered": delivery.deliveries > 0},
         )
 
