@@ -240,3 +240,30 @@ def test_a_blob_directory_others_may_write_to_is_not_used(app: App, tmp_path: Pa
     directory.chmod(0o700)
     opened = LocalBlobs.open(settings.broker_url or "", settings)
     assert opened is not None and opened.directory == directory
+
+
+def test_a_large_result_stays_in_the_store_until_get_reads_it(
+    app: App, start_worker, access: RawBroker
+) -> None:
+    """The listener does not fetch a large result: get() does, on the asking thread."""
+    start_worker()
+
+    @app.task
+    def make(seed: int) -> Any:
+        import numpy as np
+
+        return np.random.default_rng(seed).random(ARRAY_BYTES // 8)  # as _array(seed)
+
+    kept, gone = make.delay(5), make.delay(6)
+    for handle in (kept, gone):
+        assert handle.exception(timeout=30) is None  # done, its value not read yet
+    (gone_key,) = [k for k in _blob_keys(access) if access.store.strlen(k) and _is_blob_of(k, 6)]
+    access.store.delete(gone_key)
+    assert np.array_equal(kept.get(timeout=1), _array(5))
+    with pytest.raises(BlobError, match="no longer in the store"):
+        gone.get(timeout=1)
+
+
+def _is_blob_of(key: bytes, seed: int) -> bool:
+    digest = key.decode().split(":")[-2]
+    return digest == split_value(_array(seed), 0).layout[1].digest
