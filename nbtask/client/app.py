@@ -14,6 +14,7 @@ from nbtask.brokers import Store, Transport, open_broker
 from nbtask.client.embedded import EmbeddedCluster
 from nbtask.client.listener import Listener
 from nbtask.core.canvas import Call
+from nbtask.core.datasets import Loader, dataset_names
 from nbtask.core.handle import TaskHandle
 from nbtask.core.options import validate_options
 from nbtask.core.outgoing import MessageBuilder
@@ -95,6 +96,8 @@ class App:
         self.tasks: dict[str, BaseTask] = {}
         # Named %%task cells, registered by the notebook layer as reusable tasks.
         self.cells: dict[str, BaseTask] = {}
+        #: Named datasets this app declares (``@app.dataset``), for workers importing it.
+        self.datasets: dict[str, Loader] = {}
         self.Task = type("Task", (BaseTask,), {"abstract": True, "__module__": __name__})
         self.cluster: EmbeddedCluster | None = None
         self._transport: Transport | None = None
@@ -166,6 +169,27 @@ class App:
         attrs.update({k: v for k, v in options.items() if k not in ("name", "bind", "base")})
         cls = type(func.__name__, (base,), attrs)
         return self.register_task(cls())
+
+    def dataset(self, name: str) -> Callable[[Loader], Loader]:
+        """Declare a named dataset, made by the decorated function on the workers that hold it.
+
+        A worker holds it when it imports this app (``nbtask worker -A module``); it loads
+        it the first time a task in a process needs it and keeps it for that process's life.
+        Tasks with ``requires=(name,)`` (cells: ``%%task --requires name``) go only to such
+        workers and receive it as the keyword argument (variable) ``name``.
+
+        Parameters
+        ----------
+        name
+            The dataset's name: a Python identifier.
+        """
+        (checked,) = dataset_names(name, "dataset")
+
+        def register(loader: Loader) -> Loader:
+            self.datasets[checked] = loader
+            return loader
+
+        return register
 
     def register_task(self, task: BaseTask) -> BaseTask:
         """Register a task instance (a class-based task with ``run``) under its name."""

@@ -16,6 +16,7 @@ from typing import Any
 
 from nbtask.brokers.base import Publish, Store
 from nbtask.core.canvas import Call, Callbacks, Signable
+from nbtask.core.datasets import data_queue
 from nbtask.core.task import Task
 from nbtask.errors import ConfigurationError, SerializationError
 from nbtask.settings import Settings
@@ -89,7 +90,9 @@ class MessageBuilder:
         """
         signable, args, kwargs, options = call
         task = as_task(signable)
-        queue = options.get("queue") or task.queue or self.settings.default_queue
+        requires = options.get("requires", task.requires)
+        holders = data_queue(requires[0]) if requires else None
+        queue = options.get("queue") or task.queue or holders or self.settings.default_queue
         digest, code = code_for(task, self._code)
         serializer = getattr(task, "serializer", "cloudpickle")
         if serializer not in SERIALIZERS:
@@ -134,6 +137,7 @@ class MessageBuilder:
             root_id=options.get("root_id") or task_id,
             store_result=bool(task.store_result),
             args_layout=payload.layout_json,
+            requires=list(requires) or None,
         )
         raw = self.signer.seal(message.to_header(), (code, links, *payload.inline))
         return message, to_publish(message, raw)

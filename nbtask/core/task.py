@@ -12,6 +12,7 @@ from typing import Any, ClassVar, NoReturn
 
 from nbtask.core.canvas import Callbacks, Sender, Signature, current_sender
 from nbtask.core.context import Request, current_request, progress
+from nbtask.core.datasets import dataset_names
 from nbtask.core.handle import TaskHandle
 from nbtask.core.options import positive
 from nbtask.errors import ConfigurationError, MaxRetriesExceededError, Retry
@@ -67,6 +68,9 @@ class Task:
     reject_on_worker_lost: ClassVar[bool | None] = None
     #: ``False`` keeps no record at all in the result store (the client is still told).
     store_result: ClassVar[bool] = True
+    #: Named datasets the task receives from its worker as keyword arguments; it is sent
+    #: only to workers holding them (see :mod:`nbtask.core.datasets`).
+    requires: ClassVar[tuple[str, ...]] = ()
     # Abstract classes (the app's Task base, user base classes) are never registered.
     abstract: ClassVar[bool] = True
 
@@ -219,6 +223,7 @@ class Task:
         soft_time_limit: float | None = None,
         link: Signature | Sequence[Signature] | None = None,
         link_error: Signature | Sequence[Signature] | None = None,
+        requires: Sequence[str] | None = None,
     ) -> TaskHandle:
         """Send the task to a worker and return its handle at once.
 
@@ -241,6 +246,8 @@ class Task:
         link, link_error
             Signatures to send with the result when the task succeeds, or with the task
             id when it fails.
+        requires
+            Named datasets this call needs, instead of the task's own ``requires``.
         """
         options = self.send_options(
             queue=queue,
@@ -252,6 +259,7 @@ class Task:
             soft_time_limit=soft_time_limit,
             link=link,
             link_error=link_error,
+            requires=requires,
         )
         return self.sender().send_batch([(self, tuple(args or ()), dict(kwargs or {}), options)])[0]
 
@@ -267,6 +275,7 @@ class Task:
         soft_time_limit: float | None = None,
         link: Signature | Sequence[Signature] | None = None,
         link_error: Signature | Sequence[Signature] | None = None,
+        requires: Sequence[str] | None = None,
     ) -> dict[str, Any]:
         """Check :meth:`apply_async` options and turn them into message options."""
         if countdown is not None and eta is not None:
@@ -289,6 +298,8 @@ class Task:
         callbacks = _callbacks(link, link_error)
         if callbacks:
             options["callbacks"] = callbacks
+        if requires is not None:
+            options["requires"] = dataset_names(requires)
         return options
 
     def delay_many(self, arg_tuples: Iterable[Sequence[Any]]) -> list[TaskHandle]:

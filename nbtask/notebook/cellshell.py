@@ -32,8 +32,11 @@ __all__ = ["execute_cell"]
 _IPYTHON_NAMES = frozenset({"_", "__", "___", "_exit_code", "_i", "_ii", "_iii"})
 
 
-def execute_cell(spec: CellSpec, blob: Packed) -> Any:
+def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | None = None) -> Any:
     """Run a cell in this process's worker shell, in a fresh namespace.
+
+    ``datasets`` are the named datasets the cell requires, held by this worker: they are
+    the cell's variables of those names, never sent back.
 
     Returns
     -------
@@ -57,6 +60,9 @@ def execute_cell(spec: CellSpec, blob: Packed) -> Any:
         namespace.clear()
         namespace.update(BASE_NS)
         namespace.update(shipped)
+        namespace.update(datasets or {})
+        # A dataset is the worker's: like a shipped value, it returns only if changed.
+        shipped.update(datasets or {})
         # Values the shipped functions carried are shipped values too (not assigned here).
         shipped.update({n: namespace[n] for n in share_namespace(namespace)})
         if spec.state:

@@ -26,9 +26,12 @@ class CellTask(Task):
     name = "nbtask.cell"
     abstract = False
 
-    def run(self, spec: CellSpec, blob: Packed) -> Any:
-        """Run ``spec`` with the values packed in ``blob``; see :func:`execute_cell`."""
-        return execute_cell(spec, blob)
+    def run(self, spec: CellSpec, blob: Packed, **datasets: Any) -> Any:
+        """Run ``spec`` with the values packed in ``blob`` and the worker's ``datasets``.
+
+        See :func:`execute_cell`.
+        """
+        return execute_cell(spec, blob, datasets)
 
 
 def cell_task(app: Any) -> CellTask:

@@ -52,6 +52,15 @@ class TaskMagics(Magics):  # type: ignore[misc]
     @_typed(
         argument("--fetch", action="append", default=[], metavar="NAME", help="bring NAME back")
     )
+    @_typed(
+        argument(
+            "--requires",
+            action="append",
+            default=[],
+            metavar="DATASET",
+            help="run on a worker holding DATASET, available as a variable of that name",
+        )
+    )
     @_typed(cell_magic)
     def task(self, line: str, cell: str) -> Any:
         """Run this cell on a worker.

@@ -14,7 +14,7 @@ from typing import Any
 
 from IPython.display import clear_output, display, publish_display_data
 
-from nbtask._text import redact_url
+from nbtask._text import printable, redact_url
 from nbtask.client.app import App, default_app, use_as_default
 from nbtask.errors import CellError
 from nbtask.notebook import process_state
@@ -164,7 +164,8 @@ class Session:
             self.shell.user_ns,
             filename=f"Cell In[{self.shell.execution_count}]",
             retries=args.retries,
-            hidden=self.shell.user_ns_hidden,
+            # The shell's own names, and the datasets the worker provides, are not shipped.
+            hidden={*self.shell.user_ns_hidden, *args.requires},
             line_offset=1,  # tracebacks count the %%task line, as the notebook numbers lines
             state=process_state.capture(self.baseline),
         )
@@ -180,7 +181,10 @@ class Session:
                 self.app, args.name, cell, python, self.shell.user_ns
             )
         handle = cell_task(self.app).apply_async(
-            (spec, blob), queue=args.queue, expires=args.timeout
+            (spec, blob),
+            queue=args.queue,
+            expires=args.timeout,
+            requires=tuple(args.requires) or None,
         )
         names = tuple(dict.fromkeys([*found.assigned, *found.mutated]))
         run = CellRun(handle, label, names)
@@ -348,10 +352,14 @@ class Session:
         ended |= {t for t, view in self.views.items() if view.handle.done()}
         for worker_id, info in sorted(self.app.workers().items()):
             busy = [labels.get(t, t[:8]) for t in info.busy if t not in ended]
+            data = f" datasets {','.join(info.datasets)}" if info.datasets else ""
+            # The registry is unsigned: shown without control codes.
             lines.append(
-                f"  worker {worker_id}: host {info.hostname} pid {info.pid} "
-                f"queues {','.join(info.queues)} concurrency {info.concurrency} "
-                f"busy {len(busy)}" + (f" ({', '.join(busy)})" if busy else "")
+                printable(
+                    f"  worker {worker_id}: host {info.hostname} pid {info.pid} "
+                    f"queues {','.join(info.queues)} concurrency {info.concurrency}{data} "
+                    f"busy {len(busy)}" + (f" ({', '.join(busy)})" if busy else "")
+                )
             )
         running = self.pending.running()
         lines.append(f"  {len(running)} cell(s) pending")

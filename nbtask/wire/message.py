@@ -26,6 +26,8 @@ __all__ = ["SERIALIZERS", "LayoutJSON", "TaskMessage", "decode_value", "encode_v
 SERIALIZERS = ("cloudpickle", "json")
 #: A value's layout as the header carries it (see :mod:`nbtask.wire.blobs`).
 LayoutJSON = list[Any]
+#: A list of names, as the header carries it.
+Names = list[str]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +59,8 @@ class TaskMessage:
     root_id: str | None = None
     store_result: bool = True
     args_layout: LayoutJSON | None = None
+    #: Named datasets the task receives from its worker (see nbtask.core.datasets).
+    requires: Names | None = None
 
     @classmethod
     def from_header(cls, header: Mapping[str, Any]) -> TaskMessage:
@@ -74,6 +78,8 @@ class TaskMessage:
             if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
                 raise DecodeError(f"field {name!r} has a wrong type")
             values[name] = value
+        if not all(isinstance(n, str) for n in values.get("requires") or ()):
+            raise DecodeError("field 'requires' is not a list of names")
         if values.get("serializer", "cloudpickle") not in SERIALIZERS:
             raise DecodeError("field 'serializer' names no known serializer")
         return cls(**values)
@@ -81,8 +87,9 @@ class TaskMessage:
     def to_header(self) -> dict[str, Any]:
         """The JSON header carrying this message (fields left at ``None`` are left out)."""
         header = {name: getattr(self, name) for name, _, _ in _MESSAGE_FIELDS}
-        if header["args_layout"] is None:
-            del header["args_layout"]
+        for optional in ("args_layout", "requires"):
+            if header[optional] is None:
+                del header[optional]
         return {"kind": "task", **header}
 
     def split(self, envelope: Envelope) -> tuple[Buffer, Buffer, Buffer]:
@@ -100,6 +107,7 @@ def _field_kinds(spec: str) -> tuple[type, ...]:
         "int": (int,),
         "None": (type(None),),
         "LayoutJSON": (list,),
+        "Names": (list,),
     }
     return tuple(kind for part in spec.split("|") for kind in names[part.strip()])
 

@@ -22,6 +22,7 @@ from nbtask._process import die_with_parent
 from nbtask.brokers import Delivery, StartBy, Verdict, open_broker
 from nbtask.core.canvas import Callbacks, sending_through
 from nbtask.core.context import Request, running
+from nbtask.core.datasets import DatasetCache, Loader
 from nbtask.core.outgoing import MessageBuilder
 from nbtask.core.task import Task
 from nbtask.errors import (
@@ -84,6 +85,7 @@ class Child:
         hostname: str,
         tasks: Mapping[str, Task],
         slot: SlotState,
+        datasets: Mapping[str, Loader] | None = None,
     ) -> None:
         self.settings = settings
         self.url = url
@@ -93,6 +95,7 @@ class Child:
         self.worker_id = worker_id
         self.hostname = hostname
         self.tasks = TaskFinder(tasks, hostname)
+        self.datasets = DatasetCache(datasets or {})
         self.slot = slot
         self._stop = False
         self._running = False
@@ -394,6 +397,8 @@ class Child:
                 message.args_layout,
                 self.transport.store.get_blob,
             )
+            # Named datasets come from this process, never through the message.
+            kwargs.update(self.datasets.values_for(message.requires or ()))
         except Exception as exc:
             return self._failed(message, exc, self.outbox.end())
         request = self._request(admitted, task, args, kwargs)
