@@ -257,6 +257,15 @@ def _walk(obj: Any, names: Iterable[str]) -> Any:
     return obj
 
 
+def _shown_name(module: ast.Module) -> str | None:
+    """The name a cell that is one bare name (``x``: show it) shows; else ``None``."""
+    if len(module.body) == 1:
+        statement = module.body[0]
+        if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Name):
+            return statement.value.id
+    return None
+
+
 class WaitInserter(ast.NodeTransformer):
     """IPython AST transformer: a cell reading pending names first waits for them.
 
@@ -277,6 +286,9 @@ class WaitInserter(ast.NodeTransformer):
             return node
         found = analyze(node)
         needed = [n for n in found.reads if n in pending.owner or n in pending.kept([n])]
+        shown = _shown_name(node)
+        if shown in needed and shown not in pending.owner:
+            needed.remove(shown)  # a cell that only shows a kept value shows its preview
         self.pending.forget(n for n in found.assigned if n not in needed)
         if not needed:
             return node

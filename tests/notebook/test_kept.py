@@ -52,6 +52,8 @@ def test_a_local_cell_that_reads_a_kept_value_fetches_it(
     ip: InteractiveShell, nb: Session, capsys: pytest.CaptureFixture[str]
 ) -> None:
     task(ip, MAKE_X)
+    run(ip, "x")  # showing it shows its preview: nothing is fetched
+    assert isinstance(ip.user_ns["x"], RemoteValue)
     run(ip, "head = x[:3].tolist()")
     assert ip.user_ns["head"] == [0.0, 1.0, 2.0]
     assert isinstance(ip.user_ns["x"], np.ndarray)
