@@ -12,9 +12,12 @@ each through the Redis at ``--url`` (``store``) and through the embedded cluster
 
 * ``floor_50mb_s``: raw redis-py, pickle + SET + GET + unpickle of the same bytes (one
   hop: what an argument needs at the least);
-* ``cell_400mb``: in a fresh IPython process each, a cell that makes a 400 MB array and
-  takes its mean, run plainly and under ``%%task --wait``: wall time and the growth of
-  that process's RSS.
+* ``cell_400mb``: in a fresh IPython process each, a cell that makes a 400 MB array ``x``
+  and takes its mean, run plainly, under ``%%task --wait`` (``x`` stays on the workers)
+  and with ``--fetch x`` (it comes back): wall time and the growth of the process's RSS;
+* ``cell_2gb``: a ``%%task --wait`` cell that makes and keeps a 2 GB array: RSS growth,
+  the time to show its preview, and a follow-up ``%%task`` cell reading it: its time and
+  the bytes the kernel process read and wrote meanwhile (``/proc/self/io``).
 
 Run it with ``PYTHONPATH`` pointing at the nbtask tree to measure::
 
@@ -46,7 +49,6 @@ from common import delete_prefix
 __all__ = ["main"]
 
 ARRAY_ITEMS = 50_000_000 // 8
-CELL = "import numpy as np\nx = np.ones(50_000_000)\nm = float(x.mean())\n"
 
 
 def total(a: Any) -> float:
@@ -128,31 +130,50 @@ def rss():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
 
+def io_mb():
+    with open("/proc/self/io") as f:
+        fields = dict(line.split(": ") for line in f.read().splitlines())
+    return (int(fields["rchar"]) + int(fields["wchar"])) / 1e6
+
 ip = start_ipython()
-remote = sys.argv[1] == "task"
-if remote:
+how, cell = sys.argv[1], sys.argv[2]
+if how != "plain":
     ip.run_line_magic("load_ext", "nbtask")
     ip.run_cell("%%task --wait\\nwarm = 1\\n")
+magic = {"plain": "", "kept": "%%task --wait\\n", "fetched": "%%task --wait --fetch x\\n"}
 before = rss()
 started = time.perf_counter()
-cell = sys.argv[2]
-result = ip.run_cell(("%%task --wait\\n" + cell) if remote else cell)
-seconds = time.perf_counter() - started
+result = ip.run_cell(magic[how] + cell)
+out = {"s": time.perf_counter() - started, "rss_growth_mib": rss() - before}
 assert result.success, result.error_in_exec
-print(json.dumps({"s": seconds, "rss_growth_mib": rss() - before, "m": ip.user_ns["m"]}))
+if how == "kept":
+    started = time.perf_counter()
+    preview = repr(ip.user_ns["x"])
+    out["preview_s"] = time.perf_counter() - started
+    io_before, started = io_mb(), time.perf_counter()
+    assert ip.run_cell("%%task --wait\\nfirst = float(x[::1000].sum())\\n").success
+    out["follow_up_s"] = time.perf_counter() - started
+    out["follow_up_kernel_io_mb"] = io_mb() - io_before
+print(json.dumps(out))
 """
+#: Each cell makes ``x`` and takes its mean; the 2 GB one only keeps it.
+CELLS = {
+    "cell_400mb": "import numpy as np\nx = np.ones(50_000_000)\nm = float(x.mean())\n",
+    "cell_2gb": "import numpy as np\nx = np.ones(250_000_000)\n",
+}
 
 
-def measure_cell(url: str, prefix: str, secret: str, how: str) -> dict[str, float]:
+def measure_cell(url: str, prefix: str, secret: str, how: str, cell: str) -> dict[str, float]:
+    """One cell run ``how`` (plain, kept, fetched) in a fresh IPython process."""
     env = {**os.environ, "NBTASK_BROKER": url, "NBTASK_SECRET": secret}
     env["NBTASK_KEY_PREFIX"] = prefix
     done = subprocess.run(
-        [sys.executable, "-c", _CELL_RUNNER, how, CELL],
+        [sys.executable, "-c", _CELL_RUNNER, how, cell],
         env=env,
         capture_output=True,
         text=True,
         check=True,
-        timeout=600,
+        timeout=900,
     )
     data: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
     return data
@@ -179,8 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             out["floor_50mb_s"] = measure_floor(args.url, prefix, args.repeats)
             out["embedded"] = measure_embedded(args.repeats)
             out["cell_400mb"] = {
-                how: measure_cell(args.url, prefix, secret, how) for how in ("plain", "task")
+                how: measure_cell(args.url, prefix, secret, how, CELLS["cell_400mb"])
+                for how in ("plain", "kept", "fetched")
             }
+            out["cell_2gb"] = measure_cell(args.url, prefix, secret, "kept", CELLS["cell_2gb"])
         finally:
             _stop(worker)
             delete_prefix(args.url, prefix)
