@@ -18,8 +18,10 @@ from pathlib import Path
 from nbtask._text import printable
 from nbtask._version import __version__
 from nbtask.brokers import open_broker
+from nbtask.brokers.local_blobs import remove_local_blobs
 from nbtask.client.app import App
 from nbtask.client.embedded import start_redis_server
+from nbtask.core.datasets import Loader, load_data_spec
 from nbtask.core.task import Task
 from nbtask.errors import ConfigurationError, NbtaskError, NotebookFailed
 from nbtask.settings import Settings, read_secret_file
@@ -75,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="MODULE",
         help="import MODULE[:attr] and register the tasks it defines (repeatable)",
     )
+    _data_option(worker)
     worker.add_argument(
         "--loglevel", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
@@ -85,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     cluster.add_argument("-c", "--concurrency", type=_positive_int, default=2)
     cluster.add_argument("-A", "--app", action="append", default=[], metavar="MODULE")
+    _data_option(cluster)
     cluster.add_argument("--dir", default=None, help=argparse.SUPPRESS)
     cluster.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     cluster.add_argument("--embedded", action="store_true", help=argparse.SUPPRESS)
@@ -233,6 +237,28 @@ def _import_tasks(specs: Sequence[str]) -> dict[str, Task]:
     return tasks
 
 
+def _data_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="NAME=MODULE:FUNCTION",
+        help="hold the named dataset FUNCTION() makes, loaded once per process (repeatable)",
+    )
+
+
+def _datasets(args: argparse.Namespace) -> dict[str, Loader]:
+    """The datasets of ``--data`` options and of the apps in the ``-A`` modules."""
+    found: dict[str, Loader] = {}
+    for spec in args.app:
+        module = sys.modules.get(spec.partition(":")[0])
+        for value in vars(module).values() if module is not None else ():
+            if isinstance(value, App):
+                found.update(value.datasets)
+    found.update(load_data_spec(spec) for spec in args.data)
+    return found
+
+
 def _logging(level: str) -> None:
     logging.basicConfig(
         level=level,
@@ -253,6 +279,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         queues=queues,
         concurrency=args.concurrency,
         tasks=_import_tasks(args.app),
+        datasets=_datasets(args),
     )
     print(worker.banner(), flush=True)
     return worker.run()
@@ -272,6 +299,7 @@ def _run_cluster(args: argparse.Namespace) -> int:
             secret,
             concurrency=args.concurrency,
             tasks=tasks,
+            datasets=_datasets(args),
             parent_pid=args.parent_pid,
             on_ready=_announce_embedded if args.embedded else None,
         )
@@ -289,6 +317,7 @@ def _run_cluster(args: argparse.Namespace) -> int:
             redis_process.wait(5)
         if args.embedded or not args.dir:
             shutil.rmtree(directory, ignore_errors=True)
+            remove_local_blobs(url)
 
 
 def _announce_embedded(worker: Worker) -> None:
@@ -314,6 +343,7 @@ def _run_status(args: argparse.Namespace) -> int:
         print(
             f"{printable(worker_id)}: pid {info.pid} queues {printable(','.join(info.queues))} "
             f"concurrency {info.concurrency} busy {len(info.busy)}"
+            + (f" datasets {printable(','.join(info.datasets))}" if info.datasets else "")
         )
     return 0
 

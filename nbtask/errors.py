@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "BlobError",
     "BrokerUnavailable",
     "CellError",
     "CellNameError",
@@ -47,6 +48,10 @@ class DecodeError(NbtaskError, ValueError):
 
 class SerializationError(NbtaskError, TypeError):
     """A value cannot be serialised (pickled) or deserialised; the message names it."""
+
+
+class BlobError(NbtaskError):
+    """A value kept out of band cannot be loaded: its blob expired, is missing, or was altered."""
 
 
 class TooLarge(NbtaskError, ValueError):

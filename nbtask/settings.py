@@ -55,7 +55,25 @@ class Settings:
         How often workers renew their presence and leases, seconds. A worker is taken
         as dead after three missed heartbeats.
     max_message_bytes
-        Largest message accepted on either side.
+        Largest message accepted on either side. Values of ``blob_threshold`` bytes or
+        more never count against it: they travel out of band, as blobs.
+    blob_threshold
+        Arguments and results (pickled) of this many bytes or more travel out of band: their
+        large parts (numpy and pandas buffers, long byte strings) are kept in the store as
+        content-addressed blobs, signed by digest, and only the digests ride in the message.
+    keep_threshold
+        A name a ``%%task`` cell assigns whose pickled size is this many bytes or more stays
+        on the workers: the notebook gets a reference with a preview, and fetches the value
+        only when a local cell reads it (``%%task --keep NAME`` / ``--fetch NAME`` decide per
+        name).
+    fetch_budget
+        The most bytes a kept value may have to be fetched into the notebook without
+        ``force=True``.
+    blob_dir
+        A directory on a memory filesystem that every client and worker of this store can
+        reach, because they all run on one host: blobs then go through it (shared
+        memory) instead of the store. The embedded cluster, and any store reached through
+        a unix socket, use one under ``/dev/shm`` without being told.
     max_age
         Messages older than this (not counting an ETA) are rejected as replays, seconds.
         At most ``result_ttl``, so every message young enough to run still finds the
@@ -84,6 +102,10 @@ class Settings:
     visibility_timeout: float = 10.0
     heartbeat_interval: float = 1.0
     max_message_bytes: int = 512 * 1024 * 1024
+    blob_threshold: int = 4 * 1024 * 1024
+    blob_dir: str | None = None
+    keep_threshold: int = 64 * 1024 * 1024
+    fetch_budget: int = 4 * 1024 * 1024 * 1024
     max_age: float | None = None
     max_redeliveries: int = 5
     worker_concurrency: int | None = None
@@ -125,6 +147,9 @@ class Settings:
         minimums = {
             "max_redeliveries": 0,
             "max_message_bytes": 1024,
+            "blob_threshold": 0,
+            "keep_threshold": 0,
+            "fetch_budget": 0,
             "worker_concurrency": 1,
             "embedded_workers": 1,
         }
@@ -214,6 +239,10 @@ _ENV: dict[str, tuple[str, Callable[[str], object]]] = {
     "visibility_timeout": ("NBTASK_VISIBILITY_TIMEOUT", float),
     "heartbeat_interval": ("NBTASK_HEARTBEAT_INTERVAL", float),
     "max_message_bytes": ("NBTASK_MAX_MESSAGE_BYTES", int),
+    "blob_threshold": ("NBTASK_BLOB_THRESHOLD", int),
+    "blob_dir": ("NBTASK_BLOB_DIR", str),
+    "keep_threshold": ("NBTASK_KEEP_THRESHOLD", int),
+    "fetch_budget": ("NBTASK_FETCH_BUDGET", int),
     "max_age": ("NBTASK_MAX_AGE", float),
     "max_redeliveries": ("NBTASK_MAX_REDELIVERIES", int),
     "worker_concurrency": ("NBTASK_CONCURRENCY", int),

@@ -3,7 +3,8 @@
 A transport moves signed messages: task queues (deliver, acknowledge, redeliver,
 dead-letter) and the events workers send to a client. The store keeps what must be
 checked atomically or must outlive a client: task records and the start check, client
-channels, control messages, ETA parking, rate limits and the worker registry. A transport
+channels, control messages, ETA parking, rate limits, the worker registry and the large
+values sent out of band (blobs). A transport
 never looks inside a body, and nothing above ``brokers/`` knows which broker is in use.
 """
 
@@ -13,6 +14,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
+from nbtask.wire.envelope import Buffer
 from nbtask.wire.records import RecordFields, TaskRecord, WorkerInfo
 
 __all__ = ["Delivery", "Publish", "StartBy", "Store", "Transport", "Verdict"]
@@ -135,6 +137,13 @@ class Store(Protocol):
 
     def rate_wait(self, bucket: str, rate: float) -> float:
         """Take a token of ``bucket`` (``rate`` per second) or say how long to wait."""
+
+    # Blobs ---------------------------------------------------------------------------------
+    def put_blobs(self, blobs: Mapping[str, Buffer]) -> None:
+        """Keep large values sent out of band, ``{digest: bytes}``, for ``result_ttl``."""
+
+    def get_blob(self, digest: str, size: int) -> Buffer:
+        """A kept blob's bytes; raise :class:`~nbtask.errors.BlobError` if it is gone."""
 
     # Versions ------------------------------------------------------------------------------
     def announce_versions(self, worker_id: str, versions: Mapping[str, str]) -> None:

@@ -197,17 +197,17 @@ def _read_replies(connection: Any, count: int, block_seconds: float, replies: li
             replies.append(exc)
 
 
-def pack(commands: Sequence[Command]) -> list[bytes]:
+def pack(commands: Sequence[Command]) -> list[bytes | memoryview]:
     """RESP-encode ``commands``; large arguments are sent as they are, never copied.
 
     (redis-py with hiredis packs everything into one buffer: for a 50 MB argument that
     copy costs more than sending it.)
     """
-    chunks: list[bytes] = []
+    chunks: list[bytes | memoryview] = []
     for command in commands:
         head = [b"*%d\r\n" % len(command)]
         for arg in command:
-            data = arg if isinstance(arg, bytes) else str(arg).encode()
+            data = arg if isinstance(arg, (bytes, memoryview)) else str(arg).encode()
             if len(data) >= LARGE_BYTES:
                 chunks += [b"".join((*head, b"$%d\r\n" % len(data))), data]
                 head = [b"\r\n"]

@@ -14,6 +14,7 @@ Keys, all under ``<key_prefix>:``:
 * ``log:<task id>``: what workers said about a task (its journal).
 * ``dead``: messages given up on (a stream).
 * ``rate:<bucket>``: rate-limit buckets.
+* ``blob:<digest>:<n>``: large values sent out of band (:mod:`nbtask.brokers.redis_blobs`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from redis.exceptions import ResponseError
 
 from nbtask._text import printable
 from nbtask.brokers.base import Delivery, Publish, StartBy
+from nbtask.brokers.local_blobs import LocalBlobs
+from nbtask.brokers.redis_blobs import RedisBlobs
 from nbtask.brokers.redis_link import LARGE_BYTES, RedisLink
 from nbtask.brokers.redis_workers import RedisWorkers
 from nbtask.brokers.scripts import STORE_SCRIPTS
@@ -43,7 +46,7 @@ CHANNEL_MAXLEN = 10_000
 _JOURNAL_LINES = 1_000
 
 
-class RedisStore(RedisWorkers):
+class RedisStore(RedisWorkers, RedisBlobs):
     """A :class:`~nbtask.brokers.base.Store` on Redis.
 
     Parameters
@@ -59,6 +62,7 @@ class RedisStore(RedisWorkers):
         self.settings = settings
         self.prefix = settings.key_prefix
         self.ttl = int(settings.result_ttl)
+        self.local_blobs = LocalBlobs.open(link.url, settings)
         self._channel_name = re.compile(re.escape(self.channel_key("")) + r"[0-9a-f]{1,32}")
         link.add_scripts(STORE_SCRIPTS)
 

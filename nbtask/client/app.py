@@ -15,6 +15,7 @@ from nbtask.client.listener import Listener
 from nbtask.client.live_workers import LiveWorkers
 from nbtask.client.routes import Routes
 from nbtask.core.canvas import Call
+from nbtask.core.datasets import Loader, dataset_names
 from nbtask.core.handle import TaskHandle
 from nbtask.core.options import validate_options
 from nbtask.core.outgoing import MessageBuilder
@@ -99,6 +100,8 @@ class App:
         self.tasks: dict[str, BaseTask] = {}
         # Named %%task cells, registered by the notebook layer as reusable tasks.
         self.cells: dict[str, BaseTask] = {}
+        #: Named datasets this app declares (``@app.dataset``), for workers importing it.
+        self.datasets: dict[str, Loader] = {}
         self.Task = type("Task", (BaseTask,), {"abstract": True, "__module__": __name__})
         self.cluster: EmbeddedCluster | None = None
         self._transport: Transport | None = None
@@ -196,6 +199,27 @@ class App:
         cls = type(func.__name__, (base,), attrs)
         return self.register_task(cls())
 
+    def dataset(self, name: str) -> Callable[[Loader], Loader]:
+        """Declare a named dataset, made by the decorated function on the workers that hold it.
+
+        A worker holds it when it imports this app (``nbtask worker -A module``); it loads
+        it the first time a task in a process needs it and keeps it for that process's life.
+        Tasks with ``requires=(name,)`` (cells: ``%%task --requires name``) go only to such
+        workers and receive it as the keyword argument (variable) ``name``.
+
+        Parameters
+        ----------
+        name
+            The dataset's name: a Python identifier.
+        """
+        (checked,) = dataset_names(name, "dataset")
+
+        def register(loader: Loader) -> Loader:
+            self.datasets[checked] = loader
+            return loader
+
+        return register
+
     def register_task(self, task: BaseTask) -> BaseTask:
         """Register a task instance (a class-based task with ``run``) under its name."""
         if type(task).is_abstract():
@@ -231,7 +255,10 @@ class App:
             signer = Signer.for_settings(settings, secret)
             transport = open_broker(settings, url)
             transport.ping()
-            self._builder, self._transport = MessageBuilder(signer, settings), transport
+            self._builder, self._transport = (
+                MessageBuilder(signer, settings, transport.store),
+                transport,
+            )
             self._live = LiveWorkers(transport.store, signer.key_id)
             return transport
 
@@ -409,7 +436,7 @@ class App:
                     continue
                 if event.task_id == task_id and event.state not in FINAL_STATES:
                     handle.apply(event)
-            event, result = decode_event(self.signer, record.result)
+            event, result = decode_event(self.signer, record.result, self.store.get_blob)
             if event.task_id != task_id:
                 # Correctly signed, but another task's: someone moved it here.
                 raise SignatureError(

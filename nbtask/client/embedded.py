@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from nbtask._process import die_with_parent
+from nbtask.brokers.local_blobs import remove_local_blobs
 from nbtask.errors import ConfigurationError, NbtaskError
 from nbtask.settings import Settings
 
@@ -210,6 +211,7 @@ class EmbeddedCluster:
                         os.killpg(self.process.pid, signal.SIGKILL)
                     self.process.wait()
         shutil.rmtree(self.directory, ignore_errors=True)
+        remove_local_blobs(self.url)
 
     def __repr__(self) -> str:
         return f"<EmbeddedCluster {self.url} pid={self.process.pid}>"

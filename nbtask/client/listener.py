@@ -109,7 +109,7 @@ class Listener:
 
     def _dispatch(self, raw: bytes) -> None:
         try:
-            event, result = decode_event(self._signer, raw)
+            event, result = decode_event(self._signer, raw, self._transport.store.get_blob)
         except Exception as exc:
             log.warning("dropped an event that does not verify: %s", exc)
             return

@@ -8,6 +8,8 @@ import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from typing import Any, TypeVar
 
+from nbtask.brokers.base import Store
+
 __all__ = ["PARTIAL_RESULT", "Request", "current_request", "progress", "running", "track"]
 
 #: An exception raised by task code may carry, under this attribute, what the task did
@@ -35,6 +37,8 @@ class Request:
     delivery_info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     #: Sends the task's events to its client: ``emit(kind, data)``.
     emit: Callable[[str, Mapping[str, Any]], None] | None = None
+    #: Where large values are kept as blobs (``put_blobs``, ``get_blob``).
+    blob_store: Store | None = None
 
 
 T = TypeVar("T")

@@ -16,7 +16,15 @@ from nbtask.errors import (
     TimeLimitExceeded,
     WorkerLost,
 )
-from nbtask.wire.events import FINAL_STATES, Event, EventType, Progress, State, Unloadable
+from nbtask.wire.events import (
+    FINAL_STATES,
+    Deferred,
+    Event,
+    EventType,
+    Progress,
+    State,
+    Unloadable,
+)
 
 __all__ = ["Client", "TaskHandle"]
 
@@ -74,6 +82,8 @@ class TaskHandle(concurrent.futures.Future[Any]):
         #: What the task did before it failed, as it reported it (a notebook cell's names).
         self.partial: Any = None
         self._lock = threading.Lock()
+        self._loading = threading.Lock()
+        self._loaded: tuple[Any] | None = None
 
     # State -------------------------------------------------------------------------------------
     @property
@@ -180,6 +190,42 @@ class TaskHandle(concurrent.futures.Future[Any]):
                 raise
             return self.exception(0)
 
+    def result(self, timeout: float | None = None) -> Any:
+        """The task's result (see :class:`concurrent.futures.Future`).
+
+        A large result sent out of band is read from the store here, on the asking
+        thread, the first time it is asked for.
+
+        Raises
+        ------
+        BlobError
+            The result's blobs expired or were altered in the store.
+        SerializationError
+            The result needs a class this process cannot import.
+        """
+        value = super().result(timeout)
+        if not isinstance(value, Deferred):
+            return value
+        with self._loading:
+            if self._loaded is None:
+                self._loaded = (self._load(value),)
+            return self._loaded[0]
+
+    def _load(self, deferred: Deferred) -> Any:
+        try:
+            return deferred.load()
+        except NbtaskError:
+            raise
+        except Exception as exc:
+            raise self._unloadable(f"{type(exc).__name__}: {exc}") from None
+
+    def _unloadable(self, why: str) -> SerializationError:
+        return SerializationError(
+            f"task {self.name}[{self.id}] succeeded, but its result cannot be loaded in this "
+            f"process ({why}): install what defines it here, or return plain values "
+            "(numbers, strings, lists, dicts, numpy arrays)"
+        )
+
     def on_event(self, callback: Callable[[Event], None]) -> None:
         """Call ``callback(event)`` for every later event (on the listener thread)."""
         self._listeners.append(callback)
@@ -229,13 +275,7 @@ class TaskHandle(concurrent.futures.Future[Any]):
     def _settle(self, event: Event, result: Any) -> None:
         data = event.data
         if event.type is EventType.SUCCESS and isinstance(result, Unloadable):
-            self.set_exception(
-                SerializationError(
-                    f"task {self.name}[{self.id}] succeeded, but its result cannot be loaded "
-                    f"in this process ({result.why}): install what defines it here, or "
-                    "return plain values (numbers, strings, lists, dicts, numpy arrays)"
-                )
-            )
+            self.set_exception(self._unloadable(result.why))
         elif event.type is EventType.SUCCESS:
             self.set_result(result)
         elif event.type is EventType.REVOKED:

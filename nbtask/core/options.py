@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from nbtask.core.datasets import dataset_names
 from nbtask.errors import ConfigurationError
 
 __all__ = ["TASK_OPTIONS", "parse_rate", "positive", "validate_options"]
@@ -32,6 +33,7 @@ TASK_OPTIONS = frozenset(
         "reject_on_worker_lost",
         "priority",
         "backend",
+        "requires",
     }
 )
 _RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
@@ -57,6 +59,8 @@ def validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
             attrs[name] = positive(name, attrs[name])
     if "rate_limit" in attrs:
         attrs["rate_limit"] = parse_rate(attrs["rate_limit"])
+    if "requires" in attrs:
+        attrs["requires"] = dataset_names(attrs["requires"])
     max_retries = attrs.get("max_retries")
     if max_retries is not None and (not isinstance(max_retries, int) or max_retries < 0):
         raise ConfigurationError(

@@ -14,13 +14,14 @@ import weakref
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
-from nbtask.brokers.base import Publish
+from nbtask.brokers.base import Publish, Store
 from nbtask.core.canvas import Call, Callbacks, Signable
+from nbtask.core.datasets import data_queue
 from nbtask.core.task import Task
 from nbtask.errors import ConfigurationError, SerializationError
 from nbtask.settings import Settings
 from nbtask.wire.envelope import Signer, dumps
-from nbtask.wire.message import SERIALIZERS, TaskMessage, encode_value
+from nbtask.wire.message import SERIALIZERS, TaskMessage, encode_value, split
 from nbtask.wire.records import pending_fields
 
 __all__ = ["MessageBuilder", "as_task", "code_for", "to_publish", "unpicklable_message"]
@@ -68,12 +69,15 @@ class MessageBuilder:
     signer
         Signs every message.
     settings
-        The default queue and ``task_ignore_result``.
+        The default queue, ``task_ignore_result`` and ``blob_threshold``.
+    store
+        Where large arguments go, out of band (without one, everything travels inline).
     """
 
-    def __init__(self, signer: Signer, settings: Settings) -> None:
+    def __init__(self, signer: Signer, settings: Settings, store: Store | None = None) -> None:
         self.signer = signer
         self.settings = settings
+        self.store = store
         # Tasks pickled by value, once each; weak so a redefined task's entry goes away.
         self._code: weakref.WeakKeyDictionary[Task, tuple[str, bytes]] = weakref.WeakKeyDictionary()
 
@@ -86,16 +90,21 @@ class MessageBuilder:
         """
         signable, args, kwargs, options = call
         task = as_task(signable)
-        queue = options.get("queue") or task.queue or self.settings.default_queue
+        requires = options.get("requires", task.requires)
+        holders = data_queue(requires[0]) if requires else None
+        queue = options.get("queue") or task.queue or holders or self.settings.default_queue
         digest, code = code_for(task, self._code)
         serializer = getattr(task, "serializer", "cloudpickle")
         if serializer not in SERIALIZERS:
             raise ConfigurationError(f"unknown serializer {serializer!r}; use one of {SERIALIZERS}")
+        threshold = self.settings.blob_threshold if self.store is not None else sys.maxsize
         try:
-            payload = encode_value((list(args), dict(kwargs)), serializer, "arguments")
+            payload = split((list(args), dict(kwargs)), serializer, "arguments", threshold)
         except SerializationError:
             why = unpicklable_message(task.name, args, kwargs, serializer)
             raise SerializationError(why) from None
+        if payload.blobs and self.store is not None:
+            self.store.put_blobs(payload.blobs)
         callbacks: Callbacks | None = options.get("callbacks")
         links = encode_value(callbacks, "cloudpickle", "callbacks") if callbacks else b""
         task_id = options.get("task_id") or uuid.uuid4().hex
@@ -127,8 +136,10 @@ class MessageBuilder:
             parent_id=options.get("parent_id"),
             root_id=options.get("root_id") or task_id,
             store_result=bool(task.store_result),
+            args_layout=payload.layout_json,
+            requires=list(requires) or None,
         )
-        raw = self.signer.seal(message.to_header(), (code, links, payload))
+        raw = self.signer.seal(message.to_header(), (code, links, *payload.inline))
         return message, to_publish(message, raw)
 
 

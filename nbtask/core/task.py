@@ -12,6 +12,7 @@ from typing import Any, ClassVar, NoReturn, Protocol
 
 from nbtask.core.canvas import Callbacks, Sender, Signature, current_sender
 from nbtask.core.context import Request, current_request, progress
+from nbtask.core.datasets import data_queue, dataset_names
 from nbtask.core.handle import TaskHandle
 from nbtask.core.options import positive
 from nbtask.errors import ConfigurationError, MaxRetriesExceededError, Retry
@@ -74,6 +75,9 @@ class Task:
     reject_on_worker_lost: ClassVar[bool | None] = None
     #: ``False`` keeps no record at all in the result store (the client is still told).
     store_result: ClassVar[bool] = True
+    #: Named datasets the task receives from its worker as keyword arguments; it is sent
+    #: only to workers holding them (see :mod:`nbtask.core.datasets`).
+    requires: ClassVar[tuple[str, ...]] = ()
     # Abstract classes (the app's Task base, user base classes) are never registered.
     abstract: ClassVar[bool] = True
 
@@ -226,6 +230,7 @@ class Task:
         soft_time_limit: float | None = None,
         link: Signature | Sequence[Signature] | None = None,
         link_error: Signature | Sequence[Signature] | None = None,
+        requires: Sequence[str] | None = None,
     ) -> TaskHandle:
         """Send the task to a worker and return its handle at once.
 
@@ -249,6 +254,8 @@ class Task:
         link, link_error
             Signatures to send with the result when the task succeeds, or with the task
             id when it fails.
+        requires
+            Named datasets this call needs, instead of the task's own ``requires``.
         """
         options = self.send_options(
             queue=queue,
@@ -260,6 +267,7 @@ class Task:
             soft_time_limit=soft_time_limit,
             link=link,
             link_error=link_error,
+            requires=requires,
         )
         return self.sender().send_batch([(self, tuple(args or ()), dict(kwargs or {}), options)])[0]
 
@@ -275,6 +283,7 @@ class Task:
         soft_time_limit: float | None = None,
         link: Signature | Sequence[Signature] | None = None,
         link_error: Signature | Sequence[Signature] | None = None,
+        requires: Sequence[str] | None = None,
     ) -> dict[str, Any]:
         """Check :meth:`apply_async` options and turn them into message options."""
         if countdown is not None and eta is not None:
@@ -285,8 +294,11 @@ class Task:
                 "'-' or '.', starting with a letter or digit"
             )
         due = time.time() + countdown if countdown is not None else _epoch(eta, absolute=True)
+        needs = dataset_names(requires) if requires is not None else self.requires
+        # A task needing a dataset goes to its holders unless told where; then the routes.
+        holders = data_queue(needs[0]) if needs else None
         options: dict[str, Any] = {
-            "queue": queue or self.queue or self._routed_queue(),
+            "queue": queue or self.queue or holders or self._routed_queue(),
             "eta": due,
             "expires": _epoch(expires if expires is not None else self.expires, absolute=False),
             "task_id": task_id,
@@ -297,6 +309,8 @@ class Task:
         callbacks = _callbacks(link, link_error)
         if callbacks:
             options["callbacks"] = callbacks
+        if requires is not None:
+            options["requires"] = needs
         return options
 
     def _routed_queue(self) -> str | None:

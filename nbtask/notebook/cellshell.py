@@ -18,18 +18,25 @@ import types
 from collections.abc import Mapping
 from typing import Any
 
-from nbtask.core.context import PARTIAL_RESULT
+from nbtask.brokers.base import Store
+from nbtask.core.context import PARTIAL_RESULT, current_request
+from nbtask.errors import CellError
 from nbtask.notebook import process_state
+from nbtask.notebook.kept import RemoteValue, keep
 from nbtask.notebook.shipping import CellSpec, share_namespace
 from nbtask.notebook.worker_shell import BASE_NS, worker_shell
+from nbtask.wire.blobs import Packed
 from nbtask.wire.envelope import Envelope, dumps
 
 __all__ = ["execute_cell"]
 _IPYTHON_NAMES = frozenset({"_", "__", "___", "_exit_code", "_i", "_ii", "_iii"})
 
 
-def execute_cell(spec: CellSpec, blob: bytes) -> Any:
+def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | None = None) -> Any:
     """Run a cell in this process's worker shell, in a fresh namespace.
+
+    ``datasets`` are the named datasets the cell requires, held by this worker: they are
+    the cell's variables of those names, never sent back.
 
     Returns
     -------
@@ -47,12 +54,15 @@ def execute_cell(spec: CellSpec, blob: bytes) -> Any:
     """
     shell = worker_shell()
     for attempt in range(spec.retries + 1):
-        shipped: dict[str, Any] = Envelope({}, blob).load_body() if blob else {}
+        shipped: dict[str, Any] = _resolve_kept(blob.load())
         before = {n: _digest(v) for n, v in shipped.items() if _may_change(v)}
         namespace = shell.user_ns
         namespace.clear()
         namespace.update(BASE_NS)
         namespace.update(shipped)
+        namespace.update(datasets or {})
+        # A dataset is the worker's: like a shipped value, it returns only if changed.
+        shipped.update(datasets or {})
         # Values the shipped functions carried are shipped values too (not assigned here).
         shipped.update({n: namespace[n] for n in share_namespace(namespace)})
         if spec.state:
@@ -76,8 +86,23 @@ def execute_cell(spec: CellSpec, blob: bytes) -> Any:
     effects = _effects(namespace, shipped, before, spec)
     effects["state"] = process_state.changes(state_before, process_state.capture())
     if error is None:
-        return _pack(effects, spec.plain)
-    raise _from_cell(error, spec.filename, _pack(effects, plain=False))
+        return _pack(effects, spec, plain=spec.plain)
+    raise _from_cell(error, spec.filename, _pack(effects, spec, plain=False))
+
+
+def _blob_store() -> Store:
+    request = current_request()
+    if request is None or request.blob_store is None:
+        raise CellError("values kept on the workers can only be used in a %%task cell")
+    return request.blob_store
+
+
+def _resolve_kept(shipped: dict[str, Any]) -> dict[str, Any]:
+    """Shipped references to values kept on the workers, loaded here from their blobs."""
+    for name, value in shipped.items():
+        if isinstance(value, RemoteValue):
+            shipped[name] = value.load(_blob_store().get_blob)
+    return shipped
 
 
 def _effects(
@@ -101,21 +126,21 @@ def _effects(
     return {"out": out, "deleted": [n for n in shipped if n not in namespace]}
 
 
-def _pack(effects: dict[str, Any], plain: bool) -> Any:
+def _pack(effects: dict[str, Any], spec: CellSpec, *, plain: bool) -> Any:
     out: dict[str, Any] = effects["out"]
     skipped: dict[str, str] = {}
-    try:
-        blob = dumps(out)
-    except Exception:
-        for name, value in list(out.items()):
-            try:
-                dumps(value)
-            except Exception as exc:
-                skipped[name] = f"{type(value).__name__} cannot be pickled: {exc}"
-                del out[name]
-        blob = dumps(out)
+    for name, value in list(out.items()):
+        try:
+            packed = Packed.of(value)  # large arrays stay uncopied, to travel out of band
+        except Exception as exc:
+            skipped[name] = f"{type(value).__name__} cannot be pickled: {exc}"
+            del out[name]
+            continue
+        if not plain and _stays_here(name, packed.size, spec):
+            out[name] = keep(name, value, packed, _blob_store().put_blobs)
     if plain:
         return out
+    blob = Packed.of(out)
     try:
         state = dumps(effects["state"])
     except Exception:  # a warnings filter of a class only the worker has, say
@@ -147,11 +172,23 @@ def _may_change(value: Any) -> bool:
     )
 
 
+def _stays_here(name: str, size: int, spec: CellSpec) -> bool:
+    """Whether an assigned value stays on the workers (``--keep``, or its size)."""
+    if name in spec.fetch:
+        return False
+    return name in spec.keep or (spec.keep_threshold is not None and size >= spec.keep_threshold)
+
+
 def _digest(value: Any) -> bytes:
+    """A digest of a value's pickled state, its buffers hashed where they are (no copy)."""
     try:
-        return hashlib.blake2b(dumps(value), digest_size=16).digest()
+        packed = Packed.of(value)
     except Exception:
         return b""
+    digest = hashlib.blake2b(packed.stream, digest_size=16)
+    for buffer in packed.buffers:
+        digest.update(buffer)
+    return digest.digest()
 
 
 def _from_cell(error: BaseException, filename: str, partial: Any) -> BaseException:

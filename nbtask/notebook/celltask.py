@@ -15,7 +15,7 @@ from nbtask.errors import CellError
 from nbtask.notebook.analysis import analyze
 from nbtask.notebook.cellshell import execute_cell
 from nbtask.notebook.shipping import CellSpec, prepare
-from nbtask.wire.envelope import Envelope
+from nbtask.wire.blobs import Packed
 
 __all__ = ["CellTask", "NamedCell", "cell_task"]
 
@@ -26,9 +26,12 @@ class CellTask(Task):
     name = "nbtask.cell"
     abstract = False
 
-    def run(self, spec: CellSpec, blob: bytes) -> Any:
-        """Run ``spec`` with the values pickled in ``blob``; see :func:`execute_cell`."""
-        return execute_cell(spec, blob)
+    def run(self, spec: CellSpec, blob: Packed, **datasets: Any) -> Any:
+        """Run ``spec`` with the values packed in ``blob`` and the worker's ``datasets``.
+
+        See :func:`execute_cell`.
+        """
+        return execute_cell(spec, blob, datasets)
 
 
 def cell_task(app: Any) -> CellTask:
@@ -71,12 +74,11 @@ class NamedCell(Task):
         self.namespace = namespace
         self.inputs = analyze(python).reads
 
-    def _spec(self, inputs: Mapping[str, Any]) -> tuple[CellSpec, bytes]:
+    def _spec(self, inputs: Mapping[str, Any]) -> tuple[CellSpec, Packed]:
         spec, blob, _ = prepare(
             self.source,
             self.python,
             self.namespace,
-            max_bytes=self._client().settings.max_message_bytes,
             filename=f"Cell {self.name}",
             plain=True,
             overrides=inputs,
@@ -109,7 +111,7 @@ class NamedCell(Task):
     def run(self, **inputs: Any) -> dict[str, Any]:
         """Run the cell here, in this process (plain Python, no magics)."""
         spec, blob = self._spec(inputs)
-        namespace: dict[str, Any] = Envelope({}, blob).load_body() if blob else {}
+        namespace: dict[str, Any] = blob.load()
         exec(compile(self.python, spec.filename, "exec"), namespace)
         return {n: namespace[n] for n in spec.assigned if n in namespace}
 

@@ -48,6 +48,21 @@ class TaskMagics(Magics):  # type: ignore[misc]
     @_typed(argument("-t", "--timeout", type=float, help="cancel the task after S seconds"))
     @_typed(argument("-r", "--retries", type=int, default=0, help="rerun N times on error"))
     @_typed(argument("-o", "--out", metavar="VAR", help="store the TaskHandle in VAR"))
+    @_typed(
+        argument("--keep", action="append", default=[], metavar="NAME", help="keep NAME remote")
+    )
+    @_typed(
+        argument("--fetch", action="append", default=[], metavar="NAME", help="bring NAME back")
+    )
+    @_typed(
+        argument(
+            "--requires",
+            action="append",
+            default=[],
+            metavar="DATASET",
+            help="run on a worker holding DATASET, available as a variable of that name",
+        )
+    )
     @_typed(cell_magic)
     def task(self, line: str, cell: str) -> Any:
         """Run this cell on a worker.

@@ -16,13 +16,14 @@ import dataclasses
 import importlib
 import sys
 import time
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from nbtask.errors import RemoteError
 from nbtask.notebook import process_state
 from nbtask.notebook.analysis import analyze
 from nbtask.notebook.follow import cancel_task
+from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.shipping import load_values, share_namespace
 from nbtask.wire.envelope import Envelope
 
@@ -63,10 +64,21 @@ class Pending:
         The notebook's ``user_ns``; written only from the main thread.
     """
 
-    def __init__(self, namespace: MutableMapping[str, Any]) -> None:
+    def __init__(
+        self,
+        namespace: MutableMapping[str, Any],
+        on_kept: Callable[[RemoteValue], None] | None = None,
+    ) -> None:
         self.namespace = namespace
         self.runs: list[CellRun] = []
         self.owner: dict[str, CellRun] = {}
+        self._on_kept = on_kept
+        #: A kept value was ever delivered (so cells are looked at for reads of one).
+        self.holds_kept = False
+
+    def kept(self, names: Iterable[str]) -> list[str]:
+        """Those of ``names`` bound to values kept on the workers."""
+        return [n for n in names if isinstance(self.namespace.get(n), RemoteValue)]
 
     def add(self, run: CellRun, *, pending: bool = True) -> None:
         """Track a run; with ``pending`` its names wait for it."""
@@ -91,7 +103,7 @@ class Pending:
                 self.deliver(run)
 
     def wait(self, names: Iterable[str]) -> None:
-        """Wait for the runs that assign ``names``, then deliver their values.
+        """Wait for the runs that assign ``names``, deliver their values, fetch kept ones.
 
         Raises
         ------
@@ -112,6 +124,13 @@ class Pending:
                 )
                 wait_interruptibly(run.handle)
             self.deliver(run, raise_errors=True)
+        for name in self.kept(wanted):
+            value = self.namespace[name]
+            print(
+                f"nbtask: fetching {name} ({value.size / 1e6:,.1f} MB) from the workers",
+                flush=True,
+            )
+            self.namespace[name] = value.fetch()
 
     def deliver(self, run: CellRun, *, raise_errors: bool = False) -> None:
         """Write a finished run's values into the namespace, or raise its error."""
@@ -135,6 +154,9 @@ class Pending:
     def _apply(self, run: CellRun, effects: Mapping[str, Any]) -> None:
         """Write a cell's names and process-wide state changes into this kernel."""
         for name, value in load_values(effects).items():
+            if isinstance(value, RemoteValue) and self._on_kept is not None:
+                self._on_kept(value)
+                self.holds_kept = True
             if self.owner.get(name, run) is run:
                 self.namespace[name] = value
         for name in effects.get("deleted", ()):
@@ -235,6 +257,15 @@ def _walk(obj: Any, names: Iterable[str]) -> Any:
     return obj
 
 
+def _shown_name(module: ast.Module) -> str | None:
+    """The name a cell that is one bare name (``x``: show it) shows; else ``None``."""
+    if len(module.body) == 1:
+        statement = module.body[0]
+        if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Name):
+            return statement.value.id
+    return None
+
+
 class WaitInserter(ast.NodeTransformer):
     """IPython AST transformer: a cell reading pending names first waits for them.
 
@@ -248,10 +279,16 @@ class WaitInserter(ast.NodeTransformer):
 
     def visit(self, node: ast.AST) -> Any:
         """Rewrite a cell's module (IPython calls this once per cell)."""
-        if not isinstance(node, ast.Module) or not self.pending.owner or not node.body:
+        pending = self.pending
+        if not isinstance(node, ast.Module) or not node.body:
+            return node
+        if not pending.owner and not pending.holds_kept:
             return node
         found = analyze(node)
-        needed = [n for n in found.reads if n in self.pending.owner]
+        needed = [n for n in found.reads if n in pending.owner or n in pending.kept([n])]
+        shown = _shown_name(node)
+        if shown in needed and shown not in pending.owner:
+            needed.remove(shown)  # a cell that only shows a kept value shows its preview
         self.pending.forget(n for n in found.assigned if n not in needed)
         if not needed:
             return node

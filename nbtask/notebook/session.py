@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import queue
 import sys
 import threading
@@ -13,7 +14,7 @@ from typing import Any
 
 from IPython.display import clear_output, display, publish_display_data
 
-from nbtask._text import redact_url
+from nbtask._text import printable, redact_url
 from nbtask.client.app import App, default_app, use_as_default
 from nbtask.errors import CellError
 from nbtask.notebook import process_state
@@ -21,6 +22,7 @@ from nbtask.notebook.analysis import CellAnalysis, analyze
 from nbtask.notebook.board import Row, TaskBoard, format_row, notebook_group
 from nbtask.notebook.celltask import NamedCell, cell_task
 from nbtask.notebook.follow import cancel_task, follow
+from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.pending import WAIT_NAME, CellRun, Pending, WaitInserter, wait_interruptibly
 from nbtask.notebook.shipping import prepare
 from nbtask.notebook.widgets import TaskView, TaskWidget, make_view, widgets_enabled
@@ -60,7 +62,7 @@ class Session:
         self.shell = shell
         self.owns_app = app is None
         self.app = app if app is not None else default_app()
-        self.pending = Pending(shell.user_ns)
+        self.pending = Pending(shell.user_ns, on_kept=self._bind_kept)
         self.inserter = WaitInserter(self.pending)
         self.views: dict[str, TaskView] = {}
         self.attached: dict[str, str] = {}  # task id -> label, for tasks re-opened by id
@@ -141,6 +143,10 @@ class Session:
         self.app.store.recent_tasks(self.group, self.app.channel, 0)
         print(self.describe())
 
+    def _bind_kept(self, value: RemoteValue) -> None:
+        """Let a kept value that reached the notebook be fetched through this app."""
+        value.bind(self.app.store.get_blob, self.app.settings.fetch_budget)
+
     # %%task ----------------------------------------------------------------------------------
     def submit_cell(self, cell: str, args: Any) -> Any:
         """Check, send and follow one cell; see :meth:`TaskMagics.task`."""
@@ -156,12 +162,18 @@ class Session:
             cell,
             python,
             self.shell.user_ns,
-            max_bytes=self.app.settings.max_message_bytes,
             filename=f"Cell In[{self.shell.execution_count}]",
             retries=args.retries,
-            hidden=self.shell.user_ns_hidden,
+            # The shell's own names, and the datasets the worker provides, are not shipped.
+            hidden={*self.shell.user_ns_hidden, *args.requires},
             line_offset=1,  # tracebacks count the %%task line, as the notebook numbers lines
             state=process_state.capture(self.baseline),
+        )
+        spec = dataclasses.replace(
+            spec,
+            keep_threshold=self.app.settings.keep_threshold,
+            keep=tuple(args.keep),
+            fetch=tuple(args.fetch),
         )
         if args.name:
             self.app.cells[args.name] = NamedCell(
@@ -169,7 +181,12 @@ class Session:
             )
         # --queue, else the routes by the cell's name (then by nbtask.cell, as any cell).
         queue = args.queue or (self.app.route(args.name) if args.name else None)
-        handle = cell_task(self.app).apply_async((spec, blob), queue=queue, expires=args.timeout)
+        handle = cell_task(self.app).apply_async(
+            (spec, blob),
+            queue=queue,
+            expires=args.timeout,
+            requires=tuple(args.requires) or None,
+        )
         self._warn_about_versions(found, spec.names, handle.queue)
         names = tuple(dict.fromkeys([*found.assigned, *found.mutated]))
         run = CellRun(handle, label, names)
@@ -338,10 +355,14 @@ class Session:
         ended |= {t for t, view in self.views.items() if view.handle.done()}
         for worker_id, info in sorted(self.app.workers().items()):
             busy = [labels.get(t, t[:8]) for t in info.busy if t not in ended]
+            data = f" datasets {','.join(info.datasets)}" if info.datasets else ""
+            # The registry is unsigned: shown without control codes.
             lines.append(
-                f"  worker {worker_id}: host {info.hostname} pid {info.pid} "
-                f"queues {','.join(info.queues)} concurrency {info.concurrency} "
-                f"busy {len(busy)}" + (f" ({', '.join(busy)})" if busy else "")
+                printable(
+                    f"  worker {worker_id}: host {info.hostname} pid {info.pid} "
+                    f"queues {','.join(info.queues)} concurrency {info.concurrency}{data} "
+                    f"busy {len(busy)}" + (f" ({', '.join(busy)})" if busy else "")
+                )
             )
         running = self.pending.running()
         lines.append(f"  {len(running)} cell(s) pending")

@@ -21,7 +21,8 @@ import cloudpickle
 
 from nbtask.errors import CellError, CellNameError
 from nbtask.notebook.analysis import SHELL_NAMES, CellAnalysis, analyze
-from nbtask.wire.envelope import Envelope, dumps
+from nbtask.wire.blobs import Packed
+from nbtask.wire.envelope import dumps
 
 __all__ = ["CellSpec", "load_values", "prepare", "share_namespace"]
 
@@ -49,6 +50,11 @@ class CellSpec:
     state : bytes
         The kernel's process-wide state, pickled, applied on the worker before the cell
         runs (empty: none).
+    keep_threshold : int or None
+        Assigned names whose pickled size is at least this stay on the workers
+        (:mod:`nbtask.notebook.kept`); ``None``: every name comes back.
+    keep, fetch : tuple of str
+        Names kept on the workers whatever their size, and names that always come back.
     """
 
     source: str
@@ -59,6 +65,9 @@ class CellSpec:
     plain: bool = False
     line_offset: int = 0
     state: bytes = b""
+    keep_threshold: int | None = None
+    keep: tuple[str, ...] = ()
+    fetch: tuple[str, ...] = ()
 
 
 def prepare(
@@ -66,7 +75,6 @@ def prepare(
     python: str,
     namespace: Mapping[str, Any],
     *,
-    max_bytes: int,
     filename: str,
     retries: int = 0,
     plain: bool = False,
@@ -74,7 +82,7 @@ def prepare(
     hidden: Container[str] = (),
     line_offset: int = 0,
     state: Mapping[str, Any] | None = None,
-) -> tuple[CellSpec, bytes, CellAnalysis]:
+) -> tuple[CellSpec, Packed, CellAnalysis]:
     """Check a cell and pickle its inputs; raise :class:`CellError` before anything is sent.
 
     Parameters
@@ -85,8 +93,6 @@ def prepare(
         The same cell transformed to plain Python (``shell.transform_cell``).
     namespace
         Where the values of the names it reads come from (the notebook's ``user_ns``).
-    max_bytes
-        The broker's message size limit (``settings.max_message_bytes``).
     filename
         The name tracebacks will show for the cell.
     retries, plain
@@ -102,7 +108,7 @@ def prepare(
 
     Returns
     -------
-    (CellSpec, bytes, CellAnalysis)
+    (CellSpec, Packed, CellAnalysis)
         The spec, the pickled ``{name: value}`` of the shipped names, and the analysis.
     """
     try:
@@ -117,18 +123,11 @@ def prepare(
     values = _values(found, namespace, overrides, hidden, python)
     _ship_local_modules(values.values())
     try:
-        blob = dumps(values)
+        # Pickled once, here, to name what cannot be; large arrays stay uncopied and
+        # travel out of band (nbtask.wire.blobs), so inputs have no size ceiling.
+        blob = Packed.of(values)
     except Exception:
         raise CellError(_unpicklable(values)) from None
-    size = len(blob) + len(source.encode())
-    if size > max_bytes:
-        sizes = sorted(((len(dumps(v)), n) for n, v in values.items()), reverse=True)
-        biggest = ", ".join(f"{n!r} ({s / 1e6:.1f} MB)" for s, n in sizes[:3])
-        raise CellError(
-            f"the cell's inputs are {size / 1e6:.1f} MB, over the {max_bytes / 1e6:.1f} MB "
-            f"message limit (max_message_bytes); the biggest: {biggest}. Load the data "
-            "inside the cell (e.g. from a path) instead of shipping it"
-        )
     spec = CellSpec(
         source,
         filename,
@@ -274,8 +273,8 @@ def load_values(result: Mapping[str, Any]) -> dict[str, Any]:
 
     The blob is part of a result whose envelope was verified by the listener.
     """
-    blob = result.get("values", b"")
-    values: dict[str, Any] = Envelope({}, blob).load_body() if blob else {}
+    blob = result.get("values")
+    values: dict[str, Any] = blob.load() if isinstance(blob, Packed) else {}
     return values
 
 

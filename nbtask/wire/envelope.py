@@ -29,7 +29,15 @@ import cloudpickle
 from nbtask.errors import ConfigurationError, SignatureError, TooLarge
 from nbtask.settings import Settings
 
-__all__ = ["FORMAT_VERSION", "INSECURE_KEY", "Envelope", "Signer", "dumps", "key_id"]
+__all__ = [
+    "FORMAT_VERSION",
+    "INSECURE_KEY",
+    "Envelope",
+    "Pickler",
+    "Signer",
+    "dumps",
+    "key_id",
+]
 
 FORMAT_VERSION = 1
 MAGIC = b"NBT"
@@ -40,7 +48,7 @@ _MAC_SIZE = hashlib.sha256().digest_size
 _PREFIX_SIZE = len(MAGIC) + 1 + _LENGTH.size
 _MIN_SIZE = _PREFIX_SIZE + 2 + _MAC_SIZE  # the smallest header is "{}"
 # A message body: bytes, or a view into a received message (not copied).
-Buffer = bytes | memoryview
+Buffer = bytes | bytearray | memoryview
 
 
 def key_id(key: str | bytes) -> str:
@@ -61,7 +69,9 @@ def _code_keeping_its_file(code: types.CodeType) -> Any:
 _CLOUDPICKLE_CODE_REDUCE = cloudpickle.Pickler.dispatch_table[types.CodeType]
 
 
-class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """Cloudpickle's pickler, keeping the file names of code it pickles by value."""
+
     dispatch_table: ClassVar[collections.ChainMap[Any, Any]] = collections.ChainMap(
         {types.CodeType: _code_keeping_its_file}, cloudpickle.Pickler.dispatch_table
     )
@@ -70,7 +80,7 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
 def dumps(value: object) -> bytes:
     """Serialise ``value`` with cloudpickle (protocol 5), keeping code's file names."""
     buffer = io.BytesIO()
-    _Pickler(buffer, protocol=5).dump(value)
+    Pickler(buffer, protocol=5).dump(value)
     return buffer.getvalue()
 
 
@@ -144,7 +154,7 @@ class Signer:
 
     def seal(self, header: Mapping[str, Any], body: Buffer | Sequence[Buffer] = b"") -> bytes:
         """Encode and sign ``header`` and ``body`` (bytes, or parts joined) into one message."""
-        parts = [body] if isinstance(body, (bytes, memoryview)) else list(body)
+        parts = [body] if isinstance(body, (bytes, bytearray, memoryview)) else list(body)
         head = json.dumps(header, separators=(",", ":")).encode()
         size = _PREFIX_SIZE + len(head) + sum(len(p) for p in parts) + _MAC_SIZE
         if size > self.max_bytes:

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from nbtask.errors import DecodeError
+from nbtask.wire.blobs import Fetch, parse_layout
 from nbtask.wire.envelope import Signer
 from nbtask.wire.message import SERIALIZERS, decode_value
 
@@ -16,6 +17,7 @@ __all__ = [
     "FINAL_SEQ",
     "FINAL_STATES",
     "RUN_SEQ_SPAN",
+    "Deferred",
     "Event",
     "EventType",
     "Progress",
@@ -179,17 +181,42 @@ class Event:
 
 
 @dataclasses.dataclass(frozen=True)
+class Deferred:
+    """A verified result sent out of band, not loaded yet: its blobs stay where they are.
+
+    Loading reads the blobs (checking each against its signed digest) and unpickles:
+    done by whoever asks for the value (``handle.get()``), on that thread, once.
+    """
+
+    body: bytes
+    serializer: str
+    layout: object
+    fetch: Fetch
+
+    @property
+    def size(self) -> int:
+        """The result's pickled size in bytes, all parts together."""
+        return sum(part.size for part in parse_layout(self.layout) or ())
+
+    def load(self) -> Any:
+        """The value; raises what loading raises (a missing or altered blob, a class)."""
+        return decode_value(self.body, self.serializer, self.layout, self.fetch)
+
+
+@dataclasses.dataclass(frozen=True)
 class Unloadable:
     """A verified result that cannot be loaded in this process (its class is missing here)."""
 
     why: str
 
 
-def decode_event(signer: Signer, raw: bytes) -> tuple[Event, Any]:
+def decode_event(signer: Signer, raw: bytes, fetch: Fetch | None = None) -> tuple[Event, Any]:
     """Verify and decode one event; the body (a result) is unpickled only after the MAC.
 
     A result that verifies but cannot be loaded here (a class only the worker can import)
     comes back as :class:`Unloadable`, so the task still ends, with an error that says so.
+    A result sent out of band (the event's ``layout`` names its blobs) comes back as
+    :class:`Deferred`, loaded through ``fetch`` only when asked for.
 
     Raises
     ------
@@ -201,12 +228,18 @@ def decode_event(signer: Signer, raw: bytes) -> tuple[Event, Any]:
     envelope = signer.open(raw)
     event = Event.from_header(envelope.header)
     result = None
-    if event.type in (EventType.SUCCESS, EventType.FAILURE) and envelope.body:
+    # A result kept wholly out of band leaves the body empty: its layout names it.
+    layout = event.data.get("layout")
+    has_value = bool(envelope.body) or layout is not None
+    if event.type in (EventType.SUCCESS, EventType.FAILURE) and has_value:
         serializer = str(event.data.get("serializer", "cloudpickle"))
         if serializer not in SERIALIZERS:
             raise DecodeError(f"event names an unknown serializer {serializer!r}")
+        if layout is not None and fetch is not None:
+            parse_layout(layout)  # malformed: refused now, with the event
+            return event, Deferred(bytes(envelope.body), serializer, layout, fetch)
         try:
-            result = decode_value(envelope.body, serializer)
+            result = decode_value(envelope.body, serializer, layout, fetch)
         except Exception as exc:
             result = Unloadable(f"{type(exc).__name__}: {exc}")
     return event, result

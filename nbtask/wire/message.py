@@ -5,7 +5,9 @@ The body of a task envelope is three parts, so a worker can load each separately
     code (the task pickled by value, or empty) | callbacks (pickle, or empty) | arguments
 
 ``code_len`` and ``callbacks_len`` in the header give the split. Arguments are a
-cloudpickle of ``(args, kwargs)``, or JSON with ``serializer="json"``.
+cloudpickle of ``(args, kwargs)``, or JSON with ``serializer="json"``. Large arguments are
+split (:mod:`nbtask.wire.blobs`): ``args_layout`` then says which parts are inline, in the
+arguments region, and which are blobs.
 """
 
 from __future__ import annotations
@@ -16,11 +18,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from nbtask.errors import DecodeError, SerializationError
+from nbtask.wire.blobs import Fetch, Part, SplitValue, join_value, parse_layout, split_value
 from nbtask.wire.envelope import Buffer, Envelope, dumps
 
-__all__ = ["SERIALIZERS", "TaskMessage", "decode_value", "encode_value"]
+__all__ = ["SERIALIZERS", "LayoutJSON", "TaskMessage", "decode_value", "encode_value", "split"]
 
 SERIALIZERS = ("cloudpickle", "json")
+#: A value's layout as the header carries it (see :mod:`nbtask.wire.blobs`).
+LayoutJSON = list[Any]
+#: A list of names, as the header carries it.
+Names = list[str]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +58,9 @@ class TaskMessage:
     parent_id: str | None = None
     root_id: str | None = None
     store_result: bool = True
+    args_layout: LayoutJSON | None = None
+    #: Named datasets the task receives from its worker (see nbtask.core.datasets).
+    requires: Names | None = None
 
     @classmethod
     def from_header(cls, header: Mapping[str, Any]) -> TaskMessage:
@@ -68,13 +78,19 @@ class TaskMessage:
             if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
                 raise DecodeError(f"field {name!r} has a wrong type")
             values[name] = value
+        if not all(isinstance(n, str) for n in values.get("requires") or ()):
+            raise DecodeError("field 'requires' is not a list of names")
         if values.get("serializer", "cloudpickle") not in SERIALIZERS:
             raise DecodeError("field 'serializer' names no known serializer")
         return cls(**values)
 
     def to_header(self) -> dict[str, Any]:
-        """The JSON header carrying this message."""
-        return {"kind": "task", **{name: getattr(self, name) for name, _, _ in _MESSAGE_FIELDS}}
+        """The JSON header carrying this message (fields left at ``None`` are left out)."""
+        header = {name: getattr(self, name) for name, _, _ in _MESSAGE_FIELDS}
+        for optional in ("args_layout", "requires"):
+            if header[optional] is None:
+                del header[optional]
+        return {"kind": "task", **header}
 
     def split(self, envelope: Envelope) -> tuple[Buffer, Buffer, Buffer]:
         """``(code, callbacks, arguments)`` parts of a verified envelope's body."""
@@ -90,6 +106,8 @@ def _field_kinds(spec: str) -> tuple[type, ...]:
         "bool": (bool,),
         "int": (int,),
         "None": (type(None),),
+        "LayoutJSON": (list,),
+        "Names": (list,),
     }
     return tuple(kind for part in spec.split("|") for kind in names[part.strip()])
 
@@ -111,8 +129,25 @@ def encode_value(value: Any, serializer: str, what: str) -> bytes:
         raise SerializationError(f"{what} cannot be serialised with {serializer}: {exc}") from None
 
 
-def decode_value(data: Buffer, serializer: str) -> Any:
-    """Load what :func:`encode_value` made; only call on a verified envelope's body."""
+def split(value: Any, serializer: str, what: str, threshold: int) -> SplitValue:
+    """Serialise arguments or a result into parts, the large ones as blobs (cloudpickle)."""
+    if serializer == "json":
+        data = encode_value(value, serializer, what)
+        return SplitValue([Part(len(data))], [data], {})  # JSON stays inline, whatever its size
+    try:
+        return split_value(value, threshold)
+    except Exception as exc:
+        raise SerializationError(f"{what} cannot be serialised with {serializer}: {exc}") from None
+
+
+def decode_value(
+    data: Buffer, serializer: str, layout: object = None, fetch: Fetch | None = None
+) -> Any:
+    """Load what :func:`encode_value` or :func:`split` made; only from a verified envelope.
+
+    ``layout`` is the header's layout (``None``: ``data`` is the whole value) and ``fetch``
+    returns a blob's bytes.
+    """
     if serializer == "json":
         return json.loads(bytes(data))
-    return Envelope({}, data).load_body()
+    return join_value(parse_layout(layout), data, fetch)

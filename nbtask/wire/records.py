@@ -136,6 +136,8 @@ class WorkerInfo:
     keys: tuple[str, ...] = ()
     #: The process id of each consumer's child (0 while none runs), in order.
     pids: tuple[int, ...] = ()
+    #: The named datasets it holds (see :mod:`nbtask.core.datasets`).
+    datasets: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         """The registry entry's text."""
@@ -166,6 +168,7 @@ class WorkerInfo:
                 seen=float(_field(value, "seen", (int, float), 0.0)),
                 keys=_strings(value.get("keys", [])),
                 pids=_ints(value.get("pids", [])),
+                datasets=_strings(value.get("datasets", [])),
             )
         except (TypeError, ValueError):
             return None

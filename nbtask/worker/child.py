@@ -22,6 +22,7 @@ from nbtask._process import die_with_parent
 from nbtask.brokers import Delivery, StartBy, Verdict, open_broker
 from nbtask.core.canvas import Callbacks, sending_through
 from nbtask.core.context import Request, running
+from nbtask.core.datasets import DatasetCache, Loader
 from nbtask.core.outgoing import MessageBuilder
 from nbtask.core.task import Task
 from nbtask.errors import (
@@ -34,7 +35,7 @@ from nbtask.errors import (
 from nbtask.settings import Settings
 from nbtask.wire.envelope import Buffer, Envelope, Signer
 from nbtask.wire.events import FINAL_SEQ, Event, EventType, State, run_seq_base
-from nbtask.wire.message import TaskMessage, decode_value, encode_value
+from nbtask.wire.message import TaskMessage, decode_value, split
 from nbtask.worker.finder import TaskFinder
 from nbtask.worker.journal import Journal
 from nbtask.worker.outbox import Outbox, TaskStream
@@ -84,6 +85,7 @@ class Child:
         hostname: str,
         tasks: Mapping[str, Task],
         slot: SlotState,
+        datasets: Mapping[str, Loader] | None = None,
     ) -> None:
         self.settings = settings
         self.url = url
@@ -93,6 +95,7 @@ class Child:
         self.worker_id = worker_id
         self.hostname = hostname
         self.tasks = TaskFinder(tasks, hostname)
+        self.datasets = DatasetCache(datasets or {})
         self.slot = slot
         self._stop = False
         self._running = False
@@ -112,7 +115,7 @@ class Child:
         self.signer = Signer.for_settings(self.settings, self.secret)
         self.outbox = Outbox(self.transport, self.signer)
         self.publisher = SubtaskPublisher(
-            self.transport, MessageBuilder(self.signer, self.settings)
+            self.transport, MessageBuilder(self.signer, self.settings, self.transport.store)
         )
         self.follow_ups = FollowUps(self.transport, self.signer, self.publisher)
         self._pid = os.getpid()
@@ -381,13 +384,21 @@ class Child:
             parent_id=message.parent_id,
             root_id=message.root_id,
             emit=self.outbox.emit,
+            blob_store=self.transport.store,
             delivery_info={"queue": delivery.queue, "redelivered": delivery.deliveries > 0},
         )
 
     def _execute(self, admitted: Admitted, task: Task) -> Outcome:
         message = admitted.message
         try:
-            args, kwargs = decode_value(admitted.arguments, message.serializer)
+            args, kwargs = decode_value(
+                admitted.arguments,
+                message.serializer,
+                message.args_layout,
+                self.transport.store.get_blob,
+            )
+            # Named datasets come from this process, never through the message.
+            kwargs.update(self.datasets.values_for(message.requires or ()))
         except Exception as exc:
             return self._failed(message, exc, self.outbox.end())
         request = self._request(admitted, task, args, kwargs)
@@ -423,11 +434,16 @@ class Child:
 
     def _succeeded(self, message: TaskMessage, retval: Any, runtime: float) -> Outcome:
         seq = self.outbox.end()
+        what = f"the result of task {message.name!r}"
         try:
-            body = encode_value(retval, message.serializer, f"the result of task {message.name!r}")
+            result = split(retval, message.serializer, what, self.settings.blob_threshold)
         except SerializationError as exc:
             return self._failed(message, exc, seq)
+        self.transport.store.put_blobs(result.blobs)
         data = {**self._whoami, "runtime": runtime, "serializer": message.serializer}
+        if result.layout_json is not None:
+            data["layout"] = result.layout_json
+        body = b"".join(result.inline)  # small: the large parts are blobs
         return Outcome(Event(EventType.SUCCESS, message.id, seq, data), body, retval=retval)
 
     def _after_exception(self, message: TaskMessage, task: Task, exc: BaseException) -> Outcome:

@@ -113,7 +113,7 @@ class WorkerHandle(TaskHandle):
         if not raw:
             return
         try:
-            event, value = decode_event(self._signer, raw)
+            event, value = decode_event(self._signer, raw, self._transport.store.get_blob)
         except NbtaskError:
             return
         if event.task_id == self.id:

@@ -28,6 +28,7 @@ from types import FrameType
 
 from nbtask._text import redact_url
 from nbtask.brokers import Delivery, Transport, open_broker
+from nbtask.core.datasets import Loader, data_queue
 from nbtask.core.task import Task
 from nbtask.errors import BrokerUnavailable, NbtaskError
 from nbtask.settings import Settings
@@ -82,13 +83,17 @@ class Worker:
         queues: Sequence[str] = (),
         concurrency: int | None = None,
         tasks: Mapping[str, Task] | None = None,
+        datasets: Mapping[str, Loader] | None = None,
         parent_pid: int | None = None,
         on_ready: Callable[[Worker], None] | None = None,
     ) -> None:
         self.settings = settings
         self.url = url
         self.secret = secret
-        self.queues = list(queues) or [settings.default_queue]
+        self.datasets = dict(datasets or {})
+        # The holders of a dataset also serve its queue: tasks that require it go there.
+        own = list(queues) or [settings.default_queue]
+        self.queues = own + [data_queue(name) for name in sorted(self.datasets)]
         self.concurrency = concurrency or settings.worker_concurrency or os.cpu_count() or 1
         self.tasks = dict(tasks or {})
         self.parent_pid = parent_pid
@@ -267,6 +272,7 @@ class Worker:
             worker_id=self.worker_id,
             hostname=self.hostname,
             tasks=self.tasks,
+            datasets=self.datasets,
             slot=self._slots[slot],
         )
         process = self._context.Process(target=child.run, name=f"nbtask-child-{slot}")
@@ -346,6 +352,7 @@ class Worker:
             consumers=tuple(self.consumers),
             started=self._started,
             tasks=tuple(sorted(self.tasks)),
+            datasets=tuple(sorted(self.datasets)),
             busy=tuple(slot.task_id for slot in self._slots if slot.task_id),
             seen=time.time(),
             keys=self.signer.accepted_key_ids,

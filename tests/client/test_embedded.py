@@ -92,6 +92,13 @@ def triple(x):
 
 print("RESULT", triple.delay(14).get(timeout=30), flush=True)
 print("DIR", app.cluster.directory, flush=True)
+import numpy as np
+big = np.ones(1_000_000)  # 8 MB: its buffer travels out of band, as a blob
+tripled = triple.delay(big).get(timeout=30)
+tripled[0] = 0.0  # mapped copy-on-write: writable
+blobs = app.store.local_blobs.directory
+in_redis = list(app.store.link.redis.scan_iter(match="*:blob:*"))
+print("BLOBS", blobs, len(list(blobs.iterdir())), len(in_redis), tripled.sum(), flush=True)
 print("PID", app.cluster.process.pid, flush=True)
 if sys.argv[1] == "hang":
     print("HANGING", flush=True)
@@ -123,6 +130,10 @@ def test_embedded_cluster_round_trip_and_cleanup_on_exit(tmp_path: Path) -> None
     try:
         assert out.until(r"^RESULT (\S+)").group(1) == "42"
         directory = out.until(r"^DIR (\S+)").group(1)
+        # Argument and result went through shared memory, none through the private Redis.
+        blobs, files, in_redis, total = out.until(r"^BLOBS (\S+) (\d+) (\d+) (\S+)").groups()
+        assert blobs.startswith("/dev/shm/") and (int(files), int(in_redis)) == (2, 0)
+        assert float(total) == 3 * 1_000_000 - 3
         cluster_pid = int(out.until(r"^PID (\d+)").group(1))
         assert proc.wait(30) == 0, "".join(out.seen)
     finally:
@@ -132,6 +143,7 @@ def test_embedded_cluster_round_trip_and_cleanup_on_exit(tmp_path: Path) -> None
     assert os.path.basename(directory).startswith("nbtask-")
     # The client waited for the cluster on exit: nothing of it may remain.
     _assert_cluster_gone(directory, timeout=5)
+    _assert_cluster_gone(blobs, timeout=5)
     assert not psutil.pid_exists(cluster_pid) or (
         psutil.Process(cluster_pid).status() == psutil.STATUS_ZOMBIE
     )
@@ -142,6 +154,7 @@ def test_embedded_cluster_cleans_up_after_client_is_killed(tmp_path: Path) -> No
     try:
         assert out.until(r"^RESULT (\S+)").group(1) == "42"
         directory = out.until(r"^DIR (\S+)").group(1)
+        blobs = out.until(r"^BLOBS (\S+)").group(1)
         out.until(r"^HANGING")
         alive = processes_mentioning(directory)
         # The cluster (supervisor) and its redis-server at least.
@@ -152,6 +165,7 @@ def test_embedded_cluster_cleans_up_after_client_is_killed(tmp_path: Path) -> No
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     _assert_cluster_gone(directory, timeout=10)
+    _assert_cluster_gone(blobs, timeout=10)
 
 
 def test_foreground_cluster_command(tmp_path: Path) -> None:

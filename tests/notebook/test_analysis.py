@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 
 from nbtask.notebook.shipping import CellError, analyze, prepare
+from nbtask.wire.blobs import split_value
 
 
 def test_reads_assigned_and_mutated() -> None:
@@ -31,17 +33,26 @@ def test_annotations_are_shipped_but_never_refused() -> None:
     assert found.reads == ("List", "str", "Num", "Dict", "int", "Row")
     assert set(found.late) == set(found.reads)
     cell = "def f(x: Missing, y: Known) -> None:\n    pass"
-    spec, _, _ = prepare(cell, cell, {"Known": int}, max_bytes=10**6, filename="c")
+    spec, _, _ = prepare(cell, cell, {"Known": int}, filename="c")
     assert spec.names == ("Known",)
 
 
-def test_unpicklable_undefined_and_too_big() -> None:
+def test_unpicklable_and_undefined_inputs() -> None:
     ns = {"lock": threading.Lock(), "ok": 1, "big": b"x" * 5000}
     with pytest.raises(CellError, match=r"variable 'lock' \(_thread.lock\) cannot be pickled"):
-        prepare("print(lock, ok)", "print(lock, ok)", ns, max_bytes=10**6, filename="c")
+        prepare("print(lock, ok)", "print(lock, ok)", ns, filename="c")
     with pytest.raises(CellError, match="'ghost' is not defined"):
-        prepare("ghost + 1", "ghost + 1", ns, max_bytes=10**6, filename="c")
-    with pytest.raises(CellError, match=r"over the .* message limit.*'big'"):
-        prepare("len(big)", "len(big)", ns, max_bytes=2048, filename="c")
-    spec, blob, _ = prepare("y = ok + 1", "y = ok + 1", ns, max_bytes=10**6, filename="c")
-    assert spec.names == ("ok",) and spec.assigned == ("y",) and blob
+        prepare("ghost + 1", "ghost + 1", ns, filename="c")
+    spec, blob, _ = prepare("y = ok + 1", "y = ok + 1", ns, filename="c")
+    assert spec.names == ("ok",) and spec.assigned == ("y",) and blob.load() == {"ok": 1}
+
+
+def test_large_inputs_are_packed_uncopied_to_travel_out_of_band() -> None:
+    """No size ceiling on a cell's inputs: an array's buffer leaves the pickle uncopied."""
+    big = np.ones(2_000_000)  # 16 MB
+    spec, blob, _ = prepare("t = big.sum()", "t = big.sum()", {"big": big}, filename="c")
+    assert len(blob.stream) < 1024 and [memoryview(b).nbytes for b in blob.buffers] == [big.nbytes]
+    sent = split_value(((spec, blob), {}), threshold=4 * 1024 * 1024)
+    (only,) = sent.blobs.values()
+    assert memoryview(only).nbytes == big.nbytes
+    assert np.array_equal(blob.load()["big"], big)

@@ -58,6 +58,12 @@ def cell_with(nb: Any, snippet: str) -> Any:
     return found[0]
 
 
+def cell_exactly(nb: Any, source: str) -> Any:
+    """The code cell whose whole source is ``source``."""
+    (found,) = [c for c in code_cells(nb) if c.source == source]
+    return found
+
+
 def text(cell: Any) -> str:
     parts = []
     for out in cell.outputs:
@@ -165,3 +171,26 @@ def test_cluster(
     functions = text(cell_with(nb, 'App("cluster"'))
     assert "total rows, counted next to the data: 5" in functions
     assert "6 tasks on the default queue ran in" in functions
+
+
+def test_data(settings: Settings, start_worker: Any) -> None:
+    catalog = start_worker("--data", "catalog=notebooks.datademo:load_catalog", concurrency=1)
+    weather = start_worker("--data", "weather=notebooks.datademo:load_weather", concurrency=1)
+    env = clean_env(**{**settings.to_env(), "NBTASK_SECRET": settings.secret or ""})
+    env.pop("NBTASK_BROKER", None)  # the notebook's %nbtask connect picks the broker
+    assert settings.broker_url == "redis://127.0.0.1:6379/0", "the notebook names this URL"
+    nb = execute("data.ipynb", env)
+    assert_no_unexpected_errors(nb)
+
+    status = text(cell_with(nb, "%nbtask status"))
+    assert "datasets catalog" in status and "datasets weather" in status, status
+    for group, snippet in ((catalog, "--requires catalog"), (weather, "--requires weather")):
+        ran = re.search(r"where the \w+ is \(worker process (\d+)\)", text(cell_with(nb, snippet)))
+        assert ran and int(ran[1]) in {c.pid for c in group.children()}, "routed to its data"
+    assert "'star': 1" in text(cell_exactly(nb, "kinds")), "the catalog's counts came back"
+    preview = text(cell_exactly(nb, "grid"))
+    assert "kept on the workers" in preview and "shape=(3000, 3000)" in preview, preview
+    assert "72,000,000 bytes" in preview, preview
+    assert re.search(r"array\(\[0\.\d+", text(cell_exactly(nb, "column_means")))
+    assert "fetching grid (72.0 MB)" in text(cell_with(nb, "grid[:2, :3]"))
+    assert re.search(r"brightest galaxy: \d", text(cell_with(nb, "def brightest")))

@@ -23,7 +23,7 @@ from typing import Any
 import cloudpickle
 import pytest
 import redis
-from helpers import SECRET, WorkerProcess
+from helpers import SECRET, Touch, WorkerProcess
 from raw_broker import RawBroker
 
 import nbtask
@@ -40,16 +40,6 @@ pytestmark = pytest.mark.brokers
 
 
 # Payloads whose unpickling leaves a trace --------------------------------------------------
-class Touch:
-    """Unpickles to ``None`` after creating ``path``."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (Path.touch, (Path(self.path),))
-
-
 class _FalseAfterTouch:
     def __init__(self, path: Path) -> None:
         self.path = path

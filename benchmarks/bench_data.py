@@ -1,0 +1,218 @@
+"""The data path: large arguments, results and cell variables, against the raw Redis floor.
+
+Starts ``python -m nbtask worker -c 2`` on the Redis at ``--url`` (its own key prefix,
+deleted after), then measures, median of ``--repeats``:
+
+* ``arg_50mb_s``: a fresh 50 MB float64 array as an argument, its sum back;
+* ``arg_50mb_again_s``: the same array again (blobs are named by content);
+* ``echo_50mb_s``: a fresh 50 MB array there and back;
+
+each through the Redis at ``--url`` (``store``) and through the embedded cluster
+(``embedded``: blobs in shared memory), and
+
+* ``floor_50mb_s``: raw redis-py, pickle + SET + GET + unpickle of the same bytes (one
+  hop: what an argument needs at the least);
+* ``cell_400mb``: in a fresh IPython process each, a cell that makes a 400 MB array ``x``
+  and takes its mean, run plainly, under ``%%task --wait`` (``x`` stays on the workers)
+  and with ``--fetch x`` (it comes back): wall time and the growth of the process's RSS;
+* ``cell_2gb``: a ``%%task --wait`` cell that makes and keeps a 2 GB array: RSS growth,
+  the time to show its preview, and a follow-up ``%%task`` cell reading it: its time and
+  the bytes the kernel process read and wrote meanwhile (``/proc/self/io``).
+
+Run it with ``PYTHONPATH`` pointing at the nbtask tree to measure::
+
+    python benchmarks/bench_data.py --url redis://127.0.0.1:6379/0 --json-out data.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+from bench_nbtask import _start_worker, _stop
+from common import delete_prefix
+
+__all__ = ["main"]
+
+ARRAY_ITEMS = 50_000_000 // 8
+
+
+def total(a: Any) -> float:
+    return float(a.sum())
+
+
+def echo(a: Any) -> Any:
+    return a
+
+
+def _median_time(call: Callable[[int], object], repeats: int) -> float:
+    times = []
+    for i in range(repeats):
+        started = time.perf_counter()
+        call(i)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def measure_arrays(app: Any, repeats: int) -> dict[str, float]:
+    """50 MB arrays to and from ``app``'s workers: fresh content, then the same again."""
+    remote_total, remote_echo = app.task(total), app.task(echo)
+    remote_total.delay(np.zeros(1)).get(timeout=60)  # the workers are consuming
+    array = np.random.default_rng(0).random(ARRAY_ITEMS)
+
+    def fresh(i: int) -> np.ndarray[Any, Any]:
+        array[0] = time.perf_counter() + i  # new content, new blob
+        return array
+
+    return {
+        "arg_50mb_s": _median_time(
+            lambda i: remote_total.delay(fresh(i)).get(timeout=120), repeats
+        ),
+        "arg_50mb_again_s": _median_time(
+            lambda i: remote_total.delay(array).get(timeout=120), repeats
+        ),
+        "echo_50mb_s": _median_time(
+            lambda i: remote_echo.delay(fresh(i)).get(timeout=120), repeats
+        ),
+    }
+
+
+def measure_floor(url: str, prefix: str, repeats: int) -> float:
+    """Raw redis-py: pickle, SET, GET and unpickle a fresh 50 MB array."""
+    client = redis.Redis.from_url(url)
+    key = f"{prefix}:floor"
+    array = np.random.default_rng(1).random(ARRAY_ITEMS)
+
+    def one(i: int) -> None:
+        array[0] = i
+        client.set(key, pickle.dumps(array, protocol=5))
+        pickle.loads(client.get(key) or b"")
+
+    try:
+        return _median_time(one, repeats)
+    finally:
+        client.delete(key)
+        client.close()
+
+
+def measure_embedded(repeats: int) -> dict[str, float]:
+    """The same arrays through the embedded cluster (blobs in shared memory)."""
+    from nbtask import App
+
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("NBTASK_")}
+    app = App("bench-embedded")
+    try:
+        return measure_arrays(app, repeats)
+    finally:
+        app.close()
+        os.environ.update(saved)
+
+
+_CELL_RUNNER = """
+import json, os, sys, time
+from IPython.testing.globalipapp import start_ipython
+
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+
+def io_mb():
+    with open("/proc/self/io") as f:
+        fields = dict(line.split(": ") for line in f.read().splitlines())
+    return (int(fields["rchar"]) + int(fields["wchar"])) / 1e6
+
+ip = start_ipython()
+how, cell = sys.argv[1], sys.argv[2]
+if how != "plain":
+    ip.run_line_magic("load_ext", "nbtask")
+    ip.run_cell("%%task --wait\\nwarm = 1\\n")
+magic = {"plain": "", "kept": "%%task --wait\\n", "fetched": "%%task --wait --fetch x\\n"}
+before = rss()
+started = time.perf_counter()
+result = ip.run_cell(magic[how] + cell)
+out = {"s": time.perf_counter() - started, "rss_growth_mib": rss() - before}
+assert result.success, result.error_in_exec
+if how == "kept":
+    started = time.perf_counter()
+    preview = repr(ip.user_ns["x"])
+    out["preview_s"] = time.perf_counter() - started
+    io_before, started = io_mb(), time.perf_counter()
+    assert ip.run_cell("%%task --wait\\nfirst = float(x[::1000].sum())\\n").success
+    out["follow_up_s"] = time.perf_counter() - started
+    out["follow_up_kernel_io_mb"] = io_mb() - io_before
+print(json.dumps(out))
+"""
+#: Each cell makes ``x`` and takes its mean; the 2 GB one only keeps it.
+CELLS = {
+    "cell_400mb": "import numpy as np\nx = np.ones(50_000_000)\nm = float(x.mean())\n",
+    "cell_2gb": "import numpy as np\nx = np.ones(250_000_000)\n",
+}
+
+
+def measure_cell(url: str, prefix: str, secret: str, how: str, cell: str) -> dict[str, float]:
+    """One cell run ``how`` (plain, kept, fetched) in a fresh IPython process."""
+    env = {**os.environ, "NBTASK_BROKER": url, "NBTASK_SECRET": secret}
+    env["NBTASK_KEY_PREFIX"] = prefix
+    done = subprocess.run(
+        [sys.executable, "-c", _CELL_RUNNER, how, cell],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=900,
+    )
+    data: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return data
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json-out")
+    args = parser.parse_args(argv)
+    prefix = f"nbbench-data-{uuid.uuid4().hex[:10]}"
+    secret = secrets.token_hex(32)
+    with tempfile.TemporaryDirectory(prefix="nbbench-data-") as tmp:
+        worker = _start_worker(args.url, secret, prefix, Path(tmp) / "worker.log")
+        try:
+            from nbtask import App
+
+            app = App("bench-data", broker=args.url, secret=secret, key_prefix=prefix)
+            try:
+                out: dict[str, Any] = {"store": measure_arrays(app, args.repeats)}
+            finally:
+                app.close()
+            out["floor_50mb_s"] = measure_floor(args.url, prefix, args.repeats)
+            out["embedded"] = measure_embedded(args.repeats)
+            out["cell_400mb"] = {
+                how: measure_cell(args.url, prefix, secret, how, CELLS["cell_400mb"])
+                for how in ("plain", "kept", "fetched")
+            }
+            out["cell_2gb"] = measure_cell(args.url, prefix, secret, "kept", CELLS["cell_2gb"])
+        finally:
+            _stop(worker)
+            delete_prefix(args.url, prefix)
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.json_out:
+        Path(args.json_out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

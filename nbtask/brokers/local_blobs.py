@@ -1,0 +1,142 @@
+"""Blobs through shared memory, for clients and workers on one host.
+
+When every process that shares a store runs on one machine (the embedded cluster, or any
+Redis reached through a unix socket; elsewhere ``blob_dir`` says so), a blob need not go
+through Redis at all: it is written once to a file in a private directory on a memory
+filesystem (``/dev/shm``), and a reader maps that file copy-on-write, so an array rebuilt
+on it is writable and costs no copy until it is written to. The bytes are still checked
+against their signed digest before anything is unpickled.
+
+Files are named by digest (a blob already there is not written again, only touched), and
+removed once older than ``result_ttl``, or with the whole directory when the embedded
+cluster stops.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import mmap
+import os
+import shutil
+import stat
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from nbtask.settings import Settings
+from nbtask.wire.envelope import Buffer
+
+__all__ = ["LocalBlobs", "local_blob_dir", "remove_local_blobs"]
+
+log = logging.getLogger(__name__)
+
+_SHARED_MEMORY = Path("/dev/shm")
+_SWEEP_EVERY_SECONDS = 60.0
+
+
+def local_blob_dir(url: str, settings: Settings) -> Path | None:
+    """Where blobs go on this host: ``settings.blob_dir``, else one per unix-socket store.
+
+    ``None`` when blobs must go through the store (a store reached over TCP, on no
+    host in particular, or a machine without ``/dev/shm``).
+    """
+    if settings.blob_dir:
+        return Path(settings.blob_dir)
+    return _socket_blob_dir(url)
+
+
+def _socket_blob_dir(url: str) -> Path | None:
+    parts = urlsplit(url)
+    if parts.scheme != "unix" or not _SHARED_MEMORY.is_dir():
+        return None
+    name = hashlib.sha256(parts.path.encode()).hexdigest()[:24]
+    return _SHARED_MEMORY / f"nbtask-blobs-{name}"
+
+
+def remove_local_blobs(url: str) -> None:
+    """Delete the blobs kept on this host for the unix-socket store at ``url``."""
+    directory = _socket_blob_dir(url)
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+class LocalBlobs:
+    """Blobs as files in one private directory on this host.
+
+    Parameters
+    ----------
+    directory
+        Created (mode 0700) if missing; refused if another user owns it or others may
+        write to it.
+    ttl
+        Seconds a blob is kept after it was last written or touched.
+    """
+
+    def __init__(self, directory: Path, ttl: float) -> None:
+        self.directory = directory
+        self.ttl = ttl
+        self._swept = 0.0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, url: str, settings: Settings) -> LocalBlobs | None:
+        """The local blobs for a store at ``url``, or ``None`` (blobs go to the store)."""
+        directory = local_blob_dir(url, settings)
+        if directory is None:
+            return None
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            info = directory.stat()
+        except OSError as exc:
+            log.warning("blobs go through the store: cannot use %s (%s)", directory, exc)
+            return None
+        if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            log.warning(
+                "blobs go through the store: %s belongs to another user or others may write to it",
+                directory,
+            )
+            return None
+        return cls(directory, settings.result_ttl)
+
+    def put(self, blobs: Mapping[str, Buffer]) -> None:
+        """Write each blob not already here (touching those that are)."""
+        for digest, data in blobs.items():
+            path = self.directory / digest
+            try:
+                os.utime(path)
+                continue
+            except FileNotFoundError:
+                pass
+            # Written under a private name, then renamed: a reader never sees half a blob.
+            partial = self.directory / f".{digest}.{os.getpid()}.{threading.get_ident()}"
+            with open(partial, "wb") as file:
+                file.write(data)
+            os.replace(partial, path)
+        self._sweep()
+
+    def get(self, digest: str, size: int) -> Buffer | None:
+        """The blob mapped copy-on-write, or ``None`` if it is not here (or not that size)."""
+        try:
+            with open(self.directory / digest, "rb") as file:
+                if os.fstat(file.fileno()).st_size != size or size == 0:
+                    return None
+                return memoryview(mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY))
+        except FileNotFoundError:
+            return None
+
+    def _sweep(self) -> None:
+        """Remove blobs older than the TTL, at most once a minute."""
+        now = time.time()
+        with self._lock:
+            if now - self._swept < _SWEEP_EVERY_SECONDS:
+                return
+            self._swept = now
+        for entry in os.scandir(self.directory):
+            try:
+                if entry.stat().st_mtime < now - self.ttl:
+                    os.unlink(entry.path)
+            except FileNotFoundError:
+                continue

@@ -1,0 +1,116 @@
+"""Named datasets: data a worker loads once per process and hands to the tasks that need it.
+
+A worker holds a dataset when it was started with ``--data NAME=module:function`` or
+imports an app that declared one with ``@app.dataset("NAME")``. It then also consumes the
+queue :func:`data_queue` names, so a task or cell that ``requires`` the dataset is routed
+only to workers holding it. The loader runs the first time a task in a child process
+needs it; the value is cached for that process's life and passed to the task as a
+keyword argument (to a cell, as a variable) of the dataset's name, never shipped.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from nbtask.errors import ConfigurationError, NbtaskError
+
+__all__ = [
+    "DatasetCache",
+    "DatasetMissing",
+    "Loader",
+    "data_queue",
+    "dataset_names",
+    "load_data_spec",
+]
+
+log = logging.getLogger("nbtask.worker")
+
+#: Makes a dataset's value; called with no arguments.
+Loader = Callable[[], Any]
+_QUEUE_PREFIX = "data."
+
+
+class DatasetMissing(NbtaskError):
+    """A task requires a dataset that the worker running it does not hold."""
+
+
+def data_queue(name: str) -> str:
+    """The queue the holders of dataset ``name`` consume."""
+    return f"{_QUEUE_PREFIX}{name}"
+
+
+def dataset_names(value: object, what: str = "requires") -> tuple[str, ...]:
+    """Dataset names from a name or a sequence of names; a clear error for anything else."""
+    names = (value,) if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not all(
+        isinstance(n, str) and n.isidentifier() for n in names
+    ):
+        raise ConfigurationError(
+            f"{what} takes dataset names that are Python identifiers (a task receives each "
+            f"as a keyword argument of that name), got {value!r}"
+        )
+    return tuple(names)
+
+
+def load_data_spec(spec: str) -> tuple[str, Loader]:
+    """``NAME=module:function`` (``nbtask worker --data``) -> the name and its loader."""
+    name, _, target = spec.partition("=")
+    module_name, _, attribute = target.partition(":")
+    if not name.isidentifier() or not module_name or not attribute:
+        raise ConfigurationError(
+            f"--data {spec!r}: use NAME=module:function, e.g. --data iris=mylab.data:load_iris"
+        )
+    try:
+        loader = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigurationError(
+            f"--data {spec!r}: cannot find {target}: {type(exc).__name__}: {exc}"
+        ) from None
+    if not callable(loader):
+        raise ConfigurationError(f"--data {spec!r}: {target} is not a function")
+    return name, loader
+
+
+class DatasetCache:
+    """The datasets one process holds, each loaded the first time a task needs it.
+
+    Parameters
+    ----------
+    loaders
+        ``{name: loader}``.
+    """
+
+    def __init__(self, loaders: Mapping[str, Loader]) -> None:
+        self.loaders = dict(loaders)
+        self._values: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def values_for(self, names: Iterable[str]) -> dict[str, Any]:
+        """``{name: value}`` for ``names``, loading those not loaded yet.
+
+        Raises
+        ------
+        DatasetMissing
+            This process holds no dataset of one of these names.
+        """
+        found = {}
+        for name in names:
+            if name not in self.loaders:
+                held = ", ".join(sorted(self.loaders)) or "none"
+                raise DatasetMissing(
+                    f"this worker holds no dataset {name!r} (it holds: {held}); start workers "
+                    f"with --data {name}=module:function, or import an app that declares "
+                    f'@app.dataset("{name}")'
+                )
+            with self._lock:
+                if name not in self._values:
+                    started = time.perf_counter()
+                    self._values[name] = self.loaders[name]()
+                    log.info("loaded dataset %s in %.2f s", name, time.perf_counter() - started)
+            found[name] = self._values[name]
+        return found

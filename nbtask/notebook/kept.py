@@ -1,0 +1,157 @@
+"""Values a ``%%task`` cell keeps away from the kernel, with a preview made on the worker.
+
+A name a cell assigns whose pickled size is ``keep_threshold`` or more (or one named with
+``--keep``) does not come back into the kernel: the worker stores it as blobs (shared
+memory on one host, else the store) and the notebook gets a :class:`RemoteValue` in its
+place. Its repr shows a preview computed where the value lives (type, shape, dtype, size
+in bytes, and the start of its repr or HTML). It is brought into the kernel only when used:
+a local cell that reads the name fetches it first, ``value.fetch()`` does so explicitly,
+and a later ``%%task`` cell that reads it ships only the reference: the worker loads the
+blobs itself, so the bytes never pass through the kernel.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from nbtask.errors import BlobError
+from nbtask.wire.blobs import Fetch, Packed, Part, join_value, split_value
+
+__all__ = ["RemoteValue", "keep", "preview_of"]
+
+_HEAD_CHARS = 2000
+
+
+class RemoteValue:
+    """A value kept out of this kernel: its bytes stay as blobs; its preview came along.
+
+    Parameters
+    ----------
+    name
+        The name the cell assigned it to.
+    layout, inline
+        Where its parts are (blobs named by signed digest) and its small inline parts.
+    preview
+        ``type``, ``shape``, ``dtype``, ``nbytes`` and ``head`` (text) or ``html``,
+        computed on the worker.
+    """
+
+    def __init__(
+        self, name: str, layout: list[Part], inline: bytes, preview: Mapping[str, Any]
+    ) -> None:
+        self.name = name
+        self.layout = layout
+        self.inline = inline
+        self.preview = dict(preview)
+        self._fetch: Fetch | None = None
+        self._budget: int | None = None
+
+    @property
+    def size(self) -> int:
+        """The value's pickled size in bytes: what fetching it moves."""
+        return sum(part.size for part in self.layout)
+
+    def bind(self, fetch: Fetch, budget: int) -> None:
+        """Let :meth:`fetch` read this process's store, up to ``budget`` bytes."""
+        self._fetch, self._budget = fetch, budget
+
+    def load(self, fetch: Fetch) -> Any:
+        """The value, its blobs read through ``fetch`` and checked against their digests."""
+        packed = join_value(self.layout, self.inline, fetch)
+        return packed.load() if isinstance(packed, Packed) else packed
+
+    def fetch(self, *, force: bool = False) -> Any:
+        """Bring the value into this process.
+
+        Raises
+        ------
+        BlobError
+            It is over the fetch budget (``fetch_budget``; ``force=True`` ignores it), or
+            its blobs expired or do not match their digests.
+        """
+        if self._fetch is None:
+            raise BlobError(f"{self.name} was not received through an app: nothing to fetch with")
+        if not force and self._budget is not None and self.size > self._budget:
+            raise BlobError(
+                f"{self.name} is {self.size:,} bytes, over the fetch budget of "
+                f"{self._budget:,} (fetch_budget, NBTASK_FETCH_BUDGET): raise it, call "
+                f"{self.name}.fetch(force=True), or work on it in a %%task cell instead"
+            )
+        return self.load(self._fetch)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The fetcher and budget belong to the process that holds the reference.
+        state = dict(self.__dict__)
+        state["_fetch"] = state["_budget"] = None
+        return state
+
+    def _summary(self) -> str:
+        p = self.preview
+        details = [str(p.get("type", "?"))]
+        if p.get("shape") is not None:
+            details.append(f"shape={tuple(p['shape'])}")
+        if p.get("dtype"):
+            details.append(f"dtype={p['dtype']}")
+        details.append(f"{int(p.get('nbytes', self.size)):,} bytes")
+        return (
+            f"{self.name}: kept on the workers ({', '.join(details)}); a local cell that "
+            f"reads it fetches it, {self.name}.fetch() does so now, a %%task cell uses it "
+            "in place"
+        )
+
+    def __repr__(self) -> str:
+        head = self.preview.get("head") or ""
+        return f"<{self._summary()}>" + (f"\n{head}" if head else "")
+
+    def _repr_html_(self) -> str:
+        body = self.preview.get("html") or f"<pre>{html.escape(self.preview.get('head', ''))}</pre>"
+        return f"<div><p><b>{html.escape(self._summary())}</b></p>{body}</div>"
+
+
+def preview_of(value: Any) -> dict[str, Any]:
+    """What a notebook shows of a value it does not hold; never raises."""
+    preview: dict[str, Any] = {"type": f"{type(value).__module__}.{type(value).__qualname__}"}
+    for field, convert in (("shape", list), ("dtype", str), ("nbytes", int)):
+        try:
+            found = getattr(value, field, None)
+            if found is not None:
+                preview[field] = convert(found)
+        except Exception:
+            continue
+    head = value
+    if _has(value, "head"):  # a DataFrame, a Series: their first rows
+        try:
+            head = value.head()
+        except Exception:
+            head = value
+    preview["head"] = _text(lambda: repr(head))
+    if _has(head, "_repr_html_"):
+        preview["html"] = _text(head._repr_html_, limit=20 * _HEAD_CHARS)
+    return preview
+
+
+def _has(value: Any, attribute: str) -> bool:
+    try:
+        return callable(getattr(value, attribute, None))
+    except Exception:
+        return False
+
+
+def _text(make: Callable[[], object], limit: int = _HEAD_CHARS) -> str:
+    try:
+        text = str(make())
+    except Exception as exc:
+        return f"<no preview: {type(exc).__name__}>"
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def keep(
+    name: str, value: Any, packed: Packed, put: Callable[[Mapping[str, Any]], None]
+) -> RemoteValue:
+    """Store ``value`` (``packed``) as blobs through ``put``; return what to send instead."""
+    split = split_value(packed, threshold=0)
+    put(split.blobs)
+    inline = b"".join(bytes(part) for part in split.inline)
+    return RemoteValue(name, split.layout, inline, preview_of(value))

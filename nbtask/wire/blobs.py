@@ -1,0 +1,251 @@
+"""Large values out of band: a pickled value split into parts, the big ones sent as blobs.
+
+A value is pickled with protocol 5, and every buffer of at least :data:`MIN_BLOB_BYTES`
+that it exposes (numpy arrays, pandas columns, ``bytes`` wrapped in a
+:class:`pickle.PickleBuffer`) is kept out of the pickle stream, uncopied. When the parts
+add up to ``threshold`` bytes or more, each big part (the pickle stream included, a large
+list say) travels as a **blob** named by its SHA-256 digest; the others stay inline, in the
+message body. The layout, a list of ``[size]`` (inline) or ``[size, digest]`` (blob) items,
+travels in the signed header, so a blob is trusted only if its bytes hash to the digest that
+the signature covers, and it is checked before anything is unpickled.
+
+Blobs are content-addressed: the same array sent twice is stored once. Where they are kept
+(the store, shared memory) is the broker layer's business; this module only needs a
+function that returns a blob's bytes by digest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import pickle
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import cloudpickle
+
+from nbtask.errors import BlobError, DecodeError
+from nbtask.wire.envelope import Buffer, Pickler
+
+__all__ = [
+    "MIN_BLOB_BYTES",
+    "Fetch",
+    "Packed",
+    "Part",
+    "SplitValue",
+    "digest_of",
+    "join_value",
+    "parse_layout",
+    "split_value",
+]
+
+#: Buffers smaller than this stay inside the pickle stream, and parts smaller than this
+#: stay inline: a blob costs a store round trip of its own.
+MIN_BLOB_BYTES = 64 * 1024
+_DIGEST_CHARS = 64  # hex SHA-256
+_MAX_PARTS = 100_000
+
+#: Returns a blob's bytes from its digest and size (raises :class:`BlobError` if gone).
+Fetch = Callable[[str, int], Buffer]
+
+
+def digest_of(data: Buffer) -> str:
+    """The name of a blob: the hex SHA-256 of its bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One part of a split value: ``size`` bytes, inline or (with a ``digest``) a blob."""
+
+    size: int
+    digest: str | None = None
+
+    def to_json(self) -> list[int | str]:
+        """The layout item: ``[size]`` or ``[size, digest]``."""
+        return [self.size] if self.digest is None else [self.size, self.digest]
+
+
+@dataclasses.dataclass
+class SplitValue:
+    """A pickled value in parts: what goes inline, what goes out as blobs, and the layout.
+
+    ``inline`` is in layout order; ``blobs`` maps each blob's digest to its bytes (a
+    value holding the same buffer twice sends it once).
+    """
+
+    layout: list[Part]
+    inline: list[Buffer]
+    blobs: dict[str, Buffer]
+
+    @property
+    def layout_json(self) -> list[list[int | str]] | None:
+        """The header's layout; ``None`` for a plain pickle (one inline part)."""
+        if len(self.layout) == 1 and self.layout[0].digest is None:
+            return None
+        return [part.to_json() for part in self.layout]
+
+    @property
+    def size(self) -> int:
+        """The value's pickled size, all parts together."""
+        return sum(part.size for part in self.layout)
+
+
+def _pickle_parts(value: Any) -> tuple[memoryview, list[memoryview]]:
+    """``value`` pickled (cloudpickle, protocol 5): its stream, and its big buffers uncopied."""
+    buffers: list[memoryview] = []
+
+    def keep_out(buffer: pickle.PickleBuffer) -> bool:
+        # False means "out of band". Non-contiguous buffers cannot be viewed as bytes.
+        try:
+            raw = buffer.raw()
+        except BufferError:
+            return True
+        if raw.nbytes < MIN_BLOB_BYTES:
+            return True
+        buffers.append(raw)
+        return False
+
+    stream = io.BytesIO()
+    Pickler(stream, protocol=5, buffer_callback=keep_out).dump(value)
+    return stream.getbuffer(), buffers
+
+
+def split_value(value: Any, threshold: int) -> SplitValue:
+    """Pickle ``value`` (cloudpickle, protocol 5) and split it for sending.
+
+    Raises whatever pickling raises: the caller says what could not be pickled.
+    """
+    stream, buffers = _pickle_parts(value)
+    parts: list[Buffer] = [stream, *buffers]
+    as_blobs = sum(len(p) for p in parts) >= threshold
+    layout: list[Part] = []
+    inline: list[Buffer] = []
+    blobs: dict[str, Buffer] = {}
+    for data in parts:
+        if as_blobs and len(data) >= MIN_BLOB_BYTES:
+            digest = digest_of(data)
+            blobs.setdefault(digest, data)
+            layout.append(Part(len(data), digest))
+        else:
+            inline.append(data)
+            layout.append(Part(len(data)))
+    return SplitValue(layout, inline, blobs)
+
+
+class Packed:
+    """A value pickled ahead of sending, whose big buffers stay out of band, uncopied.
+
+    Pickling a ``Packed`` (protocol 5) hands its buffers to the outer pickler as
+    out-of-band buffers, so a cell's shipped variables, pickled once to check them, travel
+    as blobs without another copy. :meth:`load` unpickles the value on the other side.
+    """
+
+    __slots__ = ("buffers", "stream")
+
+    def __init__(self, stream: Buffer, buffers: Sequence[Buffer] = ()) -> None:
+        self.stream = stream
+        self.buffers = list(buffers)
+
+    @classmethod
+    def of(cls, value: Any) -> Packed:
+        """Pickle ``value``; raises whatever pickling raises."""
+        stream, buffers = _pickle_parts(value)
+        return cls(bytes(stream), buffers)
+
+    @property
+    def size(self) -> int:
+        """The pickled size, buffers included."""
+        return len(self.stream) + sum(memoryview(b).nbytes for b in self.buffers)
+
+    def load(self) -> Any:
+        """The value (only call on a ``Packed`` that came in a verified message)."""
+        return pickle.loads(self.stream, buffers=[_writable(b) for b in self.buffers])
+
+    def __reduce_ex__(self, protocol: object) -> tuple[Any, ...]:
+        buffers = [pickle.PickleBuffer(b) for b in self.buffers]
+        return (_unpack, (self.stream, *buffers))
+
+
+def _unpack(stream: Buffer, *buffers: Buffer) -> Packed:
+    return Packed(stream, buffers)
+
+
+def parse_layout(raw: object) -> list[Part] | None:
+    """A layout read from a verified header; ``None`` when absent.
+
+    Raises
+    ------
+    DecodeError
+        It is not a list of ``[size]`` / ``[size, digest]`` items.
+    """
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not raw or len(raw) > _MAX_PARTS:
+        raise DecodeError("the value layout is not a non-empty list")
+    layout = []
+    for item in raw:
+        if not isinstance(item, list) or len(item) not in (1, 2):
+            raise DecodeError("a value layout item is not [size] or [size, digest]")
+        size = item[0]
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise DecodeError("a value layout item has a bad size")
+        digest = item[1] if len(item) == 2 else None
+        if digest is not None and (
+            not isinstance(digest, str)
+            or len(digest) != _DIGEST_CHARS
+            or digest.strip("0123456789abcdef")
+        ):
+            raise DecodeError("a value layout item has a bad digest")
+        layout.append(Part(size, digest))
+    return layout
+
+
+def join_value(layout: Sequence[Part] | None, region: Buffer, fetch: Fetch | None) -> Any:
+    """Load a value from its inline ``region`` and its blobs; only for verified messages.
+
+    Every blob is fetched and checked against its signed digest before anything is
+    unpickled. Buffers come back writable, as they were on the sending side.
+
+    Raises
+    ------
+    BlobError
+        A blob is missing, expired, or its bytes do not match its digest.
+    DecodeError
+        The inline parts do not add up to the region.
+    """
+    if layout is None:
+        return cloudpickle.loads(region) if len(region) else None
+    parts = _gather(layout, memoryview(region), fetch)
+    return pickle.loads(parts[0], buffers=[_writable(p) for p in parts[1:]])
+
+
+def _gather(layout: Sequence[Part], region: memoryview, fetch: Fetch | None) -> list[Buffer]:
+    offset = 0
+    parts: list[Buffer] = []
+    for part in layout:
+        if part.digest is None:
+            parts.append(region[offset : offset + part.size])
+            offset += part.size
+            continue
+        if fetch is None:
+            raise BlobError("the value is kept out of band, and no store was given to fetch it")
+        data = fetch(part.digest, part.size)
+        if len(data) != part.size or digest_of(data) != part.digest:
+            raise BlobError(
+                f"blob {part.digest[:16]} does not match its signed digest (it was altered "
+                "or truncated in the store); nothing was loaded"
+            )
+        parts.append(data)
+    if offset != len(region):
+        raise DecodeError("the value's inline parts do not add up to its region")
+    return parts
+
+
+def _writable(data: Buffer) -> Buffer:
+    """``data`` as a writable buffer (an array rebuilt on it must accept assignment)."""
+    if isinstance(data, bytearray):
+        return data
+    view = memoryview(data)
+    return view if not view.readonly else bytearray(view)

@@ -1,0 +1,269 @@
+"""Large values travel out of band: blobs in the store, named and checked by signed digest.
+
+Both brokers (on RabbitMQ the blobs live in the Redis store beside it). Values of
+``blob_threshold`` bytes or more (4 MiB by default) leave their big parts out of the
+message; a blob that was altered, truncated or expired is refused before anything is
+unpickled, and the task fails saying so.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from helpers import Touch
+from raw_broker import RawBroker
+
+import nbtask
+from nbtask import App, State
+from nbtask.brokers.local_blobs import LocalBlobs
+from nbtask.errors import BlobError
+from nbtask.wire.blobs import digest_of, split_value
+
+pytestmark = pytest.mark.brokers
+
+ARRAY_BYTES = 6 * 1024 * 1024  # over the default 4 MiB threshold
+
+
+def _array(seed: int = 0) -> np.ndarray[Any, Any]:
+    return np.random.default_rng(seed).random(ARRAY_BYTES // 8)
+
+
+def _blob_keys(access: RawBroker) -> list[bytes]:
+    return sorted(access.store.scan_iter(match=f"{access.settings.key_prefix}:blob:*"))
+
+
+def test_large_arguments_and_results_travel_as_blobs(
+    app: App, start_worker, access: RawBroker
+) -> None:
+    start_worker()
+
+    @app.task
+    def doubled(values: Any) -> Any:
+        return values * 2
+
+    array = _array()
+    result = doubled.delay(array).get(timeout=30)
+    assert np.array_equal(result, array * 2)
+    result[0] = -1.0  # writable, as a local array is
+    # One blob for the argument, one for the result; the messages held only digests.
+    keys = _blob_keys(access)
+    assert len(keys) == 2
+    assert all(access.store.ttl(k) > 0 for k in keys)
+    again = doubled.delay(array)
+    again.get(timeout=30)
+    record = app.store.get_record(again.id)
+    assert record is not None and record.result is not None
+    assert len(record.result) < 64 * 1024, "the stored result holds the array itself"
+
+
+def test_the_same_array_sent_twice_is_stored_once(
+    app: App, start_worker, access: RawBroker
+) -> None:
+    start_worker()
+
+    @app.task
+    def total(values: Any) -> float:
+        return float(values.sum())
+
+    array = _array(1)
+    first, second = total.delay(array), total.delay(array)
+    assert first.get(timeout=30) == second.get(timeout=30) == pytest.approx(array.sum())
+    assert len(_blob_keys(access)) == 1
+
+
+def test_a_value_over_max_message_bytes_travels_out_of_band(app: App, start_worker) -> None:
+    """The message limit bounds messages, not values: 20 MB through 2 MiB messages."""
+    start_worker()
+    small = App("small", settings=app.settings.replace(max_message_bytes=2 * 1024 * 1024))
+    try:
+
+        @small.task
+        def length(data: bytes) -> int:
+            return len(data)
+
+        payload = pickle.PickleBuffer(bytearray(20 * 1024 * 1024))
+        assert length.delay(payload).get(timeout=30) == 20 * 1024 * 1024
+    finally:
+        small.close()
+
+
+def _tamper_with_the_argument_blob(access: RawBroker, trace: Path) -> None:
+    """Replace the one argument blob with a same-sized pickle that leaves a trace."""
+    (key,) = _blob_keys(access)
+    size = access.store.strlen(key)
+    forged = pickle.dumps(Touch(trace), protocol=5)
+    access.store.set(key, forged + b"\0" * (size - len(forged)), keepttl=True)
+
+
+def test_a_tampered_argument_blob_is_refused_and_nothing_is_unpickled(
+    app: App, start_worker, access: RawBroker, tmp_path: Path
+) -> None:
+    trace = tmp_path / "unpickled"
+
+    @app.task
+    def length(data: Any) -> int:
+        return len(data)
+
+    # A list of byte strings pickles in-band: the pickle stream itself is the blob.
+    handle = length.apply_async(([bytes([i % 256]) * 1024 for i in range(6000)],), countdown=1)
+    _tamper_with_the_argument_blob(access, trace)
+    start_worker()
+    with pytest.raises(BlobError, match="does not match its signed digest"):
+        handle.get(timeout=30)
+    assert not trace.exists(), "a tampered blob was unpickled"
+    assert app.store.get_record(handle.id).state is State.FAILURE
+
+
+def test_an_expired_argument_blob_fails_the_task_saying_so(
+    app: App, start_worker, access: RawBroker
+) -> None:
+    @app.task
+    def length(data: Any) -> int:
+        return len(data)
+
+    handle = length.apply_async((_array(2),), countdown=1)
+    access.store.delete(*_blob_keys(access))
+    start_worker()
+    with pytest.raises(BlobError, match="no longer in the store"):
+        handle.get(timeout=30)
+
+
+def test_a_tampered_result_blob_is_refused_by_the_client(
+    app: App, start_worker, access: RawBroker, tmp_path: Path
+) -> None:
+    start_worker()
+
+    @app.task
+    def make() -> list[bytes]:
+        return [bytes([i % 256]) * 1024 for i in range(6000)]
+
+    handle = make.delay()
+    handle.get(timeout=30)
+    (key,) = _blob_keys(access)
+    trace = tmp_path / "unpickled"
+    forged = pickle.dumps(Touch(trace), protocol=5)
+    access.store.set(key, forged + b"\0" * (access.store.strlen(key) - len(forged)), keepttl=True)
+    other = App("other", settings=app.settings)  # another kernel, re-attaching
+    try:
+        with pytest.raises(nbtask.NbtaskError, match="does not match its signed digest"):
+            other.handle(handle.id).get(timeout=10)
+    finally:
+        other.close()
+    assert not trace.exists(), "a tampered blob was unpickled"
+
+
+def test_blobs_are_read_in_chunks_and_a_missing_chunk_is_an_error(app: App) -> None:
+    store = app.store
+    store.chunk_bytes = 1000  # type: ignore[attr-defined]
+    data = bytes(range(256)) * 20  # 5,120 bytes: six chunks
+    digest = digest_of(data)
+    store.put_blobs({digest: data})
+    assert bytes(store.get_blob(digest, len(data))) == data
+    store.put_blobs({digest: data})  # kept already: only its expiry is refreshed
+    keys = store._blob_keys(digest, len(data))  # type: ignore[attr-defined]
+    assert len(keys) == 6
+    store.link.redis.delete(keys[3])  # type: ignore[attr-defined]
+    with pytest.raises(BlobError, match="no longer in the store"):
+        store.get_blob(digest, len(data))
+
+
+def test_small_values_stay_inline_and_large_ones_split(app: App) -> None:
+    small = split_value(np.zeros(10), app.settings.blob_threshold)
+    assert small.blobs == {} and small.layout_json is None
+    large = split_value(_array(3), app.settings.blob_threshold)
+    assert len(large.blobs) == 1 and large.size > ARRAY_BYTES
+    # The pickle stream stays inline: a few hundred bytes that say how to rebuild it.
+    assert large.layout[0].digest is None and large.layout[0].size < 1024
+
+
+@pytest.fixture
+def on_one_host(
+    app: App, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[App, Path]]:
+    """A client and (started after) workers that share ``blob_dir``: blobs skip the store."""
+    directory = tmp_path / "blobs"
+    monkeypatch.setenv("NBTASK_BLOB_DIR", str(directory))  # read by the worker processes
+    local = App("local", settings=app.settings.replace(blob_dir=str(directory)))
+    yield local, directory
+    local.close()
+
+
+def test_blobs_go_through_a_shared_directory_on_one_host(
+    on_one_host: tuple[App, Path], start_worker, access: RawBroker
+) -> None:
+    local, directory = on_one_host
+    start_worker()
+
+    @local.task
+    def doubled(values: Any) -> Any:
+        return values * 2
+
+    array = _array(4)
+    result = doubled.delay(array).get(timeout=30)
+    assert np.array_equal(result, array * 2)
+    result[0] = -1.0  # mapped copy-on-write: writable, and the file is unchanged
+    assert len(list(directory.iterdir())) == 2 and _blob_keys(access) == []
+    assert oct(directory.stat().st_mode & 0o777) == oct(0o700)
+
+
+def test_a_tampered_blob_in_the_shared_directory_is_refused(
+    on_one_host: tuple[App, Path], start_worker, tmp_path: Path
+) -> None:
+    local, directory = on_one_host
+    trace = tmp_path / "unpickled"
+
+    @local.task
+    def length(data: Any) -> int:
+        return len(data)
+
+    handle = length.apply_async(([bytes([i % 256]) * 1024 for i in range(6000)],), countdown=1)
+    (path,) = directory.iterdir()
+    forged = pickle.dumps(Touch(trace), protocol=5)
+    path.write_bytes(forged + b"\0" * (path.stat().st_size - len(forged)))
+    start_worker()
+    with pytest.raises(BlobError, match="does not match its signed digest"):
+        handle.get(timeout=30)
+    assert not trace.exists(), "a tampered blob was unpickled"
+
+
+def test_a_blob_directory_others_may_write_to_is_not_used(app: App, tmp_path: Path) -> None:
+    directory = tmp_path / "open-to-all"
+    directory.mkdir(mode=0o777)
+    directory.chmod(0o777)
+    settings = app.settings.replace(blob_dir=str(directory))
+    assert LocalBlobs.open(settings.broker_url or "", settings) is None
+    directory.chmod(0o700)
+    opened = LocalBlobs.open(settings.broker_url or "", settings)
+    assert opened is not None and opened.directory == directory
+
+
+def test_a_large_result_stays_in_the_store_until_get_reads_it(
+    app: App, start_worker, access: RawBroker
+) -> None:
+    """The listener does not fetch a large result: get() does, on the asking thread."""
+    start_worker()
+
+    @app.task
+    def make(seed: int) -> Any:
+        import numpy as np
+
+        return np.random.default_rng(seed).random(ARRAY_BYTES // 8)  # as _array(seed)
+
+    kept, gone = make.delay(5), make.delay(6)
+    for handle in (kept, gone):
+        assert handle.exception(timeout=30) is None  # done, its value not read yet
+    (gone_key,) = [k for k in _blob_keys(access) if access.store.strlen(k) and _is_blob_of(k, 6)]
+    access.store.delete(gone_key)
+    assert np.array_equal(kept.get(timeout=1), _array(5))
+    with pytest.raises(BlobError, match="no longer in the store"):
+        gone.get(timeout=1)
+
+
+def _is_blob_of(key: bytes, seed: int) -> bool:
+    digest = key.decode().split(":")[-2]
+    return digest == split_value(_array(seed), 0).layout[1].digest

@@ -1,0 +1,100 @@
+"""Large values a ``%%task`` cell assigns stay on the workers until the notebook uses them.
+
+A real IPython shell against the real Redis and worker processes, with ``keep_threshold``
+lowered to 1 MiB so that a 2.4 MB array is kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+
+from nbtask import Settings
+from nbtask.errors import BlobError
+from nbtask.notebook.kept import RemoteValue
+from nbtask.notebook.session import Session
+
+MAKE_X = "import numpy as np\nx = np.arange(300_000.0)\nm = float(x.mean())"
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """The suite's settings, keeping names of 1 MiB or more on the workers."""
+    return settings.replace(keep_threshold=1024 * 1024)
+
+
+def task(ip: InteractiveShell, source: str, line: str = "--wait") -> Any:
+    return ip.run_cell_magic("task", line, source)
+
+
+def run(ip: InteractiveShell, code: str) -> None:
+    result = ip.run_cell(code)
+    assert result.error_in_exec is None and result.error_before_exec is None, result
+
+
+def test_a_large_assigned_value_stays_on_the_workers_with_a_preview(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    task(ip, MAKE_X)
+    kept = ip.user_ns["x"]
+    assert isinstance(kept, RemoteValue)
+    assert ip.user_ns["m"] == pytest.approx(149_999.5)  # small names come back as they are
+    text = repr(kept)
+    assert "kept on the workers" in text and "shape=(300000,)" in text
+    assert "dtype=float64" in text and "2,400,000 bytes" in text
+    assert "0.00000e+00" in text or "0.0" in text  # the start of the array's own repr
+
+
+def test_a_local_cell_that_reads_a_kept_value_fetches_it(
+    ip: InteractiveShell, nb: Session, capsys: pytest.CaptureFixture[str]
+) -> None:
+    task(ip, MAKE_X)
+    run(ip, "x")  # showing it shows its preview: nothing is fetched
+    assert isinstance(ip.user_ns["x"], RemoteValue)
+    run(ip, "head = x[:3].tolist()")
+    assert ip.user_ns["head"] == [0.0, 1.0, 2.0]
+    assert isinstance(ip.user_ns["x"], np.ndarray)
+    assert "fetching x (2.4 MB) from the workers" in capsys.readouterr().out
+
+
+def test_a_later_task_cell_uses_a_kept_value_in_place(ip: InteractiveShell, nb: Session) -> None:
+    task(ip, MAKE_X)
+    reference = ip.user_ns["x"]
+    task(ip, "total = float(x.sum())")
+    assert ip.user_ns["total"] == pytest.approx(float(np.arange(300_000.0).sum()))
+    assert ip.user_ns["x"] is reference, "a value the cell only read came back"
+    task(ip, "x[0] = -1.0")  # changed in place on the worker: kept again, changed
+    changed = ip.user_ns["x"]
+    assert isinstance(changed, RemoteValue) and changed is not reference
+    assert changed.fetch()[0] == -1.0
+
+
+def test_keep_and_fetch_choose_per_name(ip: InteractiveShell, nb: Session) -> None:
+    task(ip, MAKE_X + "\nsmall = [1, 2, 3]", "--wait --fetch x --keep small")
+    assert isinstance(ip.user_ns["x"], np.ndarray)
+    small = ip.user_ns["small"]
+    assert isinstance(small, RemoteValue) and small.fetch() == [1, 2, 3]
+
+
+def test_a_background_cell_then_a_local_read_waits_and_fetches(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    task(ip, MAKE_X, "")
+    run(ip, "last = float(x[-1])")
+    assert ip.user_ns["last"] == 299_999.0
+
+
+def test_fetching_over_the_budget_is_refused_saying_how_to_raise_it(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    task(ip, MAKE_X)
+    kept = ip.user_ns["x"]
+    kept.bind(nb.app.store.get_blob, 1_000_000)
+    with pytest.raises(BlobError, match=r"over the fetch budget .*NBTASK_FETCH_BUDGET"):
+        kept.fetch()
+    assert kept.fetch(force=True)[-1] == 299_999.0
+    result = ip.run_cell("x.sum()")
+    assert isinstance(result.error_in_exec, BlobError)
