@@ -48,26 +48,31 @@ end
 # May the task whose record is at `key` start now? A task starts only from PENDING or
 # RETRY (or with no record, e.g. an expired one): duplicates of a running task, replays
 # of a finished one and revoked tasks are refused. Returns 'OK' (and marks it STARTED by
-# worker/pid/consumer) or the state that forbids it. STARTED by this very consumer process
-# means its own earlier check, whose reply was lost with its connection (a consumer runs
-# one task at a time, and is not running this one): 'OK'. A redelivered message
-# (redelivered = '1') whose task is STARTED by someone else was lost by a dead holder:
-# 'LOST'. A record holding a signed outcome, or a task remembered as ended, means the task
-# ended, whatever its plain state field says: 'FINISHED'. A key of another type:
-# 'BADRECORD'.
+# worker/pid/consumer) or the state that forbids it. A final state refuses; so does a
+# record holding a signed outcome, or a task remembered as ended, whatever the plain
+# state field says: 'FINISHED'. Only then is "STARTED by this very consumer process"
+# weighed: it means its own earlier check, whose reply was lost with its connection (a
+# consumer runs one task at a time, and is not running this one): 'OK'. A redelivered
+# message (redelivered = '1') whose task is STARTED by someone else was lost by a dead
+# holder: 'LOST'. A key of another type: 'BADRECORD'.
 CHECK_START = (
     RECORD_STATE
     + """
 local function check_start(key, ttl, worker, pid, consumer, redelivered)
   local state = record_state(key)
   if state == 'bad' then return 'BADRECORD' end
+  if state and state ~= 'PENDING' and state ~= 'RETRY' and state ~= 'STARTED' then
+    return state
+  end
+  -- Signed facts first: the plain fields naming who started a task are anyone's to
+  -- write (the worker registry lists every consumer, pid and host).
+  if redis.call('HEXISTS', key, 'result') == 1 or ended(key) then return 'FINISHED' end
   if state == 'STARTED' then
     local by = redis.call('HMGET', key, 'worker', 'pid', 'consumer')
     if by[1] == worker and by[2] == pid and by[3] == consumer then return 'OK' end
     if redelivered == '1' then return 'LOST' end
+    return state
   end
-  if state and state ~= 'PENDING' and state ~= 'RETRY' then return state end
-  if redis.call('HEXISTS', key, 'result') == 1 or ended(key) then return 'FINISHED' end
   local now = redis.call('TIME')
   redis.call('HSET', key, 'state', 'STARTED', 'worker', worker, 'pid', pid,
              'consumer', consumer,
