@@ -13,7 +13,7 @@ from typing import Any
 
 from IPython.display import clear_output, display, publish_display_data
 
-from nbtask._text import redact_url
+from nbtask._text import printable, redact_url
 from nbtask.client.app import App, default_app, use_as_default
 from nbtask.errors import CellError
 from nbtask.notebook import process_state
@@ -212,10 +212,11 @@ class Session:
                 mine = here[module]
                 if _differs(module, mine, theirs) and (module, theirs) not in self._warned:
                     self._warned.add((module, theirs))
+                    # Announced versions and worker ids are unsigned: shown printable.
                     print(
-                        f"nbtask: {module} is {mine} here but {theirs} on worker {worker_id} "
-                        f"(queue {queue}): values made with one may not load the same in the "
-                        "other",
+                        f"nbtask: {module} is {mine} here but {printable(theirs)} on worker "
+                        f"{printable(worker_id)} (queue {queue}): values made with one may not "
+                        "load the same in the other",
                         file=sys.stderr,
                     )
 
