@@ -187,8 +187,9 @@ class Transport(Protocol):
     def publish(self, messages: Sequence[Publish]) -> list[str]:
         """Enqueue messages with their PENDING records.
 
-        Returns, per message, ``""`` or the final state that refused it (its task already
-        ended: a revoked chain step, or a reused id); a refused message is not queued.
+        Returns, per message, ``""`` or the state of the task already holding its id
+        (queued, running or ended: a revoked chain step, or a reused id); a refused
+        message is not queued.
         """
 
     def read_events(

@@ -104,8 +104,9 @@ class StreamsTransport:
                 continue
             # A large message skips the script: a script argument is one more copy of it
             # inside Redis. The record is written by the same shared step, and MULTI
-            # keeps it all-or-nothing; if the task is already final the message is still
-            # queued, and the start check drops it.
+            # keeps it all-or-nothing; if another task already holds the id the message
+            # is still queued, and the start check drops it (that task is running or
+            # ended), or only one of the two copies runs (it is queued).
             large = True
             if due is None:
                 queue_it: Command = (

@@ -84,17 +84,16 @@ end
 )
 
 # Write the PENDING record of a task being sent, and note it among its client's tasks
-# (`index`, '' for none). A task already final (revoked before a worker sent a chain's
-# next step, or an id reused) stays so: returns that state, else ''.
+# (`index`, '' for none). Task ids are single-use: a task that has a record (queued,
+# running, waiting to retry, or final: revoked before a worker sent a chain's next step,
+# or an id reused) stays as it is, and its state is returned; else ''.
 WRITE_PENDING = (
     RECORD_STATE
     + """
 local function write_pending(key, ttl, index, now, task_id, fields)
   own_record(key)
   local state = record_state(key)
-  if state == 'REVOKED' or state == 'SUCCESS' or state == 'FAILURE' or state == 'WORKER_LOST' then
-    return state
-  end
+  if state then return state end
   if redis.call('HEXISTS', key, 'result') == 1 or ended(key) then return 'FINISHED' end
   redis.call('HSET', key, unpack(fields))
   redis.call('EXPIRE', key, ttl)
