@@ -128,7 +128,9 @@ class StreamsTransport:
                     msg.task_id.encode() + b":" + msg.raw,
                 )
             record = self.store.pending_command(msg.task_id, msg.queue, msg.record)
-            commands += [("MULTI",), record, queue_it, ("EXEC",)]
+            # Room for the ETA set (a key of another type there is replaced).
+            room = self.link.evalsha("set_aside", [self.store.eta_key(msg.queue)])
+            commands += [("MULTI",), record, room, queue_it, ("EXEC",)]
         with self.link.translate_errors():
             replies = self.link.run_scripts(commands, large=large)
         return _refusals(replies)
