@@ -254,8 +254,8 @@ class Transport(Protocol):
     def holds_any(self, queues: Sequence[str], consumers: Sequence[str]) -> bool:
         """True if any of ``consumers`` still holds an unacknowledged delivery."""
 
-    def orphans(self) -> list[Delivery]:
-        """Deliveries lost by dead holders that the transport itself found."""
+    def orphans(self, queues: Sequence[str]) -> list[Delivery]:
+        """Deliveries of ``queues`` lost by dead holders that the transport itself found."""
 
     def stale(self, queues: Sequence[str], consumer: str) -> list[Delivery]:
         """Deliveries whose lease lapsed (no renewal for ``visibility_timeout``)."""

@@ -437,7 +437,7 @@ class StreamsTransport:
                     return True
         return False
 
-    def orphans(self) -> list[Delivery]:
+    def orphans(self, queues: Sequence[str]) -> list[Delivery]:
         """None: a dead holder's entries stay in its pending list (see :meth:`held`)."""
         return []
 
