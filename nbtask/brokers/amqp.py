@@ -448,15 +448,19 @@ class AmqpTransport:
         AMQP itself gives a dead consumer's deliveries back; only the ones already parked
         by whoever received them again are returned.
         """
-        return self.lost.claim(consumer)
+        return self.lost.claim(consumer, queues)
 
     def holds_any(self, queues: Sequence[str], consumers: Sequence[str]) -> bool:
         """False: AMQP gives a dead consumer's deliveries back by itself."""
         return False
 
-    def orphans(self) -> list[Delivery]:
-        """Parked lost deliveries, whoever lost them, that may be settled now."""
-        return self.lost.claim(None) if self.lost.waiting() else []
+    def orphans(self, queues: Sequence[str]) -> list[Delivery]:
+        """Parked lost deliveries of ``queues``, whoever lost them, that may be settled now.
+
+        Only a worker serving a queue settles its lost deliveries: it can verify them (a
+        worker of another app, with another secret, on the same key prefix could not).
+        """
+        return self.lost.claim(None, queues) if self.lost.waiting() else []
 
     def stale(self, queues: Sequence[str], consumer: str) -> list[Delivery]:
         """None: AMQP has no leases (a dead holder's connection closes)."""

@@ -4,15 +4,16 @@ A child that receives a message whose task is already ``STARTED`` (and that is m
 redelivered) holds a copy its previous holder lost. It parks the copy in the store
 (``<prefix>:lost`` sorted by when it may be claimed, ``<prefix>:lost:<task id>`` holding
 the message, its queue, redelivery count and the consumer that held it) and acknowledges
-it on AMQP. A supervisor then claims it, like a Redis pending entry of a dead child, and
-settles it: ``acks_late`` tasks are put back, early-ack ones reported ``WORKER_LOST``. A
-task that a live worker still lists as busy (its connection dropped, not the child) is
-left alone until it ends; a claim lapses after :data:`CLAIM_LEASE`.
+it on AMQP. A supervisor serving its queue then claims it, like a Redis pending entry of
+a dead child, and settles it: ``acks_late`` tasks are put back, early-ack ones reported
+``WORKER_LOST``. A task that a live worker still lists as busy (its connection dropped,
+not the child) is left alone until it ends; a claim lapses after :data:`CLAIM_LEASE`.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from nbtask.brokers.base import Delivery
 from nbtask.brokers.redis_store import RedisStore
@@ -46,8 +47,8 @@ class LostDeliveries:
         with self.store.link.translate_errors():
             return int(self.store.link.redis.zcount(self._key, "-inf", time.time()))
 
-    def claim(self, holder: str | None) -> list[Delivery]:
-        """Claim claimable deliveries: all of them, or those ``holder`` had lost."""
+    def claim(self, holder: str | None, queues: Sequence[str]) -> list[Delivery]:
+        """Claim claimable deliveries of ``queues``: all of them, or those ``holder`` lost."""
         now = time.time()
         redis = self.store.link.redis
         with self.store.link.translate_errors():
@@ -78,6 +79,8 @@ class LostDeliveries:
                     # ends by itself, or its supervisor settles it when the child dies.
                     continue
                 if holder is not None and fields.get(b"h", b"").decode() != holder:
+                    continue
+                if fields.get(b"q", b"").decode("utf-8", "replace") not in queues:
                     continue
                 entries[task_id] = fields
         if not entries:

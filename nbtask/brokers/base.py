@@ -196,8 +196,9 @@ class Transport(Protocol):
     def publish(self, messages: Sequence[Publish]) -> list[str]:
         """Enqueue messages with their PENDING records.
 
-        Returns, per message, ``""`` or the final state that refused it (its task already
-        ended: a revoked chain step, or a reused id); a refused message is not queued.
+        Returns, per message, ``""`` or the state of the task already holding its id
+        (queued, running or ended: a revoked chain step, or a reused id); a refused
+        message is not queued.
         """
 
     def read_events(
@@ -262,8 +263,8 @@ class Transport(Protocol):
     def holds_any(self, queues: Sequence[str], consumers: Sequence[str]) -> bool:
         """True if any of ``consumers`` still holds an unacknowledged delivery."""
 
-    def orphans(self) -> list[Delivery]:
-        """Deliveries lost by dead holders that the transport itself found."""
+    def orphans(self, queues: Sequence[str]) -> list[Delivery]:
+        """Deliveries of ``queues`` lost by dead holders that the transport itself found."""
 
     def stale(self, queues: Sequence[str], consumer: str) -> list[Delivery]:
         """Deliveries whose lease lapsed (no renewal for ``visibility_timeout``)."""

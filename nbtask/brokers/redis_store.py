@@ -98,9 +98,12 @@ class RedisStore(RedisWorkers, RedisBlobs):
         return f"{self.prefix}:done"
 
     def forget_ended_before(self, seconds: float) -> None:
-        """Forget ended tasks older than ``seconds``: their messages are too old to run."""
-        with self.link.translate_errors():
-            self.link.redis.zremrangebyscore(self.done_key, "-inf", time.time() - seconds)
+        """Forget ended tasks older than ``seconds``: their messages are too old to run.
+
+        A key of another type in the ended-task set's place is set aside (logged).
+        """
+        if self.link.call("forget_ended", [self.done_key], repr(time.time() - seconds)):
+            _log_set_aside(self.done_key, "the ended-task set")
 
     @property
     def control_key(self) -> str:
@@ -347,14 +350,19 @@ class RedisStore(RedisWorkers, RedisBlobs):
         reply = self.link.call(
             "claim_due", keys, repr(now), repr(now - stuck_after), CHANNEL_MAXLEN
         )
-        nxt, moved = self.due_reply(reply[:2]), reply[2:]
+        nxt, moved = self.due_reply(reply[:3]), reply[3:]
         return nxt, [
             (queues[int(index) - 1], bytes(member))
             for index, member in zip(moved[::2], moved[1::2], strict=True)
         ]
 
     def due_reply(self, reply: Sequence[Any]) -> float | None:
-        """The next due time from an ETA script's ``{next, quarantined}``; logs quarantine."""
+        """The next due time from an ETA script's ``{next, quarantined, set aside}``.
+
+        Logs what was quarantined or set aside.
+        """
+        for key in reply[2]:
+            _log_set_aside(key.decode("utf-8", "replace"), "an ETA set")
         if int(reply[1]):
             log.error(
                 "moved %d ETA entr%s without a task id to the dead-letter stream %s "
@@ -380,10 +388,11 @@ class RedisStore(RedisWorkers, RedisBlobs):
             for queue in queues:
                 pipe.zrange(self.eta_key(queue), 0, -1)
                 pipe.delete(self.eta_key(queue))
-            replies = pipe.execute()
+            replies = pipe.execute(raise_on_error=False)
         return [
             bytes(member).partition(b":")[0].decode("utf-8", "replace")
             for members in replies[::2]
+            if isinstance(members, list)  # else another type, holding no messages
             for member in members
         ]
 
@@ -441,6 +450,15 @@ class RedisStore(RedisWorkers, RedisBlobs):
         """Keep a message given up on in the dead-letter stream."""
         with self.link.translate_errors():
             self.link.run([self.dead_letter_command(delivery)], large=True)
+
+
+def _log_set_aside(key: str, what: str) -> None:
+    log.error(
+        "set aside %s: a key of another Redis type than %s (a sorted set), not written by "
+        "nbtask; deleted",
+        key,
+        what,
+    )
 
 
 def _flat(fields: Mapping[str, str | bytes], raw_event: bytes = b"") -> list[str | bytes]:

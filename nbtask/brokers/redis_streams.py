@@ -104,8 +104,9 @@ class StreamsTransport:
                 continue
             # A large message skips the script: a script argument is one more copy of it
             # inside Redis. The record is written by the same shared step, and MULTI
-            # keeps it all-or-nothing; if the task is already final the message is still
-            # queued, and the start check drops it.
+            # keeps it all-or-nothing; if another task already holds the id the message
+            # is still queued, and the start check drops it (that task is running or
+            # ended), or only one of the two copies runs (it is queued).
             large = True
             if due is None:
                 queue_it: Command = (
@@ -127,7 +128,9 @@ class StreamsTransport:
                     msg.task_id.encode() + b":" + msg.raw,
                 )
             record = self.store.pending_command(msg.task_id, msg.queue, msg.record)
-            commands += [("MULTI",), record, queue_it, ("EXEC",)]
+            # Room for the ETA set (a key of another type there is replaced).
+            room = self.link.evalsha("set_aside", [self.store.eta_key(msg.queue)])
+            commands += [("MULTI",), record, room, queue_it, ("EXEC",)]
         with self.link.translate_errors():
             replies = self.link.run_scripts(commands, large=large)
         return _refusals(replies)
@@ -434,7 +437,7 @@ class StreamsTransport:
                     return True
         return False
 
-    def orphans(self) -> list[Delivery]:
+    def orphans(self, queues: Sequence[str]) -> list[Delivery]:
         """None: a dead holder's entries stay in its pending list (see :meth:`held`)."""
         return []
 

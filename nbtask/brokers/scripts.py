@@ -14,9 +14,24 @@ from __future__ import annotations
 
 __all__ = ["STORE_SCRIPTS", "STREAMS_SCRIPTS"]
 
+# The ended-task set and the ETA sets are sorted sets: a key of another type there was
+# not written by nbtask (someone with write access to Redis put it there). Reading, it
+# holds nothing; writing replaces it; the supervisor's housekeeping sets it aside with a
+# log line (set_aside returns 1 when it deleted one).
+SET_ASIDE = """
+local function set_aside(key)
+  local kind = redis.call('TYPE', key)['ok']
+  if kind == 'zset' or kind == 'none' then return 0 end
+  redis.call('DEL', key)
+  return 1
+end
+"""
+
 # The record at `key` as a hash: anything else there was not written by nbtask (someone
 # with write access to Redis put it there). Reading: 'bad'; writing: it is replaced.
-RECORD_STATE = """
+RECORD_STATE = (
+    SET_ASIDE
+    + """
 local function record_state(key)
   local state = redis.pcall('HGET', key, 'state')
   if type(state) == 'table' then return 'bad' end
@@ -34,40 +49,49 @@ local function done_of(key)
 end
 local function ended(key)
   local done, task_id = done_of(key)
-  return done ~= nil and redis.call('ZSCORE', done, task_id) ~= false
+  if done == nil then return false end
+  local score = redis.pcall('ZSCORE', done, task_id)
+  return score ~= false and type(score) ~= 'table'  -- a table: an error (another type)
 end
 local function mark_ended(key)
   local done, task_id = done_of(key)
   if done then
+    set_aside(done)
     local now = redis.call('TIME')
     redis.call('ZADD', done, tonumber(now[1]) + tonumber(now[2]) / 1e6, task_id)
   end
 end
 """
+)
 
 # May the task whose record is at `key` start now? A task starts only from PENDING or
 # RETRY (or with no record, e.g. an expired one): duplicates of a running task, replays
 # of a finished one and revoked tasks are refused. Returns 'OK' (and marks it STARTED by
-# worker/pid/consumer) or the state that forbids it. STARTED by this very consumer process
-# means its own earlier check, whose reply was lost with its connection (a consumer runs
-# one task at a time, and is not running this one): 'OK'. A redelivered message
-# (redelivered = '1') whose task is STARTED by someone else was lost by a dead holder:
-# 'LOST'. A record holding a signed outcome, or a task remembered as ended, means the task
-# ended, whatever its plain state field says: 'FINISHED'. A key of another type:
-# 'BADRECORD'.
+# worker/pid/consumer) or the state that forbids it. A final state refuses; so does a
+# record holding a signed outcome, or a task remembered as ended, whatever the plain
+# state field says: 'FINISHED'. Only then is "STARTED by this very consumer process"
+# weighed: it means its own earlier check, whose reply was lost with its connection (a
+# consumer runs one task at a time, and is not running this one): 'OK'. A redelivered
+# message (redelivered = '1') whose task is STARTED by someone else was lost by a dead
+# holder: 'LOST'. A key of another type: 'BADRECORD'.
 CHECK_START = (
     RECORD_STATE
     + """
 local function check_start(key, ttl, worker, pid, consumer, redelivered)
   local state = record_state(key)
   if state == 'bad' then return 'BADRECORD' end
+  if state and state ~= 'PENDING' and state ~= 'RETRY' and state ~= 'STARTED' then
+    return state
+  end
+  -- Signed facts first: the plain fields naming who started a task are anyone's to
+  -- write (the worker registry lists every consumer, pid and host).
+  if redis.call('HEXISTS', key, 'result') == 1 or ended(key) then return 'FINISHED' end
   if state == 'STARTED' then
     local by = redis.call('HMGET', key, 'worker', 'pid', 'consumer')
     if by[1] == worker and by[2] == pid and by[3] == consumer then return 'OK' end
     if redelivered == '1' then return 'LOST' end
+    return state
   end
-  if state and state ~= 'PENDING' and state ~= 'RETRY' then return state end
-  if redis.call('HEXISTS', key, 'result') == 1 or ended(key) then return 'FINISHED' end
   local now = redis.call('TIME')
   redis.call('HSET', key, 'state', 'STARTED', 'worker', worker, 'pid', pid,
              'consumer', consumer,
@@ -79,17 +103,16 @@ end
 )
 
 # Write the PENDING record of a task being sent, and note it among its client's tasks
-# (`index`, '' for none). A task already final (revoked before a worker sent a chain's
-# next step, or an id reused) stays so: returns that state, else ''.
+# (`index`, '' for none). Task ids are single-use: a task that has a record (queued,
+# running, waiting to retry, or final: revoked before a worker sent a chain's next step,
+# or an id reused) stays as it is, and its state is returned; else ''.
 WRITE_PENDING = (
     RECORD_STATE
     + """
 local function write_pending(key, ttl, index, now, task_id, fields)
   own_record(key)
   local state = record_state(key)
-  if state == 'REVOKED' or state == 'SUCCESS' or state == 'FAILURE' or state == 'WORKER_LOST' then
-    return state
-  end
+  if state then return state end
   if redis.call('HEXISTS', key, 'result') == 1 or ended(key) then return 'FINISHED' end
   redis.call('HSET', key, unpack(fields))
   redis.call('EXPIRE', key, ttl)
@@ -151,7 +174,10 @@ _RECORD = (
     + """
 local refused = write_pending(KEYS[1], ARGV[1], KEYS[3], ARGV[2], ARGV[3], {unpack(ARGV, 6)})
 if refused ~= '' then return refused end
-if ARGV[5] ~= '' then redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5]) end
+if ARGV[5] ~= '' then
+  set_aside(KEYS[2])
+  redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
+end
 return ''
 """
 )
@@ -162,7 +188,10 @@ _SETTLE = (
     WRITE_FINAL
     + """
 write_final(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], {unpack(ARGV, 6)})
-if ARGV[4] ~= '' then redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4]) end
+if ARGV[4] ~= '' then
+  set_aside(KEYS[3])
+  redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4])
+end
 return 1
 """
 )
@@ -184,6 +213,21 @@ redis.call('EXPIRE', KEYS[2], ARGV[2])
 return 1
 """
 )
+
+# Forget ended tasks that ended before ARGV[1] (their messages are too old to run).
+# KEYS: ended-task set. Returns 1 if it was of another type and was set aside, else 0.
+_FORGET_ENDED = (
+    SET_ASIDE
+    + """
+local aside = set_aside(KEYS[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+return aside
+"""
+)
+
+# Make room for a sorted set (an ETA set a large message is parked in without a
+# script). KEYS: the key. Returns 1 if it held another type, else 0.
+_SET_ASIDE = SET_ASIDE + "return set_aside(KEYS[1])\n"
 
 # A token bucket per (worker, task name) holding one token: tasks start at most `rate`
 # per second. Returns how long to wait, in seconds ('0' = go now).
@@ -209,7 +253,10 @@ return 0
 
 # An ETA member "<task id>:<message>", split; a member without a task id (not written by
 # nbtask) is moved to the dead-letter stream instead, so it cannot stop the others.
-ETA_MEMBER = """
+# set_aside_every: the keys of another type among keys[first], keys[first + step], ...
+ETA_MEMBER = (
+    SET_ASIDE
+    + """
 local function split_member(member, eta_key, dead_key, maxlen)
   local cut = string.find(member, ':', 1, true)
   if cut and cut > 1 then return string.sub(member, 1, cut - 1), string.sub(member, cut + 1) end
@@ -226,16 +273,24 @@ local function next_due(keys, first)
   if nxt then return tostring(nxt) end
   return ''
 end
+local function set_aside_every(keys, first, step)
+  local aside = {}
+  for i = first, #keys, step do
+    if set_aside(keys[i]) == 1 then table.insert(aside, keys[i]) end
+  end
+  return aside
+end
 """
+)
 
 # Claim due ETA messages (and ones stuck mid-move) into the moving sets, for a transport
 # that publishes them itself. KEYS: dead letters, eta set, moving set, ...
 # ARGV: now, stuck-before, maxlen
-# Returns {next due or '', quarantined, queue index, member, queue index, member, ...}.
+# Returns {next due or '', quarantined, keys set aside, queue index, member, ...}.
 _CLAIM_DUE = (
     ETA_MEMBER
     + """
-local out, bad = {'', 0}, 0
+local out, bad = {'', 0, set_aside_every(KEYS, 2, 1)}, 0
 for i = 2, #KEYS, 2 do
   local q = tostring(i / 2)
   for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', ARGV[1], 'LIMIT', 0, 500)) do
@@ -290,6 +345,8 @@ STORE_SCRIPTS = {
     "record": _RECORD,
     "settle": _SETTLE,
     "revoke": _REVOKE,
+    "forget_ended": _FORGET_ENDED,
+    "set_aside": _SET_ASIDE,
     "rate": _RATE,
     "forget_unsent": _FORGET_UNSENT,
     "claim_due": _CLAIM_DUE,
@@ -326,6 +383,7 @@ if refused ~= '' then return refused end
 if ARGV[3] == '' then
   redis.call('XADD', KEYS[1], '*', 'e', ARGV[1], 'n', '0', 'i', ARGV[4])
 else
+  set_aside(KEYS[2])
   redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4] .. ':' .. ARGV[1])
 end
 return ''
@@ -341,7 +399,10 @@ _FINISH = (
     WRITE_FINAL
     + """
 write_final(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], {unpack(ARGV, 7)})
-if ARGV[5] ~= '' then redis.call('ZADD', KEYS[4], ARGV[6], ARGV[5]) end
+if ARGV[5] ~= '' then
+  set_aside(KEYS[4])
+  redis.call('ZADD', KEYS[4], ARGV[6], ARGV[5])
+end
 if ARGV[4] ~= '' then
   redis.call('XACK', KEYS[3], 'workers', ARGV[4])
   redis.call('XDEL', KEYS[3], ARGV[4])
@@ -414,11 +475,11 @@ return false
 )
 
 # Move due ETA messages onto their streams. KEYS: dead letters, eta set, stream, ...
-# ARGV: now, maxlen. Returns {next due or '', quarantined}.
+# ARGV: now, maxlen. Returns {next due or '', quarantined, keys set aside}.
 _MOVE_DUE = (
     ETA_MEMBER
     + """
-local bad = 0
+local bad, aside = 0, set_aside_every(KEYS, 2, 2)
 for i = 2, #KEYS, 2 do
   for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', ARGV[1], 'LIMIT', 0, 500)) do
     local task_id, raw = split_member(m, KEYS[i], KEYS[1], ARGV[2])
@@ -430,7 +491,7 @@ for i = 2, #KEYS, 2 do
     end
   end
 end
-return {next_due(KEYS, 2), bad}
+return {next_due(KEYS, 2), bad, aside}
 """
 )
 
@@ -458,7 +519,9 @@ for i = 1, #KEYS, 2 do
       redis.call('XDEL', KEYS[i], entry[1])
     end
   end
-  for _, m in ipairs(redis.call('ZRANGE', KEYS[i + 1], 0, -1)) do
+  local waiting = redis.pcall('ZRANGE', KEYS[i + 1], 0, -1)
+  if waiting.err then waiting = {} end  -- another type: it held no messages
+  for _, m in ipairs(waiting) do
     table.insert(ids, string.sub(m, 1, (string.find(m, ':', 1, true) or 1) - 1))
   end
   redis.call('DEL', KEYS[i + 1])

@@ -339,26 +339,32 @@ class App:
         Raises
         ------
         ConfigurationError
-            A call reused the id of a task that already ended (``task_id=``); the other
-            calls were sent.
+            A call reused the id of another task (``task_id=``), queued, running or
+            ended; the other calls were sent.
         """
         builder, channel = self._message_builder(), self.channel
         built = [builder.build(call, channel) for call in calls]
         self._live_workers().check_secret({message.queue for message, _ in built})
         handles = [TaskHandle(self, m.id, m.name, m.queue) for m, _ in built]
         listener = self._listen()
+        # A refused call must leave the handle of the task holding its id in place.
+        previous = []
         for handle in handles:
+            previous.append(listener.get(handle.id))
             listener.register(handle)
         refused = self.transport.publish([publish for _, publish in built])
-        ended = [(h, state) for h, state in zip(handles, refused, strict=True) if state]
-        if ended:
-            for handle, _ in ended:
+        taken = [
+            (handle, state, before)
+            for handle, state, before in zip(handles, refused, previous, strict=True)
+            if state
+        ]
+        for handle, _, before in reversed(taken):
+            if before is None:
                 listener.forget(handle.id)
-            names = ", ".join(f"{h.id!r} ({state})" for h, state in ended)
-            raise ConfigurationError(
-                f"task id {names} was already used by a task that ended: nothing was sent "
-                "for it. Task ids are single-use; leave task_id out for a fresh one"
-            )
+            else:
+                listener.register(before)
+        if taken:
+            raise ConfigurationError(_reused_ids([(h.id, state) for h, state, _ in taken]))
         return handles
 
     def _live_workers(self) -> LiveWorkers:
@@ -565,3 +571,19 @@ def _close_at_exit(ref: weakref.ReferenceType[App]) -> None:
 def _origin(task: BaseTask) -> str:
     code = type(task).__dict__.get("__wrapped__", type(task))
     return f"{code.__module__}.{code.__qualname__}"
+
+
+def _reused_ids(taken: Sequence[tuple[str, str]]) -> str:
+    """The error for calls whose ``task_id`` another task holds, with that task's state."""
+    final = {state.value for state in FINAL_STATES} | {"FINISHED"}
+    reasons = [
+        f"task id {task_id!r} was already used by a task that ended ({state})"
+        if state in final
+        else f"task id {task_id!r} belongs to a task that has not ended ({state}); follow "
+        f"it with app.handle({task_id!r})"
+        for task_id, state in taken
+    ]
+    return (
+        f"{'; '.join(reasons)}. Nothing was sent for {'it' if len(taken) == 1 else 'them'}: "
+        "task ids are single-use; leave task_id out for a fresh one"
+    )

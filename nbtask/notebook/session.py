@@ -229,10 +229,11 @@ class Session:
                 mine = here[module]
                 if _differs(module, mine, theirs) and (module, theirs) not in self._warned:
                     self._warned.add((module, theirs))
+                    # Announced versions and worker ids are unsigned: shown printable.
                     print(
-                        f"nbtask: {module} is {mine} here but {theirs} on worker {worker_id} "
-                        f"(queue {queue}): values made with one may not load the same in the "
-                        "other",
+                        f"nbtask: {module} is {mine} here but {printable(theirs)} on worker "
+                        f"{printable(worker_id)} (queue {queue}): values made with one may not "
+                        "load the same in the other",
                         file=sys.stderr,
                     )
 

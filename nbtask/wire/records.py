@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from nbtask.wire.events import FINAL_STATES, State
@@ -138,6 +138,14 @@ class WorkerInfo:
     pids: tuple[int, ...] = ()
     #: The named datasets it holds (see :mod:`nbtask.core.datasets`).
     datasets: tuple[str, ...] = ()
+
+    def verifiable_with(self, accepted: Sequence[str]) -> bool:
+        """True if a worker accepting the secrets ``accepted`` names verifies all this one did.
+
+        Every message this worker took was signed with one of the secrets :attr:`keys`
+        names. An entry naming none (from an older nbtask) cannot be judged: True.
+        """
+        return set(self.keys) <= set(accepted)
 
     def to_json(self) -> str:
         """The registry entry's text."""

@@ -35,6 +35,7 @@ __all__ = [
     "has_handlers",
     "outcome_fields",
     "report",
+    "stopped_event",
 ]
 
 log = logging.getLogger("nbtask.worker")
@@ -157,6 +158,16 @@ def report(
     raw = signer.seal(event.to_header(), body)
     assert event.state is not None
     transport.finish(delivery, task_id, channel, raw, final_fields(event.state, raw))
+
+
+def stopped_event(stopped: tuple[str, str, float], reason: str, name: str) -> Event:
+    """The final event of a task its supervisor killed on purpose (``stopped``: id, why, when)."""
+    task_id, why, _ = stopped
+    if why == "revoked":
+        return Event(EventType.REVOKED, task_id, FINAL_SEQ, {"reason": "terminated"})
+    evalue = f"task {name} ran past its hard time limit and its process was killed"
+    data = {"ename": "TimeLimitExceeded", "reason": reason, "evalue": evalue}
+    return Event(EventType.FAILURE, task_id, FINAL_SEQ, data)
 
 
 class FollowUps:

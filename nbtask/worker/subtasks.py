@@ -35,8 +35,9 @@ class SubtaskPublisher:
     def publish(self, channel: str, sigs: Sequence[Signature]) -> list[str]:
         """Send signatures (with their final arguments) for ``channel``'s client; their ids.
 
-        A signature whose task already ended (a chain step revoked before this worker
-        sent it) stays as it is: its message is not queued.
+        A signature whose task already has a record stays as it is, and its message is
+        not queued: a chain step revoked before this worker sent it, or one a rerun of its
+        parent sends again while the first copy is queued or running.
         """
         publishes = [
             self.builder.build((sig.task, sig.args, sig.kwargs, sig.options), channel)[1]

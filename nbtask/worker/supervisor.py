@@ -4,7 +4,7 @@ The supervisor runs no task code. It forks one child per slot (each takes one me
 a time, so prefetch equals free slots), restarts a child that dies and settles the task it
 held (redelivered if ``acks_late``, else ``WORKER_LOST``), renews the leases of running
 tasks at every heartbeat, moves due ETA messages onto their queues, and cleans up after
-other workers whose heartbeat lapsed.
+other workers whose heartbeat lapsed (those whose messages it can verify).
 
 Signals: the first SIGTERM/SIGINT is a warm shutdown (children finish their current task),
 the second a cold one (children are killed; their tasks are settled as if they died).
@@ -38,7 +38,7 @@ from nbtask.wire.message import TaskMessage
 from nbtask.wire.records import WorkerInfo
 from nbtask.wire.versions import probe_result, start_probe
 from nbtask.worker.child import Child
-from nbtask.worker.settle import report
+from nbtask.worker.settle import report, stopped_event
 from nbtask.worker.slots import SlotState
 
 __all__ = ["EXIT_OK", "EXIT_SIGNAL", "Worker"]
@@ -115,6 +115,7 @@ class Worker:
         self._signals = 0
         self._warm = False
         self._failing: dict[str, str] = {}  # housekeeping step -> its last error
+        self._left_to_others: set[str] = set()  # dead workers whose secrets this one lacks
         # Ended tasks are remembered a little past max_age: a message older is refused.
         self._replays_after = settings.replay_window + 60.0
         self._started = time.time()
@@ -252,7 +253,7 @@ class Worker:
                 log.info("housekeeping step %r works again", name)
 
     def _settle_orphans(self) -> None:
-        for delivery in self.transport.orphans():
+        for delivery in self.transport.orphans(self.queues):
             self._settle_lost(delivery, "its worker process died (redelivered by the broker)")
 
     def _settle_stale(self) -> None:
@@ -378,7 +379,9 @@ class Worker:
 
     def _reclaim_dead_workers(self) -> None:
         for worker_id, info in self.store.dead_workers().items():
-            if worker_id == self.worker_id or not self.store.claim_dead_worker(worker_id):
+            if worker_id == self.worker_id or not self._can_verify_for(worker_id, info):
+                continue
+            if not self.store.claim_dead_worker(worker_id):
                 continue
             if info is None:  # an entry nbtask did not write: nothing to settle
                 log.warning("dropped unreadable worker entry %r from the registry", worker_id)
@@ -399,6 +402,24 @@ class Worker:
                 self.store.unregister(worker_id)
                 self.transport.forget_consumers(info.consumers, info.queues)
                 log.warning("cleaned up after dead worker %s", worker_id)
+
+    def _can_verify_for(self, worker_id: str, info: WorkerInfo | None) -> bool:
+        """Whether this worker may clean up after a dead one: it can verify its messages.
+
+        One that cannot would take a genuine message signed with a secret it lacks (another
+        app's, on the same key prefix) for a forgery and dead-letter it: the dead worker is
+        left to a worker with its secrets, e.g. the next one of its own app.
+        """
+        if info is None or info.verifiable_with(self.signer.accepted_key_ids):
+            return True
+        if worker_id not in self._left_to_others:
+            self._left_to_others.add(worker_id)
+            log.warning(
+                "left dead worker %r to a worker with its secrets: this one cannot verify "
+                "its messages",
+                worker_id,
+            )
+        return False
 
     def _enforce_limits(self) -> None:
         """Kill children past their task's hard time limit or a terminate's grace period."""
@@ -489,7 +510,7 @@ class Worker:
             self.transport.discard(delivery)  # it finished; only the acknowledgement was lost
             return
         if stopped is not None and stopped[0] == message.id:
-            event = _stopped_event(stopped, reason, message.name)
+            event = stopped_event(stopped, reason, message.name)
             report(self.transport, self.signer, message.id, message.client, event, delivery)
             return
         redeliver = message.acks_late and message.reject_on_worker_lost is not False
@@ -529,15 +550,5 @@ class Worker:
             or record.state is not State.STARTED
         ):
             return
-        event = _stopped_event(stopped, reason, record.name or "task")
+        event = stopped_event(stopped, reason, record.name or "task")
         report(self.transport, self.signer, task_id, channel, event)
-
-
-def _stopped_event(stopped: tuple[str, str, float], reason: str, name: str) -> Event:
-    """The final event of a task this supervisor killed on purpose."""
-    task_id, why, _ = stopped
-    if why == "revoked":
-        return Event(EventType.REVOKED, task_id, FINAL_SEQ, {"reason": "terminated"})
-    evalue = f"task {name} ran past its hard time limit and its process was killed"
-    data = {"ename": "TimeLimitExceeded", "reason": reason, "evalue": evalue}
-    return Event(EventType.FAILURE, task_id, FINAL_SEQ, data)

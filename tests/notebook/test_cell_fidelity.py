@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from helpers import SECRET, wait_until
 from IPython.core.interactiveshell import InteractiveShell
+from raw_broker import RawBroker
 
 import nbtask
 from nbtask import App, Settings, State
@@ -174,6 +175,25 @@ def test_another_version_on_the_workers_is_named_once(
     task(ip, "n = float(np.mean([3, 4]))")
     err = capsys.readouterr().err
     assert err.count(f"numpy is {numpy.__version__} here but 0.1 on worker") == 1
+
+
+def test_versions_and_worker_ids_from_the_registry_are_shown_without_control_codes(
+    ip: InteractiveShell,
+    nb: Session,
+    access: RawBroker,
+    settings: Settings,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Both are unsigned: anyone with broker access can announce a worker and its versions."""
+    fake = "fake\x1b[5m-worker"
+    real = next(iter(nb.app.workers().values()))
+    access.store.hset(f"{settings.key_prefix}:workers", fake, real.to_json())
+    access.store.set(f"{settings.key_prefix}:hb:{fake}", "1", ex=60)
+    access.keys.announce_versions(fake, {"python": "\x1b]0;PWNED\x07\x1b[2J9.9"})
+    task(ip, "x = 1")
+    err = capsys.readouterr().err
+    assert "python is" in err and "here but ?]0;PWNED??[2J9.9 on worker fake?[5m-worker" in err
+    assert "\x1b" not in err and "\x07" not in err
 
 
 def test_status_forgets_tasks_as_they_end(ip: InteractiveShell, nb: Session) -> None:

@@ -39,6 +39,51 @@ def test_eta_member_without_a_task_id_is_quarantined_and_countdowns_go_on(
     assert worker.log.read_text().count("without a task id") == 1
 
 
+def test_ended_task_set_of_another_type_is_set_aside_and_tasks_go_on(
+    app: App, access: RawBroker, start_worker, tmp_path: Path
+) -> None:
+    """``<prefix>:done`` overwritten while one task runs and others are sent: every task
+    ends, the set is remembered again, and the worker says so once."""
+    done = access.keys.done_key
+    worker = start_worker(concurrency=1)
+    marker = tmp_path / "marker"
+    running = app.send_task(SLOW_EARLY, (str(marker), 1.0))
+    wait_until(lambda: len(pids_in(marker)) == 1, 10, "the task to start")
+    access.store.set(done, "not a sorted set")
+    waiting = app.send_task(ADD, (1, 2))  # the client's write finds it too
+    assert running.get(timeout=15) == pids_in(marker)[0]
+    assert waiting.get(timeout=15) == 3
+    assert access.store.zscore(done, waiting.id) is not None  # remembered again
+
+    def logged() -> int:
+        return worker.log.read_text().count(f"set aside {done}")
+
+    before = logged()  # 0 or 1: the first task's end may have replaced it unseen
+    access.store.set(done, "not a sorted set")  # with no task ending meanwhile
+    wait_until(lambda: logged() == before + 1, 10, "the set to be set aside")
+    assert app.send_task(ADD, (2, 2), countdown=0.2).get(timeout=15) == 4
+    seen = max(i.seen for i in app.workers().values())
+    wait_until(lambda: max(i.seen for i in app.workers().values()) > seen + 0.5, 5, "heartbeats")
+    assert logged() == before + 1  # once
+
+
+def test_eta_set_of_another_type_is_set_aside_and_countdowns_go_on(
+    app: App, access: RawBroker, start_worker
+) -> None:
+    eta = access.keys.eta_key("default")
+    access.store.set(eta, "not a sorted set")
+    parked = app.send_task(ADD, (1, 2), countdown=0.3)  # the client's write replaces it
+    worker = start_worker(concurrency=1)
+    assert parked.get(timeout=15) == 3
+    access.store.set(eta, "not a sorted set")  # now found by the worker's housekeeping
+    wait_until(lambda: f"set aside {eta}" in worker.log.read_text(), 10, "the set aside")
+    assert app.send_task(ADD, (2, 2), countdown=0.3).get(timeout=15) == 4
+    seen = max(i.seen for i in app.workers().values())
+    wait_until(lambda: max(i.seen for i in app.workers().values()) > seen + 0.5, 5, "heartbeats")
+    assert worker.log.read_text().count(f"set aside {eta}") == 1
+    assert "Traceback" not in worker.log.read_text()
+
+
 def test_record_of_another_type_refuses_its_task_and_the_worker_serves_on(
     app: App, access: RawBroker, start_worker
 ) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import psutil
@@ -118,6 +119,45 @@ def test_whole_worker_killed_tasks_settled_by_another_worker(
     assert len(pids_in(early_marker)) == 1  # early-acked: never rerun
     assert event_types(access, app, late.id).count("success") == 1
     assert access.drained()
+
+
+def test_dead_workers_tasks_wait_for_a_worker_that_can_verify_them(
+    app: App, start_worker, tmp_path: Path, access: RawBroker
+) -> None:
+    """Another app's worker on the same key prefix (another secret) is the only one alive
+    when a worker dies: it cannot tell the dead worker's messages from forgeries, so it
+    leaves them, and the next worker with the right secret settles them."""
+    other_secret = tmp_path / "secret"
+    other_secret.write_text("the-other-apps-secret")
+    stranger = start_worker("--secret-file", str(other_secret), "-Q", "elsewhere", concurrency=1)
+    first = start_worker(concurrency=2)
+    late_marker, early_marker = tmp_path / "late", tmp_path / "early"
+    late = app.send_task(SLOW_MARKER, (str(late_marker), 1.0), acks_late=True)
+    early = app.send_task(SLOW_EARLY, (str(early_marker), 30.0))
+    wait_until(
+        lambda: len(pids_in(late_marker)) == 1 and len(pids_in(early_marker)) == 1,
+        10,
+        "both tasks to start",
+    )
+    victims = [first.pid] + [c.pid for c in first.children()]
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    first.process.wait(10)
+    # Past the dead worker's heartbeats and its leases' visibility timeout, with only
+    # the stranger's housekeeping running meanwhile.
+    time.sleep(app.settings.visibility_timeout + 10 * app.settings.heartbeat_interval)
+    assert not late.done() and not early.done()
+    assert access.dead_letters() == []
+    told = stranger.log.read_text()
+    assert "dead-lettered" not in told and told.count("left dead worker") == 1
+
+    second = start_worker(concurrency=2)
+    with pytest.raises(nbtask.WorkerLost):
+        early.get(timeout=app.settings.visibility_timeout + 5.0)
+    assert late.get(timeout=15) == pids_in(late_marker)[1]
+    assert pids_in(late_marker)[1] in {c.pid for c in second.children()}
+    assert len(pids_in(early_marker)) == 1
+    assert access.dead_letters() == []
 
 
 def test_paused_worker_keeps_its_running_task(

@@ -89,6 +89,51 @@ def test_state_reset_or_record_deleted_then_replayed_never_runs_again(
     assert runs_in(ledger) == [h.id]
 
 
+def _started_by_the_live_child(app: App, access: RawBroker, task_id: str) -> None:
+    """Rewrite a record's plain fields to "STARTED by the worker's own child": the
+    registry names its host, pid and consumer to anyone with broker access."""
+    wait_until(
+        lambda: any(i.pids and i.pids[0] for i in app.workers().values()), 10, "the child's pid"
+    )
+    [info] = app.workers().values()
+    fields = {
+        "state": "STARTED",
+        "worker": info.hostname,
+        "pid": str(info.pids[0]),
+        "consumer": info.consumers[0],
+    }
+    access.store.hset(access.keys.record_key(task_id), mapping=fields)
+
+
+def test_replay_after_the_record_names_the_live_child_as_starter_never_runs_again(
+    app: App, access: RawBroker, start_worker, tmp_path: Path
+) -> None:
+    """The "started by this very child" rule (a start check whose reply was lost) never
+    outweighs the signed outcome or the ended-task entry."""
+    ledger = tmp_path / "ledger"
+    h, raw, worker = _sent_then_run(app, access, start_worker, ledger)
+    _started_by_the_live_child(app, access, h.id)
+    access.inject(raw, task_id=h.id)
+    access.inject(raw)  # and without the id beside it
+    wait_until(lambda: _log_count(worker, f"dropped a message for task {h.id}") == 2, 15, "drops")
+    wait_for_housekeeping(app)
+    assert runs_in(ledger) == [h.id]
+
+
+def test_revoked_task_whose_record_names_the_live_child_as_starter_never_runs(
+    app: App, access: RawBroker, start_worker, tmp_path: Path
+) -> None:
+    ledger = tmp_path / "ledger"
+    worker = start_worker(concurrency=1)
+    h = app.send_task(RECORD_ID, (str(ledger),), countdown=1.5)
+    assert app.revoke(h.id)
+    _started_by_the_live_child(app, access, h.id)  # while its genuine message waits
+    wait_until(lambda: _log_count(worker, f"dropped a message for task {h.id}") == 1, 15, "drop")
+    wait_for_housekeeping(app)
+    assert runs_in(ledger) == []
+    assert access.drained()
+
+
 @pytest.fixture
 def short_max_age(monkeypatch: pytest.MonkeyPatch) -> float:
     """Workers refuse messages older than this (start_worker copies os.environ)."""

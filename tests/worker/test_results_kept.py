@@ -17,6 +17,9 @@ from nbtask import App, ConfigurationError, Settings, State
 
 pytestmark = pytest.mark.brokers
 
+ADD = "tests.sample_tasks.add"
+WAIT_FOR_FILE = "tests.sample_tasks.wait_for_file"
+
 
 def pids_in(path: Path) -> list[int]:
     return [int(x) for x in path.read_text().split()] if path.exists() else []
@@ -106,6 +109,24 @@ def test_reused_task_id_is_refused_at_send_time(app: App, start_worker) -> None:
     assert first.get(timeout=10) == 3
     with pytest.raises(ConfigurationError, match=r"used-once.*SUCCESS"):
         app.send_task("tests.sample_tasks.add", (3, 4), task_id="used-once")
+
+
+def test_reusing_the_id_of_a_queued_or_running_task_is_refused_and_its_handle_resolves(
+    app: App, start_worker, tmp_path: Path
+) -> None:
+    start_worker(concurrency=1)
+    marker, go = tmp_path / "marker", tmp_path / "go"
+    running = app.send_task(WAIT_FOR_FILE, (str(marker), str(go)), task_id="in-use")
+    wait_until(lambda: running.state is State.STARTED, 10, "the first task to start")
+    with pytest.raises(ConfigurationError, match=r"'in-use'.*not ended.*STARTED"):
+        app.send_task(ADD, (1, 1), task_id="in-use")
+    queued = app.send_task(ADD, (2, 2), task_id="queued")  # behind it, on the one child
+    with pytest.raises(ConfigurationError, match=r"'queued'.*not ended.*PENDING"):
+        app.send_task(ADD, (3, 3), task_id="queued")
+    go.touch()
+    assert running.get(timeout=10) == pids_in(marker)[0]  # the first handle still resolves
+    assert queued.get(timeout=10) == 4
+    assert len(pids_in(marker)) == 1  # nothing was sent for the second call
 
 
 def test_client_with_another_secret_is_refused_at_send_time(
