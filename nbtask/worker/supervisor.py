@@ -12,7 +12,6 @@ the second a cold one (children are killed; their tasks are settled as if they d
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -27,18 +26,16 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from nbtask._text import redact_url
-from nbtask.brokers import Delivery, Transport, open_broker
+from nbtask.brokers import Transport, open_broker
 from nbtask.core.datasets import Loader, data_queue
 from nbtask.core.task import Task
 from nbtask.errors import BrokerUnavailable, NbtaskError
 from nbtask.settings import Settings
 from nbtask.wire.envelope import Signer
-from nbtask.wire.events import FINAL_SEQ, Event, EventType, State
-from nbtask.wire.message import TaskMessage
 from nbtask.wire.records import WorkerInfo
 from nbtask.wire.versions import probe_result, start_probe
 from nbtask.worker.child import Child
-from nbtask.worker.settle import report, stopped_event
+from nbtask.worker.lost import LostTasks
 from nbtask.worker.slots import SlotState
 
 __all__ = ["EXIT_OK", "EXIT_SIGNAL", "Worker"]
@@ -129,6 +126,7 @@ class Worker:
         self.transport: Transport = open_broker(self.settings, self.url)
         self.store = self.transport.store
         self.signer = Signer.for_settings(self.settings, self.secret)
+        self.lost = LostTasks(self.transport, self.signer, self.settings)
         self.transport.ensure_queues(self.queues)
         # Handlers only count signals; the loop below decides what to do.
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -254,11 +252,11 @@ class Worker:
 
     def _settle_orphans(self) -> None:
         for delivery in self.transport.orphans(self.queues):
-            self._settle_lost(delivery, "its worker process died (redelivered by the broker)")
+            self.lost.settle(delivery, "its worker process died (redelivered by the broker)")
 
     def _settle_stale(self) -> None:
         for delivery in self.transport.stale(self.queues, self.worker_id):
-            self._settle_lost(delivery, "its lease expired (visibility timeout)")
+            self.lost.settle(delivery, "its lease expired (visibility timeout)")
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals += 1
@@ -296,13 +294,13 @@ class Worker:
         try:
             lost = self.transport.held(self.queues, self.consumers[slot])
             for delivery in lost:
-                self._settle_lost(delivery, reason, stopped)
+                self.lost.settle(delivery, reason, stopped)
             had_task = had_task or bool(lost)
             if stopped is not None and not any(d.task_id == stopped[0] for d in lost):
                 # A broker that gives a dead child's message back by itself (AMQP) may
                 # not show it yet: store why it was killed now, so that the copy coming
                 # back finds the task final and is dropped.
-                self._report_stopped(stopped, reason)
+                self.lost.report_stopped(stopped, reason)
         except BrokerUnavailable as exc:
             log.warning("could not settle the tasks of child %d yet: %s", slot, exc)
         if not respawn:
@@ -394,7 +392,7 @@ class Worker:
             settled = 0
             for consumer in info.consumers:
                 for delivery in self.transport.held(info.queues, consumer, min_idle=idle):
-                    self._settle_lost(delivery, reason)
+                    self.lost.settle(delivery, reason)
                     settled += 1
             if settled:
                 log.warning("settled %d task(s) of dead worker %s", settled, worker_id)
@@ -490,65 +488,3 @@ class Worker:
             else:
                 if now >= forget_at:
                     del self._terminates[task_id]
-
-    def _settle_lost(
-        self, delivery: Delivery, reason: str, stopped: tuple[str, str, float] | None = None
-    ) -> None:
-        """Settle a delivery whose worker died: redeliver (acks_late) or report it lost.
-
-        ``stopped`` names a task this supervisor killed on purpose (time limit, revoke):
-        that one is reported as such, never redelivered.
-        """
-        try:
-            message = TaskMessage.from_header(self.signer.open(delivery.raw).header)
-        except NbtaskError as exc:
-            log.error("dead-lettered an unverifiable message %s: %s", delivery.delivery_id, exc)
-            self.transport.dead_letter(delivery)
-            return
-        record = self.store.get_record(message.id)
-        if record is not None and record.final:
-            self.transport.discard(delivery)  # it finished; only the acknowledgement was lost
-            return
-        if stopped is not None and stopped[0] == message.id:
-            event = stopped_event(stopped, reason, message.name)
-            report(self.transport, self.signer, message.id, message.client, event, delivery)
-            return
-        redeliver = message.acks_late and message.reject_on_worker_lost is not False
-        if redeliver and delivery.deliveries < self.settings.max_redeliveries:
-            attempt = delivery.deliveries + 2
-            self._note(message, f"{reason}; redelivering (attempt {attempt})", logging.WARNING)
-            self.transport.requeue(delivery, message.id)
-            return
-        if redeliver:
-            evalue = (
-                f"redelivered {delivery.deliveries} time(s) and its worker died each time; "
-                "moved to the dead-letter stream"
-            )
-            data = {"ename": "WorkerLost", "reason": reason, "evalue": evalue}
-            event = Event(EventType.FAILURE, message.id, FINAL_SEQ, data)
-            self.transport.dead_letter(delivery)
-            report(self.transport, self.signer, message.id, message.client, event)
-            return
-        self._note(message, f"{reason}; reported WORKER_LOST", logging.ERROR)
-        event = Event(EventType.WORKER_LOST, message.id, FINAL_SEQ, {"reason": reason})
-        report(self.transport, self.signer, message.id, message.client, event, delivery)
-
-    def _note(self, message: TaskMessage, text: str, level: int) -> None:
-        """Log what happened to a task, and keep it in the task's journal."""
-        log.log(level, "task %s [%s]: %s", message.name, message.id, text)
-        with contextlib.suppress(BrokerUnavailable):
-            self.store.append_journal(message.id, [f"{logging.getLevelName(level)} {text}"])
-
-    def _report_stopped(self, stopped: tuple[str, str, float], reason: str) -> None:
-        """Store why a task this supervisor killed ended, unless it ended otherwise."""
-        task_id = stopped[0]
-        record = self.store.get_record(task_id)
-        channel = record.client if record is not None else ""
-        if (
-            record is None
-            or not self.store.is_channel(channel)
-            or record.state is not State.STARTED
-        ):
-            return
-        event = stopped_event(stopped, reason, record.name or "task")
-        report(self.transport, self.signer, task_id, channel, event)

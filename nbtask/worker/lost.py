@@ -1,0 +1,102 @@
+"""Tasks whose runner died: redelivered, reported lost, or reported stopped.
+
+The supervisor settles a delivery whose child died (or that a dead worker held, or whose
+lease lapsed) here, and reports a task it killed on purpose (time limit, terminate).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from nbtask.brokers import Delivery, Transport
+from nbtask.errors import BrokerUnavailable, NbtaskError
+from nbtask.settings import Settings
+from nbtask.wire.envelope import Signer
+from nbtask.wire.events import FINAL_SEQ, Event, EventType, State
+from nbtask.wire.message import TaskMessage
+from nbtask.worker.settle import report, stopped_event
+
+__all__ = ["LostTasks"]
+
+log = logging.getLogger("nbtask.worker")
+
+
+class LostTasks:
+    """Settles the tasks of dead children and dead workers.
+
+    Parameters
+    ----------
+    transport, signer
+        Where outcomes are stored and sent, and how messages are verified.
+    settings
+        ``max_redeliveries``.
+    """
+
+    def __init__(self, transport: Transport, signer: Signer, settings: Settings) -> None:
+        self.transport = transport
+        self.store = transport.store
+        self.signer = signer
+        self.settings = settings
+
+    def settle(
+        self, delivery: Delivery, reason: str, stopped: tuple[str, str, float] | None = None
+    ) -> None:
+        """Settle a delivery whose worker died: redeliver (acks_late) or report it lost.
+
+        ``stopped`` names a task this supervisor killed on purpose (time limit, revoke):
+        that one is reported as such, never redelivered.
+        """
+        try:
+            message = TaskMessage.from_header(self.signer.open(delivery.raw).header)
+        except NbtaskError as exc:
+            log.error("dead-lettered an unverifiable message %s: %s", delivery.delivery_id, exc)
+            self.transport.dead_letter(delivery)
+            return
+        record = self.store.get_record(message.id)
+        if record is not None and record.final:
+            self.transport.discard(delivery)  # it finished; only the acknowledgement was lost
+            return
+        if stopped is not None and stopped[0] == message.id:
+            event = stopped_event(stopped, reason, message.name)
+            report(self.transport, self.signer, message.id, message.client, event, delivery)
+            return
+        redeliver = message.acks_late and message.reject_on_worker_lost is not False
+        if redeliver and delivery.deliveries < self.settings.max_redeliveries:
+            attempt = delivery.deliveries + 2
+            self.note(message, f"{reason}; redelivering (attempt {attempt})", logging.WARNING)
+            self.transport.requeue(delivery, message.id)
+            return
+        if redeliver:
+            evalue = (
+                f"redelivered {delivery.deliveries} time(s) and its worker died each time; "
+                "moved to the dead-letter stream"
+            )
+            data = {"ename": "WorkerLost", "reason": reason, "evalue": evalue}
+            event = Event(EventType.FAILURE, message.id, FINAL_SEQ, data)
+            self.transport.dead_letter(delivery)
+            report(self.transport, self.signer, message.id, message.client, event)
+            return
+        self.note(message, f"{reason}; reported WORKER_LOST", logging.ERROR)
+        event = Event(EventType.WORKER_LOST, message.id, FINAL_SEQ, {"reason": reason})
+        report(self.transport, self.signer, message.id, message.client, event, delivery)
+
+    def note(self, message: TaskMessage, text: str, level: int) -> None:
+        """Log what happened to a task, and keep it in the task's journal."""
+        log.log(level, "task %s [%s]: %s", message.name, message.id, text)
+        with contextlib.suppress(BrokerUnavailable):
+            self.store.append_journal(message.id, [f"{logging.getLevelName(level)} {text}"])
+
+    def report_stopped(self, stopped: tuple[str, str, float], reason: str) -> None:
+        """Store why a task this supervisor killed ended, unless it ended otherwise."""
+        task_id = stopped[0]
+        record = self.store.get_record(task_id)
+        channel = record.client if record is not None else ""
+        if (
+            record is None
+            or not self.store.is_channel(channel)
+            or record.state is not State.STARTED
+        ):
+            return
+        event = stopped_event(stopped, reason, record.name or "task")
+        report(self.transport, self.signer, task_id, channel, event)
