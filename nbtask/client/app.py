@@ -275,8 +275,13 @@ class App:
         """Send one task with message ``options`` (see :meth:`Task.send_options`)."""
         return self.send_batch([(task, args, kwargs, options)])[0]
 
-    def send_batch(self, calls: Sequence[Call]) -> list[TaskHandle]:
+    def send_batch(
+        self, calls: Sequence[Call], *, on_event: Callable[[Event], None] | None = None
+    ) -> list[TaskHandle]:
         """Send ``(task, args, kwargs, options)`` calls in one round trip.
+
+        ``on_event`` is attached to every handle before anything is sent (see
+        :meth:`TaskHandle.on_event`).
 
         Raises
         ------
@@ -290,6 +295,8 @@ class App:
         handles = [TaskHandle(self, message.id, message.name) for message, _ in built]
         listener = self._listen()
         for handle in handles:
+            if on_event is not None:
+                handle.on_event(on_event)
             listener.register(handle)
         refused = self.transport.publish([publish for _, publish in built])
         ended = [(h, state) for h, state in zip(handles, refused, strict=True) if state]

@@ -7,7 +7,7 @@ import datetime as dt
 import random
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, NoReturn
 
 from nbtask.core.canvas import Callbacks, Sender, Signature, current_sender
@@ -15,6 +15,7 @@ from nbtask.core.context import Request, current_request, progress
 from nbtask.core.handle import TaskHandle
 from nbtask.core.options import positive
 from nbtask.errors import ConfigurationError, MaxRetriesExceededError, Retry
+from nbtask.wire.events import Event
 
 __all__ = ["ExceptionInfo", "Task"]
 
@@ -219,6 +220,7 @@ class Task:
         soft_time_limit: float | None = None,
         link: Signature | Sequence[Signature] | None = None,
         link_error: Signature | Sequence[Signature] | None = None,
+        on_event: Callable[[Event], None] | None = None,
     ) -> TaskHandle:
         """Send the task to a worker and return its handle at once.
 
@@ -241,6 +243,10 @@ class Task:
         link, link_error
             Signatures to send with the result when the task succeeds, or with the task
             id when it fails.
+        on_event
+            Called with each of the task's events (``STARTED``, progress, output, the
+            final state), attached before the message is sent so none is missed; see
+            :meth:`TaskHandle.on_event` for what it gets and on which thread.
         """
         options = self.send_options(
             queue=queue,
@@ -253,7 +259,8 @@ class Task:
             link=link,
             link_error=link_error,
         )
-        return self.sender().send_batch([(self, tuple(args or ()), dict(kwargs or {}), options)])[0]
+        call = (self, tuple(args or ()), dict(kwargs or {}), options)
+        return self.sender().send_batch([call], on_event=on_event)[0]
 
     def send_options(
         self,
