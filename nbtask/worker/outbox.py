@@ -75,7 +75,11 @@ class Outbox:
         self._lock = threading.Lock()
         # Tells the outbox's thread that there is something to send, or a new task.
         self._ready = threading.Condition(self._lock)
-        self._sent_at = -math.inf  # when the running task's events last went out
+        # The cap keeps a schedule of its own: a batch is due when its first report came,
+        # or a cap after the batch before was due, whichever is later. A send the thread
+        # makes late (a busy machine) therefore never makes the next report wait.
+        self._due = -math.inf  # when the batch last taken was due
+        self._first_at = -math.inf  # when the first report now buffered came
         self._task_id = ""
         self._channel = ""
         self._seq = 0
@@ -112,7 +116,7 @@ class Outbox:
             self._task_id, self._channel, self._seq = task_id, channel, first_seq + 1
             self._output, self._progress = [], None
             self._started = Event(EventType.STARTED, task_id, first_seq + 1, details)
-            self._sent_at = -math.inf
+            self._due, self._first_at = -math.inf, self._clock()
             self._ready.notify()
 
     def emit(self, kind: str, data: Mapping[str, Any]) -> None:
@@ -170,6 +174,7 @@ class Outbox:
         With something buffered it is awake already, waiting for the end of the cap.
         """
         if not self._buffered():
+            self._first_at = self._clock()
             self._ready.notify()
 
     def end(self) -> int:
@@ -212,7 +217,7 @@ class Outbox:
             channel = self._channel
             if not events:
                 return
-            self._sent_at = self._clock()
+            self._due = max(self._first_at, self._due + CAP_SECONDS)
         try:
             raws = [self._signer.seal(e.to_header()) for e in events]
             self._transport.emit(channel, raws)
@@ -231,7 +236,7 @@ class Outbox:
             with self._ready:
                 while not self._buffered():
                     self._ready.wait()
-                wait = self._sent_at + CAP_SECONDS - self._clock()
+                wait = self._due + CAP_SECONDS - self._clock()
                 if wait > 0:
                     self._ready.wait(wait)  # or less: a new task begins with a cap of its own
                     continue
