@@ -21,8 +21,9 @@ from nbtask.worker.journal import Journal
 __all__ = ["CAP_SECONDS", "Outbox", "TaskStream"]
 
 log = logging.getLogger("nbtask.worker")
-# The rate cap: a task's events go out at most once per this many seconds. Well below
-# what a person notices, and the widget repaints at most ~15 times a second on its own.
+# The rate cap: a task's events go out at most once per this many seconds (on average:
+# see Outbox._due). Well below what a person notices, and the widget repaints at most
+# ~15 times a second on its own.
 CAP_SECONDS = 1 / 100
 
 
@@ -31,9 +32,9 @@ class Outbox:
 
     An event after a quiet spell (``started``, a progress report, printed text) goes out at
     once, from the outbox's own thread, while the task runs on: the task's thread never
-    waits for the broker while the task runs. Events that follow within
-    :data:`CAP_SECONDS` of that send wait for the end of the cap and go out together
-    (the trailing edge): text concatenated in order, displays and custom states in their
+    waits for the broker while the task runs. Events that come sooner than
+    :data:`CAP_SECONDS` after the send before wait for the end of the cap and go out
+    together (the trailing edge): text concatenated in order, displays and custom states in their
     place, progress coalesced. A progress report superseded by a later one before it went
     out is the only thing ever dropped. The cap is each task's own: a task's ``started``
     never waits on what the task before it sent.
