@@ -31,7 +31,6 @@ import inspect
 import json
 import os
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -43,27 +42,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-_NBTASK_ENV = ("NBTASK_BROKER", "NBTASK_SECRET", "NBTASK_SECRET_FILE", "NBTASK_KEY_PREFIX")
+from bench_nbtask import _NBTASK_ENV, _start_worker, _stop
+from common import delete_prefix, percentile
+
 _TIMEOUT = 60.0
 
 
-def _percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    k = (len(ordered) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
-
 def _summary(ms: Sequence[float]) -> dict[str, float]:
+    if not ms:
+        return {"n": 0}
     return {
-        "p50_ms": _percentile(ms, 50),
-        "p99_ms": _percentile(ms, 99),
-        "max_ms": max(ms) if ms else float("nan"),
-        "mean_ms": statistics.fmean(ms) if ms else float("nan"),
+        "p50_ms": percentile(ms, 50),
+        "p99_ms": percentile(ms, 99),
+        "max_ms": max(ms),
+        "mean_ms": statistics.fmean(ms),
         "n": len(ms),
     }
 
@@ -148,38 +140,30 @@ def _send(task: Any, args: tuple[Any, ...], seen: _Seen) -> Any:
     return handle
 
 
+def _progress_case(task: Any, n: int, gap: float) -> dict[str, Any]:
+    """Latency of ``n`` progress reports ``gap`` apart, and the time each call took."""
+    seen = _Seen()
+    spent = [s * 1e6 for s in _send(task, (n, gap, 0.1), seen).get(timeout=_TIMEOUT)]
+    progress = seen.of("progress")
+    return {
+        **_summary([(t - float(e.data["message"])) * 1e3 for t, e in progress]),
+        "sent": n,
+        "seen": len(progress),
+        "gap_ms": gap * 1e3,
+        "progress_call_us_p50": percentile(spent, 50),
+        "progress_call_us_p99": percentile(spent, 99),
+        "progress_call_us_max": max(spent),
+    }
+
+
 def run_event_cases(app: Any, quick: bool) -> dict[str, Any]:
-    """Run the three cases on a connected app whose workers serve its default queue."""
+    """Run the cases on a connected app whose workers serve its default queue."""
     tasks = _make_tasks(app)
     n_isolated, n_started, n_burst, gap = (100, 20, 100, 0.01) if quick else (200, 50, 100, 0.01)
     tasks["short"].delay(0.0).get(timeout=_TIMEOUT)  # the worker has the code and connections
 
-    seen = _Seen()
-    spent = _send(tasks["isolated"], (n_isolated, gap, 0.1), seen).get(timeout=_TIMEOUT)
-    progress = seen.of("progress")
-    lat = [(t - float(e.data["message"])) * 1e3 for t, e in progress]
-    isolated = {
-        **_summary(lat),
-        "sent": n_isolated,
-        "seen": len(progress),
-        "gap_ms": gap * 1e3,
-        "progress_call_us_p50": _percentile([s * 1e6 for s in spent], 50),
-        "progress_call_us_p99": _percentile([s * 1e6 for s in spent], 99),
-        "progress_call_us_max": max(spent) * 1e6,
-    }
-
-    seen = _Seen()
-    spent = _send(tasks["busy"], (n_isolated, gap, 0.1), seen).get(timeout=_TIMEOUT)
-    progress = seen.of("progress")
-    lat = [(t - float(e.data["message"])) * 1e3 for t, e in progress]
-    busy = {
-        **_summary(lat),
-        "sent": n_isolated,
-        "seen": len(progress),
-        "gap_ms": gap * 1e3,
-        "progress_call_us_p50": _percentile([s * 1e6 for s in spent], 50),
-        "progress_call_us_max": max(spent) * 1e6,
-    }
+    isolated = _progress_case(tasks["isolated"], n_isolated, gap)
+    busy = _progress_case(tasks["busy"], n_isolated, gap)
 
     started_ms: list[float] = []
     missed = 0
@@ -212,44 +196,9 @@ def run_event_cases(app: Any, quick: bool) -> dict[str, Any]:
 # --------------------------------------------------------------------------- one checkout
 
 
-def _start_worker(
-    url: str, secret: str, prefix: str, env_extra: dict[str, str], log_path: Path
-) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if k not in _NBTASK_ENV}
-    env.update(env_extra, NBTASK_SECRET=secret, NBTASK_KEY_PREFIX=prefix)
-    with open(log_path, "wb") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "nbtask", "worker", "-b", url, "-c", "1"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _delete_prefix(url: str, prefix: str) -> None:
-    import redis
-
-    r = redis.Redis.from_url(url)
-    try:
-        keys = list(r.scan_iter(match=prefix + ":*", count=1000))
-        if keys:
-            r.delete(*keys)
-    finally:
-        r.close()
-
-
 def measure(url: str, result_url: str | None, quick: bool) -> dict[str, Any]:
     """Start a worker for ``url``, run the cases, stop it and delete our keys."""
+
     import nbtask
 
     prefix = f"nbbench-ev-{uuid.uuid4().hex[:12]}"
@@ -257,7 +206,7 @@ def measure(url: str, result_url: str | None, quick: bool) -> dict[str, Any]:
     extra = {"NBTASK_RESULT_URL": result_url} if result_url else {}
     with tempfile.TemporaryDirectory(prefix="nbbench-events-") as tmp:
         log_path = Path(tmp) / "worker.log"
-        worker = _start_worker(url, secret, prefix, extra, log_path)
+        worker = _start_worker(url, secret, prefix, log_path, concurrency=1, extra_env=extra)
         app = None
         try:
             options = {"result_url": result_url} if result_url else {}
@@ -272,7 +221,7 @@ def measure(url: str, result_url: str | None, quick: bool) -> dict[str, Any]:
             if app is not None:
                 app.close()
             _stop(worker)
-            _delete_prefix(result_url or url, prefix)
+            delete_prefix(result_url or url, prefix + ":")
     out["nbtask"] = str(Path(nbtask.__file__).resolve().parent.parent)
     return out
 
