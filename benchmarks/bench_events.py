@@ -1,23 +1,27 @@
 """Event latency: from a worker's ``update_progress`` (or ``STARTED``) to the client's callback.
 
 Starts ``python -m nbtask worker -b URL -c 1`` (secret and a unique key prefix in its
-environment), connects an ``App`` and times three cases through ``on_event`` callbacks:
+environment), connects an ``App`` and times four cases through ``on_event`` callbacks:
 
 - **isolated progress**: one task reports progress 200 [100] times, 10 ms apart; each
   report carries the worker's ``time.time()``, the callback notes its own. Latency
   percentiles in ms, and the time each ``progress()`` call took in the task's thread.
+- **busy progress**: the same, from a task that computes (holding the GIL) between
+  reports instead of sleeping.
 - **started**: 50 [20] tasks one after another (each sleeps 20 ms), each sent when the
   one before ended; latency of the ``STARTED`` event (its timestamp is taken when the
-  worker begins the task). A task the callback saw no ``STARTED`` of counts as missed.
+  worker begins the task). A task whose worker sent no ``STARTED`` counts as missed
+  (a client that makes one from the final event, with ``seq`` 0, does not count it).
 - **burst**: one task reports progress 100 times back to back, then sleeps; how many
   progress events the client saw, and that the last one it saw was the 100th.
 
 Client and worker share the machine's clock. One worker child (``-c 1``), so each task
 follows the one before in the same process, as cells run one after another do.
 
-``--src DIR`` measures the nbtask of another checkout (worker and client both);
-``--compare DIR,DIR`` runs each checkout ``--rounds`` times, interleaved, and prints them
-side by side. Without ``--url`` a private ``redis-server`` is started (as ``run.py`` does).
+``--compare DIR,DIR`` runs each checkout ``--rounds`` times, interleaved (worker and
+client both import that checkout's ``nbtask``), and prints them side by side; a single
+run measures the ``nbtask`` its ``PYTHONPATH`` finds (``run.py`` sets it to this one).
+Without ``--url`` a private ``redis-server`` is started (as ``run.py`` does).
 
     python benchmarks/bench_events.py --url redis://127.0.0.1:6379/9 --json-out out.json
     python benchmarks/bench_events.py --compare /path/to/main,. --rounds 3
@@ -170,7 +174,7 @@ def run_event_cases(app: Any, quick: bool) -> dict[str, Any]:
     for _ in range(n_started):
         seen = _Seen()
         _send(tasks["short"], (0.02,), seen).get(timeout=_TIMEOUT)
-        first = seen.of("started")
+        first = [(t, e) for t, e in seen.of("started") if e.seq]  # sent by the worker
         if first:
             started_ms.append((first[0][0] - first[0][1].timestamp) * 1e3)
         else:
