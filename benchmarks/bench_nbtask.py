@@ -76,12 +76,20 @@ class NbtaskDriver:
 # --------------------------------------------------------------------------- remote broker
 
 
-def _start_worker(url: str, secret: str, prefix: str, log_path: Path) -> subprocess.Popen[bytes]:
+def _start_worker(
+    url: str,
+    secret: str,
+    prefix: str,
+    log_path: Path,
+    *,
+    concurrency: int = 2,
+    extra_env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if k not in _NBTASK_ENV}
-    env.update(NBTASK_SECRET=secret, NBTASK_KEY_PREFIX=prefix)
+    env.update(extra_env or {}, NBTASK_SECRET=secret, NBTASK_KEY_PREFIX=prefix)
     with open(log_path, "wb") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "nbtask", "worker", "-b", url, "-c", "2"],
+            [sys.executable, "-m", "nbtask", "worker", "-b", url, "-c", str(concurrency)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,

@@ -2,9 +2,10 @@
 
 By default a private ``redis-server`` (``--save "" --appendonly no``) is started in
 a temporary directory on a free TCP port and stopped at the end. Each run starts
-``floor.py`` and ``bench_nbtask.py`` as fresh processes, one after the other, with
-the order swapped on every other run (floor, nbtask, nbtask, floor, ...) so that
-slow drift on a shared machine does not always hit the same system.
+``floor.py``, ``bench_nbtask.py`` and ``bench_events.py`` (event latency) as fresh
+processes, one after the other, with the order reversed on every other run (floor,
+nbtask, events, events, nbtask, floor, ...) so that slow drift on a shared machine
+does not always hit the same system.
 
 Prints a Markdown table (median over runs, [min-max] when there are several) and
 writes every raw value to ``benchmarks/results/latest.json``.
@@ -37,7 +38,8 @@ import redis
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEFAULT_OUT = HERE / "results" / "latest.json"
-SYSTEMS = ("floor", "nbtask")
+SYSTEMS = ("floor", "nbtask", "events")
+SCRIPTS = {"floor": "floor.py", "nbtask": "bench_nbtask.py", "events": "bench_events.py"}
 
 
 # --------------------------------------------------------------------------- redis
@@ -142,7 +144,7 @@ def _child_env() -> dict[str, str]:
 def run_system(system: str, url: str, args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     """Run one harness in a fresh process; return its JSON (or an error record)."""
     out = run_dir / f"{system}.json"
-    script = HERE / ("floor.py" if system == "floor" else "bench_nbtask.py")
+    script = HERE / SCRIPTS[system]
     cmd = [sys.executable, str(script), "--url", url, "--json-out", str(out)]
     if args.quick:
         cmd.append("--quick")
@@ -185,6 +187,7 @@ class Row:
     has_floor: bool
     target: str
     check: Callable[[float, float | None], bool] | None  # (nbtask, floor) -> met?
+    system: str = "nbtask"  # the harness whose JSON holds the nbtask value
 
 
 ROWS = [
@@ -201,6 +204,13 @@ ROWS = [
         "<= 0.8 s", lambda n, f: n <= 0.8),
     Row("idle worker child RSS, max (MiB)", ("idle_memory", "child_rss_max_mib"), ".1f", False,
         "<= 50 MiB", lambda n, f: n <= 50),
+    Row("progress event, isolated, p50 (ms)", ("isolated_progress", "p50_ms"), ".2f", False,
+        "<= 2 ms", lambda n, f: n <= 2, "events"),
+    Row("progress event, isolated, p99 (ms)", ("isolated_progress", "p99_ms"), ".2f", False,
+        DASH, None, "events"),
+    Row("STARTED event p50 (ms)", ("started", "p50_ms"), ".2f", False, DASH, None, "events"),
+    Row("progress events seen of 100 back to back", ("burst", "seen"), ".0f", False, DASH, None,
+        "events"),
 ]  # fmt: skip
 
 
@@ -233,7 +243,7 @@ def summarize(runs: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
     records: list[dict[str, Any]] = []
     for row in ROWS:
         fv = _values(runs, "floor", row.path) if row.has_floor else []
-        nv = _values(runs, "nbtask", row.path)
+        nv = _values(runs, row.system, row.path)
         fmed = statistics.median(fv) if fv else None
         nmed = statistics.median(nv) if nv else None
         ratio = nmed / fmed if nmed is not None and fmed else None
@@ -315,7 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--cold-runs", type=int, help="cold-start subprocesses per run (default 5; 2 with --quick)"
     )
-    ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma list out of floor,nbtask")
+    ap.add_argument(
+        "--systems", default=",".join(SYSTEMS), help="comma list out of floor,nbtask,events"
+    )
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="JSON results file")
     args = ap.parse_args(argv)
     args.runs = args.runs or (1 if args.quick else 3)

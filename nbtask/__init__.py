@@ -33,7 +33,7 @@ from nbtask.errors import (
     WorkerLost,
 )
 from nbtask.settings import Settings
-from nbtask.wire.events import Progress, State
+from nbtask.wire.events import Event, EventType, Progress, State
 
 
 def load_ipython_extension(shell: Any) -> None:
@@ -55,6 +55,8 @@ __all__ = [
     "BrokerUnavailable",
     "Chain",
     "ConfigurationError",
+    "Event",
+    "EventType",
     "ExceptionInfo",
     "Group",
     "GroupHandle",

@@ -333,8 +333,13 @@ class App:
         """Send one task with message ``options`` (see :meth:`Task.send_options`)."""
         return self.send_batch([(task, args, kwargs, options)])[0]
 
-    def send_batch(self, calls: Sequence[Call]) -> list[TaskHandle]:
+    def send_batch(
+        self, calls: Sequence[Call], *, on_event: Callable[[Event], None] | None = None
+    ) -> list[TaskHandle]:
         """Send ``(task, args, kwargs, options)`` calls in one round trip.
+
+        ``on_event`` is attached to every handle before anything is sent (see
+        :meth:`TaskHandle.on_event`).
 
         Raises
         ------
@@ -351,6 +356,8 @@ class App:
         previous = []
         for handle in handles:
             previous.append(listener.get(handle.id))
+            if on_event is not None:
+                handle.on_event(on_event)
             listener.register(handle)
         refused = self.transport.publish([publish for _, publish in built])
         taken = [

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from nbtask.core.handle import TaskHandle
 from nbtask.errors import ConfigurationError
+from nbtask.wire.events import Event
 
 __all__ = [
     "Call",
@@ -65,8 +66,10 @@ Call = tuple[Signable, Sequence[Any], Mapping[str, Any], Mapping[str, Any]]
 class Sender(Protocol):
     """What sends tasks: an :class:`~nbtask.App`, or a worker on behalf of a running task."""
 
-    def send_batch(self, calls: Sequence[Call]) -> list[TaskHandle]:
-        """Send several calls in one round trip."""
+    def send_batch(
+        self, calls: Sequence[Call], *, on_event: Callable[[Event], None] | None = None
+    ) -> list[TaskHandle]:
+        """Send several calls in one round trip; ``on_event`` is attached to each handle first."""
 
     def expect(self, task_id: str, name: str) -> TaskHandle:
         """A handle for a task someone else will send."""
@@ -135,7 +138,10 @@ class Signature:
     def apply_async(
         self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, **options: Any
     ) -> TaskHandle:
-        """Send it, with extra arguments and options."""
+        """Send it, with extra arguments and :meth:`~nbtask.Task.apply_async` options.
+
+        ``on_event=`` attaches a callback for the task's events before it is sent.
+        """
         call_args = self.args if self.immutable else (*args, *self.args)
         merged = {**self.kwargs, **(kwargs or {})}
         return self.task.apply_async(call_args, merged, **{**self.options, **options})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -28,6 +29,8 @@ from nbtask.wire.events import (
 
 __all__ = ["Client", "TaskHandle"]
 
+log = logging.getLogger(__name__)
+
 
 class Client(Protocol):
     """What a handle reaches its client through (an :class:`~nbtask.App`)."""
@@ -50,7 +53,8 @@ class TaskHandle(concurrent.futures.Future[Any]):
 
     It is a :class:`concurrent.futures.Future`, so ``result()``, ``exception()``,
     ``done()``, ``add_done_callback()``, :func:`concurrent.futures.wait` and
-    :func:`asyncio.wrap_future` work. Done callbacks run on the listener thread.
+    :func:`asyncio.wrap_future` work. Done callbacks run on the listener thread, as do
+    :meth:`on_event` callbacks, which see every event of the task as it arrives.
 
     Attributes
     ----------
@@ -227,7 +231,38 @@ class TaskHandle(concurrent.futures.Future[Any]):
         )
 
     def on_event(self, callback: Callable[[Event], None]) -> None:
-        """Call ``callback(event)`` for every later event (on the listener thread)."""
+        """Call ``callback(event)`` with each event of the task that arrives from now on.
+
+        To miss none, pass the callback when sending: ``task.apply_async(args,
+        on_event=callback)`` attaches it before the message goes out.
+
+        Parameters
+        ----------
+        callback
+            Called with one :class:`~nbtask.Event` at a time, in the task's order, after
+            the handle applied it (``handle.state``, ``handle.progress`` and, for the final
+            event, ``handle.result()`` already show it). ``event.type`` is an
+            :class:`~nbtask.EventType`: ``STARTED``, ``PROGRESS`` (``event.progress``),
+            ``STDOUT``/``STDERR`` (``event.data["text"]``, what the task wrote since the
+            last one: not whole lines), ``DISPLAY``, ``STATE`` (``update_state``),
+            ``RETRY``, then one final event: ``SUCCESS``, ``FAILURE``, ``REVOKED`` or
+            ``WORKER_LOST``. No event comes twice or out of order, and none comes after the
+            final one. Progress reports are coalesced at the worker (a task's events go out
+            at most ~100 times a second, with the latest report), so a callback may not see
+            every one.
+            A task that ran gives ``STARTED`` before its final event even when it ended
+            before the worker sent one (made from the final event; ``seq`` 0).
+
+        Notes
+        -----
+        Callbacks run on the client's listener thread, which reads the events of all the
+        client's tasks: keep them short, and never wait on a task in one (the listener
+        would be waiting for itself). A revoke of a task that has not started is applied
+        at once, on the thread that called ``revoke()``. An exception raised by a callback
+        is logged (under the ``nbtask`` logger) and ignored: later callbacks, later events and
+        other tasks are not affected. Callbacks attached after the final event are never
+        called.
+        """
         self._listeners.append(callback)
 
     # Fed by the listener ----------------------------------------------------------------------
@@ -237,6 +272,10 @@ class TaskHandle(concurrent.futures.Future[Any]):
         A final state is never taken for an old event: whatever its number, it ends the task.
         """
         final = event.state in FINAL_STATES
+        if final and not self.done():
+            started = self._skipped_start(event)
+            if started is not None:
+                self.apply(started)
         with self._lock:
             if self.done() or (not final and event.seq and event.seq <= self._last_seq):
                 return
@@ -248,7 +287,26 @@ class TaskHandle(concurrent.futures.Future[Any]):
             except concurrent.futures.InvalidStateError:
                 return  # another thread settled it first (e.g. a revoke racing the result)
         for callback in list(self._listeners):
-            callback(event)
+            try:
+                callback(event)
+            except Exception:
+                log.exception(
+                    "an on_event callback of task %s[%s] raised on its %s event",
+                    self.name,
+                    self.id,
+                    event.type.value,
+                )
+
+    def _skipped_start(self, final: Event) -> Event | None:
+        """The STARTED event a worker skipped for a run that ended before it went out.
+
+        The final event of a task that ran carries ``started_at``.
+        """
+        began = final.data.get("started_at")
+        if self._task_state is State.STARTED or not isinstance(began, (int, float)):
+            return None
+        data = {k: final.data[k] for k in ("worker", "pid", "started_at") if k in final.data}
+        return Event(EventType.STARTED, self.id, 0, data, float(began))
 
     def _apply(self, event: Event) -> None:
         kind, data = event.type, event.data

@@ -7,7 +7,7 @@ import datetime as dt
 import random
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, NoReturn, Protocol
 
 from nbtask.core.canvas import Callbacks, Sender, Signature, current_sender
@@ -16,6 +16,7 @@ from nbtask.core.datasets import data_queue, dataset_names
 from nbtask.core.handle import TaskHandle
 from nbtask.core.options import positive
 from nbtask.errors import ConfigurationError, MaxRetriesExceededError, Retry
+from nbtask.wire.events import Event
 
 __all__ = ["ExceptionInfo", "Task", "TaskApp"]
 
@@ -231,6 +232,7 @@ class Task:
         link: Signature | Sequence[Signature] | None = None,
         link_error: Signature | Sequence[Signature] | None = None,
         requires: Sequence[str] | None = None,
+        on_event: Callable[[Event], None] | None = None,
     ) -> TaskHandle:
         """Send the task to a worker and return its handle at once.
 
@@ -239,8 +241,9 @@ class Task:
         args, kwargs
             Arguments for ``run``; anything cloudpickle can serialise.
         queue
-            Queue to send to. Without it: the task's own ``queue``, else the queue the
-            app's ``routes`` give its name, else the app's default queue.
+            Queue to send to. Without it: the task's own ``queue``, else the holders of
+            the dataset it requires, else the queue the app's ``routes`` give its name,
+            else the app's default queue.
         countdown
             Run no earlier than this many seconds from now.
         eta
@@ -256,6 +259,10 @@ class Task:
             id when it fails.
         requires
             Named datasets this call needs, instead of the task's own ``requires``.
+        on_event
+            Called with each of the task's events (``STARTED``, progress, output, the
+            final state), attached before the message is sent so none is missed; see
+            :meth:`TaskHandle.on_event` for what it gets and on which thread.
         """
         options = self.send_options(
             queue=queue,
@@ -269,7 +276,8 @@ class Task:
             link_error=link_error,
             requires=requires,
         )
-        return self.sender().send_batch([(self, tuple(args or ()), dict(kwargs or {}), options)])[0]
+        call = (self, tuple(args or ()), dict(kwargs or {}), options)
+        return self.sender().send_batch([call], on_event=on_event)[0]
 
     def send_options(
         self,

@@ -1,14 +1,15 @@
-"""A task's outbox: buffers its output, progress and state reports, sends them in batches."""
+"""A task's outbox: sends its output, progress and state reports at once, rate-capped."""
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from nbtask.brokers import Transport
@@ -17,21 +18,32 @@ from nbtask.wire.envelope import Signer
 from nbtask.wire.events import Event, EventType
 from nbtask.worker.journal import Journal
 
-__all__ = ["Outbox", "TaskStream"]
+__all__ = ["CAP_SECONDS", "Outbox", "TaskStream"]
 
 log = logging.getLogger("nbtask.worker")
-_FLUSH_SECONDS = 1 / 15  # the cap: the widget repaints at most ~15 times a second anyway
+# The rate cap: a task's events go out at most once per this many seconds (on average:
+# see Outbox._due). Well below what a person notices, and the widget repaints at most
+# ~15 times a second on its own.
+CAP_SECONDS = 1 / 100
 
 
 class Outbox:
-    """Sends a running task's events: the first at once, the rest at most ~15 times a second.
+    """Sends a running task's events: each at once, unless the task sent some just before.
 
-    The first event after a quiet spell (``started``, a first progress report) goes out at
-    once, from the outbox's own thread, while the task runs on; events that follow within
-    1/15 s are sent together at the end of it, output concatenated and progress coalesced
-    (the latest value wins). A task that ends before its ``started`` event went out skips
-    it (its final event names the worker). Everything buffered is flushed before the final
-    event, which is never delayed, so nothing a task printed is lost.
+    An event after a quiet spell (``started``, a progress report, printed text) goes out at
+    once, from the outbox's own thread, while the task runs on: the task's thread never
+    waits for the broker while the task runs. Events that come sooner than
+    :data:`CAP_SECONDS` after the send before wait for the end of the cap and go out
+    together (the trailing edge): text concatenated in order, displays and custom states in their
+    place, progress coalesced. A progress report superseded by a later one before it went
+    out is the only thing ever dropped. The cap is each task's own: a task's ``started``
+    never waits on what the task before it sent.
+
+    :meth:`end` flushes everything buffered before the task's final event, which is never
+    delayed and never overtakes the task's earlier events: sequence numbers rise in the
+    order events reach the client. A task that ends before its ``started`` event went
+    out, with nothing else to send, skips it (its final event names the worker and when
+    it started; a client's handle makes the ``started`` from it).
 
     Output belongs to the task whose code wrote it: a thread a task started and left
     running is remembered as that task's, and what it writes later is dropped (logged once)
@@ -40,12 +52,35 @@ class Outbox:
     A process that task code forks from the child gets a copy of the outbox that sends
     nothing: the broker connections it shares with the child are the child's alone, and
     only the child reports. Its printed text goes to the worker's own stream.
+
+    Parameters
+    ----------
+    transport
+        Where events go (the outbox's thread uses a connection of its own).
+    signer
+        Signs each event.
+    clock
+        Monotonic seconds; the cap is measured with it (tests pass a clock they move).
     """
 
-    def __init__(self, transport: Transport, signer: Signer) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        signer: Signer,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._transport = transport
         self._signer = signer
+        self._clock = clock
         self._lock = threading.Lock()
+        # Tells the outbox's thread that there is something to send, or a new task.
+        self._ready = threading.Condition(self._lock)
+        # The cap keeps a schedule of its own: a batch is due when its first report came,
+        # or a cap after the batch before was due, whichever is later. A send the thread
+        # makes late (a busy machine) therefore never makes the next report wait.
+        self._due = -math.inf  # when the batch last taken was due
+        self._first_at = -math.inf  # when the first report now buffered came
         self._task_id = ""
         self._channel = ""
         self._seq = 0
@@ -54,7 +89,6 @@ class Outbox:
         # rich displays. Progress is kept apart because only its latest value matters.
         self._output: list[tuple[EventType, dict[str, Any]]] = []
         self._progress: dict[str, Any] | None = None
-        self._wake = threading.Event()
         self._flush_lock = threading.Lock()
         self._active = False
         self._threads_before: set[int] = set()
@@ -70,12 +104,12 @@ class Outbox:
         self._forked = True
         # Another thread may have held these at the fork, and it does not exist here.
         self._lock, self._flush_lock = threading.Lock(), threading.Lock()
-        self._wake = threading.Event()
+        self._ready = threading.Condition(self._lock)
 
     def begin(
         self, task_id: str, channel: str, details: Mapping[str, Any], first_seq: int = 0
     ) -> None:
-        """Start buffering for a task that was just marked STARTED."""
+        """Start sending for a task that was just marked STARTED: its ``started`` goes now."""
         alive = _thread_ids()
         with self._lock:
             self._leftovers = {t: owner for t, owner in self._leftovers.items() if t in alive}
@@ -83,7 +117,8 @@ class Outbox:
             self._task_id, self._channel, self._seq = task_id, channel, first_seq + 1
             self._output, self._progress = [], None
             self._started = Event(EventType.STARTED, task_id, first_seq + 1, details)
-        self._wake.set()
+            self._due, self._first_at = -math.inf, self._clock()
+            self._ready.notify()
 
     def emit(self, kind: str, data: Mapping[str, Any]) -> None:
         """Queue an event from task code: ``progress`` (coalesced), ``display`` or ``state``.
@@ -95,13 +130,14 @@ class Outbox:
             return
         if kind == EventType.PROGRESS.value:
             with self._lock:
+                self._wake_if_idle()
                 self._progress = dict(data)
         elif kind in (EventType.DISPLAY.value, EventType.STATE.value):
             with self._lock:
+                self._wake_if_idle()
                 self._output.append((EventType(kind), dict(data)))
         else:
             raise ValueError(f"tasks cannot send {kind!r} events")
-        self._wake.set()
 
     def write(self, kind: EventType, text: str) -> bool:
         """Queue output text of the running task; False if it is not the task's.
@@ -122,18 +158,32 @@ class Outbox:
                     log.warning("dropped output of a thread that task %s left running", owner)
                     self._leftovers[thread] = ""
                 return True
+            self._wake_if_idle()
             if self._output and self._output[-1][0] is kind:
                 self._output[-1][1]["text"] += text
             else:
                 self._output.append((kind, {"text": text}))
-        self._wake.set()
         return True
+
+    def _buffered(self) -> bool:
+        """Whether anything waits to be sent (lock held)."""
+        return self._started is not None or bool(self._output) or self._progress is not None
+
+    def _wake_if_idle(self) -> None:
+        """Before buffering: wake the outbox's thread if nothing was buffered (lock held).
+
+        With something buffered it is awake already, waiting for the end of the cap.
+        """
+        if not self._buffered():
+            self._first_at = self._clock()
+            self._ready.notify()
 
     def end(self) -> int:
         """Flush what the task left and return the sequence number for its final event."""
         left = _thread_ids()
         with self._lock:
-            self._started = None
+            if not self._output and self._progress is None:
+                self._started = None  # alone, it would cost a round trip the final event saves
             self._active = False
             for thread in left - self._threads_before:
                 self._leftovers[thread] = self._task_id
@@ -166,8 +216,9 @@ class Outbox:
                 events.append(Event(EventType.PROGRESS, self._task_id, self._seq, self._progress))
             self._output, self._progress = [], None
             channel = self._channel
-        if not events:
-            return
+            if not events:
+                return
+            self._due = max(self._first_at, self._due + CAP_SECONDS)
         try:
             raws = [self._signer.seal(e.to_header()) for e in events]
             self._transport.emit(channel, raws)
@@ -180,17 +231,17 @@ class Outbox:
             log.exception("could not send %d event(s) of task %s", len(events), self._task_id)
 
     def _pump(self) -> None:
-        # Leading edge: the first event after a quiet spell goes out at once; events that
-        # follow within the cap wait for it and go together (progress coalesced).
-        last = 0.0
+        # Leading edge: what is buffered after a quiet spell goes out at once; what
+        # follows within the cap waits for its end (the trailing edge) and goes together.
         while True:
-            self._wake.wait()
-            wait = last + _FLUSH_SECONDS - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
-            self._wake.clear()
+            with self._ready:
+                while not self._buffered():
+                    self._ready.wait()
+                wait = self._due + CAP_SECONDS - self._clock()
+                if wait > 0:
+                    self._ready.wait(wait)  # or less: a new task begins with a cap of its own
+                    continue
             self.flush()
-            last = time.monotonic()
 
 
 class TaskStream(io.TextIOBase):

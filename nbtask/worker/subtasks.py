@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from nbtask.brokers import Transport
@@ -11,7 +11,7 @@ from nbtask.core.canvas import Call, Signature
 from nbtask.core.handle import TaskHandle
 from nbtask.core.outgoing import MessageBuilder
 from nbtask.errors import NbtaskError
-from nbtask.wire.events import decode_event
+from nbtask.wire.events import Event, decode_event
 from nbtask.wire.message import TaskMessage
 
 __all__ = ["SubtaskPublisher", "WorkerHandle", "WorkerSender"]
@@ -60,8 +60,14 @@ class WorkerSender:
         self._publisher = publisher
         self._message = message
 
-    def send_batch(self, calls: Sequence[Call]) -> list[TaskHandle]:
-        """Send several calls in one round trip, as children of the running task."""
+    def send_batch(
+        self, calls: Sequence[Call], *, on_event: Callable[[Event], None] | None = None
+    ) -> list[TaskHandle]:
+        """Send several calls in one round trip, as children of the running task.
+
+        A handle here follows its task only while the running task waits on it (``get()``
+        with ``disable_sync_subtasks=False``): ``on_event`` is called then, on that thread.
+        """
         message = self._message
         family = {"parent_id": message.id, "root_id": message.root_id}
         sigs = [
@@ -69,7 +75,11 @@ class WorkerSender:
             for task, args, kwargs, options in calls
         ]
         ids = self._publisher.publish(message.client, sigs)
-        return [self.expect(task_id, sig.task.name) for sig, task_id in zip(sigs, ids, strict=True)]
+        handles = [self.expect(i, sig.task.name) for sig, i in zip(sigs, ids, strict=True)]
+        if on_event is not None:
+            for handle in handles:
+                handle.on_event(on_event)
+        return handles
 
     def expect(self, task_id: str, name: str) -> TaskHandle:
         """A handle that follows the task only while someone waits on it."""
