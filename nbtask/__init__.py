@@ -10,7 +10,7 @@ from typing import Any
 
 from nbtask._version import __version__
 from nbtask.client.app import App
-from nbtask.client.app import default_app as app
+from nbtask.client.default import default_app as app
 from nbtask.core.canvas import Chain, Group, GroupHandle, Signature, chain, group
 from nbtask.core.context import current_request, progress, track
 from nbtask.core.handle import TaskHandle

@@ -13,6 +13,7 @@ from nbtask.brokers import Store, Transport, open_broker
 from nbtask.client.embedded import EmbeddedCluster
 from nbtask.client.listener import Listener
 from nbtask.client.live_workers import LiveWorkers
+from nbtask.client.reattach import reattach
 from nbtask.client.routes import Routes
 from nbtask.core.canvas import Call
 from nbtask.core.datasets import Loader, dataset_names
@@ -20,13 +21,13 @@ from nbtask.core.handle import TaskHandle
 from nbtask.core.options import validate_options
 from nbtask.core.outgoing import MessageBuilder
 from nbtask.core.task import Task as BaseTask
-from nbtask.errors import ConfigurationError, NbtaskError, SignatureError, TaskNotFound
+from nbtask.errors import ConfigurationError
 from nbtask.settings import Settings
 from nbtask.wire.envelope import Signer
-from nbtask.wire.events import FINAL_SEQ, FINAL_STATES, Event, EventType, State, decode_event
+from nbtask.wire.events import FINAL_SEQ, FINAL_STATES, Event, EventType, State
 from nbtask.wire.records import TaskRecord, WorkerInfo
 
-__all__ = ["App", "default_app", "use_as_default"]
+__all__ = ["App"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -431,40 +432,14 @@ class App:
         existing = listener.get(task_id)
         if existing is not None:
             return existing
-        record = self.store.get_record(task_id)
-        if record is None:
-            raise TaskNotFound(
-                f"no task {task_id!r} in the result store: the id is wrong, or the task "
-                f"finished more than result_ttl ({self.settings.result_ttl:.0f} s) ago"
-            )
-        handle = TaskHandle(self, task_id, record.name or "?", record.queue)
-        # Unsigned: only a name shaped like a client channel of this app is ever read.
-        channel = record.client if self.store.is_channel(record.client) else ""
-        if record.result is not None:
-            # Output first, from the client's event channel while it is kept.
-            for raw in self.store.replay(channel) if channel else ():
-                try:
-                    event, _ = decode_event(self.signer, raw)
-                except NbtaskError:
-                    continue
-                if event.task_id == task_id and event.state not in FINAL_STATES:
-                    handle.apply(event)
-            event, result = decode_event(self.signer, record.result, self.store.get_blob)
-            if event.task_id != task_id:
-                # Correctly signed, but another task's: someone moved it here.
-                raise SignatureError(
-                    f"the stored result of task {task_id!r} belongs to task {event.task_id!r}"
-                )
-            handle.apply(event, result)
-        else:
-            # Where a broker keeps only final events (AMQP), the record alone says the task
-            # is running; the channel's events, if kept, then replay on top of it.
-            if record.state in (State.STARTED, State.RETRY):
-                info = {"worker": record.worker, "pid": record.pid}
-                kind = EventType.STARTED if record.state is State.STARTED else EventType.RETRY
-                handle.apply(Event(kind, task_id, 0, info))
-            listener.register(handle, channel=channel or None)
-        return handle
+        return reattach(
+            task_id,
+            owner=self,
+            store=self.store,
+            signer=self.signer,
+            listener=listener,
+            result_ttl=self.settings.result_ttl,
+        )
 
     def revoke(self, task_id: str, *, terminate: bool = False, grace: float = 5.0) -> bool:
         """Revoke a task: a queued one never starts; with ``terminate``, a running one stops.
@@ -542,31 +517,6 @@ class App:
     def __repr__(self) -> str:
         where = self.settings.broker_url or "embedded"
         return f"<App {self.name!r} broker={where} tasks={len(self.tasks)}>"
-
-
-_default: App | None = None  # the one default app of this process
-_default_lock = threading.Lock()
-
-
-def default_app() -> App:
-    """The default app of the process: in a notebook, the notebook's own.
-
-    ``%load_ext nbtask`` uses it for ``%%task`` cells (its named cells are
-    ``nbtask.app().cells``), and an ``App()`` made in the same process shares its embedded
-    cluster. Made on first use (from the environment), and again after it was closed.
-    """
-    global _default  # noqa: PLW0603 - the one default app (DESIGN: no other global state)
-    with _default_lock:
-        if _default is None or _default.closed:
-            _default = App("notebook")
-        return _default
-
-
-def use_as_default(app: App) -> None:
-    """Make ``app`` the default app (``%nbtask connect`` switches the notebook to it)."""
-    global _default  # noqa: PLW0603 - as above
-    with _default_lock:
-        _default = app
 
 
 def _close_at_exit(ref: weakref.ReferenceType[App]) -> None:

@@ -15,7 +15,8 @@ from typing import Any
 from IPython.display import clear_output, display, publish_display_data
 
 from nbtask._text import printable, redact_url
-from nbtask.client.app import App, default_app, use_as_default
+from nbtask.client.app import App
+from nbtask.client.default import default_app, use_as_default
 from nbtask.errors import CellError
 from nbtask.notebook import process_state
 from nbtask.notebook.analysis import CellAnalysis, analyze

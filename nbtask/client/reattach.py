@@ -1,0 +1,63 @@
+"""Re-attaching to a task by id, from any process: ``App.handle(task_id)``."""
+
+from __future__ import annotations
+
+from nbtask.brokers import Store
+from nbtask.client.listener import Listener
+from nbtask.core.handle import Client, TaskHandle
+from nbtask.errors import NbtaskError, SignatureError, TaskNotFound
+from nbtask.wire.envelope import Signer
+from nbtask.wire.events import FINAL_STATES, Event, EventType, State, decode_event
+
+__all__ = ["reattach"]
+
+
+def reattach(
+    task_id: str,
+    *,
+    owner: Client,
+    store: Store,
+    signer: Signer,
+    listener: Listener,
+    result_ttl: float,
+) -> TaskHandle:
+    """A handle on ``task_id`` built from its record (see :meth:`nbtask.App.handle`).
+
+    Events the task already sent are replayed while its client's channel keeps them; a
+    finished task's signed result comes from the store and must be that task's. A task
+    still running is followed through ``listener``, on its client's channel.
+    """
+    record = store.get_record(task_id)
+    if record is None:
+        raise TaskNotFound(
+            f"no task {task_id!r} in the result store: the id is wrong, or the task "
+            f"finished more than result_ttl ({result_ttl:.0f} s) ago"
+        )
+    handle = TaskHandle(owner, task_id, record.name or "?", record.queue)
+    # Unsigned: only a name shaped like a client channel of this app is ever read.
+    channel = record.client if store.is_channel(record.client) else ""
+    if record.result is not None:
+        # Output first, from the client's event channel while it is kept.
+        for raw in store.replay(channel) if channel else ():
+            try:
+                event, _ = decode_event(signer, raw)
+            except NbtaskError:
+                continue
+            if event.task_id == task_id and event.state not in FINAL_STATES:
+                handle.apply(event)
+        event, result = decode_event(signer, record.result, store.get_blob)
+        if event.task_id != task_id:
+            # Correctly signed, but another task's: someone moved it here.
+            raise SignatureError(
+                f"the stored result of task {task_id!r} belongs to task {event.task_id!r}"
+            )
+        handle.apply(event, result)
+    else:
+        # Where a broker keeps only final events (AMQP), the record alone says the task
+        # is running; the channel's events, if kept, then replay on top of it.
+        if record.state in (State.STARTED, State.RETRY):
+            info = {"worker": record.worker, "pid": record.pid}
+            kind = EventType.STARTED if record.state is State.STARTED else EventType.RETRY
+            handle.apply(Event(kind, task_id, 0, info))
+        listener.register(handle, channel=channel or None)
+    return handle
