@@ -16,9 +16,11 @@ function that returns a blob's bytes by digest.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import io
+import os
 import pickle
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -51,8 +53,39 @@ Fetch = Callable[[str, int], Buffer]
 
 
 def digest_of(data: Buffer) -> str:
-    """The name of a blob: the hex SHA-256 of its bytes."""
-    return hashlib.sha256(data).hexdigest()
+    """The name of a blob: the hex SHA-256 of its bytes, or of its pieces' digests.
+
+    Up to :data:`_PIECE_BYTES` it is the SHA-256 of the bytes. A larger blob is hashed in
+    pieces of that size on a few threads (hashlib releases the GIL, so a 400 MB array is
+    named in about half the time on two cores), and named by the SHA-256 of a label and
+    the pieces' digests in order: a different bytes string still needs a SHA-256
+    collision to share a name.
+    """
+    view = memoryview(data).cast("B")
+    if view.nbytes <= _PIECE_BYTES:
+        return hashlib.sha256(view).hexdigest()
+    pieces = [view[i : i + _PIECE_BYTES] for i in range(0, view.nbytes, _PIECE_BYTES)]
+    digests = _hashing_pool().map(_sha256, pieces)
+    return hashlib.sha256(b"nbtask pieces\x00" + b"".join(digests)).hexdigest()
+
+
+_PIECE_BYTES = 8 * 1024 * 1024
+_POOL: list[concurrent.futures.ThreadPoolExecutor] = []
+
+
+def _sha256(piece: memoryview) -> bytes:
+    return hashlib.sha256(piece).digest()
+
+
+def _hashing_pool() -> concurrent.futures.ThreadPoolExecutor:
+    if not _POOL:
+        threads = min(4, os.cpu_count() or 1)
+        _POOL.append(concurrent.futures.ThreadPoolExecutor(threads, "nbtask-hash"))
+    return _POOL[0]
+
+
+# A forked process (a worker's child) has none of its parent's threads: it makes its own.
+os.register_at_fork(after_in_child=_POOL.clear)
 
 
 @dataclasses.dataclass(frozen=True)

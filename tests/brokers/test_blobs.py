@@ -8,6 +8,7 @@ unpickled, and the task fails saying so.
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
@@ -267,3 +268,12 @@ def test_a_large_result_stays_in_the_store_until_get_reads_it(
 def _is_blob_of(key: bytes, seed: int) -> bool:
     digest = key.decode().split(":")[-2]
     return digest == split_value(_array(seed), 0).layout[1].digest
+
+
+def test_large_blobs_are_named_by_their_pieces_and_any_change_renames_them() -> None:
+    data = bytearray(np.random.default_rng(9).bytes(20 * 1024 * 1024))  # three pieces
+    name = digest_of(data)
+    assert name == digest_of(bytes(data)) and len(name) == 64
+    data[-1] ^= 1  # one bit in the last piece
+    assert digest_of(data) != name
+    assert digest_of(b"small") == hashlib.sha256(b"small").hexdigest()
