@@ -12,12 +12,13 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from nbtask._text import printable
 from nbtask._version import __version__
-from nbtask.brokers import open_broker
+from nbtask.brokers import Store, open_broker
 from nbtask.brokers.local_blobs import remove_local_blobs
 from nbtask.client.app import App
 from nbtask.client.embedded import start_redis_server
@@ -329,14 +330,22 @@ def _announce_embedded(worker: Worker) -> None:
     os.close(devnull)
 
 
-def _run_status(args: argparse.Namespace) -> int:
+T = TypeVar("T")
+
+
+def _read_store(args: argparse.Namespace, read: Callable[[Store], T]) -> T:
+    """``read(store)`` on the broker the command names, connected for that read alone."""
     settings = _settings(args)
     assert settings.broker_url is not None
     transport = open_broker(settings, settings.broker_url)
     try:
-        workers = transport.store.workers()
+        return read(transport.store)
     finally:
         transport.close()
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    workers = _read_store(args, lambda store: store.workers())
     if not workers:
         print("no live workers")
     for worker_id, info in sorted(workers.items()):
@@ -349,13 +358,7 @@ def _run_status(args: argparse.Namespace) -> int:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    assert settings.broker_url is not None
-    transport = open_broker(settings, settings.broker_url)
-    try:
-        record = transport.store.get_record(args.task_id)
-    finally:
-        transport.close()
+    record = _read_store(args, lambda store: store.get_record(args.task_id))
     if record is None:
         print(f"nbtask inspect: no task {args.task_id!r} in the result store", file=sys.stderr)
         return 1
@@ -374,13 +377,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 
 def _run_log(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    assert settings.broker_url is not None
-    transport = open_broker(settings, settings.broker_url)
-    try:
-        lines = transport.store.read_journal(args.task_id)
-    finally:
-        transport.close()
+    lines = _read_store(args, lambda store: store.read_journal(args.task_id))
     if not lines:
         print(f"nbtask log: nothing was logged about task {args.task_id!r}", file=sys.stderr)
         return 1

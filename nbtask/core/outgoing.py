@@ -16,7 +16,6 @@ from typing import Any
 
 from nbtask.brokers.base import Publish, Store
 from nbtask.core.canvas import Call, Callbacks, Signable
-from nbtask.core.datasets import data_queue
 from nbtask.core.task import Task
 from nbtask.errors import ConfigurationError, SerializationError
 from nbtask.settings import Settings
@@ -90,9 +89,10 @@ class MessageBuilder:
         """
         signable, args, kwargs, options = call
         task = as_task(signable)
+        # Task.send_options chose the queue (the call's, the task's, a dataset's holders,
+        # the routes); only a call that bypassed it falls back here.
+        queue = options.get("queue") or task.queue or self.settings.default_queue
         requires = options.get("requires", task.requires)
-        holders = data_queue(requires[0]) if requires else None
-        queue = options.get("queue") or task.queue or holders or self.settings.default_queue
         digest, code = code_for(task, self._code)
         serializer = getattr(task, "serializer", "cloudpickle")
         if serializer not in SERIALIZERS:

@@ -140,6 +140,8 @@ def _pack(effects: dict[str, Any], spec: CellSpec, *, plain: bool) -> Any:
             out[name] = keep(name, value, packed, _blob_store().put_blobs)
     if plain:
         return out
+    # Pickled again as one dict, not from the packs above: names that share an object
+    # (``b = a``) must still share it in the kernel, as they would locally.
     blob = Packed.of(out)
     try:
         state = dumps(effects["state"])

@@ -285,7 +285,8 @@ class WaitInserter(ast.NodeTransformer):
         if not pending.owner and not pending.holds_kept:
             return node
         found = analyze(node)
-        needed = [n for n in found.reads if n in pending.owner or n in pending.kept([n])]
+        kept = set(pending.kept(found.reads))
+        needed = [n for n in found.reads if n in pending.owner or n in kept]
         shown = _shown_name(node)
         if shown in needed and shown not in pending.owner:
             needed.remove(shown)  # a cell that only shows a kept value shows its preview

@@ -193,11 +193,6 @@ class Deferred:
     layout: object
     fetch: Fetch
 
-    @property
-    def size(self) -> int:
-        """The result's pickled size in bytes, all parts together."""
-        return sum(part.size for part in parse_layout(self.layout) or ())
-
     def load(self) -> Any:
         """The value; raises what loading raises (a missing or altered blob, a class)."""
         return decode_value(self.body, self.serializer, self.layout, self.fetch)
