@@ -11,11 +11,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import wait_until
+from helpers import WorkerProcess, wait_until
 from raw_broker import RawBroker
 
 import nbtask
 from nbtask import App, State
+from nbtask.core.handle import TaskHandle
 
 pytestmark = pytest.mark.brokers
 
@@ -83,10 +84,13 @@ def test_early_ack_child_killed_reports_worker_lost(
     assert len(pids_in(marker)) == 1
 
 
-def test_whole_worker_killed_tasks_settled_by_another_worker(
-    app: App, start_worker, tmp_path: Path, access: RawBroker
-) -> None:
-    first = start_worker(concurrency=2)
+def _kill_a_worker_running_two_tasks(
+    app: App, worker: WorkerProcess, tmp_path: Path
+) -> tuple[TaskHandle, TaskHandle]:
+    """Start an acks_late and an early-ack task on ``worker``, then kill -9 all of it.
+
+    They mark their runs in ``tmp_path / "late"`` and ``tmp_path / "early"``.
+    """
     late_marker, early_marker = tmp_path / "late", tmp_path / "early"
     late = app.send_task(SLOW_MARKER, (str(late_marker), 1.0), acks_late=True)
     early = app.send_task(SLOW_EARLY, (str(early_marker), 30.0))
@@ -95,12 +99,20 @@ def test_whole_worker_killed_tasks_settled_by_another_worker(
         10,
         "both tasks to start",
     )
-    victims = [first.pid] + [c.pid for c in first.children()]
+    victims = [worker.pid] + [c.pid for c in worker.children()]
     assert set(pids_in(late_marker) + pids_in(early_marker)) <= set(victims)
     for pid in victims:
         os.kill(pid, signal.SIGKILL)
-    first.process.wait(10)
+    worker.process.wait(10)
     wait_until(lambda: not any(psutil.pid_exists(p) for p in victims[1:]), 5, "children to die")
+    return late, early
+
+
+def test_whole_worker_killed_tasks_settled_by_another_worker(
+    app: App, start_worker, tmp_path: Path, access: RawBroker
+) -> None:
+    late, early = _kill_a_worker_running_two_tasks(app, start_worker(concurrency=2), tmp_path)
+    late_marker, early_marker = tmp_path / "late", tmp_path / "early"
     assert not late.done() and not early.done()
 
     second = start_worker(concurrency=2)
@@ -130,19 +142,8 @@ def test_dead_workers_tasks_wait_for_a_worker_that_can_verify_them(
     other_secret = tmp_path / "secret"
     other_secret.write_text("the-other-apps-secret")
     stranger = start_worker("--secret-file", str(other_secret), "-Q", "elsewhere", concurrency=1)
-    first = start_worker(concurrency=2)
+    late, early = _kill_a_worker_running_two_tasks(app, start_worker(concurrency=2), tmp_path)
     late_marker, early_marker = tmp_path / "late", tmp_path / "early"
-    late = app.send_task(SLOW_MARKER, (str(late_marker), 1.0), acks_late=True)
-    early = app.send_task(SLOW_EARLY, (str(early_marker), 30.0))
-    wait_until(
-        lambda: len(pids_in(late_marker)) == 1 and len(pids_in(early_marker)) == 1,
-        10,
-        "both tasks to start",
-    )
-    victims = [first.pid] + [c.pid for c in first.children()]
-    for pid in victims:
-        os.kill(pid, signal.SIGKILL)
-    first.process.wait(10)
     # Past the dead worker's heartbeats and its leases' visibility timeout, with only
     # the stranger's housekeeping running meanwhile.
     time.sleep(app.settings.visibility_timeout + 10 * app.settings.heartbeat_interval)
