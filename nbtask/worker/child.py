@@ -29,13 +29,12 @@ from nbtask.errors import (
     BrokerUnavailable,
     NbtaskError,
     Retry,
-    SerializationError,
     SoftTimeLimitExceeded,
 )
 from nbtask.settings import Settings
 from nbtask.wire.envelope import Buffer, Envelope, Signer
 from nbtask.wire.events import FINAL_SEQ, Event, EventType, State, run_seq_base
-from nbtask.wire.message import TaskMessage, decode_value, split
+from nbtask.wire.message import TaskMessage, decode_value
 from nbtask.worker.finder import TaskFinder
 from nbtask.worker.journal import Journal
 from nbtask.worker.outbox import Outbox, TaskStream
@@ -44,11 +43,12 @@ from nbtask.worker.settle import (
     Outcome,
     call_handler,
     exception_info,
-    failure_body,
     failure_event,
+    failure_outcome,
     has_handlers,
     outcome_fields,
     report,
+    success_outcome,
 )
 from nbtask.worker.slots import SlotState
 from nbtask.worker.subtasks import SubtaskPublisher, WorkerSender
@@ -411,7 +411,7 @@ class Child:
                 outcome = self._call(message, task, args, kwargs, request.soft_time_limit)
             except BaseException as exc:
                 outcome = self._after_exception(message, task, exc)
-        self._exit_if_forked(_exit_code(outcome))
+        self._exit_if_forked(outcome.exit_code)
         outcome.args, outcome.kwargs = tuple(args), kwargs
         return outcome
 
@@ -433,18 +433,15 @@ class Child:
         return self._succeeded(message, retval, time.perf_counter() - started)
 
     def _succeeded(self, message: TaskMessage, retval: Any, runtime: float) -> Outcome:
-        seq = self.outbox.end()
-        what = f"the result of task {message.name!r}"
-        try:
-            result = split(retval, message.serializer, what, self.settings.blob_threshold)
-        except SerializationError as exc:
-            return self._failed(message, exc, seq)
-        self.transport.store.put_blobs(result.blobs)
-        data = {**self._whoami, "runtime": runtime, "serializer": message.serializer}
-        if result.layout_json is not None:
-            data["layout"] = result.layout_json
-        body = b"".join(result.inline)  # small: the large parts are blobs
-        return Outcome(Event(EventType.SUCCESS, message.id, seq, data), body, retval=retval)
+        return success_outcome(
+            message,
+            retval,
+            self._whoami,
+            runtime,
+            self.outbox.end(),
+            self.settings.blob_threshold,
+            self.transport.store.put_blobs,
+        )
 
     def _after_exception(self, message: TaskMessage, task: Task, exc: BaseException) -> Outcome:
         if self._terminated:
@@ -470,9 +467,7 @@ class Child:
         return outcome
 
     def _failed(self, message: TaskMessage, exc: BaseException, seq: int) -> Outcome:
-        event = failure_event(message.id, seq, exc, self._whoami)
-        einfo = exception_info(exc)
-        return Outcome(event, failure_body(exc), exc=exc, einfo=einfo)
+        return failure_outcome(message, exc, seq, self._whoami)
 
     # Settle ------------------------------------------------------------------------------------
     def _settle(
@@ -539,11 +534,3 @@ class Child:
             log.exception("could not load the callbacks of task %s", admitted.message.id)
             return None
         return callbacks if isinstance(callbacks, Callbacks) else None
-
-
-def _exit_code(outcome: Outcome) -> int:
-    """The exit code of a forked copy of a child, from how its task code ended."""
-    if isinstance(outcome.exc, SystemExit):
-        code = outcome.exc.code
-        return code if isinstance(code, int) else 1
-    return 0 if outcome.exc is None else 1

@@ -12,16 +12,17 @@ import dataclasses
 import logging
 import os
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from nbtask.brokers import Delivery, Transport
 from nbtask.core.canvas import Callbacks, Signature
 from nbtask.core.context import PARTIAL_RESULT
 from nbtask.core.task import ExceptionInfo, Task
-from nbtask.wire.envelope import Signer, dumps
+from nbtask.errors import SerializationError
+from nbtask.wire.envelope import Buffer, Signer, dumps
 from nbtask.wire.events import FINAL_SEQ, Event, EventType, State
-from nbtask.wire.message import TaskMessage
+from nbtask.wire.message import TaskMessage, split
 from nbtask.wire.records import RecordFields, final_fields
 from nbtask.worker.subtasks import SubtaskPublisher
 
@@ -32,10 +33,12 @@ __all__ = [
     "exception_info",
     "failure_body",
     "failure_event",
+    "failure_outcome",
     "has_handlers",
     "outcome_fields",
     "report",
     "stopped_event",
+    "success_outcome",
 ]
 
 log = logging.getLogger("nbtask.worker")
@@ -63,6 +66,45 @@ class Outcome:
         state = self.event.state
         assert state is not None, "an outcome's event always moves the task's state"
         return state
+
+    @property
+    def exit_code(self) -> int:
+        """The exit code of a forked copy of a child, from how its task code ended."""
+        if isinstance(self.exc, SystemExit):
+            code = self.exc.code
+            return code if isinstance(code, int) else 1
+        return 0 if self.exc is None else 1
+
+
+def success_outcome(
+    message: TaskMessage,
+    retval: Any,
+    whoami: Mapping[str, Any],
+    runtime: float,
+    seq: int,
+    blob_threshold: int,
+    put_blobs: Callable[[Mapping[str, Buffer]], None],
+) -> Outcome:
+    """The outcome of a task that returned ``retval``: its large parts stored as blobs."""
+    what = f"the result of task {message.name!r}"
+    try:
+        result = split(retval, message.serializer, what, blob_threshold)
+    except SerializationError as exc:
+        return failure_outcome(message, exc, seq, whoami)
+    put_blobs(result.blobs)
+    data = {**whoami, "runtime": runtime, "serializer": message.serializer}
+    if result.layout_json is not None:
+        data["layout"] = result.layout_json
+    body = b"".join(result.inline)  # small: the large parts are blobs
+    return Outcome(Event(EventType.SUCCESS, message.id, seq, data), body, retval=retval)
+
+
+def failure_outcome(
+    message: TaskMessage, exc: BaseException, seq: int, whoami: Mapping[str, Any]
+) -> Outcome:
+    """The outcome of a task that raised ``exc``."""
+    event = failure_event(message.id, seq, exc, whoami)
+    return Outcome(event, failure_body(exc), exc=exc, einfo=exception_info(exc))
 
 
 def exception_info(exc: BaseException) -> ExceptionInfo:
