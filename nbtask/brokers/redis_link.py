@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import redis
+from hiredis import pack_command
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -151,7 +152,9 @@ class RedisLink:
         says an argument may be big enough to send without copying it.
 
         A pipeline without redis-py's per-command bookkeeping: on the hot path (publish,
-        fetch, start, finish) that bookkeeping costs more than the round trip itself.
+        fetch, start, finish) that bookkeeping costs more than the round trip itself, so
+        commands are packed by hiredis directly, and a blocking read's timeout is set once
+        for all its replies.
         """
         packed = None
         for attempt in (1, 2):
@@ -159,7 +162,8 @@ class RedisLink:
             fresh = connection._sock is None  # redis-py has no public "is connected"
             replies: list[Any] = []
             try:
-                packed = packed or (pack(commands) if large else connection.pack_commands(commands))
+                if packed is None:
+                    packed = pack(commands) if large else [b"".join(map(pack_command, commands))]
                 connection.send_packed_command(packed)
                 _read_replies(connection, len(commands), block_seconds, replies)
             except (RedisConnectionError, RedisTimeoutError):
@@ -186,15 +190,19 @@ class RedisLink:
 def _read_replies(connection: Any, count: int, block_seconds: float, replies: list[Any]) -> None:
     # Fills ``replies`` as they come: a caller whose connection fails midway must know
     # whether the server already ran some of the commands.
-    timeout = block_seconds + (connection.socket_timeout or 5.0) if block_seconds else None
-    for _ in range(count):
-        try:
-            if timeout is None:
+    stretched = block_seconds and connection._sock is not None
+    if stretched:
+        # Once for the whole batch (redis-py would set and reset it around every read).
+        connection._sock.settimeout(block_seconds + (connection.socket_timeout or 5.0))
+    try:
+        for _ in range(count):
+            try:
                 replies.append(connection.read_response())
-            else:
-                replies.append(connection.read_response(timeout=timeout))
-        except ResponseError as exc:
-            replies.append(exc)
+            except ResponseError as exc:
+                replies.append(exc)
+    finally:
+        if stretched and connection._sock is not None:
+            connection._sock.settimeout(connection.socket_timeout)
 
 
 def pack(commands: Sequence[Command]) -> list[bytes | memoryview]:

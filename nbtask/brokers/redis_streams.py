@@ -220,7 +220,13 @@ class StreamsTransport:
         return (GROUP, consumer, self.store.record_key(""), self.store.ttl, host, pid)
 
     def _read_one(
-        self, queue: str, consumer: str, block_seconds: float, leading: Sequence[Command]
+        self,
+        queue: str,
+        consumer: str,
+        block_seconds: float,
+        leading: Sequence[Command],
+        *,
+        large: bool = False,
     ) -> Delivery | None:
         # One write: [leading commands,] a blocking read, and the start check that Redis
         # runs as soon as the read is served. One queue: the server hands each entry to
@@ -244,7 +250,6 @@ class StreamsTransport:
             "started", [stream], *self._start_args(consumer), self._last_seen.get(stream, "0-0")
         )
         commands = [*leading, read, started]
-        large = any(isinstance(a, bytes) and len(a) >= LARGE_BYTES for c in leading for a in c)
         replies = self.link.run(
             commands, block_seconds=block_seconds, raise_errors=False, large=large
         )
@@ -358,7 +363,7 @@ class StreamsTransport:
             return None
         queues, consumer, block_seconds = then_fetch
         with self.link.translate_errors():
-            return self._read_one(queues[0], consumer, block_seconds, [command])
+            return self._read_one(queues[0], consumer, block_seconds, [command], large=large)
 
     def discard(self, delivery: Delivery) -> None:
         """Acknowledge and delete a delivery that must not run."""
