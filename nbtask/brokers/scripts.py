@@ -37,8 +37,14 @@ local function record_state(key)
   if type(state) == 'table' then return 'bad' end
   return state
 end
+-- The record's state, once anything of another type at `key` is deleted (nil then).
 local function own_record(key)
-  if record_state(key) == 'bad' then redis.call('DEL', key) end
+  local state = record_state(key)
+  if state == 'bad' then
+    redis.call('DEL', key)
+    return nil
+  end
+  return state
 end
 -- Ended tasks are also remembered apart from their records, in '<prefix>:done' (task id
 -- by end time, trimmed to max_age by the workers): a replay must find both gone to run.
@@ -110,8 +116,7 @@ WRITE_PENDING = (
     RECORD_STATE
     + """
 local function write_pending(key, ttl, index, now, task_id, fields)
-  own_record(key)
-  local state = record_state(key)
+  local state = own_record(key)
   if state then return state end
   if redis.call('HEXISTS', key, 'result') == 1 or ended(key) then return 'FINISHED' end
   redis.call('HSET', key, unpack(fields))
@@ -135,10 +140,9 @@ WRITE_FINAL = (
     + """
 local FINAL = {SUCCESS = true, FAILURE = true, REVOKED = true, WORKER_LOST = true}
 local function write_final(key, channel, ttl, maxlen, event, fields)
-  own_record(key)
   -- A final state stays final: a second outcome (a race between a worker reporting a
   -- task lost and the task ending after all) is neither stored nor sent.
-  if FINAL[record_state(key)] then return end
+  if FINAL[own_record(key)] then return end
   if #fields > 0 then
     for i = 2, #fields, 2 do
       if fields[i] == '=event' then fields[i] = event end
@@ -201,8 +205,7 @@ return 1
 _REVOKE = (
     RECORD_STATE
     + """
-own_record(KEYS[1])
-local state = record_state(KEYS[1])
+local state = own_record(KEYS[1])
 if state and state ~= 'PENDING' and state ~= 'RETRY' then return 0 end
 if redis.call('HEXISTS', KEYS[1], 'result') == 1 or ended(KEYS[1]) then return 0 end
 mark_ended(KEYS[1])
