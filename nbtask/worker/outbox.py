@@ -17,27 +17,32 @@ from nbtask.errors import BrokerUnavailable
 from nbtask.wire.envelope import Signer
 from nbtask.wire.events import Event, EventType
 from nbtask.worker.journal import Journal
+from nbtask.worker.wakeup import Alarm, Bell, wait_for
 
-__all__ = ["CAP_SECONDS", "Outbox", "TaskStream"]
+__all__ = ["CAP_SECONDS", "STARTED_AFTER_SECONDS", "Outbox", "TaskStream"]
 
 log = logging.getLogger("nbtask.worker")
 # The rate cap: a task's events go out at most once per this many seconds (on average:
 # see Outbox._due). Well below what a person notices, and the widget repaints at most
 # ~15 times a second on its own.
 CAP_SECONDS = 1 / 100
+# A task's ``started`` goes out once the task has run this long: one that ends sooner needs
+# none (its final event says when it started), and costs no wake of the outbox's thread.
+STARTED_AFTER_SECONDS = 0.0005
 
 
 class Outbox:
     """Sends a running task's events: each at once, unless the task sent some just before.
 
-    An event after a quiet spell (``started``, a progress report, printed text) goes out at
-    once, from the outbox's own thread, while the task runs on: the task's thread never
-    waits for the broker while the task runs. Events that come sooner than
-    :data:`CAP_SECONDS` after the send before wait for the end of the cap and go out
-    together (the trailing edge): text concatenated in order, displays and custom states in their
-    place, progress coalesced. A progress report superseded by a later one before it went
-    out is the only thing ever dropped. The cap is each task's own: a task's ``started``
-    never waits on what the task before it sent.
+    An event after a quiet spell (a progress report, printed text) goes out at once, from
+    the outbox's own thread, while the task runs on: the task's thread never waits for the
+    broker while the task runs. A task's ``started`` goes out once the task has run for
+    :data:`STARTED_AFTER_SECONDS` (or with its first other event, if that comes sooner).
+    Events that come sooner than :data:`CAP_SECONDS` after the send before wait for the end
+    of the cap and go out together (the trailing edge): text concatenated in order,
+    displays and custom states in their place, progress coalesced. A progress report
+    superseded by a later one before it went out is the only thing ever dropped. The cap
+    is each task's own: a task's ``started`` never waits on what the task before it sent.
 
     :meth:`end` flushes everything buffered before the task's final event, which is never
     delayed and never overtakes the task's earlier events: sequence numbers rise in the
@@ -74,8 +79,11 @@ class Outbox:
         self._signer = signer
         self._clock = clock
         self._lock = threading.Lock()
-        # Tells the outbox's thread that there is something to send, or a new task.
-        self._ready = threading.Condition(self._lock)
+        # Wakes the outbox's thread: there is something to send, or a new task.
+        self._bell = Bell()
+        # Expires when the running task has run long enough to announce it started.
+        self._alarm = Alarm(STARTED_AFTER_SECONDS)
+        self._started_due = False
         # The cap keeps a schedule of its own: a batch is due when its first report came,
         # or a cap after the batch before was due, whichever is later. A send the thread
         # makes late (a busy machine) therefore never makes the next report wait.
@@ -104,7 +112,6 @@ class Outbox:
         self._forked = True
         # Another thread may have held these at the fork, and it does not exist here.
         self._lock, self._flush_lock = threading.Lock(), threading.Lock()
-        self._ready = threading.Condition(self._lock)
 
     def begin(
         self, task_id: str, channel: str, details: Mapping[str, Any], first_seq: int = 0
@@ -118,7 +125,11 @@ class Outbox:
             self._output, self._progress = [], None
             self._started = Event(EventType.STARTED, task_id, first_seq + 1, details)
             self._due, self._first_at = -math.inf, self._clock()
-            self._ready.notify()
+            self._started_due = not self._alarm.available
+        if self._alarm.available:
+            self._alarm.arm()  # a new task begins with a cap of its own
+        else:
+            self._bell.ring()
 
     def emit(self, kind: str, data: Mapping[str, Any]) -> None:
         """Queue an event from task code: ``progress`` (coalesced), ``display`` or ``state``.
@@ -166,8 +177,12 @@ class Outbox:
         return True
 
     def _buffered(self) -> bool:
-        """Whether anything waits to be sent (lock held)."""
-        return self._started is not None or bool(self._output) or self._progress is not None
+        """Whether anything waits to be sent (lock held).
+
+        A ``started`` counts once it is due: until then it only goes with other events.
+        """
+        started = self._started is not None and self._started_due
+        return started or bool(self._output) or self._progress is not None
 
     def _wake_if_idle(self) -> None:
         """Before buffering: wake the outbox's thread if nothing was buffered (lock held).
@@ -176,11 +191,13 @@ class Outbox:
         """
         if not self._buffered():
             self._first_at = self._clock()
-            self._ready.notify()
+            self._bell.ring()
 
     def end(self) -> int:
         """Flush what the task left and return the sequence number for its final event."""
         left = _thread_ids()
+        if self._alarm.available:
+            self._alarm.disarm()
         with self._lock:
             if not self._output and self._progress is None:
                 self._started = None  # alone, it would cost a round trip the final event saves
@@ -234,14 +251,18 @@ class Outbox:
         # Leading edge: what is buffered after a quiet spell goes out at once; what
         # follows within the cap waits for its end (the trailing edge) and goes together.
         while True:
-            with self._ready:
-                while not self._buffered():
-                    self._ready.wait()
-                wait = self._due + CAP_SECONDS - self._clock()
-                if wait > 0:
-                    self._ready.wait(wait)  # or less: a new task begins with a cap of its own
-                    continue
-            self.flush()
+            with self._lock:
+                wait = None
+                if self._buffered():
+                    wait = self._due + CAP_SECONDS - self._clock()
+            if wait is not None and wait <= 0:
+                self.flush()
+                continue
+            # Or less: the bell (a new event) or the alarm (a task to announce) wakes it.
+            _, expired = wait_for(self._bell, self._alarm, wait)
+            if expired:
+                with self._lock:
+                    self._started_due = True
 
 
 class TaskStream(io.TextIOBase):
