@@ -9,9 +9,11 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from nbtask.core.context import current_request
+from nbtask.core.refs import ResultRef
 from nbtask.errors import (
     NbtaskError,
     RemoteError,
+    ResultNotReady,
     SerializationError,
     TaskRevoked,
     TimeLimitExceeded,
@@ -229,6 +231,25 @@ class TaskHandle(concurrent.futures.Future[Any]):
             f"process ({why}): install what defines it here, or return plain values "
             "(numbers, strings, lists, dicts, numpy arrays)"
         )
+
+    def __reduce_ex__(self, protocol: object) -> tuple[Any, ...]:
+        """A handle passed as an argument travels as its task id: the worker reads the result.
+
+        Its result is not fetched here, however large. Only a task that succeeded can stand
+        for its result: for one still running, chain the tasks instead.
+        """
+        if not self.done():
+            raise ResultNotReady(
+                f"task {self.name}[{self.id}] is still {self.state}: its handle can be an "
+                "argument only once it succeeded. Chain the tasks instead, and the result "
+                "goes from worker to worker: (first.s(...) | second.s()).delay()"
+            )
+        if self._task_state is not State.SUCCESS:
+            raise ResultNotReady(
+                f"task {self.name}[{self.id}] ended {self._task_state.value}: it has no "
+                "result to pass as an argument"
+            )
+        return ResultRef(self.id, self.name).__reduce_ex__(protocol)
 
     def on_event(self, callback: Callable[[Event], None]) -> None:
         """Call ``callback(event)`` with each event of the task that arrives from now on.

@@ -16,16 +16,20 @@ import html
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from nbtask.core.refs import ValueRef
 from nbtask.errors import BlobError
-from nbtask.wire.blobs import Fetch, Packed, Part, join_value, split_value
+from nbtask.wire.blobs import Fetch, Packed, Part, split_value
 
 __all__ = ["RemoteValue", "keep", "preview_of"]
 
 _HEAD_CHARS = 2000
 
 
-class RemoteValue:
+class RemoteValue(ValueRef):
     """A value kept out of this kernel: its bytes stay as blobs; its preview came along.
+
+    Passed to a function task (``f.delay(x)``), it travels as a reference: the worker
+    loads it (:mod:`nbtask.core.refs`).
 
     Parameters
     ----------
@@ -41,26 +45,14 @@ class RemoteValue:
     def __init__(
         self, name: str, layout: list[Part], inline: bytes, preview: Mapping[str, Any]
     ) -> None:
-        self.name = name
-        self.layout = layout
-        self.inline = inline
+        super().__init__(name, layout, inline)
         self.preview = dict(preview)
         self._fetch: Fetch | None = None
         self._budget: int | None = None
 
-    @property
-    def size(self) -> int:
-        """The value's pickled size in bytes: what fetching it moves."""
-        return sum(part.size for part in self.layout)
-
     def bind(self, fetch: Fetch, budget: int) -> None:
         """Let :meth:`fetch` read this process's store, up to ``budget`` bytes."""
         self._fetch, self._budget = fetch, budget
-
-    def load(self, fetch: Fetch) -> Any:
-        """The value, its blobs read through ``fetch`` and checked against their digests."""
-        packed = join_value(self.layout, self.inline, fetch)
-        return packed.load() if isinstance(packed, Packed) else packed
 
     def fetch(self, *, force: bool = False) -> Any:
         """Bring the value into this process.
