@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -19,6 +20,7 @@ from nbtask.errors import (
     TimeLimitExceeded,
     WorkerLost,
 )
+from nbtask.wire.blobs import ByteProgress
 from nbtask.wire.events import (
     FINAL_STATES,
     Deferred,
@@ -29,13 +31,21 @@ from nbtask.wire.events import (
     Unloadable,
 )
 
-__all__ = ["Client", "TaskHandle"]
+__all__ = ["Client", "FetchWatch", "TaskHandle"]
 
 log = logging.getLogger(__name__)
 
 
+#: Shows a fetch of ``(label, total bytes)`` while it runs: a context manager around the
+#: fetch, yielding the callback told how many bytes arrived (a notebook's progress bar).
+FetchWatch = Callable[[str, int], contextlib.AbstractContextManager[ByteProgress]]
+
+
 class Client(Protocol):
     """What a handle reaches its client through (an :class:`~nbtask.App`)."""
+
+    #: Shows the progress of a large result's fetch, if set.
+    fetch_watch: FetchWatch | None
 
     def revoke(self, task_id: str, *, terminate: bool = False, grace: float = 5.0) -> bool:
         """Revoke a task; see :meth:`nbtask.App.revoke`."""
@@ -218,8 +228,12 @@ class TaskHandle(concurrent.futures.Future[Any]):
             return self._loaded[0]
 
     def _load(self, deferred: Deferred) -> Any:
+        watch = self.app.fetch_watch if self.app is not None else None
         try:
-            return deferred.load()
+            if watch is None:
+                return deferred.load()
+            with watch(f"the result of {self.name}[{self.id[:8]}]", deferred.size) as progress:
+                return deferred.load(progress)
         except NbtaskError:
             raise
         except Exception as exc:

@@ -12,13 +12,15 @@ blobs itself, so the bytes never pass through the kernel.
 
 from __future__ import annotations
 
+import functools
 import html
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from nbtask.core.handle import FetchWatch
 from nbtask.core.refs import ValueRef
 from nbtask.errors import BlobError
-from nbtask.wire.blobs import Fetch, Packed, Part, split_value
+from nbtask.wire.blobs import BlobReader, Packed, Part, split_value
 
 __all__ = ["RemoteValue", "keep", "preview_of"]
 
@@ -47,12 +49,16 @@ class RemoteValue(ValueRef):
     ) -> None:
         super().__init__(name, layout, inline)
         self.preview = dict(preview)
-        self._fetch: Fetch | None = None
+        self._fetch: BlobReader | None = None
         self._budget: int | None = None
+        self._watch: FetchWatch | None = None
 
-    def bind(self, fetch: Fetch, budget: int) -> None:
-        """Let :meth:`fetch` read this process's store, up to ``budget`` bytes."""
-        self._fetch, self._budget = fetch, budget
+    def bind(self, fetch: BlobReader, budget: int, watch: FetchWatch | None = None) -> None:
+        """Let :meth:`fetch` read this process's store, up to ``budget`` bytes.
+
+        ``watch``, if given, shows the fetch's progress (a notebook's bar).
+        """
+        self._fetch, self._budget, self._watch = fetch, budget, watch
 
     def fetch(self, *, force: bool = False) -> Any:
         """Bring the value into this process.
@@ -71,12 +77,15 @@ class RemoteValue(ValueRef):
                 f"{self._budget:,} (fetch_budget, NBTASK_FETCH_BUDGET): raise it, call "
                 f"{self.name}.fetch(force=True), or work on it in a %%task cell instead"
             )
-        return self.load(self._fetch)
+        if self._watch is None:
+            return self.load(self._fetch)
+        with self._watch(self.name, self.size) as progress:
+            return self.load(functools.partial(self._fetch, progress=progress))
 
     def __getstate__(self) -> dict[str, Any]:
         # The fetcher and budget belong to the process that holds the reference.
         state = dict(self.__dict__)
-        state["_fetch"] = state["_budget"] = None
+        state["_fetch"] = state["_budget"] = state["_watch"] = None
         return state
 
     def _summary(self) -> str:
