@@ -65,6 +65,14 @@ def test_a_handle_as_an_argument_hands_its_result_to_the_worker_not_the_client(
     def total(values: Any, offset: float = 0.0) -> float:
         return float(values.sum()) + offset
 
+    @app.task
+    def two() -> float:
+        return 2.0
+
+    @app.task
+    def plus(previous: float, values: Any) -> float:
+        return previous + float(values.sum())
+
     made = make.delay(0)
     concurrent.futures.wait([made], timeout=30)
     expected = float(_array(0).sum())
@@ -72,6 +80,9 @@ def test_a_handle_as_an_argument_hands_its_result_to_the_worker_not_the_client(
     by_keyword = total.apply_async(kwargs={"values": made, "offset": 1.0})
     assert by_keyword.get(timeout=30) == pytest.approx(expected + 1.0)
     assert total.s(made).delay().get(timeout=30) == pytest.approx(expected)
+    # A later step of a chain: the reference goes from worker to worker, resolved last.
+    chained = (two.s() | plus.s(made)).delay()
+    assert chained.get(timeout=30) == pytest.approx(expected + 2.0)
     assert reads == [], "the client fetched a result it only passed on"
 
 
