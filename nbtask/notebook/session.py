@@ -101,6 +101,8 @@ class Session:
             self.shell.events.unregister("pre_run_cell", self._pre_run_cell)
         self.shell.user_ns.pop(WAIT_NAME, None)
         self.shell.user_ns_hidden.pop(WAIT_NAME, None)
+        if self.app.fetch_watch == self._watch_fetch:  # an app that outlives the session
+            self.app.fetch_watch = None
         self._stop.set()
         for timer in self._timers:
             timer.cancel()
