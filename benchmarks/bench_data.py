@@ -8,7 +8,9 @@ deleted after), then measures, median of ``--repeats``:
 * ``echo_50mb_s``: a fresh 50 MB array there and back;
 
 each through the Redis at ``--url`` (``store``) and through the embedded cluster
-(``embedded``: blobs in shared memory), and
+(``embedded``: blobs in shared memory), the same through Dask's ``LocalCluster`` (``dask``,
+one worker process with two threads; only where ``dask.distributed`` is installed: an
+optional benchmark dependency, ``pip install 'nbtask[bench]'``), and
 
 * ``floor_50mb_s``: raw redis-py, pickle + SET + GET + unpickle of the same bytes (one
   hop: what an argument needs at the least);
@@ -22,6 +24,9 @@ each through the Redis at ``--url`` (``store``) and through the embedded cluster
 Run it with ``PYTHONPATH`` pointing at the nbtask tree to measure::
 
     python benchmarks/bench_data.py --url redis://127.0.0.1:6379/0 --json-out data.json
+
+``--only arrays`` measures only the embedded cluster and Dask (no Redis server needed): run
+it alternately with ``PYTHONPATH`` on two trees to compare them on a busy machine.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -122,6 +128,47 @@ def measure_embedded(repeats: int) -> dict[str, float]:
         os.environ.update(saved)
 
 
+def measure_dask(repeats: int) -> dict[str, float] | None:
+    """The same arrays through Dask's ``LocalCluster``; ``None`` without ``dask.distributed``."""
+    try:
+        from dask.distributed import Client, LocalCluster  # optional: a benchmark extra
+    except ImportError:
+        return None
+    # Dask warns that a 50 MB argument makes a large graph: that is what is measured.
+    warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        return measure_arrays(_DaskTasks(client), repeats)
+
+
+class _DaskTasks:
+    """Just enough of an app for :func:`measure_arrays`: ``app.task(f).delay(a).get()``."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def task(self, function: Callable[[Any], Any]) -> _DaskTask:
+        return _DaskTask(self.client, function)
+
+
+class _DaskTask:
+    def __init__(self, client: Any, function: Callable[[Any], Any]) -> None:
+        self.client, self.function = client, function
+
+    def delay(self, *args: Any) -> _DaskResult:
+        return _DaskResult(self.client.submit(self.function, *args, pure=False))
+
+
+class _DaskResult:
+    def __init__(self, future: Any) -> None:
+        self.future = future
+
+    def get(self, timeout: float) -> Any:
+        return self.future.result(timeout=timeout)
+
+
 _CELL_RUNNER = """
 import json, os, sys, time
 from IPython.testing.globalipapp import start_ipython
@@ -184,7 +231,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json-out")
+    parser.add_argument("--only", choices=("all", "arrays"), default="all")
     args = parser.parse_args(argv)
+    if args.only == "arrays":
+        return _report(
+            {"embedded": measure_embedded(args.repeats), "dask": measure_dask(args.repeats)},
+            args.json_out,
+        )
     prefix = f"nbbench-data-{uuid.uuid4().hex[:10]}"
     secret = secrets.token_hex(32)
     with tempfile.TemporaryDirectory(prefix="nbbench-data-") as tmp:
@@ -199,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 app.close()
             out["floor_50mb_s"] = measure_floor(args.url, prefix, args.repeats)
             out["embedded"] = measure_embedded(args.repeats)
+            out["dask"] = measure_dask(args.repeats)
             out["cell_400mb"] = {
                 how: measure_cell(args.url, prefix, secret, how, CELLS["cell_400mb"])
                 for how in ("plain", "kept", "fetched")
@@ -207,10 +261,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             _stop(worker)
             delete_prefix(args.url, prefix)
+    return _report(out, args.json_out)
+
+
+def _report(out: dict[str, Any], json_out: str | None) -> int:
     text = json.dumps(out, indent=2)
     print(text)
-    if args.json_out:
-        Path(args.json_out).write_text(text)
+    if json_out:
+        Path(json_out).write_text(text)
     return 0
 
 

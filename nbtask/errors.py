@@ -14,6 +14,7 @@ __all__ = [
     "NotRegistered",
     "NotebookFailed",
     "RemoteError",
+    "ResultNotReady",
     "Retry",
     "SerializationError",
     "SignatureError",
@@ -52,6 +53,10 @@ class SerializationError(NbtaskError, TypeError):
 
 class BlobError(NbtaskError):
     """A value kept out of band cannot be loaded: its blob expired, is missing, or was altered."""
+
+
+class ResultNotReady(NbtaskError, RuntimeError):
+    """A task's handle was passed as an argument, but that task has not succeeded."""
 
 
 class TooLarge(NbtaskError, ValueError):

@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
+from nbtask.wire.blobs import ByteProgress
 from nbtask.wire.envelope import Buffer
 from nbtask.wire.records import RecordFields, TaskRecord, WorkerInfo
 
@@ -142,8 +143,11 @@ class Store(Protocol):
     def put_blobs(self, blobs: Mapping[str, Buffer]) -> None:
         """Keep large values sent out of band, ``{digest: bytes}``, for ``result_ttl``."""
 
-    def get_blob(self, digest: str, size: int) -> Buffer:
-        """A kept blob's bytes; raise :class:`~nbtask.errors.BlobError` if it is gone."""
+    def get_blob(self, digest: str, size: int, progress: ByteProgress | None = None) -> Buffer:
+        """A kept blob's bytes; raise :class:`~nbtask.errors.BlobError` if it is gone.
+
+        ``progress``, if given, is told how many bytes arrived as they arrive.
+        """
 
     # Versions ------------------------------------------------------------------------------
     def announce_versions(self, worker_id: str, versions: Mapping[str, str]) -> None:

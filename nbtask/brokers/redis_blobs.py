@@ -16,6 +16,7 @@ from nbtask.brokers.local_blobs import LocalBlobs
 from nbtask.brokers.redis_link import RedisLink
 from nbtask.errors import BlobError
 from nbtask.settings import Settings
+from nbtask.wire.blobs import ByteProgress
 from nbtask.wire.envelope import Buffer
 
 __all__ = ["CHUNK_BYTES", "RedisBlobs"]
@@ -64,8 +65,11 @@ class RedisBlobs:
             if writes:
                 self.link.run(writes, large=True)
 
-    def get_blob(self, digest: str, size: int) -> Buffer:
+    def get_blob(self, digest: str, size: int, progress: ByteProgress | None = None) -> Buffer:
         """A blob's bytes (mapped from shared memory, or read chunk by chunk from Redis).
+
+        ``progress`` is told the bytes of each chunk as it arrives (of a mapped blob, all
+        at once).
 
         Raises
         ------
@@ -75,6 +79,8 @@ class RedisBlobs:
         if self.local_blobs is not None:
             mapped = self.local_blobs.get(digest, size)
             if mapped is not None:
+                if progress is not None:
+                    progress(size)
                 return mapped
         data = bytearray(size)
         at = 0
@@ -91,6 +97,8 @@ class RedisBlobs:
                     break
                 data[at : at + len(chunk)] = chunk
                 at += len(chunk)
+                if progress is not None:
+                    progress(len(chunk))
         if at != size:
             raise BlobError(
                 f"blob {digest[:16]} in the store is not {size:,} bytes long (it was altered "

@@ -17,7 +17,7 @@ from nbtask.client.reattach import reattach
 from nbtask.client.routes import Routes
 from nbtask.core.canvas import Call
 from nbtask.core.datasets import Loader, dataset_names
-from nbtask.core.handle import TaskHandle
+from nbtask.core.handle import FetchWatch, TaskHandle
 from nbtask.core.options import validate_options
 from nbtask.core.outgoing import MessageBuilder
 from nbtask.core.task import Task as BaseTask
@@ -105,6 +105,8 @@ class App:
         self.datasets: dict[str, Loader] = {}
         self.Task = type("Task", (BaseTask,), {"abstract": True, "__module__": __name__})
         self.cluster: EmbeddedCluster | None = None
+        #: Shows the progress of a large result's fetch in ``get()`` (set by the notebook).
+        self.fetch_watch: FetchWatch | None = None
         self._transport: Transport | None = None
         self._builder: MessageBuilder | None = None
         self._listener: Listener | None = None

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from nbtask.core.context import current_request
+from nbtask.core.refs import ResultRef
 from nbtask.errors import (
     NbtaskError,
     RemoteError,
+    ResultNotReady,
     SerializationError,
     TaskRevoked,
     TimeLimitExceeded,
     WorkerLost,
 )
+from nbtask.wire.blobs import ByteProgress
 from nbtask.wire.events import (
     FINAL_STATES,
     Deferred,
@@ -27,13 +31,21 @@ from nbtask.wire.events import (
     Unloadable,
 )
 
-__all__ = ["Client", "TaskHandle"]
+__all__ = ["Client", "FetchWatch", "TaskHandle"]
 
 log = logging.getLogger(__name__)
 
 
+#: Shows a fetch of ``(label, total bytes)`` while it runs: a context manager around the
+#: fetch, yielding the callback told how many bytes arrived (a notebook's progress bar).
+FetchWatch = Callable[[str, int], contextlib.AbstractContextManager[ByteProgress]]
+
+
 class Client(Protocol):
     """What a handle reaches its client through (an :class:`~nbtask.App`)."""
+
+    #: Shows the progress of a large result's fetch, if set.
+    fetch_watch: FetchWatch | None
 
     def revoke(self, task_id: str, *, terminate: bool = False, grace: float = 5.0) -> bool:
         """Revoke a task; see :meth:`nbtask.App.revoke`."""
@@ -216,8 +228,12 @@ class TaskHandle(concurrent.futures.Future[Any]):
             return self._loaded[0]
 
     def _load(self, deferred: Deferred) -> Any:
+        watch = self.app.fetch_watch if self.app is not None else None
         try:
-            return deferred.load()
+            if watch is None:
+                return deferred.load()
+            with watch(f"the result of {self.name}[{self.id[:8]}]", deferred.size) as progress:
+                return deferred.load(progress)
         except NbtaskError:
             raise
         except Exception as exc:
@@ -229,6 +245,25 @@ class TaskHandle(concurrent.futures.Future[Any]):
             f"process ({why}): install what defines it here, or return plain values "
             "(numbers, strings, lists, dicts, numpy arrays)"
         )
+
+    def __reduce_ex__(self, protocol: object) -> tuple[Any, ...]:
+        """A handle passed as an argument travels as its task id: the worker reads the result.
+
+        Its result is not fetched here, however large. Only a task that succeeded can stand
+        for its result: for one still running, chain the tasks instead.
+        """
+        if not self.done():
+            raise ResultNotReady(
+                f"task {self.name}[{self.id}] is still {self.state}: its handle can be an "
+                "argument only once it succeeded. Chain the tasks instead, and the result "
+                "goes from worker to worker: (first.s(...) | second.s()).delay()"
+            )
+        if self._task_state is not State.SUCCESS:
+            raise ResultNotReady(
+                f"task {self.name}[{self.id}] ended {self._task_state.value}: it has no "
+                "result to pass as an argument"
+            )
+        return ResultRef(self.id, self.name).__reduce_ex__(protocol)
 
     def on_event(self, callback: Callable[[Event], None]) -> None:
         """Call ``callback(event)`` with each event of the task that arrives from now on.

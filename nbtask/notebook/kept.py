@@ -12,20 +12,26 @@ blobs itself, so the bytes never pass through the kernel.
 
 from __future__ import annotations
 
+import functools
 import html
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from nbtask.core.handle import FetchWatch
+from nbtask.core.refs import ValueRef
 from nbtask.errors import BlobError
-from nbtask.wire.blobs import Fetch, Packed, Part, join_value, split_value
+from nbtask.wire.blobs import BlobReader, Packed, Part, split_value
 
 __all__ = ["RemoteValue", "keep", "preview_of"]
 
 _HEAD_CHARS = 2000
 
 
-class RemoteValue:
+class RemoteValue(ValueRef):
     """A value kept out of this kernel: its bytes stay as blobs; its preview came along.
+
+    Passed to a function task (``f.delay(x)``), it travels as a reference: the worker
+    loads it (:mod:`nbtask.core.refs`).
 
     Parameters
     ----------
@@ -41,26 +47,18 @@ class RemoteValue:
     def __init__(
         self, name: str, layout: list[Part], inline: bytes, preview: Mapping[str, Any]
     ) -> None:
-        self.name = name
-        self.layout = layout
-        self.inline = inline
+        super().__init__(name, layout, inline)
         self.preview = dict(preview)
-        self._fetch: Fetch | None = None
+        self._fetch: BlobReader | None = None
         self._budget: int | None = None
+        self._watch: FetchWatch | None = None
 
-    @property
-    def size(self) -> int:
-        """The value's pickled size in bytes: what fetching it moves."""
-        return sum(part.size for part in self.layout)
+    def bind(self, fetch: BlobReader, budget: int, watch: FetchWatch | None = None) -> None:
+        """Let :meth:`fetch` read this process's store, up to ``budget`` bytes.
 
-    def bind(self, fetch: Fetch, budget: int) -> None:
-        """Let :meth:`fetch` read this process's store, up to ``budget`` bytes."""
-        self._fetch, self._budget = fetch, budget
-
-    def load(self, fetch: Fetch) -> Any:
-        """The value, its blobs read through ``fetch`` and checked against their digests."""
-        packed = join_value(self.layout, self.inline, fetch)
-        return packed.load() if isinstance(packed, Packed) else packed
+        ``watch``, if given, shows the fetch's progress (a notebook's bar).
+        """
+        self._fetch, self._budget, self._watch = fetch, budget, watch
 
     def fetch(self, *, force: bool = False) -> Any:
         """Bring the value into this process.
@@ -79,12 +77,15 @@ class RemoteValue:
                 f"{self._budget:,} (fetch_budget, NBTASK_FETCH_BUDGET): raise it, call "
                 f"{self.name}.fetch(force=True), or work on it in a %%task cell instead"
             )
-        return self.load(self._fetch)
+        if self._watch is None:
+            return self.load(self._fetch)
+        with self._watch(self.name, self.size) as progress:
+            return self.load(functools.partial(self._fetch, progress=progress))
 
     def __getstate__(self) -> dict[str, Any]:
         # The fetcher and budget belong to the process that holds the reference.
         state = dict(self.__dict__)
-        state["_fetch"] = state["_budget"] = None
+        state["_fetch"] = state["_budget"] = state["_watch"] = None
         return state
 
     def _summary(self) -> str:

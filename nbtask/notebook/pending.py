@@ -285,7 +285,8 @@ class WaitInserter(ast.NodeTransformer):
         if not pending.owner and not pending.holds_kept:
             return node
         found = analyze(node)
-        kept = set(pending.kept(found.reads))
+        # A kept value only passed to tasks goes as a reference: the worker loads it.
+        kept = {n for n in pending.kept(found.reads) if not _only_sent_to_tasks(node, n)}
         needed = [n for n in found.reads if n in pending.owner or n in kept]
         shown = _shown_name(node)
         if shown in needed and shown not in pending.owner:
@@ -301,3 +302,45 @@ class WaitInserter(ast.NodeTransformer):
                 sub.col_offset = sub.end_col_offset = 0
         node.body.insert(0, call)
         return node
+
+
+#: Calls that send a task, or make a signature of one, with the arguments they are given.
+_SENDING_CALLS = frozenset({"delay", "apply_async", "s", "si", "signature"})
+
+
+def _only_sent_to_tasks(cell: ast.Module, name: str) -> bool:
+    """True if every read of ``name`` in ``cell`` is an argument of a task call.
+
+    ``f.delay(x)``, ``f.apply_async(args=(x,))``, ``f.s([x, y])``: the name as an argument
+    or inside a literal list, tuple, set or dict argument. ``f.delay(x.sum())`` reads ``x``
+    in the kernel, so it does not count.
+    """
+    sent: set[int] = set()
+    for node in ast.walk(cell):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in _SENDING_CALLS
+        ):
+            for argument in [*node.args, *(keyword.value for keyword in node.keywords)]:
+                sent.update(id(found) for found in _names_passed(argument, name))
+    reads = [
+        node
+        for node in ast.walk(cell)
+        if isinstance(node, ast.Name) and node.id == name and isinstance(node.ctx, ast.Load)
+    ]
+    return bool(reads) and all(id(read) in sent for read in reads)
+
+
+def _names_passed(argument: ast.expr, name: str) -> list[ast.Name]:
+    """``name`` as ``argument`` itself or inside its literal containers, never computed on."""
+    if isinstance(argument, ast.Name):
+        return [argument] if argument.id == name else []
+    if isinstance(argument, ast.Starred):
+        return _names_passed(argument.value, name)
+    if isinstance(argument, (ast.List, ast.Tuple, ast.Set)):
+        return [found for item in argument.elts for found in _names_passed(item, name)]
+    if isinstance(argument, ast.Dict):
+        items = [value for value in argument.values if value is not None]
+        return [found for item in items for found in _names_passed(item, name)]
+    return []

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from types import ModuleType
 from typing import Any
 
@@ -22,11 +23,13 @@ from nbtask.notebook import process_state
 from nbtask.notebook.analysis import CellAnalysis, analyze
 from nbtask.notebook.board import Row, TaskBoard, format_row, notebook_group
 from nbtask.notebook.celltask import NamedCell, cell_task
+from nbtask.notebook.fetchbar import fetch_progress
 from nbtask.notebook.follow import cancel_task, follow
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.pending import WAIT_NAME, CellRun, Pending, WaitInserter, wait_interruptibly
 from nbtask.notebook.shipping import prepare
 from nbtask.notebook.widgets import TaskView, TaskWidget, make_view, widgets_enabled
+from nbtask.wire.blobs import ByteProgress
 from nbtask.wire.events import FINAL_STATES, Event, EventType
 from nbtask.wire.versions import PYTHON, version_of
 
@@ -63,6 +66,7 @@ class Session:
         self.shell = shell
         self.owns_app = app is None
         self.app = app if app is not None else default_app()
+        self.app.fetch_watch = self._watch_fetch
         self.pending = Pending(shell.user_ns, on_kept=self._bind_kept)
         self.inserter = WaitInserter(self.pending)
         self.views: dict[str, TaskView] = {}
@@ -97,6 +101,8 @@ class Session:
             self.shell.events.unregister("pre_run_cell", self._pre_run_cell)
         self.shell.user_ns.pop(WAIT_NAME, None)
         self.shell.user_ns_hidden.pop(WAIT_NAME, None)
+        if self.app.fetch_watch == self._watch_fetch:  # an app that outlives the session
+            self.app.fetch_watch = None
         self._stop.set()
         for timer in self._timers:
             timer.cancel()
@@ -139,6 +145,7 @@ class Session:
         if self.owns_app:
             self.app.close()
         self.app, self.owns_app = app, True
+        self.app.fetch_watch = self._watch_fetch
         use_as_default(app)
         self.app.connect()
         self.app.store.recent_tasks(self.group, self.app.channel, 0)
@@ -146,7 +153,12 @@ class Session:
 
     def _bind_kept(self, value: RemoteValue) -> None:
         """Let a kept value that reached the notebook be fetched through this app."""
-        value.bind(self.app.store.get_blob, self.app.settings.fetch_budget)
+        value.bind(self.app.store.get_blob, self.app.settings.fetch_budget, self._watch_fetch)
+
+    def _watch_fetch(self, label: str, total: int) -> AbstractContextManager[ByteProgress]:
+        """A bar for a fetch of ``keep_threshold`` bytes or more (see ``fetchbar.py``)."""
+        threshold = self.app.settings.keep_threshold
+        return fetch_progress(label, total, threshold=threshold, shell=self.shell)
 
     # %%task ----------------------------------------------------------------------------------
     def submit_cell(self, cell: str, args: Any) -> Any:

@@ -23,7 +23,7 @@ import io
 import os
 import pickle
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import cloudpickle
 
@@ -32,6 +32,8 @@ from nbtask.wire.envelope import Buffer, Pickler
 
 __all__ = [
     "MIN_BLOB_BYTES",
+    "BlobReader",
+    "ByteProgress",
     "Fetch",
     "Packed",
     "Part",
@@ -50,6 +52,15 @@ _MAX_PARTS = 100_000
 
 #: Returns a blob's bytes from its digest and size (raises :class:`BlobError` if gone).
 Fetch = Callable[[str, int], Buffer]
+#: Told how many more bytes of a value arrived, as they arrive.
+ByteProgress = Callable[[int], None]
+
+
+class BlobReader(Protocol):
+    """A store's ``get_blob``: a :data:`Fetch` that can tell ``progress`` as bytes arrive."""
+
+    def __call__(self, digest: str, size: int, progress: ByteProgress | None = None) -> Buffer:
+        """The blob's bytes; raises :class:`~nbtask.errors.BlobError` if it is gone."""
 
 
 def digest_of(data: Buffer) -> str:

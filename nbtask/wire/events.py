@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from nbtask.errors import DecodeError
-from nbtask.wire.blobs import Fetch, parse_layout
+from nbtask.wire.blobs import BlobReader, ByteProgress, parse_layout
 from nbtask.wire.envelope import Signer
 from nbtask.wire.message import SERIALIZERS, decode_value
 
@@ -191,11 +192,20 @@ class Deferred:
     body: bytes
     serializer: str
     layout: object
-    fetch: Fetch
+    fetch: BlobReader
 
-    def load(self) -> Any:
-        """The value; raises what loading raises (a missing or altered blob, a class)."""
-        return decode_value(self.body, self.serializer, self.layout, self.fetch)
+    @property
+    def size(self) -> int:
+        """The result's pickled size in bytes: what loading it moves."""
+        return sum(part.size for part in parse_layout(self.layout) or ())
+
+    def load(self, progress: ByteProgress | None = None) -> Any:
+        """The value; raises what loading raises (a missing or altered blob, a class).
+
+        ``progress`` is told how many bytes arrived as its blobs are read.
+        """
+        fetch = self.fetch if progress is None else functools.partial(self.fetch, progress=progress)
+        return decode_value(self.body, self.serializer, self.layout, fetch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +215,7 @@ class Unloadable:
     why: str
 
 
-def decode_event(signer: Signer, raw: bytes, fetch: Fetch | None = None) -> tuple[Event, Any]:
+def decode_event(signer: Signer, raw: bytes, fetch: BlobReader | None = None) -> tuple[Event, Any]:
     """Verify and decode one event; the body (a result) is unpickled only after the MAC.
 
     A result that verifies but cannot be loaded here (a class only the worker can import)

@@ -17,7 +17,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from nbtask.errors import DecodeError, SerializationError
+from nbtask.errors import DecodeError, NbtaskError, SerializationError
 from nbtask.wire.blobs import Fetch, Part, SplitValue, join_value, parse_layout, split_value
 from nbtask.wire.envelope import Buffer, Envelope, dumps
 
@@ -125,6 +125,8 @@ def encode_value(value: Any, serializer: str, what: str) -> bytes:
         if serializer == "json":
             return json.dumps(value, separators=(",", ":")).encode()
         return dumps(value)
+    except NbtaskError:
+        raise  # nbtask's own refusal (a handle whose task has not succeeded) says it all
     except Exception as exc:
         raise SerializationError(f"{what} cannot be serialised with {serializer}: {exc}") from None
 
@@ -136,6 +138,8 @@ def split(value: Any, serializer: str, what: str, threshold: int) -> SplitValue:
         return SplitValue([Part(len(data))], [data], {})  # JSON stays inline, whatever its size
     try:
         return split_value(value, threshold)
+    except NbtaskError:
+        raise
     except Exception as exc:
         raise SerializationError(f"{what} cannot be serialised with {serializer}: {exc}") from None
 

@@ -24,6 +24,7 @@ from nbtask.core.canvas import Callbacks, sending_through
 from nbtask.core.context import Request, running
 from nbtask.core.datasets import DatasetCache, Loader
 from nbtask.core.outgoing import MessageBuilder
+from nbtask.core.refs import resolving
 from nbtask.core.task import Task
 from nbtask.errors import (
     BrokerUnavailable,
@@ -391,12 +392,13 @@ class Child:
     def _execute(self, admitted: Admitted, task: Task) -> Outcome:
         message = admitted.message
         try:
-            args, kwargs = decode_value(
-                admitted.arguments,
-                message.serializer,
-                message.args_layout,
-                self.transport.store.get_blob,
-            )
+            with resolving(self.transport.store, self.signer):  # references load their values
+                args, kwargs = decode_value(
+                    admitted.arguments,
+                    message.serializer,
+                    message.args_layout,
+                    self.transport.store.get_blob,
+                )
             # Named datasets come from this process, never through the message.
             kwargs.update(self.datasets.values_for(message.requires or ()))
         except Exception as exc:

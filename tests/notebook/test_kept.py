@@ -72,6 +72,26 @@ def test_a_later_task_cell_uses_a_kept_value_in_place(ip: InteractiveShell, nb: 
     assert changed.fetch()[0] == -1.0
 
 
+def test_a_kept_value_passed_to_a_function_task_stays_out_of_the_kernel(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    task(ip, MAKE_X)
+
+    @nb.app.task
+    def total(values: Any, more: Any = ()) -> float:
+        return float(values.sum()) + sum(float(v.sum()) for v in more)
+
+    ip.user_ns["total"] = total
+    run(ip, "s = total.delay(x).get(timeout=30)")
+    run(ip, "t = total.apply_async(args=(x,), kwargs={'more': [x]}).get(timeout=30)")
+    expected = float(np.arange(300_000.0).sum())
+    assert ip.user_ns["s"] == pytest.approx(expected)
+    assert ip.user_ns["t"] == pytest.approx(2 * expected)
+    assert isinstance(ip.user_ns["x"], RemoteValue), "the kernel fetched a value it only sent"
+    run(ip, "u = total.delay(x * 1)")  # computed on in the kernel: fetched first
+    assert isinstance(ip.user_ns["x"], np.ndarray)
+
+
 def test_keep_and_fetch_choose_per_name(ip: InteractiveShell, nb: Session) -> None:
     task(ip, MAKE_X + "\nsmall = [1, 2, 3]", "--wait --fetch x --keep small")
     assert isinstance(ip.user_ns["x"], np.ndarray)

@@ -1,0 +1,156 @@
+"""Values passed to a task by reference: the worker loads them, the sender never holds them.
+
+Two kinds of reference can stand for an argument of a function task:
+
+* a :class:`ValueRef` (in a notebook, a :class:`~nbtask.notebook.kept.RemoteValue`): a
+  value kept as blobs, named by their SHA-256 digests;
+* a finished task's handle, which pickles as a :class:`ResultRef`: its task id.
+
+Either travels inside the task's signed arguments, so the digests and the task id are as
+trusted as the message itself. A worker decodes a task's arguments inside
+:func:`resolving`, and each reference is replaced by its value while they are unpickled:
+blobs are fetched and checked against their signed digests, and a task's result is read
+from its signed record in the store (it must verify and be that task's), before anything
+is unpickled. Anywhere else (a chain's pickled steps, a result, the client) a reference
+unpickles as itself, so it moves on untouched until a worker runs the task that takes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from nbtask.brokers.base import Store
+from nbtask.errors import BlobError, ResultNotReady, SignatureError
+from nbtask.wire.blobs import Fetch, Packed, Part, join_value
+from nbtask.wire.envelope import Signer
+from nbtask.wire.events import Deferred, EventType, Unloadable, decode_event
+
+__all__ = ["ResultRef", "ValueRef", "resolving"]
+
+#: Loads a reference's value; set only while a worker decodes a task's own arguments.
+_Resolver = Callable[["ValueRef | ResultRef"], Any]
+_resolver: contextvars.ContextVar[_Resolver | None] = contextvars.ContextVar(
+    "nbtask_resolver", default=None
+)
+
+
+class ValueRef:
+    """A value kept out of band as blobs: passed to a task, the worker loads it.
+
+    Parameters
+    ----------
+    name
+        What the value is called (a notebook name), used in errors.
+    layout, inline
+        Where its parts are (blobs named by signed digest) and its small inline parts.
+    """
+
+    def __init__(self, name: str, layout: list[Part], inline: bytes) -> None:
+        self.name = name
+        self.layout = layout
+        self.inline = inline
+
+    @property
+    def size(self) -> int:
+        """The value's pickled size in bytes: what loading it moves."""
+        return sum(part.size for part in self.layout)
+
+    def load(self, fetch: Fetch) -> Any:
+        """The value, its blobs read through ``fetch`` and checked against their digests."""
+        loaded = join_value(self.layout, self.inline, fetch)
+        # A value a notebook cell kept was pickled once before it was split (Packed).
+        return loaded.load() if isinstance(loaded, Packed) else loaded
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __reduce_ex__(self, protocol: object) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.__getstate__()))
+
+
+class ResultRef:
+    """A finished task's result, by task id: what a task handle pickles as.
+
+    Parameters
+    ----------
+    task_id, name
+        The task whose stored result stands for the argument, and its name (for errors).
+    """
+
+    def __init__(self, task_id: str, name: str) -> None:
+        self.task_id = task_id
+        self.name = name
+
+    def load(self, store: Store, signer: Signer) -> Any:
+        """The task's result, from its signed record in ``store``.
+
+        Raises
+        ------
+        BlobError
+            The task's record is gone (it expired after ``result_ttl``) or holds no result.
+        SignatureError
+            The stored result does not verify, or is another task's.
+        ResultNotReady
+            The task did not succeed.
+        """
+        label = f"the result of task {self.name}[{self.task_id}]"
+        record = store.get_record(self.task_id)
+        if record is None or record.result is None:
+            raise BlobError(
+                f"{label}, passed by reference, is not in the store: it expired (results are "
+                "kept result_ttl), was never stored (ignore_result), or was deleted; run that "
+                "task again"
+            )
+        event, value = decode_event(signer, record.result, store.get_blob)
+        if event.task_id != self.task_id:
+            raise SignatureError(f"{label} in the store belongs to task {event.task_id!r}")
+        if event.type is not EventType.SUCCESS:
+            raise ResultNotReady(f"{label} cannot be an argument: that task ended {event.type}")
+        if isinstance(value, Deferred):
+            return value.load()
+        if isinstance(value, Unloadable):
+            raise BlobError(f"{label} cannot be loaded on this worker: {value.why}")
+        return value
+
+    def __reduce_ex__(self, protocol: object) -> tuple[Any, ...]:
+        return (_rebuild, (ResultRef, {"task_id": self.task_id, "name": self.name}))
+
+    def __repr__(self) -> str:
+        return f"<result of {self.name}[{self.task_id}]>"
+
+
+def _rebuild(cls: type[ValueRef | ResultRef], state: dict[str, Any]) -> Any:
+    """Unpickle a reference: as itself, or, inside :func:`resolving`, as its value."""
+    ref = cls.__new__(cls)
+    ref.__dict__.update(state)
+    resolve = _resolver.get()
+    return ref if resolve is None else resolve(ref)
+
+
+@contextlib.contextmanager
+def resolving(store: Store, signer: Signer) -> Iterator[None]:
+    """Within the block, references that are unpickled load their values from ``store``.
+
+    A worker decodes a task's arguments in it. Errors name the value that could not be
+    loaded (:class:`~nbtask.errors.BlobError` when its data expired).
+    """
+
+    def resolve(ref: ValueRef | ResultRef) -> Any:
+        if isinstance(ref, ResultRef):
+            return ref.load(store, signer)
+        try:
+            return ref.load(store.get_blob)
+        except BlobError as exc:
+            raise BlobError(
+                f"the kept value {ref.name!r} ({ref.size:,} bytes), passed by reference, "
+                f"cannot be loaded: {exc}"
+            ) from None
+
+    token = _resolver.set(resolve)
+    try:
+        yield
+    finally:
+        _resolver.reset(token)
