@@ -109,6 +109,12 @@ class ResultRef:
             raise SignatureError(f"{label} in the store belongs to task {event.task_id!r}")
         if event.type is not EventType.SUCCESS:
             raise ResultNotReady(f"{label} cannot be an argument: that task ended {event.type}")
+        if event.data.get("result_kept") is False:
+            # A signed note that the task ended, without its value (ignore_result).
+            raise BlobError(
+                f"{label}, passed by reference, was not kept (ignore_result): send the value "
+                "itself, or chain the tasks"
+            )
         if isinstance(value, Deferred):
             return value.load()
         if isinstance(value, Unloadable):

@@ -149,3 +149,22 @@ def test_a_reference_whose_data_expired_fails_the_task_naming_the_value(
     access.store.delete(app.store.record_key(made.id))  # as when result_ttl passes
     with pytest.raises(BlobError, match=rf"result of task .*make\[{made.id}\].*not in the store"):
         length.delay(made).get(timeout=30)
+
+
+def test_a_handle_of_a_task_that_kept_no_result_fails_the_task_instead_of_passing_none(
+    app: App, start_worker
+) -> None:
+    start_worker()
+
+    @app.task(ignore_result=True)
+    def make() -> list[int]:
+        return [1, 2, 3]
+
+    @app.task
+    def length(values: Any) -> int:
+        return len(values)
+
+    made = make.delay()
+    concurrent.futures.wait([made], timeout=30)
+    with pytest.raises(BlobError, match=r"was not kept \(ignore_result\)"):
+        length.delay(made).get(timeout=30)
