@@ -66,6 +66,8 @@ class Outbox:
         Signs each event.
     clock
         Monotonic seconds; the cap is measured with it (tests pass a clock they move).
+    started_after
+        How long a task runs before its ``started`` goes out (real time, on a kernel timer).
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class Outbox:
         signer: Signer,
         *,
         clock: Callable[[], float] = time.monotonic,
+        started_after: float = STARTED_AFTER_SECONDS,
     ) -> None:
         self._transport = transport
         self._signer = signer
@@ -82,7 +85,7 @@ class Outbox:
         # Wakes the outbox's thread: there is something to send, or a new task.
         self._bell = Bell()
         # Expires when the running task has run long enough to announce it started.
-        self._alarm = Alarm(STARTED_AFTER_SECONDS)
+        self._alarm = Alarm(started_after)
         self._started_due = False
         # The cap keeps a schedule of its own: a batch is due when its first report came,
         # or a cap after the batch before was due, whichever is later. A send the thread

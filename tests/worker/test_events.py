@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -92,6 +93,15 @@ def outbox(app: App) -> Any:
     clock = Clock()
     box = Outbox(recording, app.signer, clock=clock)  # type: ignore[arg-type]
     yield box, recording, clock
+    transport.close()
+
+
+@pytest.fixture
+def patient_outbox(app: App) -> Any:
+    """An outbox whose tasks announce themselves only after a minute."""
+    transport = open_broker(app.settings, app.settings.broker_url or "")
+    recording = Recording(transport, app.signer)
+    yield Outbox(recording, app.signer, started_after=60.0), recording  # type: ignore[arg-type]
     transport.close()
 
 
@@ -298,3 +308,26 @@ def test_a_skipped_started_is_made_from_the_final_event_once() -> None:
     handle.on_event(seen)
     handle.apply(Event(EventType.REVOKED, "t3", 5, {"reason": "revoked"}))
     assert seen.kinds() == ["revoked"]
+
+
+def test_a_task_that_ends_before_its_started_is_due_sends_none_and_a_longer_one_does(
+    app: App, patient_outbox: Any, outbox: Any
+) -> None:
+    box, recording = patient_outbox
+    handle, seen = following(app)
+    box.begin(handle.id, app.channel, {"worker": "w", "pid": 1})
+    threading.Event().wait(0.2)
+    seq = box.end()
+    assert recording.count() == 0, "a task that ended before its started was due sent it"
+    # The child's final event says when the task started; the client makes STARTED from it.
+    ended = Event(EventType.SUCCESS, handle.id, seq, {"worker": "w", "started_at": time.time()})
+    recording.transport.emit(app.channel, [app.signer.seal(ended.to_header())])
+    handle.result(timeout=10)
+    assert seen.kinds() == ["started", "success"]
+
+    quick, quick_recording, _clock = outbox  # the default: due after half a millisecond
+    other, other_seen = following(app)
+    quick.begin(other.id, app.channel, {"worker": "w", "pid": 1})
+    wait_until(lambda: quick_recording.count() == 1, 10, "the started event, once due")
+    assert quick_recording.kinds(0) == ["started"]
+    other_seen.wait_for(EventType.STARTED)
