@@ -36,6 +36,7 @@ from nbtask.wire.envelope import Buffer, Envelope, Signer
 from nbtask.wire.events import FINAL_SEQ, Event, EventType, State, run_seq_base
 from nbtask.wire.message import TaskMessage, decode_value
 from nbtask.worker.finder import TaskFinder
+from nbtask.worker.holdings import process_holding
 from nbtask.worker.journal import Journal
 from nbtask.worker.outbox import Outbox, TaskStream
 from nbtask.worker.settle import (
@@ -118,6 +119,9 @@ class Child:
             self.transport, MessageBuilder(self.signer, self.settings, self.transport.store)
         )
         self.follow_ups = FollowUps(self.transport, self.signer, self.publisher)
+        self.holding, self.served = process_holding(
+            self.settings, self.transport.store, self.consumer, self.queues, self.datasets
+        )
         self._pid = os.getpid()
         self._whoami["pid"] = self._pid
         # For the child's whole life: a task's text goes to its client, anything else to
@@ -136,7 +140,7 @@ class Child:
             self._exit_if_forked(0)
             try:
                 if delivery is None:
-                    delivery = self.transport.fetch(self.queues, self.consumer, 1.0)
+                    delivery = self.transport.fetch(self.served.now(), self.consumer, 1.0)
                 backoff = 0.1
                 if delivery is not None:
                     # Handled exactly once, whatever happens: handle() may return the
@@ -385,6 +389,7 @@ class Child:
             root_id=message.root_id,
             emit=self.outbox.emit,
             blob_store=self.transport.store,
+            holding=self.holding,
             delivery_info={"queue": delivery.queue, "redelivered": delivery.deliveries > 0},
         )
 
@@ -495,7 +500,9 @@ class Child:
                 "created": time.time(),
             }
             requeue = (self.signer.seal(header, admitted.envelope.body), due)
-        then_fetch = (self.queues, self.consumer, 1.0) if fetch_next and not self._stop else None
+        then_fetch = (
+            (self.served.now(), self.consumer, 1.0) if fetch_next and not self._stop else None
+        )
         delivery = admitted.delivery if ack else None
         backoff = 0.1
         while True:
