@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import sys
 import types
 from collections.abc import Mapping
@@ -20,7 +21,8 @@ from typing import Any
 
 from nbtask.brokers.base import Store
 from nbtask.core.context import PARTIAL_RESULT, current_request
-from nbtask.errors import CellError
+from nbtask.core.holding import HeldValue, Holding
+from nbtask.errors import BlobError, CellError
 from nbtask.notebook import process_state
 from nbtask.notebook.kept import RemoteValue, keep
 from nbtask.notebook.shipping import CellSpec, share_namespace
@@ -54,7 +56,9 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
     """
     shell = worker_shell()
     for attempt in range(spec.retries + 1):
-        shipped: dict[str, Any] = _resolve_kept(blob.load())
+        loaded: dict[str, Any] = blob.load()
+        references = {n: v for n, v in loaded.items() if isinstance(v, RemoteValue)}
+        shipped = _resolve_kept(loaded)
         before = {n: _digest(v) for n, v in shipped.items() if _may_change(v)}
         namespace = shell.user_ns
         namespace.clear()
@@ -84,6 +88,7 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
             file=sys.stderr,
         )
     effects = _effects(namespace, shipped, before, spec)
+    _forget_changed(references, effects["out"])
     effects["state"] = process_state.changes(state_before, process_state.capture())
     if error is None:
         return _pack(effects, spec, plain=spec.plain)
@@ -97,12 +102,64 @@ def _blob_store() -> Store:
     return request.blob_store
 
 
+def _holding() -> Holding | None:
+    request = current_request()
+    return request.holding if request is not None else None
+
+
 def _resolve_kept(shipped: dict[str, Any]) -> dict[str, Any]:
-    """Shipped references to values kept on the workers, loaded here from their blobs."""
-    for name, value in shipped.items():
-        if isinstance(value, RemoteValue):
-            shipped[name] = value.load(_blob_store().get_blob)
+    """Shipped references to values kept on the workers, replaced by the values.
+
+    A value this process holds is used as it is (no blob is read); any other is loaded
+    from its store copy, and then held here too.
+    """
+    holding = _holding()
+    for name, reference in shipped.items():
+        if not isinstance(reference, RemoteValue):
+            continue
+        held = holding.get(reference.key) if holding is not None else None
+        if held is not None:
+            shipped[name] = held.value
+            continue
+        try:
+            shipped[name] = reference.load(_blob_store().get_blob)
+        except BlobError as exc:
+            made_by = reference.made_by or "the cell that made it"
+            raise BlobError(
+                f"{name} is lost: the worker process that held it ({reference.holder or '?'}) "
+                f"is gone, and its store copy cannot be read ({exc}). Run {made_by} again "
+                "to make it"
+            ) from None
+        if holding is not None:
+            holding.hold(reference.key, _held(name, shipped[name], reference))
     return shipped
+
+
+def _held(name: str, value: Any, reference: RemoteValue) -> HeldValue:
+    return HeldValue(value, name, reference.size, reference.made_by)
+
+
+def _forget_changed(references: Mapping[str, RemoteValue], out: Mapping[str, Any]) -> None:
+    """Stop holding values the cell changed in place: their references name what they were.
+
+    The changed value comes back (kept again, under a reference of its own).
+    """
+    holding = _holding()
+    for name, reference in references.items():
+        held = holding.get(reference.key) if holding is not None else None
+        if holding is not None and held is not None and out.get(name) is held.value:
+            holding.drop(reference.key)
+
+
+def _keep(name: str, value: Any, packed: Packed, spec: CellSpec) -> RemoteValue:
+    """Keep an assigned value: its store copy, and its live object in this process."""
+    reference = keep(name, value, packed, _blob_store().put_blobs)
+    reference.made_by = spec.filename
+    holding = _holding()
+    if holding is not None and holding.budget >= reference.size:
+        reference.holder, reference.holder_pid = holding.queue, os.getpid()
+        holding.hold(reference.key, _held(name, value, reference))
+    return reference
 
 
 def _effects(
@@ -137,7 +194,7 @@ def _pack(effects: dict[str, Any], spec: CellSpec, *, plain: bool) -> Any:
             del out[name]
             continue
         if not plain and _stays_here(name, packed.size, spec):
-            out[name] = keep(name, value, packed, _blob_store().put_blobs)
+            out[name] = _keep(name, value, packed, spec)
     if plain:
         return out
     # Pickled again as one dict, not from the packs above: names that share an object

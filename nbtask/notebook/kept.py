@@ -12,7 +12,9 @@ blobs itself, so the bytes never pass through the kernel.
 
 from __future__ import annotations
 
+import hashlib
 import html
+import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -36,6 +38,15 @@ class RemoteValue:
     preview
         ``type``, ``shape``, ``dtype``, ``nbytes`` and ``head`` (text) or ``html``,
         computed on the worker.
+
+    Attributes
+    ----------
+    holder, holder_pid : str or None, int
+        The own queue and the process id of the worker process that holds the value live
+        in memory (:mod:`nbtask.core.holding`): a later ``%%task`` cell that reads it goes
+        there while that process lives.
+    made_by : str
+        The cell that made it (``Cell In[3]``), named if the value is ever lost.
     """
 
     def __init__(
@@ -45,8 +56,17 @@ class RemoteValue:
         self.layout = layout
         self.inline = inline
         self.preview = dict(preview)
+        self.holder: str | None = None
+        self.holder_pid = 0
+        self.made_by = ""
         self._fetch: Fetch | None = None
         self._budget: int | None = None
+
+    @property
+    def key(self) -> str:
+        """The value's name in a worker's holding: a digest of its layout and inline bytes."""
+        layout = json.dumps([part.to_json() for part in self.layout]).encode()
+        return hashlib.sha256(layout + b"\x00" + self.inline).hexdigest()
 
     @property
     def size(self) -> int:

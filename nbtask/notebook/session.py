@@ -17,6 +17,7 @@ from IPython.display import clear_output, display, publish_display_data
 from nbtask._text import printable, redact_url
 from nbtask.client.app import App
 from nbtask.client.default import default_app, use_as_default
+from nbtask.core.holding import is_holder_queue
 from nbtask.errors import CellError
 from nbtask.notebook import process_state
 from nbtask.notebook.analysis import CellAnalysis, analyze
@@ -25,9 +26,11 @@ from nbtask.notebook.celltask import NamedCell, cell_task
 from nbtask.notebook.follow import cancel_task, follow
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.pending import WAIT_NAME, CellRun, Pending, WaitInserter, wait_interruptibly
+from nbtask.notebook.placement import holder_queue_for
 from nbtask.notebook.shipping import prepare
 from nbtask.notebook.widgets import TaskView, TaskWidget, make_view, widgets_enabled
 from nbtask.wire.events import FINAL_STATES, Event, EventType
+from nbtask.wire.holdings import holdings_lines
 from nbtask.wire.versions import PYTHON, version_of
 
 __all__ = ["Session"]
@@ -180,8 +183,15 @@ class Session:
             self.app.cells[args.name] = NamedCell(
                 self.app, args.name, cell, python, self.shell.user_ns
             )
-        # --queue, else the routes by the cell's name (then by nbtask.cell, as any cell).
-        queue = args.queue or (self.app.route(args.name) if args.name else None)
+        # --queue, else the routes by the cell's name, else where the kept values it reads
+        # are held (then by nbtask.cell, as any cell).
+        queue = (
+            args.queue
+            or (self.app.route(args.name) if args.name else None)
+            or holder_queue_for(
+                [self.shell.user_ns.get(n) for n in spec.names], self.app.workers, args.requires
+            )
+        )
         handle = cell_task(self.app).apply_async(
             (spec, blob),
             queue=queue,
@@ -355,17 +365,21 @@ class Session:
         # is not busy any more.
         ended = {r.handle.id for r in self.pending.runs if r.handle.done()}
         ended |= {t for t, view in self.views.items() if view.handle.done()}
-        for worker_id, info in sorted(self.app.workers().items()):
+        workers = self.app.workers()
+        holdings = self.app.store.holdings([c for i in workers.values() for c in i.consumers])
+        for worker_id, info in sorted(workers.items()):
             busy = [labels.get(t, t[:8]) for t in info.busy if t not in ended]
             data = f" datasets {','.join(info.datasets)}" if info.datasets else ""
+            queues = ",".join(q for q in info.queues if not is_holder_queue(q))
             # The registry is unsigned: shown without control codes.
             lines.append(
                 printable(
                     f"  worker {worker_id}: host {info.hostname} pid {info.pid} "
-                    f"queues {','.join(info.queues)} concurrency {info.concurrency}{data} "
+                    f"queues {queues} concurrency {info.concurrency}{data} "
                     f"busy {len(busy)}" + (f" ({', '.join(busy)})" if busy else "")
                 )
             )
+            lines.extend(holdings_lines(info, holdings, indent="    "))
         running = self.pending.running()
         lines.append(f"  {len(running)} cell(s) pending")
         for run in running:
