@@ -15,7 +15,7 @@ from nbtask.core.holding import holder_queue
 from nbtask.notebook.kept import RemoteValue
 from nbtask.wire.records import WorkerInfo
 
-__all__ = ["holder_queue_for"]
+__all__ = ["holder_queue_for", "live_holders"]
 
 
 def holder_queue_for(
@@ -37,15 +37,22 @@ def holder_queue_for(
     kept = [v for v in values if isinstance(v, RemoteValue) and v.holder]
     if not kept:
         return None
-    # A process is told by its queue and pid: a process that replaced it has neither the
-    # value in memory nor, after a while, serves the queue.
-    live = {
-        (holder_queue(consumer), pid): info
-        for info in workers().values()
-        for consumer, pid in zip(info.consumers, info.pids, strict=False)
-    }
+    live = live_holders(workers())
     for value in sorted(kept, key=lambda v: v.size, reverse=True):
         info = live.get((value.holder or "", value.holder_pid))
         if info is not None and set(requires) <= set(info.datasets):
             return value.holder
     return None
+
+
+def live_holders(workers: Mapping[str, WorkerInfo]) -> dict[tuple[str, int], WorkerInfo]:
+    """``{(own queue, pid): worker}`` of every live worker process.
+
+    A process is told by its queue and pid: the process that replaced it (same queue) has
+    not the value in memory, and serves the queue only for a while.
+    """
+    return {
+        (holder_queue(consumer), pid): info
+        for info in workers.values()
+        for consumer, pid in zip(info.consumers, info.pids, strict=False)
+    }

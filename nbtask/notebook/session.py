@@ -27,6 +27,7 @@ from nbtask.notebook.follow import cancel_task, follow
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.pending import WAIT_NAME, CellRun, Pending, WaitInserter, wait_interruptibly
 from nbtask.notebook.placement import holder_queue_for
+from nbtask.notebook.releases import Releases, ReleaseTask
 from nbtask.notebook.shipping import prepare
 from nbtask.notebook.widgets import TaskView, TaskWidget, make_view, widgets_enabled
 from nbtask.wire.events import FINAL_STATES, Event, EventType
@@ -67,6 +68,8 @@ class Session:
         self.owns_app = app is None
         self.app = app if app is not None else default_app()
         self.pending = Pending(shell.user_ns, on_kept=self._bind_kept)
+        # A lambda: %nbtask connect may replace the app.
+        self.releases = Releases(self._send_release, lambda: self.app.workers())  # noqa: PLW0108
         self.inserter = WaitInserter(self.pending)
         self.views: dict[str, TaskView] = {}
         self.attached: dict[str, str] = {}  # task id -> label, for tasks re-opened by id
@@ -105,6 +108,8 @@ class Session:
             timer.cancel()
         if self._ticker is not None:
             self._ticker.join(5)
+        with contextlib.suppress(Exception):  # the broker may be gone: the TTL still holds
+            self.releases.release_all()
         if self.owns_app:
             self.app.close()
 
@@ -115,6 +120,8 @@ class Session:
         prints (output from a thread lands in whichever cell runs now).
         """
         while not self._stop.wait(0.5):
+            with contextlib.suppress(Exception):
+                self.releases.flush()
             for view in list(self.views.values()):
                 with contextlib.suppress(Exception):
                     view.tick()
@@ -148,8 +155,15 @@ class Session:
         print(self.describe())
 
     def _bind_kept(self, value: RemoteValue) -> None:
-        """Let a kept value that reached the notebook be fetched through this app."""
+        """Let a kept value that reached the notebook be fetched, and released when it goes."""
         value.bind(self.app.store.get_blob, self.app.settings.fetch_budget)
+        self.releases.track(value)
+
+    def _send_release(self, holder: str, keys: list[str]) -> None:
+        release = self.app.tasks.get(ReleaseTask.name)
+        if not isinstance(release, ReleaseTask):
+            release = self.app.register_task(ReleaseTask())
+        release.apply_async((keys,), queue=holder)
 
     # %%task ----------------------------------------------------------------------------------
     def submit_cell(self, cell: str, args: Any) -> Any:

@@ -7,6 +7,7 @@ from the store to show where a value came from: a cell that still works read non
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 from collections.abc import Callable
@@ -18,7 +19,7 @@ import redis
 from helpers import WorkerProcess, broker_env, wait_until
 from IPython.core.interactiveshell import InteractiveShell
 
-from nbtask import Settings
+from nbtask import App, Settings
 from nbtask.core.holding import holder_queue
 from nbtask.errors import BlobError
 from nbtask.notebook.kept import RemoteValue
@@ -183,3 +184,45 @@ def test_a_value_changed_in_place_on_its_holder_is_held_as_new(
     ip.user_ns["old"] = before  # the reference to the value as it was
     with pytest.raises(BlobError, match="old is lost"):
         task(ip, "first = float(old[0])")
+
+
+def holds(session: Session, name: str) -> bool:
+    """Whether any live worker process says it holds a value called ``name``."""
+    consumers = [c for info in session.app.workers().values() for c in info.consumers]
+    found = session.app.store.holdings(consumers).values()
+    return any(held.name == name for holding in found for held in holding.values)
+
+
+def test_deleting_the_last_reference_in_the_notebook_releases_the_value_on_its_holder(
+    ip: InteractiveShell, shell: Session, start_worker: StartWorker
+) -> None:
+    start_worker(concurrency=1)
+    keep_x(ip)
+    ip.run_cell("also_x = x")  # the same reference under two names
+    assert holds(shell, "x")
+    ip.run_cell("del x")
+    gc.collect()
+    task(ip, "ping = 1")  # a cell's round trip: the release had every chance to go
+    assert holds(shell, "x"), "released while the notebook still referenced it"
+    ip.run_cell("del also_x")
+    gc.collect()
+    wait_until(lambda: not holds(shell, "x"), 20, "the holder to drop the released value")
+
+
+def test_ending_the_session_releases_what_it_kept(
+    ip: InteractiveShell, shell: Session, start_worker: StartWorker
+) -> None:
+    start_worker(concurrency=1)
+    keep_x(ip)
+    app = shell.app
+    consumers = [c for info in app.workers().values() for c in info.consumers]
+    ip.run_line_magic("unload_ext", "nbtask")
+    reader = App("reader", settings=app.settings)
+    try:
+        wait_until(
+            lambda: not any(h.values for h in reader.store.holdings(consumers).values()),
+            20,
+            "the holder to drop what the ended session kept",
+        )
+    finally:
+        reader.close()
