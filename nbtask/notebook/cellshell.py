@@ -24,7 +24,7 @@ from nbtask.core.context import PARTIAL_RESULT, current_request
 from nbtask.core.holding import HeldValue, Holding
 from nbtask.errors import BlobError, CellError
 from nbtask.notebook import process_state
-from nbtask.notebook.kept import RemoteValue, keep
+from nbtask.notebook.kept import RemoteValue, keep, key_of
 from nbtask.notebook.shipping import CellSpec, share_namespace
 from nbtask.notebook.worker_shell import BASE_NS, worker_shell
 from nbtask.wire.blobs import Packed
@@ -59,7 +59,11 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
         loaded: dict[str, Any] = blob.load()
         references = {n: v for n, v in loaded.items() if isinstance(v, RemoteValue)}
         shipped = _resolve_kept(loaded)
-        before = {n: _digest(v) for n, v in shipped.items() if _may_change(v)}
+        # A kept value's state is its key, known already: it is hashed after the cell only.
+        before = {
+            n: _digest(v) for n, v in shipped.items() if _may_change(v) and n not in references
+        }
+        before.update({n: ref.key.encode() for n, ref in references.items()})
         namespace = shell.user_ns
         namespace.clear()
         namespace.update(BASE_NS)
@@ -87,7 +91,7 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
             f"{type(error).__name__}: {error}",
             file=sys.stderr,
         )
-    effects = _effects(namespace, shipped, before, spec)
+    effects = _effects(namespace, shipped, before, spec, references)
     _forget_changed(references, effects["out"])
     effects["state"] = process_state.changes(state_before, process_state.capture())
     if error is None:
@@ -167,6 +171,7 @@ def _effects(
     shipped: Mapping[str, Any],
     before: Mapping[str, bytes],
     spec: CellSpec,
+    references: Mapping[str, RemoteValue],
 ) -> dict[str, Any]:
     """The names the cell bound or changed, and those it deleted."""
     out: dict[str, Any] = {}
@@ -174,7 +179,7 @@ def _effects(
         if name in BASE_NS and BASE_NS[name] is value:
             continue
         # Read, not rebound: send it back only if its pickled state changed.
-        unchanged = name not in before or _digest(value) == before[name]
+        unchanged = name not in before or _state(name, value, references) == before[name]
         if name in shipped and value is shipped[name] and name not in spec.assigned and unchanged:
             continue
         if name.startswith("_") and name in _IPYTHON_NAMES:
@@ -236,6 +241,11 @@ def _stays_here(name: str, size: int, spec: CellSpec) -> bool:
     if name in spec.fetch:
         return False
     return name in spec.keep or (spec.keep_threshold is not None and size >= spec.keep_threshold)
+
+
+def _state(name: str, value: Any, references: Mapping[str, RemoteValue]) -> bytes:
+    """What tells whether a shipped value changed: its key if it came as a kept value."""
+    return key_of(value).encode() if name in references else _digest(value)
 
 
 def _digest(value: Any) -> bytes:

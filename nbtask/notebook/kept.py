@@ -21,7 +21,7 @@ from typing import Any
 from nbtask.errors import BlobError
 from nbtask.wire.blobs import Fetch, Packed, Part, join_value, split_value
 
-__all__ = ["RemoteValue", "keep", "preview_of"]
+__all__ = ["RemoteValue", "keep", "key_of", "preview_of"]
 
 _HEAD_CHARS = 2000
 
@@ -65,8 +65,7 @@ class RemoteValue:
     @property
     def key(self) -> str:
         """The value's name in a worker's holding: a digest of its layout and inline bytes."""
-        layout = json.dumps([part.to_json() for part in self.layout]).encode()
-        return hashlib.sha256(layout + b"\x00" + self.inline).hexdigest()
+        return _key(self.layout, self.inline)
 
     @property
     def size(self) -> int:
@@ -165,6 +164,24 @@ def _text(make: Callable[[], object], limit: int = _HEAD_CHARS) -> str:
     except Exception as exc:
         return f"<no preview: {type(exc).__name__}>"
     return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _key(layout: list[Part], inline: bytes) -> str:
+    text = json.dumps([part.to_json() for part in layout]).encode()
+    return hashlib.sha256(text + b"\x00" + inline).hexdigest()
+
+
+def key_of(value: Any) -> str:
+    """The :attr:`RemoteValue.key` keeping ``value`` now would give ("" if unpicklable).
+
+    One pass of the (threaded) blob digests over its buffers: how a worker tells that a
+    value it holds was changed in place.
+    """
+    try:
+        split = split_value(Packed.of(value), threshold=0)
+    except Exception:
+        return ""
+    return _key(split.layout, b"".join(bytes(part) for part in split.inline))
 
 
 def keep(
