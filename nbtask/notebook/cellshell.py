@@ -129,10 +129,11 @@ def _resolve_kept(shipped: dict[str, Any]) -> dict[str, Any]:
             shipped[name] = reference.load(_blob_store().get_blob)
         except BlobError as exc:
             made_by = reference.made_by or "the cell that made it"
+            holder = reference.holder or "none"
             raise BlobError(
-                f"{name} is lost: the worker process that held it ({reference.holder or '?'}) "
-                f"is gone, and its store copy cannot be read ({exc}). Run {made_by} again "
-                "to make it"
+                f"{name} is lost: the worker process that held it ({holder}) is gone or did "
+                f"not run this cell, and its store copy cannot be read ({exc}). Run {made_by} "
+                "again to make it"
             ) from None
         if holding is not None:
             holding.hold(reference.key, _held(name, shipped[name], reference))
