@@ -73,7 +73,8 @@ class Settings:
         The most bytes of kept values each worker process holds in memory, live, so that
         later cells that read them start at once. Past it, the least recently used are
         dropped from memory; their store copy stays (until ``result_ttl``), so a later
-        cell that reads one loads it again from there. 0 holds nothing in memory.
+        cell that reads one loads it again from there. 0 holds nothing in memory. Each
+        worker process has its own, so a worker may hold up to its concurrency times this.
     blob_dir
         A directory on a memory filesystem that every client and worker of this store can
         reach, because they all run on one host: blobs then go through it (shared
@@ -111,7 +112,7 @@ class Settings:
     blob_dir: str | None = None
     keep_threshold: int = 64 * 1024 * 1024
     fetch_budget: int = 4 * 1024 * 1024 * 1024
-    worker_memory_budget: int = 8 * 1024 * 1024 * 1024
+    worker_memory_budget: int = 4 * 1024 * 1024 * 1024
     max_age: float | None = None
     max_redeliveries: int = 5
     worker_concurrency: int | None = None
