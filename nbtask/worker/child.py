@@ -87,6 +87,7 @@ class Child:
         tasks: Mapping[str, Task],
         slot: SlotState,
         datasets: Mapping[str, Loader] | None = None,
+        replaces: bool = False,
     ) -> None:
         self.settings = settings
         self.url = url
@@ -97,6 +98,7 @@ class Child:
         self.hostname = hostname
         self.tasks = TaskFinder(tasks, hostname)
         self.datasets = DatasetCache(datasets or {})
+        self.replaces = replaces  # another child served this slot (and its own queue) before
         self.slot = slot
         self._stop = False
         self._running = False
@@ -120,7 +122,12 @@ class Child:
         )
         self.follow_ups = FollowUps(self.transport, self.signer, self.publisher)
         self.holding, self.served = process_holding(
-            self.settings, self.transport.store, self.consumer, self.queues, self.datasets
+            self.settings,
+            self.transport.store,
+            self.consumer,
+            self.queues,
+            self.datasets,
+            replaces=self.replaces,
         )
         self._pid = os.getpid()
         self._whoami["pid"] = self._pid
@@ -140,7 +147,7 @@ class Child:
             self._exit_if_forked(0)
             try:
                 if delivery is None:
-                    delivery = self.transport.fetch(self.served.now(), self.consumer, 1.0)
+                    delivery = self.transport.fetch(self.served(), self.consumer, 1.0)
                 backoff = 0.1
                 if delivery is not None:
                     # Handled exactly once, whatever happens: handle() may return the
@@ -500,9 +507,7 @@ class Child:
                 "created": time.time(),
             }
             requeue = (self.signer.seal(header, admitted.envelope.body), due)
-        then_fetch = (
-            (self.served.now(), self.consumer, 1.0) if fetch_next and not self._stop else None
-        )
+        then_fetch = (self.served(), self.consumer, 1.0) if fetch_next and not self._stop else None
         delivery = admitted.delivery if ack else None
         backoff = 0.1
         while True:

@@ -20,13 +20,15 @@ def process_holding(
     consumer: str,
     queues: Sequence[str],
     datasets: DatasetCache,
+    *,
+    replaces: bool = False,
 ) -> tuple[Holding, ServedQueues]:
     """The holding of the process serving as ``consumer``, and the queues it serves.
 
     ``queues`` are the child's own queue (first, as the supervisor gives them) and the
-    shared ones. Whenever the values it holds change, or it loads a dataset, the process
-    rewrites its entry in the store: the kept values by name and size, and the datasets
-    loaded so far.
+    shared ones; ``replaces``: another process served them before (it died). Whenever the
+    values it holds change, or it loads a dataset, the process rewrites its entry in the
+    store: the kept values by name and size, and the datasets loaded so far.
     """
     own, *shared = queues
 
@@ -42,7 +44,10 @@ def process_holding(
 
     holding = Holding(settings.worker_memory_budget, own, announce)
     datasets.on_load = lambda: announce(holding.values())
-    return holding, ServedQueues(own, shared, holding, 3 * settings.heartbeat_interval)
+    # Only a replacement can find cells sent to the process before it: a worker's first
+    # children have queues no one knew of.
+    grace = 3 * settings.heartbeat_interval if replaces else 0.0
+    return holding, ServedQueues(own, shared, holding, grace)
 
 
 class ServedQueues:
@@ -50,9 +55,10 @@ class ServedQueues:
 
     Fetching from one queue is the fast path (the broker hands an entry to exactly one
     blocked reader); from several costs more. So a child serves its own queue only once it
-    has held a value (a reference naming it exists from then on, for its whole life), and
-    during ``grace`` seconds after it starts: a cell sent to the process it replaced, before
-    the registry showed the new process, is taken (the value then comes from its store copy).
+    has held a value (a reference naming it exists from then on, for its whole life), and,
+    when it replaced a process that died, during ``grace`` seconds after it starts: a cell
+    sent to the process it replaced, before the registry showed the new one, is taken (the
+    value then comes from its store copy).
 
     Parameters
     ----------
@@ -70,7 +76,7 @@ class ServedQueues:
         self.holding = holding
         self._until = time.monotonic() + grace
 
-    def now(self) -> list[str]:
+    def __call__(self) -> list[str]:
         """The queues to fetch from now, the own one first."""
         if self.holding.ever_held or time.monotonic() < self._until:
             return self.both

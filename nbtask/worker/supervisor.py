@@ -277,6 +277,7 @@ class Worker:
             tasks=self.tasks,
             datasets=self.datasets,
             slot=self._slots[slot],
+            replaces=slot in self._spawned_at,
         )
         process = self._context.Process(target=child.run, name=f"nbtask-child-{slot}")
         process.start()
