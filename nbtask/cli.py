@@ -23,10 +23,13 @@ from nbtask.brokers.local_blobs import remove_local_blobs
 from nbtask.client.app import App
 from nbtask.client.embedded import start_redis_server
 from nbtask.core.datasets import Loader, load_data_spec
+from nbtask.core.holding import is_holder_queue
 from nbtask.core.task import Task
 from nbtask.errors import ConfigurationError, NbtaskError, NotebookFailed
 from nbtask.settings import Settings, read_secret_file
 from nbtask.wire.events import State
+from nbtask.wire.holdings import Holdings, holdings_lines
+from nbtask.wire.records import WorkerInfo
 from nbtask.worker import Worker
 
 __all__ = ["main"]
@@ -345,15 +348,22 @@ def _read_store(args: argparse.Namespace, read: Callable[[Store], T]) -> T:
 
 
 def _run_status(args: argparse.Namespace) -> int:
-    workers = _read_store(args, lambda store: store.workers())
+    def read(store: Store) -> tuple[dict[str, WorkerInfo], dict[str, Holdings]]:
+        workers = store.workers()
+        return workers, store.holdings([c for i in workers.values() for c in i.consumers])
+
+    workers, holdings = _read_store(args, read)
     if not workers:
         print("no live workers")
     for worker_id, info in sorted(workers.items()):
+        queues = [q for q in info.queues if not is_holder_queue(q)]
         print(
-            f"{printable(worker_id)}: pid {info.pid} queues {printable(','.join(info.queues))} "
+            f"{printable(worker_id)}: pid {info.pid} queues {printable(','.join(queues))} "
             f"concurrency {info.concurrency} busy {len(info.busy)}"
             + (f" datasets {printable(','.join(info.datasets))}" if info.datasets else "")
         )
+        for line in holdings_lines(info, holdings):
+            print(line)
     return 0
 
 

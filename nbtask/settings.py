@@ -69,6 +69,12 @@ class Settings:
     fetch_budget
         The most bytes a kept value may have to be fetched into the notebook without
         ``force=True``.
+    worker_memory_budget
+        The most bytes of kept values each worker process holds in memory, live, so that
+        later cells that read them start at once. Past it, the least recently used are
+        dropped from memory; their store copy stays (until ``result_ttl``), so a later
+        cell that reads one loads it again from there. 0 holds nothing in memory. Each
+        worker process has its own, so a worker may hold up to its concurrency times this.
     blob_dir
         A directory on a memory filesystem that every client and worker of this store can
         reach, because they all run on one host: blobs then go through it (shared
@@ -106,6 +112,7 @@ class Settings:
     blob_dir: str | None = None
     keep_threshold: int = 64 * 1024 * 1024
     fetch_budget: int = 4 * 1024 * 1024 * 1024
+    worker_memory_budget: int = 4 * 1024 * 1024 * 1024
     max_age: float | None = None
     max_redeliveries: int = 5
     worker_concurrency: int | None = None
@@ -150,6 +157,7 @@ class Settings:
             "blob_threshold": 0,
             "keep_threshold": 0,
             "fetch_budget": 0,
+            "worker_memory_budget": 0,
             "worker_concurrency": 1,
             "embedded_workers": 1,
         }
@@ -243,6 +251,7 @@ _ENV: dict[str, tuple[str, Callable[[str], object]]] = {
     "blob_dir": ("NBTASK_BLOB_DIR", str),
     "keep_threshold": ("NBTASK_KEEP_THRESHOLD", int),
     "fetch_budget": ("NBTASK_FETCH_BUDGET", int),
+    "worker_memory_budget": ("NBTASK_WORKER_MEMORY_BUDGET", int),
     "max_age": ("NBTASK_MAX_AGE", float),
     "max_redeliveries": ("NBTASK_MAX_REDELIVERIES", int),
     "worker_concurrency": ("NBTASK_CONCURRENCY", int),

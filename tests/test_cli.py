@@ -200,6 +200,24 @@ def test_status_lists_a_running_worker(
     assert "concurrency 2" in lines[0]
 
 
+def test_status_lists_what_each_process_holds(
+    redis_url: str, prefix: str, app: App, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    start_worker("--data", "squares=tests.sample_tasks:load_squares", concurrency=1)
+
+    @app.task(requires="squares")
+    def count(squares: list[int]) -> int:
+        return len(squares)
+
+    assert count.delay().get(timeout=30) == 10  # the dataset is loaded, and announced
+    result = run("status", "-b", redis_url, "--key-prefix", prefix, env={"NBTASK_SECRET": SECRET})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert "queues default,data.squares " in lines[0]  # a process's own queue is not listed
+    assert lines[1].startswith("  process 0 (pid ") and lines[1].endswith(" MB:")
+    assert lines[2].startswith("    dataset squares  0.0 MB")
+
+
 def test_status_with_no_workers(redis_url: str, prefix: str) -> None:
     result = run("status", "-b", redis_url, "--key-prefix", prefix, env={"NBTASK_SECRET": SECRET})
     assert result.returncode == 0, result.stderr

@@ -16,6 +16,7 @@ from typing import Protocol
 
 from nbtask.wire.blobs import ByteProgress
 from nbtask.wire.envelope import Buffer
+from nbtask.wire.holdings import Holdings
 from nbtask.wire.records import RecordFields, TaskRecord, WorkerInfo
 
 __all__ = ["Delivery", "Publish", "StartBy", "Store", "Transport", "Verdict"]
@@ -181,6 +182,16 @@ class Store(Protocol):
 
     def forget_worker(self, worker_id: str) -> None:
         """Drop a dead worker from the registry once its deliveries are handled."""
+
+    # What worker processes hold ------------------------------------------------------------
+    def announce_holdings(self, consumer: str, holdings: Holdings) -> None:
+        """Say what the worker process serving as ``consumer`` holds in memory now."""
+
+    def holdings(self, consumers: Sequence[str]) -> dict[str, Holdings]:
+        """What each of ``consumers`` announced it holds."""
+
+    def forget_holdings(self, consumers: Sequence[str]) -> None:
+        """Drop the announcements of worker processes that ended."""
 
 
 class Transport(Protocol):

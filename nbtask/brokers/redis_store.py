@@ -31,6 +31,7 @@ from nbtask._text import printable
 from nbtask.brokers.base import Delivery, Publish, StartBy
 from nbtask.brokers.local_blobs import LocalBlobs
 from nbtask.brokers.redis_blobs import RedisBlobs
+from nbtask.brokers.redis_holdings import RedisHoldings
 from nbtask.brokers.redis_link import LARGE_BYTES, RedisLink
 from nbtask.brokers.redis_workers import RedisWorkers
 from nbtask.brokers.scripts import STORE_SCRIPTS
@@ -46,7 +47,7 @@ CHANNEL_MAXLEN = 10_000
 _JOURNAL_LINES = 1_000
 
 
-class RedisStore(RedisWorkers, RedisBlobs):
+class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings):
     """A :class:`~nbtask.brokers.base.Store` on Redis.
 
     Parameters

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from typing import Any, TypeVar
 
 from nbtask.brokers.base import Store
+from nbtask.core.holding import Holding
 
 __all__ = ["PARTIAL_RESULT", "Request", "current_request", "progress", "running", "track"]
 
@@ -39,6 +40,8 @@ class Request:
     emit: Callable[[str, Mapping[str, Any]], None] | None = None
     #: Where large values are kept as blobs (``put_blobs``, ``get_blob``).
     blob_store: Store | None = None
+    #: The values this worker process holds live (:mod:`nbtask.core.holding`).
+    holding: Holding | None = None
 
 
 T = TypeVar("T")

@@ -89,6 +89,13 @@ class DatasetCache:
         self.loaders = dict(loaders)
         self._values: dict[str, Any] = {}
         self._lock = threading.Lock()
+        #: Called after a dataset is loaded (the worker announces what it holds).
+        self.on_load: Callable[[], None] | None = None
+
+    def loaded(self) -> dict[str, Any]:
+        """``{name: value}`` of the datasets loaded so far."""
+        with self._lock:
+            return dict(self._values)
 
     def values_for(self, names: Iterable[str]) -> dict[str, Any]:
         """``{name: value}`` for ``names``, loading those not loaded yet.
@@ -99,6 +106,7 @@ class DatasetCache:
             This process holds no dataset of one of these names.
         """
         found = {}
+        fresh = False
         for name in names:
             if name not in self.loaders:
                 held = ", ".join(sorted(self.loaders)) or "none"
@@ -112,5 +120,8 @@ class DatasetCache:
                     started = time.perf_counter()
                     self._values[name] = self.loaders[name]()
                     log.info("loaded dataset %s in %.2f s", name, time.perf_counter() - started)
+                    fresh = True
             found[name] = self._values[name]
+        if fresh and self.on_load is not None:
+            self.on_load()
         return found

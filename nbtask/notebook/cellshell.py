@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import sys
 import types
 from collections.abc import Mapping
@@ -20,9 +21,10 @@ from typing import Any
 
 from nbtask.brokers.base import Store
 from nbtask.core.context import PARTIAL_RESULT, current_request
-from nbtask.errors import CellError
+from nbtask.core.holding import HeldValue, Holding
+from nbtask.errors import BlobError, CellError
 from nbtask.notebook import process_state
-from nbtask.notebook.kept import RemoteValue, keep
+from nbtask.notebook.kept import RemoteValue, keep, key_of
 from nbtask.notebook.shipping import CellSpec, share_namespace
 from nbtask.notebook.worker_shell import BASE_NS, worker_shell
 from nbtask.wire.blobs import Packed
@@ -54,8 +56,14 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
     """
     shell = worker_shell()
     for attempt in range(spec.retries + 1):
-        shipped: dict[str, Any] = _resolve_kept(blob.load())
-        before = {n: _digest(v) for n, v in shipped.items() if _may_change(v)}
+        loaded: dict[str, Any] = blob.load()
+        references = {n: v for n, v in loaded.items() if isinstance(v, RemoteValue)}
+        shipped = _resolve_kept(loaded)
+        # A kept value's state is its key, known already: it is hashed after the cell only.
+        before = {
+            n: _digest(v) for n, v in shipped.items() if _may_change(v) and n not in references
+        }
+        before.update({n: ref.key.encode() for n, ref in references.items()})
         namespace = shell.user_ns
         namespace.clear()
         namespace.update(BASE_NS)
@@ -83,7 +91,8 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
             f"{type(error).__name__}: {error}",
             file=sys.stderr,
         )
-    effects = _effects(namespace, shipped, before, spec)
+    effects = _effects(namespace, shipped, before, spec, references)
+    _forget_changed(references, effects["out"])
     effects["state"] = process_state.changes(state_before, process_state.capture())
     if error is None:
         return _pack(effects, spec, plain=spec.plain)
@@ -97,12 +106,65 @@ def _blob_store() -> Store:
     return request.blob_store
 
 
+def _holding() -> Holding | None:
+    request = current_request()
+    return request.holding if request is not None else None
+
+
 def _resolve_kept(shipped: dict[str, Any]) -> dict[str, Any]:
-    """Shipped references to values kept on the workers, loaded here from their blobs."""
-    for name, value in shipped.items():
-        if isinstance(value, RemoteValue):
-            shipped[name] = value.load(_blob_store().get_blob)
+    """Shipped references to values kept on the workers, replaced by the values.
+
+    A value this process holds is used as it is (no blob is read); any other is loaded
+    from its store copy, and then held here too.
+    """
+    holding = _holding()
+    for name, reference in shipped.items():
+        if not isinstance(reference, RemoteValue):
+            continue
+        held = holding.get(reference.key) if holding is not None else None
+        if held is not None:
+            shipped[name] = held.value
+            continue
+        try:
+            shipped[name] = reference.load(_blob_store().get_blob)
+        except BlobError as exc:
+            made_by = reference.made_by or "the cell that made it"
+            holder = reference.holder or "none"
+            raise BlobError(
+                f"{name} is lost: the worker process that held it ({holder}) is gone or did "
+                f"not run this cell, and its store copy cannot be read ({exc}). Run {made_by} "
+                "again to make it"
+            ) from None
+        if holding is not None:
+            holding.hold(reference.key, _held(name, shipped[name], reference))
     return shipped
+
+
+def _held(name: str, value: Any, reference: RemoteValue) -> HeldValue:
+    return HeldValue(value, name, reference.size, reference.made_by)
+
+
+def _forget_changed(references: Mapping[str, RemoteValue], out: Mapping[str, Any]) -> None:
+    """Stop holding values the cell changed in place: their references name what they were.
+
+    The changed value comes back (kept again, under a reference of its own).
+    """
+    holding = _holding()
+    for name, reference in references.items():
+        held = holding.get(reference.key) if holding is not None else None
+        if holding is not None and held is not None and out.get(name) is held.value:
+            holding.drop(reference.key)
+
+
+def _keep(name: str, value: Any, packed: Packed, spec: CellSpec) -> RemoteValue:
+    """Keep an assigned value: its store copy, and its live object in this process."""
+    reference = keep(name, value, packed, _blob_store().put_blobs)
+    reference.made_by = spec.filename
+    holding = _holding()
+    if holding is not None and holding.budget >= reference.size:
+        reference.holder, reference.holder_pid = holding.queue, os.getpid()
+        holding.hold(reference.key, _held(name, value, reference))
+    return reference
 
 
 def _effects(
@@ -110,6 +172,7 @@ def _effects(
     shipped: Mapping[str, Any],
     before: Mapping[str, bytes],
     spec: CellSpec,
+    references: Mapping[str, RemoteValue],
 ) -> dict[str, Any]:
     """The names the cell bound or changed, and those it deleted."""
     out: dict[str, Any] = {}
@@ -117,7 +180,7 @@ def _effects(
         if name in BASE_NS and BASE_NS[name] is value:
             continue
         # Read, not rebound: send it back only if its pickled state changed.
-        unchanged = name not in before or _digest(value) == before[name]
+        unchanged = name not in before or _state(name, value, references) == before[name]
         if name in shipped and value is shipped[name] and name not in spec.assigned and unchanged:
             continue
         if name.startswith("_") and name in _IPYTHON_NAMES:
@@ -137,7 +200,7 @@ def _pack(effects: dict[str, Any], spec: CellSpec, *, plain: bool) -> Any:
             del out[name]
             continue
         if not plain and _stays_here(name, packed.size, spec):
-            out[name] = keep(name, value, packed, _blob_store().put_blobs)
+            out[name] = _keep(name, value, packed, spec)
     if plain:
         return out
     # Pickled again as one dict, not from the packs above: names that share an object
@@ -179,6 +242,11 @@ def _stays_here(name: str, size: int, spec: CellSpec) -> bool:
     if name in spec.fetch:
         return False
     return name in spec.keep or (spec.keep_threshold is not None and size >= spec.keep_threshold)
+
+
+def _state(name: str, value: Any, references: Mapping[str, RemoteValue]) -> bytes:
+    """What tells whether a shipped value changed: its key if it came as a kept value."""
+    return key_of(value).encode() if name in references else _digest(value)
 
 
 def _digest(value: Any) -> bytes:

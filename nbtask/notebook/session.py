@@ -18,6 +18,7 @@ from IPython.display import clear_output, display, publish_display_data
 from nbtask._text import printable, redact_url
 from nbtask.client.app import App
 from nbtask.client.default import default_app, use_as_default
+from nbtask.core.holding import is_holder_queue
 from nbtask.errors import CellError
 from nbtask.notebook import process_state
 from nbtask.notebook.analysis import CellAnalysis, analyze
@@ -27,10 +28,13 @@ from nbtask.notebook.fetchbar import fetch_progress
 from nbtask.notebook.follow import cancel_task, follow
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.pending import WAIT_NAME, CellRun, Pending, WaitInserter, wait_interruptibly
+from nbtask.notebook.placement import holder_queue_for
+from nbtask.notebook.releases import Releases, ReleaseTask
 from nbtask.notebook.shipping import prepare
 from nbtask.notebook.widgets import TaskView, TaskWidget, make_view, widgets_enabled
 from nbtask.wire.blobs import ByteProgress
 from nbtask.wire.events import FINAL_STATES, Event, EventType
+from nbtask.wire.holdings import holdings_lines
 from nbtask.wire.versions import PYTHON, version_of
 
 __all__ = ["Session"]
@@ -68,6 +72,8 @@ class Session:
         self.app = app if app is not None else default_app()
         self.app.fetch_watch = self._watch_fetch
         self.pending = Pending(shell.user_ns, on_kept=self._bind_kept)
+        # A lambda: %nbtask connect may replace the app.
+        self.releases = Releases(self._send_release, lambda: self.app.workers())  # noqa: PLW0108
         self.inserter = WaitInserter(self.pending)
         self.views: dict[str, TaskView] = {}
         self.attached: dict[str, str] = {}  # task id -> label, for tasks re-opened by id
@@ -108,6 +114,8 @@ class Session:
             timer.cancel()
         if self._ticker is not None:
             self._ticker.join(5)
+        with contextlib.suppress(Exception):  # the broker may be gone: the TTL still holds
+            self.releases.release_all()
         if self.owns_app:
             self.app.close()
 
@@ -118,6 +126,8 @@ class Session:
         prints (output from a thread lands in whichever cell runs now).
         """
         while not self._stop.wait(0.5):
+            with contextlib.suppress(Exception):
+                self.releases.flush()
             for view in list(self.views.values()):
                 with contextlib.suppress(Exception):
                     view.tick()
@@ -152,13 +162,20 @@ class Session:
         print(self.describe())
 
     def _bind_kept(self, value: RemoteValue) -> None:
-        """Let a kept value that reached the notebook be fetched through this app."""
+        """Let a kept value that reached the notebook be fetched, and released when it goes."""
         value.bind(self.app.store.get_blob, self.app.settings.fetch_budget, self._watch_fetch)
+        self.releases.track(value)
 
     def _watch_fetch(self, label: str, total: int) -> AbstractContextManager[ByteProgress]:
         """A bar for a fetch of ``keep_threshold`` bytes or more (see ``fetchbar.py``)."""
         threshold = self.app.settings.keep_threshold
         return fetch_progress(label, total, threshold=threshold, shell=self.shell)
+
+    def _send_release(self, holder: str, keys: list[str]) -> None:
+        release = self.app.tasks.get(ReleaseTask.name)
+        if not isinstance(release, ReleaseTask):
+            release = self.app.register_task(ReleaseTask())
+        release.apply_async((keys,), queue=holder)
 
     # %%task ----------------------------------------------------------------------------------
     def submit_cell(self, cell: str, args: Any) -> Any:
@@ -192,8 +209,15 @@ class Session:
             self.app.cells[args.name] = NamedCell(
                 self.app, args.name, cell, python, self.shell.user_ns
             )
-        # --queue, else the routes by the cell's name (then by nbtask.cell, as any cell).
-        queue = args.queue or (self.app.route(args.name) if args.name else None)
+        # --queue, else the routes by the cell's name, else where the kept values it reads
+        # are held (then by nbtask.cell, as any cell).
+        queue = (
+            args.queue
+            or (self.app.route(args.name) if args.name else None)
+            or holder_queue_for(
+                [self.shell.user_ns.get(n) for n in spec.names], self.app.workers, args.requires
+            )
+        )
         handle = cell_task(self.app).apply_async(
             (spec, blob),
             queue=queue,
@@ -367,17 +391,21 @@ class Session:
         # is not busy any more.
         ended = {r.handle.id for r in self.pending.runs if r.handle.done()}
         ended |= {t for t, view in self.views.items() if view.handle.done()}
-        for worker_id, info in sorted(self.app.workers().items()):
+        workers = self.app.workers()
+        holdings = self.app.store.holdings([c for i in workers.values() for c in i.consumers])
+        for worker_id, info in sorted(workers.items()):
             busy = [labels.get(t, t[:8]) for t in info.busy if t not in ended]
             data = f" datasets {','.join(info.datasets)}" if info.datasets else ""
+            queues = ",".join(q for q in info.queues if not is_holder_queue(q))
             # The registry is unsigned: shown without control codes.
             lines.append(
                 printable(
                     f"  worker {worker_id}: host {info.hostname} pid {info.pid} "
-                    f"queues {','.join(info.queues)} concurrency {info.concurrency}{data} "
+                    f"queues {queues} concurrency {info.concurrency}{data} "
                     f"busy {len(busy)}" + (f" ({', '.join(busy)})" if busy else "")
                 )
             )
+            lines.extend(holdings_lines(info, holdings, indent="    "))
         running = self.pending.running()
         lines.append(f"  {len(running)} cell(s) pending")
         for run in running:

@@ -37,6 +37,7 @@ from nbtask.wire.envelope import Buffer, Envelope, Signer
 from nbtask.wire.events import FINAL_SEQ, Event, EventType, State, run_seq_base
 from nbtask.wire.message import TaskMessage, decode_value
 from nbtask.worker.finder import TaskFinder
+from nbtask.worker.holdings import process_holding
 from nbtask.worker.journal import Journal
 from nbtask.worker.outbox import Outbox, TaskStream
 from nbtask.worker.settle import (
@@ -87,6 +88,7 @@ class Child:
         tasks: Mapping[str, Task],
         slot: SlotState,
         datasets: Mapping[str, Loader] | None = None,
+        replaces: bool = False,
     ) -> None:
         self.settings = settings
         self.url = url
@@ -97,6 +99,7 @@ class Child:
         self.hostname = hostname
         self.tasks = TaskFinder(tasks, hostname)
         self.datasets = DatasetCache(datasets or {})
+        self.replaces = replaces  # another child served this slot (and its own queue) before
         self.slot = slot
         self._stop = False
         self._running = False
@@ -119,6 +122,14 @@ class Child:
             self.transport, MessageBuilder(self.signer, self.settings, self.transport.store)
         )
         self.follow_ups = FollowUps(self.transport, self.signer, self.publisher)
+        self.holding, self.served = process_holding(
+            self.settings,
+            self.transport.store,
+            self.consumer,
+            self.queues,
+            self.datasets,
+            replaces=self.replaces,
+        )
         self._pid = os.getpid()
         self._whoami["pid"] = self._pid
         # For the child's whole life: a task's text goes to its client, anything else to
@@ -137,7 +148,7 @@ class Child:
             self._exit_if_forked(0)
             try:
                 if delivery is None:
-                    delivery = self.transport.fetch(self.queues, self.consumer, 1.0)
+                    delivery = self.transport.fetch(self.served(), self.consumer, 1.0)
                 backoff = 0.1
                 if delivery is not None:
                     # Handled exactly once, whatever happens: handle() may return the
@@ -386,6 +397,7 @@ class Child:
             root_id=message.root_id,
             emit=self.outbox.emit,
             blob_store=self.transport.store,
+            holding=self.holding,
             delivery_info={"queue": delivery.queue, "redelivered": delivery.deliveries > 0},
         )
 
@@ -497,7 +509,7 @@ class Child:
                 "created": time.time(),
             }
             requeue = (self.signer.seal(header, admitted.envelope.body), due)
-        then_fetch = (self.queues, self.consumer, 1.0) if fetch_next and not self._stop else None
+        then_fetch = (self.served(), self.consumer, 1.0) if fetch_next and not self._stop else None
         delivery = admitted.delivery if ack else None
         backoff = 0.1
         while True:

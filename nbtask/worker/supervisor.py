@@ -28,6 +28,7 @@ from types import FrameType
 from nbtask._text import redact_url
 from nbtask.brokers import Transport, open_broker
 from nbtask.core.datasets import Loader, data_queue
+from nbtask.core.holding import holder_queue
 from nbtask.core.task import Task
 from nbtask.errors import BrokerUnavailable, NbtaskError
 from nbtask.settings import Settings
@@ -90,13 +91,16 @@ class Worker:
         self.datasets = dict(datasets or {})
         # The holders of a dataset also serve its queue: tasks that require it go there.
         own = list(queues) or [settings.default_queue]
-        self.queues = own + [data_queue(name) for name in sorted(self.datasets)]
+        #: The queues every child serves.
+        self.shared_queues = own + [data_queue(name) for name in sorted(self.datasets)]
         self.concurrency = concurrency or settings.worker_concurrency or os.cpu_count() or 1
         self.tasks = dict(tasks or {})
         self.parent_pid = parent_pid
         self.hostname = socket.gethostname()
         self.worker_id = f"{self.hostname}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.consumers = [f"{self.worker_id}-{slot}" for slot in range(self.concurrency)]
+        # Each child also serves a queue of its own: work on the values it holds goes there.
+        self.queues = self.shared_queues + [holder_queue(c) for c in self.consumers]
         self._on_ready = on_ready
         self._children: dict[int, BaseProcess] = {}
         self._slots = [SlotState() for _ in range(self.concurrency)]
@@ -156,7 +160,7 @@ class Worker:
         return (
             f"nbtask worker {self.worker_id}\n"
             f"  broker:      {redact_url(self.url)}\n"
-            f"  queues:      {', '.join(self.queues)}\n"
+            f"  queues:      {', '.join(self.shared_queues)} (and one per child process)\n"
             f"  concurrency: {self.concurrency} child processes\n"
             f"[tasks]\n{names}"
         )
@@ -266,13 +270,14 @@ class Worker:
             self.settings,
             self.url,
             self.secret,
-            queues=self.queues,
+            queues=[holder_queue(self.consumers[slot]), *self.shared_queues],
             consumer=self.consumers[slot],
             worker_id=self.worker_id,
             hostname=self.hostname,
             tasks=self.tasks,
             datasets=self.datasets,
             slot=self._slots[slot],
+            replaces=slot in self._spawned_at,
         )
         process = self._context.Process(target=child.run, name=f"nbtask-child-{slot}")
         process.start()
@@ -292,6 +297,7 @@ class Worker:
         had_task = bool(self._slots[slot].task_id)
         self._slots[slot].clear()
         try:
+            self.store.forget_holdings([self.consumers[slot]])  # its memory is gone
             lost = self.transport.held(self.queues, self.consumers[slot])
             for delivery in lost:
                 self.lost.settle(delivery, reason, stopped)
@@ -335,6 +341,7 @@ class Worker:
             self._child_exited(slot, respawn=False)
         try:
             self.store.unregister(self.worker_id)
+            self.store.forget_holdings(self.consumers)
             self.transport.forget_consumers(self.consumers, self.queues)
         except BrokerUnavailable as exc:
             log.warning("could not unregister from the broker: %s", exc)
@@ -398,6 +405,7 @@ class Worker:
                 log.warning("settled %d task(s) of dead worker %s", settled, worker_id)
             if not self.transport.holds_any(info.queues, info.consumers):
                 self.store.unregister(worker_id)
+                self.store.forget_holdings(info.consumers)
                 self.transport.forget_consumers(info.consumers, info.queues)
                 log.warning("cleaned up after dead worker %s", worker_id)
 

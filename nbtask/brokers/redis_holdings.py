@@ -1,0 +1,53 @@
+"""What each worker process holds, on Redis, for ``nbtask status``.
+
+Key, under ``<key_prefix>:``: ``holdings`` (a hash of consumer name ->
+:class:`~nbtask.wire.holdings.Holdings` JSON). A process rewrites its field whenever what
+it holds changes; its worker removes the fields of its processes when it stops, and the
+worker that cleans up after a dead one removes that one's. Readers show only the fields of
+live workers' processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from redis.exceptions import ResponseError
+
+from nbtask.brokers.redis_link import RedisLink
+from nbtask.wire.holdings import Holdings
+
+__all__ = ["RedisHoldings"]
+
+
+class RedisHoldings:
+    """The holdings part of :class:`~nbtask.brokers.redis_store.RedisStore`."""
+
+    link: RedisLink
+    prefix: str
+
+    @property
+    def _holdings_key(self) -> str:
+        return f"{self.prefix}:holdings"
+
+    def announce_holdings(self, consumer: str, holdings: Holdings) -> None:
+        """Say what the process serving as ``consumer`` holds now."""
+        with self.link.translate_errors():
+            self.link.redis.hset(self._holdings_key, consumer, holdings.to_json())
+
+    def holdings(self, consumers: Sequence[str]) -> dict[str, Holdings]:
+        """What each of ``consumers`` announced (unreadable or absent ones left out)."""
+        if not consumers:
+            return {}
+        with self.link.translate_errors():
+            try:
+                found = self.link.redis.hmget(self._holdings_key, list(consumers))
+            except ResponseError:  # not a hash: nbtask did not write it
+                return {}
+        parsed = {c: Holdings.parse(raw) for c, raw in zip(consumers, found, strict=True)}
+        return {c: h for c, h in parsed.items() if h is not None}
+
+    def forget_holdings(self, consumers: Sequence[str]) -> None:
+        """Drop the announcements of processes that ended."""
+        if consumers:
+            with self.link.translate_errors():
+                self.link.redis.hdel(self._holdings_key, *consumers)

@@ -1,0 +1,146 @@
+"""Values a worker process holds live in memory, so later work on them starts at once.
+
+A ``%%task`` cell that keeps a large name leaves its store copy (blobs) and also this
+process's live object. Every worker process consumes a queue of its own,
+:func:`holder_queue`, beside the shared ones: a later cell that reads the kept value is sent
+there while the process lives, and finds the object here without reading a blob.
+
+The memory is bounded by ``worker_memory_budget``: past it, the least recently used values
+are dropped from memory. That is the spill: their store copy remains (until
+``result_ttl``), so a later cell that reads one loads it from the store again.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["HeldValue", "Holding", "holder_queue", "is_holder_queue", "size_of"]
+
+log = logging.getLogger("nbtask.worker")
+
+_HOLDER_PREFIX = "held."
+
+
+def holder_queue(consumer: str) -> str:
+    """The queue only the worker process serving as ``consumer`` takes messages from."""
+    return f"{_HOLDER_PREFIX}{consumer}"
+
+
+def is_holder_queue(queue: str) -> bool:
+    """Whether ``queue`` is one worker process's own (see :func:`holder_queue`)."""
+    return queue.startswith(_HOLDER_PREFIX)
+
+
+def size_of(value: Any) -> int:
+    """About how many bytes ``value`` takes in memory (a dataset's size, for status)."""
+    try:
+        usage = getattr(value, "memory_usage", None)  # a DataFrame: its columns' buffers
+        if callable(usage) and hasattr(value, "columns"):
+            return int(usage(deep=False).sum())
+        nbytes = getattr(value, "nbytes", None)
+        if isinstance(nbytes, int):
+            return nbytes
+        return sys.getsizeof(value)
+    except Exception:
+        return 0
+
+
+@dataclasses.dataclass
+class HeldValue:
+    """One value held live: what the notebook calls it, its size, and the cell that made it."""
+
+    value: Any
+    name: str
+    size: int
+    made_by: str
+
+
+class Holding:
+    """The live values of one worker process, by key, least recently used first out.
+
+    Parameters
+    ----------
+    budget
+        The most bytes held (sizes as pickled); 0 holds nothing.
+    queue
+        This process's own queue (:func:`holder_queue`): where work on its values goes.
+    on_change
+        Called with the held values after each change (to announce them in the registry).
+    """
+
+    def __init__(
+        self,
+        budget: int,
+        queue: str = "",
+        on_change: Callable[[list[HeldValue]], None] | None = None,
+    ) -> None:
+        self.budget = budget
+        self.queue = queue
+        self._on_change = on_change
+        self._held: collections.OrderedDict[str, HeldValue] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        #: A value was held at some point: references naming this process exist.
+        self.ever_held = False
+
+    @property
+    def total(self) -> int:
+        """Bytes held now."""
+        return sum(held.size for held in self._held.values())
+
+    def get(self, key: str) -> HeldValue | None:
+        """The value held under ``key`` (now the most recently used), or ``None``."""
+        with self._lock:
+            held = self._held.get(key)
+            if held is not None:
+                self._held.move_to_end(key)
+            return held
+
+    def hold(self, key: str, held: HeldValue) -> None:
+        """Hold ``held`` under ``key``, dropping the least recently used past the budget.
+
+        A value larger than the whole budget is not held: its store copy serves it.
+        """
+        if held.size > self.budget:
+            return
+        with self._lock:
+            self.ever_held = True
+            self._held[key] = held
+            self._held.move_to_end(key)
+            total = sum(h.size for h in self._held.values())
+            while total > self.budget:
+                _, dropped = self._held.popitem(last=False)
+                total -= dropped.size
+                log.info(
+                    "dropped %s (%d bytes) from memory: over worker_memory_budget; its "
+                    "store copy remains",
+                    dropped.name,
+                    dropped.size,
+                )
+        self._changed()
+
+    def drop(self, key: str) -> bool:
+        """Stop holding ``key``; whether it was held."""
+        with self._lock:
+            found = self._held.pop(key, None) is not None
+        if found:
+            self._changed()
+        return found
+
+    def values(self) -> list[HeldValue]:
+        """The held values, least recently used first."""
+        with self._lock:
+            return list(self._held.values())
+
+    def _changed(self) -> None:
+        if self._on_change is None:
+            return
+        try:
+            self._on_change(self.values())
+        except Exception:  # the registry is for display only: never fail a task over it
+            log.exception("could not announce the values this process holds")

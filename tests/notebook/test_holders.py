@@ -1,0 +1,227 @@
+"""Kept values stay live in the worker process that made them, and later cells go there.
+
+A real IPython shell against the real brokers and worker processes, with
+``keep_threshold`` lowered to 1 MiB so that a 2.4 MB array is kept. Blob keys are deleted
+from the store to show where a value came from: a cell that still works read none.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+from helpers import WorkerProcess, broker_env, wait_until
+from IPython.core.interactiveshell import InteractiveShell
+
+from nbtask import App, Settings
+from nbtask.core.holding import holder_queue
+from nbtask.errors import BlobError
+from nbtask.notebook.kept import RemoteValue
+from nbtask.notebook.magics import session_of
+from nbtask.notebook.session import Session
+
+MAKE_X = "import numpy as np\nx = np.arange(300_000.0)"
+TOTAL = float(np.arange(300_000.0).sum())
+StartWorker = Callable[..., WorkerProcess]
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """The suite's settings, keeping names of 1 MiB or more on the workers."""
+    return settings.replace(keep_threshold=1024 * 1024)
+
+
+@pytest.fixture
+def shell(ip: InteractiveShell, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Session:
+    """The extension loaded against the test's broker; each test starts its own workers."""
+    for key, value in broker_env(settings).items():
+        monkeypatch.setenv(key, value)
+    ip.run_line_magic("load_ext", "nbtask")
+    session = session_of(ip)
+    assert session is not None
+    return session
+
+
+def task(ip: InteractiveShell, source: str, line: str = "--wait") -> Any:
+    return ip.run_cell_magic("task", line, source)
+
+
+def keep_x(ip: InteractiveShell) -> RemoteValue:
+    task(ip, MAKE_X)
+    kept = ip.user_ns["x"]
+    assert isinstance(kept, RemoteValue) and kept.holder is not None
+    return kept
+
+
+def delete_store_copies(settings: Settings) -> None:
+    """Delete every blob of the test's prefix: what is still usable is held in memory."""
+    client = redis.Redis.from_url(settings.result_url or settings.broker_url or "")
+    keys = list(client.scan_iter(match=f"{settings.key_prefix}:blob:*", count=1000))
+    assert keys, "no store copy was made"
+    client.delete(*keys)
+    client.close()
+
+
+def holder_of(session: Session, kept: RemoteValue, workers: list[WorkerProcess]) -> Any:
+    """The worker (of ``workers``) and the pid of the process that holds ``kept``."""
+    for info in session.app.workers().values():
+        for slot, consumer in enumerate(info.consumers):
+            if holder_queue(consumer) == kept.holder:
+                worker = next(w for w in workers if w.pid == info.pid)
+                return worker, info.pids[slot]
+    raise AssertionError(f"no live worker process serves {kept.holder}")
+
+
+def gone_from_registry(session: Session, worker: WorkerProcess) -> Callable[[], bool]:
+    return lambda: all(i.pid != worker.pid for i in session.app.workers().values())
+
+
+@pytest.mark.brokers()
+def test_a_follow_up_cell_runs_on_the_holder_and_reads_no_blob(
+    ip: InteractiveShell, shell: Session, start_worker: StartWorker, settings: Settings
+) -> None:
+    start_worker(concurrency=2)
+    kept = keep_x(ip)
+    delete_store_copies(settings)
+    task(ip, "total = float(x.sum())", "--wait --out follow_up")
+    assert ip.user_ns["total"] == TOTAL  # from the holder's memory: no blob is left
+    assert ip.user_ns["follow_up"].queue == kept.holder
+    assert ip.user_ns["x"] is kept
+
+
+def test_status_shows_what_each_process_holds_with_sizes(
+    ip: InteractiveShell, shell: Session, start_worker: StartWorker
+) -> None:
+    start_worker("--data", "squares=tests.sample_tasks:load_squares", concurrency=1)
+    task(ip, "n = len(squares)", "--wait --requires squares")
+    kept = keep_x(ip)
+    status = shell.status()
+    assert "queues default,data.squares " in status  # a process's own queue is not listed
+    assert "x  2.4 MB from Cell In[" in status
+    assert "dataset squares  " in status
+    assert f"({kept.holder})" not in status
+
+
+def test_a_cell_on_a_value_whose_holder_died_loads_the_store_copy(
+    ip: InteractiveShell, shell: Session, start_worker: StartWorker
+) -> None:
+    workers = [start_worker(concurrency=1), start_worker(concurrency=1)]
+    kept = keep_x(ip)
+    holder, _ = holder_of(shell, kept, workers)
+    holder.process.kill()  # the whole worker: its queue has no consumer left
+    wait_until(gone_from_registry(shell, holder), 20, "the dead worker to leave the registry")
+    task(ip, "total = float(x.sum())", "--wait --out follow_up")
+    assert ip.user_ns["total"] == TOTAL
+    assert ip.user_ns["follow_up"].queue == shell.app.settings.default_queue
+
+
+def test_a_cell_sent_as_the_holder_process_is_replaced_loads_the_store_copy(
+    ip: InteractiveShell, shell: Session, start_worker: StartWorker
+) -> None:
+    worker = start_worker(concurrency=1)
+    kept = keep_x(ip)
+    _, pid = holder_of(shell, kept, [worker])
+    os.kill(pid, signal.SIGKILL)  # the supervisor starts another on the same queue
+    # Sent to the holder's queue (the registry may not show the new process yet) or to
+    # the shared one: either way the new process takes it and loads the store copy.
+    task(ip, "total = float(x.sum())")
+    assert ip.user_ns["total"] == TOTAL
+
+
+def test_a_value_lost_with_its_holder_and_its_store_copy_names_itself_and_its_cell(
+    ip: InteractiveShell, shell: Session, start_worker: StartWorker, settings: Settings
+) -> None:
+    workers = [start_worker(concurrency=1), start_worker(concurrency=1)]
+    kept = keep_x(ip)
+    holder, _ = holder_of(shell, kept, workers)
+    holder.process.kill()
+    wait_until(gone_from_registry(shell, holder), 20, "the dead worker to leave the registry")
+    delete_store_copies(settings)
+    with pytest.raises(BlobError) as raised:
+        task(ip, "total = float(x.sum())")
+    message = str(raised.value)
+    assert f"x is lost: the worker process that held it ({kept.holder}) is gone" in message
+    assert f"Run {kept.made_by} again to make it" in message
+    assert kept.made_by.startswith("Cell In[")
+
+
+def test_over_the_memory_budget_the_least_recently_used_value_is_dropped_and_still_usable(
+    ip: InteractiveShell,
+    shell: Session,
+    start_worker: StartWorker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("NBTASK_WORKER_MEMORY_BUDGET", str(4_000_000))  # one 2.4 MB value
+    start_worker(concurrency=1)
+    keep_x(ip)
+    task(ip, "y = np.arange(300_000.0) * 2")
+    status = shell.status()
+    assert "y  2.4 MB" in status and "x  2.4 MB" not in status
+    task(ip, "total = float(x.sum())")  # from the store copy, and held again
+    assert ip.user_ns["total"] == TOTAL
+    status = shell.status()
+    assert "x  2.4 MB" in status and "y  2.4 MB" not in status
+
+
+def test_a_value_changed_in_place_on_its_holder_is_held_as_new(
+    ip: InteractiveShell, shell: Session, start_worker: StartWorker, settings: Settings
+) -> None:
+    start_worker(concurrency=1)
+    before = keep_x(ip)
+    task(ip, "x[0] = -1.0")
+    after = ip.user_ns["x"]
+    assert isinstance(after, RemoteValue) and after.key != before.key
+    delete_store_copies(settings)
+    task(ip, "first = float(x[0])")
+    assert ip.user_ns["first"] == -1.0
+    ip.user_ns["old"] = before  # the reference to the value as it was
+    with pytest.raises(BlobError, match="old is lost"):
+        task(ip, "first = float(old[0])")
+
+
+def holds(session: Session, name: str) -> bool:
+    """Whether any live worker process says it holds a value called ``name``."""
+    consumers = [c for info in session.app.workers().values() for c in info.consumers]
+    found = session.app.store.holdings(consumers).values()
+    return any(held.name == name for holding in found for held in holding.values)
+
+
+def test_deleting_the_last_reference_in_the_notebook_releases_the_value_on_its_holder(
+    ip: InteractiveShell, shell: Session, start_worker: StartWorker
+) -> None:
+    start_worker(concurrency=1)
+    keep_x(ip)
+    ip.run_cell("also_x = x")  # the same reference under two names
+    assert holds(shell, "x")
+    ip.run_cell("del x")
+    gc.collect()
+    task(ip, "ping = 1")  # a cell's round trip: the release had every chance to go
+    assert holds(shell, "x"), "released while the notebook still referenced it"
+    ip.run_cell("del also_x")
+    gc.collect()
+    wait_until(lambda: not holds(shell, "x"), 20, "the holder to drop the released value")
+
+
+def test_ending_the_session_releases_what_it_kept(
+    ip: InteractiveShell, shell: Session, start_worker: StartWorker
+) -> None:
+    start_worker(concurrency=1)
+    keep_x(ip)
+    app = shell.app
+    consumers = [c for info in app.workers().values() for c in info.consumers]
+    ip.run_line_magic("unload_ext", "nbtask")
+    reader = App("reader", settings=app.settings)
+    try:
+        wait_until(
+            lambda: not any(h.values for h in reader.store.holdings(consumers).values()),
+            20,
+            "the holder to drop what the ended session kept",
+        )
+    finally:
+        reader.close()
