@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -10,6 +11,7 @@ from typing import Any, Protocol
 
 from nbtask.core.context import current_request
 from nbtask.errors import (
+    BrokerUnavailable,
     NbtaskError,
     RemoteError,
     SerializationError,
@@ -40,6 +42,9 @@ class Client(Protocol):
 
     def waiting_reason(self, queue: str) -> str | None:
         """Why a task on ``queue`` cannot start yet, if known (``App.waiting_reason``)."""
+
+    def flush(self) -> None:
+        """Wait for the broker's confirms of this thread's tasks (``App.flush``)."""
 
 
 _KNOWN_FAILURES: dict[str, type[RemoteError]] = {
@@ -207,6 +212,11 @@ class TaskHandle(concurrent.futures.Future[Any]):
         SerializationError
             The result needs a class this process cannot import.
         """
+        if not self.done() and self.app is not None:
+            # Its message may still await RabbitMQ's confirm (sent by this thread, which
+            # is about to wait): settle that first, so an undelivered task fails now.
+            with contextlib.suppress(BrokerUnavailable):
+                self.app.flush()
         value = super().result(timeout)
         if not isinstance(value, Deferred):
             return value
@@ -337,7 +347,9 @@ class TaskHandle(concurrent.futures.Future[Any]):
         elif event.type is EventType.SUCCESS:
             self.set_result(result)
         elif event.type is EventType.REVOKED:
-            self.set_exception(TaskRevoked(f"task {self.name}[{self.id}] was revoked"))
+            reason = data.get("reason")
+            why = f": {reason}" if reason and reason != "revoked" else ""
+            self.set_exception(TaskRevoked(f"task {self.name}[{self.id}] was revoked{why}"))
         elif event.type is EventType.WORKER_LOST:
             why = (
                 f"the worker running task {self.name}[{self.id}] died "
