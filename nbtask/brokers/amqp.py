@@ -272,14 +272,18 @@ class AmqpTransport:
         self._own_channels.add(channel)
         self.store.keep_channel(channel)
 
-    def notify(self, channel: str, raw_events: Sequence[bytes]) -> None:
-        """Publish events to a client's reply queue (dropped if the client is gone)."""
+    def notify(self, channel: str, raw_events: Sequence[bytes], *, wait: bool = True) -> None:
+        """Publish events to a client's reply queue (dropped if the client is gone).
+
+        Without ``wait`` the confirms are collected later, by the thread's next use of
+        its link; events a dropped connection left unconfirmed are sent again then.
+        """
 
         def send(link: Link) -> None:
             for raw in raw_events:
                 self.links.send(link, channel, raw, persistent=False)
 
-        self.links.publishing(send)
+        self.links.publishing(send, wait=wait)
 
     def purge(self, queues: Sequence[str]) -> list[str]:
         """Delete the messages waiting on ``queues`` and parked for an ETA; their task ids.
@@ -393,7 +397,7 @@ class AmqpTransport:
         if not channel:
             return
         self.store.append_events(channel, raw_events)
-        self.notify(channel, raw_events)
+        self.notify(channel, raw_events, wait=False)  # kept in the store meanwhile
 
     def finish(
         self,
@@ -410,7 +414,11 @@ class AmqpTransport:
         queue = delivery.queue if delivery is not None else ""
         self.store.settle(task_id, channel, raw_event, fields, queue=queue, later=requeue)
         if raw_event and channel:
-            self.notify(channel, [raw_event])  # the store's settle kept it
+            # The store's settle kept it. Not waiting for its confirm before the ack is
+            # safe: RabbitMQ takes a channel's frames in order, so an ack that arrives
+            # comes after the event; if neither arrives, the thread's next link (its
+            # next fetch) sends the event again.
+            self.notify(channel, [raw_event], wait=False)
         if delivery is not None:
             self._settle(delivery)
         if then_fetch is not None and then_fetch[0]:

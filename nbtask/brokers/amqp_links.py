@@ -170,6 +170,14 @@ class Links:
         except Exception as exc:  # the connection dropped while its channel opened
             conn.release()
             raise self.unavailable(exc) from exc
+        try:
+            # What the thread's previous link left unconfirmed goes first, whatever
+            # this link is for (a worker child's next fetch sends its last events).
+            self._send_orphans(link)
+        except Exception as exc:
+            self._orphans()[:0] = link.confirms.take_unconfirmed()
+            conn.release()
+            raise self.unavailable(exc) from exc
         self._local.link = link
         with self._lock:
             self._links.append(link)
@@ -226,8 +234,8 @@ class Links:
         confirms already in (up to :data:`PIPELINE_WINDOW` may be outstanding).
 
         A link that went stale while idle (its connection dropped, RabbitMQ restarted)
-        fails only when used; a fresh link failing is a real outage. Messages of earlier
-        calls that a dropped link sent unconfirmed are sent again first, on the new link.
+        fails only when used; a fresh link failing is a real outage. Messages that a
+        dropped link sent unconfirmed are sent again first, on the new link (:meth:`get`).
         At worst a message that reached RabbitMQ just before its connection died is sent
         twice: the start check drops the second task message, a handle ignores a
         repeated event. If this call fails, its own messages are not sent again later;
@@ -239,8 +247,7 @@ class Links:
             for attempt in (1, 2):
                 fresh = self.current() is None
                 try:
-                    with self.using() as link:
-                        self._send_orphans(link)
+                    with self.using() as link:  # a new link sends orphans first
                         send(link)
                         self._collect(link, 0 if wait else PIPELINE_WINDOW)
                     return
