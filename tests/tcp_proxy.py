@@ -3,7 +3,9 @@
 Put it in front of a real service (Redis, RabbitMQ) and point clients at ``url_port``:
 ``cut()`` drops every live connection the way a network blip or a load balancer does,
 ``refuse()`` makes the service unreachable (connections are refused) until
-``accept_again()``. The real service is never touched, so it stays shared by all tests.
+``accept_again()``, ``deafen()`` drops what the service says back to clients (requests
+still reach it: a reply, an AMQP publisher confirm, is lost on the way) until ``cut()``.
+The real service is never touched, so it stays shared by all tests.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class _Pair:
         self.sockets = (client, upstream)
         self._on_close = on_close
         self._closed = False
+        self.deaf = False  # drop what the service sends back
         self._lock = threading.Lock()
         self.threads = [
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True),
@@ -69,6 +72,8 @@ class _Pair:
                 data = source.recv(_CHUNK)
                 if not data:
                     break
+                if self.deaf and source is self.sockets[1]:
+                    continue
                 sink.sendall(data)
         except OSError:
             pass
@@ -120,6 +125,12 @@ class TcpProxy:
             pair.close()
         for pair in pairs:
             pair.join(5.0)
+
+    def deafen(self) -> None:
+        """Drop everything the service sends on live connections from now on."""
+        with self._lock:
+            for pair in self._pairs:
+                pair.deaf = True
 
     def refuse(self) -> None:
         """Stop listening and close every connection: connecting fails until accept_again()."""

@@ -5,8 +5,9 @@ must outlive a client stays in the Redis store (``Settings.result_url``). The de
 short (``docs/architecture.md`` has the whole of it):
 
 * One durable queue per nbtask queue (``<key_prefix>:q:<queue>``), persistent messages
-  published with confirms, the task id and nbtask's redelivery count as headers (never
-  trusted: the worker checks the id against the signed header).
+  published with confirms (a batch's awaited together, a single ``delay()``'s collected
+  later: :mod:`nbtask.brokers.amqp_confirms`), the task id and nbtask's redelivery count
+  as headers (never trusted: the worker checks the id against the signed header).
 * Every worker child has its own connection with prefetch 1 (global across its queues):
   prefetch equals free slots.
 * A delivery is acknowledged only after its outcome is stored. A dead child's messages
@@ -115,8 +116,12 @@ class AmqpTransport:
         self.store.close()
 
     # Client side -----------------------------------------------------------------------------
-    def publish(self, messages: Sequence[Publish]) -> list[str]:
-        """Write the PENDING records (ETA ones parked in the store), then enqueue the rest."""
+    def publish(self, messages: Sequence[Publish], *, wait: bool = True) -> list[str]:
+        """Write the PENDING records (ETA ones parked in the store), then enqueue the rest.
+
+        With ``wait``, return once RabbitMQ confirmed them all (their confirms awaited
+        together); without, once they are written (see :meth:`flush`).
+        """
         now = time.time()
         refused = self.store.write_pending(messages)
         queued = [
@@ -130,7 +135,7 @@ class AmqpTransport:
                 self._enqueue(link, msg.queue, msg.task_id, msg.raw, 0)
 
         try:
-            self.links.publishing(send)
+            self.links.publishing(send, wait=wait)
         except BrokerUnavailable:
             # Nothing half-sent: no PENDING record is left for a message never queued.
             with contextlib.suppress(Exception):
@@ -144,7 +149,23 @@ class AmqpTransport:
         name = self.queue_name(queue)
         self.links.declare_task_queue(link, name)
         headers = {ID_HEADER: task_id, DELIVERIES_HEADER: deliveries}
-        self.links.send(link, name, raw, persistent=True, headers=headers)
+        self.links.send(link, name, raw, persistent=True, headers=headers, task_id=task_id)
+
+    def flush(self) -> None:
+        """Wait until RabbitMQ confirmed every message this thread sent.
+
+        Messages a dropped connection left unconfirmed are sent again first. Raises
+        :class:`BrokerUnavailable` if RabbitMQ cannot be reached; tasks whose messages
+        could not be sent are then in :meth:`take_unsent`.
+        """
+        self.links.flush()
+
+    def take_unsent(self) -> list[str]:
+        """Ids of tasks sent earlier whose messages RabbitMQ refused or never got.
+
+        Their ``publish`` had returned without waiting; each is taken once.
+        """
+        return self.links.take_unsent()
 
     def read_events(
         self, channels: Mapping[str, str], block_seconds: float
@@ -251,14 +272,18 @@ class AmqpTransport:
         self._own_channels.add(channel)
         self.store.keep_channel(channel)
 
-    def notify(self, channel: str, raw_events: Sequence[bytes]) -> None:
-        """Publish events to a client's reply queue (dropped if the client is gone)."""
+    def notify(self, channel: str, raw_events: Sequence[bytes], *, wait: bool = True) -> None:
+        """Publish events to a client's reply queue (dropped if the client is gone).
+
+        Without ``wait`` the confirms are collected later, by the thread's next use of
+        its link; events a dropped connection left unconfirmed are sent again then.
+        """
 
         def send(link: Link) -> None:
             for raw in raw_events:
                 self.links.send(link, channel, raw, persistent=False)
 
-        self.links.publishing(send)
+        self.links.publishing(send, wait=wait)
 
     def purge(self, queues: Sequence[str]) -> list[str]:
         """Delete the messages waiting on ``queues`` and parked for an ETA; their task ids.
@@ -372,7 +397,7 @@ class AmqpTransport:
         if not channel:
             return
         self.store.append_events(channel, raw_events)
-        self.notify(channel, raw_events)
+        self.notify(channel, raw_events, wait=False)  # kept in the store meanwhile
 
     def finish(
         self,
@@ -389,7 +414,11 @@ class AmqpTransport:
         queue = delivery.queue if delivery is not None else ""
         self.store.settle(task_id, channel, raw_event, fields, queue=queue, later=requeue)
         if raw_event and channel:
-            self.notify(channel, [raw_event])  # the store's settle kept it
+            # The store's settle kept it. Not waiting for its confirm before the ack is
+            # safe: RabbitMQ takes a channel's frames in order, so an ack that arrives
+            # comes after the event; if neither arrives, the thread's next link (its
+            # next fetch) sends the event again.
+            self.notify(channel, [raw_event], wait=False)
         if delivery is not None:
             self._settle(delivery)
         if then_fetch is not None and then_fetch[0]:

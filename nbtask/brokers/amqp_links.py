@@ -19,10 +19,12 @@ from kombu.exceptions import OperationalError
 from kombu.transport import pyamqp as _pyamqp
 
 from nbtask._text import redact_url
+from nbtask.brokers.amqp_confirms import Confirms, Outgoing
 from nbtask.errors import BrokerUnavailable
 
 __all__ = [
     "CONSUMER_TIMEOUT_MS",
+    "PIPELINE_WINDOW",
     "Link",
     "Links",
     "body_of",
@@ -33,6 +35,8 @@ __all__ = [
 
 #: ``x-consumer-timeout`` of task queues on RabbitMQ >= 3.12, milliseconds (7 days).
 CONSUMER_TIMEOUT_MS = 7 * 24 * 3600 * 1000
+#: Messages a thread may have sent unconfirmed before a send waits for their confirms.
+PIPELINE_WINDOW = 1000
 ID_HEADER = "nbtask-id"
 DELIVERIES_HEADER = "nbtask-deliveries"
 # kombu is only partly annotated: used as Any, its objects checked where read.
@@ -111,6 +115,7 @@ class Link:
         self.reply: str | None = None
         self.reply_consumer: Any = None
         self.replies: deque[Message] = deque()
+        self.confirms = Confirms(self.channel)
 
     def close(self) -> None:
         """Release the connection (errors ignored: it may be gone already)."""
@@ -134,6 +139,8 @@ class Links:
         self._links: list[Link] = []
         self._lock = threading.Lock()
         self._consumer_timeout: bool | None = None
+        self._calls = itertools.count(1)
+        self._unsent: list[str] = []
 
     def current(self) -> Link | None:
         """The calling thread's link, if it has one."""
@@ -152,7 +159,6 @@ class Links:
             transport=_GUARDED.get(self.url.split("://", 1)[0].lower()),
             connect_timeout=5,
             heartbeat=0,  # a child runs user code and cannot answer AMQP heartbeats
-            transport_options={"confirm_publish": True},
         )
         try:
             conn.ensure_connection(max_retries=1, timeout=5)
@@ -162,6 +168,14 @@ class Links:
         try:
             link = Link(conn, next(self._generations))
         except Exception as exc:  # the connection dropped while its channel opened
+            conn.release()
+            raise self.unavailable(exc) from exc
+        try:
+            # What the thread's previous link left unconfirmed goes first, whatever
+            # this link is for (a worker child's next fetch sends its last events).
+            self._send_orphans(link)
+        except Exception as exc:
+            self._orphans()[:0] = link.confirms.take_unconfirmed()
             conn.release()
             raise self.unavailable(exc) from exc
         self._local.link = link
@@ -174,6 +188,10 @@ class Links:
         link = self.current()
         self._local.link = None
         if link is not None:
+            # What it sent unconfirmed is sent again on the thread's next link.
+            self._orphans().extend(link.confirms.take_unconfirmed())
+            self._note_unsent(link.confirms.refused)
+            link.confirms.refused = []
             link.close()
             with self._lock, contextlib.suppress(ValueError):
                 self._links.remove(link)
@@ -208,23 +226,83 @@ class Links:
             self.drop()
             raise self.unavailable(exc) from exc
 
-    def publishing(self, send: Callable[[Link], None]) -> None:
+    def publishing(self, send: Callable[[Link], None], *, wait: bool = True) -> None:
         """Run ``send`` on this thread's link; once more on a new link if an old one failed.
 
+        With ``wait``, return once RabbitMQ confirmed everything this thread sent (the
+        batch's confirms awaited together); without, once it is written, collecting the
+        confirms already in (up to :data:`PIPELINE_WINDOW` may be outstanding).
+
         A link that went stale while idle (its connection dropped, RabbitMQ restarted)
-        fails only when used; a fresh link failing is a real outage. At worst a message
-        that reached RabbitMQ just before its connection died is sent twice: the start
-        check drops the second task message, a handle ignores a repeated event.
+        fails only when used; a fresh link failing is a real outage. Messages that a
+        dropped link sent unconfirmed are sent again first, on the new link (:meth:`get`).
+        At worst a message that reached RabbitMQ just before its connection died is sent
+        twice: the start check drops the second task message, a handle ignores a
+        repeated event. If this call fails, its own messages are not sent again later;
+        earlier ones that could not be sent either are noted (:meth:`take_unsent`).
         """
-        for attempt in (1, 2):
-            fresh = self.current() is None
-            try:
-                with self.using() as link:
-                    send(link)
-                return
-            except BrokerUnavailable:
-                if fresh or attempt == 2:
-                    raise
+        call = next(self._calls)
+        self._local.call = call
+        try:
+            for attempt in (1, 2):
+                fresh = self.current() is None
+                try:
+                    with self.using() as link:  # a new link sends orphans first
+                        send(link)
+                        self._collect(link, 0 if wait else PIPELINE_WINDOW)
+                    return
+                except BrokerUnavailable:
+                    # ``send`` runs whole again: its messages are not orphans.
+                    orphans = self._orphans()
+                    orphans[:] = [o for o in orphans if o.call != call]
+                    if fresh or attempt == 2:
+                        self._note_unsent(orphans)
+                        orphans.clear()
+                        raise
+        finally:
+            self._local.call = 0
+
+    def flush(self) -> None:
+        """Wait for the confirms of everything this thread sent (sending orphans again)."""
+        if self.current() is None and not self._orphans():
+            return
+        self.publishing(lambda link: None)
+
+    def take_unsent(self) -> list[str]:
+        """Ids of tasks whose messages RabbitMQ refused or that could not be sent again."""
+        with self._lock:
+            out, self._unsent = self._unsent, []
+        return out
+
+    def _note_unsent(self, messages: list[Outgoing]) -> None:
+        ids = [m.task_id for m in messages if m.task_id]
+        if ids:
+            with self._lock:
+                self._unsent += ids
+
+    def _orphans(self) -> list[Outgoing]:
+        orphans: list[Outgoing] | None = getattr(self._local, "orphans", None)
+        if orphans is None:
+            orphans = self._local.orphans = []
+        return orphans
+
+    def _send_orphans(self, link: Link) -> None:
+        orphans = self._orphans()
+        while orphans:
+            self._publish(link, orphans[0])
+            orphans.pop(0)
+
+    def _collect(self, link: Link, window: int) -> None:
+        """Take in the confirms that arrived; wait for the rest while over ``window``."""
+        confirms = link.confirms
+        with contextlib.suppress(TimeoutError):
+            while confirms.unconfirmed:
+                link.conn.drain_events(timeout=0)
+        while len(confirms.unconfirmed) > window:
+            link.conn.drain_events(timeout=None)
+        if confirms.refused:
+            self._note_unsent(confirms.refused)
+            confirms.refused = []
 
     def declare_task_queue(self, link: Link, name: str) -> None:
         """Declare a durable task queue (once per link)."""
@@ -256,24 +334,32 @@ class Links:
             )
         return self._consumer_timeout
 
-    @staticmethod
     def send(
+        self,
         link: Link,
         routing_key: str,
         raw: bytes,
         *,
         persistent: bool,
         headers: Mapping[str, Any] | None = None,
+        task_id: str | None = None,
     ) -> None:
-        """Publish ``raw`` on the default exchange (confirmed if the link confirms)."""
+        """Publish ``raw`` on the default exchange, kept until RabbitMQ confirms it."""
+        call = getattr(self._local, "call", 0)
+        outgoing = Outgoing(routing_key, raw, persistent, dict(headers or {}), task_id, call)
+        self._publish(link, outgoing)
+
+    @staticmethod
+    def _publish(link: Link, outgoing: Outgoing) -> None:
         message = link.channel.prepare_message(
-            raw,
+            outgoing.raw,
             priority=None,
-            headers=dict(headers or {}),
-            properties={"delivery_mode": 2 if persistent else 1},
+            headers=dict(outgoing.headers),
+            properties={"delivery_mode": 2 if outgoing.persistent else 1},
             **_CONTENT,
         )
-        link.channel.basic_publish(message, exchange="", routing_key=routing_key)
+        link.channel.basic_publish(message, exchange="", routing_key=outgoing.routing_key)
+        link.confirms.sent(outgoing)
 
 
 def read_headers(headers: object) -> tuple[str | None, int]:

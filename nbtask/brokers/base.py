@@ -208,12 +208,22 @@ class Transport(Protocol):
         """Release connections (the store's too)."""
 
     # Client side ---------------------------------------------------------------------------
-    def publish(self, messages: Sequence[Publish]) -> list[str]:
+    def publish(self, messages: Sequence[Publish], *, wait: bool = True) -> list[str]:
         """Enqueue messages with their PENDING records.
 
         Returns, per message, ``""`` or the state of the task already holding its id
         (queued, running or ended: a revoked chain step, or a reused id); a refused
-        message is not queued.
+        message is not queued. With ``wait=False`` a broker that confirms publishes
+        asynchronously may return before it has confirmed them (see :meth:`flush`).
+        """
+
+    def flush(self) -> None:
+        """Wait until the broker has confirmed every message this thread published."""
+
+    def take_unsent(self) -> list[str]:
+        """Ids of tasks published without waiting whose messages the broker never took.
+
+        Each is returned once; they are not queued.
         """
 
     def read_events(

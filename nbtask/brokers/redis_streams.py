@@ -92,8 +92,11 @@ class StreamsTransport:
         self.link.close()
 
     # Client side -----------------------------------------------------------------------------
-    def publish(self, messages: Sequence[Publish]) -> list[str]:
-        """Enqueue messages and write their PENDING records, in one round trip."""
+    def publish(self, messages: Sequence[Publish], *, wait: bool = True) -> list[str]:
+        """Enqueue messages and write their PENDING records, in one round trip.
+
+        Redis has answered when this returns, ``wait`` or not.
+        """
         now = time.time()
         commands: list[Command] = []
         large = False
@@ -155,6 +158,13 @@ class StreamsTransport:
             repr(now),
             *fields,
         )
+
+    def flush(self) -> None:
+        """Nothing to wait for: every publish has had Redis's answer."""
+
+    def take_unsent(self) -> list[str]:
+        """None: a publish Redis did not take raised at once."""
+        return []
 
     def read_events(
         self, channels: Mapping[str, str], block_seconds: float

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import threading
 import uuid
 import weakref
@@ -15,16 +16,17 @@ from nbtask.client.listener import Listener
 from nbtask.client.live_workers import LiveWorkers
 from nbtask.client.reattach import reattach
 from nbtask.client.routes import Routes
+from nbtask.client.unsent import reused_ids, revoke_unsent
 from nbtask.core.canvas import Call
 from nbtask.core.datasets import Loader, dataset_names
 from nbtask.core.handle import FetchWatch, TaskHandle
 from nbtask.core.options import validate_options
 from nbtask.core.outgoing import MessageBuilder
 from nbtask.core.task import Task as BaseTask
-from nbtask.errors import ConfigurationError
+from nbtask.errors import BrokerUnavailable, ConfigurationError
 from nbtask.settings import Settings
 from nbtask.wire.envelope import Signer
-from nbtask.wire.events import FINAL_SEQ, FINAL_STATES, Event, EventType, State
+from nbtask.wire.events import FINAL_SEQ, Event, EventType, State
 from nbtask.wire.records import TaskRecord, WorkerInfo
 
 __all__ = ["App"]
@@ -304,8 +306,22 @@ class App:
         assert self.settings.broker_url is not None
         return self.settings.broker_url
 
+    def flush(self) -> None:
+        """Wait until the broker confirmed every task this thread sent (RabbitMQ).
+
+        A single ``delay()`` returns before its confirm; a task whose message could not be
+        delivered after all is revoked and its handle fails (``TaskRevoked``, saying why).
+        """
+        if (transport := self._transport) is not None:
+            try:
+                transport.flush()
+            finally:
+                revoke_unsent(transport, self.signer, self.channel, self._listener)
+
     def close(self) -> None:
-        """Stop the listener, disconnect, and give back the embedded cluster if it used one."""
+        """:meth:`flush`, stop the listener, disconnect, give back an embedded cluster."""
+        with contextlib.suppress(BrokerUnavailable):
+            self.flush()  # a failure is logged and its tasks' handles fail
         with self._lock:
             self.closed = True
             if self._listener is not None:
@@ -362,7 +378,11 @@ class App:
             if on_event is not None:
                 handle.on_event(on_event)
             listener.register(handle)
-        refused = self.transport.publish([publish for _, publish in built])
+        # A lone call (delay()) does not wait for its confirm; a batch waits once for all.
+        try:
+            refused = self.transport.publish([p for _, p in built], wait=len(built) > 1)
+        finally:
+            revoke_unsent(self.transport, self.signer, channel, listener)
         taken = [
             (handle, state, before)
             for handle, state, before in zip(handles, refused, previous, strict=True)
@@ -374,7 +394,7 @@ class App:
             else:
                 listener.register(before)
         if taken:
-            raise ConfigurationError(_reused_ids([(h.id, state) for h, state, _ in taken]))
+            raise ConfigurationError(reused_ids([(h.id, state) for h, state, _ in taken]))
         return handles
 
     def _live_workers(self) -> LiveWorkers:
@@ -530,19 +550,3 @@ def _close_at_exit(ref: weakref.ReferenceType[App]) -> None:
 def _origin(task: BaseTask) -> str:
     code = type(task).__dict__.get("__wrapped__", type(task))
     return f"{code.__module__}.{code.__qualname__}"
-
-
-def _reused_ids(taken: Sequence[tuple[str, str]]) -> str:
-    """The error for calls whose ``task_id`` another task holds, with that task's state."""
-    final = {state.value for state in FINAL_STATES} | {"FINISHED"}
-    reasons = [
-        f"task id {task_id!r} was already used by a task that ended ({state})"
-        if state in final
-        else f"task id {task_id!r} belongs to a task that has not ended ({state}); follow "
-        f"it with app.handle({task_id!r})"
-        for task_id, state in taken
-    ]
-    return (
-        f"{'; '.join(reasons)}. Nothing was sent for {'it' if len(taken) == 1 else 'them'}: "
-        "task ids are single-use; leave task_id out for a fresh one"
-    )

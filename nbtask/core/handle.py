@@ -12,6 +12,7 @@ from typing import Any, Protocol
 from nbtask.core.context import current_request
 from nbtask.core.refs import ResultRef
 from nbtask.errors import (
+    BrokerUnavailable,
     NbtaskError,
     RemoteError,
     ResultNotReady,
@@ -52,6 +53,9 @@ class Client(Protocol):
 
     def waiting_reason(self, queue: str) -> str | None:
         """Why a task on ``queue`` cannot start yet, if known (``App.waiting_reason``)."""
+
+    def flush(self) -> None:
+        """Wait for the broker's confirms of this thread's tasks (``App.flush``)."""
 
 
 _KNOWN_FAILURES: dict[str, type[RemoteError]] = {
@@ -219,6 +223,11 @@ class TaskHandle(concurrent.futures.Future[Any]):
         SerializationError
             The result needs a class this process cannot import.
         """
+        if not self.done() and self.app is not None:
+            # Its message may still await RabbitMQ's confirm (sent by this thread, which
+            # is about to wait): settle that first, so an undelivered task fails now.
+            with contextlib.suppress(BrokerUnavailable):
+                self.app.flush()
         value = super().result(timeout)
         if not isinstance(value, Deferred):
             return value
@@ -372,7 +381,9 @@ class TaskHandle(concurrent.futures.Future[Any]):
         elif event.type is EventType.SUCCESS:
             self.set_result(result)
         elif event.type is EventType.REVOKED:
-            self.set_exception(TaskRevoked(f"task {self.name}[{self.id}] was revoked"))
+            reason = data.get("reason")
+            why = f": {reason}" if reason and reason != "revoked" else ""
+            self.set_exception(TaskRevoked(f"task {self.name}[{self.id}] was revoked{why}"))
         elif event.type is EventType.WORKER_LOST:
             why = (
                 f"the worker running task {self.name}[{self.id}] died "

@@ -1,0 +1,90 @@
+"""Publisher confirms on AMQP: what one channel sent that RabbitMQ has not confirmed yet.
+
+Every channel of the AMQP transport is in confirm mode. A publish is not waited for one
+by one: it gets the channel's next sequence number and is kept, bytes and all, until
+RabbitMQ acknowledges it (``basic.ack``, often for many at once with ``multiple``). A
+batch is published whole and its confirms awaited together; a single ``delay()``
+returns once its message is written and its confirm is collected by a later call.
+A message whose connection dropped before its confirm arrived is sent again on a new
+connection (a copy that did get through is dropped by the start check); one RabbitMQ
+refused (``basic.nack``) is kept aside for its sender to report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["Confirms", "Outgoing"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Outgoing:
+    """One published message, kept until RabbitMQ confirms it (so it can be sent again).
+
+    ``task_id`` is set for task messages (events have none); ``call`` numbers the
+    :meth:`~nbtask.brokers.amqp_links.Links.publishing` call that sent it first.
+    """
+
+    routing_key: str
+    raw: bytes
+    persistent: bool
+    headers: Mapping[str, Any]
+    task_id: str | None
+    call: int
+
+
+class Confirms:
+    """The publisher confirms of one channel, put in confirm mode here.
+
+    Parameters
+    ----------
+    channel
+        A py-amqp channel (``confirm_select`` is sent once, here). kombu's in-process
+        channels (``memory://``) have no confirms: a publish there is done when it returns.
+    """
+
+    def __init__(self, channel: Any) -> None:
+        self._next = 1  # RabbitMQ numbers a confirm-mode channel's publishes from 1
+        #: Sent and not yet confirmed, by sequence number (oldest first).
+        self.unconfirmed: dict[int, Outgoing] = {}
+        #: Refused by RabbitMQ (``basic.nack``), for the sender to report.
+        self.refused: list[Outgoing] = []
+        self.enabled = hasattr(channel, "confirm_select")
+        if self.enabled:
+            channel.confirm_select()
+            channel.events["basic_ack"].add(self._on_ack)
+            channel.events["basic_nack"].add(self._on_nack)
+
+    def sent(self, outgoing: Outgoing) -> None:
+        """Note a message just published on the channel."""
+        if not self.enabled:
+            return
+        self.unconfirmed[self._next] = outgoing
+        self._next += 1
+
+    def _settled(self, tag: int, multiple: bool) -> list[Outgoing]:
+        if not multiple:
+            single = self.unconfirmed.pop(tag, None)
+            return [single] if single is not None else []
+        out = []
+        # Insertion order is sequence order: settle from the oldest up to ``tag``.
+        while self.unconfirmed:
+            oldest = next(iter(self.unconfirmed))
+            if oldest > tag:
+                break
+            out.append(self.unconfirmed.pop(oldest))
+        return out
+
+    def _on_ack(self, tag: int, multiple: bool) -> None:
+        self._settled(tag, multiple)
+
+    def _on_nack(self, tag: int, multiple: bool) -> None:
+        self.refused += self._settled(tag, multiple)
+
+    def take_unconfirmed(self) -> list[Outgoing]:
+        """Everything not confirmed yet, oldest first; forgotten here (its link is gone)."""
+        out = list(self.unconfirmed.values())
+        self.unconfirmed.clear()
+        return out

@@ -1,0 +1,80 @@
+"""Tasks whose messages never reached the broker, though their send had returned.
+
+On RabbitMQ a single ``delay()`` returns once its message is written, before RabbitMQ
+confirms it (see :mod:`nbtask.brokers.amqp_confirms`). If the confirm never comes (the
+connection dropped and RabbitMQ cannot be reached to send the message again, or RabbitMQ
+refused it), the task is revoked here: it never runs, even if its message did get
+through, and its handle fails saying why. A task already started did get through, and is
+left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+
+from nbtask.brokers import Transport
+from nbtask.client.listener import Listener
+from nbtask.errors import BrokerUnavailable
+from nbtask.wire.envelope import Signer
+from nbtask.wire.events import FINAL_SEQ, FINAL_STATES, Event, EventType
+
+__all__ = ["UNSENT_REASON", "reused_ids", "revoke_unsent"]
+
+log = logging.getLogger(__name__)
+
+UNSENT_REASON = (
+    "its message was not confirmed by the broker (the connection dropped and the broker "
+    "could not be reached to send it again, or the broker refused it); it will not run: "
+    "send it again"
+)
+
+
+def revoke_unsent(
+    transport: Transport, signer: Signer, channel: str, listener: Listener | None
+) -> list[str]:
+    """Revoke the tasks the transport could not deliver; fail their handles. Their ids."""
+    revoked: list[tuple[str, Event, bytes]] = []
+    for task_id in transport.take_unsent():
+        event = Event(EventType.REVOKED, task_id, seq=FINAL_SEQ, data={"reason": UNSENT_REASON})
+        raw = signer.seal(event.to_header())
+        try:
+            if not transport.store.revoke_pending(task_id, raw, channel):
+                continue  # it started: its message did get through
+        except BrokerUnavailable as exc:
+            log.error(
+                "task %s: %s; the store is unreachable too (%s), so if its message did reach "
+                "the broker it may still run",
+                task_id,
+                UNSENT_REASON,
+                exc,
+            )
+        else:
+            log.error("task %s: %s", task_id, UNSENT_REASON)
+        revoked.append((task_id, event, raw))
+    if revoked:
+        with contextlib.suppress(BrokerUnavailable):
+            # The store keeps them; this reaches a client re-attached elsewhere at once.
+            transport.notify(channel, [raw for _, _, raw in revoked])
+    for task_id, event, _ in revoked:
+        handle = listener.get(task_id) if listener is not None else None
+        if handle is not None:
+            handle.apply(event)
+    return [task_id for task_id, _, _ in revoked]
+
+
+def reused_ids(taken: Sequence[tuple[str, str]]) -> str:
+    """The error for calls whose ``task_id`` another task holds, with that task's state."""
+    final = {state.value for state in FINAL_STATES} | {"FINISHED"}
+    reasons = [
+        f"task id {task_id!r} was already used by a task that ended ({state})"
+        if state in final
+        else f"task id {task_id!r} belongs to a task that has not ended ({state}); follow "
+        f"it with app.handle({task_id!r})"
+        for task_id, state in taken
+    ]
+    return (
+        f"{'; '.join(reasons)}. Nothing was sent for {'it' if len(taken) == 1 else 'them'}: "
+        "task ids are single-use; leave task_id out for a fresh one"
+    )

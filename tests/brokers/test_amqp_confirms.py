@@ -1,0 +1,166 @@
+"""Publisher confirms on the real RabbitMQ: batched for a batch, pipelined for a loop.
+
+A batch (``delay_many``) returns once RabbitMQ has confirmed all of it; a ``delay()``
+returns once its message is written, and its confirm is collected later. These tests
+check that neither way loses a task: a batch is whole in the queue when it returns, and
+messages whose confirms never came back are sent again (or, if RabbitMQ cannot be
+reached, revoked with their handles failing) rather than dropped.
+
+The client reaches RabbitMQ through a :class:`~tcp_proxy.TcpProxy`; ``deafen()`` makes
+it lose every confirm on the way back while its messages still reach RabbitMQ. Workers
+and the store are reached directly.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import kombu
+import pytest
+from helpers import AMQP_URL, wait_until
+from raw_broker import raw_broker
+from tcp_proxy import TcpProxy
+
+from nbtask import App, Settings, State
+from nbtask.brokers.amqp import AmqpTransport
+from nbtask.brokers.amqp_links import Link, Links
+from nbtask.errors import BrokerUnavailable, TaskRevoked
+
+RECORD = "tests.sample_tasks.record_id"  # appends its id to a file: counts runs
+
+pytestmark = pytest.mark.brokers("amqp")
+
+
+@pytest.fixture
+def proxy(settings: Settings) -> Iterator[TcpProxy]:
+    """A proxy in front of RabbitMQ for the test's client."""
+    target = urlsplit(AMQP_URL)
+    opened = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672)
+    opened.start()
+    yield opened
+    opened.stop()
+
+
+@pytest.fixture
+def client(settings: Settings, proxy: TcpProxy) -> Iterator[App]:
+    """A client app whose AMQP connections go through ``proxy``."""
+    parts = urlsplit(AMQP_URL)
+    user = f"{parts.username}:{parts.password}@" if parts.username else ""
+    url = parts._replace(netloc=f"{user}127.0.0.1:{proxy.url_port}").geturl()
+    application = App("confirms", settings=settings.replace(broker_url=url))
+    yield application
+    application.close()
+
+
+def sending_link(app: App) -> Link:
+    """The AMQP link of this thread that ``app`` sends on."""
+    transport = app.transport
+    assert isinstance(transport, AmqpTransport)
+    link = transport.links.current()
+    assert link is not None
+    return link
+
+
+def runs(ledger: Path) -> collections.Counter[str]:
+    """How many times each task id ran."""
+    return collections.Counter(ledger.read_text().split() if ledger.exists() else [])
+
+
+def test_a_batch_is_whole_in_the_queue_when_delay_many_returns(
+    app: App, start_worker, settings: Settings, tmp_path: Path
+) -> None:
+    @app.task
+    def double(x: int) -> int:
+        return 2 * x
+
+    handles = double.delay_many((x,) for x in range(300))
+    # Every confirm is in: nothing sent is waiting on RabbitMQ, and the queue holds it all.
+    assert sending_link(app).confirms.unconfirmed == {}
+    with kombu.Connection(AMQP_URL) as conn:
+        queue = f"{settings.key_prefix}:q:{settings.default_queue}"
+        _, waiting, _ = conn.default_channel.queue_declare(queue=queue, passive=True)
+    assert waiting == 300
+    start_worker(concurrency=2)
+    assert [h.get(timeout=30) for h in handles] == [2 * x for x in range(300)]
+
+
+def test_confirms_lost_with_their_connection_are_sent_again(
+    client: App, proxy: TcpProxy, start_worker, settings: Settings, tmp_path: Path
+) -> None:
+    ledger = tmp_path / "ledger"
+    first = client.send_task(RECORD, (str(ledger),))
+    client.flush()
+    proxy.deafen()  # messages still reach RabbitMQ; its confirms never come back
+    handles = [client.send_task(RECORD, (str(ledger),)) for _ in range(20)]
+    assert len(sending_link(client).confirms.unconfirmed) == 20  # each delay() returned
+    proxy.cut()
+
+    client.flush()  # sends all 20 again on a new connection, and waits for their confirms
+    assert sending_link(client).confirms.unconfirmed == {}
+    start_worker(concurrency=2)
+    everything = [first, *handles]
+    assert [h.get(timeout=30) for h in everything] == [h.id for h in everything]
+    # Both copies of each reached RabbitMQ: the start check ran one, dropped the other.
+    assert runs(ledger) == {h.id: 1 for h in everything}
+    access = raw_broker(settings)
+    try:
+        wait_until(access.drained, 10, "the second copies to be dropped")
+    finally:
+        access.close()
+
+
+def test_unconfirmed_tasks_are_revoked_when_rabbitmq_cannot_be_reached(
+    client: App, proxy: TcpProxy, start_worker, settings: Settings, tmp_path: Path
+) -> None:
+    ledger = tmp_path / "ledger"
+    first = client.send_task(RECORD, (str(ledger),))  # connected, its queue declared
+    client.flush()
+    proxy.deafen()
+    handles = [client.send_task(RECORD, (str(ledger),)) for _ in range(5)]
+    proxy.refuse()  # the connection drops and RabbitMQ cannot be reached again
+
+    with pytest.raises(BrokerUnavailable, match="cannot reach the AMQP broker"):
+        client.flush()
+    for handle in handles:
+        with pytest.raises(TaskRevoked, match="not confirmed by the broker") as info:
+            handle.get(timeout=5)
+        assert handle.id in str(info.value)
+        assert client.store.get_record(handle.id).state is State.REVOKED
+
+    # Their messages did reach RabbitMQ: a worker drops them, and runs new tasks.
+    proxy.accept_again()
+    start_worker(concurrency=1)
+    probe = client.send_task(RECORD, (str(ledger),))
+    assert probe.get(timeout=20) == probe.id
+    access = raw_broker(settings)
+    try:
+        wait_until(access.drained, 10, "the revoked tasks' messages to be dropped")
+    finally:
+        access.close()
+    assert first.get(timeout=20) == first.id
+    assert runs(ledger) == {first.id: 1, probe.id: 1}
+
+
+def test_messages_rabbitmq_refuses_are_reported_not_dropped(prefix: str) -> None:
+    links = Links(AMQP_URL)
+    full = f"{prefix}:full"
+    try:
+        with links.using() as link:
+            link.channel.queue_declare(
+                queue=full,
+                exclusive=True,
+                arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
+            )
+
+        def send(link: Link) -> None:
+            for i in range(3):
+                links.send(link, full, b"body", persistent=False, task_id=f"task-{i}")
+
+        links.publishing(send)  # RabbitMQ nacks each: the queue takes nothing
+        assert sorted(links.take_unsent()) == ["task-0", "task-1", "task-2"]
+        assert links.take_unsent() == []  # each is reported once
+    finally:
+        links.close()
