@@ -16,7 +16,7 @@ from nbtask.client.listener import Listener
 from nbtask.client.live_workers import LiveWorkers
 from nbtask.client.reattach import reattach
 from nbtask.client.routes import Routes
-from nbtask.client.unsent import reused_ids, revoke_unsent
+from nbtask.client.unsent import reused_ids, revoking_unsent
 from nbtask.core.canvas import Call
 from nbtask.core.datasets import Loader, dataset_names
 from nbtask.core.handle import FetchWatch, TaskHandle
@@ -309,14 +309,12 @@ class App:
     def flush(self) -> None:
         """Wait until the broker confirmed every task this thread sent (RabbitMQ).
 
-        A single ``delay()`` returns before its confirm; a task whose message could not be
-        delivered after all is revoked and its handle fails (``TaskRevoked``, saying why).
+        A lone ``delay()`` returns before its confirm; a task whose message was not
+        delivered after all is revoked, its handle failing with ``TaskRevoked``.
         """
         if (transport := self._transport) is not None:
-            try:
+            with revoking_unsent(transport, self.signer, self.channel, self._listener):
                 transport.flush()
-            finally:
-                revoke_unsent(transport, self.signer, self.channel, self._listener)
 
     def close(self) -> None:
         """:meth:`flush`, stop the listener, disconnect, give back an embedded cluster."""
@@ -379,10 +377,8 @@ class App:
                 handle.on_event(on_event)
             listener.register(handle)
         # A lone call (delay()) does not wait for its confirm; a batch waits once for all.
-        try:
+        with revoking_unsent(self.transport, self.signer, channel, listener):
             refused = self.transport.publish([p for _, p in built], wait=len(built) > 1)
-        finally:
-            revoke_unsent(self.transport, self.signer, channel, listener)
         taken = [
             (handle, state, before)
             for handle, state, before in zip(handles, refused, previous, strict=True)

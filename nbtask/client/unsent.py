@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from nbtask.brokers import Transport
 from nbtask.client.listener import Listener
@@ -20,7 +20,7 @@ from nbtask.errors import BrokerUnavailable
 from nbtask.wire.envelope import Signer
 from nbtask.wire.events import FINAL_SEQ, FINAL_STATES, Event, EventType
 
-__all__ = ["UNSENT_REASON", "reused_ids", "revoke_unsent"]
+__all__ = ["UNSENT_REASON", "reused_ids", "revoke_unsent", "revoking_unsent"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,17 @@ def revoke_unsent(
         if handle is not None:
             handle.apply(event)
     return [task_id for task_id, _, _ in revoked]
+
+
+@contextlib.contextmanager
+def revoking_unsent(
+    transport: Transport, signer: Signer, channel: str, listener: Listener | None
+) -> Iterator[None]:
+    """Send in the block, then :func:`revoke_unsent`, whether the block raised or not."""
+    try:
+        yield
+    finally:
+        revoke_unsent(transport, signer, channel, listener)
 
 
 def reused_ids(taken: Sequence[tuple[str, str]]) -> str:
