@@ -267,7 +267,8 @@ def test_a_callback_that_raises_stops_neither_the_handle_nor_other_tasks(
     assert failing.get(timeout=15) == 3
     assert [h.get(timeout=15) for h in handles] == [2, 2, 2]
     after.wait_for(EventType.SUCCESS)
-    assert after.kinds()[0] == "started"
+    # Attached after sending, it sees the events from then on (maybe not STARTED), in order.
+    assert after.kinds()[-1] == "success"
     for seen in others:
         seen.wait_for(EventType.SUCCESS)
         assert seen.kinds()[0] == "started"
