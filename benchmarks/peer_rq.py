@@ -133,9 +133,7 @@ class RqPeer:
     def versions(self) -> dict[str, str]:
         from peer_common import version_of
 
-        v = version_of("rq", "redis")
-        v["worker_class"] = WORKER_CLASSES[self.worker_class]
-        return v
+        return version_of("rq", "redis")
 
     def stop(self) -> None:
         for w in self.workers:
