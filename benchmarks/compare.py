@@ -136,6 +136,17 @@ def rabbitmq_version(url: str) -> str:
         return f"unreachable ({type(exc).__name__})"
 
 
+def git_commit() -> str:
+    """The checkout's commit, with ``+changes`` when its tracked files differ from it."""
+
+    def git(*cmd: str) -> str:
+        proc = subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, check=False)
+        return proc.stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "?"
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def _line(system: str, d: dict[str, Any]) -> str:
     if "error" in d:
         return f"{system}: error"
@@ -192,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "python": platform.python_version(),
             "redis_version": _redis_version(url),
             "rabbitmq_version": rabbitmq_version(args.amqp) if "nbtask-amqp" in systems else "-",
+            "commit": git_commit(),
             "rounds": rounds,
             "quick": args.quick,
             "systems": systems,

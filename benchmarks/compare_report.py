@@ -236,7 +236,7 @@ def readme_block(
 ) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in sorted(meta.get("versions", {}).items()))
     n = len(runs)
-    kind = f"{n} interleaved round{'s' if n != 1 else ''}"
+    kind = f"{n} interleaved rounds" if n != 1 else "1 round"
     if meta.get("quick"):
         kind += " with the quick (`--quick`) counts"
     lines = [
@@ -249,7 +249,11 @@ def readme_block(
         f"RabbitMQ {meta.get('rabbitmq_version', '?')}; {kind}, every system in a fresh "
         "process per round with 2 worker processes. Median [min\u2013max] over the rounds.",
         "",
-        f"Versions: {versions}.",
+        f"Versions: {versions}; nbtask at commit {meta.get('commit', '?')}.",
+        "",
+        "Load average (1 min) before each round, on a machine shared with other work: "
+        + ", ".join(f"{r['loadavg_before'][0]:.1f}" for r in runs if "loadavg_before" in r)
+        + ".",
         "",
         tables(runs, systems),
         "",
