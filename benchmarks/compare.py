@@ -114,6 +114,17 @@ def run_one(
 
 
 def _end_session(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the harness's session (it stops its workers); then kill what is left, by pid.
+
+    Some peers start processes in sessions of their own (ipyparallel's controller and
+    engines, nbtask's worker children), so the harness's descendants are noted first.
+    """
+    import psutil
+
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        descendants = []
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
     with contextlib.suppress(subprocess.TimeoutExpired):
@@ -121,6 +132,10 @@ def _end_session(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    _gone, alive = psutil.wait_procs(descendants, timeout=5)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
 
 
 def rabbitmq_version(url: str) -> str:

@@ -210,6 +210,8 @@ def tables(runs: Sequence[dict[str, Any]], systems: Sequence[str]) -> str:
 
 def goals_table(runs: Sequence[dict[str, Any]]) -> str:
     nbs = [nb for nb in NBTASK if present(runs, [nb])]
+    if not nbs:
+        return "(no nbtask result in this run: no goals to check)"
     lines = ["| goal | needed | " + " | ".join(TITLE[nb] for nb in nbs) + " |",
              "|---|---|" + "---|" * len(nbs)]  # fmt: skip
     per_nb = {nb: goals(runs, nb) for nb in nbs}
