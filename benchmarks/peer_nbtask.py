@@ -119,7 +119,14 @@ class NbtaskPeer:
 
         assert self.worker is not None
         supervisor = psutil.Process(self.worker.pid)
-        return [c.pid for c in supervisor.children(recursive=True) if c.exe() == supervisor.exe()]
+        # The worker children run the supervisor's executable; so does the short-lived
+        # probe listing installed versions (still running on a busy machine): not a worker.
+        pids = []
+        for c in supervisor.children(recursive=True):
+            with contextlib.suppress(psutil.Error):  # gone meanwhile
+                if c.exe() == supervisor.exe() and "nbtask.wire.versions" not in c.cmdline():
+                    pids.append(c.pid)
+        return pids
 
     def progress(self, n: int, gap: float) -> tuple[str, list[tuple[int, float, float]]]:
         seen = _Seen()
