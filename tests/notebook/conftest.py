@@ -26,14 +26,18 @@ def ip() -> Iterator[InteractiveShell]:
 
 
 @pytest.fixture
-def nb(
-    ip: InteractiveShell, settings: Settings, start_worker: Any, monkeypatch: pytest.MonkeyPatch
-) -> Session:
-    """A shell with the extension loaded against the real Redis and two worker processes."""
-    start_worker()
+def loaded(ip: InteractiveShell, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Session:
+    """The extension loaded against the test's broker; no workers started."""
     for key, value in broker_env(settings).items():
         monkeypatch.setenv(key, value)
     ip.run_line_magic("load_ext", "nbtask")
     session = session_of(ip)
     assert session is not None
     return session
+
+
+@pytest.fixture
+def nb(loaded: Session, start_worker: Any) -> Session:
+    """A shell with the extension loaded against the real Redis and two worker processes."""
+    start_worker()
+    return loaded

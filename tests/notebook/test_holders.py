@@ -16,14 +16,13 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-from helpers import WorkerProcess, broker_env, wait_until
+from helpers import WorkerProcess, wait_until
 from IPython.core.interactiveshell import InteractiveShell
 
 from nbtask import App, Settings
 from nbtask.core.holding import holder_queue
 from nbtask.errors import BlobError
 from nbtask.notebook.kept import RemoteValue
-from nbtask.notebook.magics import session_of
 from nbtask.notebook.session import Session
 
 MAKE_X = "import numpy as np\nx = np.arange(300_000.0)"
@@ -38,14 +37,9 @@ def settings(settings: Settings) -> Settings:
 
 
 @pytest.fixture
-def shell(ip: InteractiveShell, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Session:
+def shell(loaded: Session) -> Session:
     """The extension loaded against the test's broker; each test starts its own workers."""
-    for key, value in broker_env(settings).items():
-        monkeypatch.setenv(key, value)
-    ip.run_line_magic("load_ext", "nbtask")
-    session = session_of(ip)
-    assert session is not None
-    return session
+    return loaded
 
 
 def task(ip: InteractiveShell, source: str, line: str = "--wait") -> Any:
