@@ -308,6 +308,7 @@ def test_worker_drops_replay_of_finished_task(
     marker = tmp_path / "marker"
     # Send before any worker runs, so the genuine signed bytes can be read back.
     handle = app.send_task(MARKER_TASK, (str(marker), 0.0))
+    app.flush()  # on RabbitMQ a lone send returns before its confirm
     genuine = access.peek()
     worker = start_worker(concurrency=1)
     children = {c.pid for c in worker.children()}
