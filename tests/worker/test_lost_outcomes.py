@@ -54,7 +54,8 @@ def test_child_killed_after_the_task_returned(
         return SlowToPickle(hold)
 
     h = returns_slowly.delay(str(ledger), str(hold))
-    wait_until(hold.exists, 15, "the task to have returned")
+    # Its pid is in the file once written whole (the file appears before its contents).
+    wait_until(lambda: hold.exists() and hold.read_text().strip(), 15, "the task to have returned")
     os.kill(int(hold.read_text()), signal.SIGKILL)
     if acks_late:  # it runs again: the reason acks_late tasks must be idempotent
         assert h.get(timeout=20) == "done"
