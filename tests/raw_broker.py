@@ -55,9 +55,13 @@ class RawBroker(abc.ABC):
     def peek(self) -> bytes:
         """The one message waiting on the default queue, left there."""
 
-    @abc.abstractmethod
     def drained(self, queue: str = "default") -> bool:
         """Nothing waiting on ``queue`` and nothing taken but unacknowledged."""
+        return not any(self.leftover(queue).values())
+
+    @abc.abstractmethod
+    def leftover(self, queue: str = "default") -> dict[str, int]:
+        """What keeps ``queue`` from being drained, counted by kind (all 0 when drained)."""
 
     @abc.abstractmethod
     def push_event(self, channel: str, raw: bytes) -> None:
@@ -106,13 +110,13 @@ class _RedisQueues(RawBroker):
         raw: bytes = fields[b"e"]
         return raw
 
-    def drained(self, queue: str = "default") -> bool:
+    def leftover(self, queue: str = "default") -> dict[str, int]:
         stream = self._stream(queue)
         try:
-            pending = self.store.xpending(stream, "workers")["pending"]
+            pending = int(self.store.xpending(stream, "workers")["pending"])
         except redis.ResponseError:  # no worker ever read it: nothing can be pending
             pending = 0
-        return bool(self.store.xlen(stream) == 0 and pending == 0)
+        return {"queued": int(self.store.xlen(stream)), "pending": pending}
 
     def push_event(self, channel: str, raw: bytes) -> None:
         self.store.xadd(channel, {"e": raw})
@@ -164,10 +168,10 @@ class _AmqpQueues(RawBroker):
         self.channel.basic_reject(message.delivery_info["delivery_tag"], requeue=True)
         return raw
 
-    def drained(self, queue: str = "default") -> bool:
+    def leftover(self, queue: str = "default") -> dict[str, int]:
         ready, unacked = _rabbitmq_counts(self._queue(queue))
-        lost = self.store.zcard(f"{self.settings.key_prefix}:lost")
-        return ready == 0 and unacked == 0 and lost == 0
+        lost = int(self.store.zcard(f"{self.settings.key_prefix}:lost"))
+        return {"ready": ready, "unacknowledged": unacked, "parked lost": lost}
 
     def push_event(self, channel: str, raw: bytes) -> None:
         # The client's listener declares its reply queue when it starts reading; a

@@ -7,12 +7,15 @@ the message, its queue, redelivery count and the consumer that held it) and ackn
 it on AMQP. A supervisor serving its queue then claims it, like a Redis pending entry of
 a dead child, and settles it: ``acks_late`` tasks are put back, early-ack ones reported
 ``WORKER_LOST``. A task that a live worker still lists as busy (its connection dropped,
-not the child) is left alone until it ends; a claim lapses after :data:`CLAIM_LEASE`.
+not the child) is left alone until it ends. A claim lapses for others after
+:data:`CLAIM_LEASE`; the supervisor that made it may take it again at once, so one whose
+connection dropped between claiming and settling settles it as soon as it is back.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Sequence
 
 from nbtask.brokers.base import Delivery
@@ -31,6 +34,8 @@ class LostDeliveries:
     def __init__(self, store: RedisStore) -> None:
         self.store = store
         self._key = f"{store.prefix}:lost"
+        self._claimant = uuid.uuid4().hex  # who made a claim, in the parked entry
+        self._claimed: set[str] = set()  # claimed here and not settled yet
 
     def _entry(self, task_id: str) -> str:
         return f"{self._key}:{task_id}"
@@ -43,19 +48,19 @@ class LostDeliveries:
         )
 
     def waiting(self) -> int:
-        """How many parked deliveries may be claimed now."""
+        """How many parked deliveries may be claimed now (by this instance)."""
         with self.store.link.translate_errors():
-            return int(self.store.link.redis.zcount(self._key, "-inf", time.time()))
+            due = int(self.store.link.redis.zcount(self._key, "-inf", time.time()))
+        return due + len(self._claimed)
 
     def claim(self, holder: str | None, queues: Sequence[str]) -> list[Delivery]:
         """Claim claimable deliveries of ``queues``: all of them, or those ``holder`` lost."""
         now = time.time()
         redis = self.store.link.redis
         with self.store.link.translate_errors():
-            ids = [
-                i.decode("utf-8", "replace")
-                for i in redis.zrangebyscore(self._key, "-inf", now, 0, 100)
-            ]
+            due = redis.zrangebyscore(self._key, "-inf", now, 0, 100)
+            due_ids = [i.decode("utf-8", "replace") for i in due]
+            ids = list(dict.fromkeys([*due_ids, *self._claimed]))
             if not ids:
                 return []
             live = self.store.workers().values()
@@ -71,6 +76,7 @@ class LostDeliveries:
                 fields = redis.hgetall(self._entry(task_id))
                 if not fields:  # settled meanwhile
                     redis.zrem(self._key, task_id)
+                    self._claimed.discard(task_id)
                     continue
                 held_by = (fields.get(b"h", b"").decode(), fields.get(b"p", b"").decode())
                 running = task_id in busy or (holder is None and held_by in alive)
@@ -86,11 +92,12 @@ class LostDeliveries:
         if not entries:
             return []
         claimed = self.store.link.call(
-            "claim_lost", [self._key], repr(now), repr(CLAIM_LEASE), *entries
+            "claim_lost", [self._key], repr(now), repr(CLAIM_LEASE), self._claimant, *entries
         )
         out = []
         for raw_id in claimed:
             task_id = raw_id.decode()
+            self._claimed.add(task_id)
             fields = entries[task_id]
             try:
                 deliveries = int(fields.get(b"n", b"0") or 0)
@@ -121,4 +128,5 @@ class LostDeliveries:
             pipe.zrem(self._key, task_id)
             pipe.delete(self._entry(task_id))
             pipe.execute()
+        self._claimed.discard(task_id)
         return True

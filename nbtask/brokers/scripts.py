@@ -330,13 +330,17 @@ redis.call('ZADD', KEYS[1], 'NX', ARGV[5], ARGV[1])
 return 1
 """
 
-# Claim lost deliveries that are still claimable. KEYS: lost set; ARGV: now, lease, ids...
+# Claim lost deliveries that are claimable now, or that this claimant claimed before.
+# KEYS: lost set; ARGV: now, lease, claimant, ids...
 _CLAIM_LOST = """
 local out = {}
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
-  if score and tonumber(score) <= tonumber(ARGV[1]) then
+  local entry = KEYS[1] .. ':' .. ARGV[i]
+  if score and (tonumber(score) <= tonumber(ARGV[1])
+                or redis.call('HGET', entry, 'c') == ARGV[3]) then
     redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]), ARGV[i])
+    redis.call('HSET', entry, 'c', ARGV[3])
     table.insert(out, ARGV[i])
   end
 end

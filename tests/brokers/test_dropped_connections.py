@@ -138,15 +138,17 @@ def final_events(app: App, task_id: str) -> set[bytes]:
     return finals
 
 
-def drained(route: Route, settings: Settings, redis_url: str) -> bool:
-    """Nothing queued, unacknowledged or parked (AMQP's lost deliveries), seen directly."""
+def wait_drained(route: Route, settings: Settings, redis_url: str) -> None:
+    """Wait until nothing is queued, unacknowledged or parked (AMQP), seen directly."""
     if route.kind == "redis":
         direct = settings.replace(broker_url=redis_url)
     else:
         direct = settings.replace(broker_url=AMQP_URL, result_url=redis_url)
     access = raw_broker(direct)
     try:
-        return access.drained()
+        wait_until(access.drained, 10, "no delivery left pending or parked")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; left: {access.leftover()}") from None
     finally:
         access.close()
 
@@ -188,9 +190,7 @@ def test_cut_while_tasks_run_and_others_wait(
     for handle in (late, early, filler, *queued, due_later):
         assert app.store.get_record(handle.id).state == "SUCCESS"
         assert len(final_events(app, handle.id)) == 1, handle  # one outcome, not two runs
-    wait_until(
-        lambda: drained(route, settings, redis_url), 10, "no delivery left pending or parked"
-    )
+    wait_drained(route, settings, redis_url)
 
     # The same supervisor, and the same client, carry on.
     assert worker.process.poll() is None
@@ -247,9 +247,7 @@ def test_cut_again_and_again_under_load(
         if event.state in FINAL_STATES:
             finals.setdefault(event.task_id, set()).add(raw)
     assert {h.id: len(finals.get(h.id, ())) for h in handles} == {h.id: 1 for h in handles}
-    wait_until(
-        lambda: drained(route, settings, redis_url), 10, "no delivery left pending or parked"
-    )
+    wait_drained(route, settings, redis_url)
     assert worker.process.poll() is None
     assert app.send_task(ADD, (1, 2)).get(timeout=10) == 3
 
