@@ -60,6 +60,10 @@ class RawBroker(abc.ABC):
         return not any(self.leftover(queue).values())
 
     @abc.abstractmethod
+    def queue_exists(self, queue: str) -> bool:
+        """Whether the broker still has ``queue`` (a stream, or an AMQP queue)."""
+
+    @abc.abstractmethod
     def leftover(self, queue: str = "default") -> dict[str, int]:
         """What keeps ``queue`` from being drained, counted by kind (all 0 when drained)."""
 
@@ -109,6 +113,9 @@ class _RedisQueues(RawBroker):
         [(_, fields)] = self.store.xrange(self._stream())
         raw: bytes = fields[b"e"]
         return raw
+
+    def queue_exists(self, queue: str) -> bool:
+        return bool(self.store.exists(self._stream(queue)))
 
     def leftover(self, queue: str = "default") -> dict[str, int]:
         stream = self._stream(queue)
@@ -167,6 +174,9 @@ class _AmqpQueues(RawBroker):
         raw = bytes(message.body)
         self.channel.basic_reject(message.delivery_info["delivery_tag"], requeue=True)
         return raw
+
+    def queue_exists(self, queue: str) -> bool:
+        return self._exists(self._queue(queue))
 
     def leftover(self, queue: str = "default") -> dict[str, int]:
         ready, unacked = _rabbitmq_counts(self._queue(queue))

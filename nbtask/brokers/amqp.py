@@ -293,11 +293,7 @@ class AmqpTransport:
         ids: list[str] = []
         with self.links.using() as link:
             for queue in queues:
-                name = self.queue_name(queue)
-                self.links.declare_task_queue(link, name)
-                waiting = kombu.Queue(name, exchange="", routing_key=name, no_declare=True)
-                bound = waiting.bind(link.channel)
-                while (message := bound.get(no_ack=True)) is not None:
+                for message in self.links.waiting(link, self.queue_name(queue), ack=True):
                     task_id, _ = read_headers(message.headers)
                     ids += [task_id] if task_id else []
         return ids + self.store.take_waiting(queues)
@@ -465,6 +461,31 @@ class AmqpTransport:
             lambda link: self._enqueue(link, delivery.queue, task_id, delivery.raw, count)
         )
         self._settle(delivery)
+
+    def move(self, delivery: Delivery, queue: str, raw: bytes, task_id: str) -> None:
+        """Publish ``raw`` (the delivery's message, sealed for ``queue``), then settle it."""
+        count = delivery.deliveries
+        self.links.publishing(lambda link: self._enqueue(link, queue, task_id, raw, count))
+        self._settle(delivery)
+
+    def take_waiting(self, queue: str, consumer: str, limit: int = 100) -> list[Delivery]:
+        """Take up to ``limit`` waiting messages, unacknowledged, to move them."""
+        out: list[Delivery] = []
+        with self.links.using() as link:
+            for message in self.links.waiting(link, self.queue_name(queue), ack=False):
+                task_id, deliveries = read_headers(message.headers)
+                delivery_id = f"{link.generation}:{message.delivery_tag}"
+                link.held[delivery_id] = message
+                raw = body_of(message)
+                out.append(Delivery(queue, delivery_id, raw, deliveries, task_id=task_id))
+                if len(out) == limit:
+                    break
+        return out
+
+    def drop_queue(self, queue: str) -> bool:
+        """Delete ``queue`` if nothing is on it and nobody consumes it; True if it is gone."""
+        with self.links.using() as link:
+            return self.links.drop_if_idle(link, self.queue_name(queue))
 
     def dead_letter(self, delivery: Delivery) -> None:
         """Copy the message to the store's dead-letter stream, then settle it."""

@@ -304,6 +304,32 @@ class Links:
             self._note_unsent(confirms.refused)
             confirms.refused = []
 
+    def waiting(self, link: Link, name: str, *, ack: bool) -> Iterator[Message]:
+        """The messages waiting on task queue ``name``, taken one by one (``basic_get``).
+
+        With ``ack`` each is acknowledged as it is taken; without, it stays unacknowledged
+        on ``link`` until settled.
+        """
+        self.declare_task_queue(link, name)
+        waiting = kombu.Queue(name, exchange="", routing_key=name, no_declare=True)
+        bound = waiting.bind(link.channel)
+        while (message := bound.get(no_ack=ack)) is not None:
+            yield message
+
+    def drop_if_idle(self, link: Link, name: str) -> bool:
+        """Delete queue ``name`` if it is empty and unconsumed; True if it is gone."""
+        # A refusal closes the channel it came on: ask on a spare one.
+        spare = link.conn.channel()
+        try:
+            spare.queue_delete(name, if_unused=True, if_empty=True)
+        except link.conn.channel_errors:
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                spare.close()
+        link.declared.discard(name)
+        return True
+
     def declare_task_queue(self, link: Link, name: str) -> None:
         """Declare a durable task queue (once per link)."""
         if name in link.declared:

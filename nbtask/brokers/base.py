@@ -300,5 +300,14 @@ class Transport(Protocol):
     def forget_consumers(self, consumers: Sequence[str], queues: Sequence[str]) -> None:
         """Forget the consumers of a worker that stopped."""
 
+    def take_waiting(self, queue: str, consumer: str, limit: int = 100) -> list[Delivery]:
+        """Take messages still waiting on ``queue`` (no start check), to move them."""
+
+    def move(self, delivery: Delivery, queue: str, raw: bytes, task_id: str) -> None:
+        """Put ``raw`` (``delivery``'s message sealed for ``queue``) there; drop the old."""
+
+    def drop_queue(self, queue: str) -> bool:
+        """Delete ``queue`` if nothing is on it; True if it is gone."""
+
     def move_due(self, queues: Sequence[str]) -> float | None:
         """Move due ETA messages onto their queues; return the next due time, if any."""

@@ -22,13 +22,12 @@ Delivery rules (see the README's "Delivery semantics"):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
 import socket
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from redis.exceptions import NoScriptError, ResponseError
@@ -36,16 +35,15 @@ from redis.exceptions import NoScriptError, ResponseError
 from nbtask.brokers.base import Delivery, Publish, Verdict
 from nbtask.brokers.redis_link import LARGE_BYTES, Command
 from nbtask.brokers.redis_store import CHANNEL_MAXLEN, RedisStore
+from nbtask.brokers.redis_upkeep import GROUP, StreamsUpkeep, _delivery
 from nbtask.brokers.scripts import STREAMS_SCRIPTS
 
 log = logging.getLogger(__name__)
 
 __all__ = ["GROUP", "StreamsTransport"]
 
-GROUP = "workers"
 
-
-class StreamsTransport:
+class StreamsTransport(StreamsUpkeep):
     """A :class:`~nbtask.brokers.base.Transport` on Redis Streams, beside its store.
 
     Parameters
@@ -66,22 +64,6 @@ class StreamsTransport:
     def store(self) -> RedisStore:
         """The Redis store on the same server."""
         return self._store
-
-    def queue_key(self, queue: str) -> str:
-        """The stream holding ``queue``'s messages."""
-        return f"{self.settings.key_prefix}:q:{queue}"
-
-    @contextlib.contextmanager
-    def _queues_may_be_gone(self, queues: Iterable[str]) -> Iterator[None]:
-        # NOGROUP: the server lost the queues (restarted without persistence, or purged).
-        # Create them again; what was being done finds nothing this time.
-        try:
-            yield
-        except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            log.warning("queues %s were gone from the broker; created them again", list(queues))
-            self.ensure_queues(queues)
 
     def ping(self) -> None:
         """Raise :class:`~nbtask.errors.BrokerUnavailable` unless the server answers."""
@@ -190,18 +172,6 @@ class StreamsTransport:
         return [raw.decode("utf-8", "replace") for raw in reply]
 
     # Worker side -----------------------------------------------------------------------------
-    def ensure_queues(self, queues: Iterable[str]) -> None:
-        """Create each queue's stream and consumer group if missing."""
-        with self.link.translate_errors():
-            for queue in queues:
-                try:
-                    self.link.redis.xgroup_create(
-                        self.queue_key(queue), GROUP, id="0", mkstream=True
-                    )
-                except ResponseError as exc:
-                    if "BUSYGROUP" not in str(exc):
-                        raise
-
     def emit(self, channel: str, raw_events: Sequence[bytes]) -> None:
         """Append events to a client's channel, in one round trip."""
         self.store.append_events(channel, raw_events)
@@ -400,6 +370,19 @@ class StreamsTransport:
         with self.link.translate_errors():
             self.link.run(commands, large=True)
 
+    def move(self, delivery: Delivery, queue: str, raw: bytes, task_id: str) -> None:
+        """Put ``raw`` (the delivery's message, sealed for ``queue``) there; drop the old."""
+        stream = self.queue_key(delivery.queue)
+        commands: list[Command] = [
+            ("MULTI",),
+            ("XADD", self.queue_key(queue), "*", "e", raw, "n", delivery.deliveries, "i", task_id),
+            ("XACK", stream, GROUP, delivery.delivery_id),
+            ("XDEL", stream, delivery.delivery_id),
+            ("EXEC",),
+        ]
+        with self.link.translate_errors():
+            self.link.run(commands, large=True)
+
     def dead_letter(self, delivery: Delivery) -> None:
         """Move the message to the dead-letter stream and acknowledge it."""
         stream = self.queue_key(delivery.queue)
@@ -412,90 +395,6 @@ class StreamsTransport:
         ]
         with self.link.translate_errors():
             self.link.run(commands, large=True)
-
-    def held(self, queues: Sequence[str], consumer: str, min_idle: float = 0.0) -> list[Delivery]:
-        """Claim and return the deliveries ``consumer`` holds unacknowledged.
-
-        ``min_idle`` (seconds) leaves out entries whose lease was renewed more recently:
-        a worker that only looked dead (paused, slow) keeps what it is running.
-        """
-        out: list[Delivery] = []
-        idle = int(min_idle * 1000) or None
-        redis = self.link.redis
-        with self.link.translate_errors(), self._queues_may_be_gone(queues):
-            for queue in queues:
-                stream = self.queue_key(queue)
-                pending = redis.xpending_range(stream, GROUP, "-", "+", 1000, consumer, idle=idle)
-                ids = [p["message_id"] for p in pending]
-                if ids:
-                    out += self._claim(queue, consumer, ids)
-        return out
-
-    def _claim(self, queue: str, consumer: str, ids: list[Any]) -> list[Delivery]:
-        stream = self.queue_key(queue)
-        claimed = self.link.redis.xclaim(stream, GROUP, consumer, 0, ids)
-        out = []
-        for entry_id, fields in claimed:
-            if fields:  # None when the entry was deleted meanwhile
-                out.append(_delivery(queue, entry_id, fields))
-            else:
-                self.link.redis.xack(stream, GROUP, entry_id)
-        return out
-
-    def holds_any(self, queues: Sequence[str], consumers: Sequence[str]) -> bool:
-        """True if any of ``consumers`` still holds an unacknowledged delivery."""
-        with self.link.translate_errors(), self._queues_may_be_gone(queues):
-            for queue in queues:
-                summary = self.link.redis.xpending(self.queue_key(queue), GROUP)
-                holders = {c["name"].decode() for c in summary.get("consumers", [])}
-                if holders & set(consumers):
-                    return True
-        return False
-
-    def orphans(self, queues: Sequence[str]) -> list[Delivery]:
-        """None: a dead holder's entries stay in its pending list (see :meth:`held`)."""
-        return []
-
-    def renew(self, consumers: Sequence[str], queues: Sequence[str]) -> None:
-        """Reset the idle time of the entries ``consumers`` hold: their lease renewal."""
-        redis = self.link.redis
-        with self.link.translate_errors(), self._queues_may_be_gone(queues):
-            for queue in queues:
-                stream = self.queue_key(queue)
-                for consumer in consumers:
-                    pending = redis.xpending_range(stream, GROUP, "-", "+", 1000, consumer)
-                    ids = [p["message_id"] for p in pending]
-                    if ids:
-                        # Re-claiming to the same consumer resets the entry's idle time:
-                        # the lease renewal that keeps long tasks from being reclaimed.
-                        redis.xclaim(stream, GROUP, consumer, 0, ids, justid=True)
-
-    def forget_consumers(self, consumers: Sequence[str], queues: Sequence[str]) -> None:
-        """Delete the (idle) consumers of a worker that stopped."""
-        with self.link.translate_errors():
-            pipe = self.link.redis.pipeline(transaction=False)
-            for queue in queues:
-                for consumer in consumers:
-                    pipe.xgroup_delconsumer(self.queue_key(queue), GROUP, consumer)
-            with contextlib.suppress(ResponseError):
-                pipe.execute()
-
-    def stale(self, queues: Sequence[str], consumer: str) -> list[Delivery]:
-        """Claim entries nobody renewed for ``visibility_timeout`` (a backstop)."""
-        min_idle = int(self.settings.visibility_timeout * 1000)
-        out: list[Delivery] = []
-        with self.link.translate_errors(), self._queues_may_be_gone(queues):
-            for queue in queues:
-                cursor = "0-0"
-                while True:  # the whole pending list, a hundred entries at a time
-                    reply = self.link.redis.xautoclaim(
-                        self.queue_key(queue), GROUP, consumer, min_idle, cursor, count=100
-                    )
-                    out += [_delivery(queue, e, f) for e, f in reply[1] if f]
-                    cursor = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
-                    if cursor == "0-0":
-                        break
-        return out
 
     def move_due(self, queues: Sequence[str]) -> float | None:
         """Move due ETA messages to their streams; return the next due time."""
@@ -520,21 +419,3 @@ def _refusals(replies: Sequence[Any]) -> list[str]:
 def _with_verdict(delivery: Delivery, verdict: bytes) -> Delivery:
     text = verdict.decode()
     return delivery if text == Verdict.ASK else dataclasses.replace(delivery, verdict=text)
-
-
-def _delivery(queue: str, entry_id: bytes | str, fields: Any) -> Delivery:
-    if isinstance(fields, list):  # raw reply: a flat [k, v, k, v] list
-        fields = dict(zip(fields[::2], fields[1::2], strict=False))
-    entry = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-    task_id = fields.get(b"i")
-    try:
-        deliveries = int(fields.get(b"n", 0))
-    except ValueError:
-        deliveries = 0
-    return Delivery(
-        queue,
-        entry,
-        fields.get(b"e", b""),
-        deliveries,
-        task_id=task_id.decode(errors="replace") if task_id else None,
-    )

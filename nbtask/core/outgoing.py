@@ -16,6 +16,7 @@ from typing import Any
 
 from nbtask.brokers.base import Publish, Store
 from nbtask.core.canvas import Call, Callbacks, Signable
+from nbtask.core.holding import is_holder_queue
 from nbtask.core.task import Task
 from nbtask.errors import ConfigurationError, SerializationError
 from nbtask.settings import Settings
@@ -138,6 +139,11 @@ class MessageBuilder:
             store_result=bool(task.store_result),
             args_layout=payload.layout_json,
             requires=list(requires) or None,
+            fallback_queue=(
+                options.get("fallback_queue") or self.settings.default_queue
+                if is_holder_queue(queue)
+                else None
+            ),
         )
         raw = self.signer.seal(message.to_header(), (code, links, *payload.inline))
         return message, to_publish(message, raw)

@@ -14,6 +14,7 @@ from nbtask.core.canvas import Callbacks, Sender, Signature, current_sender
 from nbtask.core.context import Request, current_request, progress
 from nbtask.core.datasets import data_queue, dataset_names
 from nbtask.core.handle import TaskHandle
+from nbtask.core.holding import is_holder_queue
 from nbtask.core.options import positive
 from nbtask.errors import ConfigurationError, MaxRetriesExceededError, Retry
 from nbtask.wire.events import Event
@@ -305,12 +306,16 @@ class Task:
         needs = dataset_names(requires) if requires is not None else self.requires
         # A task needing a dataset goes to its holders unless told where; then the routes.
         holders = data_queue(needs[0]) if needs else None
+        usual = self.queue or holders or self._routed_queue()
         options: dict[str, Any] = {
-            "queue": queue or self.queue or holders or self._routed_queue(),
+            "queue": queue or usual,
             "eta": due,
             "expires": _epoch(expires if expires is not None else self.expires, absolute=False),
             "task_id": task_id,
         }
+        if queue is not None and is_holder_queue(queue):
+            # One process's own queue: where the task goes if that process is gone.
+            options["fallback_queue"] = usual
         for name, value in (("time_limit", time_limit), ("soft_time_limit", soft_time_limit)):
             if value is not None:
                 options[name] = positive(name, value)

@@ -61,6 +61,9 @@ class TaskMessage:
     args_layout: LayoutJSON | None = None
     #: Named datasets the task receives from its worker (see nbtask.core.datasets).
     requires: Names | None = None
+    #: Where the task goes instead when it was sent to one worker process's own queue
+    #: (see nbtask.core.holding) and that process is gone before taking it.
+    fallback_queue: str | None = None
 
     @classmethod
     def from_header(cls, header: Mapping[str, Any]) -> TaskMessage:
@@ -87,7 +90,7 @@ class TaskMessage:
     def to_header(self) -> dict[str, Any]:
         """The JSON header carrying this message (fields left at ``None`` are left out)."""
         header = {name: getattr(self, name) for name, _, _ in _MESSAGE_FIELDS}
-        for optional in ("args_layout", "requires"):
+        for optional in ("args_layout", "requires", "fallback_queue"):
             if header[optional] is None:
                 del header[optional]
         return {"kind": "task", **header}

@@ -1,13 +1,16 @@
-"""Tasks whose runner died: redelivered, reported lost, or reported stopped.
+"""Tasks whose runner died: redelivered, reported lost, reported stopped, or moved.
 
 The supervisor settles a delivery whose child died (or that a dead worker held, or whose
-lease lapsed) here, and reports a task it killed on purpose (time limit, terminate).
+lease lapsed) here, and reports a task it killed on purpose (time limit, terminate). It
+also moves the messages still waiting on a gone process's own queue (a cell sent to the
+process holding its kept values) to the queue they name for that case.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 
 from nbtask.brokers import Delivery, Transport
 from nbtask.errors import BrokerUnavailable, NbtaskError
@@ -100,3 +103,36 @@ class LostTasks:
             return
         event = stopped_event(stopped, reason, record.name or "task")
         report(self.transport, self.signer, task_id, channel, event)
+
+    def rehome(self, queue: str, consumer: str) -> int:
+        """Move what waits on a gone process's own ``queue`` elsewhere; delete the queue.
+
+        Each message goes to its signed ``fallback_queue`` (the queue it would have gone
+        to without the holder), sealed again for that queue; one that does not verify is
+        dead-lettered. Returns how many were moved.
+        """
+        moved = 0
+        while batch := self.transport.take_waiting(queue, consumer):
+            for delivery in batch:
+                try:
+                    envelope = self.signer.open(delivery.raw)
+                    message = TaskMessage.from_header(envelope.header)
+                except NbtaskError as exc:
+                    log.error("dead-lettered an unverifiable message on %s: %s", queue, exc)
+                    self.transport.dead_letter(delivery)
+                    continue
+                record = self.store.get_record(message.id)
+                if record is not None and record.state is not State.PENDING:
+                    # Started by the gone process, and given back by the broker (AMQP).
+                    self.settle(delivery, "its worker process died (redelivered by the broker)")
+                    continue
+                target = message.fallback_queue or self.settings.default_queue
+                # A new sealing by a holder of the secret: fresh for the replay window.
+                header = {**message.to_header(), "queue": target, "created": time.time()}
+                raw = self.signer.seal(header, envelope.body)
+                self.transport.move(delivery, target, raw, message.id)
+                why = f"the process whose queue it waited on is gone; moved to queue {target!r}"
+                self.note(message, why, logging.WARNING)
+                moved += 1
+        self.transport.drop_queue(queue)
+        return moved

@@ -340,6 +340,7 @@ class Worker:
         for slot in list(self._children):
             self._child_exited(slot, respawn=False)
         try:
+            self._rehome(self.consumers)
             self.store.unregister(self.worker_id)
             self.store.forget_holdings(self.consumers)
             self.transport.forget_consumers(self.consumers, self.queues)
@@ -403,11 +404,20 @@ class Worker:
                     settled += 1
             if settled:
                 log.warning("settled %d task(s) of dead worker %s", settled, worker_id)
-            if not self.transport.holds_any(info.queues, info.consumers):
+            still_held = self.transport.holds_any(info.queues, info.consumers)
+            self._rehome(info.consumers)  # after holds_any, which would recreate its queues
+            if not still_held:
                 self.store.unregister(worker_id)
                 self.store.forget_holdings(info.consumers)
                 self.transport.forget_consumers(info.consumers, info.queues)
                 log.warning("cleaned up after dead worker %s", worker_id)
+
+    def _rehome(self, consumers: Sequence[str]) -> None:
+        """Send on what still waits on the own queues of processes that are gone."""
+        for consumer in consumers:
+            moved = self.lost.rehome(holder_queue(consumer), consumer)
+            if moved:
+                log.warning("moved %d task(s) waiting for process %s elsewhere", moved, consumer)
 
     def _can_verify_for(self, worker_id: str, info: WorkerInfo | None) -> bool:
         """Whether this worker may clean up after a dead one: it can verify its messages.

@@ -14,16 +14,19 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 import redis
 from helpers import WorkerProcess, wait_until
 from IPython.core.interactiveshell import InteractiveShell
+from raw_broker import RawBroker
 
-from nbtask import App, Settings
+from nbtask import App, Settings, TaskHandle
 from nbtask.core.holding import holder_queue
 from nbtask.errors import BlobError
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.session import Session
+from nbtask.wire.events import State
 
 MAKE_X = "import numpy as np\nx = np.arange(300_000.0)"
 TOTAL = float(np.arange(300_000.0).sum())
@@ -126,6 +129,60 @@ def test_a_cell_sent_as_the_holder_process_is_replaced_loads_the_store_copy(
     # the shared one: either way the new process takes it and loads the store copy.
     task(ip, "total = float(x.sum())")
     assert ip.user_ns["total"] == TOTAL
+
+
+def read(ip: InteractiveShell, name: str) -> Any:
+    """``name`` as a local cell reads it (a name a cell still sends back is waited for)."""
+    ip.run_cell(f"_read = {name}", store_history=True).raise_error()
+    return ip.user_ns["_read"]
+
+
+def queue_behind_busy_holder(
+    ip: InteractiveShell, shell: Session, workers: list[WorkerProcess]
+) -> tuple[WorkerProcess, TaskHandle, TaskHandle]:
+    """Keep ``x``, keep its holder's one process busy, and queue a cell for it behind.
+
+    Returns the holder's worker, the busy cell's handle and the queued cell's.
+    """
+    kept = keep_x(ip)
+    holder, _ = holder_of(shell, kept, workers)
+    task(ip, "import time\ntime.sleep(2)\nhead = float(x[1])", "--out busy")
+    busy = ip.user_ns["busy"]
+    wait_until(lambda: busy.state is not State.PENDING, 20, "the holder to start the first cell")
+    task(ip, "total = float(x.sum())", "--out queued")
+    queued = ip.user_ns["queued"]
+    assert queued.queue == kept.holder and queued.state is State.PENDING
+    return holder, busy, queued
+
+
+@pytest.mark.brokers()
+def test_a_cell_waiting_for_a_holder_whose_worker_dies_runs_elsewhere(
+    ip: InteractiveShell, shell: Session, start_worker: StartWorker, access: RawBroker
+) -> None:
+    workers = [start_worker(concurrency=1), start_worker(concurrency=1)]
+    holder, busy, queued = queue_behind_busy_holder(ip, shell, workers)
+    for process in [*holder.children(), psutil.Process(holder.pid)]:
+        process.kill()  # the whole worker at once: none of it cleans up
+    queued.get(timeout=60)  # moved by the other worker once the heartbeats lapse
+    assert read(ip, "total") == TOTAL  # from the store copy
+    # The cell it was running is reported lost, and its queue deleted, once settled.
+    wait_until(lambda: busy.state is State.WORKER_LOST, 30, "the running cell to be lost")
+    wait_until(lambda: not access.queue_exists(queued.queue), 10, "the queue to be deleted")
+
+
+@pytest.mark.brokers()
+def test_a_worker_stopping_sends_on_the_cells_waiting_for_its_processes(
+    ip: InteractiveShell, shell: Session, start_worker: StartWorker, access: RawBroker
+) -> None:
+    workers = [start_worker(concurrency=1), start_worker(concurrency=1)]
+    holder, busy, queued = queue_behind_busy_holder(ip, shell, workers)
+    holder.stop()  # warm: the running cell finishes, the queued one goes elsewhere
+    assert holder.process.returncode == 0
+    busy.get(timeout=20)
+    assert read(ip, "head") == 1.0
+    queued.get(timeout=20)
+    assert read(ip, "total") == TOTAL
+    assert not access.queue_exists(queued.queue)
 
 
 def test_a_value_lost_with_its_holder_and_its_store_copy_names_itself_and_its_cell(

@@ -28,6 +28,7 @@ from raw_broker import RawBroker
 
 import nbtask
 from nbtask import App, Settings
+from nbtask.core.holding import holder_queue
 from nbtask.wire.envelope import Signer
 from nbtask.wire.events import Event, EventType
 
@@ -261,6 +262,24 @@ def test_worker_rejects_forged_message(
     lines = _log_lines(small_worker, "rejected")
     assert len(lines) == 1, lines
     assert "Traceback" not in small_worker.log.read_text()
+
+
+@pytest.mark.parametrize("kind", ["unsigned-trace-object", "wrong-key", "tampered-header"])
+def test_a_forgery_left_on_a_stopped_process_queue_is_dead_lettered_not_moved(
+    kind: str, app: App, access: RawBroker, small_worker: WorkerProcess, tmp_path: Path
+) -> None:
+    """A stopping worker sends on what waits on its processes' own queues: forgeries excepted."""
+    attack = Attack(app, tmp_path)
+    raw = FORGERIES[kind](attack)
+    [info] = [i for i in app.workers().values() if i.pid == small_worker.pid]
+    own = holder_queue(info.consumers[0])
+    access.inject(raw, task_id=attack.task_id, queue=own)
+    small_worker.stop()  # before stopping, it moves what waits on its own queues
+    assert [fields[b"e"] for fields in access.dead_letters()] == [raw]
+    assert access.drained() and not access.queue_exists(own)
+    assert access.record(attack.task_id) == {}
+    assert not attack.trace.exists(), "the forged message was unpickled"
+    assert len(_log_lines(small_worker, "dead-lettered an unverifiable message")) == 1
 
 
 @pytest.mark.parametrize("kind", ["wrong-key", "tampered-body"])
