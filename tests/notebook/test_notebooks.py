@@ -7,6 +7,7 @@ Widgets stay on (the kernel believes a frontend is there), like a run in Jupyter
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from pathlib import Path
@@ -74,6 +75,15 @@ def text(cell: Any) -> str:
         elif out.output_type == "error":
             parts.append("\n".join(out.traceback))
     return re.sub(r"\x1b\[[0-9;]*m", "", "".join(parts))
+
+
+def held_by(status: str, pid: int) -> list[str]:
+    """The lines ``%nbtask status`` lists under worker process ``pid``: what it holds."""
+    lines = status.splitlines()
+    (start,) = [i for i, line in enumerate(lines) if f"(pid {pid}) holds" in line]
+    depth = len(lines[start]) - len(lines[start].lstrip())
+    below = itertools.takewhile(lambda line: line[: depth + 1].isspace(), lines[start + 1 :])
+    return [line.strip() for line in below]
 
 
 def assert_no_unexpected_errors(nb: Any) -> None:
@@ -192,5 +202,15 @@ def test_data(settings: Settings, start_worker: Any) -> None:
     assert "kept on the workers" in preview and "shape=(3000, 3000)" in preview, preview
     assert "72,000,000 bytes" in preview, preview
     assert re.search(r"array\(\[0\.\d+", text(cell_exactly(nb, "column_means")))
+    making, follow_up = cell_with(nb, "grid = np.random"), cell_with(nb, "column_means = grid")
+    made = re.search(r"grid made by worker process (\d+)", text(making))
+    used = re.search(r"grid used in place by worker process (\d+)", text(follow_up))
+    assert made and used, (text(making), text(follow_up))
+    holder = int(made[1])
+    assert holder in {c.pid for group in (catalog, weather) for c in group.children()}
+    assert int(used[1]) == holder, "the follow-up cell ran on the process that holds grid"
+    *_, after = [c for c in code_cells(nb) if c.source == "%nbtask status"]
+    held = held_by(text(after), holder)
+    assert f"grid  72.0 MB from Cell In[{making.execution_count}]" in held, text(after)
     assert "fetching grid (72.0 MB)" in text(cell_with(nb, "grid[:2, :3]"))
     assert re.search(r"brightest galaxy: \d", text(cell_with(nb, "def brightest")))
