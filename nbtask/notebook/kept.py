@@ -6,8 +6,9 @@ memory on one host, else the store) and the notebook gets a :class:`RemoteValue`
 place. Its repr shows a preview computed where the value lives (type, shape, dtype, size
 in bytes, and the start of its repr or HTML). It is brought into the kernel only when used:
 a local cell that reads the name fetches it first, ``value.fetch()`` does so explicitly,
-and a later ``%%task`` cell that reads it ships only the reference: the worker loads the
-blobs itself, so the bytes never pass through the kernel.
+and a later ``%%task`` cell that reads it ships only the reference: it runs on the worker
+process holding the value (see :mod:`nbtask.notebook.placement`), or on another that loads
+the blobs itself, so the bytes never pass through the kernel.
 """
 
 from __future__ import annotations
