@@ -14,13 +14,25 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
+import json
 import logging
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["HeldValue", "Holding", "holder_queue", "is_holder_queue", "size_of"]
+from nbtask.wire.blobs import Packed, Part, split_value
+
+__all__ = [
+    "HeldValue",
+    "Holding",
+    "holder_queue",
+    "is_holder_queue",
+    "key_of",
+    "size_of",
+    "value_key",
+]
 
 log = logging.getLogger("nbtask.worker")
 
@@ -35,6 +47,25 @@ def holder_queue(consumer: str) -> str:
 def is_holder_queue(queue: str) -> bool:
     """Whether ``queue`` is one worker process's own (see :func:`holder_queue`)."""
     return queue.startswith(_HOLDER_PREFIX)
+
+
+def value_key(layout: Sequence[Part], inline: bytes) -> str:
+    """A kept value's key in a holding: a digest of its layout (blob digests) and inline bytes."""
+    text = json.dumps([part.to_json() for part in layout]).encode()
+    return hashlib.sha256(text + b"\x00" + inline).hexdigest()
+
+
+def key_of(value: Any) -> str:
+    """The key keeping ``value`` now would give it ("" if it cannot be pickled).
+
+    One pass of the (threaded) blob digests over its buffers: how a worker tells that a
+    value it holds was changed in place.
+    """
+    try:
+        split = split_value(Packed.of(value), threshold=0)
+    except Exception:
+        return ""
+    return value_key(split.layout, b"".join(bytes(part) for part in split.inline))
 
 
 def size_of(value: Any) -> int:
@@ -59,6 +90,8 @@ class HeldValue:
     name: str
     size: int
     made_by: str
+    #: Given to a function task as it is: it may have been changed in place since.
+    lent: bool = False
 
 
 class Holding:
@@ -94,12 +127,30 @@ class Holding:
         return sum(held.size for held in self._held.values())
 
     def get(self, key: str) -> HeldValue | None:
-        """The value held under ``key`` (now the most recently used), or ``None``."""
+        """The value held under ``key`` (now the most recently used), or ``None``.
+
+        A value lent to a function task is checked first (one hash): if the task changed
+        it in place, it no longer is what ``key`` names, and is dropped (its store copy
+        still is).
+        """
         with self._lock:
             held = self._held.get(key)
             if held is not None:
                 self._held.move_to_end(key)
-            return held
+        if held is not None and held.lent:
+            if key_of(held.value) != key:
+                log.info("dropped %s from memory: a task changed it in place", held.name)
+                self.drop(key)
+                return None
+            held.lent = False
+        return held
+
+    def lend(self, key: str) -> HeldValue | None:
+        """Like :meth:`get`, for a function task, which gets the live object itself."""
+        held = self.get(key)
+        if held is not None:
+            held.lent = True
+        return held
 
     def hold(self, key: str, held: HeldValue) -> None:
         """Hold ``held`` under ``key``, dropping the least recently used past the budget.

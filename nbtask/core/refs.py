@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from nbtask.brokers.base import Store
+from nbtask.core.holding import Holding, value_key
 from nbtask.errors import BlobError, ResultNotReady, SignatureError
 from nbtask.wire.blobs import Fetch, Packed, Part, join_value
 from nbtask.wire.envelope import Signer
@@ -46,12 +47,26 @@ class ValueRef:
         What the value is called (a notebook name), used in errors.
     layout, inline
         Where its parts are (blobs named by signed digest) and its small inline parts.
+
+    Attributes
+    ----------
+    holder, holder_pid : str or None, int
+        The own queue and the process id of the worker process that holds the value live
+        in memory (:mod:`nbtask.core.holding`), if one does: work that reads it goes
+        there while that process lives (:mod:`nbtask.core.placement`).
     """
 
     def __init__(self, name: str, layout: list[Part], inline: bytes) -> None:
         self.name = name
         self.layout = layout
         self.inline = inline
+        self.holder: str | None = None
+        self.holder_pid = 0
+
+    @property
+    def key(self) -> str:
+        """The value's key in a worker's holding (:func:`~nbtask.core.holding.value_key`)."""
+        return value_key(self.layout, self.inline)
 
     @property
     def size(self) -> int:
@@ -137,16 +152,20 @@ def _rebuild(cls: type[ValueRef | ResultRef], state: dict[str, Any]) -> Any:
 
 
 @contextlib.contextmanager
-def resolving(store: Store, signer: Signer) -> Iterator[None]:
+def resolving(store: Store, signer: Signer, holding: Holding | None = None) -> Iterator[None]:
     """Within the block, references that are unpickled load their values from ``store``.
 
-    A worker decodes a task's arguments in it. Errors name the value that could not be
-    loaded (:class:`~nbtask.errors.BlobError` when its data expired).
+    A worker decodes a task's arguments in it. A value ``holding`` holds is lent as it is
+    (no blob is read). Errors name the value that could not be loaded
+    (:class:`~nbtask.errors.BlobError` when its data expired).
     """
 
     def resolve(ref: ValueRef | ResultRef) -> Any:
         if isinstance(ref, ResultRef):
             return ref.load(store, signer)
+        held = holding.lend(ref.key) if holding is not None else None
+        if held is not None:
+            return held.value
         try:
             return ref.load(store.get_blob)
         except BlobError as exc:

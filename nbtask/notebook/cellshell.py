@@ -21,10 +21,10 @@ from typing import Any
 
 from nbtask.brokers.base import Store
 from nbtask.core.context import PARTIAL_RESULT, current_request
-from nbtask.core.holding import HeldValue, Holding
+from nbtask.core.holding import HeldValue, Holding, key_of
 from nbtask.errors import BlobError, CellError
 from nbtask.notebook import process_state
-from nbtask.notebook.kept import RemoteValue, keep, key_of
+from nbtask.notebook.kept import RemoteValue, keep
 from nbtask.notebook.shipping import CellSpec, share_namespace
 from nbtask.notebook.worker_shell import BASE_NS, worker_shell
 from nbtask.wire.blobs import Packed

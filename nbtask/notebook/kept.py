@@ -14,9 +14,7 @@ the blobs itself, so the bytes never pass through the kernel.
 from __future__ import annotations
 
 import functools
-import hashlib
 import html
-import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -25,7 +23,7 @@ from nbtask.core.refs import ValueRef
 from nbtask.errors import BlobError
 from nbtask.wire.blobs import BlobReader, Packed, Part, split_value
 
-__all__ = ["RemoteValue", "keep", "key_of", "preview_of"]
+__all__ = ["RemoteValue", "keep", "preview_of"]
 
 _HEAD_CHARS = 2000
 
@@ -33,8 +31,8 @@ _HEAD_CHARS = 2000
 class RemoteValue(ValueRef):
     """A value kept out of this kernel: its bytes stay as blobs; its preview came along.
 
-    Passed to a function task (``f.delay(x)``), it travels as a reference: the worker
-    loads it (:mod:`nbtask.core.refs`).
+    Passed to a function task (``f.delay(x)``), it travels as a reference: the task goes
+    to the process holding it, or the worker loads it (:mod:`nbtask.core.refs`).
 
     Parameters
     ----------
@@ -48,10 +46,6 @@ class RemoteValue(ValueRef):
 
     Attributes
     ----------
-    holder, holder_pid : str or None, int
-        The own queue and the process id of the worker process that holds the value live
-        in memory (:mod:`nbtask.core.holding`): a later ``%%task`` cell that reads it goes
-        there while that process lives.
     made_by : str
         The cell that made it (``Cell In[3]``), named if the value is ever lost.
     """
@@ -61,17 +55,10 @@ class RemoteValue(ValueRef):
     ) -> None:
         super().__init__(name, layout, inline)
         self.preview = dict(preview)
-        self.holder: str | None = None
-        self.holder_pid = 0
         self.made_by = ""
         self._fetch: BlobReader | None = None
         self._budget: int | None = None
         self._watch: FetchWatch | None = None
-
-    @property
-    def key(self) -> str:
-        """The value's name in a worker's holding: a digest of its layout and inline bytes."""
-        return _key(self.layout, self.inline)
 
     def bind(self, fetch: BlobReader, budget: int, watch: FetchWatch | None = None) -> None:
         """Let :meth:`fetch` read this process's store, up to ``budget`` bytes.
@@ -166,24 +153,6 @@ def _text(make: Callable[[], object], limit: int = _HEAD_CHARS) -> str:
     except Exception as exc:
         return f"<no preview: {type(exc).__name__}>"
     return text if len(text) <= limit else text[:limit] + " ..."
-
-
-def _key(layout: list[Part], inline: bytes) -> str:
-    text = json.dumps([part.to_json() for part in layout]).encode()
-    return hashlib.sha256(text + b"\x00" + inline).hexdigest()
-
-
-def key_of(value: Any) -> str:
-    """The :attr:`RemoteValue.key` keeping ``value`` now would give ("" if unpicklable).
-
-    One pass of the (threaded) blob digests over its buffers: how a worker tells that a
-    value it holds was changed in place.
-    """
-    try:
-        split = split_value(Packed.of(value), threshold=0)
-    except Exception:
-        return ""
-    return _key(split.layout, b"".join(bytes(part) for part in split.inline))
 
 
 def keep(

@@ -21,9 +21,9 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 
 from nbtask.core.context import current_request
+from nbtask.core.placement import live_holders
 from nbtask.core.task import Task
 from nbtask.notebook.kept import RemoteValue
-from nbtask.notebook.placement import live_holders
 from nbtask.wire.records import WorkerInfo
 
 __all__ = ["ReleaseTask", "Releases"]

@@ -19,6 +19,7 @@ from nbtask._text import printable, redact_url
 from nbtask.client.app import App
 from nbtask.client.default import default_app, use_as_default
 from nbtask.core.holding import is_holder_queue
+from nbtask.core.placement import holder_queue_for
 from nbtask.errors import CellError
 from nbtask.notebook import process_state
 from nbtask.notebook.analysis import CellAnalysis, analyze
@@ -28,7 +29,6 @@ from nbtask.notebook.fetchbar import fetch_progress
 from nbtask.notebook.follow import cancel_task, follow
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.pending import WAIT_NAME, CellRun, Pending, WaitInserter, wait_interruptibly
-from nbtask.notebook.placement import holder_queue_for
 from nbtask.notebook.releases import Releases, ReleaseTask
 from nbtask.notebook.shipping import prepare
 from nbtask.notebook.widgets import TaskView, TaskWidget, make_view, widgets_enabled

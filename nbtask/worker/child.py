@@ -404,7 +404,7 @@ class Child:
     def _execute(self, admitted: Admitted, task: Task) -> Outcome:
         message = admitted.message
         try:
-            with resolving(self.transport.store, self.signer):  # references load their values
+            with resolving(self.transport.store, self.signer, self.holding):
                 args, kwargs = decode_value(
                     admitted.arguments,
                     message.serializer,

@@ -92,6 +92,45 @@ def test_a_follow_up_cell_runs_on_the_holder_and_reads_no_blob(
     assert ip.user_ns["x"] is kept
 
 
+@pytest.mark.brokers()
+def test_a_function_task_given_a_kept_value_runs_on_its_holder_and_reads_no_blob(
+    ip: InteractiveShell, shell: Session, start_worker: StartWorker, settings: Settings
+) -> None:
+    start_worker(concurrency=2)
+    kept = keep_x(ip)
+    delete_store_copies(settings)
+
+    @shell.app.task
+    def total(values: Any, offset: float = 0.0) -> float:
+        return float(values.sum()) + offset
+
+    handles = [
+        total.delay(kept),
+        total.apply_async(kwargs={"values": kept, "offset": 1.0}),
+    ]
+    assert [h.queue for h in handles] == [kept.holder, kept.holder]
+    assert [h.get(timeout=20) for h in handles] == [TOTAL, TOTAL + 1.0]  # no blob is left
+    assert total.apply_async((kept,), queue="default").queue == "default"  # a choice wins
+
+
+def test_a_kept_value_a_function_task_changed_in_place_is_loaded_again_from_its_copy(
+    ip: InteractiveShell, shell: Session, start_worker: StartWorker
+) -> None:
+    """A task gets the live object; one that changes it leaves the kept value as it was."""
+    start_worker(concurrency=1)
+    kept = keep_x(ip)
+
+    @shell.app.task
+    def double_in_place(values: Any) -> float:
+        values *= 2
+        return float(values[1])
+
+    assert double_in_place.delay(kept).get(timeout=20) == 2.0
+    task(ip, "second = float(x[1])")  # the holder sees the change, loads the store copy
+    assert ip.user_ns["second"] == 1.0
+    assert "x  2.4 MB" in shell.status()  # and holds the value as kept again
+
+
 def test_status_shows_what_each_process_holds_with_sizes(
     ip: InteractiveShell, shell: Session, start_worker: StartWorker
 ) -> None:
@@ -248,7 +287,8 @@ def test_deleting_the_last_reference_in_the_notebook_releases_the_value_on_its_h
 ) -> None:
     start_worker(concurrency=1)
     keep_x(ip)
-    ip.run_cell("also_x = x")  # the same reference under two names
+    # The same reference under two names (a local cell reading x would fetch it instead).
+    ip.user_ns["also_x"] = ip.user_ns["x"]
     assert holds(shell, "x")
     ip.run_cell("del x")
     gc.collect()
