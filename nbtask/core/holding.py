@@ -152,13 +152,13 @@ class Holding:
             held.lent = True
         return held
 
-    def hold(self, key: str, held: HeldValue) -> None:
+    def hold(self, key: str, held: HeldValue) -> bool:
         """Hold ``held`` under ``key``, dropping the least recently used past the budget.
 
-        A value larger than the whole budget is not held: its store copy serves it.
+        A value larger than the whole budget is not held (False): its store copy serves it.
         """
         if held.size > self.budget:
-            return
+            return False
         with self._lock:
             self.ever_held = True
             self._held[key] = held
@@ -174,6 +174,7 @@ class Holding:
                     dropped.size,
                 )
         self._changed()
+        return True
 
     def drop(self, key: str) -> bool:
         """Stop holding ``key``; whether it was held."""

@@ -58,7 +58,8 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
     for attempt in range(spec.retries + 1):
         loaded: dict[str, Any] = blob.load()
         references = {n: v for n, v in loaded.items() if isinstance(v, RemoteValue)}
-        shipped = _resolve_kept(loaded)
+        rehomed = _resolve_kept(loaded)
+        shipped = loaded
         # A kept value's state is its key, known already: it is hashed after the cell only.
         before = {
             n: _digest(v) for n, v in shipped.items() if _may_change(v) and n not in references
@@ -93,6 +94,7 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
         )
     effects = _effects(namespace, shipped, before, spec, references)
     _forget_changed(references, effects["out"])
+    effects["held"] = {n: where for n, where in rehomed.items() if n not in effects["out"]}
     effects["state"] = process_state.changes(state_before, process_state.capture())
     if error is None:
         return _pack(effects, spec, plain=spec.plain)
@@ -111,19 +113,25 @@ def _holding() -> Holding | None:
     return request.holding if request is not None else None
 
 
-def _resolve_kept(shipped: dict[str, Any]) -> dict[str, Any]:
-    """Shipped references to values kept on the workers, replaced by the values.
+def _resolve_kept(shipped: dict[str, Any]) -> dict[str, list[Any]]:
+    """Replace shipped references to values kept on the workers by the values, in place.
 
     A value this process holds is used as it is (no blob is read); any other is loaded
-    from its store copy, and then held here too.
+    from its store copy, and then held here too. Returns those now held here:
+    ``{name: [key, this process's own queue, pid]}``, so the notebook sends later work
+    on them here.
     """
+    rehomed: dict[str, list[Any]] = {}
     holding = _holding()
     for name, reference in shipped.items():
         if not isinstance(reference, RemoteValue):
             continue
+        here = [reference.key, holding.queue if holding else "", os.getpid()]
         held = holding.get(reference.key) if holding is not None else None
         if held is not None:
             shipped[name] = held.value
+            if [reference.holder, reference.holder_pid] != here[1:]:
+                rehomed[name] = here  # held here since, which the notebook did not know
             continue
         try:
             shipped[name] = reference.load(_blob_store().get_blob)
@@ -135,9 +143,10 @@ def _resolve_kept(shipped: dict[str, Any]) -> dict[str, Any]:
                 f"not run this cell, and its store copy cannot be read ({exc}). Run {made_by} "
                 "again to make it"
             ) from None
-        if holding is not None:
-            holding.hold(reference.key, _held(name, shipped[name], reference))
-    return shipped
+        held = _held(name, shipped[name], reference)
+        if holding is not None and holding.hold(reference.key, held):
+            rehomed[name] = here
+    return rehomed
 
 
 def _held(name: str, value: Any, reference: RemoteValue) -> HeldValue:
@@ -215,6 +224,7 @@ def _pack(effects: dict[str, Any], spec: CellSpec, *, plain: bool) -> Any:
         "names": sorted(out),
         "skipped": skipped,
         "deleted": effects["deleted"],
+        "held": effects.get("held", {}),
         "state": state,
     }
 

@@ -162,12 +162,26 @@ class Pending:
         for name in effects.get("deleted", ()):
             if self.owner.get(name, run) is run:
                 self.namespace.pop(name, None)
+        self._rehome(effects.get("held"))
         share_namespace(self.namespace)
         for name, why in dict(effects.get("skipped", {})).items():
             print(f"nbtask: {name} stays on the worker: {why}", file=sys.stderr)
         state = effects.get("state")
         if state:
             process_state.apply(Envelope({}, state).load_body())
+
+    def _rehome(self, held: Mapping[str, list[Any]] | None) -> None:
+        """Kept values the cell read and its process now holds: later work goes there.
+
+        The cell loaded them from their store copy (their holder was gone, or another
+        process ran it); a name rebound meanwhile is left alone.
+        """
+        for name, (key, holder, pid) in (held or {}).items():
+            value = self.namespace.get(name)
+            if isinstance(value, RemoteValue) and value.key == key:
+                value.holder, value.holder_pid = str(holder), int(pid)
+                if self._on_kept is not None:
+                    self._on_kept(value)
 
 
 def wait_interruptibly(handle: TaskHandle, timeout: float | None = None) -> None:

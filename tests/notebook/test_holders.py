@@ -145,7 +145,7 @@ def test_status_shows_what_each_process_holds_with_sizes(
 
 
 def test_a_cell_on_a_value_whose_holder_died_loads_the_store_copy(
-    ip: InteractiveShell, shell: Session, start_worker: StartWorker
+    ip: InteractiveShell, shell: Session, start_worker: StartWorker, settings: Settings
 ) -> None:
     workers = [start_worker(concurrency=1), start_worker(concurrency=1)]
     kept = keep_x(ip)
@@ -155,6 +155,12 @@ def test_a_cell_on_a_value_whose_holder_died_loads_the_store_copy(
     task(ip, "total = float(x.sum())", "--wait --out follow_up")
     assert ip.user_ns["total"] == TOTAL
     assert ip.user_ns["follow_up"].queue == shell.app.settings.default_queue
+    # The process that loaded it holds it now, and the notebook knows: later cells go there.
+    [survivor] = [w for w in workers if w is not holder]
+    assert holder_of(shell, kept, [survivor])[1] == kept.holder_pid
+    delete_store_copies(settings)
+    task(ip, "again = float(x.sum())", "--wait --out later")
+    assert ip.user_ns["again"] == TOTAL and ip.user_ns["later"].queue == kept.holder
 
 
 def test_a_cell_sent_as_the_holder_process_is_replaced_loads_the_store_copy(
