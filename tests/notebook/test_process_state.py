@@ -1,0 +1,40 @@
+"""Process-wide state a cell carries: what a cell changed is told apart from what it did not."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import matplotlib
+import numpy as np
+import pytest
+
+from nbtask.notebook import process_state
+
+
+@pytest.fixture
+def restored() -> Iterator[None]:
+    state = process_state.capture()
+    yield
+    process_state.apply(state)
+
+
+def test_a_draw_from_numpy_random_is_a_change_and_no_draw_is_none(restored: None) -> None:
+    before = process_state.capture()
+    assert process_state.changes(before, process_state.capture()) == {}
+    np.random.random()
+    changed = process_state.changes(before, process_state.capture())
+    assert list(changed) == ["numpy.random"]
+    following = np.random.random()
+    process_state.apply(changed)  # the generator as the draw left it: the same next number
+    assert np.random.random() == following
+
+
+def test_only_the_rc_params_that_differ_are_set_and_reported(restored: None) -> None:
+    shipped = process_state.capture()
+    shipped["rcParams"] = {**shipped["rcParams"], "font.size": 17.0}
+    before = process_state.capture()
+    process_state.apply(shipped)
+    assert matplotlib.rcParams["font.size"] == 17.0
+    assert process_state.changes(before, process_state.capture()) == {
+        "rcParams": {"font.size": 17.0}
+    }
