@@ -15,6 +15,7 @@ numpy or pandas.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import os
 import pickle
@@ -86,7 +87,11 @@ def capture(baseline: Baseline | None = None) -> State:
 
 
 def apply(state: Mapping[str, Any]) -> None:
-    """Make this process's state what ``state`` says (kinds it does not name stay)."""
+    """Make this process's state what ``state`` says (kinds it does not name stay).
+
+    Values that could be changed in place are copied in, so ``state`` stays as it was
+    (and can be applied again).
+    """
     if "random" in state:
         random.setstate(state["random"])
     if "warnings" in state:
@@ -129,7 +134,7 @@ def _apply_settings(state: Mapping[str, Any]) -> None:
                 for key, value in state["pandas"].items():
                     with contextlib.suppress(Exception):  # an option this pandas lacks
                         if not _same(pandas.get_option(key), value):
-                            pandas.set_option(key, value)
+                            pandas.set_option(key, copy.deepcopy(value))
         elif "pandas" in sys.modules:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -192,7 +197,7 @@ def _set_rc_params(matplotlib: Any, params: Mapping[str, Any]) -> None:
             if key in current and _same(current[key], value):
                 continue
             with contextlib.suppress(KeyError, ValueError, TypeError):
-                matplotlib.rcParams[key] = value
+                matplotlib.rcParams[key] = copy.deepcopy(value)
 
 
 def _pandas_options(pandas: Any) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import matplotlib
 import numpy as np
 import pytest
+from cycler import cycler
 
 from nbtask.notebook import process_state
 
@@ -38,3 +39,14 @@ def test_only_the_rc_params_that_differ_are_set_and_reported(restored: None) -> 
     assert process_state.changes(before, process_state.capture()) == {
         "rcParams": {"font.size": 17.0}
     }
+
+
+def test_a_state_applied_again_is_as_shipped_after_a_change_in_place(restored: None) -> None:
+    """A worker keeps the state it was shipped loaded: applying it must not hand it over."""
+    shipped = process_state.capture()
+    colours = cycler(color=["red", "blue"])
+    shipped["rcParams"] = {**shipped["rcParams"], "axes.prop_cycle": colours}
+    process_state.apply(shipped)
+    matplotlib.rcParams["axes.prop_cycle"] += cycler(lw=[1, 2])  # in place, as a cell may
+    process_state.apply(shipped)
+    assert matplotlib.rcParams["axes.prop_cycle"] == cycler(color=["red", "blue"])
