@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import matplotlib
 import numpy as np
+import pandas as pd
 import pytest
 from cycler import cycler
 
@@ -50,3 +52,21 @@ def test_a_state_applied_again_is_as_shipped_after_a_change_in_place(restored: N
     matplotlib.rcParams["axes.prop_cycle"] += cycler(lw=[1, 2])  # in place, as a cell may
     process_state.apply(shipped)
     assert matplotlib.rcParams["axes.prop_cycle"] == cycler(color=["red", "blue"])
+
+
+def test_settings_the_notebook_has_not_imported_are_put_back_as_their_libraries_do(
+    restored: None,
+) -> None:
+    """``None`` from a kernel without matplotlib or pandas: as a fresh process has them."""
+    pd.set_option("display.max_rows", 7)
+    matplotlib.rcParams["font.size"] = 31.0
+    process_state.apply({"rcParams": None, "pandas": None})
+    put_back = process_state.capture()
+    process_state.apply({"rcParams": None, "pandas": None})  # at the defaults: stays there
+    assert process_state.changes(put_back, process_state.capture()) == {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # options this pandas deprecates
+        pd.reset_option("all")
+    matplotlib.rc_file_defaults()
+    assert process_state.changes(put_back, process_state.capture()) == {}
+    assert pd.get_option("display.max_rows") != 7 and matplotlib.rcParams["font.size"] != 31.0
