@@ -528,9 +528,10 @@ class App:
                 purged.append(task_id)
         return purged
 
-    def workers(self) -> dict[str, WorkerInfo]:
-        """Live workers on this broker, ``{worker_id: info}`` (read now)."""
-        return self._live_workers().read()
+    def workers(self, *, recent: bool = False) -> dict[str, WorkerInfo]:
+        """Live workers, ``{worker_id: info}``: read now, or ``recent``: as sending goes by."""
+        live = self._live_workers()
+        return live.recent() if recent else live.read()
 
     def __repr__(self) -> str:
         where = self.settings.broker_url or "embedded"

@@ -56,6 +56,10 @@ class LiveWorkers:
         """Read the registry now (one round trip); later checks go by what it found."""
         return self._read().workers
 
+    def recent(self) -> dict[str, WorkerInfo]:
+        """The registry as last read, if within :data:`REFRESH_SECONDS`; else read now."""
+        return self._current().workers
+
     def _read(self) -> _Snapshot:
         snapshot = _Snapshot(self._store.workers(), time.monotonic())
         self._snapshot = snapshot

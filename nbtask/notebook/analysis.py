@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 from collections.abc import Iterable
 
 __all__ = ["SHELL_NAMES", "CellAnalysis", "analyze"]
@@ -94,7 +95,19 @@ def analyze(source: str | ast.Module) -> CellAnalysis:
     SyntaxError
         The source does not parse.
     """
-    tree = ast.parse(source) if isinstance(source, str) else source
+    if isinstance(source, str):
+        return _analyze_text(source)
+    return _analyze_tree(source)
+
+
+@functools.lru_cache(maxsize=256)
+def _analyze_text(source: str) -> CellAnalysis:
+    # A cell is analysed on each run, and more than once per run (the check before
+    # sending, the pending names): by its text, which is all the analysis depends on.
+    return _analyze_tree(ast.parse(source))
+
+
+def _analyze_tree(tree: ast.Module) -> CellAnalysis:
     scan = _Scan()
     for statement in tree.body:
         scan.visit(statement)

@@ -78,7 +78,7 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
             # Loaded only now, with the shell (and matplotlib's inline backend) set up:
             # the state holds matplotlib objects, and importing matplotlib first would
             # choose another backend.
-            process_state.apply(Envelope({}, spec.state).load_body())
+            process_state.apply(_shipped_state(shell, spec.state))
         state_before = process_state.capture()
         shell.compile.cell_filename = spec.filename
         shell.compile.line_offset = spec.line_offset
@@ -99,6 +99,20 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
     if error is None:
         return _pack(effects, spec, plain=spec.plain)
     raise _from_cell(error, spec.filename, _pack(effects, spec, plain=False))
+
+
+def _shipped_state(shell: Any, pickled: bytes) -> Any:
+    """The kernel's state a cell was shipped with, unpickled once per distinct pickle.
+
+    A notebook's cells mostly ship the same state one after another. Applying it never
+    hands its values themselves to the process (see :func:`process_state.apply`), so
+    the loaded state is kept for the next cell.
+    """
+    last, state = shell.shipped_state
+    if pickled != last:
+        state = Envelope({}, pickled).load_body()
+        shell.shipped_state = (pickled, state)
+    return state
 
 
 def _blob_store() -> Store:

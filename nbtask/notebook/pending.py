@@ -71,6 +71,8 @@ class Pending:
     ) -> None:
         self.namespace = namespace
         self.runs: list[CellRun] = []
+        #: Runs not seen finished yet: all that :meth:`harvest` looks at, however many ran.
+        self._unfinished: list[CellRun] = []
         self.owner: dict[str, CellRun] = {}
         self._on_kept = on_kept
         #: A kept value was ever delivered (so cells are looked at for reads of one).
@@ -83,6 +85,7 @@ class Pending:
     def add(self, run: CellRun, *, pending: bool = True) -> None:
         """Track a run; with ``pending`` its names wait for it."""
         self.runs.append(run)
+        self._unfinished.append(run)
         if pending:
             for name in run.names:
                 self.owner[name] = run
@@ -97,10 +100,18 @@ class Pending:
         return [r for r in self.runs if not r.handle.done()]
 
     def harvest(self) -> None:
-        """Write the values of every successfully finished run (main thread only)."""
-        for run in self.runs:
-            if not run.delivered and run.handle.done() and run.handle.exception(0) is None:
+        """Write the values of every successfully finished run (main thread only).
+
+        A run seen finished is not looked at again: it is delivered now, or, failed, its
+        error is raised when a cell reads one of its names.
+        """
+        unfinished = []
+        for run in self._unfinished:
+            if not run.handle.done():
+                unfinished.append(run)
+            elif not run.delivered and run.handle.exception(0) is None:
                 self.deliver(run)
+        self._unfinished = unfinished
 
     def wait(self, names: Iterable[str]) -> None:
         """Wait for the runs that assign ``names``, deliver their values, fetch kept ones.

@@ -8,9 +8,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from types import ModuleType
 from typing import Any
 
 from IPython.display import clear_output, display, publish_display_data
@@ -22,7 +20,7 @@ from nbtask.core.holding import is_holder_queue
 from nbtask.core.placement import holder_queue_for
 from nbtask.errors import CellError
 from nbtask.notebook import process_state
-from nbtask.notebook.analysis import CellAnalysis, analyze
+from nbtask.notebook.analysis import analyze
 from nbtask.notebook.board import Row, TaskBoard, format_row, notebook_group
 from nbtask.notebook.celltask import NamedCell, cell_task
 from nbtask.notebook.fetchbar import fetch_progress
@@ -31,11 +29,11 @@ from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.pending import WAIT_NAME, CellRun, Pending, WaitInserter, wait_interruptibly
 from nbtask.notebook.releases import Releases, ReleaseTask
 from nbtask.notebook.shipping import prepare
+from nbtask.notebook.version_warnings import VersionWarnings, modules_used
 from nbtask.notebook.widgets import TaskView, TaskWidget, make_view, widgets_enabled
 from nbtask.wire.blobs import ByteProgress
 from nbtask.wire.events import FINAL_STATES, Event, EventType
 from nbtask.wire.holdings import holdings_lines
-from nbtask.wire.versions import PYTHON, version_of
 
 __all__ = ["Session"]
 
@@ -82,7 +80,7 @@ class Session:
         self.group = notebook_group()
         #: The kernel's environment when nbtask was loaded: cells ship what changed since.
         self.baseline = process_state.Baseline()
-        self._warned: set[tuple[str, str]] = set()  # (package, worker version) warned about
+        self.version_warnings = VersionWarnings()
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
         self._timers: list[threading.Timer] = []
@@ -224,7 +222,8 @@ class Session:
             expires=args.timeout,
             requires=tuple(args.requires) or None,
         )
-        self._warn_about_versions(found, spec.names, handle.queue)
+        used = modules_used(found.imports, [self.shell.user_ns.get(n) for n in spec.names])
+        self.version_warnings.check(self.app, used, handle.queue)
         names = tuple(dict.fromkeys([*found.assigned, *found.mutated]))
         run = CellRun(handle, label, names)
         if args.out:
@@ -246,33 +245,6 @@ class Session:
             timer.start()
             self._timers = [t for t in self._timers if t.is_alive()] + [timer]
         return None
-
-    def _warn_about_versions(self, found: CellAnalysis, shipped: Sequence[str], queue: str) -> None:
-        """Warn, once per package, of another version on the workers of ``queue``.
-
-        A package the cell uses (or Python itself) at another version there: a value made
-        with one may not load the same with the other.
-        """
-        modules = {PYTHON, *found.imports}
-        for name in shipped:
-            value = self.shell.user_ns.get(name)
-            module = getattr(value, "__module__", None) or type(value).__module__
-            modules.add(str(value.__name__ if isinstance(value, ModuleType) else module))
-        here = {m: v for m in {m.split(".")[0] for m in modules} if (v := version_of(m))}
-        for worker_id, info in self.app.workers().items():
-            if queue not in info.queues:
-                continue
-            for module, theirs in self.app.store.versions(worker_id, sorted(here)).items():
-                mine = here[module]
-                if _differs(module, mine, theirs) and (module, theirs) not in self._warned:
-                    self._warned.add((module, theirs))
-                    # Announced versions and worker ids are unsigned: shown printable.
-                    print(
-                        f"nbtask: {module} is {mine} here but {printable(theirs)} on worker "
-                        f"{printable(worker_id)} (queue {queue}): values made with one may not "
-                        "load the same in the other",
-                        file=sys.stderr,
-                    )
 
     def _wait(self, run: CellRun, timeout: float | None) -> Any:
         """Stream a task's output into this cell as it comes; return its last expression."""
@@ -413,13 +385,6 @@ class Session:
             why = f" (waiting: {waiting})" if waiting else ""
             lines.append(f"    {run.handle.id[:8]} {run.label} {run.handle.state!s}{why}")
         return "\n".join(lines)
-
-
-def _differs(module: str, mine: str, theirs: str) -> bool:
-    # Python: a patch release does not change pickles; major.minor may.
-    if module == PYTHON:
-        return mine.split(".")[:2] != theirs.split(".")[:2]
-    return mine != theirs
 
 
 def _show_output(event: Event) -> dict[str, Any] | None:

@@ -97,6 +97,8 @@ def _make_shell() -> Any:
     class WorkerShell(InteractiveShell):  # type: ignore[misc]
         displayhook_class = Hook
         display_pub_class = Publisher
+        #: The process-wide state the last cell was shipped with: its pickle, and loaded.
+        shipped_state: tuple[bytes, Any] = (b"", None)
 
         def showtraceback(self, *args: Any, **kwargs: Any) -> None:
             if kwargs.get("running_compiled_code"):

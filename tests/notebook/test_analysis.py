@@ -56,3 +56,14 @@ def test_large_inputs_are_packed_uncopied_to_travel_out_of_band() -> None:
     (only,) = sent.blobs.values()
     assert memoryview(only).nbytes == big.nbytes
     assert np.array_equal(blob.load()["big"], big)
+
+
+def test_analysis_is_kept_by_the_cells_text() -> None:
+    first = analyze("b = a + 1\n")
+    assert analyze("b = a + 1\n") is first  # the same text: analysed once
+    changed = analyze("b = c + 1\n")
+    assert changed is not first and changed.reads == ("c",)
+    with pytest.raises(SyntaxError):
+        analyze("b = (\n")
+    with pytest.raises(SyntaxError):  # a failure is not kept as an answer
+        analyze("b = (\n")

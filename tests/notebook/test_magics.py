@@ -80,6 +80,21 @@ def test_background_cell_pending_names_and_independent_cells(
     assert "waiting for task" in out and "tick 5" in out
 
 
+def test_finished_background_cells_are_delivered_to_any_later_cell(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    for line, source in [("--out bad", "early = 1\nraise ValueError('no')"), ("--out ok", "a = 1")]:
+        ip.run_cell_magic("task", line, source)
+    for handle in (ip.user_ns["bad"], ip.user_ns["ok"]):
+        wait_until(handle.done, 15, "the background cell to end")
+    run(ip, "pass")  # reads none of their names: a failed cell's error is not raised here
+    assert ip.user_ns["a"] == 1 and "early" not in ip.user_ns
+    ip.run_cell_magic("task", "--out later", "b = 2")  # after runs already seen finished
+    wait_until(ip.user_ns["later"].done, 15, "the background cell to end")
+    run(ip, "pass")
+    assert ip.user_ns["b"] == 2
+
+
 def test_named_cell_rerun_with_other_inputs(ip: InteractiveShell, nb: Session) -> None:
     run(ip, "base = 2\nfactor = 3")
     ip.run_cell_magic("task", "scale --wait", "scaled = base * factor\nlabel = f'{base}x{factor}'")
