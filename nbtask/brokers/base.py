@@ -141,8 +141,21 @@ class Store(Protocol):
         """Take a token of ``bucket`` (``rate`` per second) or say how long to wait."""
 
     # Blobs ---------------------------------------------------------------------------------
-    def put_blobs(self, blobs: Mapping[str, Buffer]) -> None:
-        """Keep large values sent out of band, ``{digest: bytes}``, for ``result_ttl``."""
+    def put_blobs(self, blobs: Mapping[str, Buffer], keeper: str | None = None) -> None:
+        """Keep large values sent out of band, ``{digest: bytes}``, for ``result_ttl``.
+
+        ``keeper``: the id of the kept value they are, which :meth:`release_blobs` may
+        delete them for early; without one (arguments, results) they stay ``result_ttl``.
+        """
+
+    def pin_blobs(self, sizes: Mapping[str, int]) -> None:
+        """Keep the blobs ``{digest: size}`` a message refers to for a full ``result_ttl``."""
+
+    def release_blobs(self, released: Mapping[str, Mapping[str, int]]) -> list[str]:
+        """Release kept values' blobs, ``{keeper: {digest: size}}``; return those deleted.
+
+        A blob is deleted once no keeper is left and nothing pinned it.
+        """
 
     def get_blob(self, digest: str, size: int, progress: ByteProgress | None = None) -> Buffer:
         """A kept blob's bytes; raise :class:`~nbtask.errors.BlobError` if it is gone.

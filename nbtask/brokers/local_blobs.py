@@ -9,11 +9,13 @@ against their signed digest before anything is unpickled.
 
 Files are named by digest (a blob already there is not written again, only touched), and
 removed once older than ``result_ttl``, or with the whole directory when the embedded
-cluster stops.
+cluster stops, or earlier when the store says no use needs the blob any more
+(:mod:`nbtask.brokers.redis_blobs` keeps each blob's uses).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import mmap
@@ -22,7 +24,7 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -116,6 +118,33 @@ class LocalBlobs:
                 file.write(data)
             os.replace(partial, path)
         self._sweep()
+
+    def touch(self, digests: Iterable[str]) -> None:
+        """Restart the TTL of the blobs here (missing ones are left missing)."""
+        for digest in digests:
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(self.directory / digest)
+
+    def remove(self, digest: str, in_use: Callable[[], bool]) -> None:
+        """Delete a blob the store said no use needs, unless ``in_use()`` says one came since.
+
+        A writer notes its use before it looks for the file, so the file is first set
+        aside, then the store is asked again: a writer that found it meanwhile (and so
+        did not write it) gets it back.
+        """
+        aside = self.directory / f".{digest}.gone.{os.getpid()}.{threading.get_ident()}"
+        try:
+            os.rename(self.directory / digest, aside)
+        except FileNotFoundError:
+            return
+        needed = True  # if the store cannot be asked, the blob stays (until the TTL)
+        try:
+            needed = in_use()
+        finally:
+            if needed:
+                os.replace(aside, self.directory / digest)
+            else:
+                os.unlink(aside)
 
     def get(self, digest: str, size: int) -> Buffer | None:
         """The blob mapped copy-on-write, or ``None`` if it is not here (or not that size)."""

@@ -6,10 +6,26 @@ a reader's peak memory near the blob's own size), for ``result_ttl``. When every
 the store shares this host, blobs go through shared memory instead
 (:mod:`nbtask.brokers.local_blobs`). Blobs are named by
 their content, so a blob already kept is not sent again: its expiry is refreshed instead.
+
+A blob is shared by every use of the same bytes (anyone's), so it is deleted before
+``result_ttl`` only when no use needs it any more. Each write notes its use in
+``<key_prefix>:blobref:<digest>`` (:mod:`nbtask.brokers.blob_scripts`), in the same
+script that finds whether the blob is kept:
+
+* a kept value (``keeper=``, a random id made for that value alone) notes itself;
+* anything else (a task's arguments or result, a reference to a kept value sent in a
+  message: :meth:`RedisBlobs.pin_blobs`) pins the blob, which then stays ``result_ttl``.
+
+:meth:`RedisBlobs.release_blobs` removes a keeper; the blob goes when that was its last
+use and nothing pinned it. A keeper already removed changes nothing, so releasing twice
+(or releasing a value kept again since, under a new keeper) never deletes what another
+use needs. Both stores keep these notes in Redis (the store is always Redis): a blob in
+shared memory is removed from its file once Redis says it may go.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 from nbtask.brokers.local_blobs import LocalBlobs
@@ -40,30 +56,85 @@ class RedisBlobs:
         count = max(1, -(-size // self.chunk_bytes))
         return [f"{self.prefix}:blob:{digest}:{i}" for i in range(count)]
 
-    def put_blobs(self, blobs: Mapping[str, Buffer]) -> None:
-        """Keep ``{digest: bytes}`` for ``result_ttl`` (sending only those not kept yet)."""
+    def _uses_key(self, digest: str) -> str:
+        return f"{self.prefix}:blobref:{digest}"
+
+    def put_blobs(self, blobs: Mapping[str, Buffer], keeper: str | None = None) -> None:
+        """Keep ``{digest: bytes}`` for ``result_ttl`` (sending only those not kept yet).
+
+        ``keeper``: the id of the kept value these blobs are, which
+        :meth:`release_blobs` may delete them for; without one they are pinned.
+        """
         if not blobs:
             return
+        whole = self._use({digest: len(data) for digest, data in blobs.items()}, keeper)
         if self.local_blobs is not None:
             self.local_blobs.put(blobs)
             return
-        keys = {digest: self._blob_keys(digest, len(data)) for digest, data in blobs.items()}
-        with self.link.translate_errors():
-            kept = self.link.run([("EXPIRE", key, self.ttl) for ks in keys.values() for key in ks])
-            writes = []
-            at = 0
-            for digest, data in blobs.items():
-                chunk_keys = keys[digest]
-                if all(kept[at : at + len(chunk_keys)]):
-                    at += len(chunk_keys)
-                    continue
-                at += len(chunk_keys)
-                view = memoryview(data).cast("B")
-                for i, key in enumerate(chunk_keys):
-                    chunk = view[i * self.chunk_bytes : (i + 1) * self.chunk_bytes]
-                    writes.append(("SET", key, chunk, "EX", self.ttl))
-            if writes:
+        writes = []
+        for digest, data in blobs.items():
+            if whole[digest]:
+                continue
+            view = memoryview(data).cast("B")
+            for i, key in enumerate(self._blob_keys(digest, len(data))):
+                chunk = view[i * self.chunk_bytes : (i + 1) * self.chunk_bytes]
+                writes.append(("SET", key, chunk, "EX", self.ttl))
+        if writes:
+            with self.link.translate_errors():
                 self.link.run(writes, large=True)
+
+    def pin_blobs(self, sizes: Mapping[str, int]) -> None:
+        """Keep the blobs ``{digest: size}`` (a message refers to them) a full ``result_ttl``."""
+        if not sizes:
+            return
+        self._use(sizes, None)
+        if self.local_blobs is not None:
+            self.local_blobs.touch(sizes)
+
+    def _use(self, sizes: Mapping[str, int], keeper: str | None) -> dict[str, bool]:
+        """Note a use of each blob and refresh it: whether it is kept whole in Redis."""
+        field = "pin" if keeper is None else f"k:{keeper}"
+        in_redis = self.local_blobs is None
+        commands = [
+            self.link.evalsha(
+                "use_blob",
+                [self._uses_key(digest), *(self._blob_keys(digest, size) if in_redis else ())],
+                field,
+                self.ttl,
+            )
+            for digest, size in sizes.items()
+        ]
+        with self.link.translate_errors():
+            replies = self.link.run_scripts(commands)
+        return {digest: bool(reply) for digest, reply in zip(sizes, replies, strict=True)}
+
+    def release_blobs(self, released: Mapping[str, Mapping[str, int]]) -> list[str]:
+        """Remove keepers, ``{keeper: {digest: size}}``; delete the blobs no use needs now.
+
+        Returns the digests deleted.
+        """
+        order = [(keeper, digest) for keeper, sizes in released.items() for digest in sizes]
+        if not order:
+            return []
+        commands = [
+            self.link.evalsha(
+                "release_blob",
+                [self._uses_key(digest), *self._blob_keys(digest, released[keeper][digest])],
+                f"k:{keeper}",
+            )
+            for keeper, digest in order
+        ]
+        with self.link.translate_errors():
+            replies = self.link.run_scripts(commands)
+        deleted = [digest for (_, digest), reply in zip(order, replies, strict=True) if reply]
+        if self.local_blobs is not None:
+            for digest in deleted:
+                self.local_blobs.remove(digest, functools.partial(self._in_use, digest))
+        return deleted
+
+    def _in_use(self, digest: str) -> bool:
+        with self.link.translate_errors():
+            return bool(self.link.redis.exists(self._uses_key(digest)))
 
     def get_blob(self, digest: str, size: int, progress: ByteProgress | None = None) -> Buffer:
         """A blob's bytes (mapped from shared memory, or read chunk by chunk from Redis).

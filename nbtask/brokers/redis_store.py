@@ -14,7 +14,8 @@ Keys, all under ``<key_prefix>:``:
 * ``log:<task id>``: what workers said about a task (its journal).
 * ``dead``: messages given up on (a stream).
 * ``rate:<bucket>``: rate-limit buckets.
-* ``blob:<digest>:<n>``: large values sent out of band (:mod:`nbtask.brokers.redis_blobs`).
+* ``blob:<digest>:<n>``: large values sent out of band, and ``blobref:<digest>`` the uses
+  of each (:mod:`nbtask.brokers.redis_blobs`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from redis.exceptions import ResponseError
 
 from nbtask._text import printable
 from nbtask.brokers.base import Delivery, Publish, StartBy
+from nbtask.brokers.blob_scripts import BLOB_SCRIPTS
 from nbtask.brokers.local_blobs import LocalBlobs
 from nbtask.brokers.redis_blobs import RedisBlobs
 from nbtask.brokers.redis_holdings import RedisHoldings
@@ -66,6 +68,7 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings):
         self.local_blobs = LocalBlobs.open(link.url, settings)
         self._channel_name = re.compile(re.escape(self.channel_key("")) + r"[0-9a-f]{1,32}")
         link.add_scripts(STORE_SCRIPTS)
+        link.add_scripts(BLOB_SCRIPTS)
 
     # Keys ----------------------------------------------------------------------------------
     def record_key(self, task_id: str) -> str:

@@ -1,4 +1,4 @@
-"""Every Lua script nbtask runs on Redis: each step that must be atomic is one script.
+"""Every task script nbtask runs on Redis: each step that must be atomic is one Lua script.
 
 The bookkeeping shared by both transports is written once, as Lua functions that the
 scripts below are built from: :data:`CHECK_START` (may a delivered task start?),

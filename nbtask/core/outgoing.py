@@ -17,6 +17,7 @@ from typing import Any
 from nbtask.brokers.base import Publish, Store
 from nbtask.core.canvas import Call, Callbacks, Signable
 from nbtask.core.holding import is_holder_queue
+from nbtask.core.refs import noting_refs
 from nbtask.core.task import Task
 from nbtask.errors import ConfigurationError, SerializationError
 from nbtask.settings import Settings
@@ -99,15 +100,18 @@ class MessageBuilder:
         if serializer not in SERIALIZERS:
             raise ConfigurationError(f"unknown serializer {serializer!r}; use one of {SERIALIZERS}")
         threshold = self.settings.blob_threshold if self.store is not None else sys.maxsize
-        try:
-            payload = split((list(args), dict(kwargs)), serializer, "arguments", threshold)
-        except SerializationError:
-            why = unpicklable_message(task.name, args, kwargs, serializer)
-            raise SerializationError(why) from None
-        if payload.blobs and self.store is not None:
-            self.store.put_blobs(payload.blobs)
         callbacks: Callbacks | None = options.get("callbacks")
-        links = encode_value(callbacks, "cloudpickle", "callbacks") if callbacks else b""
+        with noting_refs() as carried:
+            try:
+                payload = split((list(args), dict(kwargs)), serializer, "arguments", threshold)
+            except SerializationError:
+                why = unpicklable_message(task.name, args, kwargs, serializer)
+                raise SerializationError(why) from None
+            links = encode_value(callbacks, "cloudpickle", "callbacks") if callbacks else b""
+        if self.store is not None:
+            self.store.put_blobs(payload.blobs)
+            # Kept values passed by reference: the task may load them after they are released.
+            self.store.pin_blobs({d: s for ref in carried for d, s in ref.blob_sizes.items()})
         task_id = options.get("task_id") or uuid.uuid4().hex
         ignore_result = task.ignore_result
         if ignore_result is None:

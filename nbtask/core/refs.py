@@ -13,6 +13,10 @@ blobs are fetched and checked against their signed digests, and a task's result 
 from its signed record in the store (it must verify and be that task's), before anything
 is unpickled. Anywhere else (a chain's pickled steps, a result, the client) a reference
 unpickles as itself, so it moves on untouched until a worker runs the task that takes it.
+
+A message that carries a :class:`ValueRef` pins its blobs in the store for ``result_ttl``
+(the task may load them after the sender let the value go): :func:`noting_refs` tells
+the message builder which references it pickled.
 """
 
 from __future__ import annotations
@@ -29,12 +33,16 @@ from nbtask.wire.blobs import Fetch, Packed, Part, join_value
 from nbtask.wire.envelope import Signer
 from nbtask.wire.events import Deferred, EventType, Unloadable, decode_event
 
-__all__ = ["ResultRef", "ValueRef", "resolving"]
+__all__ = ["ResultRef", "ValueRef", "noting_refs", "resolving"]
 
 #: Loads a reference's value; set only while a worker decodes a task's own arguments.
 _Resolver = Callable[["ValueRef | ResultRef"], Any]
 _resolver: contextvars.ContextVar[_Resolver | None] = contextvars.ContextVar(
     "nbtask_resolver", default=None
+)
+#: Collects the value references pickled; set only while a message is built.
+_noted: contextvars.ContextVar[list[ValueRef] | None] = contextvars.ContextVar(
+    "nbtask_noted_refs", default=None
 )
 
 
@@ -73,6 +81,11 @@ class ValueRef:
         """The value's pickled size in bytes: what loading it moves."""
         return sum(part.size for part in self.layout)
 
+    @property
+    def blob_sizes(self) -> dict[str, int]:
+        """``{digest: size}`` of its blobs."""
+        return {part.digest: part.size for part in self.layout if part.digest is not None}
+
     def load(self, fetch: Fetch) -> Any:
         """The value, its blobs read through ``fetch`` and checked against their digests."""
         loaded = join_value(self.layout, self.inline, fetch)
@@ -83,6 +96,9 @@ class ValueRef:
         return dict(self.__dict__)
 
     def __reduce_ex__(self, protocol: object) -> tuple[Any, ...]:
+        noted = _noted.get()
+        if noted is not None:
+            noted.append(self)
         return (_rebuild, (type(self), self.__getstate__()))
 
 
@@ -149,6 +165,17 @@ def _rebuild(cls: type[ValueRef | ResultRef], state: dict[str, Any]) -> Any:
     ref.__dict__.update(state)
     resolve = _resolver.get()
     return ref if resolve is None else resolve(ref)
+
+
+@contextlib.contextmanager
+def noting_refs() -> Iterator[list[ValueRef]]:
+    """Within the block, the :class:`ValueRef` objects pickled are added to the list given."""
+    noted: list[ValueRef] = []
+    token = _noted.set(noted)
+    try:
+        yield noted
+    finally:
+        _noted.reset(token)
 
 
 @contextlib.contextmanager

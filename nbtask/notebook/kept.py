@@ -9,12 +9,17 @@ a local cell that reads the name fetches it first, ``value.fetch()`` does so exp
 and a later ``%%task`` cell that reads it ships only the reference: it runs on the worker
 process holding the value (see :mod:`nbtask.notebook.placement`), or on another that loads
 the blobs itself, so the bytes never pass through the kernel.
+
+Each kept value has a keeper id of its own (random, made where it was kept), noted as a
+use of its blobs in the store: releasing the value (:mod:`nbtask.notebook.releases`)
+deletes its store copy once no other use needs those bytes.
 """
 
 from __future__ import annotations
 
 import functools
 import html
+import secrets
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -22,6 +27,7 @@ from nbtask.core.handle import FetchWatch
 from nbtask.core.refs import ValueRef
 from nbtask.errors import BlobError
 from nbtask.wire.blobs import BlobReader, Packed, Part, split_value
+from nbtask.wire.envelope import Buffer
 
 __all__ = ["RemoteValue", "keep", "preview_of"]
 
@@ -48,7 +54,11 @@ class RemoteValue(ValueRef):
     ----------
     made_by : str
         The cell that made it (``Cell In[3]``), named if the value is ever lost.
+    keeper : str
+        Its use of its blobs in the store, released with it ("" if it has none).
     """
+
+    keeper = ""  # a reference pickled before keepers existed
 
     def __init__(
         self, name: str, layout: list[Part], inline: bytes, preview: Mapping[str, Any]
@@ -156,10 +166,16 @@ def _text(make: Callable[[], object], limit: int = _HEAD_CHARS) -> str:
 
 
 def keep(
-    name: str, value: Any, packed: Packed, put: Callable[[Mapping[str, Any]], None]
+    name: str, value: Any, packed: Packed, put: Callable[[Mapping[str, Buffer], str], None]
 ) -> RemoteValue:
-    """Store ``value`` (``packed``) as blobs through ``put``; return what to send instead."""
+    """Store ``value`` (``packed``) as blobs through ``put``; return what to send instead.
+
+    ``put(blobs, keeper)`` notes the new value's keeper id as a use of its blobs.
+    """
     split = split_value(packed, threshold=0)
-    put(split.blobs)
+    keeper = secrets.token_hex(16)
+    put(split.blobs, keeper)
     inline = b"".join(bytes(part) for part in split.inline)
-    return RemoteValue(name, split.layout, inline, preview_of(value))
+    reference = RemoteValue(name, split.layout, inline, preview_of(value))
+    reference.keeper = keeper
+    return reference

@@ -1,0 +1,41 @@
+"""The Lua scripts that keep a blob's uses (:mod:`nbtask.brokers.redis_blobs`) atomic.
+
+A blob's uses are a hash, ``<key_prefix>:blobref:<digest>``, kept as long as the blob:
+a field ``k:<keeper>`` for each kept value whose store copy may be deleted once it is
+released, and a field ``pin`` once anything that relies on ``result_ttl`` used it (a
+task's arguments or result, a reference sent in a message). Noting a use and checking
+whether the blob is there is one script, and so is a release, so a blob is never deleted
+between a writer finding it kept and the writer's message being read.
+"""
+
+from __future__ import annotations
+
+__all__ = ["BLOB_SCRIPTS"]
+
+# KEYS[1]: the blob's uses (a hash); KEYS[2..]: its chunks. ARGV[1]: the use's field,
+# ARGV[2]: the TTL in seconds. Notes the use, then refreshes the chunks: 1 when every
+# chunk was there, 0 when the blob must be written (again). Anything but a hash at
+# KEYS[1] was not written by nbtask, and is replaced.
+_USE_BLOB = """
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' then redis.call('DEL', KEYS[1]) end
+redis.call('HSET', KEYS[1], ARGV[1], 1)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+local whole = 1
+for i = 2, #KEYS do
+  if redis.call('EXPIRE', KEYS[i], ARGV[2]) == 0 then whole = 0 end
+end
+return whole
+"""
+
+# KEYS[1]: the blob's uses; KEYS[2..]: its chunks. ARGV[1]: a keeper's field. Removes
+# that use; when it was there and was the last (no other keeper, no pin), deletes the
+# blob and returns 1. A keeper not there (released already: a replay) changes nothing.
+_RELEASE_BLOB = """
+local removed = redis.pcall('HDEL', KEYS[1], ARGV[1])
+if type(removed) ~= 'number' or removed == 0 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+for i = 2, #KEYS do redis.call('DEL', KEYS[i]) end
+return 1
+"""
+
+BLOB_SCRIPTS = {"use_blob": _USE_BLOB, "release_blob": _RELEASE_BLOB}
