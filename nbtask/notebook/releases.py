@@ -1,12 +1,22 @@
-"""Releasing kept values: once the notebook drops its last reference, the holder drops it.
+"""Releasing kept values: once the notebook drops its last reference, they are freed.
 
-Every kept value that reaches the notebook is tracked by its holder process and key. When
-the last :class:`~nbtask.notebook.kept.RemoteValue` of that key is garbage-collected (``del
-x``, a name rebound), or the notebook's session ends, a release goes to the holder's own
-queue: :class:`ReleaseTask`, a task signed like any other, so a release without the secret
-is refused. It only drops the live object from the holder's memory: the store copy stays
-until ``result_ttl`` (content addressing shares a blob with every other value of the same
-bytes, so it is not deleted on one notebook's word).
+Every kept value that reaches the notebook is tracked by its holder process, key and
+keeper id. When the last :class:`~nbtask.notebook.kept.RemoteValue` of it is
+garbage-collected (``del x``, a name rebound), or the notebook's session ends, the value
+is released, in two ways:
+
+* its live object: a release goes to the holder's own queue, :class:`ReleaseTask`, a task
+  signed like any other, so a release without the secret is refused;
+* its store copy: the kernel itself removes the value's keeper from its blobs' uses in the
+  store (:meth:`~nbtask.brokers.base.Store.release_blobs`), which deletes each blob no
+  other use needs: not another kept value of the same bytes (another keeper), nor a
+  task's arguments or result (those pin a blob for ``result_ttl``). So the store copy is
+  freed even when the holder is gone; a kernel killed before it could release leaves it
+  to ``result_ttl``. A keeper id is made for one kept value, so a release repeated (or
+  replayed) finds it gone and deletes nothing.
+
+A kept value sent with a cell stays referenced until that cell ends (:meth:`Releases.hold`),
+so ``del x`` right after a cell that reads ``x`` does not delete what the cell may load.
 
 Finalizers only note what went (they run wherever garbage is collected); the session's
 ticker thread sends the releases.
@@ -21,6 +31,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 
 from nbtask.core.context import current_request
+from nbtask.core.handle import TaskHandle
 from nbtask.core.placement import live_holders
 from nbtask.core.task import Task
 from nbtask.notebook.kept import RemoteValue
@@ -28,8 +39,8 @@ from nbtask.wire.records import WorkerInfo
 
 __all__ = ["ReleaseTask", "Releases"]
 
-#: A holder process (its own queue and pid) and the key of a value it holds.
-Held = tuple[str, int, str]
+#: What a reference stands for: its holder (queue, pid), key, keeper and blob sizes.
+Kept = tuple[str, int, str, str, tuple[tuple[str, int], ...]]
 
 
 class ReleaseTask(Task):
@@ -57,59 +68,83 @@ class Releases:
         Sends one release: ``send(holder queue, keys)``.
     workers
         Reads the live workers (a release goes only to a live holder process).
+    free
+        Releases store copies: ``free({keeper: {digest: size}})``.
     """
 
     def __init__(
         self,
         send: Callable[[str, list[str]], object],
         workers: Callable[[], Mapping[str, WorkerInfo]],
+        free: Callable[[Mapping[str, Mapping[str, int]]], object],
     ) -> None:
         self._send = send
         self._workers = workers
-        self._counts: collections.Counter[Held] = collections.Counter()
-        self._gone: queue.SimpleQueue[Held] = queue.SimpleQueue()
+        self._free = free
+        self._counts: collections.Counter[Kept] = collections.Counter()
+        self._gone: queue.SimpleQueue[Kept] = queue.SimpleQueue()
+        self._held: list[tuple[TaskHandle, list[RemoteValue]]] = []
         self._lock = threading.Lock()
 
     def track(self, value: RemoteValue) -> None:
-        """Count ``value`` as a reference to what its holder holds, until it is collected."""
-        if not value.holder:
+        """Count ``value`` as a reference to what it stands for, until it is collected."""
+        if not value.holder and not value.keeper:
             return
-        held = (value.holder, value.holder_pid, value.key)
+        blobs = tuple(sorted(value.blob_sizes.items()))
+        kept = (value.holder or "", value.holder_pid, value.key, value.keeper, blobs)
         with self._lock:
-            self._counts[held] += 1
+            self._counts[kept] += 1
         # The finalizer must not take the lock: it may run inside track() itself.
-        weakref.finalize(value, self._gone.put, held)
+        weakref.finalize(value, self._gone.put, kept)
+
+    def hold(self, handle: TaskHandle, values: Iterable[object]) -> None:
+        """Keep the kept ones of ``values`` referenced until ``handle``'s task ends."""
+        kept = [value for value in values if isinstance(value, RemoteValue)]
+        if kept:
+            with self._lock:
+                self._held.append((handle, kept))
 
     def flush(self) -> None:
         """Send the releases due: values whose last reference was collected."""
-        gone: list[Held] = []
+        with self._lock:  # the values of ended tasks may be collected (and noted) now
+            self._held = [held for held in self._held if not held[0].done()]
+        gone: list[Kept] = []
         while not self._gone.empty():
             gone.append(self._gone.get())
         if not gone:
             return
         due = []
         with self._lock:
-            for held in gone:
-                self._counts[held] -= 1
-                if self._counts[held] <= 0:
-                    del self._counts[held]
-                    due.append(held)
-        self._release(due)
+            for kept in gone:
+                self._counts[kept] -= 1
+                if self._counts[kept] <= 0:
+                    del self._counts[kept]
+                    due.append(kept)
+            live = {kept[:3] for kept in self._counts}
+        self._release(due, still_referenced=live)
 
     def release_all(self) -> None:
         """The session ends: release every value it still references."""
         with self._lock:
             due = list(self._counts)
             self._counts.clear()
-        self._release(due)
+            self._held.clear()
+        self._release(due, still_referenced=set())
 
-    def _release(self, due: Iterable[Held]) -> None:
-        by_holder: dict[tuple[str, int], list[str]] = collections.defaultdict(list)
-        for holder, pid, key in due:
-            by_holder[holder, pid].append(key)
+    def _release(self, due: Iterable[Kept], still_referenced: set[tuple[str, int, str]]) -> None:
+        by_holder: dict[tuple[str, int], set[str]] = collections.defaultdict(set)
+        blobs: dict[str, dict[str, int]] = {}
+        for holder, pid, key, keeper, sizes in due:
+            # Another reference of the same bytes, kept apart, may still use the live object.
+            if holder and (holder, pid, key) not in still_referenced:
+                by_holder[holder, pid].add(key)
+            if keeper:
+                blobs[keeper] = dict(sizes)
+        if blobs:
+            self._free(blobs)
         if not by_holder:
             return
         live = live_holders(self._workers())
         for (holder, pid), keys in by_holder.items():
             if (holder, pid) in live:  # a holder that ended holds nothing any more
-                self._send(holder, keys)
+                self._send(holder, sorted(keys))

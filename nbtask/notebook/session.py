@@ -70,8 +70,12 @@ class Session:
         self.app = app if app is not None else default_app()
         self.app.fetch_watch = self._watch_fetch
         self.pending = Pending(shell.user_ns, on_kept=self._bind_kept)
-        # A lambda: %nbtask connect may replace the app.
-        self.releases = Releases(self._send_release, lambda: self.app.workers())  # noqa: PLW0108
+        # Lambdas: %nbtask connect may replace the app.
+        self.releases = Releases(
+            self._send_release,
+            lambda: self.app.workers(),  # noqa: PLW0108
+            lambda released: self.app.store.release_blobs(released),  # noqa: PLW0108
+        )
         self.inserter = WaitInserter(self.pending)
         self.views: dict[str, TaskView] = {}
         self.attached: dict[str, str] = {}  # task id -> label, for tasks re-opened by id
@@ -207,14 +211,13 @@ class Session:
             self.app.cells[args.name] = NamedCell(
                 self.app, args.name, cell, python, self.shell.user_ns
             )
+        shipped = [self.shell.user_ns.get(n) for n in spec.names]
         # --queue, else the routes by the cell's name, else where the kept values it reads
         # are held (then by nbtask.cell, as any cell).
         queue = (
             args.queue
             or (self.app.route(args.name) if args.name else None)
-            or holder_queue_for(
-                [self.shell.user_ns.get(n) for n in spec.names], self.app.workers, args.requires
-            )
+            or holder_queue_for(shipped, self.app.workers, args.requires)
         )
         handle = cell_task(self.app).apply_async(
             (spec, blob),
@@ -222,7 +225,8 @@ class Session:
             expires=args.timeout,
             requires=tuple(args.requires) or None,
         )
-        used = modules_used(found.imports, [self.shell.user_ns.get(n) for n in spec.names])
+        self.releases.hold(handle, shipped)  # the kept values it reads, until it ends
+        used = modules_used(found.imports, shipped)
         self.version_warnings.check(self.app, used, handle.queue)
         names = tuple(dict.fromkeys([*found.assigned, *found.mutated]))
         run = CellRun(handle, label, names)
