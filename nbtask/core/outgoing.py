@@ -17,7 +17,8 @@ from typing import Any
 from nbtask.brokers.base import Publish, Store
 from nbtask.core.canvas import Call, Callbacks, Signable
 from nbtask.core.holding import is_holder_queue
-from nbtask.core.refs import noting_refs
+from nbtask.core.placement import holder_queue_for
+from nbtask.core.refs import ValueRef, noting_refs
 from nbtask.core.task import Task
 from nbtask.errors import ConfigurationError, SerializationError
 from nbtask.settings import Settings
@@ -91,9 +92,6 @@ class MessageBuilder:
         """
         signable, args, kwargs, options = call
         task = as_task(signable)
-        # Task.send_options chose the queue (the call's, the task's, a dataset's holders,
-        # the routes); only a call that bypassed it falls back here.
-        queue = options.get("queue") or task.queue or self.settings.default_queue
         requires = options.get("requires", task.requires)
         digest, code = code_for(task, self._code)
         serializer = getattr(task, "serializer", "cloudpickle")
@@ -107,7 +105,17 @@ class MessageBuilder:
             except SerializationError:
                 why = unpicklable_message(task.name, args, kwargs, serializer)
                 raise SerializationError(why) from None
+            in_arguments = list(carried)
             links = encode_value(callbacks, "cloudpickle", "callbacks") if callbacks else b""
+        # Task.send_options chose the queue (the call's, the task's, a dataset's holders,
+        # the routes); without a choice, the process holding a kept value among the
+        # arguments, else the default queue.
+        queue = (
+            options.get("queue")
+            or task.queue
+            or _holder_queue(task, in_arguments, requires)
+            or self.settings.default_queue
+        )
         if self.store is not None:
             self.store.put_blobs(payload.blobs)
             # Kept values passed by reference: the task may load them after they are released.
@@ -151,6 +159,13 @@ class MessageBuilder:
         )
         raw = self.signer.seal(message.to_header(), (code, links, *payload.inline))
         return message, to_publish(message, raw)
+
+
+def _holder_queue(task: Task, refs: Sequence[ValueRef], requires: Sequence[str]) -> str | None:
+    """The own queue of the live process holding the largest of ``refs``, if any."""
+    if not any(ref.holder for ref in refs) or task.app is None:
+        return None
+    return holder_queue_for(refs, task.app.workers, requires)
 
 
 def as_task(task: Signable) -> Task:

@@ -11,13 +11,12 @@ the value from its store copy.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
 
 from nbtask.core.holding import holder_queue
 from nbtask.core.refs import ValueRef
 from nbtask.wire.records import WorkerInfo
 
-__all__ = ["holder_queue_for", "live_holders", "references_in"]
+__all__ = ["holder_queue_for", "live_holders"]
 
 
 def holder_queue_for(
@@ -58,17 +57,3 @@ def live_holders(workers: Mapping[str, WorkerInfo]) -> dict[tuple[str, int], Wor
         for info in workers.values()
         for consumer, pid in zip(info.consumers, info.pids, strict=False)
     }
-
-
-def references_in(args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[ValueRef]:
-    """The kept values among a call's arguments, and directly inside its lists and dicts."""
-    found: list[ValueRef] = []
-    for value in [*args, *kwargs.values()]:
-        if isinstance(value, dict):
-            items = list(value.values())
-        elif isinstance(value, (list, tuple)):
-            items = list(value)
-        else:
-            items = [value]
-        found += [item for item in items if isinstance(item, ValueRef)]
-    return found

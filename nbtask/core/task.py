@@ -16,8 +16,6 @@ from nbtask.core.datasets import data_queue, dataset_names
 from nbtask.core.handle import TaskHandle
 from nbtask.core.holding import is_holder_queue
 from nbtask.core.options import positive
-from nbtask.core.placement import holder_queue_for, references_in
-from nbtask.core.refs import ValueRef
 from nbtask.errors import ConfigurationError, MaxRetriesExceededError, Retry
 from nbtask.wire.events import Event
 from nbtask.wire.records import WorkerInfo
@@ -250,9 +248,8 @@ class Task:
         queue
             Queue to send to. Without it: the task's own ``queue``, else the holders of
             the dataset it requires, else the queue the app's ``routes`` give its name,
-            else the worker process holding a kept value passed to it (the largest, in
-            the arguments or directly inside a list or dict of them), else the app's
-            default queue.
+            else the worker process holding a kept value passed to it (the largest
+            among the arguments), else the app's default queue.
         countdown
             Run no earlier than this many seconds from now.
         eta
@@ -284,7 +281,6 @@ class Task:
             link=link,
             link_error=link_error,
             requires=requires,
-            near=references_in(args or (), kwargs or {}),
         )
         call = (self, tuple(args or ()), dict(kwargs or {}), options)
         return self.sender().send_batch([call], on_event=on_event)[0]
@@ -302,13 +298,8 @@ class Task:
         link: Signature | Sequence[Signature] | None = None,
         link_error: Signature | Sequence[Signature] | None = None,
         requires: Sequence[str] | None = None,
-        near: Sequence[ValueRef] = (),
     ) -> dict[str, Any]:
-        """Check :meth:`apply_async` options and turn them into message options.
-
-        ``near`` are kept values the call reads: without another choice of queue, it
-        goes to the live process holding the largest.
-        """
+        """Check :meth:`apply_async` options and turn them into message options."""
         if countdown is not None and eta is not None:
             raise ConfigurationError("pass either countdown or eta, not both")
         if task_id is not None and not _TASK_ID.fullmatch(str(task_id)):
@@ -321,8 +312,6 @@ class Task:
         # A task needing a dataset goes to its holders unless told where; then the routes.
         holders = data_queue(needs[0]) if needs else None
         usual = self.queue or holders or self._routed_queue()
-        if queue is None and usual is None and near and self.app is not None:
-            queue = holder_queue_for(near, self.app.workers, needs)
         options: dict[str, Any] = {
             "queue": queue or usual,
             "eta": due,

@@ -140,8 +140,9 @@ def _resolve_kept(shipped: dict[str, Any]) -> dict[str, list[Any]]:
     for name, reference in shipped.items():
         if not isinstance(reference, RemoteValue):
             continue
-        here = [reference.key, holding.queue if holding else "", os.getpid()]
-        held = holding.get(reference.key) if holding is not None else None
+        key = reference.key
+        here = [key, holding.queue if holding else "", os.getpid()]
+        held = holding.get(key) if holding is not None else None
         if held is not None:
             shipped[name] = held.value
             if [reference.holder, reference.holder_pid] != here[1:]:
@@ -158,7 +159,7 @@ def _resolve_kept(shipped: dict[str, Any]) -> dict[str, list[Any]]:
                 "again to make it"
             ) from None
         held = _held(name, shipped[name], reference)
-        if holding is not None and holding.hold(reference.key, held):
+        if holding is not None and holding.hold(key, held):
             rehomed[name] = here
     return rehomed
 

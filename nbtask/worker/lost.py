@@ -56,6 +56,15 @@ class LostTasks:
             log.error("dead-lettered an unverifiable message %s: %s", delivery.delivery_id, exc)
             self.transport.dead_letter(delivery)
             return
+        self._settle_verified(delivery, message, reason, stopped)
+
+    def _settle_verified(
+        self,
+        delivery: Delivery,
+        message: TaskMessage,
+        reason: str,
+        stopped: tuple[str, str, float] | None = None,
+    ) -> None:
         record = self.store.get_record(message.id)
         if record is not None and record.final:
             self.transport.discard(delivery)  # it finished; only the acknowledgement was lost
@@ -124,7 +133,8 @@ class LostTasks:
                 record = self.store.get_record(message.id)
                 if record is not None and record.state is not State.PENDING:
                     # Started by the gone process, and given back by the broker (AMQP).
-                    self.settle(delivery, "its worker process died (redelivered by the broker)")
+                    why = "its worker process died (redelivered by the broker)"
+                    self._settle_verified(delivery, message, why)
                     continue
                 target = message.fallback_queue or self.settings.default_queue
                 # A new sealing by a holder of the secret: fresh for the replay window.
