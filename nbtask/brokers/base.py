@@ -144,15 +144,16 @@ class Store(Protocol):
     def put_blobs(self, blobs: Mapping[str, Buffer], keeper: str | None = None) -> None:
         """Keep large values sent out of band, ``{digest: bytes}``, for ``result_ttl``.
 
-        ``keeper``: the id of the kept value they are, which :meth:`release_blobs` may
-        delete them for early; without one (arguments, results) they stay ``result_ttl``.
+        ``keeper``: the id of the use they serve (a kept value, a task's arguments), which
+        :meth:`release_blobs` may delete them for early; without one (results) they stay
+        ``result_ttl``.
         """
 
     def pin_blobs(self, sizes: Mapping[str, int]) -> None:
         """Keep the blobs ``{digest: size}`` a message refers to for a full ``result_ttl``."""
 
     def release_blobs(self, released: Mapping[str, Mapping[str, int]]) -> list[str]:
-        """Release kept values' blobs, ``{keeper: {digest: size}}``; return those deleted.
+        """Release uses of blobs, ``{keeper: {digest: size}}``; return the blobs deleted.
 
         A blob is deleted once no keeper is left and nothing pinned it.
         """

@@ -13,8 +13,10 @@ A blob is shared by every use of the same bytes (anyone's), so it is deleted bef
 script that finds whether the blob is kept:
 
 * a kept value (``keeper=``, a random id made for that value alone) notes itself;
-* anything else (a task's arguments or result, a reference to a kept value sent in a
-  message: :meth:`RedisBlobs.pin_blobs`) pins the blob, which then stays ``result_ttl``.
+* a task's arguments note the task (:func:`~nbtask.wire.blobs.argument_keeper`), which
+  its worker releases once the task has ended;
+* anything else (a task's result, a reference to a kept value sent in a message:
+  :meth:`RedisBlobs.pin_blobs`) pins the blob, which then stays ``result_ttl``.
 
 :meth:`RedisBlobs.release_blobs` removes a keeper; the blob goes when that was its last
 use and nothing pinned it. A keeper already removed changes nothing, so releasing twice
@@ -62,8 +64,9 @@ class RedisBlobs:
     def put_blobs(self, blobs: Mapping[str, Buffer], keeper: str | None = None) -> None:
         """Keep ``{digest: bytes}`` for ``result_ttl`` (sending only those not kept yet).
 
-        ``keeper``: the id of the kept value these blobs are, which
-        :meth:`release_blobs` may delete them for; without one they are pinned.
+        ``keeper``: the id of the use these blobs serve (a kept value, a task's
+        arguments), which :meth:`release_blobs` may delete them for; without one they
+        are pinned.
         """
         if not blobs:
             return

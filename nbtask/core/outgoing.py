@@ -22,6 +22,7 @@ from nbtask.core.refs import ValueRef, noting_refs
 from nbtask.core.task import Task
 from nbtask.errors import ConfigurationError, SerializationError
 from nbtask.settings import Settings
+from nbtask.wire.blobs import argument_keeper
 from nbtask.wire.envelope import Signer, dumps
 from nbtask.wire.message import SERIALIZERS, TaskMessage, encode_value, split
 from nbtask.wire.records import pending_fields
@@ -116,11 +117,12 @@ class MessageBuilder:
             or _holder_queue(task, in_arguments, requires)
             or self.settings.default_queue
         )
+        task_id = options.get("task_id") or uuid.uuid4().hex
         if self.store is not None:
-            self.store.put_blobs(payload.blobs)
+            # Kept until the task has ended (the worker releases them then), or result_ttl.
+            self.store.put_blobs(payload.blobs, keeper=argument_keeper(task_id))
             # Kept values passed by reference: the task may load them after they are released.
             self.store.pin_blobs({d: s for ref in carried for d, s in ref.blob_sizes.items()})
-        task_id = options.get("task_id") or uuid.uuid4().hex
         ignore_result = task.ignore_result
         if ignore_result is None:
             ignore_result = self.settings.task_ignore_result

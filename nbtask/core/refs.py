@@ -29,7 +29,7 @@ from typing import Any
 from nbtask.brokers.base import Store
 from nbtask.core.holding import Holding, value_key
 from nbtask.errors import BlobError, ResultNotReady, SignatureError
-from nbtask.wire.blobs import Fetch, Packed, Part, join_value
+from nbtask.wire.blobs import Fetch, Packed, Part, blob_sizes, join_value
 from nbtask.wire.envelope import Signer
 from nbtask.wire.events import Deferred, EventType, Unloadable, decode_event
 
@@ -84,7 +84,7 @@ class ValueRef:
     @property
     def blob_sizes(self) -> dict[str, int]:
         """``{digest: size}`` of its blobs."""
-        return {part.digest: part.size for part in self.layout if part.digest is not None}
+        return blob_sizes(self.layout)
 
     def load(self, fetch: Fetch) -> Any:
         """The value, its blobs read through ``fetch`` and checked against their digests."""

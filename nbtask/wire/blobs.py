@@ -38,6 +38,8 @@ __all__ = [
     "Packed",
     "Part",
     "SplitValue",
+    "argument_keeper",
+    "blob_sizes",
     "digest_of",
     "join_value",
     "parse_layout",
@@ -244,6 +246,20 @@ def parse_layout(raw: object) -> list[Part] | None:
             raise DecodeError("a value layout item has a bad digest")
         layout.append(Part(size, digest))
     return layout
+
+
+def blob_sizes(layout: Sequence[Part] | None) -> dict[str, int]:
+    """``{digest: size}`` of the blobs a layout names (none for a plain pickle)."""
+    return {part.digest: part.size for part in layout or () if part.digest is not None}
+
+
+def argument_keeper(task_id: str) -> str:
+    """The use a task's argument blobs are noted under, until the task has ended.
+
+    Its prefix keeps it apart from a kept value's keeper (random hex), and the task id
+    makes it the same for every delivery and retry of the task.
+    """
+    return f"args:{task_id}"
 
 
 def join_value(layout: Sequence[Part] | None, region: Buffer, fetch: Fetch | None) -> Any:

@@ -19,9 +19,10 @@ from nbtask.brokers import Delivery, Transport
 from nbtask.core.canvas import Callbacks, Signature
 from nbtask.core.context import PARTIAL_RESULT
 from nbtask.core.task import ExceptionInfo, Task
-from nbtask.errors import SerializationError
+from nbtask.errors import NbtaskError, SerializationError
+from nbtask.wire.blobs import argument_keeper, blob_sizes, parse_layout
 from nbtask.wire.envelope import Buffer, Signer, dumps
-from nbtask.wire.events import FINAL_SEQ, Event, EventType, State
+from nbtask.wire.events import FINAL_SEQ, FINAL_STATES, Event, EventType, State
 from nbtask.wire.message import TaskMessage, split
 from nbtask.wire.records import RecordFields, final_fields
 from nbtask.worker.subtasks import SubtaskPublisher
@@ -231,7 +232,10 @@ class FollowUps:
     def run(
         self, message: TaskMessage, outcome: Outcome, callbacks: Callbacks | None, task: Task | None
     ) -> None:
-        """Send linked tasks (or fail a chain's later steps), then call the handlers."""
+        """Send linked tasks (or fail a chain's later steps), call the handlers.
+
+        Then, once the task has ended, its argument blobs may go.
+        """
         try:
             if callbacks:
                 self._send_callbacks(message, outcome, callbacks)
@@ -241,6 +245,21 @@ class FollowUps:
             log.exception("could not send the callbacks of task %s", message.id)
         if task is not None:
             _call_handlers(task, message, outcome)
+        if outcome.state in FINAL_STATES:
+            self._release_arguments(message)
+
+    def _release_arguments(self, message: TaskMessage) -> None:
+        """Let the store delete the ended task's argument blobs that no other use needs.
+
+        A retry is not an end: its message carries the same blobs. Where this cannot be
+        done (the store is away), the blobs stay until ``result_ttl``.
+        """
+        try:
+            sizes = blob_sizes(parse_layout(message.args_layout))
+            if sizes:
+                self.transport.store.release_blobs({argument_keeper(message.id): sizes})
+        except (NbtaskError, OSError) as exc:
+            log.warning("the argument blobs of task %s stay until result_ttl: %s", message.id, exc)
 
     def _send_callbacks(self, message: TaskMessage, outcome: Outcome, callbacks: Callbacks) -> None:
         """Send ``link`` signatures on success, ``link_error`` ones on failure."""

@@ -1,9 +1,10 @@
 """A blob's uses: a kept value's store copy goes once no use needs the bytes any more.
 
 Blobs are named by content, so a blob is shared by every value of the same bytes. A kept
-value notes itself as a keeper of its blobs; anything else written (a task's arguments or
-result) pins them for ``result_ttl``. A release removes one keeper; the blob goes with the
-last one, unless it is pinned. Both brokers (the store is the real Redis beside either).
+value notes itself as a keeper of its blobs, and so do a task's arguments until the task
+has ended; anything else written (a task's result) pins them for ``result_ttl``. A release
+removes one keeper; the blob goes with the last one, unless it is pinned. Both brokers
+(the store is the real Redis beside either).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import wait_until
 from raw_broker import RawBroker
 
-from nbtask import App
+from nbtask import App, Task
 from nbtask.notebook.kept import RemoteValue, keep
 from nbtask.wire.blobs import Packed, digest_of
 
@@ -54,7 +56,7 @@ def test_a_blob_goes_with_its_last_keeper_and_a_repeated_release_deletes_nothing
 
 
 @pytest.mark.parametrize("pinned_first", [True, False])
-def test_a_blob_also_written_as_arguments_stays_until_its_ttl(
+def test_a_blob_also_written_as_a_result_stays_until_its_ttl(
     app: App, access: RawBroker, pinned_first: bool
 ) -> None:
     digest, store = digest_of(DATA), app.store
@@ -111,3 +113,74 @@ def test_on_one_host_a_released_blob_file_is_removed_unless_pinned(
     local.store.pin_blobs(kept.blob_sizes)  # a message refers to it
     assert local.store.release_blobs({kept.keeper: kept.blob_sizes}) == []
     assert [path.name for path in directory.iterdir()] == [digest]
+
+
+ARRAY = np.arange(800_000.0)  # 6.4 MB: over blob_threshold, an argument travels as a blob
+
+
+def _gone(access: RawBroker, value: Any) -> bool:
+    """True once the store holds no chunk nor note of uses for ``value``'s bytes."""
+    digest = digest_of(value)
+    return not any(digest.encode() in key for key in _keys(access))
+
+
+@pytest.mark.parametrize("ending", ["success", "failure"])
+def test_an_ended_tasks_argument_blob_goes_and_its_result_stays(
+    app: App, start_worker, access: RawBroker, ending: str
+) -> None:
+    start_worker()
+
+    @app.task
+    def shifted(values: Any, fail: bool) -> Any:
+        if fail:
+            raise ValueError("as asked")
+        return values + 1.0  # a result over blob_threshold: pinned for result_ttl
+
+    handle = shifted.delay(ARRAY, ending == "failure")
+    if ending == "failure":
+        with pytest.raises(ValueError, match="as asked"):
+            handle.get(timeout=30)
+    else:
+        assert np.array_equal(handle.get(timeout=30), ARRAY + 1.0)
+        assert not _gone(access, ARRAY + 1.0)
+    wait_until(lambda: _gone(access, ARRAY), 10, "the argument's blob to go")
+    if ending == "success":
+        assert not _gone(access, ARRAY + 1.0), "the result's blob went with the argument's"
+        other = App("other", settings=app.settings)  # another kernel re-attaches later
+        try:
+            assert np.array_equal(other.handle(handle.id).get(timeout=10), ARRAY + 1.0)
+        finally:
+            other.close()
+
+
+def test_a_retried_task_reads_its_argument_again_and_it_goes_after_the_last_try(
+    app: App, start_worker, access: RawBroker
+) -> None:
+    start_worker()
+
+    @app.task(bind=True, max_retries=2)
+    def total(self: Task, values: Any) -> tuple[int, float]:
+        if self.request.retries < 2:
+            raise self.retry(exc=ConnectionError("not yet"), countdown=0.2)
+        return self.request.retries, float(values.sum())
+
+    assert total.delay(ARRAY).get(timeout=30) == (2, pytest.approx(ARRAY.sum()))
+    wait_until(lambda: _gone(access, ARRAY), 10, "the argument's blob to go")
+
+
+def test_an_argument_shared_with_a_waiting_task_or_a_kept_value_stays_for_them(
+    app: App, start_worker, access: RawBroker
+) -> None:
+    start_worker()
+
+    @app.task
+    def total(values: Any) -> float:
+        return float(values.sum())
+
+    kept = keep("same", ARRAY, Packed.of(ARRAY), app.store.put_blobs)
+    later = total.apply_async((ARRAY,), countdown=2.0)
+    assert total.delay(ARRAY).get(timeout=30) == pytest.approx(ARRAY.sum())
+    assert later.get(timeout=30) == pytest.approx(ARRAY.sum())  # its blob was still there
+    assert not _gone(access, ARRAY), "a blob a kept value needs went with a task's end"
+    app.store.release_blobs({kept.keeper: kept.blob_sizes})
+    wait_until(lambda: _gone(access, ARRAY), 10, "the blob to go with its last use")
