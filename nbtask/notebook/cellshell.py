@@ -83,6 +83,7 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
         shell.compile.cell_filename = spec.filename
         shell.compile.line_offset = spec.line_offset
         shell.displayhook.cell_source = spec.source
+        shell.kernel_transform = (spec.source, getattr(spec, "python", ""))  # "": older kernel
         result = shell.run_cell(spec.source, store_history=False)
         error = result.error_before_exec or result.error_in_exec
         if error is None or attempt == spec.retries or not isinstance(error, Exception):

@@ -6,6 +6,9 @@ which holds this notebook's app, its cell runs and the hooks that deliver pendin
 
 from __future__ import annotations
 
+import argparse
+import copy
+import functools
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -26,6 +29,13 @@ F = TypeVar("F")
 def _typed(decorator: Any) -> Callable[[F], F]:
     """IPython's decorators are unannotated: keep the decorated function's type."""
     return cast("Callable[[F], F]", decorator)
+
+
+@functools.lru_cache(maxsize=64)
+def _task_options(line: str) -> argparse.Namespace:
+    """The options of a ``%%task`` line (not to be changed: shared by every such line)."""
+    options: argparse.Namespace = parse_argstring(TaskMagics.task, line)
+    return options
 
 
 _SESSIONS: dict[int, Session] = {}  # id(shell) -> its session (one per loaded shell)
@@ -71,8 +81,8 @@ class TaskMagics(Magics):  # type: ignore[misc]
         it changes in place) come back. Without --wait the cell returns at once with a
         live view, and a later cell reading an assigned name waits for it.
         """
-        args = parse_argstring(self.task, line)
-        return self.session.submit_cell(cell, args)
+        # Parsed once per distinct line (argparse takes a good part of a millisecond).
+        return self.session.submit_cell(cell, copy.deepcopy(_task_options(line)))
 
     @_typed(magic_arguments())
     @_typed(argument("command", choices=["connect", "status", "workers", "log"]))

@@ -164,7 +164,8 @@ class Pending:
 
     def _apply(self, run: CellRun, effects: Mapping[str, Any]) -> None:
         """Write a cell's names and process-wide state changes into this kernel."""
-        for name, value in load_values(effects).items():
+        arrived = load_values(effects)
+        for name, value in arrived.items():
             if isinstance(value, RemoteValue) and self._on_kept is not None:
                 self._on_kept(value)
                 self.holds_kept = True
@@ -174,7 +175,7 @@ class Pending:
             if self.owner.get(name, run) is run:
                 self.namespace.pop(name, None)
         self._rehome(effects.get("held"))
-        share_namespace(self.namespace)
+        share_namespace(self.namespace, arrived)
         for name, why in dict(effects.get("skipped", {})).items():
             print(f"nbtask: {name} stays on the worker: {why}", file=sys.stderr)
         state = effects.get("state")

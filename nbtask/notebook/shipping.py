@@ -55,6 +55,9 @@ class CellSpec:
         (:mod:`nbtask.notebook.kept`); ``None``: every name comes back.
     keep, fetch : tuple of str
         Names kept on the workers whatever their size, and names that always come back.
+    python : str
+        ``source`` as the kernel's shell transformed it (magics, ``!cmd``), which the
+        worker runs as the kernel would have; empty: the worker's shell transforms it.
     """
 
     source: str
@@ -68,6 +71,7 @@ class CellSpec:
     keep_threshold: int | None = None
     keep: tuple[str, ...] = ()
     fetch: tuple[str, ...] = ()
+    python: str = ""
 
 
 def prepare(
@@ -137,6 +141,7 @@ def prepare(
         plain,
         line_offset,
         dumps(dict(state)) if state is not None else b"",
+        python=python,
     )
     return spec, blob, found
 
@@ -278,7 +283,9 @@ def load_values(result: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
-def share_namespace(namespace: MutableMapping[str, Any]) -> list[str]:
+def share_namespace(
+    namespace: MutableMapping[str, Any], names: Iterable[str] | None = None
+) -> list[str]:
     """Let functions and classes defined in the notebook see ``namespace`` as their globals.
 
     A function pickled by value arrives with a private copy of the globals it named; in the
@@ -286,9 +293,13 @@ def share_namespace(namespace: MutableMapping[str, Any]) -> list[str]:
     The top-level functions, and the methods of top-level classes, are made to read
     ``namespace`` again; the globals they carried are added to it where it has no such
     name (they are the notebook's values, pickled with them). Returns the names added.
+
+    ``names``: only those that just arrived (a kernel's namespace holds every earlier
+    cell's, rebound when they came); default every name.
     """
     carried: dict[str, Any] = {}
-    for name, value in list(namespace.items()):
+    chosen = list(namespace) if names is None else [n for n in names if n in namespace]
+    for name, value in [(n, namespace[n]) for n in chosen]:
         if _from_notebook(value, namespace):
             carried.update(value.__globals__)
             namespace[name] = _rebound(value, namespace)

@@ -99,6 +99,15 @@ def _make_shell() -> Any:
         display_pub_class = Publisher
         #: The process-wide state the last cell was shipped with: its pickle, and loaded.
         shipped_state: tuple[bytes, Any] = (b"", None)
+        #: The cell about to run and the kernel's transform of it, used instead of
+        #: transforming it again here (the kernel's is what the cell means there).
+        kernel_transform: tuple[str, str] = ("", "")
+
+        def transform_cell(self, raw_cell: str) -> str:
+            source, python = self.kernel_transform
+            if python and raw_cell == source:
+                return python
+            return str(super().transform_cell(raw_cell))
 
         def showtraceback(self, *args: Any, **kwargs: Any) -> None:
             if kwargs.get("running_compiled_code"):
