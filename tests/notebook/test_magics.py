@@ -217,6 +217,23 @@ def test_shell_magics_and_system_commands_run_on_the_worker(
     assert "from-shell" in ip.user_ns["h"].stdout
 
 
+def test_a_cell_runs_as_the_kernels_input_transformers_made_it(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    """An input transformer registered in the kernel (an extension's syntax) applies too."""
+
+    def answer(lines: list[str]) -> list[str]:
+        return [line.replace("ANSWER", "42") for line in lines]
+
+    ip.input_transformers_post.append(answer)
+    try:
+        ip.run_cell_magic("task", "--wait", "x = ANSWER + 1")
+        ip.run_cell_magic("task", "--wait", "x = ANSWER + 1")  # the same line, parsed once
+    finally:
+        ip.input_transformers_post.remove(answer)
+    assert ip.user_ns["x"] == 43
+
+
 def test_embedded_cluster(
     ip: InteractiveShell, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
