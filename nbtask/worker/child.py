@@ -20,7 +20,7 @@ from typing import Any
 
 from nbtask._process import die_with_parent
 from nbtask.brokers import Delivery, StartBy, Verdict, open_broker
-from nbtask.core.canvas import Callbacks, sending_through
+from nbtask.core.canvas import sending_through
 from nbtask.core.context import Request, running
 from nbtask.core.datasets import DatasetCache, Loader
 from nbtask.core.outgoing import MessageBuilder
@@ -253,7 +253,7 @@ class Child:
                 Event(EventType.REVOKED, message.id, FINAL_SEQ, {"reason": "expired"})
             )
             self._settle(admitted, expired)
-            self.follow_ups.run(message, expired, self._callbacks(admitted), None)
+            self.follow_ups.run(message, expired, admitted.callbacks, None)
             return None
         return admitted
 
@@ -312,7 +312,7 @@ class Child:
         self.transport.discard(admitted.delivery)
         if refused == State.REVOKED.value:
             gone = Outcome(Event(EventType.REVOKED, message.id, FINAL_SEQ, {"reason": "revoked"}))
-            self.follow_ups.run(message, gone, self._callbacks(admitted), None)
+            self.follow_ups.run(message, gone, admitted.callbacks, None)
 
     def _too_old(self, admitted: Admitted, age: float) -> None:
         message = admitted.message
@@ -346,11 +346,13 @@ class Child:
             outcome = Outcome(Event(EventType.REVOKED, message.id, self.outbox.end(), reason))
         else:
             outcome = self._execute(admitted, task)
-        # Callbacks and handlers run after the outcome is stored; only without them may
-        # the last write also wait for the next message (which would delay them).
-        later = bool(admitted.callbacks) or (task is not None and has_handlers(task))
+        # Callbacks, handlers and freeing argument blobs come after the outcome is stored;
+        # only without them may the last write also wait for the next message.
+        later = bool(admitted.callbacks or message.args_layout) or (
+            task is not None and has_handlers(task)
+        )
         following = self._settle(admitted, outcome, fetch_next=not later)
-        self.follow_ups.run(message, outcome, self._callbacks(admitted), task)
+        self.follow_ups.run(message, outcome, admitted.callbacks, task)
         return following
 
     def _rate_limited(self, admitted: Admitted, task: Task) -> bool:
@@ -535,16 +537,3 @@ class Child:
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 then_fetch = None
-
-    def _callbacks(self, admitted: Admitted) -> Callbacks | None:
-        """The linked signatures a verified message carries, if any can be loaded."""
-        if not admitted.callbacks:
-            return None
-        try:
-            callbacks = decode_value(admitted.callbacks, "cloudpickle")
-        except Exception:
-            # e.g. a callback argument whose class this worker cannot import. The task's
-            # own outcome is stored; the chain's later steps cannot be told who they are.
-            log.exception("could not load the callbacks of task %s", admitted.message.id)
-            return None
-        return callbacks if isinstance(callbacks, Callbacks) else None

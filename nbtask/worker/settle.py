@@ -23,7 +23,7 @@ from nbtask.errors import NbtaskError, SerializationError
 from nbtask.wire.blobs import argument_keeper, blob_sizes, parse_layout
 from nbtask.wire.envelope import Buffer, Signer, dumps
 from nbtask.wire.events import FINAL_SEQ, FINAL_STATES, Event, EventType, State
-from nbtask.wire.message import TaskMessage, split
+from nbtask.wire.message import TaskMessage, decode_value, split
 from nbtask.wire.records import RecordFields, final_fields
 from nbtask.worker.subtasks import SubtaskPublisher
 
@@ -229,13 +229,13 @@ class FollowUps:
         self.signer = signer
         self.publisher = publisher
 
-    def run(
-        self, message: TaskMessage, outcome: Outcome, callbacks: Callbacks | None, task: Task | None
-    ) -> None:
+    def run(self, message: TaskMessage, outcome: Outcome, links: Buffer, task: Task | None) -> None:
         """Send linked tasks (or fail a chain's later steps), call the handlers.
 
-        Then, once the task has ended, its argument blobs may go.
+        ``links`` is the message's pickled callbacks. Then, once the task has ended, its
+        argument blobs may go.
         """
+        callbacks = _callbacks(message, links)
         try:
             if callbacks:
                 self._send_callbacks(message, outcome, callbacks)
@@ -298,6 +298,20 @@ class FollowUps:
             nested = sig.options.get("callbacks")
             if isinstance(nested, Callbacks):
                 self._fail_downstream(message, outcome, nested.link)
+
+
+def _callbacks(message: TaskMessage, links: Buffer) -> Callbacks | None:
+    """The linked signatures a verified message carries, if any can be loaded."""
+    if not links:
+        return None
+    try:
+        callbacks = decode_value(links, "cloudpickle")
+    except Exception:
+        # e.g. a callback argument whose class this worker cannot import. The task's
+        # own outcome is stored; the chain's later steps cannot be told who they are.
+        log.exception("could not load the callbacks of task %s", message.id)
+        return None
+    return callbacks if isinstance(callbacks, Callbacks) else None
 
 
 def has_handlers(task: Task) -> bool:
