@@ -75,6 +75,12 @@ class Settings:
         dropped from memory; their store copy stays (until ``result_ttl``), so a later
         cell that reads one loads it again from there. 0 holds nothing in memory. Each
         worker process has its own, so a worker may hold up to its concurrency times this.
+    move_bytes
+        Work that reads kept values goes to the process holding them; when that process is
+        busy with a task and another that could take the work is idle, the work goes there
+        instead (loading the values from their store copy, which it then holds) if the
+        values the busy one holds for it total at most this many bytes. 0 always waits for
+        the holder.
     blob_dir
         A directory on a memory filesystem that every client and worker of this store can
         reach, because they all run on one host: blobs then go through it (shared
@@ -113,6 +119,7 @@ class Settings:
     keep_threshold: int = 64 * 1024 * 1024
     fetch_budget: int = 4 * 1024 * 1024 * 1024
     worker_memory_budget: int = 4 * 1024 * 1024 * 1024
+    move_bytes: int = 256 * 1024 * 1024
     max_age: float | None = None
     max_redeliveries: int = 5
     worker_concurrency: int | None = None
@@ -158,6 +165,7 @@ class Settings:
             "keep_threshold": 0,
             "fetch_budget": 0,
             "worker_memory_budget": 0,
+            "move_bytes": 0,
             "worker_concurrency": 1,
             "embedded_workers": 1,
         }
@@ -252,6 +260,7 @@ _ENV: dict[str, tuple[str, Callable[[str], object]]] = {
     "keep_threshold": ("NBTASK_KEEP_THRESHOLD", int),
     "fetch_budget": ("NBTASK_FETCH_BUDGET", int),
     "worker_memory_budget": ("NBTASK_WORKER_MEMORY_BUDGET", int),
+    "move_bytes": ("NBTASK_MOVE_BYTES", int),
     "max_age": ("NBTASK_MAX_AGE", float),
     "max_redeliveries": ("NBTASK_MAX_REDELIVERIES", int),
     "worker_concurrency": ("NBTASK_CONCURRENCY", int),

@@ -70,6 +70,7 @@ def test_from_env_every_variable(tmp_path: Path) -> None:
         "NBTASK_HEARTBEAT_INTERVAL": "2.5",
         "NBTASK_MAX_MESSAGE_BYTES": "1048576",
         "NBTASK_WORKERS": "3",
+        "NBTASK_MOVE_BYTES": "0",
         "UNRELATED": "ignored",
     }
     s = Settings.from_env(env)
@@ -83,6 +84,7 @@ def test_from_env_every_variable(tmp_path: Path) -> None:
     assert s.max_message_bytes == 1048576
     assert isinstance(s.max_message_bytes, int)
     assert s.embedded_workers == 3
+    assert s.move_bytes == 0
 
 
 def test_from_env_secret_file(tmp_path: Path) -> None:
@@ -160,6 +162,7 @@ def test_from_env_unparsable_value_names_the_variable(var: str, value: str) -> N
         ("NBTASK_HEARTBEAT_INTERVAL", "20", "visibility_timeout"),
         ("NBTASK_MAX_MESSAGE_BYTES", "100", "max_message_bytes"),
         ("NBTASK_WORKERS", "0", "embedded_workers"),
+        ("NBTASK_MOVE_BYTES", "-1", "move_bytes"),
         ("NBTASK_KEY_PREFIX", "has space", "key_prefix"),
         ("NBTASK_BROKER", "http://example.com", "redis://"),
     ],

@@ -164,6 +164,9 @@ class Store(Protocol):
         ``progress``, if given, is told how many bytes arrived as they arrive.
         """
 
+    def has_blobs(self, sizes: Mapping[str, int]) -> bool:
+        """Whether every blob ``{digest: size}`` is kept whole now (one round trip at most)."""
+
     # Versions ------------------------------------------------------------------------------
     def announce_versions(self, worker_id: str, versions: Mapping[str, str]) -> None:
         """Keep the Python and package versions a worker runs."""

@@ -146,6 +146,13 @@ class LocalBlobs:
             else:
                 os.unlink(aside)
 
+    def has(self, digest: str, size: int) -> bool:
+        """Whether :meth:`get` would find the blob (here, of that size)."""
+        try:
+            return size > 0 and (self.directory / digest).stat().st_size == size
+        except FileNotFoundError:
+            return False
+
     def get(self, digest: str, size: int) -> Buffer | None:
         """The blob mapped copy-on-write, or ``None`` if it is not here (or not that size)."""
         try:

@@ -139,6 +139,24 @@ class RedisBlobs:
         with self.link.translate_errors():
             return bool(self.link.redis.exists(self._uses_key(digest)))
 
+    def has_blobs(self, sizes: Mapping[str, int]) -> bool:
+        """Whether :meth:`get_blob` finds every blob ``{digest: size}`` whole now.
+
+        Files in shared memory are looked at first; the rest is one ``EXISTS`` of their
+        chunks (a blob found now may still expire before it is read).
+        """
+        local = self.local_blobs
+        keys = [
+            key
+            for digest, size in sizes.items()
+            if local is None or not local.has(digest, size)
+            for key in self._blob_keys(digest, size)
+        ]
+        if not keys:
+            return True
+        with self.link.translate_errors():
+            return int(self.link.redis.exists(*keys)) == len(keys)
+
     def get_blob(self, digest: str, size: int, progress: ByteProgress | None = None) -> Buffer:
         """A blob's bytes (mapped from shared memory, or read chunk by chunk from Redis).
 

@@ -17,7 +17,7 @@ from typing import Any
 from nbtask.brokers.base import Publish, Store
 from nbtask.core.canvas import Call, Callbacks, Signable
 from nbtask.core.holding import is_holder_queue
-from nbtask.core.placement import holder_queue_for
+from nbtask.core.placement import Moving, holder_queue_for
 from nbtask.core.refs import ValueRef, noting_refs
 from nbtask.core.task import Task
 from nbtask.errors import ConfigurationError, SerializationError
@@ -110,11 +110,12 @@ class MessageBuilder:
             links = encode_value(callbacks, "cloudpickle", "callbacks") if callbacks else b""
         # Task.send_options chose the queue (the call's, the task's, a dataset's holders,
         # the routes); without a choice, the process holding a kept value among the
-        # arguments, else the default queue.
+        # arguments (unless it is busy and moving the value beats waiting), else the
+        # default queue.
         queue = (
             options.get("queue")
             or task.queue
-            or _holder_queue(task, in_arguments, requires)
+            or self._holder_queue(task, in_arguments, requires)
             or self.settings.default_queue
         )
         task_id = options.get("task_id") or uuid.uuid4().hex
@@ -162,12 +163,21 @@ class MessageBuilder:
         raw = self.signer.seal(message.to_header(), (code, links, *payload.inline))
         return message, to_publish(message, raw)
 
+    def _holder_queue(
+        self, task: Task, refs: Sequence[ValueRef], requires: Sequence[str]
+    ) -> str | None:
+        """The own queue of the live process holding the largest of ``refs``, if any.
 
-def _holder_queue(task: Task, refs: Sequence[ValueRef], requires: Sequence[str]) -> str | None:
-    """The own queue of the live process holding the largest of ``refs``, if any."""
-    if not any(ref.holder for ref in refs) or task.app is None:
-        return None
-    return holder_queue_for(refs, task.app.workers, requires)
+        ``None`` too when that process is busy and moving the value beats waiting: the
+        task then goes to the default queue.
+        """
+        if not any(ref.holder for ref in refs) or task.app is None:
+            return None
+        moving = None
+        if self.store is not None:
+            settings = self.settings
+            moving = Moving.through(self.store, settings.default_queue, settings.move_bytes)
+        return holder_queue_for(refs, task.app.workers, requires, moving)
 
 
 def as_task(task: Signable) -> Task:

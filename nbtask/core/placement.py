@@ -1,4 +1,4 @@
-"""Where work that reads kept values runs: on the process that holds them.
+"""Where work that reads kept values runs: on the process that holds them, unless it is busy.
 
 A kept value names the worker process that holds it live (:attr:`ValueRef.holder` and
 ``holder_pid``, in the signed result that brought the reference). A ``%%task`` cell that
@@ -6,23 +6,86 @@ reads one, or a function task given one as an argument, is sent to that process'
 queue while the worker registry shows it alive, so the value is used where it is, without
 moving; otherwise the work goes where it would anyway, and the worker that takes it loads
 the value from its store copy.
+
+Waiting for a busy holder can cost more than moving the value. The work goes where it
+would anyway instead (:class:`Moving`) when the holder's process runs a task, another
+process serving that queue is idle, the values the holder would lend total at most
+``move_bytes``, and their store copy is whole: the process that takes it loads them (a
+cell's process then holds them, and the notebook sends later work there). The registry
+says who runs what as the workers last announced it: a child that holds kept values
+announces each task it starts or ends at once, any other at its heartbeats. The store is
+asked only once the registry says moving pays: whether the task the holder runs has ended
+since (its record), then whether the store copy is there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import dataclasses
+import functools
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
+from nbtask.brokers.base import Store
 from nbtask.core.holding import holder_queue
 from nbtask.core.refs import ValueRef
+from nbtask.wire.events import State
 from nbtask.wire.records import WorkerInfo
 
-__all__ = ["holder_queue_for", "live_holders"]
+__all__ = ["Moving", "holder_queue_for", "live_holders"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Moving:
+    """When work on kept values goes elsewhere rather than wait for their busy holder.
+
+    Parameters
+    ----------
+    queue
+        Where the work goes if not to the holder: where it would go without kept values.
+    move_bytes
+        The most bytes of kept values it may load there (0: always wait for the holder).
+    has_copies
+        Whether the store keeps the blobs ``{digest: size}`` whole.
+    ended
+        Whether a task the registry lists as running has ended since.
+    """
+
+    queue: str
+    move_bytes: int
+    has_copies: Callable[[Mapping[str, int]], bool]
+    ended: Callable[[str], bool]
+
+    @classmethod
+    def through(cls, store: Store, queue: str, move_bytes: int) -> Moving:
+        """Moving to ``queue``, with ``store`` telling copies and ended tasks."""
+        return cls(queue, move_bytes, store.has_blobs, functools.partial(_ended, store))
+
+    def beats_waiting(
+        self, held: Sequence[ValueRef], holder: str, workers: Mapping[str, WorkerInfo]
+    ) -> bool:
+        """Whether the work goes to :attr:`queue` rather than wait for ``holder``.
+
+        ``held``: the kept values the work reads that the process serving ``holder``
+        (its own queue) holds.
+        """
+        if sum(value.size for value in held) > self.move_bytes:
+            return False
+        children = list(_children(workers))
+        running = next((task for _, own, _, task in children if own == holder), None)
+        idle_elsewhere = any(
+            task == "" and pid and own != holder and self.queue in info.queues
+            for info, own, pid, task in children
+        )
+        # The store is asked last, and only when the registry says moving pays.
+        if not running or not idle_elsewhere or self.ended(running):
+            return False
+        return self.has_copies({d: s for value in held for d, s in value.blob_sizes.items()})
 
 
 def holder_queue_for(
     values: Iterable[object],
     workers: Callable[[], Mapping[str, WorkerInfo]],
     requires: Sequence[str] = (),
+    moving: Moving | None = None,
 ) -> str | None:
     """The queue of a live process holding the largest of the kept ``values``, if any.
 
@@ -34,15 +97,24 @@ def holder_queue_for(
         Reads the live workers (called only when a kept value names a holder).
     requires
         Datasets the work needs: a holder whose worker lacks one is passed over.
+    moving
+        When the work goes elsewhere rather than wait for that process, busy (``None``
+        returned); without it the work always goes to the holder.
     """
     kept = [v for v in values if isinstance(v, ValueRef) and v.holder]
     if not kept:
         return None
-    live = live_holders(workers())
+    registry = workers()
+    live = live_holders(registry)
     for value in sorted(kept, key=lambda v: v.size, reverse=True):
-        info = live.get((value.holder or "", value.holder_pid))
-        if info is not None and set(requires) <= set(info.datasets):
-            return value.holder
+        place = (value.holder or "", value.holder_pid)
+        info = live.get(place)
+        if info is None or not set(requires) <= set(info.datasets):
+            continue
+        held = [v for v in kept if (v.holder, v.holder_pid) == place]
+        if moving is not None and moving.beats_waiting(held, place[0], registry):
+            return None
+        return place[0]
     return None
 
 
@@ -52,8 +124,26 @@ def live_holders(workers: Mapping[str, WorkerInfo]) -> dict[tuple[str, int], Wor
     A process is told by its queue and pid: the process that replaced it (same queue) has
     not the value in memory, and serves the queue only for a while.
     """
-    return {
-        (holder_queue(consumer), pid): info
-        for info in workers.values()
-        for consumer, pid in zip(info.consumers, info.pids, strict=False)
-    }
+    return {(own, pid): info for info, own, pid, _ in _children(workers)}
+
+
+def _children(
+    workers: Mapping[str, WorkerInfo],
+) -> Iterator[tuple[WorkerInfo, str, int, str | None]]:
+    """Each worker child: its worker, own queue, pid (0: none now) and task ("" idle).
+
+    The task is ``None`` when the entry does not say which child runs what (an older
+    nbtask's).
+    """
+    for info in workers.values():
+        told = len(info.running) == len(info.consumers)
+        for slot, (consumer, pid) in enumerate(zip(info.consumers, info.pids, strict=False)):
+            yield info, holder_queue(consumer), pid, info.running[slot] if told else None
+
+
+def _ended(store: Store, task_id: str) -> bool:
+    # The registry can be a moment behind a task's end, which its record already shows:
+    # the final state is stored with the event that told the client, so work sent on
+    # right after a cell ended finds the holder free.
+    record = store.get_record(task_id)
+    return record is not None and (record.final or record.state is State.RETRY)

@@ -309,9 +309,7 @@ class Task:
             )
         due = time.time() + countdown if countdown is not None else _epoch(eta, absolute=True)
         needs = dataset_names(requires) if requires is not None else self.requires
-        # A task needing a dataset goes to its holders unless told where; then the routes.
-        holders = data_queue(needs[0]) if needs else None
-        usual = self.queue or holders or self._routed_queue()
+        usual = self.usual_queue(needs)
         options: dict[str, Any] = {
             "queue": queue or usual,
             "eta": due,
@@ -330,6 +328,18 @@ class Task:
         if requires is not None:
             options["requires"] = needs
         return options
+
+    def usual_queue(self, requires: Sequence[str] | None = None) -> str | None:
+        """The queue a call that names none goes to, if any chooses one.
+
+        The task's own queue, else the holders of the first dataset it requires (its
+        own ``requires``, or ``requires`` given), else the one the app's routes give its
+        name. ``None``: the process holding a kept value among the arguments, else the
+        app's default queue.
+        """
+        needs = dataset_names(requires) if requires is not None else self.requires
+        holders = data_queue(needs[0]) if needs else None
+        return self.queue or holders or self._routed_queue()
 
     def _routed_queue(self) -> str | None:
         # Routes are the task's app's: on a worker, a task imported by module still has

@@ -17,7 +17,7 @@ from nbtask._text import printable, redact_url
 from nbtask.client.app import App
 from nbtask.client.default import default_app, use_as_default
 from nbtask.core.holding import is_holder_queue
-from nbtask.core.placement import holder_queue_for
+from nbtask.core.placement import Moving, holder_queue_for
 from nbtask.errors import CellError
 from nbtask.notebook import process_state
 from nbtask.notebook.analysis import analyze
@@ -213,11 +213,12 @@ class Session:
             )
         shipped = [self.shell.user_ns.get(n) for n in spec.names]
         # --queue, else the routes by the cell's name, else where the kept values it reads
-        # are held (then by nbtask.cell, as any cell).
+        # are held unless that process is busy and moving them beats waiting (then by
+        # nbtask.cell, as any cell).
         queue = (
             args.queue
             or (self.app.route(args.name) if args.name else None)
-            or holder_queue_for(shipped, self.app.workers, args.requires)
+            or holder_queue_for(shipped, self.app.workers, args.requires, self._moving(args))
         )
         handle = cell_task(self.app).apply_async(
             (spec, blob),
@@ -249,6 +250,12 @@ class Session:
             timer.start()
             self._timers = [t for t in self._timers if t.is_alive()] + [timer]
         return None
+
+    def _moving(self, args: Any) -> Moving:
+        """When a cell goes where it would anyway rather than wait for a busy holder."""
+        settings = self.app.settings
+        usual = cell_task(self.app).usual_queue(tuple(args.requires) or None)
+        return Moving.through(self.app.store, usual or settings.default_queue, settings.move_bytes)
 
     def _wait(self, run: CellRun, timeout: float | None) -> Any:
         """Stream a task's output into this cell as it comes; return its last expression."""

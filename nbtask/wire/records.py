@@ -129,6 +129,7 @@ class WorkerInfo:
     consumers: tuple[str, ...]
     started: float = 0.0
     tasks: tuple[str, ...] = ()
+    #: The ids of the tasks its children run (the non-empty ones of :attr:`running`).
     busy: tuple[str, ...] = ()
     #: When this entry was written (epoch seconds): the worker's last heartbeat.
     seen: float = 0.0
@@ -138,6 +139,9 @@ class WorkerInfo:
     pids: tuple[int, ...] = ()
     #: The named datasets it holds (see :mod:`nbtask.core.datasets`).
     datasets: tuple[str, ...] = ()
+    #: The id of the task each consumer's child runs ("" while idle), in order; empty in
+    #: an entry from an older nbtask, which did not say which child runs what.
+    running: tuple[str, ...] = ()
 
     def verifiable_with(self, accepted: Sequence[str]) -> bool:
         """True if a worker accepting the secrets ``accepted`` names verifies all this one did.
@@ -177,6 +181,7 @@ class WorkerInfo:
                 keys=_strings(value.get("keys", [])),
                 pids=_ints(value.get("pids", [])),
                 datasets=_strings(value.get("datasets", [])),
+                running=_strings(value.get("running", [])),
             )
         except (TypeError, ValueError):
             return None

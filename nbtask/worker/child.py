@@ -203,7 +203,7 @@ class Child:
                 return None
         finally:
             self.journal.about("")
-            self.slot.clear()
+            self.slot.clear(holds=self.holding.ever_held)
 
     def _settle_unreported(self, admitted: Admitted, exc: Exception) -> None:
         why = NbtaskError(

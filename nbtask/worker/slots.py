@@ -11,13 +11,15 @@ __all__ = ["SlotState"]
 class SlotState:
     """What one child is running, in memory shared with the supervisor.
 
-    Written by the child, read by the supervisor to enforce hard time limits and to find
-    the child running a task it must terminate.
+    Written by the child, read by the supervisor to enforce hard time limits, to find
+    the child running a task it must terminate, and to announce at once when a child that
+    holds kept values starts or ends a task.
     """
 
     def __init__(self) -> None:
         self._task = multiprocessing.RawArray(ctypes.c_char, 64)
         self._deadline = multiprocessing.RawValue(ctypes.c_double, 0.0)
+        self._holds = multiprocessing.RawValue(ctypes.c_bool, False)
 
     @property
     def task_id(self) -> str:
@@ -29,13 +31,19 @@ class SlotState:
         """Epoch seconds past which the supervisor kills the child (0: no limit)."""
         return float(self._deadline.value)
 
+    @property
+    def holds(self) -> bool:
+        """The child has held a kept value: work on it may be sent to this child."""
+        return bool(self._holds.value)
+
     def occupy(self, task_id: str, deadline: float) -> None:
         """Record the task now running."""
         self._deadline.value = 0.0
         self._task.value = task_id.encode()[:63]
         self._deadline.value = deadline
 
-    def clear(self) -> None:
-        """Record that the child is idle."""
+    def clear(self, *, holds: bool) -> None:
+        """Record that the child is idle, and whether it has held a kept value."""
         self._deadline.value = 0.0
         self._task.value = b""
+        self._holds.value = holds

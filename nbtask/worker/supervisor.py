@@ -123,6 +123,7 @@ class Worker:
         self._context = multiprocessing.get_context("fork")
         self._versions_probe: subprocess.Popen[bytes] | None = None
         self._versions: dict[str, str] | None = None  # found, not yet announced
+        self._announced: tuple[tuple[int, ...], tuple[str, ...]] = ((), ())
 
     # Running ---------------------------------------------------------------------------------
     def run(self) -> int:
@@ -214,7 +215,7 @@ class Worker:
             self._child_exited(sentinels[sentinel], respawn=not self._warm)
 
     def _housekeeping(self, *, beat: bool, beats: int) -> None:
-        """Every tick: limits, ETA, control; every heartbeat: presence, dead workers.
+        """Every tick: limits, ETA, control, announcements; each beat: presence, dead workers.
 
         Each step runs on its own: one that fails (a key nbtask did not write, a
         read-only replica) is logged and the others still run, so no bad entry can stop
@@ -228,6 +229,8 @@ class Worker:
         ]
         if beat:
             steps.append(("heartbeat", self._heartbeat))
+        # After the heartbeat, which announces them too: one write, not two.
+        steps.append(("announcements", self._announce_changes))
         steps.append(("countdowns", lambda: self.transport.move_due(self.queues)))
         if beat:
             steps += [
@@ -295,7 +298,7 @@ class Worker:
         reason = f"its worker process {process.pid} exited with code {process.exitcode}"
         stopped = self._stopping.pop(slot, None)
         had_task = bool(self._slots[slot].task_id)
-        self._slots[slot].clear()
+        self._slots[slot].clear(holds=False)
         try:
             self.store.forget_holdings([self.consumers[slot]])  # its memory is gone
             lost = self.transport.held(self.queues, self.consumers[slot])
@@ -351,6 +354,7 @@ class Worker:
 
     # Housekeeping ----------------------------------------------------------------------------
     def _info(self) -> WorkerInfo:
+        running = tuple(slot.task_id for slot in self._slots)
         return WorkerInfo(
             hostname=self.hostname,
             pid=os.getpid(),
@@ -360,13 +364,17 @@ class Worker:
             started=self._started,
             tasks=tuple(sorted(self.tasks)),
             datasets=tuple(sorted(self.datasets)),
-            busy=tuple(slot.task_id for slot in self._slots if slot.task_id),
+            busy=tuple(task_id for task_id in running if task_id),
+            running=running,
             seen=time.time(),
             keys=self.signer.accepted_key_ids,
-            pids=tuple(
-                (self._children[slot].pid or 0) if slot in self._children else 0
-                for slot in range(self.concurrency)
-            ),
+            pids=self._pids(),
+        )
+
+    def _pids(self) -> tuple[int, ...]:
+        return tuple(
+            (self._children[slot].pid or 0) if slot in self._children else 0
+            for slot in range(self.concurrency)
         )
 
     def _announce_versions(self) -> None:
@@ -380,8 +388,27 @@ class Worker:
             self._versions = None
 
     def _heartbeat(self) -> None:
-        self.store.heartbeat(self.worker_id, self._info())
+        self._announce()
         self.transport.renew(self.consumers, self.queues)
+
+    def _announce(self) -> None:
+        self._announced = self._placement_facts()
+        self.store.heartbeat(self.worker_id, self._info())
+
+    def _placement_facts(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """The children's pids, and the task each child that held a kept value runs."""
+        return self._pids(), tuple(slot.task_id if slot.holds else "" for slot in self._slots)
+
+    def _announce_changes(self) -> None:
+        """Announce at once a new child, and a task started or ended by one holding values.
+
+        Work on a kept value goes to the process holding it (told by its pid) unless that
+        one is busy and another idle (:mod:`nbtask.core.placement`), and a heartbeat's
+        word on that can be a whole interval old. Only children that held a value are
+        watched: a worker whose children hold none writes nothing per task.
+        """
+        if self._placement_facts() != self._announced:
+            self._announce()
 
     def _reclaim_dead_workers(self) -> None:
         for worker_id, info in self.store.dead_workers().items():

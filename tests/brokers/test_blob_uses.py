@@ -184,3 +184,25 @@ def test_an_argument_shared_with_a_waiting_task_or_a_kept_value_stays_for_them(
     assert not _gone(access, ARRAY), "a blob a kept value needs went with a task's end"
     app.store.release_blobs({kept.keeper: kept.blob_sizes})
     wait_until(lambda: _gone(access, ARRAY), 10, "the blob to go with its last use")
+
+
+def test_whether_a_store_copy_is_whole_is_asked_of_every_chunk(app: App, access: RawBroker) -> None:
+    store = app.store
+    store.chunk_bytes = 100_000  # type: ignore[attr-defined]
+    digest, sizes = digest_of(DATA), {digest_of(DATA): len(DATA)}
+    assert not store.has_blobs(sizes)
+    store.put_blobs({digest: DATA}, "k")
+    assert store.has_blobs(sizes) and store.has_blobs({})
+    chunks = sorted(access.store.scan_iter(match=f"{access.settings.key_prefix}:blob:*"))
+    assert len(chunks) == 3
+    access.store.delete(chunks[1])
+    assert not store.has_blobs(sizes)
+
+
+def test_on_one_host_a_store_copy_is_its_file(on_one_host: tuple[App, Path]) -> None:
+    local, directory = on_one_host
+    digest, sizes = digest_of(DATA), {digest_of(DATA): len(DATA)}
+    local.store.put_blobs({digest: DATA}, "k")
+    assert local.store.has_blobs(sizes)
+    (directory / digest).unlink()
+    assert not local.store.has_blobs(sizes)

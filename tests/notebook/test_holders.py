@@ -11,6 +11,7 @@ import gc
 import os
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,9 +35,19 @@ StartWorker = Callable[..., WorkerProcess]
 
 
 @pytest.fixture
-def settings(settings: Settings) -> Settings:
+def move_bytes() -> int:
+    """The notebook's ``move_bytes``: the default, unless a test parametrizes its own."""
+    return Settings().move_bytes
+
+
+#: ``x`` (2.4 MB) is too large to move: work on it waits for its holder, busy or not.
+X_STAYS = pytest.mark.parametrize("move_bytes", [1024 * 1024], ids=["x-over-move_bytes"])
+
+
+@pytest.fixture
+def settings(settings: Settings, move_bytes: int) -> Settings:
     """The suite's settings, keeping names of 1 MiB or more on the workers."""
-    return settings.replace(keep_threshold=1024 * 1024)
+    return settings.replace(keep_threshold=1024 * 1024, move_bytes=move_bytes)
 
 
 @pytest.fixture
@@ -201,6 +212,7 @@ def queue_behind_busy_holder(
 
 
 @pytest.mark.brokers()
+@X_STAYS
 def test_a_cell_waiting_for_a_holder_whose_worker_dies_runs_elsewhere(
     ip: InteractiveShell, shell: Session, start_worker: StartWorker, access: RawBroker
 ) -> None:
@@ -216,6 +228,7 @@ def test_a_cell_waiting_for_a_holder_whose_worker_dies_runs_elsewhere(
 
 
 @pytest.mark.brokers()
+@X_STAYS
 def test_a_worker_stopping_sends_on_the_cells_waiting_for_its_processes(
     ip: InteractiveShell, shell: Session, start_worker: StartWorker, access: RawBroker
 ) -> None:
@@ -228,6 +241,144 @@ def test_a_worker_stopping_sends_on_the_cells_waiting_for_its_processes(
     queued.get(timeout=20)
     assert read(ip, "total") == TOTAL
     assert not access.queue_exists(queued.queue)
+
+
+HOLD_UNTIL_GATE = (
+    "import os, time\nwhile not os.path.exists(gate):\n    time.sleep(0.05)\nhead = float(x[1])"
+)
+
+
+def running_on(session: Session, holder: str) -> str | None:
+    """The task the registry says the process serving ``holder`` runs ("" when idle)."""
+    for info in session.app.workers().values():
+        for consumer, task_id in zip(info.consumers, info.running, strict=False):
+            if holder_queue(consumer) == holder:
+                return task_id
+    return None
+
+
+def occupy_holder(
+    ip: InteractiveShell, shell: Session, kept: RemoteValue, gate: Path
+) -> TaskHandle:
+    """Run a cell on ``kept``'s holder until ``gate`` exists; return once the registry says so."""
+    ip.user_ns["gate"] = str(gate)
+    task(ip, HOLD_UNTIL_GATE, "--out busy")
+    busy: TaskHandle = ip.user_ns["busy"]
+    assert busy.queue == kept.holder
+    wait_until(lambda: running_on(shell, kept.holder or "") == busy.id, 20, "the holder busy")
+    return busy
+
+
+def pids_of(worker: WorkerProcess) -> set[int]:
+    return {child.pid for child in worker.children()}
+
+
+@pytest.mark.brokers()
+def test_a_cell_on_a_value_whose_holder_is_busy_runs_on_an_idle_process_which_holds_it_then(
+    ip: InteractiveShell,
+    shell: Session,
+    start_worker: StartWorker,
+    settings: Settings,
+    tmp_path: Path,
+) -> None:
+    workers = [start_worker(concurrency=1), start_worker(concurrency=1)]
+    kept = keep_x(ip)
+    holder, holder_pid = holder_of(shell, kept, workers)
+    [idle] = [w for w in workers if w is not holder]
+    busy = occupy_holder(ip, shell, kept, tmp_path / "gate")
+    task(ip, "import os\ntotal = float(x.sum())\nwhere = os.getpid()", "--wait --out moved")
+    assert ip.user_ns["moved"].queue == settings.default_queue
+    assert ip.user_ns["total"] == TOTAL and ip.user_ns["where"] in pids_of(idle)
+    assert not busy.done()  # it did not wait for the holder
+    # That process loaded the store copy and holds x now; the notebook's x names it, so
+    # the next cell goes there and reads no blob.
+    assert kept.holder_pid == ip.user_ns["where"] != holder_pid
+    assert holder_of(shell, kept, [idle])[1] == kept.holder_pid
+    delete_store_copies(settings)
+    task(ip, "import os\nagain = float(x.sum())\nthere = os.getpid()", "--wait --out next")
+    assert ip.user_ns["next"].queue == kept.holder
+    assert ip.user_ns["again"] == TOTAL and ip.user_ns["there"] == kept.holder_pid
+    (tmp_path / "gate").touch()
+    busy.get(timeout=20)
+
+
+@pytest.mark.brokers()
+def test_a_function_task_on_a_value_whose_holder_is_busy_runs_on_an_idle_process(
+    ip: InteractiveShell,
+    shell: Session,
+    start_worker: StartWorker,
+    settings: Settings,
+    tmp_path: Path,
+) -> None:
+    workers = [start_worker(concurrency=1), start_worker(concurrency=1)]
+    kept = keep_x(ip)
+    holder, _ = holder_of(shell, kept, workers)
+    [idle] = [w for w in workers if w is not holder]
+    busy = occupy_holder(ip, shell, kept, tmp_path / "gate")
+
+    @shell.app.task
+    def total(values: Any) -> tuple[float, int]:
+        return float(values.sum()), os.getpid()
+
+    handle = total.delay(kept)
+    assert handle.queue == settings.default_queue
+    result, pid = handle.get(timeout=20)  # from the store copy, while the holder is busy
+    assert result == TOTAL and pid in pids_of(idle) and not busy.done()
+    (tmp_path / "gate").touch()
+    busy.get(timeout=20)
+
+
+@pytest.mark.brokers()
+@X_STAYS
+def test_a_value_over_move_bytes_waits_for_its_busy_holder(
+    ip: InteractiveShell, shell: Session, start_worker: StartWorker, tmp_path: Path
+) -> None:
+    workers = [start_worker(concurrency=1), start_worker(concurrency=1)]  # one idle
+    kept = keep_x(ip)
+    _, holder_pid = holder_of(shell, kept, workers)
+    occupy_holder(ip, shell, kept, tmp_path / "gate")
+    task(ip, "import os\ntotal = float(x.sum())\nwhere = os.getpid()", "--out queued")
+    queued = ip.user_ns["queued"]
+    assert queued.queue == kept.holder and queued.state is State.PENDING
+    (tmp_path / "gate").touch()
+    assert read(ip, "where") == holder_pid and read(ip, "total") == TOTAL
+
+
+@pytest.mark.brokers()
+def test_a_busy_holder_with_no_idle_process_elsewhere_is_waited_for(
+    ip: InteractiveShell, shell: Session, start_worker: StartWorker, tmp_path: Path
+) -> None:
+    worker = start_worker(concurrency=1)
+    kept = keep_x(ip)
+    _, holder_pid = holder_of(shell, kept, [worker])
+    occupy_holder(ip, shell, kept, tmp_path / "gate")
+    task(ip, "import os\ntotal = float(x.sum())\nwhere = os.getpid()", "--out queued")
+    queued = ip.user_ns["queued"]
+    assert queued.queue == kept.holder and queued.state is State.PENDING
+    (tmp_path / "gate").touch()
+    assert read(ip, "where") == holder_pid and read(ip, "total") == TOTAL
+
+
+def test_a_process_holding_kept_values_announces_its_tasks_at_once(
+    ip: InteractiveShell,
+    shell: Session,
+    start_worker: StartWorker,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    # The worker's heartbeats a minute apart: only these announcements show a task in time.
+    monkeypatch.setenv("NBTASK_HEARTBEAT_INTERVAL", "60")
+    monkeypatch.setenv("NBTASK_VISIBILITY_TIMEOUT", "300")
+    start_worker(concurrency=2)
+    wait_until(lambda: all(all(i.pids) for i in shell.app.workers().values()), 20, "its children")
+    [before] = shell.app.workers().values()
+    task(ip, "n = 1", "--wait")  # no process holds anything: its entry is not written again
+    assert [info.seen for info in shell.app.workers().values()] == [before.seen]
+    kept = keep_x(ip)
+    busy = occupy_holder(ip, shell, kept, tmp_path / "gate")  # shown busy within 20 s
+    (tmp_path / "gate").touch()
+    busy.get(timeout=20)
+    wait_until(lambda: running_on(shell, kept.holder or "") == "", 20, "the holder shown idle")
 
 
 def test_a_value_lost_with_its_holder_and_its_store_copy_names_itself_and_its_cell(
