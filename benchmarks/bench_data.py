@@ -4,7 +4,8 @@ Starts ``python -m nbtask worker -c 2`` on the Redis at ``--url`` (its own key p
 deleted after), then measures, median of ``--repeats``:
 
 * ``arg_50mb_s``: a fresh 50 MB float64 array as an argument, its sum back;
-* ``arg_50mb_again_s``: the same array again (blobs are named by content);
+* ``arg_50mb_again_s``: the same array again (blobs are named by content, but a task's
+  argument blobs go when it ends: sent one after another, the array is written again);
 * ``echo_50mb_s``: a fresh 50 MB array there and back;
 
 each through the Redis at ``--url`` (``store``) and through the embedded cluster
