@@ -22,7 +22,6 @@ Delivery rules (see the README's "Delivery semantics"):
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import socket
@@ -251,10 +250,10 @@ class StreamsTransport(StreamsUpkeep):
         if not entries:
             return None
         entry_id, fields = entries[0][1][0]
-        delivery = _delivery(queue, entry_id, fields)
+        # The start check looked at this very entry (else the worker asks the store).
+        checked = _verdict(verdict[1]) if verdict and verdict[0] == entry_id else None
+        delivery = _delivery(queue, entry_id, fields, checked)
         self._last_seen[stream] = delivery.delivery_id
-        if verdict and verdict[0] == entry_id:
-            delivery = _with_verdict(delivery, verdict[1])
         return delivery
 
     def _recover_lost_read(self, queues: Sequence[str], consumer: str) -> Delivery | None:
@@ -275,7 +274,7 @@ class StreamsTransport(StreamsUpkeep):
             self.link.read_lost = False
             return None
         index, entry_id, fields, verdict = reply
-        delivery = _with_verdict(_delivery(queues[int(index) - 1], entry_id, fields), verdict)
+        delivery = _delivery(queues[int(index) - 1], entry_id, fields, _verdict(verdict))
         log.warning(
             "took back entry %s of queue %s, delivered while the connection was lost",
             delivery.delivery_id,
@@ -292,7 +291,7 @@ class StreamsTransport(StreamsUpkeep):
         while True:
             index, *rest = self.link.run_scripts([fetch])[0]
             if index:
-                return _with_verdict(_delivery(queues[index - 1], rest[0], rest[1]), rest[2])
+                return _delivery(queues[index - 1], rest[0], rest[1], _verdict(rest[2]))
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
@@ -416,6 +415,7 @@ def _refusals(replies: Sequence[Any]) -> list[str]:
     return out
 
 
-def _with_verdict(delivery: Delivery, verdict: bytes) -> Delivery:
+def _verdict(verdict: bytes) -> str | None:
+    """A start check's reply as a delivery's verdict (``None``: ask the store)."""
     text = verdict.decode()
-    return delivery if text == Verdict.ASK else dataclasses.replace(delivery, verdict=text)
+    return None if text == Verdict.ASK else text

@@ -173,7 +173,9 @@ class StreamsUpkeep:
         return dropped
 
 
-def _delivery(queue: str, entry_id: bytes | str, fields: Any) -> Delivery:
+def _delivery(
+    queue: str, entry_id: bytes | str, fields: Any, verdict: str | None = None
+) -> Delivery:
     if isinstance(fields, list):  # raw reply: a flat [k, v, k, v] list
         fields = dict(zip(fields[::2], fields[1::2], strict=False))
     entry = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
@@ -187,5 +189,6 @@ def _delivery(queue: str, entry_id: bytes | str, fields: Any) -> Delivery:
         entry,
         fields.get(b"e", b""),
         deliveries,
-        task_id=task_id.decode(errors="replace") if task_id else None,
+        verdict,
+        task_id.decode(errors="replace") if task_id else None,
     )

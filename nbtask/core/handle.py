@@ -316,7 +316,9 @@ class TaskHandle(concurrent.futures.Future[Any]):
         A final state is never taken for an old event: whatever its number, it ends the task.
         """
         final = event.state in FINAL_STATES
-        if final and not self.done():
+        # Only callbacks can tell the STARTED made from a final event: the final event
+        # leaves the handle in the same state with or without it.
+        if final and self._listeners and not self.done():
             started = self._skipped_start(event)
             if started is not None:
                 self.apply(started)

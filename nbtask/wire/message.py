@@ -77,8 +77,11 @@ class TaskMessage:
                     raise DecodeError(f"field {name!r} is missing")
                 continue
             value = header[name]
-            # bool is an int subclass: accept it only where a bool is expected.
-            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            # JSON gives exactly these types; anything else is checked in full. bool is an
+            # int subclass: accept it only where a bool is expected.
+            if type(value) not in kinds and (
+                not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)
+            ):
                 raise DecodeError(f"field {name!r} has a wrong type")
             values[name] = value
         if not all(isinstance(n, str) for n in values.get("requires") or ()):
@@ -89,11 +92,12 @@ class TaskMessage:
 
     def to_header(self) -> dict[str, Any]:
         """The JSON header carrying this message (fields left at ``None`` are left out)."""
-        header = {name: getattr(self, name) for name, _, _ in _MESSAGE_FIELDS}
+        # The instance's dict holds exactly its fields, in their order.
+        header = {"kind": "task", **self.__dict__}
         for optional in ("args_layout", "requires", "fallback_queue"):
             if header[optional] is None:
                 del header[optional]
-        return {"kind": "task", **header}
+        return header
 
     def split(self, envelope: Envelope) -> tuple[Buffer, Buffer, Buffer]:
         """``(code, callbacks, arguments)`` parts of a verified envelope's body."""
