@@ -273,6 +273,20 @@ def pids_of(worker: WorkerProcess) -> set[int]:
     return {child.pid for child in worker.children()}
 
 
+def busy_holder_and_an_idle_worker(
+    ip: InteractiveShell, shell: Session, start_worker: StartWorker, tmp_path: Path
+) -> tuple[RemoteValue, int, WorkerProcess, TaskHandle]:
+    """Two one-process workers; ``x`` kept on one, which is then kept busy (until the gate).
+
+    Returns ``x``, its holder's pid, the other (idle) worker and the busy cell's handle.
+    """
+    workers = [start_worker(concurrency=1), start_worker(concurrency=1)]
+    kept = keep_x(ip)
+    holder, holder_pid = holder_of(shell, kept, workers)
+    [idle] = [w for w in workers if w is not holder]
+    return kept, holder_pid, idle, occupy_holder(ip, shell, kept, tmp_path / "gate")
+
+
 @pytest.mark.brokers()
 def test_a_cell_on_a_value_whose_holder_is_busy_runs_on_an_idle_process_which_holds_it_then(
     ip: InteractiveShell,
@@ -281,11 +295,7 @@ def test_a_cell_on_a_value_whose_holder_is_busy_runs_on_an_idle_process_which_ho
     settings: Settings,
     tmp_path: Path,
 ) -> None:
-    workers = [start_worker(concurrency=1), start_worker(concurrency=1)]
-    kept = keep_x(ip)
-    holder, holder_pid = holder_of(shell, kept, workers)
-    [idle] = [w for w in workers if w is not holder]
-    busy = occupy_holder(ip, shell, kept, tmp_path / "gate")
+    kept, holder_pid, idle, busy = busy_holder_and_an_idle_worker(ip, shell, start_worker, tmp_path)
     task(ip, "import os\ntotal = float(x.sum())\nwhere = os.getpid()", "--wait --out moved")
     assert ip.user_ns["moved"].queue == settings.default_queue
     assert ip.user_ns["total"] == TOTAL and ip.user_ns["where"] in pids_of(idle)
@@ -310,11 +320,7 @@ def test_a_function_task_on_a_value_whose_holder_is_busy_runs_on_an_idle_process
     settings: Settings,
     tmp_path: Path,
 ) -> None:
-    workers = [start_worker(concurrency=1), start_worker(concurrency=1)]
-    kept = keep_x(ip)
-    holder, _ = holder_of(shell, kept, workers)
-    [idle] = [w for w in workers if w is not holder]
-    busy = occupy_holder(ip, shell, kept, tmp_path / "gate")
+    kept, _, idle, busy = busy_holder_and_an_idle_worker(ip, shell, start_worker, tmp_path)
 
     @shell.app.task
     def total(values: Any) -> tuple[float, int]:
