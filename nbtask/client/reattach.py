@@ -45,13 +45,7 @@ def reattach(
                 continue
             if event.task_id == task_id and event.state not in FINAL_STATES:
                 handle.apply(event)
-        event, result = decode_event(signer, record.result, store.get_blob)
-        if event.task_id != task_id:
-            # Correctly signed, but another task's: someone moved it here.
-            raise SignatureError(
-                f"the stored result of task {task_id!r} belongs to task {event.task_id!r}"
-            )
-        handle.apply(event, result)
+        _apply_stored_result(handle, record.result, store, signer)
     else:
         # Where a broker keeps only final events (AMQP), the record alone says the task
         # is running; the channel's events, if kept, then replay on top of it.
@@ -60,4 +54,21 @@ def reattach(
             kind = EventType.STARTED if record.state is State.STARTED else EventType.RETRY
             handle.apply(Event(kind, task_id, 0, info))
         listener.register(handle, channel=channel or None)
+        # A task that ended between the record's read and the registration sent its end
+        # to no handle (on this client's own channel, the listener reads on from where it
+        # is): its record has it now.
+        again = store.get_record(task_id)
+        if again is not None and again.result is not None:
+            _apply_stored_result(handle, again.result, store, signer)
     return handle
+
+
+def _apply_stored_result(handle: TaskHandle, raw: bytes, store: Store, signer: Signer) -> None:
+    """End ``handle`` with the task's signed, stored outcome (it must be that task's)."""
+    event, result = decode_event(signer, raw, store.get_blob)
+    if event.task_id != handle.id:
+        # Correctly signed, but another task's: someone moved it here.
+        raise SignatureError(
+            f"the stored result of task {handle.id!r} belongs to task {event.task_id!r}"
+        )
+    handle.apply(event, result)

@@ -3,13 +3,16 @@ send or wait for other tasks."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import remote_of, wait_for_housekeeping, wait_until
 
 from nbtask import App, State, chain, group
+from nbtask.client.listener import Listener
 from tests.celery_tasks import read_records
 
 pytestmark = pytest.mark.brokers
@@ -217,6 +220,37 @@ def test_get_inside_a_task_when_explicitly_allowed(app: App, start_worker) -> No
         return add.delay(20, 22).get(timeout=5, disable_sync_subtasks=False)
 
     assert waits_anyway.delay().get(timeout=15) == 42
+
+
+def test_a_subtask_ending_while_it_is_reattached_is_not_missed(
+    app: App, start_worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its end reaches this client's listener before the new handle is registered."""
+    start_worker(concurrency=2)
+
+    @app.task
+    def child() -> int:
+        time.sleep(1.0)
+        return 7
+
+    @app.task
+    def parent() -> str:
+        return child.delay().id
+
+    child_id = parent.delay().get(timeout=10)
+    register = Listener.register
+
+    def register_after_the_end(self: Listener, handle: Any, *args: Any, **kwargs: Any) -> None:
+        def ended() -> bool:
+            record = app.store.get_record(handle.id)
+            return record is not None and record.result is not None
+
+        wait_until(ended, 10, "the subtask to end")
+        time.sleep(0.5)  # its final event has come through the listener, to no handle
+        register(self, handle, *args, **kwargs)
+
+    monkeypatch.setattr(Listener, "register", register_after_the_end)
+    assert app.handle(child_id).get(timeout=5) == 7
 
 
 def test_subtask_sent_from_a_task_can_be_reattached(app: App, start_worker) -> None:
