@@ -1,11 +1,12 @@
 """The Lua scripts that keep a blob's uses (:mod:`nbtask.brokers.redis_blobs`) atomic.
 
 A blob's uses are a hash, ``<key_prefix>:blobref:<digest>``, kept as long as the blob:
-a field ``k:<keeper>`` for each kept value whose store copy may be deleted once it is
-released, and a field ``pin`` once anything that relies on ``result_ttl`` used it (a
-task's arguments or result, a reference sent in a message). Noting a use and checking
-whether the blob is there is one script, and so is a release, so a blob is never deleted
-between a writer finding it kept and the writer's message being read.
+a field ``k:<keeper>`` for each use that releases the blob when done with it (a kept
+value, a task's arguments until the task has ended), and a field ``pin`` once anything
+that relies on ``result_ttl`` used it (a task's result, a reference sent in a message).
+Noting a use and checking whether the blob is there is one script, and so is a release,
+so a blob is never deleted between a writer finding it kept and the writer's message
+being read.
 """
 
 from __future__ import annotations

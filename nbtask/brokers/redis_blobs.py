@@ -96,7 +96,7 @@ class RedisBlobs:
 
     def _use(self, sizes: Mapping[str, int], keeper: str | None) -> dict[str, bool]:
         """Note a use of each blob and refresh it: whether it is kept whole in Redis."""
-        field = "pin" if keeper is None else f"k:{keeper}"
+        field = "pin" if keeper is None else _keeper_field(keeper)
         in_redis = self.local_blobs is None
         commands = [
             self.link.evalsha(
@@ -123,7 +123,7 @@ class RedisBlobs:
             self.link.evalsha(
                 "release_blob",
                 [self._uses_key(digest), *self._blob_keys(digest, released[keeper][digest])],
-                f"k:{keeper}",
+                _keeper_field(keeper),
             )
             for keeper, digest in order
         ]
@@ -197,3 +197,8 @@ class RedisBlobs:
                 "or truncated); nothing was loaded"
             )
         return data
+
+
+def _keeper_field(keeper: str) -> str:
+    """A keeper's field in a blob's uses hash (apart from ``pin``, whatever the id)."""
+    return f"k:{keeper}"

@@ -18,7 +18,7 @@ from nbtask.brokers.base import Publish, Store
 from nbtask.core.canvas import Call, Callbacks, Signable
 from nbtask.core.holding import is_holder_queue
 from nbtask.core.placement import Moving, holder_queue_for
-from nbtask.core.refs import ValueRef, noting_refs
+from nbtask.core.refs import ValueRef, blobs_of, noting_refs
 from nbtask.core.task import Task
 from nbtask.errors import ConfigurationError, SerializationError
 from nbtask.settings import Settings
@@ -123,7 +123,7 @@ class MessageBuilder:
             # Kept until the task has ended (the worker releases them then), or result_ttl.
             self.store.put_blobs(payload.blobs, keeper=argument_keeper(task_id))
             # Kept values passed by reference: the task may load them after they are released.
-            self.store.pin_blobs({d: s for ref in carried for d, s in ref.blob_sizes.items()})
+            self.store.pin_blobs(blobs_of(carried))
         ignore_result = task.ignore_result
         if ignore_result is None:
             ignore_result = self.settings.task_ignore_result

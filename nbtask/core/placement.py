@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 from nbtask.brokers.base import Store
 from nbtask.core.holding import holder_queue
-from nbtask.core.refs import ValueRef
+from nbtask.core.refs import ValueRef, blobs_of
 from nbtask.wire.events import State
 from nbtask.wire.records import WorkerInfo
 
@@ -78,7 +78,7 @@ class Moving:
         # The store is asked last, and only when the registry says moving pays.
         if not running or not idle_elsewhere or self.ended(running):
             return False
-        return self.has_copies({d: s for value in held for d, s in value.blob_sizes.items()})
+        return self.has_copies(blobs_of(held))
 
 
 def holder_queue_for(

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from nbtask.brokers.base import Store
@@ -33,7 +33,7 @@ from nbtask.wire.blobs import Fetch, Packed, Part, blob_sizes, join_value
 from nbtask.wire.envelope import Signer
 from nbtask.wire.events import Deferred, EventType, Unloadable, decode_event
 
-__all__ = ["ResultRef", "ValueRef", "noting_refs", "resolving"]
+__all__ = ["ResultRef", "ValueRef", "blobs_of", "noting_refs", "resolving"]
 
 #: Loads a reference's value; set only while a worker decodes a task's own arguments.
 _Resolver = Callable[["ValueRef | ResultRef"], Any]
@@ -165,6 +165,11 @@ def _rebuild(cls: type[ValueRef | ResultRef], state: dict[str, Any]) -> Any:
     ref.__dict__.update(state)
     resolve = _resolver.get()
     return ref if resolve is None else resolve(ref)
+
+
+def blobs_of(refs: Iterable[ValueRef]) -> dict[str, int]:
+    """``{digest: size}`` of the blobs of every reference in ``refs``."""
+    return {digest: size for ref in refs for digest, size in ref.blob_sizes.items()}
 
 
 @contextlib.contextmanager

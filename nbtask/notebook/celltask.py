@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from nbtask.core.refs import noting_refs
+from nbtask.core.refs import blobs_of, noting_refs
 from nbtask.core.task import Task
 from nbtask.errors import CellError
 from nbtask.notebook.analysis import analyze
@@ -99,7 +99,7 @@ class NamedCell(Task):
             spec, blob = self._spec(kwargs or {})
         app = self._client()
         # The kept values it reads: the cell may load them after the notebook released them.
-        app.store.pin_blobs({d: s for ref in carried for d, s in ref.blob_sizes.items()})
+        app.store.pin_blobs(blobs_of(carried))
         queue = options.pop("queue", None) or app.route(self.name)
         return cell_task(app).apply_async((spec, blob), queue=queue, **options)
 
