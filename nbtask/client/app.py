@@ -16,7 +16,7 @@ from nbtask.client.listener import Listener
 from nbtask.client.live_workers import LiveWorkers
 from nbtask.client.reattach import reattach
 from nbtask.client.routes import Routes
-from nbtask.client.unsent import reused_ids, revoking_unsent
+from nbtask.client.unsent import restore_refused, reused_ids, revoking_unsent
 from nbtask.core.canvas import Call
 from nbtask.core.datasets import Loader, dataset_names
 from nbtask.core.handle import FetchWatch, TaskHandle
@@ -260,10 +260,8 @@ class App:
             signer = Signer.for_settings(settings, secret)
             transport = open_broker(settings, url)
             transport.ping()
-            self._builder, self._transport = (
-                MessageBuilder(signer, settings, transport.store),
-                transport,
-            )
+            self._builder = MessageBuilder(signer, settings, transport.store)
+            self._transport = transport
             self._live = LiveWorkers(transport.store, signer.key_id)
             return transport
 
@@ -366,7 +364,8 @@ class App:
         """
         builder, channel = self._message_builder(), self.channel
         built = [builder.build(call, channel) for call in calls]
-        self._live_workers().check_secret({message.queue for message, _ in built})
+        live = self._live_workers()
+        live.check_secret({message.queue for message, _ in built})
         handles = [TaskHandle(self, m.id, m.name, m.queue) for m, _ in built]
         listener = self._listen()
         # A refused call must leave the handle of the task holding its id in place.
@@ -379,18 +378,10 @@ class App:
         # A lone call (delay()) does not wait for its confirm; a batch waits once for all.
         with revoking_unsent(self.transport, self.signer, channel, listener):
             refused = self.transport.publish([p for _, p in built], wait=len(built) > 1)
-        taken = [
-            (handle, state, before)
-            for handle, state, before in zip(handles, refused, previous, strict=True)
-            if state
-        ]
-        for handle, _, before in reversed(taken):
-            if before is None:
-                listener.forget(handle.id)
-            else:
-                listener.register(before)
+        taken = restore_refused(listener, handles, refused, previous)
+        live.note_sent([h for h, state in zip(handles, refused, strict=True) if not state])
         if taken:
-            raise ConfigurationError(reused_ids([(h.id, state) for h, state, _ in taken]))
+            raise ConfigurationError(reused_ids(taken))
         return handles
 
     def _live_workers(self) -> LiveWorkers:
@@ -399,11 +390,9 @@ class App:
         return self._live
 
     def waiting_reason(self, queue: str) -> str | None:
-        """Why a task sent to ``queue`` cannot start: no live worker consumes the queue.
+        """Why a task sent to ``queue`` cannot start (no live worker consumes it), or ``None``.
 
-        ``None`` when one does (or when that cannot be told now). Goes by the worker
-        registry as read at most every few seconds, so asking costs no round trip to
-        the broker each time; :attr:`TaskHandle.waiting_reason` asks this.
+        By the registry as read every few seconds; :attr:`TaskHandle.waiting_reason` asks.
         """
         live = self._live
         return None if live is None else live.waiting_reason(queue)
@@ -532,6 +521,10 @@ class App:
         """Live workers, ``{worker_id: info}``: read now, or ``recent``: as sending goes by."""
         live = self._live_workers()
         return live.recent() if recent else live.read()
+
+    def sent_to(self, queue: str) -> bool:
+        """Whether work this app sent to ``queue``, one worker process's own, has not ended."""
+        return self._live_workers().sent_to(queue)
 
     def __repr__(self) -> str:
         where = self.settings.broker_url or "embedded"

@@ -4,15 +4,22 @@ Sending checks two things against it without a broker round trip per task: that 
 workers of a queue share this client's secret (else the send is refused), and whether any
 live worker consumes the queue at all (else the task's handle says why it waits). Both
 read one snapshot of the registry, read again at most every :data:`REFRESH_SECONDS`.
+
+It also keeps what the registry cannot say yet: the work this client sent to one worker
+process's own queue (where a kept value is held) and has not seen end, so work on kept
+values sent back to back knows that process is busy before the process announces it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from nbtask.brokers import Store
+from nbtask.core.handle import TaskHandle
+from nbtask.core.holding import is_holder_queue
 from nbtask.errors import BrokerUnavailable, ConfigurationError
 from nbtask.wire.records import WorkerInfo
 
@@ -51,6 +58,8 @@ class LiveWorkers:
         self._key_id = key_id
         self._snapshot: _Snapshot | None = None
         self._failed_at = float("-inf")  # when a quiet read last failed
+        self._at_holders: dict[str, list[TaskHandle]] = {}  # own queue -> work not seen end
+        self._lock = threading.Lock()
 
     def read(self) -> dict[str, WorkerInfo]:
         """Read the registry now (one round trip); later checks go by what it found."""
@@ -119,3 +128,18 @@ class LiveWorkers:
         if queue in snapshot.queues:
             return None
         return f"no live worker consumes queue {queue!r}"
+
+    def note_sent(self, handles: Sequence[TaskHandle]) -> None:
+        """Remember the work sent to worker processes' own queues until it ends."""
+        with self._lock:
+            for handle in handles:
+                if handle.queue and is_holder_queue(handle.queue):
+                    self._at_holders.setdefault(handle.queue, []).append(handle)
+
+    def sent_to(self, queue: str) -> bool:
+        """Whether work this client sent to ``queue`` (a process's own) has not ended."""
+        with self._lock:
+            unended = [h for h in self._at_holders.pop(queue, ()) if not h.done()]
+            if unended:
+                self._at_holders[queue] = unended
+        return bool(unended)

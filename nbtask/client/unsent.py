@@ -16,11 +16,12 @@ from collections.abc import Iterator, Sequence
 
 from nbtask.brokers import Transport
 from nbtask.client.listener import Listener
+from nbtask.core.handle import TaskHandle
 from nbtask.errors import BrokerUnavailable
 from nbtask.wire.envelope import Signer
 from nbtask.wire.events import FINAL_SEQ, FINAL_STATES, Event, EventType
 
-__all__ = ["UNSENT_REASON", "reused_ids", "revoke_unsent", "revoking_unsent"]
+__all__ = ["UNSENT_REASON", "restore_refused", "reused_ids", "revoke_unsent", "revoking_unsent"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,31 @@ def revoking_unsent(
         yield
     finally:
         revoke_unsent(transport, signer, channel, listener)
+
+
+def restore_refused(
+    listener: Listener,
+    handles: Sequence[TaskHandle],
+    refused: Sequence[str],
+    previous: Sequence[TaskHandle | None],
+) -> list[tuple[str, str]]:
+    """Give the listener back the handles that calls refused for a reused id had replaced.
+
+    ``refused`` has, per handle, the state of the task already holding its id ("" for a
+    call that was sent); ``previous`` the handle the listener had for that id. Returns
+    ``(task id, state)`` per refused call.
+    """
+    taken = [
+        (handle, state, before)
+        for handle, state, before in zip(handles, refused, previous, strict=True)
+        if state
+    ]
+    for handle, _, before in reversed(taken):
+        if before is None:
+            listener.forget(handle.id)
+        else:
+            listener.register(before)
+    return [(handle.id, state) for handle, state, _ in taken]
 
 
 def reused_ids(taken: Sequence[tuple[str, str]]) -> str:

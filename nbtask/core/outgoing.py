@@ -176,7 +176,9 @@ class MessageBuilder:
         moving = None
         if self.store is not None:
             settings = self.settings
-            moving = Moving.through(self.store, settings.default_queue, settings.move_bytes)
+            moving = Moving.through(
+                self.store, settings.default_queue, settings.move_bytes, task.app.sent_to
+            )
         return holder_queue_for(refs, task.app.workers, requires, moving)
 
 

@@ -13,9 +13,11 @@ process serving that queue is idle, the values the holder would lend total at mo
 ``move_bytes``, and their store copy is whole: the process that takes it loads them (a
 cell's process then holds them, and the notebook sends later work there). The registry
 says who runs what as the workers last announced it: a child that holds kept values
-announces each task it starts or ends at once, any other at its heartbeats. The store is
-asked only once the registry says moving pays: whether the task the holder runs has ended
-since (its record), then whether the store copy is there.
+announces each task it starts or ends at once, any other at its heartbeats. Work this
+client sent to the holder's own queue and has not seen end counts as well, so calls sent
+back to back on one value spread over the idle processes instead of queueing behind the
+first. The store is asked only once the rest says moving pays: whether the task the
+holder runs has ended since (its record), then whether the store copy is there.
 """
 
 from __future__ import annotations
@@ -47,17 +49,23 @@ class Moving:
         Whether the store keeps the blobs ``{digest: size}`` whole.
     ended
         Whether a task the registry lists as running has ended since.
+    sent_to
+        Whether work this client sent to a queue has not ended yet.
     """
 
     queue: str
     move_bytes: int
     has_copies: Callable[[Mapping[str, int]], bool]
     ended: Callable[[str], bool]
+    sent_to: Callable[[str], bool] = lambda queue: False
 
     @classmethod
-    def through(cls, store: Store, queue: str, move_bytes: int) -> Moving:
+    def through(
+        cls, store: Store, queue: str, move_bytes: int, sent_to: Callable[[str], bool]
+    ) -> Moving:
         """Moving to ``queue``, with ``store`` telling copies and ended tasks."""
-        return cls(queue, move_bytes, store.has_blobs, functools.partial(_ended, store))
+        ended = functools.partial(_ended, store)
+        return cls(queue, move_bytes, store.has_blobs, ended, sent_to)
 
     def beats_waiting(
         self, held: Sequence[ValueRef], holder: str, workers: Mapping[str, WorkerInfo]
@@ -75,8 +83,10 @@ class Moving:
             task == "" and pid and own != holder and self.queue in info.queues
             for info, own, pid, task in children
         )
-        # The store is asked last, and only when the registry says moving pays.
-        if not running or not idle_elsewhere or self.ended(running):
+        if not idle_elsewhere:
+            return False
+        # The store is asked last, and only when the rest says moving pays.
+        if not self.sent_to(holder) and (not running or self.ended(running)):
             return False
         return self.has_copies(blobs_of(held))
 

@@ -32,6 +32,9 @@ class TaskApp(Sender, Protocol):
     def workers(self) -> Mapping[str, WorkerInfo]:
         """The live workers (read now): where kept values are held."""
 
+    def sent_to(self, queue: str) -> bool:
+        """Whether work the app sent to ``queue`` has not ended yet."""
+
 
 @dataclasses.dataclass(frozen=True)
 class ExceptionInfo:

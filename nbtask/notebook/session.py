@@ -255,7 +255,8 @@ class Session:
         """When a cell goes where it would anyway rather than wait for a busy holder."""
         settings = self.app.settings
         usual = cell_task(self.app).usual_queue(tuple(args.requires) or None)
-        return Moving.through(self.app.store, usual or settings.default_queue, settings.move_bytes)
+        queue = usual or settings.default_queue
+        return Moving.through(self.app.store, queue, settings.move_bytes, self.app.sent_to)
 
     def _wait(self, run: CellRun, timeout: float | None) -> Any:
         """Stream a task's output into this cell as it comes; return its last expression."""

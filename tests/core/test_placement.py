@@ -67,9 +67,13 @@ def place(
     store: Store,
     move_bytes: int = 256 * MiB,
     queue: str = "default",
+    sent_to: tuple[str, ...] = (),
 ) -> str | None:
-    """Where work reading ``kept()`` (and a plain value) goes, work going to ``queue`` else."""
-    rule = Moving(queue, move_bytes, store.has_copies, store.ended)
+    """Where work reading ``kept()`` (and a plain value) goes, work going to ``queue`` else.
+
+    ``sent_to``: the queues this client sent work to that has not ended.
+    """
+    rule = Moving(queue, move_bytes, store.has_copies, store.ended, sent_to.__contains__)
     return holder_queue_for([kept(), "small"], lambda: registry, (), rule)
 
 
@@ -92,6 +96,18 @@ def test_an_idle_holder_gets_the_work_and_the_store_is_not_asked() -> None:
     store = Store()
     assert place({"w1": worker(1, ""), "w2": worker(2, "")}, store) == HOLDER
     assert store.asked == []
+
+
+def test_a_holder_running_work_this_client_sent_is_busy_before_the_registry_says_so() -> None:
+    # Calls sent back to back: the registry still shows the holder idle.
+    store = Store()
+    idle = {"w1": worker(1, ""), "w2": worker(2, "")}
+    assert place(idle, store, sent_to=(HOLDER,)) is None
+    assert store.asked == [{"d1": 10 * MiB}]  # no registry task to look up: only the copy
+    # Work sent to another process's own queue does not make this holder busy.
+    assert place(idle, Store(), sent_to=(holder_queue("w2-0"),)) == HOLDER
+    # With no process idle elsewhere, the work still waits for its holder.
+    assert place({"w1": worker(1, "")}, Store(), sent_to=(HOLDER,)) == HOLDER
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -332,6 +333,47 @@ def test_a_function_task_on_a_value_whose_holder_is_busy_runs_on_an_idle_process
     assert result == TOTAL and pid in pids_of(idle) and not busy.done()
     (tmp_path / "gate").touch()
     busy.get(timeout=20)
+
+
+@pytest.mark.brokers()
+def test_work_sent_back_to_back_on_a_kept_value_spreads_before_the_registry_says_busy(
+    ip: InteractiveShell,
+    shell: Session,
+    start_worker: StartWorker,
+    settings: Settings,
+    tmp_path: Path,
+) -> None:
+    """The second call does not queue behind the first on the holder: it goes elsewhere."""
+    workers = [start_worker(concurrency=1), start_worker(concurrency=1)]
+    kept = keep_x(ip)
+    holder, holder_pid = holder_of(shell, kept, workers)
+    [idle] = [w for w in workers if w is not holder]
+    held_on = kept.holder
+    ip.user_ns["gate"] = str(tmp_path / "gate")
+    task(ip, HOLD_UNTIL_GATE, "--out first")  # no waiting for the registry to show it
+    task(ip, "import os\ntotal = float(x.sum())\nwhere = os.getpid()", "--wait --out second")
+    assert ip.user_ns["first"].queue == held_on
+    assert ip.user_ns["second"].queue == settings.default_queue
+    assert ip.user_ns["where"] in pids_of(idle) and ip.user_ns["total"] == TOTAL
+
+    assert not ip.user_ns["first"].done()
+    (tmp_path / "gate").touch()
+    assert read(ip, "head") == 1.0 and ip.user_ns["first"].info["pid"] == holder_pid
+    wait_until(lambda: running_on(shell, held_on or "") == "", 20, "the first holder idle")
+
+    @shell.app.task
+    def total(values: Any, gate: str = "") -> tuple[float, int]:
+        while gate and not os.path.exists(gate):
+            time.sleep(0.05)
+        return float(values.sum()), os.getpid()
+
+    # The same for function tasks; x is held by the process the second cell ran on now.
+    moved = ip.user_ns["x"]
+    calls = [total.delay(moved, str(tmp_path / "gate2")), total.delay(moved)]
+    assert [c.queue for c in calls] == [moved.holder, settings.default_queue]
+    assert calls[1].get(timeout=20) == (TOTAL, holder_pid)  # while the first still waits
+    (tmp_path / "gate2").touch()
+    assert calls[0].get(timeout=20)[0] == TOTAL
 
 
 @pytest.mark.brokers()
