@@ -12,9 +12,11 @@ values sent back to back knows that process is busy before the process announces
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 
 from nbtask.brokers import Store
@@ -58,7 +60,9 @@ class LiveWorkers:
         self._key_id = key_id
         self._snapshot: _Snapshot | None = None
         self._failed_at = float("-inf")  # when a quiet read last failed
-        self._at_holders: dict[str, list[TaskHandle]] = {}  # own queue -> work not seen end
+        # Own queue -> the handles of work sent there, oldest first; weakly held, so a
+        # handle (and its result) the notebook let go is not kept for this.
+        self._at_holders: dict[str, collections.OrderedDict[str, weakref.ref[TaskHandle]]] = {}
         self._lock = threading.Lock()
 
     def read(self) -> dict[str, WorkerInfo]:
@@ -134,12 +138,24 @@ class LiveWorkers:
         with self._lock:
             for handle in handles:
                 if handle.queue and is_holder_queue(handle.queue):
-                    self._at_holders.setdefault(handle.queue, []).append(handle)
+                    sent = self._at_holders.setdefault(handle.queue, collections.OrderedDict())
+                    sent[handle.id] = weakref.ref(handle)
+                    self._unended(handle.queue)
 
     def sent_to(self, queue: str) -> bool:
         """Whether work this client sent to ``queue`` (a process's own) has not ended."""
         with self._lock:
-            unended = [h for h in self._at_holders.pop(queue, ()) if not h.done()]
-            if unended:
-                self._at_holders[queue] = unended
-        return bool(unended)
+            return self._unended(queue)
+
+    def _unended(self, queue: str) -> bool:
+        # Work on one queue ends mostly in the order it was sent: what ended is dropped
+        # from the oldest on, up to the first that has not, so long loops of sends stay
+        # cheap and the record of them short.
+        sent = self._at_holders.get(queue)
+        while sent:
+            handle = sent[next(iter(sent))]()
+            if handle is not None and not handle.done():
+                return True
+            sent.popitem(last=False)
+        self._at_holders.pop(queue, None)
+        return False
