@@ -240,6 +240,27 @@ def test_a_tampered_blob_in_the_shared_directory_is_refused(
     assert not trace.exists(), "a tampered blob was unpickled"
 
 
+def test_a_large_array_sent_twice_on_one_host_is_written_once(
+    on_one_host: tuple[App, Path], start_worker
+) -> None:
+    local, directory = on_one_host
+
+    @local.task
+    def total(values: Any) -> float:
+        return float(values.sum())
+
+    array = np.random.default_rng(7).random(20 * 1024 * 1024 // 8)  # written while hashed
+    first = total.apply_async((array,), countdown=1)
+    (path,) = directory.iterdir()
+    inode = path.stat().st_ino
+    second = total.apply_async((array,), countdown=1)  # while the first's file is kept
+    assert [(p.name, p.stat().st_ino) for p in directory.iterdir()] == [(path.name, inode)]
+    assert path.name == digest_of(array) and path.read_bytes() == array.tobytes()
+    start_worker()
+    assert first.get(timeout=30) == second.get(timeout=30) == pytest.approx(array.sum())
+    wait_until(lambda: not any(directory.iterdir()), 10, "the file to go after both tasks")
+
+
 def test_a_blob_directory_others_may_write_to_is_not_used(app: App, tmp_path: Path) -> None:
     directory = tmp_path / "open-to-all"
     directory.mkdir(mode=0o777)
