@@ -213,14 +213,19 @@ class LocalBlobs:
             return False
 
     def get(self, digest: str, size: int) -> Buffer | None:
-        """The blob mapped copy-on-write, or ``None`` if it is not here (or not that size)."""
+        """The blob mapped copy-on-write, or ``None`` if it is not here (or not that size).
+
+        A blob :meth:`remove` has just set aside is read there: it is given back if the
+        reader's use was noted (every reader's was), and a mapped file outlives its name.
+        """
         try:
-            with open(self.directory / digest, "rb") as file:
-                if os.fstat(file.fileno()).st_size != size or size == 0:
-                    return None
-                return memoryview(mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY))
+            return _mapped(self.directory / digest, size)
         except FileNotFoundError:
-            return None
+            pass
+        for aside in self.directory.glob(f".{digest}.gone.*"):
+            with contextlib.suppress(FileNotFoundError):
+                return _mapped(aside, size)
+        return None
 
     def _sweep(self) -> None:
         """Remove blobs older than the TTL, at most once a minute."""
@@ -283,6 +288,14 @@ class _Staged:
             os.close(self.fd)
             self.fd = -1
         self.path.unlink(missing_ok=True)
+
+
+def _mapped(path: Path, size: int) -> Buffer | None:
+    """The file at ``path`` mapped copy-on-write, or ``None`` if it is not ``size`` bytes."""
+    with open(path, "rb") as file:
+        if os.fstat(file.fileno()).st_size != size or size == 0:
+            return None
+        return memoryview(mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY))
 
 
 def _pwrite(fd: int, data: memoryview, offset: int) -> None:

@@ -153,3 +153,28 @@ except OSError as exc:
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == [str(errno.EFBIG)]
     assert list(directory.iterdir()) == []
+
+
+def test_a_blob_set_aside_while_its_release_asks_the_store_is_still_read(
+    tmp_path: Path,
+) -> None:
+    """A reader in the gap of ``remove`` (file set aside, store asked) finds the blob.
+
+    Its use was noted before it was sent, so the store answers that the blob is needed and
+    it goes back; the reader must not miss it meanwhile.
+    """
+    blobs = _local(tmp_path / "blobs")
+    data = os.urandom(1000)
+    digest = digest_of(data)
+    blobs.put({digest: data})
+    read_meanwhile: list[bytes | None] = []
+
+    def in_use() -> bool:
+        mapped = blobs.get(digest, len(data))
+        read_meanwhile.append(None if mapped is None else bytes(mapped))
+        return True
+
+    blobs.remove(digest, in_use)
+    assert read_meanwhile == [data]
+    assert (tmp_path / "blobs" / digest).read_bytes() == data  # given back
+    assert sorted(p.name for p in (tmp_path / "blobs").iterdir()) == [digest]
