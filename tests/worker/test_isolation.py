@@ -120,6 +120,8 @@ def test_output_of_a_thread_a_task_left_running_reaches_no_later_task(
 
     first = leaves_a_thread.delay(str(ticks))
     first.get(timeout=15)
+    # The task may end before its thread first writes: wait for the file, then for more.
+    wait_until(ticks.exists, 10, "the thread to start printing")
     ended = ticks.stat().st_size
     wait_until(lambda: ticks.stat().st_size > ended, 10, "the thread to print after its task")
     second = says_hello.delay(str(ticks))
