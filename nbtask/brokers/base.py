@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
-from nbtask.wire.blobs import ByteProgress, PieceWriter
+from nbtask.wire.blobs import ByteProgress
 from nbtask.wire.envelope import Buffer
 from nbtask.wire.holdings import Holdings
 from nbtask.wire.records import RecordFields, TaskRecord, WorkerInfo
@@ -147,12 +147,6 @@ class Store(Protocol):
         ``keeper``: the id of the use they serve (a kept value, a task's arguments), which
         :meth:`release_blobs` may delete them for early; without one (results) they stay
         ``result_ttl``.
-        """
-
-    def stage_blob(self, size: int) -> PieceWriter | None:
-        """A writer of a blob of ``size`` bytes as it is hashed, for :meth:`put_blobs` to place.
-
-        ``None`` where blobs are not written that way (see :data:`~nbtask.wire.blobs.Stage`).
         """
 
     def pin_blobs(self, sizes: Mapping[str, int]) -> None:

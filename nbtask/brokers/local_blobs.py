@@ -7,12 +7,9 @@ filesystem (``/dev/shm``), and a reader maps that file copy-on-write, so an arra
 on it is writable and costs no copy until it is written to. The bytes are still checked
 against their signed digest before anything is unpickled.
 
-Files are named by digest (a blob already there is not written again, only touched). A
-large blob is written while it is hashed (:meth:`LocalBlobs.stage`), under a private name
-until its digest is known and the store has noted its use; then :meth:`LocalBlobs.put`
-renames it into place, or drops it if that blob is here already. Files are removed once
-older than ``result_ttl``, or with the whole directory when the embedded cluster stops, or
-earlier when the store says no use needs the blob any more
+Files are named by digest (a blob already there is not written again, only touched), and
+removed once older than ``result_ttl``, or with the whole directory when the embedded
+cluster stops, or earlier when the store says no use needs the blob any more
 (:mod:`nbtask.brokers.redis_blobs` keeps each blob's uses).
 """
 
@@ -20,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import logging
 import mmap
 import os
@@ -28,13 +24,11 @@ import shutil
 import stat
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from nbtask.settings import Settings
-from nbtask.wire.blobs import PieceWriter
 from nbtask.wire.envelope import Buffer
 
 __all__ = ["LocalBlobs", "local_blob_dir", "remove_local_blobs"]
@@ -43,8 +37,6 @@ log = logging.getLogger(__name__)
 
 _SHARED_MEMORY = Path("/dev/shm")
 _SWEEP_EVERY_SECONDS = 60.0
-_STAGED_KEPT = 4  # staged blobs awaiting put (more: the oldest is dropped, put writes it)
-_NAMES = itertools.count()
 
 
 def local_blob_dir(url: str, settings: Settings) -> Path | None:
@@ -90,8 +82,6 @@ class LocalBlobs:
         self.ttl = ttl
         self._swept = 0.0
         self._lock = threading.Lock()
-        self._staged: OrderedDict[str, _Staged] = OrderedDict()  # written while hashed
-        self._staged_pid = os.getpid()
 
     @classmethod
     def open(cls, url: str, settings: Settings) -> LocalBlobs | None:
@@ -114,69 +104,20 @@ class LocalBlobs:
         return cls(directory, settings.result_ttl)
 
     def put(self, blobs: Mapping[str, Buffer]) -> None:
-        """Write each blob not already here (touching those that are).
-
-        A blob :meth:`stage` wrote meanwhile is renamed into place, or dropped if the
-        blob is here already.
-        """
+        """Write each blob not already here (touching those that are)."""
         for digest, data in blobs.items():
             path = self.directory / digest
-            staged = self._take_staged(digest)
             try:
                 os.utime(path)
+                continue
             except FileNotFoundError:
                 pass
-            else:
-                if staged is not None:
-                    staged.discard()
-                continue
-            if staged is not None:
-                staged.finish(data, path)
-                continue
             # Written under a private name, then renamed: a reader never sees half a blob.
             partial = self.directory / f".{digest}.{os.getpid()}.{threading.get_ident()}"
-            try:
-                with open(partial, "wb") as file:
-                    file.write(data)
-                os.replace(partial, path)
-            except BaseException:
-                partial.unlink(missing_ok=True)
-                raise
+            with open(partial, "wb") as file:
+                file.write(data)
+            os.replace(partial, path)
         self._sweep()
-
-    def stage(self, size: int) -> PieceWriter | None:
-        """A writer of a blob of ``size`` bytes while it is hashed, for :meth:`put` to place.
-
-        A piece that a blob still here has at the same place (one this process sent or
-        received lately) waits for :meth:`put`, which writes it only if the blob is not
-        that one: the same array sent again while its blob is here is not written again.
-        At most a few staged blobs wait for :meth:`put` (an older one is dropped, and put
-        writes it). ``None`` if no file can be made.
-        """
-        try:
-            return _Staged(self)
-        except OSError:
-            return None
-
-    def _staged_named(self, digest: str, staged: _Staged) -> None:
-        dropped: _Staged | None = staged  # the same blob is staged already: drop this one
-        with self._lock:
-            waiting = self._staged_here()
-            if digest not in waiting:
-                waiting[digest] = staged
-                dropped = waiting.popitem(last=False)[1] if len(waiting) > _STAGED_KEPT else None
-        if dropped is not None:
-            dropped.discard()
-
-    def _take_staged(self, digest: str) -> _Staged | None:
-        with self._lock:
-            return self._staged_here().pop(digest, None)
-
-    def _staged_here(self) -> OrderedDict[str, _Staged]:
-        """The blobs this process staged (a forked child leaves its parent's alone)."""
-        if self._staged_pid != os.getpid():
-            self._staged_pid, self._staged = os.getpid(), OrderedDict()
-        return self._staged
 
     def touch(self, digests: Iterable[str]) -> None:
         """Restart the TTL of the blobs here (missing ones are left missing)."""
@@ -242,63 +183,9 @@ class LocalBlobs:
                 continue
 
 
-class _Staged:
-    """A blob written piece by piece as it is hashed, under a private name until put."""
-
-    def __init__(self, blobs: LocalBlobs) -> None:
-        self.blobs = blobs
-        self.path = blobs.directory / f".staged.{os.getpid()}.{next(_NAMES)}"
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self.waiting: list[tuple[int, int]] = []  # (offset, size) of pieces left to put
-        self.failed = False
-
-    def write(self, offset: int, piece: memoryview, seen_in: Iterable[str]) -> None:
-        """Write a piece now, or leave it to :meth:`finish` if a blob here has it."""
-        if self.failed or any((self.blobs.directory / name).exists() for name in seen_in):
-            self.waiting.append((offset, piece.nbytes))
-            return
-        try:
-            _pwrite(self.fd, piece, offset)
-        except OSError:
-            self.failed = True  # put writes the blob itself, and says why if it fails too
-
-    def named(self, digest: str) -> None:
-        """Every piece is hashed: the file waits for :meth:`LocalBlobs.put` of ``digest``."""
-        if self.failed:
-            self.discard()
-        else:
-            self.blobs._staged_named(digest, self)
-
-    def finish(self, data: Buffer, path: Path) -> None:
-        """Write the pieces left, then give the file its name."""
-        view = memoryview(data).cast("B")
-        try:
-            for offset, size in self.waiting:
-                _pwrite(self.fd, view[offset : offset + size], offset)
-            os.close(self.fd)
-            self.fd = -1
-            os.replace(self.path, path)
-        except BaseException:
-            self.discard()
-            raise
-
-    def discard(self) -> None:
-        """Remove the file."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        self.path.unlink(missing_ok=True)
-
-
 def _mapped(path: Path, size: int) -> Buffer | None:
     """The file at ``path`` mapped copy-on-write, or ``None`` if it is not ``size`` bytes."""
     with open(path, "rb") as file:
         if os.fstat(file.fileno()).st_size != size or size == 0:
             return None
         return memoryview(mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY))
-
-
-def _pwrite(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        written = os.pwrite(fd, data, offset)
-        data, offset = data[written:], offset + written

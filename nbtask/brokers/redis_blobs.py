@@ -34,7 +34,7 @@ from nbtask.brokers.local_blobs import LocalBlobs
 from nbtask.brokers.redis_link import RedisLink
 from nbtask.errors import BlobError
 from nbtask.settings import Settings
-from nbtask.wire.blobs import ByteProgress, PieceWriter
+from nbtask.wire.blobs import ByteProgress
 from nbtask.wire.envelope import Buffer
 
 __all__ = ["CHUNK_BYTES", "RedisBlobs"]
@@ -85,13 +85,6 @@ class RedisBlobs:
         if writes:
             with self.link.translate_errors():
                 self.link.run(writes, large=True)
-
-    def stage_blob(self, size: int) -> PieceWriter | None:
-        """A writer of a blob of ``size`` bytes as it is hashed, for :meth:`put_blobs` to place.
-
-        In shared memory only; ``None`` when blobs go to Redis.
-        """
-        return None if self.local_blobs is None else self.local_blobs.stage(size)
 
     def pin_blobs(self, sizes: Mapping[str, int]) -> None:
         """Keep the blobs ``{digest: size}`` (a message refers to them) a full ``result_ttl``."""

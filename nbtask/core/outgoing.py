@@ -100,12 +100,9 @@ class MessageBuilder:
             raise ConfigurationError(f"unknown serializer {serializer!r}; use one of {SERIALIZERS}")
         threshold = self.settings.blob_threshold if self.store is not None else sys.maxsize
         callbacks: Callbacks | None = options.get("callbacks")
-        stage = self.store.stage_blob if self.store is not None else None
         with noting_refs() as carried:
             try:
-                payload = split(
-                    (list(args), dict(kwargs)), serializer, "arguments", threshold, stage
-                )
+                payload = split((list(args), dict(kwargs)), serializer, "arguments", threshold)
             except SerializationError:
                 why = unpicklable_message(task.name, args, kwargs, serializer)
                 raise SerializationError(why) from None

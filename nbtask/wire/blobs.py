@@ -16,15 +16,13 @@ function that returns a blob's bytes by digest.
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import dataclasses
 import hashlib
 import io
 import os
 import pickle
-import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import cloudpickle
@@ -39,9 +37,7 @@ __all__ = [
     "Fetch",
     "Packed",
     "Part",
-    "PieceWriter",
     "SplitValue",
-    "Stage",
     "argument_keeper",
     "blob_sizes",
     "digest_of",
@@ -69,72 +65,29 @@ class BlobReader(Protocol):
         """The blob's bytes; raises :class:`~nbtask.errors.BlobError` if it is gone."""
 
 
-class PieceWriter(Protocol):
-    """Where a large blob is written as it is hashed (a store's, on this host).
-
-    :func:`digest_of` hands it each piece on the hashing thread that has just hashed it,
-    then the blob's name, once every piece is hashed.
-    """
-
-    def write(self, offset: int, piece: memoryview, seen_in: Iterable[str]) -> None:
-        """Take the piece at ``offset``.
-
-        ``seen_in``: the names of the blobs this process named lately (sent or received)
-        that have the same piece there: if one of them is still kept, this blob may be
-        it too, and writing the piece may wait until the blob's name is known.
-        """
-
-    def named(self, digest: str) -> None:
-        """Every piece was hashed (and given to :meth:`write`): the blob is named ``digest``."""
-
-
-#: Returns a :class:`PieceWriter` for a blob of ``size`` bytes, or ``None`` (not here).
-Stage = Callable[[int], PieceWriter | None]
-
-
-def digest_of(data: Buffer, writer: PieceWriter | None = None) -> str:
+def digest_of(data: Buffer) -> str:
     """The name of a blob: the hex SHA-256 of its bytes, or of its pieces' digests.
 
     Up to :data:`_PIECE_BYTES` it is the SHA-256 of the bytes. A larger blob is hashed in
     pieces of that size on a few threads (hashlib releases the GIL, so a 400 MB array is
     named in about half the time on two cores), and named by the SHA-256 of a label and
     the pieces' digests in order: a different bytes string still needs a SHA-256
-    collision to share a name. A ``writer`` is given those pieces as they are hashed, so
-    writing them overlaps hashing the next ones.
+    collision to share a name.
     """
     view = memoryview(data).cast("B")
     if view.nbytes <= _PIECE_BYTES:
         return hashlib.sha256(view).hexdigest()
-    with _LOCK:
-        lately = list(_LATELY.items())
-
-    def hash_piece(index: int) -> bytes:
-        offset = index * _PIECE_BYTES
-        piece = view[offset : offset + _PIECE_BYTES]
-        digest = hashlib.sha256(piece).digest()
-        if writer is not None:
-            seen_in = [name for name, known in lately if known[index : index + 1] == [digest]]
-            writer.write(offset, piece, seen_in)
-        return digest
-
-    digests = list(_hashing_pool().map(hash_piece, range(-(-view.nbytes // _PIECE_BYTES))))
-    name = hashlib.sha256(b"nbtask pieces\x00" + b"".join(digests)).hexdigest()
-    with _LOCK:
-        _LATELY[name] = digests
-        _LATELY.move_to_end(name)
-        if len(_LATELY) > _LATELY_KEPT:
-            _LATELY.popitem(last=False)
-    if writer is not None:
-        writer.named(name)
-    return name
+    pieces = [view[i : i + _PIECE_BYTES] for i in range(0, view.nbytes, _PIECE_BYTES)]
+    digests = _hashing_pool().map(_sha256, pieces)
+    return hashlib.sha256(b"nbtask pieces\x00" + b"".join(digests)).hexdigest()
 
 
 _PIECE_BYTES = 8 * 1024 * 1024
-# The pieces' digests of the large blobs this process named lately, newest last.
-_LATELY: collections.OrderedDict[str, list[bytes]] = collections.OrderedDict()
-_LATELY_KEPT = 8
-_LOCK = threading.Lock()
 _POOL: list[concurrent.futures.ThreadPoolExecutor] = []
+
+
+def _sha256(piece: memoryview) -> bytes:
+    return hashlib.sha256(piece).digest()
 
 
 def _hashing_pool() -> concurrent.futures.ThreadPoolExecutor:
@@ -205,11 +158,10 @@ def _pickle_parts(value: Any) -> tuple[memoryview, list[memoryview]]:
     return stream.getbuffer(), buffers
 
 
-def split_value(value: Any, threshold: int, stage: Stage | None = None) -> SplitValue:
+def split_value(value: Any, threshold: int) -> SplitValue:
     """Pickle ``value`` (cloudpickle, protocol 5) and split it for sending.
 
-    ``stage`` (a store's) may write each large blob while it is hashed. Raises whatever
-    pickling raises: the caller says what could not be pickled.
+    Raises whatever pickling raises: the caller says what could not be pickled.
     """
     stream, buffers = _pickle_parts(value)
     parts: list[Buffer] = [stream, *buffers]
@@ -219,8 +171,7 @@ def split_value(value: Any, threshold: int, stage: Stage | None = None) -> Split
     blobs: dict[str, Buffer] = {}
     for data in parts:
         if as_blobs and len(data) >= MIN_BLOB_BYTES:
-            writer = stage(len(data)) if stage is not None and len(data) > _PIECE_BYTES else None
-            digest = digest_of(data, writer)
+            digest = digest_of(data)
             blobs.setdefault(digest, data)
             layout.append(Part(len(data), digest))
         else:

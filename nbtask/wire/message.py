@@ -18,15 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from nbtask.errors import DecodeError, NbtaskError, SerializationError
-from nbtask.wire.blobs import (
-    Fetch,
-    Part,
-    SplitValue,
-    Stage,
-    join_value,
-    parse_layout,
-    split_value,
-)
+from nbtask.wire.blobs import Fetch, Part, SplitValue, join_value, parse_layout, split_value
 from nbtask.wire.envelope import Buffer, Envelope, dumps
 
 __all__ = ["SERIALIZERS", "LayoutJSON", "TaskMessage", "decode_value", "encode_value", "split"]
@@ -146,18 +138,13 @@ def encode_value(value: Any, serializer: str, what: str) -> bytes:
         raise SerializationError(f"{what} cannot be serialised with {serializer}: {exc}") from None
 
 
-def split(
-    value: Any, serializer: str, what: str, threshold: int, stage: Stage | None = None
-) -> SplitValue:
-    """Serialise arguments or a result into parts, the large ones as blobs (cloudpickle).
-
-    ``stage``: the store's, which may write large blobs while they are hashed.
-    """
+def split(value: Any, serializer: str, what: str, threshold: int) -> SplitValue:
+    """Serialise arguments or a result into parts, the large ones as blobs (cloudpickle)."""
     if serializer == "json":
         data = encode_value(value, serializer, what)
         return SplitValue([Part(len(data))], [data], {})  # JSON stays inline, whatever its size
     try:
-        return split_value(value, threshold, stage)
+        return split_value(value, threshold)
     except NbtaskError:
         raise
     except Exception as exc:

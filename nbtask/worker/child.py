@@ -457,7 +457,6 @@ class Child:
             self.outbox.end(),
             self.settings.blob_threshold,
             self.transport.store.put_blobs,
-            self.transport.store.stage_blob,
         )
 
     def _after_exception(self, message: TaskMessage, task: Task, exc: BaseException) -> Outcome:

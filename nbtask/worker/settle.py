@@ -20,7 +20,7 @@ from nbtask.core.canvas import Callbacks, Signature
 from nbtask.core.context import PARTIAL_RESULT
 from nbtask.core.task import ExceptionInfo, Task
 from nbtask.errors import NbtaskError, SerializationError
-from nbtask.wire.blobs import Stage, argument_keeper, blob_sizes, parse_layout
+from nbtask.wire.blobs import argument_keeper, blob_sizes, parse_layout
 from nbtask.wire.envelope import Buffer, Signer, dumps
 from nbtask.wire.events import FINAL_SEQ, FINAL_STATES, Event, EventType, State
 from nbtask.wire.message import TaskMessage, decode_value, split
@@ -85,12 +85,11 @@ def success_outcome(
     seq: int,
     blob_threshold: int,
     put_blobs: Callable[[Mapping[str, Buffer]], None],
-    stage: Stage | None = None,
 ) -> Outcome:
     """The outcome of a task that returned ``retval``: its large parts stored as blobs."""
     what = f"the result of task {message.name!r}"
     try:
-        result = split(retval, message.serializer, what, blob_threshold, stage)
+        result = split(retval, message.serializer, what, blob_threshold)
     except SerializationError as exc:
         return failure_outcome(message, exc, seq, whoami)
     put_blobs(result.blobs)
