@@ -132,7 +132,7 @@ class LocalBlobs:
         aside, then the store is asked again: a writer that found it meanwhile (and so
         did not write it) gets it back.
         """
-        aside = self.directory / f".{digest}.gone.{os.getpid()}.{threading.get_ident()}"
+        aside = self.directory / f"{_aside(digest)}{os.getpid()}.{threading.get_ident()}"
         try:
             os.rename(self.directory / digest, aside)
         except FileNotFoundError:
@@ -163,7 +163,7 @@ class LocalBlobs:
             return _mapped(self.directory / digest, size)
         except FileNotFoundError:
             pass
-        for aside in self.directory.glob(f".{digest}.gone.*"):
+        for aside in self.directory.glob(f"{_aside(digest)}*"):
             with contextlib.suppress(FileNotFoundError):
                 return _mapped(aside, size)
         return None
@@ -181,6 +181,11 @@ class LocalBlobs:
                     os.unlink(entry.path)
             except FileNotFoundError:
                 continue
+
+
+def _aside(digest: str) -> str:
+    """How the names of a blob's files that :meth:`LocalBlobs.remove` set aside begin."""
+    return f".{digest}.gone."
 
 
 def _mapped(path: Path, size: int) -> Buffer | None:

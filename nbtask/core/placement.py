@@ -57,7 +57,7 @@ class Moving:
     move_bytes: int
     has_copies: Callable[[Mapping[str, int]], bool]
     ended: Callable[[str], bool]
-    sent_to: Callable[[str], bool] = lambda queue: False
+    sent_to: Callable[[str], bool]
 
     @classmethod
     def through(

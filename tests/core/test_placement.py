@@ -155,6 +155,6 @@ def test_without_a_rule_or_a_kept_value_nothing_is_read() -> None:
 
 def test_the_values_a_busy_holder_holds_for_the_work_count_together() -> None:
     store = Store()
-    rule = Moving("default", 15 * MiB, store.has_copies, store.ended)
+    rule = Moving("default", 15 * MiB, store.has_copies, store.ended, ().__contains__)
     assert holder_queue_for([kept()], lambda: BUSY_AND_IDLE, (), rule) is None
     assert holder_queue_for([kept(), kept()], lambda: BUSY_AND_IDLE, (), rule) == HOLDER
