@@ -47,7 +47,8 @@ local function own_record(key)
   return state
 end
 -- Ended tasks are also remembered apart from their records, in '<prefix>:done' (task id
--- by end time, trimmed to max_age by the workers): a replay must find both gone to run.
+-- by end time, trimmed to max_age by the workers; with none left, gone ttl >= max_age after
+-- its last write): a replay must find both gone to run.
 local function done_of(key)
   local prefix, task_id = string.match(key, '^(.*):r:([^:]+)$')
   if prefix then return prefix .. ':done', task_id end
@@ -59,12 +60,13 @@ local function ended(key)
   local score = redis.pcall('ZSCORE', done, task_id)
   return score ~= false and type(score) ~= 'table'  -- a table: an error (another type)
 end
-local function mark_ended(key)
+local function mark_ended(key, ttl)
   local done, task_id = done_of(key)
   if done then
     set_aside(done)
     local now = redis.call('TIME')
     redis.call('ZADD', done, tonumber(now[1]) + tonumber(now[2]) / 1e6, task_id)
+    redis.call('EXPIRE', done, ttl)
   end
 end
 """
@@ -146,7 +148,7 @@ local function write_final(key, channel, ttl, maxlen, event, fields)
   if #fields > 0 then
     for i = 2, #fields, 2 do
       if fields[i] == '=event' then fields[i] = event end
-      if fields[i - 1] == 'state' and FINAL[fields[i]] then mark_ended(key) end
+      if fields[i - 1] == 'state' and FINAL[fields[i]] then mark_ended(key, ttl) end
     end
     redis.call('HSET', key, unpack(fields))
     redis.call('EXPIRE', key, ttl)
@@ -208,7 +210,7 @@ _REVOKE = (
 local state = own_record(KEYS[1])
 if state and state ~= 'PENDING' and state ~= 'RETRY' then return 0 end
 if redis.call('HEXISTS', KEYS[1], 'result') == 1 or ended(KEYS[1]) then return 0 end
-mark_ended(KEYS[1])
+mark_ended(KEYS[1], ARGV[2])
 redis.call('HSET', KEYS[1], 'state', 'REVOKED', 'result', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[1])

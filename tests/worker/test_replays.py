@@ -209,3 +209,19 @@ def test_message_copied_to_another_app_or_queue_is_refused(
     start_worker(concurrency=1)
     assert h.get(timeout=15) == h.id
     assert runs_in(ledger) == [h.id]
+
+
+def test_the_ended_task_memory_goes_result_ttl_after_its_last_write(
+    app: App, access: RawBroker, start_worker, tmp_path: Path
+) -> None:
+    """Workers trim ``<prefix>:done`` to max_age; once none is left to, it still goes."""
+    done = access.keys.done_key
+    revoked = app.send_task(RECORD_ID, (str(tmp_path / "ledger"),))
+    assert app.revoke(revoked.id) is True
+    assert 0 < access.store.ttl(done) <= app.settings.result_ttl
+    access.store.persist(done)
+    start_worker(concurrency=1)
+    ran = app.send_task(RECORD_ID, (str(tmp_path / "ledger"),))
+    assert ran.get(timeout=15) == ran.id
+    assert access.store.zscore(done, ran.id) is not None
+    assert 0 < access.store.ttl(done) <= app.settings.result_ttl
