@@ -16,9 +16,10 @@ from nbtask.core.datasets import DatasetMissing
 def with_squares(
     ip: InteractiveShell, settings: Settings, start_worker: Any, monkeypatch: pytest.MonkeyPatch
 ) -> InteractiveShell:
-    """The extension loaded; one worker holds ``squares``, another holds nothing."""
+    """The extension loaded; one worker holds ``squares``, another (alone on ``bare``, as
+    well as ``default``) holds nothing."""
     start_worker("--data", "squares=tests.sample_tasks:load_squares", concurrency=1)
-    start_worker(concurrency=1)
+    start_worker("-Q", "default,bare", concurrency=1)
     for key, value in broker_env(settings).items():
         monkeypatch.setenv(key, value)
     ip.run_line_magic("load_ext", "nbtask")
@@ -41,5 +42,5 @@ def test_a_cell_sent_where_the_dataset_is_not_fails_saying_so(
 ) -> None:
     with pytest.raises(DatasetMissing, match="holds no dataset 'squares'"):
         with_squares.run_cell_magic(
-            "task", "--wait --queue default --requires squares", "total = sum(squares)"
+            "task", "--wait --queue bare --requires squares", "total = sum(squares)"
         )
