@@ -498,7 +498,7 @@ def _first_line(cell: str) -> str:
 def _timed_out(run: CellRun, timeout: float | None) -> TimeoutError:
     """A ``--wait --timeout`` cell's error: one line saying why it waited, no nbtask frames."""
     reason = run.handle.waiting_reason
-    text = f"task {run.label!r} did not finish within {timeout or 0:g} s; cancelled"
+    text = f"task {run.label!r} did not finish within {timeout} s; cancelled"
     error = TimeoutError(text + (f" (it was waiting: {reason})" if reason else ""))
     error._render_traceback_ = lambda: [f"TimeoutError: {error}"]  # type: ignore[attr-defined]
     return error
