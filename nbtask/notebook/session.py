@@ -193,7 +193,8 @@ class Session:
             raise CellError(f"the cell does not parse: {exc}") from None
         self.pending.harvest()
         self.pending.wait([n for n in found.reads if n in self.pending.owner])
-        unassigned = [n for n in (*args.keep, *args.fetch) if n not in found.assigned]
+        back = {*found.assigned, *found.mutated}  # the names that come back
+        unassigned = [n for n in (*args.keep, *args.fetch) if n not in back]
         if unassigned:
             raise CellError(
                 f"--keep/--fetch name {', '.join(map(repr, unassigned))}, which the cell does "

@@ -58,6 +58,14 @@ def test_a_quoted_queue_is_the_queue_it_names(ip: InteractiveShell, nb: Session)
     assert ip.user_ns["q"] == 1 and ip.user_ns["h"].queue == "default"
 
 
+def test_keep_or_fetch_of_a_name_the_cell_changes_in_place_is_accepted(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    ip.user_ns["items"] = [1, 2]
+    ip.run_cell_magic("task", "--wait --fetch items", "items.append(3)")
+    assert ip.user_ns["items"] == [1, 2, 3]
+
+
 def test_a_wait_timeout_says_in_one_line_what_the_cell_waited_for(
     ip: InteractiveShell, loaded: Session
 ) -> None:
