@@ -16,7 +16,7 @@ from typing import Any
 import redis
 from hiredis import pack_command
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from nbtask._text import redact_url
@@ -77,7 +77,14 @@ class RedisLink:
     def ping(self) -> None:
         """Raise :class:`BrokerUnavailable` unless the server answers; load the scripts."""
         with self.translate_errors():
-            self.redis.ping()
+            try:
+                self.redis.ping()
+            except InvalidResponse as exc:  # something else listens there (a web server...)
+                what, hint = self._unreachable
+                raise BrokerUnavailable(
+                    f"{what}: the server there does not speak Redis ({exc}); check the host "
+                    f"and port. {hint}"
+                ) from exc
             self.load_scripts()
 
     def load_scripts(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import numbers
 import random
 import re
 import time
@@ -155,6 +156,11 @@ class Task:
         MaxRetriesExceededError
             Retries are exhausted and there is no ``exc`` to re-raise.
         """
+        if exc is not None and not isinstance(exc, BaseException):
+            raise ConfigurationError(
+                f"retry(exc=...) takes the exception that caused the retry, got {exc!r}"
+            )
+        countdown = _seconds("countdown", countdown)
         request = self.request
         limit = self.max_retries if max_retries is None else max_retries
         if limit is not None and request.retries >= limit:
@@ -285,7 +291,7 @@ class Task:
             link_error=link_error,
             requires=requires,
         )
-        call = (self, tuple(args or ()), dict(kwargs or {}), options)
+        call = (self, *_call_arguments(args, kwargs), options)
         return self.sender().send_batch([call], on_event=on_event)[0]
 
     def send_options(
@@ -310,6 +316,7 @@ class Task:
                 f"task_id={task_id!r} is not a valid id: use 1 to 64 letters, digits, '_', "
                 "'-' or '.', starting with a letter or digit"
             )
+        countdown = _seconds("countdown", countdown)
         due = time.time() + countdown if countdown is not None else _epoch(eta, absolute=True)
         needs = dataset_names(requires) if requires is not None else self.requires
         usual = self.usual_queue(needs)
@@ -415,3 +422,30 @@ def _epoch(when: dt.datetime | float | None, *, absolute: bool) -> float | None:
     if isinstance(when, (int, float)):
         return float(when) if absolute else time.time() + float(when)
     raise ConfigurationError(f"expected a datetime or a number of seconds, got {when!r}")
+
+
+def _seconds(option: str, value: float | None) -> float | None:
+    """``value`` as seconds, or one error naming the option (not a failed addition later)."""
+    if value is None or (isinstance(value, numbers.Real) and not isinstance(value, bool)):
+        return None if value is None else float(value)
+    raise ConfigurationError(f"{option}={value!r} is not a number of seconds")
+
+
+def _call_arguments(
+    args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``apply_async``'s positional and keyword arguments, refused if of another shape.
+
+    A string is refused too: ``apply_async("ab")`` would call the task with ``"a", "b"``.
+    """
+    if args is not None and (isinstance(args, (str, bytes)) or not isinstance(args, Sequence)):
+        raise ConfigurationError(
+            f"apply_async(args=...) takes a tuple or list of positional arguments, got "
+            f"{type(args).__name__} {args!r}; to pass one value, give ({args!r},)"
+        )
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise ConfigurationError(
+            f"apply_async(kwargs=...) takes a dict of keyword arguments, got "
+            f"{type(kwargs).__name__} {kwargs!r}"
+        )
+    return tuple(args or ()), dict(kwargs or {})

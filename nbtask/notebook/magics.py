@@ -9,14 +9,16 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
+from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from nbtask.client.app import App
-from nbtask.errors import CellError
+from nbtask.errors import BrokerUnavailable, CellError, ConfigurationError
 from nbtask.notebook.session import Session
 from nbtask.notebook.widgets import TaskWidget
 from nbtask.settings import read_secret_file
@@ -35,6 +37,51 @@ def _typed(decorator: Any) -> Callable[[F], F]:
 def _task_options(line: str) -> argparse.Namespace:
     """The options of a ``%%task`` line (not to be changed: shared by every such line)."""
     options: argparse.Namespace = parse_argstring(TaskMagics.task, line)
+    return _checked(options)
+
+
+def _unquoted(value: str) -> str:
+    """``value`` without the quotes IPython's argument splitting leaves around it."""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
+
+
+def _checked(options: argparse.Namespace) -> argparse.Namespace:
+    """The options with quotes removed; a value no user can mean is refused with one line.
+
+    Checked before anything is sent: a negative timeout would send a task that expires at
+    once, an empty or quoted queue one that waits forever on a queue no worker serves.
+    """
+    for key in ("name", "queue", "out"):
+        if getattr(options, key) is not None:
+            setattr(options, key, _unquoted(getattr(options, key)))
+    for key in ("keep", "fetch", "requires"):
+        setattr(options, key, [_unquoted(v) for v in getattr(options, key)])
+    timeout = options.timeout
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise UsageError(f"argument -t/--timeout: give a number of seconds > 0, not {timeout:g}")
+    if options.retries < 0:
+        raise UsageError(f"argument -r/--retries: give a count >= 0, not {options.retries}")
+    if options.queue is not None and (
+        not options.queue.strip() or options.queue != options.queue.strip()
+    ):
+        raise UsageError(
+            f"argument -q/--queue: {options.queue!r} is not a queue name; give one a worker "
+            "serves (nbtask worker -Q NAME), e.g. --queue near-data"
+        )
+    named = [("-o/--out", options.out)] if options.out is not None else []
+    named += [
+        (f"--{key}", v) for key in ("keep", "fetch", "requires") for v in getattr(options, key)
+    ]
+    for flag, value in named:
+        if not value.isidentifier():
+            raise UsageError(f"argument {flag}: {value!r} is not a Python variable name")
+    both = sorted(set(options.keep) & set(options.fetch))
+    if both:
+        raise UsageError(
+            f"--keep and --fetch both name {', '.join(map(repr, both))}: give each name one"
+        )
     return options
 
 
@@ -102,6 +149,13 @@ class TaskMagics(Magics):  # type: ignore[misc]
         handlers' output, retries, redeliveries); ``%nbtask log`` the embedded cluster's log.
         """
         args = parse_argstring(self.nbtask, line)
+        try:
+            self._run_command(args)
+        except (ConfigurationError, BrokerUnavailable) as exc:
+            # A wrong URL or an unreachable broker is the user's to fix: one line, no frames.
+            raise UsageError(f"%nbtask {args.command}: {exc}") from None
+
+    def _run_command(self, args: argparse.Namespace) -> None:
         session = self.session
         if args.command == "status":
             print(session.status())
@@ -116,7 +170,7 @@ class TaskMagics(Magics):  # type: ignore[misc]
         else:
             if session.app.cluster is None:
                 raise CellError("%nbtask workers N resizes the embedded cluster only")
-            count = int(args.value or 0)
+            count = int(args.value) if (args.value or "").isdigit() else 0
             if count < 1:
                 raise CellError("usage: %nbtask workers N (N >= 1)")
             app = session.app

@@ -154,13 +154,17 @@ class Session:
         """Switch to another app (closing ours) unless cells are still running."""
         if self.pending.running():
             raise CellError("cells are still running; wait for them or cancel them first")
+        try:  # the new broker first: one that cannot be reached leaves the notebook as it was
+            app.connect()
+            app.store.recent_tasks(self.group, app.channel, 0)
+        except BaseException:
+            app.close()
+            raise
         if self.owns_app:
             self.app.close()
         self.app, self.owns_app = app, True
         self.app.fetch_watch = self._watch_fetch
         use_as_default(app)
-        self.app.connect()
-        self.app.store.recent_tasks(self.group, self.app.channel, 0)
         print(self.describe())
 
     def _bind_kept(self, value: RemoteValue) -> None:
@@ -189,6 +193,13 @@ class Session:
             raise CellError(f"the cell does not parse: {exc}") from None
         self.pending.harvest()
         self.pending.wait([n for n in found.reads if n in self.pending.owner])
+        back = {*found.assigned, *found.mutated}  # the names that come back
+        unassigned = [n for n in (*args.keep, *args.fetch) if n not in back]
+        if unassigned:
+            raise CellError(
+                f"--keep/--fetch name {', '.join(map(repr, unassigned))}, which the cell does "
+                "not assign; name variables the cell assigns. Nothing was sent"
+            )
         label = args.name or _first_line(cell)
         spec, blob, found = prepare(
             cell,
@@ -271,10 +282,9 @@ class Session:
                     event = events.get(timeout=0.1)
                 except queue.Empty:
                     if deadline is not None and time.monotonic() > deadline:
+                        error = _timed_out(run, timeout)  # says why it waited, before cancelling
                         cancel_task(run.handle)
-                        raise TimeoutError(
-                            f"task {run.label!r} did not finish within {timeout} s; cancelled"
-                        ) from None
+                        raise error from None
                     line.waiting(run.handle.waiting_reason)
                     continue
                 if event.type is EventType.PROGRESS:
@@ -285,7 +295,7 @@ class Session:
                     break
         except KeyboardInterrupt:
             cancel_task(run.handle)
-            raise
+            raise _interrupted(run) from None
         finally:
             line.close()
         wait_interruptibly(run.handle)
@@ -484,3 +494,19 @@ def _first_line(cell: str) -> str:
         if text.strip() and not text.lstrip().startswith("#"):
             return text.strip()[:40]
     return "cell"
+
+
+def _timed_out(run: CellRun, timeout: float | None) -> TimeoutError:
+    """A ``--wait --timeout`` cell's error: one line saying why it waited, no nbtask frames."""
+    reason = run.handle.waiting_reason
+    text = f"task {run.label!r} did not finish within {timeout} s; cancelled"
+    error = TimeoutError(text + (f" (it was waiting: {reason})" if reason else ""))
+    error._render_traceback_ = lambda: [f"TimeoutError: {error}"]  # type: ignore[attr-defined]
+    return error
+
+
+def _interrupted(run: CellRun) -> KeyboardInterrupt:
+    """An interrupted ``--wait`` cell's error: one line saying its task was cancelled."""
+    error = KeyboardInterrupt(f"task {run.label!r} cancelled")
+    error._render_traceback_ = lambda: [f"KeyboardInterrupt: {error}"]  # type: ignore[attr-defined]
+    return error

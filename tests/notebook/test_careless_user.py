@@ -1,0 +1,135 @@
+"""What a careless user gets from ``%%task`` and ``%nbtask``: one line naming the mistake.
+
+A real IPython shell against the real Redis. Each mistake must be refused before anything is
+sent (or, once sent, end with one line saying why), never leave the notebook worse off.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from helpers import wait_until
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+
+from nbtask import State
+from nbtask.errors import CellError
+from nbtask.notebook.session import Session
+
+
+def rendered(exc: BaseException) -> list[str]:
+    """What IPython shows for ``exc`` instead of a traceback."""
+    render = getattr(exc, "_render_traceback_", None)
+    assert render is not None, f"{exc!r} would show nbtask's frames"
+    lines: list[str] = render()
+    return lines
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("--timeout -1", r"--timeout: give a number of seconds > 0, not -1"),
+        ("--timeout 0", r"--timeout: give a number of seconds > 0, not 0"),
+        ("--retries -1", r"--retries: give a count >= 0, not -1"),
+        ("--queue ''", r"--queue: '' is not a queue name"),
+        ("--queue=", r"--queue: '' is not a queue name"),
+        ("--out 1abc", r"--out: '1abc' is not a Python variable name"),
+        ("--keep q --fetch q", r"--keep and --fetch both name 'q'"),
+        ("--keep nothere", r"'nothere', which the cell does not assign"),
+    ],
+)
+def test_an_option_no_one_can_mean_is_refused_with_one_line_before_sending(
+    ip: InteractiveShell, loaded: Session, line: str, message: str
+) -> None:
+    with pytest.raises((UsageError, CellError), match=message):
+        ip.run_cell_magic("task", f"--wait {line}", "q = 1")
+    assert loaded.pending.runs == []
+    assert "q" not in ip.user_ns
+
+
+def test_a_quoted_queue_is_the_queue_it_names(ip: InteractiveShell, nb: Session) -> None:
+    ip.run_cell_magic("task", "--wait --queue 'default' --out h", "q = 1")
+    assert ip.user_ns["q"] == 1 and ip.user_ns["h"].queue == "default"
+
+
+def test_keep_or_fetch_of_a_name_the_cell_changes_in_place_is_accepted(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    ip.user_ns["items"] = [1, 2]
+    ip.run_cell_magic("task", "--wait --fetch items", "items.append(3)")
+    assert ip.user_ns["items"] == [1, 2, 3]
+
+
+def test_a_wait_timeout_says_in_one_line_what_the_cell_waited_for(
+    ip: InteractiveShell, loaded: Session
+) -> None:
+    with pytest.raises(TimeoutError) as info:
+        ip.run_cell_magic("task", "--wait --requires nosuchdata --timeout 3", "q = 1")
+    assert rendered(info.value) == [f"TimeoutError: {info.value}"]
+    assert "no live worker consumes queue 'data.nosuchdata'" in str(info.value)
+
+
+def test_interrupting_a_wait_cell_says_its_task_was_cancelled(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    def interrupt_once_started() -> None:
+        wait_until(lambda: "started" in getattr(ip.user_ns.get("h"), "stdout", ""), 15, "start")
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_started, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt) as info:
+        ip.run_cell_magic(
+            "task", "--wait --out h", "import time\nprint('started')\ntime.sleep(30)\nlate = 1"
+        )
+    assert rendered(info.value) == ["KeyboardInterrupt: task 'import time' cancelled"]
+    handle = ip.user_ns["h"]
+    wait_until(handle.done, 15, "the task to stop")
+    assert handle.state is State.REVOKED
+
+
+@pytest.fixture
+def not_redis() -> Iterator[str]:
+    """A port where a web server answers, as a mistyped host:port may find."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def answer() -> None:
+        while True:
+            try:
+                peer, _ = server.accept()
+            except OSError:
+                return
+            with peer:
+                peer.recv(1024)
+                peer.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+    threading.Thread(target=answer, daemon=True).start()
+    yield f"redis://127.0.0.1:{server.getsockname()[1]}/0"
+    server.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("not-a-url", "unsupported broker URL 'not-a-url'"),
+        ("redis://127.0.0.1:1/0", "cannot reach the Redis"),
+        ("not_redis", "does not speak Redis"),
+    ],
+)
+def test_a_connect_that_fails_says_why_and_keeps_the_notebook_connected(
+    ip: InteractiveShell, nb: Session, url: str, message: str, request: Any
+) -> None:
+    before = nb.app
+    if url == "not_redis":
+        url = request.getfixturevalue("not_redis")
+    with pytest.raises(UsageError, match=f"%nbtask connect: .*{message}"):
+        ip.run_line_magic("nbtask", f"connect {url}")
+    assert nb.app is before
+    ip.run_line_magic("nbtask", "status")
+    ip.run_cell_magic("task", "--wait", "still = 1")
+    assert ip.user_ns["still"] == 1
