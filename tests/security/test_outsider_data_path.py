@@ -1,0 +1,145 @@
+"""Someone with write access to the broker and store, but not the secret, on the data path.
+
+The worker registry, what each process holds, and the blobs of large values are all kept
+in the store where anyone with broker access can write. These tests forge or alter them
+directly, as such an outsider could, and check that clients, ``status`` and workers refuse
+what nbtask did not write with one clear error (or leave it out), never crash on it, and
+lose no task.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+from raw_broker import RawBroker
+
+from nbtask import App
+from nbtask.errors import BlobError
+from nbtask.wire.blobs import digest_of
+from nbtask.wire.holdings import holdings_lines
+
+pytestmark = pytest.mark.brokers
+
+ARRAY_BYTES = 6 * 1024 * 1024  # over the default 4 MiB blob threshold
+
+
+def _entry(**changes: Any) -> dict[str, Any]:
+    """A worker registry entry as a worker writes it (one live process)."""
+    entry: dict[str, Any] = {
+        "hostname": "elsewhere",
+        "pid": 4242,
+        "queues": ["default"],
+        "concurrency": 1,
+        "consumers": ["forged-0"],
+        "started": time.time(),
+        "seen": time.time(),
+        "pids": [4243],
+        "running": [""],
+    }
+    entry.update(changes)
+    return entry
+
+
+def _forge_worker(access: RawBroker, worker_id: str, raw: str | bytes, *, alive: bool) -> None:
+    prefix = access.settings.key_prefix
+    access.store.hset(f"{prefix}:workers", worker_id, raw)
+    if alive:
+        access.store.set(f"{prefix}:hb:{worker_id}", raw, px=60_000)
+
+
+# The worker registry ---------------------------------------------------------------------------
+@pytest.mark.parametrize("field", ["started", "seen"])
+def test_a_registry_entry_with_a_number_too_large_for_a_float_is_left_out(
+    app: App, start_worker, access: RawBroker, field: str
+) -> None:
+    """JSON integers have no bound; ``float()`` of one past 1e308 raises OverflowError."""
+    start_worker()
+    huge = json.dumps(_entry(**{field: 10**400}))
+    _forge_worker(access, "forged-live", huge, alive=True)
+    _forge_worker(access, "forged-dead", huge, alive=False)
+    assert "forged-live" not in app.store.workers()
+    assert app.store.dead_workers().get("forged-dead", "absent") is None
+
+    @app.task
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    # Sending reads the registry (whose workers share the secret); the worker's own
+    # clean-up of dead workers reads it too, and keeps serving.
+    assert add.delay(2, 3).get(timeout=30) == 5
+    time.sleep(1.0)  # a few heartbeats: the clean-up of dead workers has run
+    assert add.delay(4, 5).get(timeout=30) == 9
+
+
+def test_a_held_size_too_large_for_a_float_does_not_break_status(
+    app: App, access: RawBroker
+) -> None:
+    """What ``nbtask status`` shows of a process's holdings, forged with a huge size."""
+    prefix = access.settings.key_prefix
+    _forge_worker(access, "forged-live", json.dumps(_entry()), alive=True)
+    held = {"values": [{"name": "x", "size": 10**400, "made_by": "cell"}], "datasets": []}
+    access.store.hset(f"{prefix}:holdings", "forged-0", json.dumps(held))
+    workers = app.store.workers()
+    holdings = app.store.holdings(workers["forged-live"].consumers)
+    lines = holdings_lines(workers["forged-live"], holdings)  # what status prints
+    assert all(isinstance(line, str) for line in lines)
+
+
+# Blobs -------------------------------------------------------------------------------------------
+def test_a_blob_chunk_of_another_redis_type_is_a_blob_error(app: App) -> None:
+    store = app.store
+    store.chunk_bytes = 1000  # type: ignore[attr-defined]
+    data = bytes(range(256)) * 20  # six chunks
+    digest = digest_of(data)
+    store.put_blobs({digest: data})
+    keys = store._blob_keys(digest, len(data))  # type: ignore[attr-defined]
+    redis = store.link.redis  # type: ignore[attr-defined]
+    redis.delete(keys[2])
+    redis.rpush(keys[2], b"not a string")
+    with pytest.raises(BlobError):
+        store.get_blob(digest, len(data))
+
+
+def test_an_argument_blob_of_another_redis_type_fails_the_task_saying_so(
+    app: App, start_worker, access: RawBroker
+) -> None:
+    @app.task
+    def length(data: Any) -> int:
+        return len(data)
+
+    handle = length.apply_async((np.ones(ARRAY_BYTES // 8),), countdown=1)
+    (key,) = access.store.scan_iter(match=f"{access.settings.key_prefix}:blob:*")
+    access.store.delete(key)
+    access.store.sadd(key, b"not a string")
+    start_worker()
+    with pytest.raises(BlobError):
+        handle.get(timeout=30)
+
+
+@pytest.mark.parametrize("planted", ["short", "wrong type"])
+def test_a_blob_planted_before_its_value_is_sent_does_not_stop_the_task(
+    app: App, start_worker, access: RawBroker, planted: str
+) -> None:
+    """A blob's name is its digest, known to anyone who knows the value (zeros, say).
+
+    A key planted under that name before the value is sent, of the wrong size or type,
+    must not pass for the blob: the sender writes the real one, and the task runs.
+    """
+    array = np.zeros(ARRAY_BYTES // 8)
+    key = f"{access.settings.key_prefix}:blob:{digest_of(memoryview(array).cast('B'))}:0"
+    if planted == "short":
+        access.store.set(key, b"\0" * 10, ex=600)
+    else:
+        access.store.rpush(key, b"\0")
+        access.store.expire(key, 600)
+    start_worker()
+
+    @app.task
+    def total(values: Any) -> float:
+        return float(values.sum())
+
+    assert total.delay(array).get(timeout=30) == 0.0
