@@ -15,15 +15,18 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import wait_until
 from raw_broker import RawBroker
 
 from nbtask import App
+from nbtask.core.holding import holder_queue
 from nbtask.errors import BlobError
 from nbtask.wire.blobs import digest_of
 from nbtask.wire.holdings import holdings_lines
 
 pytestmark = pytest.mark.brokers
 
+ADD = "tests.sample_tasks.add"
 ARRAY_BYTES = 6 * 1024 * 1024  # over the default 4 MiB blob threshold
 
 
@@ -143,3 +146,43 @@ def test_a_blob_planted_before_its_value_is_sent_does_not_stop_the_task(
         return float(values.sum())
 
     assert total.delay(array).get(timeout=30) == 0.0
+
+
+# Clean-up after dead workers -------------------------------------------------------------------
+@pytest.mark.brokers("redis")
+def test_a_dead_worker_entry_naming_an_unreadable_queue_does_not_stop_the_clean_up(
+    app: App, start_worker, access: RawBroker
+) -> None:
+    """A forged dead worker whose queue's stream is a key of another type comes first in
+    the registry: the clean-up after a real dead process, and the move of what waits on
+    its own queue, still happen."""
+    prefix = access.settings.key_prefix
+    access.store.set(f"{prefix}:q:unreadable", "not a stream")
+    _forge_worker(access, "forged-bad", json.dumps(_entry(queues=["unreadable"])), alive=False)
+    ghost = _entry(consumers=["ghost-0"])
+    _forge_worker(access, "ghost", json.dumps(ghost), alive=False)
+    # Work waiting on the gone process's own queue (where a kept value was held).
+    waiting = app.send_task(ADD, (2, 3), queue=holder_queue("ghost-0"))
+    start_worker(concurrency=1)
+    assert waiting.get(timeout=30) == 5
+    wait_until(
+        lambda: access.store.hget(f"{prefix}:workers", "ghost") is None,
+        15,
+        "the dead worker's entry to be cleaned up",
+    )
+
+
+@pytest.mark.brokers("redis")
+def test_what_waits_on_a_queue_without_its_group_is_taken(
+    access: RawBroker,
+) -> None:
+    """A process's own queue whose stream has no group (deleted, or never made by a
+    worker) when a dead process's waiting work is moved: the group is made again and
+    what waits is taken at once (the dead worker's entry goes right after, so there is
+    no next time)."""
+    queue = holder_queue("ghost-0")
+    stream = access.streams.queue_key(queue)
+    access.store.xadd(stream, {"e": b"entry", "n": b"0", "i": b"some-task"})
+    (taken,) = access.streams.take_waiting(queue, "ghost-0")
+    assert taken.raw == b"entry"
+    assert access.streams.take_waiting(queue, "ghost-0") == []
