@@ -299,6 +299,8 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings):
         key = f"{self.prefix}:client-group:{group}"
         now = time.time()
         with self.link.translate_errors():
+            if self.link.call("set_aside", [key]):
+                _log_set_aside(key, "a notebook's clients")
             pipe = self.link.redis.pipeline(transaction=False)
             pipe.zadd(key, {channel: now})
             pipe.zremrangebyscore(key, "-inf", now - self.ttl)
