@@ -186,3 +186,34 @@ def test_what_waits_on_a_queue_without_its_group_is_taken(
     (taken,) = access.streams.take_waiting(queue, "ghost-0")
     assert taken.raw == b"entry"
     assert access.streams.take_waiting(queue, "ghost-0") == []
+
+
+# The index of a notebook's tasks, for re-attaching ------------------------------------------
+@pytest.mark.parametrize("where", ["group", "client"])
+def test_a_task_index_of_another_type_is_set_aside(app: App, access: RawBroker, where: str) -> None:
+    """What a notebook reads when it loads, and to re-attach after a restart."""
+    prefix = access.settings.key_prefix
+    earlier = f"{prefix}:c:{'e' * 32}"
+    app.store.recent_tasks("notebook", earlier, 0)
+    if where == "group":
+        access.store.set(f"{prefix}:client-group:notebook", "not a sorted set")
+        expected: list[str] = []
+    else:
+        access.store.zadd(app.store.client_tasks_key(earlier), {"earlier-task": time.time()})
+        access.store.set(app.store.client_tasks_key(app.channel), "not a sorted set")
+        expected = ["earlier-task"]
+    app.store.recent_tasks("notebook", app.channel, 0)  # what loading the extension does
+    found = app.store.recent_tasks("notebook", app.channel, 10)
+    assert [task_id for task_id, _, _ in found] == expected
+
+
+def test_a_client_task_index_of_another_type_does_not_stop_sending(
+    app: App, start_worker, access: RawBroker
+) -> None:
+    """The index is written with each task sent, in the script that queues it."""
+    access.store.set(app.store.client_tasks_key(app.channel), "not a sorted set")
+    start_worker()
+    assert app.send_task(ADD, (2, 3)).get(timeout=30) == 5
+    assert app.send_task(ADD, (4, 5), countdown=0.2).get(timeout=30) == 9
+    found = app.store.recent_tasks("notebook", app.channel, 10)
+    assert len(found) == 2
