@@ -217,3 +217,21 @@ def test_a_client_task_index_of_another_type_does_not_stop_sending(
     assert app.send_task(ADD, (4, 5), countdown=0.2).get(timeout=30) == 9
     found = app.store.recent_tasks("notebook", app.channel, 10)
     assert len(found) == 2
+
+
+# What each process holds ---------------------------------------------------------------------
+def test_a_holdings_key_of_another_type_does_not_fail_a_task_that_loads_a_dataset(
+    app: App, start_worker, access: RawBroker
+) -> None:
+    """What a process holds is announced for ``status`` alone: never a task's failure."""
+    prefix = access.settings.key_prefix
+    access.store.set(f"{prefix}:holdings", "not a hash")
+    start_worker("--data", "squares=tests.sample_tasks:load_squares", concurrency=1)
+
+    @app.task(requires="squares")
+    def count(squares: list[int]) -> int:
+        return len(squares)
+
+    assert count.delay().get(timeout=30) == 10
+    (info,) = app.store.workers().values()
+    assert app.store.holdings(info.consumers)  # announced again, in a hash
