@@ -46,7 +46,16 @@ class RedisWorkers:
             pipe.set(self._hb_key(worker_id), text, px=ttl_ms)
             pipe.hset(self._workers_key, worker_id, text)
             pipe.expire(self._versions_key(worker_id), self.ttl)  # kept while it lives
-            pipe.execute()
+            replies = pipe.execute(raise_on_error=False)
+            for reply in replies:
+                if not isinstance(reply, ResponseError):
+                    continue
+                if "WRONGTYPE" not in str(reply) or reply is not replies[1]:
+                    raise reply
+                # Not a hash: nbtask did not write it. Replaced, or no worker would start.
+                log.error("replaced %s: not a hash, not written by nbtask", self._workers_key)
+                self.link.redis.delete(self._workers_key)
+                self.link.redis.hset(self._workers_key, worker_id, text)
 
     def unregister(self, worker_id: str) -> None:
         """Remove a stopped worker from the registry."""
