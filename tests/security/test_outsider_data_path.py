@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from nbtask.wire.holdings import holdings_lines
 pytestmark = pytest.mark.brokers
 
 ADD = "tests.sample_tasks.add"
+SLOW_EARLY = "tests.sample_tasks.slow_early"
 ARRAY_BYTES = 6 * 1024 * 1024  # over the default 4 MiB blob threshold
 
 
@@ -235,3 +237,24 @@ def test_a_holdings_key_of_another_type_does_not_fail_a_task_that_loads_a_datase
     assert count.delay().get(timeout=30) == 10
     (info,) = app.store.workers().values()
     assert app.store.holdings(info.consumers)  # announced again, in a hash
+
+
+# The worker registry's own key -----------------------------------------------------------------
+def test_a_registry_key_of_another_type_does_not_stop_lease_renewal(
+    app: App, start_worker, access: RawBroker, tmp_path: Path
+) -> None:
+    """The registry is written as a worker starts, and at each heartbeat before the leases
+    of running tasks are renewed: workers start, and a task running past the visibility
+    timeout still runs once, and ends."""
+    registry = f"{access.settings.key_prefix}:workers"
+    access.store.set(registry, "not a hash")
+    start_worker(concurrency=1)
+    start_worker(concurrency=1)
+    marker = tmp_path / "marker"
+    handle = app.send_task(SLOW_EARLY, (str(marker), 6.0))  # three visibility timeouts
+    wait_until(marker.exists, 15, "the task to start")
+    access.store.delete(registry)
+    access.store.set(registry, "not a hash")
+    pid = handle.get(timeout=60)
+    assert [int(line) for line in marker.read_text().split()] == [pid]
+    assert app.store.workers()  # the registry is written again
