@@ -98,7 +98,7 @@ class RedisWorkers:
         with self.link.translate_errors():
             lock = f"{self.prefix}:reclaim:{worker_id}"
             hold_ms = max(100, int(2000 * self.settings.heartbeat_interval))
-            return bool(self.link.redis.set(lock, b"1", nx=True, px=hold_ms))
+            return bool(self.link.redis.eval(_CLAIM, 1, lock, hold_ms))
 
     def forget_worker(self, worker_id: str) -> None:
         """Drop a dead worker from the registry once its deliveries are handled."""
@@ -136,6 +136,14 @@ class RedisWorkers:
             for module, value in zip(modules, found, strict=True)
             if isinstance(value, bytes)
         }
+
+
+# A claim nbtask made always expires: one without an expiry (of any type) was planted,
+# and would keep the dead worker's work (on its processes' own queues) waiting forever.
+_CLAIM = """
+if redis.call('PTTL', KEYS[1]) == -1 then redis.call('DEL', KEYS[1]) end
+return redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1])
+"""
 
 
 def _utf8(raw: bytes) -> str | None:
