@@ -258,3 +258,21 @@ def test_a_registry_key_of_another_type_does_not_stop_lease_renewal(
     pid = handle.get(timeout=60)
     assert [int(line) for line in marker.read_text().split()] == [pid]
     assert app.store.workers()  # the registry is written again
+
+
+@pytest.mark.parametrize("lock", ["no expiry", "another type"])
+def test_a_forged_clean_up_lock_does_not_keep_a_dead_workers_work_waiting(
+    app: App, start_worker, access: RawBroker, lock: str
+) -> None:
+    """The lock naming who cleans up after a dead worker expires within two heartbeats;
+    one planted without an expiry (or of another type) must not hold forever."""
+    prefix = access.settings.key_prefix
+    claim = f"{prefix}:reclaim:ghost"
+    if lock == "no expiry":
+        access.store.set(claim, b"1")
+    else:
+        access.store.rpush(claim, b"1")
+    _forge_worker(access, "ghost", json.dumps(_entry(consumers=["ghost-0"])), alive=False)
+    waiting = app.send_task(ADD, (2, 3), queue=holder_queue("ghost-0"))
+    start_worker(concurrency=1)
+    assert waiting.get(timeout=30) == 5
