@@ -276,3 +276,22 @@ def test_a_forged_clean_up_lock_does_not_keep_a_dead_workers_work_waiting(
     waiting = app.send_task(ADD, (2, 3), queue=holder_queue("ghost-0"))
     start_worker(concurrency=1)
     assert waiting.get(timeout=30) == 5
+
+
+def test_re_attaching_to_a_task_whose_record_names_a_channel_of_another_type(
+    app: App, start_worker, access: RawBroker
+) -> None:
+    """A finished task's output is replayed from the channel its record names (unsigned);
+    a key of another type there leaves the output out, and the signed result stands."""
+    start_worker()
+    handle = app.send_task(ADD, (2, 3))
+    assert handle.get(timeout=30) == 5
+    not_a_stream = f"{access.settings.key_prefix}:c:{'a' * 32}"
+    assert app.store.is_channel(not_a_stream)
+    access.store.hset(not_a_stream, "x", "y")
+    access.store.hset(access.keys.record_key(handle.id), "client", not_a_stream)
+    other = App("other", settings=app.settings)  # another kernel, re-attaching
+    try:
+        assert other.handle(handle.id).get(timeout=10) == 5
+    finally:
+        other.close()
