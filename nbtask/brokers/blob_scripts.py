@@ -14,16 +14,22 @@ from __future__ import annotations
 __all__ = ["BLOB_SCRIPTS"]
 
 # KEYS[1]: the blob's uses (a hash); KEYS[2..]: its chunks. ARGV[1]: the use's field,
-# ARGV[2]: the TTL in seconds. Notes the use, then refreshes the chunks: 1 when every
-# chunk was there, 0 when the blob must be written (again). Anything but a hash at
-# KEYS[1] was not written by nbtask, and is replaced.
+# ARGV[2]: the TTL in seconds, ARGV[3..]: each chunk's length. Notes the use, then
+# refreshes the chunks: 1 when every chunk was there, 0 when the blob must be written
+# (again). Anything but a hash at KEYS[1], or a chunk not a string of its length, was not
+# written by nbtask: the hash is replaced, and the chunks are written again over it.
 _USE_BLOB = """
 if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' then redis.call('DEL', KEYS[1]) end
 redis.call('HSET', KEYS[1], ARGV[1], 1)
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 local whole = 1
 for i = 2, #KEYS do
-  if redis.call('EXPIRE', KEYS[i], ARGV[2]) == 0 then whole = 0 end
+  if redis.call('TYPE', KEYS[i])['ok'] ~= 'string'
+     or redis.call('STRLEN', KEYS[i]) ~= tonumber(ARGV[i + 1]) then
+    whole = 0
+  else
+    redis.call('EXPIRE', KEYS[i], ARGV[2])
+  end
 end
 return whole
 """

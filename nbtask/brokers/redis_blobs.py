@@ -30,6 +30,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 
+from redis.exceptions import ResponseError
+
 from nbtask.brokers.local_blobs import LocalBlobs
 from nbtask.brokers.redis_link import RedisLink
 from nbtask.errors import BlobError
@@ -98,15 +100,15 @@ class RedisBlobs:
         """Note a use of each blob and refresh it: whether it is kept whole in Redis."""
         field = "pin" if keeper is None else _keeper_field(keeper)
         in_redis = self.local_blobs is None
-        commands = [
-            self.link.evalsha(
-                "use_blob",
-                [self._uses_key(digest), *(self._blob_keys(digest, size) if in_redis else ())],
-                field,
-                self.ttl,
+        commands = []
+        for digest, size in sizes.items():
+            keys = self._blob_keys(digest, size) if in_redis else []
+            lengths = [min(self.chunk_bytes, size - i * self.chunk_bytes) for i in range(len(keys))]
+            commands.append(
+                self.link.evalsha(
+                    "use_blob", [self._uses_key(digest), *keys], field, self.ttl, *lengths
+                )
             )
-            for digest, size in sizes.items()
-        ]
         with self.link.translate_errors():
             replies = self.link.run_scripts(commands)
         return {digest: bool(reply) for digest, reply in zip(sizes, replies, strict=True)}
@@ -178,7 +180,10 @@ class RedisBlobs:
         at = 0
         with self.link.translate_errors():
             for key in self._blob_keys(digest, size):
-                chunk = self.link.redis.get(key)
+                try:
+                    chunk = self.link.redis.get(key)
+                except ResponseError as exc:  # not a string: nbtask did not write it
+                    raise BlobError(_ALTERED.format(digest=digest[:16], size=size)) from exc
                 if chunk is None:
                     raise BlobError(
                         f"a large value ({size:,} bytes, blob {digest[:16]}) is no longer in "
@@ -192,11 +197,14 @@ class RedisBlobs:
                 if progress is not None:
                     progress(len(chunk))
         if at != size:
-            raise BlobError(
-                f"blob {digest[:16]} in the store is not {size:,} bytes long (it was altered "
-                "or truncated); nothing was loaded"
-            )
+            raise BlobError(_ALTERED.format(digest=digest[:16], size=size))
         return data
+
+
+_ALTERED = (
+    "blob {digest} in the store is not {size:,} bytes long (it was altered or truncated); "
+    "nothing was loaded"
+)
 
 
 def _keeper_field(keeper: str) -> str:

@@ -275,7 +275,11 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings):
     def replay(self, channel: str) -> list[bytes]:
         """Every event still kept on a client's channel, oldest first."""
         with self.link.translate_errors():
-            (entries,) = self.link.run([("XRANGE", channel, "-", "+", "COUNT", CHANNEL_MAXLEN)])
+            try:
+                (entries,) = self.link.run([("XRANGE", channel, "-", "+", "COUNT", CHANNEL_MAXLEN)])
+            except ResponseError:  # not a stream (a record names any channel): none kept
+                log.error("ignored %s: not a stream, not written by nbtask", channel)
+                return []
         return [raw for _id, fields in entries if (raw := _event_of(fields))]
 
     def wake(self, channel: str) -> None:
@@ -299,6 +303,8 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings):
         key = f"{self.prefix}:client-group:{group}"
         now = time.time()
         with self.link.translate_errors():
+            if self.link.call("set_aside", [key]):
+                _log_set_aside(key, "a notebook's clients")
             pipe = self.link.redis.pipeline(transaction=False)
             pipe.zadd(key, {channel: now})
             pipe.zremrangebyscore(key, "-inf", now - self.ttl)

@@ -151,8 +151,11 @@ class StreamsUpkeep:
         No start check runs: the caller moves them (:meth:`move`), it does not run them.
         """
         stream = self.queue_key(queue)
-        with self.link.translate_errors(), self._queues_may_be_gone([queue]):
-            reply = self.link.redis.xreadgroup(GROUP, consumer, {stream: ">"}, count=limit)
+        reply = None
+        for _ in range(2):  # once more if the group was gone: made again, from the start
+            with self.link.translate_errors(), self._queues_may_be_gone([queue]):
+                reply = self.link.redis.xreadgroup(GROUP, consumer, {stream: ">"}, count=limit)
+                break
         return [_delivery(queue, e, f) for _, entries in reply or [] for e, f in entries if f]
 
     def drop_queue(self, queue: str) -> bool:

@@ -46,7 +46,16 @@ class RedisWorkers:
             pipe.set(self._hb_key(worker_id), text, px=ttl_ms)
             pipe.hset(self._workers_key, worker_id, text)
             pipe.expire(self._versions_key(worker_id), self.ttl)  # kept while it lives
-            pipe.execute()
+            replies = pipe.execute(raise_on_error=False)
+            for reply in replies:
+                if not isinstance(reply, ResponseError):
+                    continue
+                if "WRONGTYPE" not in str(reply) or reply is not replies[1]:
+                    raise reply
+                # Not a hash: nbtask did not write it. Replaced, or no worker would start.
+                log.error("replaced %s: not a hash, not written by nbtask", self._workers_key)
+                self.link.redis.delete(self._workers_key)
+                self.link.redis.hset(self._workers_key, worker_id, text)
 
     def unregister(self, worker_id: str) -> None:
         """Remove a stopped worker from the registry."""
@@ -89,7 +98,7 @@ class RedisWorkers:
         with self.link.translate_errors():
             lock = f"{self.prefix}:reclaim:{worker_id}"
             hold_ms = max(100, int(2000 * self.settings.heartbeat_interval))
-            return bool(self.link.redis.set(lock, b"1", nx=True, px=hold_ms))
+            return bool(self.link.redis.eval(_CLAIM, 1, lock, hold_ms))
 
     def forget_worker(self, worker_id: str) -> None:
         """Drop a dead worker from the registry once its deliveries are handled."""
@@ -127,6 +136,14 @@ class RedisWorkers:
             for module, value in zip(modules, found, strict=True)
             if isinstance(value, bytes)
         }
+
+
+# A claim nbtask made always expires: one without an expiry (of any type) was planted,
+# and would keep the dead worker's work (on its processes' own queues) waiting forever.
+_CLAIM = """
+if redis.call('PTTL', KEYS[1]) == -1 then redis.call('DEL', KEYS[1]) end
+return redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1])
+"""
 
 
 def _utf8(raw: bytes) -> str | None:

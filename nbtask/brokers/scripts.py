@@ -124,6 +124,7 @@ local function write_pending(key, ttl, index, now, task_id, fields)
   redis.call('HSET', key, unpack(fields))
   redis.call('EXPIRE', key, ttl)
   if index ~= '' then
+    set_aside(index)  -- another type: not written by nbtask, and would stop every send
     redis.call('ZADD', index, now, task_id)
     redis.call('ZREMRANGEBYSCORE', index, '-inf', tonumber(now) - tonumber(ttl))
     redis.call('EXPIRE', index, ttl)

@@ -19,6 +19,7 @@ __all__ = ["Held", "Holdings", "holdings_lines"]
 
 _MAX_BYTES = 256 * 1024
 _MAX_ITEMS = 1000
+_MAX_SIZE = 2**63  # no process holds more; JSON integers have no bound (float() overflows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +78,7 @@ def _items(raw: Any) -> tuple[Held, ...] | None:
             or not isinstance(made_by, str)
             or not isinstance(size, int)
             or isinstance(size, bool)
-            or size < 0
+            or not 0 <= size < _MAX_SIZE
         ):
             return None
         found.append(Held(name, size, made_by))

@@ -183,7 +183,7 @@ class WorkerInfo:
                 datasets=_strings(value.get("datasets", [])),
                 running=_strings(value.get("running", [])),
             )
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # JSON integers have no bound
             return None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 
@@ -12,6 +13,8 @@ from nbtask.settings import Settings
 from nbtask.wire.holdings import Held, Holdings
 
 __all__ = ["ServedQueues", "process_holding"]
+
+log = logging.getLogger("nbtask.worker")
 
 
 def process_holding(
@@ -43,7 +46,14 @@ def process_holding(
         )
 
     holding = Holding(settings.worker_memory_budget, own, announce)
-    datasets.on_load = lambda: announce(holding.values())
+
+    def loaded() -> None:
+        try:
+            announce(holding.values())
+        except Exception:  # for status only: never fail the task that loaded it
+            log.exception("could not announce the datasets this process holds")
+
+    datasets.on_load = loaded
     # Only a replacement can find cells sent to the process before it: a worker's first
     # children have queues no one knew of.
     grace = 3 * settings.heartbeat_interval if replaces else 0.0
