@@ -58,6 +58,9 @@ from nbtask.worker.subtasks import SubtaskPublisher, WorkerSender
 __all__ = ["Child"]
 
 log = logging.getLogger("nbtask.worker")
+# A message taken this long before its signed eta was moved early in the store (clocks of
+# the sender and the worker may differ by less): it is parked again until its eta.
+_EARLY_SECONDS = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,20 +245,27 @@ class Child:
         if refused is not None:
             self._drop(admitted, refused)
             return None
-        now = time.time()
+        return None if self._not_now(admitted) else admitted
+
+    def _not_now(self, admitted: Admitted) -> bool:
+        """Park a task taken before its eta; settle one too old or expired. True if so."""
+        message, now = admitted.message, time.time()
+        if message.eta is not None and message.eta > now + _EARLY_SECONDS:
+            self._park(admitted, message.eta)
+            return True
         # Counted from the signed due time: a countdown or retry does not age while it waits.
         age = now - max(message.created, message.eta or 0.0)
         if age > self.settings.replay_window:
             self._too_old(admitted, age)
-            return None
+            return True
         if message.expires is not None and now > message.expires:
             expired = Outcome(
                 Event(EventType.REVOKED, message.id, FINAL_SEQ, {"reason": "expired"})
             )
             self._settle(admitted, expired)
             self.follow_ups.run(message, expired, admitted.callbacks, None)
-            return None
-        return admitted
+            return True
+        return False
 
     def _reject(self, delivery: Delivery, exc: BaseException) -> None:
         """Dead-letter a message that does not verify (and settle its task, if one began)."""
@@ -359,21 +369,21 @@ class Child:
         """Put a task over its rate limit back for later, without holding this slot."""
         if task.rate_limit is None or self.settings.worker_disable_rate_limits:
             return False
-        message, delivery = admitted.message, admitted.delivery
+        message = admitted.message
         bucket = f"{self.worker_id}:{message.name}"
         wait = self.transport.store.rate_wait(bucket, task.rate_limit)
         if wait <= 0:
             return False
-        # Back to PENDING (the start check marked it STARTED) and parked.
-        self.transport.finish(
-            delivery,
-            message.id,
-            message.client,
-            b"",
-            {"state": State.PENDING.value},
-            requeue=(delivery.raw, time.time() + wait),
-        )
+        self._park(admitted, time.time() + wait)
         return True
+
+    def _park(self, admitted: Admitted, due: float) -> None:
+        """Put a task back to PENDING (the start check marked it STARTED) until ``due``."""
+        message, delivery = admitted.message, admitted.delivery
+        state = {"state": State.PENDING.value}
+        self.transport.finish(
+            delivery, message.id, message.client, b"", state, requeue=(delivery.raw, due)
+        )
 
     def _request(self, admitted: Admitted, task: Task, args: Any, kwargs: Any) -> Request:
         message, delivery = admitted.message, admitted.delivery

@@ -298,11 +298,6 @@ def test_re_attaching_to_a_task_whose_record_names_a_channel_of_another_type(
 
 
 # The ETA sets ----------------------------------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="a task's signed eta is not checked when it is taken: an ETA set entry whose "
-    "score was lowered in the store runs the task before its eta",
-)
 def test_an_eta_entry_moved_earlier_in_the_store_does_not_run_the_task_early(
     app: App, start_worker, access: RawBroker
 ) -> None:
