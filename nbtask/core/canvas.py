@@ -55,6 +55,11 @@ class Signable(Protocol):
     def send_options(self) -> Callable[..., dict[str, Any]]:
         """Check ``apply_async`` options and turn them into message options."""
 
+    def check_arguments(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any], requires: Sequence[str] | None = None
+    ) -> None:
+        """Raise ``TypeError`` unless the task accepts these arguments."""
+
     def sender(self) -> Sender:
         """What sends this task now: its app, or the worker running the current task."""
 
@@ -236,6 +241,8 @@ class Group:
         if not self.tasks:
             return GroupHandle([])
         app = self.tasks[0].task.sender()
+        for sig in self.tasks:
+            sig.task.check_arguments(sig.args, sig.kwargs, sig.options.get("requires"))
         calls = [
             (sig.task, sig.args, dict(sig.kwargs), sig.task.send_options(**sig.options))
             for sig in self.tasks

@@ -34,6 +34,7 @@ TASK_OPTIONS = frozenset(
         "priority",
         "backend",
         "requires",
+        "typing",
     }
 )
 _RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
@@ -95,7 +96,7 @@ def validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return attrs
 
 
-_BOOLS = ("bind", "acks_late", "retry_jitter")
+_BOOLS = ("bind", "acks_late", "retry_jitter", "typing")
 _OPTIONAL_BOOLS = ("ignore_result", "reject_on_worker_lost")
 _OPTIONAL_STRINGS = ("name", "queue")
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import inspect
 import numbers
 import random
 import re
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, NoReturn, Protocol
 
-from nbtask.core.canvas import Callbacks, Sender, Signature, current_sender
+from nbtask.core.canvas import Call, Callbacks, Sender, Signature, current_sender
 from nbtask.core.context import Request, current_request, progress
 from nbtask.core.datasets import data_queue, dataset_names
 from nbtask.core.handle import TaskHandle
@@ -88,6 +90,9 @@ class Task:
     #: Named datasets the task receives from its worker as keyword arguments; it is sent
     #: only to workers holding them (see :mod:`nbtask.core.datasets`).
     requires: ClassVar[tuple[str, ...]] = ()
+    #: Check a call's arguments against ``run`` before it is sent (Celery's ``typing``),
+    #: so a wrong call fails at once, in the caller, and nothing is sent.
+    typing: ClassVar[bool] = True
     # Abstract classes (the app's Task base, user base classes) are never registered.
     abstract: ClassVar[bool] = True
 
@@ -291,8 +296,29 @@ class Task:
             link_error=link_error,
             requires=requires,
         )
-        call = (self, *_call_arguments(args, kwargs), options)
+        call_args, call_kwargs = _call_arguments(args, kwargs)
+        self.check_arguments(call_args, call_kwargs, requires)
+        call = (self, call_args, call_kwargs, options)
         return self.sender().send_batch([call], on_event=on_event)[0]
+
+    def check_arguments(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any], requires: Sequence[str] | None = None
+    ) -> None:
+        """Raise ``TypeError`` (nothing sent) unless ``run`` accepts these arguments.
+
+        The datasets the call requires count as given: the worker passes them. A task with
+        ``typing=False``, or whose ``run`` has no readable signature, is not checked.
+        """
+        signature = _run_signature(type(self)) if self.typing else None
+        if signature is None:
+            return
+        needs = dataset_names(requires) if requires is not None else self.requires
+        try:
+            signature.bind(*args, **{**dict.fromkeys(needs), **kwargs})
+        except TypeError as exc:
+            plain = [p.replace(annotation=p.empty) for p in signature.parameters.values()]
+            form = signature.replace(parameters=plain, return_annotation=signature.empty)
+            raise TypeError(f"{self.name}{form}: {exc}; nothing was sent") from None
 
     def send_options(
         self,
@@ -359,7 +385,10 @@ class Task:
     def delay_many(self, arg_tuples: Iterable[Sequence[Any]]) -> list[TaskHandle]:
         """Send one task per argument tuple, in a single round trip to the broker."""
         options = self.send_options()
-        return self.sender().send_batch([(self, tuple(a), {}, options) for a in arg_tuples])
+        calls: list[Call] = [(self, tuple(a), {}, options) for a in arg_tuples]
+        for _, args, _, _ in calls:
+            self.check_arguments(args, {})
+        return self.sender().send_batch(calls)
 
     def s(self, *args: Any, **kwargs: Any) -> Signature:
         """A signature: this task with (some of) its arguments, to send later."""
@@ -449,3 +478,29 @@ def _call_arguments(
             f"{type(kwargs).__name__} {kwargs!r}"
         )
     return tuple(args or ()), dict(kwargs or {})
+
+
+_SIGNATURES: weakref.WeakKeyDictionary[type[Task], inspect.Signature | None] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _run_signature(cls: type[Task]) -> inspect.Signature | None:
+    """The signature a call of ``cls``'s ``run`` must fit (without ``self``), if readable."""
+    if cls not in _SIGNATURES:
+        _SIGNATURES[cls] = _read_signature(cls)
+    return _SIGNATURES[cls]
+
+
+def _read_signature(cls: type[Task]) -> inspect.Signature | None:
+    run = inspect.getattr_static(cls, "run")
+    if run is Task.__dict__["run"]:
+        return None  # not written yet: the worker's class may have it
+    try:
+        signature = inspect.signature(cls.run)
+    except (TypeError, ValueError):
+        return None
+    if isinstance(run, staticmethod):
+        return signature
+    parameters = list(signature.parameters.values())[1:]  # self
+    return signature.replace(parameters=parameters)

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from raw_broker import RawBroker
 
-from nbtask import App
+from nbtask import App, group
 from nbtask.errors import ConfigurationError
 
 
@@ -58,3 +58,51 @@ def test_retry_misuse_fails_the_task_naming_the_argument(app: App, start_worker:
         soon.delay().get(timeout=30)
     with pytest.raises(ConfigurationError, match=r"retry\(exc=\.\.\.\) takes the exception"):
         text.delay().get(timeout=30)
+
+
+def test_a_call_that_does_not_fit_the_task_is_refused_in_the_caller_and_sends_nothing(
+    app: App, access: RawBroker
+) -> None:
+    @app.task
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task(bind=True)
+    def bound(self: Any, x: int) -> int:
+        return x
+
+    @app.task(requires=("squares",))
+    def uses(n: int, squares: list[int]) -> int:
+        return n
+
+    wrong = [
+        (lambda: add.delay(1), r"\.add\(x, y\): missing a required argument: 'y'"),
+        (lambda: add.delay(1, 2, 3), "too many positional arguments"),
+        (lambda: add.apply_async((1,), {"z": 2}), "missing a required argument: 'y'"),
+        (bound.delay, r"\.bound\(x\): missing a required argument: 'x'"),
+        (lambda: add.delay_many([(1, 2), (3,)]), "missing a required argument: 'y'"),
+        (lambda: group([add.s(1, 2), add.s(1)]).delay(), "missing a required argument"),
+        (uses.delay, "missing a required argument: 'n'"),
+    ]
+    for call, message in wrong:
+        with pytest.raises(TypeError, match=f"{message}.*nothing was sent"):
+            call()
+    assert access.drained()
+    sent = uses.delay(1)  # the dataset comes from the worker: not the caller's to give
+    record = app.store.get_record(sent.id)
+    assert record is not None and record.state == "PENDING"
+
+
+def test_typing_false_sends_a_call_that_does_not_fit_and_the_worker_says_so(
+    app: App, start_worker: Any
+) -> None:
+    start_worker()
+
+    @app.task(typing=False)
+    def one(x: int) -> int:
+        return x
+
+    with pytest.raises(TypeError, match="takes 1 positional argument but 2 were given"):
+        one.delay(1, 2).get(timeout=30)
+    with pytest.raises(ConfigurationError, match="typing must be True or False"):
+        app.task(typing="no")(lambda: None)
