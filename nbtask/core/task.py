@@ -441,16 +441,25 @@ def _callbacks(
 
 
 def _epoch(when: dt.datetime | float | None, *, absolute: bool) -> float | None:
-    """Turn a datetime or seconds into epoch seconds (relative seconds unless absolute)."""
+    """Turn a datetime or seconds into epoch seconds (relative seconds unless absolute).
+
+    ``absolute`` is the ``eta`` option's meaning; else it is ``expires``'s (named in errors).
+    """
     if when is None:
         return None
     if isinstance(when, dt.datetime):
         if when.tzinfo is None:
-            raise ConfigurationError("eta/expires datetimes must be timezone-aware")
+            raise ConfigurationError(f"{_when_option(absolute)} datetimes must be timezone-aware")
         return when.timestamp()
     if isinstance(when, (int, float)):
         return float(when) if absolute else time.time() + float(when)
-    raise ConfigurationError(f"expected a datetime or a number of seconds, got {when!r}")
+    raise ConfigurationError(
+        f"{_when_option(absolute)}={when!r} is not a datetime or a number of seconds"
+    )
+
+
+def _when_option(absolute: bool) -> str:
+    return "eta" if absolute else "expires"
 
 
 def _seconds(option: str, value: float | None) -> float | None:

@@ -20,7 +20,6 @@ from nbtask.core.holding import is_holder_queue
 from nbtask.core.placement import Moving, holder_queue_for
 from nbtask.errors import CellError
 from nbtask.notebook import process_state
-from nbtask.notebook.analysis import analyze
 from nbtask.notebook.board import Row, TaskBoard, format_row, notebook_group
 from nbtask.notebook.celltask import NamedCell, cell_task
 from nbtask.notebook.fetchbar import fetch_progress
@@ -28,7 +27,7 @@ from nbtask.notebook.follow import cancel_task, follow
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.pending import WAIT_NAME, CellRun, Pending, WaitInserter, wait_interruptibly
 from nbtask.notebook.releases import Releases, ReleaseTask
-from nbtask.notebook.shipping import prepare
+from nbtask.notebook.shipping import analyzed, prepare
 from nbtask.notebook.version_warnings import VersionWarnings, modules_used
 from nbtask.notebook.widgets import TaskView, TaskWidget, make_view, widgets_enabled
 from nbtask.wire.blobs import ByteProgress
@@ -187,10 +186,7 @@ class Session:
     def submit_cell(self, cell: str, args: Any) -> Any:
         """Check, send and follow one cell; see :meth:`TaskMagics.task`."""
         python = self.shell.transform_cell(cell)
-        try:
-            found = analyze(python)
-        except SyntaxError as exc:
-            raise CellError(f"the cell does not parse: {exc}") from None
+        found = analyzed(python, line_offset=1)  # the %%task line is the cell's first
         self.pending.harvest()
         self.pending.wait([n for n in found.reads if n in self.pending.owner])
         back = {*found.assigned, *found.mutated}  # the names that come back
@@ -211,6 +207,7 @@ class Session:
             hidden={*self.shell.user_ns_hidden, *args.requires},
             line_offset=1,  # tracebacks count the %%task line, as the notebook numbers lines
             state=process_state.capture(self.baseline),
+            found=found,
         )
         spec = dataclasses.replace(
             spec,

@@ -74,6 +74,15 @@ class CellSpec:
     python: str = ""
 
 
+def analyzed(python: str, line_offset: int = 0) -> CellAnalysis:
+    """The cell's analysis, or :class:`CellError` naming the line (as the notebook counts)."""
+    try:
+        return analyze(python)
+    except SyntaxError as exc:
+        where = f" (line {exc.lineno + line_offset})" if exc.lineno else ""
+        raise CellError(f"the cell does not parse: {exc.msg}{where}") from None
+
+
 def prepare(
     source: str,
     python: str,
@@ -86,6 +95,7 @@ def prepare(
     hidden: Container[str] = (),
     line_offset: int = 0,
     state: Mapping[str, Any] | None = None,
+    found: CellAnalysis | None = None,
 ) -> tuple[CellSpec, Packed, CellAnalysis]:
     """Check a cell and pickle its inputs; raise :class:`CellError` before anything is sent.
 
@@ -109,16 +119,15 @@ def prepare(
         The shell's own names (``get_ipython``, ``In``...): the worker's shell has its own.
     state
         The kernel's process-wide state (:func:`nbtask.notebook.process_state.capture`).
+    found
+        The cell's analysis, if the caller already made it (:func:`analyzed`).
 
     Returns
     -------
     (CellSpec, Packed, CellAnalysis)
         The spec, the pickled ``{name: value}`` of the shipped names, and the analysis.
     """
-    try:
-        found = analyze(python)
-    except SyntaxError as exc:
-        raise CellError(f"the cell does not parse: {exc}") from None
+    found = found or analyzed(python, line_offset)
     _refuse_what_a_worker_cannot_do(python, found, namespace)
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(found.reads))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import pytest
@@ -106,3 +107,16 @@ def test_typing_false_sends_a_call_that_does_not_fit_and_the_worker_says_so(
         one.delay(1, 2).get(timeout=30)
     with pytest.raises(ConfigurationError, match="typing must be True or False"):
         app.task(typing="no")(lambda: None)
+
+
+def test_an_eta_or_expires_of_another_kind_names_the_option(app: App, access: RawBroker) -> None:
+    @app.task
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    with pytest.raises(ConfigurationError, match=r"expires='x' is not a datetime or a number"):
+        add.apply_async((1, 2), expires="x")  # type: ignore[arg-type]
+    naive = dt.datetime(2030, 1, 1)
+    with pytest.raises(ConfigurationError, match="eta datetimes must be timezone-aware"):
+        add.apply_async((1, 2), eta=naive)
+    assert access.drained()

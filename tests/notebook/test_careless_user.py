@@ -133,3 +133,11 @@ def test_a_connect_that_fails_says_why_and_keeps_the_notebook_connected(
     ip.run_line_magic("nbtask", "status")
     ip.run_cell_magic("task", "--wait", "still = 1")
     assert ip.user_ns["still"] == 1
+
+
+def test_a_cell_that_does_not_parse_names_its_line_as_the_notebook_counts(
+    ip: InteractiveShell, loaded: Session
+) -> None:
+    with pytest.raises(CellError, match=r"does not parse: '\(' was never closed \(line 3\)"):
+        ip.run_cell_magic("task", "--wait", "q = 1\nprint(q")
+    assert loaded.pending.runs == []
