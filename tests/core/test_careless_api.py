@@ -8,17 +8,22 @@ from typing import Any
 import pytest
 from raw_broker import RawBroker
 
-from nbtask import App, group
+from nbtask import App, Task, group
 from nbtask.errors import ConfigurationError
 
 
-def test_a_countdown_that_is_no_number_names_the_option_and_sends_nothing(
-    app: App, access: RawBroker
-) -> None:
+@pytest.fixture
+def add(app: App) -> Task:
     @app.task
     def add(x: int, y: int) -> int:
         return x + y
 
+    return add
+
+
+def test_a_countdown_that_is_no_number_names_the_option_and_sends_nothing(
+    add: Task, access: RawBroker
+) -> None:
     with pytest.raises(ConfigurationError, match=r"countdown='x' is not a number of seconds"):
         add.apply_async((1, 2), countdown="x")  # type: ignore[arg-type]
     assert access.drained()
@@ -33,12 +38,8 @@ def test_a_countdown_that_is_no_number_names_the_option_and_sends_nothing(
     ],
 )
 def test_arguments_of_another_shape_are_refused_before_sending(
-    app: App, access: RawBroker, args: Any, kwargs: Any, message: str
+    add: Task, access: RawBroker, args: Any, kwargs: Any, message: str
 ) -> None:
-    @app.task
-    def add(x: int, y: int) -> int:
-        return x + y
-
     with pytest.raises(ConfigurationError, match=message):
         add.apply_async(args, kwargs)
     assert access.drained()
@@ -62,12 +63,8 @@ def test_retry_misuse_fails_the_task_naming_the_argument(app: App, start_worker:
 
 
 def test_a_call_that_does_not_fit_the_task_is_refused_in_the_caller_and_sends_nothing(
-    app: App, access: RawBroker
+    app: App, add: Task, access: RawBroker
 ) -> None:
-    @app.task
-    def add(x: int, y: int) -> int:
-        return x + y
-
     @app.task(bind=True)
     def bound(self: Any, x: int) -> int:
         return x
@@ -109,11 +106,7 @@ def test_typing_false_sends_a_call_that_does_not_fit_and_the_worker_says_so(
         app.task(typing="no")(lambda: None)
 
 
-def test_an_eta_or_expires_of_another_kind_names_the_option(app: App, access: RawBroker) -> None:
-    @app.task
-    def add(x: int, y: int) -> int:
-        return x + y
-
+def test_an_eta_or_expires_of_another_kind_names_the_option(add: Task, access: RawBroker) -> None:
     with pytest.raises(ConfigurationError, match=r"expires='x' is not a datetime or a number"):
         add.apply_async((1, 2), expires="x")  # type: ignore[arg-type]
     naive = dt.datetime(2030, 1, 1)
