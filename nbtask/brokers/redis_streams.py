@@ -35,7 +35,7 @@ from nbtask.brokers.base import Delivery, Publish, Verdict
 from nbtask.brokers.redis_link import LARGE_BYTES, Command
 from nbtask.brokers.redis_store import CHANNEL_MAXLEN, RedisStore
 from nbtask.brokers.redis_upkeep import GROUP, StreamsUpkeep, _delivery
-from nbtask.brokers.scripts import STREAMS_SCRIPTS
+from nbtask.brokers.streams_scripts import STREAMS_SCRIPTS
 
 log = logging.getLogger(__name__)
 

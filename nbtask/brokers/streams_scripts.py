@@ -1,0 +1,195 @@
+"""The Redis Streams transport's task scripts: the store's steps fused with its own commands.
+
+Built from the shared Lua of :mod:`nbtask.brokers.scripts`, so the start check and the
+records are the same whichever transport runs them; here each step of a task (send,
+start, finish) is one round trip.
+"""
+
+from __future__ import annotations
+
+from nbtask.brokers.scripts import CHECK_START, ETA_MEMBER, WRITE_FINAL, WRITE_PENDING
+
+__all__ = ["STREAMS_SCRIPTS"]
+
+# The task id of a stream entry's fields: its plain 'i' field (the worker checks it
+# against the signed header before running anything). Entries without one were not
+# written by nbtask: 'NOID', and the worker asks the store itself once it has read the
+# signed header.
+_ENTRY_START = (
+    CHECK_START
+    + """
+local function entry_start(fields, prefix, ttl, worker, pid, consumer)
+  local task_id
+  for i = 1, #fields, 2 do if fields[i] == 'i' then task_id = fields[i + 1] end end
+  if not task_id then return 'NOID' end
+  return check_start(prefix .. task_id, ttl, worker, pid, consumer, '0')
+end
+"""
+)
+
+# Enqueue one message (or park it until its ETA) and write its PENDING record.
+# KEYS: stream, eta set, record, client index; ARGV: raw, ttl, due ('' = now), task id,
+# now, fields...
+_PUBLISH = (
+    WRITE_PENDING
+    + """
+local refused = write_pending(KEYS[3], ARGV[2], KEYS[4], ARGV[5], ARGV[4], {unpack(ARGV, 6)})
+if refused ~= '' then return refused end
+if ARGV[3] == '' then
+  redis.call('XADD', KEYS[1], '*', 'e', ARGV[1], 'n', '0', 'i', ARGV[4])
+else
+  set_aside(KEYS[2])
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4] .. ':' .. ARGV[1])
+end
+return ''
+"""
+)
+
+# The last step of a task, atomically: store the record, tell the client, park a
+# message for later (a retry) and acknowledge the delivery.
+# KEYS: record, channel, stream, eta set
+# ARGV: ttl, maxlen, event ('' = none), entry id ('' = no ack), later ('' = none), due,
+# fields...
+_FINISH = (
+    WRITE_FINAL
+    + """
+write_final(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], {unpack(ARGV, 7)})
+if ARGV[5] ~= '' then
+  set_aside(KEYS[4])
+  redis.call('ZADD', KEYS[4], ARGV[6], ARGV[5])
+end
+if ARGV[4] ~= '' then
+  redis.call('XACK', KEYS[3], 'workers', ARGV[4])
+  redis.call('XDEL', KEYS[3], ARGV[4])
+end
+return 1
+"""
+)
+
+# Take one message from the first queue (in the order given) that has one, and check it
+# may start. When none has, return the last entry id of each stream, so the caller can
+# block on XREAD from exactly there and be woken by the next XADD without a race.
+# ARGV: group, consumer, record key prefix, ttl, worker, pid
+_FETCH = (
+    _ENTRY_START
+    + """
+for i, key in ipairs(KEYS) do
+  local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', key, '>')
+  if r then
+    local entry = r[1][2][1]
+    return {i, entry[1], entry[2],
+            entry_start(entry[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[2])}
+  end
+end
+local ids = {}
+for i, key in ipairs(KEYS) do
+  local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  if last[1] then ids[i] = last[1][1] else ids[i] = '0-0' end
+end
+return {0, ids}
+"""
+)
+
+# Sent in the same write as a blocking XREADGROUP, so Redis runs it the moment that
+# read is served: the start check costs no extra round trip. It looks at what this
+# consumer was given after entry ARGV[7] (nothing, if the read timed out).
+# KEYS: stream; ARGV: group, consumer, record key prefix, ttl, worker, pid, last entry id
+_STARTED = (
+    _ENTRY_START
+    + """
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '(' .. ARGV[7], '+', 1, ARGV[2])
+if #pending == 0 then return false end
+local entry = redis.call('XRANGE', KEYS[1], pending[1][1], pending[1][1])
+if #entry == 0 then return false end
+return {entry[1][1], entry_start(entry[1][2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[2])}
+"""
+)
+
+# A delivery this consumer was given by a read whose reply never reached it (the
+# connection died while the read was served): the oldest entry still pending for it, with
+# its start verdict. That read's start check ran, so a task STARTED by this very consumer
+# process may start ('OK'). One STARTED by another process is a dead child's, left for its
+# supervisor to settle.
+# KEYS: streams; ARGV: group, consumer, record key prefix, ttl, worker, pid
+_RECOVER = (
+    _ENTRY_START
+    + """
+for i, key in ipairs(KEYS) do
+  for _, p in ipairs(redis.call('XPENDING', key, ARGV[1], '-', '+', 10, ARGV[2])) do
+    local entry = redis.call('XRANGE', key, p[1], p[1])
+    if #entry == 0 then
+      redis.call('XACK', key, ARGV[1], p[1])  -- deleted meanwhile
+    else
+      local verdict = entry_start(entry[1][2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[2])
+      if verdict ~= 'STARTED' then return {i, p[1], entry[1][2], verdict} end
+    end
+  end
+end
+return false
+"""
+)
+
+# Move due ETA messages onto their streams. KEYS: dead letters, eta set, stream, ...
+# ARGV: now, maxlen. Returns {next due or '', quarantined, keys set aside}.
+_MOVE_DUE = (
+    ETA_MEMBER
+    + """
+local bad, aside = 0, set_aside_every(KEYS, 2, 2)
+for i = 2, #KEYS, 2 do
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', ARGV[1], 'LIMIT', 0, 500)) do
+    local task_id, raw = split_member(m, KEYS[i], KEYS[1], ARGV[2])
+    if task_id then
+      redis.call('XADD', KEYS[i + 1], '*', 'e', raw, 'n', '0', 'i', task_id)
+      redis.call('ZREM', KEYS[i], m)
+    else
+      bad = bad + 1
+    end
+  end
+end
+return {next_due(KEYS, 2), bad, aside}
+"""
+)
+
+# Delete every message still waiting: stream entries no worker was given yet (after the
+# group's last-delivered id; ones being run stay) and the whole ETA set. Returns the task
+# ids the entries named. KEYS: stream, eta set, ...; ARGV: group
+_PURGE = """
+local ids = {}
+for i = 1, #KEYS, 2 do
+  local last = '0-0'
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[i])) do
+      local name, delivered
+      for j = 1, #g, 2 do
+        if g[j] == 'name' then name = g[j + 1] end
+        if g[j] == 'last-delivered-id' then delivered = g[j + 1] end
+      end
+      if name == ARGV[1] then last = delivered end
+    end
+  end
+  for _, entry in ipairs(redis.call('XRANGE', KEYS[i], last, '+')) do
+    if entry[1] ~= last then
+      local fields = entry[2]
+      for j = 1, #fields, 2 do if fields[j] == 'i' then table.insert(ids, fields[j + 1]) end end
+      redis.call('XDEL', KEYS[i], entry[1])
+    end
+  end
+  local waiting = redis.pcall('ZRANGE', KEYS[i + 1], 0, -1)
+  if waiting.err then waiting = {} end  -- another type: it held no messages
+  for _, m in ipairs(waiting) do
+    table.insert(ids, string.sub(m, 1, (string.find(m, ':', 1, true) or 1) - 1))
+  end
+  redis.call('DEL', KEYS[i + 1])
+end
+return ids
+"""
+
+STREAMS_SCRIPTS = {
+    "publish": _PUBLISH,
+    "finish": _FINISH,
+    "fetch": _FETCH,
+    "started": _STARTED,
+    "recover": _RECOVER,
+    "move_due": _MOVE_DUE,
+    "purge": _PURGE,
+}
