@@ -505,11 +505,11 @@ def _read_signature(cls: type[Task]) -> inspect.Signature | None:
     run = inspect.getattr_static(cls, "run")
     if run is Task.__dict__["run"]:
         return None  # not written yet: the worker's class may have it
-    try:
-        signature = inspect.signature(cls.run)
-    except (TypeError, ValueError):
+    # Only plain functions are read: what another callable makes of ``self`` is its own.
+    function = run.__func__ if isinstance(run, staticmethod) else run
+    if not inspect.isfunction(function):
         return None
-    if isinstance(run, staticmethod):
-        return signature
-    parameters = list(signature.parameters.values())[1:]  # self
-    return signature.replace(parameters=parameters)
+    signature = inspect.signature(function)
+    if function is run:  # a method: the call does not give ``self``
+        signature = signature.replace(parameters=list(signature.parameters.values())[1:])
+    return signature
