@@ -9,7 +9,6 @@ live workers' processes.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 from redis.exceptions import ResponseError
@@ -18,8 +17,6 @@ from nbtask.brokers.redis_link import RedisLink
 from nbtask.wire.holdings import Holdings
 
 __all__ = ["RedisHoldings"]
-
-log = logging.getLogger(__name__)
 
 
 class RedisHoldings:
@@ -34,14 +31,8 @@ class RedisHoldings:
 
     def announce_holdings(self, consumer: str, holdings: Holdings) -> None:
         """Say what the process serving as ``consumer`` holds now."""
-        text = holdings.to_json()
         with self.link.translate_errors():
-            try:
-                self.link.redis.hset(self._holdings_key, consumer, text)
-            except ResponseError:  # not a hash: nbtask did not write it; written again
-                log.error("replaced %s: not a hash, not written by nbtask", self._holdings_key)
-                self.link.redis.delete(self._holdings_key)
-                self.link.redis.hset(self._holdings_key, consumer, text)
+            self.link.hset_replacing(self._holdings_key, consumer, holdings.to_json())
 
     def holdings(self, consumers: Sequence[str]) -> dict[str, Holdings]:
         """What each of ``consumers`` announced (unreadable or absent ones left out)."""

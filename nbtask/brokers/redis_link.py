@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -22,7 +23,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from nbtask._text import redact_url
 from nbtask.errors import BrokerUnavailable
 
-__all__ = ["LARGE_BYTES", "Command", "RedisLink"]
+__all__ = ["LARGE_BYTES", "Command", "RedisLink", "is_wrong_type"]
+
+log = logging.getLogger(__name__)
 
 #: Arguments from this size on are sent as they are, never copied into one buffer.
 LARGE_BYTES = 1 << 20
@@ -91,6 +94,17 @@ class RedisLink:
         """Load every script (a restarted server forgets them)."""
         for body in self._scripts.values():
             self.redis.script_load(body)
+
+    def hset_replacing(self, key: str, field: str, value: str | bytes) -> None:
+        """``HSET``; a key of another type there was not written by nbtask, and is replaced."""
+        try:
+            self.redis.hset(key, field, value)
+        except ResponseError as exc:
+            if not is_wrong_type(exc):
+                raise
+            log.error("replaced %s: not a hash, not written by nbtask", key)
+            self.redis.delete(key)
+            self.redis.hset(key, field, value)
 
     def close(self) -> None:
         """Close every pooled connection and this thread's own."""
@@ -230,3 +244,8 @@ def pack(commands: Sequence[Command]) -> list[bytes | memoryview]:
                 head.append(b"$%d\r\n%s\r\n" % (len(data), data))
         chunks.append(b"".join(head))
     return chunks
+
+
+def is_wrong_type(exc: BaseException) -> bool:
+    """Whether a command failed on a key of another type (``WRONGTYPE``)."""
+    return isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE")

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 from redis.exceptions import ResponseError
 
-from nbtask.brokers.redis_link import RedisLink
+from nbtask.brokers.redis_link import RedisLink, is_wrong_type
 from nbtask.settings import Settings
 from nbtask.wire.records import WorkerInfo
 
@@ -46,16 +46,14 @@ class RedisWorkers:
             pipe.set(self._hb_key(worker_id), text, px=ttl_ms)
             pipe.hset(self._workers_key, worker_id, text)
             pipe.expire(self._versions_key(worker_id), self.ttl)  # kept while it lives
-            replies = pipe.execute(raise_on_error=False)
-            for reply in replies:
-                if not isinstance(reply, ResponseError):
-                    continue
-                if "WRONGTYPE" not in str(reply) or reply is not replies[1]:
+            beat, listed, kept = pipe.execute(raise_on_error=False)
+            for reply in (beat, kept):
+                if isinstance(reply, ResponseError):
                     raise reply
-                # Not a hash: nbtask did not write it. Replaced, or no worker would start.
-                log.error("replaced %s: not a hash, not written by nbtask", self._workers_key)
-                self.link.redis.delete(self._workers_key)
-                self.link.redis.hset(self._workers_key, worker_id, text)
+            if isinstance(listed, ResponseError):  # else no worker would start
+                if not is_wrong_type(listed):
+                    raise listed
+                self.link.hset_replacing(self._workers_key, worker_id, text)
 
     def unregister(self, worker_id: str) -> None:
         """Remove a stopped worker from the registry."""
