@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
 from nbtask.core.datasets import dataset_names
 from nbtask.errors import ConfigurationError
 
-__all__ = ["TASK_OPTIONS", "parse_rate", "positive", "validate_options"]
+__all__ = ["TASK_OPTIONS", "parse_rate", "positive", "seconds", "validate_options"]
 
 # Options @app.task accepts (Celery's names); anything else is refused at decoration time.
 TASK_OPTIONS = frozenset(
@@ -142,3 +143,10 @@ def positive(name: str, value: float) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
         raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
     return float(value)
+
+
+def seconds(name: str, value: float | None) -> float | None:
+    """``value`` (any real number, or ``None``) as seconds; else one error naming the option."""
+    if value is None or (isinstance(value, numbers.Real) and not isinstance(value, bool)):
+        return None if value is None else float(value)
+    raise ConfigurationError(f"{name}={value!r} is not a number of seconds")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import inspect
-import numbers
 import random
 import re
 import time
@@ -18,7 +17,7 @@ from nbtask.core.context import Request, current_request, progress
 from nbtask.core.datasets import data_queue, dataset_names
 from nbtask.core.handle import TaskHandle
 from nbtask.core.holding import is_holder_queue
-from nbtask.core.options import positive
+from nbtask.core.options import positive, seconds
 from nbtask.errors import ConfigurationError, MaxRetriesExceededError, Retry
 from nbtask.wire.events import Event
 from nbtask.wire.records import WorkerInfo
@@ -165,7 +164,7 @@ class Task:
             raise ConfigurationError(
                 f"retry(exc=...) takes the exception that caused the retry, got {exc!r}"
             )
-        countdown = _seconds("countdown", countdown)
+        countdown = seconds("countdown", countdown)
         request = self.request
         limit = self.max_retries if max_retries is None else max_retries
         if limit is not None and request.retries >= limit:
@@ -342,7 +341,7 @@ class Task:
                 f"task_id={task_id!r} is not a valid id: use 1 to 64 letters, digits, '_', "
                 "'-' or '.', starting with a letter or digit"
             )
-        countdown = _seconds("countdown", countdown)
+        countdown = seconds("countdown", countdown)
         due = time.time() + countdown if countdown is not None else _epoch(eta, absolute=True)
         needs = dataset_names(requires) if requires is not None else self.requires
         usual = self.usual_queue(needs)
@@ -462,13 +461,6 @@ def _when_option(absolute: bool) -> str:
     return "eta" if absolute else "expires"
 
 
-def _seconds(option: str, value: float | None) -> float | None:
-    """``value`` as seconds, or one error naming the option (not a failed addition later)."""
-    if value is None or (isinstance(value, numbers.Real) and not isinstance(value, bool)):
-        return None if value is None else float(value)
-    raise ConfigurationError(f"{option}={value!r} is not a number of seconds")
-
-
 def _call_arguments(
     args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -496,6 +488,8 @@ _SIGNATURES: weakref.WeakKeyDictionary[type[Task], inspect.Signature | None] = (
 
 def _run_signature(cls: type[Task]) -> inspect.Signature | None:
     """The signature a call of ``cls``'s ``run`` must fit (without ``self``), if readable."""
+    if cls.run is Task.run:
+        return None  # not written here (a task sent by name): the worker's class has it
     if cls not in _SIGNATURES:
         _SIGNATURES[cls] = _read_signature(cls)
     return _SIGNATURES[cls]
@@ -503,8 +497,6 @@ def _run_signature(cls: type[Task]) -> inspect.Signature | None:
 
 def _read_signature(cls: type[Task]) -> inspect.Signature | None:
     run = inspect.getattr_static(cls, "run")
-    if run is Task.__dict__["run"]:
-        return None  # not written yet: the worker's class may have it
     # Only plain functions are read: what another callable makes of ``self`` is its own.
     function = run.__func__ if isinstance(run, staticmethod) else run
     if not inspect.isfunction(function):
