@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, TypeVar
 
 from IPython.display import clear_output, display, publish_display_data
 
@@ -494,16 +494,22 @@ def _first_line(cell: str) -> str:
 
 
 def _timed_out(run: CellRun, timeout: float | None) -> TimeoutError:
-    """A ``--wait --timeout`` cell's error: one line saying why it waited, no nbtask frames."""
+    """A ``--wait --timeout`` cell's error, saying why it waited."""
     reason = run.handle.waiting_reason
     text = f"task {run.label!r} did not finish within {timeout} s; cancelled"
-    error = TimeoutError(text + (f" (it was waiting: {reason})" if reason else ""))
-    error._render_traceback_ = lambda: [f"TimeoutError: {error}"]  # type: ignore[attr-defined]
-    return error
+    return _one_line(TimeoutError(text + (f" (it was waiting: {reason})" if reason else "")))
 
 
 def _interrupted(run: CellRun) -> KeyboardInterrupt:
-    """An interrupted ``--wait`` cell's error: one line saying its task was cancelled."""
-    error = KeyboardInterrupt(f"task {run.label!r} cancelled")
-    error._render_traceback_ = lambda: [f"KeyboardInterrupt: {error}"]  # type: ignore[attr-defined]
+    """An interrupted ``--wait`` cell's error, saying its task was cancelled."""
+    return _one_line(KeyboardInterrupt(f"task {run.label!r} cancelled"))
+
+
+_E = TypeVar("_E", bound=BaseException)
+
+
+def _one_line(error: _E) -> _E:
+    """``error`` as IPython shows it: one line, without nbtask's frames."""
+    line = f"{type(error).__name__}: {error}"
+    error._render_traceback_ = lambda: [line]  # type: ignore[attr-defined]
     return error
