@@ -63,9 +63,7 @@ def _checked(options: argparse.Namespace) -> argparse.Namespace:
         raise UsageError(f"argument -t/--timeout: give a number of seconds > 0, not {timeout:g}")
     if options.retries < 0:
         raise UsageError(f"argument -r/--retries: give a count >= 0, not {options.retries}")
-    if options.queue is not None and (
-        not options.queue.strip() or options.queue != options.queue.strip()
-    ):
+    if options.queue is not None and (not options.queue or options.queue != options.queue.strip()):
         raise UsageError(
             f"argument -q/--queue: {options.queue!r} is not a queue name; give one a worker "
             "serves (nbtask worker -Q NAME), e.g. --queue near-data"
