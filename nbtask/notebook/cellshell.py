@@ -74,12 +74,12 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
         shipped.update(datasets or {})
         # Values the shipped functions carried are shipped values too (not assigned here).
         shipped.update({n: namespace[n] for n in share_namespace(namespace)})
-        if spec.state:
-            # Loaded only now, with the shell (and matplotlib's inline backend) set up:
-            # the state holds matplotlib objects, and importing matplotlib first would
-            # choose another backend.
-            process_state.apply(_shipped_state(shell, spec.state))
-        state_before = process_state.capture()
+        # Loaded only now, with the shell (and matplotlib's inline backend) set up: the
+        # state holds matplotlib objects, and importing matplotlib first would choose
+        # another backend.
+        kernel_state = _shipped_state(shell, spec.state) if spec.state else {}
+        process_state.apply(kernel_state)
+        state_before = process_state.capture(applied=kernel_state)
         shell.compile.cell_filename = spec.filename
         shell.compile.line_offset = spec.line_offset
         shell.displayhook.cell_source = spec.source

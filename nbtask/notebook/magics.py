@@ -7,7 +7,6 @@ which holds this notebook's app, its cell runs and the hooks that deliver pendin
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
 import math
 from collections.abc import Callable
@@ -56,8 +55,8 @@ def _checked(options: argparse.Namespace) -> argparse.Namespace:
     for key in ("name", "queue", "out"):
         if getattr(options, key) is not None:
             setattr(options, key, _unquoted(getattr(options, key)))
-    for key in ("keep", "fetch", "requires"):
-        setattr(options, key, [_unquoted(v) for v in getattr(options, key)])
+    for key in ("keep", "fetch", "requires"):  # tuples: the options are shared, unchanged
+        setattr(options, key, tuple(_unquoted(v) for v in getattr(options, key)))
     timeout = options.timeout
     if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
         raise UsageError(f"argument -t/--timeout: give a number of seconds > 0, not {timeout:g}")
@@ -127,7 +126,7 @@ class TaskMagics(Magics):  # type: ignore[misc]
         live view, and a later cell reading an assigned name waits for it.
         """
         # Parsed once per distinct line (argparse takes a good part of a millisecond).
-        return self.session.submit_cell(cell, copy.deepcopy(_task_options(line)))
+        return self.session.submit_cell(cell, _task_options(line))
 
     @_typed(magic_arguments())
     @_typed(argument("command", choices=["connect", "status", "workers", "log"]))

@@ -82,7 +82,7 @@ class Session:
         #: Names this notebook's clients on the broker, across kernel restarts.
         self.group = notebook_group()
         #: The kernel's environment when nbtask was loaded: cells ship what changed since.
-        self.baseline = process_state.Baseline()
+        self.kernel_state = process_state.KernelState()
         self.version_warnings = VersionWarnings()
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
@@ -206,7 +206,7 @@ class Session:
             # The shell's own names, and the datasets the worker provides, are not shipped.
             hidden={*self.shell.user_ns_hidden, *args.requires},
             line_offset=1,  # tracebacks count the %%task line, as the notebook numbers lines
-            state=process_state.capture(self.baseline),
+            state=self.kernel_state.pickled(),
             found=found,
         )
         spec = dataclasses.replace(

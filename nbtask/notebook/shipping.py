@@ -94,7 +94,7 @@ def prepare(
     overrides: Mapping[str, Any] | None = None,
     hidden: Container[str] = (),
     line_offset: int = 0,
-    state: Mapping[str, Any] | None = None,
+    state: bytes = b"",
     found: CellAnalysis | None = None,
 ) -> tuple[CellSpec, Packed, CellAnalysis]:
     """Check a cell and pickle its inputs; raise :class:`CellError` before anything is sent.
@@ -118,7 +118,8 @@ def prepare(
     hidden
         The shell's own names (``get_ipython``, ``In``...): the worker's shell has its own.
     state
-        The kernel's process-wide state (:func:`nbtask.notebook.process_state.capture`).
+        The kernel's process-wide state, pickled
+        (:meth:`nbtask.notebook.process_state.KernelState.pickled`); empty: none.
     found
         The cell's analysis, if the caller already made it (:func:`analyzed`).
 
@@ -149,7 +150,7 @@ def prepare(
         retries,
         plain,
         line_offset,
-        dumps(dict(state)) if state is not None else b"",
+        state,
         python=python,
     )
     return spec, blob, found

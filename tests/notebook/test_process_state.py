@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+import random
 import warnings
 from collections.abc import Iterator
 
@@ -30,6 +32,55 @@ def test_a_draw_from_numpy_random_is_a_change_and_no_draw_is_none(restored: None
     following = np.random.random()
     process_state.apply(changed)  # the generator as the draw left it: the same next number
     assert np.random.random() == following
+
+
+def test_environment_variables_set_changed_or_removed_between_snapshots_are_changes(
+    restored: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NBTASK_TEST_CHANGED", "before")
+    monkeypatch.setenv("NBTASK_TEST_REMOVED", "here")
+    before = process_state.capture()
+    assert process_state.changes(before, process_state.capture()) == {}
+    monkeypatch.setenv("NBTASK_TEST_CHANGED", "after \u00e9")
+    monkeypatch.setenv("NBTASK_TEST_ADDED", "new")
+    monkeypatch.delenv("NBTASK_TEST_REMOVED")
+    assert process_state.changes(before, process_state.capture()) == {
+        "environ": {
+            "NBTASK_TEST_CHANGED": "after \u00e9",
+            "NBTASK_TEST_ADDED": "new",
+            "NBTASK_TEST_REMOVED": None,
+        }
+    }
+    baseline = process_state.Baseline()
+    monkeypatch.setenv("NBTASK_TEST_ADDED", "newer")
+    assert process_state.capture(baseline)["environ"] == {"NBTASK_TEST_ADDED": "newer"}
+
+
+def test_a_snapshot_taken_just_after_apply_reuses_its_generators_and_still_sees_a_draw(
+    restored: None,
+) -> None:
+    """A worker takes the generators' states it just applied as its snapshot's."""
+    shipped = process_state.capture()
+    np.random.random()
+    random.random()
+    process_state.apply(shipped)
+    before = process_state.capture(applied=shipped)
+    assert before["numpy.random"] is shipped["numpy.random"]
+    assert process_state.changes(before, process_state.capture()) == {}
+    np.random.random()
+    assert list(process_state.changes(before, process_state.capture())) == ["numpy.random"]
+
+
+def test_the_kernel_state_is_pickled_again_when_it_changes_even_in_place(restored: None) -> None:
+    kernel = process_state.KernelState()
+    first = kernel.pickled()
+    assert kernel.pickled() is first  # unchanged: the same bytes, not pickled again
+    np.random.random()
+    drawn = kernel.pickled()
+    assert drawn != first
+    matplotlib.rcParams["font.family"].append("nbtask-test-font")  # a list changed in place
+    assert pickle.loads(kernel.pickled())["rcParams"]["font.family"][-1] == "nbtask-test-font"
+    matplotlib.rcParams["font.family"].pop()
 
 
 def test_only_the_rc_params_that_differ_are_set_and_reported(restored: None) -> None:
