@@ -29,6 +29,9 @@ __all__ = ["BASE_NS", "worker_shell"]
 _SHELL: Any = None  # the worker's one IPython shell, made on first use in this process
 #: The names every cell's namespace starts with (the shell's own).
 BASE_NS: dict[str, Any] = {}
+#: Whether each recently run cell (as Python) runs as a coroutine; up to this many cells.
+_ASYNC_CELLS: dict[str, bool] = {}
+_ASYNC_CELLS_KEPT = 256
 
 
 def worker_shell() -> Any:
@@ -108,6 +111,31 @@ def _make_shell() -> Any:
             if python and raw_cell == source:
                 return python
             return str(super().transform_cell(raw_cell))
+
+        def should_run_async(
+            self,
+            raw_cell: str,
+            *,
+            transformed_cell: str | None = None,
+            preprocessing_exc_tuple: Any = None,
+        ) -> bool:
+            # IPython compiles the whole cell once more to tell (top-level await), each
+            # time it runs: remembered per cell, as its code does not change.
+            if not self.autoawait or transformed_cell is None or preprocessing_exc_tuple:
+                return bool(
+                    super().should_run_async(
+                        raw_cell,
+                        transformed_cell=transformed_cell,
+                        preprocessing_exc_tuple=preprocessing_exc_tuple,
+                    )
+                )
+            known = _ASYNC_CELLS.get(transformed_cell)
+            if known is None:
+                known = bool(super().should_run_async(raw_cell, transformed_cell=transformed_cell))
+                if len(_ASYNC_CELLS) >= _ASYNC_CELLS_KEPT:
+                    _ASYNC_CELLS.clear()
+                _ASYNC_CELLS[transformed_cell] = known
+            return known
 
         def showtraceback(self, *args: Any, **kwargs: Any) -> None:
             if kwargs.get("running_compiled_code"):

@@ -48,6 +48,18 @@ def test_random_state_follows_the_notebook_both_ways(ip: InteractiveShell, nb: S
     assert (ip.user_ns["a"], ip.user_ns["b"]) == (random.random(), random.random())
 
 
+def test_top_level_await_runs_each_time_and_a_plain_cell_stays_plain(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    """As in a kernel: a cell with ``await`` at its top level runs as a coroutine, every run."""
+    cell = "import asyncio\nlabel = await asyncio.sleep(0, result='awaited')\nruns = runs + 1"
+    run(ip, "runs = 0")
+    task(ip, cell)
+    task(ip, cell)  # the same cell again: still run as a coroutine
+    task(ip, "plain = runs * 10")
+    assert (ip.user_ns["label"], ip.user_ns["runs"], ip.user_ns["plain"]) == ("awaited", 2, 20)
+
+
 def test_rc_params_environment_cwd_and_path_follow_the_notebook(
     ip: InteractiveShell, nb: Session, tmp_path: Path
 ) -> None:
