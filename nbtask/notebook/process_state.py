@@ -232,6 +232,8 @@ def _same(a: Any, b: Any) -> bool:
         return bool(a == b)
     except Exception:  # numpy arrays inside (numpy.random's state)
         pass
+    if isinstance(a, tuple) and isinstance(b, tuple):  # numpy.random's: item by item
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     # Pickles compare arrays by dtype, shape and bytes, in microseconds (their reprs took
     # milliseconds); a value that cannot be pickled is compared by its repr.
     try:
