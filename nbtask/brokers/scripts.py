@@ -23,14 +23,18 @@ __all__ = [
 
 # The ended-task set and the ETA sets are sorted sets: a key of another type there was
 # not written by nbtask (someone with write access to Redis put it there). Reading, it
-# holds nothing; writing replaces it; the supervisor's housekeeping sets it aside with a
-# log line (set_aside returns 1 when it deleted one).
+# holds nothing; writing (zadd_replacing) replaces it; the supervisor's housekeeping sets
+# it aside with a log line (set_aside returns 1 when it deleted one).
 SET_ASIDE = """
 local function set_aside(key)
   local kind = redis.call('TYPE', key)['ok']
   if kind == 'zset' or kind == 'none' then return 0 end
   redis.call('DEL', key)
   return 1
+end
+local function zadd_replacing(key, score, member)
+  set_aside(key)
+  redis.call('ZADD', key, score, member)
 end
 """
 
@@ -70,9 +74,8 @@ end
 local function mark_ended(key, ttl)
   local done, task_id = done_of(key)
   if done then
-    set_aside(done)
     local now = redis.call('TIME')
-    redis.call('ZADD', done, tonumber(now[1]) + tonumber(now[2]) / 1e6, task_id)
+    zadd_replacing(done, tonumber(now[1]) + tonumber(now[2]) / 1e6, task_id)
     redis.call('EXPIRE', done, ttl)
   end
 end
@@ -131,8 +134,8 @@ local function write_pending(key, ttl, index, now, task_id, fields)
   redis.call('HSET', key, unpack(fields))
   redis.call('EXPIRE', key, ttl)
   if index ~= '' then
-    set_aside(index)  -- another type: not written by nbtask, and would stop every send
-    redis.call('ZADD', index, now, task_id)
+    -- Another type there was not written by nbtask, and would stop every send.
+    zadd_replacing(index, now, task_id)
     redis.call('ZREMRANGEBYSCORE', index, '-inf', tonumber(now) - tonumber(ttl))
     redis.call('EXPIRE', index, ttl)
   end
@@ -188,10 +191,7 @@ _RECORD = (
     + """
 local refused = write_pending(KEYS[1], ARGV[1], KEYS[3], ARGV[2], ARGV[3], {unpack(ARGV, 6)})
 if refused ~= '' then return refused end
-if ARGV[5] ~= '' then
-  set_aside(KEYS[2])
-  redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
-end
+if ARGV[5] ~= '' then zadd_replacing(KEYS[2], ARGV[4], ARGV[5]) end
 return ''
 """
 )
@@ -202,10 +202,7 @@ _SETTLE = (
     WRITE_FINAL
     + """
 write_final(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], {unpack(ARGV, 6)})
-if ARGV[4] ~= '' then
-  set_aside(KEYS[3])
-  redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4])
-end
+if ARGV[4] ~= '' then zadd_replacing(KEYS[3], ARGV[5], ARGV[4]) end
 return 1
 """
 )

@@ -38,8 +38,7 @@ if refused ~= '' then return refused end
 if ARGV[3] == '' then
   redis.call('XADD', KEYS[1], '*', 'e', ARGV[1], 'n', '0', 'i', ARGV[4])
 else
-  set_aside(KEYS[2])
-  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4] .. ':' .. ARGV[1])
+  zadd_replacing(KEYS[2], ARGV[3], ARGV[4] .. ':' .. ARGV[1])
 end
 return ''
 """
@@ -54,10 +53,7 @@ _FINISH = (
     WRITE_FINAL
     + """
 write_final(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], {unpack(ARGV, 7)})
-if ARGV[5] ~= '' then
-  set_aside(KEYS[4])
-  redis.call('ZADD', KEYS[4], ARGV[6], ARGV[5])
-end
+if ARGV[5] ~= '' then zadd_replacing(KEYS[4], ARGV[6], ARGV[5]) end
 if ARGV[4] ~= '' then
   redis.call('XACK', KEYS[3], 'workers', ARGV[4])
   redis.call('XDEL', KEYS[3], ARGV[4])

@@ -1,0 +1,216 @@
+"""Admitting a delivery: verify it, and decide whether its task may start now.
+
+A message that does not verify is dead-lettered; one whose task may not start (already
+finished, revoked, or its record overwritten) is dropped; one too old or expired is
+settled here without running. A task taken before its eta, or over its rate limit, is
+parked until it may start, so it does not hold the child's slot while it waits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Protocol
+
+from nbtask.brokers import Delivery, StartBy, Transport, Verdict
+from nbtask.core.task import Task
+from nbtask.errors import NbtaskError
+from nbtask.settings import Settings
+from nbtask.wire.envelope import Buffer, Envelope, Signer
+from nbtask.wire.events import FINAL_SEQ, Event, EventType, State
+from nbtask.wire.message import TaskMessage
+from nbtask.worker.settle import FollowUps, Outcome, failure_event, report
+
+__all__ = ["Admission", "Admitted", "Settle"]
+
+log = logging.getLogger("nbtask.worker")
+# A message taken this long before its signed eta was moved early in the store (clocks of
+# the sender and the worker may differ by less): it is parked again until its eta.
+_EARLY_SECONDS = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Admitted:
+    """A delivery that verified and may start: its message and the body's parts."""
+
+    delivery: Delivery
+    envelope: Envelope
+    message: TaskMessage
+    code: Buffer
+    callbacks: Buffer
+    arguments: Buffer
+
+
+class Settle(Protocol):
+    """How the child settles a task that will not run: store, tell the client, maybe ack."""
+
+    def __call__(self, admitted: Admitted, outcome: Outcome, *, ack: bool = ...) -> object:
+        """Settle ``admitted`` with ``outcome``; acknowledge its delivery if ``ack``."""
+
+
+class Admission:
+    """The admit step of a child: which deliveries may start, and when.
+
+    Parameters
+    ----------
+    settings, transport, signer
+        The child's settings, broker and signer.
+    follow_ups
+        What follows a task settled here (a revoked or expired task's links).
+    settle
+        How the child settles a task it will not run.
+    hostname, consumer, worker_id
+        Who takes the task (for its start check) and whose rate-limit buckets count it.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        transport: Transport,
+        signer: Signer,
+        follow_ups: FollowUps,
+        settle: Settle,
+        *,
+        hostname: str,
+        consumer: str,
+        worker_id: str,
+    ) -> None:
+        self.settings = settings
+        self.transport = transport
+        self.signer = signer
+        self.follow_ups = follow_ups
+        self.settle = settle
+        self.hostname = hostname
+        self.consumer = consumer
+        self.worker_id = worker_id
+
+    def admit(self, delivery: Delivery) -> Admitted | None:
+        """Verify a delivery and decide whether it may start; settle it here if not."""
+        try:
+            envelope = self.signer.open(delivery.raw)
+            message = TaskMessage.from_header(envelope.header)
+            if delivery.task_id is not None and delivery.task_id != message.id:
+                raise NbtaskError("the queue entry names another task than the message")
+        except NbtaskError as exc:
+            self._reject(delivery, exc)
+            return None
+        if message.prefix != self.settings.key_prefix or message.queue != delivery.queue:
+            where = f"key prefix {message.prefix!r}, queue {message.queue!r}"
+            self._reject(delivery, NbtaskError(f"the message was sent to {where}, not here"))
+            return None
+        code, callbacks, arguments = message.split(envelope)
+        admitted = Admitted(delivery, envelope, message, code, callbacks, arguments)
+        refused = self._start_verdict(admitted)
+        if refused is not None:
+            self._drop(admitted, refused)
+            return None
+        return None if self._not_now(admitted) else admitted
+
+    def rate_limited(self, admitted: Admitted, task: Task) -> bool:
+        """Put a task over its rate limit back for later, without holding this slot."""
+        if task.rate_limit is None or self.settings.worker_disable_rate_limits:
+            return False
+        message = admitted.message
+        bucket = f"{self.worker_id}:{message.name}"
+        wait = self.transport.store.rate_wait(bucket, task.rate_limit)
+        if wait <= 0:
+            return False
+        self._park(admitted, time.time() + wait)
+        return True
+
+    def _not_now(self, admitted: Admitted) -> bool:
+        """Park a task taken before its eta; settle one too old or expired. True if so."""
+        message, now = admitted.message, time.time()
+        if message.eta is not None and message.eta > now + _EARLY_SECONDS:
+            self._park(admitted, message.eta)
+            return True
+        # Counted from the signed due time: a countdown or retry does not age while it waits.
+        age = now - max(message.created, message.eta or 0.0)
+        if age > self.settings.replay_window:
+            self._too_old(admitted, age)
+            return True
+        if message.expires is not None and now > message.expires:
+            expired = Outcome(
+                Event(EventType.REVOKED, message.id, FINAL_SEQ, {"reason": "expired"})
+            )
+            self.settle(admitted, expired)
+            self.follow_ups.run(message, expired, admitted.callbacks, None)
+            return True
+        return False
+
+    def _park(self, admitted: Admitted, due: float) -> None:
+        """Put a task back to PENDING (the start check marked it STARTED) until ``due``."""
+        message, delivery = admitted.message, admitted.delivery
+        state = {"state": State.PENDING.value}
+        self.transport.finish(
+            delivery, message.id, message.client, b"", state, requeue=(delivery.raw, due)
+        )
+
+    def _reject(self, delivery: Delivery, exc: BaseException) -> None:
+        """Dead-letter a message that does not verify (and settle its task, if one began)."""
+        log.error(
+            "rejected message %s on queue %s: %s; moved to the dead-letter stream",
+            delivery.delivery_id,
+            delivery.queue,
+            exc,
+        )
+        self.transport.dead_letter(delivery)
+        if delivery.verdict == Verdict.OK and delivery.task_id:
+            self._report_unverifiable(delivery.task_id, exc)
+
+    def _report_unverifiable(self, task_id: str, exc: BaseException) -> None:
+        """Settle a task whose message failed verification (it was marked STARTED)."""
+        record = self.transport.store.get_record(task_id)
+        if record is None or not self.transport.store.is_channel(record.client):
+            # No client sent this task: the id beside the message was forged, and the
+            # record is the start check's alone.
+            self.transport.store.forget_unsent(task_id)
+            return
+        why = NbtaskError(f"the message for this task failed verification and was not run: {exc}")
+        report(
+            self.transport,
+            self.signer,
+            task_id,
+            record.client,
+            failure_event(task_id, FINAL_SEQ, why),
+        )
+
+    def _start_verdict(self, admitted: Admitted) -> str | None:
+        """``None`` if the task may start (it is now STARTED), else the state forbidding it.
+
+        A duplicate or a replay of a finished task leaves that task's record as it is.
+        """
+        verdict = admitted.delivery.verdict
+        if verdict is None:
+            by = StartBy(self.hostname, str(os.getpid()), self.consumer)
+            verdict = self.transport.store.start(admitted.message.id, by)
+        return None if verdict == Verdict.OK else verdict
+
+    def _drop(self, admitted: Admitted, refused: str) -> None:
+        message = admitted.message
+        if refused == Verdict.BAD_RECORD:
+            why = NbtaskError(
+                f"the record of task {message.id} in the store is not one nbtask wrote (it "
+                "was overwritten with another type); the task was not run"
+            )
+            self._reject(admitted.delivery, why)
+            # The message verified, so its client is known: tell it (the record is replaced).
+            self.settle(admitted, Outcome(failure_event(message.id, FINAL_SEQ, why)), ack=False)
+            return
+        log.warning("dropped a message for task %s: it is already %s", message.id, refused)
+        self.transport.discard(admitted.delivery)
+        if refused == State.REVOKED.value:
+            gone = Outcome(Event(EventType.REVOKED, message.id, FINAL_SEQ, {"reason": "revoked"}))
+            self.follow_ups.run(message, gone, admitted.callbacks, None)
+
+    def _too_old(self, admitted: Admitted, age: float) -> None:
+        message = admitted.message
+        log.error("rejected task %s: sent %.0f s ago, older than max_age", message.id, age)
+        self.transport.dead_letter(admitted.delivery)
+        why = NbtaskError(
+            f"the message was {age:.0f} s old, older than max_age "
+            f"({self.settings.replay_window:.0f} s); it was not run"
+        )
+        self.settle(admitted, Outcome(failure_event(message.id, FINAL_SEQ, why)), ack=False)
