@@ -31,7 +31,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError, ResponseError
 
-from nbtask.brokers.base import Delivery, Publish, Verdict
+from nbtask.brokers.base import Delivery, Publish, Settlement, Verdict
 from nbtask.brokers.redis_link import LARGE_BYTES, Command
 from nbtask.brokers.redis_store import CHANNEL_MAXLEN, RedisStore
 from nbtask.brokers.redis_upkeep import GROUP, StreamsUpkeep, _delivery
@@ -328,8 +328,9 @@ class StreamsTransport(StreamsUpkeep):
         queue only) and returns it.
         """
         queue = delivery.queue if delivery is not None else ""
+        end = Settlement(task_id, channel, raw_event, fields, queue=queue, later=requeue)
         (record, channel_key, eta), (ttl, maxlen, event, member, due, *rest) = (
-            self.store.settle_args(task_id, channel, raw_event, fields, queue=queue, later=requeue)
+            self.store.settle_args(end)
         )
         # The store's settle, with the stream entry to acknowledge added.
         entry = delivery.delivery_id if delivery is not None else ""
