@@ -84,19 +84,12 @@ class Recording(app.Task):
     """Records every handler call (with its arguments) to the file named by ``args[0]``."""
 
     def before_start(self, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
-        record(args[0], h="before_start", task_id=task_id, args=list(args), kwargs=dict(kwargs))
+        _called("before_start", task_id, args, kwargs)
 
     def on_success(
         self, retval: Any, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]
     ) -> None:
-        record(
-            args[0],
-            h="on_success",
-            retval=retval,
-            task_id=task_id,
-            args=list(args),
-            kwargs=dict(kwargs),
-        )
+        _called("on_success", task_id, args, kwargs, retval=retval)
 
     def on_failure(
         self,
@@ -106,16 +99,7 @@ class Recording(app.Task):
         kwargs: Mapping[str, Any],
         einfo: ExceptionInfo,
     ) -> None:
-        record(
-            args[0],
-            h="on_failure",
-            exc=type(exc).__name__,
-            exc_text=str(exc),
-            task_id=task_id,
-            args=list(args),
-            kwargs=dict(kwargs),
-            einfo=_einfo(einfo),
-        )
+        _called("on_failure", task_id, args, kwargs, **_raised(exc, einfo))
 
     def on_retry(
         self,
@@ -125,16 +109,7 @@ class Recording(app.Task):
         kwargs: Mapping[str, Any],
         einfo: ExceptionInfo,
     ) -> None:
-        record(
-            args[0],
-            h="on_retry",
-            exc=type(exc).__name__,
-            exc_text=str(exc),
-            task_id=task_id,
-            args=list(args),
-            kwargs=dict(kwargs),
-            einfo=_einfo(einfo),
-        )
+        _called("on_retry", task_id, args, kwargs, **_raised(exc, einfo))
 
     def after_return(
         self,
@@ -146,15 +121,19 @@ class Recording(app.Task):
         einfo: ExceptionInfo | None,
     ) -> None:
         shown = type(retval).__name__ if isinstance(retval, BaseException) else retval
-        record(
-            args[0],
-            h="after_return",
-            status=str(status),
-            retval=shown,
-            task_id=task_id,
-            args=list(args),
-            kwargs=dict(kwargs),
-        )
+        _called("after_return", task_id, args, kwargs, status=str(status), retval=shown)
+
+
+def _called(
+    handler: str, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any], **seen: Any
+) -> None:
+    """Record a handler call: its task, its arguments and what else it was given."""
+    record(args[0], h=handler, task_id=task_id, args=list(args), kwargs=dict(kwargs), **seen)
+
+
+def _raised(exc: BaseException, einfo: ExceptionInfo) -> dict[str, Any]:
+    """What an error handler is told of the exception, as recorded."""
+    return {"exc": type(exc).__name__, "exc_text": str(exc), "einfo": _einfo(einfo)}
 
 
 @app.task(base=Recording, bind=True)

@@ -76,6 +76,14 @@ def prefix(redis_url: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    """A client of the real Redis (the store on both brokers), closed after the test."""
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
 def settings(
     broker_kind: str, redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Settings]:

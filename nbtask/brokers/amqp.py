@@ -51,7 +51,7 @@ from nbtask.brokers.amqp_links import (
     refusal_of,
 )
 from nbtask.brokers.amqp_lost import LostDeliveries
-from nbtask.brokers.base import Delivery, Publish, StartBy, Verdict
+from nbtask.brokers.base import Delivery, Publish, Settlement, StartBy, Verdict
 from nbtask.brokers.redis_store import RedisStore
 from nbtask.errors import BrokerUnavailable
 
@@ -408,7 +408,8 @@ class AmqpTransport:
     ) -> Delivery | None:
         """Store the outcome (and park ``requeue``), tell the client, then acknowledge."""
         queue = delivery.queue if delivery is not None else ""
-        self.store.settle(task_id, channel, raw_event, fields, queue=queue, later=requeue)
+        end = Settlement(task_id, channel, raw_event, fields, queue=queue, later=requeue)
+        self.store.settle(end)
         if raw_event and channel:
             # The store's settle kept it. Not waiting for its confirm before the ack is
             # safe: RabbitMQ takes a channel's frames in order, so an ack that arrives

@@ -19,7 +19,7 @@ from nbtask.wire.envelope import Buffer
 from nbtask.wire.holdings import Holdings
 from nbtask.wire.records import RecordFields, TaskRecord, WorkerInfo
 
-__all__ = ["Delivery", "Publish", "StartBy", "Store", "Transport", "Verdict"]
+__all__ = ["Delivery", "Publish", "Settlement", "StartBy", "Store", "Transport", "Verdict"]
 
 
 class Verdict:
@@ -69,6 +69,23 @@ class Publish:
 
 
 @dataclasses.dataclass(frozen=True)
+class Settlement:
+    """A task's end as the store keeps it: its record, its client's event, a retry to park.
+
+    An empty ``fields`` deletes the task's record and an empty ``raw_event`` tells the
+    client nothing; ``later`` (a message and its due time, epoch seconds) is parked on
+    ``queue``'s ETA set until then: a retry.
+    """
+
+    task_id: str
+    channel: str
+    raw_event: bytes
+    fields: Mapping[str, str | bytes]
+    queue: str = ""
+    later: tuple[bytes, float] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class StartBy:
     """Who asks the start check: a worker host, a process and its consumer name."""
 
@@ -99,16 +116,7 @@ class Store(Protocol):
     def forget_unsent(self, task_id: str) -> None:
         """Delete a record that only a start check wrote: no client ever sent that task."""
 
-    def settle(
-        self,
-        task_id: str,
-        channel: str,
-        raw_event: bytes,
-        fields: Mapping[str, str | bytes],
-        *,
-        queue: str = "",
-        later: tuple[bytes, float] | None = None,
-    ) -> None:
+    def settle(self, end: Settlement) -> None:
         """Store a task's end (no fields: delete its record) and tell its client."""
 
     def revoke_pending(self, task_id: str, raw_event: bytes, channel: str) -> bool:

@@ -29,7 +29,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from nbtask._text import printable
-from nbtask.brokers.base import Delivery, Publish, StartBy
+from nbtask.brokers.base import Delivery, Publish, Settlement, StartBy
 from nbtask.brokers.blob_scripts import BLOB_SCRIPTS
 from nbtask.brokers.local_blobs import LocalBlobs
 from nbtask.brokers.redis_blobs import RedisBlobs
@@ -176,43 +176,26 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings):
         """Delete a record that only a start check wrote (it names no client)."""
         self.link.call("forget_unsent", [self.record_key(task_id)])
 
-    def settle_args(
-        self,
-        task_id: str,
-        channel: str,
-        raw_event: bytes,
-        fields: Mapping[str, str | bytes],
-        *,
-        queue: str = "",
-        later: tuple[bytes, float] | None = None,
-    ) -> tuple[tuple[str, str, str], tuple[Any, ...]]:
+    def settle_args(self, end: Settlement) -> tuple[tuple[str, str, str], tuple[Any, ...]]:
         """Keys and arguments of the step ending a task (see :meth:`settle`).
 
         Keys: record, channel, ETA set; arguments: ttl, channel length, event, ETA member,
         due time, record fields.
         """
-        member, due = _member(task_id, later)
-        keys = (self.record_key(task_id), channel, self.eta_key(queue))
-        args = (self.ttl, CHANNEL_MAXLEN, raw_event, member, repr(due), *_flat(fields, raw_event))
+        member, due = _member(end.task_id, end.later)
+        keys = (self.record_key(end.task_id), end.channel, self.eta_key(end.queue))
+        fields = _flat(end.fields, end.raw_event)
+        args = (self.ttl, CHANNEL_MAXLEN, end.raw_event, member, repr(due), *fields)
         return keys, args
 
-    def settle(
-        self,
-        task_id: str,
-        channel: str,
-        raw_event: bytes,
-        fields: Mapping[str, str | bytes],
-        *,
-        queue: str = "",
-        later: tuple[bytes, float] | None = None,
-    ) -> None:
+    def settle(self, end: Settlement) -> None:
         """Store a task's end and tell its client (no message to acknowledge).
 
         No ``fields`` deletes the task's record; ``later`` (a message and its due time)
         is parked until then: a retry.
         """
-        keys, args = self.settle_args(task_id, channel, raw_event, fields, queue=queue, later=later)
-        self.link.call("settle", keys, *args, large=len(raw_event) >= LARGE_BYTES)
+        keys, args = self.settle_args(end)
+        self.link.call("settle", keys, *args, large=len(end.raw_event) >= LARGE_BYTES)
 
     def reset_pending(self, task_id: str) -> None:
         """Set a task that is to run again back to PENDING (a redelivery)."""

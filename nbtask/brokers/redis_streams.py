@@ -31,7 +31,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError, ResponseError
 
-from nbtask.brokers.base import Delivery, Publish, Verdict
+from nbtask.brokers.base import Delivery, Publish, Settlement, Verdict
 from nbtask.brokers.redis_link import LARGE_BYTES, Command
 from nbtask.brokers.redis_store import CHANNEL_MAXLEN, RedisStore
 from nbtask.brokers.redis_upkeep import GROUP, StreamsUpkeep, _delivery
@@ -328,8 +328,9 @@ class StreamsTransport(StreamsUpkeep):
         queue only) and returns it.
         """
         queue = delivery.queue if delivery is not None else ""
+        end = Settlement(task_id, channel, raw_event, fields, queue=queue, later=requeue)
         (record, channel_key, eta), (ttl, maxlen, event, member, due, *rest) = (
-            self.store.settle_args(task_id, channel, raw_event, fields, queue=queue, later=requeue)
+            self.store.settle_args(end)
         )
         # The store's settle, with the stream entry to acknowledge added.
         entry = delivery.delivery_id if delivery is not None else ""
@@ -346,54 +347,46 @@ class StreamsTransport(StreamsUpkeep):
 
     def discard(self, delivery: Delivery) -> None:
         """Acknowledge and delete a delivery that must not run."""
-        stream = self.queue_key(delivery.queue)
         with self.link.translate_errors():
-            self.link.run(
-                [
-                    ("XACK", stream, GROUP, delivery.delivery_id),
-                    ("XDEL", stream, delivery.delivery_id),
-                ]
-            )
+            self.link.run(self._dropped(delivery))
 
     def requeue(self, delivery: Delivery, task_id: str) -> None:
         """Re-add the message with its redelivery count raised, and drop the old entry."""
         stream = self.queue_key(delivery.queue)
-        commands: list[Command] = [
-            ("MULTI",),
+        self._replace(
+            delivery,
             ("XADD", stream, "*", "e", delivery.raw, "n", delivery.deliveries + 1, "i", task_id),
             ("HSET", self.store.record_key(task_id), "state", "PENDING"),
-            ("XACK", stream, GROUP, delivery.delivery_id),
-            ("XDEL", stream, delivery.delivery_id),
-            ("EXEC",),
-        ]
-        with self.link.translate_errors():
-            self.link.run(commands, large=True)
+        )
 
     def move(self, delivery: Delivery, queue: str, raw: bytes, task_id: str) -> None:
         """Put ``raw`` (the delivery's message, sealed for ``queue``) there; drop the old."""
-        stream = self.queue_key(delivery.queue)
-        commands: list[Command] = [
-            ("MULTI",),
-            ("XADD", self.queue_key(queue), "*", "e", raw, "n", delivery.deliveries, "i", task_id),
-            ("XACK", stream, GROUP, delivery.delivery_id),
-            ("XDEL", stream, delivery.delivery_id),
-            ("EXEC",),
-        ]
-        with self.link.translate_errors():
-            self.link.run(commands, large=True)
+        target = self.queue_key(queue)
+        self._replace(
+            delivery, ("XADD", target, "*", "e", raw, "n", delivery.deliveries, "i", task_id)
+        )
 
     def dead_letter(self, delivery: Delivery) -> None:
         """Move the message to the dead-letter stream and acknowledge it."""
+        self._replace(delivery, self.store.dead_letter_command(delivery))
+
+    def _replace(self, delivery: Delivery, *commands: Command) -> None:
+        """Run ``commands`` and drop ``delivery``'s entry in one transaction.
+
+        Together or not at all, so the message is never lost between the two steps, nor
+        left in two places.
+        """
+        transaction = [("MULTI",), *commands, *self._dropped(delivery), ("EXEC",)]
+        with self.link.translate_errors():
+            self.link.run(transaction, large=True)
+
+    def _dropped(self, delivery: Delivery) -> list[Command]:
+        """The commands acknowledging a delivery and deleting its entry from its stream."""
         stream = self.queue_key(delivery.queue)
-        commands: list[Command] = [
-            ("MULTI",),
-            self.store.dead_letter_command(delivery),
+        return [
             ("XACK", stream, GROUP, delivery.delivery_id),
             ("XDEL", stream, delivery.delivery_id),
-            ("EXEC",),
         ]
-        with self.link.translate_errors():
-            self.link.run(commands, large=True)
 
     def move_due(self, queues: Sequence[str]) -> float | None:
         """Move due ETA messages to their streams; return the next due time."""

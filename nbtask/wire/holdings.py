@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from nbtask._text import printable
-from nbtask.wire.records import WorkerInfo
+from nbtask.wire.records import WorkerInfo, json_object
 
 __all__ = ["Held", "Holdings", "holdings_lines"]
 
@@ -50,14 +50,8 @@ class Holdings:
     @classmethod
     def parse(cls, raw: object) -> Holdings | None:
         """An announcement read from the store; ``None`` for anything that is not one."""
-        data = raw.encode() if isinstance(raw, str) else raw
-        if not isinstance(data, (bytes, bytearray)) or len(data) > _MAX_BYTES:
-            return None
-        try:
-            value = json.loads(bytes(data).decode("utf-8"))
-        except (ValueError, RecursionError):
-            return None
-        if not isinstance(value, Mapping):
+        value = json_object(raw, _MAX_BYTES)
+        if value is None:
             return None
         values, datasets = _items(value.get("values")), _items(value.get("datasets"))
         if values is None or datasets is None:

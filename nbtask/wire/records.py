@@ -16,7 +16,14 @@ from typing import Any
 
 from nbtask.wire.events import FINAL_STATES, State
 
-__all__ = ["RecordFields", "TaskRecord", "WorkerInfo", "final_fields", "pending_fields"]
+__all__ = [
+    "RecordFields",
+    "TaskRecord",
+    "WorkerInfo",
+    "final_fields",
+    "json_object",
+    "pending_fields",
+]
 
 #: A record as written: field name -> text or bytes (the signed result).
 RecordFields = dict[str, str | bytes]
@@ -158,14 +165,8 @@ class WorkerInfo:
     @classmethod
     def parse(cls, raw: object) -> WorkerInfo | None:
         """An entry read from the registry; ``None`` for anything that is not one."""
-        data = raw.encode() if isinstance(raw, str) else raw
-        if not isinstance(data, (bytes, bytearray)) or len(data) > _MAX_INFO_BYTES:
-            return None
-        try:
-            value = json.loads(bytes(data).decode("utf-8"))
-        except (ValueError, RecursionError):
-            return None
-        if not isinstance(value, dict):
+        value = json_object(raw, _MAX_INFO_BYTES)
+        if value is None:
             return None
         try:
             return cls(
@@ -185,6 +186,26 @@ class WorkerInfo:
             )
         except (TypeError, ValueError, OverflowError):  # JSON integers have no bound
             return None
+
+
+def json_object(raw: object, max_bytes: int) -> dict[str, Any] | None:
+    """A JSON object read from unsigned bookkeeping; ``None`` for anything that is not one.
+
+    Parameters
+    ----------
+    raw
+        What the store gave back: ``bytes`` or ``str`` (anything else is not an object).
+    max_bytes
+        Longer text is refused unread: anyone with broker access may write these keys.
+    """
+    data = raw.encode() if isinstance(raw, str) else raw
+    if not isinstance(data, (bytes, bytearray)) or len(data) > max_bytes:
+        return None
+    try:
+        value = json.loads(bytes(data).decode("utf-8"))
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested too deep
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _field(data: Mapping[str, Any], name: str, kind: Any, default: Any = None) -> Any:

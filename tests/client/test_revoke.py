@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -23,13 +22,6 @@ pytestmark = pytest.mark.brokers
 SLOW_HANDLER = "tests.celery_tasks.slow_handler"
 MARK = "tests.celery_tasks.mark"
 WAIT_FOR_FILE = "tests.sample_tasks.wait_for_file"
-
-
-@pytest.fixture
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
 
 
 def _busy(app: App, task_id: str) -> bool:

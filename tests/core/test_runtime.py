@@ -37,13 +37,6 @@ def lines(path: Path) -> list[str]:
     return path.read_text().split() if path.exists() else []
 
 
-@pytest.fixture
-def r(redis_url: str):
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
-
-
 # Round trips --------------------------------------------------------------------------------
 def test_module_task_by_name_with_output_progress_and_callbacks(app: App, start_worker) -> None:
     start_worker()

@@ -39,13 +39,6 @@ examples = settings(
 )
 
 
-@pytest.fixture
-def server(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
-
-
 @contextlib.contextmanager
 def fresh_prefix(server: redis.Redis, redis_url: str) -> Iterator[Settings]:
     name = f"{uuid.uuid4().hex[:10]}"
@@ -65,20 +58,20 @@ def fresh_prefix(server: redis.Redis, redis_url: str) -> Iterator[Settings]:
     record=st.dictionaries(st.sampled_from([b"state", b"client", b"name", b"x"]), junk),
 )
 def test_supervisor_housekeeping_survives_junk(
-    server: redis.Redis,
+    r: redis.Redis,
     redis_url: str,
     registry: dict[bytes, bytes],
     members: list[bytes],
     record: dict[bytes, bytes],
 ) -> None:
-    with fresh_prefix(server, redis_url) as config:
+    with fresh_prefix(r, redis_url) as config:
         p = config.key_prefix
         if registry:
-            server.hset(f"{p}:workers", mapping=registry)
+            r.hset(f"{p}:workers", mapping=registry)
         for member in members:
-            server.zadd(f"{p}:eta:default", {member: 0})
+            r.zadd(f"{p}:eta:default", {member: 0})
         if record:
-            server.hset(f"{p}:r:some-task", mapping=record)
+            r.hset(f"{p}:r:some-task", mapping=record)
         worker = Worker(config, redis_url, SECRET, queues=["default"], concurrency=1)
         worker.transport = open_broker(config, redis_url)
         worker.store = worker.transport.store
@@ -96,21 +89,21 @@ def test_supervisor_housekeeping_survives_junk(
 @examples
 @given(entries=st.lists(st.dictionaries(st.sampled_from([b"e", b"x", b"n"]), junk), max_size=5))
 def test_listener_delivers_real_events_among_junk(
-    server: redis.Redis, redis_url: str, entries: list[dict[bytes, bytes]]
+    r: redis.Redis, redis_url: str, entries: list[dict[bytes, bytes]]
 ) -> None:
-    with fresh_prefix(server, redis_url) as config:
+    with fresh_prefix(r, redis_url) as config:
         transport = open_broker(config, redis_url)
         channel = transport.store.channel_key(uuid.uuid4().hex[:16])
         for fields in entries:
             if fields:
-                server.xadd(channel, fields)
+                r.xadd(channel, fields)
         signer = Signer(SECRET)
         listener = Listener(transport, signer, channel)
         handle = TaskHandle(None, "real-task", "t")
         listener.register(handle)
         try:
             event = Event(EventType.SUCCESS, "real-task", 5, {"serializer": "cloudpickle"})
-            server.xadd(channel, {"e": signer.seal(event.to_header())})
+            r.xadd(channel, {"e": signer.seal(event.to_header())})
             wait_until(handle.done, 10, "the real event among the junk")
             assert handle.result(0) is None
             assert listener.alive
@@ -127,19 +120,19 @@ def test_listener_delivers_real_events_among_junk(
     ),
 )
 def test_cli_status_and_inspect_survive_junk(
-    server: redis.Redis,
+    r: redis.Redis,
     redis_url: str,
     registry: dict[bytes, bytes],
     record: dict[bytes, bytes],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    with fresh_prefix(server, redis_url) as config:
+    with fresh_prefix(r, redis_url) as config:
         p = config.key_prefix
-        server.hset(f"{p}:workers", mapping=registry)
+        r.hset(f"{p}:workers", mapping=registry)
         for raw_id in registry:
             with contextlib.suppress(UnicodeDecodeError):
-                server.set(f"{p}:hb:{raw_id.decode()}", b"1")  # alive: status reads them
-        server.hset(f"{p}:r:looked-at", mapping=record)
+                r.set(f"{p}:hb:{raw_id.decode()}", b"1")  # alive: status reads them
+        r.hset(f"{p}:r:looked-at", mapping=record)
         secret = tmp_path_factory.mktemp("cli") / "secret"
         secret.write_text(SECRET)
         common = ["-b", redis_url, "--key-prefix", p, "--secret-file", str(secret)]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import itertools
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -19,13 +18,6 @@ from tests.celery_tasks import read_records
 pytestmark = pytest.mark.brokers
 
 HARD_LIMITED_SLEEP = "tests.celery_tasks.hard_limited_sleep"
-
-
-@pytest.fixture
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
 
 
 def _child_pids(worker) -> set[int]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,13 +17,6 @@ from nbtask import App, State, Task
 from tests.celery_tasks import read_records
 
 pytestmark = pytest.mark.brokers
-
-
-@pytest.fixture
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
 
 
 def test_retry_waits_in_the_eta_set_with_state_retry_and_its_reason(
