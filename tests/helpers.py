@@ -164,7 +164,10 @@ class WorkerProcess:
                 if self.process.poll() is not None:
                     raise AssertionError(f"worker exited early:\n{self.log.read_text()}")
                 live = [i for i in broker.store.workers().values() if i.pid == self.pid]
-                if live and len(self.children()) >= 1:
+                # Ready once the registry names the children that run: the worker starts
+                # its versions probe (a child too, for a moment) before it says so.
+                children = {c.pid for c in self.children()}
+                if live and children and children == set(live[0].pids):
                     return
                 time.sleep(0.05)
         finally:

@@ -116,8 +116,9 @@ class RedisWorkers:
         with self.link.translate_errors():
             pipe = self.link.redis.pipeline(transaction=True)
             pipe.delete(key)
-            pipe.hset(key, mapping=dict(versions))
-            pipe.expire(key, self.ttl)
+            if versions:  # none found (the probe failed): nothing to keep
+                pipe.hset(key, mapping=dict(versions))
+                pipe.expire(key, self.ttl)
             pipe.execute()
 
     def versions(self, worker_id: str, modules: Sequence[str]) -> dict[str, str]:

@@ -28,3 +28,12 @@ def test_a_worker_that_has_not_announced_its_versions_is_asked_again(
     warnings.check(app, {"python"}, queue)
     warnings.check(app, {"python"}, queue)
     assert capsys.readouterr().err.count("but 2.7.18 on worker late-worker") == 1
+
+
+def test_a_probe_that_found_no_versions_is_announced_as_none_without_an_error(
+    app: App, access: RawBroker
+) -> None:
+    """A worker whose versions probe failed announces nothing, every tick, without raising."""
+    access.keys.announce_versions("probed-worker", {"python": "3.11.7"})
+    access.keys.announce_versions("probed-worker", {})
+    assert access.keys.versions("probed-worker", ["python"]) == {}
