@@ -71,6 +71,9 @@ class CellAnalysis:
         Names read by string constants shaped like expressions passed to calls
         (``display('df1')``, ``eval("pd.merge(a, b)")``): names the cell may reach
         through a string.
+    deleted : tuple of str
+        Names a top-level ``del`` statement unbinds: gone from the notebook too if the
+        cell ends without them.
     """
 
     reads: tuple[str, ...]
@@ -80,6 +83,7 @@ class CellAnalysis:
     imports: tuple[str, ...] = ()
     star_imports: tuple[str, ...] = ()
     named_strings: tuple[str, ...] = ()
+    deleted: tuple[str, ...] = ()
 
 
 def analyze(source: str | ast.Module) -> CellAnalysis:
@@ -104,7 +108,11 @@ def analyze(source: str | ast.Module) -> CellAnalysis:
 def _analyze_text(source: str) -> CellAnalysis:
     # A cell is analysed on each run, and more than once per run (the check before
     # sending, the pending names): by its text, which is all the analysis depends on.
-    return _analyze_tree(ast.parse(source))
+    tree = ast.parse(source)
+    # What parses may still not compile ('return' or 'yield' outside a function): say so
+    # before sending, as a kernel would before running. Top-level await compiles there.
+    compile(tree, "<cell>", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, dont_inherit=True)
+    return _analyze_tree(tree)
 
 
 def _analyze_tree(tree: ast.Module) -> CellAnalysis:
@@ -122,6 +130,7 @@ def _analyze_tree(tree: ast.Module) -> CellAnalysis:
         tuple(scan.imports),
         tuple(scan.star_imports),
         tuple(scan.named_strings),
+        tuple(scan.deleted),
     )
 
 
@@ -139,6 +148,7 @@ class _Scan(ast.NodeVisitor):
         self.imports: dict[str, None] = {}
         self.star_imports: dict[str, None] = {}
         self.named_strings: dict[str, None] = {}
+        self.deleted: dict[str, None] = {}
 
     def _load(self, name: str) -> None:
         if any(name in local for local, _ in self.scopes if name not in _):
@@ -193,6 +203,10 @@ class _Scan(ast.NodeVisitor):
             self._mark_mutated(target)
             if not isinstance(target, ast.Name):
                 self.visit(target)
+            elif not self.scopes:
+                # Unbinding a notebook name needs it bound: shipped as if read.
+                self._load(target.id)
+                self.deleted.setdefault(target.id)
 
     def visit_Call(self, node: ast.Call) -> None:
         func = node.func

@@ -211,7 +211,9 @@ def _effects(
         if name.startswith("_") and name in _IPYTHON_NAMES:
             continue
         out[name] = value
-    return {"out": out, "deleted": [n for n in shipped if n not in namespace]}
+    # A name the cell deleted, shipped or bound here first; "" from an older kernel.
+    maybe_deleted = dict.fromkeys([*shipped, *getattr(spec, "deleted", ())])
+    return {"out": out, "deleted": [n for n in maybe_deleted if n not in namespace]}
 
 
 def _pack(effects: dict[str, Any], spec: CellSpec, *, plain: bool) -> Any:

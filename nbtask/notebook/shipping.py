@@ -58,6 +58,8 @@ class CellSpec:
     python : str
         ``source`` as the kernel's shell transformed it (magics, ``!cmd``), which the
         worker runs as the kernel would have; empty: the worker's shell transforms it.
+    deleted : tuple of str
+        Names a top-level ``del`` unbinds: reported deleted if the cell ends without them.
     """
 
     source: str
@@ -72,6 +74,7 @@ class CellSpec:
     keep: tuple[str, ...] = ()
     fetch: tuple[str, ...] = ()
     python: str = ""
+    deleted: tuple[str, ...] = ()
 
 
 def analyzed(python: str, line_offset: int = 0) -> CellAnalysis:
@@ -152,6 +155,7 @@ def prepare(
         line_offset,
         state,
         python=python,
+        deleted=found.deleted,
     )
     return spec, blob, found
 

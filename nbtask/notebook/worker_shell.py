@@ -161,6 +161,12 @@ def _make_shell() -> Any:
                 "for the value in a cell of its own and use the variable"
             )
 
+        def ask_exit(self) -> None:  # what exit() and quit() call
+            raise UsageError(
+                "exit() would end the notebook's kernel, and a %%task cell runs on a "
+                "worker: run it in a cell without %%task"
+            )
+
     config = Config()
     config.HistoryManager.enabled = False
     config.InteractiveShell.cache_size = 0

@@ -7,6 +7,7 @@ sent (or, once sent, end with one line saying why), never leave the notebook wor
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import threading
@@ -140,4 +141,22 @@ def test_a_cell_that_does_not_parse_names_its_line_as_the_notebook_counts(
 ) -> None:
     with pytest.raises(CellError, match=r"does not parse: '\(' was never closed \(line 3\)"):
         ip.run_cell_magic("task", "--wait", "q = 1\nprint(q")
+    assert loaded.pending.runs == []
+
+
+@pytest.mark.parametrize(
+    ("cell", "why"),
+    [
+        ("q = 1\nreturn q", "'return' outside function (line 3)"),
+        ("yield 1", "'yield' outside function (line 2)"),
+        ("for q in []:\n    pass\nbreak", "'break' outside loop (line 4)"),
+        ("nonlocal q", "nonlocal declaration not allowed at module level (line 2)"),
+    ],
+)
+def test_a_cell_that_parses_but_cannot_compile_is_refused_before_sending(
+    ip: InteractiveShell, loaded: Session, cell: str, why: str
+) -> None:
+    """As a kernel refuses it before running: one line, nothing sent, no worker traceback."""
+    with pytest.raises(CellError, match=f"does not parse: {re.escape(why)}"):
+        ip.run_cell_magic("task", "--wait", cell)
     assert loaded.pending.runs == []

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from helpers import SECRET, wait_until
+from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from raw_broker import RawBroker
 
@@ -58,6 +59,27 @@ def test_top_level_await_runs_each_time_and_a_plain_cell_stays_plain(
     task(ip, cell)  # the same cell again: still run as a coroutine
     task(ip, "plain = runs * 10")
     assert (ip.user_ns["label"], ip.user_ns["runs"], ip.user_ns["plain"]) == ("awaited", 2, 20)
+
+
+def test_del_in_a_cell_deletes_the_names_from_the_notebook(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    """As locally: ``del`` of a notebook name, or of one the cell bound first, unbinds it."""
+    run(ip, "shipped_only = 1\nrebound = 2\nuntouched = 3")
+    task(ip, "del shipped_only\nrebound = 5\ndel rebound\nfresh = 6\ndel fresh")
+    task(ip, "if False:\n    del untouched")
+    assert not {"shipped_only", "rebound", "fresh"} & set(ip.user_ns)
+    assert ip.user_ns["untouched"] == 3
+    with pytest.raises(CellError, match="name 'never_defined' is not defined"):
+        task(ip, "del never_defined")
+
+
+def test_exit_in_a_cell_is_refused_on_the_worker_with_one_line(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    with pytest.raises(UsageError, match="exit\\(\\) would end the notebook's kernel"):
+        task(ip, "before = 1\nexit()")
+    assert ip.user_ns["before"] == 1  # what ran before it came back, as for any error
 
 
 def test_rc_params_environment_cwd_and_path_follow_the_notebook(
