@@ -21,7 +21,7 @@ from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from nbtask._text import redact_url
-from nbtask.errors import BrokerUnavailable
+from nbtask.errors import BrokerUnavailable, ConfigurationError
 
 __all__ = ["LARGE_BYTES", "Command", "RedisLink", "is_wrong_type"]
 
@@ -75,19 +75,23 @@ class RedisLink:
             yield
         except (RedisConnectionError, RedisTimeoutError) as exc:
             what, hint = self._unreachable
-            raise BrokerUnavailable(f"{what}: {exc}. {hint}") from exc
+            raise BrokerUnavailable(f"{what}: {str(exc).rstrip('.')}. {hint}") from exc
 
     def ping(self) -> None:
         """Raise :class:`BrokerUnavailable` unless the server answers; load the scripts."""
+        what, hint = self._unreachable
         with self.translate_errors():
             try:
                 self.redis.ping()
-            except InvalidResponse as exc:  # something else listens there (a web server...)
-                what, hint = self._unreachable
+            except InvalidResponse as exc:  # something else listens there (RabbitMQ, a web server)
                 raise BrokerUnavailable(
                     f"{what}: the server there does not speak Redis ({exc}); check the host "
                     f"and port. {hint}"
                 ) from exc
+            except ResponseError as exc:  # refused while connecting: "DB index is out of range"
+                raise BrokerUnavailable(f"{what}: the server refused: {exc}") from exc
+            except TypeError as exc:  # redis-py passes a URL's unknown ?option= on, as a keyword
+                raise ConfigurationError(f"{what}: the URL has an unknown option ({exc})") from exc
             self.load_scripts()
 
     def load_scripts(self) -> None:
