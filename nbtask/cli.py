@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import importlib
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -14,6 +15,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import TypeVar
 
 from nbtask._text import printable
@@ -22,11 +24,11 @@ from nbtask.brokers import Store, open_broker
 from nbtask.brokers.local_blobs import remove_local_blobs
 from nbtask.client.app import App
 from nbtask.client.embedded import start_redis_server
-from nbtask.core.datasets import Loader, load_data_spec
-from nbtask.core.holding import is_holder_queue
+from nbtask.core.datasets import Loader, data_queue, load_data_spec
+from nbtask.core.holding import holder_queue, is_holder_queue
 from nbtask.core.task import Task
 from nbtask.errors import ConfigurationError, NbtaskError, NotebookFailed
-from nbtask.settings import Settings, read_secret_file
+from nbtask.settings import MAX_SECONDS, Settings, read_secret_file
 from nbtask.wire.events import State
 from nbtask.wire.holdings import Holdings, holdings_lines
 from nbtask.wire.records import WorkerInfo
@@ -39,8 +41,19 @@ EXIT_USAGE = 2
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``nbtask`` command line; return the exit code."""
-    parser = _parser()
-    args = parser.parse_args(argv)
+    parser, commands = _parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    command = next((w for w in words if w in commands), None)
+    if command and words[0].startswith("-") and words[0] not in ("-h", "--help", "--version"):
+        # ``nbtask -A app worker`` (Celery's order): argparse would call the URL or module
+        # after the option an invalid command.
+        parser.print_usage(sys.stderr)
+        print(
+            f"nbtask: error: {words[0]} goes after the command: nbtask {command} {words[0]} ...",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    args = parser.parse_args(words)
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_USAGE
@@ -54,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, Sequence[str]]:
+    """The parser, and the names of its commands."""
     parser = argparse.ArgumentParser(
         prog="nbtask", description="Run nbtask workers and inspect tasks."
     )
@@ -64,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="serve tasks from a broker")
     _broker_options(worker)
     worker.add_argument(
-        "-Q", "--queues", default="", help="comma-separated queues (default: default)"
+        "-Q", "--queues", default=None, help="comma-separated queues (default: default)"
     )
     worker.add_argument(
         "-c",
@@ -111,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     cancel.add_argument("task_id")
     cancel.add_argument(
         "--grace",
-        type=float,
+        type=_grace,
         default=5.0,
         metavar="S",
         help="seconds between the interrupt and the kill (default: 5)",
@@ -123,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _broker_options(purge)
     purge.add_argument(
-        "-Q", "--queues", default="", help="comma-separated queues (default: default)"
+        "-Q", "--queues", default=None, help="comma-separated queues (default: default)"
     )
     purge.add_argument("-f", "--force", action="store_true", help="do not ask to confirm")
     purge.set_defaults(run=_run_purge)
@@ -159,13 +173,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--timeout",
-        type=float,
+        type=_timeout,
         default=600.0,
         metavar="S",
         help="seconds one cell may run (default: 600)",
     )
     run.set_defaults(run=_run_notebook)
-    return parser
+    return parser, tuple(sub.choices)
 
 
 def _broker_options(parser: argparse.ArgumentParser) -> None:
@@ -183,8 +197,43 @@ def _broker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-prefix", default=None, help="key prefix (default: nbtask)")
 
 
-def _queue_names(text: str) -> list[str]:
-    return [q.strip() for q in text.split(",") if q.strip()]
+def _queue_names(text: str | None, settings: Settings) -> list[str]:
+    """The queues of a ``-Q`` option (the default queue without one), each once."""
+    if text is None:
+        return [settings.default_queue]
+    names = list(dict.fromkeys(q.strip() for q in text.split(",") if q.strip()))
+    if not names:
+        raise ConfigurationError(
+            f"-Q {text!r} names no queue: give comma-separated names, e.g. -Q default,near-data "
+            "(or leave -Q out for the default queue)"
+        )
+    for name in names:
+        if name.startswith(data_queue("")) or is_holder_queue(name):
+            raise ConfigurationError(
+                f"-Q {name}: queues named {data_queue('')}* and {holder_queue('')}* are "
+                "nbtask's own (a dataset's holders, one process); for a dataset's queue use "
+                "--data NAME=module:function"
+            )
+    return names
+
+
+def _seconds(text: str, *, zero: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0 <= value <= MAX_SECONDS) or (value == 0 and not zero):
+        least = "0 or more" if zero else "more than 0"
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds ({least})")
+    return value
+
+
+def _grace(text: str) -> float:
+    return _seconds(text, zero=True)
+
+
+def _timeout(text: str) -> float:
+    return _seconds(text, zero=False)
 
 
 def _positive_int(text: str) -> int:
@@ -198,24 +247,32 @@ def _positive_int(text: str) -> int:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    # An option given empty is a mistake to report, not a reason to fall back on the
+    # environment's value (or the default key prefix).
     overrides: dict[str, object] = {}
-    if getattr(args, "broker", None):
+    if getattr(args, "broker", None) is not None:
         overrides["broker_url"] = args.broker
-    if getattr(args, "secret_file", None):
+    if getattr(args, "secret_file", None) is not None:
         overrides["secret"] = read_secret_file(args.secret_file)
     if getattr(args, "insecure", False):
         overrides["insecure"] = True
-    if getattr(args, "key_prefix", None):
+    if getattr(args, "key_prefix", None) is not None:
         overrides["key_prefix"] = args.key_prefix
     settings = Settings.from_env(None, **overrides)
-    if getattr(args, "command", "") != "cluster":
+    if args.command == "run" and settings.broker_url is None:
+        return settings  # the embedded cluster, like ``cluster``
+    if args.command != "cluster":
         if settings.broker_url is None:
             raise ConfigurationError("no broker: pass -b URL or set NBTASK_BROKER")
         if not (settings.secret or settings.insecure):
-            raise ConfigurationError(
-                "no secret: set NBTASK_SECRET or pass --secret-file FILE (the same secret "
-                "as the clients'), or --insecure"
+            how = (
+                "set NBTASK_SECRET or NBTASK_SECRET_FILE (the workers' secret), or "
+                "NBTASK_INSECURE=1"
+                if args.command == "run"
+                else "set NBTASK_SECRET or pass --secret-file FILE (the same secret as the "
+                "clients'), or --insecure"
             )
+            raise ConfigurationError(f"no secret: {how}")
     return settings
 
 
@@ -232,13 +289,25 @@ def _import_tasks(specs: Sequence[str]) -> dict[str, Task]:
             ) from None
         if attr and not hasattr(module, attr):
             raise ConfigurationError(f"-A {spec}: module {module_name!r} has no {attr!r}")
-        source = getattr(module, attr) if attr else module
-        found = getattr(source, "tasks", None) if attr else None
-        values = found.values() if isinstance(found, dict) else vars(source).values()
-        for value in values:
-            if isinstance(value, Task) and not type(value).is_abstract():
-                tasks[value.name] = value
+        tasks.update(_tasks_of(spec, getattr(module, attr) if attr else module))
     return tasks
+
+
+def _tasks_of(spec: str, source: object) -> dict[str, Task]:
+    """The tasks an ``-A`` option names: a module's, an app's (``.tasks``), or one task."""
+    if isinstance(source, Task):
+        return {source.name: source}
+    found = getattr(source, "tasks", None)
+    if isinstance(source, ModuleType):
+        values = list(vars(source).values())
+    elif isinstance(found, dict):
+        values = list(found.values())
+    else:
+        raise ConfigurationError(
+            f"-A {spec}: {spec.partition(':')[2]!r} is a {type(source).__name__}, not a "
+            "module, an App or a task; use -A MODULE, MODULE:app or MODULE:task"
+        )
+    return {v.name: v for v in values if isinstance(v, Task) and not type(v).is_abstract()}
 
 
 def _data_option(parser: argparse.ArgumentParser) -> None:
@@ -274,7 +343,7 @@ def _logging(level: str) -> None:
 def _run_worker(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _logging(args.loglevel)
-    queues = _queue_names(args.queues)
+    queues = _queue_names(args.queues, settings)
     assert settings.broker_url is not None
     worker = Worker(
         settings,
@@ -285,6 +354,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         tasks=_import_tasks(args.app),
         datasets=_datasets(args),
     )
+    worker.connect()  # the banner says a worker is serving: not before it can
     print(worker.banner(), flush=True)
     return worker.run()
 
@@ -293,9 +363,10 @@ def _run_cluster(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _logging(args.loglevel)
     secret = settings.secret or secrets.token_hex(32)
+    # Options are checked before the server starts: a bad one leaves nothing behind.
+    tasks, datasets = _import_tasks(args.app), _datasets(args)
     directory = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="nbtask-"))
     redis_process, url = start_redis_server(directory)
-    tasks = _import_tasks(args.app)
     try:
         worker = Worker(
             settings,
@@ -303,7 +374,7 @@ def _run_cluster(args: argparse.Namespace) -> int:
             secret,
             concurrency=args.concurrency,
             tasks=tasks,
-            datasets=_datasets(args),
+            datasets=datasets,
             parent_pid=args.parent_pid,
             on_ready=_announce_embedded if args.embedded else None,
         )
@@ -342,6 +413,7 @@ def _read_store(args: argparse.Namespace, read: Callable[[Store], T]) -> T:
     assert settings.broker_url is not None
     transport = open_broker(settings, settings.broker_url)
     try:
+        transport.ping()  # a wrong URL is an error, not "no live workers"
         return read(transport.store)
     finally:
         transport.close()
@@ -420,7 +492,7 @@ def _run_cancel(args: argparse.Namespace) -> int:
 
 def _run_purge(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    queues = _queue_names(args.queues) or [settings.default_queue]
+    queues = _queue_names(args.queues, settings)
     if not args.force:
         answer = input(f"Delete every message waiting on {', '.join(queues)}? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
@@ -439,6 +511,10 @@ def _run_notebook(args: argparse.Namespace) -> int:
     # nbclient and the kernel machinery load only for this command.
     from nbtask.notebook.headless import run_notebook  # noqa: PLC0415 - heavy
 
+    _settings(args)  # a bad broker URL or a missing secret, said before any kernel starts
+    folder = Path(args.output).parent if args.output else None
+    if folder is not None and not folder.is_dir():
+        raise ConfigurationError(f"-o {args.output}: there is no folder {folder}")
     try:
         run_notebook(args.notebook, args.output, broker=args.broker, timeout=args.timeout)
     except NotebookFailed as exc:
