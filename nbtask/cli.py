@@ -494,7 +494,11 @@ def _run_purge(args: argparse.Namespace) -> int:
     settings = _settings(args)
     queues = _queue_names(args.queues, settings)
     if not args.force:
-        answer = input(f"Delete every message waiting on {', '.join(queues)}? [y/N] ")
+        try:
+            answer = input(f"Delete every message waiting on {', '.join(queues)}? [y/N] ")
+        except EOFError:  # no terminal to ask (a script, cron): nothing is purged
+            print(file=sys.stderr)
+            raise ConfigurationError("no answer to confirm with: pass -f to purge") from None
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing purged", file=sys.stderr)
             return 1

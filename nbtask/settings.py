@@ -50,7 +50,8 @@ _MINIMUMS = {
 class Settings:
     """Configuration of an :class:`~nbtask.App` and of ``nbtask worker``.
 
-    Durations are float seconds; sizes are bytes.
+    Durations are float seconds (finite, at most :data:`MAX_SECONDS`); sizes and counts are
+    whole numbers; flags are ``True``/``False``. A value of another type is refused.
 
     Parameters
     ----------

@@ -120,6 +120,14 @@ def test_purge_of_no_queue_leaves_the_default_queue_alone(
     assert waiting.state == "PENDING"  # not purged, not revoked
 
 
+def test_purge_with_nobody_to_answer_purges_nothing(app: App, redis_url: str, prefix: str) -> None:
+    waiting = app.send_task("tests.sample_tasks.add", (1, 2))
+    cli = ("-b", redis_url, "--key-prefix", prefix)
+    result = run("purge", *cli, env={"NBTASK_SECRET": SECRET}, stdin="")  # a script, cron
+    clean_error(result, "pass -f")
+    assert waiting.state == "PENDING"
+
+
 @pytest.mark.parametrize("queue", ["data.iris", "held.someone-0"])
 def test_worker_refuses_nbtasks_own_queue_names(queue: str, redis_url: str, prefix: str) -> None:
     cli = ("-b", redis_url, "--key-prefix", prefix)
