@@ -65,6 +65,21 @@ def test_status_reaches_the_amqp_broker_it_is_given(redis_url: str, prefix: str)
 
 
 @pytest.mark.parametrize(
+    "url",
+    [AMQP_URL.replace(":guest@", ":wrong-password@"), AMQP_URL.rstrip("/") + "/no-such-vhost"],
+)
+def test_amqp_login_or_vhost_refused_says_to_check_them(
+    url: str, redis_url: str, prefix: str
+) -> None:
+    amqp_reachable()
+    env = {"NBTASK_SECRET": SECRET, "NBTASK_RESULT_URL": redis_url}
+    result = run("status", "-b", url, "--key-prefix", prefix, env=env)
+    line = clean_error(result, "Check the user name, password and vhost in the URL")
+    assert "Is RabbitMQ running" not in line  # it is: it answered, and refused
+    assert "wrong-password" not in line
+
+
+@pytest.mark.parametrize(
     ("url", "word"),
     [
         ("redis://127.0.0.1:abc/0", "port"),
