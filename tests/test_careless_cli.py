@@ -79,6 +79,15 @@ def test_amqp_login_or_vhost_refused_says_to_check_them(
     assert "wrong-password" not in line
 
 
+@pytest.mark.parametrize("login", [":wrong-password@", "someone:wrong-password@"])
+def test_redis_login_refused_says_to_check_it(login: str, redis_url: str, prefix: str) -> None:
+    url = redis_url.replace("redis://", f"redis://{login}")
+    result = run("status", "-b", url, "--key-prefix", prefix, env={"NBTASK_SECRET": SECRET})
+    line = clean_error(result, "Check the user name and password in the URL")
+    assert "Is redis-server running" not in line  # it is: it answered, and refused
+    assert "wrong-password" not in line
+
+
 @pytest.mark.parametrize(
     ("url", "word"),
     [

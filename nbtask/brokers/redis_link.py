@@ -16,8 +16,14 @@ from typing import Any
 
 import redis
 from hiredis import pack_command
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    InvalidResponse,
+    NoScriptError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from nbtask._text import redact_url
@@ -75,7 +81,9 @@ class RedisLink:
             yield
         except (RedisConnectionError, RedisTimeoutError) as exc:
             what, hint = self._unreachable
-            raise BrokerUnavailable(f"{what}: {str(exc).rstrip('.')}. {hint}") from exc
+            if isinstance(exc, (AuthenticationError, AuthorizationError)):
+                hint = "Check the user name and password in the URL (redis://user:password@host)"
+            raise BrokerUnavailable(f"{what}: {_sentence(exc)} {hint}") from exc
 
     def ping(self) -> None:
         """Raise :class:`BrokerUnavailable` unless the server answers; load the scripts."""
@@ -248,6 +256,12 @@ def pack(commands: Sequence[Command]) -> list[bytes | memoryview]:
                 head.append(b"$%d\r\n%s\r\n" % (len(data), data))
         chunks.append(b"".join(head))
     return chunks
+
+
+def _sentence(exc: BaseException) -> str:
+    """redis-py's message, ending with one stop (its own end with ".", "?" or nothing)."""
+    text = str(exc).rstrip(".")
+    return text if text.endswith("?") else f"{text}."
 
 
 def is_wrong_type(exc: BaseException) -> bool:
