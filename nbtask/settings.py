@@ -171,15 +171,16 @@ class Settings:
         for name in _FLAGS:
             flag = getattr(self, name)
             if not isinstance(flag, bool):
-                raise ConfigurationError(f"{name} must be True or False, got {flag!r}")
+                raise ConfigurationError(f"{_label(name)} must be True or False, got {flag!r}")
         for name in _OPTIONAL_TEXTS:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
-                raise ConfigurationError(f"{name} must be a string or None, got {value!r}")
+                raise ConfigurationError(f"{_label(name)} must be a string or None, got {value!r}")
         old = (self.old_secrets,) if isinstance(self.old_secrets, str) else self.old_secrets
         if not isinstance(old, (list, tuple)) or not all(isinstance(o, str) and o for o in old):
             raise ConfigurationError(
-                f"old_secrets must be a list of non-empty strings, got {self.old_secrets!r}"
+                f"{_label('old_secrets')} must be a list of non-empty strings, "
+                f"got {self.old_secrets!r}"
             )
         object.__setattr__(self, "old_secrets", tuple(old))
 
@@ -187,12 +188,14 @@ class Settings:
         prefix = self.key_prefix
         if not (isinstance(prefix, str) and prefix and _is_word(prefix)):
             raise ConfigurationError(
-                f"key_prefix must be a non-empty word without spaces or braces, got {prefix!r}"
+                f"{_label('key_prefix')} must be a non-empty word without spaces or braces, "
+                f"got {prefix!r}"
             )
         queue = self.default_queue
         if not (isinstance(queue, str) and queue and queue == queue.strip()):
             raise ConfigurationError(
-                f"default_queue must be a queue name without spaces around it, got {queue!r}"
+                f"{_label('default_queue')} must be a queue name without spaces around it, "
+                f"got {queue!r}"
             )
 
     def _check_durations(self) -> None:
@@ -202,13 +205,13 @@ class Settings:
                 continue
             if not _is_number(value) or not 0 < value <= MAX_SECONDS:
                 raise ConfigurationError(
-                    f"{name} must be a positive number of seconds, at most {MAX_SECONDS:.0e}, "
-                    f"got {value!r}"
+                    f"{_label(name)} must be a positive number of seconds, at most "
+                    f"{MAX_SECONDS:.0e}, got {value!r}"
                 )
         if self.result_ttl < 1:
             raise ConfigurationError(
-                f"result_ttl must be at least 1 second (Redis keeps keys for whole seconds), "
-                f"got {self.result_ttl!r}"
+                f"{_label('result_ttl')} must be at least 1 second (Redis keeps keys for whole "
+                f"seconds), got {self.result_ttl!r}"
             )
         if self.visibility_timeout <= 3 * self.heartbeat_interval:
             raise ConfigurationError(
@@ -230,9 +233,9 @@ class Settings:
                 value = int(value)
                 object.__setattr__(self, name, value)
             if not isinstance(value, int) or isinstance(value, bool):
-                raise ConfigurationError(f"{name} must be a whole number, got {value!r}")
+                raise ConfigurationError(f"{_label(name)} must be a whole number, got {value!r}")
             if value < least:
-                raise ConfigurationError(f"{name} must be at least {least}, got {value}")
+                raise ConfigurationError(f"{_label(name)} must be at least {least}, got {value}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -307,6 +310,11 @@ def _flag(text: str) -> bool:
     if word not in _TRUE + _FALSE:
         raise ValueError(word)  # "2" or "enabled" must not quietly mean off
     return word in _TRUE
+
+
+def _label(name: str) -> str:
+    """``worker_concurrency (NBTASK_CONCURRENCY)``: the setting as either way of giving it."""
+    return f"{name} ({ENVIRONMENT[name]})" if name in ENVIRONMENT else name
 
 
 def _is_word(text: str) -> bool:

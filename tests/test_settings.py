@@ -408,3 +408,18 @@ def test_malformed_broker_url_is_refused_at_once(url: str, word: str) -> None:
     # redis-py would fail later with a traceback (a port) or use database 0 (a path).
     with pytest.raises(ConfigurationError, match=word):
         Settings(broker_url=url)
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("NBTASK_CONCURRENCY", "0"),
+        ("NBTASK_KEY_PREFIX", "my app"),
+        ("NBTASK_RESULT_TTL", "inf"),
+        ("NBTASK_MAX_REDELIVERIES", "-1"),
+    ],
+)
+def test_from_env_out_of_range_value_names_its_variable(var: str, value: str) -> None:
+    # Parsed, then refused: the error still names the variable the user set.
+    with pytest.raises(ConfigurationError, match=var):
+        Settings.from_env({var: value})
