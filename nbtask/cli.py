@@ -289,8 +289,19 @@ def _import_tasks(specs: Sequence[str]) -> dict[str, Task]:
             ) from None
         if attr and not hasattr(module, attr):
             raise ConfigurationError(f"-A {spec}: module {module_name!r} has no {attr!r}")
-        tasks.update(_tasks_of(spec, getattr(module, attr) if attr else module))
+        found = _tasks_of(spec, getattr(module, attr) if attr else module)
+        if not found and not any(app.datasets for app in _apps_in(module)):
+            raise ConfigurationError(
+                f"-A {spec}: found no nbtask task (nor an App declaring a dataset) there; name "
+                "the module that defines them, e.g. -A proj.tasks or -A proj.tasks:app"
+            )
+        tasks.update(found)
     return tasks
+
+
+def _apps_in(module: ModuleType | None) -> list[App]:
+    """The apps a module (imported by ``-A``) defines at its top level."""
+    return [v for v in vars(module).values() if isinstance(v, App)] if module else []
 
 
 def _tasks_of(spec: str, source: object) -> dict[str, Task]:
@@ -324,11 +335,16 @@ def _datasets(args: argparse.Namespace) -> dict[str, Loader]:
     """The datasets of ``--data`` options and of the apps in the ``-A`` modules."""
     found: dict[str, Loader] = {}
     for spec in args.app:
-        module = sys.modules.get(spec.partition(":")[0])
-        for value in vars(module).values() if module is not None else ():
-            if isinstance(value, App):
-                found.update(value.datasets)
-    found.update(load_data_spec(spec) for spec in args.data)
+        for app in _apps_in(sys.modules.get(spec.partition(":")[0])):
+            found.update(app.datasets)
+    given = [load_data_spec(spec) for spec in args.data]
+    names = [name for name, _ in given]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ConfigurationError(
+            f"--data {twice[0]}=... is given more than once: give each dataset name once"
+        )
+    found.update(given)
     return found
 
 

@@ -166,6 +166,21 @@ def test_app_option_naming_a_plain_value(redis_url: str, prefix: str) -> None:
     clean_error(result, "-A os:sep", "not a module, an App or a task")
 
 
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        (["-A", "json"], ["-A json", "found no nbtask task"]),
+        (["--data", "d=os:getcwd", "--data", "d=os:getpid"], ["--data d=", "more than once"]),
+    ],
+)
+def test_worker_options_that_would_do_nothing(
+    options: list[str], words: list[str], redis_url: str, prefix: str
+) -> None:
+    cli = ("-b", redis_url, "--key-prefix", prefix, "-c", "1")
+    result = run("worker", *cli, *options, env={"NBTASK_SECRET": SECRET}, timeout=30)
+    clean_error(result, *words)
+
+
 def test_app_option_naming_one_task_registers_it(
     start_worker: Callable[..., WorkerProcess],
 ) -> None:
