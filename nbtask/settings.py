@@ -175,14 +175,22 @@ class Settings:
         for name in _OPTIONAL_TEXTS:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
-                raise ConfigurationError(f"{_label(name)} must be a string or None, got {value!r}")
+                shown = type(value).__name__ if name == "secret" else repr(value)  # not shown
+                raise ConfigurationError(f"{_label(name)} must be a string or None, got {shown}")
+        self._check_secrets()
+
+    def _check_secrets(self) -> None:
+        # Secrets are never repeated in an error: it may end up in a log.
         old = (self.old_secrets,) if isinstance(self.old_secrets, str) else self.old_secrets
         if not isinstance(old, (list, tuple)) or not all(isinstance(o, str) and o for o in old):
-            raise ConfigurationError(
-                f"{_label('old_secrets')} must be a list of non-empty strings, "
-                f"got {self.old_secrets!r}"
-            )
+            raise ConfigurationError(f"{_label('old_secrets')} must be a list of non-empty strings")
         object.__setattr__(self, "old_secrets", tuple(old))
+        if any(key != key.strip() for key in (self.secret or "", *old)):
+            raise ConfigurationError(
+                "a secret (NBTASK_SECRET, NBTASK_OLD_SECRETS) has spaces or a line break around "
+                "it: remove them (a secret file's are stripped, so a worker reading the same "
+                "secret from one would refuse every message)"
+            )
 
     def _check_words(self) -> None:
         prefix = self.key_prefix
@@ -328,7 +336,10 @@ def _is_number(value: object) -> bool:
 
 
 def _secrets(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
+    found = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not found:
+        raise ValueError(text)  # " , " names no secret: not the same as leaving it unset
+    return found
 
 
 # Each field's environment variable and how its text is read: one table for both ways.
@@ -366,6 +377,7 @@ _KINDS: dict[object, str] = {
     float: "number of seconds",
     int: "whole number",
     _flag: f"flag: use one of {'/'.join(_TRUE)} or {'/'.join(_FALSE)}",
+    _secrets: "comma-separated list of secrets",
 }
 
 

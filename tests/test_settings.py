@@ -423,3 +423,38 @@ def test_from_env_out_of_range_value_names_its_variable(var: str, value: str) ->
     # Parsed, then refused: the error still names the variable the user set.
     with pytest.raises(ConfigurationError, match=var):
         Settings.from_env({var: value})
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"secret": "s3cret-value "},
+        {"secret": "s3cret-value\n"},
+        {"secret": "   "},
+        {"old_secrets": ["s3cret-value", " s3cret-value"]},
+    ],
+)
+def test_secret_with_spaces_around_is_refused_without_showing_it(
+    changes: dict[str, object],
+) -> None:
+    # A worker reading the same secret from a file (stripped) would refuse every message.
+    with pytest.raises(ConfigurationError, match="spaces or a line break") as info:
+        Settings(**changes)  # type: ignore[arg-type]
+    assert "s3cret-value" not in str(info.value)
+
+
+def test_from_env_secret_with_a_trailing_space_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="NBTASK_SECRET"):
+        Settings.from_env({"NBTASK_SECRET": "pasted-with-a-space "})
+
+
+@pytest.mark.parametrize("changes", [{"secret": 987654321}, {"old_secrets": ["ok", 987654321]}])
+def test_a_secret_of_the_wrong_type_is_not_shown(changes: dict[str, object]) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Settings(**changes)  # type: ignore[arg-type]
+    assert "987654321" not in str(info.value)
+
+
+def test_from_env_old_secrets_naming_none_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="NBTASK_OLD_SECRETS"):
+        Settings.from_env({"NBTASK_OLD_SECRETS": " , "})
