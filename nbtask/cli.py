@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import logging
 import math
@@ -125,7 +126,7 @@ def _parser() -> tuple[argparse.ArgumentParser, Sequence[str]]:
     cancel.add_argument("task_id")
     cancel.add_argument(
         "--grace",
-        type=_grace,
+        type=functools.partial(_seconds, zero=True),
         default=5.0,
         metavar="S",
         help="seconds between the interrupt and the kill (default: 5)",
@@ -173,7 +174,7 @@ def _parser() -> tuple[argparse.ArgumentParser, Sequence[str]]:
     )
     run.add_argument(
         "--timeout",
-        type=_timeout,
+        type=functools.partial(_seconds, zero=False),
         default=600.0,
         metavar="S",
         help="seconds one cell may run (default: 600)",
@@ -218,6 +219,7 @@ def _queue_names(text: str | None, settings: Settings) -> list[str]:
 
 
 def _seconds(text: str, *, zero: bool) -> float:
+    """A number of seconds for an option: finite, not negative, and not 0 unless ``zero``."""
     try:
         value = float(text)
     except ValueError:
@@ -226,14 +228,6 @@ def _seconds(text: str, *, zero: bool) -> float:
         least = "0 or more" if zero else "more than 0"
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds ({least})")
     return value
-
-
-def _grace(text: str) -> float:
-    return _seconds(text, zero=True)
-
-
-def _timeout(text: str) -> float:
-    return _seconds(text, zero=False)
 
 
 def _positive_int(text: str) -> int:
@@ -532,12 +526,20 @@ def _run_notebook(args: argparse.Namespace) -> int:
     from nbtask.notebook.headless import run_notebook  # noqa: PLC0415 - heavy
 
     _settings(args)  # a bad broker URL or a missing secret, said before any kernel starts
-    folder = Path(args.output).parent if args.output else None
-    if folder is not None and not folder.is_dir():
-        raise ConfigurationError(f"-o {args.output}: there is no folder {folder}")
+    if args.output is not None:
+        _check_output(args.output)
     try:
         run_notebook(args.notebook, args.output, broker=args.broker, timeout=args.timeout)
     except NotebookFailed as exc:
         print(f"nbtask run: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _check_output(text: str) -> None:
+    """Refuse an ``-o`` the executed notebook could not be written to, before it runs."""
+    path = Path(text)
+    if not text.strip() or path.is_dir():
+        raise ConfigurationError(f"-o {text!r} is not a file name: give one, e.g. -o out.ipynb")
+    if not path.parent.is_dir():
+        raise ConfigurationError(f"-o {text}: there is no folder {path.parent}")

@@ -250,6 +250,8 @@ def test_run_timeout_must_be_positive(notebook: Path, timeout: str) -> None:
     ("options", "env", "word"),
     [
         (["-o", "no/such/folder/out.ipynb"], {}, "no/such/folder"),
+        (["-o", ""], {}, "-o '' is not a file name"),
+        (["-o", "."], {}, "-o '.' is not a file name"),
         (["-b", "http://example.com"], {}, "unsupported broker URL"),
         (["-b", "redis://127.0.0.1:6379/0"], {}, "NBTASK_SECRET"),
         ([], {"NBTASK_BROKER": "redis://127.0.0.1:abc/0"}, "port"),
