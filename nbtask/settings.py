@@ -199,6 +199,10 @@ class Settings:
                 f"{_label('key_prefix')} must be a non-empty word without spaces or braces, "
                 f"got {prefix!r}"
             )
+        if self.blob_dir is not None and not self.blob_dir.strip():
+            raise ConfigurationError(
+                f"{_label('blob_dir')} must be a folder's path, or None, got {self.blob_dir!r}"
+            )
         queue = self.default_queue
         if not (isinstance(queue, str) and queue and queue == queue.strip()):
             raise ConfigurationError(

@@ -320,6 +320,8 @@ def test_flags_must_be_booleans(name: str, value: object) -> None:
         ({"default_queue": " near-data"}, "default_queue"),
         ({"default_queue": None}, "default_queue"),
         ({"key_prefix": "a\tb"}, "key_prefix"),
+        ({"blob_dir": ""}, "blob_dir"),
+        ({"blob_dir": 5}, "blob_dir"),
     ],
 )
 def test_wrong_types_and_words_are_one_clear_error(changes: dict[str, object], name: str) -> None:

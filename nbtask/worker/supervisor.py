@@ -143,7 +143,7 @@ class Worker:
 
     def run(self) -> int:
         """Serve until stopped; return the process exit code."""
-        if not hasattr(self, "transport"):
+        if not hasattr(self, "transport"):  # the caller did not connect first
             self.connect()
         # Handlers only count signals; the loop below decides what to do.
         signal.signal(signal.SIGTERM, self._on_signal)
