@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -14,6 +16,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import TypeVar
 
 from nbtask._text import printable
@@ -22,11 +25,11 @@ from nbtask.brokers import Store, open_broker
 from nbtask.brokers.local_blobs import remove_local_blobs
 from nbtask.client.app import App
 from nbtask.client.embedded import start_redis_server
-from nbtask.core.datasets import Loader, load_data_spec
-from nbtask.core.holding import is_holder_queue
+from nbtask.core.datasets import Loader, data_queue, load_data_spec
+from nbtask.core.holding import holder_queue, is_holder_queue
 from nbtask.core.task import Task
 from nbtask.errors import ConfigurationError, NbtaskError, NotebookFailed
-from nbtask.settings import Settings, read_secret_file
+from nbtask.settings import MAX_SECONDS, Settings, read_secret_file
 from nbtask.wire.events import State
 from nbtask.wire.holdings import Holdings, holdings_lines
 from nbtask.wire.records import WorkerInfo
@@ -39,8 +42,19 @@ EXIT_USAGE = 2
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``nbtask`` command line; return the exit code."""
-    parser = _parser()
-    args = parser.parse_args(argv)
+    parser, commands = _parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    command = next((w for w in words if w in commands), None)
+    if command and words[0].startswith("-") and words[0] not in ("-h", "--help", "--version"):
+        # ``nbtask -A app worker`` (Celery's order): argparse would call the URL or module
+        # after the option an invalid command.
+        parser.print_usage(sys.stderr)
+        print(
+            f"nbtask: error: {words[0]} goes after the command: nbtask {command} {words[0]} ...",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    args = parser.parse_args(words)
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_USAGE
@@ -54,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, Sequence[str]]:
+    """The parser, and the names of its commands."""
     parser = argparse.ArgumentParser(
         prog="nbtask", description="Run nbtask workers and inspect tasks."
     )
@@ -64,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="serve tasks from a broker")
     _broker_options(worker)
     worker.add_argument(
-        "-Q", "--queues", default="", help="comma-separated queues (default: default)"
+        "-Q", "--queues", default=None, help="comma-separated queues (default: default)"
     )
     worker.add_argument(
         "-c",
@@ -111,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     cancel.add_argument("task_id")
     cancel.add_argument(
         "--grace",
-        type=float,
+        type=functools.partial(_seconds, zero=True),
         default=5.0,
         metavar="S",
         help="seconds between the interrupt and the kill (default: 5)",
@@ -123,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _broker_options(purge)
     purge.add_argument(
-        "-Q", "--queues", default="", help="comma-separated queues (default: default)"
+        "-Q", "--queues", default=None, help="comma-separated queues (default: default)"
     )
     purge.add_argument("-f", "--force", action="store_true", help="do not ask to confirm")
     purge.set_defaults(run=_run_purge)
@@ -159,13 +174,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--timeout",
-        type=float,
+        type=functools.partial(_seconds, zero=False),
         default=600.0,
         metavar="S",
         help="seconds one cell may run (default: 600)",
     )
     run.set_defaults(run=_run_notebook)
-    return parser
+    return parser, tuple(sub.choices)
 
 
 def _broker_options(parser: argparse.ArgumentParser) -> None:
@@ -183,8 +198,36 @@ def _broker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-prefix", default=None, help="key prefix (default: nbtask)")
 
 
-def _queue_names(text: str) -> list[str]:
-    return [q.strip() for q in text.split(",") if q.strip()]
+def _queue_names(text: str | None, settings: Settings) -> list[str]:
+    """The queues of a ``-Q`` option (the default queue without one), each once."""
+    if text is None:
+        return [settings.default_queue]
+    names = list(dict.fromkeys(q.strip() for q in text.split(",") if q.strip()))
+    if not names:
+        raise ConfigurationError(
+            f"-Q {text!r} names no queue: give comma-separated names, e.g. -Q default,near-data "
+            "(or leave -Q out for the default queue)"
+        )
+    for name in names:
+        if name.startswith(data_queue("")) or is_holder_queue(name):
+            raise ConfigurationError(
+                f"-Q {name}: queues named {data_queue('')}* and {holder_queue('')}* are "
+                "nbtask's own (a dataset's holders, one process); for a dataset's queue use "
+                "--data NAME=module:function"
+            )
+    return names
+
+
+def _seconds(text: str, *, zero: bool) -> float:
+    """A number of seconds for an option: finite, not negative, and not 0 unless ``zero``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0 <= value <= MAX_SECONDS) or (value == 0 and not zero):
+        least = "0 or more" if zero else "more than 0"
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds ({least})")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -198,24 +241,32 @@ def _positive_int(text: str) -> int:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    # An option given empty is a mistake to report, not a reason to fall back on the
+    # environment's value (or the default key prefix).
     overrides: dict[str, object] = {}
-    if getattr(args, "broker", None):
+    if getattr(args, "broker", None) is not None:
         overrides["broker_url"] = args.broker
-    if getattr(args, "secret_file", None):
+    if getattr(args, "secret_file", None) is not None:
         overrides["secret"] = read_secret_file(args.secret_file)
     if getattr(args, "insecure", False):
         overrides["insecure"] = True
-    if getattr(args, "key_prefix", None):
+    if getattr(args, "key_prefix", None) is not None:
         overrides["key_prefix"] = args.key_prefix
     settings = Settings.from_env(None, **overrides)
-    if getattr(args, "command", "") != "cluster":
+    if args.command == "run" and settings.broker_url is None:
+        return settings  # the embedded cluster, like ``cluster``
+    if args.command != "cluster":
         if settings.broker_url is None:
             raise ConfigurationError("no broker: pass -b URL or set NBTASK_BROKER")
         if not (settings.secret or settings.insecure):
-            raise ConfigurationError(
-                "no secret: set NBTASK_SECRET or pass --secret-file FILE (the same secret "
-                "as the clients'), or --insecure"
+            how = (
+                "set NBTASK_SECRET or NBTASK_SECRET_FILE (the workers' secret), or "
+                "NBTASK_INSECURE=1"
+                if args.command == "run"
+                else "set NBTASK_SECRET or pass --secret-file FILE (the same secret as the "
+                "clients'), or --insecure"
             )
+            raise ConfigurationError(f"no secret: {how}")
     return settings
 
 
@@ -232,13 +283,36 @@ def _import_tasks(specs: Sequence[str]) -> dict[str, Task]:
             ) from None
         if attr and not hasattr(module, attr):
             raise ConfigurationError(f"-A {spec}: module {module_name!r} has no {attr!r}")
-        source = getattr(module, attr) if attr else module
-        found = getattr(source, "tasks", None) if attr else None
-        values = found.values() if isinstance(found, dict) else vars(source).values()
-        for value in values:
-            if isinstance(value, Task) and not type(value).is_abstract():
-                tasks[value.name] = value
+        found = _tasks_of(spec, getattr(module, attr) if attr else module)
+        if not found and not any(app.datasets for app in _apps_in(module)):
+            raise ConfigurationError(
+                f"-A {spec}: found no nbtask task (nor an App declaring a dataset) there; name "
+                "the module that defines them, e.g. -A proj.tasks or -A proj.tasks:app"
+            )
+        tasks.update(found)
     return tasks
+
+
+def _apps_in(module: ModuleType | None) -> list[App]:
+    """The apps a module (imported by ``-A``) defines at its top level."""
+    return [v for v in vars(module).values() if isinstance(v, App)] if module else []
+
+
+def _tasks_of(spec: str, source: object) -> dict[str, Task]:
+    """The tasks an ``-A`` option names: a module's, an app's (``.tasks``), or one task."""
+    if isinstance(source, Task):
+        return {source.name: source}
+    found = getattr(source, "tasks", None)
+    if isinstance(source, ModuleType):
+        values = list(vars(source).values())
+    elif isinstance(found, dict):
+        values = list(found.values())
+    else:
+        raise ConfigurationError(
+            f"-A {spec}: {spec.partition(':')[2]!r} is a {type(source).__name__}, not a "
+            "module, an App or a task; use -A MODULE, MODULE:app or MODULE:task"
+        )
+    return {v.name: v for v in values if isinstance(v, Task) and not type(v).is_abstract()}
 
 
 def _data_option(parser: argparse.ArgumentParser) -> None:
@@ -255,11 +329,16 @@ def _datasets(args: argparse.Namespace) -> dict[str, Loader]:
     """The datasets of ``--data`` options and of the apps in the ``-A`` modules."""
     found: dict[str, Loader] = {}
     for spec in args.app:
-        module = sys.modules.get(spec.partition(":")[0])
-        for value in vars(module).values() if module is not None else ():
-            if isinstance(value, App):
-                found.update(value.datasets)
-    found.update(load_data_spec(spec) for spec in args.data)
+        for app in _apps_in(sys.modules.get(spec.partition(":")[0])):
+            found.update(app.datasets)
+    given = [load_data_spec(spec) for spec in args.data]
+    names = [name for name, _ in given]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ConfigurationError(
+            f"--data {twice[0]}=... is given more than once: give each dataset name once"
+        )
+    found.update(given)
     return found
 
 
@@ -274,7 +353,7 @@ def _logging(level: str) -> None:
 def _run_worker(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _logging(args.loglevel)
-    queues = _queue_names(args.queues)
+    queues = _queue_names(args.queues, settings)
     assert settings.broker_url is not None
     worker = Worker(
         settings,
@@ -285,6 +364,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         tasks=_import_tasks(args.app),
         datasets=_datasets(args),
     )
+    worker.connect()  # the banner says a worker is serving: not before it can
     print(worker.banner(), flush=True)
     return worker.run()
 
@@ -293,9 +373,10 @@ def _run_cluster(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _logging(args.loglevel)
     secret = settings.secret or secrets.token_hex(32)
+    # Options are checked before the server starts: a bad one leaves nothing behind.
+    tasks, datasets = _import_tasks(args.app), _datasets(args)
     directory = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="nbtask-"))
     redis_process, url = start_redis_server(directory)
-    tasks = _import_tasks(args.app)
     try:
         worker = Worker(
             settings,
@@ -303,7 +384,7 @@ def _run_cluster(args: argparse.Namespace) -> int:
             secret,
             concurrency=args.concurrency,
             tasks=tasks,
-            datasets=_datasets(args),
+            datasets=datasets,
             parent_pid=args.parent_pid,
             on_ready=_announce_embedded if args.embedded else None,
         )
@@ -342,6 +423,7 @@ def _read_store(args: argparse.Namespace, read: Callable[[Store], T]) -> T:
     assert settings.broker_url is not None
     transport = open_broker(settings, settings.broker_url)
     try:
+        transport.ping()  # a wrong URL is an error, not "no live workers"
         return read(transport.store)
     finally:
         transport.close()
@@ -420,9 +502,13 @@ def _run_cancel(args: argparse.Namespace) -> int:
 
 def _run_purge(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    queues = _queue_names(args.queues) or [settings.default_queue]
+    queues = _queue_names(args.queues, settings)
     if not args.force:
-        answer = input(f"Delete every message waiting on {', '.join(queues)}? [y/N] ")
+        try:
+            answer = input(f"Delete every message waiting on {', '.join(queues)}? [y/N] ")
+        except EOFError:  # no terminal to ask (a script, cron): nothing is purged
+            print(file=sys.stderr)
+            raise ConfigurationError("no answer to confirm with: pass -f to purge") from None
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing purged", file=sys.stderr)
             return 1
@@ -439,9 +525,21 @@ def _run_notebook(args: argparse.Namespace) -> int:
     # nbclient and the kernel machinery load only for this command.
     from nbtask.notebook.headless import run_notebook  # noqa: PLC0415 - heavy
 
+    _settings(args)  # a bad broker URL or a missing secret, said before any kernel starts
+    if args.output is not None:
+        _check_output(args.output)
     try:
         run_notebook(args.notebook, args.output, broker=args.broker, timeout=args.timeout)
     except NotebookFailed as exc:
         print(f"nbtask run: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _check_output(text: str) -> None:
+    """Refuse an ``-o`` the executed notebook could not be written to, before it runs."""
+    path = Path(text)
+    if not text.strip() or path.is_dir():
+        raise ConfigurationError(f"-o {text!r} is not a file name: give one, e.g. -o out.ipynb")
+    if not path.parent.is_dir():
+        raise ConfigurationError(f"-o {text}: there is no folder {path.parent}")

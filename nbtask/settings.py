@@ -3,26 +3,55 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from nbtask.errors import ConfigurationError
 
-__all__ = ["DEFAULT_QUEUE", "ENVIRONMENT", "KOMBU_SCHEMES", "REDIS_SCHEMES", "Settings"]
+__all__ = [
+    "DEFAULT_QUEUE",
+    "ENVIRONMENT",
+    "KOMBU_SCHEMES",
+    "MAX_SECONDS",
+    "REDIS_SCHEMES",
+    "Settings",
+]
 
 DEFAULT_QUEUE = "default"
 #: Broker URL schemes served by Redis (Streams), and by kombu (AMQP, in-process memory).
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 KOMBU_SCHEMES = ("amqp", "amqps", "memory")
+#: The longest duration a setting takes (about 31 years): Redis refuses expiry times far
+#: beyond it, and a longer one is a slip of the keyboard.
+MAX_SECONDS = 1e9
+_FLAGS = ("insecure", "task_ignore_result", "worker_disable_rate_limits")
+_OPTIONAL_TEXTS = ("broker_url", "result_url", "secret", "blob_dir")
+_DURATIONS = ("result_ttl", "visibility_timeout", "heartbeat_interval", "max_age")
+# The least value of each count and size; worker_concurrency may also be None.
+_MINIMUMS = {
+    "max_redeliveries": 0,
+    "max_message_bytes": 1024,
+    "blob_threshold": 0,
+    "keep_threshold": 0,
+    "fetch_budget": 0,
+    "worker_memory_budget": 0,
+    "move_bytes": 0,
+    "worker_concurrency": 1,
+    "embedded_workers": 1,
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Configuration of an :class:`~nbtask.App` and of ``nbtask worker``.
 
-    Durations are float seconds; sizes are bytes.
+    Durations are float seconds (finite, at most :data:`MAX_SECONDS`); sizes and counts are
+    whole numbers; flags are ``True``/``False``. A value of another type is refused.
 
     Parameters
     ----------
@@ -128,24 +157,74 @@ class Settings:
     worker_disable_rate_limits: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.old_secrets, str):  # one secret given as a plain string
-            object.__setattr__(self, "old_secrets", (self.old_secrets,))
-        else:
-            object.__setattr__(self, "old_secrets", tuple(self.old_secrets))
+        self._check_types()
+        self._check_words()
         if self.broker_url is not None:
             _check_broker_url(self.broker_url)
         if self.result_url is not None:
             _check_broker_url(self.result_url, redis_only=True)
         self._check_durations()
         self._check_counts()
-        if not self.key_prefix or any(c in self.key_prefix for c in " \n{}"):
-            raise ConfigurationError("key_prefix must be a non-empty word without spaces or braces")
+
+    def _check_types(self) -> None:
+        # A flag given as text is the dangerous case: insecure="False" is truthy.
+        for name in _FLAGS:
+            flag = getattr(self, name)
+            if not isinstance(flag, bool):
+                raise ConfigurationError(f"{_label(name)} must be True or False, got {flag!r}")
+        for name in _OPTIONAL_TEXTS:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                shown = type(value).__name__ if name == "secret" else repr(value)  # not shown
+                raise ConfigurationError(f"{_label(name)} must be a string or None, got {shown}")
+        self._check_secrets()
+
+    def _check_secrets(self) -> None:
+        # Secrets are never repeated in an error: it may end up in a log.
+        old = (self.old_secrets,) if isinstance(self.old_secrets, str) else self.old_secrets
+        if not isinstance(old, (list, tuple)) or not all(isinstance(o, str) and o for o in old):
+            raise ConfigurationError(f"{_label('old_secrets')} must be a list of non-empty strings")
+        object.__setattr__(self, "old_secrets", tuple(old))
+        if any(key != key.strip() for key in (self.secret or "", *old)):
+            raise ConfigurationError(
+                "a secret (NBTASK_SECRET, NBTASK_OLD_SECRETS) has spaces or a line break around "
+                "it: remove them (a secret file's are stripped, so a worker reading the same "
+                "secret from one would refuse every message)"
+            )
+
+    def _check_words(self) -> None:
+        prefix = self.key_prefix
+        if not (isinstance(prefix, str) and prefix and _is_word(prefix)):
+            raise ConfigurationError(
+                f"{_label('key_prefix')} must be a non-empty word without spaces or braces, "
+                f"got {prefix!r}"
+            )
+        if self.blob_dir is not None and not self.blob_dir.strip():
+            raise ConfigurationError(
+                f"{_label('blob_dir')} must be a folder's path, or None, got {self.blob_dir!r}"
+            )
+        queue = self.default_queue
+        if not (isinstance(queue, str) and queue and queue == queue.strip()):
+            raise ConfigurationError(
+                f"{_label('default_queue')} must be a queue name without spaces around it, "
+                f"got {queue!r}"
+            )
 
     def _check_durations(self) -> None:
-        for name in ("result_ttl", "visibility_timeout", "heartbeat_interval", "max_age"):
+        for name in _DURATIONS:
             value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ConfigurationError(f"{name} must be a positive number of seconds")
+            if value is None and name == "max_age":
+                continue
+            if not _is_number(value) or not 0 < value <= MAX_SECONDS:
+                raise ConfigurationError(
+                    f"{_label(name)} must be a positive number of seconds, at most "
+                    f"{MAX_SECONDS:.0e}, got {value!r}"
+                )
+        if self.result_ttl < 1:
+            raise ConfigurationError(
+                f"{_label('result_ttl')} must be at least 1 second (Redis keeps keys for whole "
+                f"seconds), got {self.result_ttl!r}"
+            )
         if self.visibility_timeout <= 3 * self.heartbeat_interval:
             raise ConfigurationError(
                 "visibility_timeout must be longer than three heartbeat_interval periods, "
@@ -158,21 +237,17 @@ class Settings:
             )
 
     def _check_counts(self) -> None:
-        minimums = {
-            "max_redeliveries": 0,
-            "max_message_bytes": 1024,
-            "blob_threshold": 0,
-            "keep_threshold": 0,
-            "fetch_budget": 0,
-            "worker_memory_budget": 0,
-            "move_bytes": 0,
-            "worker_concurrency": 1,
-            "embedded_workers": 1,
-        }
-        for name, least in minimums.items():
+        for name, least in _MINIMUMS.items():
             value = getattr(self, name)
-            if value is not None and value < least:
-                raise ConfigurationError(f"{name} must be at least {least}, got {value}")
+            if value is None and name == "worker_concurrency":
+                continue
+            if isinstance(value, float) and value.is_integer():  # 64e6 means 64000000
+                value = int(value)
+                object.__setattr__(self, name, value)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigurationError(f"{_label(name)} must be a whole number, got {value!r}")
+            if value < least:
+                raise ConfigurationError(f"{_label(name)} must be at least {least}, got {value}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -181,9 +256,12 @@ class Settings:
         Each field has one variable (:data:`ENVIRONMENT`: ``NBTASK_BROKER``,
         ``NBTASK_SECRET``, ``NBTASK_CONCURRENCY``...); ``NBTASK_SECRET_FILE`` names a file
         holding the secret when ``NBTASK_SECRET`` is unset. Flags take ``1``/``true``/
-        ``yes``; ``NBTASK_OLD_SECRETS`` is comma-separated.
+        ``yes``/``on`` or ``0``/``false``/``no``/``off``; ``NBTASK_OLD_SECRETS`` is
+        comma-separated. A variable that looks like a misspelt one (``NBTASK_CONCURENCY``)
+        is refused, naming the one it resembles.
         """
         env = os.environ if environ is None else environ
+        _check_names(env)
         values: dict[str, object] = {}
         for field, (var, parse) in _ENV.items():
             if env.get(var):
@@ -204,8 +282,9 @@ class Settings:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
+            named = [_with_guess(name, known) for name in unknown]
             raise ConfigurationError(
-                f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+                f"unknown setting(s) {', '.join(named)}; known: {', '.join(sorted(known))}"
             )
         return cls(**values)  # type: ignore[arg-type]
 
@@ -234,12 +313,37 @@ class Settings:
         return self.result_ttl if self.max_age is None else self.max_age
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
 def _flag(text: str) -> bool:
-    return text.strip().lower() in ("1", "true", "yes")
+    word = text.strip().lower()
+    if word not in _TRUE + _FALSE:
+        raise ValueError(word)  # "2" or "enabled" must not quietly mean off
+    return word in _TRUE
+
+
+def _label(name: str) -> str:
+    """``worker_concurrency (NBTASK_CONCURRENCY)``: the setting as either way of giving it."""
+    return f"{name} ({ENVIRONMENT[name]})" if name in ENVIRONMENT else name
+
+
+def _is_word(text: str) -> bool:
+    """No spaces and no braces (which would make a Redis Cluster hash tag)."""
+    return not any(c.isspace() or c in "{}" for c in text)
+
+
+def _is_number(value: object) -> bool:
+    """A finite real number, and not a bool (``True`` is no duration)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _secrets(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
+    found = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not found:
+        raise ValueError(text)  # " , " names no secret: not the same as leaving it unset
+    return found
 
 
 # Each field's environment variable and how its text is read: one table for both ways.
@@ -270,18 +374,48 @@ _ENV: dict[str, tuple[str, Callable[[str], object]]] = {
 }
 #: Each setting's environment variable, ``{field: "NBTASK_..."}``.
 ENVIRONMENT = {field: var for field, (var, _) in _ENV.items()}
+# Every NBTASK_* variable nbtask reads: the settings', and those read elsewhere.
+_VARIABLES = (*ENVIRONMENT.values(), "NBTASK_SECRET_FILE", "NBTASK_WIDGETS")
+# What each parser expects, for the error naming a variable it could not read.
+_KINDS: dict[object, str] = {
+    float: "number of seconds",
+    int: "whole number",
+    _flag: f"flag: use one of {'/'.join(_TRUE)} or {'/'.join(_FALSE)}",
+    _secrets: "comma-separated list of secrets",
+}
 
 
 def _read(var: str, text: str, parse: Callable[[str], object]) -> object:
     try:
         return parse(text)
     except ValueError:
-        kind = getattr(parse, "__name__", "value")
-        raise ConfigurationError(f"{var}={text!r} is not a valid {kind}") from None
+        raise ConfigurationError(
+            f"{var}={text!r} is not a valid {_KINDS.get(parse, 'value')}"
+        ) from None
+
+
+def _with_guess(name: str, known: Iterable[str]) -> str:
+    """``name``, followed by the known name it resembles if there is one."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f"{name} (did you mean {close[0]}?)" if close else name
+
+
+def _check_names(env: Mapping[str, str]) -> None:
+    """Refuse an ``NBTASK_*`` variable that looks like a misspelt one: it would do nothing."""
+    for var in env:
+        if var.startswith("NBTASK_") and var not in _VARIABLES:
+            close = difflib.get_close_matches(var, _VARIABLES, n=1, cutoff=0.8)
+            if close:
+                raise ConfigurationError(
+                    f"{var} is not an nbtask variable; did you mean {close[0]}? "
+                    "(rename or unset it)"
+                )
 
 
 def read_secret_file(path: str | os.PathLike[str]) -> str:
     """Read a secret from a file, stripping surrounding whitespace."""
+    if not str(path).strip():
+        raise ConfigurationError("the secret file's name is empty: give the path of a file")
     try:
         secret = Path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:
@@ -293,6 +427,7 @@ def read_secret_file(path: str | os.PathLike[str]) -> str:
 
 def _check_broker_url(url: str, *, redis_only: bool = False) -> None:
     parts = urlsplit(url)
+    _check_port(url)
     if redis_only and parts.scheme not in REDIS_SCHEMES:
         raise ConfigurationError(
             f"unsupported result store URL {url!r}: use redis://host:port/db, rediss://… or "
@@ -312,3 +447,18 @@ def _check_broker_url(url: str, *, redis_only: bool = False) -> None:
         raise ConfigurationError(f"broker URL {url!r} names no socket path")
     if parts.scheme != "unix" and not parts.hostname:
         raise ConfigurationError(f"broker URL {url!r} names no host")
+    # redis-py would ignore a database that is not a number, and use database 0.
+    if parts.scheme != "unix" and not re.fullmatch(r"/?\d*", parts.path):
+        raise ConfigurationError(
+            f"broker URL {url!r}: the path {parts.path!r} is not a database number "
+            "(use redis://host:port/0)"
+        )
+
+
+def _check_port(url: str) -> None:
+    try:
+        urlsplit(url).port  # noqa: B018 - reading it is the check
+    except ValueError:
+        raise ConfigurationError(
+            f"broker URL {url!r} has a bad port: use a number from 1 to 65535"
+        ) from None

@@ -21,8 +21,12 @@ def run(
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
     timeout: float = 60,
+    stdin: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m nbtask ARGS`` with no NBTASK_* variable but those in ``env``."""
+    """Run ``python -m nbtask ARGS`` with no NBTASK_* variable but those in ``env``.
+
+    ``stdin`` is all the command can read (``""``: it reads end of file at once).
+    """
     base = {k: v for k, v in os.environ.items() if not k.startswith("NBTASK_")}
     base["PYTHONPATH"] = str(ROOT)
     base.update(env or {})
@@ -34,6 +38,7 @@ def run(
         text=True,
         timeout=timeout,
         check=False,
+        input=stdin,
     )
 
 

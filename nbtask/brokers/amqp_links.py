@@ -206,9 +206,16 @@ class Links:
 
     def unavailable(self, exc: BaseException) -> BrokerUnavailable:
         """The one error for a broker that cannot be reached."""
+        # RabbitMQ answered, and refused: 403 ACCESS_REFUSED (login), 530 NOT_ALLOWED (vhost).
+        refused = getattr(exc, "code", None) in (403, 530)
+        hint = (
+            "Check the user name, password and vhost in the URL"
+            if refused
+            else "Is RabbitMQ running there? (start it with: rabbitmq-server -detached)"
+        )
         return BrokerUnavailable(
-            f"cannot reach the AMQP broker at {redact_url(self.url)}: {exc}. Is RabbitMQ running "
-            "there? (start it with: rabbitmq-server -detached)"
+            f"cannot reach the AMQP broker at {redact_url(self.url)}: {str(exc).rstrip('.')}. "
+            + hint
         )
 
     @contextlib.contextmanager

@@ -16,12 +16,18 @@ from typing import Any
 
 import redis
 from hiredis import pack_command
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    InvalidResponse,
+    NoScriptError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from nbtask._text import redact_url
-from nbtask.errors import BrokerUnavailable
+from nbtask.errors import BrokerUnavailable, ConfigurationError
 
 __all__ = ["LARGE_BYTES", "Command", "RedisLink", "is_wrong_type"]
 
@@ -75,19 +81,25 @@ class RedisLink:
             yield
         except (RedisConnectionError, RedisTimeoutError) as exc:
             what, hint = self._unreachable
-            raise BrokerUnavailable(f"{what}: {exc}. {hint}") from exc
+            if isinstance(exc, (AuthenticationError, AuthorizationError)):
+                hint = "Check the user name and password in the URL (redis://user:password@host)"
+            raise BrokerUnavailable(f"{what}: {_sentence(exc)} {hint}") from exc
 
     def ping(self) -> None:
         """Raise :class:`BrokerUnavailable` unless the server answers; load the scripts."""
+        what, hint = self._unreachable
         with self.translate_errors():
             try:
                 self.redis.ping()
-            except InvalidResponse as exc:  # something else listens there (a web server...)
-                what, hint = self._unreachable
+            except InvalidResponse as exc:  # something else listens there (RabbitMQ, a web server)
                 raise BrokerUnavailable(
                     f"{what}: the server there does not speak Redis ({exc}); check the host "
                     f"and port. {hint}"
                 ) from exc
+            except ResponseError as exc:  # refused while connecting: "DB index is out of range"
+                raise BrokerUnavailable(f"{what}: the server refused: {exc}") from exc
+            except TypeError as exc:  # redis-py passes a URL's unknown ?option= on, as a keyword
+                raise ConfigurationError(f"{what}: the URL has an unknown option ({exc})") from exc
             self.load_scripts()
 
     def load_scripts(self) -> None:
@@ -244,6 +256,12 @@ def pack(commands: Sequence[Command]) -> list[bytes | memoryview]:
                 head.append(b"$%d\r\n%s\r\n" % (len(data), data))
         chunks.append(b"".join(head))
     return chunks
+
+
+def _sentence(exc: BaseException) -> str:
+    """redis-py's message, ending with one stop (its own end with ".", "?" or nothing)."""
+    text = str(exc).rstrip(".")
+    return text if text.endswith("?") else f"{text}."
 
 
 def is_wrong_type(exc: BaseException) -> bool:

@@ -24,7 +24,7 @@ from nbtask.core.options import validate_options
 from nbtask.core.outgoing import MessageBuilder
 from nbtask.core.task import Task as BaseTask
 from nbtask.errors import BrokerUnavailable, ConfigurationError
-from nbtask.settings import Settings
+from nbtask.settings import MAX_SECONDS, Settings
 from nbtask.wire.envelope import Signer
 from nbtask.wire.events import FINAL_SEQ, Event, EventType, State
 from nbtask.wire.records import TaskRecord, WorkerInfo
@@ -89,10 +89,7 @@ class App:
         if insecure is not None:
             overrides["insecure"] = insecure
         base = settings if settings is not None else Settings.from_env()
-        unknown = sorted(set(overrides) - set(base.__dataclass_fields__))
-        if unknown:
-            raise ConfigurationError(f"App() got unknown setting(s): {', '.join(unknown)}")
-        self.settings = base.replace(**overrides)
+        self.settings = base.replace(**overrides)  # unknown names refused, with a guess
         if self.settings.broker_url is not None and not (
             self.settings.secret or self.settings.insecure
         ):
@@ -460,7 +457,7 @@ class App:
             ``KeyboardInterrupt`` in the task) and is killed ``grace`` seconds later if
             the task has not ended by then. Its state becomes ``REVOKED``.
         grace
-            Seconds between the interrupt and the kill.
+            Seconds between the interrupt and the kill (a finite number, 0 or more).
 
         Returns
         -------
@@ -468,6 +465,9 @@ class App:
             True if the task was revoked before it started, or a terminate request was
             sent to the workers; False if it had already finished.
         """
+        if not (isinstance(grace, (int, float)) and 0 <= grace <= MAX_SECONDS):
+            # NaN or infinity would never kill a task that ignores the interrupt.
+            raise ConfigurationError(f"grace must be a number of seconds >= 0, got {grace!r}")
         record = self.store.get_record(task_id)
         if self._revoke_pending(task_id, record, "revoked"):
             return True

@@ -63,11 +63,12 @@ def load_data_spec(spec: str) -> tuple[str, Loader]:
     module_name, _, attribute = target.partition(":")
     if not name.isidentifier() or not module_name or not attribute:
         raise ConfigurationError(
-            f"--data {spec!r}: use NAME=module:function, e.g. --data iris=mylab.data:load_iris"
+            f"--data {spec!r}: use NAME=module:function, NAME a Python identifier, e.g. "
+            "--data iris=mylab.data:load_iris"
         )
     try:
         loader = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as exc:
+    except Exception as exc:  # the module may fail to import in any way
         raise ConfigurationError(
             f"--data {spec!r}: cannot find {target}: {type(exc).__name__}: {exc}"
         ) from None

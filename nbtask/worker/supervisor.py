@@ -126,13 +126,25 @@ class Worker:
         self._announced: tuple[tuple[int, ...], tuple[str, ...]] = ((), ())
 
     # Running ---------------------------------------------------------------------------------
-    def run(self) -> int:
-        """Serve until stopped; return the process exit code."""
+    def connect(self) -> None:
+        """Reach the broker and declare the queues (:meth:`run` does it if not done).
+
+        Raises
+        ------
+        BrokerUnavailable
+            Nothing answers at the URL, or what answers is not the broker it names.
+        """
         self.transport: Transport = open_broker(self.settings, self.url)
         self.store = self.transport.store
+        self.transport.ping()
         self.signer = Signer.for_settings(self.settings, self.secret)
         self.lost = LostTasks(self.transport, self.signer, self.settings)
         self.transport.ensure_queues(self.queues)
+
+    def run(self) -> int:
+        """Serve until stopped; return the process exit code."""
+        if not hasattr(self, "transport"):  # the caller did not connect first
+            self.connect()
         # Handlers only count signals; the loop below decides what to do.
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
