@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from nbtask._text import redact_url
 from nbtask.errors import ConfigurationError
 
 __all__ = [
@@ -427,38 +428,40 @@ def read_secret_file(path: str | os.PathLike[str]) -> str:
 
 def _check_broker_url(url: str, *, redis_only: bool = False) -> None:
     parts = urlsplit(url)
+    shown = redact_url(url)  # an error may be logged or shown in a shared notebook
     _check_port(url)
     if redis_only and parts.scheme not in REDIS_SCHEMES:
         raise ConfigurationError(
-            f"unsupported result store URL {url!r}: use redis://host:port/db, rediss://… or "
+            f"unsupported result store URL {shown!r}: use redis://host:port/db, rediss://… or "
             "unix:///path/to/redis.sock"
         )
     if parts.scheme in KOMBU_SCHEMES:
         if parts.scheme != "memory" and not parts.hostname:
-            raise ConfigurationError(f"broker URL {url!r} names no host")
+            raise ConfigurationError(f"broker URL {shown!r} names no host")
         return
     if parts.scheme not in REDIS_SCHEMES:
         raise ConfigurationError(
-            f"unsupported broker URL {url!r}: use redis://host:port/db, rediss://…, "
+            f"unsupported broker URL {shown!r}: use redis://host:port/db, rediss://…, "
             "unix:///path/to/redis.sock, or amqp://user:password@host:5672/vhost (RabbitMQ, "
             "with NBTASK_RESULT_URL set to a Redis URL)"
         )
     if parts.scheme == "unix" and not parts.path:
-        raise ConfigurationError(f"broker URL {url!r} names no socket path")
+        raise ConfigurationError(f"broker URL {shown!r} names no socket path")
     if parts.scheme != "unix" and not parts.hostname:
-        raise ConfigurationError(f"broker URL {url!r} names no host")
+        raise ConfigurationError(f"broker URL {shown!r} names no host")
     # redis-py would ignore a database that is not a number, and use database 0.
     if parts.scheme != "unix" and not re.fullmatch(r"/?\d*", parts.path):
         raise ConfigurationError(
-            f"broker URL {url!r}: the path {parts.path!r} is not a database number "
+            f"broker URL {shown!r}: the path {parts.path!r} is not a database number "
             "(use redis://host:port/0)"
         )
 
 
 def _check_port(url: str) -> None:
+    shown = redact_url(url)
     try:
         urlsplit(url).port  # noqa: B018 - reading it is the check
     except ValueError:
         raise ConfigurationError(
-            f"broker URL {url!r} has a bad port: use a number from 1 to 65535"
+            f"broker URL {shown!r} has a bad port: use a number from 1 to 65535"
         ) from None

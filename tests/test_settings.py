@@ -460,3 +460,18 @@ def test_a_secret_of_the_wrong_type_is_not_shown(changes: dict[str, object]) -> 
 def test_from_env_old_secrets_naming_none_is_refused() -> None:
     with pytest.raises(ConfigurationError, match="NBTASK_OLD_SECRETS"):
         Settings.from_env({"NBTASK_OLD_SECRETS": " , "})
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://alice:hunter2@example.org/0",
+        "redis://alice:hunter2@example.org:99999/0",
+        "redis://alice:hunter2@example.org:6379/notanumber",
+        "redis://alice:hunter2@/0",
+    ],
+)
+def test_a_refused_broker_url_is_named_without_its_password(url: str) -> None:
+    with pytest.raises(ConfigurationError) as refused:
+        Settings(broker_url=url)
+    assert "hunter2" not in str(refused.value) and "alice:***@" in str(refused.value)
