@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping
 from typing import Any
@@ -9,7 +10,14 @@ from typing import Any
 from nbtask.core.datasets import dataset_names
 from nbtask.errors import ConfigurationError
 
-__all__ = ["TASK_OPTIONS", "parse_rate", "positive", "seconds", "validate_options"]
+__all__ = [
+    "TASK_OPTIONS",
+    "is_finite_number",
+    "parse_rate",
+    "positive",
+    "seconds",
+    "validate_options",
+]
 
 # Options @app.task accepts (Celery's names); anything else is refused at decoration time.
 TASK_OPTIONS = frozenset(
@@ -140,13 +148,22 @@ def parse_rate(rate: object) -> float | None:
 
 def positive(name: str, value: float) -> float:
     """``value`` as a float, if it is a positive number of seconds; else a clear error."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+    if not is_finite_number(value) or value <= 0:
         raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
     return float(value)
 
 
 def seconds(name: str, value: float | None) -> float | None:
     """``value`` (any real number, or ``None``) as seconds; else one error naming the option."""
-    if value is None or (isinstance(value, numbers.Real) and not isinstance(value, bool)):
+    if value is None or is_finite_number(value):
         return None if value is None else float(value)
     raise ConfigurationError(f"{name}={value!r} is not a number of seconds")
+
+
+def is_finite_number(value: object) -> bool:
+    """A real number that is not a bool, nan or infinite: a time nbtask can wait for."""
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
+    )

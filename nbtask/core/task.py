@@ -17,7 +17,7 @@ from nbtask.core.context import Request, current_request, progress
 from nbtask.core.datasets import data_queue, dataset_names
 from nbtask.core.handle import TaskHandle
 from nbtask.core.holding import is_holder_queue
-from nbtask.core.options import positive, seconds
+from nbtask.core.options import is_finite_number, positive, seconds
 from nbtask.errors import ConfigurationError, MaxRetriesExceededError, Retry
 from nbtask.wire.events import Event
 from nbtask.wire.records import WorkerInfo
@@ -450,7 +450,7 @@ def _epoch(when: dt.datetime | float | None, *, absolute: bool) -> float | None:
         if when.tzinfo is None:
             raise ConfigurationError(f"{_when_option(absolute)} datetimes must be timezone-aware")
         return when.timestamp()
-    if isinstance(when, (int, float)):
+    if is_finite_number(when):
         return float(when) if absolute else time.time() + float(when)
     raise ConfigurationError(
         f"{_when_option(absolute)}={when!r} is not a datetime or a number of seconds"

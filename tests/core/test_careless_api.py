@@ -113,3 +113,31 @@ def test_an_eta_or_expires_of_another_kind_names_the_option(add: Task, access: R
     with pytest.raises(ConfigurationError, match="eta datetimes must be timezone-aware"):
         add.apply_async((1, 2), eta=naive)
     assert access.drained()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), True])
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("countdown", "is not a number of seconds"),
+        ("expires", "is not a datetime or a number of seconds"),
+        ("eta", "is not a datetime or a number of seconds"),
+        ("time_limit", "must be a positive number of seconds"),
+        ("soft_time_limit", "must be a positive number of seconds"),
+    ],
+)
+def test_a_time_that_is_not_a_finite_number_names_the_option_and_sends_nothing(
+    add: Task, access: RawBroker, option: str, message: str, value: float
+) -> None:
+    """nan would be no time at all (Redis refuses it as a score), inf a task parked for good."""
+    with pytest.raises(ConfigurationError, match=f"{option}.*{message}"):
+        add.apply_async((1, 2), **{option: value})
+    assert access.drained()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_task_time_limit_that_is_not_finite_is_refused_when_the_task_is_made(
+    app: App, value: float
+) -> None:
+    with pytest.raises(ConfigurationError, match="time_limit must be a positive number"):
+        app.task(time_limit=value)(lambda: None)
