@@ -20,7 +20,7 @@ from nbtask.client.unsent import restore_refused, reused_ids, revoking_unsent
 from nbtask.core.canvas import Call
 from nbtask.core.datasets import Loader, dataset_names
 from nbtask.core.handle import FetchWatch, TaskHandle
-from nbtask.core.options import validate_options
+from nbtask.core.options import check_task_function, validate_options
 from nbtask.core.outgoing import MessageBuilder
 from nbtask.core.task import Task as BaseTask
 from nbtask.errors import BrokerUnavailable, ConfigurationError
@@ -177,8 +177,7 @@ class App:
         return decorate(fn) if fn is not None else decorate
 
     def _make_task(self, func: Callable[..., Any], options: Mapping[str, Any]) -> BaseTask:
-        if not callable(func):
-            raise ConfigurationError(f"@app.task needs a function, got {func!r}")
+        check_task_function(func)
         base = options.get("base", self.Task)
         if not (isinstance(base, type) and issubclass(base, BaseTask)):
             raise ConfigurationError(f"base={base!r} is not a Task class (use app.Task)")

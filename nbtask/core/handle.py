@@ -414,7 +414,9 @@ class TaskHandle(concurrent.futures.Future[Any]):
             self.id,
             str(data.get("etype", "")),
         )
-        if kind is not RemoteError or not isinstance(original, BaseException):
+        # Not an Exception (SystemExit, KeyboardInterrupt): raised as is here it would end
+        # the caller's program, or pass for the user's own Ctrl-C.
+        if kind is not RemoteError or not isinstance(original, Exception):
             return remote
         try:
             original.__cause__ = remote

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Mapping
@@ -12,6 +13,7 @@ from nbtask.errors import ConfigurationError
 
 __all__ = [
     "TASK_OPTIONS",
+    "check_task_function",
     "is_finite_number",
     "parse_rate",
     "positive",
@@ -167,3 +169,15 @@ def is_finite_number(value: object) -> bool:
         and not isinstance(value, bool)
         and math.isfinite(float(value))
     )
+
+
+def check_task_function(func: object) -> None:
+    """Refuse what ``@app.task`` cannot make a task of, with one line saying why."""
+    if not callable(func):
+        raise ConfigurationError(f"@app.task needs a function, got {func!r}")
+    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+        raise ConfigurationError(
+            f"{getattr(func, '__qualname__', func)} is a generator function: as a task its "
+            "body would never run (calling it only makes a generator, which cannot be sent "
+            "back); return a list instead"
+        )

@@ -8,6 +8,8 @@ progress), **settle** (store the outcome, tell the client, acknowledge) and **fo
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import os
 import signal
@@ -317,6 +319,8 @@ class Child:
         started = time.perf_counter()
         try:
             retval = task.run(*args, **kwargs)
+            if inspect.iscoroutine(retval):  # an ``async def`` task: run it to its end here
+                retval = asyncio.run(retval)
         finally:
             self._running = False
             signal.setitimer(signal.ITIMER_REAL, 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from typing import Any
 
@@ -9,7 +10,7 @@ import pytest
 from raw_broker import RawBroker
 
 from nbtask import App, Task, group
-from nbtask.errors import ConfigurationError
+from nbtask.errors import ConfigurationError, RemoteError
 
 
 @pytest.fixture
@@ -141,3 +142,46 @@ def test_a_task_time_limit_that_is_not_finite_is_refused_when_the_task_is_made(
 ) -> None:
     with pytest.raises(ConfigurationError, match="time_limit must be a positive number"):
         app.task(time_limit=value)(lambda: None)
+
+
+def test_a_generator_function_is_refused_as_a_task(app: App) -> None:
+    """Its body would never run: calling it only makes a generator."""
+
+    def numbers() -> Any:
+        yield 1
+
+    with pytest.raises(ConfigurationError, match="numbers is a generator function"):
+        app.task(numbers)
+
+
+def test_an_async_def_task_runs_to_its_end_on_the_worker(app: App, start_worker: Any) -> None:
+    start_worker()
+
+    @app.task
+    async def doubled(x: int) -> int:
+        await asyncio.sleep(0.01)
+        return x * 2
+
+    assert doubled.delay(21).get(timeout=30) == 42
+
+
+def test_a_task_raising_system_exit_or_keyboard_interrupt_fails_as_a_remote_error(
+    app: App, add: Task, start_worker: Any
+) -> None:
+    """Raised as they are in the caller, they would end its program or pass for a Ctrl-C."""
+    start_worker()
+
+    @app.task
+    def leaves(code: int) -> None:
+        raise SystemExit(code)
+
+    @app.task
+    def interrupts() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(RemoteError, match="SystemExit: 4") as exited:
+        leaves.delay(4).get(timeout=30)
+    assert exited.value.ename == "SystemExit"
+    with pytest.raises(RemoteError, match="KeyboardInterrupt"):
+        interrupts.delay().get(timeout=30)
+    assert add.delay(1, 2).get(timeout=30) == 3  # the worker serves on
