@@ -384,7 +384,10 @@ class Task:
     def delay_many(self, arg_tuples: Iterable[Sequence[Any]]) -> list[TaskHandle]:
         """Send one task per argument tuple, in a single round trip to the broker."""
         options = self.send_options()
-        calls: list[Call] = [(self, tuple(a), {}, options) for a in arg_tuples]
+        calls: list[Call] = [
+            (self, _positional(a, f"delay_many()'s item {i}"), {}, options)
+            for i, a in enumerate(arg_tuples)
+        ]
         for _, args, _, _ in calls:
             self.check_arguments(args, {})
         return self.sender().send_batch(calls)
@@ -468,17 +471,23 @@ def _call_arguments(
 
     A string is refused too: ``apply_async("ab")`` would call the task with ``"a", "b"``.
     """
-    if args is not None and (isinstance(args, (str, bytes)) or not isinstance(args, Sequence)):
-        raise ConfigurationError(
-            f"apply_async(args=...) takes a tuple or list of positional arguments, got "
-            f"{type(args).__name__} {args!r}; to pass one value, give ({args!r},)"
-        )
+    positional = () if args is None else _positional(args, "apply_async(args=...)")
     if kwargs is not None and not isinstance(kwargs, Mapping):
         raise ConfigurationError(
             f"apply_async(kwargs=...) takes a dict of keyword arguments, got "
             f"{type(kwargs).__name__} {kwargs!r}"
         )
-    return tuple(args or ()), dict(kwargs or {})
+    return positional, dict(kwargs or {})
+
+
+def _positional(args: object, where: str) -> tuple[Any, ...]:
+    """``args`` as one call's positional arguments, or one error saying what ``where`` takes."""
+    if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
+        raise ConfigurationError(
+            f"{where} takes a tuple or list of positional arguments, got "
+            f"{type(args).__name__} {args!r}; to pass one value, give ({args!r},)"
+        )
+    return tuple(args)
 
 
 _SIGNATURES: weakref.WeakKeyDictionary[type[Task], inspect.Signature | None] = (

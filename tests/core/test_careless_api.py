@@ -185,3 +185,12 @@ def test_a_task_raising_system_exit_or_keyboard_interrupt_fails_as_a_remote_erro
     with pytest.raises(RemoteError, match="KeyboardInterrupt"):
         interrupts.delay().get(timeout=30)
     assert add.delay(1, 2).get(timeout=30) == 3  # the worker serves on
+
+
+@pytest.mark.parametrize("item", [1, "ab", None])
+def test_delay_many_with_an_item_that_is_not_an_argument_tuple_names_it_and_sends_nothing(
+    add: Task, access: RawBroker, item: Any
+) -> None:
+    with pytest.raises(ConfigurationError, match=r"delay_many\(\)'s item 1 takes a tuple or list"):
+        add.delay_many([(1, 2), item])
+    assert access.drained()
