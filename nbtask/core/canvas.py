@@ -183,7 +183,9 @@ class Chain:
     def __or__(self, other: Signature | Chain) -> Chain:
         more = other.steps if isinstance(other, Chain) else (other,)
         if not all(isinstance(step, Signature) for step in more):
-            raise ConfigurationError(f"only signatures can be chained, got {other!r}")
+            raise ConfigurationError(
+                f"only signatures can be chained, got {other!r}; make one with task.s(...)"
+            )
         return Chain(self.steps + more)
 
     def delay(self, *args: Any, **kwargs: Any) -> TaskHandle:

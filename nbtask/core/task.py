@@ -429,12 +429,16 @@ class Task:
 def _callbacks(
     link: Signature | Sequence[Signature] | None, link_error: Signature | Sequence[Signature] | None
 ) -> Callbacks:
-    def as_tuple(value: Signature | Sequence[Signature] | None, name: str) -> tuple[Signature, ...]:
-        items = () if value is None else (value,) if isinstance(value, Signature) else tuple(value)
-        for item in items:
-            if not isinstance(item, Signature):
-                raise ConfigurationError(f"{name} takes signatures (task.s(...)), got {item!r}")
-        return items
+    def as_tuple(value: object, name: str) -> tuple[Signature, ...]:
+        # A list or tuple of them, else one (refused below if it is not a signature).
+        items: tuple[object, ...] = (
+            () if value is None else tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        )
+        signatures = tuple(item for item in items if isinstance(item, Signature))
+        if len(signatures) != len(items):
+            wrong = next(item for item in items if not isinstance(item, Signature))
+            raise ConfigurationError(f"{name} takes signatures (task.s(...)), got {wrong!r}")
+        return signatures
 
     return Callbacks(
         tuple(sig.for_worker() for sig in as_tuple(link, "link")),

@@ -194,3 +194,13 @@ def test_delay_many_with_an_item_that_is_not_an_argument_tuple_names_it_and_send
     with pytest.raises(ConfigurationError, match=r"delay_many\(\)'s item 1 takes a tuple or list"):
         add.delay_many([(1, 2), item])
     assert access.drained()
+
+
+@pytest.mark.parametrize("option", ["link", "link_error"])
+@pytest.mark.parametrize("value", [7, "x", [7]])
+def test_a_link_that_is_not_a_signature_names_the_option_and_sends_nothing(
+    add: Task, access: RawBroker, option: str, value: Any
+) -> None:
+    with pytest.raises(ConfigurationError, match=rf"{option} takes signatures \(task.s\(...\)\)"):
+        add.apply_async((1, 2), **{option: value})
+    assert access.drained()
