@@ -9,12 +9,15 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import struct
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import kombu as _kombu
+from amqp.method_framing import frame_handler as _frame_handler
+from amqp.serialization import decode_properties_basic, dumps
 from kombu.exceptions import OperationalError
 from kombu.transport import pyamqp as _pyamqp
 
@@ -60,7 +63,9 @@ class _GuardedMessage(pyamqp.Message):  # type: ignore[misc]
         properties = msg.properties
         headers = properties.get("application_headers")
         self.refusal = ""
-        if isinstance(headers, dict) and "compression" in headers:
+        if isinstance(headers, dict) and _UNREADABLE in headers:
+            self.refusal = f"its properties cannot be read ({str(headers[_UNREADABLE])[:40]!r})"
+        elif isinstance(headers, dict) and "compression" in headers:
             self.refusal = f"it names a compression ({str(headers['compression'])[:40]!r})"
             properties["application_headers"] = {
                 k: v for k, v in headers.items() if k != "compression"
@@ -79,8 +84,51 @@ class _GuardedChannel(pyamqp.Channel):  # type: ignore[misc]
         self.auto_decode = False  # bodies stay the bytes sent, whatever encoding they name
 
 
+# py-amqp reads a message's properties as its frames arrive, before any of its code or
+# nbtask's sees the message: a property that is not UTF-8 (a message id, a content type),
+# a header timestamp past year 9999 or a header table nested a few thousand deep raises
+# there, the connection is left mid-message and must be dropped, and RabbitMQ delivers
+# the same message again to the next connection, for ever. The frame reader below reads
+# such a header again as one that says so (nbtask never sends it), so the message is
+# refused like the others above, and the connection carries on.
+_UNREADABLE = "x-nbtask-unreadable"
+
+
+def _guarded_frames(connection: Any, callback: Any) -> Callable[[Any], Any]:
+    """py-amqp's frame reader, which survives a content header it cannot read."""
+    on_frame = _frame_handler(connection, callback)
+
+    def guarded(frame: Any) -> Any:
+        try:
+            return on_frame(frame)
+        except Exception as exc:
+            frame_type, channel, buf = frame
+            if frame_type != 2 or _reads(buf):
+                raise  # not the header's fault (the header frame also delivers a bodyless one)
+            return on_frame((frame_type, channel, _unreadable_header(buf, exc)))
+
+    return guarded
+
+
+def _reads(buf: Any) -> bool:
+    try:
+        decode_properties_basic(buf, 12)
+    except Exception:
+        return False
+    return True
+
+
+def _unreadable_header(buf: Any, exc: BaseException) -> bytes:
+    """The content header ``buf`` (class, weight, body size kept), its properties replaced."""
+    table: bytes = dumps("F", [{_UNREADABLE: type(exc).__name__}])
+    return bytes(buf[:12]) + struct.pack(">H", 0x2000) + table
+
+
 class _GuardedConnection(pyamqp.Connection):  # type: ignore[misc]
     Channel = _GuardedChannel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, frame_handler=_guarded_frames, **kwargs)
 
 
 class _GuardedTransport(pyamqp.Transport):  # type: ignore[misc]

@@ -1,0 +1,130 @@
+"""RabbitMQ only: an outsider who can publish to, declare and delete nbtask's queues.
+
+Someone with RabbitMQ (and store) access but not the secret sets every property of the
+messages they publish, and declares or deletes queues by nbtask's names. Whatever they
+do, a real worker never runs or unpickles what they sent, says in one line what it
+refused, and keeps serving; a task sent after the attack still runs and its result
+reaches the client; and a queue nbtask cannot use is named, with what to do about it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import sys
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import amqp
+import amqp.serialization
+import kombu
+import pytest
+from helpers import AMQP_URL, WorkerProcess, wait_until
+from raw_broker import RawBroker
+
+from nbtask import App
+
+pytestmark = pytest.mark.brokers("amqp")
+
+ADD_TASK = "tests.sample_tasks.add"
+WAIT_TASK = "tests.sample_tasks.wait_for_file"
+
+
+@pytest.fixture
+def channel() -> Iterator[Any]:
+    """A channel of the outsider's own connection to RabbitMQ."""
+    with kombu.Connection(AMQP_URL, connect_timeout=5) as conn:
+        yield conn.channel()
+
+
+def task_queue(app: App) -> str:
+    return f"{app.settings.key_prefix}:q:default"
+
+
+def log_lines(worker: WorkerProcess, word: str) -> list[str]:
+    return [line for line in worker.log.read_text().splitlines() if word in line]
+
+
+# Properties py-amqp cannot read ----------------------------------------------------------
+def _message_id(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    return {"message_id": b"\xff\xfe not UTF-8"}
+
+
+def _content_type(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    return {"content_type": b"application/\xff"}
+
+
+def _timestamp(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    # py-amqp writes a datetime header as seconds since 1970: make those 2**62, far past
+    # the year 9999 a reader's datetime can hold.
+    far = types.SimpleNamespace(timegm=lambda t: 1 << 62)
+    monkeypatch.setattr(amqp.serialization, "calendar", far)
+    return {"application_headers": {"sent": datetime.datetime(2020, 1, 1)}}
+
+
+def _nested(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    table: dict[str, Any] = {"end": 1}
+    for _ in range(3000):  # deeper than a reader's recursion limit
+        table = {"n": table}
+    sys.setrecursionlimit(20_000)  # for writing it here (the test restores it)
+    return {"application_headers": table}
+
+
+UNREADABLE: dict[str, Callable[[pytest.MonkeyPatch], dict[str, Any]]] = {
+    "message-id-not-utf8": _message_id,
+    "content-type-not-utf8": _content_type,
+    "header-timestamp-past-9999": _timestamp,
+    "headers-nested-3000-deep": _nested,
+}
+
+
+@pytest.mark.parametrize("kind", list(UNREADABLE))
+def test_a_message_whose_properties_cannot_be_read_is_dead_lettered(
+    kind: str,
+    app: App,
+    access: RawBroker,
+    start_worker: Callable[..., WorkerProcess],
+    channel: Any,
+) -> None:
+    """py-amqp raised reading such properties, and RabbitMQ gave the message back to the
+    next connection for ever: the worker served nothing after it."""
+    worker = start_worker(concurrency=1)
+    children = {c.pid for c in worker.children()}
+    limit = sys.getrecursionlimit()
+    body = f"forged: {kind}".encode()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            properties = UNREADABLE[kind](patch)
+            channel.basic_publish(amqp.Message(body, **properties), "", task_queue(app))
+    finally:
+        sys.setrecursionlimit(limit)
+
+    wait_until(lambda: len(access.dead_letters()) == 1, 15, "the message to be dead-lettered")
+    assert [fields[b"e"] for fields in access.dead_letters()] == [body]
+    assert app.send_task(ADD_TASK, (2, 2)).get(timeout=15) == 4
+    lines = log_lines(worker, "rejected message")
+    assert len(lines) == 1 and "its properties cannot be read" in lines[0], lines
+    log = worker.log.read_text()
+    assert "Traceback" not in log and "broker unreachable" not in log, log
+    assert {c.pid for c in worker.children()} == children, log
+    assert access.drained()
+
+
+def test_a_reply_queue_message_whose_properties_cannot_be_read_is_dropped_in_one_line(
+    app: App,
+    start_worker: Callable[..., WorkerProcess],
+    channel: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The listener's read raised (a traceback, then "cannot reach the AMQP broker")."""
+    caplog.set_level(logging.WARNING, logger="nbtask")
+    start_worker(concurrency=1)
+    # A first result came through the reply queue: the listener has declared it.
+    assert app.send_task(ADD_TASK, (1, 1)).get(timeout=15) == 2
+    channel.basic_publish(amqp.Message(b"forged event", message_id=b"\xff\xfe"), "", app.channel)
+
+    said = lambda: [r.getMessage() for r in caplog.records]  # noqa: E731
+    wait_until(lambda: any("does not verify" in m for m in said()), 15, "the listener to drop it")
+    assert app.send_task(ADD_TASK, (20, 22)).get(timeout=15) == 42
+    assert len(said()) == 1, said()
