@@ -7,7 +7,9 @@ flag): anyone who can publish sets those, so nothing there is trusted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
+import logging
 import os
 import struct
 import threading
@@ -16,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import kombu as _kombu
+from amqp.exceptions import ConsumerCancelled
 from amqp.method_framing import frame_handler as _frame_handler
 from amqp.serialization import decode_properties_basic, dumps
 from kombu.exceptions import OperationalError
@@ -27,6 +30,7 @@ from nbtask.errors import BrokerUnavailable
 
 __all__ = [
     "CONSUMER_TIMEOUT_MS",
+    "MAX_RETURNS",
     "PIPELINE_WINDOW",
     "Link",
     "Links",
@@ -40,11 +44,14 @@ __all__ = [
 CONSUMER_TIMEOUT_MS = 7 * 24 * 3600 * 1000
 #: Messages a thread may have sent unconfirmed before a send waits for their confirms.
 PIPELINE_WINDOW = 1000
+#: Times a task message returned by RabbitMQ (its queue deleted) is sent again.
+MAX_RETURNS = 3
 ID_HEADER = "nbtask-id"
 DELIVERIES_HEADER = "nbtask-deliveries"
 # kombu is only partly annotated: used as Any, its objects checked where read.
 kombu: Any = _kombu
 Message = Any
+log = logging.getLogger(__name__)
 _CONTENT = {"content_type": "application/octet-stream", "content_encoding": "binary"}
 
 
@@ -272,6 +279,11 @@ class Links:
             if isinstance(exc, BrokerUnavailable):
                 raise  # the result store's: the AMQP link is fine, and it names the store
             self.drop()
+            if isinstance(exc, ConsumerCancelled):
+                raise BrokerUnavailable(
+                    "RabbitMQ cancelled a consumer of this connection (its queue was "
+                    "deleted?); the next connection declares the queue and consumes it again"
+                ) from exc
             raise self.unavailable(exc) from exc
 
     def publishing(self, send: Callable[[Link], None], *, wait: bool = True) -> None:
@@ -341,16 +353,39 @@ class Links:
             orphans.pop(0)
 
     def _collect(self, link: Link, window: int) -> None:
-        """Take in the confirms that arrived; wait for the rest while over ``window``."""
+        """Take in the confirms that arrived; wait for the rest while over ``window``.
+
+        Task messages RabbitMQ returned (their queue was deleted) are sent again to the
+        queue declared anew, up to :data:`MAX_RETURNS` times each; then refused.
+        """
         confirms = link.confirms
-        with contextlib.suppress(TimeoutError):
-            while confirms.unconfirmed:
-                link.conn.drain_events(timeout=0)
-        while len(confirms.unconfirmed) > window:
-            link.conn.drain_events(timeout=None)
+        while True:
+            with contextlib.suppress(TimeoutError):
+                while confirms.unconfirmed:
+                    link.conn.drain_events(timeout=0)
+            while len(confirms.unconfirmed) > window:
+                link.conn.drain_events(timeout=None)
+            if not confirms.returned:
+                break
+            self._send_returned(link)
         if confirms.refused:
             self._note_unsent(confirms.refused)
             confirms.refused = []
+
+    def _send_returned(self, link: Link) -> None:
+        returned = link.confirms.take_returned()
+        link.confirms.refused += [o for o in returned if o.returns >= MAX_RETURNS]
+        again = [o for o in returned if o.returns < MAX_RETURNS]
+        for name in dict.fromkeys(o.routing_key for o in again):
+            log.warning(
+                "queue %s was gone when a message reached it (deleted after it was "
+                "declared); declaring it again and sending its messages again",
+                name,
+            )
+            link.declared.discard(name)
+            self.declare_task_queue(link, name)
+        for outgoing in again:
+            self._publish(link, dataclasses.replace(outgoing, returns=outgoing.returns + 1))
 
     def waiting(self, link: Link, name: str, *, ack: bool) -> Iterator[Message]:
         """The messages waiting on task queue ``name``, taken one by one (``basic_get``).
@@ -432,7 +467,13 @@ class Links:
             properties={"delivery_mode": 2 if outgoing.persistent else 1},
             **_CONTENT,
         )
-        link.channel.basic_publish(message, exchange="", routing_key=outgoing.routing_key)
+        # A task message must reach a queue: RabbitMQ returns it if its queue is gone.
+        link.channel.basic_publish(
+            message,
+            exchange="",
+            routing_key=outgoing.routing_key,
+            mandatory=outgoing.task_id is not None,
+        )
         link.confirms.sent(outgoing)
 
 

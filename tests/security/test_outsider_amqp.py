@@ -14,6 +14,7 @@ import logging
 import sys
 import types
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import amqp
@@ -128,3 +129,31 @@ def test_a_reply_queue_message_whose_properties_cannot_be_read_is_dropped_in_one
     wait_until(lambda: any("does not verify" in m for m in said()), 15, "the listener to drop it")
     assert app.send_task(ADD_TASK, (20, 22)).get(timeout=15) == 42
     assert len(said()) == 1, said()
+
+
+# Queues deleted or declared by someone else ----------------------------------------------
+def test_a_task_sent_after_its_queue_was_deleted_still_runs(
+    app: App,
+    access: RawBroker,
+    start_worker: Callable[..., WorkerProcess],
+    channel: Any,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The client had declared the queue once: its next message went to no queue and was
+    dropped by RabbitMQ (confirmed all the same), and the task stayed PENDING for ever."""
+    worker = start_worker(concurrency=1)
+    marker, go = tmp_path / "started", tmp_path / "go"
+    busy = app.send_task(WAIT_TASK, (str(marker), str(go)))
+    wait_until(marker.exists, 15, "the first task to start")
+    channel.queue_delete(task_queue(app))  # while the worker's only child is busy
+
+    after = app.send_task(ADD_TASK, (2, 3))
+    go.touch()
+    assert busy.get(timeout=15) == worker.children()[0].pid
+    assert after.get(timeout=15) == 5
+    assert access.queue_exists("default")
+    said = [r.getMessage() for r in caplog.records if "was gone" in r.getMessage()]
+    assert len(said) == 1 and task_queue(app) in said[0], said
+    assert app.send_task(ADD_TASK, (3, 4)).get(timeout=15) == 7
+    assert "Traceback" not in worker.log.read_text()
