@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import kombu as _kombu
-from amqp.exceptions import ConsumerCancelled
+from amqp.exceptions import ConsumerCancelled, PreconditionFailed, ResourceLocked
 from amqp.method_framing import frame_handler as _frame_handler
 from amqp.serialization import decode_properties_basic, dumps
 from kombu.exceptions import OperationalError
@@ -277,7 +277,7 @@ class Links:
             if isinstance(exc, TimeoutError):
                 raise
             if isinstance(exc, BrokerUnavailable):
-                raise  # the result store's: the AMQP link is fine, and it names the store
+                raise  # the result store's or a queue's: it says why
             self.drop()
             if isinstance(exc, ConsumerCancelled):
                 raise BrokerUnavailable(
@@ -420,13 +420,21 @@ class Links:
         arguments: dict[str, Any] = {}
         if self._supports_consumer_timeout(link):
             arguments["x-consumer-timeout"] = CONSUMER_TIMEOUT_MS
-        link.channel.queue_declare(
-            queue=name,
-            durable=True,
-            exclusive=False,
-            auto_delete=False,
-            arguments=arguments or None,
-        )
+        try:
+            link.channel.queue_declare(
+                queue=name,
+                durable=True,
+                exclusive=False,
+                auto_delete=False,
+                arguments=arguments or None,
+            )
+        except (PreconditionFailed, ResourceLocked) as exc:
+            self.drop()  # RabbitMQ closed the channel; the connection is fine
+            raise BrokerUnavailable(
+                f"cannot use the queue {name!r} on RabbitMQ: someone declared it with other "
+                f"properties than nbtask's ({exc.reply_text}). Once nothing on it is needed, "
+                f"delete it (rabbitmqctl delete_queue '{name}'); nbtask then declares it anew"
+            ) from exc
         link.declared.add(name)
 
     def _supports_consumer_timeout(self, link: Link) -> bool:

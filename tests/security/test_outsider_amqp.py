@@ -24,7 +24,7 @@ import pytest
 from helpers import AMQP_URL, WorkerProcess, wait_until
 from raw_broker import RawBroker
 
-from nbtask import App
+from nbtask import App, BrokerUnavailable
 
 pytestmark = pytest.mark.brokers("amqp")
 
@@ -157,3 +157,39 @@ def test_a_task_sent_after_its_queue_was_deleted_still_runs(
     assert len(said) == 1 and task_queue(app) in said[0], said
     assert app.send_task(ADD_TASK, (3, 4)).get(timeout=15) == 7
     assert "Traceback" not in worker.log.read_text()
+
+
+PRE_DECLARED: dict[str, dict[str, Any]] = {
+    "max-length-0": {"arguments": {"x-max-length": 0}},
+    "message-ttl-1ms": {"arguments": {"x-message-ttl": 1}},
+    "dead-letter-exchange": {"arguments": {"x-dead-letter-exchange": "amq.fanout"}},
+    "auto-delete": {"auto_delete": True},
+    "exclusive": {"exclusive": True, "durable": False},
+}
+
+
+@pytest.mark.parametrize("kind", list(PRE_DECLARED))
+def test_a_queue_declared_beforehand_with_other_properties_is_named_with_the_fix(
+    kind: str,
+    app: App,
+    start_worker: Callable[..., WorkerProcess],
+    channel: Any,
+) -> None:
+    """Said "cannot reach the AMQP broker ... Is RabbitMQ running there?", which it was."""
+    name = task_queue(app)
+    declared = {"durable": True, "auto_delete": False, **PRE_DECLARED[kind]}
+    channel.queue_declare(queue=name, **declared)
+
+    worker = start_worker(concurrency=1, wait=False)
+    assert worker.process.wait(30) != 0
+    lines = log_lines(worker, "error:")
+    assert len(lines) == 1, worker.log.read_text()
+    with pytest.raises(BrokerUnavailable) as refused:
+        app.send_task(ADD_TASK, (1, 1))
+    for said in (lines[0], str(refused.value)):
+        assert f"cannot use the queue '{name}'" in said and "delete_queue" in said, said
+        assert "Is RabbitMQ running" not in said, said
+
+    channel.queue_delete(name)  # the operator's fix
+    start_worker(concurrency=1)
+    assert app.send_task(ADD_TASK, (2, 2)).get(timeout=15) == 4
