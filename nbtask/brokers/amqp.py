@@ -17,7 +17,8 @@ short (``docs/architecture.md`` has the whole of it):
   entry of a dead child.
 * Events go to one exclusive auto-delete reply queue per client and are also kept on the
   client's stream in the store, so a listener that (re)declares its queue catches up
-  from there, and another process can re-attach.
+  from there, and another process can re-attach; while someone else holds the queue,
+  the listener reads the stream (:mod:`nbtask.brokers.amqp_replies`).
 * ETA messages are parked in the store and published when due.
 * RabbitMQ closes the channel of a consumer that holds a delivery past its
   ``consumer_timeout``: on RabbitMQ 3.12 and later the task queues are declared with a
@@ -31,7 +32,6 @@ the transport itself.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
 import socket
@@ -51,6 +51,7 @@ from nbtask.brokers.amqp_links import (
     refusal_of,
 )
 from nbtask.brokers.amqp_lost import LostDeliveries
+from nbtask.brokers.amqp_replies import Replies
 from nbtask.brokers.base import Delivery, Publish, StartBy, Verdict
 from nbtask.brokers.redis_store import RedisStore
 from nbtask.errors import BrokerUnavailable
@@ -82,8 +83,7 @@ class AmqpTransport:
         self._prefix = self.settings.key_prefix
         self.links = Links(url)
         self._own_channels: set[str] = set()
-        self._store_positions: dict[str, str] = {}
-        self._event_ids = itertools.count(1)
+        self.replies = Replies(self.links, store)
         self._whoami: tuple[str, int] = ("", -1)
 
     @property
@@ -182,83 +182,18 @@ class AmqpTransport:
             out: list[tuple[str, str, bytes]] = []
             remaining = deadline - time.monotonic()
             if own:
-                out += self._read_replies(own[0], 0.0 if foreign else max(remaining, 0.0))
+                out += self.replies.read(own[0], 0.0 if foreign else max(remaining, 0.0))
             if foreign:
                 out += self.store.read_events(foreign, 0.001) if not out else []
             remaining = deadline - time.monotonic()
             if out or remaining <= 0:
                 return out
             if foreign and own:
-                out = self._read_replies(own[0], min(0.25, remaining))
+                out = self.replies.read(own[0], min(0.25, remaining))
                 if out:
                     return out
             elif foreign:
                 return self.store.read_events(foreign, min(remaining, 0.5))
-
-    def _read_replies(self, channel: str, block_seconds: float) -> list[tuple[str, str, bytes]]:
-        out: list[tuple[str, str, bytes]] = []
-        link: Link | None = None
-        try:
-            with self.links.using() as link:
-                if link.reply != channel:
-                    out += self._consume_replies(link, channel)
-                if not link.replies and not out and block_seconds > 0:
-                    with contextlib.suppress(TimeoutError):
-                        link.conn.drain_events(timeout=block_seconds)
-                # Anything else already buffered comes along without waiting.
-                with contextlib.suppress(TimeoutError):
-                    while True:
-                        link.conn.drain_events(timeout=0)
-        except BrokerUnavailable:
-            # Events already read (a catch-up, whose position has moved on, or received
-            # ones: no_ack) are handed over all the same; the next read reconnects.
-            if not out and (link is None or not link.replies):
-                raise
-        assert link is not None
-        while link.replies:
-            message = link.replies.popleft()
-            out.append((channel, self._next_event_id(), body_of(message)))
-        return out
-
-    def _next_event_id(self) -> str:
-        return f"{int(time.time() * 1000)}-{next(self._event_ids)}"
-
-    def _consume_replies(self, link: Link, channel: str) -> list[tuple[str, str, bytes]]:
-        """Declare and consume the reply queue; return events missed meanwhile."""
-        link.channel.queue_declare(queue=channel, durable=False, exclusive=True, auto_delete=True)
-        queue = kombu.Queue(
-            channel,
-            exchange="",
-            routing_key=channel,
-            durable=False,
-            exclusive=True,
-            auto_delete=True,
-            no_declare=True,
-        )
-        consumer = kombu.Consumer(
-            link.channel, queues=[queue], no_ack=True, on_message=link.replies.append
-        )
-        consumer.consume()
-        link.reply, link.reply_consumer = channel, consumer
-        # What was sent before the queue existed (or while it was gone) reached only the
-        # store: catch up from there, from where the last catch-up stopped. Without the
-        # store, the next read starts over on a new connection (queue and catch-up both)
-        # instead of carrying on with a gap.
-        after = self._store_positions.get(channel, "0-0")
-        try:
-            missed = self.store.events_after(channel, after)
-            end = None if missed else self.store.channel_end(channel)
-        except BrokerUnavailable:
-            self.links.drop()
-            raise
-        out = []
-        for entry_id, raw in missed:
-            self._store_positions[channel] = entry_id
-            if raw:
-                out.append((channel, self._next_event_id(), raw))
-        if end is not None:
-            self._store_positions[channel] = end
-        return out
 
     def wake(self, channel: str) -> None:
         """Send an empty event so a reader blocked on ``channel`` returns."""

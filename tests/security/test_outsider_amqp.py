@@ -159,6 +159,25 @@ def test_a_task_sent_after_its_queue_was_deleted_still_runs(
     assert "Traceback" not in worker.log.read_text()
 
 
+def test_a_reply_queue_someone_else_holds_still_brings_the_results(
+    app: App,
+    start_worker: Callable[..., WorkerProcess],
+    channel: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The reply queue's name is in every record in the store: declared first, exclusive
+    to another connection, it made the listener say "cannot reach the AMQP broker" again
+    and again, and handles stay PENDING though their tasks had ended."""
+    caplog.set_level(logging.WARNING, logger="nbtask")
+    channel.queue_declare(queue=app.channel, durable=False, exclusive=True, auto_delete=True)
+    start_worker(concurrency=1)
+
+    assert app.send_task(ADD_TASK, (2, 3)).get(timeout=15) == 5
+    assert app.send_task(ADD_TASK, (3, 4)).get(timeout=15) == 7
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and f"the reply queue {app.channel} is held" in said[0], said
+
+
 PRE_DECLARED: dict[str, dict[str, Any]] = {
     "max-length-0": {"arguments": {"x-max-length": 0}},
     "message-ttl-1ms": {"arguments": {"x-message-ttl": 1}},
