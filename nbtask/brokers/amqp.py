@@ -38,6 +38,7 @@ import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
 
+from nbtask.brokers.amqp_guards import refusal_of
 from nbtask.brokers.amqp_links import (
     DELIVERIES_HEADER,
     ID_HEADER,
@@ -48,7 +49,6 @@ from nbtask.brokers.amqp_links import (
     kombu,
     read_headers,
     redelivered,
-    refusal_of,
 )
 from nbtask.brokers.amqp_lost import LostDeliveries
 from nbtask.brokers.amqp_replies import Replies

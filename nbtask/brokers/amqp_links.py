@@ -11,7 +11,6 @@ import dataclasses
 import itertools
 import logging
 import os
-import struct
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -19,13 +18,11 @@ from typing import Any
 
 import kombu as _kombu
 from amqp.exceptions import ConsumerCancelled, PreconditionFailed, ResourceLocked
-from amqp.method_framing import frame_handler as _frame_handler
-from amqp.serialization import decode_properties_basic, dumps
 from kombu.exceptions import OperationalError
-from kombu.transport import pyamqp as _pyamqp
 
 from nbtask._text import redact_url
 from nbtask.brokers.amqp_confirms import Confirms, Outgoing
+from nbtask.brokers.amqp_guards import GUARDED
 from nbtask.errors import BrokerUnavailable
 
 __all__ = [
@@ -37,7 +34,6 @@ __all__ = [
     "body_of",
     "read_headers",
     "redelivered",
-    "refusal_of",
 ]
 
 #: ``x-consumer-timeout`` of task queues on RabbitMQ >= 3.12, milliseconds (7 days).
@@ -53,105 +49,6 @@ kombu: Any = _kombu
 Message = Any
 log = logging.getLogger(__name__)
 _CONTENT = {"content_type": "application/octet-stream", "content_encoding": "binary"}
-
-
-# kombu would decompress a body whose headers name a compression before nbtask sees it:
-# a bz2 bomb of a few hundred bytes grows to hundreds of MB before any signature or size
-# check. And py-amqp decodes a body whose content encoding names a text encoding, so one
-# sent as latin-1 or UTF-16 would come out re-encoded, not as sent. These classes make
-# kombu and py-amqp hand messages over as they arrived; one that names a compression or a
-# text encoding is marked refused (nbtask never sends either), and its body is never
-# decoded.
-pyamqp: Any = _pyamqp
-
-
-class _GuardedMessage(pyamqp.Message):  # type: ignore[misc]
-    def __init__(self, msg: Any, channel: Any = None, **kwargs: Any) -> None:
-        properties = msg.properties
-        headers = properties.get("application_headers")
-        self.refusal = ""
-        if isinstance(headers, dict) and _UNREADABLE in headers:
-            self.refusal = f"its properties cannot be read ({str(headers[_UNREADABLE])[:40]!r})"
-        elif isinstance(headers, dict) and "compression" in headers:
-            self.refusal = f"it names a compression ({str(headers['compression'])[:40]!r})"
-            properties["application_headers"] = {
-                k: v for k, v in headers.items() if k != "compression"
-            }
-        encoding = properties.get("content_encoding")
-        if not self.refusal and encoding not in (None, "", "binary"):
-            self.refusal = f"it names a content encoding ({str(encoding)[:40]!r})"
-        super().__init__(msg, channel=channel, **kwargs)
-
-
-class _GuardedChannel(pyamqp.Channel):  # type: ignore[misc]
-    Message = _GuardedMessage
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.auto_decode = False  # bodies stay the bytes sent, whatever encoding they name
-
-
-# py-amqp reads a message's properties as its frames arrive, before any of its code or
-# nbtask's sees the message: a property that is not UTF-8 (a message id, a content type),
-# a header timestamp past year 9999 or a header table nested a few thousand deep raises
-# there, the connection is left mid-message and must be dropped, and RabbitMQ delivers
-# the same message again to the next connection, for ever. The frame reader below reads
-# such a header again as one that says so (nbtask never sends it), so the message is
-# refused like the others above, and the connection carries on.
-_UNREADABLE = "x-nbtask-unreadable"
-
-
-def _guarded_frames(connection: Any, callback: Any) -> Callable[[Any], Any]:
-    """py-amqp's frame reader, which survives a content header it cannot read."""
-    on_frame = _frame_handler(connection, callback)
-
-    def guarded(frame: Any) -> Any:
-        try:
-            return on_frame(frame)
-        except Exception as exc:
-            frame_type, channel, buf = frame
-            if frame_type != 2 or _reads(buf):
-                raise  # not the header's fault (the header frame also delivers a bodyless one)
-            return on_frame((frame_type, channel, _unreadable_header(buf, exc)))
-
-    return guarded
-
-
-def _reads(buf: Any) -> bool:
-    try:
-        decode_properties_basic(buf, 12)
-    except Exception:
-        return False
-    return True
-
-
-def _unreadable_header(buf: Any, exc: BaseException) -> bytes:
-    """The content header ``buf`` (class, weight, body size kept), its properties replaced."""
-    table: bytes = dumps("F", [{_UNREADABLE: type(exc).__name__}])
-    return bytes(buf[:12]) + struct.pack(">H", 0x2000) + table
-
-
-class _GuardedConnection(pyamqp.Connection):  # type: ignore[misc]
-    Channel = _GuardedChannel
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, frame_handler=_guarded_frames, **kwargs)
-
-
-class _GuardedTransport(pyamqp.Transport):  # type: ignore[misc]
-    Connection = _GuardedConnection
-
-
-class _GuardedSSLTransport(pyamqp.SSLTransport):  # type: ignore[misc]
-    Connection = _GuardedConnection
-
-
-_GUARDED = {"amqp": _GuardedTransport, "amqps": _GuardedSSLTransport}
-
-
-def refusal_of(message: Message) -> str:
-    """Why a received message is refused before anything reads its body (``""``: it isn't)."""
-    return str(getattr(message, "refusal", ""))
 
 
 class Link:
@@ -211,7 +108,7 @@ class Links:
             return link
         conn = kombu.Connection(
             self.url,
-            transport=_GUARDED.get(self.url.split("://", 1)[0].lower()),
+            transport=GUARDED.get(self.url.split("://", 1)[0].lower()),
             connect_timeout=5,
             heartbeat=0,  # a child runs user code and cannot answer AMQP heartbeats
         )
