@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from amqp.method_framing import frame_handler as _frame_handler
-from amqp.serialization import decode_properties_basic, dumps
+from amqp.serialization import decode_properties_basic, dumps, loads
 from kombu.transport import pyamqp as _pyamqp
 
 __all__ = ["GUARDED", "refusal_of"]
@@ -65,9 +65,29 @@ class _GuardedChannel(pyamqp.Channel):  # type: ignore[misc]
 _UNREADABLE = "x-nbtask-unreadable"
 
 
+# The same holds for the arguments of a delivery: whoever binds a queue to an exchange
+# and publishes there chooses the routing key (and may name a non-UTF-8 one), and py-amqp
+# raised reading it, after the message had been taken: the consumer, with its one
+# unacknowledged message, got nothing more. Such arguments are read again with their
+# short strings made UTF-8; the routing key then names no queue of nbtask's, so the
+# worker refuses the message.
+_CONTENT_ARGS = {(60, 60): "sLbss", (60, 71): "Lbssl", (60, 50): "Bsss"}  # deliver, get, return
+_WIDTHS = {"L": 8, "l": 4, "B": 2, "b": 1}  # no two bits in a row in these
+
+
 def _guarded_frames(connection: Any, callback: Any) -> Callable[[Any], Any]:
-    """py-amqp's frame reader, which survives a content header it cannot read."""
-    on_frame = _frame_handler(connection, callback)
+    """py-amqp's frame reader, which survives a content header or delivery it cannot read."""
+
+    def dispatch(channel: int, method: tuple[int, int], args: Any, content: Any) -> Any:
+        try:
+            return callback(channel, method, args, content)
+        except Exception:
+            kinds = _CONTENT_ARGS.get(method)
+            if content is None or kinds is None or _args_read(kinds, args):
+                raise  # not the arguments' fault
+            return callback(channel, method, _readable_args(kinds, args), content)
+
+    on_frame = _frame_handler(connection, dispatch)
 
     def guarded(frame: Any) -> Any:
         try:
@@ -87,6 +107,30 @@ def _reads(buf: Any) -> bool:
     except Exception:
         return False
     return True
+
+
+def _args_read(kinds: str, args: Any) -> bool:
+    try:
+        loads(kinds, args, 4)
+    except Exception:
+        return False
+    return True
+
+
+def _readable_args(kinds: str, args: Any) -> bytes:
+    """A method frame's ``args`` (after its class and method ids), short strings made UTF-8."""
+    out, offset = [bytes(args[:4])], 4
+    for kind in kinds:
+        if kind == "s":
+            size = args[offset]
+            text = bytes(args[offset + 1 : offset + 1 + size]).decode("utf-8", "replace")
+            data = text.encode()[:255].decode("utf-8", "ignore").encode()
+            out.append(bytes((len(data),)) + data)
+            offset += 1 + size
+        else:
+            out.append(bytes(args[offset : offset + _WIDTHS[kind]]))
+            offset += _WIDTHS[kind]
+    return b"".join(out)
 
 
 def _unreadable_header(buf: Any, exc: BaseException) -> bytes:

@@ -112,6 +112,39 @@ def test_a_message_whose_properties_cannot_be_read_is_dead_lettered(
     assert access.drained()
 
 
+@pytest.fixture
+def fanout(app: App, channel: Any) -> Iterator[str]:
+    """An exchange of the outsider's, with nbtask's task queue bound to it."""
+    name = f"{app.settings.key_prefix}-outsider"
+    channel.exchange_declare(name, "fanout", durable=False, auto_delete=False)
+    channel.queue_declare(queue=task_queue(app), durable=True, auto_delete=False)
+    channel.queue_bind(task_queue(app), name)
+    yield name
+    channel.exchange_delete(name)
+
+
+def test_a_delivery_whose_routing_key_is_not_utf8_is_dead_lettered(
+    app: App,
+    access: RawBroker,
+    start_worker: Callable[..., WorkerProcess],
+    channel: Any,
+    fanout: str,
+) -> None:
+    """Through an exchange bound to the task queue, the routing key is the publisher's:
+    py-amqp raised reading it after the message was taken, and the child, holding its
+    one unacknowledged message, was given nothing more."""
+    worker = start_worker(concurrency=1)
+    body = b"forged, routed with a key that is not UTF-8"
+    channel.basic_publish(amqp.Message(body), fanout, b"\xff\xfe")
+
+    wait_until(lambda: len(access.dead_letters()) == 1, 15, "the message to be dead-lettered")
+    assert [fields[b"e"] for fields in access.dead_letters()] == [body]
+    assert app.send_task(ADD_TASK, (2, 2)).get(timeout=15) == 4
+    assert len(log_lines(worker, "rejected message")) == 1
+    assert "Traceback" not in worker.log.read_text()
+    assert access.drained()
+
+
 def test_a_reply_queue_message_whose_properties_cannot_be_read_is_dropped_in_one_line(
     app: App,
     start_worker: Callable[..., WorkerProcess],
