@@ -255,13 +255,13 @@ class AmqpTransport:
                     except TimeoutError:
                         return None
                     continue
-                message = link.inbox.popleft()
+                queue, message = link.inbox.popleft()
                 try:
-                    delivery = self._accept(link, message, consumer)
+                    delivery = self._accept(link, queue, message, consumer)
                 except BrokerUnavailable:
                     # The store is away: keep the message (unacknowledged, it stays with
                     # this consumer) and take it again, rather than give it back.
-                    link.inbox.appendleft(message)
+                    link.inbox.appendleft((queue, message))
                     raise
             if delivery is not None:
                 return delivery
@@ -270,19 +270,31 @@ class AmqpTransport:
         names = tuple(self.queue_name(q) for q in queues)
         if link.task_queues == names:
             return
-        if link.task_consumer is not None:
-            link.task_consumer.cancel()
+        for consumer in link.task_consumers:
+            consumer.cancel()
         for name in names:
             self.links.declare_task_queue(link, name)
         # One unacknowledged message per child: for several queues the limit is global to
         # the channel (RabbitMQ applies a non-global one per consumer).
         link.channel.basic_qos(0, 1, len(names) > 1)
-        kqueues = [kombu.Queue(n, exchange="", routing_key=n, no_declare=True) for n in names]
+        link.task_consumers = [self._consume_queue(link, name) for name in names]
+        link.task_queues = names
+
+    def _consume_queue(self, link: Link, name: str) -> object:
+        """Consume one task queue, its messages noted with it in the link's inbox.
+
+        A delivery's queue is the one its consumer reads, never its routing key: whoever
+        publishes through an exchange bound to the queue chooses that.
+        """
+        queue = self._queue_of(name)
         consumer = kombu.Consumer(
-            link.channel, queues=kqueues, no_ack=False, on_message=link.inbox.append
+            link.channel,
+            queues=[kombu.Queue(name, exchange="", routing_key=name, no_declare=True)],
+            no_ack=False,
+            on_message=lambda message: link.inbox.append((queue, message)),
         )
         consumer.consume()
-        link.task_queues, link.task_consumer = names, consumer
+        return consumer
 
     def _starter(self, consumer: str) -> StartBy:
         pid = os.getpid()
@@ -290,9 +302,8 @@ class AmqpTransport:
             self._whoami = (socket.gethostname(), pid)
         return StartBy(self._whoami[0], str(pid), consumer)
 
-    def _accept(self, link: Link, message: Message, consumer: str) -> Delivery | None:
+    def _accept(self, link: Link, queue: str, message: Message, consumer: str) -> Delivery | None:
         task_id, deliveries = read_headers(message.headers)
-        queue = self._queue_of(str(message.delivery_info.get("routing_key", "")))
         raw = body_of(message)
         refusal = refusal_of(message)
         if refusal:

@@ -61,8 +61,8 @@ class Link:
         self.generation = generation
         self.declared: set[str] = set()
         self.task_queues: tuple[str, ...] = ()
-        self.task_consumer: Any = None
-        self.inbox: deque[Message] = deque()
+        self.task_consumers: list[Any] = []
+        self.inbox: deque[tuple[str, Message]] = deque()  # (nbtask queue, message)
         self.held: dict[str, Message] = {}
         self.reply: str | None = None
         self.reply_consumer: Any = None

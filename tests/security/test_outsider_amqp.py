@@ -30,6 +30,7 @@ pytestmark = pytest.mark.brokers("amqp")
 
 ADD_TASK = "tests.sample_tasks.add"
 WAIT_TASK = "tests.sample_tasks.wait_for_file"
+MARKER_TASK = "tests.sample_tasks.record_id"
 
 
 @pytest.fixture
@@ -143,6 +144,33 @@ def test_a_delivery_whose_routing_key_is_not_utf8_is_dead_lettered(
     assert len(log_lines(worker, "rejected message")) == 1
     assert "Traceback" not in worker.log.read_text()
     assert access.drained()
+
+
+def test_a_message_for_another_queue_routed_here_through_an_exchange_is_refused(
+    app: App,
+    access: RawBroker,
+    start_worker: Callable[..., WorkerProcess],
+    channel: Any,
+    fanout: str,
+    tmp_path: Path,
+) -> None:
+    """A worker took a delivery's queue from its routing key, which the publisher sets:
+    a genuine message for queue "gpu", published through an exchange bound to "default"
+    with the routing key of "gpu", ran on a worker serving "default" alone."""
+    marker = tmp_path / "ran"
+    handle = app.send_task(MARKER_TASK, (str(marker),), queue="gpu")
+    app.flush()
+    genuine = access.peek(queue="gpu")  # a copy: the message stays on "gpu"
+    worker = start_worker(concurrency=1)  # serves "default" alone
+    channel.basic_publish(amqp.Message(genuine), fanout, f"{app.settings.key_prefix}:q:gpu")
+
+    wait_until(lambda: len(access.dead_letters()) == 1, 15, "the copy to be dead-lettered")
+    assert not marker.exists(), "a task for queue 'gpu' ran on a worker of 'default'"
+    [line] = log_lines(worker, "rejected message")
+    assert "on queue default" in line and "'gpu'" in line, line
+    start_worker("-Q", "gpu", concurrency=1)
+    assert handle.get(timeout=15) == handle.id
+    assert marker.read_text().splitlines() == [handle.id]
 
 
 def test_a_reply_queue_message_whose_properties_cannot_be_read_is_dropped_in_one_line(
