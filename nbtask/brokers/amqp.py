@@ -364,7 +364,13 @@ class AmqpTransport:
         if delivery is not None:
             self._settle(delivery)
         if then_fetch is not None and then_fetch[0]:
-            return self.fetch(*then_fetch)
+            try:
+                return self.fetch(*then_fetch)
+            except BrokerUnavailable as exc:
+                # The outcome is stored and acknowledged: failing to take the next message
+                # is not this task's failure (the caller would settle it again); the
+                # child's next fetch tries again and says so.
+                log.info("could not take the next message after task %s: %s", task_id, exc)
         return None
 
     def _settle(self, delivery: Delivery) -> None:

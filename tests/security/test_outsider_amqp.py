@@ -220,6 +220,27 @@ def test_a_task_sent_after_its_queue_was_deleted_still_runs(
     assert "Traceback" not in worker.log.read_text()
 
 
+def test_a_queue_deleted_while_the_worker_waits_for_its_next_task_is_not_an_outcome_error(
+    app: App,
+    access: RawBroker,
+    start_worker: Callable[..., WorkerProcess],
+    channel: Any,
+) -> None:
+    """A child that stored and acknowledged a task's outcome waits for its next message
+    in the same call: the consumer cancelled there was taken for a failure to store the
+    outcome, which was then stored and sent to the client once more."""
+    worker = start_worker(concurrency=1)
+    handle = app.send_task(ADD_TASK, (1, 2))
+    assert handle.get(timeout=15) == 3
+    channel.queue_delete(task_queue(app))  # while the child waits for its next message
+
+    assert app.send_task(ADD_TASK, (2, 3)).get(timeout=15) == 5
+    log = worker.log.read_text()
+    assert "cannot store the outcome" not in log and "cannot acknowledge" not in log, log
+    kept = access.stored_event_types(app.signer, app.channel, handle.id)
+    assert kept.count("success") == 1, kept
+
+
 def test_a_reply_queue_someone_else_holds_still_brings_the_results(
     app: App,
     start_worker: Callable[..., WorkerProcess],
