@@ -270,9 +270,9 @@ class Links:
             confirms.refused = []
 
     def _send_returned(self, link: Link) -> None:
-        returned = link.confirms.take_returned()
-        link.confirms.refused += [o for o in returned if o.returns >= MAX_RETURNS]
-        again = [o for o in returned if o.returns < MAX_RETURNS]
+        # Declared before the messages are taken: if that fails, the link's messages
+        # (these too) are sent again on the next link, or reported unsent.
+        again = [o for o in link.confirms.returned.values() if o.returns < MAX_RETURNS]
         for name in dict.fromkeys(o.routing_key for o in again):
             log.warning(
                 "queue %s was gone when a message reached it (deleted after it was "
@@ -281,8 +281,11 @@ class Links:
             )
             link.declared.discard(name)
             self.declare_task_queue(link, name)
-        for outgoing in again:
-            self._publish(link, dataclasses.replace(outgoing, returns=outgoing.returns + 1))
+        for outgoing in link.confirms.take_returned():
+            if outgoing.returns >= MAX_RETURNS:
+                link.confirms.refused.append(outgoing)
+            else:
+                self._publish(link, dataclasses.replace(outgoing, returns=outgoing.returns + 1))
 
     def waiting(self, link: Link, name: str, *, ack: bool) -> Iterator[Message]:
         """The messages waiting on task queue ``name``, taken one by one (``basic_get``).
