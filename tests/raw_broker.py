@@ -52,8 +52,8 @@ class RawBroker(abc.ABC):
         """Put ``raw`` on a task queue, as anyone with broker access could."""
 
     @abc.abstractmethod
-    def peek(self) -> bytes:
-        """The one message waiting on the default queue, left there."""
+    def peek(self, queue: str = "default") -> bytes:
+        """The one message waiting on ``queue``, left there."""
 
     def drained(self, queue: str = "default") -> bool:
         """Nothing waiting on ``queue`` and nothing taken but unacknowledged."""
@@ -109,8 +109,8 @@ class _RedisQueues(RawBroker):
             fields["i"] = task_id
         self.store.xadd(self._stream(queue), fields)
 
-    def peek(self) -> bytes:
-        [(_, fields)] = self.store.xrange(self._stream())
+    def peek(self, queue: str = "default") -> bytes:
+        [(_, fields)] = self.store.xrange(self._stream(queue))
         raw: bytes = fields[b"e"]
         return raw
 
@@ -168,8 +168,8 @@ class _AmqpQueues(RawBroker):
             headers["nbtask-id"] = task_id
         self._publish(name, raw, headers)
 
-    def peek(self) -> bytes:
-        message = self.channel.basic_get(self._queue(), no_ack=False)
+    def peek(self, queue: str = "default") -> bytes:
+        message = self.channel.basic_get(self._queue(queue), no_ack=False)
         assert message is not None, "no message waiting on the queue"
         raw = bytes(message.body)
         self.channel.basic_reject(message.delivery_info["delivery_tag"], requeue=True)

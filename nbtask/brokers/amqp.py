@@ -17,7 +17,8 @@ short (``docs/architecture.md`` has the whole of it):
   entry of a dead child.
 * Events go to one exclusive auto-delete reply queue per client and are also kept on the
   client's stream in the store, so a listener that (re)declares its queue catches up
-  from there, and another process can re-attach.
+  from there, and another process can re-attach; while someone else holds the queue,
+  the listener reads the stream (:mod:`nbtask.brokers.amqp_replies`).
 * ETA messages are parked in the store and published when due.
 * RabbitMQ closes the channel of a consumer that holds a delivery past its
   ``consumer_timeout``: on RabbitMQ 3.12 and later the task queues are declared with a
@@ -31,13 +32,13 @@ the transport itself.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
 import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
 
+from nbtask.brokers.amqp_guards import refusal_of
 from nbtask.brokers.amqp_links import (
     DELIVERIES_HEADER,
     ID_HEADER,
@@ -48,9 +49,9 @@ from nbtask.brokers.amqp_links import (
     kombu,
     read_headers,
     redelivered,
-    refusal_of,
 )
 from nbtask.brokers.amqp_lost import LostDeliveries
+from nbtask.brokers.amqp_replies import Replies
 from nbtask.brokers.base import Delivery, Publish, Settlement, StartBy, Verdict
 from nbtask.brokers.redis_store import RedisStore
 from nbtask.errors import BrokerUnavailable
@@ -82,8 +83,7 @@ class AmqpTransport:
         self._prefix = self.settings.key_prefix
         self.links = Links(url)
         self._own_channels: set[str] = set()
-        self._store_positions: dict[str, str] = {}
-        self._event_ids = itertools.count(1)
+        self.replies = Replies(self.links, store)
         self._whoami: tuple[str, int] = ("", -1)
 
     @property
@@ -182,83 +182,18 @@ class AmqpTransport:
             out: list[tuple[str, str, bytes]] = []
             remaining = deadline - time.monotonic()
             if own:
-                out += self._read_replies(own[0], 0.0 if foreign else max(remaining, 0.0))
+                out += self.replies.read(own[0], 0.0 if foreign else max(remaining, 0.0))
             if foreign:
                 out += self.store.read_events(foreign, 0.001) if not out else []
             remaining = deadline - time.monotonic()
             if out or remaining <= 0:
                 return out
             if foreign and own:
-                out = self._read_replies(own[0], min(0.25, remaining))
+                out = self.replies.read(own[0], min(0.25, remaining))
                 if out:
                     return out
             elif foreign:
                 return self.store.read_events(foreign, min(remaining, 0.5))
-
-    def _read_replies(self, channel: str, block_seconds: float) -> list[tuple[str, str, bytes]]:
-        out: list[tuple[str, str, bytes]] = []
-        link: Link | None = None
-        try:
-            with self.links.using() as link:
-                if link.reply != channel:
-                    out += self._consume_replies(link, channel)
-                if not link.replies and not out and block_seconds > 0:
-                    with contextlib.suppress(TimeoutError):
-                        link.conn.drain_events(timeout=block_seconds)
-                # Anything else already buffered comes along without waiting.
-                with contextlib.suppress(TimeoutError):
-                    while True:
-                        link.conn.drain_events(timeout=0)
-        except BrokerUnavailable:
-            # Events already read (a catch-up, whose position has moved on, or received
-            # ones: no_ack) are handed over all the same; the next read reconnects.
-            if not out and (link is None or not link.replies):
-                raise
-        assert link is not None
-        while link.replies:
-            message = link.replies.popleft()
-            out.append((channel, self._next_event_id(), body_of(message)))
-        return out
-
-    def _next_event_id(self) -> str:
-        return f"{int(time.time() * 1000)}-{next(self._event_ids)}"
-
-    def _consume_replies(self, link: Link, channel: str) -> list[tuple[str, str, bytes]]:
-        """Declare and consume the reply queue; return events missed meanwhile."""
-        link.channel.queue_declare(queue=channel, durable=False, exclusive=True, auto_delete=True)
-        queue = kombu.Queue(
-            channel,
-            exchange="",
-            routing_key=channel,
-            durable=False,
-            exclusive=True,
-            auto_delete=True,
-            no_declare=True,
-        )
-        consumer = kombu.Consumer(
-            link.channel, queues=[queue], no_ack=True, on_message=link.replies.append
-        )
-        consumer.consume()
-        link.reply, link.reply_consumer = channel, consumer
-        # What was sent before the queue existed (or while it was gone) reached only the
-        # store: catch up from there, from where the last catch-up stopped. Without the
-        # store, the next read starts over on a new connection (queue and catch-up both)
-        # instead of carrying on with a gap.
-        after = self._store_positions.get(channel, "0-0")
-        try:
-            missed = self.store.events_after(channel, after)
-            end = None if missed else self.store.channel_end(channel)
-        except BrokerUnavailable:
-            self.links.drop()
-            raise
-        out = []
-        for entry_id, raw in missed:
-            self._store_positions[channel] = entry_id
-            if raw:
-                out.append((channel, self._next_event_id(), raw))
-        if end is not None:
-            self._store_positions[channel] = end
-        return out
 
     def wake(self, channel: str) -> None:
         """Send an empty event so a reader blocked on ``channel`` returns."""
@@ -320,13 +255,13 @@ class AmqpTransport:
                     except TimeoutError:
                         return None
                     continue
-                message = link.inbox.popleft()
+                queue, message = link.inbox.popleft()
                 try:
-                    delivery = self._accept(link, message, consumer)
+                    delivery = self._accept(link, queue, message, consumer)
                 except BrokerUnavailable:
                     # The store is away: keep the message (unacknowledged, it stays with
                     # this consumer) and take it again, rather than give it back.
-                    link.inbox.appendleft(message)
+                    link.inbox.appendleft((queue, message))
                     raise
             if delivery is not None:
                 return delivery
@@ -335,19 +270,31 @@ class AmqpTransport:
         names = tuple(self.queue_name(q) for q in queues)
         if link.task_queues == names:
             return
-        if link.task_consumer is not None:
-            link.task_consumer.cancel()
+        for consumer in link.task_consumers:
+            consumer.cancel()
         for name in names:
             self.links.declare_task_queue(link, name)
         # One unacknowledged message per child: for several queues the limit is global to
         # the channel (RabbitMQ applies a non-global one per consumer).
         link.channel.basic_qos(0, 1, len(names) > 1)
-        kqueues = [kombu.Queue(n, exchange="", routing_key=n, no_declare=True) for n in names]
+        link.task_consumers = [self._consume_queue(link, name) for name in names]
+        link.task_queues = names
+
+    def _consume_queue(self, link: Link, name: str) -> object:
+        """Consume one task queue, its messages noted with it in the link's inbox.
+
+        A delivery's queue is the one its consumer reads, never its routing key: whoever
+        publishes through an exchange bound to the queue chooses that.
+        """
+        queue = self._queue_of(name)
         consumer = kombu.Consumer(
-            link.channel, queues=kqueues, no_ack=False, on_message=link.inbox.append
+            link.channel,
+            queues=[kombu.Queue(name, exchange="", routing_key=name, no_declare=True)],
+            no_ack=False,
+            on_message=lambda message: link.inbox.append((queue, message)),
         )
         consumer.consume()
-        link.task_queues, link.task_consumer = names, consumer
+        return consumer
 
     def _starter(self, consumer: str) -> StartBy:
         pid = os.getpid()
@@ -355,9 +302,8 @@ class AmqpTransport:
             self._whoami = (socket.gethostname(), pid)
         return StartBy(self._whoami[0], str(pid), consumer)
 
-    def _accept(self, link: Link, message: Message, consumer: str) -> Delivery | None:
+    def _accept(self, link: Link, queue: str, message: Message, consumer: str) -> Delivery | None:
         task_id, deliveries = read_headers(message.headers)
-        queue = self._queue_of(str(message.delivery_info.get("routing_key", "")))
         raw = body_of(message)
         refusal = refusal_of(message)
         if refusal:
@@ -419,7 +365,13 @@ class AmqpTransport:
         if delivery is not None:
             self._settle(delivery)
         if then_fetch is not None and then_fetch[0]:
-            return self.fetch(*then_fetch)
+            try:
+                return self.fetch(*then_fetch)
+            except BrokerUnavailable as exc:
+                # The outcome is stored and acknowledged: failing to take the next message
+                # is not this task's failure (the caller would settle it again); the
+                # child's next fetch tries again and says so.
+                log.info("could not take the next message after task %s: %s", task_id, exc)
         return None
 
     def _settle(self, delivery: Delivery) -> None:

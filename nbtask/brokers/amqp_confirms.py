@@ -8,6 +8,10 @@ returns once its message is written and its confirm is collected by a later call
 A message whose connection dropped before its confirm arrived is sent again on a new
 connection (a copy that did get through is dropped by the start check); one RabbitMQ
 refused (``basic.nack``) is kept aside for its sender to report.
+
+Task messages are published ``mandatory``: one whose queue is gone (deleted after this
+channel declared it) comes back (``basic.return``, before its ``basic.ack``) instead of
+being dropped, and is kept aside for its sender to declare the queue and send it again.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ class Outgoing:
     """One published message, kept until RabbitMQ confirms it (so it can be sent again).
 
     ``task_id`` is set for task messages (events have none); ``call`` numbers the
-    :meth:`~nbtask.brokers.amqp_links.Links.publishing` call that sent it first.
+    :meth:`~nbtask.brokers.amqp_links.Links.publishing` call that sent it first;
+    ``returns`` counts the times RabbitMQ returned it (its queue was gone).
     """
 
     routing_key: str
@@ -33,6 +38,7 @@ class Outgoing:
     headers: Mapping[str, Any]
     task_id: str | None
     call: int
+    returns: int = 0
 
 
 class Confirms:
@@ -51,11 +57,14 @@ class Confirms:
         self.unconfirmed: dict[int, Outgoing] = {}
         #: Refused by RabbitMQ (``basic.nack``), for the sender to report.
         self.refused: list[Outgoing] = []
+        #: Returned by RabbitMQ (no queue to route to), for the sender to send again.
+        self.returned: dict[int, Outgoing] = {}
         self.enabled = hasattr(channel, "confirm_select")
         if self.enabled:
             channel.confirm_select()
             channel.events["basic_ack"].add(self._on_ack)
             channel.events["basic_nack"].add(self._on_nack)
+            channel.events["basic_return"].add(self._on_return)
 
     def sent(self, outgoing: Outgoing) -> None:
         """Note a message just published on the channel."""
@@ -83,8 +92,25 @@ class Confirms:
     def _on_nack(self, tag: int, multiple: bool) -> None:
         self.refused += self._settled(tag, multiple)
 
-    def take_unconfirmed(self) -> list[Outgoing]:
-        """Everything not confirmed yet, oldest first; forgotten here (its link is gone)."""
-        out = list(self.unconfirmed.values())
-        self.unconfirmed.clear()
+    def _on_return(self, exc: object, exchange: str, routing_key: str, message: Any) -> None:
+        # A return names no sequence number: it is the oldest unconfirmed message with
+        # its routing key and body (RabbitMQ returns a message before acknowledging it).
+        body = message.body
+        raw = body.encode("utf-8", "surrogateescape") if isinstance(body, str) else bytes(body)
+        for seq, outgoing in self.unconfirmed.items():
+            if outgoing.routing_key == routing_key and outgoing.raw == raw:
+                self.returned[seq] = self.unconfirmed.pop(seq)
+                return
+
+    def take_returned(self) -> list[Outgoing]:
+        """The messages RabbitMQ returned, oldest first; forgotten here."""
+        out = list(self.returned.values())
+        self.returned.clear()
         return out
+
+    def take_unconfirmed(self) -> list[Outgoing]:
+        """Everything not confirmed yet (returned too), oldest first; forgotten here."""
+        merged = sorted([*self.returned.items(), *self.unconfirmed.items()])
+        self.returned.clear()
+        self.unconfirmed.clear()
+        return [outgoing for _, outgoing in merged]

@@ -7,7 +7,9 @@ flag): anyone who can publish sets those, so nothing there is trusted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
+import logging
 import os
 import threading
 from collections import deque
@@ -15,88 +17,38 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import kombu as _kombu
+from amqp.exceptions import ConsumerCancelled, PreconditionFailed, ResourceLocked
 from kombu.exceptions import OperationalError
-from kombu.transport import pyamqp as _pyamqp
 
 from nbtask._text import redact_url
 from nbtask.brokers.amqp_confirms import Confirms, Outgoing
+from nbtask.brokers.amqp_guards import GUARDED
 from nbtask.errors import BrokerUnavailable
 
 __all__ = [
     "CONSUMER_TIMEOUT_MS",
+    "MAX_RETURNS",
     "PIPELINE_WINDOW",
     "Link",
     "Links",
     "body_of",
     "read_headers",
     "redelivered",
-    "refusal_of",
 ]
 
 #: ``x-consumer-timeout`` of task queues on RabbitMQ >= 3.12, milliseconds (7 days).
 CONSUMER_TIMEOUT_MS = 7 * 24 * 3600 * 1000
 #: Messages a thread may have sent unconfirmed before a send waits for their confirms.
 PIPELINE_WINDOW = 1000
+#: Times a task message returned by RabbitMQ (its queue deleted) is sent again.
+MAX_RETURNS = 3
 ID_HEADER = "nbtask-id"
 DELIVERIES_HEADER = "nbtask-deliveries"
 # kombu is only partly annotated: used as Any, its objects checked where read.
 kombu: Any = _kombu
 Message = Any
+log = logging.getLogger(__name__)
 _CONTENT = {"content_type": "application/octet-stream", "content_encoding": "binary"}
-
-
-# kombu would decompress a body whose headers name a compression before nbtask sees it:
-# a bz2 bomb of a few hundred bytes grows to hundreds of MB before any signature or size
-# check. And py-amqp decodes a body whose content encoding names a text encoding, so one
-# sent as latin-1 or UTF-16 would come out re-encoded, not as sent. These classes make
-# kombu and py-amqp hand messages over as they arrived; one that names a compression or a
-# text encoding is marked refused (nbtask never sends either), and its body is never
-# decoded.
-pyamqp: Any = _pyamqp
-
-
-class _GuardedMessage(pyamqp.Message):  # type: ignore[misc]
-    def __init__(self, msg: Any, channel: Any = None, **kwargs: Any) -> None:
-        properties = msg.properties
-        headers = properties.get("application_headers")
-        self.refusal = ""
-        if isinstance(headers, dict) and "compression" in headers:
-            self.refusal = f"it names a compression ({str(headers['compression'])[:40]!r})"
-            properties["application_headers"] = {
-                k: v for k, v in headers.items() if k != "compression"
-            }
-        encoding = properties.get("content_encoding")
-        if not self.refusal and encoding not in (None, "", "binary"):
-            self.refusal = f"it names a content encoding ({str(encoding)[:40]!r})"
-        super().__init__(msg, channel=channel, **kwargs)
-
-
-class _GuardedChannel(pyamqp.Channel):  # type: ignore[misc]
-    Message = _GuardedMessage
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.auto_decode = False  # bodies stay the bytes sent, whatever encoding they name
-
-
-class _GuardedConnection(pyamqp.Connection):  # type: ignore[misc]
-    Channel = _GuardedChannel
-
-
-class _GuardedTransport(pyamqp.Transport):  # type: ignore[misc]
-    Connection = _GuardedConnection
-
-
-class _GuardedSSLTransport(pyamqp.SSLTransport):  # type: ignore[misc]
-    Connection = _GuardedConnection
-
-
-_GUARDED = {"amqp": _GuardedTransport, "amqps": _GuardedSSLTransport}
-
-
-def refusal_of(message: Message) -> str:
-    """Why a received message is refused before anything reads its body (``""``: it isn't)."""
-    return str(getattr(message, "refusal", ""))
 
 
 class Link:
@@ -109,8 +61,8 @@ class Link:
         self.generation = generation
         self.declared: set[str] = set()
         self.task_queues: tuple[str, ...] = ()
-        self.task_consumer: Any = None
-        self.inbox: deque[Message] = deque()
+        self.task_consumers: list[Any] = []
+        self.inbox: deque[tuple[str, Message]] = deque()  # (nbtask queue, message)
         self.held: dict[str, Message] = {}
         self.reply: str | None = None
         self.reply_consumer: Any = None
@@ -156,7 +108,7 @@ class Links:
             return link
         conn = kombu.Connection(
             self.url,
-            transport=_GUARDED.get(self.url.split("://", 1)[0].lower()),
+            transport=GUARDED.get(self.url.split("://", 1)[0].lower()),
             connect_timeout=5,
             heartbeat=0,  # a child runs user code and cannot answer AMQP heartbeats
         )
@@ -229,8 +181,13 @@ class Links:
             if isinstance(exc, TimeoutError):
                 raise
             if isinstance(exc, BrokerUnavailable):
-                raise  # the result store's: the AMQP link is fine, and it names the store
+                raise  # the result store's or a queue's: it says why
             self.drop()
+            if isinstance(exc, ConsumerCancelled):
+                raise BrokerUnavailable(
+                    "RabbitMQ cancelled a consumer of this connection (its queue was "
+                    "deleted?); the next connection declares the queue and consumes it again"
+                ) from exc
             raise self.unavailable(exc) from exc
 
     def publishing(self, send: Callable[[Link], None], *, wait: bool = True) -> None:
@@ -300,16 +257,42 @@ class Links:
             orphans.pop(0)
 
     def _collect(self, link: Link, window: int) -> None:
-        """Take in the confirms that arrived; wait for the rest while over ``window``."""
+        """Take in the confirms that arrived; wait for the rest while over ``window``.
+
+        Task messages RabbitMQ returned (their queue was deleted) are sent again to the
+        queue declared anew, up to :data:`MAX_RETURNS` times each; then refused.
+        """
         confirms = link.confirms
-        with contextlib.suppress(TimeoutError):
-            while confirms.unconfirmed:
-                link.conn.drain_events(timeout=0)
-        while len(confirms.unconfirmed) > window:
-            link.conn.drain_events(timeout=None)
+        while True:
+            with contextlib.suppress(TimeoutError):
+                while confirms.unconfirmed:
+                    link.conn.drain_events(timeout=0)
+            while len(confirms.unconfirmed) > window:
+                link.conn.drain_events(timeout=None)
+            if not confirms.returned:
+                break
+            self._send_returned(link)
         if confirms.refused:
             self._note_unsent(confirms.refused)
             confirms.refused = []
+
+    def _send_returned(self, link: Link) -> None:
+        # Declared before the messages are taken: if that fails, the link's messages
+        # (these too) are sent again on the next link, or reported unsent.
+        again = [o for o in link.confirms.returned.values() if o.returns < MAX_RETURNS]
+        for name in dict.fromkeys(o.routing_key for o in again):
+            log.warning(
+                "queue %s was gone when a message reached it (deleted after it was "
+                "declared); declaring it again and sending its messages again",
+                name,
+            )
+            link.declared.discard(name)
+            self.declare_task_queue(link, name)
+        for outgoing in link.confirms.take_returned():
+            if outgoing.returns >= MAX_RETURNS:
+                link.confirms.refused.append(outgoing)
+            else:
+                self._publish(link, dataclasses.replace(outgoing, returns=outgoing.returns + 1))
 
     def waiting(self, link: Link, name: str, *, ack: bool) -> Iterator[Message]:
         """The messages waiting on task queue ``name``, taken one by one (``basic_get``).
@@ -344,13 +327,21 @@ class Links:
         arguments: dict[str, Any] = {}
         if self._supports_consumer_timeout(link):
             arguments["x-consumer-timeout"] = CONSUMER_TIMEOUT_MS
-        link.channel.queue_declare(
-            queue=name,
-            durable=True,
-            exclusive=False,
-            auto_delete=False,
-            arguments=arguments or None,
-        )
+        try:
+            link.channel.queue_declare(
+                queue=name,
+                durable=True,
+                exclusive=False,
+                auto_delete=False,
+                arguments=arguments or None,
+            )
+        except (PreconditionFailed, ResourceLocked) as exc:
+            self.drop()  # RabbitMQ closed the channel; the connection is fine
+            raise BrokerUnavailable(
+                f"cannot use the queue {name!r} on RabbitMQ: someone declared it with other "
+                f"properties than nbtask's ({exc.reply_text}). Once nothing on it is needed, "
+                f"delete it (rabbitmqctl delete_queue '{name}'); nbtask then declares it anew"
+            ) from exc
         link.declared.add(name)
 
     def _supports_consumer_timeout(self, link: Link) -> bool:
@@ -391,7 +382,13 @@ class Links:
             properties={"delivery_mode": 2 if outgoing.persistent else 1},
             **_CONTENT,
         )
-        link.channel.basic_publish(message, exchange="", routing_key=outgoing.routing_key)
+        # A task message must reach a queue: RabbitMQ returns it if its queue is gone.
+        link.channel.basic_publish(
+            message,
+            exchange="",
+            routing_key=outgoing.routing_key,
+            mandatory=outgoing.task_id is not None,
+        )
         link.confirms.sent(outgoing)
 
 

@@ -1,0 +1,163 @@
+"""What py-amqp hands over from RabbitMQ, read as sent and never trusted.
+
+Anyone who can publish to nbtask's queues sets every property of a message, and can bind
+a queue to an exchange and publish there with any routing key. The connection, channel
+and message classes here keep py-amqp and kombu from expanding, re-coding or choking on
+any of it: a message they cannot hand over as sent is marked refused (:func:`refusal_of`),
+and the worker dead-letters it before reading its body.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from amqp.method_framing import frame_handler as _frame_handler
+from amqp.serialization import decode_properties_basic, dumps, loads
+from kombu.transport import pyamqp as _pyamqp
+
+__all__ = ["GUARDED", "refusal_of"]
+
+# kombu would decompress a body whose headers name a compression before nbtask sees it:
+# a bz2 bomb of a few hundred bytes grows to hundreds of MB before any signature or size
+# check. And py-amqp decodes a body whose content encoding names a text encoding, so one
+# sent as latin-1 or UTF-16 would come out re-encoded, not as sent. These classes make
+# kombu and py-amqp hand messages over as they arrived; one that names a compression or a
+# text encoding is marked refused (nbtask never sends either), and its body is never
+# decoded.
+pyamqp: Any = _pyamqp
+
+
+class _GuardedMessage(pyamqp.Message):  # type: ignore[misc]
+    def __init__(self, msg: Any, channel: Any = None, **kwargs: Any) -> None:
+        properties = msg.properties
+        headers = properties.get("application_headers")
+        self.refusal = ""
+        if isinstance(headers, dict) and _UNREADABLE in headers:
+            self.refusal = f"its properties cannot be read ({str(headers[_UNREADABLE])[:40]!r})"
+        elif isinstance(headers, dict) and "compression" in headers:
+            self.refusal = f"it names a compression ({str(headers['compression'])[:40]!r})"
+            properties["application_headers"] = {
+                k: v for k, v in headers.items() if k != "compression"
+            }
+        encoding = properties.get("content_encoding")
+        if not self.refusal and encoding not in (None, "", "binary"):
+            self.refusal = f"it names a content encoding ({str(encoding)[:40]!r})"
+        super().__init__(msg, channel=channel, **kwargs)
+
+
+class _GuardedChannel(pyamqp.Channel):  # type: ignore[misc]
+    Message = _GuardedMessage
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.auto_decode = False  # bodies stay the bytes sent, whatever encoding they name
+
+
+# py-amqp reads a message's properties as its frames arrive, before any of its code or
+# nbtask's sees the message: a property that is not UTF-8 (a message id, a content type),
+# a header timestamp past year 9999 or a header table nested a few thousand deep raises
+# there, the connection is left mid-message and must be dropped, and RabbitMQ delivers
+# the same message again to the next connection, for ever. The frame reader below reads
+# such a header again as one that says so (nbtask never sends it), so the message is
+# refused like the others above, and the connection carries on.
+_UNREADABLE = "x-nbtask-unreadable"
+
+
+# The same holds for the arguments of a delivery: whoever binds a queue to an exchange
+# and publishes there chooses the routing key (and may name a non-UTF-8 one), and py-amqp
+# raised reading it, after the message had been taken: the consumer, with its one
+# unacknowledged message, got nothing more. Such arguments are read again with their
+# short strings made UTF-8; the routing key then names no queue of nbtask's, so the
+# worker refuses the message.
+_CONTENT_ARGS = {(60, 60): "sLbss", (60, 71): "Lbssl", (60, 50): "Bsss"}  # deliver, get, return
+_WIDTHS = {"L": 8, "l": 4, "B": 2, "b": 1}  # no two bits in a row in these
+
+
+def _guarded_frames(connection: Any, callback: Any) -> Callable[[Any], Any]:
+    """py-amqp's frame reader, which survives a content header or delivery it cannot read."""
+
+    def dispatch(channel: int, method: tuple[int, int], args: Any, content: Any) -> Any:
+        try:
+            return callback(channel, method, args, content)
+        except Exception:
+            kinds = _CONTENT_ARGS.get(method)
+            if content is None or kinds is None or _args_read(kinds, args):
+                raise  # not the arguments' fault
+            return callback(channel, method, _readable_args(kinds, args), content)
+
+    on_frame = _frame_handler(connection, dispatch)
+
+    def guarded(frame: Any) -> Any:
+        try:
+            return on_frame(frame)
+        except Exception as exc:
+            frame_type, channel, buf = frame
+            if frame_type != 2 or _reads(buf):
+                raise  # not the header's fault (the header frame also delivers a bodyless one)
+            return on_frame((frame_type, channel, _unreadable_header(buf, exc)))
+
+    return guarded
+
+
+def _reads(buf: Any) -> bool:
+    try:
+        decode_properties_basic(buf, 12)
+    except Exception:
+        return False
+    return True
+
+
+def _args_read(kinds: str, args: Any) -> bool:
+    try:
+        loads(kinds, args, 4)
+    except Exception:
+        return False
+    return True
+
+
+def _readable_args(kinds: str, args: Any) -> bytes:
+    """A method frame's ``args`` (after its class and method ids), short strings made UTF-8."""
+    out, offset = [bytes(args[:4])], 4
+    for kind in kinds:
+        if kind == "s":
+            size = args[offset]
+            text = bytes(args[offset + 1 : offset + 1 + size]).decode("utf-8", "replace")
+            data = text.encode()[:255].decode("utf-8", "ignore").encode()
+            out.append(bytes((len(data),)) + data)
+            offset += 1 + size
+        else:
+            out.append(bytes(args[offset : offset + _WIDTHS[kind]]))
+            offset += _WIDTHS[kind]
+    return b"".join(out)
+
+
+def _unreadable_header(buf: Any, exc: BaseException) -> bytes:
+    """The content header ``buf`` (class, weight, body size kept), its properties replaced."""
+    table: bytes = dumps("F", [{_UNREADABLE: type(exc).__name__}])
+    return bytes(buf[:12]) + struct.pack(">H", 0x2000) + table
+
+
+class _GuardedConnection(pyamqp.Connection):  # type: ignore[misc]
+    Channel = _GuardedChannel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, frame_handler=_guarded_frames, **kwargs)
+
+
+class _GuardedTransport(pyamqp.Transport):  # type: ignore[misc]
+    Connection = _GuardedConnection
+
+
+class _GuardedSSLTransport(pyamqp.SSLTransport):  # type: ignore[misc]
+    Connection = _GuardedConnection
+
+
+#: The kombu transport classes to use, by URL scheme.
+GUARDED = {"amqp": _GuardedTransport, "amqps": _GuardedSSLTransport}
+
+
+def refusal_of(message: Any) -> str:
+    """Why a received message is refused before anything reads its body (``""``: it isn't)."""
+    return str(getattr(message, "refusal", ""))

@@ -1,0 +1,154 @@
+"""A client's own reply queue on AMQP, and the catch-up from its stream in the store.
+
+Events for a client are kept on its stream in the store, then published to its exclusive
+auto-delete reply queue. The queue is declared when the client first reads, and again on
+each new connection; what was sent while it did not exist is read from the stream.
+
+The queue's name is in every record of the client's tasks, so anyone with store access
+can declare it first, exclusive to their own connection (or with other properties), and
+RabbitMQ then refuses it to the client. The client then says so once and reads its events
+from the stream, trying its queue again every :data:`RETRY_SECONDS`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import time
+
+from amqp.exceptions import PreconditionFailed, ResourceLocked
+
+from nbtask.brokers.amqp_links import Link, Links, body_of, kombu
+from nbtask.brokers.redis_store import RedisStore
+from nbtask.errors import BrokerUnavailable
+
+__all__ = ["RETRY_SECONDS", "Replies"]
+
+log = logging.getLogger(__name__)
+
+#: Seconds between attempts to declare a reply queue someone else holds.
+RETRY_SECONDS = 10.0
+
+Events = list[tuple[str, str, bytes]]
+
+
+class _Taken(Exception):
+    """The reply queue is held by another connection, or declared otherwise."""
+
+
+class Replies:
+    """The reply queues of one transport's clients.
+
+    Parameters
+    ----------
+    links
+        The transport's AMQP connections.
+    store
+        The Redis store keeping every client's events.
+    """
+
+    def __init__(self, links: Links, store: RedisStore) -> None:
+        self.links = links
+        self.store = store
+        self._positions: dict[str, str] = {}  # in the store's stream, by channel
+        self._ids = itertools.count(1)
+        self._taken: dict[str, float] = {}  # channel: when to try declaring it again
+
+    def read(self, channel: str, block_seconds: float) -> Events:
+        """Events of ``channel``'s reply queue (or its stream, while the queue is taken)."""
+        if time.monotonic() < self._taken.get(channel, 0.0):
+            return self._from_store(channel, block_seconds)
+        out: Events = []
+        link: Link | None = None
+        try:
+            with self.links.using() as link:
+                if link.reply != channel:
+                    out += self._consume(link, channel)
+                if not link.replies and not out and block_seconds > 0:
+                    with contextlib.suppress(TimeoutError):
+                        link.conn.drain_events(timeout=block_seconds)
+                # Anything else already buffered comes along without waiting.
+                with contextlib.suppress(TimeoutError):
+                    while True:
+                        link.conn.drain_events(timeout=0)
+        except _Taken:
+            return self._from_store(channel, block_seconds)
+        except BrokerUnavailable:
+            # Events already read (a catch-up, whose position has moved on, or received
+            # ones: no_ack) are handed over all the same; the next read reconnects.
+            if not out and (link is None or not link.replies):
+                raise
+        assert link is not None
+        while link.replies:
+            message = link.replies.popleft()
+            out.append((channel, self._next_id(), body_of(message)))
+        return out
+
+    def _next_id(self) -> str:
+        return f"{int(time.time() * 1000)}-{next(self._ids)}"
+
+    def _consume(self, link: Link, channel: str) -> Events:
+        """Declare and consume the reply queue; return events missed meanwhile."""
+        try:
+            link.channel.queue_declare(
+                queue=channel, durable=False, exclusive=True, auto_delete=True
+            )
+        except (ResourceLocked, PreconditionFailed) as exc:
+            self.links.drop()  # RabbitMQ closed the channel; the connection is fine
+            if channel not in self._taken:
+                log.warning(
+                    "the reply queue %s is held by another connection or was declared "
+                    "otherwise (%s): someone else declared it. Reading this client's "
+                    "events from the result store instead, and trying the queue again "
+                    "every %.0f s",
+                    channel,
+                    exc.reply_text,
+                    RETRY_SECONDS,
+                )
+            self._taken[channel] = time.monotonic() + RETRY_SECONDS
+            raise _Taken from exc
+        self._taken.pop(channel, None)
+        queue = kombu.Queue(
+            channel,
+            exchange="",
+            routing_key=channel,
+            durable=False,
+            exclusive=True,
+            auto_delete=True,
+            no_declare=True,
+        )
+        consumer = kombu.Consumer(
+            link.channel, queues=[queue], no_ack=True, on_message=link.replies.append
+        )
+        consumer.consume()
+        link.reply, link.reply_consumer = channel, consumer
+        # What was sent before the queue existed (or while it was gone) reached only the
+        # store: catch up from there, from where the last catch-up stopped. Without the
+        # store, the next read starts over on a new connection (queue and catch-up both)
+        # instead of carrying on with a gap.
+        after = self._positions.get(channel, "0-0")
+        try:
+            missed = self.store.events_after(channel, after)
+            end = None if missed else self.store.channel_end(channel)
+        except BrokerUnavailable:
+            self.links.drop()
+            raise
+        out = []
+        for entry_id, raw in missed:
+            self._positions[channel] = entry_id
+            if raw:
+                out.append((channel, self._next_id(), raw))
+        if end is not None:
+            self._positions[channel] = end
+        return out
+
+    def _from_store(self, channel: str, block_seconds: float) -> Events:
+        """Events kept on ``channel``'s stream after the last one read (a second at most)."""
+        after = self._positions.get(channel, "0-0")
+        out: Events = []
+        for _, entry_id, raw in self.store.read_events({channel: after}, min(block_seconds, 1.0)):
+            self._positions[channel] = entry_id
+            if raw:
+                out.append((channel, self._next_id(), raw))
+        return out
