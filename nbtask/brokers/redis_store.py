@@ -20,6 +20,7 @@ Keys, all under ``<key_prefix>:``:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import time
@@ -40,12 +41,14 @@ from nbtask.brokers.scripts import STORE_SCRIPTS
 from nbtask.settings import Settings
 from nbtask.wire.records import RecordFields, TaskRecord
 
-__all__ = ["CHANNEL_MAXLEN", "RedisStore"]
+__all__ = ["CHANNEL_MAXLEN", "DEAD_LETTER_BYTES", "RedisStore"]
 
 log = logging.getLogger(__name__)
 
 #: Events kept per client channel (older ones are trimmed).
 CHANNEL_MAXLEN = 10_000
+#: The bytes of a message kept in the dead-letter stream (more: its start, size and hash).
+DEAD_LETTER_BYTES = 1 << 20
 _JOURNAL_LINES = 1_000
 
 
@@ -423,7 +426,16 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings):
 
     # Dead letters ----------------------------------------------------------------------------
     def dead_letter_command(self, delivery: Delivery) -> tuple[Any, ...]:
-        """The command keeping a message given up on in the dead-letter stream."""
+        """The command keeping a message given up on in the dead-letter stream.
+
+        A message over :data:`DEAD_LETTER_BYTES` keeps only its start, with its size and
+        SHA-256: whoever may publish to RabbitMQ, but not write to the store, must not
+        fill the store with copies of huge messages nbtask refused.
+        """
+        raw = delivery.raw
+        whole = len(raw) <= DEAD_LETTER_BYTES
+        extra = () if whole else ("size", len(raw), "sha256", hashlib.sha256(raw).hexdigest())
+        kept = raw if whole else bytes(memoryview(raw)[:DEAD_LETTER_BYTES])
         return (
             "XADD",
             self.dead_letter_key,
@@ -432,11 +444,12 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings):
             CHANNEL_MAXLEN,
             "*",
             "e",
-            delivery.raw,
+            kept,
             "q",
             delivery.queue,
             "n",
             delivery.deliveries,
+            *extra,
         )
 
     def dead_letter(self, delivery: Delivery) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
 import time
 import uuid
 import warnings
@@ -28,6 +29,7 @@ from raw_broker import RawBroker
 
 import nbtask
 from nbtask import App, Settings
+from nbtask.brokers.redis_store import DEAD_LETTER_BYTES
 from nbtask.core.holding import holder_queue
 from nbtask.wire.envelope import Signer
 from nbtask.wire.events import Event, EventType
@@ -550,3 +552,19 @@ def test_insecure_app_sends_and_warns(
             Signer(SECRET).open(fields[b"e"])
     finally:
         insecure.close()
+
+
+def test_a_huge_refused_message_leaves_only_its_start_size_and_hash_in_the_store(
+    app: App, access: RawBroker, small_worker: WorkerProcess
+) -> None:
+    """Whoever may publish to RabbitMQ, but not write to the store, cannot fill the store."""
+    raw = b"NBT\x01" + os.urandom(DEAD_LETTER_BYTES * 3)
+    access.inject(raw)
+    wait_for(lambda: len(access.dead_letters()) == 1, what="the worker to dead-letter it")
+    [kept] = access.dead_letters()
+    assert kept[b"e"] == raw[:DEAD_LETTER_BYTES]
+    assert (int(kept[b"size"]), kept[b"sha256"].decode()) == (
+        len(raw),
+        hashlib.sha256(raw).hexdigest(),
+    )
+    assert app.send_task(ADD_TASK, (2, 3)).get(timeout=15) == 5
