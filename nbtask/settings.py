@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -21,6 +22,7 @@ __all__ = [
     "MAX_SECONDS",
     "REDIS_SCHEMES",
     "Settings",
+    "is_finite_number",
 ]
 
 DEFAULT_QUEUE = "default"
@@ -216,7 +218,7 @@ class Settings:
             value = getattr(self, name)
             if value is None and name == "max_age":
                 continue
-            if not _is_number(value) or not 0 < value <= MAX_SECONDS:
+            if not is_finite_number(value) or not 0 < value <= MAX_SECONDS:
                 raise ConfigurationError(
                     f"{_label(name)} must be a positive number of seconds, at most "
                     f"{MAX_SECONDS:.0e}, got {value!r}"
@@ -335,9 +337,13 @@ def _is_word(text: str) -> bool:
     return not any(c.isspace() or c in "{}" for c in text)
 
 
-def _is_number(value: object) -> bool:
-    """A finite real number, and not a bool (``True`` is no duration)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def is_finite_number(value: object) -> bool:
+    """A real number that is not a bool, nan or infinite: a time nbtask can wait for."""
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
+    )
 
 
 def _secrets(text: str) -> tuple[str, ...]:

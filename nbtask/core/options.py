@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import inspect
-import math
-import numbers
 from collections.abc import Mapping
 from typing import Any
 
 from nbtask.core.datasets import dataset_names
 from nbtask.errors import ConfigurationError
+from nbtask.settings import is_finite_number
 
 __all__ = [
     "TASK_OPTIONS",
     "check_task_function",
-    "is_finite_number",
     "parse_rate",
     "positive",
     "seconds",
@@ -160,15 +158,6 @@ def seconds(name: str, value: float | None) -> float | None:
     if value is None or is_finite_number(value):
         return None if value is None else float(value)
     raise ConfigurationError(f"{name}={value!r} is not a number of seconds")
-
-
-def is_finite_number(value: object) -> bool:
-    """A real number that is not a bool, nan or infinite: a time nbtask can wait for."""
-    return (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool)
-        and math.isfinite(float(value))
-    )
 
 
 def check_task_function(func: object) -> None:

@@ -17,8 +17,9 @@ from nbtask.core.context import Request, current_request, progress
 from nbtask.core.datasets import data_queue, dataset_names
 from nbtask.core.handle import TaskHandle
 from nbtask.core.holding import is_holder_queue
-from nbtask.core.options import is_finite_number, positive, seconds
+from nbtask.core.options import positive, seconds
 from nbtask.errors import ConfigurationError, MaxRetriesExceededError, Retry
+from nbtask.settings import is_finite_number
 from nbtask.wire.events import Event
 from nbtask.wire.records import WorkerInfo
 
@@ -434,11 +435,12 @@ def _callbacks(
         items: tuple[object, ...] = (
             () if value is None else tuple(value) if isinstance(value, (list, tuple)) else (value,)
         )
-        signatures = tuple(item for item in items if isinstance(item, Signature))
-        if len(signatures) != len(items):
-            wrong = next(item for item in items if not isinstance(item, Signature))
-            raise ConfigurationError(f"{name} takes signatures (task.s(...)), got {wrong!r}")
-        return signatures
+        signatures: list[Signature] = []
+        for item in items:
+            if not isinstance(item, Signature):
+                raise ConfigurationError(f"{name} takes signatures (task.s(...)), got {item!r}")
+            signatures.append(item)
+        return tuple(signatures)
 
     return Callbacks(
         tuple(sig.for_worker() for sig in as_tuple(link, "link")),

@@ -81,7 +81,8 @@ class Session:
         self.boards: list[TaskBoard] = []
         #: Names this notebook's clients on the broker, across kernel restarts.
         self.group = notebook_group()
-        #: The kernel's environment when nbtask was loaded: cells ship what changed since.
+        #: The kernel's process-wide state each cell ships (the environment as changed
+        #: since nbtask was loaded), pickled again only when it changed.
         self.kernel_state = process_state.KernelState()
         self.version_warnings = VersionWarnings()
         self._stop = threading.Event()
