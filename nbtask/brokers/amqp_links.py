@@ -23,12 +23,12 @@ from kombu.exceptions import OperationalError
 from nbtask._text import redact_url
 from nbtask.brokers.amqp_confirms import Confirms, Outgoing
 from nbtask.brokers.amqp_guards import GUARDED
+from nbtask.brokers.base import PIPELINE_WINDOW
 from nbtask.errors import BrokerUnavailable
 
 __all__ = [
     "CONSUMER_TIMEOUT_MS",
     "MAX_RETURNS",
-    "PIPELINE_WINDOW",
     "Link",
     "Links",
     "body_of",
@@ -38,8 +38,6 @@ __all__ = [
 
 #: ``x-consumer-timeout`` of task queues on RabbitMQ >= 3.12, milliseconds (7 days).
 CONSUMER_TIMEOUT_MS = 7 * 24 * 3600 * 1000
-#: Messages a thread may have sent unconfirmed before a send waits for their confirms.
-PIPELINE_WINDOW = 1000
 #: Times a task message returned by RabbitMQ (its queue deleted) is sent again.
 MAX_RETURNS = 3
 ID_HEADER = "nbtask-id"

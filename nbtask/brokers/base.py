@@ -19,7 +19,20 @@ from nbtask.wire.envelope import Buffer
 from nbtask.wire.holdings import Holdings
 from nbtask.wire.records import RecordFields, TaskRecord, WorkerInfo
 
-__all__ = ["Delivery", "Publish", "Settlement", "StartBy", "Store", "Transport", "Verdict"]
+__all__ = [
+    "PIPELINE_WINDOW",
+    "Delivery",
+    "Publish",
+    "Settlement",
+    "StartBy",
+    "Store",
+    "Transport",
+    "Verdict",
+]
+
+#: Task messages a thread may have published without the broker's answer (RabbitMQ's
+#: confirm, Redis's reply) before its next send waits for them.
+PIPELINE_WINDOW = 1000
 
 
 class Verdict:

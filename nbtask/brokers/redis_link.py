@@ -7,9 +7,11 @@ the same server and so the same link).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
+import socket
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -27,6 +29,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from nbtask._text import redact_url
+from nbtask.brokers.base import PIPELINE_WINDOW
 from nbtask.errors import BrokerUnavailable, ConfigurationError
 
 __all__ = ["LARGE_BYTES", "Command", "RedisLink", "is_wrong_type"]
@@ -44,6 +47,19 @@ _HINTS = {
     ),
     "result store": "Is redis-server running there? (the result store: NBTASK_RESULT_URL)",
 }
+
+
+@dataclasses.dataclass
+class _Owed:
+    """Task publishes one thread sent on its connection whose replies it has not read.
+
+    ``sent`` holds ``(command, task id)``, oldest first. Kept by the link too while not
+    empty, so a thread that ends owing replies does not close the connection under them.
+    """
+
+    connection: Any
+    pid: int
+    sent: list[tuple[Command, str]] = dataclasses.field(default_factory=list)
 
 
 class RedisLink:
@@ -67,6 +83,9 @@ class RedisLink:
         self._scripts: dict[str, str] = {}
         self._sha: dict[str, str] = {}
         self._local = threading.local()
+        self._owing: dict[int, _Owed] = {}  # by id(): every thread's replies not read yet
+        self._unsent: list[str] = []
+        self._lock = threading.Lock()
 
     def add_scripts(self, scripts: Mapping[str, str]) -> None:
         """Make ``scripts`` (name -> Lua) callable with :meth:`evalsha`."""
@@ -119,7 +138,13 @@ class RedisLink:
             self.redis.hset(key, field, value)
 
     def close(self) -> None:
-        """Close every pooled connection and this thread's own."""
+        """Read the replies every thread owes, then close every connection."""
+        with self._lock:
+            owing = [owed for owed in self._owing.values() if owed.pid == os.getpid()]
+        for owed in owing:
+            with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
+                self._settle(owed)
+            owed.connection.disconnect()
         connection = getattr(self._local, "connection", None)
         if connection is not None:
             connection.disconnect()
@@ -158,6 +183,119 @@ class RedisLink:
             self.load_scripts()
             return self.run(commands, large=large)
 
+    def send_unanswered(self, command: Command, task_id: str) -> None:
+        """Send task ``task_id``'s publish script without waiting for Redis's reply.
+
+        The reply is read by this thread's next command, by :meth:`settle_owed` or by
+        :meth:`close`; a thread owing :data:`PIPELINE_WINDOW` replies reads them first. A
+        publish Redis did not run (the connection dropped before its reply came and it
+        cannot be sent again, or Redis answered with an error) is noted for
+        :meth:`take_unsent`. Sending one again is safe: the script refuses a task id that
+        already has a record, so a copy that did get through is never queued twice.
+        """
+        owed = self._owed()
+        if len(owed.sent) >= PIPELINE_WINDOW:
+            self.settle_owed()
+        if _closed_by_server(owed.connection._sock):
+            # Not connected yet, or the server went away (stopped, restarted) since the
+            # last reply: send this one as a call, which reconnects or raises at once.
+            self.run_scripts([command])
+            return
+        try:
+            owed.connection.send_packed_command([pack_command(command)])
+        except (RedisConnectionError, RedisTimeoutError):
+            owed.connection.disconnect()
+            self.read_lost = True
+            # Whether Redis got this one, or the ones owed before it, is unknown: send
+            # them all again now, on a new connection, and raise if that fails too.
+            earlier = self._take_owed(owed)
+            self._send_again(earlier)
+            self.run_scripts([command])
+            return
+        self._owe(owed, [(command, task_id)])
+
+    @property
+    def owed(self) -> int:
+        """How many replies to :meth:`send_unanswered` this thread has not read yet."""
+        owed = getattr(self._local, "owed", None)
+        return len(owed.sent) if owed is not None and owed.pid == os.getpid() else 0
+
+    def settle_owed(self) -> None:
+        """Read the replies this thread owes (see :meth:`send_unanswered`).
+
+        Raises redis-py's ``ConnectionError`` when some must be sent again and Redis
+        cannot be reached: they are then noted for :meth:`take_unsent`.
+        """
+        owed = getattr(self._local, "owed", None)
+        if owed is not None and owed.sent and owed.pid == os.getpid():
+            self._settle(owed)
+
+    def take_unsent(self) -> list[str]:
+        """Ids of tasks sent by :meth:`send_unanswered` that Redis never queued; each once."""
+        with self._lock:
+            out, self._unsent = self._unsent, []
+        return out
+
+    def _owed(self) -> _Owed:
+        connection = self._connection()
+        owed: _Owed | None = getattr(self._local, "owed", None)
+        if owed is None or owed.connection is not connection:
+            owed = self._local.owed = _Owed(connection, os.getpid())
+        return owed
+
+    def _owe(self, owed: _Owed, entries: list[tuple[Command, str]]) -> None:
+        with self._lock:
+            self._owing[id(owed)] = owed
+            owed.sent += entries
+
+    def _take_owed(self, owed: _Owed) -> list[tuple[Command, str]]:
+        with self._lock:
+            self._owing.pop(id(owed), None)
+        sent, owed.sent = owed.sent, []
+        return sent
+
+    def _settle(self, owed: _Owed) -> None:
+        sent = self._take_owed(owed)
+        again: list[tuple[Command, str]] = []
+        for done, entry in enumerate(sent):
+            try:
+                owed.connection.read_response()
+            except NoScriptError:  # the server restarted empty: nothing ran
+                again.append(entry)
+            except ResponseError as exc:
+                self._note_unsent([entry], exc)
+            except (RedisConnectionError, RedisTimeoutError):
+                owed.connection.disconnect()
+                self.read_lost = True
+                again += sent[done:]
+                break
+            except BaseException:
+                # Interrupted mid-read: the connection cannot be reused, and the replies
+                # not read yet are owed again (reading them then fails: sent again).
+                owed.connection.disconnect()
+                self._owe(owed, [*again, *sent[done:]])
+                raise
+        self._send_again(again)
+
+    def _send_again(self, entries: Sequence[tuple[Command, str]]) -> None:
+        if not entries:
+            return
+        try:
+            self.load_scripts()
+            replies = self.run([command for command, _ in entries], raise_errors=False)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            self._note_unsent(entries, exc)
+            raise
+        for entry, reply in zip(entries, replies, strict=True):
+            if isinstance(reply, ResponseError):
+                self._note_unsent([entry], reply)
+
+    def _note_unsent(self, entries: Sequence[tuple[Command, str]], why: BaseException) -> None:
+        ids = [task_id for _, task_id in entries]
+        log.error("Redis did not queue task(s) %s: %s", ", ".join(ids), _sentence(why))
+        with self._lock:
+            self._unsent += ids
+
     def _connection(self) -> Any:
         # One connection per thread, kept: taking one from the pool on every call costs
         # a health-check syscall, more than the command itself on a local server. A
@@ -189,6 +327,7 @@ class RedisLink:
         commands are packed by hiredis directly, and a blocking read's timeout is set once
         for all its replies.
         """
+        self.settle_owed()  # replies come in order: this thread's earlier ones first
         packed = None
         for attempt in (1, 2):
             connection = self._connection()
@@ -256,6 +395,24 @@ def pack(commands: Sequence[Command]) -> list[bytes | memoryview]:
                 head.append(b"$%d\r\n%s\r\n" % (len(data), data))
         chunks.append(b"".join(head))
     return chunks
+
+
+def _closed_by_server(sock: socket.socket | None) -> bool:
+    """Whether ``sock`` is missing or the server closed it (it reads as at its end)."""
+    if sock is None:
+        return True
+    timeout = sock.gettimeout()
+    try:
+        if timeout is not None:
+            sock.settimeout(0)  # a socket with a timeout would wait for data to peek at
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:  # nothing to read: open, every reply read
+        return False
+    except OSError:  # reset by the server
+        return True
+    finally:
+        if timeout is not None:
+            sock.settimeout(timeout)
 
 
 def _sentence(exc: BaseException) -> str:

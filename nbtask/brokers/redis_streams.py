@@ -76,15 +76,22 @@ class StreamsTransport(StreamsUpkeep):
     def publish(self, messages: Sequence[Publish], *, wait: bool = True) -> list[str]:
         """Enqueue messages and write their PENDING records, in one round trip.
 
-        Redis has answered when this returns, ``wait`` or not.
+        With ``wait`` (or several messages, or a large one) Redis has answered when this
+        returns. Without, a lone message is written and Redis's reply is read later, by
+        this thread's next command or :meth:`flush`; its refusal is then not reported,
+        so the caller must know its task id to be new (one it made itself).
         """
         now = time.time()
+        if not wait and len(messages) == 1 and len(messages[0].raw) < LARGE_BYTES:
+            msg = messages[0]
+            with self.link.translate_errors():
+                self.link.send_unanswered(self._publish_command(msg, now), msg.task_id)
+            return [""]
         commands: list[Command] = []
         large = False
         for msg in messages:
-            due = None if msg.eta is None or msg.eta <= now else msg.eta
             if len(msg.raw) < LARGE_BYTES:
-                commands.append(self._publish_command(msg, due, now))
+                commands.append(self._publish_command(msg, now))
                 continue
             # A large message skips the script: a script argument is one more copy of it
             # inside Redis. The record is written by the same shared step, and MULTI
@@ -92,6 +99,7 @@ class StreamsTransport(StreamsUpkeep):
             # is still queued, and the start check drops it (that task is running or
             # ended), or only one of the two copies runs (it is queued).
             large = True
+            due = _due(msg, now)
             if due is None:
                 queue_it: Command = (
                     "XADD",
@@ -119,7 +127,7 @@ class StreamsTransport(StreamsUpkeep):
             replies = self.link.run_scripts(commands, large=large)
         return _refusals(replies)
 
-    def _publish_command(self, msg: Publish, due: float | None, now: float) -> Command:
+    def _publish_command(self, msg: Publish, now: float) -> Command:
         client = msg.record.get("client")
         index = self.store.client_tasks_key(str(client)) if client else ""
         keys = (
@@ -134,18 +142,20 @@ class StreamsTransport(StreamsUpkeep):
             keys,
             msg.raw,
             self.store.ttl,
-            "" if due is None else repr(due),
+            "" if (due := _due(msg, now)) is None else repr(due),
             msg.task_id,
             repr(now),
             *fields,
         )
 
     def flush(self) -> None:
-        """Nothing to wait for: every publish has had Redis's answer."""
+        """Read Redis's replies to this thread's publishes sent without waiting."""
+        with self.link.translate_errors():
+            self.link.settle_owed()
 
     def take_unsent(self) -> list[str]:
-        """None: a publish Redis did not take raised at once."""
-        return []
+        """Ids of tasks published without waiting that Redis never queued."""
+        return self.link.take_unsent()
 
     def read_events(
         self, channels: Mapping[str, str], block_seconds: float
@@ -395,6 +405,11 @@ class StreamsTransport(StreamsUpkeep):
             keys += [self.store.eta_key(queue), self.queue_key(queue)]
         reply = self.link.call("move_due", keys, repr(time.time()), CHANNEL_MAXLEN)
         return self.store.due_reply(reply)
+
+
+def _due(msg: Publish, now: float) -> float | None:
+    """When ``msg`` may run, if later than ``now``."""
+    return None if msg.eta is None or msg.eta <= now else msg.eta
 
 
 def _refusals(replies: Sequence[Any]) -> list[str]:

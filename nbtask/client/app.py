@@ -301,10 +301,11 @@ class App:
         return self.settings.broker_url
 
     def flush(self) -> None:
-        """Wait until the broker confirmed every task this thread sent (RabbitMQ).
+        """Wait until the broker answered for every task this thread sent.
 
-        A lone ``delay()`` returns before its confirm; a task whose message was not
-        delivered after all is revoked, its handle failing with ``TaskRevoked``.
+        A lone ``delay()`` returns before RabbitMQ's confirm or Redis's reply; a task
+        whose message was not delivered after all is revoked, its handle failing with
+        ``TaskRevoked``.
         """
         if (transport := self._transport) is not None:
             with revoking_unsent(transport, self.signer, self.channel, self._listener):
@@ -371,9 +372,11 @@ class App:
             if on_event is not None:
                 handle.on_event(on_event)
             listener.register(handle)
-        # A lone call (delay()) does not wait for its confirm; a batch waits once for all.
+        # A lone call (delay()) does not wait for the broker's answer; a batch waits once
+        # for all, and so does a call with its own task_id (it may be refused as reused).
+        wait = len(built) > 1 or any(options.get("task_id") for *_, options in calls)
         with revoking_unsent(self.transport, self.signer, channel, listener):
-            refused = self.transport.publish([p for _, p in built], wait=len(built) > 1)
+            refused = self.transport.publish([p for _, p in built], wait=wait)
         taken = restore_refused(listener, handles, refused, previous)
         live.note_sent([h for h, state in zip(handles, refused, strict=True) if not state])
         if taken:

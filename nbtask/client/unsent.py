@@ -1,9 +1,10 @@
 """Tasks whose messages never reached the broker, though their send had returned.
 
-On RabbitMQ a single ``delay()`` returns once its message is written, before RabbitMQ
-confirms it (see :mod:`nbtask.brokers.amqp_confirms`). If the confirm never comes (the
-connection dropped and RabbitMQ cannot be reached to send the message again, or RabbitMQ
-refused it), the task is revoked here: it never runs, even if its message did get
+A single ``delay()`` returns once its message is written, before RabbitMQ confirms it
+(see :mod:`nbtask.brokers.amqp_confirms`) or Redis replies (see
+:meth:`~nbtask.brokers.redis_link.RedisLink.send_unanswered`). If the answer never comes
+(the connection dropped and the broker cannot be reached to send the message again, or
+the broker refused it), the task is revoked here: it never runs, even if its message did get
 through, and its handle fails saying why. A task already started did get through, and is
 left alone.
 """

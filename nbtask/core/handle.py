@@ -224,7 +224,7 @@ class TaskHandle(concurrent.futures.Future[Any]):
             The result needs a class this process cannot import.
         """
         if not self.done() and self.app is not None:
-            # Its message may still await RabbitMQ's confirm (sent by this thread, which
+            # Its message may still await the broker's answer (sent by this thread, which
             # is about to wait): settle that first, so an undelivered task fails now.
             with contextlib.suppress(BrokerUnavailable):
                 self.app.flush()
