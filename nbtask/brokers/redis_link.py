@@ -29,10 +29,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from nbtask._text import redact_url
-from nbtask.brokers.base import PIPELINE_WINDOW
+from nbtask.brokers.base import PIPELINE_WINDOW, Publish
 from nbtask.errors import BrokerUnavailable, ConfigurationError
 
-__all__ = ["LARGE_BYTES", "Command", "RedisLink", "is_wrong_type"]
+__all__ = ["LARGE_BYTES", "Command", "RedisLink", "is_wrong_type", "unanswered"]
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +357,17 @@ class RedisLink:
                 if isinstance(reply, ResponseError):
                     raise reply
         return replies
+
+
+def unanswered(messages: Sequence[Publish], wait: bool) -> Publish | None:
+    """The message of a send that need not wait for Redis's reply, if it is one.
+
+    A lone message, small enough for a script argument, whose sender does not wait (it
+    made the task id itself, so no refusal can come back).
+    """
+    if wait or len(messages) != 1 or len(messages[0].raw) >= LARGE_BYTES:
+        return None
+    return messages[0]
 
 
 def _read_replies(connection: Any, count: int, block_seconds: float, replies: list[Any]) -> None:
