@@ -30,7 +30,7 @@ from helpers import wait_until
 from tcp_proxy import TcpProxy
 
 from nbtask import App, Settings, State
-from nbtask.brokers.redis_link import RedisLink
+from nbtask.brokers.redis_link import OWED_BYTES, RedisLink
 from nbtask.brokers.redis_store import RedisStore
 from nbtask.brokers.redis_streams import StreamsTransport
 from nbtask.errors import BrokerUnavailable, TaskRevoked
@@ -169,3 +169,20 @@ def test_a_send_redis_answers_with_an_error_is_revoked_not_dropped(
     wait_until(
         lambda: app.store.get_record(handle.id).state is State.REVOKED, 5, "the record revoked"
     )
+
+
+def test_a_loop_sending_large_arguments_keeps_few_of_them_unanswered(app: App) -> None:
+    @app.task
+    def size(data: bytes) -> int:
+        return len(data)
+
+    payload = b"x" * 600_000  # inline (under the blob threshold), under LARGE_BYTES
+    most = 0
+    handles = []
+    for _ in range(60):
+        handles.append(size.delay(payload))
+        most = max(most, link_of(app).owed)
+    # Kept to be sent again, the unanswered publishes stay near OWED_BYTES, not 60 x 600 kB.
+    assert 1 < most <= OWED_BYTES // len(payload) + 1
+    app.flush()
+    assert link_of(app).owed == 0
