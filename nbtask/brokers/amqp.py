@@ -120,10 +120,10 @@ class AmqpTransport:
         """Write the PENDING records (ETA ones parked in the store), then enqueue the rest.
 
         With ``wait``, return once RabbitMQ confirmed them all (their confirms awaited
-        together); without, once they are written (see :meth:`flush`).
+        together); without, once they are written, the records too (see :meth:`flush`).
         """
         now = time.time()
-        refused = self.store.write_pending(messages)
+        refused = self.store.write_pending(messages, wait=wait)
         queued = [
             msg
             for msg, why in zip(messages, refused, strict=True)
@@ -152,20 +152,24 @@ class AmqpTransport:
         self.links.send(link, name, raw, persistent=True, headers=headers, task_id=task_id)
 
     def flush(self) -> None:
-        """Wait until RabbitMQ confirmed every message this thread sent.
+        """Wait until RabbitMQ confirmed every message this thread sent (and their records).
 
-        Messages a dropped connection left unconfirmed are sent again first. Raises
-        :class:`BrokerUnavailable` if RabbitMQ cannot be reached; tasks whose messages
-        could not be sent are then in :meth:`take_unsent`.
+        The store answers for the records first. Messages a dropped connection left
+        unconfirmed are sent again first. Raises :class:`BrokerUnavailable` if RabbitMQ or
+        the store cannot be reached; tasks whose messages or records could not be sent
+        are then in :meth:`take_unsent`.
         """
+        with self.store.link.translate_errors():
+            self.store.link.settle_owed()
         self.links.flush()
 
     def take_unsent(self) -> list[str]:
-        """Ids of tasks sent earlier whose messages RabbitMQ refused or never got.
+        """Ids of tasks sent earlier whose messages or records never arrived.
 
+        RabbitMQ refused or never got the message, or the store did not write the record.
         Their ``publish`` had returned without waiting; each is taken once.
         """
-        return self.links.take_unsent()
+        return [*self.store.link.take_unsent(), *self.links.take_unsent()]
 
     def read_events(
         self, channels: Mapping[str, str], block_seconds: float

@@ -29,15 +29,18 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from nbtask._text import redact_url
-from nbtask.brokers.base import PIPELINE_WINDOW
+from nbtask.brokers.base import PIPELINE_WINDOW, Publish
 from nbtask.errors import BrokerUnavailable, ConfigurationError
 
-__all__ = ["LARGE_BYTES", "Command", "RedisLink", "is_wrong_type"]
+__all__ = ["LARGE_BYTES", "Command", "RedisLink", "is_wrong_type", "unanswered"]
 
 log = logging.getLogger(__name__)
 
 #: Arguments from this size on are sent as they are, never copied into one buffer.
 LARGE_BYTES = 1 << 20
+#: Bytes of publishes a thread may have sent unanswered (kept to be sent again) before
+#: its next send reads Redis's replies: a loop sending large arguments holds little.
+OWED_BYTES = 16 << 20
 Command = tuple[Any, ...]
 
 _HINTS = {
@@ -60,6 +63,7 @@ class _Owed:
     connection: Any
     pid: int
     sent: list[tuple[Command, str]] = dataclasses.field(default_factory=list)
+    size: int = 0  # bytes of the commands in ``sent``, kept to be sent again
 
 
 class RedisLink:
@@ -187,22 +191,24 @@ class RedisLink:
         """Send task ``task_id``'s publish script without waiting for Redis's reply.
 
         The reply is read by this thread's next command, by :meth:`settle_owed` or by
-        :meth:`close`; a thread owing :data:`PIPELINE_WINDOW` replies reads them first. A
+        :meth:`close`; a thread owing :data:`PIPELINE_WINDOW` replies, or
+        :data:`OWED_BYTES` of commands (kept to be sent again), reads them first. A
         publish Redis did not run (the connection dropped before its reply came and it
         cannot be sent again, or Redis answered with an error) is noted for
         :meth:`take_unsent`. Sending one again is safe: the script refuses a task id that
         already has a record, so a copy that did get through is never queued twice.
         """
         owed = self._owed()
-        if len(owed.sent) >= PIPELINE_WINDOW:
+        if len(owed.sent) >= PIPELINE_WINDOW or owed.size >= OWED_BYTES:
             self.settle_owed()
         if _closed_by_server(owed.connection._sock):
             # Not connected yet, or the server went away (stopped, restarted) since the
             # last reply: send this one as a call, which reconnects or raises at once.
             self.run_scripts([command])
             return
+        packed = pack_command(command)
         try:
-            owed.connection.send_packed_command([pack_command(command)])
+            owed.connection.send_packed_command([packed])
         except (RedisConnectionError, RedisTimeoutError):
             owed.connection.disconnect()
             self.read_lost = True
@@ -212,7 +218,7 @@ class RedisLink:
             self._send_again(earlier)
             self.run_scripts([command])
             return
-        self._owe(owed, [(command, task_id)])
+        self._owe(owed, [(command, task_id)], len(packed))
 
     @property
     def owed(self) -> int:
@@ -243,15 +249,16 @@ class RedisLink:
             owed = self._local.owed = _Owed(connection, os.getpid())
         return owed
 
-    def _owe(self, owed: _Owed, entries: list[tuple[Command, str]]) -> None:
+    def _owe(self, owed: _Owed, entries: list[tuple[Command, str]], size: int) -> None:
         with self._lock:
             self._owing[id(owed)] = owed
             owed.sent += entries
+            owed.size += size
 
     def _take_owed(self, owed: _Owed) -> list[tuple[Command, str]]:
         with self._lock:
             self._owing.pop(id(owed), None)
-        sent, owed.sent = owed.sent, []
+        sent, owed.sent, owed.size = owed.sent, [], 0
         return sent
 
     def _settle(self, owed: _Owed) -> None:
@@ -273,7 +280,7 @@ class RedisLink:
                 # Interrupted mid-read: the connection cannot be reused, and the replies
                 # not read yet are owed again (reading them then fails: sent again).
                 owed.connection.disconnect()
-                self._owe(owed, [*again, *sent[done:]])
+                self._owe(owed, [*again, *sent[done:]], 0)
                 raise
         self._send_again(again)
 
@@ -357,6 +364,17 @@ class RedisLink:
                 if isinstance(reply, ResponseError):
                     raise reply
         return replies
+
+
+def unanswered(messages: Sequence[Publish], wait: bool) -> Publish | None:
+    """The message of a send that need not wait for Redis's reply, if it is one.
+
+    A lone message, small enough for a script argument, whose sender does not wait (it
+    made the task id itself, so no refusal can come back).
+    """
+    if wait or len(messages) != 1 or len(messages[0].raw) >= LARGE_BYTES:
+        return None
+    return messages[0]
 
 
 def _read_replies(connection: Any, count: int, block_seconds: float, replies: list[Any]) -> None:

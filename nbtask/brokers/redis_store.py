@@ -35,7 +35,7 @@ from nbtask.brokers.blob_scripts import BLOB_SCRIPTS
 from nbtask.brokers.local_blobs import LocalBlobs
 from nbtask.brokers.redis_blobs import RedisBlobs
 from nbtask.brokers.redis_holdings import RedisHoldings
-from nbtask.brokers.redis_link import LARGE_BYTES, RedisLink
+from nbtask.brokers.redis_link import LARGE_BYTES, RedisLink, unanswered
 from nbtask.brokers.redis_workers import RedisWorkers
 from nbtask.brokers.scripts import STORE_SCRIPTS
 from nbtask.settings import Settings
@@ -146,21 +146,29 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings):
         args = (self.ttl, repr(time.time()), task_id, repr(due), member, *_flat(fields))
         return self.link.evalsha("record", keys, *args)
 
-    def write_pending(self, messages: Sequence[Publish]) -> list[str]:
+    def write_pending(self, messages: Sequence[Publish], *, wait: bool = True) -> list[str]:
         """Write the PENDING records of ``messages`` (parking ETA ones), in one round trip.
 
-        Returns, per message, ``""`` or the final state that refused it.
+        Returns, per message, ``""`` or the final state that refused it. Without ``wait``
+        a lone message's record is written without waiting for Redis's reply (see
+        :meth:`~nbtask.brokers.redis_link.RedisLink.send_unanswered`): its task id must be
+        new.
         """
         now = time.time()
-        commands = []
-        for msg in messages:
-            parked = msg.eta is not None and msg.eta > now
-            member = msg.task_id.encode() + b":" + msg.raw if parked else b""
-            due = msg.eta if parked and msg.eta is not None else 0.0
-            commands.append(self.pending_command(msg.task_id, msg.queue, msg.record, member, due))
+        commands = [self._pending_of(msg, now) for msg in messages]
+        if (msg := unanswered(messages, wait)) is not None:
+            with self.link.translate_errors():
+                self.link.send_unanswered(commands[0], msg.task_id)
+            return [""]
         with self.link.translate_errors():
             replies = self.link.run_scripts(commands, large=True)
         return [r.decode() if isinstance(r, bytes) else str(r or "") for r in replies]
+
+    def _pending_of(self, msg: Publish, now: float) -> tuple[Any, ...]:
+        parked = msg.eta is not None and msg.eta > now
+        member = msg.task_id.encode() + b":" + msg.raw if parked else b""
+        due = msg.eta if parked and msg.eta is not None else 0.0
+        return self.pending_command(msg.task_id, msg.queue, msg.record, member, due)
 
     def start(self, task_id: str, by: StartBy, *, redelivered: bool = False) -> str:
         """The one start check: ``"OK"`` (now STARTED) or the state that forbids a start."""

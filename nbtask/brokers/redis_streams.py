@@ -32,7 +32,7 @@ from typing import Any
 from redis.exceptions import NoScriptError, ResponseError
 
 from nbtask.brokers.base import Delivery, Publish, Settlement, Verdict
-from nbtask.brokers.redis_link import LARGE_BYTES, Command
+from nbtask.brokers.redis_link import LARGE_BYTES, Command, unanswered
 from nbtask.brokers.redis_store import CHANNEL_MAXLEN, RedisStore
 from nbtask.brokers.redis_upkeep import GROUP, StreamsUpkeep, _delivery
 from nbtask.brokers.streams_scripts import STREAMS_SCRIPTS
@@ -82,8 +82,7 @@ class StreamsTransport(StreamsUpkeep):
         so the caller must know its task id to be new (one it made itself).
         """
         now = time.time()
-        if not wait and len(messages) == 1 and len(messages[0].raw) < LARGE_BYTES:
-            msg = messages[0]
+        if (msg := unanswered(messages, wait)) is not None:
             with self.link.translate_errors():
                 self.link.send_unanswered(self._publish_command(msg, now), msg.task_id)
             return [""]

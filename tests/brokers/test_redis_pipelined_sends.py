@@ -1,4 +1,7 @@
-"""A lone ``delay()`` on Redis does not wait for Redis's reply, and loses no task for it.
+"""A lone ``delay()`` does not wait for Redis's reply, and loses no task for it.
+
+On the Redis broker the reply is the publish's; on RabbitMQ, the store's to the task's
+PENDING record (RabbitMQ's confirms are tested in ``test_amqp_confirms.py``).
 
 The publish is written to the thread's connection and its reply read later (by the
 thread's next command, ``get()``, ``app.flush()`` or ``app.close()``), as RabbitMQ's
@@ -27,7 +30,8 @@ from helpers import wait_until
 from tcp_proxy import TcpProxy
 
 from nbtask import App, Settings, State
-from nbtask.brokers.redis_link import RedisLink
+from nbtask.brokers.redis_link import OWED_BYTES, RedisLink
+from nbtask.brokers.redis_store import RedisStore
 from nbtask.brokers.redis_streams import StreamsTransport
 from nbtask.errors import BrokerUnavailable, TaskRevoked
 
@@ -60,7 +64,10 @@ def transport_of(app: App) -> StreamsTransport:
 
 
 def link_of(app: App) -> RedisLink:
-    return transport_of(app).link
+    """The link of the Redis the client writes its tasks' records to (on both brokers)."""
+    store = app.transport.store
+    assert isinstance(store, RedisStore)
+    return store.link
 
 
 def runs(ledger: Path) -> collections.Counter[str]:
@@ -68,6 +75,7 @@ def runs(ledger: Path) -> collections.Counter[str]:
     return collections.Counter(ledger.read_text().split() if ledger.exists() else [])
 
 
+@pytest.mark.brokers()
 def test_a_loop_of_delay_does_not_wait_for_each_reply_and_each_task_runs_once(
     app: App, start_worker, tmp_path: Path
 ) -> None:
@@ -124,6 +132,7 @@ def test_sends_redis_cannot_be_reached_for_are_revoked_and_their_handles_fail(
     assert client.transport.take_unsent() == []  # each was reported once
 
 
+@pytest.mark.brokers()
 def test_a_server_that_lost_its_scripts_still_queues_the_sends_it_refused(
     app: App, start_worker, settings: Settings, r: redis.Redis, tmp_path: Path
 ) -> None:
@@ -160,3 +169,20 @@ def test_a_send_redis_answers_with_an_error_is_revoked_not_dropped(
     wait_until(
         lambda: app.store.get_record(handle.id).state is State.REVOKED, 5, "the record revoked"
     )
+
+
+def test_a_loop_sending_large_arguments_keeps_few_of_them_unanswered(app: App) -> None:
+    @app.task
+    def size(data: bytes) -> int:
+        return len(data)
+
+    payload = b"x" * 600_000  # inline (under the blob threshold), under LARGE_BYTES
+    most = 0
+    handles = []
+    for _ in range(60):
+        handles.append(size.delay(payload))
+        most = max(most, link_of(app).owed)
+    # Kept to be sent again, the unanswered publishes stay near OWED_BYTES, not 60 x 600 kB.
+    assert 1 < most <= OWED_BYTES // len(payload) + 1
+    app.flush()
+    assert link_of(app).owed == 0
