@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import select
 import socket
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -419,18 +420,16 @@ def _closed_by_server(sock: socket.socket | None) -> bool:
     """Whether ``sock`` is missing or the server closed it (it reads as at its end)."""
     if sock is None:
         return True
-    timeout = sock.gettimeout()
+    # Polled first: a socket with a timeout (redis-py sets one) would wait for data to
+    # peek at, and most of the time there is none.
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    if not poller.poll(0):
+        return False  # nothing to read: open, every reply read
     try:
-        if timeout is not None:
-            sock.settimeout(0)  # a socket with a timeout would wait for data to peek at
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:  # nothing to read: open, every reply read
-        return False
+        return sock.recv(1, socket.MSG_PEEK) == b""
     except OSError:  # reset by the server
         return True
-    finally:
-        if timeout is not None:
-            sock.settimeout(timeout)
 
 
 def _sentence(exc: BaseException) -> str:
