@@ -10,7 +10,7 @@ import dataclasses
 import functools
 from collections.abc import Iterable
 
-__all__ = ["SHELL_NAMES", "CellAnalysis", "analyze"]
+__all__ = ["SHELL_NAMES", "CellAnalysis", "analyze", "is_history_name"]
 
 # Method names that change their receiver: `xs.append(1)` makes `xs` an output of the cell.
 _MUTATORS = frozenset(
@@ -43,9 +43,21 @@ _MUTATORS = frozenset(
 )
 #: Names every IPython shell defines; the worker's shell has its own.
 SHELL_NAMES = frozenset({"get_ipython", "exit", "quit", "In", "Out", "_ih", "_oh", "_dh"})
+_HISTORY_NAMES = frozenset({"_", "__", "___", "_i", "_ii", "_iii", "In", "Out", "_ih", "_oh"})
 _SCOPE_NODES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
 _COMP_NODES = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
 _MAX_EXPRESSION = 500  # longer strings passed to calls are text, not code
+
+
+def is_history_name(name: str) -> bool:
+    """Whether ``name`` is one of IPython's input and output history names.
+
+    ``_``, ``__``, ``___``, ``_3``, ``_i``, ``_i3``, ``In``, ``Out``...: a cell reads the
+    notebook's, never the worker shell's, and never sends them back.
+    """
+    if name in _HISTORY_NAMES:
+        return True
+    return name[:1] == "_" and (name[1:].isdigit() or (name[:2] == "_i" and name[2:].isdigit()))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,7 @@ from nbtask.core.context import PARTIAL_RESULT, current_request
 from nbtask.core.holding import HeldValue, Holding, key_of
 from nbtask.errors import BlobError, CellError
 from nbtask.notebook import process_state
+from nbtask.notebook.analysis import is_history_name
 from nbtask.notebook.kept import RemoteValue, keep
 from nbtask.notebook.shipping import CellSpec, share_namespace
 from nbtask.notebook.worker_shell import BASE_NS, worker_shell
@@ -31,7 +32,7 @@ from nbtask.wire.blobs import Packed
 from nbtask.wire.envelope import Envelope, dumps
 
 __all__ = ["execute_cell"]
-_IPYTHON_NAMES = frozenset({"_", "__", "___", "_exit_code", "_i", "_ii", "_iii"})
+_IPYTHON_NAMES = frozenset({"_exit_code"})  # besides the history names
 
 
 def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | None = None) -> Any:
@@ -208,7 +209,7 @@ def _effects(
         unchanged = name not in before or _state(name, value, references) == before[name]
         if name in shipped and value is shipped[name] and name not in spec.assigned and unchanged:
             continue
-        if name.startswith("_") and name in _IPYTHON_NAMES:
+        if name in _IPYTHON_NAMES or is_history_name(name):
             continue
         out[name] = value
     # A name the cell deleted, shipped or bound here first; "" from an older kernel.

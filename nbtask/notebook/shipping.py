@@ -20,7 +20,7 @@ from typing import Any
 import cloudpickle
 
 from nbtask.errors import CellError, CellNameError
-from nbtask.notebook.analysis import SHELL_NAMES, CellAnalysis, analyze
+from nbtask.notebook.analysis import SHELL_NAMES, CellAnalysis, analyze, is_history_name
 from nbtask.wire.blobs import Packed
 from nbtask.wire.envelope import dumps
 
@@ -203,6 +203,8 @@ def _values(
     for name in found.reads:
         if name in overrides:
             values[name] = overrides[name]
+        elif is_history_name(name) and name in namespace:
+            values[name] = namespace[name]  # the notebook's history, though IPython hides it
         elif name in hidden or name in SHELL_NAMES:
             continue
         elif name in namespace:

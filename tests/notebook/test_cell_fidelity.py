@@ -74,6 +74,25 @@ def test_del_in_a_cell_deletes_the_names_from_the_notebook(
         task(ip, "del never_defined")
 
 
+def test_a_cell_reads_the_notebooks_input_and_output_history(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    """``_``, ``__``, ``_3``, ``_i3``, ``In`` and ``Out`` are the notebook's, as locally."""
+    ip.run_cell("40 + 2", store_history=True)
+    first = ip.execution_count - 1
+    ip.run_cell("'hello'", store_history=True)
+    reads = f"got = (_, __, _{first}, Out[{first}], In[{first}], _i{first}, _i, len(In) == len(In))"
+    run(ip, reads)
+    local = ip.user_ns.pop("got")
+    assert local[:6] == ("hello", 42, 42, 42, "40 + 2", "40 + 2")
+    task(ip, reads)
+    assert ip.user_ns["got"] == local
+    # The worker shell's own output names never come back.
+    numbered = {n for n in ip.user_ns if n[:1] == "_" and n[1:].isdigit()}
+    task(ip, "last = 7\nlast * 6")
+    assert {n for n in ip.user_ns if n[:1] == "_" and n[1:].isdigit()} == numbered
+
+
 def test_exit_in_a_cell_is_refused_on_the_worker_with_one_line(
     ip: InteractiveShell, nb: Session
 ) -> None:
