@@ -93,6 +93,15 @@ def test_a_cell_reads_the_notebooks_input_and_output_history(
     assert {n for n in ip.user_ns if n[:1] == "_" and n[1:].isdigit()} == numbered
 
 
+def test_globals_on_the_worker_hold_the_names_the_cell_reads_not_every_notebook_name(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    """Only what the cell reads is shipped: ``globals()`` there is not the whole notebook."""
+    run(ip, "unread = 1\nread_here = 2")
+    task(ip, "seen = ('unread' in globals(), 'read_here' in globals(), read_here)")
+    assert ip.user_ns["seen"] == (False, True, 2)
+
+
 def test_exit_in_a_cell_is_refused_on_the_worker_with_one_line(
     ip: InteractiveShell, nb: Session
 ) -> None:
