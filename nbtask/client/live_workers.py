@@ -29,6 +29,9 @@ __all__ = ["REFRESH_SECONDS", "LiveWorkers"]
 
 #: The oldest snapshot of the registry that sending and handles go by, seconds.
 REFRESH_SECONDS = 2.0
+#: The oldest snapshot that may say "no live worker consumes the queue", seconds: a
+#: worker that started since is seen before a waiting task is said to have none.
+NEGATIVE_SECONDS = 0.25
 
 
 @dataclasses.dataclass
@@ -126,6 +129,8 @@ class LiveWorkers:
             return None
         try:
             snapshot = self._current()
+            if queue not in snapshot.queues and now - snapshot.taken > NEGATIVE_SECONDS:
+                snapshot = self._read()
         except BrokerUnavailable:
             self._failed_at = now
             return None

@@ -13,6 +13,7 @@ from nbtask.core.context import current_request
 from nbtask.core.refs import ResultRef
 from nbtask.errors import (
     BrokerUnavailable,
+    ConfigurationError,
     NbtaskError,
     RemoteError,
     ResultNotReady,
@@ -21,6 +22,7 @@ from nbtask.errors import (
     TimeLimitExceeded,
     WorkerLost,
 )
+from nbtask.settings import is_finite_number
 from nbtask.wire.blobs import ByteProgress
 from nbtask.wire.events import (
     FINAL_STATES,
@@ -222,7 +224,14 @@ class TaskHandle(concurrent.futures.Future[Any]):
             The result's blobs expired or were altered in the store.
         SerializationError
             The result needs a class this process cannot import.
+        ConfigurationError
+            ``timeout`` is neither ``None`` nor a number of seconds.
         """
+        if timeout is not None and not is_finite_number(timeout):
+            raise ConfigurationError(
+                f"timeout={timeout!r} is not a number of seconds; give seconds, or None to "
+                "wait until the task ends"
+            )
         if not self.done() and self.app is not None:
             # Its message may still await the broker's answer (sent by this thread, which
             # is about to wait): settle that first, so an undelivered task fails now.

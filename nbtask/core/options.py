@@ -164,6 +164,12 @@ def check_task_function(func: object) -> None:
     """Refuse what ``@app.task`` cannot make a task of, with one line saying why."""
     if not callable(func):
         raise ConfigurationError(f"@app.task needs a function, got {func!r}")
+    if not isinstance(getattr(func, "__qualname__", None), str):
+        # A partial or a callable object: no name to give the task, none to import it by.
+        raise ConfigurationError(
+            f"@app.task needs a function (def or lambda), got a {type(func).__name__} "
+            f"({func!r:.80}); wrap it in one: @app.task def task(x): return that(x)"
+        )
     if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
         raise ConfigurationError(
             f"{getattr(func, '__qualname__', func)} is a generator function: as a task its "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 from typing import Any
 
 import pytest
@@ -204,3 +205,32 @@ def test_a_link_that_is_not_a_signature_names_the_option_and_sends_nothing(
     with pytest.raises(ConfigurationError, match=rf"{option} takes signatures \(task.s\(...\)\)"):
         add.apply_async((1, 2), **{option: value})
     assert access.drained()
+
+
+@pytest.mark.parametrize("timeout", ["5", float("nan"), True, [1]])
+def test_a_get_timeout_that_is_no_number_of_seconds_is_one_clear_error(
+    add: Task, timeout: Any
+) -> None:
+    handle = add.delay(1, 2)
+    with pytest.raises(ConfigurationError, match=r"timeout=.* is not a number of seconds"):
+        handle.get(timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    "target", [functools.partial(max, 3), type("Doubler", (), {"__call__": lambda s, x: 2 * x})()]
+)
+def test_a_callable_that_is_no_function_is_refused_as_a_task(app: App, target: Any) -> None:
+    with pytest.raises(ConfigurationError, match=r"@app.task needs a function \(def or lambda\)"):
+        app.task(target)
+
+
+def test_a_worker_started_after_the_first_send_is_seen_before_a_task_is_said_to_wait_for_one(
+    add: Task, start_worker: Any
+) -> None:
+    add.delay(1, 2)  # the registry is read: no worker yet
+    start_worker(concurrency=1)
+    handle = add.delay(2, 3)
+    assert handle.get(timeout=20) == 5
+    # Within the registry's refresh period, a waiting task does not claim no worker serves it.
+    assert handle.app is not None
+    assert handle.app.waiting_reason(handle.queue) is None
