@@ -19,8 +19,9 @@ from nbtask.client.routes import Routes
 from nbtask.client.unsent import restore_refused, reused_ids, revoking_unsent
 from nbtask.core.canvas import Call
 from nbtask.core.datasets import Loader, dataset_names
+from nbtask.core.declare import task_class
 from nbtask.core.handle import FetchWatch, TaskHandle
-from nbtask.core.options import check_task_function, validate_options
+from nbtask.core.options import check_task_id, validate_options
 from nbtask.core.outgoing import MessageBuilder
 from nbtask.core.task import Task as BaseTask
 from nbtask.errors import BrokerUnavailable, ConfigurationError
@@ -177,28 +178,7 @@ class App:
         return decorate(fn) if fn is not None else decorate
 
     def _make_task(self, func: Callable[..., Any], options: Mapping[str, Any]) -> BaseTask:
-        check_task_function(func)
-        base = options.get("base", self.Task)
-        if not (isinstance(base, type) and issubclass(base, BaseTask)):
-            raise ConfigurationError(f"base={base!r} is not a Task class (use app.Task)")
-        bind = bool(options.get("bind", False))
-        run = func if bind else staticmethod(func)
-        # Code run without a ``__name__`` (exec'd strings, some shells) has no module:
-        # it is the notebook's own, as ``__main__`` is.
-        module = func.__module__ or "__main__"
-        attrs: dict[str, Any] = {
-            "run": run,
-            "name": options.get("name") or f"{module}.{func.__qualname__}",
-            "abstract": False,
-            "bind": bind,
-            "__module__": module,
-            "__qualname__": func.__qualname__,
-            "__doc__": func.__doc__,
-            "__wrapped__": func,
-        }
-        attrs.update({k: v for k, v in options.items() if k not in ("name", "bind", "base")})
-        cls = type(func.__name__, (base,), attrs)
-        return self.register_task(cls())
+        return self.register_task(task_class(func, options, self.Task)())
 
     def dataset(self, name: str) -> Callable[[Loader], Loader]:
         """Declare a named dataset, made by the decorated function on the workers that hold it.
@@ -246,6 +226,12 @@ class App:
         with self._lock:
             if self._transport is not None:
                 return self._transport
+            if self.closed:
+                # Connecting again would start threads (and an embedded cluster) that
+                # nothing closes.
+                raise ConfigurationError(
+                    f"app {self.name!r} is closed: make a new App to send or follow tasks"
+                )
             settings = self.settings
             if settings.broker_url is None:
                 self.cluster = EmbeddedCluster.shared(settings)
@@ -415,6 +401,8 @@ class App:
 
         ``options`` are those of :meth:`Task.apply_async`.
         """
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigurationError(f"send_task needs a task's name, got {name!r}")
         task = self.tasks.get(name)
         if task is None:
             attrs = {"name": name, "abstract": False, "acks_late": acks_late, "__module__": ""}
@@ -434,6 +422,7 @@ class App:
         TaskNotFound
             No record of the task (a wrong id, or one older than ``result_ttl``).
         """
+        check_task_id(task_id)
         listener = self._listen()
         existing = listener.get(task_id)
         if existing is not None:
@@ -467,6 +456,7 @@ class App:
             True if the task was revoked before it started, or a terminate request was
             sent to the workers; False if it had already finished.
         """
+        check_task_id(task_id)
         if not (isinstance(grace, (int, float)) and 0 <= grace <= MAX_SECONDS):
             # NaN or infinity would never kill a task that ignores the interrupt.
             raise ConfigurationError(f"grace must be a number of seconds >= 0, got {grace!r}")
@@ -511,7 +501,15 @@ class App:
         list of str
             The ids of the tasks purged.
         """
+        if isinstance(queues, str):
+            raise ConfigurationError(
+                f"purge(queues=...) takes a list of queue names, got str {queues!r}; "
+                f"give [{queues!r}]"
+            )
         names = list(queues) if queues else [self.settings.default_queue]
+        for name in names:
+            if not isinstance(name, str) or not name.strip():
+                raise ConfigurationError(f"purge: {name!r} is not a queue name")
         purged = []
         for task_id in dict.fromkeys(self.transport.purge(names)):
             record = self.store.get_record(task_id)

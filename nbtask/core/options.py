@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,6 +14,7 @@ from nbtask.settings import is_finite_number
 __all__ = [
     "TASK_OPTIONS",
     "check_task_function",
+    "check_task_id",
     "parse_rate",
     "positive",
     "seconds",
@@ -176,3 +178,17 @@ def check_task_function(func: object) -> None:
             "body would never run (calling it only makes a generator, which cannot be sent "
             "back); return a list instead"
         )
+
+
+# Task ids end up in Redis key names, shared memory slots and ETA members.
+_TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+
+
+def check_task_id(value: object, what: str = "task_id") -> str:
+    """``value`` if it can be a task's id; else one error naming ``what``."""
+    if not isinstance(value, str) or not _TASK_ID.fullmatch(value):
+        raise ConfigurationError(
+            f"{what}={value!r} is not a valid id: use 1 to 64 letters, digits, '_', '-' or "
+            "'.', starting with a letter or digit"
+        )
+    return value

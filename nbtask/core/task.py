@@ -6,7 +6,6 @@ import dataclasses
 import datetime as dt
 import inspect
 import random
-import re
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -17,7 +16,7 @@ from nbtask.core.context import Request, current_request, progress
 from nbtask.core.datasets import data_queue, dataset_names
 from nbtask.core.handle import TaskHandle
 from nbtask.core.holding import is_holder_queue
-from nbtask.core.options import positive, seconds
+from nbtask.core.options import check_task_id, positive, seconds
 from nbtask.errors import ConfigurationError, MaxRetriesExceededError, Retry
 from nbtask.settings import is_finite_number
 from nbtask.wire.events import Event
@@ -50,10 +49,6 @@ class ExceptionInfo:
     def type(self) -> type[BaseException]:
         """The exception's class."""
         return type(self.exception)
-
-
-# Task ids end up in Redis key names, shared memory slots and ETA members.
-_TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 
 
 class Task:
@@ -337,11 +332,8 @@ class Task:
         """Check :meth:`apply_async` options and turn them into message options."""
         if countdown is not None and eta is not None:
             raise ConfigurationError("pass either countdown or eta, not both")
-        if task_id is not None and not _TASK_ID.fullmatch(str(task_id)):
-            raise ConfigurationError(
-                f"task_id={task_id!r} is not a valid id: use 1 to 64 letters, digits, '_', "
-                "'-' or '.', starting with a letter or digit"
-            )
+        if task_id is not None:
+            check_task_id(task_id)
         countdown = seconds("countdown", countdown)
         due = time.time() + countdown if countdown is not None else _epoch(eta, absolute=True)
         needs = dataset_names(requires) if requires is not None else self.requires

@@ -234,3 +234,44 @@ def test_a_worker_started_after_the_first_send_is_seen_before_a_task_is_said_to_
     # Within the registry's refresh period, a waiting task does not claim no worker serves it.
     assert handle.app is not None
     assert handle.app.waiting_reason(handle.queue) is None
+
+
+@pytest.mark.parametrize("task_id", ["", None, 5, "../x", "a b"])
+def test_revoke_or_follow_a_task_by_an_id_that_cannot_be_one_is_refused(
+    app: App, task_id: Any
+) -> None:
+    with pytest.raises(ConfigurationError, match=r"task_id=.* is not a valid id"):
+        app.revoke(task_id)
+    with pytest.raises(ConfigurationError, match=r"task_id=.* is not a valid id"):
+        app.handle(task_id)
+
+
+@pytest.mark.parametrize("name", ["", "  ", None])
+def test_send_task_without_a_name_is_refused(app: App, access: RawBroker, name: Any) -> None:
+    with pytest.raises(ConfigurationError, match=r"send_task needs a task's name"):
+        app.send_task(name)
+    assert access.drained()
+
+
+@pytest.mark.parametrize(
+    ("queues", "message"),
+    [
+        ("default", r"takes a list of queue names, got str 'default'; give \['default'\]"),
+        ([5], r"5 is not a queue name"),
+        ([""], r"'' is not a queue name"),
+    ],
+)
+def test_purge_of_something_that_is_no_list_of_queue_names_is_refused(
+    add: Task, queues: Any, message: str
+) -> None:
+    waiting = add.delay(1, 2)
+    with pytest.raises(ConfigurationError, match=message):
+        add.app.purge(queues)  # type: ignore[union-attr]
+    assert waiting.state == "PENDING"  # nothing was purged
+
+
+def test_a_closed_app_sends_nothing_and_says_so(app: App, add: Task) -> None:
+    add.delay(1, 2)
+    app.close()
+    with pytest.raises(ConfigurationError, match=r"app 'test' is closed: make a new App"):
+        add.delay(1, 2)
