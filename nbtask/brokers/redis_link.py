@@ -24,6 +24,7 @@ from redis.exceptions import (
     AuthorizationError,
     InvalidResponse,
     NoScriptError,
+    OutOfMemoryError,
     ResponseError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -80,6 +81,7 @@ class RedisLink:
 
     def __init__(self, url: str, role: str) -> None:
         self.url = url
+        self._role = role
         self._unreachable = (f"cannot reach the Redis {role} at {redact_url(url)}", _HINTS[role])
         # Typed as Any: redis-py's reply types are unions over decode_responses that would
         # need a cast at every call; the callers check the shapes they read instead.
@@ -110,7 +112,7 @@ class RedisLink:
 
     @contextlib.contextmanager
     def translate_errors(self) -> Iterator[None]:
-        """Turn redis-py's connection errors into one :class:`BrokerUnavailable`."""
+        """Turn connection errors, and a full server's refusals, into :class:`BrokerUnavailable`."""
         try:
             yield
         except (RedisConnectionError, RedisTimeoutError) as exc:
@@ -118,6 +120,12 @@ class RedisLink:
             if isinstance(exc, (AuthenticationError, AuthorizationError)):
                 hint = "Check the user name and password in the URL (redis://user:password@host)"
             raise BrokerUnavailable(f"{what}: {_sentence(exc)} {hint}") from exc
+        except OutOfMemoryError as exc:  # it answers, but takes no writes: as good as gone
+            raise BrokerUnavailable(
+                f"the Redis {self._role} at {redact_url(self.url)} is full: {_sentence(exc)} "
+                "Free memory there or raise its maxmemory (an eviction policy would drop "
+                "queued tasks and results)"
+            ) from exc
 
     def ping(self) -> None:
         """Raise :class:`BrokerUnavailable` unless the server answers; load the scripts."""

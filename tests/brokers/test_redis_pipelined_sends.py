@@ -26,13 +26,14 @@ import subprocess
 import sys
 import textwrap
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import redis
-from helpers import client_env, wait_until
+from helpers import PrivateRedis, client_env, wait_until
 from tcp_proxy import TcpProxy
 
 from nbtask import App, Settings, State
@@ -291,3 +292,34 @@ def test_this_threads_reads_see_the_tasks_it_sent_without_waiting(
     finally:
         releaser.join()
     assert [r.state if r else None for r in records] == [State.PENDING] * 5
+
+
+def test_sends_a_full_redis_refuses_are_revoked_and_their_handles_fail(
+    private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    ledger = tmp_path / "ledger"
+    app = App("full", broker=private_redis.url, secret="full-secret")
+    admin = redis.Redis.from_url(private_redis.url)
+    try:
+        app.send_task(RECORD, (str(ledger),))
+        app.flush()
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)  # every write is refused: out of memory
+        handles = [app.send_task(RECORD, (str(ledger),)) for _ in range(3)]
+        assert link_of(app).owed == 3
+        # Redis refuses each publish, then the revoke too: the handles fail all the same,
+        # and the log says why, and what to do.
+        with caplog.at_level(logging.ERROR):
+            app.flush()
+        for handle in handles:
+            with pytest.raises(TaskRevoked, match="not confirmed by the broker"):
+                handle.get(timeout=5)
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("is full" in m and "maxmemory" in m for m in messages), messages
+        # A send that waits for Redis's answer says so at once.
+        with pytest.raises(BrokerUnavailable, match=r"is full.*maxmemory"):
+            app.send_task(RECORD, (str(ledger),), task_id=uuid.uuid4().hex)
+    finally:
+        admin.config_set("maxmemory", 0)
+        admin.close()
+        app.close()
