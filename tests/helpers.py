@@ -216,21 +216,23 @@ class PrivateRedis:
     For what must not touch the shared server: restarts, ``CONFIG SET maxmemory``.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, tls: bool = False) -> None:
         self.port = _free_port()
         self.directory = directory
+        self.tls = tls
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
+        if self.tls:
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.directory / 'cert.pem'}"
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         self.process = subprocess.Popen(
             [
                 REDIS_SERVER,
-                "--port",
-                str(self.port),
+                *self._listen(),
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -255,3 +257,16 @@ class PrivateRedis:
             self.process.terminate()
             self.process.wait(10)
             self.process = None
+
+    def _listen(self) -> list[str]:
+        if not self.tls:
+            return ["--port", str(self.port)]
+        # A self-signed certificate for 127.0.0.1, which the client trusts by its URL.
+        cert, key = self.directory / "cert.pem", self.directory / "key.pem"
+        if not cert.exists():
+            request = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+            names = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+            files = ["-keyout", str(key), "-out", str(cert)]
+            subprocess.run([*request, *names, *files], check=True, capture_output=True)
+        served = ["--tls-cert-file", str(cert), "--tls-key-file", str(key)]
+        return ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no", *served]

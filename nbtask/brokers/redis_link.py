@@ -495,7 +495,9 @@ def _closed_by_server(sock: socket.socket | None) -> bool:
     if not poller.poll(0):
         return False  # nothing to read: open, every reply read
     try:
-        return sock.recv(1, socket.MSG_PEEK) == b""
+        # On the socket itself: a TLS one (rediss://) refuses flags. Its bytes are
+        # encrypted, but only "some" or "the end" matters here.
+        return socket.socket.recv(sock, 1, socket.MSG_PEEK) == b""
     except OSError:  # reset by the server
         return True
 

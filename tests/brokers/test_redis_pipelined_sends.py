@@ -323,3 +323,24 @@ def test_sends_a_full_redis_refuses_are_revoked_and_their_handles_fail(
         admin.config_set("maxmemory", 0)
         admin.close()
         app.close()
+
+
+def test_a_loop_of_delay_over_tls_does_not_wait_either(tmp_path: Path) -> None:
+    server = PrivateRedis(tmp_path, tls=True)  # rediss://
+    server.start()
+    app = App("tls", broker=server.url, secret="tls-secret")
+    admin = redis.Redis.from_url(server.url)  # another connection, which reads nothing owed
+    try:
+        handles = [app.send_task(RECORD, (str(tmp_path / "ledger"),))]
+        # Redis ran it (so its reply is on its way back) before the next send looks
+        # whether the connection is still open, with a reply waiting on the socket.
+        key = transport_of(app).store.record_key(handles[0].id)
+        wait_until(lambda: bool(admin.exists(key)), 10, "the first task's record")
+        handles += [app.send_task(RECORD, (str(tmp_path / "ledger"),)) for _ in range(4)]
+        app.flush()
+        records = [app.store.get_record(h.id) for h in handles]
+        assert [r.state if r else None for r in records] == [State.PENDING] * 5
+    finally:
+        admin.close()
+        app.close()
+        server.stop()
