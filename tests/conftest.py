@@ -20,10 +20,12 @@ import redis
 from helpers import (
     AMQP_URL,
     BROKERS,
+    REDIS_SERVER,
     REDIS_URL,
     ROOT,
     SECRET,
     SESSION_PREFIX,
+    PrivateRedis,
     WorkerProcess,
     amqp_reachable,
     delete_amqp_queues,
@@ -73,6 +75,17 @@ def prefix(redis_url: str) -> Iterator[str]:
     if keys:
         client.delete(*keys)
     client.close()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A redis-server of the test's own (see ``PrivateRedis``), stopped after it."""
+    if not os.access(REDIS_SERVER, os.X_OK):
+        pytest.fail(f"{REDIS_SERVER} is missing: apt-get install -y redis-server")
+    server = PrivateRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

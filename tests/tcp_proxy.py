@@ -4,7 +4,9 @@ Put it in front of a real service (Redis, RabbitMQ) and point clients at ``url_p
 ``cut()`` drops every live connection the way a network blip or a load balancer does,
 ``refuse()`` makes the service unreachable (connections are refused) until
 ``accept_again()``, ``deafen()`` drops what the service says back to clients (requests
-still reach it: a reply, an AMQP publisher confirm, is lost on the way) until ``cut()``.
+still reach it: a reply, an AMQP publisher confirm, is lost on the way) until ``cut()``
+(with ``new_ones=True``, on connections made later too, until ``hear()``), ``hold()``
+keeps what clients send on live connections from the service until ``release()``.
 The real service is never touched, so it stays shared by all tests.
 """
 
@@ -55,6 +57,8 @@ class _Pair:
         self._on_close = on_close
         self._closed = False
         self.deaf = False  # drop what the service sends back
+        self.open = threading.Event()  # cleared: what the client sends waits here
+        self.open.set()
         self._lock = threading.Lock()
         self.threads = [
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True),
@@ -74,6 +78,8 @@ class _Pair:
                     break
                 if self.deaf and source is self.sockets[1]:
                     continue
+                if source is self.sockets[0]:
+                    self.open.wait()
                 sink.sendall(data)
         except OSError:
             pass
@@ -89,6 +95,7 @@ class _Pair:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
+        self.open.set()  # a pump held at the gate ends too, what it held lost
         self._on_close(self)
 
     def join(self, timeout: float) -> None:
@@ -112,6 +119,7 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._acceptor: threading.Thread | None = None
         self._accepting = threading.Event()
+        self._deaf_to_new = False
 
     def start(self) -> None:
         """Listen and forward new connections."""
@@ -126,11 +134,32 @@ class TcpProxy:
         for pair in pairs:
             pair.join(5.0)
 
-    def deafen(self) -> None:
-        """Drop everything the service sends on live connections from now on."""
+    def deafen(self, *, new_ones: bool = False) -> None:
+        """Drop everything the service sends on live connections from now on.
+
+        With ``new_ones``, on connections made from now on too, until :meth:`hear`.
+        """
         with self._lock:
+            self._deaf_to_new = self._deaf_to_new or new_ones
             for pair in self._pairs:
                 pair.deaf = True
+
+    def hear(self) -> None:
+        """Connections made from now on hear the service again (see :meth:`deafen`)."""
+        with self._lock:
+            self._deaf_to_new = False
+
+    def hold(self) -> None:
+        """Keep what clients send on live connections from the service until release()."""
+        with self._lock:
+            for pair in self._pairs:
+                pair.open.clear()
+
+    def release(self) -> None:
+        """Pass on what clients sent while held, and all they send from now on."""
+        with self._lock:
+            for pair in self._pairs:
+                pair.open.set()
 
     def refuse(self) -> None:
         """Stop listening and close every connection: connecting fails until accept_again()."""
@@ -182,6 +211,7 @@ class TcpProxy:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             pair = _Pair(client, upstream, self._forget)
             with self._lock:
+                pair.deaf = self._deaf_to_new
                 refused = not self._accepting.is_set()
                 if not refused:
                     self._pairs.add(pair)

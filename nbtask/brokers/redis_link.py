@@ -24,6 +24,7 @@ from redis.exceptions import (
     AuthorizationError,
     InvalidResponse,
     NoScriptError,
+    OutOfMemoryError,
     ResponseError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -80,17 +81,28 @@ class RedisLink:
 
     def __init__(self, url: str, role: str) -> None:
         self.url = url
+        self._role = role
         self._unreachable = (f"cannot reach the Redis {role} at {redact_url(url)}", _HINTS[role])
         # Typed as Any: redis-py's reply types are unions over decode_responses that would
         # need a cast at every call; the callers check the shapes they read instead.
         # RESP2 keeps raw replies in one known shape for the hot path.
-        self.redis: Any = redis.Redis.from_url(url, socket_connect_timeout=5, protocol=2)
+        self._redis: Any = redis.Redis.from_url(url, socket_connect_timeout=5, protocol=2)
         self._scripts: dict[str, str] = {}
         self._sha: dict[str, str] = {}
         self._local = threading.local()
         self._owing: dict[int, _Owed] = {}  # by id(): every thread's replies not read yet
         self._unsent: list[str] = []
         self._lock = threading.Lock()
+
+    @property
+    def redis(self) -> Any:
+        """redis-py's client, on pooled connections, for commands off the hot path.
+
+        This thread's unread replies are read first: its publishes sent without waiting
+        then have run, so the pooled connection sees every task this thread sent.
+        """
+        self.settle_owed()
+        return self._redis
 
     def add_scripts(self, scripts: Mapping[str, str]) -> None:
         """Make ``scripts`` (name -> Lua) callable with :meth:`evalsha`."""
@@ -100,7 +112,7 @@ class RedisLink:
 
     @contextlib.contextmanager
     def translate_errors(self) -> Iterator[None]:
-        """Turn redis-py's connection errors into one :class:`BrokerUnavailable`."""
+        """Turn connection errors, and a full server's refusals, into :class:`BrokerUnavailable`."""
         try:
             yield
         except (RedisConnectionError, RedisTimeoutError) as exc:
@@ -108,6 +120,12 @@ class RedisLink:
             if isinstance(exc, (AuthenticationError, AuthorizationError)):
                 hint = "Check the user name and password in the URL (redis://user:password@host)"
             raise BrokerUnavailable(f"{what}: {_sentence(exc)} {hint}") from exc
+        except OutOfMemoryError as exc:  # it answers, but takes no writes: as good as gone
+            raise BrokerUnavailable(
+                f"the Redis {self._role} at {redact_url(self.url)} is full: {_sentence(exc)} "
+                "Free memory there or raise its maxmemory (an eviction policy would drop "
+                "queued tasks and results)"
+            ) from exc
 
     def ping(self) -> None:
         """Raise :class:`BrokerUnavailable` unless the server answers; load the scripts."""
@@ -127,9 +145,12 @@ class RedisLink:
             self.load_scripts()
 
     def load_scripts(self) -> None:
-        """Load every script (a restarted server forgets them)."""
-        for body in self._scripts.values():
-            self.redis.script_load(body)
+        """Load every script (a restarted server forgets them), in one round trip.
+
+        On this thread's own connection: a pooled one taken by a call that a Ctrl-C then
+        interrupts is never given back, and the pool is soon exhausted.
+        """
+        self.run([("SCRIPT", "LOAD", body) for body in self._scripts.values()])
 
     def hset_replacing(self, key: str, field: str, value: str | bytes) -> None:
         """``HSET``; a key of another type there was not written by nbtask, and is replaced."""
@@ -153,8 +174,8 @@ class RedisLink:
         connection = getattr(self._local, "connection", None)
         if connection is not None:
             connection.disconnect()
-        self.redis.close()
-        self.redis.connection_pool.disconnect()
+        self._redis.close()
+        self._redis.connection_pool.disconnect()
 
     @property
     def read_lost(self) -> bool:
@@ -207,19 +228,23 @@ class RedisLink:
             # last reply: send this one as a call, which reconnects or raises at once.
             self.run_scripts([command])
             return
-        packed = pack_command(command)
+        packed = pack_one(command)  # first: a command that cannot be packed is not owed
         try:
+            # Owed before it is written: a Ctrl-C right after the write must not leave
+            # its reply unaccounted for, to be read as the answer to another command.
+            self._owe(owed, [(command, task_id)], len(packed))
             owed.connection.send_packed_command([packed])
         except (RedisConnectionError, RedisTimeoutError):
             owed.connection.disconnect()
             self.read_lost = True
             # Whether Redis got this one, or the ones owed before it, is unknown: send
             # them all again now, on a new connection, and raise if that fails too.
-            earlier = self._take_owed(owed)
-            self._send_again(earlier)
-            self.run_scripts([command])
-            return
-        self._owe(owed, [(command, task_id)], len(packed))
+            self._send_again(self._take_owed(owed))
+        except BaseException:
+            # Interrupted: what was written is unknown, so the connection goes, and with
+            # it the replies owed on it; reading them fails, and they are sent again.
+            owed.connection.disconnect()
+            raise
 
     @property
     def owed(self) -> int:
@@ -262,27 +287,40 @@ class RedisLink:
         sent, owed.sent, owed.size = owed.sent, [], 0
         return sent
 
+    def _forget_owed(self, owed: _Owed, settled: int) -> None:
+        with self._lock:
+            del owed.sent[:settled]
+            if not owed.sent:  # (the size of a part is not kept: it counts till then)
+                owed.size = 0
+                self._owing.pop(id(owed), None)
+
     def _settle(self, owed: _Owed) -> None:
-        sent = self._take_owed(owed)
+        # A publish leaves ``owed`` only once its reply is read or it is handed on to be
+        # sent again, so an interruption (Ctrl-C) anywhere here loses none.
+        settled = 0
         again: list[tuple[Command, str]] = []
-        for done, entry in enumerate(sent):
-            try:
-                owed.connection.read_response()
-            except NoScriptError:  # the server restarted empty: nothing ran
-                again.append(entry)
-            except ResponseError as exc:
-                self._note_unsent([entry], exc)
-            except (RedisConnectionError, RedisTimeoutError):
-                owed.connection.disconnect()
-                self.read_lost = True
-                again += sent[done:]
-                break
-            except BaseException:
-                # Interrupted mid-read: the connection cannot be reused, and the replies
-                # not read yet are owed again (reading them then fails: sent again).
-                owed.connection.disconnect()
-                self._owe(owed, [*again, *sent[done:]], 0)
-                raise
+        try:
+            for entry in owed.sent:
+                try:
+                    owed.connection.read_response()
+                except NoScriptError:  # the server restarted empty: nothing ran
+                    again.append(entry)
+                except ResponseError as exc:
+                    self._note_unsent([entry], exc)
+                settled += 1
+        except (RedisConnectionError, RedisTimeoutError):
+            owed.connection.disconnect()
+            self.read_lost = True
+            again += owed.sent[settled:]
+            settled = len(owed.sent)
+        except BaseException:
+            # Interrupted mid-read: the connection cannot be reused, and the replies
+            # not read yet are owed still (reading them then fails: sent again).
+            owed.connection.disconnect()
+            self._owe(owed, again, 0)
+            raise
+        finally:
+            self._forget_owed(owed, settled)
         self._send_again(again)
 
     def _send_again(self, entries: Sequence[tuple[Command, str]]) -> None:
@@ -293,6 +331,13 @@ class RedisLink:
             replies = self.run([command for command, _ in entries], raise_errors=False)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             self._note_unsent(entries, exc)
+            raise
+        except BaseException:
+            # Interrupted: whether Redis got them is unknown. Owed again on this thread's
+            # connection, closed so that reading them fails and sends them again.
+            owed = self._owed()
+            owed.connection.disconnect()
+            self._owe(owed, list(entries), 0)
             raise
         for entry, reply in zip(entries, replies, strict=True):
             if isinstance(reply, ResponseError):
@@ -310,7 +355,7 @@ class RedisLink:
         # process forked meanwhile (by task code) never uses its parent's socket.
         connection = getattr(self._local, "connection", None)
         if connection is None or getattr(self._local, "pid", None) != os.getpid():
-            pool = self.redis.connection_pool
+            pool = self._redis.connection_pool
             connection = pool.connection_class(**pool.connection_kwargs)
             self._local.connection, self._local.pid = connection, os.getpid()
         return connection
@@ -343,7 +388,7 @@ class RedisLink:
             replies: list[Any] = []
             try:
                 if packed is None:
-                    packed = pack(commands) if large else [b"".join(map(pack_command, commands))]
+                    packed = pack(commands) if large else [b"".join(map(pack_one, commands))]
                 connection.send_packed_command(packed)
                 _read_replies(connection, len(commands), block_seconds, replies)
             except (RedisConnectionError, RedisTimeoutError):
@@ -396,6 +441,29 @@ def _read_replies(connection: Any, count: int, block_seconds: float, replies: li
             connection._sock.settimeout(connection.socket_timeout)
 
 
+def pack_one(command: Command) -> bytes:
+    """RESP-encode ``command`` with hiredis, its numbers written out here first.
+
+    hiredis writes a number with ``repr()``, which first runs the pending signal handlers:
+    a ``KeyboardInterrupt`` (Ctrl-C) raised there leaves hiredis with a NULL that crashes
+    the whole process (hiredis 3.5). Raised here, it is an ordinary exception.
+    """
+    args: Any = tuple(
+        arg if arg.__class__ is str or arg.__class__ is bytes else _text(arg) for arg in command
+    )
+    packed: bytes = pack_command(args)
+    return packed
+
+
+def _text(arg: Any) -> Any:
+    """A number as hiredis would write it (``float`` subclasses too); anything else as is."""
+    if isinstance(arg, float):
+        return float.__repr__(arg)
+    if arg.__class__ is int:
+        return int.__repr__(arg)
+    return arg  # a memoryview, or a type hiredis refuses with a TypeError
+
+
 def pack(commands: Sequence[Command]) -> list[bytes | memoryview]:
     """RESP-encode ``commands``; large arguments are sent as they are, never copied.
 
@@ -427,7 +495,9 @@ def _closed_by_server(sock: socket.socket | None) -> bool:
     if not poller.poll(0):
         return False  # nothing to read: open, every reply read
     try:
-        return sock.recv(1, socket.MSG_PEEK) == b""
+        # On the socket itself: a TLS one (rediss://) refuses flags. Its bytes are
+        # encrypted, but only "some" or "the end" matters here.
+        return socket.socket.recv(sock, 1, socket.MSG_PEEK) == b""
     except OSError:  # reset by the server
         return True
 

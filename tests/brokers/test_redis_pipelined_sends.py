@@ -19,14 +19,21 @@ Redis directly.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import redis
-from helpers import wait_until
+from helpers import PrivateRedis, client_env, wait_until
 from tcp_proxy import TcpProxy
 
 from nbtask import App, Settings, State
@@ -80,9 +87,9 @@ def test_a_loop_of_delay_does_not_wait_for_each_reply_and_each_task_runs_once(
     app: App, start_worker, tmp_path: Path
 ) -> None:
     ledger = tmp_path / "ledger"
-    first = app.send_task(RECORD, (str(ledger),))  # connects: a first send waits
+    first = app.send_task(RECORD, (str(ledger),))  # connects, on this thread's connection
     handles = [app.send_task(RECORD, (str(ledger),)) for _ in range(50)]
-    assert link_of(app).owed == 50  # each returned once written
+    assert link_of(app).owed == 51  # each returned once written
     app.flush()
     assert link_of(app).owed == 0
     start_worker(concurrency=2)
@@ -186,3 +193,154 @@ def test_a_loop_sending_large_arguments_keeps_few_of_them_unanswered(app: App) -
     assert 1 < most <= OWED_BYTES // len(payload) + 1
     app.flush()
     assert link_of(app).owed == 0
+
+
+@contextlib.contextmanager
+def ctrl_c_after(seconds: float) -> Iterator[None]:
+    """Raise ``KeyboardInterrupt`` in this (the main) thread once, ``seconds`` from now."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_ctrl_c_while_lost_sends_are_sent_again_loses_none_of_them(
+    client: App, proxy: TcpProxy, start_worker, tmp_path: Path
+) -> None:
+    ledger = tmp_path / "ledger"
+    first = client.send_task(RECORD, (str(ledger),))
+    client.flush()
+    proxy.hold()  # the sends below never reach Redis: their connection drops with them
+    handles = [client.send_task(RECORD, (str(ledger),)) for _ in range(5)]
+    proxy.deafen(new_ones=True)  # and the connection that sends them again hears nothing
+    proxy.cut()
+    # flush() reads no replies (the connection dropped) and sends the five again on a new
+    # connection, where it waits for Redis's answer until the user presses Ctrl-C.
+    with ctrl_c_after(0.5), pytest.raises(KeyboardInterrupt):
+        client.flush()
+    proxy.hear()
+
+    client.flush()  # the sends the Ctrl-C interrupted are still owed: sent again now
+    assert client.transport.take_unsent() == []
+    start_worker(concurrency=2)
+    everything = [first, *handles]
+    assert [h.get(timeout=30) for h in everything] == [h.id for h in everything]
+    assert runs(ledger) == {h.id: 1 for h in everything}
+
+
+def test_a_ctrl_c_while_a_command_is_packed_is_an_exception_not_a_crash(
+    settings: Settings, prefix: str
+) -> None:
+    # hiredis writes a number with repr(), which first runs pending signal handlers; a
+    # Ctrl-C landing just then made it crash the process. The float below sends the
+    # Ctrl-C itself from its repr, so that it lands there every time.
+    code = textwrap.dedent(
+        """
+        import os, signal, sys
+        from nbtask.brokers.redis_link import RedisLink
+
+        class Interrupting(float):
+            def __repr__(self):
+                os.kill(os.getpid(), signal.SIGINT)
+                return float.__repr__(self)
+
+        link = RedisLink(sys.argv[1], "broker")
+        try:
+            link.run([("SET", sys.argv[2], Interrupting(1.5), "EX", 60)])
+        except KeyboardInterrupt:
+            print("interrupted")
+        else:
+            print("sent")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, settings.broker_url or "", f"{prefix}:packed"],
+        capture_output=True,
+        text=True,
+        env=client_env(settings),
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() in ("interrupted", "sent")
+
+
+def test_this_threads_reads_see_the_tasks_it_sent_without_waiting(
+    client: App, proxy: TcpProxy
+) -> None:
+    client.send_task(RECORD, ("/dev/null",))
+    client.flush()
+    proxy.cut()  # every connection: the pooled ones opened while connecting too
+    client.send_task(RECORD, ("/dev/null",))  # this thread's connection, made again
+    client.flush()
+    proxy.hold()  # the sends below stay on their way to Redis until released
+    handles = [client.send_task(RECORD, ("/dev/null",)) for _ in range(5)]
+    assert link_of(client).owed == 5
+    # The record is read on another connection (redis-py's pool), which the proxy does not
+    # hold: it finds the tasks only if this thread's sends are settled first.
+    releaser = threading.Timer(1.0, proxy.release)
+    releaser.start()
+    try:
+        records = [client.store.get_record(h.id) for h in handles]
+    finally:
+        releaser.join()
+    assert [r.state if r else None for r in records] == [State.PENDING] * 5
+
+
+def test_sends_a_full_redis_refuses_are_revoked_and_their_handles_fail(
+    private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    ledger = tmp_path / "ledger"
+    app = App("full", broker=private_redis.url, secret="full-secret")
+    admin = redis.Redis.from_url(private_redis.url)
+    try:
+        app.send_task(RECORD, (str(ledger),))
+        app.flush()
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)  # every write is refused: out of memory
+        handles = [app.send_task(RECORD, (str(ledger),)) for _ in range(3)]
+        assert link_of(app).owed == 3
+        # Redis refuses each publish, then the revoke too: the handles fail all the same,
+        # and the log says why, and what to do.
+        with caplog.at_level(logging.ERROR):
+            app.flush()
+        for handle in handles:
+            with pytest.raises(TaskRevoked, match="not confirmed by the broker"):
+                handle.get(timeout=5)
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("is full" in m and "maxmemory" in m for m in messages), messages
+        # A send that waits for Redis's answer says so at once.
+        with pytest.raises(BrokerUnavailable, match=r"is full.*maxmemory"):
+            app.send_task(RECORD, (str(ledger),), task_id=uuid.uuid4().hex)
+    finally:
+        admin.config_set("maxmemory", 0)
+        admin.close()
+        app.close()
+
+
+def test_a_loop_of_delay_over_tls_does_not_wait_either(tmp_path: Path) -> None:
+    server = PrivateRedis(tmp_path, tls=True)  # rediss://
+    server.start()
+    app = App("tls", broker=server.url, secret="tls-secret")
+    admin = redis.Redis.from_url(server.url)  # another connection, which reads nothing owed
+    try:
+        handles = [app.send_task(RECORD, (str(tmp_path / "ledger"),))]
+        # Redis ran it (so its reply is on its way back) before the next send looks
+        # whether the connection is still open, with a reply waiting on the socket.
+        key = transport_of(app).store.record_key(handles[0].id)
+        wait_until(lambda: bool(admin.exists(key)), 10, "the first task's record")
+        handles += [app.send_task(RECORD, (str(tmp_path / "ledger"),)) for _ in range(4)]
+        app.flush()
+        records = [app.store.get_record(h.id) for h in handles]
+        assert [r.state if r else None for r in records] == [State.PENDING] * 5
+    finally:
+        admin.close()
+        app.close()
+        server.stop()
