@@ -5,6 +5,7 @@ Fixtures live in ``conftest.py``; everything a test imports by name lives here.
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import socket
@@ -270,3 +271,8 @@ class PrivateRedis:
             subprocess.run([*request, *names, *files], check=True, capture_output=True)
         served = ["--tls-cert-file", str(cert), "--tls-key-file", str(key)]
         return ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no", *served]
+
+
+def ledger_runs(ledger: Path) -> collections.Counter[str]:
+    """How many times each task id ran, from the file ``tests.sample_tasks.record_id`` writes."""
+    return collections.Counter(ledger.read_text().split() if ledger.exists() else [])

@@ -16,10 +16,11 @@ import contextlib
 import random
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
-__all__ = ["TcpProxy"]
+__all__ = ["TcpProxy", "proxying", "via"]
 
 _CHUNK = 1 << 16
 
@@ -223,3 +224,22 @@ class TcpProxy:
     def _forget(self, pair: _Pair) -> None:
         with self._lock:
             self._pairs.discard(pair)
+
+
+@contextlib.contextmanager
+def proxying(url: str, default_port: int) -> Iterator[TcpProxy]:
+    """A started proxy in front of the service at ``url``; stopped after the block."""
+    target = urlsplit(url)
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or default_port)
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+def via(url: str, port: int) -> str:
+    """``url`` with its host and port replaced by a proxy's (its user and password kept)."""
+    parts = urlsplit(url)
+    user = f"{parts.username}:{parts.password}@" if parts.username else ""
+    return parts._replace(netloc=f"{user}127.0.0.1:{port}").geturl()

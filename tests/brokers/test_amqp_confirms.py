@@ -13,16 +13,14 @@ and the store are reached directly.
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import kombu
 import pytest
-from helpers import AMQP_URL, wait_until
+from helpers import AMQP_URL, ledger_runs, wait_until
 from raw_broker import raw_broker
-from tcp_proxy import TcpProxy
+from tcp_proxy import TcpProxy, proxying, via
 
 from nbtask import App, Settings, State
 from nbtask.brokers.amqp import AmqpTransport
@@ -37,19 +35,14 @@ pytestmark = pytest.mark.brokers("amqp")
 @pytest.fixture
 def proxy(settings: Settings) -> Iterator[TcpProxy]:
     """A proxy in front of RabbitMQ for the test's client."""
-    target = urlsplit(AMQP_URL)
-    opened = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672)
-    opened.start()
-    yield opened
-    opened.stop()
+    with proxying(AMQP_URL, 5672) as opened:
+        yield opened
 
 
 @pytest.fixture
 def client(settings: Settings, proxy: TcpProxy) -> Iterator[App]:
     """A client app whose AMQP connections go through ``proxy``."""
-    parts = urlsplit(AMQP_URL)
-    user = f"{parts.username}:{parts.password}@" if parts.username else ""
-    url = parts._replace(netloc=f"{user}127.0.0.1:{proxy.url_port}").geturl()
+    url = via(AMQP_URL, proxy.url_port)
     application = App("confirms", settings=settings.replace(broker_url=url))
     yield application
     application.close()
@@ -62,11 +55,6 @@ def sending_link(app: App) -> Link:
     link = transport.links.current()
     assert link is not None
     return link
-
-
-def runs(ledger: Path) -> collections.Counter[str]:
-    """How many times each task id ran."""
-    return collections.Counter(ledger.read_text().split() if ledger.exists() else [])
 
 
 def test_a_batch_is_whole_in_the_queue_when_delay_many_returns(
@@ -104,7 +92,7 @@ def test_confirms_lost_with_their_connection_are_sent_again(
     everything = [first, *handles]
     assert [h.get(timeout=30) for h in everything] == [h.id for h in everything]
     # Both copies of each reached RabbitMQ: the start check ran one, dropped the other.
-    assert runs(ledger) == {h.id: 1 for h in everything}
+    assert ledger_runs(ledger) == {h.id: 1 for h in everything}
     access = raw_broker(settings)
     try:
         wait_until(access.drained, 10, "the second copies to be dropped")
@@ -141,7 +129,7 @@ def test_unconfirmed_tasks_are_revoked_when_rabbitmq_cannot_be_reached(
     finally:
         access.close()
     assert first.get(timeout=20) == first.id
-    assert runs(ledger) == {first.id: 1, probe.id: 1}
+    assert ledger_runs(ledger) == {first.id: 1, probe.id: 1}
 
 
 def test_messages_rabbitmq_refuses_are_reported_not_dropped(prefix: str) -> None:

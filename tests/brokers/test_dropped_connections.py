@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import pytest
 from helpers import AMQP_URL, SECRET, amqp_reachable, wait_until
 from raw_broker import raw_broker
-from tcp_proxy import TcpProxy
+from tcp_proxy import TcpProxy, via
 
 import nbtask
 from nbtask import App, Settings
@@ -66,10 +66,10 @@ class Route:
     def urls(self, redis_url: str) -> dict[str, str]:
         """``broker_url`` (and ``result_url``) through the proxies."""
         if self.store is None:
-            return {"broker_url": _via(redis_url, self.broker.url_port)}
+            return {"broker_url": via(redis_url, self.broker.url_port)}
         return {
-            "broker_url": _via(AMQP_URL, self.broker.url_port),
-            "result_url": _via(redis_url, self.store.url_port),
+            "broker_url": via(AMQP_URL, self.broker.url_port),
+            "result_url": via(redis_url, self.store.url_port),
         }
 
     def cut(self) -> None:
@@ -87,13 +87,6 @@ class Route:
     def stop(self) -> None:
         for proxy in self.proxies:
             proxy.stop()
-
-
-def _via(url: str, port: int) -> str:
-    """``url`` with its host and port replaced by the proxy's."""
-    parts = urlsplit(url)
-    user = f"{parts.username}:{parts.password}@" if parts.username else ""
-    return parts._replace(netloc=f"{user}127.0.0.1:{port}").geturl()
 
 
 @pytest.fixture(params=["redis", "amqp"])

@@ -18,7 +18,6 @@ Redis directly.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import signal
@@ -29,12 +28,11 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 import redis
-from helpers import PrivateRedis, client_env, wait_until
-from tcp_proxy import TcpProxy
+from helpers import PrivateRedis, client_env, ledger_runs, wait_until
+from tcp_proxy import TcpProxy, proxying, via
 
 from nbtask import App, Settings, State
 from nbtask.brokers.redis_link import OWED_BYTES, RedisLink
@@ -48,17 +46,14 @@ RECORD = "tests.sample_tasks.record_id"  # appends its id to a file: counts runs
 @pytest.fixture
 def proxy(settings: Settings) -> Iterator[TcpProxy]:
     """A proxy in front of Redis for the test's client."""
-    target = urlsplit(settings.broker_url)
-    opened = TcpProxy(target.hostname or "127.0.0.1", target.port or 6379)
-    opened.start()
-    yield opened
-    opened.stop()
+    with proxying(settings.broker_url or "", 6379) as opened:
+        yield opened
 
 
 @pytest.fixture
 def client(settings: Settings, proxy: TcpProxy) -> Iterator[App]:
     """A client app whose Redis connections go through ``proxy``."""
-    url = urlsplit(settings.broker_url)._replace(netloc=f"127.0.0.1:{proxy.url_port}").geturl()
+    url = via(settings.broker_url or "", proxy.url_port)
     application = App("pipelined", settings=settings.replace(broker_url=url))
     yield application
     application.close()
@@ -77,11 +72,6 @@ def link_of(app: App) -> RedisLink:
     return store.link
 
 
-def runs(ledger: Path) -> collections.Counter[str]:
-    """How many times each task id ran."""
-    return collections.Counter(ledger.read_text().split() if ledger.exists() else [])
-
-
 @pytest.mark.brokers()
 def test_a_loop_of_delay_does_not_wait_for_each_reply_and_each_task_runs_once(
     app: App, start_worker, tmp_path: Path
@@ -95,7 +85,7 @@ def test_a_loop_of_delay_does_not_wait_for_each_reply_and_each_task_runs_once(
     start_worker(concurrency=2)
     everything = [first, *handles]
     assert [h.get(timeout=30) for h in everything] == [h.id for h in everything]
-    assert runs(ledger) == {h.id: 1 for h in everything}
+    assert ledger_runs(ledger) == {h.id: 1 for h in everything}
 
 
 def test_replies_lost_with_their_connection_are_sent_again_and_each_task_runs_once(
@@ -115,7 +105,7 @@ def test_replies_lost_with_their_connection_are_sent_again_and_each_task_runs_on
     start_worker(concurrency=2)
     everything = [first, *handles]
     assert [h.get(timeout=30) for h in everything] == [h.id for h in everything]
-    assert runs(ledger) == {h.id: 1 for h in everything}
+    assert ledger_runs(ledger) == {h.id: 1 for h in everything}
 
 
 def test_sends_redis_cannot_be_reached_for_are_revoked_and_their_handles_fail(
@@ -153,7 +143,7 @@ def test_a_server_that_lost_its_scripts_still_queues_the_sends_it_refused(
     start_worker(concurrency=2)
     everything = [first, *handles]
     assert [h.get(timeout=30) for h in everything] == [h.id for h in everything]
-    assert runs(ledger) == {h.id: 1 for h in everything}
+    assert ledger_runs(ledger) == {h.id: 1 for h in everything}
 
 
 def test_a_send_redis_answers_with_an_error_is_revoked_not_dropped(
@@ -232,7 +222,7 @@ def test_a_ctrl_c_while_lost_sends_are_sent_again_loses_none_of_them(
     start_worker(concurrency=2)
     everything = [first, *handles]
     assert [h.get(timeout=30) for h in everything] == [h.id for h in everything]
-    assert runs(ledger) == {h.id: 1 for h in everything}
+    assert ledger_runs(ledger) == {h.id: 1 for h in everything}
 
 
 def test_a_ctrl_c_while_a_command_is_packed_is_an_exception_not_a_crash(
