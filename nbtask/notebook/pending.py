@@ -113,8 +113,11 @@ class Pending:
                 self.deliver(run)
         self._unfinished = unfinished
 
-    def wait(self, names: Iterable[str]) -> None:
+    def wait(self, names: Iterable[str], stay: Iterable[str] = ()) -> None:
         """Wait for the runs that assign ``names``, deliver their values, fetch kept ones.
+
+        Kept values named in ``stay`` are not fetched: the cell only shows them, passes
+        them to tasks, deletes them, or is a ``%%task`` cell (which uses them in place).
 
         Raises
         ------
@@ -135,7 +138,8 @@ class Pending:
                 )
                 wait_interruptibly(run.handle)
             self.deliver(run, raise_errors=True)
-        for name in self.kept(wanted):
+        staying = set(stay)
+        for name in self.kept(n for n in wanted if n not in staying):
             value = self.namespace[name]
             print(
                 f"nbtask: fetching {name} ({value.size / 1e6:,.1f} MB) from the workers",
@@ -311,16 +315,18 @@ class WaitInserter(ast.NodeTransformer):
         if not pending.owner and not pending.holds_kept:
             return node
         found = analyze(node)
-        # A kept value only passed to tasks goes as a reference: the worker loads it.
-        kept = {n for n in pending.kept(found.reads) if not _only_sent_to_tasks(node, n)}
+        # Names the cell reads without using their values, so a kept one is not fetched:
+        # passed to tasks (the worker loads it), deleted, or shown (its preview).
+        stay = {n for n in found.reads if _only_sent_to_tasks(node, n) or _only_deleted(node, n)}
+        stay.update(name for name in [_shown_name(node)] if name is not None)
+        kept = set(pending.kept(found.reads)) - stay
+        # A pending name is waited for all the same: its value (kept or not) comes first.
         needed = [n for n in found.reads if n in pending.owner or n in kept]
-        shown = _shown_name(node)
-        if shown in needed and shown not in pending.owner:
-            needed.remove(shown)  # a cell that only shows a kept value shows its preview
         self.pending.forget(n for n in found.assigned if n not in needed)
         if not needed:
             return node
-        call = ast.parse(f"{WAIT_NAME}({needed!r})").body[0]
+        staying = sorted(stay.intersection(needed))
+        call = ast.parse(f"{WAIT_NAME}({needed!r}, {staying!r})").body[0]
         first = node.body[0]
         for sub in ast.walk(call):
             if isinstance(sub, (ast.expr, ast.stmt)):
@@ -356,6 +362,12 @@ def _only_sent_to_tasks(cell: ast.Module, name: str) -> bool:
         if isinstance(node, ast.Name) and node.id == name and isinstance(node.ctx, ast.Load)
     ]
     return bool(reads) and all(id(read) in sent for read in reads)
+
+
+def _only_deleted(cell: ast.Module, name: str) -> bool:
+    """True if ``name`` appears in ``cell`` only as a ``del`` target: its value is not used."""
+    uses = [node for node in ast.walk(cell) if isinstance(node, ast.Name) and node.id == name]
+    return bool(uses) and all(isinstance(node.ctx, ast.Del) for node in uses)
 
 
 def _names_passed(argument: ast.expr, name: str) -> list[ast.Name]:

@@ -189,7 +189,8 @@ class Session:
         python = self.shell.transform_cell(cell)
         found = analyzed(python, line_offset=1)  # the %%task line is the cell's first
         self.pending.harvest()
-        self.pending.wait([n for n in found.reads if n in self.pending.owner])
+        waited = [n for n in found.reads if n in self.pending.owner]
+        self.pending.wait(waited, stay=waited)  # kept values are used where they are
         back = {*found.assigned, *found.mutated}  # the names that come back
         unassigned = [n for n in (*args.keep, *args.fetch) if n not in back]
         if unassigned:

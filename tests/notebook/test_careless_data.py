@@ -1,0 +1,82 @@
+"""What a careless notebook user gets from kept values: nothing fetched that is not used.
+
+A real IPython shell against the real Redis and worker processes, with ``keep_threshold``
+lowered to 1 MiB so that a 2.4 MB array is kept. A kept value the kernel fetched is an
+array in the namespace; one it did not is still a :class:`RemoteValue`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+
+from nbtask import Settings
+from nbtask.notebook.kept import RemoteValue
+from nbtask.notebook.session import Session
+
+MAKE_X = "import numpy as np\nx = np.arange(300_000.0)"
+TOTAL = float(sum(range(300_000)))
+
+
+@pytest.fixture
+def fetch_budget() -> int:
+    """The notebook's ``fetch_budget``: the default, unless a test parametrizes its own."""
+    return Settings().fetch_budget
+
+
+#: A fetch of ``x`` (2.4 MB) is refused: a cell that fetched it would fail.
+NO_FETCH = pytest.mark.parametrize("fetch_budget", [1000], ids=["fetch_budget-1000"])
+
+
+@pytest.fixture
+def settings(settings: Settings, fetch_budget: int) -> Settings:
+    """The suite's settings, keeping names of 1 MiB or more on the workers."""
+    return settings.replace(keep_threshold=1024 * 1024, fetch_budget=fetch_budget)
+
+
+def task(ip: InteractiveShell, source: str, line: str = "--wait") -> Any:
+    return ip.run_cell_magic("task", line, source)
+
+
+def run(ip: InteractiveShell, code: str) -> None:
+    result = ip.run_cell(code)
+    assert result.error_in_exec is None and result.error_before_exec is None, result
+
+
+def test_a_task_cell_reading_a_value_a_background_cell_kept_uses_it_in_place(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    task(ip, MAKE_X, "")  # in the background: x is pending, then kept
+    task(ip, "total = float(x.sum())")
+    assert ip.user_ns["total"] == TOTAL
+    assert isinstance(ip.user_ns["x"], RemoteValue), "the kernel fetched x to ship it back"
+
+
+@NO_FETCH
+def test_a_pending_kept_value_only_shown_or_passed_to_a_task_is_not_fetched(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    @nb.app.task
+    def total(values: Any) -> float:
+        return float(values.sum())
+
+    ip.user_ns["total"] = total
+    task(ip, MAKE_X, "")
+    run(ip, "s = total.delay(x).get(timeout=30)")  # waits for x, sends the reference
+    assert ip.user_ns["s"] == TOTAL
+    assert isinstance(ip.user_ns["x"], RemoteValue)
+    task(ip, MAKE_X, "")
+    run(ip, "x")  # waits for x, shows its preview as for a value already delivered
+    assert isinstance(ip.user_ns["x"], RemoteValue)
+
+
+@NO_FETCH
+@pytest.mark.parametrize("background", [False, True], ids=["delivered", "pending"])
+def test_deleting_a_kept_value_fetches_nothing_even_over_the_fetch_budget(
+    ip: InteractiveShell, nb: Session, background: bool
+) -> None:
+    task(ip, MAKE_X, "" if background else "--wait")
+    run(ip, "del x")
+    assert "x" not in ip.user_ns
