@@ -36,6 +36,8 @@ from nbtask.wire.holdings import holdings_lines
 
 __all__ = ["Session"]
 
+_SESSION_ENDED = "when its nbtask session ended (%unload_ext nbtask, or the kernel shut down)"
+
 
 class _Result:
     """The last expression of a ``--wait`` cell, shown as the cell's own ``Out``."""
@@ -117,7 +119,7 @@ class Session:
         if self._ticker is not None:
             self._ticker.join(5)
         with contextlib.suppress(Exception):  # the broker may be gone: the TTL still holds
-            self.releases.release_all()
+            self.releases.release_all(_SESSION_ENDED)
         if self.owns_app:
             self.app.close()
 

@@ -1,18 +1,21 @@
-"""What a careless notebook user gets from kept values: nothing fetched that is not used.
+"""What a careless notebook user gets from kept values: only what is used is fetched.
 
-A real IPython shell against the real Redis and worker processes, with ``keep_threshold``
+Code that reaches a reference instead of its value gets one error saying what to do. A
+real IPython shell against the real Redis and worker processes, with ``keep_threshold``
 lowered to 1 MiB so that a 2.4 MB array is kept. A kept value the kernel fetched is an
 array in the namespace; one it did not is still a :class:`RemoteValue`.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
 from nbtask import Settings
+from nbtask.errors import BlobError
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.session import Session
 
@@ -80,3 +83,42 @@ def test_deleting_a_kept_value_fetches_nothing_even_over_the_fetch_budget(
     task(ip, MAKE_X, "" if background else "--wait")
     run(ip, "del x")
     assert "x" not in ip.user_ns
+
+
+@pytest.mark.parametrize(
+    ("code", "error", "use"),
+    [
+        ("eval('x.mean()')", AttributeError, "x.mean"),
+        ("eval('x[0]')", TypeError, r"x\[...\]"),
+        ("eval('len(x)')", TypeError, r"len\(x\)"),
+        ("list(globals()['x'])", TypeError, r"iter\(x\)"),
+        ("import numpy as np\nnp.mean(eval('x'))", TypeError, r"numpy.asarray\(x\)"),
+    ],
+)
+def test_code_that_reaches_a_kept_value_without_naming_it_is_told_to_fetch_it(
+    ip: InteractiveShell, nb: Session, code: str, error: type[Exception], use: str
+) -> None:
+    task(ip, MAKE_X)
+    result = ip.run_cell(code)
+    assert isinstance(result.error_in_exec, error)
+    assert re.match(
+        rf"{use}: x \(numpy.ndarray\) is kept on the workers, .* so it was not fetched: "
+        r"fetch it first \(x = x.fetch\(\), ",
+        str(result.error_in_exec),
+    ), result.error_in_exec
+    assert isinstance(ip.user_ns["x"], RemoteValue) and ip.user_ns["x"]  # still there
+
+
+def test_a_kept_value_used_after_its_session_ended_says_it_was_released(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    task(ip, MAKE_X)
+    kept = ip.user_ns["x"]
+    ip.run_line_magic("unload_ext", "nbtask")  # releases what the session kept
+    released = r"x was released when its nbtask session ended \(%unload_ext nbtask, or the "
+    with pytest.raises(BlobError, match=released + r".*Run Cell In\[\d+\] again to make it"):
+        kept.fetch()
+    result = ip.run_cell("x[:3]")
+    assert isinstance(result.error_in_exec, TypeError)
+    assert re.search(released, str(result.error_in_exec))
+    assert repr(kept).startswith("<x: released when its nbtask session ended")
