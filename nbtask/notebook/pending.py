@@ -316,8 +316,9 @@ class WaitInserter(ast.NodeTransformer):
             return node
         found = analyze(node)
         # Names the cell reads without using their values, so a kept one is not fetched:
-        # passed to tasks (the worker loads it), deleted, or shown (its preview).
-        stay = {n for n in found.reads if _only_sent_to_tasks(node, n) or _only_deleted(node, n)}
+        # passed to tasks (the worker loads it), fetched by the cell itself (``x.fetch()``,
+        # maybe with ``force=True``), deleted, or shown (its preview).
+        stay = {n for n in found.reads if _only_as_reference(node, n) or _only_deleted(node, n)}
         stay.update(name for name in [_shown_name(node)] if name is not None)
         kept = set(pending.kept(found.reads)) - stay
         # A pending name is waited for all the same: its value (kept or not) comes first.
@@ -340,28 +341,29 @@ class WaitInserter(ast.NodeTransformer):
 _SENDING_CALLS = frozenset({"delay", "apply_async", "s", "si", "signature"})
 
 
-def _only_sent_to_tasks(cell: ast.Module, name: str) -> bool:
-    """True if every read of ``name`` in ``cell`` is an argument of a task call.
+def _only_as_reference(cell: ast.Module, name: str) -> bool:
+    """True if every read of ``name`` in ``cell`` uses a kept value's reference, not its value.
 
-    ``f.delay(x)``, ``f.apply_async(args=(x,))``, ``f.s([x, y])``: the name as an argument
-    or inside a literal list, tuple, set or dict argument. ``f.delay(x.sum())`` reads ``x``
-    in the kernel, so it does not count.
+    An argument of a task call goes as a reference: ``f.delay(x)``,
+    ``f.apply_async(args=(x,))``, ``f.s([x, y])``, the name as an argument or inside a
+    literal list, tuple, set or dict argument; ``x.fetch()`` is the reference's own call.
+    ``f.delay(x.sum())`` reads ``x`` in the kernel, so it does not count.
     """
-    sent: set[int] = set()
+    used: set[int] = set()
     for node in ast.walk(cell):
-        if (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute)
-            and node.func.attr in _SENDING_CALLS
-        ):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        if node.func.attr in _SENDING_CALLS:
             for argument in [*node.args, *(keyword.value for keyword in node.keywords)]:
-                sent.update(id(found) for found in _names_passed(argument, name))
+                used.update(id(found) for found in _names_passed(argument, name))
+        elif node.func.attr == "fetch":
+            used.update(id(found) for found in _names_passed(node.func.value, name))
     reads = [
         node
         for node in ast.walk(cell)
         if isinstance(node, ast.Name) and node.id == name and isinstance(node.ctx, ast.Load)
     ]
-    return bool(reads) and all(id(read) in sent for read in reads)
+    return bool(reads) and all(id(read) in used for read in reads)
 
 
 def _only_deleted(cell: ast.Module, name: str) -> bool:

@@ -75,6 +75,20 @@ def test_a_pending_kept_value_only_shown_or_passed_to_a_task_is_not_fetched(
     assert isinstance(ip.user_ns["x"], RemoteValue)
 
 
+def test_x_fetch_in_a_cell_is_the_cells_own_fetch_with_force_past_the_budget(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    task(ip, MAKE_X)
+    run(ip, "head = x.fetch()[:3].tolist()")  # not fetched for the cell first
+    assert ip.user_ns["head"] == [0.0, 1.0, 2.0]
+    assert isinstance(ip.user_ns["x"], RemoteValue)
+    ip.user_ns["x"].bind(nb.app.store.get_blob, 1000)
+    result = ip.run_cell("last = x.fetch()[-1]")
+    assert isinstance(result.error_in_exec, BlobError), result.error_in_exec
+    run(ip, "last = x.fetch(force=True)[-1]")  # as the budget's error says to
+    assert ip.user_ns["last"] == 299_999.0
+
+
 @NO_FETCH
 @pytest.mark.parametrize("background", [False, True], ids=["delivered", "pending"])
 def test_deleting_a_kept_value_fetches_nothing_even_over_the_fetch_budget(
