@@ -17,6 +17,7 @@ __all__ = [
     "check_task_id",
     "parse_rate",
     "positive",
+    "queue_name",
     "seconds",
     "validate_options",
 ]
@@ -109,7 +110,7 @@ def validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 _BOOLS = ("bind", "acks_late", "retry_jitter", "typing")
 _OPTIONAL_BOOLS = ("ignore_result", "reject_on_worker_lost")
-_OPTIONAL_STRINGS = ("name", "queue")
+_OPTIONAL_STRINGS = ("name",)
 
 
 def _check_types(attrs: Mapping[str, Any]) -> None:
@@ -124,9 +125,25 @@ def _check_types(attrs: Mapping[str, Any]) -> None:
         value = attrs.get(name)
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise ConfigurationError(f"{name} must be a non-empty string, got {value!r}")
+    if attrs.get("queue") is not None:
+        queue_name(attrs["queue"], "queue")
     backoff = attrs.get("retry_backoff")
     if backoff is not None and not isinstance(backoff, (bool, int, float)):
         raise ConfigurationError(f"retry_backoff must be True/False or seconds, got {backoff!r}")
+
+
+def queue_name(value: object, what: str) -> str:
+    """``value`` if a worker can serve it as a queue; else one error naming ``what``.
+
+    ``nbtask worker -Q`` strips spaces from its names, so a name with spaces around it
+    would be served by no worker, and its tasks would wait for good.
+    """
+    if not isinstance(value, str) or not value.strip() or value != value.strip():
+        raise ConfigurationError(
+            f"{what} must be a queue name without spaces around it, as workers serve it "
+            f"(nbtask worker -Q near-s3), got {value!r}"
+        )
+    return value
 
 
 def parse_rate(rate: object) -> float | None:

@@ -16,7 +16,7 @@ from nbtask.core.context import Request, current_request, progress
 from nbtask.core.datasets import data_queue, dataset_names
 from nbtask.core.handle import TaskHandle
 from nbtask.core.holding import is_holder_queue
-from nbtask.core.options import check_task_id, positive, seconds
+from nbtask.core.options import check_task_id, positive, queue_name, seconds
 from nbtask.errors import ConfigurationError, MaxRetriesExceededError, Retry
 from nbtask.settings import is_finite_number
 from nbtask.wire.events import Event
@@ -334,6 +334,8 @@ class Task:
             raise ConfigurationError("pass either countdown or eta, not both")
         if task_id is not None:
             check_task_id(task_id)
+        if queue:  # "" or None: the usual queue
+            queue_name(queue, "queue")
         countdown = seconds("countdown", countdown)
         due = time.time() + countdown if countdown is not None else _epoch(eta, absolute=True)
         needs = dataset_names(requires) if requires is not None else self.requires
