@@ -15,7 +15,7 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
 from nbtask import Settings
-from nbtask.errors import BlobError
+from nbtask.errors import BlobError, CellError
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.session import Session
 
@@ -136,3 +136,22 @@ def test_a_kept_value_used_after_its_session_ended_says_it_was_released(
     assert isinstance(result.error_in_exec, TypeError)
     assert re.search(released, str(result.error_in_exec))
     assert repr(kept).startswith("<x: released when its nbtask session ended")
+
+
+@pytest.mark.parametrize(
+    ("source", "name"), [("y = h.get(timeout=30)", "h"), ("ys = [g.get() for g in hs]", "hs")]
+)
+def test_a_task_cell_reading_a_task_handle_is_refused_before_sending(
+    ip: InteractiveShell, nb: Session, source: str, name: str
+) -> None:
+    @nb.app.task
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    handle = add.delay(1, 2)
+    assert handle.get(timeout=30) == 3
+    ip.user_ns.update(h=handle, hs=[handle])
+    refused = rf"'{name}' holds the handle of task .*add\[{handle.id}\]: a %%task cell cannot use"
+    with pytest.raises(CellError, match=refused + r" .*\(h.get\(\)\).*Nothing was sent"):
+        task(ip, source)
+    assert nb.pending.runs == []
