@@ -26,6 +26,7 @@ from nbtask.notebook.follow import cancel_task
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.shipping import load_values, share_namespace
 from nbtask.wire.envelope import Envelope
+from nbtask.wire.events import State
 
 if TYPE_CHECKING:
     from nbtask.core.handle import TaskHandle
@@ -98,6 +99,19 @@ class Pending:
     def running(self) -> list[CellRun]:
         """Runs not finished yet."""
         return [r for r in self.runs if not r.handle.done()]
+
+    def cancel_running(self, timeout: float) -> None:
+        """Cancel the runs not finished; wait up to ``timeout`` seconds for started ones.
+
+        A queued one that is revoked never runs: there is nothing to wait for.
+        """
+        running = self.running()
+        started = [run for run in running if run.handle.state is not State.PENDING]
+        for run in running:
+            cancel_task(run.handle)
+        deadline = time.monotonic() + timeout
+        while any(not run.handle.done() for run in started) and time.monotonic() < deadline:
+            time.sleep(_POLL_SECONDS)
 
     def harvest(self) -> None:
         """Write the values of every successfully finished run (main thread only).

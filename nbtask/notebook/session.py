@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import queue
@@ -37,6 +38,8 @@ from nbtask.wire.holdings import holdings_lines
 __all__ = ["Session"]
 
 _SESSION_ENDED = "when its nbtask session ended (%unload_ext nbtask, or the kernel shut down)"
+#: How long an ending session waits for the cells it cancels to end.
+_CANCEL_SECONDS = 10.0
 
 
 class _Result:
@@ -101,10 +104,19 @@ class Session:
         self.shell.events.register("pre_run_cell", self._pre_run_cell)
         self._ticker = threading.Thread(target=self._tick, name="nbtask-ticker", daemon=True)
         self._ticker.start()
+        # A kernel shutting down unloads no extension: its session ends at exit, before
+        # the app closes (atexit runs the later registration first).
+        atexit.register(self.stop)
         print(self.describe())
 
     def stop(self) -> None:
-        """Remove the hooks and close the app if this session made it."""
+        """End the session: its running cells are cancelled, what it kept is released.
+
+        Removes the hooks and closes the app if this session made it.
+        """
+        atexit.unregister(self.stop)
+        if self._stop.is_set():
+            return
         if self.inserter in self.shell.ast_transformers:
             self.shell.ast_transformers.remove(self.inserter)
         with contextlib.suppress(ValueError):  # not registered
@@ -119,6 +131,10 @@ class Session:
         if self._ticker is not None:
             self._ticker.join(5)
         with contextlib.suppress(Exception):  # the broker may be gone: the TTL still holds
+            # Results of cells still running would reach no one: those that end meanwhile
+            # are delivered, so the values they kept are released with the rest.
+            self.pending.cancel_running(timeout=_CANCEL_SECONDS)
+            self.pending.harvest()
             self.releases.release_all(_SESSION_ENDED)
         if self.owns_app:
             self.app.close()

@@ -8,13 +8,18 @@ array in the namespace; one it did not is still a :class:`RemoteValue`.
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
+from helpers import ROOT, broker_env, wait_until
 from IPython.core.interactiveshell import InteractiveShell
+from jupyter_client.manager import KernelManager
 
-from nbtask import Settings
+from nbtask import App, Settings, State
 from nbtask.errors import BlobError, CellError
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.session import Session
@@ -155,3 +160,58 @@ def test_a_task_cell_reading_a_task_handle_is_refused_before_sending(
     with pytest.raises(CellError, match=refused + r" .*\(h.get\(\)\).*Nothing was sent"):
         task(ip, source)
     assert nb.pending.runs == []
+
+
+def blob_keys(settings: Settings) -> list[bytes]:
+    client = redis.Redis.from_url(settings.broker_url or "")
+    try:
+        return list(client.scan_iter(match=f"{settings.key_prefix}:blob*", count=1000))
+    finally:
+        client.close()
+
+
+def nothing_held(settings: Settings) -> bool:
+    """No blob of the test's prefix in the store, and no value held by a worker process."""
+    reader = App("reader", settings=settings)
+    try:
+        consumers = [c for info in reader.workers().values() for c in info.consumers]
+        held = any(h.values for h in reader.store.holdings(consumers).values())
+    finally:
+        reader.close()
+    return not held and not blob_keys(settings)
+
+
+def test_a_kernel_shutting_down_releases_what_its_session_kept(
+    settings: Settings, start_worker: Any, tmp_path: Path
+) -> None:
+    start_worker(concurrency=1)
+    km = KernelManager(kernel_name="python3", transport="ipc", ip=str(tmp_path / "kernel"))
+    km.start_kernel(env={**os.environ, **broker_env(settings)}, cwd=str(ROOT))
+    client = km.client()
+    client.start_channels()
+    try:
+        client.wait_for_ready(timeout=30)
+        client.execute_interactive("%load_ext nbtask", timeout=60)
+        reply = client.execute_interactive(f"%%task --wait\n{MAKE_X}", timeout=60)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        assert blob_keys(settings), "x was not kept"
+    finally:
+        client.stop_channels()
+        km.shutdown_kernel(now=False)  # as Jupyter's "Shut Down Kernel": no unload
+    assert nothing_held(settings)
+
+
+def test_ending_a_session_cancels_its_running_cells_and_releases_what_they_kept(
+    ip: InteractiveShell, nb: Session, settings: Settings
+) -> None:
+    task(ip, "import time\ntime.sleep(1)\n" + MAKE_X, "")  # in the background
+    handle = nb.pending.runs[-1].handle
+    wait_until(lambda: handle.state == State.STARTED, 20, "the cell to start")
+    ip.run_line_magic("unload_ext", "nbtask")
+    assert handle.done()
+    reader = App("reader", settings=settings)
+    try:  # the cell ended on the worker (or, not cancelled, would have kept x by then)
+        wait_until(lambda: not any(i.busy for i in reader.workers().values()), 20, "idle")
+    finally:
+        reader.close()
+    assert nothing_held(settings)
