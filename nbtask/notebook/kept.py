@@ -151,6 +151,11 @@ class RemoteValue(ValueRef):
     def __bool__(self) -> bool:
         return True  # a reference is there, whatever its value: len() is not asked
 
+    def __reduce_ex__(self, protocol: object) -> tuple[Any, ...]:
+        if self.released:  # sent to a cell or a task, it would find its data gone
+            raise BlobError(self._gone())
+        return super().__reduce_ex__(protocol)
+
     def __getstate__(self) -> dict[str, Any]:
         # The fetcher and budget belong to the process that holds the reference.
         state = dict(self.__dict__)

@@ -20,7 +20,7 @@ from typing import Any
 import cloudpickle
 
 from nbtask.core.handle import refusing_handles
-from nbtask.errors import CellError, CellNameError
+from nbtask.errors import BlobError, CellError, CellNameError
 from nbtask.notebook.analysis import SHELL_NAMES, CellAnalysis, analyze, is_history_name
 from nbtask.wire.blobs import Packed
 from nbtask.wire.envelope import dumps
@@ -147,6 +147,8 @@ def prepare(
             blob = Packed.of(values)
     except CellError:  # a task handle among them
         raise CellError(_handles_in(values)) from None
+    except BlobError as exc:  # a kept value released with the session that kept it
+        raise CellError(f"{exc}. Nothing was sent") from None
     except Exception:
         raise CellError(_unpicklable(values)) from None
     spec = CellSpec(

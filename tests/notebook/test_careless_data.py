@@ -22,6 +22,7 @@ from jupyter_client.manager import KernelManager
 from nbtask import App, Settings, State
 from nbtask.errors import BlobError, CellError
 from nbtask.notebook.kept import RemoteValue
+from nbtask.notebook.magics import session_of
 from nbtask.notebook.session import Session
 
 MAKE_X = "import numpy as np\nx = np.arange(300_000.0)"
@@ -215,3 +216,23 @@ def test_ending_a_session_cancels_its_running_cells_and_releases_what_they_kept(
     finally:
         reader.close()
     assert nothing_held(settings)
+
+
+def test_a_value_released_with_its_session_is_refused_when_sent_again(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    task(ip, MAKE_X)
+    ip.run_line_magic("unload_ext", "nbtask")
+    ip.run_line_magic("load_ext", "nbtask")
+    released = r"^x was released when its nbtask session ended .* Run Cell In\[\d+\] again"
+    with pytest.raises(CellError, match=released + r" to make it. Nothing was sent$"):
+        task(ip, "total = float(x.sum())")
+    session = session_of(ip)
+    assert session is not None and session.pending.runs == []
+
+    @session.app.task
+    def total(values: Any) -> float:
+        return float(values.sum())
+
+    with pytest.raises(BlobError, match=released):
+        total.delay([ip.user_ns["x"]])
