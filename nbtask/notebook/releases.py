@@ -126,6 +126,11 @@ class Releases:
             live = {kept[:3] for kept in self._counts}
         self._release(due, still_referenced=live)
 
+    def values(self) -> list[RemoteValue]:
+        """The references tracked that are still in use."""
+        with self._lock:
+            return list(self._values)
+
     def release_all(self, why: str) -> None:
         """The session ends: release every value it still references.
 

@@ -236,3 +236,23 @@ def test_a_value_released_with_its_session_is_refused_when_sent_again(
 
     with pytest.raises(BlobError, match=released):
         total.delay([ip.user_ns["x"]])
+
+
+def test_connecting_to_another_broker_releases_what_the_notebook_kept(
+    ip: InteractiveShell, nb: Session, settings: Settings
+) -> None:
+    task(ip, MAKE_X)
+    kept = ip.user_ns["x"]
+    ip.run_line_magic("nbtask", f"connect {settings.broker_url}")  # the same store: kept
+    assert kept.fetch()[1] == 1.0
+    other = (settings.broker_url or "").rsplit("/", 1)[0] + "/1"
+    try:
+        ip.run_line_magic("nbtask", f"connect {other}")
+        wait_until(lambda: nothing_held(settings), 20, "the old store and holder to let x go")
+        moved = "x was released when the notebook connected to another broker"
+        with pytest.raises(BlobError, match=moved):
+            kept.fetch()
+    finally:
+        client = redis.Redis.from_url(other)
+        client.delete(*client.keys(f"{settings.key_prefix}:*"), "-")
+        client.close()
