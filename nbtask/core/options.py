@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from nbtask.core.datasets import dataset_names
@@ -179,8 +179,11 @@ def seconds(name: str, value: float | None) -> float | None:
     raise ConfigurationError(f"{name}={value!r} is not a number of seconds")
 
 
-def check_task_function(func: object) -> None:
-    """Refuse what ``@app.task`` cannot make a task of, with one line saying why."""
+def check_task_function(func: object, requires: Sequence[str] = ()) -> None:
+    """Refuse what ``@app.task`` cannot make a task of, with one line saying why.
+
+    ``requires``: the datasets it requires, which its workers pass as keyword arguments.
+    """
     if not callable(func):
         raise ConfigurationError(f"@app.task needs a function, got {func!r}")
     if not isinstance(getattr(func, "__qualname__", None), str):
@@ -189,11 +192,23 @@ def check_task_function(func: object) -> None:
             f"@app.task needs a function (def or lambda), got a {type(func).__name__} "
             f"({func!r:.80}); wrap it in one: @app.task def task(x): return that(x)"
         )
+    name = getattr(func, "__qualname__", func)
     if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
         raise ConfigurationError(
-            f"{getattr(func, '__qualname__', func)} is a generator function: as a task its "
-            "body would never run (calling it only makes a generator, which cannot be sent "
-            "back); return a list instead"
+            f"{name} is a generator function: as a task its body would never run (calling "
+            "it only makes a generator, which cannot be sent back); return a list instead"
+        )
+    try:
+        parameters = inspect.signature(func).parameters
+    except (TypeError, ValueError):  # no readable signature: not checked, as calls are not
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return
+    missing = [dataset for dataset in requires if dataset not in parameters]
+    if missing:
+        raise ConfigurationError(
+            f"{name} requires {', '.join(map(repr, missing))}, which its workers pass as a "
+            f"keyword argument of that name: give {name} a parameter {missing[0]}"
         )
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from helpers import remote_of, wait_until
+from raw_broker import RawBroker
 
 from nbtask import App, ConfigurationError
 from nbtask.core.datasets import DatasetError
@@ -84,3 +85,25 @@ def test_a_task_requiring_a_dataset_no_live_worker_holds_says_which_are_held(
     )
     wait_until(lambda: handle.waiting_reason == expected, 10, repr(handle.waiting_reason))
     app.revoke(handle.id)
+
+
+def test_a_dataset_the_task_does_not_take_or_the_caller_passes_is_refused(
+    app: App, access: RawBroker
+) -> None:
+    taken = r"count requires 'catalog', which its workers pass as a keyword argument of that "
+    with pytest.raises(ConfigurationError, match=taken + r"name: give .*count a parameter catalog"):
+
+        @app.task(requires="catalog")
+        def count(kind: str) -> int:
+            return len(kind)
+
+    @app.task(requires="catalog")
+    def total(kind: str, catalog: list[int]) -> int:
+        return len(catalog)
+
+    passed = "catalog= is the dataset it requires, which its workers pass; do not pass it"
+    with pytest.raises(TypeError, match=passed):  # the worker's copy would replace it
+        total.apply_async(("a",), {"catalog": [1]})
+    with pytest.raises(TypeError, match=r"'catalog' \(catalog is a dataset it requires: its"):
+        total.delay("a", [1])
+    assert access.drained()
