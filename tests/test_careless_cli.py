@@ -171,6 +171,7 @@ def test_app_option_naming_a_plain_value(redis_url: str, prefix: str) -> None:
     [
         (["-A", "json"], ["-A json", "found no nbtask task"]),
         (["--data", "d=os:getcwd", "--data", "d=os:getpid"], ["--data d=", "more than once"]),
+        (["--data", "d=tests.sample_datasets:yielding"], ["--data 'd=", "generator function"]),
     ],
 )
 def test_worker_options_that_would_do_nothing(

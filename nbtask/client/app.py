@@ -18,7 +18,7 @@ from nbtask.client.reattach import reattach
 from nbtask.client.routes import Routes
 from nbtask.client.unsent import restore_refused, reused_ids, revoking_unsent
 from nbtask.core.canvas import Call
-from nbtask.core.datasets import Loader, dataset_names
+from nbtask.core.datasets import Loader, check_loader, dataset_names
 from nbtask.core.declare import task_class
 from nbtask.core.handle import FetchWatch, TaskHandle
 from nbtask.core.options import check_task_id, validate_options
@@ -193,10 +193,14 @@ class App:
         name
             The dataset's name: a Python identifier.
         """
+        if callable(name):  # @app.dataset without its name
+            named = getattr(name, "__name__", "NAME")
+            raise ConfigurationError(f"@app.dataset takes the name first: @app.dataset({named!r})")
         (checked,) = dataset_names(name, "dataset")
 
         def register(loader: Loader) -> Loader:
-            self.datasets[checked] = loader
+            what = f"@app.dataset({checked!r}) on {loader!r}"
+            self.datasets[checked] = check_loader(loader, what)
             return loader
 
         return register

@@ -20,6 +20,7 @@ import weakref
 from collections.abc import Iterable, Sequence
 
 from nbtask.brokers import Store
+from nbtask.core.datasets import dataset_of_queue
 from nbtask.core.handle import TaskHandle
 from nbtask.core.holding import is_holder_queue
 from nbtask.errors import BrokerUnavailable, ConfigurationError
@@ -136,7 +137,16 @@ class LiveWorkers:
             return None
         if queue in snapshot.queues:
             return None
-        return f"no live worker consumes queue {queue!r}"
+        dataset = dataset_of_queue(queue)
+        if dataset is None:
+            return f"no live worker consumes queue {queue!r}"
+        # Required by name: a misspelt name waits as long as a dataset no one started.
+        held = sorted({d for info in snapshot.workers.values() for d in info.datasets})
+        return (
+            f"no live worker holds dataset {dataset!r} (the live ones hold: "
+            f"{', '.join(held) or 'none'}); start one with nbtask worker --data "
+            f"{dataset}=module:function"
+        )
 
     def note_sent(self, handles: Sequence[TaskHandle]) -> None:
         """Remember the work sent to worker processes' own queues until it ends."""

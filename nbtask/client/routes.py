@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from nbtask.core.options import queue_name
 from nbtask.errors import ConfigurationError
 
 __all__ = ["Routes"]
@@ -86,4 +87,4 @@ def _queue_of(key: object, value: object) -> str:
             f"routes[{key!r}] must be a queue name or {{'queue': name}}, e.g. {_EXAMPLE}; "
             f"got {value!r}"
         )
-    return queue
+    return queue_name(queue, f"routes[{key!r}]")

@@ -10,7 +10,9 @@ keyword argument (to a cell, as a variable) of the dataset's name, never shipped
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import inspect
 import logging
 import threading
 import time
@@ -21,10 +23,13 @@ from nbtask.errors import ConfigurationError, NbtaskError
 
 __all__ = [
     "DatasetCache",
+    "DatasetError",
     "DatasetMissing",
     "Loader",
+    "check_loader",
     "data_queue",
     "dataset_names",
+    "dataset_of_queue",
     "load_data_spec",
 ]
 
@@ -39,9 +44,18 @@ class DatasetMissing(NbtaskError):
     """A task requires a dataset that the worker running it does not hold."""
 
 
+class DatasetError(NbtaskError):
+    """A dataset's loader failed (or made something no task can share) on the worker."""
+
+
 def data_queue(name: str) -> str:
     """The queue the holders of dataset ``name`` consume."""
     return f"{_QUEUE_PREFIX}{name}"
+
+
+def dataset_of_queue(queue: str) -> str | None:
+    """The dataset whose holders consume ``queue`` (:func:`data_queue`), or ``None``."""
+    return queue[len(_QUEUE_PREFIX) :] if queue.startswith(_QUEUE_PREFIX) else None
 
 
 def dataset_names(value: object, what: str = "requires") -> tuple[str, ...]:
@@ -72,9 +86,23 @@ def load_data_spec(spec: str) -> tuple[str, Loader]:
         raise ConfigurationError(
             f"--data {spec!r}: cannot find {target}: {type(exc).__name__}: {exc}"
         ) from None
+    return name, check_loader(loader, f"--data {spec!r}: {target}")
+
+
+def check_loader(loader: object, what: str) -> Loader:
+    """``loader`` if it can make a dataset; else a clear error starting with ``what``.
+
+    A generator function would hand every task the same generator, which the first one
+    uses up: the next ones would silently get nothing.
+    """
     if not callable(loader):
-        raise ConfigurationError(f"--data {spec!r}: {target} is not a function")
-    return name, loader
+        raise ConfigurationError(f"{what} is not a function: give the function that loads it")
+    if inspect.isgeneratorfunction(loader) or inspect.isasyncgenfunction(loader):
+        raise ConfigurationError(
+            f"{what} is a generator function (it yields): a loader returns the dataset, "
+            "which every task of the process shares; return it instead of yielding it"
+        )
+    return loader
 
 
 class DatasetCache:
@@ -119,10 +147,37 @@ class DatasetCache:
             with self._lock:
                 if name not in self._values:
                     started = time.perf_counter()
-                    self._values[name] = self.loaders[name]()
+                    self._values[name] = self._load(name)
                     log.info("loaded dataset %s in %.2f s", name, time.perf_counter() - started)
                     fresh = True
             found[name] = self._values[name]
         if fresh and self.on_load is not None:
             self.on_load()
         return found
+
+    def _load(self, name: str) -> Any:
+        """Run ``name``'s loader; its failure is a :class:`DatasetError` naming the dataset.
+
+        Nothing is cached then: the next task that requires it tries again.
+        """
+        loader = self.loaders[name]
+        where = f"{getattr(loader, '__module__', '?')}:{getattr(loader, '__qualname__', loader)}"
+        try:
+            value = loader()
+            if inspect.iscoroutine(value):  # an ``async def`` loader: run it, as a task's
+                value = asyncio.run(value)
+        except Exception as exc:
+            log.warning("could not load dataset %s (%s): %r", name, where, exc)
+            error = DatasetError(
+                f"dataset {name!r} could not be loaded on this worker: its loader {where} "
+                f"raised {type(exc).__name__}: {exc}. Fix the loader or what it reads; the "
+                "next task that requires it tries again"
+            )
+            # The loader's frames: the task's traceback shows its failing line.
+            raise error.with_traceback(exc.__traceback__) from None
+        if inspect.isgenerator(value) or inspect.isasyncgen(value):
+            raise DatasetError(
+                f"dataset {name!r}: its loader {where} returned a generator, which the first "
+                "task would use up; return the data itself (a list, a DataFrame...)"
+            )
+        return value

@@ -22,7 +22,7 @@ def task_class(
     ConfigurationError
         ``func`` cannot be a task, or ``base=`` is not a Task class.
     """
-    check_task_function(func)
+    check_task_function(func, options.get("requires", ()))
     base = options.get("base", default_base)
     if not (isinstance(base, type) and issubclass(base, Task)):
         raise ConfigurationError(f"base={base!r} is not a Task class (use app.Task)")

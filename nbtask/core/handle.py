@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import contextvars
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 from nbtask.core.context import current_request
 from nbtask.core.refs import ResultRef
 from nbtask.errors import (
     BrokerUnavailable,
+    CellError,
     ConfigurationError,
     NbtaskError,
     RemoteError,
@@ -34,7 +36,7 @@ from nbtask.wire.events import (
     Unloadable,
 )
 
-__all__ = ["Client", "FetchWatch", "TaskHandle"]
+__all__ = ["Client", "FetchWatch", "TaskHandle", "refusing_handles"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,24 @@ log = logging.getLogger(__name__)
 #: Shows a fetch of ``(label, total bytes)`` while it runs: a context manager around the
 #: fetch, yielding the callback told how many bytes arrived (a notebook's progress bar).
 FetchWatch = Callable[[str, int], contextlib.AbstractContextManager[ByteProgress]]
+
+
+#: Set while a notebook cell's variables are pickled: a handle does not travel into a cell.
+_refused: contextvars.ContextVar[bool] = contextvars.ContextVar("nbtask_no_handles", default=False)
+
+
+@contextlib.contextmanager
+def refusing_handles() -> Iterator[None]:
+    """Within the block, pickling a :class:`TaskHandle` raises :class:`CellError`.
+
+    A ``%%task`` cell's variables are pickled in it: a handle there would arrive as a
+    bare task id, without ``get()`` or ``state``.
+    """
+    token = _refused.set(True)
+    try:
+        yield
+    finally:
+        _refused.reset(token)
 
 
 class Client(Protocol):
@@ -270,6 +290,8 @@ class TaskHandle(concurrent.futures.Future[Any]):
         Its result is not fetched here, however large. Only a task that succeeded can stand
         for its result: for one still running, chain the tasks instead.
         """
+        if _refused.get():
+            raise CellError(f"the handle of task {self.name}[{self.id}]")
         if not self.done():
             raise ResultNotReady(
                 f"task {self.name}[{self.id}] is still {self.state}: its handle can be an "

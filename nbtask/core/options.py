@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from nbtask.core.datasets import dataset_names
@@ -17,6 +17,7 @@ __all__ = [
     "check_task_id",
     "parse_rate",
     "positive",
+    "queue_name",
     "seconds",
     "validate_options",
 ]
@@ -109,7 +110,7 @@ def validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 _BOOLS = ("bind", "acks_late", "retry_jitter", "typing")
 _OPTIONAL_BOOLS = ("ignore_result", "reject_on_worker_lost")
-_OPTIONAL_STRINGS = ("name", "queue")
+_OPTIONAL_STRINGS = ("name",)
 
 
 def _check_types(attrs: Mapping[str, Any]) -> None:
@@ -124,9 +125,25 @@ def _check_types(attrs: Mapping[str, Any]) -> None:
         value = attrs.get(name)
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise ConfigurationError(f"{name} must be a non-empty string, got {value!r}")
+    if attrs.get("queue") is not None:
+        queue_name(attrs["queue"], "queue")
     backoff = attrs.get("retry_backoff")
     if backoff is not None and not isinstance(backoff, (bool, int, float)):
         raise ConfigurationError(f"retry_backoff must be True/False or seconds, got {backoff!r}")
+
+
+def queue_name(value: object, what: str) -> str:
+    """``value`` if a worker can serve it as a queue; else one error naming ``what``.
+
+    ``nbtask worker -Q`` strips spaces from its names, so a name with spaces around it
+    would be served by no worker, and its tasks would wait for good.
+    """
+    if not isinstance(value, str) or not value.strip() or value != value.strip():
+        raise ConfigurationError(
+            f"{what} must be a queue name without spaces around it, as workers serve it "
+            f"(nbtask worker -Q near-s3), got {value!r}"
+        )
+    return value
 
 
 def parse_rate(rate: object) -> float | None:
@@ -162,8 +179,11 @@ def seconds(name: str, value: float | None) -> float | None:
     raise ConfigurationError(f"{name}={value!r} is not a number of seconds")
 
 
-def check_task_function(func: object) -> None:
-    """Refuse what ``@app.task`` cannot make a task of, with one line saying why."""
+def check_task_function(func: object, requires: Sequence[str] = ()) -> None:
+    """Refuse what ``@app.task`` cannot make a task of, with one line saying why.
+
+    ``requires``: the datasets it requires, which its workers pass as keyword arguments.
+    """
     if not callable(func):
         raise ConfigurationError(f"@app.task needs a function, got {func!r}")
     if not isinstance(getattr(func, "__qualname__", None), str):
@@ -172,11 +192,23 @@ def check_task_function(func: object) -> None:
             f"@app.task needs a function (def or lambda), got a {type(func).__name__} "
             f"({func!r:.80}); wrap it in one: @app.task def task(x): return that(x)"
         )
+    name = getattr(func, "__qualname__", func)
     if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
         raise ConfigurationError(
-            f"{getattr(func, '__qualname__', func)} is a generator function: as a task its "
-            "body would never run (calling it only makes a generator, which cannot be sent "
-            "back); return a list instead"
+            f"{name} is a generator function: as a task its body would never run (calling "
+            "it only makes a generator, which cannot be sent back); return a list instead"
+        )
+    try:
+        parameters = inspect.signature(func).parameters
+    except (TypeError, ValueError):  # no readable signature: not checked, as calls are not
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return
+    missing = [dataset for dataset in requires if dataset not in parameters]
+    if missing:
+        raise ConfigurationError(
+            f"{name} requires {', '.join(map(repr, missing))}, which its workers pass as a "
+            f"keyword argument of that name: give {name} a parameter {missing[0]}"
         )
 
 

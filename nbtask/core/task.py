@@ -16,7 +16,7 @@ from nbtask.core.context import Request, current_request, progress
 from nbtask.core.datasets import data_queue, dataset_names
 from nbtask.core.handle import TaskHandle
 from nbtask.core.holding import is_holder_queue
-from nbtask.core.options import check_task_id, positive, seconds
+from nbtask.core.options import check_task_id, positive, queue_name, seconds
 from nbtask.errors import ConfigurationError, MaxRetriesExceededError, Retry
 from nbtask.settings import is_finite_number
 from nbtask.wire.events import Event
@@ -304,16 +304,24 @@ class Task:
         The datasets the call requires count as given: the worker passes them. A task with
         ``typing=False``, or whose ``run`` has no readable signature, is not checked.
         """
+        needs = dataset_names(requires) if requires is not None else self.requires
+        given = [name for name in needs if name in kwargs]
+        if given:  # the worker's own copy would silently replace the caller's
+            raise TypeError(
+                f"{self.name}: {given[0]}= is the dataset it requires, which its workers "
+                "pass; do not pass it yourself; nothing was sent"
+            )
         signature = _run_signature(type(self)) if self.typing else None
         if signature is None:
             return
-        needs = dataset_names(requires) if requires is not None else self.requires
         try:
             signature.bind(*args, **{**dict.fromkeys(needs), **kwargs})
         except TypeError as exc:
             plain = [p.replace(annotation=p.empty) for p in signature.parameters.values()]
             form = signature.replace(parameters=plain, return_annotation=signature.empty)
-            raise TypeError(f"{self.name}{form}: {exc}; nothing was sent") from None
+            named = [n for n in needs if repr(n) in str(exc)]
+            why = f" ({named[0]} is a dataset it requires: its workers pass it)" if named else ""
+            raise TypeError(f"{self.name}{form}: {exc}{why}; nothing was sent") from None
 
     def send_options(
         self,
@@ -334,6 +342,8 @@ class Task:
             raise ConfigurationError("pass either countdown or eta, not both")
         if task_id is not None:
             check_task_id(task_id)
+        if queue:  # "" or None: the usual queue
+            queue_name(queue, "queue")
         countdown = seconds("countdown", countdown)
         due = time.time() + countdown if countdown is not None else _epoch(eta, absolute=True)
         needs = dataset_names(requires) if requires is not None else self.requires

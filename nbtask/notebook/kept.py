@@ -32,6 +32,7 @@ from nbtask.wire.envelope import Buffer
 __all__ = ["RemoteValue", "keep", "preview_of"]
 
 _HEAD_CHARS = 2000
+_OWN_FIELDS = frozenset({"name", "layout", "inline", "holder", "holder_pid", "preview", "made_by"})
 
 
 class RemoteValue(ValueRef):
@@ -59,6 +60,8 @@ class RemoteValue(ValueRef):
     """
 
     keeper = ""  # a reference pickled before keepers existed
+    #: Why the value is gone (its session ended and released it), or "".
+    released = ""
 
     def __init__(
         self, name: str, layout: list[Part], inline: bytes, preview: Mapping[str, Any]
@@ -86,6 +89,8 @@ class RemoteValue(ValueRef):
             It is over the fetch budget (``fetch_budget``; ``force=True`` ignores it), or
             its blobs expired or do not match their digests.
         """
+        if self.released:
+            raise BlobError(self._gone())
         if self._fetch is None:
             raise BlobError(f"{self.name} was not received through an app: nothing to fetch with")
         if not force and self._budget is not None and self.size > self._budget:
@@ -99,6 +104,58 @@ class RemoteValue(ValueRef):
         with self._watch(self.name, self.size) as progress:
             return self.load(functools.partial(self._fetch, progress=progress))
 
+    def release(self, why: str) -> None:
+        """Note that the value was released (``why``): using it now says so."""
+        self.released = why
+        self._fetch = None
+
+    def _gone(self) -> str:
+        made_by = self.made_by or "the cell that made it"
+        return (
+            f"{self.name} was released {self.released}: its store copy was deleted. Run "
+            f"{made_by} again to make it"
+        )
+
+    def _not_here(self, use: str) -> str:
+        """Why ``use`` of the reference fails: it stands for a value kept elsewhere."""
+        if self.released:
+            return f"{use}: {self._gone()}"
+        name = self.name
+        return (
+            f"{use}: {name} ({self.preview.get('type', '?')}) is kept on the workers, and "
+            "this code reached it without the cell naming it (in a function, eval, "
+            f"globals()...), so it was not fetched: fetch it first ({name} = {name}.fetch(), "
+            f"or any cell that reads {name}), or use it in a %%task cell"
+        )
+
+    # What code that reaches the reference instead of the value tries first: one error
+    # saying so, not "'RemoteValue' object is not subscriptable".
+    def __getattr__(self, attribute: str) -> Any:
+        # Dunders, IPython's probes and the reference's own fields: the usual miss.
+        if attribute.startswith("_") or attribute in _OWN_FIELDS:
+            raise AttributeError(attribute)
+        raise AttributeError(self._not_here(f"{self.name}.{attribute}"))
+
+    def __getitem__(self, key: object) -> Any:
+        raise TypeError(self._not_here(f"{self.name}[...]"))
+
+    def __len__(self) -> int:
+        raise TypeError(self._not_here(f"len({self.name})"))
+
+    def __iter__(self) -> Any:
+        raise TypeError(self._not_here(f"iter({self.name})"))
+
+    def __array__(self, *args: object, **kwargs: object) -> Any:
+        raise TypeError(self._not_here(f"numpy.asarray({self.name})"))
+
+    def __bool__(self) -> bool:
+        return True  # a reference is there, whatever its value: len() is not asked
+
+    def __reduce_ex__(self, protocol: object) -> tuple[Any, ...]:
+        if self.released:  # sent to a cell or a task, it would find its data gone
+            raise BlobError(self._gone())
+        return super().__reduce_ex__(protocol)
+
     def __getstate__(self) -> dict[str, Any]:
         # The fetcher and budget belong to the process that holds the reference.
         state = dict(self.__dict__)
@@ -106,6 +163,8 @@ class RemoteValue(ValueRef):
         return state
 
     def _summary(self) -> str:
+        if self.released:
+            return f"{self.name}: released {self.released}; run {self.made_by or 'its cell'} again"
         p = self.preview
         details = [str(p.get("type", "?"))]
         if p.get("shape") is not None:

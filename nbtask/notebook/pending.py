@@ -26,6 +26,7 @@ from nbtask.notebook.follow import cancel_task
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.shipping import load_values, share_namespace
 from nbtask.wire.envelope import Envelope
+from nbtask.wire.events import State
 
 if TYPE_CHECKING:
     from nbtask.core.handle import TaskHandle
@@ -99,6 +100,19 @@ class Pending:
         """Runs not finished yet."""
         return [r for r in self.runs if not r.handle.done()]
 
+    def cancel_running(self, timeout: float) -> None:
+        """Cancel the runs not finished; wait up to ``timeout`` seconds for started ones.
+
+        A queued one that is revoked never runs: there is nothing to wait for.
+        """
+        running = self.running()
+        started = [run for run in running if run.handle.state is not State.PENDING]
+        for run in running:
+            cancel_task(run.handle)
+        deadline = time.monotonic() + timeout
+        while any(not run.handle.done() for run in started) and time.monotonic() < deadline:
+            time.sleep(_POLL_SECONDS)
+
     def harvest(self) -> None:
         """Write the values of every successfully finished run (main thread only).
 
@@ -113,8 +127,11 @@ class Pending:
                 self.deliver(run)
         self._unfinished = unfinished
 
-    def wait(self, names: Iterable[str]) -> None:
+    def wait(self, names: Iterable[str], stay: Iterable[str] = ()) -> None:
         """Wait for the runs that assign ``names``, deliver their values, fetch kept ones.
+
+        Kept values named in ``stay`` are not fetched: the cell only shows them, passes
+        them to tasks, deletes them, or is a ``%%task`` cell (which uses them in place).
 
         Raises
         ------
@@ -135,7 +152,8 @@ class Pending:
                 )
                 wait_interruptibly(run.handle)
             self.deliver(run, raise_errors=True)
-        for name in self.kept(wanted):
+        staying = set(stay)
+        for name in self.kept(n for n in wanted if n not in staying):
             value = self.namespace[name]
             print(
                 f"nbtask: fetching {name} ({value.size / 1e6:,.1f} MB) from the workers",
@@ -311,16 +329,19 @@ class WaitInserter(ast.NodeTransformer):
         if not pending.owner and not pending.holds_kept:
             return node
         found = analyze(node)
-        # A kept value only passed to tasks goes as a reference: the worker loads it.
-        kept = {n for n in pending.kept(found.reads) if not _only_sent_to_tasks(node, n)}
+        # Names the cell reads without using their values, so a kept one is not fetched:
+        # passed to tasks (the worker loads it), fetched by the cell itself (``x.fetch()``,
+        # maybe with ``force=True``), deleted, or shown (its preview).
+        stay = {n for n in found.reads if _only_as_reference(node, n) or _only_deleted(node, n)}
+        stay.update(name for name in [_shown_name(node)] if name is not None)
+        kept = set(pending.kept(found.reads)) - stay
+        # A pending name is waited for all the same: its value (kept or not) comes first.
         needed = [n for n in found.reads if n in pending.owner or n in kept]
-        shown = _shown_name(node)
-        if shown in needed and shown not in pending.owner:
-            needed.remove(shown)  # a cell that only shows a kept value shows its preview
         self.pending.forget(n for n in found.assigned if n not in needed)
         if not needed:
             return node
-        call = ast.parse(f"{WAIT_NAME}({needed!r})").body[0]
+        staying = sorted(stay.intersection(needed))
+        call = ast.parse(f"{WAIT_NAME}({needed!r}, {staying!r})").body[0]
         first = node.body[0]
         for sub in ast.walk(call):
             if isinstance(sub, (ast.expr, ast.stmt)):
@@ -334,28 +355,35 @@ class WaitInserter(ast.NodeTransformer):
 _SENDING_CALLS = frozenset({"delay", "apply_async", "s", "si", "signature"})
 
 
-def _only_sent_to_tasks(cell: ast.Module, name: str) -> bool:
-    """True if every read of ``name`` in ``cell`` is an argument of a task call.
+def _only_as_reference(cell: ast.Module, name: str) -> bool:
+    """True if every read of ``name`` in ``cell`` uses a kept value's reference, not its value.
 
-    ``f.delay(x)``, ``f.apply_async(args=(x,))``, ``f.s([x, y])``: the name as an argument
-    or inside a literal list, tuple, set or dict argument. ``f.delay(x.sum())`` reads ``x``
-    in the kernel, so it does not count.
+    An argument of a task call goes as a reference: ``f.delay(x)``,
+    ``f.apply_async(args=(x,))``, ``f.s([x, y])``, the name as an argument or inside a
+    literal list, tuple, set or dict argument; ``x.fetch()`` is the reference's own call.
+    ``f.delay(x.sum())`` reads ``x`` in the kernel, so it does not count.
     """
-    sent: set[int] = set()
+    used: set[int] = set()
     for node in ast.walk(cell):
-        if (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute)
-            and node.func.attr in _SENDING_CALLS
-        ):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        if node.func.attr in _SENDING_CALLS:
             for argument in [*node.args, *(keyword.value for keyword in node.keywords)]:
-                sent.update(id(found) for found in _names_passed(argument, name))
+                used.update(id(found) for found in _names_passed(argument, name))
+        elif node.func.attr == "fetch":
+            used.update(id(found) for found in _names_passed(node.func.value, name))
     reads = [
         node
         for node in ast.walk(cell)
         if isinstance(node, ast.Name) and node.id == name and isinstance(node.ctx, ast.Load)
     ]
-    return bool(reads) and all(id(read) in sent for read in reads)
+    return bool(reads) and all(id(read) in used for read in reads)
+
+
+def _only_deleted(cell: ast.Module, name: str) -> bool:
+    """True if ``name`` appears in ``cell`` only as a ``del`` target: its value is not used."""
+    uses = [node for node in ast.walk(cell) if isinstance(node, ast.Name) and node.id == name]
+    return bool(uses) and all(isinstance(node.ctx, ast.Del) for node in uses)
 
 
 def _names_passed(argument: ast.expr, name: str) -> list[ast.Name]:

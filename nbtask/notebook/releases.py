@@ -84,6 +84,8 @@ class Releases:
         self._counts: collections.Counter[Kept] = collections.Counter()
         self._gone: queue.SimpleQueue[Kept] = queue.SimpleQueue()
         self._held: list[tuple[TaskHandle, list[RemoteValue]]] = []
+        #: The references tracked, told when everything is released (they may outlive it).
+        self._values: weakref.WeakSet[RemoteValue] = weakref.WeakSet()
         self._lock = threading.Lock()
 
     def track(self, value: RemoteValue) -> None:
@@ -94,6 +96,7 @@ class Releases:
         kept = (value.holder or "", value.holder_pid, value.key, value.keeper, blobs)
         with self._lock:
             self._counts[kept] += 1
+            self._values.add(value)
         # The finalizer must not take the lock: it may run inside track() itself.
         weakref.finalize(value, self._gone.put, kept)
 
@@ -123,12 +126,24 @@ class Releases:
             live = {kept[:3] for kept in self._counts}
         self._release(due, still_referenced=live)
 
-    def release_all(self) -> None:
-        """The session ends: release every value it still references."""
+    def values(self) -> list[RemoteValue]:
+        """The references tracked that are still in use."""
+        with self._lock:
+            return list(self._values)
+
+    def release_all(self, why: str) -> None:
+        """The session ends: release every value it still references.
+
+        The references left in the notebook say so (``why``) when used.
+        """
         with self._lock:
             due = list(self._counts)
             self._counts.clear()
             self._held.clear()
+            values = list(self._values)
+            self._values.clear()
+        for value in values:
+            value.release(why)
         self._release(due, still_referenced=set())
 
     def _release(self, due: Iterable[Kept], still_referenced: set[tuple[str, int, str]]) -> None:

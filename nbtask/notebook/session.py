@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import queue
-import sys
 import threading
 import time
 from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
-from IPython.display import clear_output, display, publish_display_data
+from IPython.display import display
 
 from nbtask._text import printable, redact_url
 from nbtask.client.app import App
@@ -29,12 +29,18 @@ from nbtask.notebook.pending import WAIT_NAME, CellRun, Pending, WaitInserter, w
 from nbtask.notebook.releases import Releases, ReleaseTask
 from nbtask.notebook.shipping import analyzed, prepare
 from nbtask.notebook.version_warnings import VersionWarnings, modules_used
+from nbtask.notebook.waitline import ProgressLine, show_output
 from nbtask.notebook.widgets import TaskView, TaskWidget, make_view, widgets_enabled
 from nbtask.wire.blobs import ByteProgress
 from nbtask.wire.events import FINAL_STATES, Event, EventType
 from nbtask.wire.holdings import holdings_lines
 
 __all__ = ["Session"]
+
+_SESSION_ENDED = "when its nbtask session ended (%unload_ext nbtask, or the kernel shut down)"
+_RECONNECTED = "when the notebook connected to another broker (%nbtask connect)"
+#: How long an ending session waits for the cells it cancels to end.
+_CANCEL_SECONDS = 10.0
 
 
 class _Result:
@@ -99,10 +105,19 @@ class Session:
         self.shell.events.register("pre_run_cell", self._pre_run_cell)
         self._ticker = threading.Thread(target=self._tick, name="nbtask-ticker", daemon=True)
         self._ticker.start()
+        # A kernel shutting down unloads no extension: its session ends at exit, before
+        # the app closes (atexit runs the later registration first).
+        atexit.register(self.stop)
         print(self.describe())
 
     def stop(self) -> None:
-        """Remove the hooks and close the app if this session made it."""
+        """End the session: its running cells are cancelled, what it kept is released.
+
+        Removes the hooks and closes the app if this session made it.
+        """
+        atexit.unregister(self.stop)
+        if self._stop.is_set():
+            return
         if self.inserter in self.shell.ast_transformers:
             self.shell.ast_transformers.remove(self.inserter)
         with contextlib.suppress(ValueError):  # not registered
@@ -117,7 +132,11 @@ class Session:
         if self._ticker is not None:
             self._ticker.join(5)
         with contextlib.suppress(Exception):  # the broker may be gone: the TTL still holds
-            self.releases.release_all()
+            # Results of cells still running would reach no one: those that end meanwhile
+            # are delivered, so the values they kept are released with the rest.
+            self.pending.cancel_running(timeout=_CANCEL_SECONDS)
+            self.pending.harvest()
+            self.releases.release_all(_SESSION_ENDED)
         if self.owns_app:
             self.app.close()
 
@@ -160,17 +179,28 @@ class Session:
         except BaseException:
             app.close()
             raise
+        # What this notebook kept lives in the old store, where the new workers cannot
+        # read it: released there now, rather than left until result_ttl.
+        moved = _store_of(app) != _store_of(self.app)
+        if moved:
+            with contextlib.suppress(Exception):  # the old broker may be gone: TTLs hold
+                self.releases.release_all(_RECONNECTED)
         if self.owns_app:
             self.app.close()
         self.app, self.owns_app = app, True
         self.app.fetch_watch = self._watch_fetch
+        for value in self.releases.values():  # the same store: fetched through the new app
+            self._bind(value)
         use_as_default(app)
         print(self.describe())
 
     def _bind_kept(self, value: RemoteValue) -> None:
         """Let a kept value that reached the notebook be fetched, and released when it goes."""
-        value.bind(self.app.store.get_blob, self.app.settings.fetch_budget, self._watch_fetch)
+        self._bind(value)
         self.releases.track(value)
+
+    def _bind(self, value: RemoteValue) -> None:
+        value.bind(self.app.store.get_blob, self.app.settings.fetch_budget, self._watch_fetch)
 
     def _watch_fetch(self, label: str, total: int) -> AbstractContextManager[ByteProgress]:
         """A bar for a fetch of ``keep_threshold`` bytes or more (see ``fetchbar.py``)."""
@@ -189,7 +219,8 @@ class Session:
         python = self.shell.transform_cell(cell)
         found = analyzed(python, line_offset=1)  # the %%task line is the cell's first
         self.pending.harvest()
-        self.pending.wait([n for n in found.reads if n in self.pending.owner])
+        waited = [n for n in found.reads if n in self.pending.owner]
+        self.pending.wait(waited, stay=waited)  # kept values are used where they are
         back = {*found.assigned, *found.mutated}  # the names that come back
         unassigned = [n for n in (*args.keep, *args.fetch) if n not in back]
         if unassigned:
@@ -271,7 +302,7 @@ class Session:
         """Stream a task's output into this cell as it comes; return its last expression."""
         events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         follow(run.handle, events.put)
-        line = _ProgressLine(run.label, self.shell)
+        line = ProgressLine(run.label, self.shell)
         result: dict[str, Any] | None = None
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -288,7 +319,7 @@ class Session:
                 if event.type is EventType.PROGRESS:
                     line.show(event)
                 else:
-                    result = _show_output(event) or result
+                    result = show_output(event) or result
                 if event.state in FINAL_STATES:
                     break
         except KeyboardInterrupt:
@@ -407,29 +438,11 @@ class Session:
         return "\n".join(lines)
 
 
-def _show_output(event: Event) -> dict[str, Any] | None:
-    """Show one output event in the running cell, as the cell would locally.
-
-    Returns the cell's last expression (a display bundle) when the event carries it.
-    """
-    if event.type in (EventType.STDOUT, EventType.STDERR):
-        stream = sys.stdout if event.type is EventType.STDOUT else sys.stderr
-        stream.write(str(event.data.get("text", "")))
-        stream.flush()
-    elif event.type is EventType.DISPLAY:
-        data = dict(event.data)
-        if data.get("metadata", {}).get("nbtask", {}).get("execute_result"):
-            return data
-        if data.get("clear"):
-            clear_output()
-        else:  # display ids too: an update replaces the display, as locally
-            publish_display_data(
-                data.get("data", {}),
-                data.get("metadata", {}),
-                transient=data.get("transient") or None,
-                update=bool(data.get("update")),
-            )
-    return None
+def _store_of(app: App) -> tuple[str, str]:
+    """Where ``app`` keeps records and blobs: its store's URL and key prefix."""
+    settings = app.settings
+    where = app.cluster.url if app.cluster is not None else settings.broker_url
+    return (settings.result_url or where or "", settings.key_prefix)
 
 
 def _label_of(handle: Any, runs: list[CellRun]) -> str:
@@ -438,53 +451,6 @@ def _label_of(handle: Any, runs: list[CellRun]) -> str:
             return run.label
     name = "cell" if handle.name == "nbtask.cell" else handle.name
     return f"{name} {handle.id[:8]}"
-
-
-class _ProgressLine:
-    """A transient progress line under a ``--wait`` cell, gone when the cell ends.
-
-    Before the task starts, it says why the task waits, if nbtask can tell.
-    """
-
-    def __init__(self, label: str, shell: Any) -> None:
-        self.label = label
-        self.in_kernel = "IPKernelApp" in getattr(shell, "config", {})
-        self.handle: Any = None
-        self.last = 0.0
-        self.why = ""
-
-    def show(self, event: Event) -> None:
-        now = time.monotonic()
-        if now - self.last < 1 / 15:
-            return
-        self.last = now
-        progress = event.progress
-        if progress is None:
-            return
-        total = f"/{progress.total:g}" if progress.total else ""
-        self._put(f"[{self.label}] {progress.done:g}{total} {progress.message}".rstrip())
-
-    def waiting(self, why: str | None) -> None:
-        """Say why the task waits (``None``: it does not, or it cannot be told); on change."""
-        if (why or "") == self.why:
-            return
-        self.why = why or ""
-        if why:
-            self._put(f"[{self.label}] waiting: {why}")
-        elif self.in_kernel:
-            self._put("")
-
-    def _put(self, text: str) -> None:
-        if not self.in_kernel:
-            sys.stderr.write(text + "\n")
-        elif self.handle is None:
-            self.handle = display({"text/plain": text}, raw=True, display_id=True)
-        else:
-            self.handle.update({"text/plain": text}, raw=True)
-
-    def close(self) -> None:
-        if self.handle is not None:
-            self.handle.update({"text/plain": ""}, raw=True)
 
 
 def _first_line(cell: str) -> str:

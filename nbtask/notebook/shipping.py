@@ -19,7 +19,8 @@ from typing import Any
 
 import cloudpickle
 
-from nbtask.errors import CellError, CellNameError
+from nbtask.core.handle import refusing_handles
+from nbtask.errors import BlobError, CellError, CellNameError
 from nbtask.notebook.analysis import SHELL_NAMES, CellAnalysis, analyze, is_history_name
 from nbtask.wire.blobs import Packed
 from nbtask.wire.envelope import dumps
@@ -142,7 +143,12 @@ def prepare(
     try:
         # Pickled once, here, to name what cannot be; large arrays stay uncopied and
         # travel out of band (nbtask.wire.blobs), so inputs have no size ceiling.
-        blob = Packed.of(values)
+        with refusing_handles():
+            blob = Packed.of(values)
+    except CellError:  # a task handle among them
+        raise CellError(_handles_in(values)) from None
+    except BlobError as exc:  # a kept value released with the session that kept it
+        raise CellError(f"{exc}. Nothing was sent") from None
     except Exception:
         raise CellError(_unpicklable(values)) from None
     spec = CellSpec(
@@ -256,6 +262,25 @@ def _unpicklable(values: Mapping[str, Any]) -> str:
     return (
         f"{detail}. Nothing was sent. Create such objects inside the cell (open the "
         "connection or file there) or pass something picklable (a path, a plain value)"
+    )
+
+
+def _handles_in(values: Mapping[str, Any]) -> str:
+    """The variables that hold task handles, which stay in the kernel that sent the task."""
+    found = []
+    for name, value in values.items():
+        try:
+            with refusing_handles():
+                dumps(value)
+        except CellError as exc:
+            found.append(f"{name!r} holds {exc}")
+        except Exception:
+            continue
+    return (
+        f"{'; '.join(found)}: a %%task cell cannot use a task handle, which stays in this "
+        "kernel. Use its result: read it in a cell without %%task first (h.get()), or give "
+        "the handle to a function task (f.delay(h)), whose worker reads the result itself. "
+        "Nothing was sent"
     )
 
 

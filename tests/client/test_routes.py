@@ -105,6 +105,8 @@ BAD_ROUTES: list[tuple[Any, str]] = [
     ({"routing.*": {"queue": "q", "routing_key": "q"}}, "routes['routing.*'] has 'routing_key'"),
     ({3: "q"}, "routes key 3 is not a task name or pattern"),
     ({" ": "q"}, "routes key ' ' is not a task name or pattern"),
+    ({"routing.*": "near-s3 "}, "routes['routing.*'] must be a queue name without spaces around"),
+    ({"routing.*": {"queue": " q"}}, "routes['routing.*'] must be a queue name without spaces"),
 ]
 
 

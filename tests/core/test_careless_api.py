@@ -31,6 +31,18 @@ def test_a_countdown_that_is_no_number_names_the_option_and_sends_nothing(
     assert access.drained()
 
 
+@pytest.mark.parametrize("queue", ["near-s3 ", " ", 3])
+def test_a_queue_no_worker_can_serve_is_refused_before_sending(
+    app: App, add: Task, access: RawBroker, queue: Any
+) -> None:
+    message = r"queue must be a queue name without spaces around it.*-Q near-s3\), got "
+    with pytest.raises(ConfigurationError, match=message):
+        add.apply_async((1, 2), queue=queue)
+    with pytest.raises(ConfigurationError, match=message):
+        app.task(queue=queue, name="elsewhere")(lambda: None)
+    assert access.drained()
+
+
 @pytest.mark.parametrize(
     ("args", "kwargs", "message"),
     [

@@ -73,7 +73,7 @@ def test_a_wait_timeout_says_in_one_line_what_the_cell_waited_for(
     with pytest.raises(TimeoutError) as info:
         ip.run_cell_magic("task", "--wait --requires nosuchdata --timeout 3", "q = 1")
     assert rendered(info.value) == [f"TimeoutError: {info.value}"]
-    assert "no live worker consumes queue 'data.nosuchdata'" in str(info.value)
+    assert "no live worker holds dataset 'nosuchdata'" in str(info.value)
 
 
 def test_interrupting_a_wait_cell_says_its_task_was_cancelled(
