@@ -21,7 +21,7 @@ from nbtask.core.canvas import Call
 from nbtask.core.datasets import Loader, check_loader, dataset_names
 from nbtask.core.declare import task_class
 from nbtask.core.handle import FetchWatch, TaskHandle
-from nbtask.core.options import check_task_id, validate_options
+from nbtask.core.options import check_task_id, queue_name, validate_options
 from nbtask.core.outgoing import MessageBuilder
 from nbtask.core.task import Task as BaseTask
 from nbtask.errors import BrokerUnavailable, ConfigurationError
@@ -512,8 +512,7 @@ class App:
             )
         names = list(queues) if queues else [self.settings.default_queue]
         for name in names:
-            if not isinstance(name, str) or not name.strip():
-                raise ConfigurationError(f"purge: {name!r} is not a queue name")
+            queue_name(name, "purge")
         purged = []
         for task_id in dict.fromkeys(self.transport.purge(names)):
             record = self.store.get_record(task_id)

@@ -269,8 +269,8 @@ def test_send_task_without_a_name_is_refused(app: App, access: RawBroker, name: 
     ("queues", "message"),
     [
         ("default", r"takes a list of queue names, got str 'default'; give \['default'\]"),
-        ([5], r"5 is not a queue name"),
-        ([""], r"'' is not a queue name"),
+        ([5], r"purge must be a queue name .*got 5"),
+        ([""], r"purge must be a queue name .*got ''"),
     ],
 )
 def test_purge_of_something_that_is_no_list_of_queue_names_is_refused(
