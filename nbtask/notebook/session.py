@@ -276,13 +276,15 @@ class Session:
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while True:
+                # Checked before each event, not only when none came for a while: a task
+                # that prints every few milliseconds must time out all the same.
+                if deadline is not None and time.monotonic() > deadline and not run.handle.done():
+                    error = _timed_out(run, timeout)  # says why it waited, before cancelling
+                    cancel_task(run.handle)
+                    raise error from None
                 try:
                     event = events.get(timeout=0.1)
                 except queue.Empty:
-                    if deadline is not None and time.monotonic() > deadline:
-                        error = _timed_out(run, timeout)  # says why it waited, before cancelling
-                        cancel_task(run.handle)
-                        raise error from None
                     line.waiting(run.handle.waiting_reason)
                     continue
                 if event.type is EventType.PROGRESS:

@@ -76,6 +76,25 @@ def test_a_wait_timeout_says_in_one_line_what_the_cell_waited_for(
     assert "no live worker consumes queue 'data.nosuchdata'" in str(info.value)
 
 
+def test_a_wait_timeout_ends_a_cell_that_prints_all_the_time(
+    ip: InteractiveShell, loaded: Session, start_worker: Any
+) -> None:
+    """Output every few milliseconds must not keep a ``--wait --timeout`` cell waiting."""
+    start_worker(concurrency=1)
+    ip.run_cell_magic("task", "--wait", "warm = 1")  # the one child has started its shell
+    cell = (
+        "import time\nend = time.monotonic() + 20\nwhile time.monotonic() < end:\n"
+        "    print('.', end='', flush=True)\n    time.sleep(0.01)"
+    )
+    with pytest.raises(TimeoutError) as info:
+        ip.run_cell_magic("task", "--wait --timeout 2 --out h", cell)
+    assert rendered(info.value) == [f"TimeoutError: {info.value}"]
+    assert "did not finish within 2.0 s; cancelled" in str(info.value)
+    handle = ip.user_ns["h"]
+    wait_until(handle.done, 15, "the task to stop")
+    assert handle.state is State.REVOKED
+
+
 def test_interrupting_a_wait_cell_says_its_task_was_cancelled(
     ip: InteractiveShell, nb: Session
 ) -> None:
