@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from nbtask.errors import RemoteError
 from nbtask.notebook import process_state
 from nbtask.notebook.analysis import analyze
-from nbtask.notebook.follow import cancel_task
+from nbtask.notebook.follow import cancel_task, cancelled
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.shipping import load_values, share_namespace
 from nbtask.wire.envelope import Envelope
@@ -133,7 +133,10 @@ class Pending:
                     f"which assigns {mine}",
                     flush=True,
                 )
-                wait_interruptibly(run.handle)
+                try:
+                    wait_interruptibly(run.handle)
+                except KeyboardInterrupt:
+                    raise cancelled(run.label) from None
             self.deliver(run, raise_errors=True)
         for name in self.kept(wanted):
             value = self.namespace[name]

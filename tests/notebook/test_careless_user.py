@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -111,6 +112,40 @@ def test_interrupting_a_wait_cell_says_its_task_was_cancelled(
     handle = ip.user_ns["h"]
     wait_until(handle.done, 15, "the task to stop")
     assert handle.state is State.REVOKED
+
+
+def interrupt_once_waiting_in(function: str) -> None:
+    """SIGINT to this process once its main thread waits inside ``function`` (the Stop button)."""
+    main = threading.main_thread().ident
+
+    def waiting() -> bool:
+        frame = sys._current_frames().get(main or 0)
+        while frame is not None:
+            if frame.f_code.co_name == function:
+                return True
+            frame = frame.f_back
+        return False
+
+    def interrupt() -> None:
+        wait_until(waiting, 30, f"the main thread to wait in {function}")
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+
+
+def test_interrupting_a_cell_that_waits_for_a_pending_name_says_its_task_was_cancelled(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    ip.run_cell_magic("task", "--out h", "import time\ntime.sleep(30)\nlate = 1")
+    interrupt_once_waiting_in("wait_interruptibly")
+    result = ip.run_cell("print(late)")
+    error = result.error_in_exec
+    assert isinstance(error, KeyboardInterrupt), error
+    assert rendered(error) == ["KeyboardInterrupt: task 'import time' cancelled"]
+    handle = ip.user_ns["h"]
+    wait_until(handle.done, 15, "the task to stop")
+    assert handle.state is State.REVOKED
+    assert ip.run_cell("print('the next cell runs')").success
 
 
 @pytest.fixture
