@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -222,6 +223,15 @@ def unload_ipython_extension(shell: Any) -> None:
     """``%unload_ext nbtask``: remove the hooks, stop the listener and embedded cluster."""
     session = _SESSIONS.pop(id(shell), None)
     if session is not None:
+        running = session.pending.running()
+        if running:  # they run on, but nothing here will hear of them: say so
+            cells = ", ".join(f"{run.label!r} [{run.handle.id[:8]}]" for run in running)
+            print(
+                f"nbtask: {len(running)} cell(s) still running on the workers ({cells}): "
+                "what they assign will not reach this notebook; after %load_ext nbtask, "
+                "%tasks --all shows their output",
+                file=sys.stderr,
+            )
         session.stop()
         # IPython keeps registered magics after unloading; drop ours so none is left
         # pointing at a closed session.

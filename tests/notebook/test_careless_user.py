@@ -148,6 +148,19 @@ def test_interrupting_a_cell_that_waits_for_a_pending_name_says_its_task_was_can
     assert ip.run_cell("print('the next cell runs')").success
 
 
+def test_unloading_with_a_cell_still_running_says_its_values_will_not_arrive(
+    ip: InteractiveShell, nb: Session, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ip.run_cell_magic("task", "--out h", "import time\ntime.sleep(3)\nlate = 1")
+    capsys.readouterr()
+    ip.run_line_magic("unload_ext", "nbtask")
+    said = capsys.readouterr().err
+    assert (
+        f"1 cell(s) still running on the workers ('import time' [{ip.user_ns['h'].id[:8]}])" in said
+    )
+    assert "will not reach this notebook" in said and "%tasks --all" in said
+
+
 @pytest.fixture
 def not_redis() -> Iterator[str]:
     """A port where a web server answers, as a mistyped host:port may find."""
