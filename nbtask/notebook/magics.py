@@ -19,6 +19,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from nbtask.client.app import App
 from nbtask.errors import BrokerUnavailable, CellError, ConfigurationError
+from nbtask.notebook.follow import one_line
 from nbtask.notebook.session import Session
 from nbtask.notebook.widgets import TaskWidget
 from nbtask.settings import read_secret_file
@@ -127,7 +128,15 @@ class TaskMagics(Magics):  # type: ignore[misc]
         live view, and a later cell reading an assigned name waits for it.
         """
         # Parsed once per distinct line (argparse takes a good part of a millisecond).
-        return self.session.submit_cell(cell, _task_options(line))
+        options = _task_options(line)
+        try:
+            return self.session.submit_cell(cell, options)
+        except BrokerUnavailable as exc:
+            if hasattr(exc, "_render_traceback_"):  # the cell's own error, from the worker
+                raise
+            # The broker went away: one line saying which and how to start it, not
+            # redis-py's frames.
+            raise one_line(exc) from None
 
     @_typed(magic_arguments())
     @_typed(argument("command", choices=["connect", "status", "workers", "log"]))

@@ -14,14 +14,16 @@ import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
 from helpers import wait_until
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
+from tcp_proxy import TcpProxy
 
 from nbtask import State
-from nbtask.errors import CellError
+from nbtask.errors import BrokerUnavailable, CellError
 from nbtask.notebook.session import Session
 
 
@@ -201,6 +203,25 @@ def test_a_connect_that_fails_says_why_and_keeps_the_notebook_connected(
     ip.run_line_magic("nbtask", "status")
     ip.run_cell_magic("task", "--wait", "still = 1")
     assert ip.user_ns["still"] == 1
+
+
+def test_a_cell_sent_while_the_broker_is_down_says_so_in_one_line(
+    ip: InteractiveShell, loaded: Session, redis_url: str
+) -> None:
+    proxy = TcpProxy("127.0.0.1", urlparse(redis_url).port or 6379)
+    proxy.start()
+    try:
+        ip.run_line_magic("nbtask", f"connect redis://127.0.0.1:{proxy.url_port}/0")
+        proxy.refuse()
+        with pytest.raises(BrokerUnavailable) as info:
+            ip.run_cell_magic("task", "--wait", "q = 1")
+        assert rendered(info.value) == [f"BrokerUnavailable: {info.value}"]
+        assert "cannot reach the Redis broker" in str(info.value)
+        assert "q" not in ip.user_ns
+    finally:
+        proxy.accept_again()  # the session closes cleanly
+        ip.run_line_magic("unload_ext", "nbtask")
+        proxy.stop()
 
 
 def test_a_cell_that_does_not_parse_names_its_line_as_the_notebook_counts(
