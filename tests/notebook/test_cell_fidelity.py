@@ -110,6 +110,18 @@ def test_exit_in_a_cell_is_refused_on_the_worker_with_one_line(
     assert ip.user_ns["before"] == 1  # what ran before it came back, as for any error
 
 
+def test_sys_exit_in_a_cell_shows_as_in_a_kernel_without_the_workers_traceback(
+    ip: InteractiveShell, nb: Session, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A kernel shows ``SystemExit: bad`` and IPython's warning, not a traceback of its own."""
+    with pytest.raises(SystemExit, match="bad"):
+        task(ip, "import sys\nbefore = 1\nsys.exit('bad')")
+    assert ip.user_ns["before"] == 1
+    said = capsys.readouterr().err
+    assert "To exit: use 'exit', 'quit', or Ctrl-D." in said  # IPython's, as in a kernel
+    assert "Traceback" not in said and 'interactiveshell.py", line' not in said, said
+
+
 def test_rc_params_environment_cwd_and_path_follow_the_notebook(
     ip: InteractiveShell, nb: Session, tmp_path: Path
 ) -> None:
