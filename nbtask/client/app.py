@@ -382,6 +382,14 @@ class App:
         live = self._live
         return None if live is None else live.waiting_reason(queue)
 
+    def lost_reason(self, hostname: str, pid: int, queue: str) -> str | None:
+        """Why a task that process ``pid`` on ``hostname`` started may not end, or ``None``.
+
+        Its worker is gone from the registry; :attr:`TaskHandle.waiting_reason` asks.
+        """
+        live = self._live
+        return None if live is None else live.lost_reason(hostname, pid, queue)
+
     def expect(self, task_id: str, name: str) -> TaskHandle:
         """A handle for a task that a worker will send (a later step of a chain)."""
         handle = TaskHandle(self, task_id, name)

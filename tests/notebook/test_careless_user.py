@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlparse
 
+import psutil
 import pytest
 from helpers import wait_until
 from IPython.core.error import UsageError
@@ -161,6 +162,24 @@ def test_unloading_with_a_cell_still_running_says_its_values_will_not_arrive(
         f"1 cell(s) still running on the workers ('import time' [{ip.user_ns['h'].id[:8]}])" in said
     )
     assert "will not reach this notebook" in said and "%tasks --all" in said
+
+
+def test_a_cell_whose_only_worker_was_killed_says_so_instead_of_running_on(
+    ip: InteractiveShell, loaded: Session, start_worker: Any
+) -> None:
+    """The whole worker ``kill -9``: no worker is left to report the task lost, so say why."""
+    worker = start_worker(concurrency=1)
+    ip.run_cell_magic("task", "--out h", "import time\nprint('started')\ntime.sleep(60)\nx = 1")
+    handle = ip.user_ns["h"]
+    wait_until(lambda: "started" in handle.stdout, 30, "the cell to start")
+    assert handle.waiting_reason is None  # its worker is alive
+    for process in [*worker.children(), psutil.Process(worker.pid)]:
+        process.kill()
+    lost = "stopped sending heartbeats: it is settled once a worker of queue 'default' runs"
+    wait_until(lambda: lost in (handle.waiting_reason or ""), 30, "the notice")
+    view = loaded.views[handle.id]
+    wait_until(lambda: lost in view.status_text(), 5, "the cell's view to say so")
+    assert lost in loaded.status()  # %nbtask status
 
 
 @pytest.fixture
