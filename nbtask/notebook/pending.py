@@ -53,6 +53,9 @@ class CellRun:
     view: TaskView | None = None
     submitted: float = dataclasses.field(default_factory=time.time)
     delivered: bool = False
+    #: Its names that a later cell (or the notebook itself) bound meanwhile: its values
+    #: for them are older than what the notebook holds, and never written.
+    superseded: set[str] = dataclasses.field(default_factory=set)
 
 
 class Pending:
@@ -88,12 +91,17 @@ class Pending:
         self._unfinished.append(run)
         if pending:
             for name in run.names:
+                earlier = self.owner.get(name)
+                if earlier is not None and earlier is not run:
+                    earlier.superseded.add(name)  # the later cell's value wins, as locally
                 self.owner[name] = run
 
     def forget(self, names: Iterable[str]) -> None:
         """The notebook rebinds these names itself: later task values must not win."""
         for name in names:
-            self.owner.pop(name, None)
+            earlier = self.owner.pop(name, None)
+            if earlier is not None:
+                earlier.superseded.add(name)
 
     def running(self) -> list[CellRun]:
         """Runs not finished yet."""
@@ -172,10 +180,10 @@ class Pending:
             if isinstance(value, RemoteValue) and self._on_kept is not None:
                 self._on_kept(value)
                 self.holds_kept = True
-            if self.owner.get(name, run) is run:
+            if name not in run.superseded:
                 self.namespace[name] = value
         for name in effects.get("deleted", ()):
-            if self.owner.get(name, run) is run:
+            if name not in run.superseded:
                 self.namespace.pop(name, None)
         self._rehome(effects.get("held"))
         share_namespace(self.namespace, arrived)

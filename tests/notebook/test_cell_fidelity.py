@@ -271,6 +271,24 @@ def test_versions_and_worker_ids_from_the_registry_are_shown_without_control_cod
     assert "\x1b" not in err and "\x07" not in err
 
 
+@pytest.mark.parametrize(
+    "later",
+    ["%%task --wait\nv = 'later'", "%%task\nv = 'later'\n", "v = 'later'"],
+    ids=["a --wait cell", "the same cell run again", "a local cell"],
+)
+def test_a_name_rebound_while_its_earlier_cell_runs_keeps_the_later_value(
+    ip: InteractiveShell, nb: Session, later: str
+) -> None:
+    """As locally, the cell run last wins, even when the earlier task ends last."""
+    task(ip, "warm = 1")  # a shell started on the workers: the later cell ends first
+    task(ip, "import time\ntime.sleep(3)\nv = 'earlier'", "--out first")
+    assert ip.run_cell(later).success
+    assert ip.run_cell("seen = v").success  # waits for the later cell's task, if any
+    wait_until(ip.user_ns["first"].done, 20, "the earlier cell's task to end")
+    run(ip, "after = v")  # the earlier task's values are harvested before this cell
+    assert (ip.user_ns["seen"], ip.user_ns["after"]) == ("later", "later")
+
+
 def test_status_forgets_tasks_as_they_end(ip: InteractiveShell, nb: Session) -> None:
     task(ip, "import time\ntime.sleep(1)\nslept = 1", "--out h")
     handle = ip.user_ns["h"]
