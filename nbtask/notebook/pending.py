@@ -19,10 +19,10 @@ import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from nbtask.errors import RemoteError
+from nbtask.errors import RemoteError, TaskRevoked
 from nbtask.notebook import process_state
 from nbtask.notebook.analysis import analyze
-from nbtask.notebook.follow import cancel_task, cancelled
+from nbtask.notebook.follow import cancel_task, cancelled, one_line
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.shipping import load_values, share_namespace
 from nbtask.wire.envelope import Envelope
@@ -168,6 +168,8 @@ class Pending:
             effects = run.handle.partial if exc is not None else run.handle.result(0)
             if isinstance(effects, Mapping):
                 self._apply(run, effects)
+            if isinstance(exc, TaskRevoked):
+                raise _revoked(run, mine) from None
             if exc is not None:
                 raise local_exception(exc, self.namespace)
         finally:
@@ -205,6 +207,19 @@ class Pending:
                 value.holder, value.holder_pid = str(holder), int(pid)
                 if self._on_kept is not None:
                     self._on_kept(value)
+
+
+def _revoked(run: CellRun, names: Iterable[str]) -> TaskRevoked:
+    """A cancelled cell's error where its names are read: one line naming the cell."""
+    reason = run.handle.info.get("reason")
+    why = f" ({reason})" if reason and reason != "revoked" else ""
+    wanted = ", ".join(names) or "what it assigns"
+    return one_line(
+        TaskRevoked(
+            f"task {run.label!r} [{run.handle.id[:8]}] was cancelled{why} before it ended: "
+            f"run the cell again to set {wanted}"
+        )
+    )
 
 
 def wait_interruptibly(handle: TaskHandle, timeout: float | None = None) -> None:

@@ -24,7 +24,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from tcp_proxy import TcpProxy
 
 from nbtask import State
-from nbtask.errors import BrokerUnavailable, CellError
+from nbtask.errors import BrokerUnavailable, CellError, TaskRevoked
 from nbtask.notebook.session import Session
 
 
@@ -149,6 +149,22 @@ def test_interrupting_a_cell_that_waits_for_a_pending_name_says_its_task_was_can
     wait_until(handle.done, 15, "the task to stop")
     assert handle.state is State.REVOKED
     assert ip.run_cell("print('the next cell runs')").success
+
+
+def test_reading_a_name_of_a_cancelled_cell_says_so_in_one_line(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    ip.run_cell_magic("task", "--out h", "import time\nprint('started')\ntime.sleep(30)\nlate = 1")
+    handle = ip.user_ns["h"]
+    wait_until(lambda: "started" in handle.stdout, 30, "the cell to start")
+    handle.cancel()  # its Cancel button
+    wait_until(handle.done, 15, "the task to stop")
+    error = ip.run_cell("print(late)").error_in_exec
+    assert isinstance(error, TaskRevoked), error
+    assert rendered(error) == [
+        f"TaskRevoked: task 'import time' [{handle.id[:8]}] was cancelled (terminated) before "
+        "it ended: run the cell again to set time, late"
+    ]
 
 
 def test_unloading_with_a_cell_still_running_says_its_values_will_not_arrive(
