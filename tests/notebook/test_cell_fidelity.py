@@ -110,6 +110,18 @@ def test_exit_in_a_cell_is_refused_on_the_worker_with_one_line(
     assert ip.user_ns["before"] == 1  # what ran before it came back, as for any error
 
 
+def test_input_in_a_cell_is_refused_at_the_cells_line_without_nbtask_frames(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    with pytest.raises(Exception, match="input\\(\\) cannot be answered in a %%task cell") as info:
+        task(ip, "before = 1\nname = input('name? ')")
+    assert type(info.value).__name__ == "StdinNotImplementedError"
+    lines = info.value._render_traceback_()  # type: ignore[attr-defined]
+    assert "name = input('name? ')" in "\n".join(lines)
+    assert not [line for line in lines if "nbtask" in line.split(":")[0]], lines
+    assert ip.user_ns["before"] == 1
+
+
 def test_sys_exit_in_a_cell_shows_as_in_a_kernel_without_the_workers_traceback(
     ip: InteractiveShell, nb: Session, capsys: pytest.CaptureFixture[str]
 ) -> None:
