@@ -127,12 +127,15 @@ class LiveWorkers:
                 )
             snapshot.trusted.add(queue)
 
-    def waiting_reason(self, queue: str) -> str | None:
+    def waiting_reason(self, queue: str, started_by: tuple[str, int] | None = None) -> str | None:
         """Why a task sent to ``queue`` waits, if no live worker consumes it; else ``None``.
 
-        Never raises: when the registry cannot be read, nothing is claimed (and it is not
-        tried again for a few seconds).
+        For a task ``started_by`` a process (hostname, pid): why it may not end, see
+        :meth:`lost_reason`. Never raises: when the registry cannot be read, nothing is
+        claimed (and it is not tried again for a few seconds).
         """
+        if started_by is not None:
+            return self.lost_reason(*started_by, queue)
         now = time.monotonic()
         if now - self._failed_at < REFRESH_SECONDS:
             return None

@@ -53,11 +53,8 @@ class Client(Protocol):
     def revoke(self, task_id: str, *, terminate: bool = False, grace: float = 5.0) -> bool:
         """Revoke a task; see :meth:`nbtask.App.revoke`."""
 
-    def waiting_reason(self, queue: str) -> str | None:
-        """Why a task on ``queue`` cannot start yet, if known (``App.waiting_reason``)."""
-
-    def lost_reason(self, hostname: str, pid: int, queue: str) -> str | None:
-        """Why a started task may not end, if its worker is gone (``App.lost_reason``)."""
+    def waiting_reason(self, queue: str, started_by: tuple[str, int] | None = None) -> str | None:
+        """Why a task on ``queue`` waits, if known (``App.waiting_reason``)."""
 
     def flush(self) -> None:
         """Wait for the broker's confirms of this thread's tasks (``App.flush``)."""
@@ -166,7 +163,7 @@ class TaskHandle(concurrent.futures.Future[Any]):
         if self._task_state is State.STARTED:
             host, pid = self._info.get("worker"), self._info.get("pid")
             if isinstance(host, str) and isinstance(pid, int):
-                return self.app.lost_reason(host, pid, self.queue)
+                return self.app.waiting_reason(self.queue, (host, pid))
             return None
         if self._task_state is not State.PENDING:
             return None
