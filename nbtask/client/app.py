@@ -378,13 +378,10 @@ class App:
         assert self._live is not None
         return self._live
 
-    def waiting_reason(self, queue: str) -> str | None:
-        """Why a task sent to ``queue`` cannot start (no live worker consumes it), or ``None``.
-
-        By the registry as read every few seconds; :attr:`TaskHandle.waiting_reason` asks.
-        """
+    def waiting_reason(self, queue: str, started_by: tuple[str, int] | None = None) -> str | None:
+        """Why a task on ``queue`` waits, if known: see :attr:`TaskHandle.waiting_reason`."""
         live = self._live
-        return None if live is None else live.waiting_reason(queue)
+        return None if live is None else live.waiting_reason(queue, started_by)
 
     def expect(self, task_id: str, name: str) -> TaskHandle:
         """A handle for a task that a worker will send (a later step of a chain)."""

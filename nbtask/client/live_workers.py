@@ -35,6 +35,15 @@ REFRESH_SECONDS = 2.0
 NEGATIVE_SECONDS = 0.25
 
 
+#: How old a read may be before a process missing from it is looked for again, seconds.
+_RECHECK_SECONDS = 0.2
+
+
+def _runs(snapshot: _Snapshot, hostname: str, pid: int) -> bool:
+    """Whether a live worker on ``hostname`` has ``pid`` among its child processes."""
+    return any(i.hostname == hostname and pid in i.pids for i in snapshot.workers.values())
+
+
 @dataclasses.dataclass
 class _Snapshot:
     workers: dict[str, WorkerInfo]
@@ -119,12 +128,15 @@ class LiveWorkers:
                 )
             snapshot.trusted.add(queue)
 
-    def waiting_reason(self, queue: str) -> str | None:
+    def waiting_reason(self, queue: str, started_by: tuple[str, int] | None = None) -> str | None:
         """Why a task sent to ``queue`` waits, if no live worker consumes it; else ``None``.
 
-        Never raises: when the registry cannot be read, nothing is claimed (and it is not
-        tried again for a few seconds).
+        For a task ``started_by`` a process (hostname, pid): why it may not end, see
+        :meth:`lost_reason`. Never raises: when the registry cannot be read, nothing is
+        claimed (and it is not tried again for a few seconds).
         """
+        if started_by is not None:
+            return self.lost_reason(*started_by, queue)
         now = time.monotonic()
         if now - self._failed_at < REFRESH_SECONDS:
             return None
@@ -147,6 +159,34 @@ class LiveWorkers:
             f"{', '.join(held) or 'none'}); start one with nbtask worker --data "
             f"{dataset}=module:function"
         )
+
+    def lost_reason(self, hostname: str, pid: int, queue: str) -> str | None:
+        """Why a task that process ``pid`` on ``hostname`` started may not end; else ``None``.
+
+        Its worker left the registry (no heartbeat): the task ends only when a live worker
+        of ``queue`` settles it, so a notebook waiting for it is told rather than left
+        waiting without a word. Never raises, as :meth:`waiting_reason`.
+        """
+        now = time.monotonic()
+        if now - self._failed_at < REFRESH_SECONDS:
+            return None
+        try:
+            snapshot = self._current()
+            if not _runs(snapshot, hostname, pid) and now - snapshot.taken > _RECHECK_SECONDS:
+                snapshot = self._read()  # the child may be younger than that read
+        except BrokerUnavailable:
+            self._failed_at = now
+            return None
+        if _runs(snapshot, hostname, pid):
+            return None
+        settled = (
+            f"a live worker of queue {queue!r} settles it (WORKER_LOST, or runs it again if "
+            "acks_late) once the visibility timeout has passed"
+            if queue in snapshot.queues
+            else f"it is settled once a worker of queue {queue!r} runs (nbtask worker -Q "
+            f"{queue}); none is live now"
+        )
+        return f"its worker (host {hostname}, pid {pid}) stopped sending heartbeats: {settled}"
 
     def note_sent(self, handles: Sequence[TaskHandle]) -> None:
         """Remember the work sent to worker processes' own queues until it ends."""

@@ -73,8 +73,8 @@ class Client(Protocol):
     def revoke(self, task_id: str, *, terminate: bool = False, grace: float = 5.0) -> bool:
         """Revoke a task; see :meth:`nbtask.App.revoke`."""
 
-    def waiting_reason(self, queue: str) -> str | None:
-        """Why a task on ``queue`` cannot start yet, if known (``App.waiting_reason``)."""
+    def waiting_reason(self, queue: str, started_by: tuple[str, int] | None = None) -> str | None:
+        """Why a task on ``queue`` waits, if known (``App.waiting_reason``)."""
 
     def flush(self) -> None:
         """Wait for the broker's confirms of this thread's tasks (``App.flush``)."""
@@ -168,17 +168,26 @@ class TaskHandle(concurrent.futures.Future[Any]):
 
     @property
     def waiting_reason(self) -> str | None:
-        """Why the task has not started, when nbtask can tell; else ``None``.
+        """Why the task has not started, or may not end, when nbtask can tell; else ``None``.
 
         While the task is ``PENDING`` and no live worker consumes its queue, this reads
         ``"no live worker consumes queue 'gpu'"``: the task waits, queued, until a worker
         of that queue starts (``nbtask worker -Q gpu``), and then this is ``None`` again.
-        It goes by the workers' registry as read at most every few seconds (no broker
-        round trip per look); ``None`` too once the task started or ended.
+        While it is ``STARTED`` by a worker that stopped sending heartbeats (killed, its
+        machine gone), it says so and what settles the task. It goes by the workers'
+        registry as read at most every few seconds (no broker round trip per look);
+        ``None`` once the task ended.
         """
-        if self.app is None or not self.queue or self._task_state is not State.PENDING:
+        if self.app is None or not self.queue or self.done():
             return None
-        return None if self.done() else self.app.waiting_reason(self.queue)
+        if self._task_state is State.STARTED:
+            host, pid = self._info.get("worker"), self._info.get("pid")
+            if isinstance(host, str) and isinstance(pid, int):
+                return self.app.waiting_reason(self.queue, (host, pid))
+            return None
+        if self._task_state is not State.PENDING:
+            return None
+        return self.app.waiting_reason(self.queue)
 
     def ready(self) -> bool:
         """True once the task reached a final state."""

@@ -290,11 +290,22 @@ def _digest(value: Any) -> bytes:
     return digest.digest()
 
 
+#: The worker shell's source file: its frames are left out of a cell's traceback.
+_SHELL_FILE = worker_shell.__code__.co_filename
+
+
 def _from_cell(error: BaseException, filename: str, partial: Any) -> BaseException:
     """The cell's exception, its traceback trimmed to start in the cell's code."""
     tb = error.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename != filename:
         tb = tb.tb_next
+    # A refusal of the worker's shell (input()) ends at the cell's call, as a kernel's
+    # traceback leaves out the kernel's own frames.
+    node = tb
+    while node is not None and node.tb_next is not None:
+        if node.tb_next.tb_frame.f_code.co_filename == _SHELL_FILE:
+            node.tb_next = None
+        node = node.tb_next
     # An exception type without attributes of its own cannot carry them: they are lost.
     with contextlib.suppress(AttributeError, TypeError):
         setattr(error, PARTIAL_RESULT, partial)

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from nbtask.wire.events import FINAL_STATES, Event, EventType, State
 
 if TYPE_CHECKING:
     from nbtask.core.handle import TaskHandle
 
-__all__ = ["cancel_task", "follow"]
+__all__ = ["cancel_task", "cancelled", "follow", "one_line"]
+
+_E = TypeVar("_E", bound=BaseException)
 
 
 def cancel_task(handle: TaskHandle) -> bool:
@@ -24,6 +26,18 @@ def cancel_task(handle: TaskHandle) -> bool:
     if handle.done():
         return False
     return handle.cancel()
+
+
+def one_line(error: _E) -> _E:
+    """``error`` as IPython shows it: one line, without nbtask's frames."""
+    line = f"{type(error).__name__}: {error}"
+    error._render_traceback_ = lambda: [line]  # type: ignore[attr-defined]
+    return error
+
+
+def cancelled(label: str) -> KeyboardInterrupt:
+    """The error of a cell interrupted while it waited for a task: it says that was cancelled."""
+    return one_line(KeyboardInterrupt(f"task {label!r} cancelled"))
 
 
 def follow(handle: TaskHandle, callback: Callable[[Event], None]) -> None:

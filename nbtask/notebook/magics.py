@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -18,6 +19,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from nbtask.client.app import App
 from nbtask.errors import BrokerUnavailable, CellError, ConfigurationError
+from nbtask.notebook.follow import one_line
 from nbtask.notebook.session import Session
 from nbtask.notebook.widgets import TaskWidget
 from nbtask.settings import read_secret_file
@@ -126,7 +128,15 @@ class TaskMagics(Magics):  # type: ignore[misc]
         live view, and a later cell reading an assigned name waits for it.
         """
         # Parsed once per distinct line (argparse takes a good part of a millisecond).
-        return self.session.submit_cell(cell, _task_options(line))
+        options = _task_options(line)
+        try:
+            return self.session.submit_cell(cell, options)
+        except BrokerUnavailable as exc:
+            if hasattr(exc, "_render_traceback_"):  # the cell's own error, from the worker
+                raise
+            # The broker went away: one line saying which and how to start it, not
+            # redis-py's frames.
+            raise one_line(exc) from None
 
     @_typed(magic_arguments())
     @_typed(argument("command", choices=["connect", "status", "workers", "log"]))
@@ -222,6 +232,15 @@ def unload_ipython_extension(shell: Any) -> None:
     """``%unload_ext nbtask``: remove the hooks, stop the listener and embedded cluster."""
     session = _SESSIONS.pop(id(shell), None)
     if session is not None:
+        running = session.pending.running()
+        if running:  # they run on, but nothing here will hear of them: say so
+            cells = ", ".join(f"{run.label!r} [{run.handle.id[:8]}]" for run in running)
+            print(
+                f"nbtask: {len(running)} cell(s) still running on the workers ({cells}): "
+                "what they assign will not reach this notebook; after %load_ext nbtask, "
+                "%tasks --all shows their output",
+                file=sys.stderr,
+            )
         session.stop()
         # IPython keeps registered magics after unloading; drop ours so none is left
         # pointing at a closed session.

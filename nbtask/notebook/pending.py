@@ -19,10 +19,10 @@ import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from nbtask.errors import RemoteError
+from nbtask.errors import RemoteError, TaskRevoked
 from nbtask.notebook import process_state
 from nbtask.notebook.analysis import analyze
-from nbtask.notebook.follow import cancel_task
+from nbtask.notebook.follow import cancel_task, cancelled, one_line
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.shipping import load_values, share_namespace
 from nbtask.wire.envelope import Envelope
@@ -54,6 +54,9 @@ class CellRun:
     view: TaskView | None = None
     submitted: float = dataclasses.field(default_factory=time.time)
     delivered: bool = False
+    #: Its names that a later cell (or the notebook itself) bound meanwhile: its values
+    #: for them are older than what the notebook holds, and never written.
+    superseded: set[str] = dataclasses.field(default_factory=set)
 
 
 class Pending:
@@ -89,12 +92,17 @@ class Pending:
         self._unfinished.append(run)
         if pending:
             for name in run.names:
+                earlier = self.owner.get(name)
+                if earlier is not None and earlier is not run:
+                    earlier.superseded.add(name)  # the later cell's value wins, as locally
                 self.owner[name] = run
 
     def forget(self, names: Iterable[str]) -> None:
         """The notebook rebinds these names itself: later task values must not win."""
         for name in names:
-            self.owner.pop(name, None)
+            earlier = self.owner.pop(name, None)
+            if earlier is not None:
+                earlier.superseded.add(name)
 
     def running(self) -> list[CellRun]:
         """Runs not finished yet."""
@@ -150,7 +158,10 @@ class Pending:
                     f"which assigns {mine}",
                     flush=True,
                 )
-                wait_interruptibly(run.handle)
+                try:
+                    wait_interruptibly(run.handle)
+                except KeyboardInterrupt:
+                    raise cancelled(run.label) from None
             self.deliver(run, raise_errors=True)
         staying = set(stay)
         for name in self.kept(n for n in wanted if n not in staying):
@@ -175,6 +186,8 @@ class Pending:
             effects = run.handle.partial if exc is not None else run.handle.result(0)
             if isinstance(effects, Mapping):
                 self._apply(run, effects)
+            if isinstance(exc, TaskRevoked):
+                raise _revoked(run, mine) from None
             if exc is not None:
                 raise local_exception(exc, self.namespace)
         finally:
@@ -187,10 +200,10 @@ class Pending:
             if isinstance(value, RemoteValue) and self._on_kept is not None:
                 self._on_kept(value)
                 self.holds_kept = True
-            if self.owner.get(name, run) is run:
+            if name not in run.superseded:
                 self.namespace[name] = value
         for name in effects.get("deleted", ()):
-            if self.owner.get(name, run) is run:
+            if name not in run.superseded:
                 self.namespace.pop(name, None)
         self._rehome(effects.get("held"))
         share_namespace(self.namespace, arrived)
@@ -212,6 +225,19 @@ class Pending:
                 value.holder, value.holder_pid = str(holder), int(pid)
                 if self._on_kept is not None:
                     self._on_kept(value)
+
+
+def _revoked(run: CellRun, names: Iterable[str]) -> TaskRevoked:
+    """A cancelled cell's error where its names are read: one line naming the cell."""
+    reason = run.handle.info.get("reason")
+    why = f" ({reason})" if reason and reason != "revoked" else ""
+    wanted = ", ".join(names) or "what it assigns"
+    return one_line(
+        TaskRevoked(
+            f"task {run.label!r} [{run.handle.id[:8]}] was cancelled{why} before it ended: "
+            f"run the cell again to set {wanted}"
+        )
+    )
 
 
 def wait_interruptibly(handle: TaskHandle, timeout: float | None = None) -> None:

@@ -9,7 +9,7 @@ import queue
 import threading
 import time
 from contextlib import AbstractContextManager
-from typing import Any, TypeVar
+from typing import Any
 
 from IPython.display import display
 
@@ -23,7 +23,7 @@ from nbtask.notebook import process_state
 from nbtask.notebook.board import Row, TaskBoard, format_row, notebook_group
 from nbtask.notebook.celltask import NamedCell, cell_task
 from nbtask.notebook.fetchbar import fetch_progress
-from nbtask.notebook.follow import cancel_task, follow
+from nbtask.notebook.follow import cancel_task, cancelled, follow, one_line
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.pending import WAIT_NAME, CellRun, Pending, WaitInserter, wait_interruptibly
 from nbtask.notebook.releases import Releases, ReleaseTask
@@ -307,13 +307,15 @@ class Session:
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while True:
+                # Checked before each event, not only when none came for a while: a task
+                # that prints every few milliseconds must time out all the same.
+                if deadline is not None and time.monotonic() > deadline and not run.handle.done():
+                    error = _timed_out(run, timeout)  # says why it waited, before cancelling
+                    cancel_task(run.handle)
+                    raise error from None
                 try:
                     event = events.get(timeout=0.1)
                 except queue.Empty:
-                    if deadline is not None and time.monotonic() > deadline:
-                        error = _timed_out(run, timeout)  # says why it waited, before cancelling
-                        cancel_task(run.handle)
-                        raise error from None
                     line.waiting(run.handle.waiting_reason)
                     continue
                 if event.type is EventType.PROGRESS:
@@ -324,7 +326,7 @@ class Session:
                     break
         except KeyboardInterrupt:
             cancel_task(run.handle)
-            raise _interrupted(run) from None
+            raise cancelled(run.label) from None
         finally:
             line.close()
         wait_interruptibly(run.handle)
@@ -464,19 +466,4 @@ def _timed_out(run: CellRun, timeout: float | None) -> TimeoutError:
     """A ``--wait --timeout`` cell's error, saying why it waited."""
     reason = run.handle.waiting_reason
     text = f"task {run.label!r} did not finish within {timeout} s; cancelled"
-    return _one_line(TimeoutError(text + (f" (it was waiting: {reason})" if reason else "")))
-
-
-def _interrupted(run: CellRun) -> KeyboardInterrupt:
-    """An interrupted ``--wait`` cell's error, saying its task was cancelled."""
-    return _one_line(KeyboardInterrupt(f"task {run.label!r} cancelled"))
-
-
-_E = TypeVar("_E", bound=BaseException)
-
-
-def _one_line(error: _E) -> _E:
-    """``error`` as IPython shows it: one line, without nbtask's frames."""
-    line = f"{type(error).__name__}: {error}"
-    error._render_traceback_ = lambda: [line]  # type: ignore[attr-defined]
-    return error
+    return one_line(TimeoutError(text + (f" (it was waiting: {reason})" if reason else "")))

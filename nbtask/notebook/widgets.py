@@ -68,8 +68,8 @@ class TaskView:
         self.started: float | None = None
         self.finished: float | None = None
         self.error = ""
-        #: Why the task waits, while it is PENDING and nbtask can tell (see
-        #: :attr:`TaskHandle.waiting_reason`); empty otherwise.
+        #: Why the task waits, while it is PENDING (or STARTED by a worker that is gone)
+        #: and nbtask can tell (see :attr:`TaskHandle.waiting_reason`); empty otherwise.
         self.waiting = handle.waiting_reason or ""
         self.result: dict[str, Any] | None = None
         self.pending_output: list[Event] = []
@@ -197,14 +197,16 @@ class TaskView:
         """Show the elapsed time of an unfinished task anew (called about once a second).
 
         Between events only that changes, and, for a task still PENDING, whether it
-        waits for a worker of its queue: the view repaints whole when that changes.
+        waits for a worker of its queue (for one STARTED, whether its worker is gone):
+        the view repaints whole when that changes.
         """
         # Read outside the lock: now and then it reads the worker registry.
-        waiting = (self.handle.waiting_reason or "") if self.state is State.PENDING else ""
+        asks = self.state in (State.PENDING, State.STARTED)  # not started, or its worker gone
+        waiting = (self.handle.waiting_reason or "") if asks else ""
         with self._lock:
             if self.finished is not None:
                 return
-            if self.state is State.PENDING and waiting != self.waiting:
+            if asks and waiting != self.waiting:
                 self.waiting = waiting
                 self._repaint()
             else:

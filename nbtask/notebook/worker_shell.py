@@ -138,10 +138,12 @@ def _make_shell() -> Any:
             return known
 
         def showtraceback(self, *args: Any, **kwargs: Any) -> None:
-            if kwargs.get("running_compiled_code"):
-                return  # the cell's own exception: re-raised to the client instead
-            # Anything else (a failing _repr_html_, say) is shown, as a kernel shows it.
             kind, value, tb = sys.exc_info()
+            # The cell's own exception, sys.exit() included (IPython shows that one apart):
+            # re-raised to the client instead, which shows it as a kernel does.
+            if kwargs.get("running_compiled_code") or isinstance(value, SystemExit):
+                return
+            # Anything else (a failing _repr_html_, say) is shown, as a kernel shows it.
             if value is not None:
                 sys.stderr.write("".join(traceback.format_exception(kind, value, tb)))
 

@@ -10,17 +10,21 @@ import os
 import re
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlparse
 
+import psutil
 import pytest
 from helpers import wait_until
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
+from tcp_proxy import TcpProxy
 
 from nbtask import State
-from nbtask.errors import CellError
+from nbtask.errors import BrokerUnavailable, CellError, TaskRevoked
 from nbtask.notebook.session import Session
 
 
@@ -76,6 +80,25 @@ def test_a_wait_timeout_says_in_one_line_what_the_cell_waited_for(
     assert "no live worker holds dataset 'nosuchdata'" in str(info.value)
 
 
+def test_a_wait_timeout_ends_a_cell_that_prints_all_the_time(
+    ip: InteractiveShell, loaded: Session, start_worker: Any
+) -> None:
+    """Output every few milliseconds must not keep a ``--wait --timeout`` cell waiting."""
+    start_worker(concurrency=1)
+    ip.run_cell_magic("task", "--wait", "warm = 1")  # the one child has started its shell
+    cell = (
+        "import time\nend = time.monotonic() + 20\nwhile time.monotonic() < end:\n"
+        "    print('.', end='', flush=True)\n    time.sleep(0.01)"
+    )
+    with pytest.raises(TimeoutError) as info:
+        ip.run_cell_magic("task", "--wait --timeout 2 --out h", cell)
+    assert rendered(info.value) == [f"TimeoutError: {info.value}"]
+    assert "did not finish within 2.0 s; cancelled" in str(info.value)
+    handle = ip.user_ns["h"]
+    wait_until(handle.done, 15, "the task to stop")
+    assert handle.state is State.REVOKED
+
+
 def test_interrupting_a_wait_cell_says_its_task_was_cancelled(
     ip: InteractiveShell, nb: Session
 ) -> None:
@@ -92,6 +115,87 @@ def test_interrupting_a_wait_cell_says_its_task_was_cancelled(
     handle = ip.user_ns["h"]
     wait_until(handle.done, 15, "the task to stop")
     assert handle.state is State.REVOKED
+
+
+def interrupt_once_waiting_in(function: str) -> None:
+    """SIGINT to this process once its main thread waits inside ``function`` (the Stop button)."""
+    main = threading.main_thread().ident
+
+    def waiting() -> bool:
+        frame = sys._current_frames().get(main or 0)
+        while frame is not None:
+            if frame.f_code.co_name == function:
+                return True
+            frame = frame.f_back
+        return False
+
+    def interrupt() -> None:
+        wait_until(waiting, 30, f"the main thread to wait in {function}")
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+
+
+def test_interrupting_a_cell_that_waits_for_a_pending_name_says_its_task_was_cancelled(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    ip.run_cell_magic("task", "--out h", "import time\ntime.sleep(30)\nlate = 1")
+    interrupt_once_waiting_in("wait_interruptibly")
+    result = ip.run_cell("print(late)")
+    error = result.error_in_exec
+    assert isinstance(error, KeyboardInterrupt), error
+    assert rendered(error) == ["KeyboardInterrupt: task 'import time' cancelled"]
+    handle = ip.user_ns["h"]
+    wait_until(handle.done, 15, "the task to stop")
+    assert handle.state is State.REVOKED
+    assert ip.run_cell("print('the next cell runs')").success
+
+
+def test_reading_a_name_of_a_cancelled_cell_says_so_in_one_line(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    ip.run_cell_magic("task", "--out h", "import time\nprint('started')\ntime.sleep(30)\nlate = 1")
+    handle = ip.user_ns["h"]
+    wait_until(lambda: "started" in handle.stdout, 30, "the cell to start")
+    handle.cancel()  # its Cancel button
+    wait_until(handle.done, 15, "the task to stop")
+    error = ip.run_cell("print(late)").error_in_exec
+    assert isinstance(error, TaskRevoked), error
+    assert rendered(error) == [
+        f"TaskRevoked: task 'import time' [{handle.id[:8]}] was cancelled (terminated) before "
+        "it ended: run the cell again to set time, late"
+    ]
+
+
+def test_unloading_with_a_cell_still_running_says_its_values_will_not_arrive(
+    ip: InteractiveShell, nb: Session, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ip.run_cell_magic("task", "--out h", "import time\ntime.sleep(3)\nlate = 1")
+    capsys.readouterr()
+    ip.run_line_magic("unload_ext", "nbtask")
+    said = capsys.readouterr().err
+    assert (
+        f"1 cell(s) still running on the workers ('import time' [{ip.user_ns['h'].id[:8]}])" in said
+    )
+    assert "will not reach this notebook" in said and "%tasks --all" in said
+
+
+def test_a_cell_whose_only_worker_was_killed_says_so_instead_of_running_on(
+    ip: InteractiveShell, loaded: Session, start_worker: Any
+) -> None:
+    """The whole worker ``kill -9``: no worker is left to report the task lost, so say why."""
+    worker = start_worker(concurrency=1)
+    ip.run_cell_magic("task", "--out h", "import time\nprint('started')\ntime.sleep(60)\nx = 1")
+    handle = ip.user_ns["h"]
+    wait_until(lambda: "started" in handle.stdout, 30, "the cell to start")
+    assert handle.waiting_reason is None  # its worker is alive
+    for process in [*worker.children(), psutil.Process(worker.pid)]:
+        process.kill()
+    lost = "stopped sending heartbeats: it is settled once a worker of queue 'default' runs"
+    wait_until(lambda: lost in (handle.waiting_reason or ""), 30, "the notice")
+    view = loaded.views[handle.id]
+    wait_until(lambda: lost in view.status_text(), 5, "the cell's view to say so")
+    assert lost in loaded.status()  # %nbtask status
 
 
 @pytest.fixture
@@ -134,6 +238,25 @@ def test_a_connect_that_fails_says_why_and_keeps_the_notebook_connected(
     ip.run_line_magic("nbtask", "status")
     ip.run_cell_magic("task", "--wait", "still = 1")
     assert ip.user_ns["still"] == 1
+
+
+def test_a_cell_sent_while_the_broker_is_down_says_so_in_one_line(
+    ip: InteractiveShell, loaded: Session, redis_url: str
+) -> None:
+    proxy = TcpProxy("127.0.0.1", urlparse(redis_url).port or 6379)
+    proxy.start()
+    try:
+        ip.run_line_magic("nbtask", f"connect redis://127.0.0.1:{proxy.url_port}/0")
+        proxy.refuse()
+        with pytest.raises(BrokerUnavailable) as info:
+            ip.run_cell_magic("task", "--wait", "q = 1")
+        assert rendered(info.value) == [f"BrokerUnavailable: {info.value}"]
+        assert "cannot reach the Redis broker" in str(info.value)
+        assert "q" not in ip.user_ns
+    finally:
+        proxy.accept_again()  # the session closes cleanly
+        ip.run_line_magic("unload_ext", "nbtask")
+        proxy.stop()
 
 
 def test_a_cell_that_does_not_parse_names_its_line_as_the_notebook_counts(

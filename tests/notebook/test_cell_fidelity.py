@@ -110,6 +110,30 @@ def test_exit_in_a_cell_is_refused_on_the_worker_with_one_line(
     assert ip.user_ns["before"] == 1  # what ran before it came back, as for any error
 
 
+def test_input_in_a_cell_is_refused_at_the_cells_line_without_nbtask_frames(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    with pytest.raises(Exception, match="input\\(\\) cannot be answered in a %%task cell") as info:
+        task(ip, "before = 1\nname = input('name? ')")
+    assert type(info.value).__name__ == "StdinNotImplementedError"
+    lines = info.value._render_traceback_()  # type: ignore[attr-defined]
+    assert "name = input('name? ')" in "\n".join(lines)
+    assert not [line for line in lines if "nbtask" in line.split(":")[0]], lines
+    assert ip.user_ns["before"] == 1
+
+
+def test_sys_exit_in_a_cell_shows_as_in_a_kernel_without_the_workers_traceback(
+    ip: InteractiveShell, nb: Session, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A kernel shows ``SystemExit: bad`` and IPython's warning, not a traceback of its own."""
+    with pytest.raises(SystemExit, match="bad"):
+        task(ip, "import sys\nbefore = 1\nsys.exit('bad')")
+    assert ip.user_ns["before"] == 1
+    said = capsys.readouterr().err
+    assert "To exit: use 'exit', 'quit', or Ctrl-D." in said  # IPython's, as in a kernel
+    assert "Traceback" not in said and 'interactiveshell.py", line' not in said, said
+
+
 def test_rc_params_environment_cwd_and_path_follow_the_notebook(
     ip: InteractiveShell, nb: Session, tmp_path: Path
 ) -> None:
@@ -257,6 +281,24 @@ def test_versions_and_worker_ids_from_the_registry_are_shown_without_control_cod
     err = capsys.readouterr().err
     assert "python is" in err and "here but ?]0;PWNED??[2J9.9 on worker fake?[5m-worker" in err
     assert "\x1b" not in err and "\x07" not in err
+
+
+@pytest.mark.parametrize(
+    "later",
+    ["%%task --wait\nv = 'later'", "%%task\nv = 'later'\n", "v = 'later'"],
+    ids=["a --wait cell", "the same cell run again", "a local cell"],
+)
+def test_a_name_rebound_while_its_earlier_cell_runs_keeps_the_later_value(
+    ip: InteractiveShell, nb: Session, later: str
+) -> None:
+    """As locally, the cell run last wins, even when the earlier task ends last."""
+    task(ip, "warm = 1")  # a shell started on the workers: the later cell ends first
+    task(ip, "import time\ntime.sleep(3)\nv = 'earlier'", "--out first")
+    assert ip.run_cell(later).success
+    assert ip.run_cell("seen = v").success  # waits for the later cell's task, if any
+    wait_until(ip.user_ns["first"].done, 20, "the earlier cell's task to end")
+    run(ip, "after = v")  # the earlier task's values are harvested before this cell
+    assert (ip.user_ns["seen"], ip.user_ns["after"]) == ("later", "later")
 
 
 def test_status_forgets_tasks_as_they_end(ip: InteractiveShell, nb: Session) -> None:
