@@ -30,13 +30,9 @@ __all__ = ["REFRESH_SECONDS", "LiveWorkers"]
 
 #: The oldest snapshot of the registry that sending and handles go by, seconds.
 REFRESH_SECONDS = 2.0
-#: The oldest snapshot that may say "no live worker consumes the queue", seconds: a
-#: worker that started since is seen before a waiting task is said to have none.
+#: The oldest snapshot that may say a queue or a process has no live worker, seconds: a
+#: worker (or child) that started since is seen before a task is said to lack one.
 NEGATIVE_SECONDS = 0.25
-
-
-#: How old a read may be before a process missing from it is looked for again, seconds.
-_RECHECK_SECONDS = 0.2
 
 
 def _runs(snapshot: _Snapshot, hostname: str, pid: int) -> bool:
@@ -172,7 +168,7 @@ class LiveWorkers:
             return None
         try:
             snapshot = self._current()
-            if not _runs(snapshot, hostname, pid) and now - snapshot.taken > _RECHECK_SECONDS:
+            if not _runs(snapshot, hostname, pid) and now - snapshot.taken > NEGATIVE_SECONDS:
                 snapshot = self._read()  # the child may be younger than that read
         except BrokerUnavailable:
             self._failed_at = now
