@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import time
 from pathlib import Path
 
@@ -14,6 +15,13 @@ app = App("sample", insecure=True)
 @app.task
 def add(x: int, y: int) -> int:
     return x + y
+
+
+@app.task
+def change_process_state(folder: str) -> None:
+    """Leave this worker process in another folder, its generator reseeded."""
+    os.chdir(folder)
+    random.seed(1234)
 
 
 @app.task(acks_late=True)

@@ -11,7 +11,15 @@ from typing import Any, TypeVar
 from nbtask.brokers.base import Store
 from nbtask.core.holding import Holding
 
-__all__ = ["PARTIAL_RESULT", "Request", "current_request", "progress", "running", "track"]
+__all__ = [
+    "PARTIAL_RESULT",
+    "Request",
+    "current_request",
+    "progress",
+    "running",
+    "runs_started",
+    "track",
+]
 
 #: An exception raised by task code may carry, under this attribute, what the task did
 #: before it failed (a notebook cell's names): it travels with the failure, signed.
@@ -51,14 +59,23 @@ _current: contextvars.ContextVar[Request | None] = contextvars.ContextVar(
 )
 
 
+_started = [0]  # tasks this process began to run: see runs_started()
+
+
 def current_request() -> Request | None:
     """The request of the task running in this context, or ``None`` outside a task."""
     return _current.get()
 
 
+def runs_started() -> int:
+    """How many tasks this process has begun to run (a forked process counts on)."""
+    return _started[0]
+
+
 @contextlib.contextmanager
 def running(request: Request) -> Iterator[None]:
     """Run the block as the task ``request`` describes (a worker does this)."""
+    _started[0] += 1
     token = _current.set(request)
     try:
         yield

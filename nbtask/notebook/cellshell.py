@@ -33,6 +33,7 @@ from nbtask.wire.envelope import Envelope, dumps
 
 __all__ = ["execute_cell"]
 _IPYTHON_NAMES = frozenset({"_exit_code"})  # besides the history names
+_APPLIED = process_state.Applied()  # the kernel's state this process is in
 
 
 def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | None = None) -> Any:
@@ -79,8 +80,7 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
         # state holds matplotlib objects, and importing matplotlib first would choose
         # another backend.
         kernel_state = _shipped_state(shell, spec.state) if spec.state else {}
-        process_state.apply(kernel_state)
-        state_before = process_state.capture(applied=kernel_state)
+        state_before = _APPLIED.enter(spec.state, kernel_state, again=attempt > 0)
         shell.compile.cell_filename = spec.filename
         shell.compile.line_offset = spec.line_offset
         shell.displayhook.cell_source = spec.source
@@ -97,7 +97,7 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
     effects = _effects(namespace, shipped, before, spec, references)
     _forget_changed(references, effects["out"])
     effects["held"] = {n: where for n, where in rehomed.items() if n not in effects["out"]}
-    effects["state"] = process_state.changes(state_before, process_state.capture())
+    effects["state"] = _APPLIED.leave(spec.state, state_before)
     if error is None:
         return _pack(effects, spec, plain=spec.plain)
     raise _from_cell(error, spec.filename, _pack(effects, spec, plain=False))

@@ -21,13 +21,15 @@ import os
 import pickle
 import random
 import sys
+import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
+from nbtask.core.context import runs_started
 from nbtask.wire.envelope import dumps
 
-__all__ = ["Baseline", "KernelState", "apply", "capture", "changes"]
+__all__ = ["Applied", "Baseline", "KernelState", "apply", "capture", "changes"]
 
 #: One snapshot: kind -> its state (each kind optional).
 State = dict[str, Any]
@@ -82,6 +84,58 @@ class KernelState:
         # with the live settings, which a cell may change in place.
         self.last = (pickle.loads(pickled), pickled)
         return pickled
+
+
+class Applied:
+    """The kernel's state a worker process is in, so that it is not applied again unchanged.
+
+    Applying a state and taking the snapshot a cell's changes are measured from cost more
+    than a trivial cell (pandas' options, matplotlib's settings, the random generators).
+    A process is still in the state it applied for the cell before when that cell came
+    with the same pickled state, changed none of it and left no thread of its own
+    running, and no other task ran here since: any of those could have changed it.
+    """
+
+    def __init__(self) -> None:
+        self._pickled: bytes | None = None  # the state the process is in, as shipped
+        self._after: State = {}  # its snapshot, taken after the cell that left it so
+        self._runs = -1  # tasks begun in this process when that cell began
+
+    def enter(self, pickled: bytes, state: Mapping[str, Any], *, again: bool = False) -> State:
+        """Be in ``state`` (``pickled`` as shipped) for a cell; the snapshot before it.
+
+        ``again``: a retry of a cell that may have changed the state: applied whatever.
+        """
+        runs = runs_started()
+        in_it = not again and pickled == self._pickled and runs - 1 == self._runs
+        # Until this cell is known to have left the state as it found it (see leave()).
+        self._pickled, self._runs = None, runs
+        if in_it:
+            return self._after
+        apply(state)
+        return capture(applied=state)
+
+    def leave(self, pickled: bytes, before: State) -> State:
+        """What the cell changed since ``before``; noted, to skip the next apply if nothing."""
+        # Threads first: one the cell left running could change the state after the
+        # snapshot, so with one alive the next cell applies the state whatever.
+        others = _task_threads_alive()
+        after = capture()
+        changed = changes(before, after)
+        if not changed and not others:
+            self._pickled, self._after = pickled, after
+        return changed
+
+
+def _task_threads_alive() -> bool:
+    """Whether a thread other than this one and the process's own is alive."""
+    this = threading.current_thread()
+    return any(t is not this and not _process_thread(t) for t in threading.enumerate())
+
+
+def _process_thread(thread: threading.Thread) -> bool:
+    """Whether a worker process runs ``thread`` itself: nbtask's are named ``nbtask-*``."""
+    return thread.name.startswith("nbtask-")
 
 
 def capture(baseline: Baseline | None = None, applied: Mapping[str, Any] | None = None) -> State:
@@ -243,10 +297,19 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _rc_params(params: Any) -> dict[str, Any]:
-    # The validated values an RcParams stores, read as RcParams.copy reads them: without
-    # the per-key lookup of rcParams[key] (ten times slower). The backend stays the
-    # process's own.
-    return {k: v for k, v in dict.items(params) if k != "backend"}
+    """The validated values an RcParams stores, the backend left out (the process's own).
+
+    Read as ``RcParams.copy`` reads them, without the per-key lookup of ``rcParams[key]``
+    (ten times slower). Lists and cyclers are copied: a snapshot sharing them with the
+    live settings would miss a cell's ``rcParams["font.sans-serif"].insert(0, ...)``, or
+    ``+=`` on ``axes.prop_cycle`` (which rebinds its parts: a shallow copy keeps the old).
+    """
+    cycler = getattr(sys.modules.get("cycler"), "Cycler", None)
+    return {
+        k: list(v) if type(v) is list else copy.copy(v) if type(v) is cycler else v
+        for k, v in dict.items(params)
+        if k != "backend"
+    }
 
 
 def _set_rc_params(matplotlib: Any, params: Mapping[str, Any]) -> None:
@@ -269,13 +332,35 @@ def _registered_options(pandas: Any) -> dict[str, Any]:
     return dict(getattr(config, "_registered_options", {}))
 
 
+def _option_reader(pandas: Any) -> Callable[[str], Any]:
+    """How to read one pandas option by its full name, as ``pandas.get_option`` reads it.
+
+    ``get_option`` first matches its argument as a pattern against every option, about
+    10 µs each (some 75 of them, on every cell, in the kernel and on the worker); its
+    value is the one under the option's key (or its replacement's) in pandas' nested
+    dict, read here directly. With another layout of pandas' internals, ``get_option``.
+    """
+    config = getattr(getattr(pandas, "_config", None), "config", None)
+    get_root = getattr(config, "_get_root", None)
+    translate = getattr(config, "_translate_key", None)
+    if not callable(get_root) or not callable(translate):
+        return cast("Callable[[str], Any]", pandas.get_option)
+
+    def read(key: str) -> Any:
+        root, leaf = get_root(translate(key))
+        return root[leaf]
+
+    return read
+
+
 def _pandas_options(pandas: Any) -> dict[str, Any]:
     options: dict[str, Any] = {}
+    read = _option_reader(pandas)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # reading an option deprecated in this pandas warns
         for key in _registered_options(pandas):
             with contextlib.suppress(Exception):
-                options[key] = pandas.get_option(key)
+                options[key] = read(key)
     return options
 
 
@@ -286,9 +371,10 @@ def _pandas_defaults(pandas: Any) -> dict[str, Any]:
 
 
 def _set_pandas_options(pandas: Any, options: Mapping[str, Any]) -> None:
+    read = _option_reader(pandas)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # options deprecated in this pandas
         for key, value in options.items():
             with contextlib.suppress(Exception):  # an option this pandas lacks
-                if not _same(pandas.get_option(key), value):
+                if not _same(read(key), value):
                     pandas.set_option(key, copy.deepcopy(value))

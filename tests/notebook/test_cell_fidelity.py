@@ -164,6 +164,43 @@ def test_rc_params_environment_cwd_and_path_follow_the_notebook(
         matplotlib.rcParams["font.size"] = 10.0
 
 
+def test_a_setting_a_cell_changes_in_place_comes_back_to_the_notebook(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    import matplotlib
+
+    fonts = list(matplotlib.rcParams["font.sans-serif"])
+    try:
+        task(ip, "import matplotlib\nmatplotlib.rcParams['font.sans-serif'].insert(0, 'NbFont')")
+        assert matplotlib.rcParams["font.sans-serif"] == ["NbFont", *fonts]
+    finally:
+        matplotlib.rcParams["font.sans-serif"] = fonts
+
+
+def test_a_task_or_a_thread_between_two_cells_leaves_nothing_to_the_second(
+    ip: InteractiveShell, loaded: Session, start_worker: Any, tmp_path: Path
+) -> None:
+    """The worker skips applying an unchanged state only when nothing could have changed it."""
+    start_worker(concurrency=1)  # every cell and task in one process
+    here = os.getcwd()
+    run(ip, "import os, random\nrandom.seed(7)")
+    task(ip, "first = os.getcwd()")
+    task(ip, "again = os.getcwd()")  # the state as the cell before left it: not applied
+    loaded.app.send_task("tests.sample_tasks.change_process_state", (str(tmp_path),)).get(30)
+    task(ip, "after_task = (os.getcwd(), random.random())")
+    random.seed(7)
+    assert ip.user_ns["after_task"] == (here, random.random())
+    thread = (
+        "import threading, time\n"
+        f"late = lambda: (time.sleep(0.3), os.chdir({str(tmp_path)!r}))\n"
+        "threading.Thread(target=late).start()"
+    )
+    task(ip, thread)  # the thread moves the worker to another folder after the cell
+    time.sleep(1.0)
+    task(ip, "after_thread = os.getcwd()")
+    assert (ip.user_ns["first"], ip.user_ns["again"], ip.user_ns["after_thread"]) == (here,) * 3
+
+
 @pytest.fixture
 def shipped(ip: InteractiveShell) -> None:
     ip.user_ns["shipped"] = []

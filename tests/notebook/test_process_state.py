@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pickle
 import random
+import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import matplotlib
 import numpy as np
@@ -13,7 +14,19 @@ import pandas as pd
 import pytest
 from cycler import cycler
 
+from nbtask.core.context import Request, running
 from nbtask.notebook import process_state
+
+
+@pytest.fixture
+def applied(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Each state applied; this test process's threads count as a worker's own."""
+    calls: list[object] = []
+    real_apply = process_state.apply
+    monkeypatch.setattr(process_state, "apply", lambda state: calls.append(real_apply(state)))
+    own = set(threading.enumerate())
+    monkeypatch.setattr(process_state, "_process_thread", own.__contains__)
+    return calls
 
 
 @pytest.fixture
@@ -121,3 +134,75 @@ def test_settings_the_notebook_has_not_imported_are_put_back_as_their_libraries_
     matplotlib.rc_file_defaults()
     assert process_state.changes(put_back, process_state.capture()) == {}
     assert pd.get_option("display.max_rows") != 7 and matplotlib.rcParams["font.size"] != 31.0
+
+
+def test_pandas_options_are_read_as_get_option_reads_them(restored: None) -> None:
+    """Read from pandas' own store (get_option's pattern search costs ~10 µs an option)."""
+    pd.set_option("display.max_rows", 7)
+    pd.set_option("display.precision", 3)
+    options = process_state.capture()["pandas"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # options this pandas deprecates
+        expected = {key: pd.get_option(key) for key in options}
+    assert options == expected and options["display.max_rows"] == 7
+    assert len(options) == len(process_state._registered_options(pd))
+
+
+def test_a_cell_after_one_that_changed_nothing_does_not_apply_the_state_again(
+    restored: None, applied: list[object]
+) -> None:
+    kernel = process_state.KernelState()
+    worker = process_state.Applied()
+
+    def cell(pickled: bytes, body: object = None, *, again: bool = False) -> dict[str, object]:
+        with running(Request("id", "cell", (), {}, "q", "host")):
+            before = worker.enter(pickled, pickle.loads(pickled), again=again)
+            if callable(body):
+                body()
+            return worker.leave(pickled, before)
+
+    shipped = kernel.pickled()
+    assert cell(shipped) == {} and len(applied) == 1
+    assert cell(shipped) == {} and len(applied) == 1  # in that state still: not applied
+    assert cell(shipped, again=True) == {} and len(applied) == 2  # a retry: applied
+    assert list(cell(shipped, np.random.random)) == ["numpy.random"] and len(applied) == 2
+    assert cell(shipped) == {} and len(applied) == 3  # the cell before changed it: applied
+    with running(Request("other", "task", (), {}, "q", "host")):
+        np.random.random()  # another task ran between two cells
+    assert cell(shipped) == {} and len(applied) == 4
+    np.random.random()
+    assert cell(kernel.pickled()) == {} and len(applied) == 5  # another state: applied
+
+
+def test_a_thread_a_cell_leaves_running_makes_the_next_cell_apply_the_state(
+    restored: None, applied: list[object]
+) -> None:
+    shipped = process_state.KernelState().pickled()
+    worker = process_state.Applied()
+    go = threading.Event()
+    left = threading.Thread(target=go.wait)
+
+    def cell(body: Callable[[], None] = lambda: None) -> None:
+        with running(Request("id", "cell", (), {}, "q", "host")):
+            before = worker.enter(shipped, pickle.loads(shipped))
+            body()
+            worker.leave(shipped, before)
+
+    cell()
+    cell(left.start)  # found applied; leaves a thread running
+    go.set()
+    left.join(5)
+    cell()  # the thread, gone now, may have changed the state meanwhile: applied
+    cell()
+    assert len(applied) == 2
+
+
+def test_a_setting_changed_in_place_is_a_change(restored: None) -> None:
+    """A snapshot holds copies of the lists and cyclers the live settings hold."""
+    before = process_state.capture()
+    matplotlib.rcParams["font.sans-serif"].insert(0, "nbtask-test-font")
+    matplotlib.rcParams["axes.prop_cycle"] += cycler(lw=[1] * 10)
+    changed = process_state.changes(before, process_state.capture())["rcParams"]
+    assert sorted(changed) == ["axes.prop_cycle", "font.sans-serif"]
+    assert changed["font.sans-serif"][0] == "nbtask-test-font"
+    matplotlib.rcParams["font.sans-serif"].pop(0)
