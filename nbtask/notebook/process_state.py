@@ -122,7 +122,9 @@ class Applied:
         others = _task_threads_alive()
         after = capture()
         changed = changes(before, after)
-        if not changed and not others:
+        # changes() tells only what a cell added to sys.path: one it removed or moved
+        # is still to be put back for the next cell.
+        if not changed and not others and before.get("sys.path") == after.get("sys.path"):
             self._pickled, self._after = pickled, after
         return changed
 

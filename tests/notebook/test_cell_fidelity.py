@@ -201,6 +201,20 @@ def test_a_task_or_a_thread_between_two_cells_leaves_nothing_to_the_second(
     assert (ip.user_ns["first"], ip.user_ns["again"], ip.user_ns["after_thread"]) == (here,) * 3
 
 
+def test_a_path_a_cell_removes_from_sys_path_is_back_for_the_next_cell(
+    ip: InteractiveShell, loaded: Session, start_worker: Any
+) -> None:
+    """Only paths a cell adds come back: one it removes is the kernel's again after it."""
+    start_worker(concurrency=1)  # every cell in one process
+    sys.path.insert(0, "/nbtask-test/added")
+    try:
+        task(ip, "import sys\nsys.path.remove('/nbtask-test/added')")
+        task(ip, "import sys\nthere = '/nbtask-test/added' in sys.path")
+        assert ip.user_ns["there"] is True
+    finally:
+        sys.path.remove("/nbtask-test/added")
+
+
 @pytest.fixture
 def shipped(ip: InteractiveShell) -> None:
     ip.user_ns["shipped"] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import random
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -206,3 +207,31 @@ def test_a_setting_changed_in_place_is_a_change(restored: None) -> None:
     assert sorted(changed) == ["axes.prop_cycle", "font.sans-serif"]
     assert changed["font.sans-serif"][0] == "nbtask-test-font"
     matplotlib.rcParams["font.sans-serif"].pop(0)
+
+
+def one_cell(worker: process_state.Applied, shipped: bytes) -> Callable[..., object]:
+    """Run ``body`` as a cell shipped with ``shipped`` in this process, as a worker does."""
+
+    def cell(body: Callable[[], object] = lambda: None) -> object:
+        with running(Request("id", "cell", (), {}, "q", "host")):
+            before = worker.enter(shipped, pickle.loads(shipped))
+            body()
+            return worker.leave(shipped, before)
+
+    return cell
+
+
+def test_a_path_a_cell_removes_is_back_for_the_next_cell(
+    restored: None, applied: list[object]
+) -> None:
+    """Only additions to sys.path come back; a removal must not outlive the cell here."""
+    kernel = process_state.KernelState()
+    sys.path.insert(0, "/nbtask-test/added")
+    try:
+        cell = one_cell(process_state.Applied(), kernel.pickled())
+        cell()
+        cell(lambda: sys.path.remove("/nbtask-test/added"))
+        cell()
+        assert "/nbtask-test/added" in sys.path and len(applied) == 2
+    finally:
+        sys.path.remove("/nbtask-test/added")
