@@ -130,14 +130,18 @@ class Applied:
 
 
 def _task_threads_alive() -> bool:
-    """Whether a thread other than this one and the process's own is alive."""
-    this = threading.current_thread()
-    return any(t is not this and not _process_thread(t) for t in threading.enumerate())
+    """Whether a thread other than this one and the process's own is alive.
+
+    Threads are counted by their frames too: one started with ``_thread.start_new_thread``
+    (as some libraries do) runs Python code, once begun, that :mod:`threading` does not list.
+    """
+    alive = {t.ident for t in threading.enumerate()} | set(sys._current_frames())
+    return bool(alive - _own_threads() - {threading.get_ident()})
 
 
-def _process_thread(thread: threading.Thread) -> bool:
-    """Whether a worker process runs ``thread`` itself: nbtask's are named ``nbtask-*``."""
-    return thread.name.startswith("nbtask-")
+def _own_threads() -> set[int | None]:
+    """The threads a worker process runs itself, by ident: nbtask's are named ``nbtask-*``."""
+    return {t.ident for t in threading.enumerate() if t.name.startswith("nbtask-")}
 
 
 def capture(baseline: Baseline | None = None, applied: Mapping[str, Any] | None = None) -> State:

@@ -215,6 +215,15 @@ def test_a_path_a_cell_removes_from_sys_path_is_back_for_the_next_cell(
         sys.path.remove("/nbtask-test/added")
 
 
+def test_a_worker_process_runs_no_thread_but_its_own_between_cells(
+    ip: InteractiveShell, loaded: Session, start_worker: Any
+) -> None:
+    """Else no cell would find the state left by the cell before, and all would apply it."""
+    start_worker(concurrency=1)
+    task(ip, "from nbtask.notebook import process_state as ps\nothers = ps._task_threads_alive()")
+    assert ip.user_ns["others"] is False
+
+
 @pytest.fixture
 def shipped(ip: InteractiveShell) -> None:
     ip.user_ns["shipped"] = []

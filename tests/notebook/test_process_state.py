@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import pickle
 import random
 import sys
@@ -25,8 +26,8 @@ def applied(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     calls: list[object] = []
     real_apply = process_state.apply
     monkeypatch.setattr(process_state, "apply", lambda state: calls.append(real_apply(state)))
-    own = set(threading.enumerate())
-    monkeypatch.setattr(process_state, "_process_thread", own.__contains__)
+    own = {t.ident for t in threading.enumerate()} | set(sys._current_frames())
+    monkeypatch.setattr(process_state, "_own_threads", lambda: own)
     return calls
 
 
@@ -235,3 +236,25 @@ def test_a_path_a_cell_removes_is_back_for_the_next_cell(
         assert "/nbtask-test/added" in sys.path and len(applied) == 2
     finally:
         sys.path.remove("/nbtask-test/added")
+
+
+def test_a_thread_threading_does_not_list_makes_the_next_cell_apply_the_state(
+    restored: None, applied: list[object]
+) -> None:
+    """A thread started with _thread (not in threading.enumerate()) may change the state."""
+    shipped = process_state.KernelState().pickled()
+    cell = one_cell(process_state.Applied(), shipped)
+    began, go, done = threading.Event(), threading.Event(), threading.Event()
+
+    def late() -> None:
+        began.set()
+        go.wait(5)
+        random.seed(1234)  # after the cell that started it
+        done.set()
+
+    cell(lambda: (_thread.start_new_thread(late, ()), began.wait(5)))
+    go.set()
+    done.wait(5)
+    cell()
+    assert len(applied) == 2
+    assert random.getstate() == pickle.loads(shipped)["random"]
