@@ -308,14 +308,20 @@ def _rc_params(params: Any) -> dict[str, Any]:
     Read as ``RcParams.copy`` reads them, without the per-key lookup of ``rcParams[key]``
     (ten times slower). Lists and cyclers are copied: a snapshot sharing them with the
     live settings would miss a cell's ``rcParams["font.sans-serif"].insert(0, ...)``, or
-    ``+=`` on ``axes.prop_cycle`` (which rebinds its parts: a shallow copy keeps the old).
+    ``+=`` on ``axes.prop_cycle`` (which rebinds its parts: a shallow copy keeps the old),
+    or its ``change_key`` (which changes the cyclers it is made of, and their keys).
     """
     cycler = getattr(sys.modules.get("cycler"), "Cycler", None)
     return {
-        k: list(v) if type(v) is list else copy.copy(v) if type(v) is cycler else v
+        k: list(v) if type(v) is list else _copied(v) if type(v) is cycler else v
         for k, v in dict.items(params)
         if k != "backend"
     }
+
+
+def _copied(value: Any) -> Any:
+    """A copy sharing nothing with ``value``, through a pickle (``copy.deepcopy``: 5x)."""
+    return pickle.loads(pickle.dumps(value, protocol=5))
 
 
 def _set_rc_params(matplotlib: Any, params: Mapping[str, Any]) -> None:

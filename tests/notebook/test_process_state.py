@@ -258,3 +258,13 @@ def test_a_thread_threading_does_not_list_makes_the_next_cell_apply_the_state(
     cell()
     assert len(applied) == 2
     assert random.getstate() == pickle.loads(shipped)["random"]
+
+
+def test_a_cycler_key_changed_in_place_is_a_change(restored: None) -> None:
+    """change_key renames in place in the cyclers a combined cycle is made of."""
+    matplotlib.rcParams["axes.prop_cycle"] = cycler(color="rgb") + cycler(linewidth=[1, 2, 3])
+    before = process_state.capture()
+    matplotlib.rcParams["axes.prop_cycle"].change_key("color", "markeredgecolor")
+    changed = process_state.changes(before, process_state.capture())["rcParams"]
+    assert changed["axes.prop_cycle"].keys == {"markeredgecolor", "linewidth"}
+    assert before["rcParams"]["axes.prop_cycle"].keys == {"color", "linewidth"}
