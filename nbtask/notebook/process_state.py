@@ -93,7 +93,8 @@ class Applied:
     than a trivial cell (pandas' options, matplotlib's settings, the random generators).
     A process is still in the state it applied for the cell before when that cell came
     with the same pickled state, changed none of it and left no thread of its own
-    running, and no other task ran here since: any of those could have changed it.
+    running, and no other task (nor a dataset's loader) ran here since: any of those could
+    have changed it.
     """
 
     def __init__(self) -> None:

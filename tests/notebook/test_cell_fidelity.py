@@ -215,6 +215,18 @@ def test_a_path_a_cell_removes_from_sys_path_is_back_for_the_next_cell(
         sys.path.remove("/nbtask-test/added")
 
 
+def test_a_dataset_loaded_for_a_cell_leaves_nothing_to_it(
+    ip: InteractiveShell, loaded: Session, start_worker: Any
+) -> None:
+    """A loader runs before the cell, in its process: the cell still finds the kernel's state."""
+    start_worker("--data", "noise=tests.sample_tasks:load_noise", concurrency=1)
+    run(ip, "import random\nrandom.seed(7)")
+    task(ip, "x = 1")  # changes nothing: the next cell would find the state as it left it
+    task(ip, "import random\ndrawn = (len(noise), random.random())", "--wait --requires noise")
+    random.seed(7)
+    assert ip.user_ns["drawn"] == (3, random.random())
+
+
 def test_a_worker_process_runs_no_thread_but_its_own_between_cells(
     ip: InteractiveShell, loaded: Session, start_worker: Any
 ) -> None:
