@@ -373,7 +373,10 @@ def _pandas_options(pandas: Any) -> dict[str, Any]:
         warnings.simplefilter("ignore")  # reading an option deprecated in this pandas warns
         for key in _registered_options(pandas):
             with contextlib.suppress(Exception):
-                options[key] = read(key)
+                value = read(key)
+                # One a cell can change in place (a dict of styler.format.formatter) is
+                # copied, as rcParams' lists are: else the snapshot would change with it.
+                options[key] = copy.deepcopy(value) if type(value) in (dict, list) else value
     return options
 
 

@@ -268,3 +268,14 @@ def test_a_cycler_key_changed_in_place_is_a_change(restored: None) -> None:
     changed = process_state.changes(before, process_state.capture())["rcParams"]
     assert changed["axes.prop_cycle"].keys == {"markeredgecolor", "linewidth"}
     assert before["rcParams"]["axes.prop_cycle"].keys == {"color", "linewidth"}
+
+
+def test_a_pandas_option_changed_in_place_is_a_change(restored: None) -> None:
+    pd.set_option("styler.format.formatter", {"price": "{:.2f}"})
+    try:
+        before = process_state.capture()
+        pd.get_option("styler.format.formatter")["volume"] = "{:,}"
+        changed = process_state.changes(before, process_state.capture())["pandas"]
+        assert changed == {"styler.format.formatter": {"price": "{:.2f}", "volume": "{:,}"}}
+    finally:
+        pd.reset_option("styler.format.formatter")
