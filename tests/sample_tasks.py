@@ -111,6 +111,12 @@ def mark_size(data: bytes, path: str) -> int:
     return len(data)
 
 
+def load_noise() -> list[float]:
+    """A named dataset's loader that draws it from the seeded global generator."""
+    random.seed(1234)
+    return [random.random() for _ in range(3)]
+
+
 def load_squares() -> list[int]:
     """A named dataset's loader: notes each call in $NBTASK_TEST_LOADS (one line per call)."""
     ledger = os.environ.get("NBTASK_TEST_LOADS")

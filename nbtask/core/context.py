@@ -16,6 +16,7 @@ __all__ = [
     "Request",
     "current_request",
     "progress",
+    "run_started",
     "running",
     "runs_started",
     "track",
@@ -59,7 +60,7 @@ _current: contextvars.ContextVar[Request | None] = contextvars.ContextVar(
 )
 
 
-_started = [0]  # tasks this process began to run: see runs_started()
+_started = [0]  # tasks and other code of the user's begun here: see runs_started()
 
 
 def current_request() -> Request | None:
@@ -68,14 +69,23 @@ def current_request() -> Request | None:
 
 
 def runs_started() -> int:
-    """How many tasks this process has begun to run (a forked process counts on)."""
+    """How many tasks this process has begun to run (a forked process counts on).
+
+    Code of the user's that runs outside a task counts too (see :func:`run_started`): a
+    cell finds the process's state as the cell before left it only if none ran since.
+    """
     return _started[0]
+
+
+def run_started() -> None:
+    """Count code of the user's that runs here outside a task (a dataset's loader) as a run."""
+    _started[0] += 1
 
 
 @contextlib.contextmanager
 def running(request: Request) -> Iterator[None]:
     """Run the block as the task ``request`` describes (a worker does this)."""
-    _started[0] += 1
+    run_started()
     token = _current.set(request)
     try:
         yield

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from nbtask.core.context import run_started
 from nbtask.errors import ConfigurationError, NbtaskError
 
 __all__ = [
@@ -162,6 +163,7 @@ class DatasetCache:
         """
         loader = self.loaders[name]
         where = f"{getattr(loader, '__module__', '?')}:{getattr(loader, '__qualname__', loader)}"
+        run_started()  # it may change the process's state, as a task may
         try:
             value = loader()
             if inspect.iscoroutine(value):  # an ``async def`` loader: run it, as a task's

@@ -93,7 +93,8 @@ class Applied:
     than a trivial cell (pandas' options, matplotlib's settings, the random generators).
     A process is still in the state it applied for the cell before when that cell came
     with the same pickled state, changed none of it and left no thread of its own
-    running, and no other task ran here since: any of those could have changed it.
+    running, and no other task (nor a dataset's loader) ran here since: any of those could
+    have changed it.
     """
 
     def __init__(self) -> None:
@@ -122,20 +123,26 @@ class Applied:
         others = _task_threads_alive()
         after = capture()
         changed = changes(before, after)
-        if not changed and not others:
+        # changes() tells only what a cell added to sys.path: one it removed or moved
+        # is still to be put back for the next cell.
+        if not changed and not others and before.get("sys.path") == after.get("sys.path"):
             self._pickled, self._after = pickled, after
         return changed
 
 
 def _task_threads_alive() -> bool:
-    """Whether a thread other than this one and the process's own is alive."""
-    this = threading.current_thread()
-    return any(t is not this and not _process_thread(t) for t in threading.enumerate())
+    """Whether a thread other than this one and the process's own is alive.
+
+    Threads are counted by their frames too: one started with ``_thread.start_new_thread``
+    (as some libraries do) runs Python code, once begun, that :mod:`threading` does not list.
+    """
+    alive = {t.ident for t in threading.enumerate()} | set(sys._current_frames())
+    return bool(alive - _own_threads() - {threading.get_ident()})
 
 
-def _process_thread(thread: threading.Thread) -> bool:
-    """Whether a worker process runs ``thread`` itself: nbtask's are named ``nbtask-*``."""
-    return thread.name.startswith("nbtask-")
+def _own_threads() -> set[int | None]:
+    """The threads a worker process runs itself, by ident: nbtask's are named ``nbtask-*``."""
+    return {t.ident for t in threading.enumerate() if t.name.startswith("nbtask-")}
 
 
 def capture(baseline: Baseline | None = None, applied: Mapping[str, Any] | None = None) -> State:
@@ -302,14 +309,20 @@ def _rc_params(params: Any) -> dict[str, Any]:
     Read as ``RcParams.copy`` reads them, without the per-key lookup of ``rcParams[key]``
     (ten times slower). Lists and cyclers are copied: a snapshot sharing them with the
     live settings would miss a cell's ``rcParams["font.sans-serif"].insert(0, ...)``, or
-    ``+=`` on ``axes.prop_cycle`` (which rebinds its parts: a shallow copy keeps the old).
+    ``+=`` on ``axes.prop_cycle`` (which rebinds its parts: a shallow copy keeps the old),
+    or its ``change_key`` (which changes the cyclers it is made of, and their keys).
     """
     cycler = getattr(sys.modules.get("cycler"), "Cycler", None)
     return {
-        k: list(v) if type(v) is list else copy.copy(v) if type(v) is cycler else v
+        k: list(v) if type(v) is list else _copied(v) if type(v) is cycler else v
         for k, v in dict.items(params)
         if k != "backend"
     }
+
+
+def _copied(value: Any) -> Any:
+    """A copy sharing nothing with ``value``, through a pickle (``copy.deepcopy``: 5x)."""
+    return pickle.loads(pickle.dumps(value, protocol=5))
 
 
 def _set_rc_params(matplotlib: Any, params: Mapping[str, Any]) -> None:
@@ -360,7 +373,10 @@ def _pandas_options(pandas: Any) -> dict[str, Any]:
         warnings.simplefilter("ignore")  # reading an option deprecated in this pandas warns
         for key in _registered_options(pandas):
             with contextlib.suppress(Exception):
-                options[key] = read(key)
+                value = read(key)
+                # One a cell can change in place (a dict of styler.format.formatter) is
+                # copied, as rcParams' lists are: else the snapshot would change with it.
+                options[key] = copy.deepcopy(value) if type(value) in (dict, list) else value
     return options
 
 

@@ -201,6 +201,41 @@ def test_a_task_or_a_thread_between_two_cells_leaves_nothing_to_the_second(
     assert (ip.user_ns["first"], ip.user_ns["again"], ip.user_ns["after_thread"]) == (here,) * 3
 
 
+def test_a_path_a_cell_removes_from_sys_path_is_back_for_the_next_cell(
+    ip: InteractiveShell, loaded: Session, start_worker: Any
+) -> None:
+    """Only paths a cell adds come back: one it removes is the kernel's again after it."""
+    start_worker(concurrency=1)  # every cell in one process
+    sys.path.insert(0, "/nbtask-test/added")
+    try:
+        task(ip, "import sys\nsys.path.remove('/nbtask-test/added')")
+        task(ip, "import sys\nthere = '/nbtask-test/added' in sys.path")
+        assert ip.user_ns["there"] is True
+    finally:
+        sys.path.remove("/nbtask-test/added")
+
+
+def test_a_dataset_loaded_for_a_cell_leaves_nothing_to_it(
+    ip: InteractiveShell, loaded: Session, start_worker: Any
+) -> None:
+    """A loader runs before the cell, in its process: the cell still finds the kernel's state."""
+    start_worker("--data", "noise=tests.sample_tasks:load_noise", concurrency=1)
+    run(ip, "import random\nrandom.seed(7)")
+    task(ip, "x = 1")  # changes nothing: the next cell would find the state as it left it
+    task(ip, "import random\ndrawn = (len(noise), random.random())", "--wait --requires noise")
+    random.seed(7)
+    assert ip.user_ns["drawn"] == (3, random.random())
+
+
+def test_a_worker_process_runs_no_thread_but_its_own_between_cells(
+    ip: InteractiveShell, loaded: Session, start_worker: Any
+) -> None:
+    """Else no cell would find the state left by the cell before, and all would apply it."""
+    start_worker(concurrency=1)
+    task(ip, "from nbtask.notebook import process_state as ps\nothers = ps._task_threads_alive()")
+    assert ip.user_ns["others"] is False
+
+
 @pytest.fixture
 def shipped(ip: InteractiveShell) -> None:
     ip.user_ns["shipped"] = []

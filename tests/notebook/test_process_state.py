@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import _thread
 import pickle
 import random
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -24,8 +26,8 @@ def applied(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     calls: list[object] = []
     real_apply = process_state.apply
     monkeypatch.setattr(process_state, "apply", lambda state: calls.append(real_apply(state)))
-    own = set(threading.enumerate())
-    monkeypatch.setattr(process_state, "_process_thread", own.__contains__)
+    own = {t.ident for t in threading.enumerate()} | set(sys._current_frames())
+    monkeypatch.setattr(process_state, "_own_threads", lambda: own)
     return calls
 
 
@@ -206,3 +208,74 @@ def test_a_setting_changed_in_place_is_a_change(restored: None) -> None:
     assert sorted(changed) == ["axes.prop_cycle", "font.sans-serif"]
     assert changed["font.sans-serif"][0] == "nbtask-test-font"
     matplotlib.rcParams["font.sans-serif"].pop(0)
+
+
+def one_cell(worker: process_state.Applied, shipped: bytes) -> Callable[..., object]:
+    """Run ``body`` as a cell shipped with ``shipped`` in this process, as a worker does."""
+
+    def cell(body: Callable[[], object] = lambda: None) -> object:
+        with running(Request("id", "cell", (), {}, "q", "host")):
+            before = worker.enter(shipped, pickle.loads(shipped))
+            body()
+            return worker.leave(shipped, before)
+
+    return cell
+
+
+def test_a_path_a_cell_removes_is_back_for_the_next_cell(
+    restored: None, applied: list[object]
+) -> None:
+    """Only additions to sys.path come back; a removal must not outlive the cell here."""
+    kernel = process_state.KernelState()
+    sys.path.insert(0, "/nbtask-test/added")
+    try:
+        cell = one_cell(process_state.Applied(), kernel.pickled())
+        cell()
+        cell(lambda: sys.path.remove("/nbtask-test/added"))
+        cell()
+        assert "/nbtask-test/added" in sys.path and len(applied) == 2
+    finally:
+        sys.path.remove("/nbtask-test/added")
+
+
+def test_a_thread_threading_does_not_list_makes_the_next_cell_apply_the_state(
+    restored: None, applied: list[object]
+) -> None:
+    """A thread started with _thread (not in threading.enumerate()) may change the state."""
+    shipped = process_state.KernelState().pickled()
+    cell = one_cell(process_state.Applied(), shipped)
+    began, go, done = threading.Event(), threading.Event(), threading.Event()
+
+    def late() -> None:
+        began.set()
+        go.wait(5)
+        random.seed(1234)  # after the cell that started it
+        done.set()
+
+    cell(lambda: (_thread.start_new_thread(late, ()), began.wait(5)))
+    go.set()
+    done.wait(5)
+    cell()
+    assert len(applied) == 2
+    assert random.getstate() == pickle.loads(shipped)["random"]
+
+
+def test_a_cycler_key_changed_in_place_is_a_change(restored: None) -> None:
+    """change_key renames in place in the cyclers a combined cycle is made of."""
+    matplotlib.rcParams["axes.prop_cycle"] = cycler(color="rgb") + cycler(linewidth=[1, 2, 3])
+    before = process_state.capture()
+    matplotlib.rcParams["axes.prop_cycle"].change_key("color", "markeredgecolor")
+    changed = process_state.changes(before, process_state.capture())["rcParams"]
+    assert changed["axes.prop_cycle"].keys == {"markeredgecolor", "linewidth"}
+    assert before["rcParams"]["axes.prop_cycle"].keys == {"color", "linewidth"}
+
+
+def test_a_pandas_option_changed_in_place_is_a_change(restored: None) -> None:
+    pd.set_option("styler.format.formatter", {"price": "{:.2f}"})
+    try:
+        before = process_state.capture()
+        pd.get_option("styler.format.formatter")["volume"] = "{:,}"
+        changed = process_state.changes(before, process_state.capture())["pandas"]
+        assert changed == {"styler.format.formatter": {"price": "{:.2f}", "volume": "{:,}"}}
+    finally:
+        pd.reset_option("styler.format.formatter")
