@@ -177,6 +177,20 @@ def test_a_setting_a_cell_changes_in_place_comes_back_to_the_notebook(
         matplotlib.rcParams["font.sans-serif"] = fonts
 
 
+def test_a_variable_the_notebook_sets_then_deletes_is_gone_on_the_worker(
+    ip: InteractiveShell, loaded: Session, start_worker: Any
+) -> None:
+    start_worker(concurrency=1)  # the process that was shipped the variable runs both
+    try:
+        run(ip, "import os\nos.environ['NBTASK_TEST_DELETED'] = 'set'")
+        task(ip, "first = os.environ.get('NBTASK_TEST_DELETED')")
+        run(ip, "del os.environ['NBTASK_TEST_DELETED']")
+        task(ip, "second = os.environ.get('NBTASK_TEST_DELETED')")
+        assert (ip.user_ns["first"], ip.user_ns["second"]) == ("set", None)
+    finally:
+        os.environ.pop("NBTASK_TEST_DELETED", None)
+
+
 def test_a_task_or_a_thread_between_two_cells_leaves_nothing_to_the_second(
     ip: InteractiveShell, loaded: Session, start_worker: Any, tmp_path: Path
 ) -> None:

@@ -279,3 +279,15 @@ def test_a_pandas_option_changed_in_place_is_a_change(restored: None) -> None:
         assert changed == {"styler.format.formatter": {"price": "{:.2f}", "volume": "{:,}"}}
     finally:
         pd.reset_option("styler.format.formatter")
+
+
+def test_a_variable_the_notebook_set_then_deleted_is_removed_on_the_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Else a worker shipped it once would keep it for every later cell."""
+    monkeypatch.delenv("NBTASK_TEST_SET_THEN_DELETED", raising=False)
+    baseline = process_state.Baseline()
+    monkeypatch.setenv("NBTASK_TEST_SET_THEN_DELETED", "a")
+    assert baseline.environ_changes() == {"NBTASK_TEST_SET_THEN_DELETED": "a"}
+    monkeypatch.delenv("NBTASK_TEST_SET_THEN_DELETED")
+    assert baseline.environ_changes() == {"NBTASK_TEST_SET_THEN_DELETED": None}
