@@ -276,3 +276,14 @@ class PrivateRedis:
 def ledger_runs(ledger: Path) -> collections.Counter[str]:
     """How many times each task id ran, from the file ``tests.sample_tasks.record_id`` writes."""
     return collections.Counter(ledger.read_text().split() if ledger.exists() else [])
+
+
+def cell_task(ip: Any, source: str, line: str = "--wait") -> Any:
+    """Run ``source`` in the IPython shell ``ip`` as a ``%%task`` cell (``--wait`` unless told)."""
+    return ip.run_cell_magic("task", line, source)
+
+
+def cell_run(ip: Any, code: str) -> None:
+    """Run ``code`` as a plain cell in ``ip``; the test fails if the cell raised."""
+    result = ip.run_cell(code)
+    assert result.error_in_exec is None and result.error_before_exec is None, result

@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import redis
 from helpers import ROOT, broker_env, wait_until
+from helpers import cell_run as run
+from helpers import cell_task as task
 from IPython.core.interactiveshell import InteractiveShell
 from jupyter_client.manager import KernelManager
 
@@ -43,15 +45,6 @@ NO_FETCH = pytest.mark.parametrize("fetch_budget", [1000], ids=["fetch_budget-10
 def settings(settings: Settings, fetch_budget: int) -> Settings:
     """The suite's settings, keeping names of 1 MiB or more on the workers."""
     return settings.replace(keep_threshold=1024 * 1024, fetch_budget=fetch_budget)
-
-
-def task(ip: InteractiveShell, source: str, line: str = "--wait") -> Any:
-    return ip.run_cell_magic("task", line, source)
-
-
-def run(ip: InteractiveShell, code: str) -> None:
-    result = ip.run_cell(code)
-    assert result.error_in_exec is None and result.error_before_exec is None, result
 
 
 def test_a_task_cell_reading_a_value_a_background_cell_kept_uses_it_in_place(

@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 from helpers import SECRET, wait_until
+from helpers import cell_run as run
+from helpers import cell_task as task
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from raw_broker import RawBroker
@@ -21,15 +23,6 @@ import nbtask
 from nbtask import App, Settings, State
 from nbtask.errors import CellError, CellNameError
 from nbtask.notebook.session import Session
-
-
-def task(ip: InteractiveShell, source: str, line: str = "--wait") -> Any:
-    return ip.run_cell_magic("task", line, source)
-
-
-def run(ip: InteractiveShell, code: str) -> None:
-    result = ip.run_cell(code)
-    assert result.error_in_exec is None and result.error_before_exec is None
 
 
 def test_matplotlib_inline_is_honoured_and_gui_backends_refused(

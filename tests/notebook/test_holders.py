@@ -20,6 +20,7 @@ import psutil
 import pytest
 import redis
 from helpers import WorkerProcess, wait_until
+from helpers import cell_task as task
 from IPython.core.interactiveshell import InteractiveShell
 from raw_broker import RawBroker
 
@@ -55,10 +56,6 @@ def settings(settings: Settings, move_bytes: int) -> Settings:
 def shell(loaded: Session) -> Session:
     """The extension loaded against the test's broker; each test starts its own workers."""
     return loaded
-
-
-def task(ip: InteractiveShell, source: str, line: str = "--wait") -> Any:
-    return ip.run_cell_magic("task", line, source)
 
 
 def keep_x(ip: InteractiveShell) -> RemoteValue:

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import cell_run as run
+from helpers import cell_task as task
 from IPython.core.interactiveshell import InteractiveShell
 
 from nbtask import Settings
@@ -24,15 +26,6 @@ MAKE_X = "import numpy as np\nx = np.arange(300_000.0)\nm = float(x.mean())"
 def settings(settings: Settings) -> Settings:
     """The suite's settings, keeping names of 1 MiB or more on the workers."""
     return settings.replace(keep_threshold=1024 * 1024)
-
-
-def task(ip: InteractiveShell, source: str, line: str = "--wait") -> Any:
-    return ip.run_cell_magic("task", line, source)
-
-
-def run(ip: InteractiveShell, code: str) -> None:
-    result = ip.run_cell(code)
-    assert result.error_in_exec is None and result.error_before_exec is None, result
 
 
 def test_a_large_assigned_value_stays_on_the_workers_with_a_preview(

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import redis
 from helpers import WorkerProcess, wait_until
+from helpers import cell_task as task
 from IPython.core.interactiveshell import InteractiveShell
 from raw_broker import RawBroker
 
@@ -51,10 +52,6 @@ def shell(loaded: Session) -> Session:
 @pytest.fixture
 def store(settings: Settings) -> redis.Redis:
     return redis.Redis.from_url(settings.result_url or settings.broker_url or "")
-
-
-def task(ip: InteractiveShell, source: str, line: str = "--wait") -> Any:
-    return ip.run_cell_magic("task", line, source)
 
 
 def kept(ip: InteractiveShell, name: str) -> RemoteValue:
