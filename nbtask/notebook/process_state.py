@@ -46,6 +46,7 @@ class Baseline:
         self.environ = _environ()
         self.path = list(sys.path)
         self.set_since: set[str] = set()  # variables the notebook set since, once shipped
+        self.added_since: list[str] = []  # entries it added to sys.path since, once shipped
 
     def environ_changes(self) -> dict[str, str | None]:
         """Variables set, changed or removed since (``None``: removed).
@@ -64,7 +65,13 @@ class Baseline:
 
     def path_additions(self) -> list[str]:
         """Entries of ``sys.path`` added since, in order."""
-        return [p for p in sys.path if p not in self.path]
+        added = [p for p in sys.path if p not in self.path]
+        self.added_since += [p for p in added if p not in self.added_since]
+        return added
+
+    def path_removals(self) -> list[str]:
+        """Entries added since (and so shipped), then removed: a worker removes them too."""
+        return [p for p in self.added_since if p not in sys.path]
 
 
 class KernelState:
@@ -182,6 +189,9 @@ def capture(baseline: Baseline | None = None, applied: Mapping[str, Any] | None 
         state.setdefault("pandas", None)
         state["environ"] = baseline.environ_changes()
         state["sys.path"] = baseline.path_additions()
+        removed = baseline.path_removals()
+        if removed:  # rare: the usual state's pickle stays as it was
+            state["sys.path removed"] = removed
     else:  # whole, for changes() to tell what a cell did
         state["environ"] = _environ()
         state["sys.path"] = list(sys.path)
@@ -241,6 +251,9 @@ def apply(state: Mapping[str, Any]) -> None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+    for entry in state.get("sys.path removed", []):
+        while entry in sys.path:
+            sys.path.remove(entry)
     for entry in reversed(list(state.get("sys.path", []))):
         if entry not in sys.path:
             sys.path.insert(0, entry)

@@ -184,6 +184,22 @@ def test_a_variable_the_notebook_sets_then_deletes_is_gone_on_the_worker(
         os.environ.pop("NBTASK_TEST_DELETED", None)
 
 
+def test_a_path_the_notebook_adds_then_removes_is_gone_on_the_worker(
+    ip: InteractiveShell, loaded: Session, start_worker: Any, tmp_path: Path
+) -> None:
+    start_worker(concurrency=1)  # the process that was shipped the path runs both
+    folder = str(tmp_path)
+    try:
+        run(ip, f"import sys\nsys.path.append({folder!r})")
+        task(ip, f"first = {folder!r} in sys.path")
+        run(ip, f"sys.path.remove({folder!r})")
+        task(ip, f"second = {folder!r} in sys.path")
+        assert (ip.user_ns["first"], ip.user_ns["second"]) == (True, False)
+    finally:
+        while folder in sys.path:
+            sys.path.remove(folder)
+
+
 def test_a_task_or_a_thread_between_two_cells_leaves_nothing_to_the_second(
     ip: InteractiveShell, loaded: Session, start_worker: Any, tmp_path: Path
 ) -> None:

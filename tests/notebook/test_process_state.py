@@ -9,6 +9,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -291,3 +292,21 @@ def test_a_variable_the_notebook_set_then_deleted_is_removed_on_the_workers(
     assert baseline.environ_changes() == {"NBTASK_TEST_SET_THEN_DELETED": "a"}
     monkeypatch.delenv("NBTASK_TEST_SET_THEN_DELETED")
     assert baseline.environ_changes() == {"NBTASK_TEST_SET_THEN_DELETED": None}
+
+
+def test_a_path_the_notebook_added_then_removed_is_removed_on_the_workers(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Else a worker shipped it once would keep it on its ``sys.path`` for good."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    baseline = process_state.Baseline()
+    folder = str(tmp_path)
+    sys.path.append(folder)
+    assert process_state.capture(baseline)["sys.path"] == [folder]
+    assert "sys.path removed" not in process_state.capture(baseline)
+    sys.path.remove(folder)
+    state = process_state.capture(baseline)
+    assert state["sys.path removed"] == [folder]
+    sys.path.append(folder)  # as a worker shipped it earlier has it
+    process_state.apply(state)
+    assert folder not in sys.path
