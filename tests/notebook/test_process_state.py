@@ -310,3 +310,24 @@ def test_a_path_the_notebook_added_then_removed_is_removed_on_the_workers(
     sys.path.append(folder)  # as a worker shipped it earlier has it
     process_state.apply(state)
     assert folder not in sys.path
+
+
+@pytest.mark.parametrize("at_load", [None, "loaded"])
+def test_a_variable_the_notebook_changed_then_put_back_is_put_back_on_the_workers(
+    monkeypatch: pytest.MonkeyPatch, at_load: str | None
+) -> None:
+    """Put back as it was at load time, it no longer differs: it is still shipped."""
+    name = "NBTASK_TEST_PUT_BACK"
+    if at_load is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, at_load)
+    baseline = process_state.Baseline()
+    shipped: dict[str, str | None] = {}
+    for value in ("changed", None, at_load, "again", at_load):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+        shipped.update(baseline.environ_changes())
+        assert shipped.get(name, at_load) == value
