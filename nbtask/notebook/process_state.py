@@ -35,6 +35,11 @@ __all__ = ["Applied", "Baseline", "KernelState", "apply", "capture", "changes"]
 State = dict[str, Any]
 
 
+#: This process's own ``sys.path`` (a worker's, as it started): a path the notebook shipped
+#: and then removed is removed here only if it was not one of these.
+_OWN_PATH = frozenset(sys.path)
+
+
 class Baseline:
     """What the kernel's environment and ``sys.path`` were when nbtask was loaded.
 
@@ -251,7 +256,7 @@ def apply(state: Mapping[str, Any]) -> None:
         else:
             os.environ[key] = value
     for entry in state.get("sys.path removed", []):
-        while entry in sys.path:
+        while entry in sys.path and entry not in _OWN_PATH:
             sys.path.remove(entry)
     for entry in reversed(list(state.get("sys.path", []))):
         if entry not in sys.path:
