@@ -35,6 +35,11 @@ __all__ = ["Applied", "Baseline", "KernelState", "apply", "capture", "changes"]
 State = dict[str, Any]
 
 
+#: This process's own ``sys.path`` (a worker's, as it started): a path the notebook shipped
+#: and then removed is removed here only if it was not one of these.
+_OWN_PATH = frozenset(sys.path)
+
+
 class Baseline:
     """What the kernel's environment and ``sys.path`` were when nbtask was loaded.
 
@@ -45,23 +50,22 @@ class Baseline:
     def __init__(self) -> None:
         self.environ = _environ()
         self.path = list(sys.path)
-        self.set_since: set[str] = set()  # variables the notebook set since, once shipped
+        self.set_since: set[str] = set()  # variables the notebook changed since, once shipped
         self.added_since: list[str] = []  # entries it added to sys.path since, once shipped
 
     def environ_changes(self) -> dict[str, str | None]:
         """Variables set, changed or removed since (``None``: removed).
 
-        One the notebook set and later deleted is removed too: a worker that was shipped
-        it would keep it otherwise.
+        One shipped is shipped from then on, as it is now: a worker that was shipped it
+        would keep it otherwise, when the notebook deletes it or puts it back as it was.
         """
         now = _environ()
         if now == self.environ and not self.set_since:
             return {}
         changed: dict[str, str | None] = {k: v for k, v in now.items() if self.environ.get(k) != v}
+        changed.update({k: None for k in self.environ if k not in now})
         self.set_since.update(changed)
-        gone = [*self.environ, *self.set_since]
-        changed.update({k: None for k in gone if k not in now})
-        return changed
+        return {k: now.get(k) for k in sorted(self.set_since)}
 
     def path_additions(self) -> list[str]:
         """Entries of ``sys.path`` added since, in order."""
@@ -252,7 +256,7 @@ def apply(state: Mapping[str, Any]) -> None:
         else:
             os.environ[key] = value
     for entry in state.get("sys.path removed", []):
-        while entry in sys.path:
+        while entry in sys.path and entry not in _OWN_PATH:
             sys.path.remove(entry)
     for entry in reversed(list(state.get("sys.path", []))):
         if entry not in sys.path:

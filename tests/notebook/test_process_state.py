@@ -310,3 +310,42 @@ def test_a_path_the_notebook_added_then_removed_is_removed_on_the_workers(
     sys.path.append(folder)  # as a worker shipped it earlier has it
     process_state.apply(state)
     assert folder not in sys.path
+
+
+@pytest.mark.parametrize("at_load", [None, "loaded"])
+def test_a_variable_the_notebook_changed_then_put_back_is_put_back_on_the_workers(
+    monkeypatch: pytest.MonkeyPatch, at_load: str | None
+) -> None:
+    """Put back as it was at load time, it no longer differs: it is still shipped."""
+    name = "NBTASK_TEST_PUT_BACK"
+    if at_load is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, at_load)
+    baseline = process_state.Baseline()
+    shipped: dict[str, str | None] = {}
+    for value in ("changed", None, at_load, "again", at_load):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+        shipped.update(baseline.environ_changes())
+        assert shipped.get(name, at_load) == value
+
+
+def test_a_path_on_the_workers_own_sys_path_stays_when_the_notebook_removes_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The notebook adding and removing it again does not take the worker's own away."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    baseline = process_state.Baseline()
+    folder = str(tmp_path)
+    sys.path.append(folder)
+    added = process_state.capture(baseline)
+    sys.path.remove(folder)
+    removed = process_state.capture(baseline)
+    sys.path.append(folder)  # the worker's own, as it started
+    monkeypatch.setattr(process_state, "_OWN_PATH", frozenset(sys.path), raising=False)
+    process_state.apply(added)
+    process_state.apply(removed)
+    assert folder in sys.path
