@@ -72,8 +72,10 @@ class Pending:
         self,
         namespace: MutableMapping[str, Any],
         on_kept: Callable[[RemoteValue], None] | None = None,
+        apply_state: Callable[[Mapping[str, Any]], None] = process_state.apply,
     ) -> None:
         self.namespace = namespace
+        self._apply_state = apply_state  # what a cell changed of the process's state
         self.runs: list[CellRun] = []
         #: Runs not seen finished yet: all that :meth:`harvest` looks at, however many ran.
         self._unfinished: list[CellRun] = []
@@ -211,7 +213,7 @@ class Pending:
             print(f"nbtask: {name} stays on the worker: {why}", file=sys.stderr)
         state = effects.get("state")
         if state:
-            process_state.apply(Envelope({}, state).load_body())
+            self._apply_state(Envelope({}, state).load_body())
 
     def _rehome(self, held: Mapping[str, list[Any]] | None) -> None:
         """Kept values the cell read and its process now holds: later work goes there.

@@ -67,6 +67,16 @@ class Baseline:
         self.set_since.update(changed)
         return {k: now.get(k) for k in sorted(self.set_since)}
 
+    def note_changes(self, changed: Mapping[str, Any]) -> None:
+        """Note the variables and paths a cell on a worker changed: the workers have them.
+
+        Applied here without being shipped, they are shipped from now on, so that the
+        notebook deleting one later reaches the workers too.
+        """
+        self.set_since.update(changed.get("environ", {}))
+        paths = changed.get("sys.path", [])
+        self.added_since += [p for p in paths if p not in self.path and p not in self.added_since]
+
     def path_additions(self) -> list[str]:
         """Entries of ``sys.path`` added since, in order."""
         added = [p for p in sys.path if p not in self.path]
@@ -88,6 +98,11 @@ class KernelState:
     def __init__(self) -> None:
         self.baseline = Baseline()
         self.last: tuple[State, bytes] = ({}, b"")
+
+    def apply_changes(self, changed: Mapping[str, Any]) -> None:
+        """Apply here what a cell changed on a worker (see :meth:`Baseline.note_changes`)."""
+        apply(changed)
+        self.baseline.note_changes(changed)
 
     def pickled(self) -> bytes:
         """The state now (:func:`capture` with the baseline), pickled."""

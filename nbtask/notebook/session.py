@@ -74,7 +74,12 @@ class Session:
         self.owns_app = app is None
         self.app = app if app is not None else default_app()
         self.app.fetch_watch = self._watch_fetch
-        self.pending = Pending(shell.user_ns, on_kept=self._bind_kept)
+        #: The kernel's process-wide state each cell ships (the environment as changed
+        #: since nbtask was loaded), pickled again only when it changed.
+        self.kernel_state = process_state.KernelState()
+        self.pending = Pending(
+            shell.user_ns, on_kept=self._bind_kept, apply_state=self.kernel_state.apply_changes
+        )
         # Lambdas: %nbtask connect may replace the app.
         self.releases = Releases(
             self._send_release,
@@ -87,9 +92,6 @@ class Session:
         self.boards: list[TaskBoard] = []
         #: Names this notebook's clients on the broker, across kernel restarts.
         self.group = notebook_group()
-        #: The kernel's process-wide state each cell ships (the environment as changed
-        #: since nbtask was loaded), pickled again only when it changed.
-        self.kernel_state = process_state.KernelState()
         self.version_warnings = VersionWarnings()
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None

@@ -200,6 +200,27 @@ def test_a_path_the_notebook_adds_then_removes_is_gone_on_the_worker(
             sys.path.remove(folder)
 
 
+def test_what_a_cell_set_on_the_worker_and_the_notebook_then_removed_is_gone_there(
+    ip: InteractiveShell, loaded: Session, start_worker: Any, tmp_path: Path
+) -> None:
+    """Set by a cell (so never shipped from the notebook), then removed in the notebook."""
+    start_worker(concurrency=1)
+    folder = str(tmp_path)
+    try:
+        task(
+            ip,
+            f"import os, sys\nos.environ['NBTASK_TEST_PROBE'] = 'w'\nsys.path.append({folder!r})",
+        )
+        assert os.environ.get("NBTASK_TEST_PROBE") == "w" and folder in sys.path  # came back
+        run(ip, f"del os.environ['NBTASK_TEST_PROBE']\nsys.path.remove({folder!r})")
+        task(ip, f"gone = ('NBTASK_TEST_PROBE' not in os.environ, {folder!r} not in sys.path)")
+        assert ip.user_ns["gone"] == (True, True)
+    finally:
+        os.environ.pop("NBTASK_TEST_PROBE", None)
+        while folder in sys.path:
+            sys.path.remove(folder)
+
+
 def test_a_task_or_a_thread_between_two_cells_leaves_nothing_to_the_second(
     ip: InteractiveShell, loaded: Session, start_worker: Any, tmp_path: Path
 ) -> None:
