@@ -134,6 +134,7 @@ class Applied:
         self._pickled: bytes | None = None  # the state the process is in, as shipped
         self._after: State = {}  # its snapshot, taken after the cell that left it so
         self._runs = -1  # tasks begun in this process when that cell began
+        self._lent = _Lent()
 
     def enter(self, pickled: bytes, state: Mapping[str, Any], *, again: bool = False) -> State:
         """Be in ``state`` (``pickled`` as shipped) for a cell; the snapshot before it.
@@ -146,6 +147,7 @@ class Applied:
         self._pickled, self._runs = None, runs
         if in_it:
             return self._after
+        self._lent.take_back(state)
         apply(state)
         return capture(applied=state)
 
@@ -156,11 +158,48 @@ class Applied:
         others = _task_threads_alive()
         after = capture()
         changed = changes(before, after)
+        self._lent.note(changed.get("environ", {}), changed.get("sys.path", []), before)
         # changes() tells only what a cell added to sys.path: one it removed or moved
         # is still to be put back for the next cell.
         if not changed and not others and before.get("sys.path") == after.get("sys.path"):
             self._pickled, self._after = pickled, after
         return changed
+
+
+class _Lent:
+    """Variables and ``sys.path`` entries that kernels' states and cells set in a worker.
+
+    A state names only its own kernel's changes (see :class:`Baseline`): a cell of another
+    kernel on the same worker must not find the first one's. So whatever the next state
+    applied here does not name goes back to what this process had of its own first.
+    """
+
+    def __init__(self) -> None:
+        self.environ: dict[str, str | None] = {}  # variable: its own value (None: unset)
+        self.paths: list[str] = []  # entries put on sys.path here
+
+    def take_back(self, state: Mapping[str, Any]) -> None:
+        """Before ``state`` is applied: put back what it does not name, note what it sets."""
+        named = state.get("environ", {})
+        for key in [k for k in self.environ if k not in named]:
+            own = self.environ.pop(key)
+            if own is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = own
+        listed = state.get("sys.path", [])
+        for entry in [p for p in self.paths if p not in listed]:
+            self.paths.remove(entry)
+            while entry in sys.path and entry not in _OWN_PATH:
+                sys.path.remove(entry)
+        self.note(named, [p for p in listed if p not in sys.path], {"environ": _environ()})
+
+    def note(self, environ: Mapping[str, Any], paths: list[str], before: State) -> None:
+        """Note variables and paths about to be set (or just set by a cell) and own values."""
+        own = before.get("environ", {})
+        for key in environ:
+            self.environ.setdefault(key, own.get(key))
+        self.paths += [p for p in paths if p not in self.paths and p not in _OWN_PATH]
 
 
 def _task_threads_alive() -> bool:

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import SECRET, wait_until
+from helpers import ROOT, SECRET, broker_env, wait_until
 from helpers import cell_run as run
 from helpers import cell_task as task
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
+from jupyter_client.manager import KernelManager
 from raw_broker import RawBroker
 
 import nbtask
@@ -219,6 +220,37 @@ def test_what_a_cell_set_on_the_worker_and_the_notebook_then_removed_is_gone_the
         os.environ.pop("NBTASK_TEST_PROBE", None)
         while folder in sys.path:
             sys.path.remove(folder)
+
+
+def test_a_cell_of_another_notebook_on_the_same_worker_finds_none_of_this_ones_variables(
+    ip: InteractiveShell, loaded: Session, start_worker: Any, settings: Settings, tmp_path: Path
+) -> None:
+    start_worker(concurrency=1)  # both notebooks' cells run in one worker process
+    env = {k: v for k, v in os.environ.items() if k != "NBTASK_TEST_OTHER"}
+    try:
+        run(ip, "import os\nos.environ['NBTASK_TEST_OTHER'] = 'this notebook'")
+        task(ip, "mine = os.environ.get('NBTASK_TEST_OTHER')")
+        km = KernelManager(kernel_name="python3", transport="ipc", ip=str(tmp_path / "kernel"))
+        km.start_kernel(env={**env, **broker_env(settings)}, cwd=str(ROOT))
+        client = km.client()
+        client.start_channels()
+        printed: list[str] = []
+
+        def keep_stdout(message: dict[str, Any]) -> None:
+            if message["msg_type"] == "stream":
+                printed.append(message["content"]["text"])
+
+        try:
+            client.wait_for_ready(timeout=30)
+            client.execute_interactive("%load_ext nbtask", timeout=60)
+            cell = "%%task --wait\nimport os\nprint(repr(os.environ.get('NBTASK_TEST_OTHER')))"
+            client.execute_interactive(cell, timeout=60, output_hook=keep_stdout)
+        finally:
+            client.stop_channels()
+            km.shutdown_kernel(now=False)
+        assert (ip.user_ns["mine"], "".join(printed).strip()) == ("this notebook", "None")
+    finally:
+        os.environ.pop("NBTASK_TEST_OTHER", None)
 
 
 def test_a_task_or_a_thread_between_two_cells_leaves_nothing_to_the_second(

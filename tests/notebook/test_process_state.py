@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import _thread
+import os
 import pickle
 import random
 import sys
@@ -349,3 +350,38 @@ def test_a_path_on_the_workers_own_sys_path_stays_when_the_notebook_removes_it(
     process_state.apply(added)
     process_state.apply(removed)
     assert folder in sys.path
+
+
+def test_a_kernels_variables_and_paths_are_not_left_to_another_kernels_cell(
+    restored: None, applied: list[object], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Two notebooks on one worker: each cell finds its own notebook's, and the worker's own."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("NBTASK_TEST_WORKERS_OWN", "worker")
+    monkeypatch.delenv("NBTASK_TEST_FIRST_KERNEL", raising=False)
+    monkeypatch.delenv("NBTASK_TEST_FIRST_CELL", raising=False)
+    first_path, cell_path = str(tmp_path / "first"), str(tmp_path / "cell")
+    first = {
+        "environ": {"NBTASK_TEST_FIRST_KERNEL": "1", "NBTASK_TEST_WORKERS_OWN": "kernel"},
+        "sys.path": [first_path],
+    }
+    second: dict[str, object] = {"environ": {}, "sys.path": []}
+    worker = process_state.Applied()
+
+    def cell(state: dict[str, object], body: Callable[[], None] = lambda: None) -> None:
+        with running(Request("id", "cell", (), {}, "q", "host")):
+            before = worker.enter(pickle.dumps(state), state)
+            body()
+            worker.leave(pickle.dumps(state), before)
+
+    def first_cell_sets() -> None:
+        os.environ["NBTASK_TEST_FIRST_CELL"] = "set by a cell"
+        sys.path.append(cell_path)
+
+    cell(first, first_cell_sets)
+    assert os.environ["NBTASK_TEST_WORKERS_OWN"] == "kernel" and first_path in sys.path
+    cell(second)
+    assert os.environ["NBTASK_TEST_WORKERS_OWN"] == "worker"
+    assert "NBTASK_TEST_FIRST_KERNEL" not in os.environ
+    assert "NBTASK_TEST_FIRST_CELL" not in os.environ
+    assert first_path not in sys.path and cell_path not in sys.path
