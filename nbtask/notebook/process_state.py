@@ -23,7 +23,7 @@ import random
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
 from nbtask.core.context import runs_started
@@ -51,7 +51,8 @@ class Baseline:
         self.environ = _environ()
         self.path = list(sys.path)
         self.set_since: set[str] = set()  # variables the notebook changed since, once shipped
-        self.added_since: list[str] = []  # entries it added to sys.path since, once shipped
+        # Entries it added to sys.path since, once shipped (a dict: in order, once each).
+        self.added_since: dict[str, None] = {}
 
     def environ_changes(self) -> dict[str, str | None]:
         """Variables set, changed or removed since (``None``: removed).
@@ -75,12 +76,12 @@ class Baseline:
         """
         self.set_since.update(changed.get("environ", {}))
         paths = changed.get("sys.path", [])
-        self.added_since += [p for p in paths if p not in self.path and p not in self.added_since]
+        self.added_since.update(dict.fromkeys(p for p in paths if p not in self.path))
 
     def path_additions(self) -> list[str]:
         """Entries of ``sys.path`` added since, in order."""
         added = [p for p in sys.path if p not in self.path]
-        self.added_since += [p for p in added if p not in self.added_since]
+        self.added_since.update(dict.fromkeys(added))
         return added
 
     def path_removals(self) -> list[str]:
@@ -158,7 +159,8 @@ class Applied:
         others = _task_threads_alive()
         after = capture()
         changed = changes(before, after)
-        self._lent.note(changed.get("environ", {}), changed.get("sys.path", []), before)
+        own = before.get("environ", {})
+        self._lent.note(changed.get("environ", {}), changed.get("sys.path", []), own)
         # changes() tells only what a cell added to sys.path: one it removed or moved
         # is still to be put back for the next cell.
         if not changed and not others and before.get("sys.path") == after.get("sys.path"):
@@ -181,22 +183,14 @@ class _Lent:
     def take_back(self, state: Mapping[str, Any]) -> None:
         """Before ``state`` is applied: put back what it does not name, note what it sets."""
         named = state.get("environ", {})
-        for key in [k for k in self.environ if k not in named]:
-            own = self.environ.pop(key)
-            if own is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = own
+        _set_environ({k: self.environ.pop(k) for k in list(self.environ) if k not in named})
         listed = state.get("sys.path", [])
-        for entry in [p for p in self.paths if p not in listed]:
-            self.paths.remove(entry)
-            while entry in sys.path and entry not in _OWN_PATH:
-                sys.path.remove(entry)
-        self.note(named, [p for p in listed if p not in sys.path], {"environ": _environ()})
+        _remove_from_path([p for p in self.paths if p not in listed])
+        self.paths = [p for p in self.paths if p in listed]
+        self.note(named, [p for p in listed if p not in sys.path], os.environ)
 
-    def note(self, environ: Mapping[str, Any], paths: list[str], before: State) -> None:
-        """Note variables and paths about to be set (or just set by a cell) and own values."""
-        own = before.get("environ", {})
+    def note(self, environ: Mapping[str, Any], paths: list[str], own: Mapping[str, str]) -> None:
+        """Note variables and paths about to be set (or just set by a cell), with ``own`` values."""
         for key in environ:
             self.environ.setdefault(key, own.get(key))
         self.paths += [p for p in paths if p not in self.paths and p not in _OWN_PATH]
@@ -304,17 +298,27 @@ def apply(state: Mapping[str, Any]) -> None:
         # The kernel had it, so the cell's code expects it here too.
         importlib.import_module("numpy").random.set_state(state["numpy.random"])
     _apply_settings(state)
-    for key, value in dict(state.get("environ", {})).items():
+    _set_environ(dict(state.get("environ", {})))
+    _remove_from_path(state.get("sys.path removed", []))
+    for entry in reversed(list(state.get("sys.path", []))):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+
+
+def _set_environ(values: Mapping[str, str | None]) -> None:
+    """Set each variable to its value; ``None`` unsets it."""
+    for key, value in values.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    for entry in state.get("sys.path removed", []):
+
+
+def _remove_from_path(entries: Iterable[str]) -> None:
+    """Take ``entries`` off ``sys.path``, except those this process started with."""
+    for entry in entries:
         while entry in sys.path and entry not in _OWN_PATH:
             sys.path.remove(entry)
-    for entry in reversed(list(state.get("sys.path", []))):
-        if entry not in sys.path:
-            sys.path.insert(0, entry)
 
 
 def _apply_settings(state: Mapping[str, Any]) -> None:
