@@ -17,7 +17,7 @@ import dataclasses
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from nbtask.brokers import Store
 from nbtask.core.datasets import dataset_of_queue
@@ -133,17 +133,8 @@ class LiveWorkers:
         """
         if started_by is not None:
             return self.lost_reason(*started_by, queue)
-        now = time.monotonic()
-        if now - self._failed_at < REFRESH_SECONDS:
-            return None
-        try:
-            snapshot = self._current()
-            if queue not in snapshot.queues and now - snapshot.taken > NEGATIVE_SECONDS:
-                snapshot = self._read()
-        except BrokerUnavailable:
-            self._failed_at = now
-            return None
-        if queue in snapshot.queues:
+        snapshot = self._quiet_read(lambda snapshot: queue in snapshot.queues)
+        if snapshot is None or queue in snapshot.queues:
             return None
         dataset = dataset_of_queue(queue)
         if dataset is None:
@@ -156,6 +147,25 @@ class LiveWorkers:
             f"{dataset}=module:function"
         )
 
+    def _quiet_read(self, live: Callable[[_Snapshot], bool]) -> _Snapshot | None:
+        """The registry to say from whether something is ``live``; ``None`` if unreadable.
+
+        A snapshot that says not (``live`` false) is read again when older than
+        :data:`NEGATIVE_SECONDS`: the worker or child may be younger than that read. When
+        the registry cannot be read, it is not tried again for a few seconds.
+        """
+        now = time.monotonic()
+        if now - self._failed_at < REFRESH_SECONDS:
+            return None
+        try:
+            snapshot = self._current()
+            if not live(snapshot) and now - snapshot.taken > NEGATIVE_SECONDS:
+                snapshot = self._read()
+        except BrokerUnavailable:
+            self._failed_at = now
+            return None
+        return snapshot
+
     def lost_reason(self, hostname: str, pid: int, queue: str) -> str | None:
         """Why a task that process ``pid`` on ``hostname`` started may not end; else ``None``.
 
@@ -163,17 +173,8 @@ class LiveWorkers:
         of ``queue`` settles it, so a notebook waiting for it is told rather than left
         waiting without a word. Never raises, as :meth:`waiting_reason`.
         """
-        now = time.monotonic()
-        if now - self._failed_at < REFRESH_SECONDS:
-            return None
-        try:
-            snapshot = self._current()
-            if not _runs(snapshot, hostname, pid) and now - snapshot.taken > NEGATIVE_SECONDS:
-                snapshot = self._read()  # the child may be younger than that read
-        except BrokerUnavailable:
-            self._failed_at = now
-            return None
-        if _runs(snapshot, hostname, pid):
+        snapshot = self._quiet_read(lambda snapshot: _runs(snapshot, hostname, pid))
+        if snapshot is None or _runs(snapshot, hostname, pid):
             return None
         settled = (
             f"a live worker of queue {queue!r} settles it (WORKER_LOST, or runs it again if "
