@@ -28,6 +28,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -73,6 +74,12 @@ def link_of(app: App) -> RedisLink:
 
 
 @pytest.mark.brokers()
+def each_ran_once(handles: list[Any], ledger: Path) -> None:
+    """Every task of ``handles`` ended with its id as result, having run exactly once."""
+    assert [h.get(timeout=30) for h in handles] == [h.id for h in handles]
+    assert ledger_runs(ledger) == {h.id: 1 for h in handles}
+
+
 def test_a_loop_of_delay_does_not_wait_for_each_reply_and_each_task_runs_once(
     app: App, start_worker, tmp_path: Path
 ) -> None:
@@ -83,9 +90,7 @@ def test_a_loop_of_delay_does_not_wait_for_each_reply_and_each_task_runs_once(
     app.flush()
     assert link_of(app).owed == 0
     start_worker(concurrency=2)
-    everything = [first, *handles]
-    assert [h.get(timeout=30) for h in everything] == [h.id for h in everything]
-    assert ledger_runs(ledger) == {h.id: 1 for h in everything}
+    each_ran_once([first, *handles], ledger)
 
 
 def test_replies_lost_with_their_connection_are_sent_again_and_each_task_runs_once(
@@ -103,9 +108,7 @@ def test_replies_lost_with_their_connection_are_sent_again_and_each_task_runs_on
     assert link_of(client).owed == 0
     assert client.transport.take_unsent() == []
     start_worker(concurrency=2)
-    everything = [first, *handles]
-    assert [h.get(timeout=30) for h in everything] == [h.id for h in everything]
-    assert ledger_runs(ledger) == {h.id: 1 for h in everything}
+    each_ran_once([first, *handles], ledger)
 
 
 def test_sends_redis_cannot_be_reached_for_are_revoked_and_their_handles_fail(
@@ -141,9 +144,7 @@ def test_a_server_that_lost_its_scripts_still_queues_the_sends_it_refused(
     app.flush()
     assert app.transport.take_unsent() == []
     start_worker(concurrency=2)
-    everything = [first, *handles]
-    assert [h.get(timeout=30) for h in everything] == [h.id for h in everything]
-    assert ledger_runs(ledger) == {h.id: 1 for h in everything}
+    each_ran_once([first, *handles], ledger)
 
 
 def test_a_send_redis_answers_with_an_error_is_revoked_not_dropped(
@@ -220,9 +221,7 @@ def test_a_ctrl_c_while_lost_sends_are_sent_again_loses_none_of_them(
     client.flush()  # the sends the Ctrl-C interrupted are still owed: sent again now
     assert client.transport.take_unsent() == []
     start_worker(concurrency=2)
-    everything = [first, *handles]
-    assert [h.get(timeout=30) for h in everything] == [h.id for h in everything]
-    assert ledger_runs(ledger) == {h.id: 1 for h in everything}
+    each_ran_once([first, *handles], ledger)
 
 
 def test_a_ctrl_c_while_a_command_is_packed_is_an_exception_not_a_crash(
