@@ -174,7 +174,9 @@ class EmbeddedCluster:
             str(workers or settings.embedded_workers),
         ]
         log_path = directory / "cluster.log"
-        with open(log_path, "wb") as log_file:
+        # Read through a handle opened first: a cluster that fails removes its folder,
+        # log included, and the log says why.
+        with open(log_path, "wb") as log_file, open(log_path, "rb") as log_reader:
             process = subprocess.Popen(
                 command,
                 stdin=subprocess.DEVNULL,
@@ -184,15 +186,15 @@ class EmbeddedCluster:
                 cwd=os.getcwd(),
                 start_new_session=True,
             )
-        assert process.stdout is not None
-        line = _read_line(process, _START_TIMEOUT_SECONDS)
-        process.stdout.close()
-        if not line.startswith("READY "):
-            process.kill()
-            process.wait()
-            log = log_path.read_text(errors="replace")[-3000:]
-            shutil.rmtree(directory, ignore_errors=True)
-            raise NbtaskError(f"the embedded cluster did not start; its log ends with:\n{log}")
+            assert process.stdout is not None
+            line = _read_line(process, _START_TIMEOUT_SECONDS)
+            process.stdout.close()
+            if not line.startswith("READY "):
+                process.kill()
+                process.wait()
+                log = log_reader.read().decode(errors="replace")[-3000:]
+                shutil.rmtree(directory, ignore_errors=True)
+                raise NbtaskError(f"the embedded cluster did not start; its log ends with:\n{log}")
         return cls(line.split(" ", 1)[1].strip(), secret, directory, process)
 
     def stop(self, timeout: float = 5.0) -> None:
