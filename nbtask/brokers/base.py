@@ -162,13 +162,19 @@ class Store(Protocol):
         """Take a token of ``bucket`` (``rate`` per second) or say how long to wait."""
 
     # Blobs ---------------------------------------------------------------------------------
-    def put_blobs(self, blobs: Mapping[str, Buffer], keeper: str | None = None) -> None:
+    def put_blobs(
+        self, blobs: Mapping[str, Buffer], keeper: str | None = None, *, later: bool = False
+    ) -> None:
         """Keep large values sent out of band, ``{digest: bytes}``, for ``result_ttl``.
 
         ``keeper``: the id of the use they serve (a kept value, a task's arguments), which
         :meth:`release_blobs` may delete them for early; without one (results) they stay
-        ``result_ttl``.
+        ``result_ttl``. ``later``: the caller holds the value live, so large blobs may be
+        written in the background after this returns (readers wait for them).
         """
+
+    def finish_writes(self, timeout: float | None = None) -> bool:
+        """Wait for the blobs this process writes in the background; whether all are written."""
 
     def pin_blobs(self, sizes: Mapping[str, int]) -> None:
         """Keep the blobs ``{digest: size}`` a message refers to for a full ``result_ttl``."""

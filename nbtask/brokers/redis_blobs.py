@@ -23,15 +23,26 @@ use and nothing pinned it. A keeper already removed changes nothing, so releasin
 (or releasing a value kept again since, under a new keeper) never deletes what another
 use needs. Both stores keep these notes in Redis (the store is always Redis): a blob in
 shared memory is removed from its file once Redis says it may go.
+
+A kept value's store copy may be written later (``later=True``: the process keeping it
+holds it live, and the cell's outcome need not wait for hundreds of megabytes to reach
+Redis). From the moment its use is noted until it is written, its lease
+(``<key_prefix>:blobwriting:<digest>``, renewed as each chunk goes, gone
+:attr:`RedisBlobs.lease_seconds` after its writer stopped) says it is coming: a reader
+waits for it instead of finding it missing, and :meth:`RedisBlobs.has_blobs` says it is
+not whole yet.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+import secrets
+import time
+from collections.abc import Callable, Mapping
 
 from redis.exceptions import ResponseError
 
+from nbtask.brokers.later_writes import LaterWrites
 from nbtask.brokers.local_blobs import LocalBlobs
 from nbtask.brokers.redis_link import RedisLink
 from nbtask.errors import BlobError
@@ -42,6 +53,8 @@ from nbtask.wire.envelope import Buffer
 __all__ = ["CHUNK_BYTES", "RedisBlobs"]
 
 CHUNK_BYTES = 64 * 1024 * 1024
+#: Blobs asked to be written later are, from this many bytes in all (smaller ones go now).
+LATER_BYTES = 32 * 1024 * 1024
 
 
 class RedisBlobs:
@@ -55,6 +68,11 @@ class RedisBlobs:
     local_blobs: LocalBlobs | None = None
     #: The size of a blob's chunks (a class attribute, so tests can make it small).
     chunk_bytes: int = CHUNK_BYTES
+    #: From how many bytes ``put_blobs(..., later=True)`` writes in the background.
+    later_bytes: int = LATER_BYTES
+    #: Seconds a write lease lasts unless its writer renews it (at each chunk).
+    lease_seconds: int = 10
+    _later: LaterWrites | None = None
 
     def _blob_keys(self, digest: str, size: int) -> list[str]:
         count = max(1, -(-size // self.chunk_bytes))
@@ -63,30 +81,87 @@ class RedisBlobs:
     def _uses_key(self, digest: str) -> str:
         return f"{self.prefix}:blobref:{digest}"
 
-    def put_blobs(self, blobs: Mapping[str, Buffer], keeper: str | None = None) -> None:
+    def _lease_key(self, digest: str) -> str:
+        return f"{self.prefix}:blobwriting:{digest}"
+
+    def put_blobs(
+        self, blobs: Mapping[str, Buffer], keeper: str | None = None, *, later: bool = False
+    ) -> None:
         """Keep ``{digest: bytes}`` for ``result_ttl`` (sending only those not kept yet).
 
         ``keeper``: the id of the use these blobs serve (a kept value, a task's
         arguments), which :meth:`release_blobs` may delete them for; without one they
-        are pinned.
+        are pinned. ``later``: the caller holds the value live, so from
+        :attr:`later_bytes` on the blobs are written by a thread of this process after
+        this returns (readers wait for them meanwhile; :meth:`finish_writes`).
         """
         if not blobs:
             return
-        whole = self._use({digest: len(data) for digest, data in blobs.items()}, keeper)
+        sizes = {digest: len(data) for digest, data in blobs.items()}
+        writer = secrets.token_hex(8) if later and sum(sizes.values()) >= self.later_bytes else ""
+        whole = self._use(sizes, keeper, writer)
+        # In shared memory, the files are looked at as they are written.
+        local = self.local_blobs is not None
+        missing = {digest: data for digest, data in blobs.items() if local or not whole[digest]}
+        if not writer:
+            self._write(missing)
+        elif missing:
+            if self._later is None:
+                self._later = LaterWrites()
+            self._later.submit(functools.partial(self._write_later, missing, writer))
+
+    def finish_writes(self, timeout: float | None = None) -> bool:
+        """Wait for the blobs this process writes in the background; whether all are written."""
+        return self._later is None or self._later.wait(timeout)
+
+    def _write(self, blobs: Mapping[str, Buffer], renew: str = "") -> None:
+        """Write ``blobs`` (to shared memory, or chunk by chunk to Redis).
+
+        ``renew``: a lease to renew with each chunk, which goes in the same round trip.
+        """
         if self.local_blobs is not None:
             self.local_blobs.put(blobs)
             return
-        writes = []
+        writes: list[tuple[object, ...]] = []
         for digest, data in blobs.items():
-            if whole[digest]:
-                continue
             view = memoryview(data).cast("B")
             for i, key in enumerate(self._blob_keys(digest, len(data))):
                 chunk = view[i * self.chunk_bytes : (i + 1) * self.chunk_bytes]
                 writes.append(("SET", key, chunk, "EX", self.ttl))
+                if renew:
+                    writes.append(("EXPIRE", self._lease_key(digest), self.lease_seconds))
         if writes:
             with self.link.translate_errors():
                 self.link.run(writes, large=True)
+
+    def _write_later(self, blobs: Mapping[str, Buffer], writer: str) -> None:
+        """Write ``blobs`` in the background, then give back their leases."""
+        try:
+            self._write(blobs, renew=writer)
+        finally:
+            digests = list(blobs)
+            commands = [
+                self.link.evalsha(
+                    "wrote_blob",
+                    [
+                        self._uses_key(digest),
+                        self._lease_key(digest),
+                        *self._chunk_keys_here(digest, len(blobs[digest])),
+                    ],
+                    writer,
+                )
+                for digest in digests
+            ]
+            with self.link.translate_errors():
+                replies = self.link.run_scripts(commands)
+            # Released meanwhile: the blob goes, as the release would have done.
+            for digest, reply in zip(digests, replies, strict=True):
+                if reply and self.local_blobs is not None:
+                    self.local_blobs.remove(digest, functools.partial(self._in_use, digest))
+
+    def _chunk_keys_here(self, digest: str, size: int) -> list[str]:
+        """The keys a blob's chunks have in Redis (none when blobs go to shared memory)."""
+        return self._blob_keys(digest, size) if self.local_blobs is None else []
 
     def pin_blobs(self, sizes: Mapping[str, int]) -> None:
         """Keep the blobs ``{digest: size}`` (a message refers to them) a full ``result_ttl``."""
@@ -96,17 +171,28 @@ class RedisBlobs:
         if self.local_blobs is not None:
             self.local_blobs.touch(sizes)
 
-    def _use(self, sizes: Mapping[str, int], keeper: str | None) -> dict[str, bool]:
-        """Note a use of each blob and refresh it: whether it is kept whole in Redis."""
+    def _use(
+        self, sizes: Mapping[str, int], keeper: str | None, writer: str = ""
+    ) -> dict[str, bool]:
+        """Note a use of each blob and refresh it: whether it is kept whole in Redis.
+
+        ``writer``: the id of a write made later, which takes the leases of the blobs
+        it must write.
+        """
         field = "pin" if keeper is None else _keeper_field(keeper)
-        in_redis = self.local_blobs is None
         commands = []
         for digest, size in sizes.items():
-            keys = self._blob_keys(digest, size) if in_redis else []
+            keys = self._chunk_keys_here(digest, size)
             lengths = [min(self.chunk_bytes, size - i * self.chunk_bytes) for i in range(len(keys))]
             commands.append(
                 self.link.evalsha(
-                    "use_blob", [self._uses_key(digest), *keys], field, self.ttl, *lengths
+                    "use_blob",
+                    [self._uses_key(digest), self._lease_key(digest), *keys],
+                    field,
+                    self.ttl,
+                    writer,
+                    self.lease_seconds,
+                    *lengths,
                 )
             )
         with self.link.translate_errors():
@@ -163,15 +249,16 @@ class RedisBlobs:
         """A blob's bytes (mapped from shared memory, or read chunk by chunk from Redis).
 
         ``progress`` is told the bytes of each chunk as it arrives (of a mapped blob, all
-        at once).
+        at once). A blob being written in the background is waited for.
 
         Raises
         ------
         BlobError
-            The blob is not kept (it expired, or was deleted) or has the wrong size.
+            The blob is not kept (it expired, or was deleted, or its writer stopped before
+            the end) or has the wrong size.
         """
         if self.local_blobs is not None:
-            mapped = self.local_blobs.get(digest, size)
+            mapped = self._wait_for(digest, lambda: self._mapped(digest, size))
             if mapped is not None:
                 if progress is not None:
                     progress(size)
@@ -180,15 +267,13 @@ class RedisBlobs:
         at = 0
         with self.link.translate_errors():
             for key in self._blob_keys(digest, size):
-                try:
-                    chunk = self.link.redis.get(key)
-                except ResponseError as exc:  # not a string: nbtask did not write it
-                    raise BlobError(_ALTERED.format(digest=digest[:16], size=size)) from exc
+                chunk = self._wait_for(digest, functools.partial(self._chunk, key, digest, size))
                 if chunk is None:
                     raise BlobError(
                         f"a large value ({size:,} bytes, blob {digest[:16]}) is no longer in "
                         f"the store: it expired (values are kept result_ttl, "
-                        f"{self.ttl:,} s) or was deleted; run the task again"
+                        f"{self.ttl:,} s), was deleted, or the worker writing it stopped "
+                        "first; run the task again"
                     )
                 if at + len(chunk) > size:
                     break
@@ -199,6 +284,36 @@ class RedisBlobs:
         if at != size:
             raise BlobError(_ALTERED.format(digest=digest[:16], size=size))
         return data
+
+    def _mapped(self, digest: str, size: int) -> Buffer | None:
+        assert self.local_blobs is not None
+        return self.local_blobs.get(digest, size)
+
+    def _chunk(self, key: str, digest: str, size: int) -> Buffer | None:
+        try:
+            chunk: bytes | None = self.link.redis.get(key)
+        except ResponseError as exc:  # not a string: nbtask did not write it
+            raise BlobError(_ALTERED.format(digest=digest[:16], size=size)) from exc
+        return chunk
+
+    def _wait_for(self, digest: str, read: Callable[[], Buffer | None]) -> Buffer | None:
+        """``read()``, again while the blob's lease says it is being written.
+
+        The writer gives the lease back only after its last chunk, so a read after the
+        lease is gone sees every chunk. Waiting polls (from 5 ms to 0.1 s apart): it
+        happens only to a reader that came while the value's worker still writes it.
+        """
+        pause = 0.005
+        while True:
+            found = read()
+            if found is not None:
+                return found
+            with self.link.translate_errors():
+                writing = bool(self.link.redis.exists(self._lease_key(digest)))
+            if not writing:
+                return read()
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
 
 
 _ALTERED = (

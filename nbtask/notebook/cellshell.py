@@ -12,6 +12,7 @@ before the failing line happened, as it would have locally.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import sys
@@ -183,11 +184,17 @@ def _forget_changed(references: Mapping[str, RemoteValue], out: Mapping[str, Any
 
 
 def _keep(name: str, value: Any, packed: Packed, spec: CellSpec) -> RemoteValue:
-    """Keep an assigned value: its store copy, and its live object in this process."""
-    reference = keep(name, value, packed, _blob_store().put_blobs)
-    reference.made_by = spec.filename
+    """Keep an assigned value: its live object in this process, and its store copy.
+
+    A value held here has its store copy written after the cell's outcome went out (the
+    notebook's later work on it comes here; a reader of the copy waits for it).
+    """
     holding = _holding()
-    if holding is not None and holding.budget >= reference.size:
+    held_here = holding is not None and holding.budget >= packed.size
+    put = functools.partial(_blob_store().put_blobs, later=held_here)
+    reference = keep(name, value, packed, put)
+    reference.made_by = spec.filename
+    if holding is not None and held_here:
         reference.holder, reference.holder_pid = holding.queue, os.getpid()
         holding.hold(reference.key, _held(name, value, reference))
     return reference

@@ -138,6 +138,8 @@ class Child:
         sys.stdout = TaskStream(self.outbox, EventType.STDOUT, sys.stdout, self.journal)
         sys.stderr = TaskStream(self.outbox, EventType.STDERR, sys.stderr, self.journal)
         self._serve()
+        # Kept values' store copies still being written: the only copy once this ends.
+        self.transport.store.finish_writes()
 
     def _serve(self) -> None:
         backoff = 0.1

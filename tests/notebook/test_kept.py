@@ -100,6 +100,20 @@ def test_a_background_cell_then_a_local_read_waits_and_fetches(
     assert ip.user_ns["last"] == 299_999.0
 
 
+def test_a_value_whose_store_copy_is_written_after_its_cell_is_read_whole(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    # 40 MB: over LATER_BYTES, so the worker writes its store copy after the cell ended.
+    task(ip, "import numpy as np\nbig = np.arange(5_000_000.0)")
+    run(ip, "last = float(big[-1])")  # a local read right away: it waits for the copy
+    assert ip.user_ns["last"] == 4_999_999.0
+    task(ip, MAKE_X + "\nbig2 = np.arange(5_000_000.0) * 2", "")
+    task(ip, "total = float(big2.sum())")  # on the holder, which holds it live
+    assert ip.user_ns["total"] == pytest.approx(float(np.arange(5_000_000.0).sum()) * 2)
+    run(ip, "first = float(big2[1])")
+    assert ip.user_ns["first"] == 2.0
+
+
 def test_fetching_over_the_budget_is_refused_saying_how_to_raise_it(
     ip: InteractiveShell, nb: Session
 ) -> None:

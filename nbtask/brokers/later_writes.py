@@ -1,0 +1,61 @@
+"""Writes a process hands to one thread of its own, so the work that asked need not wait.
+
+A worker process that keeps a large value a cell assigned holds it live: the notebook's
+later work on it goes to that process. Its store copy serves only when that process is
+gone or busy, or when the notebook fetches the value, and writing hundreds of megabytes
+into Redis takes longer than making them. So the copy is written here, after the cell's
+outcome went out (:meth:`~nbtask.brokers.redis_blobs.RedisBlobs.put_blobs`, ``later=``).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Callable
+
+__all__ = ["LaterWrites"]
+
+log = logging.getLogger(__name__)
+
+
+class LaterWrites:
+    """One thread running the writes given to it, in order; started on the first one."""
+
+    def __init__(self) -> None:
+        self._jobs: collections.deque[Callable[[], None]] = collections.deque()
+        self._changed = threading.Condition()
+        self._busy = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run ``job`` after the writes before it (a failure is logged, never raised)."""
+        with self._changed:
+            self._jobs.append(job)
+            if self._thread is None or not self._thread.is_alive():
+                # A process forked by task code finds the deque but not the thread.
+                self._thread = threading.Thread(
+                    target=self._run, name="nbtask-later-writes", daemon=True
+                )
+                self._thread.start()
+            self._changed.notify_all()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every write given so far is done; whether they are (else: timed out)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._jobs and not self._busy, timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: bool(self._jobs))
+                job = self._jobs.popleft()
+                self._busy = True
+            try:
+                job()
+            except Exception:
+                log.exception("a store copy written in the background failed")
+            finally:
+                with self._changed:
+                    self._busy = False
+                    self._changed.notify_all()

@@ -1,0 +1,125 @@
+"""A kept value's store copy written after the cell ended: readers wait for it, whole.
+
+The process that keeps a large value holds it live, so its store copy is written in the
+background (``put_blobs(..., later=True)``). Until it is written its lease says it is
+coming: a reader waits instead of finding it missing, a copy released meanwhile leaves
+nothing behind, and a writer that stopped is reported once its lease lapses. In Redis
+and in shared memory (one host), on the real Redis.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from raw_broker import RawBroker
+
+from nbtask import App
+from nbtask.errors import BlobError
+from nbtask.wire.blobs import digest_of
+
+pytestmark = pytest.mark.brokers
+
+DATA = bytes(range(256)) * 1024  # 256 KiB: three chunks of 100,000 bytes in Redis
+DIGEST, SIZES = digest_of(DATA), {digest_of(DATA): len(DATA)}
+
+
+@pytest.fixture(params=["redis", "one host"])
+def store(request: pytest.FixtureRequest, app: App, tmp_path: Path) -> Iterator[Any]:
+    """A store writing later from 0 bytes on: through Redis (in chunks), or files here."""
+    chosen = app
+    if request.param == "one host":
+        chosen = App("local", settings=app.settings.replace(blob_dir=str(tmp_path / "blobs")))
+    chosen.store.chunk_bytes = 100_000
+    chosen.store.later_bytes = 0
+    yield chosen.store
+    assert chosen.store.finish_writes(30)
+    if chosen is not app:
+        chosen.close()
+
+
+def _gated(store: Any) -> threading.Event:
+    """Hold the store's background writes until the returned event is set."""
+    gate, write = threading.Event(), store._write
+
+    def held(blobs: Any, renew: str = "") -> None:
+        if renew:  # a background write (one made now goes as it is)
+            gate.wait(30)
+        write(blobs, renew)
+
+    store._write = held
+    return gate
+
+
+def _traces(access: RawBroker, store: Any) -> list[Any]:
+    """What the store keeps of the blob: chunks, uses, lease, and files in shared memory."""
+    prefix = access.settings.key_prefix
+    keys = [
+        key
+        for kind in ("blob", "blobref", "blobwriting")
+        for key in access.store.scan_iter(match=f"{prefix}:{kind}:*")
+    ]
+    files = list(store.local_blobs.directory.iterdir()) if store.local_blobs else []
+    return sorted(map(str, keys + files))
+
+
+def _reading(store: Any) -> tuple[threading.Thread, Callable[[], Any]]:
+    """A reader of the blob on a thread of its own, and what it got (bytes or an error)."""
+    got: list[Any] = []
+
+    def read() -> None:
+        try:
+            got.append(bytes(store.get_blob(DIGEST, len(DATA))))
+        except BlobError as exc:
+            got.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return reader, lambda: got[0] if got else None
+
+
+def test_a_copy_written_later_is_waited_for_and_read_whole(store: Any) -> None:
+    gate = _gated(store)
+    store.put_blobs({DIGEST: DATA}, "kept", later=True)  # returns before writing
+    assert not store.has_blobs(SIZES)  # not whole yet: work waits for the holder
+    reader, got = _reading(store)
+    reader.join(0.5)
+    assert reader.is_alive() and got() is None, "the reader did not wait for the copy"
+    gate.set()
+    reader.join(30)
+    assert got() == DATA
+    assert store.finish_writes(30) and store.has_blobs(SIZES)
+
+
+def test_a_copy_released_while_it_is_written_leaves_nothing_behind(
+    store: Any, access: RawBroker
+) -> None:
+    gate = _gated(store)
+    store.put_blobs({DIGEST: DATA}, "kept", later=True)
+    store.release_blobs({"kept": SIZES})  # the notebook let go of the value meanwhile
+    gate.set()
+    assert store.finish_writes(30)
+    assert _traces(access, store) == []
+
+
+def test_a_copy_whose_writer_stopped_is_reported_missing_once_its_lease_lapses(
+    store: Any,
+) -> None:
+    store.lease_seconds = 1
+    store._write_later = lambda blobs, writer: None  # the process died before writing
+    store.put_blobs({DIGEST: DATA}, "kept", later=True)
+    reader, got = _reading(store)
+    reader.join(30)
+    assert isinstance(got(), BlobError)
+    assert "no longer in the store" in str(got()) and "the worker writing it stopped" in str(got())
+
+
+def test_a_small_copy_asked_for_later_is_written_at_once(store: Any) -> None:
+    store.later_bytes = len(DATA) + 1
+    _gated(store)  # a background write would wait for good
+    store.put_blobs({DIGEST: DATA}, "kept", later=True)
+    assert store.has_blobs(SIZES)
+    assert bytes(store.get_blob(DIGEST, len(DATA))) == DATA
