@@ -46,7 +46,8 @@ return whole
 # writer id. A write made later is done: its lease goes (if still its own), and when every
 # use was released meanwhile the blob goes too (returns 1), as a release would have done.
 _WROTE_BLOB = """
-if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+-- pcall: another type there (not nbtask's) leaves it to its TTL.
+if redis.pcall('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 for i = 3, #KEYS do redis.call('DEL', KEYS[i]) end
 return 1

@@ -309,8 +309,10 @@ class RedisBlobs:
             if found is not None:
                 return found
             with self.link.translate_errors():
-                writing = bool(self.link.redis.exists(self._lease_key(digest)))
-            if not writing:
+                left_ms = int(self.link.redis.pttl(self._lease_key(digest)))
+            # A lease lasts lease_seconds at most: a key that never expires, or later,
+            # was not written by nbtask, and must not keep a reader waiting.
+            if not 0 < left_ms <= self.lease_seconds * 1000:
                 return read()
             time.sleep(pause)
             pause = min(pause * 2, 0.1)

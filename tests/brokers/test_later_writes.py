@@ -123,3 +123,21 @@ def test_a_small_copy_asked_for_later_is_written_at_once(store: Any) -> None:
     store.put_blobs({DIGEST: DATA}, "kept", later=True)
     assert store.has_blobs(SIZES)
     assert bytes(store.get_blob(DIGEST, len(DATA))) == DATA
+
+
+def test_a_lease_nbtask_did_not_write_keeps_no_reader_waiting(
+    store: Any, access: RawBroker
+) -> None:
+    lease = f"{access.settings.key_prefix}:blobwriting:{DIGEST}"
+    access.store.set(lease, "forged")  # no expiry: anyone with write access to Redis
+    with pytest.raises(BlobError, match="no longer in the store"):
+        store.get_blob(DIGEST, len(DATA))
+    access.store.set(lease, "forged", ex=3600)  # longer than any lease nbtask takes
+    with pytest.raises(BlobError, match="no longer in the store"):
+        store.get_blob(DIGEST, len(DATA))
+    access.store.delete(lease)
+    access.store.hset(lease, "a", "b")  # another type: the writer's last step still ends
+    access.store.expire(lease, 3600)
+    store.put_blobs({DIGEST: DATA}, "kept", later=True)
+    assert store.finish_writes(30)
+    assert bytes(store.get_blob(DIGEST, len(DATA))) == DATA
