@@ -101,8 +101,12 @@ class KernelState:
         self.last: tuple[State, bytes] = ({}, b"")
 
     def apply_changes(self, changed: Mapping[str, Any]) -> None:
-        """Apply here what a cell changed on a worker (see :meth:`Baseline.note_changes`)."""
-        apply(changed)
+        """Apply here what a cell changed on a worker (see :meth:`Baseline.note_changes`).
+
+        A path the cell took off ``sys.path`` goes here too, as it would locally, even one
+        the kernel started with.
+        """
+        apply(changed, keep_own_paths=False)
         self.baseline.note_changes(changed)
 
     def pickled(self) -> bytes:
@@ -277,11 +281,12 @@ class _EnvironReader:
 _environ = _EnvironReader()
 
 
-def apply(state: Mapping[str, Any]) -> None:
+def apply(state: Mapping[str, Any], *, keep_own_paths: bool = True) -> None:
     """Make this process's state what ``state`` says (kinds it does not name stay).
 
     Values that could be changed in place are copied in, so ``state`` stays as it was
-    (and can be applied again).
+    (and can be applied again). ``keep_own_paths``: the paths this process started with
+    stay on ``sys.path`` even when ``state`` removes them (a worker's own).
     """
     if "random" in state:
         random.setstate(state["random"])
@@ -299,7 +304,7 @@ def apply(state: Mapping[str, Any]) -> None:
         importlib.import_module("numpy").random.set_state(state["numpy.random"])
     _apply_settings(state)
     _set_environ(dict(state.get("environ", {})))
-    _remove_from_path(state.get("sys.path removed", []))
+    _remove_from_path(state.get("sys.path removed", []), keep_own=keep_own_paths)
     for entry in reversed(list(state.get("sys.path", []))):
         if entry not in sys.path:
             sys.path.insert(0, entry)
@@ -314,10 +319,10 @@ def _set_environ(values: Mapping[str, str | None]) -> None:
             os.environ[key] = value
 
 
-def _remove_from_path(entries: Iterable[str]) -> None:
-    """Take ``entries`` off ``sys.path``, except those this process started with."""
+def _remove_from_path(entries: Iterable[str], *, keep_own: bool = True) -> None:
+    """Take ``entries`` off ``sys.path`` (with ``keep_own``, not those it started with)."""
     for entry in entries:
-        while entry in sys.path and entry not in _OWN_PATH:
+        while entry in sys.path and not (keep_own and entry in _OWN_PATH):
             sys.path.remove(entry)
 
 
@@ -362,9 +367,13 @@ def changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> State:
             if diff:
                 changed[kind] = diff
         elif kind == "sys.path":
-            added = [p for p in value if p not in before.get(kind, [])]
+            old = before.get(kind, [])
+            added = [p for p in value if p not in old]
             if added:
                 changed[kind] = added
+            removed = [p for p in old if p not in value]
+            if removed:
+                changed["sys.path removed"] = removed
         else:
             changed[kind] = value
     return changed

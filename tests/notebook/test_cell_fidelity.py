@@ -201,6 +201,22 @@ def test_a_path_the_notebook_adds_then_removes_is_gone_on_the_worker(
             sys.path.remove(folder)
 
 
+def test_a_path_a_cell_removes_from_sys_path_is_removed_in_the_notebook(
+    ip: InteractiveShell, loaded: Session, start_worker: Any, tmp_path: Path
+) -> None:
+    start_worker(concurrency=1)
+    folder = str(tmp_path)
+    try:
+        run(ip, f"import sys\nsys.path.append({folder!r})")
+        task(ip, f"sys.path.remove({folder!r})")
+        assert folder not in sys.path  # as the cell would have left it locally
+        task(ip, f"back = {folder!r} in sys.path")
+        assert ip.user_ns["back"] is False
+    finally:
+        while folder in sys.path:
+            sys.path.remove(folder)
+
+
 def test_what_a_cell_set_on_the_worker_and_the_notebook_then_removed_is_gone_there(
     ip: InteractiveShell, loaded: Session, start_worker: Any, tmp_path: Path
 ) -> None:
@@ -275,20 +291,6 @@ def test_a_task_or_a_thread_between_two_cells_leaves_nothing_to_the_second(
     time.sleep(1.0)
     task(ip, "after_thread = os.getcwd()")
     assert (ip.user_ns["first"], ip.user_ns["again"], ip.user_ns["after_thread"]) == (here,) * 3
-
-
-def test_a_path_a_cell_removes_from_sys_path_is_back_for_the_next_cell(
-    ip: InteractiveShell, loaded: Session, start_worker: Any
-) -> None:
-    """Only paths a cell adds come back: one it removes is the kernel's again after it."""
-    start_worker(concurrency=1)  # every cell in one process
-    sys.path.insert(0, "/nbtask-test/added")
-    try:
-        task(ip, "import sys\nsys.path.remove('/nbtask-test/added')")
-        task(ip, "import sys\nthere = '/nbtask-test/added' in sys.path")
-        assert ip.user_ns["there"] is True
-    finally:
-        sys.path.remove("/nbtask-test/added")
 
 
 def test_a_dataset_loaded_for_a_cell_leaves_nothing_to_it(

@@ -27,7 +27,9 @@ def applied(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     """Each state applied; this test process's threads count as a worker's own."""
     calls: list[object] = []
     real_apply = process_state.apply
-    monkeypatch.setattr(process_state, "apply", lambda state: calls.append(real_apply(state)))
+    monkeypatch.setattr(
+        process_state, "apply", lambda state, **how: calls.append(real_apply(state, **how))
+    )
     own = {t.ident for t in threading.enumerate()} | set(sys._current_frames())
     monkeypatch.setattr(process_state, "_own_threads", lambda: own)
     return calls
@@ -238,6 +240,30 @@ def test_a_path_a_cell_removes_is_back_for_the_next_cell(
         assert "/nbtask-test/added" in sys.path and len(applied) == 2
     finally:
         sys.path.remove("/nbtask-test/added")
+
+
+def test_a_path_a_cell_removes_is_removed_in_the_notebook_even_one_it_started_with(
+    restored: None,
+) -> None:
+    added = "/nbtask-test/added"
+    own = next(p for p in sys.path if p in process_state._OWN_PATH)
+    at = sys.path.index(own)
+    sys.path.append(added)
+    try:
+        before = process_state.capture()
+        sys.path.remove(added)  # what the cell does, on the worker
+        sys.path.remove(own)
+        changed = process_state.changes(before, process_state.capture())
+        assert changed["sys.path removed"] == [own, added]
+        sys.path.insert(at, own)  # the notebook still has both
+        sys.path.append(added)
+        process_state.KernelState().apply_changes(changed)
+        assert own not in sys.path and added not in sys.path
+    finally:
+        while added in sys.path:
+            sys.path.remove(added)
+        if own not in sys.path:
+            sys.path.insert(at, own)
 
 
 def test_a_thread_threading_does_not_list_makes_the_next_cell_apply_the_state(
