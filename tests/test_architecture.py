@@ -34,7 +34,8 @@ def test_no_line_is_squeezed_past_the_formatter() -> None:
 
 def test_every_package_says_what_it_owns() -> None:
     packages = [p for p in PACKAGE.iterdir() if (p / "__init__.py").exists()]
-    assert {p.name for p in packages} == {"wire", "brokers", "core", "client", "worker", "notebook"}
+    layers = {"cli", "notebook", "client", "worker", "core", "brokers", "wire"}
+    assert {p.name for p in packages} == layers
     for package in packages:
         source = (package / "__init__.py").read_text()
         assert source.lstrip().startswith('"""'), f"{package.name}/__init__.py has no docstring"

@@ -1,0 +1,169 @@
+"""The ``nbtask`` command (also ``python -m nbtask``): its parser and :func:`main`.
+
+The parser is the one place that lists every command and its options; each command's
+work is in a module of its own: :mod:`~nbtask.cli.serve` (``worker``, ``cluster``),
+:mod:`~nbtask.cli.admin` (``status``, ``cancel``, ``purge``, ``inspect``, ``log``) and
+:mod:`~nbtask.cli.headless` (``run``), with the options they share in
+:mod:`~nbtask.cli.options`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Sequence
+
+from nbtask._version import __version__
+from nbtask.cli.admin import run_cancel, run_inspect, run_log, run_purge, run_status
+from nbtask.cli.headless import run_headless
+from nbtask.cli.options import broker_options, positive_int, seconds
+from nbtask.cli.serve import data_option, run_cluster, run_worker
+from nbtask.errors import NbtaskError
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``nbtask`` command line; return the exit code."""
+    parser, commands = _parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    command = next((w for w in words if w in commands), None)
+    if command and words[0].startswith("-") and words[0] not in ("-h", "--help", "--version"):
+        # ``nbtask -A app worker`` (Celery's order): argparse would call the URL or module
+        # after the option an invalid command.
+        parser.print_usage(sys.stderr)
+        print(
+            f"nbtask: error: {words[0]} goes after the command: nbtask {command} {words[0]} ...",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    args = parser.parse_args(words)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        code: int = args.run(args)
+    except NbtaskError as exc:
+        print(f"nbtask {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+def _parser() -> tuple[argparse.ArgumentParser, Sequence[str]]:
+    """The parser, and the names of its commands."""
+    parser = argparse.ArgumentParser(
+        prog="nbtask", description="Run nbtask workers and inspect tasks."
+    )
+    parser.add_argument("--version", action="version", version=f"nbtask {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    worker = sub.add_parser("worker", help="serve tasks from a broker")
+    broker_options(worker)
+    worker.add_argument(
+        "-Q", "--queues", default=None, help="comma-separated queues (default: default)"
+    )
+    worker.add_argument(
+        "-c",
+        "--concurrency",
+        type=positive_int,
+        default=None,
+        help="child processes (default: one per CPU core)",
+    )
+    worker.add_argument(
+        "-A",
+        "--app",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE[:attr] and register the tasks it defines (repeatable)",
+    )
+    data_option(worker)
+    worker.add_argument(
+        "--loglevel", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    worker.set_defaults(run=run_worker)
+
+    cluster = sub.add_parser(
+        "cluster", help="run a private Redis and workers in the foreground (the embedded cluster)"
+    )
+    cluster.add_argument("-c", "--concurrency", type=positive_int, default=2)
+    cluster.add_argument("-A", "--app", action="append", default=[], metavar="MODULE")
+    data_option(cluster)
+    cluster.add_argument("--dir", default=None, help=argparse.SUPPRESS)
+    cluster.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    cluster.add_argument("--embedded", action="store_true", help=argparse.SUPPRESS)
+    cluster.add_argument("--key-prefix", default=None, help=argparse.SUPPRESS)
+    cluster.add_argument(
+        "--loglevel", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    cluster.set_defaults(run=run_cluster)
+
+    status = sub.add_parser("status", help="list live workers")
+    broker_options(status)
+    status.set_defaults(run=run_status)
+
+    cancel = sub.add_parser("cancel", help="revoke a task: never start it, or stop it running")
+    broker_options(cancel)
+    cancel.add_argument("task_id")
+    cancel.add_argument(
+        "--grace",
+        type=functools.partial(seconds, zero=True),
+        default=5.0,
+        metavar="S",
+        help="seconds between the interrupt and the kill (default: 5)",
+    )
+    cancel.set_defaults(run=run_cancel)
+
+    purge = sub.add_parser(
+        "purge", help="delete the messages waiting on queues; their tasks become REVOKED"
+    )
+    broker_options(purge)
+    purge.add_argument(
+        "-Q", "--queues", default=None, help="comma-separated queues (default: default)"
+    )
+    purge.add_argument("-f", "--force", action="store_true", help="do not ask to confirm")
+    purge.set_defaults(run=run_purge)
+
+    inspect = sub.add_parser("inspect", help="show a task's stored state")
+    broker_options(inspect)
+    inspect.add_argument("task_id")
+    inspect.set_defaults(run=run_inspect)
+
+    journal = sub.add_parser(
+        "log", help="show what workers said about a task (handler output, retries)"
+    )
+    broker_options(journal)
+    journal.add_argument("task_id")
+    journal.set_defaults(run=run_log)
+
+    run = sub.add_parser(
+        "run", help="execute a notebook headless, streaming its output (embedded cluster)"
+    )
+    run.add_argument("notebook", help="the .ipynb file to run")
+    run.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        metavar="OUT.ipynb",
+        help="where to write the executed notebook (default: NAME.out.ipynb beside it)",
+    )
+    run.add_argument(
+        "-b",
+        "--broker",
+        default=None,
+        help="broker URL (default: $NBTASK_BROKER, else the embedded cluster)",
+    )
+    run.add_argument(
+        "--timeout",
+        type=functools.partial(seconds, zero=False),
+        default=600.0,
+        metavar="S",
+        help="seconds one cell may run (default: 600)",
+    )
+    run.set_defaults(run=run_headless)
+    return parser, tuple(sub.choices)

@@ -1,0 +1,41 @@
+"""``nbtask run NOTEBOOK``: its options checked here, before a kernel starts.
+
+The run itself is :mod:`nbtask.notebook.headless`, imported only by this command so
+that the other commands never load nbclient or a kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from nbtask.cli.options import settings_for
+from nbtask.errors import ConfigurationError, NotebookFailed
+
+__all__ = ["run_headless"]
+
+
+def run_headless(args: argparse.Namespace) -> int:
+    """``nbtask run NOTEBOOK``: execute a notebook headless, streaming its output."""
+    # nbclient and the kernel machinery load only for this command.
+    from nbtask.notebook.headless import run_notebook  # noqa: PLC0415 - heavy
+
+    settings_for(args)  # a bad broker URL or a missing secret, said before any kernel starts
+    if args.output is not None:
+        _check_output(args.output)
+    try:
+        run_notebook(args.notebook, args.output, broker=args.broker, timeout=args.timeout)
+    except NotebookFailed as exc:
+        print(f"nbtask run: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check_output(text: str) -> None:
+    """Refuse an ``-o`` the executed notebook could not be written to, before it runs."""
+    path = Path(text)
+    if not text.strip() or path.is_dir():
+        raise ConfigurationError(f"-o {text!r} is not a file name: give one, e.g. -o out.ipynb")
+    if not path.parent.is_dir():
+        raise ConfigurationError(f"-o {text}: there is no folder {path.parent}")

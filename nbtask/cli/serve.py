@@ -1,0 +1,180 @@
+"""``nbtask worker`` and ``nbtask cluster``: the two commands that start a worker.
+
+What they share lives here: importing the ``-A`` modules for their tasks, gathering the
+datasets of ``--data`` and of those modules' apps, and logging. ``cluster`` also starts
+the private Redis server it serves (the embedded cluster a client starts runs this).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+from nbtask.brokers.local_blobs import remove_local_blobs
+from nbtask.cli.options import queue_names, settings_for
+from nbtask.client.app import App
+from nbtask.client.embedded import start_redis_server
+from nbtask.core.datasets import Loader, load_data_spec
+from nbtask.core.task import Task
+from nbtask.errors import ConfigurationError
+from nbtask.worker import Worker
+
+__all__ = ["data_option", "run_cluster", "run_worker"]
+
+
+def _import_tasks(specs: Sequence[str]) -> dict[str, Task]:
+    tasks: dict[str, Task] = {}
+    sys.path.insert(0, os.getcwd())
+    for spec in specs:
+        module_name, _, attr = spec.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as exc:
+            raise ConfigurationError(
+                f"-A {spec}: cannot import {module_name!r}: {type(exc).__name__}: {exc}"
+            ) from None
+        if attr and not hasattr(module, attr):
+            raise ConfigurationError(f"-A {spec}: module {module_name!r} has no {attr!r}")
+        found = _tasks_of(spec, getattr(module, attr) if attr else module)
+        if not found and not any(app.datasets for app in _apps_in(module)):
+            raise ConfigurationError(
+                f"-A {spec}: found no nbtask task (nor an App declaring a dataset) there; name "
+                "the module that defines them, e.g. -A proj.tasks or -A proj.tasks:app"
+            )
+        tasks.update(found)
+    return tasks
+
+
+def _apps_in(module: ModuleType | None) -> list[App]:
+    """The apps a module (imported by ``-A``) defines at its top level."""
+    return [v for v in vars(module).values() if isinstance(v, App)] if module else []
+
+
+def _tasks_of(spec: str, source: object) -> dict[str, Task]:
+    """The tasks an ``-A`` option names: a module's, an app's (``.tasks``), or one task."""
+    if isinstance(source, Task):
+        return {source.name: source}
+    found = getattr(source, "tasks", None)
+    if isinstance(source, ModuleType):
+        values = list(vars(source).values())
+    elif isinstance(found, dict):
+        values = list(found.values())
+    else:
+        raise ConfigurationError(
+            f"-A {spec}: {spec.partition(':')[2]!r} is a {type(source).__name__}, not a "
+            "module, an App or a task; use -A MODULE, MODULE:app or MODULE:task"
+        )
+    return {v.name: v for v in values if isinstance(v, Task) and not type(v).is_abstract()}
+
+
+def data_option(parser: argparse.ArgumentParser) -> None:
+    """The ``--data NAME=MODULE:FUNCTION`` option of ``worker`` and ``cluster``."""
+    parser.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="NAME=MODULE:FUNCTION",
+        help="hold the named dataset FUNCTION() makes, loaded once per process (repeatable)",
+    )
+
+
+def _datasets(args: argparse.Namespace) -> dict[str, Loader]:
+    """The datasets of ``--data`` options and of the apps in the ``-A`` modules."""
+    found: dict[str, Loader] = {}
+    for spec in args.app:
+        for app in _apps_in(sys.modules.get(spec.partition(":")[0])):
+            found.update(app.datasets)
+    given = [load_data_spec(spec) for spec in args.data]
+    names = [name for name, _ in given]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ConfigurationError(
+            f"--data {twice[0]}=... is given more than once: give each dataset name once"
+        )
+    found.update(given)
+    return found
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="[%(asctime)s %(levelname)s %(processName)s] %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """``nbtask worker``: serve the queues of a broker until stopped."""
+    settings = settings_for(args)
+    _logging(args.loglevel)
+    queues = queue_names(args.queues, settings)
+    assert settings.broker_url is not None
+    worker = Worker(
+        settings,
+        settings.broker_url,
+        settings.secret,
+        queues=queues,
+        concurrency=args.concurrency,
+        tasks=_import_tasks(args.app),
+        datasets=_datasets(args),
+    )
+    worker.connect()  # the banner says a worker is serving: not before it can
+    print(worker.banner(), flush=True)
+    return worker.run()
+
+
+def run_cluster(args: argparse.Namespace) -> int:
+    """``nbtask cluster``: a private Redis server and a worker serving it, until stopped."""
+    settings = settings_for(args)
+    _logging(args.loglevel)
+    secret = settings.secret or secrets.token_hex(32)
+    # Options are checked before the server starts: a bad one leaves nothing behind.
+    tasks, datasets = _import_tasks(args.app), _datasets(args)
+    directory = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="nbtask-"))
+    redis_process, url = start_redis_server(directory)
+    try:
+        worker = Worker(
+            settings,
+            url,
+            secret,
+            concurrency=args.concurrency,
+            tasks=tasks,
+            datasets=datasets,
+            parent_pid=args.parent_pid,
+            on_ready=_announce_embedded if args.embedded else None,
+        )
+        if not args.embedded:
+            print(worker.banner(), flush=True)
+            print(
+                f"\nConnect a client with:\n  export NBTASK_BROKER={url}\n"
+                f"  export NBTASK_SECRET={secret}\n",
+                flush=True,
+            )
+        return worker.run()
+    finally:
+        redis_process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(Exception):
+            redis_process.wait(5)
+        if args.embedded or not args.dir:
+            shutil.rmtree(directory, ignore_errors=True)
+            remove_local_blobs(url)
+
+
+def _announce_embedded(worker: Worker) -> None:
+    # The client waits for this one line; after it, stdout goes nowhere so a full pipe
+    # can never block the worker.
+    print(f"READY {worker.url}", flush=True)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
