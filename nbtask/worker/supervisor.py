@@ -6,6 +6,10 @@ held (redelivered if ``acks_late``, else ``WORKER_LOST``), renews the leases of 
 tasks at every heartbeat, moves due ETA messages onto their queues, and cleans up after
 other workers whose heartbeat lapsed (those whose messages it can verify).
 
+The processes themselves (forking, replacing, killing one past a hard time limit or a
+terminate's grace) are :mod:`nbtask.worker.pool`'s; this module is the supervisor's loop,
+its housekeeping, and what it tells the broker.
+
 Signals: the first SIGTERM/SIGINT is a warm shutdown (children finish their current task),
 the second a cold one (children are killed; their tasks are settled as if they died).
 """
@@ -13,8 +17,6 @@ the second a cold one (children are killed; their tasks are settled as if they d
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import multiprocessing.connection
 import os
 import signal
 import socket
@@ -22,7 +24,6 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from nbtask._text import redact_url
@@ -37,6 +38,7 @@ from nbtask.wire.records import WorkerInfo
 from nbtask.wire.versions import probe_result, start_probe
 from nbtask.worker.child import Child
 from nbtask.worker.lost import LostTasks
+from nbtask.worker.pool import ChildPool
 from nbtask.worker.slots import SlotState
 
 __all__ = ["EXIT_OK", "EXIT_SIGNAL", "Worker"]
@@ -45,10 +47,7 @@ log = logging.getLogger("nbtask.worker")
 
 EXIT_OK = 0
 EXIT_SIGNAL = 130  # stopped by a second (cold) signal
-_TICK_SECONDS = 0.1
 _STALE_CHECK_EVERY = 10  # heartbeats between visibility-timeout sweeps
-_TERMINATE_MEMORY_SECONDS = 10.0  # how long a terminate waits for its task to show up
-_CRASH_LOOP_SECONDS = 1.0  # a child that dies younger than this is respawned with backoff
 
 
 class Worker:
@@ -102,17 +101,8 @@ class Worker:
         # Each child also serves a queue of its own: work on the values it holds goes there.
         self.queues = self.shared_queues + [holder_queue(c) for c in self.consumers]
         self._on_ready = on_ready
-        self._children: dict[int, BaseProcess] = {}
-        self._slots = [SlotState() for _ in range(self.concurrency)]
-        # slot -> (task id, why it is being stopped, when to SIGKILL it)
-        self._stopping: dict[int, tuple[str, str, float]] = {}
+        self._pool = ChildPool(self.concurrency, self._new_child)
         self._control_position = "$"
-        # task id -> (when to stop looking for it, grace period)
-        self._terminates: dict[str, tuple[float, float]] = {}
-        self._killed: set[int] = set()
-        self._spawned_at: dict[int, float] = {}
-        self._backoff: dict[int, float] = {}
-        self._respawn_at: dict[int, float] = {}
         self._signals = 0
         self._warm = False
         self._failing: dict[str, str] = {}  # housekeeping step -> its last error
@@ -120,7 +110,6 @@ class Worker:
         # Ended tasks are remembered a little past max_age: a message older is refused.
         self._replays_after = settings.replay_window + 60.0
         self._started = time.time()
-        self._context = multiprocessing.get_context("fork")
         self._versions_probe: subprocess.Popen[bytes] | None = None
         self._versions: dict[str, str] | None = None  # found, not yet announced
         self._announced: tuple[tuple[int, ...], tuple[str, ...]] = ((), ())
@@ -153,7 +142,7 @@ class Worker:
         self._read_control()
         self._heartbeat()
         for slot in range(self.concurrency):
-            self._spawn(slot)
+            self._pool.spawn(slot)
         # Found by a child process: it takes CPU and memory this one should not keep.
         self._versions_probe = start_probe()
         log.info("worker %s ready", self.worker_id)
@@ -186,10 +175,10 @@ class Worker:
             if code is not None:
                 return code
             self._reap_children()
-            if self._warm and not self._children:
+            if self._warm and not self._pool.processes:
                 return EXIT_OK
             if not self._warm:
-                self._respawn_due()
+                self._pool.respawn_due()
             try:
                 beat = time.monotonic() >= next_heartbeat
                 self._housekeeping(beat=beat, beats=beats)
@@ -203,14 +192,12 @@ class Worker:
     def _watch_signals_and_parent(self) -> int | None:
         """The exit code if the worker must stop now; a first signal starts a warm stop."""
         if self._signals >= 2:
-            log.warning("cold shutdown: killing %d child process(es)", len(self._children))
+            log.warning("cold shutdown: killing %d child process(es)", len(self._pool.processes))
             return EXIT_SIGNAL
         if self._signals == 1 and not self._warm:
             self._warm = True
             log.info("warm shutdown: children finish their current task (signal again to stop now)")
-            for child in self._children.values():
-                if child.pid:
-                    os.kill(child.pid, signal.SIGTERM)
+            self._pool.signal_all(signal.SIGTERM)
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
             log.warning("parent process %d is gone; stopping", self.parent_pid)
             return EXIT_OK
@@ -218,13 +205,8 @@ class Worker:
 
     def _reap_children(self) -> None:
         """Wait a tick for children to exit; settle and replace those that did."""
-        sentinels = {c.sentinel: slot for slot, c in self._children.items()}
-        if not sentinels:
-            time.sleep(_TICK_SECONDS)  # wait() on nothing would return at once
-        ready = multiprocessing.connection.wait(list(sentinels), timeout=_TICK_SECONDS)
-        for sentinel in ready:
-            assert isinstance(sentinel, int)
-            self._child_exited(sentinels[sentinel], respawn=not self._warm)
+        for slot in self._pool.exited():
+            self._child_exited(slot, respawn=not self._warm)
 
     def _housekeeping(self, *, beat: bool, beats: int) -> None:
         """Every tick: limits, ETA, control, announcements; each beat: presence, dead workers.
@@ -235,9 +217,9 @@ class Worker:
         """
         steps: list[tuple[str, Callable[[], object]]] = [
             ("versions", self._announce_versions),
-            ("time limits", self._enforce_limits),
+            ("time limits", self._pool.enforce_limits),
             ("control messages", self._read_control),
-            ("terminate requests", self._apply_terminates),
+            ("terminate requests", self._pool.apply_terminates),
         ]
         if beat:
             steps.append(("heartbeat", self._heartbeat))
@@ -280,8 +262,9 @@ class Worker:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals += 1
 
-    def _spawn(self, slot: int) -> None:
-        child = Child(
+    def _new_child(self, slot: int, state: SlotState, replaces: bool) -> Child:
+        """The child to run in ``slot``: its own queue first, then the shared ones."""
+        return Child(
             self.settings,
             self.url,
             self.secret,
@@ -291,26 +274,13 @@ class Worker:
             hostname=self.hostname,
             tasks=self.tasks,
             datasets=self.datasets,
-            slot=self._slots[slot],
-            replaces=slot in self._spawned_at,
+            slot=state,
+            replaces=replaces,
         )
-        process = self._context.Process(target=child.run, name=f"nbtask-child-{slot}")
-        process.start()
-        self._children[slot] = process
-        self._spawned_at[slot] = time.monotonic()
 
     def _child_exited(self, slot: int, *, respawn: bool) -> None:
-        process = self._children.pop(slot)
-        process.join()
-        self._killed.discard(process.pid or 0)
-        if process.exitcode != 0:
-            log.error(
-                "child %d (pid %s) died with exit code %s", slot, process.pid, process.exitcode
-            )
-        reason = f"its worker process {process.pid} exited with code {process.exitcode}"
-        stopped = self._stopping.pop(slot, None)
-        had_task = bool(self._slots[slot].task_id)
-        self._slots[slot].clear(holds=False)
+        """Settle what the child of ``slot`` held, and replace it if ``respawn``."""
+        reason, stopped, had_task = self._pool.ended(slot)
         try:
             self.store.forget_holdings([self.consumers[slot]])  # its memory is gone
             lost = self.transport.held(self.queues, self.consumers[slot])
@@ -324,35 +294,15 @@ class Worker:
                 self.lost.report_stopped(stopped, reason)
         except BrokerUnavailable as exc:
             log.warning("could not settle the tasks of child %d yet: %s", slot, exc)
-        if not respawn:
-            return
-        young = time.monotonic() - self._spawned_at.get(slot, 0.0) < _CRASH_LOOP_SECONDS
-        if young and not had_task:
-            # Dying right after start (a broken import, a bad environment): back off
-            # instead of burning a core on respawns.
-            delay = min(2 * self._backoff.get(slot, _CRASH_LOOP_SECONDS / 2), 30.0)
-            self._backoff[slot] = delay
-            self._respawn_at[slot] = time.monotonic() + delay
-            log.error("child %d keeps dying at start; next try in %.1f s", slot, delay)
-        else:
-            self._backoff.pop(slot, None)
-            self._spawn(slot)
-
-    def _respawn_due(self) -> None:
-        now = time.monotonic()
-        for slot, when in list(self._respawn_at.items()):
-            if now >= when:
-                del self._respawn_at[slot]
-                self._spawn(slot)
+        if respawn:
+            self._pool.replace(slot, had_task=had_task)
 
     def _shutdown(self) -> None:
         if self._versions_probe is not None:
             self._versions_probe.kill()
             self._versions_probe.wait()
-        for process in self._children.values():
-            if process.pid and process.is_alive():
-                process.kill()
-        for slot in list(self._children):
+        self._pool.kill_all()
+        for slot in list(self._pool.processes):
             self._child_exited(slot, respawn=False)
         try:
             self._rehome(self.consumers)
@@ -366,7 +316,7 @@ class Worker:
 
     # Housekeeping ----------------------------------------------------------------------------
     def _info(self) -> WorkerInfo:
-        running = tuple(slot.task_id for slot in self._slots)
+        running = tuple(slot.task_id for slot in self._pool.slots)
         return WorkerInfo(
             hostname=self.hostname,
             pid=os.getpid(),
@@ -380,13 +330,7 @@ class Worker:
             running=running,
             seen=time.time(),
             keys=self.signer.accepted_key_ids,
-            pids=self._pids(),
-        )
-
-    def _pids(self) -> tuple[int, ...]:
-        return tuple(
-            (self._children[slot].pid or 0) if slot in self._children else 0
-            for slot in range(self.concurrency)
+            pids=self._pool.pids(),
         )
 
     def _announce_versions(self) -> None:
@@ -409,7 +353,8 @@ class Worker:
 
     def _placement_facts(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
         """The children's pids, and the task each child that held a kept value runs."""
-        return self._pids(), tuple(slot.task_id if slot.holds else "" for slot in self._slots)
+        slots = self._pool.slots
+        return self._pool.pids(), tuple(slot.task_id if slot.holds else "" for slot in slots)
 
     def _announce_changes(self) -> None:
         """Announce at once a new child, and a task started or ended by one holding values.
@@ -476,38 +421,6 @@ class Worker:
             )
         return False
 
-    def _enforce_limits(self) -> None:
-        """Kill children past their task's hard time limit or a terminate's grace period."""
-        now = time.time()
-        for slot, process in list(self._children.items()):
-            state = self._slots[slot]
-            task_id, deadline = state.task_id, state.deadline
-            stopping = self._stopping.get(slot)
-            if stopping is not None and stopping[0] != task_id:
-                del self._stopping[slot]  # that task ended by itself
-                stopping = None
-            if stopping is not None and now >= stopping[2]:
-                self._kill(slot, process, stopping)
-            elif task_id and deadline and now >= deadline and stopping is None:
-                self._kill(slot, process, (task_id, "time_limit", now))
-
-    def _kill(self, slot: int, process: BaseProcess, stopping: tuple[str, str, float]) -> None:
-        if process.pid in self._killed:
-            return  # already sent; waiting for it to be reaped
-        self._killed.add(process.pid or 0)
-        log.error(
-            "killing child %d (pid %s): task %s %s",
-            slot,
-            process.pid,
-            stopping[0],
-            "passed its hard time limit"
-            if stopping[1] == "time_limit"
-            else "ignored its terminate request",
-        )
-        self._stopping[slot] = stopping
-        if process.pid:
-            os.kill(process.pid, signal.SIGKILL)
-
     def _read_control(self) -> None:
         for entry_id, raw in self.store.read_control(self._control_position):
             self._control_position = entry_id
@@ -519,29 +432,4 @@ class Worker:
                 log.error("ignored a control message that does not verify: %s", exc)
                 continue
             if command.get("kind") == "control" and command.get("cmd") == "terminate":
-                self._terminate(str(command.get("id")), float(command.get("grace", 5.0)))
-
-    def _terminate(self, task_id: str, grace: float) -> None:
-        # Remembered for a while: the request can overtake the delivery it is about (the
-        # task is STARTED in Redis a moment before its child records it in its slot).
-        self._terminates[task_id] = (time.monotonic() + _TERMINATE_MEMORY_SECONDS, grace)
-        self._apply_terminates()
-
-    def _apply_terminates(self) -> None:
-        now = time.monotonic()
-        for task_id, (forget_at, grace) in list(self._terminates.items()):
-            for slot, process in self._children.items():
-                if self._slots[slot].task_id == task_id and process.pid:
-                    log.warning(
-                        "terminating task %s in child %d (SIGINT, SIGKILL after %.1f s)",
-                        task_id,
-                        slot,
-                        grace,
-                    )
-                    self._stopping[slot] = (task_id, "revoked", time.time() + grace)
-                    os.kill(process.pid, signal.SIGINT)
-                    del self._terminates[task_id]
-                    break
-            else:
-                if now >= forget_at:
-                    del self._terminates[task_id]
+                self._pool.terminate(str(command.get("id")), float(command.get("grace", 5.0)))

@@ -1,0 +1,210 @@
+"""A worker's child processes: one per slot, forked, replaced, and stopped on purpose.
+
+The supervisor (:mod:`nbtask.worker.supervisor`) decides what a child serves and settles
+what a dead child held through the broker; this module owns the processes themselves and
+the memory each shares with the supervisor (:class:`~nbtask.worker.slots.SlotState`): it
+forks them, reaps those that exit, replaces them (backing off when one keeps dying at
+start), and kills a child whose task passed its hard time limit or ignored a terminate
+request past its grace period. Nothing here talks to a broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import time
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+from typing import NamedTuple
+
+from nbtask.worker.child import Child
+from nbtask.worker.slots import SlotState
+
+__all__ = ["ChildPool", "Ended"]
+
+log = logging.getLogger("nbtask.worker")
+
+_TICK_SECONDS = 0.1
+_TERMINATE_MEMORY_SECONDS = 10.0  # how long a terminate waits for its task to show up
+_CRASH_LOOP_SECONDS = 1.0  # a child that dies younger than this is respawned with backoff
+
+
+class Ended(NamedTuple):
+    """What the supervisor needs to settle after a child process ended."""
+
+    #: Why its tasks are lost: the process and its exit code.
+    reason: str
+    #: The stop this supervisor ordered for it, if any: (task id, why, when to kill).
+    stopped: tuple[str, str, float] | None
+    #: Whether its slot held a task when it ended.
+    had_task: bool
+
+
+class ChildPool:
+    """The child processes of one worker, by slot.
+
+    Parameters
+    ----------
+    concurrency
+        Slots, hence child processes.
+    make_child
+        The child to run in a slot: ``make_child(slot, state, replaces)``, where
+        ``state`` is the slot's shared memory and ``replaces`` says whether a child ran
+        in that slot before.
+    """
+
+    def __init__(
+        self, concurrency: int, make_child: Callable[[int, SlotState, bool], Child]
+    ) -> None:
+        self._make_child = make_child
+        #: slot -> its child process, while it runs.
+        self.processes: dict[int, BaseProcess] = {}
+        #: What each slot's child is running, written by the child.
+        self.slots = [SlotState() for _ in range(concurrency)]
+        # slot -> (task id, why it is being stopped, when to SIGKILL it)
+        self._stopping: dict[int, tuple[str, str, float]] = {}
+        # task id -> (when to stop looking for it, grace period)
+        self._terminates: dict[str, tuple[float, float]] = {}
+        self._killed: set[int] = set()
+        self._spawned_at: dict[int, float] = {}
+        self._backoff: dict[int, float] = {}
+        self._respawn_at: dict[int, float] = {}
+        self._context = multiprocessing.get_context("fork")
+
+    def pids(self) -> tuple[int, ...]:
+        """The pid of each slot's child (0 for a slot with none running)."""
+        return tuple(
+            (self.processes[slot].pid or 0) if slot in self.processes else 0
+            for slot in range(len(self.slots))
+        )
+
+    def spawn(self, slot: int) -> None:
+        """Fork a child process for ``slot``."""
+        child = self._make_child(slot, self.slots[slot], slot in self._spawned_at)
+        process = self._context.Process(target=child.run, name=f"nbtask-child-{slot}")
+        process.start()
+        self.processes[slot] = process
+        self._spawned_at[slot] = time.monotonic()
+
+    def exited(self) -> list[int]:
+        """Wait a tick for children to exit; the slots of those that did."""
+        sentinels = {c.sentinel: slot for slot, c in self.processes.items()}
+        if not sentinels:
+            time.sleep(_TICK_SECONDS)  # wait() on nothing would return at once
+        ready = multiprocessing.connection.wait(list(sentinels), timeout=_TICK_SECONDS)
+        slots = []
+        for sentinel in ready:
+            assert isinstance(sentinel, int)
+            slots.append(sentinels[sentinel])
+        return slots
+
+    def ended(self, slot: int) -> Ended:
+        """Join the child of ``slot``, which exited or was killed, and clear its slot."""
+        process = self.processes.pop(slot)
+        process.join()
+        self._killed.discard(process.pid or 0)
+        if process.exitcode != 0:
+            log.error(
+                "child %d (pid %s) died with exit code %s", slot, process.pid, process.exitcode
+            )
+        reason = f"its worker process {process.pid} exited with code {process.exitcode}"
+        stopped = self._stopping.pop(slot, None)
+        had_task = bool(self.slots[slot].task_id)
+        self.slots[slot].clear(holds=False)
+        return Ended(reason, stopped, had_task)
+
+    def replace(self, slot: int, *, had_task: bool) -> None:
+        """Fork a new child for ``slot`` whose child ended, later if it keeps dying at start."""
+        young = time.monotonic() - self._spawned_at.get(slot, 0.0) < _CRASH_LOOP_SECONDS
+        if young and not had_task:
+            # Dying right after start (a broken import, a bad environment): back off
+            # instead of burning a core on respawns.
+            delay = min(2 * self._backoff.get(slot, _CRASH_LOOP_SECONDS / 2), 30.0)
+            self._backoff[slot] = delay
+            self._respawn_at[slot] = time.monotonic() + delay
+            log.error("child %d keeps dying at start; next try in %.1f s", slot, delay)
+        else:
+            self._backoff.pop(slot, None)
+            self.spawn(slot)
+
+    def respawn_due(self) -> None:
+        """Fork the children whose backoff after dying at start is over."""
+        now = time.monotonic()
+        for slot, when in list(self._respawn_at.items()):
+            if now >= when:
+                del self._respawn_at[slot]
+                self.spawn(slot)
+
+    def signal_all(self, signum: int) -> None:
+        """Send ``signum`` to every child process."""
+        for child in self.processes.values():
+            if child.pid:
+                os.kill(child.pid, signum)
+
+    def kill_all(self) -> None:
+        """SIGKILL every child process still alive (they are reaped by :meth:`ended`)."""
+        for process in self.processes.values():
+            if process.pid and process.is_alive():
+                process.kill()
+
+    def enforce_limits(self) -> None:
+        """Kill children past their task's hard time limit or a terminate's grace period."""
+        now = time.time()
+        for slot, process in list(self.processes.items()):
+            state = self.slots[slot]
+            task_id, deadline = state.task_id, state.deadline
+            stopping = self._stopping.get(slot)
+            if stopping is not None and stopping[0] != task_id:
+                del self._stopping[slot]  # that task ended by itself
+                stopping = None
+            if stopping is not None and now >= stopping[2]:
+                self._kill(slot, process, stopping)
+            elif task_id and deadline and now >= deadline and stopping is None:
+                self._kill(slot, process, (task_id, "time_limit", now))
+
+    def _kill(self, slot: int, process: BaseProcess, stopping: tuple[str, str, float]) -> None:
+        if process.pid in self._killed:
+            return  # already sent; waiting for it to be reaped
+        self._killed.add(process.pid or 0)
+        log.error(
+            "killing child %d (pid %s): task %s %s",
+            slot,
+            process.pid,
+            stopping[0],
+            "passed its hard time limit"
+            if stopping[1] == "time_limit"
+            else "ignored its terminate request",
+        )
+        self._stopping[slot] = stopping
+        if process.pid:
+            os.kill(process.pid, signal.SIGKILL)
+
+    def terminate(self, task_id: str, grace: float) -> None:
+        """Interrupt ``task_id`` where it runs; kill its child if still there after ``grace``."""
+        # Remembered for a while: the request can overtake the delivery it is about (the
+        # task is STARTED in Redis a moment before its child records it in its slot).
+        self._terminates[task_id] = (time.monotonic() + _TERMINATE_MEMORY_SECONDS, grace)
+        self.apply_terminates()
+
+    def apply_terminates(self) -> None:
+        """Interrupt the tasks of the terminate requests whose task a child now runs."""
+        now = time.monotonic()
+        for task_id, (forget_at, grace) in list(self._terminates.items()):
+            for slot, process in self.processes.items():
+                if self.slots[slot].task_id == task_id and process.pid:
+                    log.warning(
+                        "terminating task %s in child %d (SIGINT, SIGKILL after %.1f s)",
+                        task_id,
+                        slot,
+                        grace,
+                    )
+                    self._stopping[slot] = (task_id, "revoked", time.time() + grace)
+                    os.kill(process.pid, signal.SIGINT)
+                    del self._terminates[task_id]
+                    break
+            else:
+                if now >= forget_at:
+                    del self._terminates[task_id]
