@@ -247,23 +247,20 @@ def test_a_path_a_cell_removes_is_removed_in_the_notebook_even_one_it_started_wi
 ) -> None:
     added = "/nbtask-test/added"
     own = next(p for p in sys.path if p in process_state._OWN_PATH)
-    at = sys.path.index(own)
-    sys.path.append(added)
+    saved = list(sys.path)
     try:
+        sys.path.append(added)
         before = process_state.capture()
-        sys.path.remove(added)  # what the cell does, on the worker
-        sys.path.remove(own)
+        while own in sys.path:  # what the cell does, on the worker (a path may be listed twice)
+            sys.path.remove(own)
+        sys.path.remove(added)
         changed = process_state.changes(before, process_state.capture())
         assert changed["sys.path removed"] == [own, added]
-        sys.path.insert(at, own)  # the notebook still has both
-        sys.path.append(added)
+        sys.path[:] = [*saved, added]  # the notebook still has both
         process_state.KernelState().apply_changes(changed)
         assert own not in sys.path and added not in sys.path
     finally:
-        while added in sys.path:
-            sys.path.remove(added)
-        if own not in sys.path:
-            sys.path.insert(at, own)
+        sys.path[:] = saved
 
 
 def test_a_thread_threading_does_not_list_makes_the_next_cell_apply_the_state(
