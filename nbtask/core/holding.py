@@ -105,6 +105,10 @@ class Holding:
         This process's own queue (:func:`holder_queue`): where work on its values goes.
     on_change
         Called with the held values after each change (to announce them in the registry).
+    before_use
+        Called before a held value is handed out, to wait for the store copies this
+        process still writes in the background: they are read from the live buffers,
+        which the work given the value may change in place.
     """
 
     def __init__(
@@ -112,10 +116,12 @@ class Holding:
         budget: int,
         queue: str = "",
         on_change: Callable[[list[HeldValue]], None] | None = None,
+        before_use: Callable[[], object] | None = None,
     ) -> None:
         self.budget = budget
         self.queue = queue
         self._on_change = on_change
+        self._before_use = before_use
         self._held: collections.OrderedDict[str, HeldValue] = collections.OrderedDict()
         self._lock = threading.Lock()
         #: A value was held at some point: references naming this process exist.
@@ -131,12 +137,15 @@ class Holding:
 
         A value lent to a function task is checked first (one hash): if the task changed
         it in place, it no longer is what ``key`` names, and is dropped (its store copy
-        still is).
+        still is). A value is handed out only once its store copy is written (see
+        ``before_use``).
         """
         with self._lock:
             held = self._held.get(key)
             if held is not None:
                 self._held.move_to_end(key)
+        if held is not None and self._before_use is not None:
+            self._before_use()
         if held is not None and held.lent:
             if key_of(held.value) != key:
                 log.info("dropped %s from memory: a task changed it in place", held.name)

@@ -45,7 +45,7 @@ def process_holding(
             ),
         )
 
-    holding = Holding(settings.worker_memory_budget, own, announce)
+    holding = Holding(settings.worker_memory_budget, own, announce, store.finish_writes)
 
     def loaded() -> None:
         try:

@@ -114,6 +114,19 @@ def test_a_value_whose_store_copy_is_written_after_its_cell_is_read_whole(
     assert ip.user_ns["first"] == 2.0
 
 
+def test_a_value_changed_in_place_while_its_copy_is_written_leaves_its_twin_whole(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    # Two 40 MB names with the same bytes share one blob; the second one's copy is
+    # written from its live buffer, which the next cell on the holder changes in place.
+    task(ip, "import numpy as np\nbase = np.arange(5_000_000.0)\ndata = base.copy()")
+    task(ip, "data += 1.0")
+    run(ip, "b1 = float(base[1])")  # fetched from the store copy of the untouched twin
+    assert ip.user_ns["b1"] == 1.0
+    task(ip, "d1 = float(data[1])")
+    assert ip.user_ns["d1"] == 2.0
+
+
 def test_fetching_over_the_budget_is_refused_saying_how_to_raise_it(
     ip: InteractiveShell, nb: Session
 ) -> None:
