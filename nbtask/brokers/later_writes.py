@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 __all__ = ["LaterWrites"]
 
@@ -23,15 +23,20 @@ class LaterWrites:
     """One thread running the writes given to it, in order; started on the first one."""
 
     def __init__(self) -> None:
-        self._jobs: collections.deque[Callable[[], None]] = collections.deque()
+        self._jobs: collections.deque[tuple[Callable[[], None], list[str]]] = collections.deque()
         self._changed = threading.Condition()
         self._busy = False
+        self._running: list[str] = []  # the leases of the write running now
         self._thread: threading.Thread | None = None
 
-    def submit(self, job: Callable[[], None]) -> None:
-        """Run ``job`` after the writes before it (a failure is logged, never raised)."""
+    def submit(self, job: Callable[[], None], leases: Iterable[str] = ()) -> None:
+        """Run ``job`` after the writes before it (a failure is logged, never raised).
+
+        ``leases``: what says the job's writes are coming, renewed until it has run
+        (:meth:`leases`).
+        """
         with self._changed:
-            self._jobs.append(job)
+            self._jobs.append((job, list(leases)))
             if self._thread is None or not self._thread.is_alive():
                 # A process forked by task code finds the deque but not the thread.
                 self._thread = threading.Thread(
@@ -39,6 +44,11 @@ class LaterWrites:
                 )
                 self._thread.start()
             self._changed.notify_all()
+
+    def leases(self) -> list[str]:
+        """The leases of the writes queued or running: a write waiting its turn is alive too."""
+        with self._changed:
+            return list(dict.fromkeys([*self._running, *(k for _, ks in self._jobs for k in ks)]))
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every write given so far is done; whether they are (else: timed out)."""
@@ -49,7 +59,7 @@ class LaterWrites:
         while True:
             with self._changed:
                 self._changed.wait_for(lambda: bool(self._jobs))
-                job = self._jobs.popleft()
+                job, self._running = self._jobs.popleft()
                 self._busy = True
             try:
                 job()
@@ -57,5 +67,5 @@ class LaterWrites:
                 log.exception("a store copy written in the background failed")
             finally:
                 with self._changed:
-                    self._busy = False
+                    self._busy, self._running = False, []
                     self._changed.notify_all()

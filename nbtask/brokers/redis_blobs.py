@@ -27,7 +27,8 @@ shared memory is removed from its file once Redis says it may go.
 A kept value's store copy may be written later (``later=True``: the process keeping it
 holds it live, and the cell's outcome need not wait for hundreds of megabytes to reach
 Redis). From the moment its use is noted until it is written, its lease
-(``<key_prefix>:blobwriting:<digest>``, renewed as each chunk goes, gone
+(``<key_prefix>:blobwriting:<digest>``, renewed as each chunk or file of its process's
+background writes goes, its own or one before it in the queue, gone
 :attr:`RedisBlobs.lease_seconds` after its writer stopped) says it is coming: a reader
 waits for it instead of finding it missing, and :meth:`RedisBlobs.has_blobs` says it is
 not whole yet.
@@ -108,19 +109,25 @@ class RedisBlobs:
         elif missing:
             if self._later is None:
                 self._later = LaterWrites()
-            self._later.submit(functools.partial(self._write_later, missing, writer))
+            leases = [self._lease_key(digest) for digest in missing]
+            self._later.submit(functools.partial(self._write_later, missing, writer), leases)
 
     def finish_writes(self, timeout: float | None = None) -> bool:
         """Wait for the blobs this process writes in the background; whether all are written."""
         return self._later is None or self._later.wait(timeout)
 
-    def _write(self, blobs: Mapping[str, Buffer], renew: str = "") -> None:
+    def _write(self, blobs: Mapping[str, Buffer], *, renew: bool = False) -> None:
         """Write ``blobs`` (to shared memory, or chunk by chunk to Redis).
 
-        ``renew``: a lease to renew with each chunk, which goes in the same round trip.
+        ``renew``: a background write, which renews the leases of every write of this
+        process still to be done (its own, and those queued behind it) at each file or
+        chunk, in the same round trip as the chunk: a write waiting its turn is alive too.
         """
         if self.local_blobs is not None:
-            self.local_blobs.put(blobs)
+            for digest, data in blobs.items():
+                if renew:
+                    self._run_writes(self._renewals())
+                self.local_blobs.put({digest: data})
             return
         writes: list[tuple[object, ...]] = []
         for digest, data in blobs.items():
@@ -128,8 +135,16 @@ class RedisBlobs:
             for i, key in enumerate(self._blob_keys(digest, len(data))):
                 chunk = view[i * self.chunk_bytes : (i + 1) * self.chunk_bytes]
                 writes.append(("SET", key, chunk, "EX", self.ttl))
-                if renew:
-                    writes.append(("EXPIRE", self._lease_key(digest), self.lease_seconds))
+                if renew:  # one round trip per chunk: the leases renewed are read anew
+                    self._run_writes([*writes, *self._renewals()])
+                    writes = []
+        self._run_writes(writes)
+
+    def _renewals(self) -> list[tuple[object, ...]]:
+        leases = self._later.leases() if self._later is not None else []
+        return [("EXPIRE", lease, self.lease_seconds) for lease in leases]
+
+    def _run_writes(self, writes: list[tuple[object, ...]]) -> None:
         if writes:
             with self.link.translate_errors():
                 self.link.run(writes, large=True)
@@ -137,7 +152,7 @@ class RedisBlobs:
     def _write_later(self, blobs: Mapping[str, Buffer], writer: str) -> None:
         """Write ``blobs`` in the background, then give back their leases."""
         try:
-            self._write(blobs, renew=writer)
+            self._write(blobs, renew=True)
         finally:
             digests = list(blobs)
             commands = [

@@ -10,6 +10,7 @@ and in shared memory (one host), on the real Redis.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -45,10 +46,10 @@ def _gated(store: Any) -> threading.Event:
     """Hold the store's background writes until the returned event is set."""
     gate, write = threading.Event(), store._write
 
-    def held(blobs: Any, renew: str = "") -> None:
+    def held(blobs: Any, *, renew: bool = False) -> None:
         if renew:  # a background write (one made now goes as it is)
             gate.wait(30)
-        write(blobs, renew)
+        write(blobs, renew=renew)
 
     store._write = held
     return gate
@@ -141,3 +142,42 @@ def test_a_lease_nbtask_did_not_write_keeps_no_reader_waiting(
     store.put_blobs({DIGEST: DATA}, "kept", later=True)
     assert store.finish_writes(30)
     assert bytes(store.get_blob(DIGEST, len(DATA))) == DATA
+
+
+def test_a_copy_queued_behind_a_slow_write_is_still_waited_for(store: Any) -> None:
+    store.lease_seconds = 1
+    _slowed(store, pause=0.3)  # each chunk, or file, takes 0.3 s
+    # A value kept just before, of six blobs of a chunk each: about 2 s to write first.
+    first = [bytes([i]) * 100_000 for i in range(6)]
+    store.put_blobs({digest_of(data): data for data in first}, "first", later=True)
+    store.put_blobs({DIGEST: DATA}, "kept", later=True)  # its lease waits in the queue
+    reader, got = _reading(store)
+    reader.join(60)
+    assert got() == DATA, "the reader gave up on a copy its live writer was about to write"
+
+
+def _slowed(store: Any, pause: float) -> None:
+    """Make the store's writes of chunks (or files) slow, as over a slow network."""
+    if store.local_blobs is not None:
+        put = store.local_blobs.put
+
+        def slow_put(blobs: Any) -> None:
+            for digest, data in blobs.items():
+                time.sleep(pause)
+                put({digest: data})
+
+        store.local_blobs.put = slow_put
+        return
+    run = store.link.run
+
+    def slow_run(commands: Any, **options: Any) -> Any:
+        if not options.get("large"):
+            return run(commands, **options)
+        replies = []
+        for command in commands:
+            if command[0] == "SET":
+                time.sleep(pause)
+            replies += run([command], **options)
+        return replies
+
+    store.link.run = slow_run
