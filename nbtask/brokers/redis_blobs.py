@@ -37,6 +37,7 @@ not whole yet.
 from __future__ import annotations
 
 import functools
+import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -46,12 +47,14 @@ from redis.exceptions import ResponseError
 from nbtask.brokers.later_writes import LaterWrites
 from nbtask.brokers.local_blobs import LocalBlobs
 from nbtask.brokers.redis_link import RedisLink
-from nbtask.errors import BlobError
+from nbtask.errors import BlobError, BrokerUnavailable
 from nbtask.settings import Settings
 from nbtask.wire.blobs import ByteProgress
 from nbtask.wire.envelope import Buffer
 
 __all__ = ["CHUNK_BYTES", "RedisBlobs"]
+
+log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 64 * 1024 * 1024
 #: Blobs asked to be written later are, from this many bytes in all (smaller ones go now).
@@ -73,6 +76,8 @@ class RedisBlobs:
     later_bytes: int = LATER_BYTES
     #: Seconds a write lease lasts unless its writer renews it (at each chunk).
     lease_seconds: int = 10
+    #: Seconds a background write is tried again while the store is unreachable.
+    retry_seconds: float = 60.0
     _later: LaterWrites | None = None
 
     def _blob_keys(self, digest: str, size: int) -> list[str]:
@@ -152,7 +157,7 @@ class RedisBlobs:
     def _write_later(self, blobs: Mapping[str, Buffer], writer: str) -> None:
         """Write ``blobs`` in the background, then give back their leases."""
         try:
-            self._write(blobs, renew=True)
+            self._write_again_while_unreachable(blobs, writer)
         finally:
             digests = list(blobs)
             commands = [
@@ -173,6 +178,29 @@ class RedisBlobs:
             for digest, reply in zip(digests, replies, strict=True):
                 if reply and self.local_blobs is not None:
                     self.local_blobs.remove(digest, functools.partial(self._in_use, digest))
+
+    def _write_again_while_unreachable(self, blobs: Mapping[str, Buffer], writer: str) -> None:
+        """Write ``blobs``, again while the store is unreachable, for :attr:`retry_seconds`.
+
+        A Redis restart or failover must not lose a copy its process still holds (no
+        cell failed: no one would know). Each try takes the leases again first: they
+        lapsed meanwhile.
+        """
+        deadline = time.monotonic() + self.retry_seconds
+        pause, again = 0.5, False
+        while True:
+            try:
+                if again:
+                    leases = [self._lease_key(digest) for digest in blobs]
+                    self._run_writes([("SET", k, writer, "EX", self.lease_seconds) for k in leases])
+                self._write(blobs, renew=True)
+                return
+            except BrokerUnavailable as exc:
+                if time.monotonic() + pause > deadline:
+                    raise
+                log.warning("could not write a store copy (%s); trying again in %.1f s", exc, pause)
+            time.sleep(pause)
+            pause, again = min(pause * 2, 5.0), True
 
     def _chunk_keys_here(self, digest: str, size: int) -> list[str]:
         """The keys a blob's chunks have in Redis (none when blobs go to shared memory)."""

@@ -14,9 +14,11 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from raw_broker import RawBroker
+from tcp_proxy import TcpProxy, via
 
 from nbtask import App
 from nbtask.errors import BlobError
@@ -181,3 +183,30 @@ def _slowed(store: Any, pause: float) -> None:
         return replies
 
     store.link.run = slow_run
+
+
+def test_a_copy_whose_store_was_unreachable_for_a_while_is_written_once_it_is_back(
+    app: App, tmp_path: Path
+) -> None:
+    url = app.settings.result_url or app.settings.broker_url or ""
+    target = urlsplit(url)
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 6379)
+    proxy.start()
+    field = "result_url" if app.settings.result_url else "broker_url"
+    proxied = App("proxied", settings=app.settings.replace(**{field: via(url, proxy.url_port)}))
+    try:
+        store = proxied.store
+        store.chunk_bytes, store.later_bytes, store.lease_seconds = 100_000, 0, 1
+        _slowed(store, pause=0.5)
+        store.put_blobs({DIGEST: DATA}, "kept", later=True)
+        time.sleep(0.7)  # its first chunk went
+        proxy.refuse()  # a Redis restart, a failover: the store is gone for a while
+        proxy.cut()
+        time.sleep(2.5)  # longer than the lease
+        proxy.accept_again()
+        assert store.finish_writes(60)
+        app.store.chunk_bytes = store.chunk_bytes
+        assert bytes(app.store.get_blob(DIGEST, len(DATA))) == DATA
+    finally:
+        proxied.close()
+        proxy.stop()
