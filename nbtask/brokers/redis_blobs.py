@@ -316,7 +316,8 @@ class RedisBlobs:
                         f"a large value ({size:,} bytes, blob {digest[:16]}) is no longer in "
                         f"the store: it expired (values are kept result_ttl, "
                         f"{self.ttl:,} s), was deleted, or the worker writing it stopped "
-                        "first; run the task again"
+                        "first or could not write it (the worker's log says why); run the "
+                        "task again"
                     )
                 if at + len(chunk) > size:
                     break

@@ -185,28 +185,56 @@ def _slowed(store: Any, pause: float) -> None:
     store.link.run = slow_run
 
 
-def test_a_copy_whose_store_was_unreachable_for_a_while_is_written_once_it_is_back(
-    app: App, tmp_path: Path
-) -> None:
+@pytest.fixture
+def cut_off(app: App) -> Iterator[tuple[Any, TcpProxy]]:
+    """A store (writing later from 0 bytes on) reaching Redis through a proxy, and the proxy.
+
+    The test's ``app`` reads what it wrote, with the same chunks.
+    """
     url = app.settings.result_url or app.settings.broker_url or ""
     target = urlsplit(url)
     proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 6379)
     proxy.start()
     field = "result_url" if app.settings.result_url else "broker_url"
     proxied = App("proxied", settings=app.settings.replace(**{field: via(url, proxy.url_port)}))
+    store = proxied.store
+    store.chunk_bytes, store.later_bytes, store.lease_seconds = 100_000, 0, 1
+    app.store.chunk_bytes = store.chunk_bytes
     try:
-        store = proxied.store
-        store.chunk_bytes, store.later_bytes, store.lease_seconds = 100_000, 0, 1
-        _slowed(store, pause=0.5)
-        store.put_blobs({DIGEST: DATA}, "kept", later=True)
-        time.sleep(0.7)  # its first chunk went
-        proxy.refuse()  # a Redis restart, a failover: the store is gone for a while
-        proxy.cut()
-        time.sleep(2.5)  # longer than the lease
+        yield store, proxy
+    finally:
         proxy.accept_again()
         assert store.finish_writes(60)
-        app.store.chunk_bytes = store.chunk_bytes
-        assert bytes(app.store.get_blob(DIGEST, len(DATA))) == DATA
-    finally:
         proxied.close()
         proxy.stop()
+
+
+def _cut_while_writing(store: Any, proxy: TcpProxy, seconds: float) -> None:
+    """Keep DATA, its chunks written slowly, and cut the store off for ``seconds`` meanwhile."""
+    _slowed(store, pause=0.5)
+    store.put_blobs({DIGEST: DATA}, "kept", later=True)
+    time.sleep(0.7)  # its first chunk went
+    proxy.refuse()  # a Redis restart, a failover: the store is gone for a while
+    proxy.cut()
+    time.sleep(seconds)
+    proxy.accept_again()
+
+
+def test_a_copy_whose_store_was_unreachable_for_a_while_is_written_once_it_is_back(
+    app: App, cut_off: tuple[Any, TcpProxy]
+) -> None:
+    store, proxy = cut_off
+    _cut_while_writing(store, proxy, 2.5)  # longer than the lease
+    assert store.finish_writes(60)
+    assert bytes(app.store.get_blob(DIGEST, len(DATA))) == DATA
+
+
+def test_a_copy_its_writer_could_not_write_is_reported_saying_where_to_look(
+    app: App, cut_off: tuple[Any, TcpProxy]
+) -> None:
+    store, proxy = cut_off
+    store.retry_seconds = 0  # gives up at once
+    _cut_while_writing(store, proxy, 1.5)  # the lease lapsed
+    assert store.finish_writes(60)
+    with pytest.raises(BlobError, match=r"could not write it \(the worker's log says why\)"):
+        app.store.get_blob(DIGEST, len(DATA))
