@@ -52,6 +52,7 @@ import numpy as np
 import redis
 from bench_nbtask import _start_worker, _stop
 from common import delete_prefix
+from data_goals import goal_lines
 
 __all__ = ["main"]
 
@@ -268,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _report(out: dict[str, Any], json_out: str | None) -> int:
     text = json.dumps(out, indent=2)
     print(text)
+    print("\n".join(goal_lines(out)))
     if json_out:
         Path(json_out).write_text(text)
     return 0
