@@ -1,7 +1,8 @@
 """One Redis server as nbtask talks to it: a lean pipeline, its Lua scripts, clear errors.
 
 Shared by the Redis store and the Redis Streams transport (which, on a Redis broker, use
-the same server and so the same link).
+the same server and so the same link). How commands are packed and replies read on a
+connection is :mod:`nbtask.brokers.redis_resp`.
 """
 
 from __future__ import annotations
@@ -11,14 +12,11 @@ import dataclasses
 import hashlib
 import logging
 import os
-import select
-import socket
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import redis
-from hiredis import pack_command
 from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
@@ -32,18 +30,23 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from nbtask._text import redact_url
 from nbtask.brokers.base import PIPELINE_WINDOW, Publish
+from nbtask.brokers.redis_resp import (
+    LARGE_BYTES,
+    Command,
+    closed_by_server,
+    pack,
+    pack_one,
+    read_replies,
+)
 from nbtask.errors import BrokerUnavailable, ConfigurationError
 
 __all__ = ["LARGE_BYTES", "Command", "RedisLink", "is_wrong_type", "unanswered"]
 
 log = logging.getLogger(__name__)
 
-#: Arguments from this size on are sent as they are, never copied into one buffer.
-LARGE_BYTES = 1 << 20
 #: Bytes of publishes a thread may have sent unanswered (kept to be sent again) before
 #: its next send reads Redis's replies: a loop sending large arguments holds little.
 OWED_BYTES = 16 << 20
-Command = tuple[Any, ...]
 
 _HINTS = {
     "broker": (
@@ -223,7 +226,7 @@ class RedisLink:
         owed = self._owed()
         if len(owed.sent) >= PIPELINE_WINDOW or owed.size >= OWED_BYTES:
             self.settle_owed()
-        if _closed_by_server(owed.connection._sock):
+        if closed_by_server(owed.connection._sock):
             # Not connected yet, or the server went away (stopped, restarted) since the
             # last reply: send this one as a call, which reconnects or raises at once.
             self.run_scripts([command])
@@ -390,7 +393,7 @@ class RedisLink:
                 if packed is None:
                     packed = pack(commands) if large else [b"".join(map(pack_one, commands))]
                 connection.send_packed_command(packed)
-                _read_replies(connection, len(commands), block_seconds, replies)
+                read_replies(connection, len(commands), block_seconds, replies)
             except (RedisConnectionError, RedisTimeoutError):
                 # A half-read connection cannot be reused; the next call reconnects.
                 connection.disconnect()
@@ -421,85 +424,6 @@ def unanswered(messages: Sequence[Publish], wait: bool) -> Publish | None:
     if wait or len(messages) != 1 or len(messages[0].raw) >= LARGE_BYTES:
         return None
     return messages[0]
-
-
-def _read_replies(connection: Any, count: int, block_seconds: float, replies: list[Any]) -> None:
-    # Fills ``replies`` as they come: a caller whose connection fails midway must know
-    # whether the server already ran some of the commands.
-    stretched = block_seconds and connection._sock is not None
-    if stretched:
-        # Once for the whole batch (redis-py would set and reset it around every read).
-        connection._sock.settimeout(block_seconds + (connection.socket_timeout or 5.0))
-    try:
-        for _ in range(count):
-            try:
-                replies.append(connection.read_response())
-            except ResponseError as exc:
-                replies.append(exc)
-    finally:
-        if stretched and connection._sock is not None:
-            connection._sock.settimeout(connection.socket_timeout)
-
-
-def pack_one(command: Command) -> bytes:
-    """RESP-encode ``command`` with hiredis, its numbers written out here first.
-
-    hiredis writes a number with ``repr()``, which first runs the pending signal handlers:
-    a ``KeyboardInterrupt`` (Ctrl-C) raised there leaves hiredis with a NULL that crashes
-    the whole process (hiredis 3.5). Raised here, it is an ordinary exception.
-    """
-    args: Any = tuple(
-        arg if arg.__class__ is str or arg.__class__ is bytes else _text(arg) for arg in command
-    )
-    packed: bytes = pack_command(args)
-    return packed
-
-
-def _text(arg: Any) -> Any:
-    """A number as hiredis would write it (``float`` subclasses too); anything else as is."""
-    if isinstance(arg, float):
-        return float.__repr__(arg)
-    if arg.__class__ is int:
-        return int.__repr__(arg)
-    return arg  # a memoryview, or a type hiredis refuses with a TypeError
-
-
-def pack(commands: Sequence[Command]) -> list[bytes | memoryview]:
-    """RESP-encode ``commands``; large arguments are sent as they are, never copied.
-
-    (redis-py with hiredis packs everything into one buffer: for a 50 MB argument that
-    copy costs more than sending it.)
-    """
-    chunks: list[bytes | memoryview] = []
-    for command in commands:
-        head = [b"*%d\r\n" % len(command)]
-        for arg in command:
-            data = arg if isinstance(arg, (bytes, memoryview)) else str(arg).encode()
-            if len(data) >= LARGE_BYTES:
-                chunks += [b"".join((*head, b"$%d\r\n" % len(data))), data]
-                head = [b"\r\n"]
-            else:
-                head.append(b"$%d\r\n%s\r\n" % (len(data), data))
-        chunks.append(b"".join(head))
-    return chunks
-
-
-def _closed_by_server(sock: socket.socket | None) -> bool:
-    """Whether ``sock`` is missing or the server closed it (it reads as at its end)."""
-    if sock is None:
-        return True
-    # Polled first: a socket with a timeout (redis-py sets one) would wait for data to
-    # peek at, and most of the time there is none.
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    if not poller.poll(0):
-        return False  # nothing to read: open, every reply read
-    try:
-        # On the socket itself: a TLS one (rediss://) refuses flags. Its bytes are
-        # encrypted, but only "some" or "the end" matters here.
-        return socket.socket.recv(sock, 1, socket.MSG_PEEK) == b""
-    except OSError:  # reset by the server
-        return True
 
 
 def _sentence(exc: BaseException) -> str:
