@@ -1,24 +1,32 @@
-"""The :class:`Task` base class: a unit of work, its options, and how it is sent."""
+"""The :class:`Task` base class: a unit of work, its options, and how it is sent.
+
+What one call passes (arguments, times, callbacks) is checked in
+:mod:`nbtask.core.call_checks`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import inspect
 import random
 import time
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, NoReturn, Protocol
 
-from nbtask.core.canvas import Call, Callbacks, Sender, Signature, current_sender
+from nbtask.core.call_checks import (
+    call_arguments,
+    epoch,
+    link_callbacks,
+    positional_args,
+    run_signature,
+)
+from nbtask.core.canvas import Call, Sender, Signature, current_sender
 from nbtask.core.context import Request, current_request, progress
 from nbtask.core.datasets import data_queue, dataset_names
 from nbtask.core.handle import TaskHandle
 from nbtask.core.holding import is_holder_queue
 from nbtask.core.options import check_task_id, positive, queue_name, seconds
 from nbtask.errors import ConfigurationError, MaxRetriesExceededError, Retry
-from nbtask.settings import is_finite_number
 from nbtask.wire.events import Event
 from nbtask.wire.records import WorkerInfo
 
@@ -170,7 +178,7 @@ class Task:
                 f"task {self.name}[{request.id}] gave up after {request.retries} retries"
             )
         if eta is not None:
-            when = max(0.0, (_epoch(eta, absolute=True) or 0.0) - time.time())
+            when = max(0.0, (epoch(eta, absolute=True) or 0.0) - time.time())
         elif countdown is not None:
             when = float(countdown)
         else:
@@ -291,7 +299,7 @@ class Task:
             link_error=link_error,
             requires=requires,
         )
-        call_args, call_kwargs = _call_arguments(args, kwargs)
+        call_args, call_kwargs = call_arguments(args, kwargs)
         self.check_arguments(call_args, call_kwargs, requires)
         call = (self, call_args, call_kwargs, options)
         return self.sender().send_batch([call], on_event=on_event)[0]
@@ -311,7 +319,9 @@ class Task:
                 f"{self.name}: {given[0]}= is the dataset it requires, which its workers "
                 "pass; do not pass it yourself; nothing was sent"
             )
-        signature = _run_signature(type(self)) if self.typing else None
+        cls = type(self)
+        # A run not written here (a task sent by name): the worker's class has its signature.
+        signature = run_signature(cls) if self.typing and cls.run is not Task.run else None
         if signature is None:
             return
         try:
@@ -345,13 +355,13 @@ class Task:
         if queue:  # "" or None: the usual queue
             queue_name(queue, "queue")
         countdown = seconds("countdown", countdown)
-        due = time.time() + countdown if countdown is not None else _epoch(eta, absolute=True)
+        due = time.time() + countdown if countdown is not None else epoch(eta, absolute=True)
         needs = dataset_names(requires) if requires is not None else self.requires
         usual = self.usual_queue(needs)
         options: dict[str, Any] = {
             "queue": queue or usual,
             "eta": due,
-            "expires": _epoch(expires if expires is not None else self.expires, absolute=False),
+            "expires": epoch(expires if expires is not None else self.expires, absolute=False),
             "task_id": task_id,
         }
         if queue is not None and is_holder_queue(queue):
@@ -360,7 +370,7 @@ class Task:
         for name, value in (("time_limit", time_limit), ("soft_time_limit", soft_time_limit)):
             if value is not None:
                 options[name] = positive(name, value)
-        callbacks = _callbacks(link, link_error)
+        callbacks = link_callbacks(link, link_error)
         if callbacks:
             options["callbacks"] = callbacks
         if requires is not None:
@@ -388,7 +398,7 @@ class Task:
         """Send one task per argument tuple, in a single round trip to the broker."""
         options = self.send_options()
         calls: list[Call] = [
-            (self, _positional(a, f"delay_many()'s item {i}"), {}, options)
+            (self, positional_args(a, f"delay_many()'s item {i}"), {}, options)
             for i, a in enumerate(arg_tuples)
         ]
         for _, args, _, _ in calls:
@@ -427,98 +437,3 @@ class Task:
 
     def __repr__(self) -> str:
         return f"<@task: {self.name}>"
-
-
-def _callbacks(
-    link: Signature | Sequence[Signature] | None, link_error: Signature | Sequence[Signature] | None
-) -> Callbacks:
-    def as_tuple(value: object, name: str) -> tuple[Signature, ...]:
-        # A list or tuple of them, else one (refused below if it is not a signature).
-        items: tuple[object, ...] = (
-            () if value is None else tuple(value) if isinstance(value, (list, tuple)) else (value,)
-        )
-        signatures: list[Signature] = []
-        for item in items:
-            if not isinstance(item, Signature):
-                raise ConfigurationError(f"{name} takes signatures (task.s(...)), got {item!r}")
-            signatures.append(item)
-        return tuple(signatures)
-
-    return Callbacks(
-        tuple(sig.for_worker() for sig in as_tuple(link, "link")),
-        tuple(sig.for_worker() for sig in as_tuple(link_error, "link_error")),
-    )
-
-
-def _epoch(when: dt.datetime | float | None, *, absolute: bool) -> float | None:
-    """Turn a datetime or seconds into epoch seconds (relative seconds unless absolute).
-
-    ``absolute`` is the ``eta`` option's meaning; else it is ``expires``'s (named in errors).
-    """
-    if when is None:
-        return None
-    if isinstance(when, dt.datetime):
-        if when.tzinfo is None:
-            raise ConfigurationError(f"{_when_option(absolute)} datetimes must be timezone-aware")
-        return when.timestamp()
-    if is_finite_number(when):
-        return float(when) if absolute else time.time() + float(when)
-    raise ConfigurationError(
-        f"{_when_option(absolute)}={when!r} is not a datetime or a number of seconds"
-    )
-
-
-def _when_option(absolute: bool) -> str:
-    return "eta" if absolute else "expires"
-
-
-def _call_arguments(
-    args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """``apply_async``'s positional and keyword arguments, refused if of another shape.
-
-    A string is refused too: ``apply_async("ab")`` would call the task with ``"a", "b"``.
-    """
-    positional = () if args is None else _positional(args, "apply_async(args=...)")
-    if kwargs is not None and not isinstance(kwargs, Mapping):
-        raise ConfigurationError(
-            f"apply_async(kwargs=...) takes a dict of keyword arguments, got "
-            f"{type(kwargs).__name__} {kwargs!r}"
-        )
-    return positional, dict(kwargs or {})
-
-
-def _positional(args: object, where: str) -> tuple[Any, ...]:
-    """``args`` as one call's positional arguments, or one error saying what ``where`` takes."""
-    if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
-        raise ConfigurationError(
-            f"{where} takes a tuple or list of positional arguments, got "
-            f"{type(args).__name__} {args!r}; to pass one value, give ({args!r},)"
-        )
-    return tuple(args)
-
-
-_SIGNATURES: weakref.WeakKeyDictionary[type[Task], inspect.Signature | None] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _run_signature(cls: type[Task]) -> inspect.Signature | None:
-    """The signature a call of ``cls``'s ``run`` must fit (without ``self``), if readable."""
-    if cls.run is Task.run:
-        return None  # not written here (a task sent by name): the worker's class has it
-    if cls not in _SIGNATURES:
-        _SIGNATURES[cls] = _read_signature(cls)
-    return _SIGNATURES[cls]
-
-
-def _read_signature(cls: type[Task]) -> inspect.Signature | None:
-    run = inspect.getattr_static(cls, "run")
-    # Only plain functions are read: what another callable makes of ``self`` is its own.
-    function = run.__func__ if isinstance(run, staticmethod) else run
-    if not inspect.isfunction(function):
-        return None
-    signature = inspect.signature(function)
-    if function is run:  # a method: the call does not give ``self``
-        signature = signature.replace(parameters=list(signature.parameters.values())[1:])
-    return signature

@@ -1,0 +1,125 @@
+"""What one call of a task passes, checked before it is sent: arguments, times, callbacks.
+
+The checks :class:`~nbtask.core.task.Task` makes of a call (``apply_async``,
+``delay_many``, ``retry``): the shape of its positional and keyword arguments, the
+signature of ``run`` they must fit (read once per task class), ``eta`` and ``expires`` as
+epoch seconds, ``link`` and ``link_error`` as callbacks. Kept apart from the Task class,
+which reads as the API a task's author and caller use; a wrong call fails here, in the
+caller, and nothing is sent.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import inspect
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from nbtask.core.canvas import Callbacks, Signature
+from nbtask.errors import ConfigurationError
+from nbtask.settings import is_finite_number
+
+__all__ = ["call_arguments", "epoch", "link_callbacks", "positional_args", "run_signature"]
+
+
+def link_callbacks(
+    link: Signature | Sequence[Signature] | None, link_error: Signature | Sequence[Signature] | None
+) -> Callbacks:
+    """The ``callbacks`` option of ``link`` and ``link_error``, as workers get them.
+
+    Each is a signature, or a list or tuple of them.
+    """
+
+    def as_tuple(value: object, name: str) -> tuple[Signature, ...]:
+        # A list or tuple of them, else one (refused below if it is not a signature).
+        items: tuple[object, ...] = (
+            () if value is None else tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        )
+        signatures: list[Signature] = []
+        for item in items:
+            if not isinstance(item, Signature):
+                raise ConfigurationError(f"{name} takes signatures (task.s(...)), got {item!r}")
+            signatures.append(item)
+        return tuple(signatures)
+
+    return Callbacks(
+        tuple(sig.for_worker() for sig in as_tuple(link, "link")),
+        tuple(sig.for_worker() for sig in as_tuple(link_error, "link_error")),
+    )
+
+
+def epoch(when: dt.datetime | float | None, *, absolute: bool) -> float | None:
+    """Turn a datetime or seconds into epoch seconds (relative seconds unless absolute).
+
+    ``absolute`` is the ``eta`` option's meaning; else it is ``expires``'s (named in errors).
+    """
+    if when is None:
+        return None
+    if isinstance(when, dt.datetime):
+        if when.tzinfo is None:
+            raise ConfigurationError(f"{_when_option(absolute)} datetimes must be timezone-aware")
+        return when.timestamp()
+    if is_finite_number(when):
+        return float(when) if absolute else time.time() + float(when)
+    raise ConfigurationError(
+        f"{_when_option(absolute)}={when!r} is not a datetime or a number of seconds"
+    )
+
+
+def _when_option(absolute: bool) -> str:
+    return "eta" if absolute else "expires"
+
+
+def call_arguments(
+    args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``apply_async``'s positional and keyword arguments, refused if of another shape.
+
+    A string is refused too: ``apply_async("ab")`` would call the task with ``"a", "b"``.
+    """
+    positional = () if args is None else positional_args(args, "apply_async(args=...)")
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise ConfigurationError(
+            f"apply_async(kwargs=...) takes a dict of keyword arguments, got "
+            f"{type(kwargs).__name__} {kwargs!r}"
+        )
+    return positional, dict(kwargs or {})
+
+
+def positional_args(args: object, where: str) -> tuple[Any, ...]:
+    """``args`` as one call's positional arguments, or one error saying what ``where`` takes."""
+    if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
+        raise ConfigurationError(
+            f"{where} takes a tuple or list of positional arguments, got "
+            f"{type(args).__name__} {args!r}; to pass one value, give ({args!r},)"
+        )
+    return tuple(args)
+
+
+_SIGNATURES: weakref.WeakKeyDictionary[type[Any], inspect.Signature | None] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def run_signature(cls: type[Any]) -> inspect.Signature | None:
+    """The signature a call of ``cls``'s ``run`` must fit (without ``self``), if readable.
+
+    Read once per class, kept while the class lives.
+    """
+    if cls not in _SIGNATURES:
+        _SIGNATURES[cls] = _read_signature(cls)
+    return _SIGNATURES[cls]
+
+
+def _read_signature(cls: type[Any]) -> inspect.Signature | None:
+    run = inspect.getattr_static(cls, "run")
+    # Only plain functions are read: what another callable makes of ``self`` is its own.
+    function = run.__func__ if isinstance(run, staticmethod) else run
+    if not inspect.isfunction(function):
+        return None
+    signature = inspect.signature(function)
+    if function is run:  # a method: the call does not give ``self``
+        signature = signature.replace(parameters=list(signature.parameters.values())[1:])
+    return signature
