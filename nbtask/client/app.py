@@ -1,19 +1,15 @@
-"""The :class:`App`: task registry, connection to the broker, and sending of tasks."""
+"""The :class:`App`: task registry, sending of tasks, and following them.
+
+Its connection to the broker (made on first use) is
+:class:`~nbtask.client.connection.AppConnection`, which it inherits.
+"""
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import threading
-import uuid
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar, overload
 
-from nbtask.brokers import Store, Transport, open_broker
-from nbtask.client.embedded import EmbeddedCluster
-from nbtask.client.listener import Listener
-from nbtask.client.live_workers import LiveWorkers
+from nbtask.client.connection import AppConnection
 from nbtask.client.reattach import reattach
 from nbtask.client.routes import Routes
 from nbtask.client.unsent import restore_refused, reused_ids, revoking_unsent
@@ -22,9 +18,8 @@ from nbtask.core.datasets import Loader, check_loader, dataset_names
 from nbtask.core.declare import task_class
 from nbtask.core.handle import FetchWatch, TaskHandle
 from nbtask.core.options import check_task_id, queue_name, validate_options
-from nbtask.core.outgoing import MessageBuilder
 from nbtask.core.task import Task as BaseTask
-from nbtask.errors import BrokerUnavailable, ConfigurationError
+from nbtask.errors import ConfigurationError
 from nbtask.settings import MAX_SECONDS, Settings
 from nbtask.wire.envelope import Signer
 from nbtask.wire.events import FINAL_SEQ, Event, EventType, State
@@ -35,7 +30,7 @@ __all__ = ["App"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class App:
+class App(AppConnection):
     """A task application: define tasks on it, send them, and follow their handles.
 
     Nothing connects until the first task is sent (or :meth:`connect` is called). With no
@@ -90,31 +85,20 @@ class App:
         if insecure is not None:
             overrides["insecure"] = insecure
         base = settings if settings is not None else Settings.from_env()
-        self.settings = base.replace(**overrides)  # unknown names refused, with a guess
-        if self.settings.broker_url is not None and not (
-            self.settings.secret or self.settings.insecure
-        ):
+        settings = base.replace(**overrides)  # unknown names refused, with a guess
+        if settings.broker_url is not None and not (settings.secret or settings.insecure):
             Signer(None)  # raises the one clear "no secret is set" error
         self._routes = Routes(routes)
-        self.name = name
-        self.client_id = uuid.uuid4().hex[:16]
         self.tasks: dict[str, BaseTask] = {}
         # Named %%task cells, registered by the notebook layer as reusable tasks.
         self.cells: dict[str, BaseTask] = {}
         #: Named datasets this app declares (``@app.dataset``), for workers importing it.
         self.datasets: dict[str, Loader] = {}
         self.Task = type("Task", (BaseTask,), {"abstract": True, "__module__": __name__})
-        self.cluster: EmbeddedCluster | None = None
         #: Shows the progress of a large result's fetch in ``get()`` (set by the notebook).
         self.fetch_watch: FetchWatch | None = None
-        self._transport: Transport | None = None
-        self._builder: MessageBuilder | None = None
-        self._listener: Listener | None = None
-        self._live: LiveWorkers | None = None
-        #: True once :meth:`close` ran.
-        self.closed = False
-        self._lock = threading.RLock()
-        atexit.register(_close_at_exit, weakref.ref(self))
+        # Last: it registers the app to be closed at exit, once all of it is made.
+        super().__init__(name, settings)
 
     # Routing ---------------------------------------------------------------------------------
     @property
@@ -224,100 +208,6 @@ class App:
         self.tasks[task.name] = task
         return task
 
-    # Connecting ------------------------------------------------------------------------------
-    def connect(self) -> Transport:
-        """Connect (starting the embedded cluster if no broker is configured)."""
-        with self._lock:
-            if self._transport is not None:
-                return self._transport
-            if self.closed:
-                # Connecting again would start threads (and an embedded cluster) that
-                # nothing closes.
-                raise ConfigurationError(
-                    f"app {self.name!r} is closed: make a new App to send or follow tasks"
-                )
-            settings = self.settings
-            if settings.broker_url is None:
-                self.cluster = EmbeddedCluster.shared(settings)
-                url: str = self.cluster.url
-                secret: str | None = self.cluster.secret
-            else:
-                url, secret = settings.broker_url, settings.secret
-            signer = Signer.for_settings(settings, secret)
-            transport = open_broker(settings, url)
-            transport.ping()
-            self._builder = MessageBuilder(signer, settings, transport.store)
-            self._transport = transport
-            self._live = LiveWorkers(transport.store, signer.key_id)
-            return transport
-
-    @property
-    def transport(self) -> Transport:
-        """The connected broker's transport (connects on first use)."""
-        return self._transport or self.connect()
-
-    @property
-    def store(self) -> Store:
-        """The connected broker's store: task records, the worker registry (connects)."""
-        return self.transport.store
-
-    @property
-    def signer(self) -> Signer:
-        """Signs messages and verifies events."""
-        return self._message_builder().signer
-
-    def _message_builder(self) -> MessageBuilder:
-        self.connect()
-        assert self._builder is not None
-        return self._builder
-
-    @property
-    def channel(self) -> str:
-        """The key of this client's event channel (connects on first use)."""
-        return self.store.channel_key(self.client_id)
-
-    def _listen(self) -> Listener:
-        with self._lock:
-            if self._listener is None or not self._listener.alive:
-                self._listener = Listener(
-                    open_broker(self.settings, self._url()), self.signer, self.channel
-                )
-            return self._listener
-
-    def _url(self) -> str:
-        if self.cluster is not None:
-            return self.cluster.url
-        assert self.settings.broker_url is not None
-        return self.settings.broker_url
-
-    def flush(self) -> None:
-        """Wait until the broker answered for every task this thread sent.
-
-        A lone ``delay()`` returns before RabbitMQ's confirm or Redis's reply; a task
-        whose message was not delivered after all is revoked, its handle failing with
-        ``TaskRevoked``.
-        """
-        if (transport := self._transport) is not None:
-            with revoking_unsent(transport, self.signer, self.channel, self._listener):
-                transport.flush()
-
-    def close(self) -> None:
-        """:meth:`flush`, stop the listener, disconnect, give back an embedded cluster."""
-        with contextlib.suppress(BrokerUnavailable):
-            self.flush()  # a failure is logged and its tasks' handles fail
-        with self._lock:
-            self.closed = True
-            if self._listener is not None:
-                self._listener.close()
-                self._listener = None
-            self._live = None
-            if self._transport is not None:
-                self._transport.close()
-                self._transport = None
-            if self.cluster is not None:
-                self.cluster.release()
-                self.cluster = None
-
     def __enter__(self) -> App:
         return self
 
@@ -372,11 +262,6 @@ class App:
         if taken:
             raise ConfigurationError(reused_ids(taken))
         return handles
-
-    def _live_workers(self) -> LiveWorkers:
-        self.connect()
-        assert self._live is not None
-        return self._live
 
     def waiting_reason(self, queue: str, started_by: tuple[str, int] | None = None) -> str | None:
         """Why a task on ``queue`` waits, if known: see :attr:`TaskHandle.waiting_reason`."""
@@ -529,12 +414,6 @@ class App:
     def __repr__(self) -> str:
         where = self.settings.broker_url or "embedded"
         return f"<App {self.name!r} broker={where} tasks={len(self.tasks)}>"
-
-
-def _close_at_exit(ref: weakref.ReferenceType[App]) -> None:
-    app = ref()
-    if app is not None:
-        app.close()
 
 
 def _origin(task: BaseTask) -> str:

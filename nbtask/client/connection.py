@@ -1,0 +1,159 @@
+"""An App's connection to its broker: made on first use, flushed and closed once.
+
+The part of :class:`~nbtask.client.app.App` that connects (starting the embedded cluster
+when no broker is configured) and holds what connecting brings: the transport and its
+store, the message builder and its signer, the listener thread on the client's event
+channel, the live workers as last read. Kept apart from the App's registry and its
+sending and following of tasks; the App inherits it, so sending reads these attributes
+with no call in between.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import threading
+import uuid
+import weakref
+
+from nbtask.brokers import Store, Transport, open_broker
+from nbtask.client.embedded import EmbeddedCluster
+from nbtask.client.listener import Listener
+from nbtask.client.live_workers import LiveWorkers
+from nbtask.client.unsent import revoking_unsent
+from nbtask.core.outgoing import MessageBuilder
+from nbtask.errors import BrokerUnavailable, ConfigurationError
+from nbtask.settings import Settings
+from nbtask.wire.envelope import Signer
+
+__all__ = ["AppConnection"]
+
+
+class AppConnection:
+    """The connection part of :class:`~nbtask.client.app.App`, which documents it.
+
+    Parameters
+    ----------
+    name
+        The app's label, named in errors.
+    settings
+        The app's settings: its broker, its secret.
+    """
+
+    def __init__(self, name: str, settings: Settings) -> None:
+        self.settings = settings
+        self.name = name
+        self.client_id = uuid.uuid4().hex[:16]
+        self.cluster: EmbeddedCluster | None = None
+        self._transport: Transport | None = None
+        self._builder: MessageBuilder | None = None
+        self._listener: Listener | None = None
+        self._live: LiveWorkers | None = None
+        #: True once :meth:`close` ran.
+        self.closed = False
+        self._lock = threading.RLock()
+        atexit.register(_close_at_exit, weakref.ref(self))
+
+    def connect(self) -> Transport:
+        """Connect (starting the embedded cluster if no broker is configured)."""
+        with self._lock:
+            if self._transport is not None:
+                return self._transport
+            if self.closed:
+                # Connecting again would start threads (and an embedded cluster) that
+                # nothing closes.
+                raise ConfigurationError(
+                    f"app {self.name!r} is closed: make a new App to send or follow tasks"
+                )
+            settings = self.settings
+            if settings.broker_url is None:
+                self.cluster = EmbeddedCluster.shared(settings)
+                url: str = self.cluster.url
+                secret: str | None = self.cluster.secret
+            else:
+                url, secret = settings.broker_url, settings.secret
+            signer = Signer.for_settings(settings, secret)
+            transport = open_broker(settings, url)
+            transport.ping()
+            self._builder = MessageBuilder(signer, settings, transport.store)
+            self._transport = transport
+            self._live = LiveWorkers(transport.store, signer.key_id)
+            return transport
+
+    @property
+    def transport(self) -> Transport:
+        """The connected broker's transport (connects on first use)."""
+        return self._transport or self.connect()
+
+    @property
+    def store(self) -> Store:
+        """The connected broker's store: task records, the worker registry (connects)."""
+        return self.transport.store
+
+    @property
+    def signer(self) -> Signer:
+        """Signs messages and verifies events."""
+        return self._message_builder().signer
+
+    def _message_builder(self) -> MessageBuilder:
+        self.connect()
+        assert self._builder is not None
+        return self._builder
+
+    def _live_workers(self) -> LiveWorkers:
+        self.connect()
+        assert self._live is not None
+        return self._live
+
+    @property
+    def channel(self) -> str:
+        """The key of this client's event channel (connects on first use)."""
+        return self.store.channel_key(self.client_id)
+
+    def _listen(self) -> Listener:
+        with self._lock:
+            if self._listener is None or not self._listener.alive:
+                self._listener = Listener(
+                    open_broker(self.settings, self._url()), self.signer, self.channel
+                )
+            return self._listener
+
+    def _url(self) -> str:
+        if self.cluster is not None:
+            return self.cluster.url
+        assert self.settings.broker_url is not None
+        return self.settings.broker_url
+
+    def flush(self) -> None:
+        """Wait until the broker answered for every task this thread sent.
+
+        A lone ``delay()`` returns before RabbitMQ's confirm or Redis's reply; a task
+        whose message was not delivered after all is revoked, its handle failing with
+        ``TaskRevoked``.
+        """
+        if (transport := self._transport) is not None:
+            with revoking_unsent(transport, self.signer, self.channel, self._listener):
+                transport.flush()
+
+    def close(self) -> None:
+        """:meth:`flush`, stop the listener, disconnect, give back an embedded cluster."""
+        with contextlib.suppress(BrokerUnavailable):
+            self.flush()  # a failure is logged and its tasks' handles fail
+        with self._lock:
+            self.closed = True
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
+            self._live = None
+            if self._transport is not None:
+                self._transport.close()
+                self._transport = None
+            if self.cluster is not None:
+                self.cluster.release()
+                self.cluster = None
+
+
+def _close_at_exit(ref: weakref.ReferenceType[AppConnection]) -> None:
+    app = ref()
+    if app is not None:
+        app.close()
