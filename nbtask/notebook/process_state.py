@@ -165,8 +165,8 @@ class Applied:
         changed = changes(before, after)
         own = before.get("environ", {})
         self._lent.note(changed.get("environ", {}), changed.get("sys.path", []), own)
-        # changes() tells only what a cell added to sys.path: one it removed or moved
-        # is still to be put back for the next cell.
+        # changes() does not tell a path a cell moved within sys.path: it is still to be
+        # put back in its place for the next cell.
         if not changed and not others and before.get("sys.path") == after.get("sys.path"):
             self._pickled, self._after = pickled, after
         return changed

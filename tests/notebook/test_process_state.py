@@ -243,25 +243,21 @@ def test_a_path_a_cell_removes_is_back_for_the_next_cell(
 
 
 def test_a_path_a_cell_removes_is_removed_in_the_notebook_even_one_it_started_with(
-    restored: None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(sys, "path", list(sys.path))
     added = "/nbtask-test/added"
     own = next(p for p in sys.path if p in process_state._OWN_PATH)
-    saved = list(sys.path)
-    try:
-        sys.path.append(added)
-        before = process_state.capture()
-        while own in sys.path:  # what the cell does, on the worker (a path may be listed twice)
-            sys.path.remove(own)
-        sys.path.remove(added)
-        changed = process_state.changes(before, process_state.capture())
-        # (Another test's leftover thread may have changed sys.path meanwhile too.)
-        assert {own, added} <= set(changed["sys.path removed"])
-        sys.path[:] = [*saved, added]  # the notebook still has both
-        process_state.KernelState().apply_changes(changed)
-        assert own not in sys.path and added not in sys.path
-    finally:
-        sys.path[:] = saved
+    notebook = [*sys.path, added]
+    sys.path.append(added)
+    before = process_state.capture()
+    sys.path[:] = [p for p in sys.path if p not in (own, added)]  # the cell, on the worker
+    changed = process_state.changes(before, process_state.capture())
+    # (Another test's leftover thread may have changed sys.path meanwhile too.)
+    assert {own, added} <= set(changed["sys.path removed"])
+    sys.path[:] = notebook  # the notebook still has both
+    process_state.KernelState().apply_changes(changed)
+    assert own not in sys.path and added not in sys.path
 
 
 def test_a_thread_threading_does_not_list_makes_the_next_cell_apply_the_state(
