@@ -173,6 +173,12 @@ class Store(Protocol):
         written in the background after this returns (readers wait for them).
         """
 
+    def holds_writes(self) -> bool:
+        """Whether blobs given to be written in the background wait for :meth:`start_writes`."""
+
+    def start_writes(self) -> None:
+        """Start writing the blobs given to be written in the background (the outcome is out)."""
+
     def finish_writes(self, timeout: float | None = None) -> bool:
         """Wait for the blobs this process writes in the background; whether all are written."""
 

@@ -98,8 +98,8 @@ class RedisBlobs:
         ``keeper``: the id of the use these blobs serve (a kept value, a task's
         arguments), which :meth:`release_blobs` may delete them for; without one they
         are pinned. ``later``: the caller holds the value live, so from
-        :attr:`later_bytes` on the blobs are written by a thread of this process after
-        this returns (readers wait for them meanwhile; :meth:`finish_writes`).
+        :attr:`later_bytes` on the blobs are written by a thread of this process once
+        :meth:`start_writes` is called (readers wait for them meanwhile; :meth:`finish_writes`).
         """
         if not blobs:
             return
@@ -117,8 +117,17 @@ class RedisBlobs:
             leases = [self._lease_key(digest) for digest in missing]
             self._later.submit(functools.partial(self._write_later, missing, writer), leases)
 
+    def holds_writes(self) -> bool:
+        """Whether blobs given to be written in the background wait for :meth:`start_writes`."""
+        return self._later is not None and self._later.holding
+
+    def start_writes(self) -> None:
+        """Start writing the blobs given to be written in the background (the outcome is out)."""
+        if self._later is not None:
+            self._later.start()
+
     def finish_writes(self, timeout: float | None = None) -> bool:
-        """Wait for the blobs this process writes in the background; whether all are written."""
+        """Start and wait for the blobs written in the background; whether all are written."""
         return self._later is None or self._later.wait(timeout)
 
     def _write(self, blobs: Mapping[str, Buffer], *, renew: bool = False) -> None:

@@ -244,12 +244,19 @@ class Child:
             outcome = Outcome(Event(EventType.REVOKED, message.id, self.outbox.end(), reason))
         else:
             outcome = self._execute(admitted, task)
-        # Callbacks, handlers and freeing argument blobs come after the outcome is stored;
-        # only without them may the last write also wait for the next message.
+        # Callbacks, handlers, freeing argument blobs and writing kept values' store copies
+        # come after the outcome is stored; only without them may the last write also wait
+        # for the next message.
+        store = self.transport.store
         later = bool(admitted.callbacks or message.args_layout) or (
             task is not None and has_handlers(task)
         )
-        following = self._settle(admitted, outcome, fetch_next=not later)
+        try:
+            following = self._settle(
+                admitted, outcome, fetch_next=not later and not store.holds_writes()
+            )
+        finally:
+            store.start_writes()
         self.follow_ups.run(message, outcome, admitted.callbacks, task)
         return following
 

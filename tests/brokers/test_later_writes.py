@@ -87,6 +87,7 @@ def _reading(store: Any) -> tuple[threading.Thread, Callable[[], Any]]:
 def test_a_copy_written_later_is_waited_for_and_read_whole(store: Any) -> None:
     gate = _gated(store)
     store.put_blobs({DIGEST: DATA}, "kept", later=True)  # returns before writing
+    store.start_writes()  # the cell's outcome is out
     assert not store.has_blobs(SIZES)  # not whole yet: work waits for the holder
     reader, got = _reading(store)
     reader.join(0.5)
@@ -97,11 +98,27 @@ def test_a_copy_written_later_is_waited_for_and_read_whole(store: Any) -> None:
     assert store.finish_writes(30) and store.has_blobs(SIZES)
 
 
+def test_a_copy_is_written_only_once_the_outcome_is_out(store: Any, access: RawBroker) -> None:
+    # Hundreds of megabytes on their way into Redis would hold up the cell's outcome.
+    store.put_blobs({DIGEST: DATA}, "kept", later=True)
+    assert store.holds_writes()
+    reader, got = _reading(store)
+    time.sleep(0.3)
+    assert not store.has_blobs(SIZES), "the copy was written before its outcome went out"
+    assert not any(":blob:" in trace or "/blobs/" in trace for trace in _traces(access, store))
+    store.start_writes()
+    assert not store.holds_writes()
+    reader.join(30)
+    assert got() == DATA
+    assert store.finish_writes(30) and store.has_blobs(SIZES)
+
+
 def test_a_copy_released_while_it_is_written_leaves_nothing_behind(
     store: Any, access: RawBroker
 ) -> None:
     gate = _gated(store)
     store.put_blobs({DIGEST: DATA}, "kept", later=True)
+    store.start_writes()
     store.release_blobs({"kept": SIZES})  # the notebook let go of the value meanwhile
     gate.set()
     assert store.finish_writes(30)
@@ -114,6 +131,7 @@ def test_a_copy_whose_writer_stopped_is_reported_missing_once_its_lease_lapses(
     store.lease_seconds = 1
     store._write_later = lambda blobs, writer: None  # the process died before writing
     store.put_blobs({DIGEST: DATA}, "kept", later=True)
+    store.start_writes()
     reader, got = _reading(store)
     reader.join(30)
     assert isinstance(got(), BlobError)
@@ -153,6 +171,7 @@ def test_a_copy_queued_behind_a_slow_write_is_still_waited_for(store: Any) -> No
     first = [bytes([i]) * 100_000 for i in range(6)]
     store.put_blobs({digest_of(data): data for data in first}, "first", later=True)
     store.put_blobs({DIGEST: DATA}, "kept", later=True)  # its lease waits in the queue
+    store.start_writes()
     reader, got = _reading(store)
     reader.join(60)
     assert got() == DATA, "the reader gave up on a copy its live writer was about to write"
@@ -213,6 +232,7 @@ def _cut_while_writing(store: Any, proxy: TcpProxy, seconds: float) -> None:
     """Keep DATA, its chunks written slowly, and cut the store off for ``seconds`` meanwhile."""
     _slowed(store, pause=0.5)
     store.put_blobs({DIGEST: DATA}, "kept", later=True)
+    store.start_writes()
     time.sleep(0.7)  # its first chunk went
     proxy.refuse()  # a Redis restart, a failover: the store is gone for a while
     proxy.cut()
