@@ -15,9 +15,17 @@ optional benchmark dependency, ``pip install 'nbtask[bench]'``), and
 
 * ``floor_50mb_s``: raw redis-py, pickle + SET + GET + unpickle of the same bytes (one
   hop: what an argument needs at the least);
-* ``cell_400mb``: in a fresh IPython process each, a cell that makes a 400 MB array ``x``
-  and takes its mean, run plainly, under ``%%task --wait`` (``x`` stays on the workers)
-  and with ``--fetch x`` (it comes back): wall time and the growth of the process's RSS;
+* ``cell_400mb``: a cell that makes a 400 MB array ``x`` and takes its mean, run plainly,
+  under ``%%task --wait`` (``x`` stays on the workers) and with ``--fetch x`` (it comes
+  back). Each way runs in ``--repeats`` fresh IPython processes, the ways interleaved
+  (plain, kept, fetched, plain, ...); in each process the cell runs ``CELL_RUNS`` (5)
+  times, every run timed, with ``del x`` (a kept ``x`` is released on its worker) and a
+  pause of ``CELL_PAUSE_S`` (1 s) between runs. The first touch of memory new to a
+  process can be far slower than touching it again (on a VM, several times), so per way:
+  ``s_first``, the median of the first runs in a process; ``s``, the median of the later
+  (warm) runs; ``s_runs``, every time, one list per process; ``rss_growth_mib``, the
+  process's RSS growth over its first run (median over the processes; kept: also the
+  extras below, measured after its last run);
 * ``cell_2gb``: a ``%%task --wait`` cell that makes and keeps a 2 GB array: RSS growth,
   the time to show its preview, and a follow-up ``%%task`` cell reading it: its time and
   the bytes the kernel process read and wrote meanwhile (``/proc/self/io``).
@@ -185,16 +193,23 @@ def io_mb():
     return (int(fields["rchar"]) + int(fields["wchar"])) / 1e6
 
 ip = start_ipython()
-how, cell = sys.argv[1], sys.argv[2]
+how, cell, runs, pause = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 if how != "plain":
     ip.run_line_magic("load_ext", "nbtask")
     ip.run_cell("%%task --wait\\nwarm = 1\\n")
 magic = {"plain": "", "kept": "%%task --wait\\n", "fetched": "%%task --wait --fetch x\\n"}
-before = rss()
-started = time.perf_counter()
-result = ip.run_cell(magic[how] + cell)
-out = {"s": time.perf_counter() - started, "rss_growth_mib": rss() - before}
-assert result.success, result.error_in_exec
+out = {"s_runs": []}
+for run in range(runs):
+    if run:
+        assert ip.run_cell("del x\\n").success  # a kept x: released on its worker
+        time.sleep(pause)
+    before = rss()
+    started = time.perf_counter()
+    result = ip.run_cell(magic[how] + cell)
+    out["s_runs"].append(time.perf_counter() - started)
+    assert result.success, result.error_in_exec
+    if not run:
+        out["rss_growth_mib"] = rss() - before
 if how == "kept":
     started = time.perf_counter()
     preview = repr(ip.user_ns["x"])
@@ -212,20 +227,58 @@ CELLS = {
 }
 
 
-def measure_cell(url: str, prefix: str, secret: str, how: str, cell: str) -> dict[str, float]:
-    """One cell run ``how`` (plain, kept, fetched) in a fresh IPython process."""
+#: How the 400 MB cell runs: plainly, ``x`` kept on the workers, ``x`` fetched.
+WAYS = ("plain", "kept", "fetched")
+#: Runs of the 400 MB cell in each process (the first touches memory new to the process).
+CELL_RUNS = 5
+#: Between two runs in a process: time for a released ``x`` to be dropped on its worker.
+CELL_PAUSE_S = 1.0
+
+
+def measure_cell(
+    url: str, prefix: str, secret: str, how: str, cell: str, runs: int = 1
+) -> dict[str, Any]:
+    """``cell`` run ``how`` (plain, kept, fetched) ``runs`` times in a fresh IPython process.
+
+    ``s_runs`` has each run's time; ``rss_growth_mib`` is the first run's.
+    """
     env = {**os.environ, "NBTASK_BROKER": url, "NBTASK_SECRET": secret}
     env["NBTASK_KEY_PREFIX"] = prefix
     done = subprocess.run(
-        [sys.executable, "-c", _CELL_RUNNER, how, cell],
+        [sys.executable, "-c", _CELL_RUNNER, how, cell, str(runs), str(CELL_PAUSE_S)],
         env=env,
         capture_output=True,
         text=True,
         check=True,
         timeout=900,
     )
-    data: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    data: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return data
+
+
+def measure_cell_ways(
+    url: str, prefix: str, secret: str, cell: str, repeats: int
+) -> dict[str, dict[str, Any]]:
+    """``cell`` each way in ``repeats`` fresh processes, the ways interleaved."""
+    processes: dict[str, list[dict[str, Any]]] = {how: [] for how in WAYS}
+    for _ in range(repeats):
+        for how in WAYS:
+            processes[how].append(measure_cell(url, prefix, secret, how, cell, CELL_RUNS))
+    return {how: _cell_summary(found) for how, found in processes.items()}
+
+
+def _cell_summary(processes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Warm (``s``) and first-run (``s_first``) medians, every time, other figures' medians."""
+    s_runs = [p["s_runs"] for p in processes]
+    out: dict[str, Any] = {
+        "s": statistics.median(s for runs in s_runs for s in runs[1:]),
+        "s_first": statistics.median(runs[0] for runs in s_runs),
+        "s_runs": s_runs,
+    }
+    for key in processes[0]:  # rss_growth_mib, the kept-only extras
+        if key != "s_runs":
+            out[key] = statistics.median(p[key] for p in processes)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -255,11 +308,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             out["floor_50mb_s"] = measure_floor(args.url, prefix, args.repeats)
             out["embedded"] = measure_embedded(args.repeats)
             out["dask"] = measure_dask(args.repeats)
-            out["cell_400mb"] = {
-                how: measure_cell(args.url, prefix, secret, how, CELLS["cell_400mb"])
-                for how in ("plain", "kept", "fetched")
-            }
-            out["cell_2gb"] = measure_cell(args.url, prefix, secret, "kept", CELLS["cell_2gb"])
+            out["cell_400mb"] = measure_cell_ways(
+                args.url, prefix, secret, CELLS["cell_400mb"], args.repeats
+            )
+            big = measure_cell(args.url, prefix, secret, "kept", CELLS["cell_2gb"])
+            out["cell_2gb"] = {"s": big.pop("s_runs")[0], **big}
         finally:
             _stop(worker)
             delete_prefix(args.url, prefix)
