@@ -1,6 +1,9 @@
 """The data path's goals, checked against one ``bench_data.py`` run (pure: no I/O).
 
-Each goal is a line: what is wanted, what this run measured, and whether it is met. The
+Each goal is a line: what is wanted, what this run measured, and whether it is met; a line
+with no goal (marked "for information") gives a figure to read beside the goal before it.
+The 400 MB cell's times are the medians of its warm runs (not the first in a process);
+its first runs, which touch memory new to the process, are compared on the next line. The
 400 MB array is 381.5 MiB; "copies" are the kernel's RSS growth in units of it.
 """
 
@@ -13,13 +16,20 @@ __all__ = ["goal_lines"]
 
 ARRAY_400MB_MIB = 50_000_000 * 8 / 2**20
 
-Check = tuple[str, Callable[[dict[str, Any]], float], Callable[[float], bool], str]
+#: What is wanted, how it is measured, whether it is met (``None``: no goal), the figure.
+Check = tuple[str, Callable[[dict[str, Any]], float], Callable[[float], bool] | None, str]
 
 _CHECKS: list[Check] = [
     (
-        "400 MB cell kept remote <= 1.2x its local time",
+        "400 MB cell kept remote <= 1.2x its local time (warm runs)",
         lambda o: o["cell_400mb"]["kept"]["s"] / o["cell_400mb"]["plain"]["s"],
         lambda v: v <= 1.2,
+        "{:.2f}x",
+    ),
+    (
+        "400 MB cell kept remote, first run in a process, beside its local first run",
+        lambda o: o["cell_400mb"]["kept"]["s_first"] / o["cell_400mb"]["plain"]["s_first"],
+        None,
         "{:.2f}x",
     ),
     (
@@ -62,12 +72,16 @@ _CHECKS: list[Check] = [
 
 
 def goal_lines(out: dict[str, Any]) -> list[str]:
-    """One line per goal this run measured (a goal whose numbers are missing is left out)."""
+    """One line per goal (or figure for information) this run measured.
+
+    A line whose numbers are missing is left out.
+    """
     lines = []
     for wanted, measure, met, form in _CHECKS:
         try:
             value = measure(out)
         except (KeyError, ZeroDivisionError):
             continue
-        lines.append(f"{wanted}: {form.format(value)} ({'met' if met(value) else 'NOT met'})")
+        verdict = "for information" if met is None else "met" if met(value) else "NOT met"
+        lines.append(f"{wanted}: {form.format(value)} ({verdict})")
     return lines
