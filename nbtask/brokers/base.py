@@ -207,6 +207,13 @@ class Store(Protocol):
     def versions(self, worker_id: str, modules: Sequence[str]) -> dict[str, str]:
         """The versions of ``modules`` a worker announced."""
 
+    # Notebook sessions ---------------------------------------------------------------------
+    def note_notebook(self, modules: Sequence[str], seconds: float) -> None:
+        """Say for ``seconds`` that a notebook session uses these workers, needing ``modules``."""
+
+    def notebook_modules(self) -> list[str] | None:
+        """The modules a live notebook session's settings need; ``None``: no session."""
+
     # Task journals -------------------------------------------------------------------------
     def append_journal(self, task_id: str, lines: Sequence[str]) -> None:
         """Keep lines a worker wrote about a task (handler output, log lines) with it."""

@@ -2,11 +2,13 @@
 
 Keys, under ``<key_prefix>:``: ``workers`` (a hash of worker id -> :class:`WorkerInfo`
 JSON), ``hb:<worker id>`` (a heartbeat, expiring after three intervals),
-``reclaim:<worker id>`` (who cleans up a dead worker) and ``versions:<worker id>``.
+``reclaim:<worker id>`` (who cleans up a dead worker), ``versions:<worker id>`` and
+``notebooks`` (a notebook session uses these workers: the modules of its settings).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 
@@ -135,6 +137,37 @@ class RedisWorkers:
             for module, value in zip(modules, found, strict=True)
             if isinstance(value, bytes)
         }
+
+    # Notebook sessions --------------------------------------------------------------------
+    @property
+    def _notebooks_key(self) -> str:
+        return f"{self.prefix}:notebooks"
+
+    def note_notebook(self, modules: Sequence[str], seconds: float) -> None:
+        """Say for ``seconds`` that a notebook session uses these workers.
+
+        ``modules``: those its settings need (see :meth:`notebook_modules`).
+        """
+        with self.link.translate_errors():
+            self.link.redis.set(self._notebooks_key, json.dumps(list(modules)), ex=int(seconds))
+
+    def notebook_modules(self) -> list[str] | None:
+        """The modules a live notebook session's settings need; ``None``: no session.
+
+        Anyone with write access can set the key: a caller imports only modules it knows.
+        """
+        with self.link.translate_errors():
+            try:
+                raw = self.link.redis.get(self._notebooks_key)
+            except ResponseError:  # another type: none nbtask wrote
+                return None
+        if not isinstance(raw, bytes):
+            return None
+        try:
+            modules = json.loads(raw)
+        except ValueError:
+            return []
+        return [m for m in modules if isinstance(m, str)] if isinstance(modules, list) else []
 
 
 # A claim nbtask made always expires: one without an expiry (of any type) was planted,

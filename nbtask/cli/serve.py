@@ -128,6 +128,7 @@ def run_worker(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         tasks=_import_tasks(args.app),
         datasets=_datasets(args),
+        on_notebook=_ready_for_cells,
     )
     worker.connect()  # the banner says a worker is serving: not before it can
     print(worker.banner(), flush=True)
@@ -153,6 +154,7 @@ def run_cluster(args: argparse.Namespace) -> int:
             datasets=datasets,
             parent_pid=args.parent_pid,
             on_ready=_announce_embedded if args.embedded else None,
+            on_notebook=_ready_for_cells,
         )
         if not args.embedded:
             print(worker.banner(), flush=True)
@@ -169,6 +171,13 @@ def run_cluster(args: argparse.Namespace) -> int:
         if args.embedded or not args.dir:
             shutil.rmtree(directory, ignore_errors=True)
             remove_local_blobs(url)
+
+
+def _ready_for_cells(modules: list[str]) -> None:
+    """In a worker child, once a notebook session uses the worker: see ``notebook/warmup.py``."""
+    from nbtask.notebook.warmup import warm  # noqa: PLC0415 - only then: it loads IPython
+
+    warm(modules)
 
 
 def _announce_embedded(worker: Worker) -> None:

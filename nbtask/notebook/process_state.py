@@ -29,11 +29,24 @@ from typing import Any, cast
 from nbtask.core.context import runs_started
 from nbtask.wire.envelope import dumps
 
-__all__ = ["Applied", "Baseline", "KernelState", "apply", "capture", "changes"]
+__all__ = [
+    "STATE_MODULES",
+    "Applied",
+    "Baseline",
+    "KernelState",
+    "apply",
+    "capture",
+    "changes",
+    "imported_state_modules",
+]
 
 #: One snapshot: kind -> its state (each kind optional).
 State = dict[str, Any]
 
+
+#: The modules whose settings a snapshot holds when they are imported: a worker applying
+#: it imports them.
+STATE_MODULES = ("numpy", "matplotlib", "pandas")
 
 #: This process's own ``sys.path`` (a worker's, as it started): a path the notebook shipped
 #: and then removed is removed here only if it was not one of these.
@@ -213,6 +226,11 @@ def _task_threads_alive() -> bool:
 def _own_threads() -> set[int | None]:
     """The threads a worker process runs itself, by ident: nbtask's are named ``nbtask-*``."""
     return {t.ident for t in threading.enumerate() if t.name.startswith("nbtask-")}
+
+
+def imported_state_modules() -> list[str]:
+    """The :data:`STATE_MODULES` this process has imported: its snapshots' modules."""
+    return [name for name in STATE_MODULES if name in sys.modules]
 
 
 def capture(baseline: Baseline | None = None, applied: Mapping[str, Any] | None = None) -> State:

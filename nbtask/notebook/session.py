@@ -41,6 +41,8 @@ _SESSION_ENDED = "when its nbtask session ended (%unload_ext nbtask, or the kern
 _RECONNECTED = "when the notebook connected to another broker (%nbtask connect)"
 #: How long an ending session waits for the cells it cancels to end.
 _CANCEL_SECONDS = 10.0
+#: A session says it uses the workers for this long, again every third of it (warmup.py).
+_NOTEBOOK_SECONDS = 30
 
 
 class _Result:
@@ -102,6 +104,7 @@ class Session:
         """Connect, install the hooks and say where the cells will run."""
         self.app.connect()
         self.app.store.recent_tasks(self.group, self.app.channel, 0)  # found after a restart
+        self._note_notebook()
         self.shell.push({WAIT_NAME: self.pending.wait}, interactive=False)
         self.shell.ast_transformers.append(self.inserter)
         self.shell.events.register("pre_run_cell", self._pre_run_cell)
@@ -145,12 +148,19 @@ class Session:
     def _tick(self) -> None:
         """Twice a second: elapsed times of running tasks, and the ``%tasks`` boards.
 
+        It also renews the session's note that it uses the workers (:mod:`.warmup`).
+
         One thread, so views are not repainted only when an event arrives; it never
         prints (output from a thread lands in whichever cell runs now).
         """
+        noted = time.monotonic()
         while not self._stop.wait(0.5):
             with contextlib.suppress(Exception):
                 self.releases.flush()
+            if time.monotonic() - noted > _NOTEBOOK_SECONDS / 3:
+                noted = time.monotonic()
+                with contextlib.suppress(Exception):
+                    self._note_notebook()
             for view in list(self.views.values()):
                 with contextlib.suppress(Exception):
                     view.tick()
@@ -194,6 +204,8 @@ class Session:
         for value in self.releases.values():  # the same store: fetched through the new app
             self._bind(value)
         use_as_default(app)
+        with contextlib.suppress(Exception):  # renewed by the ticker
+            self._note_notebook()
         print(self.describe())
 
     def _bind_kept(self, value: RemoteValue) -> None:
@@ -214,6 +226,11 @@ class Session:
         if not isinstance(release, ReleaseTask):
             release = self.app.register_task(ReleaseTask())
         release.apply_async((keys,), queue=holder)
+
+    def _note_notebook(self) -> None:
+        """Tell the workers a notebook uses them: each makes ready for cells (warmup.py)."""
+        modules = process_state.imported_state_modules()
+        self.app.store.note_notebook(modules, _NOTEBOOK_SECONDS)
 
     # %%task ----------------------------------------------------------------------------------
     def submit_cell(self, cell: str, args: Any) -> Any:

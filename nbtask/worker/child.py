@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 from typing import Any
 
@@ -58,6 +58,8 @@ from nbtask.worker.subtasks import SubtaskPublisher, WorkerSender
 
 __all__ = ["Child"]
 
+_NOTEBOOK_LOOK_SECONDS = 2.0  # how often an idle child asks whether a notebook uses it
+
 log = logging.getLogger("nbtask.worker")
 
 
@@ -78,6 +80,7 @@ class Child:
         slot: SlotState,
         datasets: Mapping[str, Loader] | None = None,
         replaces: bool = False,
+        on_notebook: Callable[[list[str]], None] | None = None,
     ) -> None:
         self.settings = settings
         self.url = url
@@ -90,6 +93,8 @@ class Child:
         self.datasets = DatasetCache(datasets or {})
         self.replaces = replaces  # another child served this slot (and its own queue) before
         self.slot = slot
+        self._on_notebook = on_notebook  # called once, idle, when a notebook uses the worker
+        self._next_notebook_look = 0.0
         self._stop = False
         self._running = False
         self._terminated = False
@@ -156,6 +161,8 @@ class Child:
                     # next message, taken with its last write (one round trip).
                     taken, delivery = delivery, None
                     delivery = self.handle(taken)
+                if delivery is None:  # nothing came (or nothing was asked for) meanwhile
+                    self._notebook_seen()
             except BrokerUnavailable as exc:
                 log.warning("broker unreachable (%s); retrying in %.1f s", exc, backoff)
                 time.sleep(backoff)
@@ -163,6 +170,24 @@ class Child:
             except Exception:
                 # Never lose the worker slot to one bad message: log and carry on.
                 log.exception("unexpected error while handling a message; continuing")
+
+    def _notebook_seen(self) -> None:
+        """Between messages: once a notebook session uses this worker, call ``on_notebook``.
+
+        Once; the store is asked at most every ``_NOTEBOOK_LOOK_SECONDS``, and only after
+        the child looked for work (a replacement first takes what waits on its queue).
+        """
+        if self._on_notebook is None or time.monotonic() < self._next_notebook_look:
+            return
+        self._next_notebook_look = time.monotonic() + _NOTEBOOK_LOOK_SECONDS
+        modules = self.transport.store.notebook_modules()
+        if modules is None:
+            return
+        ready, self._on_notebook = self._on_notebook, None
+        try:
+            ready(modules)
+        except Exception:  # the first cell does the same work again, and says what failed
+            log.exception("could not make ready for notebook cells")
 
     def _on_term(self, signum: int, frame: FrameType | None) -> None:
         self._stop = True

@@ -69,6 +69,10 @@ class Worker:
         Registered tasks (from ``-A module``); tasks sent by value need no registration.
     parent_pid
         Stop (cold) when this process is gone: used by the embedded cluster.
+    on_notebook
+        Called in each child, idle, once a notebook session uses these workers, with the
+        modules its settings need (``nbtask.notebook.warmup.warm``: the child makes
+        ready for cells).
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class Worker:
         datasets: Mapping[str, Loader] | None = None,
         parent_pid: int | None = None,
         on_ready: Callable[[Worker], None] | None = None,
+        on_notebook: Callable[[list[str]], None] | None = None,
     ) -> None:
         self.settings = settings
         self.url = url
@@ -101,6 +106,7 @@ class Worker:
         # Each child also serves a queue of its own: work on the values it holds goes there.
         self.queues = self.shared_queues + [holder_queue(c) for c in self.consumers]
         self._on_ready = on_ready
+        self._on_notebook = on_notebook
         self._pool = ChildPool(self.concurrency, self._new_child)
         self._control_position = "$"
         self._signals = 0
@@ -276,6 +282,7 @@ class Worker:
             datasets=self.datasets,
             slot=state,
             replaces=replaces,
+            on_notebook=self._on_notebook,
         )
 
     def _child_exited(self, slot: int, *, respawn: bool) -> None:
