@@ -53,7 +53,11 @@ def report(n: int, gap: float, lead: float, tail: float) -> int:
 
 
 def delete_amqp_queues(amqp_url: str, prefix: str) -> int:
-    """Delete the durable queues declared under ``prefix`` (listed with rabbitmqctl)."""
+    """Delete the durable task queues declared under ``prefix`` (listed with rabbitmqctl).
+
+    Reply queues are left alone: they are exclusive (another connection may not delete
+    one still in use) and go with their connection.
+    """
     import kombu
 
     out = subprocess.run(
@@ -63,7 +67,7 @@ def delete_amqp_queues(amqp_url: str, prefix: str) -> int:
         timeout=60,
         check=False,
     ).stdout
-    names = [n for n in out.split() if n.startswith(prefix + ":")]
+    names = [n for n in out.split() if n.startswith(prefix + ":q:")]
     if names:
         with kombu.Connection(amqp_url, connect_timeout=3) as conn:
             channel = conn.channel()
