@@ -19,8 +19,9 @@ RabbitMQ / Redis and whether it meets the goal (<= 1.5x).
 
 ``beam.smp`` and ``redis-server`` serve everyone on the machine: their CPU counts any
 other traffic during the window. With ``--profile-dir`` py-spy records the worker
-(``--subprocesses``) and the first client at 2,000 Hz in raw (collapsed) form; that
-slows both, so the times of such a run are not comparable with others.
+(``--subprocesses``) and the first client at 2,000 Hz in raw (collapsed) form, with
+``--gil`` only the threads holding the GIL (Python's CPU, not its waits); that slows
+both, so the times of such a run are not comparable with others.
 """
 
 from __future__ import annotations
@@ -155,9 +156,10 @@ def _by_name(name: str) -> list[Any]:
     return [p for p in psutil.process_iter(["name"]) if p.info["name"] == name]
 
 
-def _spy(pid: int, out: Path, subprocesses: bool) -> subprocess.Popen[bytes]:
+def _spy(pid: int, out: Path, subprocesses: bool, gil: bool) -> subprocess.Popen[bytes]:
     cmd = ["py-spy", "record", "-r", "2000", "-f", "raw", "-o", str(out), "--pid", str(pid)]
-    return subprocess.Popen([*cmd, *(["-s"] if subprocesses else [])], stdout=subprocess.DEVNULL)
+    cmd += ["-s"] if subprocesses else []
+    return subprocess.Popen([*cmd, *(["--gil"] if gil else [])], stdout=subprocess.DEVNULL)
 
 
 def _case(kind: str, args: argparse.Namespace, tmp: Path, label: str) -> dict[str, Any]:
@@ -203,8 +205,8 @@ def _case(kind: str, args: argparse.Namespace, tmp: Path, label: str) -> dict[st
         if args.profile_dir:
             out = Path(args.profile_dir)
             out.mkdir(parents=True, exist_ok=True)
-            spies.append(_spy(worker.pid, out / f"{label}-worker.txt", subprocesses=True))
-            spies.append(_spy(clients[0].pid, out / f"{label}-client.txt", subprocesses=False))
+            spies.append(_spy(worker.pid, out / f"{label}-worker.txt", True, args.gil))
+            spies.append(_spy(clients[0].pid, out / f"{label}-client.txt", False, args.gil))
             time.sleep(1.0)  # py-spy attaches
         before = {"worker": _cpu(_tree(worker.pid)), "beam.smp": _cpu(beam)}
         start = time.time()
@@ -270,6 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--tasks", type=int, default=2_500, help="tasks per client")
     ap.add_argument("--brokers", default="redis,amqp", help="comma-separated: redis, amqp")
     ap.add_argument("--profile-dir", help="py-spy raw profiles of worker and first client")
+    ap.add_argument("--gil", action="store_true", help="profile only threads holding the GIL")
     ap.add_argument("--json-out", help="write every run here")
     ap.add_argument("--client", metavar="BROKER", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
