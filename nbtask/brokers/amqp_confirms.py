@@ -59,6 +59,8 @@ class Confirms:
         self.refused: list[Outgoing] = []
         #: Returned by RabbitMQ (no queue to route to), for the sender to send again.
         self.returned: dict[int, Outgoing] = {}
+        #: Publishes since the sender last read the confirms in (it reads now and then).
+        self.sent_since_read = 0
         self.enabled = hasattr(channel, "confirm_select")
         if self.enabled:
             channel.confirm_select()
@@ -72,6 +74,7 @@ class Confirms:
             return
         self.unconfirmed[self._next] = outgoing
         self._next += 1
+        self.sent_since_read += 1
 
     def _settled(self, tag: int, multiple: bool) -> list[Outgoing]:
         if not multiple:

@@ -27,6 +27,7 @@ from nbtask.brokers.base import PIPELINE_WINDOW
 from nbtask.errors import BrokerUnavailable
 
 __all__ = [
+    "COLLECT_EVERY",
     "CONSUMER_TIMEOUT_MS",
     "MAX_RETURNS",
     "Link",
@@ -38,6 +39,10 @@ __all__ = [
 
 #: ``x-consumer-timeout`` of task queues on RabbitMQ >= 3.12, milliseconds (7 days).
 CONSUMER_TIMEOUT_MS = 7 * 24 * 3600 * 1000
+#: A publish that does not wait reads the confirms already in once every this many
+#: publishes of its link: reading when none is in costs a failed non-blocking read, and
+#: whatever else reads the connection (a worker's next fetch) takes them in meanwhile.
+COLLECT_EVERY = 64
 #: Times a task message returned by RabbitMQ (its queue deleted) is sent again.
 MAX_RETURNS = 3
 ID_HEADER = "nbtask-id"
@@ -193,7 +198,8 @@ class Links:
 
         With ``wait``, return once RabbitMQ confirmed everything this thread sent (the
         batch's confirms awaited together); without, once it is written, collecting the
-        confirms already in (up to :data:`PIPELINE_WINDOW` may be outstanding).
+        confirms already in every :data:`COLLECT_EVERY` publishes (up to
+        :data:`PIPELINE_WINDOW` may be outstanding).
 
         A link that went stale while idle (its connection dropped, RabbitMQ restarted)
         fails only when used; a fresh link failing is a real outage. Messages that a
@@ -257,14 +263,18 @@ class Links:
     def _collect(self, link: Link, window: int) -> None:
         """Take in the confirms that arrived; wait for the rest while over ``window``.
 
-        Task messages RabbitMQ returned (their queue was deleted) are sent again to the
-        queue declared anew, up to :data:`MAX_RETURNS` times each; then refused.
+        With a ``window``, the confirms already in are read only once every
+        :data:`COLLECT_EVERY` publishes. Task messages RabbitMQ returned (their queue was
+        deleted) are sent again to the queue declared anew, up to :data:`MAX_RETURNS`
+        times each; then refused.
         """
         confirms = link.confirms
         while True:
-            with contextlib.suppress(TimeoutError):
-                while confirms.unconfirmed:
-                    link.conn.drain_events(timeout=0)
+            if not window or confirms.sent_since_read >= COLLECT_EVERY:
+                confirms.sent_since_read = 0
+                with contextlib.suppress(TimeoutError):
+                    while confirms.unconfirmed:
+                        link.conn.drain_events(timeout=0)
             while len(confirms.unconfirmed) > window:
                 link.conn.drain_events(timeout=None)
             if not confirms.returned:
