@@ -17,6 +17,8 @@ from amqp.method_framing import frame_handler as _frame_handler
 from amqp.serialization import decode_properties_basic, dumps, loads
 from kombu.transport import pyamqp as _pyamqp
 
+from nbtask.brokers.amqp_reads import BufferedTCPTransport
+
 __all__ = ["GUARDED", "refusal_of"]
 
 # kombu would decompress a body whose headers name a compression before nbtask sees it:
@@ -144,6 +146,22 @@ class _GuardedConnection(pyamqp.Connection):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, frame_handler=_guarded_frames, **kwargs)
+
+    def Transport(  # py-amqp's name and arguments
+        self,
+        host: str,
+        connect_timeout: Any,
+        ssl: Any = False,
+        read_timeout: Any = None,
+        write_timeout: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        # Plain TCP reads what the socket has at once (nbtask.brokers.amqp_reads); TLS
+        # keeps py-amqp's transport, which reads through the SSL object's own buffer.
+        timeouts = {"read_timeout": read_timeout, "write_timeout": write_timeout}
+        if ssl:
+            return super().Transport(host, connect_timeout, ssl, **timeouts, **kwargs)
+        return BufferedTCPTransport(host, connect_timeout=connect_timeout, **timeouts, **kwargs)
 
 
 class _GuardedTransport(pyamqp.Transport):  # type: ignore[misc]

@@ -1,0 +1,60 @@
+"""Reading RabbitMQ's frames off a plain TCP socket: what the socket has, at once.
+
+py-amqp's TCP transport asks the socket for exactly the bytes it needs next: a frame's
+7-byte header, then its payload, then its end octet, so three ``recv`` calls a frame and
+nine for a delivered message (method, content header, body), confirms three each. A
+client reading its events and a worker child taking tasks spend more on those system
+calls than on anything else they do per frame. The transport here asks for what the
+socket holds (up to :data:`READ_BYTES`) and keeps the rest for the frames after, where
+py-amqp's own reads keep theirs (``_read_buffer``), so a timeout mid-frame leaves the
+bytes read so far for the next read, as before.
+
+Nothing else looks at the socket to learn whether a frame is waiting (py-amqp and kombu
+read it only through the transport), so frames buffered here are never missed.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+from amqp.transport import TCPTransport as _TCPTransport
+
+__all__ = ["READ_BYTES", "BufferedTCPTransport"]
+
+#: The most one ``recv`` asks for beyond a frame's missing bytes. Small enough that
+#: handing the rest on (a copy per frame) costs less than the system calls it saves.
+READ_BYTES = 16_384
+
+_RETRY = (errno.EAGAIN, errno.EINTR)
+TCPTransport: Any = _TCPTransport  # py-amqp is not annotated
+
+
+class BufferedTCPTransport(TCPTransport):  # type: ignore[misc]
+    """py-amqp's TCP transport, reading up to :data:`READ_BYTES` per ``recv``."""
+
+    _read_buffer: bytes  # py-amqp's: bytes read and not yet handed over
+
+    def _read(self, n: int, initial: bool = False, _errnos: Any = _RETRY) -> bytes:
+        """Exactly ``n`` bytes: from what was read before, then from the socket."""
+        recv = self._quick_recv
+        rbuf = self._read_buffer
+        try:
+            while len(rbuf) < n:
+                try:
+                    s = recv(max(n - len(rbuf), READ_BYTES))
+                except OSError as exc:
+                    if exc.errno in _errnos:
+                        if initial and self.raise_on_initial_eintr:
+                            raise TimeoutError() from exc
+                        continue
+                    raise
+                if not s:
+                    raise OSError("Server unexpectedly closed connection")
+                rbuf += s
+        except BaseException:
+            # A timeout (or an error) keeps what arrived, for the next read.
+            self._read_buffer = rbuf
+            raise
+        result, self._read_buffer = rbuf[:n], rbuf[n:]
+        return result
