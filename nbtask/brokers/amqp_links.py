@@ -71,6 +71,13 @@ class Link:
         self.reply_consumer: Any = None
         self.replies: deque[Message] = deque()
         self.confirms = Confirms(self.channel)
+        #: What a failing connection raises (kombu lists them; asked once, not per use).
+        self.errors: tuple[type[BaseException], ...] = (
+            OSError,
+            OperationalError,
+            *conn.connection_errors,
+            *conn.channel_errors,
+        )
 
     def close(self) -> None:
         """Release the connection (errors ignored: it may be gone already)."""
@@ -177,10 +184,9 @@ class Links:
     def using(self) -> Iterator[Link]:
         """Yield this thread's link; connection errors become :class:`BrokerUnavailable`."""
         link = self.get()
-        errors: tuple[type[BaseException], ...] = (OSError, OperationalError, *_conn_errors(link))
         try:
             yield link
-        except errors as exc:
+        except link.errors as exc:
             if isinstance(exc, TimeoutError):
                 raise
             if isinstance(exc, BrokerUnavailable):
@@ -434,11 +440,3 @@ def redelivered(message: Message) -> bool:
         return True
     payload = getattr(message, "_raw", None)
     return isinstance(payload, dict) and bool(payload.get("redelivered"))
-
-
-def _conn_errors(link: Link) -> tuple[type[BaseException], ...]:
-    errors: tuple[type[BaseException], ...] = (
-        *link.conn.connection_errors,
-        *link.conn.channel_errors,
-    )
-    return errors
