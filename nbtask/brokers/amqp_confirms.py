@@ -17,6 +17,7 @@ being dropped, and is kept aside for its sender to declare the queue and send it
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -61,6 +62,8 @@ class Confirms:
         self.returned: dict[int, Outgoing] = {}
         #: Publishes since the sender last read the confirms in (it reads now and then).
         self.sent_since_read = 0
+        #: When a confirm last came in (``time.monotonic()``), whoever read the channel.
+        self.heard_at = time.monotonic()
         self.enabled = hasattr(channel, "confirm_select")
         if self.enabled:
             channel.confirm_select()
@@ -90,9 +93,11 @@ class Confirms:
         return out
 
     def _on_ack(self, tag: int, multiple: bool) -> None:
+        self.heard_at = time.monotonic()
         self._settled(tag, multiple)
 
     def _on_nack(self, tag: int, multiple: bool) -> None:
+        self.heard_at = time.monotonic()
         self.refused += self._settled(tag, multiple)
 
     def _on_return(self, exc: object, exchange: str, routing_key: str, message: Any) -> None:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
+from amqp.connection import NEGOTIATE_CAPABILITIES
 from amqp.method_framing import frame_handler as _frame_handler
 from amqp.serialization import decode_properties_basic, dumps, loads
 from kombu.transport import pyamqp as _pyamqp
@@ -143,6 +144,14 @@ def _unreadable_header(buf: Any, exc: BaseException) -> bytes:
 
 class _GuardedConnection(pyamqp.Connection):  # type: ignore[misc]
     Channel = _GuardedChannel
+    # Not asking RabbitMQ to announce that it blocks publishers (a memory or disk alarm):
+    # py-amqp then reads the socket before every publish to catch that notice, nbtask
+    # does nothing with it, and a blocked publish waits all the same. Whether a link went
+    # stale is found out by reading its confirms (nbtask.brokers.amqp_links._collect).
+    negotiate_capabilities: ClassVar[dict[str, bool]] = {
+        **NEGOTIATE_CAPABILITIES,
+        "connection.blocked": False,
+    }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, frame_handler=_guarded_frames, **kwargs)

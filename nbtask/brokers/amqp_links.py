@@ -12,6 +12,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -30,6 +31,7 @@ __all__ = [
     "COLLECT_EVERY",
     "CONSUMER_TIMEOUT_MS",
     "MAX_RETURNS",
+    "QUIET_SECONDS",
     "Link",
     "Links",
     "body_of",
@@ -43,6 +45,10 @@ CONSUMER_TIMEOUT_MS = 7 * 24 * 3600 * 1000
 #: publishes of its link: reading when none is in costs a failed non-blocking read, and
 #: whatever else reads the connection (a worker's next fetch) takes them in meanwhile.
 COLLECT_EVERY = 64
+#: ... and at once if no confirm came in for this long: the link may have been idle, and
+#: a write to a connection the server closed meanwhile succeeds; only a read finds out
+#: (then the publish is made again on a new link, as for any link gone stale).
+QUIET_SECONDS = 0.05
 #: Times a task message returned by RabbitMQ (its queue deleted) is sent again.
 MAX_RETURNS = 3
 ID_HEADER = "nbtask-id"
@@ -204,8 +210,8 @@ class Links:
 
         With ``wait``, return once RabbitMQ confirmed everything this thread sent (the
         batch's confirms awaited together); without, once it is written, collecting the
-        confirms already in every :data:`COLLECT_EVERY` publishes (up to
-        :data:`PIPELINE_WINDOW` may be outstanding).
+        confirms already in every :data:`COLLECT_EVERY` publishes or after a quiet spell
+        (up to :data:`PIPELINE_WINDOW` may be outstanding).
 
         A link that went stale while idle (its connection dropped, RabbitMQ restarted)
         fails only when used; a fresh link failing is a real outage. Messages that a
@@ -270,13 +276,18 @@ class Links:
         """Take in the confirms that arrived; wait for the rest while over ``window``.
 
         With a ``window``, the confirms already in are read only once every
-        :data:`COLLECT_EVERY` publishes. Task messages RabbitMQ returned (their queue was
+        :data:`COLLECT_EVERY` publishes, or after :data:`QUIET_SECONDS` without a
+        confirm. Task messages RabbitMQ returned (their queue was
         deleted) are sent again to the queue declared anew, up to :data:`MAX_RETURNS`
         times each; then refused.
         """
         confirms = link.confirms
         while True:
-            if not window or confirms.sent_since_read >= COLLECT_EVERY:
+            if (
+                not window
+                or confirms.sent_since_read >= COLLECT_EVERY
+                or time.monotonic() - confirms.heard_at >= QUIET_SECONDS
+            ):
                 confirms.sent_since_read = 0
                 with contextlib.suppress(TimeoutError):
                     while confirms.unconfirmed:

@@ -13,6 +13,7 @@ and the store are reached directly.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from tcp_proxy import TcpProxy, proxying, via
 
 from nbtask import App, Settings, State
 from nbtask.brokers.amqp import AmqpTransport
-from nbtask.brokers.amqp_links import Link, Links
+from nbtask.brokers.amqp_links import QUIET_SECONDS, Link, Links
 from nbtask.errors import BrokerUnavailable, TaskRevoked
 
 RECORD = "tests.sample_tasks.record_id"  # appends its id to a file: counts runs
@@ -152,3 +153,34 @@ def test_messages_rabbitmq_refuses_are_reported_not_dropped(prefix: str) -> None
         assert links.take_unsent() == []  # each is reported once
     finally:
         links.close()
+
+
+def test_a_publish_after_a_quiet_spell_finds_a_connection_closed_meanwhile(
+    proxy: TcpProxy, prefix: str
+) -> None:
+    """Writing to a connection the server closed succeeds: a publish that does not wait
+    reads its link after a quiet spell, finds it closed and publishes on a new one."""
+    links = Links(via(AMQP_URL, proxy.url_port))
+    queue = f"{prefix}:quiet"
+    direct = kombu.Connection(AMQP_URL)
+    direct.default_channel.queue_declare(queue=queue, auto_delete=False)
+
+    def send(link: Link) -> None:
+        links.send(link, queue, b"body", persistent=False, task_id="task")
+
+    try:
+        links.publishing(send, wait=False)
+        links.flush()
+        stale = links.current()
+        proxy.cut()  # the link's connection is closed while it is idle
+        time.sleep(QUIET_SECONDS + 0.2)
+        links.publishing(send, wait=False)
+        assert links.current() not in (None, stale)  # found out during the publish
+        links.flush()
+        _, waiting, _ = direct.default_channel.queue_declare(queue=queue, passive=True)
+        assert waiting == 2
+        assert links.take_unsent() == []
+    finally:
+        links.close()
+        direct.default_channel.queue_delete(queue)
+        direct.release()
