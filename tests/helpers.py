@@ -6,14 +6,17 @@ Fixtures live in ``conftest.py``; everything a test imports by name lives here.
 from __future__ import annotations
 
 import collections
+import importlib.util
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import psutil
@@ -23,6 +26,21 @@ from nbtask import App, RemoteError, Settings
 from nbtask.brokers import open_broker
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def benchmark_module(name: str) -> ModuleType:
+    """``benchmarks/<name>.py``, loaded from its file (nothing in it is run or timed).
+
+    Putting ``benchmarks/`` on ``sys.path`` would shadow names such as ``run``.
+    """
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
 REDIS_URL = os.environ.get("NBTASK_TEST_REDIS", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("NBTASK_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
 BROKERS = ("redis", "amqp")

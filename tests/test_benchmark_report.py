@@ -5,20 +5,12 @@ Made-up runs only: nothing here starts a worker or times anything.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import benchmark_module
 
-# Loaded from its file: putting benchmarks/ on sys.path would shadow names such as `run`.
-_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "compare_report.py"
-_SPEC = importlib.util.spec_from_file_location("compare_report", _PATH)
-assert _SPEC is not None and _SPEC.loader is not None
-report = importlib.util.module_from_spec(_SPEC)
-sys.modules["compare_report"] = report  # dataclasses look their module up here
-_SPEC.loader.exec_module(report)
+report = benchmark_module("compare_report")
 
 
 def _system(

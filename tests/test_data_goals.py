@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from typing import Any
 
-# Loaded from its file: putting benchmarks/ on sys.path would shadow names such as `run`.
-_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "data_goals.py"
-_SPEC = importlib.util.spec_from_file_location("data_goals", _PATH)
-assert _SPEC is not None and _SPEC.loader is not None
-goals = importlib.util.module_from_spec(_SPEC)
-sys.modules["data_goals"] = goals
-_SPEC.loader.exec_module(goals)
+from helpers import benchmark_module
+
+goals = benchmark_module("data_goals")
 
 
 def _run(kept_s: float, embedded_s: float) -> dict[str, Any]:

@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from typing import Any
 
-# Loaded from its file: putting benchmarks/ on sys.path would shadow names such as `run`.
-_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_load.py"
-_SPEC = importlib.util.spec_from_file_location("bench_load", _PATH)
-assert _SPEC is not None and _SPEC.loader is not None
-load = importlib.util.module_from_spec(_SPEC)
-sys.modules["bench_load"] = load
-_SPEC.loader.exec_module(load)
+from helpers import benchmark_module
+
+load = benchmark_module("bench_load")
 
 
 def _run(broker: str, wall_s: float, worker_us: float = 400.0) -> dict[str, Any]:
