@@ -177,7 +177,7 @@ class Child:
         Once; the store is asked at most every ``_NOTEBOOK_LOOK_SECONDS``, and only after
         the child looked for work (a replacement first takes what waits on its queue).
         """
-        if self._on_notebook is None or time.monotonic() < self._next_notebook_look:
+        if self._on_notebook is None or self._stop or time.monotonic() < self._next_notebook_look:
             return
         self._next_notebook_look = time.monotonic() + _NOTEBOOK_LOOK_SECONDS
         modules = self.transport.store.notebook_modules()
