@@ -32,7 +32,7 @@ from nbtask.notebook.worker_shell import BASE_NS, worker_shell
 from nbtask.wire.blobs import Packed
 from nbtask.wire.envelope import Envelope, dumps
 
-__all__ = ["execute_cell"]
+__all__ = ["execute_cell", "prepare_cell"]
 _IPYTHON_NAMES = frozenset({"_exit_code"})  # besides the history names
 _APPLIED = process_state.Applied()  # the kernel's state this process is in
 
@@ -102,6 +102,19 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
     if error is None:
         return _pack(effects, spec, plain=spec.plain)
     raise _from_cell(error, spec.filename, _pack(effects, spec, plain=False))
+
+
+def prepare_cell(spec: CellSpec) -> None:
+    """Make this process's shell and load the notebook's state ``spec`` ships (imports).
+
+    Done before the cell runs (:meth:`~nbtask.notebook.celltask.CellTask.before_start`),
+    where a terminate waits for it: an import cut in half by one leaves the package's
+    submodules bound to a dead module, and breaks the package for the process's later
+    cells. :func:`execute_cell` then finds both ready.
+    """
+    shell = worker_shell()
+    if spec.state:
+        _shipped_state(shell, spec.state)
 
 
 def _shipped_state(shell: Any, pickled: bytes) -> Any:

@@ -14,7 +14,7 @@ from nbtask.core.refs import blobs_of, noting_refs
 from nbtask.core.task import Task
 from nbtask.errors import CellError
 from nbtask.notebook.analysis import analyze
-from nbtask.notebook.cellshell import execute_cell
+from nbtask.notebook.cellshell import execute_cell, prepare_cell
 from nbtask.notebook.shipping import CellSpec, prepare
 from nbtask.wire.blobs import Packed
 
@@ -33,6 +33,12 @@ class CellTask(Task):
         See :func:`execute_cell`.
         """
         return execute_cell(spec, blob, datasets)
+
+    def before_start(self, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        """Make ready for the cell before it runs, uninterrupted (see :func:`prepare_cell`)."""
+        spec = args[0] if args else kwargs.get("spec")
+        if isinstance(spec, CellSpec):
+            prepare_cell(spec)
 
 
 def cell_task(app: Any) -> CellTask:
