@@ -28,6 +28,14 @@ from nbtask.brokers import open_broker
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def exited(pid: int) -> bool:
+    """The process is gone, or a zombie (it has exited; its parent has not reaped it)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # also when it exits while being looked at
+        return True
+
+
 def benchmark_module(name: str) -> ModuleType:
     """``benchmarks/<name>.py``, loaded from its file (nothing in it is run or timed).
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import redis
-from helpers import wait_until
+from helpers import exited, wait_until
 
 from nbtask import App
 
@@ -208,7 +208,7 @@ def test_foreground_cluster_command(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
     wait_until(
-        lambda: not server.is_running() or server.status() == psutil.STATUS_ZOMBIE,
+        lambda: exited(server.pid),
         10,
         "the cluster's redis-server to stop",
     )

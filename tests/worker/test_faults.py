@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import WorkerProcess, wait_until
+from helpers import WorkerProcess, exited, wait_until
 from raw_broker import RawBroker
 
 import nbtask
@@ -224,7 +224,7 @@ def test_warm_shutdown_finishes_the_running_task(app: App, start_worker, tmp_pat
     # The idle child leaves (so the signal was acted on); the busy one keeps running.
     idle = next(c for c in children if c.pid != busy)
     wait_until(
-        lambda: not idle.is_running() or idle.status() == psutil.STATUS_ZOMBIE,
+        lambda: exited(idle.pid),
         10,
         "the idle child to exit",
     )
@@ -239,7 +239,7 @@ def test_warm_shutdown_finishes_the_running_task(app: App, start_worker, tmp_pat
     worker_log = worker.log.read_text()
     assert "died" not in worker_log, worker_log
     wait_until(
-        lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children),
+        lambda: all(exited(c.pid) for c in children),
         5,
         "the child processes to exit",
     )

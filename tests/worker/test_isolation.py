@@ -15,7 +15,7 @@ from typing import Any
 
 import psutil
 import pytest
-from helpers import WorkerProcess, wait_until
+from helpers import WorkerProcess, exited, wait_until
 from raw_broker import RawBroker
 
 from nbtask import App
@@ -23,14 +23,6 @@ from nbtask import App
 pytestmark = pytest.mark.brokers
 
 FINAL_EVENTS = {"success", "failure", "revoked", "worker_lost"}
-
-
-def exited(pid: int) -> bool:
-    """The process is gone, or a zombie (it has exited; its parent has not reaped it)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def end_if_running(pid: int) -> None:
