@@ -277,9 +277,13 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings):
         return [raw for _id, fields in entries if (raw := _event_of(fields))]
 
     def wake(self, channel: str) -> None:
-        """Append an empty entry so a reader blocked on ``channel`` returns."""
+        """Append an empty entry so a reader blocked on ``channel`` returns.
+
+        The channel expires as a live client's does: a client that closes before any
+        event reached it would otherwise leave a stream that never goes.
+        """
         with self.link.translate_errors():
-            self.link.run([self.event_command(channel, b"")])
+            self.link.run([self.event_command(channel, b""), ("EXPIRE", channel, self.ttl)])
 
     def keep_channel(self, channel: str) -> None:
         """Push back the expiry of an event channel (its client is alive)."""
