@@ -41,7 +41,8 @@ def warm(modules: Iterable[str]) -> list[str]:
         The modules imported (the cell machinery's first).
     """
     worker_shell()  # first: matplotlib, imported before, would choose another backend
-    wanted = [_CELL_TASKS, *(name for name in STATE_MODULES if name in set(modules))]
+    asked = set(modules)
+    wanted = [_CELL_TASKS, *(name for name in STATE_MODULES if name in asked)]
     imported = []
     for name in wanted:
         with contextlib.suppress(ImportError):
