@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -61,6 +63,16 @@ def explode(message: str) -> None:
 
 def _explode_helper(message: str) -> None:
     raise ValueError(message)
+
+
+@app.task
+def import_then_wait(folder: str, module: str, seconds: float) -> int:
+    """Import ``module`` from ``folder``, then sleep ``seconds``; return this pid."""
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    importlib.import_module(module)
+    time.sleep(seconds)
+    return os.getpid()
 
 
 @app.task

@@ -31,7 +31,6 @@ from nbtask.errors import (
     BrokerUnavailable,
     NbtaskError,
     Retry,
-    SoftTimeLimitExceeded,
 )
 from nbtask.settings import Settings
 from nbtask.wire.envelope import Signer
@@ -40,6 +39,7 @@ from nbtask.wire.message import TaskMessage, decode_value
 from nbtask.worker.admit import Admission, Admitted
 from nbtask.worker.finder import TaskFinder
 from nbtask.worker.holdings import process_holding
+from nbtask.worker.interrupts import TaskInterrupts
 from nbtask.worker.journal import Journal
 from nbtask.worker.outbox import Outbox, TaskStream
 from nbtask.worker.settle import (
@@ -96,8 +96,7 @@ class Child:
         self._on_notebook = on_notebook  # called once, idle, when a notebook uses the worker
         self._next_notebook_look = 0.0
         self._stop = False
-        self._running = False
-        self._terminated = False
+        self.interrupts = TaskInterrupts()
         self._whoami: dict[str, Any] = {"worker": hostname}
 
     def run(self) -> None:
@@ -106,9 +105,8 @@ class Child:
         # A process group of its own: Ctrl-C in a terminal reaches only the supervisor,
         # so SIGINT here always means "terminate the running task".
         os.setpgid(0, 0)
-        signal.signal(signal.SIGINT, self._on_interrupt)
+        self.interrupts.install()
         signal.signal(signal.SIGTERM, self._on_term)
-        signal.signal(signal.SIGALRM, self._on_alarm)
         self.transport = open_broker(self.settings, self.url)
         self.signer = Signer.for_settings(self.settings, self.secret)
         self.outbox = Outbox(self.transport, self.signer)
@@ -192,23 +190,12 @@ class Child:
     def _on_term(self, signum: int, frame: FrameType | None) -> None:
         self._stop = True
 
-    def _on_interrupt(self, signum: int, frame: FrameType | None) -> None:
-        # Only the supervisor sends SIGINT: terminate the task this slot holds. If it has
-        # not started running yet, it never will (see handle()).
-        self._terminated = True
-        if self._running:
-            raise KeyboardInterrupt("task terminated (revoked)")
-
-    def _on_alarm(self, signum: int, frame: FrameType | None) -> None:
-        if self._running:
-            raise SoftTimeLimitExceeded("the task ran past its soft time limit")
-
     # One delivery ----------------------------------------------------------------------------
     def handle(self, delivery: Delivery) -> Delivery | None:
         """Admit, run, settle and follow up one delivery; return the next, if it came along."""
         # The task is STARTED from the moment it was delivered: claim the slot now, so a
         # terminate request finds this child even before the task begins to run.
-        self._terminated = False
+        self.interrupts.begin()
         if delivery.verdict == Verdict.OK and delivery.task_id:
             self.slot.occupy(delivery.task_id, 0.0)
         self.journal.about(delivery.task_id or "")
@@ -264,7 +251,7 @@ class Child:
         if task is None:
             assert resolve_error is not None
             outcome = self._failed(message, resolve_error, self.outbox.end())
-        elif self._terminated:
+        elif self.interrupts.terminated:
             reason = {"reason": "terminated"}
             outcome = Outcome(Event(EventType.REVOKED, message.id, self.outbox.end(), reason))
         else:
@@ -344,10 +331,7 @@ class Child:
     def _call(
         self, message: TaskMessage, task: Task, args: Any, kwargs: Any, soft_limit: float | None
     ) -> Outcome:
-        self._running = True
-        if self._terminated:  # a terminate that came while the task was being set up
-            self._running = False
-            raise KeyboardInterrupt("task terminated (revoked)")
+        self.interrupts.start()  # raises if a terminate came while it was being set up
         if soft_limit:
             signal.setitimer(signal.ITIMER_REAL, soft_limit)
         started = time.perf_counter()
@@ -356,7 +340,7 @@ class Child:
             if inspect.iscoroutine(retval):  # an ``async def`` task: run it to its end here
                 retval = asyncio.run(retval)
         finally:
-            self._running = False
+            self.interrupts.stop()
             signal.setitimer(signal.ITIMER_REAL, 0)
         return self._succeeded(message, retval, time.perf_counter() - started)
 
@@ -372,7 +356,7 @@ class Child:
         )
 
     def _after_exception(self, message: TaskMessage, task: Task, exc: BaseException) -> Outcome:
-        if self._terminated:
+        if self.interrupts.terminated:
             seq = self.outbox.end()
             event = Event(EventType.REVOKED, message.id, seq, {"reason": "terminated"})
             return Outcome(event, exc=exc)

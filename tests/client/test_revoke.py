@@ -22,6 +22,26 @@ pytestmark = pytest.mark.brokers
 SLOW_HANDLER = "tests.celery_tasks.slow_handler"
 MARK = "tests.celery_tasks.mark"
 WAIT_FOR_FILE = "tests.sample_tasks.wait_for_file"
+IMPORT_THEN_WAIT = "tests.sample_tasks.import_then_wait"
+
+# A package like pandas: what it registers while imported stays registered, so importing
+# it again after an import cut in half fails.
+SLOW_PACKAGE = {
+    "registry.py": (
+        "NAMES = set()\n"
+        "def add(name):\n"
+        "    if name in NAMES:\n"
+        "        raise RuntimeError(f'{name} has already been registered')\n"
+        "    NAMES.add(name)\n"
+    ),
+    "__init__.py": (
+        "import os, pathlib, time\n"
+        "from slowpkg import registry\n"
+        "registry.add('option')\n"
+        "pathlib.Path(MARKER).write_text(str(os.getpid()))\n"
+        "time.sleep(2)\n"
+    ),
+}
 
 
 def _busy(app: App, task_id: str) -> bool:
@@ -237,3 +257,24 @@ def test_terminate_right_after_the_worker_started(app: App, start_worker, tmp_pa
     finally:
         go.touch()
     assert h.state is State.REVOKED
+
+
+def test_a_terminate_during_an_import_waits_for_it_to_end(
+    app: App, start_worker, tmp_path: Path
+) -> None:
+    # Cut in half, the import would leave the package broken for the process's later
+    # tasks (as pandas' "option has already been registered").
+    start_worker(concurrency=1)
+    marker = tmp_path / "importing"
+    package = tmp_path / "slowpkg"
+    package.mkdir()
+    for name, text in SLOW_PACKAGE.items():
+        (package / name).write_text(text.replace("MARKER", repr(str(marker))))
+    h = app.send_task(IMPORT_THEN_WAIT, (str(tmp_path), "slowpkg", 30.0))
+    wait_until(marker.exists, 10, "the import to start")
+    assert h.cancel() is True
+    with pytest.raises(nbtask.TaskRevoked):
+        h.get(timeout=10)
+    again = app.send_task(IMPORT_THEN_WAIT, (str(tmp_path), "slowpkg", 0.0))
+    # The same process (not killed after the grace): its package was imported whole once.
+    assert again.get(timeout=10) == int(marker.read_text())
