@@ -76,7 +76,7 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
         # A dataset is the worker's: like a shipped value, it returns only if changed.
         shipped.update(datasets or {})
         # Values the shipped functions carried are shipped values too (not assigned here).
-        shipped.update({n: namespace[n] for n in share_namespace(namespace)})
+        shipped.update({n: namespace[n] for n in share_namespace(namespace, list(shipped))})
         # Loaded only now, with the shell (and matplotlib's inline backend) set up: the
         # state holds matplotlib objects, and importing matplotlib first would choose
         # another backend.

@@ -27,7 +27,7 @@ from nbtask.notebook.follow import cancel_task, cancelled, follow, one_line
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.pending import WAIT_NAME, CellRun, Pending, WaitInserter, wait_interruptibly
 from nbtask.notebook.releases import Releases, ReleaseTask
-from nbtask.notebook.shipping import analyzed, prepare
+from nbtask.notebook.shipping import analyzed, prepare, transformed
 from nbtask.notebook.version_warnings import VersionWarnings, modules_used
 from nbtask.notebook.waitline import ProgressLine, show_output
 from nbtask.notebook.widgets import TaskView, TaskWidget, make_view, widgets_enabled
@@ -235,7 +235,7 @@ class Session:
     # %%task ----------------------------------------------------------------------------------
     def submit_cell(self, cell: str, args: Any) -> Any:
         """Check, send and follow one cell; see :meth:`TaskMagics.task`."""
-        python = self.shell.transform_cell(cell)
+        python = transformed(self.shell, cell)
         found = analyzed(python, line_offset=1)  # the %%task line is the cell's first
         self.pending.harvest()
         waited = [n for n in found.reads if n in self.pending.owner]

@@ -67,3 +67,25 @@ def test_analysis_is_kept_by_the_cells_text() -> None:
         analyze("b = (\n")
     with pytest.raises(SyntaxError):  # a failure is not kept as an answer
         analyze("b = (\n")
+
+
+def test_a_transformer_registered_after_a_cell_ran_applies_to_its_next_run() -> None:
+    from IPython.testing.globalipapp import start_ipython
+
+    from nbtask.notebook.shipping import transformed
+
+    shell = start_ipython()
+    assert shell is not None
+    cell = "x = 'a'\n"
+    assert transformed(shell, cell) == cell
+    assert transformed(shell, "%time x = 1\n") == str(shell.transform_cell("%time x = 1\n"))
+
+    def upper(lines: list[str]) -> list[str]:
+        return [line.upper() for line in lines]
+
+    shell.input_transformers_post.append(upper)
+    try:
+        assert transformed(shell, cell) == "X = 'A'\n"
+    finally:
+        shell.input_transformers_post.remove(upper)
+    assert transformed(shell, cell) == cell
