@@ -15,7 +15,6 @@ numpy or pandas.
 from __future__ import annotations
 
 import contextlib
-import copy
 import importlib
 import os
 import pickle
@@ -23,10 +22,18 @@ import random
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 from nbtask.core.context import runs_started
+from nbtask.notebook.module_settings import (
+    pandas_defaults,
+    pandas_options,
+    rc_params,
+    same,
+    set_pandas_options,
+    set_rc_params,
+)
 from nbtask.wire.envelope import dumps
 
 __all__ = [
@@ -127,7 +134,7 @@ class KernelState:
         state = capture(self.baseline)
         last_state, last_pickled = self.last
         if state.keys() == last_state.keys() and all(
-            _same(last_state[k], v) for k, v in state.items()
+            same(last_state[k], v) for k, v in state.items()
         ):
             return last_pickled
         pickled = dumps(state)
@@ -254,10 +261,10 @@ def capture(baseline: Baseline | None = None, applied: Mapping[str, Any] | None 
         state["numpy.random"] = numpy.random.get_state()
     matplotlib = sys.modules.get("matplotlib")
     if matplotlib is not None:
-        state["rcParams"] = _rc_params(matplotlib.rcParams)
+        state["rcParams"] = rc_params(matplotlib.rcParams)
     pandas = sys.modules.get("pandas")
     if pandas is not None:
-        state["pandas"] = _pandas_options(pandas)
+        state["pandas"] = pandas_options(pandas)
     if baseline is not None:
         state.setdefault("rcParams", None)
         state.setdefault("pandas", None)
@@ -352,30 +359,30 @@ def _apply_settings(state: Mapping[str, Any]) -> None:
     """
     if "rcParams" in state:
         if state["rcParams"] is not None:
-            _set_rc_params(importlib.import_module("matplotlib"), state["rcParams"])
+            set_rc_params(importlib.import_module("matplotlib"), state["rcParams"])
         elif "matplotlib" in sys.modules:
             matplotlib = sys.modules["matplotlib"]
-            if not _same(_rc_params(matplotlib.rcParams), _rc_params(matplotlib.rcParamsOrig)):
+            if not same(rc_params(matplotlib.rcParams), rc_params(matplotlib.rcParamsOrig)):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     matplotlib.rc_file_defaults()
     if "pandas" in state:
         options = state["pandas"]
         if options is None and "pandas" in sys.modules:
-            options = _pandas_defaults(sys.modules["pandas"])
+            options = pandas_defaults(sys.modules["pandas"])
         if options is not None:
-            _set_pandas_options(importlib.import_module("pandas"), options)
+            set_pandas_options(importlib.import_module("pandas"), options)
 
 
 def changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> State:
     """What differs from ``before`` in ``after``: the state a cell changed."""
     changed: State = {}
     for kind, value in after.items():
-        if kind in before and _same(before[kind], value):
+        if kind in before and same(before[kind], value):
             continue  # as is usual: one comparison of the whole, before any item's
         if kind in ("rcParams", "pandas"):
             old = before.get(kind, {})
-            diff = {k: v for k, v in value.items() if k not in old or not _same(old[k], v)}
+            diff = {k: v for k, v in value.items() if k not in old or not same(old[k], v)}
             if diff:
                 changed[kind] = diff
         elif kind == "environ":
@@ -395,111 +402,3 @@ def changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> State:
         else:
             changed[kind] = value
     return changed
-
-
-def _same(a: Any, b: Any) -> bool:
-    try:
-        return bool(a == b)
-    except Exception:  # numpy arrays inside (numpy.random's state)
-        pass
-    if isinstance(a, tuple) and isinstance(b, tuple):  # numpy.random's: item by item
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    # Pickles compare arrays by dtype, shape and bytes, in microseconds (their reprs took
-    # milliseconds); a value that cannot be pickled is compared by its repr.
-    try:
-        return pickle.dumps(a, protocol=5) == pickle.dumps(b, protocol=5)
-    except Exception:
-        return repr(a) == repr(b)
-
-
-def _rc_params(params: Any) -> dict[str, Any]:
-    """The validated values an RcParams stores, the backend left out (the process's own).
-
-    Read as ``RcParams.copy`` reads them, without the per-key lookup of ``rcParams[key]``
-    (ten times slower). Lists and cyclers are copied: a snapshot sharing them with the
-    live settings would miss a cell's ``rcParams["font.sans-serif"].insert(0, ...)``, or
-    ``+=`` on ``axes.prop_cycle`` (which rebinds its parts: a shallow copy keeps the old),
-    or its ``change_key`` (which changes the cyclers it is made of, and their keys).
-    """
-    cycler = getattr(sys.modules.get("cycler"), "Cycler", None)
-    return {
-        k: list(v) if type(v) is list else _copied(v) if type(v) is cycler else v
-        for k, v in dict.items(params)
-        if k != "backend"
-    }
-
-
-def _copied(value: Any) -> Any:
-    """A copy sharing nothing with ``value``, through a pickle (``copy.deepcopy``: 5x)."""
-    return pickle.loads(pickle.dumps(value, protocol=5))
-
-
-def _set_rc_params(matplotlib: Any, params: Mapping[str, Any]) -> None:
-    current = _rc_params(matplotlib.rcParams)
-    if _same(current, params):  # as is usual between cells: nothing to validate
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deprecated keys some styles still carry
-        for key, value in params.items():
-            # Only what differs: validating every key again costs more than the cell.
-            if key in current and _same(current[key], value):
-                continue
-            with contextlib.suppress(KeyError, ValueError, TypeError):
-                matplotlib.rcParams[key] = copy.deepcopy(value)
-
-
-def _registered_options(pandas: Any) -> dict[str, Any]:
-    """The registry of pandas' options, ``{key: RegisteredOption}`` (empty if it moved)."""
-    config = getattr(getattr(pandas, "_config", None), "config", None)
-    return dict(getattr(config, "_registered_options", {}))
-
-
-def _option_reader(pandas: Any) -> Callable[[str], Any]:
-    """How to read one pandas option by its full name, as ``pandas.get_option`` reads it.
-
-    ``get_option`` first matches its argument as a pattern against every option, about
-    10 µs each (some 75 of them, on every cell, in the kernel and on the worker); its
-    value is the one under the option's key (or its replacement's) in pandas' nested
-    dict, read here directly. With another layout of pandas' internals, ``get_option``.
-    """
-    config = getattr(getattr(pandas, "_config", None), "config", None)
-    get_root = getattr(config, "_get_root", None)
-    translate = getattr(config, "_translate_key", None)
-    if not callable(get_root) or not callable(translate):
-        return cast("Callable[[str], Any]", pandas.get_option)
-
-    def read(key: str) -> Any:
-        root, leaf = get_root(translate(key))
-        return root[leaf]
-
-    return read
-
-
-def _pandas_options(pandas: Any) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    read = _option_reader(pandas)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # reading an option deprecated in this pandas warns
-        for key in _registered_options(pandas):
-            with contextlib.suppress(Exception):
-                value = read(key)
-                # One a cell can change in place (a dict of styler.format.formatter) is
-                # copied, as rcParams' lists are: else the snapshot would change with it.
-                options[key] = copy.deepcopy(value) if type(value) in (dict, list) else value
-    return options
-
-
-def _pandas_defaults(pandas: Any) -> dict[str, Any]:
-    """Every option's default, as ``pandas.reset_option("all")`` puts them back."""
-    registered = _registered_options(pandas)
-    return {k: o.defval for k, o in registered.items() if hasattr(o, "defval")}
-
-
-def _set_pandas_options(pandas: Any, options: Mapping[str, Any]) -> None:
-    read = _option_reader(pandas)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # options deprecated in this pandas
-        for key, value in options.items():
-            with contextlib.suppress(Exception):  # an option this pandas lacks
-                if not _same(read(key), value):
-                    pandas.set_option(key, copy.deepcopy(value))

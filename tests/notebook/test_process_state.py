@@ -19,7 +19,7 @@ import pytest
 from cycler import cycler
 
 from nbtask.core.context import Request, running
-from nbtask.notebook import process_state
+from nbtask.notebook import module_settings, process_state
 
 
 @pytest.fixture
@@ -151,7 +151,7 @@ def test_pandas_options_are_read_as_get_option_reads_them(restored: None) -> Non
         warnings.simplefilter("ignore")  # options this pandas deprecates
         expected = {key: pd.get_option(key) for key in options}
     assert options == expected and options["display.max_rows"] == 7
-    assert len(options) == len(process_state._registered_options(pd))
+    assert len(options) == len(module_settings.registered_options(pd))
 
 
 def test_a_cell_after_one_that_changed_nothing_does_not_apply_the_state_again(
@@ -405,3 +405,33 @@ def test_a_kernels_variables_and_paths_are_not_left_to_another_kernels_cell(
     assert "NBTASK_TEST_FIRST_KERNEL" not in os.environ
     assert "NBTASK_TEST_FIRST_CELL" not in os.environ
     assert first_path not in sys.path and cell_path not in sys.path
+
+
+def test_settings_are_read_again_only_once_they_changed(
+    restored: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading every pandas option and rcParam on each cell cost more than a small cell."""
+    reads: list[str] = []
+    for snapshots, kind in (
+        (module_settings.pandas_options, "pandas"),
+        (module_settings.rc_params, "rc"),
+    ):
+        read = snapshots._read
+        monkeypatch.setattr(
+            snapshots, "_read", lambda source, r=read, k=kind: reads.append(k) or r(source)
+        )
+    process_state.capture()
+    first = process_state.capture()
+    reads.clear()
+    again = process_state.capture()
+    assert reads == [] and process_state.changes(first, again) == {}
+    pd.set_option("display.max_rows", 7)
+    matplotlib.rcParams["font.sans-serif"].insert(0, "nbtask-test-font")
+    try:
+        changed = process_state.changes(first, process_state.capture())
+        assert changed["pandas"] == {"display.max_rows": 7}
+        assert changed["rcParams"]["font.sans-serif"][0] == "nbtask-test-font"
+        assert sorted(reads) == ["pandas", "rc"]
+    finally:
+        pd.reset_option("display.max_rows")
+        matplotlib.rcParams["font.sans-serif"].pop(0)

@@ -1,0 +1,214 @@
+"""matplotlib's rcParams and pandas' options as snapshots, and setting them back.
+
+A snapshot is taken in the kernel for every cell it ships and on the worker after every
+cell; reading every setting anew costs more than a trivial cell (pandas' some 200 options
+about 0.3 ms, rcParams 0.1 ms). Between cells they rarely change, so the last snapshot is
+given again while the settings still compare equal to it, which is checked against
+pandas' own store and the rcParams dict in a fraction of that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import pickle
+import sys
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, cast
+
+__all__ = [
+    "pandas_defaults",
+    "pandas_options",
+    "rc_params",
+    "registered_options",
+    "same",
+    "set_pandas_options",
+    "set_rc_params",
+]
+
+
+def same(a: Any, b: Any) -> bool:
+    """True if two settings' values are equal, numpy arrays and unpicklable values too."""
+    try:
+        return bool(a == b)
+    except Exception:  # numpy arrays inside (numpy.random's state)
+        pass
+    if isinstance(a, tuple) and isinstance(b, tuple):  # numpy.random's: item by item
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    # Pickles compare arrays by dtype, shape and bytes, in microseconds (their reprs took
+    # milliseconds); a value that cannot be pickled is compared by its repr.
+    try:
+        return pickle.dumps(a, protocol=5) == pickle.dumps(b, protocol=5)
+    except Exception:
+        return repr(a) == repr(b)
+
+
+def _read_rc_params(params: Any) -> dict[str, Any]:
+    """The validated values an RcParams stores, the backend left out (the process's own).
+
+    Read as ``RcParams.copy`` reads them, without the per-key lookup of ``rcParams[key]``
+    (ten times slower). Lists and cyclers are copied: a snapshot sharing them with the
+    live settings would miss a cell's ``rcParams["font.sans-serif"].insert(0, ...)``, or
+    ``+=`` on ``axes.prop_cycle`` (which rebinds its parts: a shallow copy keeps the old),
+    or its ``change_key`` (which changes the cyclers it is made of, and their keys).
+    """
+    raw = _rc_raw(params)
+    return _rc_kept(raw if raw is not None else dict(params))
+
+
+def _copied(value: Any) -> Any:
+    """A copy sharing nothing with ``value``, through a pickle (``copy.deepcopy``: 5x)."""
+    return pickle.loads(pickle.dumps(value, protocol=5))
+
+
+def set_rc_params(matplotlib: Any, params: Mapping[str, Any]) -> None:
+    """Make ``matplotlib.rcParams`` what ``params`` (an :data:`rc_params` snapshot) says."""
+    current = rc_params(matplotlib.rcParams)
+    if same(current, params):  # as is usual between cells: nothing to validate
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated keys some styles still carry
+        for key, value in params.items():
+            # Only what differs: validating every key again costs more than the cell.
+            if key in current and same(current[key], value):
+                continue
+            with contextlib.suppress(KeyError, ValueError, TypeError):
+                matplotlib.rcParams[key] = copy.deepcopy(value)
+
+
+def registered_options(pandas: Any) -> dict[str, Any]:
+    """The registry of pandas' options, ``{key: RegisteredOption}`` (empty if it moved)."""
+    config = getattr(getattr(pandas, "_config", None), "config", None)
+    return dict(getattr(config, "_registered_options", {}))
+
+
+def _option_reader(pandas: Any) -> Callable[[str], Any]:
+    """How to read one pandas option by its full name, as ``pandas.get_option`` reads it.
+
+    ``get_option`` first matches its argument as a pattern against every option, about
+    10 µs each (some 75 of them, on every cell, in the kernel and on the worker); its
+    value is the one under the option's key (or its replacement's) in pandas' nested
+    dict, read here directly. With another layout of pandas' internals, ``get_option``.
+    """
+    config = getattr(getattr(pandas, "_config", None), "config", None)
+    get_root = getattr(config, "_get_root", None)
+    translate = getattr(config, "_translate_key", None)
+    if not callable(get_root) or not callable(translate):
+        return cast("Callable[[str], Any]", pandas.get_option)
+
+    def read(key: str) -> Any:
+        root, leaf = get_root(translate(key))
+        return root[leaf]
+
+    return read
+
+
+def _read_pandas_options(pandas: Any) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    read = _option_reader(pandas)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # reading an option deprecated in this pandas warns
+        for key in registered_options(pandas):
+            with contextlib.suppress(Exception):
+                value = read(key)
+                # One a cell can change in place (a dict of styler.format.formatter) is
+                # copied, as rcParams' lists are: else the snapshot would change with it.
+                options[key] = copy.deepcopy(value) if type(value) in (dict, list) else value
+    return options
+
+
+def pandas_defaults(pandas: Any) -> dict[str, Any]:
+    """Every option's default, as ``pandas.reset_option("all")`` puts them back."""
+    registered = registered_options(pandas)
+    return {k: o.defval for k, o in registered.items() if hasattr(o, "defval")}
+
+
+def set_pandas_options(pandas: Any, options: Mapping[str, Any]) -> None:
+    """Set the options ``options`` names that differ (an option this pandas lacks: none)."""
+    read = _option_reader(pandas)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # options deprecated in this pandas
+        for key, value in options.items():
+            with contextlib.suppress(Exception):  # an option this pandas lacks
+                if not same(read(key), value):
+                    pandas.set_option(key, copy.deepcopy(value))
+
+
+class _Snapshots:
+    """The last snapshot of one store of settings, given again while the store equals it.
+
+    ``read(source)`` makes a snapshot; ``raw(source)`` gives the store's values in the
+    form ``kept(raw)`` copies and keeps beside the snapshot (without ``kept``: the
+    snapshot is that copy), to be compared with ``==`` at the next call (``None``: a
+    layout not known here, read each time). Each caller gets a shallow copy.
+    """
+
+    def __init__(
+        self,
+        read: Callable[[Any], dict[str, Any]],
+        raw: Callable[[Any], Any],
+        kept: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self._read = read
+        self._raw = raw
+        self._kept = kept
+        # Source, kept raw values and snapshot in one attribute: a thread never sees the
+        # halves of two different reads.
+        self._last: tuple[Any, Any, dict[str, Any]] | None = None
+
+    def __call__(self, source: Any) -> dict[str, Any]:
+        raw = self._raw(source)
+        if raw is None:
+            return self._read(source)
+        last = self._last
+        if last is not None and last[0] is source and _equal(raw, last[1]):
+            return dict(last[2])
+        snapshot = self._read(source)
+        kept = snapshot if self._kept is None else self._kept(raw)
+        self._last = (source, kept, snapshot)
+        return dict(snapshot)
+
+
+def _equal(raw: Any, kept: Any) -> bool:
+    try:
+        return bool(raw == kept)
+    except Exception:  # a value that does not compare (an array): read it again
+        return False
+
+
+def _rc_raw(params: Any) -> dict[str, Any] | None:
+    return (
+        {k: v for k, v in dict.items(params) if k != "backend"}
+        if isinstance(params, dict)
+        else None
+    )
+
+
+def _rc_kept(raw: dict[str, Any]) -> dict[str, Any]:
+    # Lists and cyclers copied: one a cell changes in place no longer equals its copy.
+    cycler = getattr(sys.modules.get("cycler"), "Cycler", None)
+    return {
+        k: list(v) if type(v) is list else _copied(v) if type(v) is cycler else v
+        for k, v in raw.items()
+    }
+
+
+def _pandas_raw(pandas: Any) -> dict[str, Any] | None:
+    """Pandas' nested dict of option values (``None`` if it moved)."""
+    config = getattr(getattr(pandas, "_config", None), "config", None)
+    store = getattr(config, "_global_config", None)
+    return store if isinstance(store, dict) else None
+
+
+def _pandas_kept(value: Any) -> Any:
+    # Nested dicts copied all the way down, and lists (as the snapshot copies them).
+    if type(value) is dict:
+        return {k: _pandas_kept(v) for k, v in value.items()}
+    return copy.deepcopy(value) if type(value) is list else value
+
+
+#: The settings as they are now, as dicts: ``rc_params(matplotlib.rcParams)`` (the backend
+#: left out: it is each process's own), ``pandas_options(pandas)`` (every option by key).
+rc_params = _Snapshots(_read_rc_params, _rc_raw)
+pandas_options = _Snapshots(_read_pandas_options, _pandas_raw, _pandas_kept)
