@@ -126,13 +126,14 @@ def pandas_defaults(pandas: Any) -> dict[str, Any]:
 
 def set_pandas_options(pandas: Any, options: Mapping[str, Any]) -> None:
     """Set the options ``options`` names that differ (an option this pandas lacks: none)."""
-    read = _option_reader(pandas)
+    current = pandas_options(pandas)  # as is usual between cells: the last snapshot
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # options deprecated in this pandas
         for key, value in options.items():
+            if key in current and same(current[key], value):
+                continue
             with contextlib.suppress(Exception):  # an option this pandas lacks
-                if not same(read(key), value):
-                    pandas.set_option(key, copy.deepcopy(value))
+                pandas.set_option(key, copy.deepcopy(value))
 
 
 class _Snapshots:
