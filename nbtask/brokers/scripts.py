@@ -32,8 +32,12 @@ local function set_aside(key)
   redis.call('DEL', key)
   return 1
 end
+-- Written first, looked at only if refused: a key of another type is replaced, any other
+-- error raised as redis.call raises it (one command, not TYPE then ZADD, on every write).
 local function zadd_replacing(key, score, member)
-  set_aside(key)
+  local reply = redis.pcall('ZADD', key, score, member)
+  if type(reply) ~= 'table' then return end
+  if string.sub(reply.err or '', 1, 9) == 'WRONGTYPE' then redis.call('DEL', key) end
   redis.call('ZADD', key, score, member)
 end
 """
@@ -48,14 +52,22 @@ local function record_state(key)
   if type(state) == 'table' then return 'bad' end
   return state
 end
--- The record's state, once anything of another type at `key` is deleted (nil then).
+-- The record's state and whether it holds a signed outcome, in one read ('bad' for
+-- another type). The outcome is read whole, but only a task that ended has one.
+local function state_and_outcome(key)
+  local got = redis.pcall('HMGET', key, 'state', 'result')
+  if got.err then return 'bad', false end
+  return got[1], got[2] ~= false
+end
+-- The record's state, once anything of another type at `key` is deleted (nil then), and
+-- whether it holds a signed outcome.
 local function own_record(key)
-  local state = record_state(key)
+  local state, outcome = state_and_outcome(key)
   if state == 'bad' then
     redis.call('DEL', key)
-    return nil
+    return nil, false
   end
-  return state
+  return state, outcome
 end
 -- Ended tasks are also remembered apart from their records, in '<prefix>:done' (task id
 -- by end time, trimmed to max_age by the workers; with none left, gone ttl >= max_age after
@@ -96,14 +108,14 @@ CHECK_START = (
     RECORD_STATE
     + """
 local function check_start(key, ttl, worker, pid, consumer, redelivered)
-  local state = record_state(key)
+  local state, outcome = state_and_outcome(key)
   if state == 'bad' then return 'BADRECORD' end
   if state and state ~= 'PENDING' and state ~= 'RETRY' and state ~= 'STARTED' then
     return state
   end
   -- Signed facts first: the plain fields naming who started a task are anyone's to
   -- write (the worker registry lists every consumer, pid and host).
-  if redis.call('HEXISTS', key, 'result') == 1 or ended(key) then return 'FINISHED' end
+  if outcome or ended(key) then return 'FINISHED' end
   if state == 'STARTED' then
     local by = redis.call('HMGET', key, 'worker', 'pid', 'consumer')
     if by[1] == worker and by[2] == pid and by[3] == consumer then return 'OK' end
@@ -128,9 +140,9 @@ WRITE_PENDING = (
     RECORD_STATE
     + """
 local function write_pending(key, ttl, index, now, task_id, fields)
-  local state = own_record(key)
+  local state, outcome = own_record(key)
   if state then return state end
-  if redis.call('HEXISTS', key, 'result') == 1 or ended(key) then return 'FINISHED' end
+  if outcome or ended(key) then return 'FINISHED' end
   redis.call('HSET', key, unpack(fields))
   redis.call('EXPIRE', key, ttl)
   if index ~= '' then
@@ -212,9 +224,9 @@ return 1
 _REVOKE = (
     RECORD_STATE
     + """
-local state = own_record(KEYS[1])
+local state, outcome = own_record(KEYS[1])
 if state and state ~= 'PENDING' and state ~= 'RETRY' then return 0 end
-if redis.call('HEXISTS', KEYS[1], 'result') == 1 or ended(KEYS[1]) then return 0 end
+if outcome or ended(KEYS[1]) then return 0 end
 mark_ended(KEYS[1], ARGV[2])
 redis.call('HSET', KEYS[1], 'state', 'REVOKED', 'result', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])

@@ -89,6 +89,21 @@ def test_state_reset_or_record_deleted_then_replayed_never_runs_again(
     assert runs_in(ledger) == [h.id]
 
 
+def test_state_reset_and_forgotten_as_ended_then_replayed_never_runs_again(
+    app: App, access: RawBroker, start_worker, tmp_path: Path
+) -> None:
+    """The signed outcome kept in the record refuses a replay on its own: the plain state
+    field says PENDING and the ended-task set no longer names the task."""
+    ledger = tmp_path / "ledger"
+    h, raw, worker = _sent_then_run(app, access, start_worker, ledger)
+    access.store.hset(access.keys.record_key(h.id), "state", "PENDING")
+    access.store.zrem(access.keys.done_key, h.id)
+    access.inject(raw, task_id=h.id)
+    wait_until(lambda: _log_count(worker, f"dropped a message for task {h.id}") == 1, 15, "drop")
+    wait_for_housekeeping(app)
+    assert runs_in(ledger) == [h.id]
+
+
 def _started_by_the_live_child(app: App, access: RawBroker, task_id: str) -> None:
     """Rewrite a record's plain fields to "STARTED by the worker's own child": the
     registry names its host, pid and consumer to anyone with broker access."""
