@@ -86,6 +86,9 @@ class LaterWrites:
             except Exception:
                 log.exception("a store copy written in the background failed")
             finally:
+                # The job holds the value's buffers: once written, a value the notebook
+                # released must not stay in memory until the next write comes.
+                del job
                 with self._changed:
                     self._busy, self._running = False, []
                     self._changed.notify_all()

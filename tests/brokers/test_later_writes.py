@@ -9,13 +9,16 @@ and in shared memory (one host), on the real Redis.
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import numpy as np
 import pytest
 from raw_broker import RawBroker
 from tcp_proxy import TcpProxy, via
@@ -258,3 +261,15 @@ def test_a_copy_its_writer_could_not_write_is_reported_saying_where_to_look(
     assert store.finish_writes(60)
     with pytest.raises(BlobError, match=r"could not write it \(the worker's log says why\)"):
         app.store.get_blob(DIGEST, len(DATA))
+
+
+def test_a_copy_once_written_holds_no_memory_of_its_value(store: Any) -> None:
+    # The writer's thread must not keep the last value it wrote alive until the next write.
+    value = np.frombuffer(bytearray(DATA), dtype=np.uint8)
+    gone = weakref.ref(value)
+    store.put_blobs({DIGEST: memoryview(value)}, "kept", later=True)
+    store.start_writes()
+    assert store.finish_writes(30)
+    del value
+    gc.collect()
+    assert gone() is None, "the background writer still holds the value it wrote"
