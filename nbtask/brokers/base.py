@@ -11,7 +11,7 @@ never looks inside a body, and nothing above ``brokers/`` knows which broker is 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
 from nbtask.wire.blobs import ByteProgress
@@ -163,15 +163,25 @@ class Store(Protocol):
 
     # Blobs ---------------------------------------------------------------------------------
     def put_blobs(
-        self, blobs: Mapping[str, Buffer], keeper: str | None = None, *, later: bool = False
+        self,
+        blobs: Mapping[str, Buffer],
+        keeper: str | None = None,
+        *,
+        later: bool = False,
+        seal: Callable[[str, Buffer], bytes] | None = None,
     ) -> None:
         """Keep large values sent out of band, ``{digest: bytes}``, for ``result_ttl``.
 
         ``keeper``: the id of the use they serve (a kept value, a task's arguments), which
         :meth:`release_blobs` may delete them for early; without one (results) they stay
         ``result_ttl``. ``later``: the caller holds the value live, so large blobs may be
-        written in the background after this returns (readers wait for them).
+        written in the background after this returns (readers wait for them). ``seal``:
+        the blobs are sealed, named by id (:mod:`nbtask.wire.blobs`): each is stored
+        followed by ``seal(id, bytes)``, computed where it is written.
         """
+
+    def writes_later(self, size: int) -> bool:
+        """Whether ``put_blobs(..., later=True)`` of ``size`` bytes writes in the background."""
 
     def holds_writes(self) -> bool:
         """Whether blobs given to be written in the background wait for :meth:`start_writes`."""

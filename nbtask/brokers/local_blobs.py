@@ -103,8 +103,11 @@ class LocalBlobs:
             return None
         return cls(directory, settings.result_ttl)
 
-    def put(self, blobs: Mapping[str, Buffer]) -> None:
-        """Write each blob not already here (touching those that are)."""
+    def put(self, blobs: Mapping[str, Buffer | tuple[Buffer, ...]]) -> None:
+        """Write each blob not already here (touching those that are).
+
+        A blob given as a tuple is its pieces (a sealed blob's bytes, then its seal).
+        """
         for digest, data in blobs.items():
             path = self.directory / digest
             try:
@@ -115,7 +118,8 @@ class LocalBlobs:
             # Written under a private name, then renamed: a reader never sees half a blob.
             partial = self.directory / f".{digest}.{os.getpid()}.{threading.get_ident()}"
             with open(partial, "wb") as file:
-                file.write(data)
+                for piece in data if isinstance(data, tuple) else (data,):
+                    file.write(piece)
             os.replace(partial, path)
         self._sweep()
 

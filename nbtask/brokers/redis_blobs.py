@@ -32,15 +32,20 @@ background writes goes, its own or one before it in the queue, gone
 :attr:`RedisBlobs.lease_seconds` after its writer stopped) says it is coming: a reader
 waits for it instead of finding it missing, and :meth:`RedisBlobs.has_blobs` says it is
 not whole yet.
+
+A sealed blob (:mod:`nbtask.wire.blobs`: a kept value's blob named by a random id) is
+stored as its bytes followed by its seal, which ``put_blobs(..., seal=)`` computes where it
+writes: in the background for a copy written later, so the hash is off the cell's path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from redis.exceptions import ResponseError
 
@@ -49,7 +54,7 @@ from nbtask.brokers.local_blobs import LocalBlobs
 from nbtask.brokers.redis_link import RedisLink
 from nbtask.errors import BlobError, BrokerUnavailable
 from nbtask.settings import Settings
-from nbtask.wire.blobs import ByteProgress
+from nbtask.wire.blobs import SEAL_BYTES, ByteProgress
 from nbtask.wire.envelope import Buffer
 
 __all__ = ["CHUNK_BYTES", "RedisBlobs"]
@@ -59,6 +64,10 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 64 * 1024 * 1024
 #: Blobs asked to be written later are, from this many bytes in all (smaller ones go now).
 LATER_BYTES = 32 * 1024 * 1024
+#: Returns the seal stored after a sealed blob's bytes: ``seal(id, data)``.
+Seal = Callable[[str, Buffer], bytes]
+#: What is written for a blob: its bytes, or its bytes and its seal.
+Stored = Buffer | tuple[Buffer, ...]
 
 
 class RedisBlobs:
@@ -91,7 +100,12 @@ class RedisBlobs:
         return f"{self.prefix}:blobwriting:{digest}"
 
     def put_blobs(
-        self, blobs: Mapping[str, Buffer], keeper: str | None = None, *, later: bool = False
+        self,
+        blobs: Mapping[str, Buffer],
+        keeper: str | None = None,
+        *,
+        later: bool = False,
+        seal: Seal | None = None,
     ) -> None:
         """Keep ``{digest: bytes}`` for ``result_ttl`` (sending only those not kept yet).
 
@@ -100,22 +114,31 @@ class RedisBlobs:
         are pinned. ``later``: the caller holds the value live, so from
         :attr:`later_bytes` on the blobs are written by a thread of this process once
         :meth:`start_writes` is called (readers wait for them meanwhile; :meth:`finish_writes`).
+        ``seal``: the blobs are sealed (named by id): each is stored followed by
+        ``seal(id, bytes)`` (:data:`~nbtask.wire.blobs.SEAL_BYTES` long), computed as it is
+        written.
         """
         if not blobs:
             return
-        sizes = {digest: len(data) for digest, data in blobs.items()}
-        writer = secrets.token_hex(8) if later and sum(sizes.values()) >= self.later_bytes else ""
+        extra = SEAL_BYTES if seal is not None else 0
+        sizes = {digest: len(data) + extra for digest, data in blobs.items()}
+        writer = secrets.token_hex(8) if later and self.writes_later(sum(sizes.values())) else ""
         whole = self._use(sizes, keeper, writer)
         # In shared memory, the files are looked at as they are written.
         local = self.local_blobs is not None
         missing = {digest: data for digest, data in blobs.items() if local or not whole[digest]}
         if not writer:
-            self._write(missing)
+            self._write(_sealed(missing, seal))
         elif missing:
             if self._later is None:
                 self._later = LaterWrites()
             leases = [self._lease_key(digest) for digest in missing]
-            self._later.submit(functools.partial(self._write_later, missing, writer), leases)
+            job = functools.partial(self._write_later, missing, writer, seal)
+            self._later.submit(job, leases)
+
+    def writes_later(self, size: int) -> bool:
+        """Whether ``put_blobs(..., later=True)`` of ``size`` bytes writes in the background."""
+        return size >= self.later_bytes
 
     def holds_writes(self) -> bool:
         """Whether blobs given to be written in the background wait for :meth:`start_writes`."""
@@ -130,7 +153,7 @@ class RedisBlobs:
         """Start and wait for the blobs written in the background; whether all are written."""
         return self._later is None or self._later.wait(timeout)
 
-    def _write(self, blobs: Mapping[str, Buffer], *, renew: bool = False) -> None:
+    def _write(self, blobs: Mapping[str, Stored], *, renew: bool = False) -> None:
         """Write ``blobs`` (to shared memory, or chunk by chunk to Redis).
 
         ``renew``: a background write, which renews the leases of every write of this
@@ -145,9 +168,9 @@ class RedisBlobs:
             return
         writes: list[tuple[object, ...]] = []
         for digest, data in blobs.items():
-            view = memoryview(data).cast("B")
-            for i, key in enumerate(self._blob_keys(digest, len(data))):
-                chunk = view[i * self.chunk_bytes : (i + 1) * self.chunk_bytes]
+            views = [memoryview(piece).cast("B") for piece in _pieces(data)]
+            for i, key in enumerate(self._blob_keys(digest, sum(v.nbytes for v in views))):
+                chunk = _chunk_of(views, i * self.chunk_bytes, (i + 1) * self.chunk_bytes)
                 writes.append(("SET", key, chunk, "EX", self.ttl))
                 if renew:  # one round trip per chunk: the leases renewed are read anew
                     self._run_writes([*writes, *self._renewals()])
@@ -163,10 +186,11 @@ class RedisBlobs:
             with self.link.translate_errors():
                 self.link.run(writes, large=True)
 
-    def _write_later(self, blobs: Mapping[str, Buffer], writer: str) -> None:
-        """Write ``blobs`` in the background, then give back their leases."""
+    def _write_later(self, blobs: Mapping[str, Buffer], writer: str, seal: Seal | None) -> None:
+        """Seal (if asked) and write ``blobs`` in the background, then give back their leases."""
+        extra = SEAL_BYTES if seal is not None else 0
         try:
-            self._write_again_while_unreachable(blobs, writer)
+            self._write_again_while_unreachable(self._seal_renewing(blobs, seal), writer)
         finally:
             digests = list(blobs)
             commands = [
@@ -175,7 +199,7 @@ class RedisBlobs:
                     [
                         self._uses_key(digest),
                         self._lease_key(digest),
-                        *self._chunk_keys_here(digest, len(blobs[digest])),
+                        *self._chunk_keys_here(digest, len(blobs[digest]) + extra),
                     ],
                     writer,
                 )
@@ -188,7 +212,25 @@ class RedisBlobs:
                 if reply and self.local_blobs is not None:
                     self.local_blobs.remove(digest, functools.partial(self._in_use, digest))
 
-    def _write_again_while_unreachable(self, blobs: Mapping[str, Buffer], writer: str) -> None:
+    def _seal_renewing(
+        self, blobs: Mapping[str, Buffer], seal: Seal | None
+    ) -> Mapping[str, Stored]:
+        """:func:`_sealed` in the background: the leases are renewed before each blob's hash.
+
+        Hashing takes about a second a gigabyte, and the leases are otherwise renewed only
+        as chunks are written: a reader must not take a value being sealed for lost.
+        """
+        if seal is None:
+            return blobs
+        stored: dict[str, Stored] = {}
+        for name, data in blobs.items():
+            # Unreachable: the write that follows tries again, and takes the leases anew.
+            with contextlib.suppress(BrokerUnavailable):
+                self._run_writes(self._renewals())
+            stored[name] = (data, seal(name, data))
+        return stored
+
+    def _write_again_while_unreachable(self, blobs: Mapping[str, Stored], writer: str) -> None:
         """Write ``blobs``, again while the store is unreachable, for :attr:`retry_seconds`.
 
         A Redis restart or failover must not lose a copy its process still holds (no
@@ -375,6 +417,30 @@ _ALTERED = (
     "blob {digest} in the store is not {size:,} bytes long (it was altered or truncated); "
     "nothing was loaded"
 )
+
+
+def _sealed(blobs: Mapping[str, Buffer], seal: Seal | None) -> Mapping[str, Stored]:
+    """What is written for ``blobs``: with ``seal``, each one's bytes and then its seal."""
+    if seal is None:
+        return blobs
+    return {name: (data, seal(name, data)) for name, data in blobs.items()}
+
+
+def _pieces(data: Stored) -> Sequence[Buffer]:
+    return data if isinstance(data, tuple) else (data,)
+
+
+def _chunk_of(views: Sequence[memoryview], start: int, end: int) -> Buffer:
+    """Bytes ``start:end`` of ``views`` end to end: a view of one, or those of two joined."""
+    found: list[memoryview] = []
+    at = 0
+    for view in views:
+        if at < end and start < at + view.nbytes:
+            found.append(view[max(start - at, 0) : end - at])
+        at += view.nbytes
+    # A chunk spans two pieces only at a sealed blob's end: its seal (a few bytes) is
+    # joined to the last bytes, so a reader never sees a chunk without it.
+    return found[0] if len(found) == 1 else b"".join(found)
 
 
 def _keeper_field(keeper: str) -> str:

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from nbtask.brokers.base import Store
 from nbtask.core.holding import Holding
+from nbtask.wire.envelope import Signer
 
 __all__ = [
     "PARTIAL_RESULT",
@@ -51,6 +52,8 @@ class Request:
     blob_store: Store | None = None
     #: The values this worker process holds live (:mod:`nbtask.core.holding`).
     holding: Holding | None = None
+    #: Seals the kept values' blobs this process writes, and checks those it reads.
+    signer: Signer | None = None
 
 
 T = TypeVar("T")

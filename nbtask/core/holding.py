@@ -92,6 +92,13 @@ class HeldValue:
     made_by: str
     #: Given to a function task as it is: it may have been changed in place since.
     lent: bool = False
+    #: A sealed value's key by content (what :func:`key_of` gives it unchanged), known
+    #: once its store copy was sealed ("" before); ``None``: its key is by content.
+    content_key: Callable[[], str] | None = None
+
+    def key_by_content(self, key: str) -> str:
+        """What :func:`key_of` gives the value held under ``key`` while it is unchanged."""
+        return key if self.content_key is None else self.content_key()
 
 
 class Holding:
@@ -147,7 +154,7 @@ class Holding:
         if held is not None and self._before_use is not None:
             self._before_use()
         if held is not None and held.lent:
-            if key_of(held.value) != key:
+            if key_of(held.value) != held.key_by_content(key):
                 log.info("dropped %s from memory: a task changed it in place", held.name)
                 self.drop(key)
                 return None

@@ -86,9 +86,20 @@ class ValueRef:
         """``{digest: size}`` of its blobs."""
         return blob_sizes(self.layout)
 
-    def load(self, fetch: Fetch) -> Any:
-        """The value, its blobs read through ``fetch`` and checked against their digests."""
-        loaded = join_value(self.layout, self.inline, fetch)
+    @property
+    def sealed(self) -> bool:
+        """Whether its blobs are sealed (named by id: :mod:`nbtask.wire.blobs`)."""
+        return any(part.sealed for part in self.layout)
+
+    def load(
+        self, fetch: Fetch, signer: Signer | None = None, digests: dict[str, str] | None = None
+    ) -> Any:
+        """The value, its blobs read through ``fetch`` and checked against their digests.
+
+        ``signer`` checks the seals of sealed blobs; ``digests``, if given, is filled with
+        their digests (``{id: digest}``), found as they were checked.
+        """
+        loaded = join_value(self.layout, self.inline, fetch, signer, digests)
         # A value a notebook cell kept was pickled once before it was split (Packed).
         return loaded.load() if isinstance(loaded, Packed) else loaded
 
@@ -199,7 +210,7 @@ def resolving(store: Store, signer: Signer, holding: Holding | None = None) -> I
         if held is not None:
             return held.value
         try:
-            return ref.load(store.get_blob)
+            return ref.load(store.get_blob, signer)
         except BlobError as exc:
             raise BlobError(
                 f"the kept value {ref.name!r} ({ref.size:,} bytes), passed by reference, "

@@ -22,15 +22,15 @@ from typing import Any
 
 from nbtask.brokers.base import Store
 from nbtask.core.context import PARTIAL_RESULT, current_request
-from nbtask.core.holding import HeldValue, Holding, key_of
+from nbtask.core.holding import HeldValue, Holding, key_of, value_key
 from nbtask.errors import BlobError, CellError
 from nbtask.notebook import process_state
 from nbtask.notebook.analysis import is_history_name
-from nbtask.notebook.kept import RemoteValue, keep
+from nbtask.notebook.kept import RemoteValue, Sealing, keep
 from nbtask.notebook.shipping import CellSpec, share_namespace
 from nbtask.notebook.worker_shell import BASE_NS, worker_shell
-from nbtask.wire.blobs import Packed
-from nbtask.wire.envelope import Envelope, dumps
+from nbtask.wire.blobs import Packed, content_layout
+from nbtask.wire.envelope import Envelope, Signer, dumps
 
 __all__ = ["execute_cell", "prepare_cell"]
 _IPYTHON_NAMES = frozenset({"_exit_code"})  # besides the history names
@@ -61,13 +61,14 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
     for attempt in range(spec.retries + 1):
         loaded: dict[str, Any] = blob.load()
         references = {n: v for n, v in loaded.items() if isinstance(v, RemoteValue)}
-        rehomed = _resolve_kept(loaded)
+        rehomed, kept_before = _resolve_kept(loaded)
         shipped = loaded
-        # A kept value's state is its key, known already: it is hashed after the cell only.
+        # A kept value's state is its key by content, known already: it is hashed after
+        # the cell only.
         before = {
             n: _digest(v) for n, v in shipped.items() if _may_change(v) and n not in references
         }
-        before.update({n: ref.key.encode() for n, ref in references.items()})
+        before.update(kept_before)
         namespace = shell.user_ns
         namespace.clear()
         namespace.update(BASE_NS)
@@ -143,15 +144,16 @@ def _holding() -> Holding | None:
     return request.holding if request is not None else None
 
 
-def _resolve_kept(shipped: dict[str, Any]) -> dict[str, list[Any]]:
+def _resolve_kept(shipped: dict[str, Any]) -> tuple[dict[str, list[Any]], dict[str, bytes]]:
     """Replace shipped references to values kept on the workers by the values, in place.
 
     A value this process holds is used as it is (no blob is read); any other is loaded
     from its store copy, and then held here too. Returns those now held here:
     ``{name: [key, this process's own queue, pid]}``, so the notebook sends later work
-    on them here.
+    on them here; and each value's key by content (what tells that the cell changed it).
     """
     rehomed: dict[str, list[Any]] = {}
+    by_content: dict[str, bytes] = {}
     holding = _holding()
     for name, reference in shipped.items():
         if not isinstance(reference, RemoteValue):
@@ -161,11 +163,13 @@ def _resolve_kept(shipped: dict[str, Any]) -> dict[str, list[Any]]:
         held = holding.get(key) if holding is not None else None
         if held is not None:
             shipped[name] = held.value
+            by_content[name] = held.key_by_content(key).encode()
             if [reference.holder, reference.holder_pid] != here[1:]:
                 rehomed[name] = here  # held here since, which the notebook did not know
             continue
+        digests: dict[str, str] = {}  # a sealed value's, checked as it is read
         try:
-            shipped[name] = reference.load(_blob_store().get_blob)
+            shipped[name] = reference.load(_blob_store().get_blob, _signer(), digests)
         except BlobError as exc:
             made_by = reference.made_by or "the cell that made it"
             holder = reference.holder or "none"
@@ -174,10 +178,19 @@ def _resolve_kept(shipped: dict[str, Any]) -> dict[str, list[Any]]:
                 f"not run this cell, and its store copy cannot be read ({exc}). Run {made_by} "
                 "again to make it"
             ) from None
+        content = value_key(content_layout(reference.layout, digests), reference.inline)
+        by_content[name] = content.encode()
         held = _held(name, shipped[name], reference)
+        if reference.sealed:
+            held.content_key = functools.partial(str, content)
         if holding is not None and holding.hold(key, held):
             rehomed[name] = here
-    return rehomed
+    return rehomed, by_content
+
+
+def _signer() -> Signer | None:
+    request = current_request()
+    return request.signer if request is not None else None
 
 
 def _held(name: str, value: Any, reference: RemoteValue) -> HeldValue:
@@ -204,12 +217,22 @@ def _keep(name: str, value: Any, packed: Packed, spec: CellSpec) -> RemoteValue:
     """
     holding = _holding()
     held_here = holding is not None and holding.budget >= packed.size
-    put = functools.partial(_blob_store().put_blobs, later=held_here)
-    reference = keep(name, value, packed, put)
+    store, signer = _blob_store(), _signer()
+    # Held here and large, its store copy is written after the outcome went out: its blobs
+    # are named by id and sealed as they are written, so their hash is not on the cell's
+    # path. A smaller copy is written now, hashed: named by content, shared by its copies.
+    sealed = held_here and signer is not None and store.writes_later(packed.size)
+    sealing = Sealing(signer) if sealed and signer is not None else None
+    put = functools.partial(store.put_blobs, later=held_here, seal=sealing)
+    reference = keep(name, value, packed, put, sealed=sealing is not None)
     reference.made_by = spec.filename
     if holding is not None and held_here:
         reference.holder, reference.holder_pid = holding.queue, os.getpid()
-        holding.hold(reference.key, _held(name, value, reference))
+        held = _held(name, value, reference)
+        if sealing is not None:
+            sealing.reference = reference
+            held.content_key = sealing.content_key
+        holding.hold(reference.key, held)
     return reference
 
 

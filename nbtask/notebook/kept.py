@@ -24,12 +24,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from nbtask.core.handle import FetchWatch
+from nbtask.core.holding import value_key
 from nbtask.core.refs import ValueRef
 from nbtask.errors import BlobError
-from nbtask.wire.blobs import BlobReader, Packed, Part, split_value
-from nbtask.wire.envelope import Buffer
+from nbtask.wire.blobs import BlobReader, Packed, Part, content_layout, seal_blob, split_value
+from nbtask.wire.envelope import Buffer, Signer
 
-__all__ = ["RemoteValue", "keep", "preview_of"]
+__all__ = ["RemoteValue", "Sealing", "keep", "preview_of"]
 
 _HEAD_CHARS = 2000
 _OWN_FIELDS = frozenset({"name", "layout", "inline", "holder", "holder_pid", "preview", "made_by"})
@@ -62,6 +63,7 @@ class RemoteValue(ValueRef):
     keeper = ""  # a reference pickled before keepers existed
     #: Why the value is gone (its session ended and released it), or "".
     released = ""
+    _signer: Signer | None = None  # also for a reference pickled before seals existed
 
     def __init__(
         self, name: str, layout: list[Part], inline: bytes, preview: Mapping[str, Any]
@@ -73,12 +75,22 @@ class RemoteValue(ValueRef):
         self._budget: int | None = None
         self._watch: FetchWatch | None = None
 
-    def bind(self, fetch: BlobReader, budget: int, watch: FetchWatch | None = None) -> None:
+    def bind(
+        self,
+        fetch: BlobReader,
+        budget: int,
+        watch: FetchWatch | None = None,
+        *,
+        signer: Signer | None = None,
+    ) -> None:
         """Let :meth:`fetch` read this process's store, up to ``budget`` bytes.
 
-        ``watch``, if given, shows the fetch's progress (a notebook's bar).
+        ``watch``, if given, shows the fetch's progress (a notebook's bar); ``signer``
+        checks the seals of sealed blobs (:mod:`nbtask.wire.blobs`), the one given before
+        if none is.
         """
         self._fetch, self._budget, self._watch = fetch, budget, watch
+        self._signer = signer or self._signer
 
     def fetch(self, *, force: bool = False) -> Any:
         """Bring the value into this process.
@@ -100,9 +112,9 @@ class RemoteValue(ValueRef):
                 f"{self.name}.fetch(force=True), or work on it in a %%task cell instead"
             )
         if self._watch is None:
-            return self.load(self._fetch)
+            return self.load(self._fetch, self._signer)
         with self._watch(self.name, self.size) as progress:
-            return self.load(functools.partial(self._fetch, progress=progress))
+            return self.load(functools.partial(self._fetch, progress=progress), self._signer)
 
     def release(self, why: str) -> None:
         """Note that the value was released (``why``): using it now says so."""
@@ -159,7 +171,7 @@ class RemoteValue(ValueRef):
     def __getstate__(self) -> dict[str, Any]:
         # The fetcher and budget belong to the process that holds the reference.
         state = dict(self.__dict__)
-        state["_fetch"] = state["_budget"] = state["_watch"] = None
+        state["_fetch"] = state["_budget"] = state["_watch"] = state["_signer"] = None
         return state
 
     def _summary(self) -> str:
@@ -224,14 +236,46 @@ def _text(make: Callable[[], object], limit: int = _HEAD_CHARS) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
+class Sealing:
+    """Seals a kept value's blobs as they are written, and so learns its key by content.
+
+    Given as ``put_blobs(..., seal=)``: the store calls it with each blob where it writes
+    it (in the background for a copy written later), so the hash is off the cell's path.
+    """
+
+    def __init__(self, signer: Signer) -> None:
+        self.signer = signer
+        self.digests: dict[str, str] = {}
+        self.reference: RemoteValue | None = None
+
+    def __call__(self, name: str, data: Buffer) -> bytes:
+        """The seal stored after the blob ``name``'s bytes ``data``."""
+        digest, seal = seal_blob(self.signer, name, data)
+        self.digests[name] = digest
+        return seal
+
+    def content_key(self) -> str:
+        """The key the value would have unsealed; "" until every blob of it was sealed."""
+        reference = self.reference
+        if reference is None or set(reference.blob_sizes) - set(self.digests):
+            return ""
+        return value_key(content_layout(reference.layout, self.digests), reference.inline)
+
+
 def keep(
-    name: str, value: Any, packed: Packed, put: Callable[[Mapping[str, Buffer], str], None]
+    name: str,
+    value: Any,
+    packed: Packed,
+    put: Callable[[Mapping[str, Buffer], str], None],
+    *,
+    sealed: bool = False,
 ) -> RemoteValue:
     """Store ``value`` (``packed``) as blobs through ``put``; return what to send instead.
 
     ``put(blobs, keeper)`` notes the new value's keeper id as a use of its blobs.
+    ``sealed``: its blobs are named by random ids (``put`` seals them: :class:`Sealing`).
     """
-    split = split_value(packed, threshold=0)
+    split = split_value(packed, threshold=0, sealed=sealed)
     keeper = secrets.token_hex(16)
     put(split.blobs, keeper)
     inline = b"".join(bytes(part) for part in split.inline)

@@ -214,7 +214,12 @@ class Session:
         self.releases.track(value)
 
     def _bind(self, value: RemoteValue) -> None:
-        value.bind(self.app.store.get_blob, self.app.settings.fetch_budget, self._watch_fetch)
+        value.bind(
+            self.app.store.get_blob,
+            self.app.settings.fetch_budget,
+            self._watch_fetch,
+            signer=self.app.signer,
+        )
 
     def _watch_fetch(self, label: str, total: int) -> AbstractContextManager[ByteProgress]:
         """A bar for a fetch of ``keep_threshold`` bytes or more (see ``fetchbar.py``)."""

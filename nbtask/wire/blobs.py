@@ -12,6 +12,16 @@ the signature covers, and it is checked before anything is unpickled.
 Blobs are content-addressed: the same array sent twice is stored once. Where they are kept
 (the store, shared memory) is the broker layer's business; this module only needs a
 function that returns a blob's bytes by digest.
+
+One kind of blob is not: a kept value that its worker process holds live, whose store copy
+is written after the cell ended (:mod:`nbtask.brokers.later_writes`), is **sealed**
+(``split_value(..., sealed=True)``). Hashing hundreds of megabytes would take longer than
+the cell, so its blobs are named by random ids, and the background writer hashes each one
+and stores it followed by a seal: the HMAC, with the app's secret, of its id, size and
+digest (:func:`seal_blob`). A reader checks the seal against the bytes' digest before
+anything is unpickled (:func:`open_sealed`), so a blob altered or swapped in the store is
+refused as a content-addressed one is. A value kept sealed shares no blob with another
+copy of the same bytes.
 """
 
 from __future__ import annotations
@@ -22,16 +32,18 @@ import hashlib
 import io
 import os
 import pickle
+import secrets
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import cloudpickle
 
 from nbtask.errors import BlobError, DecodeError
-from nbtask.wire.envelope import Buffer, Pickler
+from nbtask.wire.envelope import Buffer, Pickler, Signer
 
 __all__ = [
     "MIN_BLOB_BYTES",
+    "SEAL_BYTES",
     "BlobReader",
     "ByteProgress",
     "Fetch",
@@ -40,9 +52,12 @@ __all__ = [
     "SplitValue",
     "argument_keeper",
     "blob_sizes",
+    "content_layout",
     "digest_of",
     "join_value",
+    "open_sealed",
     "parse_layout",
+    "seal_blob",
     "split_value",
 ]
 
@@ -51,6 +66,8 @@ __all__ = [
 MIN_BLOB_BYTES = 64 * 1024
 _DIGEST_CHARS = 64  # hex SHA-256
 _MAX_PARTS = 100_000
+#: The seal stored after a sealed blob's bytes (an HMAC-SHA256).
+SEAL_BYTES = 32
 
 #: Returns a blob's bytes from its digest and size (raises :class:`BlobError` if gone).
 Fetch = Callable[[str, int], Buffer]
@@ -103,14 +120,26 @@ os.register_at_fork(after_in_child=_POOL.clear)
 
 @dataclasses.dataclass(frozen=True)
 class Part:
-    """One part of a split value: ``size`` bytes, inline or (with a ``digest``) a blob."""
+    """One part of a split value: ``size`` bytes, inline or (with a ``digest``) a blob.
+
+    A ``sealed`` blob's ``digest`` is a random id: its bytes are checked against the seal
+    stored after them (:func:`open_sealed`).
+    """
 
     size: int
     digest: str | None = None
+    sealed: bool = False
 
     def to_json(self) -> list[int | str]:
-        """The layout item: ``[size]`` or ``[size, digest]``."""
-        return [self.size] if self.digest is None else [self.size, self.digest]
+        """The layout item: ``[size]``, ``[size, digest]`` or ``[size, id, 1]`` (sealed)."""
+        if self.digest is None:
+            return [self.size]
+        return [self.size, self.digest, 1] if self.sealed else [self.size, self.digest]
+
+    @property
+    def stored_size(self) -> int:
+        """The bytes the blob takes in the store: a sealed one's seal follows them."""
+        return self.size + SEAL_BYTES if self.sealed else self.size
 
 
 @dataclasses.dataclass
@@ -158,10 +187,12 @@ def _pickle_parts(value: Any) -> tuple[memoryview, list[memoryview]]:
     return stream.getbuffer(), buffers
 
 
-def split_value(value: Any, threshold: int) -> SplitValue:
+def split_value(value: Any, threshold: int, *, sealed: bool = False) -> SplitValue:
     """Pickle ``value`` (cloudpickle, protocol 5) and split it for sending.
 
-    Raises whatever pickling raises: the caller says what could not be pickled.
+    ``sealed``: its blobs are named by random ids, not hashed (their writer seals them:
+    :func:`seal_blob`). Raises whatever pickling raises: the caller says what could not
+    be pickled.
     """
     stream, buffers = _pickle_parts(value)
     parts: list[Buffer] = [stream, *buffers]
@@ -171,9 +202,9 @@ def split_value(value: Any, threshold: int) -> SplitValue:
     blobs: dict[str, Buffer] = {}
     for data in parts:
         if as_blobs and len(data) >= MIN_BLOB_BYTES:
-            digest = digest_of(data)
+            digest = secrets.token_hex(32) if sealed else digest_of(data)
             blobs.setdefault(digest, data)
-            layout.append(Part(len(data), digest))
+            layout.append(Part(len(data), digest, sealed))
         else:
             inline.append(data)
             layout.append(Part(len(data)))
@@ -249,8 +280,53 @@ def parse_layout(raw: object) -> list[Part] | None:
 
 
 def blob_sizes(layout: Sequence[Part] | None) -> dict[str, int]:
-    """``{digest: size}`` of the blobs a layout names (none for a plain pickle)."""
-    return {part.digest: part.size for part in layout or () if part.digest is not None}
+    """``{digest: size}`` of the blobs a layout names, as stored (none for a plain pickle)."""
+    return {part.digest: part.stored_size for part in layout or () if part.digest is not None}
+
+
+def content_layout(layout: Sequence[Part], digests: dict[str, str]) -> list[Part]:
+    """``layout`` with its sealed blobs named by content, ``digests`` ``{id: digest}``.
+
+    What the value would have been kept as unsealed (the key that tells it changed).
+    """
+    return [
+        Part(part.size, digests[part.digest]) if part.sealed and part.digest else part
+        for part in layout
+    ]
+
+
+def _seal_label(name: str, size: int, digest: str) -> bytes:
+    return f"sealed blob {name} {size} {digest}".encode()
+
+
+def seal_blob(signer: Signer, name: str, data: Buffer) -> tuple[str, bytes]:
+    """Hash the blob ``name``'s bytes; return their digest and the seal stored after them."""
+    digest = digest_of(data)
+    return digest, signer.tag(_seal_label(name, len(data), digest))
+
+
+def open_sealed(
+    signer: Signer | None, name: str, size: int, stored: Buffer
+) -> tuple[memoryview, str]:
+    """A sealed blob's ``size`` bytes and their digest, once its seal checks.
+
+    ``stored``: what the store held, the bytes followed by their seal.
+
+    Raises
+    ------
+    BlobError
+        No seal, or one that is not the HMAC of these bytes' digest under the id and size.
+    """
+    view = memoryview(stored).cast("B")
+    if signer is None:
+        raise BlobError(f"blob {name[:16]} is sealed, and nothing was given to check its seal")
+    digest = digest_of(view[:size]) if view.nbytes == size + SEAL_BYTES else ""
+    if not digest or not signer.check_tag(_seal_label(name, size, digest), view[size:]):
+        raise BlobError(
+            f"blob {name[:16]} does not match its seal (it was altered, truncated or "
+            "swapped in the store, or sealed with another secret); nothing was loaded"
+        )
+    return view[:size], digest
 
 
 def argument_keeper(task_id: str) -> str:
@@ -262,11 +338,19 @@ def argument_keeper(task_id: str) -> str:
     return f"args:{task_id}"
 
 
-def join_value(layout: Sequence[Part] | None, region: Buffer, fetch: Fetch | None) -> Any:
+def join_value(
+    layout: Sequence[Part] | None,
+    region: Buffer,
+    fetch: Fetch | None,
+    signer: Signer | None = None,
+    digests: dict[str, str] | None = None,
+) -> Any:
     """Load a value from its inline ``region`` and its blobs; only for verified messages.
 
-    Every blob is fetched and checked against its signed digest before anything is
-    unpickled. Buffers come back writable, as they were on the sending side.
+    Every blob is fetched and checked against its signed digest (a sealed one against its
+    seal, with ``signer``; ``digests``, if given, is filled with the sealed blobs' digests)
+    before anything is unpickled. Buffers come back writable, as they were on the sending
+    side.
 
     Raises
     ------
@@ -277,11 +361,17 @@ def join_value(layout: Sequence[Part] | None, region: Buffer, fetch: Fetch | Non
     """
     if layout is None:
         return cloudpickle.loads(region) if len(region) else None
-    parts = _gather(layout, memoryview(region), fetch)
+    parts = _gather(layout, memoryview(region), fetch, signer, {} if digests is None else digests)
     return pickle.loads(parts[0], buffers=[_writable(p) for p in parts[1:]])
 
 
-def _gather(layout: Sequence[Part], region: memoryview, fetch: Fetch | None) -> list[Buffer]:
+def _gather(
+    layout: Sequence[Part],
+    region: memoryview,
+    fetch: Fetch | None,
+    signer: Signer | None,
+    digests: dict[str, str],
+) -> list[Buffer]:
     offset = 0
     parts: list[Buffer] = []
     for part in layout:
@@ -291,6 +381,11 @@ def _gather(layout: Sequence[Part], region: memoryview, fetch: Fetch | None) -> 
             continue
         if fetch is None:
             raise BlobError("the value is kept out of band, and no store was given to fetch it")
+        if part.sealed:
+            stored = fetch(part.digest, part.stored_size)
+            opened, digests[part.digest] = open_sealed(signer, part.digest, part.size, stored)
+            parts.append(opened)
+            continue
         data = fetch(part.digest, part.size)
         if len(data) != part.size or digest_of(data) != part.digest:
             raise BlobError(

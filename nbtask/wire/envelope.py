@@ -47,6 +47,8 @@ _LENGTH = struct.Struct(">I")
 _MAC_SIZE = hashlib.sha256().digest_size
 _PREFIX_SIZE = len(MAGIC) + 1 + _LENGTH.size
 _MIN_SIZE = _PREFIX_SIZE + 2 + _MAC_SIZE  # the smallest header is "{}"
+#: What a tag's input begins with (no envelope does): see :meth:`Signer.tag`.
+_TAG_PREFIX = b"nbtask tag\x00"
 # A message body: bytes, or a view into a received message (not copied).
 Buffer = bytes | bytearray | memoryview
 # Up to this size a message is joined first and MACed in one C call (cheaper than feeding
@@ -177,6 +179,21 @@ class Signer:
         for part in parts:
             mac.update(part)
         return b"".join((prefix, *parts, mac.digest()))
+
+    def tag(self, label: bytes) -> bytes:
+        """A MAC of ``label`` (a short statement, such as a blob's name and digest).
+
+        Its input is kept apart from every envelope's (which begins with the magic), so a
+        tag never passes for a message's MAC, nor the other way round.
+        """
+        return hmac.digest(self._key, _TAG_PREFIX + label, "sha256")
+
+    def check_tag(self, label: bytes, tag: Buffer) -> bool:
+        """Whether ``tag`` is :meth:`tag` of ``label`` under any secret accepted."""
+        return any(
+            hmac.compare_digest(hmac.digest(key, _TAG_PREFIX + label, "sha256"), bytes(tag))
+            for key in self._verify_keys
+        )
 
     def open(self, raw: bytes) -> Envelope:
         """Verify ``raw`` and return its envelope; raise before parsing anything unverified.

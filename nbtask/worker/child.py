@@ -297,6 +297,7 @@ class Child:
             emit=self.outbox.emit,
             blob_store=self.transport.store,
             holding=self.holding,
+            signer=self.signer,
             delivery_info={"queue": delivery.queue, "redelivered": delivery.deliveries > 0},
         )
 
