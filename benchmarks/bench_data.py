@@ -36,6 +36,7 @@ Run it with ``PYTHONPATH`` pointing at the nbtask tree to measure::
 
 ``--only arrays`` measures only the embedded cluster and Dask (no Redis server needed): run
 it alternately with ``PYTHONPATH`` on two trees to compare them on a busy machine.
+``--only cell_400mb`` measures only the 400 MB cell (plain, kept, fetched), and its goal.
 """
 
 from __future__ import annotations
@@ -286,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json-out")
-    parser.add_argument("--only", choices=("all", "arrays"), default="all")
+    parser.add_argument("--only", choices=("all", "arrays", "cell_400mb"), default="all")
     args = parser.parse_args(argv)
     if args.only == "arrays":
         return _report(
@@ -298,11 +299,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="nbbench-data-") as tmp:
         worker = _start_worker(args.url, secret, prefix, Path(tmp) / "worker.log")
         try:
+            out: dict[str, Any] = {}
+            if args.only == "cell_400mb":
+                out["cell_400mb"] = measure_cell_ways(
+                    args.url, prefix, secret, CELLS["cell_400mb"], args.repeats
+                )
+                return _report(out, args.json_out)
             from nbtask import App
 
             app = App("bench-data", broker=args.url, secret=secret, key_prefix=prefix)
             try:
-                out: dict[str, Any] = {"store": measure_arrays(app, args.repeats)}
+                out["store"] = measure_arrays(app, args.repeats)
             finally:
                 app.close()
             out["floor_50mb_s"] = measure_floor(args.url, prefix, args.repeats)
