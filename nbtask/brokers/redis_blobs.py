@@ -87,6 +87,9 @@ class RedisBlobs:
     lease_seconds: int = 10
     #: Seconds a background write is tried again while the store is unreachable.
     retry_seconds: float = 60.0
+    #: A reader waits this long at most for a blob being written: a lease someone who can
+    #: write to the store keeps renewing (without the blob) must not hold it for good.
+    wait_seconds: float = 120.0
     _later: LaterWrites | None = None
 
     def _blob_keys(self, digest: str, size: int) -> list[str]:
@@ -351,8 +354,9 @@ class RedisBlobs:
             The blob is not kept (it expired, or was deleted, or its writer stopped before
             the end) or has the wrong size.
         """
+        deadline = time.monotonic() + self.wait_seconds
         if self.local_blobs is not None:
-            mapped = self._wait_for(digest, lambda: self._mapped(digest, size))
+            mapped = self._wait_for(digest, size, deadline, lambda: self._mapped(digest, size))
             if mapped is not None:
                 if progress is not None:
                     progress(size)
@@ -361,7 +365,8 @@ class RedisBlobs:
         at = 0
         with self.link.translate_errors():
             for key in self._blob_keys(digest, size):
-                chunk = self._wait_for(digest, functools.partial(self._chunk, key, digest, size))
+                read = functools.partial(self._chunk, key, digest, size)
+                chunk = self._wait_for(digest, size, deadline, read)
                 if chunk is None:
                     raise BlobError(
                         f"a large value ({size:,} bytes, blob {digest[:16]}) is no longer in "
@@ -391,15 +396,25 @@ class RedisBlobs:
             raise BlobError(_ALTERED.format(digest=digest[:16], size=size)) from exc
         return chunk
 
-    def _wait_for(self, digest: str, read: Callable[[], Buffer | None]) -> Buffer | None:
+    def _wait_for(
+        self, digest: str, size: int, deadline: float, read: Callable[[], Buffer | None]
+    ) -> Buffer | None:
         """``read()``, again while the blob's lease says it is being written.
 
         The writer gives the lease back only after its last chunk, so a read after the
         lease is gone sees every chunk. Waiting polls (from 5 ms to 0.1 s apart): it
-        happens only to a reader that came while the value's worker still writes it.
+        happens only to a reader that came while the value's worker still writes it, and
+        ends at ``deadline`` (monotonic) with a :class:`BlobError`.
         """
         pause = 0.005
         while True:
+            if time.monotonic() > deadline:
+                raise BlobError(
+                    f"a large value ({size:,} bytes, blob {digest[:16]}) is still marked as "
+                    f"being written after {self.wait_seconds:,.0f} s: the worker writing it "
+                    "is stuck, or someone who can write to the store keeps its lease; "
+                    "nothing was loaded"
+                )
             found = read()
             if found is not None:
                 return found

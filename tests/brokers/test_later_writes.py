@@ -167,6 +167,31 @@ def test_a_lease_nbtask_did_not_write_keeps_no_reader_waiting(
     assert bytes(store.get_blob(DIGEST, len(DATA))) == DATA
 
 
+def test_a_lease_renewed_without_its_blob_keeps_no_reader_waiting_for_good(
+    store: Any, access: RawBroker
+) -> None:
+    # Someone who can write to Redis renews a lease as nbtask's writer would, for good.
+    lease = f"{access.settings.key_prefix}:blobwriting:{DIGEST}"
+    store.wait_seconds = 1
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(0.2):
+            access.store.set(lease, "forged", ex=store.lease_seconds)
+
+    access.store.set(lease, "forged", ex=store.lease_seconds)
+    renewer = threading.Thread(target=renew, daemon=True)
+    renewer.start()
+    try:
+        with pytest.raises(BlobError, match="still marked as being written after 1 s"):
+            store.get_blob(DIGEST, len(DATA))
+        assert renewer.is_alive()  # the reader gave up while the lease was still renewed
+    finally:
+        stop.set()
+        renewer.join(5)
+        access.store.delete(lease)
+
+
 def test_a_copy_queued_behind_a_slow_write_is_still_waited_for(store: Any) -> None:
     store.lease_seconds = 1
     _slowed(store, pause=0.3)  # each chunk, or file, takes 0.3 s
