@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from nbtask.errors import RemoteError, TaskRevoked
+from nbtask.errors import BlobError, RemoteError, TaskRevoked
 from nbtask.notebook import process_state
 from nbtask.notebook.analysis import analyze
 from nbtask.notebook.follow import cancel_task, cancelled, one_line
@@ -172,7 +172,13 @@ class Pending:
                 f"nbtask: fetching {name} ({value.size / 1e6:,.1f} MB) from the workers",
                 flush=True,
             )
-            self.namespace[name] = value.fetch()
+            try:
+                self.namespace[name] = value.fetch()
+            except BlobError as exc:  # one line that names the variable, no nbtask frames
+                said = str(exc)
+                if not said.startswith(f"{name} "):
+                    said = f"{name} cannot be fetched: {said}"
+                raise one_line(BlobError(said)) from None
 
     def deliver(self, run: CellRun, *, raise_errors: bool = False) -> None:
         """Write a finished run's values into the namespace, or raise its error."""

@@ -98,6 +98,21 @@ def test_deleting_a_kept_value_fetches_nothing_even_over_the_fetch_budget(
     assert "x" not in ip.user_ns
 
 
+def test_a_kept_value_whose_store_copy_is_gone_says_so_in_one_line_naming_it(
+    ip: InteractiveShell, nb: Session, settings: Settings, r: redis.Redis
+) -> None:
+    task(ip, MAKE_X)
+    keys = list(r.scan_iter(match=f"{settings.key_prefix}:blob:*", count=1000))
+    assert keys, "x was not kept"
+    r.delete(*keys)  # expired, or deleted by someone who can write to Redis
+    result = ip.run_cell("y = x + 1")
+    error = result.error_in_exec
+    assert isinstance(error, BlobError)
+    assert str(error).startswith("x cannot be fetched: a large value"), error
+    assert error._render_traceback_() == [f"BlobError: {error}"]  # type: ignore[attr-defined]
+    assert isinstance(ip.user_ns["x"], RemoteValue)  # still there, for a %%task cell
+
+
 @pytest.mark.parametrize(
     ("code", "error", "use"),
     [
