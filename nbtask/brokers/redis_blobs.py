@@ -391,10 +391,12 @@ class RedisBlobs:
 
     def _chunk(self, key: str, digest: str, size: int) -> Buffer | None:
         try:
-            chunk: bytes | None = self.link.redis.get(key)
+            # One byte past a chunk at most: a longer string (not nbtask's) is refused
+            # without being read whole. Missing reads as empty, and no chunk is empty.
+            chunk: bytes = self.link.redis.getrange(key, 0, self.chunk_bytes)
         except ResponseError as exc:  # not a string: nbtask did not write it
             raise BlobError(_ALTERED.format(digest=digest[:16], size=size)) from exc
-        return chunk
+        return chunk or None
 
     def _wait_for(
         self, digest: str, size: int, deadline: float, read: Callable[[], Buffer | None]

@@ -298,3 +298,15 @@ def test_a_copy_once_written_holds_no_memory_of_its_value(store: Any) -> None:
     del value
     gc.collect()
     assert gone() is None, "the background writer still holds the value it wrote"
+
+
+def test_a_chunk_longer_than_nbtask_writes_is_refused_unread(store: Any, access: RawBroker) -> None:
+    # Someone who can write to Redis puts a huge string under a blob's key: the reader
+    # takes one byte past a chunk, enough to refuse it, not the whole string.
+    store.chunk_bytes = 100_000
+    key = store._blob_keys(DIGEST, len(DATA))[0]
+    access.store.set(key, b"x" * (store.chunk_bytes * 5))
+    assert len(store._chunk(key, DIGEST, len(DATA))) == store.chunk_bytes + 1
+    if store.local_blobs is None:  # in shared memory the file, not Redis, is read
+        with pytest.raises(BlobError):
+            store.get_blob(DIGEST, len(DATA))
