@@ -24,19 +24,27 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from nbtask.settings import Settings
 from nbtask.wire.envelope import Buffer
 
-__all__ = ["LocalBlobs", "local_blob_dir", "remove_local_blobs"]
+__all__ = ["LocalBlobs", "Stored", "local_blob_dir", "pieces", "remove_local_blobs"]
 
 log = logging.getLogger(__name__)
 
 _SHARED_MEMORY = Path("/dev/shm")
 _SWEEP_EVERY_SECONDS = 60.0
+#: What is written for a blob: its bytes, or its pieces end to end (a sealed blob's bytes,
+#: then its seal).
+Stored = Buffer | tuple[Buffer, ...]
+
+
+def pieces(data: Stored) -> Sequence[Buffer]:
+    """The pieces written, in order, for a blob's ``data``."""
+    return data if isinstance(data, tuple) else (data,)
 
 
 def local_blob_dir(url: str, settings: Settings) -> Path | None:
@@ -103,11 +111,8 @@ class LocalBlobs:
             return None
         return cls(directory, settings.result_ttl)
 
-    def put(self, blobs: Mapping[str, Buffer | tuple[Buffer, ...]]) -> None:
-        """Write each blob not already here (touching those that are).
-
-        A blob given as a tuple is its pieces (a sealed blob's bytes, then its seal).
-        """
+    def put(self, blobs: Mapping[str, Stored]) -> None:
+        """Write each blob not already here (touching those that are)."""
         for digest, data in blobs.items():
             path = self.directory / digest
             try:
@@ -118,7 +123,7 @@ class LocalBlobs:
             # Written under a private name, then renamed: a reader never sees half a blob.
             partial = self.directory / f".{digest}.{os.getpid()}.{threading.get_ident()}"
             with open(partial, "wb") as file:
-                for piece in data if isinstance(data, tuple) else (data,):
+                for piece in pieces(data):
                     file.write(piece)
             os.replace(partial, path)
         self._sweep()

@@ -50,7 +50,7 @@ from collections.abc import Callable, Mapping, Sequence
 from redis.exceptions import ResponseError
 
 from nbtask.brokers.later_writes import LaterWrites
-from nbtask.brokers.local_blobs import LocalBlobs
+from nbtask.brokers.local_blobs import LocalBlobs, Stored, pieces
 from nbtask.brokers.redis_link import RedisLink
 from nbtask.errors import BlobError, BrokerUnavailable
 from nbtask.settings import Settings
@@ -66,8 +66,6 @@ CHUNK_BYTES = 64 * 1024 * 1024
 LATER_BYTES = 32 * 1024 * 1024
 #: Returns the seal stored after a sealed blob's bytes: ``seal(id, data)``.
 Seal = Callable[[str, Buffer], bytes]
-#: What is written for a blob: its bytes, or its bytes and its seal.
-Stored = Buffer | tuple[Buffer, ...]
 
 
 class RedisBlobs:
@@ -171,7 +169,7 @@ class RedisBlobs:
             return
         writes: list[tuple[object, ...]] = []
         for digest, data in blobs.items():
-            views = [memoryview(piece).cast("B") for piece in _pieces(data)]
+            views = [memoryview(piece).cast("B") for piece in pieces(data)]
             for i, key in enumerate(self._blob_keys(digest, sum(v.nbytes for v in views))):
                 chunk = _chunk_of(views, i * self.chunk_bytes, (i + 1) * self.chunk_bytes)
                 writes.append(("SET", key, chunk, "EX", self.ttl))
@@ -193,7 +191,7 @@ class RedisBlobs:
         """Seal (if asked) and write ``blobs`` in the background, then give back their leases."""
         extra = SEAL_BYTES if seal is not None else 0
         try:
-            self._write_again_while_unreachable(self._seal_renewing(blobs, seal), writer)
+            self._write_again_while_unreachable(_sealed(blobs, seal, self._renew_leases), writer)
         finally:
             digests = list(blobs)
             commands = [
@@ -215,23 +213,15 @@ class RedisBlobs:
                 if reply and self.local_blobs is not None:
                     self.local_blobs.remove(digest, functools.partial(self._in_use, digest))
 
-    def _seal_renewing(
-        self, blobs: Mapping[str, Buffer], seal: Seal | None
-    ) -> Mapping[str, Stored]:
-        """:func:`_sealed` in the background: the leases are renewed before each blob's hash.
+    def _renew_leases(self) -> None:
+        """Renew this process's leases now (before a blob's hash, in the background).
 
         Hashing takes about a second a gigabyte, and the leases are otherwise renewed only
         as chunks are written: a reader must not take a value being sealed for lost.
         """
-        if seal is None:
-            return blobs
-        stored: dict[str, Stored] = {}
-        for name, data in blobs.items():
-            # Unreachable: the write that follows tries again, and takes the leases anew.
-            with contextlib.suppress(BrokerUnavailable):
-                self._run_writes(self._renewals())
-            stored[name] = (data, seal(name, data))
-        return stored
+        # Unreachable: the write that follows tries again, and takes the leases anew.
+        with contextlib.suppress(BrokerUnavailable):
+            self._run_writes(self._renewals())
 
     def _write_again_while_unreachable(self, blobs: Mapping[str, Stored], writer: str) -> None:
         """Write ``blobs``, again while the store is unreachable, for :attr:`retry_seconds`.
@@ -436,15 +426,22 @@ _ALTERED = (
 )
 
 
-def _sealed(blobs: Mapping[str, Buffer], seal: Seal | None) -> Mapping[str, Stored]:
-    """What is written for ``blobs``: with ``seal``, each one's bytes and then its seal."""
+def _sealed(
+    blobs: Mapping[str, Buffer],
+    seal: Seal | None,
+    before_each: Callable[[], None] = lambda: None,
+) -> Mapping[str, Stored]:
+    """What is written for ``blobs``: with ``seal``, each one's bytes and then its seal.
+
+    ``before_each`` is called before each blob is sealed (hashed).
+    """
     if seal is None:
         return blobs
-    return {name: (data, seal(name, data)) for name, data in blobs.items()}
-
-
-def _pieces(data: Stored) -> Sequence[Buffer]:
-    return data if isinstance(data, tuple) else (data,)
+    stored: dict[str, Stored] = {}
+    for name, data in blobs.items():
+        before_each()
+        stored[name] = (data, seal(name, data))
+    return stored
 
 
 def _chunk_of(views: Sequence[memoryview], start: int, end: int) -> Buffer:

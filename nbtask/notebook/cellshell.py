@@ -22,14 +22,14 @@ from typing import Any
 
 from nbtask.brokers.base import Store
 from nbtask.core.context import PARTIAL_RESULT, current_request
-from nbtask.core.holding import HeldValue, Holding, key_of, value_key
+from nbtask.core.holding import HeldValue, Holding, key_of
 from nbtask.errors import BlobError, CellError
 from nbtask.notebook import process_state
 from nbtask.notebook.analysis import is_history_name
-from nbtask.notebook.kept import RemoteValue, Sealing, keep
+from nbtask.notebook.kept import RemoteValue, Sealing, keep, key_by_content
 from nbtask.notebook.shipping import CellSpec, share_namespace
 from nbtask.notebook.worker_shell import BASE_NS, worker_shell
-from nbtask.wire.blobs import Packed, content_layout
+from nbtask.wire.blobs import Packed
 from nbtask.wire.envelope import Envelope, Signer, dumps
 
 __all__ = ["execute_cell", "prepare_cell"]
@@ -109,9 +109,10 @@ def prepare_cell(spec: CellSpec) -> None:
     """Make this process's shell and load the notebook's state ``spec`` ships (imports).
 
     Done before the cell runs (:meth:`~nbtask.notebook.celltask.CellTask.before_start`),
-    where a terminate waits for it: an import cut in half by one leaves the package's
-    submodules bound to a dead module, and breaks the package for the process's later
-    cells. :func:`execute_cell` then finds both ready.
+    where a terminate waits for it. Imports are never cut in half anywhere (the worker's
+    interrupts wait for them to end), but making the shell is more than imports: cut,
+    it would leave a half-made shell to the process's later cells. :func:`execute_cell`
+    then finds both ready.
     """
     shell = worker_shell()
     if spec.state:
@@ -178,7 +179,7 @@ def _resolve_kept(shipped: dict[str, Any]) -> tuple[dict[str, list[Any]], dict[s
                 f"not run this cell, and its store copy cannot be read ({exc}). Run {made_by} "
                 "again to make it"
             ) from None
-        content = value_key(content_layout(reference.layout, digests), reference.inline)
+        content = key_by_content(reference, digests)
         by_content[name] = content.encode()
         held = _held(name, shipped[name], reference)
         if reference.sealed:
@@ -221,7 +222,7 @@ def _keep(name: str, value: Any, packed: Packed, spec: CellSpec) -> RemoteValue:
     # Held here and large, its store copy is written after the outcome went out: its blobs
     # are named by id and sealed as they are written, so their hash is not on the cell's
     # path. A smaller copy is written now, hashed: named by content, shared by its copies.
-    sealed = held_here and signer is not None and store.writes_later(packed.size)
+    sealed = held_here and store.writes_later(packed.size)
     sealing = Sealing(signer) if sealed and signer is not None else None
     put = functools.partial(store.put_blobs, later=held_here, seal=sealing)
     reference = keep(name, value, packed, put, sealed=sealing is not None)

@@ -30,7 +30,7 @@ from nbtask.errors import BlobError
 from nbtask.wire.blobs import BlobReader, Packed, Part, content_layout, seal_blob, split_value
 from nbtask.wire.envelope import Buffer, Signer
 
-__all__ = ["RemoteValue", "Sealing", "keep", "preview_of"]
+__all__ = ["RemoteValue", "Sealing", "keep", "key_by_content", "preview_of"]
 
 _HEAD_CHARS = 2000
 _OWN_FIELDS = frozenset({"name", "layout", "inline", "holder", "holder_pid", "preview", "made_by"})
@@ -259,7 +259,15 @@ class Sealing:
         reference = self.reference
         if reference is None or set(reference.blob_sizes) - set(self.digests):
             return ""
-        return value_key(content_layout(reference.layout, self.digests), reference.inline)
+        return key_by_content(reference, self.digests)
+
+
+def key_by_content(reference: ValueRef, digests: Mapping[str, str]) -> str:
+    """The key ``reference``'s value has by content, its sealed blobs' ``digests`` given.
+
+    What :func:`~nbtask.core.holding.key_of` gives the value while it is unchanged.
+    """
+    return value_key(content_layout(reference.layout, digests), reference.inline)
 
 
 def keep(

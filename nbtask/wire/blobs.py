@@ -33,7 +33,7 @@ import io
 import os
 import pickle
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import cloudpickle
@@ -284,7 +284,7 @@ def blob_sizes(layout: Sequence[Part] | None) -> dict[str, int]:
     return {part.digest: part.stored_size for part in layout or () if part.digest is not None}
 
 
-def content_layout(layout: Sequence[Part], digests: dict[str, str]) -> list[Part]:
+def content_layout(layout: Sequence[Part], digests: Mapping[str, str]) -> list[Part]:
     """``layout`` with its sealed blobs named by content, ``digests`` ``{id: digest}``.
 
     What the value would have been kept as unsealed (the key that tells it changed).
