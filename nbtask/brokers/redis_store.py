@@ -4,7 +4,7 @@ Keys, all under ``<key_prefix>:``:
 
 * ``r:<task id>``: a task's record (a hash), kept ``result_ttl``.
 * ``c:<client id>``: a client's event channel (a stream), kept while the client lives
-  and ``result_ttl`` after.
+  and ``result_ttl`` after (:mod:`nbtask.brokers.redis_channels`).
 * ``client-tasks:<client id>`` and ``client-group:<group>``: what a client sent, and a
   notebook's clients across kernel restarts (for re-attaching).
 * ``eta:<queue>``: messages waiting for their due time (a sorted set).
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -34,6 +33,7 @@ from nbtask.brokers.base import Delivery, Publish, Settlement, StartBy
 from nbtask.brokers.blob_scripts import BLOB_SCRIPTS
 from nbtask.brokers.local_blobs import LocalBlobs
 from nbtask.brokers.redis_blobs import RedisBlobs
+from nbtask.brokers.redis_channels import CHANNEL_MAXLEN, RedisChannels, event_of
 from nbtask.brokers.redis_holdings import RedisHoldings
 from nbtask.brokers.redis_link import LARGE_BYTES, RedisLink, unanswered
 from nbtask.brokers.redis_workers import RedisWorkers
@@ -41,18 +41,16 @@ from nbtask.brokers.scripts import STORE_SCRIPTS
 from nbtask.settings import Settings
 from nbtask.wire.records import RecordFields, TaskRecord
 
-__all__ = ["CHANNEL_MAXLEN", "DEAD_LETTER_BYTES", "RedisStore"]
+__all__ = ["DEAD_LETTER_BYTES", "RedisStore"]
 
 log = logging.getLogger(__name__)
 
-#: Events kept per client channel (older ones are trimmed).
-CHANNEL_MAXLEN = 10_000
 #: The bytes of a message kept in the dead-letter stream (more: its start, size and hash).
 DEAD_LETTER_BYTES = 1 << 20
 _JOURNAL_LINES = 1_000
 
 
-class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings):
+class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisChannels):
     """A :class:`~nbtask.brokers.base.Store` on Redis.
 
     Parameters
@@ -69,7 +67,6 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings):
         self.prefix = settings.key_prefix
         self.ttl = int(settings.result_ttl)
         self.local_blobs = LocalBlobs.open(link.url, settings)
-        self._channel_name = re.compile(re.escape(self.channel_key("")) + r"[0-9a-f]{1,32}")
         link.add_scripts(STORE_SCRIPTS)
         link.add_scripts(BLOB_SCRIPTS)
 
@@ -77,14 +74,6 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings):
     def record_key(self, task_id: str) -> str:
         """The hash holding a task's state and result."""
         return f"{self.prefix}:r:{task_id}"
-
-    def channel_key(self, client_id: str) -> str:
-        """The stream carrying events to one client."""
-        return f"{self.prefix}:c:{client_id}"
-
-    def is_channel(self, name: str) -> bool:
-        """True if ``name`` is shaped like a client channel of this key prefix."""
-        return self._channel_name.fullmatch(name) is not None
 
     def client_tasks_key(self, channel: str) -> str:
         """The tasks a client sent, by send time (written at publish, for recent_tasks)."""
@@ -228,68 +217,6 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings):
                     pipe.zrem(self.client_tasks_key(channel), task_id)
             pipe.execute()
 
-    # Client channels -------------------------------------------------------------------------
-    def event_command(self, channel: str, raw: bytes) -> tuple[Any, ...]:
-        """The command appending one event to a client's channel."""
-        return ("XADD", channel, "MAXLEN", "~", CHANNEL_MAXLEN, "*", "e", raw)
-
-    def append_events(self, channel: str, raw_events: Sequence[bytes]) -> None:
-        """Append events to a client's channel, in one round trip."""
-        with self.link.translate_errors():
-            self.link.run([self.event_command(channel, raw) for raw in raw_events])
-
-    def read_events(
-        self, channels: Mapping[str, str], block_seconds: float
-    ) -> list[tuple[str, str, bytes]]:
-        """Block on client channels ``{channel: after id}``; ``(channel, id, raw)`` triples."""
-        block = max(1, int(block_seconds * 1000))
-        command = ("XREAD", "COUNT", 500, "BLOCK", block, "STREAMS", *channels, *channels.values())
-        with self.link.translate_errors():
-            (reply,) = self.link.run([command], block_seconds=block_seconds)
-        out: list[tuple[str, str, bytes]] = []
-        for stream, entries in reply or ():
-            name = stream.decode()
-            for entry_id, fields in entries:
-                out.append((name, entry_id.decode(), _event_of(fields)))
-        return out
-
-    def events_after(self, channel: str, after: str) -> list[tuple[str, bytes]]:
-        """``(id, raw)`` of the events on ``channel`` after entry ``after`` (``"0-0"``: all)."""
-        start = f"({after}" if after != "0-0" else "-"
-        with self.link.translate_errors():
-            (entries,) = self.link.run([("XRANGE", channel, start, "+")])
-        return [(entry_id.decode(), _event_of(fields)) for entry_id, fields in entries]
-
-    def channel_end(self, channel: str) -> str:
-        """The id of the newest event on a channel (``"0-0"`` when empty)."""
-        with self.link.translate_errors():
-            (last,) = self.link.run([("XREVRANGE", channel, "+", "-", "COUNT", 1)])
-        return str(last[0][0].decode()) if last else "0-0"
-
-    def replay(self, channel: str) -> list[bytes]:
-        """Every event still kept on a client's channel, oldest first."""
-        with self.link.translate_errors():
-            try:
-                (entries,) = self.link.run([("XRANGE", channel, "-", "+", "COUNT", CHANNEL_MAXLEN)])
-            except ResponseError:  # not a stream (a record names any channel): none kept
-                log.error("ignored %s: not a stream, not written by nbtask", channel)
-                return []
-        return [raw for _id, fields in entries if (raw := _event_of(fields))]
-
-    def wake(self, channel: str) -> None:
-        """Append an empty entry so a reader blocked on ``channel`` returns.
-
-        The channel expires as a live client's does: a client that closes before any
-        event reached it would otherwise leave a stream that never goes.
-        """
-        with self.link.translate_errors():
-            self.link.run([self.event_command(channel, b""), ("EXPIRE", channel, self.ttl)])
-
-    def keep_channel(self, channel: str) -> None:
-        """Push back the expiry of an event channel (its client is alive)."""
-        with self.link.translate_errors():
-            self.link.redis.expire(channel, self.ttl)
-
     def recent_tasks(self, group: str, channel: str, limit: int) -> list[tuple[str, str, float]]:
         """Note ``channel`` as a client of ``group``; return the group's newest tasks.
 
@@ -337,7 +264,7 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings):
         with self.link.translate_errors():
             (reply,) = self.link.run([("XREAD", "COUNT", 100, "STREAMS", self.control_key, after)])
         return [
-            (entry_id.decode(), _event_of(fields))
+            (entry_id.decode(), event_of(fields))
             for _stream, entries in reply or ()
             for entry_id, fields in entries
         ]
@@ -493,11 +420,3 @@ def _member(task_id: str, later: tuple[bytes, float] | None) -> tuple[bytes, flo
     if later is None or not later[0]:
         return b"", 0.0
     return task_id.encode() + b":" + later[0], later[1]
-
-
-def _event_of(fields: Any) -> bytes:
-    """The raw event of a stream entry's flat field list (``b""`` for a wake-up or junk)."""
-    if isinstance(fields, list) and len(fields) >= 2 and fields[0] == b"e":
-        value = fields[1]
-        return value if isinstance(value, bytes) else b""
-    return b""
