@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "BlobError",
+    "BlobGone",
     "BrokerUnavailable",
     "CellError",
     "CellNameError",
@@ -53,6 +54,28 @@ class SerializationError(NbtaskError, TypeError):
 
 class BlobError(NbtaskError):
     """A value kept out of band cannot be loaded: its blob expired, is missing, or was altered."""
+
+
+class BlobGone(BlobError):
+    """A value's blob is no longer in the store: it expired, was deleted, or was never written.
+
+    Parameters
+    ----------
+    reason
+        What is gone and why it may be.
+    remedy
+        What makes the value again; whoever knows better (a notebook knows the cell that
+        made a kept value) raises it again with its own.
+    """
+
+    def __init__(self, reason: str, remedy: str = "run the task again") -> None:
+        super().__init__(f"{reason}; {remedy}")
+        self.reason = reason
+        self.remedy = remedy
+
+    def __reduce__(self) -> tuple[type[BlobGone], tuple[str, str]]:
+        # Sent back from a worker as a task's error: rebuilt from its parts, not its text.
+        return (type(self), (self.reason, self.remedy))
 
 
 class ResultNotReady(NbtaskError, RuntimeError):

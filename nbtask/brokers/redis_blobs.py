@@ -52,7 +52,7 @@ from redis.exceptions import ResponseError
 from nbtask.brokers.later_writes import LaterWrites
 from nbtask.brokers.local_blobs import LocalBlobs, Stored, pieces
 from nbtask.brokers.redis_link import RedisLink
-from nbtask.errors import BlobError, BrokerUnavailable
+from nbtask.errors import BlobError, BlobGone, BrokerUnavailable
 from nbtask.settings import Settings
 from nbtask.wire.blobs import SEAL_BYTES, ByteProgress
 from nbtask.wire.envelope import Buffer
@@ -358,12 +358,11 @@ class RedisBlobs:
                 read = functools.partial(self._chunk, key, digest, size)
                 chunk = self._wait_for(digest, size, deadline, read)
                 if chunk is None:
-                    raise BlobError(
+                    raise BlobGone(
                         f"a large value ({size:,} bytes, blob {digest[:16]}) is no longer in "
                         f"the store: it expired (values are kept result_ttl, "
                         f"{self.ttl:,} s), was deleted, or the worker writing it stopped "
-                        "first or could not write it (the worker's log says why); run the "
-                        "task again"
+                        "first or could not write it (the worker's log says why)"
                     )
                 if at + len(chunk) > size:
                     break

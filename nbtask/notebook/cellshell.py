@@ -23,7 +23,7 @@ from typing import Any
 from nbtask.brokers.base import Store
 from nbtask.core.context import PARTIAL_RESULT, current_request
 from nbtask.core.holding import HeldValue, Holding, key_of
-from nbtask.errors import BlobError, CellError
+from nbtask.errors import BlobError, BlobGone, CellError
 from nbtask.notebook import process_state
 from nbtask.notebook.analysis import is_history_name
 from nbtask.notebook.kept import RemoteValue, Sealing, keep, key_by_content
@@ -174,9 +174,10 @@ def _resolve_kept(shipped: dict[str, Any]) -> tuple[dict[str, list[Any]], dict[s
         except BlobError as exc:
             made_by = reference.made_by or "the cell that made it"
             holder = reference.holder or "none"
+            why = exc.reason if isinstance(exc, BlobGone) else str(exc)  # its remedy is ours
             raise BlobError(
                 f"{name} is lost: the worker process that held it ({holder}) is gone or did "
-                f"not run this cell, and its store copy cannot be read ({exc}). Run {made_by} "
+                f"not run this cell, and its store copy cannot be read ({why}). Run {made_by} "
                 "again to make it"
             ) from None
         content = key_by_content(reference, digests)

@@ -26,7 +26,7 @@ from typing import Any
 from nbtask.core.handle import FetchWatch
 from nbtask.core.holding import value_key
 from nbtask.core.refs import ValueRef
-from nbtask.errors import BlobError
+from nbtask.errors import BlobError, BlobGone
 from nbtask.wire.blobs import BlobReader, Packed, Part, content_layout, seal_blob, split_value
 from nbtask.wire.envelope import Buffer, Signer
 
@@ -111,10 +111,16 @@ class RemoteValue(ValueRef):
                 f"{self._budget:,} (fetch_budget, NBTASK_FETCH_BUDGET): raise it, call "
                 f"{self.name}.fetch(force=True), or work on it in a %%task cell instead"
             )
-        if self._watch is None:
-            return self.load(self._fetch, self._signer)
-        with self._watch(self.name, self.size) as progress:
-            return self.load(functools.partial(self._fetch, progress=progress), self._signer)
+        try:
+            if self._watch is None:
+                return self.load(self._fetch, self._signer)
+            with self._watch(self.name, self.size) as progress:
+                return self.load(functools.partial(self._fetch, progress=progress), self._signer)
+        except BlobGone as exc:  # the store knows a blob, the notebook the cell behind it
+            made_by = self.made_by or "the cell that made it"
+            raise BlobGone(
+                f"{self.name} cannot be fetched: {exc.reason}", f"run {made_by} again to make it"
+            ) from None
 
     def release(self, why: str) -> None:
         """Note that the value was released (``why``): using it now says so."""

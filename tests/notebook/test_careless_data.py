@@ -101,6 +101,7 @@ def test_deleting_a_kept_value_fetches_nothing_even_over_the_fetch_budget(
 def test_a_kept_value_whose_store_copy_is_gone_says_so_in_one_line_naming_it(
     ip: InteractiveShell, nb: Session, settings: Settings, r: redis.Redis
 ) -> None:
+    made_by = f"Cell In[{ip.execution_count}]"
     task(ip, MAKE_X)
     keys = list(r.scan_iter(match=f"{settings.key_prefix}:blob:*", count=1000))
     assert keys, "x was not kept"
@@ -109,6 +110,8 @@ def test_a_kept_value_whose_store_copy_is_gone_says_so_in_one_line_naming_it(
     error = result.error_in_exec
     assert isinstance(error, BlobError)
     assert str(error).startswith("x cannot be fetched: a large value"), error
+    # The remedy names the cell that made x, not "the task".
+    assert str(error).endswith(f"; run {made_by} again to make it"), error
     assert error._render_traceback_() == [f"BlobError: {error}"]  # type: ignore[attr-defined]
     assert isinstance(ip.user_ns["x"], RemoteValue)  # still there, for a %%task cell
 

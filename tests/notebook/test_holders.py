@@ -440,6 +440,7 @@ def test_a_value_lost_with_its_holder_and_its_store_copy_names_itself_and_its_ce
     message = str(raised.value)
     assert f"x is lost: the worker process that held it ({kept.holder}) is gone" in message
     assert f"Run {kept.made_by} again to make it" in message
+    assert "the task" not in message, "a cell's value is made again by its cell, not a task"
     assert kept.made_by.startswith("Cell In[")
 
 
