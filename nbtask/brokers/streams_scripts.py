@@ -88,16 +88,19 @@ return {0, ids}
 
 # Sent in the same write as a blocking XREADGROUP, so Redis runs it the moment that
 # read is served: the start check costs no extra round trip. It looks at what this
-# consumer was given after entry ARGV[7] (nothing, if the read timed out).
+# consumer was given after entry ARGV[7] (nothing, if the read timed out): one read of
+# the consumer's own pending entries, with their fields (XREADGROUP from an id; only
+# nbtask's own counter 'n' counts deliveries, not the group's). An entry deleted
+# meanwhile comes without fields.
 # KEYS: stream; ARGV: group, consumer, record key prefix, ttl, worker, pid, last entry id
 _STARTED = (
     _ENTRY_START
     + """
-local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '(' .. ARGV[7], '+', 1, ARGV[2])
-if #pending == 0 then return false end
-local entry = redis.call('XRANGE', KEYS[1], pending[1][1], pending[1][1])
-if #entry == 0 then return false end
-return {entry[1][1], entry_start(entry[1][2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[2])}
+local mine = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1,
+                        'STREAMS', KEYS[1], ARGV[7])
+local entry = mine and mine[1] and mine[1][2][1]
+if not entry or not entry[2] then return false end
+return {entry[1], entry_start(entry[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[2])}
 """
 )
 
