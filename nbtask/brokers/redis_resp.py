@@ -33,10 +33,9 @@ def pack_one(command: Command) -> bytes:
     a ``KeyboardInterrupt`` (Ctrl-C) raised there leaves hiredis with a NULL that crashes
     the whole process (hiredis 3.5). Raised here, it is an ordinary exception.
     """
-    args: Any = tuple(
-        arg if arg.__class__ is str or arg.__class__ is bytes else _text(arg) for arg in command
-    )
-    packed: bytes = pack_command(args)
+    # A list built first: half the cost of a tuple from a generator, on every command.
+    args: Any = [a if a.__class__ is str or a.__class__ is bytes else _text(a) for a in command]
+    packed: bytes = pack_command(tuple(args))
     return packed
 
 
