@@ -46,6 +46,9 @@ log = logging.getLogger("nbtask.worker")
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _AFTER_HANDLERS = ("on_success", "on_failure", "on_retry", "after_return")
+# What split() makes of ``None`` (one inline part, no layout): a task returning nothing
+# (the most common result) skips making a pickler for it.
+_NONE_BODY = bytes(dumps(None))
 
 
 @dataclasses.dataclass
@@ -87,13 +90,15 @@ def success_outcome(
     put_blobs: Callable[[Mapping[str, Buffer]], None],
 ) -> Outcome:
     """The outcome of a task that returned ``retval``: its large parts stored as blobs."""
+    data = {**whoami, "runtime": runtime, "serializer": message.serializer}
+    if retval is None and message.serializer != "json":
+        return Outcome(Event(EventType.SUCCESS, message.id, seq, data), _NONE_BODY)
     what = f"the result of task {message.name!r}"
     try:
         result = split(retval, message.serializer, what, blob_threshold)
     except SerializationError as exc:
         return failure_outcome(message, exc, seq, whoami)
     put_blobs(result.blobs)
-    data = {**whoami, "runtime": runtime, "serializer": message.serializer}
     if result.layout_json is not None:
         data["layout"] = result.layout_json
     body = b"".join(result.inline)  # small: the large parts are blobs
@@ -243,9 +248,10 @@ class FollowUps:
             # e.g. a callback argument that cannot be pickled. The task's own outcome is
             # stored; the chain's later steps cannot be told who they are.
             log.exception("could not send the callbacks of task %s", message.id)
-        if task is not None:
+        if task is not None and has_handlers(task):
             _call_handlers(task, message, outcome)
-        if outcome.state in FINAL_STATES:
+        # Only a layout names argument blobs (without one, the arguments were inline).
+        if message.args_layout and outcome.state in FINAL_STATES:
             self._release_arguments(message)
 
     def _release_arguments(self, message: TaskMessage) -> None:
@@ -315,8 +321,15 @@ def _callbacks(message: TaskMessage, links: Buffer) -> Callbacks | None:
 
 
 def has_handlers(task: Task) -> bool:
-    """True if the task's class overrides any handler that runs after the outcome."""
-    return any(getattr(type(task), name) is not getattr(Task, name) for name in _AFTER_HANDLERS)
+    """True if the task has any handler of its own that runs after the outcome.
+
+    Its class's (a subclass, or ``@app.task(on_success=...)``) or one set on the instance.
+    """
+    for name in _AFTER_HANDLERS:
+        handler = getattr(task, name)
+        if getattr(handler, "__func__", None) is not getattr(Task, name):
+            return True
+    return False
 
 
 def call_handler(handler: Any, *args: Any) -> None:

@@ -1,0 +1,79 @@
+"""How a run's outcome is made: a result of ``None``, and which tasks have handlers to call."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from nbtask.core.task import Task
+from nbtask.wire.events import EventType
+from nbtask.wire.message import TaskMessage, decode_value, split
+from nbtask.worker.settle import has_handlers, success_outcome
+
+
+def _message(serializer: str = "cloudpickle") -> TaskMessage:
+    return TaskMessage(
+        id="t1",
+        name="mod.f",
+        prefix="p",
+        queue="default",
+        client="c",
+        created=0.0,
+        eta=None,
+        expires=None,
+        acks_late=False,
+        ignore_result=False,
+        module="mod",
+        code=None,
+        code_len=0,
+        serializer=serializer,
+    )
+
+
+def _outcome(retval: Any, serializer: str = "cloudpickle") -> Any:
+    stored: list[Any] = []
+    outcome = success_outcome(
+        _message(serializer), retval, {"worker": "w"}, 0.5, 3, 1 << 20, stored.append
+    )
+    return outcome, stored
+
+
+@pytest.mark.parametrize("serializer", ["cloudpickle", "json"])
+def test_a_none_result_is_the_same_outcome_as_any_other_value_makes(serializer: str) -> None:
+    outcome, stored = _outcome(None, serializer)
+    split_none = split(None, serializer, "x", 1 << 20)
+    assert outcome.body == b"".join(bytes(part) for part in split_none.inline)
+    assert outcome.event.type is EventType.SUCCESS
+    assert outcome.event.seq == 3
+    assert outcome.event.data == {"worker": "w", "runtime": 0.5, "serializer": serializer}
+    assert stored in ([], [{}])  # no blob
+    assert decode_value(outcome.body, serializer, outcome.event.data.get("layout")) is None
+    # A value beside it keeps its own path (and its body decodes to it).
+    other, _ = _outcome([1, None], serializer)
+    assert decode_value(other.body, serializer, other.event.data.get("layout")) == [1, None]
+
+
+class _Plain(Task):
+    name = "plain"
+
+
+class _OwnSuccess(Task):
+    name = "own"
+
+    def on_success(self, *args: Any) -> None:
+        pass
+
+
+def _after(*args: Any) -> None:
+    pass
+
+
+def test_handlers_are_found_on_the_class_in_options_and_on_the_instance() -> None:
+    assert not has_handlers(_Plain())
+    assert has_handlers(_OwnSuccess())
+    # @app.task(after_return=...) makes a class attribute.
+    assert has_handlers(type("opt", (Task,), {"name": "opt", "after_return": _after})())
+    instance = _Plain()
+    instance.on_failure = _after  # type: ignore[method-assign]
+    assert has_handlers(instance)
