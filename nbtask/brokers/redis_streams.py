@@ -242,6 +242,20 @@ class StreamsTransport(StreamsUpkeep):
         replies = self.link.run(
             commands, block_seconds=block_seconds, raise_errors=False, large=large
         )
+        if any(isinstance(r, ResponseError) for r in replies):  # rare: looked at apart
+            replies = self._mended(queue, commands, replies)
+        entries, verdict = replies[-2], replies[-1]
+        if not entries:
+            return None
+        entry_id, fields = entries[0][1][0]
+        # The start check looked at this very entry (else the worker asks the store).
+        checked = _verdict(verdict[1]) if verdict and verdict[0] == entry_id else None
+        delivery = _delivery(queue, entry_id, fields, checked)
+        self._last_seen[stream] = delivery.delivery_id
+        return delivery
+
+    def _mended(self, queue: str, commands: Sequence[Command], replies: list[Any]) -> list[Any]:
+        """The replies of a fetch that met errors, once what can be mended is; else raise."""
         if any(isinstance(r, NoScriptError) for r in replies):
             # A restarted server forgot the scripts: nothing they do happened. Run them
             # again now that they are loaded (the read itself did happen).
@@ -256,15 +270,7 @@ class StreamsTransport(StreamsUpkeep):
         for reply in replies:
             if isinstance(reply, ResponseError):
                 raise reply
-        entries, verdict = replies[-2], replies[-1]
-        if not entries:
-            return None
-        entry_id, fields = entries[0][1][0]
-        # The start check looked at this very entry (else the worker asks the store).
-        checked = _verdict(verdict[1]) if verdict and verdict[0] == entry_id else None
-        delivery = _delivery(queue, entry_id, fields, checked)
-        self._last_seen[stream] = delivery.delivery_id
-        return delivery
+        return replies
 
     def _recover_lost_read(self, queues: Sequence[str], consumer: str) -> Delivery | None:
         """A delivery given to ``consumer`` by a read whose reply was lost, if any.
