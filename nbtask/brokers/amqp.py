@@ -250,7 +250,9 @@ class AmqpTransport:
         while True:
             with self.links.using() as link:
                 self._consume_tasks(link, queues)
-                if not link.inbox:
+                # What comes first is often not a delivery (the confirm of the last
+                # task's event): read on, on the same link, until one is in.
+                while not link.inbox:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         return None
@@ -258,7 +260,6 @@ class AmqpTransport:
                         link.conn.drain_events(timeout=remaining)
                     except TimeoutError:
                         return None
-                    continue
                 queue, message = link.inbox.popleft()
                 try:
                     delivery = self._accept(link, queue, message, consumer)
