@@ -58,6 +58,8 @@ class StreamsTransport(StreamsUpkeep):
         self.settings = store.settings
         self._last_seen: dict[str, str] = {}
         self._whoami: tuple[str, int] = ("", -1)
+        # A fetch's read and start check, by (queue, consumer, block, pid): made once.
+        self._reads: dict[tuple[str, str, int, int], tuple[str, Command, Command]] = {}
         self.link.add_scripts(STREAMS_SCRIPTS)
 
     @property
@@ -220,25 +222,8 @@ class StreamsTransport(StreamsUpkeep):
         # One write: [leading commands,] a blocking read, and the start check that Redis
         # runs as soon as the read is served. One queue: the server hands each entry to
         # exactly one blocked consumer.
-        stream = self.queue_key(queue)
-        block = max(1, int(block_seconds * 1000))
-        read = (
-            "XREADGROUP",
-            "GROUP",
-            GROUP,
-            consumer,
-            "COUNT",
-            1,
-            "BLOCK",
-            block,
-            "STREAMS",
-            stream,
-            ">",
-        )
-        started = self.link.evalsha(
-            "started", [stream], *self._start_args(consumer), self._last_seen.get(stream, "0-0")
-        )
-        commands = [*leading, read, started]
+        stream, read, check = self._read_commands(queue, consumer, block_seconds)
+        commands = [*leading, read, (*check, self._last_seen.get(stream, "0-0"))]
         replies = self.link.run(
             commands, block_seconds=block_seconds, raise_errors=False, large=large
         )
@@ -253,6 +238,22 @@ class StreamsTransport(StreamsUpkeep):
         delivery = _delivery(queue, entry_id, fields, checked)
         self._last_seen[stream] = delivery.delivery_id
         return delivery
+
+    def _read_commands(
+        self, queue: str, consumer: str, block_seconds: float
+    ) -> tuple[str, Command, Command]:
+        """The stream, its blocking read, and its start check less the last entry seen."""
+        block = max(1, int(block_seconds * 1000))
+        key = (queue, consumer, block, self._identity()[1])
+        made = self._reads.get(key)
+        if made is None:
+            if len(self._reads) >= 64:  # (a child asks for one or two; stay small anyway)
+                self._reads.clear()
+            stream = self.queue_key(queue)
+            read = ("XREADGROUP", "GROUP", GROUP, consumer, "COUNT", 1, "BLOCK", block)
+            check = self.link.evalsha("started", [stream], *self._start_args(consumer))
+            made = self._reads[key] = (stream, (*read, "STREAMS", stream, ">"), check)
+        return made
 
     def _mended(self, queue: str, commands: Sequence[Command], replies: list[Any]) -> list[Any]:
         """The replies of a fetch that met errors, once what can be mended is; else raise."""
