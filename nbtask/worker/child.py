@@ -203,7 +203,8 @@ class Child:
             admitted = self.admission.admit(delivery)
             if admitted is None:
                 return None
-            self.journal.about(admitted.message.id)
+            if admitted.message.id != delivery.task_id:  # (the same, when one came beside)
+                self.journal.about(admitted.message.id)
             try:
                 return self._run_admitted(admitted)
             except BrokerUnavailable:
