@@ -75,6 +75,9 @@ class AmqpTransport:
         The Redis store (``Settings.result_url``).
     """
 
+    #: A reply queue is consumed by one connection: the thread that reads first.
+    events_from_any_thread = False
+
     def __init__(self, url: str, store: RedisStore) -> None:
         self.url = url
         self._store = store

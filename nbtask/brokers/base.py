@@ -293,6 +293,10 @@ class Transport(Protocol):
         Each is returned once; they are not queued.
         """
 
+    #: Whether any thread may call :meth:`read_events` (one at a time): the positions it
+    #: is given say all there is to where it reads. Else only one thread ever reads.
+    events_from_any_thread: bool
+
     def read_events(
         self, channels: Mapping[str, str], block_seconds: float
     ) -> list[tuple[str, str, bytes]]:

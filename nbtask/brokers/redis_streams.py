@@ -52,6 +52,9 @@ class StreamsTransport(StreamsUpkeep):
         The Redis store on the same server.
     """
 
+    #: A client's channel is a stream read from given positions, on any connection.
+    events_from_any_thread = True
+
     def __init__(self, store: RedisStore) -> None:
         self._store = store
         self.link = store.link

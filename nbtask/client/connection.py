@@ -21,6 +21,7 @@ from nbtask.client.embedded import EmbeddedCluster
 from nbtask.client.listener import Listener
 from nbtask.client.live_workers import LiveWorkers
 from nbtask.client.unsent import revoking_unsent
+from nbtask.core.handle import TaskHandle
 from nbtask.core.outgoing import MessageBuilder
 from nbtask.errors import BrokerUnavailable, ConfigurationError
 from nbtask.settings import Settings
@@ -123,6 +124,14 @@ class AppConnection:
             return self.cluster.url
         assert self.settings.broker_url is not None
         return self.settings.broker_url
+
+    def wait_for(self, handle: TaskHandle, timeout: float | None) -> None:
+        """Read events on this thread until ``handle`` is done or ``timeout`` passes.
+
+        See :meth:`Listener.wait_for`; returns at once on a closed app.
+        """
+        if not self.closed:
+            self._listen().wait_for(handle, timeout)
 
     def flush(self) -> None:
         """Wait until the broker answered for every task this thread sent.

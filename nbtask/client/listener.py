@@ -1,4 +1,13 @@
-"""The client's one listener thread: reads its event channel and feeds task handles."""
+"""The client's event reading: one reader at a time, the waiting thread itself when it can.
+
+Events of every task of a client come on its one channel (a stream), read by whichever
+thread holds the *turn*: a thread waiting in ``handle.get()`` reads them itself when no
+other thread is reading (so its result reaches it with one wake-up, not three), and
+applies whatever it reads to the handles it is for; when no thread waits, the listener
+thread reads, so handles nobody waits on (callbacks, ``concurrent.futures.wait``) are
+served too. Only the holder of the turn reads, verifies, applies and moves the stream
+positions, so events are applied once each and in order whoever reads them.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +26,17 @@ __all__ = ["Listener"]
 
 log = logging.getLogger(__name__)
 _KEEPALIVE_SECONDS = 60.0
+#: Longest single blocking read; a reader checks keepalive and turn-taking in between.
+_BLOCK_SECONDS = 5.0
+#: How long the listener thread leaves the turn to a thread about to wait, once a handle
+#: needs serving: a ``get()`` right after ``delay()`` then reads its own result. Shorter
+#: than any round trip, so an event of a handle nobody waits on is not held back by it.
+_GRACE_SECONDS = 0.0005
+#: While threads wait for results (and this long after the last one), sending does not
+#: wake the listener thread: it looks every :data:`_RECHECK_SECONDS` instead, so a loop of
+#: ``delay().get()`` does not cost a thread wake-up per task.
+_ACTIVE_SECONDS = 0.05
+_RECHECK_SECONDS = 0.002
 
 
 class Listener:
@@ -25,7 +45,7 @@ class Listener:
     Parameters
     ----------
     transport
-        The transport to read from; the listener uses it from its own thread only.
+        The transport to read from (one connection per reading thread).
     signer
         Verifies every event before anything in it is used.
     channel
@@ -38,7 +58,21 @@ class Listener:
         self.channel = channel
         self._positions: dict[str, str] = {channel: "0-0"}
         self._handles: dict[str, TaskHandle] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a done callback may run while it is held
+        # The turn: who reads now (None: nobody), and the threads waiting for a result.
+        self._reader: threading.Thread | None = None
+        self._waiting = 0
+        self._listener_turn = threading.Condition(self._lock)
+        self._waiters_turn = threading.Condition(self._lock)
+        # After a read error only the listener thread reads, with its backoff, until a
+        # read succeeds: waiters wait for it instead of retrying at once.
+        self._failing = False
+        # Since when a registered handle has had no reader (None: it has one, or none is
+        # registered), and until when waiting threads count as active (see above).
+        self._unserved_since: float | None = None
+        self._active_until = 0.0
+        self._parked = False  # the listener thread sleeps until told
+        self._next_keepalive = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="nbtask-listener", daemon=True)
         self._thread.start()
@@ -49,6 +83,10 @@ class Listener:
             self._handles[handle.id] = handle
             if channel is not None and channel not in self._positions:
                 self._positions[channel] = after
+            if self._reader is None and self._unserved_since is None:
+                self._unserved_since = now = time.monotonic()
+                if not self._waiting and (self._parked or now >= self._active_until):
+                    self._listener_turn.notify()
         if channel is not None and channel != self.channel:
             self._transport.wake(self.channel)
 
@@ -65,6 +103,9 @@ class Listener:
     def close(self, timeout: float = 2.0) -> None:
         """Stop the thread (it wakes at once) and wait for it."""
         self._stop.set()
+        with self._lock:
+            self._listener_turn.notify_all()
+            self._waiters_turn.notify_all()
         with contextlib.suppress(BrokerUnavailable):
             self._transport.wake(self.channel)
         if self._thread is not threading.current_thread():
@@ -75,37 +116,164 @@ class Listener:
         """True while the thread runs."""
         return self._thread.is_alive()
 
-    def _run(self) -> None:
-        backoff = 0.1
-        next_keepalive = 0.0
-        while not self._stop.is_set():
-            try:
-                if time.monotonic() >= next_keepalive:
-                    self._transport.keep_channel(self.channel)
-                    next_keepalive = time.monotonic() + _KEEPALIVE_SECONDS
+    # Waiting threads ---------------------------------------------------------------------
+    def wait_for(self, handle: TaskHandle, timeout: float | None) -> None:
+        """Read events on this thread until ``handle`` is done, or ``timeout`` passes.
+
+        While another thread reads, wait for it to apply the handle's events, or to hand
+        the turn on. Returns early, the handle not done, when this thread cannot read
+        (the listener is stopped, or this thread is applying events already: a callback
+        waiting on a task); the caller then waits on the handle alone.
+        """
+        if not self._transport.events_from_any_thread:
+            return
+        me = threading.current_thread()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        watched = False
+        with self._lock:
+            if self._reader is me:
+                return
+            self._waiting += 1
+            self._note_active()
+        try:
+            while not handle.done() and not self._stop.is_set():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return
                 with self._lock:
-                    positions = dict(self._positions)
-                entries = self._transport.read_events(positions, block_seconds=5.0)
+                    if self._reader is None and not self._failing:
+                        self._take(me)
+                    elif not handle.done():
+                        if not watched:  # settled by another thread (a revoke): wake
+                            handle.add_done_callback(self._wake_waiters)
+                            watched = True
+                        self._waiters_turn.wait(left)
+                        continue
+                    else:
+                        return
+                try:
+                    self._read(min(left, _BLOCK_SECONDS) if left is not None else _BLOCK_SECONDS)
+                finally:
+                    self._hand_on()
+        finally:
+            with self._lock:
+                self._waiting -= 1
+                if not self._waiting and self._reader is None and self._handles:
+                    self._unserved_since = self._unserved_since or time.monotonic()
+                self._note_active()
+
+    def _note_active(self) -> None:
+        # With the lock held: a thread starts or stops waiting.
+        self._active_until = time.monotonic() + _ACTIVE_SECONDS
+        if self._parked:
+            self._listener_turn.notify()
+
+    def _take(self, reader: threading.Thread) -> None:
+        # With the lock held: ``reader`` reads now, for every registered handle.
+        self._reader = reader
+        self._unserved_since = None
+
+    def _wake_waiters(self, _handle: object) -> None:
+        with self._lock:
+            self._waiters_turn.notify_all()
+
+    def _hand_on(self) -> None:
+        """Give up the turn: to a waiting thread, else to the listener if it has work."""
+        with self._lock:
+            self._reader = None
+            if self._handles and not self._waiting:
+                self._unserved_since = self._unserved_since or time.monotonic()
+            self._waiters_turn.notify_all()
+            if self._failing:
+                self._listener_turn.notify()
+
+    # The listener thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        backoff, again = 0.1, False
+        while not self._stop.is_set():
+            if not self._take_turn(again):
+                again = False
+                continue
+            with self._lock:  # a keepalive while threads wait: no blocking read
+                idle = time.monotonic() >= self._active_until
+                block = _BLOCK_SECONDS if self._handles or idle else 0.001
+            try:
+                again = self._read(block)
+            finally:
+                self._hand_on()
+            if again:
                 backoff = 0.1
-            except Exception as exc:
-                # The channel is a stream and we keep our position: after the broker is
-                # back (or the error passes), every event sent meanwhile is read, so no
-                # final state is missed. The thread itself never dies of it.
-                if isinstance(exc, BrokerUnavailable):
-                    log.warning("event channel unreachable (%s); retrying in %.1f s", exc, backoff)
-                elif self._drop_adopted_channels(exc):
-                    continue
-                else:
-                    log.exception("error reading the event channel; retrying in %.1f s", backoff)
+            else:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
-                continue
-            for channel, entry_id, raw in entries:
-                with self._lock:
-                    self._positions[channel] = entry_id
-                if raw:
-                    self._dispatch(raw)
-            self._drop_idle_channels()
+
+    def _take_turn(self, again: bool) -> bool:
+        """Wait until the listener thread should read; True once it holds the turn.
+
+        It reads when nobody else does, no thread waits for a result, and a handle has had
+        no reader for :data:`_GRACE_SECONDS` (at once if the listener itself just read),
+        or no handle is registered and no thread waited lately (it drains the channel),
+        or the channel's keepalive is due; after a read error, at once.
+        """
+        with self._lock:
+            now = time.monotonic()
+            if self._reader is None and not self._stop.is_set():
+                serve = not self._waiting and (
+                    now >= self._next_keepalive
+                    or (again and bool(self._handles))
+                    or (not self._handles and now >= self._active_until)  # idle: drain
+                    or (
+                        self._unserved_since is not None
+                        and now - self._unserved_since >= _GRACE_SECONDS
+                    )
+                )
+                if serve or self._failing:
+                    self._take(threading.current_thread())
+                    return True
+            sleep = self._next_keepalive - now
+            if self._unserved_since is not None and not self._waiting and self._reader is None:
+                sleep = min(sleep, self._unserved_since + _GRACE_SECONDS - now)
+            elif now < self._active_until:
+                sleep = min(sleep, _RECHECK_SECONDS)
+            self._parked = sleep > _RECHECK_SECONDS
+            self._listener_turn.wait(max(sleep, 0.0))
+            self._parked = False
+            return False
+
+    # Reading (by the holder of the turn) -------------------------------------------------------
+    def _read(self, block_seconds: float) -> bool:
+        """One blocking read and the dispatch of what it brought; False after an error.
+
+        The channel is a stream and the positions are kept: after the broker is back (or
+        the error passes), every event sent meanwhile is read, so no final state is
+        missed. No reader dies of an error.
+        """
+        try:
+            if time.monotonic() >= self._next_keepalive:
+                self._transport.keep_channel(self.channel)
+                self._next_keepalive = time.monotonic() + _KEEPALIVE_SECONDS
+            with self._lock:
+                positions = dict(self._positions)
+            entries = self._transport.read_events(positions, block_seconds=block_seconds)
+        except Exception as exc:
+            if isinstance(exc, BrokerUnavailable):
+                log.warning("event channel unreachable (%s); retrying", exc)
+            elif self._drop_adopted_channels(exc):
+                return True
+            else:
+                log.exception("error reading the event channel; retrying")
+            with self._lock:
+                self._failing = True
+            return False
+        with self._lock:
+            self._failing = False
+        for channel, entry_id, raw in entries:
+            with self._lock:
+                self._positions[channel] = entry_id
+            if raw:
+                self._dispatch(raw)
+        self._drop_idle_channels()
+        return True
 
     def _dispatch(self, raw: bytes) -> None:
         try:

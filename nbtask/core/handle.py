@@ -7,6 +7,7 @@ import contextlib
 import contextvars
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
@@ -79,6 +80,12 @@ class Client(Protocol):
     def flush(self) -> None:
         """Wait for the broker's confirms of this thread's tasks (``App.flush``)."""
 
+    def wait_for(self, handle: TaskHandle, timeout: float | None) -> None:
+        """Read the client's events on this thread until ``handle`` is done or ``timeout``.
+
+        May return earlier, the handle not done (when this thread cannot read).
+        """
+
 
 _KNOWN_FAILURES: dict[str, type[RemoteError]] = {
     "TimeLimitExceeded": TimeLimitExceeded,
@@ -91,7 +98,8 @@ class TaskHandle(concurrent.futures.Future[Any]):
 
     It is a :class:`concurrent.futures.Future`, so ``result()``, ``exception()``,
     ``done()``, ``add_done_callback()``, :func:`concurrent.futures.wait` and
-    :func:`asyncio.wrap_future` work. Done callbacks run on the listener thread, as do
+    :func:`asyncio.wrap_future` work. Done callbacks run on the thread reading the
+    client's events (its listener thread, or a thread waiting in :meth:`get`), as do
     :meth:`on_event` callbacks, which see every event of the task as it arrives.
 
     Attributes
@@ -266,6 +274,13 @@ class TaskHandle(concurrent.futures.Future[Any]):
             # is about to wait): settle that first, so an undelivered task fails now.
             with contextlib.suppress(BrokerUnavailable):
                 self.app.flush()
+            if not self.done():
+                # This thread reads the events itself when no other thread is reading: its
+                # result then reaches it without a hop through the listener thread.
+                deadline = None if timeout is None else time.monotonic() + timeout
+                self.app.wait_for(self, timeout)
+                if deadline is not None:
+                    timeout = max(0.0, deadline - time.monotonic())
         value = super().result(timeout)
         if not isinstance(value, Deferred):
             return value
@@ -339,13 +354,14 @@ class TaskHandle(concurrent.futures.Future[Any]):
 
         Notes
         -----
-        Callbacks run on the client's listener thread, which reads the events of all the
-        client's tasks: keep them short, and never wait on a task in one (the listener
-        would be waiting for itself). A revoke of a task that has not started is applied
-        at once, on the thread that called ``revoke()``. An exception raised by a callback
-        is logged (under the ``nbtask`` logger) and ignored: later callbacks, later events and
-        other tasks are not affected. Callbacks attached after the final event are never
-        called.
+        Callbacks run on the thread reading the client's events, for all the client's
+        tasks: its listener thread, or a thread waiting in :meth:`get` (which reads the
+        events itself while no other thread does). Keep them short, and never wait on a
+        task in one (the reader would be waiting for itself). A revoke of a task that has
+        not started is applied at once, on the thread that called ``revoke()``. An
+        exception raised by a callback is logged (under the ``nbtask`` logger) and
+        ignored: later callbacks, later events and other tasks are not affected.
+        Callbacks attached after the final event are never called.
         """
         self._listeners.append(callback)
 

@@ -1,0 +1,130 @@
+"""Who reads a client's events: a thread waiting in ``get()``, else the listener thread.
+
+Real Redis and real workers; the client's connections go through a proxy where an
+outage is needed.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from helpers import WorkerProcess, wait_until
+from tcp_proxy import TcpProxy, via
+
+from nbtask import App, Settings
+from nbtask.core.handle import TaskHandle
+from nbtask.wire.events import FINAL_STATES, Event, State
+
+ADD = "tests.sample_tasks.add"
+WAIT_FOR_FILE = "tests.sample_tasks.wait_for_file"
+
+
+def reader_of(app: App) -> threading.Thread | None:
+    """The thread holding the app's reading turn now, if any."""
+    listener = app._listener
+    return None if listener is None else listener._reader
+
+
+def waiting_in_get(handle: TaskHandle, out: dict[str, object]) -> threading.Thread:
+    """A started thread waiting for ``handle``'s result, which it puts in ``out``."""
+
+    def wait() -> None:
+        out["value"] = handle.get(timeout=60)
+
+    thread = threading.Thread(target=wait, name="waiting-in-get", daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_waiting_thread_reads_its_result_and_serves_other_handles(
+    app: App, start_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    start_worker(concurrency=2)
+    assert app.send_task(ADD, (1, 1)).get(timeout=15) == 2
+    go = tmp_path / "go"
+    slow = app.send_task(WAIT_FOR_FILE, (str(tmp_path / "marker"), str(go)))
+    out: dict[str, object] = {}
+    waiter = waiting_in_get(slow, out)
+    wait_until(lambda: reader_of(app) is waiter, 15, "the waiting thread to read the events")
+
+    # A task nobody waits on: its events are applied by the thread that reads them.
+    readers: dict[str, str] = {}
+
+    def note(event: Event) -> None:
+        if event.state in FINAL_STATES:
+            readers[event.task_id] = threading.current_thread().name
+
+    other = app.send_task(ADD, (2, 3), on_event=note)
+    done, _ = concurrent.futures.wait([other], timeout=15)
+    assert other in done and other.result() == 5
+    assert readers == {other.id: "waiting-in-get"}
+    assert not slow.done()
+
+    go.touch()
+    waiter.join(30)
+    assert slow.state is State.SUCCESS and out["value"] == slow.result()
+
+
+def test_the_listener_reads_again_once_the_waiter_left(
+    app: App, start_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    start_worker(concurrency=1)
+    go = tmp_path / "go"
+    slow = app.send_task(WAIT_FOR_FILE, (str(tmp_path / "marker"), str(go)))
+    with pytest.raises(TimeoutError):
+        slow.get(timeout=0.5)  # this thread read the events meanwhile, then left
+    readers: list[str] = []
+    slow.on_event(lambda event: readers.append(threading.current_thread().name))
+    go.touch()
+    done, _ = concurrent.futures.wait([slow], timeout=30)  # nobody reads in get()
+    assert slow in done and slow.state is State.SUCCESS
+    assert readers and set(readers) == {"nbtask-listener"}
+
+
+@pytest.fixture
+def proxy(redis_url: str) -> Iterator[TcpProxy]:
+    """A proxy in front of the real Redis, stopped after the test."""
+    target = urlsplit(redis_url)
+    opened = TcpProxy(target.hostname or "127.0.0.1", target.port or 6379)
+    opened.start()
+    yield opened
+    opened.stop()
+
+
+def test_an_outage_while_a_thread_waits_loses_no_final_state(
+    app: App,
+    settings: Settings,
+    redis_url: str,
+    proxy: TcpProxy,
+    start_worker: Callable[..., WorkerProcess],
+    tmp_path: Path,
+) -> None:
+    start_worker(concurrency=1)  # straight to Redis: only the client is cut off
+    cut_off = App("cut-off", settings=settings.replace(broker_url=via(redis_url, proxy.url_port)))
+    try:
+        go = tmp_path / "go"
+        slow = cut_off.send_task(WAIT_FOR_FILE, (str(tmp_path / "marker"), str(go)))
+        out: dict[str, object] = {}
+        waiter = waiting_in_get(slow, out)
+        wait_until(lambda: reader_of(cut_off) is waiter, 15, "the waiting thread to read")
+        proxy.refuse()  # its read fails, and so does every new connection
+        go.touch()  # the task ends while its client cannot hear it
+        store = app.store  # the same records, not through the proxy
+        wait_until(
+            lambda: (
+                (record := store.get_record(slow.id)) is not None and record.state is State.SUCCESS
+            ),
+            30,
+            "the task to end during the outage",
+        )
+        assert not slow.done()
+        proxy.accept_again()
+        waiter.join(60)
+        assert slow.state is State.SUCCESS and out["value"] == slow.result()
+    finally:
+        cut_off.close()
