@@ -16,10 +16,14 @@ from __future__ import annotations
 __all__ = [
     "CHECK_START",
     "ETA_MEMBER",
+    "INDEX_UPKEEP_SECONDS",
     "STORE_SCRIPTS",
     "WRITE_FINAL",
     "WRITE_PENDING",
 ]
+
+#: How often a client sending tasks trims its index of tasks (see WRITE_PENDING), seconds.
+INDEX_UPKEEP_SECONDS = 1
 
 # The ended-task set and the ETA sets are sorted sets: a key of another type there was
 # not written by nbtask (someone with write access to Redis put it there). Reading, it
@@ -135,11 +139,14 @@ end
 # Write the PENDING record of a task being sent, and note it among its client's tasks
 # (`index`, '' for none). Task ids are single-use: a task that has a record (queued,
 # running, waiting to retry, or final: revoked before a worker sent a chain's next step,
-# or an id reused) stays as it is, and its state is returned; else ''.
+# or an id reused) stays as it is, and its state is returned; else ''. The index is
+# trimmed to `ttl` and its expiry pushed back unless `upkeep` is '0': a client sending
+# many tasks does that once every INDEX_UPKEEP_SECONDS, and the index is kept that much
+# longer than `ttl` so it never goes before the newest task it names.
 WRITE_PENDING = (
     RECORD_STATE
     + """
-local function write_pending(key, ttl, index, now, task_id, fields)
+local function write_pending(key, ttl, index, now, task_id, fields, upkeep)
   local state, outcome = own_record(key)
   if state then return state end
   if outcome or ended(key) then return 'FINISHED' end
@@ -148,8 +155,12 @@ local function write_pending(key, ttl, index, now, task_id, fields)
   if index ~= '' then
     -- Another type there was not written by nbtask, and would stop every send.
     zadd_replacing(index, now, task_id)
-    redis.call('ZREMRANGEBYSCORE', index, '-inf', tonumber(now) - tonumber(ttl))
-    redis.call('EXPIRE', index, ttl)
+    if upkeep ~= '0' then
+      redis.call('ZREMRANGEBYSCORE', index, '-inf', tonumber(now) - tonumber(ttl))
+      redis.call('EXPIRE', index, math.ceil(tonumber(ttl)) + """
+    + str(2 * INDEX_UPKEEP_SECONDS)
+    + """)
+    end
   end
   return ''
 end
