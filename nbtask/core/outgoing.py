@@ -22,7 +22,7 @@ from nbtask.core.refs import ValueRef, blobs_of, noting_refs
 from nbtask.core.task import Task
 from nbtask.errors import ConfigurationError, SerializationError
 from nbtask.settings import Settings
-from nbtask.wire.blobs import argument_keeper
+from nbtask.wire.blobs import SplitValue, argument_keeper
 from nbtask.wire.envelope import Signer, dumps
 from nbtask.wire.message import SERIALIZERS, TaskMessage, encode_value, split
 from nbtask.wire.records import pending_fields
@@ -83,6 +83,8 @@ class MessageBuilder:
         self.store = store
         # Tasks pickled by value, once each; weak so a redefined task's entry goes away.
         self._code: weakref.WeakKeyDictionary[Task, tuple[str, bytes]] = weakref.WeakKeyDictionary()
+        # The arguments of a call without any, per serializer: the same bytes every time.
+        self._no_arguments: dict[str, SplitValue] = {}
 
     def build(self, call: Call, channel: str) -> tuple[TaskMessage, Publish]:
         """The message for one ``(task, args, kwargs, options)`` call of ``channel``'s client.
@@ -102,7 +104,7 @@ class MessageBuilder:
         callbacks: Callbacks | None = options.get("callbacks")
         with noting_refs() as carried:
             try:
-                payload = split((list(args), dict(kwargs)), serializer, "arguments", threshold)
+                payload = self._split(args, kwargs, serializer, threshold)
             except SerializationError:
                 why = unpicklable_message(task.name, args, kwargs, serializer)
                 raise SerializationError(why) from None
@@ -162,6 +164,18 @@ class MessageBuilder:
         )
         raw = self.signer.seal(message.to_header(), (code, links, *payload.inline))
         return message, to_publish(message, raw)
+
+    def _split(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any], serializer: str, threshold: int
+    ) -> SplitValue:
+        """The arguments serialised, in parts (see :func:`~nbtask.wire.message.split`)."""
+        if args or kwargs:
+            return split((list(args), dict(kwargs)), serializer, "arguments", threshold)
+        payload = self._no_arguments.get(serializer)
+        if payload is None:  # (read only by its users: shared by every call without any)
+            payload = split(([], {}), serializer, "arguments", threshold)
+            self._no_arguments[serializer] = payload
+        return payload
 
     def _holder_queue(
         self, task: Task, refs: Sequence[ValueRef], requires: Sequence[str]
