@@ -29,9 +29,10 @@ _KEEPALIVE_SECONDS = 60.0
 #: Longest single blocking read; a reader checks keepalive and turn-taking in between.
 _BLOCK_SECONDS = 5.0
 #: How long the listener thread leaves the turn to a thread about to wait, once a handle
-#: needs serving: a ``get()`` right after ``delay()`` then reads its own result. Shorter
-#: than any round trip, so an event of a handle nobody waits on is not held back by it.
-_GRACE_SECONDS = 0.0005
+#: needs serving: a ``get()`` right after ``delay()`` then reads its own result, even on a
+#: busy machine. About a round trip, so an event of a handle nobody waits on is held back
+#: a millisecond or two at most.
+_GRACE_SECONDS = 0.002
 #: While threads wait for results (and this long after the last one), sending does not
 #: wake the listener thread: it looks every :data:`_RECHECK_SECONDS` instead, so a loop of
 #: ``delay().get()`` does not cost a thread wake-up per task.
