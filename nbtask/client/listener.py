@@ -123,8 +123,9 @@ class Listener:
 
         While another thread reads, wait for it to apply the handle's events, or to hand
         the turn on. Returns early, the handle not done, when this thread cannot read
-        (the listener is stopped, or this thread is applying events already: a callback
-        waiting on a task); the caller then waits on the handle alone.
+        (the listener is stopped, the transport is read by one thread only, or this
+        thread is applying events already: a callback waiting on a task); the caller then
+        waits on the handle alone.
         """
         if not self._transport.events_from_any_thread:
             return
@@ -231,7 +232,11 @@ class Listener:
                 if serve or self._failing:
                     self._take(threading.current_thread())
                     return True
-            sleep = self._next_keepalive - now
+            if self._waiting or self._reader is not None:
+                # Another thread reads (and keeps the channel): until it is done.
+                sleep = _BLOCK_SECONDS
+            else:
+                sleep = self._next_keepalive - now
             if self._unserved_since is not None and not self._waiting and self._reader is None:
                 sleep = min(sleep, self._unserved_since + _GRACE_SECONDS - now)
             elif now < self._active_until:
