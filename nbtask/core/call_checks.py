@@ -103,6 +103,30 @@ _SIGNATURES: weakref.WeakKeyDictionary[type[Any], inspect.Signature | None] = (
 )
 
 
+#: Per class, the shapes of calls (positional count, keyword names) its ``run`` accepts:
+#: whether a call fits a signature depends on its shape alone, not on the values.
+_FITTING: weakref.WeakKeyDictionary[type[Any], set[tuple[Any, ...]]] = weakref.WeakKeyDictionary()
+_FITTING_MAX = 64
+
+
+def check_fits(
+    cls: type[Any], signature: inspect.Signature, args: Sequence[Any], kwargs: Mapping[str, Any]
+) -> None:
+    """Raise ``TypeError`` unless ``signature`` (``cls``'s ``run``) accepts the call.
+
+    A shape of call accepted once is not bound again.
+    """
+    shape = (len(args), *kwargs)
+    fitting = _FITTING.get(cls)
+    if fitting is not None and shape in fitting:
+        return
+    signature.bind(*args, **kwargs)
+    if fitting is None:
+        fitting = _FITTING[cls] = set()
+    if len(fitting) < _FITTING_MAX:
+        fitting.add(shape)
+
+
 def run_signature(cls: type[Any]) -> inspect.Signature | None:
     """The signature a call of ``cls``'s ``run`` must fit (without ``self``), if readable.
 

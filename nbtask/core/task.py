@@ -15,6 +15,7 @@ from typing import Any, ClassVar, NoReturn, Protocol
 
 from nbtask.core.call_checks import (
     call_arguments,
+    check_fits,
     epoch,
     link_callbacks,
     positional_args,
@@ -325,7 +326,7 @@ class Task:
         if signature is None:
             return
         try:
-            signature.bind(*args, **{**dict.fromkeys(needs), **kwargs})
+            check_fits(cls, signature, args, {**dict.fromkeys(needs), **kwargs})
         except TypeError as exc:
             plain = [p.replace(annotation=p.empty) for p in signature.parameters.values()]
             form = signature.replace(parameters=plain, return_annotation=signature.empty)
@@ -357,7 +358,7 @@ class Task:
         countdown = seconds("countdown", countdown)
         due = time.time() + countdown if countdown is not None else epoch(eta, absolute=True)
         needs = dataset_names(requires) if requires is not None else self.requires
-        usual = self.usual_queue(needs)
+        usual = self.usual_queue(requires)  # (the task's own requires are checked already)
         options: dict[str, Any] = {
             "queue": queue or usual,
             "eta": due,
@@ -370,9 +371,10 @@ class Task:
         for name, value in (("time_limit", time_limit), ("soft_time_limit", soft_time_limit)):
             if value is not None:
                 options[name] = positive(name, value)
-        callbacks = link_callbacks(link, link_error)
-        if callbacks:
-            options["callbacks"] = callbacks
+        if link is not None or link_error is not None:
+            callbacks = link_callbacks(link, link_error)
+            if callbacks:
+                options["callbacks"] = callbacks
         if requires is not None:
             options["requires"] = needs
         return options

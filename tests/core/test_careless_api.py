@@ -105,6 +105,21 @@ def test_a_call_that_does_not_fit_the_task_is_refused_in_the_caller_and_sends_no
     assert record is not None and record.state == "PENDING"
 
 
+def test_a_call_that_fitted_does_not_let_a_call_of_another_shape_through(
+    app: App, add: Task, access: RawBroker
+) -> None:
+    """Calls are checked by shape (positional count, keyword names) once each shape fits."""
+    for _ in range(2):
+        add.delay(1, 2)
+        add.apply_async((1,), {"y": 2})
+    for _ in range(2):  # refused every time: a shape that does not fit is never kept
+        for call in (lambda: add.delay(1), lambda: add.apply_async((1,), {"z": 2})):
+            with pytest.raises(TypeError, match="nothing was sent"):
+                call()
+    app.flush()
+    assert access.leftover()["queued"] == 4
+
+
 def test_typing_false_sends_a_call_that_does_not_fit_and_the_worker_says_so(
     app: App, start_worker: Any
 ) -> None:
