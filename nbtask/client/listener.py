@@ -274,10 +274,12 @@ class Listener:
         with self._lock:
             self._failing = False
         for channel, entry_id, raw in entries:
-            with self._lock:
-                self._positions[channel] = entry_id
+            # Past an event only once it is applied: a Ctrl-C in a waiting thread that
+            # reads must not skip one (it is read again; a handle ignores what it has).
             if raw:
                 self._dispatch(raw)
+            with self._lock:
+                self._positions[channel] = entry_id
         self._drop_idle_channels()
         return True
 
