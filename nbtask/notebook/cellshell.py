@@ -265,24 +265,27 @@ def _effects(
 def _pack(effects: dict[str, Any], spec: CellSpec, *, plain: bool) -> Any:
     out: dict[str, Any] = effects["out"]
     skipped: dict[str, str] = {}
-    for name, value in list(out.items()):
-        try:
-            packed = Packed.of(value)  # large arrays stay uncopied, to travel out of band
-        except Exception as exc:
-            skipped[name] = f"{type(value).__name__} cannot be pickled: {exc}"
-            del out[name]
-            continue
-        if not plain and _stays_here(name, packed.size, spec):
-            out[name] = _keep(name, value, packed, spec)
-    if plain:
-        return out
-    # Pickled again as one dict, not from the packs above: names that share an object
+    # Pickled as one dict, not from packs of each value: names that share an object
     # (``b = a``) must still share it in the kernel, as they would locally.
-    blob = Packed.of(out)
+    blob = None if plain else _packed_whole(out, spec)
+    if blob is None:  # some value may stay here, or cannot be pickled: each packed
+        for name, value in list(out.items()):
+            try:
+                packed = Packed.of(value)  # large arrays stay uncopied, to travel out of band
+            except Exception as exc:
+                skipped[name] = f"{type(value).__name__} cannot be pickled: {exc}"
+                del out[name]
+                continue
+            if not plain and _stays_here(name, packed.size, spec):
+                out[name] = _keep(name, value, packed, spec)
+        if plain:
+            return out
+        blob = Packed.of(out)
+    changed = effects["state"]
     try:
-        state = dumps(effects["state"])
+        state = dumps(changed) if changed else process_state.NO_CHANGES
     except Exception:  # a warnings filter of a class only the worker has, say
-        state = dumps({})
+        state = process_state.NO_CHANGES
     return {
         "values": blob,
         "names": sorted(out),
@@ -291,6 +294,23 @@ def _pack(effects: dict[str, Any], spec: CellSpec, *, plain: bool) -> Any:
         "held": effects.get("held", {}),
         "state": state,
     }
+
+
+def _packed_whole(out: Mapping[str, Any], spec: CellSpec) -> Packed | None:
+    """``out`` packed whole if none of its values can stay here, else ``None``.
+
+    No value is kept by name, and the whole is well under the size from which a value is
+    kept (a value alone pickles to no more than the dict holding it, give or take the
+    numbering of shared objects): the usual cell's values, packed once, not twice.
+    """
+    if spec.keep or not out:
+        return None
+    try:
+        packed = Packed.of(out)
+    except Exception:  # one value cannot be pickled: each is, to name it
+        return None
+    threshold = spec.keep_threshold
+    return packed if threshold is None or packed.size < threshold // 2 else None
 
 
 def _may_change(value: Any) -> bool:

@@ -218,7 +218,7 @@ class Pending:
         for name, why in dict(effects.get("skipped", {})).items():
             print(f"nbtask: {name} stays on the worker: {why}", file=sys.stderr)
         state = effects.get("state")
-        if state:
+        if state and state != process_state.NO_CHANGES:
             self._apply_state(Envelope({}, state).load_body())
 
     def _rehome(self, held: Mapping[str, list[Any]] | None) -> None:

@@ -37,6 +37,7 @@ from nbtask.notebook.module_settings import (
 from nbtask.wire.envelope import dumps
 
 __all__ = [
+    "NO_CHANGES",
     "STATE_MODULES",
     "Applied",
     "Baseline",
@@ -54,6 +55,9 @@ State = dict[str, Any]
 #: The modules whose settings a snapshot holds when they are imported: a worker applying
 #: it imports them.
 STATE_MODULES = ("numpy", "matplotlib", "pandas")
+
+#: A cell's changes to the state when it changed none, pickled (as :func:`dumps` does).
+NO_CHANGES = dumps({})
 
 #: This process's own ``sys.path`` (a worker's, as it started): a path the notebook shipped
 #: and then removed is removed here only if it was not one of these.
