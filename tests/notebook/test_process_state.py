@@ -435,3 +435,20 @@ def test_settings_are_read_again_only_once_they_changed(
     finally:
         pd.reset_option("display.max_rows")
         matplotlib.rcParams["font.sans-serif"].pop(0)
+
+
+def test_numpy_random_states_differing_only_in_their_key_are_not_the_same(
+    restored: None,
+) -> None:
+    """The generator's key array is compared by its bytes (its position may be the same)."""
+    np.random.seed(1)
+    one = np.random.get_state()
+    np.random.seed(2)
+    two = np.random.get_state()
+    assert one[0] == two[0] and one[2:] == two[2:]  # MT19937, the same position
+    assert not module_settings.same(one, two)
+    np.random.seed(1)
+    assert module_settings.same(one, np.random.get_state())
+    floats = np.arange(4.0)
+    assert not module_settings.same(floats, floats.astype("f4"))  # another dtype
+    assert not module_settings.same(floats, floats.reshape(2, 2))
