@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import dataclasses
 import queue
 import threading
 import time
@@ -18,6 +17,7 @@ from nbtask.client.app import App
 from nbtask.client.default import default_app, use_as_default
 from nbtask.core.holding import is_holder_queue
 from nbtask.core.placement import Moving, holder_queue_for
+from nbtask.core.refs import ValueRef
 from nbtask.errors import CellError
 from nbtask.notebook import process_state
 from nbtask.notebook.board import Row, TaskBoard, format_row, notebook_group
@@ -264,12 +264,7 @@ class Session:
             line_offset=1,  # tracebacks count the %%task line, as the notebook numbers lines
             state=self.kernel_state.pickled(),
             found=found,
-        )
-        spec = dataclasses.replace(
-            spec,
-            keep_threshold=self.app.settings.keep_threshold,
-            keep=tuple(args.keep),
-            fetch=tuple(args.fetch),
+            keeping=(self.app.settings.keep_threshold, tuple(args.keep), tuple(args.fetch)),
         )
         if args.name:
             self.app.cells[args.name] = NamedCell(
@@ -282,7 +277,7 @@ class Session:
         queue = (
             args.queue
             or (self.app.route(args.name) if args.name else None)
-            or holder_queue_for(shipped, self.app.workers, args.requires, self._moving(args))
+            or self._holder_queue(shipped, args)
         )
         handle = cell_task(self.app).apply_async(
             (spec, blob),
@@ -314,6 +309,12 @@ class Session:
             timer.start()
             self._timers = [t for t in self._timers if t.is_alive()] + [timer]
         return None
+
+    def _holder_queue(self, shipped: list[Any], args: Any) -> str | None:
+        """The queue of the process holding the kept values the cell reads, if any."""
+        if not any(isinstance(value, ValueRef) for value in shipped):
+            return None  # as holder_queue_for says, without making its Moving first
+        return holder_queue_for(shipped, self.app.workers, args.requires, self._moving(args))
 
     def _moving(self, args: Any) -> Moving:
         """When a cell goes where it would anyway rather than wait for a busy holder."""

@@ -132,6 +132,7 @@ def prepare(
     line_offset: int = 0,
     state: bytes = b"",
     found: CellAnalysis | None = None,
+    keeping: tuple[int | None, tuple[str, ...], tuple[str, ...]] = (None, (), ()),
 ) -> tuple[CellSpec, Packed, CellAnalysis]:
     """Check a cell and pickle its inputs; raise :class:`CellError` before anything is sent.
 
@@ -158,6 +159,8 @@ def prepare(
         (:meth:`nbtask.notebook.process_state.KernelState.pickled`); empty: none.
     found
         The cell's analysis, if the caller already made it (:func:`analyzed`).
+    keeping
+        ``(keep_threshold, keep, fetch)`` of the :class:`CellSpec`.
 
     Returns
     -------
@@ -192,6 +195,9 @@ def prepare(
         plain,
         line_offset,
         state,
+        keep_threshold=keeping[0],
+        keep=keeping[1],
+        fetch=keeping[2],
         python=python,
         deleted=found.deleted,
     )
