@@ -15,6 +15,7 @@ import contextlib
 import logging
 import threading
 import time
+import weakref
 
 from nbtask.brokers import Transport
 from nbtask.core.handle import TaskHandle
@@ -63,6 +64,9 @@ class Listener:
         # The turn: who reads now (None: nobody), and the threads waiting for a result.
         self._reader: threading.Thread | None = None
         self._waiting = 0
+        # Handles whose end wakes the waiting threads (a revoke settles one off the turn):
+        # hooked once each, however often a get() with a timeout comes back to wait.
+        self._watched: weakref.WeakSet[TaskHandle] = weakref.WeakSet()
         self._listener_turn = threading.Condition(self._lock)
         self._waiters_turn = threading.Condition(self._lock)
         # After a read error only the listener thread reads, with its backoff, until a
@@ -131,7 +135,6 @@ class Listener:
             return
         me = threading.current_thread()
         deadline = None if timeout is None else time.monotonic() + timeout
-        watched = False
         with self._lock:
             if self._reader is me:
                 return
@@ -146,9 +149,9 @@ class Listener:
                     if self._reader is None and not self._failing:
                         self._take(me)
                     elif not handle.done():
-                        if not watched:  # settled by another thread (a revoke): wake
+                        if handle not in self._watched:  # settled by another thread: wake
+                            self._watched.add(handle)
                             handle.add_done_callback(self._wake_waiters)
-                            watched = True
                         self._waiters_turn.wait(left)
                         continue
                     else:

@@ -86,6 +86,27 @@ def test_the_listener_reads_again_once_the_waiter_left(
     assert readers and set(readers) == {"nbtask-listener"}
 
 
+def test_a_get_that_times_out_again_and_again_leaves_one_hook_on_its_handle(
+    app: App, start_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    start_worker(concurrency=2)
+    go = tmp_path / "go"
+    first = app.send_task(WAIT_FOR_FILE, (str(tmp_path / "marker"), str(go)))
+    polled = app.send_task(WAIT_FOR_FILE, (str(tmp_path / "marker"), str(go)))
+    out: dict[str, object] = {}
+    waiter = waiting_in_get(first, out)
+    wait_until(lambda: reader_of(app) is waiter, 15, "the waiting thread to read the events")
+    # Polled while another thread reads: each get() waits for that reader, and none may
+    # leave a done callback behind (a loop polling for hours would pile them up).
+    for _ in range(50):
+        with pytest.raises(TimeoutError):
+            polled.get(timeout=0.001)
+    assert len(polled._done_callbacks) <= 1  # concurrent.futures.Future's own list
+    go.touch()
+    waiter.join(30)
+    assert polled.get(timeout=30) and out["value"] == first.result()
+
+
 @pytest.fixture
 def proxy(redis_url: str) -> Iterator[TcpProxy]:
     """A proxy in front of the real Redis, stopped after the test."""
