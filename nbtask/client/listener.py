@@ -63,7 +63,9 @@ class Listener:
         self._lock = threading.RLock()  # a done callback may run while it is held
         # The turn: who reads now (None: nobody), and the threads waiting for a result.
         self._reader: threading.Thread | None = None
-        self._waiting = 0
+        # A set, not a count: a Ctrl-C between a waiter's steps cannot leave it counted.
+        self._waiting: set[threading.Thread] = set()
+        self._reading = threading.local()  # whether this thread is inside a read now
         # Handles whose end wakes the waiting threads (a revoke settles one off the turn):
         # hooked once each, however often a get() with a timeout comes back to wait.
         self._watched: weakref.WeakSet[TaskHandle] = weakref.WeakSet()
@@ -135,34 +137,36 @@ class Listener:
             return
         me = threading.current_thread()
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock:
-            if self._reader is me:
-                return
-            self._waiting += 1
-            self._note_active()
         try:
+            with self._lock:
+                if self._reader is me:
+                    if getattr(self._reading, "now", False):
+                        return  # a callback of this thread's own read
+                    self._reader = None  # left by a read a Ctrl-C cut: take it up again
+                self._waiting.add(me)
+                self._note_active()
             while not handle.done() and not self._stop.is_set():
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return
-                with self._lock:
-                    if self._reader is None and not self._failing:
-                        self._take(me)
-                    elif not handle.done():
-                        if handle not in self._watched:  # settled by another thread: wake
-                            self._watched.add(handle)
-                            handle.add_done_callback(self._wake_waiters)
-                        self._waiters_turn.wait(left)
-                        continue
-                    else:
-                        return
                 try:
+                    with self._lock:
+                        if self._reader is None and not self._failing:
+                            self._take(me)
+                        elif not handle.done():
+                            if handle not in self._watched:  # settled off the turn: wake
+                                self._watched.add(handle)
+                                handle.add_done_callback(self._wake_waiters)
+                            self._waiters_turn.wait(left)
+                            continue
+                        else:
+                            return
                     self._read(min(left, _BLOCK_SECONDS) if left is not None else _BLOCK_SECONDS)
                 finally:
-                    self._hand_on()
+                    self._hand_on(me)
         finally:
             with self._lock:
-                self._waiting -= 1
+                self._waiting.discard(me)
                 if not self._waiting and self._reader is None and self._handles:
                     self._unserved_since = self._unserved_since or time.monotonic()
                 self._note_active()
@@ -182,9 +186,11 @@ class Listener:
         with self._lock:
             self._waiters_turn.notify_all()
 
-    def _hand_on(self) -> None:
-        """Give up the turn: to a waiting thread, else to the listener if it has work."""
+    def _hand_on(self, reader: threading.Thread) -> None:
+        """``reader`` gives up the turn (if it has it): to a waiting thread, else the listener."""
         with self._lock:
+            if self._reader is not reader:
+                return
             self._reader = None
             if self._handles and not self._waiting:
                 self._unserved_since = self._unserved_since or time.monotonic()
@@ -205,7 +211,7 @@ class Listener:
             try:
                 again = self._read(block)
             finally:
-                self._hand_on()
+                self._hand_on(threading.current_thread())
             if again:
                 backoff = 0.1
             else:
@@ -222,6 +228,8 @@ class Listener:
         """
         with self._lock:
             now = time.monotonic()
+            if self._reader is not None and not self._reader.is_alive():
+                self._reader = None  # a thread that ended while it read
             if self._reader is None and not self._stop.is_set():
                 serve = not self._waiting and (
                     now >= self._next_keepalive
@@ -257,6 +265,13 @@ class Listener:
         the error passes), every event sent meanwhile is read, so no final state is
         missed. No reader dies of an error.
         """
+        self._reading.now = True
+        try:
+            return self._read_and_apply(block_seconds)
+        finally:
+            self._reading.now = False
+
+    def _read_and_apply(self, block_seconds: float) -> bool:
         try:
             if time.monotonic() >= self._next_keepalive:
                 self._transport.keep_channel(self.channel)
