@@ -90,6 +90,9 @@ class _StreamingClient(NotebookClient):
         self.started_at = time.monotonic()
         self._displays: dict[str, tuple[str, str, float]] = {}  # id -> (status, body, time)
         self._line_start = True
+        # A task view updated while a printed line is still open: shown once the line ends
+        # (a print's pieces may come in several stream messages), never in the middle of it.
+        self._held: dict[str, str] = {}  # display id -> its latest text
         self.on_cell_execute = self._announce
 
     def create_kernel_manager(self) -> Any:
@@ -124,6 +127,7 @@ class _StreamingClient(NotebookClient):
         self._line_start = text.endswith("\n")
 
     def _announce(self, cell: Any, cell_index: int, **_kw: Any) -> None:
+        self.release_held()
         self.code_seen += 1
         first = next((ln for ln in cell.source.splitlines() if ln.strip()), "")
         elapsed = time.monotonic() - self.started_at
@@ -144,18 +148,32 @@ class _StreamingClient(NotebookClient):
         content = msg["content"]
         if kind == "stream":
             self._write(str(content.get("text", "")), raw=True)
-        elif kind == "error":
+            if self._line_start:
+                self.release_held()
+            return
+        display_id = (content.get("transient") or {}).get("display_id")
+        data = content.get("data", {})
+        in_place = display_id and kind == "update_display_data" and data.keys() == {"text/plain"}
+        if in_place and not self._line_start:
+            self._held[str(display_id)] = str(data["text/plain"])
+            return
+        self.release_held()
+        if kind == "error":
             self._write("\n".join(content.get("traceback", [])))
         elif kind in ("execute_result", "display_data", "update_display_data"):
-            data = content.get("data", {})
             text = data.get("text/plain")
-            display_id = (content.get("transient") or {}).get("display_id")
             if text is not None and display_id and data.keys() == {"text/plain"}:
                 self._echo_display(str(display_id), str(text), kind != "update_display_data")
             elif text is not None:
                 self._write(str(text))
             elif data:
                 self._write(f"[{', '.join(sorted(data))}]")
+
+    def release_held(self) -> None:
+        """Show the task views held back while a printed line was open."""
+        held, self._held = self._held, {}
+        for display_id, text in held.items():
+            self._echo_display(display_id, text, new=False)
 
     def _echo_display(self, display_id: str, text: str, new: bool) -> None:
         """A display updated in place (a task's text view): print only what changed.
@@ -277,6 +295,7 @@ def run_notebook(
     if failure is not None:
         written = f"; the executed notebook is in {target}" if write else ""
         raise NotebookFailed(failure + written, result)
+    client.release_held()
     client._write(
         f"nbtask run: {client.code_seen} cells ran in {seconds:.1f} s"
         + (f"; wrote {target}" if write else "")

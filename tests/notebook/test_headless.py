@@ -108,6 +108,22 @@ def test_failing_cell_exits_non_zero_with_one_line(tmp_path: Path) -> None:
     assert written.cells[3].execution_count is None
 
 
+def test_a_task_view_updated_while_a_line_is_printed_never_cuts_it(tmp_path: Path) -> None:
+    notebook = write_notebook(
+        tmp_path / "pieces.ipynb",
+        "%load_ext nbtask",
+        "%%task --out h\nimport time\ntime.sleep(0.5)\nprint('made')",
+        # The line's first piece goes out alone; the task ends (its view changes) before
+        # the rest of the line is printed.
+        "import sys, time\nsys.stdout.write('the line'); sys.stdout.flush()\n"
+        "h.result(60); time.sleep(0.5)\nprint(' is whole')",
+    )
+    result = nbtask_run(str(notebook), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "the line is whole\n" in result.stdout, result.stdout
+    assert "made" in result.stdout and "SUCCESS" in result.stdout  # the view, shown after
+
+
 def test_usage_errors_are_one_line(tmp_path: Path) -> None:
     missing = nbtask_run(str(tmp_path / "nope.ipynb"))
     assert missing.returncode == 2
