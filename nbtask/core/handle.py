@@ -8,22 +8,18 @@ import contextvars
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from nbtask.core.context import current_request
 from nbtask.core.refs import ResultRef
+from nbtask.core.task_errors import revoked, task_exception, unloadable, worker_lost
 from nbtask.errors import (
     BrokerUnavailable,
     CellError,
     ConfigurationError,
     NbtaskError,
-    RemoteError,
     ResultNotReady,
-    SerializationError,
-    TaskRevoked,
-    TimeLimitExceeded,
-    WorkerLost,
 )
 from nbtask.settings import is_finite_number
 from nbtask.wire.blobs import ByteProgress
@@ -85,12 +81,6 @@ class Client(Protocol):
 
         May return earlier, the handle not done (when this thread cannot read).
         """
-
-
-_KNOWN_FAILURES: dict[str, type[RemoteError]] = {
-    "TimeLimitExceeded": TimeLimitExceeded,
-    "WorkerLost": WorkerLost,
-}
 
 
 class TaskHandle(concurrent.futures.Future[Any]):
@@ -299,14 +289,7 @@ class TaskHandle(concurrent.futures.Future[Any]):
         except NbtaskError:
             raise
         except Exception as exc:
-            raise self._unloadable(f"{type(exc).__name__}: {exc}") from None
-
-    def _unloadable(self, why: str) -> SerializationError:
-        return SerializationError(
-            f"task {self.name}[{self.id}] succeeded, but its result cannot be loaded in this "
-            f"process ({why}): install what defines it here, or return plain values "
-            "(numbers, strings, lists, dicts, numpy arrays)"
-        )
+            raise unloadable(self._label, f"{type(exc).__name__}: {exc}") from None
 
     def __reduce_ex__(self, protocol: object) -> tuple[Any, ...]:
         """A handle passed as an argument travels as its task id: the worker reads the result.
@@ -435,55 +418,21 @@ class TaskHandle(concurrent.futures.Future[Any]):
     def _settle(self, event: Event, result: Any) -> None:
         data = event.data
         if event.type is EventType.SUCCESS and isinstance(result, Unloadable):
-            self.set_exception(self._unloadable(result.why))
+            self.set_exception(unloadable(self._label, result.why))
         elif event.type is EventType.SUCCESS:
             self.set_result(result)
         elif event.type is EventType.REVOKED:
-            reason = data.get("reason")
-            why = f": {reason}" if reason and reason != "revoked" else ""
-            self.set_exception(TaskRevoked(f"task {self.name}[{self.id}] was revoked{why}"))
+            self.set_exception(revoked(self._label, data))
         elif event.type is EventType.WORKER_LOST:
-            why = (
-                f"the worker running task {self.name}[{self.id}] died "
-                f"({data.get('reason', 'no reason known')}); it was not run again (early "
-                "ack, or acks_late with reject_on_worker_lost=False)"
-            )
-            self.set_exception(WorkerLost("WorkerLost", why, "", self.id))
+            self.set_exception(worker_lost(self._label, self.id, data))
         else:
             body = result if isinstance(result, dict) else {}
             self.partial = body.get("partial")
-            self.set_exception(self._task_exception(data, body.get("exception")))
+            self.set_exception(task_exception(self.id, data, body.get("exception")))
 
-    def _task_exception(self, data: Mapping[str, Any], original: object) -> BaseException:
-        """The task's own exception when it travelled and loads here, else a RemoteError.
-
-        Either way the worker's traceback comes along: as the original's ``__cause__`` (a
-        :class:`RemoteError` holding it, printed first, as for a chained exception) and
-        in IPython as the traceback shown.
-        """
-        # Failures nbtask itself reports come back as its own exception types.
-        kind = _KNOWN_FAILURES.get(str(data.get("ename", "")), RemoteError)
-        remote = kind(
-            str(data.get("ename", "Exception")),
-            str(data.get("evalue", "")),
-            str(data.get("traceback", "")),
-            self.id,
-            str(data.get("etype", "")),
-        )
-        # Not an Exception (SystemExit, KeyboardInterrupt): raised as is here it would end
-        # the caller's program, or pass for the user's own Ctrl-C.
-        if kind is not RemoteError or not isinstance(original, Exception):
-            return remote
-        try:
-            original.__cause__ = remote
-            original.__suppress_context__ = True
-            # IPython shows this instead of the local frames, which are nbtask's wait.
-            original._render_traceback_ = remote._render_traceback_  # type: ignore[attr-defined]
-            original.task_id = self.id  # type: ignore[attr-defined]
-            original.remote_traceback = remote.traceback  # type: ignore[attr-defined]
-        except (AttributeError, TypeError):  # an exception type that takes no attributes
-            return remote
-        return original
+    @property
+    def _label(self) -> str:
+        return f"{self.name}[{self.id}]"
 
     def cancel(self) -> bool:
         """Revoke the task: a queued one never runs, a running one is interrupted.

@@ -1,0 +1,79 @@
+"""The exceptions a task's final event stands for, as its handle raises them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from nbtask.errors import (
+    RemoteError,
+    SerializationError,
+    TaskRevoked,
+    TimeLimitExceeded,
+    WorkerLost,
+)
+
+__all__ = ["revoked", "task_exception", "unloadable", "worker_lost"]
+
+# Failures nbtask itself reports come back as its own exception types.
+_KNOWN_FAILURES: dict[str, type[RemoteError]] = {
+    "TimeLimitExceeded": TimeLimitExceeded,
+    "WorkerLost": WorkerLost,
+}
+
+
+def unloadable(label: str, why: str) -> SerializationError:
+    """Task ``label`` (``name[id]``) succeeded, but its result cannot be loaded here."""
+    return SerializationError(
+        f"task {label} succeeded, but its result cannot be loaded in this "
+        f"process ({why}): install what defines it here, or return plain values "
+        "(numbers, strings, lists, dicts, numpy arrays)"
+    )
+
+
+def revoked(label: str, data: Mapping[str, Any]) -> TaskRevoked:
+    """Task ``label`` was revoked, with the reason its event gives."""
+    reason = data.get("reason")
+    why = f": {reason}" if reason and reason != "revoked" else ""
+    return TaskRevoked(f"task {label} was revoked{why}")
+
+
+def worker_lost(label: str, task_id: str, data: Mapping[str, Any]) -> WorkerLost:
+    """The worker running task ``label`` died, and the task was not run again."""
+    why = (
+        f"the worker running task {label} died "
+        f"({data.get('reason', 'no reason known')}); it was not run again (early "
+        "ack, or acks_late with reject_on_worker_lost=False)"
+    )
+    return WorkerLost("WorkerLost", why, "", task_id)
+
+
+def task_exception(task_id: str, data: Mapping[str, Any], original: object) -> BaseException:
+    """The task's own exception when it travelled and loads here, else a RemoteError.
+
+    Either way the worker's traceback comes along: as the original's ``__cause__`` (a
+    :class:`RemoteError` holding it, printed first, as for a chained exception) and
+    in IPython as the traceback shown.
+    """
+    kind = _KNOWN_FAILURES.get(str(data.get("ename", "")), RemoteError)
+    remote = kind(
+        str(data.get("ename", "Exception")),
+        str(data.get("evalue", "")),
+        str(data.get("traceback", "")),
+        task_id,
+        str(data.get("etype", "")),
+    )
+    # Not an Exception (SystemExit, KeyboardInterrupt): raised as is here it would end
+    # the caller's program, or pass for the user's own Ctrl-C.
+    if kind is not RemoteError or not isinstance(original, Exception):
+        return remote
+    try:
+        original.__cause__ = remote
+        original.__suppress_context__ = True
+        # IPython shows this instead of the local frames, which are nbtask's wait.
+        original._render_traceback_ = remote._render_traceback_  # type: ignore[attr-defined]
+        original.task_id = task_id  # type: ignore[attr-defined]
+        original.remote_traceback = remote.traceback  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):  # an exception type that takes no attributes
+        return remote
+    return original
