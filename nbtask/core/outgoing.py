@@ -6,6 +6,7 @@ sent from inside a task), so a message is built in one place.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sys
 import time
@@ -190,8 +191,12 @@ class MessageBuilder:
         moving = None
         if self.store is not None:
             settings = self.settings
-            moving = Moving.through(
-                self.store, settings.default_queue, settings.move_bytes, task.app.sent_to
+            moving = functools.partial(
+                Moving.through,
+                self.store,
+                settings.default_queue,
+                settings.move_bytes,
+                task.app.sent_to,
             )
         return holder_queue_for(refs, task.app.workers, requires, moving)
 

@@ -95,7 +95,7 @@ def holder_queue_for(
     values: Iterable[object],
     workers: Callable[[], Mapping[str, WorkerInfo]],
     requires: Sequence[str] = (),
-    moving: Moving | None = None,
+    moving: Callable[[], Moving] | None = None,
 ) -> str | None:
     """The queue of a live process holding the largest of the kept ``values``, if any.
 
@@ -108,8 +108,9 @@ def holder_queue_for(
     requires
         Datasets the work needs: a holder whose worker lacks one is passed over.
     moving
-        When the work goes elsewhere rather than wait for that process, busy (``None``
-        returned); without it the work always goes to the holder.
+        Makes the rule for when the work goes elsewhere rather than wait for that
+        process, busy (``None`` returned); called only when a holder is live. Without
+        it the work always goes to the holder.
     """
     kept = [v for v in values if isinstance(v, ValueRef) and v.holder]
     if not kept:
@@ -122,7 +123,7 @@ def holder_queue_for(
         if info is None or not set(requires) <= set(info.datasets):
             continue
         held = [v for v in kept if (v.holder, v.holder_pid) == place]
-        if moving is not None and moving.beats_waiting(held, place[0], registry):
+        if moving is not None and moving().beats_waiting(held, place[0], registry):
             return None
         return place[0]
     return None

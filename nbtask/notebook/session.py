@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import queue
 import threading
 import time
@@ -17,7 +18,6 @@ from nbtask.client.app import App
 from nbtask.client.default import default_app, use_as_default
 from nbtask.core.holding import is_holder_queue
 from nbtask.core.placement import Moving, holder_queue_for
-from nbtask.core.refs import ValueRef
 from nbtask.errors import CellError
 from nbtask.notebook import process_state
 from nbtask.notebook.board import Row, TaskBoard, format_row, notebook_group
@@ -264,7 +264,9 @@ class Session:
             line_offset=1,  # tracebacks count the %%task line, as the notebook numbers lines
             state=self.kernel_state.pickled(),
             found=found,
-            keeping=(self.app.settings.keep_threshold, tuple(args.keep), tuple(args.fetch)),
+            keep_threshold=self.app.settings.keep_threshold,
+            keep=tuple(args.keep),
+            fetch=tuple(args.fetch),
         )
         if args.name:
             self.app.cells[args.name] = NamedCell(
@@ -277,7 +279,9 @@ class Session:
         queue = (
             args.queue
             or (self.app.route(args.name) if args.name else None)
-            or self._holder_queue(shipped, args)
+            or holder_queue_for(
+                shipped, self.app.workers, args.requires, functools.partial(self._moving, args)
+            )
         )
         handle = cell_task(self.app).apply_async(
             (spec, blob),
@@ -309,12 +313,6 @@ class Session:
             timer.start()
             self._timers = [t for t in self._timers if t.is_alive()] + [timer]
         return None
-
-    def _holder_queue(self, shipped: list[Any], args: Any) -> str | None:
-        """The queue of the process holding the kept values the cell reads, if any."""
-        if not any(isinstance(value, ValueRef) for value in shipped):
-            return None  # as holder_queue_for says, without making its Moving first
-        return holder_queue_for(shipped, self.app.workers, args.requires, self._moving(args))
 
     def _moving(self, args: Any) -> Moving:
         """When a cell goes where it would anyway rather than wait for a busy holder."""

@@ -132,7 +132,9 @@ def prepare(
     line_offset: int = 0,
     state: bytes = b"",
     found: CellAnalysis | None = None,
-    keeping: tuple[int | None, tuple[str, ...], tuple[str, ...]] = (None, (), ()),
+    keep_threshold: int | None = None,
+    keep: tuple[str, ...] = (),
+    fetch: tuple[str, ...] = (),
 ) -> tuple[CellSpec, Packed, CellAnalysis]:
     """Check a cell and pickle its inputs; raise :class:`CellError` before anything is sent.
 
@@ -159,8 +161,8 @@ def prepare(
         (:meth:`nbtask.notebook.process_state.KernelState.pickled`); empty: none.
     found
         The cell's analysis, if the caller already made it (:func:`analyzed`).
-    keeping
-        ``(keep_threshold, keep, fetch)`` of the :class:`CellSpec`.
+    keep_threshold, keep, fetch
+        The :class:`CellSpec`'s fields of those names (``%%task --keep/--fetch``).
 
     Returns
     -------
@@ -195,9 +197,9 @@ def prepare(
         plain,
         line_offset,
         state,
-        keep_threshold=keeping[0],
-        keep=keeping[1],
-        fetch=keeping[2],
+        keep_threshold=keep_threshold,
+        keep=keep,
+        fetch=fetch,
         python=python,
         deleted=found.deleted,
     )

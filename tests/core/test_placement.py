@@ -74,7 +74,7 @@ def place(
     ``sent_to``: the queues this client sent work to that has not ended.
     """
     rule = Moving(queue, move_bytes, store.has_copies, store.ended, sent_to.__contains__)
-    return holder_queue_for([kept(), "small"], lambda: registry, (), rule)
+    return holder_queue_for([kept(), "small"], lambda: registry, (), lambda: rule)
 
 
 BUSY_AND_IDLE = {"w1": worker(1, "long-task"), "w2": worker(2, "")}
@@ -156,5 +156,5 @@ def test_without_a_rule_or_a_kept_value_nothing_is_read() -> None:
 def test_the_values_a_busy_holder_holds_for_the_work_count_together() -> None:
     store = Store()
     rule = Moving("default", 15 * MiB, store.has_copies, store.ended, ().__contains__)
-    assert holder_queue_for([kept()], lambda: BUSY_AND_IDLE, (), rule) is None
-    assert holder_queue_for([kept(), kept()], lambda: BUSY_AND_IDLE, (), rule) == HOLDER
+    assert holder_queue_for([kept()], lambda: BUSY_AND_IDLE, (), lambda: rule) is None
+    assert holder_queue_for([kept(), kept()], lambda: BUSY_AND_IDLE, (), lambda: rule) == HOLDER
