@@ -163,7 +163,7 @@ class StreamsTransport(StreamsUpkeep):
         """
         now = time.monotonic()
         if not index or now < self._upkeep_due.get(index, 0.0):
-            return "0" if index else "1"
+            return "0"  # (no index: nothing to trim)
         if len(self._upkeep_due) >= 1024:  # a worker sends for many clients' indexes
             self._upkeep_due.clear()
         self._upkeep_due[index] = now + INDEX_UPKEEP_SECONDS
