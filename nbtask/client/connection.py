@@ -15,6 +15,7 @@ import contextlib
 import threading
 import uuid
 import weakref
+from collections.abc import Callable
 
 from nbtask.brokers import Store, Transport, open_broker
 from nbtask.client.embedded import EmbeddedCluster
@@ -125,13 +126,18 @@ class AppConnection:
         assert self.settings.broker_url is not None
         return self.settings.broker_url
 
-    def wait_for(self, handle: TaskHandle, timeout: float | None) -> None:
-        """Read events on this thread until ``handle`` is done or ``timeout`` passes.
+    def wait_for(
+        self,
+        handle: TaskHandle,
+        timeout: float | None,
+        until: Callable[[], bool] | None = None,
+    ) -> None:
+        """Read events on this thread until ``handle`` is done, ``timeout`` passes or ``until()``.
 
         See :meth:`Listener.wait_for`; returns at once on a closed app.
         """
         if not self.closed:
-            self._listen().wait_for(handle, timeout)
+            self._listen().wait_for(handle, timeout, until)
 
     def flush(self) -> None:
         """Wait until the broker answered for every task this thread sent.

@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 import weakref
+from collections.abc import Callable
 
 from nbtask.brokers import Transport
 from nbtask.core.handle import TaskHandle
@@ -124,8 +125,16 @@ class Listener:
         return self._thread.is_alive()
 
     # Waiting threads ---------------------------------------------------------------------
-    def wait_for(self, handle: TaskHandle, timeout: float | None) -> None:
+    def wait_for(
+        self,
+        handle: TaskHandle,
+        timeout: float | None,
+        until: Callable[[], bool] | None = None,
+    ) -> None:
         """Read events on this thread until ``handle`` is done, or ``timeout`` passes.
+
+        ``until``: also return once it is true, checked after each read (this thread's or
+        another's), for a caller that takes the handle's events as they come.
 
         While another thread reads, wait for it to apply the handle's events, or to hand
         the turn on. Returns early, the handle not done, when this thread cannot read
@@ -145,7 +154,7 @@ class Listener:
                     self._reader = None  # left by a read a Ctrl-C cut: take it up again
                 self._waiting.add(me)
                 self._note_active()
-            while not handle.done() and not self._stop.is_set():
+            while not _waited_for(handle, until) and not self._stop.is_set():
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return
@@ -338,3 +347,8 @@ class Listener:
         with self._lock:
             if len(self._positions) > 1 and not self._handles:
                 self._positions = {self.channel: self._positions[self.channel]}
+
+
+def _waited_for(handle: TaskHandle, until: Callable[[], bool] | None) -> bool:
+    """Whether a thread waiting for ``handle`` (or ``until()``) need wait no more."""
+    return handle.done() or (until is not None and until())

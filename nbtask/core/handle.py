@@ -76,10 +76,16 @@ class Client(Protocol):
     def flush(self) -> None:
         """Wait for the broker's confirms of this thread's tasks (``App.flush``)."""
 
-    def wait_for(self, handle: TaskHandle, timeout: float | None) -> None:
+    def wait_for(
+        self,
+        handle: TaskHandle,
+        timeout: float | None,
+        until: Callable[[], bool] | None = None,
+    ) -> None:
         """Read the client's events on this thread until ``handle`` is done or ``timeout``.
 
-        May return earlier, the handle not done (when this thread cannot read).
+        Or until ``until()`` is true. May return earlier, the handle not done (when this
+        thread cannot read).
         """
 
 

@@ -7,7 +7,10 @@ event once, so what it shows never depends on when it started.
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -16,7 +19,7 @@ from nbtask.wire.events import FINAL_STATES, Event, EventType, State
 if TYPE_CHECKING:
     from nbtask.core.handle import TaskHandle
 
-__all__ = ["cancel_task", "cancelled", "follow", "one_line"]
+__all__ = ["cancel_task", "cancelled", "follow", "next_event", "one_line"]
 
 _E = TypeVar("_E", bound=BaseException)
 
@@ -112,3 +115,18 @@ def _final_event(handle: TaskHandle) -> Event:
             traceback=getattr(exc, "traceback", ""),
         )
     return Event(kind, handle.id, 1 << 31, data)
+
+
+def next_event(handle: TaskHandle, events: queue.SimpleQueue[Event], seconds: float) -> Event:
+    """The next event :func:`follow` put in ``events``, within ``seconds`` (else ``queue.Empty``).
+
+    This thread reads the client's events itself while it waits, where it can: they then
+    reach it without a hop through the listener thread, nor that thread's pause before it
+    reads for a task nobody waits on.
+    """
+    with contextlib.suppress(queue.Empty):
+        return events.get_nowait()
+    deadline = time.monotonic() + seconds
+    if handle.app is not None:
+        handle.app.wait_for(handle, seconds, until=lambda: not events.empty())
+    return events.get(timeout=max(0.0, deadline - time.monotonic()))

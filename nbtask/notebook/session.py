@@ -23,7 +23,7 @@ from nbtask.notebook import process_state
 from nbtask.notebook.board import Row, TaskBoard, format_row, notebook_group
 from nbtask.notebook.celltask import NamedCell, cell_task
 from nbtask.notebook.fetchbar import fetch_progress
-from nbtask.notebook.follow import cancel_task, cancelled, follow, one_line
+from nbtask.notebook.follow import cancel_task, cancelled, follow, next_event, one_line
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.pending import WAIT_NAME, CellRun, Pending, WaitInserter, wait_interruptibly
 from nbtask.notebook.releases import Releases, ReleaseTask
@@ -43,6 +43,9 @@ _RECONNECTED = "when the notebook connected to another broker (%nbtask connect)"
 _CANCEL_SECONDS = 10.0
 #: A session says it uses the workers for this long, again every third of it (warmup.py).
 _NOTEBOOK_SECONDS = 30
+#: How long a waiting cell waits for an event before it looks at its deadline and says
+#: why the task waits.
+_WAIT_TICK = 0.1
 
 
 class _Result:
@@ -337,7 +340,7 @@ class Session:
                     cancel_task(run.handle)
                     raise error from None
                 try:
-                    event = events.get(timeout=0.1)
+                    event = next_event(run.handle, events, _WAIT_TICK)
                 except queue.Empty:
                     line.waiting(run.handle.waiting_reason)
                     continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any
 
@@ -179,7 +180,6 @@ def test_cancel_running_cell(ip: InteractiveShell, nb: Session) -> None:
 
 def test_interrupt_while_waiting_cancels(ip: InteractiveShell, nb: Session) -> None:
     import signal
-    import threading
 
     ip.run_cell_magic("task", "--out h", "import time\nprint('started')\ntime.sleep(30)\nlate = 1")
     handle = ip.user_ns["h"]
@@ -189,6 +189,27 @@ def test_interrupt_while_waiting_cancels(ip: InteractiveShell, nb: Session) -> N
         nb.pending.wait(["late"])
     wait_until(handle.done, 15, "the task to stop")
     assert handle.state is State.REVOKED
+
+
+def test_a_waiting_cell_reads_its_output_on_its_own_thread(
+    ip: InteractiveShell, nb: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ip.run_cell_magic("task", "--wait", "x = 1")  # the listener is up
+    listener = nb.app._listener
+    assert listener is not None
+    readers: list[str] = []
+    dispatch = listener._dispatch
+
+    def noted(raw: bytes) -> None:
+        readers.append(threading.current_thread().name)
+        dispatch(raw)
+
+    monkeypatch.setattr(listener, "_dispatch", noted)
+    ip.run_cell_magic("task", "--wait", "import time\nprint('a')\ntime.sleep(0.3)\ny = 2")
+    assert ip.user_ns["y"] == 2
+    # The final state, at least, was read by the waiting cell itself: no hop through the
+    # listener thread (which may still have been reading when the cell was sent).
+    assert readers[-1] == threading.current_thread().name, readers
 
 
 def test_reattach_replays_a_finished_tasks_output(
