@@ -174,11 +174,17 @@ class Listener:
                 finally:
                     self._hand_on(me)
         finally:
-            with self._lock:
-                self._waiting.discard(me)
-                if not self._waiting and self._reader is None and self._handles:
-                    self._unserved_since = self._unserved_since or time.monotonic()
-                self._note_active()
+            self._stop_waiting(me)
+
+    def _stop_waiting(self, me: threading.Thread) -> None:
+        """``me`` waits no more; a turn it still holds (a Ctrl-C cut its hand-on) goes too."""
+        with self._lock:
+            self._waiting.discard(me)
+            if self._reader is me and not getattr(self._reading, "now", False):
+                self._release()
+            if not self._waiting and self._reader is None and self._handles:
+                self._unserved_since = self._unserved_since or time.monotonic()
+            self._note_active()
 
     def _note_active(self) -> None:
         # With the lock held: a thread starts or stops waiting.
@@ -198,14 +204,17 @@ class Listener:
     def _hand_on(self, reader: threading.Thread) -> None:
         """``reader`` gives up the turn (if it has it): to a waiting thread, else the listener."""
         with self._lock:
-            if self._reader is not reader:
-                return
-            self._reader = None
-            if self._handles and not self._waiting:
-                self._unserved_since = self._unserved_since or time.monotonic()
-            self._waiters_turn.notify_all()
-            if self._failing:
-                self._listener_turn.notify()
+            if self._reader is reader:
+                self._release()
+
+    def _release(self) -> None:
+        # With the lock held, by the holder of the turn.
+        self._reader = None
+        if self._handles and not self._waiting:
+            self._unserved_since = self._unserved_since or time.monotonic()
+        self._waiters_turn.notify_all()
+        if self._failing:
+            self._listener_turn.notify()
 
     # The listener thread -------------------------------------------------------------------
     def _run(self) -> None:

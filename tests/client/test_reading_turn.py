@@ -123,6 +123,31 @@ def test_a_turn_left_by_a_read_a_ctrl_c_cut_is_taken_up_by_the_next_get(
     assert reader_of(app) is None
 
 
+def test_a_ctrl_c_while_handing_the_turn_on_leaves_it_to_the_listener(
+    app: App, start_worker: Callable[..., WorkerProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    start_worker(concurrency=1)
+    assert app.send_task(ADD, (1, 1)).get(timeout=15) == 2
+    listener = app._listener
+    assert listener is not None
+    hand_on = listener._hand_on
+
+    def cut(reader: threading.Thread) -> None:
+        # A KeyboardInterrupt while this thread waits for the lock to hand the turn on.
+        monkeypatch.setattr(listener, "_hand_on", hand_on)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(listener, "_hand_on", cut)
+    with pytest.raises(KeyboardInterrupt):
+        app.send_task(ADD, (2, 3)).get(timeout=15)
+    assert reader_of(app) is not threading.current_thread()
+    # This thread waits no more: a task nobody waits on still gets its result, read by
+    # the listener thread.
+    unwatched = app.send_task(ADD, (3, 4))
+    wait_until(unwatched.done, 15, "the listener to read the result")
+    assert unwatched.result() == 7
+
+
 @pytest.fixture
 def proxy(redis_url: str) -> Iterator[TcpProxy]:
     """A proxy in front of the real Redis, stopped after the test."""
