@@ -240,7 +240,8 @@ class Listener:
         """Wait until the listener thread should read; True once it holds the turn.
 
         It reads when nobody else does, no thread waits for a result, and a handle has had
-        no reader for :data:`_GRACE_SECONDS` (at once if the listener itself just read),
+        no reader for :data:`_GRACE_SECONDS` (at once if the listener itself just read and
+        no thread waited lately),
         or no handle is registered and no thread waited lately (it drains the channel),
         or the channel's keepalive is due; after a read error, at once.
         """
@@ -251,7 +252,9 @@ class Listener:
             if self._reader is None and not self._stop.is_set():
                 serve = not self._waiting and (
                     now >= self._next_keepalive
-                    or (again and bool(self._handles))
+                    # A thread that waited just now may be back at once, between the
+                    # events it takes one by one: it is left the grace below.
+                    or (again and bool(self._handles) and now >= self._active_until)
                     or (not self._handles and now >= self._active_until)  # idle: drain
                     or (
                         self._unserved_since is not None
