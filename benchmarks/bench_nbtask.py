@@ -110,7 +110,7 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> float:
 
 
 def measure_remote(url: str, quick: bool, profile: str | None) -> dict[str, Any]:
-    from common import Config, delete_prefix, run_cases
+    from common import Config, delete_prefix, redis_cpu_reader, run_cases
 
     cfg = Config.quick() if quick else Config()
     prefix = f"nbbench-{uuid.uuid4().hex[:12]}"
@@ -132,10 +132,10 @@ def measure_remote(url: str, quick: bool, profile: str | None) -> dict[str, Any]
                 import cProfile
 
                 with cProfile.Profile() as prof:
-                    out = run_cases(driver, cfg)
+                    out = run_cases(driver, cfg, redis_cpu_reader(url))
                 prof.dump_stats(profile)
             else:
-                out = run_cases(driver, cfg)
+                out = run_cases(driver, cfg, redis_cpu_reader(url))
         except BaseException:
             sys.stderr.write(log_path.read_text(errors="replace")[-4000:])
             raise

@@ -11,7 +11,7 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,6 +24,7 @@ __all__ = [
     "Driver",
     "delete_prefix",
     "percentile",
+    "redis_cpu_reader",
     "run_cases",
     "write_json",
 ]
@@ -71,20 +72,41 @@ def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=float), q))
 
 
-def _latency(driver: Driver, cfg: Config) -> dict[str, float]:
+def redis_cpu_reader(url: str) -> Callable[[], float]:
+    """A function giving the CPU seconds the Redis server at ``url`` has used so far.
+
+    Every command a round trip makes runs on Redis's one thread, on the round trip's
+    path: its share of the round trip, beside the client's and the worker's.
+    """
+    client = redis.Redis.from_url(url)
+
+    def used() -> float:
+        cpu: dict[str, Any] = client.info("cpu")
+        return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+    return used
+
+
+def _latency(
+    driver: Driver, cfg: Config, server_cpu: Callable[[], float] | None
+) -> dict[str, float]:
     for _ in range(cfg.latency_warmup):
         driver.call_noop()
     samples: list[float] = []
+    cpu_before = server_cpu() if server_cpu else 0.0
     for _ in range(cfg.latency_calls):
         t0 = time.perf_counter()
         driver.call_noop()
         samples.append(time.perf_counter() - t0)
     us = [s * 1e6 for s in samples]
-    return {
+    out = {
         "p50_us": percentile(us, 50),
         "p99_us": percentile(us, 99),
         "mean_us": statistics.fmean(us),
     }
+    if server_cpu:  # the server's CPU counts anyone else's traffic too: a quiet server
+        out["redis_cpu_us"] = (server_cpu() - cpu_before) / cfg.latency_calls * 1e6
+    return out
 
 
 def _throughput(driver: Driver, cfg: Config, batch: bool) -> dict[str, float]:
@@ -122,10 +144,16 @@ def _data(driver: Driver, cfg: Config) -> dict[str, float]:
     }
 
 
-def run_cases(driver: Driver, cfg: Config) -> dict[str, Any]:
-    """Run latency, throughput (loop, batch) and data, in that order."""
+def run_cases(
+    driver: Driver, cfg: Config, server_cpu: Callable[[], float] | None = None
+) -> dict[str, Any]:
+    """Run latency, throughput (loop, batch) and data, in that order.
+
+    ``server_cpu`` (see :func:`redis_cpu_reader`): the Redis server's CPU per round trip
+    is measured too.
+    """
     out: dict[str, Any] = {"config": asdict(cfg)}
-    out["latency"] = _latency(driver, cfg)
+    out["latency"] = _latency(driver, cfg, server_cpu)
     out["throughput_loop"] = _throughput(driver, cfg, batch=False)
     out["throughput_batch"] = _throughput(driver, cfg, batch=True)
     out["data_50mb"] = _data(driver, cfg)

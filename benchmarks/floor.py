@@ -26,7 +26,7 @@ from typing import Any, Literal, cast
 import cloudpickle
 import numpy as np
 import redis
-from common import Config, delete_prefix, run_cases, write_json
+from common import Config, delete_prefix, redis_cpu_reader, run_cases, write_json
 
 __all__ = ["FloorClient", "FloorWorkers", "main", "measure"]
 
@@ -174,7 +174,7 @@ def measure(
         with FloorWorkers(url, client.request_key, n=workers, method=method):
             client.call_noop()  # the workers are up once one of them answers
             startup_s = time.perf_counter() - t0
-            out = run_cases(client, cfg)
+            out = run_cases(client, cfg, redis_cpu_reader(url))
     finally:
         client.close()
         leftover = delete_prefix(url, prefix)

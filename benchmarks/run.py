@@ -194,6 +194,8 @@ ROWS = [
     Row("round trip p50 (\u00b5s)", ("latency", "p50_us"), ",.0f", True,
         f"<= 1.5{TIMES} floor", lambda n, f: f is not None and n <= 1.5 * f),
     Row("round trip p99 (\u00b5s)", ("latency", "p99_us"), ",.0f", True, DASH, None),
+    Row("Redis server CPU per round trip (\u00b5s)", ("latency", "redis_cpu_us"), ",.0f", True,
+        DASH, None),
     Row("throughput, loop (tasks/s)", ("throughput_loop", "tasks_per_s"), ",.0f", True,
         ">= 3,000/s", lambda n, f: n >= 3000),
     Row("throughput, batch (tasks/s)", ("throughput_batch", "tasks_per_s"), ",.0f", True,
