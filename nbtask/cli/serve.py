@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import logging
 import os
@@ -20,6 +21,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import TextIO
 
 from nbtask.brokers.local_blobs import remove_local_blobs
 from nbtask.cli.options import queue_names, settings_for
@@ -139,6 +141,7 @@ def run_cluster(args: argparse.Namespace) -> int:
     """``nbtask cluster``: a private Redis server and a worker serving it, until stopped."""
     settings = settings_for(args)
     _logging(args.loglevel)
+    ready = _ready_line_stream() if args.embedded else None
     secret = settings.secret or secrets.token_hex(32)
     # Options are checked before the server starts: a bad one leaves nothing behind.
     tasks, datasets = _import_tasks(args.app), _datasets(args)
@@ -153,7 +156,7 @@ def run_cluster(args: argparse.Namespace) -> int:
             tasks=tasks,
             datasets=datasets,
             parent_pid=args.parent_pid,
-            on_ready=_announce_embedded if args.embedded else None,
+            on_ready=functools.partial(_announce_embedded, ready) if ready else None,
             on_notebook=_ready_for_cells,
         )
         if not args.embedded:
@@ -180,10 +183,20 @@ def _ready_for_cells(modules: list[str]) -> None:
     warm(modules)
 
 
-def _announce_embedded(worker: Worker) -> None:
-    # The client waits for this one line; after it, stdout goes nowhere so a full pipe
-    # can never block the worker.
-    print(f"READY {worker.url}", flush=True)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    os.close(devnull)
+def _ready_line_stream() -> TextIO:
+    """Where an embedded cluster's one ``READY`` line goes: the pipe its client reads.
+
+    The client closes that pipe once it has the line, so everything else written to
+    stdout, by this process and by the worker processes it starts (a task's
+    ``os.system``, a subprocess it runs), goes to the cluster's log (stderr) instead: on a
+    closed pipe such a write would fail with a broken pipe, and on an unread one block.
+    """
+    sys.stdout.flush()
+    ready = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    return ready
+
+
+def _announce_embedded(ready: TextIO, worker: Worker) -> None:
+    ready.write(f"READY {worker.url}\n")
+    ready.close()

@@ -92,6 +92,14 @@ def triple(x):
 
 print("RESULT", triple.delay(14).get(timeout=30), flush=True)
 print("DIR", app.cluster.directory, flush=True)
+
+@app.task
+def shell(command):
+    import os, subprocess
+    return os.system(command), subprocess.run(command, shell=True).returncode
+
+# A task's child processes write to the worker's stdout: never a closed pipe.
+print("SHELL", *shell.delay("echo from-a-task").get(timeout=30), flush=True)
 import numpy as np
 big = np.ones(1_000_000)  # 8 MB: its buffer travels out of band, as a blob
 tripled = triple.delay(big).get(timeout=30)
@@ -133,6 +141,7 @@ def test_embedded_cluster_round_trip_and_cleanup_on_exit(tmp_path: Path) -> None
     try:
         assert out.until(r"^RESULT (\S+)").group(1) == "42"
         directory = out.until(r"^DIR (\S+)").group(1)
+        assert out.until(r"^SHELL (\S+) (\S+)").groups() == ("0", "0")
         # Argument and result went through shared memory, none through the private Redis.
         blobs, files, in_redis, total = out.until(r"^BLOBS (\S+) (\d+) (\d+) (\S+)").groups()
         # One file, the result's: the argument's went when the task ended.
