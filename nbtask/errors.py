@@ -164,8 +164,11 @@ class RemoteError(NbtaskError):
     def _render_traceback_(self) -> list[str]:
         # IPython calls this instead of printing the local traceback, so the notebook shows
         # the worker's traceback, which is the one that points at the user's code.
-        lines = self.traceback.rstrip().splitlines() if self.traceback else []
-        return [*lines, f"{self.ename}: {self.evalue}"]
+        text = self.traceback.rstrip() if self.traceback else ""
+        last = f"{self.ename}: {self.evalue}" if self.evalue else self.ename
+        # A worker's traceback ends with that line already (its type's name, qualified
+        # when it is not a built-in): said once, as Python says it.
+        return [*text.splitlines(), *([] if text.endswith(last) else [last])]
 
 
 class TimeLimitExceeded(RemoteError):

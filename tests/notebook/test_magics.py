@@ -149,7 +149,10 @@ def test_plot_arrives_as_png_and_html_in_order(ip: InteractiveShell, nb: Session
 def test_exception_is_the_users_type_with_cell_lines(ip: InteractiveShell, nb: Session) -> None:
     with pytest.raises(ZeroDivisionError) as info:
         ip.run_cell_magic("task", "--wait", "a = 1\n\ndef f(v):\n    return v / 0\n\nf(a)\n")
-    text = "\n".join(info.value._render_traceback_())  # type: ignore[attr-defined]
+    lines = info.value._render_traceback_()  # type: ignore[attr-defined]
+    assert lines[-1] == "ZeroDivisionError: division by zero"
+    assert lines.count(lines[-1]) == 1, lines  # said once, as Python says it
+    text = "\n".join(lines)
     # Lines count from the %%task line, as the notebook numbers them.
     assert "line 5, in f" in text and "line 7, in <module>" in text
     assert "return v / 0" in text
