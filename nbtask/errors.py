@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import linecache
+import re
+import sys
+from collections.abc import Mapping
+
 __all__ = [
     "BlobError",
     "BlobGone",
@@ -168,7 +173,43 @@ class RemoteError(NbtaskError):
         last = f"{self.ename}: {self.evalue}" if self.evalue else self.ename
         # A worker's traceback ends with that line already (its type's name, qualified
         # when it is not a built-in): said once, as Python says it.
-        return [*text.splitlines(), *([] if text.endswith(last) else [last])]
+        lines = _cells_named(text.splitlines())
+        return [*lines, *([] if text.endswith(last) else [last])]
+
+
+_FRAME = re.compile(r'^(?P<indent> *)File "(?P<file>[^"]+)", line (?P<line>\d+)(?P<rest>.*)$')
+
+
+def _cells_named(lines: list[str]) -> list[str]:
+    """A worker's traceback, its frames in the notebook's earlier cells named as IPython does.
+
+    A function defined in an earlier cell runs on the worker under the kernel's own name
+    for that cell (``/tmp/ipykernel_…/….py``), whose lines only the kernel has: shown in
+    that kernel, such a frame reads ``File "Cell In[2]", line 3``, followed by its line.
+    """
+    cells = _notebook_cells()
+    out: list[str] = []
+    for i, line in enumerate(lines):
+        frame = _FRAME.match(line)
+        number = cells.get(frame["file"]) if frame else None
+        if frame is None or number is None:
+            out.append(line)
+            continue
+        indent, lineno = frame["indent"], int(frame["line"])
+        out.append(f'{indent}File "Cell In[{number}]", line {lineno}{frame["rest"]}')
+        following = lines[i + 1] if i + 1 < len(lines) else ""
+        if not following.startswith(indent + "  ") or _FRAME.match(following):
+            source = linecache.getline(frame["file"], lineno).strip()
+            out += [f"{indent}  {source}"] if source else []
+    return out
+
+
+def _notebook_cells() -> Mapping[str, int]:
+    """The IPython shell's cell numbers by code file name, if this process runs one."""
+    ipython = sys.modules.get("IPython")  # only where IPython is loaded already
+    shell = ipython.get_ipython() if ipython is not None else None
+    cells = getattr(getattr(shell, "compile", None), "_filename_map", None)
+    return cells if isinstance(cells, dict) else {}
 
 
 class TimeLimitExceeded(RemoteError):

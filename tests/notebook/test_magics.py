@@ -159,6 +159,23 @@ def test_exception_is_the_users_type_with_cell_lines(ip: InteractiveShell, nb: S
     assert "nbtask" not in text.replace("Cell In", "")
 
 
+def test_a_frame_in_a_function_of_an_earlier_cell_is_named_as_the_notebook_names_it(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    defined = ip.run_cell(
+        "def parse(row):\n    a, b = row.split(',')\n    return int(a) / int(b)",
+        store_history=True,
+    )
+    assert defined.success
+    number = defined.execution_count
+    with pytest.raises(ZeroDivisionError) as info:
+        ip.run_cell_magic("task", "--wait", "vals = [parse(r) for r in ['1,2', '3,0']]")
+    lines = info.value._render_traceback_()  # type: ignore[attr-defined]
+    at = lines.index(f'  File "Cell In[{number}]", line 3, in parse')
+    assert lines[at + 1] == "    return int(a) / int(b)", lines  # as Python shows a frame
+    assert not [line for line in lines if "ipython-input" in line], lines
+
+
 def test_unpicklable_variable_names_it_and_sends_nothing(ip: InteractiveShell, nb: Session) -> None:
     run(ip, "import threading\nlock = threading.Lock()\nfine = 1")
     with pytest.raises(CellError, match=r"variable 'lock' \(_thread.lock\) cannot be pickled"):
