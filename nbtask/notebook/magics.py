@@ -233,12 +233,14 @@ def unload_ipython_extension(shell: Any) -> None:
     session = _SESSIONS.pop(id(shell), None)
     if session is not None:
         running = session.pending.running()
-        if running:  # they run on, but nothing here will hear of them: say so
+        if running:  # the session cancels them, and nothing here will hear of them: say so
             cells = ", ".join(f"{run.label!r} [{run.handle.id[:8]}]" for run in running)
+            # An embedded cluster ends with the session, and what it kept with it.
+            embedded = session.owns_app and session.app.cluster is not None
+            after = "" if embedded else "; after %load_ext nbtask, %tasks --all shows their output"
             print(
-                f"nbtask: {len(running)} cell(s) still running on the workers ({cells}): "
-                "what they assign will not reach this notebook; after %load_ext nbtask, "
-                "%tasks --all shows their output",
+                f"nbtask: cancelling {len(running)} cell(s) still running on the workers "
+                f"({cells}): what they assign will not reach this notebook{after}",
                 file=sys.stderr,
             )
         session.stop()

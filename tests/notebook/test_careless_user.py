@@ -23,7 +23,7 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from tcp_proxy import TcpProxy
 
-from nbtask import State
+from nbtask import App, Settings, State
 from nbtask.errors import BrokerUnavailable, CellError, TaskRevoked
 from nbtask.notebook.session import Session
 
@@ -168,16 +168,27 @@ def test_reading_a_name_of_a_cancelled_cell_says_so_in_one_line(
 
 
 def test_unloading_with_a_cell_still_running_says_its_values_will_not_arrive(
-    ip: InteractiveShell, nb: Session, capsys: pytest.CaptureFixture[str]
+    ip: InteractiveShell, nb: Session, settings: Settings, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ip.run_cell_magic("task", "--out h", "import time\ntime.sleep(3)\nlate = 1")
     capsys.readouterr()
     ip.run_line_magic("unload_ext", "nbtask")
     said = capsys.readouterr().err
+    handle = ip.user_ns["h"]
     assert (
-        f"1 cell(s) still running on the workers ('import time' [{ip.user_ns['h'].id[:8]}])" in said
+        f"cancelling 1 cell(s) still running on the workers ('import time' [{handle.id[:8]}])"
+        in (said)
     )
     assert "will not reach this notebook" in said and "%tasks --all" in said
+    # As said: cancelled, not left running (this session no longer hears of it: another
+    # client reads its record).
+    other = App("check", settings=settings)
+    try:
+        again = other.handle(handle.id)
+        wait_until(again.done, 15, "the cell to be cancelled")
+        assert again.state is State.REVOKED
+    finally:
+        other.close()
 
 
 def test_a_cell_whose_only_worker_was_killed_says_so_instead_of_running_on(
