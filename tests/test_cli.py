@@ -181,6 +181,7 @@ def test_worker_unreachable_broker_is_one_line(prefix: str) -> None:
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1, result.stderr
     assert "127.0.0.1:9" in errors[0]
+    assert "start one with: redis-server --port 9," in result.stderr  # its own port
 
 
 @pytest.mark.parametrize("command", ["status", "inspect"])

@@ -15,6 +15,7 @@ import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 from redis.exceptions import (
@@ -48,13 +49,20 @@ log = logging.getLogger(__name__)
 #: its next send reads Redis's replies: a loop sending large arguments holds little.
 OWED_BYTES = 16 << 20
 
-_HINTS = {
-    "broker": (
-        "Is redis-server running there? (start one with: redis-server --port 6379, or unset "
-        "NBTASK_BROKER to use the embedded cluster)"
-    ),
-    "result store": "Is redis-server running there? (the result store: NBTASK_RESULT_URL)",
-}
+
+def _hint(role: str, url: str) -> str:
+    """What to check when the Redis ``role`` at ``url`` cannot be reached."""
+    if role != "broker":
+        return f"Is redis-server running there? (the {role}: NBTASK_RESULT_URL)"
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        start = f"redis-server --port 0 --unixsocket {parts.path}"
+    else:
+        start = f"redis-server --port {parts.port or 6379}"
+    return (
+        f"Is redis-server running there? (start one with: {start}, or unset NBTASK_BROKER "
+        "to use the embedded cluster)"
+    )
 
 
 @dataclasses.dataclass
@@ -85,7 +93,10 @@ class RedisLink:
     def __init__(self, url: str, role: str) -> None:
         self.url = url
         self._role = role
-        self._unreachable = (f"cannot reach the Redis {role} at {redact_url(url)}", _HINTS[role])
+        self._unreachable = (
+            f"cannot reach the Redis {role} at {redact_url(url)}",
+            _hint(role, url),
+        )
         # Typed as Any: redis-py's reply types are unions over decode_responses that would
         # need a cast at every call; the callers check the shapes they read instead.
         # RESP2 keeps raw replies in one known shape for the hot path.
