@@ -6,6 +6,7 @@ sent from inside a task), so a message is built in one place.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import sys
@@ -17,6 +18,7 @@ from typing import Any
 
 from nbtask.brokers.base import Publish, Store
 from nbtask.core.canvas import Call, Callbacks, Signable
+from nbtask.core.captured import Capture, capture
 from nbtask.core.holding import is_holder_queue
 from nbtask.core.placement import Moving, holder_queue_for
 from nbtask.core.refs import ValueRef, blobs_of, noting_refs
@@ -28,30 +30,49 @@ from nbtask.wire.envelope import Signer, dumps
 from nbtask.wire.message import SERIALIZERS, TaskMessage, encode_value, split
 from nbtask.wire.records import pending_fields
 
-__all__ = ["MessageBuilder", "as_task", "code_for", "to_publish", "unpicklable_message"]
+__all__ = [
+    "MessageBuilder",
+    "ShippedCode",
+    "as_task",
+    "code_for",
+    "to_publish",
+    "unpicklable_message",
+]
 
 
-def code_for(
-    task: Task, cache: MutableMapping[Task, tuple[str, bytes]]
-) -> tuple[str | None, bytes]:
+@dataclasses.dataclass(frozen=True)
+class ShippedCode:
+    """A task pickled by value: its digest, its bytes, and what they hold (``None``: unknown)."""
+
+    digest: str
+    code: bytes
+    captured: Capture | None
+
+
+def code_for(task: Task, cache: MutableMapping[Task, ShippedCode]) -> tuple[str | None, bytes]:
     """``(digest, pickled task)`` for tasks workers cannot import by name, else ``(None, b"")``.
 
     Module-level tasks of importable modules travel by name; tasks defined in ``__main__``
-    (a notebook, a script) or inside a function travel by value, pickled once per task.
+    (a notebook, a script) or inside a function travel by value, with the globals, closure
+    cells and defaults their code reads as they are now. The pickle is kept and sent again
+    while all of those are the same objects (see :mod:`nbtask.core.captured`); a task that
+    reads a value which can change in place (a list, a DataFrame) is pickled on every send.
     """
     if not type(task).__module__ or _importable(task):  # "" marks send_task's stand-ins
         return None, b""
     cached = cache.get(task)
-    if cached is None:
-        try:
-            code = dumps(task)
-        except Exception as exc:
-            raise SerializationError(
-                f"task {task.name!r} cannot be shipped to workers: {exc}"
-            ) from None
-        cached = (hashlib.sha256(code).hexdigest()[:32], code)
-        cache[task] = cached
-    return cached
+    if cached is not None and cached.captured is not None and cached.captured.unchanged():
+        return cached.digest, cached.code
+    captured = capture(task)  # before pickling: a change in between only costs a new pickle
+    try:
+        code = dumps(task)
+    except Exception as exc:
+        raise SerializationError(
+            f"task {task.name!r} cannot be shipped to workers: {exc}"
+        ) from None
+    shipped = ShippedCode(hashlib.sha256(code).hexdigest()[:32], code, captured)
+    cache[task] = shipped
+    return shipped.digest, shipped.code
 
 
 def _importable(task: Task) -> bool:
@@ -82,8 +103,9 @@ class MessageBuilder:
         self.signer = signer
         self.settings = settings
         self.store = store
-        # Tasks pickled by value, once each; weak so a redefined task's entry goes away.
-        self._code: weakref.WeakKeyDictionary[Task, tuple[str, bytes]] = weakref.WeakKeyDictionary()
+        # Tasks pickled by value, kept while what they read is unchanged; weak so a
+        # redefined task's entry goes away.
+        self._code: weakref.WeakKeyDictionary[Task, ShippedCode] = weakref.WeakKeyDictionary()
         # The arguments of a call without any, per serializer: the same bytes every time.
         self._no_arguments: dict[str, SplitValue] = {}
 
