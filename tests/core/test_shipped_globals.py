@@ -1,0 +1,135 @@
+"""Tasks shipped by value read the globals, closures and helpers they use as they are
+when each call is sent, as a local call would; the pickle is reused while nothing changed.
+
+The tasks are defined as a notebook defines them: code run in a namespace of its own
+named ``__main__``, which workers cannot import.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from typing import Any
+
+import pytest
+
+from nbtask import App
+from nbtask.core.outgoing import code_for
+from nbtask.core.task import Task
+
+
+def notebook(app: App, source: str) -> dict[str, Any]:
+    """The namespace of a notebook that ran ``source`` (with ``app`` defined)."""
+    namespace: dict[str, Any] = {"__name__": "__main__", "app": app}
+    run_cell(namespace, source)
+    return namespace
+
+
+def run_cell(namespace: dict[str, Any], source: str) -> None:
+    exec(compile(source, "<notebook cell>", "exec"), namespace)
+
+
+COUNT_ABOVE = """
+threshold = 0.5
+
+@app.task
+def count_above(xs):
+    return sum(x > threshold for x in xs)
+"""
+
+
+def test_a_rebound_global_reaches_the_workers(app: App, start_worker) -> None:
+    start_worker()
+    cells = notebook(app, COUNT_ABOVE)
+    count_above = cells["count_above"]
+    assert count_above.delay([0.1, 0.6, 0.9]).get(timeout=10) == 2
+    run_cell(cells, "threshold = 0.05")
+    assert count_above([0.1, 0.6, 0.9]) == 3
+    assert count_above.delay([0.1, 0.6, 0.9]).get(timeout=10) == 3
+
+
+def test_a_helper_defined_after_a_send_is_found(app: App, start_worker) -> None:
+    start_worker()
+    cells = notebook(app, "@app.task\ndef uses_helper(v):\n    return helper(v)\n")
+    uses_helper = cells["uses_helper"]
+    with pytest.raises(NameError, match="helper"):
+        uses_helper.delay(1).get(timeout=10)
+    run_cell(cells, "offset = 1\ndef helper(v):\n    return v + offset\n")
+    assert uses_helper.delay(1).get(timeout=10) == 2
+    # What the helper reads counts too, as does a helper redefined.
+    run_cell(cells, "offset = 10")
+    assert uses_helper.delay(1).get(timeout=10) == 11
+    run_cell(cells, "def helper(v):\n    return -v\n")
+    assert uses_helper.delay(1).get(timeout=10) == -1
+
+
+def test_a_global_list_changed_in_place_is_seen(app: App, start_worker) -> None:
+    start_worker()
+    cells = notebook(app, "weights = [1, 2]\n@app.task\ndef total():\n    return sum(weights)\n")
+    total = cells["total"]
+    assert total.delay().get(timeout=10) == 3
+    run_cell(cells, "weights.append(10)")
+    assert total.delay().get(timeout=10) == 13
+
+
+def test_a_closure_and_defaults_are_read_at_each_send(app: App, start_worker) -> None:
+    start_worker()
+    factor = 2
+
+    @app.task
+    def scale(x: int, plus: int = 0) -> int:
+        return x * factor + plus
+
+    assert scale.delay(3).get(timeout=10) == 6
+    factor = 10
+    assert scale.delay(3).get(timeout=10) == 30
+    scale.run.__defaults__ = (1,)
+    assert scale.delay(3).get(timeout=10) == 31
+
+
+def test_the_pickle_is_reused_while_nothing_it_holds_changed(app: App) -> None:
+    cells = notebook(app, COUNT_ABOVE + "def unused():\n    pass\n")
+    count_above: Task = cells["count_above"]
+    cache: weakref.WeakKeyDictionary[Task, Any] = weakref.WeakKeyDictionary()
+    first = code_for(count_above, cache)
+    entry = cache[count_above]
+    assert entry.captured is not None
+    # Sent again, and after a change to a name the task does not read: the same pickle.
+    assert code_for(count_above, cache) == first
+    run_cell(cells, "unused = 1\nother = [1]")
+    assert code_for(count_above, cache) == first
+    assert cache[count_above] is entry
+    # A global it reads, rebound (even to an equal value): pickled again.
+    run_cell(cells, "threshold = 0.05")
+    second = code_for(count_above, cache)
+    assert second[0] != first[0] and cache[count_above] is not entry
+    run_cell(cells, "threshold = float('0.05')")
+    assert code_for(count_above, cache) == second and cache[count_above] is not entry
+    # An option set on the task's class is part of its pickle too.
+    entry = cache[count_above]
+    type.__setattr__(type(count_above), "custom_option", 1)
+    assert code_for(count_above, cache)[0] != second[0]
+    assert cache[count_above] is not entry
+
+
+def test_a_task_reading_a_mutable_global_is_pickled_at_every_send(app: App) -> None:
+    cells = notebook(app, "weights = [1]\n@app.task\ndef total():\n    return sum(weights)\n")
+    total: Task = cells["total"]
+    cache: weakref.WeakKeyDictionary[Task, Any] = weakref.WeakKeyDictionary()
+    first = code_for(total, cache)
+    assert cache[total].captured is None
+    run_cell(cells, "weights.append(2)")
+    assert code_for(total, cache)[0] != first[0]
+
+
+def test_a_cached_task_reading_itself_is_not_kept_alive(app: App) -> None:
+    cells = notebook(app, "@app.task\ndef again(n):\n    return again.delay(n - 1) if n else 0\n")
+    again: Task = cells["again"]
+    cache: weakref.WeakKeyDictionary[Task, Any] = weakref.WeakKeyDictionary()
+    code_for(again, cache)
+    assert cache[again].captured is not None
+    # The notebook redefines it: nothing else holds the old task.
+    gone = weakref.ref(again)
+    del cells["again"], app.tasks[again.name], again
+    gc.collect()
+    assert gone() is None and not cache
