@@ -16,7 +16,7 @@ from __future__ import annotations
 import operator
 import types
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sized
 from typing import Any
 
 import cloudpickle
@@ -37,6 +37,8 @@ _DESCRIPTORS = (
     types.WrapperDescriptorType,
     types.MethodDescriptorType,
 )
+# cloudpickle.register_pickle_by_value's registry (a set of module names).
+_BY_VALUE_MODULES: set[str] = cloudpickle.cloudpickle._PICKLE_BY_VALUE_MODULES
 # What a function's pickle holds besides its globals and closure (cloudpickle's slot state).
 _FUNCTION_SLOTS = ("__code__", "__name__", "__qualname__", "__module__", "__doc__", "__defaults__")
 _FUNCTION_MAPPINGS = ("__dict__", "__annotations__", "__kwdefaults__")
@@ -57,6 +59,7 @@ class Capture:
         "absent_from",
         "absent_keys",
         "attribute_values",
+        "by_value_modules",
         "keys",
         "mappings",
         "names",
@@ -78,11 +81,14 @@ class Capture:
         self.owners: list[object] = []  # getattr(owners[i], names[i]) is attribute_values[i]
         self.names: list[str] = []
         self.attribute_values: list[Any] = []
-        self.sized: list[Mapping[Any, Any]] = []  # len(sized[i]) == sizes[i]
+        self.sized: list[Sized] = []  # len(sized[i]) == sizes[i]
         self.sizes: list[int] = []
         # Tasks, held weakly (a cached task must not keep itself alive): (mapping or
         # owner, key or attribute name, reference, whether the first is a mapping).
         self.weak: list[tuple[Any, Any, Callable[[], Any], bool]] = []
+        # The modules registered to be pickled by value (the notebook registers the ones
+        # written next to it): what is pickled by name depends on them.
+        self.by_value_modules = frozenset(_BY_VALUE_MODULES)
 
     def record(self, place: Any, key: Any, value: Any, in_mapping: bool) -> None:
         """Note that ``value`` was read from ``place[key]`` (or ``getattr(place, key)``)."""
@@ -105,6 +111,7 @@ class Capture:
         try:
             return (
                 list(map(len, self.sized)) == self.sizes
+                and self.by_value_modules == _BY_VALUE_MODULES
                 and all(
                     map(operator.is_, map(operator.getitem, self.mappings, self.keys), self.values)
                 )

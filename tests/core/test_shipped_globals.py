@@ -11,11 +11,13 @@ import gc
 import weakref
 from typing import Any
 
+import cloudpickle
 import pytest
 
 from nbtask import App
 from nbtask.core.outgoing import code_for
 from nbtask.core.task import Task
+from tests import sample_tasks
 
 
 def notebook(app: App, source: str) -> dict[str, Any]:
@@ -133,3 +135,18 @@ def test_a_cached_task_reading_itself_is_not_kept_alive(app: App) -> None:
     del cells["again"], app.tasks[again.name], again
     gc.collect()
     assert gone() is None and not cache
+
+
+def test_a_module_registered_to_travel_by_value_renews_the_pickle(app: App) -> None:
+    cells = notebook(app, COUNT_ABOVE)
+    count_above: Task = cells["count_above"]
+    cache: weakref.WeakKeyDictionary[Task, Any] = weakref.WeakKeyDictionary()
+    code_for(count_above, cache)
+    entry = cache[count_above]
+    # What the notebook does for a module written next to it: what travels by name changes.
+    cloudpickle.register_pickle_by_value(sample_tasks)
+    try:
+        code_for(count_above, cache)
+        assert cache[count_above] is not entry
+    finally:
+        cloudpickle.unregister_pickle_by_value(sample_tasks)
