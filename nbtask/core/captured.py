@@ -37,6 +37,7 @@ _DESCRIPTORS = (
     types.WrapperDescriptorType,
     types.MethodDescriptorType,
 )
+_REDUCERS = ("__getstate__", "__reduce__", "__reduce_ex__")
 # cloudpickle.register_pickle_by_value's registry (a set of module names).
 _BY_VALUE_MODULES: set[str] = cloudpickle.cloudpickle._PICKLE_BY_VALUE_MODULES
 # What a function's pickle holds besides its globals and closure (cloudpickle's slot state).
@@ -137,7 +138,7 @@ def capture(task: Task) -> Capture | None:
     walk = _Walk()
     try:
         walk.value(task)
-    except Uncacheable:
+    except Exception:  # Uncacheable, or an object too odd to walk: pickled at every send
         return None
     return walk.capture
 
@@ -183,6 +184,8 @@ class _Walk:
         elif isinstance(obj, property):
             self.value((obj.fget, obj.fset, obj.fdel, obj.__doc__))
         elif isinstance(obj, Task):  # pickled as its class and its __dict__ but the app
+            if not _pickled_as_tasks_are(type(obj)):
+                raise Uncacheable(obj)
             self.value(type(obj))
             self.mapping(obj.__dict__, skip=("app",))
         elif not (
@@ -237,6 +240,11 @@ class _Walk:
                 continue
             self.capture.record(mapping, key, value, in_mapping=True)
             self.value(value)
+
+
+def _pickled_as_tasks_are(cls: type[Task]) -> bool:
+    """Whether instances of ``cls`` pickle as :class:`Task`'s do (no reducer of their own)."""
+    return all(getattr(cls, name) is getattr(Task, name) for name in _REDUCERS)
 
 
 def _by_reference(obj: Any) -> bool:
