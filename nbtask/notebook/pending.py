@@ -57,6 +57,8 @@ class CellRun:
     #: Its names that a later cell (or the notebook itself) bound meanwhile: its values
     #: for them are older than what the notebook holds, and never written.
     superseded: set[str] = dataclasses.field(default_factory=set)
+    #: Its names the cell binds anew (the others it may only change in place).
+    rebound: frozenset[str] = frozenset()
 
 
 class Pending:
@@ -216,10 +218,26 @@ class Pending:
         self._rehome(effects.get("held"))
         share_namespace(self.namespace, arrived)
         for name, why in dict(effects.get("skipped", {})).items():
-            print(f"nbtask: {name} stays on the worker: {why}", file=sys.stderr)
+            self._not_brought_back(run, name, why)
         state = effects.get("state")
         if state and state != process_state.NO_CHANGES:
             self._apply_state(Envelope({}, state).load_body())
+
+    def _not_brought_back(self, run: CellRun, name: str, why: str) -> None:
+        """Say that the cell's value for ``name`` could not come back (it cannot be pickled).
+
+        A name the cell bound anew would no longer hold its old value locally: it goes, so
+        that no later cell uses the old one unawares. One it changed in place keeps the
+        value it had before the cell.
+        """
+        if name in run.superseded:
+            return
+        if name in run.rebound:
+            self.namespace.pop(name, None)
+            said = "it is not defined in the notebook after this cell"
+        else:
+            said = "the notebook keeps its value from before the cell"
+        print(f"nbtask: {name} did not come back from the worker ({why}): {said}", file=sys.stderr)
 
     def _rehome(self, held: Mapping[str, list[Any]] | None) -> None:
         """Kept values the cell read and its process now holds: later work goes there.

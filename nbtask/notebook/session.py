@@ -296,7 +296,7 @@ class Session:
         used = modules_used(found.imports, shipped)
         self.version_warnings.check(self.app, used, handle.queue)
         names = tuple(dict.fromkeys([*found.assigned, *found.mutated]))
-        run = CellRun(handle, label, names)
+        run = CellRun(handle, label, names, rebound=frozenset(found.assigned))
         if args.out:
             self.shell.user_ns[args.out] = handle
         if args.wait:

@@ -176,6 +176,26 @@ def test_a_frame_in_a_function_of_an_earlier_cell_is_named_as_the_notebook_names
     assert not [line for line in lines if "ipython-input" in line], lines
 
 
+def test_a_name_whose_new_value_cannot_come_back_is_not_left_with_its_old_one(
+    ip: InteractiveShell, nb: Session, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(ip, "def f(v):\n    return v * 2\nsettings = {'n': 1}")
+    ip.run_cell_magic(
+        "task",
+        "--wait",
+        "import threading\nf = threading.Lock()\nsettings['lock'] = threading.Lock()\nok = 1",
+    )
+    said = capsys.readouterr().err
+    assert ip.user_ns["ok"] == 1
+    # Rebound: locally f would be the lock, never the old function.
+    assert "f" not in ip.user_ns
+    assert "nbtask: f did not come back from the worker (" in said
+    assert "it is not defined in the notebook after this cell" in said
+    # Changed in place: the notebook keeps what it had.
+    assert ip.user_ns["settings"] == {"n": 1}
+    assert "settings did not come back" in said and "keeps its value from before" in said
+
+
 def test_unpicklable_variable_names_it_and_sends_nothing(ip: InteractiveShell, nb: Session) -> None:
     run(ip, "import threading\nlock = threading.Lock()\nfine = 1")
     with pytest.raises(CellError, match=r"variable 'lock' \(_thread.lock\) cannot be pickled"):
