@@ -17,7 +17,7 @@ import hashlib
 import os
 import sys
 import types
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from typing import Any
 
 from nbtask.brokers.base import Store
@@ -65,9 +65,7 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
         shipped = loaded
         # A kept value's state is its key by content, known already: it is hashed after
         # the cell only.
-        before = {
-            n: _digest(v) for n, v in shipped.items() if _may_change(v) and n not in references
-        }
+        before = _digests(shipped, skip=references)
         before.update(kept_before)
         namespace = shell.user_ns
         namespace.clear()
@@ -76,8 +74,12 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
         namespace.update(datasets or {})
         # A dataset is the worker's: like a shipped value, it returns only if changed.
         shipped.update(datasets or {})
-        # Values the shipped functions carried are shipped values too (not assigned here).
-        shipped.update({n: namespace[n] for n in share_namespace(namespace, list(shipped))})
+        # Values the shipped functions carried (the globals they named: ``results`` of
+        # ``def record(x): results.append(x)``) are shipped values too, not assigned here:
+        # changed in place, through the functions or not, they come back as any other.
+        carried = {n: namespace[n] for n in share_namespace(namespace, list(shipped))}
+        shipped.update(carried)
+        before.update(_digests(carried))
         # Loaded only now, with the shell (and matplotlib's inline backend) set up: the
         # state holds matplotlib objects, and importing matplotlib first would choose
         # another backend.
@@ -311,6 +313,11 @@ def _packed_whole(out: Mapping[str, Any], spec: CellSpec) -> Packed | None:
         return None
     threshold = spec.keep_threshold
     return packed if threshold is None or packed.size < threshold // 2 else None
+
+
+def _digests(values: Mapping[str, Any], skip: Container[str] = ()) -> dict[str, bytes]:
+    """The digests of the values a cell may change in place, but those named in ``skip``."""
+    return {n: _digest(v) for n, v in values.items() if _may_change(v) and n not in skip}
 
 
 def _may_change(value: Any) -> bool:

@@ -1,0 +1,92 @@
+"""Values a cell changes through the notebook's functions come back, as they would locally.
+
+A notebook function shipped with a ``%%task`` cell carries the globals it names
+(``results`` of ``def record(x): results.append(x)``) though the cell never names them.
+Changed in place, through the function or not, such a value comes back like any shipped
+value; left unchanged, it does not. A real IPython shell against the real Redis and
+worker processes, with ``keep_threshold`` lowered to 1 MiB so that a 2.4 MB array is kept.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import cell_run as run
+from helpers import cell_task as task
+from IPython.core.interactiveshell import InteractiveShell
+
+from nbtask import Settings
+from nbtask.notebook.kept import RemoteValue
+from nbtask.notebook.session import Session
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """The suite's settings, keeping names of 1 MiB or more on the workers."""
+    return settings.replace(keep_threshold=1024 * 1024)
+
+
+def test_a_list_appended_to_through_a_function_comes_back(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    run(ip, "results = []\ndef record(name, score):\n    results.append((name, score))")
+    task(ip, "for i in range(3):\n    record(f'run{i}', i * 0.1)")
+    assert ip.user_ns["results"] == [("run0", 0.0), ("run1", 0.1), ("run2", 0.2)]
+    run(ip, "record('local', 1.0)")  # the notebook's function appends to what came back
+    assert len(ip.user_ns["results"]) == 4
+
+
+def test_a_dict_updated_through_a_function_comes_back(ip: InteractiveShell, nb: Session) -> None:
+    run(ip, "scores = {'kept': 0}\ndef note(key, value):\n    scores[key] = value")
+    task(ip, "note('a', 1)\nnote('b', 2)")
+    assert ip.user_ns["scores"] == {"kept": 0, "a": 1, "b": 2}
+
+
+def test_an_array_changed_in_place_through_a_function_comes_back(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    run(ip, "import numpy as np\narr = np.zeros(4)\ndef bump(i):\n    arr[i] += 1")
+    task(ip, "bump(0)\nbump(3)\nbump(3)")
+    np.testing.assert_array_equal(ip.user_ns["arr"], [1.0, 0.0, 0.0, 2.0])
+
+
+def test_a_value_changed_through_a_function_another_calls_comes_back(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    run(
+        ip,
+        "seen = []\ndef record(x):\n    seen.append(x)\n"
+        "def record_all(n):\n    for i in range(n):\n        record(i)",
+    )
+    task(ip, "record_all(3)")
+    assert ip.user_ns["seen"] == [0, 1, 2]
+
+
+def test_a_value_changed_through_a_function_in_a_background_cell_comes_back(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    run(ip, "results = []\ndef record(x):\n    results.append(x)")
+    task(ip, "record(1)\nrecord(2)", "--out h")
+    ip.user_ns["h"].get(timeout=60)
+    run(ip, "n = len(results)")  # the finished cell is delivered before this one runs
+    assert ip.user_ns["n"] == 2
+
+
+def test_a_large_value_changed_through_a_function_is_kept_as_any_name(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    run(ip, "import numpy as np\nstore = {}\ndef fill(n):\n    store['x'] = np.arange(n * 1.0)")
+    task(ip, "fill(300_000)")
+    assert isinstance(ip.user_ns["store"], RemoteValue)
+    task(ip, "total = float(store['x'].sum())")
+    assert ip.user_ns["total"] == float(sum(range(300_000)))
+
+
+def test_a_value_made_unpicklable_through_a_function_stays_as_any_name(
+    ip: InteractiveShell, nb: Session, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(ip, "import threading\nhandles = []\ndef open_one():\n    handles.append(threading.Lock())")
+    task(ip, "open_one()\ndone = True")
+    assert "nbtask: handles stays on the worker: list cannot be pickled" in capsys.readouterr().err
+    assert ip.user_ns["done"] is True
+    assert ip.user_ns["handles"] == []
