@@ -27,7 +27,7 @@ from nbtask.errors import BlobError, BlobGone, CellError
 from nbtask.notebook import process_state
 from nbtask.notebook.analysis import is_history_name
 from nbtask.notebook.kept import RemoteValue, Sealing, keep, key_by_content
-from nbtask.notebook.shipping import CellSpec, share_namespace
+from nbtask.notebook.shipping import CellSpec, may_change, share_namespace
 from nbtask.notebook.worker_shell import BASE_NS, worker_shell
 from nbtask.wire.blobs import Packed
 from nbtask.wire.envelope import Envelope, Signer, dumps
@@ -74,10 +74,13 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
         namespace.update(datasets or {})
         # A dataset is the worker's: like a shipped value, it returns only if changed.
         shipped.update(datasets or {})
-        # Values the shipped functions carried (the globals they named: ``results`` of
-        # ``def record(x): results.append(x)``) are shipped values too, not assigned here:
-        # changed in place, through the functions or not, they come back as any other.
+        # The shipped functions are made to read this namespace: the copies that do so are
+        # still the shipped functions (they go back only if the cell rebinds them or sets
+        # their attributes). The values they carried (the globals they named: ``results``
+        # of ``def record(x): results.append(x)``) are shipped values too, not assigned
+        # here: changed in place, through the functions or not, they come back as any other.
         carried = {n: namespace[n] for n in share_namespace(namespace, list(shipped))}
+        shipped.update({n: namespace[n] for n in shipped if namespace[n] is not shipped[n]})
         shipped.update(carried)
         before.update(_digests(carried))
         # Loaded only now, with the shell (and matplotlib's inline backend) set up: the
@@ -317,25 +320,7 @@ def _packed_whole(out: Mapping[str, Any], spec: CellSpec) -> Packed | None:
 
 def _digests(values: Mapping[str, Any], skip: Container[str] = ()) -> dict[str, bytes]:
     """The digests of the values a cell may change in place, but those named in ``skip``."""
-    return {n: _digest(v) for n, v in values.items() if _may_change(v) and n not in skip}
-
-
-def _may_change(value: Any) -> bool:
-    return not isinstance(
-        value,
-        (
-            types.ModuleType,
-            types.FunctionType,
-            type,
-            int,
-            float,
-            str,
-            bytes,
-            bool,
-            type(None),
-            frozenset,
-        ),
-    )
+    return {n: _digest(v) for n, v in values.items() if may_change(v) and n not in skip}
 
 
 def _stays_here(name: str, size: int, spec: CellSpec) -> bool:
@@ -351,7 +336,13 @@ def _state(name: str, value: Any, references: Mapping[str, RemoteValue]) -> byte
 
 
 def _digest(value: Any) -> bytes:
-    """A digest of a value's pickled state, its buffers hashed where they are (no copy)."""
+    """A digest of a value's pickled state, its buffers hashed where they are (no copy).
+
+    A function's state is its attributes (``f.calls += 1``): its code does not change, and
+    its globals are values of their own.
+    """
+    if isinstance(value, types.FunctionType):
+        value = vars(value)
     try:
         packed = Packed.of(value)
     except Exception:

@@ -25,7 +25,7 @@ from nbtask.notebook.analysis import SHELL_NAMES, CellAnalysis, analyze, is_hist
 from nbtask.wire.blobs import Packed
 from nbtask.wire.envelope import dumps
 
-__all__ = ["CellSpec", "load_values", "prepare", "share_namespace"]
+__all__ = ["CellSpec", "load_values", "may_change", "prepare", "share_namespace"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -393,6 +393,14 @@ def share_namespace(
     for name in added:
         namespace[name] = carried[name]
     return added
+
+
+def may_change(value: Any) -> bool:
+    """Whether a cell may change ``value`` in place (a function: its attributes)."""
+    return not isinstance(
+        value,
+        (types.ModuleType, type, int, float, str, bytes, bool, type(None), frozenset),
+    )
 
 
 def _from_notebook(value: Any, namespace: Mapping[str, Any]) -> bool:

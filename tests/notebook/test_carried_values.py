@@ -62,6 +62,26 @@ def test_a_value_changed_through_a_function_another_calls_comes_back(
     assert ip.user_ns["seen"] == [0, 1, 2]
 
 
+def test_a_carried_value_left_unchanged_does_not_come_back(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    """Only what changed travels: the notebook keeps its own object of an unchanged one."""
+    run(
+        ip,
+        "import numpy as np\nlookup = {'a': 1}\nbig = np.arange(1000.0)\nlog = []\n"
+        "def score(key):\n    return lookup[key] + big[:1].sum()\n"
+        "def record(x):\n    log.append(x)\n"
+        "ours = (lookup, big, score)",
+    )
+    task(ip, "total = score('a')\nrecord(total)", "--wait --out h")
+    assert ip.user_ns["total"] == 1.0
+    assert ip.user_ns["h"].result(0)["names"] == ["log", "total"]  # what the worker sent
+    lookup, big, score = ip.user_ns["ours"]
+    assert ip.user_ns["lookup"] is lookup and ip.user_ns["big"] is big
+    assert ip.user_ns["score"] is score
+    assert ip.user_ns["log"] == [1.0]
+
+
 def test_a_value_changed_through_a_function_in_a_background_cell_comes_back(
     ip: InteractiveShell, nb: Session
 ) -> None:
@@ -90,3 +110,14 @@ def test_a_value_made_unpicklable_through_a_function_stays_as_any_name(
     assert "nbtask: handles stays on the worker: list cannot be pickled" in capsys.readouterr().err
     assert ip.user_ns["done"] is True
     assert ip.user_ns["handles"] == []
+
+
+def test_a_function_the_cell_gave_an_attribute_comes_back_with_it(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    """A shipped function comes back only when changed, as any shipped value."""
+    run(ip, "def count():\n    count.calls += 1\ncount.calls = 0\ndef same():\n    return 1")
+    ours = ip.user_ns["same"]
+    task(ip, "count()\ncount()\nsame()")
+    assert ip.user_ns["count"].calls == 2
+    assert ip.user_ns["same"] is ours
