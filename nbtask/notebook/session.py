@@ -27,7 +27,7 @@ from nbtask.notebook.follow import cancel_task, cancelled, follow, next_event, o
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.pending import WAIT_NAME, CellRun, Pending, WaitInserter, wait_interruptibly
 from nbtask.notebook.releases import Releases, ReleaseTask
-from nbtask.notebook.shipping import analyzed, prepare, transformed
+from nbtask.notebook.shipping import analyzed, carried_names, prepare, transformed
 from nbtask.notebook.version_warnings import VersionWarnings, modules_used
 from nbtask.notebook.waitline import ProgressLine, show_output
 from nbtask.notebook.widgets import TaskView, TaskWidget, make_view, widgets_enabled
@@ -295,7 +295,9 @@ class Session:
         self.releases.hold(handle, shipped)  # the kept values it reads, until it ends
         used = modules_used(found.imports, shipped)
         self.version_warnings.check(self.app, used, handle.queue)
-        names = tuple(dict.fromkeys([*found.assigned, *found.mutated]))
+        # And the values its functions carry, which it may change through them.
+        carried = carried_names(dict(zip(spec.names, shipped, strict=True)), self.shell.user_ns)
+        names = tuple(dict.fromkeys([*found.assigned, *found.mutated, *carried]))
         run = CellRun(handle, label, names, rebound=frozenset(found.assigned))
         if args.out:
             self.shell.user_ns[args.out] = handle

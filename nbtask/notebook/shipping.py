@@ -25,7 +25,7 @@ from nbtask.notebook.analysis import SHELL_NAMES, CellAnalysis, analyze, is_hist
 from nbtask.wire.blobs import Packed
 from nbtask.wire.envelope import dumps
 
-__all__ = ["CellSpec", "load_values", "may_change", "prepare", "share_namespace"]
+__all__ = ["CellSpec", "carried_names", "load_values", "may_change", "prepare", "share_namespace"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -393,6 +393,57 @@ def share_namespace(
     for name in added:
         namespace[name] = carried[name]
     return added
+
+
+def carried_names(values: Mapping[str, Any], namespace: Mapping[str, Any]) -> list[str]:
+    """The notebook's values the shipped functions in ``values`` carry, by name.
+
+    A function of the notebook travels with the globals it names, and with those of the
+    notebook's functions it names in turn (``results`` of ``def record(x):
+    results.append(x)``); the worker adds them to the cell's namespace
+    (:func:`share_namespace`). A cell can change them in place through the functions,
+    without naming them: they may come back. Only values that can change in place are
+    named (no modules, functions, classes, numbers or strings).
+    """
+    found: dict[str, None] = {}
+    functions = [f for v in values.values() for f in _notebook_functions(v)]
+    seen: set[int] = set()
+    while functions:
+        function = functions.pop()
+        if id(function) in seen:
+            continue
+        seen.add(id(function))
+        for name in _global_names(function.__code__):
+            value = namespace.get(name, _MISSING)
+            if value is _MISSING or name in values:
+                continue
+            functions.extend(_notebook_functions(value))
+            if may_change(value) and not isinstance(value, types.FunctionType):
+                found.setdefault(name)
+    return list(found)
+
+
+_MISSING = object()
+
+
+def _notebook_functions(value: Any) -> list[types.FunctionType]:
+    """``value`` if it is a function of the notebook; the methods of a notebook class."""
+    if isinstance(value, type) and value.__module__ == "__main__":
+        return [m for m in vars(value).values() if _of_main(m)]
+    return [value] if _of_main(value) else []
+
+
+def _of_main(value: Any) -> bool:
+    return isinstance(value, types.FunctionType) and value.__module__ == "__main__"
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    """The names ``code`` and the code nested in it may read as globals."""
+    names = set(code.co_names)
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            names |= _global_names(constant)
+    return names
 
 
 def may_change(value: Any) -> bool:

@@ -18,6 +18,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from nbtask import Settings
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.session import Session
+from nbtask.notebook.shipping import carried_names
 
 
 @pytest.fixture
@@ -121,3 +122,36 @@ def test_a_function_the_cell_gave_an_attribute_comes_back_with_it(
     task(ip, "count()\ncount()\nsame()")
     assert ip.user_ns["count"].calls == 2
     assert ip.user_ns["same"] is ours
+
+
+def test_a_cell_reading_a_value_a_background_cell_may_change_through_a_function_waits(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    """As locally, where the cells run one after the other: the later one sees the change."""
+    run(ip, "results = []\ndef record(x):\n    results.append(x)")
+    task(ip, "import time\ntime.sleep(2)\nrecord(1)", "")
+    run(ip, "n = len(results)")
+    assert ip.user_ns["n"] == 1
+
+
+def test_a_value_the_notebook_rebinds_meanwhile_is_not_overwritten_by_a_background_cell(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    run(ip, "results = []\ndef record(x):\n    results.append(x)")
+    task(ip, "import time\ntime.sleep(2)\nrecord(1)", "--out h")
+    run(ip, "results = ['reset']")  # the later cell's value wins, as locally
+    ip.user_ns["h"].get(timeout=60)
+    run(ip, "n = len(results)")
+    assert ip.user_ns["results"] == ["reset"]
+
+
+def test_names_a_function_reads_are_found_through_the_functions_and_classes_it_names() -> None:
+    namespace: dict[str, object] = {"__name__": "__main__"}  # as the notebook's own
+    exec(
+        "import math\nLIMIT = 3\nseen = []\ntable = {}\nclass Box:\n"
+        "    def put(self, x):\n        table[x] = [v for v in seen if v < LIMIT]\n"
+        "def inner(x):\n    seen.append(math.floor(x))\n"
+        "def outer(x):\n    inner(x)\n    return Box().put(x)\n",
+        namespace,
+    )
+    assert sorted(carried_names({"outer": namespace["outer"]}, namespace)) == ["seen", "table"]
