@@ -234,6 +234,10 @@ class TaskHandle(concurrent.futures.Future[Any]):
             )
         try:
             return self.result(timeout)
+        except KeyboardInterrupt:
+            # Ctrl-C while waiting (the task runs on, as Celery's): the traceback ends at
+            # this call, not in the frames that were reading the client's events.
+            raise KeyboardInterrupt from None
         except concurrent.futures.TimeoutError:
             waiting = self.waiting_reason
             why = f" (waiting: {waiting})" if waiting else ""

@@ -131,6 +131,14 @@ class TaskMagics(Magics):  # type: ignore[misc]
         options = _task_options(line)
         try:
             return self.session.submit_cell(cell, options)
+        except KeyboardInterrupt as exc:
+            if hasattr(exc, "_render_traceback_"):  # says what it cancelled already
+                raise
+            # Ctrl-C while the cell was shipped or its values written: as Python says it,
+            # without nbtask's frames.
+            interrupted = KeyboardInterrupt()
+            interrupted._render_traceback_ = lambda: ["KeyboardInterrupt"]  # type: ignore[attr-defined]
+            raise interrupted from None
         except BrokerUnavailable as exc:
             if hasattr(exc, "_render_traceback_"):  # the cell's own error, from the worker
                 raise

@@ -176,6 +176,10 @@ class Pending:
             )
             try:
                 self.namespace[name] = value.fetch()
+            except KeyboardInterrupt:
+                raise one_line(
+                    KeyboardInterrupt(f"fetching {name} was interrupted: it is still the reference")
+                ) from None
             except BlobError as exc:  # one line that names the variable, no nbtask frames
                 said = str(exc)
                 if not said.startswith(f"{name} "):

@@ -7,7 +7,10 @@ outage is needed.
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import signal
 import threading
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -146,6 +149,24 @@ def test_a_ctrl_c_while_handing_the_turn_on_leaves_it_to_the_listener(
     unwatched = app.send_task(ADD, (3, 4))
     wait_until(unwatched.done, 15, "the listener to read the result")
     assert unwatched.result() == 7
+
+
+def test_a_ctrl_c_in_get_ends_its_traceback_at_get_and_the_task_runs_on(
+    app: App, start_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    start_worker(concurrency=1)
+    go = tmp_path / "go"
+    slow = app.send_task(WAIT_FOR_FILE, (str(tmp_path / "marker"), str(go)))
+    wait_until(lambda: slow.state is State.STARTED, 15, "the task to start")
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt) as info:
+        slow.get(timeout=30)
+    frames = [frame.name for frame in traceback.extract_tb(info.value.__traceback__)]
+    assert frames[-1] == "get", frames  # none of the frames that were reading events
+    assert reader_of(app) is not threading.current_thread()
+    assert slow.state is State.STARTED  # it runs on
+    go.touch()
+    assert slow.get(timeout=15) is not None
 
 
 @pytest.fixture

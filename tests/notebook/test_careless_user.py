@@ -151,6 +151,34 @@ def test_interrupting_a_cell_that_waits_for_a_pending_name_says_its_task_was_can
     assert ip.run_cell("print('the next cell runs')").success
 
 
+def test_interrupting_a_wait_cell_while_its_values_are_shipped_shows_no_nbtask_frames(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    ip.run_cell("import numpy as np\nbig = np.ones(50_000_000)")  # 400 MB: hashed a while
+    interrupt_once_waiting_in("digest_of")
+    with pytest.raises(KeyboardInterrupt) as info:
+        ip.run_cell_magic("task", "--wait", "total = float(big.sum())")
+    assert rendered(info.value) == ["KeyboardInterrupt"]
+    assert "total" not in ip.user_ns
+    assert ip.run_cell("print('the next cell runs')").success
+
+
+def test_interrupting_the_fetch_of_a_kept_value_says_so_in_one_line(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    ip.run_cell_magic(
+        "task", "--wait", "import numpy as np\nx = np.ones(30_000_000)"
+    )  # 240 MB: kept on the workers, fetched a while
+    interrupt_once_waiting_in("fetch")
+    result = ip.run_cell("y = x[:3]")
+    error = result.error_in_exec
+    assert isinstance(error, KeyboardInterrupt), error
+    assert rendered(error) == [
+        "KeyboardInterrupt: fetching x was interrupted: it is still the reference"
+    ]
+    assert type(ip.user_ns["x"]).__name__ == "RemoteValue"
+
+
 def test_reading_a_name_of_a_cancelled_cell_says_so_in_one_line(
     ip: InteractiveShell, nb: Session
 ) -> None:
