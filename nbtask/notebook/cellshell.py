@@ -28,7 +28,7 @@ from nbtask.notebook import process_state
 from nbtask.notebook.analysis import is_history_name
 from nbtask.notebook.kept import RemoteValue, Sealing, keep, key_by_content
 from nbtask.notebook.shipping import CellSpec, may_change, share_namespace
-from nbtask.notebook.worker_shell import BASE_NS, worker_shell
+from nbtask.notebook.worker_shell import BASE_NS, cell_logging, worker_shell
 from nbtask.wire.blobs import Packed
 from nbtask.wire.envelope import Envelope, Signer, dumps
 
@@ -92,7 +92,8 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
         shell.compile.line_offset = spec.line_offset
         shell.displayhook.cell_source = spec.source
         shell.kernel_transform = (spec.source, getattr(spec, "python", ""))  # "": older kernel
-        result = shell.run_cell(spec.source, store_history=False)
+        with cell_logging():
+            result = shell.run_cell(spec.source, store_history=False)
         error = result.error_before_exec or result.error_in_exec
         if error is None or attempt == spec.retries or not isinstance(error, Exception):
             break

@@ -196,6 +196,19 @@ def test_a_name_whose_new_value_cannot_come_back_is_not_left_with_its_old_one(
     assert "settings did not come back" in said and "keeps its value from before" in said
 
 
+def test_what_a_cell_logs_shows_in_the_cell_as_in_a_kernel(
+    ip: InteractiveShell, nb: Session, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ip.run_cell_magic(
+        "task",
+        "--wait",
+        "import logging\nlog = logging.getLogger('etl')\nlog.warning('3 rows dropped: bad dates')\n"
+        "log.info('not shown')\nlogging.warning('root warning')\nlog.error('failed: %s', 'x')",
+    )
+    said = capsys.readouterr().err.splitlines()
+    assert said == ["3 rows dropped: bad dates", "WARNING:root:root warning", "failed: x"], said
+
+
 def test_unpicklable_variable_names_it_and_sends_nothing(ip: InteractiveShell, nb: Session) -> None:
     run(ip, "import threading\nlock = threading.Lock()\nfine = 1")
     with pytest.raises(CellError, match=r"variable 'lock' \(_thread.lock\) cannot be pickled"):
