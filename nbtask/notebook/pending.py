@@ -59,6 +59,8 @@ class CellRun:
     superseded: set[str] = dataclasses.field(default_factory=set)
     #: Its names the cell binds anew (the others it may only change in place).
     rebound: frozenset[str] = frozenset()
+    #: The notebook's process-wide state it was sent with (random generators included).
+    state: bytes = b""
 
 
 class Pending:
@@ -111,6 +113,26 @@ class Pending:
     def running(self) -> list[CellRun]:
         """Runs not finished yet."""
         return [r for r in self.runs if not r.handle.done()]
+
+    def say_if_random_repeats(self, run: CellRun, source: str) -> None:
+        """Say so if ``run`` draws the same random numbers as a run still going.
+
+        Locally a cell's random numbers follow on from the cell before's. A cell sent
+        while another, sent from the same random state, still runs starts where that one
+        started: whatever both draw repeats (bootstrap samples, say, all alike). Only a
+        cell whose code names ``random`` is looked at.
+        """
+        if not run.state or "random" not in source:
+            return
+        twin = next((r for r in self.running() if r.state == run.state and r is not run), None)
+        if twin is not None:
+            print(
+                f"nbtask: {run.label!r} starts from the same random state as {twin.label!r} "
+                f"[{twin.handle.id[:8]}], which still runs: the random numbers both draw "
+                "repeat each other (one after the other, they would follow on); seed each "
+                "cell differently, or run them with --wait",
+                file=sys.stderr,
+            )
 
     def cancel_running(self, timeout: float) -> None:
         """Cancel the runs not finished; wait up to ``timeout`` seconds for started ones.

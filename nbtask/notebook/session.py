@@ -298,7 +298,8 @@ class Session:
         # And the values its functions carry, which it may change through them.
         carried = carried_names(dict(zip(spec.names, shipped, strict=True)), self.shell.user_ns)
         names = tuple(dict.fromkeys([*found.assigned, *found.mutated, *carried]))
-        run = CellRun(handle, label, names, rebound=frozenset(found.assigned))
+        run = CellRun(handle, label, names, rebound=frozenset(found.assigned), state=spec.state)
+        self.pending.say_if_random_repeats(run, python)
         if args.out:
             self.shell.user_ns[args.out] = handle
         if args.wait:

@@ -179,6 +179,25 @@ def test_interrupting_the_fetch_of_a_kept_value_says_so_in_one_line(
     assert type(ip.user_ns["x"]).__name__ == "RemoteValue"
 
 
+def test_two_background_cells_from_one_random_state_are_told_their_draws_repeat(
+    ip: InteractiveShell, nb: Session, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ip.run_cell("import numpy as np\nnp.random.seed(0)")
+    ip.run_cell_magic(
+        "task", "", "import time\nimport numpy as np\na = np.random.random()\ntime.sleep(2)"
+    )
+    capsys.readouterr()
+    ip.run_cell_magic("task", "", "import numpy as np\nb = np.random.random()")
+    said = capsys.readouterr().err
+    assert "'import numpy as np' starts from the same random state as 'import time'" in said
+    ip.run_cell("pair = (a, b)")  # waits for both, and the notebook's state moves on
+    assert ip.user_ns["pair"][0] == ip.user_ns["pair"][1]  # what was said
+    capsys.readouterr()
+    ip.run_cell_magic("task", "", "import numpy as np\nc = np.random.random()")
+    ip.run_cell_magic("task", "", "d = 1  # draws nothing")
+    assert "same random state" not in capsys.readouterr().err
+
+
 def test_reading_a_name_of_a_cancelled_cell_says_so_in_one_line(
     ip: InteractiveShell, nb: Session
 ) -> None:
