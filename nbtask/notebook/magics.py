@@ -41,6 +41,12 @@ def _task_options(line: str) -> argparse.Namespace:
     return _checked(options)
 
 
+#: The options' long names: as a cell's name each is far likelier a forgotten ``--``.
+_OPTION_NAMES = frozenset(
+    {"wait", "queue", "timeout", "retries", "out", "keep", "fetch", "requires"}
+)
+
+
 def _unquoted(value: str) -> str:
     """``value`` without the quotes IPython's argument splitting leaves around it."""
     if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
@@ -57,6 +63,11 @@ def _checked(options: argparse.Namespace) -> argparse.Namespace:
     for key in ("name", "queue", "out"):
         if getattr(options, key) is not None:
             setattr(options, key, _unquoted(getattr(options, key)))
+    if options.name in _OPTION_NAMES:  # "%%task wait": a dash forgotten, not a name meant
+        raise UsageError(
+            f"{options.name!r} is the name of an option: write --{options.name}; to name the "
+            "cell, give it another name"
+        )
     for key in ("keep", "fetch", "requires"):  # tuples: the options are shared, unchanged
         setattr(options, key, tuple(_unquoted(v) for v in getattr(options, key)))
     timeout = options.timeout

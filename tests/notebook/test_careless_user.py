@@ -47,6 +47,8 @@ def rendered(exc: BaseException) -> list[str]:
         ("--out 1abc", r"--out: '1abc' is not a Python variable name"),
         ("--keep q --fetch q", r"--keep and --fetch both name 'q'"),
         ("--keep nothere", r"'nothere', which the cell does not assign"),
+        ("wait", r"'wait' is the name of an option: write --wait; to name the cell"),
+        ("queue", r"'queue' is the name of an option: write --queue"),
     ],
 )
 def test_an_option_no_one_can_mean_is_refused_with_one_line_before_sending(
