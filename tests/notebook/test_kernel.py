@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -28,11 +29,13 @@ def broker_env(settings: Settings) -> dict[str, str]:
 def kernel() -> Iterator[Callable[[dict[str, str]], tuple[Any, Any]]]:
     """Start kernels with a given environment; all shut down after the test."""
     started: list[tuple[Any, Any]] = []
+    folders: list[Path] = []
 
     def start(env: dict[str, str]) -> tuple[Any, Any]:
         # IPC sockets in a folder of their own: under pytest-xdist another process starts
         # kernels too, and the default names (kernel-ipc-N in the cwd) would collide.
-        sockets = Path(tempfile.mkdtemp(prefix="nbtask-kernel-")) / "kernel"
+        folders.append(Path(tempfile.mkdtemp(prefix="nbtask-kernel-")))
+        sockets = folders[-1] / "kernel"
         km = KernelManager(kernel_name="python3", transport="ipc", ip=str(sockets))
         km.start_kernel(env=env, cwd=str(ROOT))
         client = km.client()
@@ -45,6 +48,8 @@ def kernel() -> Iterator[Callable[[dict[str, str]], tuple[Any, Any]]]:
     for km, client in started:
         client.stop_channels()
         km.shutdown_kernel(now=True)
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
