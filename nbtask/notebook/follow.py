@@ -32,8 +32,12 @@ def cancel_task(handle: TaskHandle) -> bool:
 
 
 def one_line(error: _E) -> _E:
-    """``error`` as IPython shows it: one line, without nbtask's frames."""
-    line = f"{type(error).__name__}: {error}"
+    """``error`` as IPython shows it: one line, without nbtask's frames.
+
+    As Python says it: ``Type: message``, or the type alone when there is no message.
+    """
+    message = str(error)
+    line = f"{type(error).__name__}: {message}" if message else type(error).__name__
     error._render_traceback_ = lambda: [line]  # type: ignore[attr-defined]
     return error
 

@@ -41,10 +41,12 @@ def _task_options(line: str) -> argparse.Namespace:
     return _checked(options)
 
 
-#: The options' long names: as a cell's name each is far likelier a forgotten ``--``.
-_OPTION_NAMES = frozenset(
-    {"wait", "queue", "timeout", "retries", "out", "keep", "fetch", "requires"}
-)
+@functools.cache
+def _option_names() -> frozenset[str]:
+    """The long names of ``%%task``'s options (``wait`` of ``--wait``), read off its parser."""
+    parser: argparse.ArgumentParser = cast("Any", TaskMagics.task).parser  # set by IPython
+    actions = parser._actions  # argparse keeps no public list of them
+    return frozenset(s[2:] for a in actions for s in a.option_strings if s.startswith("--"))
 
 
 def _unquoted(value: str) -> str:
@@ -63,7 +65,7 @@ def _checked(options: argparse.Namespace) -> argparse.Namespace:
     for key in ("name", "queue", "out"):
         if getattr(options, key) is not None:
             setattr(options, key, _unquoted(getattr(options, key)))
-    if options.name in _OPTION_NAMES:  # "%%task wait": a dash forgotten, not a name meant
+    if options.name in _option_names():  # "%%task wait": a dash forgotten, not a name meant
         raise UsageError(
             f"{options.name!r} is the name of an option: write --{options.name}; to name the "
             "cell, give it another name"
@@ -147,9 +149,7 @@ class TaskMagics(Magics):  # type: ignore[misc]
                 raise
             # Ctrl-C while the cell was shipped or its values written: as Python says it,
             # without nbtask's frames.
-            interrupted = KeyboardInterrupt()
-            interrupted._render_traceback_ = lambda: ["KeyboardInterrupt"]  # type: ignore[attr-defined]
-            raise interrupted from None
+            raise one_line(KeyboardInterrupt()) from None
         except BrokerUnavailable as exc:
             if hasattr(exc, "_render_traceback_"):  # the cell's own error, from the worker
                 raise

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import base64
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -264,13 +265,18 @@ class _CellLog(logging.Handler):
             self.handleError(record)
 
 
+@functools.cache
+def _cell_log() -> _CellLog:
+    # One per process, made once: it writes to whatever sys.stderr is when it emits.
+    return _CellLog()
+
+
 @contextlib.contextmanager
 def cell_logging() -> Iterator[None]:
     """While a cell runs, what it logs shows in the cell (see :class:`_CellLog`)."""
-    handler = _CellLog()
     root = logging.getLogger()
-    root.addHandler(handler)
+    root.addHandler(_cell_log())
     try:
         yield
     finally:
-        root.removeHandler(handler)
+        root.removeHandler(_cell_log())
