@@ -13,7 +13,7 @@ import redis
 from helpers import wait_until
 
 import nbtask
-from nbtask import App, Settings, State, Task
+from nbtask import App, Event, EventType, Settings, State, Task
 from nbtask.wire.records import TaskRecord
 
 pytestmark = pytest.mark.brokers
@@ -240,8 +240,13 @@ def test_update_state_custom_state_on_the_handle(app: App, start_worker, tmp_pat
         return "done"
 
     seen: list[object] = []
-    h = stepwise.delay(str(go))
-    h.on_event(lambda _event: seen.append(h.state))
+
+    def record(event: Event) -> None:
+        if event.type is EventType.STATE:
+            seen.append(event.data["state"])
+
+    # Attached at send time: the first update_state can arrive before delay() returns.
+    h = stepwise.apply_async((str(go),), on_event=record)
     try:
         wait_until(lambda: h.state == "PROGRESS", 10, "the custom state")
         assert h.info["meta"] == {"step": 1, "of": 2}
