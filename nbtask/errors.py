@@ -161,7 +161,12 @@ class RemoteError(NbtaskError):
         self.etype = etype
 
     def __str__(self) -> str:
-        text = f"{self.ename}: {self.evalue}" if self.evalue else self.ename
+        # Python prints ``type: str(exc)``: an error that is its own type (WorkerLost)
+        # would say its name twice.
+        if self.evalue and self.ename == type(self).__name__:
+            text = self.evalue
+        else:
+            text = f"{self.ename}: {self.evalue}" if self.evalue else self.ename
         if self.traceback:
             text += "\n\nRemote " + self.traceback.rstrip()[0].lower() + self.traceback.rstrip()[1:]
         return text

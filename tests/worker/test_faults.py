@@ -71,8 +71,10 @@ def test_early_ack_child_killed_reports_worker_lost(
     wait_until(lambda: len(pids_in(marker)) == 1, 10, "the task to start")
     os.kill(pids_in(marker)[0], signal.SIGKILL)
 
-    with pytest.raises(nbtask.WorkerLost):
+    with pytest.raises(nbtask.WorkerLost) as lost:
         h.get(timeout=5)
+    # Python's last line names the type once: "nbtask.errors.WorkerLost: the worker ...".
+    assert str(lost.value).startswith("the worker running task ")
     assert h.state is State.WORKER_LOST
     assert access.record(h.id)[b"state"] == b"WORKER_LOST"
     # Not rerun: nothing left queued or pending, and it started only once.
