@@ -75,6 +75,8 @@ class Listener:
         # After a read error only the listener thread reads, with its backoff, until a
         # read succeeds: waiters wait for it instead of retrying at once.
         self._failing = False
+        self._failed_at = 0.0  # when the current run of read errors began
+        self._failed_with = ""  # what the last read error said failed
         # Since when a registered handle has had no reader (None: it has one, or none is
         # registered), and until when waiting threads count as active (see above).
         self._unserved_since: float | None = None
@@ -301,17 +303,15 @@ class Listener:
                 positions = dict(self._positions)
             entries = self._transport.read_events(positions, block_seconds=block_seconds)
         except Exception as exc:
-            if isinstance(exc, BrokerUnavailable):
-                log.warning("event channel unreachable (%s); retrying", exc)
-            elif self._drop_adopted_channels(exc):
+            if not isinstance(exc, BrokerUnavailable) and self._drop_adopted_channels(exc):
                 return True
-            else:
-                log.exception("error reading the event channel; retrying")
-            with self._lock:
-                self._failing = True
+            self._say_read_error(exc)
             return False
         with self._lock:
-            self._failing = False
+            recovered, self._failing = self._failing, False
+        if recovered:
+            gone = time.monotonic() - self._failed_at
+            log.warning("event channel readable again after %.1f s", gone)
         for channel, entry_id, raw in entries:
             # Past an event only once it is applied: a Ctrl-C in a waiting thread that
             # reads must not skip one (it is read again; a handle ignores what it has).
@@ -321,6 +321,24 @@ class Listener:
                 self._positions[channel] = entry_id
         self._drop_idle_channels()
         return True
+
+    def _say_read_error(self, exc: Exception) -> None:
+        """Log a read error once per outage, not at every retry of the backoff.
+
+        Said again when what fails changes (the broker back, the store still away): what
+        failed is the message's first part (``cannot reach the Redis store at ...``).
+        """
+        with self._lock:
+            first, self._failing = not self._failing, True
+        failed_with = str(exc).partition(": ")[0]
+        if not first and failed_with == self._failed_with:
+            return
+        self._failed_at = time.monotonic() if first else self._failed_at
+        self._failed_with = failed_with
+        if isinstance(exc, BrokerUnavailable):
+            log.warning("event channel unreachable (%s); retrying until it is back", exc)
+        else:
+            log.exception("error reading the event channel; retrying until it reads")
 
     def _dispatch(self, raw: bytes) -> None:
         try:

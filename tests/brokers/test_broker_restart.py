@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, PrivateRedis
+from helpers import ROOT, PrivateRedis, wait_until
 
 from nbtask import App, BrokerUnavailable
 
@@ -65,3 +66,27 @@ def test_worker_and_client_survive_a_broker_restart(
         except subprocess.TimeoutExpired:
             worker.kill()
         log.close()
+
+
+def test_a_broker_outage_is_said_once_and_its_end_once(
+    private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="nbtask")
+    app = App("outage", broker=private_redis.url, secret="outage-secret")
+    try:
+        # A task no worker takes keeps the listener reading through the outage.
+        waiting = app.send_task("tests.sample_tasks.add", (1, 1), queue="nobody-consumes")
+        private_redis.stop()
+        time.sleep(2.5)  # the listener's backoff retries several times meanwhile
+        private_redis.start()
+        wait_until(
+            lambda: any("readable again" in r.getMessage() for r in caplog.records),
+            20,
+            "the listener to read again",
+        )
+        said = [r.getMessage() for r in caplog.records]
+        assert len([m for m in said if "event channel unreachable" in m]) == 1, said
+        assert len([m for m in said if "readable again" in m]) == 1, said
+        assert not waiting.done()
+    finally:
+        app.close()
