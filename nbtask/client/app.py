@@ -12,7 +12,7 @@ from typing import Any, TypeVar, overload
 from nbtask.client.connection import AppConnection
 from nbtask.client.reattach import reattach
 from nbtask.client.routes import Routes
-from nbtask.client.unsent import restore_refused, reused_ids, revoking_unsent
+from nbtask.client.unsent import give_back, restore_refused, reused_ids, revoking_unsent
 from nbtask.core.canvas import Call
 from nbtask.core.datasets import Loader, check_loader, dataset_names
 from nbtask.core.declare import task_class
@@ -255,8 +255,14 @@ class App(AppConnection):
         # A lone call (delay()) does not wait for the broker's answer; a batch waits once
         # for all, and so does a call with its own task_id (it may be refused as reused).
         wait = len(built) > 1 or any(options.get("task_id") for *_, options in calls)
-        with revoking_unsent(self.transport, self.signer, channel, listener):
-            refused = self.transport.publish([p for _, p in built], wait=wait)
+        try:
+            with revoking_unsent(self.transport, self.signer, channel, listener):
+                refused = self.transport.publish([p for _, p in built], wait=wait)
+        except BaseException:
+            # The caller gets no handle (broker away, Ctrl-C): none stays registered,
+            # kept forever by the listener for a task nobody can follow.
+            give_back(listener, handles, previous)
+            raise
         taken = restore_refused(listener, handles, refused, previous)
         live.note_sent([h for h, state in zip(handles, refused, strict=True) if not state])
         if taken:

@@ -22,7 +22,14 @@ from nbtask.errors import BrokerUnavailable
 from nbtask.wire.envelope import Signer
 from nbtask.wire.events import FINAL_SEQ, FINAL_STATES, Event, EventType
 
-__all__ = ["UNSENT_REASON", "restore_refused", "reused_ids", "revoke_unsent", "revoking_unsent"]
+__all__ = [
+    "UNSENT_REASON",
+    "give_back",
+    "restore_refused",
+    "reused_ids",
+    "revoke_unsent",
+    "revoking_unsent",
+]
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +101,19 @@ def restore_refused(
         for handle, state, before in zip(handles, refused, previous, strict=True)
         if state
     ]
-    for handle, _, before in reversed(taken):
+    give_back(listener, [handle for handle, _, _ in taken], [before for *_, before in taken])
+    return [(handle.id, state) for handle, state, _ in taken]
+
+
+def give_back(
+    listener: Listener, handles: Sequence[TaskHandle], previous: Sequence[TaskHandle | None]
+) -> None:
+    """Forget ``handles``, giving the listener back the handle each replaced, if any."""
+    for handle, before in reversed(list(zip(handles, previous, strict=True))):
         if before is None:
             listener.forget(handle.id)
         else:
             listener.register(before)
-    return [(handle.id, state) for handle, state, _ in taken]
 
 
 def reused_ids(taken: Sequence[tuple[str, str]]) -> str:

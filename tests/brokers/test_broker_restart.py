@@ -9,11 +9,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import ROOT, PrivateRedis, wait_until
 
-from nbtask import App, BrokerUnavailable
+from nbtask import App, BrokerUnavailable, TaskHandle
 
 
 def test_worker_and_client_survive_a_broker_restart(
@@ -88,5 +89,37 @@ def test_a_broker_outage_is_said_once_and_its_end_once(
         assert len([m for m in said if "event channel unreachable" in m]) == 1, said
         assert len([m for m in said if "readable again" in m]) == 1, said
         assert not waiting.done()
+    finally:
+        app.close()
+
+
+def test_a_send_that_fails_leaves_no_handle_registered(
+    private_redis: PrivateRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = App("unsent", broker=private_redis.url, secret="unsent-secret")
+    try:
+
+        @app.task
+        def add(x: int, y: int) -> int:
+            return x + y
+
+        kept = add.apply_async((1, 1), queue="nobody-consumes")
+        listener = app._listener
+        assert listener is not None
+        registered: list[TaskHandle] = []
+        register = listener.register
+
+        def recording(handle: TaskHandle, *args: Any, **kwargs: Any) -> None:
+            registered.append(handle)
+            register(handle, *args, **kwargs)
+
+        monkeypatch.setattr(listener, "register", recording)
+        private_redis.stop()
+        with pytest.raises(BrokerUnavailable):
+            add.delay_many([(3, 3), (4, 4)])  # a batch waits for the broker's answer
+        # The caller got no handle: the listener does not follow them either.
+        assert len(registered) == 2
+        assert [listener.get(h.id) for h in registered] == [None, None]
+        assert listener.get(kept.id) is kept
     finally:
         app.close()
