@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,8 @@ def test_quickstart() -> None:
 
 
 def test_functions() -> None:
+    audit_logs = Path(tempfile.gettempdir()).glob
+    before = set(audit_logs("nbtask-audit-*.log"))
     nb = execute("functions.ipynb", clean_env())
     assert_no_unexpected_errors(nb)
     out = "\n".join(text(c) for c in code_cells(nb))
@@ -149,6 +152,7 @@ def test_functions() -> None:
     assert loads and 1 <= int(loads[1]) <= 2, out  # once per worker process, not per call
     took = re.search(r"10 calls at 10/s took ([\d.]+) s", out)
     assert took and float(took[1]) >= 0.5, out  # rate limited: not all at once
+    assert set(audit_logs("nbtask-audit-*.log")) <= before  # it leaves its file behind no more
 
 
 def test_cluster(
