@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from types import FrameType
 
-__all__ = ["die_with_parent", "pid_alive"]
+__all__ = ["die_with_parent", "interrupts_held", "pid_alive"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -34,3 +39,27 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold back Ctrl-C (``SIGINT``, a notebook's Stop) until the block ends, then deliver it.
+
+    For steps that must not stop half done: starting a process (one started but not yet
+    handed back would belong to no one) and stopping one (a second Stop must not leave it
+    running). Signals reach only the main thread; elsewhere this holds back nothing.
+    """
+    # A handler set outside Python (None) could not be put back: leave it alone.
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is None
+    ):
+        yield
+        return
+    caught: list[FrameType | None] = []
+    previous = signal.signal(signal.SIGINT, lambda _signum, frame: caught.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        signal.raise_signal(signal.SIGINT)  # through the handler now in place, as it came

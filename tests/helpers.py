@@ -36,6 +36,21 @@ def exited(pid: int) -> bool:
         return True
 
 
+def processes_mentioning(text: str) -> list[str]:
+    """``pid: cmdline`` of live (non-zombie) processes whose command line contains ``text``."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            cmdline = " ".join(proc.info["cmdline"] or ())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if text in cmdline:
+            found.append(f"{proc.info['pid']}: {cmdline}")
+    return found
+
+
 def benchmark_module(name: str) -> ModuleType:
     """``benchmarks/<name>.py``, loaded from its file (nothing in it is run or timed).
 

@@ -74,9 +74,22 @@ class AppConnection:
                 secret: str | None = self.cluster.secret
             else:
                 url, secret = settings.broker_url, settings.secret
-            signer = Signer.for_settings(settings, secret)
-            transport = open_broker(settings, url)
-            transport.ping()
+            opened: Transport | None = None
+            try:
+                signer = Signer.for_settings(settings, secret)
+                transport = opened = open_broker(settings, url)
+                transport.ping()
+            except BaseException:
+                # Ctrl-C or no answer: what was opened is closed, and the cluster just
+                # taken given back, not kept by an app that is not connected (connecting
+                # again would take another).
+                if opened is not None:
+                    with contextlib.suppress(Exception):
+                        opened.close()
+                if self.cluster is not None:
+                    self.cluster.release()
+                    self.cluster = None
+                raise
             self._builder = MessageBuilder(signer, settings, transport.store)
             self._transport = transport
             self._live = LiveWorkers(transport.store, signer.key_id)

@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from nbtask._process import die_with_parent
+from nbtask._process import die_with_parent, interrupts_held
 from nbtask.brokers.local_blobs import remove_local_blobs
 from nbtask.errors import ConfigurationError, NbtaskError
 from nbtask.settings import Settings
@@ -174,46 +174,48 @@ class EmbeddedCluster:
             str(workers or settings.embedded_workers),
         ]
         log_path = directory / "cluster.log"
-        # Read through a handle opened first: a cluster that fails removes its folder,
-        # log included, and the log says why.
-        with open(log_path, "wb") as log_file, open(log_path, "rb") as log_reader:
-            process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=log_file,
-                env=env,
-                cwd=os.getcwd(),
-                start_new_session=True,
-            )
-            assert process.stdout is not None
-            line = _read_line(process, _START_TIMEOUT_SECONDS)
-            process.stdout.close()
-            if not line.startswith("READY "):
-                process.kill()
-                process.wait()
-                log = log_reader.read().decode(errors="replace")[-3000:]
+        process: subprocess.Popen[bytes] | None = None
+        try:
+            # Read through a handle opened first: a cluster that fails removes its folder,
+            # log included, and the log says why.
+            with open(log_path, "wb") as log_file, open(log_path, "rb") as log_reader:
+                with interrupts_held():  # a process started is one this call holds
+                    process = subprocess.Popen(
+                        command,
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE,
+                        stderr=log_file,
+                        env=env,
+                        cwd=os.getcwd(),
+                        start_new_session=True,
+                    )
+                line = _read_line(process, _START_TIMEOUT_SECONDS)
+                if not line.startswith("READY "):
+                    process.kill()  # it has failed already, or hangs: no warm stop
+                    _stop_process(process)
+                    log = log_reader.read().decode(errors="replace")[-3000:]
+                    raise NbtaskError(
+                        f"the embedded cluster did not start; its log ends with:\n{log}"
+                    )
+        except BaseException:
+            # Ctrl-C while it starts (a notebook's Stop), or a failed start: nothing of it
+            # outlives this call. In its own session, the cluster got no SIGINT itself.
+            with interrupts_held():
+                if process is not None:
+                    _stop_process(process)
                 shutil.rmtree(directory, ignore_errors=True)
-                raise NbtaskError(f"the embedded cluster did not start; its log ends with:\n{log}")
+            raise
+        finally:
+            if process is not None and process.stdout is not None:
+                process.stdout.close()
         return cls(line.split(" ", 1)[1].strip(), secret, directory, process)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the workers and Redis and remove the directory (idempotent)."""
-        if self.process.poll() is None:
-            # Warm first (idle children leave within a second), then cold.
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(1.5)
-            except subprocess.TimeoutExpired:
-                self.process.send_signal(signal.SIGTERM)
-                try:
-                    self.process.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(self.process.pid, signal.SIGKILL)
-                    self.process.wait()
-        shutil.rmtree(self.directory, ignore_errors=True)
-        remove_local_blobs(self.url)
+        with interrupts_held():  # a second Ctrl-C must not leave it half stopped
+            _stop_process(self.process, timeout)
+            shutil.rmtree(self.directory, ignore_errors=True)
+            remove_local_blobs(self.url)
 
     def __repr__(self) -> str:
         return f"<EmbeddedCluster {self.url} pid={self.process.pid}>"
@@ -221,6 +223,26 @@ class EmbeddedCluster:
 
 _SHARED: dict[tuple[int, str], EmbeddedCluster] = {}  # (workers, key prefix) -> cluster
 _SHARED_LOCK = threading.Lock()
+
+
+def _stop_process(process: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+    """Stop a cluster process and every process of its group, and reap it."""
+    if process.poll() is None:
+        # Warm first (idle children leave within a second), then cold.
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(1.5)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    # What it started and had not stopped yet (it was stopped while starting, or killed):
+    # its group outlives it only while one of them runs, so the id names no one else.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def _read_line(process: subprocess.Popen[bytes], timeout: float) -> str:

@@ -17,6 +17,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
+from nbtask._process import interrupts_held
 from nbtask.client.app import App
 from nbtask.errors import BrokerUnavailable, CellError, ConfigurationError
 from nbtask.notebook.follow import one_line
@@ -242,9 +243,18 @@ def load_ipython_extension(shell: Any, app: App | None = None) -> None:
     if id(shell) in _SESSIONS:
         return
     session = Session(shell, app)
-    session.start()
+    try:
+        session.start()
+        shell.register_magics(TaskMagics(shell, session))
+    except BaseException as exc:
+        # Stopped (a notebook's Stop) or failed while starting: what it started so far
+        # (the embedded cluster, the hooks) is stopped, and %load_ext can run again.
+        with interrupts_held():
+            session.stop()
+        if isinstance(exc, KeyboardInterrupt):  # as Python says it, without nbtask's frames
+            raise one_line(KeyboardInterrupt()) from None
+        raise
     _SESSIONS[id(shell)] = session
-    shell.register_magics(TaskMagics(shell, session))
 
 
 def unload_ipython_extension(shell: Any) -> None:

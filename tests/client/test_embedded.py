@@ -16,24 +16,9 @@ from pathlib import Path
 import psutil
 import pytest
 import redis
-from helpers import exited, wait_until
+from helpers import exited, processes_mentioning, wait_until
 
 from nbtask import App
-
-
-def processes_mentioning(text: str) -> list[str]:
-    """``pid: cmdline`` of live (non-zombie) processes whose command line contains ``text``."""
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
-        try:
-            if proc.info["status"] == psutil.STATUS_ZOMBIE:
-                continue
-            cmdline = " ".join(proc.info["cmdline"] or ())
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        if text in cmdline:
-            found.append(f"{proc.info['pid']}: {cmdline}")
-    return found
 
 
 def clean_env() -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import shutil
@@ -11,8 +12,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
-from helpers import ROOT
+from helpers import ROOT, exited, processes_mentioning, wait_until
 from jupyter_client.manager import KernelManager
 
 from nbtask import Settings
@@ -232,6 +234,58 @@ def test_embedded_cluster_in_a_kernel(kernel: Any) -> None:
     assert "busy 0" in stream_text(msgs)
     _, msgs, reply = execute(kc, "%unload_ext nbtask")
     assert reply["content"]["status"] == "ok"
+
+
+def _embedded_cluster_of(kernel_pid: int) -> psutil.Process | None:
+    """The embedded cluster process a kernel started, once it runs."""
+    for process in psutil.Process(kernel_pid).children():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if "--embedded" in process.cmdline():
+                return process
+    return None
+
+
+def test_stop_while_the_embedded_cluster_starts_leaves_nothing_running(kernel: Any) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NBTASK_")}
+    km, kc = kernel(env)
+    execute(kc, "import nbtask.notebook.magics")  # the start is interrupted, not imports
+    msg_id = kc.execute("%load_ext nbtask")
+    wait_until(lambda: _embedded_cluster_of(km.provisioner.pid), 30, "the cluster to start")
+    cluster = _embedded_cluster_of(km.provisioner.pid)
+    assert cluster is not None
+    # Its folder is in the command line of all it starts (its redis-server, its workers).
+    directory = cluster.cmdline()[cluster.cmdline().index("--dir") + 1]
+    km.interrupt_kernel()  # the notebook's Stop button
+    reply = kc.get_shell_msg(timeout=60)
+    while reply["parent_header"].get("msg_id") != msg_id:  # replies to earlier requests
+        reply = kc.get_shell_msg(timeout=60)
+    assert reply["content"]["status"] == "error", reply["content"]
+    msgs = drain_until(
+        kc,
+        lambda m: (
+            m["parent_header"].get("msg_id") == msg_id
+            and m["msg_type"] == "status"
+            and m["content"]["execution_state"] == "idle"
+        ),
+    )
+    errors = [m["content"] for m in msgs if m["msg_type"] == "error"]
+    assert [(e["ename"], e["traceback"]) for e in errors] == [
+        ("KeyboardInterrupt", ["KeyboardInterrupt"])
+    ], errors
+    # Everything it had started is stopped, while the kernel runs on.
+    wait_until(
+        lambda: not processes_mentioning(directory) and not os.path.exists(directory),
+        10,
+        "the cluster's processes and folder to go",
+    )
+    assert exited(cluster.pid)
+
+    _, msgs, reply = execute(kc, "%load_ext nbtask")
+    assert reply["content"]["status"] == "ok", reply["content"]
+    assert "embedded cluster" in stream_text(msgs)
+    _, msgs, _ = execute(kc, "%%task --wait\nprint('ran after the stop')")
+    assert "ran after the stop" in stream_text(msgs)
+    execute(kc, "%unload_ext nbtask")
 
 
 def test_text_fallback_in_a_kernel_without_widgets(

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import threading
 import time
 from typing import Any
 
 import pytest
-from helpers import wait_until
+from helpers import processes_mentioning, wait_until
 from IPython.core.interactiveshell import InteractiveShell
 
+import nbtask
 from nbtask import Settings, State
+from nbtask.client.embedded import EmbeddedCluster
+from nbtask.notebook.magics import session_of
+from nbtask.notebook.pending import WaitInserter
 from nbtask.notebook.session import Session
 from nbtask.notebook.shipping import CellError
 from nbtask.wire.events import EventType
@@ -322,6 +328,38 @@ def test_embedded_cluster(
     assert int(repr(result)) != os.getpid()
     ip.run_line_magic("reload_ext", "nbtask")  # a new session; the old cluster is stopped
     assert ip.run_cell_magic("task", "--wait", "square + 1").bundle["data"]["text/plain"] == "26"
+
+
+def test_stop_while_the_session_starts_stops_the_embedded_cluster(
+    ip: InteractiveShell, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for key in [k for k in os.environ if k.startswith("NBTASK_")]:
+        monkeypatch.delenv(key)
+    started: list[EmbeddedCluster] = []
+
+    class StopWhenSaid(io.StringIO):
+        """Ctrl-C as the session says where cells run: its last step, the cluster ready."""
+
+        def write(self, text: str) -> int:
+            if "embedded cluster" in text:
+                cluster = nbtask.app().cluster
+                assert cluster is not None
+                started.append(cluster)
+                raise KeyboardInterrupt
+            return super().write(text)
+
+    with contextlib.redirect_stdout(StopWhenSaid()), pytest.raises(KeyboardInterrupt) as stop:
+        ip.run_line_magic("load_ext", "nbtask")
+    assert stop.value._render_traceback_() == ["KeyboardInterrupt"]  # type: ignore[attr-defined]
+    directory = str(started[0].directory)
+    assert started[0].process.poll() is not None
+    assert not processes_mentioning(directory) and not os.path.exists(directory)
+    assert session_of(ip) is None
+    assert not [t for t in ip.ast_transformers if isinstance(t, WaitInserter)]
+
+    ip.run_line_magic("load_ext", "nbtask")
+    assert "embedded cluster" in capsys.readouterr().out
+    assert ip.run_cell_magic("task", "--wait", "6 * 7").bundle["data"]["text/plain"] == "42"
 
 
 def test_timeout_cancels_a_background_and_a_waiting_cell(ip: InteractiveShell, nb: Session) -> None:
