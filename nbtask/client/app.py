@@ -243,7 +243,7 @@ class App(AppConnection):
         built = [builder.build(call, channel) for call in calls]
         live = self._live_workers()
         live.check_secret({message.queue for message, _ in built})
-        handles = [TaskHandle(self, m.id, m.name, m.queue) for m, _ in built]
+        handles = [TaskHandle(self, m.id, m.name, m.queue, m.label or "") for m, _ in built]
         listener = self._listen()
         # A refused call must leave the handle of the task holding its id in place.
         previous = []

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from nbtask._text import printable
 from nbtask.brokers import Store
 from nbtask.client.listener import Listener
 from nbtask.core.handle import Client, TaskHandle
 from nbtask.errors import NbtaskError, SignatureError, TaskNotFound
 from nbtask.wire.envelope import Signer
 from nbtask.wire.events import FINAL_STATES, Event, EventType, State, decode_event
+from nbtask.wire.records import TaskRecord
 
 __all__ = ["reattach"]
 
@@ -33,7 +35,9 @@ def reattach(
             f"no task {task_id!r} in the result store: the id is wrong, or the task "
             f"finished more than result_ttl ({result_ttl:.0f} s) ago"
         )
-    handle = TaskHandle(owner, task_id, record.name or "?", record.queue)
+    # The label is unsigned, as the name: shown only, never with control characters.
+    label = printable(record.label)
+    handle = TaskHandle(owner, task_id, record.name or "?", record.queue, label)
     # Unsigned: only a name shaped like a client channel of this app is ever read.
     channel = record.client if store.is_channel(record.client) else ""
     if record.result is not None:
@@ -45,25 +49,34 @@ def reattach(
                 continue
             if event.task_id == task_id and event.state not in FINAL_STATES:
                 handle.apply(event)
-        _apply_stored_result(handle, record.result, store, signer)
+        _apply_stored_result(handle, record, record.result, store, signer)
     else:
         # Where a broker keeps only final events (AMQP), the record alone says the task
         # is running; the channel's events, if kept, then replay on top of it.
         if record.state in (State.STARTED, State.RETRY):
-            info = {"worker": record.worker, "pid": record.pid}
-            kind = EventType.STARTED if record.state is State.STARTED else EventType.RETRY
-            handle.apply(Event(kind, task_id, 0, info))
+            handle.apply(_recorded_start(record, task_id))
         listener.register(handle, channel=channel or None)
         # A task that ended between the record's read and the registration sent its end
         # to no handle (on this client's own channel, the listener reads on from where it
         # is): its record has it now.
         again = store.get_record(task_id)
         if again is not None and again.result is not None:
-            _apply_stored_result(handle, again.result, store, signer)
+            _apply_stored_result(handle, again, again.result, store, signer)
     return handle
 
 
-def _apply_stored_result(handle: TaskHandle, raw: bytes, store: Store, signer: Signer) -> None:
+def _recorded_start(record: TaskRecord, task_id: str) -> Event:
+    """The STARTED (or RETRY) event a record stands for, at the time it says, if it does."""
+    info = {"worker": record.worker, "pid": record.pid}
+    kind = EventType.RETRY if record.state is State.RETRY else EventType.STARTED
+    if record.started_at is None:
+        return Event(kind, task_id, 0, info)
+    return Event(kind, task_id, 0, info, record.started_at)
+
+
+def _apply_stored_result(
+    handle: TaskHandle, record: TaskRecord, raw: bytes, store: Store, signer: Signer
+) -> None:
     """End ``handle`` with the task's signed, stored outcome (it must be that task's)."""
     event, result = decode_event(signer, raw, store.get_blob)
     if event.task_id != handle.id:
@@ -71,4 +84,9 @@ def _apply_stored_result(handle: TaskHandle, raw: bytes, store: Store, signer: S
         raise SignatureError(
             f"the stored result of task {handle.id!r} belongs to task {event.task_id!r}"
         )
+    # An end that does not say when the run began (a lost worker's), its other events
+    # gone: the record's start it is.
+    began = handle.started_at is not None or "started_at" in event.data
+    if not began and record.started_at is not None:
+        handle.apply(_recorded_start(record, handle.id))
     handle.apply(event, result)

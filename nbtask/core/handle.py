@@ -106,14 +106,21 @@ class TaskHandle(concurrent.futures.Future[Any]):
         The task's registered name.
     queue : str
         The queue it was sent to (empty when not known, e.g. a chain's later step).
+    label : str
+        How the call is named on screen (``apply_async(label=...)``), empty if unnamed.
     """
 
-    def __init__(self, app: Client | None, task_id: str, name: str, queue: str = "") -> None:
+    def __init__(
+        self, app: Client | None, task_id: str, name: str, queue: str = "", label: str = ""
+    ) -> None:
         super().__init__()
         self.app = app
         self.id = task_id
         self.name = name
         self.queue = queue
+        self.label = label
+        self._started_at: float | None = None
+        self._finished_at: float | None = None
         self._task_state: State = State.PENDING
         self._progress: Progress | None = None
         self._stdout: list[str] = []
@@ -160,6 +167,16 @@ class TaskHandle(concurrent.futures.Future[Any]):
     def outputs(self) -> list[Event]:
         """Output events in the order the task produced them: stdout, stderr, display."""
         return list(self._outputs)
+
+    @property
+    def started_at(self) -> float | None:
+        """When the task started running (epoch seconds, its worker's clock), once known."""
+        return self._started_at
+
+    @property
+    def finished_at(self) -> float | None:
+        """When the task ended (epoch seconds, its worker's clock), once it has."""
+        return self._finished_at
 
     @property
     def info(self) -> dict[str, Any]:
@@ -421,9 +438,21 @@ class TaskHandle(concurrent.futures.Future[Any]):
         if event.state is not None:
             self._task_state = event.state
             self._custom_state = None
+        self._note_times(event)
         self._info.update(
             {k: v for k, v in data.items() if k in ("worker", "pid", "reason", "retries", "eta")}
         )
+
+    def _note_times(self, event: Event) -> None:
+        """When the run began (every event of a run says it) and when the task ended."""
+        began = event.data.get("started_at")
+        if self._started_at is None:
+            if isinstance(began, (int, float)) and not isinstance(began, bool):
+                self._started_at = float(began)
+            elif event.type is EventType.STARTED:
+                self._started_at = event.timestamp
+        if event.state in FINAL_STATES:
+            self._finished_at = event.timestamp
 
     def _settle(self, event: Event, result: Any) -> None:
         data = event.data

@@ -114,7 +114,7 @@ class MessageBuilder:
 
         ``options`` (message options, see :meth:`~nbtask.Task.send_options`) may hold
         ``queue, task_id, eta, countdown, expires, retries, time_limit, soft_time_limit,
-        parent_id, root_id, callbacks`` (a :class:`~nbtask.core.canvas.Callbacks`).
+        parent_id, root_id, label, callbacks`` (a :class:`~nbtask.core.canvas.Callbacks`).
         """
         signable, args, kwargs, options = call
         task = as_task(signable)
@@ -184,6 +184,7 @@ class MessageBuilder:
                 if is_holder_queue(queue)
                 else None
             ),
+            label=options.get("label"),
         )
         raw = self.signer.seal(message.to_header(), (code, links, *payload.inline))
         return message, to_publish(message, raw)
@@ -232,7 +233,7 @@ def as_task(task: Signable) -> Task:
 
 def to_publish(message: TaskMessage, raw: bytes) -> Publish:
     """What the transport needs to enqueue ``message``, with its PENDING record."""
-    record = pending_fields(message.name, message.client, message.queue)
+    record = pending_fields(message.name, message.client, message.queue, message.label or "")
     return Publish(message.queue, message.id, raw, record, message.eta)
 
 

@@ -256,6 +256,7 @@ class Task:
         link_error: Signature | Sequence[Signature] | None = None,
         requires: Sequence[str] | None = None,
         on_event: Callable[[Event], None] | None = None,
+        label: str | None = None,
     ) -> TaskHandle:
         """Send the task to a worker and return its handle at once.
 
@@ -287,6 +288,9 @@ class Task:
             Called with each of the task's events (``STARTED``, progress, output, the
             final state), attached before the message is sent so none is missed; see
             :meth:`TaskHandle.on_event` for what it gets and on which thread.
+        label
+            How this call is named on screen (``handle.label``); kept in the task's record,
+            so ``app.handle(id)`` in another process, e.g. a restarted kernel, has it too.
         """
         options = self.send_options(
             queue=queue,
@@ -299,6 +303,7 @@ class Task:
             link=link,
             link_error=link_error,
             requires=requires,
+            label=label,
         )
         call_args, call_kwargs = call_arguments(args, kwargs)
         self.check_arguments(call_args, call_kwargs, requires)
@@ -347,6 +352,7 @@ class Task:
         link: Signature | Sequence[Signature] | None = None,
         link_error: Signature | Sequence[Signature] | None = None,
         requires: Sequence[str] | None = None,
+        label: str | None = None,
     ) -> dict[str, Any]:
         """Check :meth:`apply_async` options and turn them into message options."""
         if countdown is not None and eta is not None:
@@ -377,6 +383,8 @@ class Task:
                 options["callbacks"] = callbacks
         if requires is not None:
             options["requires"] = needs
+        if label:
+            options["label"] = str(label)
         return options
 
     def usual_queue(self, requires: Sequence[str] | None = None) -> str | None:

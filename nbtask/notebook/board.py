@@ -19,6 +19,7 @@ import hashlib
 import html
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -66,7 +67,7 @@ class Row:
             progress = view.progress_text()
             worker = f"{view.worker} pid {view.pid}" if view.worker else ""
             waiting = view.waiting
-            duration = f"{view.elapsed():.1f} s"
+            duration = view.elapsed_text()
         else:
             report = handle.progress
             progress = (
@@ -77,7 +78,8 @@ class Row:
             info = handle.info
             worker = f"{info['worker']} pid {info.get('pid', '')}" if "worker" in info else ""
             waiting = info.get("waiting", "")
-            duration = ""
+            began, ended = handle.started_at, handle.finished_at
+            duration = "" if began is None else f"{max(0.0, (ended or time.time()) - began):.1f} s"
         return self.label, state, progress, worker or (waiting and f"waiting: {waiting}"), duration
 
 

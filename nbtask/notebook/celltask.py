@@ -107,6 +107,7 @@ class NamedCell(Task):
         # The kept values it reads: the cell may load them after the notebook released them.
         app.store.pin_blobs(blobs_of(carried))
         queue = options.pop("queue", None) or app.route(self.name)
+        options.setdefault("label", self.name)
         return cell_task(app).apply_async((spec, blob), queue=queue, **options)
 
     def _client(self) -> Any:

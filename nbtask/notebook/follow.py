@@ -92,7 +92,8 @@ def _catch_up(handle: TaskHandle) -> list[Event]:
     events = []
     if handle.state in (State.STARTED, State.RETRY):
         kind = EventType.STARTED if handle.state is State.STARTED else EventType.RETRY
-        events.append(Event(kind, handle.id, 0, handle.info))
+        began = handle.started_at or time.time()
+        events.append(Event(kind, handle.id, 0, handle.info, began))
     progress = handle.progress
     if progress is not None:
         data = {"done": progress.done, "total": progress.total, "message": progress.message}
@@ -101,7 +102,10 @@ def _catch_up(handle: TaskHandle) -> list[Event]:
 
 
 def _final_event(handle: TaskHandle) -> Event:
-    """A synthetic final event for a handle that was already done when followed."""
+    """A synthetic final event for a handle that was already done when followed.
+
+    It says when the task ran, as its own events did: a view shows how long it took.
+    """
     state = handle.state
     info = handle.info
     kinds = {
@@ -118,7 +122,9 @@ def _final_event(handle: TaskHandle) -> Event:
             evalue=getattr(exc, "evalue", str(exc)),
             traceback=getattr(exc, "traceback", ""),
         )
-    return Event(kind, handle.id, 1 << 31, data)
+    if handle.started_at is not None:
+        data["started_at"] = handle.started_at
+    return Event(kind, handle.id, 1 << 31, data, handle.finished_at or time.time())
 
 
 def next_event(handle: TaskHandle, events: queue.SimpleQueue[Event], seconds: float) -> Event:

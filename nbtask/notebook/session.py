@@ -291,6 +291,7 @@ class Session:
             queue=queue,
             expires=args.timeout,
             requires=tuple(args.requires) or None,
+            label=label,
         )
         self.releases.hold(handle, shipped)  # the kept values it reads, until it ends
         used = modules_used(found.imports, shipped)
@@ -480,8 +481,9 @@ def _label_of(handle: Any, runs: list[CellRun]) -> str:
     for run in runs:
         if run.handle.id == handle.id:
             return run.label
+    # As it was sent (a restarted kernel reads it from the task's record).
     name = "cell" if handle.name == "nbtask.cell" else handle.name
-    return f"{name} {handle.id[:8]}"
+    return str(handle.label) or f"{name} {handle.id[:8]}"
 
 
 def _first_line(cell: str) -> str:

@@ -139,11 +139,10 @@ class TaskView:
             # The worker's clock for both ends: a task that ended before its ``started``
             # event went out says when it started in its final event.
             self.finished = event.timestamp or time.time()
+            # Left unknown when nothing says it (it never ran): no time is shown then.
             if self.started is None:
                 began = data.get("started_at")
                 self.started = float(began) if isinstance(began, (int, float)) else None
-            if self.started is None:
-                self.started = self.finished
             if event.type is not EventType.SUCCESS:
                 self.error = str(data.get("traceback") or "") or (
                     f"{data.get('ename', event.type.value)}: "
@@ -152,9 +151,20 @@ class TaskView:
 
     # Derived text --------------------------------------------------------------------------
     def elapsed(self) -> float:
-        """Seconds since the task started (or was sent), up to when it finished."""
+        """Seconds since the task started (or was sent), up to when it finished.
+
+        0 for a task that ended with no known start: see :meth:`elapsed_text`.
+        """
+        if self.finished is not None and self.started is None:
+            return 0.0
         start = self.started or self.created
         return max(0.0, (self.finished or time.time()) - start)
+
+    def elapsed_text(self) -> str:
+        """``12.3 s``; empty for a task that ended with no known start (it never ran)."""
+        if self.finished is not None and self.started is None:
+            return ""
+        return f"{self.elapsed():.1f} s"
 
     def eta(self) -> float | None:
         """Seconds left at the rate seen so far, if a total is known."""
@@ -184,14 +194,14 @@ class TaskView:
         progress = self.detail_text()
         return (
             f"[{self.label}] {self.state.value}"
-            + (f" {progress}" if progress else "")
-            + f" {self.elapsed():.1f} s{where}"
+            + "".join(f" {part}" for part in (progress, self.elapsed_text()) if part)
+            + where
         )
 
     def timing_text(self) -> str:
         """``12.3 s · host pid 123``."""
         where = f" · {self.worker} pid {self.pid}" if self.worker else ""
-        return f"{self.elapsed():.1f} s{where}"
+        return (self.elapsed_text() + where).removeprefix(" · ")
 
     def tick(self) -> None:
         """Show the elapsed time of an unfinished task anew (called about once a second).

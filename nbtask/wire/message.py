@@ -64,6 +64,9 @@ class TaskMessage:
     #: Where the task goes instead when it was sent to one worker process's own queue
     #: (see nbtask.core.holding) and that process is gone before taking it.
     fallback_queue: str | None = None
+    #: How the call is named on screen (a notebook cell's name or first line), kept in
+    #: its record for a restarted kernel's ``%tasks``. Workers before it ignore it.
+    label: str | None = None
 
     @classmethod
     def from_header(cls, header: Mapping[str, Any]) -> TaskMessage:
@@ -94,7 +97,7 @@ class TaskMessage:
         """The JSON header carrying this message (fields left at ``None`` are left out)."""
         # The instance's dict holds exactly its fields, in their order.
         header = {"kind": "task", **self.__dict__}
-        for optional in ("args_layout", "requires", "fallback_queue"):
+        for optional in ("args_layout", "requires", "fallback_queue", "label"):
             if header[optional] is None:
                 del header[optional]
         return header

@@ -30,9 +30,17 @@ RecordFields = dict[str, str | bytes]
 _MAX_INFO_BYTES = 64 * 1024  # a worker's entry is a few hundred bytes; more is not one
 
 
-def pending_fields(name: str, client: str, queue: str) -> RecordFields:
-    """The fields of a task's record when its message is sent."""
-    return {"state": State.PENDING.value, "name": name, "client": client, "queue": queue}
+def pending_fields(name: str, client: str, queue: str, label: str = "") -> RecordFields:
+    """The fields of a task's record when its message is sent (``label`` only when given)."""
+    fields: RecordFields = {
+        "state": State.PENDING.value,
+        "name": name,
+        "client": client,
+        "queue": queue,
+    }
+    if label:
+        fields["label"] = label
+    return fields
 
 
 def final_fields(state: State, result: bytes, *, at: float | None = None) -> RecordFields:
@@ -77,6 +85,10 @@ class TaskRecord:
         was sent to.
     worker, pid, consumer : str
         Who marked it STARTED.
+    label : str
+        How the call was named on screen when sent (a notebook cell's name or first
+        line); empty when none was given, and in records written by earlier versions of
+        nbtask, which kept none. Unsigned: shown only, with control characters replaced.
     started_at, finished_at : float or None
         Epoch seconds.
     result : bytes or None
@@ -93,6 +105,7 @@ class TaskRecord:
     started_at: float | None = None
     finished_at: float | None = None
     result: bytes | None = None
+    label: str = ""
 
     @classmethod
     def parse(cls, fields: Mapping[Any, Any]) -> TaskRecord | None:
@@ -117,6 +130,7 @@ class TaskRecord:
             started_at=_number(plain.get("started_at", b"")),
             finished_at=_number(plain.get("finished_at", b"")),
             result=bytes(result) if isinstance(result, (bytes, bytearray)) and result else None,
+            label=_text(plain.get("label", b"")),
         )
 
     @property

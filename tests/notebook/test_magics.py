@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 from helpers import processes_mentioning, wait_until
 from IPython.core.interactiveshell import InteractiveShell
+from raw_broker import RawBroker
 
 import nbtask
-from nbtask import Settings, State
+from nbtask import App, Settings, State
 from nbtask.client.embedded import EmbeddedCluster
 from nbtask.notebook.magics import session_of
 from nbtask.notebook.pending import WaitInserter
@@ -429,6 +430,34 @@ def test_tasks_all_after_a_restart_reattaches_and_replays(
         assert "kept output" in capsys.readouterr().out
     finally:
         later.app.close()
+
+
+def test_tasks_after_a_restart_show_each_cells_label_and_run_time(
+    ip: InteractiveShell, nb: Session, settings: Settings, access: RawBroker
+) -> None:
+    ip.run_cell_magic("task", "--wait --out h", "import time\ntime.sleep(0.5)\nslept = 1")
+    slept = ip.user_ns["h"].id
+    ip.run_cell_magic("task", "named_cell --wait", "x = 3")
+    ip.run_cell_magic("task", "--wait --out h", "y = 4")
+    old = ip.user_ns["h"].id
+    # As the previous nbtask wrote it: a record without the label.
+    access.store.hdel(nb.app.store.record_key(old), "label")
+    before = {row.handle.id: row.cells() for row in nb.rows()}
+    # A restarted kernel: a new session with a new client, for the same notebook.
+    later = Session(ip, App("restarted", settings=settings))
+    later.app.connect()
+    later.app.store.recent_tasks(later.group, later.app.channel, 0)
+    try:
+        later.attach_recent()
+        after = {row.handle.id: row.cells() for row in later.rows()}
+    finally:
+        later.app.close()
+    labels = [label for label, *_ in after.values()]
+    assert labels == ["import time", "named_cell", f"cell {old[:8]}"], after
+    # The run time the worker's events gave, as this kernel showed it; the cell slept.
+    durations = {task_id: cells[4] for task_id, cells in after.items()}
+    assert durations == {task_id: cells[4] for task_id, cells in before.items()}
+    assert float(durations[slept].removesuffix(" s")) >= 0.5, after
 
 
 def test_task_board_rows_open_the_tasks_widget(ip: InteractiveShell, nb: Session) -> None:

@@ -56,6 +56,17 @@ def test_text_view_in_a_terminal_prints_and_ticks_quietly(
     assert "shown" in out.getvalue() and "SUCCESS" in out.getvalue()
 
 
+def test_a_view_says_how_long_a_task_ran_only_when_it_knows() -> None:
+    ran = TextView(TaskHandle(None, "t", "x"), "ran", in_kernel=False)
+    ran.apply(Event(EventType.STARTED, "t", 1, {"worker": "host", "pid": 1}, 100.0))
+    ran.apply(Event(EventType.SUCCESS, "t", 2, {"started_at": 100.0}, 102.5))
+    assert ran.timing_text() == "2.5 s · host pid 1"
+    # Ended with no start known (revoked before it ran): no time, rather than 0.0 s.
+    never = TextView(TaskHandle(None, "u", "x"), "never", in_kernel=False)
+    never.apply(Event(EventType.REVOKED, "u", 1, {"reason": "revoked"}, 103.0))
+    assert never.timing_text() == "" and " s" not in never.status_text()
+
+
 def test_notebook_group_is_stable_per_notebook() -> None:
     one = notebook_group({"JPY_SESSION_NAME": "/home/u/a.ipynb"})
     assert one == notebook_group({"JPY_SESSION_NAME": "/home/u/a.ipynb"}, cwd="/elsewhere")
