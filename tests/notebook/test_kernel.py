@@ -409,11 +409,14 @@ def test_restart_then_tasks_all_reattaches_and_replays(
         "deadline = time.monotonic() + 15\n"
         "while any(v.state.value == 'PENDING' for v in s.views.values()) "
         "and time.monotonic() < deadline:\n    time.sleep(0.1)\n"
-        "for v in s.views.values():\n    print(v.state.value, repr(v.handle.stdout))",
+        "for v in s.views.values():\n    print(v.state.value, repr(v.handle.stdout))\n"
+        "print(sorted(row.label for row in s.rows()))",
     )
     text = stream_text(msgs)
     assert "SUCCESS 'from before the restart\\n'" in text, text
     assert "STARTED" in text, text
+    # The board names the cells as the old kernel did (their first lines).
+    assert repr(["import time", "print('from before the restart')"]) in text, text
 
     # A row's Open button shows that task's widget under the board.
     boxes = opens["BoxModel"]
