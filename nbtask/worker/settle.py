@@ -23,6 +23,7 @@ from nbtask.errors import NbtaskError, SerializationError
 from nbtask.wire.blobs import argument_keeper, blob_sizes, parse_layout
 from nbtask.wire.envelope import Buffer, Signer, dumps
 from nbtask.wire.events import FINAL_SEQ, FINAL_STATES, Event, EventType, State
+from nbtask.wire.exceptions import portable_exception
 from nbtask.wire.message import TaskMessage, decode_value, split
 from nbtask.wire.records import RecordFields, final_fields
 from nbtask.worker.subtasks import SubtaskPublisher
@@ -153,20 +154,25 @@ def failure_body(exc: BaseException) -> bytes:
     """What travels with a FAILURE event, signed: the exception and the task's partial work.
 
     The exception itself, and what the task did before it failed
-    (:data:`~nbtask.core.context.PARTIAL_RESULT`), when they pickle. The client raises
-    the task's own exception type from it; a body that does not pickle (or load) leaves
-    the event's text, and a ``RemoteError``.
+    (:data:`~nbtask.core.context.PARTIAL_RESULT`), when they pickle: the exception
+    without running its ``__init__`` again, and without the attributes that do not
+    pickle if need be. The client raises the task's own exception type from it; a body
+    that does not pickle (or load) leaves the event's text, and a ``RemoteError``.
     """
     partial = exc.__dict__.pop(PARTIAL_RESULT, None) if hasattr(exc, "__dict__") else None
     tb = exc.__traceback__
     try:
         exc.__traceback__ = None  # frames do not travel; the event has their text
-        return dumps({"exception": exc, "partial": partial})
-    except Exception:
-        try:
-            return dumps({"exception": None, "partial": partial})
-        except Exception:
-            return b""
+        for travelling in (
+            portable_exception(exc),
+            portable_exception(exc, picklable_only=True),
+            None,
+        ):
+            try:
+                return dumps({"exception": travelling, "partial": partial})
+            except Exception:
+                continue
+        return b""
     finally:
         exc.__traceback__ = tb
 

@@ -84,6 +84,41 @@ def test_exception_whose_str_raises_still_ends_the_task(app: App, start_worker) 
     assert app.send_task("tests.sample_tasks.add", (1, 1)).get(timeout=10) == 2
 
 
+def test_an_exception_whose_init_takes_other_arguments_comes_back_as_its_own_type(
+    app: App, start_worker
+) -> None:
+    start_worker()
+
+    class QuotaExceeded(Exception):
+        def __init__(self, user: str, limit: int) -> None:
+            super().__init__(f"{user} is over {limit} GB")
+            self.user, self.limit = user, limit
+
+    class HoldsALock(Exception):
+        def __init__(self, message: str) -> None:
+            import threading
+
+            super().__init__(message)
+            self.lock, self.path = threading.Lock(), "/data/x"
+
+    @app.task
+    def over_quota() -> None:
+        raise QuotaExceeded("ada", 5)
+
+    @app.task
+    def locked() -> None:
+        raise HoldsALock("the file is locked")
+
+    with pytest.raises(QuotaExceeded, match="ada is over 5 GB") as info:
+        over_quota.delay().get(timeout=10)
+    assert (info.value.user, info.value.limit) == ("ada", 5)
+    # An attribute that cannot travel is left out; the type, message and the rest come.
+    with pytest.raises(HoldsALock, match="the file is locked") as locked_info:
+        locked.delay().get(timeout=10)
+    assert locked_info.value.path == "/data/x"
+    assert not hasattr(locked_info.value, "lock")
+
+
 def test_result_only_the_worker_can_load_ends_with_a_clear_error(app: App, start_worker) -> None:
     start_worker()
 
