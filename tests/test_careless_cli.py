@@ -190,6 +190,31 @@ def test_app_option_naming_one_task_registers_it(
     assert "  . tests.celery_tasks.use_db" in banner, banner
 
 
+def test_celerys_spellings_of_a_worker_option_start_the_worker(
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    # celery -A proj.tasks.app worker -l info: an attribute after a dot, a lower-case -l.
+    worker = start_worker("-A", "tests.celery_tasks.use_db", "-l", "debug", concurrency=1)
+    banner = worker.log.read_text()
+    assert "  . tests.celery_tasks.use_db" in banner, banner
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        (["-E", "-n", "w1@%h"], ["unrecognized arguments: -E -n w1@%h", "Celery worker options"]),
+        (["--bogus"], ["unrecognized arguments: --bogus", "nbtask worker --help"]),
+    ],
+)
+def test_a_worker_option_nbtask_does_not_have_names_the_command_and_its_help(
+    options: list[str], words: list[str], redis_url: str, prefix: str
+) -> None:
+    cli = ("-b", redis_url, "--key-prefix", prefix)
+    result = run("worker", *cli, *options, env={"NBTASK_SECRET": SECRET})
+    assert usage_error(result, *words).startswith("nbtask worker: error:")
+    assert result.stdout == ""
+
+
 def test_data_loader_module_that_fails_to_import(
     redis_url: str, prefix: str, tmp_path: Path
 ) -> None:

@@ -24,11 +24,15 @@ from nbtask.errors import NbtaskError
 __all__ = ["main"]
 
 EXIT_USAGE = 2
+# Options of ``celery worker`` a migrating user passes by habit (``-l`` is understood).
+_CELERY_WORKER_OPTIONS = {"-n", "--hostname", "-P", "--pool", "--autoscale", "-E", "-B", "--beat"}
+_CELERY_WORKER_OPTIONS |= {"-O", "-Ofair", "-D", "--detach", "--max-tasks-per-child"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``nbtask`` command line; return the exit code."""
-    parser, commands = _parser()
+    parser, subparsers = _parser()
+    commands = tuple(subparsers)
     words = list(sys.argv[1:] if argv is None else argv)
     command = next((w for w in words if w in commands), None)
     if command and words[0].startswith("-") and words[0] not in ("-h", "--help", "--version"):
@@ -40,10 +44,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    args = parser.parse_args(words)
+    args, extra = parser.parse_known_args(words)
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_USAGE
+    if extra:
+        return _unknown_options(subparsers[args.command], args.command, extra)
     try:
         code: int = args.run(args)
     except NbtaskError as exc:
@@ -54,8 +60,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-def _parser() -> tuple[argparse.ArgumentParser, Sequence[str]]:
-    """The parser, and the names of its commands."""
+def _loglevel_option(parser: argparse.ArgumentParser) -> None:
+    """``-l``/``--loglevel``, as Celery's worker spells it (``-l info``)."""
+    parser.add_argument(
+        "-l",
+        "--loglevel",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+    )
+
+
+def _unknown_options(parser: argparse.ArgumentParser, command: str, extra: Sequence[str]) -> int:
+    """One error line for words the command does not take, pointing to its ``--help``."""
+    celery_only = [w for w in extra if w.split("=")[0] in _CELERY_WORKER_OPTIONS]
+    hint = (
+        f" ({', '.join(celery_only)}: Celery worker options nbtask has no counterpart for)"
+        if celery_only
+        else ""
+    )
+    parser.print_usage(sys.stderr)
+    print(
+        f"nbtask {command}: error: unrecognized arguments: {' '.join(extra)}{hint}; see "
+        f"nbtask {command} --help",
+        file=sys.stderr,
+    )
+    return EXIT_USAGE
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The parser, and the parser of each of its commands by name."""
     parser = argparse.ArgumentParser(
         prog="nbtask", description="Run nbtask workers and inspect tasks."
     )
@@ -83,9 +117,7 @@ def _parser() -> tuple[argparse.ArgumentParser, Sequence[str]]:
         help="import MODULE[:attr] and register the tasks it defines (repeatable)",
     )
     data_option(worker)
-    worker.add_argument(
-        "--loglevel", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
-    )
+    _loglevel_option(worker)
     worker.set_defaults(run=run_worker)
 
     cluster = sub.add_parser(
@@ -98,9 +130,7 @@ def _parser() -> tuple[argparse.ArgumentParser, Sequence[str]]:
     cluster.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     cluster.add_argument("--embedded", action="store_true", help=argparse.SUPPRESS)
     cluster.add_argument("--key-prefix", default=None, help=argparse.SUPPRESS)
-    cluster.add_argument(
-        "--loglevel", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
-    )
+    _loglevel_option(cluster)
     cluster.set_defaults(run=run_cluster)
 
     status = sub.add_parser("status", help="list live workers")
@@ -166,4 +196,4 @@ def _parser() -> tuple[argparse.ArgumentParser, Sequence[str]]:
         help="seconds one cell may run (default: 600)",
     )
     run.set_defaults(run=run_headless)
-    return parser, tuple(sub.choices)
+    return parser, dict(sub.choices)

@@ -40,12 +40,7 @@ def _import_tasks(specs: Sequence[str]) -> dict[str, Task]:
     sys.path.insert(0, os.getcwd())
     for spec in specs:
         module_name, _, attr = spec.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except Exception as exc:
-            raise ConfigurationError(
-                f"-A {spec}: cannot import {module_name!r}: {type(exc).__name__}: {exc}"
-            ) from None
+        module, attr = _import_module(spec, module_name, attr)
         if attr and not hasattr(module, attr):
             raise ConfigurationError(f"-A {spec}: module {module_name!r} has no {attr!r}")
         found = _tasks_of(spec, getattr(module, attr) if attr else module)
@@ -56,6 +51,28 @@ def _import_tasks(specs: Sequence[str]) -> dict[str, Task]:
             )
         tasks.update(found)
     return tasks
+
+
+def _import_module(spec: str, module_name: str, attr: str) -> tuple[ModuleType, str]:
+    """The module an ``-A`` option names, and the attribute of it that it names, if any.
+
+    As with Celery's ``-A``, ``proj.tasks.app`` names ``app`` in ``proj.tasks`` when there
+    is no module ``proj.tasks.app``.
+    """
+    try:
+        return importlib.import_module(module_name), attr
+    except Exception as exc:
+        failed = exc
+    parent, _, leaf = module_name.rpartition(".")
+    if isinstance(failed, ModuleNotFoundError) and failed.name == module_name and parent:
+        # The parent imported (else it would be the one missing), unless it raised.
+        with contextlib.suppress(Exception):
+            module = importlib.import_module(parent)
+            if not attr and hasattr(module, leaf):
+                return module, leaf
+    raise ConfigurationError(
+        f"-A {spec}: cannot import {module_name!r}: {type(failed).__name__}: {failed}"
+    ) from None
 
 
 def _apps_in(module: ModuleType | None) -> list[App]:
@@ -95,7 +112,10 @@ def _datasets(args: argparse.Namespace) -> dict[str, Loader]:
     """The datasets of ``--data`` options and of the apps in the ``-A`` modules."""
     found: dict[str, Loader] = {}
     for spec in args.app:
-        for app in _apps_in(sys.modules.get(spec.partition(":")[0])):
+        module_name = spec.partition(":")[0]
+        # -A proj.tasks.app names proj.tasks (see _import_module).
+        module = sys.modules.get(module_name) or sys.modules.get(module_name.rpartition(".")[0])
+        for app in _apps_in(module):
             found.update(app.datasets)
     given = [load_data_spec(spec) for spec in args.data]
     names = [name for name, _ in given]
