@@ -261,10 +261,15 @@ class TaskHandle(concurrent.futures.Future[Any]):
             raise TimeoutError(
                 f"task {self.name}[{self.id}] is still {self.state} after {timeout} s{why}"
             ) from None
-        except BaseException:
-            if propagate:
-                raise
-            return self.exception(0)
+        except BaseException as exc:
+            if not propagate:
+                return self.exception(0)
+            if self.done() and exc is self.exception(0):
+                # The task's own failure: its traceback (and a second get()'s) starts at
+                # this call, without the frames of concurrent.futures' wait; the worker's
+                # is its __cause__.
+                raise exc.with_traceback(None) from exc.__cause__
+            raise
 
     def result(self, timeout: float | None = None) -> Any:
         """The task's result (see :class:`concurrent.futures.Future`).

@@ -179,6 +179,19 @@ def test_a_ctrl_c_in_get_ends_its_traceback_at_get_and_the_task_runs_on(
     assert slow.get(timeout=15) is not None
 
 
+def test_a_tasks_exception_raised_by_get_shows_no_frames_of_the_wait(
+    app: App, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    start_worker(concurrency=1)
+    failing = app.send_task("tests.sample_tasks.explode", ("boom",))
+    for _ in range(2):  # a second get() shows no more than the first
+        with pytest.raises(ValueError, match="boom") as info:
+            failing.get(timeout=15)
+        frames = traceback.extract_tb(info.value.__traceback__)
+        assert [frame.name for frame in frames[1:]] == ["get"], frames
+        assert "explode" in info.value.__cause__.traceback  # type: ignore[union-attr]
+
+
 @pytest.fixture
 def proxy(redis_url: str) -> Iterator[TcpProxy]:
     """A proxy in front of the real Redis, stopped after the test."""
