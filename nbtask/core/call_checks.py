@@ -18,10 +18,55 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from nbtask.core.canvas import Callbacks, Signature
+from nbtask.core.options import NO_PRIORITY
 from nbtask.errors import ConfigurationError
 from nbtask.settings import is_finite_number
 
-__all__ = ["call_arguments", "epoch", "link_callbacks", "positional_args", "run_signature"]
+__all__ = [
+    "call_arguments",
+    "epoch",
+    "link_callbacks",
+    "positional_args",
+    "refuse_celery_options",
+    "run_signature",
+]
+
+_BY_QUEUE = "nbtask routes by queue name alone: pass queue=... (or the app's routes=)"
+_ON_THE_TASK = "it is the task's own option here: set it with @app.task({name}=...)"
+_RETRIED = (
+    "nbtask sends again what a dropped connection lost, and raises BrokerUnavailable "
+    "when the broker cannot be reached: leave it out"
+)
+# Options of Celery's apply_async that nbtask has no per-call counterpart for, and what to
+# do instead: Celery accepts them, so a migrating caller passes them by habit.
+_CELERY_SEND_OPTIONS = {
+    "priority": "",
+    "serializer": _ON_THE_TASK,
+    "ignore_result": _ON_THE_TASK,
+    "acks_late": _ON_THE_TASK,
+    "routing_key": _BY_QUEUE,
+    "exchange": _BY_QUEUE,
+    "exchange_type": _BY_QUEUE,
+    "retry": _RETRIED,
+    "retry_policy": _RETRIED,
+    "compression": "nbtask does not compress messages; large values travel as blobs",
+    "headers": "nbtask messages carry no custom headers: pass the values as arguments",
+    "shadow": "a task is shown by its name: give it another with @app.task(name=...)",
+}
+
+
+def refuse_celery_options(options: Mapping[str, Any]) -> None:
+    """Refuse ``apply_async`` keywords it does not take: Celery's with what to do instead."""
+    for name in options:
+        advice = _CELERY_SEND_OPTIONS.get(name)
+        if advice is None:
+            raise TypeError(f"apply_async() got an unexpected keyword argument {name!r}")
+        if name == "priority":
+            raise ConfigurationError(NO_PRIORITY)
+        raise ConfigurationError(
+            f"apply_async({name}=...) is Celery's, not nbtask's: {advice.format(name=name)}; "
+            "nothing was sent"
+        )
 
 
 def link_callbacks(
@@ -59,7 +104,12 @@ def epoch(when: dt.datetime | float | None, *, absolute: bool) -> float | None:
         return None
     if isinstance(when, dt.datetime):
         if when.tzinfo is None:
-            raise ConfigurationError(f"{_when_option(absolute)} datetimes must be timezone-aware")
+            option = _when_option(absolute)
+            raise ConfigurationError(
+                f"{option}={when!r} has no timezone, so which moment it means is unclear: give "
+                f"an aware datetime ({option}=datetime.now(timezone.utc) + timedelta(seconds=30))"
+                f", or seconds ({'countdown' if absolute else 'expires'}=30)"
+            )
         return when.timestamp()
     if is_finite_number(when):
         return float(when) if absolute else time.time() + float(when)

@@ -50,6 +50,12 @@ TASK_OPTIONS = frozenset(
     }
 )
 _RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+NO_PRIORITY = (
+    "priority is not supported: each nbtask queue is served first in, first out, on "
+    "Redis and RabbitMQ alike. Send urgent work to a queue of its own (queue='urgent') "
+    "and give it workers: on Redis, workers started with -Q urgent,default take from "
+    "'urgent' first; on RabbitMQ, start workers that serve -Q urgent alone"
+)
 
 
 def validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -92,12 +98,7 @@ def validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
             f"serializer must be 'cloudpickle' or 'json', got {attrs['serializer']!r}"
         )
     if attrs.pop("priority", None) is not None:
-        raise ConfigurationError(
-            "priority is not supported: each nbtask queue is served first in, first out, on "
-            "Redis and RabbitMQ alike. Send urgent work to a queue of its own (queue='urgent') "
-            "and give it workers: on Redis, workers started with -Q urgent,default take from "
-            "'urgent' first; on RabbitMQ, start workers that serve -Q urgent alone"
-        )
+        raise ConfigurationError(NO_PRIORITY)
     if "backend" in attrs:
         backend = attrs.pop("backend")
         if backend not in (None, False, True):

@@ -19,6 +19,7 @@ from nbtask.core.call_checks import (
     epoch,
     link_callbacks,
     positional_args,
+    refuse_celery_options,
     run_signature,
 )
 from nbtask.core.canvas import Call, Sender, Signature, current_sender
@@ -257,6 +258,7 @@ class Task:
         requires: Sequence[str] | None = None,
         on_event: Callable[[Event], None] | None = None,
         label: str | None = None,
+        **celery_only: Any,
     ) -> TaskHandle:
         """Send the task to a worker and return its handle at once.
 
@@ -291,7 +293,12 @@ class Task:
         label
             How this call is named on screen (``handle.label``); kept in the task's record,
             so ``app.handle(id)`` in another process, e.g. a restarted kernel, has it too.
+        celery_only
+            Options of Celery's ``apply_async`` without a per-call counterpart here
+            (``priority``, ``serializer``, ``routing_key``, ``retry``...): refused with
+            what to do instead, nothing sent.
         """
+        refuse_celery_options(celery_only)
         options = self.send_options(
             queue=queue,
             countdown=countdown,

@@ -139,8 +139,32 @@ def test_an_eta_or_expires_of_another_kind_names_the_option(add: Task, access: R
     with pytest.raises(ConfigurationError, match=r"expires='x' is not a datetime or a number"):
         add.apply_async((1, 2), expires="x")  # type: ignore[arg-type]
     naive = dt.datetime(2030, 1, 1)
-    with pytest.raises(ConfigurationError, match="eta datetimes must be timezone-aware"):
+    aware = r"eta=datetime.datetime\(2030, 1, 1, 0, 0\) has no timezone.*timezone.utc.*countdown="
+    with pytest.raises(ConfigurationError, match=aware):
         add.apply_async((1, 2), eta=naive)
+    assert access.drained()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"priority": 5}, r"priority is not supported.*queue='urgent'"),
+        ({"serializer": "json"}, r"serializer=\.\.\.\) is Celery's.*@app.task\(serializer="),
+        ({"routing_key": "urgent"}, r"routing_key=\.\.\.\) is Celery's.*pass queue="),
+        ({"retry": True}, r"retry=\.\.\.\) is Celery's.*leave it out"),
+    ],
+)
+def test_a_celery_send_option_nbtask_has_no_counterpart_for_says_what_to_do_and_sends_nothing(
+    app: App, add: Task, access: RawBroker, options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        add.apply_async((1, 2), **options)
+    with pytest.raises(ConfigurationError, match=message):
+        add.s(1, 2).set(**options).delay()
+    with pytest.raises(ConfigurationError, match=message):
+        app.send_task("elsewhere.add", (1, 2), **options)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'prority'"):
+        add.apply_async((1, 2), prority=5)
     assert access.drained()
 
 
