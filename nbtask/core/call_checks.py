@@ -170,6 +170,14 @@ def check_fits(
     fitting = _FITTING.get(cls)
     if fitting is not None and shape in fitting:
         return
+    params = signature.parameters.values()
+    if all(p.kind is not p.VAR_KEYWORD for p in params):
+        # Named first, as Python names it: bind() would report the parameter that a
+        # misspelt keyword left missing ('y' for z=2), not the misspelling.
+        takes = {p.name for p in params if p.kind not in (p.POSITIONAL_ONLY, p.VAR_POSITIONAL)}
+        unknown = [name for name in kwargs if name not in takes]
+        if unknown:
+            raise TypeError(f"got an unexpected keyword argument {unknown[0]!r}")
     signature.bind(*args, **kwargs)
     if fitting is None:
         fitting = _FITTING[cls] = set()

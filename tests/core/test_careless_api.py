@@ -90,7 +90,8 @@ def test_a_call_that_does_not_fit_the_task_is_refused_in_the_caller_and_sends_no
     wrong = [
         (lambda: add.delay(1), r"\.add\(x, y\): missing a required argument: 'y'"),
         (lambda: add.delay(1, 2, 3), "too many positional arguments"),
-        (lambda: add.apply_async((1,), {"z": 2}), "missing a required argument: 'y'"),
+        # A misspelt keyword is named, as Python names it, not the parameter it left out.
+        (lambda: add.apply_async((1,), {"z": 2}), "got an unexpected keyword argument 'z'"),
         (bound.delay, r"\.bound\(x\): missing a required argument: 'x'"),
         (lambda: add.delay_many([(1, 2), (3,)]), "missing a required argument: 'y'"),
         (lambda: group([add.s(1, 2), add.s(1)]).delay(), "missing a required argument"),
