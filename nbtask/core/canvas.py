@@ -272,18 +272,30 @@ class GroupHandle:
     def __init__(self, handles: Sequence[TaskHandle]) -> None:
         self.handles = list(handles)
 
-    def get(self, timeout: float | None = None) -> list[Any]:
-        """Every result, in order; raises the first error met."""
+    def get(self, timeout: float | None = None, *, propagate: bool = True) -> list[Any]:
+        """Every result, in order; raises the first error met.
+
+        With ``propagate=False`` (as :meth:`TaskHandle.get`) a failed task's exception
+        takes its place in the list instead, and every task is waited for.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         results = []
         for handle in self.handles:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            results.append(handle.get(timeout=left))
+            results.append(handle.get(timeout=left, propagate=propagate))
         return results
 
     def ready(self) -> bool:
         """True once every task finished."""
         return all(h.ready() for h in self.handles)
+
+    def successful(self) -> bool:
+        """True once every task finished with a result."""
+        return all(h.successful() for h in self.handles)
+
+    def failed(self) -> bool:
+        """True if a task finished without a result."""
+        return any(h.failed() for h in self.handles)
 
     def completed_count(self) -> int:
         """How many tasks finished successfully."""
@@ -298,6 +310,9 @@ class GroupHandle:
 
     def __len__(self) -> int:
         return len(self.handles)
+
+    def __iter__(self) -> Iterator[TaskHandle]:
+        return iter(self.handles)
 
     def __repr__(self) -> str:
         return f"<GroupHandle {sum(h.ready() for h in self.handles)}/{len(self.handles)} done>"

@@ -150,6 +150,21 @@ def test_group_get_returns_results_in_order(app: App, start_worker) -> None:
     assert group([]).delay().get() == []
 
 
+def test_a_group_handle_reads_like_a_task_handle(app: App, start_worker) -> None:
+    # Celery's GroupResult habits: get(propagate=False), iterating, successful(), failed().
+    start_worker(concurrency=2)
+    add, _, fail, _ = _tasks(app)
+    gh = group([add.s(1, 1), fail.s(0), add.s(2, 2)]).delay()
+    two, failure, four = gh.get(timeout=15, propagate=False)
+    assert (two, four) == (2, 4)
+    assert isinstance(failure, ValueError) and str(failure) == "middle step failed"
+    assert [h.state for h in gh] == [State.SUCCESS, State.FAILURE, State.SUCCESS]
+    assert gh.failed() and not gh.successful()
+    fine = group([add.s(1, 1)]).delay()
+    assert fine.get(timeout=15) == [2]
+    assert fine.successful() and not fine.failed()
+
+
 def test_group_progress_and_completed_count(app: App, start_worker, tmp_path: Path) -> None:
     start_worker(concurrency=3)
     add, _, fail, _ = _tasks(app)
