@@ -401,8 +401,29 @@ def _read(var: str, text: str, parse: Callable[[str], object]) -> object:
         ) from None
 
 
+# Celery's names for a setting nbtask has under another name, or keeps elsewhere: a
+# resemblance of spelling would point a migrating user at the wrong one.
+_CELERY_SETTINGS = {
+    "backend": "result_url (a Redis URL; the result store)",
+    "result_backend": "result_url (a Redis URL; the result store)",
+    "result_expires": "result_ttl (seconds)",
+    "task_default_queue": "default_queue",
+    "worker_prefetch_multiplier": "nothing: a worker child takes one task when idle",
+    "task_serializer": "@app.task(serializer=...)",
+    "result_serializer": "@app.task(serializer=...)",
+    "task_acks_late": "@app.task(acks_late=True)",
+    "task_time_limit": "@app.task(time_limit=...)",
+    "task_soft_time_limit": "@app.task(soft_time_limit=...)",
+    "task_routes": "App(routes=...)",
+    "include": "nbtask worker -A module (once per module)",
+    "imports": "nbtask worker -A module (once per module)",
+}
+
+
 def _with_guess(name: str, known: Iterable[str]) -> str:
     """``name``, followed by the known name it resembles if there is one."""
+    if name in _CELERY_SETTINGS:
+        return f"{name} (Celery's; here use {_CELERY_SETTINGS[name]})"
     close = difflib.get_close_matches(name, list(known), n=1)
     return f"{name} (did you mean {close[0]}?)" if close else name
 

@@ -369,6 +369,22 @@ def test_from_env_unknown_flag_word_is_refused(value: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("celery", "nbtask"),
+    [
+        ("backend", "result_url"),
+        ("result_expires", "result_ttl"),
+        ("task_serializer", "@app.task(serializer=...)"),
+        ("include", "nbtask worker -A module"),
+    ],
+)
+def test_a_celery_setting_names_nbtasks_own_not_a_lookalike(celery: str, nbtask: str) -> None:
+    # result_expires resembles result_url in spelling, and means result_ttl.
+    with pytest.raises(ConfigurationError) as info:
+        App("proj", settings=Settings(), **{celery: "x"})
+    assert f"{celery} (Celery's; here use {nbtask}" in str(info.value)
+
+
+@pytest.mark.parametrize(
     ("var", "meant"),
     [
         ("NBTASK_BROKER_URL", "NBTASK_BROKER"),
