@@ -79,7 +79,7 @@ class AppConnection:
                 signer = Signer.for_settings(settings, secret)
                 transport = opened = open_broker(settings, url)
                 transport.ping()
-            except BaseException:
+            except BaseException as exc:
                 # Ctrl-C or no answer: what was opened is closed, and the cluster just
                 # taken given back, not kept by an app that is not connected (connecting
                 # again would take another).
@@ -89,6 +89,10 @@ class AppConnection:
                 if self.cluster is not None:
                     self.cluster.release()
                     self.cluster = None
+                if isinstance(exc, BrokerUnavailable):
+                    # The message names the broker, the driver's reason and what to check:
+                    # the driver's frames (and its own exception, chained) would bury it.
+                    raise exc.with_traceback(None) from None
                 raise
             self._builder = MessageBuilder(signer, settings, transport.store)
             self._transport = transport
