@@ -270,6 +270,23 @@ def test_inspect_finished_task(
     assert float(fields["finished_at"]) >= float(fields["started_at"])
 
 
+def test_inspect_failed_task_shows_its_error(
+    app: App, redis_url: str, prefix: str, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    start_worker(concurrency=1)
+    failed = app.send_task("tests.sample_tasks.explode", ("boom\nsecond line",))
+    with pytest.raises(ValueError):
+        failed.get(timeout=15)
+    cli = ("-b", redis_url, "--key-prefix", prefix)
+    result = run("inspect", failed.id, *cli, env={"NBTASK_SECRET": SECRET})
+    assert result.returncode == 0, result.stderr
+    fields = dict(line.split(": ", 1) for line in result.stdout.strip().splitlines())
+    assert fields["state"] == "FAILURE"
+    assert fields["error"] == "ValueError: boom ..."  # its first line
+    other = run("inspect", failed.id, *cli, env={"NBTASK_SECRET": "another-secret"})
+    assert "error: (the stored outcome cannot be read: " in other.stdout
+
+
 def test_inspect_pending_task(app: App, redis_url: str, prefix: str) -> None:
     handle = app.send_task("tests.sample_tasks.add", (2, 3))  # no worker: stays pending
     result = run(

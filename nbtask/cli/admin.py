@@ -16,8 +16,10 @@ from nbtask.brokers import Store, open_broker
 from nbtask.cli.options import queue_names, settings_for
 from nbtask.client.app import App
 from nbtask.core.holding import is_holder_queue
-from nbtask.errors import ConfigurationError
-from nbtask.wire.events import State
+from nbtask.errors import ConfigurationError, NbtaskError
+from nbtask.settings import Settings
+from nbtask.wire.envelope import Signer
+from nbtask.wire.events import Event, EventType, State
 from nbtask.wire.holdings import Holdings, holdings_lines
 from nbtask.wire.records import WorkerInfo
 
@@ -73,11 +75,36 @@ def run_inspect(args: argparse.Namespace) -> int:
         "pid": record.pid,
         "started_at": "" if record.started_at is None else repr(record.started_at),
         "finished_at": "" if record.finished_at is None else repr(record.finished_at),
+        "error": _why_it_ended(settings_for(args), record.result),
     }
     for key, value in fields.items():
         if value:
             print(f"{key}: {printable(value)}")
     return 0
+
+
+def _why_it_ended(settings: Settings, result: bytes | None) -> str:
+    """A failed task's error (``KeyError: 'k'``), or why it was revoked or lost.
+
+    Read from the header of the signed final event only: nothing is unpickled. A result
+    that does not verify (another secret, tampered) says so instead.
+    """
+    if not result:
+        return ""
+    try:
+        envelope = Signer.for_settings(settings, settings.secret).open(result)
+        event = Event.from_header(envelope.header)
+    except (NbtaskError, ValueError, TypeError) as exc:  # a malformed header, verified
+        return f"(the stored outcome cannot be read: {exc})"
+    data = event.data
+    if event.type is EventType.FAILURE:
+        text = f"{data.get('ename', 'Exception')}: {data.get('evalue', '')}"
+    elif event.type in (EventType.REVOKED, EventType.WORKER_LOST):
+        text = str(data.get("reason", ""))
+    else:
+        return ""
+    first, *more = text.strip().splitlines() or [""]
+    return first + (" ..." if more else "")
 
 
 def run_log(args: argparse.Namespace) -> int:
