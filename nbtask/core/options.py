@@ -58,6 +58,16 @@ NO_PRIORITY = (
 )
 
 
+def check_time_limits(hard: float | None, soft: float | None, where: str = "") -> None:
+    """Refuse a soft time limit at or past the hard one: it could never be raised."""
+    if hard is not None and soft is not None and soft >= hard:
+        raise ConfigurationError(
+            f"soft_time_limit={soft:g} is not below time_limit={hard:g}{where}: the process "
+            "would be killed before SoftTimeLimitExceeded could be raised in the task; give "
+            "a soft limit below the hard one (soft_time_limit=50, time_limit=60)"
+        )
+
+
 def validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """Check ``@app.task`` options; return them as class attributes (rate limits parsed)."""
     unknown = sorted(set(options) - TASK_OPTIONS)
@@ -76,6 +86,7 @@ def validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
     ):
         if attrs.get(name) is not None:
             attrs[name] = positive(name, attrs[name])
+    check_time_limits(attrs.get("time_limit"), attrs.get("soft_time_limit"))
     if "rate_limit" in attrs:
         attrs["rate_limit"] = parse_rate(attrs["rate_limit"])
     if "requires" in attrs:

@@ -27,7 +27,13 @@ from nbtask.core.context import Request, current_request, progress
 from nbtask.core.datasets import data_queue, dataset_names
 from nbtask.core.handle import TaskHandle
 from nbtask.core.holding import is_holder_queue
-from nbtask.core.options import check_task_id, positive, queue_name, seconds
+from nbtask.core.options import (
+    check_task_id,
+    check_time_limits,
+    positive,
+    queue_name,
+    seconds,
+)
 from nbtask.errors import ConfigurationError, MaxRetriesExceededError, Retry
 from nbtask.wire.events import Event
 from nbtask.wire.records import WorkerInfo
@@ -384,6 +390,12 @@ class Task:
         for name, value in (("time_limit", time_limit), ("soft_time_limit", soft_time_limit)):
             if value is not None:
                 options[name] = positive(name, value)
+        if time_limit is not None or soft_time_limit is not None:
+            check_time_limits(
+                options.get("time_limit", self.time_limit),
+                options.get("soft_time_limit", self.soft_time_limit),
+                " (this call's limits over the task's)",
+            )
         if link is not None or link_error is not None:
             callbacks = link_callbacks(link, link_error)
             if callbacks:

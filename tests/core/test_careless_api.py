@@ -197,6 +197,21 @@ def test_a_task_time_limit_that_is_not_finite_is_refused_when_the_task_is_made(
         app.task(time_limit=value)(lambda: None)
 
 
+def test_a_soft_time_limit_not_below_the_hard_one_is_refused(
+    app: App, add: Task, access: RawBroker
+) -> None:
+    # It could never be raised: the hard limit kills the process first.
+    message = r"soft_time_limit=3 is not below time_limit=1.*killed before SoftTimeLimitExceeded"
+    with pytest.raises(ConfigurationError, match=message):
+        app.task(time_limit=1, soft_time_limit=3)(lambda: None)
+    with pytest.raises(ConfigurationError, match=message):
+        add.apply_async((1, 2), time_limit=1, soft_time_limit=3)
+    limited = app.task(time_limit=1, name="limited")(lambda: None)
+    with pytest.raises(ConfigurationError, match=r"soft_time_limit=1 is not below time_limit=1"):
+        limited.apply_async(soft_time_limit=1)  # the call's soft limit, the task's hard one
+    assert access.drained()
+
+
 def test_a_generator_function_is_refused_as_a_task(app: App) -> None:
     """Its body would never run: calling it only makes a generator."""
 
