@@ -47,8 +47,9 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
     -------
     dict
         ``{"values": pickled {name: value}, "names": [...], "skipped": {name: why},
-        "deleted": [...], "state": {kind: state}}``; with ``spec.plain`` just
-        ``{name: value}``.
+        "deleted": [...], "state": {kind: state}}``, and ``"shown"`` (the last
+        expression's value, see :func:`_shown`) when ``spec.shows`` names it; with
+        ``spec.plain`` just ``{name: value}``.
 
     Raises
     ------
@@ -106,9 +107,17 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
     _forget_changed(references, effects["out"])
     effects["held"] = {n: where for n, where in rehomed.items() if n not in effects["out"]}
     effects["state"] = _APPLIED.leave(spec.state, state_before)
-    if error is None:
+    if error is not None:
+        raise _from_cell(error, spec.filename, _pack(effects, spec, plain=False))
+    shown, shows = result.result, getattr(spec, "shows", "")  # "": an older kernel's spec
+    if not shows or shown is None or spec.plain:
         return _pack(effects, spec, plain=spec.plain)
-    raise _from_cell(error, spec.filename, _pack(effects, spec, plain=False))
+    datasets = datasets or {}
+    unchanged = {n: v for n, v in shipped.items() if n not in datasets and namespace.get(n) is v}
+    same = _name_of(shown, [effects["out"], unchanged])
+    packed = _pack(effects, spec, plain=False)
+    packed["shown"] = _shown(shown, same, packed["skipped"], spec)
+    return packed
 
 
 def prepare_cell(spec: CellSpec) -> None:
@@ -317,6 +326,30 @@ def _packed_whole(out: Mapping[str, Any], spec: CellSpec) -> Packed | None:
         return None
     threshold = spec.keep_threshold
     return packed if threshold is None or packed.size < threshold // 2 else None
+
+
+def _name_of(value: Any, scopes: list[Mapping[str, Any]]) -> str | None:
+    """The first name bound to ``value`` itself in ``scopes``, if any."""
+    return next((n for scope in scopes for n, v in scope.items() if v is value), None)
+
+
+def _shown(value: Any, same: str | None, skipped: Mapping[str, str], spec: CellSpec) -> Any:
+    """How the cell's last expression comes back as its ``Out``, as any assigned name would.
+
+    ``("name", n)``: it is the value the notebook's ``n`` holds after the cell (``df`` of
+    a cell ending with ``df``: the same object, as locally, sent once); ``("value",
+    packed)``: the value, or its reference if it stays here (by its size); ``("skipped",
+    why)``: it cannot be pickled, and the notebook shows the display sent for it.
+    """
+    if same is not None:
+        return ("skipped", skipped[same]) if same in skipped else ("name", same)
+    try:
+        packed = Packed.of(value)
+    except Exception as exc:
+        return ("skipped", f"{type(value).__name__} cannot be pickled: {exc}")
+    if _stays_here(spec.shows, packed.size, spec):
+        packed = Packed.of(_keep(spec.shows, value, packed, spec))
+    return ("value", packed)
 
 
 def _digests(values: Mapping[str, Any], skip: Container[str] = ()) -> dict[str, bytes]:

@@ -61,6 +61,8 @@ class CellRun:
     rebound: frozenset[str] = frozenset()
     #: The notebook's process-wide state it was sent with (random generators included).
     state: bytes = b""
+    #: How its last expression's value came back (a ``--wait`` cell's ``Out``), if it did.
+    shown: Any = None
 
 
 class Pending:
@@ -91,6 +93,12 @@ class Pending:
     def kept(self, names: Iterable[str]) -> list[str]:
         """Those of ``names`` bound to values kept on the workers."""
         return [n for n in names if isinstance(self.namespace.get(n), RemoteValue)]
+
+    def took_kept(self, value: RemoteValue) -> None:
+        """A kept value reached the notebook: bound to be fetched, and looked for in cells."""
+        if self._on_kept is not None:
+            self._on_kept(value)
+            self.holds_kept = True
 
     def add(self, run: CellRun, *, pending: bool = True) -> None:
         """Track a run; with ``pending`` its names wait for it."""
@@ -232,10 +240,10 @@ class Pending:
     def _apply(self, run: CellRun, effects: Mapping[str, Any]) -> None:
         """Write a cell's names and process-wide state changes into this kernel."""
         arrived = load_values(effects)
+        run.shown = effects.get("shown")
         for name, value in arrived.items():
-            if isinstance(value, RemoteValue) and self._on_kept is not None:
-                self._on_kept(value)
-                self.holds_kept = True
+            if isinstance(value, RemoteValue):
+                self.took_kept(value)
             if name not in run.superseded:
                 self.namespace[name] = value
         for name in effects.get("deleted", ()):

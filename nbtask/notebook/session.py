@@ -29,7 +29,7 @@ from nbtask.notebook.pending import WAIT_NAME, CellRun, Pending, WaitInserter, w
 from nbtask.notebook.releases import Releases, ReleaseTask
 from nbtask.notebook.shipping import analyzed, carried_names, prepare, transformed
 from nbtask.notebook.version_warnings import VersionWarnings, modules_used
-from nbtask.notebook.waitline import ProgressLine, show_output
+from nbtask.notebook.waitline import ProgressLine, out_value, show_output
 from nbtask.notebook.widgets import TaskView, TaskWidget, make_view, widgets_enabled
 from nbtask.wire.blobs import ByteProgress
 from nbtask.wire.events import FINAL_STATES, Event, EventType
@@ -46,21 +46,6 @@ _NOTEBOOK_SECONDS = 30
 #: How long a waiting cell waits for an event before it looks at its deadline and says
 #: why the task waits.
 _WAIT_TICK = 0.1
-
-
-class _Result:
-    """The last expression of a ``--wait`` cell, shown as the cell's own ``Out``."""
-
-    def __init__(self, bundle: dict[str, Any]) -> None:
-        self.bundle = bundle
-
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> Any:
-        metadata = dict(self.bundle.get("metadata", {}))
-        metadata.pop("nbtask", None)
-        return dict(self.bundle.get("data", {})), metadata
-
-    def __repr__(self) -> str:
-        return str(self.bundle.get("data", {}).get("text/plain", ""))
 
 
 class Session:
@@ -270,6 +255,8 @@ class Session:
             keep_threshold=self.app.settings.keep_threshold,
             keep=tuple(args.keep),
             fetch=tuple(args.fetch),
+            # A waited-for cell's last expression is its Out here: its value comes back.
+            shows=f"_{self.shell.execution_count}" if args.wait else "",
         )
         if args.name:
             self.app.cells[args.name] = NamedCell(
@@ -361,7 +348,8 @@ class Session:
             line.close()
         wait_interruptibly(run.handle)
         self.pending.deliver(run, raise_errors=True)
-        return _Result(result) if result is not None else None
+        out = f"Out[{self.shell.execution_count}]"
+        return out_value(run.shown, result, self.shell.user_ns, self.pending.took_kept, out)
 
     # %tasks and status -----------------------------------------------------------------------
     def attach(self, task_id: str, *, show: bool = True) -> TaskView:

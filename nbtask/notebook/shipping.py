@@ -61,6 +61,9 @@ class CellSpec:
         worker runs as the kernel would have; empty: the worker's shell transforms it.
     deleted : tuple of str
         Names a top-level ``del`` unbinds: reported deleted if the cell ends without them.
+    shows : str
+        The name the cell's last expression has in the notebook (``_7`` for ``Out[7]``),
+        whose value comes back with the names; empty: only its display is sent.
     """
 
     source: str
@@ -76,6 +79,7 @@ class CellSpec:
     fetch: tuple[str, ...] = ()
     python: str = ""
     deleted: tuple[str, ...] = ()
+    shows: str = ""
 
 
 _TRANSFORMS_KEPT = 256
@@ -135,6 +139,7 @@ def prepare(
     keep_threshold: int | None = None,
     keep: tuple[str, ...] = (),
     fetch: tuple[str, ...] = (),
+    shows: str = "",
 ) -> tuple[CellSpec, Packed, CellAnalysis]:
     """Check a cell and pickle its inputs; raise :class:`CellError` before anything is sent.
 
@@ -161,7 +166,7 @@ def prepare(
         (:meth:`nbtask.notebook.process_state.KernelState.pickled`); empty: none.
     found
         The cell's analysis, if the caller already made it (:func:`analyzed`).
-    keep_threshold, keep, fetch
+    keep_threshold, keep, fetch, shows
         The :class:`CellSpec`'s fields of those names (``%%task --keep/--fetch``).
 
     Returns
@@ -202,6 +207,7 @@ def prepare(
         fetch=fetch,
         python=python,
         deleted=found.deleted,
+        shows=shows,
     )
     return spec, blob, found
 

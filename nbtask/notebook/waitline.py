@@ -4,13 +4,71 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from IPython.display import clear_output, display, publish_display_data
 
+from nbtask.notebook.kept import RemoteValue
 from nbtask.wire.events import Event, EventType
 
-__all__ = ["ProgressLine", "show_output"]
+__all__ = ["ProgressLine", "out_value", "show_output"]
+
+
+class _Result:
+    """The worker's display of a ``--wait`` cell's last expression, shown as its ``Out``.
+
+    Only where the value itself cannot come back (it cannot be pickled).
+    """
+
+    def __init__(self, bundle: dict[str, Any]) -> None:
+        self.bundle = bundle
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> Any:
+        metadata = dict(self.bundle.get("metadata", {}))
+        metadata.pop("nbtask", None)
+        return dict(self.bundle.get("data", {})), metadata
+
+    def __repr__(self) -> str:
+        return str(self.bundle.get("data", {}).get("text/plain", ""))
+
+
+def out_value(
+    shown: Any,
+    bundle: dict[str, Any] | None,
+    namespace: Mapping[str, Any],
+    on_kept: Callable[[RemoteValue], None],
+    out: str,
+) -> Any:
+    """What a ``--wait`` cell returns, so that its ``Out``, ``_`` hold what they would locally.
+
+    The value of the cell's last expression (``shown``, as the worker sent it, after the
+    cell's names were written into ``namespace``), which the kernel then shows with its
+    own formatters; a value kept on the workers is its reference (its preview shown, and
+    fetched when a cell reads it), as for an assigned name. One that cannot come back
+    (it cannot be pickled, or loaded here) is the worker's display of it (``bundle``),
+    and one line says so. ``None``: the cell shows nothing (``;``, or a ``None`` value).
+    """
+    if shown is None:  # none, or a worker that sends its display only
+        return _Result(bundle) if bundle is not None else None
+    how, what = shown
+    why = str(what)
+    if how == "name" and what in namespace:
+        return namespace[what]
+    if how == "value":
+        try:
+            value = what.load()
+        except Exception as exc:  # a class only the worker can import, say
+            why = f"it cannot be loaded here: {type(exc).__name__}: {exc}"
+        else:
+            if isinstance(value, RemoteValue):
+                on_kept(value)
+            return value
+    elif how == "name":
+        why = f"{what} is not defined in the notebook"
+    said = "it shows the worker's display of the value" if bundle else "it shows nothing"
+    print(f"nbtask: {out} did not come back from the worker ({why}): {said}", file=sys.stderr)
+    return _Result(bundle) if bundle is not None else None
 
 
 def show_output(event: Event) -> dict[str, Any] | None:

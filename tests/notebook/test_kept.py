@@ -138,3 +138,21 @@ def test_fetching_over_the_budget_is_refused_saying_how_to_raise_it(
     assert kept.fetch(force=True)[-1] == 299_999.0
     result = ip.run_cell("x.sum()")
     assert isinstance(result.error_in_exec, BlobError)
+
+
+def test_a_large_last_expression_is_kept_as_its_out_and_fetched_when_read(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    """A ``--wait`` cell's ``Out`` is kept as an assigned name would be: a reference."""
+    result = ip.run_cell("%%task --wait\nimport numpy as np\nnp.arange(300_000.0)", True)
+    assert result.error_in_exec is None, result
+    count = ip.execution_count - 1
+    kept = ip.user_ns["_"]
+    assert isinstance(kept, RemoteValue) and ip.user_ns["Out"][count] is kept
+    assert f"_{count}: kept on the workers" in repr(kept) and "shape=(300000,)" in repr(kept)
+    run(ip, f"last = float(_{count}[-1])")  # a local cell that reads it fetches it
+    assert ip.user_ns["last"] == 299_999.0
+    assert isinstance(ip.user_ns[f"_{count}"], np.ndarray)
+    # Shown by the name it is assigned to: one reference, one copy on the workers.
+    ip.run_cell("%%task --wait\n" + MAKE_X + "\nx", True)
+    assert isinstance(ip.user_ns["x"], RemoteValue) and ip.user_ns["_"] is ip.user_ns["x"]

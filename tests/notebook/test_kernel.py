@@ -212,6 +212,27 @@ def test_wait_cell_output_is_the_cells_own(kc: Any) -> None:
     assert "line 3" in traceback and "raise KeyError" in traceback, traceback
 
 
+def test_a_wait_cells_out_is_its_value_shown_by_the_kernel(kc: Any) -> None:
+    """``_`` and ``Out[n]`` hold the value, and the kernel renders it, as locally."""
+    execute(kc, "%load_ext nbtask")
+    execute(
+        kc,
+        "import os\nclass Shown:\n    def _repr_html_(self):\n"
+        "        return f'<b>shown by {os.getpid()}</b>'\nx = 21",
+    )
+    _, msgs, reply = execute(kc, "%%task --wait\nx * 2")
+    assert reply["content"]["status"] == "ok", reply["content"]
+    result = [m["content"] for m in msgs if m["msg_type"] == "execute_result"]
+    assert result and result[0]["data"]["text/plain"] == "42"
+    count = result[0]["execution_count"]
+    _, msgs, _ = execute(kc, f"print(type(_).__name__, _ == 42, Out[{count}] == 42)")
+    assert "int True True" in stream_text(msgs)
+    _, msgs, _ = execute(kc, "%%task --wait\nShown()")
+    result = [m["content"] for m in msgs if m["msg_type"] == "execute_result"]
+    _, said, _ = execute(kc, "print(f'<b>shown by {os.getpid()}</b>', type(_).__name__)")
+    assert result and stream_text(said) == f"{result[0]['data']['text/html']} Shown\n"
+
+
 def comm_opens(msgs: list[dict[str, Any]]) -> dict[str, list[str]]:
     opens: dict[str, list[str]] = {}
     for m in msgs:

@@ -1,0 +1,57 @@
+"""How a ``--wait`` cell ends, as it would locally: its last expression is its ``Out`` (the
+value itself), and interrupted, the names it bound so far stay bound.
+
+A real IPython shell against the real Redis and worker processes.
+"""
+
+from __future__ import annotations
+
+import pytest
+from helpers import cell_run as run
+from IPython.core.interactiveshell import InteractiveShell
+
+from nbtask.notebook.session import Session
+
+
+def shown(ip: InteractiveShell, cell: str) -> None:
+    """Run ``%%task --wait`` ``cell`` as a notebook cell (numbered, its ``Out`` kept)."""
+    result = ip.run_cell(f"%%task --wait\n{cell}", store_history=True)
+    assert result.error_in_exec is None and result.error_before_exec is None, result
+
+
+def test_the_last_expression_is_the_value_itself_in_out_and_underscore(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    run(ip, "x = 21")
+    shown(ip, "x * 2")
+    count = ip.execution_count - 1
+    assert type(ip.user_ns["_"]) is int and ip.user_ns["_"] == 42
+    assert ip.user_ns["Out"][count] == 42 and ip.user_ns[f"_{count}"] == 42
+    # A name the cell assigns and shows is one object, as locally, sent once.
+    shown(ip, "rows = [1, 2]\nrows")
+    assert ip.user_ns["_"] is ip.user_ns["rows"] and ip.user_ns["__"] == 42
+    # So is a shipped name the cell only shows.
+    shown(ip, "x")
+    assert ip.user_ns["_"] is ip.user_ns["x"]
+
+
+def test_a_cell_ending_with_a_semicolon_or_none_shows_nothing(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    shown(ip, "x = 21\nx")
+    count = ip.execution_count
+    shown(ip, "x * 3;")
+    shown(ip, "None")
+    assert ip.user_ns["_"] == 21
+    assert count not in ip.user_ns["Out"] and count + 1 not in ip.user_ns["Out"]
+
+
+def test_a_value_that_cannot_be_pickled_shows_the_workers_display_and_says_so(
+    ip: InteractiveShell, nb: Session, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shown(ip, "(i for i in range(3))")
+    count = ip.execution_count - 1
+    assert repr(ip.user_ns["_"]).startswith("<generator object <genexpr> at")
+    said = capsys.readouterr().err
+    assert f"nbtask: Out[{count}] did not come back from the worker (generator cannot" in said
+    assert "it shows the worker's display of the value" in said
