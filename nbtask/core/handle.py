@@ -132,7 +132,8 @@ class TaskHandle(concurrent.futures.Future[Any]):
         self._custom_state: str | None = None
         #: The previous step's handle, for a chain's later steps.
         self.parent: TaskHandle | None = None
-        #: What the task did before it failed, as it reported it (a notebook cell's names).
+        #: What the task did before it failed or was stopped, as it reported it (a notebook
+        #: cell's names).
         self.partial: Any = None
         self._lock = threading.Lock()
         self._loading = threading.Lock()
@@ -466,6 +467,7 @@ class TaskHandle(concurrent.futures.Future[Any]):
         elif event.type is EventType.SUCCESS:
             self.set_result(result)
         elif event.type is EventType.REVOKED:
+            self.partial = result.get("partial") if isinstance(result, dict) else None
             self.set_exception(revoked(self._label, data))
         elif event.type is EventType.WORKER_LOST:
             self.set_exception(worker_lost(self._label, self.id, data))

@@ -19,7 +19,7 @@ from nbtask.wire.events import FINAL_STATES, Event, EventType, State
 if TYPE_CHECKING:
     from nbtask.core.handle import TaskHandle
 
-__all__ = ["cancel_task", "cancelled", "follow", "next_event", "one_line"]
+__all__ = ["cancel_task", "cancelled", "ended_within", "follow", "next_event", "one_line"]
 
 _E = TypeVar("_E", bound=BaseException)
 
@@ -29,6 +29,20 @@ def cancel_task(handle: TaskHandle) -> bool:
     if handle.done():
         return False
     return handle.cancel()
+
+
+def ended_within(handle: TaskHandle, seconds: float) -> bool:
+    """Whether a task cancelled a moment ago ends within ``seconds``.
+
+    Another interrupt (the Stop button pressed again) stops the wait: ``False``.
+    """
+    deadline = time.monotonic() + seconds
+    try:
+        while not handle.done() and time.monotonic() < deadline:
+            time.sleep(0.02)  # a signal ends a sleep at once
+    except KeyboardInterrupt:
+        return False
+    return handle.done()
 
 
 def one_line(error: _E) -> _E:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import contextlib
 import dataclasses
 import importlib
 import sys
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from nbtask.errors import BlobError, RemoteError, TaskRevoked
 from nbtask.notebook import process_state
 from nbtask.notebook.analysis import analyze
-from nbtask.notebook.follow import cancel_task, cancelled, one_line
+from nbtask.notebook.follow import cancel_task, cancelled, ended_within, one_line
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.shipping import load_values, share_namespace
 from nbtask.wire.envelope import Envelope
@@ -42,6 +43,9 @@ __all__ = [
 
 WAIT_NAME = "__nbtask_wait__"
 _POLL_SECONDS = 0.02
+#: How long an interrupted cell waits for its task to end: the worker's grace before it
+#: kills a task that ignores the interrupt (5 s), and some.
+_STOPPING_SECONDS = 10.0
 
 
 @dataclasses.dataclass(eq=False)
@@ -154,6 +158,18 @@ class Pending:
         deadline = time.monotonic() + timeout
         while any(not run.handle.done() for run in started) and time.monotonic() < deadline:
             time.sleep(_POLL_SECONDS)
+
+    def interrupted(self, run: CellRun) -> KeyboardInterrupt:
+        """Cancel the task of a waited-for cell the kernel's interrupt stopped; its error.
+
+        The names the cell bound before the interrupt reached it come back first, as an
+        interrupted cell leaves them bound locally (the worker sends them as it stops).
+        """
+        cancel_task(run.handle)
+        if ended_within(run.handle, _STOPPING_SECONDS):
+            with contextlib.suppress(TaskRevoked):  # as it should: it was cancelled
+                self.deliver(run, raise_errors=True)
+        return cancelled(run.label)
 
     def harvest(self) -> None:
         """Write the values of every successfully finished run (main thread only).

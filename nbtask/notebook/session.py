@@ -23,7 +23,7 @@ from nbtask.notebook import process_state
 from nbtask.notebook.board import Row, TaskBoard, format_row, notebook_group
 from nbtask.notebook.celltask import NamedCell, cell_task
 from nbtask.notebook.fetchbar import fetch_progress
-from nbtask.notebook.follow import cancel_task, cancelled, follow, next_event, one_line
+from nbtask.notebook.follow import cancel_task, follow, next_event, one_line
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.pending import WAIT_NAME, CellRun, Pending, WaitInserter, wait_interruptibly
 from nbtask.notebook.releases import Releases, ReleaseTask
@@ -342,8 +342,7 @@ class Session:
                 if event.state in FINAL_STATES:
                     break
         except KeyboardInterrupt:
-            cancel_task(run.handle)
-            raise cancelled(run.label) from None
+            raise self.pending.interrupted(run) from None
         finally:
             line.close()
         wait_interruptibly(run.handle)

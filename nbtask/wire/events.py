@@ -236,7 +236,9 @@ def decode_event(signer: Signer, raw: bytes, fetch: BlobReader | None = None) ->
     # A result kept wholly out of band leaves the body empty: its layout names it.
     layout = event.data.get("layout")
     has_value = bool(envelope.body) or layout is not None
-    if event.type in (EventType.SUCCESS, EventType.FAILURE) and has_value:
+    # A task stopped while it ran may send what it did before (a notebook cell's names).
+    kinds = (EventType.SUCCESS, EventType.FAILURE, EventType.REVOKED)
+    if event.type in kinds and has_value:
         serializer = str(event.data.get("serializer", "cloudpickle"))
         if serializer not in SERIALIZERS:
             raise DecodeError(f"event names an unknown serializer {serializer!r}")

@@ -51,6 +51,7 @@ from nbtask.worker.settle import (
     failure_outcome,
     has_handlers,
     outcome_fields,
+    revoked_body,
     success_outcome,
 )
 from nbtask.worker.slots import SlotState
@@ -361,7 +362,7 @@ class Child:
         if self.interrupts.terminated:
             seq = self.outbox.end()
             event = Event(EventType.REVOKED, message.id, seq, {"reason": "terminated"})
-            return Outcome(event, exc=exc)
+            return Outcome(event, revoked_body(exc), exc=exc)
         if (
             not isinstance(exc, Retry)
             and task.autoretry_for

@@ -39,6 +39,7 @@ __all__ = [
     "has_handlers",
     "outcome_fields",
     "report",
+    "revoked_body",
     "stopped_event",
     "success_outcome",
 ]
@@ -175,6 +176,21 @@ def failure_body(exc: BaseException) -> bytes:
         return b""
     finally:
         exc.__traceback__ = tb
+
+
+def revoked_body(exc: BaseException) -> bytes:
+    """What travels with the REVOKED event of a task stopped while it ran: its partial work.
+
+    What the task did before the interrupt reached it (a notebook cell's names bound so far,
+    as an interrupted cell leaves them locally), when it pickles; else nothing.
+    """
+    partial = exc.__dict__.pop(PARTIAL_RESULT, None) if hasattr(exc, "__dict__") else None
+    if partial is None:
+        return b""
+    try:
+        return dumps({"partial": partial})
+    except Exception:
+        return b""
 
 
 def outcome_fields(

@@ -6,10 +6,16 @@ A real IPython shell against the real Redis and worker processes.
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+
 import pytest
 from helpers import cell_run as run
+from helpers import wait_until
 from IPython.core.interactiveshell import InteractiveShell
 
+from nbtask import State
 from nbtask.notebook.session import Session
 
 
@@ -55,3 +61,23 @@ def test_a_value_that_cannot_be_pickled_shows_the_workers_display_and_says_so(
     said = capsys.readouterr().err
     assert f"nbtask: Out[{count}] did not come back from the worker (generator cannot" in said
     assert "it shows the worker's display of the value" in said
+
+
+def test_an_interrupted_cell_leaves_the_names_it_bound_so_far(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    """The kernel's interrupt (the Stop button) stops the cell as locally: its names stay."""
+
+    def interrupt_once_started() -> None:
+        wait_until(lambda: "started" in getattr(ip.user_ns.get("h"), "stdout", ""), 15, "start")
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_started, daemon=True).start()
+    cell = "total = 0\nprint('started')\nfor i in range(10**10):\n    total += i\nlate = 1"
+    with pytest.raises(KeyboardInterrupt, match="cancelled"):
+        ip.run_cell_magic("task", "--wait --out h", cell)
+    # Bound when the cell ends, as locally: no later cell has to wait for them.
+    i, total = ip.user_ns.get("i"), ip.user_ns.get("total")
+    assert isinstance(i, int) and i > 0, "the loop's name did not come back"
+    assert total in (i * (i + 1) // 2, i * (i - 1) // 2)  # stopped within a step
+    assert "late" not in ip.user_ns and ip.user_ns["h"].state is State.REVOKED
