@@ -25,7 +25,15 @@ from nbtask.notebook.analysis import SHELL_NAMES, CellAnalysis, analyze, is_hist
 from nbtask.wire.blobs import Packed
 from nbtask.wire.envelope import dumps
 
-__all__ = ["CellSpec", "carried_names", "load_values", "may_change", "prepare", "share_namespace"]
+__all__ = [
+    "CellSpec",
+    "carried_names",
+    "load_values",
+    "may_change",
+    "prepare",
+    "share_namespace",
+    "share_value",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,15 +394,39 @@ def share_namespace(
     """
     carried: dict[str, Any] = {}
     chosen = list(namespace) if names is None else [n for n in names if n in namespace]
-    for name, value in [(n, namespace[n]) for n in chosen]:
-        if _from_notebook(value, namespace):
-            carried.update(value.__globals__)
-            namespace[name] = _rebound(value, namespace)
-        elif isinstance(value, type) and value.__module__ == "__main__":
-            for attribute, member in list(vars(value).items()):
-                if _from_notebook(member, namespace):
-                    carried.update(member.__globals__)
-                    setattr(value, attribute, _rebound(member, namespace))
+    for name in chosen:
+        namespace[name] = _shared(namespace[name], namespace, carried)
+    return _add_carried(namespace, carried)
+
+
+def share_value(namespace: MutableMapping[str, Any], value: Any) -> Any:
+    """``value``, which came back unnamed (a cell's last expression), made to read ``namespace``.
+
+    As :func:`share_namespace` does for names; an object of a class defined in the
+    notebook too (its methods: a ``_repr_html_`` that looks names up in the notebook).
+    """
+    carried: dict[str, Any] = {}
+    value = _shared(value, namespace, carried)
+    _shared(type(value), namespace, carried)
+    _add_carried(namespace, carried)
+    return value
+
+
+def _shared(value: Any, namespace: Any, carried: dict[str, Any]) -> Any:
+    """``value`` reading ``namespace`` if it is a function or class of the notebook."""
+    if _from_notebook(value, namespace):
+        carried.update(value.__globals__)
+        return _rebound(value, namespace)
+    if isinstance(value, type) and value.__module__ == "__main__":
+        for attribute, member in list(vars(value).items()):
+            if _from_notebook(member, namespace):
+                carried.update(member.__globals__)
+                setattr(value, attribute, _rebound(member, namespace))
+    return value
+
+
+def _add_carried(namespace: MutableMapping[str, Any], carried: Mapping[str, Any]) -> list[str]:
+    """Add the globals functions carried where ``namespace`` has no such name; their names."""
     added = [n for n in carried if n not in namespace and not n.startswith("__")]
     for name in added:
         namespace[name] = carried[name]

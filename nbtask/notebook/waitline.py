@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from IPython.display import clear_output, display, publish_display_data
 
 from nbtask.notebook.kept import RemoteValue
+from nbtask.notebook.shipping import share_value
 from nbtask.wire.events import Event, EventType
 
 __all__ = ["ProgressLine", "out_value", "show_output"]
@@ -36,7 +37,7 @@ class _Result:
 def out_value(
     shown: Any,
     bundle: dict[str, Any] | None,
-    namespace: Mapping[str, Any],
+    namespace: MutableMapping[str, Any],
     on_kept: Callable[[RemoteValue], None],
     out: str,
 ) -> Any:
@@ -63,7 +64,7 @@ def out_value(
         else:
             if isinstance(value, RemoteValue):
                 on_kept(value)
-            return value
+            return share_value(namespace, value)
     elif how == "name":
         why = f"{what} is not defined in the notebook"
     said = "it shows the worker's display of the value" if bundle else "it shows nothing"

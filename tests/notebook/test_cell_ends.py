@@ -81,3 +81,16 @@ def test_an_interrupted_cell_leaves_the_names_it_bound_so_far(
     assert isinstance(i, int) and i > 0, "the loop's name did not come back"
     assert total in (i * (i + 1) // 2, i * (i - 1) // 2)  # stopped within a step
     assert "late" not in ip.user_ns and ip.user_ns["h"].state is State.REVOKED
+
+
+def test_a_shown_object_of_a_notebook_class_reads_the_notebooks_names(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    """Rendered in the kernel, its methods find the notebook's names, as locally."""
+    run(
+        ip,
+        "class Named:\n    def __init__(self, name):\n        self.name = name\n"
+        "    def __repr__(self):\n        return f'{self.name} = {eval(self.name)!r}'",
+    )
+    shown(ip, "later = 5\nNamed('later')")
+    assert repr(ip.user_ns["_"]) == "later = 5"
