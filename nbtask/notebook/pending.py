@@ -244,10 +244,12 @@ class Pending:
         try:
             # A failed cell's effects before its failing line happened too, as locally.
             effects = run.handle.partial if exc is not None else run.handle.result(0)
+            came: Iterable[str] = ()
             if isinstance(effects, Mapping):
                 self._apply(run, effects)
+                came = effects.get("names", ())  # bound before it was stopped
             if isinstance(exc, TaskRevoked):
-                raise _revoked(run, mine) from None
+                raise _revoked(run, [n for n in mine if n not in came]) from None
             if exc is not None:
                 raise local_exception(exc, self.namespace)
         finally:

@@ -212,8 +212,9 @@ def test_reading_a_name_of_a_cancelled_cell_says_so_in_one_line(
     assert isinstance(error, TaskRevoked), error
     assert rendered(error) == [
         f"TaskRevoked: task 'import time' [{handle.id[:8]}] was cancelled (terminated) before "
-        "it ended: run the cell again to set time, late"
+        "it ended: run the cell again to set late"
     ]
+    assert ip.user_ns["time"].sleep, "what it bound before it was stopped stays, as locally"
 
 
 def test_unloading_with_a_cell_still_running_says_its_values_will_not_arrive(
