@@ -47,7 +47,8 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
     -------
     dict
         ``{"values": pickled {name: value}, "names": [...], "skipped": {name: why},
-        "deleted": [...], "state": {kind: state}}``, and ``"shown"`` (the last
+        "deleted": [...], "in_place": [...], "state": {kind: state}}`` (``in_place``: the
+        shipped values the cell changed without rebinding them), and ``"shown"`` (the last
         expression's value, see :func:`_shown`) when ``spec.shows`` names it; with
         ``spec.plain`` just ``{name: value}``.
 
@@ -84,6 +85,9 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
         shipped.update({n: namespace[n] for n in shipped if namespace[n] is not shipped[n]})
         shipped.update(carried)
         before.update(_digests(carried))
+        # The notebook's own objects (not datasets, not values kept on the workers): one
+        # the cell changes without rebinding it is written into the notebook's object.
+        notebook_objects = {*spec.names, *carried} - set(references)
         # Loaded only now, with the shell (and matplotlib's inline backend) set up: the
         # state holds matplotlib objects, and importing matplotlib first would choose
         # another backend.
@@ -104,6 +108,8 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
             file=sys.stderr,
         )
     effects = _effects(namespace, shipped, before, spec, references)
+    out = effects["out"]
+    effects["in_place"] = [n for n in notebook_objects if n in out and out[n] is shipped[n]]
     _forget_changed(references, effects["out"])
     effects["held"] = {n: where for n, where in rehomed.items() if n not in effects["out"]}
     effects["state"] = _APPLIED.leave(spec.state, state_before)
@@ -307,6 +313,8 @@ def _pack(effects: dict[str, Any], spec: CellSpec, *, plain: bool) -> Any:
         "skipped": skipped,
         "deleted": effects["deleted"],
         "held": effects.get("held", {}),
+        # Changed in place, not rebound: the notebook updates its own object, as locally.
+        "in_place": sorted(n for n in effects.get("in_place", ()) if n in out),
         "state": state,
     }
 

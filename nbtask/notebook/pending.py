@@ -24,6 +24,7 @@ from nbtask.errors import BlobError, RemoteError, TaskRevoked
 from nbtask.notebook import process_state
 from nbtask.notebook.analysis import analyze
 from nbtask.notebook.follow import cancel_task, cancelled, ended_within, one_line
+from nbtask.notebook.inplace import bring_back
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.shipping import load_values, share_namespace
 from nbtask.wire.envelope import Envelope
@@ -259,9 +260,12 @@ class Pending:
         """Write a cell's names and process-wide state changes into this kernel."""
         arrived = load_values(effects)
         run.shown = effects.get("shown")
-        for name, value in arrived.items():
+        for value in arrived.values():
             if isinstance(value, RemoteValue):
                 self.took_kept(value)
+        in_place = [n for n in effects.get("in_place", ()) if n not in run.superseded]
+        arrived = bring_back(self.namespace, arrived, in_place, _say)
+        for name, value in arrived.items():
             if name not in run.superseded:
                 self.namespace[name] = value
         for name in effects.get("deleted", ()):
@@ -303,6 +307,10 @@ class Pending:
                 value.holder, value.holder_pid = str(holder), int(pid)
                 if self._on_kept is not None:
                     self._on_kept(value)
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def _revoked(run: CellRun, names: Iterable[str]) -> TaskRevoked:

@@ -286,6 +286,9 @@ class Session:
         # And the values its functions carry, which it may change through them.
         carried = carried_names(dict(zip(spec.names, shipped, strict=True)), self.shell.user_ns)
         names = tuple(dict.fromkeys([*found.assigned, *found.mutated, *carried]))
+        # Not held while the cell runs: whether other holders of a value it changes are
+        # left with the old object is told by its reference count (nbtask.notebook.inplace).
+        del shipped
         run = CellRun(handle, label, names, rebound=frozenset(found.assigned), state=spec.state)
         self.pending.say_if_random_repeats(run, python)
         if args.out:

@@ -1,0 +1,334 @@
+"""Values a cell changed in place come back into the notebook's own objects.
+
+Locally, a cell that changes a value in place (``model["coef"] = 2``) changes the one
+object every name, container, attribute or closure holding it sees. A ``%%task`` cell's
+value comes back unpickled, a new object: bound to its name it would leave the other
+holders of the old one (``models["lr"]``) with the value from before the cell.
+:func:`bring_back` instead writes the new state into the notebook's object, which keeps
+its identity: a list, dict, set, bytearray, deque, a numpy array of the same shape and
+dtype, a pandas frame or series of the same shape, a function's attributes, and any
+object whose state is all in its ``__dict__`` and ``__slots__`` (classes written in
+Python: a scikit-learn estimator, a dataclass). Any other (an array whose shape changed, an
+object with state in C, a value kept on the workers) is bound anew, as before; if the old
+object is still referenced besides its name, one line says so, naming the notebook's
+variables that hold it where a cheap look finds them.
+
+The new objects of one cell arrive in one pickle, sharing what they shared on the worker;
+those written into old objects are replaced by the old ones wherever the cell's values
+hold them directly (``b = a`` after ``a.append(1)``: ``b is a`` as locally).
+"""
+
+from __future__ import annotations
+
+import collections
+import struct
+import sys
+import types
+import weakref
+from collections.abc import Callable, Collection, Iterable, Mapping, MutableMapping
+from typing import Any
+
+from nbtask.notebook.kept import RemoteValue
+
+__all__ = ["bring_back"]
+
+_HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class made at run time (a ``class`` statement)
+_POINTER = struct.calcsize("P")
+_SCANNED_ITEMS = 1000  # a container with more is not looked into for the old object
+_NAMED_HOLDERS = 3
+
+Swap = Callable[[Any], Any]
+Update = Callable[[Any, Any, Swap], None]
+
+
+def bring_back(
+    namespace: MutableMapping[str, Any],
+    arrived: Mapping[str, Any],
+    in_place: Iterable[str],
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """The values to bind for ``arrived``, having written those changed in place into the old.
+
+    Parameters
+    ----------
+    namespace
+        The notebook's namespace, holding the values from before the cell.
+    arrived
+        The cell's values as they came back (one pickle).
+    in_place
+        Those of ``arrived``'s names the cell changed in place without rebinding them (the
+        worker saw the object it was shipped); only those the notebook still holds count.
+    say
+        Called with the line to show for an object that came back as a new one while
+        something besides its name still holds the old one.
+
+    Returns
+    -------
+    dict
+        ``{name: value}`` to bind: the old object for a value written into it, the new one
+        otherwise (an old one where the cell's values shared it).
+    """
+    olds: dict[str, Any] = {n: namespace[n] for n in in_place if n in arrived and n in namespace}
+    # In comprehensions: no loop variable is left holding an old object (counted below).
+    found = {name: _update_for(old, arrived[name]) for name, old in olds.items()}
+    updates = {name: how for name, how in found.items() if not isinstance(how, str)}
+    why_not = {name: how for name, how in found.items() if isinstance(how, str)}
+    swapped = {id(arrived[n]): olds[n] for n in updates}
+
+    def swap(value: Any) -> Any:
+        return swapped.get(id(value), value)
+
+    for name, update in updates.items():
+        update(olds[name], arrived[name], swap)
+    for name, why in why_not.items():
+        # The old object's holders: ``olds``, ``namespace`` and getrefcount's argument.
+        if sys.getrefcount(olds[name]) > 3:
+            say(_stale_line(name, why, _holders(namespace, name, olds[name])))
+    return {name: swap(value) for name, value in arrived.items()}
+
+
+def _update_for(old: Any, new: Any) -> Update | str:
+    """How to write ``new``'s state into ``old``, or why it cannot be."""
+    if old is new:  # pickled by reference (a module's constant, an enum member)
+        return _nothing
+    if isinstance(new, RemoteValue):
+        return "it is large and stays on the workers"
+    kind = type(old)
+    if kind is not type(new):
+        return "its type changed"
+    update = _BY_TYPE.get(kind)
+    if update is not None:
+        return update
+    return _update_of_kind(old, new)
+
+
+def _update_of_kind(old: Any, new: Any) -> Update | str:
+    """How to write ``new`` into ``old`` of the same type, or why it cannot be."""
+    kind = type(old)
+    if kind is collections.deque:
+        return _deque if old.maxlen == new.maxlen else "its maxlen changed"
+    if kind is types.FunctionType:
+        return _function if old.__code__ == new.__code__ else "its code changed"
+    numpy = sys.modules.get("numpy")  # imported already if the value is an array
+    if numpy is not None and kind is numpy.ndarray:
+        return _array_update(old, new)
+    pandas = sys.modules.get("pandas")
+    if pandas is not None and kind in (pandas.DataFrame, pandas.Series):
+        return _pandas_update(old, new, pandas)
+    return _attributes_update(new)
+
+
+def _attributes_update(new: Any) -> Update | str:
+    if not _state_is_attributes(type(new)):
+        return f"a {type(new).__name__} keeps state that cannot be written in place"
+    # Weakly referenced from its own state (a child's link back to its parent), moved
+    # into the old object the link would still name the new one.
+    if weakref.getweakrefcount(new):
+        return "its state refers back to it"
+    return _attributes
+
+
+def _nothing(old: Any, new: Any, swap: Swap) -> None:
+    return None
+
+
+def _list(old: Any, new: Any, swap: Swap) -> None:
+    old[:] = [swap(item) for item in new]
+
+
+def _dict(old: Any, new: Any, swap: Swap) -> None:
+    items = [(key, swap(value)) for key, value in new.items()]
+    old.clear()
+    for key, value in items:  # item by item: ``Counter.update`` would add counts
+        old[key] = value
+
+
+def _defaultdict(old: Any, new: Any, swap: Swap) -> None:
+    _dict(old, new, swap)
+    old.default_factory = new.default_factory
+
+
+def _set(old: Any, new: Any, swap: Swap) -> None:
+    items = [swap(item) for item in new]
+    old.clear()
+    old.update(items)
+
+
+def _bytearray(old: Any, new: Any, swap: Swap) -> None:
+    old[:] = new
+
+
+def _deque(old: Any, new: Any, swap: Swap) -> None:
+    items = [swap(item) for item in new]
+    old.clear()
+    old.extend(items)
+
+
+_BY_TYPE: dict[type, Update] = {
+    list: _list,
+    dict: _dict,
+    collections.OrderedDict: _dict,
+    collections.Counter: _dict,
+    collections.defaultdict: _defaultdict,
+    set: _set,
+    bytearray: _bytearray,
+}
+
+
+def _function(old: Any, new: Any, swap: Swap) -> None:
+    """A function's state a cell can change: its attributes and defaults (not its globals)."""
+    _replace_dict(vars(old), vars(new), swap)
+    old.__defaults__ = new.__defaults__
+    old.__kwdefaults__ = new.__kwdefaults__
+    old.__doc__ = new.__doc__
+
+
+def _array_update(old: Any, new: Any) -> Update | str:
+    if old.shape != new.shape or old.dtype != new.dtype:
+        return "its shape or dtype changed"
+    if not old.flags.writeable:
+        return "the notebook's array is read-only"
+    return _array
+
+
+def _array(old: Any, new: Any, swap: Swap) -> None:
+    old[...] = new  # a view writes into the array it views, as the cell's change would have
+
+
+def _pandas_update(old: Any, new: Any, pandas: Any) -> Update | str:
+    """Frames and series through pandas' public API: values replaced, then labels.
+
+    A frame whose rows or columns changed in number (a column added, rows dropped), or
+    a series whose dtype changed, has no public way to be rewritten whole in place.
+    """
+    if old.shape != new.shape:
+        return "its rows or columns changed in number"
+    if isinstance(old, pandas.DataFrame):
+        return _frame
+    return _series if old.dtype == new.dtype else "its dtype changed"
+
+
+def _frame(old: Any, new: Any, swap: Swap) -> None:
+    for position in range(new.shape[1]):
+        # By position, the new column's values and dtype (not aligned on the old labels).
+        old.isetitem(position, new.iloc[:, position].array)
+    _pandas_labels(old, new)
+    old.columns = new.columns
+
+
+def _series(old: Any, new: Any, swap: Swap) -> None:
+    old.iloc[:] = new.array
+    _pandas_labels(old, new)
+    old.name = new.name
+
+
+def _pandas_labels(old: Any, new: Any) -> None:
+    old.index = new.index
+    old.attrs = new.attrs
+    old.flags.allows_duplicate_labels = new.flags.allows_duplicate_labels
+
+
+def _state_is_attributes(kind: type) -> bool:
+    """Whether ``kind``'s instances hold nothing but their ``__dict__`` and ``__slots__``.
+
+    True of classes written in Python down to ``object``: each class of its layout chain
+    is made at run time and adds to its base's size only its slots, and a dict or weakref
+    pointer. A class of a C extension (``random.Random``'s base holds its state in C)
+    adds fields of its own.
+    """
+    while kind is not object:
+        base = kind.__base__
+        if base is None or not kind.__flags__ & _HEAPTYPE:
+            return False
+        pointers = len(_own_slots(kind))
+        pointers += bool(kind.__weakrefoffset__) and not base.__weakrefoffset__
+        pointers += kind.__dictoffset__ > 0 and not base.__dictoffset__
+        if kind.__basicsize__ - base.__basicsize__ != pointers * _POINTER:
+            return False
+        kind = base
+    return True
+
+
+def _own_slots(kind: type) -> list[Any]:
+    """The slot descriptors ``kind`` itself defines."""
+    return [
+        member
+        for member in vars(kind).values()
+        if isinstance(member, types.MemberDescriptorType) and member.__objclass__ is kind
+    ]
+
+
+def _attributes(old: Any, new: Any, swap: Swap) -> None:
+    """Make ``old``'s ``__dict__`` and slots those of ``new``, bypassing any ``__setattr__``."""
+    if hasattr(new, "__dict__"):
+        _replace_dict(vars(old), vars(new), swap)
+    for kind in type(new).__mro__:
+        for slot in _own_slots(kind):
+            try:
+                value = slot.__get__(new, kind)
+            except AttributeError:  # unset in the new object: unset in the old one too
+                if _is_set(slot, old, kind):
+                    slot.__delete__(old)
+                continue
+            slot.__set__(old, swap(value))
+
+
+def _is_set(slot: Any, value: Any, kind: type) -> bool:
+    try:
+        slot.__get__(value, kind)
+    except AttributeError:
+        return False
+    return True
+
+
+def _replace_dict(old: dict[str, Any], new: Mapping[str, Any], swap: Swap) -> None:
+    items = [(key, swap(value)) for key, value in new.items()]
+    old.clear()
+    old.update(items)
+
+
+def _stale_line(name: str, why: str, holders: Collection[str]) -> str:
+    if holders:
+        shown = ", ".join(sorted(holders)[:_NAMED_HOLDERS])
+        more = " and more" if len(holders) > _NAMED_HOLDERS else ""
+        held = f"{shown}{more} still {'holds' if len(holders) == 1 else 'hold'}"
+    else:
+        held = "other references to it (a container, an attribute, a closure) still see"
+    return (
+        f"nbtask: {name} came back as a new object ({why}): {held} the old one, as it was "
+        "before the cell"
+    )
+
+
+def _holders(namespace: Mapping[str, Any], name: str, old: Any) -> list[str]:
+    """Which of the notebook's variables hold ``old``, themselves or one level down.
+
+    A cheap look: the items of lists, tuples and dicts, and the attributes of objects,
+    of up to a thousand entries each; the notebook's own hidden names (``_``) are skipped.
+    """
+    found: list[str] = []
+    for holder_name, holder in list(namespace.items()):
+        if holder_name == name or holder_name.startswith("_"):
+            continue
+        if holder is old:
+            found.append(holder_name)
+        elif isinstance(holder, (list, tuple)) and len(holder) <= _SCANNED_ITEMS:
+            found += [f"{holder_name}[{i}]" for i, item in enumerate(holder) if item is old]
+        elif isinstance(holder, dict) and len(holder) <= _SCANNED_ITEMS:
+            found += [f"{holder_name}[{k!r}]" for k, item in holder.items() if item is old]
+        else:
+            attributes = _attributes_of(holder)
+            if len(attributes) <= _SCANNED_ITEMS:
+                found += [f"{holder_name}.{a}" for a, item in attributes.items() if item is old]
+    return found
+
+
+def _attributes_of(value: Any) -> Mapping[str, Any]:
+    """An instance's ``__dict__``; never a module's or a class's, nor a ``__getattr__``'s."""
+    if isinstance(value, (types.ModuleType, type)) or not type(value).__dictoffset__:
+        return {}
+    try:
+        attributes = object.__getattribute__(value, "__dict__")
+    except Exception:  # a class of its own making
+        return {}
+    return attributes if isinstance(attributes, dict) else {}
