@@ -15,7 +15,8 @@ variables that hold it where a cheap look finds them.
 
 The new objects of one cell arrive in one pickle, sharing what they shared on the worker;
 those written into old objects are replaced by the old ones wherever the cell's values
-hold them directly (``b = a`` after ``a.append(1)``: ``b is a`` as locally).
+hold them (``b = a`` after ``a.append(1)``: ``b is a`` as locally; ``models["g"]["lr"]``
+when ``models`` came back too; an object's parts that link back to it), but in a tuple.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ Update = Callable[[Any, Any, Swap], None]
 
 def bring_back(
     namespace: MutableMapping[str, Any],
-    arrived: Mapping[str, Any],
+    arrived: dict[str, Any],
     in_place: Iterable[str],
     say: Callable[[str], None],
 ) -> dict[str, Any]:
@@ -54,7 +55,8 @@ def bring_back(
     namespace
         The notebook's namespace, holding the values from before the cell.
     arrived
-        The cell's values as they came back (one pickle).
+        The cell's values as they came back (one pickle); emptied, so that the new objects
+        written into old ones are let go.
     in_place
         Those of ``arrived``'s names the cell changed in place without rebinding them (the
         worker saw the object it was shipped); only those the notebook still holds count.
@@ -84,7 +86,50 @@ def bring_back(
         # The old object's holders: ``olds``, ``namespace`` and getrefcount's argument.
         if sys.getrefcount(olds[name]) > 3:
             say(_stale_line(name, why, _holders(namespace, name, olds[name])))
-    return {name: swap(value) for name, value in arrived.items()}
+    bound = {name: swap(value) for name, value in arrived.items()}
+    written = [arrived[n] for n in updates if arrived[n] is not olds[n]]
+    arrived.clear()  # what still holds a new object written into an old one is the cell's
+    if any(sys.getrefcount(new) > 3 for new in written):  # ``written``, ``new``, the argument
+        _swap_deeper(bound.values(), swapped)
+    return bound
+
+
+def _swap_deeper(roots: Iterable[Any], swapped: Mapping[int, Any]) -> None:
+    """Replace the new objects written into old ones wherever the cell's values hold them.
+
+    ``models`` and ``model`` both changed: ``models['group']['lr']`` is the notebook's
+    ``model`` again. Only the lists, dicts, deques and plain objects the cell's values are
+    made of are walked and changed (the old objects' own items were swapped already, as
+    were the values bound to names); a tuple holding one cannot be changed.
+    """
+    seen: set[int] = set()
+    plain: dict[type, bool] = {}  # by class: whether its instances are walked
+    stack = list(roots)
+    while stack:
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        kind = type(value)
+        if kind is tuple:
+            stack.extend(value)
+            continue
+        if kind not in plain:
+            plain[kind] = _state_is_attributes(kind)
+        if plain[kind]:
+            stack.append(_attributes_of(value))
+            continue
+        if isinstance(value, (list, collections.deque)):
+            items: Iterable[tuple[Any, Any]] = enumerate(value)
+        elif isinstance(value, dict):
+            items = value.items()
+        else:
+            continue
+        for key, item in list(items):
+            if id(item) in swapped:
+                value[key] = swapped[id(item)]
+            else:
+                stack.append(item)
 
 
 def _update_for(old: Any, new: Any) -> Update | str:

@@ -260,11 +260,11 @@ class Pending:
         """Write a cell's names and process-wide state changes into this kernel."""
         arrived = load_values(effects)
         run.shown = effects.get("shown")
-        for value in arrived.values():
-            if isinstance(value, RemoteValue):
-                self.took_kept(value)
+        # No loop variable left holding one of the values: bring_back counts references.
+        for kept in [v for v in arrived.values() if isinstance(v, RemoteValue)]:
+            self.took_kept(kept)
         in_place = [n for n in effects.get("in_place", ()) if n not in run.superseded]
-        arrived = bring_back(self.namespace, arrived, in_place, _say)
+        arrived = bring_back(self.namespace, arrived, in_place, _say)  # empties the first
         for name, value in arrived.items():
             if name not in run.superseded:
                 self.namespace[name] = value

@@ -154,3 +154,23 @@ def test_a_value_a_background_cell_changed_in_place_is_seen_through_its_aliases(
     run(ip, "coef = models['lr']['coef']")  # delivered before this cell runs
     assert ip.user_ns["coef"] == 2
     assert ip.user_ns["models"]["lr"] is ip.user_ns["model"]
+
+
+def test_a_value_changed_in_place_is_the_notebooks_object_deep_in_the_cells_values(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    """Held further down by another value that came back, or by its own parts."""
+    run(
+        ip,
+        "model = {'coef': 1}\nmodels = {'group': {'lr': model}}\n"
+        "class Node:\n    pass\n"
+        "tree = Node()\ntree.children = [Node()]\ntree.children[0].parent = tree\n"
+        "held = [model, tree]",
+    )
+    task(ip, "model['coef'] = 2\nsize = len(models)\ntree.value = 3")
+    assert ip.user_ns["models"]["group"]["lr"] is ip.user_ns["model"]
+    assert ip.user_ns["model"] == {"coef": 2}
+    tree = ip.user_ns["tree"]
+    assert tree.value == 3 and tree.children[0].parent is tree
+    assert ip.user_ns["held"] == [ip.user_ns["model"], tree]
+    assert ip.user_ns["held"][0] is ip.user_ns["model"] and ip.user_ns["held"][1] is tree
