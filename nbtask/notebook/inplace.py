@@ -117,7 +117,9 @@ def _swap_deeper(roots: Iterable[Any], swapped: Mapping[int, Any]) -> None:
         if kind not in plain:
             plain[kind] = _state_is_attributes(kind)
         if plain[kind]:
-            stack.append(_attributes_of(value))
+            attributes = _attributes_of(value)
+            if attributes:  # its own ``__dict__``, not an empty stand-in whose id is reused
+                stack.append(attributes)
             continue
         if isinstance(value, (list, collections.deque)):
             items: Iterable[tuple[Any, Any]] = enumerate(value)
@@ -305,7 +307,7 @@ def _own_slots(kind: type) -> list[Any]:
 
 def _attributes(old: Any, new: Any, swap: Swap) -> None:
     """Make ``old``'s ``__dict__`` and slots those of ``new``, bypassing any ``__setattr__``."""
-    if hasattr(new, "__dict__"):
+    if type(new).__dictoffset__:  # not hasattr: a ``__getattr__`` would be asked
         _replace_dict(vars(old), vars(new), swap)
     for kind in type(new).__mro__:
         for slot in _own_slots(kind):
