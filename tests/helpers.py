@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -24,6 +25,7 @@ import pytest
 
 from nbtask import App, RemoteError, Settings
 from nbtask.brokers import open_broker
+from nbtask.wire.message import TaskMessage
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -328,3 +330,35 @@ def cell_run(ip: Any, code: str) -> None:
     """Run ``code`` as a plain cell in ``ip``; the test fails if the cell raised."""
     result = ip.run_cell(code)
     assert result.error_in_exec is None and result.error_before_exec is None, result
+
+
+def interrupt_once_printed(ip: Any, text: str = "started", handle: str = "h") -> None:
+    """SIGINT to this process (the Stop button) once the cell whose handle the shell ``ip``
+    holds as ``handle`` (``%%task --out h``) printed ``text``."""
+
+    def interrupt() -> None:
+        printed = lambda: text in getattr(ip.user_ns.get(handle), "stdout", "")  # noqa: E731
+        wait_until(printed, 15, "the cell to start")
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+
+
+def task_message(**fields: Any) -> TaskMessage:
+    """A task message with plain fields (``fields`` replace them), never sent."""
+    plain: dict[str, Any] = {
+        "id": "t1",
+        "name": "mod.f",
+        "prefix": "p",
+        "queue": "default",
+        "client": "c",
+        "created": 0.0,
+        "eta": None,
+        "expires": None,
+        "acks_late": False,
+        "ignore_result": False,
+        "module": "mod",
+        "code": None,
+        "code_len": 0,
+    }
+    return TaskMessage(**{**plain, **fields})

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 import psutil
 import pytest
-from helpers import wait_until
+from helpers import interrupt_once_printed, wait_until
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from tcp_proxy import TcpProxy
@@ -104,11 +104,7 @@ def test_a_wait_timeout_ends_a_cell_that_prints_all_the_time(
 def test_interrupting_a_wait_cell_says_its_task_was_cancelled(
     ip: InteractiveShell, nb: Session
 ) -> None:
-    def interrupt_once_started() -> None:
-        wait_until(lambda: "started" in getattr(ip.user_ns.get("h"), "stdout", ""), 15, "start")
-        os.kill(os.getpid(), signal.SIGINT)
-
-    threading.Thread(target=interrupt_once_started, daemon=True).start()
+    interrupt_once_printed(ip)
     with pytest.raises(KeyboardInterrupt) as info:
         ip.run_cell_magic(
             "task", "--wait --out h", "import time\nprint('started')\ntime.sleep(30)\nlate = 1"

@@ -6,13 +6,9 @@ A real IPython shell against the real Redis and worker processes.
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
-
 import pytest
 from helpers import cell_run as run
-from helpers import wait_until
+from helpers import interrupt_once_printed
 from IPython.core.interactiveshell import InteractiveShell
 
 from nbtask import State
@@ -68,11 +64,7 @@ def test_an_interrupted_cell_leaves_the_names_it_bound_so_far(
 ) -> None:
     """The kernel's interrupt (the Stop button) stops the cell as locally: its names stay."""
 
-    def interrupt_once_started() -> None:
-        wait_until(lambda: "started" in getattr(ip.user_ns.get("h"), "stdout", ""), 15, "start")
-        os.kill(os.getpid(), signal.SIGINT)
-
-    threading.Thread(target=interrupt_once_started, daemon=True).start()
+    interrupt_once_printed(ip)
     cell = "total = 0\nprint('started')\nfor i in range(10**10):\n    total += i\nlate = 1"
     with pytest.raises(KeyboardInterrupt, match="cancelled"):
         ip.run_cell_magic("task", "--wait --out h", cell)

@@ -4,26 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 
+from helpers import task_message
+
 from nbtask.core.outgoing import to_publish
 from nbtask.wire.events import State
 from nbtask.wire.message import TaskMessage
 from nbtask.wire.records import TaskRecord
 
-MESSAGE = TaskMessage(
-    id="t1",
-    name="nbtask.cell",
-    prefix="p",
-    queue="default",
-    client="c",
-    created=0.0,
-    eta=None,
-    expires=None,
-    acks_late=False,
-    ignore_result=False,
-    module="mod",
-    code=None,
-    code_len=0,
-)
+MESSAGE = task_message(name="nbtask.cell")
 
 
 def test_a_label_goes_in_the_header_and_the_pending_record() -> None:

@@ -5,36 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from helpers import task_message
 
 from nbtask.core.task import Task
 from nbtask.wire.events import EventType
-from nbtask.wire.message import TaskMessage, decode_value, split
+from nbtask.wire.message import decode_value, split
 from nbtask.worker.settle import has_handlers, success_outcome
-
-
-def _message(serializer: str = "cloudpickle") -> TaskMessage:
-    return TaskMessage(
-        id="t1",
-        name="mod.f",
-        prefix="p",
-        queue="default",
-        client="c",
-        created=0.0,
-        eta=None,
-        expires=None,
-        acks_late=False,
-        ignore_result=False,
-        module="mod",
-        code=None,
-        code_len=0,
-        serializer=serializer,
-    )
 
 
 def _outcome(retval: Any, serializer: str = "cloudpickle") -> Any:
     stored: list[Any] = []
     outcome = success_outcome(
-        _message(serializer), retval, {"worker": "w"}, 0.5, 3, 1 << 20, stored.append
+        task_message(serializer=serializer), retval, {"worker": "w"}, 0.5, 3, 1 << 20, stored.append
     )
     return outcome, stored
 
