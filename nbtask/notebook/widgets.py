@@ -21,10 +21,10 @@ from IPython.display import display
 
 from nbtask.core.handle import TaskHandle
 from nbtask.notebook.follow import cancel_task
+from nbtask.notebook.outputs import ChunkedOutput, OutputLog
 from nbtask.wire.events import FINAL_STATES, Event, EventType, State
 
 __all__ = [
-    "OutputLog",
     "TaskView",
     "TaskWidget",
     "TextView",
@@ -233,6 +233,9 @@ class TaskView:
 class TaskWidget(TaskView):
     """The ipywidgets view: badge, progress bar, timing, worker, output, result, Cancel.
 
+    The output goes to the frontend chunk by chunk (:class:`ChunkedOutput`): a repaint
+    sends what changed, not everything printed so far.
+
     Display it with ``display(widget)``; feed it with :meth:`apply` (or :func:`follow`).
     """
 
@@ -242,13 +245,14 @@ class TaskWidget(TaskView):
         self.bar = w.FloatProgress(value=0.0, min=0.0, max=1.0, layout=w.Layout(width="40%"))
         self.detail = w.Label()
         self.timing = w.Label()
-        self.output = w.Output()
+        self.log = OutputLog()
+        #: The output so far, as Output widgets sent chunk by chunk (see ChunkedOutput).
+        self.output = ChunkedOutput(self.log)
         self.outcome = w.Output()
         self.cancel_button = w.Button(description="Cancel", button_style="warning")
         self.cancel_button.on_click(self._on_cancel)
         head = w.HBox([self.badge, self.bar, self.detail, self.cancel_button])
-        self.box = w.VBox([head, self.timing, self.output, self.outcome])
-        self.log = OutputLog()
+        self.box = w.VBox([head, self.timing, self.output.box, self.outcome])
         with self._lock:
             self._repaint()
 
@@ -270,10 +274,9 @@ class TaskWidget(TaskView):
             )
         self.detail.value = self.detail_text()
         self.timing.value = self.timing_text()
-        if self.pending_output:
-            for event in self.pending_output:
-                self.log.add(event)
-            self.output.outputs = tuple(self.log.outputs)
+        for event in self.pending_output:
+            self.output.add(event)
+        self.output.sync()  # only the chunks that changed
         if self.finished is not None:
             self.cancel_button.layout.display = "none"
             if not self.outcome.outputs and self.error:
@@ -303,60 +306,6 @@ class TaskWidget(TaskView):
         if isinstance(bundle, dict):  # frontends without widgets show the status line
             bundle["text/plain"] = self.status_text()
         return bundle
-
-
-class OutputLog:
-    """A task's output as nbformat outputs, in order, as a kernel would show it.
-
-    Adjacent stream text of one stream is merged; a display update (``display_id`` with
-    ``update``, e.g. ``DisplayHandle.update``) replaces the outputs shown under that id
-    instead of adding one; ``clear_output()`` empties the log.
-    """
-
-    def __init__(self) -> None:
-        self.outputs: list[dict[str, Any]] = []
-        self.ids: list[str | None] = []  # the display id of each output, if any
-
-    def add(self, event: Event) -> None:
-        """Add one STDOUT, STDERR or DISPLAY event."""
-        if event.type is not EventType.DISPLAY:
-            name = "stdout" if event.type is EventType.STDOUT else "stderr"
-            text = str(event.data.get("text", ""))
-            last = self.outputs[-1] if self.outputs else None
-            if last is not None and last["output_type"] == "stream" and last["name"] == name:
-                self.outputs[-1] = {**last, "text": last["text"] + text}
-            else:
-                self.outputs.append({"output_type": "stream", "name": name, "text": text})
-                self.ids.append(None)
-            return
-        data = dict(event.data)
-        if data.get("clear"):
-            self.outputs.clear()
-            self.ids.clear()
-            return
-        output = {
-            "output_type": "display_data",
-            "data": data.get("data", {}),
-            "metadata": data.get("metadata", {}),
-        }
-        display_id = dict(data.get("transient") or {}).get("display_id")
-        if data.get("update"):
-            for i, known in enumerate(self.ids):
-                if display_id is not None and known == display_id:
-                    self.outputs[i] = output
-            return  # an update of an unknown display shows nothing, as in a kernel
-        self.outputs.append(output)
-        self.ids.append(None if display_id is None else str(display_id))
-
-    def text(self) -> str:
-        """The outputs as plain text (displays by their ``text/plain``)."""
-        chunks = []
-        for output in self.outputs:
-            if output["output_type"] == "stream":
-                chunks.append(str(output["text"]))
-            else:
-                chunks.append(str(output["data"].get("text/plain", "")) + "\n")
-        return "".join(chunks)
 
 
 class TextView(TaskView):

@@ -480,7 +480,7 @@ def test_task_board_rows_open_the_tasks_widget(ip: InteractiveShell, nb: Session
     assert label.value.startswith("print(") and "SUCCESS" in badge.value
     button.click()
     assert board.detail.children == (widgets[handle.id].box,)
-    assert "in the widget" in str(widgets[handle.id].output.outputs)
+    assert "in the widget" in str(widgets[handle.id].output.shown())
     ip.run_cell_magic("task", "--wait", "x = 1")
     board.refresh()  # a new task gets a row
     assert len(board._shown) == 2

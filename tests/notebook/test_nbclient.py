@@ -16,6 +16,15 @@ WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 
 
+def saved_outputs(state: dict[str, Any], model_id: str) -> list[dict[str, Any]]:
+    """The outputs a frontend shows under a saved widget, walking the boxes it holds."""
+    widget = state[model_id]["state"]
+    if "outputs" in widget:
+        return list(widget["outputs"])
+    children = [c.removeprefix("IPY_MODEL_") for c in widget.get("children", [])]
+    return [output for child in children for output in saved_outputs(state, child)]
+
+
 def test_notebook_runs_with_tasks_and_saves_widget_state(
     settings: Settings, start_worker: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -61,4 +70,8 @@ def test_notebook_runs_with_tasks_and_saves_widget_state(
     badge_id, bar_id = (c.removeprefix("IPY_MODEL_") for c in head[:2])
     assert "SUCCESS" in state[badge_id]["state"]["value"]
     assert state[bar_id]["state"]["value"] == 4 and state[bar_id]["state"]["max"] == 4
+    # The printed output is saved in the widgets under it (its chunks), in order.
+    output_id = box["children"][2].removeprefix("IPY_MODEL_")
+    printed_there = "".join(o.get("text", "") for o in saved_outputs(state, output_id))
+    assert printed_there == "total 30\n"
     nbformat.validate(nb)

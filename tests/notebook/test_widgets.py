@@ -9,8 +9,9 @@ import pytest
 
 from nbtask.core.handle import TaskHandle
 from nbtask.notebook.board import notebook_group
+from nbtask.notebook.outputs import OutputLog
 from nbtask.notebook.pending import exception_type
-from nbtask.notebook.widgets import OutputLog, TextView
+from nbtask.notebook.widgets import TextView
 from nbtask.wire.events import Event, EventType
 
 

@@ -1,0 +1,242 @@
+"""A task's output: the model (:class:`OutputLog`) and its widget (:class:`ChunkedOutput`).
+
+ipywidgets sends an Output widget's whole ``outputs`` at each change, so a single Output
+for all of a task's output would resend everything printed so far at every repaint: bytes
+quadratic in the output. :class:`ChunkedOutput` shows the log as a column of Output
+widgets ("chunks") instead. Only the last, open chunk grows; once resending it has cost
+about twice what it holds (or it holds a lot), it is frozen at a line end and a new one
+opens. A frozen chunk is sent again only when a display update replaces one of its
+outputs, and a display with a display id gets a chunk of its own, so updating it resends
+only itself. What reaches the frontend stays a small multiple of what the task printed.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from typing import Any
+
+import ipywidgets as w
+
+from nbtask.wire.events import Event, EventType
+
+__all__ = ["ChunkedOutput", "OutputLog"]
+
+_MIN_CHUNK = 4_000  # characters: a smaller chunk stays open (each chunk is two widgets)
+_MAX_CHUNK = 16_000  # characters: a larger one is frozen however little it has cost yet
+_SPENT_RATIO = 2  # freeze once the open chunk was sent this many times its size
+_GROUP = 16  # chunks per VBox: a new chunk resends one short list of children
+
+#: Where a chunk starts: the index of an output in the log, and an offset into its text
+#: (a stream may be split between chunks, at a line end).
+Position = tuple[int, int]
+
+
+class OutputLog:
+    """A task's output as nbformat outputs, in order, as a kernel would show it.
+
+    Adjacent stream text of one stream is merged; a display update (``display_id`` with
+    ``update``, e.g. ``DisplayHandle.update``) replaces the outputs shown under that id
+    instead of adding one; ``clear_output()`` empties the log.
+    """
+
+    def __init__(self) -> None:
+        self.outputs: list[dict[str, Any]] = []
+        self.ids: list[str | None] = []  # the display id of each output, if any
+
+    def add(self, event: Event) -> list[int]:
+        """Add one STDOUT, STDERR or DISPLAY event; return the indices it added or changed.
+
+        A clear returns nothing (the log is empty), as does an update of an unknown
+        display (nothing is shown, as in a kernel).
+        """
+        if event.type is not EventType.DISPLAY:
+            name = "stdout" if event.type is EventType.STDOUT else "stderr"
+            text = str(event.data.get("text", ""))
+            last = self.outputs[-1] if self.outputs else None
+            if last is not None and last["output_type"] == "stream" and last["name"] == name:
+                self.outputs[-1] = {**last, "text": last["text"] + text}
+            else:
+                self.outputs.append({"output_type": "stream", "name": name, "text": text})
+                self.ids.append(None)
+            return [len(self.outputs) - 1]
+        data = dict(event.data)
+        if data.get("clear"):
+            self.outputs.clear()
+            self.ids.clear()
+            return []
+        output = {
+            "output_type": "display_data",
+            "data": data.get("data", {}),
+            "metadata": data.get("metadata", {}),
+        }
+        display_id = dict(data.get("transient") or {}).get("display_id")
+        if data.get("update"):
+            if display_id is None:
+                return []
+            replaced = [i for i, known in enumerate(self.ids) if known == display_id]
+            for i in replaced:
+                self.outputs[i] = output
+            return replaced
+        self.outputs.append(output)
+        self.ids.append(None if display_id is None else str(display_id))
+        return [len(self.outputs) - 1]
+
+    def text(self) -> str:
+        """The outputs as plain text (displays by their ``text/plain``)."""
+        chunks = []
+        for output in self.outputs:
+            if output["output_type"] == "stream":
+                chunks.append(str(output["text"]))
+            else:
+                chunks.append(str(output["data"].get("text/plain", "")) + "\n")
+        return "".join(chunks)
+
+
+class ChunkedOutput:
+    """An :class:`OutputLog` shown as a column of Output widgets, sent chunk by chunk.
+
+    Feed it with :meth:`add`, show what changed with :meth:`sync` (one writer at a time:
+    the view's lock). Display :attr:`box`.
+
+    Parameters
+    ----------
+    log
+        The model: every event goes into it, and the chunks show it.
+    """
+
+    def __init__(self, log: OutputLog) -> None:
+        self.log = log
+        self.box = w.VBox(layout=w.Layout(margin="0"))
+        self.chunks: list[w.Output] = []  # one per chunk shown so far, in order
+        self._groups: list[w.VBox] = []
+        self._starts: list[Position] = [(0, 0)]  # the last chunk is the open one
+        self._dirty: set[int] = set()  # chunks to send at the next sync
+        self._spent = 0  # characters sent for the open chunk so far
+
+    def add(self, event: Event) -> None:
+        """Put one output event into the log and note which chunks it changed."""
+        before = len(self.log.outputs)
+        changed = self.log.add(event)
+        if len(self.log.outputs) < before:  # clear_output(): one empty chunk again
+            self._starts = [(0, 0)]
+            self._dirty = {0}
+            self._spent = 0
+        for index in changed:
+            self._dirty.add(self._chunk_of(index))
+            if index >= before and self.log.ids[index] is not None:
+                self._isolate(index)
+
+    def sync(self) -> None:
+        """Send the chunks that changed since the last sync, freezing the open one if due."""
+        if not self._dirty:
+            return
+        if len(self._starts) - 1 in self._dirty:
+            self._maybe_freeze()
+        opened = len(self._starts) - 1
+        count = len(self.chunks)
+        for j in sorted(self._dirty):
+            shown = self._slice(j)
+            if j >= len(self.chunks) and not shown and j == opened:
+                continue  # an empty open chunk waits for output before it is made
+            while len(self.chunks) <= j:
+                self.chunks.append(w.Output(layout=w.Layout(margin="0")))
+            self.chunks[j].outputs = tuple(shown)
+            if j == opened:
+                self._spent += _size(shown)
+        self._dirty.clear()
+        if len(self.chunks) != count or len(self.chunks) > len(self._starts):
+            self._lay_out(min(count, len(self._starts)))
+
+    def shown(self) -> list[dict[str, Any]]:
+        """The outputs the chunks show, in order (split streams as several outputs)."""
+        return [output for chunk in self.chunks for output in chunk.outputs]
+
+    # Chunks ----------------------------------------------------------------------------------
+    def _chunk_of(self, index: int) -> int:
+        """The chunk showing the end of output ``index`` (where a stream grows)."""
+        output = self.log.outputs[index]
+        end = len(output["text"]) if output["output_type"] == "stream" else 0
+        return bisect_right(self._starts, (index, end)) - 1
+
+    def _isolate(self, index: int) -> None:
+        """Give a new display with a display id a chunk of its own (updates resend it only)."""
+        if self._starts[-1] < (index, 0):
+            self._starts.append((index, 0))
+        self._starts.append((index + 1, 0))
+        self._dirty.add(len(self._starts) - 2)
+        self._spent = 0
+
+    def _maybe_freeze(self) -> None:
+        """Start a new open chunk once the open one is large, or was resent enough."""
+        size = _size(self._slice(len(self._starts) - 1))
+        if size < _MIN_CHUNK or (size < _MAX_CHUNK and self._spent < _SPENT_RATIO * size):
+            return
+        cut = self._cut()
+        if cut is not None:
+            self._starts.append(cut)
+            self._dirty.add(len(self._starts) - 1)
+            self._spent = 0
+
+    def _cut(self) -> Position | None:
+        r"""Where the open chunk can end: after its last full line, or its last output.
+
+        A line is split only when it is long and has no carriage return (a ``\r`` would
+        no longer overwrite the part left in the frozen chunk).
+        """
+        first, offset = self._starts[-1]
+        last = len(self.log.outputs) - 1
+        output = self.log.outputs[last]
+        if output["output_type"] != "stream":
+            return (last + 1, 0)
+        text = output["text"]
+        begin = offset if last == first else 0
+        end = text.rfind("\n", begin) + 1
+        if end > begin:
+            return (last, end)
+        if last > first:
+            return (last, 0)
+        if len(text) - begin >= _MAX_CHUNK and "\r" not in text[begin:]:
+            return (last, len(text))
+        return None
+
+    def _slice(self, j: int) -> list[dict[str, Any]]:
+        """The outputs chunk ``j`` shows: the log between its start and the next's."""
+        outputs = self.log.outputs
+        first, offset = self._starts[j]
+        stop, stop_offset = self._starts[j + 1] if j + 1 < len(self._starts) else (len(outputs), 0)
+        shown = []
+        for k in range(first, min(stop + (1 if stop_offset else 0), len(outputs))):
+            output = outputs[k]
+            if output["output_type"] != "stream":
+                shown.append(output)
+                continue
+            text = output["text"][offset if k == first else 0 : stop_offset if k == stop else None]
+            if text:
+                shown.append({**output, "text": text})
+        return shown
+
+    def _lay_out(self, first: int) -> None:
+        """Place chunks from ``first`` on (and drop those a clear emptied), in groups."""
+        gone: list[w.Widget] = self.chunks[len(self._starts) :]
+        del self.chunks[len(self._starts) :]
+        needed = -(-len(self.chunks) // _GROUP)
+        while len(self._groups) < needed:
+            self._groups.append(w.VBox(layout=w.Layout(margin="0")))
+        gone += self._groups[needed:]
+        del self._groups[needed:]
+        for i in range(first // _GROUP, needed):
+            self._groups[i].children = tuple(self.chunks[i * _GROUP : (i + 1) * _GROUP])
+        self.box.children = tuple(self._groups)
+        for widget in gone:
+            widget.close()
+
+
+def _size(outputs: list[dict[str, Any]]) -> int:
+    """About how many characters sending these outputs takes."""
+    total = 0
+    for output in outputs:
+        if output["output_type"] == "stream":
+            total += len(output["text"])
+        else:
+            total += sum(len(str(value)) for value in output["data"].values())
+    return total
