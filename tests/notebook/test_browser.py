@@ -2,8 +2,9 @@
 
 Everything is asserted from the page itself: the widget renders, its progress bar
 advances, the task's printed output streams in, the result shows, and the widget's Cancel
-button stops a running task (its badge then reads REVOKED). Screenshots are saved in
-``test-artifacts/`` (git-ignored); ``docs/widget.png`` in the README is one of them.
+button stops a running task (its badge then reads REVOKED). A cell printing a lot shows all
+of it, in order, for bytes received by the page linear in what it printed. Screenshots are
+saved in ``test-artifacts/`` (git-ignored); ``docs/widget.png`` in the README is one of them.
 
 This tier never skips itself: without chromium or Playwright it fails, saying how to
 install them (``.ci/run`` does it on a fresh machine). Never ``playwright install``.
@@ -23,8 +24,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import nbformat
 import pytest
 from helpers import ROOT
+from nbformat.v4 import new_code_cell, new_notebook
 
 CHROMIUM = "/usr/bin/chromium"
 TOKEN = "nbtask-browser-test"
@@ -51,6 +54,18 @@ RUN_CELL = """(i) => {
 }"""
 SOURCES = """() => window.jupyterapp.shell.currentWidget.content.widgets.map(
     c => c.model.type === 'code' ? c.model.sharedModel.getSource() : '')"""
+
+# A cell printing 0.4 MB over a few seconds, with a display it updates by id as it goes.
+PRINTER = """%%task printer
+import time
+from IPython.display import display
+progress = display('progress 0', display_id=True)
+for step in range(200):
+    print(''.join(f'step {step:>3} line {i:>2} ' + '.' * 80 + chr(10) for i in range(20)))
+    progress.update(f'progress {step + 1}')
+    time.sleep(0.02)
+"""
+PRINTED = 200 * (20 * len(f"step   0 line  0 {'.' * 80}\n") + 1)  # print() adds a newline
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -81,6 +96,13 @@ def lab(tmp_path: Path) -> Iterator[str]:
     root = tmp_path / "root"
     root.mkdir()
     shutil.copy(ROOT / "notebooks" / "quickstart.ipynb", root)
+    nbformat.write(
+        new_notebook(
+            cells=[new_code_cell("%load_ext nbtask"), new_code_cell(PRINTER)],
+            metadata={"kernelspec": {"name": "python3", "display_name": "Python 3"}},
+        ),
+        root / "printer.ipynb",
+    )
     cfg = tmp_path / "cfg"
     (cfg / "labconfig").mkdir(parents=True)  # no news/update toast over the screenshot
     (cfg / "labconfig" / "page_config.json").write_text(
@@ -246,5 +268,45 @@ def test_quickstart_widget_live_in_jupyterlab(lab: str) -> None:
             assert "REVOKED" in board.inner_text() and "SUCCESS" in board.inner_text()
             page.screenshot(path=str(ARTIFACTS / "quickstart-done.png"), full_page=True)
             assert errors == [], errors
+        finally:
+            browser.close()
+
+
+def test_a_cell_printing_a_lot_shows_all_of_it_for_bytes_linear_in_it(lab: str) -> None:
+    sync_api = _playwright()
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            received: list[int] = []
+            page.on(
+                "websocket",
+                lambda ws: ws.on("framereceived", lambda frame: received.append(len(frame))),
+            )
+            page.goto(f"{lab}/lab/tree/printer.ipynb?token={TOKEN}")
+            page.wait_for_function(KERNEL_IDLE, timeout=90_000)
+            cells = page.locator(".jp-Notebook .jp-Cell")
+            page.evaluate(RUN_CELL, 0)
+            cells.nth(0).get_by_text("worker process").first.wait_for(timeout=90_000)
+            page.wait_for_function(KERNEL_IDLE, timeout=30_000)
+            before = sum(received)
+            page.evaluate(RUN_CELL, 1)
+            badge = cells.nth(1).locator(".widget-html").first
+            badge.wait_for(timeout=30_000)
+            page.wait_for_function(
+                "(e) => e.innerText.includes('SUCCESS')",
+                arg=badge.element_handle(),
+                timeout=60_000,
+            )
+            cells.nth(1).get_by_text("step 199 line 19").wait_for(timeout=10_000)
+            # Everything the browser received for the cell (widgets, status, output) while
+            # it ran: resending all output at each repaint took 13 MB here.
+            sent = sum(received) - before
+            assert sent < 4 * PRINTED, (sent, PRINTED)
+            text = cells.nth(1).locator(".jp-Cell-outputArea").inner_text()
+            wanted = [f"step {step:>3} line {i:>2} " for step in range(200) for i in range(20)]
+            where = [text.find(line) for line in wanted]
+            assert -1 not in where and where == sorted(where)  # all of it, in order
+            assert "progress 200" in text and "progress 0'" not in text
         finally:
             browser.close()
