@@ -345,25 +345,20 @@ def test_display_updates_replace_and_elapsed_ticks(kc: Any) -> None:
         "time.sleep(1.5)\nprint('end')",
     )
     opens = comm_opens(msgs)
-    output = opens["OutputModel"][0]
     timing = opens["LabelModel"][1]  # detail, then timing
+
+    def outputs_in(m: dict[str, Any]) -> Any:
+        return m["content"].get("data", {}).get("state", {}).get("outputs")
+
     later = drain_until(
-        kc,
-        lambda m: (
-            m["msg_type"] == "comm_msg"
-            and m["content"]["comm_id"] == output
-            and "end" in str(m["content"]["data"].get("state", {}).get("outputs"))
-        ),
+        kc, lambda m: m["msg_type"] in ("comm_open", "comm_msg") and "end" in str(outputs_in(m))
     )
-    outputs = [
-        m["content"]["data"]["state"]["outputs"]
-        for m in later
-        if m["msg_type"] == "comm_msg"
-        and m["content"]["comm_id"] == output
-        and "outputs" in m["content"]["data"].get("state", {})
-    ]
-    last = outputs[-1]
-    shown = [o["data"]["text/plain"] for o in last if o["output_type"] == "display_data"]
+    # What each Output widget shows last: the output comes in chunks, one per widget.
+    last: dict[str, Any] = {}
+    for m in msgs + later:
+        if m["msg_type"] in ("comm_open", "comm_msg") and outputs_in(m) is not None:
+            last[m["content"]["comm_id"]] = outputs_in(m)
+    shown = [o["data"]["text/plain"] for chunk in last.values() for o in chunk if "data" in o]
     assert shown == ["'step 3'"], last  # one display, updated in place
     # The elapsed time moved while no event arrived (the 1.5 s sleep).
     times = [
