@@ -7,8 +7,9 @@ Its connection to the broker (made on first use) is
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar, overload
+from typing import Any, NoReturn, TypeVar, overload
 
+from nbtask.client.celery_app import NO_CONF, Control
 from nbtask.client.connection import AppConnection
 from nbtask.client.reattach import reattach
 from nbtask.client.routes import Routes
@@ -327,6 +328,24 @@ class App(AppConnection):
             listener=listener,
             result_ttl=self.settings.result_ttl,
         )
+
+    def AsyncResult(self, task_id: str) -> TaskHandle:  # Celery's spelling
+        """Celery's name for :meth:`handle`.
+
+        Unlike Celery's, an id the store has no record of raises ``TaskNotFound`` rather
+        than reading ``PENDING`` forever.
+        """
+        return self.handle(task_id)
+
+    @property
+    def control(self) -> Control:
+        """Celery's ``app.control``: ``app.control.revoke(id, terminate=...)`` is :meth:`revoke`."""
+        return Control(self)
+
+    @property
+    def conf(self) -> NoReturn:
+        """Not in nbtask: settings are ``App(...)`` keywords or ``NBTASK_*`` variables."""
+        raise AttributeError(NO_CONF)
 
     def revoke(self, task_id: str, *, terminate: bool = False, grace: float = 5.0) -> bool:
         """Revoke a task: a queued one never starts; with ``terminate``, a running one stops.

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
+from nbtask.core.celery_result import CeleryResultNames
 from nbtask.core.context import current_request
 from nbtask.core.refs import ResultRef
 from nbtask.core.task_errors import revoked, task_exception, unloadable, worker_lost
@@ -89,7 +90,7 @@ class Client(Protocol):
         """
 
 
-class TaskHandle(concurrent.futures.Future[Any]):
+class TaskHandle(CeleryResultNames, concurrent.futures.Future[Any]):
     """A task that was sent; updated by the app's listener thread as events arrive.
 
     It is a :class:`concurrent.futures.Future`, so ``result()``, ``exception()``,
@@ -97,6 +98,8 @@ class TaskHandle(concurrent.futures.Future[Any]):
     :func:`asyncio.wrap_future` work. Done callbacks run on the thread reading the
     client's events (its listener thread, or a thread waiting in :meth:`get`), as do
     :meth:`on_event` callbacks, which see every event of the task as it arrives.
+    Celery's ``AsyncResult`` names work too (``status``, ``task_id``, ``traceback``,
+    ``revoke()``, ``wait()``; see :class:`~nbtask.core.celery_result.CeleryResultNames`).
 
     Attributes
     ----------
@@ -184,6 +187,7 @@ class TaskHandle(concurrent.futures.Future[Any]):
         """Details from the worker: ``worker`` (host), ``pid``, retry reason, error.
 
         While the task waits for a worker, ``waiting`` says why (:attr:`waiting_reason`).
+        Unlike Celery's ``info``, never the return value: that is :meth:`result`.
         """
         waiting = self.waiting_reason
         return {**self._info, "waiting": waiting} if waiting else dict(self._info)
@@ -486,14 +490,16 @@ class TaskHandle(concurrent.futures.Future[Any]):
         Returns whether it was revoked (or an interrupt was sent); the handle reads
         ``REVOKED`` once the worker confirms.
         """
-        if self.done():
-            return False
+        return False if self.done() else self.send_revoke(terminate=True, grace=5.0)
+
+    def send_revoke(self, *, terminate: bool, grace: float) -> bool:
+        """:meth:`nbtask.App.revoke` of this task, through the app that follows it."""
         if self.app is None:
             raise NbtaskError(
                 f"task {self.id} was sent from inside another task; revoke it from a client "
                 "with app.revoke(task_id, terminate=True)"
             )
-        return self.app.revoke(self.id, terminate=True)
+        return self.app.revoke(self.id, terminate=terminate, grace=grace)
 
     def __repr__(self) -> str:
         waiting = self.waiting_reason

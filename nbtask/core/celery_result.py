@@ -1,0 +1,123 @@
+"""Celery's ``AsyncResult`` names on a :class:`~nbtask.TaskHandle`, with Celery's meanings.
+
+Code written for Celery reads ``status``, ``task_id`` and ``traceback`` and calls
+``revoke()`` and ``wait()``: each is an alias of what the handle already does. The names
+nbtask has no counterpart for (``forget``, ``children``) raise one error saying what to do
+instead, rather than a bare ``AttributeError``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NoReturn, Protocol
+
+from nbtask.errors import RemoteError
+from nbtask.wire.events import State
+
+__all__ = ["CeleryResultNames"]
+
+
+class _Handle(Protocol):
+    """What the aliases use of a handle."""
+
+    id: str
+
+    @property
+    def state(self) -> State | str:
+        """The latest known state."""
+
+    def done(self) -> bool:
+        """True once the task ended."""
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The task's exception, once it ended."""
+
+    def get(
+        self,
+        timeout: float | None = None,
+        *,
+        propagate: bool = True,
+        disable_sync_subtasks: bool = True,
+    ) -> Any:
+        """Wait for the result."""
+
+    def send_revoke(self, *, terminate: bool, grace: float) -> bool:
+        """Revoke the task through its app."""
+
+
+def _not_in_nbtask(name: str, instead: str) -> AttributeError:
+    return AttributeError(f"TaskHandle.{name} is Celery's; nbtask has no counterpart: {instead}")
+
+
+class CeleryResultNames:
+    """Celery's ``AsyncResult`` names, mixed into :class:`~nbtask.TaskHandle`."""
+
+    @property
+    def status(self: _Handle) -> str:
+        """Celery's name for :attr:`state`, as a plain string (``"SUCCESS"``)."""
+        state = self.state
+        return state.value if isinstance(state, State) else state
+
+    @property
+    def task_id(self: _Handle) -> str:
+        """Celery's name for :attr:`id`."""
+        return self.id
+
+    @property
+    def traceback(self: _Handle) -> str | None:
+        """The worker's traceback text of a task that failed; ``None`` otherwise.
+
+        ``None`` too while the task runs, and for a task that succeeded, was revoked or
+        whose worker was lost (no traceback of its code exists).
+        """
+        if not self.done():
+            return None
+        error = self.exception(0)
+        remote = error if isinstance(error, RemoteError) else getattr(error, "__cause__", None)
+        if isinstance(remote, RemoteError) and remote.traceback:
+            return remote.traceback
+        return None
+
+    def revoke(self: _Handle, terminate: bool = False, *, grace: float = 5.0) -> bool:
+        """Celery's ``AsyncResult.revoke``: :meth:`nbtask.App.revoke` of this task.
+
+        A queued task never starts; a running one runs on unless ``terminate`` (then it
+        gets ``KeyboardInterrupt``, and is killed ``grace`` seconds later if it has not
+        ended). :meth:`cancel` is ``revoke(terminate=True)``.
+
+        Returns
+        -------
+        bool
+            True if the task was revoked before it started, or a terminate request was
+            sent; False if it had already finished (or is running, without ``terminate``).
+        """
+        return self.send_revoke(terminate=terminate, grace=grace)
+
+    def wait(
+        self: _Handle,
+        timeout: float | None = None,
+        propagate: bool = True,
+        *,
+        disable_sync_subtasks: bool = True,
+    ) -> Any:
+        """Celery's older name for :meth:`get`: the same wait, result and errors."""
+        return self.get(timeout, propagate=propagate, disable_sync_subtasks=disable_sync_subtasks)
+
+    @property
+    def forget(self) -> NoReturn:
+        """Not in nbtask: a task's record and result are dropped ``result_ttl`` after it ends."""
+        raise _not_in_nbtask(
+            "forget()",
+            "a task's record and result are dropped by the store result_ttl seconds after it "
+            "ends (App(result_ttl=...) or NBTASK_RESULT_TTL); a task with "
+            "@app.task(ignore_result=True) keeps no result at all",
+        )
+
+    @property
+    def children(self) -> NoReturn:
+        """Not in nbtask: tasks sent from a task are not listed on its handle."""
+        raise _not_in_nbtask(
+            "children",
+            "the tasks a task sends are not listed on its handle; return their ids from the "
+            "task and follow each with app.handle(id), or chain the tasks, and the last "
+            "step's handle walks back through .parent",
+        )
