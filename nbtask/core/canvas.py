@@ -198,6 +198,7 @@ class Chain:
         """Start the chain and return the last step's handle (``.parent`` walks back)."""
         if not self.steps:
             raise ConfigurationError("an empty chain has nothing to run")
+        self._check_later_steps()
         ids = [step.options.get("task_id") or uuid.uuid4().hex for step in self.steps]
         root = ids[0]
         following: Signature | None = None
@@ -218,6 +219,28 @@ class Chain:
             handle.parent = previous
             previous = handle
         return previous
+
+    def _check_later_steps(self) -> None:
+        """Refuse, before anything is sent, a later step that its arguments do not fit.
+
+        Each gets the previous step's result first, unless immutable (``task.si()``): a
+        step that cannot take it would fail on a worker once the earlier steps ran. The
+        first step is checked as any call, when it is sent.
+        """
+        for number, step in enumerate(self.steps[1:], start=2):
+            args = step.args if step.immutable else (_PREVIOUS_RESULT, *step.args)
+            try:
+                step.task.check_arguments(args, step.kwargs, step.options.get("requires"))
+            except TypeError as exc:
+                given = "" if step.immutable else f", given step {number - 1}'s result first"
+                raise TypeError(
+                    f"chain step {number} of {len(self.steps)} ({step!r}{given}): {exc}"
+                ) from None
+
+
+#: Stands for a step's result when the next step's arguments are checked: only how many
+#: arguments a call has counts, not their values.
+_PREVIOUS_RESULT = object()
 
 
 def chain(*steps: Signature | Chain) -> Chain:

@@ -106,6 +106,33 @@ def test_a_call_that_does_not_fit_the_task_is_refused_in_the_caller_and_sends_no
     assert record is not None and record.state == "PENDING"
 
 
+def test_a_chain_step_the_previous_result_does_not_fit_is_refused_before_anything_is_sent(
+    app: App, add: Task, access: RawBroker, start_worker: Any
+) -> None:
+    @app.task
+    def gather(*values: int) -> int:
+        return sum(values)
+
+    @app.task(typing=False)
+    def loose(x: int) -> int:
+        return x
+
+    wrong = [
+        (add.s(1, 2) | add.s(1, 2), r"chain step 2 of 2 \(.*add\(1, 2\), given step 1's result"),
+        (add.s(1, 2) | add.s(1) | add.s(), r"chain step 3 of 3 .*missing a required argument"),
+        (add.s(1, 2) | add.si(1), r"chain step 2 of 2 \(.*add!\(1\)\): .*missing a required"),
+        (add.s(1, 2) | add.s(x=1), r"chain step 2 of 2 .*multiple values for argument 'x'"),
+    ]
+    for workflow, message in wrong:
+        with pytest.raises(TypeError, match=f"{message}.*nothing was sent"):
+            workflow.delay()
+    assert access.drained()
+    # Steps that take the result: *args, immutable, a task not checked (typing=False).
+    start_worker()
+    fitting = add.s(1, 2) | add.s(10) | gather.s(1, 1) | add.si(5, 5) | loose.s()
+    assert fitting.delay().get(timeout=30) == 10
+
+
 def test_a_call_that_fitted_does_not_let_a_call_of_another_shape_through(
     app: App, add: Task, access: RawBroker
 ) -> None:
