@@ -25,6 +25,7 @@ import pytest
 
 from nbtask import App, RemoteError, Settings
 from nbtask.brokers import open_broker
+from nbtask.wire.events import Event, EventType
 from nbtask.wire.message import TaskMessage
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -362,3 +363,15 @@ def task_message(**fields: Any) -> TaskMessage:
         "code_len": 0,
     }
     return TaskMessage(**{**plain, **fields})
+
+
+def display_event(
+    seq: int, text: str, display_id: str | None = None, update: bool = False
+) -> Event:
+    """A task's DISPLAY event of ``text`` (task id ``t``), under ``display_id`` if given."""
+    data: dict[str, Any] = {"data": {"text/plain": text}, "metadata": {}}
+    if display_id:
+        data["transient"] = {"display_id": display_id}
+    if update:
+        data["update"] = True
+    return Event(EventType.DISPLAY, "t", seq, data)

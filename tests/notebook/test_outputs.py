@@ -13,6 +13,7 @@ from typing import Any
 import comm
 import pytest
 from comm.base_comm import BaseComm
+from helpers import display_event as display
 
 from nbtask.core.handle import TaskHandle
 from nbtask.notebook.outputs import ChunkedOutput, OutputLog
@@ -75,15 +76,6 @@ def frontend(monkeypatch: pytest.MonkeyPatch) -> Iterator[Frontend]:
 
 def out(seq: int, text: str, stream: EventType = EventType.STDOUT) -> Event:
     return Event(stream, "t", seq, {"text": text})
-
-
-def display(seq: int, text: str, display_id: str | None = None, update: bool = False) -> Event:
-    data: dict[str, Any] = {"data": {"text/plain": text}, "metadata": {}}
-    if display_id:
-        data["transient"] = {"display_id": display_id}
-    if update:
-        data["update"] = True
-    return Event(EventType.DISPLAY, "t", seq, data)
 
 
 def merged(outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import io
-from typing import Any
 
 import pytest
+from helpers import display_event as display
 
 from nbtask.core.handle import TaskHandle
 from nbtask.notebook.board import notebook_group
@@ -13,15 +13,6 @@ from nbtask.notebook.outputs import OutputLog
 from nbtask.notebook.pending import exception_type
 from nbtask.notebook.widgets import TextView
 from nbtask.wire.events import Event, EventType
-
-
-def display(seq: int, text: str, display_id: str | None = None, update: bool = False) -> Event:
-    data: dict[str, Any] = {"data": {"text/plain": text}, "metadata": {}}
-    if display_id:
-        data["transient"] = {"display_id": display_id}
-    if update:
-        data["update"] = True
-    return Event(EventType.DISPLAY, "t", seq, data)
 
 
 def test_display_updates_replace_the_display_they_name() -> None:
