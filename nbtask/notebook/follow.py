@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from nbtask.wire.events import FINAL_STATES, Event, EventType, State
@@ -19,7 +20,16 @@ from nbtask.wire.events import FINAL_STATES, Event, EventType, State
 if TYPE_CHECKING:
     from nbtask.core.handle import TaskHandle
 
-__all__ = ["cancel_task", "cancelled", "ended_within", "follow", "next_event", "one_line"]
+__all__ = [
+    "StopPresses",
+    "cancel_task",
+    "cancelled",
+    "ended_within",
+    "follow",
+    "next_event",
+    "one_line",
+    "stop_presses",
+]
 
 _E = TypeVar("_E", bound=BaseException)
 
@@ -31,17 +41,49 @@ def cancel_task(handle: TaskHandle) -> bool:
     return handle.cancel()
 
 
-def ended_within(handle: TaskHandle, seconds: float) -> bool:
+class StopPresses:
+    """How many times Stop (``SIGINT``) was pressed while a cell waited on its task."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def note(self, _signum: int, _frame: object) -> None:
+        """The ``SIGINT`` handler while the cell waits: counted, not raised."""
+        self.count += 1
+
+
+@contextlib.contextmanager
+def stop_presses() -> Iterator[StopPresses]:
+    """Count the Stop presses (``SIGINT``) until the block ends, instead of raising them.
+
+    A ``KeyboardInterrupt`` raised anywhere in a wait could cut short the cancelling of its
+    task: a second Stop a moment after the first left the task running. The wait looks at
+    the count between its steps, and cancels whatever number of Stops came. Signals reach
+    only the main thread; elsewhere (and under a handler set outside Python) nothing is
+    counted, and nothing is raised either.
+    """
+    presses = StopPresses()
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is None
+    ):
+        yield presses
+        return
+    previous = signal.signal(signal.SIGINT, presses.note)
+    try:
+        yield presses
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def ended_within(handle: TaskHandle, seconds: float, presses: StopPresses) -> bool:
     """Whether a task cancelled a moment ago ends within ``seconds``.
 
-    Another interrupt (the Stop button pressed again) stops the wait: ``False``.
+    Another Stop, counted in ``presses``, stops the wait: ``False``.
     """
     deadline = time.monotonic() + seconds
-    try:
-        while not handle.done() and time.monotonic() < deadline:
-            time.sleep(0.02)  # a signal ends a sleep at once
-    except KeyboardInterrupt:
-        return False
+    before = presses.count
+    while not handle.done() and time.monotonic() < deadline and presses.count == before:
+        time.sleep(0.02)
     return handle.done()
 
 

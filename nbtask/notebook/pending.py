@@ -23,7 +23,14 @@ from typing import TYPE_CHECKING, Any
 from nbtask.errors import BlobError, RemoteError, TaskRevoked
 from nbtask.notebook import process_state
 from nbtask.notebook.analysis import analyze
-from nbtask.notebook.follow import cancel_task, cancelled, ended_within, one_line
+from nbtask.notebook.follow import (
+    StopPresses,
+    cancel_task,
+    cancelled,
+    ended_within,
+    one_line,
+    stop_presses,
+)
 from nbtask.notebook.inplace import bring_back
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.shipping import load_values, share_namespace
@@ -160,14 +167,16 @@ class Pending:
         while any(not run.handle.done() for run in started) and time.monotonic() < deadline:
             time.sleep(_POLL_SECONDS)
 
-    def interrupted(self, run: CellRun) -> KeyboardInterrupt:
-        """Cancel the task of a waited-for cell the kernel's interrupt stopped; its error.
+    def interrupted(self, run: CellRun, presses: StopPresses) -> KeyboardInterrupt:
+        """Cancel the task of a waited-for cell that Stop stopped; its error.
 
-        The names the cell bound before the interrupt reached it come back first, as an
-        interrupted cell leaves them bound locally (the worker sends them as it stops).
+        Called while ``presses`` counts the Stops, so none cuts the cancelling short. The
+        names the cell bound before the interrupt reached it come back first, as an
+        interrupted cell leaves them bound locally (the worker sends them as it stops); a
+        further Stop ends that wait.
         """
         cancel_task(run.handle)
-        if ended_within(run.handle, _STOPPING_SECONDS):
+        if ended_within(run.handle, _STOPPING_SECONDS, presses):
             with contextlib.suppress(TaskRevoked):  # as it should: it was cancelled
                 self.deliver(run, raise_errors=True)
         return cancelled(run.label)
@@ -327,19 +336,24 @@ def _revoked(run: CellRun, names: Iterable[str]) -> TaskRevoked:
 
 
 def wait_interruptibly(handle: TaskHandle, timeout: float | None = None) -> None:
-    """Wait for ``handle``; an interrupt (the Stop button) cancels the task and re-raises."""
+    """Wait for ``handle``; Stop (however often pressed) cancels the task, then raises.
+
+    Raises
+    ------
+    KeyboardInterrupt
+        Stop was pressed: the task's revoke was sent first.
+    """
     deadline = None if timeout is None else time.monotonic() + timeout
-    try:
+    with stop_presses() as presses:
         while not handle.done():
+            if presses.count:
+                cancel_task(handle)
+                raise KeyboardInterrupt
             if deadline is not None and time.monotonic() > deadline:
                 cancel_task(handle)
                 raise TimeoutError(f"task {handle.id} did not finish within {timeout} s")
-            # A sleep, not a wait on the handle's lock: a signal ends a sleep at once when it
-            # reaches this thread, and within the sleep when it reaches another one.
+            # A sleep, not a wait on the handle's lock: it ends soon after a Stop is counted.
             time.sleep(_POLL_SECONDS)
-    except KeyboardInterrupt:
-        cancel_task(handle)
-        raise
 
 
 def local_exception(exc: BaseException, namespace: MutableMapping[str, Any]) -> BaseException:

@@ -23,9 +23,16 @@ from nbtask.notebook import process_state
 from nbtask.notebook.board import Row, TaskBoard, format_row, notebook_group
 from nbtask.notebook.celltask import NamedCell, cell_task
 from nbtask.notebook.fetchbar import fetch_progress
-from nbtask.notebook.follow import cancel_task, follow, next_event, one_line
+from nbtask.notebook.follow import (
+    StopPresses,
+    cancel_task,
+    follow,
+    next_event,
+    one_line,
+    stop_presses,
+)
 from nbtask.notebook.kept import RemoteValue
-from nbtask.notebook.pending import WAIT_NAME, CellRun, Pending, WaitInserter, wait_interruptibly
+from nbtask.notebook.pending import WAIT_NAME, CellRun, Pending, WaitInserter
 from nbtask.notebook.releases import Releases, ReleaseTask
 from nbtask.notebook.shipping import analyzed, carried_names, prepare, transformed
 from nbtask.notebook.version_warnings import VersionWarnings, modules_used
@@ -319,14 +326,35 @@ class Session:
         return Moving.through(self.app.store, queue, settings.move_bytes, self.app.sent_to)
 
     def _wait(self, run: CellRun, timeout: float | None) -> Any:
-        """Stream a task's output into this cell as it comes; return its last expression."""
+        """Stream a task's output into this cell as it comes; return its last expression.
+
+        Stop is counted while the cell waits, never raised in the middle of a step: a
+        Stop, or several, cancels the task and the cell says so once.
+        """
+        with stop_presses() as presses:
+            result = self._follow_to_the_end(run, timeout, presses)
+            while not (presses.count or run.handle.done()):
+                time.sleep(_WAIT_TICK / 5)  # its final event came: its outcome follows
+            if presses.count and not run.handle.done():
+                raise self.pending.interrupted(run, presses) from None
+            self.pending.deliver(run, raise_errors=True)
+        out = f"Out[{self.shell.execution_count}]"
+        return out_value(run.shown, result, self.shell.user_ns, self.pending.took_kept, out)
+
+    def _follow_to_the_end(
+        self, run: CellRun, timeout: float | None, presses: StopPresses
+    ) -> dict[str, Any] | None:
+        """Show a task's output and progress until it ends or Stop is pressed.
+
+        Returns what the output said the cell's last expression showed, if it did.
+        """
         events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         follow(run.handle, events.put)
         line = ProgressLine(run.label, self.shell)
         result: dict[str, Any] | None = None
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            while True:
+            while not presses.count:
                 # Checked before each event, not only when none came for a while: a task
                 # that prints every few milliseconds must time out all the same.
                 if deadline is not None and time.monotonic() > deadline and not run.handle.done():
@@ -344,14 +372,9 @@ class Session:
                     result = show_output(event) or result
                 if event.state in FINAL_STATES:
                     break
-        except KeyboardInterrupt:
-            raise self.pending.interrupted(run) from None
         finally:
             line.close()
-        wait_interruptibly(run.handle)
-        self.pending.deliver(run, raise_errors=True)
-        out = f"Out[{self.shell.execution_count}]"
-        return out_value(run.shown, result, self.shell.user_ns, self.pending.took_kept, out)
+        return result
 
     # %tasks and status -----------------------------------------------------------------------
     def attach(self, task_id: str, *, show: bool = True) -> TaskView:

@@ -340,3 +340,45 @@ def test_a_cell_that_parses_but_cannot_compile_is_refused_before_sending(
     with pytest.raises(CellError, match=f"does not parse: {re.escape(why)}"):
         ip.run_cell_magic("task", "--wait", cell)
     assert loaded.pending.runs == []
+
+
+def test_two_stops_a_moment_apart_still_cancel_a_wait_cell(
+    ip: InteractiveShell, nb: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The second Stop reaches the kernel just as the first one's cancelling sends the revoke.
+    revoke = nb.app.revoke
+
+    def stopped_again(*args: Any, **kwargs: Any) -> bool:
+        os.kill(os.getpid(), signal.SIGINT)
+        return revoke(*args, **kwargs)
+
+    monkeypatch.setattr(nb.app, "revoke", stopped_again)
+    interrupt_once_printed(ip)
+    with pytest.raises(KeyboardInterrupt) as info:
+        ip.run_cell_magic(
+            "task", "--wait --out h", "import time\nprint('started')\ntime.sleep(30)\nlate = 1"
+        )
+    assert rendered(info.value) == ["KeyboardInterrupt: task 'import time' cancelled"]
+    handle = ip.user_ns["h"]
+    wait_until(handle.done, 15, "the task to stop")
+    assert handle.state is State.REVOKED
+
+
+def test_two_stops_a_moment_apart_still_cancel_the_cell_a_pending_name_waits_for(
+    ip: InteractiveShell, nb: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    revoke = nb.app.revoke
+
+    def stopped_again(*args: Any, **kwargs: Any) -> bool:
+        os.kill(os.getpid(), signal.SIGINT)
+        return revoke(*args, **kwargs)
+
+    monkeypatch.setattr(nb.app, "revoke", stopped_again)
+    ip.run_cell_magic("task", "--out h", "import time\ntime.sleep(30)\nlate = 1")
+    interrupt_once_waiting_in("wait_interruptibly")
+    error = ip.run_cell("print(late)").error_in_exec
+    assert isinstance(error, KeyboardInterrupt), error
+    assert rendered(error) == ["KeyboardInterrupt: task 'import time' cancelled"]
+    handle = ip.user_ns["h"]
+    wait_until(handle.done, 15, "the task to stop")
+    assert handle.state is State.REVOKED
