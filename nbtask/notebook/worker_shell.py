@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,6 +37,8 @@ BASE_NS: dict[str, Any] = {}
 #: Whether each recently run cell (as Python) runs as a coroutine; up to this many cells.
 _ASYNC_CELLS: dict[str, bool] = {}
 _ASYNC_CELLS_KEPT = 256
+#: What IPython warns after a cell's ``sys.exit()``.
+_EXIT_HINT = "To exit: use 'exit', 'quit', or Ctrl-D."
 
 
 def worker_shell() -> Any:
@@ -141,6 +144,10 @@ def _make_shell() -> Any:
                 _ASYNC_CELLS[transformed_cell] = known
             return known
 
+        def run_cell(self, *args: Any, **kwargs: Any) -> Any:
+            with _exit_hint_left_to_the_kernel():
+                return super().run_cell(*args, **kwargs)
+
         def showtraceback(self, *args: Any, **kwargs: Any) -> None:
             kind, value, tb = sys.exc_info()
             # The cell's own exception, sys.exit() included (IPython shows that one apart):
@@ -183,6 +190,27 @@ def _make_shell() -> Any:
     shell.user_ns["input"] = shell.raw_input  # as a kernel replaces it for its cells
     _install_tqdm()
     return shell
+
+
+@contextlib.contextmanager
+def _exit_hint_left_to_the_kernel() -> Iterator[None]:
+    """IPython's warning after a cell's ``sys.exit()`` is not shown on the worker.
+
+    The ``SystemExit`` is raised again in the kernel, whose IPython shows the warning: a
+    kernel shows it once.
+    """
+    shown = warnings.showwarning
+
+    def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+        if not (category is UserWarning and str(message) == _EXIT_HINT):
+            shown(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        if warnings.showwarning is show:  # unless the cell set its own
+            warnings.showwarning = shown
 
 
 def _refuse_screen(gui: str | None) -> None:
