@@ -27,7 +27,7 @@ from nbtask.errors import BlobError, BlobGone, CellError
 from nbtask.notebook import process_state
 from nbtask.notebook.analysis import is_history_name
 from nbtask.notebook.kept import RemoteValue, Sealing, keep, key_by_content
-from nbtask.notebook.shipping import CellSpec, may_change, share_namespace
+from nbtask.notebook.shipping import CellSpec, may_change, open_file, share_namespace
 from nbtask.notebook.worker_shell import BASE_NS, cell_logging, worker_shell
 from nbtask.wire.blobs import Packed
 from nbtask.wire.envelope import Envelope, Signer, dumps
@@ -285,7 +285,9 @@ def _effects(
 
 def _pack(effects: dict[str, Any], spec: CellSpec, *, plain: bool) -> Any:
     out: dict[str, Any] = effects["out"]
-    skipped: dict[str, str] = {}
+    skipped = {name: why for name, value in out.items() if (why := open_file(value))}
+    for name in skipped:
+        del out[name]
     # Pickled as one dict, not from packs of each value: names that share an object
     # (``b = a``) must still share it in the kernel, as they would locally.
     blob = None if plain else _packed_whole(out, spec)
@@ -351,6 +353,9 @@ def _shown(value: Any, same: str | None, skipped: Mapping[str, str], spec: CellS
     """
     if same is not None:
         return ("skipped", skipped[same]) if same in skipped else ("name", same)
+    why = open_file(value)
+    if why:
+        return ("skipped", why)
     try:
         packed = Packed.of(value)
     except Exception as exc:

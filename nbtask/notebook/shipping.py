@@ -10,6 +10,7 @@ import builtins
 import contextlib
 import dataclasses
 import importlib
+import io
 import os
 import re
 import sys
@@ -30,6 +31,7 @@ __all__ = [
     "carried_names",
     "load_values",
     "may_change",
+    "open_file",
     "prepare",
     "share_namespace",
     "share_value",
@@ -189,6 +191,11 @@ def prepare(
     if unknown:
         raise CellError(f"the cell does not read {', '.join(map(repr, unknown))}")
     values = _values(found, namespace, overrides, hidden, python)
+    files = [f"variable {n!r}: {why}" for n, v in values.items() if (why := open_file(v))]
+    if files:
+        raise CellError(
+            f"{'; '.join(files)}. Nothing was sent. Open the file inside the cell, or pass its path"
+        )
     _ship_local_modules(values.values())
     try:
         # Pickled once, here, to name what cannot be; large arrays stay uncopied and
@@ -300,6 +307,17 @@ def _star_names(modules: Iterable[str]) -> set[str]:
             public = [n for n in vars(module) if not n.startswith("_")]
         names.update(str(n) for n in public)
     return names
+
+
+def open_file(value: Any) -> str | None:
+    """Why ``value`` cannot travel if it is an open file; else ``None``.
+
+    Pickled, a file opened for reading would arrive as a ``StringIO`` of its text, not
+    the open file the cell holds: it is named instead. In-memory ones travel.
+    """
+    if isinstance(value, io.IOBase) and not isinstance(value, (io.StringIO, io.BytesIO)):
+        return f"{type(value).__name__} is an open file, which cannot travel between processes"
+    return None
 
 
 def _unpicklable(values: Mapping[str, Any]) -> str:

@@ -134,6 +134,27 @@ def test_sys_exit_in_a_cell_shows_as_in_a_kernel_without_the_workers_traceback(
     assert "Traceback" not in said and 'interactiveshell.py", line' not in said, said
 
 
+def test_an_open_file_does_not_travel_as_another_kind_of_object(
+    ip: InteractiveShell, nb: Session, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Pickled, an open file would arrive as a ``StringIO``: one line says it stays behind."""
+    path = tmp_path / "lines.txt"
+    path.write_text("first\nsecond\n")
+    ip.user_ns["path"] = str(path)
+    task(ip, "f = open(path)\nhead = f.readline()")
+    assert ip.user_ns["head"] == "first\n"
+    assert "f" not in ip.user_ns
+    assert (
+        "nbtask: f did not come back from the worker (TextIOWrapper is an open file, which "
+        "cannot travel between processes): it is not defined in the notebook after this cell"
+    ) in capfd.readouterr().err
+    with open(path) as opened:
+        ip.user_ns["g"] = opened
+        with pytest.raises(CellError, match="variable 'g': TextIOWrapper is an open file"):
+            task(ip, "text = g.read()")
+    assert "text" not in ip.user_ns
+
+
 def test_rc_params_environment_cwd_and_path_follow_the_notebook(
     ip: InteractiveShell, nb: Session, tmp_path: Path
 ) -> None:
