@@ -256,7 +256,14 @@ def _install_tqdm() -> None:
             super().__init__(*args, **kwargs)
 
         def display(self, msg: Any = None, pos: Any = None) -> bool:
-            progress(self.n, self.total, str(self.desc or ""))
+            # Nested bars (an inner loop's): the outermost one open is the task's progress,
+            # the inner ones are said beside it, as a kernel shows them on lines below it.
+            # A closing bar is no longer among the open ones.
+            bars = [b for b in list(self._instances) if isinstance(b, ProgressTqdm)]
+            bars.sort(key=lambda bar: abs(getattr(bar, "pos", 0)))
+            outer = bars[0] if bars else self
+            notes = [str(outer.desc or ""), *(_inner_bar(bar) for bar in bars[1:])]
+            progress(outer.n, outer.total, " · ".join(note for note in notes if note))
             return True
 
     def trange(*args: Any, **kwargs: Any) -> Any:
@@ -267,6 +274,12 @@ def _install_tqdm() -> None:
         if module is not None:
             module.tqdm = ProgressTqdm
             module.trange = trange
+
+
+def _inner_bar(bar: Any) -> str:
+    """``desc 42/100``: where an inner ``tqdm`` bar is."""
+    done = f"{bar.n}/{bar.total}" if bar.total else f"{bar.n}"
+    return f"{bar.desc} {done}" if bar.desc else done
 
 
 class _CellLog(logging.Handler):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import threading
 import time
 from typing import Any
@@ -126,6 +127,29 @@ def test_tqdm_loop_becomes_progress(ip: InteractiveShell, nb: Session) -> None:
     assert handle.progress.message == "summing"
     assert "\r" not in handle.stderr and "it/s" not in handle.stderr
     assert ip.user_ns["total"] == 190
+
+
+def test_nested_tqdm_loops_show_the_outer_bar_as_progress(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    ip.run_cell_magic(
+        "task",
+        "--out h",
+        "from tqdm import tqdm\nimport time\n"
+        "for a in tqdm(range(3), desc='files'):\n"
+        "    for b in tqdm(range(100), desc='rows', leave=False):\n"
+        "        time.sleep(0.005)\n",
+    )
+    handle = ip.user_ns["h"]
+    seen: list[Any] = []
+    handle.on_event(
+        lambda event: seen.append(event.progress) if event.type is EventType.PROGRESS else None
+    )
+    handle.get(timeout=60)
+    assert seen, "no progress while the cell ran"
+    assert {(p.total, p.message.split(" · ")[0]) for p in seen} == {(3, "files")}, seen[:5]
+    assert any(re.fullmatch(r"files · rows \d+/100", p.message) for p in seen), seen[:5]
+    assert (handle.progress.done, handle.progress.total) == (3, 3)
 
 
 def test_plot_arrives_as_png_and_html_in_order(ip: InteractiveShell, nb: Session) -> None:
