@@ -382,3 +382,27 @@ def test_two_stops_a_moment_apart_still_cancel_the_cell_a_pending_name_waits_for
     handle = ip.user_ns["h"]
     wait_until(handle.done, 15, "the task to stop")
     assert handle.state is State.REVOKED
+
+
+def test_a_background_cell_reading_a_pending_name_waits_for_it_and_stop_cancels_that_cell(
+    ip: InteractiveShell, nb: Session, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # As in a kernel, where the second cell would run after the first: it is sent once the
+    # name arrives, with its value.
+    ip.run_cell_magic("task", "load --out h", "import time\ntime.sleep(1)\ndf = 41")
+    ip.run_cell_magic("task", "--out h2", "y = df + 1")
+    assert ip.user_ns["h"].done()
+    assert "nbtask: waiting for task 'load'" in capsys.readouterr().out
+    run = ip.run_cell("print(y)")
+    assert run.success and ip.user_ns["y"] == 42
+    # Stop while it waits: as a kernel's Stop interrupts the cell running ahead of it.
+    ip.run_cell_magic("task", "load --out h", "import time\ntime.sleep(30)\ndf = 1")
+    sent = len(nb.pending.runs)
+    interrupt_once_waiting_in("wait_interruptibly")
+    error = ip.run_cell("%%task\nz = df + 1").error_in_exec
+    assert isinstance(error, KeyboardInterrupt), error
+    assert rendered(error) == ["KeyboardInterrupt: task 'load' cancelled"]
+    wait_until(ip.user_ns["h"].done, 15, "the task to stop")
+    assert ip.user_ns["h"].state is State.REVOKED
+    assert len(nb.pending.runs) == sent  # the reading cell was not sent
+    assert ip.run_cell("print('the next cell runs')").success
