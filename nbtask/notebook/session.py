@@ -5,7 +5,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
-import queue
 import threading
 import time
 from contextlib import AbstractContextManager
@@ -13,6 +12,7 @@ from typing import Any
 
 from IPython.display import display
 
+from nbtask._process import interrupts_held
 from nbtask._text import printable, redact_url
 from nbtask.client.app import App
 from nbtask.client.default import default_app, use_as_default
@@ -27,8 +27,6 @@ from nbtask.notebook.follow import (
     StopPresses,
     cancel_task,
     follow,
-    next_event,
-    one_line,
     stop_presses,
 )
 from nbtask.notebook.kept import RemoteValue
@@ -36,10 +34,9 @@ from nbtask.notebook.pending import WAIT_NAME, CellRun, Pending, WaitInserter
 from nbtask.notebook.releases import Releases, ReleaseTask
 from nbtask.notebook.shipping import analyzed, carried_names, prepare, transformed
 from nbtask.notebook.version_warnings import VersionWarnings, modules_used
-from nbtask.notebook.waitline import ProgressLine, out_value, show_output
+from nbtask.notebook.waitline import follow_to_the_end, out_value
 from nbtask.notebook.widgets import TaskView, TaskWidget, make_view, widgets_enabled
 from nbtask.wire.blobs import ByteProgress
-from nbtask.wire.events import FINAL_STATES, Event, EventType
 from nbtask.wire.holdings import holdings_lines
 
 __all__ = ["Session"]
@@ -50,9 +47,6 @@ _RECONNECTED = "when the notebook connected to another broker (%nbtask connect)"
 _CANCEL_SECONDS = 10.0
 #: A session says it uses the workers for this long, again every third of it (warmup.py).
 _NOTEBOOK_SECONDS = 30
-#: How long a waiting cell waits for an event before it looks at its deadline and says
-#: why the task waits.
-_WAIT_TICK = 0.1
 
 
 class Session:
@@ -280,6 +274,7 @@ class Session:
                 shipped, self.app.workers, args.requires, functools.partial(self._moving, args)
             )
         )
+        # Stop while its values are hashed and sent stops the sending.
         handle = cell_task(self.app).apply_async(
             (spec, blob),
             queue=queue,
@@ -287,36 +282,43 @@ class Session:
             requires=tuple(args.requires) or None,
             label=label,
         )
-        self.releases.hold(handle, shipped)  # the kept values it reads, until it ends
-        used = modules_used(found.imports, shipped)
-        self.version_warnings.check(self.app, used, handle.queue)
-        # And the values its functions carry, which it may change through them.
-        carried = carried_names(dict(zip(spec.names, shipped, strict=True)), self.shell.user_ns)
-        names = tuple(dict.fromkeys([*found.assigned, *found.mutated, *carried]))
-        # Not held while the cell runs: whether other holders of a value it changes are
-        # left with the old object is told by its reference count (nbtask.notebook.inplace).
-        del shipped
-        run = CellRun(handle, label, names, rebound=frozenset(found.assigned), state=spec.state)
-        self.pending.say_if_random_repeats(run, python)
-        if args.out:
-            self.shell.user_ns[args.out] = handle
-        if args.wait:
-            self.pending.forget(names)
-            self.pending.add(run, pending=False)
-            return self._wait(run, args.timeout)
-        self.pending.add(run)
-        view = make_view(handle, label, self.shell)
-        run.view = view
-        self.views[handle.id] = view
-        if isinstance(view, TaskWidget):
-            display(view)
-        follow(handle, view.apply)
-        if args.timeout:
-            timer = threading.Timer(args.timeout, cancel_task, (handle,))
-            timer.daemon = True
-            timer.start()
-            self._timers = [t for t in self._timers if t.is_alive()] + [timer]
-        return None
+        # Once sent, the cell must follow the task or cancel it: Stop is counted from here
+        # on for a --wait cell (which cancels it), held back until a background cell is
+        # tracked (which goes on running).
+        with contextlib.ExitStack() as steps:
+            presses = steps.enter_context(stop_presses()) if args.wait else StopPresses()
+            if not args.wait:
+                steps.enter_context(interrupts_held())
+            self.releases.hold(handle, shipped)  # the kept values it reads, until it ends
+            used = modules_used(found.imports, shipped)
+            self.version_warnings.check(self.app, used, handle.queue)
+            # And the values its functions carry, which it may change through them.
+            carried = carried_names(dict(zip(spec.names, shipped, strict=True)), self.shell.user_ns)
+            names = tuple(dict.fromkeys([*found.assigned, *found.mutated, *carried]))
+            # Not held while the cell runs: whether other holders of a value it changes are
+            # left with the old object is told by its reference count (nbtask.notebook.inplace).
+            del shipped
+            run = CellRun(handle, label, names, rebound=frozenset(found.assigned), state=spec.state)
+            self.pending.say_if_random_repeats(run, python)
+            if args.out:
+                self.shell.user_ns[args.out] = handle
+            if args.wait:
+                self.pending.forget(names)
+                self.pending.add(run, pending=False)
+                return self._wait(run, args.timeout, presses)
+            self.pending.add(run)
+            view = make_view(handle, label, self.shell)
+            run.view = view
+            self.views[handle.id] = view
+            if isinstance(view, TaskWidget):
+                display(view)
+            follow(handle, view.apply)
+            if args.timeout:
+                timer = threading.Timer(args.timeout, cancel_task, (handle,))
+                timer.daemon = True
+                timer.start()
+                self._timers = [t for t in self._timers if t.is_alive()] + [timer]
+            return None
 
     def _moving(self, args: Any) -> Moving:
         """When a cell goes where it would anyway rather than wait for a busy holder."""
@@ -325,56 +327,20 @@ class Session:
         queue = usual or settings.default_queue
         return Moving.through(self.app.store, queue, settings.move_bytes, self.app.sent_to)
 
-    def _wait(self, run: CellRun, timeout: float | None) -> Any:
+    def _wait(self, run: CellRun, timeout: float | None, presses: StopPresses) -> Any:
         """Stream a task's output into this cell as it comes; return its last expression.
 
-        Stop is counted while the cell waits, never raised in the middle of a step: a
+        Called while ``presses`` counts Stop, never raised in the middle of a step: a
         Stop, or several, cancels the task and the cell says so once.
         """
-        with stop_presses() as presses:
-            result = self._follow_to_the_end(run, timeout, presses)
-            while not (presses.count or run.handle.done()):
-                time.sleep(_WAIT_TICK / 5)  # its final event came: its outcome follows
-            if presses.count and not run.handle.done():
-                raise self.pending.interrupted(run, presses) from None
-            self.pending.deliver(run, raise_errors=True)
+        result = follow_to_the_end(run.handle, run.label, self.shell, timeout, presses)
+        while not (presses.count or run.handle.done()):
+            time.sleep(0.02)  # its final event came: its outcome follows
+        if presses.count and not run.handle.done():
+            raise self.pending.interrupted(run, presses) from None
+        self.pending.deliver(run, raise_errors=True)
         out = f"Out[{self.shell.execution_count}]"
         return out_value(run.shown, result, self.shell.user_ns, self.pending.took_kept, out)
-
-    def _follow_to_the_end(
-        self, run: CellRun, timeout: float | None, presses: StopPresses
-    ) -> dict[str, Any] | None:
-        """Show a task's output and progress until it ends or Stop is pressed.
-
-        Returns what the output said the cell's last expression showed, if it did.
-        """
-        events: queue.SimpleQueue[Event] = queue.SimpleQueue()
-        follow(run.handle, events.put)
-        line = ProgressLine(run.label, self.shell)
-        result: dict[str, Any] | None = None
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            while not presses.count:
-                # Checked before each event, not only when none came for a while: a task
-                # that prints every few milliseconds must time out all the same.
-                if deadline is not None and time.monotonic() > deadline and not run.handle.done():
-                    error = _timed_out(run, timeout)  # says why it waited, before cancelling
-                    cancel_task(run.handle)
-                    raise error from None
-                try:
-                    event = next_event(run.handle, events, _WAIT_TICK)
-                except queue.Empty:
-                    line.waiting(run.handle.waiting_reason)
-                    continue
-                if event.type is EventType.PROGRESS:
-                    line.show(event)
-                else:
-                    result = show_output(event) or result
-                if event.state in FINAL_STATES:
-                    break
-        finally:
-            line.close()
-        return result
 
     # %tasks and status -----------------------------------------------------------------------
     def attach(self, task_id: str, *, show: bool = True) -> TaskView:
@@ -504,10 +470,3 @@ def _first_line(cell: str) -> str:
         if text.strip() and not text.lstrip().startswith("#"):
             return text.strip()[:40]
     return "cell"
-
-
-def _timed_out(run: CellRun, timeout: float | None) -> TimeoutError:
-    """A ``--wait --timeout`` cell's error, saying why it waited."""
-    reason = run.handle.waiting_reason
-    text = f"task {run.label!r} did not finish within {timeout} s; cancelled"
-    return one_line(TimeoutError(text + (f" (it was waiting: {reason})" if reason else "")))

@@ -2,18 +2,75 @@
 
 from __future__ import annotations
 
+import queue
 import sys
 import time
 from collections.abc import Callable, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from IPython.display import clear_output, display, publish_display_data
 
+from nbtask.notebook.follow import StopPresses, cancel_task, follow, next_event, one_line
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.shipping import share_value
-from nbtask.wire.events import Event, EventType
+from nbtask.wire.events import FINAL_STATES, Event, EventType
 
-__all__ = ["ProgressLine", "out_value", "show_output"]
+if TYPE_CHECKING:
+    from nbtask.core.handle import TaskHandle
+
+__all__ = ["ProgressLine", "follow_to_the_end", "out_value", "show_output"]
+
+#: How long a waiting cell waits for an event before it looks at its deadline and says
+#: why the task waits.
+_WAIT_TICK = 0.1
+
+
+def follow_to_the_end(
+    handle: TaskHandle, label: str, shell: Any, timeout: float | None, presses: StopPresses
+) -> dict[str, Any] | None:
+    """Show a ``--wait`` cell's output and progress until its task ends or Stop is pressed.
+
+    Returns the worker's display of the cell's last expression, if it showed one.
+
+    Raises
+    ------
+    TimeoutError
+        Past ``timeout`` seconds: the task is cancelled, and the error says why it waited.
+    """
+    events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+    follow(handle, events.put)
+    line = ProgressLine(label, shell)
+    result: dict[str, Any] | None = None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while not presses.count:
+            # Checked before each event, not only when none came for a while: a task
+            # that prints every few milliseconds must time out all the same.
+            if deadline is not None and time.monotonic() > deadline and not handle.done():
+                error = _timed_out(handle, label, timeout)  # says why, before cancelling
+                cancel_task(handle)
+                raise error from None
+            try:
+                event = next_event(handle, events, _WAIT_TICK)
+            except queue.Empty:
+                line.waiting(handle.waiting_reason)
+                continue
+            if event.type is EventType.PROGRESS:
+                line.show(event)
+            else:
+                result = show_output(event) or result
+            if event.state in FINAL_STATES:
+                break
+    finally:
+        line.close()
+    return result
+
+
+def _timed_out(handle: TaskHandle, label: str, timeout: float | None) -> TimeoutError:
+    """A ``--wait --timeout`` cell's error, saying why it waited."""
+    reason = handle.waiting_reason
+    text = f"task {label!r} did not finish within {timeout} s; cancelled"
+    return one_line(TimeoutError(text + (f" (it was waiting: {reason})" if reason else "")))
 
 
 class _Result:

@@ -406,3 +406,22 @@ def test_a_background_cell_reading_a_pending_name_waits_for_it_and_stop_cancels_
     assert ip.user_ns["h"].state is State.REVOKED
     assert len(nb.pending.runs) == sent  # the reading cell was not sent
     assert ip.run_cell("print('the next cell runs')").success
+
+
+def test_a_stop_just_as_a_wait_cell_is_sent_cancels_its_task(
+    ip: InteractiveShell, nb: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Stop reaches the kernel after the task went out, before the cell follows it.
+    check = nb.version_warnings.check
+
+    def stopped(*args: Any, **kwargs: Any) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        check(*args, **kwargs)
+
+    monkeypatch.setattr(nb.version_warnings, "check", stopped)
+    with pytest.raises(KeyboardInterrupt) as info:
+        ip.run_cell_magic("task", "--wait --out h", "import time\ntime.sleep(30)\nlate = 1")
+    assert rendered(info.value) == ["KeyboardInterrupt: task 'import time' cancelled"]
+    handle = nb.pending.runs[-1].handle
+    wait_until(handle.done, 15, "the task to stop")
+    assert handle.state is State.REVOKED
