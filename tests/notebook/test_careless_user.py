@@ -342,10 +342,8 @@ def test_a_cell_that_parses_but_cannot_compile_is_refused_before_sending(
     assert loaded.pending.runs == []
 
 
-def test_two_stops_a_moment_apart_still_cancel_a_wait_cell(
-    ip: InteractiveShell, nb: Session, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The second Stop reaches the kernel just as the first one's cancelling sends the revoke.
+def stop_again_when_revoking(nb: Session, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second Stop reaches the kernel just as the first one's cancelling sends the revoke."""
     revoke = nb.app.revoke
 
     def stopped_again(*args: Any, **kwargs: Any) -> bool:
@@ -353,6 +351,12 @@ def test_two_stops_a_moment_apart_still_cancel_a_wait_cell(
         return revoke(*args, **kwargs)
 
     monkeypatch.setattr(nb.app, "revoke", stopped_again)
+
+
+def test_two_stops_a_moment_apart_still_cancel_a_wait_cell(
+    ip: InteractiveShell, nb: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stop_again_when_revoking(nb, monkeypatch)
     interrupt_once_printed(ip)
     with pytest.raises(KeyboardInterrupt) as info:
         ip.run_cell_magic(
@@ -367,13 +371,7 @@ def test_two_stops_a_moment_apart_still_cancel_a_wait_cell(
 def test_two_stops_a_moment_apart_still_cancel_the_cell_a_pending_name_waits_for(
     ip: InteractiveShell, nb: Session, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    revoke = nb.app.revoke
-
-    def stopped_again(*args: Any, **kwargs: Any) -> bool:
-        os.kill(os.getpid(), signal.SIGINT)
-        return revoke(*args, **kwargs)
-
-    monkeypatch.setattr(nb.app, "revoke", stopped_again)
+    stop_again_when_revoking(nb, monkeypatch)
     ip.run_cell_magic("task", "--out h", "import time\ntime.sleep(30)\nlate = 1")
     interrupt_once_waiting_in("wait_interruptibly")
     error = ip.run_cell("print(late)").error_in_exec
