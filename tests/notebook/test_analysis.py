@@ -70,11 +70,14 @@ def test_analysis_is_kept_by_the_cells_text() -> None:
 
 
 def test_a_transformer_registered_after_a_cell_ran_applies_to_its_next_run() -> None:
-    from IPython.testing.globalipapp import start_ipython
+    from IPython.testing import globalipapp
 
     from nbtask.notebook.shipping import transformed
 
-    shell = start_ipython()
+    # The process's test shell: started here, or by another test earlier in this process
+    # (a second start_ipython() returns None).
+    globalipapp.start_ipython()
+    shell = globalipapp.get_ipython()
     assert shell is not None
     cell = "x = 'a'\n"
     assert transformed(shell, cell) == cell
