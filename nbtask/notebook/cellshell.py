@@ -26,8 +26,9 @@ from nbtask.core.holding import HeldValue, Holding, key_of
 from nbtask.errors import BlobError, BlobGone, CellError
 from nbtask.notebook import process_state
 from nbtask.notebook.analysis import is_history_name
+from nbtask.notebook.carried import may_change, share_namespace
 from nbtask.notebook.kept import RemoteValue, Sealing, keep, key_by_content
-from nbtask.notebook.shipping import CellSpec, may_change, open_file, share_namespace
+from nbtask.notebook.shipping import CellSpec, open_file
 from nbtask.notebook.worker_shell import BASE_NS, cell_logging, worker_shell
 from nbtask.wire.blobs import Packed
 from nbtask.wire.envelope import Envelope, Signer, dumps

@@ -21,6 +21,7 @@ from nbtask.core.placement import Moving, holder_queue_for
 from nbtask.errors import CellError
 from nbtask.notebook import process_state
 from nbtask.notebook.board import Row, TaskBoard, format_row, notebook_group
+from nbtask.notebook.carried import carried_names
 from nbtask.notebook.celltask import NamedCell, cell_task
 from nbtask.notebook.fetchbar import fetch_progress
 from nbtask.notebook.follow import (
@@ -30,10 +31,11 @@ from nbtask.notebook.follow import (
     stop_presses,
 )
 from nbtask.notebook.kept import RemoteValue
-from nbtask.notebook.pending import WAIT_NAME, CellRun, Pending, WaitInserter
+from nbtask.notebook.pending import CellRun, Pending
 from nbtask.notebook.releases import Releases, ReleaseTask
-from nbtask.notebook.shipping import analyzed, carried_names, prepare, transformed
+from nbtask.notebook.shipping import analyzed, prepare, transformed
 from nbtask.notebook.version_warnings import VersionWarnings, modules_used
+from nbtask.notebook.wait_inserter import WAIT_NAME, WaitInserter
 from nbtask.notebook.waitline import follow_to_the_end, out_value
 from nbtask.notebook.widgets import TaskView, TaskWidget, make_view, widgets_enabled
 from nbtask.wire.blobs import ByteProgress

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 from IPython.display import clear_output, display, publish_display_data
 
+from nbtask.notebook.carried import share_value
 from nbtask.notebook.follow import StopPresses, cancel_task, follow, next_event, one_line
 from nbtask.notebook.kept import RemoteValue
-from nbtask.notebook.shipping import share_value
 from nbtask.wire.events import FINAL_STATES, Event, EventType
 
 if TYPE_CHECKING:

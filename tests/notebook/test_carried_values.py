@@ -16,9 +16,9 @@ from helpers import cell_task as task
 from IPython.core.interactiveshell import InteractiveShell
 
 from nbtask import Settings
+from nbtask.notebook.carried import carried_names
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.session import Session
-from nbtask.notebook.shipping import carried_names
 
 
 @pytest.fixture

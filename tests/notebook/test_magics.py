@@ -19,9 +19,9 @@ import nbtask
 from nbtask import App, Settings, State
 from nbtask.client.embedded import EmbeddedCluster
 from nbtask.notebook.magics import session_of
-from nbtask.notebook.pending import WaitInserter
 from nbtask.notebook.session import Session
 from nbtask.notebook.shipping import CellError
+from nbtask.notebook.wait_inserter import WaitInserter
 from nbtask.wire.events import EventType
 
 

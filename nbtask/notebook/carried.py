@@ -1,0 +1,166 @@
+"""Values a cell shares with the notebook: those that come back, and what functions carry.
+
+:func:`load_values` unpickles what a cell sent back; :func:`share_namespace` lets a
+notebook function shipped with a cell see the notebook's names as it does locally;
+:func:`carried_names` lists the values such a function reads, which travel (and may come
+back changed) with it.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Iterable, Mapping, MutableMapping
+from typing import Any
+
+from nbtask.wire.blobs import Packed
+
+__all__ = ["carried_names", "load_values", "may_change", "share_namespace", "share_value"]
+
+
+def load_values(result: Mapping[str, Any]) -> dict[str, Any]:
+    """Unpickle the values a cell sent back (on the kernel's main thread).
+
+    The blob is part of a result whose envelope was verified by the listener.
+    """
+    blob = result.get("values")
+    values: dict[str, Any] = blob.load() if isinstance(blob, Packed) else {}
+    return values
+
+
+def share_namespace(
+    namespace: MutableMapping[str, Any], names: Iterable[str] | None = None
+) -> list[str]:
+    """Let functions and classes defined in the notebook see ``namespace`` as their globals.
+
+    A function pickled by value arrives with a private copy of the globals it named; in the
+    notebook it reads the namespace itself, so a name defined in a later cell is found.
+    The top-level functions, and the methods of top-level classes, are made to read
+    ``namespace`` again; the globals they carried are added to it where it has no such
+    name (they are the notebook's values, pickled with them). Returns the names added.
+
+    ``names``: only those that just arrived (a kernel's namespace holds every earlier
+    cell's, rebound when they came); default every name.
+    """
+    carried: dict[str, Any] = {}
+    chosen = list(namespace) if names is None else [n for n in names if n in namespace]
+    for name in chosen:
+        namespace[name] = _shared(namespace[name], namespace, carried)
+    return _add_carried(namespace, carried)
+
+
+def share_value(namespace: MutableMapping[str, Any], value: Any) -> Any:
+    """``value``, which came back unnamed (a cell's last expression), made to read ``namespace``.
+
+    As :func:`share_namespace` does for names; an object of a class defined in the
+    notebook too (its methods: a ``_repr_html_`` that looks names up in the notebook).
+    """
+    carried: dict[str, Any] = {}
+    value = _shared(value, namespace, carried)
+    _shared(type(value), namespace, carried)
+    _add_carried(namespace, carried)
+    return value
+
+
+def _shared(value: Any, namespace: Any, carried: dict[str, Any]) -> Any:
+    """``value`` reading ``namespace`` if it is a function or class of the notebook."""
+    if _from_notebook(value, namespace):
+        carried.update(value.__globals__)
+        return _rebound(value, namespace)
+    if isinstance(value, type) and value.__module__ == "__main__":
+        for attribute, member in list(vars(value).items()):
+            if _from_notebook(member, namespace):
+                carried.update(member.__globals__)
+                setattr(value, attribute, _rebound(member, namespace))
+    return value
+
+
+def _add_carried(namespace: MutableMapping[str, Any], carried: Mapping[str, Any]) -> list[str]:
+    """Add the globals functions carried where ``namespace`` has no such name; their names."""
+    added = [n for n in carried if n not in namespace and not n.startswith("__")]
+    for name in added:
+        namespace[name] = carried[name]
+    return added
+
+
+def carried_names(values: Mapping[str, Any], namespace: Mapping[str, Any]) -> list[str]:
+    """The notebook's values the shipped functions in ``values`` carry, by name.
+
+    A function of the notebook travels with the globals it names, and with those of the
+    notebook's functions it names in turn (``results`` of ``def record(x):
+    results.append(x)``); the worker adds them to the cell's namespace
+    (:func:`share_namespace`). A cell can change them in place through the functions,
+    without naming them: they may come back. Only values that can change in place are
+    named (no modules, functions, classes, numbers or strings).
+    """
+    found: dict[str, None] = {}
+    functions = [f for v in values.values() for f in _notebook_functions(v)]
+    seen: set[int] = set()
+    while functions:
+        function = functions.pop()
+        if id(function) in seen:
+            continue
+        seen.add(id(function))
+        for name in _global_names(function.__code__):
+            value = namespace.get(name, _MISSING)
+            if value is _MISSING or name in values:
+                continue
+            functions.extend(_notebook_functions(value))
+            if may_change(value) and not isinstance(value, types.FunctionType):
+                found.setdefault(name)
+    return list(found)
+
+
+_MISSING = object()
+
+
+def _notebook_functions(value: Any) -> list[types.FunctionType]:
+    """``value`` if it is a function of the notebook; the methods of a notebook class."""
+    if isinstance(value, type) and value.__module__ == "__main__":
+        return [m for m in vars(value).values() if _of_main(m)]
+    return [value] if _of_main(value) else []
+
+
+def _of_main(value: Any) -> bool:
+    return isinstance(value, types.FunctionType) and value.__module__ == "__main__"
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    """The names ``code`` and the code nested in it may read as globals."""
+    names = set(code.co_names)
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            names |= _global_names(constant)
+    return names
+
+
+def may_change(value: Any) -> bool:
+    """Whether a cell may change ``value`` in place (a function: its attributes)."""
+    return not isinstance(
+        value,
+        (types.ModuleType, type, int, float, str, bytes, bool, type(None), frozenset),
+    )
+
+
+def _from_notebook(value: Any, namespace: Mapping[str, Any]) -> bool:
+    return (
+        isinstance(value, types.FunctionType)
+        and value.__module__ == "__main__"
+        and value.__globals__ is not namespace
+    )
+
+
+def _rebound(function: types.FunctionType, namespace: Any) -> types.FunctionType:
+    copy = types.FunctionType(
+        function.__code__,
+        namespace,
+        function.__name__,
+        function.__defaults__,
+        function.__closure__,
+    )
+    copy.__kwdefaults__ = function.__kwdefaults__
+    copy.__dict__.update(function.__dict__)
+    copy.__qualname__ = function.__qualname__
+    copy.__annotations__ = function.__annotations__
+    copy.__doc__ = function.__doc__
+    copy.__module__ = function.__module__
+    return copy
