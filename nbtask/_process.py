@@ -8,10 +8,10 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 
-__all__ = ["die_with_parent", "interrupts_held", "pid_alive"]
+__all__ = ["die_with_parent", "interrupts_held", "pid_alive", "sigint_handled_by"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -42,6 +42,25 @@ def pid_alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
+def sigint_handled_by(handler: Callable[[int, FrameType | None], None]) -> Iterator[None]:
+    """Run the block with ``handler`` for ``SIGINT`` (Ctrl-C), then put the previous back.
+
+    Signals reach only the main thread; elsewhere, and under a handler set outside Python
+    (``None``, which could not be put back), the handler is left alone.
+    """
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is None
+    ):
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
 def interrupts_held() -> Iterator[None]:
     """Hold back Ctrl-C (``SIGINT``, a notebook's Stop) until the block ends, then deliver it.
 
@@ -49,17 +68,8 @@ def interrupts_held() -> Iterator[None]:
     handed back would belong to no one) and stopping one (a second Stop must not leave it
     running). Signals reach only the main thread; elsewhere this holds back nothing.
     """
-    # A handler set outside Python (None) could not be put back: leave it alone.
-    if threading.current_thread() is not threading.main_thread() or (
-        signal.getsignal(signal.SIGINT) is None
-    ):
-        yield
-        return
     caught: list[FrameType | None] = []
-    previous = signal.signal(signal.SIGINT, lambda _signum, frame: caught.append(frame))
-    try:
+    with sigint_handled_by(lambda _signum, frame: caught.append(frame)):
         yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
     if caught:
         signal.raise_signal(signal.SIGINT)  # through the handler now in place, as it came

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import queue
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from nbtask._process import sigint_handled_by
 from nbtask.wire.events import FINAL_STATES, Event, EventType, State
 
 if TYPE_CHECKING:
@@ -63,16 +63,8 @@ def stop_presses() -> Iterator[StopPresses]:
     counted, and nothing is raised either.
     """
     presses = StopPresses()
-    if threading.current_thread() is not threading.main_thread() or (
-        signal.getsignal(signal.SIGINT) is None
-    ):
+    with sigint_handled_by(presses.note):
         yield presses
-        return
-    previous = signal.signal(signal.SIGINT, presses.note)
-    try:
-        yield presses
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def ended_within(handle: TaskHandle, seconds: float, presses: StopPresses) -> bool:
