@@ -11,7 +11,8 @@ deleted after), then measures, median of ``--repeats``:
 each through the Redis at ``--url`` (``store``) and through the embedded cluster
 (``embedded``: blobs in shared memory), the same through Dask's ``LocalCluster`` (``dask``,
 one worker process with two threads; only where ``dask.distributed`` is installed: an
-optional benchmark dependency, ``pip install 'nbtask[bench]'``), and
+optional benchmark dependency, ``pip install 'nbtask[bench]'``), the embedded cluster and
+Dask taking turns call by call, and
 
 * ``floor_50mb_s``: raw redis-py, pickle + SET + GET + unpickle of the same bytes (one
   hop: what an argument needs at the least);
@@ -42,6 +43,7 @@ it alternately with ``PYTHONPATH`` on two trees to compare them on a busy machin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pickle
@@ -53,7 +55,7 @@ import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,26 +87,39 @@ def _median_time(call: Callable[[int], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure_arrays(app: Any, repeats: int) -> dict[str, float]:
-    """50 MB arrays to and from ``app``'s workers: fresh content, then the same again."""
-    remote_total, remote_echo = app.task(total), app.task(echo)
-    remote_total.delay(np.zeros(1)).get(timeout=60)  # the workers are consuming
+def measure_arrays(apps: Mapping[str, Any], repeats: int) -> dict[str, dict[str, float]]:
+    """50 MB arrays to and from each app's workers: fresh content, then the same again.
+
+    The apps take turns call by call (one of each case on the first, then on the next,
+    ...), so a busy moment of the machine falls on all of them alike.
+    """
     array = np.random.default_rng(0).random(ARRAY_ITEMS)
 
     def fresh(i: int) -> np.ndarray[Any, Any]:
         array[0] = time.perf_counter() + i  # new content, new blob
         return array
 
+    cases: dict[str, dict[str, Callable[[int], object]]] = {}
+    for name, app in apps.items():
+        remote_total, remote_echo = app.task(total), app.task(echo)
+        remote_total.delay(np.zeros(1)).get(timeout=60)  # the workers are consuming
+        cases[name] = {
+            "arg_50mb_s": lambda i, f=remote_total: f.delay(fresh(i)).get(timeout=120),
+            "arg_50mb_again_s": lambda i, f=remote_total: f.delay(array).get(timeout=120),
+            "echo_50mb_s": lambda i, f=remote_echo: f.delay(fresh(i)).get(timeout=120),
+        }
+    times: dict[str, dict[str, list[float]]] = {
+        name: {case: [] for case in calls} for name, calls in cases.items()
+    }
+    for i in range(repeats):
+        for name, calls in cases.items():
+            for case, call in calls.items():
+                started = time.perf_counter()
+                call(i)
+                times[name][case].append(time.perf_counter() - started)
     return {
-        "arg_50mb_s": _median_time(
-            lambda i: remote_total.delay(fresh(i)).get(timeout=120), repeats
-        ),
-        "arg_50mb_again_s": _median_time(
-            lambda i: remote_total.delay(array).get(timeout=120), repeats
-        ),
-        "echo_50mb_s": _median_time(
-            lambda i: remote_echo.delay(fresh(i)).get(timeout=120), repeats
-        ),
+        name: {case: statistics.median(taken) for case, taken in by_case.items()}
+        for name, by_case in times.items()
     }
 
 
@@ -126,32 +141,42 @@ def measure_floor(url: str, prefix: str, repeats: int) -> float:
         client.close()
 
 
-def measure_embedded(repeats: int) -> dict[str, float]:
-    """The same arrays through the embedded cluster (blobs in shared memory)."""
+@contextlib.contextmanager
+def embedded_app() -> Iterator[Any]:
+    """An app on the embedded cluster (blobs in shared memory), ``NBTASK_*`` set aside."""
     from nbtask import App
 
     saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("NBTASK_")}
     app = App("bench-embedded")
     try:
-        return measure_arrays(app, repeats)
+        yield app
     finally:
         app.close()
         os.environ.update(saved)
 
 
-def measure_dask(repeats: int) -> dict[str, float] | None:
-    """The same arrays through Dask's ``LocalCluster``; ``None`` without ``dask.distributed``."""
+@contextlib.contextmanager
+def dask_app() -> Iterator[Any | None]:
+    """Dask's ``LocalCluster`` as an app; ``None`` without ``dask.distributed``."""
     try:
         from dask.distributed import Client, LocalCluster  # optional: a benchmark extra
     except ImportError:
-        return None
+        yield None
+        return
     # Dask warns that a 50 MB argument makes a large graph: that is what is measured.
     warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
     with (
         LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=None) as cluster,
         Client(cluster) as client,
     ):
-        return measure_arrays(_DaskTasks(client), repeats)
+        yield _DaskTasks(client)
+
+
+def measure_embedded_and_dask(repeats: int) -> dict[str, dict[str, float] | None]:
+    """The arrays through the embedded cluster and Dask (if installed), taking turns."""
+    with embedded_app() as embedded, dask_app() as dask:
+        apps = {"embedded": embedded} | ({"dask": dask} if dask is not None else {})
+        return {"dask": None} | measure_arrays(apps, repeats)
 
 
 class _DaskTasks:
@@ -290,10 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", choices=("all", "arrays", "cell_400mb"), default="all")
     args = parser.parse_args(argv)
     if args.only == "arrays":
-        return _report(
-            {"embedded": measure_embedded(args.repeats), "dask": measure_dask(args.repeats)},
-            args.json_out,
-        )
+        return _report(measure_embedded_and_dask(args.repeats), args.json_out)
     prefix = f"nbbench-data-{uuid.uuid4().hex[:10]}"
     secret = secrets.token_hex(32)
     with tempfile.TemporaryDirectory(prefix="nbbench-data-") as tmp:
@@ -309,12 +331,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             app = App("bench-data", broker=args.url, secret=secret, key_prefix=prefix)
             try:
-                out["store"] = measure_arrays(app, args.repeats)
+                out["store"] = measure_arrays({"store": app}, args.repeats)["store"]
             finally:
                 app.close()
             out["floor_50mb_s"] = measure_floor(args.url, prefix, args.repeats)
-            out["embedded"] = measure_embedded(args.repeats)
-            out["dask"] = measure_dask(args.repeats)
+            out.update(measure_embedded_and_dask(args.repeats))
             out["cell_400mb"] = measure_cell_ways(
                 args.url, prefix, secret, CELLS["cell_400mb"], args.repeats
             )
