@@ -3,7 +3,7 @@
 Two kinds of reference can stand for an argument of a function task:
 
 * a :class:`ValueRef` (in a notebook, a :class:`~nbtask.notebook.kept.RemoteValue`): a
-  value kept as blobs, named by their SHA-256 digests;
+  value kept as blobs, named by their digests;
 * a finished task's handle, which pickles as a :class:`ResultRef`: its task id.
 
 Either travels inside the task's signed arguments, so the digests and the task id are as

@@ -4,7 +4,7 @@ A value is pickled with protocol 5, and every buffer of at least :data:`MIN_BLOB
 that it exposes (numpy arrays, pandas columns, ``bytes`` wrapped in a
 :class:`pickle.PickleBuffer`) is kept out of the pickle stream, uncopied. When the parts
 add up to ``threshold`` bytes or more, each big part (the pickle stream included, a large
-list say) travels as a **blob** named by its SHA-256 digest; the others stay inline, in the
+list say) travels as a **blob** named by its BLAKE3 digest; the others stay inline, in the
 message body. The layout, a list of ``[size]`` (inline) or ``[size, digest]`` (blob) items,
 travels in the signed header, so a blob is trusted only if its bytes hash to the digest that
 the signature covers, and it is checked before anything is unpickled.
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import hashlib
 import io
 import os
 import pickle
@@ -37,6 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import cloudpickle
+from blake3 import blake3
 
 from nbtask.errors import BlobError, DecodeError
 from nbtask.wire.envelope import Buffer, Pickler, Signer
@@ -64,7 +64,7 @@ __all__ = [
 #: Buffers smaller than this stay inside the pickle stream, and parts smaller than this
 #: stay inline: a blob costs a store round trip of its own.
 MIN_BLOB_BYTES = 64 * 1024
-_DIGEST_CHARS = 64  # hex SHA-256
+_DIGEST_CHARS = 64  # hex BLAKE3, 256 bits
 _MAX_PARTS = 100_000
 #: The seal stored after a sealed blob's bytes (an HMAC-SHA256).
 SEAL_BYTES = 32
@@ -83,28 +83,31 @@ class BlobReader(Protocol):
 
 
 def digest_of(data: Buffer) -> str:
-    """The name of a blob: the hex SHA-256 of its bytes, or of its pieces' digests.
+    """The name of a blob: the hex BLAKE3 of its bytes, or of its pieces' digests.
 
-    Up to :data:`_PIECE_BYTES` it is the SHA-256 of the bytes. A larger blob is hashed in
-    pieces of that size on a few threads (hashlib releases the GIL, so a 400 MB array is
-    named in about half the time on two cores), and named by the SHA-256 of a label and
-    the pieces' digests in order: a different bytes string still needs a SHA-256
-    collision to share a name.
+    BLAKE3, not SHA-256: a 256-bit cryptographic hash about four times as fast on one
+    core (50 MB in 9 ms against 35 ms on an x86 core with SHA extensions), and a large
+    value is hashed twice, by its sender to name it and by its reader to check it. Up to
+    :data:`_PIECE_BYTES` it is the BLAKE3 of the bytes. A larger blob is hashed in pieces
+    of that size on a few threads (the hash releases the GIL), and named by the BLAKE3 of
+    a label and the pieces' digests in order: a different bytes string still needs a
+    BLAKE3 collision to share a name. The threads are this module's own, not the BLAKE3
+    library's (whose pool does not survive a fork), so a forked worker child hashes safely.
     """
     view = memoryview(data).cast("B")
     if view.nbytes <= _PIECE_BYTES:
-        return hashlib.sha256(view).hexdigest()
+        return blake3(view).hexdigest()
     pieces = [view[i : i + _PIECE_BYTES] for i in range(0, view.nbytes, _PIECE_BYTES)]
-    digests = _hashing_pool().map(_sha256, pieces)
-    return hashlib.sha256(b"nbtask pieces\x00" + b"".join(digests)).hexdigest()
+    digests = _hashing_pool().map(_piece_digest, pieces)
+    return blake3(b"nbtask pieces\x00" + b"".join(digests)).hexdigest()
 
 
 _PIECE_BYTES = 8 * 1024 * 1024
 _POOL: list[concurrent.futures.ThreadPoolExecutor] = []
 
 
-def _sha256(piece: memoryview) -> bytes:
-    return hashlib.sha256(piece).digest()
+def _piece_digest(piece: memoryview) -> bytes:
+    return blake3(piece).digest()
 
 
 def _hashing_pool() -> concurrent.futures.ThreadPoolExecutor:

@@ -8,7 +8,6 @@ unpickled, and the task fails saying so.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from blake3 import blake3
 from helpers import Touch, wait_until
 from raw_broker import RawBroker
 
@@ -288,7 +288,27 @@ def test_large_blobs_are_named_by_their_pieces_and_any_change_renames_them() -> 
     assert name == digest_of(bytes(data)) and len(name) == 64
     data[-1] ^= 1  # one bit in the last piece
     assert digest_of(data) != name
-    assert digest_of(b"small") == hashlib.sha256(b"small").hexdigest()
+    assert digest_of(b"small") == blake3(b"small").hexdigest()
+    piece_bytes = 8 * 1024 * 1024
+    pieces = [bytes(data[i : i + piece_bytes]) for i in range(0, len(data), piece_bytes)]
+    label = b"nbtask pieces\x00" + b"".join(blake3(piece).digest() for piece in pieces)
+    assert digest_of(data) == blake3(label).hexdigest()
+
+
+def test_a_forked_process_names_large_blobs_as_its_parent_does() -> None:
+    """A worker's children are forked: the hashing threads must not be inherited half-made."""
+    data = np.random.default_rng(3).bytes(20 * 1024 * 1024)
+    name = digest_of(data)  # the parent's hashing threads exist now
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        os.write(write_end, digest_of(data).encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        told = pipe.read().decode()
+    os.waitpid(child, 0)
+    assert told == name
 
 
 def test_a_blob_set_aside_while_its_release_asks_the_store_is_still_read(
