@@ -8,18 +8,22 @@ about twice what it holds (or it holds a lot), it is frozen at a line end and a 
 opens. A frozen chunk is sent again only when a display update replaces one of its
 outputs, and a display with a display id gets a chunk of its own, so updating it resends
 only itself. What reaches the frontend stays a small multiple of what the task printed.
+
+The kernel's work stays linear too: a stream keeps its text as the pieces it came in
+(:class:`StreamText`), so adding text copies none of what came before, and a chunk reads
+only its own span of it.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from typing import Any
 
 import ipywidgets as w
 
 from nbtask.wire.events import Event, EventType
 
-__all__ = ["ChunkedOutput", "OutputLog"]
+__all__ = ["ChunkedOutput", "OutputLog", "StreamText"]
 
 _MIN_CHUNK = 4_000  # characters: a smaller chunk stays open (each chunk is two widgets)
 _MAX_CHUNK = 16_000  # characters: a larger one is frozen however little it has cost yet
@@ -31,17 +35,93 @@ _GROUP = 16  # chunks per VBox: a new chunk resends one short list of children
 Position = tuple[int, int]
 
 
+class StreamText:
+    """A stream's text, kept as the pieces it came in.
+
+    Appending copies nothing, and a span copies only what it holds: joining the text
+    whole at each piece, as ``text + piece`` does, costs time quadratic in the text.
+
+    Parameters
+    ----------
+    text
+        The first piece.
+    """
+
+    def __init__(self, text: str = "") -> None:
+        self._pieces: list[str] = []
+        self._ends: list[int] = []  # where each piece ends in the text, for bisect
+        self.append(text)
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def __str__(self) -> str:
+        if len(self._pieces) > 1:  # joined once, until more comes
+            self._pieces = ["".join(self._pieces)]
+            self._ends = [len(self._pieces[0])]
+        return self._pieces[0] if self._pieces else ""
+
+    def append(self, text: str) -> None:
+        """Add ``text`` at the end."""
+        if text:
+            self._ends.append(len(self) + len(text))
+            self._pieces.append(text)
+
+    def span(self, start: int = 0, stop: int | None = None) -> str:
+        """``text[start:stop]``, copying only that span (both within the text)."""
+        stop = len(self) if stop is None else min(stop, len(self))
+        if start >= stop:
+            return ""
+        if start == 0 and stop == len(self):
+            return str(self)
+        first = bisect_right(self._ends, start)
+        last = bisect_left(self._ends, stop)
+        begin = self._ends[first] - len(self._pieces[first])
+        if first == last:
+            return self._pieces[first][start - begin : stop - begin]
+        return "".join(
+            [
+                self._pieces[first][start - begin :],
+                *self._pieces[first + 1 : last],
+                self._pieces[last][: stop - (self._ends[last] - len(self._pieces[last]))],
+            ]
+        )
+
+    def line_end(self, start: int) -> int:
+        """Where the text's last line break at or after ``start`` ends; ``start`` if none."""
+        for k in range(len(self._pieces) - 1, -1, -1):
+            begin = self._ends[k] - len(self._pieces[k])
+            if self._ends[k] <= start:
+                break
+            found = self._pieces[k].rfind("\n", max(0, start - begin))
+            if found >= 0:
+                return begin + found + 1
+        return start
+
+
 class OutputLog:
     """A task's output as nbformat outputs, in order, as a kernel would show it.
 
     Adjacent stream text of one stream is merged; a display update (``display_id`` with
     ``update``, e.g. ``DisplayHandle.update``) replaces the outputs shown under that id
     instead of adding one; ``clear_output()`` empties the log.
+
+    A stream's text is kept as a :class:`StreamText` (:meth:`stream`): reading
+    :attr:`outputs` or :meth:`text` joins it, :meth:`part` copies only a span.
     """
 
     def __init__(self) -> None:
-        self.outputs: list[dict[str, Any]] = []
+        # Displays as nbformat outputs; a stream as one whose "text" is a StreamText.
+        self._outputs: list[dict[str, Any]] = []
         self.ids: list[str | None] = []  # the display id of each output, if any
+
+    def __len__(self) -> int:
+        return len(self._outputs)
+
+    @property
+    def outputs(self) -> list[dict[str, Any]]:
+        """The outputs, in order, as nbformat outputs (each stream's text joined)."""
+        return [self.part(i) for i in range(len(self._outputs))]
 
     def add(self, event: Event) -> list[int]:
         """Add one STDOUT, STDERR or DISPLAY event; return the indices it added or changed.
@@ -52,16 +132,17 @@ class OutputLog:
         if event.type is not EventType.DISPLAY:
             name = "stdout" if event.type is EventType.STDOUT else "stderr"
             text = str(event.data.get("text", ""))
-            last = self.outputs[-1] if self.outputs else None
+            last = self._outputs[-1] if self._outputs else None
             if last is not None and last["output_type"] == "stream" and last["name"] == name:
-                self.outputs[-1] = {**last, "text": last["text"] + text}
+                last["text"].append(text)
             else:
-                self.outputs.append({"output_type": "stream", "name": name, "text": text})
+                stream = {"output_type": "stream", "name": name, "text": StreamText(text)}
+                self._outputs.append(stream)
                 self.ids.append(None)
-            return [len(self.outputs) - 1]
+            return [len(self._outputs) - 1]
         data = dict(event.data)
         if data.get("clear"):
-            self.outputs.clear()
+            self._outputs.clear()
             self.ids.clear()
             return []
         output = {
@@ -75,16 +156,28 @@ class OutputLog:
                 return []
             replaced = [i for i, known in enumerate(self.ids) if known == display_id]
             for i in replaced:
-                self.outputs[i] = output
+                self._outputs[i] = output
             return replaced
-        self.outputs.append(output)
+        self._outputs.append(output)
         self.ids.append(None if display_id is None else str(display_id))
-        return [len(self.outputs) - 1]
+        return [len(self._outputs) - 1]
+
+    def stream(self, index: int) -> StreamText | None:
+        """The text of output ``index`` if it is a stream, else None (a display)."""
+        output = self._outputs[index]
+        return output["text"] if output["output_type"] == "stream" else None
+
+    def part(self, index: int, start: int = 0, stop: int | None = None) -> dict[str, Any]:
+        """Output ``index`` as an nbformat output; a stream's only from ``start`` to ``stop``."""
+        output = self._outputs[index]
+        if output["output_type"] != "stream":
+            return output
+        return {**output, "text": output["text"].span(start, stop)}
 
     def text(self) -> str:
         """The outputs as plain text (displays by their ``text/plain``)."""
         chunks = []
-        for output in self.outputs:
+        for output in self._outputs:
             if output["output_type"] == "stream":
                 chunks.append(str(output["text"]))
             else:
@@ -115,9 +208,9 @@ class ChunkedOutput:
 
     def add(self, event: Event) -> None:
         """Put one output event into the log and note which chunks it changed."""
-        before = len(self.log.outputs)
+        before = len(self.log)
         changed = self.log.add(event)
-        if len(self.log.outputs) < before:  # clear_output(): one empty chunk again
+        if len(self.log) < before:  # clear_output(): one empty chunk again
             self._starts = [(0, 0)]
             self._dirty = {0}
             self._spent = 0
@@ -154,9 +247,8 @@ class ChunkedOutput:
     # Chunks ----------------------------------------------------------------------------------
     def _chunk_of(self, index: int) -> int:
         """The chunk showing the end of output ``index`` (where a stream grows)."""
-        output = self.log.outputs[index]
-        end = len(output["text"]) if output["output_type"] == "stream" else 0
-        return bisect_right(self._starts, (index, end)) - 1
+        stream = self.log.stream(index)
+        return bisect_right(self._starts, (index, 0 if stream is None else len(stream))) - 1
 
     def _isolate(self, index: int) -> None:
         """Give a new display with a display id a chunk of its own (updates resend it only)."""
@@ -184,35 +276,32 @@ class ChunkedOutput:
         no longer overwrite the part left in the frozen chunk).
         """
         first, offset = self._starts[-1]
-        last = len(self.log.outputs) - 1
-        output = self.log.outputs[last]
-        if output["output_type"] != "stream":
+        last = len(self.log) - 1
+        text = self.log.stream(last)
+        if text is None:
             return (last + 1, 0)
-        text = output["text"]
         begin = offset if last == first else 0
-        end = text.rfind("\n", begin) + 1
+        end = text.line_end(begin)
         if end > begin:
             return (last, end)
         if last > first:
             return (last, 0)
-        if len(text) - begin >= _MAX_CHUNK and "\r" not in text[begin:]:
+        if len(text) - begin >= _MAX_CHUNK and "\r" not in text.span(begin):
             return (last, len(text))
         return None
 
     def _slice(self, j: int) -> list[dict[str, Any]]:
         """The outputs chunk ``j`` shows: the log between its start and the next's."""
-        outputs = self.log.outputs
+        count = len(self.log)
         first, offset = self._starts[j]
-        stop, stop_offset = self._starts[j + 1] if j + 1 < len(self._starts) else (len(outputs), 0)
+        stop, stop_offset = self._starts[j + 1] if j + 1 < len(self._starts) else (count, 0)
         shown = []
-        for k in range(first, min(stop + (1 if stop_offset else 0), len(outputs))):
-            output = outputs[k]
-            if output["output_type"] != "stream":
+        for k in range(first, min(stop + (1 if stop_offset else 0), count)):
+            output = self.log.part(
+                k, offset if k == first else 0, stop_offset if k == stop else None
+            )
+            if output["output_type"] != "stream" or output["text"]:
                 shown.append(output)
-                continue
-            text = output["text"][offset if k == first else 0 : stop_offset if k == stop else None]
-            if text:
-                shown.append({**output, "text": text})
         return shown
 
     def _lay_out(self, first: int) -> None:

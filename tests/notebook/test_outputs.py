@@ -7,7 +7,9 @@ that records what would cross to the frontend (the kernel side is the real ipywi
 from __future__ import annotations
 
 import json
+import tracemalloc
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import comm
@@ -16,7 +18,7 @@ from comm.base_comm import BaseComm
 from helpers import display_event as display
 
 from nbtask.core.handle import TaskHandle
-from nbtask.notebook.outputs import ChunkedOutput, OutputLog
+from nbtask.notebook.outputs import _MAX_CHUNK, ChunkedOutput, OutputLog, StreamText
 from nbtask.notebook.widgets import TaskWidget
 from nbtask.wire.events import Event, EventType
 
@@ -191,3 +193,45 @@ def test_a_long_line_is_cut_only_without_carriage_returns(frontend: Frontend) ->
         feed(bar, out(seq, f"\r{seq:>3}% " + "#" * 1000))
     assert len(bar.chunks) == 1  # a \r must still overwrite what came before it
     assert merged(frontend.shown(bar.box.model_id)) == bar.log.outputs
+
+
+def test_the_kernel_copies_only_what_is_new_or_shown(frontend: Frontend) -> None:
+    chunked = ChunkedOutput(OutputLog())
+    adds: list[int] = []  # bytes each event allocates in the log, at its peak
+    repaints: list[int] = []  # and each repaint after it
+    tracemalloc.start()
+    try:
+        for seq in range(1, 1001):  # 1 MB printed in 1 kB events, a repaint after each
+            for step, peaks in (
+                (partial(chunked.add, out(seq, lines(seq))), adds),
+                (chunked.sync, repaints),
+            ):
+                tracemalloc.reset_peak()
+                before = tracemalloc.get_traced_memory()[0]
+                step()
+                peaks.append(tracemalloc.get_traced_memory()[1] - before)
+    finally:
+        tracemalloc.stop()
+    # Merging by ``text + piece`` allocates the stream's whole text at each event (the
+    # last ones 1 MB): CPU quadratic in the output. A repaint reads its open chunk only.
+    assert max(adds) < 10 * len(lines(0)), max(adds)
+    assert max(repaints) < 8 * _MAX_CHUNK, max(repaints)
+    assert chunked.log.text() == "".join(lines(seq) for seq in range(1, 1001))
+    assert merged(frontend.shown(chunked.box.model_id)) == chunked.log.outputs
+
+
+def test_stream_text_reads_spans_across_its_pieces() -> None:
+    pieces = ["ab\n", "", "c", "de\nf", "\n", "ghi"]
+    text = StreamText(pieces[0])
+    for piece in pieces[1:]:
+        text.append(piece)
+    whole = "".join(pieces)
+    assert len(text) == len(whole)
+    spans = {(a, b): text.span(a, b) for a in range(len(whole) + 1) for b in range(len(whole) + 2)}
+    assert spans == {(a, b): whole[a:b] for a, b in spans}
+    assert [text.line_end(a) for a in range(len(whole) + 1)] == [
+        max(whole.rfind("\n", a) + 1, a) for a in range(len(whole) + 1)
+    ]
+    assert str(text) == whole == text.span(0)
+    text.append("!")  # after a read joins it, more still comes at the end
+    assert str(text) == whole + "!" and text.span(len(whole) - 2) == "hi!"
