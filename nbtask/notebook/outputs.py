@@ -107,7 +107,8 @@ class OutputLog:
     instead of adding one; ``clear_output()`` empties the log.
 
     A stream's text is kept as a :class:`StreamText` (:meth:`stream`): reading
-    :attr:`outputs` or :meth:`text` joins it, :meth:`part` copies only a span.
+    :attr:`outputs` or :meth:`text` joins it, :meth:`part` copies only a span. Reading
+    changes how the pieces are kept: one thread at a time (a view's lock).
     """
 
     def __init__(self) -> None:

@@ -322,8 +322,6 @@ class TextView(TaskView):
         self.in_kernel = in_kernel
         self.quiet = not show  # keeps the text without showing it (a re-attached task)
         self.log = OutputLog()
-        #: The output so far as text (display updates replace what they update).
-        self.text = ""
         self._last_line = ""
         self._display: Any = None
         if in_kernel and show:
@@ -331,6 +329,12 @@ class TextView(TaskView):
         elif show and self.waiting:  # a terminal hears at once why the task waits
             with self._lock:
                 self._repaint()
+
+    @property
+    def text(self) -> str:
+        """The output so far as text (display updates replace what they update)."""
+        with self._lock:  # reading joins the log's pieces, which a paint may be adding to
+            return self.log.text()
 
     def paint(self) -> None:
         """Redraw the display, or print what is new."""
@@ -343,7 +347,6 @@ class TextView(TaskView):
                 bundle = dict(event.data.get("data", {}))
                 chunks.append(str(bundle.get("text/plain", "")) + "\n")
         new = "".join(chunks)
-        self.text = self.log.text()
         tail = ""
         if self.finished is not None:
             tail = self.error or (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import tracemalloc
 
 import pytest
 from helpers import display_event as display
@@ -46,6 +47,38 @@ def test_text_view_in_a_terminal_prints_and_ticks_quietly(
     view.apply(Event(EventType.SUCCESS, "t", 4, {}))
     assert view.text == "again\n"
     assert "shown" in out.getvalue() and "SUCCESS" in out.getvalue()
+
+
+class Discard(io.TextIOBase):
+    """A terminal that keeps nothing (a StringIO's growing buffer would be measured too)."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+
+def test_text_view_in_a_terminal_copies_only_what_is_new(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("nbtask.notebook.widgets._MIN_INTERVAL", 0.0)  # repaint each event
+    monkeypatch.setattr("sys.stdout", Discard())
+    view = TextView(TaskHandle(None, "t", "x"), "label", in_kernel=False)
+    view.apply(Event(EventType.STARTED, "t", 1, {"worker": "host", "pid": 1}))
+    piece = "." * 999 + "\n"
+    peaks = []
+    tracemalloc.start()
+    try:
+        for seq in range(2, 1002):  # 1 MB printed, a repaint after each kB
+            event = Event(EventType.STDOUT, "t", seq, {"text": piece})
+            tracemalloc.reset_peak()
+            before = tracemalloc.get_traced_memory()[0]
+            view.apply(event)
+            peaks.append(tracemalloc.get_traced_memory()[1] - before)
+    finally:
+        tracemalloc.stop()
+    assert view.paints > 1000
+    # Keeping the text joined at each repaint copied all of it (the last ones 1 MB).
+    assert max(peaks) < 10 * len(piece), max(peaks)
+    assert view.text == piece * 1000
 
 
 def test_a_view_says_how_long_a_task_ran_only_when_it_knows() -> None:
