@@ -13,8 +13,8 @@ from typing import Any, Protocol
 
 from nbtask.core.celery_result import CeleryResultNames
 from nbtask.core.context import current_request
+from nbtask.core.outcome import FetchWatch, final_outcome, load_result
 from nbtask.core.refs import ResultRef
-from nbtask.core.task_errors import revoked, task_exception, unloadable, worker_lost
 from nbtask.errors import (
     BrokerUnavailable,
     CellError,
@@ -23,26 +23,11 @@ from nbtask.errors import (
     ResultNotReady,
 )
 from nbtask.settings import is_finite_number
-from nbtask.wire.blobs import ByteProgress
-from nbtask.wire.events import (
-    FINAL_STATES,
-    Deferred,
-    Event,
-    EventType,
-    Progress,
-    State,
-    Unloadable,
-)
+from nbtask.wire.events import FINAL_STATES, Deferred, Event, EventType, Progress, State
 
 __all__ = ["Client", "FetchWatch", "TaskHandle", "refusing_handles"]
 
 log = logging.getLogger(__name__)
-
-
-#: Shows a fetch of ``(label, total bytes)`` while it runs: a context manager around the
-#: fetch, yielding the callback told how many bytes arrived (a notebook's progress bar).
-FetchWatch = Callable[[str, int], contextlib.AbstractContextManager[ByteProgress]]
-
 
 #: Set while a notebook cell's variables are pickled: a handle does not travel into a cell.
 _refused: contextvars.ContextVar[bool] = contextvars.ContextVar("nbtask_no_handles", default=False)
@@ -313,20 +298,9 @@ class TaskHandle(CeleryResultNames, concurrent.futures.Future[Any]):
             return value
         with self._loading:
             if self._loaded is None:
-                self._loaded = (self._load(value),)
+                watch = self.app.fetch_watch if self.app is not None else None
+                self._loaded = (load_result(value, self.name, self.id, watch),)
             return self._loaded[0]
-
-    def _load(self, deferred: Deferred) -> Any:
-        watch = self.app.fetch_watch if self.app is not None else None
-        try:
-            if watch is None:
-                return deferred.load()
-            with watch(f"the result of {self.name}[{self.id[:8]}]", deferred.size) as progress:
-                return deferred.load(progress)
-        except NbtaskError:
-            raise
-        except Exception as exc:
-            raise unloadable(self._label, f"{type(exc).__name__}: {exc}") from None
 
     def __reduce_ex__(self, protocol: object) -> tuple[Any, ...]:
         """A handle passed as an argument travels as its task id: the worker reads the result.
@@ -465,24 +439,13 @@ class TaskHandle(CeleryResultNames, concurrent.futures.Future[Any]):
             self._finished_at = event.timestamp
 
     def _settle(self, event: Event, result: Any) -> None:
-        data = event.data
-        if event.type is EventType.SUCCESS and isinstance(result, Unloadable):
-            self.set_exception(unloadable(self._label, result.why))
-        elif event.type is EventType.SUCCESS:
-            self.set_result(result)
-        elif event.type is EventType.REVOKED:
-            self.partial = result.get("partial") if isinstance(result, dict) else None
-            self.set_exception(revoked(self._label, data))
-        elif event.type is EventType.WORKER_LOST:
-            self.set_exception(worker_lost(self._label, self.id, data))
+        outcome = final_outcome(event, result, self.id, f"{self.name}[{self.id}]")
+        if outcome.partial is not None:  # set before done callbacks run
+            (self.partial,) = outcome.partial
+        if outcome.error is None:
+            self.set_result(outcome.value)
         else:
-            body = result if isinstance(result, dict) else {}
-            self.partial = body.get("partial")
-            self.set_exception(task_exception(self.id, data, body.get("exception")))
-
-    @property
-    def _label(self) -> str:
-        return f"{self.name}[{self.id}]"
+            self.set_exception(outcome.error)
 
     def cancel(self) -> bool:
         """Revoke the task: a queued one never runs, a running one is interrupted.
