@@ -19,14 +19,13 @@ import hashlib
 import html
 import os
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 import ipywidgets as w
 
 from nbtask.core.handle import TaskHandle
-from nbtask.notebook.widgets import TaskView
+from nbtask.notebook.widgets import TaskView, duration_text
 
 __all__ = ["Row", "TaskBoard", "format_row", "notebook_group"]
 
@@ -78,8 +77,7 @@ class Row:
             info = handle.info
             worker = f"{info['worker']} pid {info.get('pid', '')}" if "worker" in info else ""
             waiting = info.get("waiting", "")
-            began, ended = handle.started_at, handle.finished_at
-            duration = "" if began is None else f"{max(0.0, (ended or time.time()) - began):.1f} s"
+            duration = duration_text(handle.started_at, handle.finished_at)
         return self.label, state, progress, worker or (waiting and f"waiting: {waiting}"), duration
 
 

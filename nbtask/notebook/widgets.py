@@ -28,6 +28,8 @@ __all__ = [
     "TaskView",
     "TaskWidget",
     "TextView",
+    "duration",
+    "duration_text",
     "make_view",
     "widgets_enabled",
 ]
@@ -155,16 +157,11 @@ class TaskView:
 
         0 for a task that ended with no known start: see :meth:`elapsed_text`.
         """
-        if self.finished is not None and self.started is None:
-            return 0.0
-        start = self.started or self.created
-        return max(0.0, (self.finished or time.time()) - start)
+        return duration(self.started, self.finished, self.created) or 0.0
 
     def elapsed_text(self) -> str:
         """``12.3 s``; empty for a task that ended with no known start (it never ran)."""
-        if self.finished is not None and self.started is None:
-            return ""
-        return f"{self.elapsed():.1f} s"
+        return duration_text(self.started, self.finished, self.created)
 
     def eta(self) -> float | None:
         """Seconds left at the rate seen so far, if a total is known."""
@@ -374,6 +371,35 @@ class TextView(TaskView):
     def _tick(self) -> None:
         if self._display is not None:  # the status line shows the elapsed time
             self._repaint()
+
+
+def duration(
+    started: float | None, finished: float | None, sent: float | None = None
+) -> float | None:
+    """Seconds a task ran: from ``started`` up to ``finished``, or now while it runs.
+
+    Before its start is known, a task that has not finished counts from ``sent`` if
+    given. None when there is no start to count from (a task that ended without one
+    never ran).
+
+    Parameters
+    ----------
+    started, finished
+        When the task started and ended (epoch seconds), once known.
+    sent
+        When it was sent, counted from while it has not started.
+    """
+    if started is None:
+        if finished is not None or sent is None:
+            return None
+        started = sent
+    return max(0.0, (finished or time.time()) - started)
+
+
+def duration_text(started: float | None, finished: float | None, sent: float | None = None) -> str:
+    """:func:`duration` as ``12.3 s``; empty when it is None."""
+    seconds = duration(started, finished, sent)
+    return "" if seconds is None else f"{seconds:.1f} s"
 
 
 def widgets_enabled(shell: Any) -> bool:

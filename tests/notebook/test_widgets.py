@@ -9,7 +9,7 @@ import pytest
 from helpers import display_event as display
 
 from nbtask.core.handle import TaskHandle
-from nbtask.notebook.board import notebook_group
+from nbtask.notebook.board import Row, notebook_group
 from nbtask.notebook.outputs import OutputLog
 from nbtask.notebook.pending import exception_type
 from nbtask.notebook.widgets import TextView
@@ -83,13 +83,22 @@ def test_text_view_in_a_terminal_copies_only_what_is_new(
 
 def test_a_view_says_how_long_a_task_ran_only_when_it_knows() -> None:
     ran = TextView(TaskHandle(None, "t", "x"), "ran", in_kernel=False)
-    ran.apply(Event(EventType.STARTED, "t", 1, {"worker": "host", "pid": 1}, 100.0))
-    ran.apply(Event(EventType.SUCCESS, "t", 2, {"started_at": 100.0}, 102.5))
+    for event in (
+        Event(EventType.STARTED, "t", 1, {"worker": "host", "pid": 1}, 100.0),
+        Event(EventType.SUCCESS, "t", 2, {"started_at": 100.0}, 102.5),
+    ):
+        ran.apply(event)
+        ran.handle.apply(event)
     assert ran.timing_text() == "2.5 s · host pid 1"
     # Ended with no start known (revoked before it ran): no time, rather than 0.0 s.
     never = TextView(TaskHandle(None, "u", "x"), "never", in_kernel=False)
-    never.apply(Event(EventType.REVOKED, "u", 1, {"reason": "revoked"}, 103.0))
+    revoke = Event(EventType.REVOKED, "u", 1, {"reason": "revoked"}, 103.0)
+    never.apply(revoke)
+    never.handle.apply(revoke)
     assert never.timing_text() == "" and " s" not in never.status_text()
+    # A %tasks row of a task without a view tells the same from the task's handle.
+    assert Row(ran.handle, "ran", None).cells()[4] == ran.elapsed_text() == "2.5 s"
+    assert Row(never.handle, "never", None).cells()[4] == never.elapsed_text() == ""
 
 
 def test_notebook_group_is_stable_per_notebook() -> None:
