@@ -327,10 +327,14 @@ def cell_task(ip: Any, source: str, line: str = "--wait") -> Any:
     return ip.run_cell_magic("task", line, source)
 
 
-def cell_run(ip: Any, code: str) -> None:
-    """Run ``code`` as a plain cell in ``ip``; the test fails if the cell raised."""
+def cell_run(ip: Any, code: str) -> Any:
+    """Run ``code`` as a plain cell in ``ip``: the value of its last expression, if any.
+
+    The test fails if the cell raised.
+    """
     result = ip.run_cell(code)
     assert result.error_in_exec is None and result.error_before_exec is None, result
+    return result.result
 
 
 def interrupt_once_printed(ip: Any, text: str = "started", handle: str = "h") -> None:

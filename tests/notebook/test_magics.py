@@ -1,35 +1,23 @@
-"""The magics in a real IPython shell, against the real Redis and the embedded cluster."""
+"""The magics in a real IPython shell, against the real Redis and the embedded cluster:
+what a cell runs and what comes back (names, output, progress, plots, errors).
+
+Following, stopping and finding a cell's task again is ``test_magics_tasks.py``.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
 import re
-import threading
 import time
 from typing import Any
 
 import pytest
-from helpers import processes_mentioning, wait_until
+from helpers import cell_run, wait_until
 from IPython.core.interactiveshell import InteractiveShell
-from raw_broker import RawBroker
 
-import nbtask
-from nbtask import App, Settings, State
-from nbtask.client.embedded import EmbeddedCluster
-from nbtask.notebook.magics import session_of
+from nbtask import State
 from nbtask.notebook.session import Session
 from nbtask.notebook.shipping import CellError
-from nbtask.notebook.wait_inserter import WaitInserter
 from nbtask.wire.events import EventType
-
-
-def run(ip: InteractiveShell, code: str) -> Any:
-    result = ip.run_cell(code)
-    if result.error_before_exec or result.error_in_exec:
-        raise result.error_before_exec or result.error_in_exec
-    return result.result
 
 
 def test_load_prints_broker_and_workers(nb: Session, capsys: pytest.CaptureFixture[str]) -> None:
@@ -48,7 +36,7 @@ def test_help_lists_every_flag(ip: InteractiveShell, nb: Session) -> None:
 def test_wait_cell_three_names_in_place_change_and_result(
     ip: InteractiveShell, nb: Session, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run(ip, "import pandas as pd\ndf = pd.DataFrame({'a': [1, 2, 3]})\nitems = [1]\nk = 10")
+    cell_run(ip, "import pandas as pd\ndf = pd.DataFrame({'a': [1, 2, 3]})\nitems = [1]\nk = 10")
     result = ip.run_cell_magic(
         "task",
         "--wait",
@@ -64,13 +52,13 @@ def test_wait_cell_three_names_in_place_change_and_result(
     assert (ip.user_ns["x"], ip.user_ns["y"], ip.user_ns["z"]) == (11, 12, 23)
     assert list(ip.user_ns["df"]["b"]) == [10, 20, 30]
     assert ip.user_ns["items"] == [1, 2]
-    assert run(ip, "df.b.sum() + x + y + z") == 106
+    assert cell_run(ip, "df.b.sum() + x + y + z") == 106
 
 
 def test_background_cell_pending_names_and_independent_cells(
     ip: InteractiveShell, nb: Session, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run(ip, "import pandas as pd\ndf = pd.DataFrame({'a': [1, 2]})")
+    cell_run(ip, "import pandas as pd\ndf = pd.DataFrame({'a': [1, 2]})")
     started = time.monotonic()
     ip.run_cell_magic(
         "task",
@@ -78,11 +66,11 @@ def test_background_cell_pending_names_and_independent_cells(
         "import time\nfor i in range(6):\n    print('tick', i)\n    time.sleep(0.5)\n"
         "df['c'] = df.a + 1\nfinished = True\n",
     )
-    run(ip, "independent = 1 + 1")  # reads no pending name: runs at once
+    cell_run(ip, "independent = 1 + 1")  # reads no pending name: runs at once
     assert time.monotonic() - started < 1.5
     assert ip.user_ns["h"].state is not State.SUCCESS
     assert "finished" not in ip.user_ns
-    assert run(ip, "list(df.c)") == [2, 3]  # waits for the task, then sees its change
+    assert cell_run(ip, "list(df.c)") == [2, 3]  # waits for the task, then sees its change
     assert time.monotonic() - started >= 2.5
     assert ip.user_ns["finished"] is True
     out = capsys.readouterr().out
@@ -96,16 +84,16 @@ def test_finished_background_cells_are_delivered_to_any_later_cell(
         ip.run_cell_magic("task", line, source)
     for handle in (ip.user_ns["bad"], ip.user_ns["ok"]):
         wait_until(handle.done, 15, "the background cell to end")
-    run(ip, "pass")  # reads none of their names: a failed cell's error is not raised here
+    cell_run(ip, "pass")  # reads none of their names: a failed cell's error is not raised here
     assert ip.user_ns["a"] == 1 and "early" not in ip.user_ns
     ip.run_cell_magic("task", "--out later", "b = 2")  # after runs already seen finished
     wait_until(ip.user_ns["later"].done, 15, "the background cell to end")
-    run(ip, "pass")
+    cell_run(ip, "pass")
     assert ip.user_ns["b"] == 2
 
 
 def test_named_cell_rerun_with_other_inputs(ip: InteractiveShell, nb: Session) -> None:
-    run(ip, "base = 2\nfactor = 3")
+    cell_run(ip, "base = 2\nfactor = 3")
     ip.run_cell_magic("task", "scale --wait", "scaled = base * factor\nlabel = f'{base}x{factor}'")
     assert ip.user_ns["scaled"] == 6
     cell = nb.app.cells["scale"]
@@ -210,7 +198,7 @@ def test_a_frame_in_a_function_of_an_earlier_cell_is_named_as_the_notebook_names
 def test_a_name_whose_new_value_cannot_come_back_is_not_left_with_its_old_one(
     ip: InteractiveShell, nb: Session, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run(ip, "def f(v):\n    return v * 2\nsettings = {'n': 1}")
+    cell_run(ip, "def f(v):\n    return v * 2\nsettings = {'n': 1}")
     ip.run_cell_magic(
         "task",
         "--wait",
@@ -241,78 +229,12 @@ def test_what_a_cell_logs_shows_in_the_cell_as_in_a_kernel(
 
 
 def test_unpicklable_variable_names_it_and_sends_nothing(ip: InteractiveShell, nb: Session) -> None:
-    run(ip, "import threading\nlock = threading.Lock()\nfine = 1")
+    cell_run(ip, "import threading\nlock = threading.Lock()\nfine = 1")
     with pytest.raises(CellError, match=r"variable 'lock' \(_thread.lock\) cannot be pickled"):
         ip.run_cell_magic("task", "", "print(fine, lock)")
     with pytest.raises(CellError, match="'nowhere' is not defined"):
         ip.run_cell_magic("task", "", "print(nowhere)")
     assert nb.pending.runs == []
-
-
-def test_cancel_running_cell(ip: InteractiveShell, nb: Session) -> None:
-    from nbtask.notebook.follow import cancel_task
-
-    ip.run_cell_magic("task", "--out h", "import time\nprint('started')\ntime.sleep(30)\ndone = 1")
-    handle = ip.user_ns["h"]
-    wait_until(lambda: "started" in handle.stdout, 15, "the cell to start")
-    cancel_task(handle)
-    wait_until(handle.done, 15, "the task to stop")
-    assert handle.state is State.REVOKED
-    view = nb.views[handle.id]
-    wait_until(lambda: view.state is State.REVOKED, 5, "the view to show REVOKED")
-
-
-def test_interrupt_while_waiting_cancels(ip: InteractiveShell, nb: Session) -> None:
-    import signal
-
-    ip.run_cell_magic("task", "--out h", "import time\nprint('started')\ntime.sleep(30)\nlate = 1")
-    handle = ip.user_ns["h"]
-    wait_until(lambda: "started" in handle.stdout, 15, "the cell to start")
-    threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
-    with pytest.raises(KeyboardInterrupt):
-        nb.pending.wait(["late"])
-    wait_until(handle.done, 15, "the task to stop")
-    assert handle.state is State.REVOKED
-
-
-def test_a_waiting_cell_reads_its_output_on_its_own_thread(
-    ip: InteractiveShell, nb: Session, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    ip.run_cell_magic("task", "--wait", "x = 1")  # the listener is up
-    listener = nb.app._listener
-    assert listener is not None
-    readers: list[str] = []
-    dispatch = listener._dispatch
-
-    def noted(raw: bytes) -> None:
-        readers.append(threading.current_thread().name)
-        dispatch(raw)
-
-    monkeypatch.setattr(listener, "_dispatch", noted)
-    cell = "import time\nprint('a')\ntime.sleep(0.3)\nprint('b')\ntime.sleep(0.3)\ny = 2"
-    ip.run_cell_magic("task", "--wait", cell)
-    assert ip.user_ns["y"] == 2
-    # The cell read events itself, with no hop through the listener thread. (The listener
-    # may still have been reading when the cell was sent: it reads what comes first.)
-    assert threading.current_thread().name in readers, readers
-
-
-def test_reattach_replays_a_finished_tasks_output(
-    ip: InteractiveShell, nb: Session, settings: Settings
-) -> None:
-    ip.run_cell_magic("task", "--wait --out h", "print('kept output')\nanswer = 42\nanswer")
-    task_id = ip.user_ns["h"].id
-    from nbtask import App
-
-    other = Session(ip, App("other", settings=settings))  # another kernel, in effect
-    try:
-        view = other.attach(task_id)
-        wait_until(lambda: view.state is State.SUCCESS, 10, "the re-attached state")
-        assert "kept output" in "".join(
-            str(e.data.get("text", "")) for e in other.app.handle(task_id).outputs
-        ) or "kept output" in getattr(view, "text", "")
-    finally:
-        other.app.close()
 
 
 def test_shell_magics_and_system_commands_run_on_the_worker(
@@ -340,64 +262,6 @@ def test_a_cell_runs_as_the_kernels_input_transformers_made_it(
     assert ip.user_ns["x"] == 43
 
 
-def test_embedded_cluster(
-    ip: InteractiveShell, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    for key in [k for k in os.environ if k.startswith("NBTASK_")]:
-        monkeypatch.delenv(key)
-    ip.run_line_magic("load_ext", "nbtask")
-    assert "embedded cluster" in capsys.readouterr().out
-    run(ip, "n = 5")
-    result = ip.run_cell_magic("task", "--wait", "import os\nsquare = n * n\nos.getpid()")
-    assert ip.user_ns["square"] == 25
-    assert result != os.getpid()
-    ip.run_line_magic("reload_ext", "nbtask")  # a new session; the old cluster is stopped
-    assert ip.run_cell_magic("task", "--wait", "square + 1") == 26
-
-
-def test_stop_while_the_session_starts_stops_the_embedded_cluster(
-    ip: InteractiveShell, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    for key in [k for k in os.environ if k.startswith("NBTASK_")]:
-        monkeypatch.delenv(key)
-    started: list[EmbeddedCluster] = []
-
-    class StopWhenSaid(io.StringIO):
-        """Ctrl-C as the session says where cells run: its last step, the cluster ready."""
-
-        def write(self, text: str) -> int:
-            if "embedded cluster" in text:
-                cluster = nbtask.app().cluster
-                assert cluster is not None
-                started.append(cluster)
-                raise KeyboardInterrupt
-            return super().write(text)
-
-    with contextlib.redirect_stdout(StopWhenSaid()), pytest.raises(KeyboardInterrupt) as stop:
-        ip.run_line_magic("load_ext", "nbtask")
-    assert stop.value._render_traceback_() == ["KeyboardInterrupt"]  # type: ignore[attr-defined]
-    directory = str(started[0].directory)
-    assert started[0].process.poll() is not None
-    assert not processes_mentioning(directory) and not os.path.exists(directory)
-    assert session_of(ip) is None
-    assert not [t for t in ip.ast_transformers if isinstance(t, WaitInserter)]
-
-    ip.run_line_magic("load_ext", "nbtask")
-    assert "embedded cluster" in capsys.readouterr().out
-    assert ip.run_cell_magic("task", "--wait", "6 * 7") == 42
-
-
-def test_timeout_cancels_a_background_and_a_waiting_cell(ip: InteractiveShell, nb: Session) -> None:
-    ip.run_cell_magic("task", "--timeout 1 --out h", "import time\ntime.sleep(30)\nlate = 1")
-    handle = ip.user_ns["h"]
-    wait_until(handle.done, 15, "the timeout to cancel the task")
-    assert handle.state is State.REVOKED
-    started = time.monotonic()
-    with pytest.raises(TimeoutError, match=r"did not finish within 1\.0 s"):
-        ip.run_cell_magic("task", "--wait --timeout 1", "import time\ntime.sleep(30)")
-    assert time.monotonic() - started < 5
-
-
 def test_exception_type_from_a_module_is_reraised(ip: InteractiveShell, nb: Session) -> None:
     import json
     import statistics
@@ -412,141 +276,3 @@ def test_exception_type_from_a_module_is_reraised(ip: InteractiveShell, nb: Sess
     with pytest.raises(json.JSONDecodeError) as decoded:
         ip.run_cell_magic("task", "--wait", "import json\njson.loads('{')")
     assert decoded.value.pos == 1
-
-
-def test_status_lists_busy_tasks(
-    ip: InteractiveShell, nb: Session, capsys: pytest.CaptureFixture[str]
-) -> None:
-    ip.run_cell_magic("task", "--out h", "import time\nprint('go')\ntime.sleep(30)\nzz = 1")
-    handle = ip.user_ns["h"]
-    wait_until(lambda: "go" in handle.stdout, 15, "the cell to start")
-    wait_until(lambda: "busy 1 (import time)" in nb.status(), 5, "the next heartbeat")
-    handle.cancel()
-    wait_until(handle.done, 15, "the cancel")
-
-
-def test_tasks_all_after_a_restart_reattaches_and_replays(
-    ip: InteractiveShell, nb: Session, settings: Settings, capsys: pytest.CaptureFixture[str]
-) -> None:
-    ip.run_cell_magic("task", "--wait --out h", "print('kept output')\nanswer = 42")
-    first = ip.user_ns["h"].id
-    ip.run_cell_magic("task", "--wait", "print('second')")
-    from nbtask import App
-
-    # A restarted kernel: a new session with a new client, for the same notebook.
-    later = Session(ip, App("restarted", settings=settings))
-    later.app.connect()
-    later.app.store.recent_tasks(later.group, later.app.channel, 0)
-    try:
-        assert later.board() == "no tasks yet"
-        capsys.readouterr()
-        ids = later.attach_recent()
-        assert ids[0] == first and len(ids) == 2
-        view = later.views[first]
-        wait_until(lambda: view.state is State.SUCCESS, 10, "the re-attached state")
-        assert "kept output" in view.text  # type: ignore[attr-defined]
-        board = later.board()
-        assert first[:8] in board and "SUCCESS" in board
-        assert "kept output" not in capsys.readouterr().out  # re-attached quietly
-        from nbtask.notebook.magics import TaskMagics
-
-        TaskMagics(ip, later).tasks(f"--attach {first}")
-        assert "kept output" in capsys.readouterr().out
-    finally:
-        later.app.close()
-
-
-def test_tasks_after_a_restart_show_each_cells_label_and_run_time(
-    ip: InteractiveShell, nb: Session, settings: Settings, access: RawBroker
-) -> None:
-    ip.run_cell_magic("task", "--wait --out h", "import time\ntime.sleep(0.5)\nslept = 1")
-    slept = ip.user_ns["h"].id
-    ip.run_cell_magic("task", "named_cell --wait", "x = 3")
-    ip.run_cell_magic("task", "--wait --out h", "y = 4")
-    old = ip.user_ns["h"].id
-    # As the previous nbtask wrote it: a record without the label.
-    access.store.hdel(nb.app.store.record_key(old), "label")
-    before = {row.handle.id: row.cells() for row in nb.rows()}
-    # A restarted kernel: a new session with a new client, for the same notebook.
-    later = Session(ip, App("restarted", settings=settings))
-    later.app.connect()
-    later.app.store.recent_tasks(later.group, later.app.channel, 0)
-    try:
-        later.attach_recent()
-        after = {row.handle.id: row.cells() for row in later.rows()}
-    finally:
-        later.app.close()
-    labels = [label for label, *_ in after.values()]
-    assert labels == ["import time", "named_cell", f"cell {old[:8]}"], after
-    # The run time the worker's events gave, as this kernel showed it; the cell slept.
-    durations = {task_id: cells[4] for task_id, cells in after.items()}
-    assert durations == {task_id: cells[4] for task_id, cells in before.items()}
-    assert float(durations[slept].removesuffix(" s")) >= 0.5, after
-
-
-def test_task_board_rows_open_the_tasks_widget(ip: InteractiveShell, nb: Session) -> None:
-    from nbtask.notebook.board import TaskBoard
-    from nbtask.notebook.follow import follow
-    from nbtask.notebook.widgets import TaskWidget
-
-    ip.run_cell_magic("task", "--wait --out h", "print('in the widget')")
-    handle = ip.user_ns["h"]
-    widgets: dict[str, TaskWidget] = {}
-
-    def opener(task_id: str) -> TaskWidget:
-        widget = TaskWidget(nb.app.handle(task_id), "opened")
-        follow(widget.handle, widget.apply)
-        widgets[task_id] = widget
-        return widget
-
-    board = TaskBoard(nb.rows, opener)
-    label, badge, *_rest, button = board._shown[handle.id]
-    assert label.value.startswith("print(") and "SUCCESS" in badge.value
-    button.click()
-    assert board.detail.children == (widgets[handle.id].box,)
-    assert "in the widget" in str(widgets[handle.id].output.shown())
-    ip.run_cell_magic("task", "--wait", "x = 1")
-    board.refresh()  # a new task gets a row
-    assert len(board._shown) == 2
-
-
-@pytest.mark.brokers
-def test_routed_cells_and_a_cell_that_waits_for_a_worker(
-    ip: InteractiveShell, nb: Session, start_worker: Any, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from nbtask.notebook.follow import follow
-    from nbtask.notebook.widgets import TaskWidget
-
-    nb.app.routes = {"etl.*": "lonely", "nbtask.cell": "lonely"}
-    reason = "no live worker consumes queue 'lonely'"
-    # A cell is routed by its name, one no key matches (or with no name) as nbtask.cell;
-    # --queue beats the routes.
-    ip.run_cell_magic("task", "etl.load --out h", "loaded = 1")
-    ip.run_cell_magic("task", "misc --out m", "misc = 2")
-    ip.run_cell_magic("task", "--out anon", "anon = 3")
-    ip.run_cell_magic("task", "etl.other --queue default --wait --out direct", "other = 4")
-    handle = ip.user_ns["h"]
-    queues = [ip.user_ns[n].queue for n in ("h", "m", "anon", "direct")]
-    assert queues == ["lonely", "lonely", "lonely", "default"]
-    assert nb.app.cells["etl.load"].delay().queue == "lonely"  # the named cell as a task
-    # The view under the cell, %tasks and %nbtask status say why the cell waits.
-    view = nb.views[handle.id]
-    assert view.waiting == reason
-    assert f"waiting: {reason}" in view.status_text()
-    assert f"[etl.load] PENDING waiting: {reason}" in capsys.readouterr().out
-    widget = TaskWidget(handle, "etl.load")
-    follow(handle, widget.apply)
-    assert widget.detail.value == f"waiting: {reason}"
-    ip.run_line_magic("tasks", "")
-    assert f"waiting: {reason}" in capsys.readouterr().out
-    assert f"(waiting: {reason})" in nb.status()
-    # A --wait cell says so on its transient line until it times out.
-    with pytest.raises(TimeoutError):
-        ip.run_cell_magic("task", "etl.waits --wait --timeout 1", "never = 1")
-    assert f"[etl.waits] waiting: {reason}" in capsys.readouterr().err
-    # A worker of the queue comes: the cell runs and the notice is gone everywhere.
-    start_worker("-Q", "lonely", concurrency=1)
-    assert run(ip, "loaded + misc + anon") == 6
-    wait_until(lambda: view.state is State.SUCCESS, 10, "the view to show the end")
-    assert view.waiting == "" and "waiting" not in nb.board()
-    assert widget.waiting == "" and widget.detail.value == ""
