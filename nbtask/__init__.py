@@ -17,6 +17,7 @@ from nbtask.core.handle import TaskHandle
 from nbtask.core.task import ExceptionInfo, Task
 from nbtask.errors import (
     BrokerUnavailable,
+    CodeDiffersWarning,
     ConfigurationError,
     MaxRetriesExceededError,
     NbtaskError,
@@ -54,6 +55,7 @@ __all__ = [
     "App",
     "BrokerUnavailable",
     "Chain",
+    "CodeDiffersWarning",
     "ConfigurationError",
     "Event",
     "EventType",

@@ -1,4 +1,4 @@
-"""Every exception nbtask raises, under one base class :class:`NbtaskError`."""
+"""Every exception nbtask raises, under one base class :class:`NbtaskError`, and its warnings."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ __all__ = [
     "BrokerUnavailable",
     "CellError",
     "CellNameError",
+    "CodeDiffersWarning",
     "ConfigurationError",
     "DecodeError",
     "MaxRetriesExceededError",
@@ -261,3 +262,12 @@ class NotebookFailed(NbtaskError):
     def __init__(self, message: str, result: object) -> None:
         super().__init__(message)
         self.result = result
+
+
+class CodeDiffersWarning(UserWarning):
+    """A worker ran its own copy of a task sent by name, which differs from this process's.
+
+    Its module was edited (or reloaded) since the worker imported it, and the result is
+    the worker's code's. Restart the workers to run the edit; filter this warning
+    (``warnings.simplefilter("ignore", CodeDiffersWarning)``) where the difference is meant.
+    """

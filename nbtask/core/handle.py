@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from nbtask.core.celery_result import CeleryResultNames
 from nbtask.core.context import current_request
+from nbtask.core.fingerprint import warn_code_differs
 from nbtask.core.outcome import FetchWatch, final_outcome, load_result
 from nbtask.core.refs import ResultRef
 from nbtask.errors import (
@@ -23,7 +24,15 @@ from nbtask.errors import (
     ResultNotReady,
 )
 from nbtask.settings import is_finite_number
-from nbtask.wire.events import FINAL_STATES, Deferred, Event, EventType, Progress, State
+from nbtask.wire.events import (
+    CODE_DIFFERS,
+    FINAL_STATES,
+    Deferred,
+    Event,
+    EventType,
+    Progress,
+    State,
+)
 
 __all__ = ["Client", "FetchWatch", "TaskHandle", "refusing_handles"]
 
@@ -377,6 +386,8 @@ class TaskHandle(CeleryResultNames, concurrent.futures.Future[Any]):
                 return
             self._last_seq = max(self._last_seq, event.seq)
             self._apply(event)
+        if event.data.get(CODE_DIFFERS):
+            warn_code_differs(self.name, event.data.get("worker"), event.data.get("pid"))
         if final:
             try:
                 self._settle(event, result)

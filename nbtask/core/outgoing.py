@@ -19,6 +19,7 @@ from typing import Any
 from nbtask.brokers.base import Publish, Store
 from nbtask.core.canvas import Call, Callbacks, Signable
 from nbtask.core.captured import Capture, capture
+from nbtask.core.fingerprint import code_fingerprint
 from nbtask.core.holding import is_holder_queue
 from nbtask.core.placement import Moving, holder_queue_for
 from nbtask.core.refs import ValueRef, blobs_of, noting_refs
@@ -185,6 +186,7 @@ class MessageBuilder:
                 else None
             ),
             label=options.get("label"),
+            fingerprint=code_fingerprint(task) if digest is None else None,
         )
         raw = self.signer.seal(message.to_header(), (code, links, *payload.inline))
         return message, to_publish(message, raw)

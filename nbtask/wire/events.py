@@ -15,6 +15,7 @@ from nbtask.wire.envelope import Signer
 from nbtask.wire.message import SERIALIZERS, decode_value
 
 __all__ = [
+    "CODE_DIFFERS",
     "FINAL_SEQ",
     "FINAL_STATES",
     "RUN_SEQ_SPAN",
@@ -36,6 +37,10 @@ __all__ = [
 RUN_SEQ_SPAN = 1_000_000
 FINAL_SEQ = 1 << 52
 _DELIVERY_SLOTS = 64  # redeliveries numbered apart within one retry
+
+#: Set (true) in the data of every event of a run whose worker's code of a task sent by
+#: name differs from its sender's (see nbtask.core.fingerprint).
+CODE_DIFFERS = "code_differs"
 
 
 def run_seq_base(retries: int, deliveries: int) -> int:

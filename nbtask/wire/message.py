@@ -67,6 +67,9 @@ class TaskMessage:
     #: How the call is named on screen (a notebook cell's name or first line), kept in
     #: its record for a restarted kernel's ``%tasks``. Workers before it ignore it.
     label: str | None = None
+    #: A task sent by name: a digest of its code as the sender has it loaded, for the
+    #: worker to tell when its own copy differs (see nbtask.core.fingerprint).
+    fingerprint: str | None = None
 
     @classmethod
     def from_header(cls, header: Mapping[str, Any]) -> TaskMessage:
@@ -97,7 +100,7 @@ class TaskMessage:
         """The JSON header carrying this message (fields left at ``None`` are left out)."""
         # The instance's dict holds exactly its fields, in their order.
         header = {"kind": "task", **self.__dict__}
-        for optional in ("args_layout", "requires", "fallback_queue", "label"):
+        for optional in ("args_layout", "requires", "fallback_queue", "label", "fingerprint"):
             if header[optional] is None:
                 del header[optional]
         return header

@@ -24,6 +24,7 @@ from nbtask.brokers import Delivery, Verdict, open_broker
 from nbtask.core.canvas import sending_through
 from nbtask.core.context import Request, running
 from nbtask.core.datasets import DatasetCache, Loader
+from nbtask.core.fingerprint import code_differs
 from nbtask.core.outgoing import MessageBuilder
 from nbtask.core.refs import resolving
 from nbtask.core.task import Task
@@ -34,7 +35,7 @@ from nbtask.errors import (
 )
 from nbtask.settings import Settings
 from nbtask.wire.envelope import Signer
-from nbtask.wire.events import FINAL_SEQ, Event, EventType, run_seq_base
+from nbtask.wire.events import CODE_DIFFERS, FINAL_SEQ, Event, EventType, run_seq_base
 from nbtask.wire.message import TaskMessage, decode_value
 from nbtask.worker.admit import Admission, Admitted
 from nbtask.worker.finder import TaskFinder
@@ -99,6 +100,7 @@ class Child:
         self._stop = False
         self.interrupts = TaskInterrupts()
         self._whoami: dict[str, Any] = {"worker": hostname}
+        self._told_code_differs: set[str] = set()  # task names, said once in the log
 
     def run(self) -> None:
         """Serve messages until SIGTERM (finishing the current task first)."""
@@ -248,6 +250,7 @@ class Child:
             return None
         first_seq = run_seq_base(message.retries, admitted.delivery.deliveries)
         self._whoami["started_at"] = time.time()  # in every event of this run, final ones too
+        self._note_code_differs(message, task)
         self.outbox.begin(message.id, message.client, self._whoami, first_seq=first_seq)
         self.slot.occupy(message.id, 0.0)
         if task is None:
@@ -273,6 +276,24 @@ class Child:
             store.start_writes()
         self.follow_ups.run(message, outcome, admitted.callbacks, task)
         return following
+
+    def _note_code_differs(self, message: TaskMessage, task: Task | None) -> None:
+        """Say in this run's events (and once in the log) that the sender's code differs.
+
+        The task still runs, on this process's code: its client warns its user.
+        """
+        if task is None or not code_differs(message.fingerprint, task):
+            self._whoami.pop(CODE_DIFFERS, None)
+            return
+        self._whoami[CODE_DIFFERS] = True
+        if message.name not in self._told_code_differs:
+            self._told_code_differs.add(message.name)
+            log.warning(
+                "task %s: this worker's code differs from its sender's (edited since this "
+                "worker imported it?); it runs this worker's: restart the worker to run the "
+                "sender's",
+                message.name,
+            )
 
     def _request(self, admitted: Admitted, task: Task, args: Any, kwargs: Any) -> Request:
         message, delivery = admitted.message, admitted.delivery
