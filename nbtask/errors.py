@@ -1,4 +1,4 @@
-"""Every exception nbtask raises, under one base class :class:`NbtaskError`, and its warnings."""
+"""Every exception and warning nbtask raises, under one base class :class:`NbtaskError`."""
 
 from __future__ import annotations
 
@@ -264,10 +264,11 @@ class NotebookFailed(NbtaskError):
         self.result = result
 
 
-class CodeDiffersWarning(UserWarning):
+class CodeDiffersWarning(NbtaskError, UserWarning):
     """A worker ran its own copy of a task sent by name, which differs from this process's.
 
     Its module was edited (or reloaded) since the worker imported it, and the result is
     the worker's code's. Restart the workers to run the edit; filter this warning
     (``warnings.simplefilter("ignore", CodeDiffersWarning)``) where the difference is meant.
+    Under nbtask's one base class, so a warning made an error is caught as one of nbtask's.
     """
