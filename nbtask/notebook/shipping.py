@@ -11,10 +11,8 @@ import contextlib
 import dataclasses
 import importlib
 import io
-import os
 import re
 import sys
-import types
 from collections.abc import Container, Iterable, Mapping
 from typing import Any
 
@@ -23,6 +21,7 @@ import cloudpickle
 from nbtask.core.handle import refusing_handles
 from nbtask.errors import BlobError, CellError, CellNameError
 from nbtask.notebook.analysis import SHELL_NAMES, CellAnalysis, analyze, is_history_name
+from nbtask.notebook.module_code import module_name_of, ships_by_value
 from nbtask.wire.blobs import Packed
 from nbtask.wire.envelope import dumps
 
@@ -236,19 +235,13 @@ def _refuse_what_a_worker_cannot_do(
             "cell without %%task"
         )
     widgets = "ipywidgets" in found.imports or any(
-        _module_of(namespace[n]).startswith("ipywidgets") for n in found.reads if n in namespace
+        module_name_of(namespace[n]).startswith("ipywidgets") for n in found.reads if n in namespace
     )
     if widgets:
         raise CellError(
             "widgets live in the kernel that shows them, not on a worker: run this cell "
             "without %%task (do the heavy work in a %%task cell before it)"
         )
-
-
-def _module_of(value: Any) -> str:
-    if isinstance(value, types.ModuleType):
-        return value.__name__
-    return str(getattr(value, "__module__", None) or type(value).__module__ or "")
 
 
 def _values(
@@ -356,26 +349,7 @@ def _ship_local_modules(values: Iterable[Any]) -> None:
 
     Workers on other machines cannot import them; pickling them by value ships the code.
     """
-    for value in values:
-        if isinstance(value, types.ModuleType):
-            name = value.__name__
-        else:
-            name = getattr(value, "__module__", None) or type(value).__module__
-        module = sys.modules.get(str(name).split(".")[0])
-        if module is not None and _is_local(module):
+    for name in {module_name_of(value).partition(".")[0] for value in values}:
+        module = sys.modules.get(name)
+        if module is not None and ships_by_value(module):
             cloudpickle.register_pickle_by_value(module)
-
-
-def _is_local(module: types.ModuleType) -> bool:
-    path = getattr(module, "__file__", None)
-    if (
-        not path
-        or module.__name__ in ("__main__", "nbtask")
-        or module.__name__ in sys.builtin_module_names
-    ):
-        return False
-    path = os.path.abspath(path)
-    installed = {os.path.abspath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
-    if any(path.startswith(p + os.sep) for p in installed) or "site-packages" in path:
-        return False
-    return bool(path.startswith(os.path.abspath(os.getcwd()) + os.sep))

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Mapping
-from types import ModuleType
 from typing import Any
 
 from nbtask._text import printable
 from nbtask.client.app import App
+from nbtask.notebook.module_code import module_name_of
 from nbtask.wire.versions import PYTHON, version_of
 
 __all__ = ["VersionWarnings", "modules_used"]
@@ -28,10 +28,7 @@ def modules_used(imports: Iterable[str], values: Iterable[Any]) -> set[str]:
 
     The standard library is left out: its version is Python's.
     """
-    modules = {PYTHON, *imports}
-    for value in values:
-        module = getattr(value, "__module__", None) or type(value).__module__
-        modules.add(str(value.__name__ if isinstance(value, ModuleType) else module))
+    modules = {PYTHON, *imports, *map(module_name_of, values)}
     tops = {m.split(".")[0] for m in modules}
     return {m for m in tops if m not in sys.stdlib_module_names and m != "__main__"}
 
