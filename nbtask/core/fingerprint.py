@@ -11,6 +11,9 @@ The fingerprint covers the bytecode, names and constants of the task's function 
 class's methods, for a task class), not their line numbers: moving a function within its
 file changes nothing. Bytecode differs between Python versions, so it is tagged with
 Python's ``major.minor`` and compared only with a fingerprint of the same version.
+
+:func:`module_fingerprint` is the same digest over the functions and classes' methods a
+module defines: a notebook cell runs the worker's import of the local modules it uses.
 """
 
 from __future__ import annotations
@@ -26,13 +29,25 @@ from blake3 import blake3
 
 from nbtask.errors import CodeDiffersWarning
 
-__all__ = ["code_differs", "code_fingerprint", "warn_code_differs"]
+__all__ = [
+    "code_differs",
+    "code_fingerprint",
+    "fingerprint_differs",
+    "module_fingerprint",
+    "warn_code_differs",
+]
 
 _TAG = f"py{sys.version_info[0]}.{sys.version_info[1]}:"
 
 #: Per task: the functions fingerprinted with the code object each had, and the digest.
 _Known = tuple[tuple[tuple[types.FunctionType, types.CodeType], ...], str]
 _KNOWN: weakref.WeakKeyDictionary[object, _Known] = weakref.WeakKeyDictionary()
+#: Per module: as for a task, and what its namespace held then (its size, the objects
+#: digested by name): a reload rebinds its names to new objects.
+_KnownModule = tuple[int, tuple[tuple[str, object], ...], _Known]
+_KNOWN_MODULES: weakref.WeakKeyDictionary[types.ModuleType, _KnownModule] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def code_fingerprint(task: object) -> str | None:
@@ -43,26 +58,88 @@ def code_fingerprint(task: object) -> str | None:
     object makes a new fingerprint.
     """
     known = _KNOWN.get(task)
-    if known is not None and all(f.__code__ is code for f, code in known[0]):
-        return known[1] or None
-    functions = _functions_of(task)
-    digest = blake3()
-    for function in functions:
-        digest.update(_code_text(function.__code__).encode())
-    fingerprint = _TAG + digest.hexdigest()[:32] if functions else ""
-    _KNOWN[task] = (tuple((f, f.__code__) for f in functions), fingerprint)
-    return fingerprint or None
+    if known is None or not _still(known):
+        known = _KNOWN[task] = _digested(_functions_of(task))
+    return known[1] or None
+
+
+def module_fingerprint(module: types.ModuleType) -> str | None:
+    """The fingerprint of the functions and classes' methods ``module`` defines, as loaded.
+
+    Cached per module while its namespace holds the same objects with the same code:
+    ``importlib.reload`` rebinds its names, ``%autoreload`` also swaps ``__code__`` in
+    place. ``None`` for a module that defines no function.
+    """
+    namespace = vars(module)
+    cached = _KNOWN_MODULES.get(module)
+    if cached is not None:
+        size, held, known = cached
+        if (
+            size == len(namespace)
+            and _still(known)
+            and all(namespace.get(name) is value for name, value in held)
+        ):
+            return known[1] or None
+    # By name: a reload keeps the order its names were first bound in, a fresh import
+    # the file's.
+    named: list[tuple[str, object]] = []
+    functions: list[types.FunctionType] = []
+    for name, value in sorted(namespace.items()):
+        if isinstance(value, type):
+            if value.__module__ == module.__name__:
+                named.append((name, value))
+                functions.extend(f for f in _methods(value) if f not in functions)
+        elif (function := _unwrapped(value)) and function.__module__ == module.__name__:
+            named.append((name, value))
+            if function not in functions:
+                functions.append(function)
+    known = _digested(functions)
+    _KNOWN_MODULES[module] = (len(namespace), tuple(named), known)
+    return known[1] or None
+
+
+def _unwrapped(value: object) -> types.FunctionType | None:
+    """The function ``value`` is, or wraps (``functools.wraps``, a task of ``@app.task``)."""
+    for _ in range(8):  # a few decorators deep at most
+        if isinstance(value, types.FunctionType) or not callable(value):
+            break
+        try:
+            value = getattr(value, "__wrapped__", None)
+        except Exception:  # an object whose attributes are computed: not a function
+            return None
+    return value if isinstance(value, types.FunctionType) else None
+
+
+def fingerprint_differs(sent: str | None, mine: str | None) -> bool:
+    """Whether the sender's fingerprint ``sent`` names other code than ``mine`` here.
+
+    ``False`` when it cannot be told: no fingerprint sent (code shipped by value, an
+    older sender), or one made by another Python version.
+    """
+    if not sent or not sent.startswith(_TAG):
+        return False
+    return sent != mine
 
 
 def code_differs(sent: str | None, task: object) -> bool:
     """Whether the sender's fingerprint ``sent`` names other code than ``task`` has here.
 
-    ``False`` when it cannot be told: no fingerprint sent (a task shipped by value, an
-    older sender), or one made by another Python version.
+    See :func:`fingerprint_differs`.
     """
-    if not sent or not sent.startswith(_TAG):
-        return False
-    return sent != code_fingerprint(task)
+    return fingerprint_differs(sent, code_fingerprint(task)) if sent else False
+
+
+def _still(known: _Known) -> bool:
+    """Whether the functions digested still have the code they had then."""
+    return all(f.__code__ is code for f, code in known[0])
+
+
+def _digested(functions: list[types.FunctionType]) -> _Known:
+    digest = blake3()
+    for function in functions:
+        digest.update(_code_text(function.__code__).encode())
+    fingerprint = _TAG + digest.hexdigest()[:32] if functions else ""
+    return tuple((f, f.__code__) for f in functions), fingerprint
 
 
 _WARNED: set[tuple[str, str, str]] = set()  # (task name, worker, pid) warned of here
@@ -95,11 +172,13 @@ def _functions_of(task: object) -> list[types.FunctionType]:
     for cls in type(task).__mro__:
         if cls is object or cls.__module__.split(".")[0] == "nbtask":
             continue
-        for _, value in sorted(vars(cls).items()):
-            function = _function(value)
-            if function is not None and function not in found:
-                found.append(function)
+        found.extend(f for f in _methods(cls) if f not in found)
     return found
+
+
+def _methods(cls: type) -> list[types.FunctionType]:
+    """The functions a class defines itself, by name."""
+    return [f for _, value in sorted(vars(cls).items()) if (f := _function(value)) is not None]
 
 
 def _function(value: Any) -> types.FunctionType | None:
