@@ -28,6 +28,7 @@ from nbtask.notebook import process_state
 from nbtask.notebook.analysis import is_history_name
 from nbtask.notebook.carried import may_change, share_namespace
 from nbtask.notebook.kept import RemoteValue, Sealing, keep, key_by_content
+from nbtask.notebook.module_code import say_which_differ
 from nbtask.notebook.shipping import CellSpec, open_file
 from nbtask.notebook.worker_shell import BASE_NS, cell_logging, worker_shell
 from nbtask.wire.blobs import Packed
@@ -135,7 +136,12 @@ def prepare_cell(spec: CellSpec) -> None:
     interrupts wait for them to end), but making the shell is more than imports: cut,
     it would leave a half-made shell to the process's later cells. :func:`execute_cell`
     then finds both ready.
+
+    First, before anything here imports the modules the cell uses, it says which of the
+    notebook's own modules this process has another copy of (see
+    :func:`~nbtask.notebook.module_code.say_which_differ`).
     """
+    say_which_differ(getattr(spec, "modules", ()))  # (): an older kernel's spec
     shell = worker_shell()
     if spec.state:
         _shipped_state(shell, spec.state)

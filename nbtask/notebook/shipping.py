@@ -21,7 +21,7 @@ import cloudpickle
 from nbtask.core.handle import refusing_handles
 from nbtask.errors import BlobError, CellError, CellNameError
 from nbtask.notebook.analysis import SHELL_NAMES, CellAnalysis, analyze, is_history_name
-from nbtask.notebook.module_code import module_name_of, ships_by_value
+from nbtask.notebook.module_code import cell_modules, module_name_of, ships_by_value
 from nbtask.wire.blobs import Packed
 from nbtask.wire.envelope import dumps
 
@@ -68,6 +68,10 @@ class CellSpec:
     shows : str
         The name the cell's last expression has in the notebook (``_7`` for ``Out[7]``),
         whose value comes back with the names; empty: only its display is sent.
+    modules : tuple of (str, str)
+        The notebook's own modules the cell uses, each with a fingerprint of its code as
+        the kernel has it loaded: the worker says when its copy differs
+        (:mod:`nbtask.notebook.module_code`).
     """
 
     source: str
@@ -84,6 +88,7 @@ class CellSpec:
     python: str = ""
     deleted: tuple[str, ...] = ()
     shows: str = ""
+    modules: tuple[tuple[str, str], ...] = ()
 
 
 _TRANSFORMS_KEPT = 256
@@ -217,6 +222,7 @@ def prepare(
         python=python,
         deleted=found.deleted,
         shows=shows,
+        modules=cell_modules(found.imports, values.values()),
     )
     return spec, blob, found
 
