@@ -388,7 +388,7 @@ class AmqpTransport:
             return
         link = self.links.current()
         message = link.held.pop(delivery.delivery_id, None) if link is not None else None
-        if message is None:
+        if link is None or message is None:
             log.warning(
                 "cannot acknowledge delivery %s: its connection was closed meanwhile; "
                 "RabbitMQ redelivers it and the redelivered copy is dropped, since its task "
@@ -397,7 +397,7 @@ class AmqpTransport:
             )
             return
         try:
-            message.ack()
+            self.links.ack(link, message)
         except Exception as exc:
             self.links.drop()
             log.error(

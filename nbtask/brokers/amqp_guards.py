@@ -18,6 +18,7 @@ from amqp.method_framing import frame_handler as _frame_handler
 from amqp.serialization import decode_properties_basic, dumps, loads
 from kombu.transport import pyamqp as _pyamqp
 
+from nbtask.brokers.amqp_frames import read_confirm
 from nbtask.brokers.amqp_reads import BufferedTCPTransport
 
 __all__ = ["GUARDED", "refusal_of"]
@@ -76,6 +77,7 @@ _UNREADABLE = "x-nbtask-unreadable"
 # worker refuses the message.
 _CONTENT_ARGS = {(60, 60): "sLbss", (60, 71): "Lbssl", (60, 50): "Bsss"}  # deliver, get, return
 _WIDTHS = {"L": 8, "l": 4, "B": 2, "b": 1}  # no two bits in a row in these
+_BASIC_ACK = (60, 80)
 
 
 def _guarded_frames(connection: Any, callback: Any) -> Callable[[Any], Any]:
@@ -93,6 +95,16 @@ def _guarded_frames(connection: Any, callback: Any) -> Callable[[Any], Any]:
     on_frame = _frame_handler(connection, dispatch)
 
     def guarded(frame: Any) -> Any:
+        frame_type, channel, buf = frame
+        confirm = read_confirm(buf) if frame_type == 1 else None
+        if confirm is not None:
+            # RabbitMQ's confirm of a publish, the most frequent frame of all: straight to
+            # the channel's confirm listeners, as py-amqp's dispatch would hand it on.
+            on_ack = _confirm_listener(connection, channel)
+            if on_ack is not None:
+                connection.bytes_recv += 1
+                on_ack(*confirm)
+                return True
         try:
             return on_frame(frame)
         except Exception as exc:
@@ -102,6 +114,19 @@ def _guarded_frames(connection: Any, callback: Any) -> Callable[[Any], Any]:
             return on_frame((frame_type, channel, _unreadable_header(buf, exc)))
 
     return guarded
+
+
+def _confirm_listener(connection: Any, channel_id: int) -> Callable[[int, bool], None] | None:
+    """The ``basic.ack`` handler of a channel that takes one as py-amqp would hand it on.
+
+    None where py-amqp's dispatch does more (a closing channel ignores it, a caller waits
+    for it): the frame then goes that way.
+    """
+    channel = (connection.channels or {}).get(channel_id)
+    if channel is None or channel.is_closing or _BASIC_ACK in channel._pending:
+        return None
+    handler: Callable[[int, bool], None] | None = channel._callbacks.get(_BASIC_ACK)
+    return handler
 
 
 def _reads(buf: Any) -> bool:
@@ -155,6 +180,18 @@ class _GuardedConnection(pyamqp.Connection):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, frame_handler=_guarded_frames, **kwargs)
+
+    def blocking_read(self, timeout: float | None = None) -> Any:
+        """py-amqp's, but a frame already read off the socket is taken without touching it.
+
+        (py-amqp sets the socket's timeout, and back, around every frame it reads.)
+        """
+        transport = self.transport
+        frame = transport.buffered_frame() if isinstance(transport, BufferedTCPTransport) else None
+        if frame is None:
+            with transport.having_timeout(timeout):
+                frame = transport.read_frame()
+        return self.on_inbound_frame(frame)
 
     def Transport(  # py-amqp's name and arguments
         self,

@@ -18,11 +18,18 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import kombu as _kombu
-from amqp.exceptions import ConsumerCancelled, PreconditionFailed, ResourceLocked
+from amqp.channel import Channel as AmqpChannel
+from amqp.exceptions import (
+    ConsumerCancelled,
+    PreconditionFailed,
+    RecoverableConnectionError,
+    ResourceLocked,
+)
 from kombu.exceptions import OperationalError
 
 from nbtask._text import redact_url
 from nbtask.brokers.amqp_confirms import Confirms, Outgoing
+from nbtask.brokers.amqp_frames import ack_frame, publish_frames
 from nbtask.brokers.amqp_guards import GUARDED
 from nbtask.brokers.base import PIPELINE_WINDOW
 from nbtask.errors import BrokerUnavailable
@@ -77,6 +84,7 @@ class Link:
         self.reply_consumer: Any = None
         self.replies: deque[Message] = deque()
         self.confirms = Confirms(self.channel)
+        self._amqp_channel = isinstance(self.channel, AmqpChannel)
         #: What a failing connection raises (kombu lists them; asked once, not per use).
         self.errors: tuple[type[BaseException], ...] = (
             OSError,
@@ -84,6 +92,18 @@ class Link:
             *conn.connection_errors,
             *conn.channel_errors,
         )
+
+    def amqp(self) -> Any:
+        """The py-amqp connection of an open channel, whose frames nbtask writes itself.
+
+        None for kombu's in-process transports (``memory://``), which have no frames.
+        """
+        if self._amqp_channel:
+            amqp = self.channel.connection
+            if amqp is None:  # py-amqp's own words for a publish on a closed channel
+                raise RecoverableConnectionError("basic_publish: connection closed")
+            return amqp
+        return None
 
     def close(self) -> None:
         """Release the connection (errors ignored: it may be gone already)."""
@@ -400,21 +420,44 @@ class Links:
 
     @staticmethod
     def _publish(link: Link, outgoing: Outgoing) -> None:
-        message = link.channel.prepare_message(
-            outgoing.raw,
-            priority=None,
-            headers=dict(outgoing.headers),
-            properties={"delivery_mode": 2 if outgoing.persistent else 1},
-            **_CONTENT,
-        )
         # A task message must reach a queue: RabbitMQ returns it if its queue is gone.
-        link.channel.basic_publish(
-            message,
-            exchange="",
-            routing_key=outgoing.routing_key,
-            mandatory=outgoing.task_id is not None,
-        )
+        mandatory = outgoing.task_id is not None
+        amqp = link.amqp()
+        if amqp is not None:
+            frames = publish_frames(
+                link.channel.channel_id,
+                amqp.frame_max,
+                outgoing.routing_key,
+                outgoing.raw,
+                persistent=outgoing.persistent,
+                headers=outgoing.headers,
+                mandatory=mandatory,
+            )
+            amqp.transport.write(frames)
+            amqp.bytes_sent += 1
+        else:
+            message = link.channel.prepare_message(
+                outgoing.raw,
+                priority=None,
+                headers=dict(outgoing.headers),
+                properties={"delivery_mode": 2 if outgoing.persistent else 1},
+                **_CONTENT,
+            )
+            link.channel.basic_publish(
+                message, exchange="", routing_key=outgoing.routing_key, mandatory=mandatory
+            )
         link.confirms.sent(outgoing)
+
+    @staticmethod
+    def ack(link: Link, message: Message) -> None:
+        """Acknowledge ``message``, a delivery on ``link``."""
+        amqp = link.amqp()
+        if amqp is None or message.channel is not link.channel or message.acknowledged:
+            message.ack()  # kombu's own (and its refusal of a second ack)
+            return
+        amqp.transport.write(ack_frame(link.channel.channel_id, message.delivery_tag))
+        amqp.bytes_sent += 1
+        message._state = "ACK"  # as kombu's ack() notes it
 
 
 def read_headers(headers: object) -> tuple[str | None, int]:

@@ -16,6 +16,7 @@ read it only through the transport), so frames buffered here are never missed.
 from __future__ import annotations
 
 import errno
+import struct
 from typing import Any
 
 from amqp.transport import TCPTransport as _TCPTransport
@@ -27,6 +28,8 @@ __all__ = ["READ_BYTES", "BufferedTCPTransport"]
 READ_BYTES = 16_384
 
 _RETRY = (errno.EAGAIN, errno.EINTR)
+_FRAME_HEAD = struct.Struct(">BHI")  # type, channel, payload size
+_FRAME_END = 0xCE
 TCPTransport: Any = _TCPTransport  # py-amqp is not annotated
 
 
@@ -34,6 +37,18 @@ class BufferedTCPTransport(TCPTransport):  # type: ignore[misc]
     """py-amqp's TCP transport, reading up to :data:`READ_BYTES` per ``recv``."""
 
     _read_buffer: bytes  # py-amqp's: bytes read and not yet handed over
+
+    def buffered_frame(self) -> tuple[int, int, bytes] | None:
+        """The next frame if it was read whole already (as ``read_frame``); else None."""
+        rbuf = self._read_buffer
+        if len(rbuf) < 8:
+            return None
+        frame_type, channel, size = _FRAME_HEAD.unpack_from(rbuf)
+        end = 7 + size
+        if len(rbuf) <= end or rbuf[end] != _FRAME_END:
+            return None  # not all here yet (or malformed: read_frame says so)
+        self._read_buffer = rbuf[end + 1 :]
+        return frame_type, channel, rbuf[7:end]
 
     def _read(self, n: int, initial: bool = False, _errnos: Any = _RETRY) -> bytes:
         """Exactly ``n`` bytes: from what was read before, then from the socket."""

@@ -88,3 +88,21 @@ def test_a_closed_connection_is_an_error_once_its_frames_are_read(
         assert transport.read_frame() == (8, 0, b"")
         with pytest.raises(OSError, match="unexpectedly closed"):
             transport.read_frame()
+
+
+def test_frames_read_whole_already_are_handed_over_without_the_socket(
+    pair: tuple[Any, socket.socket],
+) -> None:
+    transport, peer = pair
+    whole = frame(1, 2, b"a" * 10) + frame(3, 2, b"b" * 20) + frame(1, 2, b"c" * 30)
+    peer.sendall(whole[:-5])  # the last frame cut short
+    with transport.having_timeout(5):
+        assert transport.read_frame() == (1, 2, b"a" * 10)
+    asked = counting_recvs(transport)
+    assert transport.buffered_frame() == (3, 2, b"b" * 20)
+    assert transport.buffered_frame() is None  # not all of it is here
+    assert asked == []
+    peer.sendall(whole[-5:])
+    with transport.having_timeout(5):
+        assert transport.read_frame() == (1, 2, b"c" * 30)
+    assert transport.buffered_frame() is None

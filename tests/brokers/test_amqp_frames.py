@@ -1,0 +1,162 @@
+"""The AMQP frames nbtask builds itself (``nbtask.brokers.amqp_frames``).
+
+They must be the bytes py-amqp writes for the same publish or acknowledgement (its own
+frame writer, given the same arguments, is the reference), and RabbitMQ must take them:
+messages published through a link come back from the real server as they were sent.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import kombu
+import pytest
+from amqp.basic_message import Message
+from amqp.method_framing import frame_writer
+from amqp.serialization import dumps
+from helpers import AMQP_URL
+from kombu.exceptions import MessageStateError
+
+from nbtask.brokers.amqp_frames import ack_frame, publish_frames, read_confirm
+from nbtask.brokers.amqp_links import Links
+
+pytestmark = pytest.mark.brokers("amqp")
+
+FRAME_MAX = 131_072  # RabbitMQ's default
+
+
+class _Sink:
+    """What py-amqp's frame writer needs of a connection and a transport: bytes go here."""
+
+    def __init__(self, frame_max: int) -> None:
+        self.frame_max = frame_max
+        self.bytes_sent = 0
+        self.written: list[bytes] = []
+
+    def write(self, data: Any) -> None:
+        self.written.append(bytes(data))
+
+
+def py_amqp_publish(
+    channel: int,
+    frame_max: int,
+    routing_key: str,
+    raw: bytes,
+    *,
+    persistent: bool,
+    headers: dict[str, Any],
+    mandatory: bool,
+) -> bytes:
+    """The frames py-amqp writes for the publish nbtask makes (kombu's message, as before)."""
+    sink = _Sink(frame_max)
+    message = Message(
+        raw,
+        content_type="application/octet-stream",
+        content_encoding="binary",
+        application_headers=dict(headers),
+        delivery_mode=2 if persistent else 1,
+        priority=None,
+    )
+    args = dumps("Bssbb", (0, "", routing_key, mandatory, False))
+    frame_writer(sink, sink)(1, channel, (60, 40), args, message)
+    return b"".join(sink.written)
+
+
+@pytest.mark.parametrize(
+    ("routing_key", "raw", "persistent", "headers", "mandatory"),
+    [
+        ("client-reply-1", b"an event", False, {}, False),
+        ("nb:q:default", b"a task", True, {"nbtask-id": "abc", "nbtask-deliveries": 0}, True),
+        ("nb:q:é", b"", True, {"nbtask-id": "ü" * 40, "nbtask-deliveries": 7}, True),
+        ("q", b"x" * 1000, True, {"big": 2**40, "neg": -(2**31), "flag": True}, True),
+        ("q", b"y", False, {"f": 1.5, "none": None, "list": [1, "a"]}, False),
+        ("q", bytes(range(256)) * 2000, True, {"nbtask-id": "t"}, True),  # several frames
+    ],
+)
+def test_a_publish_is_the_bytes_py_amqp_writes(
+    routing_key: str, raw: bytes, persistent: bool, headers: dict[str, Any], mandatory: bool
+) -> None:
+    for channel in (1, 513):
+        ours = publish_frames(
+            channel,
+            FRAME_MAX,
+            routing_key,
+            raw,
+            persistent=persistent,
+            headers=headers,
+            mandatory=mandatory,
+        )
+        theirs = py_amqp_publish(
+            channel,
+            FRAME_MAX,
+            routing_key,
+            raw,
+            persistent=persistent,
+            headers=headers,
+            mandatory=mandatory,
+        )
+        assert ours == theirs
+
+
+def test_a_body_larger_than_a_frame_is_split_as_py_amqp_splits_it() -> None:
+    raw = b"z" * 10_000
+    headers = {"nbtask-id": "a"}
+    kwargs: dict[str, Any] = {"persistent": True, "headers": headers, "mandatory": True}
+    assert publish_frames(3, 4096, "q", raw, **kwargs) == py_amqp_publish(
+        3, 4096, "q", raw, **kwargs
+    )
+
+
+def test_an_ack_is_the_frame_py_amqp_writes() -> None:
+    for channel, tag in ((1, 1), (2, 2**40 + 5)):
+        sink = _Sink(FRAME_MAX)
+        frame_writer(sink, sink)(1, channel, (60, 80), dumps("Lb", (tag, False)), None)
+        assert ack_frame(channel, tag) == b"".join(sink.written)
+        payload = ack_frame(channel, tag)[7:-1]
+        assert read_confirm(payload) == (tag, False)
+
+
+def test_only_a_basic_ack_reads_as_a_confirm() -> None:
+    assert read_confirm(b"\x00\x3c\x00\x50" + (9).to_bytes(8, "big") + b"\x01") == (9, True)
+    assert read_confirm(b"\x00\x3c\x00\x78" + (9).to_bytes(8, "big") + b"\x01") is None  # nack
+    assert read_confirm(b"\x00\x3c\x00\x50" + (9).to_bytes(8, "big")) is None  # cut short
+
+
+@pytest.fixture
+def queue() -> Iterator[str]:
+    """A durable queue of its own on the real RabbitMQ, deleted afterwards."""
+    name = f"nbtest-frames-{uuid.uuid4().hex[:10]}"
+    yield name
+    with kombu.Connection(AMQP_URL, connect_timeout=5) as conn:
+        conn.channel().queue_delete(name)
+
+
+def test_rabbitmq_takes_the_frames_and_hands_back_what_was_sent(queue: str) -> None:
+    links = Links(AMQP_URL)
+    bodies = [b"", b"small", bytes(range(256)) * 2000]  # the last is several frames
+    try:
+
+        def send(link: Any) -> None:
+            links.declare_task_queue(link, queue)
+            for i, raw in enumerate(bodies):
+                headers = {"nbtask-id": f"task-{i}-é", "nbtask-deliveries": i}
+                links.send(link, queue, raw, persistent=True, headers=headers, task_id=f"t{i}")
+
+        links.publishing(send)  # returns once RabbitMQ confirmed them all
+        with links.using() as link:
+            got = list(links.waiting(link, queue, ack=False))
+            assert [m.body or b"" for m in got] == bodies
+            for i, message in enumerate(got):
+                assert message.headers == {"nbtask-id": f"task-{i}-é", "nbtask-deliveries": i}
+                assert message.properties["delivery_mode"] == 2
+                assert message.content_type == "application/octet-stream"
+                links.ack(link, message)
+            with pytest.raises(MessageStateError):
+                links.ack(link, got[0])  # kombu's refusal of a second ack, as before
+        links.drop()  # unacknowledged messages would come back on a new connection
+        with links.using() as link:
+            assert list(links.waiting(link, queue, ack=True)) == []
+    finally:
+        links.close()
