@@ -38,18 +38,15 @@ import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
 
-from nbtask.brokers.amqp_guards import refusal_of
-from nbtask.brokers.amqp_links import (
+from nbtask.brokers.amqp_guards import (
     DELIVERIES_HEADER,
     ID_HEADER,
-    Link,
-    Links,
-    Message,
     body_of,
-    kombu,
     read_headers,
     redelivered,
+    refusal_of,
 )
+from nbtask.brokers.amqp_links import Link, Links, Message, kombu
 from nbtask.brokers.amqp_lost import LostDeliveries
 from nbtask.brokers.amqp_replies import Replies
 from nbtask.brokers.base import Delivery, Publish, Settlement, StartBy, Verdict
@@ -364,14 +361,16 @@ class AmqpTransport:
         queue = delivery.queue if delivery is not None else ""
         end = Settlement(task_id, channel, raw_event, fields, queue=queue, later=requeue)
         self.store.settle(end)
-        if raw_event and channel:
-            # The store's settle kept it. Not waiting for its confirm before the ack is
-            # safe: RabbitMQ takes a channel's frames in order, so an ack that arrives
-            # comes after the event; if neither arrives, the thread's next link (its
-            # next fetch) sends the event again.
-            self.notify(channel, [raw_event], wait=False)
-        if delivery is not None:
-            self._settle(delivery)
+        # The event and the ack leave in one write (RabbitMQ gets them in one packet).
+        with self.links.writes_together():
+            if raw_event and channel:
+                # The store's settle kept it. Not waiting for its confirm before the ack
+                # is safe: RabbitMQ takes a channel's frames in order, so an ack that
+                # arrives comes after the event; if neither arrives, the thread's next
+                # link (its next fetch) sends the event again.
+                self.notify(channel, [raw_event], wait=False)
+            if delivery is not None:
+                self._settle(delivery)
         if then_fetch is not None and then_fetch[0]:
             try:
                 return self.fetch(*then_fetch)

@@ -1,5 +1,7 @@
 """What py-amqp hands over from RabbitMQ, read as sent and never trusted.
 
+That is the body and everything beside it (headers, the redelivered flag).
+
 Anyone who can publish to nbtask's queues sets every property of a message, and can bind
 a queue to an exchange and publish there with any routing key. The connection, channel
 and message classes here keep py-amqp and kombu from expanding, re-coding or choking on
@@ -10,7 +12,7 @@ and the worker dead-letters it before reading its body.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 from amqp.connection import NEGOTIATE_CAPABILITIES
@@ -21,7 +23,18 @@ from kombu.transport import pyamqp as _pyamqp
 from nbtask.brokers.amqp_frames import read_confirm
 from nbtask.brokers.amqp_reads import BufferedTCPTransport
 
-__all__ = ["GUARDED", "refusal_of"]
+__all__ = [
+    "DELIVERIES_HEADER",
+    "GUARDED",
+    "ID_HEADER",
+    "body_of",
+    "read_headers",
+    "redelivered",
+    "refusal_of",
+]
+
+ID_HEADER = "nbtask-id"
+DELIVERIES_HEADER = "nbtask-deliveries"
 
 # kombu would decompress a body whose headers name a compression before nbtask sees it:
 # a bz2 bomb of a few hundred bytes grows to hundreds of MB before any signature or size
@@ -187,7 +200,11 @@ class _GuardedConnection(pyamqp.Connection):  # type: ignore[misc]
         (py-amqp sets the socket's timeout, and back, around every frame it reads.)
         """
         transport = self.transport
-        frame = transport.buffered_frame() if isinstance(transport, BufferedTCPTransport) else None
+        frame = None
+        if isinstance(transport, BufferedTCPTransport):
+            if timeout != 0:
+                transport.flush_writes()  # the answer to a frame held may be awaited
+            frame = transport.buffered_frame()
         if frame is None:
             with transport.having_timeout(timeout):
                 frame = transport.read_frame()
@@ -225,3 +242,39 @@ GUARDED = {"amqp": _GuardedTransport, "amqps": _GuardedSSLTransport}
 def refusal_of(message: Any) -> str:
     """Why a received message is refused before anything reads its body (``""``: it isn't)."""
     return str(getattr(message, "refusal", ""))
+
+
+def read_headers(headers: object) -> tuple[str | None, int]:
+    """The task id and redelivery count beside a message.
+
+    Anyone may have set them, so anything malformed reads as absent (the worker then goes
+    by the signed header).
+    """
+    if not isinstance(headers, Mapping):
+        return None, 0
+    task_id = headers.get(ID_HEADER)
+    if isinstance(task_id, bytes):
+        task_id = task_id.decode("utf-8", "replace")
+    count = headers.get(DELIVERIES_HEADER)
+    deliveries = count if isinstance(count, int) and 0 <= count < 1 << 31 else 0
+    return (task_id if isinstance(task_id, str) and task_id else None), deliveries
+
+
+def body_of(message: Any) -> bytes:
+    """The body as sent.
+
+    py-amqp hands an empty body over as ``str`` (and decodes no other: see
+    ``_GuardedChannel``).
+    """
+    body = message.body
+    if isinstance(body, str):
+        return body.encode("utf-8", "surrogateescape")
+    return bytes(body)
+
+
+def redelivered(message: Any) -> bool:
+    """The AMQP ``redelivered`` flag (kombu's virtual transports keep it in the payload)."""
+    if message.delivery_info.get("redelivered"):
+        return True
+    payload = getattr(message, "_raw", None)
+    return isinstance(payload, dict) and bool(payload.get("redelivered"))

@@ -1,8 +1,4 @@
-"""AMQP connections of the AMQP transport: one per thread, and what each consumes.
-
-Also the reading of what RabbitMQ hands over beside a body (headers, the redelivered
-flag): anyone who can publish sets those, so nothing there is trusted.
-"""
+"""AMQP connections of the AMQP transport: one per thread, and what each consumes."""
 
 from __future__ import annotations
 
@@ -31,6 +27,7 @@ from nbtask._text import redact_url
 from nbtask.brokers.amqp_confirms import Confirms, Outgoing
 from nbtask.brokers.amqp_frames import ack_frame, publish_frames
 from nbtask.brokers.amqp_guards import GUARDED
+from nbtask.brokers.amqp_reads import BufferedTCPTransport
 from nbtask.brokers.base import PIPELINE_WINDOW
 from nbtask.errors import BrokerUnavailable
 
@@ -41,9 +38,6 @@ __all__ = [
     "QUIET_SECONDS",
     "Link",
     "Links",
-    "body_of",
-    "read_headers",
-    "redelivered",
 ]
 
 #: ``x-consumer-timeout`` of task queues on RabbitMQ >= 3.12, milliseconds (7 days).
@@ -58,8 +52,6 @@ COLLECT_EVERY = 64
 QUIET_SECONDS = 0.05
 #: Times a task message returned by RabbitMQ (its queue deleted) is sent again.
 MAX_RETURNS = 3
-ID_HEADER = "nbtask-id"
-DELIVERIES_HEADER = "nbtask-deliveries"
 # kombu is only partly annotated: used as Any, its objects checked where read.
 kombu: Any = _kombu
 Message = Any
@@ -85,6 +77,9 @@ class Link:
         self.replies: deque[Message] = deque()
         self.confirms = Confirms(self.channel)
         self._amqp_channel = isinstance(self.channel, AmqpChannel)
+        transport = getattr(self.channel.connection, "transport", None)
+        #: The plain TCP transport, which reads ahead and can hold writes (else None).
+        self.buffered = transport if isinstance(transport, BufferedTCPTransport) else None
         #: What a failing connection raises (kombu lists them; asked once, not per use).
         self.errors: tuple[type[BaseException], ...] = (
             OSError,
@@ -94,10 +89,7 @@ class Link:
         )
 
     def amqp(self) -> Any:
-        """The py-amqp connection of an open channel, whose frames nbtask writes itself.
-
-        None for kombu's in-process transports (``memory://``), which have no frames.
-        """
+        """The py-amqp connection, for frames nbtask writes itself (None: ``memory://``)."""
         if self._amqp_channel:
             amqp = self.channel.connection
             if amqp is None:  # py-amqp's own words for a publish on a closed channel
@@ -105,8 +97,23 @@ class Link:
             return amqp
         return None
 
+    def drain_ready(self) -> None:
+        """Take in the frames that arrived, without waiting.
+
+        On plain TCP, those read off the socket already (a read takes all it has): asking
+        it again would mostly cost a failed read. Later ones come with the next read.
+        """
+        with contextlib.suppress(TimeoutError):
+            if self.buffered is None:
+                while True:
+                    self.conn.drain_events(timeout=0)
+            while self.buffered.has_frame():
+                self.conn.drain_events(timeout=0)
+
     def close(self) -> None:
         """Release the connection (errors ignored: it may be gone already)."""
+        if self.buffered is not None:
+            self.buffered.drop_writes()  # what is held is sent again on a new link, if need be
         with contextlib.suppress(Exception):
             self.conn.release()
 
@@ -224,6 +231,39 @@ class Links:
                     "deleted?); the next connection declares the queue and consumes it again"
                 ) from exc
             raise self.unavailable(exc) from exc
+
+    @contextlib.contextmanager
+    def writes_together(self) -> Iterator[None]:
+        """Frames this thread's link writes inside leave together, in one write at the end.
+
+        A read in between writes them first. If the final write fails, the link is
+        dropped and what it sent unconfirmed is sent again at once on a new link
+        (:meth:`flush`, whose error is raised if that fails too); an acknowledgement
+        written with them is lost with the connection, like any other.
+        """
+        link = self.current()
+        held = link.buffered if link is not None else None
+        if held is None or held.holding:
+            yield
+            return
+        held.hold_writes()
+        try:
+            yield
+        finally:
+            if self.current() is not link:
+                held.drop_writes()  # dropped meanwhile: its messages are orphans now
+            else:
+                try:
+                    with self.using():
+                        held.release_writes()
+                except BrokerUnavailable as exc:
+                    log.warning(
+                        "%s; sending what it left unconfirmed again on a new connection. "
+                        "A message it acknowledged is redelivered, and the copy dropped "
+                        "as settled",
+                        exc,
+                    )
+                    self.flush()
 
     def publishing(self, send: Callable[[Link], None], *, wait: bool = True) -> None:
         """Run ``send`` on this thread's link; once more on a new link if an old one failed.
@@ -458,39 +498,3 @@ class Links:
         amqp.transport.write(ack_frame(link.channel.channel_id, message.delivery_tag))
         amqp.bytes_sent += 1
         message._state = "ACK"  # as kombu's ack() notes it
-
-
-def read_headers(headers: object) -> tuple[str | None, int]:
-    """The task id and redelivery count beside a message.
-
-    Anyone may have set them, so anything malformed reads as absent (the worker then goes
-    by the signed header).
-    """
-    if not isinstance(headers, Mapping):
-        return None, 0
-    task_id = headers.get(ID_HEADER)
-    if isinstance(task_id, bytes):
-        task_id = task_id.decode("utf-8", "replace")
-    count = headers.get(DELIVERIES_HEADER)
-    deliveries = count if isinstance(count, int) and 0 <= count < 1 << 31 else 0
-    return (task_id if isinstance(task_id, str) and task_id else None), deliveries
-
-
-def body_of(message: Message) -> bytes:
-    """The body as sent.
-
-    py-amqp hands an empty body over as ``str`` (and decodes no other: see
-    ``_GuardedChannel``).
-    """
-    body = message.body
-    if isinstance(body, str):
-        return body.encode("utf-8", "surrogateescape")
-    return bytes(body)
-
-
-def redelivered(message: Message) -> bool:
-    """The AMQP ``redelivered`` flag (kombu's virtual transports keep it in the payload)."""
-    if message.delivery_info.get("redelivered"):
-        return True
-    payload = getattr(message, "_raw", None)
-    return isinstance(payload, dict) and bool(payload.get("redelivered"))

@@ -11,6 +11,12 @@ bytes read so far for the next read, as before.
 
 Nothing else looks at the socket to learn whether a frame is waiting (py-amqp and kombu
 read it only through the transport), so frames buffered here are never missed.
+
+Writes can be held too: frames written one after the other (a worker's last event of a
+task, then the acknowledgement of its message) then leave in one ``send``, and RabbitMQ
+gets them in one packet. Whoever reads first writes what is held (see
+``_GuardedConnection.blocking_read``), so nothing waits for the answer to a frame that
+was never sent.
 """
 
 from __future__ import annotations
@@ -49,6 +55,52 @@ class BufferedTCPTransport(TCPTransport):  # type: ignore[misc]
             return None  # not all here yet (or malformed: read_frame says so)
         self._read_buffer = rbuf[end + 1 :]
         return frame_type, channel, rbuf[7:end]
+
+    def has_frame(self) -> bool:
+        """Whether a whole frame was read off the socket already."""
+        rbuf = self._read_buffer
+        if len(rbuf) < 8:
+            return False
+        return len(rbuf) > 7 + int.from_bytes(rbuf[3:7], "big")
+
+    # Writes held back ------------------------------------------------------------------------
+    _held: list[bytes] | None = None
+
+    @property
+    def holding(self) -> bool:
+        """Whether writes are held now."""
+        return self._held is not None
+
+    def hold_writes(self) -> None:
+        """Keep what is written from now on, to write it whole with :meth:`release_writes`."""
+        if self._held is None:
+            self._held = []
+
+    def write(self, s: Any) -> None:
+        """py-amqp's write, or kept while writes are held (copied: py-amqp reuses its buffer)."""
+        if self._held is not None:
+            self._held.append(bytes(s))
+        else:
+            super().write(s)
+
+    def flush_writes(self) -> None:
+        """Write what was held so far (in one piece), holding on."""
+        held = self._held
+        if held:
+            data = b"".join(held)
+            held.clear()
+            super().write(data)
+
+    def release_writes(self) -> None:
+        """Write what was held, and write at once again from now on."""
+        try:
+            self.flush_writes()
+        finally:
+            self._held = None
+
+    def drop_writes(self) -> None:
+        """Forget what was held (the connection is being given up), writing at once again."""
+        self._held = None
 
     def _read(self, n: int, initial: bool = False, _errnos: Any = _RETRY) -> bytes:
         """Exactly ``n`` bytes: from what was read before, then from the socket."""

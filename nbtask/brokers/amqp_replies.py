@@ -19,7 +19,8 @@ import time
 
 from amqp.exceptions import PreconditionFailed, ResourceLocked
 
-from nbtask.brokers.amqp_links import Link, Links, body_of, kombu
+from nbtask.brokers.amqp_guards import body_of
+from nbtask.brokers.amqp_links import Link, Links, kombu
 from nbtask.brokers.redis_store import RedisStore
 from nbtask.errors import BrokerUnavailable
 
@@ -68,10 +69,8 @@ class Replies:
                 if not link.replies and not out and block_seconds > 0:
                     with contextlib.suppress(TimeoutError):
                         link.conn.drain_events(timeout=block_seconds)
-                # Anything else already buffered comes along without waiting.
-                with contextlib.suppress(TimeoutError):
-                    while True:
-                        link.conn.drain_events(timeout=0)
+                # Anything else already in comes along without waiting.
+                link.drain_ready()
         except _Taken:
             return self._from_store(channel, block_seconds)
         except BrokerUnavailable:

@@ -160,3 +160,66 @@ def test_rabbitmq_takes_the_frames_and_hands_back_what_was_sent(queue: str) -> N
             assert list(links.waiting(link, queue, ack=True)) == []
     finally:
         links.close()
+
+
+def counting_sends(link: Any) -> list[int]:
+    """Note the size of every write that reaches the link's socket."""
+    sizes: list[int] = []
+    write = link.buffered._write
+
+    def noted(data: Any) -> None:
+        sizes.append(len(data))
+        write(data)
+
+    link.buffered._write = noted
+    return sizes
+
+
+def test_an_event_and_an_ack_written_together_leave_in_one_send(queue: str) -> None:
+    links = Links(AMQP_URL)
+    try:
+        links.publishing(lambda link: links.declare_task_queue(link, queue))
+        links.publishing(lambda link: links.send(link, queue, b"t", persistent=True, task_id="t"))
+        with links.using() as link:
+            (message,) = links.waiting(link, queue, ack=False)
+            sends = counting_sends(link)
+            with links.writes_together():
+                event = lambda link: links.send(link, queue, b"e", persistent=False)  # noqa: E731
+                links.publishing(event, wait=False)  # as a worker sends a task's last event
+                links.ack(link, message)
+                assert sends == []  # held until the end
+            assert len(sends) == 1
+            links.flush()  # the event confirmed: it was sent whole
+            assert [m.body for m in links.waiting(link, queue, ack=True)] == [b"e"]
+    finally:
+        links.close()
+
+
+def test_a_read_while_writes_are_held_sends_them_first(queue: str) -> None:
+    links = Links(AMQP_URL)
+    try:
+        links.publishing(lambda link: links.declare_task_queue(link, queue))
+        with links.writes_together():
+            # Waiting for its confirm reads the connection: the publish must be out by then.
+            links.publishing(lambda link: links.send(link, queue, b"m", persistent=True))
+        with links.using() as link:
+            assert [m.body for m in links.waiting(link, queue, ack=True)] == [b"m"]
+    finally:
+        links.close()
+
+
+def test_held_writes_whose_connection_failed_are_sent_again_on_a_new_one(queue: str) -> None:
+    links = Links(AMQP_URL)
+    try:
+        links.publishing(lambda link: links.declare_task_queue(link, queue))
+        first = links.current()
+        assert first is not None
+        message = lambda link: links.send(link, queue, b"m", persistent=True)  # noqa: E731
+        with links.writes_together():
+            links.publishing(message, wait=False)
+            first.buffered.sock.close()  # the final write fails
+        assert links.current() is not first
+        with links.using() as link:
+            assert [m.body for m in links.waiting(link, queue, ack=True)] == [b"m"]
+    finally:
+        links.close()
