@@ -236,10 +236,9 @@ class Links:
     def writes_together(self) -> Iterator[None]:
         """Frames this thread's link writes inside leave together, in one write at the end.
 
-        A read in between writes them first. If the final write fails, the link is
-        dropped and what it sent unconfirmed is sent again at once on a new link
-        (:meth:`flush`, whose error is raised if that fails too); an acknowledgement
-        written with them is lost with the connection, like any other.
+        A read that may wait writes them first. If the final write fails, the link is
+        dropped and what it sent unconfirmed sent again at once on a new link (:meth:`flush`,
+        raising if that fails too); an acknowledgement is lost with the connection.
         """
         link = self.current()
         held = link.buffered if link is not None else None
@@ -491,9 +490,10 @@ class Links:
     @staticmethod
     def ack(link: Link, message: Message) -> None:
         """Acknowledge ``message``, a delivery on ``link``."""
-        amqp = link.amqp()
-        if amqp is None or message.channel is not link.channel or message.acknowledged:
-            message.ack()  # kombu's own (and its refusal of a second ack)
+        amqp, consumer = link.amqp(), message.delivery_info.get("consumer_tag")
+        unacked = consumer in (link.channel.no_ack_consumers or ())  # kombu acks no such one
+        if amqp is None or message.channel is not link.channel or message.acknowledged or unacked:
+            message.ack()  # kombu's own (its refusal of a second ack, its no-op)
             return
         amqp.transport.write(ack_frame(link.channel.channel_id, message.delivery_tag))
         amqp.bytes_sent += 1
