@@ -66,9 +66,9 @@ class Replies:
             with self.links.using() as link:
                 if link.reply != channel:
                     out += self._consume(link, channel)
-                if not link.replies and not out and block_seconds > 0:
+                if not link.replies and not out:  # (no wait at all for 0 seconds)
                     with contextlib.suppress(TimeoutError):
-                        link.conn.drain_events(timeout=block_seconds)
+                        link.conn.drain_events(timeout=max(block_seconds, 0.0))
                 # Anything else already in comes along without waiting.
                 link.drain_ready()
         except _Taken:

@@ -230,3 +230,24 @@ def test_kombu_is_a_lazy_import() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.brokers("amqp")
+def test_a_reply_read_that_does_not_wait_takes_an_event_already_sent(settings: Settings) -> None:
+    reader = open_broker(settings, AMQP_URL)
+    sender = open_broker(settings, AMQP_URL)
+    channel = f"{settings.key_prefix}:c:no-wait"
+    got: list[bytes] = []
+
+    def read_now() -> bool:
+        got.extend(raw for _, _, raw in reader.read_events({channel: "0-0"}, 0.0))
+        return got == [b"event"]
+
+    try:
+        reader.keep_channel(channel)
+        assert reader.read_events({channel: "0-0"}, 0.0) == []  # its reply queue declared
+        sender.notify(channel, [b"event"])  # confirmed: on the queue, then on its way
+        wait_until(read_now, 10, "the event, read without waiting")
+    finally:
+        reader.close()
+        sender.close()
