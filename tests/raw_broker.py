@@ -71,6 +71,10 @@ class RawBroker(abc.ABC):
     def push_event(self, channel: str, raw: bytes) -> None:
         """Put ``raw`` on a client's event channel, where its listener reads."""
 
+    def wait_for_channel(self, channel: str) -> None:
+        """Wait until a client's listener reads ``channel`` (a stream needs no waiting)."""
+        del channel  # a stream takes events before its reader starts
+
     # Store side ----------------------------------------------------------------------------
     def record(self, task_id: str) -> dict[bytes, bytes]:
         fields: dict[bytes, bytes] = self.store.hgetall(self.keys.record_key(task_id))
@@ -184,13 +188,16 @@ class _AmqpQueues(RawBroker):
         return {"ready": ready, "unacknowledged": unacked, "parked lost": lost}
 
     def push_event(self, channel: str, raw: bytes) -> None:
+        self.wait_for_channel(channel)
+        self._publish(channel, raw, {})
+
+    def wait_for_channel(self, channel: str) -> None:
         # The client's listener declares its reply queue when it starts reading; a
         # message for a queue that does not exist yet would be dropped.
         deadline = time.monotonic() + 10
         while not self._exists(channel):
             assert time.monotonic() < deadline, f"the reply queue {channel} never appeared"
             time.sleep(0.05)
-        self._publish(channel, raw, {})
 
     def _exists(self, name: str) -> bool:
         from amqp.exceptions import NotFound, ResourceLocked

@@ -19,13 +19,22 @@ from nbtask.core.task import Task
 from nbtask.errors import NbtaskError
 from nbtask.settings import Settings
 from nbtask.wire.envelope import Buffer, Envelope, Signer
-from nbtask.wire.events import FINAL_SEQ, Event, EventType, State
+from nbtask.wire.events import FINAL_SEQ, FINAL_STATES, Event, EventType, State
 from nbtask.wire.message import TaskMessage
-from nbtask.worker.settle import FollowUps, Outcome, failure_event, report
+from nbtask.worker.settle import (
+    FollowUps,
+    Outcome,
+    failure_event,
+    report,
+    send_stored_outcome,
+)
 
 __all__ = ["Admission", "Admitted", "Settle"]
 
 log = logging.getLogger("nbtask.worker")
+
+#: Start verdicts of a task that ended: its record holds a final state or a signed outcome.
+_ENDED = frozenset({Verdict.FINISHED, *(state.value for state in FINAL_STATES)})
 # A message taken this long before its signed eta was moved early in the store (clocks of
 # the sender and the worker may differ by less): it is parked again until its eta.
 _EARLY_SECONDS = 1.0
@@ -201,9 +210,20 @@ class Admission:
             return
         log.warning("dropped a message for task %s: it is already %s", message.id, refused)
         self.transport.discard(admitted.delivery)
+        if refused in _ENDED:
+            self._tell_outcome_again(message)
         if refused == State.REVOKED.value:
             gone = Outcome(Event(EventType.REVOKED, message.id, FINAL_SEQ, {"reason": "revoked"}))
             self.follow_ups.run(message, gone, admitted.callbacks, None)
+
+    def _tell_outcome_again(self, message: TaskMessage) -> None:
+        """Send a finished task's stored outcome to its client (see send_stored_outcome)."""
+        try:
+            record = self.transport.store.get_record(message.id)
+        except NbtaskError as exc:
+            log.warning("could not read task %s's stored outcome to send: %s", message.id, exc)
+            return
+        send_stored_outcome(self.transport, message.client, record)
 
     def _too_old(self, admitted: Admitted, age: float) -> None:
         message = admitted.message

@@ -18,7 +18,7 @@ from nbtask.settings import Settings
 from nbtask.wire.envelope import Signer
 from nbtask.wire.events import FINAL_SEQ, Event, EventType, State
 from nbtask.wire.message import TaskMessage
-from nbtask.worker.settle import report, stopped_event
+from nbtask.worker.settle import report, send_stored_outcome, stopped_event
 
 __all__ = ["LostTasks"]
 
@@ -67,7 +67,9 @@ class LostTasks:
     ) -> None:
         record = self.store.get_record(message.id)
         if record is not None and record.final:
-            self.transport.discard(delivery)  # it finished; only the acknowledgement was lost
+            # It finished: the acknowledgement was lost, and maybe the outcome's event.
+            self.transport.discard(delivery)
+            send_stored_outcome(self.transport, message.client, record)
             return
         if stopped is not None and stopped[0] == message.id:
             event = stopped_event(stopped, reason, message.name)

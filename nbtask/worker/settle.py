@@ -25,7 +25,7 @@ from nbtask.wire.envelope import Buffer, Signer, dumps
 from nbtask.wire.events import FINAL_SEQ, FINAL_STATES, Event, EventType, State
 from nbtask.wire.exceptions import portable_exception
 from nbtask.wire.message import TaskMessage, decode_value, split
-from nbtask.wire.records import RecordFields, final_fields
+from nbtask.wire.records import RecordFields, TaskRecord, final_fields
 from nbtask.worker.subtasks import SubtaskPublisher
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "outcome_fields",
     "report",
     "revoked_body",
+    "send_stored_outcome",
     "stopped_event",
     "success_outcome",
 ]
@@ -228,6 +229,18 @@ def report(
     raw = signer.seal(event.to_header(), body)
     assert event.state is not None
     transport.finish(delivery, task_id, channel, raw, final_fields(event.state, raw))
+
+
+def send_stored_outcome(transport: Transport, channel: str, record: TaskRecord | None) -> None:
+    """Send a task's stored final outcome to its client once more, if it has one.
+
+    On RabbitMQ a child stores a task's outcome in Redis, then publishes its event: one that
+    dies in between leaves an outcome its client never heard of. Whoever then finds the task
+    finished (its supervisor, or the worker its message comes back to) sends it; a handle
+    that has its outcome ignores a second copy.
+    """
+    if record is not None and record.result:
+        transport.notify(channel, [record.result])
 
 
 def stopped_event(stopped: tuple[str, str, float], reason: str, name: str) -> Event:

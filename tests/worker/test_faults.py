@@ -9,6 +9,7 @@ import signal
 import time
 from pathlib import Path
 
+import cloudpickle
 import psutil
 import pytest
 from helpers import WorkerProcess, exited, wait_until
@@ -16,13 +17,17 @@ from raw_broker import RawBroker
 
 import nbtask
 from nbtask import App, State
+from nbtask.brokers import open_broker
 from nbtask.core.handle import TaskHandle
+from nbtask.wire.events import FINAL_SEQ, Event, EventType
+from nbtask.worker.lost import LostTasks
 
 pytestmark = pytest.mark.brokers
 
 SLOW_MARKER = "tests.sample_tasks.slow_marker"  # acks_late
 SLOW_EARLY = "tests.sample_tasks.slow_early"  # early ack
 WAIT_FOR_FILE = "tests.sample_tasks.wait_for_file"
+ADD = "tests.sample_tasks.add"
 
 
 def pids_in(path: Path) -> list[int]:
@@ -244,4 +249,49 @@ def test_warm_shutdown_finishes_the_running_task(app: App, start_worker, tmp_pat
         lambda: all(exited(c.pid) for c in children),
         5,
         "the child processes to exit",
+    )
+
+
+@pytest.mark.brokers("amqp")
+def test_an_outcome_stored_but_never_sent_reaches_its_client_when_the_message_comes_back(
+    app: App, start_worker, access: RawBroker
+) -> None:
+    """RabbitMQ: a child stores a task's outcome in Redis, then publishes its event. One
+    that dies in between leaves the outcome stored and unheard of, and the message comes
+    back; the worker that drops it as finished sends the stored outcome to the client."""
+    h = app.send_task(ADD, (2, 3))  # no worker yet: it waits in its queue
+    _store_outcome_unsent(app, access, h.id, 5)
+    access.wait_for_channel(app.channel)  # the client listens, as one waiting would
+    worker = start_worker(concurrency=1)
+    assert h.get(timeout=20) == 5
+    assert f"dropped a message for task {h.id}: it is already SUCCESS" in worker.log.read_text()
+
+
+@pytest.mark.brokers("amqp")
+def test_an_outcome_stored_but_never_sent_reaches_its_client_when_its_supervisor_settles_it(
+    app: App, access: RawBroker
+) -> None:
+    """The same, the child's supervisor settling the delivery it held (the task finished:
+    only the acknowledgement, and the event, were lost)."""
+    transport = open_broker(app.settings, app.settings.broker_url or "")
+    try:
+        transport.ensure_queues(["default"])
+        h = app.send_task(ADD, (2, 3))
+        delivery = transport.fetch(["default"], "test-consumer", 10)
+        assert delivery is not None
+        _store_outcome_unsent(app, access, h.id, 5)
+        access.wait_for_channel(app.channel)
+        LostTasks(transport, app.signer, app.settings).settle(delivery, "child died")
+        assert h.get(timeout=20) == 5
+    finally:
+        transport.close()
+
+
+def _store_outcome_unsent(app: App, access: RawBroker, task_id: str, value: int) -> None:
+    """What a child that died after storing a task's outcome left: the record, no event."""
+    event = Event(EventType.SUCCESS, task_id, FINAL_SEQ - 1, {"serializer": "cloudpickle"})
+    outcome = app.signer.seal(event.to_header(), cloudpickle.dumps(value, protocol=5))
+    access.store.hset(
+        access.keys.record_key(task_id),
+        mapping={"state": "SUCCESS", "client": app.channel, "result": outcome},
     )
