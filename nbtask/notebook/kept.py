@@ -108,8 +108,8 @@ class RemoteValue(ValueRef):
         if not force and self._budget is not None and self.size > self._budget:
             raise BlobError(
                 f"{self.name} is {self.size:,} bytes, over the fetch budget of "
-                f"{self._budget:,} (fetch_budget, NBTASK_FETCH_BUDGET): raise it, call "
-                f"{self.name}.fetch(force=True), or work on it in a %%task cell instead"
+                f"{self._budget:,} (fetch_budget, NBTASK_FETCH_BUDGET): fetch it anyway with "
+                f"{self.name} = {self.name}.fetch(force=True), or work on it in a %%task cell"
             )
         try:
             if self._watch is None:

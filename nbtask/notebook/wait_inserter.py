@@ -92,12 +92,38 @@ def _only_as_reference(cell: ast.Module, name: str) -> bool:
                 used.update(id(found) for found in _names_passed(argument, name))
         elif node.func.attr == "fetch":
             used.update(id(found) for found in _names_passed(node.func.value, name))
-    reads = [
-        node
-        for node in ast.walk(cell)
-        if isinstance(node, ast.Name) and node.id == name and isinstance(node.ctx, ast.Load)
-    ]
+    reads = _reads_of_its_value(cell, name)
     return bool(reads) and all(id(read) in used for read in reads)
+
+
+def _reads_of_its_value(cell: ast.Module, name: str) -> list[ast.Name]:
+    """The reads of ``name`` in ``cell`` that may see the value it had before the cell.
+
+    Those after a top-level statement binding the name anew (``x = x.fetch()``, then
+    ``x.mean()``) read the new value; a binding in a branch or a loop may not run, so the
+    reads after it count.
+    """
+    reads: list[ast.Name] = []
+    for statement in cell.body:
+        new = _new_value(statement, name)  # runs before the name is bound
+        reads += [
+            node
+            for node in ast.walk(statement if new is None else new)
+            if isinstance(node, ast.Name) and node.id == name and isinstance(node.ctx, ast.Load)
+        ]
+        if new is not None:
+            break
+    return reads
+
+
+def _new_value(statement: ast.stmt, name: str) -> ast.expr | None:
+    """The value ``statement`` binds ``name`` itself to (``x = ...``, ``x: T = ...``), if any."""
+    if isinstance(statement, ast.Assign):
+        if any(isinstance(t, ast.Name) and t.id == name for t in statement.targets):
+            return statement.value
+    elif isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name):
+        return statement.value if statement.target.id == name else None
+    return None
 
 
 def _only_deleted(cell: ast.Module, name: str) -> bool:
