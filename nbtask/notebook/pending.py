@@ -228,15 +228,20 @@ class Pending:
             )
             try:
                 self.namespace[name] = value.fetch()
+                continue
             except KeyboardInterrupt:
-                raise one_line(
-                    KeyboardInterrupt(f"fetching {name} was interrupted: it is still the reference")
-                ) from None
+                said = f"fetching {name} was interrupted: it is still the reference"
+                error: BaseException = KeyboardInterrupt(said)
             except BlobError as exc:  # one line that names the variable, no nbtask frames
                 said = str(exc)
                 if not said.startswith(f"{name} "):
                     said = f"{name} cannot be fetched: {said}"
-                raise one_line(BlobError(said)) from None
+                error = BlobError(said)
+            # Raised out of the handler, with no context: the notebook keeps the traceback
+            # (sys.last_traceback), which would keep the reference, and so the value on its
+            # holder, once the cell that follows the error's advice rebinds the name.
+            del value
+            raise one_line(error)
 
     def deliver(self, run: CellRun, *, raise_errors: bool = False) -> None:
         """Write a finished run's values into the namespace, or raise its error."""

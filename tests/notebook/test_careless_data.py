@@ -8,8 +8,10 @@ array in the namespace; one it did not is still a :class:`RemoteValue`.
 
 from __future__ import annotations
 
+import gc
 import os
 import re
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +104,20 @@ def test_a_cell_that_fetches_a_kept_value_itself_then_uses_it_fetches_nothing_fi
     run(ip, code)  # as it says: the uses after the cell's own fetch read the array
     assert ip.user_ns["first"] == 0.0
     assert not isinstance(ip.user_ns["x"], RemoteValue)
+
+
+@NO_FETCH
+def test_a_fetch_refused_leaves_nothing_holding_the_reference_once_it_is_fetched(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    task(ip, MAKE_X)
+    reference = weakref.ref(ip.user_ns["x"])
+    assert isinstance(ip.run_cell("first = float(x[0])").error_in_exec, BlobError)
+    run(ip, "x = x.fetch(force=True)")
+    gc.collect()
+    # The refused fetch's traceback (sys.last_traceback) would keep it, so the holder would
+    # never be told to release it.
+    assert reference() is None, gc.get_referrers(reference())
 
 
 @NO_FETCH
