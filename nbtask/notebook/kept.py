@@ -36,6 +36,23 @@ _HEAD_CHARS = 2000
 _OWN_FIELDS = frozenset({"name", "layout", "inline", "holder", "holder_pid", "preview", "made_by"})
 
 
+def _refusing(use: str) -> Callable[..., Any]:
+    """A :class:`RemoteValue` method that code reaching it instead of its value calls.
+
+    It raises one ``TypeError`` saying so (``use`` names the use, ``{name}`` the variable),
+    once the reference is let go: the notebook keeps the error and its traceback
+    (``sys.last_value``), and a frame holding the reference would keep the value on its
+    holder after ``x = x.fetch()``.
+    """
+
+    def refuse(self: RemoteValue, *args: object, **kwargs: object) -> Any:
+        error = TypeError(self._not_here(use.format(name=self.name)))
+        del self
+        raise error
+
+    return refuse
+
+
 class RemoteValue(ValueRef):
     """A value kept out of this kernel: its bytes stay as blobs; its preview came along.
 
@@ -147,24 +164,20 @@ class RemoteValue(ValueRef):
         )
 
     # What code that reaches the reference instead of the value tries first: one error
-    # saying so, not "'RemoteValue' object is not subscriptable".
+    # saying so, not "'RemoteValue' object is not subscriptable" (see _refusing).
     def __getattr__(self, attribute: str) -> Any:
         # Dunders, IPython's probes and the reference's own fields: the usual miss.
         if attribute.startswith("_") or attribute in _OWN_FIELDS:
             raise AttributeError(attribute)
-        raise AttributeError(self._not_here(f"{self.name}.{attribute}"))
+        # Named, so that Python does not set the error's ``obj`` to the reference.
+        error = AttributeError(self._not_here(f"{self.name}.{attribute}"), name=attribute)
+        del self
+        raise error
 
-    def __getitem__(self, key: object) -> Any:
-        raise TypeError(self._not_here(f"{self.name}[...]"))
-
-    def __len__(self) -> int:
-        raise TypeError(self._not_here(f"len({self.name})"))
-
-    def __iter__(self) -> Any:
-        raise TypeError(self._not_here(f"iter({self.name})"))
-
-    def __array__(self, *args: object, **kwargs: object) -> Any:
-        raise TypeError(self._not_here(f"numpy.asarray({self.name})"))
+    __getitem__ = _refusing("{name}[...]")
+    __len__ = _refusing("len({name})")
+    __iter__ = _refusing("iter({name})")
+    __array__ = _refusing("numpy.asarray({name})")
 
     def __bool__(self) -> bool:
         return True  # a reference is there, whatever its value: len() is not asked

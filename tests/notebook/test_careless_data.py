@@ -172,6 +172,19 @@ def test_code_that_reaches_a_kept_value_without_naming_it_is_told_to_fetch_it(
     assert isinstance(ip.user_ns["x"], RemoteValue) and ip.user_ns["x"]  # still there
 
 
+@pytest.mark.parametrize("code", ["eval('x.mean()')", "eval('x[0]')", "len(eval('x'))"])
+def test_the_error_of_code_that_reached_a_kept_value_does_not_keep_it(
+    ip: InteractiveShell, nb: Session, code: str
+) -> None:
+    task(ip, MAKE_X)
+    reference = weakref.ref(ip.user_ns["x"])
+    assert ip.run_cell(code).error_in_exec is not None
+    run(ip, "x = x.fetch()")  # as the error says; the notebook keeps the error (sys.last_value)
+    gc.collect()
+    # Kept, the reference would keep the value on its holder: never released.
+    assert reference() is None, gc.get_referrers(reference())
+
+
 def test_a_kept_value_used_after_its_session_ended_says_it_was_released(
     ip: InteractiveShell, nb: Session
 ) -> None:
