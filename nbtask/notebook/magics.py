@@ -16,6 +16,7 @@ from typing import Any, TypeVar, cast
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.utils.process import arg_split
 
 from nbtask._process import interrupts_held
 from nbtask.client.app import App
@@ -39,6 +40,7 @@ def _typed(decorator: Any) -> Callable[[F], F]:
 def _task_options(line: str) -> argparse.Namespace:
     """The options of a ``%%task`` line (not to be changed: shared by every such line)."""
     options: argparse.Namespace = parse_argstring(TaskMagics.task, line)
+    options.name_after = _name_after(line, options.name) if options.name else ""
     return _checked(options)
 
 
@@ -55,6 +57,30 @@ def _unquoted(value: str) -> str:
     if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
         return value[1:-1]
     return value
+
+
+#: The options that take a value, and those of them given once per name.
+_VALUED = frozenset({"-q", "--queue", "-t", "--timeout", "-r", "--retries", "-o", "--out"})
+_PER_NAME = ("--keep", "--fetch", "--requires")
+
+
+def _name_after(line: str, name: str) -> str:
+    """The option given once per name (``--keep``) whose value the cell's ``name`` follows.
+
+    ``--keep x y`` makes ``y`` the cell's name, not a second name to keep: "" if ``name``
+    follows no such value.
+    """
+    words = arg_split(line)
+    for i, word in enumerate(words):
+        if _unquoted(word) != name or (i and words[i - 1] in {*_VALUED, *_PER_NAME}):
+            continue  # another word, or an option's value
+        before = words[i - 1] if i else ""
+        if before.startswith("--") and "=" in before:
+            flag = before.split("=", 1)[0]
+        else:
+            flag = words[i - 2] if i >= 2 and not before.startswith("-") else ""
+        return flag if flag in _PER_NAME else ""
+    return ""
 
 
 def _checked(options: argparse.Namespace) -> argparse.Namespace:

@@ -237,6 +237,13 @@ class Session:
         waited = [n for n in found.reads if n in self.pending.owner]
         self.pending.wait(waited, stay=waited)  # kept values are used where they are
         back = {*found.assigned, *found.mutated}  # the names that come back
+        flag = getattr(args, "name_after", "")
+        if flag and args.name in back:  # "--keep x y": y meant as a second name, surely
+            raise CellError(
+                f"{flag} takes one name: {args.name!r} would name the cell, not be one more "
+                f"{flag} name; write {flag} {args.name} for it too, or the cell's name "
+                "first. Nothing was sent"
+            )
         unassigned = [n for n in (*args.keep, *args.fetch) if n not in back]
         if unassigned:
             raise CellError(

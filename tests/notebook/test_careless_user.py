@@ -60,6 +60,20 @@ def test_an_option_no_one_can_mean_is_refused_with_one_line_before_sending(
     assert "q" not in ip.user_ns
 
 
+@pytest.mark.parametrize(
+    ("line", "flag"),
+    [("--keep q y", "--keep"), ("--fetch=q y", "--fetch"), ("--keep q --keep 'q2' y", "--keep")],
+)
+def test_a_second_name_after_keep_or_fetch_that_the_cell_assigns_is_refused(
+    ip: InteractiveShell, loaded: Session, line: str, flag: str
+) -> None:
+    # y would be the cell's name, and the cell's y would not be kept (or fetched) as meant.
+    with pytest.raises(CellError, match=rf"^{flag} takes one name: 'y' would name the cell"):
+        ip.run_cell_magic("task", f"--wait {line}", "q = q2 = 1\ny = 2")
+    assert loaded.pending.runs == []
+    assert "y" not in ip.user_ns
+
+
 def test_a_quoted_queue_is_the_queue_it_names(ip: InteractiveShell, nb: Session) -> None:
     ip.run_cell_magic("task", "--wait --queue 'default' --out h", "q = 1")
     assert ip.user_ns["q"] == 1 and ip.user_ns["h"].queue == "default"
