@@ -76,12 +76,14 @@ _SENDING_CALLS = frozenset({"delay", "apply_async", "s", "si", "signature"})
 
 
 def _only_as_reference(cell: ast.Module, name: str) -> bool:
-    """True if every read of ``name`` in ``cell`` uses a kept value's reference, not its value.
+    """True if ``cell`` uses a kept value's reference, not its value, or fetches it itself.
 
     An argument of a task call goes as a reference: ``f.delay(x)``,
     ``f.apply_async(args=(x,))``, ``f.s([x, y])``, the name as an argument or inside a
-    literal list, tuple, set or dict argument; ``x.fetch()`` is the reference's own call.
-    ``f.delay(x.sum())`` reads ``x`` in the kernel, so it does not count.
+    literal list, tuple, set or dict argument. ``f.delay(x.sum())`` reads ``x`` in the
+    kernel, so it does not count. A cell calling ``x.fetch()`` fetches it itself: its other
+    reads are of what it bound (``x = x.fetch(force=True)``, then ``x.mean()``), and a value
+    fetched first would have no ``fetch``.
     """
     used: set[int] = set()
     for node in ast.walk(cell):
@@ -90,40 +92,14 @@ def _only_as_reference(cell: ast.Module, name: str) -> bool:
         if node.func.attr in _SENDING_CALLS:
             for argument in [*node.args, *(keyword.value for keyword in node.keywords)]:
                 used.update(id(found) for found in _names_passed(argument, name))
-        elif node.func.attr == "fetch":
-            used.update(id(found) for found in _names_passed(node.func.value, name))
-    reads = _reads_of_its_value(cell, name)
+        elif node.func.attr == "fetch" and _names_passed(node.func.value, name):
+            return True
+    reads = [
+        node
+        for node in ast.walk(cell)
+        if isinstance(node, ast.Name) and node.id == name and isinstance(node.ctx, ast.Load)
+    ]
     return bool(reads) and all(id(read) in used for read in reads)
-
-
-def _reads_of_its_value(cell: ast.Module, name: str) -> list[ast.Name]:
-    """The reads of ``name`` in ``cell`` that may see the value it had before the cell.
-
-    Those after a top-level statement binding the name anew (``x = x.fetch()``, then
-    ``x.mean()``) read the new value; a binding in a branch or a loop may not run, so the
-    reads after it count.
-    """
-    reads: list[ast.Name] = []
-    for statement in cell.body:
-        new = _new_value(statement, name)  # runs before the name is bound
-        reads += [
-            node
-            for node in ast.walk(statement if new is None else new)
-            if isinstance(node, ast.Name) and node.id == name and isinstance(node.ctx, ast.Load)
-        ]
-        if new is not None:
-            break
-    return reads
-
-
-def _new_value(statement: ast.stmt, name: str) -> ast.expr | None:
-    """The value ``statement`` binds ``name`` itself to (``x = ...``, ``x: T = ...``), if any."""
-    if isinstance(statement, ast.Assign):
-        if any(isinstance(t, ast.Name) and t.id == name for t in statement.targets):
-            return statement.value
-    elif isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name):
-        return statement.value if statement.target.id == name else None
-    return None
 
 
 def _only_deleted(cell: ast.Module, name: str) -> bool:

@@ -93,12 +93,17 @@ def test_x_fetch_in_a_cell_is_the_cells_own_fetch_with_force_past_the_budget(
 @NO_FETCH
 @pytest.mark.parametrize(
     "code",
-    ["x = x.fetch(force=True)\nfirst = float(x[0])", "x = x.fetch(force=True); first = x.min()"],
+    [
+        "x = x.fetch(force=True)\nfirst = float(x[0])",
+        "x = x.fetch(force=True); first = x.min()",
+        "if isinstance(x, RemoteValue):\n    x = x.fetch(force=True)\nfirst = float(x[0])",
+    ],
 )
 def test_a_cell_that_fetches_a_kept_value_itself_then_uses_it_fetches_nothing_first(
     ip: InteractiveShell, nb: Session, code: str
 ) -> None:
     task(ip, MAKE_X)
+    ip.user_ns["RemoteValue"] = RemoteValue
     refused = ip.run_cell("first = float(x[0])").error_in_exec
     assert isinstance(refused, BlobError) and "x = x.fetch(force=True)" in str(refused), refused
     run(ip, code)  # as it says: the uses after the cell's own fetch read the array
