@@ -104,6 +104,7 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
         error = result.error_before_exec or result.error_in_exec
         if error is None or attempt == spec.retries or not isinstance(error, Exception):
             break
+        _drop_changed(references, shipped, kept_before)
         print(
             f"retrying the cell ({attempt + 1}/{spec.retries}) after "
             f"{type(error).__name__}: {error}",
@@ -236,6 +237,20 @@ def _forget_changed(references: Mapping[str, RemoteValue], out: Mapping[str, Any
     for name, reference in references.items():
         held = holding.get(reference.key) if holding is not None else None
         if holding is not None and held is not None and out.get(name) is held.value:
+            holding.drop(reference.key)
+
+
+def _drop_changed(
+    references: Mapping[str, RemoteValue], values: Mapping[str, Any], before: Mapping[str, bytes]
+) -> None:
+    """Stop holding the kept values a failed try changed in place.
+
+    A retry then loads their store copies: it starts from the values as they were sent, as
+    it does from the shipped ones.
+    """
+    holding = _holding()
+    for name, reference in references.items():
+        if holding is not None and _state(name, values[name], references) != before[name]:
             holding.drop(reference.key)
 
 

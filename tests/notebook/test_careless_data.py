@@ -111,6 +111,22 @@ def test_a_cell_that_fetches_a_kept_value_itself_then_uses_it_fetches_nothing_fi
     assert not isinstance(ip.user_ns["x"], RemoteValue)
 
 
+def test_a_retried_cell_starts_from_the_kept_value_as_it_was_sent(
+    ip: InteractiveShell, nb: Session, tmp_path: Path
+) -> None:
+    ip.user_ns["flag"] = str(tmp_path / "tried")
+    task(ip, MAKE_X)
+    # The first try changes x in place, then fails: the retry must not add to its change.
+    cell = (
+        "import os\nx[0] += 1\nif not os.path.exists(flag):\n"
+        "    open(flag, 'w').close()\n    raise ValueError('first try')"
+    )
+    task(ip, cell, "--wait --retries 1")
+    task(ip, "on_worker = float(x[0])")
+    assert ip.user_ns["on_worker"] == 1.0
+    assert run(ip, "float(x[0])") == 1.0
+
+
 @NO_FETCH
 def test_a_fetch_refused_leaves_nothing_holding_the_reference_once_it_is_fetched(
     ip: InteractiveShell, nb: Session
