@@ -64,8 +64,9 @@ def _read_rc_params(params: Any) -> dict[str, Any]:
     ``+=`` on ``axes.prop_cycle`` (which rebinds its parts: a shallow copy keeps the old),
     or its ``change_key`` (which changes the cyclers it is made of, and their keys).
     """
-    raw = _rc_raw(params)
-    return _rc_kept(raw if raw is not None else dict(params))
+    kept = _rc_kept(_rc_raw(params) or params)
+    kept.pop("backend", None)
+    return kept
 
 
 def _copied(value: Any) -> Any:
@@ -184,25 +185,25 @@ class _Snapshots:
 
 def _equal(raw: Any, kept: Any) -> bool:
     try:
-        return bool(raw == kept)
+        # A dict's own comparison, in C, for a subclass too: RcParams compares as a
+        # Mapping otherwise, item by item through its validating lookups.
+        return (dict.__eq__(raw, kept) if isinstance(raw, dict) else raw == kept) is True
     except Exception:  # a value that does not compare (an array): read it again
         return False
 
 
 def _rc_raw(params: Any) -> dict[str, Any] | None:
-    return (
-        {k: v for k, v in dict.items(params) if k != "backend"}
-        if isinstance(params, dict)
-        else None
-    )
+    # The live store itself, compared without a copy; the backend stays in the values
+    # kept for that, only the snapshot leaves it out.
+    return cast("dict[str, Any]", params) if isinstance(params, dict) else None
 
 
-def _rc_kept(raw: dict[str, Any]) -> dict[str, Any]:
+def _rc_kept(raw: Mapping[str, Any]) -> dict[str, Any]:
     # Lists and cyclers copied: one a cell changes in place no longer equals its copy.
     cycler = getattr(sys.modules.get("cycler"), "Cycler", None)
+    items = dict.items(raw) if isinstance(raw, dict) else raw.items()
     return {
-        k: list(v) if type(v) is list else _copied(v) if type(v) is cycler else v
-        for k, v in raw.items()
+        k: list(v) if type(v) is list else _copied(v) if type(v) is cycler else v for k, v in items
     }
 
 
@@ -222,5 +223,5 @@ def _pandas_kept(value: Any) -> Any:
 
 #: The settings as they are now, as dicts: ``rc_params(matplotlib.rcParams)`` (the backend
 #: left out: it is each process's own), ``pandas_options(pandas)`` (every option by key).
-rc_params = _Snapshots(_read_rc_params, _rc_raw)
+rc_params = _Snapshots(_read_rc_params, _rc_raw, _rc_kept)
 pandas_options = _Snapshots(_read_pandas_options, _pandas_raw, _pandas_kept)

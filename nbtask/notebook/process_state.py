@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import pickle
 import random
 import sys
 import threading
@@ -142,9 +141,10 @@ class KernelState:
         ):
             return last_pickled
         pickled = dumps(state)
-        # Compared later as shipped, not as captured: a captured value can share a list
-        # with the live settings, which a cell may change in place.
-        self.last = (pickle.loads(pickled), pickled)
+        # Compared later as captured: a capture shares nothing a cell can change in place
+        # with the live settings (the settings' snapshots copy their lists and cyclers),
+        # and the values a snapshot gives again compare by identity, in C.
+        self.last = (state, pickled)
         return pickled
 
 
