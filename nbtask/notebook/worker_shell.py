@@ -8,7 +8,6 @@ refused with one line saying why.
 
 from __future__ import annotations
 
-import ast
 import base64
 import contextlib
 import functools
@@ -101,8 +100,9 @@ def _make_shell() -> Any:
             return str(super().cache(padded, number, raw_code))
 
         def ast_parse(self, source: str, filename: str = "<unknown>", symbol: str = "exec") -> Any:
-            tree = super().ast_parse(source, filename, symbol)
-            return ast.increment_lineno(tree, self.line_offset)
+            # Parsed after blank lines, as cached: the numbers come out shifted, in about
+            # half the time of shifting every node after (ast.increment_lineno).
+            return super().ast_parse("\n" * self.line_offset + source, filename, symbol)
 
     class WorkerShell(InteractiveShell):  # type: ignore[misc]
         displayhook_class = Hook
