@@ -78,26 +78,10 @@ def py_amqp_publish(
 def test_a_publish_is_the_bytes_py_amqp_writes(
     routing_key: str, raw: bytes, persistent: bool, headers: dict[str, Any], mandatory: bool
 ) -> None:
+    options: dict[str, Any] = {"persistent": persistent, "headers": headers, "mandatory": mandatory}
     for channel in (1, 513):
-        ours = publish_frames(
-            channel,
-            FRAME_MAX,
-            routing_key,
-            raw,
-            persistent=persistent,
-            headers=headers,
-            mandatory=mandatory,
-        )
-        theirs = py_amqp_publish(
-            channel,
-            FRAME_MAX,
-            routing_key,
-            raw,
-            persistent=persistent,
-            headers=headers,
-            mandatory=mandatory,
-        )
-        assert ours == theirs
+        args = (channel, FRAME_MAX, routing_key, raw)
+        assert publish_frames(*args, **options) == py_amqp_publish(*args, **options)
 
 
 def test_a_body_larger_than_a_frame_is_split_as_py_amqp_splits_it() -> None:
@@ -175,51 +159,49 @@ def counting_sends(link: Any) -> list[int]:
     return sizes
 
 
-def test_an_event_and_an_ack_written_together_leave_in_one_send(queue: str) -> None:
-    links = Links(AMQP_URL)
+@pytest.fixture
+def links(queue: str) -> Iterator[Links]:
+    """nbtask's links to the real RabbitMQ, ``queue`` declared; closed afterwards."""
+    opened = Links(AMQP_URL)
     try:
-        links.publishing(lambda link: links.declare_task_queue(link, queue))
-        links.publishing(lambda link: links.send(link, queue, b"t", persistent=True, task_id="t"))
-        with links.using() as link:
-            (message,) = links.waiting(link, queue, ack=False)
-            sends = counting_sends(link)
-            with links.writes_together():
-                event = lambda link: links.send(link, queue, b"e", persistent=False)  # noqa: E731
-                links.publishing(event, wait=False)  # as a worker sends a task's last event
-                links.ack(link, message)
-                assert sends == []  # held until the end
-            assert len(sends) == 1
-            links.flush()  # the event confirmed: it was sent whole
-            assert [m.body for m in links.waiting(link, queue, ack=True)] == [b"e"]
+        opened.publishing(lambda link: opened.declare_task_queue(link, queue))
+        yield opened
     finally:
-        links.close()
+        opened.close()
 
 
-def test_a_read_while_writes_are_held_sends_them_first(queue: str) -> None:
-    links = Links(AMQP_URL)
-    try:
-        links.publishing(lambda link: links.declare_task_queue(link, queue))
+def test_an_event_and_an_ack_written_together_leave_in_one_send(links: Links, queue: str) -> None:
+    links.publishing(lambda link: links.send(link, queue, b"t", persistent=True, task_id="t"))
+    with links.using() as link:
+        (message,) = links.waiting(link, queue, ack=False)
+        sends = counting_sends(link)
         with links.writes_together():
-            # Waiting for its confirm reads the connection: the publish must be out by then.
-            links.publishing(lambda link: links.send(link, queue, b"m", persistent=True))
-        with links.using() as link:
-            assert [m.body for m in links.waiting(link, queue, ack=True)] == [b"m"]
-    finally:
-        links.close()
+            event = lambda link: links.send(link, queue, b"e", persistent=False)  # noqa: E731
+            links.publishing(event, wait=False)  # as a worker sends a task's last event
+            links.ack(link, message)
+            assert sends == []  # held until the end
+        assert len(sends) == 1
+        links.flush()  # the event confirmed: it was sent whole
+        assert [m.body for m in links.waiting(link, queue, ack=True)] == [b"e"]
 
 
-def test_held_writes_whose_connection_failed_are_sent_again_on_a_new_one(queue: str) -> None:
-    links = Links(AMQP_URL)
-    try:
-        links.publishing(lambda link: links.declare_task_queue(link, queue))
-        first = links.current()
-        assert first is not None
-        message = lambda link: links.send(link, queue, b"m", persistent=True)  # noqa: E731
-        with links.writes_together():
-            links.publishing(message, wait=False)
-            first.buffered.sock.close()  # the final write fails
-        assert links.current() is not first
-        with links.using() as link:
-            assert [m.body for m in links.waiting(link, queue, ack=True)] == [b"m"]
-    finally:
-        links.close()
+def test_a_read_while_writes_are_held_sends_them_first(links: Links, queue: str) -> None:
+    with links.writes_together():
+        # Waiting for its confirm reads the connection: the publish must be out by then.
+        links.publishing(lambda link: links.send(link, queue, b"m", persistent=True))
+    with links.using() as link:
+        assert [m.body for m in links.waiting(link, queue, ack=True)] == [b"m"]
+
+
+def test_held_writes_whose_connection_failed_are_sent_again_on_a_new_one(
+    links: Links, queue: str
+) -> None:
+    first = links.current()
+    assert first is not None
+    message = lambda link: links.send(link, queue, b"m", persistent=True)  # noqa: E731
+    with links.writes_together():
+        links.publishing(message, wait=False)
+        first.buffered.sock.close()  # the final write fails
+    assert links.current() is not first
+    with links.using() as link:
+        assert [m.body for m in links.waiting(link, queue, ack=True)] == [b"m"]
