@@ -12,16 +12,26 @@ refused (``basic.nack``) is kept aside for its sender to report.
 Task messages are published ``mandatory``: one whose queue is gone (deleted after this
 channel declared it) comes back (``basic.return``, before its ``basic.ack``) instead of
 being dropped, and is kept aside for its sender to declare the queue and send it again.
+
+A message larger than RabbitMQ's ``max_message_size`` is refused by closing the channel:
+everything unconfirmed on it is in doubt, and is sent again on a new connection, except
+the messages over the size the refusal names, which would close that one too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
 
 __all__ = ["Confirms", "Outgoing"]
+
+log = logging.getLogger(__name__)
+#: RabbitMQ's words (406, on basic.publish) for a message over its ``max_message_size``.
+_TOO_LARGE = re.compile(r"message size \d+ is larger than (?:configured )?max size (\d+)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,9 +126,29 @@ class Confirms:
         self.returned.clear()
         return out
 
-    def take_unconfirmed(self) -> list[Outgoing]:
-        """Everything not confirmed yet (returned too), oldest first; forgotten here."""
+    def take_unconfirmed(self, cause: BaseException | None = None) -> list[Outgoing]:
+        """Everything not confirmed yet (returned too), oldest first; forgotten here.
+
+        If ``cause``, the error that closed the channel, is RabbitMQ refusing a message
+        over its size limit, the messages over it are moved to :attr:`refused` instead:
+        sent again, each would close the next channel too, with everything after it.
+        """
         merged = sorted([*self.returned.items(), *self.unconfirmed.items()])
         self.returned.clear()
         self.unconfirmed.clear()
-        return [outgoing for _, outgoing in merged]
+        out = [outgoing for _, outgoing in merged]
+        found = _TOO_LARGE.search(str(getattr(cause, "reply_text", "")))
+        if found is None or getattr(cause, "reply_code", None) != 406:
+            return out
+        limit = int(found.group(1))
+        for outgoing in out:
+            if len(outgoing.raw) > limit:
+                log.error(
+                    "RabbitMQ refused a message of %d bytes to %s: it takes messages of at "
+                    "most %d bytes (its max_message_size)",
+                    len(outgoing.raw),
+                    outgoing.routing_key,
+                    limit,
+                )
+                self.refused.append(outgoing)
+        return [outgoing for outgoing in out if len(outgoing.raw) <= limit]

@@ -178,13 +178,13 @@ class Links:
             self._links.append(link)
         return link
 
-    def drop(self) -> None:
-        """Close this thread's link; the next use connects anew."""
+    def drop(self, cause: BaseException | None = None) -> None:
+        """Close this thread's link (``cause``: why it failed); the next use connects anew."""
         link = self.current()
         self._local.link = None
         if link is not None:
             # What it sent unconfirmed is sent again on the thread's next link.
-            self._orphans().extend(link.confirms.take_unconfirmed())
+            self._orphans().extend(link.confirms.take_unconfirmed(cause))
             self._note_unsent(link.confirms.refused)
             link.confirms.refused = []
             link.close()
@@ -224,7 +224,7 @@ class Links:
                 raise
             if isinstance(exc, BrokerUnavailable):
                 raise  # the result store's or a queue's: it says why
-            self.drop()
+            self.drop(exc)
             if isinstance(exc, ConsumerCancelled):
                 raise BrokerUnavailable(
                     "RabbitMQ cancelled a consumer of this connection (its queue was "

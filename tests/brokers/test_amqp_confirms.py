@@ -24,6 +24,7 @@ from raw_broker import raw_broker
 from tcp_proxy import TcpProxy, proxying, via
 
 from nbtask import App, Settings, State
+from nbtask.brokers import amqp_links
 from nbtask.brokers.amqp import AmqpTransport
 from nbtask.brokers.amqp_links import QUIET_SECONDS, Link, Links
 from nbtask.errors import BrokerUnavailable, TaskRevoked
@@ -153,6 +154,40 @@ def test_messages_rabbitmq_refuses_are_reported_not_dropped(prefix: str) -> None
         assert links.take_unsent() == []  # each is reported once
     finally:
         links.close()
+
+
+def test_a_message_over_rabbitmqs_size_limit_is_refused_and_the_ones_after_it_get_through(
+    prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RabbitMQ refuses a message over its max_message_size by closing the channel, with
+    what was sent after it. Found after its publish returned, the message is reported,
+    not sent again first on every new connection (each closed by it again, with the
+    messages after it)."""
+    monkeypatch.setattr(amqp_links, "QUIET_SECONDS", 3600.0)  # found by the flush only
+    links = Links(AMQP_URL)
+    queue = f"{prefix}:sizes"
+    links.publishing(lambda link: links.declare_task_queue(link, queue))
+    big = bytes(128 * 1024 * 1024 + 1)  # over RabbitMQ's default limit (128 MiB; 16 from 4.0)
+
+    def send(raw: bytes, task_id: str) -> None:
+        def publish(link: Link) -> None:
+            links.send(link, queue, raw, persistent=False, task_id=task_id)
+
+        links.publishing(publish, wait=False)
+
+    try:
+        send(big, "big")
+        for i in range(3):
+            send(f"small-{i}".encode(), f"small-{i}")
+        links.flush()
+        assert links.take_unsent() == ["big"]
+        with links.using() as link:
+            got = [m.body for m in links.waiting(link, queue, ack=True)]
+        assert got == [b"small-0", b"small-1", b"small-2"]
+    finally:
+        links.close()
+        with kombu.Connection(AMQP_URL) as direct:
+            direct.default_channel.queue_delete(queue)
 
 
 def test_a_publish_after_a_quiet_spell_finds_a_connection_closed_meanwhile(
