@@ -27,11 +27,19 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["Confirms", "Outgoing"]
+__all__ = ["Confirms", "Outgoing", "size_limit"]
 
 log = logging.getLogger(__name__)
 #: RabbitMQ's words (406, on basic.publish) for a message over its ``max_message_size``.
 _TOO_LARGE = re.compile(r"message size \d+ is larger than (?:configured )?max size (\d+)")
+
+
+def size_limit(exc: BaseException | None) -> int | None:
+    """RabbitMQ's largest message in bytes, if ``exc`` is its refusal of a larger one."""
+    found = _TOO_LARGE.search(str(getattr(exc, "reply_text", "")))
+    if found is None or getattr(exc, "reply_code", None) != 406:
+        return None
+    return int(found.group(1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,10 +145,9 @@ class Confirms:
         self.returned.clear()
         self.unconfirmed.clear()
         out = [outgoing for _, outgoing in merged]
-        found = _TOO_LARGE.search(str(getattr(cause, "reply_text", "")))
-        if found is None or getattr(cause, "reply_code", None) != 406:
+        limit = size_limit(cause)
+        if limit is None:
             return out
-        limit = int(found.group(1))
         for outgoing in out:
             if len(outgoing.raw) > limit:
                 log.error(

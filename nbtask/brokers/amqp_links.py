@@ -24,7 +24,7 @@ from amqp.exceptions import (
 from kombu.exceptions import OperationalError
 
 from nbtask._text import redact_url
-from nbtask.brokers.amqp_confirms import Confirms, Outgoing
+from nbtask.brokers.amqp_confirms import Confirms, Outgoing, size_limit
 from nbtask.brokers.amqp_frames import ack_frame, publish_frames
 from nbtask.brokers.amqp_guards import GUARDED
 from nbtask.brokers.amqp_reads import BufferedTCPTransport
@@ -200,7 +200,13 @@ class Links:
         self._local = threading.local()
 
     def unavailable(self, exc: BaseException) -> BrokerUnavailable:
-        """The one error for a broker that cannot be reached."""
+        """The one error for a broker that cannot be reached (or refused a message's size)."""
+        if (limit := size_limit(exc)) is not None:
+            return BrokerUnavailable(
+                f"RabbitMQ at {redact_url(self.url)} refused a message over its max_message_size "
+                f"({limit} bytes): {exc}. Pass large data by reference, or keep "
+                "NBTASK_BLOB_THRESHOLD below that size"
+            )
         # RabbitMQ answered, and refused: 403 ACCESS_REFUSED (login), 530 NOT_ALLOWED (vhost).
         refused = getattr(exc, "code", None) in (403, 530)
         hint = (

@@ -190,6 +190,20 @@ def test_a_message_over_rabbitmqs_size_limit_is_refused_and_the_ones_after_it_ge
             direct.default_channel.queue_delete(queue)
 
 
+def test_a_publish_rabbitmq_refuses_for_its_size_says_so(prefix: str) -> None:
+    links = Links(AMQP_URL)
+    queue = f"{prefix}:size"
+    links.publishing(lambda link: links.declare_task_queue(link, queue))
+    big = bytes(128 * 1024 * 1024 + 1)  # over RabbitMQ's default limit (128 MiB; 16 from 4.0)
+    try:
+        with pytest.raises(BrokerUnavailable, match="refused a message over its max_message_size"):
+            links.publishing(lambda link: links.send(link, queue, big, persistent=False))
+    finally:
+        links.close()
+        with kombu.Connection(AMQP_URL) as direct:
+            direct.default_channel.queue_delete(queue)
+
+
 def test_a_publish_after_a_quiet_spell_finds_a_connection_closed_meanwhile(
     proxy: TcpProxy, prefix: str
 ) -> None:
