@@ -46,7 +46,8 @@ from nbtask.brokers.amqp_guards import (
     redelivered,
     refusal_of,
 )
-from nbtask.brokers.amqp_links import Link, Links, Message, kombu
+from nbtask.brokers.amqp_link import Link, Message
+from nbtask.brokers.amqp_links import Links, kombu
 from nbtask.brokers.amqp_lost import LostDeliveries
 from nbtask.brokers.amqp_replies import Replies
 from nbtask.brokers.base import Delivery, Publish, Settlement, StartBy, Verdict
@@ -396,7 +397,7 @@ class AmqpTransport:
             )
             return
         try:
-            self.links.ack(link, message)
+            link.ack(message)
         except Exception as exc:
             self.links.drop()
             log.error(

@@ -9,25 +9,16 @@ import logging
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import kombu as _kombu
-from amqp.channel import Channel as AmqpChannel
-from amqp.exceptions import (
-    ConsumerCancelled,
-    PreconditionFailed,
-    RecoverableConnectionError,
-    ResourceLocked,
-)
-from kombu.exceptions import OperationalError
+from amqp.exceptions import ConsumerCancelled, PreconditionFailed, ResourceLocked
 
 from nbtask._text import redact_url
-from nbtask.brokers.amqp_confirms import Confirms, Outgoing, size_limit
-from nbtask.brokers.amqp_frames import ack_frame, publish_frames
+from nbtask.brokers.amqp_confirms import Outgoing, size_limit
 from nbtask.brokers.amqp_guards import GUARDED
-from nbtask.brokers.amqp_reads import BufferedTCPTransport
+from nbtask.brokers.amqp_link import Link, Message
 from nbtask.brokers.base import PIPELINE_WINDOW
 from nbtask.errors import BrokerUnavailable
 
@@ -36,7 +27,6 @@ __all__ = [
     "CONSUMER_TIMEOUT_MS",
     "MAX_RETURNS",
     "QUIET_SECONDS",
-    "Link",
     "Links",
 ]
 
@@ -54,68 +44,7 @@ QUIET_SECONDS = 0.05
 MAX_RETURNS = 3
 # kombu is only partly annotated: used as Any, its objects checked where read.
 kombu: Any = _kombu
-Message = Any
 log = logging.getLogger(__name__)
-_CONTENT = {"content_type": "application/octet-stream", "content_encoding": "binary"}
-
-
-class Link:
-    """One thread's AMQP connection, its channel, and what it consumes."""
-
-    def __init__(self, conn: Any, generation: int) -> None:
-        self.conn = conn
-        self.pid = os.getpid()
-        self.channel: Any = conn.channel()
-        self.generation = generation
-        self.declared: set[str] = set()
-        self.task_queues: tuple[str, ...] = ()
-        self.task_consumers: list[Any] = []
-        self.inbox: deque[tuple[str, Message]] = deque()  # (nbtask queue, message)
-        self.held: dict[str, Message] = {}
-        self.reply: str | None = None
-        self.reply_consumer: Any = None
-        self.replies: deque[Message] = deque()
-        self.confirms = Confirms(self.channel)
-        self._amqp_channel = isinstance(self.channel, AmqpChannel)
-        transport = getattr(self.channel.connection, "transport", None)
-        #: The plain TCP transport, which reads ahead and can hold writes (else None).
-        self.buffered = transport if isinstance(transport, BufferedTCPTransport) else None
-        #: What a failing connection raises (kombu lists them; asked once, not per use).
-        self.errors: tuple[type[BaseException], ...] = (
-            OSError,
-            OperationalError,
-            *conn.connection_errors,
-            *conn.channel_errors,
-        )
-
-    def amqp(self) -> Any:
-        """The py-amqp connection, for frames nbtask writes itself (None: ``memory://``)."""
-        if self._amqp_channel:
-            amqp = self.channel.connection
-            if amqp is None:  # py-amqp's own words for a publish on a closed channel
-                raise RecoverableConnectionError("basic_publish: connection closed")
-            return amqp
-        return None
-
-    def drain_ready(self) -> None:
-        """Take in the frames that arrived, without waiting.
-
-        On plain TCP, those read off the socket already (a read takes all it has): asking
-        it again would mostly cost a failed read. Later ones come with the next read.
-        """
-        with contextlib.suppress(TimeoutError):
-            if self.buffered is None:
-                while True:
-                    self.conn.drain_events(timeout=0)
-            while self.buffered.has_frame():
-                self.conn.drain_events(timeout=0)
-
-    def close(self) -> None:
-        """Release the connection (errors ignored: it may be gone already)."""
-        if self.buffered is not None:
-            self.buffered.drop_writes()  # what is held is sent again on a new link, if need be
-        with contextlib.suppress(Exception):
-            self.conn.release()
 
 
 class Links:
@@ -334,7 +263,7 @@ class Links:
     def _send_orphans(self, link: Link) -> None:
         orphans = self._orphans()
         while orphans:
-            self._publish(link, orphans[0])
+            link.publish(orphans[0])
             orphans.pop(0)
 
     def _collect(self, link: Link, window: int) -> None:
@@ -382,7 +311,7 @@ class Links:
             if outgoing.returns >= MAX_RETURNS:
                 link.confirms.refused.append(outgoing)
             else:
-                self._publish(link, dataclasses.replace(outgoing, returns=outgoing.returns + 1))
+                link.publish(dataclasses.replace(outgoing, returns=outgoing.returns + 1))
 
     def waiting(self, link: Link, name: str, *, ack: bool) -> Iterator[Message]:
         """The messages waiting on task queue ``name``, taken one by one (``basic_get``).
@@ -461,46 +390,4 @@ class Links:
         """Publish ``raw`` on the default exchange, kept until RabbitMQ confirms it."""
         call = getattr(self._local, "call", 0)
         outgoing = Outgoing(routing_key, raw, persistent, dict(headers or {}), task_id, call)
-        self._publish(link, outgoing)
-
-    @staticmethod
-    def _publish(link: Link, outgoing: Outgoing) -> None:
-        # A task message must reach a queue: RabbitMQ returns it if its queue is gone.
-        mandatory = outgoing.task_id is not None
-        amqp = link.amqp()
-        if amqp is not None:
-            frames = publish_frames(
-                link.channel.channel_id,
-                amqp.frame_max,
-                outgoing.routing_key,
-                outgoing.raw,
-                persistent=outgoing.persistent,
-                headers=outgoing.headers,
-                mandatory=mandatory,
-            )
-            amqp.transport.write(frames)
-            amqp.bytes_sent += 1
-        else:
-            message = link.channel.prepare_message(
-                outgoing.raw,
-                priority=None,
-                headers=dict(outgoing.headers),
-                properties={"delivery_mode": 2 if outgoing.persistent else 1},
-                **_CONTENT,
-            )
-            link.channel.basic_publish(
-                message, exchange="", routing_key=outgoing.routing_key, mandatory=mandatory
-            )
-        link.confirms.sent(outgoing)
-
-    @staticmethod
-    def ack(link: Link, message: Message) -> None:
-        """Acknowledge ``message``, a delivery on ``link``."""
-        amqp, consumer = link.amqp(), message.delivery_info.get("consumer_tag")
-        unacked = consumer in (link.channel.no_ack_consumers or ())  # kombu acks no such one
-        if amqp is None or message.channel is not link.channel or message.acknowledged or unacked:
-            message.ack()  # kombu's own (its refusal of a second ack, its no-op)
-            return
-        amqp.transport.write(ack_frame(link.channel.channel_id, message.delivery_tag))
-        amqp.bytes_sent += 1
-        message._state = "ACK"  # as kombu's ack() notes it
+        link.publish(outgoing)

@@ -20,7 +20,8 @@ import time
 from amqp.exceptions import PreconditionFailed, ResourceLocked
 
 from nbtask.brokers.amqp_guards import body_of
-from nbtask.brokers.amqp_links import Link, Links, kombu
+from nbtask.brokers.amqp_link import Link
+from nbtask.brokers.amqp_links import Links, kombu
 from nbtask.brokers.redis_store import RedisStore
 from nbtask.errors import BrokerUnavailable
 

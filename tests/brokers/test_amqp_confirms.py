@@ -26,7 +26,8 @@ from tcp_proxy import TcpProxy, proxying, via
 from nbtask import App, Settings, State
 from nbtask.brokers import amqp_links
 from nbtask.brokers.amqp import AmqpTransport
-from nbtask.brokers.amqp_links import QUIET_SECONDS, Link, Links
+from nbtask.brokers.amqp_link import Link
+from nbtask.brokers.amqp_links import QUIET_SECONDS, Links
 from nbtask.errors import BrokerUnavailable, TaskRevoked
 
 RECORD = "tests.sample_tasks.record_id"  # appends its id to a file: counts runs

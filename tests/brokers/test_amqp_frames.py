@@ -136,9 +136,9 @@ def test_rabbitmq_takes_the_frames_and_hands_back_what_was_sent(queue: str) -> N
                 assert message.headers == {"nbtask-id": f"task-{i}-é", "nbtask-deliveries": i}
                 assert message.properties["delivery_mode"] == 2
                 assert message.content_type == "application/octet-stream"
-                links.ack(link, message)
+                link.ack(message)
             with pytest.raises(MessageStateError):
-                links.ack(link, got[0])  # kombu's refusal of a second ack, as before
+                link.ack(got[0])  # kombu's refusal of a second ack, as before
         links.drop()  # unacknowledged messages would come back on a new connection
         with links.using() as link:
             assert list(links.waiting(link, queue, ack=True)) == []
@@ -178,7 +178,7 @@ def test_an_event_and_an_ack_written_together_leave_in_one_send(links: Links, qu
         with links.writes_together():
             event = lambda link: links.send(link, queue, b"e", persistent=False)  # noqa: E731
             links.publishing(event, wait=False)  # as a worker sends a task's last event
-            links.ack(link, message)
+            link.ack(message)
             assert sends == []  # held until the end
         assert len(sends) == 1
         links.flush()  # the event confirmed: it was sent whole

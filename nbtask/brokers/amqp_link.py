@@ -1,0 +1,127 @@
+"""One AMQP connection of the AMQP transport, its channel, and the frames it writes.
+
+Publishes and acknowledgements are framed by nbtask (:mod:`.amqp_frames`) on py-amqp's
+connections; on others (``memory://``) kombu's own calls write them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import deque
+from typing import Any
+
+from amqp.channel import Channel as AmqpChannel
+from amqp.exceptions import RecoverableConnectionError
+from kombu.exceptions import OperationalError
+
+from nbtask.brokers.amqp_confirms import Confirms, Outgoing
+from nbtask.brokers.amqp_frames import ack_frame, publish_frames
+from nbtask.brokers.amqp_reads import BufferedTCPTransport
+
+__all__ = ["Link", "Message"]
+
+#: A message as kombu hands it over (kombu is only partly annotated).
+Message = Any
+_CONTENT = {"content_type": "application/octet-stream", "content_encoding": "binary"}
+
+
+class Link:
+    """One thread's AMQP connection, its channel, and what it consumes."""
+
+    def __init__(self, conn: Any, generation: int) -> None:
+        self.conn = conn
+        self.pid = os.getpid()
+        self.channel: Any = conn.channel()
+        self.generation = generation
+        self.declared: set[str] = set()
+        self.task_queues: tuple[str, ...] = ()
+        self.task_consumers: list[Any] = []
+        self.inbox: deque[tuple[str, Message]] = deque()  # (nbtask queue, message)
+        self.held: dict[str, Message] = {}
+        self.reply: str | None = None
+        self.reply_consumer: Any = None
+        self.replies: deque[Message] = deque()
+        self.confirms = Confirms(self.channel)
+        self._amqp_channel = isinstance(self.channel, AmqpChannel)
+        transport = getattr(self.channel.connection, "transport", None)
+        #: The plain TCP transport, which reads ahead and can hold writes (else None).
+        self.buffered = transport if isinstance(transport, BufferedTCPTransport) else None
+        #: What a failing connection raises (kombu lists them; asked once, not per use).
+        self.errors: tuple[type[BaseException], ...] = (
+            OSError,
+            OperationalError,
+            *conn.connection_errors,
+            *conn.channel_errors,
+        )
+
+    def amqp(self) -> Any:
+        """The py-amqp connection, for frames nbtask writes itself (None: ``memory://``)."""
+        if self._amqp_channel:
+            amqp = self.channel.connection
+            if amqp is None:  # py-amqp's own words for a publish on a closed channel
+                raise RecoverableConnectionError("basic_publish: connection closed")
+            return amqp
+        return None
+
+    def drain_ready(self) -> None:
+        """Take in the frames that arrived, without waiting.
+
+        On plain TCP, those read off the socket already (a read takes all it has): asking
+        it again would mostly cost a failed read. Later ones come with the next read.
+        """
+        with contextlib.suppress(TimeoutError):  # nothing (more) is in
+            if self.buffered is None:
+                while True:
+                    self.conn.drain_events(timeout=0)
+            else:
+                while self.buffered.has_frame():
+                    self.conn.drain_events(timeout=0)
+
+    def publish(self, outgoing: Outgoing) -> None:
+        """Write ``outgoing`` (its confirm is awaited by :class:`~.amqp_links.Links`)."""
+        # A task message must reach a queue: RabbitMQ returns it if its queue is gone.
+        mandatory = outgoing.task_id is not None
+        amqp = self.amqp()
+        if amqp is not None:
+            frames = publish_frames(
+                self.channel.channel_id,
+                amqp.frame_max,
+                outgoing.routing_key,
+                outgoing.raw,
+                persistent=outgoing.persistent,
+                headers=outgoing.headers,
+                mandatory=mandatory,
+            )
+            amqp.transport.write(frames)
+            amqp.bytes_sent += 1
+        else:
+            message = self.channel.prepare_message(
+                outgoing.raw,
+                priority=None,
+                headers=dict(outgoing.headers),
+                properties={"delivery_mode": 2 if outgoing.persistent else 1},
+                **_CONTENT,
+            )
+            self.channel.basic_publish(
+                message, exchange="", routing_key=outgoing.routing_key, mandatory=mandatory
+            )
+        self.confirms.sent(outgoing)
+
+    def ack(self, message: Message) -> None:
+        """Acknowledge ``message``, a delivery on this link."""
+        amqp, consumer = self.amqp(), message.delivery_info.get("consumer_tag")
+        unacked = consumer in (self.channel.no_ack_consumers or ())  # kombu acks no such one
+        if amqp is None or message.channel is not self.channel or message.acknowledged or unacked:
+            message.ack()  # kombu's own (its refusal of a second ack, its no-op)
+            return
+        amqp.transport.write(ack_frame(self.channel.channel_id, message.delivery_tag))
+        amqp.bytes_sent += 1
+        message._state = "ACK"  # as kombu's ack() notes it
+
+    def close(self) -> None:
+        """Release the connection (errors ignored: it may be gone already)."""
+        if self.buffered is not None:
+            self.buffered.drop_writes()  # what is held is sent again on a new link, if need be
+        with contextlib.suppress(Exception):
+            self.conn.release()
