@@ -47,21 +47,16 @@ class BufferedTCPTransport(TCPTransport):  # type: ignore[misc]
     def buffered_frame(self) -> tuple[int, int, bytes] | None:
         """The next frame if it was read whole already (as ``read_frame``); else None."""
         rbuf = self._read_buffer
-        if len(rbuf) < 8:
-            return None
-        frame_type, channel, size = _FRAME_HEAD.unpack_from(rbuf)
-        end = 7 + size
-        if len(rbuf) <= end or rbuf[end] != _FRAME_END:
+        end = _frame_end(rbuf)
+        if end is None or rbuf[end] != _FRAME_END:
             return None  # not all here yet (or malformed: read_frame says so)
+        frame_type, channel, _ = _FRAME_HEAD.unpack_from(rbuf)
         self._read_buffer = rbuf[end + 1 :]
         return frame_type, channel, rbuf[7:end]
 
     def has_frame(self) -> bool:
         """Whether a whole frame was read off the socket already."""
-        rbuf = self._read_buffer
-        if len(rbuf) < 8:
-            return False
-        return len(rbuf) > 7 + int.from_bytes(rbuf[3:7], "big")
+        return _frame_end(self._read_buffer) is not None
 
     # Writes held back ------------------------------------------------------------------------
     _held: list[bytes] | None = None
@@ -125,3 +120,11 @@ class BufferedTCPTransport(TCPTransport):  # type: ignore[misc]
             raise
         result, self._read_buffer = rbuf[:n], rbuf[n:]
         return result
+
+
+def _frame_end(rbuf: bytes) -> int | None:
+    """Where the first frame in ``rbuf`` ends (its end marker's index), if all of it is in."""
+    if len(rbuf) < 8:
+        return None
+    end = 7 + int.from_bytes(rbuf[3:7], "big")
+    return end if len(rbuf) > end else None

@@ -76,27 +76,31 @@ class StreamText:
             return str(self)
         first = bisect_right(self._ends, start)
         last = bisect_left(self._ends, stop)
-        begin = self._ends[first] - len(self._pieces[first])
+        begin = self._begin(first)
         if first == last:
             return self._pieces[first][start - begin : stop - begin]
         return "".join(
             [
                 self._pieces[first][start - begin :],
                 *self._pieces[first + 1 : last],
-                self._pieces[last][: stop - (self._ends[last] - len(self._pieces[last]))],
+                self._pieces[last][: stop - self._begin(last)],
             ]
         )
 
     def line_end(self, start: int) -> int:
         """Where the text's last line break at or after ``start`` ends; ``start`` if none."""
         for k in range(len(self._pieces) - 1, -1, -1):
-            begin = self._ends[k] - len(self._pieces[k])
+            begin = self._begin(k)
             if self._ends[k] <= start:
                 break
             found = self._pieces[k].rfind("\n", max(0, start - begin))
             if found >= 0:
                 return begin + found + 1
         return start
+
+    def _begin(self, k: int) -> int:
+        """Where piece ``k`` begins in the text."""
+        return self._ends[k] - len(self._pieces[k])
 
 
 class OutputLog:
