@@ -56,6 +56,21 @@ def chatty(n: int) -> int:
 
 
 @app.task
+def prints_to_the_end(tag: int, lines: int) -> int:
+    """Print ``lines`` lines about 0.4 ms apart (busy, not asleep); return ``tag``.
+
+    The outbox's own thread is often sending some of them when the task ends and its
+    last lines and final event go from the task's thread.
+    """
+    for i in range(lines):
+        print(f"{tag}:{i}")
+        until = time.perf_counter() + 0.0004
+        while time.perf_counter() < until:
+            pass
+    return tag
+
+
+@app.task
 def explode(message: str) -> None:
     """Raise ValueError(message) from a helper, so the traceback has two user frames."""
     _explode_helper(message)

@@ -341,11 +341,18 @@ class AmqpTransport:
         return Delivery(queue, delivery_id, raw, deliveries, verdict=verdict, task_id=task_id)
 
     def emit(self, channel: str, raw_events: Sequence[bytes]) -> None:
-        """Keep events in the client's stream, then publish them to its reply queue."""
+        """Keep events in the client's stream, publish them, and wait for their confirms.
+
+        A confirm says the events are in the client's reply queue. The task's next events
+        may leave from another thread, on another connection (its final event, from the
+        task's own thread), and RabbitMQ orders messages only within one connection: sent
+        sooner, a later event could reach the client first,
+        which then drops the earlier one as old.
+        """
         if not channel:
             return
         self.store.append_events(channel, raw_events)
-        self.notify(channel, raw_events, wait=False)  # kept in the store meanwhile
+        self.notify(channel, raw_events)
 
     def finish(
         self,

@@ -325,7 +325,7 @@ class Transport(Protocol):
         """Take one message for ``consumer`` with its start verdict, waiting a while."""
 
     def emit(self, channel: str, raw_events: Sequence[bytes]) -> None:
-        """Send events to a client."""
+        """Send events to a client, ahead of anything any thread sends it after this returns."""
 
     def finish(
         self,
