@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections import deque
 from typing import Any
 
@@ -32,6 +33,8 @@ class Link:
     def __init__(self, conn: Any, generation: int) -> None:
         self.conn = conn
         self.pid = os.getpid()
+        #: The thread whose link this is (made by it): once it ends, the link is closed.
+        self.thread = threading.current_thread()
         self.channel: Any = conn.channel()
         self.generation = generation
         self.declared: set[str] = set()

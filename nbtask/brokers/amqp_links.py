@@ -78,6 +78,7 @@ class Links:
         link = self.current()
         if link is not None:
             return link
+        self._close_ended()
         conn = kombu.Connection(
             self.url,
             transport=GUARDED.get(self.url.split("://", 1)[0].lower()),
@@ -119,6 +120,27 @@ class Links:
             link.close()
             with self._lock, contextlib.suppress(ValueError):
                 self._links.remove(link)
+
+    def _close_ended(self) -> None:
+        """Close the links of threads that ended, once RabbitMQ confirmed what they sent.
+
+        A thread that sent a task and ended (a thread pool's) would otherwise keep its
+        connection open for the life of the transport: one more for every such thread.
+        Its messages still unconfirmed when its connection fails are sent again on the
+        calling thread's new link, as a dropped link's are.
+        """
+        with self._lock:
+            ended = [k for k in self._links if k.pid == os.getpid() and not k.thread.is_alive()]
+            for link in ended:
+                self._links.remove(link)
+        for link in ended:
+            errors: tuple[type[BaseException], ...] = (*link.errors, BrokerUnavailable)
+            try:
+                self._collect(link, 0)
+            except errors as exc:
+                self._orphans().extend(link.confirms.take_unconfirmed(exc))
+                self._note_unsent(link.confirms.refused)
+            link.close()
 
     def close(self) -> None:
         """Close every thread's link."""
