@@ -51,9 +51,10 @@ _MIN_SIZE = _PREFIX_SIZE + 2 + _MAC_SIZE  # the smallest header is "{}"
 _TAG_PREFIX = b"nbtask tag\x00"
 # A message body: bytes, or a view into a received message (not copied).
 Buffer = bytes | bytearray | memoryview
-# Up to this size a message is joined first and MACed in one C call (cheaper than feeding
-# parts to an HMAC object); larger ones are MACed part by part, so they are copied once.
-_ONE_SHOT_BYTES = 64 * 1024
+# HMAC's padded key blocks (RFC 2104): each key's are hashed once, in :class:`_Mac`.
+_BLOCK_SIZE = hashlib.sha256().block_size
+_IPAD = bytes(x ^ 0x36 for x in range(256))
+_OPAD = bytes(x ^ 0x5C for x in range(256))
 # One encoder and decoder for every header: json.dumps/loads with options build new ones.
 _encode_header = json.JSONEncoder(separators=(",", ":")).encode
 _decode_header = json.JSONDecoder().decode
@@ -62,6 +63,32 @@ _decode_header = json.JSONDecoder().decode
 def key_id(key: str | bytes) -> str:
     """A short public name for a secret, to tell secrets apart without revealing them."""
     return hashlib.sha256(b"nbtask key id\x00" + _as_bytes(key)).hexdigest()[:16]
+
+
+class _Mac:
+    """HMAC-SHA256 under one key, with the key's padded blocks hashed once.
+
+    The same MAC as :func:`hmac.digest`; each message then costs two copies of a hash
+    state instead of setting up a new HMAC, the larger part of a small message's MAC.
+    """
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) > _BLOCK_SIZE:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(_BLOCK_SIZE, b"\0")
+        self._inner = hashlib.sha256(key.translate(_IPAD))
+        self._outer = hashlib.sha256(key.translate(_OPAD))
+
+    def digest(self, *parts: Buffer) -> bytes:
+        """The MAC of ``parts`` joined (fed one by one: nothing is copied)."""
+        inner = self._inner.copy()
+        for part in parts:
+            inner.update(part)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
 
 
 def _code_keeping_its_file(code: types.CodeType) -> Any:
@@ -145,6 +172,8 @@ class Signer:
             secret = INSECURE_KEY
         self._key = _as_bytes(secret)
         self._verify_keys = [self._key, *(_as_bytes(s) for s in old_secrets)]
+        self._mac = _Mac(self._key)
+        self._verify_macs = [self._mac, *(_Mac(key) for key in self._verify_keys[1:])]
         self.max_bytes = max_bytes
         #: The public name of the signing secret, and of every secret accepted.
         self.key_id = key_id(self._key)
@@ -171,14 +200,8 @@ class Signer:
                 "(max_message_bytes); pass large data by reference (a path or URL) instead"
             )
         prefix = b"".join((MAGIC, bytes((FORMAT_VERSION,)), _LENGTH.pack(len(head)), head))
-        if size <= _ONE_SHOT_BYTES:
-            signed = b"".join((prefix, *parts))
-            return signed + hmac.digest(self._key, signed, "sha256")
         # MAC the parts as they are and join once: a large body is copied only once.
-        mac = hmac.new(self._key, prefix, hashlib.sha256)
-        for part in parts:
-            mac.update(part)
-        return b"".join((prefix, *parts, mac.digest()))
+        return b"".join((prefix, *parts, self._mac.digest(prefix, *parts)))
 
     def tag(self, label: bytes) -> bytes:
         """A MAC of ``label`` (a short statement, such as a blob's name and digest).
@@ -186,13 +209,13 @@ class Signer:
         Its input is kept apart from every envelope's (which begins with the magic), so a
         tag never passes for a message's MAC, nor the other way round.
         """
-        return hmac.digest(self._key, _TAG_PREFIX + label, "sha256")
+        return self._mac.digest(_TAG_PREFIX, label)
 
     def check_tag(self, label: bytes, tag: Buffer) -> bool:
         """Whether ``tag`` is :meth:`tag` of ``label`` under any secret accepted."""
         return any(
-            hmac.compare_digest(hmac.digest(key, _TAG_PREFIX + label, "sha256"), bytes(tag))
-            for key in self._verify_keys
+            hmac.compare_digest(mac.digest(_TAG_PREFIX, label), bytes(tag))
+            for mac in self._verify_macs
         )
 
     def open(self, raw: bytes) -> Envelope:
@@ -216,10 +239,7 @@ class Signer:
             )
         # A view, not a copy: a large body is never copied while it is checked.
         unsigned, mac = memoryview(raw)[:-_MAC_SIZE], raw[-_MAC_SIZE:]
-        if not any(
-            hmac.compare_digest(hmac.digest(key, unsigned, "sha256"), mac)
-            for key in self._verify_keys
-        ):
+        if not any(hmac.compare_digest(key.digest(unsigned), mac) for key in self._verify_macs):
             raise SignatureError(
                 "message signature does not verify: it was forged, altered, or signed with "
                 "another secret (check that NBTASK_SECRET is the same everywhere)"

@@ -78,6 +78,20 @@ def test_layout_is_magic_version_length_header_body_mac() -> None:
     assert raw[-MAC_SIZE:] == hmac.new(KEY.encode(), raw[:-MAC_SIZE], hashlib.sha256).digest()
 
 
+@pytest.mark.parametrize("key", [b"k", b"k" * 63, b"k" * 64, b"k" * 65, bytes(range(200))])
+@pytest.mark.parametrize(
+    "body", [b"", b"BODY", b"b" * (200 * 1024)], ids=["empty", "small", "large"]
+)
+def test_the_mac_is_hmac_sha256_of_everything_before_it(key: bytes, body: bytes) -> None:
+    signer = Signer(key)
+    raw = signer.seal(HEADER, [body[:7], body[7:]])
+    assert raw[-MAC_SIZE:] == hmac.digest(key, raw[:-MAC_SIZE], "sha256")
+    assert signer.open(raw).body == body
+    assert signer.tag(b"label") == hmac.digest(key, b"nbtask tag\x00label", "sha256")
+    assert signer.check_tag(b"label", signer.tag(b"label"))
+    assert not signer.check_tag(b"label", signer.tag(b"other"))
+
+
 # Tampering --------------------------------------------------------------------------------
 @pytest.mark.parametrize("where", ["magic", "version", "length", "header", "body", "mac"])
 def test_any_tampered_byte_is_rejected(where: str) -> None:
