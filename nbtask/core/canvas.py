@@ -10,11 +10,11 @@ import contextlib
 import contextvars
 import dataclasses
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from nbtask.core.handle import TaskHandle
+from nbtask.core.options import new_task_id
 from nbtask.errors import ConfigurationError
 from nbtask.wire.events import Event
 
@@ -199,7 +199,7 @@ class Chain:
         if not self.steps:
             raise ConfigurationError("an empty chain has nothing to run")
         self._check_later_steps()
-        ids = [step.options.get("task_id") or uuid.uuid4().hex for step in self.steps]
+        ids = [step.options.get("task_id") or new_task_id() for step in self.steps]
         root = ids[0]
         following: Signature | None = None
         for step, task_id in zip(reversed(self.steps[1:]), reversed(ids[1:]), strict=True):

@@ -11,7 +11,6 @@ import functools
 import hashlib
 import sys
 import time
-import uuid
 import weakref
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
@@ -21,6 +20,7 @@ from nbtask.core.canvas import Call, Callbacks, Signable
 from nbtask.core.captured import Capture, capture
 from nbtask.core.fingerprint import code_fingerprint
 from nbtask.core.holding import is_holder_queue
+from nbtask.core.options import new_task_id
 from nbtask.core.placement import Moving, holder_queue_for
 from nbtask.core.refs import ValueRef, blobs_of, noting_refs
 from nbtask.core.task import Task
@@ -126,14 +126,17 @@ class MessageBuilder:
             raise ConfigurationError(f"unknown serializer {serializer!r}; use one of {SERIALIZERS}")
         threshold = self.settings.blob_threshold if self.store is not None else sys.maxsize
         callbacks: Callbacks | None = options.get("callbacks")
-        with noting_refs() as carried:
-            try:
-                payload = self._split(args, kwargs, serializer, threshold)
-            except SerializationError:
-                why = unpicklable_message(task.name, args, kwargs, serializer)
-                raise SerializationError(why) from None
-            in_arguments = list(carried)
-            links = encode_value(callbacks, "cloudpickle", "callbacks") if callbacks else b""
+        if args or kwargs or callbacks:
+            with noting_refs() as carried:
+                try:
+                    payload = self._split(args, kwargs, serializer, threshold)
+                except SerializationError:
+                    why = unpicklable_message(task.name, args, kwargs, serializer)
+                    raise SerializationError(why) from None
+                in_arguments = list(carried)
+                links = encode_value(callbacks, "cloudpickle", "callbacks") if callbacks else b""
+        else:  # nothing to pickle, so no reference to note: the same bytes every time
+            payload, in_arguments, links = self._no_arguments_of(serializer, threshold), [], b""
         # Task.send_options chose the queue (the call's, the task's, a dataset's holders,
         # the routes); without a choice, the process holding a kept value among the
         # arguments (unless it is busy and moving the value beats waiting), else the
@@ -144,12 +147,13 @@ class MessageBuilder:
             or self._holder_queue(task, in_arguments, requires)
             or self.settings.default_queue
         )
-        task_id = options.get("task_id") or uuid.uuid4().hex
-        if self.store is not None:
+        task_id = options.get("task_id") or new_task_id()
+        if self.store is not None and payload.blobs:
             # Kept until the task has ended (the worker releases them then), or result_ttl.
             self.store.put_blobs(payload.blobs, keeper=argument_keeper(task_id))
+        if self.store is not None and in_arguments:
             # Kept values passed by reference: the task may load them after they are released.
-            self.store.pin_blobs(blobs_of(carried))
+            self.store.pin_blobs(blobs_of(in_arguments))
         ignore_result = task.ignore_result
         if ignore_result is None:
             ignore_result = self.settings.task_ignore_result
@@ -197,6 +201,10 @@ class MessageBuilder:
         """The arguments serialised, in parts (see :func:`~nbtask.wire.message.split`)."""
         if args or kwargs:
             return split((list(args), dict(kwargs)), serializer, "arguments", threshold)
+        return self._no_arguments_of(serializer, threshold)
+
+    def _no_arguments_of(self, serializer: str, threshold: int) -> SplitValue:
+        """The arguments of a call without any, serialised once per serializer."""
         payload = self._no_arguments.get(serializer)
         if payload is None:  # (read only by its users: shared by every call without any)
             payload = split(([], {}), serializer, "arguments", threshold)

@@ -5,12 +5,14 @@ Nothing here needs a broker: decorating a function never connects.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from nbtask import App, ConfigurationError, Settings, Task
+from nbtask.core.options import check_task_id, new_task_id
 from tests import celery_tasks
 
 pytestmark = pytest.mark.brokers
@@ -325,3 +327,12 @@ def test_app_task_base_is_abstract_and_never_registered(local: App) -> None:
     with pytest.raises(ConfigurationError):
         local.register_task(local.Task())
     assert uses_base.helper() == 42
+
+
+def test_new_task_ids_are_random_version_4_uuids() -> None:
+    ids = {new_task_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    for task_id in ids:
+        parsed = uuid.UUID(hex=task_id)
+        assert (parsed.hex, parsed.version, parsed.variant) == (task_id, 4, uuid.RFC_4122)
+        assert check_task_id(task_id) == task_id
