@@ -13,7 +13,7 @@ from nbtask.client.celery_app import NO_CONF, Control
 from nbtask.client.connection import AppConnection
 from nbtask.client.reattach import reattach
 from nbtask.client.routes import Routes
-from nbtask.client.unsent import give_back, restore_refused, reused_ids, revoking_unsent
+from nbtask.client.unsent import give_back, restore_refused, reused_ids
 from nbtask.core.canvas import Call
 from nbtask.core.datasets import Loader, check_loader, dataset_names
 from nbtask.core.declare import task_class
@@ -240,7 +240,7 @@ class App(AppConnection):
             A call reused the id of another task (``task_id=``), queued, running or
             ended; the other calls were sent.
         """
-        builder, channel = self._message_builder(), self.channel
+        builder, channel = self._message_builder(), self._channel
         built = [builder.build(call, channel) for call in calls]
         live = self._live_workers()
         live.check_secret({message.queue for message, _ in built})
@@ -249,26 +249,28 @@ class App(AppConnection):
         # A refused call must leave the handle of the task holding its id in place.
         previous = []
         for handle in handles:
-            previous.append(listener.get(handle.id))
             if on_event is not None:
                 handle.on_event(on_event)
-            listener.register(handle)
+            previous.append(listener.register(handle))
         # A lone call (delay()) does not wait for the broker's answer; a batch waits once
         # for all, and so does a call with its own task_id (it may be refused as reused).
         wait = len(built) > 1 or any(options.get("task_id") for *_, options in calls)
         try:
-            with revoking_unsent(self.transport, self.signer, channel, listener):
+            try:
                 refused = self.transport.publish([p for _, p in built], wait=wait)
+            finally:
+                self._revoke_unsent()
         except BaseException:
             # The caller gets no handle (broker away, Ctrl-C): none stays registered,
             # kept forever by the listener for a task nobody can follow.
             give_back(listener, handles, previous)
             raise
+        if not any(refused):
+            live.note_sent(handles)
+            return handles
         taken = restore_refused(listener, handles, refused, previous)
         live.note_sent([h for h, state in zip(handles, refused, strict=True) if not state])
-        if taken:
-            raise ConfigurationError(reused_ids(taken))
-        return handles
+        raise ConfigurationError(reused_ids(taken))
 
     def waiting_reason(self, queue: str, started_by: tuple[str, int] | None = None) -> str | None:
         """Why a task on ``queue`` waits, if known: see :attr:`TaskHandle.waiting_reason`."""

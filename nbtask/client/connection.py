@@ -21,7 +21,7 @@ from nbtask.brokers import Store, Transport, open_broker
 from nbtask.client.embedded import EmbeddedCluster
 from nbtask.client.listener import Listener
 from nbtask.client.live_workers import LiveWorkers
-from nbtask.client.unsent import revoking_unsent
+from nbtask.client.unsent import revoke_unsent
 from nbtask.core.handle import TaskHandle
 from nbtask.core.outgoing import MessageBuilder
 from nbtask.errors import BrokerUnavailable, ConfigurationError
@@ -49,6 +49,7 @@ class AppConnection:
         self.cluster: EmbeddedCluster | None = None
         self._transport: Transport | None = None
         self._builder: MessageBuilder | None = None
+        self._channel = ""  # set on connecting: see :attr:`channel`
         self._listener: Listener | None = None
         self._live: LiveWorkers | None = None
         #: True once :meth:`close` ran.
@@ -95,6 +96,7 @@ class AppConnection:
                     raise exc.with_traceback(None) from None
                 raise
             self._builder = MessageBuilder(signer, settings, transport.store)
+            self._channel = transport.store.channel_key(self.client_id)
             self._transport = transport
             self._live = LiveWorkers(transport.store, signer.key_id)
             return transport
@@ -115,21 +117,29 @@ class AppConnection:
         return self._message_builder().signer
 
     def _message_builder(self) -> MessageBuilder:
-        self.connect()
+        # Read once connected: sending does not take the lock of connecting.
+        if self._transport is None:
+            self.connect()
         assert self._builder is not None
         return self._builder
 
     def _live_workers(self) -> LiveWorkers:
-        self.connect()
+        if self._transport is None:
+            self.connect()
         assert self._live is not None
         return self._live
 
     @property
     def channel(self) -> str:
         """The key of this client's event channel (connects on first use)."""
-        return self.store.channel_key(self.client_id)
+        if self._transport is None:
+            self.connect()
+        return self._channel
 
     def _listen(self) -> Listener:
+        listener = self._listener
+        if listener is not None and listener.alive:
+            return listener
         with self._lock:
             if self._listener is None or not self._listener.alive:
                 self._listener = Listener(
@@ -164,8 +174,15 @@ class AppConnection:
         ``TaskRevoked``.
         """
         if (transport := self._transport) is not None:
-            with revoking_unsent(transport, self.signer, self.channel, self._listener):
+            try:
                 transport.flush()
+            finally:
+                self._revoke_unsent()
+
+    def _revoke_unsent(self) -> None:
+        # The tasks whose messages never reached the broker: see nbtask.client.unsent.
+        if (transport := self._transport) is not None and (builder := self._builder) is not None:
+            revoke_unsent(transport, builder.signer, self._channel, self._listener)
 
     def close(self) -> None:
         """:meth:`flush`, stop the listener, disconnect, give back an embedded cluster."""

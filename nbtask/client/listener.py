@@ -87,9 +87,15 @@ class Listener:
         self._thread = threading.Thread(target=self._run, name="nbtask-listener", daemon=True)
         self._thread.start()
 
-    def register(self, handle: TaskHandle, channel: str | None = None, after: str = "0-0") -> None:
-        """Route events for ``handle`` to it; ``channel`` adopts another client's channel."""
+    def register(
+        self, handle: TaskHandle, channel: str | None = None, after: str = "0-0"
+    ) -> TaskHandle | None:
+        """Route events for ``handle`` to it; ``channel`` adopts another client's channel.
+
+        Returns the unfinished handle it replaces for that task id, if any.
+        """
         with self._lock:
+            before = self._handles.get(handle.id)
             self._handles[handle.id] = handle
             if channel is not None and channel not in self._positions:
                 self._positions[channel] = after
@@ -99,6 +105,7 @@ class Listener:
                     self._listener_turn.notify()
         if channel is not None and channel != self.channel:
             self._transport.wake(self.channel)
+        return before
 
     def forget(self, task_id: str) -> None:
         """Stop routing events to the handle of ``task_id``."""

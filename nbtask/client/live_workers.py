@@ -187,12 +187,14 @@ class LiveWorkers:
 
     def note_sent(self, handles: Sequence[TaskHandle]) -> None:
         """Remember the work sent to worker processes' own queues until it ends."""
+        held = [handle for handle in handles if handle.queue and is_holder_queue(handle.queue)]
+        if not held:
+            return
         with self._lock:
-            for handle in handles:
-                if handle.queue and is_holder_queue(handle.queue):
-                    sent = self._at_holders.setdefault(handle.queue, collections.OrderedDict())
-                    sent[handle.id] = weakref.ref(handle)
-                    self._unended(handle.queue)
+            for handle in held:
+                sent = self._at_holders.setdefault(handle.queue, collections.OrderedDict())
+                sent[handle.id] = weakref.ref(handle)
+                self._unended(handle.queue)
 
     def sent_to(self, queue: str) -> bool:
         """Whether work this client sent to ``queue`` (a process's own) has not ended."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 from nbtask.brokers import Transport
 from nbtask.client.listener import Listener
@@ -28,7 +28,6 @@ __all__ = [
     "restore_refused",
     "reused_ids",
     "revoke_unsent",
-    "revoking_unsent",
 ]
 
 log = logging.getLogger(__name__)
@@ -71,17 +70,6 @@ def revoke_unsent(
         if handle is not None:
             handle.apply(event)
     return [task_id for task_id, _, _ in revoked]
-
-
-@contextlib.contextmanager
-def revoking_unsent(
-    transport: Transport, signer: Signer, channel: str, listener: Listener | None
-) -> Iterator[None]:
-    """Send in the block, then :func:`revoke_unsent`, whether the block raised or not."""
-    try:
-        yield
-    finally:
-        revoke_unsent(transport, signer, channel, listener)
 
 
 def restore_refused(
