@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import MISSING
 
 from helpers import task_message
 
@@ -32,3 +33,26 @@ def test_messages_and_records_without_a_label_read_as_before() -> None:
     record = TaskRecord.parse(old)
     assert record is not None and record.label == ""
     assert (record.state, record.started_at) == (State.SUCCESS, 12.5)
+
+
+def test_a_header_leaves_out_fields_at_their_defaults_and_reads_back_the_same() -> None:
+    header = MESSAGE.to_header()
+    required = {f.name for f in dataclasses.fields(TaskMessage) if f.default is MISSING}
+    assert set(header) == {"kind"} | required
+    assert TaskMessage.from_header(header) == MESSAGE
+    # Set away from their defaults (0 and False included), fields travel and read back.
+    changed = dataclasses.replace(
+        MESSAGE,
+        retries=2,
+        callbacks_len=5,
+        time_limit=0.0,
+        reject_on_worker_lost=False,
+        store_result=False,
+        serializer="json",
+        parent_id="p1",
+        root_id="r1",
+    )
+    assert TaskMessage.from_header(changed.to_header()) == changed
+    # A header with every field, as an earlier nbtask wrote it, reads the same.
+    full = {"kind": "task", **dataclasses.asdict(MESSAGE)}
+    assert TaskMessage.from_header(full) == MESSAGE
