@@ -140,6 +140,8 @@ def call_arguments(
 
 def positional_args(args: object, where: str) -> tuple[Any, ...]:
     """``args`` as one call's positional arguments, or one error saying what ``where`` takes."""
+    if type(args) is tuple:  # delay()'s: no ABC check
+        return args
     if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
         raise ConfigurationError(
             f"{where} takes a tuple or list of positional arguments, got "
@@ -151,6 +153,7 @@ def positional_args(args: object, where: str) -> tuple[Any, ...]:
 _SIGNATURES: weakref.WeakKeyDictionary[type[Any], inspect.Signature | None] = (
     weakref.WeakKeyDictionary()
 )
+_UNREAD = inspect.Signature()  # a class whose signature was not read yet
 
 
 #: Per class, the shapes of calls (positional count, keyword names) its ``run`` accepts:
@@ -190,9 +193,10 @@ def run_signature(cls: type[Any]) -> inspect.Signature | None:
 
     Read once per class, kept while the class lives.
     """
-    if cls not in _SIGNATURES:
-        _SIGNATURES[cls] = _read_signature(cls)
-    return _SIGNATURES[cls]
+    signature = _SIGNATURES.get(cls, _UNREAD)
+    if signature is _UNREAD:
+        signature = _SIGNATURES[cls] = _read_signature(cls)
+    return signature
 
 
 def _read_signature(cls: type[Any]) -> inspect.Signature | None:

@@ -344,7 +344,9 @@ class Task:
         if signature is None:
             return
         try:
-            check_fits(cls, signature, args, {**dict.fromkeys(needs), **kwargs})
+            check_fits(
+                cls, signature, args, {**dict.fromkeys(needs), **kwargs} if needs else kwargs
+            )
         except TypeError as exc:
             plain = [p.replace(annotation=p.empty) for p in signature.parameters.values()]
             form = signature.replace(parameters=plain, return_annotation=signature.empty)
