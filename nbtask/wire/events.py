@@ -82,6 +82,9 @@ class EventType(str, enum.Enum):
     WORKER_LOST = "worker_lost"
 
 
+# By value, for reading a header without the Enum call's cost.
+_EVENT_TYPES = {kind.value: kind for kind in EventType}
+
 _STATE_OF = {
     EventType.STARTED: State.STARTED,
     EventType.RETRY: State.RETRY,
@@ -175,8 +178,9 @@ class Event:
         if not isinstance(data, dict):
             raise DecodeError("event data is not an object")
         try:
+            kind = header["type"]
             return cls(
-                EventType(header["type"]),
+                _EVENT_TYPES.get(kind) or EventType(kind),  # (a list: TypeError)
                 str(header["id"]),
                 int(header.get("seq", 0)),
                 data,
