@@ -314,8 +314,10 @@ class Listener:
                 return True
             self._say_read_error(exc)
             return False
-        with self._lock:
-            recovered, self._failing = self._failing, False
+        recovered = False
+        if self._failing:  # (set only by the holder of the turn: this thread)
+            with self._lock:
+                recovered, self._failing = self._failing, False
         if recovered:
             gone = time.monotonic() - self._failed_at
             log.warning("event channel readable again after %.1f s", gone)
@@ -381,6 +383,8 @@ class Listener:
 
     def _drop_idle_channels(self) -> None:
         # Adopted channels are read only while a handle that needs them is unfinished.
+        if len(self._positions) == 1:  # only its own channel: nothing to drop
+            return
         with self._lock:
             if len(self._positions) > 1 and not self._handles:
                 self._positions = {self.channel: self._positions[self.channel]}
