@@ -18,10 +18,11 @@ import hashlib
 import hmac
 import io
 import json
+import json.encoder
 import struct
 import types
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import cloudpickle
@@ -56,8 +57,47 @@ _BLOCK_SIZE = hashlib.sha256().block_size
 _IPAD = bytes(x ^ 0x36 for x in range(256))
 _OPAD = bytes(x ^ 0x5C for x in range(256))
 # One encoder and decoder for every header: json.dumps/loads with options build new ones.
-_encode_header = json.JSONEncoder(separators=(",", ":")).encode
-_decode_header = json.JSONDecoder().decode
+_HEADER_ENCODER = json.JSONEncoder(separators=(",", ":"))
+_HEADER_DECODER = json.JSONDecoder()
+# Its scanner (json's C one, when there is one), set by JSONDecoder.__init__.
+_scan_header: Callable[[str, int], tuple[Any, int]] = vars(_HEADER_DECODER)["scan_once"]
+
+
+def _header_encoder() -> Callable[[Mapping[str, Any]], str]:
+    """``JSONEncoder.encode`` without making its C encoder again at every call.
+
+    No check for circular references: a header is plain data made by nbtask.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # a Python without json's C speedups
+        return _HEADER_ENCODER.encode
+    # (markers, default, encoder, indent, key and item separators, sort_keys, skipkeys,
+    # allow_nan), as JSONEncoder.iterencode passes them.
+    encode = make(
+        None,
+        _HEADER_ENCODER.default,
+        json.encoder.encode_basestring_ascii,
+        None,
+        ":",
+        ",",
+        False,
+        False,
+        True,
+    )
+    return lambda header: "".join(encode(header, 0))
+
+
+_encode_header = _header_encoder()
+
+
+def _decode_header(text: str) -> Any:
+    """``JSONDecoder.decode`` of a header, its scanner called directly when it is all JSON."""
+    try:
+        value, end = _scan_header(text, 0)
+    except StopIteration:  # not JSON at its start: decode() says why
+        end = -1
+    # Whitespace around it or more after it: decode() accepts or refuses it.
+    return value if end == len(text) else _HEADER_DECODER.decode(text)
 
 
 def key_id(key: str | bytes) -> str:
@@ -193,7 +233,7 @@ class Signer:
         """Encode and sign ``header`` and ``body`` (bytes, or parts joined) into one message."""
         parts = [body] if isinstance(body, (bytes, bytearray, memoryview)) else list(body)
         head = _encode_header(header).encode()
-        size = _PREFIX_SIZE + len(head) + sum(len(p) for p in parts) + _MAC_SIZE
+        size = _PREFIX_SIZE + len(head) + sum(map(len, parts)) + _MAC_SIZE
         if size > self.max_bytes:
             raise TooLarge(
                 f"message of {size:,} bytes is over the limit of {self.max_bytes:,} bytes "

@@ -30,10 +30,13 @@ RecordFields = dict[str, str | bytes]
 _MAX_INFO_BYTES = 64 * 1024  # a worker's entry is a few hundred bytes; more is not one
 
 
+_PENDING = State.PENDING.value
+
+
 def pending_fields(name: str, client: str, queue: str, label: str = "") -> RecordFields:
     """The fields of a task's record when its message is sent (``label`` only when given)."""
     fields: RecordFields = {
-        "state": State.PENDING.value,
+        "state": _PENDING,
         "name": name,
         "client": client,
         "queue": queue,
