@@ -279,7 +279,10 @@ class Signer:
             )
         # A view, not a copy: a large body is never copied while it is checked.
         unsigned, mac = memoryview(raw)[:-_MAC_SIZE], raw[-_MAC_SIZE:]
-        if not any(hmac.compare_digest(key.digest(unsigned), mac) for key in self._verify_macs):
+        for key in self._verify_macs:
+            if hmac.compare_digest(key.digest(unsigned), mac):
+                break
+        else:
             raise SignatureError(
                 "message signature does not verify: it was forged, altered, or signed with "
                 "another secret (check that NBTASK_SECRET is the same everywhere)"
