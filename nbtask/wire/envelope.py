@@ -68,18 +68,25 @@ def _header_encoder() -> Callable[[Mapping[str, Any]], str]:
     if make is None:  # a Python without json's C speedups
         return _HEADER_ENCODER.encode
     # (markers, default, encoder, indent, key and item separators, sort_keys, skipkeys,
-    # allow_nan), as JSONEncoder.iterencode passes them.
-    encode = make(
-        None,
-        _HEADER_ENCODER.default,
-        json.encoder.encode_basestring_ascii,
-        None,
-        ":",
-        ",",
-        False,
-        False,
-        True,
-    )
+    # allow_nan), as JSONEncoder.iterencode passes them. A Python whose encoder takes
+    # other arguments, or makes other text of them, gets JSONEncoder.encode.
+    sample = {"a": [1, 2.5, None, True], "b": "\u00e9\n"}
+    try:
+        encode = make(
+            None,
+            _HEADER_ENCODER.default,
+            json.encoder.encode_basestring_ascii,
+            None,
+            ":",
+            ",",
+            False,
+            False,
+            True,
+        )
+        if "".join(encode(sample, 0)) != _HEADER_ENCODER.encode(sample):
+            return _HEADER_ENCODER.encode
+    except TypeError:
+        return _HEADER_ENCODER.encode
     return lambda header: "".join(encode(header, 0))
 
 
