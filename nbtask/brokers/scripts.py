@@ -25,6 +25,22 @@ __all__ = [
 #: How often a client sending tasks trims its index of tasks (see WRITE_PENDING), seconds.
 INDEX_UPKEEP_SECONDS = 1
 
+# Each script is built from only the Lua functions it calls: every function a script
+# defines is made anew on each run (a closure, then garbage), on the hot path too.
+
+
+def _with(*parts: str | tuple[str, ...]) -> tuple[str, ...]:
+    """Lua functions, each once, in order: a tuple part is one with those it calls."""
+    return tuple(
+        dict.fromkeys(p for part in parts for p in ((part,) if isinstance(part, str) else part))
+    )
+
+
+def _lua(*parts: str | tuple[str, ...]) -> str:
+    """The Lua of :func:`_with`'s functions, a function before the ones calling it."""
+    return "".join(_with(*parts))
+
+
 # The ended-task set and the ETA sets are sorted sets: a key of another type there was
 # not written by nbtask (someone with write access to Redis put it there). Reading, it
 # holds nothing; writing (zadd_replacing) replaces it; the supervisor's housekeeping sets
@@ -36,8 +52,10 @@ local function set_aside(key)
   redis.call('DEL', key)
   return 1
 end
--- Written first, looked at only if refused: a key of another type is replaced, any other
--- error raised as redis.call raises it (one command, not TYPE then ZADD, on every write).
+"""
+# Written first, looked at only if refused: a key of another type is replaced, any other
+# error raised as redis.call raises it (one command, not TYPE then ZADD, on every write).
+_ZADD_REPLACING = """
 local function zadd_replacing(key, score, member)
   local reply = redis.pcall('ZADD', key, score, member)
   if type(reply) ~= 'table' then return end
@@ -48,23 +66,27 @@ end
 
 # The record at `key` as a hash: anything else there was not written by nbtask (someone
 # with write access to Redis put it there). Reading: 'bad'; writing: it is replaced.
-RECORD_STATE = (
-    SET_ASIDE
-    + """
+_RECORD_STATE = """
 local function record_state(key)
   local state = redis.pcall('HGET', key, 'state')
   if type(state) == 'table' then return 'bad' end
   return state
 end
--- The record's state and whether it holds a signed outcome, in one read ('bad' for
--- another type). The outcome is read whole, but only a task that ended has one.
+"""
+# The record's state and whether it holds a signed outcome, in one read ('bad' for
+# another type). The outcome is read whole, but only a task that ended has one.
+_STATE_AND_OUTCOME = """
 local function state_and_outcome(key)
   local got = redis.pcall('HMGET', key, 'state', 'result')
   if got.err then return 'bad', false end
   return got[1], got[2] ~= false
 end
--- The record's state, once anything of another type at `key` is deleted (nil then), and
--- whether it holds a signed outcome.
+"""
+# The record's state, once anything of another type at `key` is deleted (nil then), and
+# whether it holds a signed outcome.
+_OWN_RECORD = _with(
+    _STATE_AND_OUTCOME,
+    """
 local function own_record(key)
   local state, outcome = state_and_outcome(key)
   if state == 'bad' then
@@ -73,20 +95,33 @@ local function own_record(key)
   end
   return state, outcome
 end
--- Ended tasks are also remembered apart from their records, in '<prefix>:done' (task id
--- by end time, trimmed to max_age by the workers; with none left, gone ttl >= max_age after
--- its last write): a replay must find both gone to run.
+""",
+)
+# Ended tasks are also remembered apart from their records, in '<prefix>:done' (task id
+# by end time, trimmed to max_age by the workers; with none left, gone ttl >= max_age after
+# its last write): a replay must find both gone to run.
+_DONE_OF = """
 local function done_of(key)
   local prefix, task_id = string.match(key, '^(.*):r:([^:]+)$')
   if prefix then return prefix .. ':done', task_id end
   return nil, nil
 end
+"""
+_ENDED = _with(
+    _DONE_OF,
+    """
 local function ended(key)
   local done, task_id = done_of(key)
   if done == nil then return false end
   local score = redis.pcall('ZSCORE', done, task_id)
   return score ~= false and type(score) ~= 'table'  -- a table: an error (another type)
 end
+""",
+)
+_MARK_ENDED = _with(
+    _DONE_OF,
+    _ZADD_REPLACING,
+    """
 local function mark_ended(key, ttl)
   local done, task_id = done_of(key)
   if done then
@@ -95,7 +130,7 @@ local function mark_ended(key, ttl)
     redis.call('EXPIRE', done, ttl)
   end
 end
-"""
+""",
 )
 
 # May the task whose record is at `key` start now? A task starts only from PENDING or
@@ -108,9 +143,10 @@ end
 # consumer runs one task at a time, and is not running this one): 'OK'. A redelivered
 # message (redelivered = '1') whose task is STARTED by someone else was lost by a dead
 # holder: 'LOST'. A key of another type: 'BADRECORD'.
-CHECK_START = (
-    RECORD_STATE
-    + """
+CHECK_START = _lua(
+    _STATE_AND_OUTCOME,
+    _ENDED,
+    """
 local function check_start(key, ttl, worker, pid, consumer, redelivered)
   local state, outcome = state_and_outcome(key)
   if state == 'bad' then return 'BADRECORD' end
@@ -133,7 +169,7 @@ local function check_start(key, ttl, worker, pid, consumer, redelivered)
   redis.call('EXPIRE', key, ttl)
   return 'OK'
 end
-"""
+""",
 )
 
 # Write the PENDING record of a task being sent, and note it among its client's tasks
@@ -143,9 +179,11 @@ end
 # trimmed to `ttl` and its expiry pushed back unless `upkeep` is '0': a client sending
 # many tasks does that once every INDEX_UPKEEP_SECONDS, and the index is kept that much
 # longer than `ttl` so it never goes before the newest task it names.
-WRITE_PENDING = (
-    RECORD_STATE
-    + """
+WRITE_PENDING = _lua(
+    _OWN_RECORD,
+    _ENDED,
+    _ZADD_REPLACING,
+    """
 local function write_pending(key, ttl, index, now, task_id, fields, upkeep)
   local state, outcome = own_record(key)
   if state then return state end
@@ -164,16 +202,17 @@ local function write_pending(key, ttl, index, now, task_id, fields, upkeep)
   end
   return ''
 end
-"""
+""",
 )
 
 # The end of a task (or a retry): store its record (no fields and an event: delete it)
 # and append the event to its client's channel. A field value '=event' stands for the
 # event itself (a stored result), so it is sent only once. A final state is remembered,
 # and never replaced.
-WRITE_FINAL = (
-    RECORD_STATE
-    + """
+WRITE_FINAL = _lua(
+    _OWN_RECORD,
+    _MARK_ENDED,
+    """
 local FINAL = {SUCCESS = true, FAILURE = true, REVOKED = true, WORKER_LOST = true}
 local function write_final(key, channel, ttl, maxlen, event, fields)
   -- A final state stays final: a second outcome (a race between a worker reporting a
@@ -194,7 +233,7 @@ local function write_final(key, channel, ttl, maxlen, event, fields)
     redis.call('EXPIRE', channel, ttl)
   end
 end
-"""
+""",
 )
 
 # Store scripts ------------------------------------------------------------------------------
@@ -232,9 +271,11 @@ return 1
 
 # Mark a task that has not started REVOKED and tell its client.
 # KEYS: record, channel; ARGV: event, ttl, maxlen
-_REVOKE = (
-    RECORD_STATE
-    + """
+_REVOKE = _lua(
+    _OWN_RECORD,
+    _ENDED,
+    _MARK_ENDED,
+    """
 local state, outcome = own_record(KEYS[1])
 if state and state ~= 'PENDING' and state ~= 'RETRY' then return 0 end
 if outcome or ended(KEYS[1]) then return 0 end
@@ -244,7 +285,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 return 1
-"""
+""",
 )
 
 # Forget ended tasks that ended before ARGV[1] (their messages are too old to run).
@@ -276,7 +317,7 @@ return '0'
 # A record without a client was written by a start check alone, for a task id that came
 # beside a message no client sent (it then failed verification): delete it. KEYS: record
 _FORGET_UNSENT = (
-    RECORD_STATE
+    _RECORD_STATE
     + """
 if record_state(KEYS[1]) == 'bad' then return 0 end
 if redis.call('HEXISTS', KEYS[1], 'client') == 0 then return redis.call('DEL', KEYS[1]) end
