@@ -232,6 +232,8 @@ def test_a_queue_deleted_while_the_worker_waits_for_its_next_task_is_not_an_outc
     worker = start_worker(concurrency=1)
     handle = app.send_task(ADD_TASK, (1, 2))
     assert handle.get(timeout=15) == 3
+    # Its result can reach the client (from the store) before the worker's ack leaves.
+    wait_until(lambda: access.drained("default"), 15, "the first task's acknowledgement")
     channel.queue_delete(task_queue(app))  # while the child waits for its next message
 
     assert app.send_task(ADD_TASK, (2, 3)).get(timeout=15) == 5
