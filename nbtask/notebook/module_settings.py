@@ -29,7 +29,13 @@ __all__ = [
 
 
 def same(a: Any, b: Any) -> bool:
-    """True if two settings' values are equal, numpy arrays and unpicklable values too."""
+    """True if two settings' values are equal, numpy arrays and unpicklable values too.
+
+    One object is the same as itself: a snapshot given again (see :class:`_Snapshots`)
+    is not compared item by item.
+    """
+    if a is b:
+        return True
     try:
         return bool(a == b)
     except Exception:  # numpy arrays inside (numpy.random's state)
@@ -154,7 +160,8 @@ class _Snapshots:
     ``read(source)`` makes a snapshot; ``raw(source)`` gives the store's values in the
     form ``kept(raw)`` copies and keeps beside the snapshot (without ``kept``: the
     snapshot is that copy), to be compared with ``==`` at the next call (``None``: a
-    layout not known here, read each time). Each caller gets a shallow copy.
+    layout not known here, read each time). A snapshot given again is the same dict, to
+    be read, never changed: a caller comparing it with the one it had finds it by identity.
     """
 
     def __init__(
@@ -176,11 +183,11 @@ class _Snapshots:
             return self._read(source)
         last = self._last
         if last is not None and last[0] is source and _equal(raw, last[1]):
-            return dict(last[2])
+            return last[2]
         snapshot = self._read(source)
         kept = snapshot if self._kept is None else self._kept(raw)
         self._last = (source, kept, snapshot)
-        return dict(snapshot)
+        return snapshot
 
 
 def _equal(raw: Any, kept: Any) -> bool:
