@@ -50,6 +50,7 @@ from nbtask.brokers.amqp_link import Link, Message
 from nbtask.brokers.amqp_links import Links, kombu
 from nbtask.brokers.amqp_lost import LostDeliveries
 from nbtask.brokers.amqp_replies import Replies
+from nbtask.brokers.amqp_upkeep import AmqpUpkeep
 from nbtask.brokers.base import Delivery, Publish, Settlement, StartBy, Verdict
 from nbtask.brokers.redis_store import RedisStore
 from nbtask.errors import BrokerUnavailable
@@ -61,7 +62,7 @@ log = logging.getLogger(__name__)
 _MOVING_STUCK = 30.0  # an ETA message claimed but not published after this is resent
 
 
-class AmqpTransport:
+class AmqpTransport(AmqpUpkeep):
     """A :class:`~nbtask.brokers.base.Transport` on kombu (AMQP) with a Redis store.
 
     Parameters
@@ -93,10 +94,6 @@ class AmqpTransport:
         return self._store
 
     # Names -----------------------------------------------------------------------------------
-    def queue_name(self, queue: str) -> str:
-        """The AMQP queue holding ``queue``'s messages."""
-        return f"{self._prefix}:q:{queue}"
-
     def _queue_of(self, amqp_name: str) -> str:
         head = f"{self._prefix}:q:"
         return amqp_name[len(head) :] if amqp_name.startswith(head) else amqp_name
@@ -346,8 +343,8 @@ class AmqpTransport:
         A confirm says the events are in the client's reply queue. The task's next events
         may leave from another thread, on another connection (its final event, from the
         task's own thread), and RabbitMQ orders messages only within one connection: sent
-        sooner, a later event could reach the client first,
-        which then drops the earlier one as old.
+        sooner, a later event could reach the client first, which then drops the earlier
+        one as old.
         """
         if not channel:
             return
@@ -436,59 +433,10 @@ class AmqpTransport:
         self.links.publishing(lambda link: self._enqueue(link, queue, task_id, raw, count))
         self._settle(delivery)
 
-    def take_waiting(self, queue: str, consumer: str, limit: int = 100) -> list[Delivery]:
-        """Take up to ``limit`` waiting messages, unacknowledged, to move them."""
-        out: list[Delivery] = []
-        with self.links.using() as link:
-            for message in self.links.waiting(link, self.queue_name(queue), ack=False):
-                task_id, deliveries = read_headers(message.headers)
-                delivery_id = f"{link.generation}:{message.delivery_tag}"
-                link.held[delivery_id] = message
-                raw = body_of(message)
-                out.append(Delivery(queue, delivery_id, raw, deliveries, task_id=task_id))
-                if len(out) == limit:
-                    break
-        return out
-
-    def drop_queue(self, queue: str) -> bool:
-        """Delete ``queue`` if nothing is on it and nobody consumes it; True if it is gone."""
-        with self.links.using() as link:
-            return self.links.drop_if_idle(link, self.queue_name(queue))
-
     def dead_letter(self, delivery: Delivery) -> None:
         """Copy the message to the store's dead-letter stream, then settle it."""
         self.store.dead_letter(delivery)
         self._settle(delivery)
-
-    def held(self, queues: Sequence[str], consumer: str, min_idle: float = 0.0) -> list[Delivery]:
-        """Parked deliveries that ``consumer`` had lost (``min_idle`` does not apply).
-
-        AMQP itself gives a dead consumer's deliveries back; only the ones already parked
-        by whoever received them again are returned.
-        """
-        return self.lost.claim(consumer, queues)
-
-    def holds_any(self, queues: Sequence[str], consumers: Sequence[str]) -> bool:
-        """False: AMQP gives a dead consumer's deliveries back by itself."""
-        return False
-
-    def orphans(self, queues: Sequence[str]) -> list[Delivery]:
-        """Parked lost deliveries of ``queues``, whoever lost them, that may be settled now.
-
-        Only a worker serving a queue settles its lost deliveries: it can verify them (a
-        worker of another app, with another secret, on the same key prefix could not).
-        """
-        return self.lost.claim(None, queues) if self.lost.waiting() else []
-
-    def stale(self, queues: Sequence[str], consumer: str) -> list[Delivery]:
-        """None: AMQP has no leases (a dead holder's connection closes)."""
-        return []
-
-    def renew(self, consumers: Sequence[str], queues: Sequence[str]) -> None:
-        """Nothing to renew: AMQP keeps a delivery as long as its connection lives."""
-
-    def forget_consumers(self, consumers: Sequence[str], queues: Sequence[str]) -> None:
-        """Nothing to forget: a consumer ends with its connection."""
 
     def move_due(self, queues: Sequence[str]) -> float | None:
         """Publish due ETA messages to their queues; return the next due time."""

@@ -1,0 +1,79 @@
+"""AMQP: what a gone worker process left, for the supervisor's housekeeping.
+
+The part of :class:`~nbtask.brokers.amqp.AmqpTransport` that looks after dead consumers'
+deliveries (RabbitMQ gives them back by itself; only the ones parked as lost are left to
+settle) and the messages still waiting on a gone process's own queue (taken, to be moved
+elsewhere, then the queue dropped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from nbtask.brokers.amqp_guards import body_of, read_headers
+from nbtask.brokers.amqp_links import Links
+from nbtask.brokers.amqp_lost import LostDeliveries
+from nbtask.brokers.base import Delivery
+
+__all__ = ["AmqpUpkeep"]
+
+
+class AmqpUpkeep:
+    """Dead consumers' deliveries and gone processes' queues, on ``links``."""
+
+    links: Links
+    lost: LostDeliveries
+    _prefix: str
+
+    def queue_name(self, queue: str) -> str:
+        """The AMQP queue holding ``queue``'s messages."""
+        return f"{self._prefix}:q:{queue}"
+
+    def take_waiting(self, queue: str, consumer: str, limit: int = 100) -> list[Delivery]:
+        """Take up to ``limit`` waiting messages, unacknowledged, to move them."""
+        out: list[Delivery] = []
+        with self.links.using() as link:
+            for message in self.links.waiting(link, self.queue_name(queue), ack=False):
+                task_id, deliveries = read_headers(message.headers)
+                delivery_id = f"{link.generation}:{message.delivery_tag}"
+                link.held[delivery_id] = message
+                raw = body_of(message)
+                out.append(Delivery(queue, delivery_id, raw, deliveries, task_id=task_id))
+                if len(out) == limit:
+                    break
+        return out
+
+    def drop_queue(self, queue: str) -> bool:
+        """Delete ``queue`` if nothing is on it and nobody consumes it; True if it is gone."""
+        with self.links.using() as link:
+            return self.links.drop_if_idle(link, self.queue_name(queue))
+
+    def held(self, queues: Sequence[str], consumer: str, min_idle: float = 0.0) -> list[Delivery]:
+        """Parked deliveries that ``consumer`` had lost (``min_idle`` does not apply).
+
+        AMQP itself gives a dead consumer's deliveries back; only the ones already parked
+        by whoever received them again are returned.
+        """
+        return self.lost.claim(consumer, queues)
+
+    def holds_any(self, queues: Sequence[str], consumers: Sequence[str]) -> bool:
+        """False: AMQP gives a dead consumer's deliveries back by itself."""
+        return False
+
+    def orphans(self, queues: Sequence[str]) -> list[Delivery]:
+        """Parked lost deliveries of ``queues``, whoever lost them, that may be settled now.
+
+        Only a worker serving a queue settles its lost deliveries: it can verify them (a
+        worker of another app, with another secret, on the same key prefix could not).
+        """
+        return self.lost.claim(None, queues) if self.lost.waiting() else []
+
+    def stale(self, queues: Sequence[str], consumer: str) -> list[Delivery]:
+        """None: AMQP has no leases (a dead holder's connection closes)."""
+        return []
+
+    def renew(self, consumers: Sequence[str], queues: Sequence[str]) -> None:
+        """Nothing to renew: AMQP keeps a delivery as long as its connection lives."""
+
+    def forget_consumers(self, consumers: Sequence[str], queues: Sequence[str]) -> None:
+        """Nothing to forget: a consumer ends with its connection."""
