@@ -113,13 +113,16 @@ class Links:
         link = self.current()
         self._local.link = None
         if link is not None:
-            # What it sent unconfirmed is sent again on the thread's next link.
-            self._orphans().extend(link.confirms.take_unconfirmed(cause))
-            self._note_unsent(link.confirms.refused)
-            link.confirms.refused = []
-            link.close()
+            self._give_up(link, cause)
             with self._lock, contextlib.suppress(ValueError):
                 self._links.remove(link)
+
+    def _give_up(self, link: Link, cause: BaseException | None) -> None:
+        """Close ``link``; what it sent unconfirmed is sent again on this thread's next link."""
+        self._orphans().extend(link.confirms.take_unconfirmed(cause))
+        self._note_unsent(link.confirms.refused)
+        link.confirms.refused = []
+        link.close()
 
     def _close_ended(self) -> None:
         """Close the links of threads that ended, once RabbitMQ confirmed what they sent.
@@ -135,12 +138,12 @@ class Links:
                 self._links.remove(link)
         for link in ended:
             errors: tuple[type[BaseException], ...] = (*link.errors, BrokerUnavailable)
+            cause: BaseException | None = None
             try:
                 self._collect(link, 0)
             except errors as exc:
-                self._orphans().extend(link.confirms.take_unconfirmed(exc))
-                self._note_unsent(link.confirms.refused)
-            link.close()
+                cause = exc
+            self._give_up(link, cause)
 
     def close(self) -> None:
         """Close every thread's link."""
