@@ -209,8 +209,8 @@ class Signer:
             secret = INSECURE_KEY
         self._key = _as_bytes(secret)
         self._verify_keys = [self._key, *(_as_bytes(s) for s in old_secrets)]
-        self._mac = _Mac(self._key)
-        self._verify_macs = [self._mac, *(_Mac(key) for key in self._verify_keys[1:])]
+        self._verify_macs = [_Mac(key) for key in self._verify_keys]
+        self._mac = self._verify_macs[0]
         self.max_bytes = max_bytes
         #: The public name of the signing secret, and of every secret accepted.
         self.key_id = key_id(self._key)
