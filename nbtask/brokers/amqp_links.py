@@ -65,6 +65,8 @@ class Links:
         self._consumer_timeout: bool | None = None
         self._calls = itertools.count(1)
         self._unsent: list[str] = []
+        #: Every thread's orphans (by process and thread): an ended thread's are taken over.
+        self._orphan_lists: list[tuple[int, threading.Thread, list[Outgoing]]] = []
 
     def current(self) -> Link | None:
         """The calling thread's link, if it has one."""
@@ -124,18 +126,36 @@ class Links:
         link.confirms.refused = []
         link.close()
 
-    def _close_ended(self) -> None:
+    def _close_ended(self, *, owing: bool = False) -> None:
         """Close the links of threads that ended, once RabbitMQ confirmed what they sent.
 
         A thread that sent a task and ended (a thread pool's) would otherwise keep its
         connection open for the life of the transport: one more for every such thread.
-        Its messages still unconfirmed when its connection fails are sent again on the
-        calling thread's new link, as a dropped link's are.
+        Its messages still unconfirmed when its connection fails are sent again by the
+        calling thread, as a dropped link's are; so are the orphans an ended thread left
+        (its link dropped outside a send, by a read that failed). With ``owing`` (a
+        flush), only links and orphans with messages in them are looked at: cheaply, and
+        the idle links of ended threads wait for the next thread that connects.
         """
         with self._lock:
-            ended = [k for k in self._links if k.pid == os.getpid() and not k.thread.is_alive()]
+            ended = [
+                k
+                for k in self._links
+                if (not owing or k.confirms.unconfirmed or k.confirms.returned)
+                and k.pid == os.getpid()
+                and not k.thread.is_alive()
+            ]
             for link in ended:
                 self._links.remove(link)
+            left = [
+                o
+                for o in self._orphan_lists
+                if (not owing or o[2]) and o[0] == os.getpid() and not o[1].is_alive()
+            ]
+            for entry in left:
+                self._orphan_lists.remove(entry)
+        for _, _, orphans in left:
+            self._orphans().extend(orphans)
         for link in ended:
             errors: tuple[type[BaseException], ...] = (*link.errors, BrokerUnavailable)
             cause: BaseException | None = None
@@ -149,6 +169,7 @@ class Links:
         """Close every thread's link."""
         with self._lock:
             links, self._links = self._links, []
+            self._orphan_lists = []
         for link in links:
             link.close()
         self._local = threading.local()
@@ -262,10 +283,15 @@ class Links:
             self._local.call = 0
 
     def flush(self) -> None:
-        """Wait for the confirms of everything this thread sent (sending orphans again)."""
+        """Wait for the confirms of everything this thread sent (sending orphans again).
+
+        What threads that ended left unconfirmed is taken over first (:meth:`_close_ended`).
+        """
+        self._close_ended(owing=True)
         if self.current() is None and not self._orphans():
             return
-        self.publishing(lambda link: None)
+        # A link kept sends the orphans taken over on it (a new one sends them first anyway).
+        self.publishing(self._send_orphans)
 
     def take_unsent(self) -> list[str]:
         """Ids of tasks whose messages RabbitMQ refused or that could not be sent again."""
@@ -283,6 +309,8 @@ class Links:
         orphans: list[Outgoing] | None = getattr(self._local, "orphans", None)
         if orphans is None:
             orphans = self._local.orphans = []
+            with self._lock:
+                self._orphan_lists.append((os.getpid(), threading.current_thread(), orphans))
         return orphans
 
     def _send_orphans(self, link: Link) -> None:

@@ -7,14 +7,16 @@ messages whose confirms never came back are sent again (or, if RabbitMQ cannot b
 reached, revoked with their handles failing) rather than dropped.
 
 The client reaches RabbitMQ through a :class:`~tcp_proxy.TcpProxy`; ``deafen()`` makes
-it lose every confirm on the way back while its messages still reach RabbitMQ. Workers
-and the store are reached directly.
+it lose every confirm on the way back while its messages still reach RabbitMQ, ``hold()``
+keeps its messages from reaching RabbitMQ at all. Workers and the store are reached
+directly.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import kombu
@@ -23,7 +25,7 @@ from helpers import AMQP_URL, ledger_runs, wait_until
 from raw_broker import raw_broker
 from tcp_proxy import TcpProxy, proxying, via
 
-from nbtask import App, Settings, State
+from nbtask import App, Settings, State, TaskHandle
 from nbtask.brokers import amqp_links
 from nbtask.brokers.amqp import AmqpTransport
 from nbtask.brokers.amqp_link import Link
@@ -133,6 +135,65 @@ def test_unconfirmed_tasks_are_revoked_when_rabbitmq_cannot_be_reached(
         access.close()
     assert first.get(timeout=20) == first.id
     assert ledger_runs(ledger) == {first.id: 1, probe.id: 1}
+
+
+def _send_from_a_thread_that_ends(
+    client: App, proxy: TcpProxy, ledger: Path, outage: Callable[[], None], *, read: bool
+) -> list[TaskHandle]:
+    """On a thread of its own: send tasks whose messages never reach RabbitMQ, and end;
+    with ``read``, after finding the connection dropped in a read (a purge), not a send.
+    The tasks' handles (the first one's message was confirmed)."""
+    handles: list[TaskHandle] = []
+    failed: list[BrokerUnavailable] = []
+
+    def run() -> None:
+        handles.append(client.send_task(RECORD, (str(ledger),)))  # its own connection
+        client.flush()
+        proxy.hold()  # the messages below never reach RabbitMQ
+        handles.extend(client.send_task(RECORD, (str(ledger),)) for _ in range(5))
+        outage()
+        if read:
+            try:
+                client.purge(["elsewhere"])
+            except BrokerUnavailable as exc:
+                failed.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert len(handles) == 6 and len(failed) == int(read)
+    return handles
+
+
+@pytest.mark.parametrize("read", [True, False], ids=["failed-read", "link-left-open"])
+def test_unconfirmed_sends_of_a_thread_that_ended_are_sent_again_by_another(
+    client: App, proxy: TcpProxy, start_worker, tmp_path: Path, read: bool
+) -> None:
+    """What a thread that ended left unconfirmed (kept for its next send, or on its
+    connection) is sent again by another thread's flush (here its ``get()``)."""
+    ledger = tmp_path / "ledger"
+    first = client.send_task(RECORD, (str(ledger),))
+    client.flush()
+    handles = [first, *_send_from_a_thread_that_ends(client, proxy, ledger, proxy.cut, read=read)]
+    start_worker(concurrency=2)
+    assert [h.get(timeout=30) for h in handles] == [h.id for h in handles]
+    assert ledger_runs(ledger) == {h.id: 1 for h in handles}
+
+
+@pytest.mark.parametrize("read", [True, False], ids=["failed-read", "link-left-open"])
+def test_unconfirmed_sends_of_a_thread_that_ended_are_revoked_if_rabbitmq_is_gone(
+    client: App, proxy: TcpProxy, tmp_path: Path, read: bool
+) -> None:
+    ledger = tmp_path / "ledger"
+    client.send_task(RECORD, (str(ledger),))
+    client.flush()
+    _, *lost = _send_from_a_thread_that_ends(client, proxy, ledger, proxy.refuse, read=read)
+    with pytest.raises(BrokerUnavailable, match="cannot reach the AMQP broker"):
+        client.flush()
+    for handle in lost:
+        with pytest.raises(TaskRevoked, match="not confirmed by the broker"):
+            handle.get(timeout=5)
+        assert client.store.get_record(handle.id).state is State.REVOKED
 
 
 def test_messages_rabbitmq_refuses_are_reported_not_dropped(prefix: str) -> None:
