@@ -37,7 +37,7 @@ from nbtask.brokers.redis_channels import CHANNEL_MAXLEN, RedisChannels, event_o
 from nbtask.brokers.redis_holdings import RedisHoldings
 from nbtask.brokers.redis_link import LARGE_BYTES, RedisLink, unanswered
 from nbtask.brokers.redis_workers import RedisWorkers
-from nbtask.brokers.scripts import STORE_SCRIPTS
+from nbtask.brokers.scripts import INDEX_UPKEEP_SECONDS, STORE_SCRIPTS
 from nbtask.settings import Settings
 from nbtask.wire.records import RecordFields, TaskRecord
 
@@ -66,6 +66,7 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisChannels):
         self.settings = settings
         self.prefix = settings.key_prefix
         self.ttl = int(settings.result_ttl)
+        self._upkeep_due: dict[str, float] = {}  # client index: when to trim it next
         self.local_blobs = LocalBlobs.open(link.url, settings)
         link.add_scripts(STORE_SCRIPTS)
         link.add_scripts(BLOB_SCRIPTS)
@@ -132,8 +133,23 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisChannels):
         client = fields.get("client")
         index = self.client_tasks_key(str(client)) if client else ""
         keys = (self.record_key(task_id), self.eta_key(queue), index)
-        args = (self.ttl, repr(time.time()), task_id, repr(due), member, *_flat(fields))
+        now, upkeep = repr(time.time()), self.index_upkeep(index)
+        args = (self.ttl, now, task_id, repr(due), member, upkeep, *_flat(fields))
         return self.link.evalsha("record", keys, *args)
+
+    def index_upkeep(self, index: str) -> str:
+        """``"1"`` when this send is to trim ``index`` (a client's tasks), else ``"0"``.
+
+        Once every :data:`~nbtask.brokers.scripts.INDEX_UPKEEP_SECONDS` per index: two
+        commands less per send.
+        """
+        now = time.monotonic()
+        if not index or now < self._upkeep_due.get(index, 0.0):
+            return "0"  # (no index: nothing to trim)
+        if len(self._upkeep_due) >= 1024:  # a worker sends for many clients' indexes
+            self._upkeep_due.clear()
+        self._upkeep_due[index] = now + INDEX_UPKEEP_SECONDS
+        return "1"
 
     def write_pending(self, messages: Sequence[Publish], *, wait: bool = True) -> list[str]:
         """Write the PENDING records of ``messages`` (parking ETA ones), in one round trip.

@@ -36,7 +36,6 @@ from nbtask.brokers.redis_channels import CHANNEL_MAXLEN
 from nbtask.brokers.redis_link import LARGE_BYTES, Command, unanswered
 from nbtask.brokers.redis_store import RedisStore
 from nbtask.brokers.redis_upkeep import GROUP, StreamsUpkeep, _delivery
-from nbtask.brokers.scripts import INDEX_UPKEEP_SECONDS
 from nbtask.brokers.streams_scripts import STREAMS_SCRIPTS
 
 log = logging.getLogger(__name__)
@@ -65,7 +64,6 @@ class StreamsTransport(StreamsUpkeep):
         # A fetch's read and start check, by (queue, consumer, block, pid): made once.
         self._reads: dict[tuple[str, str, int, int], tuple[str, Command, Command]] = {}
         self.link.add_scripts(STREAMS_SCRIPTS)
-        self._upkeep_due: dict[str, float] = {}  # client index: when to trim it next
 
     @property
     def store(self) -> RedisStore:
@@ -152,22 +150,9 @@ class StreamsTransport(StreamsUpkeep):
             "" if (due := _due(msg, now)) is None else repr(due),
             msg.task_id,
             repr(now),
-            self._index_upkeep(index),
+            self.store.index_upkeep(index),
             *fields,
         )
-
-    def _index_upkeep(self, index: str) -> str:
-        """``"1"`` when this send is to trim ``index`` (a client's tasks), else ``"0"``.
-
-        Once every :data:`INDEX_UPKEEP_SECONDS` per index: two commands less per send.
-        """
-        now = time.monotonic()
-        if not index or now < self._upkeep_due.get(index, 0.0):
-            return "0"  # (no index: nothing to trim)
-        if len(self._upkeep_due) >= 1024:  # a worker sends for many clients' indexes
-            self._upkeep_due.clear()
-        self._upkeep_due[index] = now + INDEX_UPKEEP_SECONDS
-        return "1"
 
     def flush(self) -> None:
         """Read Redis's replies to this thread's publishes sent without waiting."""

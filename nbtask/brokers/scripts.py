@@ -247,11 +247,13 @@ return check_start(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 )
 
 # Write a PENDING record, and park the message until its ETA (member '' = not parked).
-# KEYS: record, eta set, client index; ARGV: ttl, now, task id, due, member, fields...
+# KEYS: record, eta set, client index
+# ARGV: ttl, now, task id, due, member, index upkeep ('0' = not now), fields...
 _RECORD = (
     WRITE_PENDING
     + """
-local refused = write_pending(KEYS[1], ARGV[1], KEYS[3], ARGV[2], ARGV[3], {unpack(ARGV, 6)})
+local refused = write_pending(KEYS[1], ARGV[1], KEYS[3], ARGV[2], ARGV[3], {unpack(ARGV, 7)},
+                              ARGV[6])
 if refused ~= '' then return refused end
 if ARGV[5] ~= '' then zadd_replacing(KEYS[2], ARGV[4], ARGV[5]) end
 return ''
