@@ -146,6 +146,11 @@ class Child:
         self._serve()
         # Kept values' store copies still being written: the only copy once this ends.
         self.transport.store.finish_writes()
+        # Closed, not left to the exit: RabbitMQ gives back a message it pushed here and
+        # this process never started (the next one, on acknowledging the last) before it
+        # confirms the close; a dropped socket it notices later, maybe after the
+        # supervisor moved what waits on this process's own queue and dropped it.
+        self.transport.close()
 
     def _serve(self) -> None:
         backoff = 0.1

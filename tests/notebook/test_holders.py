@@ -191,16 +191,19 @@ def read(ip: InteractiveShell, name: str) -> Any:
     return ip.user_ns["_read"]
 
 
+BUSY_FOR_2S = "import time\ntime.sleep(2)\nhead = float(x[1])"
+
+
 def queue_behind_busy_holder(
-    ip: InteractiveShell, shell: Session, workers: list[WorkerProcess]
+    ip: InteractiveShell, shell: Session, workers: list[WorkerProcess], busy_cell: str = BUSY_FOR_2S
 ) -> tuple[WorkerProcess, TaskHandle, TaskHandle]:
-    """Keep ``x``, keep its holder's one process busy, and queue a cell for it behind.
+    """Keep ``x``, keep its holder's one process busy (``busy_cell``), queue a cell behind.
 
     Returns the holder's worker, the busy cell's handle and the queued cell's.
     """
     kept = keep_x(ip)
     holder, _ = holder_of(shell, kept, workers)
-    task(ip, "import time\ntime.sleep(2)\nhead = float(x[1])", "--out busy")
+    task(ip, busy_cell, "--out busy")
     busy = ip.user_ns["busy"]
     wait_until(lambda: busy.state is not State.PENDING, 20, "the holder to start the first cell")
     task(ip, "total = float(x.sum())", "--out queued")
@@ -239,6 +242,59 @@ def test_a_worker_stopping_sends_on_the_cells_waiting_for_its_processes(
     queued.get(timeout=20)
     assert read(ip, "total") == TOTAL
     assert not access.queue_exists(queued.queue)
+
+
+#: Busy for 2 s, after forking a process that keeps the holder's sockets (so its broker
+#: connection) open after the holder exits, until the gate exists (60 s at most). It
+#: closes its other files: the pipe by which the supervisor sees the holder exit.
+FORK_A_LINGERER = f"""import os, stat, time
+if os.fork() == 0:
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                os.close(fd)
+        except OSError:
+            pass
+    ends = time.monotonic() + 60
+    while not os.path.exists(gate) and time.monotonic() < ends:
+        time.sleep(0.05)
+    os._exit(0)
+{BUSY_FOR_2S}"""
+
+
+@pytest.mark.brokers()
+@X_STAYS
+def test_a_worker_stopping_sends_on_the_cell_its_process_was_given_but_had_not_started(
+    ip: InteractiveShell,
+    shell: Session,
+    start_worker: StartWorker,
+    access: RawBroker,
+    tmp_path: Path,
+) -> None:
+    """The queued cell reaches the stopping holder as it ends the busy one (AMQP pushes
+    the next message on the acknowledgement) and must come back from it.
+
+    RabbitMQ gives back an unacknowledged delivery when it sees its connection end: the
+    lingering fork keeps the holder's socket open past the holder's exit, as a slow or
+    loaded broker noticing late would.
+    """
+    ip.user_ns["gate"] = str(tmp_path / "gate")
+    workers = [start_worker(concurrency=1), start_worker(concurrency=1)]
+    holder, busy, queued = queue_behind_busy_holder(ip, shell, workers, FORK_A_LINGERER)
+    [process] = holder.children()
+    wait_until(lambda: bool(process.children()), 20, "the fork")
+    [lingerer] = process.children()
+    try:
+        holder.stop()
+        assert holder.process.returncode == 0
+        busy.get(timeout=20)
+        queued.get(timeout=20)  # while the lingering fork still holds the connection
+        assert lingerer.is_running()
+        assert read(ip, "total") == TOTAL
+        assert not access.queue_exists(queued.queue)
+    finally:
+        (tmp_path / "gate").touch()
+        lingerer.wait(10)
 
 
 HOLD_UNTIL_GATE = (
