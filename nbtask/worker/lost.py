@@ -24,6 +24,8 @@ __all__ = ["LostTasks"]
 
 log = logging.getLogger("nbtask.worker")
 
+_REHOME_RETRY_SECONDS = 0.1  # between tries to delete a gone process's queue
+
 
 class LostTasks:
     """Settles the tasks of dead children and dead workers.
@@ -115,13 +117,27 @@ class LostTasks:
         event = stopped_event(stopped, reason, record.name or "task")
         report(self.transport, self.signer, task_id, channel, event)
 
-    def rehome(self, queue: str, consumer: str) -> int:
+    def rehome(self, queue: str, consumer: str, until: float = 0.0) -> int:
         """Move what waits on a gone process's own ``queue`` elsewhere; delete the queue.
 
         Each message goes to its signed ``fallback_queue`` (the queue it would have gone
         to without the holder), sealed again for that queue; one that does not verify is
-        dead-lettered. Returns how many were moved.
+        dead-lettered. Until ``until`` (``time.monotonic()``) this goes on while the queue
+        cannot be deleted: RabbitMQ gives back what a gone process held (and ends its
+        consumer) only once it sees that process's connection end. Returns how many were
+        moved.
         """
+        moved = self._move_waiting(queue, consumer)
+        while not self.transport.drop_queue(queue):
+            if time.monotonic() >= until:
+                if until:
+                    log.warning("left queue %r: still consumed, or a message came meanwhile", queue)
+                break
+            time.sleep(_REHOME_RETRY_SECONDS)
+            moved += self._move_waiting(queue, consumer)
+        return moved
+
+    def _move_waiting(self, queue: str, consumer: str) -> int:
         moved = 0
         while batch := self.transport.take_waiting(queue, consumer):
             for delivery in batch:
@@ -146,5 +162,4 @@ class LostTasks:
                 why = f"the process whose queue it waited on is gone; moved to queue {target!r}"
                 self.note(message, why, logging.WARNING)
                 moved += 1
-        self.transport.drop_queue(queue)
         return moved

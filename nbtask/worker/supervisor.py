@@ -48,6 +48,9 @@ log = logging.getLogger("nbtask.worker")
 EXIT_OK = 0
 EXIT_SIGNAL = 130  # stopped by a second (cold) signal
 _STALE_CHECK_EVERY = 10  # heartbeats between visibility-timeout sweeps
+# How long a stopping worker waits for the broker to see its children's connections end
+# (RabbitMQ gives back their deliveries then) before it leaves their own queues as they are.
+_CHILDREN_GONE_SECONDS = 5.0
 
 
 class Worker:
@@ -312,7 +315,7 @@ class Worker:
         for slot in list(self._pool.processes):
             self._child_exited(slot, respawn=False)
         try:
-            self._rehome(self.consumers)
+            self._rehome(self.consumers, until=time.monotonic() + _CHILDREN_GONE_SECONDS)
             self.store.unregister(self.worker_id)
             self.store.forget_holdings(self.consumers)
             self.transport.forget_consumers(self.consumers, self.queues)
@@ -403,10 +406,14 @@ class Worker:
                 self.transport.forget_consumers(info.consumers, info.queues)
                 log.warning("cleaned up after dead worker %s", worker_id)
 
-    def _rehome(self, consumers: Sequence[str]) -> None:
-        """Send on what still waits on the own queues of processes that are gone."""
+    def _rehome(self, consumers: Sequence[str], until: float = 0.0) -> None:
+        """Send on what still waits on the own queues of processes that are gone.
+
+        Until ``until`` (``time.monotonic()``), a queue the broker still sees consumed is
+        tried again (see :meth:`LostTasks.rehome`).
+        """
         for consumer in consumers:
-            moved = self.lost.rehome(holder_queue(consumer), consumer)
+            moved = self.lost.rehome(holder_queue(consumer), consumer, until)
             if moved:
                 log.warning("moved %d task(s) waiting for process %s elsewhere", moved, consumer)
 

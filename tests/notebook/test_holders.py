@@ -244,22 +244,38 @@ def test_a_worker_stopping_sends_on_the_cells_waiting_for_its_processes(
     assert not access.queue_exists(queued.queue)
 
 
-#: Busy for 2 s, after forking a process that keeps the holder's sockets (so its broker
-#: connection) open after the holder exits, until the gate exists (60 s at most). It
-#: closes its other files: the pipe by which the supervisor sees the holder exit.
-FORK_A_LINGERER = f"""import os, stat, time
+def forking_a_lingerer(busy_seconds: float, linger: float) -> str:
+    """A cell busy on the holder that first forks a process keeping the holder's sockets.
+
+    The fork keeps the holder's broker connection open after the holder exits: until the
+    gate exists, or ``linger`` seconds after, 60 s at most. It closes its other files: the
+    pipe by which the supervisor sees the holder exit.
+    """
+    return f"""import os, stat, time
 if os.fork() == 0:
+    holder, ends, gone = os.getppid(), time.monotonic() + 60, None
     for fd in map(int, os.listdir("/proc/self/fd")):
         try:
             if not stat.S_ISSOCK(os.fstat(fd).st_mode):
                 os.close(fd)
         except OSError:
             pass
-    ends = time.monotonic() + 60
     while not os.path.exists(gate) and time.monotonic() < ends:
+        if gone is None and os.getppid() != holder:
+            gone = time.monotonic()
+        if gone is not None and time.monotonic() > gone + {linger}:
+            break
         time.sleep(0.05)
     os._exit(0)
-{BUSY_FOR_2S}"""
+time.sleep({busy_seconds})
+head = float(x[1])"""
+
+
+def the_lingerer(worker: WorkerProcess) -> psutil.Process:
+    [process] = worker.children()
+    wait_until(lambda: bool(process.children()), 20, "the fork")
+    [lingerer] = process.children()
+    return lingerer
 
 
 @pytest.mark.brokers()
@@ -280,10 +296,9 @@ def test_a_worker_stopping_sends_on_the_cell_its_process_was_given_but_had_not_s
     """
     ip.user_ns["gate"] = str(tmp_path / "gate")
     workers = [start_worker(concurrency=1), start_worker(concurrency=1)]
-    holder, busy, queued = queue_behind_busy_holder(ip, shell, workers, FORK_A_LINGERER)
-    [process] = holder.children()
-    wait_until(lambda: bool(process.children()), 20, "the fork")
-    [lingerer] = process.children()
+    busy_cell = forking_a_lingerer(busy_seconds=2, linger=60)
+    holder, busy, queued = queue_behind_busy_holder(ip, shell, workers, busy_cell)
+    lingerer = the_lingerer(holder)
     try:
         holder.stop()
         assert holder.process.returncode == 0
@@ -291,6 +306,36 @@ def test_a_worker_stopping_sends_on_the_cell_its_process_was_given_but_had_not_s
         queued.get(timeout=20)  # while the lingering fork still holds the connection
         assert lingerer.is_running()
         assert read(ip, "total") == TOTAL
+        assert not access.queue_exists(queued.queue)
+    finally:
+        (tmp_path / "gate").touch()
+        lingerer.wait(10)
+
+
+@pytest.mark.brokers()
+@X_STAYS
+def test_a_worker_stopped_cold_settles_the_cell_its_killed_process_ran_and_moves_the_waiting(
+    ip: InteractiveShell,
+    shell: Session,
+    start_worker: StartWorker,
+    access: RawBroker,
+    tmp_path: Path,
+) -> None:
+    """Its processes killed, the worker waits for the broker to see their connections end.
+
+    RabbitMQ gives back the running cell's delivery then: here a second after the killed
+    holder, whose fork keeps its socket open that long, as a slow or loaded broker would.
+    """
+    ip.user_ns["gate"] = str(tmp_path / "gate")
+    workers = [start_worker(concurrency=1), start_worker(concurrency=1)]
+    busy_cell = forking_a_lingerer(busy_seconds=60, linger=1)
+    holder, busy, queued = queue_behind_busy_holder(ip, shell, workers, busy_cell)
+    lingerer = the_lingerer(holder)
+    try:
+        holder.end()  # cold: the holder is killed while it runs the busy cell
+        queued.get(timeout=20)
+        assert read(ip, "total") == TOTAL
+        wait_until(lambda: busy.state is State.WORKER_LOST, 20, "the running cell to be lost")
         assert not access.queue_exists(queued.queue)
     finally:
         (tmp_path / "gate").touch()
