@@ -38,6 +38,7 @@ from nbtask.brokers.redis_resp import (
     pack,
     pack_one,
     read_replies,
+    send_first,
 )
 from nbtask.errors import BrokerUnavailable, ConfigurationError
 
@@ -237,9 +238,8 @@ class RedisLink:
         owed = self._owed()
         if len(owed.sent) >= PIPELINE_WINDOW or owed.size >= OWED_BYTES:
             self.settle_owed()
-        if closed_by_server(owed.connection._sock):
-            # Not connected yet, or the server went away (stopped, restarted) since the
-            # last reply: send this one as a call, which reconnects or raises at once.
+        if owed.connection._sock is None:
+            # Not connected yet: send this one as a call, which connects or raises at once.
             self.run_scripts([command])
             return
         packed = pack_one(command)  # first: a command that cannot be packed is not owed
@@ -247,18 +247,27 @@ class RedisLink:
             # Owed before it is written: a Ctrl-C right after the write must not leave
             # its reply unaccounted for, to be read as the answer to another command.
             self._owe(owed, [(command, task_id)], len(packed))
-            owed.connection.send_packed_command([packed])
+            # Looked at once the command is on its way (looking lets go of the GIL): a
+            # server gone since the last reply (stopped, restarted) never read it.
+            sent = send_first(owed.connection, [packed])
+            gone = not sent or closed_by_server(owed.connection._sock)
         except (RedisConnectionError, RedisTimeoutError):
             owed.connection.disconnect()
             self.read_lost = True
             # Whether Redis got this one, or the ones owed before it, is unknown: send
             # them all again now, on a new connection, and raise if that fails too.
             self._send_again(self._take_owed(owed))
+            return
         except BaseException:
             # Interrupted: what was written is unknown, so the connection goes, and with
             # it the replies owed on it; reading them fails, and they are sent again.
             owed.connection.disconnect()
             raise
+        if gone:
+            # Sent as a call instead, which reads what is owed before it (sending that
+            # again), then reconnects or raises at once.
+            self._forget_last(owed)
+            self.run_scripts([command])
 
     @property
     def owed(self) -> int:
@@ -300,6 +309,13 @@ class RedisLink:
             self._owing.pop(id(owed), None)
         sent, owed.sent, owed.size = owed.sent, [], 0
         return sent
+
+    def _forget_last(self, owed: _Owed) -> None:
+        with self._lock:
+            owed.sent.pop()
+            if not owed.sent:
+                owed.size = 0
+                self._owing.pop(id(owed), None)
 
     def _forget_owed(self, owed: _Owed, settled: int) -> None:
         with self._lock:
@@ -403,7 +419,8 @@ class RedisLink:
             try:
                 if packed is None:
                     packed = pack(commands) if large else [b"".join(map(pack_one, commands))]
-                connection.send_packed_command(packed)
+                if not send_first(connection, packed):
+                    raise RedisConnectionError("Redis closed the connection")
                 read_replies(connection, len(commands), block_seconds, replies)
             except (RedisConnectionError, RedisTimeoutError):
                 # A half-read connection cannot be reused; the next call reconnects.

@@ -10,6 +10,7 @@ connection, not how the bytes go; the link calls these functions directly.
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 from collections.abc import Sequence
@@ -18,7 +19,15 @@ from typing import Any
 from hiredis import pack_command
 from redis.exceptions import ResponseError
 
-__all__ = ["LARGE_BYTES", "Command", "closed_by_server", "pack", "pack_one", "read_replies"]
+__all__ = [
+    "LARGE_BYTES",
+    "Command",
+    "closed_by_server",
+    "pack",
+    "pack_one",
+    "read_replies",
+    "send_first",
+]
 
 #: Arguments from this size on are sent as they are, never copied into one buffer.
 LARGE_BYTES = 1 << 20
@@ -88,6 +97,36 @@ def read_replies(connection: Any, count: int, block_seconds: float, replies: lis
     finally:
         if stretched and connection._sock is not None:
             connection._sock.settimeout(connection.socket_timeout)
+
+
+def send_first(connection: Any, chunks: Sequence[bytes | memoryview]) -> bool:
+    """Send ``chunks`` on a redis-py ``connection``, writing before letting go of the GIL.
+
+    ``sendall`` on a socket with a timeout (redis-py sets one) polls before it writes: a
+    thread waiting for the GIL takes it there (in a kernel, its IOPub and history threads
+    at the start of every cell), and the command leaves only once that thread gives it
+    back. The first chunk is written straight to the descriptor instead, so it is on its
+    way before this thread waits for anyone; the rest, and anything on a TLS socket or a
+    connection not yet made, goes by redis-py (which connects it).
+
+    Returns False, nothing sent, when the first write is refused (the server reset the
+    connection); raises redis-py's errors for anything after it.
+    """
+    sock = connection._sock  # redis-py has no public accessor
+    if sock is not None and sock.__class__ is socket.socket and chunks:
+        first = chunks[0]
+        try:
+            written = os.write(sock.fileno(), first)
+        except BlockingIOError:  # the socket's buffer is full: sendall waits for room
+            written = 0
+        except OSError:
+            return False
+        rest = [memoryview(first)[written:]] if written < len(first) else []
+        chunks = [*rest, *chunks[1:]]
+        if not chunks:
+            return True
+    connection.send_packed_command(chunks)
+    return True
 
 
 def closed_by_server(sock: socket.socket | None) -> bool:

@@ -1,0 +1,72 @@
+"""Commands are written before the sending thread lets go of the GIL, and none is lost for it.
+
+A send writes straight to the socket, then looks whether the server closed the connection
+meanwhile (:func:`~nbtask.brokers.redis_resp.send_first`,
+:meth:`~nbtask.brokers.redis_link.RedisLink.send_unanswered`). These check the two ways
+that order could lose a command: a connection Redis closed while it was idle (the
+command written into it is sent again, as a call, once), and a write bigger than the
+socket's buffer (the rest follows in order).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis
+from helpers import ledger_runs
+
+from nbtask import App
+from nbtask.brokers.redis_link import RedisLink
+from nbtask.brokers.redis_store import RedisStore
+
+RECORD = "tests.sample_tasks.record_id"  # appends its id to a file: counts runs
+
+
+def link_of(app: App) -> RedisLink:
+    store = app.transport.store
+    assert isinstance(store, RedisStore)
+    return store.link
+
+
+def kill_this_threads_connection(link: RedisLink, r: redis.Redis) -> None:
+    """Have Redis close the calling thread's connection of ``link``, as a restart would."""
+    sock = link._connection()._sock
+    assert sock is not None
+    host, port = sock.getsockname()[:2]
+    assert r.client_kill(f"{host}:{port}")
+
+
+@pytest.mark.brokers("redis")
+def test_a_delay_on_a_connection_redis_closed_while_idle_runs_once(
+    app: App, r: redis.Redis, start_worker, tmp_path: Path
+) -> None:
+    ledger = tmp_path / "ledger"
+    first = app.send_task(RECORD, (str(ledger),))
+    app.flush()  # its reply read: nothing owed on the connection Redis then closes
+    link = link_of(app)
+    kill_this_threads_connection(link, r)
+
+    again = app.send_task(RECORD, (str(ledger),))  # written into the closed connection
+    assert link.owed == 0  # seen closed at once, and sent as a call on a new connection
+    assert app.transport.take_unsent() == []
+    start_worker(concurrency=1)
+    assert [h.get(timeout=30) for h in (first, again)] == [first.id, again.id]
+    assert ledger_runs(ledger) == {first.id: 1, again.id: 1}
+
+
+def test_a_write_bigger_than_the_sockets_buffer_goes_whole_and_in_order(
+    r: redis.Redis, redis_url: str, prefix: str
+) -> None:
+    link = RedisLink(redis_url, "broker")
+    try:
+        assert link.run([("PING",)]) == [b"PONG"]  # connected: the next write is direct
+        # Each value under the size sent apart, so the batch is one buffer of ~14 MB:
+        # the first write takes what fits, sendall the rest.
+        values = [bytes([i]) * 900_000 for i in range(16)]
+        keys = [f"{prefix}:big:{i}" for i in range(16)]
+        replies = link.run([("SET", k, v) for k, v in zip(keys, values, strict=True)])
+        assert replies == [b"OK"] * 16
+        assert r.mget(keys) == values
+    finally:
+        link.close()
