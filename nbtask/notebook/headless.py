@@ -133,7 +133,7 @@ class _StreamingClient(NotebookClient):
         elapsed = time.monotonic() - self.started_at
         self._write(
             f"── [{self.code_seen}/{self.code_total}] cell {cell_index + 1} "
-            f"({elapsed:.1f} s): {first[:70]}"
+            f"(at {elapsed:.1f} s): {first[:70]}"
         )
 
     def process_message(self, msg: dict[str, Any], cell: Any, cell_index: int) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,8 @@ def test_quickstart_runs_and_streams(tmp_path: Path) -> None:
     )
     lines = [ln for ln in stdout.splitlines() if ln.startswith("── [")]
     assert [ln.split("]")[0] for ln in lines] == [f"── [{i}/11" for i in range(1, 12)], lines
+    # when each cell began, counted from the start of the run (not how long it took)
+    assert all(re.search(r"\] cell \d+ \(at \d+\.\d s\): ", ln) for ln in lines), lines
     # the cells' text output, as it was produced
     for expected in [
         "nbtask: embedded cluster",
