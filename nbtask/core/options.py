@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -240,13 +241,38 @@ def check_task_id(value: object, what: str = "task_id") -> str:
     return value
 
 
+class _RandomBytes:
+    """Bytes from the OS's random source, read a batch at a time.
+
+    Reading them lets go of the GIL: in a kernel, a thread waiting for it (IOPub, history)
+    then runs first, and a cell's message leaves only once it gives it back. Read for
+    256 task ids at once, the message almost never waits for that. A forked process reads
+    its own (it never hands out its parent's bytes).
+    """
+
+    def __init__(self, batch: int = 4096) -> None:
+        self._batch = batch
+        self._lock = threading.Lock()
+        self._bytes, self._at, self._pid = b"", 0, 0
+
+    def take(self, count: int) -> bytes:
+        with self._lock:
+            if self._at + count > len(self._bytes) or self._pid != os.getpid():
+                self._bytes, self._at, self._pid = os.urandom(self._batch), 0, os.getpid()
+            start, self._at = self._at, self._at + count
+            return self._bytes[start : self._at]
+
+
+_RANDOM = _RandomBytes()
+
+
 def new_task_id() -> str:
     """A fresh task id: 32 hex digits of a random version-4 UUID, as ``uuid.uuid4().hex``.
 
     Made from the random bytes directly: :class:`uuid.UUID` costs several times more, once
     per task sent.
     """
-    raw = bytearray(os.urandom(16))
+    raw = bytearray(_RANDOM.take(16))
     raw[6] = raw[6] & 0x0F | 0x40  # version 4
     raw[8] = raw[8] & 0x3F | 0x80  # RFC 4122 variant
     return raw.hex()

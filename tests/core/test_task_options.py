@@ -5,6 +5,7 @@ Nothing here needs a broker: decorating a function never connects.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -336,3 +337,21 @@ def test_new_task_ids_are_random_version_4_uuids() -> None:
         parsed = uuid.UUID(hex=task_id)
         assert (parsed.hex, parsed.version, parsed.variant) == (task_id, 4, uuid.RFC_4122)
         assert check_task_id(task_id) == task_id
+
+
+def test_a_forked_process_makes_task_ids_of_its_own() -> None:
+    new_task_id()  # random bytes read ahead in this process
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent
+        try:
+            os.write(write, " ".join(new_task_id() for _ in range(50)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = set(pipe.read().split())
+    os.waitpid(pid, 0)
+    parent = {new_task_id() for _ in range(50)}
+    assert len(child) == 50
+    assert not child & parent
