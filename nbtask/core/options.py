@@ -252,6 +252,11 @@ class _RandomBytes:
 
     def __init__(self, batch: int = 4096) -> None:
         self._batch = batch
+        self._forget()
+        # A lock another thread held at a fork would stay held in the child for good.
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
         self._lock = threading.Lock()
         self._bytes, self._at, self._pid = b"", 0, 0
 

@@ -6,6 +6,7 @@ Nothing here needs a broker: decorating a function never connects.
 from __future__ import annotations
 
 import os
+import signal
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from nbtask import App, ConfigurationError, Settings, Task
+from nbtask.core import options
 from nbtask.core.options import check_task_id, new_task_id
 from tests import celery_tasks
 
@@ -355,3 +357,18 @@ def test_a_forked_process_makes_task_ids_of_its_own() -> None:
     parent = {new_task_id() for _ in range(50)}
     assert len(child) == 50
     assert not child & parent
+
+
+def test_a_process_forked_while_a_task_id_was_made_makes_ids_all_the_same() -> None:
+    held = options._RANDOM._lock  # as if another thread were making an id at the fork
+    held.acquire()
+    try:
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(5)  # a lock left held would hang the child: it dies of SIGALRM
+            new_task_id()
+            os._exit(0)
+    finally:
+        held.release()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
