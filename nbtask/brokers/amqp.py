@@ -158,6 +158,7 @@ class AmqpTransport(AmqpUpkeep):
         are then in :meth:`take_unsent`.
         """
         with self.store.link.translate_errors():
+            self.store.link.settle_ended()
             self.store.link.settle_owed()
         self.links.flush()
 

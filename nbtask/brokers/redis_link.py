@@ -78,6 +78,7 @@ class _Owed:
     pid: int
     sent: list[tuple[Command, str]] = dataclasses.field(default_factory=list)
     size: int = 0  # bytes of the commands in ``sent``, kept to be sent again
+    thread: threading.Thread = dataclasses.field(default_factory=threading.current_thread)
 
 
 class RedisLink:
@@ -284,6 +285,25 @@ class RedisLink:
         owed = getattr(self._local, "owed", None)
         if owed is not None and owed.sent and owed.pid == os.getpid():
             self._settle(owed)
+
+    def settle_ended(self) -> None:
+        """Read the replies threads that ended still owe (sending again what needs it).
+
+        Nobody else would before :meth:`close`: a publish whose connection dropped before
+        Redis read it would wait unsent until then, its task never run nor reported.
+        Raises redis-py's ``ConnectionError`` as :meth:`settle_owed` does.
+        """
+        pid = os.getpid()
+        with self._lock:  # taken out while read: two threads never read one connection
+            ended = [o for o in self._owing.values() if o.pid == pid and not o.thread.is_alive()]
+            for owed in ended:
+                del self._owing[id(owed)]
+        for owed in ended:
+            try:
+                self._settle(owed)
+            finally:
+                if not owed.sent:  # (an interrupted read left some owed, kept again)
+                    owed.connection.disconnect()
 
     def take_unsent(self) -> list[str]:
         """Ids of tasks sent by :meth:`send_unanswered` that Redis never queued; each once."""

@@ -155,8 +155,12 @@ class StreamsTransport(StreamsUpkeep):
         )
 
     def flush(self) -> None:
-        """Read Redis's replies to this thread's publishes sent without waiting."""
+        """Read Redis's replies to this thread's publishes sent without waiting.
+
+        And those of threads that ended (see :meth:`RedisLink.settle_ended`).
+        """
         with self.link.translate_errors():
+            self.link.settle_ended()
             self.link.settle_owed()
 
     def take_unsent(self) -> list[str]:

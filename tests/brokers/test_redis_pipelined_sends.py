@@ -111,6 +111,32 @@ def test_replies_lost_with_their_connection_are_sent_again_and_each_task_runs_on
     each_ran_once([first, *handles], ledger)
 
 
+def test_sends_a_thread_that_ended_left_unanswered_are_sent_again_by_the_next_flush(
+    client: App, proxy: TcpProxy, start_worker, tmp_path: Path
+) -> None:
+    ledger = tmp_path / "ledger"
+    handles: list[Any] = []
+    owed: list[int] = []
+
+    def sender() -> None:
+        handles.append(client.send_task(RECORD, (str(ledger),)))
+        proxy.hold()  # what it sends now never reaches Redis
+        handles.extend(client.send_task(RECORD, (str(ledger),)) for _ in range(5))
+        owed.append(link_of(client).owed)
+
+    thread = threading.Thread(target=sender)
+    thread.start()
+    thread.join()
+    assert len(handles) == 6
+    assert owed[0] >= 5  # ended owing their replies (the first one's too, if it went so)
+    proxy.cut()  # the held publishes are gone with their connection
+
+    client.flush()  # this thread's: it reads what the ended thread owed, sends it again
+    assert client.transport.take_unsent() == []
+    start_worker(concurrency=2)
+    each_ran_once(handles, ledger)
+
+
 def test_sends_redis_cannot_be_reached_for_are_revoked_and_their_handles_fail(
     client: App, proxy: TcpProxy, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
