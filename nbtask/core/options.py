@@ -246,24 +246,24 @@ class _RandomBytes:
 
     Reading them lets go of the GIL: in a kernel, a thread waiting for it (IOPub, history)
     then runs first, and a cell's message leaves only once it gives it back. Read for
-    256 task ids at once, the message almost never waits for that. A forked process reads
-    its own (it never hands out its parent's bytes).
+    256 task ids at once, the message almost never waits for that. A forked process
+    starts empty (it never hands out its parent's bytes) and with a lock of its own (one
+    another thread held at the fork would stay held there for good).
     """
 
     def __init__(self, batch: int = 4096) -> None:
         self._batch = batch
         self._forget()
-        # A lock another thread held at a fork would stay held in the child for good.
         os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self) -> None:
         self._lock = threading.Lock()
-        self._bytes, self._at, self._pid = b"", 0, 0
+        self._bytes, self._at = b"", 0
 
     def take(self, count: int) -> bytes:
         with self._lock:
-            if self._at + count > len(self._bytes) or self._pid != os.getpid():
-                self._bytes, self._at, self._pid = os.urandom(self._batch), 0, os.getpid()
+            if self._at + count > len(self._bytes):
+                self._bytes, self._at = os.urandom(self._batch), 0
             start, self._at = self._at, self._at + count
             return self._bytes[start : self._at]
 
