@@ -128,34 +128,27 @@ class Confirms:
                 self.returned[seq] = self.unconfirmed.pop(seq)
                 return
 
-    def take_returned(self) -> list[Outgoing]:
-        """The messages RabbitMQ returned, oldest first; forgotten here."""
-        out = list(self.returned.values())
-        self.returned.clear()
-        return out
+    def move_unconfirmed(self, into: list[Outgoing], cause: BaseException | None = None) -> None:
+        """Put everything not confirmed yet (returned too) at the front of ``into``, oldest first.
 
-    def take_unconfirmed(self, cause: BaseException | None = None) -> list[Outgoing]:
-        """Everything not confirmed yet (returned too), oldest first; forgotten here.
-
-        If ``cause``, the error that closed the channel, is RabbitMQ refusing a message
-        over its size limit, the messages over it are moved to :attr:`refused` instead:
-        sent again, each would close the next channel too, with everything after it.
+        Forgotten here only once it is there: interrupted in between (a Ctrl-C), a message
+        is in both places, sent twice at worst, never lost. If ``cause``, the error that
+        closed the channel, is RabbitMQ refusing a message over its size limit, the
+        messages over it are moved to :attr:`refused` instead: sent again, each would close
+        the next channel too, with everything after it.
         """
         merged = sorted([*self.returned.items(), *self.unconfirmed.items()])
+        limit = size_limit(cause)
+        over = [o for _, o in merged if limit is not None and len(o.raw) > limit]
+        for outgoing in over:
+            log.error(
+                "RabbitMQ refused a message of %d bytes to %s: it takes messages of at "
+                "most %d bytes (its max_message_size)",
+                len(outgoing.raw),
+                outgoing.routing_key,
+                limit,
+            )
+        into[:0] = [o for _, o in merged if limit is None or len(o.raw) <= limit]
+        self.refused += over
         self.returned.clear()
         self.unconfirmed.clear()
-        out = [outgoing for _, outgoing in merged]
-        limit = size_limit(cause)
-        if limit is None:
-            return out
-        for outgoing in out:
-            if len(outgoing.raw) > limit:
-                log.error(
-                    "RabbitMQ refused a message of %d bytes to %s: it takes messages of at "
-                    "most %d bytes (its max_message_size)",
-                    len(outgoing.raw),
-                    outgoing.routing_key,
-                    limit,
-                )
-                self.refused.append(outgoing)
-        return [outgoing for outgoing in out if len(outgoing.raw) <= limit]

@@ -33,7 +33,8 @@ class Link:
     def __init__(self, conn: Any, generation: int) -> None:
         self.conn = conn
         self.pid = os.getpid()
-        #: The thread whose link this is (made by it): once it ends, the link is closed.
+        #: The thread whose link this is (made by it, or taking it over once that one
+        #: ended): once it ends, the link is closed.
         self.thread = threading.current_thread()
         self.channel: Any = conn.channel()
         self.generation = generation

@@ -80,7 +80,7 @@ class Links:
         link = self.current()
         if link is not None:
             return link
-        self._close_ended()
+        self._take_over()
         conn = kombu.Connection(
             self.url,
             transport=GUARDED.get(self.url.split("://", 1)[0].lower()),
@@ -97,17 +97,18 @@ class Links:
         except Exception as exc:  # the connection dropped while its channel opened
             conn.release()
             raise self.unavailable(exc) from exc
+        # Listed before it carries anything: if this is interrupted (a Ctrl-C), the link
+        # is found by this thread's next take-over, with the orphans it was sending.
+        with self._lock:
+            self._links.append(link)
         try:
             # What the thread's previous link left unconfirmed goes first, whatever
             # this link is for (a worker child's next fetch sends its last events).
             self._send_orphans(link)
         except Exception as exc:
-            self._orphans()[:0] = link.confirms.take_unconfirmed()
-            conn.release()
+            self._give_up(link, exc)
             raise self.unavailable(exc) from exc
         self._local.link = link
-        with self._lock:
-            self._links.append(link)
         return link
 
     def drop(self, cause: BaseException | None = None) -> None:
@@ -116,47 +117,63 @@ class Links:
         self._local.link = None
         if link is not None:
             self._give_up(link, cause)
-            with self._lock, contextlib.suppress(ValueError):
-                self._links.remove(link)
 
     def _give_up(self, link: Link, cause: BaseException | None) -> None:
-        """Close ``link``; what it sent unconfirmed is sent again on this thread's next link."""
-        self._orphans().extend(link.confirms.take_unconfirmed(cause))
+        """Close and unlist ``link``; what it sent unconfirmed is sent again by this thread.
+
+        Unlisted last: if this is interrupted, the link is still listed (this thread's
+        own, not its current one) and its next take-over gives it up again.
+        """
+        link.confirms.move_unconfirmed(self._orphans(), cause)
         self._note_unsent(link.confirms.refused)
         link.confirms.refused = []
         link.close()
+        with self._lock, contextlib.suppress(ValueError):
+            self._links.remove(link)
 
-    def _close_ended(self, *, owing: bool = False) -> None:
-        """Close the links of threads that ended, once RabbitMQ confirmed what they sent.
+    def _take_over(self, *, owing: bool = False) -> None:
+        """Take over the links and orphans of threads that ended.
 
         A thread that sent a task and ended (a thread pool's) would otherwise keep its
         connection open for the life of the transport: one more for every such thread.
-        Its messages still unconfirmed when its connection fails are sent again by the
-        calling thread, as a dropped link's are; so are the orphans an ended thread left
-        (its link dropped outside a send, by a read that failed). With ``owing`` (a
-        flush), only links and orphans with messages in them are looked at: cheaply, and
-        the idle links of ended threads wait for the next thread that connects.
+        Its link's confirms are read here and the link closed; its messages still
+        unconfirmed, and the orphans it left (its link dropped outside a send, by a read
+        that failed), are sent again by the calling thread, as a dropped link's are. With
+        ``owing`` (a flush), only links and orphans with messages in them are looked at:
+        cheaply, and the idle links of ended threads wait for the next thread that connects.
+
+        A link taken over is made the calling thread's and stays listed until given up;
+        orphans are copied before they are cleared. Interrupted anywhere (a Ctrl-C), every
+        message is still in a list that a take-over or a send looks at: at worst in two,
+        sent twice (the start check drops the second task message).
         """
+        me, pid, current = threading.current_thread(), os.getpid(), self.current()
+        mine = self._orphans()
         with self._lock:
-            ended = [
+            links = [
                 k
                 for k in self._links
-                if (not owing or k.confirms.unconfirmed or k.confirms.returned)
-                and k.pid == os.getpid()
-                and not k.thread.is_alive()
+                if k.pid == pid
+                and k is not current
+                # This thread's own (one a Ctrl-C left behind), or an ended thread's.
+                and (
+                    k.thread is me
+                    or (
+                        not k.thread.is_alive()
+                        and (not owing or k.confirms.unconfirmed or k.confirms.returned)
+                    )
+                )
             ]
-            for link in ended:
-                self._links.remove(link)
-            left = [
-                o
-                for o in self._orphan_lists
-                if (not owing or o[2]) and o[0] == os.getpid() and not o[1].is_alive()
-            ]
-            for entry in left:
+            for link in links:
+                link.thread = me  # claimed: other threads leave it alone
+            for entry in list(self._orphan_lists):
+                entry_pid, thread, orphans = entry
+                if entry_pid != pid or thread.is_alive():
+                    continue
+                mine.extend(orphans)
+                orphans.clear()
                 self._orphan_lists.remove(entry)
-        for _, _, orphans in left:
-            self._orphans().extend(orphans)
-        for link in ended:
+        for link in links:
             errors: tuple[type[BaseException], ...] = (*link.errors, BrokerUnavailable)
             cause: BaseException | None = None
             try:
@@ -285,9 +302,9 @@ class Links:
     def flush(self) -> None:
         """Wait for the confirms of everything this thread sent (sending orphans again).
 
-        What threads that ended left unconfirmed is taken over first (:meth:`_close_ended`).
+        What threads that ended left unconfirmed is taken over first (:meth:`_take_over`).
         """
-        self._close_ended(owing=True)
+        self._take_over(owing=True)
         if self.current() is None and not self._orphans():
             return
         # A link kept sends the orphans taken over on it (a new one sends them first anyway).
@@ -349,9 +366,10 @@ class Links:
             confirms.refused = []
 
     def _send_returned(self, link: Link) -> None:
+        returned = link.confirms.returned
         # Declared before the messages are taken: if that fails, the link's messages
         # (these too) are sent again on the next link, or reported unsent.
-        again = [o for o in link.confirms.returned.values() if o.returns < MAX_RETURNS]
+        again = [o for o in returned.values() if o.returns < MAX_RETURNS]
         for name in dict.fromkeys(o.routing_key for o in again):
             log.warning(
                 "queue %s was gone when a message reached it (deleted after it was "
@@ -360,11 +378,14 @@ class Links:
             )
             link.declared.discard(name)
             self.declare_task_queue(link, name)
-        for outgoing in link.confirms.take_returned():
+        while returned:
+            # Forgotten once sent again: interrupted, it is sent twice at worst.
+            seq, outgoing = next(iter(returned.items()))
             if outgoing.returns >= MAX_RETURNS:
                 link.confirms.refused.append(outgoing)
             else:
                 link.publish(dataclasses.replace(outgoing, returns=outgoing.returns + 1))
+            del returned[seq]
 
     def waiting(self, link: Link, name: str, *, ack: bool) -> Iterator[Message]:
         """The messages waiting on task queue ``name``, taken one by one (``basic_get``).

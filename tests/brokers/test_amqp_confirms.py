@@ -295,3 +295,56 @@ def test_a_publish_after_a_quiet_spell_finds_a_connection_closed_meanwhile(
         links.close()
         direct.default_channel.queue_delete(queue)
         direct.release()
+
+
+def _interrupt_once(
+    monkeypatch: pytest.MonkeyPatch, owner: type, name: str, *, after: bool
+) -> None:
+    """Make the next call of ``owner.name`` that gets through raise KeyboardInterrupt
+    (a Ctrl-C at that point): before it runs, or once it has run (``after``)."""
+    real = getattr(owner, name)
+    fired: list[bool] = []
+
+    def interrupted(self: object, *args: object) -> object:
+        if fired:
+            return real(self, *args)
+        if not after:
+            fired.append(True)
+            raise KeyboardInterrupt
+        real(self, *args)
+        fired.append(True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(owner, name, interrupted)
+
+
+@pytest.mark.parametrize(
+    ("owner", "name", "after"),
+    [(Links, "_collect", False), (Link, "close", False), (Link, "publish", True)],
+    ids=["reading-its-confirms", "closing-it", "sending-them-again"],
+)
+def test_a_ctrl_c_while_a_thread_that_ended_is_taken_over_loses_none_of_its_sends(
+    client: App,
+    proxy: TcpProxy,
+    start_worker,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    owner: type,
+    name: str,
+    after: bool,
+) -> None:
+    """A Ctrl-C while a flush takes over the link a thread that ended left with messages
+    unconfirmed (reading their confirms, closing it, sending them again): the next flush
+    sends them, and each task runs once."""
+    ledger = tmp_path / "ledger"
+    first = client.send_task(RECORD, (str(ledger),))
+    client.flush()
+    handles = [first, *_send_from_a_thread_that_ends(client, proxy, ledger, proxy.cut, read=False)]
+    _interrupt_once(monkeypatch, owner, name, after=after)
+    with pytest.raises(KeyboardInterrupt):
+        client.flush()
+    monkeypatch.undo()
+    client.flush()
+    start_worker(concurrency=2)
+    assert [h.get(timeout=20) for h in handles] == [h.id for h in handles]
+    assert ledger_runs(ledger) == {h.id: 1 for h in handles}
