@@ -174,11 +174,13 @@ class Links:
                 orphans.clear()
                 self._orphan_lists.remove(entry)
         for link in links:
-            errors: tuple[type[BaseException], ...] = (*link.errors, BrokerUnavailable)
             cause: BaseException | None = None
             try:
                 self._collect(link, 0)
-            except errors as exc:
+            except BrokerUnavailable as exc:  # a queue its returned messages were sent to
+                cause = exc
+                log.error("%s; the tasks RabbitMQ returned from that queue are revoked", exc)
+            except link.errors as exc:
                 cause = exc
             self._give_up(link, cause)
 
@@ -367,8 +369,8 @@ class Links:
 
     def _send_returned(self, link: Link) -> None:
         returned = link.confirms.returned
-        # Declared before the messages are taken: if that fails, the link's messages
-        # (these too) are sent again on the next link, or reported unsent.
+        # Declared before the messages are taken: if that fails, the link's other messages
+        # are sent again on the next link, or reported unsent.
         again = [o for o in returned.values() if o.returns < MAX_RETURNS]
         for name in dict.fromkeys(o.routing_key for o in again):
             log.warning(
@@ -377,7 +379,16 @@ class Links:
                 name,
             )
             link.declared.discard(name)
-            self.declare_task_queue(link, name)
+            try:
+                self.declare_task_queue(link, name)
+            except BrokerUnavailable:
+                # Someone declared it with other properties: its messages are refused
+                # (reported with the error), not sent again into that queue.
+                for seq, outgoing in list(returned.items()):
+                    if outgoing.routing_key == name:
+                        link.confirms.refused.append(outgoing)
+                        del returned[seq]
+                raise
         while returned:
             # Forgotten once sent again: interrupted, it is sent twice at worst.
             seq, outgoing = next(iter(returned.items()))
@@ -429,7 +440,10 @@ class Links:
                 arguments=arguments or None,
             )
         except (PreconditionFailed, ResourceLocked) as exc:
-            self.drop()  # RabbitMQ closed the channel; the connection is fine
+            # RabbitMQ closed the channel; the connection is fine. A link taken over from
+            # a thread that ended is given up by the take-over, not this thread's own.
+            if link is self.current():
+                self.drop()
             raise BrokerUnavailable(
                 f"cannot use the queue {name!r} on RabbitMQ: someone declared it with other "
                 f"properties than nbtask's ({exc.reply_text}). Once nothing on it is needed, "

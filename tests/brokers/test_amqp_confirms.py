@@ -14,6 +14,7 @@ directly.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -348,3 +349,46 @@ def test_a_ctrl_c_while_a_thread_that_ended_is_taken_over_loses_none_of_its_send
     start_worker(concurrency=2)
     assert [h.get(timeout=20) for h in handles] == [h.id for h in handles]
     assert ledger_runs(ledger) == {h.id: 1 for h in handles}
+
+
+def test_a_queue_refused_while_a_thread_that_ended_is_taken_over_fails_only_its_tasks(
+    app: App, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """A thread sent a task to a queue deleted meanwhile and ended before RabbitMQ's
+    return was read; the queue was then declared by someone else with other properties.
+    The flush that takes the thread over reports that task (revoked, the queue named in
+    the log) and keeps its own connection."""
+    monkeypatch.setattr(amqp_links, "QUIET_SECONDS", 3600.0)  # the return stays unread
+    caplog.set_level(logging.ERROR, logger="nbtask")
+    ledger = tmp_path / "ledger"
+    queue = f"{settings.key_prefix}:q:{settings.default_queue}"
+    own = app.send_task(RECORD, (str(ledger),))
+    app.flush()
+    before = sending_link(app)
+    returned: list[TaskHandle] = []
+    direct = kombu.Connection(AMQP_URL)
+
+    def run() -> None:
+        app.send_task(RECORD, (str(ledger),))  # declares the queue on this thread's link
+        app.flush()
+        direct.default_channel.queue_delete(queue)
+        returned.append(app.send_task(RECORD, (str(ledger),)))  # RabbitMQ returns it
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    try:
+        direct.default_channel.queue_declare(queue=queue, durable=False, auto_delete=False)
+        app.flush()
+        assert sending_link(app) is before
+        with pytest.raises(TaskRevoked, match="not confirmed by the broker"):
+            returned[0].get(timeout=5)
+        assert any(f"cannot use the queue {queue!r}" in r.getMessage() for r in caplog.records)
+        assert app.store.get_record(own.id).state is State.PENDING  # left alone
+        later = app.send_task(RECORD, (str(ledger),), queue="elsewhere")
+        app.flush()
+        assert sending_link(app) is before
+        assert app.store.get_record(later.id).state is State.PENDING
+    finally:
+        direct.default_channel.queue_delete(queue)
+        direct.release()
