@@ -61,11 +61,13 @@ class Links:
         self._local = threading.local()
         self._generations = itertools.count(1)
         self._links: list[Link] = []
-        self._lock = threading.Lock()
+        # Reentrant: noting unsent messages (which takes it) is done under it too.
+        self._lock = threading.RLock()
         self._consumer_timeout: bool | None = None
         self._calls = itertools.count(1)
         self._unsent: list[str] = []
-        #: Every thread's orphans (by process and thread): an ended thread's are taken over.
+        #: Every thread's orphans (by process and thread): those of a thread that ended, or
+        #: that has no link listed (:meth:`_take_over`), are taken over by another.
         self._orphan_lists: list[tuple[int, threading.Thread, list[Outgoing]]] = []
 
     def current(self) -> Link | None:
@@ -132,15 +134,17 @@ class Links:
             self._links.remove(link)
 
     def _take_over(self, *, owing: bool = False) -> None:
-        """Take over the links and orphans of threads that ended.
+        """Take over the links and orphans of threads that ended (and, flushing, stray orphans).
 
         A thread that sent a task and ended (a thread pool's) would otherwise keep its
         connection open for the life of the transport: one more for every such thread.
         Its link's confirms are read here and the link closed; its messages still
         unconfirmed, and the orphans it left (its link dropped outside a send, by a read
         that failed), are sent again by the calling thread, as a dropped link's are. With
-        ``owing`` (a flush), only links and orphans with messages in them are looked at:
-        cheaply, and the idle links of ended threads wait for the next thread that connects.
+        ``owing`` (a flush), only links and orphans with messages in them are looked at
+        (cheaply: the idle links of ended threads wait for the next thread that connects),
+        and so are the orphans of a thread still alive that has no link: its next send may
+        be far off, after ``app.close()``.
 
         A link taken over is made the calling thread's and stays listed until given up;
         orphans are copied before they are cleared. Interrupted anywhere (a Ctrl-C), every
@@ -150,6 +154,7 @@ class Links:
         me, pid, current = threading.current_thread(), os.getpid(), self.current()
         mine = self._orphans()
         with self._lock:
+            linked = {k.thread for k in self._links if k.pid == pid}
             links = [
                 k
                 for k in self._links
@@ -168,11 +173,14 @@ class Links:
                 link.thread = me  # claimed: other threads leave it alone
             for entry in list(self._orphan_lists):
                 entry_pid, thread, orphans = entry
-                if entry_pid != pid or thread.is_alive():
-                    continue
-                mine.extend(orphans)
-                orphans.clear()
-                self._orphan_lists.remove(entry)
+                alive = thread.is_alive()
+                if entry_pid != pid or thread is me or (alive and (not owing or thread in linked)):
+                    continue  # a thread with a link sends its own (before anything else)
+                if orphans:
+                    mine.extend(orphans)
+                    orphans.clear()
+                if not alive:
+                    self._orphan_lists.remove(entry)
         for link in links:
             cause: BaseException | None = None
             try:
@@ -291,12 +299,15 @@ class Links:
                         self._collect(link, 0 if wait else PIPELINE_WINDOW)
                     return
                 except BrokerUnavailable:
-                    # ``send`` runs whole again: its messages are not orphans.
                     orphans = self._orphans()
-                    orphans[:] = [o for o in orphans if o.call != call]
+                    # Locked: with no link, this thread's orphans are others' to take over.
+                    with self._lock:
+                        # ``send`` runs whole again: its messages are not orphans.
+                        orphans[:] = [o for o in orphans if o.call != call]
+                        if fresh or attempt == 2:
+                            self._note_unsent(orphans)
+                            orphans.clear()
                     if fresh or attempt == 2:
-                        self._note_unsent(orphans)
-                        orphans.clear()
                         raise
         finally:
             self._local.call = 0
@@ -304,7 +315,8 @@ class Links:
     def flush(self) -> None:
         """Wait for the confirms of everything this thread sent (sending orphans again).
 
-        What threads that ended left unconfirmed is taken over first (:meth:`_take_over`).
+        What threads that ended left unconfirmed, and the orphans of threads without a
+        link, are taken over first (:meth:`_take_over`).
         """
         self._take_over(owing=True)
         if self.current() is None and not self._orphans():

@@ -392,3 +392,48 @@ def test_a_queue_refused_while_a_thread_that_ended_is_taken_over_fails_only_its_
     finally:
         direct.default_channel.queue_delete(queue)
         direct.release()
+
+
+@pytest.mark.parametrize("by", ["close", "its-own-flush"])
+def test_unconfirmed_sends_of_a_live_thread_whose_link_dropped_in_a_read_are_sent(
+    client: App, proxy: TcpProxy, app: App, start_worker, tmp_path: Path, by: str
+) -> None:
+    """A thread still alive found its connection dropped in a read (a purge), with tasks
+    sent and unconfirmed: ``app.close()`` from another thread, or the thread's own
+    ``app.flush()``, sends them again, and each runs once."""
+    ledger = tmp_path / "ledger"
+    handles: list[TaskHandle] = []
+    failed: list[BrokerUnavailable] = []
+    dropped, flush, flushed, finish = (threading.Event() for _ in range(4))
+
+    def run() -> None:
+        handles.append(client.send_task(RECORD, (str(ledger),)))
+        client.flush()
+        proxy.hold()  # the messages below never reach RabbitMQ
+        handles.extend(client.send_task(RECORD, (str(ledger),)) for _ in range(5))
+        proxy.cut()
+        try:
+            client.purge(["elsewhere"])
+        except BrokerUnavailable as exc:
+            failed.append(exc)
+        dropped.set()
+        if flush.wait(30):
+            client.flush()
+            flushed.set()
+        finish.wait(30)  # alive until the app is closed
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert dropped.wait(30) and len(failed) == 1
+        if by == "its-own-flush":
+            flush.set()
+            assert flushed.wait(30)
+        client.close()
+    finally:
+        flush.set()
+        finish.set()
+        thread.join(30)
+    start_worker(concurrency=2)
+    assert [app.handle(h.id).get(timeout=20) for h in handles] == [h.id for h in handles]
+    assert ledger_runs(ledger) == {h.id: 1 for h in handles}
