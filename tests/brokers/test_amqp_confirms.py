@@ -396,24 +396,26 @@ def test_a_queue_refused_while_a_thread_that_ended_is_taken_over_fails_only_its_
         direct.release()
 
 
-@pytest.mark.parametrize("by", ["close", "its-own-flush"])
+@pytest.mark.parametrize("by", ["close", "its-own-flush", "close-with-rabbitmq-gone"])
 def test_unconfirmed_sends_of_a_live_thread_whose_link_dropped_in_a_read_are_sent(
     client: App, proxy: TcpProxy, app: App, start_worker, tmp_path: Path, by: str
 ) -> None:
     """A thread still alive found its connection dropped in a read (a purge), with tasks
     sent and unconfirmed: ``app.close()`` from another thread, or the thread's own
-    ``app.flush()``, sends them again, and each runs once."""
+    ``app.flush()``, sends them again, and each runs once; if RabbitMQ cannot be reached,
+    ``app.close()`` revokes them."""
     ledger = tmp_path / "ledger"
     handles: list[TaskHandle] = []
     failed: list[BrokerUnavailable] = []
     dropped, flush, flushed, finish = (threading.Event() for _ in range(4))
+    outage = proxy.refuse if by == "close-with-rabbitmq-gone" else proxy.cut
 
     def run() -> None:
         handles.append(client.send_task(RECORD, (str(ledger),)))
         client.flush()
         proxy.hold()  # the messages below never reach RabbitMQ
         handles.extend(client.send_task(RECORD, (str(ledger),)) for _ in range(5))
-        proxy.cut()
+        outage()
         try:
             client.purge(["elsewhere"])
         except BrokerUnavailable as exc:
@@ -436,6 +438,9 @@ def test_unconfirmed_sends_of_a_live_thread_whose_link_dropped_in_a_read_are_sen
         flush.set()
         finish.set()
         thread.join(30)
+    if by == "close-with-rabbitmq-gone":
+        assert [app.store.get_record(h.id).state for h in handles[1:]] == [State.REVOKED] * 5
+        return
     start_worker(concurrency=2)
     assert [app.handle(h.id).get(timeout=20) for h in handles] == [h.id for h in handles]
     assert ledger_runs(ledger) == {h.id: 1 for h in handles}
