@@ -182,13 +182,11 @@ class Links:
                 if not alive:
                     self._orphan_lists.remove(entry)
         for link in links:
+            errors: tuple[type[BaseException], ...] = (*link.errors, BrokerUnavailable)
             cause: BaseException | None = None
             try:
                 self._collect(link, 0)
-            except BrokerUnavailable as exc:  # a queue its returned messages were sent to
-                cause = exc
-                log.error("%s; the tasks RabbitMQ returned from that queue are revoked", exc)
-            except link.errors as exc:
+            except errors as exc:
                 cause = exc
             self._give_up(link, cause)
 
@@ -381,8 +379,9 @@ class Links:
 
     def _send_returned(self, link: Link) -> None:
         returned = link.confirms.returned
-        # Declared before the messages are taken: if that fails, the link's other messages
-        # are sent again on the next link, or reported unsent.
+        # Declared before the messages are taken: if that fails, the link's messages are
+        # sent again on the next link or reported unsent; those for a queue someone else
+        # declared meanwhile are refused (:meth:`declare_task_queue`).
         again = [o for o in returned.values() if o.returns < MAX_RETURNS]
         for name in dict.fromkeys(o.routing_key for o in again):
             log.warning(
@@ -391,16 +390,7 @@ class Links:
                 name,
             )
             link.declared.discard(name)
-            try:
-                self.declare_task_queue(link, name)
-            except BrokerUnavailable:
-                # Someone declared it with other properties: its messages are refused
-                # (reported with the error), not sent again into that queue.
-                for seq, outgoing in list(returned.items()):
-                    if outgoing.routing_key == name:
-                        link.confirms.refused.append(outgoing)
-                        del returned[seq]
-                raise
+            self.declare_task_queue(link, name)
         while returned:
             # Forgotten once sent again: interrupted, it is sent twice at worst.
             seq, outgoing = next(iter(returned.items()))
@@ -452,15 +442,27 @@ class Links:
                 arguments=arguments or None,
             )
         except (PreconditionFailed, ResourceLocked) as exc:
+            error = BrokerUnavailable(
+                f"cannot use the queue {name!r} on RabbitMQ: someone declared it with other "
+                f"properties than nbtask's ({exc.reply_text}). Once nothing on it is needed, "
+                f"delete it (rabbitmqctl delete_queue '{name}'); nbtask then declares it anew"
+            )
+            # Messages RabbitMQ returned for the queue (deleted, then declared by someone
+            # else) are refused, their tasks reported unsent: not sent into that queue.
+            returned = link.confirms.returned
+            for seq in [seq for seq, o in returned.items() if o.routing_key == name]:
+                log.error(
+                    "%s; task %s, whose message came back, is reported unsent",
+                    error,
+                    returned[seq].task_id,
+                )
+                link.confirms.refused.append(returned[seq])
+                del returned[seq]
             # RabbitMQ closed the channel; the connection is fine. A link taken over from
             # a thread that ended is given up by the take-over, not this thread's own.
             if link is self.current():
                 self.drop()
-            raise BrokerUnavailable(
-                f"cannot use the queue {name!r} on RabbitMQ: someone declared it with other "
-                f"properties than nbtask's ({exc.reply_text}). Once nothing on it is needed, "
-                f"delete it (rabbitmqctl delete_queue '{name}'); nbtask then declares it anew"
-            ) from exc
+            raise error from exc
         link.declared.add(name)
 
     def _supports_consumer_timeout(self, link: Link) -> bool:

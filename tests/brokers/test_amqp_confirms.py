@@ -351,17 +351,19 @@ def test_a_ctrl_c_while_a_thread_that_ended_is_taken_over_loses_none_of_its_send
     assert ledger_runs(ledger) == {h.id: 1 for h in handles}
 
 
-def test_a_queue_refused_while_a_thread_that_ended_is_taken_over_fails_only_its_tasks(
+@pytest.mark.parametrize("ended", [True, False], ids=["a-thread-that-ended", "its-own-thread"])
+def test_a_queue_refused_when_returned_tasks_are_sent_again_fails_only_those_tasks(
     app: App,
     settings: Settings,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
+    ended: bool,
 ) -> None:
-    """A thread sent a task to a queue deleted meanwhile and ended before RabbitMQ's
-    return was read; the queue was then declared by someone else with other properties.
-    The flush that takes the thread over reports that task (revoked, the queue named in
-    the log) and keeps its own connection."""
+    """A task was sent to a queue deleted meanwhile, and RabbitMQ's return was not read
+    before someone else declared the queue with other properties. The flush that reads
+    it revokes that task and names the queue in the log. When a thread that ended had
+    sent it, the thread that takes it over keeps its own connection."""
     monkeypatch.setattr(amqp_links, "QUIET_SECONDS", 3600.0)  # the return stays unread
     caplog.set_level(logging.ERROR, logger="nbtask")
     ledger = tmp_path / "ledger"
@@ -378,19 +380,23 @@ def test_a_queue_refused_while_a_thread_that_ended_is_taken_over_fails_only_its_
         direct.default_channel.queue_delete(queue)
         returned.append(app.send_task(RECORD, (str(ledger),)))  # RabbitMQ returns it
 
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join()
+    if ended:
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+    else:
+        run()
     try:
         direct.default_channel.queue_declare(queue=queue, durable=False, auto_delete=False)
         app.flush()
-        assert sending_link(app) is before
+        assert (sending_link(app) is before) is ended  # its own: RabbitMQ closed its channel
         with pytest.raises(TaskRevoked, match="not confirmed by the broker"):
             returned[0].get(timeout=5)
         assert any(f"cannot use the queue {queue!r}" in r.getMessage() for r in caplog.records)
+        kept = sending_link(app)
         app.send_task(RECORD, (str(ledger),), queue="elsewhere")
         app.flush()  # confirmed on the same connection
-        assert sending_link(app) is before and before.confirms.unconfirmed == {}
+        assert sending_link(app) is kept and kept.confirms.unconfirmed == {}
     finally:
         direct.default_channel.queue_delete(queue)
         direct.release()
