@@ -175,7 +175,7 @@ class Links:
                 entry_pid, thread, orphans = entry
                 alive = thread.is_alive()
                 if entry_pid != pid or thread is me or (alive and (not owing or thread in linked)):
-                    continue  # a thread with a link sends its own (before anything else)
+                    continue  # its own next link sends them first (a flush: if it has none)
                 if orphans:
                     mine.extend(orphans)
                     orphans.clear()
