@@ -17,6 +17,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from multiprocessing.process import BaseProcess
 from typing import NamedTuple
 
@@ -72,6 +73,7 @@ class ChildPool:
         self._spawned_at: dict[int, float] = {}
         self._backoff: dict[int, float] = {}
         self._respawn_at: dict[int, float] = {}
+        self._exit_fds: dict[int, int] = {}  # slot -> a pidfd of its child, where there is one
         self._context = multiprocessing.get_context("fork")
 
     def pids(self) -> tuple[int, ...]:
@@ -88,23 +90,29 @@ class ChildPool:
         process.start()
         self.processes[slot] = process
         self._spawned_at[slot] = time.monotonic()
+        if process.pid and hasattr(os, "pidfd_open"):
+            # Not yet reaped, so the pid is still this child's. Elsewhere: polled.
+            with suppress(OSError):
+                self._exit_fds[slot] = os.pidfd_open(process.pid)
 
     def exited(self) -> list[int]:
         """Wait a tick for children to exit; the slots of those that did."""
-        sentinels = {c.sentinel: slot for slot, c in self.processes.items()}
-        if not sentinels:
+        fds = [fd for slot, fd in self._exit_fds.items() if slot in self.processes]
+        if fds:
+            multiprocessing.connection.wait(fds, timeout=_TICK_SECONDS)
+        else:
             time.sleep(_TICK_SECONDS)  # wait() on nothing would return at once
-        ready = multiprocessing.connection.wait(list(sentinels), timeout=_TICK_SECONDS)
-        slots = []
-        for sentinel in ready:
-            assert isinstance(sentinel, int)
-            slots.append(sentinels[sentinel])
-        return slots
+        # Reaped here (a non-blocking waitpid), not told by its sentinel: a pipe end the
+        # child's forks may hold open after it exited.
+        return [slot for slot, process in self.processes.items() if process.exitcode is not None]
 
     def ended(self, slot: int) -> Ended:
         """Join the child of ``slot``, which exited or was killed, and clear its slot."""
         process = self.processes.pop(slot)
         process.join()
+        fd = self._exit_fds.pop(slot, None)
+        if fd is not None:
+            os.close(fd)
         self._killed.discard(process.pid or 0)
         if process.exitcode != 0:
             log.error(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -180,3 +182,38 @@ def test_a_forked_copy_that_sends_a_task_uses_its_own_connection(
     wait_until(lambda: ledger.exists() and "copy" in ledger.read_text(), 15, "the copy's task")
     assert note.delay(str(ledger), "after").get(timeout=15) == "after"
     assert final_events(access, app, handle.id) == ["success"]
+
+
+def test_a_warm_stop_does_not_wait_for_a_process_the_task_forked_and_left_running(
+    app: App,
+    start_worker: Callable[..., WorkerProcess],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """The fork keeps every file the child had open, the pipes to the supervisor too; the
+    supervisor waits for the child process itself, so one SIGTERM stops the worker."""
+    worker = start_worker(concurrency=1)
+    gate = tmp_path / "gate"
+
+    @app.task
+    def leaves_a_fork(gate: str) -> int:
+        import time
+
+        fork = os.fork()
+        if fork == 0:  # runs on, files and all, until the gate opens (a minute at most)
+            ends = time.monotonic() + 60
+            while not os.path.exists(gate) and time.monotonic() < ends:
+                time.sleep(0.05)
+            os._exit(0)
+        return fork
+
+    fork = leaves_a_fork.delay(str(gate)).get(timeout=15)
+    request.addfinalizer(lambda: end_if_running(fork))
+    request.addfinalizer(gate.touch)
+    worker.process.send_signal(signal.SIGTERM)  # once: a warm stop
+    try:
+        worker.process.wait(20)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("one SIGTERM did not stop the worker while the fork ran") from None
+    assert worker.process.returncode == 0
+    assert not exited(fork), "the fork ended first: nothing was shown"
