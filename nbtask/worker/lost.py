@@ -117,7 +117,7 @@ class LostTasks:
         event = stopped_event(stopped, reason, record.name or "task")
         report(self.transport, self.signer, task_id, channel, event)
 
-    def rehome(self, queue: str, consumer: str, until: float = 0.0) -> int:
+    def rehome(self, queue: str, consumer: str, until: float = 0.0) -> tuple[int, bool]:
         """Move what waits on a gone process's own ``queue`` elsewhere; delete the queue.
 
         Each message goes to its signed ``fallback_queue`` (the queue it would have gone
@@ -125,17 +125,17 @@ class LostTasks:
         dead-lettered. Until ``until`` (``time.monotonic()``) this goes on while the queue
         cannot be deleted: RabbitMQ gives back what a gone process held (and ends its
         consumer) only once it sees that process's connection end. Returns how many were
-        moved.
+        moved, and whether the queue is gone.
         """
         moved = self._move_waiting(queue, consumer)
         while not self.transport.drop_queue(queue):
             if time.monotonic() >= until:
                 if until:
                     log.warning("left queue %r: still consumed, or a message came meanwhile", queue)
-                break
+                return moved, False
             time.sleep(_REHOME_RETRY_SECONDS)
             moved += self._move_waiting(queue, consumer)
-        return moved
+        return moved, True
 
     def _move_waiting(self, queue: str, consumer: str) -> int:
         moved = 0

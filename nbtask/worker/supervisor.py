@@ -116,6 +116,7 @@ class Worker:
         self._warm = False
         self._failing: dict[str, str] = {}  # housekeeping step -> its last error
         self._left_to_others: set[str] = set()  # dead workers whose secrets this one lacks
+        self._queues_left: set[str] = set()  # dead workers whose queues are still consumed
         # Ended tasks are remembered a little past max_age: a message older is refused.
         self._replays_after = settings.replay_window + 60.0
         self._started = time.time()
@@ -399,23 +400,46 @@ class Worker:
             if settled:
                 log.warning("settled %d task(s) of dead worker %s", settled, worker_id)
             still_held = self.transport.holds_any(info.queues, info.consumers)
-            self._rehome(info.consumers)  # after holds_any, which would recreate its queues
-            if not still_held:
+            # After holds_any, which would recreate its queues. One the broker still sees
+            # consumed (RabbitMQ notices a dropped connection late, or never while a fork
+            # holds the socket) gets what it is given back once it does: the entry stays,
+            # so it is looked at again at a later heartbeat, here or by another worker.
+            left = self._rehome(info.consumers)
+            if left:
+                self._note_queues_left(worker_id, left)
+            if not still_held and not left:
                 self.store.unregister(worker_id)
                 self.store.forget_holdings(info.consumers)
                 self.transport.forget_consumers(info.consumers, info.queues)
+                self._queues_left.discard(worker_id)
                 log.warning("cleaned up after dead worker %s", worker_id)
 
-    def _rehome(self, consumers: Sequence[str], until: float = 0.0) -> None:
+    def _note_queues_left(self, worker_id: str, queues: Sequence[str]) -> None:
+        """Say once per dead worker that some of its processes' queues are left for now."""
+        if worker_id not in self._queues_left:
+            self._queues_left.add(worker_id)
+            log.warning(
+                "dead worker %s: the broker still sees queue(s) %s consumed; looking again "
+                "at later heartbeats",
+                worker_id,
+                ", ".join(repr(q) for q in queues),
+            )
+
+    def _rehome(self, consumers: Sequence[str], until: float = 0.0) -> list[str]:
         """Send on what still waits on the own queues of processes that are gone.
 
         Until ``until`` (``time.monotonic()``), a queue the broker still sees consumed is
-        tried again (see :meth:`LostTasks.rehome`).
+        tried again (see :meth:`LostTasks.rehome`). Returns the queues left in place.
         """
+        left = []
         for consumer in consumers:
-            moved = self.lost.rehome(holder_queue(consumer), consumer, until)
+            queue = holder_queue(consumer)
+            moved, gone = self.lost.rehome(queue, consumer, until)
             if moved:
                 log.warning("moved %d task(s) waiting for process %s elsewhere", moved, consumer)
+            if not gone:
+                left.append(queue)
+        return left
 
     def _can_verify_for(self, worker_id: str, info: WorkerInfo | None) -> bool:
         """Whether this worker may clean up after a dead one: it can verify its messages.

@@ -342,6 +342,40 @@ def test_a_worker_stopped_cold_settles_the_cell_its_killed_process_ran_and_moves
         lingerer.wait(10)
 
 
+@pytest.mark.brokers("amqp")
+@X_STAYS
+def test_a_dead_holders_queue_the_broker_still_sees_consumed_is_cleaned_up_once_it_does_not(
+    ip: InteractiveShell,
+    shell: Session,
+    start_worker: StartWorker,
+    access: RawBroker,
+    tmp_path: Path,
+) -> None:
+    """The holder's worker is killed whole, but RabbitMQ keeps its connection (a fork holds
+    the socket, as a broker noticing late, or a host gone without a word, would): the
+    other worker cannot delete the queue then, and looks again until it can.
+
+    RabbitMQ gives back the running cell's message only once the connection ends, onto the
+    holder's queue: left there, that cell would stay running for good.
+    """
+    ip.user_ns["gate"] = str(tmp_path / "gate")
+    workers = [start_worker(concurrency=1), start_worker(concurrency=1)]
+    busy_cell = forking_a_lingerer(busy_seconds=60, linger=60)
+    holder, busy, queued = queue_behind_busy_holder(ip, shell, workers, busy_cell)
+    lingerer = the_lingerer(holder)
+    try:
+        for process in [*holder.children(), psutil.Process(holder.pid)]:
+            process.kill()  # the whole worker at once: none of it cleans up
+        queued.get(timeout=60)  # moved by the other worker once the heartbeats lapse
+        assert lingerer.is_running() and access.queue_exists(queued.queue)
+        (tmp_path / "gate").touch()  # the connection ends: the running cell's message is back
+        wait_until(lambda: busy.state is State.WORKER_LOST, 30, "the running cell to be lost")
+        wait_until(lambda: not access.queue_exists(queued.queue), 10, "the queue to be deleted")
+    finally:
+        (tmp_path / "gate").touch()
+        lingerer.wait(10)
+
+
 HOLD_UNTIL_GATE = (
     "import os, time\nwhile not os.path.exists(gate):\n    time.sleep(0.05)\nhead = float(x[1])"
 )
