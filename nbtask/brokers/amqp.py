@@ -113,6 +113,13 @@ class AmqpTransport(AmqpUpkeep):
         self.links.close()
         self.store.close()
 
+    def answers_within(self, seconds: float) -> contextlib.AbstractContextManager[None]:
+        """In the block, this thread gives up on an answer RabbitMQ owes after ``seconds``.
+
+        It raises :class:`BrokerUnavailable` then (the store keeps its own timeouts).
+        """
+        return self.links.answering_within(seconds)
+
     # Client side -----------------------------------------------------------------------------
     def publish(self, messages: Sequence[Publish], *, wait: bool = True) -> list[str]:
         """Write the PENDING records (ETA ones parked in the store), then enqueue the rest.

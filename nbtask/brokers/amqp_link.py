@@ -20,10 +20,12 @@ from nbtask.brokers.amqp_confirms import Confirms, Outgoing
 from nbtask.brokers.amqp_frames import ack_frame, publish_frames
 from nbtask.brokers.amqp_reads import BufferedTCPTransport
 
-__all__ = ["Link", "Message"]
+__all__ = ["CLOSE_SECONDS", "Link", "Message"]
 
 #: A message as kombu hands it over (kombu is only partly annotated).
 Message = Any
+#: How long closing a connection waits for RabbitMQ to confirm it.
+CLOSE_SECONDS = 2.0
 _CONTENT = {"content_type": "application/octet-stream", "content_encoding": "binary"}
 
 
@@ -124,8 +126,36 @@ class Link:
         message._state = "ACK"  # as kombu's ack() notes it
 
     def close(self) -> None:
-        """Release the connection (errors ignored: it may be gone already)."""
+        """Release the connection (errors ignored: it may be gone already).
+
+        RabbitMQ's confirmation of the close is waited for :data:`CLOSE_SECONDS` at most,
+        then the socket is dropped: a broker (or a proxy before it) that takes what is
+        sent but answers nothing would otherwise keep a stopping process forever.
+        """
         if self.buffered is not None:
             self.buffered.drop_writes()  # what is held is sent again on a new link, if need be
+        amqp = self.channel.connection if self._amqp_channel else None
+        if amqp is not None and self.wait_at_most(CLOSE_SECONDS):
+            with contextlib.suppress(Exception):
+                # The connection's close alone: RabbitMQ closes its channels (giving back
+                # what they were given and did not acknowledge) before it confirms it.
+                # One wait, not one for the channel's close and another for this.
+                amqp.close()
         with contextlib.suppress(Exception):
-            self.conn.release()
+            self.conn.release()  # kombu's own state; nothing more on the wire once closed
+
+    def wait_at_most(self, seconds: float | None) -> bool:
+        """Give up a wait for RabbitMQ after ``seconds`` (``None``: as long as it takes).
+
+        A wait given up raises ``TimeoutError``; the link is then in no known state. Only
+        py-amqp's connections can be told: False on others (``memory://``) or once closed.
+        """
+        amqp = self.channel.connection if self._amqp_channel else None
+        sock = getattr(getattr(amqp, "transport", None), "sock", None)
+        if sock is None:
+            return False
+        try:
+            sock.settimeout(seconds)
+        except OSError:
+            return False
+        return True

@@ -220,12 +220,36 @@ class Links:
         )
 
     @contextlib.contextmanager
+    def answering_within(self, seconds: float) -> Iterator[None]:
+        """In the block, this thread's waits for RabbitMQ's answers give up after ``seconds``.
+
+        One given up drops the link and raises :class:`BrokerUnavailable` (a wait with a
+        timeout of its own, a fetch's, still ends as that one says).
+        """
+        self._local.patience = seconds
+        try:
+            yield
+        finally:
+            self._local.patience = None
+            link = self.current()
+            if link is not None:
+                link.wait_at_most(None)
+
+    @contextlib.contextmanager
     def using(self) -> Iterator[Link]:
         """Yield this thread's link; connection errors become :class:`BrokerUnavailable`."""
         link = self.get()
+        patience: float | None = getattr(self._local, "patience", None)
+        if patience is not None:
+            link.wait_at_most(patience)
         try:
             yield link
         except link.errors as exc:
+            if isinstance(exc, TimeoutError) and patience is not None:
+                self.drop(exc)
+                raise BrokerUnavailable(
+                    f"RabbitMQ at {redact_url(self.url)} did not answer within {patience:g} s"
+                ) from exc
             if isinstance(exc, TimeoutError):
                 raise
             if isinstance(exc, BrokerUnavailable):

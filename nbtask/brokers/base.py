@@ -10,6 +10,7 @@ never looks inside a body, and nothing above ``brokers/`` knows which broker is 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
@@ -273,6 +274,13 @@ class Transport(Protocol):
 
     def close(self) -> None:
         """Release connections (the store's too)."""
+
+    def answers_within(self, seconds: float) -> contextlib.AbstractContextManager[None]:
+        """In the block, this thread gives up on an answer the broker owes after ``seconds``.
+
+        It raises :class:`~nbtask.errors.BrokerUnavailable` then: for what must end even
+        when the broker takes what is sent but says nothing (a worker's stop).
+        """
 
     # Client side ---------------------------------------------------------------------------
     def publish(self, messages: Sequence[Publish], *, wait: bool = True) -> list[str]:

@@ -22,6 +22,7 @@ Delivery rules (see the README's "Delivery semantics"):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -77,6 +78,10 @@ class StreamsTransport(StreamsUpkeep):
     def close(self) -> None:
         """Close the server's connections."""
         self.link.close()
+
+    def answers_within(self, seconds: float) -> contextlib.AbstractContextManager[None]:
+        """Nothing more: Redis's commands keep the timeouts of its connections."""
+        return contextlib.nullcontext()
 
     # Client side -----------------------------------------------------------------------------
     def publish(self, messages: Sequence[Publish], *, wait: bool = True) -> list[str]:

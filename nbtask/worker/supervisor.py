@@ -51,6 +51,8 @@ _STALE_CHECK_EVERY = 10  # heartbeats between visibility-timeout sweeps
 # How long a stopping worker waits for the broker to see its children's connections end
 # (RabbitMQ gives back their deliveries then) before it leaves their own queues as they are.
 _CHILDREN_GONE_SECONDS = 5.0
+# How long a stopping worker waits for each answer the broker owes it.
+_BROKER_ANSWER_SECONDS = 5.0
 
 
 class Worker:
@@ -316,7 +318,9 @@ class Worker:
         for slot in list(self._pool.processes):
             self._child_exited(slot, respawn=False)
         try:
-            self._rehome(self.consumers, until=time.monotonic() + _CHILDREN_GONE_SECONDS)
+            # A broker that takes what is sent but answers nothing must not keep it here.
+            with self.transport.answers_within(_BROKER_ANSWER_SECONDS):
+                self._rehome(self.consumers, until=time.monotonic() + _CHILDREN_GONE_SECONDS)
             self.store.unregister(self.worker_id)
             self.store.forget_holdings(self.consumers)
             self.transport.forget_consumers(self.consumers, self.queues)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -14,9 +15,10 @@ import psutil
 import pytest
 from helpers import WorkerProcess, exited, wait_until
 from raw_broker import RawBroker
+from tcp_proxy import proxying, via
 
 import nbtask
-from nbtask import App, State
+from nbtask import App, Settings, State
 from nbtask.brokers import open_broker
 from nbtask.core.handle import TaskHandle
 from nbtask.wire.events import FINAL_SEQ, Event, EventType
@@ -295,3 +297,22 @@ def _store_outcome_unsent(app: App, access: RawBroker, task_id: str, value: int)
         access.keys.record_key(task_id),
         mapping={"state": "SUCCESS", "client": app.channel, "result": outcome},
     )
+
+
+@pytest.mark.brokers("amqp")
+def test_one_sigterm_stops_a_worker_whose_broker_stopped_answering(
+    start_worker, settings: Settings
+) -> None:
+    """RabbitMQ, behind a proxy that stops passing on what it says, answers nothing: a
+    stopping child waits a little for its close to be confirmed, then drops its
+    connection, and the supervisor gives up the same way on the answers it waits for."""
+    with proxying(settings.broker_url or "", 5672) as proxy:
+        worker = start_worker("-b", via(settings.broker_url or "", proxy.url_port), concurrency=2)
+        proxy.deafen()  # the broker still hears, but nothing it says comes back
+        worker.process.send_signal(signal.SIGTERM)  # once: a warm stop
+        try:
+            worker.process.wait(30)
+        except subprocess.TimeoutExpired:
+            log = worker.log.read_text()
+            raise AssertionError(f"one SIGTERM did not stop the worker:\n{log}") from None
+        assert worker.process.returncode == 0
