@@ -239,6 +239,9 @@ class Store(Protocol):
     def unregister(self, worker_id: str) -> None:
         """Remove a stopped worker."""
 
+    def end_heartbeat(self, worker_id: str) -> None:
+        """Show a stopped worker dead at once, keeping its entry for another to clean up."""
+
     def workers(self) -> dict[str, WorkerInfo]:
         """Live workers."""
 

@@ -65,6 +65,15 @@ class RedisWorkers:
             pipe.hdel(self._workers_key, worker_id)
             pipe.execute()
 
+    def end_heartbeat(self, worker_id: str) -> None:
+        """Show a stopped worker dead at once, keeping its entry for another to clean up.
+
+        What it could not finish (a queue the broker still saw consumed) is then done by
+        the next worker that cleans up after dead ones.
+        """
+        with self.link.translate_errors():
+            self.link.redis.delete(self._hb_key(worker_id))
+
     def workers(self) -> dict[str, WorkerInfo]:
         """Workers whose heartbeat is current (unreadable entries are left out)."""
         return {w: i for w, i in self._registered(alive=True).items() if i is not None}

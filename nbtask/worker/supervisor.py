@@ -317,13 +317,23 @@ class Worker:
         self._pool.kill_all()
         for slot in list(self._pool.processes):
             self._child_exited(slot, respawn=False)
+        left = [holder_queue(consumer) for consumer in self.consumers]
         try:
             # A broker that takes what is sent but answers nothing must not keep it here.
             with self.transport.answers_within(_BROKER_ANSWER_SECONDS):
-                self._rehome(self.consumers, until=time.monotonic() + _CHILDREN_GONE_SECONDS)
-            self.store.unregister(self.worker_id)
+                left = self._rehome(self.consumers, until=time.monotonic() + _CHILDREN_GONE_SECONDS)
+        except BrokerUnavailable as exc:
+            log.warning("could not move what waits on this worker's processes: %s", exc)
+        try:
             self.store.forget_holdings(self.consumers)
-            self.transport.forget_consumers(self.consumers, self.queues)
+            if left:
+                # Left to the next worker that cleans up after dead ones: it looks again
+                # until the broker lets it delete them (see _reclaim_dead_workers).
+                self.store.end_heartbeat(self.worker_id)
+                log.warning("left queue(s) %s to another worker's clean-up", ", ".join(left))
+            else:
+                self.store.unregister(self.worker_id)
+                self.transport.forget_consumers(self.consumers, self.queues)
         except BrokerUnavailable as exc:
             log.warning("could not unregister from the broker: %s", exc)
         self.transport.close()

@@ -344,6 +344,37 @@ def test_a_worker_stopped_cold_settles_the_cell_its_killed_process_ran_and_moves
 
 @pytest.mark.brokers("amqp")
 @X_STAYS
+def test_a_holders_queue_still_consumed_when_its_worker_stopped_is_cleaned_up_by_another(
+    ip: InteractiveShell,
+    shell: Session,
+    start_worker: StartWorker,
+    access: RawBroker,
+    tmp_path: Path,
+) -> None:
+    """Stopped cold, the holder's worker waits a few seconds for RabbitMQ to see its killed
+    process's connection end; here a fork keeps it open longer. The worker stops without
+    its queue deleted, and the other worker deletes it once it can, settling the running
+    cell that RabbitMQ gives back onto it then.
+    """
+    ip.user_ns["gate"] = str(tmp_path / "gate")
+    workers = [start_worker(concurrency=1), start_worker(concurrency=1)]
+    busy_cell = forking_a_lingerer(busy_seconds=60, linger=60)
+    holder, busy, queued = queue_behind_busy_holder(ip, shell, workers, busy_cell)
+    lingerer = the_lingerer(holder)
+    try:
+        holder.end()  # cold: the holder is killed while it runs the busy cell
+        queued.get(timeout=20)  # moved by the stopping worker all the same
+        assert lingerer.is_running() and access.queue_exists(queued.queue)
+        (tmp_path / "gate").touch()  # the connection ends: the running cell's message is back
+        wait_until(lambda: busy.state is State.WORKER_LOST, 30, "the running cell to be lost")
+        wait_until(lambda: not access.queue_exists(queued.queue), 10, "the queue to be deleted")
+    finally:
+        (tmp_path / "gate").touch()
+        lingerer.wait(10)
+
+
+@pytest.mark.brokers("amqp")
+@X_STAYS
 def test_a_dead_holders_queue_the_broker_still_sees_consumed_is_cleaned_up_once_it_does_not(
     ip: InteractiveShell,
     shell: Session,
