@@ -433,8 +433,8 @@ class Worker:
         if worker_id not in self._queues_left:
             self._queues_left.add(worker_id)
             log.warning(
-                "dead worker %s: the broker still sees queue(s) %s consumed; looking again "
-                "at later heartbeats",
+                "dead worker %s: queue(s) %s cannot be deleted yet (still consumed, or a "
+                "message came meanwhile); looking again at later heartbeats",
                 worker_id,
                 ", ".join(repr(q) for q in queues),
             )
