@@ -301,13 +301,16 @@ def test_a_publish_after_a_quiet_spell_finds_a_connection_closed_meanwhile(
 def _interrupt_once(
     monkeypatch: pytest.MonkeyPatch, owner: type, name: str, *, after: bool
 ) -> None:
-    """Make the next call of ``owner.name`` that gets through raise KeyboardInterrupt
-    (a Ctrl-C at that point): before it runs, or once it has run (``after``)."""
+    """Make the next call of ``owner.name`` by this thread raise KeyboardInterrupt (a
+    Ctrl-C at that point): before it runs, or once it has run (``after``). Other threads
+    (the client's listener, whose connection the test cuts too) are left alone, as a
+    Ctrl-C leaves them."""
     real = getattr(owner, name)
     fired: list[bool] = []
+    me = threading.current_thread()
 
     def interrupted(self: object, *args: object) -> object:
-        if fired:
+        if fired or threading.current_thread() is not me:
             return real(self, *args)
         if not after:
             fired.append(True)
