@@ -152,7 +152,7 @@ class AmqpTransport(AmqpUpkeep):
 
     def _enqueue(self, link: Link, queue: str, task_id: str, raw: bytes, deliveries: int) -> None:
         name = self.queue_name(queue)
-        self.links.declare_task_queue(link, name)
+        self.links.queues.declare(link, name)
         headers = {ID_HEADER: task_id, DELIVERIES_HEADER: deliveries}
         self.links.send(link, name, raw, persistent=True, headers=headers, task_id=task_id)
 
@@ -238,7 +238,7 @@ class AmqpTransport(AmqpUpkeep):
         ids: list[str] = []
         with self.links.using() as link:
             for queue in queues:
-                for message in self.links.waiting(link, self.queue_name(queue), ack=True):
+                for message in self.links.queues.waiting(link, self.queue_name(queue), ack=True):
                     task_id, _ = read_headers(message.headers)
                     ids += [task_id] if task_id else []
         return ids + self.store.take_waiting(queues)
@@ -248,7 +248,7 @@ class AmqpTransport(AmqpUpkeep):
         """Declare the durable task queues."""
         with self.links.using() as link:
             for queue in queues:
-                self.links.declare_task_queue(link, self.queue_name(queue))
+                self.links.queues.declare(link, self.queue_name(queue))
 
     def fetch(self, queues: Sequence[str], consumer: str, block_seconds: float) -> Delivery | None:
         """Take one message (prefetch 1), with its start verdict from the store."""
@@ -284,7 +284,7 @@ class AmqpTransport(AmqpUpkeep):
         for consumer in link.task_consumers:
             consumer.cancel()
         for name in names:
-            self.links.declare_task_queue(link, name)
+            self.links.queues.declare(link, name)
         # One unacknowledged message per child: for several queues the limit is global to
         # the channel (RabbitMQ applies a non-global one per consumer).
         link.channel.basic_qos(0, 1, len(names) > 1)

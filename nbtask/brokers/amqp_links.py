@@ -13,25 +13,23 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import kombu as _kombu
-from amqp.exceptions import ConsumerCancelled, PreconditionFailed, ResourceLocked
+from amqp.exceptions import ConsumerCancelled
 
 from nbtask._text import redact_url
 from nbtask.brokers.amqp_confirms import Outgoing, size_limit
 from nbtask.brokers.amqp_guards import GUARDED
-from nbtask.brokers.amqp_link import Link, Message
+from nbtask.brokers.amqp_link import Link
+from nbtask.brokers.amqp_queues import TaskQueues
 from nbtask.brokers.base import PIPELINE_WINDOW
 from nbtask.errors import BrokerUnavailable
 
 __all__ = [
     "COLLECT_EVERY",
-    "CONSUMER_TIMEOUT_MS",
     "MAX_RETURNS",
     "QUIET_SECONDS",
     "Links",
 ]
 
-#: ``x-consumer-timeout`` of task queues on RabbitMQ >= 3.12, milliseconds (7 days).
-CONSUMER_TIMEOUT_MS = 7 * 24 * 3600 * 1000
 #: A publish that does not wait reads the confirms already in once every this many
 #: publishes of its link: reading when none is in costs a failed non-blocking read, and
 #: whatever else reads the connection (a worker's next fetch) takes them in meanwhile.
@@ -63,7 +61,8 @@ class Links:
         self._links: list[Link] = []
         # Reentrant: noting unsent messages (which takes it) is done under it too.
         self._lock = threading.RLock()
-        self._consumer_timeout: bool | None = None
+        #: Task queues: declared once per link, read, deleted.
+        self.queues = TaskQueues(self._refused_queue)
         self._calls = itertools.count(1)
         self._unsent: list[str] = []
         #: Every thread's orphans (by process and thread): those of a thread that ended, or
@@ -405,7 +404,7 @@ class Links:
         returned = link.confirms.returned
         # Declared before the messages are taken: if that fails, the link's messages are
         # sent again on the next link or reported unsent; those for a queue someone else
-        # declared meanwhile are refused (:meth:`declare_task_queue`).
+        # declared meanwhile are refused (:meth:`TaskQueues.declare`).
         again = [o for o in returned.values() if o.returns < MAX_RETURNS]
         for name in dict.fromkeys(o.routing_key for o in again):
             log.warning(
@@ -414,7 +413,7 @@ class Links:
                 name,
             )
             link.declared.discard(name)
-            self.declare_task_queue(link, name)
+            self.queues.declare(link, name)
         while returned:
             # Forgotten once sent again: interrupted, it is sent twice at worst.
             seq, outgoing = next(iter(returned.items()))
@@ -424,84 +423,11 @@ class Links:
                 link.publish(dataclasses.replace(outgoing, returns=outgoing.returns + 1))
             del returned[seq]
 
-    def waiting(self, link: Link, name: str, *, ack: bool) -> Iterator[Message]:
-        """The messages waiting on task queue ``name``, taken one by one (``basic_get``).
-
-        With ``ack`` each is acknowledged as it is taken; without, it stays unacknowledged
-        on ``link`` until settled.
-        """
-        self.declare_task_queue(link, name)
-        waiting = kombu.Queue(name, exchange="", routing_key=name, no_declare=True)
-        bound = waiting.bind(link.channel)
-        while (message := bound.get(no_ack=ack)) is not None:
-            yield message
-
-    def drop_if_idle(self, link: Link, name: str) -> bool:
-        """Delete queue ``name`` if it is empty and unconsumed; True if it is gone."""
-        # A refusal closes the channel it came on: ask on a spare one.
-        spare = link.conn.channel()
-        try:
-            spare.queue_delete(name, if_unused=True, if_empty=True)
-        except link.conn.channel_errors:
-            return False
-        finally:
-            with contextlib.suppress(Exception):
-                spare.close()
-        link.declared.discard(name)
-        return True
-
-    def declare_task_queue(self, link: Link, name: str) -> None:
-        """Declare a durable task queue (once per link)."""
-        if name in link.declared:
-            return
-        arguments: dict[str, Any] = {}
-        if self._supports_consumer_timeout(link):
-            arguments["x-consumer-timeout"] = CONSUMER_TIMEOUT_MS
-        try:
-            link.channel.queue_declare(
-                queue=name,
-                durable=True,
-                exclusive=False,
-                auto_delete=False,
-                arguments=arguments or None,
-            )
-        except (PreconditionFailed, ResourceLocked) as exc:
-            error = BrokerUnavailable(
-                f"cannot use the queue {name!r} on RabbitMQ: someone declared it with other "
-                f"properties than nbtask's ({exc.reply_text}). Once nothing on it is needed, "
-                f"delete it (rabbitmqctl delete_queue '{name}'); nbtask then declares it anew"
-            )
-            # Messages RabbitMQ returned for the queue (deleted, then declared by someone
-            # else) are refused, their tasks reported unsent: not sent into that queue.
-            returned = link.confirms.returned
-            for seq in [seq for seq, o in returned.items() if o.routing_key == name]:
-                log.error(
-                    "%s; task %s, whose message came back, is reported unsent",
-                    error,
-                    returned[seq].task_id,
-                )
-                link.confirms.refused.append(returned[seq])
-                del returned[seq]
-            # RabbitMQ closed the channel; the connection is fine. A link taken over from
-            # a thread that ended is given up by the take-over, not this thread's own.
-            if link is self.current():
-                self.drop()
-            raise error from exc
-        link.declared.add(name)
-
-    def _supports_consumer_timeout(self, link: Link) -> bool:
-        if self._consumer_timeout is None:
-            props = getattr(link.conn.connection, "server_properties", None) or {}
-            version = props.get("version", b"")
-            text = version.decode() if isinstance(version, bytes) else str(version)
-            try:
-                major, minor = (int(part) for part in text.split(".")[:2])
-            except ValueError:
-                major, minor = 0, 0
-            self._consumer_timeout = (major, minor) >= (3, 12) and "RabbitMQ" in str(
-                props.get("product", b"")
-            )
-        return self._consumer_timeout
+    def _refused_queue(self, link: Link) -> None:
+        # RabbitMQ closed the channel; the connection is fine. A link taken over from a
+        # thread that ended is given up by the take-over, not this thread's own.
+        if link is self.current():
+            self.drop()
 
     def send(
         self,

@@ -33,7 +33,7 @@ class AmqpUpkeep:
         """Take up to ``limit`` waiting messages, unacknowledged, to move them."""
         out: list[Delivery] = []
         with self.links.using() as link:
-            for message in self.links.waiting(link, self.queue_name(queue), ack=False):
+            for message in self.links.queues.waiting(link, self.queue_name(queue), ack=False):
                 task_id, deliveries = read_headers(message.headers)
                 delivery_id = f"{link.generation}:{message.delivery_tag}"
                 link.held[delivery_id] = message
@@ -46,7 +46,7 @@ class AmqpUpkeep:
     def drop_queue(self, queue: str) -> bool:
         """Delete ``queue`` if nothing is on it and nobody consumes it; True if it is gone."""
         with self.links.using() as link:
-            return self.links.drop_if_idle(link, self.queue_name(queue))
+            return self.links.queues.drop_if_idle(link, self.queue_name(queue))
 
     def held(self, queues: Sequence[str], consumer: str, min_idle: float = 0.0) -> list[Delivery]:
         """Parked deliveries that ``consumer`` had lost (``min_idle`` does not apply).

@@ -229,7 +229,7 @@ def test_a_message_over_rabbitmqs_size_limit_is_refused_and_the_ones_after_it_ge
     monkeypatch.setattr(amqp_links, "QUIET_SECONDS", 3600.0)  # found by the flush only
     links = Links(AMQP_URL)
     queue = f"{prefix}:sizes"
-    links.publishing(lambda link: links.declare_task_queue(link, queue))
+    links.publishing(lambda link: links.queues.declare(link, queue))
     big = bytes(128 * 1024 * 1024 + 1)  # over RabbitMQ's default limit (128 MiB; 16 from 4.0)
 
     def send(raw: bytes, task_id: str) -> None:
@@ -245,7 +245,7 @@ def test_a_message_over_rabbitmqs_size_limit_is_refused_and_the_ones_after_it_ge
         links.flush()
         assert links.take_unsent() == ["big"]
         with links.using() as link:
-            got = [m.body for m in links.waiting(link, queue, ack=True)]
+            got = [m.body for m in links.queues.waiting(link, queue, ack=True)]
         assert got == [b"small-0", b"small-1", b"small-2"]
     finally:
         links.close()
@@ -256,7 +256,7 @@ def test_a_message_over_rabbitmqs_size_limit_is_refused_and_the_ones_after_it_ge
 def test_a_publish_rabbitmq_refuses_for_its_size_says_so(prefix: str) -> None:
     links = Links(AMQP_URL)
     queue = f"{prefix}:size"
-    links.publishing(lambda link: links.declare_task_queue(link, queue))
+    links.publishing(lambda link: links.queues.declare(link, queue))
     big = bytes(128 * 1024 * 1024 + 1)  # over RabbitMQ's default limit (128 MiB; 16 from 4.0)
     try:
         with pytest.raises(BrokerUnavailable, match="refused a message over its max_message_size"):

@@ -123,14 +123,14 @@ def test_rabbitmq_takes_the_frames_and_hands_back_what_was_sent(queue: str) -> N
     try:
 
         def send(link: Any) -> None:
-            links.declare_task_queue(link, queue)
+            links.queues.declare(link, queue)
             for i, raw in enumerate(bodies):
                 headers = {"nbtask-id": f"task-{i}-é", "nbtask-deliveries": i}
                 links.send(link, queue, raw, persistent=True, headers=headers, task_id=f"t{i}")
 
         links.publishing(send)  # returns once RabbitMQ confirmed them all
         with links.using() as link:
-            got = list(links.waiting(link, queue, ack=False))
+            got = list(links.queues.waiting(link, queue, ack=False))
             assert [m.body or b"" for m in got] == bodies
             for i, message in enumerate(got):
                 assert message.headers == {"nbtask-id": f"task-{i}-é", "nbtask-deliveries": i}
@@ -141,7 +141,7 @@ def test_rabbitmq_takes_the_frames_and_hands_back_what_was_sent(queue: str) -> N
                 link.ack(got[0])  # kombu's refusal of a second ack, as before
         links.drop()  # unacknowledged messages would come back on a new connection
         with links.using() as link:
-            assert list(links.waiting(link, queue, ack=True)) == []
+            assert list(links.queues.waiting(link, queue, ack=True)) == []
     finally:
         links.close()
 
@@ -164,7 +164,7 @@ def links(queue: str) -> Iterator[Links]:
     """nbtask's links to the real RabbitMQ, ``queue`` declared; closed afterwards."""
     opened = Links(AMQP_URL)
     try:
-        opened.publishing(lambda link: opened.declare_task_queue(link, queue))
+        opened.publishing(lambda link: opened.queues.declare(link, queue))
         yield opened
     finally:
         opened.close()
@@ -173,7 +173,7 @@ def links(queue: str) -> Iterator[Links]:
 def test_an_event_and_an_ack_written_together_leave_in_one_send(links: Links, queue: str) -> None:
     links.publishing(lambda link: links.send(link, queue, b"t", persistent=True, task_id="t"))
     with links.using() as link:
-        (message,) = links.waiting(link, queue, ack=False)
+        (message,) = links.queues.waiting(link, queue, ack=False)
         sends = counting_sends(link)
         with links.writes_together():
             event = lambda link: links.send(link, queue, b"e", persistent=False)  # noqa: E731
@@ -182,7 +182,7 @@ def test_an_event_and_an_ack_written_together_leave_in_one_send(links: Links, qu
             assert sends == []  # held until the end
         assert len(sends) == 1
         links.flush()  # the event confirmed: it was sent whole
-        assert [m.body for m in links.waiting(link, queue, ack=True)] == [b"e"]
+        assert [m.body for m in links.queues.waiting(link, queue, ack=True)] == [b"e"]
 
 
 def test_a_read_while_writes_are_held_sends_them_first(links: Links, queue: str) -> None:
@@ -190,7 +190,7 @@ def test_a_read_while_writes_are_held_sends_them_first(links: Links, queue: str)
         # Waiting for its confirm reads the connection: the publish must be out by then.
         links.publishing(lambda link: links.send(link, queue, b"m", persistent=True))
     with links.using() as link:
-        assert [m.body for m in links.waiting(link, queue, ack=True)] == [b"m"]
+        assert [m.body for m in links.queues.waiting(link, queue, ack=True)] == [b"m"]
 
 
 def test_held_writes_whose_connection_failed_are_sent_again_on_a_new_one(
@@ -204,4 +204,4 @@ def test_held_writes_whose_connection_failed_are_sent_again_on_a_new_one(
         first.buffered.sock.close()  # the final write fails
     assert links.current() is not first
     with links.using() as link:
-        assert [m.body for m in links.waiting(link, queue, ack=True)] == [b"m"]
+        assert [m.body for m in links.queues.waiting(link, queue, ack=True)] == [b"m"]
