@@ -36,6 +36,8 @@ from nbtask.wire.envelope import Envelope, Signer, dumps
 
 __all__ = ["execute_cell", "prepare_cell"]
 _IPYTHON_NAMES = frozenset({"_exit_code"})  # besides the history names
+#: Kept values sent back as the references they came as: ``{id(value): (name, reference)}``.
+Kept = dict[int, tuple[str, RemoteValue]]
 _APPLIED = process_state.Applied()  # the kernel's state this process is in
 
 
@@ -113,7 +115,10 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
     effects = _effects(namespace, shipped, before, spec, references)
     out = effects["out"]
     effects["in_place"] = [n for n in notebook_objects if n in out and out[n] is shipped[n]]
-    _forget_changed(references, effects["out"])
+    effects["kept"] = _unchanged_kept(namespace, shipped, before, references, out, rehomed)
+    # Kept values it changed in place: the notebook's other names for them follow.
+    effects["kept_in_place"] = [n for n in references if n in out and out[n] is shipped[n]]
+    _forget_changed(references, out, effects["kept"])
     effects["held"] = {n: where for n, where in rehomed.items() if n not in effects["out"]}
     effects["state"] = _APPLIED.leave(spec.state, state_before)
     if error is not None:
@@ -185,8 +190,15 @@ def _resolve_kept(shipped: dict[str, Any]) -> tuple[dict[str, list[Any]], dict[s
     rehomed: dict[str, list[Any]] = {}
     by_content: dict[str, bytes] = {}
     holding = _holding()
+    first: dict[int, str] = {}  # names bound to one reference get one value, as locally
     for name, reference in shipped.items():
         if not isinstance(reference, RemoteValue):
+            continue
+        same = first.setdefault(id(reference), name)
+        if same != name:
+            shipped[name], by_content[name] = shipped[same], by_content[same]
+            if same in rehomed:
+                rehomed[name] = rehomed[same]
             continue
         key = reference.key
         here = [key, holding.queue if holding else "", os.getpid()]
@@ -228,16 +240,52 @@ def _held(name: str, value: Any, reference: RemoteValue) -> HeldValue:
     return HeldValue(value, name, reference.size, reference.made_by)
 
 
-def _forget_changed(references: Mapping[str, RemoteValue], out: Mapping[str, Any]) -> None:
+def _forget_changed(
+    references: Mapping[str, RemoteValue], out: Mapping[str, Any], unchanged: Kept
+) -> None:
     """Stop holding values the cell changed in place: their references name what they were.
 
-    The changed value comes back (kept again, under a reference of its own).
+    The changed value comes back (kept again, under a reference of its own). One bound
+    anew but ``unchanged`` (``x = x``) goes back as its reference: it stays held.
     """
     holding = _holding()
     for name, reference in references.items():
         held = holding.get(reference.key) if holding is not None else None
-        if holding is not None and held is not None and out.get(name) is held.value:
+        if holding is None or held is None or out.get(name) is not held.value:
+            continue
+        if id(held.value) not in unchanged:
             holding.drop(reference.key)
+
+
+def _unchanged_kept(
+    namespace: Mapping[str, Any],
+    shipped: Mapping[str, Any],
+    before: Mapping[str, bytes],
+    references: Mapping[str, RemoteValue],
+    out: Mapping[str, Any],
+    rehomed: Mapping[str, list[Any]],
+) -> Kept:
+    """The kept values the cell read, left unchanged and bound to a name it sends back.
+
+    ``{id(value): (name read, its reference)}``: a name bound to one (``alias = big``) is
+    sent back as that reference, not kept a second time; the notebook binds it to the
+    reference it holds, so both names stand for one value, as locally. One this process
+    holds since (``rehomed``) says so: later work on it comes here.
+    """
+    found: Kept = {}
+    sent = {id(value) for value in out.values()}
+    for name, reference in references.items():
+        value = shipped[name]
+        if id(value) not in sent or id(value) in found:
+            continue
+        # Still bound to it and not sent back: the cell's check found it unchanged.
+        bound = name not in out and namespace.get(name) is value
+        if not bound and _state(name, value, references) != before[name]:
+            continue
+        if name in rehomed:
+            reference.holder, reference.holder_pid = rehomed[name][1:]
+        found[id(value)] = (name, reference)
+    return found
 
 
 def _drop_changed(
@@ -311,10 +359,15 @@ def _pack(effects: dict[str, Any], spec: CellSpec, *, plain: bool) -> Any:
     for name in skipped:
         del out[name]
     # Pickled as one dict, not from packs of each value: names that share an object
-    # (``b = a``) must still share it in the kernel, as they would locally.
-    blob = None if plain else _packed_whole(out, spec)
+    # (``b = a``) must still share it in the kernel, as they would locally. A value that
+    # stays here is kept once, whatever the names bound to it: one reference for all.
+    kept = {} if plain else {key: ref for key, (_, ref) in effects.get("kept", {}).items()}
+    blob = None if plain or kept else _packed_whole(out, spec)
     if blob is None:  # some value may stay here, or cannot be pickled: each packed
         for name, value in list(out.items()):
+            if id(value) in kept and name not in spec.fetch:
+                out[name] = kept[id(value)]
+                continue
             try:
                 packed = Packed.of(value)  # large arrays stay uncopied, to travel out of band
             except Exception as exc:
@@ -322,7 +375,7 @@ def _pack(effects: dict[str, Any], spec: CellSpec, *, plain: bool) -> Any:
                 del out[name]
                 continue
             if not plain and _stays_here(name, packed.size, spec):
-                out[name] = _keep(name, value, packed, spec)
+                out[name] = kept[id(value)] = _keep(name, value, packed, spec)
         if plain:
             return out
         blob = Packed.of(out)
@@ -339,6 +392,7 @@ def _pack(effects: dict[str, Any], spec: CellSpec, *, plain: bool) -> Any:
         "held": effects.get("held", {}),
         # Changed in place, not rebound: the notebook updates its own object, as locally.
         "in_place": sorted(n for n in effects.get("in_place", ()) if n in out),
+        "kept_in_place": sorted(n for n in effects.get("kept_in_place", ()) if n in out),
         "state": state,
     }
 

@@ -17,9 +17,11 @@ deletes its store copy once no other use needs those bytes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import html
 import secrets
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -81,6 +83,9 @@ class RemoteValue(ValueRef):
     #: Why the value is gone (its session ended and released it), or "".
     released = ""
     _signer: Signer | None = None  # also for a reference pickled before seals existed
+    #: The value fetched, while it lives (weakly: a value looked at once, ``x.fetch()[:5]``,
+    #: is not kept in the kernel by its reference).
+    _fetched: Callable[[], Any] | None = None
 
     def __init__(
         self, name: str, layout: list[Part], inline: bytes, preview: Mapping[str, Any]
@@ -110,7 +115,12 @@ class RemoteValue(ValueRef):
         self._signer = signer or self._signer
 
     def fetch(self, *, force: bool = False) -> Any:
-        """Bring the value into this process.
+        """Bring the value into this process: the object fetched before, while it lives.
+
+        Every name bound to one reference stands for one object (``alias = big`` in a
+        cell): fetched through each, it is one object, as it would be locally, and its
+        bytes come once (a value that cannot be referenced weakly, a list say, is
+        fetched anew).
 
         Raises
         ------
@@ -120,6 +130,9 @@ class RemoteValue(ValueRef):
         """
         if self.released:
             raise BlobError(self._gone())
+        value = self._fetched() if self._fetched is not None else None
+        if value is not None:
+            return value
         if self._fetch is None:
             raise BlobError(f"{self.name} was not received through an app: nothing to fetch with")
         if not force and self._budget is not None and self.size > self._budget:
@@ -130,19 +143,29 @@ class RemoteValue(ValueRef):
             )
         try:
             if self._watch is None:
-                return self.load(self._fetch, self._signer)
-            with self._watch(self.name, self.size) as progress:
-                return self.load(functools.partial(self._fetch, progress=progress), self._signer)
+                value = self.load(self._fetch, self._signer)
+            else:
+                with self._watch(self.name, self.size) as progress:
+                    fetch = functools.partial(self._fetch, progress=progress)
+                    value = self.load(fetch, self._signer)
         except BlobGone as exc:  # the store knows a blob, the notebook the cell behind it
             made_by = self.made_by or "the cell that made it"
             raise BlobGone(
                 f"{self.name} cannot be fetched: {exc.reason}", f"run {made_by} again to make it"
             ) from None
+        with contextlib.suppress(TypeError):  # not weakly referable: fetched anew
+            self._fetched = weakref.ref(value)
+        return value
+
+    @property
+    def fetched(self) -> bool:
+        """Whether the value was fetched and still lives here (:meth:`fetch` returns it)."""
+        return self._fetched is not None and self._fetched() is not None
 
     def release(self, why: str) -> None:
         """Note that the value was released (``why``): using it now says so."""
         self.released = why
-        self._fetch = None
+        self._fetch = self._fetched = None
 
     def _gone(self) -> str:
         made_by = self.made_by or "the cell that made it"
@@ -191,6 +214,7 @@ class RemoteValue(ValueRef):
         # The fetcher and budget belong to the process that holds the reference.
         state = dict(self.__dict__)
         state["_fetch"] = state["_budget"] = state["_watch"] = state["_signer"] = None
+        state.pop("_fetched", None)  # the value itself never travels with its reference
         return state
 
     def _summary(self) -> str:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from nbtask.errors import BlobError, RemoteError, TaskRevoked
 from nbtask.notebook import process_state
+from nbtask.notebook.analysis import is_history_name
 from nbtask.notebook.carried import load_values, share_namespace
 from nbtask.notebook.follow import (
     StopPresses,
@@ -130,6 +131,13 @@ class Pending:
         """Runs not finished yet."""
         return [r for r in self.runs if not r.handle.done()]
 
+    def unwritten(self, handle: TaskHandle) -> bool:
+        """Whether ``handle``'s run has values not written into the namespace yet.
+
+        Until it is seen finished (delivered, or failed): any thread may ask.
+        """
+        return any(run.handle is handle and not run.delivered for run in self._unfinished)
+
     def say_if_random_repeats(self, run: CellRun, source: str) -> None:
         """Say so if ``run`` draws the same random numbers as a run still going.
 
@@ -222,12 +230,21 @@ class Pending:
         staying = set(stay)
         for name in self.kept(n for n in wanted if n not in staying):
             value = self.namespace[name]
-            print(
-                f"nbtask: fetching {name} ({value.size / 1e6:,.1f} MB) from the workers",
-                flush=True,
-            )
+            if not isinstance(value, RemoteValue):  # bound to one fetched under another name
+                continue
+            if not value.fetched:
+                print(
+                    f"nbtask: fetching {name} ({value.size / 1e6:,.1f} MB) from the workers",
+                    flush=True,
+                )
             try:
-                self.namespace[name] = value.fetch()
+                fetched = value.fetch()
+                self.namespace[name] = fetched
+                # Its other names are bound to the one object, as locally (IPython's own
+                # output history is left to IPython).
+                for other in self._names_of(value):
+                    self.namespace[other] = fetched
+                del fetched
                 continue
             except KeyboardInterrupt:
                 said = f"fetching {name} was interrupted: it is still the reference"
@@ -270,9 +287,14 @@ class Pending:
         """Write a cell's names and process-wide state changes into this kernel."""
         arrived = load_values(effects)
         run.shown = effects.get("shown")
+        known = self._known_references(arrived)
         # No loop variable left holding one of the values: bring_back counts references.
         for kept in [v for v in arrived.values() if isinstance(v, RemoteValue)]:
-            self.took_kept(kept)
+            if not any(kept is mine for mine in known):
+                self.took_kept(kept)
+        del known
+        changed = effects.get("kept_in_place", ())
+        self._changed_kept(arrived, [n for n in changed if n not in run.superseded])
         in_place = [n for n in effects.get("in_place", ()) if n not in run.superseded]
         arrived = bring_back(self.namespace, arrived, in_place, _say)  # empties the first
         for name, value in arrived.items():
@@ -288,6 +310,48 @@ class Pending:
         state = effects.get("state")
         if state and state != process_state.NO_CHANGES:
             self._apply_state(Envelope({}, state).load_body())
+
+    def _known_references(self, arrived: dict[str, Any]) -> list[RemoteValue]:
+        """Put the notebook's own reference in place of each that stands for the same value.
+
+        A cell that binds a kept value it read to another name (``alias = big``) sends
+        back the reference it was given (same keeper): the notebook's, so both names are
+        bound to one object, as locally. Returns the references put in (already tracked);
+        one whose value the cell's process now holds is told so.
+        """
+        held = [v for v in self.namespace.values() if isinstance(v, RemoteValue) and v.keeper]
+        known = {(value.key, value.keeper): value for value in held}
+        put = []
+        for name, value in arrived.items():
+            mine = known.get((value.key, value.keeper)) if isinstance(value, RemoteValue) else None
+            if mine is None or mine is value:
+                continue
+            if (mine.holder, mine.holder_pid) != (value.holder, value.holder_pid):
+                mine.holder, mine.holder_pid = value.holder, value.holder_pid
+                self.took_kept(mine)
+            arrived[name] = mine
+            put.append(mine)
+        return put
+
+    def _changed_kept(self, arrived: Mapping[str, Any], names: Iterable[str]) -> None:
+        """Kept values a cell changed in place: every name bound to one sees the change.
+
+        The change comes back under a new reference for the names the cell used; the
+        notebook's other names for the old reference (``alias`` of ``alias = big``, when
+        the cell changed ``big``) are bound to the new one too, as locally.
+        """
+        for name in names:
+            old, new = self.namespace.get(name), arrived.get(name)
+            if not isinstance(old, RemoteValue) or new is None or new is old:
+                continue
+            for other in self._names_of(old):
+                if other not in arrived:
+                    self.namespace[other] = new
+
+    def _names_of(self, value: RemoteValue) -> list[str]:
+        """The names bound to ``value``, but IPython's history names (``_``, ``_3``)."""
+        found = [n for n, bound in self.namespace.items() if bound is value]
+        return [n for n in found if not is_history_name(n)]
 
     def _not_brought_back(self, run: CellRun, name: str, why: str) -> None:
         """Say that the cell's value for ``name`` could not come back (it cannot be pickled).

@@ -15,8 +15,10 @@ is released, in two ways:
   to ``result_ttl``. A keeper id is made for one kept value, so a release repeated (or
   replayed) finds it gone and deletes nothing.
 
-A kept value sent with a cell stays referenced until that cell ends (:meth:`Releases.hold`),
-so ``del x`` right after a cell that reads ``x`` does not delete what the cell may load.
+A kept value sent with a cell stays referenced until that cell ends and its values are
+written into the notebook (:meth:`Releases.hold`), so ``del x`` right after a cell that
+reads ``x`` does not delete what the cell may load, nor what a name it binds to ``x``
+(``alias = x``, sent back as ``x``'s reference) stands for.
 
 Finalizers only note what went (they run wherever garbage is collected); the session's
 ticker thread sends the releases.
@@ -70,6 +72,8 @@ class Releases:
         Reads the live workers (a release goes only to a live holder process).
     free
         Releases store copies: ``free({keeper: {digest: size}})``.
+    unwritten
+        Whether a task that ended has values still to be written into the notebook.
     """
 
     def __init__(
@@ -77,10 +81,12 @@ class Releases:
         send: Callable[[str, list[str]], object],
         workers: Callable[[], Mapping[str, WorkerInfo]],
         free: Callable[[Mapping[str, Mapping[str, int]]], object],
+        unwritten: Callable[[TaskHandle], bool] = lambda handle: False,
     ) -> None:
         self._send = send
         self._workers = workers
         self._free = free
+        self._unwritten = unwritten
         self._counts: collections.Counter[Kept] = collections.Counter()
         self._gone: queue.SimpleQueue[Kept] = queue.SimpleQueue()
         self._held: list[tuple[TaskHandle, list[RemoteValue]]] = []
@@ -101,7 +107,10 @@ class Releases:
         weakref.finalize(value, self._gone.put, kept)
 
     def hold(self, handle: TaskHandle, values: Iterable[object]) -> None:
-        """Keep the kept ones of ``values`` referenced until ``handle``'s task ends."""
+        """Keep the kept ones of ``values`` referenced until ``handle``'s task ends.
+
+        And until its values are written into the notebook (``unwritten``).
+        """
         kept = [value for value in values if isinstance(value, RemoteValue)]
         if kept:
             with self._lock:
@@ -110,7 +119,7 @@ class Releases:
     def flush(self) -> None:
         """Send the releases due: values whose last reference was collected."""
         with self._lock:  # the values of ended tasks may be collected (and noted) now
-            self._held = [held for held in self._held if not held[0].done()]
+            self._held = [h for h in self._held if not h[0].done() or self._unwritten(h[0])]
         gone: list[Kept] = []
         while not self._gone.empty():
             gone.append(self._gone.get())

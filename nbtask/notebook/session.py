@@ -78,6 +78,7 @@ class Session:
             self._send_release,
             lambda: self.app.workers(),  # noqa: PLW0108
             lambda released: self.app.store.release_blobs(released),  # noqa: PLW0108
+            self.pending.unwritten,
         )
         self.inserter = WaitInserter(self.pending)
         self.views: dict[str, TaskView] = {}

@@ -1,0 +1,108 @@
+"""Names bound to one kept value stand for one object: kept once, fetched once, ``is`` holds.
+
+A real IPython shell against the real Redis and worker processes, with ``keep_threshold``
+lowered to 1 MiB so that a 2.4 MB array is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from helpers import cell_run as run
+from helpers import cell_task as task
+from IPython.core.interactiveshell import InteractiveShell
+
+from nbtask import Settings
+from nbtask.notebook.kept import RemoteValue
+from nbtask.notebook.session import Session
+
+MAKE_X = "import numpy as np\nx = np.arange(300_000.0)"
+X_BYTES = 2_400_000
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """The suite's settings, keeping names of 1 MiB or more on the workers."""
+    return settings.replace(keep_threshold=1024 * 1024)
+
+
+@pytest.fixture
+def fetched(nb: Session, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the blobs the notebook reads from the store, as it reads them."""
+    sizes: list[int] = []
+    get_blob: Callable[..., Any] = nb.app.store.get_blob
+
+    def counting(digest: str, size: int, *args: Any, **kwargs: Any) -> Any:
+        sizes.append(size)
+        return get_blob(digest, size, *args, **kwargs)
+
+    monkeypatch.setattr(nb.app.store, "get_blob", counting)
+    return sizes
+
+
+def held_on_workers(nb: Session) -> list[tuple[str, int]]:
+    """The kept values the worker processes announce they hold: (name, size)."""
+    consumers = [c for info in nb.app.workers().values() for c in info.consumers]
+    holdings = nb.app.store.holdings(consumers).values()
+    return [(held.name, held.size) for found in holdings for held in found.values]
+
+
+@pytest.mark.parametrize("count", [300_000, 5_000_000], ids=["2.4MB", "40MB-sealed"])
+@pytest.mark.parametrize("later", [False, True], ids=["in-the-same-cell", "in-a-later-cell"])
+def test_two_names_for_one_kept_value_keep_fetch_and_are_one_object(
+    ip: InteractiveShell, nb: Session, fetched: list[int], count: int, later: bool
+) -> None:
+    """Kept once (a 40 MB value, whose copy is sealed, was held and stored twice), fetched once."""
+    make = f"import numpy as np\nx = np.arange({count}.0)"
+    for cell in [make, "alias = x"] if later else [make + "\nalias = x"]:
+        task(ip, cell)
+    assert isinstance(ip.user_ns["x"], RemoteValue)
+    held = held_on_workers(nb)
+    assert len(held) == 1 and held[0][1] >= 8 * count, f"kept more than once: {held}"
+    assert run(ip, "alias is x") is True, "one value came back as two objects"
+    assert isinstance(ip.user_ns["x"], np.ndarray)
+    assert 8 * count <= sum(fetched) < 16 * count, f"fetched {sum(fetched):,} bytes"
+
+
+def test_a_kept_value_changed_in_place_is_changed_under_every_name(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    task(ip, MAKE_X + "\nalias = x")
+    task(ip, "x[0] = -1.0")  # as locally, alias is the array that changed
+    assert run(ip, "float(alias[0]), alias is x") == (-1.0, True)
+
+
+def test_a_kept_value_fetched_through_one_name_is_the_same_object_through_another(
+    ip: InteractiveShell, nb: Session, fetched: list[int]
+) -> None:
+    task(ip, MAKE_X + "\nalias = x")
+    run(ip, "y = x.fetch()")
+    assert run(ip, "y is x.fetch() and y is alias.fetch()") is True
+    assert run(ip, "y is alias") is True  # a local read of alias: the object fetched
+    assert X_BYTES <= sum(fetched) < 2 * X_BYTES, f"fetched {sum(fetched):,} bytes"
+
+
+def test_a_later_cell_that_renames_a_kept_value_sends_back_its_reference(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    task(ip, MAKE_X)
+    kept = ip.user_ns["x"]
+    task(ip, "alias = x\ndel x")
+    assert "x" not in ip.user_ns
+    assert ip.user_ns["alias"] is kept, "the value came back as a new reference"
+    assert [name for name, _ in held_on_workers(nb)] == ["x"], "kept a second time"
+    assert run(ip, "float(alias[-1])") == 299_999.0
+
+
+def test_a_renamed_kept_value_the_notebook_let_go_while_its_cell_ran_stays_usable(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    task(ip, MAKE_X)
+    task(ip, "import time\ntime.sleep(1)\nalias = x", "--out h")  # in the background
+    run(ip, "del x")  # the notebook's last name for it, while the cell runs
+    ip.user_ns["h"].result(timeout=30)  # it ended, its values not yet written
+    nb.releases.flush()  # as the session's ticker does, twice a second
+    assert run(ip, "float(alias[-1])") == 299_999.0
