@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import importlib.util
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -126,6 +127,51 @@ def broker_env(settings: Settings) -> dict[str, str]:
     env["NBTASK_BROKER"] = settings.broker_url or ""
     env["NBTASK_SECRET"] = settings.secret or ""
     return env
+
+
+def kernel_env(settings: Settings) -> dict[str, str]:
+    """This process's environment, pointing a kernel started with it at the test's broker."""
+    return {**os.environ, **broker_env(settings)}
+
+
+def execute(
+    kc: Any, code: str, timeout: float = 60, **options: Any
+) -> tuple[str, list[dict[str, Any]], Any]:
+    """Run ``code`` through the kernel client ``kc``: its id, its iopub messages, its reply.
+
+    ``options`` go with the request (``allow_stdin=False``, as a batch runner sends it).
+    """
+    msg_id = kc.execute(code, **options)
+    reply = kc.get_shell_msg(timeout=timeout)
+    msgs = []
+    while True:
+        m = kc.get_iopub_msg(timeout=timeout)
+        msgs.append(m)
+        if (
+            m["parent_header"].get("msg_id") == msg_id
+            and m["msg_type"] == "status"
+            and m["content"]["execution_state"] == "idle"
+        ):
+            return msg_id, msgs, reply
+
+
+def drain_until(kc: Any, pred: Callable[[dict[str, Any]], bool], timeout: float = 20) -> list[Any]:
+    """The kernel's iopub messages up to the first for which ``pred`` holds (that one too)."""
+    msgs, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            m = kc.get_iopub_msg(timeout=0.2)
+        except queue.Empty:
+            continue
+        msgs.append(m)
+        if pred(m):
+            return msgs
+    raise AssertionError(f"timed out; got {[m['msg_type'] for m in msgs]}")
+
+
+def stream_text(msgs: list[dict[str, Any]]) -> str:
+    """The text of the ``stream`` messages among a kernel's iopub messages ``msgs``."""
+    return "".join(m["content"]["text"] for m in msgs if m["msg_type"] == "stream")
 
 
 def client_env(settings: Settings) -> dict[str, str]:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import broker_env
+from helpers import ROOT, broker_env
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.testing.globalipapp import start_ipython
+from jupyter_client.manager import KernelManager
 
 from nbtask import Settings
 from nbtask.notebook.magics import session_of
@@ -23,6 +27,33 @@ def ip() -> Iterator[InteractiveShell]:
     shell.run_line_magic("unload_ext", "nbtask")
     for name in set(shell.user_ns) - before:
         shell.user_ns.pop(name, None)
+
+
+@pytest.fixture
+def kernel() -> Iterator[Callable[[dict[str, str]], tuple[Any, Any]]]:
+    """Start kernels with a given environment; all shut down after the test."""
+    started: list[tuple[Any, Any]] = []
+    folders: list[Path] = []
+
+    def start(env: dict[str, str]) -> tuple[Any, Any]:
+        # IPC sockets in a folder of their own: under pytest-xdist another process starts
+        # kernels too, and the default names (kernel-ipc-N in the cwd) would collide.
+        folders.append(Path(tempfile.mkdtemp(prefix="nbtask-kernel-")))
+        sockets = folders[-1] / "kernel"
+        km = KernelManager(kernel_name="python3", transport="ipc", ip=str(sockets))
+        km.start_kernel(env=env, cwd=str(ROOT))
+        client = km.client()
+        client.start_channels()
+        client.wait_for_ready(timeout=30)
+        started.append((km, client))
+        return km, client
+
+    yield start
+    for km, client in started:
+        client.stop_channels()
+        km.shutdown_kernel(now=True)
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

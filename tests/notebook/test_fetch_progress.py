@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from test_kernel import broker_env, execute, kernel, stream_text
+from helpers import execute, kernel_env, stream_text
 
 from nbtask import Settings
-
-__all__ = ["kernel"]  # the fixture, shared with test_kernel.py
 
 KEEP_X = "%%task --wait\nimport numpy as np\nx = np.arange(300_000.0)\n"
 # 700,000 float64 (5.6 MB) is over the 4 MiB blob threshold: the result stays in the store
@@ -33,7 +31,7 @@ LARGE_RESULT = (
 
 def _start(settings: Settings, start_worker: Any, kernel: Any, **env: str) -> Any:
     start_worker()
-    _, kc = kernel({**broker_env(settings), "NBTASK_KEEP_THRESHOLD": str(1024 * 1024), **env})
+    _, kc = kernel({**kernel_env(settings), "NBTASK_KEEP_THRESHOLD": str(1024 * 1024), **env})
     _, _, reply = execute(kc, "%load_ext nbtask")
     assert reply["content"]["status"] == "ok", reply["content"]
     return kc

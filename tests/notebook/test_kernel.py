@@ -5,91 +5,28 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
-from helpers import ROOT, exited, processes_mentioning, wait_until
-from jupyter_client.manager import KernelManager
+from helpers import (
+    drain_until,
+    execute,
+    exited,
+    kernel_env,
+    processes_mentioning,
+    stream_text,
+    wait_until,
+)
 
 from nbtask import Settings
-
-
-def broker_env(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(settings.to_env())
-    env.update({"NBTASK_BROKER": settings.broker_url or "", "NBTASK_SECRET": settings.secret or ""})
-    return env
-
-
-@pytest.fixture
-def kernel() -> Iterator[Callable[[dict[str, str]], tuple[Any, Any]]]:
-    """Start kernels with a given environment; all shut down after the test."""
-    started: list[tuple[Any, Any]] = []
-    folders: list[Path] = []
-
-    def start(env: dict[str, str]) -> tuple[Any, Any]:
-        # IPC sockets in a folder of their own: under pytest-xdist another process starts
-        # kernels too, and the default names (kernel-ipc-N in the cwd) would collide.
-        folders.append(Path(tempfile.mkdtemp(prefix="nbtask-kernel-")))
-        sockets = folders[-1] / "kernel"
-        km = KernelManager(kernel_name="python3", transport="ipc", ip=str(sockets))
-        km.start_kernel(env=env, cwd=str(ROOT))
-        client = km.client()
-        client.start_channels()
-        client.wait_for_ready(timeout=30)
-        started.append((km, client))
-        return km, client
-
-    yield start
-    for km, client in started:
-        client.stop_channels()
-        km.shutdown_kernel(now=True)
-    for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
 def kc(settings: Settings, start_worker: Any, kernel: Any) -> Any:
     start_worker()
-    return kernel(broker_env(settings))[1]
-
-
-def execute(kc: Any, code: str, timeout: float = 60) -> tuple[str, list[dict[str, Any]], Any]:
-    msg_id = kc.execute(code)
-    reply = kc.get_shell_msg(timeout=timeout)
-    msgs = []
-    while True:
-        m = kc.get_iopub_msg(timeout=timeout)
-        msgs.append(m)
-        if (
-            m["parent_header"].get("msg_id") == msg_id
-            and m["msg_type"] == "status"
-            and m["content"]["execution_state"] == "idle"
-        ):
-            return msg_id, msgs, reply
-
-
-def drain_until(kc: Any, pred: Callable[[dict[str, Any]], bool], timeout: float = 20) -> list[Any]:
-    msgs, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            m = kc.get_iopub_msg(timeout=0.2)
-        except queue.Empty:
-            continue
-        msgs.append(m)
-        if pred(m):
-            return msgs
-    raise AssertionError(f"timed out; got {[m['msg_type'] for m in msgs]}")
-
-
-def stream_text(msgs: list[dict[str, Any]]) -> str:
-    return "".join(m["content"]["text"] for m in msgs if m["msg_type"] == "stream")
+    return kernel(kernel_env(settings))[1]
 
 
 def test_widget_updates_after_the_cell_and_pending_names(kc: Any) -> None:
@@ -313,7 +250,7 @@ def test_text_fallback_in_a_kernel_without_widgets(
     settings: Settings, start_worker: Any, kernel: Any
 ) -> None:
     start_worker()
-    _, kc = kernel({**broker_env(settings), "NBTASK_WIDGETS": "0"})
+    _, kc = kernel({**kernel_env(settings), "NBTASK_WIDGETS": "0"})
     execute(kc, "%load_ext nbtask")
     _, msgs, _ = execute(
         kc, "%%task\nimport time\nprint('line one')\ntime.sleep(1)\nprint('line two')\n6 * 7"
@@ -394,7 +331,7 @@ def test_restart_then_tasks_all_reattaches_and_replays(
     settings: Settings, start_worker: Any, kernel: Any
 ) -> None:
     start_worker()
-    km, kc = kernel(broker_env(settings))
+    km, kc = kernel(kernel_env(settings))
     execute(kc, "%load_ext nbtask")
     execute(kc, "%%task --wait\nprint('from before the restart')\nkept = 1")
     execute(kc, "%%task\nimport time\ntime.sleep(60)\nnever = 1")
