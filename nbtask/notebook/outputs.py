@@ -9,6 +9,9 @@ opens. A frozen chunk is sent again only when a display update replaces one of i
 outputs, and a display with a display id gets a chunk of its own, so updating it resends
 only itself. What reaches the frontend stays a small multiple of what the task printed.
 
+The text view that stands in for the widget (``NBTASK_WIDGETS=0``) is cut the same way
+(:class:`Chunks`), into text displays (:mod:`nbtask.notebook.textchunks`).
+
 The kernel's work stays linear too: a stream keeps its text as the pieces it came in
 (:class:`StreamText`), so adding text copies none of what came before, and a chunk reads
 only its own span of it.
@@ -23,7 +26,7 @@ import ipywidgets as w
 
 from nbtask.wire.events import Event, EventType
 
-__all__ = ["ChunkedOutput", "OutputLog", "StreamText"]
+__all__ = ["ChunkedOutput", "Chunks", "OutputLog", "StreamText", "text_of"]
 
 _MIN_CHUNK = 4_000  # characters: a smaller chunk stays open (each chunk is two widgets)
 _MAX_CHUNK = 16_000  # characters: a larger one is frozen however little it has cost yet
@@ -181,20 +184,15 @@ class OutputLog:
 
     def text(self) -> str:
         """The outputs as plain text (displays by their ``text/plain``)."""
-        chunks = []
-        for output in self._outputs:
-            if output["output_type"] == "stream":
-                chunks.append(str(output["text"]))
-            else:
-                chunks.append(str(output["data"].get("text/plain", "")) + "\n")
-        return "".join(chunks)
+        return "".join(map(text_of, self._outputs))
 
 
-class ChunkedOutput:
-    """An :class:`OutputLog` shown as a column of Output widgets, sent chunk by chunk.
+class Chunks:
+    """An :class:`OutputLog` cut into chunks, each sent again only when it changed.
 
-    Feed it with :meth:`add`, show what changed with :meth:`sync` (one writer at a time:
-    the view's lock). Display :attr:`box`.
+    Feed it with :meth:`add`, send what changed with :meth:`sync` (one writer at a time:
+    the view's lock). A subclass shows a chunk (:meth:`_show`, :meth:`_made`,
+    :meth:`_placed`).
 
     Parameters
     ----------
@@ -204,9 +202,6 @@ class ChunkedOutput:
 
     def __init__(self, log: OutputLog) -> None:
         self.log = log
-        self.box = w.VBox(layout=w.Layout(margin="0"))
-        self.chunks: list[w.Output] = []  # one per chunk shown so far, in order
-        self._groups: list[w.VBox] = []
         self._starts: list[Position] = [(0, 0)]  # the last chunk is the open one
         self._dirty: set[int] = set()  # chunks to send at the next sync
         self._spent = 0  # characters sent for the open chunk so far
@@ -231,23 +226,28 @@ class ChunkedOutput:
         if len(self._starts) - 1 in self._dirty:
             self._maybe_freeze()
         opened = len(self._starts) - 1
-        count = len(self.chunks)
+        count = self._made()
         for j in sorted(self._dirty):
             shown = self._slice(j)
-            if j >= len(self.chunks) and not shown and j == opened:
+            if j >= self._made() and not shown and j == opened:
                 continue  # an empty open chunk waits for output before it is made
-            while len(self.chunks) <= j:
-                self.chunks.append(w.Output(layout=w.Layout(margin="0")))
-            self.chunks[j].outputs = tuple(shown)
+            self._show(j, shown)
             if j == opened:
                 self._spent += _size(shown)
         self._dirty.clear()
-        if len(self.chunks) != count or len(self.chunks) > len(self._starts):
-            self._lay_out(min(count, len(self._starts)))
+        self._placed(count)
 
-    def shown(self) -> list[dict[str, Any]]:
-        """The outputs the chunks show, in order (split streams as several outputs)."""
-        return [output for chunk in self.chunks for output in chunk.outputs]
+    # What a subclass shows ---------------------------------------------------------------------
+    def _made(self) -> int:
+        """How many chunks were shown so far."""
+        raise NotImplementedError
+
+    def _show(self, j: int, outputs: list[dict[str, Any]]) -> None:
+        """Show ``outputs`` as chunk ``j`` (making it, and any before it not made yet)."""
+        raise NotImplementedError
+
+    def _placed(self, count: int) -> None:
+        """After a sync: ``count`` chunks were shown before it; those past the last go."""
 
     # Chunks ----------------------------------------------------------------------------------
     def _chunk_of(self, index: int) -> int:
@@ -309,6 +309,40 @@ class ChunkedOutput:
                 shown.append(output)
         return shown
 
+
+class ChunkedOutput(Chunks):
+    """An :class:`OutputLog` shown as a column of Output widgets, sent chunk by chunk.
+
+    Display :attr:`box`.
+
+    Parameters
+    ----------
+    log
+        The model: every event goes into it, and the chunks show it.
+    """
+
+    def __init__(self, log: OutputLog) -> None:
+        super().__init__(log)
+        self.box = w.VBox(layout=w.Layout(margin="0"))
+        self.chunks: list[w.Output] = []  # one per chunk shown so far, in order
+        self._groups: list[w.VBox] = []
+
+    def shown(self) -> list[dict[str, Any]]:
+        """The outputs the chunks show, in order (split streams as several outputs)."""
+        return [output for chunk in self.chunks for output in chunk.outputs]
+
+    def _made(self) -> int:
+        return len(self.chunks)
+
+    def _show(self, j: int, outputs: list[dict[str, Any]]) -> None:
+        while len(self.chunks) <= j:
+            self.chunks.append(w.Output(layout=w.Layout(margin="0")))
+        self.chunks[j].outputs = tuple(outputs)
+
+    def _placed(self, count: int) -> None:
+        if len(self.chunks) != count or len(self.chunks) > len(self._starts):
+            self._lay_out(min(count, len(self._starts)))
+
     def _lay_out(self, first: int) -> None:
         """Place chunks from ``first`` on (and drop those a clear emptied), in groups."""
         gone: list[w.Widget] = self.chunks[len(self._starts) :]
@@ -323,6 +357,13 @@ class ChunkedOutput:
         self.box.children = tuple(self._groups)
         for widget in gone:
             widget.close()
+
+
+def text_of(output: dict[str, Any]) -> str:
+    """An output as plain text: a stream's text, a display's ``text/plain`` and a line end."""
+    if output["output_type"] == "stream":
+        return str(output["text"])
+    return str(output["data"].get("text/plain", "")) + "\n"
 
 
 def _size(outputs: list[dict[str, Any]]) -> int:

@@ -22,6 +22,7 @@ from IPython.display import display
 from nbtask.core.handle import TaskHandle
 from nbtask.notebook.follow import cancel_task
 from nbtask.notebook.outputs import ChunkedOutput, OutputLog
+from nbtask.notebook.textchunks import CellChunks, following_request
 from nbtask.wire.events import FINAL_STATES, Event, EventType, State
 
 __all__ = [
@@ -308,12 +309,20 @@ class TaskWidget(TaskView):
 class TextView(TaskView):
     """Text fallback: a progress line, streamed output, then the result or traceback.
 
-    In a kernel without widgets it keeps one display up to date (so text lands under its
-    own cell, not whichever cell runs now); elsewhere (a terminal) it prints.
+    In a kernel without widgets it keeps a status display up to date (so text lands under
+    its own cell, not whichever cell runs now), the output below it: in displays of its own
+    sent chunk by chunk where the frontend follows the cell (:mod:`.textchunks`), else in
+    the status display; elsewhere (a terminal) it prints.
     """
 
     def __init__(
-        self, handle: TaskHandle, label: str, *, in_kernel: bool, show: bool = True
+        self,
+        handle: TaskHandle,
+        label: str,
+        *,
+        in_kernel: bool,
+        show: bool = True,
+        shell: Any = None,
     ) -> None:
         super().__init__(handle, label)
         self.in_kernel = in_kernel
@@ -321,8 +330,12 @@ class TextView(TaskView):
         self.log = OutputLog()
         self._last_line = ""
         self._display: Any = None
+        self._chunks: CellChunks | None = None
         if in_kernel and show:
             self._display = display({"text/plain": self.status_text()}, raw=True, display_id=True)
+            request = following_request(shell)
+            if request is not None:
+                self._chunks = CellChunks(self.log, shell, request)
         elif show and self.waiting:  # a terminal hears at once why the task waits
             with self._lock:
                 self._repaint()
@@ -337,7 +350,10 @@ class TextView(TaskView):
         """Redraw the display, or print what is new."""
         chunks = []
         for event in self.pending_output:
-            self.log.add(event)
+            if self._chunks is not None:
+                self._chunks.add(event)  # into the log, noting the displays it changes
+            else:
+                self.log.add(event)
             if event.type is not EventType.DISPLAY:
                 chunks.append(str(event.data.get("text", "")))
             elif not event.data.get("clear"):  # a terminal cannot replace: print updates
@@ -350,6 +366,12 @@ class TextView(TaskView):
                 str(self.result.get("data", {}).get("text/plain", "")) if self.result else ""
             )
         if self.quiet:
+            return
+        if self._chunks is not None:
+            self._chunks.sync()
+            self._chunks.end(tail.rstrip("\n"))
+            # The status goes last: when it reads SUCCESS, the output is all shown.
+            self._display.update({"text/plain": self.status_text()}, raw=True)
             return
         if self._display is not None:
             parts = [self.status_text(), self.text.rstrip("\n"), tail]
@@ -422,4 +444,4 @@ def make_view(handle: TaskHandle, label: str, shell: Any = None, *, show: bool =
     if widgets_enabled(shell):
         return TaskWidget(handle, label)
     in_kernel = shell is not None and "IPKernelApp" in getattr(shell, "config", {})
-    return TextView(handle, label, in_kernel=in_kernel, show=show)
+    return TextView(handle, label, in_kernel=in_kernel, show=show, shell=shell)

@@ -103,6 +103,17 @@ def lab(tmp_path: Path) -> Iterator[str]:
         ),
         root / "printer.ipynb",
     )
+    nbformat.write(  # the same cell, shown by the text view, then a cell run meanwhile
+        new_notebook(
+            cells=[
+                new_code_cell("%env NBTASK_WIDGETS=0\n%load_ext nbtask"),
+                new_code_cell(PRINTER),
+                new_code_cell("print('meanwhile')"),
+            ],
+            metadata={"kernelspec": {"name": "python3", "display_name": "Python 3"}},
+        ),
+        root / "text-view.ipynb",
+    )
     cfg = tmp_path / "cfg"
     (cfg / "labconfig").mkdir(parents=True)  # no news/update toast over the screenshot
     (cfg / "labconfig" / "page_config.json").write_text(
@@ -308,5 +319,45 @@ def test_a_cell_printing_a_lot_shows_all_of_it_for_bytes_linear_in_it(lab: str) 
             where = [text.find(line) for line in wanted]
             assert -1 not in where and where == sorted(where)  # all of it, in order
             assert "progress 200" in text and "progress 0'" not in text
+        finally:
+            browser.close()
+
+
+def test_the_text_view_shows_all_output_under_its_cell_for_bytes_linear_in_it(
+    lab: str,
+) -> None:
+    sync_api = _playwright()
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            received: list[int] = []
+            page.on(
+                "websocket",
+                lambda ws: ws.on("framereceived", lambda frame: received.append(len(frame))),
+            )
+            page.goto(f"{lab}/lab/tree/text-view.ipynb?token={TOKEN}")
+            page.wait_for_function(KERNEL_IDLE, timeout=90_000)
+            cells = page.locator(".jp-Notebook .jp-Cell")
+            page.evaluate(RUN_CELL, 0)
+            cells.nth(0).get_by_text("worker process").first.wait_for(timeout=90_000)
+            page.wait_for_function(KERNEL_IDLE, timeout=30_000)
+            before = sum(received)
+            page.evaluate(RUN_CELL, 1)
+            output = cells.nth(1).locator(".jp-Cell-outputArea")
+            output.get_by_text("step   5 line").first.wait_for(timeout=30_000)
+            page.evaluate(RUN_CELL, 2)  # runs while the task prints: a cell of its own
+            cells.nth(2).get_by_text("meanwhile").wait_for(timeout=10_000)
+            output.get_by_text("SUCCESS").wait_for(timeout=60_000)
+            output.get_by_text("step 199 line 19").wait_for(timeout=10_000)
+            # Resending all output at each repaint took 14 MB here.
+            sent = sum(received) - before
+            assert sent < 4 * PRINTED, (sent, PRINTED)
+            text = output.inner_text()
+            wanted = [f"step {step:>3} line {i:>2} " for step in range(200) for i in range(20)]
+            where = [text.find(line) for line in wanted]
+            assert -1 not in where and where == sorted(where)  # all of it, in order
+            assert "progress 200" in text and "progress 0'" not in text
+            assert "step" not in cells.nth(2).locator(".jp-Cell-outputArea").inner_text()
         finally:
             browser.close()

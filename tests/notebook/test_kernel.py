@@ -246,32 +246,6 @@ def test_stop_while_the_embedded_cluster_starts_leaves_nothing_running(kernel: A
     execute(kc, "%unload_ext nbtask")
 
 
-def test_text_fallback_in_a_kernel_without_widgets(
-    settings: Settings, start_worker: Any, kernel: Any
-) -> None:
-    start_worker()
-    _, kc = kernel({**kernel_env(settings), "NBTASK_WIDGETS": "0"})
-    execute(kc, "%load_ext nbtask")
-    _, msgs, _ = execute(
-        kc, "%%task\nimport time\nprint('line one')\ntime.sleep(1)\nprint('line two')\n6 * 7"
-    )
-    assert not comm_opens(msgs), "no widget without a widget frontend"
-    shown = [m for m in msgs if m["msg_type"] == "display_data"]
-    assert shown and "PENDING" in shown[0]["content"]["data"]["text/plain"]
-    display_id = shown[0]["content"]["transient"]["display_id"]
-    later = drain_until(
-        kc,
-        lambda m: (
-            m["msg_type"] == "update_display_data"
-            and "SUCCESS" in m["content"]["data"]["text/plain"]
-        ),
-    )
-    updates = [m for m in later if m["msg_type"] == "update_display_data"]
-    assert all(m["content"]["transient"]["display_id"] == display_id for m in updates)
-    final = updates[-1]["content"]["data"]["text/plain"]
-    assert "line one\nline two" in final and final.rstrip().endswith("42")
-
-
 def test_display_updates_replace_and_elapsed_ticks(kc: Any) -> None:
     execute(kc, "%load_ext nbtask")
     _, msgs, _ = execute(
