@@ -347,7 +347,8 @@ def test_the_text_view_shows_all_output_under_its_cell_for_bytes_linear_in_it(
             output = cells.nth(1).locator(".jp-Cell-outputArea")
             output.get_by_text("step   5 line").first.wait_for(timeout=30_000)
             page.evaluate(RUN_CELL, 2)  # runs while the task prints: a cell of its own
-            cells.nth(2).get_by_text("meanwhile").wait_for(timeout=10_000)
+            meanwhile = cells.nth(2).locator(".jp-Cell-outputArea")
+            meanwhile.get_by_text("meanwhile", exact=True).wait_for(timeout=10_000)
             output.get_by_text("SUCCESS").wait_for(timeout=60_000)
             output.get_by_text("step 199 line 19").wait_for(timeout=10_000)
             # Resending all output at each repaint took 14 MB here.
@@ -358,6 +359,6 @@ def test_the_text_view_shows_all_output_under_its_cell_for_bytes_linear_in_it(
             where = [text.find(line) for line in wanted]
             assert -1 not in where and where == sorted(where)  # all of it, in order
             assert "progress 200" in text and "progress 0'" not in text
-            assert "step" not in cells.nth(2).locator(".jp-Cell-outputArea").inner_text()
+            assert "step" not in meanwhile.inner_text()
         finally:
             browser.close()
