@@ -110,6 +110,16 @@ class TaskMessage:
                 del header[name]
         return header
 
+    def sent_elsewhere(self, prefix: str, queue: str) -> str | None:
+        """Why this message may not be taken from ``queue`` of the app ``prefix``, if so.
+
+        ``None`` when it was sent there: a copy under another app's keys, or on another
+        queue, is refused.
+        """
+        if self.prefix == prefix and self.queue == queue:
+            return None
+        return f"the message was sent to key prefix {self.prefix!r}, queue {self.queue!r}, not here"
+
     def split(self, envelope: Envelope) -> tuple[Buffer, Buffer, Buffer]:
         """``(code, callbacks, arguments)`` parts of a verified envelope's body."""
         body = envelope.body

@@ -105,9 +105,9 @@ class Admission:
         except NbtaskError as exc:
             self._reject(delivery, exc)
             return None
-        if message.prefix != self.settings.key_prefix or message.queue != delivery.queue:
-            where = f"key prefix {message.prefix!r}, queue {message.queue!r}"
-            self._reject(delivery, NbtaskError(f"the message was sent to {where}, not here"))
+        elsewhere = message.sent_elsewhere(self.settings.key_prefix, delivery.queue)
+        if elsewhere is not None:
+            self._reject(delivery, NbtaskError(elsewhere))
             return None
         code, callbacks, arguments = message.split(envelope)
         admitted = Admitted(delivery, envelope, message, code, callbacks, arguments)

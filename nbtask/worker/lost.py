@@ -148,6 +148,12 @@ class LostTasks:
                     log.error("dead-lettered an unverifiable message on %s: %s", queue, exc)
                     self.transport.dead_letter(delivery)
                     continue
+                # Sealed again below for another queue: only a message sent to this one.
+                elsewhere = message.sent_elsewhere(self.settings.key_prefix, queue)
+                if elsewhere is not None:
+                    log.error("dead-lettered a message on %s: %s", queue, elsewhere)
+                    self.transport.dead_letter(delivery)
+                    continue
                 record = self.store.get_record(message.id)
                 if record is not None and record.state is not State.PENDING:
                     # Started by the gone process, and given back by the broker (AMQP).
@@ -155,8 +161,8 @@ class LostTasks:
                     self._settle_verified(delivery, message, why)
                     continue
                 target = message.fallback_queue or self.settings.default_queue
-                # A new sealing by a holder of the secret: fresh for the replay window.
-                header = {**message.to_header(), "queue": target, "created": time.time()}
+                # Its signed due time stays the sender's: it ages (max_age) as it would have.
+                header = {**message.to_header(), "queue": target}
                 raw = self.signer.seal(header, envelope.body)
                 self.transport.move(delivery, target, raw, message.id)
                 why = f"the process whose queue it waited on is gone; moved to queue {target!r}"

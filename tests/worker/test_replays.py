@@ -4,6 +4,7 @@ runs only in the app and queue it was sent to. Both brokers."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from helpers import wait_for_housekeeping, wait_until
 from raw_broker import RawBroker, raw_broker
 
 from nbtask import App, Settings
+from nbtask.core.holding import holder_queue
 
 pytestmark = pytest.mark.brokers
 
@@ -37,9 +39,9 @@ def _sent_then_run(app: App, access: RawBroker, start_worker, ledger: Path, **op
     return h, raw, worker
 
 
-def _waiting(access: RawBroker) -> bool:
+def _waiting(access: RawBroker, queue: str = "default") -> bool:
     try:
-        access.peek()
+        access.peek(queue)
     except (AssertionError, ValueError):
         return False
     return True
@@ -240,3 +242,72 @@ def test_the_ended_task_memory_goes_result_ttl_after_its_last_write(
     assert ran.get(timeout=15) == ran.id
     assert access.store.zscore(done, ran.id) is not None
     assert 0 < access.store.ttl(done) <= app.settings.result_ttl
+
+
+def _dead_process(access: RawBroker, consumer: str) -> None:
+    """A dead worker's registry entry, as anyone with store access can write one: a live
+    worker then moves what waits on that process's own queue elsewhere."""
+    entry = {
+        "hostname": "elsewhere",
+        "pid": 4242,
+        "queues": ["default"],
+        "concurrency": 1,
+        "consumers": [consumer],
+        "seen": time.time() - 60,
+    }
+    registry = f"{access.settings.key_prefix}:workers"
+    access.store.hset(registry, f"dead-{consumer}", json.dumps(entry))
+
+
+def test_a_message_for_another_queue_left_on_a_dead_process_queue_is_not_moved(
+    app: App, access: RawBroker, start_worker, tmp_path: Path
+) -> None:
+    """A dead process's own queue is emptied into the queue its messages fall back to,
+    sealed again for it: only a message sent to that very queue may be."""
+    ledger = tmp_path / "ledger"
+    h = app.send_task(RECORD_ID, (str(ledger),), queue="gpu")  # nobody serves gpu yet
+    app.flush()
+    wait_until(lambda: _waiting(access, "gpu"), 5, "the message on its queue")
+    raw = access.peek("gpu")
+    access.inject(raw, task_id=h.id, queue=holder_queue("ghost-0"))
+    _dead_process(access, "ghost-0")
+    worker = start_worker(concurrency=1)  # serves default, the queue it would go to
+    wait_until(lambda: bool(access.dead_letters() or runs_in(ledger)), 15, "the copy refused")
+    assert runs_in(ledger) == [], "a message sent to queue gpu ran on default"
+    assert [f[b"e"] for f in access.dead_letters()] == [raw]
+    assert _log_count(worker, "was sent to key prefix") == 1
+    # The genuine message still runs once, on its own queue.
+    start_worker("-Q", "gpu", concurrency=1)
+    assert h.get(timeout=15) == h.id
+    assert runs_in(ledger) == [h.id]
+
+
+def test_a_message_older_than_max_age_left_on_a_dead_process_queue_is_refused(
+    app: App, access: RawBroker, start_worker, tmp_path: Path, short_max_age: float
+) -> None:
+    """Moving a message off a dead process's queue keeps its signed age: a replay there
+    after max_age, once everything that remembered its task is gone, is still refused."""
+    ledger = tmp_path / "ledger"
+    own = holder_queue("ghost-0")
+    h = app.send_task(RECORD_ID, (str(ledger),), queue=own)
+    app.flush()
+    wait_until(lambda: _waiting(access, own), 5, "the message on its queue")
+    raw = access.peek(own)
+    _dead_process(access, "ghost-0")
+    worker = start_worker(concurrency=1)
+    assert h.get(timeout=15) == h.id  # moved to default, and run there
+
+    due = time.time() + short_max_age + 0.5
+    wait_until(lambda: time.time() > due, 10, "max_age to pass since it was sent")
+    access.store.delete(access.keys.record_key(h.id))  # expired, and forgotten as ended
+    access.store.zrem(access.keys.done_key, h.id)
+    access.inject(raw, task_id=h.id, queue=own)
+    _dead_process(access, "ghost-0")
+    wait_until(
+        lambda: "older than max_age" in worker.log.read_text() or len(runs_in(ledger)) > 1,
+        15,
+        "the replay to be refused",
+    )
+    wait_for_housekeeping(app)
+    assert runs_in(ledger) == [h.id], "a message older than max_age ran again"
+    assert _log_count(worker, "older than max_age") == 1
