@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Collection
 
 from nbtask.brokers import Delivery, Transport
 from nbtask.errors import BrokerUnavailable, NbtaskError
@@ -36,13 +37,22 @@ class LostTasks:
         Where outcomes are stored and sent, and how messages are verified.
     settings
         ``max_redeliveries``.
+    running
+        The ids of the tasks live worker processes run now (none known by default).
     """
 
-    def __init__(self, transport: Transport, signer: Signer, settings: Settings) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        signer: Signer,
+        settings: Settings,
+        running: Callable[[], Collection[str]] = tuple,
+    ) -> None:
         self.transport = transport
         self.store = transport.store
         self.signer = signer
         self.settings = settings
+        self.running = running
 
     def settle(
         self, delivery: Delivery, reason: str, stopped: tuple[str, str, float] | None = None
@@ -72,6 +82,12 @@ class LostTasks:
             # It finished: the acknowledgement was lost, and maybe the outcome's event.
             self.transport.discard(delivery)
             send_stored_outcome(self.transport, message.client, record)
+            return
+        if message.id in self.running():
+            # A live process runs the task, holding its own delivery: this is a copy
+            # (someone with broker access made it), neither a loss to report nor to rerun.
+            log.warning("dropped a copy of task %s's message: a live process runs it", message.id)
+            self.transport.discard(delivery)
             return
         if stopped is not None and stopped[0] == message.id:
             event = stopped_event(stopped, reason, message.name)

@@ -139,7 +139,7 @@ class Worker:
         self.store = self.transport.store
         self.transport.ping()
         self.signer = Signer.for_settings(self.settings, self.secret)
-        self.lost = LostTasks(self.transport, self.signer, self.settings)
+        self.lost = LostTasks(self.transport, self.signer, self.settings, self._running_now)
         self.transport.ensure_queues(self.queues)
 
     def run(self) -> int:
@@ -262,6 +262,12 @@ class Worker:
         else:
             if self._failing.pop(name, None) is not None:
                 log.info("housekeeping step %r works again", name)
+
+    def _running_now(self) -> set[str]:
+        """The tasks this worker's children run, and those other live workers announced."""
+        here = {slot.task_id for slot in self._pool.slots if slot.task_id}
+        live = self.store.workers().items()
+        return here.union(*(info.busy for worker, info in live if worker != self.worker_id))
 
     def _settle_orphans(self) -> None:
         for delivery in self.transport.orphans(self.queues):

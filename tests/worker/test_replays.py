@@ -1,6 +1,7 @@
 """Replays of genuine messages, by someone with broker access but not the secret: a task
 that ended never runs again, whatever was done to its plain bookkeeping, and a message
-runs only in the app and queue it was sent to. Both brokers."""
+runs only in the app and queue it was sent to, and a copy of a running task's message
+never ends it. Both brokers (a broker's own bookkeeping, on that broker alone)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from helpers import wait_for_housekeeping, wait_until
 from raw_broker import RawBroker, raw_broker
 
+import nbtask
 from nbtask import App, Settings
 from nbtask.core.holding import holder_queue
 
@@ -311,3 +313,66 @@ def test_a_message_older_than_max_age_left_on_a_dead_process_queue_is_refused(
     wait_for_housekeeping(app)
     assert runs_in(ledger) == [h.id], "a message older than max_age ran again"
     assert _log_count(worker, "older than max_age") == 1
+
+
+# Acknowledged early (WORKER_LOST if its worker is lost), and late (run again then).
+RUNNING_TASKS = ["tests.sample_tasks.slow_early", "tests.sample_tasks.slow_marker"]
+
+
+def _running(
+    app: App, access: RawBroker, start_worker, marker: Path, name: str
+) -> tuple[nbtask.TaskHandle, bytes, object]:
+    """A task running for a few seconds on a worker with an idle child, its message as
+    sent, and the worker."""
+    h = app.send_task(name, (str(marker), 4.0))
+    app.flush()
+    wait_until(lambda: _waiting(access), 5, "the message on its queue")
+    raw = access.peek()
+    worker = start_worker(concurrency=2)
+    wait_until(marker.exists, 15, "the task to start")
+    return h, raw, worker
+
+
+def _ran_once(access: RawBroker, h: nbtask.TaskHandle, marker: Path, worker: object) -> None:
+    pid = h.get(timeout=30)
+    assert [int(line) for line in marker.read_text().split()] == [pid]
+    assert access.record(h.id)[b"state"] == b"SUCCESS"
+    assert _log_count(worker, f"dropped a copy of task {h.id}") == 1
+
+
+@pytest.mark.brokers("redis")
+@pytest.mark.parametrize("name", RUNNING_TASKS)
+def test_a_copy_of_a_running_tasks_message_left_idle_by_another_consumer_does_not_end_it(
+    app: App, access: RawBroker, start_worker, tmp_path: Path, name: str
+) -> None:
+    """A copy of a running task's message, taken by a made-up consumer and left idle past
+    the visibility timeout (as a dead holder's delivery is), is found by the sweep of
+    expired leases: the task is neither reported WORKER_LOST nor run again; it runs on,
+    once, and its client gets its result."""
+    marker = tmp_path / "marker"
+    h, raw, worker = _running(app, access, start_worker, marker, name)
+    stream = access.streams.queue_key("default")
+    taking = access.store.pipeline(transaction=True)  # no worker's child takes it first
+    taking.xadd(stream, {"e": raw, "n": 0, "i": h.id})
+    taking.xreadgroup("workers", "ghost-0", {stream: ">"}, count=1)
+    entry_id, _ = taking.execute()
+    access.store.xclaim(stream, "workers", "ghost-0", 0, [entry_id], idle=60_000)
+    _ran_once(access, h, marker, worker)
+    wait_for_housekeeping(app)
+    assert access.drained()
+
+
+@pytest.mark.brokers("amqp")
+@pytest.mark.parametrize("name", RUNNING_TASKS)
+def test_a_copy_of_a_running_tasks_message_parked_as_lost_under_another_id_does_not_end_it(
+    app: App, access: RawBroker, start_worker, tmp_path: Path, name: str
+) -> None:
+    """Lost deliveries wait in the store under a task id, which is plain: a copy of a
+    running task's message parked under another id is not taken for its own loss."""
+    marker = tmp_path / "marker"
+    h, raw, worker = _running(app, access, start_worker, marker, name)
+    lost = f"{access.settings.key_prefix}:lost"
+    fields = {"e": raw, "q": "default", "n": 0, "h": "ghost-0", "p": "1"}
+    access.store.hset(f"{lost}:other-id", mapping=fields)
+    access.store.zadd(lost, {"other-id": time.time()})
+    _ran_once(access, h, marker, worker)
