@@ -78,8 +78,9 @@ class LostTasks:
         stopped: tuple[str, str, float] | None = None,
     ) -> None:
         record = self.store.get_record(message.id)
-        if record is not None and record.final:
-            # It finished: the acknowledgement was lost, and maybe the outcome's event.
+        if record is not None and (record.final or record.result is not None):
+            # It finished (its signed outcome says so, whatever the plain state field
+            # says): the acknowledgement was lost, and maybe the outcome's event.
             self.transport.discard(delivery)
             send_stored_outcome(self.transport, message.client, record)
             return

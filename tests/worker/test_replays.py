@@ -333,46 +333,59 @@ def _running(
     return h, raw, worker
 
 
-def _ran_once(access: RawBroker, h: nbtask.TaskHandle, marker: Path, worker: object) -> None:
+def _left_as_lost(access: RawBroker, broker_kind: str, raw: bytes, task_id: str) -> None:
+    """Make ``raw`` look like a dead holder's delivery, as anyone with broker access can:
+    on Redis, taken by a made-up consumer and left idle past the visibility timeout (the
+    sweep of expired leases finds it); on RabbitMQ, parked as lost under ``task_id``."""
+    if broker_kind == "redis":
+        stream = access.streams.queue_key("default")
+        taking = access.store.pipeline(transaction=True)  # no worker's child takes it first
+        taking.xadd(stream, {"e": raw, "n": 0, "i": task_id})
+        taking.xreadgroup("workers", "ghost-0", {stream: ">"}, count=1)
+        entry_id, _ = taking.execute()
+        access.store.xclaim(stream, "workers", "ghost-0", 0, [entry_id], idle=60_000)
+        return
+    lost = f"{access.settings.key_prefix}:lost"
+    fields = {"e": raw, "q": "default", "n": 0, "h": "ghost-0", "p": "1"}
+    access.store.hset(f"{lost}:{task_id}", mapping=fields)
+    access.store.zadd(lost, {task_id: time.time()})
+
+
+@pytest.mark.parametrize("name", RUNNING_TASKS)
+def test_a_copy_of_a_running_tasks_message_made_to_look_lost_does_not_end_it(
+    app: App, access: RawBroker, start_worker, tmp_path: Path, name: str, broker_kind: str
+) -> None:
+    """A copy of a running task's message made to look like a dead holder's delivery (on
+    RabbitMQ under another task id, the one the parked entry is known by): the task is
+    neither reported WORKER_LOST nor run again; it runs on, once, and its client gets its
+    result."""
+    marker = tmp_path / "marker"
+    h, raw, worker = _running(app, access, start_worker, marker, name)
+    _left_as_lost(access, broker_kind, raw, "other-id")
     pid = h.get(timeout=30)
     assert [int(line) for line in marker.read_text().split()] == [pid]
     assert access.record(h.id)[b"state"] == b"SUCCESS"
     assert _log_count(worker, f"dropped a copy of task {h.id}") == 1
-
-
-@pytest.mark.brokers("redis")
-@pytest.mark.parametrize("name", RUNNING_TASKS)
-def test_a_copy_of_a_running_tasks_message_left_idle_by_another_consumer_does_not_end_it(
-    app: App, access: RawBroker, start_worker, tmp_path: Path, name: str
-) -> None:
-    """A copy of a running task's message, taken by a made-up consumer and left idle past
-    the visibility timeout (as a dead holder's delivery is), is found by the sweep of
-    expired leases: the task is neither reported WORKER_LOST nor run again; it runs on,
-    once, and its client gets its result."""
-    marker = tmp_path / "marker"
-    h, raw, worker = _running(app, access, start_worker, marker, name)
-    stream = access.streams.queue_key("default")
-    taking = access.store.pipeline(transaction=True)  # no worker's child takes it first
-    taking.xadd(stream, {"e": raw, "n": 0, "i": h.id})
-    taking.xreadgroup("workers", "ghost-0", {stream: ">"}, count=1)
-    entry_id, _ = taking.execute()
-    access.store.xclaim(stream, "workers", "ghost-0", 0, [entry_id], idle=60_000)
-    _ran_once(access, h, marker, worker)
     wait_for_housekeeping(app)
     assert access.drained()
 
 
-@pytest.mark.brokers("amqp")
-@pytest.mark.parametrize("name", RUNNING_TASKS)
-def test_a_copy_of_a_running_tasks_message_parked_as_lost_under_another_id_does_not_end_it(
-    app: App, access: RawBroker, start_worker, tmp_path: Path, name: str
+def test_a_finished_tasks_message_made_to_look_lost_leaves_its_signed_result(
+    app: App,
+    settings: Settings,
+    access: RawBroker,
+    start_worker,
+    tmp_path: Path,
+    broker_kind: str,
 ) -> None:
-    """Lost deliveries wait in the store under a task id, which is plain: a copy of a
-    running task's message parked under another id is not taken for its own loss."""
-    marker = tmp_path / "marker"
-    h, raw, worker = _running(app, access, start_worker, marker, name)
-    lost = f"{access.settings.key_prefix}:lost"
-    fields = {"e": raw, "q": "default", "n": 0, "h": "ghost-0", "p": "1"}
-    access.store.hset(f"{lost}:other-id", mapping=fields)
-    access.store.zadd(lost, {"other-id": time.time()})
-    _ran_once(access, h, marker, worker)
+    """The same with a finished task whose plain state field was rewritten to STARTED:
+    its signed outcome says it ended, and a restarted kernel still gets its result."""
+    h, raw, _ = _sent_then_run(app, access, start_worker, tmp_path / "ledger")
+    access.store.hset(access.keys.record_key(h.id), "state", "STARTED")
+    _left_as_lost(access, broker_kind, raw, h.id)
+    wait_until(access.drained, 15, "the copy to be settled")
+    reader = App("reader", settings=settings)
+    try:
+        assert reader.handle(h.id).get(timeout=5) == h.id
+    finally:
+        reader.close()
