@@ -149,6 +149,9 @@ class Store(Protocol):
     def replay(self, channel: str) -> list[bytes]:
         """Every event still kept on a client's channel, oldest first."""
 
+    def drop_event(self, channel: str, entry_id: str) -> None:
+        """Delete one entry of a client's channel."""
+
     def recent_tasks(self, group: str, channel: str, limit: int) -> list[tuple[str, str, float]]:
         """Note ``channel`` as a client of ``group``; its clients' newest ``(id, channel, at)``."""
 

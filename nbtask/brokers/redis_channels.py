@@ -15,7 +15,7 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from nbtask.brokers.redis_link import RedisLink
+from nbtask.brokers.redis_link import RedisLink, is_wrong_type
 
 __all__ = ["CHANNEL_MAXLEN", "RedisChannels", "event_of"]
 
@@ -46,8 +46,23 @@ class RedisChannels:
 
     def append_events(self, channel: str, raw_events: Sequence[bytes]) -> None:
         """Append events to a client's channel, in one round trip."""
+        self._append(channel, [self.event_command(channel, raw) for raw in raw_events])
+
+    def _append(self, channel: str, commands: list[tuple[Any, ...]]) -> None:
+        """Run ``commands``, which append to ``channel``, replacing it if Redis refuses.
+
+        A channel Redis refuses an entry for (a key of another type, or a stream whose
+        ids were used up by an entry put at the last one) was not written by nbtask, and
+        no event would reach its client again (as the store's scripts do: WRITE_FINAL).
+        """
         with self.link.translate_errors():
-            self.link.run([self.event_command(channel, raw) for raw in raw_events])
+            try:
+                self.link.run(commands)
+            except ResponseError as exc:
+                if not (is_wrong_type(exc) or "last possible" in str(exc)):
+                    raise
+                log.error("replaced %s, which nbtask did not write: %s", channel, exc)
+                self.link.run([("DEL", channel), *commands])
 
     def read_events(
         self, channels: Mapping[str, str], block_seconds: float
@@ -77,6 +92,11 @@ class RedisChannels:
             (last,) = self.link.run([("XREVRANGE", channel, "+", "-", "COUNT", 1)])
         return str(last[0][0].decode()) if last else "0-0"
 
+    def drop_event(self, channel: str, entry_id: str) -> None:
+        """Delete one entry of a client's channel."""
+        with self.link.translate_errors():
+            self.link.run([("XDEL", channel, entry_id)])
+
     def replay(self, channel: str) -> list[bytes]:
         """Every event still kept on a client's channel, oldest first."""
         with self.link.translate_errors():
@@ -93,8 +113,7 @@ class RedisChannels:
         The channel expires as a live client's does: a client that closes before any
         event reached it would otherwise leave a stream that never goes.
         """
-        with self.link.translate_errors():
-            self.link.run([self.event_command(channel, b""), ("EXPIRE", channel, self.ttl)])
+        self._append(channel, [self.event_command(channel, b""), ("EXPIRE", channel, self.ttl)])
 
     def keep_channel(self, channel: str) -> None:
         """Push back the expiry of an event channel (its client is alive)."""

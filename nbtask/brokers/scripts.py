@@ -63,6 +63,19 @@ local function zadd_replacing(key, score, member)
   redis.call('ZADD', key, score, member)
 end
 """
+# A client's channel Redis refuses an event for (a key of another type, or a stream whose
+# ids were used up by an entry put at the last one) was not written by nbtask: replaced,
+# or no event would reach that client again. Any other error is raised as redis.call
+# raises it.
+_XADD_REPLACING = """
+local function xadd_replacing(key, maxlen, event)
+  local reply = redis.pcall('XADD', key, 'MAXLEN', '~', maxlen, '*', 'e', event)
+  if type(reply) ~= 'table' or not reply.err then return end
+  local used_up = string.find(reply.err, 'last possible', 1, true)
+  if string.sub(reply.err, 1, 9) == 'WRONGTYPE' or used_up then redis.call('DEL', key) end
+  redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', 'e', event)
+end
+"""
 
 # The record at `key` as a hash: anything else there was not written by nbtask (someone
 # with write access to Redis put it there). Reading: 'bad'; writing: it is replaced.
@@ -212,6 +225,7 @@ end
 WRITE_FINAL = _lua(
     _OWN_RECORD,
     _MARK_ENDED,
+    _XADD_REPLACING,
     """
 local FINAL = {SUCCESS = true, FAILURE = true, REVOKED = true, WORKER_LOST = true}
 local function write_final(key, channel, ttl, maxlen, event, fields)
@@ -229,7 +243,7 @@ local function write_final(key, channel, ttl, maxlen, event, fields)
     redis.call('DEL', key)
   end
   if event ~= '' and channel ~= '' then
-    redis.call('XADD', channel, 'MAXLEN', '~', maxlen, '*', 'e', event)
+    xadd_replacing(channel, maxlen, event)
     redis.call('EXPIRE', channel, ttl)
   end
 end
@@ -277,6 +291,7 @@ _REVOKE = _lua(
     _OWN_RECORD,
     _ENDED,
     _MARK_ENDED,
+    _XADD_REPLACING,
     """
 local state, outcome = own_record(KEYS[1])
 if state and state ~= 'PENDING' and state ~= 'RETRY' then return 0 end
@@ -284,7 +299,7 @@ if outcome or ended(KEYS[1]) then return 0 end
 mark_ended(KEYS[1], ARGV[2])
 redis.call('HSET', KEYS[1], 'state', 'REVOKED', 'result', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[1])
+xadd_replacing(KEYS[2], ARGV[3], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 return 1
 """,

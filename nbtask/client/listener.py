@@ -40,6 +40,9 @@ _GRACE_SECONDS = 0.002
 #: ``delay().get()`` does not cost a thread wake-up per task.
 _ACTIVE_SECONDS = 0.05
 _RECHECK_SECONDS = 0.002
+#: An entry id this far past the clock (clocks of hosts differ by far less) is not one
+#: Redis gave an event.
+_AHEAD_SECONDS = 86_400.0
 
 
 class Listener:
@@ -326,6 +329,13 @@ class Listener:
             # reads must not skip one (it is read again; a handle ignores what it has).
             if raw:
                 self._dispatch(raw)
+            if _past_the_clock(entry_id):
+                # Redis numbers entries by its clock: one this far ahead was put there by
+                # someone else, and the events after it are numbered after it (or not at
+                # all: the channel is then replaced). Deleted, not moved past, so those
+                # events are still read.
+                self._transport.store.drop_event(channel, entry_id)
+                continue
             with self._lock:
                 self._positions[channel] = entry_id
         self._drop_idle_channels()
@@ -388,6 +398,12 @@ class Listener:
         with self._lock:
             if len(self._positions) > 1 and not self._handles:
                 self._positions = {self.channel: self._positions[self.channel]}
+
+
+def _past_the_clock(entry_id: str) -> bool:
+    """Whether a channel's entry id is more than :data:`_AHEAD_SECONDS` past this clock."""
+    millis, _, _ = entry_id.partition("-")
+    return millis.isdigit() and int(millis) > (time.time() + _AHEAD_SECONDS) * 1000
 
 
 def _waited_for(handle: TaskHandle, until: Callable[[], bool] | None) -> bool:

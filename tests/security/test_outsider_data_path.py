@@ -1,10 +1,10 @@
 """Someone with write access to the broker and store, but not the secret, on the data path.
 
-The worker registry, what each process holds, and the blobs of large values are all kept
-in the store where anyone with broker access can write. These tests forge or alter them
-directly, as such an outsider could, and check that clients, ``status`` and workers refuse
-what nbtask did not write with one clear error (or leave it out), never crash on it, and
-lose no task.
+The worker registry, what each process holds, the blobs of large values and a client's
+event channel are all kept in the store where anyone with broker access can write. These
+tests forge or alter them directly, as such an outsider could, and check that clients,
+``status`` and workers refuse what nbtask did not write with one clear error (or leave it
+out, or replace it), never crash on it, and lose no task.
 """
 
 from __future__ import annotations
@@ -312,3 +312,28 @@ def test_an_eta_entry_moved_earlier_in_the_store_does_not_run_the_task_early(
     record = app.store.get_record(handle.id)
     assert record is not None and record.started_at is not None
     assert record.started_at >= sent + 4.0, "the task ran before its signed eta"
+
+
+# A client's own event channel ------------------------------------------------------------------
+CHATTY = "tests.sample_tasks.chatty"  # prints and reports progress before it ends
+
+
+@pytest.mark.parametrize("how", ["another type", "ids used up"])
+def test_a_client_channel_nbtask_cannot_append_to_is_replaced_and_brings_the_results(
+    app: App, start_worker, access: RawBroker, how: str
+) -> None:
+    """A client's channel (its name is in every record it sent) replaced by a key of
+    another type, or given an entry at the last possible id: Redis refuses every event
+    appended to it. The first write replaces it, with one log line; the client's tasks
+    end, and its later ones too."""
+    worker = start_worker(concurrency=1)
+    assert app.send_task(ADD, (1, 2)).get(timeout=30) == 3
+    if how == "another type":
+        access.store.delete(app.channel)
+        access.store.set(app.channel, "not a stream")
+    else:
+        access.store.xadd(app.channel, {"e": b"junk"}, id=f"{2**64 - 1}-{2**64 - 1}")
+    assert app.send_task(CHATTY, (3,)).get(timeout=30) == 3
+    assert app.send_task(ADD, (2, 3)).get(timeout=30) == 5
+    said = [line for line in worker.log.read_text().splitlines() if "did not write" in line]
+    assert len(said) == 1 and app.channel in said[0], said
