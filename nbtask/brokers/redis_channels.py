@@ -17,7 +17,7 @@ from redis.exceptions import ResponseError
 
 from nbtask.brokers.redis_link import RedisLink, is_wrong_type
 
-__all__ = ["CHANNEL_MAXLEN", "RedisChannels", "event_of"]
+__all__ = ["CHANNEL_MAXLEN", "RedisChannels", "event_of", "refuses_entries"]
 
 log = logging.getLogger(__name__)
 
@@ -46,23 +46,26 @@ class RedisChannels:
 
     def append_events(self, channel: str, raw_events: Sequence[bytes]) -> None:
         """Append events to a client's channel, in one round trip."""
-        self._append(channel, [self.event_command(channel, raw) for raw in raw_events])
+        self.append_replacing(channel, [self.event_command(channel, raw) for raw in raw_events])
 
-    def _append(self, channel: str, commands: list[tuple[Any, ...]]) -> None:
-        """Run ``commands``, which append to ``channel``, replacing it if Redis refuses.
+    def append_replacing(
+        self, stream: str, commands: list[tuple[Any, ...]], *, large: bool = False
+    ) -> None:
+        """Run ``commands``, which append to ``stream``, replacing it if Redis refuses.
 
-        A channel Redis refuses an entry for (a key of another type, or a stream whose
-        ids were used up by an entry put at the last one) was not written by nbtask, and
-        no event would reach its client again (as the store's scripts do: WRITE_FINAL).
+        A stream Redis refuses an entry for (a key of another type, or a stream whose ids
+        were used up by an entry put at the last one) was not written by nbtask, and
+        nothing could be appended to it again (the store's scripts do the same for a
+        client's channel: WRITE_FINAL). ``large``: as :meth:`RedisLink.run`'s.
         """
         with self.link.translate_errors():
             try:
-                self.link.run(commands)
+                self.link.run(commands, large=large)
             except ResponseError as exc:
-                if not (is_wrong_type(exc) or "last possible" in str(exc)):
+                if not refuses_entries(exc):
                     raise
-                log.error("replaced %s, which nbtask did not write: %s", channel, exc)
-                self.link.run([("DEL", channel), *commands])
+                log.error("replaced %s, which nbtask did not write: %s", stream, exc)
+                self.link.run([("DEL", stream), *commands], large=large)
 
     def read_events(
         self, channels: Mapping[str, str], block_seconds: float
@@ -113,12 +116,23 @@ class RedisChannels:
         The channel expires as a live client's does: a client that closes before any
         event reached it would otherwise leave a stream that never goes.
         """
-        self._append(channel, [self.event_command(channel, b""), ("EXPIRE", channel, self.ttl)])
+        self.append_replacing(
+            channel, [self.event_command(channel, b""), ("EXPIRE", channel, self.ttl)]
+        )
 
     def keep_channel(self, channel: str) -> None:
         """Push back the expiry of an event channel (its client is alive)."""
         with self.link.translate_errors():
             self.link.redis.expire(channel, self.ttl)
+
+
+def refuses_entries(exc: BaseException) -> bool:
+    """Whether Redis refused an entry for a stream nbtask did not write.
+
+    A key of another type, or a stream whose ids were used up by an entry put at the last
+    possible one.
+    """
+    return is_wrong_type(exc) or "last possible" in str(exc)
 
 
 @functools.lru_cache(maxsize=8)

@@ -409,8 +409,8 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisChannels):
 
     def dead_letter(self, delivery: Delivery) -> None:
         """Keep a message given up on in the dead-letter stream."""
-        with self.link.translate_errors():
-            self.link.run([self.dead_letter_command(delivery)], large=True)
+        command = self.dead_letter_command(delivery)
+        self.append_replacing(self.dead_letter_key, [command], large=True)
 
 
 def _log_set_aside(key: str, what: str) -> None:

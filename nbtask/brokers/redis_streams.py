@@ -33,7 +33,7 @@ from typing import Any
 from redis.exceptions import NoScriptError, ResponseError
 
 from nbtask.brokers.base import Delivery, Publish, Settlement, Verdict
-from nbtask.brokers.redis_channels import CHANNEL_MAXLEN
+from nbtask.brokers.redis_channels import CHANNEL_MAXLEN, refuses_entries
 from nbtask.brokers.redis_link import LARGE_BYTES, Command, unanswered
 from nbtask.brokers.redis_store import RedisStore
 from nbtask.brokers.redis_upkeep import GROUP, StreamsUpkeep, _delivery
@@ -398,17 +398,23 @@ class StreamsTransport(StreamsUpkeep):
 
     def dead_letter(self, delivery: Delivery) -> None:
         """Move the message to the dead-letter stream and acknowledge it."""
-        self._replace(delivery, self.store.dead_letter_command(delivery))
+        command = self.store.dead_letter_command(delivery)
+        (kept, *_) = self._replace(delivery, command)
+        if isinstance(kept, ResponseError) and refuses_entries(kept):
+            # Refused as the transaction ran (the entry is dropped): kept once replaced.
+            self.store.append_replacing(self.store.dead_letter_key, [command], large=True)
 
-    def _replace(self, delivery: Delivery, *commands: Command) -> None:
-        """Run ``commands`` and drop ``delivery``'s entry in one transaction.
+    def _replace(self, delivery: Delivery, *commands: Command) -> list[Any]:
+        """Run ``commands`` and drop ``delivery``'s entry in one transaction; their replies.
 
         Together or not at all, so the message is never lost between the two steps, nor
-        left in two places.
+        left in two places. A command Redis refuses as it runs them is not raised: its
+        reply is the error.
         """
         transaction = [("MULTI",), *commands, *self._dropped(delivery), ("EXEC",)]
         with self.link.translate_errors():
-            self.link.run(transaction, large=True)
+            replies = self.link.run(transaction, large=True)
+        return list(replies[-1] or ())
 
     def _dropped(self, delivery: Delivery) -> list[Command]:
         """The commands acknowledging a delivery and deleting its entry from its stream."""

@@ -98,6 +98,27 @@ def test_record_of_another_type_refuses_its_task_and_the_worker_serves_on(
     assert worker.log.read_text().count("rejected message") == 1
 
 
+@pytest.mark.parametrize("how", ["another type", "ids used up"])
+def test_a_dead_letter_stream_redis_refuses_entries_for_is_replaced_and_the_worker_serves_on(
+    app: App, access: RawBroker, start_worker, how: str
+) -> None:
+    """A refused message is kept in the dead-letter stream before it is acknowledged: a
+    stream Redis refuses it (a key of another type, or its ids used up) is replaced, with
+    one log line, and the message is kept there and taken off its queue."""
+    dead = access.keys.dead_letter_key
+    if how == "another type":
+        access.store.set(dead, "not a stream")
+    else:
+        access.store.xadd(dead, {"e": b"junk"}, id=f"{2**64 - 1}-{2**64 - 1}")
+    worker = start_worker(concurrency=1)
+    access.inject(b"not an nbtask message")
+    assert [app.send_task(ADD, (i, i)).get(timeout=15) for i in range(3)] == [0, 2, 4]
+    assert [f[b"e"] for f in access.dead_letters()] == [b"not an nbtask message"]
+    assert access.drained()
+    said = [line for line in worker.log.read_text().splitlines() if "did not write" in line]
+    assert len(said) == 1 and dead in said[0], said
+
+
 def test_unreadable_registry_entries_do_not_stop_dead_worker_recovery(
     app: App, settings: Settings, access: RawBroker, start_worker, tmp_path: Path
 ) -> None:
