@@ -7,13 +7,14 @@ from the store to show where a value came from: a cell that still works read non
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import psutil
@@ -248,8 +249,7 @@ def forking_a_lingerer(busy_seconds: float, linger: float) -> str:
     """A cell busy on the holder that first forks a process keeping the holder's sockets.
 
     The fork keeps the holder's broker connection open after the holder exits: until the
-    gate exists, or ``linger`` seconds after, 60 s at most. It closes its other files: the
-    pipe by which the supervisor sees the holder exit.
+    gate exists, or ``linger`` seconds after, 60 s at most. It closes its other files.
     """
     return f"""import os, stat, time
 if os.fork() == 0:
@@ -278,6 +278,39 @@ def the_lingerer(worker: WorkerProcess) -> psutil.Process:
     return lingerer
 
 
+class Lingering(NamedTuple):
+    """What :func:`lingering_holder` sets up."""
+
+    holder: WorkerProcess
+    busy: TaskHandle
+    queued: TaskHandle
+    lingerer: psutil.Process
+
+
+@contextlib.contextmanager
+def lingering_holder(
+    ip: InteractiveShell,
+    shell: Session,
+    start_worker: StartWorker,
+    gate: Path,
+    *,
+    busy_seconds: float,
+    linger: float,
+) -> Iterator[Lingering]:
+    """Two workers; the holder of ``x`` busy on :func:`forking_a_lingerer`'s cell, a cell
+    queued behind it. The lingering fork ends once ``gate`` exists (made on the way out)."""
+    ip.user_ns["gate"] = str(gate)
+    workers = [start_worker(concurrency=1), start_worker(concurrency=1)]
+    busy_cell = forking_a_lingerer(busy_seconds=busy_seconds, linger=linger)
+    holder, busy, queued = queue_behind_busy_holder(ip, shell, workers, busy_cell)
+    lingerer = the_lingerer(holder)
+    try:
+        yield Lingering(holder, busy, queued, lingerer)
+    finally:
+        gate.touch()
+        lingerer.wait(10)
+
+
 @pytest.mark.brokers()
 @X_STAYS
 def test_a_worker_stopping_sends_on_the_cell_its_process_was_given_but_had_not_started(
@@ -294,22 +327,15 @@ def test_a_worker_stopping_sends_on_the_cell_its_process_was_given_but_had_not_s
     lingering fork keeps the holder's socket open past the holder's exit, as a slow or
     loaded broker noticing late would.
     """
-    ip.user_ns["gate"] = str(tmp_path / "gate")
-    workers = [start_worker(concurrency=1), start_worker(concurrency=1)]
-    busy_cell = forking_a_lingerer(busy_seconds=2, linger=60)
-    holder, busy, queued = queue_behind_busy_holder(ip, shell, workers, busy_cell)
-    lingerer = the_lingerer(holder)
-    try:
-        holder.stop()
-        assert holder.process.returncode == 0
-        busy.get(timeout=20)
-        queued.get(timeout=20)  # while the lingering fork still holds the connection
-        assert lingerer.is_running()
+    gate = tmp_path / "gate"
+    with lingering_holder(ip, shell, start_worker, gate, busy_seconds=2, linger=60) as held:
+        held.holder.stop()
+        assert held.holder.process.returncode == 0
+        held.busy.get(timeout=20)
+        held.queued.get(timeout=20)  # while the lingering fork still holds the connection
+        assert held.lingerer.is_running()
         assert read(ip, "total") == TOTAL
-        assert not access.queue_exists(queued.queue)
-    finally:
-        (tmp_path / "gate").touch()
-        lingerer.wait(10)
+        assert not access.queue_exists(held.queued.queue)
 
 
 @pytest.mark.brokers()
@@ -326,20 +352,13 @@ def test_a_worker_stopped_cold_settles_the_cell_its_killed_process_ran_and_moves
     RabbitMQ gives back the running cell's delivery then: here a second after the killed
     holder, whose fork keeps its socket open that long, as a slow or loaded broker would.
     """
-    ip.user_ns["gate"] = str(tmp_path / "gate")
-    workers = [start_worker(concurrency=1), start_worker(concurrency=1)]
-    busy_cell = forking_a_lingerer(busy_seconds=60, linger=1)
-    holder, busy, queued = queue_behind_busy_holder(ip, shell, workers, busy_cell)
-    lingerer = the_lingerer(holder)
-    try:
-        holder.end()  # cold: the holder is killed while it runs the busy cell
-        queued.get(timeout=20)
+    gate = tmp_path / "gate"
+    with lingering_holder(ip, shell, start_worker, gate, busy_seconds=60, linger=1) as held:
+        held.holder.end()  # cold: the holder is killed while it runs the busy cell
+        held.queued.get(timeout=20)
         assert read(ip, "total") == TOTAL
-        wait_until(lambda: busy.state is State.WORKER_LOST, 20, "the running cell to be lost")
-        assert not access.queue_exists(queued.queue)
-    finally:
-        (tmp_path / "gate").touch()
-        lingerer.wait(10)
+        wait_until(lambda: held.busy.state is State.WORKER_LOST, 20, "the running cell to be lost")
+        assert not access.queue_exists(held.queued.queue)
 
 
 @pytest.mark.brokers("amqp")
@@ -356,21 +375,16 @@ def test_a_holders_queue_still_consumed_when_its_worker_stopped_is_cleaned_up_by
     its queue deleted, and the other worker deletes it once it can, settling the running
     cell that RabbitMQ gives back onto it then.
     """
-    ip.user_ns["gate"] = str(tmp_path / "gate")
-    workers = [start_worker(concurrency=1), start_worker(concurrency=1)]
-    busy_cell = forking_a_lingerer(busy_seconds=60, linger=60)
-    holder, busy, queued = queue_behind_busy_holder(ip, shell, workers, busy_cell)
-    lingerer = the_lingerer(holder)
-    try:
-        holder.end()  # cold: the holder is killed while it runs the busy cell
-        queued.get(timeout=20)  # moved by the stopping worker all the same
-        assert lingerer.is_running() and access.queue_exists(queued.queue)
-        (tmp_path / "gate").touch()  # the connection ends: the running cell's message is back
-        wait_until(lambda: busy.state is State.WORKER_LOST, 30, "the running cell to be lost")
-        wait_until(lambda: not access.queue_exists(queued.queue), 10, "the queue to be deleted")
-    finally:
-        (tmp_path / "gate").touch()
-        lingerer.wait(10)
+    gate = tmp_path / "gate"
+    with lingering_holder(ip, shell, start_worker, gate, busy_seconds=60, linger=60) as held:
+        held.holder.end()  # cold: the holder is killed while it runs the busy cell
+        held.queued.get(timeout=20)  # moved by the stopping worker all the same
+        assert held.lingerer.is_running() and access.queue_exists(held.queued.queue)
+        gate.touch()  # the connection ends: the running cell's message is back
+        wait_until(lambda: held.busy.state is State.WORKER_LOST, 30, "the running cell to be lost")
+        wait_until(
+            lambda: not access.queue_exists(held.queued.queue), 10, "the queue to be deleted"
+        )
 
 
 @pytest.mark.brokers("amqp")
@@ -389,22 +403,17 @@ def test_a_dead_holders_queue_the_broker_still_sees_consumed_is_cleaned_up_once_
     RabbitMQ gives back the running cell's message only once the connection ends, onto the
     holder's queue: left there, that cell would stay running for good.
     """
-    ip.user_ns["gate"] = str(tmp_path / "gate")
-    workers = [start_worker(concurrency=1), start_worker(concurrency=1)]
-    busy_cell = forking_a_lingerer(busy_seconds=60, linger=60)
-    holder, busy, queued = queue_behind_busy_holder(ip, shell, workers, busy_cell)
-    lingerer = the_lingerer(holder)
-    try:
-        for process in [*holder.children(), psutil.Process(holder.pid)]:
+    gate = tmp_path / "gate"
+    with lingering_holder(ip, shell, start_worker, gate, busy_seconds=60, linger=60) as held:
+        for process in [*held.holder.children(), psutil.Process(held.holder.pid)]:
             process.kill()  # the whole worker at once: none of it cleans up
-        queued.get(timeout=60)  # moved by the other worker once the heartbeats lapse
-        assert lingerer.is_running() and access.queue_exists(queued.queue)
-        (tmp_path / "gate").touch()  # the connection ends: the running cell's message is back
-        wait_until(lambda: busy.state is State.WORKER_LOST, 30, "the running cell to be lost")
-        wait_until(lambda: not access.queue_exists(queued.queue), 10, "the queue to be deleted")
-    finally:
-        (tmp_path / "gate").touch()
-        lingerer.wait(10)
+        held.queued.get(timeout=60)  # moved by the other worker once the heartbeats lapse
+        assert held.lingerer.is_running() and access.queue_exists(held.queued.queue)
+        gate.touch()  # the connection ends: the running cell's message is back
+        wait_until(lambda: held.busy.state is State.WORKER_LOST, 30, "the running cell to be lost")
+        wait_until(
+            lambda: not access.queue_exists(held.queued.queue), 10, "the queue to be deleted"
+        )
 
 
 HOLD_UNTIL_GATE = (
