@@ -10,16 +10,14 @@ hook — never from the listener thread.
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import dataclasses
-import importlib
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from nbtask.errors import BlobError, RemoteError, TaskRevoked
+from nbtask.errors import BlobError, TaskRevoked
 from nbtask.notebook import process_state
 from nbtask.notebook.analysis import is_history_name
 from nbtask.notebook.carried import load_values, share_namespace
@@ -33,6 +31,7 @@ from nbtask.notebook.follow import (
 )
 from nbtask.notebook.inplace import bring_back
 from nbtask.notebook.kept import RemoteValue
+from nbtask.notebook.remote_errors import local_exception
 from nbtask.wire.envelope import Envelope
 from nbtask.wire.events import State
 
@@ -43,8 +42,6 @@ if TYPE_CHECKING:
 __all__ = [
     "CellRun",
     "Pending",
-    "exception_type",
-    "local_exception",
 ]
 
 _POLL_SECONDS = 0.02
@@ -419,74 +416,3 @@ def wait_interruptibly(handle: TaskHandle, timeout: float | None = None) -> None
                 raise TimeoutError(f"task {handle.id} did not finish within {timeout} s")
             # A sleep, not a wait on the handle's lock: it ends soon after a Stop is counted.
             time.sleep(_POLL_SECONDS)
-
-
-def local_exception(exc: BaseException, namespace: MutableMapping[str, Any]) -> BaseException:
-    """The user's own exception type for a remote failure, showing the remote traceback.
-
-    ``ValueError`` raised in a worker cell is raised as a ``ValueError`` here. The type is
-    found from ``etype`` (``"module.QualName"``, sent by the worker with the failure): the
-    module is imported if it is not yet (the event is signed, so the name is trusted), and
-    types of the notebook itself (``__main__``) come from its namespace; without ``etype``,
-    builtins and the namespace are searched by name. Its display is the worker's
-    traceback, which points at the cell's own lines. A type that cannot be found or
-    rebuilt from its message stays a :class:`RemoteError`.
-    """
-    if not isinstance(exc, RemoteError):
-        return exc
-    cls = exception_type(exc.etype or None, exc.ename, namespace)
-    if cls is None:
-        return exc
-    try:
-        rebuilt = cls(exc.evalue)
-    except Exception:
-        return exc
-    lines = exc.traceback.rstrip().splitlines() or [f"{exc.ename}: {exc.evalue}"]
-    try:
-        rebuilt._render_traceback_ = lambda: lines  # type: ignore[attr-defined]
-        rebuilt.remote_traceback = exc.traceback  # type: ignore[attr-defined]
-        rebuilt.task_id = exc.task_id  # type: ignore[attr-defined]
-    except AttributeError:
-        return exc
-    rebuilt.__suppress_context__ = True
-    return rebuilt
-
-
-def exception_type(
-    etype: str | None, ename: str, namespace: Mapping[str, Any]
-) -> type[BaseException] | None:
-    """The exception class named ``etype`` (``"pkg.mod.Outer.Inner"``), or ``None``.
-
-    The split between module and qualified name is not marked, so each split is tried
-    from the longest module name down.
-    """
-    found: Any = None
-    if etype:
-        parts = etype.split(".")
-        for cut in range(len(parts) - 1, 0, -1):
-            module_name, qualname = ".".join(parts[:cut]), parts[cut:]
-            if "<locals>" in qualname:
-                break
-            if module_name == "__main__":
-                found = _walk(namespace.get(qualname[0]), qualname[1:])
-            else:
-                module = sys.modules.get(module_name)
-                if module is None:
-                    try:
-                        module = importlib.import_module(module_name)
-                    except Exception:
-                        continue
-                found = _walk(module, qualname)
-            if found is not None:
-                break
-    if found is None:
-        found = getattr(builtins, ename, None) or namespace.get(ename)
-    if isinstance(found, type) and issubclass(found, BaseException):
-        return found
-    return None
-
-
-def _walk(obj: Any, names: Iterable[str]) -> Any:
-    for name in names:
-        obj = getattr(obj, name, None)
-    return obj

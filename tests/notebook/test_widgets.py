@@ -11,7 +11,7 @@ from helpers import display_event as display
 from nbtask.core.handle import TaskHandle
 from nbtask.notebook.board import Row, notebook_group
 from nbtask.notebook.outputs import OutputLog
-from nbtask.notebook.pending import exception_type
+from nbtask.notebook.remote_errors import exception_type
 from nbtask.notebook.widgets import TextView
 from nbtask.wire.events import Event, EventType
 

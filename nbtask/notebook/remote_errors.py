@@ -1,0 +1,90 @@
+"""A cell's failure on a worker, raised in the notebook as the user's own exception type.
+
+A worker sends a cell's exception as a :class:`~nbtask.errors.RemoteError` naming its type
+(``"module.QualName"``) and carrying the worker's traceback; :func:`local_exception` rebuilds
+the user's type where it can, its display the worker's traceback, which points at the
+cell's own lines.
+"""
+
+from __future__ import annotations
+
+import builtins
+import importlib
+import sys
+from collections.abc import Iterable, Mapping, MutableMapping
+from typing import Any
+
+from nbtask.errors import RemoteError
+
+__all__ = ["exception_type", "local_exception"]
+
+
+def local_exception(exc: BaseException, namespace: MutableMapping[str, Any]) -> BaseException:
+    """The user's own exception type for a remote failure, showing the remote traceback.
+
+    ``ValueError`` raised in a worker cell is raised as a ``ValueError`` here. The type is
+    found from ``etype`` (``"module.QualName"``, sent by the worker with the failure): the
+    module is imported if it is not yet (the event is signed, so the name is trusted), and
+    types of the notebook itself (``__main__``) come from its namespace; without ``etype``,
+    builtins and the namespace are searched by name. Its display is the worker's
+    traceback, which points at the cell's own lines. A type that cannot be found or
+    rebuilt from its message stays a :class:`RemoteError`.
+    """
+    if not isinstance(exc, RemoteError):
+        return exc
+    cls = exception_type(exc.etype or None, exc.ename, namespace)
+    if cls is None:
+        return exc
+    try:
+        rebuilt = cls(exc.evalue)
+    except Exception:
+        return exc
+    lines = exc.traceback.rstrip().splitlines() or [f"{exc.ename}: {exc.evalue}"]
+    try:
+        rebuilt._render_traceback_ = lambda: lines  # type: ignore[attr-defined]
+        rebuilt.remote_traceback = exc.traceback  # type: ignore[attr-defined]
+        rebuilt.task_id = exc.task_id  # type: ignore[attr-defined]
+    except AttributeError:
+        return exc
+    rebuilt.__suppress_context__ = True
+    return rebuilt
+
+
+def exception_type(
+    etype: str | None, ename: str, namespace: Mapping[str, Any]
+) -> type[BaseException] | None:
+    """The exception class named ``etype`` (``"pkg.mod.Outer.Inner"``), or ``None``.
+
+    The split between module and qualified name is not marked, so each split is tried
+    from the longest module name down.
+    """
+    found: Any = None
+    if etype:
+        parts = etype.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            module_name, qualname = ".".join(parts[:cut]), parts[cut:]
+            if "<locals>" in qualname:
+                break
+            if module_name == "__main__":
+                found = _walk(namespace.get(qualname[0]), qualname[1:])
+            else:
+                module = sys.modules.get(module_name)
+                if module is None:
+                    try:
+                        module = importlib.import_module(module_name)
+                    except Exception:
+                        continue
+                found = _walk(module, qualname)
+            if found is not None:
+                break
+    if found is None:
+        found = getattr(builtins, ename, None) or namespace.get(ename)
+    if isinstance(found, type) and issubclass(found, BaseException):
+        return found
+    return None
+
+
+def _walk(obj: Any, names: Iterable[str]) -> Any:
+    for name in names:
+        obj = getattr(obj, name, None)
+    return obj
