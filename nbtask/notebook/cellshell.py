@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import os
 import sys
-import types
-from collections.abc import Container, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from nbtask.brokers.base import Store
 from nbtask.core.context import PARTIAL_RESULT, current_request
-from nbtask.core.holding import HeldValue, Holding, key_of
+from nbtask.core.holding import HeldValue, Holding
 from nbtask.errors import BlobError, BlobGone, CellError
-from nbtask.notebook import process_state
-from nbtask.notebook.analysis import is_history_name
-from nbtask.notebook.carried import may_change, share_namespace
+from nbtask.notebook import cell_changes, process_state
+from nbtask.notebook.carried import share_namespace
 from nbtask.notebook.kept import RemoteValue, Sealing, keep, key_by_content
 from nbtask.notebook.module_code import say_which_differ
 from nbtask.notebook.shipping import CellSpec, open_file
@@ -35,7 +32,6 @@ from nbtask.wire.blobs import Packed
 from nbtask.wire.envelope import Envelope, Signer, dumps
 
 __all__ = ["execute_cell", "prepare_cell"]
-_IPYTHON_NAMES = frozenset({"_exit_code"})  # besides the history names
 #: Kept values sent back as the references they came as: ``{id(value): (name, reference)}``.
 Kept = dict[int, tuple[str, RemoteValue]]
 _APPLIED = process_state.Applied()  # the kernel's state this process is in
@@ -71,7 +67,7 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
         shipped = loaded
         # A kept value's state is its key by content, known already: it is hashed after
         # the cell only.
-        before = _digests(shipped, skip=references)
+        before = cell_changes.digests(shipped, skip=references)
         before.update(kept_before)
         namespace = shell.user_ns
         namespace.clear()
@@ -88,7 +84,7 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
         carried = {n: namespace[n] for n in share_namespace(namespace, list(shipped))}
         shipped.update({n: namespace[n] for n in shipped if namespace[n] is not shipped[n]})
         shipped.update(carried)
-        before.update(_digests(carried))
+        before.update(cell_changes.digests(carried))
         # The notebook's own objects (not datasets, not values kept on the workers): one
         # the cell changes without rebinding it is written into the notebook's object.
         notebook_objects = {*spec.names, *carried} - set(references)
@@ -112,7 +108,7 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
             f"{type(error).__name__}: {error}",
             file=sys.stderr,
         )
-    effects = _effects(namespace, shipped, before, spec, references)
+    effects = cell_changes.effects(namespace, shipped, before, spec, references)
     out = effects["out"]
     effects["in_place"] = [n for n in notebook_objects if n in out and out[n] is shipped[n]]
     effects["kept"] = _unchanged_kept(namespace, shipped, before, references, out, rehomed)
@@ -280,7 +276,7 @@ def _unchanged_kept(
             continue
         # Still bound to it and not sent back: the cell's check found it unchanged.
         bound = name not in out and namespace.get(name) is value
-        if not bound and _state(name, value, references) != before[name]:
+        if not bound and cell_changes.state(name, value, references) != before[name]:
             continue
         if name in rehomed:
             reference.holder, reference.holder_pid = rehomed[name][1:]
@@ -298,7 +294,8 @@ def _drop_changed(
     """
     holding = _holding()
     for name, reference in references.items():
-        if holding is not None and _state(name, values[name], references) != before[name]:
+        changed = cell_changes.state(name, values[name], references) != before[name]
+        if holding is not None and changed:
             holding.drop(reference.key)
 
 
@@ -327,30 +324,6 @@ def _keep(name: str, value: Any, packed: Packed, spec: CellSpec) -> RemoteValue:
             held.content_key = sealing.content_key
         holding.hold(reference.key, held)
     return reference
-
-
-def _effects(
-    namespace: Mapping[str, Any],
-    shipped: Mapping[str, Any],
-    before: Mapping[str, bytes],
-    spec: CellSpec,
-    references: Mapping[str, RemoteValue],
-) -> dict[str, Any]:
-    """The names the cell bound or changed, and those it deleted."""
-    out: dict[str, Any] = {}
-    for name, value in namespace.items():
-        if name in BASE_NS and BASE_NS[name] is value:
-            continue
-        # Read, not rebound: send it back only if its pickled state changed.
-        unchanged = name not in before or _state(name, value, references) == before[name]
-        if name in shipped and value is shipped[name] and name not in spec.assigned and unchanged:
-            continue
-        if name in _IPYTHON_NAMES or is_history_name(name):
-            continue
-        out[name] = value
-    # A name the cell deleted, shipped or bound here first; "" from an older kernel.
-    maybe_deleted = dict.fromkeys([*shipped, *getattr(spec, "deleted", ())])
-    return {"out": out, "deleted": [n for n in maybe_deleted if n not in namespace]}
 
 
 def _pack(effects: dict[str, Any], spec: CellSpec, *, plain: bool) -> Any:
@@ -441,39 +414,11 @@ def _shown(value: Any, same: str | None, skipped: Mapping[str, str], spec: CellS
     return ("value", packed)
 
 
-def _digests(values: Mapping[str, Any], skip: Container[str] = ()) -> dict[str, bytes]:
-    """The digests of the values a cell may change in place, but those named in ``skip``."""
-    return {n: _digest(v) for n, v in values.items() if may_change(v) and n not in skip}
-
-
 def _stays_here(name: str, size: int, spec: CellSpec) -> bool:
     """Whether an assigned value stays on the workers (``--keep``, or its size)."""
     if name in spec.fetch:
         return False
     return name in spec.keep or (spec.keep_threshold is not None and size >= spec.keep_threshold)
-
-
-def _state(name: str, value: Any, references: Mapping[str, RemoteValue]) -> bytes:
-    """What tells whether a shipped value changed: its key if it came as a kept value."""
-    return key_of(value).encode() if name in references else _digest(value)
-
-
-def _digest(value: Any) -> bytes:
-    """A digest of a value's pickled state, its buffers hashed where they are (no copy).
-
-    A function's state is its attributes (``f.calls += 1``): its code does not change, and
-    its globals are values of their own.
-    """
-    if isinstance(value, types.FunctionType):
-        value = vars(value)
-    try:
-        packed = Packed.of(value)
-    except Exception:
-        return b""
-    digest = hashlib.blake2b(packed.stream, digest_size=16)
-    for buffer in packed.buffers:
-        digest.update(buffer)
-    return digest.digest()
 
 
 #: The worker shell's source file: its frames are left out of a cell's traceback.
