@@ -48,7 +48,9 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
     dict
         ``{"values": pickled {name: value}, "names": [...], "skipped": {name: why},
         "deleted": [...], "in_place": [...], "state": {kind: state}}`` (``in_place``: the
-        shipped values the cell changed without rebinding them), and ``"shown"`` (the last
+        shipped values the cell changed without rebinding them; ``"sent"``: ``{name: shipped
+        name}``, names bound to a notebook object the cell was sent and left unchanged, see
+        :func:`~nbtask.notebook.cell_changes.sent_objects`), and ``"shown"`` (the last
         expression's value, see :func:`_shown`) when ``spec.shows`` names it; with
         ``spec.plain`` just ``{name: value}``.
 
@@ -108,7 +110,9 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
             f"{type(error).__name__}: {error}",
             file=sys.stderr,
         )
-    effects = cell_changes.effects(namespace, shipped, before, spec, references)
+    effects = cell_changes.effects(
+        namespace, shipped, before, spec, references, failed=error is not None
+    )
     out = effects["out"]
     effects["in_place"] = [n for n in notebook_objects if n in out and out[n] is shipped[n]]
     effects["kept"] = _unchanged_kept(namespace, shipped, before, references, out, rehomed)
@@ -328,6 +332,10 @@ def _keep(name: str, value: Any, packed: Packed, spec: CellSpec) -> RemoteValue:
 
 def _pack(effects: dict[str, Any], spec: CellSpec, *, plain: bool) -> Any:
     out: dict[str, Any] = effects["out"]
+    # Bound to a notebook object the cell was sent: the notebook binds them to it.
+    sent: dict[str, str] = {} if plain else effects.get("sent", {})
+    for name in sent:
+        del out[name]
     skipped = {name: why for name, value in out.items() if (why := open_file(value))}
     for name in skipped:
         del out[name]
@@ -359,7 +367,8 @@ def _pack(effects: dict[str, Any], spec: CellSpec, *, plain: bool) -> Any:
         state = process_state.NO_CHANGES
     return {
         "values": blob,
-        "names": sorted(out),
+        "names": sorted([*out, *sent]),
+        "sent": sent,
         "skipped": skipped,
         "deleted": effects["deleted"],
         "held": effects.get("held", {}),

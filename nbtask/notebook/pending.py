@@ -69,6 +69,9 @@ class CellRun:
     state: bytes = b""
     #: How its last expression's value came back (a ``--wait`` cell's ``Out``), if it did.
     shown: Any = None
+    #: The notebook's objects it was sent, by name, until it is seen finished: a name the
+    #: cell binds to one of them is bound to it (``alias = small``: ``alias is small``).
+    sent: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class Pending:
@@ -192,8 +195,10 @@ class Pending:
         for run in self._unfinished:
             if not run.handle.done():
                 unfinished.append(run)
-            elif not run.delivered and run.handle.exception(0) is None:
+                continue
+            if not run.delivered and run.handle.exception(0) is None:
                 self.deliver(run)
+            run.sent = {}  # a failed run's names come back as copies: its objects may go
         self._unfinished = unfinished
 
     def wait(self, names: Iterable[str], stay: Iterable[str] = ()) -> None:
@@ -278,6 +283,7 @@ class Pending:
             if exc is not None:
                 raise local_exception(exc, self.namespace)
         finally:
+            run.sent = {}
             self.forget(mine)
 
     def _apply(self, run: CellRun, effects: Mapping[str, Any]) -> None:
@@ -293,7 +299,11 @@ class Pending:
         changed = effects.get("kept_in_place", ())
         self._changed_kept(arrived, [n for n in changed if n not in run.superseded])
         in_place = [n for n in effects.get("in_place", ()) if n not in run.superseded]
+        sent = _sent_objects(run, effects.get("sent", {}))
+        run.sent = {}  # not counted as a holder of the objects bring_back writes into
         arrived = bring_back(self.namespace, arrived, in_place, _say)  # empties the first
+        arrived.update(sent)
+        del sent
         for name, value in arrived.items():
             if name not in run.superseded:
                 self.namespace[name] = value
@@ -302,7 +312,10 @@ class Pending:
                 self.namespace.pop(name, None)
         self._rehome(effects.get("held"))
         share_namespace(self.namespace, arrived)
-        for name, why in dict(effects.get("skipped", {})).items():
+        skipped = dict(effects.get("skipped", {}))
+        unknown = "the object it was bound to is no longer known here"
+        skipped.update({n: unknown for n in effects.get("sent", {}) if n not in arrived})
+        for name, why in skipped.items():
             self._not_brought_back(run, name, why)
         state = effects.get("state")
         if state and state != process_state.NO_CHANGES:
@@ -378,6 +391,16 @@ class Pending:
                 value.holder, value.holder_pid = str(holder), int(pid)
                 if self._on_kept is not None:
                     self._on_kept(value)
+
+
+def _sent_objects(run: CellRun, names: Mapping[str, str]) -> dict[str, Any]:
+    """``{name: object}`` for the names the cell bound to an object it was sent, unchanged.
+
+    ``names``: ``{name: shipped name}``; each is bound to the very object the cell was
+    sent under the shipped name (the notebook's, even if it rebound that name meanwhile),
+    as locally.
+    """
+    return {name: run.sent[source] for name, source in names.items() if source in run.sent}
 
 
 def _say(line: str) -> None:

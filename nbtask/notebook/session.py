@@ -7,6 +7,7 @@ import contextlib
 import functools
 import threading
 import time
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -305,10 +306,19 @@ class Session:
             # And the values its functions carry, which it may change through them.
             carried = carried_names(dict(zip(spec.names, shipped, strict=True)), self.shell.user_ns)
             names = tuple(dict.fromkeys([*found.assigned, *found.mutated, *carried]))
-            # Not held while the cell runs: whether other holders of a value it changes are
-            # left with the old object is told by its reference count (nbtask.notebook.inplace).
+            # The notebook's objects it was sent (a name it binds to one is bound to it) are
+            # held by the run alone, which lets them go before its values are written: whether
+            # other holders of a value it changes are left with the old object is told by
+            # its reference count (nbtask.notebook.inplace).
+            run = CellRun(
+                handle,
+                label,
+                names,
+                rebound=frozenset(found.assigned),
+                state=spec.state,
+                sent=_by_value(spec.names, shipped),
+            )
             del shipped
-            run = CellRun(handle, label, names, rebound=frozenset(found.assigned), state=spec.state)
             self.pending.say_if_random_repeats(run, python)
             if args.out:
                 self.shell.user_ns[args.out] = handle
@@ -457,6 +467,12 @@ class Session:
             why = f" (waiting: {waiting})" if waiting else ""
             lines.append(f"    {run.handle.id[:8]} {run.label} {run.handle.state!s}{why}")
         return "\n".join(lines)
+
+
+def _by_value(names: Iterable[str], values: Iterable[Any]) -> dict[str, Any]:
+    """The notebook's objects a cell is sent, by name: not the references to kept values."""
+    pairs = zip(names, values, strict=True)
+    return {name: value for name, value in pairs if not isinstance(value, RemoteValue)}
 
 
 def _store_of(app: App) -> tuple[str, str]:

@@ -72,6 +72,10 @@ class CellSpec:
         The notebook's own modules the cell uses, each with a fingerprint of its code as
         the kernel has it loaded: the worker says when its copy differs
         (:mod:`nbtask.notebook.module_code`).
+    binds_sent : bool
+        The kernel binds a name the cell binds to an object it was sent, unchanged, to
+        its own object: the worker sends the shipped name, not a copy (``False``: an older
+        kernel, or a plain cell, which is sent copies).
     """
 
     source: str
@@ -89,6 +93,7 @@ class CellSpec:
     deleted: tuple[str, ...] = ()
     shows: str = ""
     modules: tuple[tuple[str, str], ...] = ()
+    binds_sent: bool = False
 
 
 _TRANSFORMS_KEPT = 256
@@ -223,6 +228,7 @@ def prepare(
         deleted=found.deleted,
         shows=shows,
         modules=cell_modules(found.imports, values.values()),
+        binds_sent=not plain,
     )
     return spec, blob, found
 

@@ -1,0 +1,105 @@
+"""A name a cell binds to a notebook object it was sent is that very object, as locally.
+
+``alias = small`` in a ``%%task`` cell leaves ``alias is small`` in the notebook: a later
+``small.append(1)`` shows in ``alias``. The object is not sent back (however large: nothing
+is kept on the workers for it), and one the cell changed in place is written into the
+notebook's object. A real IPython shell against the real Redis and worker processes, with
+``keep_threshold`` lowered to 1 MiB so that a 1.2 MB array would be kept.
+"""
+
+from __future__ import annotations
+
+import pytest
+from helpers import cell_run as run
+from helpers import cell_task as task
+from IPython.core.interactiveshell import InteractiveShell
+
+from nbtask import Settings
+from nbtask.notebook.session import Session
+
+MAKE_BIG = "import numpy as np\nbig = np.arange(150_000.0)"  # 1.2 MB
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """The suite's settings, keeping names of 1 MiB or more on the workers."""
+    return settings.replace(keep_threshold=1024 * 1024)
+
+
+def held_on_workers(nb: Session) -> list[str]:
+    """The names of the kept values the worker processes announce they hold."""
+    consumers = [c for info in nb.app.workers().values() for c in info.consumers]
+    holdings = nb.app.store.holdings(consumers).values()
+    return [held.name for found in holdings for held in found.values]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        "small = [1, 2]",
+        "small = {'a': 1}",
+        "import pandas as pd\nsmall = pd.DataFrame({'a': [1, 2]})",
+    ],
+    ids=["list", "dict", "frame"],
+)
+def test_a_name_bound_to_a_shipped_object_is_that_object(
+    ip: InteractiveShell, nb: Session, make: str
+) -> None:
+    run(ip, make)
+    task(ip, "alias = small")
+    assert run(ip, "alias is small") is True, "the cell's alias came back as a copy"
+
+
+def test_a_name_bound_to_a_shipped_list_sees_the_notebooks_later_changes(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    run(ip, "small = [1, 2]")
+    task(ip, "alias = small\nsmall.append(3)")  # changed in the cell too: written in place
+    run(ip, "small.append(4)")
+    assert run(ip, "alias is small, alias") == (True, [1, 2, 3, 4])
+
+
+def test_a_name_bound_to_a_large_shipped_array_is_that_array_and_nothing_is_kept(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    run(ip, MAKE_BIG)
+    task(ip, "alias = big")
+    assert run(ip, "alias is big") is True, f"alias is {type(ip.user_ns['alias']).__name__}"
+    assert held_on_workers(nb) == [], "a copy of the notebook's array was kept on the workers"
+    # Changed in place, it is large and stays on the workers: once, for both names.
+    task(ip, "alias2 = big\nbig[0] = -1.0")
+    assert held_on_workers(nb) == ["big"]
+    assert run(ip, "alias2 is big, float(alias2[0])") == (True, -1.0)
+
+
+def test_a_name_bound_to_a_shipped_object_the_cell_then_rebinds_is_the_old_object(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    run(ip, "small = [1, 2]\nfirst = small")
+    task(ip, "alias = small\nsmall = [9]")
+    assert run(ip, "alias is first, small") == (True, [9])
+
+
+def test_a_background_cells_alias_is_the_object_it_was_sent_though_the_name_was_rebound(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    run(ip, "small = [1, 2]")
+    task(ip, "import time\ntime.sleep(1)\nalias = small", "")  # in the background
+    run(ip, "first = small\nsmall = [9]")  # meanwhile: as locally, alias is still first
+    run(ip, "seen = (alias is first, alias is small)")  # waits for the cell
+    assert ip.user_ns["seen"] == (True, False)
+
+
+def test_a_failed_cells_alias_comes_back_as_a_copy(ip: InteractiveShell, nb: Session) -> None:
+    run(ip, "small = [1, 2]")
+    result = ip.run_cell("%%task --wait\nalias = small\n1 / 0")
+    assert isinstance(result.error_in_exec, ZeroDivisionError)
+    assert run(ip, "alias == small") is True  # bound before the failing line, as locally
+
+
+def test_a_cells_last_expression_naming_such_an_alias_is_the_notebooks_object(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    run(ip, "small = [1, 2]\nfirst = small")
+    shown = task(ip, "alias = small\nsmall = small\nalias")  # small bound anew, to itself
+    assert shown is ip.user_ns["first"] is ip.user_ns["small"] is ip.user_ns["alias"]
