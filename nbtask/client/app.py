@@ -244,7 +244,9 @@ class App(AppConnection):
         built = [builder.build(call, channel) for call in calls]
         live = self._live_workers()
         live.check_secret({message.queue for message, _ in built})
-        handles = [TaskHandle(self, m.id, m.name, m.queue, m.label or "") for m, _ in built]
+        handles = [
+            TaskHandle(self, m.id, m.name, m.queue, m.label or "", sent=m.created) for m, _ in built
+        ]
         listener = self._listen()
         # A refused call must leave the handle of the task holding its id in place.
         previous = []
@@ -329,6 +331,7 @@ class App(AppConnection):
             signer=self.signer,
             listener=listener,
             result_ttl=self.settings.result_ttl,
+            prefix=self.settings.key_prefix,
         )
 
     def AsyncResult(self, task_id: str) -> TaskHandle:  # Celery's spelling
@@ -386,7 +389,9 @@ class App(AppConnection):
         """Mark a task that has not started REVOKED and tell its client; False if it had."""
         known = record is not None and self.store.is_channel(record.client)
         channel = record.client if known and record is not None else self.channel
-        event = Event(EventType.REVOKED, task_id, seq=FINAL_SEQ, data={"reason": reason})
+        # Its client checks ``sent`` (the record's copy of it: events name their send).
+        run = (self.settings.key_prefix, record.sent if record is not None else None)
+        event = Event(EventType.REVOKED, task_id, FINAL_SEQ, {"reason": reason}, run=run)
         raw = self.signer.seal(event.to_header())
         if not self.store.revoke_pending(task_id, raw, channel):
             return False

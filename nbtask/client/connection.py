@@ -143,7 +143,10 @@ class AppConnection:
         with self._lock:
             if self._listener is None or not self._listener.alive:
                 self._listener = Listener(
-                    open_broker(self.settings, self._url()), self.signer, self.channel
+                    open_broker(self.settings, self._url()),
+                    self.signer,
+                    self.channel,
+                    self.settings.key_prefix,
                 )
             return self._listener
 
@@ -182,7 +185,8 @@ class AppConnection:
     def _revoke_unsent(self) -> None:
         # The tasks whose messages never reached the broker: see nbtask.client.unsent.
         if (transport := self._transport) is not None and (builder := self._builder) is not None:
-            revoke_unsent(transport, builder.signer, self._channel, self._listener)
+            prefix = self.settings.key_prefix
+            revoke_unsent(transport, builder.signer, self._channel, prefix, self._listener)
 
     def close(self) -> None:
         """:meth:`flush`, stop the listener, disconnect, give back an embedded cluster."""

@@ -56,12 +56,15 @@ class Listener:
         Verifies every event before anything in it is used.
     channel
         This client's event channel.
+    prefix
+        The app's key prefix: only events about its tasks are taken.
     """
 
-    def __init__(self, transport: Transport, signer: Signer, channel: str) -> None:
+    def __init__(self, transport: Transport, signer: Signer, channel: str, prefix: str) -> None:
         self._transport = transport
         self._signer = signer
         self.channel = channel
+        self._prefix = prefix
         self._positions: dict[str, str] = {channel: "0-0"}
         self._handles: dict[str, TaskHandle] = {}
         self._lock = threading.RLock()  # a done callback may run while it is held
@@ -368,6 +371,10 @@ class Listener:
         with self._lock:
             handle = self._handles.get(event.task_id)
         if handle is None:
+            return
+        why = event.not_for(self._prefix, handle.sent)
+        if why is not None:
+            log.warning("dropped an event of task %s: %s", event.task_id, why)
             return
         try:
             handle.apply(event, result)

@@ -22,12 +22,14 @@ def reattach(
     signer: Signer,
     listener: Listener,
     result_ttl: float,
+    prefix: str,
 ) -> TaskHandle:
     """A handle on ``task_id`` built from its record (see :meth:`nbtask.App.handle`).
 
     Events the task already sent are replayed while its client's channel keeps them; a
-    finished task's signed result comes from the store and must be that task's. A task
-    still running is followed through ``listener``, on its client's channel.
+    finished task's signed result comes from the store and must be that task's, sent by
+    the app of key prefix ``prefix``. A task still running is followed through
+    ``listener``, on its client's channel.
     """
     record = store.get_record(task_id)
     if record is None:
@@ -37,7 +39,8 @@ def reattach(
         )
     # The label is unsigned, as the name: shown only, never with control characters.
     label = printable(record.label)
-    handle = TaskHandle(owner, task_id, record.name or "?", record.queue, label)
+    # Unsigned as well: the send the record names is the one followed (its events name it).
+    handle = TaskHandle(owner, task_id, record.name or "?", record.queue, label, sent=record.sent)
     # Unsigned: only a name shaped like a client channel of this app is ever read.
     channel = record.client if store.is_channel(record.client) else ""
     if record.result is not None:
@@ -47,9 +50,13 @@ def reattach(
                 event, _ = decode_event(signer, raw)
             except NbtaskError:
                 continue
-            if event.task_id == task_id and event.state not in FINAL_STATES:
+            if (
+                event.task_id == task_id
+                and event.state not in FINAL_STATES
+                and event.not_for(prefix, handle.sent) is None
+            ):
                 handle.apply(event)
-        _apply_stored_result(handle, record, record.result, store, signer)
+        _apply_stored_result(handle, record, record.result, store, signer, prefix)
     else:
         # Where a broker keeps only final events (AMQP), the record alone says the task
         # is running; the channel's events, if kept, then replay on top of it.
@@ -61,7 +68,7 @@ def reattach(
         # is): its record has it now.
         again = store.get_record(task_id)
         if again is not None and again.result is not None:
-            _apply_stored_result(handle, again, again.result, store, signer)
+            _apply_stored_result(handle, again, again.result, store, signer, prefix)
     return handle
 
 
@@ -75,7 +82,7 @@ def _recorded_start(record: TaskRecord, task_id: str) -> Event:
 
 
 def _apply_stored_result(
-    handle: TaskHandle, record: TaskRecord, raw: bytes, store: Store, signer: Signer
+    handle: TaskHandle, record: TaskRecord, raw: bytes, store: Store, signer: Signer, prefix: str
 ) -> None:
     """End ``handle`` with the task's signed, stored outcome (it must be that task's)."""
     event, result = decode_event(signer, raw, store.get_blob)
@@ -84,6 +91,9 @@ def _apply_stored_result(
         raise SignatureError(
             f"the stored result of task {handle.id!r} belongs to task {event.task_id!r}"
         )
+    why = event.not_for(prefix, handle.sent)
+    if why is not None:  # another app's, or an earlier send's: someone put it here
+        raise SignatureError(f"the stored result of task {handle.id!r} is not its own: {why}")
     # An end that does not say when the run began (a lost worker's), its other events
     # gone: the record's start it is.
     began = handle.started_at is not None or "started_at" in event.data

@@ -40,12 +40,18 @@ UNSENT_REASON = (
 
 
 def revoke_unsent(
-    transport: Transport, signer: Signer, channel: str, listener: Listener | None
+    transport: Transport, signer: Signer, channel: str, prefix: str, listener: Listener | None
 ) -> list[str]:
-    """Revoke the tasks the transport could not deliver; fail their handles. Their ids."""
+    """Revoke the tasks the transport could not deliver; fail their handles. Their ids.
+
+    ``prefix`` is the app's key prefix (the events name it, and each handle's send).
+    """
     revoked: list[tuple[str, Event, bytes]] = []
     for task_id in transport.take_unsent():
-        event = Event(EventType.REVOKED, task_id, seq=FINAL_SEQ, data={"reason": UNSENT_REASON})
+        handle = listener.get(task_id) if listener is not None else None
+        run = (prefix, handle.sent if handle is not None else None)
+        reason = {"reason": UNSENT_REASON}
+        event = Event(EventType.REVOKED, task_id, FINAL_SEQ, reason, run=run)
         raw = signer.seal(event.to_header())
         try:
             if not transport.store.revoke_pending(task_id, raw, channel):

@@ -105,14 +105,26 @@ class TaskHandle(CeleryResultNames, concurrent.futures.Future[Any]):
         The queue it was sent to (empty when not known, e.g. a chain's later step).
     label : str
         How the call is named on screen (``apply_async(label=...)``), empty if unnamed.
+    sent : float or None
+        The signed ``created`` of the task's message: only events naming it are taken
+        (a replayed event of an earlier task with the same id is not). ``None`` where it
+        is not known (a chain's later step, sent by a worker).
     """
 
     def __init__(
-        self, app: Client | None, task_id: str, name: str, queue: str = "", label: str = ""
+        self,
+        app: Client | None,
+        task_id: str,
+        name: str,
+        queue: str = "",
+        label: str = "",
+        *,
+        sent: float | None = None,
     ) -> None:
         super().__init__()
         self.app = app
         self.id = task_id
+        self.sent = sent
         self.name = name
         self.queue = queue
         self.label = label

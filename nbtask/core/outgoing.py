@@ -243,7 +243,9 @@ def as_task(task: Signable) -> Task:
 
 def to_publish(message: TaskMessage, raw: bytes) -> Publish:
     """What the transport needs to enqueue ``message``, with its PENDING record."""
-    record = pending_fields(message.name, message.client, message.queue, message.label or "")
+    record = pending_fields(
+        message.name, message.client, message.queue, message.created, message.label or ""
+    )
     return Publish(message.queue, message.id, raw, record, message.eta)
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "Event",
     "EventType",
     "Progress",
+    "Run",
     "State",
     "Unloadable",
     "decode_event",
@@ -41,6 +42,13 @@ _DELIVERY_SLOTS = 64  # redeliveries numbered apart within one retry
 #: Set (true) in the data of every event of a run whose worker's code of a task sent by
 #: name differs from its sender's (see nbtask.core.fingerprint).
 CODE_DIFFERS = "code_differs"
+
+
+#: Which send of a task an event is about: the key prefix of the app that sent it, and the
+#: signed ``created`` of the client's message (``None`` where whoever sends the event on
+#: the task's behalf cannot know it). A client takes an event only for the send it made,
+#: so a replayed event of an earlier task with the same id, or another app's, is refused.
+Run = tuple[str, float | None]
 
 
 def run_seq_base(retries: int, deliveries: int) -> int:
@@ -128,6 +136,8 @@ class Event:
         ``ename/evalue/traceback`` for failures, ``worker``/``pid`` for started.
     timestamp
         When the worker created it (``time.time()``).
+    run
+        The send of the task it is about (see :data:`Run`).
     """
 
     type: EventType
@@ -135,6 +145,7 @@ class Event:
     seq: int = 0
     data: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     timestamp: float = dataclasses.field(default_factory=time.time)
+    run: Run = ("", None)
 
     @property
     def state(self) -> State | None:
@@ -160,8 +171,23 @@ class Event:
             "id": self.task_id,
             "seq": self.seq,
             "ts": self.timestamp,
+            "app": self.run[0],
+            "sent": self.run[1],
             "data": dict(self.data),
         }
+
+    def not_for(self, prefix: str, sent: float | None) -> str | None:
+        """Why this event is not about the send of its task by app ``prefix`` at ``sent``.
+
+        ``None`` when it is; ``sent`` ``None`` (not known here) accepts any send of the
+        app's task.
+        """
+        app, when = self.run
+        if app != prefix:
+            return f"it is about a task of key prefix {app!r}, not {prefix!r}"
+        if sent is not None and when != sent:
+            return "it is about another send of a task with that id (an earlier one's, replayed)"
+        return None
 
     @classmethod
     def from_header(cls, header: Mapping[str, Any]) -> Event:
@@ -178,13 +204,14 @@ class Event:
         if not isinstance(data, dict):
             raise DecodeError("event data is not an object")
         try:
-            kind = header["type"]
+            kind, sent = header["type"], header.get("sent")
             return cls(
                 _EVENT_TYPES.get(kind) or EventType(kind),  # (a list: TypeError)
                 str(header["id"]),
                 int(header.get("seq", 0)),
                 data,
                 float(header.get("ts", 0.0)),
+                (str(header.get("app", "")), None if sent is None else float(sent)),
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise DecodeError(f"malformed event header: {exc!r}") from None

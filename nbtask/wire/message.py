@@ -110,6 +110,11 @@ class TaskMessage:
                 del header[name]
         return header
 
+    @property
+    def run(self) -> tuple[str, float]:
+        """Which send of the task this is (its events name it: see nbtask.wire.events.Run)."""
+        return self.prefix, self.created
+
     def sent_elsewhere(self, prefix: str, queue: str) -> str | None:
         """Why this message may not be taken from ``queue`` of the app ``prefix``, if so.
 

@@ -33,13 +33,20 @@ _MAX_INFO_BYTES = 64 * 1024  # a worker's entry is a few hundred bytes; more is 
 _PENDING = State.PENDING.value
 
 
-def pending_fields(name: str, client: str, queue: str, label: str = "") -> RecordFields:
-    """The fields of a task's record when its message is sent (``label`` only when given)."""
+def pending_fields(
+    name: str, client: str, queue: str, sent: float, label: str = ""
+) -> RecordFields:
+    """The fields of a task's record when its message is sent (``label`` only when given).
+
+    ``sent`` is the message's ``created``, for events sent on the task's behalf by those
+    who have only its record (see nbtask.wire.events.Run).
+    """
     fields: RecordFields = {
         "state": _PENDING,
         "name": name,
         "client": client,
         "queue": queue,
+        "sent": repr(sent),
     }
     if label:
         fields["label"] = label
@@ -94,6 +101,10 @@ class TaskRecord:
         nbtask, which kept none. Unsigned: shown only, with control characters replaced.
     started_at, finished_at : float or None
         Epoch seconds.
+    sent : float or None
+        The ``created`` of the task's message (``None`` in records of earlier versions).
+        Unsigned: events sent on the task's behalf name it, and only its own client,
+        which knows the real one, checks it.
     result : bytes or None
         The signed final event (verify before use).
     """
@@ -109,6 +120,7 @@ class TaskRecord:
     finished_at: float | None = None
     result: bytes | None = None
     label: str = ""
+    sent: float | None = None
 
     @classmethod
     def parse(cls, fields: Mapping[Any, Any]) -> TaskRecord | None:
@@ -134,6 +146,7 @@ class TaskRecord:
             finished_at=_number(plain.get("finished_at", b"")),
             result=bytes(result) if isinstance(result, (bytes, bytearray)) and result else None,
             label=_text(plain.get("label", b"")),
+            sent=_number(plain.get("sent", b"")),
         )
 
     @property

@@ -141,8 +141,9 @@ class Admission:
             self._too_old(admitted, age)
             return True
         if message.expires is not None and now > message.expires:
+            reason = {"reason": "expired"}
             expired = Outcome(
-                Event(EventType.REVOKED, message.id, FINAL_SEQ, {"reason": "expired"})
+                Event(EventType.REVOKED, message.id, FINAL_SEQ, reason, run=message.run)
             )
             self.settle(admitted, expired)
             self.follow_ups.run(message, expired, admitted.callbacks, None)
@@ -183,7 +184,7 @@ class Admission:
             self.signer,
             task_id,
             record.client,
-            failure_event(task_id, FINAL_SEQ, why),
+            failure_event(task_id, FINAL_SEQ, why, run=(self.settings.key_prefix, record.sent)),
         )
 
     def _start_verdict(self, admitted: Admitted) -> str | None:
@@ -206,14 +207,16 @@ class Admission:
             )
             self._reject(admitted.delivery, why)
             # The message verified, so its client is known: tell it (the record is replaced).
-            self.settle(admitted, Outcome(failure_event(message.id, FINAL_SEQ, why)), ack=False)
+            failed = failure_event(message.id, FINAL_SEQ, why, run=message.run)
+            self.settle(admitted, Outcome(failed), ack=False)
             return
         log.warning("dropped a message for task %s: it is already %s", message.id, refused)
         self.transport.discard(admitted.delivery)
         if refused in _ENDED:
             self._tell_outcome_again(message)
         if refused == State.REVOKED.value:
-            gone = Outcome(Event(EventType.REVOKED, message.id, FINAL_SEQ, {"reason": "revoked"}))
+            reason = {"reason": "revoked"}
+            gone = Outcome(Event(EventType.REVOKED, message.id, FINAL_SEQ, reason, run=message.run))
             self.follow_ups.run(message, gone, admitted.callbacks, None)
 
     def _tell_outcome_again(self, message: TaskMessage) -> None:
@@ -233,4 +236,5 @@ class Admission:
             f"the message was {age:.0f} s old, older than max_age "
             f"({self.settings.replay_window:.0f} s); it was not run"
         )
-        self.settle(admitted, Outcome(failure_event(message.id, FINAL_SEQ, why)), ack=False)
+        failed = failure_event(message.id, FINAL_SEQ, why, run=message.run)
+        self.settle(admitted, Outcome(failed), ack=False)

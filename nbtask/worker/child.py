@@ -232,7 +232,8 @@ class Child:
             f"the task ended but nbtask could not report its outcome "
             f"({type(exc).__name__}); the worker's log has the details"
         )
-        event = failure_event(admitted.message.id, FINAL_SEQ, why, self._whoami)
+        message = admitted.message
+        event = failure_event(message.id, FINAL_SEQ, why, self._whoami, run=message.run)
         self._settle(admitted, Outcome(event))
 
     def _exit_if_forked(self, code: int) -> None:
@@ -256,14 +257,17 @@ class Child:
         first_seq = run_seq_base(message.retries, admitted.delivery.deliveries)
         self._whoami["started_at"] = time.time()  # in every event of this run, final ones too
         self._note_code_differs(message, task)
-        self.outbox.begin(message.id, message.client, self._whoami, first_seq=first_seq)
+        self.outbox.begin(
+            message.id, message.client, self._whoami, first_seq=first_seq, run=message.run
+        )
         self.slot.occupy(message.id, 0.0)
         if task is None:
             assert resolve_error is not None
             outcome = self._failed(message, resolve_error, self.outbox.end())
         elif self.interrupts.terminated:
             reason = {"reason": "terminated"}
-            outcome = Outcome(Event(EventType.REVOKED, message.id, self.outbox.end(), reason))
+            seq = self.outbox.end()
+            outcome = Outcome(Event(EventType.REVOKED, message.id, seq, reason, run=message.run))
         else:
             outcome = self._execute(admitted, task)
         # Callbacks, handlers, freeing argument blobs and writing kept values' store copies
@@ -387,7 +391,8 @@ class Child:
     def _after_exception(self, message: TaskMessage, task: Task, exc: BaseException) -> Outcome:
         if self.interrupts.terminated:
             seq = self.outbox.end()
-            event = Event(EventType.REVOKED, message.id, seq, {"reason": "terminated"})
+            reason = {"reason": "terminated"}
+            event = Event(EventType.REVOKED, message.id, seq, reason, run=message.run)
             return Outcome(event, revoked_body(exc), exc=exc)
         if (
             not isinstance(exc, Retry)
@@ -403,7 +408,7 @@ class Child:
         seq = self.outbox.end()
         cause = exc.exc if exc.exc is not None else exc
         data = {"reason": str(cause), "retries": message.retries + 1, "eta": time.time() + exc.when}
-        outcome = Outcome(Event(EventType.RETRY, message.id, seq, data), exc=cause)
+        outcome = Outcome(Event(EventType.RETRY, message.id, seq, data, run=message.run), exc=cause)
         outcome.einfo, outcome.retry_in = exception_info(cause), exc.when
         return outcome
 
@@ -423,18 +428,17 @@ class Child:
         try:
             raw = self.signer.seal(outcome.event.to_header(), outcome.body)
         except NbtaskError as exc:
-            outcome.event, outcome.body = failure_event(message.id, outcome.event.seq, exc), b""
+            seq = outcome.event.seq
+            outcome.event = failure_event(message.id, seq, exc, run=message.run)
+            outcome.body = b""
             raw = self.signer.seal(outcome.event.to_header())
         fields = outcome_fields(self.signer, message, outcome, raw)
         requeue = None
         if outcome.retry_in is not None:
             due = time.time() + outcome.retry_in
-            header = {
-                **message.to_header(),
-                "retries": message.retries + 1,
-                "eta": due,
-                "created": time.time(),
-            }
+            # ``created`` is kept: it names the send, which the retry's events name too
+            # (its age counts from its signed eta).
+            header = {**message.to_header(), "retries": message.retries + 1, "eta": due}
             requeue = (self.signer.seal(header, admitted.envelope.body), due)
         then_fetch = (self.served(), self.consumer, 1.0) if fetch_next and not self._stop else None
         delivery = admitted.delivery if ack else None

@@ -91,7 +91,7 @@ class LostTasks:
             self.transport.discard(delivery)
             return
         if stopped is not None and stopped[0] == message.id:
-            event = stopped_event(stopped, reason, message.name)
+            event = stopped_event(stopped, reason, message.name, message.run)
             report(self.transport, self.signer, message.id, message.client, event, delivery)
             return
         redeliver = message.acks_late and message.reject_on_worker_lost is not False
@@ -106,12 +106,13 @@ class LostTasks:
                 "moved to the dead-letter stream"
             )
             data = {"ename": "WorkerLost", "reason": reason, "evalue": evalue}
-            event = Event(EventType.FAILURE, message.id, FINAL_SEQ, data)
+            event = Event(EventType.FAILURE, message.id, FINAL_SEQ, data, run=message.run)
             self.transport.dead_letter(delivery)
             report(self.transport, self.signer, message.id, message.client, event)
             return
         self.note(message, f"{reason}; reported WORKER_LOST", logging.ERROR)
-        event = Event(EventType.WORKER_LOST, message.id, FINAL_SEQ, {"reason": reason})
+        lost = {"reason": reason}
+        event = Event(EventType.WORKER_LOST, message.id, FINAL_SEQ, lost, run=message.run)
         report(self.transport, self.signer, message.id, message.client, event, delivery)
 
     def note(self, message: TaskMessage, text: str, level: int) -> None:
@@ -131,7 +132,8 @@ class LostTasks:
             or record.state is not State.STARTED
         ):
             return
-        event = stopped_event(stopped, reason, record.name or "task")
+        run = (self.settings.key_prefix, record.sent)
+        event = stopped_event(stopped, reason, record.name or "task", run)
         report(self.transport, self.signer, task_id, channel, event)
 
     def rehome(self, queue: str, consumer: str, until: float = 0.0) -> tuple[int, bool]:

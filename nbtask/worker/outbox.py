@@ -15,7 +15,7 @@ from typing import Any
 from nbtask.brokers import Transport
 from nbtask.errors import BrokerUnavailable
 from nbtask.wire.envelope import Signer
-from nbtask.wire.events import Event, EventType
+from nbtask.wire.events import Event, EventType, Run
 from nbtask.worker.journal import Journal
 from nbtask.worker.wakeup import Alarm, Bell, wait_for
 
@@ -93,6 +93,7 @@ class Outbox:
         self._due = -math.inf  # when the batch last taken was due
         self._first_at = -math.inf  # when the first report now buffered came
         self._task_id = ""
+        self._run: Run = ("", None)
         self._channel = ""
         self._seq = 0
         self._started: Event | None = None
@@ -117,16 +118,26 @@ class Outbox:
         self._lock, self._flush_lock = threading.Lock(), threading.Lock()
 
     def begin(
-        self, task_id: str, channel: str, details: Mapping[str, Any], first_seq: int = 0
+        self,
+        task_id: str,
+        channel: str,
+        details: Mapping[str, Any],
+        first_seq: int = 0,
+        *,
+        run: Run,
     ) -> None:
-        """Start sending for a task that was just marked STARTED: its ``started`` goes now."""
+        """Start sending for a task that was just marked STARTED: its ``started`` goes now.
+
+        ``run`` names the send of the task its events are about (its message's ``run``).
+        """
         alive = _thread_ids()
         with self._lock:
             self._leftovers = {t: owner for t, owner in self._leftovers.items() if t in alive}
             self._threads_before, self._active = alive, True
             self._task_id, self._channel, self._seq = task_id, channel, first_seq + 1
+            self._run = run
             self._output, self._progress = [], None
-            self._started = Event(EventType.STARTED, task_id, first_seq + 1, details)
+            self._started = Event(EventType.STARTED, task_id, first_seq + 1, details, run=run)
             self._due, self._first_at = -math.inf, self._clock()
             self._started_due = not self._alarm.available
         if self._alarm.available:
@@ -230,10 +241,13 @@ class Outbox:
             self._started = None
             for kind, data in self._output:
                 self._seq += 1
-                events.append(Event(kind, self._task_id, self._seq, data))
+                events.append(Event(kind, self._task_id, self._seq, data, run=self._run))
             if self._progress is not None:
                 self._seq += 1
-                events.append(Event(EventType.PROGRESS, self._task_id, self._seq, self._progress))
+                progress = self._progress
+                events.append(
+                    Event(EventType.PROGRESS, self._task_id, self._seq, progress, run=self._run)
+                )
             self._output, self._progress = [], None
             channel = self._channel
             if not events:

@@ -22,7 +22,7 @@ from nbtask.core.task import ExceptionInfo, Task
 from nbtask.errors import NbtaskError, SerializationError
 from nbtask.wire.blobs import argument_keeper, blob_sizes, parse_layout
 from nbtask.wire.envelope import Buffer, Signer, dumps
-from nbtask.wire.events import FINAL_SEQ, FINAL_STATES, Event, EventType, State
+from nbtask.wire.events import FINAL_SEQ, FINAL_STATES, Event, EventType, Run, State
 from nbtask.wire.exceptions import portable_exception
 from nbtask.wire.message import TaskMessage, decode_value, split
 from nbtask.wire.records import RecordFields, TaskRecord, final_fields
@@ -95,7 +95,7 @@ def success_outcome(
     """The outcome of a task that returned ``retval``: its large parts stored as blobs."""
     data = {**whoami, "runtime": runtime, "serializer": message.serializer}
     if retval is None and message.serializer != "json":
-        return Outcome(Event(EventType.SUCCESS, message.id, seq, data), _NONE_BODY)
+        return Outcome(Event(EventType.SUCCESS, message.id, seq, data, run=message.run), _NONE_BODY)
     what = f"the result of task {message.name!r}"
     try:
         result = split(retval, message.serializer, what, blob_threshold)
@@ -105,14 +105,15 @@ def success_outcome(
     if result.layout_json is not None:
         data["layout"] = result.layout_json
     body = b"".join(result.inline)  # small: the large parts are blobs
-    return Outcome(Event(EventType.SUCCESS, message.id, seq, data), body, retval=retval)
+    event = Event(EventType.SUCCESS, message.id, seq, data, run=message.run)
+    return Outcome(event, body, retval=retval)
 
 
 def failure_outcome(
     message: TaskMessage, exc: BaseException, seq: int, whoami: Mapping[str, Any]
 ) -> Outcome:
     """The outcome of a task that raised ``exc``."""
-    event = failure_event(message.id, seq, exc, whoami)
+    event = failure_event(message.id, seq, exc, whoami, run=message.run)
     return Outcome(event, failure_body(exc), exc=exc, einfo=exception_info(exc))
 
 
@@ -124,7 +125,12 @@ def exception_info(exc: BaseException) -> ExceptionInfo:
 
 
 def failure_event(
-    task_id: str, seq: int, exc: BaseException, details: Mapping[str, Any] | None = None
+    task_id: str,
+    seq: int,
+    exc: BaseException,
+    details: Mapping[str, Any] | None = None,
+    *,
+    run: Run,
 ) -> Event:
     """The FAILURE event for ``exc``, its traceback starting in the user's code."""
     tb = exc.__traceback__
@@ -141,7 +147,7 @@ def failure_event(
         "evalue": _text_of(exc),
         "traceback": text,
     }
-    return Event(EventType.FAILURE, task_id, seq, data)
+    return Event(EventType.FAILURE, task_id, seq, data, run=run)
 
 
 def _text_of(exc: BaseException) -> str:
@@ -243,14 +249,14 @@ def send_stored_outcome(transport: Transport, channel: str, record: TaskRecord |
         transport.notify(channel, [record.result])
 
 
-def stopped_event(stopped: tuple[str, str, float], reason: str, name: str) -> Event:
+def stopped_event(stopped: tuple[str, str, float], reason: str, name: str, run: Run) -> Event:
     """The final event of a task its supervisor killed on purpose (``stopped``: id, why, when)."""
     task_id, why, _ = stopped
     if why == "revoked":
-        return Event(EventType.REVOKED, task_id, FINAL_SEQ, {"reason": "terminated"})
+        return Event(EventType.REVOKED, task_id, FINAL_SEQ, {"reason": "terminated"}, run=run)
     evalue = f"task {name} ran past its hard time limit and its process was killed"
     data = {"ename": "TimeLimitExceeded", "reason": reason, "evalue": evalue}
-    return Event(EventType.FAILURE, task_id, FINAL_SEQ, data)
+    return Event(EventType.FAILURE, task_id, FINAL_SEQ, data, run=run)
 
 
 class FollowUps:
@@ -333,7 +339,8 @@ class FollowUps:
                 **outcome.event.data,
                 "reason": f"an earlier task in the chain ({message.id}) did not succeed",
             }
-            event = Event(outcome.event.type, task_id, FINAL_SEQ, data)
+            # Never sent: its client knows only the app (see nbtask.wire.events.Run).
+            event = Event(outcome.event.type, task_id, FINAL_SEQ, data, run=(message.prefix, None))
             body = outcome.body if outcome.state is State.FAILURE else b""
             report(self.transport, self.signer, task_id, message.client, event, body=body)
             nested = sig.options.get("callbacks")

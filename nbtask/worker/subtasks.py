@@ -93,6 +93,7 @@ class WorkerHandle(TaskHandle):
         super().__init__(None, task_id, name)
         self._transport = publisher.transport
         self._signer = publisher.builder.signer
+        self._prefix = publisher.builder.settings.key_prefix
         self._channel = channel
 
     def result(self, timeout: float | None = None) -> Any:
@@ -127,5 +128,5 @@ class WorkerHandle(TaskHandle):
             event, value = decode_event(self._signer, raw, self._transport.store.get_blob)
         except NbtaskError:
             return
-        if event.task_id == self.id:
+        if event.task_id == self.id and event.not_for(self._prefix, self.sent) is None:
             self.apply(event, value)

@@ -98,11 +98,12 @@ def test_listener_delivers_real_events_among_junk(
             if fields:
                 r.xadd(channel, fields)
         signer = Signer(SECRET)
-        listener = Listener(transport, signer, channel)
+        listener = Listener(transport, signer, channel, config.key_prefix)
         handle = TaskHandle(None, "real-task", "t")
         listener.register(handle)
         try:
-            event = Event(EventType.SUCCESS, "real-task", 5, {"serializer": "cloudpickle"})
+            data = {"serializer": "cloudpickle"}
+            event = Event(EventType.SUCCESS, "real-task", 5, data, run=(config.key_prefix, None))
             r.xadd(channel, {"e": signer.seal(event.to_header())})
             wait_until(handle.done, 10, "the real event among the junk")
             assert handle.result(0) is None

@@ -113,9 +113,14 @@ def following(app: App) -> tuple[TaskHandle, Seen]:
     return handle, seen
 
 
+def run_of(app: App) -> tuple[str, None]:
+    """What a worker's events name for a task that ``app`` expects (a chain's later step)."""
+    return app.settings.key_prefix, None
+
+
 def final(app: App, recording: Recording, handle: TaskHandle, seq: int) -> None:
     """Send the task's final event as the child does, after :meth:`Outbox.end`."""
-    event = Event(EventType.SUCCESS, handle.id, seq, {"worker": "w"})
+    event = Event(EventType.SUCCESS, handle.id, seq, {"worker": "w"}, run=run_of(app))
     recording.transport.emit(app.channel, [app.signer.seal(event.to_header())])
 
 
@@ -124,7 +129,7 @@ def test_the_first_event_goes_at_once_a_burst_waits_for_the_cap_and_goes_as_one(
 ) -> None:
     box, recording, clock = outbox
     handle, seen = following(app)
-    box.begin(handle.id, app.channel, {"worker": "w", "pid": 1})
+    box.begin(handle.id, app.channel, {"worker": "w", "pid": 1}, run=run_of(app))
     # The clock stands still: only a leading edge can send this.
     wait_until(lambda: recording.count() == 1, 10, "the started event")
     assert recording.kinds(0) == ["started"]
@@ -178,7 +183,7 @@ def test_the_first_event_goes_at_once_a_burst_waits_for_the_cap_and_goes_as_one(
 def test_after_a_quiet_spell_the_next_event_goes_at_once(app: App, outbox: Any) -> None:
     box, recording, clock = outbox
     handle, seen = following(app)
-    box.begin(handle.id, app.channel, {"worker": "w", "pid": 1})
+    box.begin(handle.id, app.channel, {"worker": "w", "pid": 1}, run=run_of(app))
     wait_until(lambda: recording.count() == 1, 10, "the started event")
     for done in (1, 2, 3):
         clock.advance(CAP_SECONDS)  # quiet for a whole cap
@@ -197,7 +202,9 @@ def test_each_task_has_a_cap_of_its_own(app: App, outbox: Any) -> None:
     box, recording, _clock = outbox
     for task in range(3):
         handle, seen = following(app)
-        box.begin(handle.id, app.channel, {"worker": "w", "pid": 1}, first_seq=task * 10)
+        box.begin(
+            handle.id, app.channel, {"worker": "w", "pid": 1}, run=run_of(app), first_seq=task * 10
+        )
         # The clock never moves: each task's STARTED goes out at once all the same.
         seen.wait_for(EventType.STARTED)
         box.emit("progress", {"done": 1, "total": 1})
@@ -316,19 +323,20 @@ def test_a_task_that_ends_before_its_started_is_due_sends_none_and_a_longer_one_
 ) -> None:
     box, recording = patient_outbox
     handle, seen = following(app)
-    box.begin(handle.id, app.channel, {"worker": "w", "pid": 1})
+    box.begin(handle.id, app.channel, {"worker": "w", "pid": 1}, run=run_of(app))
     threading.Event().wait(0.2)
     seq = box.end()
     assert recording.count() == 0, "a task that ended before its started was due sent it"
     # The child's final event says when the task started; the client makes STARTED from it.
-    ended = Event(EventType.SUCCESS, handle.id, seq, {"worker": "w", "started_at": time.time()})
+    data = {"worker": "w", "started_at": time.time()}
+    ended = Event(EventType.SUCCESS, handle.id, seq, data, run=run_of(app))
     recording.transport.emit(app.channel, [app.signer.seal(ended.to_header())])
     handle.result(timeout=10)
     assert seen.kinds() == ["started", "success"]
 
     quick, quick_recording, _clock = outbox  # the default: due after half a millisecond
     other, other_seen = following(app)
-    quick.begin(other.id, app.channel, {"worker": "w", "pid": 1})
+    quick.begin(other.id, app.channel, {"worker": "w", "pid": 1}, run=run_of(app))
     wait_until(lambda: quick_recording.count() == 1, 10, "the started event, once due")
     assert quick_recording.kinds(0) == ["started"]
     other_seen.wait_for(EventType.STARTED)

@@ -262,7 +262,7 @@ def test_an_outcome_stored_but_never_sent_reaches_its_client_when_the_message_co
     that dies in between leaves the outcome stored and unheard of, and the message comes
     back; the worker that drops it as finished sends the stored outcome to the client."""
     h = app.send_task(ADD, (2, 3))  # no worker yet: it waits in its queue
-    _store_outcome_unsent(app, access, h.id, 5)
+    _store_outcome_unsent(app, access, h, 5)
     access.wait_for_channel(app.channel)  # the client listens, as one waiting would
     worker = start_worker(concurrency=1)
     assert h.get(timeout=20) == 5
@@ -281,7 +281,7 @@ def test_an_outcome_stored_but_never_sent_reaches_its_client_when_its_supervisor
         h = app.send_task(ADD, (2, 3))
         delivery = transport.fetch(["default"], "test-consumer", 10)
         assert delivery is not None
-        _store_outcome_unsent(app, access, h.id, 5)
+        _store_outcome_unsent(app, access, h, 5)
         access.wait_for_channel(app.channel)
         LostTasks(transport, app.signer, app.settings).settle(delivery, "child died")
         assert h.get(timeout=20) == 5
@@ -289,9 +289,11 @@ def test_an_outcome_stored_but_never_sent_reaches_its_client_when_its_supervisor
         transport.close()
 
 
-def _store_outcome_unsent(app: App, access: RawBroker, task_id: str, value: int) -> None:
+def _store_outcome_unsent(app: App, access: RawBroker, handle: TaskHandle, value: int) -> None:
     """What a child that died after storing a task's outcome left: the record, no event."""
-    event = Event(EventType.SUCCESS, task_id, FINAL_SEQ - 1, {"serializer": "cloudpickle"})
+    task_id, run = handle.id, (app.settings.key_prefix, handle.sent)
+    data = {"serializer": "cloudpickle"}
+    event = Event(EventType.SUCCESS, task_id, FINAL_SEQ - 1, data, run=run)
     outcome = app.signer.seal(event.to_header(), cloudpickle.dumps(value, protocol=5))
     access.store.hset(
         access.keys.record_key(task_id),

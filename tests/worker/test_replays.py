@@ -6,7 +6,9 @@ never ends it. Both brokers (a broker's own bookkeeping, on that broker alone)."
 from __future__ import annotations
 
 import json
+import logging
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from nbtask.core.holding import holder_queue
 
 pytestmark = pytest.mark.brokers
 
+ADD = "tests.sample_tasks.add"
 RECORD_ID = "tests.sample_tasks.record_id"  # appends the task id to a file, per run
 
 
@@ -228,6 +231,47 @@ def test_message_copied_to_another_app_or_queue_is_refused(
     start_worker(concurrency=1)
     assert h.get(timeout=15) == h.id
     assert runs_in(ledger) == [h.id]
+
+
+def test_an_earlier_or_another_apps_final_event_does_not_end_a_task_reusing_its_id(
+    app: App,
+    access: RawBroker,
+    start_worker,
+    other_app: tuple[Settings, RawBroker],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Task ids chosen by the user are used again once a record is gone (``result_ttl``),
+    and another app with the same secret may use them too: their genuine final events,
+    put on the client's channel, are not this task's."""
+    caplog.set_level(logging.WARNING, logger="nbtask.client.listener")
+    other, other_access = other_app
+    task_id = uuid.uuid4().hex
+    start_worker("--key-prefix", other.key_prefix, concurrency=1, wait=False)
+    stranger = App("stranger", settings=other)
+    try:
+        assert stranger.send_task(ADD, (1, 1), task_id=task_id).get(timeout=15) == 2
+    finally:
+        stranger.close()
+    foreign = other_access.store.hget(other_access.keys.record_key(task_id), "result")
+    start_worker(concurrency=1)
+    assert app.send_task(ADD, (2, 3), task_id=task_id).get(timeout=15) == 5
+    earlier = access.store.hget(access.keys.record_key(task_id), "result")
+    # Its record and ended-task entry gone (result_ttl passed): the id is free again.
+    access.store.delete(access.keys.record_key(task_id))
+    access.store.zrem(access.keys.done_key, task_id)
+    h = app.send_task(ADD, (10, 20), task_id=task_id, queue="later")  # no worker there yet
+    for raw in (earlier, foreign):
+        access.push_event(app.channel, raw)
+
+    def dropped() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "dropped an event" in r.getMessage()]
+
+    wait_until(lambda: h.done() or len(dropped()) == 2, 15, "both events read")
+    assert not h.done(), f"a replayed event ended the task: {h.state}"
+    assert "another send of a task with that id" in dropped()[0]
+    assert f"key prefix {other.key_prefix!r}" in dropped()[1]
+    start_worker("-Q", "later", concurrency=1)
+    assert h.get(timeout=15) == 30
 
 
 def test_the_ended_task_memory_goes_result_ttl_after_its_last_write(

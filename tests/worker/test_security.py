@@ -420,7 +420,8 @@ def test_client_ignores_forged_events(
         access.push_event(app.channel, raw)
     # A genuine progress event after them: once it is applied, all the forgeries before
     # it on the channel have been read (the listener reads in order).
-    progress = Event(EventType.PROGRESS, tid, 0, {"done": 1, "total": 2})
+    run = (app.settings.key_prefix, handle.sent)
+    progress = Event(EventType.PROGRESS, tid, 0, {"done": 1, "total": 2}, run=run)
     access.push_event(app.channel, signer.seal(progress.to_header()))
     wait_for(lambda: handle.progress is not None, what="the genuine progress event")
     assert handle.state is nbtask.State.PENDING
