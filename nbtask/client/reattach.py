@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from nbtask._text import printable
 from nbtask.brokers import Store
 from nbtask.client.listener import Listener
@@ -12,6 +15,8 @@ from nbtask.wire.events import FINAL_STATES, Event, EventType, State, decode_eve
 from nbtask.wire.records import TaskRecord
 
 __all__ = ["reattach"]
+
+log = logging.getLogger(__name__)
 
 
 def reattach(
@@ -43,7 +48,8 @@ def reattach(
     handle = TaskHandle(owner, task_id, record.name or "?", record.queue, label, sent=record.sent)
     # Unsigned: only a name shaped like a client channel of this app is ever read.
     channel = record.client if store.is_channel(record.client) else ""
-    if record.result is not None:
+    stored = _stored_outcome(handle, record.result, store, signer, prefix)
+    if stored is not None:
         # Output first, from the client's event channel while it is kept.
         for raw in store.replay(channel) if channel else ():
             try:
@@ -56,7 +62,7 @@ def reattach(
                 and event.not_for(prefix, handle.sent) is None
             ):
                 handle.apply(event)
-        _apply_stored_result(handle, record, record.result, store, signer, prefix)
+        _end(handle, record, *stored)
     else:
         # Where a broker keeps only final events (AMQP), the record alone says the task
         # is running; the channel's events, if kept, then replay on top of it.
@@ -67,8 +73,10 @@ def reattach(
         # to no handle (on this client's own channel, the listener reads on from where it
         # is): its record has it now.
         again = store.get_record(task_id)
-        if again is not None and again.result is not None:
-            _apply_stored_result(handle, again, again.result, store, signer, prefix)
+        if again is not None:
+            stored = _stored_outcome(handle, again.result, store, signer, prefix)
+            if stored is not None:
+                _end(handle, again, *stored)
     return handle
 
 
@@ -81,10 +89,18 @@ def _recorded_start(record: TaskRecord, task_id: str) -> Event:
     return Event(kind, task_id, 0, info, record.started_at)
 
 
-def _apply_stored_result(
-    handle: TaskHandle, record: TaskRecord, raw: bytes, store: Store, signer: Signer, prefix: str
-) -> None:
-    """End ``handle`` with the task's signed, stored outcome (it must be that task's)."""
+def _stored_outcome(
+    handle: TaskHandle, raw: bytes | None, store: Store, signer: Signer, prefix: str
+) -> tuple[Event, Any] | None:
+    """The task's signed, stored final event and its result; ``None`` if none is stored.
+
+    Raises
+    ------
+    SignatureError
+        What is stored does not verify, or is another task's (or another send's).
+    """
+    if raw is None:
+        return None
     event, result = decode_event(signer, raw, store.get_blob)
     if event.task_id != handle.id:
         # Correctly signed, but another task's: someone moved it here.
@@ -94,6 +110,20 @@ def _apply_stored_result(
     why = event.not_for(prefix, handle.sent)
     if why is not None:  # another app's, or an earlier send's: someone put it here
         raise SignatureError(f"the stored result of task {handle.id!r} is not its own: {why}")
+    if event.state not in FINAL_STATES:
+        # The task's own, but not an outcome (someone copied a progress report there):
+        # followed as a task with no outcome yet, never waited on unregistered.
+        log.warning(
+            "the stored result of task %s is a %s event, not an outcome; following the task",
+            handle.id,
+            event.type.value,
+        )
+        return None
+    return event, result
+
+
+def _end(handle: TaskHandle, record: TaskRecord, event: Event, result: Any) -> None:
+    """End ``handle`` with the task's stored final ``event`` and ``result``."""
     # An end that does not say when the run began (a lost worker's), its other events
     # gone: the record's start it is.
     began = handle.started_at is not None or "started_at" in event.data

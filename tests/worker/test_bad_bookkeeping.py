@@ -20,6 +20,7 @@ pytestmark = pytest.mark.brokers
 
 ADD = "tests.sample_tasks.add"
 SLOW_EARLY = "tests.sample_tasks.slow_early"
+WAIT_FOR_FILE = "tests.sample_tasks.wait_for_file"
 
 
 def pids_in(path: Path) -> list[int]:
@@ -180,6 +181,29 @@ def test_malformed_stream_entries_are_dead_lettered_or_run(
     wait_until(lambda: len(access.dead_letters()) == 1, 10, "the empty entry to be set aside")
     wait_until(access.drained, 10, "every entry to be acknowledged")
     assert "Traceback" not in worker.log.read_text()
+
+
+@pytest.mark.brokers("redis")
+def test_a_stored_result_that_is_not_an_outcome_is_followed_not_waited_on_forever(
+    app: App, access: RawBroker, settings: Settings, start_worker, tmp_path: Path
+) -> None:
+    """A record's result holding a genuine event of the task that does not end it (its
+    printed line, copied from the client's channel): a re-attached handle follows the
+    task, and its result arrives."""
+    marker, go = tmp_path / "marker", tmp_path / "go"
+    start_worker(concurrency=1)
+    h = app.send_task(WAIT_FOR_FILE, (str(marker), str(go)))
+    wait_until(lambda: "waiting" in h.stdout, 15, "the task's printed line")
+    entries = access.store.xrange(app.channel)
+    printed = next(f[b"e"] for _, f in entries if b'"type":"stdout"' in f.get(b"e", b""))
+    access.store.hset(access.keys.record_key(h.id), "result", printed)
+    restarted = App("restarted", settings=settings)
+    try:
+        again = restarted.handle(h.id)
+        go.touch()
+        assert again.get(timeout=15) == h.get(timeout=15)
+    finally:
+        restarted.close()
 
 
 def test_cli_reads_bad_registry_and_records_safely(
