@@ -351,7 +351,10 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisChannels):
     def rate_wait(self, bucket: str, rate: float) -> float:
         """Take the token of ``bucket`` (``rate`` per second) or say how long to wait."""
         key = f"{self.prefix}:rate:{bucket}"
-        return float(self.link.call("rate", [key], repr(rate), repr(time.time())))
+        wait, bad = self.link.call("rate", [key], repr(rate), repr(time.time()))
+        if bad:
+            log.warning("reset rate-limit bucket %s, which nbtask did not write", key)
+        return float(wait)
 
     # Task journals -------------------------------------------------------------------------
     def journal_key(self, task_id: str) -> str:

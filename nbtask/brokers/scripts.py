@@ -321,14 +321,24 @@ return aside
 _SET_ASIDE = SET_ASIDE + "return set_aside(KEYS[1])\n"
 
 # A token bucket per (worker, task name) holding one token: tasks start at most `rate`
-# per second. Returns how long to wait, in seconds ('0' = go now).
+# per second. Returns how long to wait, in seconds ('0' = go now), and 1 if the bucket
+# was not written by nbtask. Only its worker writes it, a time by its own clock (tostring
+# rounds it: a second's slack): anything else there (another type, not a number, NaN,
+# infinity, a time to come) would park its tasks for ever, and reads as empty.
 # KEYS: bucket; ARGV: rate, now
 _RATE = """
 local rate, now = tonumber(ARGV[1]), tonumber(ARGV[2])
-local last = tonumber(redis.call('GET', KEYS[1]) or '0')
-if last + 1 / rate > now then return tostring(last + 1 / rate - now) end
+local got = redis.pcall('GET', KEYS[1])
+local last, bad = 0, 0
+if type(got) == 'table' then
+  bad = 1
+elseif got then
+  last = tonumber(got)
+  if last == nil or last ~= last or last > now + 1 then last, bad = 0, 1 end
+end
+if last + 1 / rate > now then return {tostring(last + 1 / rate - now), bad} end
 redis.call('SET', KEYS[1], tostring(now), 'EX', 3600)
-return '0'
+return {'0', bad}
 """
 
 # A record without a client was written by a start check alone, for a task id that came

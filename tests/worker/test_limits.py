@@ -230,3 +230,29 @@ def test_worker_disable_rate_limits(
     assert [h.get(timeout=10) for h in handles] == list(range(6))
     # The rate-limit code path was skipped entirely: no bucket was ever written.
     assert list(r.scan_iter(match=f"{prefix}:rate:*")) == []
+
+
+@pytest.mark.parametrize("planted", ["inf", "1e300", "not a number", "another type"])
+def test_a_rate_limit_bucket_nbtask_did_not_write_is_reset_not_waited_for(
+    app: App, start_worker, prefix: str, r: redis.Redis, planted: str
+) -> None:
+    """A worker's bucket (``<prefix>:rate:<worker>:<task>``) holds the time its token was
+    last taken: infinity or a time to come there parked the task for ever."""
+    worker = start_worker(concurrency=1)
+
+    @app.task(rate_limit="1/m")
+    def limited() -> int:
+        return 1
+
+    (worker_id,) = app.workers()
+    bucket = f"{prefix}:rate:{worker_id}:{limited.name}"
+    if planted == "another type":
+        r.hset(bucket, "junk", "1")
+    else:
+        r.set(bucket, planted)
+    assert limited.delay().get(timeout=10) == 1
+    said = [line for line in worker.log.read_text().splitlines() if "did not write" in line]
+    assert len(said) == 1 and bucket in said[0], said
+    second = limited.delay()  # the bucket is nbtask's again: the limit holds
+    with pytest.raises(TimeoutError):
+        second.get(timeout=1)
