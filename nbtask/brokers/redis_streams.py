@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 
 __all__ = ["GROUP", "StreamsTransport"]
 
+#: A task queue's entry id this far past the clock was not given by Redis (see
+#: ``repair_queue``): clocks of hosts differ by far less.
+_AHEAD_SECONDS = 86_400.0
+
 
 class StreamsTransport(StreamsUpkeep):
     """A :class:`~nbtask.brokers.base.Transport` on Redis Streams, beside its store.
@@ -383,18 +387,41 @@ class StreamsTransport(StreamsUpkeep):
     def requeue(self, delivery: Delivery, task_id: str) -> None:
         """Re-add the message with its redelivery count raised, and drop the old entry."""
         stream = self.queue_key(delivery.queue)
-        self._replace(
-            delivery,
-            ("XADD", stream, "*", "e", delivery.raw, "n", delivery.deliveries + 1, "i", task_id),
-            ("HSET", self.store.record_key(task_id), "state", "PENDING"),
-        )
+        add = ("XADD", stream, "*", "e", delivery.raw, "n", delivery.deliveries + 1, "i", task_id)
+        pending = ("HSET", self.store.record_key(task_id), "state", "PENDING")
+        (added, *_) = self._replace(delivery, add, pending)
+        self._add_again(delivery, add, added)
 
     def move(self, delivery: Delivery, queue: str, raw: bytes, task_id: str) -> None:
         """Put ``raw`` (the delivery's message, sealed for ``queue``) there; drop the old."""
         target = self.queue_key(queue)
-        self._replace(
-            delivery, ("XADD", target, "*", "e", raw, "n", delivery.deliveries, "i", task_id)
-        )
+        add = ("XADD", target, "*", "e", raw, "n", delivery.deliveries, "i", task_id)
+        (added, *_) = self._replace(delivery, add)
+        self._add_again(delivery, add, added)
+
+    def _add_again(self, delivery: Delivery, add: Command, reply: Any) -> None:
+        """Add a message whose ``add`` to a task queue the transaction's run refused.
+
+        Its delivery is dropped by then. A queue whose ids were used up by an entry past
+        the clock (nbtask did not write it) is repaired first (see the ``repair_queue``
+        script); a queue still refusing (another type) keeps it in the dead-letter stream.
+        """
+        if not isinstance(reply, ResponseError):
+            return
+        queue = str(add[1])
+        with self.link.translate_errors():
+            if "last possible" in str(reply):
+                ahead = str(int((time.time() + _AHEAD_SECONDS) * 1000))
+                deleted = self.link.call("repair_queue", [queue], ahead)
+                log.error("deleted %s entries past the clock from %s (%s)", deleted, queue, reply)
+                try:
+                    self.link.run([add], large=True)
+                    return
+                except ResponseError as exc:
+                    reply = exc
+            log.error("kept a message %s refused in the dead-letter stream: %s", queue, reply)
+            command = self.store.dead_letter_command(delivery)
+            self.store.append_replacing(self.store.dead_letter_key, [command], large=True)
 
     def dead_letter(self, delivery: Delivery) -> None:
         """Move the message to the dead-letter stream and acknowledge it."""

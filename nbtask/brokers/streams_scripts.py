@@ -184,6 +184,31 @@ end
 return ids
 """
 
+# Make a task queue whose ids were used up (an entry put at, or near, the last possible
+# id: Redis numbers entries by its clock, so someone else put it there) take entries
+# again: its entries past the clock are deleted, its last id set back to its newest
+# remaining entry, and a group given one of them set back as well. Returns how many were
+# deleted. KEYS: the queue; ARGV: the clock plus a day, in ms
+_REPAIR_QUEUE = """
+local deleted = 0
+for _, entry in ipairs(redis.call('XRANGE', KEYS[1], ARGV[1], '+')) do
+  deleted = deleted + redis.call('XDEL', KEYS[1], entry[1])
+end
+local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local last = newest[1] and newest[1][1] or '0-1'
+redis.call('XSETID', KEYS[1], last)
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local name, delivered
+  for j = 1, #g, 2 do
+    if g[j] == 'name' then name = g[j + 1] end
+    if g[j] == 'last-delivered-id' then delivered = g[j + 1] end
+  end
+  local ms = tonumber(string.match(delivered, '^%d+'))
+  if ms and ms >= tonumber(ARGV[1]) then redis.call('XGROUP', 'SETID', KEYS[1], name, last) end
+end
+return deleted
+"""
+
 STREAMS_SCRIPTS = {
     "publish": _PUBLISH,
     "finish": _FINISH,
@@ -192,4 +217,5 @@ STREAMS_SCRIPTS = {
     "recover": _RECOVER,
     "move_due": _MOVE_DUE,
     "purge": _PURGE,
+    "repair_queue": _REPAIR_QUEUE,
 }

@@ -14,7 +14,9 @@ from raw_broker import RawBroker
 
 import nbtask
 from nbtask import App, Settings, State
+from nbtask.brokers import open_broker
 from nbtask.cli import main
+from nbtask.worker.lost import LostTasks
 
 pytestmark = pytest.mark.brokers
 
@@ -204,6 +206,33 @@ def test_a_stored_result_that_is_not_an_outcome_is_followed_not_waited_on_foreve
         assert again.get(timeout=15) == h.get(timeout=15)
     finally:
         restarted.close()
+
+
+@pytest.mark.brokers("redis")
+def test_a_task_queue_whose_ids_are_used_up_is_repaired_and_a_lost_task_requeued_runs(
+    app: App, access: RawBroker, start_worker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An entry put at the last possible id of a task queue leaves Redis no id to give:
+    the requeue of a lost ``acks_late`` delivery there (a transaction that also drops the
+    delivery) was refused, and the message was gone. Now the entries past the clock are
+    deleted and the queue's last id set back, with one log line, and the message is
+    added again; it runs."""
+    transport = open_broker(app.settings, app.settings.broker_url or "")
+    try:
+        transport.ensure_queues(["default"])
+        h = app.send_task(ADD, (2, 3), acks_late=True)
+        delivery = transport.fetch(["default"], "test-consumer", 10)
+        assert delivery is not None
+        queue = access.streams.queue_key("default")
+        access.store.xadd(queue, {"e": b"junk"}, id=f"{2**64 - 1}-{2**64 - 1}")
+        LostTasks(transport, app.signer, app.settings).settle(delivery, "child died")
+    finally:
+        transport.close()
+    said = [r.getMessage() for r in caplog.records if "past the clock" in r.getMessage()]
+    assert len(said) == 1 and queue in said[0], said
+    start_worker(concurrency=1)
+    assert h.get(timeout=15) == 5
+    assert app.send_task(ADD, (3, 4)).get(timeout=15) == 7  # the queue takes new tasks
 
 
 def test_cli_reads_bad_registry_and_records_safely(
