@@ -40,7 +40,8 @@ __all__ = [
     "key_id",
 ]
 
-FORMAT_VERSION = 1
+#: Raised with every change peers must agree on (2: an event names its app and send).
+FORMAT_VERSION = 2
 MAGIC = b"NBT"
 # Used only with insecure=True: integrity against accidents, no protection against anyone.
 INSECURE_KEY = b"nbtask-insecure-public-key"

@@ -153,7 +153,7 @@ def test_raw_pickle_is_rejected(tmp_path: Path) -> None:
     assert not trace.exists()
 
 
-@pytest.mark.parametrize("version", [0, 2, 255])
+@pytest.mark.parametrize("version", [0, FORMAT_VERSION - 1, FORMAT_VERSION + 1, 255])
 def test_wrong_format_version_is_rejected_with_a_clear_message(version: int) -> None:
     raw = sealed()
     # Correct MAC over the changed version: only the version check can reject it.
@@ -291,7 +291,9 @@ def test_property_arbitrary_bytes(trace_envelope: tuple[bytes, Path], raw: bytes
 
 
 @settings(BOUNDED, max_examples=1000)
-@given(raw=st.binary(min_size=8, max_size=128).map(lambda b: b"NBT\x01" + b[4:]))
+@given(
+    raw=st.binary(min_size=8, max_size=128).map(lambda b: MAGIC + bytes((FORMAT_VERSION,)) + b[4:])
+)
 def test_property_arbitrary_bytes_with_valid_prefix(
     trace_envelope: tuple[bytes, Path], raw: bytes
 ) -> None:

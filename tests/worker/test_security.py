@@ -31,7 +31,7 @@ import nbtask
 from nbtask import App, Settings
 from nbtask.brokers.redis_store import DEAD_LETTER_BYTES
 from nbtask.core.holding import holder_queue
-from nbtask.wire.envelope import Signer
+from nbtask.wire.envelope import FORMAT_VERSION, MAGIC, Signer
 from nbtask.wire.events import Event, EventType
 
 MARKER_TASK = "tests.sample_tasks.slow_marker"
@@ -179,12 +179,12 @@ def _empty(a: Attack) -> bytes:
 def _wrong_version(a: Attack) -> bytes:
     # Correctly MACed with the real secret, so only the version check can reject it.
     raw = a.valid()
-    unsigned = raw[:3] + bytes((2,)) + raw[4:-MAC_SIZE]
+    unsigned = raw[:3] + bytes((FORMAT_VERSION + 1,)) + raw[4:-MAC_SIZE]
     return resign(unsigned)
 
 
 def _oversized_garbage(a: Attack) -> bytes:
-    return b"NBT\x01" + b"\x00\x00\x00\x02{}" + b"x" * (SMALL_LIMIT * 2)
+    return MAGIC + bytes((FORMAT_VERSION,)) + b"\x00\x00\x00\x02{}" + b"x" * (SMALL_LIMIT * 2)
 
 
 def _oversized_signed(a: Attack) -> bytes:
@@ -410,7 +410,9 @@ def test_client_ignores_forged_events(
         "tampered-header": flip(valid_success, start + (end - start) // 2),
         "tampered-mac": flip(valid_success, len(valid_success) - 1),
         "truncated": valid_success[:-5],
-        "wrong-version": resign(valid_success[:3] + b"\x02" + valid_success[4:-MAC_SIZE]),
+        "wrong-version": resign(
+            valid_success[:3] + bytes((FORMAT_VERSION + 1,)) + valid_success[4:-MAC_SIZE]
+        ),
         "wrong-key-failure": Signer("x").seal(
             Event(EventType.FAILURE, tid, 99, {"ename": "Forged", "evalue": "x"}).to_header()
         ),
@@ -559,7 +561,7 @@ def test_a_huge_refused_message_leaves_only_its_start_size_and_hash_in_the_store
     app: App, access: RawBroker, small_worker: WorkerProcess
 ) -> None:
     """Whoever may publish to RabbitMQ, but not write to the store, cannot fill the store."""
-    raw = b"NBT\x01" + os.urandom(DEAD_LETTER_BYTES * 3)
+    raw = MAGIC + bytes((FORMAT_VERSION,)) + os.urandom(DEAD_LETTER_BYTES * 3)
     access.inject(raw)
     wait_for(lambda: len(access.dead_letters()) == 1, what="the worker to dead-letter it")
     [kept] = access.dead_letters()
