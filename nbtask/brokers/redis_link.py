@@ -15,7 +15,6 @@ import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 import redis
 from redis.exceptions import (
@@ -31,6 +30,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from nbtask._text import redact_url
 from nbtask.brokers.base import PIPELINE_WINDOW, Publish
+from nbtask.brokers.redis_errors import is_wrong_type, sentence, unreachable_hint
+from nbtask.brokers.redis_patience import Patience
 from nbtask.brokers.redis_resp import (
     LARGE_BYTES,
     Command,
@@ -46,24 +47,13 @@ __all__ = ["LARGE_BYTES", "Command", "RedisLink", "is_wrong_type", "unanswered"]
 
 log = logging.getLogger(__name__)
 
+#: How long Redis may take to answer a command before the call fails (redis-py 8's own
+#: default, set for every version): a server that takes what is sent but says nothing
+#: back (stalled, or a network path gone dead) never holds a caller forever.
+ANSWER_SECONDS = 5.0
 #: Bytes of publishes a thread may have sent unanswered (kept to be sent again) before
 #: its next send reads Redis's replies: a loop sending large arguments holds little.
 OWED_BYTES = 16 << 20
-
-
-def _hint(role: str, url: str) -> str:
-    """What to check when the Redis ``role`` at ``url`` cannot be reached."""
-    if role != "broker":
-        return f"Is redis-server running there? (the {role}: NBTASK_RESULT_URL)"
-    parts = urlsplit(url)
-    if parts.scheme == "unix":
-        start = f"redis-server --port 0 --unixsocket {parts.path}"
-    else:
-        start = f"redis-server --port {parts.port or 6379}"
-    return (
-        f"Is redis-server running there? (start one with: {start}, or unset NBTASK_BROKER "
-        "to use the embedded cluster)"
-    )
 
 
 @dataclasses.dataclass
@@ -97,12 +87,15 @@ class RedisLink:
         self._role = role
         self._unreachable = (
             f"cannot reach the Redis {role} at {redact_url(url)}",
-            _hint(role, url),
+            unreachable_hint(role, url),
         )
         # Typed as Any: redis-py's reply types are unions over decode_responses that would
         # need a cast at every call; the callers check the shapes they read instead.
         # RESP2 keeps raw replies in one known shape for the hot path.
-        self._redis: Any = redis.Redis.from_url(url, socket_connect_timeout=5, protocol=2)
+        self._redis: Any = redis.Redis.from_url(
+            url, socket_connect_timeout=5, socket_timeout=ANSWER_SECONDS, protocol=2
+        )
+        self._patience = Patience(self._redis)
         self._scripts: dict[str, str] = {}
         self._sha: dict[str, str] = {}
         self._local = threading.local()
@@ -115,10 +108,56 @@ class RedisLink:
         """redis-py's client, on pooled connections, for commands off the hot path.
 
         This thread's unread replies are read first: its publishes sent without waiting
-        then have run, so the pooled connection sees every task this thread sent.
+        then have run, so the pooled connection sees every task this thread sent. In an
+        :meth:`answering_within` block, a client whose connections wait that long.
         """
         self.settle_owed()
-        return self._redis
+        if (seconds := self._patience.seconds) is None:
+            return self._redis
+        self._patience.refuse_if_silent()
+        return self._patience.client(seconds)
+
+    @contextlib.contextmanager
+    def answering_within(self, seconds: float) -> Iterator[None]:
+        """In the block, this thread gives up on an answer Redis owes after ``seconds``.
+
+        The connection that waited is dropped (a half-read one is never reused); the
+        block's commands then fail at once for ``seconds`` (see
+        :mod:`~nbtask.brokers.redis_patience`). Failures raise :class:`BrokerUnavailable`
+        through :meth:`translate_errors`. One socket call on entry, one on exit.
+        """
+        self._patience.begin(seconds)
+        self._wait_at_most(seconds)
+        try:
+            yield
+        finally:
+            self._patience.begin(None)
+            self._wait_at_most(self._redis.connection_pool.connection_kwargs["socket_timeout"])
+
+    def _wait_at_most(self, seconds: float | None) -> None:
+        """Set how long this thread's own connection waits for an answer (made or not yet)."""
+        connection = getattr(self._local, "connection", None)
+        if connection is None or getattr(self._local, "pid", None) != os.getpid():
+            return
+        connection.socket_timeout = seconds  # read again when it (re)connects
+        if connection._sock is not None:
+            connection._sock.settimeout(seconds)
+
+    def _gave_up(self, exc: BaseException) -> bool:
+        """Whether this thread gives up on Redis for ``exc``: a timeout in a bounded block.
+
+        Then its own connection is dropped and forgotten, so the block's next commands
+        fail at once (see :meth:`_connection`); one still owed replies (a pooled command
+        timed out) keeps it, to read them within the same patience.
+        """
+        if not isinstance(exc, RedisTimeoutError) or self._patience.seconds is None:
+            return False
+        self._patience.give_up()
+        own = getattr(self._local, "connection", None)
+        if own is not None and (own._sock is None or not self.owed):
+            own.disconnect()
+            self._local.connection = None
+        return True
 
     def add_scripts(self, scripts: Mapping[str, str]) -> None:
         """Make ``scripts`` (name -> Lua) callable with :meth:`evalsha`."""
@@ -132,13 +171,18 @@ class RedisLink:
         try:
             yield
         except (RedisConnectionError, RedisTimeoutError) as exc:
+            if self._gave_up(exc):
+                raise BrokerUnavailable(
+                    f"the Redis {self._role} at {redact_url(self.url)} did not answer within "
+                    f"{self._patience.seconds:g} s: {sentence(exc)}"
+                ) from exc
             what, hint = self._unreachable
             if isinstance(exc, (AuthenticationError, AuthorizationError)):
                 hint = "Check the user name and password in the URL (redis://user:password@host)"
-            raise BrokerUnavailable(f"{what}: {_sentence(exc)} {hint}") from exc
+            raise BrokerUnavailable(f"{what}: {sentence(exc)} {hint}") from exc
         except OutOfMemoryError as exc:  # it answers, but takes no writes: as good as gone
             raise BrokerUnavailable(
-                f"the Redis {self._role} at {redact_url(self.url)} is full: {_sentence(exc)} "
+                f"the Redis {self._role} at {redact_url(self.url)} is full: {sentence(exc)} "
                 "Free memory there or raise its maxmemory (an eviction policy would drop "
                 "queued tasks and results)"
             ) from exc
@@ -192,6 +236,7 @@ class RedisLink:
             connection.disconnect()
         self._redis.close()
         self._redis.connection_pool.disconnect()
+        self._patience.close()
 
     @property
     def read_lost(self) -> bool:
@@ -252,8 +297,9 @@ class RedisLink:
             # server gone since the last reply (stopped, restarted) never read it.
             sent = send_first(owed.connection, [packed])
             gone = not sent or closed_by_server(owed.connection._sock)
-        except (RedisConnectionError, RedisTimeoutError):
+        except (RedisConnectionError, RedisTimeoutError) as exc:
             owed.connection.disconnect()
+            self._gave_up(exc)
             self.read_lost = True
             # Whether Redis got this one, or the ones owed before it, is unknown: send
             # them all again now, on a new connection, and raise if that fails too.
@@ -358,8 +404,9 @@ class RedisLink:
                 except ResponseError as exc:
                     self._note_unsent([entry], exc)
                 settled += 1
-        except (RedisConnectionError, RedisTimeoutError):
+        except (RedisConnectionError, RedisTimeoutError) as exc:
             owed.connection.disconnect()
+            self._gave_up(exc)
             self.read_lost = True
             again += owed.sent[settled:]
             settled = len(owed.sent)
@@ -395,7 +442,7 @@ class RedisLink:
 
     def _note_unsent(self, entries: Sequence[tuple[Command, str]], why: BaseException) -> None:
         ids = [task_id for _, task_id in entries]
-        log.error("Redis did not queue task(s) %s: %s", ", ".join(ids), _sentence(why))
+        log.error("Redis did not queue task(s) %s: %s", ", ".join(ids), sentence(why))
         with self._lock:
             self._unsent += ids
 
@@ -405,9 +452,12 @@ class RedisLink:
         # process forked meanwhile (by task code) never uses its parent's socket.
         connection = getattr(self._local, "connection", None)
         if connection is None or getattr(self._local, "pid", None) != os.getpid():
+            self._patience.refuse_if_silent()  # (a bounded block's, dropped on giving up)
             pool = self._redis.connection_pool
             connection = pool.connection_class(**pool.connection_kwargs)
             self._local.connection, self._local.pid = connection, os.getpid()
+            if (seconds := self._patience.seconds) is not None:
+                connection.socket_timeout = seconds
         return connection
 
     def run(
@@ -442,14 +492,15 @@ class RedisLink:
                 if not send_first(connection, packed):
                     raise RedisConnectionError("Redis closed the connection")
                 read_replies(connection, len(commands), block_seconds, replies)
-            except (RedisConnectionError, RedisTimeoutError):
+            except (RedisConnectionError, RedisTimeoutError) as exc:
                 # A half-read connection cannot be reused; the next call reconnects.
                 connection.disconnect()
                 self.read_lost = True
                 # A connection that went stale while idle (the server restarted) fails
                 # before the first reply: the server never ran these commands. Once more
-                # on a new connection; a fresh one failing is a real outage.
-                if attempt == 2 or fresh or replies:
+                # on a new connection; a fresh one failing is a real outage. Not when a
+                # bounded block gives up: a server that answers nothing would cost two.
+                if self._gave_up(exc) or attempt == 2 or fresh or replies:
                     raise
                 continue
             except BaseException:
@@ -472,14 +523,3 @@ def unanswered(messages: Sequence[Publish], wait: bool) -> Publish | None:
     if wait or len(messages) != 1 or len(messages[0].raw) >= LARGE_BYTES:
         return None
     return messages[0]
-
-
-def _sentence(exc: BaseException) -> str:
-    """redis-py's message, ending with one stop (its own end with ".", "?" or nothing)."""
-    text = str(exc).rstrip(".")
-    return text if text.endswith("?") else f"{text}."
-
-
-def is_wrong_type(exc: BaseException) -> bool:
-    """Whether a command failed on a key of another type (``WRONGTYPE``)."""
-    return isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE")

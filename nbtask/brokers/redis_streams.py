@@ -84,8 +84,13 @@ class StreamsTransport(StreamsUpkeep):
         self.link.close()
 
     def answers_within(self, seconds: float) -> contextlib.AbstractContextManager[None]:
-        """Nothing more: Redis's commands keep the timeouts of its connections."""
-        return contextlib.nullcontext()
+        """In the block, this thread gives up on an answer Redis owes after ``seconds``.
+
+        It raises :class:`~nbtask.errors.BrokerUnavailable` then, and at once for every
+        later command of the block (see
+        :meth:`~nbtask.brokers.redis_link.RedisLink.answering_within`).
+        """
+        return self.link.answering_within(seconds)
 
     # Client side -----------------------------------------------------------------------------
     def publish(self, messages: Sequence[Publish], *, wait: bool = True) -> list[str]:

@@ -16,6 +16,7 @@ the second a cold one (children are killed; their tasks are settled as if they d
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -116,6 +117,7 @@ class Worker:
         self._control_position = "$"
         self._signals = 0
         self._warm = False
+        self._stopping, self._stopping_bounded = contextlib.ExitStack(), False  # _answer_soon
         self._failing: dict[str, str] = {}  # housekeeping step -> its last error
         self._left_to_others: set[str] = set()  # dead workers whose secrets this one lacks
         self._queues_left: set[str] = set()  # dead workers whose queues are still consumed
@@ -209,6 +211,7 @@ class Worker:
         if self._signals == 1 and not self._warm:
             self._warm = True
             log.info("warm shutdown: children finish their current task (signal again to stop now)")
+            self._answer_soon()
             self._pool.signal_all(signal.SIGTERM)
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
             log.warning("parent process %d is gone; stopping", self.parent_pid)
@@ -321,13 +324,29 @@ class Worker:
             self._versions_probe.kill()
             self._versions_probe.wait()
         self._pool.kill_all()
+        with self._stopping:
+            self._answer_soon()
+            self._say_goodbye()
+        self.transport.close()
+        log.info("worker %s stopped", self.worker_id)
+
+    def _answer_soon(self) -> None:
+        """Bound the waits for the broker's answers from now on (a stop), once.
+
+        A broker that takes what is sent but says nothing back then costs one bounded
+        wait, not a timeout per step (see ``Transport.answers_within``).
+        """
+        if not self._stopping_bounded:
+            self._stopping.enter_context(self.transport.answers_within(_BROKER_ANSWER_SECONDS))
+            self._stopping_bounded = True
+
+    def _say_goodbye(self) -> None:
+        """Settle the children's tasks, move what waits on their queues, unregister."""
         for slot in list(self._pool.processes):
             self._child_exited(slot, respawn=False)
         left = [holder_queue(consumer) for consumer in self.consumers]
         try:
-            # A broker that takes what is sent but answers nothing must not keep it here.
-            with self.transport.answers_within(_BROKER_ANSWER_SECONDS):
-                left = self._rehome(self.consumers, until=time.monotonic() + _CHILDREN_GONE_SECONDS)
+            left = self._rehome(self.consumers, until=time.monotonic() + _CHILDREN_GONE_SECONDS)
         except BrokerUnavailable as exc:
             log.warning("could not move what waits on this worker's processes: %s", exc)
         try:
@@ -342,8 +361,6 @@ class Worker:
                 self.transport.forget_consumers(self.consumers, self.queues)
         except BrokerUnavailable as exc:
             log.warning("could not unregister from the broker: %s", exc)
-        self.transport.close()
-        log.info("worker %s stopped", self.worker_id)
 
     # Housekeeping ----------------------------------------------------------------------------
     def _info(self) -> WorkerInfo:

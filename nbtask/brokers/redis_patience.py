@@ -1,0 +1,72 @@
+"""How long a thread waits for Redis's answers in a bounded block, and when it gave up.
+
+A block (:meth:`~nbtask.brokers.redis_link.RedisLink.answering_within`) bounds the waits
+of what must end even when Redis takes what is sent but says nothing back: a stopping
+worker, a client's wait with a timeout. Once one answer was given up on, the block's
+commands of the next ``seconds`` fail at once: a server that does not answer costs one
+wait per ``seconds``, not one per command, and one that answers again is found again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import redis
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+__all__ = ["Patience"]
+
+
+class Patience:
+    """Per thread: the seconds of its bounded block (if in one), and when it gave up.
+
+    Parameters
+    ----------
+    base
+        The link's redis-py client: bounded clients copy its connection settings.
+    """
+
+    def __init__(self, base: Any) -> None:
+        self._base = base
+        self._local = threading.local()
+        self._clients: dict[float, Any] = {}  # by seconds: pooled connections that wait so long
+        self._lock = threading.Lock()
+
+    @property
+    def seconds(self) -> float | None:
+        """How long this thread waits for an answer in its block; ``None`` outside one."""
+        seconds: float | None = getattr(self._local, "seconds", None)
+        return seconds
+
+    def begin(self, seconds: float | None) -> None:
+        """Enter (``seconds``) or leave (``None``) this thread's block; nothing given up yet."""
+        self._local.seconds, self._local.until = seconds, 0.0
+
+    def give_up(self) -> None:
+        """Note an answer given up on: the block's commands fail at once for its seconds."""
+        self._local.until = time.monotonic() + (self.seconds or 0.0)
+
+    def refuse_if_silent(self) -> None:
+        """Raise redis-py's ``TimeoutError`` while an answer was given up on just now."""
+        if time.monotonic() < getattr(self._local, "until", 0.0):
+            raise RedisTimeoutError("it left an earlier command unanswered just now")
+
+    def client(self, seconds: float) -> Any:
+        """A redis-py client on pooled connections that wait ``seconds`` for an answer."""
+        with self._lock:
+            client = self._clients.get(seconds)
+            if client is None:
+                kwargs = {**self._base.connection_pool.connection_kwargs, "socket_timeout": seconds}
+                client = redis.Redis(connection_pool=redis.ConnectionPool(**kwargs))
+                self._clients[seconds] = client
+            return client
+
+    def close(self) -> None:
+        """Close the bounded clients' connections."""
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            client.close()
+            client.connection_pool.disconnect()
