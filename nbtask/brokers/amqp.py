@@ -36,7 +36,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from nbtask.brokers.amqp_guards import (
     DELIVERIES_HEADER,
@@ -113,12 +113,14 @@ class AmqpTransport(AmqpUpkeep):
         self.links.close()
         self.store.close()
 
-    def answers_within(self, seconds: float) -> contextlib.AbstractContextManager[None]:
-        """In the block, this thread gives up on an answer RabbitMQ owes after ``seconds``.
+    @contextlib.contextmanager
+    def answers_within(self, seconds: float) -> Iterator[None]:
+        """In the block, this thread gives up on an answer the broker owes after ``seconds``.
 
-        It raises :class:`BrokerUnavailable` then (the store keeps its own timeouts).
+        RabbitMQ's and the store's alike: it raises :class:`BrokerUnavailable` then.
         """
-        return self.links.answering_within(seconds)
+        with self.links.answering_within(seconds), self.store.link.answering_within(seconds):
+            yield
 
     # Client side -----------------------------------------------------------------------------
     def publish(self, messages: Sequence[Publish], *, wait: bool = True) -> list[str]:

@@ -126,13 +126,14 @@ class RedisLink:
         :mod:`~nbtask.brokers.redis_patience`). Failures raise :class:`BrokerUnavailable`
         through :meth:`translate_errors`. One socket call on entry, one on exit.
         """
-        self._patience.begin(seconds)
+        outer = self._patience.begin(seconds)
         self._wait_at_most(seconds)
         try:
             yield
         finally:
-            self._patience.begin(None)
-            self._wait_at_most(self._redis.connection_pool.connection_kwargs["socket_timeout"])
+            self._patience.end(outer)
+            default = self._redis.connection_pool.connection_kwargs["socket_timeout"]
+            self._wait_at_most(default if outer[0] is None else outer[0])
 
     def _wait_at_most(self, seconds: float | None) -> None:
         """Set how long this thread's own connection waits for an answer (made or not yet)."""
@@ -175,6 +176,12 @@ class RedisLink:
                 raise BrokerUnavailable(
                     f"the Redis {self._role} at {redact_url(self.url)} did not answer within "
                     f"{self._patience.seconds:g} s: {sentence(exc)}"
+                ) from exc
+            if isinstance(exc, RedisTimeoutError) and not str(exc).startswith("Timeout connecting"):
+                raise BrokerUnavailable(
+                    f"the Redis {self._role} at {redact_url(self.url)} takes connections but "
+                    f"did not answer in time: {sentence(exc)} Is it stalled (a long command, "
+                    "a save, swapping), or is the network path to it cut?"
                 ) from exc
             what, hint = self._unreachable
             if isinstance(exc, (AuthenticationError, AuthorizationError)):

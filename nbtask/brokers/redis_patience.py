@@ -40,9 +40,15 @@ class Patience:
         seconds: float | None = getattr(self._local, "seconds", None)
         return seconds
 
-    def begin(self, seconds: float | None) -> None:
-        """Enter (``seconds``) or leave (``None``) this thread's block; nothing given up yet."""
+    def begin(self, seconds: float) -> tuple[float | None, float]:
+        """Enter a block of this thread's, nothing given up yet; returns what :meth:`end` takes."""
+        outer = (self.seconds, getattr(self._local, "until", 0.0))
         self._local.seconds, self._local.until = seconds, 0.0
+        return outer
+
+    def end(self, outer: tuple[float | None, float]) -> None:
+        """Leave the block :meth:`begin` entered: the one around it (if any) holds again."""
+        self._local.seconds, self._local.until = outer
 
     def give_up(self) -> None:
         """Note an answer given up on: the block's commands fail at once for its seconds."""
