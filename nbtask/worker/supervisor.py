@@ -231,8 +231,9 @@ class Worker:
         heartbeats or time limits.
         """
         steps: list[tuple[str, Callable[[], object]]] = [
-            ("versions", self._announce_versions),
+            # First: a broker that fails a step ends the tick, and this one needs none.
             ("time limits", self._pool.enforce_limits),
+            ("versions", self._announce_versions),
             ("control messages", self._read_control),
             ("terminate requests", self._pool.apply_terminates),
         ]

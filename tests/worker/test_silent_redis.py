@@ -1,14 +1,20 @@
 """Redis, or a proxy before it, takes what is sent but answers nothing (a stalled server,
-a network path gone dead): a worker still stops on one SIGTERM."""
+a network path gone dead): a worker says so, keeps its time limits, and still stops on
+one SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
+from pathlib import Path
 
+import psutil
+from helpers import wait_until
 from tcp_proxy import proxying, via
 
-from nbtask import Settings
+from nbtask import App, Settings
+from tests.celery_tasks import read_records
 
 
 def test_one_sigterm_stops_a_worker_whose_redis_stopped_answering(
@@ -30,3 +36,45 @@ def test_one_sigterm_stops_a_worker_whose_redis_stopped_answering(
         log = worker.log.read_text()
         assert "did not answer within 5 s" in log, log
         assert "could not unregister from the broker" in log, log
+
+
+def test_a_worker_whose_redis_stopped_answering_says_so_and_keeps_its_time_limits(
+    start_worker, settings: Settings, tmp_path: Path
+) -> None:
+    """Each of its commands gives up after 5 s: the supervisor's loop goes on between
+    them, logging what it sees, and kills a child past its task's hard time limit."""
+    ledger = tmp_path / "ledger"
+    with proxying(settings.broker_url or "", 6379) as proxy:
+        url = via(settings.broker_url or "", proxy.url_port)
+        worker = start_worker("-b", url, concurrency=1)
+        client = App("silent", settings=settings.replace(broker_url=url))
+
+        @client.task(time_limit=3)
+        def stuck(path: str) -> None:
+            import time as t
+
+            from tests.celery_tasks import record
+
+            record(path, h="started")
+            while True:  # ignores everything but SIGKILL
+                with contextlib.suppress(BaseException):
+                    t.sleep(30)
+
+        stuck.delay(str(ledger))
+        client.flush()
+        wait_until(lambda: bool(read_records(ledger)), 15, "the task to start")
+        pid = read_records(ledger)[0]["pid"]
+        proxy.deafen(new_ones=True)
+        wait_until(
+            lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie",
+            60,
+            "the child past its time limit to be killed",
+        )
+        wait_until(
+            lambda: "takes connections but did not answer" in worker.log.read_text(),
+            30,
+            "the supervisor to say Redis does not answer",
+        )
+        assert "passed its hard time limit" in worker.log.read_text()
+        assert worker.process.poll() is None
+    client.close()
