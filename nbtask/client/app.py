@@ -29,6 +29,8 @@ from nbtask.wire.records import TaskRecord, WorkerInfo
 __all__ = ["App"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+#: How long finding why a task waits may wait for the registry (an answer in ms, normally).
+_REASON_SECONDS = 1.0
 
 
 class App(AppConnection):
@@ -276,8 +278,13 @@ class App(AppConnection):
 
     def waiting_reason(self, queue: str, started_by: tuple[str, int] | None = None) -> str | None:
         """Why a task on ``queue`` waits, if known: see :attr:`TaskHandle.waiting_reason`."""
-        live = self._live
-        return None if live is None else live.waiting_reason(queue, started_by)
+        live, transport = self._live, self._transport
+        if live is None or transport is None:
+            return None
+        # What is told besides a task's state: a store that does not answer (read after a
+        # get() timed out, say) must not make the caller wait one more timeout for it.
+        with transport.answers_within(_REASON_SECONDS):
+            return live.waiting_reason(queue, started_by)
 
     def expect(self, task_id: str, name: str) -> TaskHandle:
         """A handle for a task that a worker will send (a later step of a chain)."""

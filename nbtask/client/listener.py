@@ -129,7 +129,8 @@ class Listener:
         with self._lock:
             self._listener_turn.notify_all()
             self._waiters_turn.notify_all()
-        with contextlib.suppress(BrokerUnavailable):
+        # A broker that does not answer must not hold up the close: the thread is left.
+        with contextlib.suppress(BrokerUnavailable), self._transport.answers_within(timeout):
             self._transport.wake(self.channel)
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)

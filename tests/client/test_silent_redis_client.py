@@ -1,0 +1,60 @@
+"""A client whose Redis stopped answering (a stalled server, a network path gone dead, a
+proxy that stops passing on what it says): ``get(timeout=...)`` and ``close()`` end."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+from tcp_proxy import TcpProxy, proxying, via
+
+from nbtask import App, Settings
+
+ADD = "tests.sample_tasks.add"
+
+
+@pytest.fixture
+def proxy(settings: Settings) -> Iterator[TcpProxy]:
+    with proxying(settings.broker_url or "", 6379) as started:
+        yield started
+
+
+def ended(call: Callable[[], object]) -> BaseException | None:
+    """What ``call`` raised (``None`` if nothing), failing the test if it does not end.
+
+    The bound only tells a hang from an end: it is no speed target.
+    """
+    raised: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:
+            raised.append(exc)
+        else:
+            raised.append(None)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), f"{call} did not end"
+    return raised[0]
+
+
+def test_get_with_a_timeout_and_close_end_when_redis_stopped_answering(
+    settings: Settings, proxy: TcpProxy
+) -> None:
+    app = App(
+        "silent",
+        settings=settings.replace(broker_url=via(settings.broker_url or "", proxy.url_port)),
+    )
+    try:
+        h = app.send_task(ADD, (1, 2))  # no worker: it stays queued
+        app.flush()  # Redis took it
+        proxy.deafen(new_ones=True)
+        raised = ended(lambda: h.get(timeout=5))
+        assert isinstance(raised, TimeoutError), raised
+        assert "is still PENDING after 5 s" in str(raised)
+    finally:
+        assert ended(app.close) is None
