@@ -8,7 +8,6 @@ connection is :mod:`nbtask.brokers.redis_resp`.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import logging
 import os
@@ -29,8 +28,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from nbtask._text import redact_url
-from nbtask.brokers.base import PIPELINE_WINDOW, Publish
+from nbtask.brokers.base import PIPELINE_WINDOW
 from nbtask.brokers.redis_errors import is_wrong_type, sentence, unreachable_hint
+from nbtask.brokers.redis_owed import OWED_BYTES, Owed
 from nbtask.brokers.redis_patience import Patience
 from nbtask.brokers.redis_resp import (
     LARGE_BYTES,
@@ -43,7 +43,7 @@ from nbtask.brokers.redis_resp import (
 )
 from nbtask.errors import BrokerUnavailable, ConfigurationError
 
-__all__ = ["LARGE_BYTES", "Command", "RedisLink", "is_wrong_type", "unanswered"]
+__all__ = ["LARGE_BYTES", "Command", "RedisLink", "is_wrong_type"]
 
 log = logging.getLogger(__name__)
 
@@ -51,24 +51,6 @@ log = logging.getLogger(__name__)
 #: default, set for every version): a server that takes what is sent but says nothing
 #: back (stalled, or a network path gone dead) never holds a caller forever.
 ANSWER_SECONDS = 5.0
-#: Bytes of publishes a thread may have sent unanswered (kept to be sent again) before
-#: its next send reads Redis's replies: a loop sending large arguments holds little.
-OWED_BYTES = 16 << 20
-
-
-@dataclasses.dataclass
-class _Owed:
-    """Task publishes one thread sent on its connection whose replies it has not read.
-
-    ``sent`` holds ``(command, task id)``, oldest first. Kept by the link too while not
-    empty, so a thread that ends owing replies does not close the connection under them.
-    """
-
-    connection: Any
-    pid: int
-    sent: list[tuple[Command, str]] = dataclasses.field(default_factory=list)
-    size: int = 0  # bytes of the commands in ``sent``, kept to be sent again
-    thread: threading.Thread = dataclasses.field(default_factory=threading.current_thread)
 
 
 class RedisLink:
@@ -99,7 +81,7 @@ class RedisLink:
         self._scripts: dict[str, str] = {}
         self._sha: dict[str, str] = {}
         self._local = threading.local()
-        self._owing: dict[int, _Owed] = {}  # by id(): every thread's replies not read yet
+        self._owing: dict[int, Owed] = {}  # by id(): every thread's replies not read yet
         self._unsent: list[str] = []
         self._lock = threading.Lock()
 
@@ -364,40 +346,40 @@ class RedisLink:
             out, self._unsent = self._unsent, []
         return out
 
-    def _owed(self) -> _Owed:
+    def _owed(self) -> Owed:
         connection = self._connection()
-        owed: _Owed | None = getattr(self._local, "owed", None)
+        owed: Owed | None = getattr(self._local, "owed", None)
         if owed is None or owed.connection is not connection:
-            owed = self._local.owed = _Owed(connection, os.getpid())
+            owed = self._local.owed = Owed(connection, os.getpid())
         return owed
 
-    def _owe(self, owed: _Owed, entries: list[tuple[Command, str]], size: int) -> None:
+    def _owe(self, owed: Owed, entries: list[tuple[Command, str]], size: int) -> None:
         with self._lock:
             self._owing[id(owed)] = owed
             owed.sent += entries
             owed.size += size
 
-    def _take_owed(self, owed: _Owed) -> list[tuple[Command, str]]:
+    def _take_owed(self, owed: Owed) -> list[tuple[Command, str]]:
         with self._lock:
             self._owing.pop(id(owed), None)
         sent, owed.sent, owed.size = owed.sent, [], 0
         return sent
 
-    def _forget_last(self, owed: _Owed) -> None:
+    def _forget_last(self, owed: Owed) -> None:
         with self._lock:
             owed.sent.pop()
             if not owed.sent:
                 owed.size = 0
                 self._owing.pop(id(owed), None)
 
-    def _forget_owed(self, owed: _Owed, settled: int) -> None:
+    def _forget_owed(self, owed: Owed, settled: int) -> None:
         with self._lock:
             del owed.sent[:settled]
             if not owed.sent:  # (the size of a part is not kept: it counts till then)
                 owed.size = 0
                 self._owing.pop(id(owed), None)
 
-    def _settle(self, owed: _Owed) -> None:
+    def _settle(self, owed: Owed) -> None:
         # A publish leaves ``owed`` only once its reply is read or it is handed on to be
         # sent again, so an interruption (Ctrl-C) anywhere here loses none.
         settled = 0
@@ -519,14 +501,3 @@ class RedisLink:
                 if isinstance(reply, ResponseError):
                     raise reply
         return replies
-
-
-def unanswered(messages: Sequence[Publish], wait: bool) -> Publish | None:
-    """The message of a send that need not wait for Redis's reply, if it is one.
-
-    A lone message, small enough for a script argument, whose sender does not wait (it
-    made the task id itself, so no refusal can come back).
-    """
-    if wait or len(messages) != 1 or len(messages[0].raw) >= LARGE_BYTES:
-        return None
-    return messages[0]

@@ -35,7 +35,8 @@ from nbtask.brokers.local_blobs import LocalBlobs
 from nbtask.brokers.redis_blobs import RedisBlobs
 from nbtask.brokers.redis_channels import CHANNEL_MAXLEN, RedisChannels, event_of
 from nbtask.brokers.redis_holdings import RedisHoldings
-from nbtask.brokers.redis_link import LARGE_BYTES, RedisLink, unanswered
+from nbtask.brokers.redis_link import LARGE_BYTES, RedisLink
+from nbtask.brokers.redis_owed import unanswered
 from nbtask.brokers.redis_workers import RedisWorkers
 from nbtask.brokers.scripts import INDEX_UPKEEP_SECONDS, STORE_SCRIPTS
 from nbtask.settings import Settings

@@ -34,7 +34,8 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from nbtask.brokers.base import Delivery, Publish, Settlement, Verdict
 from nbtask.brokers.redis_channels import CHANNEL_MAXLEN, refuses_entries
-from nbtask.brokers.redis_link import LARGE_BYTES, Command, unanswered
+from nbtask.brokers.redis_link import LARGE_BYTES, Command
+from nbtask.brokers.redis_owed import unanswered
 from nbtask.brokers.redis_store import RedisStore
 from nbtask.brokers.redis_upkeep import GROUP, StreamsUpkeep, _delivery
 from nbtask.brokers.streams_scripts import STREAMS_SCRIPTS

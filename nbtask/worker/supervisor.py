@@ -38,6 +38,7 @@ from nbtask.wire.envelope import Signer
 from nbtask.wire.records import WorkerInfo
 from nbtask.wire.versions import probe_result, start_probe
 from nbtask.worker.child import Child
+from nbtask.worker.dead_workers import DeadWorkers
 from nbtask.worker.lost import LostTasks
 from nbtask.worker.pool import ChildPool
 from nbtask.worker.slots import SlotState
@@ -119,8 +120,6 @@ class Worker:
         self._warm = False
         self._stopping, self._stopping_bounded = contextlib.ExitStack(), False  # _answer_soon
         self._failing: dict[str, str] = {}  # housekeeping step -> its last error
-        self._left_to_others: set[str] = set()  # dead workers whose secrets this one lacks
-        self._queues_left: set[str] = set()  # dead workers whose queues are still consumed
         # Ended tasks are remembered a little past max_age: a message older is refused.
         self._replays_after = settings.replay_window + 60.0
         self._started = time.time()
@@ -142,6 +141,9 @@ class Worker:
         self.transport.ping()
         self.signer = Signer.for_settings(self.settings, self.secret)
         self.lost = LostTasks(self.transport, self.signer, self.settings, self._running_now)
+        self.dead = DeadWorkers(
+            self.worker_id, self.transport, self.signer, self.lost, self.settings.visibility_timeout
+        )
         self.transport.ensure_queues(self.queues)
 
     def run(self) -> int:
@@ -244,7 +246,7 @@ class Worker:
         steps.append(("countdowns", lambda: self.transport.move_due(self.queues)))
         if beat:
             steps += [
-                ("dead workers", self._reclaim_dead_workers),
+                ("dead workers", self.dead.reclaim),
                 ("lost deliveries", self._settle_orphans),
                 ("ended tasks", lambda: self.store.forget_ended_before(self._replays_after)),
             ]
@@ -347,14 +349,14 @@ class Worker:
             self._child_exited(slot, respawn=False)
         left = [holder_queue(consumer) for consumer in self.consumers]
         try:
-            left = self._rehome(self.consumers, until=time.monotonic() + _CHILDREN_GONE_SECONDS)
+            left = self.dead.rehome(self.consumers, until=time.monotonic() + _CHILDREN_GONE_SECONDS)
         except BrokerUnavailable as exc:
             log.warning("could not move what waits on this worker's processes: %s", exc)
         try:
             self.store.forget_holdings(self.consumers)
             if left:
                 # Left to the next worker that cleans up after dead ones: it looks again
-                # until the broker lets it delete them (see _reclaim_dead_workers).
+                # until the broker lets it delete them (see DeadWorkers.reclaim).
                 self.store.end_heartbeat(self.worker_id)
                 log.warning("left queue(s) %s to another worker's clean-up", ", ".join(left))
             else:
@@ -415,87 +417,6 @@ class Worker:
         """
         if self._placement_facts() != self._announced:
             self._announce()
-
-    def _reclaim_dead_workers(self) -> None:
-        for worker_id, info in self.store.dead_workers().items():
-            if worker_id == self.worker_id or not self._can_verify_for(worker_id, info):
-                continue
-            if not self.store.claim_dead_worker(worker_id):
-                continue
-            if info is None:  # an entry nbtask did not write: nothing to settle
-                log.warning("dropped unreadable worker entry %r from the registry", worker_id)
-                self.store.forget_worker(worker_id)
-                continue
-            reason = f"worker {worker_id} stopped sending heartbeats"
-            # Only leases nobody renewed for the visibility timeout: a worker that merely
-            # paused past its heartbeats keeps the tasks it is still running.
-            idle = self.settings.visibility_timeout
-            settled = 0
-            for consumer in info.consumers:
-                for delivery in self.transport.held(info.queues, consumer, min_idle=idle):
-                    self.lost.settle(delivery, reason)
-                    settled += 1
-            if settled:
-                log.warning("settled %d task(s) of dead worker %s", settled, worker_id)
-            still_held = self.transport.holds_any(info.queues, info.consumers)
-            # After holds_any, which would recreate its queues. One the broker still sees
-            # consumed (RabbitMQ notices a dropped connection late, or never while a fork
-            # holds the socket) gets what it is given back once it does: the entry stays,
-            # so it is looked at again at a later heartbeat, here or by another worker.
-            left = self._rehome(info.consumers)
-            if left:
-                self._note_queues_left(worker_id, left)
-            if not still_held and not left:
-                self.store.unregister(worker_id)
-                self.store.forget_holdings(info.consumers)
-                self.transport.forget_consumers(info.consumers, info.queues)
-                self._queues_left.discard(worker_id)
-                log.warning("cleaned up after dead worker %s", worker_id)
-
-    def _note_queues_left(self, worker_id: str, queues: Sequence[str]) -> None:
-        """Say once per dead worker that some of its processes' queues are left for now."""
-        if worker_id not in self._queues_left:
-            self._queues_left.add(worker_id)
-            log.warning(
-                "dead worker %s: queue(s) %s cannot be deleted yet (still consumed, or a "
-                "message came meanwhile); looking again at later heartbeats",
-                worker_id,
-                ", ".join(repr(q) for q in queues),
-            )
-
-    def _rehome(self, consumers: Sequence[str], until: float = 0.0) -> list[str]:
-        """Send on what still waits on the own queues of processes that are gone.
-
-        Until ``until`` (``time.monotonic()``), a queue the broker still sees consumed is
-        tried again (see :meth:`LostTasks.rehome`). Returns the queues left in place.
-        """
-        left = []
-        for consumer in consumers:
-            queue = holder_queue(consumer)
-            moved, gone = self.lost.rehome(queue, consumer, until)
-            if moved:
-                log.warning("moved %d task(s) waiting for process %s elsewhere", moved, consumer)
-            if not gone:
-                left.append(queue)
-        return left
-
-    def _can_verify_for(self, worker_id: str, info: WorkerInfo | None) -> bool:
-        """Whether this worker may clean up after a dead one: it can verify its messages.
-
-        One that cannot would take a genuine message signed with a secret it lacks (another
-        app's, on the same key prefix) for a forgery and dead-letter it: the dead worker is
-        left to a worker with its secrets, e.g. the next one of its own app.
-        """
-        if info is None or info.verifiable_with(self.signer.accepted_key_ids):
-            return True
-        if worker_id not in self._left_to_others:
-            self._left_to_others.add(worker_id)
-            log.warning(
-                "left dead worker %r to a worker with its secrets: this one cannot verify "
-                "its messages",
-                worker_id,
-            )
-        return False
 
     def _read_control(self) -> None:
         for entry_id, raw in self.store.read_control(self._control_position):

@@ -36,7 +36,8 @@ from helpers import PrivateRedis, client_env, ledger_runs, wait_until
 from tcp_proxy import TcpProxy, proxying, via
 
 from nbtask import App, Settings, State
-from nbtask.brokers.redis_link import OWED_BYTES, RedisLink
+from nbtask.brokers.redis_link import RedisLink
+from nbtask.brokers.redis_owed import OWED_BYTES
 from nbtask.brokers.redis_store import RedisStore
 from nbtask.brokers.redis_streams import StreamsTransport
 from nbtask.errors import BrokerUnavailable, TaskRevoked

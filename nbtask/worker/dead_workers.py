@@ -1,0 +1,139 @@
+"""Cleaning up after workers that stopped sending heartbeats.
+
+What a dead worker's processes held is settled as lost, what waits on their own queues
+is sent on to the queues it falls back to (as a stopping worker does for its own), and
+the worker is forgotten once the broker lets its queues go.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from nbtask.brokers import Transport
+from nbtask.core.holding import holder_queue
+from nbtask.wire.envelope import Signer
+from nbtask.wire.records import WorkerInfo
+from nbtask.worker.lost import LostTasks
+
+__all__ = ["DeadWorkers"]
+
+log = logging.getLogger(__name__)
+
+
+class DeadWorkers:
+    """The clean-up after dead workers that one worker does at its heartbeats.
+
+    Parameters
+    ----------
+    worker_id
+        This worker (never cleaned up after by itself).
+    transport
+        The broker, with its store.
+    signer
+        What this worker can verify: it leaves a dead worker whose messages it cannot to
+        a worker with its secrets.
+    lost
+        Settles lost deliveries and moves what waits on a gone process's queue.
+    visibility_timeout
+        Seconds a lease goes unrenewed before its delivery counts as lost.
+    """
+
+    def __init__(
+        self,
+        worker_id: str,
+        transport: Transport,
+        signer: Signer,
+        lost: LostTasks,
+        visibility_timeout: float,
+    ) -> None:
+        self.worker_id = worker_id
+        self.transport = transport
+        self.signer = signer
+        self.lost = lost
+        self.visibility_timeout = visibility_timeout
+        self._left_to_others: set[str] = set()  # dead workers whose secrets this one lacks
+        self._queues_left: set[str] = set()  # dead workers whose queues are still consumed
+
+    def reclaim(self) -> None:
+        """Settle what dead workers held, send on what waits for their processes, forget them."""
+        store = self.transport.store
+        for worker_id, info in store.dead_workers().items():
+            if worker_id == self.worker_id or not self._can_verify_for(worker_id, info):
+                continue
+            if not store.claim_dead_worker(worker_id):
+                continue
+            if info is None:  # an entry nbtask did not write: nothing to settle
+                log.warning("dropped unreadable worker entry %r from the registry", worker_id)
+                store.forget_worker(worker_id)
+                continue
+            reason = f"worker {worker_id} stopped sending heartbeats"
+            # Only leases nobody renewed for the visibility timeout: a worker that merely
+            # paused past its heartbeats keeps the tasks it is still running.
+            idle = self.visibility_timeout
+            settled = 0
+            for consumer in info.consumers:
+                for delivery in self.transport.held(info.queues, consumer, min_idle=idle):
+                    self.lost.settle(delivery, reason)
+                    settled += 1
+            if settled:
+                log.warning("settled %d task(s) of dead worker %s", settled, worker_id)
+            still_held = self.transport.holds_any(info.queues, info.consumers)
+            # After holds_any, which would recreate its queues. One the broker still sees
+            # consumed (RabbitMQ notices a dropped connection late, or never while a fork
+            # holds the socket) gets what it is given back once it does: the entry stays,
+            # so it is looked at again at a later heartbeat, here or by another worker.
+            left = self.rehome(info.consumers)
+            if left:
+                self._note_queues_left(worker_id, left)
+            if not still_held and not left:
+                store.unregister(worker_id)
+                store.forget_holdings(info.consumers)
+                self.transport.forget_consumers(info.consumers, info.queues)
+                self._queues_left.discard(worker_id)
+                log.warning("cleaned up after dead worker %s", worker_id)
+
+    def _note_queues_left(self, worker_id: str, queues: Sequence[str]) -> None:
+        """Say once per dead worker that some of its processes' queues are left for now."""
+        if worker_id not in self._queues_left:
+            self._queues_left.add(worker_id)
+            log.warning(
+                "dead worker %s: queue(s) %s cannot be deleted yet (still consumed, or a "
+                "message came meanwhile); looking again at later heartbeats",
+                worker_id,
+                ", ".join(repr(q) for q in queues),
+            )
+
+    def rehome(self, consumers: Sequence[str], until: float = 0.0) -> list[str]:
+        """Send on what still waits on the own queues of processes that are gone.
+
+        Until ``until`` (``time.monotonic()``), a queue the broker still sees consumed is
+        tried again (see :meth:`LostTasks.rehome`). Returns the queues left in place.
+        """
+        left = []
+        for consumer in consumers:
+            queue = holder_queue(consumer)
+            moved, gone = self.lost.rehome(queue, consumer, until)
+            if moved:
+                log.warning("moved %d task(s) waiting for process %s elsewhere", moved, consumer)
+            if not gone:
+                left.append(queue)
+        return left
+
+    def _can_verify_for(self, worker_id: str, info: WorkerInfo | None) -> bool:
+        """Whether this worker may clean up after a dead one: it can verify its messages.
+
+        One that cannot would take a genuine message signed with a secret it lacks (another
+        app's, on the same key prefix) for a forgery and dead-letter it: the dead worker is
+        left to a worker with its secrets, e.g. the next one of its own app.
+        """
+        if info is None or info.verifiable_with(self.signer.accepted_key_ids):
+            return True
+        if worker_id not in self._left_to_others:
+            self._left_to_others.add(worker_id)
+            log.warning(
+                "left dead worker %r to a worker with its secrets: this one cannot verify "
+                "its messages",
+                worker_id,
+            )
+        return False
