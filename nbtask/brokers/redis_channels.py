@@ -15,7 +15,8 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from nbtask.brokers.redis_link import RedisLink, is_wrong_type
+from nbtask.brokers.redis_errors import is_wrong_type
+from nbtask.brokers.redis_link import RedisLink
 
 __all__ = ["CHANNEL_MAXLEN", "RedisChannels", "event_of", "refuses_entries"]
 

@@ -43,7 +43,7 @@ from nbtask.brokers.redis_resp import (
 )
 from nbtask.errors import BrokerUnavailable, ConfigurationError
 
-__all__ = ["LARGE_BYTES", "Command", "RedisLink", "is_wrong_type"]
+__all__ = ["LARGE_BYTES", "Command", "RedisLink"]
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 
 from redis.exceptions import ResponseError
 
-from nbtask.brokers.redis_link import RedisLink, is_wrong_type
+from nbtask.brokers.redis_errors import is_wrong_type
+from nbtask.brokers.redis_link import RedisLink
 from nbtask.settings import Settings
 from nbtask.wire.records import WorkerInfo
 
