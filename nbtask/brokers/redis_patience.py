@@ -64,8 +64,11 @@ class Patience:
         with self._lock:
             client = self._clients.get(seconds)
             if client is None:
-                kwargs = {**self._base.connection_pool.connection_kwargs, "socket_timeout": seconds}
-                client = redis.Redis(connection_pool=redis.ConnectionPool(**kwargs))
+                base = self._base.connection_pool
+                kwargs = {**base.connection_kwargs, "socket_timeout": seconds}
+                # The base's class too: a unix socket's (the embedded cluster's) is another.
+                pool = redis.ConnectionPool(connection_class=base.connection_class, **kwargs)
+                client = redis.Redis(connection_pool=pool)
                 self._clients[seconds] = client
             return client
 
