@@ -326,8 +326,9 @@ class TaskHandle(CeleryResultNames, concurrent.futures.Future[Any]):
     def __reduce_ex__(self, protocol: object) -> tuple[Any, ...]:
         """A handle passed as an argument travels as its task id: the worker reads the result.
 
-        Its result is not fetched here, however large. Only a task that succeeded can stand
-        for its result: for one still running, chain the tasks instead.
+        Its result is not fetched here, however large; only that send's is taken (see
+        :class:`~nbtask.core.refs.ResultRef`). Only a task that succeeded can stand for its
+        result: for one still running, chain the tasks instead.
         """
         if _refused.get():
             raise CellError(f"the handle of task {self.name}[{self.id}]")
@@ -342,7 +343,7 @@ class TaskHandle(CeleryResultNames, concurrent.futures.Future[Any]):
                 f"task {self.name}[{self.id}] ended {self._task_state.value}: it has no "
                 "result to pass as an argument"
             )
-        return ResultRef(self.id, self.name).__reduce_ex__(protocol)
+        return ResultRef(self.id, self.name, self.sent).__reduce_ex__(protocol)
 
     def on_event(self, callback: Callable[[Event], None]) -> None:
         """Call ``callback(event)`` with each event of the task that arrives from now on.

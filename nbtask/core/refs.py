@@ -10,8 +10,9 @@ Either travels inside the task's signed arguments, so the digests and the task i
 trusted as the message itself. A worker decodes a task's arguments inside
 :func:`resolving`, and each reference is replaced by its value while they are unpickled:
 blobs are fetched and checked against their signed digests, and a task's result is read
-from its signed record in the store (it must verify and be that task's), before anything
-is unpickled. Anywhere else (a chain's pickled steps, a result, the client) a reference
+from its signed record in the store (it must verify and be that send's of that task, by
+the worker's own app: see :data:`~nbtask.wire.events.Run`), before anything is
+unpickled. Anywhere else (a chain's pickled steps, a result, the client) a reference
 unpickles as itself, so it moves on untouched until a worker runs the task that takes it.
 
 A message that carries a :class:`ValueRef` pins its blobs in the store for ``result_ttl``
@@ -120,21 +121,28 @@ class ResultRef:
     ----------
     task_id, name
         The task whose stored result stands for the argument, and its name (for errors).
+    sent
+        The signed ``created`` of the handle's send, ``None`` where its handle did not
+        know it: only a result of that send is taken.
     """
 
-    def __init__(self, task_id: str, name: str) -> None:
+    sent: float | None = None  # (a reference pickled without it: any send of the app's)
+
+    def __init__(self, task_id: str, name: str, sent: float | None = None) -> None:
         self.task_id = task_id
         self.name = name
+        self.sent = sent
 
-    def load(self, store: Store, signer: Signer) -> Any:
-        """The task's result, from its signed record in ``store``.
+    def load(self, store: Store, signer: Signer, prefix: str) -> Any:
+        """The task's result, from its signed record in ``store`` of the app ``prefix``.
 
         Raises
         ------
         BlobError
             The task's record is gone (it expired after ``result_ttl``) or holds no result.
         SignatureError
-            The stored result does not verify, or is another task's.
+            The stored result does not verify, or is another task's, another app's or
+            another send's (an earlier task with the same id).
         ResultNotReady
             The task did not succeed.
         """
@@ -149,6 +157,9 @@ class ResultRef:
         event, value = decode_event(signer, record.result, store.get_blob)
         if event.task_id != self.task_id:
             raise SignatureError(f"{label} in the store belongs to task {event.task_id!r}")
+        why = event.not_for(prefix, self.sent)
+        if why is not None:
+            raise SignatureError(f"{label} in the store is not the one passed: {why}")
         if event.type is not EventType.SUCCESS:
             raise ResultNotReady(f"{label} cannot be an argument: that task ended {event.type}")
         if event.data.get("result_kept") is False:
@@ -164,7 +175,8 @@ class ResultRef:
         return value
 
     def __reduce_ex__(self, protocol: object) -> tuple[Any, ...]:
-        return (_rebuild, (ResultRef, {"task_id": self.task_id, "name": self.name}))
+        state = {"task_id": self.task_id, "name": self.name, "sent": self.sent}
+        return (_rebuild, (ResultRef, state))
 
     def __repr__(self) -> str:
         return f"<result of {self.name}[{self.task_id}]>"
@@ -195,17 +207,19 @@ def noting_refs() -> Iterator[list[ValueRef]]:
 
 
 @contextlib.contextmanager
-def resolving(store: Store, signer: Signer, holding: Holding | None = None) -> Iterator[None]:
+def resolving(
+    store: Store, signer: Signer, prefix: str, holding: Holding | None = None
+) -> Iterator[None]:
     """Within the block, references that are unpickled load their values from ``store``.
 
-    A worker decodes a task's arguments in it. A value ``holding`` holds is lent as it is
-    (no blob is read). Errors name the value that could not be loaded
-    (:class:`~nbtask.errors.BlobError` when its data expired).
+    A worker of the app ``prefix`` (its key prefix) decodes a task's arguments in it. A
+    value ``holding`` holds is lent as it is (no blob is read). Errors name the value that
+    could not be loaded (:class:`~nbtask.errors.BlobError` when its data expired).
     """
 
     def resolve(ref: ValueRef | ResultRef) -> Any:
         if isinstance(ref, ResultRef):
-            return ref.load(store, signer)
+            return ref.load(store, signer, prefix)
         held = holding.lend(ref.key) if holding is not None else None
         if held is not None:
             return held.value

@@ -336,7 +336,9 @@ class Child:
     def _execute(self, admitted: Admitted, task: Task) -> Outcome:
         message = admitted.message
         try:
-            with resolving(self.transport.store, self.signer, self.holding):
+            with resolving(
+                self.transport.store, self.signer, self.settings.key_prefix, self.holding
+            ):
                 args, kwargs = decode_value(
                     admitted.arguments,
                     message.serializer,

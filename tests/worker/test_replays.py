@@ -274,6 +274,38 @@ def test_an_earlier_or_another_apps_final_event_does_not_end_a_task_reusing_its_
     assert h.get(timeout=15) == 30
 
 
+@pytest.mark.brokers("redis")  # the store is Redis on both brokers
+def test_an_earlier_or_another_apps_result_in_the_record_is_not_taken_by_reference(
+    app: App, access: RawBroker, start_worker, other_app: tuple[Settings, RawBroker]
+) -> None:
+    """A handle passed as an argument is read by the worker from the task's record: a
+    genuine result of an earlier send of the id, or another app's (same secret), put in
+    that record is not the handle's, and the consuming task fails saying so."""
+    other, other_access = other_app
+    task_id = uuid.uuid4().hex
+    start_worker("--key-prefix", other.key_prefix, concurrency=1, wait=False)
+    stranger = App("stranger", settings=other)
+    try:
+        assert stranger.send_task(ADD, (1, 1), task_id=task_id).get(timeout=15) == 2
+    finally:
+        stranger.close()
+    foreign = other_access.store.hget(other_access.keys.record_key(task_id), "result")
+    start_worker(concurrency=1)
+    record = access.keys.record_key(task_id)
+    assert app.send_task(ADD, (2, 3), task_id=task_id).get(timeout=15) == 5
+    earlier = access.store.hget(record, "result")
+    access.store.delete(record)  # result_ttl passed: the id is free again
+    access.store.zrem(access.keys.done_key, task_id)
+    h = app.send_task(ADD, (10, 20), task_id=task_id)
+    assert h.get(timeout=15) == 30
+    assert app.send_task(ADD, (h, 1)).get(timeout=15) == 31  # its own result is taken
+    for raw, why in ((earlier, "another send of a task with that id"), (foreign, "key prefix")):
+        access.store.hset(record, "result", raw)
+        with pytest.raises(nbtask.SignatureError, match=why):
+            value = app.send_task(ADD, (h, 1)).get(timeout=15)
+            pytest.fail(f"the consuming task took {value - 1} for the handle's result 30")
+
+
 def test_the_ended_task_memory_goes_result_ttl_after_its_last_write(
     app: App, access: RawBroker, start_worker, tmp_path: Path
 ) -> None:
