@@ -38,6 +38,9 @@ class Link:
         #: The thread whose link this is (made by it, or taking it over once that one
         #: ended): once it ends, the link is closed.
         self.thread = threading.current_thread()
+        #: Held while a thread uses the link (:meth:`~.amqp_links.Links.using`): another
+        #: reads it only when it can take this (frames read by two threads are lost).
+        self.in_use = threading.RLock()
         self.channel: Any = conn.channel()
         self.generation = generation
         self.declared: set[str] = set()

@@ -26,6 +26,7 @@ from nbtask.errors import BrokerUnavailable
 __all__ = [
     "COLLECT_EVERY",
     "MAX_RETURNS",
+    "OWED_SECONDS",
     "QUIET_SECONDS",
     "Links",
 ]
@@ -40,6 +41,8 @@ COLLECT_EVERY = 64
 QUIET_SECONDS = 0.05
 #: Times a task message returned by RabbitMQ (its queue deleted) is sent again.
 MAX_RETURNS = 3
+#: How long closing waits, in all, for the confirms the links still owe.
+OWED_SECONDS = 3.0
 # kombu is only partly annotated: used as Any, its objects checked where read.
 kombu: Any = _kombu
 log = logging.getLogger(__name__)
@@ -105,7 +108,8 @@ class Links:
         try:
             # What the thread's previous link left unconfirmed goes first, whatever
             # this link is for (a worker child's next fetch sends its last events).
-            self._send_orphans(link)
+            with link.in_use:
+                self._send_orphans(link)
         except Exception as exc:
             self._give_up(link, exc)
             raise self.unavailable(exc) from exc
@@ -183,20 +187,53 @@ class Links:
         for link in links:
             errors: tuple[type[BaseException], ...] = (*link.errors, BrokerUnavailable)
             cause: BaseException | None = None
-            try:
-                self._collect(link, 0)
-            except errors as exc:
-                cause = exc
-            self._give_up(link, cause)
+            with link.in_use:
+                try:
+                    self._collect(link, 0)
+                except errors as exc:
+                    cause = exc
+                self._give_up(link, cause)
 
     def close(self) -> None:
-        """Close every thread's link."""
+        """Close every thread's link, first reading the confirms it owes.
+
+        Links still owing confirms (a live thread's, which sent without waiting and did
+        not flush) are read for :data:`OWED_SECONDS` in all. Task messages not confirmed
+        by then may never have reached RabbitMQ: they are named in one error.
+        """
         with self._lock:
             links, self._links = self._links, []
             self._orphan_lists = []
+        deadline = time.monotonic() + OWED_SECONDS
+        owed: list[Outgoing] = []
         for link in links:
-            link.close()
+            confirms = link.confirms
+            owing = link.pid == os.getpid() and bool(confirms.unconfirmed or confirms.returned)
+            # Another thread may be using its link right now: it is read (and closed) only
+            # once that thread is done with it, waited for within the same time. If it is
+            # not done by then, the link is closed under it, as at any close: its use
+            # fails, and what it owed is named.
+            held = owing and link.in_use.acquire(timeout=max(0.0, deadline - time.monotonic()))
+            try:
+                if held:
+                    with contextlib.suppress(*link.errors):
+                        while confirms.unconfirmed and (left := deadline - time.monotonic()) > 0:
+                            link.conn.drain_events(timeout=left)
+                if owing:
+                    owed += [*confirms.unconfirmed.values(), *confirms.returned.values()]
+                owed += confirms.refused
+                link.close()
+            finally:
+                if held:
+                    link.in_use.release()
         self._local = threading.local()
+        if ids := [o.task_id for o in owed if o.task_id]:
+            log.error(
+                "RabbitMQ did not confirm the messages of task(s) %s before the connections "
+                "closed: they may never have reached it and may not run (their handles "
+                "stay PENDING); send them again",
+                ", ".join(ids),
+            )
 
     def unavailable(self, exc: BaseException) -> BrokerUnavailable:
         """The one error for a broker that cannot be reached (or refused a message's size)."""
@@ -242,7 +279,8 @@ class Links:
         if patience is not None:
             link.wait_at_most(patience)
         try:
-            yield link
+            with link.in_use:
+                yield link
         except link.errors as exc:
             if isinstance(exc, TimeoutError) and patience is not None:
                 self.drop(exc)

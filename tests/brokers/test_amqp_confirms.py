@@ -453,3 +453,51 @@ def test_unconfirmed_sends_of_a_live_thread_whose_link_dropped_in_a_read_are_sen
     start_worker(concurrency=2)
     assert [app.handle(h.id).get(timeout=20) for h in handles] == [h.id for h in handles]
     assert ledger_runs(ledger) == {h.id: 1 for h in handles}
+
+
+@pytest.mark.parametrize("held", [True, False], ids=["never-reached", "reached"])
+def test_unconfirmed_sends_of_a_live_thread_are_named_when_the_app_closes(
+    settings: Settings,
+    proxy: TcpProxy,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    held: bool,
+) -> None:
+    """A thread still alive at ``app.close()`` (idle, as a pool's is) sent tasks without
+    waiting: close reads what its connection owes (a few seconds at most) and names the
+    tasks whose messages never reached RabbitMQ in one error, not losing them silently;
+    those that reached it are confirmed, and nothing is said."""
+    caplog.set_level(logging.ERROR, logger="nbtask")
+    client = App("closing", settings=settings.replace(broker_url=via(AMQP_URL, proxy.url_port)))
+    ledger = tmp_path / "ledger"
+    handles: list[TaskHandle] = []
+    sent, finish = threading.Event(), threading.Event()
+
+    def run() -> None:
+        handles.append(client.send_task(RECORD, (str(ledger),)))  # its own connection
+        client.flush()
+        if held:
+            proxy.hold()  # the messages below never reach RabbitMQ
+        handles.extend(client.send_task(RECORD, (str(ledger),)) for _ in range(3))
+        sent.set()
+        finish.wait(60)  # alive and idle while the app closes
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert sent.wait(15)
+        client.close()
+    finally:
+        finish.set()
+        thread.join()
+    with kombu.Connection(AMQP_URL) as conn:
+        queue = f"{settings.key_prefix}:q:{settings.default_queue}"
+        _, waiting, _ = conn.default_channel.queue_declare(queue=queue, passive=True)
+    assert waiting == (1 if held else 4)
+    first, *lost = handles
+    errors = [r.getMessage() for r in caplog.records if "not confirm" in r.getMessage()]
+    if not held:
+        assert errors == []
+        return
+    assert len(errors) == 1, errors
+    assert all(h.id in errors[0] for h in lost) and first.id not in errors[0]
