@@ -73,10 +73,7 @@ def test_supervisor_housekeeping_survives_junk(
         if record:
             r.hset(f"{p}:r:some-task", mapping=record)
         worker = Worker(config, redis_url, SECRET, queues=["default"], concurrency=1)
-        worker.transport = open_broker(config, redis_url)
-        worker.store = worker.transport.store
-        worker.signer = Signer(SECRET)
-        worker.transport.ensure_queues(["default"])
+        worker.connect()
         try:
             worker._housekeeping(beat=True, beats=9)  # every step, the lease sweep too
             assert worker._failing == {}, worker._failing
