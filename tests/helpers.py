@@ -275,6 +275,22 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.end()
 
+    def stops_on_one_sigterm(self, timeout: float = 30.0) -> str:
+        """Send one SIGTERM (a warm stop) and wait for a clean exit; return the log.
+
+        Fails, showing the log, if the worker is still running after ``timeout``.
+        """
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"one SIGTERM did not stop the worker:\n{self.log.read_text()}"
+            ) from None
+        log = self.log.read_text()
+        assert self.process.returncode == 0, log
+        return log
+
     def end(self) -> None:
         """Cold shutdown (a second signal): children are killed, their tasks settled.
 

@@ -12,6 +12,7 @@ install them (``.ci/run`` does it on a fresh machine). Never ``playwright instal
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -283,7 +284,13 @@ def test_quickstart_widget_live_in_jupyterlab(lab: str) -> None:
             browser.close()
 
 
-def test_a_cell_printing_a_lot_shows_all_of_it_for_bytes_linear_in_it(lab: str) -> None:
+@contextlib.contextmanager
+def _counting_frames(lab: str, notebook: str) -> Iterator[tuple[Any, Any, list[int]]]:
+    """JupyterLab open on ``notebook``, its first cell (``%load_ext nbtask``) run.
+
+    Yields the page, its cells and the sizes of the websocket frames the browser received
+    since that cell ended.
+    """
     sync_api = _playwright()
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
@@ -294,71 +301,56 @@ def test_a_cell_printing_a_lot_shows_all_of_it_for_bytes_linear_in_it(lab: str) 
                 "websocket",
                 lambda ws: ws.on("framereceived", lambda frame: received.append(len(frame))),
             )
-            page.goto(f"{lab}/lab/tree/printer.ipynb?token={TOKEN}")
+            page.goto(f"{lab}/lab/tree/{notebook}?token={TOKEN}")
             page.wait_for_function(KERNEL_IDLE, timeout=90_000)
             cells = page.locator(".jp-Notebook .jp-Cell")
             page.evaluate(RUN_CELL, 0)
             cells.nth(0).get_by_text("worker process").first.wait_for(timeout=90_000)
             page.wait_for_function(KERNEL_IDLE, timeout=30_000)
-            before = sum(received)
-            page.evaluate(RUN_CELL, 1)
-            badge = cells.nth(1).locator(".widget-html").first
-            badge.wait_for(timeout=30_000)
-            page.wait_for_function(
-                "(e) => e.innerText.includes('SUCCESS')",
-                arg=badge.element_handle(),
-                timeout=60_000,
-            )
-            cells.nth(1).get_by_text("step 199 line 19").wait_for(timeout=10_000)
-            # Everything the browser received for the cell (widgets, status, output) while
-            # it ran: resending all output at each repaint took 13 MB here.
-            sent = sum(received) - before
-            assert sent < 4 * PRINTED, (sent, PRINTED)
-            text = cells.nth(1).locator(".jp-Cell-outputArea").inner_text()
-            wanted = [f"step {step:>3} line {i:>2} " for step in range(200) for i in range(20)]
-            where = [text.find(line) for line in wanted]
-            assert -1 not in where and where == sorted(where)  # all of it, in order
-            assert "progress 200" in text and "progress 0'" not in text
+            received.clear()
+            yield page, cells, received
         finally:
             browser.close()
+
+
+def _shows_all_printed(text: str, received: list[int]) -> None:
+    """``text`` holds every line :data:`PRINTER` printed, in order, and its last progress;
+    the browser received less than four times what was printed."""
+    assert sum(received) < 4 * PRINTED, (sum(received), PRINTED)
+    wanted = [f"step {step:>3} line {i:>2} " for step in range(200) for i in range(20)]
+    where = [text.find(line) for line in wanted]
+    assert -1 not in where and where == sorted(where)  # all of it, in order
+    assert "progress 200" in text and "progress 0'" not in text
+
+
+def test_a_cell_printing_a_lot_shows_all_of_it_for_bytes_linear_in_it(lab: str) -> None:
+    with _counting_frames(lab, "printer.ipynb") as (page, cells, received):
+        page.evaluate(RUN_CELL, 1)
+        badge = cells.nth(1).locator(".widget-html").first
+        badge.wait_for(timeout=30_000)
+        page.wait_for_function(
+            "(e) => e.innerText.includes('SUCCESS')",
+            arg=badge.element_handle(),
+            timeout=60_000,
+        )
+        cells.nth(1).get_by_text("step 199 line 19").wait_for(timeout=10_000)
+        # Everything the browser received for the cell (widgets, status, output) while
+        # it ran: resending all output at each repaint took 13 MB here.
+        _shows_all_printed(cells.nth(1).locator(".jp-Cell-outputArea").inner_text(), received)
 
 
 def test_the_text_view_shows_all_output_under_its_cell_for_bytes_linear_in_it(
     lab: str,
 ) -> None:
-    sync_api = _playwright()
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            received: list[int] = []
-            page.on(
-                "websocket",
-                lambda ws: ws.on("framereceived", lambda frame: received.append(len(frame))),
-            )
-            page.goto(f"{lab}/lab/tree/text-view.ipynb?token={TOKEN}")
-            page.wait_for_function(KERNEL_IDLE, timeout=90_000)
-            cells = page.locator(".jp-Notebook .jp-Cell")
-            page.evaluate(RUN_CELL, 0)
-            cells.nth(0).get_by_text("worker process").first.wait_for(timeout=90_000)
-            page.wait_for_function(KERNEL_IDLE, timeout=30_000)
-            before = sum(received)
-            page.evaluate(RUN_CELL, 1)
-            output = cells.nth(1).locator(".jp-Cell-outputArea")
-            output.get_by_text("step   5 line").first.wait_for(timeout=30_000)
-            page.evaluate(RUN_CELL, 2)  # runs while the task prints: a cell of its own
-            meanwhile = cells.nth(2).locator(".jp-Cell-outputArea")
-            meanwhile.get_by_text("meanwhile", exact=True).wait_for(timeout=10_000)
-            output.get_by_text("SUCCESS").wait_for(timeout=60_000)
-            output.get_by_text("step 199 line 19").wait_for(timeout=10_000)
-            # Resending all output at each repaint took 14 MB here.
-            sent = sum(received) - before
-            assert sent < 4 * PRINTED, (sent, PRINTED)
-            text = output.inner_text()
-            wanted = [f"step {step:>3} line {i:>2} " for step in range(200) for i in range(20)]
-            where = [text.find(line) for line in wanted]
-            assert -1 not in where and where == sorted(where)  # all of it, in order
-            assert "progress 200" in text and "progress 0'" not in text
-            assert "step" not in meanwhile.inner_text()
-        finally:
-            browser.close()
+    with _counting_frames(lab, "text-view.ipynb") as (page, cells, received):
+        page.evaluate(RUN_CELL, 1)
+        output = cells.nth(1).locator(".jp-Cell-outputArea")
+        output.get_by_text("step   5 line").first.wait_for(timeout=30_000)
+        page.evaluate(RUN_CELL, 2)  # runs while the task prints: a cell of its own
+        meanwhile = cells.nth(2).locator(".jp-Cell-outputArea")
+        meanwhile.get_by_text("meanwhile", exact=True).wait_for(timeout=10_000)
+        output.get_by_text("SUCCESS").wait_for(timeout=60_000)
+        output.get_by_text("step 199 line 19").wait_for(timeout=10_000)
+        # Resending all output at each repaint took 14 MB here.
+        _shows_all_printed(output.inner_text(), received)
+        assert "step" not in meanwhile.inner_text()
