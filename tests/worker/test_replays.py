@@ -244,21 +244,8 @@ def test_an_earlier_or_another_apps_final_event_does_not_end_a_task_reusing_its_
     and another app with the same secret may use them too: their genuine final events,
     put on the client's channel, are not this task's."""
     caplog.set_level(logging.WARNING, logger="nbtask.client.listener")
-    other, other_access = other_app
-    task_id = uuid.uuid4().hex
-    start_worker("--key-prefix", other.key_prefix, concurrency=1, wait=False)
-    stranger = App("stranger", settings=other)
-    try:
-        assert stranger.send_task(ADD, (1, 1), task_id=task_id).get(timeout=15) == 2
-    finally:
-        stranger.close()
-    foreign = other_access.store.hget(other_access.keys.record_key(task_id), "result")
-    start_worker(concurrency=1)
-    assert app.send_task(ADD, (2, 3), task_id=task_id).get(timeout=15) == 5
-    earlier = access.store.hget(access.keys.record_key(task_id), "result")
-    # Its record and ended-task entry gone (result_ttl passed): the id is free again.
-    access.store.delete(access.keys.record_key(task_id))
-    access.store.zrem(access.keys.done_key, task_id)
+    other, _ = other_app
+    task_id, earlier, foreign = _an_id_used_twice_then_freed(app, access, start_worker, other_app)
     h = app.send_task(ADD, (10, 20), task_id=task_id, queue="later")  # no worker there yet
     for raw in (earlier, foreign):
         access.push_event(app.channel, raw)
@@ -274,13 +261,14 @@ def test_an_earlier_or_another_apps_final_event_does_not_end_a_task_reusing_its_
     assert h.get(timeout=15) == 30
 
 
-@pytest.mark.brokers("redis")  # the store is Redis on both brokers
-def test_an_earlier_or_another_apps_result_in_the_record_is_not_taken_by_reference(
+def _an_id_used_twice_then_freed(
     app: App, access: RawBroker, start_worker, other_app: tuple[Settings, RawBroker]
-) -> None:
-    """A handle passed as an argument is read by the worker from the task's record: a
-    genuine result of an earlier send of the id, or another app's (same secret), put in
-    that record is not the handle's, and the consuming task fails saying so."""
+) -> tuple[str, bytes, bytes]:
+    """A task id used by another app with the same secret, then by ``app``, whose record
+    and ended-task entry are then gone (``result_ttl`` passed): the id is free again.
+
+    Returns the id and the genuine stored results of ``app``'s send and the other app's.
+    """
     other, other_access = other_app
     task_id = uuid.uuid4().hex
     start_worker("--key-prefix", other.key_prefix, concurrency=1, wait=False)
@@ -294,8 +282,20 @@ def test_an_earlier_or_another_apps_result_in_the_record_is_not_taken_by_referen
     record = access.keys.record_key(task_id)
     assert app.send_task(ADD, (2, 3), task_id=task_id).get(timeout=15) == 5
     earlier = access.store.hget(record, "result")
-    access.store.delete(record)  # result_ttl passed: the id is free again
+    access.store.delete(record)
     access.store.zrem(access.keys.done_key, task_id)
+    return task_id, earlier, foreign
+
+
+@pytest.mark.brokers("redis")  # the store is Redis on both brokers
+def test_an_earlier_or_another_apps_result_in_the_record_is_not_taken_by_reference(
+    app: App, access: RawBroker, start_worker, other_app: tuple[Settings, RawBroker]
+) -> None:
+    """A handle passed as an argument is read by the worker from the task's record: a
+    genuine result of an earlier send of the id, or another app's (same secret), put in
+    that record is not the handle's, and the consuming task fails saying so."""
+    task_id, earlier, foreign = _an_id_used_twice_then_freed(app, access, start_worker, other_app)
+    record = access.keys.record_key(task_id)
     h = app.send_task(ADD, (10, 20), task_id=task_id)
     assert h.get(timeout=15) == 30
     assert app.send_task(ADD, (h, 1)).get(timeout=15) == 31  # its own result is taken
