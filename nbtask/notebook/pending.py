@@ -329,6 +329,8 @@ class Pending:
         bound to one object, as locally. Returns the references put in (already tracked);
         one whose value the cell's process now holds is told so.
         """
+        if not any(isinstance(value, RemoteValue) for value in arrived.values()):
+            return []  # the usual cell: no scan of a namespace that grows with every cell
         held = [v for v in self.namespace.values() if isinstance(v, RemoteValue) and v.keeper]
         known = {(value.key, value.keeper): value for value in held}
         put = []
