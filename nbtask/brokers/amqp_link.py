@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections import deque
 from typing import Any
 
@@ -86,6 +87,28 @@ class Link:
             else:
                 while self.buffered.has_frame():
                     self.conn.drain_events(timeout=0)
+
+    @property
+    def owing(self) -> bool:
+        """Whether messages sent on this link await its sender: unconfirmed, returned, refused."""
+        confirms = self.confirms
+        return bool(confirms.unconfirmed or confirms.returned or confirms.refused)
+
+    def read_confirms(self, deadline: float) -> BaseException | None:
+        """Read the confirms this link owes until all are in or ``deadline`` passes.
+
+        ``deadline`` is a ``time.monotonic()``; the caller holds :attr:`in_use`. Returns
+        what the connection raised if it failed (every message still unconfirmed is then
+        in doubt), else None.
+        """
+        try:
+            while self.confirms.unconfirmed and (left := deadline - time.monotonic()) > 0:
+                self.conn.drain_events(timeout=left)
+        except TimeoutError:
+            return None  # the time is up; the connection may be fine
+        except self.errors as exc:
+            return exc
+        return None
 
     def publish(self, outgoing: Outgoing) -> None:
         """Write ``outgoing`` (its confirm is awaited by :class:`~.amqp_links.Links`)."""

@@ -20,6 +20,7 @@ from nbtask.brokers.amqp_confirms import Outgoing, size_limit
 from nbtask.brokers.amqp_guards import GUARDED
 from nbtask.brokers.amqp_link import Link
 from nbtask.brokers.amqp_queues import TaskQueues
+from nbtask.brokers.amqp_strays import Strays
 from nbtask.brokers.base import PIPELINE_WINDOW
 from nbtask.errors import BrokerUnavailable
 
@@ -67,10 +68,9 @@ class Links:
         #: Task queues: declared once per link, read, deleted.
         self.queues = TaskQueues(self._refused_queue)
         self._calls = itertools.count(1)
-        self._unsent: list[str] = []
-        #: Every thread's orphans (by process and thread): those of a thread that ended, or
-        #: that has no link listed (:meth:`_take_over`), are taken over by another.
-        self._orphan_lists: list[tuple[int, threading.Thread, list[Outgoing]]] = []
+        #: Every thread's orphans, and tasks noted unsent: those of a thread that ended,
+        #: or that has no link listed (:meth:`_take_over`), are taken over by another.
+        self._strays = Strays(self._lock)
 
     def current(self) -> Link | None:
         """The calling thread's link, if it has one."""
@@ -129,8 +129,8 @@ class Links:
         Unlisted last: if this is interrupted, the link is still listed (this thread's
         own, not its current one) and its next take-over gives it up again.
         """
-        link.confirms.move_unconfirmed(self._orphans(), cause)
-        self._note_unsent(link.confirms.refused)
+        link.confirms.move_unconfirmed(self._strays.mine(), cause)
+        self._strays.note_unsent(link.confirms.refused)
         link.confirms.refused = []
         link.close()
         with self._lock, contextlib.suppress(ValueError):
@@ -155,7 +155,6 @@ class Links:
         sent twice (the start check drops the second task message).
         """
         me, pid, current = threading.current_thread(), os.getpid(), self.current()
-        mine = self._orphans()
         with self._lock:
             linked = {k.thread for k in self._links if k.pid == pid}
             links = [
@@ -174,16 +173,7 @@ class Links:
             ]
             for link in links:
                 link.thread = me  # claimed: other threads leave it alone
-            for entry in list(self._orphan_lists):
-                entry_pid, thread, orphans = entry
-                alive = thread.is_alive()
-                if entry_pid != pid or thread is me or (alive and (not owing or thread in linked)):
-                    continue  # its own next link sends them first (a flush: if it has none)
-                if orphans:
-                    mine.extend(orphans)
-                    orphans.clear()
-                if not alive:
-                    self._orphan_lists.remove(entry)
+            self._strays.adopt(linked, owing=owing)
         for link in links:
             errors: tuple[type[BaseException], ...] = (*link.errors, BrokerUnavailable)
             cause: BaseException | None = None
@@ -194,44 +184,84 @@ class Links:
                     cause = exc
                 self._give_up(link, cause)
 
-    def close(self) -> None:
-        """Close every thread's link, first reading the confirms it owes.
+    def settle_every_thread(self) -> None:
+        """Settle what every thread of this process owes, :data:`OWED_SECONDS` at most in all.
 
-        Links still owing confirms (a live thread's, which sent without waiting and did
-        not flush) are read for :data:`OWED_SECONDS` in all. Task messages not confirmed
-        by then may never have reached RabbitMQ: they are named in one error.
+        For closing. The links of other threads that owe confirms (a live thread's, which
+        sent without waiting and did not flush), or whose thread has orphans, are read
+        once their thread is done with them, and closed: that thread connects anew if it
+        sends again. What such a link left unconfirmed because its connection dropped,
+        what RabbitMQ returned, and every thread's orphans, are sent again by this thread,
+        whose own confirms are awaited too. Task messages not confirmed by then, or
+        refused, are noted for :meth:`take_unsent` (the app revokes those tasks). Never
+        raises :class:`BrokerUnavailable`.
         """
+        deadline = time.monotonic() + OWED_SECONDS
+        pid, current, astray = os.getpid(), self.current(), self._strays.astray()
+        with self._lock:
+            links = [
+                k
+                for k in self._links
+                if k.pid == pid and k is not current and (k.owing or k.thread in astray)
+            ]
+        for link in links:
+            self._settle_link(link, deadline)
+        with self._lock:
+            self._strays.adopt({k.thread for k in self._links if k.pid == pid}, owing=True)
+        if self.current() is None and not self._strays.mine():
+            return
+        # A link kept sends the orphans taken over on it (a new one sends them first anyway).
+        left = max(deadline - time.monotonic(), 0.001)
+        with contextlib.suppress(BrokerUnavailable), self.answering_within(left):
+            self.publishing(self._send_orphans)
+
+    def _settle_link(self, link: Link, deadline: float) -> None:
+        """Read what another thread's ``link`` owes until ``deadline``, then give it up.
+
+        Its thread may be using it right now: it is read only once that thread is done
+        with it, waited for within the same time. If it is not done by then, what the
+        link owes is in doubt, and noted unsent; the link is closed under it (by
+        :meth:`close`), as at any close: its use fails.
+        """
+        confirms = link.confirms
+        if not link.in_use.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            # Copied whole while its thread may change them (no Python code runs meanwhile).
+            owed = [*list(confirms.unconfirmed.values()), *list(confirms.returned.values())]
+            self._strays.note_unsent([*owed, *confirms.refused])
+            return
+        try:
+            cause = link.read_confirms(deadline)
+            if cause is None:
+                # Not answered in time on a live connection: in doubt, not sent again.
+                self._strays.note_unsent(list(confirms.unconfirmed.values()))
+                confirms.unconfirmed.clear()
+            # What RabbitMQ returned (and, the connection gone, all it owed) goes to this
+            # thread's orphans, sent again on its link.
+            self._give_up(link, cause)
+        finally:
+            link.in_use.release()
+
+    def close(self) -> None:
+        """Close every thread's link, first settling what they owe (:meth:`settle_every_thread`).
+
+        Task messages that RabbitMQ did not confirm by then (or refused), not taken by
+        :meth:`take_unsent` (an app revokes them), may never have reached it: they are
+        named in one error.
+        """
+        self.settle_every_thread()
         with self._lock:
             links, self._links = self._links, []
-            self._orphan_lists = []
-        deadline = time.monotonic() + OWED_SECONDS
-        owed: list[Outgoing] = []
+        # Those of a thread whose link was still in use after the wait, if any.
+        self._strays.forget_all()
         for link in links:
-            confirms = link.confirms
-            owing = link.pid == os.getpid() and bool(confirms.unconfirmed or confirms.returned)
-            # Another thread may be using its link right now: it is read (and closed) only
-            # once that thread is done with it, waited for within the same time. If it is
-            # not done by then, the link is closed under it, as at any close: its use
-            # fails, and what it owed is named.
-            held = owing and link.in_use.acquire(timeout=max(0.0, deadline - time.monotonic()))
-            try:
-                if held:
-                    with contextlib.suppress(*link.errors):
-                        while confirms.unconfirmed and (left := deadline - time.monotonic()) > 0:
-                            link.conn.drain_events(timeout=left)
-                if owing:
-                    owed += [*confirms.unconfirmed.values(), *confirms.returned.values()]
-                owed += confirms.refused
-                link.close()
-            finally:
-                if held:
-                    link.in_use.release()
+            link.close()
         self._local = threading.local()
-        if ids := [o.task_id for o in owed if o.task_id]:
+        if ids := self.take_unsent():
             log.error(
                 "RabbitMQ did not confirm the messages of task(s) %s before the connections "
-                "closed: they may never have reached it and may not run (their handles "
-                "stay PENDING); send them again",
+                "closed: they may or may not have reached it, so the tasks may or may not "
+                "run (their records stay PENDING). Follow each with app.handle(task_id) "
+                "before sending it again",
                 ", ".join(ids),
             )
 
@@ -358,13 +388,13 @@ class Links:
                         self._collect(link, 0 if wait else PIPELINE_WINDOW)
                     return
                 except BrokerUnavailable:
-                    orphans = self._orphans()
+                    orphans = self._strays.mine()
                     # Locked: with no link, this thread's orphans are others' to take over.
                     with self._lock:
                         # ``send`` runs whole again: its messages are not orphans.
                         orphans[:] = [o for o in orphans if o.call != call]
                         if fresh or attempt == 2:
-                            self._note_unsent(orphans)
+                            self._strays.note_unsent(orphans)
                             orphans.clear()
                     if fresh or attempt == 2:
                         raise
@@ -378,33 +408,17 @@ class Links:
         link, are taken over first (:meth:`_take_over`).
         """
         self._take_over(owing=True)
-        if self.current() is None and not self._orphans():
+        if self.current() is None and not self._strays.mine():
             return
         # A link kept sends the orphans taken over on it (a new one sends them first anyway).
         self.publishing(self._send_orphans)
 
     def take_unsent(self) -> list[str]:
         """Ids of tasks whose messages RabbitMQ refused or that could not be sent again."""
-        with self._lock:
-            out, self._unsent = self._unsent, []
-        return out
-
-    def _note_unsent(self, messages: list[Outgoing]) -> None:
-        ids = [m.task_id for m in messages if m.task_id]
-        if ids:
-            with self._lock:
-                self._unsent += ids
-
-    def _orphans(self) -> list[Outgoing]:
-        orphans: list[Outgoing] | None = getattr(self._local, "orphans", None)
-        if orphans is None:
-            orphans = self._local.orphans = []
-            with self._lock:
-                self._orphan_lists.append((os.getpid(), threading.current_thread(), orphans))
-        return orphans
+        return self._strays.take_unsent()
 
     def _send_orphans(self, link: Link) -> None:
-        orphans = self._orphans()
+        orphans = self._strays.mine()
         while orphans:
             link.publish(orphans[0])
             orphans.pop(0)
@@ -435,7 +449,7 @@ class Links:
                 break
             self._send_returned(link)
         if confirms.refused:
-            self._note_unsent(confirms.refused)
+            self._strays.note_unsent(confirms.refused)
             confirms.refused = []
 
     def _send_returned(self, link: Link) -> None:

@@ -501,3 +501,70 @@ def test_unconfirmed_sends_of_a_live_thread_are_named_when_the_app_closes(
         return
     assert len(errors) == 1, errors
     assert all(h.id in errors[0] for h in lost) and first.id not in errors[0]
+
+
+@pytest.mark.parametrize("reachable", [True, False], ids=["sent", "rabbitmq-gone"])
+def test_closing_sends_what_a_live_threads_dropped_connection_left_unconfirmed(
+    proxy: TcpProxy, prefix: str, caplog: pytest.LogCaptureFixture, reachable: bool
+) -> None:
+    """A thread still alive found its connection dropped in a read, with messages sent
+    and unconfirmed, kept for its next connection to send. Closing the connections from
+    another thread sends them; if RabbitMQ cannot be reached, it names their tasks in
+    the log rather than forget them without a word."""
+    caplog.set_level(logging.ERROR, logger="nbtask")
+    links = Links(via(AMQP_URL, proxy.url_port))
+    queue = f"{prefix}:orphans"
+    direct = kombu.Connection(AMQP_URL)
+    direct.default_channel.queue_declare(queue=queue, auto_delete=False)
+    dropped, finish = threading.Event(), threading.Event()
+    failed: list[BrokerUnavailable] = []
+
+    def send(task_id: str, *, wait: bool) -> None:
+        def publish(link: Link) -> None:
+            links.send(link, queue, task_id.encode(), persistent=False, task_id=task_id)
+
+        links.publishing(publish, wait=wait)
+
+    def run() -> None:
+        send("first", wait=True)
+        proxy.hold()  # the messages below never reach RabbitMQ
+        for i in range(3):
+            send(f"task-{i}", wait=False)
+        if reachable:
+            proxy.cut()
+        else:
+            proxy.refuse()
+        try:
+            with links.using() as link:
+                link.conn.drain_events(timeout=10)  # a read finds the connection gone
+        except BrokerUnavailable as exc:
+            failed.append(exc)
+        dropped.set()
+        finish.wait(30)  # alive while the connections are closed
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert dropped.wait(30) and len(failed) == 1
+        links.close()
+    finally:
+        finish.set()
+        thread.join(30)
+        got = _taken(direct, queue)
+        direct.default_channel.queue_delete(queue)
+        direct.release()
+    errors = [r.getMessage() for r in caplog.records if "not confirm" in r.getMessage()]
+    if reachable:
+        assert got == [b"first", b"task-0", b"task-1", b"task-2"]
+        assert errors == []
+    else:
+        assert got == [b"first"]
+        assert len(errors) == 1 and all(f"task-{i}" in errors[0] for i in range(3)), errors
+
+
+def _taken(conn: kombu.Connection, queue: str) -> list[bytes]:
+    """The bodies of the messages waiting on ``queue``, taken off it."""
+    out: list[bytes] = []
+    while (message := conn.default_channel.basic_get(queue, no_ack=True)) is not None:
+        out.append(bytes(message.body))
+    return out
