@@ -171,6 +171,15 @@ class AmqpTransport(AmqpUpkeep):
             self.store.link.settle_owed()
         self.links.flush()
 
+    def settle_every_thread(self) -> None:
+        """Before closing: read what every thread's AMQP connection owes (3 s at most).
+
+        Messages a dropped connection left behind are sent again; tasks whose messages
+        RabbitMQ did not confirm by then are noted for :meth:`take_unsent` (see
+        :meth:`~nbtask.brokers.amqp_links.Links.settle_every_thread`).
+        """
+        self.links.settle_every_thread()
+
     def take_unsent(self) -> list[str]:
         """Ids of tasks sent earlier whose messages or records never arrived.
 

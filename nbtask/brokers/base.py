@@ -307,6 +307,14 @@ class Transport(Protocol):
         Each is returned once; they are not queued.
         """
 
+    def settle_every_thread(self) -> None:
+        """Before closing: settle what every thread of this process published, briefly.
+
+        What threads still alive sent without waiting is awaited for a few seconds at
+        most; tasks the broker did not confirm by then are noted for :meth:`take_unsent`.
+        Never raises :class:`~nbtask.errors.BrokerUnavailable`.
+        """
+
     #: Whether any thread may call :meth:`read_events` (one at a time): the positions it
     #: is given say all there is to where it reads. Else only one thread ever reads.
     events_from_any_thread: bool

@@ -178,6 +178,13 @@ class StreamsTransport(StreamsUpkeep):
             self.link.settle_ended()
             self.link.settle_owed()
 
+    def settle_every_thread(self) -> None:
+        """Before closing: nothing more than :meth:`flush` did; :meth:`close` reads the rest.
+
+        The replies threads still alive owe are read as the connections close (see
+        :meth:`~nbtask.brokers.redis_link.RedisLink.close`).
+        """
+
     def take_unsent(self) -> list[str]:
         """Ids of tasks published without waiting that Redis never queued."""
         return self.link.take_unsent()

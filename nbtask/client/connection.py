@@ -21,7 +21,7 @@ from nbtask.brokers import Store, Transport, open_broker
 from nbtask.client.embedded import EmbeddedCluster
 from nbtask.client.listener import Listener
 from nbtask.client.live_workers import LiveWorkers
-from nbtask.client.unsent import revoke_unsent
+from nbtask.client.unsent import CLOSED_REASON, UNSENT_REASON, revoke_unsent
 from nbtask.core.handle import TaskHandle
 from nbtask.core.outgoing import MessageBuilder
 from nbtask.errors import BrokerUnavailable, ConfigurationError
@@ -182,18 +182,27 @@ class AppConnection:
             finally:
                 self._revoke_unsent()
 
-    def _revoke_unsent(self) -> None:
+    def _revoke_unsent(self, why: str = UNSENT_REASON) -> None:
         # The tasks whose messages never reached the broker: see nbtask.client.unsent.
         if (transport := self._transport) is not None and (builder := self._builder) is not None:
-            prefix = self.settings.key_prefix
-            revoke_unsent(transport, builder.signer, self._channel, prefix, self._listener)
+            prefix, listener = self.settings.key_prefix, self._listener
+            revoke_unsent(transport, builder.signer, self._channel, prefix, listener, why)
 
     def close(self) -> None:
-        """:meth:`flush`, stop the listener, disconnect, give back an embedded cluster."""
+        """:meth:`flush`, stop the listener, disconnect, give back an embedded cluster.
+
+        What other threads sent without waiting and the broker has not confirmed yet is
+        awaited a few seconds at most; those tasks still unconfirmed then are revoked,
+        their handles failing with ``TaskRevoked`` (a ``get()`` waiting elsewhere too).
+        """
         with contextlib.suppress(BrokerUnavailable):
             self.flush()  # a failure is logged and its tasks' handles fail
         with self._lock:
             self.closed = True
+            if self._transport is not None:
+                # Before the listener stops: it holds the handles to fail.
+                self._transport.settle_every_thread()
+                self._revoke_unsent(CLOSED_REASON)
             if self._listener is not None:
                 self._listener.close()
                 self._listener = None

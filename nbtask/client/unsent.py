@@ -23,6 +23,7 @@ from nbtask.wire.envelope import Signer
 from nbtask.wire.events import FINAL_SEQ, FINAL_STATES, Event, EventType
 
 __all__ = [
+    "CLOSED_REASON",
     "UNSENT_REASON",
     "give_back",
     "restore_refused",
@@ -37,20 +38,33 @@ UNSENT_REASON = (
     "could not be reached to send it again, or the broker refused it); it will not run: "
     "send it again"
 )
+#: Why a task is revoked when the app closes: sent without waiting by a thread that did
+#: not flush, it was still unconfirmed after the few seconds closing waits for it.
+CLOSED_REASON = (
+    "its message was not confirmed by the broker before the app closed (still unanswered "
+    "after the few seconds closing waits, or the broker could not be reached to send it "
+    "again, or refused it); it will not run: send it again"
+)
 
 
 def revoke_unsent(
-    transport: Transport, signer: Signer, channel: str, prefix: str, listener: Listener | None
+    transport: Transport,
+    signer: Signer,
+    channel: str,
+    prefix: str,
+    listener: Listener | None,
+    why: str = UNSENT_REASON,
 ) -> list[str]:
     """Revoke the tasks the transport could not deliver; fail their handles. Their ids.
 
-    ``prefix`` is the app's key prefix (the events name it, and each handle's send).
+    ``prefix`` is the app's key prefix (the events name it, and each handle's send);
+    ``why`` the reason the events and the log give.
     """
     revoked: list[tuple[str, Event, bytes]] = []
     for task_id in transport.take_unsent():
         handle = listener.get(task_id) if listener is not None else None
         run = (prefix, handle.sent if handle is not None else None)
-        reason = {"reason": UNSENT_REASON}
+        reason = {"reason": why}
         event = Event(EventType.REVOKED, task_id, FINAL_SEQ, reason, run=run)
         raw = signer.seal(event.to_header())
         try:
@@ -61,11 +75,11 @@ def revoke_unsent(
                 "task %s: %s; the store is unreachable too (%s), so if its message did reach "
                 "the broker it may still run",
                 task_id,
-                UNSENT_REASON,
+                why,
                 exc,
             )
         else:
-            log.error("task %s: %s", task_id, UNSENT_REASON)
+            log.error("task %s: %s", task_id, why)
         revoked.append((task_id, event, raw))
     if revoked:
         with contextlib.suppress(BrokerUnavailable):

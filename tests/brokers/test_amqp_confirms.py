@@ -456,7 +456,8 @@ def test_unconfirmed_sends_of_a_live_thread_whose_link_dropped_in_a_read_are_sen
 
 
 @pytest.mark.parametrize("held", [True, False], ids=["never-reached", "reached"])
-def test_unconfirmed_sends_of_a_live_thread_are_named_when_the_app_closes(
+def test_unconfirmed_sends_of_a_live_thread_are_revoked_when_the_app_closes(
+    app: App,
     settings: Settings,
     proxy: TcpProxy,
     tmp_path: Path,
@@ -464,14 +465,16 @@ def test_unconfirmed_sends_of_a_live_thread_are_named_when_the_app_closes(
     held: bool,
 ) -> None:
     """A thread still alive at ``app.close()`` (idle, as a pool's is) sent tasks without
-    waiting: close reads what its connection owes (a few seconds at most) and names the
-    tasks whose messages never reached RabbitMQ in one error, not losing them silently;
-    those that reached it are confirmed, and nothing is said."""
+    waiting: close reads what its connection owes (a few seconds at most) and revokes the
+    tasks whose messages RabbitMQ never confirmed, naming each in the log. Their handles
+    fail saying so, a ``get()`` waiting on another thread too, rather than stay PENDING;
+    those that reached RabbitMQ are confirmed, and nothing is said."""
     caplog.set_level(logging.ERROR, logger="nbtask")
     client = App("closing", settings=settings.replace(broker_url=via(AMQP_URL, proxy.url_port)))
     ledger = tmp_path / "ledger"
     handles: list[TaskHandle] = []
     sent, finish = threading.Event(), threading.Event()
+    waited: list[BaseException | None] = []
 
     def run() -> None:
         handles.append(client.send_task(RECORD, (str(ledger),)))  # its own connection
@@ -482,10 +485,21 @@ def test_unconfirmed_sends_of_a_live_thread_are_named_when_the_app_closes(
         sent.set()
         finish.wait(60)  # alive and idle while the app closes
 
+    def wait() -> None:
+        try:
+            handles[-1].get(timeout=60)
+        except BaseException as exc:  # the test looks at what it raised
+            waited.append(exc)
+        else:
+            waited.append(None)
+
     thread = threading.Thread(target=run)
     thread.start()
+    waiter = threading.Thread(target=wait)
     try:
         assert sent.wait(15)
+        if held:
+            waiter.start()  # waits on the handle of a task RabbitMQ never confirms
         client.close()
     finally:
         finish.set()
@@ -499,8 +513,14 @@ def test_unconfirmed_sends_of_a_live_thread_are_named_when_the_app_closes(
     if not held:
         assert errors == []
         return
-    assert len(errors) == 1, errors
-    assert all(h.id in errors[0] for h in lost) and first.id not in errors[0]
+    waiter.join(60)
+    assert len(waited) == 1 and isinstance(waited[0], TaskRevoked), waited
+    for handle in lost:
+        with pytest.raises(TaskRevoked, match="not confirmed by the broker before the app closed"):
+            handle.get(timeout=5)
+        assert app.store.get_record(handle.id).state is State.REVOKED
+        assert sum(handle.id in error for error in errors) == 1, errors
+    assert first.id not in " ".join(errors)
 
 
 @pytest.mark.parametrize("reachable", [True, False], ids=["sent", "rabbitmq-gone"])
