@@ -2,7 +2,8 @@
 
 Shared by the Redis store and the Redis Streams transport (which, on a Redis broker, use
 the same server and so the same link). How commands are packed and replies read on a
-connection is :mod:`nbtask.brokers.redis_resp`.
+connection is :mod:`nbtask.brokers.redis_resp`; the replies owed to publishes sent without
+waiting, :mod:`nbtask.brokers.redis_owing`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -28,14 +28,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from nbtask._text import redact_url
-from nbtask.brokers.base import PIPELINE_WINDOW
 from nbtask.brokers.redis_errors import is_wrong_type, sentence, unreachable_hint
-from nbtask.brokers.redis_owed import OWED_BYTES, Owed
+from nbtask.brokers.redis_owing import OwedReplies
 from nbtask.brokers.redis_patience import Patience
 from nbtask.brokers.redis_resp import (
     LARGE_BYTES,
     Command,
-    closed_by_server,
     pack,
     pack_one,
     read_replies,
@@ -53,7 +51,7 @@ log = logging.getLogger(__name__)
 ANSWER_SECONDS = 5.0
 
 
-class RedisLink:
+class RedisLink(OwedReplies):
     """Connections to one Redis server, one per thread, and the scripts run on it.
 
     Parameters
@@ -78,12 +76,9 @@ class RedisLink:
             url, socket_connect_timeout=5, socket_timeout=ANSWER_SECONDS, protocol=2
         )
         self._patience = Patience(self._redis)
+        super().__init__()
         self._scripts: dict[str, str] = {}
         self._sha: dict[str, str] = {}
-        self._local = threading.local()
-        self._owing: dict[int, Owed] = {}  # by id(): every thread's replies not read yet
-        self._unsent: list[str] = []
-        self._lock = threading.Lock()
 
     @property
     def redis(self) -> Any:
@@ -214,31 +209,13 @@ class RedisLink:
 
     def close(self) -> None:
         """Read the replies every thread owes, then close every connection."""
-        with self._lock:
-            owing = [owed for owed in self._owing.values() if owed.pid == os.getpid()]
-        for owed in owing:
-            with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
-                self._settle(owed)
-            owed.connection.disconnect()
+        self._close_owed()
         connection = getattr(self._local, "connection", None)
         if connection is not None:
             connection.disconnect()
         self._redis.close()
         self._redis.connection_pool.disconnect()
         self._patience.close()
-
-    @property
-    def read_lost(self) -> bool:
-        """A connection of this thread failed since the flag was last cleared.
-
-        A blocking read served meanwhile may have delivered an entry whose reply never
-        arrived; the Streams transport looks for it before reading anew.
-        """
-        return bool(getattr(self._local, "read_lost", False))
-
-    @read_lost.setter
-    def read_lost(self, value: bool) -> None:
-        self._local.read_lost = value
 
     def evalsha(self, script: str, keys: Sequence[str], *args: Any) -> Command:
         """The command that runs the script named ``script``."""
@@ -258,182 +235,6 @@ class RedisLink:
             # every script of the batch, so running the batch again runs each once.
             self.load_scripts()
             return self.run(commands, large=large)
-
-    def send_unanswered(self, command: Command, task_id: str) -> None:
-        """Send task ``task_id``'s publish script without waiting for Redis's reply.
-
-        The reply is read by this thread's next command, by :meth:`settle_owed` or by
-        :meth:`close`; a thread owing :data:`PIPELINE_WINDOW` replies, or
-        :data:`OWED_BYTES` of commands (kept to be sent again), reads them first. A
-        publish Redis did not run (the connection dropped before its reply came and it
-        cannot be sent again, or Redis answered with an error) is noted for
-        :meth:`take_unsent`. Sending one again is safe: the script refuses a task id that
-        already has a record, so a copy that did get through is never queued twice.
-        """
-        owed = self._owed()
-        if len(owed.sent) >= PIPELINE_WINDOW or owed.size >= OWED_BYTES:
-            self.settle_owed()
-        if owed.connection._sock is None:
-            # Not connected yet: send this one as a call, which connects or raises at once.
-            self.run_scripts([command])
-            return
-        packed = pack_one(command)  # first: a command that cannot be packed is not owed
-        try:
-            # Owed before it is written: a Ctrl-C right after the write must not leave
-            # its reply unaccounted for, to be read as the answer to another command.
-            self._owe(owed, [(command, task_id)], len(packed))
-            # Looked at once the command is on its way (looking lets go of the GIL): a
-            # server gone since the last reply (stopped, restarted) never read it.
-            sent = send_first(owed.connection, [packed])
-            gone = not sent or closed_by_server(owed.connection._sock)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            owed.connection.disconnect()
-            self._gave_up(exc)
-            self.read_lost = True
-            # Whether Redis got this one, or the ones owed before it, is unknown: send
-            # them all again now, on a new connection, and raise if that fails too.
-            self._send_again(self._take_owed(owed))
-            return
-        except BaseException:
-            # Interrupted: what was written is unknown, so the connection goes, and with
-            # it the replies owed on it; reading them fails, and they are sent again.
-            owed.connection.disconnect()
-            raise
-        if gone:
-            # Sent as a call instead, which reads what is owed before it (sending that
-            # again), then reconnects or raises at once.
-            self._forget_last(owed)
-            self.run_scripts([command])
-
-    @property
-    def owed(self) -> int:
-        """How many replies to :meth:`send_unanswered` this thread has not read yet."""
-        owed = getattr(self._local, "owed", None)
-        return len(owed.sent) if owed is not None and owed.pid == os.getpid() else 0
-
-    def settle_owed(self) -> None:
-        """Read the replies this thread owes (see :meth:`send_unanswered`).
-
-        Raises redis-py's ``ConnectionError`` when some must be sent again and Redis
-        cannot be reached: they are then noted for :meth:`take_unsent`.
-        """
-        owed = getattr(self._local, "owed", None)
-        if owed is not None and owed.sent and owed.pid == os.getpid():
-            self._settle(owed)
-
-    def settle_ended(self) -> None:
-        """Read the replies threads that ended still owe (sending again what needs it).
-
-        Nobody else would before :meth:`close`: a publish whose connection dropped before
-        Redis read it would wait unsent until then, its task never run nor reported.
-        Raises redis-py's ``ConnectionError`` as :meth:`settle_owed` does.
-        """
-        pid = os.getpid()
-        with self._lock:  # taken out while read: two threads never read one connection
-            ended = [o for o in self._owing.values() if o.pid == pid and not o.thread.is_alive()]
-            for owed in ended:
-                del self._owing[id(owed)]
-        for owed in ended:
-            try:
-                self._settle(owed)
-            finally:
-                if not owed.sent:  # (an interrupted read left some owed, kept again)
-                    owed.connection.disconnect()
-
-    def take_unsent(self) -> list[str]:
-        """Ids of tasks sent by :meth:`send_unanswered` that Redis never queued; each once."""
-        with self._lock:
-            out, self._unsent = self._unsent, []
-        return out
-
-    def _owed(self) -> Owed:
-        connection = self._connection()
-        owed: Owed | None = getattr(self._local, "owed", None)
-        if owed is None or owed.connection is not connection:
-            owed = self._local.owed = Owed(connection, os.getpid())
-        return owed
-
-    def _owe(self, owed: Owed, entries: list[tuple[Command, str]], size: int) -> None:
-        with self._lock:
-            self._owing[id(owed)] = owed
-            owed.sent += entries
-            owed.size += size
-
-    def _take_owed(self, owed: Owed) -> list[tuple[Command, str]]:
-        with self._lock:
-            self._owing.pop(id(owed), None)
-        sent, owed.sent, owed.size = owed.sent, [], 0
-        return sent
-
-    def _forget_last(self, owed: Owed) -> None:
-        with self._lock:
-            owed.sent.pop()
-            if not owed.sent:
-                owed.size = 0
-                self._owing.pop(id(owed), None)
-
-    def _forget_owed(self, owed: Owed, settled: int) -> None:
-        with self._lock:
-            del owed.sent[:settled]
-            if not owed.sent:  # (the size of a part is not kept: it counts till then)
-                owed.size = 0
-                self._owing.pop(id(owed), None)
-
-    def _settle(self, owed: Owed) -> None:
-        # A publish leaves ``owed`` only once its reply is read or it is handed on to be
-        # sent again, so an interruption (Ctrl-C) anywhere here loses none.
-        settled = 0
-        again: list[tuple[Command, str]] = []
-        try:
-            for entry in owed.sent:
-                try:
-                    owed.connection.read_response()
-                except NoScriptError:  # the server restarted empty: nothing ran
-                    again.append(entry)
-                except ResponseError as exc:
-                    self._note_unsent([entry], exc)
-                settled += 1
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            owed.connection.disconnect()
-            self._gave_up(exc)
-            self.read_lost = True
-            again += owed.sent[settled:]
-            settled = len(owed.sent)
-        except BaseException:
-            # Interrupted mid-read: the connection cannot be reused, and the replies
-            # not read yet are owed still (reading them then fails: sent again).
-            owed.connection.disconnect()
-            self._owe(owed, again, 0)
-            raise
-        finally:
-            self._forget_owed(owed, settled)
-        self._send_again(again)
-
-    def _send_again(self, entries: Sequence[tuple[Command, str]]) -> None:
-        if not entries:
-            return
-        try:
-            self.load_scripts()
-            replies = self.run([command for command, _ in entries], raise_errors=False)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            self._note_unsent(entries, exc)
-            raise
-        except BaseException:
-            # Interrupted: whether Redis got them is unknown. Owed again on this thread's
-            # connection, closed so that reading them fails and sends them again.
-            owed = self._owed()
-            owed.connection.disconnect()
-            self._owe(owed, list(entries), 0)
-            raise
-        for entry, reply in zip(entries, replies, strict=True):
-            if isinstance(reply, ResponseError):
-                self._note_unsent([entry], reply)
-
-    def _note_unsent(self, entries: Sequence[tuple[Command, str]], why: BaseException) -> None:
-        ids = [task_id for _, task_id in entries]
-        log.error("Redis did not queue task(s) %s: %s", ", ".join(ids), sentence(why))
-        with self._lock:
-            self._unsent += ids
 
     def _connection(self) -> Any:
         # One connection per thread, kept: taking one from the pool on every call costs
