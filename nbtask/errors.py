@@ -23,6 +23,7 @@ __all__ = [
     "RemoteError",
     "ResultNotReady",
     "Retry",
+    "SendUnconfirmed",
     "SerializationError",
     "SignatureError",
     "SoftTimeLimitExceeded",
@@ -44,6 +45,21 @@ class ConfigurationError(NbtaskError, ValueError):
 
 class BrokerUnavailable(NbtaskError, ConnectionError):
     """The broker cannot be reached."""
+
+
+class SendUnconfirmed(BrokerUnavailable):
+    """The broker took tasks' messages but never said whether it queued them: they may run.
+
+    ``task_ids`` names those tasks. Their handles stay live: once the broker answers
+    again, a task that was queued runs and its handle gets its result.
+    """
+
+    def __init__(self, message: str = "", task_ids: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.task_ids = task_ids
+
+    def __reduce__(self) -> tuple[type[SendUnconfirmed], tuple[str, tuple[str, ...]]]:
+        return (type(self), (str(self), self.task_ids))
 
 
 class SignatureError(NbtaskError):

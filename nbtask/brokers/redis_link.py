@@ -28,7 +28,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from nbtask._text import redact_url
-from nbtask.brokers.redis_errors import is_wrong_type, sentence, unreachable_hint
+from nbtask.brokers.redis_errors import (
+    Unanswered,
+    is_wrong_type,
+    sentence,
+    unreachable_hint,
+)
 from nbtask.brokers.redis_owing import OwedReplies
 from nbtask.brokers.redis_patience import Patience
 from nbtask.brokers.redis_resp import (
@@ -39,7 +44,7 @@ from nbtask.brokers.redis_resp import (
     read_replies,
     send_first,
 )
-from nbtask.errors import BrokerUnavailable, ConfigurationError
+from nbtask.errors import BrokerUnavailable, ConfigurationError, SendUnconfirmed
 
 __all__ = ["LARGE_BYTES", "Command", "RedisLink"]
 
@@ -148,6 +153,16 @@ class RedisLink(OwedReplies):
         """Turn connection errors, and a full server's refusals, into :class:`BrokerUnavailable`."""
         try:
             yield
+        except Unanswered as exc:
+            ids = ", ".join(exc.task_ids)
+            raise SendUnconfirmed(
+                f"the Redis {self._role} at {redact_url(self.url)} took task(s) {ids} but did "
+                f"not answer whether it queued them: {sentence(exc)} They may still run once "
+                "it answers again (is it stalled: a long command, a save, swapping?). Wait "
+                "for them with get() then; a task the store has no record of then "
+                "(app.store.get_record(task_id) is None) was never queued: send it again",
+                exc.task_ids,
+            ) from exc
         except (RedisConnectionError, RedisTimeoutError) as exc:
             if self._gave_up(exc):
                 raise BrokerUnavailable(

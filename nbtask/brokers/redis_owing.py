@@ -21,7 +21,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from nbtask.brokers.base import PIPELINE_WINDOW
-from nbtask.brokers.redis_errors import sentence
+from nbtask.brokers.redis_errors import Unanswered, sent_unanswered, sentence
 from nbtask.brokers.redis_owed import OWED_BYTES, Owed
 from nbtask.brokers.redis_resp import Command, closed_by_server, pack_one, send_first
 
@@ -89,6 +89,10 @@ class OwedReplies(abc.ABC):
         cannot be sent again, or Redis answered with an error) is noted for
         :meth:`take_unsent`. Sending one again is safe: the script refuses a task id that
         already has a record, so a copy that did get through is never queued twice.
+
+        One whose reply Redis does not send in time (it is stalled, or the way back is
+        cut) is not sent again: Redis may run the copy it has when it wakes. The command
+        that waited raises :class:`~nbtask.brokers.redis_errors.Unanswered`, naming it.
         """
         owed = self._owed()
         if len(owed.sent) >= PIPELINE_WINDOW or owed.size >= OWED_BYTES:
@@ -110,9 +114,14 @@ class OwedReplies(abc.ABC):
             owed.connection.disconnect()
             self._gave_up(exc)
             self.read_lost = True
+            taken = self._take_owed(owed)
+            if sent_unanswered(exc):
+                # Redis stopped taking what is written: it may run what it has when it
+                # wakes, and a copy sent again would wait as long for nothing.
+                raise self._unconfirmed(taken, exc) from exc
             # Whether Redis got this one, or the ones owed before it, is unknown: send
             # them all again now, on a new connection, and raise if that fails too.
-            self._send_again(self._take_owed(owed))
+            self._send_again(taken)
             return
         except BaseException:
             # Interrupted: what was written is unknown, so the connection goes, and with
@@ -153,12 +162,17 @@ class OwedReplies(abc.ABC):
             ended = [o for o in self._owing.values() if o.pid == pid and not o.thread.is_alive()]
             for owed in ended:
                 del self._owing[id(owed)]
+        failed: Exception | None = None
         for owed in ended:
             try:
                 self._settle(owed)
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                failed = failed or exc  # the others are settled all the same
             finally:
                 if not owed.sent:  # (an interrupted read left some owed, kept again)
                     owed.connection.disconnect()
+        if failed is not None:
+            raise failed
 
     def take_unsent(self) -> list[str]:
         """Ids of tasks sent by :meth:`send_unanswered` that Redis never queued; each once."""
@@ -200,10 +214,11 @@ class OwedReplies(abc.ABC):
                 self._owing.pop(id(owed), None)
 
     def _settle(self, owed: Owed) -> None:
-        # A publish leaves ``owed`` only once its reply is read or it is handed on to be
-        # sent again, so an interruption (Ctrl-C) anywhere here loses none.
+        # A publish leaves ``owed`` only once its reply is read, or it is handed on to be
+        # sent again or reported, so an interruption (Ctrl-C) anywhere here loses none.
         settled = 0
         again: list[tuple[Command, str]] = []
+        unanswered: list[tuple[Command, str]] = []
         try:
             for entry in owed.sent:
                 try:
@@ -217,7 +232,11 @@ class OwedReplies(abc.ABC):
             owed.connection.disconnect()
             self._gave_up(exc)
             self.read_lost = True
-            again += owed.sent[settled:]
+            if sent_unanswered(exc):
+                # Redis has them, or may have: it runs them when it answers again.
+                unanswered, silence = owed.sent[settled:], exc
+            else:
+                again += owed.sent[settled:]
             settled = len(owed.sent)
         except BaseException:
             # Interrupted mid-read: the connection cannot be reused, and the replies
@@ -227,33 +246,61 @@ class OwedReplies(abc.ABC):
             raise
         finally:
             self._forget_owed(owed, settled)
+        if unanswered:
+            if again:  # refused as NOSCRIPT (never ran), but Redis answers no more now
+                self._note_unsent(again, silence)
+            raise self._unconfirmed(unanswered, silence)
         self._send_again(again)
 
     def _send_again(self, entries: Sequence[tuple[Command, str]]) -> None:
         if not entries:
             return
         try:
-            self.load_scripts()
-            replies = self.run([command for command, _ in entries], raise_errors=False)
+            self.load_scripts()  # (first: a timeout here is not the publishes')
         except (RedisConnectionError, RedisTimeoutError) as exc:
             self._note_unsent(entries, exc)
             raise
         except BaseException:
-            # Interrupted: whether Redis got them is unknown. Owed again on this thread's
-            # connection, closed so that reading them fails and sends them again.
-            owed = self._owed()
-            owed.connection.disconnect()
-            self._owe(owed, list(entries), 0)
+            self._owe_again(entries)
+            raise
+        try:
+            replies = self.run([command for command, _ in entries], raise_errors=False)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            if sent_unanswered(exc):
+                raise self._unconfirmed(entries, exc) from exc
+            self._note_unsent(entries, exc)
+            raise
+        except BaseException:
+            self._owe_again(entries)
             raise
         for entry, reply in zip(entries, replies, strict=True):
             if isinstance(reply, ResponseError):
                 self._note_unsent([entry], reply)
+
+    def _owe_again(self, entries: Sequence[tuple[Command, str]]) -> None:
+        # Interrupted: whether Redis got them is unknown. Owed again on this thread's
+        # connection, closed so that reading them fails and sends them again.
+        owed = self._owed()
+        owed.connection.disconnect()
+        self._owe(owed, list(entries), 0)
 
     def _note_unsent(self, entries: Sequence[tuple[Command, str]], why: BaseException) -> None:
         ids = [task_id for _, task_id in entries]
         log.error("Redis did not queue task(s) %s: %s", ", ".join(ids), sentence(why))
         with self._lock:
             self._unsent += ids
+
+    def _unconfirmed(
+        self, entries: Sequence[tuple[Command, str]], why: BaseException
+    ) -> Unanswered:
+        ids = tuple(task_id for _, task_id in entries)
+        log.error(
+            "Redis did not answer whether it queued task(s) %s: %s They may run once it "
+            "answers again",
+            ", ".join(ids),
+            sentence(why),
+        )
+        return Unanswered(str(why), ids)
 
     def _close_owed(self) -> None:
         """Read the replies every thread owes, then close their connections."""

@@ -16,6 +16,8 @@ from typing import Any
 import redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from nbtask.brokers.redis_errors import REFUSED_AT_ONCE
+
 __all__ = ["Patience"]
 
 
@@ -57,7 +59,7 @@ class Patience:
     def refuse_if_silent(self) -> None:
         """Raise redis-py's ``TimeoutError`` while an answer was given up on just now."""
         if time.monotonic() < getattr(self._local, "until", 0.0):
-            raise RedisTimeoutError("it left an earlier command unanswered just now")
+            raise RedisTimeoutError(REFUSED_AT_ONCE)
 
     def client(self, seconds: float) -> Any:
         """A redis-py client on pooled connections that wait ``seconds`` for an answer."""

@@ -6,7 +6,9 @@ A single ``delay()`` returns once its message is written, before RabbitMQ confir
 (the connection dropped and the broker cannot be reached to send the message again, or
 the broker refused it), the task is revoked here: it never runs, even if its message did get
 through, and its handle fails saying why. A task already started did get through, and is
-left alone.
+left alone. A message Redis took but never answered for (it stalled) is not revoked: it
+may run when Redis wakes, and the send raises
+:class:`~nbtask.errors.SendUnconfirmed` instead.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from nbtask.errors import (
     ConfigurationError,
     NbtaskError,
     ResultNotReady,
+    SendUnconfirmed,
 )
 from nbtask.settings import is_finite_number
 from nbtask.wire.events import (
@@ -304,9 +305,15 @@ class TaskHandle(CeleryResultNames, concurrent.futures.Future[Any]):
             )
         if not self.done() and self.app is not None:
             # Its message may still await the broker's answer (sent by this thread, which
-            # is about to wait): settle that first, so an undelivered task fails now.
-            with contextlib.suppress(BrokerUnavailable):
+            # is about to wait): settle that first, so an undelivered task fails now, and
+            # one the broker never answered for is said to be in doubt now.
+            try:
                 self.app.flush()
+            except SendUnconfirmed as exc:
+                if self.id in exc.task_ids:
+                    raise
+            except BrokerUnavailable:
+                pass
             if not self.done():
                 # This thread reads the events itself when no other thread is reading: its
                 # result then reaches it without a hop through the listener thread.
