@@ -31,6 +31,7 @@ from nbtask._text import redact_url
 from nbtask.brokers.redis_errors import (
     Unanswered,
     is_wrong_type,
+    sent_unanswered,
     sentence,
     unreachable_hint,
 )
@@ -303,9 +304,11 @@ class RedisLink(OwedReplies):
                 self.read_lost = True
                 # A connection that went stale while idle (the server restarted) fails
                 # before the first reply: the server never ran these commands. Once more
-                # on a new connection; a fresh one failing is a real outage. Not when a
-                # bounded block gives up: a server that answers nothing would cost two.
-                if self._gave_up(exc) or attempt == 2 or fresh or replies:
+                # on a new connection; a fresh one failing is a real outage. Never after
+                # a timeout: a stalled server runs what it took once it wakes, so a copy
+                # sent again could run twice (and a bounded block would wait twice).
+                gave_up = self._gave_up(exc)
+                if gave_up or sent_unanswered(exc) or attempt == 2 or fresh or replies:
                     raise
                 continue
             except BaseException:

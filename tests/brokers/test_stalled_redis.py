@@ -11,14 +11,20 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import redis
 from helpers import SECRET, PrivateRedis, ledger_runs, wait_until
 
 from nbtask import App, BrokerUnavailable, Settings, errors
+from nbtask.brokers.redis_link import RedisLink
+from nbtask.brokers.redis_streams import StreamsTransport
 
 RECORD = "tests.sample_tasks.record_id"  # appends its id to a file: counts runs
 
@@ -75,3 +81,93 @@ def test_a_send_a_stalled_redis_did_not_answer_for_is_said_to_be_in_doubt_and_ma
     assert h.get(timeout=30) == h.id
     wait_until(lambda: len(ledger_runs(ledger)) == 2, 30, "both tasks to run")
     assert ledger_runs(ledger)[h.id] == 1
+
+
+def connections_to(server: PrivateRedis) -> set[int]:
+    """The local ports of this process's open TCP connections to ``server``."""
+    return {
+        c.laddr.port
+        for c in psutil.Process().net_connections(kind="tcp")
+        if c.raddr and c.raddr.port == server.port and c.status == psutil.CONN_ESTABLISHED
+    }
+
+
+@contextlib.contextmanager
+def stalled_until_sent_again(server: PrivateRedis, link: RedisLink) -> Iterator[None]:
+    """The server stopped in the block, woken if this thread sends its command again.
+
+    Once this thread's connection to it (made before) is dropped, the server wakes as
+    soon as this process connects to it anew, as a command sent again does: the server
+    then has both copies, and runs both. Else it wakes when the block ends.
+    """
+    assert server.process is not None
+    pid = server.process.pid
+    own = link._connection()._sock.getsockname()[1]  # this thread's, made before
+    before = connections_to(server)
+    assert own in before
+    done = threading.Event()
+
+    def sent_again() -> bool:
+        now = connections_to(server)
+        return own not in now and not now <= before
+
+    def wake() -> None:
+        while not done.is_set() and not sent_again():
+            time.sleep(0.02)
+        os.kill(pid, signal.SIGCONT)
+
+    waker = threading.Thread(target=wake, daemon=True)
+    with stalled(server):
+        waker.start()
+        try:
+            yield
+        finally:
+            done.set()
+            waker.join(30)
+
+
+def test_a_write_a_stalled_redis_did_not_answer_is_never_sent_again(
+    private_redis: PrivateRedis, admin: redis.Redis
+) -> None:
+    link = RedisLink(private_redis.url, "broker")
+    try:
+        link.run([("INCR", "runs")])  # this thread's connection is made and answered on
+        with (
+            stalled_until_sent_again(private_redis, link),
+            pytest.raises(BrokerUnavailable, match="did not answer in time"),
+            link.translate_errors(),
+        ):
+            link.run([("INCR", "runs")])
+        # The INCR Redis took before it stalled ran once it woke, and only once.
+        wait_until(lambda: admin.get("runs") == b"2", 30, "the second INCR to run")
+        assert link.run([("GET", "runs")]) == [b"2"]
+    finally:
+        link.close()
+
+
+def link_of(app: App) -> RedisLink:
+    """The link of the app's Redis broker."""
+    transport = app.transport
+    assert isinstance(transport, StreamsTransport)
+    return transport.link
+
+
+def test_a_send_with_its_own_id_a_stalled_redis_did_not_answer_runs_once(
+    app: App, private_redis: PrivateRedis, start_worker, tmp_path: Path
+) -> None:
+    ledger = tmp_path / "ledger"
+    app.send_task(RECORD, (str(ledger),))
+    app.flush()  # this thread's connection is made and answered on
+    task_id = uuid.uuid4().hex
+    # A send with its own id waits for Redis's answer (it may be refused as reused). Sent
+    # again, the copy would be refused by the first one's record: the send would say the
+    # id is taken by a task that has not ended, though it is its own task.
+    with (
+        stalled_until_sent_again(private_redis, link_of(app)),
+        pytest.raises(BrokerUnavailable, match="did not answer in time"),
+    ):
+        app.send_task(RECORD, (str(ledger),), task_id=task_id)
+    start_worker(concurrency=2)
+    assert app.handle(task_id).get(timeout=30) == task_id
+    wait_until(lambda: len(ledger_runs(ledger)) == 2, 30, "both tasks to run")
+    assert ledger_runs(ledger)[task_id] == 1
