@@ -224,8 +224,12 @@ class RedisLink(OwedReplies):
             self.redis.hset(key, field, value)
 
     def close(self) -> None:
-        """Read the replies every thread owes, then close every connection."""
-        self._close_owed()
+        """Read the replies every thread owes, then close every connection.
+
+        A thread in the middle of a command is waited for (as long as Redis may take to
+        answer), never read from or disconnected under it.
+        """
+        self._close_owed(ANSWER_SECONDS)
         connection = getattr(self._local, "connection", None)
         if connection is not None:
             connection.disconnect()
@@ -286,6 +290,12 @@ class RedisLink(OwedReplies):
         commands are packed by hiredis directly, and a blocking read's timeout is set once
         for all its replies.
         """
+        with self._guard():  # (a closing link does not read or close it meanwhile)
+            return self._run(commands, block_seconds, raise_errors, large)
+
+    def _run(
+        self, commands: Sequence[Command], block_seconds: float, raise_errors: bool, large: bool
+    ) -> list[Any]:
         self.settle_owed()  # replies come in order: this thread's earlier ones first
         packed = None
         for attempt in (1, 2):

@@ -26,7 +26,8 @@ class Owed:
     """Task publishes one thread sent on its connection whose replies it has not read.
 
     ``sent`` holds ``(command, task id)``, oldest first. Kept by the link too while not
-    empty, so a thread that ends owing replies does not close the connection under them.
+    empty, so a thread that ends owing replies does not close the connection under them,
+    and a link that closes reads them (once the thread is done with the connection).
     """
 
     connection: Any
@@ -34,6 +35,9 @@ class Owed:
     sent: list[tuple[Command, str]] = dataclasses.field(default_factory=list)
     size: int = 0  # bytes of the commands in ``sent``, kept to be sent again
     thread: threading.Thread = dataclasses.field(default_factory=threading.current_thread)
+    #: Held by the thread while it uses the connection, and by another that reads the
+    #: replies for it (a closing link): two threads never read one connection.
+    using: threading.RLock = dataclasses.field(default_factory=threading.RLock)
 
 
 def unanswered(messages: Sequence[Publish], wait: bool) -> Publish | None:

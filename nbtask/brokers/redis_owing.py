@@ -29,6 +29,8 @@ __all__ = ["OwedReplies"]
 
 log = logging.getLogger("nbtask.brokers.redis_link")
 
+_UNGUARDED = contextlib.nullcontext()
+
 
 class OwedReplies(abc.ABC):
     """Publishes sent without waiting, per thread, and what becomes of their replies."""
@@ -66,6 +68,13 @@ class OwedReplies(abc.ABC):
     def _gave_up(self, exc: BaseException) -> bool:
         """Whether this thread gives up on Redis for ``exc``."""
 
+    def _guard(self) -> contextlib.AbstractContextManager[Any]:
+        """Held while this thread uses its connection: a closing link then leaves it be."""
+        owed: Owed | None = getattr(self._local, "owed", None)
+        if owed is None or owed.pid != os.getpid():  # (a fork's copy may be held for ever)
+            return _UNGUARDED
+        return owed.using
+
     @property
     def read_lost(self) -> bool:
         """A connection of this thread failed since the flag was last cleared.
@@ -95,6 +104,10 @@ class OwedReplies(abc.ABC):
         that waited raises :class:`~nbtask.brokers.redis_errors.Unanswered`, naming it.
         """
         owed = self._owed()
+        with owed.using:
+            self._send_unanswered(owed, command, task_id)
+
+    def _send_unanswered(self, owed: Owed, command: Command, task_id: str) -> None:
         if len(owed.sent) >= PIPELINE_WINDOW or owed.size >= OWED_BYTES:
             self.settle_owed()
         if owed.connection._sock is None:
@@ -148,7 +161,8 @@ class OwedReplies(abc.ABC):
         """
         owed = getattr(self._local, "owed", None)
         if owed is not None and owed.sent and owed.pid == os.getpid():
-            self._settle(owed)
+            with owed.using:
+                self._settle(owed)
 
     def settle_ended(self) -> None:
         """Read the replies threads that ended still owe (sending again what needs it).
@@ -165,7 +179,8 @@ class OwedReplies(abc.ABC):
         failed: Exception | None = None
         for owed in ended:
             try:
-                self._settle(owed)
+                with owed.using:  # (a closing link may be reading them)
+                    self._settle(owed)
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 failed = failed or exc  # the others are settled all the same
             finally:
@@ -302,11 +317,25 @@ class OwedReplies(abc.ABC):
         )
         return Unanswered(str(why), ids)
 
-    def _close_owed(self) -> None:
-        """Read the replies every thread owes, then close their connections."""
+    def _close_owed(self, wait: float) -> None:
+        """Read the replies every thread owes, then close their connections.
+
+        Not those of a thread that uses its connection for longer than ``wait`` seconds
+        (a command of its own): it reads them itself, and its connection is left to it.
+        """
         with self._lock:
             owing = [owed for owed in self._owing.values() if owed.pid == os.getpid()]
         for owed in owing:
-            with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
-                self._settle(owed)
-            owed.connection.disconnect()
+            if not owed.using.acquire(timeout=wait):
+                log.warning(
+                    "closing: a thread still uses its Redis connection; the replies it owes "
+                    "(%d) are left for it to read",
+                    len(owed.sent),
+                )
+                continue
+            try:
+                with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
+                    self._settle(owed)
+                owed.connection.disconnect()
+            finally:
+                owed.using.release()

@@ -9,12 +9,15 @@ rather than that it will not. The client and a worker use the test's own redis-s
 from __future__ import annotations
 
 import contextlib
+import linecache
+import logging
 import os
 import signal
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -171,3 +174,61 @@ def test_a_send_with_its_own_id_a_stalled_redis_did_not_answer_runs_once(
     assert app.handle(task_id).get(timeout=30) == task_id
     wait_until(lambda: len(ledger_runs(ledger)) == 2, 30, "both tasks to run")
     assert ledger_runs(ledger)[task_id] == 1
+
+
+def waits(thread: threading.Thread) -> bool:
+    """Whether ``thread`` waits: for Redis's answer on a socket, or for a lock."""
+    assert thread.ident is not None
+    frame = sys._current_frames().get(thread.ident)
+    if frame is None:
+        return False
+    line = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+    return frame.f_code.co_name == "read_from_socket" or ".acquire(" in line
+
+
+def test_close_while_another_thread_reads_its_replies_reads_none_of_them(
+    private_redis: PrivateRedis, admin: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    link = RedisLink(private_redis.url, "broker")
+    raised: dict[str, BaseException | None] = {}
+    lost: dict[str, bool] = {}  # whether a read of the thread's failed (gave up waiting)
+    connected, stopped, sent = threading.Event(), threading.Event(), threading.Event()
+
+    def call(name: str, step: Callable[[], object]) -> None:
+        try:
+            step()
+        except BaseException as exc:
+            raised[name] = exc
+        else:
+            raised[name] = None
+        lost[name] = link.read_lost
+
+    def sender() -> None:
+        link.run([("PING",)])  # connected: the sends below are written without waiting
+        connected.set()
+        assert stopped.wait(30)
+        for n in range(3):
+            link.send_unanswered(("INCR", "runs"), f"task-{n}")
+        sent.set()
+        call("settle", link.settle_owed)  # reads the three replies itself
+
+    thread = threading.Thread(target=sender, daemon=True)
+    closer = threading.Thread(target=call, args=("close", link.close), daemon=True)
+    thread.start()
+    assert connected.wait(30)
+    with caplog.at_level(logging.WARNING), stalled(private_redis):
+        stopped.set()
+        assert sent.wait(30)
+        wait_until(lambda: waits(thread), 30, "the thread to wait for the replies")
+        # The link closes while the thread waits for Redis's replies on its connection.
+        closer.start()
+        wait_until(lambda: waits(closer), 30, "the close to wait")
+    thread.join(60)
+    closer.join(60)
+    assert not thread.is_alive() and not closer.is_alive()
+    # The thread read its replies: the close took none of them from under it (the one of
+    # the two left waiting for replies the other read would give up, its read lost).
+    assert raised == {"settle": None, "close": None}
+    assert lost == {"settle": False, "close": False}
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert admin.get("runs") == b"3"
