@@ -34,6 +34,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from nbtask.brokers.base import Delivery, Publish, Settlement, Verdict
 from nbtask.brokers.redis_channels import CHANNEL_MAXLEN, refuses_entries
+from nbtask.brokers.redis_errors import is_wrong_type
 from nbtask.brokers.redis_link import LARGE_BYTES, Command
 from nbtask.brokers.redis_owed import unanswered
 from nbtask.brokers.redis_store import RedisStore
@@ -416,14 +417,22 @@ class StreamsTransport(StreamsUpkeep):
         """Add a message whose ``add`` to a task queue the transaction's run refused.
 
         Its delivery is dropped by then. A queue whose ids were used up by an entry past
-        the clock (nbtask did not write it) is repaired first (see the ``repair_queue``
-        script); a queue still refusing (another type) keeps it in the dead-letter stream.
+        the clock, or whose key is of another type (nbtask wrote neither), is repaired or
+        replaced first (see the ``repair_queue`` and ``replace_queue`` scripts); a queue
+        still refusing keeps it in the dead-letter stream.
         """
         if not isinstance(reply, ResponseError):
             return
         queue = str(add[1])
         with self.link.translate_errors():
-            if "last possible" in str(reply):
+            if is_wrong_type(reply):
+                self.replace_queue(queue, reply)
+                try:
+                    self.link.run([add], large=True)
+                    return
+                except ResponseError as exc:
+                    reply = exc
+            elif "last possible" in str(reply):
                 ahead = str(int((time.time() + _AHEAD_SECONDS) * 1000))
                 deleted = self.link.call("repair_queue", [queue], ahead)
                 log.error("deleted %s entries past the clock from %s (%s)", deleted, queue, reply)

@@ -17,6 +17,7 @@ from redis.client import Pipeline
 from redis.exceptions import ResponseError
 
 from nbtask.brokers.base import Delivery
+from nbtask.brokers.redis_errors import is_wrong_type
 from nbtask.brokers.redis_link import RedisLink
 from nbtask.settings import Settings
 
@@ -50,16 +51,29 @@ class StreamsUpkeep:
             self.ensure_queues(queues)
 
     def ensure_queues(self, queues: Iterable[str]) -> None:
-        """Create each queue's stream and consumer group if missing."""
+        """Create each queue's stream and consumer group if missing.
+
+        A key of another type there is replaced (see :meth:`replace_queue`).
+        """
         with self.link.translate_errors():
             for queue in queues:
+                key = self.queue_key(queue)
                 try:
-                    self.link.redis.xgroup_create(
-                        self.queue_key(queue), GROUP, id="0", mkstream=True
-                    )
+                    self.link.redis.xgroup_create(key, GROUP, id="0", mkstream=True)
                 except ResponseError as exc:
-                    if "BUSYGROUP" not in str(exc):
+                    if is_wrong_type(exc):
+                        self.replace_queue(key, exc)
+                    elif "BUSYGROUP" not in str(exc):
                         raise
+
+    def replace_queue(self, key: str, why: BaseException) -> None:
+        """Make the task queue ``key``, a key of another type, an empty queue again.
+
+        nbtask writes only streams there: someone else put it there, and no task could be
+        queued or read there again. Said in one log line.
+        """
+        if self.link.call("replace_queue", [key], GROUP):
+            log.error("replaced %s: not a stream, not written by nbtask (%s)", key, why)
 
     def held(self, queues: Sequence[str], consumer: str, min_idle: float = 0.0) -> list[Delivery]:
         """Claim and return the deliveries ``consumer`` holds unacknowledged.

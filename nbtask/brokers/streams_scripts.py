@@ -209,6 +209,16 @@ end
 return deleted
 """
 
+# Make a task queue's key, found to be of another type (nbtask writes only streams there:
+# someone else put it there), the queue again: an empty stream with the workers' group.
+# Returns 1 if it replaced the key. KEYS: the queue; ARGV: the group.
+_REPLACE_QUEUE = """
+if redis.call('TYPE', KEYS[1])['ok'] == 'stream' then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
+return 1
+"""
+
 STREAMS_SCRIPTS = {
     "publish": _PUBLISH,
     "finish": _FINISH,
@@ -218,4 +228,5 @@ STREAMS_SCRIPTS = {
     "move_due": _MOVE_DUE,
     "purge": _PURGE,
     "repair_queue": _REPAIR_QUEUE,
+    "replace_queue": _REPLACE_QUEUE,
 }

@@ -235,6 +235,49 @@ def test_a_task_queue_whose_ids_are_used_up_is_repaired_and_a_lost_task_requeued
     assert app.send_task(ADD, (3, 4)).get(timeout=15) == 7  # the queue takes new tasks
 
 
+@pytest.mark.brokers("redis")
+def test_a_task_queue_replaced_by_another_type_is_replaced_and_a_lost_task_requeued_runs(
+    app: App, access: RawBroker, start_worker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A task queue's stream replaced by a key of another type (someone with write access
+    to Redis): the requeue of a lost ``acks_late`` delivery there was refused, the message
+    dead-lettered and the task left ``PENDING`` for ever. Now the key is replaced by the
+    queue (its stream and group), with one log line, and the message added again; it
+    runs."""
+    transport = open_broker(app.settings, app.settings.broker_url or "")
+    try:
+        transport.ensure_queues(["default"])
+        h = app.send_task(ADD, (2, 3), acks_late=True)
+        delivery = transport.fetch(["default"], "test-consumer", 10)
+        assert delivery is not None
+        queue = access.streams.queue_key("default")
+        access.store.delete(queue)
+        access.store.set(queue, "not a stream")
+        LostTasks(transport, app.signer, app.settings).settle(delivery, "child died")
+    finally:
+        transport.close()
+    start_worker(concurrency=1)
+    assert h.get(timeout=15) == 5
+    assert app.send_task(ADD, (3, 4)).get(timeout=15) == 7  # the queue takes new tasks
+    said = [r.getMessage() for r in caplog.records if "not a stream" in r.getMessage()]
+    assert len(said) == 1 and queue in said[0], said
+    assert access.dead_letters() == []
+
+
+@pytest.mark.brokers("redis")
+def test_a_worker_starting_on_a_task_queue_of_another_type_replaces_it_and_serves(
+    app: App, access: RawBroker, start_worker
+) -> None:
+    """The worker exited at start with Redis's WRONGTYPE traceback. Now it replaces the key
+    by the queue, with one log line, and serves it."""
+    queue = access.streams.queue_key("default")
+    access.store.set(queue, "not a stream")
+    worker = start_worker(concurrency=1)
+    assert app.send_task(ADD, (3, 4)).get(timeout=15) == 7
+    said = [line for line in worker.log.read_text().splitlines() if "not a stream" in line]
+    assert len(said) == 1 and queue in said[0], said
+
+
 def test_cli_reads_bad_registry_and_records_safely(
     settings: Settings, access: RawBroker, start_worker, tmp_path: Path, capsys
 ) -> None:
