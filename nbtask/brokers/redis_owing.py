@@ -157,7 +157,9 @@ class OwedReplies(abc.ABC):
         """Read the replies this thread owes (see :meth:`send_unanswered`).
 
         Raises redis-py's ``ConnectionError`` when some must be sent again and Redis
-        cannot be reached: they are then noted for :meth:`take_unsent`.
+        cannot be reached: they are then noted for :meth:`take_unsent`. Raises
+        :class:`~nbtask.brokers.redis_errors.Unanswered` when Redis took some but did
+        not answer in time: they may run, and are forgotten (neither sent nor noted).
         """
         owed = getattr(self._local, "owed", None)
         if owed is not None and owed.sent and owed.pid == os.getpid():
