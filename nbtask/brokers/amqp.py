@@ -216,6 +216,17 @@ class AmqpTransport(AmqpUpkeep):
             elif foreign:
                 return self.store.read_events(foreign, min(remaining, 0.5))
 
+    def events_lost(self, channel: str, after: str) -> bool:
+        """Whether events of ``channel`` went unread (trimmed from its stream).
+
+        For this client's own channel: its reply queue went (a dropped connection) and the
+        stream trimmed some before the catch-up read them. For an adopted channel: the
+        stream trimmed some after ``after``.
+        """
+        if channel in self._own_channels:
+            return self.replies.take_lost(channel)
+        return self.store.trimmed_after(channel, after)
+
     def wake(self, channel: str) -> None:
         """Send an empty event so a reader blocked on ``channel`` returns."""
         if channel in self._own_channels:

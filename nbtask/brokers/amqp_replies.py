@@ -56,6 +56,19 @@ class Replies:
         self._positions: dict[str, str] = {}  # in the store's stream, by channel
         self._ids = itertools.count(1)
         self._taken: dict[str, float] = {}  # channel: when to try declaring it again
+        self._lost: set[str] = set()  # channels whose stream trimmed events unread
+
+    def take_lost(self, channel: str) -> bool:
+        """Whether a catch-up of ``channel`` found events trimmed unread since it last said."""
+        if channel not in self._lost:
+            return False
+        self._lost.discard(channel)
+        return True
+
+    def _note_trimmed(self, channel: str, after: str) -> None:
+        # A catch-up reads the stream from ``after``: what it trimmed meanwhile is gone.
+        if after != "0-0" and self.store.trimmed_after(channel, after):
+            self._lost.add(channel)
 
     def read(self, channel: str, block_seconds: float) -> Events:
         """Events of ``channel``'s reply queue (or its stream, while the queue is taken)."""
@@ -129,6 +142,7 @@ class Replies:
         # instead of carrying on with a gap.
         after = self._positions.get(channel, "0-0")
         try:
+            self._note_trimmed(channel, after)
             missed = self.store.events_after(channel, after)
             end = None if missed else self.store.channel_end(channel)
         except BrokerUnavailable:
@@ -146,6 +160,7 @@ class Replies:
     def _from_store(self, channel: str, block_seconds: float) -> Events:
         """Events kept on ``channel``'s stream after the last one read (a second at most)."""
         after = self._positions.get(channel, "0-0")
+        self._note_trimmed(channel, after)
         out: Events = []
         for _, entry_id, raw in self.store.read_events({channel: after}, min(block_seconds, 1.0)):
             self._positions[channel] = entry_id

@@ -149,6 +149,9 @@ class Store(Protocol):
     def replay(self, channel: str) -> list[bytes]:
         """Every event still kept on a client's channel, oldest first."""
 
+    def trimmed_after(self, channel: str, after: str) -> bool:
+        """Whether events after entry ``after`` of a channel may have gone unread (trimmed)."""
+
     def drop_event(self, channel: str, entry_id: str) -> None:
         """Delete one entry of a client's channel."""
 
@@ -323,6 +326,13 @@ class Transport(Protocol):
         self, channels: Mapping[str, str], block_seconds: float
     ) -> list[tuple[str, str, bytes]]:
         """Wait for events on ``{channel: last_id}``; return ``(channel, id, raw)`` triples."""
+
+    def events_lost(self, channel: str, after: str) -> bool:
+        """Whether events of ``channel`` after ``after`` (a :meth:`read_events` id) went unread.
+
+        A channel keeps a bounded number of events: a client that did not read for a while
+        loses the oldest. Their tasks' outcomes are still in their records.
+        """
 
     def wake(self, channel: str) -> None:
         """Make a reader blocked on ``channel`` return at once."""

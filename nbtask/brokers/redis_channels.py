@@ -18,7 +18,7 @@ from redis.exceptions import ResponseError
 from nbtask.brokers.redis_errors import is_wrong_type
 from nbtask.brokers.redis_link import RedisLink
 
-__all__ = ["CHANNEL_MAXLEN", "RedisChannels", "event_of", "refuses_entries"]
+__all__ = ["CHANNEL_MAXLEN", "RedisChannels", "event_of", "refuses_entries", "stream_id"]
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,24 @@ class RedisChannels:
             (last,) = self.link.run([("XREVRANGE", channel, "+", "-", "COUNT", 1)])
         return str(last[0][0].decode()) if last else "0-0"
 
+    def trimmed_after(self, channel: str, after: str) -> bool:
+        """Whether events after entry ``after`` of ``channel`` may have been trimmed unread.
+
+        A channel is trimmed only once it holds :data:`CHANNEL_MAXLEN` events (it keeps at
+        least that many); then the events between ``after`` and the oldest one kept went.
+        A channel that is gone, or not a stream, lost nothing this could tell.
+        """
+        with self.link.translate_errors():
+            try:
+                (info,) = self.link.run([("XINFO", "STREAM", channel)])
+            except ResponseError:  # no such key, or another type
+                return False
+        fields = dict(zip(info[::2], info[1::2], strict=False)) if isinstance(info, list) else {}
+        first, length = fields.get(b"first-entry"), fields.get(b"length")
+        if not isinstance(length, int) or length < CHANNEL_MAXLEN or not first:
+            return False
+        return stream_id(first[0]) > stream_id(after.encode())
+
     def drop_event(self, channel: str, entry_id: str) -> None:
         """Delete one entry of a client's channel."""
         with self.link.translate_errors():
@@ -139,6 +157,14 @@ def refuses_entries(exc: BaseException) -> bool:
 @functools.lru_cache(maxsize=8)
 def _channel_name(prefix: str) -> re.Pattern[str]:
     return re.compile(re.escape(prefix) + r"[0-9a-f]{1,32}")
+
+
+def stream_id(entry_id: bytes) -> tuple[int, int]:
+    """A stream entry id (``b"<ms>-<seq>"``) as numbers, to compare ids; junk is ``(0, 0)``."""
+    millis, _, seq = entry_id.partition(b"-")
+    if not (millis.isdigit() and seq.isdigit()):
+        return (0, 0)
+    return (int(millis), int(seq))
 
 
 def event_of(fields: Any) -> bytes:

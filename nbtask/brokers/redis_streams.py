@@ -196,6 +196,10 @@ class StreamsTransport(StreamsUpkeep):
         """Block on client channels (streams in the store)."""
         return self.store.read_events(channels, block_seconds)
 
+    def events_lost(self, channel: str, after: str) -> bool:
+        """Whether events of ``channel`` after entry ``after`` were trimmed unread."""
+        return self.store.trimmed_after(channel, after)
+
     def wake(self, channel: str) -> None:
         """Make a reader blocked on ``channel`` return at once."""
         self.store.wake(channel)

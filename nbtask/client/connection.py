@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import threading
 import uuid
 import weakref
@@ -21,6 +22,7 @@ from nbtask.brokers import Store, Transport, open_broker
 from nbtask.client.embedded import EmbeddedCluster
 from nbtask.client.listener import Listener
 from nbtask.client.live_workers import LiveWorkers
+from nbtask.client.reattach import settle_from_records
 from nbtask.client.unsent import CLOSED_REASON, UNSENT_REASON, revoke_unsent
 from nbtask.core.handle import TaskHandle
 from nbtask.core.outgoing import MessageBuilder
@@ -142,11 +144,15 @@ class AppConnection:
             return listener
         with self._lock:
             if self._listener is None or not self._listener.alive:
+                transport = open_broker(self.settings, self._url())
+                recover = functools.partial(
+                    settle_from_records,
+                    store=transport.store,
+                    signer=self.signer,
+                    prefix=self.settings.key_prefix,
+                )
                 self._listener = Listener(
-                    open_broker(self.settings, self._url()),
-                    self.signer,
-                    self.channel,
-                    self.settings.key_prefix,
+                    transport, self.signer, self.channel, self.settings.key_prefix, recover
                 )
             return self._listener
 

@@ -11,6 +11,7 @@ positions, so events are applied once each and in order whoever reads them.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import threading
@@ -43,6 +44,10 @@ _RECHECK_SECONDS = 0.002
 #: An entry id this far past the clock (clocks of hosts differ by far less) is not one
 #: Redis gave an event.
 _AHEAD_SECONDS = 86_400.0
+#: A read this large, or one after no read for this long (the process was stopped, or
+#: starved), may follow events the channel trimmed unread: the transport is asked.
+_BACKLOG_EVENTS = 100
+_STALLED_SECONDS = 2 * _BLOCK_SECONDS
 
 
 class Listener:
@@ -58,13 +63,27 @@ class Listener:
         This client's event channel.
     prefix
         The app's key prefix: only events about its tasks are taken.
+    recover
+        Given the unfinished handles when events may have gone unread (the channel
+        trimmed them while nobody read it), ends those whose tasks' records hold their
+        outcomes.
     """
 
-    def __init__(self, transport: Transport, signer: Signer, channel: str, prefix: str) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        signer: Signer,
+        channel: str,
+        prefix: str,
+        recover: Callable[[list[TaskHandle]], None] | None = None,
+    ) -> None:
         self._transport = transport
         self._signer = signer
         self.channel = channel
         self._prefix = prefix
+        self._recover = recover
+        self._last_read = time.monotonic()  # when the last read returned
+        self._recovery_due = False  # events went unread; their records are still to read
         self._positions: dict[str, str] = {channel: "0-0"}
         self._handles: dict[str, TaskHandle] = {}
         self._lock = threading.RLock()  # a done callback may run while it is held
@@ -315,7 +334,9 @@ class Listener:
                 self._next_keepalive = time.monotonic() + _KEEPALIVE_SECONDS
             with self._lock:
                 positions = dict(self._positions)
+            stalled = time.monotonic() - self._last_read >= _STALLED_SECONDS
             entries = self._transport.read_events(positions, block_seconds=block_seconds)
+            self._last_read = time.monotonic()
         except Exception as exc:
             if not isinstance(exc, BrokerUnavailable) and self._drop_adopted_channels(exc):
                 return True
@@ -342,8 +363,46 @@ class Listener:
                 continue
             with self._lock:
                 self._positions[channel] = entry_id
+        self._recover_lost(positions, entries, stalled)
         self._drop_idle_channels()
         return True
+
+    def _recover_lost(
+        self, before: dict[str, str], entries: list[tuple[str, str, bytes]], stalled: bool
+    ) -> None:
+        """After a read that may follow a gap, end the handles whose events went unread.
+
+        A channel keeps a bounded number of events: a client that does not read for a
+        while (a stopped process, a kernel holding the GIL) loses the oldest, final ones
+        included. Their tasks' records still hold the outcomes. If the broker fails
+        meanwhile, the records are read at a later read.
+        """
+        if self._recover is None:
+            return
+        counts = collections.Counter(channel for channel, _, _ in entries)
+        asked = [c for c in before if stalled or counts[c] >= _BACKLOG_EVENTS]
+        try:
+            if not self._recovery_due:
+                self._recovery_due = any(self._transport.events_lost(c, before[c]) for c in asked)
+            if not self._recovery_due:
+                return
+            with self._lock:
+                handles = [h for h in self._handles.values() if not h.done()]
+            log.warning(
+                "events of this client were trimmed before it read them (it did not read "
+                "for a while); taking the outcomes of its %d unfinished tasks from their "
+                "records",
+                len(handles),
+            )
+            self._recover(handles)
+            self._recovery_due = False
+        except Exception as exc:
+            self._recovery_due = True
+            log.warning("could not look for events trimmed unread (%s); trying again", exc)
+        with self._lock:
+            for task_id, handle in list(self._handles.items()):
+                if handle.done():
+                    del self._handles[task_id]
 
     def _say_read_error(self, exc: Exception) -> None:
         """Log a read error once per outage, not at every retry of the backoff.

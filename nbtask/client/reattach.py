@@ -14,7 +14,7 @@ from nbtask.wire.envelope import Signer
 from nbtask.wire.events import FINAL_STATES, Event, EventType, State, decode_event
 from nbtask.wire.records import TaskRecord
 
-__all__ = ["reattach"]
+__all__ = ["reattach", "settle_from_records"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,28 @@ def reattach(
             if stored is not None:
                 _end(handle, again, *stored)
     return handle
+
+
+def settle_from_records(
+    handles: list[TaskHandle], *, store: Store, signer: Signer, prefix: str
+) -> None:
+    """End each of ``handles`` whose task's record holds its signed outcome.
+
+    For a client whose channel trimmed events before it read them: the tasks that ended
+    meanwhile end here as their events would have ended them. One whose record is gone
+    (older than ``result_ttl``), or holds no outcome of this send, is left waiting.
+    """
+    for handle in handles:
+        record = store.get_record(handle.id)
+        if record is None or handle.done():
+            continue
+        try:
+            stored = _stored_outcome(handle, record.result, store, signer, prefix)
+        except NbtaskError as exc:  # not its own outcome: its events may still come
+            log.warning("task %s: %s", handle.id, exc)
+            continue
+        if stored is not None:
+            _end(handle, record, *stored)
 
 
 def _recorded_start(record: TaskRecord, task_id: str) -> Event:
