@@ -16,6 +16,7 @@ from nbtask.core.context import current_request, progress, track
 from nbtask.core.handle import TaskHandle
 from nbtask.core.task import ExceptionInfo, Task
 from nbtask.errors import (
+    AppClosed,
     BrokerUnavailable,
     CodeDiffersWarning,
     ConfigurationError,
@@ -54,6 +55,7 @@ def unload_ipython_extension(shell: Any) -> None:
 
 __all__ = [
     "App",
+    "AppClosed",
     "BrokerUnavailable",
     "Chain",
     "CodeDiffersWarning",

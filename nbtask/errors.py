@@ -115,6 +115,10 @@ class NotRegistered(NbtaskError, KeyError):
         return str(self.args[0]) if self.args else "task not registered"
 
 
+class AppClosed(NbtaskError, RuntimeError):
+    """A task's handle was asked for its result after its app was closed (the task runs on)."""
+
+
 class TaskNotFound(NbtaskError, LookupError):
     """No task with this id is known to the result store (never sent, or expired)."""
 

@@ -211,6 +211,9 @@ class AppConnection:
                 self._revoke_unsent(CLOSED_REASON)
             if self._listener is not None:
                 self._listener.close()
+                # Nothing reads their events now: a get() raises instead of waiting.
+                for handle in self._listener.unfinished():
+                    handle.unfollowed(self.name)
                 self._listener = None
             self._live = None
             if self._transport is not None:

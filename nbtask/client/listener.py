@@ -137,6 +137,11 @@ class Listener:
         with self._lock:
             self._handles.pop(task_id, None)
 
+    def unfinished(self) -> list[TaskHandle]:
+        """The registered handles not ended yet."""
+        with self._lock:
+            return [handle for handle in self._handles.values() if not handle.done()]
+
     def get(self, task_id: str) -> TaskHandle | None:
         """The registered, unfinished handle for ``task_id``."""
         with self._lock:

@@ -17,6 +17,7 @@ from nbtask.core.fingerprint import warn_code_differs
 from nbtask.core.outcome import FetchWatch, final_outcome, load_result
 from nbtask.core.refs import ResultRef
 from nbtask.errors import (
+    AppClosed,
     BrokerUnavailable,
     CellError,
     ConfigurationError,
@@ -148,6 +149,7 @@ class TaskHandle(CeleryResultNames, concurrent.futures.Future[Any]):
         self._lock = threading.Lock()
         self._loading = threading.Lock()
         self._loaded: tuple[Any] | None = None
+        self._closed_note: str | None = None  # why nothing follows it any more (AppClosed)
 
     # State -------------------------------------------------------------------------------------
     @property
@@ -321,7 +323,12 @@ class TaskHandle(CeleryResultNames, concurrent.futures.Future[Any]):
                 self.app.wait_for(self, timeout)
                 if deadline is not None:
                     timeout = max(0.0, deadline - time.monotonic())
-        value = super().result(timeout)
+        self._raise_if_unfollowed()
+        try:
+            value = super().result(timeout)
+        except concurrent.futures.TimeoutError:
+            self._raise_if_unfollowed()  # woken by its app's close
+            raise
         if not isinstance(value, Deferred):
             return value
         with self._loading:
@@ -329,6 +336,27 @@ class TaskHandle(CeleryResultNames, concurrent.futures.Future[Any]):
                 watch = self.app.fetch_watch if self.app is not None else None
                 self._loaded = (load_result(value, self.name, self.id, watch),)
             return self._loaded[0]
+
+    def unfollowed(self, app_name: str) -> None:
+        """Its app was closed: nothing will end this handle any more, so waiting raises.
+
+        Threads waiting for its result wake and raise :class:`~nbtask.errors.AppClosed`;
+        the task itself runs on.
+        """
+        with self._condition:  # concurrent.futures.Future's: what result() waits on
+            if self.done():
+                return
+            self._closed_note = (
+                f"app {app_name!r} was closed while task {self.name}[{self.id}] was "
+                f"{self.state}: the task runs on, but this handle is no longer updated. "
+                f"Follow it from an open app: App(...).handle({self.id!r})"
+            )
+            self._condition.notify_all()
+
+    def _raise_if_unfollowed(self) -> None:
+        note = self._closed_note
+        if note is not None and not self.done():
+            raise AppClosed(note)
 
     def __reduce_ex__(self, protocol: object) -> tuple[Any, ...]:
         """A handle passed as an argument travels as its task id: the worker reads the result.
