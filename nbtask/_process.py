@@ -9,9 +9,16 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import FrameType
 
-__all__ = ["die_with_parent", "interrupts_held", "pid_alive", "sigint_handled_by"]
+__all__ = [
+    "die_with_parent",
+    "group_members",
+    "interrupts_held",
+    "pid_alive",
+    "sigint_handled_by",
+]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -39,6 +46,38 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def group_members(pgid: int) -> list[tuple[int, str]] | None:
+    """The live processes of process group ``pgid``, with their names (Linux).
+
+    Zombies are left out (they have exited), and reaped when they are this process's
+    (it is PID 1 in a container, or the processes' parent died). ``None`` where there is
+    no ``/proc`` to read: the caller can still signal the group as a whole.
+    """
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        return None
+    members = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile, or not readable
+            continue
+        # "pid (name) state ppid pgrp ...": the name may hold spaces and parentheses.
+        name, _, rest = stat.partition(" (")[2].rpartition(") ")
+        fields = rest.split()
+        if len(fields) < 3 or int(fields[2]) != pgid:
+            continue
+        pid = int(entry.name)
+        if fields[0] == "Z":
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            continue
+        members.append((pid, name))
+    return sorted(members)
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ progress), **settle** (store the outcome, tell the client, acknowledge) and **fo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import os
@@ -65,6 +66,11 @@ _NOTEBOOK_LOOK_SECONDS = 2.0  # how often an idle child asks whether a notebook 
 log = logging.getLogger("nbtask.worker")
 
 
+def _default_sigterm() -> None:
+    with contextlib.suppress(ValueError):  # (only the main thread sets handlers)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 class Child:
     """The loop of one child process (created by the supervisor, run after fork)."""
 
@@ -110,6 +116,10 @@ class Child:
         os.setpgid(0, 0)
         self.interrupts.install()
         signal.signal(signal.SIGTERM, self._on_term)
+        # A process a task forks is not this child: SIGTERM ends it, as any process (the
+        # worker sends it to what tasks left running when it stops; multiprocessing's
+        # terminate() sends it too).
+        os.register_at_fork(after_in_child=_default_sigterm)
         self.transport = open_broker(self.settings, self.url)
         self.signer = Signer.for_settings(self.settings, self.secret)
         self.outbox = Outbox(self.transport, self.signer)

@@ -21,6 +21,7 @@ from contextlib import suppress
 from multiprocessing.process import BaseProcess
 from typing import NamedTuple
 
+from nbtask._process import group_members
 from nbtask.worker.child import Child
 from nbtask.worker.slots import SlotState
 
@@ -31,6 +32,8 @@ log = logging.getLogger("nbtask.worker")
 _TICK_SECONDS = 0.1
 _TERMINATE_MEMORY_SECONDS = 10.0  # how long a terminate waits for its task to show up
 _CRASH_LOOP_SECONDS = 1.0  # a child that dies younger than this is respawned with backoff
+# How long what tasks left running has after SIGTERM, when the worker stops, before SIGKILL.
+_LEFT_RUNNING_SECONDS = 3.0
 
 
 class Ended(NamedTuple):
@@ -74,6 +77,9 @@ class ChildPool:
         self._backoff: dict[int, float] = {}
         self._respawn_at: dict[int, float] = {}
         self._exit_fds: dict[int, int] = {}  # slot -> a pidfd of its child, where there is one
+        # The process groups of children that exited, with processes their tasks left in
+        # them (a group's id is its child's pid, kept from reuse while the group has any).
+        self._left_running: set[int] = set()
         self._context = multiprocessing.get_context("fork")
 
     def pids(self) -> tuple[int, ...]:
@@ -88,6 +94,11 @@ class ChildPool:
         child = self._make_child(slot, self.slots[slot], slot in self._spawned_at)
         process = self._context.Process(target=child.run, name=f"nbtask-child-{slot}")
         process.start()
+        if process.pid:
+            # The child makes its group too; made here as well, so that no task of it can
+            # start a process before (a shell's way: whichever comes first does it).
+            with suppress(OSError):
+                os.setpgid(process.pid, process.pid)
         self.processes[slot] = process
         self._spawned_at[slot] = time.monotonic()
         if process.pid and hasattr(os, "pidfd_open"):
@@ -102,6 +113,8 @@ class ChildPool:
             multiprocessing.connection.wait(fds, timeout=_TICK_SECONDS)
         else:
             time.sleep(_TICK_SECONDS)  # wait() on nothing would return at once
+        # Forgotten once empty: its id may then be another process's.
+        self._left_running = {group for group in self._left_running if _group_exists(group)}
         # Reaped here (a non-blocking waitpid), not told by its sentinel: a pipe end the
         # child's forks may hold open after it exited.
         return [slot for slot, process in self.processes.items() if process.exitcode is not None]
@@ -114,6 +127,8 @@ class ChildPool:
         if fd is not None:
             os.close(fd)
         self._killed.discard(process.pid or 0)
+        if process.pid and _group_exists(process.pid):
+            self._left_running.add(process.pid)
         if process.exitcode != 0:
             log.error(
                 "child %d (pid %s) died with exit code %s", slot, process.pid, process.exitcode
@@ -157,6 +172,30 @@ class ChildPool:
         for process in self.processes.values():
             if process.pid and process.is_alive():
                 process.kill()
+
+    def end_left_running(self) -> None:
+        """End what the tasks of exited children left running in their process groups.
+
+        SIGTERM first; what is still there ``_LEFT_RUNNING_SECONDS`` later gets SIGKILL.
+        One log line names them. For a worker that stops: its children have exited.
+        """
+        groups, self._left_running = sorted(self._left_running), set()
+        named = [m for group in groups for m in group_members(group) or [(group, "group")]]
+        if not named:
+            return
+        _signal_groups(groups, signal.SIGTERM)
+        until = time.monotonic() + _LEFT_RUNNING_SECONDS
+        while (stubborn := [g for g in groups if _has_members(g)]) and time.monotonic() < until:
+            time.sleep(_TICK_SECONDS)
+        killed = {pid for group in stubborn for pid, _ in group_members(group) or [(group, "")]}
+        _signal_groups(stubborn, signal.SIGKILL)
+        log.warning(
+            "ended %d process(es) that tasks left running: %s",
+            len(named),
+            ", ".join(
+                f"{pid} ({name}{', SIGKILL' if pid in killed else ''})" for pid, name in named
+            ),
+        )
 
     def enforce_limits(self) -> None:
         """Kill children past their task's hard time limit or a terminate's grace period."""
@@ -216,3 +255,26 @@ class ChildPool:
             else:
                 if now >= forget_at:
                     del self._terminates[task_id]
+
+
+def _group_exists(group: int) -> bool:
+    """Whether process group ``group`` has a process (a zombie counts: it keeps the id)."""
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _has_members(group: int) -> bool:
+    """Whether process group ``group`` still has a live process (zombies do not count)."""
+    members = group_members(group)
+    return bool(members) if members is not None else _group_exists(group)
+
+
+def _signal_groups(groups: list[int], signum: int) -> None:
+    for group in groups:
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signum)

@@ -12,6 +12,8 @@ its housekeeping, and what it tells the broker.
 
 Signals: the first SIGTERM/SIGINT is a warm shutdown (children finish their current task),
 the second a cold one (children are killed; their tasks are settled as if they died).
+Either way, what the tasks left running in the children's process groups is ended last
+(see :mod:`nbtask.worker.pool`).
 """
 
 from __future__ import annotations
@@ -329,6 +331,10 @@ class Worker:
         self._pool.kill_all()
         with self._stopping:
             self._answer_soon()
+            for slot in list(self._pool.processes):
+                self._child_exited(slot, respawn=False)
+            # Before the broker is told: what tasks left may hold a copy of a connection.
+            self._pool.end_left_running()
             self._say_goodbye()
         self.transport.close()
         log.info("worker %s stopped", self.worker_id)
@@ -344,9 +350,7 @@ class Worker:
             self._stopping_bounded = True
 
     def _say_goodbye(self) -> None:
-        """Settle the children's tasks, move what waits on their queues, unregister."""
-        for slot in list(self._pool.processes):
-            self._child_exited(slot, respawn=False)
+        """Move what waits on the children's queues, unregister (the children have ended)."""
         left = [holder_queue(consumer) for consumer in self.consumers]
         try:
             left = self.dead.rehome(self.consumers, until=time.monotonic() + _CHILDREN_GONE_SECONDS)

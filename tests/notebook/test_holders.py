@@ -249,10 +249,12 @@ def forking_a_lingerer(busy_seconds: float, linger: float) -> str:
     """A cell busy on the holder that first forks a process keeping the holder's sockets.
 
     The fork keeps the holder's broker connection open after the holder exits: until the
-    gate exists, or ``linger`` seconds after, 60 s at most. It closes its other files.
+    gate exists, or ``linger`` seconds after, 60 s at most. It closes its other files, and
+    leaves the holder's process group (a worker that stops ends what is left in it).
     """
     return f"""import os, stat, time
 if os.fork() == 0:
+    os.setsid()
     holder, ends, gone = os.getppid(), time.monotonic() + 60, None
     for fd in map(int, os.listdir("/proc/self/fd")):
         try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -184,36 +183,78 @@ def test_a_forked_copy_that_sends_a_task_uses_its_own_connection(
     assert final_events(access, app, handle.id) == ["success"]
 
 
-def test_a_warm_stop_does_not_wait_for_a_process_the_task_forked_and_left_running(
+@pytest.mark.parametrize("stop", ["warm", "cold"])
+def test_a_stopping_worker_ends_the_processes_its_tasks_left_running_in_their_group(
+    stop: str,
     app: App,
     start_worker: Callable[..., WorkerProcess],
     tmp_path: Path,
     request: pytest.FixtureRequest,
 ) -> None:
-    """The fork keeps every file the child had open, the pipes to the supervisor too; the
-    supervisor waits for the child process itself, so one SIGTERM stops the worker."""
-    worker = start_worker(concurrency=1)
-    gate = tmp_path / "gate"
+    """Warm (the task has returned) or cold (it runs): SIGTERM, SIGKILL for the one that
+    ignores it, one log line naming them; the process in a session of its own stays.
+
+    The processes keep every file the child had open, the pipes to the supervisor too;
+    one SIGTERM still stops the worker (it waits for the child process itself).
+    """
 
     @app.task
-    def leaves_a_fork(gate: str) -> int:
+    def left_running(path: str, gate: str, hold: bool) -> None:
+        """Start four processes and leave them: two in the child's process group that SIGTERM
+        ends (a subprocess, a forked copy), one there that ignores it, and one that left the
+        group on purpose (a new session). Their pids go to ``path``; with ``hold`` the task
+        then runs until ``gate`` exists. Each ends within a minute whatever happens."""
+        import subprocess
+        import sys
         import time
 
-        fork = os.fork()
-        if fork == 0:  # runs on, files and all, until the gate opens (a minute at most)
-            ends = time.monotonic() + 60
-            while not os.path.exists(gate) and time.monotonic() < ends:
-                time.sleep(0.05)
-            os._exit(0)
-        return fork
+        def linger(ignore_sigterm: bool) -> int:
+            fork = os.fork()
+            if fork == 0:  # a copy of the task's process, files and all
+                if ignore_sigterm:
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                ends = time.monotonic() + 60
+                while time.monotonic() < ends:
+                    time.sleep(0.05)
+                os._exit(0)
+            return fork
 
-    fork = leaves_a_fork.delay(str(gate)).get(timeout=15)
-    request.addfinalizer(lambda: end_if_running(fork))
+        sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+        pids = [
+            subprocess.Popen(sleep).pid,
+            linger(ignore_sigterm=False),
+            linger(ignore_sigterm=True),
+            subprocess.Popen(sleep, start_new_session=True).pid,
+        ]
+        Path(path).write_text(" ".join(map(str, pids)))
+        ends = time.monotonic() + 60
+        while hold and not os.path.exists(gate) and time.monotonic() < ends:
+            time.sleep(0.05)
+
+    worker = start_worker(concurrency=1)
+    pids_file, gate = tmp_path / "pids", tmp_path / "gate"
     request.addfinalizer(gate.touch)
-    worker.process.send_signal(signal.SIGTERM)  # once: a warm stop
-    try:
-        worker.process.wait(20)
-    except subprocess.TimeoutExpired:
-        raise AssertionError("one SIGTERM did not stop the worker while the fork ran") from None
-    assert worker.process.returncode == 0
-    assert not exited(fork), "the fork ended first: nothing was shown"
+    handle = left_running.delay(str(pids_file), str(gate), hold=stop == "cold")
+    if stop == "warm":
+        handle.get(timeout=15)
+
+    def pids() -> list[int]:
+        return [int(pid) for pid in pids_file.read_text().split()] if pids_file.exists() else []
+
+    wait_until(lambda: len(pids()) == 4, 15, "the task to start its processes")
+    subprocess_, copy, stubborn, daemon = pids()
+    for pid in (subprocess_, copy, stubborn, daemon):
+        request.addfinalizer(lambda pid=pid: end_if_running(pid))
+    if stop == "warm":
+        log = worker.stops_on_one_sigterm()
+    else:
+        worker.end()
+        log = worker.log.read_text()
+    for pid in (subprocess_, copy, stubborn):
+        assert exited(pid), f"process {pid} the task left running outlived its worker"
+    assert not exited(daemon), "a process in a session of its own was ended"
+    [line] = [line for line in log.splitlines() if "that tasks left running" in line]
+    assert "ended 3 process(es) that tasks left running: " in line, line
+    assert f"{subprocess_} (" in line and f"{copy} (" in line, line
+    assert f"{stubborn} (" in line and ", SIGKILL)" in line.split(f"{stubborn} (")[1], line
+    assert line.count("SIGKILL") == 1, line
