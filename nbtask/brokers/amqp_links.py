@@ -22,6 +22,7 @@ from nbtask.brokers.amqp_link import Link
 from nbtask.brokers.amqp_queues import TaskQueues
 from nbtask.brokers.amqp_strays import Strays
 from nbtask.brokers.base import PIPELINE_WINDOW
+from nbtask.brokers.forks import close_copies_in_forks
 from nbtask.errors import BrokerUnavailable
 
 __all__ = [
@@ -71,6 +72,12 @@ class Links:
         #: Every thread's orphans, and tasks noted unsent: those of a thread that ended,
         #: or that has no link listed (:meth:`_take_over`), are taken over by another.
         self._strays = Strays(self._lock)
+        close_copies_in_forks(self, Links._sockets)
+
+    def _sockets(self) -> list[Any]:
+        """The socket of every listed link (read without the lock: for forks)."""
+        transports = [getattr(link.channel.connection, "transport", None) for link in self._links]
+        return [getattr(transport, "sock", None) for transport in transports]
 
     def current(self) -> Link | None:
         """The calling thread's link, if it has one."""

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from nbtask._text import redact_url
+from nbtask.brokers.forks import close_copies_in_forks
 from nbtask.brokers.redis_errors import (
     Unanswered,
     is_wrong_type,
@@ -85,6 +87,8 @@ class RedisLink(OwedReplies):
         super().__init__()
         self._scripts: dict[str, str] = {}
         self._sha: dict[str, str] = {}
+        self._own: weakref.WeakSet[Any] = weakref.WeakSet()  # every thread's own connection
+        close_copies_in_forks(self, RedisLink._sockets)
 
     @property
     def redis(self) -> Any:
@@ -223,6 +227,10 @@ class RedisLink(OwedReplies):
             self.redis.delete(key)
             self.redis.hset(key, field, value)
 
+    def _sockets(self) -> list[Any]:
+        """The sockets of this link's connections, own and pooled (for forks to close)."""
+        return [getattr(c, "_sock", None) for c in [*self._own, *self._patience.pooled()]]
+
     def close(self) -> None:
         """Read the replies every thread owes, then close every connection.
 
@@ -266,6 +274,7 @@ class RedisLink(OwedReplies):
             pool = self._redis.connection_pool
             connection = pool.connection_class(**pool.connection_kwargs)
             self._local.connection, self._local.pid = connection, os.getpid()
+            self._own.add(connection)
             if (seconds := self._patience.seconds) is not None:
                 connection.socket_timeout = seconds
         return connection

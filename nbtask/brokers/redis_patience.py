@@ -74,6 +74,20 @@ class Patience:
                 self._clients[seconds] = client
             return client
 
+    def pooled(self) -> list[Any]:
+        """The pooled connections of the base client and the bounded ones (for forks).
+
+        Read without the lock: in a fork no other thread exists, and one may have held it.
+        """
+        pools = [self._base.connection_pool]
+        pools += [client.connection_pool for client in list(self._clients.values())]
+        return [
+            connection
+            for pool in pools
+            for kind in ("_available_connections", "_in_use_connections")
+            for connection in list(getattr(pool, kind, ()))
+        ]
+
     def close(self) -> None:
         """Close the bounded clients' connections."""
         with self._lock:

@@ -249,10 +249,18 @@ def forking_a_lingerer(busy_seconds: float, linger: float) -> str:
     """A cell busy on the holder that first forks a process keeping the holder's sockets.
 
     The fork keeps the holder's broker connection open after the holder exits: until the
-    gate exists, or ``linger`` seconds after, 60 s at most. It closes its other files, and
-    leaves the holder's process group (a worker that stops ends what is left in it).
+    gate exists, or ``linger`` seconds after, 60 s at most. A fork closes its copies of
+    the broker connections as it starts: this one keeps copies made before it forked. It
+    closes its other files, and leaves the holder's process group (a worker that stops
+    ends what is left in it).
     """
     return f"""import os, stat, time
+copies = [
+    os.dup(fd)
+    for fd in map(int, os.listdir("/proc/self/fd"))
+    if os.path.exists(f"/proc/self/fd/{{fd}}")
+    and os.readlink(f"/proc/self/fd/{{fd}}").startswith("socket:")
+]
 if os.fork() == 0:
     os.setsid()
     holder, ends, gone = os.getppid(), time.monotonic() + 60, None
@@ -269,6 +277,8 @@ if os.fork() == 0:
             break
         time.sleep(0.05)
     os._exit(0)
+for fd in copies:
+    os.close(fd)
 time.sleep({busy_seconds})
 head = float(x[1])"""
 

@@ -20,6 +20,7 @@ from helpers import WorkerProcess, exited, wait_until
 from raw_broker import RawBroker
 
 from nbtask import App
+from nbtask.core.holding import holder_queue
 
 pytestmark = pytest.mark.brokers
 
@@ -258,3 +259,63 @@ def test_a_stopping_worker_ends_the_processes_its_tasks_left_running_in_their_gr
     assert f"{subprocess_} (" in line and f"{copy} (" in line, line
     assert f"{stubborn} (" in line and ", SIGKILL)" in line.split(f"{stubborn} (")[1], line
     assert line.count("SIGKILL") == 1, line
+
+
+@pytest.mark.brokers("amqp")
+def test_a_dead_worker_whose_task_left_a_fork_running_is_cleaned_up_while_the_fork_runs(
+    app: App,
+    access: RawBroker,
+    start_worker: Callable[..., WorkerProcess],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """RabbitMQ ends a connection once its last copy is closed. A fork that kept a copy of
+    its child's would keep the dead worker's consumer on its process's own queue (served
+    once the process held a value), which another worker could then not delete: the dead
+    worker's entry would stay (shown as having stopped sending heartbeats) until the fork
+    ended. The fork closes its copies as it starts."""
+    doomed = start_worker(concurrency=1)
+    gate = tmp_path / "gate"
+    request.addfinalizer(gate.touch)
+
+    @app.task
+    def holds_and_leaves_a_fork(gate: str) -> tuple[int, int]:
+        """Hold a value (the child serves its own queue from then on), then fork."""
+        import time
+
+        from nbtask.core.context import current_request
+        from nbtask.core.holding import HeldValue
+
+        holding = current_request().holding
+        assert holding is not None
+        holding.hold("a-key", HeldValue([1], "value", 8, "a task"))
+        fork = os.fork()
+        if fork == 0:  # runs on until the gate opens (two minutes at most)
+            ends = time.monotonic() + 120
+            while not os.path.exists(gate) and time.monotonic() < ends:
+                time.sleep(0.05)
+            os._exit(0)
+        return os.getpid(), fork
+
+    @app.task
+    def whoami() -> int:
+        return os.getpid()
+
+    child, fork = holds_and_leaves_a_fork.delay(str(gate)).get(timeout=15)
+    request.addfinalizer(lambda: end_if_running(fork))
+    # Taken by a fetch from both queues: the child consumes its own one now.
+    assert whoami.delay().get(timeout=15) == child == doomed.children()[0].pid
+    [(worker_id, info)] = [(w, i) for w, i in app.workers().items() if i.pid == doomed.pid]
+    start_worker(concurrency=1)  # cleans up after the dead one
+    for process in [*doomed.children(), psutil.Process(doomed.pid)]:
+        process.kill()  # the whole worker at once: none of it cleans up
+    doomed.process.wait()
+    registry = access.keys
+    wait_until(
+        # Live, then dead: a heartbeat that lapses between the two reads is not missed.
+        lambda: worker_id not in {*registry.workers(), *registry.dead_workers()},
+        60,
+        "the dead worker's entry to be cleaned up",
+    )
+    assert not access.queue_exists(holder_queue(info.consumers[0]))
+    assert not exited(fork), "the fork ended first: nothing was shown"
