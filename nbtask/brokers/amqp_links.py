@@ -297,16 +297,18 @@ class Links:
         """In the block, this thread's waits for RabbitMQ's answers give up after ``seconds``.
 
         One given up drops the link and raises :class:`BrokerUnavailable` (a wait with a
-        timeout of its own, a fetch's, still ends as that one says).
+        timeout of its own, a fetch's, still ends as that one says). In a block inside
+        another, the outer one's patience holds again after it.
         """
+        outer: float | None = getattr(self._local, "patience", None)
         self._local.patience = seconds
         try:
             yield
         finally:
-            self._local.patience = None
+            self._local.patience = outer
             link = self.current()
             if link is not None:
-                link.wait_at_most(None)
+                link.wait_at_most(outer)
 
     @contextlib.contextmanager
     def using(self) -> Iterator[Link]:

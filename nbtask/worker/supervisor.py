@@ -237,12 +237,16 @@ class Worker:
         steps: list[tuple[str, Callable[[], object]]] = [
             # First: a broker that fails a step ends the tick, and this one needs none.
             ("time limits", self._pool.enforce_limits),
+        ]
+        if beat:
+            # Next: stopping, a step given up on just before (a blip) makes the others
+            # fail at once for a while; the heartbeat has a bounded wait of its own.
+            steps.append(("heartbeat", self._heartbeat))
+        steps += [
             ("versions", self._announce_versions),
             ("control messages", self._read_control),
             ("terminate requests", self._pool.apply_terminates),
         ]
-        if beat:
-            steps.append(("heartbeat", self._heartbeat))
         # After the heartbeat, which announces them too: one write, not two.
         steps.append(("announcements", self._announce_changes))
         steps.append(("countdowns", lambda: self.transport.move_due(self.queues)))
@@ -399,8 +403,18 @@ class Worker:
             self._versions = None
 
     def _heartbeat(self) -> None:
-        self._announce()
-        self.transport.renew(self.consumers, self.queues)
+        """Say this worker is alive, and renew its children's leases.
+
+        Stopping, in a bounded wait of its own: tried even while the stop's other steps
+        fail at once after an answer was given up on (see :meth:`_answer_soon`), so a
+        broker back from a blip hears it at once, not once that pause is over.
+        """
+        own: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        if self._stopping_bounded:
+            own = self.transport.answers_within(_BROKER_ANSWER_SECONDS)
+        with own:
+            self._announce()
+            self.transport.renew(self.consumers, self.queues)
 
     def _announce(self) -> None:
         self._announced = self._placement_facts()

@@ -8,10 +8,14 @@ import contextlib
 from pathlib import Path
 
 import psutil
+import pytest
 from helpers import wait_until
+from raw_broker import RawBroker
 from tcp_proxy import proxying, via
 
 from nbtask import App, Settings
+from nbtask.errors import BrokerUnavailable
+from nbtask.worker.supervisor import Worker
 from tests.celery_tasks import read_records
 
 
@@ -69,3 +73,30 @@ def test_a_worker_whose_redis_stopped_answering_says_so_and_keeps_its_time_limit
         assert "passed its hard time limit" in worker.log.read_text()
         assert worker.process.poll() is None
     client.close()
+
+
+def test_a_stopping_worker_heartbeats_as_soon_as_redis_answers_again(
+    settings: Settings, access: RawBroker
+) -> None:
+    """Stopping, once the worker gave up on an answer its other steps fail at once for 5 s
+    (the stop costs a wait or two, not one per step); its heartbeat has a bounded wait of
+    its own, tried all the same: a Redis back from a blip hears it at once, and other
+    workers do not see this one's heartbeats stop for those 5 s more."""
+    with proxying(settings.broker_url or "", 6379) as proxy:
+        url = via(settings.broker_url or "", proxy.url_port)
+        worker = Worker(settings, url, settings.secret, queues=["default"], concurrency=1)
+        worker.connect()
+        try:
+            worker._answer_soon()  # as at the first SIGTERM
+            proxy.deafen(new_ones=True)  # a blip: Redis hears, but says nothing back
+            with pytest.raises(BrokerUnavailable, match="did not answer within 5 s"):
+                worker._housekeeping(beat=True, beats=0)
+            proxy.hear()
+            proxy.cut()  # Redis answers again, on new connections
+            assert worker.worker_id not in access.keys.workers()
+            with contextlib.suppress(BrokerUnavailable):  # other steps may still fail at once
+                worker._housekeeping(beat=True, beats=0)
+            assert worker.worker_id in access.keys.workers()
+        finally:
+            worker._stopping.close()
+            worker.transport.close()
