@@ -180,14 +180,14 @@ class ChildPool:
         One log line names them. For a worker that stops: its children have exited.
         """
         groups, self._left_running = sorted(self._left_running), set()
-        named = [m for group in groups for m in group_members(group) or [(group, "group")]]
+        named = [member for group in groups for member in _members(group)]
         if not named:
             return
         _signal_groups(groups, signal.SIGTERM)
         until = time.monotonic() + _LEFT_RUNNING_SECONDS
-        while (stubborn := [g for g in groups if _has_members(g)]) and time.monotonic() < until:
+        while (stubborn := [g for g in groups if _members(g)]) and time.monotonic() < until:
             time.sleep(_TICK_SECONDS)
-        killed = {pid for group in stubborn for pid, _ in group_members(group) or [(group, "")]}
+        killed = {pid for group in stubborn for pid, _ in _members(group)}
         _signal_groups(stubborn, signal.SIGKILL)
         log.warning(
             "ended %d process(es) that tasks left running: %s",
@@ -268,10 +268,15 @@ def _group_exists(group: int) -> bool:
     return True
 
 
-def _has_members(group: int) -> bool:
-    """Whether process group ``group`` still has a live process (zombies do not count)."""
+def _members(group: int) -> list[tuple[int, str]]:
+    """The live processes of ``group`` with their names (zombies do not count).
+
+    Without ``/proc`` to read, the group as a whole, named by its id, while it has any.
+    """
     members = group_members(group)
-    return bool(members) if members is not None else _group_exists(group)
+    if members is None:
+        return [(group, "process group")] if _group_exists(group) else []
+    return members
 
 
 def _signal_groups(groups: list[int], signum: int) -> None:
