@@ -38,6 +38,11 @@ _ENDED = frozenset({Verdict.FINISHED, *(state.value for state in FINAL_STATES)})
 # A message taken this long before its signed eta was moved early in the store (clocks of
 # the sender and the worker may differ by less): it is parked again until its eta.
 _EARLY_SECONDS = 1.0
+#: How far in this worker's future a message's signed ``created`` may be (its sender's
+#: clock ahead). A message is valid until ``created + max_age``: one from further ahead
+#: would outlive the memory of its ended task (kept 60 s past max_age from its end), and
+#: a replay of it would run again.
+AHEAD_SECONDS = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +137,9 @@ class Admission:
     def _not_now(self, admitted: Admitted) -> bool:
         """Park a task taken before its eta; settle one too old or expired. True if so."""
         message, now = admitted.message, time.time()
+        if message.created > now + AHEAD_SECONDS:
+            self._refuse(admitted, _from_the_future(message.created - now))
+            return True
         if message.eta is not None and message.eta > now + _EARLY_SECONDS:
             self._park(admitted, message.eta)
             return True
@@ -229,12 +237,25 @@ class Admission:
         send_stored_outcome(self.transport, message.client, record)
 
     def _too_old(self, admitted: Admitted, age: float) -> None:
-        message = admitted.message
-        log.error("rejected task %s: sent %.0f s ago, older than max_age", message.id, age)
-        self.transport.dead_letter(admitted.delivery)
-        why = NbtaskError(
+        why = (
             f"the message was {age:.0f} s old, older than max_age "
             f"({self.settings.replay_window:.0f} s); it was not run"
         )
-        failed = failure_event(message.id, FINAL_SEQ, why, run=message.run)
+        self._refuse(admitted, why)
+
+    def _refuse(self, admitted: Admitted, why: str) -> None:
+        """Dead-letter a genuine message that may not run now or ever, and fail its task."""
+        message = admitted.message
+        log.error("rejected task %s: %s", message.id, why)
+        self.transport.dead_letter(admitted.delivery)
+        failed = failure_event(message.id, FINAL_SEQ, NbtaskError(why), run=message.run)
         self.settle(admitted, Outcome(failed), ack=False)
+
+
+def _from_the_future(ahead: float) -> str:
+    return (
+        f"the message was created {ahead:.0f} s in this worker's future (more than "
+        f"{AHEAD_SECONDS:.0f} s): its sender's clock is ahead, and a copy of it replayed "
+        "later would outlive the memory that it ran; it was not run. Set the sender's "
+        "clock right (NTP) and send it again"
+    )
