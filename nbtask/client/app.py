@@ -286,9 +286,13 @@ class App(AppConnection):
         with transport.answers_within(_REASON_SECONDS):
             return live.waiting_reason(queue, started_by)
 
-    def expect(self, task_id: str, name: str) -> TaskHandle:
-        """A handle for a task that a worker will send (a later step of a chain)."""
-        handle = TaskHandle(self, task_id, name)
+    def expect(self, task_id: str, name: str, sent: float | None = None) -> TaskHandle:
+        """A handle for a task that a worker will send (a later step of a chain).
+
+        ``sent``: the send its events name (a chain stamps it); ``None`` takes any send
+        of this app's task with that id.
+        """
+        handle = TaskHandle(self, task_id, name, sent=sent)
         self._listen().register(handle)
         return handle
 
@@ -396,14 +400,16 @@ class App(AppConnection):
         """Mark a task that has not started REVOKED and tell its client; False if it had."""
         known = record is not None and self.store.is_channel(record.client)
         channel = record.client if known and record is not None else self.channel
-        # Its client checks ``sent`` (the record's copy of it: events name their send).
-        run = (self.settings.key_prefix, record.sent if record is not None else None)
+        handle = self._listen().get(task_id)
+        # Its client checks ``sent`` (the record's copy of it: events name their send; a
+        # chain's step not sent yet has no record, and its handle knows the send).
+        sent = record.sent if record is not None else handle.sent if handle is not None else None
+        run = (self.settings.key_prefix, sent)
         event = Event(EventType.REVOKED, task_id, FINAL_SEQ, {"reason": reason}, run=run)
         raw = self.signer.seal(event.to_header())
         if not self.store.revoke_pending(task_id, raw, channel):
             return False
         self.transport.notify(channel, [raw])  # the store keeps it; a live client hears it
-        handle = self._listen().get(task_id)
         if handle is not None:
             handle.apply(event)  # at once; the same event arriving later is ignored
         return True

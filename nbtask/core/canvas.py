@@ -76,8 +76,8 @@ class Sender(Protocol):
     ) -> list[TaskHandle]:
         """Send several calls in one round trip; ``on_event`` is attached to each handle first."""
 
-    def expect(self, task_id: str, name: str) -> TaskHandle:
-        """A handle for a task someone else will send."""
+    def expect(self, task_id: str, name: str, sent: float | None = None) -> TaskHandle:
+        """A handle for a task someone else will send, as the send ``sent`` if known."""
 
 
 _sender: contextvars.ContextVar[Sender | None] = contextvars.ContextVar(
@@ -201,15 +201,19 @@ class Chain:
         self._check_later_steps()
         ids = [step.options.get("task_id") or new_task_id() for step in self.steps]
         root = ids[0]
+        # The later steps are sent by workers: the send their events name is stamped here,
+        # signed with the chain, so a replayed event of an earlier step with the same id
+        # is told apart (see nbtask.wire.events.Run).
+        sent = time.time()
         following: Signature | None = None
         for step, task_id in zip(reversed(self.steps[1:]), reversed(ids[1:]), strict=True):
-            extra: dict[str, Any] = {"task_id": task_id, "root_id": root}
+            extra: dict[str, Any] = {"task_id": task_id, "root_id": root, "sent": sent}
             if following is not None:
                 extra["callbacks"] = Callbacks(link=(following,))
             following = step.for_worker(**extra)
         app = self.steps[0].task.sender()
         later = zip(self.steps[1:], ids[1:], strict=True)
-        handles = [app.expect(task_id, step.task.name) for step, task_id in later]
+        handles = [app.expect(task_id, step.task.name, sent) for step, task_id in later]
         first = self.steps[0].set(task_id=root)
         if following is not None:
             first = first.set(link=following)

@@ -108,9 +108,10 @@ class TaskHandle(CeleryResultNames, concurrent.futures.Future[Any]):
     label : str
         How the call is named on screen (``apply_async(label=...)``), empty if unnamed.
     sent : float or None
-        The signed ``created`` of the task's message: only events naming it are taken
-        (a replayed event of an earlier task with the same id is not). ``None`` where it
-        is not known (a chain's later step, sent by a worker).
+        The send the task's events name, signed in its message (its ``created``, or for
+        a chain's later step, sent by a worker, the time its chain stamped): only events
+        naming it are taken (a replayed event of an earlier task with the same id is
+        not). ``None`` where it is not known (a ``link`` followed with ``app.expect``).
     """
 
     def __init__(

@@ -115,7 +115,8 @@ class MessageBuilder:
 
         ``options`` (message options, see :meth:`~nbtask.Task.send_options`) may hold
         ``queue, task_id, eta, countdown, expires, retries, time_limit, soft_time_limit,
-        parent_id, root_id, label, callbacks`` (a :class:`~nbtask.core.canvas.Callbacks`).
+        parent_id, root_id, label, callbacks`` (a :class:`~nbtask.core.canvas.Callbacks`),
+        ``sent`` (see :attr:`TaskMessage.sent <nbtask.wire.message.TaskMessage>`).
         """
         signable, args, kwargs, options = call
         task = as_task(signable)
@@ -191,6 +192,7 @@ class MessageBuilder:
             ),
             label=options.get("label"),
             fingerprint=code_fingerprint(task) if digest is None else None,
+            sent=options.get("sent"),
         )
         raw = self.signer.seal(message.to_header(), (code, links, *payload.inline))
         return message, to_publish(message, raw)
@@ -244,7 +246,7 @@ def as_task(task: Signable) -> Task:
 def to_publish(message: TaskMessage, raw: bytes) -> Publish:
     """What the transport needs to enqueue ``message``, with its PENDING record."""
     record = pending_fields(
-        message.name, message.client, message.queue, message.created, message.label or ""
+        message.name, message.client, message.queue, message.run[1], message.label or ""
     )
     return Publish(message.queue, message.id, raw, record, message.eta)
 

@@ -45,8 +45,9 @@ CODE_DIFFERS = "code_differs"
 
 
 #: Which send of a task an event is about: the key prefix of the app that sent it, and the
-#: signed ``created`` of the client's message (``None`` where whoever sends the event on
-#: the task's behalf cannot know it). A client takes an event only for the send it made,
+#: signed ``created`` of the client's message, or the time a chain stamped and signed for
+#: a later step that a worker sends (``None`` where whoever sends the event on the task's
+#: behalf cannot know it). A client takes an event only for the send it made,
 #: so a replayed event of an earlier task with the same id, or another app's, is refused.
 Run = tuple[str, float | None]
 

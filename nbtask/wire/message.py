@@ -70,6 +70,10 @@ class TaskMessage:
     #: A task sent by name: a digest of its code as the sender has it loaded, for the
     #: worker to tell when its own copy differs (see nbtask.core.fingerprint).
     fingerprint: str | None = None
+    #: The send a message made by a worker on a client's behalf continues (a chain's
+    #: later step): a time its client chose and signed in the chain, and so knows, for its
+    #: handle. ``None``: the send is this message's own ``created``.
+    sent: float | None = None
 
     @classmethod
     def from_header(cls, header: Mapping[str, Any]) -> TaskMessage:
@@ -113,7 +117,7 @@ class TaskMessage:
     @property
     def run(self) -> tuple[str, float]:
         """Which send of the task this is (its events name it: see nbtask.wire.events.Run)."""
-        return self.prefix, self.created
+        return self.prefix, self.created if self.sent is None else self.sent
 
     def sent_elsewhere(self, prefix: str, queue: str) -> str | None:
         """Why this message may not be taken from ``queue`` of the app ``prefix``, if so.

@@ -339,13 +339,19 @@ class FollowUps:
                 **outcome.event.data,
                 "reason": f"an earlier task in the chain ({message.id}) did not succeed",
             }
-            # Never sent: its client knows only the app (see nbtask.wire.events.Run).
-            event = Event(outcome.event.type, task_id, FINAL_SEQ, data, run=(message.prefix, None))
+            # Never sent: the send its chain stamped, which its handle knows.
+            run = (message.prefix, _stamp(sig.options.get("sent")))
+            event = Event(outcome.event.type, task_id, FINAL_SEQ, data, run=run)
             body = outcome.body if outcome.state is State.FAILURE else b""
             report(self.transport, self.signer, task_id, message.client, event, body=body)
             nested = sig.options.get("callbacks")
             if isinstance(nested, Callbacks):
                 self._fail_downstream(message, outcome, nested.link)
+
+
+def _stamp(sent: object) -> float | None:
+    """The send a chain stamped on a later step (``None`` from an nbtask before it)."""
+    return float(sent) if isinstance(sent, (int, float)) and not isinstance(sent, bool) else None
 
 
 def _callbacks(message: TaskMessage, links: Buffer) -> Callbacks | None:

@@ -32,20 +32,22 @@ class SubtaskPublisher:
         self.transport = transport
         self.builder = builder
 
-    def publish(self, channel: str, sigs: Sequence[Signature]) -> list[str]:
-        """Send signatures (with their final arguments) for ``channel``'s client; their ids.
+    def publish(self, channel: str, sigs: Sequence[Signature]) -> list[tuple[str, float]]:
+        """Send signatures (with their final arguments) for ``channel``'s client.
+
+        Returns each one's task id and send (see nbtask.wire.events.Run).
 
         A signature whose task already has a record stays as it is, and its message is
         not queued: a chain step revoked before this worker sent it, or one a rerun of its
         parent sends again while the first copy is queued or running.
         """
-        publishes = [
-            self.builder.build((sig.task, sig.args, sig.kwargs, sig.options), channel)[1]
+        built = [
+            self.builder.build((sig.task, sig.args, sig.kwargs, sig.options), channel)
             for sig in sigs
         ]
-        if publishes:
-            self.transport.publish(publishes)
-        return [p.task_id for p in publishes]
+        if built:
+            self.transport.publish([publish for _, publish in built])
+        return [(message.id, message.run[1]) for message, _ in built]
 
 
 class WorkerSender:
@@ -74,23 +76,33 @@ class WorkerSender:
             Signature(task, tuple(args), kwargs, {**options, **family})
             for task, args, kwargs, options in calls
         ]
-        ids = self._publisher.publish(message.client, sigs)
-        handles = [self.expect(i, sig.task.name) for sig, i in zip(sigs, ids, strict=True)]
+        sends = self._publisher.publish(message.client, sigs)
+        handles = [
+            self.expect(task_id, sig.task.name, sent)
+            for sig, (task_id, sent) in zip(sigs, sends, strict=True)
+        ]
         if on_event is not None:
             for handle in handles:
                 handle.on_event(on_event)
         return handles
 
-    def expect(self, task_id: str, name: str) -> TaskHandle:
+    def expect(self, task_id: str, name: str, sent: float | None = None) -> TaskHandle:
         """A handle that follows the task only while someone waits on it."""
-        return WorkerHandle(self._publisher, self._message.client, task_id, name)
+        return WorkerHandle(self._publisher, self._message.client, task_id, name, sent)
 
 
 class WorkerHandle(TaskHandle):
     """A handle inside a worker: no listener thread feeds it, so waiting reads events."""
 
-    def __init__(self, publisher: SubtaskPublisher, channel: str, task_id: str, name: str) -> None:
-        super().__init__(None, task_id, name)
+    def __init__(
+        self,
+        publisher: SubtaskPublisher,
+        channel: str,
+        task_id: str,
+        name: str,
+        sent: float | None = None,
+    ) -> None:
+        super().__init__(None, task_id, name, sent=sent)
         self._transport = publisher.transport
         self._signer = publisher.builder.signer
         self._prefix = publisher.builder.settings.key_prefix
