@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from nbtask._text import printable
@@ -19,6 +20,11 @@ __all__ = ["reattach", "settle_from_records"]
 log = logging.getLogger(__name__)
 
 
+#: An outcome is stored a little after it is made, and clocks of hosts differ: one made
+#: up to this long before ``result_ttl`` ago may still be in its record.
+_STORED_LATE_SECONDS = 60.0
+
+
 def reattach(
     task_id: str,
     *,
@@ -33,8 +39,14 @@ def reattach(
 
     Events the task already sent are replayed while its client's channel keeps them; a
     finished task's signed result comes from the store and must be that task's, sent by
-    the app of key prefix ``prefix``. A task still running is followed through
-    ``listener``, on its client's channel.
+    the app of key prefix ``prefix``, of its newest send. A task still running is
+    followed through ``listener``, on its client's channel.
+
+    The record is unsigned: its ``sent`` may name an earlier send of a task id used again,
+    with that send's genuine result put back beside it. The send followed is the newest
+    that the record or a signed event names (only earlier genuine events can be put
+    back), and an outcome made more than ``result_ttl`` ago is refused: its own record
+    is gone, and an id is used again only once it is.
     """
     record = store.get_record(task_id)
     if record is None:
@@ -44,23 +56,17 @@ def reattach(
         )
     # The label is unsigned, as the name: shown only, never with control characters.
     label = printable(record.label)
-    # Unsigned as well: the send the record names is the one followed (its events name it).
-    handle = TaskHandle(owner, task_id, record.name or "?", record.queue, label, sent=record.sent)
     # Unsigned: only a name shaped like a client channel of this app is ever read.
     channel = record.client if store.is_channel(record.client) else ""
+    kept = _kept_events(store, signer, channel, task_id, prefix)
+    handle = TaskHandle(owner, task_id, record.name or "?", record.queue, label)
+    handle.sent = _newest(record.sent, *(event.run[1] for event in kept))
+    handle.outcomes_after = time.time() - result_ttl - _STORED_LATE_SECONDS
     stored = _stored_outcome(handle, record.result, store, signer, prefix)
     if stored is not None:
         # Output first, from the client's event channel while it is kept.
-        for raw in store.replay(channel) if channel else ():
-            try:
-                event, _ = decode_event(signer, raw)
-            except NbtaskError:
-                continue
-            if (
-                event.task_id == task_id
-                and event.state not in FINAL_STATES
-                and event.not_for(prefix, handle.sent) is None
-            ):
+        for event in kept:
+            if event.state not in FINAL_STATES and event.not_for(prefix, handle.sent) is None:
                 handle.apply(event)
         _end(handle, record, *stored)
     else:
@@ -102,6 +108,30 @@ def settle_from_records(
             _end(handle, record, *stored)
 
 
+def _kept_events(
+    store: Store, signer: Signer, channel: str, task_id: str, prefix: str
+) -> list[Event]:
+    """The signed events about ``task_id`` of the app ``prefix`` kept on ``channel``.
+
+    Headers only: the events replayed here carry no value, and the send they name is
+    all that is asked of the others.
+    """
+    kept = []
+    for raw in store.replay(channel) if channel else ():
+        try:
+            event = Event.from_header(signer.open(raw).header)
+        except NbtaskError:
+            continue
+        if event.task_id == task_id and event.run[0] == prefix:
+            kept.append(event)
+    return kept
+
+
+def _newest(*sends: float | None) -> float | None:
+    """The latest of the sends named (``None`` if none is)."""
+    return max((sent for sent in sends if sent is not None), default=None)
+
+
 def _recorded_start(record: TaskRecord, task_id: str) -> Event:
     """The STARTED (or RETRY) event a record stands for, at the time it says, if it does."""
     info = {"worker": record.worker, "pid": record.pid}
@@ -129,7 +159,10 @@ def _stored_outcome(
         raise SignatureError(
             f"the stored result of task {handle.id!r} belongs to task {event.task_id!r}"
         )
-    why = event.not_for(prefix, handle.sent)
+    if event.run[0] == prefix and event.run[1] is not None:
+        # A later send than any the record or the events name: the one to follow.
+        handle.sent = _newest(handle.sent, event.run[1])
+    why = event.not_for(prefix, handle.sent) or event.not_after(handle.outcomes_after)
     if why is not None:  # another app's, or an earlier send's: someone put it here
         raise SignatureError(f"the stored result of task {handle.id!r} is not its own: {why}")
     if event.state not in FINAL_STATES:

@@ -128,6 +128,9 @@ class TaskHandle(CeleryResultNames, concurrent.futures.Future[Any]):
         self.app = app
         self.id = task_id
         self.sent = sent
+        #: Set on a handle re-attached by id (see nbtask.client.reattach), whose send is
+        #: not known for sure: no outcome made before this time (epoch seconds) is taken.
+        self.outcomes_after: float | None = None
         self.name = name
         self.queue = queue
         self.label = label

@@ -190,6 +190,15 @@ class Event:
             return "it is about another send of a task with that id (an earlier one's, replayed)"
         return None
 
+    def not_after(self, when: float | None) -> str | None:
+        """Why this event cannot be an outcome made after ``when`` (epoch seconds), if so."""
+        if when is None or self.timestamp >= when or self.state not in FINAL_STATES:
+            return None
+        return (
+            "it ended more than result_ttl ago, so the record it was stored in is gone: "
+            "an earlier send's outcome, put back"
+        )
+
     @classmethod
     def from_header(cls, header: Mapping[str, Any]) -> Event:
         """Rebuild an event from a verified header.

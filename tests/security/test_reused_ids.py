@@ -5,13 +5,16 @@ genuine, signed events and results where the later task's are read. Both brokers
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
 import pytest
 from helpers import wait_until
 from raw_broker import RawBroker
 
-from nbtask import App
+from nbtask import App, Settings, SignatureError
+from nbtask.wire.events import Event, EventType
+from nbtask.wire.message import encode_value
 
 pytestmark = pytest.mark.brokers
 
@@ -60,3 +63,117 @@ def test_an_earlier_chains_final_event_does_not_end_a_later_step_reusing_its_id(
     assert "another send of a task with that id" in dropped()[0]
     start_worker("-Q", "later,default", concurrency=1)
     assert again.get(timeout=15) == 31
+
+
+ADD = "tests.sample_tasks.add"
+
+
+def _used_and_freed(app: App, access: RawBroker) -> tuple[str, bytes, bytes]:
+    """A task id used once (``add(2, 3)``) and freed: its stored result and ``sent``."""
+    task_id = uuid.uuid4().hex
+    assert app.send_task(ADD, (2, 3), task_id=task_id).get(timeout=15) == 5
+    fields = access.record(task_id)
+    _free(access, task_id)
+    return task_id, fields[b"result"], fields[b"sent"]
+
+
+def _outcome_stored_long_ago(app: App, task_id: str, sent: bytes, value: int) -> bytes:
+    """The genuine SUCCESS its worker stored for the send ``sent`` of ``task_id``, when
+    that was more than ``result_ttl`` ago (a test cannot wait a day for one)."""
+    when = time.time() - app.settings.result_ttl - 3600
+    run = (app.settings.key_prefix, float(sent))
+    event = Event(EventType.SUCCESS, task_id, 1, {"runtime": 0.1}, when, run)
+    return app.signer.seal(event.to_header(), encode_value(value, "cloudpickle", "result"))
+
+
+def _reader(settings: Settings) -> App:
+    """Another process's app, re-attaching by id."""
+    return App("reader", settings=settings)
+
+
+def test_reattach_refuses_an_earlier_sends_result_put_back_with_its_send(
+    app: App, settings: Settings, access: RawBroker, start_worker
+) -> None:
+    """The record's ``sent`` is unsigned: rewritten with the stored result to an earlier
+    send's, a re-attached handle took that send's result. The send is now the newest one
+    signed facts name (the task's events kept on its client's channel, its outcome), so
+    the earlier send's result is refused."""
+    start_worker(concurrency=1)
+    task_id, earlier, earlier_sent = _used_and_freed(app, access)
+    assert app.send_task(ADD, (10, 20), task_id=task_id).get(timeout=15) == 30
+    access.store.hset(
+        access.keys.record_key(task_id), mapping={"result": earlier, "sent": earlier_sent}
+    )
+    reader = _reader(settings)
+    try:
+        with pytest.raises(SignatureError, match="another send"):
+            value = reader.handle(task_id).get(timeout=5)
+            pytest.fail(f"re-attached to the earlier send's result {value}, not 30")
+    finally:
+        reader.close()
+
+
+def test_reattach_refuses_a_result_older_than_result_ttl_with_nothing_newer_kept(
+    app: App, settings: Settings, access: RawBroker, start_worker
+) -> None:
+    """The same with the record's client rewritten to a channel that keeps nothing: no
+    signed fact names the later send. An outcome made more than ``result_ttl`` ago
+    cannot be in a record (records go ``result_ttl`` after their outcome, and an id is
+    used again only once its record is gone): it is refused."""
+    start_worker(concurrency=1)
+    task_id, _, earlier_sent = _used_and_freed(app, access)
+    assert app.send_task(ADD, (10, 20), task_id=task_id).get(timeout=15) == 30
+    old = _outcome_stored_long_ago(app, task_id, earlier_sent, 5)
+    fields = {"result": old, "sent": earlier_sent, "client": access.keys.channel_key("0ff")}
+    access.store.hset(access.keys.record_key(task_id), mapping=fields)
+    reader = _reader(settings)
+    try:
+        with pytest.raises(SignatureError, match="result_ttl"):
+            value = reader.handle(task_id).get(timeout=5)
+            pytest.fail(f"re-attached to the earlier send's result {value}, not 30")
+    finally:
+        reader.close()
+
+
+def test_a_reattached_handle_follows_the_running_send_whatever_its_record_says(
+    app: App,
+    settings: Settings,
+    access: RawBroker,
+    start_worker,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A task reusing an id waits for a worker; its record's ``sent`` is rewritten to the
+    earlier send's (another client's), and that send's old outcome put on the channel of
+    the task's client. A handle
+    re-attached then took that outcome; once the task ran, its own events, naming a
+    send the record no longer did, would have been dropped. Now the old outcome is
+    dropped (one log line) and the handle takes the task's own result."""
+    caplog.set_level(logging.WARNING, logger="nbtask.client.listener")
+    worker = start_worker(concurrency=1)
+    earlier_client = _reader(settings)  # its events are not on this client's channel
+    try:
+        task_id, _, earlier_sent = _used_and_freed(earlier_client, access)
+    finally:
+        earlier_client.close()
+    worker.stop()
+    h = app.send_task(ADD, (10, 20), task_id=task_id, queue="later")  # no worker there yet
+    app.flush()
+    access.store.hset(access.keys.record_key(task_id), "sent", earlier_sent)
+    # On the channel's stream in the store, where a re-attached handle reads (on RabbitMQ,
+    # the client's own reply queue is read by that client alone).
+    old = _outcome_stored_long_ago(app, task_id, earlier_sent, 5)
+    access.store.xadd(app.channel, {"e": old})
+    reader = _reader(settings)
+    try:
+        again = reader.handle(task_id)
+
+        def dropped() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "result_ttl" in r.getMessage()]
+
+        wait_until(lambda: again.done() or bool(dropped()), 15, "the old outcome read")
+        assert not again.done(), f"re-attached to the earlier send's outcome: {again.state}"
+        start_worker("-Q", "later", concurrency=1)
+        assert h.get(timeout=15) == 30
+        assert again.get(timeout=15) == 30
+    finally:
+        reader.close()
