@@ -3,6 +3,11 @@
 ``<key_prefix>:c:<client id>`` is a client's channel, a stream of signed events (``e``
 fields; an empty entry only wakes a blocked reader), trimmed to :data:`CHANNEL_MAXLEN`,
 kept while the client lives and ``result_ttl`` after.
+
+Anyone with write access to the store can append to a channel (its name is in every
+record its client sent): a read takes at most :data:`READ_COUNT` entries and
+:func:`read_budget` bytes, and an entry larger than any event a client accepts
+(``max_message_bytes``) is left in Redis, read as empty, with one log line.
 """
 
 from __future__ import annotations
@@ -18,12 +23,60 @@ from redis.exceptions import ResponseError
 from nbtask.brokers.redis_errors import is_wrong_type
 from nbtask.brokers.redis_link import RedisLink
 
-__all__ = ["CHANNEL_MAXLEN", "RedisChannels", "event_of", "refuses_entries", "stream_id"]
+__all__ = [
+    "CHANNEL_MAXLEN",
+    "CHANNEL_SCRIPTS",
+    "READ_COUNT",
+    "RedisChannels",
+    "event_of",
+    "read_budget",
+    "refuses_entries",
+    "stream_id",
+]
 
 log = logging.getLogger(__name__)
 
 #: Events kept per client channel (older ones are trimmed).
 CHANNEL_MAXLEN = 10_000
+#: The most entries one read of client channels takes.
+READ_COUNT = 500
+_READ_BYTES = 64 * 1024 * 1024
+
+
+def read_budget(max_event_bytes: int) -> int:
+    """The most bytes one read takes (or one entry, when a single one is larger)."""
+    return min(_READ_BYTES, 4 * max_event_bytes)
+
+
+# Read entries after given ids of streams (KEYS), without sending any larger than a
+# client accepts. ARGV: count, largest entry, budget, then one id per stream. An entry's
+# size counts all its fields; only its event is sent, or '' with its size when too large.
+# Entries stop at `count`, or before the one that would take the total past the budget
+# (the first is always taken). Returns {stream, id, event, size of one too large or 0}...
+_READ = """
+local count, largest, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local out, total, taken = {}, 0, 0
+for i, key in ipairs(KEYS) do
+  local entries = redis.call('XRANGE', key, '(' .. ARGV[3 + i], '+', 'COUNT', count - taken)
+  for _, entry in ipairs(entries) do
+    local fields, size = entry[2], 0
+    for j = 1, #fields do size = size + #fields[j] end
+    if size > largest then
+      table.insert(out, {key, entry[1], '', size})
+    else
+      if taken > 0 and total + size > budget then return out end
+      total = total + size
+      table.insert(out, {key, entry[1], fields[1] == 'e' and fields[2] or '', 0})
+    end
+    taken = taken + 1
+  end
+  if taken >= count then return out end
+end
+return out
+"""
+
+#: The scripts reading client channels, by name.
+CHANNEL_SCRIPTS = {"read_events": _READ}
 
 
 class RedisChannels:
@@ -32,6 +85,8 @@ class RedisChannels:
     link: RedisLink
     prefix: str
     ttl: int
+    #: The largest event a client accepts (``max_message_bytes``).
+    max_event_bytes: int
 
     def channel_key(self, client_id: str) -> str:
         """The stream carrying events to one client."""
@@ -71,24 +126,55 @@ class RedisChannels:
     def read_events(
         self, channels: Mapping[str, str], block_seconds: float
     ) -> list[tuple[str, str, bytes]]:
-        """Block on client channels ``{channel: after id}``; ``(channel, id, raw)`` triples."""
+        """Block on client channels ``{channel: after id}``; ``(channel, id, raw)`` triples.
+
+        In one round trip: a script reads what waits, sending no entry too large and
+        stopping at the read's budget; then, if it found nothing, a blocking read waits
+        for the next entry, one per channel (Redis cannot leave out a large one there:
+        it is dropped here).
+        """
+        budget = read_budget(self.max_event_bytes)
+        args = (READ_COUNT, self.max_event_bytes, budget, *channels.values())
         block = max(1, int(block_seconds * 1000))
-        command = ("XREAD", "COUNT", 500, "BLOCK", block, "STREAMS", *channels, *channels.values())
+        waiting = ("XREAD", "COUNT", 1, "BLOCK", block, "STREAMS", *channels, *channels.values())
         with self.link.translate_errors():
-            (reply,) = self.link.run([command], block_seconds=block_seconds)
-        out: list[tuple[str, str, bytes]] = []
-        for stream, entries in reply or ():
-            name = stream.decode()
+            scripted, woken = self.link.run_scripts(
+                [self.link.evalsha("read_events", list(channels), *args), waiting],
+                block_seconds=block_seconds,
+            )
+        # (What waits makes the blocking read return at once, with a copy of its first.)
+        if scripted:
+            return [self._sized(*entry) for entry in scripted]
+        out = []
+        for stream, entries in woken or ():
             for entry_id, fields in entries:
-                out.append((name, entry_id.decode(), event_of(fields)))
+                size = sum(len(field) for field in fields) if isinstance(fields, list) else 0
+                if size > self.max_event_bytes:
+                    out.append(self._sized(stream, entry_id, b"", size))
+                else:
+                    out.append(self._sized(stream, entry_id, event_of(fields), 0))
         return out
+
+    def _sized(
+        self, stream: bytes, entry_id: bytes, raw: bytes, dropped: int
+    ) -> tuple[str, str, bytes]:
+        """A read entry; one too large (``dropped`` bytes) reads as empty, said once."""
+        channel, entry = stream.decode(), entry_id.decode()
+        if dropped:
+            log.warning(
+                "ignored entry %s of %s: %s bytes, more than any event a client accepts "
+                "(max_message_bytes, %s); nbtask did not write it",
+                entry,
+                channel,
+                f"{dropped:,}",
+                f"{self.max_event_bytes:,}",
+            )
+        return channel, entry, raw
 
     def events_after(self, channel: str, after: str) -> list[tuple[str, bytes]]:
         """``(id, raw)`` of the events on ``channel`` after entry ``after`` (``"0-0"``: all)."""
-        start = f"({after}" if after != "0-0" else "-"
         with self.link.translate_errors():
-            (entries,) = self.link.run([("XRANGE", channel, start, "+")])
-        return [(entry_id.decode(), event_of(fields)) for entry_id, fields in entries]
+            return self._kept(channel, after)
 
     def channel_end(self, channel: str) -> str:
         """The id of the newest event on a channel (``"0-0"`` when empty)."""
@@ -123,11 +209,29 @@ class RedisChannels:
         """Every event still kept on a client's channel, oldest first."""
         with self.link.translate_errors():
             try:
-                (entries,) = self.link.run([("XRANGE", channel, "-", "+", "COUNT", CHANNEL_MAXLEN)])
+                kept = self._kept(channel, "0-0")
             except ResponseError:  # not a stream (a record names any channel): none kept
                 log.error("ignored %s: not a stream, not written by nbtask", channel)
                 return []
-        return [raw for _id, fields in entries if (raw := event_of(fields))]
+        return [raw for _id, raw in kept if raw]
+
+    def _kept(self, channel: str, after: str) -> list[tuple[str, bytes]]:
+        """``(id, raw)`` of the entries after ``after``, up to a channel's length of them.
+
+        Read as :meth:`read_events` reads: no entry too large is sent.
+        """
+        budget = read_budget(self.max_event_bytes)
+        out: list[tuple[str, bytes]] = []
+        while len(out) < CHANNEL_MAXLEN:
+            count = min(READ_COUNT, CHANNEL_MAXLEN - len(out))
+            args = (count, self.max_event_bytes, budget, after)
+            entries = self.link.run_scripts([self.link.evalsha("read_events", [channel], *args)])
+            if not entries[0]:
+                break
+            for entry in entries[0]:
+                _, after, raw = self._sized(*entry)
+                out.append((after, raw))
+        return out
 
     def wake(self, channel: str) -> None:
         """Append an empty entry so a reader blocked on ``channel`` returns.

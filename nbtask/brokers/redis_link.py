@@ -254,15 +254,17 @@ class RedisLink(OwedReplies):
         with self.translate_errors():
             return self.run_scripts([self.evalsha(script, keys, *args)], large=large)[0]
 
-    def run_scripts(self, commands: Sequence[Command], *, large: bool = False) -> list[Any]:
+    def run_scripts(
+        self, commands: Sequence[Command], *, large: bool = False, block_seconds: float = 0.0
+    ) -> list[Any]:
         """Run commands (scripts among them), loading the scripts if the server lost them."""
         try:
-            return self.run(commands, large=large)
+            return self.run(commands, large=large, block_seconds=block_seconds)
         except NoScriptError:
             # Only a restarted (emptied) server answers NOSCRIPT, and it answers it for
             # every script of the batch, so running the batch again runs each once.
             self.load_scripts()
-            return self.run(commands, large=large)
+            return self.run(commands, large=large, block_seconds=block_seconds)
 
     def _connection(self) -> Any:
         # One connection per thread, kept: taking one from the pool on every call costs

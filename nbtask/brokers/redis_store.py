@@ -33,7 +33,12 @@ from nbtask.brokers.base import Delivery, Publish, Settlement, StartBy
 from nbtask.brokers.blob_scripts import BLOB_SCRIPTS
 from nbtask.brokers.local_blobs import LocalBlobs
 from nbtask.brokers.redis_blobs import RedisBlobs
-from nbtask.brokers.redis_channels import CHANNEL_MAXLEN, RedisChannels, event_of
+from nbtask.brokers.redis_channels import (
+    CHANNEL_MAXLEN,
+    CHANNEL_SCRIPTS,
+    RedisChannels,
+    event_of,
+)
 from nbtask.brokers.redis_holdings import RedisHoldings
 from nbtask.brokers.redis_link import LARGE_BYTES, RedisLink
 from nbtask.brokers.redis_owed import unanswered
@@ -69,7 +74,9 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisChannels):
         self.ttl = int(settings.result_ttl)
         self._upkeep_due: dict[str, float] = {}  # client index: when to trim it next
         self.local_blobs = LocalBlobs.open(link.url, settings)
+        self.max_event_bytes = settings.max_message_bytes
         link.add_scripts(STORE_SCRIPTS)
+        link.add_scripts(CHANNEL_SCRIPTS)
         link.add_scripts(BLOB_SCRIPTS)
 
     # Keys ----------------------------------------------------------------------------------
