@@ -165,8 +165,8 @@ class Store(Protocol):
     def read_control(self, after: str) -> list[tuple[str, bytes]]:
         """Control messages after entry ``after`` (``"$"``: just the current last id)."""
 
-    def rate_wait(self, bucket: str, rate: float) -> float:
-        """Take a token of ``bucket`` (``rate`` per second) or say how long to wait."""
+    def rate_wait(self, bucket: str, rate: float, task_id: str, horizon: float) -> float:
+        """Seconds until a task may start under ``bucket``'s ``rate`` (0: now), in turn."""
 
     # Blobs ---------------------------------------------------------------------------------
     def put_blobs(

@@ -356,10 +356,16 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisChannels):
         ]
 
     # Rate limits -----------------------------------------------------------------------------
-    def rate_wait(self, bucket: str, rate: float) -> float:
-        """Take the token of ``bucket`` (``rate`` per second) or say how long to wait."""
+    def rate_wait(self, bucket: str, rate: float, task_id: str, horizon: float) -> float:
+        """Seconds until task ``task_id`` may start under ``bucket``'s ``rate`` (0: now).
+
+        A task told to wait is given that start: asked again then, it gets 0 and takes no
+        other, so tasks start in the order they asked. ``horizon``: no start is that far
+        off (a message older than it would not run).
+        """
         key = f"{self.prefix}:rate:{bucket}"
-        wait, bad = self.link.call("rate", [key], repr(rate), repr(time.time()))
+        keys = [key, f"{key}:schedule", self.record_key(task_id)]
+        wait, bad = self.link.call("rate", keys, repr(rate), repr(time.time()), repr(horizon))
         if bad:
             log.warning("reset rate-limit bucket %s, which nbtask did not write", key)
         return float(wait)

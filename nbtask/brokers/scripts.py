@@ -320,25 +320,51 @@ return aside
 # script). KEYS: the key. Returns 1 if it held another type, else 0.
 _SET_ASIDE = SET_ASIDE + "return set_aside(KEYS[1])\n"
 
-# A token bucket per (worker, task name) holding one token: tasks start at most `rate`
-# per second. Returns how long to wait, in seconds ('0' = go now), and 1 if the bucket
-# was not written by nbtask. Only its worker writes it, a time by its own clock (tostring
-# rounds it: a second's slack): anything else there (another type, not a number, NaN,
-# infinity, a time to come) would park its tasks for ever, and reads as empty.
-# KEYS: bucket; ARGV: rate, now
+# A schedule per (worker, task name): tasks start at most `rate` per second, in turn.
+# The bucket holds the last start; its schedule the last start given out. A task over
+# the limit is given the next one (kept in its record as 'rate_slot', so it takes no
+# other when it comes back). Returns how long to wait, in seconds ('0' = go now), and 1
+# if a time there was not written by nbtask. Only its worker writes them, times by its
+# own clock: anything else (another type, not a number, NaN, infinity, a time past
+# `horizon`, which no message waits for) would park its tasks for ever, and reads as 0.
+# KEYS: bucket, schedule, record; ARGV: rate, now, horizon (seconds)
 _RATE = """
-local rate, now = tonumber(ARGV[1]), tonumber(ARGV[2])
-local got = redis.pcall('GET', KEYS[1])
-local last, bad = 0, 0
-if type(got) == 'table' then
-  bad = 1
-elseif got then
-  last = tonumber(got)
-  if last == nil or last ~= last or last > now + 1 then last, bad = 0, 1 end
+local rate, now, horizon = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local gap, bad = 1 / rate, 0
+local function time_at(got)  -- a time nbtask wrote, else 0 (and bad)
+  if not got then return 0 end
+  local at = type(got) ~= 'table' and tonumber(got) or nil
+  if at == nil or at ~= at or at > now + horizon then
+    bad = 1
+    return 0
+  end
+  return at
 end
-if last + 1 / rate > now then return {tostring(last + 1 / rate - now), bad} end
-redis.call('SET', KEYS[1], tostring(now), 'EX', 3600)
-return {'0', bad}
+local function start_now()
+  redis.call('SET', KEYS[1], tostring(now), 'EX', math.ceil(gap) + 3600)
+  return {'0', bad}
+end
+local last = time_at(redis.pcall('GET', KEYS[1]))
+-- The start this task was given when it was put back: it takes no other, and starts
+-- then (or once the last start is far enough behind, if that one came late).
+local held = redis.pcall('HGET', KEYS[3], 'rate_slot')
+if held and type(held) ~= 'table' then
+  local slot = time_at(held)
+  if slot > 0 then
+    local at = math.max(slot, last + gap)
+    if at > now then return {tostring(at - now), bad} end
+    redis.call('HDEL', KEYS[3], 'rate_slot')
+    return start_now()
+  end
+  redis.call('HDEL', KEYS[3], 'rate_slot')
+end
+-- Else the next start after every one given out, even if it is later: calls start in
+-- turn.
+local slot = math.max(time_at(redis.pcall('GET', KEYS[2])) + gap, last + gap, now)
+redis.call('SET', KEYS[2], tostring(slot), 'EX', math.ceil(slot - now) + 3600)
+if slot <= now then return start_now() end
+redis.call('HSET', KEYS[3], 'rate_slot', tostring(slot))
+return {tostring(slot - now), bad}
 """
 
 # A record without a client was written by a start check alone, for a task id that came

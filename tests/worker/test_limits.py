@@ -190,6 +190,25 @@ def test_rate_limit_spaces_starts_without_delaying_other_tasks(
     assert r.zcard(f"{prefix}:eta:default") == 0
 
 
+def test_rate_limited_tasks_start_in_the_order_they_were_sent(app: App, start_worker) -> None:
+    """Each call over the limit is given the next free start when it is put back, so the
+    calls start in turn, as from a queue: none waits behind calls sent after it."""
+    start_worker(concurrency=1)
+
+    @app.task(rate_limit="4/s")
+    def limited(i: int) -> float:
+        import time as t
+
+        return t.time()
+
+    handles = [limited.delay(i) for i in range(8)]
+    starts = [h.get(timeout=30) for h in handles]
+    order = sorted(range(8), key=lambda i: starts[i])
+    assert order == list(range(8)), f"started in the order {order}"
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert min(gaps) >= 0.2, f"rate_limit='4/s' let tasks start {min(gaps):.3f} s apart"
+
+
 def test_rate_limit_per_minute_holds_back_the_second_call(app: App, start_worker) -> None:
     start_worker(concurrency=2)
 
