@@ -48,7 +48,7 @@ def _refusing(use: str) -> Callable[..., Any]:
     """
 
     def refuse(self: RemoteValue, *args: object, **kwargs: object) -> Any:
-        error = TypeError(self._not_here(use.format(name=self.name)))
+        error = TypeError(self._not_here(use.format(name=self._called())))
         del self
         raise error
 
@@ -83,6 +83,8 @@ class RemoteValue(ValueRef):
     #: Why the value is gone (its session ended and released it), or "".
     released = ""
     _signer: Signer | None = None  # also for a reference pickled before seals existed
+    #: The names the notebook binds to it (see :meth:`bind`).
+    _names: Callable[[RemoteValue], list[str]] | None = None
     #: The value fetched, while it lives (weakly: a value looked at once, ``x.fetch()[:5]``,
     #: is not kept in the kernel by its reference).
     _fetched: Callable[[], Any] | None = None
@@ -104,15 +106,19 @@ class RemoteValue(ValueRef):
         watch: FetchWatch | None = None,
         *,
         signer: Signer | None = None,
+        names: Callable[[RemoteValue], list[str]] | None = None,
     ) -> None:
         """Let :meth:`fetch` read this process's store, up to ``budget`` bytes.
 
         ``watch``, if given, shows the fetch's progress (a notebook's bar); ``signer``
         checks the seals of sealed blobs (:mod:`nbtask.wire.blobs`), the one given before
-        if none is.
+        if none is; ``names`` lists the names the notebook binds to this reference, which
+        its messages use once its own name is bound to something else (``alias = x``,
+        then ``del x``: it is ``alias``), the one given before if none is.
         """
         self._fetch, self._budget, self._watch = fetch, budget, watch
         self._signer = signer or self._signer
+        self._names = names or self._names
 
     def fetch(self, *, force: bool = False) -> Any:
         """Bring the value into this process: the object fetched before, while it lives.
@@ -133,25 +139,26 @@ class RemoteValue(ValueRef):
         value = self._fetched() if self._fetched is not None else None
         if value is not None:
             return value
+        name = self._called()
         if self._fetch is None:
-            raise BlobError(f"{self.name} was not received through an app: nothing to fetch with")
+            raise BlobError(f"{name} was not received through an app: nothing to fetch with")
         if not force and self._budget is not None and self.size > self._budget:
             raise BlobError(
-                f"{self.name} is {self.size:,} bytes, over the fetch budget of "
+                f"{name} is {self.size:,} bytes, over the fetch budget of "
                 f"{self._budget:,} (fetch_budget, NBTASK_FETCH_BUDGET): fetch it anyway with "
-                f"{self.name} = {self.name}.fetch(force=True), or work on it in a %%task cell"
+                f"{name} = {name}.fetch(force=True), or work on it in a %%task cell"
             )
         try:
             if self._watch is None:
                 value = self.load(self._fetch, self._signer)
             else:
-                with self._watch(self.name, self.size) as progress:
+                with self._watch(name, self.size) as progress:
                     fetch = functools.partial(self._fetch, progress=progress)
                     value = self.load(fetch, self._signer)
         except BlobGone as exc:  # the store knows a blob, the notebook the cell behind it
             made_by = self.made_by or "the cell that made it"
             raise BlobGone(
-                f"{self.name} cannot be fetched: {exc.reason}", f"run {made_by} again to make it"
+                f"{name} cannot be fetched: {exc.reason}", f"run {made_by} again to make it"
             ) from None
         with contextlib.suppress(TypeError):  # not weakly referable: fetched anew
             self._fetched = weakref.ref(value)
@@ -167,10 +174,22 @@ class RemoteValue(ValueRef):
         self.released = why
         self._fetch = self._fetched = None
 
+    def _called(self) -> str:
+        """The name the notebook knows the value by: its own while bound to it, else another.
+
+        Several names may stand for one reference (``alias = x``): the one the cell that
+        kept it assigned stays while it is bound to it.
+        """
+        try:
+            names = self._names(self) if self._names is not None else []
+        except RuntimeError:  # the namespace changed while another thread read it
+            names = []
+        return self.name if not names or self.name in names else names[0]
+
     def _gone(self) -> str:
         made_by = self.made_by or "the cell that made it"
         return (
-            f"{self.name} was released {self.released}: its store copy was deleted. Run "
+            f"{self._called()} was released {self.released}: its store copy was deleted. Run "
             f"{made_by} again to make it"
         )
 
@@ -178,7 +197,7 @@ class RemoteValue(ValueRef):
         """Why ``use`` of the reference fails: it stands for a value kept elsewhere."""
         if self.released:
             return f"{use}: {self._gone()}"
-        name = self.name
+        name = self._called()
         return (
             f"{use}: {name} ({self.preview.get('type', '?')}) is kept on the workers, and "
             "this code reached it without the cell naming it (in a function, eval, "
@@ -193,7 +212,7 @@ class RemoteValue(ValueRef):
         if attribute.startswith("_") or attribute in _OWN_FIELDS:
             raise AttributeError(attribute)
         # Named, so that Python does not set the error's ``obj`` to the reference.
-        error = AttributeError(self._not_here(f"{self.name}.{attribute}"), name=attribute)
+        error = AttributeError(self._not_here(f"{self._called()}.{attribute}"), name=attribute)
         del self
         raise error
 
@@ -214,12 +233,14 @@ class RemoteValue(ValueRef):
         # The fetcher and budget belong to the process that holds the reference.
         state = dict(self.__dict__)
         state["_fetch"] = state["_budget"] = state["_watch"] = state["_signer"] = None
+        state.pop("_names", None)  # the notebook's namespace is the notebook's
         state.pop("_fetched", None)  # the value itself never travels with its reference
         return state
 
     def _summary(self) -> str:
+        name = self._called()
         if self.released:
-            return f"{self.name}: released {self.released}; run {self.made_by or 'its cell'} again"
+            return f"{name}: released {self.released}; run {self.made_by or 'its cell'} again"
         p = self.preview
         details = [str(p.get("type", "?"))]
         if p.get("shape") is not None:
@@ -228,8 +249,8 @@ class RemoteValue(ValueRef):
             details.append(f"dtype={p['dtype']}")
         details.append(f"{int(p.get('nbytes', self.size)):,} bytes")
         return (
-            f"{self.name}: kept on the workers ({', '.join(details)}); a local cell that "
-            f"reads it fetches it, {self.name}.fetch() does so now, a %%task cell uses it "
+            f"{name}: kept on the workers ({', '.join(details)}); a local cell that "
+            f"reads it fetches it, {name}.fetch() does so now, a %%task cell uses it "
             "in place"
         )
 

@@ -244,7 +244,7 @@ class Pending:
                 self.namespace[name] = fetched
                 # Its other names are bound to the one object, as locally (IPython's own
                 # output history is left to IPython).
-                for other in self._names_of(value):
+                for other in self.names_of(value):
                     self.namespace[other] = fetched
                 del fetched
                 continue
@@ -253,7 +253,7 @@ class Pending:
                 error: BaseException = KeyboardInterrupt(said)
             except BlobError as exc:  # one line that names the variable, no nbtask frames
                 said = str(exc)
-                if not said.startswith(f"{name} "):
+                if not any(said.startswith(f"{n} ") for n in [name, *self.names_of(value)]):
                     said = f"{name} cannot be fetched: {said}"
                 error = BlobError(said)
             # Raised out of the handler, with no context: the notebook keeps the traceback
@@ -356,13 +356,13 @@ class Pending:
             old, new = self.namespace.get(name), arrived.get(name)
             if not isinstance(old, RemoteValue) or new is None or new is old:
                 continue
-            for other in self._names_of(old):
+            for other in self.names_of(old):
                 if other not in arrived:
                     self.namespace[other] = new
 
-    def _names_of(self, value: RemoteValue) -> list[str]:
+    def names_of(self, value: RemoteValue) -> list[str]:
         """The names bound to ``value``, but IPython's history names (``_``, ``_3``)."""
-        found = [n for n, bound in self.namespace.items() if bound is value]
+        found = [n for n, bound in list(self.namespace.items()) if bound is value]
         return [n for n in found if not is_history_name(n)]
 
     def _not_brought_back(self, run: CellRun, name: str, why: str) -> None:

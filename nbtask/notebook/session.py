@@ -212,6 +212,7 @@ class Session:
             self.app.settings.fetch_budget,
             self._watch_fetch,
             signer=self.app.signer,
+            names=self.pending.names_of,
         )
 
     def _watch_fetch(self, label: str, total: int) -> AbstractContextManager[ByteProgress]:

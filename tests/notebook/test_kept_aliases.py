@@ -106,3 +106,17 @@ def test_a_renamed_kept_value_the_notebook_let_go_while_its_cell_ran_stays_usabl
     ip.user_ns["h"].result(timeout=30)  # it ended, its values not yet written
     nb.releases.flush()  # as the session's ticker does, twice a second
     assert run(ip, "float(alias[-1])") == 299_999.0
+
+
+def test_a_kept_value_is_named_by_a_name_the_notebook_binds_to_it(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    """Its preview and its errors name ``alias`` once ``x``, the name it was kept under, went."""
+    task(ip, MAKE_X + "\nalias = x")
+    assert repr(ip.user_ns["alias"]).startswith("<x: kept on the workers")  # x still is
+    run(ip, "del x")
+    said = repr(ip.user_ns["alias"])
+    assert said.startswith("<alias: kept on the workers"), said
+    assert "x.fetch()" not in said and "alias.fetch() does so now" in said
+    with pytest.raises(TypeError, match=r"^len\(alias\): alias \(numpy.ndarray\) is kept"):
+        len(ip.user_ns["alias"])
