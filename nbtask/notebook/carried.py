@@ -8,23 +8,60 @@ back changed) with it.
 
 from __future__ import annotations
 
+import dataclasses
+import pickle
 import types
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
 from nbtask.wire.blobs import Packed
 
-__all__ = ["carried_names", "load_values", "may_change", "share_namespace", "share_value"]
+__all__ = [
+    "WithObjects",
+    "carried_names",
+    "load_values",
+    "may_change",
+    "share_namespace",
+    "share_value",
+]
 
 
-def load_values(result: Mapping[str, Any]) -> dict[str, Any]:
+def load_values(result: Mapping[str, Any], objects: Mapping[str, Any]) -> dict[str, Any]:
     """Unpickle the values a cell sent back (on the kernel's main thread).
 
+    ``objects``: the notebook's objects the cell was sent, by shipped name, which the
+    values hold where the worker named them (``pair = (small, 1)``: ``pair[0] is small``).
     The blob is part of a result whose envelope was verified by the listener.
     """
     blob = result.get("values")
-    values: dict[str, Any] = blob.load() if isinstance(blob, Packed) else {}
+    values: dict[str, Any] = blob.load(_finder(objects)) if isinstance(blob, Packed) else {}
     return values
+
+
+@dataclasses.dataclass(frozen=True)
+class WithObjects:
+    """A value a cell sent back, loaded with the notebook's objects it names (its ``Out``)."""
+
+    packed: Packed
+    objects: Mapping[str, Any]
+
+    def load(self) -> Any:
+        """The value, holding the notebook's own objects where it names them."""
+        return self.packed.load(_finder(self.objects))
+
+
+def _finder(objects: Mapping[str, Any]) -> Callable[[Any], Any]:
+    """An unpickler's ``persistent_load``: the notebook object a shipped name stands for."""
+
+    def find(name: Any) -> Any:
+        try:
+            return objects[name]
+        except (KeyError, TypeError):
+            raise pickle.UnpicklingError(
+                f"the value names the notebook's object {name!r}, which is no longer known here"
+            ) from None
+
+    return find
 
 
 def share_namespace(

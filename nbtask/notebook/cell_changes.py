@@ -2,9 +2,9 @@
 
 Whether a shipped value changed is told by a digest of its pickled state taken before and
 after the cell (:func:`digests`), or by its key for a value kept on the workers.
-:func:`effects` lists the names to send back; :func:`sent_objects` those of them bound to
-a notebook object the cell was sent and left unchanged, which the notebook binds to its
-own object rather than to a copy.
+:func:`effects` lists the names to send back; :class:`SentObjects` the notebook objects
+the cell was sent and left unchanged, which the notebook binds (as names, or where the
+values sent back hold them) to its own objects rather than to copies.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from nbtask.notebook.shipping import CellSpec
 from nbtask.notebook.worker_shell import BASE_NS
 from nbtask.wire.blobs import Packed
 
-__all__ = ["digest", "digests", "effects", "sent_objects", "state"]
+__all__ = ["SentObjects", "digest", "digests", "effects", "state"]
 
 _IPYTHON_NAMES = frozenset({"_exit_code"})  # besides the history names
 
@@ -38,10 +38,12 @@ def effects(
 ) -> dict[str, Any]:
     """The names the cell bound or changed, and those it deleted.
 
-    ``{"out": {name: value}, "deleted": [name], "sent": {name: shipped name}}``, ``sent``
-    of :func:`sent_objects` (the names of ``out`` the notebook binds to its own objects)
-    if the kernel does (``spec.binds_sent``) and the cell did not fail: a failed cell's
-    names may be bound once the notebook holds no longer what it sent.
+    ``{"out": {name: value}, "deleted": [name], "sent": {name: shipped name}, "inside":
+    SentObjects or None}``: ``sent``, the names of ``out`` the notebook binds to its own
+    objects (see :class:`SentObjects`), if the kernel does (``spec.binds_sent``) and the
+    cell did not fail (a failed cell's names may be bound once the notebook holds no
+    longer what it sent); ``inside``, what names those objects where the values hold
+    them, if the kernel loads them so (``spec.sent_inside``).
     """
     out: dict[str, Any] = {}
     for name, value in namespace.items():
@@ -58,42 +60,84 @@ def effects(
     maybe_deleted = dict.fromkeys([*shipped, *getattr(spec, "deleted", ())])
     deleted = [n for n in maybe_deleted if n not in namespace]
     sent: dict[str, str] = {}
+    inside = None
     if getattr(spec, "binds_sent", False) and not failed:  # False: an older kernel
         names = [n for n in spec.names if n not in references]
-        sent = sent_objects(out, shipped, names, before, namespace)
-    return {"out": out, "deleted": deleted, "sent": sent}
+        objects = SentObjects(shipped, names, before, out, namespace)
+        sent = {name: source for name, value in out.items() if (source := objects.source(value))}
+        # The kernel finds them inside the values too: named there, not copied.
+        inside = objects if getattr(spec, "sent_inside", False) else None
+    return {"out": out, "deleted": deleted, "sent": sent, "inside": inside}
 
 
-def sent_objects(
-    out: Mapping[str, Any],
-    shipped: Mapping[str, Any],
-    names: Iterable[str],
-    before: Mapping[str, bytes],
-    namespace: Mapping[str, Any],
-) -> dict[str, str]:
-    """The names in ``out`` bound to a notebook object the cell was sent and left unchanged.
+class SentObjects:
+    """The notebook's objects a cell was sent and left unchanged, by their shipped names.
 
-    ``{name: shipped name}`` (``alias = small``: ``{"alias": "small"}``), of the shipped
-    ``names``: the notebook binds each to the object it sent under the shipped name, so
+    A name the cell binds to one (``alias = small``) is sent back as the shipped name
+    (:meth:`source`): the notebook binds it to the object it sent under that name, so
     that ``alias is small`` holds there as locally, and nothing is sent back (nor kept on
-    the workers) for it. An object the cell changed in place comes back as a value, and
-    is written into the notebook's own (:mod:`nbtask.notebook.inplace`).
+    the workers) for it. Where the cell's values hold one (``pair = (small, 1)``), it is
+    pickled as a persistent id naming it (:meth:`persistent_id`), which the notebook
+    loads as its own object: ``pair[0] is small``. An object the cell changed in place
+    comes back as a value, and is written into the notebook's own
+    (:mod:`nbtask.notebook.inplace`).
+
+    Parameters
+    ----------
+    shipped
+        The values the cell was sent, by name.
+    names
+        Those of them that are the notebook's objects (not kept values, not datasets).
+    before, out, namespace
+        Their digests before the cell, what it sends back, its namespace after it.
     """
-    sent = {id(shipped[n]): n for n in names}
-    unchanged: dict[str, bool] = {}
-    found: dict[str, str] = {}
-    for name, value in out.items():
-        source = sent.get(id(value))
+
+    def __init__(
+        self,
+        shipped: Mapping[str, Any],
+        names: Iterable[str],
+        before: Mapping[str, bytes],
+        out: Mapping[str, Any],
+        namespace: Mapping[str, Any],
+    ) -> None:
+        # The objects are alive (``shipped`` holds them): their ids stay theirs.
+        self._by_id = {id(shipped[n]): n for n in names}
+        self._before, self._out, self._namespace = before, frozenset(out), namespace
+        self._unchanged: dict[str, bool] = {}
+        #: The shipped names given as persistent ids, in the order first given.
+        self.used: dict[str, None] = {}
+        #: How many persistent ids were given (a value pickled with none holds no object).
+        self.given = 0
+
+    def source(self, value: Any) -> str | None:
+        """The shipped name of ``value`` if it is an object the cell was sent, unchanged."""
+        source = self._by_id.get(id(value))
         if source is None:
-            continue
-        if source not in unchanged:
+            return None
+        if source not in self._unchanged:
             # Still bound to its name and not sent back: the cell's check found it unchanged.
-            bound = source not in out and namespace.get(source) is value
+            bound = source not in self._out and self._namespace.get(source) is value
+            before = self._before
             same = bound or source not in before or digest(value) == before[source]
-            unchanged[source] = same
-        if unchanged[source]:
-            found[name] = source
-    return found
+            self._unchanged[source] = same
+        return source if self._unchanged[source] else None
+
+    def persistent_id(self, value: Any) -> str | None:
+        """``value``'s shipped name, as a pickler's persistent id, if the notebook has it.
+
+        Numbers, ``None`` and booleans are pickled as they are (as cheap, and no cell can
+        tell two equal ones apart but by ``is``).
+        """
+        if type(value) in _ATOMS:
+            return None
+        source = self.source(value)
+        if source is not None:
+            self.used[source] = None
+            self.given += 1
+        return source
+
+
+_ATOMS = frozenset({int, float, bool, type(None), complex})
 
 
 def digests(values: Mapping[str, Any], skip: Container[str] = ()) -> dict[str, bytes]:

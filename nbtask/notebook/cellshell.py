@@ -18,18 +18,16 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from nbtask.brokers.base import Store
-from nbtask.core.context import PARTIAL_RESULT, current_request
-from nbtask.core.holding import HeldValue, Holding
-from nbtask.errors import BlobError, BlobGone, CellError
-from nbtask.notebook import cell_changes, process_state
+from nbtask.core.context import PARTIAL_RESULT
+from nbtask.errors import BlobError, BlobGone
+from nbtask.notebook import cell_changes, cell_values, process_state
 from nbtask.notebook.carried import share_namespace
-from nbtask.notebook.kept import RemoteValue, Sealing, keep, key_by_content
+from nbtask.notebook.kept import RemoteValue, key_by_content
 from nbtask.notebook.module_code import say_which_differ
-from nbtask.notebook.shipping import CellSpec, open_file
+from nbtask.notebook.shipping import CellSpec
 from nbtask.notebook.worker_shell import BASE_NS, cell_logging, worker_shell
 from nbtask.wire.blobs import Packed
-from nbtask.wire.envelope import Envelope, Signer, dumps
+from nbtask.wire.envelope import Envelope
 
 __all__ = ["execute_cell", "prepare_cell"]
 #: Kept values sent back as the references they came as: ``{id(value): (name, reference)}``.
@@ -49,10 +47,11 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
         ``{"values": pickled {name: value}, "names": [...], "skipped": {name: why},
         "deleted": [...], "in_place": [...], "state": {kind: state}}`` (``in_place``: the
         shipped values the cell changed without rebinding them; ``"sent"``: ``{name: shipped
-        name}``, names bound to a notebook object the cell was sent and left unchanged, see
-        :func:`~nbtask.notebook.cell_changes.sent_objects`), and ``"shown"`` (the last
-        expression's value, see :func:`_shown`) when ``spec.shows`` names it; with
-        ``spec.plain`` just ``{name: value}``.
+        name}``, names bound to a notebook object the cell was sent and left unchanged, and
+        ``"sent_inside"``, the shipped names of those the values hold, pickled as persistent
+        ids, see :class:`~nbtask.notebook.cell_changes.SentObjects`), and ``"shown"`` (the
+        last expression's value, see :func:`~nbtask.notebook.cell_values.shown_value`) when
+        ``spec.shows`` names it; with ``spec.plain`` just ``{name: value}``.
 
     Raises
     ------
@@ -115,22 +114,20 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
     )
     out = effects["out"]
     effects["in_place"] = [n for n in notebook_objects if n in out and out[n] is shipped[n]]
-    effects["kept"] = _unchanged_kept(namespace, shipped, before, references, out, rehomed)
-    # Kept values it changed in place: the notebook's other names for them follow.
-    effects["kept_in_place"] = [n for n in references if n in out and out[n] is shipped[n]]
-    _forget_changed(references, out, effects["kept"])
-    effects["held"] = {n: where for n, where in rehomed.items() if n not in effects["out"]}
+    _add_kept(effects, namespace, shipped, before, references, rehomed)
     effects["state"] = _APPLIED.leave(spec.state, state_before)
     if error is not None:
-        raise _from_cell(error, spec.filename, _pack(effects, spec, plain=False))
+        raise _from_cell(error, spec.filename, cell_values.pack(effects, spec, plain=False))
     shown, shows = result.result, getattr(spec, "shows", "")  # "": an older kernel's spec
     if not shows or shown is None or spec.plain:
-        return _pack(effects, spec, plain=spec.plain)
+        return cell_values.pack(effects, spec, plain=spec.plain)
     datasets = datasets or {}
     unchanged = {n: v for n, v in shipped.items() if n not in datasets and namespace.get(n) is v}
-    same = _name_of(shown, [effects["out"], unchanged])
-    packed = _pack(effects, spec, plain=False)
-    packed["shown"] = _shown(shown, same, packed["skipped"], spec)
+    same = cell_values.name_of(shown, [effects["out"], unchanged])
+    packed = cell_values.pack(effects, spec, plain=False)
+    packed["shown"] = cell_values.shown_value(
+        shown, same, packed["skipped"], spec, effects["inside"]
+    )
     return packed
 
 
@@ -167,18 +164,6 @@ def _shipped_state(shell: Any, pickled: bytes) -> Any:
     return state
 
 
-def _blob_store() -> Store:
-    request = current_request()
-    if request is None or request.blob_store is None:
-        raise CellError("values kept on the workers can only be used in a %%task cell")
-    return request.blob_store
-
-
-def _holding() -> Holding | None:
-    request = current_request()
-    return request.holding if request is not None else None
-
-
 def _resolve_kept(shipped: dict[str, Any]) -> tuple[dict[str, list[Any]], dict[str, bytes]]:
     """Replace shipped references to values kept on the workers by the values, in place.
 
@@ -189,7 +174,7 @@ def _resolve_kept(shipped: dict[str, Any]) -> tuple[dict[str, list[Any]], dict[s
     """
     rehomed: dict[str, list[Any]] = {}
     by_content: dict[str, bytes] = {}
-    holding = _holding()
+    holding = cell_values.holding_here()
     first: dict[int, str] = {}  # names bound to one reference get one value, as locally
     for name, reference in shipped.items():
         if not isinstance(reference, RemoteValue):
@@ -211,7 +196,9 @@ def _resolve_kept(shipped: dict[str, Any]) -> tuple[dict[str, list[Any]], dict[s
             continue
         digests: dict[str, str] = {}  # a sealed value's, checked as it is read
         try:
-            shipped[name] = reference.load(_blob_store().get_blob, _signer(), digests)
+            shipped[name] = reference.load(
+                cell_values.blob_store().get_blob, cell_values.cell_signer(), digests
+            )
         except BlobError as exc:
             made_by = reference.made_by or "the cell that made it"
             holder = reference.holder or "none"
@@ -223,7 +210,7 @@ def _resolve_kept(shipped: dict[str, Any]) -> tuple[dict[str, list[Any]], dict[s
             ) from None
         content = key_by_content(reference, digests)
         by_content[name] = content.encode()
-        held = _held(name, shipped[name], reference)
+        held = cell_values.held_value(name, shipped[name], reference)
         if reference.sealed:
             held.content_key = functools.partial(str, content)
         if holding is not None and holding.hold(key, held):
@@ -231,13 +218,25 @@ def _resolve_kept(shipped: dict[str, Any]) -> tuple[dict[str, list[Any]], dict[s
     return rehomed, by_content
 
 
-def _signer() -> Signer | None:
-    request = current_request()
-    return request.signer if request is not None else None
+def _add_kept(
+    effects: dict[str, Any],
+    namespace: Mapping[str, Any],
+    shipped: Mapping[str, Any],
+    before: Mapping[str, bytes],
+    references: Mapping[str, RemoteValue],
+    rehomed: Mapping[str, list[Any]],
+) -> None:
+    """Add to ``effects`` what became of the kept values the cell read.
 
-
-def _held(name: str, value: Any, reference: RemoteValue) -> HeldValue:
-    return HeldValue(value, name, reference.size, reference.made_by)
+    ``kept``: those it left unchanged (see :func:`_unchanged_kept`); ``kept_in_place``:
+    those it changed in place (the notebook's other names for them follow); ``held``:
+    those this process holds since (see :func:`_resolve_kept`).
+    """
+    out = effects["out"]
+    effects["kept"] = _unchanged_kept(namespace, shipped, before, references, out, rehomed)
+    effects["kept_in_place"] = [n for n in references if n in out and out[n] is shipped[n]]
+    _forget_changed(references, out, effects["kept"])
+    effects["held"] = {n: where for n, where in rehomed.items() if n not in out}
 
 
 def _forget_changed(
@@ -248,7 +247,7 @@ def _forget_changed(
     The changed value comes back (kept again, under a reference of its own). One bound
     anew but ``unchanged`` (``x = x``) goes back as its reference: it stays held.
     """
-    holding = _holding()
+    holding = cell_values.holding_here()
     for name, reference in references.items():
         held = holding.get(reference.key) if holding is not None else None
         if holding is None or held is None or out.get(name) is not held.value:
@@ -296,138 +295,11 @@ def _drop_changed(
     A retry then loads their store copies: it starts from the values as they were sent, as
     it does from the shipped ones.
     """
-    holding = _holding()
+    holding = cell_values.holding_here()
     for name, reference in references.items():
         changed = cell_changes.state(name, values[name], references) != before[name]
         if holding is not None and changed:
             holding.drop(reference.key)
-
-
-def _keep(name: str, value: Any, packed: Packed, spec: CellSpec) -> RemoteValue:
-    """Keep an assigned value: its live object in this process, and its store copy.
-
-    A value held here has its store copy written after the cell's outcome went out (the
-    notebook's later work on it comes here; a reader of the copy waits for it).
-    """
-    holding = _holding()
-    held_here = holding is not None and holding.budget >= packed.size
-    store, signer = _blob_store(), _signer()
-    # Held here and large, its store copy is written after the outcome went out: its blobs
-    # are named by id and sealed as they are written, so their hash is not on the cell's
-    # path. A smaller copy is written now, hashed: named by content, shared by its copies.
-    sealed = held_here and store.writes_later(packed.size)
-    sealing = Sealing(signer) if sealed and signer is not None else None
-    put = functools.partial(store.put_blobs, later=held_here, seal=sealing)
-    reference = keep(name, value, packed, put, sealed=sealing is not None)
-    reference.made_by = spec.filename
-    if holding is not None and held_here:
-        reference.holder, reference.holder_pid = holding.queue, os.getpid()
-        held = _held(name, value, reference)
-        if sealing is not None:
-            sealing.reference = reference
-            held.content_key = sealing.content_key
-        holding.hold(reference.key, held)
-    return reference
-
-
-def _pack(effects: dict[str, Any], spec: CellSpec, *, plain: bool) -> Any:
-    out: dict[str, Any] = effects["out"]
-    # Bound to a notebook object the cell was sent: the notebook binds them to it.
-    sent: dict[str, str] = {} if plain else effects.get("sent", {})
-    for name in sent:
-        del out[name]
-    skipped = {name: why for name, value in out.items() if (why := open_file(value))}
-    for name in skipped:
-        del out[name]
-    # Pickled as one dict, not from packs of each value: names that share an object
-    # (``b = a``) must still share it in the kernel, as they would locally. A value that
-    # stays here is kept once, whatever the names bound to it: one reference for all.
-    kept = {} if plain else {key: ref for key, (_, ref) in effects.get("kept", {}).items()}
-    blob = None if plain or kept else _packed_whole(out, spec)
-    if blob is None:  # some value may stay here, or cannot be pickled: each packed
-        for name, value in list(out.items()):
-            if id(value) in kept and name not in spec.fetch:
-                out[name] = kept[id(value)]
-                continue
-            try:
-                packed = Packed.of(value)  # large arrays stay uncopied, to travel out of band
-            except Exception as exc:
-                skipped[name] = f"{type(value).__name__} cannot be pickled: {exc}"
-                del out[name]
-                continue
-            if not plain and _stays_here(name, packed.size, spec):
-                out[name] = kept[id(value)] = _keep(name, value, packed, spec)
-        if plain:
-            return out
-        blob = Packed.of(out)
-    changed = effects["state"]
-    try:
-        state = dumps(changed) if changed else process_state.NO_CHANGES
-    except Exception:  # a warnings filter of a class only the worker has, say
-        state = process_state.NO_CHANGES
-    return {
-        "values": blob,
-        "names": sorted([*out, *sent]),
-        "sent": sent,
-        "skipped": skipped,
-        "deleted": effects["deleted"],
-        "held": effects.get("held", {}),
-        # Changed in place, not rebound: the notebook updates its own object, as locally.
-        "in_place": sorted(n for n in effects.get("in_place", ()) if n in out),
-        "kept_in_place": sorted(n for n in effects.get("kept_in_place", ()) if n in out),
-        "state": state,
-    }
-
-
-def _packed_whole(out: Mapping[str, Any], spec: CellSpec) -> Packed | None:
-    """``out`` packed whole if none of its values can stay here, else ``None``.
-
-    No value is kept by name, and the whole is well under the size from which a value is
-    kept (a value alone pickles to no more than the dict holding it, give or take the
-    numbering of shared objects): the usual cell's values, packed once, not twice.
-    """
-    if spec.keep or not out:
-        return None
-    try:
-        packed = Packed.of(out)
-    except Exception:  # one value cannot be pickled: each is, to name it
-        return None
-    threshold = spec.keep_threshold
-    return packed if threshold is None or packed.size < threshold // 2 else None
-
-
-def _name_of(value: Any, scopes: list[Mapping[str, Any]]) -> str | None:
-    """The first name bound to ``value`` itself in ``scopes``, if any."""
-    return next((n for scope in scopes for n, v in scope.items() if v is value), None)
-
-
-def _shown(value: Any, same: str | None, skipped: Mapping[str, str], spec: CellSpec) -> Any:
-    """How the cell's last expression comes back as its ``Out``, as any assigned name would.
-
-    ``("name", n)``: it is the value the notebook's ``n`` holds after the cell (``df`` of
-    a cell ending with ``df``: the same object, as locally, sent once); ``("value",
-    packed)``: the value, or its reference if it stays here (by its size); ``("skipped",
-    why)``: it cannot be pickled, and the notebook shows the display sent for it.
-    """
-    if same is not None:
-        return ("skipped", skipped[same]) if same in skipped else ("name", same)
-    why = open_file(value)
-    if why:
-        return ("skipped", why)
-    try:
-        packed = Packed.of(value)
-    except Exception as exc:
-        return ("skipped", f"{type(value).__name__} cannot be pickled: {exc}")
-    if _stays_here(spec.shows, packed.size, spec):
-        packed = Packed.of(_keep(spec.shows, value, packed, spec))
-    return ("value", packed)
-
-
-def _stays_here(name: str, size: int, spec: CellSpec) -> bool:
-    """Whether an assigned value stays on the workers (``--keep``, or its size)."""
-    if name in spec.fetch:
-        return False
-    return name in spec.keep or (spec.keep_threshold is not None and size >= spec.keep_threshold)
 
 
 #: The worker shell's source file: its frames are left out of a cell's traceback.

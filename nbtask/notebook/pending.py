@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from nbtask.errors import BlobError, TaskRevoked
 from nbtask.notebook import process_state
 from nbtask.notebook.analysis import is_history_name
-from nbtask.notebook.carried import load_values, share_namespace
+from nbtask.notebook.carried import WithObjects, load_values, share_namespace
 from nbtask.notebook.follow import (
     StopPresses,
     cancel_task,
@@ -32,6 +32,7 @@ from nbtask.notebook.follow import (
 from nbtask.notebook.inplace import bring_back
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.remote_errors import local_exception
+from nbtask.wire.blobs import Packed
 from nbtask.wire.envelope import Envelope
 from nbtask.wire.events import State
 
@@ -70,7 +71,8 @@ class CellRun:
     #: How its last expression's value came back (a ``--wait`` cell's ``Out``), if it did.
     shown: Any = None
     #: The notebook's objects it was sent, by name, until it is seen finished: a name the
-    #: cell binds to one of them is bound to it (``alias = small``: ``alias is small``).
+    #: cell binds to one of them is bound to it (``alias = small``: ``alias is small``),
+    #: as are its values that hold one (``pair = (small, 1)``).
     sent: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -288,8 +290,11 @@ class Pending:
 
     def _apply(self, run: CellRun, effects: Mapping[str, Any]) -> None:
         """Write a cell's names and process-wide state changes into this kernel."""
-        arrived = load_values(effects)
-        run.shown = effects.get("shown")
+        # The notebook's objects its values hold: loaded as they are, not as copies.
+        objects = {n: run.sent[n] for n in effects.get("sent_inside", ()) if n in run.sent}
+        arrived = load_values(effects, objects)
+        run.shown = _with_objects(effects.get("shown"), objects)
+        del objects
         known = self._known_references(arrived)
         # No loop variable left holding one of the values: bring_back counts references.
         for kept in [v for v in arrived.values() if isinstance(v, RemoteValue)]:
@@ -403,6 +408,15 @@ def _sent_objects(run: CellRun, names: Mapping[str, str]) -> dict[str, Any]:
     as locally.
     """
     return {name: run.sent[source] for name, source in names.items() if source in run.sent}
+
+
+def _with_objects(shown: Any, objects: Mapping[str, Any]) -> Any:
+    """A ``--wait`` cell's last expression as it came, loaded with ``objects`` when asked."""
+    if objects and isinstance(shown, tuple) and len(shown) == 2 and shown[0] == "value":
+        how, packed = shown
+        if isinstance(packed, Packed):
+            return (how, WithObjects(packed, dict(objects)))
+    return shown
 
 
 def _say(line: str) -> None:

@@ -361,7 +361,8 @@ class Session:
             raise self.pending.interrupted(run, presses) from None
         self.pending.deliver(run, raise_errors=True)
         out = f"Out[{self.shell.execution_count}]"
-        return out_value(run.shown, result, self.shell.user_ns, self.pending.took_kept, out)
+        shown, run.shown = run.shown, None  # nor the notebook's objects it names, once shown
+        return out_value(shown, result, self.shell.user_ns, self.pending.took_kept, out)
 
     # %tasks and status -----------------------------------------------------------------------
     def attach(self, task_id: str, *, show: bool = True) -> TaskView:

@@ -76,6 +76,9 @@ class CellSpec:
         The kernel binds a name the cell binds to an object it was sent, unchanged, to
         its own object: the worker sends the shipped name, not a copy (``False``: an older
         kernel, or a plain cell, which is sent copies).
+    sent_inside : bool
+        The kernel also loads such an object where the values sent back hold it
+        (``pair = (small, 1)``), named there by a persistent id: its shipped name.
     """
 
     source: str
@@ -94,6 +97,7 @@ class CellSpec:
     shows: str = ""
     modules: tuple[tuple[str, str], ...] = ()
     binds_sent: bool = False
+    sent_inside: bool = False
 
 
 _TRANSFORMS_KEPT = 256
@@ -229,6 +233,7 @@ def prepare(
         shows=shows,
         modules=cell_modules(found.imports, values.values()),
         binds_sent=not plain,
+        sent_inside=not plain,
     )
     return spec, blob, found
 

@@ -170,8 +170,13 @@ class SplitValue:
         return sum(part.size for part in self.layout)
 
 
-def _pickle_parts(value: Any) -> tuple[memoryview, list[memoryview]]:
-    """``value`` pickled (cloudpickle, protocol 5): its stream, and its big buffers uncopied."""
+def _pickle_parts(
+    value: Any, persistent_id: Callable[[Any], Any] | None = None
+) -> tuple[memoryview, list[memoryview]]:
+    """``value`` pickled (cloudpickle, protocol 5): its stream, and its big buffers uncopied.
+
+    ``persistent_id``: as :meth:`pickle.Pickler.persistent_id` (objects named, not pickled).
+    """
     buffers: list[memoryview] = []
 
     def keep_out(buffer: pickle.PickleBuffer) -> bool:
@@ -186,7 +191,10 @@ def _pickle_parts(value: Any) -> tuple[memoryview, list[memoryview]]:
         return False
 
     stream = io.BytesIO()
-    Pickler(stream, protocol=5, buffer_callback=keep_out).dump(value)
+    pickler = Pickler(stream, protocol=5, buffer_callback=keep_out)
+    if persistent_id is not None:
+        pickler.persistent_id = persistent_id
+    pickler.dump(value)
     return stream.getbuffer(), buffers
 
 
@@ -229,9 +237,14 @@ class Packed:
         self.buffers = list(buffers)
 
     @classmethod
-    def of(cls, value: Any) -> Packed:
-        """Pickle ``value``; raises whatever pickling raises."""
-        stream, buffers = _pickle_parts(value)
+    def of(cls, value: Any, persistent_id: Callable[[Any], Any] | None = None) -> Packed:
+        """Pickle ``value``; raises whatever pickling raises.
+
+        ``persistent_id``: what names an object the other side has already, instead of
+        pickling it (:meth:`pickle.Pickler.persistent_id`); :meth:`load` is then given
+        what finds it there.
+        """
+        stream, buffers = _pickle_parts(value, persistent_id)
         return cls(bytes(stream), buffers)
 
     @property
@@ -239,13 +252,33 @@ class Packed:
         """The pickled size, buffers included."""
         return len(self.stream) + sum(memoryview(b).nbytes for b in self.buffers)
 
-    def load(self) -> Any:
-        """The value (only call on a ``Packed`` that came in a verified message)."""
-        return pickle.loads(self.stream, buffers=[_writable(b) for b in self.buffers])
+    def load(self, persistent_load: Callable[[Any], Any] | None = None) -> Any:
+        """The value (only call on a ``Packed`` that came in a verified message).
+
+        ``persistent_load``: the object each persistent id the value was pickled with
+        names (:meth:`pickle.Unpickler.persistent_load`).
+        """
+        buffers = [_writable(b) for b in self.buffers]
+        if persistent_load is None:
+            return pickle.loads(self.stream, buffers=buffers)
+        return _Unpickler(io.BytesIO(self.stream), buffers, persistent_load).load()
 
     def __reduce_ex__(self, protocol: object) -> tuple[Any, ...]:
         buffers = [pickle.PickleBuffer(b) for b in self.buffers]
         return (_unpack, (self.stream, *buffers))
+
+
+class _Unpickler(pickle.Unpickler):
+    """An unpickler that finds what persistent ids name through ``find``."""
+
+    def __init__(
+        self, file: io.BytesIO, buffers: Sequence[Buffer], find: Callable[[Any], Any]
+    ) -> None:
+        super().__init__(file, buffers=buffers)
+        self._find = find
+
+    def persistent_load(self, pid: Any) -> Any:
+        return self._find(pid)
 
 
 def _unpack(stream: Buffer, *buffers: Buffer) -> Packed:

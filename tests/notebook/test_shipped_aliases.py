@@ -72,6 +72,54 @@ def test_a_name_bound_to_a_large_shipped_array_is_that_array_and_nothing_is_kept
     assert run(ip, "alias2 is big, float(alias2[0])") == (True, -1.0)
 
 
+@pytest.mark.parametrize(
+    ("make", "hold", "read"),
+    [
+        ("small = [1, 2]", "pair = (small, 1)", "pair[0]"),
+        ("small = [1, 2]", "d = {'k': small}", "d['k']"),
+        ("small = [1, 2]", "nested = [[0, small]]", "nested[0][1]"),
+        ("small = ('a', 'b')", "seen = {small}", "next(iter(seen))"),
+        ("small = {'a': 1}", "import types\nbox = types.SimpleNamespace(item=small)", "box.item"),
+        ("class Box:\n    pass\nsmall = Box()", "boxes = [small, small]", "boxes[1]"),
+    ],
+    ids=["tuple", "dict", "nested-list", "set", "attribute", "object"],
+)
+def test_a_notebook_object_held_inside_a_value_the_cell_sends_back_is_that_object(
+    ip: InteractiveShell, nb: Session, make: str, hold: str, read: str
+) -> None:
+    run(ip, make)
+    task(ip, hold)
+    assert run(ip, f"{read} is small") is True, "the object came back inside as a copy"
+
+
+def test_a_cells_last_expression_holding_a_notebook_object_holds_that_object(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    run(ip, "small = [1, 2]")
+    shown = task(ip, "(small, 1)")
+    assert shown[0] is ip.user_ns["small"], "Out's small is a copy"
+
+
+def test_a_notebook_object_the_cell_changed_comes_back_changed_inside_its_values(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    """Changed in place, it is not named: its new state comes back, written into it."""
+    run(ip, "small = [1, 2]")
+    task(ip, "small.append(3)\nd = {'k': small}")
+    assert run(ip, "d['k'] is small, small") == (True, [1, 2, 3])
+
+
+def test_a_background_cells_value_holds_the_object_it_was_sent_though_the_name_went(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    run(ip, "small = [1, 2]")
+    sent = ip.user_ns["small"]
+    task(ip, "import time\ntime.sleep(1)\npair = (small, 1)", "--out h")
+    run(ip, "del small")  # meanwhile: as locally, pair still holds the object
+    ip.user_ns["h"].result(timeout=30)
+    assert run(ip, "pair")[0] is sent
+
+
 def test_a_name_bound_to_a_shipped_object_the_cell_then_rebinds_is_the_old_object(
     ip: InteractiveShell, nb: Session
 ) -> None:
