@@ -10,6 +10,7 @@ hook — never from the listener thread.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import sys
@@ -72,8 +73,29 @@ class CellRun:
     shown: Any = None
     #: The notebook's objects it was sent, by name, until it is seen finished: a name the
     #: cell binds to one of them is bound to it (``alias = small``: ``alias is small``),
-    #: as are its values that hold one (``pair = (small, 1)``).
+    #: as are its values that hold one (``pair = (small, 1)``). Once it has ended, only
+    #: those its values name are held (see :meth:`ended`).
     sent: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def ended(self, handle: Any) -> None:
+        """Let go of the objects it was sent that its values do not name (a done callback).
+
+        Called on the thread that read its final event, maybe while the main thread
+        delivers it: the objects its values name stay (the main thread may be loading
+        them), the others are dropped from :attr:`sent` in place. A result not loaded yet
+        (a large one, read from the store when delivered) cannot tell: all stay until then.
+        """
+        try:
+            failed = handle.exception(0) is not None  # a failed run binds none of them
+            outcome = None if failed else concurrent.futures.Future.result(handle, 0)
+        except Exception:  # cancelled, say: delivered or not, the objects go then
+            return
+        if not failed and not isinstance(outcome, Mapping):
+            return
+        needed = _named(outcome) if isinstance(outcome, Mapping) else set()
+        sent = self.sent
+        for name in [n for n in sent if n not in needed]:
+            sent.pop(name, None)
 
 
 class Pending:
@@ -115,6 +137,7 @@ class Pending:
         """Track a run; with ``pending`` its names wait for it."""
         self.runs.append(run)
         self._unfinished.append(run)
+        run.handle.add_done_callback(run.ended)
         if pending:
             for name in run.names:
                 earlier = self.owner.get(name)
@@ -408,6 +431,14 @@ def _sent_objects(run: CellRun, names: Mapping[str, str]) -> dict[str, Any]:
     as locally.
     """
     return {name: run.sent[source] for name, source in names.items() if source in run.sent}
+
+
+def _named(effects: Mapping[str, Any]) -> set[str]:
+    """The shipped names a cell's values name: bound to one, or held inside them."""
+    sent = effects.get("sent")
+    inside = effects.get("sent_inside")
+    named = set(sent.values()) if isinstance(sent, Mapping) else set()
+    return named | set(inside) if isinstance(inside, Mapping) else named
 
 
 def _with_objects(shown: Any, objects: Mapping[str, Any]) -> Any:

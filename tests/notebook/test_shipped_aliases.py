@@ -9,9 +9,13 @@ notebook's object. A real IPython shell against the real Redis and worker proces
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 from helpers import cell_run as run
 from helpers import cell_task as task
+from helpers import wait_until
 from IPython.core.interactiveshell import InteractiveShell
 
 from nbtask import Settings
@@ -118,6 +122,30 @@ def test_a_background_cells_value_holds_the_object_it_was_sent_though_the_name_w
     run(ip, "del small")  # meanwhile: as locally, pair still holds the object
     ip.user_ns["h"].result(timeout=30)
     assert run(ip, "pair")[0] is sent
+
+
+@pytest.mark.parametrize(
+    "make",
+    ["class Box:\n    pass\nsmall = Box()", MAKE_BIG.replace("big", "small")],
+    ids=["object", "large-array"],
+)
+def test_a_background_cell_lets_go_of_the_objects_it_was_sent_once_it_ended(
+    ip: InteractiveShell, nb: Session, make: str
+) -> None:
+    """The notebook deleted them while it ran: it holds them no longer than it runs.
+
+    Nothing is run in the notebook after the cell ended (its values are written when a
+    cell next runs): the objects it names are held until then, the others go.
+    """
+    run(ip, make + "\nkept = [3]")
+    gone = weakref.ref(ip.user_ns["small"])
+    task(ip, "import time\ntime.sleep(1)\nn = 1 if small is not None else 0\nk = kept", "--out h")
+    run(ip, "del small")
+    held = ip.user_ns["kept"]
+    ip.user_ns["h"].result(timeout=30)
+    wait_until(lambda: gc.collect() >= 0 and gone() is None, 10, "small to be let go")
+    assert run(ip, "n, k is kept") == (1, True)
+    assert ip.user_ns["k"] is held
 
 
 def test_a_name_bound_to_a_shipped_object_the_cell_then_rebinds_is_the_old_object(
