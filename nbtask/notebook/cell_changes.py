@@ -140,9 +140,20 @@ class SentObjects:
 _ATOMS = frozenset({int, float, bool, type(None), complex})
 
 
-def digests(values: Mapping[str, Any], skip: Container[str] = ()) -> dict[str, bytes]:
-    """The digests of the values a cell may change in place, but those named in ``skip``."""
-    return {n: digest(v) for n, v in values.items() if may_change(v) and n not in skip}
+def digests(
+    values: Mapping[str, Any], skip: Container[str] = (), sizes: dict[str, int] | None = None
+) -> dict[str, bytes]:
+    """The digests of the values a cell may change in place, but those named in ``skip``.
+
+    ``sizes``, if given, is told the pickled size of each (what the notebook holds).
+    """
+    found: dict[str, bytes] = {}
+    for name, value in values.items():
+        if may_change(value) and name not in skip:
+            found[name], size = _digest_and_size(value)
+            if sizes is not None:
+                sizes[name] = size
+    return found
 
 
 def state(name: str, value: Any, references: Mapping[str, RemoteValue]) -> bytes:
@@ -156,13 +167,18 @@ def digest(value: Any) -> bytes:
     A function's state is its attributes (``f.calls += 1``): its code does not change, and
     its globals are values of their own.
     """
+    return _digest_and_size(value)[0]
+
+
+def _digest_and_size(value: Any) -> tuple[bytes, int]:
+    """:func:`digest`, and the size of the pickle it hashed (``b""``, 0: none)."""
     if isinstance(value, types.FunctionType):
         value = vars(value)
     try:
         packed = Packed.of(value)
     except Exception:
-        return b""
+        return b"", 0
     hashed = hashlib.blake2b(packed.stream, digest_size=16)
     for buffer in packed.buffers:
         hashed.update(buffer)
-    return hashed.digest()
+    return hashed.digest(), packed.size

@@ -111,6 +111,12 @@ def pack(effects: dict[str, Any], spec: CellSpec, *, plain: bool) -> Any:
     # (``b = a``) must still share it in the kernel, as they would locally. A value that
     # stays here is kept once, whatever the names bound to it: one reference for all.
     kept = {} if plain else {key: ref for key, (_, ref) in effects.get("kept", {}).items()}
+    # A notebook object the cell changed in place comes back into it (its other holders
+    # see the change, as locally), large as it is: the notebook holds that much already.
+    # Unless it grew by as much as a value kept (``store["x"] = big``): then it is kept,
+    # and the notebook's names for it stand for the kept value.
+    in_place: Mapping[str, int] = effects.get("in_place", {})
+    home = {id(out[n]): in_place[n] for n in in_place if n in out and n not in spec.keep}
     blob = None if plain or kept else _packed_whole(out, spec, named)
     if blob is None:  # some value may stay here, or cannot be pickled: each packed
         for name, value in list(out.items()):
@@ -125,7 +131,8 @@ def pack(effects: dict[str, Any], spec: CellSpec, *, plain: bool) -> Any:
                 skipped[name] = f"{type(value).__name__} cannot be pickled: {exc}"
                 del out[name]
                 continue
-            if plain or not _stays_here(name, packed.size, spec):
+            grown = packed.size - home.get(id(value), 0)
+            if plain or not _stays_here(name, grown if id(value) in home else packed.size, spec):
                 continue
             if inside is not None and inside.given > given:  # kept whole: it names nothing
                 packed = Packed.of(value)

@@ -68,7 +68,8 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
         shipped = loaded
         # A kept value's state is its key by content, known already: it is hashed after
         # the cell only.
-        before = cell_changes.digests(shipped, skip=references)
+        sizes: dict[str, int] = {}  # the pickled size of each, as the notebook holds it
+        before = cell_changes.digests(shipped, skip=references, sizes=sizes)
         before.update(kept_before)
         namespace = shell.user_ns
         namespace.clear()
@@ -85,7 +86,7 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
         carried = {n: namespace[n] for n in share_namespace(namespace, list(shipped))}
         shipped.update({n: namespace[n] for n in shipped if namespace[n] is not shipped[n]})
         shipped.update(carried)
-        before.update(cell_changes.digests(carried))
+        before.update(cell_changes.digests(carried, sizes=sizes))
         # The notebook's own objects (not datasets, not values kept on the workers): one
         # the cell changes without rebinding it is written into the notebook's object.
         notebook_objects = {*spec.names, *carried} - set(references)
@@ -113,7 +114,10 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
         namespace, shipped, before, spec, references, failed=error is not None
     )
     out = effects["out"]
-    effects["in_place"] = [n for n in notebook_objects if n in out and out[n] is shipped[n]]
+    # Changed in place: with the size the notebook holds of each.
+    effects["in_place"] = {
+        n: sizes.get(n, 0) for n in notebook_objects if n in out and out[n] is shipped[n]
+    }
     _add_kept(effects, namespace, shipped, before, references, rehomed)
     effects["state"] = _APPLIED.leave(spec.state, state_before)
     if error is not None:

@@ -11,7 +11,9 @@ object whose state is all in its ``__dict__`` and ``__slots__`` (classes written
 Python: a scikit-learn estimator, a dataclass). Any other (an array whose shape changed, an
 object with state in C, a value kept on the workers) is bound anew, as before; if the old
 object is still referenced besides its name, one line says so, naming the notebook's
-variables that hold it where a cheap look finds them.
+variables that hold it where a cheap look finds them. A value kept on the workers is bound
+to the notebook's other names for the old object too (they stand for the changed value, as
+locally), and only its other holders are named.
 
 The new objects of one cell arrive in one pickle, sharing what they shared on the worker;
 those written into old objects are replaced by the old ones wherever the cell's values
@@ -29,6 +31,7 @@ import weakref
 from collections.abc import Callable, Collection, Iterable, Mapping, MutableMapping
 from typing import Any
 
+from nbtask.notebook.analysis import is_history_name
 from nbtask.notebook.kept import RemoteValue
 
 __all__ = ["bring_back"]
@@ -82,11 +85,24 @@ def bring_back(
 
     for name, update in updates.items():
         update(olds[name], arrived[name], swap)
+    # Kept on the workers (``--keep``): the old object's other names are bound to the
+    # reference too, as locally they would see the change.
+    aliases = {
+        other: arrived[name]
+        for name in why_not
+        if isinstance(arrived[name], RemoteValue)
+        for other in _names_of(namespace, olds[name])
+        if other not in arrived
+    }
     for name, why in why_not.items():
-        # The old object's holders: ``olds``, ``namespace`` and getrefcount's argument.
-        if sys.getrefcount(olds[name]) > 3:
-            say(_stale_line(name, why, _holders(namespace, name, olds[name])))
+        # The old object's holders: ``olds``, ``namespace`` (its other names, rebound
+        # below, aside) and getrefcount's argument.
+        named = sum(1 for other in aliases if namespace[other] is olds[name])
+        if sys.getrefcount(olds[name]) - named > 3:
+            holders = [h for h in _holders(namespace, name, olds[name]) if h not in aliases]
+            say(_stale_line(name, why, holders))
     bound = {name: swap(value) for name, value in arrived.items()}
+    bound.update(aliases)
     written = [arrived[n] for n in updates if arrived[n] is not olds[n]]
     arrived.clear()  # what still holds a new object written into an old one is the cell's
     if any(sys.getrefcount(new) > 3 for new in written):  # ``written``, ``new``, the argument
@@ -345,6 +361,11 @@ def _stale_line(name: str, why: str, holders: Collection[str]) -> str:
         f"nbtask: {name} came back as a new object ({why}): {held} the old one, as it was "
         "before the cell"
     )
+
+
+def _names_of(namespace: Mapping[str, Any], old: Any) -> list[str]:
+    """The notebook's names bound to ``old``, but IPython's history names (``_``, ``_3``)."""
+    return [n for n, value in namespace.items() if value is old and not is_history_name(n)]
 
 
 def _holders(namespace: Mapping[str, Any], name: str, old: Any) -> list[str]:

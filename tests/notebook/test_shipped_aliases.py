@@ -19,6 +19,7 @@ from helpers import wait_until
 from IPython.core.interactiveshell import InteractiveShell
 
 from nbtask import Settings
+from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.session import Session
 
 MAKE_BIG = "import numpy as np\nbig = np.arange(150_000.0)"  # 1.2 MB
@@ -70,10 +71,49 @@ def test_a_name_bound_to_a_large_shipped_array_is_that_array_and_nothing_is_kept
     task(ip, "alias = big")
     assert run(ip, "alias is big") is True, f"alias is {type(ip.user_ns['alias']).__name__}"
     assert held_on_workers(nb) == [], "a copy of the notebook's array was kept on the workers"
-    # Changed in place, it is large and stays on the workers: once, for both names.
-    task(ip, "alias2 = big\nbig[0] = -1.0")
+
+
+@pytest.mark.parametrize(
+    ("change", "after"),
+    [("big[0] = -1.0", (-1.0, 1.0)), ("big += 1.0", (1.0, 2.0))],
+    ids=["item", "augmented"],
+)
+def test_a_large_shipped_array_the_cell_changes_in_place_changes_under_every_name(
+    ip: InteractiveShell, nb: Session, change: str, after: tuple[float, float]
+) -> None:
+    """Locally every name and container holding the array sees the change: here too.
+
+    It is not kept on the workers (the notebook holds it already): its new state is
+    written into the notebook's own array.
+    """
+    run(ip, MAKE_BIG + "\nother = big\nbox = [big]")
+    task(ip, f"alias = big\n{change}")
+    seen = run(ip, "type(big).__name__, big is other, box[0] is big, alias is big")
+    assert seen == ("ndarray", True, True, True), f"big, other, box[0], alias: {seen}"
+    assert run(ip, "float(other[0]), float(box[0][1])") == after
+    assert held_on_workers(nb) == [], "the notebook's array was kept on the workers"
+
+
+def test_a_large_shipped_array_kept_on_the_workers_once_changed_is_so_under_every_name(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    """``--keep`` it: the notebook's other names for it stand for the kept value too."""
+    run(ip, MAKE_BIG + "\nother = big")
+    task(ip, "big[0] = -1.0", "--wait --keep big")
     assert held_on_workers(nb) == ["big"]
-    assert run(ip, "alias2 is big, float(alias2[0])") == (True, -1.0)
+    assert isinstance(ip.user_ns["other"], RemoteValue), "other still holds the old array"
+    assert run(ip, "other is big, float(other[0])") == (True, -1.0)
+
+
+def test_a_shipped_value_that_grew_large_in_place_is_kept_under_every_name(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    """It grew by as much as a kept value: kept, and its other names stand for it too."""
+    run(ip, "store = {}\nother = store")
+    task(ip, "import numpy as np\nstore['x'] = np.arange(300_000.0)")
+    assert held_on_workers(nb) == ["store"]
+    assert isinstance(ip.user_ns["other"], RemoteValue), "other still holds the old dict"
+    assert run(ip, "other is store, float(other['x'][-1])") == (True, 299_999.0)
 
 
 @pytest.mark.parametrize(
