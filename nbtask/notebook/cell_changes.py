@@ -65,8 +65,9 @@ def effects(
         names = [n for n in spec.names if n not in references]
         objects = SentObjects(shipped, names, before, out, namespace)
         sent = {name: source for name, value in out.items() if (source := objects.source(value))}
-        # The kernel finds them inside the values too: named there, not copied.
-        inside = objects if getattr(spec, "sent_inside", False) else None
+        # The kernel finds them inside the values too: named there, not copied (unless
+        # none can be: the pickler then asks nothing of each object it pickles).
+        inside = objects if getattr(spec, "sent_inside", False) and objects.nameable else None
     return {"out": out, "deleted": deleted, "sent": sent, "inside": inside}
 
 
@@ -102,6 +103,8 @@ class SentObjects:
     ) -> None:
         # The objects are alive (``shipped`` holds them): their ids stay theirs.
         self._by_id = {id(shipped[n]): n for n in names}
+        #: Whether any can be named inside the values (see :meth:`persistent_id`).
+        self.nameable = any(type(shipped[n]) not in _ATOMS for n in names)
         self._before, self._out, self._namespace = before, frozenset(out), namespace
         self._unchanged: dict[str, bool] = {}
         #: The shipped names given as persistent ids, in the order first given.

@@ -85,8 +85,8 @@ def bring_back(
 
     for name, update in updates.items():
         update(olds[name], arrived[name], swap)
-    # Kept on the workers (``--keep``): the old object's other names are bound to the
-    # reference too, as locally they would see the change.
+    # Kept on the workers (``--keep``, or it grew large): the old object's other names
+    # are bound to the reference too, as locally they would see the change.
     aliases = {
         other: arrived[name]
         for name in why_not
