@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
+import sys
 from collections.abc import Iterable
 
 __all__ = ["SHELL_NAMES", "CellAnalysis", "analyze", "is_history_name"]
@@ -47,6 +48,10 @@ _HISTORY_NAMES = frozenset({"_", "__", "___", "_i", "_ii", "_iii", "In", "Out", 
 _SCOPE_NODES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
 _COMP_NODES = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
 _MAX_EXPRESSION = 500  # longer strings passed to calls are text, not code
+# Handlers that catch a NameError: ``except NameError``, ``except Exception``, bare.
+_CATCH_NAME_ERROR = frozenset({"NameError", "Exception", "BaseException"})
+# ``"x" in globals()``: a test of whether the notebook defines ``x``.
+_NAMESPACE_CALLS = frozenset({"globals", "locals", "dir", "vars"})
 
 
 def is_history_name(name: str) -> bool:
@@ -86,6 +91,10 @@ class CellAnalysis:
     deleted : tuple of str
         Names a top-level ``del`` statement unbinds: gone from the notebook too if the
         cell ends without them.
+    guarded : tuple of str
+        Those of ``reads`` read only where the cell expects them maybe undefined: in the
+        body of a ``try`` whose handlers catch ``NameError``, or under ``if "x" in
+        globals()``. Shipped when defined, never refused: the cell handles their absence.
     """
 
     reads: tuple[str, ...]
@@ -96,6 +105,7 @@ class CellAnalysis:
     star_imports: tuple[str, ...] = ()
     named_strings: tuple[str, ...] = ()
     deleted: tuple[str, ...] = ()
+    guarded: tuple[str, ...] = ()
 
 
 def analyze(source: str | ast.Module) -> CellAnalysis:
@@ -143,6 +153,7 @@ def _analyze_tree(tree: ast.Module) -> CellAnalysis:
         tuple(scan.star_imports),
         tuple(scan.named_strings),
         tuple(scan.deleted),
+        tuple(n for n in scan.guarded if n not in scan.unguarded),
     )
 
 
@@ -161,6 +172,11 @@ class _Scan(ast.NodeVisitor):
         self.star_imports: dict[str, None] = {}
         self.named_strings: dict[str, None] = {}
         self.deleted: dict[str, None] = {}
+        # Reads where the cell expects a NameError (counted), or tests for one name.
+        self.catching = 0
+        self.tested: list[str] = []
+        self.guarded: dict[str, None] = {}
+        self.unguarded: set[str] = set()
 
     def _load(self, name: str) -> None:
         if any(name in local for local, _ in self.scopes if name not in _):
@@ -169,6 +185,10 @@ class _Scan(ast.NodeVisitor):
             self.deferred.setdefault(name)
         elif name not in self.bound:
             self.reads.setdefault(name)
+            if self.catching or name in self.tested:
+                self.guarded.setdefault(name)
+            else:
+                self.unguarded.add(name)
 
     def _store(self, name: str) -> None:
         if self.scopes and name not in self.scopes[-1][1]:
@@ -272,6 +292,38 @@ class _Scan(ast.NodeVisitor):
         for statement in node.body:
             self.visit(statement)
 
+    def visit_Try(self, node: ast.Try) -> None:
+        self._try(node.body, node.handlers, [*node.handlers, *node.orelse, *node.finalbody])
+
+    if sys.version_info >= (3, 11):
+
+        def visit_TryStar(self, node: ast.TryStar) -> None:
+            self._try(node.body, node.handlers, [*node.handlers, *node.orelse, *node.finalbody])
+
+    def _try(
+        self, body: list[ast.stmt], handlers: list[ast.ExceptHandler], rest: list[ast.AST]
+    ) -> None:
+        catches = any(_catches_name_error(handler.type) for handler in handlers)
+        self.catching += catches
+        for statement in body:
+            self.visit(statement)
+        self.catching -= catches
+        for part in rest:
+            self.visit(part)
+
+    def _branch(self, node: ast.If | ast.IfExp) -> None:
+        self.visit(node.test)
+        name, defined = _defined_test(node.test)
+        for branch, guarded in ((node.body, defined), (node.orelse, not defined)):
+            if name and guarded:
+                self.tested.append(name)
+            for part in branch if isinstance(branch, list) else [branch]:
+                self.visit(part)
+            if name and guarded:
+                self.tested.pop()
+
+    visit_If = visit_IfExp = _branch
+
     def visit_MatchAs(self, node: ast.MatchAs) -> None:
         self.generic_visit(node)
         if node.name:
@@ -338,6 +390,35 @@ class _Scan(ast.NodeVisitor):
         self.scopes.pop()
 
     visit_ListComp = visit_SetComp = visit_DictComp = visit_GeneratorExp = _comprehension
+
+
+def _catches_name_error(handler: ast.expr | None) -> bool:
+    """Whether an ``except`` clause of this type catches a ``NameError``."""
+    if handler is None:
+        return True
+    if isinstance(handler, ast.Tuple):
+        return any(_catches_name_error(element) for element in handler.elts)
+    if isinstance(handler, ast.Attribute):  # builtins.NameError
+        return handler.attr in _CATCH_NAME_ERROR
+    return isinstance(handler, ast.Name) and handler.id in _CATCH_NAME_ERROR
+
+
+def _defined_test(test: ast.expr) -> tuple[str | None, bool]:
+    """``("x", True)`` for ``"x" in globals()``, ``("x", False)`` for ``not in``."""
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1):
+        return None, False
+    left, op, right = test.left, test.ops[0], test.comparators[0]
+    if not (
+        isinstance(left, ast.Constant)
+        and isinstance(left.value, str)
+        and isinstance(op, (ast.In, ast.NotIn))
+        and isinstance(right, ast.Call)
+        and isinstance(right.func, ast.Name)
+        and right.func.id in _NAMESPACE_CALLS
+        and not right.args
+    ):
+        return None, False
+    return left.value, isinstance(op, ast.In)
 
 
 def _names_in_expression(text: str) -> list[str]:

@@ -283,6 +283,8 @@ def _values(
             values[name] = namespace[name]
         elif name in found.late or name in starred or hasattr(builtins, name):
             continue  # read when a function runs (maybe defined by then), or bound by *
+        elif name in found.guarded:
+            continue  # the cell catches the NameError, or tests for the name, itself
         elif name not in found.assigned:
             undefined.append(name)
     # Magics can bind names the analysis cannot see (``%time v = 3``): let the worker judge.

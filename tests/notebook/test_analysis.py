@@ -47,6 +47,41 @@ def test_unpicklable_and_undefined_inputs() -> None:
     assert spec.names == ("ok",) and spec.assigned == ("y",) and blob.load() == {"ok": 1}
 
 
+@pytest.mark.parametrize(
+    "cell",
+    [
+        "try:\n    ghost\nexcept NameError as e:\n    print(e)",
+        "import builtins\ntry:\n    y = ghost\nexcept (KeyError, builtins.NameError):\n    pass",
+        "try:\n    ghost()\nexcept Exception:\n    pass",
+        "try:\n    ghost\nexcept BaseException:\n    pass\nfinally:\n    ok",
+        "try:\n    ghost\nexcept:\n    pass",
+        "if 'ghost' in globals():\n    print(ghost)",
+        "if 'ghost' not in dir():\n    pass\nelse:\n    print(ghost)",
+        "v = ghost if 'ghost' in locals() else ok",
+    ],
+)
+def test_a_name_the_cell_guards_is_shipped_if_defined_and_never_refused(cell: str) -> None:
+    spec, _, found = prepare(cell, cell, {"ok": 1}, filename="c")
+    assert "ghost" in found.guarded and "ghost" not in spec.names
+    spec, blob, _ = prepare(cell, cell, {"ok": 1, "ghost": 2}, filename="c")
+    assert "ghost" in spec.names and blob.load()["ghost"] == 2
+
+
+@pytest.mark.parametrize(
+    "cell",
+    [
+        "try:\n    ghost\nexcept ValueError:\n    pass",
+        "try:\n    pass\nexcept NameError:\n    ghost",
+        "try:\n    ghost\nexcept NameError:\n    pass\nghost",
+        "if 'ghost' in globals():\n    pass\nelse:\n    ghost",
+        "if 'other' in globals():\n    ghost",
+    ],
+)
+def test_an_unguarded_read_of_an_undefined_name_is_still_refused(cell: str) -> None:
+    with pytest.raises(CellError, match="'ghost' is not defined"):
+        prepare(cell, cell, {"ok": 1}, filename="c")
+
+
 def test_large_inputs_are_packed_uncopied_to_travel_out_of_band() -> None:
     """No size ceiling on a cell's inputs: an array's buffer leaves the pickle uncopied."""
     big = np.ones(2_000_000)  # 16 MB

@@ -375,6 +375,21 @@ def test_late_bound_names_star_imports_and_named_strings(ip: InteractiveShell, n
     assert (ip.user_ns["total"], ip.user_ns["more"]) == (6, 13)
 
 
+def test_a_cell_that_handles_an_undefined_name_runs_and_handles_it(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    """As locally: the NameError is raised and caught on the worker, not refused here."""
+    task(ip, "try:\n    undefined_thing\nexcept NameError as e:\n    caught = str(e)")
+    assert ip.user_ns["caught"] == "name 'undefined_thing' is not defined"
+    run(ip, "present = 5")
+    task(ip, "found = [p if 'p' in globals() else None for p in ()]\n"
+             "got = (present if 'present' in globals() else 0,\n"
+             "       absent if 'absent' in dir() else 'no absent')")  # fmt: skip
+    assert ip.user_ns["got"] == (5, "no absent")
+    with pytest.raises(CellNameError, match="'typo' is not defined"):  # read unguarded too
+        task(ip, "try:\n    typo\nexcept NameError:\n    pass\nprint(typo)")
+
+
 def test_refusals_are_one_line_before_anything_is_sent(ip: InteractiveShell, nb: Session) -> None:
     with pytest.raises(CellNameError) as undefined:
         task(ip, "print(nowhere)")
