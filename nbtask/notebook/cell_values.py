@@ -159,6 +159,8 @@ def pack(effects: dict[str, Any], spec: CellSpec, *, plain: bool) -> Any:
         # The notebook objects the values hold, named (it loads them as they are): the
         # names given, those the shown value names too (packed after this).
         "sent_inside": inside.used if inside is not None else {},
+        # The notebook's own modules whose top-level state the cell changed here.
+        "modules_changed": effects.get("modules_changed", []),
     }
 
 

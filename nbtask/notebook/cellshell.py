@@ -20,7 +20,7 @@ from typing import Any
 
 from nbtask.core.context import PARTIAL_RESULT
 from nbtask.errors import BlobError, BlobGone
-from nbtask.notebook import cell_changes, cell_values, process_state
+from nbtask.notebook import cell_changes, cell_values, module_state, process_state
 from nbtask.notebook.carried import share_namespace
 from nbtask.notebook.kept import RemoteValue, key_by_content
 from nbtask.notebook.module_code import say_which_differ
@@ -45,7 +45,9 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
     -------
     dict
         ``{"values": pickled {name: value}, "names": [...], "skipped": {name: why},
-        "deleted": [...], "in_place": [...], "state": {kind: state}}`` (``in_place``: the
+        "deleted": [...], "in_place": [...], "state": {kind: state}, "modules_changed":
+        [...]}`` (``modules_changed``: the notebook's modules whose state the cell changed
+        here, see :mod:`~nbtask.notebook.module_state`; ``in_place``: the
         shipped values the cell changed without rebinding them; ``"sent"``: ``{name: shipped
         name}``, names bound to a notebook object the cell was sent and left unchanged, and
         ``"sent_inside"``, the shipped names of those the values hold, pickled as persistent
@@ -95,10 +97,10 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
         # another backend.
         kernel_state = _shipped_state(shell, spec.state) if spec.state else {}
         state_before = _APPLIED.enter(spec.state, kernel_state, again=attempt > 0)
-        shell.compile.cell_filename = spec.filename
-        shell.compile.line_offset = spec.line_offset
-        shell.displayhook.cell_source = spec.source
-        shell.kernel_transform = (spec.source, getattr(spec, "python", ""))  # "": older kernel
+        modules_before = module_state.snapshot(
+            namespace.values(), [n for n, _ in getattr(spec, "modules", ())]
+        )
+        _name_cell(shell, spec)
         with cell_logging():
             result = shell.run_cell(spec.source, store_history=False)
         error = result.error_before_exec or result.error_in_exec
@@ -120,6 +122,7 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
     }
     _add_kept(effects, namespace, shipped, before, references, rehomed)
     effects["state"] = _APPLIED.leave(spec.state, state_before)
+    effects["modules_changed"] = module_state.changed(modules_before)
     if error is not None:
         raise _from_cell(error, spec.filename, cell_values.pack(effects, spec, plain=False))
     shown, shows = result.result, getattr(spec, "shows", "")  # "": an older kernel's spec
@@ -133,6 +136,14 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
         shown, same, packed["skipped"], spec, effects["inside"]
     )
     return packed
+
+
+def _name_cell(shell: Any, spec: CellSpec) -> None:
+    """Have the shell compile and show the cell under its name and text in the notebook."""
+    shell.compile.cell_filename = spec.filename
+    shell.compile.line_offset = spec.line_offset
+    shell.displayhook.cell_source = spec.source
+    shell.kernel_transform = (spec.source, getattr(spec, "python", ""))  # "": older kernel
 
 
 def prepare_cell(spec: CellSpec) -> None:

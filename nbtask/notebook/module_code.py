@@ -23,7 +23,14 @@ from typing import Any
 
 from nbtask.core.fingerprint import fingerprint_differs, module_fingerprint
 
-__all__ = ["cell_modules", "is_local", "module_name_of", "say_which_differ", "ships_by_value"]
+__all__ = [
+    "cell_modules",
+    "is_local",
+    "is_local_file",
+    "module_name_of",
+    "say_which_differ",
+    "ships_by_value",
+]
 
 _LOCAL: weakref.WeakKeyDictionary[ModuleType, bool] = weakref.WeakKeyDictionary()
 _TOLD: set[str] = set()  # the modules said to differ in this worker process
@@ -127,12 +134,12 @@ def _loaded_under(package: ModuleType) -> Iterator[ModuleType]:
 
 
 def _outside_installed(module: ModuleType) -> bool:
-    path = getattr(module, "__file__", None)
-    if (
-        not path
-        or module.__name__ in ("__main__", "nbtask")
-        or module.__name__ in sys.builtin_module_names
-    ):
+    return is_local_file(module.__name__, getattr(module, "__file__", None))
+
+
+def is_local_file(name: str, path: str | None) -> bool:
+    """Whether module ``name``, loaded from ``path``, is the user's own (:func:`is_local`)."""
+    if not path or name in ("__main__", "nbtask") or name in sys.builtin_module_names:
         return False
     path = os.path.abspath(path)
     installed = {os.path.abspath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}

@@ -122,6 +122,7 @@ class Pending:
         self._on_kept = on_kept
         #: A kept value was ever delivered (so cells are looked at for reads of one).
         self.holds_kept = False
+        self._modules_told: set[str] = set()  # said to be changed on a worker
 
     def kept(self, names: Iterable[str]) -> list[str]:
         """Those of ``names`` bound to values kept on the workers."""
@@ -345,9 +346,22 @@ class Pending:
         skipped.update({n: unknown for n in effects.get("sent", {}) if n not in arrived})
         for name, why in skipped.items():
             self._not_brought_back(run, name, why)
+        self._say_modules_changed(effects.get("modules_changed", ()))
         state = effects.get("state")
         if state and state != process_state.NO_CHANGES:
             self._apply_state(Envelope({}, state).load_body())
+
+    def _say_modules_changed(self, names: Iterable[str]) -> None:
+        """Say once per module that a cell changed its state on a worker, not here."""
+        for name in names:
+            if not isinstance(name, str) or name in self._modules_told:
+                continue
+            self._modules_told.add(name)
+            _say(
+                f"nbtask: the cell changed the state of the notebook's module {name!r} "
+                "(its top-level values) on the worker; such changes stay there and this "
+                "kernel's module is as it was. Return what you need as a variable of the cell"
+            )
 
     def _known_references(self, arrived: dict[str, Any]) -> list[RemoteValue]:
         """Put the notebook's own reference in place of each that stands for the same value.
