@@ -13,16 +13,19 @@ the modules whose state did, for the notebook to say so.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import types
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from nbtask.notebook.cell_changes import digest
 from nbtask.notebook.module_code import is_local, is_local_file
+from nbtask.wire.blobs import Packed
 
 __all__ = ["changed", "snapshot"]
 
+#: Pickled size past which a module's value is told apart by identity only.
+_LARGEST = 16 * 2**20
 # Top-level bindings that are code, not state: a cell redefining them is not looked for.
 _CODE = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type)
 
@@ -66,13 +69,26 @@ def _add(found: dict[str, dict[int, dict[str, Any]]], name: str, space: dict[str
 
 
 def _digest(spaces: Iterable[Mapping[str, Any]]) -> bytes:
-    """A digest of the top-level values that are not code (b"": not picklable)."""
-    state = [
-        {
-            n: v
-            for n, v in list(space.items())
-            if not n.startswith("__") and not isinstance(v, _CODE)
-        }
-        for space in spaces
-    ]
-    return digest(state)
+    """A digest of the top-level values that are not code.
+
+    A value larger than :data:`_LARGEST` pickled (a dataset the module loads) counts by
+    its identity alone: hashing it twice per cell would cost more than the cell, and
+    its rebinding is still seen. One that cannot be pickled counts by identity too.
+    """
+    hashed = hashlib.blake2b(digest_size=16)
+    for space in spaces:
+        for name, value in sorted(space.items(), key=lambda item: item[0]):
+            if name.startswith("__") or isinstance(value, _CODE):
+                continue
+            hashed.update(name.encode() + b"\0")
+            try:
+                packed = Packed.of(value)
+            except Exception:
+                packed = None
+            if packed is None or packed.size > _LARGEST:
+                hashed.update(b"id:%d\0" % id(value))
+                continue
+            hashed.update(packed.stream)
+            for buffer in packed.buffers:
+                hashed.update(buffer)
+    return hashed.digest()
