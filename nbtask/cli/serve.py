@@ -14,6 +14,7 @@ import importlib
 import logging
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import sys
@@ -30,9 +31,15 @@ from nbtask.client.embedded import start_redis_server
 from nbtask.core.datasets import Loader, load_data_spec
 from nbtask.core.task import Task
 from nbtask.errors import ConfigurationError
+from nbtask.settings import ENVIRONMENT, Settings
 from nbtask.worker import Worker
 
 __all__ = ["data_option", "run_cluster", "run_worker"]
+
+#: The settings a client must share with the cluster's workers, beside the broker and the
+#: secret: the key prefix and default queue say where tasks go and records are kept, and
+#: a blob directory is where the workers leave large values for the client to read.
+_SHARED_WITH_CLIENTS = ("key_prefix", "default_queue", "blob_dir")
 
 
 def _import_tasks(specs: Sequence[str]) -> dict[str, Task]:
@@ -181,11 +188,10 @@ def run_cluster(args: argparse.Namespace) -> int:
         )
         if not args.embedded:
             print(worker.banner(), flush=True)
-            print(
-                f"\nConnect a client with:\n  export NBTASK_BROKER={url}\n"
-                f"  export NBTASK_SECRET={secret}\n",
-                flush=True,
+            exports = "".join(
+                f"  export {line}\n" for line in _client_exports(settings, url, secret)
             )
+            print(f"\nConnect a client with:\n{exports}", flush=True)
         return worker.run()
     finally:
         redis_process.send_signal(signal.SIGTERM)
@@ -194,6 +200,23 @@ def run_cluster(args: argparse.Namespace) -> int:
         if args.embedded or not args.dir:
             shutil.rmtree(directory, ignore_errors=True)
             remove_local_blobs(url)
+
+
+def _client_exports(settings: Settings, url: str, secret: str) -> list[str]:
+    """``NAME=value`` for each variable a client needs to reach this cluster's workers.
+
+    The broker and secret, and every setting of :data:`_SHARED_WITH_CLIENTS` the cluster
+    runs with that is not the default: a client with another key prefix or default queue
+    sends where no worker looks, and its task waits for ever.
+    """
+    given = {"broker_url": url, "secret": secret}
+    defaults = Settings()
+    for field in _SHARED_WITH_CLIENTS:
+        value = getattr(settings, field)
+        if value != getattr(defaults, field):
+            given[field] = value
+    env = Settings.from_mapping(given).to_env()
+    return [f"{ENVIRONMENT[field]}={shlex.quote(env[ENVIRONMENT[field]])}" for field in given]
 
 
 def _ready_for_cells(modules: list[str]) -> None:

@@ -6,19 +6,22 @@ from __future__ import annotations
 import os
 import queue
 import re
+import shlex
 import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import psutil
 import pytest
 import redis
 from helpers import exited, processes_mentioning, wait_until
 
-from nbtask import App
+from nbtask import App, Settings
 
 
 def clean_env() -> dict[str, str]:
@@ -67,7 +70,7 @@ class Lines:
 
 CLIENT_SCRIPT = r"""
 import sys, time
-from nbtask import App
+from nbtask import App, Settings
 
 app = App("embedded-test")
 
@@ -208,6 +211,52 @@ def test_foreground_cluster_command(tmp_path: Path) -> None:
     )
     assert not processes_mentioning(directory)
     assert not os.path.exists(directory)
+
+
+def test_foreground_cluster_prints_every_setting_a_client_needs(tmp_path: Path) -> None:
+    blobs = tmp_path / "blobs"
+    env = {
+        **clean_env(),
+        "NBTASK_KEY_PREFIX": "hunt-x",
+        "NBTASK_DEFAULT_QUEUE": "hunt-q",
+        "NBTASK_BLOB_DIR": str(blobs),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nbtask", "cluster", "-c", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        cwd=tmp_path,
+    )
+    out = Lines(proc)
+    try:
+        out.until(r"^Connect a client with:")
+        exports: dict[str, str] = {}
+        while line := out.until(r"^(\s*export .*|\s*)$").group(1).strip():
+            name, _, value = shlex.split(line)[1].partition("=")
+            exports[name] = value
+        assert exports["NBTASK_KEY_PREFIX"] == "hunt-x"
+        assert exports["NBTASK_DEFAULT_QUEUE"] == "hunt-q"
+        assert exports["NBTASK_BLOB_DIR"] == str(blobs)
+
+        # Those lines alone (the client's environment has no other NBTASK_* variable) are
+        # enough: its tasks reach the workers, and a value they leave as a blob comes back.
+        with App("fg", settings=Settings.from_env(exports)) as client:
+
+            @client.task
+            def negate(x: Any) -> Any:
+                return -x
+
+            assert negate.delay(5).get(timeout=20) == -5
+            big = np.ones(1_000_000)  # 8 MB: out of band, through the blob directory
+            assert negate.delay(big).get(timeout=30).sum() == -1_000_000
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0, "".join(out.seen)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(autouse=True)
