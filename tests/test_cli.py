@@ -351,3 +351,51 @@ def test_cancel_queued_running_and_unknown(
     result = run("cancel", "no-such-task", *cli, env={"NBTASK_SECRET": SECRET})
     assert result.returncode == 1
     assert "no-such-task" in one_error_line(result)
+
+
+def test_inspect_log_and_cancel_take_a_unique_id_prefix(
+    app: App, redis_url: str, prefix: str
+) -> None:
+    cli = ("-b", redis_url, "--key-prefix", prefix)
+    env = {"NBTASK_SECRET": SECRET}
+    handle = app.send_task("tests.sample_tasks.add", (2, 3))  # no worker: stays pending
+    app.store.append_journal(handle.id, ["INFO said about it"])
+    short = handle.id[:8]  # as %tasks and the waiting lines show it
+
+    shown = run("inspect", short, *cli, env=env)
+    assert shown.returncode == 0, shown.stderr
+    fields = dict(line.split(": ", 1) for line in shown.stdout.strip().splitlines())
+    assert (fields["id"], fields["state"]) == (handle.id, "PENDING")
+    logged = run("log", short, *cli, env=env)
+    assert logged.returncode == 0, logged.stderr
+    assert logged.stdout == "INFO said about it\n"
+    cancelled = run("cancel", short, *cli, env=env)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert cancelled.stdout == f"{handle.id}: revoked\n"
+    with pytest.raises(nbtask.TaskRevoked):
+        handle.get(timeout=10)
+
+
+def test_an_id_prefix_of_several_tasks_or_none_is_one_error_line(
+    app: App, redis_url: str, prefix: str
+) -> None:
+    cli = ("-b", redis_url, "--key-prefix", prefix)
+    env = {"NBTASK_SECRET": SECRET}
+    for task_id in ("twin-task-a", "twin-task-b"):
+        app.send_task("tests.sample_tasks.add", (2, 3), task_id=task_id)
+    for command in ("inspect", "log", "cancel"):
+        several = run(command, "twin-tas", *cli, env=env)
+        assert several.returncode == 1
+        assert one_error_line(several) == (
+            f"nbtask {command}: 'twin-tas' begins the ids of several tasks (twin-task-a, "
+            "twin-task-b): give more of the id"
+        )
+        none = run(command, "0123456789abcdef", *cli, env=env)
+        assert none.returncode == 1
+        assert "'0123456789abcdef' in the result store, nor one whose id begins with it" in (
+            one_error_line(none)
+        )
+        short = run(command, "twin", *cli, env=env)  # fewer than 8 characters: no prefix
+        assert short.returncode == 1
+        assert "nor one whose id" not in one_error_line(short)
+    assert run("cancel", "twin-task-a", *cli, env=env).returncode == 0  # the whole id

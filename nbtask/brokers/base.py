@@ -121,6 +121,9 @@ class Store(Protocol):
     def get_record(self, task_id: str) -> TaskRecord | None:
         """A task's record; ``None`` when unknown or expired."""
 
+    def task_ids_starting(self, start: str, limit: int) -> list[str]:
+        """Up to ``limit`` ids of kept records that begin with ``start``, sorted."""
+
     def start(self, task_id: str, by: StartBy, *, redelivered: bool = False) -> str:
         """The start check: ``"OK"`` (now STARTED by ``by``) or the state forbidding it."""
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -133,6 +134,21 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisChannels):
             except ResponseError:  # WRONGTYPE: not a record nbtask wrote
                 return None
         return TaskRecord.parse(fields)
+
+    def task_ids_starting(self, start: str, limit: int) -> list[str]:
+        """Up to ``limit`` ids of kept records that begin with ``start``, sorted.
+
+        A walk over the whole keyspace (``SCAN``): for an id a user typed, not for sends.
+        """
+        pattern = _glob_escaped(self.record_key(start)) + "*"
+        head = len(self.record_key(""))
+        found: set[str] = set()
+        with self.link.translate_errors():
+            for key in self.link.redis.scan_iter(match=pattern, count=1000):
+                found.add(key.decode("utf-8", "replace")[head:])
+                if len(found) >= limit:
+                    break
+        return sorted(found)
 
     def pending_command(
         self, task_id: str, queue: str, fields: RecordFields, member: bytes = b"", due: float = 0.0
@@ -453,3 +469,8 @@ def _member(task_id: str, later: tuple[bytes, float] | None) -> tuple[bytes, flo
     if later is None or not later[0]:
         return b"", 0.0
     return task_id.encode() + b":" + later[0], later[1]
+
+
+def _glob_escaped(text: str) -> str:
+    """``text`` as a ``SCAN MATCH`` pattern matching only itself (a key prefix may hold ``*``)."""
+    return re.sub(r"([\\*?\[\]])", r"\\\1", text)

@@ -24,6 +24,7 @@ from nbtask.errors import NbtaskError
 __all__ = ["main"]
 
 EXIT_USAGE = 2
+_TASK_ID_HELP = "the task's id, or a unique prefix of it (8 characters or more)"
 # Options of ``celery worker`` a migrating user passes by habit (``-l`` is understood).
 _CELERY_WORKER_OPTIONS = {"-n", "--hostname", "-P", "--pool", "--autoscale", "-E", "-B", "--beat"}
 _CELERY_WORKER_OPTIONS |= {"-O", "-Ofair", "-D", "--detach", "--max-tasks-per-child"}
@@ -139,7 +140,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
 
     cancel = sub.add_parser("cancel", help="revoke a task: never start it, or stop it running")
     broker_options(cancel)
-    cancel.add_argument("task_id")
+    cancel.add_argument("task_id", help=_TASK_ID_HELP)
     cancel.add_argument(
         "--grace",
         type=functools.partial(seconds, zero=True),
@@ -161,14 +162,14 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
 
     inspect = sub.add_parser("inspect", help="show a task's stored state")
     broker_options(inspect)
-    inspect.add_argument("task_id")
+    inspect.add_argument("task_id", help=_TASK_ID_HELP)
     inspect.set_defaults(run=run_inspect)
 
     journal = sub.add_parser(
         "log", help="show what workers said about a task (handler output, retries)"
     )
     broker_options(journal)
-    journal.add_argument("task_id")
+    journal.add_argument("task_id", help=_TASK_ID_HELP)
     journal.set_defaults(run=run_log)
 
     run = sub.add_parser(

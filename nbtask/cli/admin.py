@@ -15,13 +15,14 @@ from nbtask._text import printable
 from nbtask.brokers import Store, open_broker
 from nbtask.cli.options import queue_names, settings_for
 from nbtask.client.app import App
+from nbtask.client.reattach import journal_of, resolve_task_id
 from nbtask.core.holding import is_holder_queue
-from nbtask.errors import ConfigurationError, NbtaskError
+from nbtask.errors import ConfigurationError, NbtaskError, TaskNotFound
 from nbtask.settings import Settings
 from nbtask.wire.envelope import Signer
 from nbtask.wire.events import Event, EventType, State
 from nbtask.wire.holdings import Holdings, holdings_lines
-from nbtask.wire.records import WorkerInfo
+from nbtask.wire.records import TaskRecord, WorkerInfo
 
 __all__ = ["run_cancel", "run_inspect", "run_log", "run_purge", "run_status"]
 
@@ -62,13 +63,28 @@ def run_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_id(store: Store, args: argparse.Namespace) -> str:
+    """The id of the task the command names: its id, or a unique prefix of it."""
+    return resolve_task_id(store, args.task_id, settings_for(args).result_ttl)
+
+
 def run_inspect(args: argparse.Namespace) -> int:
     """``nbtask inspect TASK_ID``: a task's stored state."""
-    record = _read_store(args, lambda store: store.get_record(args.task_id))
-    if record is None:
-        print(f"nbtask inspect: no task {args.task_id!r} in the result store", file=sys.stderr)
+
+    def read(store: Store) -> tuple[str, TaskRecord | None]:
+        task_id = _task_id(store, args)
+        return task_id, store.get_record(task_id)
+
+    try:
+        task_id, record = _read_store(args, read)
+    except TaskNotFound as exc:
+        print(f"nbtask inspect: {exc}", file=sys.stderr)
+        return 1
+    if record is None:  # expired since
+        print(f"nbtask inspect: no task {task_id!r} in the result store", file=sys.stderr)
         return 1
     fields = {
+        "id": task_id,
         "name": record.name,
         "state": record.state.value if record.state is not None else "",
         "worker": record.worker,
@@ -109,7 +125,12 @@ def _why_it_ended(settings: Settings, result: bytes | None) -> str:
 
 def run_log(args: argparse.Namespace) -> int:
     """``nbtask log TASK_ID``: what workers said about a task."""
-    lines = _read_store(args, lambda store: store.read_journal(args.task_id))
+    ttl = settings_for(args).result_ttl
+    try:
+        lines = _read_store(args, lambda store: journal_of(store, args.task_id, ttl))
+    except TaskNotFound as exc:
+        print(f"nbtask log: {exc}", file=sys.stderr)
+        return 1
     if not lines:
         print(f"nbtask log: nothing was logged about task {args.task_id!r}", file=sys.stderr)
         return 1
@@ -123,19 +144,23 @@ def run_cancel(args: argparse.Namespace) -> int:
     settings = settings_for(args)
     app = App("nbtask-cli", settings=settings)
     try:
-        record = app.store.get_record(args.task_id)
-        if record is None:
-            print(f"nbtask cancel: no task {args.task_id!r} in the result store", file=sys.stderr)
+        task_id = _task_id(app.store, args)
+        record = app.store.get_record(task_id)
+        if record is None:  # expired since
+            print(f"nbtask cancel: no task {task_id!r} in the result store", file=sys.stderr)
             return 1
-        if app.revoke(args.task_id, terminate=True, grace=args.grace):
+        if app.revoke(task_id, terminate=True, grace=args.grace):
             print(
-                f"{args.task_id}: revoked"
+                f"{task_id}: revoked"
                 if record.state is not State.STARTED
-                else f"{args.task_id}: running; interrupt sent (kill after {args.grace:g} s)"
+                else f"{task_id}: running; interrupt sent (kill after {args.grace:g} s)"
             )
             return 0
         state = record.state.value if record.state is not None else "unknown"
-        print(f"nbtask cancel: task {args.task_id!r} already finished ({state})", file=sys.stderr)
+        print(f"nbtask cancel: task {task_id!r} already finished ({state})", file=sys.stderr)
+        return 1
+    except TaskNotFound as exc:
+        print(f"nbtask cancel: {exc}", file=sys.stderr)
         return 1
     finally:
         app.close()

@@ -11,7 +11,7 @@ from typing import Any, NoReturn, TypeVar, overload
 
 from nbtask.client.celery_app import NO_CONF, Control
 from nbtask.client.connection import AppConnection
-from nbtask.client.reattach import reattach
+from nbtask.client.reattach import reattach, resolve_task_id
 from nbtask.client.routes import Routes
 from nbtask.client.unsent import give_back, restore_refused, reused_ids
 from nbtask.core.canvas import Call
@@ -325,14 +325,24 @@ class App(AppConnection):
         Events the task already sent are replayed (output included) while they are
         still kept; a finished task's result comes from the result store.
 
+        Parameters
+        ----------
+        task_id
+            The task's id, or a unique prefix of it of 8 characters or more (what
+            ``%tasks`` and other views show).
+
         Raises
         ------
         TaskNotFound
-            No record of the task (a wrong id, or one older than ``result_ttl``).
+            No record of the task (a wrong id, or one older than ``result_ttl``), or
+            several tasks whose ids begin with ``task_id``.
         """
         check_task_id(task_id)
         listener = self._listen()
         existing = listener.get(task_id)
+        if existing is None:
+            task_id = resolve_task_id(self.store, task_id, self.settings.result_ttl)
+            existing = listener.get(task_id)
         if existing is not None:
             return existing
         return reattach(

@@ -10,12 +10,13 @@ from nbtask._text import printable
 from nbtask.brokers import Store
 from nbtask.client.listener import Listener
 from nbtask.core.handle import Client, TaskHandle
+from nbtask.core.options import check_task_id
 from nbtask.errors import NbtaskError, SignatureError, TaskNotFound
 from nbtask.wire.envelope import Signer
 from nbtask.wire.events import FINAL_STATES, Event, EventType, State, decode_event
 from nbtask.wire.records import TaskRecord
 
-__all__ = ["reattach", "settle_from_records"]
+__all__ = ["SHORT_ID_LENGTH", "journal_of", "reattach", "resolve_task_id", "settle_from_records"]
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,52 @@ log = logging.getLogger(__name__)
 #: An outcome is stored a little after it is made, and clocks of hosts differ: one made
 #: up to this long before ``result_ttl`` ago may still be in its record.
 _STORED_LATE_SECONDS = 60.0
+
+
+#: The fewest characters of an id that name its task (what views show of an id): git's and
+#: Docker's unique prefixes, for an id copied from ``%tasks`` or a waiting line.
+SHORT_ID_LENGTH = 8
+_AMBIGUOUS_SHOWN = 5  # the ids an ambiguous prefix's error names
+
+
+def resolve_task_id(store: Store, text: str, result_ttl: float) -> str:
+    """The id of the task ``text`` names: its whole id, or a unique prefix of it.
+
+    An id with a record is itself; otherwise ``text`` of :data:`SHORT_ID_LENGTH` or more
+    characters names the one task whose kept record's id begins with it.
+
+    Raises
+    ------
+    TaskNotFound
+        No task has this id or one beginning with it, or several begin with it.
+    """
+    check_task_id(text)
+    if store.get_record(text) is not None:
+        return text
+    prefix = len(text) >= SHORT_ID_LENGTH
+    found = store.task_ids_starting(text, _AMBIGUOUS_SHOWN + 1) if prefix else []
+    if not found:
+        also = ", nor one whose id begins with it" if prefix else ""
+        raise TaskNotFound(
+            f"no task {text!r} in the result store{also}: the id is wrong, or the task "
+            f"finished more than result_ttl ({result_ttl:.0f} s) ago"
+        )
+    if len(found) > 1:
+        shown = ", ".join(found[:_AMBIGUOUS_SHOWN]) + (
+            ", ..." if len(found) > _AMBIGUOUS_SHOWN else ""
+        )
+        raise TaskNotFound(
+            f"{text!r} begins the ids of several tasks ({printable(shown)}): give more of the id"
+        )
+    return found[0]
+
+
+def journal_of(store: Store, text: str, result_ttl: float) -> list[str]:
+    """What workers said about the task ``text`` names (its id, or a unique prefix of it).
+
+    A journal may outlive its task's record: the one of the id as given is read first.
+    """
+    return store.read_journal(text) or store.read_journal(resolve_task_id(store, text, result_ttl))
 
 
 def reattach(

@@ -232,7 +232,13 @@ class TaskMagics(Magics):  # type: ignore[misc]
             )
 
     @_typed(magic_arguments())
-    @_typed(argument("--attach", metavar="ID", help="re-open a task by id, replaying its output"))
+    @_typed(
+        argument(
+            "--attach",
+            metavar="ID",
+            help="re-open a task by id (or its first 8 characters or more), replaying its output",
+        )
+    )
     @_typed(
         argument(
             "-a",

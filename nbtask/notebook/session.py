@@ -17,9 +17,10 @@ from nbtask._process import interrupts_held
 from nbtask._text import printable, redact_url
 from nbtask.client.app import App
 from nbtask.client.default import default_app, use_as_default
+from nbtask.client.reattach import journal_of, resolve_task_id
 from nbtask.core.holding import is_holder_queue
 from nbtask.core.placement import Moving, holder_queue_for
-from nbtask.errors import CellError
+from nbtask.errors import CellError, TaskNotFound
 from nbtask.notebook import process_state
 from nbtask.notebook.board import Row, TaskBoard, format_row, notebook_group
 from nbtask.notebook.carried import carried_names
@@ -371,6 +372,8 @@ class Session:
         ``app.handle`` replays a finished task's output from its client's event channel
         (while it is kept) and follows a running one live.
         """
+        if task_id not in self.views:  # a prefix of an id (as views show it) names that task
+            task_id = resolve_task_id(self.app.store, task_id, self.app.settings.result_ttl)
         view = self.views.get(task_id)
         if view is None:
             handle = self.app.handle(task_id)
@@ -428,7 +431,10 @@ class Session:
     def log(self, task_id: str | None = None, lines: int = 50) -> str:
         """A task's journal (handler output, retries...), or the embedded cluster's log."""
         if task_id:
-            kept = self.app.store.read_journal(task_id)
+            try:
+                kept = journal_of(self.app.store, task_id, self.app.settings.result_ttl)
+            except TaskNotFound as exc:
+                return str(exc)
             return "\n".join(kept) if kept else f"nothing was logged about task {task_id}"
         cluster = self.app.cluster
         if cluster is None:

@@ -193,6 +193,32 @@ def test_tasks_all_after_a_restart_reattaches_and_replays(
         later.app.close()
 
 
+def test_tasks_attach_and_log_take_the_short_id_views_show(
+    ip: InteractiveShell, nb: Session, settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ip.run_cell_magic("task", "--wait --out h", "print('kept output')\nanswer = 42")
+    task_id = ip.user_ns["h"].id
+    nb.app.store.append_journal(task_id, ["INFO said about it"])
+    short = task_id[:8]
+    assert short in nb.board()
+    from nbtask.notebook.magics import TaskMagics
+
+    # A restarted kernel: a new session with a new client, for the same notebook.
+    later = Session(ip, App("restarted", settings=settings))
+    try:
+        capsys.readouterr()
+        magics = TaskMagics(ip, later)
+        magics.tasks(f"--attach {short}")
+        assert "kept output" in capsys.readouterr().out
+        assert list(later.views) == [task_id]
+        magics.nbtask(f"log {short}")
+        assert capsys.readouterr().out == "INFO said about it\n"
+        magics.nbtask("log 0123456789abcdef")
+        assert "nor one whose id begins with it" in capsys.readouterr().out
+    finally:
+        later.app.close()
+
+
 def test_tasks_after_a_restart_show_each_cells_label_and_run_time(
     ip: InteractiveShell, nb: Session, settings: Settings, access: RawBroker
 ) -> None:

@@ -1,0 +1,58 @@
+"""A task named by a unique prefix of its id (what views show), as git and Docker take one.
+
+``app.handle`` in another process (a restarted kernel) finds the task whose kept record's
+id begins with the prefix; none or several is one clear ``TaskNotFound``. Real Redis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from helpers import WorkerProcess
+
+from nbtask import App, Settings, TaskNotFound
+
+
+def test_handle_takes_a_unique_prefix_of_an_id(
+    app: App, settings: Settings, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    start_worker(concurrency=1)
+    sent = app.send_task("tests.sample_tasks.add", (2, 3))
+    assert sent.get(timeout=15) == 5
+    with App("restarted", settings=settings) as later:  # knows no task of its own
+        handle = later.handle(sent.id[:8])
+        assert handle.id == sent.id
+        assert handle.get(timeout=15) == 5
+        assert later.AsyncResult(sent.id[:12]).id == sent.id
+
+
+def test_a_prefix_of_several_ids_or_none_or_too_short_is_task_not_found(
+    app: App, settings: Settings
+) -> None:
+    for task_id in ("twin-task-a", "twin-task-b"):
+        app.send_task("tests.sample_tasks.add", (2, 3), task_id=task_id)  # no worker: pending
+    with App("restarted", settings=settings) as later:
+        with pytest.raises(TaskNotFound, match=r"several tasks \(twin-task-a, twin-task-b\)"):
+            later.handle("twin-tas")
+        with pytest.raises(TaskNotFound, match="nor one whose id begins with it"):
+            later.handle("twin-task-c")
+        with pytest.raises(TaskNotFound, match=r"^no task 'twin' in the result store: "):
+            later.handle("twin")  # fewer than 8 characters name no task but their own
+        assert later.handle("twin-task-a").id == "twin-task-a"
+        assert later.handle("twin-task-b").id == "twin-task-b"
+
+
+def test_a_key_prefix_with_glob_characters_matches_only_its_own_records(
+    settings: Settings, prefix: str
+) -> None:
+    # Under the test's prefix, so that its keys go with the test's.
+    starred = settings.replace(key_prefix=f"{prefix}:*")
+    with App("other", settings=settings.replace(key_prefix=f"{prefix}:x")) as other:
+        sent = other.send_task("tests.sample_tasks.add", (2, 3))
+    # "<prefix>:*" read as a pattern would match the records of "<prefix>:x" too.
+    starred_app = App("starred", settings=starred)
+    with starred_app, pytest.raises(TaskNotFound, match="nor one whose id begins with it"):
+        starred_app.handle(sent.id[:8])
+    with App("other", settings=settings.replace(key_prefix=f"{prefix}:x")) as later:
+        assert later.handle(sent.id[:8]).id == sent.id
