@@ -59,6 +59,21 @@ def _unquoted(value: str) -> str:
     return value
 
 
+def _asks_for_help(magic: Any, line: str, escape: str = "%") -> bool:
+    """Print ``magic``'s usage if its line asks for it (``-h``/``--help``); say whether it did.
+
+    IPython's magic parsers have no help option (``%tasks?`` shows the same text): without
+    this, ``--help`` would be an unknown argument, or a missing ``command`` of ``%nbtask``.
+    """
+    # The substring first: every %%task line passes here, and splitting one costs.
+    if "-h" not in line or not {"-h", "--help"} & set(arg_split(line)):
+        return False
+    text: str = magic.parser.format_help()
+    head = "::\n\n  %"  # IPython's usage line, a reST code block: as argparse prints it
+    print(f"usage: {escape}{text.removeprefix(head)}" if text.startswith(head) else text, end="")
+    return True
+
+
 #: The options that take a value, and those of them given once per name.
 _VALUED = frozenset({"-q", "--queue", "-t", "--timeout", "-r", "--retries", "-o", "--out"})
 _PER_NAME = ("--keep", "--fetch", "--requires")
@@ -167,6 +182,8 @@ class TaskMagics(Magics):  # type: ignore[misc]
         it changes in place) come back. Without --wait the cell returns at once with a
         live view, and a later cell reading an assigned name waits for it.
         """
+        if _asks_for_help(self.task, line, escape="%%"):
+            return None  # the usage alone: the cell does not run
         # Parsed once per distinct line (argparse takes a good part of a millisecond).
         options = _task_options(line)
         try:
@@ -201,6 +218,8 @@ class TaskMagics(Magics):  # type: ignore[misc]
         ``%nbtask log ID`` shows what workers said about a task after its outcome (its
         handlers' output, retries, redeliveries); ``%nbtask log`` the embedded cluster's log.
         """
+        if _asks_for_help(self.nbtask, line):
+            return
         args = parse_argstring(self.nbtask, line)
         try:
             self._run_command(args)
@@ -256,6 +275,8 @@ class TaskMagics(Magics):  # type: ignore[misc]
         ``--all`` adds the notebook's recent tasks from the result store, including those
         sent before a kernel restart; ``--attach ID`` re-opens any task by id.
         """
+        if _asks_for_help(self.tasks, line):
+            return None
         args = parse_argstring(self.tasks, line)
         if args.attach:
             view = self.session.attach(args.attach)

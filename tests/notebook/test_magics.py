@@ -33,6 +33,27 @@ def test_help_lists_every_flag(ip: InteractiveShell, nb: Session) -> None:
         assert flag in doc
 
 
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_each_magic_prints_its_usage_for_help(
+    ip: InteractiveShell, loaded: Session, flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = ip.run_cell(f"%nbtask {flag}")
+    assert result.success, result.error_in_exec
+    out = capsys.readouterr().out
+    assert out.startswith("usage: %nbtask") and "{connect,status,workers,log}" in out
+    result = ip.run_cell(f"%tasks {flag}")
+    assert result.success, result.error_in_exec
+    out = capsys.readouterr().out
+    assert out.startswith("usage: %tasks") and "--attach ID" in out
+    # With a body: the usage alone, the cell neither run nor sent.
+    result = ip.run_cell(f"%%task --wait {flag}\nran_anyway = 1\n")
+    assert result.success, result.error_in_exec
+    out = capsys.readouterr().out
+    assert out.startswith("usage: %%task") and "--requires DATASET" in out
+    assert "ran_anyway" not in ip.user_ns
+    assert not loaded.pending.runs
+
+
 def test_wait_cell_three_names_in_place_change_and_result(
     ip: InteractiveShell, nb: Session, capsys: pytest.CaptureFixture[str]
 ) -> None:
