@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any
 
@@ -29,6 +30,9 @@ _STORED_LATE_SECONDS = 60.0
 #: The fewest characters of an id that name its task (what views show of an id): git's and
 #: Docker's unique prefixes, for an id copied from ``%tasks`` or a waiting line.
 SHORT_ID_LENGTH = 8
+# A whole id as nbtask makes them (uuid4().hex): never read as a prefix, so that an expired
+# one (a notebook's recent tasks re-attached) costs no walk over the store's keys.
+_WHOLE_ID = re.compile(r"[0-9a-f]{32}")
 _AMBIGUOUS_SHOWN = 5  # the ids an ambiguous prefix's error names
 
 
@@ -36,7 +40,8 @@ def resolve_task_id(store: Store, text: str, result_ttl: float) -> str:
     """The id of the task ``text`` names: its whole id, or a unique prefix of it.
 
     An id with a record is itself; otherwise ``text`` of :data:`SHORT_ID_LENGTH` or more
-    characters names the one task whose kept record's id begins with it.
+    characters (short of a whole id as nbtask makes them) names the one task whose kept
+    record's id begins with it.
 
     Raises
     ------
@@ -46,7 +51,7 @@ def resolve_task_id(store: Store, text: str, result_ttl: float) -> str:
     check_task_id(text)
     if store.get_record(text) is not None:
         return text
-    prefix = len(text) >= SHORT_ID_LENGTH
+    prefix = len(text) >= SHORT_ID_LENGTH and not _WHOLE_ID.fullmatch(text)
     found = store.task_ids_starting(text, _AMBIGUOUS_SHOWN + 1) if prefix else []
     if not found:
         also = ", nor one whose id begins with it" if prefix else ""

@@ -39,6 +39,9 @@ def test_a_prefix_of_several_ids_or_none_or_too_short_is_task_not_found(
             later.handle("twin-task-c")
         with pytest.raises(TaskNotFound, match=r"^no task 'twin' in the result store: "):
             later.handle("twin")  # fewer than 8 characters name no task but their own
+        whole = "0" * 32  # a whole id as nbtask makes them: not a prefix either
+        with pytest.raises(TaskNotFound, match=rf"^no task '{whole}' in the result store: "):
+            later.handle(whole)
         assert later.handle("twin-task-a").id == "twin-task-a"
         assert later.handle("twin-task-b").id == "twin-task-b"
 
