@@ -17,10 +17,12 @@ __all__ = [
     "TASK_OPTIONS",
     "check_task_function",
     "check_task_id",
+    "exception_classes",
     "new_task_id",
     "parse_rate",
     "positive",
     "queue_name",
+    "retry_kwargs",
     "seconds",
     "validate_options",
 ]
@@ -41,17 +43,25 @@ TASK_OPTIONS = frozenset(
         "retry_backoff_max",
         "retry_jitter",
         "autoretry_for",
+        "dont_autoretry_for",
+        "retry_kwargs",
+        "throws",
         "rate_limit",
         "time_limit",
         "soft_time_limit",
         "serializer",
         "reject_on_worker_lost",
         "priority",
+        "compression",
         "backend",
         "requires",
         "typing",
+        "track_started",
+        "store_errors_even_if_ignored",
     }
 )
+#: What ``retry_kwargs`` may hold: the keywords of ``Task.retry`` an autoretry passes on.
+_RETRY_KWARGS = ("countdown", "eta", "max_retries")
 _RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 NO_PRIORITY = (
     "priority is not supported: each nbtask queue is served first in, first out, on "
@@ -94,25 +104,12 @@ def validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
         attrs["rate_limit"] = parse_rate(attrs["rate_limit"])
     if "requires" in attrs:
         attrs["requires"] = dataset_names(attrs["requires"])
-    max_retries = attrs.get("max_retries")
-    if max_retries is not None and (not isinstance(max_retries, int) or max_retries < 0):
-        raise ConfigurationError(
-            f"max_retries must be a whole number >= 0 or None, got {max_retries!r}"
-        )
-    autoretry = attrs.get("autoretry_for", ())
-    autoretry = tuple(autoretry) if isinstance(autoretry, (list, tuple)) else (autoretry,)
-    if not all(isinstance(e, type) and issubclass(e, BaseException) for e in autoretry):
-        raise ConfigurationError(
-            f"autoretry_for takes exception classes, got {options['autoretry_for']!r}"
-        )
-    if "autoretry_for" in attrs:
-        attrs["autoretry_for"] = autoretry
-    if "serializer" in attrs and attrs["serializer"] not in ("cloudpickle", "json"):
-        raise ConfigurationError(
-            f"serializer must be 'cloudpickle' or 'json', got {attrs['serializer']!r}"
-        )
-    if attrs.pop("priority", None) is not None:
-        raise ConfigurationError(NO_PRIORITY)
+    for name in ("autoretry_for", "dont_autoretry_for", "throws"):
+        if name in attrs:
+            attrs[name] = exception_classes(name, attrs[name])
+    if "retry_kwargs" in attrs:
+        attrs["retry_kwargs"] = retry_kwargs(attrs["retry_kwargs"])
+    _refuse_unsupported(attrs)
     if "backend" in attrs:
         backend = attrs.pop("backend")
         if backend not in (None, False, True):
@@ -123,8 +120,55 @@ def validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return attrs
 
 
-_BOOLS = ("bind", "acks_late", "retry_jitter", "typing")
-_OPTIONAL_BOOLS = ("ignore_result", "reject_on_worker_lost")
+def _refuse_unsupported(attrs: dict[str, Any]) -> None:
+    """Refuse a serializer nbtask lacks, and a priority or a compression, saying why."""
+    if "serializer" in attrs and attrs["serializer"] not in ("cloudpickle", "json"):
+        raise ConfigurationError(
+            f"serializer must be 'cloudpickle' or 'json', got {attrs['serializer']!r}"
+        )
+    if attrs.pop("priority", None) is not None:
+        raise ConfigurationError(NO_PRIORITY)
+    if attrs.pop("compression", None) is not None:
+        raise ConfigurationError(
+            "compression is not supported: nbtask does not compress messages; a large "
+            "argument or result travels as blobs, outside the message"
+        )
+
+
+def exception_classes(name: str, value: object) -> tuple[type[BaseException], ...]:
+    """``value`` (one exception class, or a list or tuple of them) as a tuple; else an error."""
+    classes = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    if not all(isinstance(e, type) and issubclass(e, BaseException) for e in classes):
+        raise ConfigurationError(f"{name} takes exception classes, got {value!r}")
+    return classes
+
+
+def retry_kwargs(value: object) -> dict[str, Any]:
+    """Celery's ``retry_kwargs``: what an autoretry passes to ``retry()``, checked now."""
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(
+            f"retry_kwargs takes a dict of retry() keywords (e.g. {{'max_retries': 5, "
+            f"'countdown': 2}}), got {value!r}"
+        )
+    unknown = sorted(set(value) - set(_RETRY_KWARGS))
+    if unknown:
+        raise ConfigurationError(
+            f"retry_kwargs: unknown retry() keyword(s) {', '.join(map(str, unknown))}; "
+            f"an autoretry passes on {', '.join(_RETRY_KWARGS)}"
+        )
+    kwargs = dict(value)
+    if kwargs.get("countdown") is not None:
+        kwargs["countdown"] = seconds("retry_kwargs' countdown", kwargs["countdown"])
+    limit = kwargs.get("max_retries")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+        raise ConfigurationError(
+            f"retry_kwargs' max_retries must be a whole number >= 0 or None, got {limit!r}"
+        )
+    return kwargs
+
+
+_BOOLS = ("bind", "acks_late", "retry_jitter", "typing", "track_started")
+_OPTIONAL_BOOLS = ("ignore_result", "reject_on_worker_lost", "store_errors_even_if_ignored")
 _OPTIONAL_STRINGS = ("name",)
 
 
@@ -142,6 +186,11 @@ def _check_types(attrs: Mapping[str, Any]) -> None:
             raise ConfigurationError(f"{name} must be a non-empty string, got {value!r}")
     if attrs.get("queue") is not None:
         queue_name(attrs["queue"], "queue")
+    max_retries = attrs.get("max_retries")
+    if max_retries is not None and (not isinstance(max_retries, int) or max_retries < 0):
+        raise ConfigurationError(
+            f"max_retries must be a whole number >= 0 or None, got {max_retries!r}"
+        )
     backoff = attrs.get("retry_backoff")
     if backoff is not None and not isinstance(backoff, (bool, int, float)):
         raise ConfigurationError(f"retry_backoff must be True/False or seconds, got {backoff!r}")

@@ -88,6 +88,14 @@ class Task:
     retry_backoff_max: ClassVar[float] = 600.0
     retry_jitter: ClassVar[bool] = True
     autoretry_for: ClassVar[tuple[type[BaseException], ...]] = ()
+    #: Exceptions never retried automatically, even if ``autoretry_for`` lists a base class.
+    dont_autoretry_for: ClassVar[tuple[type[BaseException], ...]] = ()
+    #: The keywords an automatic retry passes to :meth:`retry` (``max_retries``,
+    #: ``countdown``, ``eta``); a ``retry_backoff`` delay wins over ``countdown``.
+    retry_kwargs: ClassVar[Mapping[str, Any]] = {}
+    #: Expected exceptions: a failure with one is a FAILURE as any other, but the worker
+    #: logs it in one line at INFO, without its traceback, instead of at ERROR.
+    throws: ClassVar[tuple[type[BaseException], ...]] = ()
     #: Tasks per second on one worker (parsed from ``"10/s"``, ``"100/m"``, ``"1000/h"``).
     rate_limit: ClassVar[float | None] = None
     time_limit: ClassVar[float | None] = None
@@ -98,6 +106,12 @@ class Task:
     reject_on_worker_lost: ClassVar[bool | None] = None
     #: ``False`` keeps no record at all in the result store (the client is still told).
     store_result: ClassVar[bool] = True
+    #: Celery's: accepted, changes nothing. An ``ignore_result`` task's failure (state,
+    #: error and traceback) is always stored; only a success's value is left out.
+    store_errors_even_if_ignored: ClassVar[bool | None] = None
+    #: Celery's: accepted, changes nothing. Every task reports ``STARTED`` when a worker
+    #: begins it; the client is told at no cost beyond the event itself.
+    track_started: ClassVar[bool] = True
     #: Named datasets the task receives from its worker as keyword arguments; it is sent
     #: only to workers holding them (see :mod:`nbtask.core.datasets`).
     requires: ClassVar[tuple[str, ...]] = ()

@@ -47,6 +47,8 @@ from nbtask.worker.outbox import Outbox, TaskStream
 from nbtask.worker.settle import (
     FollowUps,
     Outcome,
+    autoretries,
+    autoretry_kwargs,
     call_handler,
     exception_info,
     failure_event,
@@ -406,17 +408,13 @@ class Child:
             reason = {"reason": "terminated"}
             event = Event(EventType.REVOKED, message.id, seq, reason, run=message.run)
             return Outcome(event, revoked_body(exc), exc=exc)
-        if (
-            not isinstance(exc, Retry)
-            and task.autoretry_for
-            and isinstance(exc, task.autoretry_for)
-        ):
+        if autoretries(task, exc):
             try:
-                task.retry(exc=exc)
+                task.retry(exc=exc, **autoretry_kwargs(task))
             except BaseException as decided:
                 exc = decided
         if not isinstance(exc, Retry):
-            return self._failed(message, exc, self.outbox.end())
+            return self._failed(message, exc, self.outbox.end(), task)
         seq = self.outbox.end()
         cause = exc.exc if exc.exc is not None else exc
         data = {"reason": str(cause), "retries": message.retries + 1, "eta": time.time() + exc.when}
@@ -424,8 +422,10 @@ class Child:
         outcome.einfo, outcome.retry_in = exception_info(cause), exc.when
         return outcome
 
-    def _failed(self, message: TaskMessage, exc: BaseException, seq: int) -> Outcome:
-        return failure_outcome(message, exc, seq, self._whoami)
+    def _failed(
+        self, message: TaskMessage, exc: BaseException, seq: int, task: Task | None = None
+    ) -> Outcome:
+        return failure_outcome(message, exc, seq, self._whoami, task)
 
     # Settle ------------------------------------------------------------------------------------
     def _settle(

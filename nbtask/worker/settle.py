@@ -19,7 +19,7 @@ from nbtask.brokers import Delivery, Transport
 from nbtask.core.canvas import Callbacks, Signature
 from nbtask.core.context import PARTIAL_RESULT
 from nbtask.core.task import ExceptionInfo, Task
-from nbtask.errors import NbtaskError, SerializationError
+from nbtask.errors import NbtaskError, Retry, SerializationError
 from nbtask.wire.blobs import argument_keeper, blob_sizes, parse_layout
 from nbtask.wire.envelope import Buffer, Signer, dumps
 from nbtask.wire.events import FINAL_SEQ, FINAL_STATES, Event, EventType, Run, State
@@ -31,6 +31,8 @@ from nbtask.worker.subtasks import SubtaskPublisher
 __all__ = [
     "FollowUps",
     "Outcome",
+    "autoretries",
+    "autoretry_kwargs",
     "call_handler",
     "exception_info",
     "failure_body",
@@ -110,11 +112,49 @@ def success_outcome(
 
 
 def failure_outcome(
-    message: TaskMessage, exc: BaseException, seq: int, whoami: Mapping[str, Any]
+    message: TaskMessage,
+    exc: BaseException,
+    seq: int,
+    whoami: Mapping[str, Any],
+    task: Task | None = None,
 ) -> Outcome:
-    """The outcome of a task that raised ``exc``."""
+    """The outcome of a task that raised ``exc``; the worker's log says so.
+
+    An exception ``task`` expects (its ``throws``) is logged in one line at INFO, without
+    its traceback; any other at ERROR, with the traceback from the task's code.
+    """
     event = failure_event(message.id, seq, exc, whoami, run=message.run)
+    data = event.data
+    kind = str(data["etype"]).removeprefix("builtins.")
+    said = f"task {message.name}[{message.id}] raised {kind}: {data['evalue']}"
+    if task is not None and task.throws and isinstance(exc, task.throws):
+        log.info("%s (expected: in its throws)", said)
+    else:
+        log.error("%s\n%s", said, str(data["traceback"]).rstrip() or "(no traceback)")
     return Outcome(event, failure_body(exc), exc=exc, einfo=exception_info(exc))
+
+
+def autoretries(task: Task, exc: BaseException) -> bool:
+    """Whether ``exc`` retries ``task`` by itself: ``autoretry_for`` less ``dont_autoretry_for``.
+
+    A ``Retry`` (``raise self.retry()``) is a retry already.
+    """
+    if isinstance(exc, Retry) or not task.autoretry_for:
+        return False
+    return isinstance(exc, task.autoretry_for) and not isinstance(exc, task.dont_autoretry_for)
+
+
+def autoretry_kwargs(task: Task) -> dict[str, Any]:
+    """What an automatic retry passes to ``task.retry()``: its ``retry_kwargs``.
+
+    With ``retry_backoff`` the backoff decides the delay, as in Celery (whose autoretry
+    sets ``countdown`` to the backoff's).
+    """
+    kwargs = dict(task.retry_kwargs)
+    if task.retry_backoff:
+        kwargs.pop("countdown", None)
+        kwargs.pop("eta", None)
+    return kwargs
 
 
 def exception_info(exc: BaseException) -> ExceptionInfo:

@@ -34,7 +34,7 @@ def test_ignore_result_client_still_learns_success_store_keeps_no_result(
     def fire_and_forget(x: int) -> int:
         return x + 1
 
-    @app.task(ignore_result=True)
+    @app.task(ignore_result=True, store_errors_even_if_ignored=True)  # Celery's spelling
     def fails_anyway() -> None:
         raise ValueError("still reported")
 
@@ -45,7 +45,8 @@ def test_ignore_result_client_still_learns_success_store_keeps_no_result(
     assert record.state == "SUCCESS"
     assert _no_value_kept(app, record)
 
-    # Failures are still stored: ignore_result is about return values.
+    # Failures are still stored: ignore_result is about return values (as Celery's
+    # store_errors_even_if_ignored=True; nbtask stores them without it too).
     bad = fails_anyway.delay()
     with pytest.raises(ValueError, match="still reported"):
         bad.get(timeout=10)

@@ -43,6 +43,11 @@ GOOD: dict[str, Any] = {
     "retry_backoff_max": 60,
     "retry_jitter": False,
     "autoretry_for": (ConnectionError, TimeoutError),
+    "dont_autoretry_for": (ConnectionRefusedError,),
+    "retry_kwargs": {"max_retries": 2, "countdown": 1},
+    "throws": (KeyError,),
+    "track_started": True,
+    "store_errors_even_if_ignored": True,
     "rate_limit": "10/s",
     "time_limit": 30,
     "soft_time_limit": 20,
@@ -73,6 +78,11 @@ def test_every_option_is_accepted_and_kept(local: App) -> None:
     assert everything.retry_backoff_max == 60
     assert everything.retry_jitter is False
     assert everything.autoretry_for == (ConnectionError, TimeoutError)
+    assert everything.dont_autoretry_for == (ConnectionRefusedError,)
+    assert everything.retry_kwargs == {"max_retries": 2, "countdown": 1.0}
+    assert everything.throws == (KeyError,)
+    assert everything.track_started is True
+    assert everything.store_errors_even_if_ignored is True
     assert everything.rate_limit == pytest.approx(10.0)
     assert everything.time_limit == 30
     assert everything.soft_time_limit == 20
@@ -372,3 +382,27 @@ def test_a_process_forked_while_a_task_id_was_made_makes_ids_all_the_same() -> N
         held.release()
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("retry_kwargs", 5, r"retry_kwargs takes a dict of retry\(\) keywords"),
+        ("retry_kwargs", {"exc": ValueError()}, r"unknown retry\(\) keyword\(s\) exc"),
+        ("retry_kwargs", {"countdown": "soon"}, r"countdown='soon' is not a number"),
+        ("retry_kwargs", {"max_retries": -1}, r"max_retries must be a whole number"),
+        ("throws", "KeyError", r"throws takes exception classes"),
+        ("dont_autoretry_for", [KeyError, 3], r"dont_autoretry_for takes exception classes"),
+        ("track_started", "yes", r"track_started must be True or False"),
+        ("store_errors_even_if_ignored", 1, r"store_errors_even_if_ignored must be True"),
+        ("compression", "zlib", r"compression is not supported: .*travels as blobs"),
+    ],
+)
+def test_celerys_retry_and_result_options_are_checked_when_decorated(
+    local: App, option: str, value: object, message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+
+        @local.task(**{option: value})
+        def t() -> None:
+            pass

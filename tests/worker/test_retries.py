@@ -147,6 +147,40 @@ def test_autoretry_for_only_the_listed_exceptions(app: App, start_worker, tmp_pa
     assert len(read_records(ledger)) == 1
 
 
+def test_retry_kwargs_pass_to_the_autoretry_and_dont_autoretry_for_is_left_out(
+    app: App, start_worker, tmp_path: Path
+) -> None:
+    """Celery's ``retry_kwargs`` ({'max_retries': 1, 'countdown': 0.1}) decide each
+    automatic retry; ``dont_autoretry_for`` fails at once an exception ``autoretry_for``
+    would retry (a subclass, here)."""
+    start_worker()
+    ledger = tmp_path / "ledger"
+
+    @app.task(
+        bind=True,
+        autoretry_for=(OSError,),
+        dont_autoretry_for=(FileNotFoundError,),
+        retry_kwargs={"max_retries": 1, "countdown": 0.1},
+    )
+    def fetch(self: Task, path: str, kind: str) -> None:
+        from tests.celery_tasks import record
+
+        record(path, kind=kind, retries=self.request.retries)
+        raise (FileNotFoundError if kind == "missing" else ConnectionError)(kind)
+
+    down = fetch.delay(str(ledger), "down")
+    # Without retry_kwargs: 3 retries, 180 s apart.
+    with pytest.raises(ConnectionError, match="down"):
+        down.get(timeout=20)
+    missing = fetch.delay(str(ledger), "missing")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        missing.get(timeout=20)
+    runs = read_records(ledger)
+    assert [r["retries"] for r in runs if r["kind"] == "down"] == [0, 1]
+    assert [r["retries"] for r in runs if r["kind"] == "missing"] == [0]
+    assert down.info["retries"] == 1 and "retries" not in missing.info
+
+
 def test_retry_delay_backoff_cap_and_jitter() -> None:
     app = App("delays", settings=nbtask.Settings(insecure=True))
 
