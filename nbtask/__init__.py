@@ -11,7 +11,7 @@ from typing import Any
 from nbtask._version import __version__
 from nbtask.client.app import App
 from nbtask.client.default import default_app as app
-from nbtask.core.canvas import Chain, Group, GroupHandle, Signature, chain, group
+from nbtask.core.canvas import Chain, Group, GroupHandle, Signature, chain, chord, group
 from nbtask.core.context import current_request, progress, track
 from nbtask.core.handle import TaskHandle
 from nbtask.core.task import ExceptionInfo, Task
@@ -88,6 +88,7 @@ __all__ = [
     "__version__",
     "app",
     "chain",
+    "chord",
     "current_request",
     "group",
     "load_ipython_extension",

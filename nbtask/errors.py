@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import linecache
 import re
 import sys
@@ -123,8 +124,11 @@ class TaskNotFound(NbtaskError, LookupError):
     """No task with this id is known to the result store (never sent, or expired)."""
 
 
-class TaskRevoked(NbtaskError):
-    """The task was revoked or cancelled before it finished."""
+class TaskRevoked(NbtaskError, concurrent.futures.CancelledError):
+    """The task was revoked or cancelled before it finished.
+
+    A ``concurrent.futures.CancelledError`` too: what a cancelled ``Future`` raises.
+    """
 
 
 class SoftTimeLimitExceeded(NbtaskError):

@@ -11,7 +11,7 @@ import contextvars
 import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from nbtask.core.handle import TaskHandle
 from nbtask.core.options import new_task_id
@@ -19,6 +19,7 @@ from nbtask.errors import ConfigurationError
 from nbtask.wire.events import Event
 
 __all__ = [
+    "NO_CHORD",
     "Call",
     "Callbacks",
     "Chain",
@@ -28,6 +29,7 @@ __all__ = [
     "Signable",
     "Signature",
     "chain",
+    "chord",
     "current_sender",
     "group",
     "sending_through",
@@ -277,6 +279,29 @@ class Group:
             for sig in self.tasks
         ]
         return GroupHandle(app.send_batch(calls))
+
+    def __or__(self, other: object) -> NoReturn:
+        raise ConfigurationError(NO_CHORD)
+
+
+#: Why ``group(...) | sig`` and ``chord(...)`` are refused, and what to do instead.
+NO_CHORD = (
+    "a group followed by a task (group([...]) | task.s(), chord([...])(task.s())) is "
+    "Celery's chord, which nbtask does not have. Send the group, and the task with the "
+    "group's results once they are in: task.delay(group([...]).delay().get())"
+)
+
+
+def chord(header: Iterable[Signature], body: Signature | None = None) -> NoReturn:
+    """Celery's chord: refused with what to do instead (nbtask has no chords).
+
+    Raises
+    ------
+    ConfigurationError
+        Always: send the group, then the task with its results,
+        ``task.delay(group([...]).delay().get())``.
+    """
+    raise ConfigurationError(NO_CHORD)
 
 
 def group(tasks: Iterable[Signature]) -> Group:

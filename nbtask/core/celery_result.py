@@ -1,13 +1,15 @@
 """Celery's ``AsyncResult`` names on a :class:`~nbtask.TaskHandle`, with Celery's meanings.
 
 Code written for Celery reads ``status``, ``task_id`` and ``traceback`` and calls
-``revoke()`` and ``wait()``: each is an alias of what the handle already does. The names
-nbtask has no counterpart for (``forget``, ``children``) raise one error saying what to do
+``revoke()`` and ``wait()``, and ``date_done``: each is an alias of what the handle already
+does. The names nbtask has no counterpart for (``forget``, ``children``, ``args``,
+``kwargs``) raise one error saying what to do
 instead, rather than a bare ``AttributeError``.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any, NoReturn, Protocol
 
 from nbtask.errors import RemoteError
@@ -28,8 +30,13 @@ class _Handle(Protocol):
     def done(self) -> bool:
         """True once the task ended."""
 
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        """The task's exception, once it ended."""
+    @property
+    def error(self) -> BaseException | None:
+        """The task's exception, once it ended; never raises."""
+
+    @property
+    def finished_at(self) -> float | None:
+        """When the task ended (epoch seconds), once it has."""
 
     def get(
         self,
@@ -69,13 +76,20 @@ class CeleryResultNames:
         ``None`` too while the task runs, and for a task that succeeded, was revoked or
         whose worker was lost (no traceback of its code exists).
         """
-        if not self.done():
-            return None
-        error = self.exception(0)
+        error = self.error
         remote = error if isinstance(error, RemoteError) else getattr(error, "__cause__", None)
         if isinstance(remote, RemoteError) and remote.traceback:
             return remote.traceback
         return None
+
+    @property
+    def date_done(self: _Handle) -> dt.datetime | None:
+        """When the task ended, an aware UTC ``datetime``; ``None`` until it has.
+
+        Celery's name for :attr:`finished_at` (the clock of the worker that ended it).
+        """
+        done = self.finished_at
+        return None if done is None else dt.datetime.fromtimestamp(done, dt.timezone.utc)
 
     def revoke(self: _Handle, terminate: bool = False, *, grace: float = 5.0) -> bool:
         """Celery's ``AsyncResult.revoke``: :meth:`nbtask.App.revoke` of this task.
@@ -121,3 +135,21 @@ class CeleryResultNames:
             "task and follow each with app.handle(id), or chain the tasks, and the last "
             "step's handle walks back through .parent",
         )
+
+    @property
+    def args(self) -> NoReturn:
+        """Not in nbtask: a handle does not keep the arguments it was sent with."""
+        raise _not_in_nbtask("args", _NO_ARGUMENTS)
+
+    @property
+    def kwargs(self) -> NoReturn:
+        """Not in nbtask: a handle does not keep the arguments it was sent with."""
+        raise _not_in_nbtask("kwargs", _NO_ARGUMENTS)
+
+
+#: Why ``h.args`` and ``h.kwargs`` (Celery's, with ``result_extended``) do not exist.
+_NO_ARGUMENTS = (
+    "a handle does not keep the arguments it was sent with (nor does the result store); "
+    "keep them beside the handle when you send, e.g. calls[h.id] = (args, kwargs), or read "
+    "self.request.args / self.request.kwargs inside a task with bind=True"
+)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import contextvars
-import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,9 +12,9 @@ from typing import Any, Protocol
 
 from nbtask.core.celery_result import CeleryResultNames
 from nbtask.core.context import current_request
-from nbtask.core.fingerprint import warn_code_differs
-from nbtask.core.outcome import FetchWatch, final_outcome, load_result
+from nbtask.core.outcome import FetchWatch, load_result
 from nbtask.core.refs import ResultRef
+from nbtask.core.task_events import TaskEvents
 from nbtask.errors import (
     AppClosed,
     BrokerUnavailable,
@@ -26,19 +25,9 @@ from nbtask.errors import (
     SendUnconfirmed,
 )
 from nbtask.settings import is_finite_number
-from nbtask.wire.events import (
-    CODE_DIFFERS,
-    FINAL_STATES,
-    Deferred,
-    Event,
-    EventType,
-    Progress,
-    State,
-)
+from nbtask.wire.events import Deferred, State
 
 __all__ = ["Client", "FetchWatch", "TaskHandle", "refusing_handles"]
-
-log = logging.getLogger(__name__)
 
 #: Set while a notebook cell's variables are pickled: a handle does not travel into a cell.
 _refused: contextvars.ContextVar[bool] = contextvars.ContextVar("nbtask_no_handles", default=False)
@@ -86,16 +75,20 @@ class Client(Protocol):
         """
 
 
-class TaskHandle(CeleryResultNames, concurrent.futures.Future[Any]):
+class TaskHandle(CeleryResultNames, TaskEvents):
     """A task that was sent; updated by the app's listener thread as events arrive.
 
     It is a :class:`concurrent.futures.Future`, so ``result()``, ``exception()``,
     ``done()``, ``add_done_callback()``, :func:`concurrent.futures.wait` and
-    :func:`asyncio.wrap_future` work. Done callbacks run on the thread reading the
+    :func:`asyncio.wrap_future` work, with the ``Future``'s meanings: ``running()`` while
+    a worker runs the task, and a revoked task's handle is ``cancelled()``, its ``result()``
+    and ``exception()`` raising :class:`~nbtask.TaskRevoked`, a ``CancelledError``
+    (:attr:`error` returns it instead). Done callbacks run on the thread reading the
     client's events (its listener thread, or a thread waiting in :meth:`get`), as do
     :meth:`on_event` callbacks, which see every event of the task as it arrives.
     Celery's ``AsyncResult`` names work too (``status``, ``task_id``, ``traceback``,
-    ``revoke()``, ``wait()``; see :class:`~nbtask.core.celery_result.CeleryResultNames`).
+    ``revoke()``, ``wait()``, ``date_done``; see
+    :class:`~nbtask.core.celery_result.CeleryResultNames`).
 
     Attributes
     ----------
@@ -124,76 +117,19 @@ class TaskHandle(CeleryResultNames, concurrent.futures.Future[Any]):
         *,
         sent: float | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(task_id, name)
         self.app = app
-        self.id = task_id
         self.sent = sent
         #: Set on a handle re-attached by id (see nbtask.client.reattach), whose send is
         #: not known for sure: no outcome made before this time (epoch seconds) is taken.
         self.outcomes_after: float | None = None
-        self.name = name
         self.queue = queue
         self.label = label
-        self._started_at: float | None = None
-        self._finished_at: float | None = None
-        self._task_state: State = State.PENDING
-        self._progress: Progress | None = None
-        self._stdout: list[str] = []
-        self._stderr: list[str] = []
-        self._outputs: list[Event] = []
-        self._last_seq = -1
-        self._info: dict[str, Any] = {}
-        self._listeners: list[Callable[[Event], None]] = []
-        self._custom_state: str | None = None
         #: The previous step's handle, for a chain's later steps.
         self.parent: TaskHandle | None = None
-        #: What the task did before it failed or was stopped, as it reported it (a notebook
-        #: cell's names).
-        self.partial: Any = None
-        self._lock = threading.Lock()
         self._loading = threading.Lock()
         self._loaded: tuple[Any] | None = None
         self._closed_note: str | None = None  # why nothing follows it any more (AppClosed)
-
-    # State -------------------------------------------------------------------------------------
-    @property
-    def state(self) -> State | str:
-        """The latest known state (``PENDING`` until the first event).
-
-        A custom state set with ``self.update_state(state=...)`` shows as that string
-        until the task's next state.
-        """
-        return self._custom_state or self._task_state
-
-    @property
-    def progress(self) -> Progress | None:
-        """The latest progress report, if any."""
-        return self._progress
-
-    @property
-    def stdout(self) -> str:
-        """Everything the task printed so far."""
-        return "".join(self._stdout)
-
-    @property
-    def stderr(self) -> str:
-        """Everything the task wrote to stderr so far."""
-        return "".join(self._stderr)
-
-    @property
-    def outputs(self) -> list[Event]:
-        """Output events in the order the task produced them: stdout, stderr, display."""
-        return list(self._outputs)
-
-    @property
-    def started_at(self) -> float | None:
-        """When the task started running (epoch seconds, its worker's clock), once known."""
-        return self._started_at
-
-    @property
-    def finished_at(self) -> float | None:
-        """When the task ended (epoch seconds, its worker's clock), once it has."""
-        return self._finished_at
 
     @property
     def info(self) -> dict[str, Any]:
@@ -281,8 +217,8 @@ class TaskHandle(CeleryResultNames, concurrent.futures.Future[Any]):
             ) from None
         except BaseException as exc:
             if not propagate:
-                return self.exception(0)
-            if self.done() and exc is self.exception(0):
+                return self.error
+            if self.done() and exc is self.error:
                 # The task's own failure: its traceback (and a second get()'s) starts at
                 # this call, without the frames of concurrent.futures' wait; the worker's
                 # is its __cause__.
@@ -383,132 +319,6 @@ class TaskHandle(CeleryResultNames, concurrent.futures.Future[Any]):
                 "result to pass as an argument"
             )
         return ResultRef(self.id, self.name, self.sent).__reduce_ex__(protocol)
-
-    def on_event(self, callback: Callable[[Event], None]) -> None:
-        """Call ``callback(event)`` with each event of the task that arrives from now on.
-
-        To miss none, pass the callback when sending: ``task.apply_async(args,
-        on_event=callback)`` attaches it before the message goes out.
-
-        Parameters
-        ----------
-        callback
-            Called with one :class:`~nbtask.Event` at a time, in the task's order, after
-            the handle applied it (``handle.state``, ``handle.progress`` and, for the final
-            event, ``handle.result()`` already show it). ``event.type`` is an
-            :class:`~nbtask.EventType`: ``STARTED``, ``PROGRESS`` (``event.progress``),
-            ``STDOUT``/``STDERR`` (``event.data["text"]``, what the task wrote since the
-            last one: not whole lines), ``DISPLAY``, ``STATE`` (``update_state``),
-            ``RETRY``, then one final event: ``SUCCESS``, ``FAILURE``, ``REVOKED`` or
-            ``WORKER_LOST``. No event comes twice or out of order, and none comes after the
-            final one. Progress reports are coalesced at the worker (a task's events go out
-            at most ~100 times a second, with the latest report), so a callback may not see
-            every one.
-            A task that ran gives ``STARTED`` before its final event even when it ended
-            before the worker sent one (made from the final event; ``seq`` 0).
-
-        Notes
-        -----
-        Callbacks run on the thread reading the client's events, for all the client's
-        tasks: its listener thread, or a thread waiting in :meth:`get` (which reads the
-        events itself while no other thread does). Keep them short, and never wait on a
-        task in one (the reader would be waiting for itself). A revoke of a task that has
-        not started is applied at once, on the thread that called ``revoke()``. An
-        exception raised by a callback is logged (under the ``nbtask`` logger) and
-        ignored: later callbacks, later events and other tasks are not affected.
-        Callbacks attached after the final event are never called.
-        """
-        self._listeners.append(callback)
-
-    # Fed by the listener ----------------------------------------------------------------------
-    def apply(self, event: Event, result: Any = None) -> None:
-        """Apply one event; events older than the last one applied are ignored.
-
-        A final state is never taken for an old event: whatever its number, it ends the task.
-        """
-        final = event.state in FINAL_STATES
-        # Only callbacks can tell the STARTED made from a final event: the final event
-        # leaves the handle in the same state with or without it.
-        if final and self._listeners and not self.done():
-            started = self._skipped_start(event)
-            if started is not None:
-                self.apply(started)
-        with self._lock:
-            if self.done() or (not final and event.seq and event.seq <= self._last_seq):
-                return
-            self._last_seq = max(self._last_seq, event.seq)
-            self._apply(event)
-        if event.data.get(CODE_DIFFERS):
-            warn_code_differs(self.name, event.data.get("worker"), event.data.get("pid"))
-        if final:
-            try:
-                self._settle(event, result)
-            except concurrent.futures.InvalidStateError:
-                return  # another thread settled it first (e.g. a revoke racing the result)
-        for callback in list(self._listeners):
-            try:
-                callback(event)
-            except Exception:
-                log.exception(
-                    "an on_event callback of task %s[%s] raised on its %s event",
-                    self.name,
-                    self.id,
-                    event.type.value,
-                )
-
-    def _skipped_start(self, final: Event) -> Event | None:
-        """The STARTED event a worker skipped for a run that ended before it went out.
-
-        The final event of a task that ran carries ``started_at``.
-        """
-        began = final.data.get("started_at")
-        if self._task_state is State.STARTED or not isinstance(began, (int, float)):
-            return None
-        data = {k: final.data[k] for k in ("worker", "pid", "started_at") if k in final.data}
-        return Event(EventType.STARTED, self.id, 0, data, float(began))
-
-    def _apply(self, event: Event) -> None:
-        kind, data = event.type, event.data
-        if kind is EventType.PROGRESS:
-            self._progress = event.progress
-        elif kind is EventType.STDOUT:
-            self._stdout.append(str(data.get("text", "")))
-            self._outputs.append(event)
-        elif kind is EventType.STDERR:
-            self._stderr.append(str(data.get("text", "")))
-            self._outputs.append(event)
-        elif kind is EventType.DISPLAY:
-            self._outputs.append(event)
-        elif kind is EventType.STATE:
-            self._custom_state = str(data.get("state", "")) or None
-            self._info["meta"] = data.get("meta", {})
-        if event.state is not None:
-            self._task_state = event.state
-            self._custom_state = None
-        self._note_times(event)
-        self._info.update(
-            {k: v for k, v in data.items() if k in ("worker", "pid", "reason", "retries", "eta")}
-        )
-
-    def _note_times(self, event: Event) -> None:
-        """When the run began (every event of a run says it) and when the task ended."""
-        began = event.data.get("started_at")
-        if self._started_at is None:
-            if isinstance(began, (int, float)) and not isinstance(began, bool):
-                self._started_at = float(began)
-            elif event.type is EventType.STARTED:
-                self._started_at = event.timestamp
-        if event.state in FINAL_STATES:
-            self._finished_at = event.timestamp
-
-    def _settle(self, event: Event, result: Any) -> None:
-        outcome = final_outcome(event, result, self.id, f"{self.name}[{self.id}]")
-        if outcome.partial is not None:  # set before done callbacks run
-            (self.partial,) = outcome.partial
-        if outcome.error is None:
-            self.set_result(outcome.value)
-        else:
-            self.set_exception(outcome.error)
 
     def cancel(self) -> bool:
         """Revoke the task: a queued one never runs, a running one is interrupted.

@@ -23,6 +23,7 @@ from nbtask.core.call_checks import (
     run_signature,
 )
 from nbtask.core.canvas import Call, Sender, Signature, current_sender
+from nbtask.core.celery_task import CeleryTaskNames
 from nbtask.core.context import Request, current_request, progress
 from nbtask.core.datasets import data_queue, dataset_names
 from nbtask.core.handle import TaskHandle
@@ -67,12 +68,14 @@ class ExceptionInfo:
         return type(self.exception)
 
 
-class Task:
+class Task(CeleryTaskNames):
     """A unit of work that workers run; subclass it for custom task classes.
 
     ``@app.task`` makes a subclass whose ``run`` is the decorated function and returns
     its single instance. A worker process keeps one instance per task, so attributes set
-    on ``self`` (a cached connection, a loaded model) survive from call to call.
+    on ``self`` (a cached connection, a loaded model) survive from call to call. Celery's
+    names nbtask has no counterpart for (``apply``, ``map``, ``starmap``, ``chunks``) say
+    what to do instead (:class:`~nbtask.core.celery_task.CeleryTaskNames`).
     """
 
     name: ClassVar[str] = ""

@@ -164,7 +164,7 @@ def _final_event(handle: TaskHandle) -> Event:
     kind = kinds.get(str(state), EventType.FAILURE)
     data: dict[str, Any] = dict(info)
     if kind is EventType.FAILURE:
-        exc = handle.exception(0)
+        exc = handle.error
         data.update(
             ename=getattr(exc, "ename", type(exc).__name__),
             evalue=getattr(exc, "evalue", str(exc)),

@@ -222,7 +222,7 @@ class Pending:
             if not run.handle.done():
                 unfinished.append(run)
                 continue
-            if not run.delivered and run.handle.exception(0) is None:
+            if not run.delivered and run.handle.error is None:
                 self.deliver(run)
             run.sent = {}  # a failed run's names come back as copies: its objects may go
         self._unfinished = unfinished
@@ -292,7 +292,7 @@ class Pending:
         """Write a finished run's values into the namespace, or raise its error."""
         if run.delivered:
             return
-        exc = run.handle.exception(0)
+        exc = run.handle.error
         if exc is not None and not raise_errors:
             return  # shown in its view; raised when a later cell reads one of its names
         run.delivered = True

@@ -3,6 +3,9 @@ saying what nbtask offers instead."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import datetime as dt
 import uuid
 from pathlib import Path
 
@@ -99,3 +102,86 @@ def test_celerys_names_nbtask_has_no_counterpart_for_say_what_to_do_instead(app:
     assert not hasattr(app, "conf")
     with pytest.raises(AttributeError, match=r"has only revoke\(\).*app\.workers\(\)"):
         app.control.inspect()
+
+
+def test_a_handle_keeps_the_future_contract_while_running_and_once_cancelled(
+    app: App, start_worker, tmp_path: Path
+) -> None:
+    """``running()`` while a worker runs it; a revoked handle is ``cancelled()``, and its
+    ``exception()`` and ``result()`` raise ``TaskRevoked``, a ``CancelledError``."""
+    queued = app.send_task(WAIT_FOR_FILE, ("-", "-"))
+    assert not queued.running() and not queued.cancelled()
+    assert queued.cancel() is True
+    assert queued.cancelled() and queued.done() and not queued.running()
+    with pytest.raises(concurrent.futures.CancelledError):
+        queued.exception(0)
+    with pytest.raises(nbtask.TaskRevoked):
+        queued.result(0)
+    assert isinstance(queued.error, nbtask.TaskRevoked)  # returned, not raised
+    assert isinstance(queued.get(0, propagate=False), nbtask.TaskRevoked)
+
+    start_worker(concurrency=1)
+    marker, go = tmp_path / "marker", tmp_path / "go"
+    running = app.send_task(WAIT_FOR_FILE, (str(marker), str(go), 30.0))
+    wait_until(lambda: running.state is State.STARTED, 10, "the task to show as started")
+    assert running.running() and not running.done() and not running.cancelled()
+    assert running.cancel() is True
+    with pytest.raises(concurrent.futures.CancelledError):
+        running.result(timeout=15)
+    assert running.state is State.REVOKED and running.cancelled() and not running.running()
+    with pytest.raises(concurrent.futures.CancelledError):
+        running.exception()
+
+    async def awaited() -> None:
+        await asyncio.wrap_future(running)
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(awaited())
+
+    finished = app.send_task(EXPLODE, ("broken",))
+    assert isinstance(finished.exception(timeout=15), ValueError)  # a failure is returned
+    assert not finished.cancelled() and not finished.running()
+
+
+@pytest.mark.brokers("redis")
+def test_celerys_spellings_nbtask_does_not_have_say_the_celery_name_and_nbtasks_way(
+    app: App,
+) -> None:
+    @app.task
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task
+    def tsum(numbers: list[int]) -> int:
+        return sum(numbers)
+
+    calls = nbtask.group([add.s(1, 1), add.s(2, 2)])
+    with pytest.raises(nbtask.ConfigurationError, match=r"Celery's chord.*\.delay\(\)\.get\(\)"):
+        calls | tsum.s()  # type: ignore[operator]
+    with pytest.raises(nbtask.ConfigurationError, match=r"Celery's chord"):
+        nbtask.chord([add.s(1, 1)])(tsum.s())  # type: ignore[operator]
+    expected = {
+        "apply": r"apply\(\) is Celery's; .*add\(2, 2\)",
+        "map": r"map\(items\) is Celery's; .*add\.delay_many",
+        "starmap": r"starmap\(items\) is Celery's; .*add\.delay_many\(items\)",
+        "chunks": r"chunks\(items, n\) is Celery's; .*group\(add_chunk",
+    }
+    for name, message in expected.items():
+        with pytest.raises(AttributeError, match=message):
+            getattr(add, name)
+        assert not hasattr(add, name)
+
+    h = add.delay(1, 2)
+    for name in ("args", "kwargs"):
+        with pytest.raises(AttributeError, match=rf"{name} is Celery's; .*self\.request\.args"):
+            getattr(h, name)
+
+
+def test_date_done_is_when_the_task_ended(app: App, start_worker) -> None:
+    start_worker()
+    h = app.send_task("tests.sample_tasks.add", (2, 3))
+    assert h.date_done is None or h.done()
+    assert h.get(timeout=15) == 5
+    done = h.date_done
+    assert isinstance(done, dt.datetime) and done.tzinfo is not None
+    assert done.timestamp() == pytest.approx(h.finished_at, abs=1e-5)  # microseconds

@@ -362,8 +362,9 @@ def test_restart_then_tasks_all_reattaches_and_replays(
     # The still-running task from the old kernel can be cancelled from the new one.
     _, msgs, _ = execute(
         kc,
-        "from nbtask.notebook.follow import cancel_task\nimport time\n"
+        "from nbtask.notebook.follow import cancel_task\nimport concurrent.futures, time\n"
         "v = [v for v in s.views.values() if not v.handle.done()][0]\n"
-        "cancel_task(v.handle)\nv.handle.exception(20)\ntime.sleep(0.3)\nprint(v.state.value)",
+        "cancel_task(v.handle)\nconcurrent.futures.wait([v.handle], 20)\n"
+        "time.sleep(0.3)\nprint(v.state.value)",
     )
     assert "REVOKED" in stream_text(msgs)
