@@ -194,7 +194,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         type=functools.partial(seconds, zero=False),
         default=600.0,
         metavar="S",
-        help="seconds one cell may run (default: 600)",
+        help="seconds one cell may run, and the background cells still running after the "
+        "last cell (default: 600)",
     )
     run.set_defaults(run=run_headless)
     return parser, dict(sub.choices)

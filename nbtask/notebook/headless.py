@@ -2,8 +2,10 @@
 
 The notebook runs top to bottom in a fresh kernel (the Python running nbtask) with
 :mod:`nbclient`, against the embedded cluster or a broker. Each code cell gets a progress
-line, and its text output is written to the terminal as the kernel produces it. The
-executed notebook is written out, even when a cell fails.
+line, and its text output is written to the terminal as the kernel produces it. After the
+last cell, the background ``%%task`` cells still running are waited for, as a notebook run
+to its end would be (:mod:`.run_end`): their final output is in their cells, and one that
+failed fails the run. The executed notebook is written out, even when a cell fails.
 
 ``%%task`` cells show their text view here (``NBTASK_WIDGETS=0`` in the kernel): a widget
 has no one to draw it in a headless run, and text reads well both in the terminal and in
@@ -43,6 +45,18 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # The text view's first line: "[label] STATE ..." (see nbtask.widgets.TextView).
 _STATUS = re.compile(r"^\[(?P<label>[^\]]*)\] (?P<state>[A-Z_]+)\b")
 _STATUS_INTERVAL = 1.0
+#: Run in the kernel after the last cell: the background cells still running are waited
+#: for (nbtask.notebook.run_end), if nbtask was loaded. ``{timeout}``: seconds, or None.
+_FINISH = (
+    "import sys as _nbtask_sys\n"
+    "if 'nbtask.notebook.magics' in _nbtask_sys.modules:\n"
+    "    __import__('nbtask.notebook.run_end', fromlist=['_']).finish_background(\n"
+    "        get_ipython(), {timeout})\n"
+    "del _nbtask_sys"
+)
+#: How much longer than the kernel's own wait the runner waits for it to say so.
+_FINISH_MARGIN = 30.0
+_CELL_NUMBER = re.compile(r"\bcell In\[(\d+)\]")
 
 
 @dataclasses.dataclass
@@ -94,6 +108,10 @@ class _StreamingClient(NotebookClient):
         # (a print's pieces may come in several stream messages), never in the middle of it.
         self._held: dict[str, str] = {}  # display id -> its latest text
         self.on_cell_execute = self._announce
+        #: Set while the background cells are waited for, after the last cell.
+        self.finishing = False
+        #: The notebook's position (0-based) of each cell by its number in the kernel (In[N]).
+        self.numbers: dict[int, int] = {}
 
     def create_kernel_manager(self) -> Any:
         name = self.kernel_name or self.nb.metadata.get("kernelspec", {}).get("name") or "python3"
@@ -109,6 +127,40 @@ class _StreamingClient(NotebookClient):
             kernel_spec_manager=_NativeKernels(),
         )
         return self.km
+
+    async def async_execute_cell(
+        self,
+        cell: Any,
+        cell_index: int,
+        execution_count: int | None = None,
+        store_history: bool = True,
+    ) -> Any:
+        """Execute a cell; after the last, wait for the background cells still running."""
+        done = await super().async_execute_cell(cell, cell_index, execution_count, store_history)
+        if cell_index == len(self.nb.cells) - 1 and not self.finishing:
+            await self._finish_background()
+        return done
+
+    async def _finish_background(self) -> None:
+        """Run :data:`_FINISH` as a cell of its own, kept out of the executed notebook.
+
+        The background cells' views are updated in their own cells meanwhile; what it says
+        itself is only streamed to the terminal.
+        """
+        limit = "None" if self.timeout is None else repr(float(self.timeout))
+        step = nbformat.v4.new_code_cell(_FINISH.format(timeout=limit))
+        self.nb.cells.append(step)
+        self.finishing = True
+        try:
+            await super().async_execute_cell(step, len(self.nb.cells) - 1, store_history=False)
+        finally:
+            self.nb.cells.remove(step)
+
+    def _get_timeout(self, cell: Any) -> int | None:
+        timeout = super()._get_timeout(cell)
+        if self.finishing and timeout is not None:  # the kernel says when its wait ends
+            return int(timeout + _FINISH_MARGIN)
+        return timeout
 
     # Terminal ------------------------------------------------------------------------------
     def _write(self, text: str, *, raw: bool = False) -> None:
@@ -128,6 +180,9 @@ class _StreamingClient(NotebookClient):
 
     def _announce(self, cell: Any, cell_index: int, **_kw: Any) -> None:
         self.release_held()
+        if self.finishing:  # not a cell of the notebook
+            return
+        self.numbers[self.code_cells_executed + 1] = cell_index  # its In[N], as the kernel counts
         self.code_seen += 1
         first = next((ln for ln in cell.source.splitlines() if ln.strip()), "")
         elapsed = time.monotonic() - self.started_at
@@ -221,7 +276,8 @@ def run_notebook(
         Broker URL for the kernel's ``NBTASK_BROKER`` (default: the environment's, else
         the embedded cluster). Its secret comes from ``NBTASK_SECRET`` as usual.
     timeout
-        Seconds one cell may run (``None``: no limit).
+        Seconds one cell may run, and the background ``%%task`` cells still running after
+        the last cell (``None``: no limit).
     kernel_name
         Kernel to use (default: the notebook's, ``python3`` meaning this Python).
     env
@@ -237,7 +293,8 @@ def run_notebook(
         The notebook cannot be read, or the kernel does not exist.
     NotebookFailed
         A cell raised an error (unless tagged ``raises-exception``), timed out, or the
-        kernel died. The executed notebook has been written.
+        kernel died; or a background cell failed, or still ran ``timeout`` seconds after the
+        last cell (it was cancelled). The executed notebook has been written.
     """
     source = Path(path)
     try:
@@ -281,9 +338,17 @@ def run_notebook(
                 f"cell {_current_cell(nb, client)} did not finish within {timeout:g} s "
                 "(raise --timeout)"
             )
+            if client.finishing:
+                failure = (
+                    f"the background cells did not finish within {timeout:g} s (raise --timeout)"
+                )
         except DeadKernelError:
-            failure = f"the kernel died while running cell {_current_cell(nb, client)}"
-            failure += _last_words(kernel_log)
+            running = (
+                "waiting for the background cells"
+                if client.finishing
+                else (f"running cell {_current_cell(nb, client)}")
+            )
+            failure = f"the kernel died while {running}{_last_words(kernel_log)}"
         except NoSuchKernel as exc:
             raise ConfigurationError(f"no kernel named {exc.args[0]!r}") from None
         except RuntimeError as exc:  # nbclient: "Kernel didn't respond in 60 seconds"
@@ -324,5 +389,14 @@ def _current_cell(nb: Any, client: _StreamingClient) -> str:
 def _describe_error(nb: Any, client: _StreamingClient, exc: CellExecutionError) -> str:
     ename = getattr(exc, "ename", "") or "error"
     evalue = str(getattr(exc, "evalue", "") or "").strip().splitlines()
+    if client.finishing:  # said by run_end.py, naming cells by their In[N]
+        said = evalue[0] if evalue else ename
+        return "in the background, " + _CELL_NUMBER.sub(lambda m: _cell_at(client, m), said)
     detail = f"{ename}: {evalue[0]}" if evalue else ename
     return f"cell {_current_cell(nb, client)} failed with {detail}"
+
+
+def _cell_at(client: _StreamingClient, number: re.Match[str]) -> str:
+    """``cell 3``, the notebook's position of the cell the kernel numbered ``In[N]``."""
+    index = client.numbers.get(int(number[1]))
+    return number[0] if index is None else f"cell {index + 1}"

@@ -76,6 +76,8 @@ class CellRun:
     #: as are its values that hold one (``pair = (small, 1)``). Once it has ended, only
     #: those its values name are held (see :meth:`ended`).
     sent: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: The notebook's number for the cell that sent it (``In[cell]``), 0 if unknown.
+    cell: int = 0
 
     def ended(self, handle: Any) -> None:
         """Let go of the objects it was sent that its values do not name (a done callback).

@@ -319,6 +319,7 @@ class Session:
                 rebound=frozenset(found.assigned),
                 state=spec.state,
                 sent=_by_value(spec.names, shipped),
+                cell=self.shell.execution_count,
             )
             del shipped
             self.pending.say_if_random_repeats(run, python)

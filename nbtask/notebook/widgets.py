@@ -152,6 +152,11 @@ class TaskView:
                     f"{data.get('evalue', data.get('reason', ''))}"
                 )
 
+    def shows_end(self) -> bool:
+        """Whether the task's final state is applied and painted (read under the paint's lock)."""
+        with self._lock:
+            return self.finished is not None
+
     # Derived text --------------------------------------------------------------------------
     def elapsed(self) -> float:
         """Seconds since the task started (or was sent), up to when it finished.

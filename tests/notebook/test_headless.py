@@ -176,3 +176,64 @@ def test_import_nbtask_stays_light() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_background_cells_still_running_at_the_end_are_waited_for(tmp_path: Path) -> None:
+    made = tmp_path / "trained.txt"
+    notebook = write_notebook(
+        tmp_path / "background.ipynb",
+        "%load_ext nbtask",
+        "%%task train\nimport time\nfor i in range(3):\n    print('epoch', i, flush=True)\n"
+        f"    time.sleep(0.5)\nopen({str(made)!r}, 'w').write('done')\nmodel = 'trained'",
+        "print('last cell')",
+    )
+    result = nbtask_run(str(notebook), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert made.read_text() == "done"
+    assert "waiting for 1 cell still running in the background: cell In[2] ('train')" in (
+        result.stdout
+    )
+    assert "[train] SUCCESS" in result.stdout
+    written = nbformat.read(tmp_path / "background.out.ipynb", as_version=4)
+    assert len(written.cells) == 3  # the wait is not a cell of the notebook
+    view = written.cells[1].outputs[0]["data"]["text/plain"]
+    assert view.startswith("[train] SUCCESS") and "epoch 2" in view, view
+
+
+def test_a_background_cell_that_fails_after_the_last_cell_fails_the_run(tmp_path: Path) -> None:
+    notebook = write_notebook(
+        tmp_path / "late.ipynb",
+        "%load_ext nbtask",
+        "# the data\nx = 1",
+        "%%task split\nimport time\ntime.sleep(1)\nshare = x / 0",
+        "%%task fine\ny = x + 1",
+        "print('last cell')",
+    )
+    result = nbtask_run(str(notebook), cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        "nbtask run: error: in the background, cell 3 ('split') failed with ZeroDivisionError: "
+        f"division by zero; the executed notebook is in {tmp_path / 'late.out.ipynb'}"
+    ], result.stderr
+    assert "last cell" in result.stdout
+    written = nbformat.read(tmp_path / "late.out.ipynb", as_version=4)
+    view = written.cells[2].outputs[0]["data"]["text/plain"]
+    assert view.startswith("[split] FAILURE") and "ZeroDivisionError" in view, view
+
+
+def test_background_cells_past_the_timeout_are_cancelled_and_fail_the_run(tmp_path: Path) -> None:
+    notebook = write_notebook(
+        tmp_path / "slow.ipynb",
+        "%load_ext nbtask",
+        "%%task forever\nimport time\ntime.sleep(120)",
+        "print('last cell')",
+    )
+    result = nbtask_run(str(notebook), "--timeout", "3", cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.startswith(
+        "nbtask run: error: in the background, 1 cell still ran 3 s after the last cell, and "
+        "was cancelled: cell 2 ('forever') (raise --timeout)"
+    ), result.stderr
+    written = nbformat.read(tmp_path / "slow.out.ipynb", as_version=4)
+    view = written.cells[1].outputs[0]["data"]["text/plain"]
+    assert view.startswith("[forever] REVOKED"), view
