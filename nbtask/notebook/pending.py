@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from nbtask.errors import BlobError, TaskRevoked
+from nbtask.errors import BlobError, TaskRevoked, WorkerLost
 from nbtask.notebook import process_state
 from nbtask.notebook.analysis import is_history_name
 from nbtask.notebook.carried import WithObjects, load_values, share_namespace
@@ -256,7 +256,7 @@ class Pending:
                     wait_interruptibly(run.handle)
                 except KeyboardInterrupt:
                     raise cancelled(run.label) from None
-            self.deliver(run, raise_errors=True)
+            self.deliver(run, raise_errors=True, read=wanted)
         staying = set(stay)
         for name in self.kept(n for n in wanted if n not in staying):
             value = self.namespace[name]
@@ -290,8 +290,14 @@ class Pending:
             del value
             raise one_line(error)
 
-    def deliver(self, run: CellRun, *, raise_errors: bool = False) -> None:
-        """Write a finished run's values into the namespace, or raise its error."""
+    def deliver(
+        self, run: CellRun, *, raise_errors: bool = False, read: Iterable[str] = ()
+    ) -> None:
+        """Write a finished run's values into the namespace, or raise its error.
+
+        An error that says which names the cell did not set names those of them in
+        ``read`` (the names a later cell reads), else all of them.
+        """
         if run.delivered:
             return
         exc = run.handle.error
@@ -306,8 +312,12 @@ class Pending:
             if isinstance(effects, Mapping):
                 self._apply(run, effects)
                 came = effects.get("names", ())  # bound before it was stopped
+            unset = [n for n in mine if n not in came]
+            unset = [n for n in unset if n in set(read)] or unset
             if isinstance(exc, TaskRevoked):
-                raise _revoked(run, [n for n in mine if n not in came]) from None
+                raise _revoked(run, unset) from None
+            if isinstance(exc, WorkerLost):
+                raise _lost(run, unset, exc) from None
             if exc is not None:
                 raise local_exception(exc, self.namespace)
         finally:
@@ -481,6 +491,17 @@ def _revoked(run: CellRun, names: Iterable[str]) -> TaskRevoked:
             f"run the cell again to set {wanted}"
         )
     )
+
+
+def _lost(run: CellRun, names: Iterable[str], exc: WorkerLost) -> WorkerLost:
+    """The error of a cell whose worker process died, where its names are read: one line."""
+    reason = run.handle.info.get("reason") or exc.evalue
+    wanted = ", ".join(names) or "what it assigns"
+    said = (
+        f"task {run.label!r} [{run.handle.id[:8]}] did not end: the worker process running "
+        f"it died ({reason}); run the cell again to set {wanted}"
+    )
+    return one_line(WorkerLost("WorkerLost", said, "", run.handle.id))
 
 
 def wait_interruptibly(handle: TaskHandle, timeout: float | None = None) -> None:

@@ -25,7 +25,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from tcp_proxy import TcpProxy
 
 from nbtask import App, Settings, State
-from nbtask.errors import BrokerUnavailable, CellError, TaskRevoked
+from nbtask.errors import BrokerUnavailable, CellError, TaskRevoked, WorkerLost
 from nbtask.notebook.session import Session
 
 
@@ -238,6 +238,25 @@ def test_reading_a_name_of_a_cancelled_cell_says_so_in_one_line(
         "it ended: run the cell again to set late"
     ]
     assert ip.user_ns["time"].sleep, "what it bound before it was stopped stays, as locally"
+
+
+def test_reading_a_name_of_a_cell_whose_worker_died_names_the_cell_and_the_name(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    ip.run_cell_magic(
+        "task", "train --out h", "import os, time\nprint('started')\ntime.sleep(30)\nmodel = 1"
+    )
+    handle = ip.user_ns["h"]
+    wait_until(lambda: "started" in handle.stdout and handle.info.get("pid"), 30, "its start")
+    os.kill(int(handle.info["pid"]), signal.SIGKILL)
+    wait_until(handle.done, 30, "its worker to report it lost")
+    error = ip.run_cell("print(model)").error_in_exec
+    assert isinstance(error, WorkerLost), error
+    assert rendered(error) == [
+        f"WorkerLost: task 'train' [{handle.id[:8]}] did not end: the worker process running "
+        f"it died (its worker process {handle.info['pid']} exited with code -9); run the cell "
+        "again to set model"
+    ]
 
 
 def test_unloading_with_a_cell_still_running_says_its_values_will_not_arrive(
