@@ -21,6 +21,7 @@ from IPython.utils.process import arg_split
 from nbtask._process import interrupts_held
 from nbtask.client.app import App
 from nbtask.errors import BrokerUnavailable, CellError, ConfigurationError
+from nbtask.notebook.analysis import is_history_name
 from nbtask.notebook.follow import one_line
 from nbtask.notebook.session import Session
 from nbtask.notebook.widgets import TaskWidget
@@ -245,9 +246,11 @@ class TaskMagics(Magics):  # type: ignore[misc]
             count = int(args.value) if (args.value or "").isdigit() else 0
             if count < 1:
                 raise CellError("usage: %nbtask workers N (N >= 1)")
+            _refuse_to_lose_kept(session, count)
             app = session.app
             session.reconnect(
-                App("notebook", settings=app.settings, routes=app.routes, embedded_workers=count)
+                App("notebook", settings=app.settings, routes=app.routes, embedded_workers=count),
+                resize=True,
             )
 
     @_typed(magic_arguments())
@@ -289,6 +292,26 @@ class TaskMagics(Magics):  # type: ignore[misc]
             self.session.attach_recent(args.limit)
         self.session.show_board()
         return None
+
+
+def _refuse_to_lose_kept(session: Session, count: int) -> None:
+    """Refuse to resize the embedded cluster while the notebook's names hold kept values.
+
+    A resize starts the cluster anew (its Redis too): what its workers keep goes with it.
+    """
+    names = [n for n in session.shell.user_ns if not is_history_name(n)]
+    kept = session.pending.kept(names)
+    if not kept:
+        return
+    listed = ", ".join(kept)
+    first = kept[0]
+    raise CellError(
+        f"%nbtask workers {count} would lose {listed}: kept on the workers, "
+        f"{'it goes' if len(kept) == 1 else 'they go'} with the embedded cluster, which a "
+        f"resize starts anew. Fetch {'it' if len(kept) == 1 else 'each'} into the notebook "
+        f"first ({first} = {first}.fetch()), or del what is not needed, then resize. "
+        "Nothing was changed"
+    )
 
 
 def load_ipython_extension(shell: Any, app: App | None = None) -> None:

@@ -47,6 +47,7 @@ __all__ = ["Session"]
 
 _SESSION_ENDED = "when its nbtask session ended (%unload_ext nbtask, or the kernel shut down)"
 _RECONNECTED = "when the notebook connected to another broker (%nbtask connect)"
+_RESIZED = "when the embedded cluster was started anew to resize it (%nbtask workers N)"
 #: How long an ending session waits for the cells it cancels to end.
 _CANCEL_SECONDS = 10.0
 #: A session says it uses the workers for this long, again every third of it (warmup.py).
@@ -175,8 +176,8 @@ class Session:
             count = sum(info.concurrency for info in self.app.workers().values())
         return f"nbtask: {where}, {count} worker process{'es' if count != 1 else ''}"
 
-    def reconnect(self, app: App) -> None:
-        """Switch to another app (closing ours) unless cells are still running."""
+    def reconnect(self, app: App, *, resize: bool = False) -> None:
+        """Switch to another app (``resize``: the embedded cluster anew) unless cells run."""
         if self.pending.running():
             raise CellError("cells are still running; wait for them or cancel them first")
         try:  # the new broker first: one that cannot be reached leaves the notebook as it was
@@ -190,7 +191,7 @@ class Session:
         moved = _store_of(app) != _store_of(self.app)
         if moved:
             with contextlib.suppress(Exception):  # the old broker may be gone: TTLs hold
-                self.releases.release_all(_RECONNECTED)
+                self.releases.release_all(_RESIZED if resize else _RECONNECTED)
         if self.owns_app:
             self.app.close()
         self.app, self.owns_app = app, True

@@ -22,6 +22,7 @@ from raw_broker import RawBroker
 import nbtask
 from nbtask import App, Settings, State
 from nbtask.client.embedded import EmbeddedCluster
+from nbtask.errors import BlobError, CellError
 from nbtask.notebook.magics import session_of
 from nbtask.notebook.session import Session
 from nbtask.notebook.wait_inserter import WaitInserter
@@ -106,6 +107,33 @@ def test_embedded_cluster(
     assert result != os.getpid()
     ip.run_line_magic("reload_ext", "nbtask")  # a new session; the old cluster is stopped
     assert ip.run_cell_magic("task", "--wait", "square + 1") == 26
+
+
+def test_resizing_the_embedded_cluster_refuses_to_lose_kept_values(
+    ip: InteractiveShell, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for key in [k for k in os.environ if k.startswith("NBTASK_")]:
+        monkeypatch.delenv(key)
+    ip.run_line_magic("load_ext", "nbtask")
+    ip.run_cell_magic("task", "--wait --keep big --keep other", "big = list(range(10))\nother = 2")
+    with pytest.raises(CellError) as refused:
+        ip.run_line_magic("nbtask", "workers 3")
+    assert str(refused.value) == (
+        "%nbtask workers 3 would lose big, other: kept on the workers, they go with the "
+        "embedded cluster, which a resize starts anew. Fetch each into the notebook first "
+        "(big = big.fetch()), or del what is not needed, then resize. Nothing was changed"
+    )
+    session = session_of(ip)
+    assert session is not None and session.app.settings.embedded_workers == 2
+    held = ip.user_ns["other"]  # a reference no name of the notebook holds
+    cell_run(ip, "big = big.fetch()\ndel other")
+    capsys.readouterr()
+    ip.run_line_magic("nbtask", "workers 3")
+    assert "3 worker processes" in capsys.readouterr().out
+    assert ip.run_cell_magic("task", "--wait", "sum(big)") == 45
+    # What no name held was released: its error says by what.
+    with pytest.raises(BlobError, match=r"released when the embedded cluster was started anew"):
+        held.fetch()
 
 
 def test_stop_while_the_session_starts_stops_the_embedded_cluster(
