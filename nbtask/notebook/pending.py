@@ -88,7 +88,7 @@ class CellRun:
         (a large one, read from the store when delivered) cannot tell: all stay until then.
         """
         try:
-            failed = handle.exception(0) is not None  # a failed run binds none of them
+            failed = handle.error is not None  # a failed run binds none of them
             outcome = None if failed else concurrent.futures.Future.result(handle, 0)
         except Exception:  # cancelled, say: delivered or not, the objects go then
             return

@@ -69,14 +69,14 @@ def finish_background(shell: Any, timeout: float | None) -> None:
     failed = [run for run in background if _failed(run)]
     if failed:
         first, *others = failed
-        error = first.handle.exception(0)
+        error = first.handle.error
         more = f" (and {_count(others)} more: {', '.join(map(_named, others))})" if others else ""
         raise one_line(RuntimeError(f"{_named(first)} failed with {_said(error)}{more}"))
 
 
 def _failed(run: CellRun) -> bool:
     """A run that failed and whose error no cell raised (a cancelled one did not fail)."""
-    error = run.handle.exception(0)
+    error = run.handle.error
     return error is not None and not isinstance(error, TaskRevoked) and not run.delivered
 
 
