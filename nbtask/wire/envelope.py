@@ -142,12 +142,48 @@ def _code_keeping_its_file(code: types.CodeType) -> Any:
 _CLOUDPICKLE_CODE_REDUCE = cloudpickle.Pickler.dispatch_table[types.CodeType]
 
 
+def _with_its_slots(cls: type, reduced: Any) -> Any:
+    """Cloudpickle's reduction of a class pickled by value, made to rebuild its slots.
+
+    Cloudpickle makes the class anew without ``__slots__`` and sets that attribute
+    afterwards, which makes no slot: an object of the rebuilt class keeps its attributes
+    in a ``__dict__``, and once pickled back to where the class is the real one (found
+    again by its tracker id) it cannot be loaded (``'Frozen' object has no attribute
+    '__dict__'``). Naming ``__slots__`` among the arguments the class is made with gives
+    it its slots, as where it was defined; the reduction is cloudpickle's own otherwise,
+    so any cloudpickle loads it.
+    """
+    if (
+        not isinstance(reduced, tuple)
+        or reduced[0] is not _MAKE_SKELETON_CLASS
+        or "__slots__" not in vars(cls)
+    ):
+        return reduced
+    metaclass, name, bases, type_kwargs, tracker_id, extra = reduced[1]
+    if "__dict__" in type_kwargs:  # a ``__dict__`` property: no slot of that name
+        return reduced
+    made_with = {**type_kwargs, "__slots__": vars(cls)["__slots__"]}
+    return (reduced[0], (metaclass, name, bases, made_with, tracker_id, extra), *reduced[2:])
+
+
+# Private to cloudpickle (3.x), and the reduction's first item, which this module checks.
+_MAKE_SKELETON_CLASS = cloudpickle.cloudpickle._make_skeleton_class
+
+
 class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
-    """Cloudpickle's pickler, keeping the file names of code it pickles by value."""
+    """Cloudpickle's pickler, keeping what it drops of what it pickles by value.
+
+    The file names of code, and the slots of classes.
+    """
 
     dispatch_table: ClassVar[collections.ChainMap[Any, Any]] = collections.ChainMap(
         {types.CodeType: _code_keeping_its_file}, cloudpickle.Pickler.dispatch_table
     )
+
+    def reducer_override(self, obj: Any) -> Any:
+        """Cloudpickle's, but a class pickled by value keeps its ``__slots__``."""
+        reduced = super().reducer_override(obj)
+        return _with_its_slots(obj, reduced) if isinstance(obj, type) else reduced
 
 
 def dumps(value: object) -> bytes:

@@ -89,6 +89,45 @@ def test_a_closure_and_defaults_are_read_at_each_send(app: App, start_worker) ->
     assert scale.delay(3).get(timeout=10) == 31
 
 
+SLOTS_CLASSES = """
+from dataclasses import dataclass
+
+class Frozen:
+    __slots__ = ("v",)
+    def __init__(self, v):
+        self.v = v
+
+@dataclass(slots=True)
+class Point:
+    x: int
+
+class Tagged(Frozen):
+    __slots__ = ("tag", "__weakref__")
+
+@app.task
+def make(v):
+    return Frozen(v), Point(v), Tagged(v)
+
+@app.task
+def bump(f):
+    f.v += 1
+    return f
+"""
+
+
+def test_objects_of_a_notebook_slots_class_come_back_from_a_task(app: App, start_worker) -> None:
+    """A ``__slots__`` class (a dataclass with ``slots=True`` too) travels by value."""
+    start_worker()
+    cells = notebook(app, SLOTS_CLASSES)
+    frozen, point, tagged = cells["make"].delay(3).get(timeout=10)
+    assert type(frozen) is cells["Frozen"] and frozen.v == 3
+    assert point == cells["Point"](3)
+    assert type(tagged) is cells["Tagged"] and tagged.v == 3 and not hasattr(tagged, "tag")
+    assert not any(hasattr(o, "__dict__") for o in (frozen, point, tagged))
+    bumped = cells["bump"].delay(cells["Frozen"](5)).get(timeout=10)
+    assert type(bumped) is cells["Frozen"] and bumped.v == 6
+
+
 def test_the_pickle_is_reused_while_nothing_it_holds_changed(app: App) -> None:
     cells = notebook(app, COUNT_ABOVE + "def unused():\n    pass\n")
     count_above: Task = cells["count_above"]
