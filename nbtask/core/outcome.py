@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 from nbtask.core.task_errors import revoked, task_exception, unloadable, worker_lost
 from nbtask.errors import NbtaskError
 from nbtask.wire.blobs import ByteProgress
-from nbtask.wire.events import Deferred, Event, EventType, Unloadable
+from nbtask.wire.events import Deferred, Event, EventType, Unloadable, lacks_code
 
 __all__ = ["FetchWatch", "Outcome", "final_outcome", "load_result"]
 
@@ -48,7 +48,7 @@ def final_outcome(event: Event, result: Any, task_id: str, label: str) -> Outcom
     """
     data = event.data
     if event.type is EventType.SUCCESS and isinstance(result, Unloadable):
-        return Outcome(None, unloadable(label, result.why), None)
+        return Outcome(None, unloadable(label, result.why, missing=result.missing), None)
     if event.type is EventType.SUCCESS:
         return Outcome(result, None, None)
     if event.type is EventType.REVOKED:
@@ -69,7 +69,7 @@ def load_result(deferred: Deferred, name: str, task_id: str, watch: FetchWatch |
     BlobError
         The result's blobs expired or were altered in the store.
     SerializationError
-        The result needs a class this process cannot import (or cannot be decoded).
+        The result needs a class this process cannot import, or does not rebuild here.
     """
     try:
         if watch is None:
@@ -79,4 +79,5 @@ def load_result(deferred: Deferred, name: str, task_id: str, watch: FetchWatch |
     except NbtaskError:
         raise
     except Exception as exc:
-        raise unloadable(f"{name}[{task_id}]", f"{type(exc).__name__}: {exc}") from None
+        why = f"{type(exc).__name__}: {exc}"
+        raise unloadable(f"{name}[{task_id}]", why, missing=lacks_code(exc)) from None

@@ -22,12 +22,23 @@ _KNOWN_FAILURES: dict[str, type[RemoteError]] = {
 }
 
 
-def unloadable(label: str, why: str) -> SerializationError:
-    """Task ``label`` (``name[id]``) succeeded, but its result cannot be loaded here."""
+def unloadable(label: str, why: str, *, missing: bool) -> SerializationError:
+    """Task ``label`` (``name[id]``) succeeded, but its result cannot be loaded here.
+
+    ``missing``: a module or class the result names is missing here (``why`` says which),
+    else what it names was found, and rebuilding the value from its state failed.
+    """
+    if missing:
+        return SerializationError(
+            f"task {label} succeeded, but its result cannot be loaded in this "
+            f"process ({why}): install what defines it here, or return plain values "
+            "(numbers, strings, lists, dicts, numpy arrays)"
+        )
     return SerializationError(
-        f"task {label} succeeded, but its result cannot be loaded in this "
-        f"process ({why}): install what defines it here, or return plain values "
-        "(numbers, strings, lists, dicts, numpy arrays)"
+        f"task {label} succeeded, but its result cannot be loaded in this process: "
+        f"what it names is found here, and rebuilding the value from its state failed "
+        f"({why}); its class here does not take the state it had on the worker, or raised "
+        "while loading it (return plain values: numbers, strings, lists, dicts, numpy arrays)"
     )
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "State",
     "Unloadable",
     "decode_event",
+    "lacks_code",
     "run_seq_base",
 ]
 
@@ -256,9 +257,36 @@ class Deferred:
 
 @dataclasses.dataclass(frozen=True)
 class Unloadable:
-    """A verified result that cannot be loaded in this process (its class is missing here)."""
+    """A verified result that cannot be loaded in this process.
+
+    ``why``: the exception, as ``Type: message``; ``missing``: whether loading it failed
+    for a module or class it names that this process lacks (:func:`lacks_code`), rather
+    than while rebuilding the value from its state.
+    """
 
     why: str
+    missing: bool = True
+
+    @classmethod
+    def of(cls, exc: BaseException) -> Unloadable:
+        """What loading a value that raised ``exc`` says."""
+        return cls(f"{type(exc).__name__}: {exc}", lacks_code(exc))
+
+
+# How pickle says a module it imported has no such name (3.11-3.13, and 3.14).
+_NO_SUCH_NAME = ("Can't get attribute ", "Can't resolve path ")
+
+
+def lacks_code(exc: BaseException) -> bool:
+    """Whether unpickling raised ``exc`` for a module or a name in one missing here.
+
+    An import that fails, or a module without the class or function the pickle names
+    (another version of it); not an error raised while the value is rebuilt from its
+    state, where its class is here (``__setstate__``, slots that do not match).
+    """
+    if isinstance(exc, ImportError):
+        return True
+    return isinstance(exc, AttributeError) and str(exc).startswith(_NO_SUCH_NAME)
 
 
 def decode_event(signer: Signer, raw: bytes, fetch: BlobReader | None = None) -> tuple[Event, Any]:
@@ -294,5 +322,5 @@ def decode_event(signer: Signer, raw: bytes, fetch: BlobReader | None = None) ->
         try:
             result = decode_value(envelope.body, serializer, layout, fetch)
         except Exception as exc:
-            result = Unloadable(f"{type(exc).__name__}: {exc}")
+            result = Unloadable.of(exc)
     return event, result

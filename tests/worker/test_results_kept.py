@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import remote_of, wait_until
@@ -133,9 +134,36 @@ def test_result_only_the_worker_can_load_ends_with_a_clear_error(app: App, start
         return module.Stranger()
 
     h = returns_a_stranger.delay()
-    with pytest.raises(nbtask.SerializationError, match="only_on_the_worker"):
+    with pytest.raises(nbtask.SerializationError, match="only_on_the_worker") as info:
         h.get(timeout=10)
+    assert "install what defines it here" in str(info.value)
     assert h.state is State.SUCCESS  # it did succeed; only this process cannot load it
+
+
+def test_result_whose_class_is_here_but_does_not_rebuild_says_what_failed(
+    app: App, start_worker
+) -> None:
+    start_worker()
+
+    class Picky:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (Picky, (), {"version": 2})
+
+        def __setstate__(self, state: dict[str, Any]) -> None:
+            raise ValueError(f"version {state['version']} is not known here")
+
+    @app.task
+    def returns_picky() -> object:
+        return Picky()
+
+    h = returns_picky.delay()
+    with pytest.raises(nbtask.SerializationError) as info:
+        h.get(timeout=10)
+    said = str(info.value)
+    assert "ValueError: version 2 is not known here" in said
+    assert "rebuilding the value from its state failed" in said
+    assert "install" not in said  # what defines it is here: installing it changes nothing
+    assert h.state is State.SUCCESS
 
 
 def test_reused_task_id_is_refused_at_send_time(app: App, start_worker) -> None:
