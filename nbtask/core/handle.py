@@ -236,7 +236,7 @@ class TaskHandle(CeleryResultNames, TaskEvents):
         BlobError
             The result's blobs expired or were altered in the store.
         SerializationError
-            The result needs a class this process cannot import.
+            The result needs a class this process cannot import, or does not rebuild here.
         ConfigurationError
             ``timeout`` is neither ``None`` nor a number of seconds.
         """

@@ -13,7 +13,7 @@ from nbtask.errors import (
     WorkerLost,
 )
 
-__all__ = ["revoked", "task_exception", "unloadable", "worker_lost"]
+__all__ = ["revoked", "task_exception", "unloadable", "unloadable_values", "worker_lost"]
 
 # Failures nbtask itself reports come back as its own exception types.
 _KNOWN_FAILURES: dict[str, type[RemoteError]] = {
@@ -22,23 +22,33 @@ _KNOWN_FAILURES: dict[str, type[RemoteError]] = {
 }
 
 
+#: What to do about a value that cannot be loaded because a module or class it names is
+#: missing here, and what failed when nothing it names is missing.
+_INSTALL = "install what defines it here"
+_REBUILD_FAILED = (
+    "what it names is found here, and rebuilding the value from its state failed (its class "
+    "here does not take the state it had on the worker, or raised while loading it)"
+)
+
+
 def unloadable(label: str, why: str, *, missing: bool) -> SerializationError:
     """Task ``label`` (``name[id]``) succeeded, but its result cannot be loaded here.
 
     ``missing``: a module or class the result names is missing here (``why`` says which),
     else what it names was found, and rebuilding the value from its state failed.
     """
-    if missing:
-        return SerializationError(
-            f"task {label} succeeded, but its result cannot be loaded in this "
-            f"process ({why}): install what defines it here, or return plain values "
-            "(numbers, strings, lists, dicts, numpy arrays)"
-        )
+    plain = "return plain values (numbers, strings, lists, dicts, numpy arrays)"
+    advice = f"{_INSTALL}, or {plain}" if missing else f"{_REBUILD_FAILED}; or {plain}"
     return SerializationError(
-        f"task {label} succeeded, but its result cannot be loaded in this process: "
-        f"what it names is found here, and rebuilding the value from its state failed "
-        f"({why}); its class here does not take the state it had on the worker, or raised "
-        "while loading it (return plain values: numbers, strings, lists, dicts, numpy arrays)"
+        f"task {label} succeeded, but its result cannot be loaded in this process ({why}): {advice}"
+    )
+
+
+def unloadable_values(label: str, why: str, *, missing: bool) -> SerializationError:
+    """The values cell ``label`` bound cannot be loaded in this kernel: none is bound."""
+    return SerializationError(
+        f"the values cell {label!r} bound cannot be loaded in this kernel ({why}): "
+        f"{_INSTALL if missing else _REBUILD_FAILED}; none of them was bound"
     )
 
 

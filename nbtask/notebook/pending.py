@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
+from nbtask.core.task_errors import unloadable_values
 from nbtask.errors import BlobError, TaskRevoked, WorkerLost
 from nbtask.notebook import process_state
 from nbtask.notebook.analysis import is_history_name
@@ -35,7 +36,7 @@ from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.remote_errors import local_exception
 from nbtask.wire.blobs import Packed
 from nbtask.wire.envelope import Envelope
-from nbtask.wire.events import State
+from nbtask.wire.events import State, lacks_code
 
 if TYPE_CHECKING:
     from nbtask.core.handle import TaskHandle
@@ -328,7 +329,12 @@ class Pending:
         """Write a cell's names and process-wide state changes into this kernel."""
         # The notebook's objects its values hold: loaded as they are, not as copies.
         objects = {n: run.sent[n] for n in effects.get("sent_inside", ()) if n in run.sent}
-        arrived = load_values(effects, objects)
+        try:
+            arrived = load_values(effects, objects)
+        except Exception as exc:  # a class only the workers can import, a __setstate__
+            why = f"{type(exc).__name__}: {exc}"
+            error = unloadable_values(run.label, why, missing=lacks_code(exc))
+            raise one_line(error) from exc
         run.shown = _with_objects(effects.get("shown"), objects)
         del objects
         known = self._known_references(arrived)

@@ -174,25 +174,3 @@ def test_a_value_changed_in_place_is_the_notebooks_object_deep_in_the_cells_valu
     assert tree.value == 3 and tree.children[0].parent is tree
     assert ip.user_ns["held"] == [ip.user_ns["model"], tree]
     assert ip.user_ns["held"][0] is ip.user_ns["model"] and ip.user_ns["held"][1] is tree
-
-
-def test_an_object_of_a_notebook_slots_class_changed_in_place_or_made_comes_back(
-    ip: InteractiveShell, nb: Session
-) -> None:
-    """A class with ``__slots__``, defined in the notebook (it travels by value), as locally."""
-    run(
-        ip,
-        "from dataclasses import dataclass\n"
-        "class Frozen:\n    __slots__ = ('v',)\n    def __init__(self):\n        self.v = 1\n"
-        "@dataclass(slots=True)\nclass Point:\n    x: int\n"
-        "fz = Frozen()\nheld = [fz]\npoint = Point(1)",
-    )
-    task(ip, "fz.v = 2\npoint.x = 5")
-    assert ip.user_ns["fz"].v == 2
-    assert ip.user_ns["held"][0] is ip.user_ns["fz"]
-    assert ip.user_ns["point"] == ip.user_ns["Point"](5)
-    task(ip, "fz2 = Frozen()\nfz2.v = 7\np2 = Point(3)")
-    fz2 = ip.user_ns["fz2"]
-    assert isinstance(fz2, ip.user_ns["Frozen"]) and fz2.v == 7
-    assert not hasattr(fz2, "__dict__")
-    assert ip.user_ns["p2"] == ip.user_ns["Point"](3)
