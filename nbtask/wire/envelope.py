@@ -149,9 +149,8 @@ def _with_its_slots(cls: type, reduced: Any) -> Any:
     afterwards, which makes no slot: an object of the rebuilt class keeps its attributes
     in a ``__dict__``, and once pickled back to where the class is the real one (found
     again by its tracker id) it cannot be loaded (``'Frozen' object has no attribute
-    '__dict__'``). Naming ``__slots__`` among the arguments the class is made with gives
-    it its slots, as where it was defined; the reduction is cloudpickle's own otherwise,
-    so any cloudpickle loads it.
+    '__dict__'``). :func:`_skeleton_with_slots` makes it with its slots, as where it was
+    defined; the rest of the reduction is cloudpickle's own.
     """
     if (
         not isinstance(reduced, tuple)
@@ -159,15 +158,32 @@ def _with_its_slots(cls: type, reduced: Any) -> Any:
         or "__slots__" not in vars(cls)
     ):
         return reduced
-    metaclass, name, bases, type_kwargs, tracker_id, extra = reduced[1]
-    if "__dict__" in type_kwargs:  # a ``__dict__`` property: no slot of that name
-        return reduced
-    made_with = {**type_kwargs, "__slots__": vars(cls)["__slots__"]}
-    return (reduced[0], (metaclass, name, bases, made_with, tracker_id, extra), *reduced[2:])
+    return (_skeleton_with_slots, (*reduced[1], vars(cls)["__slots__"]), *reduced[2:])
 
 
-# Private to cloudpickle (3.x), and the reduction's first item, which this module checks.
-_MAKE_SKELETON_CLASS = cloudpickle.cloudpickle._make_skeleton_class
+def _skeleton_with_slots(
+    metaclass: type,
+    name: str,
+    bases: tuple[type, ...],
+    type_kwargs: dict[str, Any],
+    tracker_id: str,
+    extra: Any,
+    slots: Any,
+) -> type:
+    """Cloudpickle's skeleton of a class, made with its ``slots`` where it takes them.
+
+    A class whose metaclass or bases refuse ``__slots__`` in the namespace (a
+    ``typing.NamedTuple``, which makes its own) is made as cloudpickle makes it.
+    """
+    try:
+        with_slots = {**type_kwargs, "__slots__": slots}
+        return _MAKE_SKELETON_CLASS(metaclass, name, bases, with_slots, tracker_id, extra)
+    except (TypeError, ValueError, AttributeError):
+        return _MAKE_SKELETON_CLASS(metaclass, name, bases, type_kwargs, tracker_id, extra)
+
+
+# Private to cloudpickle (3.x): the first item of its reduction of a class by value.
+_MAKE_SKELETON_CLASS: Callable[..., type] = cloudpickle.cloudpickle._make_skeleton_class
 
 
 class Pickler(cloudpickle.Pickler):  # type: ignore[misc]

@@ -91,6 +91,9 @@ def test_a_closure_and_defaults_are_read_at_each_send(app: App, start_worker) ->
 
 SLOTS_CLASSES = """
 from dataclasses import dataclass
+from typing import Generic, NamedTuple, TypeVar
+
+T = TypeVar("T")
 
 class Frozen:
     __slots__ = ("v",)
@@ -104,9 +107,18 @@ class Point:
 class Tagged(Frozen):
     __slots__ = ("tag", "__weakref__")
 
+class Pair(NamedTuple):  # its metaclass makes the slots, and refuses them in the class body
+    a: int
+    b: int = 2
+
+class Box(Generic[T]):
+    __slots__ = ("item",)
+    def __init__(self, item):
+        self.item = item
+
 @app.task
 def make(v):
-    return Frozen(v), Point(v), Tagged(v)
+    return Frozen(v), Point(v), Tagged(v), Pair(v), Box(v)
 
 @app.task
 def bump(f):
@@ -119,11 +131,13 @@ def test_objects_of_a_notebook_slots_class_come_back_from_a_task(app: App, start
     """A ``__slots__`` class (a dataclass with ``slots=True`` too) travels by value."""
     start_worker()
     cells = notebook(app, SLOTS_CLASSES)
-    frozen, point, tagged = cells["make"].delay(3).get(timeout=10)
+    frozen, point, tagged, pair, box = cells["make"].delay(3).get(timeout=10)
     assert type(frozen) is cells["Frozen"] and frozen.v == 3
     assert point == cells["Point"](3)
     assert type(tagged) is cells["Tagged"] and tagged.v == 3 and not hasattr(tagged, "tag")
-    assert not any(hasattr(o, "__dict__") for o in (frozen, point, tagged))
+    assert type(pair) is cells["Pair"] and pair == (3, 2)
+    assert type(box) is cells["Box"] and box.item == 3
+    assert not any(hasattr(o, "__dict__") for o in (frozen, point, tagged, pair, box))
     bumped = cells["bump"].delay(cells["Frozen"](5)).get(timeout=10)
     assert type(bumped) is cells["Frozen"] and bumped.v == 6
 
