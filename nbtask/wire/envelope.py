@@ -184,6 +184,7 @@ def _skeleton_with_slots(
 
 # Private to cloudpickle (3.x): the first item of its reduction of a class by value.
 _MAKE_SKELETON_CLASS: Callable[..., type] = cloudpickle.cloudpickle._make_skeleton_class
+_CLOUDPICKLE_REDUCER_OVERRIDE: Callable[[Any, Any], Any] = cloudpickle.Pickler.reducer_override
 
 
 class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
@@ -198,8 +199,10 @@ class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
 
     def reducer_override(self, obj: Any) -> Any:
         """Cloudpickle's, but a class pickled by value keeps its ``__slots__``."""
-        reduced = super().reducer_override(obj)
-        return _with_its_slots(obj, reduced) if isinstance(obj, type) else reduced
+        if isinstance(obj, type):
+            return _with_its_slots(obj, _CLOUDPICKLE_REDUCER_OVERRIDE(self, obj))
+        # Called for nearly every object pickled: no super() lookup on the way.
+        return _CLOUDPICKLE_REDUCER_OVERRIDE(self, obj)
 
 
 def dumps(value: object) -> bytes:
