@@ -44,11 +44,16 @@ def unloadable(label: str, why: str, *, missing: bool) -> SerializationError:
     )
 
 
-def unloadable_values(label: str, why: str, *, missing: bool) -> SerializationError:
-    """The values cell ``label`` bound cannot be loaded in this kernel: none is bound."""
+def unloadable_values(label: str, why: str, *, missing: bool | None) -> SerializationError:
+    """The values cell ``label`` bound cannot be loaded in this kernel: none is bound.
+
+    ``missing``: as for :func:`unloadable`; ``None`` when ``why`` says it all (a notebook
+    object the values name is no longer known here).
+    """
+    advice = "" if missing is None else f": {_INSTALL if missing else _REBUILD_FAILED}"
     return SerializationError(
-        f"the values cell {label!r} bound cannot be loaded in this kernel ({why}): "
-        f"{_INSTALL if missing else _REBUILD_FAILED}; none of them was bound"
+        f"the values cell {label!r} bound cannot be loaded in this kernel ({why}){advice}; "
+        "none of them was bound"
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import pickle
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
@@ -332,9 +333,10 @@ class Pending:
         try:
             arrived = load_values(effects, objects)
         except Exception as exc:  # a class only the workers can import, a __setstate__
+            # An UnpicklingError: a notebook object they name is gone, as it says.
+            missing = None if isinstance(exc, pickle.UnpicklingError) else lacks_code(exc)
             why = f"{type(exc).__name__}: {exc}"
-            error = unloadable_values(run.label, why, missing=lacks_code(exc))
-            raise one_line(error) from exc
+            raise one_line(unloadable_values(run.label, why, missing=missing)) from exc
         run.shown = _with_objects(effects.get("shown"), objects)
         del objects
         known = self._known_references(arrived)
