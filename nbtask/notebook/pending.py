@@ -10,9 +10,7 @@ hook — never from the listener thread.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
-import dataclasses
 import pickle
 import sys
 import time
@@ -24,6 +22,7 @@ from nbtask.errors import BlobError, TaskRevoked, WorkerLost
 from nbtask.notebook import process_state
 from nbtask.notebook.analysis import is_history_name
 from nbtask.notebook.carried import WithObjects, load_values, share_namespace
+from nbtask.notebook.cell_run import CellRun, lost_error, revoked_error, sent_objects_of
 from nbtask.notebook.follow import (
     StopPresses,
     cancel_task,
@@ -41,65 +40,13 @@ from nbtask.wire.events import State, lacks_code
 
 if TYPE_CHECKING:
     from nbtask.core.handle import TaskHandle
-    from nbtask.notebook.widgets import TaskView
 
-__all__ = [
-    "CellRun",
-    "Pending",
-]
+__all__ = ["Pending"]
 
 _POLL_SECONDS = 0.02
 #: How long an interrupted cell waits for its task to end: the worker's grace before it
 #: kills a task that ignores the interrupt (5 s), and some.
 _STOPPING_SECONDS = 10.0
-
-
-@dataclasses.dataclass(eq=False)
-class CellRun:
-    """One ``%%task`` execution as the notebook sees it."""
-
-    handle: TaskHandle
-    label: str
-    names: tuple[str, ...]
-    view: TaskView | None = None
-    submitted: float = dataclasses.field(default_factory=time.time)
-    delivered: bool = False
-    #: Its names that a later cell (or the notebook itself) bound meanwhile: its values
-    #: for them are older than what the notebook holds, and never written.
-    superseded: set[str] = dataclasses.field(default_factory=set)
-    #: Its names the cell binds anew (the others it may only change in place).
-    rebound: frozenset[str] = frozenset()
-    #: The notebook's process-wide state it was sent with (random generators included).
-    state: bytes = b""
-    #: How its last expression's value came back (a ``--wait`` cell's ``Out``), if it did.
-    shown: Any = None
-    #: The notebook's objects it was sent, by name, until it is seen finished: a name the
-    #: cell binds to one of them is bound to it (``alias = small``: ``alias is small``),
-    #: as are its values that hold one (``pair = (small, 1)``). Once it has ended, only
-    #: those its values name are held (see :meth:`ended`).
-    sent: dict[str, Any] = dataclasses.field(default_factory=dict)
-    #: The notebook's number for the cell that sent it (``In[cell]``), 0 if unknown.
-    cell: int = 0
-
-    def ended(self, handle: Any) -> None:
-        """Let go of the objects it was sent that its values do not name (a done callback).
-
-        Called on the thread that read its final event, maybe while the main thread
-        delivers it: the objects its values name stay (the main thread may be loading
-        them), the others are dropped from :attr:`sent` in place. A result not loaded yet
-        (a large one, read from the store when delivered) cannot tell: all stay until then.
-        """
-        try:
-            failed = handle.error is not None  # a failed run binds none of them
-            outcome = None if failed else concurrent.futures.Future.result(handle, 0)
-        except Exception:  # cancelled, say: delivered or not, the objects go then
-            return
-        if not failed and not isinstance(outcome, Mapping):
-            return
-        needed = _named(outcome) if isinstance(outcome, Mapping) else set()
-        sent = self.sent
-        for name in [n for n in sent if n not in needed]:
-            sent.pop(name, None)
 
 
 class Pending:
@@ -317,9 +264,9 @@ class Pending:
             unset = [n for n in mine if n not in came]
             unset = [n for n in unset if n in set(read)] or unset
             if isinstance(exc, TaskRevoked):
-                raise _revoked(run, unset) from None
+                raise revoked_error(run, unset) from None
             if isinstance(exc, WorkerLost):
-                raise _lost(run, unset, exc) from None
+                raise lost_error(run, unset, exc) from None
             if exc is not None:
                 raise local_exception(exc, self.namespace)
         finally:
@@ -348,7 +295,7 @@ class Pending:
         changed = effects.get("kept_in_place", ())
         self._changed_kept(arrived, [n for n in changed if n not in run.superseded])
         in_place = [n for n in effects.get("in_place", ()) if n not in run.superseded]
-        sent = _sent_objects(run, effects.get("sent", {}))
+        sent = sent_objects_of(run, effects.get("sent", {}))
         run.sent = {}  # not counted as a holder of the objects bring_back writes into
         arrived = bring_back(self.namespace, arrived, in_place, _say)  # empties the first
         arrived.update(sent)
@@ -457,24 +404,6 @@ class Pending:
                     self._on_kept(value)
 
 
-def _sent_objects(run: CellRun, names: Mapping[str, str]) -> dict[str, Any]:
-    """``{name: object}`` for the names the cell bound to an object it was sent, unchanged.
-
-    ``names``: ``{name: shipped name}``; each is bound to the very object the cell was
-    sent under the shipped name (the notebook's, even if it rebound that name meanwhile),
-    as locally.
-    """
-    return {name: run.sent[source] for name, source in names.items() if source in run.sent}
-
-
-def _named(effects: Mapping[str, Any]) -> set[str]:
-    """The shipped names a cell's values name: bound to one, or held inside them."""
-    sent = effects.get("sent")
-    inside = effects.get("sent_inside")
-    named = set(sent.values()) if isinstance(sent, Mapping) else set()
-    return named | set(inside) if isinstance(inside, Mapping) else named
-
-
 def _with_objects(shown: Any, objects: Mapping[str, Any]) -> Any:
     """A ``--wait`` cell's last expression as it came, loaded with ``objects`` when asked."""
     if objects and isinstance(shown, tuple) and len(shown) == 2 and shown[0] == "value":
@@ -486,30 +415,6 @@ def _with_objects(shown: Any, objects: Mapping[str, Any]) -> Any:
 
 def _say(line: str) -> None:
     print(line, file=sys.stderr)
-
-
-def _revoked(run: CellRun, names: Iterable[str]) -> TaskRevoked:
-    """A cancelled cell's error where its names are read: one line naming the cell."""
-    reason = run.handle.info.get("reason")
-    why = f" ({reason})" if reason and reason != "revoked" else ""
-    wanted = ", ".join(names) or "what it assigns"
-    return one_line(
-        TaskRevoked(
-            f"task {run.label!r} [{run.handle.id[:8]}] was cancelled{why} before it ended: "
-            f"run the cell again to set {wanted}"
-        )
-    )
-
-
-def _lost(run: CellRun, names: Iterable[str], exc: WorkerLost) -> WorkerLost:
-    """The error of a cell whose worker process died, where its names are read: one line."""
-    reason = run.handle.info.get("reason") or exc.evalue
-    wanted = ", ".join(names) or "what it assigns"
-    said = (
-        f"task {run.label!r} [{run.handle.id[:8]}] did not end: the worker process running "
-        f"it died ({reason}); run the cell again to set {wanted}"
-    )
-    return one_line(WorkerLost("WorkerLost", said, "", run.handle.id))
 
 
 def wait_interruptibly(handle: TaskHandle, timeout: float | None = None) -> None:

@@ -13,9 +13,9 @@ import time
 from typing import Any
 
 from nbtask.errors import TaskRevoked
+from nbtask.notebook.cell_run import CellRun
 from nbtask.notebook.follow import cancel_task, one_line
 from nbtask.notebook.magics import session_of
-from nbtask.notebook.pending import CellRun
 
 __all__ = ["finish_background"]
 

@@ -24,6 +24,7 @@ from nbtask.errors import CellError, TaskNotFound
 from nbtask.notebook import process_state
 from nbtask.notebook.board import Row, TaskBoard, format_row, notebook_group
 from nbtask.notebook.carried import carried_names
+from nbtask.notebook.cell_run import CellRun
 from nbtask.notebook.celltask import NamedCell, cell_task
 from nbtask.notebook.fetchbar import fetch_progress
 from nbtask.notebook.follow import (
@@ -33,7 +34,7 @@ from nbtask.notebook.follow import (
     stop_presses,
 )
 from nbtask.notebook.kept import RemoteValue
-from nbtask.notebook.pending import CellRun, Pending
+from nbtask.notebook.pending import Pending
 from nbtask.notebook.releases import Releases, ReleaseTask
 from nbtask.notebook.shipping import analyzed, prepare, transformed
 from nbtask.notebook.version_warnings import VersionWarnings, modules_used

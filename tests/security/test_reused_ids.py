@@ -104,13 +104,7 @@ def test_reattach_refuses_an_earlier_sends_result_put_back_with_its_send(
     access.store.hset(
         access.keys.record_key(task_id), mapping={"result": earlier, "sent": earlier_sent}
     )
-    reader = _reader(settings)
-    try:
-        with pytest.raises(SignatureError, match="another send"):
-            value = reader.handle(task_id).get(timeout=5)
-            pytest.fail(f"re-attached to the earlier send's result {value}, not 30")
-    finally:
-        reader.close()
+    _reattaching_is_refused(settings, task_id, "another send")
 
 
 def test_reattach_refuses_a_result_older_than_result_ttl_with_nothing_newer_kept(
@@ -126,13 +120,7 @@ def test_reattach_refuses_a_result_older_than_result_ttl_with_nothing_newer_kept
     old = _outcome_stored_long_ago(app, task_id, earlier_sent, 5)
     fields = {"result": old, "sent": earlier_sent, "client": access.keys.channel_key("0ff")}
     access.store.hset(access.keys.record_key(task_id), mapping=fields)
-    reader = _reader(settings)
-    try:
-        with pytest.raises(SignatureError, match="result_ttl"):
-            value = reader.handle(task_id).get(timeout=5)
-            pytest.fail(f"re-attached to the earlier send's result {value}, not 30")
-    finally:
-        reader.close()
+    _reattaching_is_refused(settings, task_id, "result_ttl")
 
 
 def test_a_reattached_handle_follows_the_running_send_whatever_its_record_says(
@@ -175,5 +163,16 @@ def test_a_reattached_handle_follows_the_running_send_whatever_its_record_says(
         start_worker("-Q", "later", concurrency=1)
         assert h.get(timeout=15) == 30
         assert again.get(timeout=15) == 30
+    finally:
+        reader.close()
+
+
+def _reattaching_is_refused(settings: Settings, task_id: str, why: str) -> None:
+    """A client re-attaching to ``task_id`` gets a SignatureError matching ``why``."""
+    reader = _reader(settings)
+    try:
+        with pytest.raises(SignatureError, match=why):
+            value = reader.handle(task_id).get(timeout=5)
+            pytest.fail(f"re-attached to the earlier send's result {value}, not 30")
     finally:
         reader.close()
