@@ -384,6 +384,8 @@ class Listener:
         """
         if self._recover is None:
             return
+        if not (stalled or self._recovery_due or len(entries) >= _BACKLOG_EVENTS):
+            return  # the usual read: a few events, right after the last
         counts = collections.Counter(channel for channel, _, _ in entries)
         asked = [c for c in before if stalled or counts[c] >= _BACKLOG_EVENTS]
         try:
