@@ -23,9 +23,9 @@ from nbtask.brokers import Transport
 from nbtask.core.handle import TaskHandle
 from nbtask.errors import BrokerUnavailable
 from nbtask.wire.envelope import Signer
-from nbtask.wire.events import Event, decode_event
+from nbtask.wire.events import decode_event
 
-__all__ = ["Listener", "refusal"]
+__all__ = ["Listener"]
 
 log = logging.getLogger(__name__)
 _KEEPALIVE_SECONDS = 60.0
@@ -439,7 +439,7 @@ class Listener:
             handle = self._handles.get(event.task_id)
         if handle is None:
             return
-        why = refusal(handle, event, self._prefix)
+        why = handle.refusal(event, self._prefix)
         if why is not None:
             log.warning("dropped an event of task %s: %s", event.task_id, why)
             return
@@ -472,26 +472,6 @@ class Listener:
         with self._lock:
             if len(self._positions) > 1 and not self._handles:
                 self._positions = {self.channel: self._positions[self.channel]}
-
-
-def refusal(handle: TaskHandle, event: Event, prefix: str) -> str | None:
-    """Why ``event`` is not about ``handle``'s send of its task by app ``prefix``, if so.
-
-    A handle re-attached by id (``outcomes_after`` set) does not know its send for sure:
-    it moves on to a later send that a signed event names (someone with broker access can
-    put back only genuine events, so only earlier ones), and takes no outcome made before
-    ``outcomes_after``.
-    """
-    if handle.outcomes_after is None:
-        return event.not_for(prefix, handle.sent)
-    why = event.not_for(prefix, None) or event.not_after(handle.outcomes_after)
-    if why is not None:
-        return why
-    when = event.run[1]
-    if handle.sent is None or (when is not None and when > handle.sent):
-        handle.sent = when
-        return None
-    return event.not_for(prefix, handle.sent)
 
 
 def _past_the_clock(entry_id: str) -> bool:

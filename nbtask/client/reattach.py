@@ -211,10 +211,9 @@ def _stored_outcome(
         raise SignatureError(
             f"the stored result of task {handle.id!r} belongs to task {event.task_id!r}"
         )
-    if event.run[0] == prefix and event.run[1] is not None:
-        # A later send than any the record or the events name: the one to follow.
-        handle.sent = _newest(handle.sent, event.run[1])
-    why = event.not_for(prefix, handle.sent) or event.not_after(handle.outcomes_after)
+    # A re-attached handle moves on to a later send than any the record or the events
+    # name; one that knows its send takes that send's alone.
+    why = handle.refusal(event, prefix)
     if why is not None:  # another app's, or an earlier send's: someone put it here
         raise SignatureError(f"the stored result of task {handle.id!r} is not its own: {why}")
     if event.state not in FINAL_STATES:

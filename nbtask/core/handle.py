@@ -25,7 +25,7 @@ from nbtask.errors import (
     SendUnconfirmed,
 )
 from nbtask.settings import is_finite_number
-from nbtask.wire.events import Deferred, State
+from nbtask.wire.events import Deferred, Event, State
 
 __all__ = ["Client", "FetchWatch", "TaskHandle", "refusing_handles"]
 
@@ -276,6 +276,25 @@ class TaskHandle(CeleryResultNames, TaskEvents):
                 watch = self.app.fetch_watch if self.app is not None else None
                 self._loaded = (load_result(value, self.name, self.id, watch),)
             return self._loaded[0]
+
+    def refusal(self, event: Event, prefix: str) -> str | None:
+        """Why ``event`` is not about this send of the task by app ``prefix``, if so.
+
+        A handle re-attached by id (:attr:`outcomes_after` set) does not know its send for
+        sure: it moves on to a later send that a signed event names (someone with broker
+        access can put back only genuine events, so only earlier ones), and takes no
+        outcome made before :attr:`outcomes_after`.
+        """
+        if self.outcomes_after is None:
+            return event.not_for(prefix, self.sent)
+        why = event.not_for(prefix, None) or event.not_after(self.outcomes_after)
+        if why is not None:
+            return why
+        when = event.run[1]
+        if self.sent is None or (when is not None and when > self.sent):
+            self.sent = when
+            return None
+        return event.not_for(prefix, self.sent)
 
     def unfollowed(self, app_name: str) -> None:
         """Its app was closed: nothing will end this handle any more, so waiting raises.
