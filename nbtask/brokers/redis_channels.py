@@ -31,7 +31,6 @@ __all__ = [
     "event_of",
     "read_budget",
     "refuses_entries",
-    "stream_id",
 ]
 
 log = logging.getLogger(__name__)
@@ -198,7 +197,7 @@ class RedisChannels:
         first, length = fields.get(b"first-entry"), fields.get(b"length")
         if not isinstance(length, int) or length < CHANNEL_MAXLEN or not first:
             return False
-        return stream_id(first[0]) > stream_id(after.encode())
+        return _stream_id(first[0]) > _stream_id(after.encode())
 
     def drop_event(self, channel: str, entry_id: str) -> None:
         """Delete one entry of a client's channel."""
@@ -263,7 +262,7 @@ def _channel_name(prefix: str) -> re.Pattern[str]:
     return re.compile(re.escape(prefix) + r"[0-9a-f]{1,32}")
 
 
-def stream_id(entry_id: bytes) -> tuple[int, int]:
+def _stream_id(entry_id: bytes) -> tuple[int, int]:
     """A stream entry id (``b"<ms>-<seq>"``) as numbers, to compare ids; junk is ``(0, 0)``."""
     millis, _, seq = entry_id.partition(b"-")
     if not (millis.isdigit() and seq.isdigit()):

@@ -95,14 +95,13 @@ class DeadWorkers:
 
     def _note_queues_left(self, worker_id: str, queues: Sequence[str]) -> None:
         """Say once per dead worker that some of its processes' queues are left for now."""
-        if worker_id not in self._queues_left:
-            self._queues_left.add(worker_id)
-            log.warning(
-                "dead worker %s: queue(s) %s cannot be deleted yet (still consumed, or a "
-                "message came meanwhile); looking again at later heartbeats",
-                worker_id,
-                ", ".join(repr(q) for q in queues),
-            )
+        _say_once(
+            self._queues_left,
+            worker_id,
+            "dead worker %s: queue(s) %s cannot be deleted yet (still consumed, or a "
+            "message came meanwhile); looking again at later heartbeats",
+            ", ".join(repr(q) for q in queues),
+        )
 
     def rehome(self, consumers: Sequence[str], until: float = 0.0) -> list[str]:
         """Send on what still waits on the own queues of processes that are gone.
@@ -129,11 +128,16 @@ class DeadWorkers:
         """
         if info is None or info.verifiable_with(self.signer.accepted_key_ids):
             return True
-        if worker_id not in self._left_to_others:
-            self._left_to_others.add(worker_id)
-            log.warning(
-                "left dead worker %r to a worker with its secrets: this one cannot verify "
-                "its messages",
-                worker_id,
-            )
+        _say_once(
+            self._left_to_others,
+            worker_id,
+            "left dead worker %r to a worker with its secrets: this one cannot verify its messages",
+        )
         return False
+
+
+def _say_once(said: set[str], worker_id: str, message: str, *args: object) -> None:
+    """Log ``message`` (its first ``%`` field the worker) once per dead worker in ``said``."""
+    if worker_id not in said:
+        said.add(worker_id)
+        log.warning(message, worker_id, *args)
