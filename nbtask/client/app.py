@@ -337,12 +337,9 @@ class App(AppConnection):
             No record of the task (a wrong id, or one older than ``result_ttl``), or
             several tasks whose ids begin with ``task_id``.
         """
-        check_task_id(task_id)
+        task_id = self._task_id(task_id)
         listener = self._listen()
         existing = listener.get(task_id)
-        if existing is None:
-            task_id = resolve_task_id(self.store, task_id, self.settings.result_ttl)
-            existing = listener.get(task_id)
         if existing is not None:
             return existing
         return reattach(
@@ -354,6 +351,16 @@ class App(AppConnection):
             result_ttl=self.settings.result_ttl,
             prefix=self.settings.key_prefix,
         )
+
+    def _task_id(self, text: str, *, unsent: bool = False) -> str:
+        """The id of the task ``text`` names: one this app follows, else its id or prefix.
+
+        See :func:`~nbtask.client.reattach.resolve_task_id` (``unsent`` too).
+        """
+        check_task_id(text)
+        if self._listen().get(text) is not None:
+            return text
+        return resolve_task_id(self.store, text, self.settings.result_ttl, unsent=unsent)
 
     def AsyncResult(self, task_id: str) -> TaskHandle:  # Celery's spelling
         """Celery's name for :meth:`handle`.
@@ -379,7 +386,9 @@ class App(AppConnection):
         Parameters
         ----------
         task_id
-            The task to revoke.
+            The task to revoke: its id, or a unique prefix of it of 8 characters or more
+            (as :meth:`handle` takes). A whole id without a record (a chain's later step
+            not sent yet) is revoked ahead: it never starts.
         terminate
             Also stop it if it is running: its worker process gets SIGINT (a
             ``KeyboardInterrupt`` in the task) and is killed ``grace`` seconds later if
@@ -392,11 +401,17 @@ class App(AppConnection):
         bool
             True if the task was revoked before it started, or a terminate request was
             sent to the workers; False if it had already finished.
+
+        Raises
+        ------
+        TaskNotFound
+            ``task_id`` is a prefix that begins no kept task's id, or several.
         """
         check_task_id(task_id)
         if not (isinstance(grace, (int, float)) and 0 <= grace <= MAX_SECONDS):
             # NaN or infinity would never kill a task that ignores the interrupt.
             raise ConfigurationError(f"grace must be a number of seconds >= 0, got {grace!r}")
+        task_id = self._task_id(task_id, unsent=True)
         record = self.store.get_record(task_id)
         if self._revoke_pending(task_id, record, "revoked"):
             return True

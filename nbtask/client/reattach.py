@@ -36,12 +36,14 @@ _WHOLE_ID = re.compile(r"[0-9a-f]{32}")
 _AMBIGUOUS_SHOWN = 5  # the ids an ambiguous prefix's error names
 
 
-def resolve_task_id(store: Store, text: str, result_ttl: float) -> str:
+def resolve_task_id(store: Store, text: str, result_ttl: float, *, unsent: bool = False) -> str:
     """The id of the task ``text`` names: its whole id, or a unique prefix of it.
 
     An id with a record is itself; otherwise ``text`` of :data:`SHORT_ID_LENGTH` or more
     characters (short of a whole id as nbtask makes them) names the one task whose kept
-    record's id begins with it.
+    record's id begins with it. With ``unsent``, text that cannot be a prefix (a whole
+    id, or one too short) and has no record is itself too: a task not sent yet, such as
+    a chain's later step, which a revoke marks ahead.
 
     Raises
     ------
@@ -52,6 +54,8 @@ def resolve_task_id(store: Store, text: str, result_ttl: float) -> str:
     if store.get_record(text) is not None:
         return text
     prefix = len(text) >= SHORT_ID_LENGTH and not _WHOLE_ID.fullmatch(text)
+    if unsent and not prefix:
+        return text
     found = store.task_ids_starting(text, _AMBIGUOUS_SHOWN + 1) if prefix else []
     if not found:
         also = ", nor one whose id begins with it" if prefix else ""

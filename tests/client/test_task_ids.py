@@ -1,17 +1,19 @@
 """A task named by a unique prefix of its id (what views show), as git and Docker take one.
 
 ``app.handle`` in another process (a restarted kernel) finds the task whose kept record's
-id begins with the prefix; none or several is one clear ``TaskNotFound``. Real Redis.
+id begins with the prefix; none or several is one clear ``TaskNotFound``; ``app.revoke``
+takes the same prefixes. Real Redis (and RabbitMQ for revoke).
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 
 import pytest
 from helpers import WorkerProcess
 
-from nbtask import App, Settings, TaskNotFound
+from nbtask import App, Settings, State, TaskNotFound, TaskRevoked
 
 
 def test_handle_takes_a_unique_prefix_of_an_id(
@@ -59,3 +61,28 @@ def test_a_key_prefix_with_glob_characters_matches_only_its_own_records(
         starred_app.handle(sent.id[:8])
     with App("other", settings=settings.replace(key_prefix=f"{prefix}:x")) as later:
         assert later.handle(sent.id[:8]).id == sent.id
+
+
+@pytest.mark.brokers
+def test_revoke_takes_a_unique_prefix_of_an_id_as_handle_does(app: App, settings: Settings) -> None:
+    queued = app.send_task("tests.sample_tasks.add", (2, 3))  # no worker: it waits
+    twins = [
+        app.send_task("tests.sample_tasks.add", (2, 3), task_id=f"twin-revoke-{c}") for c in "ab"
+    ]
+    with App("restarted", settings=settings) as later:  # knows no task of its own
+        assert later.revoke(queued.id[:8]) is True
+        with pytest.raises(TaskRevoked):
+            queued.get(timeout=15)
+        with pytest.raises(TaskNotFound, match=r"several tasks \(twin-revoke-a, twin-revoke-b\)"):
+            later.revoke("twin-rev")
+        with pytest.raises(TaskNotFound, match="nor one whose id begins with it"):
+            later.control.revoke(["twin-revoke-c"])
+        assert [later.handle(t.id).state for t in twins] == [State.PENDING, State.PENDING]
+        assert later.control.revoke([twins[0].id[:11] + "-a"]) is True
+        with pytest.raises(TaskRevoked):
+            twins[0].get(timeout=15)
+        # A whole id without a record is still revoked ahead (a chain's step not sent yet).
+        ahead = uuid.uuid4().hex
+        assert later.revoke(ahead) is True
+        assert later.handle(ahead).state is State.REVOKED
+    assert twins[1].state is State.PENDING
