@@ -14,7 +14,8 @@ from nbtask.client.default import default_app as app
 from nbtask.core.canvas import Chain, Group, GroupHandle, Signature, chain, chord, group
 from nbtask.core.context import current_request, progress, track
 from nbtask.core.handle import TaskHandle
-from nbtask.core.task import ExceptionInfo, Task
+from nbtask.core.handlers import ExceptionInfo
+from nbtask.core.task import Task
 from nbtask.errors import (
     AppClosed,
     BrokerUnavailable,

@@ -6,7 +6,6 @@ What one call passes (arguments, times, callbacks) is checked in
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import random
 import time
@@ -27,6 +26,7 @@ from nbtask.core.celery_task import CeleryTaskNames
 from nbtask.core.context import Request, current_request, progress
 from nbtask.core.datasets import data_queue, dataset_names
 from nbtask.core.handle import TaskHandle
+from nbtask.core.handlers import ExceptionInfo
 from nbtask.core.holding import is_holder_queue
 from nbtask.core.options import (
     check_task_id,
@@ -39,7 +39,7 @@ from nbtask.errors import ConfigurationError, MaxRetriesExceededError, Retry
 from nbtask.wire.events import Event
 from nbtask.wire.records import WorkerInfo
 
-__all__ = ["ExceptionInfo", "Task", "TaskApp"]
+__all__ = ["Task", "TaskApp"]
 
 
 class TaskApp(Sender, Protocol):
@@ -53,19 +53,6 @@ class TaskApp(Sender, Protocol):
 
     def sent_to(self, queue: str) -> bool:
         """Whether work the app sent to ``queue`` has not ended yet."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ExceptionInfo:
-    """What failure handlers get as ``einfo``: the exception and its traceback text."""
-
-    exception: BaseException
-    traceback: str
-
-    @property
-    def type(self) -> type[BaseException]:
-        """The exception's class."""
-        return type(self.exception)
 
 
 class Task(CeleryTaskNames):

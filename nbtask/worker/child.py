@@ -26,6 +26,7 @@ from nbtask.core.canvas import sending_through
 from nbtask.core.context import Request, running
 from nbtask.core.datasets import DatasetCache, Loader
 from nbtask.core.fingerprint import code_differs
+from nbtask.core.handlers import autoretries, autoretry_kwargs, call_handler, exception_info
 from nbtask.core.outgoing import MessageBuilder
 from nbtask.core.refs import resolving
 from nbtask.core.task import Task
@@ -47,10 +48,6 @@ from nbtask.worker.outbox import Outbox, TaskStream
 from nbtask.worker.settle import (
     FollowUps,
     Outcome,
-    autoretries,
-    autoretry_kwargs,
-    call_handler,
-    exception_info,
     failure_event,
     failure_outcome,
     has_handlers,
@@ -367,7 +364,7 @@ class Child:
         # The request stays current until the outcome is decided: an autoretry needs it.
         with running(request), sending_through(WorkerSender(self.publisher, message)):
             try:
-                call_handler(task.before_start, message.id, tuple(args), kwargs)
+                call_handler(log, task.before_start, message.id, tuple(args), kwargs)
                 outcome = self._call(message, task, args, kwargs, request.soft_time_limit)
             except BaseException as exc:
                 outcome = self._after_exception(message, task, exc)

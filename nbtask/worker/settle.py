@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from nbtask.brokers import Delivery, Transport
 from nbtask.core.canvas import Callbacks, Signature
 from nbtask.core.context import PARTIAL_RESULT
-from nbtask.core.task import ExceptionInfo, Task
-from nbtask.errors import NbtaskError, Retry, SerializationError
+from nbtask.core.handlers import (
+    ExceptionInfo,
+    call_handlers,
+    exception_info,
+    log_failure,
+    user_traceback,
+)
+from nbtask.core.task import Task
+from nbtask.errors import NbtaskError, SerializationError
 from nbtask.wire.blobs import argument_keeper, blob_sizes, parse_layout
 from nbtask.wire.envelope import Buffer, Signer, dumps
 from nbtask.wire.events import FINAL_SEQ, FINAL_STATES, Event, EventType, Run, State
@@ -31,10 +36,6 @@ from nbtask.worker.subtasks import SubtaskPublisher
 __all__ = [
     "FollowUps",
     "Outcome",
-    "autoretries",
-    "autoretry_kwargs",
-    "call_handler",
-    "exception_info",
     "failure_body",
     "failure_event",
     "failure_outcome",
@@ -49,7 +50,6 @@ __all__ = [
 
 log = logging.getLogger("nbtask.worker")
 
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _AFTER_HANDLERS = ("on_success", "on_failure", "on_retry", "after_return")
 # What split() makes of ``None`` (one inline part, no layout): a task returning nothing
 # (the most common result) skips making a pickler for it.
@@ -127,41 +127,8 @@ def failure_outcome(
     data = event.data
     kind = str(data["etype"]).removeprefix("builtins.")
     said = f"task {message.name}[{message.id}] raised {kind}: {data['evalue']}"
-    if task is not None and task.throws and isinstance(exc, task.throws):
-        log.info("%s (expected: in its throws)", said)
-    else:
-        log.error("%s\n%s", said, str(data["traceback"]).rstrip() or "(no traceback)")
+    log_failure(log, task, said, exc, str(data["traceback"]))
     return Outcome(event, failure_body(exc), exc=exc, einfo=exception_info(exc))
-
-
-def autoretries(task: Task, exc: BaseException) -> bool:
-    """Whether ``exc`` retries ``task`` by itself: ``autoretry_for`` less ``dont_autoretry_for``.
-
-    A ``Retry`` (``raise self.retry()``) is a retry already.
-    """
-    if isinstance(exc, Retry) or not task.autoretry_for:
-        return False
-    return isinstance(exc, task.autoretry_for) and not isinstance(exc, task.dont_autoretry_for)
-
-
-def autoretry_kwargs(task: Task) -> dict[str, Any]:
-    """What an automatic retry passes to ``task.retry()``: its ``retry_kwargs``.
-
-    With ``retry_backoff`` the backoff decides the delay, as in Celery (whose autoretry
-    sets ``countdown`` to the backoff's).
-    """
-    kwargs = dict(task.retry_kwargs)
-    if task.retry_backoff:
-        kwargs.pop("countdown", None)
-        kwargs.pop("eta", None)
-    return kwargs
-
-
-def exception_info(exc: BaseException) -> ExceptionInfo:
-    """The ``einfo`` handlers get: the exception and its whole traceback as text."""
-    return ExceptionInfo(
-        exc, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    )
 
 
 def failure_event(
@@ -173,12 +140,7 @@ def failure_event(
     run: Run,
 ) -> Event:
     """The FAILURE event for ``exc``, its traceback starting in the user's code."""
-    tb = exc.__traceback__
-    # Skip nbtask's own frames: the remote traceback starts in the user's code.
-    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-        tb = tb.tb_next
-    # No user frame at all (e.g. NotRegistered): the message says everything.
-    text = "".join(traceback.format_exception(type(exc), exc, tb)) if tb is not None else ""
+    text = user_traceback(exc)
     kind = type(exc)
     data = {
         **(details or {}),
@@ -420,25 +382,16 @@ def has_handlers(task: Task) -> bool:
     return False
 
 
-def call_handler(handler: Any, *args: Any) -> None:
-    """Call a handler; a failing one must not lose the (already stored) outcome: log it."""
-    try:
-        handler(*args)
-    except Exception:
-        log.exception("handler %s raised; the task's outcome is unaffected", handler.__name__)
-
-
 def _call_handlers(task: Task, message: TaskMessage, outcome: Outcome) -> None:
     """Celery's handlers, in Celery's order, after the outcome is stored."""
-    state = outcome.state
-    args, kwargs = outcome.args, outcome.kwargs
-    if state is State.SUCCESS:
-        call_handler(task.on_success, outcome.retval, message.id, args, kwargs)
-    elif state is State.RETRY and outcome.exc is not None and outcome.einfo is not None:
-        call_handler(task.on_retry, outcome.exc, message.id, args, kwargs, outcome.einfo)
-    elif outcome.exc is not None and outcome.einfo is not None:
-        call_handler(task.on_failure, outcome.exc, message.id, args, kwargs, outcome.einfo)
-    if state is State.RETRY:
-        return  # Celery skips after_return for a retry: the task has not returned yet
-    retval = outcome.retval if state is State.SUCCESS else outcome.exc
-    call_handler(task.after_return, state.value, retval, message.id, args, kwargs, outcome.einfo)
+    call_handlers(
+        log,
+        task,
+        outcome.state,
+        message.id,
+        outcome.args,
+        outcome.kwargs,
+        retval=outcome.retval,
+        exc=outcome.exc,
+        einfo=outcome.einfo,
+    )
