@@ -13,6 +13,7 @@ from nbtask.client.app import App
 from nbtask.client.default import default_app as app
 from nbtask.core.canvas import Chain, Group, GroupHandle, Signature, chain, chord, group
 from nbtask.core.context import current_request, progress, track
+from nbtask.core.eager import EagerResult
 from nbtask.core.handle import TaskHandle
 from nbtask.core.handlers import ExceptionInfo
 from nbtask.core.task import Task
@@ -61,6 +62,7 @@ __all__ = [
     "Chain",
     "CodeDiffersWarning",
     "ConfigurationError",
+    "EagerResult",
     "Event",
     "EventType",
     "ExceptionInfo",

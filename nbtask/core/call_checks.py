@@ -23,6 +23,7 @@ from nbtask.errors import ConfigurationError
 from nbtask.settings import is_finite_number
 
 __all__ = [
+    "CELERY_SEND_OPTIONS",
     "call_arguments",
     "epoch",
     "link_callbacks",
@@ -39,7 +40,7 @@ _RETRIED = (
 )
 # Options of Celery's apply_async that nbtask has no per-call counterpart for, and what to
 # do instead: Celery accepts them, so a migrating caller passes them by habit.
-_CELERY_SEND_OPTIONS = {
+CELERY_SEND_OPTIONS = {
     "priority": "",
     "serializer": _ON_THE_TASK,
     "ignore_result": _ON_THE_TASK,
@@ -58,7 +59,7 @@ _CELERY_SEND_OPTIONS = {
 def refuse_celery_options(options: Mapping[str, Any]) -> None:
     """Refuse ``apply_async`` keywords it does not take: Celery's with what to do instead."""
     for name in options:
-        advice = _CELERY_SEND_OPTIONS.get(name)
+        advice = CELERY_SEND_OPTIONS.get(name)
         if advice is None:
             raise TypeError(f"apply_async() got an unexpected keyword argument {name!r}")
         if name == "priority":
@@ -123,16 +124,16 @@ def _when_option(absolute: bool) -> str:
 
 
 def call_arguments(
-    args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None
+    args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None, where: str = "apply_async"
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """``apply_async``'s positional and keyword arguments, refused if of another shape.
+    """A call's positional and keyword arguments, refused (naming ``where``) if of another shape.
 
     A string is refused too: ``apply_async("ab")`` would call the task with ``"a", "b"``.
     """
-    positional = () if args is None else positional_args(args, "apply_async(args=...)")
+    positional = () if args is None else positional_args(args, f"{where}(args=...)")
     if kwargs is not None and not isinstance(kwargs, Mapping):
         raise ConfigurationError(
-            f"apply_async(kwargs=...) takes a dict of keyword arguments, got "
+            f"{where}(kwargs=...) takes a dict of keyword arguments, got "
             f"{type(kwargs).__name__} {kwargs!r}"
         )
     return positional, dict(kwargs or {})

@@ -1,16 +1,38 @@
-"""Celery's task names nbtask has no counterpart for, each one error saying what to do.
+"""Celery's task names beyond nbtask's own: ``apply()`` runs here, the others say what to do.
 
-``add.apply()``, ``add.map()``, ``add.starmap()`` and ``add.chunks()`` are Celery's ways
-to run a task here or to run many calls as one task; on a :class:`~nbtask.Task` each
-raises an ``AttributeError`` naming nbtask's way, rather than a bare one.
+``add.apply()`` is Celery's run of a task in this process, returning an eager result
+(:mod:`nbtask.core.eager`). ``add.map()``, ``add.starmap()`` and ``add.chunks()`` are
+Celery's ways to run many calls as one task; on a :class:`~nbtask.Task` each raises an
+``AttributeError`` naming nbtask's way, rather than a bare one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from nbtask.core.call_checks import CELERY_SEND_OPTIONS, call_arguments
+from nbtask.core.eager import EagerResult, run_here
+from nbtask.core.handlers import HandledTask
+from nbtask.core.options import check_task_id, new_task_id
+from nbtask.errors import ConfigurationError
 
 __all__ = ["CeleryTaskNames"]
+
+#: Options of ``apply_async`` (nbtask's and Celery's) that say where and when to send:
+#: ``apply()`` takes them and, as Celery's, ignores them, since nothing is sent.
+_SEND_ONLY = frozenset(
+    {"queue", "countdown", "eta", "expires", "time_limit", "soft_time_limit", "label"}
+    | {"logfile", "loglevel", *CELERY_SEND_OPTIONS}
+)
+
+
+class _Applied(HandledTask, Protocol):
+    """What ``apply()`` uses of a task."""
+
+    @property
+    def requires(self) -> tuple[str, ...]:
+        """The named datasets the task's workers pass it."""
 
 
 def _not_in_nbtask(name: str, instead: str) -> AttributeError:
@@ -18,19 +40,94 @@ def _not_in_nbtask(name: str, instead: str) -> AttributeError:
 
 
 class CeleryTaskNames:
-    """Celery's task names nbtask refuses with advice, mixed into :class:`~nbtask.Task`.
+    """Celery's task names beyond nbtask's own, mixed into :class:`~nbtask.Task`.
 
-    Typed as the methods they stand for, so a task class may define its own (a notebook
-    cell's task has a ``map``).
+    Those nbtask refuses are typed as the methods they stand for, so a task class may
+    define its own (a notebook cell's task has a ``map``).
     """
 
-    @property
-    def apply(self) -> Callable[..., Any]:
-        """Not in nbtask: Celery's run of the task in this process, as an eager result."""
-        raise _not_in_nbtask(
-            "apply()",
-            "nbtask keeps no eager results. Call the task to run it here, in this "
-            "process: add(2, 2); or send it to a worker and wait: add.delay(2, 2).get()",
+    def apply(
+        self: _Applied,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        task_id: str | None = None,
+        retries: int = 0,
+        throw: bool = False,
+        link: object = None,
+        link_error: object = None,
+        **options: Any,
+    ) -> EagerResult:
+        """Run the task here, in this process, now; return its outcome (Celery's ``apply``).
+
+        The task runs on this thread as a worker would run it, and nothing is sent: a
+        bound task's ``self.request`` has the id, arguments and retry count
+        (``request.is_eager`` is True), ``before_start`` and the handlers run in Celery's
+        order, a retry (``raise self.retry()``, or ``autoretry_for``) runs the task again
+        at once, up to ``max_retries``, without waiting out its countdown (as Celery's
+        ``apply`` does), and a failure is logged (in one line if ``throws`` expects it).
+        Calling the task, ``add(2, 2)``, still just runs its body.
+
+        Parameters
+        ----------
+        args, kwargs
+            Arguments for ``run``. A task that requires datasets gets them from its
+            workers; here, pass them yourself as keyword arguments.
+        task_id
+            The run's id (``self.request.id``); a random one by default.
+        retries
+            The retry count the run starts from (``self.request.retries``).
+        throw
+            Raise the task's exception from ``apply()`` (after its handlers ran) instead
+            of returning a failed result (Celery's ``throw``).
+        link, link_error
+            Refused: a linked task would be sent to the workers. Apply the next task to
+            the result instead: ``second.apply((first.apply(args).get(),))``.
+        options
+            ``apply_async``'s options that say where and when to send (``queue``,
+            ``countdown``, ``eta``, ``expires``, time limits, Celery's ``priority``...):
+            taken and ignored, as Celery's ``apply`` does, since nothing is sent.
+
+        Returns
+        -------
+        EagerResult
+            The outcome: ``get()`` (re-raising the task's exception unless
+            ``propagate=False``), ``result`` (the value, or the exception), ``state`` and
+            ``status``, ``successful()``, ``failed()``, ``ready()``, ``traceback``, ``id``.
+
+        Raises
+        ------
+        ConfigurationError
+            Arguments of the wrong shape, a bad ``task_id`` or ``retries``, ``link``, or
+            a required dataset not passed; the task did not run.
+        TypeError
+            An option ``apply_async`` does not take either.
+        """
+        unknown = sorted(set(options) - _SEND_ONLY)
+        if unknown:
+            raise TypeError(f"apply() got an unexpected keyword argument {unknown[0]!r}")
+        if link is not None or link_error is not None:
+            raise ConfigurationError(
+                "apply(link=..., link_error=...) would send the linked task to the workers; "
+                "apply() sends nothing: apply the next task to the result instead, "
+                "second.apply((first.apply(args).get(),))"
+            )
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ConfigurationError(f"apply(retries=...) takes a count >= 0, got {retries!r}")
+        call_args, call_kwargs = call_arguments(args, kwargs, "apply")
+        missing = [name for name in self.requires if name not in call_kwargs]
+        if missing:
+            raise ConfigurationError(
+                f"task {self.name} requires dataset {missing[0]!r}, which its workers pass; "
+                f"apply() runs it here: pass it yourself, apply(args, {{{missing[0]!r}: ...}})"
+            )
+        return run_here(
+            self,
+            call_args,
+            call_kwargs,
+            task_id=new_task_id() if task_id is None else check_task_id(task_id),
+            retries=retries,
+            throw=bool(throw),
         )
 
     @property

@@ -46,6 +46,8 @@ class Request:
     parent_id: str | None = None
     root_id: str | None = None
     delivery_info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: True when the task runs in its caller's process (``Task.apply``), not on a worker.
+    is_eager: bool = False
     #: Sends the task's events to its client: ``emit(kind, data)``.
     emit: Callable[[str, Mapping[str, Any]], None] | None = None
     #: Where large values are kept as blobs (``put_blobs``, ``get_blob``).

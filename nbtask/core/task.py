@@ -60,9 +60,11 @@ class Task(CeleryTaskNames):
 
     ``@app.task`` makes a subclass whose ``run`` is the decorated function and returns
     its single instance. A worker process keeps one instance per task, so attributes set
-    on ``self`` (a cached connection, a loaded model) survive from call to call. Celery's
-    names nbtask has no counterpart for (``apply``, ``map``, ``starmap``, ``chunks``) say
-    what to do instead (:class:`~nbtask.core.celery_task.CeleryTaskNames`).
+    on ``self`` (a cached connection, a loaded model) survive from call to call, and so do
+    they in the caller's process, where ``apply()`` runs the task on this same instance.
+    Celery's names beyond nbtask's own: ``apply()`` runs the task here, as Celery's does;
+    ``map``, ``starmap`` and ``chunks`` say what to do instead
+    (:class:`~nbtask.core.celery_task.CeleryTaskNames`).
     """
 
     name: ClassVar[str] = ""

@@ -161,7 +161,6 @@ def test_celerys_spellings_nbtask_does_not_have_say_the_celery_name_and_nbtasks_
     with pytest.raises(nbtask.ConfigurationError, match=r"Celery's chord"):
         nbtask.chord([add.s(1, 1)])(tsum.s())  # type: ignore[operator]
     expected = {
-        "apply": r"apply\(\) is Celery's; .*add\(2, 2\)",
         "map": r"map\(items\) is Celery's; .*add\.delay_many",
         "starmap": r"starmap\(items\) is Celery's; .*add\.delay_many\(items\)",
         "chunks": r"chunks\(items, n\) is Celery's; .*group\(add_chunk",
