@@ -48,6 +48,9 @@ class Request:
     delivery_info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     #: True when the task runs in its caller's process (``Task.apply``), not on a worker.
     is_eager: bool = False
+    #: False only for a run outside any worker (``Task.apply`` in a client): waiting there
+    #: for another task's result blocks no worker slot.
+    in_worker: bool = True
     #: Sends the task's events to its client: ``emit(kind, data)``.
     emit: Callable[[str, Mapping[str, Any]], None] | None = None
     #: Where large values are kept as blobs (``put_blobs``, ``get_blob``).

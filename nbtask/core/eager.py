@@ -194,6 +194,7 @@ def run_here(
             root_id=(parent.root_id or parent.id) if parent is not None else task_id,
             delivery_info={"is_eager": True},
             is_eager=True,
+            in_worker=parent is not None and parent.in_worker,
         )
         # The request stays current until the outcome is decided: a retry reads it.
         with running(request):

@@ -185,20 +185,22 @@ class TaskHandle(CeleryResultNames, TaskEvents):
     ) -> Any:
         """Wait for the result, up to ``timeout`` seconds.
 
-        Inside a running task this refuses to wait (a worker slot blocked on another
-        task can deadlock the pool); chain the tasks instead, or pass
-        ``disable_sync_subtasks=False`` if you are sure.
+        Inside a task running on a worker this refuses to wait (a worker slot blocked on
+        another task can deadlock the pool); chain the tasks instead, or pass
+        ``disable_sync_subtasks=False`` if you are sure. A task run here with
+        ``task.apply()`` waits, as its caller would.
 
         Raises
         ------
         RuntimeError
-            Called inside a task without ``disable_sync_subtasks=False``.
+            Called inside a task on a worker without ``disable_sync_subtasks=False``.
         TimeoutError
             The task is not done after ``timeout`` seconds (it keeps running).
         RemoteError
             The task raised; carries the original type name and remote traceback.
         """
-        if disable_sync_subtasks and current_request() is not None:
+        request = current_request()
+        if disable_sync_subtasks and request is not None and request.in_worker:
             raise RuntimeError(
                 "never wait for a task's result inside another task: the worker slot blocks "
                 "and the pool can deadlock. Chain them instead: (first.s(x) | second.s()).delay()"

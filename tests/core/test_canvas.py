@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from helpers import remote_of, wait_for_housekeeping, wait_until
 
-from nbtask import App, State, chain, group
+from nbtask import App, State, Task, chain, group
 from nbtask.client.listener import Listener
 from tests.celery_tasks import read_records
 
@@ -235,6 +235,29 @@ def test_get_inside_a_task_when_explicitly_allowed(app: App, start_worker) -> No
         return add.delay(20, 22).get(timeout=5, disable_sync_subtasks=False)
 
     assert waits_anyway.delay().get(timeout=15) == 42
+
+
+def test_get_inside_a_task_applied_here_waits_as_its_caller_would(app: App, start_worker) -> None:
+    # apply() runs the task in this process: no worker slot blocks while it waits. Applied
+    # inside a task on a worker, it still refuses.
+    start_worker(concurrency=2)
+    add, _, _, _ = _tasks(app)
+
+    @app.task(bind=True)
+    def waits(self: Task) -> tuple[bool, int]:
+        return self.request.is_eager, add.delay(1, 2).get(timeout=10)
+
+    assert waits.apply().get() == (True, 3)
+
+    @app.task
+    def applies_on_the_worker() -> str:
+        try:
+            waits.apply(throw=True)
+        except RuntimeError as exc:
+            return str(exc)
+        return "get() did not refuse"
+
+    assert "Chain them instead" in applies_on_the_worker.delay().get(timeout=15)
 
 
 def test_a_subtask_ending_while_it_is_reattached_is_not_missed(
