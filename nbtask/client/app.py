@@ -387,8 +387,9 @@ class App(AppConnection):
         ----------
         task_id
             The task to revoke: its id, or a unique prefix of it of 8 characters or more
-            (as :meth:`handle` takes). A whole id without a record (a chain's later step
-            not sent yet) is revoked ahead: it never starts.
+            (as :meth:`handle` takes). An id that names no kept task and begins none (a
+            chain's later step not sent yet, a task to be sent with this id) is revoked
+            ahead, as Celery does: it never starts.
         terminate
             Also stop it if it is running: its worker process gets SIGINT (a
             ``KeyboardInterrupt`` in the task) and is killed ``grace`` seconds later if
@@ -405,7 +406,7 @@ class App(AppConnection):
         Raises
         ------
         TaskNotFound
-            ``task_id`` is a prefix that begins no kept task's id, or several.
+            ``task_id`` begins the ids of several kept tasks.
         """
         check_task_id(task_id)
         if not (isinstance(grace, (int, float)) and 0 <= grace <= MAX_SECONDS):

@@ -41,9 +41,9 @@ def resolve_task_id(store: Store, text: str, result_ttl: float, *, unsent: bool 
 
     An id with a record is itself; otherwise ``text`` of :data:`SHORT_ID_LENGTH` or more
     characters (short of a whole id as nbtask makes them) names the one task whose kept
-    record's id begins with it. With ``unsent``, text that cannot be a prefix (a whole
-    id, or one too short) and has no record is itself too: a task not sent yet, such as
-    a chain's later step, which a revoke marks ahead.
+    record's id begins with it. With ``unsent``, text that has no record and begins no
+    kept id is itself too: a task not sent yet (a chain's later step, a task given its
+    own id), which a revoke marks ahead, as Celery's does.
 
     Raises
     ------
@@ -54,9 +54,9 @@ def resolve_task_id(store: Store, text: str, result_ttl: float, *, unsent: bool 
     if store.get_record(text) is not None:
         return text
     prefix = len(text) >= SHORT_ID_LENGTH and not _WHOLE_ID.fullmatch(text)
-    if unsent and not prefix:
-        return text
     found = store.task_ids_starting(text, _AMBIGUOUS_SHOWN + 1) if prefix else []
+    if not found and unsent:
+        return text
     if not found:
         also = ", nor one whose id begins with it" if prefix else ""
         raise TaskNotFound(
