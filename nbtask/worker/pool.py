@@ -5,7 +5,8 @@ what a dead child held through the broker; this module owns the processes themse
 the memory each shares with the supervisor (:class:`~nbtask.worker.slots.SlotState`): it
 forks them, reaps those that exit, replaces them (backing off when one keeps dying at
 start), and kills a child whose task passed its hard time limit or ignored a terminate
-request past its grace period. Nothing here talks to a broker.
+request past its grace period, then ends what its task left running in its process group
+(:mod:`nbtask.worker.left_running`). Nothing here talks to a broker.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from contextlib import suppress
 from multiprocessing.process import BaseProcess
 from typing import NamedTuple
 
-from nbtask._process import group_members
 from nbtask.worker.child import Child
+from nbtask.worker.left_running import LeftRunning
 from nbtask.worker.slots import SlotState
 
 __all__ = ["ChildPool", "Ended"]
@@ -32,8 +33,6 @@ log = logging.getLogger("nbtask.worker")
 _TICK_SECONDS = 0.1
 _TERMINATE_MEMORY_SECONDS = 10.0  # how long a terminate waits for its task to show up
 _CRASH_LOOP_SECONDS = 1.0  # a child that dies younger than this is respawned with backoff
-# How long what tasks left running has after SIGTERM, when the worker stops, before SIGKILL.
-_LEFT_RUNNING_SECONDS = 3.0
 
 
 class Ended(NamedTuple):
@@ -77,9 +76,8 @@ class ChildPool:
         self._backoff: dict[int, float] = {}
         self._respawn_at: dict[int, float] = {}
         self._exit_fds: dict[int, int] = {}  # slot -> a pidfd of its child, where there is one
-        # The process groups of children that exited, with processes their tasks left in
-        # them (a group's id is its child's pid, kept from reuse while the group has any).
-        self._left_running: set[int] = set()
+        # The process groups of children that exited, with processes their tasks left.
+        self._left_running = LeftRunning()
         self._context = multiprocessing.get_context("fork")
 
     def pids(self) -> tuple[int, ...]:
@@ -113,29 +111,35 @@ class ChildPool:
             multiprocessing.connection.wait(fds, timeout=_TICK_SECONDS)
         else:
             time.sleep(_TICK_SECONDS)  # wait() on nothing would return at once
-        # Forgotten once empty: its id may then be another process's.
-        self._left_running = {group for group in self._left_running if _group_exists(group)}
+        self._left_running.tick()
         # Reaped here (a non-blocking waitpid), not told by its sentinel: a pipe end the
         # child's forks may hold open after it exited.
         return [slot for slot, process in self.processes.items() if process.exitcode is not None]
 
-    def ended(self, slot: int) -> Ended:
-        """Join the child of ``slot``, which exited or was killed, and clear its slot."""
+    def ended(self, slot: int, *, replaced: bool) -> Ended:
+        """Join the child of ``slot``, which exited or was killed, and clear its slot.
+
+        If ``replaced`` (the worker serves on), what its task left running in its process
+        group is ended now; otherwise when the worker stops (:meth:`end_left_running`).
+        """
         process = self.processes.pop(slot)
         process.join()
         fd = self._exit_fds.pop(slot, None)
         if fd is not None:
             os.close(fd)
         self._killed.discard(process.pid or 0)
-        if process.pid and _group_exists(process.pid):
-            self._left_running.add(process.pid)
         if process.exitcode != 0:
             log.error(
                 "child %d (pid %s) died with exit code %s", slot, process.pid, process.exitcode
             )
         reason = f"its worker process {process.pid} exited with code {process.exitcode}"
         stopped = self._stopping.pop(slot, None)
-        had_task = bool(self.slots[slot].task_id)
+        task_id = self.slots[slot].task_id
+        if process.pid and replaced:
+            self._left_running.end_soon(process.pid, stopped[0] if stopped else task_id)
+        elif process.pid:
+            self._left_running.keep(process.pid)
+        had_task = bool(task_id)
         self.slots[slot].clear(holds=False)
         return Ended(reason, stopped, had_task)
 
@@ -174,28 +178,8 @@ class ChildPool:
                 process.kill()
 
     def end_left_running(self) -> None:
-        """End what the tasks of exited children left running in their process groups.
-
-        SIGTERM first; what is still there ``_LEFT_RUNNING_SECONDS`` later gets SIGKILL.
-        One log line names them. For a worker that stops: its children have exited.
-        """
-        groups, self._left_running = sorted(self._left_running), set()
-        named = [member for group in groups for member in _members(group)]
-        if not named:
-            return
-        _signal_groups(groups, signal.SIGTERM)
-        until = time.monotonic() + _LEFT_RUNNING_SECONDS
-        while (stubborn := [g for g in groups if _members(g)]) and time.monotonic() < until:
-            time.sleep(_TICK_SECONDS)
-        killed = {pid for group in stubborn for pid, _ in _members(group)}
-        _signal_groups(stubborn, signal.SIGKILL)
-        log.warning(
-            "ended %d process(es) that tasks left running: %s",
-            len(named),
-            ", ".join(
-                f"{pid} ({name}{', SIGKILL' if pid in killed else ''})" for pid, name in named
-            ),
-        )
+        """End what the tasks of exited children left running; for a worker that stops."""
+        self._left_running.end_all()
 
     def enforce_limits(self) -> None:
         """Kill children past their task's hard time limit or a terminate's grace period."""
@@ -255,31 +239,3 @@ class ChildPool:
             else:
                 if now >= forget_at:
                     del self._terminates[task_id]
-
-
-def _group_exists(group: int) -> bool:
-    """Whether process group ``group`` has a process (a zombie counts: it keeps the id)."""
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _members(group: int) -> list[tuple[int, str]]:
-    """The live processes of ``group`` with their names (zombies do not count).
-
-    Without ``/proc`` to read, the group as a whole, named by its id, while it has any.
-    """
-    members = group_members(group)
-    if members is None:
-        return [(group, "process group")] if _group_exists(group) else []
-    return members
-
-
-def _signal_groups(groups: list[int], signum: int) -> None:
-    for group in groups:
-        with suppress(ProcessLookupError, PermissionError):
-            os.killpg(group, signum)

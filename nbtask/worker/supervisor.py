@@ -12,8 +12,9 @@ its housekeeping, and what it tells the broker.
 
 Signals: the first SIGTERM/SIGINT is a warm shutdown (children finish their current task),
 the second a cold one (children are killed; their tasks are settled as if they died).
-Either way, what the tasks left running in the children's process groups is ended last
-(see :mod:`nbtask.worker.pool`).
+Either way, what the tasks left running in the children's process groups is ended last;
+that of a child killed or replaced while the worker serves on is ended at once (see
+:mod:`nbtask.worker.left_running`).
 """
 
 from __future__ import annotations
@@ -311,7 +312,7 @@ class Worker:
 
     def _child_exited(self, slot: int, *, respawn: bool) -> None:
         """Settle what the child of ``slot`` held, and replace it if ``respawn``."""
-        reason, stopped, had_task = self._pool.ended(slot)
+        reason, stopped, had_task = self._pool.ended(slot, replaced=respawn)
         try:
             self.store.forget_holdings([self.consumers[slot]])  # its memory is gone
             lost = self.transport.held(self.queues, self.consumers[slot])

@@ -19,7 +19,7 @@ import pytest
 from helpers import WorkerProcess, exited, wait_until
 from raw_broker import RawBroker
 
-from nbtask import App
+from nbtask import App, State
 from nbtask.core.holding import holder_queue
 
 pytestmark = pytest.mark.brokers
@@ -259,6 +259,77 @@ def test_a_stopping_worker_ends_the_processes_its_tasks_left_running_in_their_gr
     assert f"{subprocess_} (" in line and f"{copy} (" in line, line
     assert f"{stubborn} (" in line and ", SIGKILL)" in line.split(f"{stubborn} (")[1], line
     assert line.count("SIGKILL") == 1, line
+
+
+@pytest.mark.parametrize("ending", ["time_limit", "terminate", "crash"])
+def test_a_killed_or_dead_child_is_replaced_and_what_its_task_left_running_is_ended(
+    ending: str,
+    app: App,
+    start_worker: Callable[..., WorkerProcess],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """Killed past its hard time limit or a terminate's grace, or dead by itself: the
+    processes the task started in the child's process group are ended as the child is
+    replaced (SIGTERM, SIGKILL for the one that ignores it, one log line naming the task),
+    not when the worker stops; the process in a session of its own stays, and the worker
+    serves on."""
+
+    @app.task
+    def runs_away(path: str, crash: bool) -> None:
+        """Start three processes (a ``sleep 300``, a fork that ignores SIGTERM, a
+        ``sleep 300`` in a session of its own), write their pids, then crash or run on,
+        deaf to everything but SIGKILL. The fork ends within a minute whatever happens."""
+        import subprocess
+        import time
+
+        fork = os.fork()
+        if fork == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            ends = time.monotonic() + 60
+            while time.monotonic() < ends:
+                time.sleep(0.05)
+            os._exit(0)
+        pids = [
+            subprocess.Popen(["sleep", "300"]).pid,
+            fork,
+            subprocess.Popen(["sleep", "300"], start_new_session=True).pid,
+        ]
+        Path(path + ".new").write_text(" ".join(map(str, pids)))
+        os.replace(path + ".new", path)  # seen whole, or not at all
+        if crash:
+            os.kill(os.getpid(), signal.SIGKILL)
+        while True:
+            with contextlib.suppress(BaseException):
+                time.sleep(30)
+
+    @app.task
+    def whoami() -> int:
+        return os.getpid()
+
+    worker = start_worker(concurrency=1)
+    [child] = worker.children()
+    pids_file = tmp_path / "pids"
+    handle = runs_away.apply_async(
+        (str(pids_file), ending == "crash"), time_limit=2 if ending == "time_limit" else None
+    )
+    wait_until(pids_file.exists, 15, "the task to start its processes")
+    sleeper, stubborn, daemon = (int(pid) for pid in pids_file.read_text().split())
+    for pid in (sleeper, stubborn, daemon):
+        request.addfinalizer(lambda pid=pid: end_if_running(pid))
+    if ending == "terminate":
+        assert app.revoke(handle.id, terminate=True, grace=0.5)
+    handle.get(timeout=20, propagate=False)
+    ended_as = {"time_limit": State.FAILURE, "terminate": State.REVOKED, "crash": State.WORKER_LOST}
+    assert handle.state is ended_as[ending]
+    wait_until(lambda: exited(sleeper) and exited(stubborn), 30, "the task's processes to end")
+    assert not exited(daemon), "a process in a session of its own was ended"
+    assert whoami.delay().get(timeout=15) != child.pid
+    assert worker.process.poll() is None
+    [line] = [line for line in worker.log.read_text().splitlines() if "left running" in line]
+    assert f"ended 2 process(es) that task {handle.id} left running: " in line, line
+    assert f"{sleeper} (sleep)" in line, line
+    assert f"{stubborn} (" in line and ", SIGKILL)" in line.split(f"{stubborn} (")[1], line
 
 
 @pytest.mark.brokers("amqp")
