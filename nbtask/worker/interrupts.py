@@ -7,13 +7,19 @@ then broken for every later task of the process (pandas says an option "has alre
 registered", matplotlib has no ``get_data_path``). So an interrupt that finds the task
 inside an import waits for the import to end; a task stuck there is still killed when the
 terminate's grace is over.
+
+A process that task code forks (``os.fork``, ``multiprocessing``'s ``fork``) is not the
+task: it starts with Python's own handlers for these signals, as any Python process, so
+SIGINT there raises a plain ``KeyboardInterrupt`` in that process and SIGALRM ends it.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Callable
+from contextlib import suppress
 from types import FrameType
 
 from nbtask.errors import SoftTimeLimitExceeded
@@ -55,6 +61,7 @@ class TaskInterrupts:
         signal.signal(signal.SIGINT, self._on_terminate)
         signal.signal(signal.SIGALRM, self._on_alarm)
         signal.signal(_RECHECK_SIGNAL, self._on_recheck)
+        os.register_at_fork(after_in_child=_python_defaults)
 
     def begin(self) -> None:
         """A new delivery: no terminate has come for it yet."""
@@ -102,6 +109,14 @@ class TaskInterrupts:
             recheck.start()
             return
         raise make()
+
+
+def _python_defaults() -> None:
+    """In a process forked from the child: the handlers a Python process starts with."""
+    with suppress(ValueError):  # (only the main thread sets handlers)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.signal(_RECHECK_SIGNAL, signal.SIG_DFL)
 
 
 def _terminate() -> BaseException:

@@ -83,6 +83,64 @@ def test_a_process_forked_by_a_task_neither_reports_nor_takes_messages(
     assert [c.pid for c in worker.children()] == [child.pid]
 
 
+@pytest.mark.parametrize("how", ["os.fork", "multiprocessing"])
+def test_a_process_a_task_forks_has_pythons_own_sigint_and_sigalrm_handlers(
+    how: str,
+    app: App,
+    start_worker: Callable[..., WorkerProcess],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """In the child, SIGINT terminates the task and SIGALRM is its soft time limit; a process
+    the task forks is not the task and has the handlers any Python process starts with.
+    SIGINT sent to the fork raises a plain ``KeyboardInterrupt`` there, and the task, which
+    waits for the fork, succeeds."""
+
+    @app.task
+    def forks_and_waits(path: str, how: str) -> int:
+        """Fork; the fork writes its pid and handlers to ``path``, then waits (a minute at
+        most) for SIGINT, writes what it raised to ``path.interrupted`` and exits with 3."""
+        import multiprocessing
+        import time
+
+        def fork_body() -> None:
+            try:
+                handlers = [signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGALRM)]
+                names = [getattr(h, "__name__", None) or getattr(h, "name", h) for h in handlers]
+                Path(path + ".new").write_text(" ".join([str(os.getpid()), *names]))
+                os.replace(path + ".new", path)  # seen whole, or not at all
+                ends = time.monotonic() + 60
+                while time.monotonic() < ends:
+                    time.sleep(0.05)
+            except KeyboardInterrupt as exc:
+                Path(path + ".interrupted").write_text(repr(exc))
+                os._exit(3)
+            os._exit(0)
+
+        if how == "os.fork":
+            fork = os.fork()
+            if fork == 0:
+                fork_body()
+            return os.waitstatus_to_exitcode(os.waitpid(fork, 0)[1])
+        process = multiprocessing.get_context("fork").Process(target=fork_body)
+        process.start()
+        process.join()
+        assert process.exitcode is not None
+        return process.exitcode
+
+    start_worker(concurrency=1)
+    path = tmp_path / "fork"
+    handle = forks_and_waits.delay(str(path), how)
+    wait_until(path.exists, 15, "the fork to say its handlers")
+    fork, sigint, sigalrm = path.read_text().split()
+    request.addfinalizer(lambda: end_if_running(int(fork)))
+    assert (sigint, sigalrm) == ("default_int_handler", "SIG_DFL")
+    os.kill(int(fork), signal.SIGINT)
+    assert handle.get(timeout=20) == 3
+    assert handle.state is State.SUCCESS
+    assert (tmp_path / "fork.interrupted").read_text() == "KeyboardInterrupt()"
+
+
 def test_output_of_a_thread_a_task_left_running_reaches_no_later_task(
     app: App, start_worker: Callable[..., WorkerProcess], tmp_path: Path
 ) -> None:
