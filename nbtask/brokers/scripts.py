@@ -322,11 +322,14 @@ _SET_ASIDE = SET_ASIDE + "return set_aside(KEYS[1])\n"
 
 # A schedule per (worker, task name): tasks start at most `rate` per second, in turn.
 # The bucket holds the last start; its schedule the last start given out. A task over
-# the limit is given the next one (kept in its record as 'rate_slot', so it takes no
-# other when it comes back). Returns how long to wait, in seconds ('0' = go now), and 1
-# if a time there was not written by nbtask. Only its worker writes them, times by its
-# own clock: anything else (another type, not a number, NaN, infinity, a time past
-# `horizon`, which no message waits for) would park its tasks for ever, and reads as 0.
+# the limit is given the next one (kept in its record as 'rate_slot', with the bucket in
+# 'rate_bucket', so it takes no other when it comes back). A start another bucket gave
+# (the task was put back by another worker, maybe one that died since) is no start in
+# this one: the task is given this bucket's next, in turn with its other tasks. Returns
+# how long to wait, in seconds ('0' = go now), and 1 if a time there was not written by
+# nbtask. Only its worker writes them, times by its own clock: anything else (another
+# type, not a number, NaN, infinity, a time past `horizon`, which no message waits for)
+# would park its tasks for ever, and reads as 0.
 # KEYS: bucket, schedule, record; ARGV: rate, now, horizon (seconds)
 _RATE = """
 local rate, now, horizon = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -347,23 +350,23 @@ end
 local last = time_at(redis.pcall('GET', KEYS[1]))
 -- The start this task was given when it was put back: it takes no other, and starts
 -- then (or once the last start is far enough behind, if that one came late).
-local held = redis.pcall('HGET', KEYS[3], 'rate_slot')
-if held and type(held) ~= 'table' then
-  local slot = time_at(held)
+local held = redis.pcall('HMGET', KEYS[3], 'rate_slot', 'rate_bucket')
+if held[1] and type(held[1]) ~= 'table' then
+  local slot = held[2] == KEYS[1] and time_at(held[1]) or 0
   if slot > 0 then
     local at = math.max(slot, last + gap)
     if at > now then return {tostring(at - now), bad} end
-    redis.call('HDEL', KEYS[3], 'rate_slot')
+    redis.call('HDEL', KEYS[3], 'rate_slot', 'rate_bucket')
     return start_now()
   end
-  redis.call('HDEL', KEYS[3], 'rate_slot')
+  redis.call('HDEL', KEYS[3], 'rate_slot', 'rate_bucket')
 end
 -- Else the next start after every one given out, even if it is later: calls start in
 -- turn.
 local slot = math.max(time_at(redis.pcall('GET', KEYS[2])) + gap, last + gap, now)
 redis.call('SET', KEYS[2], tostring(slot), 'EX', math.ceil(slot - now) + 3600)
 if slot <= now then return start_now() end
-redis.call('HSET', KEYS[3], 'rate_slot', tostring(slot))
+redis.call('HSET', KEYS[3], 'rate_slot', tostring(slot), 'rate_bucket', KEYS[1])
 return {tostring(slot - now), bad}
 """
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import itertools
+import math
 from pathlib import Path
 
 import psutil
 import pytest
 import redis
+from raw_broker import RawBroker
 
 import nbtask
 from nbtask import App, State
@@ -275,3 +277,45 @@ def test_a_rate_limit_bucket_nbtask_did_not_write_is_reset_not_waited_for(
     second = limited.delay()  # the bucket is nbtask's again: the limit holds
     with pytest.raises(TimeoutError):
         second.get(timeout=1)
+
+
+@pytest.mark.brokers("redis")  # (the store is Redis on both)
+def test_a_start_another_workers_bucket_gave_is_no_start_in_this_ones(access: RawBroker) -> None:
+    """Rate limits are per worker. A task put back by one worker for a start in its
+    schedule (``rate_slot``) and then taken by another (the first died, or the other came
+    first) is given a start in the other's schedule, after those it gave out already: it
+    takes none of theirs, and waits for no start of the first one's."""
+    store, rate, horizon = access.keys, 0.1, 3600.0  # a start every 10 s
+
+    def wait(worker: str, task_id: str) -> int:
+        """The wait, in whole starts' worth of seconds (calls take a moment in between)."""
+        return math.ceil(store.rate_wait(f"{worker}:limited", rate, task_id, horizon) / 10) * 10
+
+    assert wait("gone", "first") == 0
+    assert wait("gone", "moved") == 10
+    assert wait("gone", "far") == 20
+    assert wait("here", "ran") == 0
+    assert wait("here", "waits") == 10
+    assert wait("here", "moved") == 20, "took the start another task was given"
+    assert wait("here", "later") == 30
+    assert wait("idle", "far") == 0, "waited for a start another worker's schedule gave"
+    assert wait("idle", "far-next") == 10  # the idle one's schedule holds
+
+
+def test_a_task_given_a_start_by_a_worker_now_gone_runs_when_another_is_free(
+    app: App, start_worker, access: RawBroker
+) -> None:
+    """The task's record holds a start a minute away, given by a worker that is gone (it
+    would have put the task back for then); the worker that takes it has no other start
+    given out, so it runs at once."""
+    start_worker(concurrency=1)
+
+    @app.task(rate_limit="1/m")
+    def limited() -> int:
+        return 1
+
+    handle = limited.apply_async(countdown=1.0)
+    bucket, horizon = f"gone-worker-1:{limited.name}", app.settings.replay_window
+    assert access.keys.rate_wait(bucket, 1 / 60, "before", horizon) == 0
+    assert access.keys.rate_wait(bucket, 1 / 60, handle.id, horizon) > 50
+    assert handle.get(timeout=15) == 1
