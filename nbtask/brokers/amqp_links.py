@@ -21,14 +21,13 @@ from nbtask.brokers.amqp_guards import GUARDED
 from nbtask.brokers.amqp_link import Link
 from nbtask.brokers.amqp_queues import TaskQueues
 from nbtask.brokers.amqp_strays import Strays
-from nbtask.brokers.base import PIPELINE_WINDOW
+from nbtask.brokers.base import OWED_SECONDS, PIPELINE_WINDOW
 from nbtask.brokers.forks import close_copies_in_forks
 from nbtask.errors import BrokerUnavailable
 
 __all__ = [
     "COLLECT_EVERY",
     "MAX_RETURNS",
-    "OWED_SECONDS",
     "QUIET_SECONDS",
     "Links",
 ]
@@ -43,8 +42,6 @@ COLLECT_EVERY = 64
 QUIET_SECONDS = 0.05
 #: Times a task message returned by RabbitMQ (its queue deleted) is sent again.
 MAX_RETURNS = 3
-#: How long closing waits, in all, for the confirms the links still owe.
-OWED_SECONDS = 3.0
 # kombu is only partly annotated: used as Any, its objects checked where read.
 kombu: Any = _kombu
 log = logging.getLogger(__name__)

@@ -21,6 +21,7 @@ from nbtask.wire.holdings import Holdings
 from nbtask.wire.records import RecordFields, TaskRecord, WorkerInfo
 
 __all__ = [
+    "OWED_SECONDS",
     "PIPELINE_WINDOW",
     "Delivery",
     "Publish",
@@ -34,6 +35,9 @@ __all__ = [
 #: Task messages a thread may have published without the broker's answer (RabbitMQ's
 #: confirm, Redis's reply) before its next send waits for them.
 PIPELINE_WINDOW = 1000
+#: How long closing waits, in all, for the answers the broker still owes to what other
+#: threads sent without waiting (RabbitMQ's confirms, Redis's replies).
+OWED_SECONDS = 3.0
 
 
 class Verdict:

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -230,9 +231,10 @@ class OwedReplies(abc.ABC):
                 owed.size = 0
                 self._owing.pop(id(owed), None)
 
-    def _settle(self, owed: Owed) -> None:
+    def _settle(self, owed: Owed, *, closing: bool = False) -> None:
         # A publish leaves ``owed`` only once its reply is read, or it is handed on to be
         # sent again or reported, so an interruption (Ctrl-C) anywhere here loses none.
+        # ``closing``: one Redis took but did not answer for is noted unsent, not raised.
         settled = 0
         again: list[tuple[Command, str]] = []
         unanswered: list[tuple[Command, str]] = []
@@ -266,6 +268,9 @@ class OwedReplies(abc.ABC):
         if unanswered:
             if again:  # refused as NOSCRIPT (never ran), but Redis answers no more now
                 self._note_unsent(again, silence)
+            if closing:  # revoked by the app: in doubt, they must not run unseen
+                self._note_unsent(unanswered, silence, quiet=True)
+                return
             raise self._unconfirmed(unanswered, silence)
         self._send_again(again)
 
@@ -301,9 +306,13 @@ class OwedReplies(abc.ABC):
         owed.connection.disconnect()
         self._owe(owed, list(entries), 0)
 
-    def _note_unsent(self, entries: Sequence[tuple[Command, str]], why: BaseException) -> None:
+    def _note_unsent(
+        self, entries: Sequence[tuple[Command, str]], why: BaseException, *, quiet: bool = False
+    ) -> None:
+        # ``quiet``: the app revokes them and says why (Redis may have queued them).
         ids = [task_id for _, task_id in entries]
-        log.error("Redis did not queue task(s) %s: %s", ", ".join(ids), sentence(why))
+        if not quiet:
+            log.error("Redis did not queue task(s) %s: %s", ", ".join(ids), sentence(why))
         with self._lock:
             self._unsent += ids
 
@@ -318,6 +327,55 @@ class OwedReplies(abc.ABC):
             sentence(why),
         )
         return Unanswered(str(why), ids)
+
+    def settle_others(self, seconds: float) -> None:
+        """Closing: read the replies other threads of this process owe, ``seconds`` in all.
+
+        Each thread's are read once it is done with its connection (waited for within the
+        same time). Those Redis has not answered by then (it is stalled, or the way back
+        is cut), and those of a thread still using its connection then, are in doubt: noted
+        for :meth:`take_unsent`, so the app revokes their tasks rather than leave their
+        handles waiting for ever. What must be sent again is, as by :meth:`settle_owed`.
+        Raises redis-py's ``ConnectionError`` as :meth:`settle_owed` does (the others are
+        settled all the same).
+        """
+        deadline = time.monotonic() + seconds
+        mine = getattr(self._local, "owed", None)
+        with self._lock:
+            owing = [o for o in self._owing.values() if o.pid == os.getpid() and o is not mine]
+        failed: Exception | None = None
+        for owed in owing:
+            try:
+                self._settle_within(owed, deadline)
+            except Unanswered as exc:  # sent again, then not answered for: in doubt too
+                with self._lock:
+                    self._unsent += exc.task_ids
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
+
+    def _settle_within(self, owed: Owed, deadline: float) -> None:
+        """Read another thread's owed replies until ``deadline`` (see :meth:`settle_others`)."""
+        if not owed.using.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            with self._lock:  # (its thread changes the list under the lock too)
+                in_doubt = list(owed.sent)
+            if in_doubt:
+                self._note_unsent(in_doubt, RedisTimeoutError("in use"), quiet=True)
+            return
+        try:
+            sock = owed.connection._sock  # redis-py has no public accessor
+            if sock is None:  # (dropped: reading fails at once, and they are sent again)
+                self._settle(owed, closing=True)
+                return
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            try:
+                self._settle(owed, closing=True)
+            finally:
+                if owed.connection._sock is sock:  # kept: its thread waits as before
+                    sock.settimeout(owed.connection.socket_timeout)
+        finally:
+            owed.using.release()
 
     def _close_owed(self, wait: float) -> None:
         """Read the replies every thread owes, then close their connections.

@@ -32,7 +32,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError, ResponseError
 
-from nbtask.brokers.base import Delivery, Publish, Settlement, Verdict
+from nbtask.brokers.base import OWED_SECONDS, Delivery, Publish, Settlement, Verdict
 from nbtask.brokers.redis_channels import CHANNEL_MAXLEN, refuses_entries
 from nbtask.brokers.redis_errors import is_wrong_type
 from nbtask.brokers.redis_link import LARGE_BYTES, Command
@@ -40,6 +40,7 @@ from nbtask.brokers.redis_owed import unanswered
 from nbtask.brokers.redis_store import RedisStore
 from nbtask.brokers.redis_upkeep import GROUP, StreamsUpkeep, _delivery
 from nbtask.brokers.streams_scripts import STREAMS_SCRIPTS
+from nbtask.errors import BrokerUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -180,11 +181,14 @@ class StreamsTransport(StreamsUpkeep):
             self.link.settle_owed()
 
     def settle_every_thread(self) -> None:
-        """Before closing: nothing more than :meth:`flush` did; :meth:`close` reads the rest.
+        """Before closing: read the replies other threads owe, :data:`OWED_SECONDS` at most.
 
-        The replies threads still alive owe are read as the connections close (see
-        :meth:`~nbtask.brokers.redis_link.RedisLink.close`).
+        Tasks Redis did not answer for by then are noted for :meth:`take_unsent` (the app
+        revokes them); see :meth:`~nbtask.brokers.redis_owing.OwedReplies.settle_others`.
+        Never raises :class:`~nbtask.errors.BrokerUnavailable`.
         """
+        with contextlib.suppress(BrokerUnavailable), self.link.translate_errors():
+            self.link.settle_others(OWED_SECONDS)
 
     def take_unsent(self) -> list[str]:
         """Ids of tasks published without waiting that Redis never queued."""

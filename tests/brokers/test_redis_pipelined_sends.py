@@ -159,6 +159,76 @@ def test_sends_redis_cannot_be_reached_for_are_revoked_and_their_handles_fail(
     assert client.transport.take_unsent() == []  # each was reported once
 
 
+@pytest.mark.parametrize("held", [True, False], ids=["never-answered", "answered"])
+def test_unanswered_sends_of_a_live_thread_are_revoked_when_the_app_closes(
+    app: App,
+    client: App,
+    proxy: TcpProxy,
+    settings: Settings,
+    r: redis.Redis,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    held: bool,
+) -> None:
+    """A thread still alive at ``app.close()`` (idle, as a pool's is) sent tasks without
+    waiting: close reads the replies its connection owes (a few seconds at most) and
+    revokes the tasks Redis never answered for, naming each in the log. Their handles
+    fail saying so, a ``get()`` waiting on another thread too, rather than stay PENDING;
+    those Redis answered for stay queued, and nothing is said."""
+    caplog.set_level(logging.ERROR, logger="nbtask")
+    ledger = tmp_path / "ledger"
+    handles: list[Any] = []
+    sent, finish = threading.Event(), threading.Event()
+    waited: list[BaseException | None] = []
+
+    def run() -> None:
+        handles.append(client.send_task(RECORD, (str(ledger),)))  # its own connection
+        client.flush()
+        if held:
+            proxy.hold()  # the publishes below never reach Redis
+        handles.extend(client.send_task(RECORD, (str(ledger),)) for _ in range(3))
+        sent.set()
+        finish.wait(60)  # alive and idle while the app closes
+
+    def wait() -> None:
+        try:
+            handles[-1].get(timeout=60)
+        except BaseException as exc:  # the test looks at what it raised
+            waited.append(exc)
+        else:
+            waited.append(None)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    waiter = threading.Thread(target=wait)
+    try:
+        assert sent.wait(15)
+        assert link_of(client).owed == 0  # this thread owes nothing: the other one does
+        if held:
+            waiter.start()  # waits on the handle of a task Redis never answers for
+        client.close()
+    finally:
+        finish.set()
+        thread.join()
+    queued = r.xlen(transport_of(app).queue_key(settings.default_queue))
+    assert queued == (1 if held else 4)
+    first, *lost = handles
+    errors = [r.getMessage() for r in caplog.records if "not confirmed" in r.getMessage()]
+    if not held:
+        assert errors == []
+        assert [app.store.get_record(h.id).state for h in handles] == [State.PENDING] * 4
+        return
+    waiter.join(60)
+    assert len(waited) == 1 and isinstance(waited[0], TaskRevoked), waited
+    for handle in lost:
+        with pytest.raises(TaskRevoked, match="not confirmed by the broker before the app closed"):
+            handle.get(timeout=5)
+        assert sum(handle.id in error for error in errors) == 1, errors
+    assert [app.store.get_record(h.id).state for h in lost] == [State.REVOKED] * 3
+    assert app.store.get_record(first.id).state is State.PENDING
+    assert first.id not in " ".join(errors)
+
+
 @pytest.mark.brokers()
 def test_a_server_that_lost_its_scripts_still_queues_the_sends_it_refused(
     app: App, start_worker, settings: Settings, r: redis.Redis, tmp_path: Path
