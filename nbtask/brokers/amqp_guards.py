@@ -21,13 +21,14 @@ from amqp.serialization import decode_properties_basic, dumps, loads
 from kombu.transport import pyamqp as _pyamqp
 
 from nbtask.brokers.amqp_frames import read_confirm
-from nbtask.brokers.amqp_reads import BufferedTCPTransport
+from nbtask.brokers.amqp_reads import OVERSIZED_HEADER, BodyLimits, BufferedTCPTransport
 
 __all__ = [
     "DELIVERIES_HEADER",
     "GUARDED",
     "ID_HEADER",
     "body_of",
+    "oversized",
     "read_headers",
     "redelivered",
     "refusal_of",
@@ -51,7 +52,12 @@ class _GuardedMessage(pyamqp.Message):  # type: ignore[misc]
         properties = msg.properties
         headers = properties.get("application_headers")
         self.refusal = ""
-        if isinstance(headers, dict) and _UNREADABLE in headers:
+        #: The size of a body dropped unread (see ``BodyLimits``); 0 if none was.
+        self.oversized = 0
+        if isinstance(headers, dict) and OVERSIZED_HEADER in headers:
+            self.oversized = int(headers[OVERSIZED_HEADER])
+            self.refusal = f"its body of {self.oversized:,} bytes was too large to read"
+        elif isinstance(headers, dict) and _UNREADABLE in headers:
             self.refusal = f"its properties cannot be read ({str(headers[_UNREADABLE])[:40]!r})"
         elif isinstance(headers, dict) and "compression" in headers:
             self.refusal = f"it names a compression ({str(headers['compression'])[:40]!r})"
@@ -107,7 +113,13 @@ def _guarded_frames(connection: Any, callback: Any) -> Callable[[Any], Any]:
 
     on_frame = _frame_handler(connection, dispatch)
 
+    limits: BodyLimits = connection.body_limits
+
     def guarded(frame: Any) -> Any:
+        frame = limits.screen(frame)
+        if frame is None:  # a part of a body too large, dropped
+            connection.bytes_recv += 1
+            return False
         frame_type, channel, buf = frame
         confirm = read_confirm(buf) if frame_type == 1 else None
         if confirm is not None:
@@ -192,6 +204,8 @@ class _GuardedConnection(pyamqp.Connection):  # type: ignore[misc]
     }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        #: The bodies this connection does not read past a size (see ``BodyLimits``).
+        self.body_limits = BodyLimits()
         super().__init__(*args, frame_handler=_guarded_frames, **kwargs)
 
     def blocking_read(self, timeout: float | None = None) -> Any:
@@ -237,6 +251,11 @@ class _GuardedSSLTransport(pyamqp.SSLTransport):  # type: ignore[misc]
 
 #: The kombu transport classes to use, by URL scheme.
 GUARDED = {"amqp": _GuardedTransport, "amqps": _GuardedSSLTransport}
+
+
+def oversized(message: Any) -> int:
+    """The size of a received message's body dropped unread for its size (0: none was)."""
+    return int(getattr(message, "oversized", 0))
 
 
 def refusal_of(message: Any) -> str:

@@ -74,19 +74,19 @@ class Link:
             return amqp
         return None
 
-    def drain_ready(self) -> None:
+    def drain_ready(self, most_replies: int | None = None) -> None:
         """Take in the frames that arrived, without waiting.
 
         On plain TCP, those read off the socket already (a read takes all it has): asking
         it again would mostly cost a failed read. Later ones come with the next read.
+        ``most_replies``: stop once :attr:`replies` holds that many (a reply queue kept
+        full would otherwise be read for ever).
         """
+        more = True if most_replies is None else len(self.replies) < most_replies
         with contextlib.suppress(TimeoutError):  # nothing (more) is in
-            if self.buffered is None:
-                while True:
-                    self.conn.drain_events(timeout=0)
-            else:
-                while self.buffered.has_frame():
-                    self.conn.drain_events(timeout=0)
+            while more and (self.buffered is None or self.buffered.has_frame()):
+                self.conn.drain_events(timeout=0)
+                more = most_replies is None or len(self.replies) < most_replies
 
     @property
     def owing(self) -> bool:

@@ -17,6 +17,13 @@ task, then the acknowledgement of its message) then leave in one ``send``, and R
 gets them in one packet. Whoever reads first writes what is held (see
 ``_GuardedConnection.blocking_read``), so nothing waits for the answer to a frame that
 was never sent.
+
+A delivery can be screened by its size before py-amqp gathers its body
+(:class:`BodyLimits`): anyone who may publish to a client's reply queue (its name is in
+every record the client sent) could otherwise make it hold a message as large as
+RabbitMQ takes (128 MiB by default) to read as one event. Such a body is dropped frame
+by frame as it arrives, and the message handed over empty, its properties replaced by
+one header that says how large it was (:data:`OVERSIZED_HEADER`).
 """
 
 from __future__ import annotations
@@ -25,9 +32,10 @@ import errno
 import struct
 from typing import Any
 
+from amqp.serialization import dumps
 from amqp.transport import TCPTransport as _TCPTransport
 
-__all__ = ["READ_BYTES", "BufferedTCPTransport"]
+__all__ = ["OVERSIZED_HEADER", "READ_BYTES", "BodyLimits", "BufferedTCPTransport"]
 
 #: The most one ``recv`` asks for beyond a frame's missing bytes. Small enough that
 #: handing the rest on (a copy per frame) costs less than the system calls it saves.
@@ -36,6 +44,10 @@ READ_BYTES = 16_384
 _RETRY = (errno.EAGAIN, errno.EINTR)
 _FRAME_HEAD = struct.Struct(">BHI")  # type, channel, payload size
 _FRAME_END = 0xCE
+_BODY_SIZE = struct.Struct(">Q")  # in a content header, after its class id and weight
+_DELIVER = struct.pack(">HH", 60, 60)  # basic.deliver, its method frame's first bytes
+#: The one header of a delivery whose body was dropped unread: the body's size.
+OVERSIZED_HEADER = "x-nbtask-oversized"
 TCPTransport: Any = _TCPTransport  # py-amqp is not annotated
 
 
@@ -128,3 +140,52 @@ def _frame_end(rbuf: bytes) -> int | None:
         return None
     end = 7 + int.from_bytes(rbuf[3:7], "big")
     return end if len(rbuf) > end else None
+
+
+Frame = tuple[int, int, Any]  # type, channel, payload
+
+
+class BodyLimits:
+    """The largest body taken from the consumers whose tags start with given prefixes.
+
+    One per py-amqp connection: every frame it reads passes :meth:`screen` before py-amqp
+    assembles messages out of them.
+    """
+
+    def __init__(self) -> None:
+        self._limits: dict[str, int] = {}  # consumer tag prefix: largest body
+        self._next: dict[int, int] = {}  # AMQP channel: its delivery's limit, header to come
+        self._dropping: dict[int, int] = {}  # AMQP channel: body bytes still to drop
+
+    def limit(self, tag_prefix: str, most: int) -> None:
+        """Drop the bodies over ``most`` bytes of the deliveries to ``tag_prefix``'s consumers."""
+        self._limits[tag_prefix] = most
+
+    def screen(self, frame: Frame) -> Frame | None:
+        """``frame`` as py-amqp should see it; None for one dropped (an oversized body's)."""
+        kind, channel, payload = frame
+        if kind == 3 and channel in self._dropping:
+            left = self._dropping[channel] - len(payload)
+            if left > 0:
+                self._dropping[channel] = left
+            else:
+                del self._dropping[channel]
+            return None
+        if kind == 1:
+            self._next.pop(channel, None)
+            if self._limits and bytes(payload[:4]) == _DELIVER:
+                # Its arguments start with the consumer tag (a short string).
+                tag = bytes(payload[5 : 5 + payload[4]]).decode("utf-8", "replace")
+                for prefix, most in self._limits.items():
+                    if tag.startswith(prefix):
+                        self._next[channel] = most
+        elif kind == 2 and channel in self._next:
+            most = self._next.pop(channel)
+            (size,) = _BODY_SIZE.unpack_from(payload, 4)
+            if size > most:
+                # Bodyless from here on: the body frames that follow are dropped as read.
+                self._dropping[channel] = size
+                table: bytes = dumps("F", [{OVERSIZED_HEADER: size}])
+                header = bytes(payload[:4]) + _BODY_SIZE.pack(0) + struct.pack(">H", 0x2000)
+                return kind, channel, header + table
+        return frame

@@ -8,6 +8,13 @@ The queue's name is in every record of the client's tasks, so anyone with store 
 can declare it first, exclusive to their own connection (or with other properties), and
 RabbitMQ then refuses it to the client. The client then says so once and reads its events
 from the stream, trying its queue again every :data:`RETRY_SECONDS`.
+
+Anyone who can publish to RabbitMQ can also fill the queue. A read takes what the Redis
+channels' read takes (:data:`~nbtask.brokers.redis_channels.READ_COUNT` messages and
+:func:`~nbtask.brokers.redis_channels.read_budget` bytes at most; the rest waits for the
+next reads), and a message larger than any event a client accepts (``max_message_bytes``)
+is never read whole: its body is dropped as it arrives, with one log line
+(:class:`~nbtask.brokers.amqp_reads.BodyLimits`).
 """
 
 from __future__ import annotations
@@ -19,9 +26,11 @@ import time
 
 from amqp.exceptions import PreconditionFailed, ResourceLocked
 
-from nbtask.brokers.amqp_guards import body_of
+from nbtask.brokers.amqp_guards import body_of, oversized
 from nbtask.brokers.amqp_link import Link
 from nbtask.brokers.amqp_links import Links, kombu
+from nbtask.brokers.amqp_reads import BodyLimits
+from nbtask.brokers.redis_channels import READ_COUNT, read_budget
 from nbtask.brokers.redis_store import RedisStore
 from nbtask.errors import BrokerUnavailable
 
@@ -31,6 +40,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds between attempts to declare a reply queue someone else holds.
 RETRY_SECONDS = 10.0
+#: How the consumer tags of reply queues start: their bodies are screened by size.
+_TAG_PREFIX = "nbtask-reply-"
 
 Events = list[tuple[str, str, bytes]]
 
@@ -84,7 +95,7 @@ class Replies:
                     with contextlib.suppress(TimeoutError):
                         link.conn.drain_events(timeout=max(block_seconds, 0.0))
                 # Anything else already in comes along without waiting.
-                link.drain_ready()
+                link.drain_ready(READ_COUNT)
         except _Taken:
             return self._from_store(channel, block_seconds)
         except BrokerUnavailable:
@@ -93,9 +104,27 @@ class Replies:
             if not out and (link is None or not link.replies):
                 raise
         assert link is not None
-        while link.replies:
+        return self._handed_over(link, channel, out)
+
+    def _handed_over(self, link: Link, channel: str, out: Events) -> Events:
+        """``out`` and the received events that fit one read; the rest wait in the link."""
+        budget, size = read_budget(self.store.max_event_bytes), 0
+        while link.replies and len(out) < READ_COUNT:
+            body = body_of(link.replies[0])
+            if out and size + len(body) > budget:
+                break
             message = link.replies.popleft()
-            out.append((channel, self._next_id(), body_of(message)))
+            if dropped := oversized(message):
+                log.warning(
+                    "ignored a message of reply queue %s: %s bytes, more than any event a "
+                    "client accepts (max_message_bytes, %s); nbtask did not send it",
+                    channel,
+                    f"{dropped:,}",
+                    f"{self.store.max_event_bytes:,}",
+                )
+                continue
+            size += len(body)
+            out.append((channel, self._next_id(), body))
         return out
 
     def _next_id(self) -> str:
@@ -131,8 +160,16 @@ class Replies:
             auto_delete=True,
             no_declare=True,
         )
+        # On py-amqp's connections (nbtask's own), a body too large is never read whole.
+        limits: BodyLimits | None = getattr(link.amqp(), "body_limits", None)
+        if limits is not None:
+            limits.limit(_TAG_PREFIX, self.store.max_event_bytes)
         consumer = kombu.Consumer(
-            link.channel, queues=[queue], no_ack=True, on_message=link.replies.append
+            link.channel,
+            queues=[queue],
+            no_ack=True,
+            on_message=link.replies.append,
+            tag_prefix=_TAG_PREFIX,
         )
         consumer.consume()
         link.reply, link.reply_consumer = channel, consumer
