@@ -29,6 +29,7 @@ __all__ = [
     "COLLECT_EVERY",
     "MAX_RETURNS",
     "QUIET_SECONDS",
+    "TAKE_OVER_SECONDS",
     "Links",
 ]
 
@@ -42,6 +43,9 @@ COLLECT_EVERY = 64
 QUIET_SECONDS = 0.05
 #: Times a task message returned by RabbitMQ (its queue deleted) is sent again.
 MAX_RETURNS = 3
+#: How long, in all, a thread waits for the confirms of the links it takes over from
+#: threads that ended: RabbitMQ may take what is sent and say nothing back.
+TAKE_OVER_SECONDS = 5.0
 # kombu is only partly annotated: used as Any, its objects checked where read.
 kombu: Any = _kombu
 log = logging.getLogger(__name__)
@@ -88,6 +92,8 @@ class Links:
         link = self.current()
         if link is not None:
             return link
+        # (What RabbitMQ did not confirm in time there is noted unsent: the app's next
+        # flush or close revokes those tasks. This thread connects all the same.)
         self._take_over()
         conn = kombu.Connection(
             self.url,
@@ -140,7 +146,7 @@ class Links:
         with self._lock, contextlib.suppress(ValueError):
             self._links.remove(link)
 
-    def _take_over(self, *, owing: bool = False) -> None:
+    def _take_over(self, *, owing: bool = False) -> BrokerUnavailable | None:
         """Take over the links and orphans of threads that ended (and, flushing, stray orphans).
 
         A thread that sent a task and ended (a thread pool's) would otherwise keep its
@@ -157,6 +163,12 @@ class Links:
         orphans are copied before they are cleared. Interrupted anywhere (a Ctrl-C), every
         message is still in a list that a take-over or a send looks at: at worst in two,
         sent twice (the start check drops the second task message).
+
+        Their confirms are awaited :data:`TAKE_OVER_SECONDS` in all at most (or this
+        thread's :meth:`answering_within` seconds): what RabbitMQ has not confirmed by
+        then on a live connection is in doubt (it took the messages but says nothing), so
+        it is noted unsent (:meth:`take_unsent`), not sent again. Returns the error saying
+        so, if that happened.
         """
         me, pid, current = threading.current_thread(), os.getpid(), self.current()
         with self._lock:
@@ -178,15 +190,28 @@ class Links:
             for link in links:
                 link.thread = me  # claimed: other threads leave it alone
             self._strays.adopt(linked, owing=owing)
+        seconds: float = getattr(self._local, "patience", None) or TAKE_OVER_SECONDS
+        deadline, silent = time.monotonic() + seconds, None
         for link in links:
             errors: tuple[type[BaseException], ...] = (*link.errors, BrokerUnavailable)
             cause: BaseException | None = None
             with link.in_use:
                 try:
+                    link.wait_at_most(max(deadline - time.monotonic(), 0.001))
                     self._collect(link, 0)
+                except TimeoutError:
+                    in_doubt = list(link.confirms.unconfirmed.values())
+                    self._strays.note_unsent(in_doubt)
+                    link.confirms.unconfirmed.clear()
+                    silent = silent or BrokerUnavailable(
+                        f"RabbitMQ at {redact_url(self.url)} did not answer within "
+                        f"{seconds:g} s: it did not confirm {len(in_doubt)} message(s) that "
+                        "a thread which ended had sent, so they may or may not have reached it"
+                    )
                 except errors as exc:
                     cause = exc
                 self._give_up(link, cause)
+        return silent
 
     def settle_every_thread(self) -> None:
         """Settle what every thread of this process owes, :data:`OWED_SECONDS` at most in all.
@@ -411,13 +436,16 @@ class Links:
         """Wait for the confirms of everything this thread sent (sending orphans again).
 
         What threads that ended left unconfirmed, and the orphans of threads without a
-        link, are taken over first (:meth:`_take_over`).
+        link, are taken over first (:meth:`_take_over`). Raises :class:`BrokerUnavailable`
+        if RabbitMQ did not confirm in time what such a thread sent (those tasks are then
+        in :meth:`take_unsent`).
         """
-        self._take_over(owing=True)
-        if self.current() is None and not self._strays.mine():
-            return
-        # A link kept sends the orphans taken over on it (a new one sends them first anyway).
-        self.publishing(self._send_orphans)
+        silent = self._take_over(owing=True)
+        if self.current() is not None or self._strays.mine():
+            # A link kept sends the orphans taken over on it (a new one sends them first).
+            self.publishing(self._send_orphans)
+        if silent is not None:
+            raise silent
 
     def take_unsent(self) -> list[str]:
         """Ids of tasks whose messages RabbitMQ refused or that could not be sent again."""

@@ -197,6 +197,39 @@ def test_unconfirmed_sends_of_a_thread_that_ended_are_revoked_if_rabbitmq_is_gon
         assert client.store.get_record(handle.id).state is State.REVOKED
 
 
+def test_a_flush_taking_over_a_thread_that_ended_gives_up_on_a_silent_rabbitmq(
+    client: App, proxy: TcpProxy, tmp_path: Path
+) -> None:
+    """A thread that ended left messages RabbitMQ never confirmed on its connection, and
+    RabbitMQ says nothing more (stalled, or the network path is dead): another thread's
+    flush waited for their confirms for ever. It now gives up after a few seconds with
+    ``BrokerUnavailable``, and the tasks, in doubt, are revoked."""
+    ledger = tmp_path / "ledger"
+    _, *lost = _send_from_a_thread_that_ends(client, proxy, ledger, lambda: None, read=False)
+    raised: list[BaseException] = []
+
+    def flush() -> None:
+        try:
+            client.flush()
+        except BaseException as exc:  # the test looks at what it raised
+            raised.append(exc)
+
+    flusher = threading.Thread(target=flush, daemon=True)
+    flusher.start()
+    flusher.join(60)
+    try:
+        assert not flusher.is_alive(), "the flush still waits for RabbitMQ's confirms"
+    finally:
+        proxy.cut()  # (ends a wait that did not end)
+        flusher.join(30)
+    assert len(raised) == 1 and isinstance(raised[0], BrokerUnavailable), raised
+    assert "did not answer within" in str(raised[0])
+    for handle in lost:
+        with pytest.raises(TaskRevoked, match="not confirmed by the broker"):
+            handle.get(timeout=5)
+        assert client.store.get_record(handle.id).state is State.REVOKED
+
+
 def test_messages_rabbitmq_refuses_are_reported_not_dropped(prefix: str) -> None:
     links = Links(AMQP_URL)
     full = f"{prefix}:full"
