@@ -19,9 +19,10 @@ from nbtask._text import redact_url
 from nbtask.brokers.amqp_confirms import Outgoing, size_limit
 from nbtask.brokers.amqp_guards import GUARDED
 from nbtask.brokers.amqp_link import Link
+from nbtask.brokers.amqp_others import OtherThreads
 from nbtask.brokers.amqp_queues import TaskQueues
 from nbtask.brokers.amqp_strays import Strays
-from nbtask.brokers.base import OWED_SECONDS, PIPELINE_WINDOW
+from nbtask.brokers.base import PIPELINE_WINDOW
 from nbtask.brokers.forks import close_copies_in_forks
 from nbtask.errors import BrokerUnavailable
 
@@ -29,7 +30,6 @@ __all__ = [
     "COLLECT_EVERY",
     "MAX_RETURNS",
     "QUIET_SECONDS",
-    "TAKE_OVER_SECONDS",
     "Links",
 ]
 
@@ -43,15 +43,12 @@ COLLECT_EVERY = 64
 QUIET_SECONDS = 0.05
 #: Times a task message returned by RabbitMQ (its queue deleted) is sent again.
 MAX_RETURNS = 3
-#: How long, in all, a thread waits for the confirms of the links it takes over from
-#: threads that ended: RabbitMQ may take what is sent and say nothing back.
-TAKE_OVER_SECONDS = 5.0
 # kombu is only partly annotated: used as Any, its objects checked where read.
 kombu: Any = _kombu
 log = logging.getLogger(__name__)
 
 
-class Links:
+class Links(OtherThreads):
     """The AMQP connections of one transport, one per thread (a thread's own is reused).
 
     Parameters
@@ -145,130 +142,6 @@ class Links:
         link.close()
         with self._lock, contextlib.suppress(ValueError):
             self._links.remove(link)
-
-    def _take_over(self, *, owing: bool = False) -> BrokerUnavailable | None:
-        """Take over the links and orphans of threads that ended (and, flushing, stray orphans).
-
-        A thread that sent a task and ended (a thread pool's) would otherwise keep its
-        connection open for the life of the transport: one more for every such thread.
-        Its link's confirms are read here and the link closed; its messages still
-        unconfirmed, and the orphans it left (its link dropped outside a send, by a read
-        that failed), are sent again by the calling thread, as a dropped link's are. With
-        ``owing`` (a flush), only links and orphans with messages in them are looked at
-        (cheaply: the idle links of ended threads wait for the next thread that connects),
-        and so are the orphans of a thread still alive that has no link: its next send may
-        be far off, after ``app.close()``.
-
-        A link taken over is made the calling thread's and stays listed until given up;
-        orphans are copied before they are cleared. Interrupted anywhere (a Ctrl-C), every
-        message is still in a list that a take-over or a send looks at: at worst in two,
-        sent twice (the start check drops the second task message).
-
-        Their confirms are awaited :data:`TAKE_OVER_SECONDS` in all at most (or this
-        thread's :meth:`answering_within` seconds): what RabbitMQ has not confirmed by
-        then on a live connection is in doubt (it took the messages but says nothing), so
-        it is noted unsent (:meth:`take_unsent`), not sent again. Returns the error saying
-        so, if that happened.
-        """
-        me, pid, current = threading.current_thread(), os.getpid(), self.current()
-        with self._lock:
-            linked = {k.thread for k in self._links if k.pid == pid}
-            links = [
-                k
-                for k in self._links
-                if k.pid == pid
-                and k is not current
-                # This thread's own (one a Ctrl-C left behind), or an ended thread's.
-                and (
-                    k.thread is me
-                    or (
-                        not k.thread.is_alive()
-                        and (not owing or k.confirms.unconfirmed or k.confirms.returned)
-                    )
-                )
-            ]
-            for link in links:
-                link.thread = me  # claimed: other threads leave it alone
-            self._strays.adopt(linked, owing=owing)
-        seconds: float = getattr(self._local, "patience", None) or TAKE_OVER_SECONDS
-        deadline, silent = time.monotonic() + seconds, None
-        for link in links:
-            errors: tuple[type[BaseException], ...] = (*link.errors, BrokerUnavailable)
-            cause: BaseException | None = None
-            with link.in_use:
-                try:
-                    link.wait_at_most(max(deadline - time.monotonic(), 0.001))
-                    self._collect(link, 0)
-                except TimeoutError:
-                    in_doubt = list(link.confirms.unconfirmed.values())
-                    self._strays.note_unsent(in_doubt)
-                    link.confirms.unconfirmed.clear()
-                    silent = silent or BrokerUnavailable(
-                        f"RabbitMQ at {redact_url(self.url)} did not answer within "
-                        f"{seconds:g} s: it did not confirm {len(in_doubt)} message(s) that "
-                        "a thread which ended had sent, so they may or may not have reached it"
-                    )
-                except errors as exc:
-                    cause = exc
-                self._give_up(link, cause)
-        return silent
-
-    def settle_every_thread(self) -> None:
-        """Settle what every thread of this process owes, :data:`OWED_SECONDS` at most in all.
-
-        For closing. The links of other threads that owe confirms (a live thread's, which
-        sent without waiting and did not flush), or whose thread has orphans, are read
-        once their thread is done with them, and closed: that thread connects anew if it
-        sends again. What such a link left unconfirmed because its connection dropped,
-        what RabbitMQ returned, and every thread's orphans, are sent again by this thread,
-        whose own confirms are awaited too. Task messages not confirmed by then, or
-        refused, are noted for :meth:`take_unsent` (the app revokes those tasks). Never
-        raises :class:`BrokerUnavailable`.
-        """
-        deadline = time.monotonic() + OWED_SECONDS
-        pid, current, astray = os.getpid(), self.current(), self._strays.astray()
-        with self._lock:
-            links = [
-                k
-                for k in self._links
-                if k.pid == pid and k is not current and (k.owing or k.thread in astray)
-            ]
-        for link in links:
-            self._settle_link(link, deadline)
-        with self._lock:
-            self._strays.adopt({k.thread for k in self._links if k.pid == pid}, owing=True)
-        if self.current() is None and not self._strays.mine():
-            return
-        # A link kept sends the orphans taken over on it (a new one sends them first anyway).
-        left = max(deadline - time.monotonic(), 0.001)
-        with contextlib.suppress(BrokerUnavailable), self.answering_within(left):
-            self.publishing(self._send_orphans)
-
-    def _settle_link(self, link: Link, deadline: float) -> None:
-        """Read what another thread's ``link`` owes until ``deadline``, then give it up.
-
-        Its thread may be using it right now: it is read only once that thread is done
-        with it, waited for within the same time. If it is not done by then, what the
-        link owes is in doubt, and noted unsent; the link is closed under it (by
-        :meth:`close`), as at any close: its use fails.
-        """
-        confirms = link.confirms
-        if not link.in_use.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            # Copied whole while its thread may change them (no Python code runs meanwhile).
-            owed = [*list(confirms.unconfirmed.values()), *list(confirms.returned.values())]
-            self._strays.note_unsent([*owed, *confirms.refused])
-            return
-        try:
-            cause = link.read_confirms(deadline)
-            if cause is None:
-                # Not answered in time on a live connection: in doubt, not sent again.
-                self._strays.note_unsent(list(confirms.unconfirmed.values()))
-                confirms.unconfirmed.clear()
-            # What RabbitMQ returned (and, the connection gone, all it owed) goes to this
-            # thread's orphans, sent again on its link.
-            self._give_up(link, cause)
-        finally:
-            link.in_use.release()
 
     def close(self) -> None:
         """Close every thread's link, first settling what they owe (:meth:`settle_every_thread`).

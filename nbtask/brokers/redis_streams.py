@@ -33,12 +33,11 @@ from typing import Any
 from redis.exceptions import NoScriptError, ResponseError
 
 from nbtask.brokers.base import OWED_SECONDS, Delivery, Publish, Settlement, Verdict
-from nbtask.brokers.redis_channels import CHANNEL_MAXLEN, refuses_entries
-from nbtask.brokers.redis_errors import is_wrong_type
 from nbtask.brokers.redis_link import LARGE_BYTES, Command
+from nbtask.brokers.redis_moves import StreamsMoves
 from nbtask.brokers.redis_owed import unanswered
 from nbtask.brokers.redis_store import RedisStore
-from nbtask.brokers.redis_upkeep import GROUP, StreamsUpkeep, _delivery
+from nbtask.brokers.redis_upkeep import GROUP, _delivery
 from nbtask.brokers.streams_scripts import STREAMS_SCRIPTS
 from nbtask.errors import BrokerUnavailable
 
@@ -46,12 +45,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["GROUP", "StreamsTransport"]
 
-#: A task queue's entry id this far past the clock was not given by Redis (see
-#: ``repair_queue``): clocks of hosts differ by far less.
-_AHEAD_SECONDS = 86_400.0
 
-
-class StreamsTransport(StreamsUpkeep):
+class StreamsTransport(StreamsMoves):
     """A :class:`~nbtask.brokers.base.Transport` on Redis Streams, beside its store.
 
     Parameters
@@ -72,11 +67,6 @@ class StreamsTransport(StreamsUpkeep):
         # A fetch's read and start check, by (queue, consumer, block, pid): made once.
         self._reads: dict[tuple[str, str, int, int], tuple[str, Command, Command]] = {}
         self.link.add_scripts(STREAMS_SCRIPTS)
-
-    @property
-    def store(self) -> RedisStore:
-        """The Redis store on the same server."""
-        return self._store
 
     def ping(self) -> None:
         """Raise :class:`~nbtask.errors.BrokerUnavailable` unless the server answers."""
@@ -400,94 +390,6 @@ class StreamsTransport(StreamsUpkeep):
         queues, consumer, block_seconds = then_fetch
         with self.link.translate_errors():
             return self._read_one(queues[0], consumer, block_seconds, [command], large=large)
-
-    def discard(self, delivery: Delivery) -> None:
-        """Acknowledge and delete a delivery that must not run."""
-        with self.link.translate_errors():
-            self.link.run(self._dropped(delivery))
-
-    def requeue(self, delivery: Delivery, task_id: str) -> None:
-        """Re-add the message with its redelivery count raised, and drop the old entry."""
-        stream = self.queue_key(delivery.queue)
-        add = ("XADD", stream, "*", "e", delivery.raw, "n", delivery.deliveries + 1, "i", task_id)
-        pending = ("HSET", self.store.record_key(task_id), "state", "PENDING")
-        (added, *_) = self._replace(delivery, add, pending)
-        self._add_again(delivery, add, added)
-
-    def move(self, delivery: Delivery, queue: str, raw: bytes, task_id: str) -> None:
-        """Put ``raw`` (the delivery's message, sealed for ``queue``) there; drop the old."""
-        target = self.queue_key(queue)
-        add = ("XADD", target, "*", "e", raw, "n", delivery.deliveries, "i", task_id)
-        (added, *_) = self._replace(delivery, add)
-        self._add_again(delivery, add, added)
-
-    def _add_again(self, delivery: Delivery, add: Command, reply: Any) -> None:
-        """Add a message whose ``add`` to a task queue the transaction's run refused.
-
-        Its delivery is dropped by then. A queue whose ids were used up by an entry past
-        the clock, or whose key is of another type (nbtask wrote neither), is repaired or
-        replaced first (see the ``repair_queue`` and ``replace_queue`` scripts); a queue
-        still refusing keeps it in the dead-letter stream.
-        """
-        if not isinstance(reply, ResponseError):
-            return
-        queue = str(add[1])
-        with self.link.translate_errors():
-            if is_wrong_type(reply):
-                self.replace_queue(queue, reply)
-                try:
-                    self.link.run([add], large=True)
-                    return
-                except ResponseError as exc:
-                    reply = exc
-            elif "last possible" in str(reply):
-                ahead = str(int((time.time() + _AHEAD_SECONDS) * 1000))
-                deleted = self.link.call("repair_queue", [queue], ahead)
-                log.error("deleted %s entries past the clock from %s (%s)", deleted, queue, reply)
-                try:
-                    self.link.run([add], large=True)
-                    return
-                except ResponseError as exc:
-                    reply = exc
-            log.error("kept a message %s refused in the dead-letter stream: %s", queue, reply)
-            command = self.store.dead_letter_command(delivery)
-            self.store.append_replacing(self.store.dead_letter_key, [command], large=True)
-
-    def dead_letter(self, delivery: Delivery) -> None:
-        """Move the message to the dead-letter stream and acknowledge it."""
-        command = self.store.dead_letter_command(delivery)
-        (kept, *_) = self._replace(delivery, command)
-        if isinstance(kept, ResponseError) and refuses_entries(kept):
-            # Refused as the transaction ran (the entry is dropped): kept once replaced.
-            self.store.append_replacing(self.store.dead_letter_key, [command], large=True)
-
-    def _replace(self, delivery: Delivery, *commands: Command) -> list[Any]:
-        """Run ``commands`` and drop ``delivery``'s entry in one transaction; their replies.
-
-        Together or not at all, so the message is never lost between the two steps, nor
-        left in two places. A command Redis refuses as it runs them is not raised: its
-        reply is the error.
-        """
-        transaction = [("MULTI",), *commands, *self._dropped(delivery), ("EXEC",)]
-        with self.link.translate_errors():
-            replies = self.link.run(transaction, large=True)
-        return list(replies[-1] or ())
-
-    def _dropped(self, delivery: Delivery) -> list[Command]:
-        """The commands acknowledging a delivery and deleting its entry from its stream."""
-        stream = self.queue_key(delivery.queue)
-        return [
-            ("XACK", stream, GROUP, delivery.delivery_id),
-            ("XDEL", stream, delivery.delivery_id),
-        ]
-
-    def move_due(self, queues: Sequence[str]) -> float | None:
-        """Move due ETA messages to their streams; return the next due time."""
-        keys = [self.store.dead_letter_key]
-        for queue in queues:
-            keys += [self.store.eta_key(queue), self.queue_key(queue)]
-        reply = self.link.call("move_due", keys, repr(time.time()), CHANNEL_MAXLEN)
-        return self.store.due_reply(reply)
 
 
 def _due(msg: Publish, now: float) -> float | None:
