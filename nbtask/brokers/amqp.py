@@ -51,7 +51,7 @@ from nbtask.brokers.amqp_links import Links, kombu
 from nbtask.brokers.amqp_lost import LostDeliveries
 from nbtask.brokers.amqp_replies import Replies
 from nbtask.brokers.amqp_upkeep import AmqpUpkeep
-from nbtask.brokers.base import Delivery, Publish, Settlement, StartBy, Verdict
+from nbtask.brokers.base import OWED_SECONDS, Delivery, Publish, Settlement, StartBy, Verdict
 from nbtask.brokers.redis_store import RedisStore
 from nbtask.errors import BrokerUnavailable
 
@@ -172,12 +172,16 @@ class AmqpTransport(AmqpUpkeep):
         self.links.flush()
 
     def settle_every_thread(self) -> None:
-        """Before closing: read what every thread's AMQP connection owes (3 s at most).
+        """Before closing: read what other threads owe the store, then RabbitMQ (3 s each).
 
-        Messages a dropped connection left behind are sent again; tasks whose messages
-        RabbitMQ did not confirm by then are noted for :meth:`take_unsent` (see
+        Tasks whose records the store did not answer for by then (see
+        :meth:`~nbtask.brokers.redis_owing.OwedReplies.settle_others`) are noted for
+        :meth:`take_unsent`. Messages a dropped connection left behind are sent again;
+        tasks whose messages RabbitMQ did not confirm by then are noted too (see
         :meth:`~nbtask.brokers.amqp_links.Links.settle_every_thread`).
         """
+        with contextlib.suppress(BrokerUnavailable), self.store.link.translate_errors():
+            self.store.link.settle_others(OWED_SECONDS)
         self.links.settle_every_thread()
 
     def take_unsent(self) -> list[str]:

@@ -229,6 +229,45 @@ def test_unanswered_sends_of_a_live_thread_are_revoked_when_the_app_closes(
     assert first.id not in " ".join(errors)
 
 
+@pytest.mark.brokers("amqp")
+def test_unanswered_record_writes_of_a_live_thread_are_revoked_when_the_app_closes(
+    app: App, settings: Settings, tmp_path: Path
+) -> None:
+    """On RabbitMQ, a lone ``delay()`` writes its task's PENDING record to the store
+    without waiting for Redis's reply. A thread still alive at ``app.close()`` sent tasks
+    whose records Redis never answered for: close revokes them (their messages did reach
+    RabbitMQ), and their handles fail saying so, rather than stay PENDING."""
+    ledger = tmp_path / "ledger"
+    handles: list[Any] = []
+    sent, finish = threading.Event(), threading.Event()
+    with proxying(settings.result_url or "", 6379) as proxy:
+        url = via(settings.result_url or "", proxy.url_port)
+        client = App("closing", settings=settings.replace(result_url=url))
+
+        def run() -> None:
+            handles.append(client.send_task(RECORD, (str(ledger),)))  # its own connections
+            client.flush()
+            proxy.hold()  # the record writes below never reach Redis
+            handles.extend(client.send_task(RECORD, (str(ledger),)) for _ in range(3))
+            sent.set()
+            finish.wait(60)  # alive and idle while the app closes
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        try:
+            assert sent.wait(15)
+            client.close()
+        finally:
+            finish.set()
+            thread.join()
+    first, *lost = handles
+    for handle in lost:
+        with pytest.raises(TaskRevoked, match="not confirmed by the broker before the app closed"):
+            handle.get(timeout=5)
+    assert [app.store.get_record(h.id).state for h in lost] == [State.REVOKED] * 3
+    assert app.store.get_record(first.id).state is State.PENDING
+
+
 @pytest.mark.brokers()
 def test_a_server_that_lost_its_scripts_still_queues_the_sends_it_refused(
     app: App, start_worker, settings: Settings, r: redis.Redis, tmp_path: Path
