@@ -32,6 +32,10 @@ from nbtask.wire.envelope import Signer
 
 __all__ = ["AppConnection"]
 
+#: How long closing waits for the broker's answer to the revokes of tasks it did not
+#: confirm: once it did not answer that long, the other revokes fail at once.
+_CLOSING_ANSWER_SECONDS = 5.0
+
 
 class AppConnection:
     """The connection part of :class:`~nbtask.client.app.App`, which documents it.
@@ -208,7 +212,10 @@ class AppConnection:
             if self._transport is not None:
                 # Before the listener stops: it holds the handles to fail.
                 self._transport.settle_every_thread()
-                self._revoke_unsent(CLOSED_REASON)
+                # The store may be as silent as the broker was: one wait for it, not one
+                # per task (a revoke it did not answer for fails the handle all the same).
+                with self._transport.answers_within(_CLOSING_ANSWER_SECONDS):
+                    self._revoke_unsent(CLOSED_REASON)
             if self._listener is not None:
                 self._listener.close()
                 # Nothing reads their events now: a get() raises instead of waiting.

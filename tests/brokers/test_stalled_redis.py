@@ -25,7 +25,7 @@ import pytest
 import redis
 from helpers import SECRET, PrivateRedis, ledger_runs, wait_until
 
-from nbtask import App, BrokerUnavailable, Settings, errors
+from nbtask import App, BrokerUnavailable, Settings, TaskHandle, errors
 from nbtask.brokers.redis_link import RedisLink
 from nbtask.brokers.redis_streams import StreamsTransport
 
@@ -232,3 +232,45 @@ def test_close_while_another_thread_reads_its_replies_reads_none_of_them(
     assert lost == {"settle": False, "close": False}
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert admin.get("runs") == b"3"
+
+
+def test_close_revokes_a_live_threads_unanswered_sends_without_a_wait_per_task(
+    app: App, private_redis: PrivateRedis, tmp_path: Path
+) -> None:
+    """A thread still alive at ``app.close()`` sent tasks without waiting to a Redis that
+    stalled: close revokes them, their handles failing rather than staying PENDING. Each
+    revoke is written to the same stalled Redis, and waited for once, not once per task
+    (5 s each: a close that took minutes)."""
+    ledger = tmp_path / "ledger"
+    handles: list[TaskHandle] = []
+    ready, stopped = threading.Event(), threading.Event()
+    sent, finish = threading.Event(), threading.Event()
+
+    def run() -> None:
+        handles.append(app.send_task(RECORD, (str(ledger),)))  # connected, answered
+        app.flush()
+        ready.set()
+        assert stopped.wait(30)
+        handles.extend(app.send_task(RECORD, (str(ledger),)) for _ in range(40))
+        sent.set()
+        finish.wait(300)  # alive and idle while the app closes
+
+    thread = threading.Thread(target=run, daemon=True)
+    closer = threading.Thread(target=app.close, daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(30)
+        with stalled(private_redis):
+            stopped.set()
+            assert sent.wait(30)
+            closer.start()
+            closer.join(90)  # one wait for the replies, one for the revokes, and then some
+            waited = closer.is_alive()
+        closer.join(300)  # (Redis answers again: a close still waiting ends)
+    finally:
+        finish.set()
+        thread.join(30)
+    assert not waited, "the close still waits for the stalled Redis, a revoke at a time"
+    for handle in handles[1:]:
+        with pytest.raises(errors.TaskRevoked, match="before the app closed"):
+            handle.get(timeout=5)
