@@ -1,7 +1,8 @@
 """Frames read off a real TCP socket by the AMQP transport (``nbtask.brokers.amqp_reads``).
 
 A local listening socket stands in for RabbitMQ's end: it writes AMQP frames as given,
-whole, several at once, or cut in the middle.
+whole, several at once, or cut in the middle. Bodies too large are screened out of the
+frames as they come (the same with a real RabbitMQ: ``test_amqp_reply_reads.py``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from nbtask.brokers.amqp_reads import BufferedTCPTransport
+from nbtask.brokers.amqp_reads import OVERSIZED_HEADER, BodyLimits, BufferedTCPTransport
 
 
 def frame(kind: int, channel: int, payload: bytes) -> bytes:
@@ -106,3 +107,40 @@ def test_frames_read_whole_already_are_handed_over_without_the_socket(
     with transport.having_timeout(5):
         assert transport.read_frame() == (1, 2, b"c" * 30)
     assert transport.buffered_frame() is None
+
+
+def deliver(tag: bytes) -> bytes:
+    """A ``basic.deliver`` method frame's payload to consumer ``tag``."""
+    return struct.pack(">HHB", 60, 60, len(tag)) + tag + struct.pack(">QB", 1, 0) + b"\x00\x00"
+
+
+def content_header(body_size: int) -> bytes:
+    """A content header frame's payload: class, weight, body size, no properties."""
+    return struct.pack(">HHQH", 60, 0, body_size, 0)
+
+
+def test_bodies_over_the_limit_of_a_screened_consumer_are_dropped_as_they_arrive() -> None:
+    limits = BodyLimits()
+    limits.limit("reply-", 100)
+    screened = [
+        (1, 1, deliver(b"reply-1")),
+        (2, 1, content_header(250)),
+        (3, 1, b"x" * 100),
+        (1, 2, deliver(b"task-1")),  # another channel's delivery, between the body frames
+        (2, 2, content_header(250)),
+        (3, 2, b"y" * 250),
+        (3, 1, b"x" * 150),
+        (1, 1, deliver(b"reply-1")),
+        (2, 1, content_header(100)),  # at the limit: read
+        (3, 1, b"z" * 100),
+    ]
+    out = [limits.screen(f) for f in screened]
+    kind, channel, header = out[1] or (0, 0, b"")
+    assert (kind, channel) == (2, 1)
+    (size,) = struct.unpack_from(">Q", header, 4)
+    assert size == 0  # bodyless now, its properties one header: the size dropped
+    assert OVERSIZED_HEADER.encode() in header
+    assert out[2] is None and out[6] is None  # its body, dropped frame by frame
+    assert out[3:6] == screened[3:6]  # another consumer's large body is read whole
+    assert out[7:] == screened[7:]
+    assert out[0] == screened[0]
