@@ -47,6 +47,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from nbtask.brokers.later_writes import LaterWrites
@@ -379,10 +380,18 @@ class RedisBlobs:
         return self.local_blobs.get(digest, size)
 
     def _chunk(self, key: str, digest: str, size: int) -> Buffer | None:
+        # One byte past a chunk at most: a longer string (not nbtask's) is refused without
+        # being read whole. Missing reads as empty, and no chunk is empty.
+        read = functools.partial(self.link.redis.getrange, key, 0, self.chunk_bytes)
         try:
-            # One byte past a chunk at most: a longer string (not nbtask's) is refused
-            # without being read whole. Missing reads as empty, and no chunk is empty.
-            chunk: bytes = self.link.redis.getrange(key, 0, self.chunk_bytes)
+            try:
+                chunk: bytes = read()
+            except RedisConnectionError:
+                # A connection dropped under a read (a blip, a proxy's idle cut) fails a
+                # large value's load, which takes many reads, far more often than a send:
+                # a read changes nothing, so once more on a new connection. Not after a
+                # timeout: a stalled server would be waited for twice.
+                chunk = read()
         except ResponseError as exc:  # not a string: nbtask did not write it
             raise BlobError(_ALTERED.format(digest=digest[:16], size=size)) from exc
         return chunk or None

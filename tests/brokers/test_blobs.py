@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,10 @@ import pytest
 from blake3 import blake3
 from helpers import Touch, wait_until
 from raw_broker import RawBroker
+from tcp_proxy import proxying, via
 
 import nbtask
-from nbtask import App, State
+from nbtask import App, Settings, State
 from nbtask.brokers.local_blobs import LocalBlobs
 from nbtask.errors import BlobError, BlobGone
 from nbtask.wire.blobs import digest_of, split_value
@@ -335,3 +337,38 @@ def test_a_blob_set_aside_while_its_release_asks_the_store_is_still_read(
     assert read_meanwhile == [data]
     assert (tmp_path / "blobs" / digest).read_bytes() == data  # given back
     assert sorted(p.name for p in (tmp_path / "blobs").iterdir()) == [digest]
+
+
+def test_a_connection_dropped_under_a_blob_read_is_read_again_on_a_new_one(
+    settings: Settings,
+) -> None:
+    # The store's connections go through a proxy: after the first chunk, the next read
+    # is held on its way to Redis and the connection cut under it, as a network blip or
+    # a proxy's idle cut does mid-load.
+    store_url = settings.result_url or settings.broker_url
+    with proxying(store_url, 6379) as proxy:
+        through = via(store_url, proxy.url_port)
+        if settings.result_url is None:
+            proxied = settings.replace(broker_url=through)
+        else:
+            proxied = settings.replace(result_url=through)
+        with App("cut", settings=proxied) as cut:
+            store = cut.store
+            store.chunk_bytes = 1000  # type: ignore[attr-defined]
+            data = bytes(range(256)) * 20  # six chunks
+            digest = digest_of(data)
+            store.put_blobs({digest: data})
+            cuts: list[threading.Timer] = []
+
+            def cut_under_the_next_read(_: int) -> None:
+                if not cuts:
+                    proxy.hold()
+                    cuts.append(threading.Timer(0.5, proxy.cut))
+                    cuts[0].start()
+
+            try:
+                assert bytes(store.get_blob(digest, len(data), cut_under_the_next_read)) == data
+            finally:
+                for timer in cuts:
+                    timer.join()
+            assert cuts, "no chunk was read"
