@@ -36,6 +36,16 @@ _WHOLE_ID = re.compile(r"[0-9a-f]{32}")
 _AMBIGUOUS_SHOWN = 5  # the ids an ambiguous prefix's error names
 
 
+def _not_found_reasons(result_ttl: float) -> str:
+    """Why a task id has no record, for :class:`TaskNotFound`."""
+    return (
+        f"the id is wrong, the task finished more than result_ttl ({result_ttl:.0f} s) ago, "
+        "or it is a later step of a chain not sent yet (a worker writes a step's record "
+        "when it sends it, once the step before succeeds): try again once the earlier "
+        "steps have ended"
+    )
+
+
 def resolve_task_id(store: Store, text: str, result_ttl: float, *, unsent: bool = False) -> str:
     """The id of the task ``text`` names: its whole id, or a unique prefix of it.
 
@@ -60,8 +70,7 @@ def resolve_task_id(store: Store, text: str, result_ttl: float, *, unsent: bool 
     if not found:
         also = ", nor one whose id begins with it" if prefix else ""
         raise TaskNotFound(
-            f"no task {text!r} in the result store{also}: the id is wrong, or the task "
-            f"finished more than result_ttl ({result_ttl:.0f} s) ago"
+            f"no task {text!r} in the result store{also}: {_not_found_reasons(result_ttl)}"
         )
     if len(found) > 1:
         shown = ", ".join(found[:_AMBIGUOUS_SHOWN]) + (
@@ -107,8 +116,7 @@ def reattach(
     record = store.get_record(task_id)
     if record is None:
         raise TaskNotFound(
-            f"no task {task_id!r} in the result store: the id is wrong, or the task "
-            f"finished more than result_ttl ({result_ttl:.0f} s) ago"
+            f"no task {task_id!r} in the result store: {_not_found_reasons(result_ttl)}"
         )
     # The label is unsigned, as the name: shown only, never with control characters.
     label = printable(record.label)

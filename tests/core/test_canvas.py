@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from helpers import remote_of, wait_for_housekeeping, wait_until
 
-from nbtask import App, State, Task, chain, group
+from nbtask import App, State, Task, TaskNotFound, chain, group
 from nbtask.client.listener import Listener
 from tests.celery_tasks import read_records
 
@@ -309,3 +309,17 @@ def test_subtask_sent_from_a_task_can_be_reattached(app: App, start_worker) -> N
     assert {r["parent_id"] for r in results} == {h.id}
     assert {r["root_id"] for r in results} == {h.id}
     assert app.handle(ids[0]).state is State.SUCCESS
+
+
+def test_a_chains_later_step_not_sent_yet_says_so_when_another_process_attaches(
+    app: App, settings: Any
+) -> None:
+    # No worker: the first step waits in its queue, and the later step has no record
+    # until a worker sends it. Another process (a restarted kernel) asking for it is
+    # told why, rather than only that the id is wrong or too old.
+    add, mul, _, _ = _tasks(app)
+    last = (add.s(1, 2) | mul.s(10)).delay()
+    with App("restarted", settings=settings) as later:
+        with pytest.raises(TaskNotFound, match="a later step of a chain not sent yet"):
+            later.handle(last.id)
+        assert later.handle(last.parent.id).state is State.PENDING
