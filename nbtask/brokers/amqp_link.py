@@ -21,12 +21,17 @@ from nbtask.brokers.amqp_confirms import Confirms, Outgoing
 from nbtask.brokers.amqp_frames import ack_frame, publish_frames
 from nbtask.brokers.amqp_reads import BufferedTCPTransport
 
-__all__ = ["CLOSE_SECONDS", "Link", "Message"]
+__all__ = ["ANSWER_SECONDS", "CLOSE_SECONDS", "Link", "Message"]
 
 #: A message as kombu hands it over (kombu is only partly annotated).
 Message = Any
 #: How long closing a connection waits for RabbitMQ to confirm it.
 CLOSE_SECONDS = 2.0
+#: How long a link waits for RabbitMQ to say anything (a confirm, a declare's answer) or
+#: take a write, outside a thread's ``answering_within`` block: a server that takes what
+#: is sent but says nothing back (stalled, or the network path dead) never holds a caller
+#: forever. A wait with a timeout of its own (a fetch's, a read of events) keeps it.
+ANSWER_SECONDS = 5.0
 _CONTENT = {"content_type": "application/octet-stream", "content_encoding": "binary"}
 
 
@@ -42,6 +47,8 @@ class Link:
         #: Held while a thread uses the link (:meth:`~.amqp_links.Links.using`): another
         #: reads it only when it can take this (frames read by two threads are lost).
         self.in_use = threading.RLock()
+        if (sock := _socket_of(conn.connection)) is not None:  # (None: ``memory://``)
+            sock.settimeout(ANSWER_SECONDS)  # its channel's opening waits so long at most
         self.channel: Any = conn.channel()
         self.generation = generation
         self.declared: set[str] = set()
@@ -176,8 +183,7 @@ class Link:
         A wait given up raises ``TimeoutError``; the link is then in no known state. Only
         py-amqp's connections can be told: False on others (``memory://``) or once closed.
         """
-        amqp = self.channel.connection if self._amqp_channel else None
-        sock = getattr(getattr(amqp, "transport", None), "sock", None)
+        sock = _socket_of(self.channel.connection if self._amqp_channel else None)
         if sock is None:
             return False
         try:
@@ -185,3 +191,8 @@ class Link:
         except OSError:
             return False
         return True
+
+
+def _socket_of(amqp: Any) -> Any:
+    """The socket of a py-amqp connection (None for others, or once closed)."""
+    return getattr(getattr(amqp, "transport", None), "sock", None)

@@ -18,7 +18,7 @@ from amqp.exceptions import ConsumerCancelled
 from nbtask._text import redact_url
 from nbtask.brokers.amqp_confirms import Outgoing, size_limit
 from nbtask.brokers.amqp_guards import GUARDED
-from nbtask.brokers.amqp_link import Link
+from nbtask.brokers.amqp_link import ANSWER_SECONDS, Link
 from nbtask.brokers.amqp_others import OtherThreads
 from nbtask.brokers.amqp_queues import TaskQueues
 from nbtask.brokers.amqp_strays import Strays
@@ -203,11 +203,18 @@ class Links(OtherThreads):
             self._local.patience = outer
             link = self.current()
             if link is not None:
-                link.wait_at_most(outer)
+                link.wait_at_most(ANSWER_SECONDS if outer is None else outer)
 
     @contextlib.contextmanager
     def using(self) -> Iterator[Link]:
-        """Yield this thread's link; connection errors become :class:`BrokerUnavailable`."""
+        """Yield this thread's link; connection errors become :class:`BrokerUnavailable`.
+
+        A wait for RabbitMQ's answer (or to take a write) gives up after this thread's
+        :meth:`answering_within` seconds, else :data:`ANSWER_SECONDS`: the link is
+        dropped, and the messages it sent that RabbitMQ did not confirm are in doubt
+        (it may have them), so noted unsent (:meth:`take_unsent`), not sent again. A
+        wait with a timeout of its own (a fetch's) catches its ``TimeoutError`` inside.
+        """
         link = self.get()
         patience: float | None = getattr(self._local, "patience", None)
         if patience is not None:
@@ -216,13 +223,15 @@ class Links(OtherThreads):
             with link.in_use:
                 yield link
         except link.errors as exc:
-            if isinstance(exc, TimeoutError) and patience is not None:
-                self.drop(exc)
-                raise BrokerUnavailable(
-                    f"RabbitMQ at {redact_url(self.url)} did not answer within {patience:g} s"
-                ) from exc
             if isinstance(exc, TimeoutError):
-                raise
+                in_doubt = list(link.confirms.unconfirmed.values())
+                self._strays.note_unsent(in_doubt)
+                link.confirms.unconfirmed.clear()
+                self.drop(exc)
+                seconds = ANSWER_SECONDS if patience is None else patience
+                raise BrokerUnavailable(
+                    self._silent(seconds, len(in_doubt), "this thread")
+                ) from exc
             if isinstance(exc, BrokerUnavailable):
                 raise  # the result store's or a queue's: it says why
             self.drop(exc)
@@ -291,16 +300,19 @@ class Links(OtherThreads):
                         send(link)
                         self._collect(link, 0 if wait else PIPELINE_WINDOW)
                     return
-                except BrokerUnavailable:
+                except BrokerUnavailable as exc:
+                    # A RabbitMQ that took the messages and said nothing would say nothing
+                    # to a new link either: not tried again (what it owes is noted unsent).
+                    last = fresh or attempt == 2 or isinstance(exc.__cause__, TimeoutError)
                     orphans = self._strays.mine()
                     # Locked: with no link, this thread's orphans are others' to take over.
                     with self._lock:
                         # ``send`` runs whole again: its messages are not orphans.
                         orphans[:] = [o for o in orphans if o.call != call]
-                        if fresh or attempt == 2:
+                        if last:
                             self._strays.note_unsent(orphans)
                             orphans.clear()
-                    if fresh or attempt == 2:
+                    if last:
                         raise
         finally:
             self._local.call = 0

@@ -119,14 +119,23 @@ class OtherThreads(abc.ABC):
                     self._strays.note_unsent(in_doubt)
                     link.confirms.unconfirmed.clear()
                     silent = silent or BrokerUnavailable(
-                        f"RabbitMQ at {redact_url(self.url)} did not answer within "
-                        f"{seconds:g} s: it did not confirm {len(in_doubt)} message(s) that "
-                        "a thread which ended had sent, so they may or may not have reached it"
+                        self._silent(seconds, len(in_doubt), "a thread which ended")
                     )
                 except errors as exc:
                     cause = exc
                 self._give_up(link, cause)
         return silent
+
+    def _silent(self, seconds: float, in_doubt: int, sender: str) -> str:
+        """What to say when RabbitMQ did not answer ``sender``'s link within ``seconds``."""
+        said = f"RabbitMQ at {redact_url(self.url)} did not answer within {seconds:g} s"
+        if not in_doubt:
+            return f"{said}. Is it stalled (a memory or disk alarm?), or the network path cut?"
+        return (
+            f"{said}: it did not confirm {in_doubt} message(s) that {sender} had sent, so "
+            "they may or may not have reached it. The tasks among them are revoked (they "
+            "will not run, even if their messages did get through): send them again"
+        )
 
     def settle_every_thread(self) -> None:
         """Settle what every thread of this process owes, :data:`OWED_SECONDS` at most in all.

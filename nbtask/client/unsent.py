@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 
 UNSENT_REASON = (
     "its message was not confirmed by the broker (the connection dropped and the broker "
-    "could not be reached to send it again, or the broker refused it); it will not run: "
-    "send it again"
+    "could not be reached to send it again, the broker did not answer in time, or it "
+    "refused it); it will not run: send it again"
 )
 #: Why a task is revoked when the app closes: sent without waiting by a thread that did
 #: not flush, it was still unconfirmed after the few seconds closing waits for it.

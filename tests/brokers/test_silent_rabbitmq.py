@@ -1,0 +1,120 @@
+"""A RabbitMQ that takes what a client sends and answers nothing, on the client's own link.
+
+A stalled server, or a network path gone dead, looks like this (a
+:class:`~tcp_proxy.TcpProxy` that ``hold()``\\ s what the client sends): the calls that
+wait for its answer (a flush waiting for confirms, a send that waits for them) give up
+after a few seconds with ``BrokerUnavailable`` rather than wait for ever, and the tasks
+whose messages are in doubt are revoked, their handles saying so, not dropped.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from helpers import AMQP_URL
+from tcp_proxy import TcpProxy, proxying, via
+
+from nbtask import App, Settings, State, TaskHandle
+from nbtask.errors import BrokerUnavailable, TaskRevoked
+
+RECORD = "tests.sample_tasks.record_id"  # appends its id to a file: counts runs
+
+pytestmark = pytest.mark.brokers("amqp")
+
+
+@pytest.fixture
+def proxy(settings: Settings) -> Iterator[TcpProxy]:
+    """A proxy in front of RabbitMQ for the test's client."""
+    with proxying(AMQP_URL, 5672) as opened:
+        yield opened
+
+
+@pytest.fixture
+def client(settings: Settings, proxy: TcpProxy) -> Iterator[App]:
+    """A client app whose AMQP connections go through ``proxy``."""
+    url = via(AMQP_URL, proxy.url_port)
+    application = App("silent", settings=settings.replace(broker_url=url))
+    yield application
+    application.close()
+
+
+def on_a_thread(proxy: TcpProxy, call: Callable[[], None]) -> BaseException | None:
+    """Run ``call`` on a thread of its own (its own link); what it raised.
+
+    A call still waiting after a minute fails the test; the proxy then cuts the
+    connection, ending the wait.
+    """
+    raised: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:  # the test looks at what it raised
+            raised.append(exc)
+        else:
+            raised.append(None)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(60)
+    try:
+        assert not thread.is_alive(), "the call still waits for RabbitMQ's answer"
+    finally:
+        proxy.cut()  # (ends a wait that did not end)
+        thread.join(30)
+    assert len(raised) == 1
+    return raised[0]
+
+
+def test_a_flush_of_a_threads_own_sends_gives_up_on_a_silent_rabbitmq(
+    client: App, proxy: TcpProxy, tmp_path: Path
+) -> None:
+    """A thread sent tasks without waiting, then RabbitMQ went silent: the thread's own
+    ``flush()`` waited for their confirms for ever. It now gives up after a few seconds;
+    the tasks, in doubt, are revoked and their handles say to send them again."""
+    ledger = tmp_path / "ledger"
+    handles: list[TaskHandle] = []
+
+    def send_and_flush() -> None:
+        handles.append(client.send_task(RECORD, (str(ledger),)))  # its own connection
+        client.flush()
+        proxy.hold()  # RabbitMQ gets nothing more, and so says nothing back
+        handles.extend(client.send_task(RECORD, (str(ledger),)) for _ in range(3))
+        client.flush()
+
+    raised = on_a_thread(proxy, send_and_flush)
+    assert isinstance(raised, BrokerUnavailable), repr(raised)
+    assert "did not answer within" in str(raised) and "send them again" in str(raised)
+    first, *lost = handles
+    assert client.store.get_record(first.id).state is State.PENDING
+    for handle in lost:
+        with pytest.raises(TaskRevoked, match="not confirmed by the broker") as info:
+            handle.get(timeout=5)
+        assert "did not answer in time" in str(info.value)
+        assert client.store.get_record(handle.id).state is State.REVOKED
+
+
+def test_a_send_that_waits_for_its_confirm_gives_up_on_a_silent_rabbitmq(
+    client: App, proxy: TcpProxy, tmp_path: Path
+) -> None:
+    """A send that waits for RabbitMQ's confirm (one with its own ``task_id``) waited for
+    ever once RabbitMQ went silent. It now raises after a few seconds, and the task, in
+    doubt, is revoked: it does not run if its message reached RabbitMQ after all."""
+    ledger = tmp_path / "ledger"
+    task_id = str(uuid.uuid4())
+
+    def send() -> None:
+        client.send_task(RECORD, (str(ledger),))
+        client.flush()
+        proxy.hold()
+        client.send_task(RECORD, (str(ledger),), task_id=task_id)
+
+    raised = on_a_thread(proxy, send)
+    assert isinstance(raised, BrokerUnavailable), repr(raised)
+    assert "did not answer within" in str(raised) and "send them again" in str(raised)
+    record = client.store.get_record(task_id)
+    assert record is not None and record.state is State.REVOKED
