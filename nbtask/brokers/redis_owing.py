@@ -172,7 +172,9 @@ class OwedReplies(abc.ABC):
 
         Nobody else would before :meth:`close`: a publish whose connection dropped before
         Redis read it would wait unsent until then, its task never run nor reported.
-        Raises redis-py's ``ConnectionError`` as :meth:`settle_owed` does.
+        Raises redis-py's ``ConnectionError`` as :meth:`settle_owed` does, and
+        :class:`~nbtask.brokers.redis_errors.Unanswered` naming every task Redis took but
+        did not answer for (each thread's are read all the same).
         """
         pid = os.getpid()
         with self._lock:  # taken out while read: two threads never read one connection
@@ -180,15 +182,21 @@ class OwedReplies(abc.ABC):
             for owed in ended:
                 del self._owing[id(owed)]
         failed: Exception | None = None
+        unanswered: list[Unanswered] = []
         for owed in ended:
             try:
                 with owed.using:  # (a closing link may be reading them)
                     self._settle(owed)
+            except Unanswered as exc:  # taken out of the list: named here, or never
+                unanswered.append(exc)
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 failed = failed or exc  # the others are settled all the same
             finally:
                 if not owed.sent:  # (an interrupted read left some owed, kept again)
                     owed.connection.disconnect()
+        if unanswered:  # (those that failed otherwise are noted unsent already)
+            ids = tuple(task_id for exc in unanswered for task_id in exc.task_ids)
+            raise Unanswered(str(unanswered[0]), ids)
         if failed is not None:
             raise failed
 

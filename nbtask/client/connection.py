@@ -16,7 +16,7 @@ import functools
 import threading
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from nbtask.brokers import Store, Transport, open_broker
 from nbtask.client.embedded import EmbeddedCluster
@@ -26,7 +26,7 @@ from nbtask.client.reattach import settle_from_records
 from nbtask.client.unsent import CLOSED_REASON, UNSENT_REASON, revoke_unsent
 from nbtask.core.handle import TaskHandle
 from nbtask.core.outgoing import MessageBuilder
-from nbtask.errors import BrokerUnavailable, ConfigurationError
+from nbtask.errors import BrokerUnavailable, ConfigurationError, SendUnconfirmed
 from nbtask.settings import Settings
 from nbtask.wire.envelope import Signer
 
@@ -192,11 +192,12 @@ class AppConnection:
             finally:
                 self._revoke_unsent()
 
-    def _revoke_unsent(self, why: str = UNSENT_REASON) -> None:
-        # The tasks whose messages never reached the broker: see nbtask.client.unsent.
+    def _revoke_unsent(self, why: str = UNSENT_REASON, also: Sequence[str] = ()) -> None:
+        # The tasks whose messages never reached the broker (and ``also``, in doubt): see
+        # nbtask.client.unsent.
         if (transport := self._transport) is not None and (builder := self._builder) is not None:
             prefix, listener = self.settings.key_prefix, self._listener
-            revoke_unsent(transport, builder.signer, self._channel, prefix, listener, why)
+            revoke_unsent(transport, builder.signer, self._channel, prefix, listener, why, also)
 
     def close(self) -> None:
         """:meth:`flush`, stop the listener, disconnect, give back an embedded cluster.
@@ -205,8 +206,15 @@ class AppConnection:
         awaited a few seconds at most; those tasks still unconfirmed then are revoked,
         their handles failing with ``TaskRevoked`` (a ``get()`` waiting elsewhere too).
         """
-        with contextlib.suppress(BrokerUnavailable):
+        unconfirmed: tuple[str, ...] = ()
+        try:
             self.flush()  # a failure is logged and its tasks' handles fail
+        except SendUnconfirmed as exc:
+            # The broker took them and said nothing (a thread that ended sent them, or
+            # this one): in doubt, revoked below as other threads' unanswered sends are.
+            unconfirmed = exc.task_ids
+        except BrokerUnavailable:
+            pass
         with self._lock:
             self.closed = True
             if self._transport is not None:
@@ -215,7 +223,7 @@ class AppConnection:
                 # The store may be as silent as the broker was: one wait for it, not one
                 # per task (a revoke it did not answer for fails the handle all the same).
                 with self._transport.answers_within(_CLOSING_ANSWER_SECONDS):
-                    self._revoke_unsent(CLOSED_REASON)
+                    self._revoke_unsent(CLOSED_REASON, unconfirmed)
             if self._listener is not None:
                 self._listener.close()
                 # Nothing reads their events now: a get() raises instead of waiting.

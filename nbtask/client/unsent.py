@@ -56,14 +56,16 @@ def revoke_unsent(
     prefix: str,
     listener: Listener | None,
     why: str = UNSENT_REASON,
+    also: Sequence[str] = (),
 ) -> list[str]:
     """Revoke the tasks the transport could not deliver; fail their handles. Their ids.
 
     ``prefix`` is the app's key prefix (the events name it, and each handle's send);
-    ``why`` the reason the events and the log give.
+    ``why`` the reason the events and the log give; ``also``, more tasks to revoke (ones
+    the broker took and never answered for, at close).
     """
     revoked: list[tuple[str, Event, bytes]] = []
-    for task_id in transport.take_unsent():
+    for task_id in dict.fromkeys([*also, *transport.take_unsent()]):
         handle = listener.get(task_id) if listener is not None else None
         run = (prefix, handle.sent if handle is not None else None)
         reason = {"reason": why}

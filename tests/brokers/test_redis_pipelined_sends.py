@@ -229,6 +229,43 @@ def test_unanswered_sends_of_a_live_thread_are_revoked_when_the_app_closes(
     assert first.id not in " ".join(errors)
 
 
+def test_unanswered_sends_of_a_thread_that_ended_are_revoked_when_the_app_closes(
+    app: App, client: App, proxy: TcpProxy, tmp_path: Path
+) -> None:
+    """Two threads sent tasks without waiting and ended; Redis took them and never
+    answered. ``app.close()`` reads what each thread owes, and the tasks, in doubt, are
+    revoked: their handles say the send was not confirmed and to send it again, as those
+    of a live thread's unanswered sends do (they ended as closed, their records left
+    PENDING; the second thread's were not even read)."""
+    ledger = tmp_path / "ledger"
+    confirmed: list[Any] = []
+    lost: list[Any] = []
+    connected, held = threading.Barrier(3), threading.Event()
+
+    def sender() -> None:
+        confirmed.append(client.send_task(RECORD, (str(ledger),)))  # its own connection
+        client.flush()
+        connected.wait(30)
+        assert held.wait(30)  # the publishes below never reach Redis, nor an answer them
+        lost.extend(client.send_task(RECORD, (str(ledger),)) for _ in range(2))
+
+    threads = [threading.Thread(target=sender) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    connected.wait(30)
+    proxy.hold()
+    held.set()
+    for thread in threads:
+        thread.join()
+    assert len(confirmed) == 2 and len(lost) == 4
+    client.close()
+    for handle in lost:
+        with pytest.raises(TaskRevoked, match="not confirmed by the broker before the app closed"):
+            handle.get(timeout=5)
+    assert [app.store.get_record(h.id).state for h in lost] == [State.REVOKED] * 4
+    assert [app.store.get_record(h.id).state for h in confirmed] == [State.PENDING] * 2
+
+
 @pytest.mark.brokers("amqp")
 def test_unanswered_record_writes_of_a_live_thread_are_revoked_when_the_app_closes(
     app: App, settings: Settings, tmp_path: Path
