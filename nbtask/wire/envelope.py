@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import hmac
 import io
@@ -182,15 +183,82 @@ def _skeleton_with_slots(
         return _MAKE_SKELETON_CLASS(metaclass, name, bases, type_kwargs, tracker_id, extra)
 
 
+def _cached_function_reduced(wrapper: Any) -> Any:
+    """A function made by ``functools.lru_cache`` (or ``cache``) that travels by value.
+
+    Pickled as it is by default, it names itself (``__main__.sq``), which a worker or
+    another kernel cannot find when it was defined in the notebook or a cell. One that
+    cloudpickle would pickle by value if it were a plain function (of ``__main__``, of a
+    module shipped by value, or not found under its name) travels as the function it
+    wraps, wrapped again with the same ``maxsize`` and ``typed``, and the wrapper's
+    attributes. What it cached stays here: the copy starts with an empty cache.
+    """
+    parameters = getattr(wrapper, "cache_parameters", None)
+    if not hasattr(wrapper, "__wrapped__") or parameters is None or _pickled_by_name(wrapper):
+        return NotImplemented  # the wrapper's own reduction: by name
+    settings = parameters()
+    # Its own cache_parameters is made anew by lru_cache (it is a closure of functools).
+    state = {k: v for k, v in vars(wrapper).items() if k != "cache_parameters"}
+    return (
+        _cached_function,
+        (wrapper.__wrapped__, settings["maxsize"], settings["typed"]),
+        state,
+    )
+
+
+def _cached_function(func: Callable[..., Any], maxsize: int | None, typed: bool) -> Any:
+    """``func`` wrapped by ``functools.lru_cache(maxsize, typed)``, its cache empty."""
+    return functools.lru_cache(maxsize=maxsize, typed=typed)(func)
+
+
+def _pickled_by_name(obj: Any) -> bool:
+    """Whether cloudpickle would pickle ``obj`` by name, were it a function.
+
+    Found under its module and qualified name, in a module neither ``__main__`` nor
+    registered to be pickled by value.
+    """
+    found = _LOOKUP_MODULE_AND_QUALNAME(obj)
+    return found is not None and not _IS_REGISTERED_PICKLE_BY_VALUE(found[0])
+
+
+def _cached_property_reduced(prop: functools.cached_property[Any]) -> Any:
+    """A ``functools.cached_property``, which holds a lock on Python 3.11, without it.
+
+    Rebuilt around its function (pickled as any function is) with a lock of its own, and
+    with its ``attrname``: cloudpickle sets a class's attributes one by one, which does
+    not call ``__set_name__``. Values already cached in an instance travel with it.
+    """
+    state = {k: v for k, v in vars(prop).items() if k not in ("func", "lock")}
+    return _cached_property, (prop.func, state)
+
+
+def _cached_property(func: Callable[[Any], Any], state: dict[str, Any]) -> Any:
+    """A ``functools.cached_property`` of ``func`` (a new lock), with ``state`` set."""
+    prop = functools.cached_property(func)
+    vars(prop).update(state)
+    return prop
+
+
 # Private to cloudpickle (3.x): the first item of its reduction of a class by value.
 _MAKE_SKELETON_CLASS: Callable[..., type] = cloudpickle.cloudpickle._make_skeleton_class
 _CLOUDPICKLE_REDUCER_OVERRIDE: Callable[[Any, Any], Any] = cloudpickle.Pickler.reducer_override
+# And how it finds whether it pickles a function by name, or by value.
+_LOOKUP_MODULE_AND_QUALNAME: Callable[[Any], Any] = (
+    cloudpickle.cloudpickle._lookup_module_and_qualname
+)
+_IS_REGISTERED_PICKLE_BY_VALUE: Callable[[Any], bool] = (
+    cloudpickle.cloudpickle._is_registered_pickle_by_value
+)
+# The type of what functools.lru_cache makes (private to functools, written in C).
+_CACHED_FUNCTION = functools._lru_cache_wrapper
 
 
 class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
     """Cloudpickle's pickler, keeping what it drops of what it pickles by value.
 
-    The file names of code, and the slots of classes.
+    The file names of code, and the slots of classes; and carrying by value what it
+    cannot: ``functools.lru_cache`` functions of the notebook, and
+    ``functools.cached_property`` (which holds a lock).
     """
 
     dispatch_table: ClassVar[collections.ChainMap[Any, Any]] = collections.ChainMap(
@@ -198,9 +266,15 @@ class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
     )
 
     def reducer_override(self, obj: Any) -> Any:
-        """Cloudpickle's, but a class pickled by value keeps its ``__slots__``."""
+        """Cloudpickle's, keeping slots and carrying ``functools`` caches by value."""
         if isinstance(obj, type):
             return _with_its_slots(obj, _CLOUDPICKLE_REDUCER_OVERRIDE(self, obj))
+        # Compared by identity: a class whose metaclass defines __eq__ may not hash.
+        kind = type(obj)
+        if kind is _CACHED_FUNCTION:
+            return _cached_function_reduced(obj)
+        if kind is functools.cached_property:
+            return _cached_property_reduced(obj)
         # Called for nearly every object pickled: no super() lookup on the way.
         return _CLOUDPICKLE_REDUCER_OVERRIDE(self, obj)
 
