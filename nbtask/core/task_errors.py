@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,6 +33,36 @@ _REBUILD_FAILED = (
 )
 
 
+# How pickle says a module has no such name: the name, and the module (3.11-3.14).
+_NOT_IN_MODULE = re.compile(r"Can't (?:get attribute|resolve path) '([^']+)' on <module '([^']+)'")
+
+
+def _if_missing(why: str) -> str:
+    """What to do about a value naming something missing here, as ``why`` says.
+
+    Nothing to install when it is the notebook's own (``__main__``: the notebook or a
+    cell): only the process that defined it can find it by its name.
+    """
+    found = _NOT_IN_MODULE.search(why)
+    if found is None or not _is_main(found[2]):
+        return _INSTALL
+    return (
+        f"{found[1]!r} is defined in the notebook or a cell (module __main__) and could not "
+        "be pickled by value (its kind, or its own __reduce__, names it), so it was pickled "
+        "by name, which only the process that defined it can find: define it in a .py "
+        "module next to the notebook and import it, or make it where it is used"
+    )
+
+
+def _is_main(module: str) -> bool:
+    """Whether pickle names this process's ``__main__`` as ``module``.
+
+    A module's repr gives its spec's name: ``python -m tool`` runs ``tool.__main__``.
+    """
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return module == "__main__" or (spec is not None and spec.name == module)
+
+
 def unloadable(label: str, why: str, *, missing: bool) -> SerializationError:
     """Task ``label`` (``name[id]``) succeeded, but its result cannot be loaded here.
 
@@ -38,7 +70,7 @@ def unloadable(label: str, why: str, *, missing: bool) -> SerializationError:
     else what it names was found, and rebuilding the value from its state failed.
     """
     plain = "return plain values (numbers, strings, lists, dicts, numpy arrays)"
-    advice = f"{_INSTALL}, or {plain}" if missing else f"{_REBUILD_FAILED}; or {plain}"
+    advice = f"{_if_missing(why)}, or {plain}" if missing else f"{_REBUILD_FAILED}; or {plain}"
     return SerializationError(
         f"task {label} succeeded, but its result cannot be loaded in this process ({why}): {advice}"
     )
@@ -50,7 +82,7 @@ def unloadable_values(label: str, why: str, *, missing: bool | None) -> Serializ
     ``missing``: as for :func:`unloadable`; ``None`` when ``why`` says it all (a notebook
     object the values name is no longer known here).
     """
-    advice = "" if missing is None else f": {_INSTALL if missing else _REBUILD_FAILED}"
+    advice = "" if missing is None else f": {_if_missing(why) if missing else _REBUILD_FAILED}"
     return SerializationError(
         f"the values cell {label!r} bound cannot be loaded in this kernel ({why}){advice}; "
         "none of them was bound"

@@ -1,0 +1,116 @@
+"""Tasks of the notebook that use ``functools`` caches run on the workers as they do here.
+
+A ``functools.lru_cache`` function or a class with ``functools.cached_property`` defined
+in the notebook travels by value to the worker and back (what it cached does not). The
+tasks are defined as a notebook defines them: code run in a namespace of its own named
+``__main__``, which workers cannot import.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import nbtask
+from nbtask import App
+from nbtask.core.task_errors import unloadable, unloadable_values
+
+CACHED = """
+import functools
+
+@functools.lru_cache(maxsize=None)
+def cube(n):
+    return n ** 3
+
+@functools.lru_cache(maxsize=8, typed=True)
+def kind(v):
+    return type(v).__name__
+
+class Model:
+    def __init__(self, v):
+        self.v = v
+    @functools.cached_property
+    def double(self):
+        return self.v * 2
+    @functools.lru_cache(maxsize=4)
+    def plus(self, a):
+        return self.v + a
+    def __hash__(self):
+        return hash(self.v)
+
+@app.task
+def cubes(n):
+    return cube(n) + cube(n), cube.cache_info(), (kind(1), kind(1.0))
+
+@app.task
+def read(model):
+    return model.double, model.plus(1), Model(model.v + 1).double, model
+
+@app.task
+def give_back(f):
+    return f
+"""
+
+
+def notebook(app: App, source: str) -> dict[str, Any]:
+    """The namespace of a notebook that ran ``source`` (with ``app`` defined)."""
+    namespace: dict[str, Any] = {"__name__": "__main__", "app": app}
+    exec(compile(source, "<notebook cell>", "exec"), namespace)
+    return namespace
+
+
+def test_a_task_calls_a_cached_function_of_the_notebook(app: App, start_worker) -> None:
+    start_worker()
+    cells = notebook(app, CACHED)
+    total, info, kinds = cells["cubes"].delay(3).get(timeout=10)
+    # The worker's copy starts empty, with the notebook's settings: one miss, one hit.
+    assert (total, tuple(info), kinds) == (54, (1, 1, None, 1), ("int", "float"))
+    back = cells["give_back"].delay(cells["kind"]).get(timeout=10)
+    assert back(2) == "int" and back.cache_parameters() == {"maxsize": 8, "typed": True}
+
+
+def test_objects_with_cached_properties_and_methods_travel_both_ways(
+    app: App, start_worker
+) -> None:
+    start_worker()
+    cells = notebook(app, CACHED)
+    model = cells["Model"](4)
+    assert model.double == 8  # cached here: the value travels in the object
+    double, plus, other, back = cells["read"].delay(model).get(timeout=10)
+    assert (double, plus, other) == (8, 5, 10)
+    assert type(back) is cells["Model"] and vars(back) == {"v": 4, "double": 8}
+
+
+def test_a_notebook_object_pickled_by_name_says_what_it_is(app: App, start_worker) -> None:
+    """The result names an object of the worker's ``__main__``: nothing to install here."""
+    start_worker()
+    cells = notebook(
+        app,
+        "import sys\n"
+        "class Registry:\n    def __reduce__(self):\n        return 'ONLY_ON_THE_WORKER'\n"
+        "@app.task\ndef registry():\n"
+        "    sys.modules['__main__'].ONLY_ON_THE_WORKER = made = Registry()\n"
+        "    return made\n",
+    )
+    with pytest.raises(nbtask.SerializationError) as info:
+        cells["registry"].delay().get(timeout=10)
+    said = str(info.value)
+    assert "'ONLY_ON_THE_WORKER' is defined in the notebook or a cell" in said
+    assert "could not be pickled by value" in said
+    assert "install" not in said
+
+
+def test_the_advice_for_a_missing_name_says_install_only_outside_the_notebook() -> None:
+    notebook_name = "AttributeError: Can't get attribute 'sq' on <module '__main__'>"
+    installed = "AttributeError: Can't get attribute 'Frame' on <module 'pandas' from '/x.py'>"
+    for said in (
+        str(unloadable_values("import functools", notebook_name, missing=True)),
+        str(unloadable("sq[1]", notebook_name, missing=True)),
+    ):
+        assert "'sq' is defined in the notebook or a cell" in said and "install" not in said
+    for said in (
+        str(unloadable_values("import pandas", installed, missing=True)),
+        str(unloadable("frame[1]", installed, missing=True)),
+    ):
+        assert "install what defines it here" in said and "notebook" not in said
