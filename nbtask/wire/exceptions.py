@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import cloudpickle
+from nbtask.wire.envelope import dumps
 
 __all__ = ["portable_exception", "rebuild_exception"]
 
@@ -57,8 +57,9 @@ def portable_exception(exc: BaseException, *, picklable_only: bool = False) -> o
 
 
 def _pickles(value: object) -> bool:
+    """Whether ``value`` pickles as nbtask pickles it (``functools`` caches by value)."""
     try:
-        cloudpickle.dumps(value)
+        dumps(value)
     except Exception:  # whatever a value's own __reduce__ raises
         return False
     return True

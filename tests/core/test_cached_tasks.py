@@ -82,6 +82,23 @@ def test_objects_with_cached_properties_and_methods_travel_both_ways(
     assert type(back) is cells["Model"] and vars(back) == {"v": 4, "double": 8}
 
 
+def test_an_exception_keeps_an_attribute_with_a_cached_property(app: App, start_worker) -> None:
+    """Its lock is left out; the object with a ``cached_property`` travels."""
+    start_worker()
+    cells = notebook(
+        app,
+        CACHED + "import threading\n"
+        "class FitFailed(Exception):\n"
+        "    def __init__(self, model):\n"
+        "        super().__init__('fit failed')\n"
+        "        self.model, self.lock = model, threading.Lock()\n"
+        "@app.task\ndef fit(v):\n    raise FitFailed(Model(v))\n",
+    )
+    with pytest.raises(cells["FitFailed"], match="fit failed") as info:
+        cells["fit"].delay(3).get(timeout=10)
+    assert info.value.model.double == 6 and not hasattr(info.value, "lock")
+
+
 def test_a_notebook_object_pickled_by_name_says_what_it_is(app: App, start_worker) -> None:
     """The result names an object of the worker's ``__main__``: nothing to install here."""
     start_worker()
