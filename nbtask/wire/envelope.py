@@ -269,7 +269,7 @@ class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         """Cloudpickle's, keeping slots and carrying ``functools`` caches by value."""
         if isinstance(obj, type):
             return _with_its_slots(obj, _CLOUDPICKLE_REDUCER_OVERRIDE(self, obj))
-        # Compared by identity: a class whose metaclass defines __eq__ may not hash.
+        # Exact types compared by identity: little cost for every other object.
         kind = type(obj)
         if kind is _CACHED_FUNCTION:
             return _cached_function_reduced(obj)
