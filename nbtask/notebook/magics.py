@@ -1,4 +1,4 @@
-"""IPython magics: ``%load_ext nbtask``, ``%%task``, ``%nbtask``, ``%tasks``.
+"""IPython magics: ``%load_ext nbtask``, ``%%task`` (and ``%task --help``), ``%nbtask``, ``%tasks``.
 
 The magics are thin: they parse arguments and call :class:`~nbtask.notebook.session.Session`,
 which holds this notebook's app, its cell runs and the hooks that deliver pending names.
@@ -145,7 +145,7 @@ _SESSIONS: dict[int, Session] = {}  # id(shell) -> its session (one per loaded s
 
 @_typed(magics_class)
 class TaskMagics(Magics):  # type: ignore[misc]
-    """``%%task``, ``%nbtask`` and ``%tasks``."""
+    """``%%task`` (``%task --help``), ``%nbtask`` and ``%tasks``."""
 
     def __init__(self, shell: Any, session: Session) -> None:
         super().__init__(shell)
@@ -201,6 +201,20 @@ class TaskMagics(Magics):  # type: ignore[misc]
             # The broker went away: one line saying which and how to start it, not
             # redis-py's frames.
             raise one_line(exc) from None
+
+    @_typed(line_magic("task"))
+    def task_usage(self, line: str) -> None:
+        """``%task --help``: the usage of ``%%task``, which needs a cell body to send.
+
+        IPython refuses a ``%%task`` line alone before calling it ("the cell body is
+        empty"), pointing at this line magic of the same name: here the usage is shown.
+        """
+        if _asks_for_help(self.task, line, escape="%%"):
+            return
+        raise UsageError(
+            "%task sends nothing: put %%task [options] on the first line of a cell, above "
+            "the code to run on a worker (%task --help lists the options)"
+        )
 
     @_typed(magic_arguments())
     @_typed(argument("command", choices=["connect", "status", "workers", "log"]))
@@ -351,7 +365,7 @@ def unload_ipython_extension(shell: Any) -> None:
         session.stop()
         # IPython keeps registered magics after unloading; drop ours so none is left
         # pointing at a closed session.
-        for kind, names in (("cell", ["task"]), ("line", ["nbtask", "tasks"])):
+        for kind, names in (("cell", ["task"]), ("line", ["task", "nbtask", "tasks"])):
             for name in names:
                 shell.magics_manager.magics[kind].pop(name, None)
 

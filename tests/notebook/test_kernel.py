@@ -368,3 +368,26 @@ def test_restart_then_tasks_all_reattaches_and_replays(
         "time.sleep(0.3)\nprint(v.state.value)",
     )
     assert "REVOKED" in stream_text(msgs)
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_task_help_alone_in_a_cell_points_at_the_line_magic(
+    settings: Settings, kernel: Any, flag: str
+) -> None:
+    _, kc = kernel(kernel_env(settings))
+    _, _, reply = execute(kc, "%load_ext nbtask")
+    assert reply["content"]["status"] == "ok", reply["content"]
+    # IPython refuses an empty cell body before calling %%task: it names the line magic.
+    _, _, reply = execute(kc, f"%%task {flag}")
+    assert reply["content"]["status"] == "error"
+    assert "Did you mean the line magic %task" in reply["content"]["evalue"]
+    _, msgs, reply = execute(kc, f"%task {flag}")
+    assert reply["content"]["status"] == "ok", reply["content"]
+    out = stream_text(msgs)
+    assert out.startswith("usage: %%task") and "--requires DATASET" in out
+    # Without a help flag, %task says how %%task is used, and runs nothing.
+    _, _, reply = execute(kc, "%task --wait\nnever = 1")
+    assert reply["content"]["status"] == "error"
+    assert "on the first line of a cell" in reply["content"]["evalue"]
+    _, msgs, _ = execute(kc, "print('never' in globals())")
+    assert stream_text(msgs).strip() == "False"
