@@ -22,6 +22,7 @@ __all__ = [
     "MAX_SECONDS",
     "REDIS_SCHEMES",
     "Settings",
+    "env_flag",
     "is_finite_number",
 ]
 
@@ -265,6 +266,8 @@ class Settings:
         """
         env = os.environ if environ is None else environ
         _check_names(env)
+        for var in _OTHER_FLAGS:  # read elsewhere, when needed: refused here, at the start
+            env_flag(var, default=True, environ=env)
         values: dict[str, object] = {}
         for field, (var, parse) in _ENV.items():
             if env.get(var):
@@ -381,8 +384,10 @@ _ENV: dict[str, tuple[str, Callable[[str], object]]] = {
 }
 #: Each setting's environment variable, ``{field: "NBTASK_..."}``.
 ENVIRONMENT = {field: var for field, (var, _) in _ENV.items()}
+# The flags read elsewhere (with env_flag), not settings: NBTASK_WIDGETS, the notebook's.
+_OTHER_FLAGS = ("NBTASK_WIDGETS",)
 # Every NBTASK_* variable nbtask reads: the settings', and those read elsewhere.
-_VARIABLES = (*ENVIRONMENT.values(), "NBTASK_SECRET_FILE", "NBTASK_WIDGETS")
+_VARIABLES = (*ENVIRONMENT.values(), "NBTASK_SECRET_FILE", *_OTHER_FLAGS)
 # What each parser expects, for the error naming a variable it could not read.
 _KINDS: dict[object, str] = {
     float: "number of seconds",
@@ -399,6 +404,27 @@ def _read(var: str, text: str, parse: Callable[[str], object]) -> object:
         raise ConfigurationError(
             f"{var}={text!r} is not a valid {_KINDS.get(parse, 'value')}"
         ) from None
+
+
+def env_flag(var: str, *, default: bool, environ: Mapping[str, str] | None = None) -> bool:
+    """The flag ``var`` of the environment, read as the settings' flags are; unset: ``default``.
+
+    Parameters
+    ----------
+    var
+        The variable's name, e.g. ``"NBTASK_WIDGETS"``.
+    default
+        The value when the variable is unset or empty.
+    environ
+        The environment to read; ``None`` reads :data:`os.environ`.
+
+    Raises
+    ------
+    ConfigurationError
+        The value is none of ``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/``off``.
+    """
+    text = (os.environ if environ is None else environ).get(var)
+    return bool(_read(var, text, _flag)) if text else default
 
 
 # Celery's names for a setting nbtask has under another name, or keeps elsewhere: a

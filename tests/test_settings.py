@@ -405,6 +405,12 @@ def test_from_env_leaves_unrelated_nbtask_variables_alone() -> None:
     assert Settings.from_env(env) == Settings()
 
 
+def test_a_bad_widgets_flag_is_refused_as_any_flag() -> None:
+    with pytest.raises(ConfigurationError, match=r"NBTASK_WIDGETS='maybe' is not a valid flag"):
+        Settings.from_env({"NBTASK_WIDGETS": "maybe"})
+    assert Settings.from_env({"NBTASK_WIDGETS": "off"}) == Settings()
+
+
 def test_unknown_setting_names_the_one_it_resembles() -> None:
     with pytest.raises(ConfigurationError, match=r"result_tll \(did you mean result_ttl\?\)"):
         App(settings=Settings(), result_tll=5)

@@ -10,7 +10,6 @@ so each widget has a single writer (two threads writing one widget can reorder u
 from __future__ import annotations
 
 import html
-import os
 import sys
 import threading
 import time
@@ -23,6 +22,7 @@ from nbtask.core.handle import TaskHandle
 from nbtask.notebook.follow import cancel_task
 from nbtask.notebook.outputs import ChunkedOutput, OutputLog
 from nbtask.notebook.textchunks import CellChunks, following_request
+from nbtask.settings import env_flag
 from nbtask.wire.events import FINAL_STATES, Event, EventType, State
 
 __all__ = [
@@ -430,14 +430,14 @@ def duration_text(started: float | None, finished: float | None, sent: float | N
 
 
 def widgets_enabled(shell: Any) -> bool:
-    """True in a kernel (where a frontend may show widgets) unless ``NBTASK_WIDGETS=0``.
+    """True in a kernel (where a frontend may show widgets) unless ``NBTASK_WIDGETS`` is off.
 
     A kernel cannot tell whether its frontend renders widgets: set ``NBTASK_WIDGETS=0``
-    for text views (nbconvert, consoles); widgets also carry a text status for frontends
-    without them.
+    (or ``false``/``no``/``off``, as every flag) for text views (nbconvert, consoles);
+    widgets also carry a text status for frontends without them.
     """
     in_kernel = shell is not None and "IPKernelApp" in getattr(shell, "config", {})
-    return in_kernel and os.environ.get("NBTASK_WIDGETS", "1") != "0"
+    return in_kernel and env_flag("NBTASK_WIDGETS", default=True)
 
 
 def make_view(handle: TaskHandle, label: str, shell: Any = None, *, show: bool = True) -> TaskView:

@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 import pytest
-from helpers import drain_until, execute, kernel_env
+from helpers import drain_until, execute, kernel_env, stream_text
 
 from nbtask import Settings
 
@@ -103,3 +103,16 @@ def test_each_update_of_the_text_view_sends_only_what_is_new(
     # Sending it whole at each update sent ~40 times what was printed here.
     assert max(cell.sent) < 40_000, f"an update sent {max(cell.sent):,} bytes"
     assert sum(cell.sent) < 4 * len(PRINTED), (sum(cell.sent), len(PRINTED), len(cell.sent))
+
+
+@pytest.mark.parametrize("off", ["false", "no", "off"])
+def test_widgets_are_off_for_every_spelling_of_off(
+    settings: Settings, kernel: Any, off: str
+) -> None:
+    _, kc = kernel({**kernel_env(settings), "NBTASK_WIDGETS": off})
+    _, _, reply = execute(kc, "%load_ext nbtask")
+    assert reply["content"]["status"] == "ok", reply["content"]
+    _, msgs, reply = execute(kc, "%tasks")
+    assert reply["content"]["status"] == "ok", reply["content"]
+    assert not [m for m in msgs if m["msg_type"] == "comm_open"], "no widget with widgets off"
+    assert "no tasks yet" in stream_text(msgs)
