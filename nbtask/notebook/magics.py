@@ -25,7 +25,7 @@ from nbtask.notebook.analysis import is_history_name
 from nbtask.notebook.follow import one_line
 from nbtask.notebook.session import Session
 from nbtask.notebook.widgets import TaskWidget
-from nbtask.settings import read_secret_file
+from nbtask.settings import Settings, read_secret_file
 
 __all__ = ["TaskMagics", "load_ipython_extension", "session_of", "unload_ipython_extension"]
 
@@ -252,6 +252,8 @@ class TaskMagics(Magics):  # type: ignore[misc]
             if not args.value:
                 raise CellError("usage: %nbtask connect URL [--secret-file F]")
             secret = read_secret_file(args.secret_file) if args.secret_file else None
+            if secret is None:
+                _check_secret_set()
             routes = session.app.routes  # the notebook's routes stay with it
             session.reconnect(App("notebook", broker=args.value, secret=secret, routes=routes))
         else:
@@ -306,6 +308,21 @@ class TaskMagics(Magics):  # type: ignore[misc]
             self.session.attach_recent(args.limit)
         self.session.show_board()
         return None
+
+
+def _check_secret_set() -> None:
+    """Refuse a connect without a secret, naming the ways a notebook gives one.
+
+    The app would refuse it too, but naming ``secret=...`` and the worker's options.
+    """
+    settings = Settings.from_env()
+    if not (settings.secret or settings.insecure):
+        raise ConfigurationError(
+            "no secret is set: give the workers' secret with %nbtask connect URL "
+            "--secret-file FILE, or run %env NBTASK_SECRET=... (or NBTASK_SECRET_FILE=FILE) "
+            "before connecting; %env NBTASK_INSECURE=1 connects without one (anyone who can "
+            "write to the broker can then run code)"
+        )
 
 
 def _refuse_to_lose_kept(session: Session, count: int) -> None:

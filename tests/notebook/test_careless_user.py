@@ -343,6 +343,28 @@ def test_a_connect_that_fails_says_why_and_keeps_the_notebook_connected(
     assert ip.user_ns["still"] == 1
 
 
+def test_a_connect_without_a_secret_names_the_magics_ways_to_give_one(
+    ip: InteractiveShell,
+    loaded: Session,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Any,
+) -> None:
+    before = loaded.app
+    monkeypatch.delenv("NBTASK_SECRET")
+    with pytest.raises(UsageError) as info:
+        ip.run_line_magic("nbtask", f"connect {settings.broker_url}")
+    said = str(info.value)
+    assert said.startswith("%nbtask connect: no secret is set")
+    assert "%nbtask connect URL --secret-file FILE" in said and "%env NBTASK_SECRET" in said
+    assert "secret=" not in said.replace("NBTASK_SECRET=", ""), "no App argument named"
+    assert loaded.app is before
+    secret = tmp_path / "secret"
+    secret.write_text(f"{settings.secret}\n")
+    ip.run_line_magic("nbtask", f"connect {settings.broker_url} --secret-file {secret}")
+    assert loaded.app is not before and loaded.app.settings.secret == settings.secret
+
+
 def test_a_cell_sent_while_the_broker_is_down_says_so_in_one_line(
     ip: InteractiveShell, loaded: Session, redis_url: str
 ) -> None:
