@@ -17,9 +17,10 @@ from collections.abc import Sequence
 from nbtask._version import __version__
 from nbtask.cli.admin import run_cancel, run_inspect, run_log, run_purge, run_status
 from nbtask.cli.headless import run_headless
-from nbtask.cli.options import broker_options, positive_int, seconds
+from nbtask.cli.options import QUEUES_HELP, broker_options, positive_int, seconds
 from nbtask.cli.serve import data_option, run_cluster, run_worker
 from nbtask.errors import NbtaskError
+from nbtask.settings import Settings
 
 __all__ = ["main"]
 
@@ -69,6 +70,7 @@ def _loglevel_option(parser: argparse.ArgumentParser) -> None:
         default="INFO",
         type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="log level (default: INFO)",
     )
 
 
@@ -99,15 +101,13 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
 
     worker = sub.add_parser("worker", help="serve tasks from a broker")
     broker_options(worker)
-    worker.add_argument(
-        "-Q", "--queues", default=None, help="comma-separated queues (default: default)"
-    )
+    worker.add_argument("-Q", "--queues", default=None, help=QUEUES_HELP)
     worker.add_argument(
         "-c",
         "--concurrency",
         type=positive_int,
         default=None,
-        help="child processes (default: one per CPU core)",
+        help="child processes (default: $NBTASK_CONCURRENCY, else one per CPU core)",
     )
     worker.add_argument(
         "-A",
@@ -124,8 +124,22 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     cluster = sub.add_parser(
         "cluster", help="run a private Redis and workers in the foreground (the embedded cluster)"
     )
-    cluster.add_argument("-c", "--concurrency", type=positive_int, default=2)
-    cluster.add_argument("-A", "--app", action="append", default=[], metavar="MODULE")
+    cluster.add_argument(
+        "-c",
+        "--concurrency",
+        type=positive_int,
+        default=None,
+        help=f"child processes (default: $NBTASK_WORKERS, else {Settings.embedded_workers}; "
+        "as the cluster a notebook starts)",
+    )
+    cluster.add_argument(
+        "-A",
+        "--app",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE[:attr] and register the tasks it defines (repeatable)",
+    )
     data_option(cluster)
     cluster.add_argument("--dir", default=None, help=argparse.SUPPRESS)
     cluster.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
@@ -154,9 +168,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "purge", help="delete the messages waiting on queues; their tasks become REVOKED"
     )
     broker_options(purge)
-    purge.add_argument(
-        "-Q", "--queues", default=None, help="comma-separated queues (default: default)"
-    )
+    purge.add_argument("-Q", "--queues", default=None, help=QUEUES_HELP)
     purge.add_argument("-f", "--force", action="store_true", help="do not ask to confirm")
     purge.set_defaults(run=run_purge)
 

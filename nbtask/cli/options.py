@@ -12,9 +12,16 @@ import math
 from nbtask.core.datasets import data_queue
 from nbtask.core.holding import holder_queue, is_holder_queue
 from nbtask.errors import ConfigurationError
-from nbtask.settings import MAX_SECONDS, Settings, read_secret_file
+from nbtask.settings import DEFAULT_QUEUE, MAX_SECONDS, Settings, read_secret_file
 
-__all__ = ["broker_options", "positive_int", "queue_names", "seconds", "settings_for"]
+__all__ = [
+    "QUEUES_HELP",
+    "broker_options",
+    "positive_int",
+    "queue_names",
+    "seconds",
+    "settings_for",
+]
 
 
 def broker_options(parser: argparse.ArgumentParser) -> None:
@@ -23,14 +30,23 @@ def broker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--secret-file",
         default=None,
-        help="file holding the signing secret (default: $NBTASK_SECRET)",
+        help="file holding the signing secret (default: $NBTASK_SECRET, else the file "
+        "$NBTASK_SECRET_FILE names)",
     )
     parser.add_argument(
         "--insecure",
         action="store_true",
         help="accept no secret (anyone with broker access can run code)",
     )
-    parser.add_argument("--key-prefix", default=None, help="key prefix (default: nbtask)")
+    parser.add_argument(
+        "--key-prefix",
+        default=None,
+        help=f"key prefix (default: $NBTASK_KEY_PREFIX, else {Settings.key_prefix})",
+    )
+
+
+#: The help of ``-Q``: the default queue follows the environment.
+QUEUES_HELP = f"comma-separated queues (default: $NBTASK_DEFAULT_QUEUE, else {DEFAULT_QUEUE})"
 
 
 def queue_names(text: str | None, settings: Settings) -> list[str]:

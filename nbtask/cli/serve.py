@@ -179,7 +179,8 @@ def run_cluster(args: argparse.Namespace) -> int:
             settings,
             url,
             secret,
-            concurrency=args.concurrency,
+            # As the cluster a notebook starts: NBTASK_WORKERS unless -c says otherwise.
+            concurrency=args.concurrency or settings.embedded_workers,
             tasks=tasks,
             datasets=datasets,
             parent_pid=args.parent_pid,

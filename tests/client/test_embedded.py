@@ -259,6 +259,37 @@ def test_foreground_cluster_prints_every_setting_a_client_needs(tmp_path: Path) 
             proc.wait()
 
 
+def test_foreground_cluster_runs_as_many_processes_as_nbtask_workers_says(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nbtask", "cluster"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env={**clean_env(), "NBTASK_WORKERS": "3"},
+        cwd=tmp_path,
+    )
+    out = Lines(proc)
+    try:
+        assert out.until(r"^\s*concurrency:\s*(\d+) child processes").group(1) == "3"
+        out.until(r"^Connect a client with:")
+        exports: dict[str, str] = {}
+        while line := out.until(r"^(\s*export .*|\s*)$").group(1).strip():
+            name, _, value = shlex.split(line)[1].partition("=")
+            exports[name] = value
+        with App("fg", settings=Settings.from_env(exports)) as client:  # serving: stop it then
+
+            @client.task
+            def double(x: int) -> int:
+                return 2 * x
+
+            assert double.delay(4).get(timeout=20) == 8
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0, "".join(out.seen)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.fixture(autouse=True)
 def _no_broker_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
