@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import math
+import re
 from pathlib import Path
 
 import pytest
 
 from nbtask import App, ConfigurationError, Settings
+from nbtask.settings import ENVIRONMENT
 
 REDIS = "redis://127.0.0.1:6379/0"
 
@@ -497,3 +500,12 @@ def test_a_refused_broker_url_is_named_without_its_password(url: str) -> None:
     with pytest.raises(ConfigurationError) as refused:
         Settings(broker_url=url)
     assert "hunter2" not in str(refused.value) and "alice:***@" in str(refused.value)
+
+
+def test_readme_settings_table_lists_every_variable_with_its_default() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows = re.findall(r"^\| `(\w+)` \| `(NBTASK_\w+)` \| `([^`]*)` \|", readme, re.MULTILINE)
+    assert [(field, var) for field, var, _ in rows] == list(ENVIRONMENT.items())
+    defaults = Settings()
+    for field, _, default in rows:
+        assert ast.literal_eval(default) == getattr(defaults, field), field
