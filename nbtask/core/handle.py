@@ -190,14 +190,41 @@ class TaskHandle(CeleryResultNames, TaskEvents):
         ``disable_sync_subtasks=False`` if you are sure. A task run here with
         ``task.apply()`` waits, as its caller would.
 
+        Parameters
+        ----------
+        timeout
+            Seconds to wait at most; ``None`` waits until the task ends.
+        propagate
+            Raise the task's failure (the default); ``False`` returns the exception
+            instead of raising it.
+        disable_sync_subtasks
+            Refuse to wait inside a task running on a worker (the default).
+
+        Returns
+        -------
+        Any
+            The task's return value (or, with ``propagate=False``, its exception).
+
         Raises
         ------
-        RuntimeError
-            Called inside a task on a worker without ``disable_sync_subtasks=False``.
+        Exception
+            The task raised: its own exception type (``KeyError``...) when it travelled
+            and loads here, with ``__cause__`` a :class:`~nbtask.errors.RemoteError`
+            holding the worker's traceback; else that ``RemoteError`` itself.
+        TaskRevoked
+            The task was revoked or cancelled (also a ``concurrent.futures.CancelledError``).
+        WorkerLost
+            The worker running it died and it was not run again.
+        TimeLimitExceeded
+            It ran past its hard time limit and its process was killed.
+        AppClosed
+            Its app was closed before the task ended (the task runs on).
         TimeoutError
             The task is not done after ``timeout`` seconds (it keeps running).
-        RemoteError
-            The task raised; carries the original type name and remote traceback.
+        RuntimeError
+            Called inside a task on a worker without ``disable_sync_subtasks=False``.
+        BlobError, SerializationError
+            The result cannot be loaded here (see :meth:`result`).
         """
         request = current_request()
         if disable_sync_subtasks and request is not None and request.in_worker:
