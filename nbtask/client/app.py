@@ -137,22 +137,29 @@ class App(AppConnection):
     def task(self, fn: Any = None, /, **options: Any) -> Any:
         """Turn a function into a task; use bare (``@app.task``) or with options.
 
+        The options are Celery's, with Celery's meanings (any other is refused here); the
+        README's table "Tasks: Celery's names, Celery's meanings" says what each does.
+
         Parameters
         ----------
         name : str, optional
             Registered name; default ``module.qualname``. May be given positionally.
-        bind : bool
-            Pass the task instance as the first argument (``self``).
-        base : type
-            Task class to derive from (a subclass of ``app.Task``).
-        queue : str
-            Queue to send to by default.
-        acks_late : bool
-            Acknowledge after the task returns, so a crashed worker's task is redelivered.
-        ignore_result : bool
-            Do not keep the result in the store (the client is still told the outcome).
-        expires : float
-            Seconds after sending after which the task is dropped unstarted.
+        bind, base, queue, acks_late, reject_on_worker_lost, ignore_result, backend, expires
+            ``self`` first; a subclass of ``app.Task``; the default queue; acknowledge after
+            the run (redelivered if the worker dies; ``reject_on_worker_lost=False`` fails
+            it instead); keep no result (``backend=None`` only); seconds until it is dropped.
+        max_retries, default_retry_delay, retry_backoff, retry_backoff_max, retry_jitter
+            How many retries, and the delay before each (fixed, or growing to a cap).
+        autoretry_for, dont_autoretry_for, retry_kwargs, throws
+            Exceptions retried automatically, those never retried, what each automatic
+            retry passes to ``self.retry()``; expected ones, logged in one line.
+        rate_limit, time_limit, soft_time_limit
+            Starts per worker (``"10/s"``); seconds to the kill, or to ``SoftTimeLimitExceeded``.
+        serializer, requires, typing
+            ``"cloudpickle"`` or ``"json"``; datasets to run beside (passed by name); check
+            calls against the signature when sent (default ``True``).
+        track_started, store_errors_even_if_ignored, priority, compression
+            The first two accepted and change nothing; the last two refused, with advice.
         """
         if isinstance(fn, str):
             options["name"] = fn
