@@ -263,6 +263,13 @@ class Settings:
         ``yes``/``on`` or ``0``/``false``/``no``/``off``; ``NBTASK_OLD_SECRETS`` is
         comma-separated. A variable that looks like a misspelt one (``NBTASK_CONCURENCY``)
         is refused, naming the one it resembles.
+
+        Parameters
+        ----------
+        environ
+            The variables to read; ``None`` reads :data:`os.environ`.
+        **overrides
+            Fields set over what the variables say.
         """
         env = os.environ if environ is None else environ
         _check_names(env)
@@ -279,12 +286,26 @@ class Settings:
 
     @classmethod
     def from_url(cls, url: str, **overrides: object) -> Settings:
-        """Settings for the broker at ``url``; other fields from ``overrides``."""
+        """Settings for the broker at ``url``; the environment is not read.
+
+        Parameters
+        ----------
+        url
+            The broker URL (``broker_url``).
+        **overrides
+            Other fields; the rest keep their defaults.
+        """
         return cls.from_mapping({"broker_url": url, **overrides})
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, object]) -> Settings:
-        """Build settings from a mapping, rejecting unknown names with a clear error."""
+        """Build settings from a mapping, rejecting unknown names with a clear error.
+
+        Parameters
+        ----------
+        values
+            ``{field: value}``; an unknown name is refused naming the field it resembles.
+        """
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -295,7 +316,13 @@ class Settings:
         return cls(**values)  # type: ignore[arg-type]
 
     def replace(self, **changes: object) -> Settings:
-        """A copy with ``changes`` applied (unknown names are refused)."""
+        """A copy with ``changes`` applied, checked again.
+
+        Parameters
+        ----------
+        **changes
+            ``field=value``; unknown names are refused as by :meth:`from_mapping`.
+        """
         return self.from_mapping({**dataclasses.asdict(self), **changes})
 
     def to_env(self) -> dict[str, str]:
@@ -407,21 +434,11 @@ def _read(var: str, text: str, parse: Callable[[str], object]) -> object:
 
 
 def env_flag(var: str, *, default: bool, environ: Mapping[str, str] | None = None) -> bool:
-    """The flag ``var`` of the environment, read as the settings' flags are; unset: ``default``.
+    """The flag ``var`` (``"NBTASK_WIDGETS"``) of ``environ`` (default :data:`os.environ`).
 
-    Parameters
-    ----------
-    var
-        The variable's name, e.g. ``"NBTASK_WIDGETS"``.
-    default
-        The value when the variable is unset or empty.
-    environ
-        The environment to read; ``None`` reads :data:`os.environ`.
-
-    Raises
-    ------
-    ConfigurationError
-        The value is none of ``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/``off``.
+    Read as the settings' flags are: ``default`` when unset or empty, and a value that is
+    none of ``1``/``true``/``yes``/``on``/``0``/``false``/``no``/``off`` raises
+    :class:`ConfigurationError`.
     """
     text = (os.environ if environ is None else environ).get(var)
     return bool(_read(var, text, _flag)) if text else default

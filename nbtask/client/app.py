@@ -314,7 +314,17 @@ class App(AppConnection):
     ) -> TaskHandle:
         """Send a task by name, for tasks that only the workers define (Celery's ``send_task``).
 
-        ``options`` are those of :meth:`Task.apply_async`.
+        Parameters
+        ----------
+        name
+            The task's registered name on the workers.
+        args, kwargs
+            Its arguments.
+        acks_late
+            For a task this app does not define: acknowledge after it runs, so that a
+            crashed worker's task is redelivered (a task defined here keeps its own).
+        **options
+            Those of :meth:`Task.apply_async` (``queue``, ``countdown``, ``eta``...).
         """
         if not isinstance(name, str) or not name.strip():
             raise ConfigurationError(f"send_task needs a task's name, got {name!r}")
@@ -374,6 +384,11 @@ class App(AppConnection):
 
         Unlike Celery's, an id the store has no record of raises ``TaskNotFound`` rather
         than reading ``PENDING`` forever.
+
+        Parameters
+        ----------
+        task_id
+            The task's id, or a unique prefix of it (as for :meth:`handle`).
         """
         return self.handle(task_id)
 
@@ -481,7 +496,14 @@ class App(AppConnection):
         return purged
 
     def workers(self, *, recent: bool = False) -> dict[str, WorkerInfo]:
-        """Live workers, ``{worker_id: info}``: read now, or ``recent``: as sending goes by."""
+        """Live workers, ``{worker_id: info}``.
+
+        Parameters
+        ----------
+        recent
+            ``False`` reads the registry now; ``True`` takes what this app read in the
+            last few seconds, as sending does, and reads it now only if it read none.
+        """
         live = self._live_workers()
         return live.recent() if recent else live.read()
 

@@ -147,7 +147,14 @@ class Signature:
     ) -> TaskHandle:
         """Send it, with extra arguments and :meth:`~nbtask.Task.apply_async` options.
 
-        ``on_event=`` attaches a callback for the task's events before it is sent.
+        Parameters
+        ----------
+        args, kwargs
+            Extra arguments: ``args`` go before the signature's own (unless it is
+            immutable, which ignores them); ``kwargs`` over its own.
+        **options
+            Those of :meth:`~nbtask.Task.apply_async`, over the signature's;
+            ``on_event=`` attaches a callback for the task's events before it is sent.
         """
         call_args = self.args if self.immutable else (*args, *self.args)
         merged = {**self.kwargs, **(kwargs or {})}
@@ -197,7 +204,13 @@ class Chain:
     def apply_async(
         self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None
     ) -> TaskHandle:
-        """Start the chain and return the last step's handle (``.parent`` walks back)."""
+        """Start the chain and return the last step's handle (``.parent`` walks back).
+
+        Parameters
+        ----------
+        args, kwargs
+            Extra arguments of the first step, as for :meth:`Signature.apply_async`.
+        """
         if not self.steps:
             raise ConfigurationError("an empty chain has nothing to run")
         self._check_later_steps()
@@ -250,7 +263,13 @@ _PREVIOUS_RESULT = object()
 
 
 def chain(*steps: Signature | Chain) -> Chain:
-    """``chain(a.s(), b.s())``, the same as ``a.s() | b.s()``."""
+    """``chain(a.s(), b.s())``, the same as ``a.s() | b.s()``.
+
+    Parameters
+    ----------
+    *steps
+        Signatures or chains, in the order they run.
+    """
     result = Chain(())
     for step in steps:
         result = result | step
@@ -295,6 +314,11 @@ NO_CHORD = (
 def chord(header: Iterable[Signature], body: Signature | None = None) -> NoReturn:
     """Celery's chord: refused with what to do instead (nbtask has no chords).
 
+    Parameters
+    ----------
+    header, body
+        The group's signatures, and the task Celery would send with their results.
+
     Raises
     ------
     ConfigurationError
@@ -305,7 +329,13 @@ def chord(header: Iterable[Signature], body: Signature | None = None) -> NoRetur
 
 
 def group(tasks: Iterable[Signature]) -> Group:
-    """``group([add.s(1, 1), add.s(2, 2)])``: run tasks in parallel."""
+    """``group([add.s(1, 1), add.s(2, 2)])``: run tasks in parallel.
+
+    Parameters
+    ----------
+    tasks
+        Signatures, one per task.
+    """
     items = tuple(tasks)
     if not all(isinstance(t, Signature) for t in items):
         raise ConfigurationError("group() takes signatures (task.s(...))")
@@ -327,8 +357,13 @@ class GroupHandle:
     def get(self, timeout: float | None = None, *, propagate: bool = True) -> list[Any]:
         """Every result, in order; raises the first error met.
 
-        With ``propagate=False`` (as :meth:`TaskHandle.get`) a failed task's exception
-        takes its place in the list instead, and every task is waited for.
+        Parameters
+        ----------
+        timeout
+            Seconds to wait for all of them at most; ``None`` waits until all end.
+        propagate
+            ``False`` (as :meth:`TaskHandle.get`): a failed task's exception takes its
+            place in the list instead, and every task is waited for.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         results = []

@@ -154,7 +154,13 @@ class EagerResult:
         propagate: bool = True,
         disable_sync_subtasks: bool = True,
     ) -> Any:
-        """Celery's older name for :meth:`get`."""
+        """Celery's older name for :meth:`get`.
+
+        Parameters
+        ----------
+        timeout, propagate, disable_sync_subtasks
+            As for :meth:`get`.
+        """
         return self.get(timeout, propagate, disable_sync_subtasks)
 
     def __repr__(self) -> str:

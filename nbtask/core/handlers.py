@@ -33,7 +33,15 @@ _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @dataclasses.dataclass(frozen=True)
 class ExceptionInfo:
-    """What failure handlers get as ``einfo``: the exception and its traceback text."""
+    """What failure handlers get as ``einfo``: the exception and its traceback text.
+
+    Parameters
+    ----------
+    exception
+        The exception the task raised.
+    traceback
+        Its formatted traceback, from the task's code on.
+    """
 
     exception: BaseException
     traceback: str

@@ -138,14 +138,29 @@ class Task(CeleryTaskNames):
         return request
 
     def update_progress(self, done: float, total: float | None = None, message: str = "") -> None:
-        """Report progress from inside the running task (see :func:`nbtask.progress`)."""
+        """Report progress from inside the running task (as :func:`nbtask.progress`).
+
+        Parameters
+        ----------
+        done, total
+            Units of work done so far, and in all if known.
+        message
+            A short note shown beside the progress bar.
+        """
         progress(done, total, message)
 
     def update_state(self, state: str, meta: Mapping[str, Any] | None = None) -> None:
-        """Report a custom state (e.g. ``"PROGRESS"``) with JSON-safe ``meta``.
+        """Report a custom state from inside the running task.
 
         The client sees it as ``handle.state`` and ``handle.info["meta"]`` until the
         task's next state.
+
+        Parameters
+        ----------
+        state
+            The state's name, e.g. ``"PROGRESS"``.
+        meta
+            JSON-safe details of it.
         """
         request = self.request
         if request.emit is not None:
@@ -250,7 +265,13 @@ class Task(CeleryTaskNames):
 
     # Calling -------------------------------------------------------------------------------
     def delay(self, *args: Any, **kwargs: Any) -> TaskHandle:
-        """Send the task with these arguments; shortcut for :meth:`apply_async`."""
+        """Send the task with these arguments; shortcut for :meth:`apply_async`.
+
+        Parameters
+        ----------
+        *args, **kwargs
+            The task's arguments (checked against its signature unless ``typing=False``).
+        """
         return self.apply_async(args, kwargs)
 
     def apply_async(
@@ -432,7 +453,14 @@ class Task(CeleryTaskNames):
         return self.app.route(self.name) if self.app is not None else None
 
     def delay_many(self, arg_tuples: Iterable[Sequence[Any]]) -> list[TaskHandle]:
-        """Send one task per argument tuple, in a single round trip to the broker."""
+        """Send one task per argument tuple, in a single round trip to the broker.
+
+        Parameters
+        ----------
+        arg_tuples
+            The positional arguments of each task, e.g. ``[(1, 2), (3, 4)]``: one handle
+            per tuple is returned, in order.
+        """
         options = self.send_options()
         calls: list[Call] = [
             (self, positional_args(a, f"delay_many()'s item {i}"), {}, options)
@@ -443,11 +471,23 @@ class Task(CeleryTaskNames):
         return self.sender().send_batch(calls)
 
     def s(self, *args: Any, **kwargs: Any) -> Signature:
-        """A signature: this task with (some of) its arguments, to send later."""
+        """A signature: this task with (some of) its arguments, to send later.
+
+        Parameters
+        ----------
+        *args, **kwargs
+            Arguments given now; in a chain the previous task's result comes first.
+        """
         return Signature(self, args, kwargs)
 
     def si(self, *args: Any, **kwargs: Any) -> Signature:
-        """An immutable signature: in a chain it ignores the previous task's result."""
+        """An immutable signature: in a chain it ignores the previous task's result.
+
+        Parameters
+        ----------
+        *args, **kwargs
+            All the task's arguments.
+        """
         return Signature(self, args, kwargs, immutable=True)
 
     def sender(self) -> Sender:

@@ -107,7 +107,17 @@ _STATE_OF = {
 
 @dataclasses.dataclass(frozen=True)
 class Progress:
-    """How far a task is: ``done`` of ``total`` (``None`` when unknown), and a message."""
+    """How far a task is (``handle.progress``, an event's progress).
+
+    Parameters
+    ----------
+    done
+        Units of work done so far.
+    total
+        Units of work in all; ``None`` when unknown.
+    message
+        The task's short note about it.
+    """
 
     done: float
     total: float | None = None
