@@ -143,6 +143,10 @@ def execute(
     """
     msg_id = kc.execute(code, **options)
     reply = kc.get_shell_msg(timeout=timeout)
+    # A kernel slow to start answers each of wait_for_ready's kernel_info requests:
+    # replies to those (or to anything else) are not this request's.
+    while reply["parent_header"].get("msg_id") != msg_id:
+        reply = kc.get_shell_msg(timeout=timeout)
     msgs = []
     while True:
         m = kc.get_iopub_msg(timeout=timeout)

@@ -391,3 +391,7 @@ def test_task_help_alone_in_a_cell_points_at_the_line_magic(
     assert "on the first line of a cell" in reply["content"]["evalue"]
     _, msgs, _ = execute(kc, "print('never' in globals())")
     assert stream_text(msgs).strip() == "False"
+    # Unloaded, no %task is left pointing at a closed session.
+    execute(kc, "%unload_ext nbtask")
+    _, msgs, _ = execute(kc, f"%task {flag}")
+    assert "Line magic function `%task` not found" in stream_text(msgs)
