@@ -33,17 +33,15 @@ def effects(
     before: Mapping[str, bytes],
     spec: CellSpec,
     references: Mapping[str, RemoteValue],
-    *,
-    failed: bool = False,
 ) -> dict[str, Any]:
     """The names the cell bound or changed, and those it deleted.
 
     ``{"out": {name: value}, "deleted": [name], "sent": {name: shipped name}, "inside":
     SentObjects or None}``: ``sent``, the names of ``out`` the notebook binds to its own
-    objects (see :class:`SentObjects`), if the kernel does (``spec.binds_sent``) and the
-    cell did not fail (a failed cell's names may be bound once the notebook holds no
-    longer what it sent); ``inside``, what names those objects where the values hold
-    them, if the kernel loads them so (``spec.sent_inside``).
+    objects (see :class:`SentObjects`), if the kernel does (``spec.binds_sent``): a
+    failed cell's too, as locally the names it bound before its failing line are those
+    objects; ``inside``, what names those objects where the values hold them, if the
+    kernel loads them so (``spec.sent_inside``).
     """
     out: dict[str, Any] = {}
     for name, value in namespace.items():
@@ -61,7 +59,7 @@ def effects(
     deleted = [n for n in maybe_deleted if n not in namespace]
     sent: dict[str, str] = {}
     inside = None
-    if getattr(spec, "binds_sent", False) and not failed:  # False: an older kernel
+    if getattr(spec, "binds_sent", False):  # False: an older kernel
         names = [n for n in spec.names if n not in references]
         objects = SentObjects(shipped, names, before, out, namespace)
         sent = {name: source for name, value in out.items() if (source := objects.source(value))}

@@ -50,12 +50,14 @@ class CellRun:
 
         Called on the thread that read its final event, maybe while the main thread
         delivers it: the objects its values name stay (the main thread may be loading
-        them), the others are dropped from :attr:`sent` in place. A result not loaded yet
-        (a large one, read from the store when delivered) cannot tell: all stay until then.
+        them), the others are dropped from :attr:`sent` in place. A failed run's values
+        are those it bound before its failing line (set before this is called). A result
+        not loaded yet (a large one, read from the store when delivered) cannot tell: all
+        stay until then.
         """
         try:
-            failed = handle.error is not None  # a failed run binds none of them
-            outcome = None if failed else concurrent.futures.Future.result(handle, 0)
+            failed = handle.error is not None
+            outcome = handle.partial if failed else concurrent.futures.Future.result(handle, 0)
         except Exception:  # cancelled, say: delivered or not, the objects go then
             return
         if not failed and not isinstance(outcome, Mapping):

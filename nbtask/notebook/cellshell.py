@@ -112,9 +112,7 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
             f"{type(error).__name__}: {error}",
             file=sys.stderr,
         )
-    effects = cell_changes.effects(
-        namespace, shipped, before, spec, references, failed=error is not None
-    )
+    effects = cell_changes.effects(namespace, shipped, before, spec, references)
     out = effects["out"]
     # Changed in place: with the size the notebook holds of each.
     effects["in_place"] = {

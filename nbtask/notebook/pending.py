@@ -175,7 +175,8 @@ class Pending:
                 continue
             if not run.delivered and run.handle.error is None:
                 self.deliver(run)
-            run.sent = {}  # a failed run's names come back as copies: its objects may go
+            # A failed run keeps the objects its values name until a cell reads its names
+            # (they are delivered then, bound to those objects as locally).
         self._unfinished = unfinished
 
     def wait(self, names: Iterable[str], stay: Iterable[str] = ()) -> None:

@@ -206,11 +206,20 @@ def test_a_background_cells_alias_is_the_object_it_was_sent_though_the_name_was_
     assert ip.user_ns["seen"] == (True, False)
 
 
-def test_a_failed_cells_alias_comes_back_as_a_copy(ip: InteractiveShell, nb: Session) -> None:
-    run(ip, "small = [1, 2]")
-    result = ip.run_cell("%%task --wait\nalias = small\n1 / 0")
+@pytest.mark.parametrize("line", ["--wait", "--out h"])
+def test_a_failed_cells_alias_is_the_notebooks_object(
+    ip: InteractiveShell, nb: Session, line: str
+) -> None:
+    """Bound before the failing line, as locally: the notebook's object, not a copy."""
+    run(ip, "small = [1, 2]\nfirst = small")
+    result = ip.run_cell(f"%%task {line}\nsame = small\npair = (small, 1)\n1 / 0")
+    if line != "--wait":  # the error is raised where a later cell reads a name it binds
+        assert result.error_in_exec is None
+        run(ip, "small = [9]")  # meanwhile: as locally, same is still the first list
+        result = ip.run_cell("same")
     assert isinstance(result.error_in_exec, ZeroDivisionError)
-    assert run(ip, "alias == small") is True  # bound before the failing line, as locally
+    seen = run(ip, "(same is first, pair[0] is first)")
+    assert seen == (True, True), "the failed cell's names came back as copies"
 
 
 def test_a_cells_last_expression_naming_such_an_alias_is_the_notebooks_object(
