@@ -15,7 +15,14 @@ from nbtask.errors import (
     WorkerLost,
 )
 
-__all__ = ["revoked", "task_exception", "unloadable", "unloadable_values", "worker_lost"]
+__all__ = [
+    "revoked",
+    "task_exception",
+    "unloadable",
+    "unloadable_value",
+    "unloadable_values",
+    "worker_lost",
+]
 
 # Failures nbtask itself reports come back as its own exception types.
 _KNOWN_FAILURES: dict[str, type[RemoteError]] = {
@@ -87,6 +94,15 @@ def unloadable_values(label: str, why: str, *, missing: bool | None) -> Serializ
         f"the values cell {label!r} bound cannot be loaded in this kernel ({why}){advice}; "
         "none of them was bound"
     )
+
+
+def unloadable_value(why: str, *, missing: bool | None) -> str:
+    """Why one value a cell bound did not come back: it cannot be loaded in this kernel.
+
+    ``missing``: as for :func:`unloadable_values`.
+    """
+    advice = "" if missing is None else f": {_INSTALL if missing else _REBUILD_FAILED}"
+    return f"its value cannot be loaded in this kernel ({why}){advice}"
 
 
 def revoked(label: str, data: Mapping[str, Any]) -> TaskRevoked:

@@ -19,6 +19,7 @@ from nbtask.wire.blobs import Packed
 __all__ = [
     "WithObjects",
     "carried_names",
+    "load_each",
     "load_values",
     "may_change",
     "share_namespace",
@@ -36,6 +37,17 @@ def load_values(result: Mapping[str, Any], objects: Mapping[str, Any]) -> dict[s
     blob = result.get("values")
     values: dict[str, Any] = blob.load(_finder(objects)) if isinstance(blob, Packed) else {}
     return values
+
+
+def load_each(
+    result: Mapping[str, Any], objects: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Exception]]:
+    """:func:`load_values` a value at a time: those that load, and why each other did not.
+
+    For values that do not load together: one that cannot be loaded here loses no other.
+    """
+    blob = result.get("values")
+    return blob.load_items(_finder(objects)) if isinstance(blob, Packed) else ({}, {})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,11 +17,11 @@ import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from nbtask.core.task_errors import unloadable_values
+from nbtask.core.task_errors import unloadable_value, unloadable_values
 from nbtask.errors import BlobError, TaskRevoked, WorkerLost
 from nbtask.notebook import process_state
 from nbtask.notebook.analysis import is_history_name
-from nbtask.notebook.carried import WithObjects, load_values, share_namespace
+from nbtask.notebook.carried import WithObjects, load_each, load_values, share_namespace
 from nbtask.notebook.cell_run import CellRun, lost_error, revoked_error, sent_objects_of
 from nbtask.notebook.follow import (
     StopPresses,
@@ -37,6 +37,7 @@ from nbtask.notebook.remote_errors import local_exception
 from nbtask.wire.blobs import Packed
 from nbtask.wire.envelope import Envelope
 from nbtask.wire.events import State, lacks_code
+from nbtask.wire.item_loads import SharedWithFailed
 
 if TYPE_CHECKING:
     from nbtask.core.handle import TaskHandle
@@ -278,13 +279,7 @@ class Pending:
         """Write a cell's names and process-wide state changes into this kernel."""
         # The notebook's objects its values hold: loaded as they are, not as copies.
         objects = {n: run.sent[n] for n in effects.get("sent_inside", ()) if n in run.sent}
-        try:
-            arrived = load_values(effects, objects)
-        except Exception as exc:  # a class only the workers can import, a __setstate__
-            # An UnpicklingError: a notebook object they name is gone, as it says.
-            missing = None if isinstance(exc, pickle.UnpicklingError) else lacks_code(exc)
-            why = f"{type(exc).__name__}: {exc}"
-            raise one_line(unloadable_values(run.label, why, missing=missing)) from exc
+        arrived, unloaded = _loaded(run, effects, objects)
         run.shown = _with_objects(effects.get("shown"), objects)
         del objects
         known = self._known_references(arrived)
@@ -309,7 +304,7 @@ class Pending:
                 self.namespace.pop(name, None)
         self._rehome(effects.get("held"))
         share_namespace(self.namespace, arrived)
-        skipped = dict(effects.get("skipped", {}))
+        skipped = {**effects.get("skipped", {}), **unloaded}
         unknown = "the object it was bound to is no longer known here"
         skipped.update({n: unknown for n in effects.get("sent", {}) if n not in arrived})
         for name, why in skipped.items():
@@ -403,6 +398,44 @@ class Pending:
                 value.holder, value.holder_pid = str(holder), int(pid)
                 if self._on_kept is not None:
                     self._on_kept(value)
+
+
+def _loaded(
+    run: CellRun, effects: Mapping[str, Any], objects: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """A cell's values, and why each that cannot be loaded here did not come back.
+
+    They are loaded together (names that share an object share it); if they do not load
+    so (a class only the workers can import, a ``__setstate__`` raising here), one at a
+    time: one that cannot be loaded loses no other.
+    """
+    try:
+        return load_values(effects, objects), {}
+    except Exception as exc:
+        whole = exc
+    try:
+        arrived, failed = load_each(effects, objects)
+    except Exception:  # not one value's failure: none is bound
+        raise one_line(
+            unloadable_values(run.label, _why(whole), missing=_missing(whole))
+        ) from whole
+    unloaded = {
+        name: str(exc)
+        if isinstance(exc, SharedWithFailed)
+        else unloadable_value(_why(exc), missing=_missing(exc))
+        for name, exc in failed.items()
+    }
+    return arrived, unloaded
+
+
+def _why(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _missing(exc: BaseException) -> bool | None:
+    """Whether what ``exc`` says is missing here: ``None`` if it says it all."""
+    # An UnpicklingError: a notebook object they name is gone, as it says.
+    return None if isinstance(exc, pickle.UnpicklingError) else lacks_code(exc)
 
 
 def _with_objects(shown: Any, objects: Mapping[str, Any]) -> Any:

@@ -40,6 +40,7 @@ from blake3 import blake3
 
 from nbtask.errors import BlobError, DecodeError
 from nbtask.wire.envelope import Buffer, Pickler, Signer
+from nbtask.wire.item_loads import load_items
 
 __all__ = [
     "MIN_BLOB_BYTES",
@@ -262,6 +263,17 @@ class Packed:
         if persistent_load is None:
             return pickle.loads(self.stream, buffers=buffers)
         return _Unpickler(io.BytesIO(self.stream), buffers, persistent_load).load()
+
+    def load_items(
+        self, persistent_load: Callable[[Any], Any] | None = None
+    ) -> tuple[dict[Any, Any], dict[Any, Exception]]:
+        """A pickled dict's items that load, and the error of each other.
+
+        Slower than :meth:`load`: for a dict that does not load whole (see
+        :mod:`.item_loads`).
+        """
+        buffers = [_writable(b) for b in self.buffers]
+        return load_items(bytes(self.stream), buffers, persistent_load)
 
     def __reduce_ex__(self, protocol: object) -> tuple[Any, ...]:
         buffers = [pickle.PickleBuffer(b) for b in self.buffers]

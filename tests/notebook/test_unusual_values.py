@@ -13,7 +13,6 @@ from helpers import cell_run as run
 from helpers import cell_task as task
 from IPython.core.interactiveshell import InteractiveShell
 
-from nbtask.errors import SerializationError
 from nbtask.notebook.session import Session
 
 
@@ -39,23 +38,50 @@ def test_an_object_of_a_notebook_slots_class_changed_in_place_or_made_comes_back
     assert ip.user_ns["p2"] == ip.user_ns["Point"](3)
 
 
-def test_values_a_cell_bound_that_do_not_load_in_the_kernel_say_what_failed(
-    ip: InteractiveShell, nb: Session
+PICKY = (
+    "class Picky:\n    def __reduce__(self):\n        return (Picky, (), {'version': 2})\n"
+    "    def __setstate__(self, state):\n"
+    "        raise ValueError(f\"version {state['version']} is not known here\")\n"
+)
+# A class in a module only the worker has (made by the cell, there).
+WORKER_ONLY = (
+    "import sys, types\nmodule = types.ModuleType('only_on_the_worker')\n"
+    "exec('class Kept:\\n    pass', module.__dict__)\nsys.modules[module.__name__] = module\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("make", "why", "advice"),
+    [
+        ("b = Picky()", "(ValueError: version 2 is not known here)", "rebuilding the value"),
+        (
+            f"{WORKER_ONLY}b = module.Kept()\ndel module",
+            "(ModuleNotFoundError: No module named 'only_on_the_worker')",
+            "install what defines it here",
+        ),
+    ],
+    ids=["setstate-raises", "class-only-on-the-worker"],
+)
+def test_a_value_that_does_not_load_in_the_kernel_loses_no_other(
+    ip: InteractiveShell,
+    nb: Session,
+    capsys: pytest.CaptureFixture[str],
+    make: str,
+    why: str,
+    advice: str,
 ) -> None:
-    """The class is the notebook's own, and its ``__setstate__`` raises in the kernel."""
-    run(
-        ip,
-        "class Picky:\n    def __reduce__(self):\n        return (Picky, (), {'version': 2})\n"
-        "    def __setstate__(self, state):\n"
-        "        raise ValueError(f\"version {state['version']} is not known here\")\n",
+    """The other names come back as locally; the one that cannot is named, with why."""
+    run(ip, PICKY + "shared = [1]\nb = 'before'")
+    task(ip, f"a = 1\n{make}\nc = 3\nalias = shared\nd = [shared]\nboth = [b, shared]")
+    said = [line for line in capsys.readouterr().err.splitlines() if "did not come back" in line]
+    assert (ip.user_ns["a"], ip.user_ns["c"], ip.user_ns["d"]) == (1, 3, [[1]])
+    assert ip.user_ns["alias"] is ip.user_ns["shared"] is ip.user_ns["d"][0]
+    # It is not left with its old value, nor is a name whose value holds it.
+    assert "b" not in ip.user_ns and "both" not in ip.user_ns
+    assert len(said) == 2, said
+    line = next(line for line in said if line.startswith("nbtask: b "))
+    assert why in line and advice in line, line
+    assert (
+        "nbtask: both did not come back from the worker (it shares an object with b,"
+        in "\n".join(said)
     )
-    with pytest.raises(SerializationError) as info:
-        task(ip, "count = 1\npicky = Picky()")
-    said = str(info.value)
-    assert said.startswith("the values cell ")
-    assert "(ValueError: version 2 is not known here)" in said
-    assert "rebuilding the value from its state failed" in said
-    assert "install" not in said  # what defines it is here
-    assert said.endswith("none of them was bound")
-    assert info.value._render_traceback_() == [f"SerializationError: {said}"]  # type: ignore[attr-defined]
-    assert "count" not in ip.user_ns and "picky" not in ip.user_ns
