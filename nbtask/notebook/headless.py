@@ -36,6 +36,7 @@ from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernel
 
 from nbtask._text import redact_url
 from nbtask.errors import ConfigurationError, NotebookFailed
+from nbtask.wire.events import FINAL_STATES
 
 __all__ = ["RunResult", "default_output", "run_notebook"]
 
@@ -57,6 +58,7 @@ _FINISH = (
 #: How much longer than the kernel's own wait the runner waits for it to say so.
 _FINISH_MARGIN = 30.0
 _CELL_NUMBER = re.compile(r"\bcell In\[(\d+)\]")
+_FINAL_STATES = frozenset(state.value for state in FINAL_STATES)
 
 
 @dataclasses.dataclass
@@ -104,6 +106,9 @@ class _StreamingClient(NotebookClient):
         self.started_at = time.monotonic()
         self._displays: dict[str, tuple[str, str, float]] = {}  # id -> (status, body, time)
         self._line_start = True
+        #: The task view whose output the open line ends with, if one does: its output goes
+        #: on on that line, as the task printed it (``print(i, end="")``).
+        self._open: str | None = None
         # A task view updated while a printed line is still open: shown once the line ends
         # (a print's pieces may come in several stream messages), never in the middle of it.
         self._held: dict[str, str] = {}  # display id -> its latest text
@@ -177,6 +182,7 @@ class _StreamingClient(NotebookClient):
         self.out.write(text)
         self.out.flush()
         self._line_start = text.endswith("\n")
+        self._open = None
 
     def _announce(self, cell: Any, cell_index: int, **_kw: Any) -> None:
         self.release_held()
@@ -202,6 +208,8 @@ class _StreamingClient(NotebookClient):
         kind = msg["msg_type"]
         content = msg["content"]
         if kind == "stream":
+            if self._open is not None:  # a line a task view left open: not continued here
+                self._write("\n", raw=True)
             self._write(str(content.get("text", "")), raw=True)
             if self._line_start:
                 self.release_held()
@@ -209,7 +217,7 @@ class _StreamingClient(NotebookClient):
         display_id = (content.get("transient") or {}).get("display_id")
         data = content.get("data", {})
         in_place = display_id and kind == "update_display_data" and data.keys() == {"text/plain"}
-        if in_place and not self._line_start:
+        if in_place and not self._line_start and self._open is None:  # a printed line
             self._held[str(display_id)] = str(data["text/plain"])
             return
         self.release_held()
@@ -234,23 +242,40 @@ class _StreamingClient(NotebookClient):
         """A display updated in place (a task's text view): print only what changed.
 
         Its first line is the task's status: printed when the state changes, at most once a
-        second otherwise. The rest is output that only grows: printed as it grows.
+        second otherwise, and never in the middle of a line the task printed (until the
+        task ends). The rest is output that only grows: printed as it grows, as the task
+        printed it (a line printed in pieces stays one line).
         """
         status, _, body = text.partition("\n")
         old_status, old_body, last = self._displays.get(display_id, ("", "", 0.0))
         now = time.monotonic()
+        going_on = self._open == display_id  # the open line is the end of its output
         if new or not body.startswith(old_body):
-            old_body = ""  # replaced, not appended to: show it whole
+            old_body, going_on = "", False  # replaced, not appended to: show it whole
         added = body[len(old_body) :]
         old_state = _STATUS.match(old_status)
         state = _STATUS.match(status)
         changed = (state and state["state"]) != (old_state and old_state["state"])
-        if added.strip():
-            self._write(added.lstrip("\n"))
-        if status != old_status and (changed or now - last >= _STATUS_INTERVAL):
+        due = status != old_status and (changed or now - last >= _STATUS_INTERVAL)
+        ended = state is not None and state["state"] in _FINAL_STATES
+        if going_on and added.startswith("\n"):  # the line the view left open has ended
+            self._write("\n", raw=True)
+            added = added[1:]
+        elif not going_on:
+            added = added.lstrip("\n")
+        if due and self._line_start and added and not ended:  # before the output after it
             self._write(status)
-            last = now
-        self._displays[display_id] = (status, body, last)
+            old_status, last, due = status, now, False
+        if added:
+            if not self._line_start and not going_on:
+                self._write("\n", raw=True)
+            self._write(added, raw=True)
+            # The view leaves its last line open: what ends it comes with the next update.
+            self._open = display_id if not self._line_start else None
+        if due and (self._line_start or ended):
+            self._write(status)
+            old_status, last = status, now
+        self._displays[display_id] = (old_status, body, last)
 
 
 def run_notebook(

@@ -127,6 +127,24 @@ def test_a_task_view_updated_while_a_line_is_printed_never_cuts_it(tmp_path: Pat
     assert "made" in result.stdout and "SUCCESS" in result.stdout  # the view, shown after
 
 
+def test_a_line_a_background_cell_prints_in_pieces_stays_one_line(tmp_path: Path) -> None:
+    """``print(i, end="")``, then ``\\r``: the terminal shows what it shows for the local cell."""
+    pieces = (
+        "import time\nfor i in range(5):\n    print(i, end='', flush=True)\n"
+        "    time.sleep(0.4)\nprint('\\rdone')"
+    )
+    notebook = write_notebook(
+        tmp_path / "pieces.ipynb", "%load_ext nbtask", pieces, f"%%task\n{pieces}"
+    )
+    result = nbtask_run(str(notebook), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Read as text, the "\\r" is a line end.
+    local, _, task = result.stdout.partition("%%task")
+    assert "01234\ndone\n" in local, local
+    assert "01234\ndone\n" in task, task  # not a line per piece, nor a status line inside
+    assert "SUCCESS" in task
+
+
 def test_usage_errors_are_one_line(tmp_path: Path) -> None:
     missing = nbtask_run(str(tmp_path / "nope.ipynb"))
     assert missing.returncode == 2
