@@ -334,6 +334,7 @@ class TextView(TaskView):
         self.quiet = not show  # keeps the text without showing it (a re-attached task)
         self.log = OutputLog()
         self._last_line = ""
+        self._line_open = False  # a terminal: the task's output ends in the middle of a line
         self._display: Any = None
         self._chunks: CellChunks | None = None
         if in_kernel and show:
@@ -386,11 +387,14 @@ class TextView(TaskView):
         line = self.status_text()
         if new:
             out.write(new)
-        # A terminal gets a status line only when the state or the progress changes.
+            self._line_open = not new.endswith("\n")
+        # A terminal gets a status line only when the state or the progress changes, and
+        # not in the middle of a line the task prints in pieces (the last one ends it).
         key = f"{self.state.value} {self.detail_text()}"
-        if self.finished is not None or key != self._last_line:
-            out.write(line + "\n")
-            self._last_line = key
+        ended = self.finished is not None
+        if (ended or key != self._last_line) and (ended or not self._line_open):
+            out.write(("\n" if self._line_open else "") + line + "\n")
+            self._last_line, self._line_open = key, False
         if tail:
             out.write(tail.rstrip("\n") + "\n")
         out.flush()

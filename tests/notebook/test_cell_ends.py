@@ -1,5 +1,6 @@
 """How a ``--wait`` cell ends, as it would locally: its last expression is its ``Out`` (the
-value itself), and interrupted, the names it bound so far stay bound.
+value itself), and interrupted, the names it bound so far stay bound. A background cell's
+status line in a terminal ends no line the cell printed in pieces.
 
 A real IPython shell against the real Redis and worker processes.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 from helpers import cell_run as run
-from helpers import interrupt_once_printed
+from helpers import interrupt_once_printed, wait_until
 from IPython.core.interactiveshell import InteractiveShell
 
 from nbtask import State
@@ -86,3 +87,21 @@ def test_a_shown_object_of_a_notebook_class_reads_the_notebooks_names(
     )
     shown(ip, "later = 5\nNamed('later')")
     assert repr(ip.user_ns["_"]) == "later = 5"
+
+
+def test_a_background_cells_status_never_cuts_a_line_it_prints_in_pieces(
+    ip: InteractiveShell, nb: Session, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In a terminal, ``print(i, end="")`` shows ``012`` as locally, the status after it."""
+    cell = "import time\nfor i in range(3):\n    print(i, end='')\n    time.sleep(0.4)"
+    ip.run_cell_magic("task", "--out h", cell)
+    run(ip, "finished = h.result(30)")
+    seen: list[str] = []
+
+    def said_it_ended() -> bool:
+        seen.append(capsys.readouterr().out)
+        return "SUCCESS" in "".join(seen)
+
+    wait_until(said_it_ended, 15, "the view to say the task ended")
+    printed = "".join(seen)
+    assert "012\n[" in printed, printed  # not "0[...] STARTED", nor "012[...] SUCCESS"
