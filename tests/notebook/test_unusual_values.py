@@ -62,6 +62,7 @@ WORKER_ONLY = (
     ],
     ids=["setstate-raises", "class-only-on-the-worker"],
 )
+@pytest.mark.parametrize("line", ["--wait", "--out h"])
 def test_a_value_that_does_not_load_in_the_kernel_loses_no_other(
     ip: InteractiveShell,
     nb: Session,
@@ -69,18 +70,23 @@ def test_a_value_that_does_not_load_in_the_kernel_loses_no_other(
     make: str,
     why: str,
     advice: str,
+    line: str,
 ) -> None:
     """The other names come back as locally; the one that cannot is named, with why."""
     run(ip, PICKY + "shared = [1]\nb = 'before'")
-    task(ip, f"a = 1\n{make}\nc = 3\nalias = shared\nd = [shared]\nboth = [b, shared]")
+    cell = f"a = 1\n{make}\nc = 3\nalias = shared\nd = [shared]\nboth = [b, shared]"
+    task(ip, cell, line)
+    if line != "--wait":  # in the background: delivered as the next cell starts
+        run(ip, "finished = h.result(30)")
+        run(ip, "pass")
     said = [line for line in capsys.readouterr().err.splitlines() if "did not come back" in line]
     assert (ip.user_ns["a"], ip.user_ns["c"], ip.user_ns["d"]) == (1, 3, [[1]])
     assert ip.user_ns["alias"] is ip.user_ns["shared"] is ip.user_ns["d"][0]
     # It is not left with its old value, nor is a name whose value holds it.
     assert "b" not in ip.user_ns and "both" not in ip.user_ns
     assert len(said) == 2, said
-    line = next(line for line in said if line.startswith("nbtask: b "))
-    assert why in line and advice in line, line
+    about_b = next(text for text in said if text.startswith("nbtask: b "))
+    assert why in about_b and advice in about_b, about_b
     assert (
         "nbtask: both did not come back from the worker (it shares an object with b,"
         in "\n".join(said)
