@@ -73,7 +73,6 @@ class _Lost:
         self.name = name
 
 
-_GETS = ("GET", "BINGET", "LONG_BINGET")
 _PUTS = ("PUT", "BINPUT", "LONG_BINPUT")
 
 
@@ -117,7 +116,8 @@ def _items_of(stream: bytes) -> tuple[bytes, list[_Item]]:
         for kind in after:
             stack.append((at, True) if kind is pickletools.markobject else (start, False))
         at += end - pos
-    return b"".join(pieces), [_item(spans, *where) for where in found]
+    positions = [pos for _, _, pos in spans]
+    return b"".join(pieces), [_item(spans, positions, *where) for where in found]
 
 
 def _values(
@@ -128,8 +128,10 @@ def _values(
     return [(starts[k], starts[k + 1], alone) for k in range(1, len(elements), 2)]
 
 
-def _item(spans: list[tuple[str, Any, int]], start: int, end: int, alone: bool) -> _Item:
-    positions = [pos for _, _, pos in spans]
+def _item(
+    spans: list[tuple[str, Any, int]], positions: list[int], start: int, end: int, alone: bool
+) -> _Item:
+    """The item whose value is at ``start:end`` (``positions``: of each op of ``spans``)."""
     inside = spans[bisect.bisect_left(positions, start) : bisect.bisect_left(positions, end)]
     names = [name for name, _, _ in inside]
     put = frozenset(int(arg) for name, arg, _ in inside if name in _PUTS)
