@@ -92,18 +92,36 @@ class Pending:
         self._unfinished.append(run)
         run.handle.add_done_callback(run.ended)
         if pending:
+            earlier_runs = []
             for name in run.names:
                 earlier = self.owner.get(name)
                 if earlier is not None and earlier is not run:
                     earlier.superseded.add(name)  # the later cell's value wins, as locally
+                    earlier_runs.append(earlier)
                 self.owner[name] = run
+            self._let_go(earlier_runs)
 
     def forget(self, names: Iterable[str]) -> None:
         """The notebook rebinds these names itself: later task values must not win."""
+        earlier_runs = []
         for name in names:
             earlier = self.owner.pop(name, None)
             if earlier is not None:
                 earlier.superseded.add(name)
+                earlier_runs.append(earlier)
+        self._let_go(earlier_runs)
+
+    def _let_go(self, runs: Iterable[CellRun]) -> None:
+        """Failed runs whose names were all bound anew let go of the objects they were sent.
+
+        Their values would never be written (locally the names no longer hold them).
+        """
+        runs = [run for run in runs if run.handle.done() and run.handle.error is not None]
+        if runs:
+            owners = {id(run) for run in self.owner.values()}
+            for run in runs:
+                if id(run) not in owners:
+                    run.sent = {}
 
     def running(self) -> list[CellRun]:
         """Runs not finished yet."""
@@ -178,6 +196,7 @@ class Pending:
                 self.deliver(run)
             # A failed run keeps the objects its values name until a cell reads its names
             # (they are delivered then, bound to those objects as locally).
+            self._let_go([run])
         self._unfinished = unfinished
 
     def wait(self, names: Iterable[str], stay: Iterable[str] = ()) -> None:

@@ -222,6 +222,21 @@ def test_a_failed_cells_alias_is_the_notebooks_object(
     assert seen == (True, True), "the failed cell's names came back as copies"
 
 
+@pytest.mark.parametrize("again", ["%%task --out h2\nsame = 2", "same = 2"])
+def test_a_failed_cell_lets_go_of_its_objects_once_its_names_are_bound_anew(
+    ip: InteractiveShell, nb: Session, again: str
+) -> None:
+    """Run again (or bound by the notebook), its names hold them no longer, as locally."""
+    run(ip, "class Box:\n    pass\nsmall = Box()")
+    gone = weakref.ref(ip.user_ns["small"])
+    ip.run_cell("%%task --out h\nsame = small\n1 / 0")
+    with pytest.raises(ZeroDivisionError):
+        ip.user_ns["h"].result(timeout=30)
+    ip.run_cell(again)
+    run(ip, "del small")
+    wait_until(lambda: gc.collect() >= 0 and gone() is None, 10, "small to be let go")
+
+
 def test_a_cells_last_expression_naming_such_an_alias_is_the_notebooks_object(
     ip: InteractiveShell, nb: Session
 ) -> None:
