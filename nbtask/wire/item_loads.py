@@ -73,70 +73,107 @@ class _Lost:
         self.name = name
 
 
-_PUTS = ("PUT", "BINPUT", "LONG_BINPUT")
+_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+_MARK = pickletools.markobject
+#: Each opcode's effect on the stack: whether it pops down to a mark, how many elements
+#: it pops (below the mark, if it does), how many it pushes, whether it pushes a mark.
+_EFFECTS = {
+    op.code: (
+        _MARK in op.stack_before,
+        op.stack_before.index(_MARK) if _MARK in op.stack_before else len(op.stack_before),
+        len(op.stack_after),
+        _MARK in op.stack_after,
+    )
+    for op in pickletools.opcodes
+}
 
 
 def _items_of(stream: bytes) -> tuple[bytes, list[_Item]]:
     """The stream without its frames, and where each value of its top-level dict is.
 
-    The stack is followed as :func:`pickletools.dis` does, each element with where it
+    The stack is followed as :func:`pickletools.dis` does, each element as where it
     began; a ``SETITEM(S)`` on the outermost dict gives the values' spans.
     """
-    ops = [(op, arg, int(pos or 0)) for op, arg, pos in pickletools.genops(stream)]
-    ends = [pos for _, _, pos in ops[1:]] + [len(stream)]
-    pieces: list[bytes] = []
-    at = 0
-    stack: list[tuple[int, bool]] = []  # (where it began, whether it is a mark)
+    stack: list[int] = []  # where each element began
+    marks: list[tuple[int, int]] = []  # (stack size, where) of each open mark
     found: list[tuple[int, int, bool]] = []  # (start, end, alone) of each value
-    spans: list[tuple[str, Any, int]] = []  # (op name, arg, position) in the plain stream
-    for (op, arg, pos), end in zip(ops, ends, strict=True):
-        if op.name == "FRAME":
+    frames: list[int] = []  # where each FRAME opcode is, in ``stream``
+    positions: list[int] = []  # of each opcode, in the stream without frames
+    memoized: list[int] = []  # how many MEMOIZE and NEXT_BUFFER before each opcode
+    buffered: list[int] = []
+    put: list[tuple[int, int]] = []  # (where, memo index) of each PUT
+    memo = taken = 0
+    for op, arg, pos in pickletools.genops(stream):
+        name = op.name
+        if name == "FRAME":
+            frames.append(int(pos or 0))
             continue
-        pieces.append(stream[pos:end])
-        spans.append((op.name, arg, at))
-        before, after = op.stack_before, op.stack_after
-        popped: list[tuple[int, bool]] = []
-        if pickletools.markobject in before:
-            while stack and not stack[-1][1]:
-                popped.append(stack.pop())
-            mark = stack.pop()
-            popped.reverse()
-            count = before.index(pickletools.markobject)
-            outer = [stack.pop() for _ in range(count)]
-            if op.name == "SETITEMS" and not stack:  # the items of the outermost dict
-                found.extend(_values(popped, at, alone=False))
-            starts = [mark[0], *(s for s, _ in outer)]
+        at = int(pos or 0) - 9 * len(frames)  # a FRAME is 9 bytes
+        positions.append(at)
+        memoized.append(memo)
+        buffered.append(taken)
+        memo += name == "MEMOIZE"
+        taken += name == "NEXT_BUFFER"
+        if name in _PUTS:
+            put.append((at, int(str(arg))))
+        to_mark, count, pushed, mark = _EFFECTS[op.code]
+        start = at
+        if to_mark:
+            size, start = marks.pop()
+            popped = stack[size:]
+            del stack[size:]
+            if count:
+                start = min(start, *stack[-count:])
+                del stack[-count:]
+            if name == "SETITEMS" and not stack:  # the items of the outermost dict
+                ends = [*popped[2::2], at]
+                found.extend(zip(popped[1::2], ends, [False] * len(ends), strict=False))
+        elif count:
+            outer = stack[-count:]
+            del stack[-count:]
+            start = min(outer)
+            if name == "SETITEM" and not stack:
+                found.append((outer[2], at, True))
+        if mark:
+            marks.append((len(stack), at))
         else:
-            count = len(before)
-            outer = [stack.pop() for _ in range(count)]
-            if op.name == "SETITEM" and not stack:
-                found.extend(_values([outer[1], outer[0]], at, alone=True))
-            starts = [s for s, _ in outer]
-        start = min(starts, default=at)
-        for kind in after:
-            stack.append((at, True) if kind is pickletools.markobject else (start, False))
-        at += end - pos
-    positions = [pos for _, _, pos in spans]
-    return b"".join(pieces), [_item(spans, positions, *where) for where in found]
-
-
-def _values(
-    elements: list[tuple[int, bool]], end: int, *, alone: bool
-) -> list[tuple[int, int, bool]]:
-    """The spans of the values among ``elements`` (key, value, key...), ending at ``end``."""
-    starts = [s for s, _ in elements] + [end]
-    return [(starts[k], starts[k + 1], alone) for k in range(1, len(elements), 2)]
+            stack.extend([start] * pushed)
+    plain = _without_frames(stream, frames)
+    memoized.append(memo)
+    buffered.append(taken)
+    positions.append(len(plain))
+    return plain, [_item(where, positions, memoized, buffered, put) for where in found]
 
 
 def _item(
-    spans: list[tuple[str, Any, int]], positions: list[int], start: int, end: int, alone: bool
+    where: tuple[int, int, bool],
+    positions: list[int],
+    memoized: list[int],
+    buffered: list[int],
+    put: list[tuple[int, int]],
 ) -> _Item:
-    """The item whose value is at ``start:end`` (``positions``: of each op of ``spans``)."""
-    inside = spans[bisect.bisect_left(positions, start) : bisect.bisect_left(positions, end)]
-    names = [name for name, _, _ in inside]
-    put = frozenset(int(arg) for name, arg, _ in inside if name in _PUTS)
-    count = names.count
-    return _Item(start, end, count("MEMOIZE"), put, count("NEXT_BUFFER"), alone)
+    """The item at ``where``, with what its opcodes put in the memo and take of the buffers.
+
+    ``memoized`` and ``buffered``: how many MEMOIZE and NEXT_BUFFER opcodes come before
+    the opcode at each of ``positions``; ``put``: the PUT opcodes.
+    """
+    start, end, alone = where
+    first, last = bisect.bisect_left(positions, start), bisect.bisect_left(positions, end)
+    inside = frozenset(index for at, index in put if start <= at < end)
+    memos, buffers = memoized[last] - memoized[first], buffered[last] - buffered[first]
+    return _Item(start, end, memos, inside, buffers, alone)
+
+
+def _without_frames(stream: bytes, frames: list[int]) -> bytes:
+    """``stream`` without the FRAME opcodes at ``frames`` (9 bytes each)."""
+    if not frames:
+        return stream
+    pieces, at = [], 0
+    for where in frames:
+        pieces.append(stream[at:where])
+        at = where + 9
+    pieces.append(stream[at:])
+    return b"".join(pieces)
 
 
 class _Buffers:
