@@ -101,7 +101,7 @@ def unloadable_value(why: str, *, missing: bool | None) -> str:
 
     ``missing``: as for :func:`unloadable_values`.
     """
-    advice = "" if missing is None else f": {_INSTALL if missing else _REBUILD_FAILED}"
+    advice = "" if missing is None else f": {_if_missing(why) if missing else _REBUILD_FAILED}"
     return f"its value cannot be loaded in this kernel ({why}){advice}"
 
 
