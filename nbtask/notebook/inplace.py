@@ -18,7 +18,11 @@ locally), and only its other holders are named.
 The new objects of one cell arrive in one pickle, sharing what they shared on the worker;
 those written into old objects are replaced by the old ones wherever the cell's values
 hold them (``b = a`` after ``a.append(1)``: ``b is a`` as locally; ``models["g"]["lr"]``
-when ``models`` came back too; an object's parts that link back to it), but in a tuple.
+when ``models`` came back too; an object's parts that link back to it; a tuple holding one,
+``pipe.steps[0]``, by a new tuple holding the old object). The notebook's objects a cell
+reaches inside the values it reads travel as shipped names of their own
+(:mod:`nbtask.notebook.reach`), so ``l`` of ``l = d["a"]`` comes back, written into, when
+``d["a"].append(3)`` changed it.
 """
 
 from __future__ import annotations
@@ -33,12 +37,12 @@ from typing import Any
 
 from nbtask.notebook.analysis import is_history_name
 from nbtask.notebook.kept import RemoteValue
+from nbtask.notebook.reach import SCANNED_ITEMS, attributes_of
 
 __all__ = ["bring_back"]
 
 _HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class made at run time (a ``class`` statement)
 _POINTER = struct.calcsize("P")
-_SCANNED_ITEMS = 1000  # a container with more is not looked into for the old object
 _NAMED_HOLDERS = 3
 
 Swap = Callable[[Any], Any]
@@ -106,21 +110,26 @@ def bring_back(
     written = [arrived[n] for n in updates if arrived[n] is not olds[n]]
     arrived.clear()  # what still holds a new object written into an old one is the cell's
     if any(sys.getrefcount(new) > 3 for new in written):  # ``written``, ``new``, the argument
-        _swap_deeper(bound.values(), swapped)
+        _swap_deeper(bound, swapped)
     return bound
 
 
-def _swap_deeper(roots: Iterable[Any], swapped: Mapping[int, Any]) -> None:
+def _swap_deeper(bound: dict[str, Any], swapped: Mapping[int, Any]) -> None:
     """Replace the new objects written into old ones wherever the cell's values hold them.
 
     ``models`` and ``model`` both changed: ``models['group']['lr']`` is the notebook's
-    ``model`` again. Only the lists, dicts, deques and plain objects the cell's values are
-    made of are walked and changed (the old objects' own items were swapped already, as
-    were the values bound to names); a tuple holding one cannot be changed.
+    ``model`` again. Only the lists, dicts, deques, tuples and plain objects the cell's
+    values are made of are walked and changed (the old objects' own items were swapped
+    already, as were the values bound to names). A tuple cannot be changed: one holding
+    such an object (``pipe.steps[0]``, a ``(name, step)`` pair) came back new, and is
+    replaced, where it is held and under a name bound to it, by one holding the old object.
     """
+    holding = _Holding(swapped)
+    for name, value in bound.items():
+        bound[name] = holding.old(value)
     seen: set[int] = set()
     plain: dict[type, bool] = {}  # by class: whether its instances are walked
-    stack = list(roots)
+    stack = list(bound.values())
     while stack:
         value = stack.pop()
         if id(value) in seen:
@@ -133,21 +142,47 @@ def _swap_deeper(roots: Iterable[Any], swapped: Mapping[int, Any]) -> None:
         if kind not in plain:
             plain[kind] = _state_is_attributes(kind)
         if plain[kind]:
-            attributes = _attributes_of(value)
+            attributes = attributes_of(value)
             if attributes:  # its own ``__dict__``, not an empty stand-in whose id is reused
                 stack.append(attributes)
             continue
-        if isinstance(value, (list, collections.deque)):
-            items: Iterable[tuple[Any, Any]] = enumerate(value)
-        elif isinstance(value, dict):
-            items = value.items()
-        else:
-            continue
-        for key, item in list(items):
-            if id(item) in swapped:
-                value[key] = swapped[id(item)]
-            else:
-                stack.append(item)
+        for key, item in _keyed_items(value):
+            held = holding.old(item)
+            if held is not item:
+                value[key] = held
+            if id(item) not in swapped:  # an old object's items were swapped already
+                stack.append(held)
+
+
+def _keyed_items(value: Any) -> list[tuple[Any, Any]]:
+    """``(key, item)`` of a list, deque or dict, whose items can be replaced; else none."""
+    if isinstance(value, (list, collections.deque)):
+        return list(enumerate(value))
+    if isinstance(value, dict):
+        return list(value.items())
+    return []
+
+
+class _Holding:
+    """What a cell's value holding a new object written into an old one holds instead."""
+
+    def __init__(self, swapped: Mapping[int, Any]) -> None:
+        self.swapped = swapped
+        # Each tuple met, and the one that replaces it (itself if it holds none): one new
+        # tuple however many hold it. The met one stays alive, its id its own.
+        self._tuples: dict[int, tuple[tuple[Any, ...], tuple[Any, ...]]] = {}
+
+    def old(self, value: Any) -> Any:
+        """The old object for a new one, a tuple holding the old ones for a tuple, or ``value``."""
+        if id(value) in self.swapped:
+            return self.swapped[id(value)]
+        if type(value) is not tuple:
+            return value
+        if id(value) not in self._tuples:
+            items = [self.old(item) for item in value]
+            same = all(new is item for new, item in zip(items, value, strict=True))
+            self._tuples[id(value)] = (value, value if same else tuple(items))
+        return self._tuples[id(value)][1]
 
 
 def _update_for(old: Any, new: Any) -> Update | str:
@@ -380,23 +415,12 @@ def _holders(namespace: Mapping[str, Any], name: str, old: Any) -> list[str]:
             continue
         if holder is old:
             found.append(holder_name)
-        elif isinstance(holder, (list, tuple)) and len(holder) <= _SCANNED_ITEMS:
+        elif isinstance(holder, (list, tuple)) and len(holder) <= SCANNED_ITEMS:
             found += [f"{holder_name}[{i}]" for i, item in enumerate(holder) if item is old]
-        elif isinstance(holder, dict) and len(holder) <= _SCANNED_ITEMS:
+        elif isinstance(holder, dict) and len(holder) <= SCANNED_ITEMS:
             found += [f"{holder_name}[{k!r}]" for k, item in holder.items() if item is old]
         else:
-            attributes = _attributes_of(holder)
-            if len(attributes) <= _SCANNED_ITEMS:
+            attributes = attributes_of(holder)
+            if len(attributes) <= SCANNED_ITEMS:
                 found += [f"{holder_name}.{a}" for a, item in attributes.items() if item is old]
     return found
-
-
-def _attributes_of(value: Any) -> Mapping[str, Any]:
-    """An instance's ``__dict__``; never a module's or a class's, nor a ``__getattr__``'s."""
-    if isinstance(value, (types.ModuleType, type)) or not type(value).__dictoffset__:
-        return {}
-    try:
-        attributes = object.__getattribute__(value, "__dict__")
-    except Exception:  # a class of its own making
-        return {}
-    return attributes if isinstance(attributes, dict) else {}

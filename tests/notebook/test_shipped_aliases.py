@@ -153,6 +153,15 @@ def test_a_notebook_object_the_cell_changed_comes_back_changed_inside_its_values
     assert run(ip, "d['k'] is small, small") == (True, [1, 2, 3])
 
 
+def test_a_notebook_object_the_cell_changed_comes_back_changed_inside_its_tuples(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    """A tuple cannot be changed: the new one holds the notebook's object, as locally."""
+    run(ip, "small = [1, 2]")
+    task(ip, "small.append(3)\npair = (small, 1)\nsteps = [('s', small)]")
+    assert run(ip, "pair[0] is small, steps[0][1] is small, small") == (True, True, [1, 2, 3])
+
+
 def test_a_background_cells_value_holds_the_object_it_was_sent_though_the_name_went(
     ip: InteractiveShell, nb: Session
 ) -> None:
