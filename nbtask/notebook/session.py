@@ -309,7 +309,10 @@ class Session:
             self.version_warnings.check(self.app, used, handle.queue)
             # And the values its functions carry, which it may change through them.
             carried = carried_names(dict(zip(spec.names, shipped, strict=True)), self.shell.user_ns)
-            names = tuple(dict.fromkeys([*found.assigned, *found.mutated, *carried]))
+            # And the notebook's objects it reaches inside the values it reads (``l`` of
+            # ``l = d["a"]``, changed by ``d["a"].append(3)``).
+            changes = [*found.assigned, *found.mutated, *carried, *spec.inside]
+            names = tuple(dict.fromkeys(changes))
             # The notebook's objects it was sent (a name it binds to one is bound to it) are
             # held by the run alone, which lets them go before its values are written: whether
             # other holders of a value it changes are left with the old object is told by

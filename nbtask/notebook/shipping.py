@@ -22,6 +22,7 @@ from nbtask.core.handle import refusing_handles
 from nbtask.errors import BlobError, CellError, CellNameError
 from nbtask.notebook.analysis import SHELL_NAMES, CellAnalysis, analyze, is_history_name
 from nbtask.notebook.module_code import cell_modules, module_name_of, ships_by_value
+from nbtask.notebook.reach import named_inside
 from nbtask.wire.blobs import Packed
 from nbtask.wire.envelope import dumps
 
@@ -79,6 +80,11 @@ class CellSpec:
     sent_inside : bool
         The kernel also loads such an object where the values sent back hold it
         (``pair = (small, 1)``), named there by a persistent id: its shipped name.
+    inside : tuple of str
+        Those of ``names`` the cell does not read but reaches inside the values it reads
+        (``l`` of ``l = d["a"]`` for a cell reading ``d``): shipped with them, so that a
+        change the cell makes through them (``d["a"].append(3)``) comes back into the
+        notebook's object, as any shipped value's (:mod:`nbtask.notebook.reach`).
     """
 
     source: str
@@ -98,6 +104,7 @@ class CellSpec:
     modules: tuple[tuple[str, str], ...] = ()
     binds_sent: bool = False
     sent_inside: bool = False
+    inside: tuple[str, ...] = ()
 
 
 _TRANSFORMS_KEPT = 256
@@ -205,17 +212,23 @@ def prepare(
             f"{'; '.join(files)}. Nothing was sent. Open the file inside the cell, or pass its path"
         )
     _ship_local_modules(values.values())
-    try:
-        # Pickled once, here, to name what cannot be; large arrays stay uncopied and
-        # travel out of band (nbtask.wire.blobs), so inputs have no size ceiling.
-        with refusing_handles():
-            blob = Packed.of(values)
-    except CellError:  # a task handle among them
-        raise CellError(_handles_in(values)) from None
-    except BlobError as exc:  # a kept value released with the session that kept it
-        raise CellError(f"{exc}. Nothing was sent") from None
-    except Exception:
-        raise CellError(_unpicklable(values)) from None
+    inside = {} if plain else named_inside(values, namespace, hidden)
+    _ship_local_modules(inside.values())
+    blob = _packed_with(values, inside)
+    if blob is None:
+        inside = {}
+        try:
+            # Pickled once, here, to name what cannot be; large arrays stay uncopied and
+            # travel out of band (nbtask.wire.blobs), so inputs have no size ceiling.
+            with refusing_handles():
+                blob = Packed.of(values)
+        except CellError:  # a task handle among them
+            raise CellError(_handles_in(values)) from None
+        except BlobError as exc:  # a kept value released with the session that kept it
+            raise CellError(f"{exc}. Nothing was sent") from None
+        except Exception:
+            raise CellError(_unpicklable(values)) from None
+    values.update(inside)
     spec = CellSpec(
         source,
         filename,
@@ -234,8 +247,25 @@ def prepare(
         modules=cell_modules(found.imports, values.values()),
         binds_sent=not plain,
         sent_inside=not plain,
+        inside=tuple(inside),
     )
     return spec, blob, found
+
+
+def _packed_with(values: Mapping[str, Any], inside: Mapping[str, Any]) -> Packed | None:
+    """``values`` and the notebook's objects ``inside`` them, in one pickle, if it can be.
+
+    One pickle: on the worker, the value holding ``l`` holds the ``l`` shipped. ``None``
+    if there are none, or they cannot be pickled with the values (one the value's own
+    pickle leaves out, a lock its ``__getstate__`` drops): the values are then sent alone.
+    """
+    if not inside:
+        return None
+    try:
+        with refusing_handles():
+            return Packed.of({**values, **inside})
+    except Exception:
+        return None
 
 
 # Line magics that act on the kernel's own process or environment.
