@@ -48,6 +48,9 @@ _HISTORY_NAMES = frozenset({"_", "__", "___", "_i", "_ii", "_iii", "In", "Out", 
 _SCOPE_NODES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
 _COMP_NODES = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
 _MAX_EXPRESSION = 500  # longer strings passed to calls are text, not code
+# Calls whose string argument is code, maybe statements: ``exec("y = x + 1")``.
+_CODE_CALLS = frozenset({"exec", "eval", "compile"})
+_MAX_STATEMENTS = 5_000
 # Handlers that catch a NameError: ``except NameError``, ``except Exception``, bare.
 _CATCH_NAME_ERROR = frozenset({"NameError", "Exception", "BaseException"})
 # ``"x" in globals()``: a test of whether the notebook defines ``x``.
@@ -142,8 +145,9 @@ def _analyze_tree(tree: ast.Module) -> CellAnalysis:
     for statement in tree.body:
         scan.visit(statement)
     # Names free in function bodies are read when the function is called: ship them
-    # unless the cell itself binds them somewhere.
-    late = [n for n in scan.deferred if n not in scan.assigned and n not in scan.reads]
+    # unless the cell binds them at its top level. One bound only by a function that
+    # declares it ``global`` (``counter += 1``) may be read before that function binds it.
+    late = [n for n in scan.deferred if n not in scan.top_level and n not in scan.reads]
     return CellAnalysis(
         tuple([*scan.reads, *late]),
         tuple(scan.assigned),
@@ -163,6 +167,7 @@ class _Scan(ast.NodeVisitor):
     def __init__(self) -> None:
         self.reads: dict[str, None] = {}
         self.assigned: dict[str, None] = {}
+        self.top_level: set[str] = set()  # of those, bound outside every function
         self.mutated: dict[str, None] = {}
         self.deferred: dict[str, None] = {}
         self.bound: set[str] = set()
@@ -195,6 +200,8 @@ class _Scan(ast.NodeVisitor):
             return  # a local of a function, class body or comprehension
         self.bound.add(name)
         self.assigned.setdefault(name)
+        if not self.lazy:
+            self.top_level.add(name)
 
     def visit_Name(self, node: ast.Name) -> None:
         if isinstance(node.ctx, ast.Load):
@@ -248,6 +255,15 @@ class _Scan(ast.NodeVisitor):
             value = arg.value if isinstance(arg, ast.Constant) else None
             if isinstance(value, str):
                 self.named_strings.update(dict.fromkeys(_names_in_expression(value)))
+        # ``exec('y = x + 1')``: the names a statement string reads.
+        first = node.args[0] if node.args else None
+        if (
+            isinstance(func, ast.Name)
+            and func.id in _CODE_CALLS
+            and isinstance(first, ast.Constant)
+            and isinstance(first.value, str)
+        ):
+            self.named_strings.update(dict.fromkeys(_names_in_statements(first.value)))
         self.generic_visit(node)
 
     def _mark_mutated(self, target: ast.expr, deep: bool = False) -> None:
@@ -430,6 +446,16 @@ def _names_in_expression(text: str) -> list[str]:
     except (SyntaxError, ValueError):
         return []  # prose, a path, a format string: not code
     return [n.id for n in ast.walk(tree) if isinstance(n, ast.Name)]
+
+
+def _names_in_statements(text: str) -> list[str]:
+    """The names statements in a string read (``exec("y = x + 1")``: ``x``)."""
+    if len(text) > _MAX_STATEMENTS:
+        return []
+    try:
+        return list(_analyze_text(text).reads)
+    except (SyntaxError, ValueError):
+        return []
 
 
 def _bound_in(nodes: Iterable[ast.AST]) -> set[str]:
