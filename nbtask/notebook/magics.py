@@ -20,7 +20,7 @@ from IPython.utils.process import arg_split
 
 from nbtask._process import interrupts_held
 from nbtask.client.app import App
-from nbtask.errors import BrokerUnavailable, CellError, ConfigurationError
+from nbtask.errors import BrokerUnavailable, CellError, ConfigurationError, TaskNotFound
 from nbtask.notebook.analysis import is_history_name
 from nbtask.notebook.follow import one_line
 from nbtask.notebook.session import Session
@@ -298,7 +298,11 @@ class TaskMagics(Magics):  # type: ignore[misc]
             return None
         args = parse_argstring(self.tasks, line)
         if args.attach:
-            view = self.session.attach(args.attach)
+            try:
+                view = self.session.attach(args.attach)
+            except (TaskNotFound, ConfigurationError) as exc:
+                # A mistyped or expired id: one line, as %nbtask log says it.
+                raise UsageError(f"%tasks --attach: {exc}") from None
             if not isinstance(view, TaskWidget):
                 print(view.status_text())
                 if view.text:  # type: ignore[attr-defined]

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from helpers import cell_run, processes_mentioning, wait_until
+from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from raw_broker import RawBroker
 
@@ -245,6 +246,16 @@ def test_tasks_attach_and_log_take_the_short_id_views_show(
         assert "nor one whose id begins with it" in capsys.readouterr().out
     finally:
         later.app.close()
+
+
+def test_tasks_attach_of_an_unknown_id_says_so_in_one_line(
+    ip: InteractiveShell, loaded: Session
+) -> None:
+    """As ``%nbtask log`` does: no traceback through nbtask's frames."""
+    with pytest.raises(UsageError, match=r"^%tasks --attach: no task 'zzzzzzzz' in the result"):
+        ip.run_line_magic("tasks", "--attach zzzzzzzz")
+    with pytest.raises(UsageError, match=r"^%tasks --attach: task_id='z!' is not a valid id"):
+        ip.run_line_magic("tasks", "--attach z!")
 
 
 def test_tasks_after_a_restart_show_each_cells_label_and_run_time(
