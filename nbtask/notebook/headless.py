@@ -47,18 +47,21 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _STATUS = re.compile(r"^\[(?P<label>[^\]]*)\] (?P<state>[A-Z_]+)\b")
 _STATUS_INTERVAL = 1.0
 #: Run in the kernel after the last cell: the background cells still running are waited
-#: for (nbtask.notebook.run_end), if nbtask was loaded. ``{timeout}``: seconds, or None.
+#: for (nbtask.notebook.run_end), if nbtask was loaded. ``{timeout}``: seconds, or None;
+#: ``{may_fail}``: the numbers (In[N]) of the cells tagged ``raises-exception``.
 _FINISH = (
     "import sys as _nbtask_sys\n"
     "if 'nbtask.notebook.magics' in _nbtask_sys.modules:\n"
     "    __import__('nbtask.notebook.run_end', fromlist=['_']).finish_background(\n"
-    "        get_ipython(), {timeout})\n"
+    "        get_ipython(), {timeout}, may_fail={may_fail})\n"
     "del _nbtask_sys"
 )
 #: How much longer than the kernel's own wait the runner waits for it to say so.
 _FINISH_MARGIN = 30.0
 _CELL_NUMBER = re.compile(r"\bcell In\[(\d+)\]")
 _FINAL_STATES = frozenset(state.value for state in FINAL_STATES)
+#: The tag of a cell that may raise (nbclient's), whether it waits or runs in the background.
+_ALLOWED_ERRORS = "raises-exception"
 
 
 @dataclasses.dataclass
@@ -153,7 +156,15 @@ class _StreamingClient(NotebookClient):
         itself is only streamed to the terminal.
         """
         limit = "None" if self.timeout is None else repr(float(self.timeout))
-        step = nbformat.v4.new_code_cell(_FINISH.format(timeout=limit))
+        # A background cell tagged to raise may fail, as a cell that waits may.
+        tagged = [
+            number
+            for number, index in self.numbers.items()
+            if _ALLOWED_ERRORS in self.nb.cells[index].metadata.get("tags", [])
+        ]
+        step = nbformat.v4.new_code_cell(
+            _FINISH.format(timeout=limit, may_fail=repr(tuple(sorted(tagged))))
+        )
         self.nb.cells.append(step)
         self.finishing = True
         try:
@@ -318,8 +329,9 @@ def run_notebook(
         The notebook cannot be read, or the kernel does not exist.
     NotebookFailed
         A cell raised an error (unless tagged ``raises-exception``), timed out, or the
-        kernel died; or a background cell failed, or still ran ``timeout`` seconds after the
-        last cell (it was cancelled). The executed notebook has been written.
+        kernel died; or a background cell failed (unless tagged so too), or still ran
+        ``timeout`` seconds after the last cell (it was cancelled). The executed notebook
+        has been written.
     """
     source = Path(path)
     try:

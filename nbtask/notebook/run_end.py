@@ -10,6 +10,7 @@ failed one failing the run. It runs in the kernel, like any cell.
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from typing import Any
 
 from nbtask.errors import TaskRevoked
@@ -24,19 +25,21 @@ _POLL_SECONDS = 0.05
 _SETTLE_SECONDS = 10.0
 
 
-def finish_background(shell: Any, timeout: float | None) -> None:
+def finish_background(shell: Any, timeout: float | None, may_fail: Collection[int] = ()) -> None:
     """Wait up to ``timeout`` seconds for the background cells still running.
 
     Their names are delivered as a later cell would find them, and each view shows its
     final state before this returns (the display updates leave ahead of the cell's end).
+    The cells numbered (``In[N]``) in ``may_fail``, tagged ``raises-exception`` in the
+    notebook, may fail as such a cell that waits may: their failure is no error here.
 
     Raises
     ------
     TimeoutError
         One still ran after ``timeout`` seconds: those still running were cancelled.
     RuntimeError
-        A background cell failed, and no later cell raised its error already (by reading
-        one of its names). One that was cancelled is not a failure.
+        A background cell not in ``may_fail`` failed, and no later cell raised its error
+        already (by reading one of its names). One that was cancelled is not a failure.
     """
     session = session_of(shell)
     if session is None:  # nbtask was not loaded, or was unloaded
@@ -66,7 +69,7 @@ def finish_background(shell: Any, timeout: float | None) -> None:
         time.sleep(_POLL_SECONDS)
     _settle(background)
     session.pending.harvest()
-    failed = [run for run in background if _failed(run)]
+    failed = [run for run in background if _failed(run) and run.cell not in may_fail]
     if failed:
         first, *others = failed
         error = first.handle.error

@@ -239,6 +239,24 @@ def test_a_background_cell_that_fails_after_the_last_cell_fails_the_run(tmp_path
     assert view.startswith("[split] FAILURE") and "ZeroDivisionError" in view, view
 
 
+def test_a_background_cell_tagged_raises_exception_may_fail(tmp_path: Path) -> None:
+    """As a ``--wait`` cell so tagged may: its failure is in its cell, the run succeeds."""
+    notebook = write_notebook(
+        tmp_path / "tagged.ipynb",
+        "%load_ext nbtask",
+        "%%task bg\nimport time\ntime.sleep(1)\nraise ValueError('bg tagged')",
+        "%%task --wait\nraise ValueError('wait tagged')",
+        "print('last cell')",
+        tags={1: ["raises-exception"], 2: ["raises-exception"]},
+    )
+    result = nbtask_run(str(notebook), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "last cell" in result.stdout
+    written = nbformat.read(tmp_path / "tagged.out.ipynb", as_version=4)
+    view = written.cells[1].outputs[0]["data"]["text/plain"]
+    assert view.startswith("[bg] FAILURE") and "bg tagged" in view, view
+
+
 def test_background_cells_past_the_timeout_are_cancelled_and_fail_the_run(tmp_path: Path) -> None:
     notebook = write_notebook(
         tmp_path / "slow.ipynb",
