@@ -159,7 +159,7 @@ class TaskMagics(Magics):  # type: ignore[misc]
     @_typed(argument("-w", "--wait", action="store_true", help="block; output streams here"))
     @_typed(argument("-t", "--timeout", type=float, help="cancel the task after S seconds"))
     @_typed(argument("-r", "--retries", type=int, default=0, help="rerun N times on error"))
-    @_typed(argument("-o", "--out", metavar="VAR", help="store the TaskHandle in VAR"))
+    @_typed(argument("-o", "--out", metavar="VAR", help="store the cell's handle in VAR"))
     @_typed(
         argument("--keep", action="append", default=[], metavar="NAME", help="keep NAME remote")
     )

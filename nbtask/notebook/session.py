@@ -24,6 +24,7 @@ from nbtask.errors import CellError, TaskNotFound
 from nbtask.notebook import process_state
 from nbtask.notebook.board import Row, TaskBoard, format_row, notebook_group
 from nbtask.notebook.carried import carried_names
+from nbtask.notebook.cell_handle import CellHandle
 from nbtask.notebook.cell_run import CellRun
 from nbtask.notebook.celltask import NamedCell, cell_task
 from nbtask.notebook.fetchbar import fetch_progress
@@ -328,8 +329,8 @@ class Session:
             )
             del shipped
             self.pending.say_if_random_repeats(run, python)
-            if args.out:
-                self.shell.user_ns[args.out] = handle
+            if args.out:  # its result is the cell's values, not what the worker sent
+                self.shell.user_ns[args.out] = CellHandle(run, self.pending)
             if args.wait:
                 self.pending.forget(names)
                 self.pending.add(run, pending=False)

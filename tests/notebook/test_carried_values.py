@@ -76,7 +76,7 @@ def test_a_carried_value_left_unchanged_does_not_come_back(
     )
     task(ip, "total = score('a')\nrecord(total)", "--wait --out h")
     assert ip.user_ns["total"] == 1.0
-    assert ip.user_ns["h"].result(0)["names"] == ["log", "total"]  # what the worker sent
+    assert ip.user_ns["h"].handle.result(0)["names"] == ["log", "total"]  # what the worker sent
     lookup, big, score = ip.user_ns["ours"]
     assert ip.user_ns["lookup"] is lookup and ip.user_ns["big"] is big
     assert ip.user_ns["score"] is score
