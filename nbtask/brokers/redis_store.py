@@ -247,6 +247,14 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisChannels):
         keys = [self.record_key(task_id), channel]
         return bool(self.link.call("revoke", keys, raw_event, self.ttl, CHANNEL_MAXLEN))
 
+    def take_follow_ups(self, task_id: str) -> bool | None:
+        """Take the follow-ups a task's stated outcome owes: True once, then False.
+
+        ``None`` when none were owed (see nbtask.wire.records.FOLLOW_UPS).
+        """
+        taken = int(self.link.call("take_follow_ups", [self.record_key(task_id)]))
+        return None if taken < 0 else bool(taken)
+
     def forget_pending(self, publishes: Iterable[tuple[str, str]]) -> None:
         """Delete the PENDING records of ``(task id, channel)`` never queued after all."""
         with self.link.translate_errors():

@@ -457,6 +457,16 @@ redis.call('ZADD', KEYS[1], 'NX', ARGV[5], ARGV[1])
 return 1
 """
 
+# Take the follow-ups a stated outcome owes, once (nbtask.wire.records.FOLLOW_UPS).
+# KEYS: record. Returns 1 (taken now), 0 (taken before), -1 (none owed, or no record).
+_TAKE_FOLLOW_UPS = """
+local owed = redis.pcall('HGET', KEYS[1], 'follow_ups')
+if type(owed) == 'table' or not owed then return -1 end
+if owed ~= 'owed' then return 0 end
+redis.call('HSET', KEYS[1], 'follow_ups', 'taken')
+return 1
+"""
+
 # Claim lost deliveries that are claimable now, or that this claimant claimed before.
 # KEYS: lost set; ARGV: now, lease, claimant, ids...
 _CLAIM_LOST = """
@@ -486,4 +496,5 @@ STORE_SCRIPTS = {
     "claim_due": _CLAIM_DUE,
     "park_lost": _PARK_LOST,
     "claim_lost": _CLAIM_LOST,
+    "take_follow_ups": _TAKE_FOLLOW_UPS,
 }

@@ -17,6 +17,8 @@ from typing import Any
 from nbtask.wire.events import FINAL_STATES, State
 
 __all__ = [
+    "FOLLOW_UPS",
+    "FOLLOW_UPS_OWED",
     "RecordFields",
     "TaskRecord",
     "WorkerInfo",
@@ -31,6 +33,13 @@ _MAX_INFO_BYTES = 64 * 1024  # a worker's entry is a few hundred bytes; more is 
 
 
 _PENDING = State.PENDING.value
+
+#: The record field saying what follows an outcome nbtask stated on a task's behalf (lost,
+#: killed, dead-lettered): :data:`FOLLOW_UPS_OWED` until one process holding the task's
+#: message takes it (``Store.take_follow_ups``) to fail its chain's later steps and send
+#: its errbacks, once. Absent from the records of outcomes a task's own process stored.
+FOLLOW_UPS = "follow_ups"
+FOLLOW_UPS_OWED = "owed"
 
 
 def pending_fields(
