@@ -228,9 +228,14 @@ class Admission:
             return
         log.warning("dropped a message for task %s: it is already %s", message.id, refused)
         self.transport.discard(admitted.delivery)
+        owed: bool | None = None
         if refused in _ENDED:
             self._tell_outcome_again(message)
-        if refused == State.REVOKED.value:
+            # Its supervisor stated how it ended (a killed child whose message RabbitMQ
+            # gave back): its follow-ups are run here, if no one ran them yet.
+            owed = self.follow_ups.run_owed(message, admitted.callbacks)
+        if refused == State.REVOKED.value and owed is None:
+            # Revoked before it started: no worker followed it up.
             reason = {"reason": "revoked"}
             gone = Outcome(Event(EventType.REVOKED, message.id, FINAL_SEQ, reason, run=message.run))
             self.follow_ups.run(message, gone, admitted.callbacks, None)

@@ -1,9 +1,11 @@
 """Tasks whose runner died: redelivered, reported lost, reported stopped, or moved.
 
 The supervisor settles a delivery whose child died (or that a dead worker held, or whose
-lease lapsed) here, and reports a task it killed on purpose (time limit, terminate). It
-also moves the messages still waiting on a gone process's own queue (a cell sent to the
-process holding its kept values) to the queue they name for that case.
+lease lapsed) here, and reports a task it killed on purpose (time limit, terminate). Each
+such final outcome is followed as a task's own failure is: its errbacks are sent and its
+chain's later steps fail with it (see ``FollowUps.run_owed``). It also moves the messages
+still waiting on a gone process's own queue (a cell sent to the process holding its kept
+values) to the queue they name for that case.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import time
 from collections.abc import Callable, Collection
 
 from nbtask.brokers import Delivery, Transport
+from nbtask.core.outgoing import MessageBuilder
 from nbtask.errors import BrokerUnavailable, NbtaskError
 from nbtask.settings import Settings
-from nbtask.wire.envelope import Signer
+from nbtask.wire.envelope import Envelope, Signer
 from nbtask.wire.events import FINAL_SEQ, Event, EventType, State
 from nbtask.wire.message import TaskMessage
-from nbtask.worker.settle import report, send_stored_outcome, stopped_event
+from nbtask.worker.settle import FollowUps, report, send_stored_outcome, stopped_event
+from nbtask.worker.subtasks import SubtaskPublisher
 
 __all__ = ["LostTasks"]
 
@@ -53,6 +57,8 @@ class LostTasks:
         self.signer = signer
         self.settings = settings
         self.running = running
+        builder = MessageBuilder(signer, settings, transport.store)
+        self.follow_ups = FollowUps(transport, signer, SubtaskPublisher(transport, builder))
 
     def settle(
         self, delivery: Delivery, reason: str, stopped: tuple[str, str, float] | None = None
@@ -63,16 +69,18 @@ class LostTasks:
         that one is reported as such, never redelivered.
         """
         try:
-            message = TaskMessage.from_header(self.signer.open(delivery.raw).header)
+            envelope = self.signer.open(delivery.raw)
+            message = TaskMessage.from_header(envelope.header)
         except NbtaskError as exc:
             log.error("dead-lettered an unverifiable message %s: %s", delivery.delivery_id, exc)
             self.transport.dead_letter(delivery)
             return
-        self._settle_verified(delivery, message, reason, stopped)
+        self._settle_verified(delivery, envelope, message, reason, stopped)
 
     def _settle_verified(
         self,
         delivery: Delivery,
+        envelope: Envelope,
         message: TaskMessage,
         reason: str,
         stopped: tuple[str, str, float] | None = None,
@@ -80,9 +88,12 @@ class LostTasks:
         record = self.store.get_record(message.id)
         if record is not None and (record.final or record.result is not None):
             # It finished (its signed outcome says so, whatever the plain state field
-            # says): the acknowledgement was lost, and maybe the outcome's event.
+            # says): the acknowledgement was lost, and maybe the outcome's event. Or its
+            # supervisor stated how it ended without its message (report_stopped): its
+            # follow-ups are owed, and run here.
             self.transport.discard(delivery)
             send_stored_outcome(self.transport, message.client, record)
+            self._follow_up(message, envelope)
             return
         if message.id in self.running():
             # A live process runs the task, holding its own delivery: this is a copy
@@ -92,7 +103,7 @@ class LostTasks:
             return
         if stopped is not None and stopped[0] == message.id:
             event = stopped_event(stopped, reason, message.name, message.run)
-            report(self.transport, self.signer, message.id, message.client, event, delivery)
+            self._report(message, envelope, event, delivery)
             return
         redeliver = message.acks_late and message.reject_on_worker_lost is not False
         if redeliver and delivery.deliveries < self.settings.max_redeliveries:
@@ -108,12 +119,35 @@ class LostTasks:
             data = {"ename": "WorkerLost", "reason": reason, "evalue": evalue}
             event = Event(EventType.FAILURE, message.id, FINAL_SEQ, data, run=message.run)
             self.transport.dead_letter(delivery)
-            report(self.transport, self.signer, message.id, message.client, event)
+            self._report(message, envelope, event)
             return
         self.note(message, f"{reason}; reported WORKER_LOST", logging.ERROR)
         lost = {"reason": reason}
         event = Event(EventType.WORKER_LOST, message.id, FINAL_SEQ, lost, run=message.run)
-        report(self.transport, self.signer, message.id, message.client, event, delivery)
+        self._report(message, envelope, event, delivery)
+
+    def _report(
+        self,
+        message: TaskMessage,
+        envelope: Envelope,
+        event: Event,
+        delivery: Delivery | None = None,
+    ) -> None:
+        """Store and send how the task ended (and ack ``delivery``), then follow it up."""
+        report(
+            self.transport,
+            self.signer,
+            message.id,
+            message.client,
+            event,
+            delivery,
+            owes_follow_ups=True,
+        )
+        self._follow_up(message, envelope)
+
+    def _follow_up(self, message: TaskMessage, envelope: Envelope) -> None:
+        """Fail the chain's later steps and send the errbacks, if the stored outcome owes it."""
+        self.follow_ups.run_owed(message, message.split(envelope)[1])
 
     def note(self, message: TaskMessage, text: str, level: int) -> None:
         """Log what happened to a task, and keep it in the task's journal."""
@@ -134,7 +168,9 @@ class LostTasks:
             return
         run = (self.settings.key_prefix, record.sent)
         event = stopped_event(stopped, reason, record.name or "task", run)
-        report(self.transport, self.signer, task_id, channel, event)
+        # Its message comes back later (see _settle_verified, and Admission): whoever
+        # holds it then runs the follow-ups.
+        report(self.transport, self.signer, task_id, channel, event, owes_follow_ups=True)
 
     def rehome(self, queue: str, consumer: str, until: float = 0.0) -> tuple[int, bool]:
         """Move what waits on a gone process's own ``queue`` elsewhere; delete the queue.
@@ -177,7 +213,7 @@ class LostTasks:
                 if record is not None and record.state is not State.PENDING:
                     # Started by the gone process, and given back by the broker (AMQP).
                     why = "its worker process died (redelivered by the broker)"
-                    self._settle_verified(delivery, message, why)
+                    self._settle_verified(delivery, envelope, message, why)
                     continue
                 target = message.fallback_queue or self.settings.default_queue
                 # Its signed due time stays the sender's: it ages (max_age) as it would have.

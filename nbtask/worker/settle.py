@@ -30,7 +30,13 @@ from nbtask.wire.envelope import Buffer, Signer, dumps
 from nbtask.wire.events import FINAL_SEQ, FINAL_STATES, Event, EventType, Run, State
 from nbtask.wire.exceptions import portable_exception
 from nbtask.wire.message import TaskMessage, decode_value, split
-from nbtask.wire.records import RecordFields, TaskRecord, final_fields
+from nbtask.wire.records import (
+    FOLLOW_UPS,
+    FOLLOW_UPS_OWED,
+    RecordFields,
+    TaskRecord,
+    final_fields,
+)
 from nbtask.worker.subtasks import SubtaskPublisher
 
 __all__ = [
@@ -229,14 +235,21 @@ def report(
     event: Event,
     delivery: Delivery | None = None,
     body: bytes = b"",
+    *,
+    owes_follow_ups: bool = False,
 ) -> None:
     """Store and send a final event nbtask states on a task's behalf (and ack ``delivery``).
 
     ``body`` goes with it (a failed step's exception, for the later steps of its chain).
+    With ``owes_follow_ups`` the record says its follow-ups are owed (see
+    :meth:`FollowUps.run_owed`): only if this outcome is the one stored.
     """
     raw = signer.seal(event.to_header(), body)
     assert event.state is not None
-    transport.finish(delivery, task_id, channel, raw, final_fields(event.state, raw))
+    fields = final_fields(event.state, raw)
+    if owes_follow_ups:
+        fields[FOLLOW_UPS] = FOLLOW_UPS_OWED
+    transport.finish(delivery, task_id, channel, raw, fields)
 
 
 def send_stored_outcome(transport: Transport, channel: str, record: TaskRecord | None) -> None:
@@ -297,6 +310,38 @@ class FollowUps:
         if message.args_layout and outcome.state in FINAL_STATES:
             self._release_arguments(message)
 
+    def run_owed(self, message: TaskMessage, links: Buffer) -> bool | None:
+        """Run the follow-ups of an outcome stated on the task's behalf, if still owed.
+
+        The supervisor that stored it (a lost, killed or dead-lettered task), or whoever
+        holds the task's message later (RabbitMQ gives a killed child's message back after
+        its outcome was stored), runs them; taking them in the store makes that once.
+        Returns what the take said: True (run now), False (run before), ``None`` (none
+        owed: the task's own process stored its outcome and ran its follow-ups).
+        """
+        taken = self.transport.store.take_follow_ups(message.id)
+        if taken:
+            outcome = self._stored_outcome(message.id)
+            if outcome is None or outcome.state is State.SUCCESS:
+                log.error("task %s owes follow-ups but its stored outcome is gone", message.id)
+            else:
+                self.run(message, outcome, links, None)
+        return taken
+
+    def _stored_outcome(self, task_id: str) -> Outcome | None:
+        """The task's stored final outcome, verified; ``None`` if there is none."""
+        record = self.transport.store.get_record(task_id)
+        if record is None or not record.result:
+            return None
+        try:
+            envelope = self.signer.open(record.result)
+            event = Event.from_header(envelope.header)
+        except NbtaskError:
+            return None
+        if event.task_id != task_id or event.state not in FINAL_STATES:
+            return None
+        return Outcome(event, bytes(envelope.body))
+
     def _release_arguments(self, message: TaskMessage) -> None:
         """Let the store delete the ended task's argument blobs that no other use needs.
 
@@ -311,11 +356,11 @@ class FollowUps:
             log.warning("the argument blobs of task %s stay until result_ttl: %s", message.id, exc)
 
     def _send_callbacks(self, message: TaskMessage, outcome: Outcome, callbacks: Callbacks) -> None:
-        """Send ``link`` signatures on success, ``link_error`` ones on failure."""
+        """Send ``link`` signatures on success, ``link_error`` ones on any other end."""
         state = outcome.state
         if state is State.SUCCESS:
             calls = [(sig, () if sig.immutable else (outcome.retval,)) for sig in callbacks.link]
-        elif state in (State.FAILURE, State.REVOKED):
+        elif state in (State.FAILURE, State.REVOKED, State.WORKER_LOST):
             calls = [(sig, () if sig.immutable else (message.id,)) for sig in callbacks.link_error]
             # Later steps of a chain will never run: tell their handles why, now.
             self._fail_downstream(message, outcome, callbacks.link)
@@ -340,6 +385,7 @@ class FollowUps:
             data = {
                 **outcome.event.data,
                 "reason": f"an earlier task in the chain ({message.id}) did not succeed",
+                "upstream": message.id,
             }
             # Never sent: the send its chain stamped, which its handle knows.
             run = (message.prefix, _stamp(sig.options.get("sent")))
