@@ -76,6 +76,9 @@ class AmqpTransport(AmqpUpkeep):
 
     #: A reply queue is consumed by one connection: the thread that reads first.
     events_from_any_thread = False
+    #: A durable queue keeps its messages while the Redis store restarts (and a worker
+    #: starts a task whose record is gone): a missing record does not mean a lost task.
+    queues_beside_records = False
 
     def __init__(self, url: str, store: RedisStore) -> None:
         self.url = url
@@ -183,6 +186,10 @@ class AmqpTransport(AmqpUpkeep):
         with contextlib.suppress(BrokerUnavailable), self.store.link.translate_errors():
             self.store.link.settle_others(OWED_SECONDS)
         self.links.settle_every_thread()
+
+    def sends_in_doubt(self) -> set[str]:
+        """Ids of tasks whose records' writes were sent without waiting, not answered yet."""
+        return self.store.link.in_doubt()
 
     def take_unsent(self) -> list[str]:
         """Ids of tasks sent earlier whose messages or records never arrived.

@@ -320,6 +320,18 @@ class Transport(Protocol):
         Each is returned once; they are not queued.
         """
 
+    def sends_in_doubt(self) -> set[str]:
+        """Ids of tasks this process published without waiting, not answered for yet.
+
+        The broker's answer (or the record's write) is still to be read: such a task may
+        have no record now and be queued, or sent again, a moment later.
+        """
+
+    #: Whether the task queues live in the same server as the records: a record gone
+    #: with a restart that lost data then means its queued message went with it. Not so
+    #: where a durable queue elsewhere may still hold the message (RabbitMQ).
+    queues_beside_records: bool
+
     def settle_every_thread(self) -> None:
         """Before closing: settle what every thread of this process published, briefly.
 

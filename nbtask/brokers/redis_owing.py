@@ -200,6 +200,20 @@ class OwedReplies(abc.ABC):
         if failed is not None:
             raise failed
 
+    def in_doubt(self) -> set[str]:
+        """Ids of tasks sent by :meth:`send_unanswered` whose fate is not known yet.
+
+        Every thread's publishes whose replies are not read yet (each is sent again by its
+        thread's next command if Redis lost it), and those noted for :meth:`take_unsent`
+        and not taken yet: a task among them may have no record now and still be queued
+        (or revoked) soon.
+        """
+        pid = os.getpid()
+        with self._lock:
+            owing = [owed for owed in self._owing.values() if owed.pid == pid]
+            found = {task_id for owed in owing for _, task_id in owed.sent}
+            return found | set(self._unsent)
+
     def take_unsent(self) -> list[str]:
         """Ids of tasks sent by :meth:`send_unanswered` that Redis never queued; each once."""
         with self._lock:

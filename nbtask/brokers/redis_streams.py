@@ -57,6 +57,8 @@ class StreamsTransport(StreamsMoves):
 
     #: A client's channel is a stream read from given positions, on any connection.
     events_from_any_thread = True
+    #: Queues and records are keys of one Redis: a restart without persistence loses both.
+    queues_beside_records = True
 
     def __init__(self, store: RedisStore) -> None:
         self._store = store
@@ -179,6 +181,10 @@ class StreamsTransport(StreamsMoves):
         """
         with contextlib.suppress(BrokerUnavailable), self.link.translate_errors():
             self.link.settle_others(OWED_SECONDS)
+
+    def sends_in_doubt(self) -> set[str]:
+        """Ids of tasks published without waiting whose replies are not read yet."""
+        return self.link.in_doubt()
 
     def take_unsent(self) -> list[str]:
         """Ids of tasks published without waiting that Redis never queued."""
