@@ -121,7 +121,11 @@ class AppClosed(NbtaskError, RuntimeError):
 
 
 class TaskNotFound(NbtaskError, LookupError):
-    """No task with this id is known to the result store (never sent, or expired)."""
+    """No task with this id is known to the result store (never sent, expired, or lost).
+
+    Lost: a broker that restarted without persistence lost the queued task with its
+    record; its handle raises this once the client reads from the broker again.
+    """
 
 
 class TaskRevoked(NbtaskError, concurrent.futures.CancelledError):

@@ -369,6 +369,18 @@ class PrivateRedis:
             self.process.wait(10)
             self.process = None
 
+    def pause(self) -> None:
+        """Stop the server's process (SIGSTOP): it takes what is sent and answers nothing."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def kill(self) -> None:
+        """End the server at once (a paused one too): what it took unanswered never runs."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+            self.process = None
+
     def _listen(self) -> list[str]:
         if not self.tls:
             return ["--port", str(self.port)]

@@ -22,6 +22,7 @@ from nbtask.brokers import Store, Transport, open_broker
 from nbtask.client.embedded import EmbeddedCluster
 from nbtask.client.listener import Listener
 from nbtask.client.live_workers import LiveWorkers
+from nbtask.client.lost import LostTasks
 from nbtask.client.reattach import settle_from_records
 from nbtask.client.unsent import CLOSED_REASON, UNSENT_REASON, revoke_unsent
 from nbtask.core.handle import TaskHandle
@@ -155,10 +156,24 @@ class AppConnection:
                     signer=self.signer,
                     prefix=self.settings.key_prefix,
                 )
+                lost = LostTasks(
+                    transport.store,
+                    self.settings.key_prefix,
+                    recover,
+                    self._sends_in_doubt,
+                    self.settings.result_ttl,
+                    ends_missing=self.transport.queues_beside_records,
+                    heartbeat_interval=self.settings.heartbeat_interval,
+                )
                 self._listener = Listener(
-                    transport, self.signer, self.channel, self.settings.key_prefix, recover
+                    transport, self.signer, self.channel, self.settings.key_prefix, recover, lost
                 )
             return self._listener
+
+    def _sends_in_doubt(self) -> set[str]:
+        # The app's own transport: the publishes of its threads, not the listener's.
+        transport = self._transport
+        return transport.sends_in_doubt() if transport is not None else set()
 
     def _url(self) -> str:
         if self.cluster is not None:

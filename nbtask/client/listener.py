@@ -20,6 +20,7 @@ import weakref
 from collections.abc import Callable
 
 from nbtask.brokers import Transport
+from nbtask.client.lost import LostTasks
 from nbtask.core.handle import TaskHandle
 from nbtask.errors import BrokerUnavailable
 from nbtask.wire.envelope import Signer
@@ -67,6 +68,8 @@ class Listener:
         Given the unfinished handles when events may have gone unread (the channel
         trimmed them while nobody read it), ends those whose tasks' records hold their
         outcomes.
+    lost
+        Looks, once the broker answers again after an outage, for tasks it lost.
     """
 
     def __init__(
@@ -76,12 +79,14 @@ class Listener:
         channel: str,
         prefix: str,
         recover: Callable[[list[TaskHandle]], None] | None = None,
+        lost: LostTasks | None = None,
     ) -> None:
         self._transport = transport
         self._signer = signer
         self.channel = channel
         self._prefix = prefix
         self._recover = recover
+        self._lost = lost
         self._last_read = time.monotonic()  # when the last read returned
         self._recovery_due = False  # events went unread; their records are still to read
         self._positions: dict[str, str] = {channel: "0-0"}
@@ -354,6 +359,8 @@ class Listener:
         if recovered:
             gone = time.monotonic() - self._failed_at
             log.warning("event channel readable again after %.1f s", gone)
+            if self._lost is not None:
+                self._lost.outage_ended()
         for channel, entry_id, raw in entries:
             # Past an event only once it is applied: a Ctrl-C in a waiting thread that
             # reads must not skip one (it is read again; a handle ignores what it has).
@@ -369,6 +376,7 @@ class Listener:
             with self._lock:
                 self._positions[channel] = entry_id
         self._recover_lost(positions, entries, stalled)
+        self._look_for_lost()
         self._drop_idle_channels()
         return True
 
@@ -406,6 +414,19 @@ class Listener:
         except Exception as exc:
             self._recovery_due = True
             log.warning("could not look for events trimmed unread (%s); trying again", exc)
+        self._forget_done()
+
+    def _look_for_lost(self) -> None:
+        """After an outage, end the handles of tasks the broker lost (see LostTasks)."""
+        if self._lost is None or not self._lost.due():
+            return
+        try:
+            self._lost.look(self.unfinished())
+        except Exception as exc:  # due still: looked at after a later read
+            log.warning("could not look for tasks lost in the outage (%s); trying again", exc)
+        self._forget_done()
+
+    def _forget_done(self) -> None:
         with self._lock:
             for task_id, handle in list(self._handles.items()):
                 if handle.done():

@@ -172,10 +172,12 @@ class TaskEvents(concurrent.futures.Future[Any]):
         self._listeners.append(callback)
 
     # Fed by the listener ----------------------------------------------------------------------
-    def apply(self, event: Event, result: Any = None) -> None:
+    def apply(self, event: Event, result: Any = None, *, error: Exception | None = None) -> None:
         """Apply one event; events older than the last one applied are ignored.
 
         A final state is never taken for an old event: whatever its number, it ends the task.
+        ``error``: for a final event this client made (a task the broker lost), the
+        error the task ends with, in place of the one a worker's event would carry.
         """
         final = event.state in FINAL_STATES
         # Only callbacks can tell the STARTED made from a final event: the final event
@@ -193,7 +195,10 @@ class TaskEvents(concurrent.futures.Future[Any]):
             warn_code_differs(self.name, event.data.get("worker"), event.data.get("pid"))
         if final:
             try:
-                self._settle(event, result)
+                if error is None:
+                    self._settle(event, result)
+                else:
+                    self.set_exception(error)
             except concurrent.futures.InvalidStateError:
                 return  # another thread settled it first (e.g. a revoke racing the result)
         for callback in list(self._listeners):

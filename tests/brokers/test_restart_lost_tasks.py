@@ -1,0 +1,195 @@
+"""A Redis without persistence restarts: the handles of tasks it lost end, no others do."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from helpers import ROOT, PrivateRedis, wait_until
+
+from nbtask import App, TaskHandle, TaskNotFound
+
+_SECRET = "lost-secret"
+
+
+@pytest.fixture
+def worker_on(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Worker processes a test starts (one task at a time each), stopped after it."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for worker in started:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(15)
+        except subprocess.TimeoutExpired:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(10)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait(5)
+
+
+def _start_worker(url: str, log: Path) -> subprocess.Popen[bytes]:
+    env = dict(
+        os.environ,
+        NBTASK_SECRET=_SECRET,
+        NBTASK_HEARTBEAT_INTERVAL="0.2",
+        NBTASK_VISIBILITY_TIMEOUT="2",
+        PYTHONPATH=str(ROOT),
+    )
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "nbtask", "worker", "-b", url, "-c", "1"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _restart(server: PrivateRedis, caplog: pytest.LogCaptureFixture) -> None:
+    """Stop the server (it saves nothing) and start it again, empty; wait for the client."""
+    caplog.clear()
+    server.stop()
+    server.start()
+    wait_until(
+        lambda: any("readable again" in r.getMessage() for r in caplog.records),
+        30,
+        "the listener to read again",
+    )
+
+
+def test_tasks_queued_when_redis_restarts_empty_end_as_lost(
+    private_redis: PrivateRedis,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    worker_on: list[subprocess.Popen[bytes]],
+) -> None:
+    caplog.set_level(logging.WARNING, logger="nbtask")
+    worker_on.append(_start_worker(private_redis.url, tmp_path / "worker.log"))
+    app = App("lost", broker=private_redis.url, secret=_SECRET)
+    try:
+
+        @app.task
+        def slow(seconds: float) -> str:
+            time.sleep(seconds)
+            return "slept"
+
+        @app.task
+        def add(x: int, y: int) -> int:
+            return x + y
+
+        @app.task(acks_late=True)
+        def late_add(x: int, y: int) -> int:
+            return x + y
+
+        # Runs through the restart (and the few seconds a missing record is looked at
+        # twice): started, so never taken for lost.
+        running = slow.delay(12)
+        wait_until(lambda: running.state == "STARTED", 30, "the slow task to start")
+        queued = [add.delay(1, 2), late_add.delay(3, 4)]
+        chained = (add.s(1, 1) | add.s(10) | add.s(100)).delay()
+        steps = [chained.parent, chained]
+        assert steps[0] is not None and steps[0].parent is not None
+        head = steps[0].parent
+        app.flush()  # every send answered for: their records are written
+
+        _restart(private_redis, caplog)
+
+        assert running.get(timeout=60) == "slept"
+        for handle in [*queued, head]:
+            with pytest.raises(TaskNotFound, match="lost by the broker") as lost:
+                handle.get(timeout=60)
+            said = str(lost.value)
+            assert handle.id in said and "AOF" in said and "send it again" in said, said
+            assert handle.state == "FAILURE"
+        for step in steps:
+            assert step is not None
+            with pytest.raises(TaskNotFound, match="an earlier task in the chain") as lost:
+                step.get(timeout=30)
+            assert head.id in str(lost.value)
+        # Sent after the restart: runs as usual.
+        assert add.delay(2, 3).get(timeout=30) == 5
+    finally:
+        app.close()
+
+
+def test_a_send_not_answered_for_across_a_restart_is_not_taken_for_lost(
+    private_redis: PrivateRedis,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    worker_on: list[subprocess.Popen[bytes]],
+) -> None:
+    caplog.set_level(logging.WARNING, logger="nbtask")
+    app = App("owed", broker=private_redis.url, secret=_SECRET)
+    try:
+
+        @app.task
+        def add(x: int, y: int) -> int:
+            return x + y
+
+        earlier = add.delay(0, 0)
+        app.flush()  # connected, the workers read: the next delay() sends at once
+        # A lone delay() does not wait for Redis's reply: this one is written to a Redis
+        # that takes it and never runs it. Its thread sends it again with its next command.
+        private_redis.pause()
+        handle: TaskHandle = add.delay(1, 2)
+        private_redis.kill()
+        caplog.clear()
+        private_redis.start()
+        wait_until(
+            lambda: any("readable again" in r.getMessage() for r in caplog.records),
+            30,
+            "the listener to read again",
+        )
+        # No record, but its send is in doubt: left waiting through several looks.
+        time.sleep(12)
+        assert not handle.done(), handle.error
+        assert not any(handle.id in r.getMessage() for r in caplog.records)
+        # The one queued before the pause was answered for: lost with the restart.
+        with pytest.raises(TaskNotFound, match="lost by the broker"):
+            earlier.get(timeout=0)
+
+        app.flush()  # the reply never comes: the publish is sent again
+        worker_on.append(_start_worker(private_redis.url, tmp_path / "worker.log"))
+        assert handle.get(timeout=60) == 3
+    finally:
+        app.close()
+
+
+def test_a_send_answered_before_the_restart_but_read_after_it_ends_as_lost(
+    private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="nbtask")
+    app = App("owed", broker=private_redis.url, secret=_SECRET)
+    raw = redis.Redis.from_url(private_redis.url)
+    try:
+
+        @app.task
+        def add(x: int, y: int) -> int:
+            return x + y
+
+        # Redis queues it and replies; the reply waits unread in this thread's connection.
+        handle: TaskHandle = add.delay(1, 2)
+        key = app.store.record_key(handle.id)  # (a name only: no command)
+        wait_until(lambda: bool(raw.exists(key)), 10, "Redis to run the publish")
+        raw.close()
+
+        _restart(private_redis, caplog)
+        time.sleep(8)
+        assert not handle.done(), handle.error  # in doubt until its reply is read
+
+        app.flush()  # reads that Redis queued it: nothing is sent again, nothing queued
+        with pytest.raises(TaskNotFound, match="lost by the broker"):
+            handle.get(timeout=60)
+    finally:
+        raw.close()
+        app.close()
