@@ -19,9 +19,11 @@ from nbtask.wire.blobs import Packed
 __all__ = [
     "WithObjects",
     "carried_names",
+    "changeable",
     "load_each",
     "load_values",
     "may_change",
+    "read_globals",
     "share_namespace",
     "share_value",
 ]
@@ -141,6 +143,23 @@ def carried_names(values: Mapping[str, Any], namespace: Mapping[str, Any]) -> li
     without naming them: they may come back. Only values that can change in place are
     named (no modules, functions, classes, numbers or strings).
     """
+    found = []
+    for name in read_globals(values, namespace):
+        value = namespace.get(name, _MISSING)
+        if name in values or value is _MISSING:
+            continue
+        if may_change(value) and not isinstance(value, types.FunctionType):
+            found.append(name)
+    return found
+
+
+def read_globals(values: Mapping[str, Any], namespace: Mapping[str, Any]) -> list[str]:
+    """The global names the notebook's functions in ``values`` may read when called.
+
+    Those their code names, and those of the notebook's functions they name in turn,
+    found through ``namespace``; defined there or not (a name the function reads may be
+    one a cell still running will bind).
+    """
     found: dict[str, None] = {}
     functions = [f for v in values.values() for f in _notebook_functions(v)]
     seen: set[int] = set()
@@ -150,12 +169,10 @@ def carried_names(values: Mapping[str, Any], namespace: Mapping[str, Any]) -> li
             continue
         seen.add(id(function))
         for name in _global_names(function.__code__):
+            found.setdefault(name)
             value = namespace.get(name, _MISSING)
-            if value is _MISSING or name in values:
-                continue
-            functions.extend(_notebook_functions(value))
-            if may_change(value) and not isinstance(value, types.FunctionType):
-                found.setdefault(name)
+            if value is not _MISSING and name not in values:
+                functions.extend(_notebook_functions(value))
     return list(found)
 
 
@@ -188,6 +205,15 @@ def may_change(value: Any) -> bool:
         value,
         (types.ModuleType, type, int, float, str, bytes, bool, type(None), frozenset),
     )
+
+
+def changeable(value: Any) -> bool:
+    """Whether ``value`` is an object a cell could change in place, not a shared constant.
+
+    Numbers, strings, ``None`` and tuples are left out: the same small int or empty tuple
+    is bound to unrelated names, so their identity says nothing.
+    """
+    return may_change(value) and not isinstance(value, (tuple, complex, range, slice))
 
 
 def _from_notebook(value: Any, namespace: Mapping[str, Any]) -> bool:

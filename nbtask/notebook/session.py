@@ -241,7 +241,7 @@ class Session:
         python = transformed(self.shell, cell)
         found = analyzed(python, line_offset=1)  # the %%task line is the cell's first
         self.pending.harvest()
-        waited = [n for n in found.reads if n in self.pending.owner]
+        waited = self.pending.awaited(found.reads)
         self.pending.wait(waited, stay=waited)  # kept values are used where they are
         back = {*found.assigned, *found.mutated}  # the names that come back
         flag = getattr(args, "name_after", "")

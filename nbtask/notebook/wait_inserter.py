@@ -33,6 +33,10 @@ def _shown_name(module: ast.Module) -> str | None:
 class WaitInserter(ast.NodeTransformer):
     """IPython AST transformer: a cell reading pending names first waits for them.
 
+    Pending names are those :meth:`Pending.awaited` finds: assigned or changed by a
+    background cell still running, bound to such a name's object, or read by a notebook
+    function the cell reads.
+
     The wait is inserted as the cell's first statement (on its first line, so the cell's
     own line numbers do not move). A cell that assigns a pending name without reading it
     takes the name over: the running task's value will not overwrite it.
@@ -55,8 +59,11 @@ class WaitInserter(ast.NodeTransformer):
         stay = {n for n in found.reads if _only_as_reference(node, n) or _only_deleted(node, n)}
         stay.update(name for name in [_shown_name(node)] if name is not None)
         kept = set(pending.kept(found.reads)) - stay
-        # A pending name is waited for all the same: its value (kept or not) comes first.
-        needed = [n for n in found.reads if n in pending.owner or n in kept]
+        # A pending name is waited for all the same: its value (kept or not) comes first;
+        # so are names bound to a pending name's object, and those the notebook's functions
+        # the cell reads read in turn.
+        awaited = pending.awaited(found.reads)
+        needed = list(dict.fromkeys([*awaited, *(n for n in found.reads if n in kept)]))
         self.pending.forget(n for n in found.assigned if n not in needed)
         if not needed:
             return node

@@ -1,0 +1,55 @@
+"""A cell that touches what a background cell is changing waits for it, or keeps its change.
+
+Locally, cells run one after the other: a change the notebook makes to an object after a
+cell is made on top of that cell's. A later cell that reaches an object a background cell
+still running may change waits for it, whether it names it, another name bound to it, or
+a notebook function that reads it; a change made where no guard can see (an attribute of
+an unrelated object, ``exec``) is not undone when the cell's values come back. Through a
+real kernel (jupyter_client) and real worker processes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from helpers import execute, kernel_env, stream_text
+
+from nbtask import Settings
+
+_BACKGROUND = "%%task bg\nimport time\ntime.sleep(3)\nlst.append(2)"
+
+
+@pytest.fixture
+def kc(settings: Settings, start_worker: Any, kernel: Any) -> Any:
+    start_worker()
+    client = kernel(kernel_env(settings))[1]
+    _, msgs, reply = execute(client, "%load_ext nbtask")
+    assert reply["content"]["status"] == "ok", stream_text(msgs)
+    return client
+
+
+def _run(kc: Any, code: str) -> str:
+    """Run ``code``; what it printed (stdout and stderr), failing on an error."""
+    _, msgs, reply = execute(kc, code)
+    text = stream_text(msgs)
+    assert reply["content"]["status"] == "ok", (reply["content"], text)
+    return text
+
+
+def test_a_cell_changing_another_name_of_a_pending_object_waits_for_its_cell(kc: Any) -> None:
+    _run(kc, "lst = [1]\nalias = lst")
+    _run(kc, _BACKGROUND)
+    said = _run(kc, "alias.append(4)")
+    assert "waiting for task 'bg'" in said and "lst (alias is the same object)" in said
+    assert "[1, 2, 4] [1, 2, 4] True" in _run(kc, "print(lst, alias, lst is alias)")
+
+
+def test_a_cell_calling_a_function_that_changes_a_pending_value_waits_for_its_cell(
+    kc: Any,
+) -> None:
+    _run(kc, "lst = [1]\ndef add3():\n    lst.append(3)")
+    _run(kc, _BACKGROUND)
+    said = _run(kc, "add3()")
+    assert "waiting for task 'bg'" in said and "which assigns lst" in said
+    assert "[1, 2, 3]" in _run(kc, "print(lst)")
