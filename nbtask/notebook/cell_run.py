@@ -13,6 +13,7 @@ from nbtask.notebook.follow import one_line
 
 if TYPE_CHECKING:
     from nbtask.core.handle import TaskHandle
+    from nbtask.notebook.fingerprints import Fingerprint
     from nbtask.notebook.widgets import TaskView
 
 __all__ = ["CellRun", "lost_error", "named_in", "revoked_error", "sent_objects_of"]
@@ -44,6 +45,9 @@ class CellRun:
     sent: dict[str, Any] = dataclasses.field(default_factory=dict)
     #: The notebook's number for the cell that sent it (``In[cell]``), 0 if unknown.
     cell: int = 0
+    #: A background cell's shipped and carried values as they were sent, by name: one the
+    #: notebook changed meanwhile is not written over by the cell's change to it.
+    prints: dict[str, Fingerprint] = dataclasses.field(default_factory=dict)
 
     def ended(self, handle: Any) -> None:
         """Let go of the objects it was sent that its values do not name (a done callback).

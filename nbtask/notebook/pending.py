@@ -30,6 +30,7 @@ from nbtask.notebook.carried import (
     share_namespace,
 )
 from nbtask.notebook.cell_run import CellRun, lost_error, revoked_error, sent_objects_of
+from nbtask.notebook.fingerprints import changed_since
 from nbtask.notebook.follow import (
     StopPresses,
     cancel_task,
@@ -170,7 +171,7 @@ class Pending:
             owners = {id(run) for run in self.owner.values()}
             for run in runs:
                 if id(run) not in owners:
-                    run.sent = {}
+                    run.sent, run.prints = {}, {}
 
     def running(self) -> list[CellRun]:
         """Runs not finished yet."""
@@ -346,7 +347,7 @@ class Pending:
             if exc is not None:
                 raise local_exception(exc, self.namespace)
         finally:
-            run.sent = {}
+            run.sent, run.prints = {}, {}
             self.forget(mine)
 
     def _apply(self, run: CellRun, effects: Mapping[str, Any]) -> None:
@@ -365,6 +366,9 @@ class Pending:
         changed = effects.get("kept_in_place", ())
         self._changed_kept(arrived, [n for n in changed if n not in run.superseded])
         in_place = [n for n in effects.get("in_place", ()) if n not in run.superseded]
+        for name in self._changed_meanwhile(run, in_place):
+            in_place.remove(name)
+            arrived.pop(name, None)  # the notebook keeps its object, with its own change
         sent = sent_objects_of(run, effects.get("sent", {}))
         run.sent = {}  # not counted as a holder of the objects bring_back writes into
         arrived = bring_back(self.namespace, arrived, in_place, _say)  # empties the first
@@ -387,6 +391,25 @@ class Pending:
         state = effects.get("state")
         if state and state != process_state.NO_CHANGES:
             self._apply_state(Envelope({}, state).load_body())
+
+    def _changed_meanwhile(self, run: CellRun, names: Iterable[str]) -> list[str]:
+        """Those of ``names`` whose notebook object changed since ``run`` was sent; said.
+
+        The cell changed its copy; writing that into the notebook's object would undo what
+        the notebook did to it meanwhile (through a name no guard saw: an attribute of
+        another object, ``exec``). The notebook's change is kept, and one line says so.
+        """
+        prints, run.prints = run.prints, {}
+        changed = changed_since(prints, self.namespace, names)
+        for name in changed:
+            _say(
+                f"nbtask: {name}: the changes task {run.label!r} [{run.handle.id[:8]}] made "
+                f"to it were not applied: the notebook changed {name} while the task ran, "
+                "and applying them would have undone that. The notebook keeps its own "
+                f"{name}; to have both, run the cell again (it starts from this {name}), "
+                "or run such cells with --wait"
+            )
+        return changed
 
     def _say_modules_changed(self, names: Iterable[str]) -> None:
         """Say once per module that a cell changed its state on a worker, not here."""

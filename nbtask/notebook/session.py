@@ -28,6 +28,7 @@ from nbtask.notebook.cell_handle import CellHandle
 from nbtask.notebook.cell_run import CellRun
 from nbtask.notebook.celltask import NamedCell, cell_task
 from nbtask.notebook.fetchbar import fetch_progress
+from nbtask.notebook.fingerprints import fingerprints
 from nbtask.notebook.follow import (
     StopPresses,
     cancel_task,
@@ -314,6 +315,9 @@ class Session:
             # ``l = d["a"]``, changed by ``d["a"].append(3)``).
             changes = [*found.assigned, *found.mutated, *carried, *spec.inside]
             names = tuple(dict.fromkeys(changes))
+            # What the notebook may change while a background cell runs, as it was sent.
+            sent_names = [*spec.names, *carried, *spec.inside]
+            prints = {} if args.wait else fingerprints(self.shell.user_ns, sent_names)
             # The notebook's objects it was sent (a name it binds to one is bound to it) are
             # held by the run alone, which lets them go before its values are written: whether
             # other holders of a value it changes are left with the old object is told by
@@ -326,6 +330,7 @@ class Session:
                 state=spec.state,
                 sent=_by_value(spec.names, shipped),
                 cell=self.shell.execution_count,
+                prints=prints,
             )
             del shipped
             self.pending.say_if_random_repeats(run, python)

@@ -53,3 +53,33 @@ def test_a_cell_calling_a_function_that_changes_a_pending_value_waits_for_its_ce
     said = _run(kc, "add3()")
     assert "waiting for task 'bg'" in said and "which assigns lst" in said
     assert "[1, 2, 3]" in _run(kc, "print(lst)")
+
+
+def test_a_change_no_guard_sees_is_kept_and_the_cells_change_to_it_is_said_not_applied(
+    kc: Any,
+) -> None:
+    """Through an attribute of another object, or ``exec``: the notebook's change stays."""
+    _run(kc, "lst = [1]\nclass Box:\n    pass\nbox = Box()\nbox.items = lst")
+    _run(kc, _BACKGROUND)
+    assert "waiting" not in _run(kc, "box.items.append(4)")  # no guard sees lst in it
+    said = _run(kc, "import time\ntime.sleep(5)\nprint(lst, box.items is lst)")
+    assert "[1, 4] True" in said
+    assert "lst: the changes task 'bg'" in said and "were not applied" in said
+    assert "--wait" in said
+
+    _run(kc, "d = {'a': 1}")
+    _run(kc, "%%task bg2\nimport time\ntime.sleep(3)\nd['b'] = 2")
+    assert "waiting" not in _run(kc, "exec(\"d['c'] = 3\")")
+    said = _run(kc, "import time\ntime.sleep(5)\nprint(sorted(d.items()))")
+    assert "[('a', 1), ('c', 3)]" in said and "d: the changes task 'bg2'" in said
+
+
+def test_a_background_cells_change_to_a_value_the_notebook_left_alone_comes_back(
+    kc: Any,
+) -> None:
+    """Only a change the notebook made meanwhile stops the cell's from being written."""
+    _run(kc, "lst = [1]\nalias = lst\nother = [0]")
+    _run(kc, _BACKGROUND)
+    assert "waiting" not in _run(kc, "other.append(1)")
+    said = _run(kc, "import time\ntime.sleep(5)\nprint(lst, alias is lst, other)")
+    assert "[1, 2] True [0, 1]" in said and "not applied" not in said
