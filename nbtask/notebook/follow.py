@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from nbtask.core.handle import TaskHandle
 
 __all__ = [
+    "POLL_SECONDS",
     "StopPresses",
     "cancel_task",
     "cancelled",
@@ -29,6 +30,7 @@ __all__ = [
     "next_event",
     "one_line",
     "stop_presses",
+    "wait_interruptibly",
 ]
 
 _E = TypeVar("_E", bound=BaseException)
@@ -188,3 +190,28 @@ def next_event(handle: TaskHandle, events: queue.SimpleQueue[Event], seconds: fl
     if handle.app is not None:
         handle.app.wait_for(handle, seconds, until=lambda: not events.empty())
     return events.get(timeout=max(0.0, deadline - time.monotonic()))
+
+
+#: How often a wait that Stop may end looks at its task.
+POLL_SECONDS = 0.02
+
+
+def wait_interruptibly(handle: TaskHandle, timeout: float | None = None) -> None:
+    """Wait for ``handle``; Stop (however often pressed) cancels the task, then raises.
+
+    Raises
+    ------
+    KeyboardInterrupt
+        Stop was pressed: the task's revoke was sent first.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with stop_presses() as presses:
+        while not handle.done():
+            if presses.count:
+                cancel_task(handle)
+                raise KeyboardInterrupt
+            if deadline is not None and time.monotonic() > deadline:
+                cancel_task(handle)
+                raise TimeoutError(f"task {handle.id} did not finish within {timeout} s")
+            # A sleep, not a wait on the handle's lock: it ends soon after a Stop is counted.
+            time.sleep(POLL_SECONDS)

@@ -21,24 +21,19 @@ from nbtask.core.task_errors import unloadable_value, unloadable_values
 from nbtask.errors import BlobError, TaskRevoked, WorkerLost
 from nbtask.notebook import process_state
 from nbtask.notebook.analysis import is_history_name
-from nbtask.notebook.carried import (
-    WithObjects,
-    changeable,
-    load_each,
-    load_values,
-    read_globals,
-    share_namespace,
-)
+from nbtask.notebook.carried import WithObjects, load_each, load_values, share_namespace
 from nbtask.notebook.cell_run import CellRun, lost_error, revoked_error, sent_objects_of
 from nbtask.notebook.fingerprints import changed_since
 from nbtask.notebook.follow import (
+    POLL_SECONDS,
     StopPresses,
     cancel_task,
     cancelled,
     ended_within,
     one_line,
-    stop_presses,
+    wait_interruptibly,
 )
+from nbtask.notebook.guard import awaited, pending_objects, run_of
 from nbtask.notebook.inplace import bring_back
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.remote_errors import local_exception
@@ -52,8 +47,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Pending"]
 
-_POLL_SECONDS = 0.02
-_MISSING = object()
 #: How long an interrupted cell waits for its task to end: the worker's grace before it
 #: kills a task that ignores the interrupt (5 s), and some.
 _STOPPING_SECONDS = 10.0
@@ -111,45 +104,8 @@ class Pending:
             self._let_go(earlier_runs)
 
     def awaited(self, reads: Iterable[str]) -> list[str]:
-        """The names a cell reading ``reads`` waits for: a background cell may change them.
-
-        Those of ``reads`` that are pending (a background cell still running assigns or
-        changes them), or bound to the very object a pending name is (``alias`` of
-        ``alias = lst``, when the cell runs ``lst.append(2)``); and the globals the
-        notebook's functions among ``reads`` read, and the functions they call, that are
-        such names (``lst`` of ``def add3(): lst.append(3)``), since calling one reads them.
-        """
-        if not self.owner:
-            return []
-        reads = list(dict.fromkeys(reads))
-        objects = self._pending_objects()
-        found = [n for n in reads if self._run_of(n, objects) is not None]
-        values = {n: self.namespace[n] for n in reads if n in self.namespace}
-        read = [n for n in read_globals(values, self.namespace) if n not in found]
-        return [*found, *(n for n in read if self._run_of(n, objects) is not None)]
-
-    def _pending_objects(self) -> dict[int, str]:
-        """``{id(object): pending name}`` of the objects pending names are bound to."""
-        objects = {}
-        for name in self.owner:
-            value = self.namespace.get(name, _MISSING)
-            if value is not _MISSING and changeable(value):
-                objects[id(value)] = name
-        return objects
-
-    def _run_of(self, name: str, objects: Mapping[int, str]) -> tuple[CellRun, str] | None:
-        """The run ``name`` waits for and the pending name it stands for; ``None``: none.
-
-        ``objects``: see :meth:`_pending_objects`, found while the namespace was as now.
-        """
-        run = self.owner.get(name)
-        if run is not None:
-            return run, name
-        value = self.namespace.get(name, _MISSING)
-        if value is _MISSING or not changeable(value):
-            return None
-        pending = objects.get(id(value))
-        return None if pending is None else (self.owner[pending], pending)
+        """The names a cell reading ``reads`` waits for (see :func:`~.guard.awaited`)."""
+        return awaited(self.owner, self.namespace, reads)
 
     def forget(self, names: Iterable[str]) -> None:
         """The notebook rebinds these names itself: later task values must not win."""
@@ -215,7 +171,7 @@ class Pending:
             cancel_task(run.handle)
         deadline = time.monotonic() + timeout
         while any(not run.handle.done() for run in started) and time.monotonic() < deadline:
-            time.sleep(_POLL_SECONDS)
+            time.sleep(POLL_SECONDS)
 
     def interrupted(self, run: CellRun, presses: StopPresses) -> KeyboardInterrupt:
         """Cancel the task of a waited-for cell that Stop stopped; its error.
@@ -263,8 +219,8 @@ class Pending:
             The task failed: the user's own exception type where it can be rebuilt.
         """
         wanted = list(dict.fromkeys(names))
-        objects = self._pending_objects()
-        found = {n: self._run_of(n, objects) for n in wanted}
+        objects = pending_objects(self.owner, self.namespace)
+        found = {n: run_of(n, self.owner, self.namespace, objects) for n in wanted}
         runs = list(dict.fromkeys(pair[0] for pair in found.values() if pair is not None))
         for run in runs:
             if not run.handle.done():
@@ -546,24 +502,3 @@ def _with_objects(shown: Any, objects: Mapping[str, Any]) -> Any:
 
 def _say(line: str) -> None:
     print(line, file=sys.stderr)
-
-
-def wait_interruptibly(handle: TaskHandle, timeout: float | None = None) -> None:
-    """Wait for ``handle``; Stop (however often pressed) cancels the task, then raises.
-
-    Raises
-    ------
-    KeyboardInterrupt
-        Stop was pressed: the task's revoke was sent first.
-    """
-    deadline = None if timeout is None else time.monotonic() + timeout
-    with stop_presses() as presses:
-        while not handle.done():
-            if presses.count:
-                cancel_task(handle)
-                raise KeyboardInterrupt
-            if deadline is not None and time.monotonic() > deadline:
-                cancel_task(handle)
-                raise TimeoutError(f"task {handle.id} did not finish within {timeout} s")
-            # A sleep, not a wait on the handle's lock: it ends soon after a Stop is counted.
-            time.sleep(_POLL_SECONDS)

@@ -244,20 +244,7 @@ class Session:
         self.pending.harvest()
         waited = self.pending.awaited(found.reads)
         self.pending.wait(waited, stay=waited)  # kept values are used where they are
-        back = {*found.assigned, *found.mutated}  # the names that come back
-        flag = getattr(args, "name_after", "")
-        if flag and args.name in back:  # "--keep x y": y meant as a second name, surely
-            raise CellError(
-                f"{flag} takes one name: {args.name!r} would name the cell, not be one more "
-                f"{flag} name; write {flag} {args.name} for it too, or the cell's name "
-                "first. Nothing was sent"
-            )
-        unassigned = [n for n in (*args.keep, *args.fetch) if n not in back]
-        if unassigned:
-            raise CellError(
-                f"--keep/--fetch name {', '.join(map(repr, unassigned))}, which the cell does "
-                "not assign; name variables the cell assigns. Nothing was sent"
-            )
+        _refuse_names_not_assigned(args, {*found.assigned, *found.mutated})
         label = args.name or _first_line(cell)
         spec, blob, found = prepare(
             cell,
@@ -487,6 +474,23 @@ class Session:
             why = f" (waiting: {waiting})" if waiting else ""
             lines.append(f"    {run.handle.id[:8]} {run.label} {run.handle.state!s}{why}")
         return "\n".join(lines)
+
+
+def _refuse_names_not_assigned(args: Any, back: set[str]) -> None:
+    """Refuse ``--keep``/``--fetch`` names the cell does not assign (``back``): nothing is sent."""
+    flag = getattr(args, "name_after", "")
+    if flag and args.name in back:  # "--keep x y": y meant as a second name, surely
+        raise CellError(
+            f"{flag} takes one name: {args.name!r} would name the cell, not be one more "
+            f"{flag} name; write {flag} {args.name} for it too, or the cell's name "
+            "first. Nothing was sent"
+        )
+    unassigned = [n for n in (*args.keep, *args.fetch) if n not in back]
+    if unassigned:
+        raise CellError(
+            f"--keep/--fetch name {', '.join(map(repr, unassigned))}, which the cell does "
+            "not assign; name variables the cell assigns. Nothing was sent"
+        )
 
 
 def _by_value(names: Iterable[str], values: Iterable[Any]) -> dict[str, Any]:
