@@ -55,8 +55,15 @@ class _GuardedMessage(pyamqp.Message):  # type: ignore[misc]
         #: The size of a body dropped unread (see ``BodyLimits``); 0 if none was.
         self.oversized = 0
         if isinstance(headers, dict) and OVERSIZED_HEADER in headers:
-            self.oversized = int(headers[OVERSIZED_HEADER])
-            self.refusal = f"its body of {self.oversized:,} bytes was too large to read"
+            size = headers[OVERSIZED_HEADER]
+            # BodyLimits writes a whole number there; anyone can publish the header too,
+            # with anything in it: never converted, since a raise here is kombu's, and
+            # would leave the message unacknowledged and its consumer given nothing more.
+            if type(size) is int and size >= 0:
+                self.oversized = size
+                self.refusal = f"its body of {size:,} bytes was too large to read"
+            else:
+                self.refusal = f"its {OVERSIZED_HEADER} header is not a size ({str(size)[:40]!r})"
         elif isinstance(headers, dict) and _UNREADABLE in headers:
             self.refusal = f"its properties cannot be read ({str(headers[_UNREADABLE])[:40]!r})"
         elif isinstance(headers, dict) and "compression" in headers:

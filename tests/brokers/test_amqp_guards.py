@@ -25,6 +25,7 @@ from helpers import AMQP_URL, WorkerProcess, wait_until
 from raw_broker import RawBroker
 
 from nbtask import App
+from nbtask.brokers.amqp_reads import OVERSIZED_HEADER
 
 pytestmark = pytest.mark.brokers("amqp")
 
@@ -116,6 +117,27 @@ def test_body_that_does_not_decompress_is_dead_lettered_and_the_worker_serves_on
     log = worker.log.read_text()
     assert "broker unreachable" not in log and "Traceback" not in log, log
     assert {c.pid for c in worker.children()} == children, log
+    assert access.drained()
+
+
+@pytest.mark.parametrize("size", ["abc", 1.5, -1, {"a": 1}])
+def test_a_forged_oversized_header_is_dead_lettered_and_the_worker_serves_on(
+    size: object,
+    app: App,
+    access: RawBroker,
+    start_worker: Callable[..., WorkerProcess],
+    publish: Callable[..., None],
+) -> None:
+    # The header says which body a client's reader dropped unread for its size; anyone
+    # can put it on a message, with anything in it.
+    worker = start_worker(concurrency=1)
+    publish(task_queue(app), b"junk", {OVERSIZED_HEADER: size})
+
+    wait_until(lambda: len(access.dead_letters()) == 1, 15, "the message to be dead-lettered")
+    assert app.send_task(ADD_TASK, (2, 2)).get(timeout=15) == 4
+    lines = rejected_lines(worker)
+    assert len(lines) == 1 and OVERSIZED_HEADER in lines[0], lines
+    assert "Traceback" not in worker.log.read_text()
     assert access.drained()
 
 
