@@ -381,21 +381,21 @@ def test_an_id_prefix_of_several_tasks_or_none_is_one_error_line(
 ) -> None:
     cli = ("-b", redis_url, "--key-prefix", prefix)
     env = {"NBTASK_SECRET": SECRET}
-    for task_id in ("twin-task-a", "twin-task-b"):
+    for task_id in ("feedface0a", "feedface0b"):
         app.send_task("tests.sample_tasks.add", (2, 3), task_id=task_id)
     for command in ("inspect", "log", "cancel"):
-        several = run(command, "twin-tas", *cli, env=env)
+        several = run(command, "feedface", *cli, env=env)
         assert several.returncode == 1
         assert one_error_line(several) == (
-            f"nbtask {command}: 'twin-tas' begins the ids of several tasks (twin-task-a, "
-            "twin-task-b): give more of the id"
+            f"nbtask {command}: 'feedface' begins the ids of several tasks (feedface0a, "
+            "feedface0b): give more of the id"
         )
         none = run(command, "0123456789abcdef", *cli, env=env)
         assert none.returncode == 1
         assert "'0123456789abcdef' in the result store, nor one whose id begins with it" in (
             one_error_line(none)
         )
-        short = run(command, "twin", *cli, env=env)  # fewer than 8 characters: no prefix
+        short = run(command, "feed", *cli, env=env)  # fewer than 8 characters: no prefix
         assert short.returncode == 1
         assert "nor one whose id" not in one_error_line(short)
-    assert run("cancel", "twin-task-a", *cli, env=env).returncode == 0  # the whole id
+    assert run("cancel", "feedface0a", *cli, env=env).returncode == 0  # the whole id

@@ -30,9 +30,12 @@ _STORED_LATE_SECONDS = 60.0
 #: The fewest characters of an id that name its task (what views show of an id): git's and
 #: Docker's unique prefixes, for an id copied from ``%tasks`` or a waiting line.
 SHORT_ID_LENGTH = 8
-# A whole id as nbtask makes them (uuid4().hex): never read as a prefix, so that an expired
-# one (a notebook's recent tasks re-attached) costs no walk over the store's keys.
-_WHOLE_ID = re.compile(r"[0-9a-f]{32}")
+# A prefix of an id as nbtask makes them (uuid4().hex) and views show them: hex digits,
+# short of a whole id (an expired whole one, re-attached, costs no walk over the store's
+# keys). Other text names only the task of that very id: a user's own ids (``report-1``, a
+# dashed UUID) are never taken for the start of another's, and a record planted with a
+# longer id cannot draw a revoke meant for one.
+_PREFIX = re.compile(rf"[0-9a-f]{{{SHORT_ID_LENGTH},31}}")
 _AMBIGUOUS_SHOWN = 5  # the ids an ambiguous prefix's error names
 
 
@@ -50,7 +53,7 @@ def resolve_task_id(store: Store, text: str, result_ttl: float, *, unsent: bool 
     """The id of the task ``text`` names: its whole id, or a unique prefix of it.
 
     An id with a record is itself; otherwise ``text`` of :data:`SHORT_ID_LENGTH` or more
-    characters (short of a whole id as nbtask makes them) names the one task whose kept
+    hex digits (short of a whole id as nbtask makes them) names the one task whose kept
     record's id begins with it. With ``unsent``, text that has no record and begins no
     kept id is itself too: a task not sent yet (a chain's later step, a task given its
     own id), which a revoke marks ahead, as Celery's does.
@@ -63,7 +66,7 @@ def resolve_task_id(store: Store, text: str, result_ttl: float, *, unsent: bool 
     check_task_id(text)
     if store.get_record(text) is not None:
         return text
-    prefix = len(text) >= SHORT_ID_LENGTH and not _WHOLE_ID.fullmatch(text)
+    prefix = _PREFIX.fullmatch(text) is not None
     found = store.task_ids_starting(text, _AMBIGUOUS_SHOWN + 1) if prefix else []
     if not found and unsent:
         return text

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import pytest
 from helpers import WorkerProcess
+from raw_broker import RawBroker
 
 from nbtask import App, Settings, State, TaskNotFound, TaskRevoked
 
@@ -32,20 +33,20 @@ def test_handle_takes_a_unique_prefix_of_an_id(
 def test_a_prefix_of_several_ids_or_none_or_too_short_is_task_not_found(
     app: App, settings: Settings
 ) -> None:
-    for task_id in ("twin-task-a", "twin-task-b"):
+    for task_id in ("feedface0a", "feedface0b"):
         app.send_task("tests.sample_tasks.add", (2, 3), task_id=task_id)  # no worker: pending
     with App("restarted", settings=settings) as later:
-        with pytest.raises(TaskNotFound, match=r"several tasks \(twin-task-a, twin-task-b\)"):
-            later.handle("twin-tas")
+        with pytest.raises(TaskNotFound, match=r"several tasks \(feedface0a, feedface0b\)"):
+            later.handle("feedface")
         with pytest.raises(TaskNotFound, match="nor one whose id begins with it"):
-            later.handle("twin-task-c")
-        with pytest.raises(TaskNotFound, match=r"^no task 'twin' in the result store: "):
-            later.handle("twin")  # fewer than 8 characters name no task but their own
+            later.handle("feedface0c")
+        with pytest.raises(TaskNotFound, match=r"^no task 'feed' in the result store: "):
+            later.handle("feed")  # fewer than 8 characters name no task but their own
         whole = "0" * 32  # a whole id as nbtask makes them: not a prefix either
         with pytest.raises(TaskNotFound, match=rf"^no task '{whole}' in the result store: "):
             later.handle(whole)
-        assert later.handle("twin-task-a").id == "twin-task-a"
-        assert later.handle("twin-task-b").id == "twin-task-b"
+        assert later.handle("feedface0a").id == "feedface0a"
+        assert later.handle("feedface0b").id == "feedface0b"
 
 
 def test_a_key_prefix_with_glob_characters_matches_only_its_own_records(
@@ -66,21 +67,19 @@ def test_a_key_prefix_with_glob_characters_matches_only_its_own_records(
 @pytest.mark.brokers
 def test_revoke_takes_a_unique_prefix_of_an_id_as_handle_does(app: App, settings: Settings) -> None:
     queued = app.send_task("tests.sample_tasks.add", (2, 3))  # no worker: it waits
-    twins = [
-        app.send_task("tests.sample_tasks.add", (2, 3), task_id=f"twin-revoke-{c}") for c in "ab"
-    ]
+    twins = [app.send_task("tests.sample_tasks.add", (2, 3), task_id=f"beadbead{c}") for c in "ab"]
     with App("restarted", settings=settings) as later:  # knows no task of its own
         assert later.revoke(queued.id[:8]) is True
         with pytest.raises(TaskRevoked):
             queued.get(timeout=15)
-        with pytest.raises(TaskNotFound, match=r"several tasks \(twin-revoke-a, twin-revoke-b\)"):
-            later.revoke("twin-rev")
+        with pytest.raises(TaskNotFound, match=r"several tasks \(beadbeada, beadbeadb\)"):
+            later.revoke("beadbead")
         # An id that names no task and begins none is revoked ahead, as Celery does:
         # a task sent with it later never starts.
-        assert later.control.revoke(["twin-revoke-c"]) is True
-        assert later.handle("twin-revoke-c").state is State.REVOKED
+        assert later.control.revoke(["beadbeadc"]) is True
+        assert later.handle("beadbeadc").state is State.REVOKED
         assert [later.handle(t.id).state for t in twins] == [State.PENDING, State.PENDING]
-        assert later.control.revoke([twins[0].id[:11] + "-a"]) is True
+        assert later.control.revoke([twins[0].id]) is True
         with pytest.raises(TaskRevoked):
             twins[0].get(timeout=15)
         # A whole id without a record is still revoked ahead (a chain's step not sent yet).
@@ -88,3 +87,21 @@ def test_revoke_takes_a_unique_prefix_of_an_id_as_handle_does(app: App, settings
         assert later.revoke(ahead) is True
         assert later.handle(ahead).state is State.REVOKED
     assert twins[1].state is State.PENDING
+
+
+@pytest.mark.brokers
+def test_an_own_id_revoked_ahead_is_never_taken_for_the_start_of_another(
+    app: App, settings: Settings, access: RawBroker
+) -> None:
+    # A user's own ids are not prefixes: "report-1" revoked ahead is that very task, not
+    # "report-10" waiting in the queue, nor a record someone planted to draw the revoke.
+    waiting = app.send_task("tests.sample_tasks.add", (2, 3), task_id="report-10")
+    access.store.hset(access.keys.record_key("nightly-run-x"), "state", "PENDING")
+    with App("restarted", settings=settings) as later:
+        assert later.revoke("report-1") is True
+        assert later.revoke("nightly-run") is True
+        assert later.handle("report-1").state is State.REVOKED
+        assert later.handle("nightly-run").state is State.REVOKED
+        assert later.handle("report-10").state is State.PENDING
+        assert access.record("nightly-run-x").get(b"state") == b"PENDING"
+    assert waiting.state is State.PENDING
