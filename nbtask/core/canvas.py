@@ -201,6 +201,10 @@ class Chain:
         """Start the chain; extra arguments go to the first step."""
         return self.apply_async(args, kwargs)
 
+    def __call__(self, *args: Any, **kwargs: Any) -> TaskHandle:
+        """Celery's ``chain(...)()``: the same as :meth:`delay`."""
+        return self.apply_async(args, kwargs)
+
     def apply_async(
         self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None
     ) -> TaskHandle:
@@ -284,6 +288,10 @@ class Group:
 
     def delay(self) -> GroupHandle:
         """Send every task, in one round trip."""
+        return self.apply_async()
+
+    def __call__(self) -> GroupHandle:
+        """Celery's ``group(...)()``: the same as :meth:`apply_async`."""
         return self.apply_async()
 
     def apply_async(self) -> GroupHandle:

@@ -2,8 +2,8 @@
 
 Code written for Celery reads ``status``, ``task_id`` and ``traceback`` and calls
 ``revoke()`` and ``wait()``, and ``date_done``: each is an alias of what the handle already
-does. The names nbtask has no counterpart for (``forget``, ``children``, ``args``,
-``kwargs``) raise one error saying what to do
+does. The names nbtask has no counterpart for (``forget``, ``children``, ``collect``,
+``then``, ``args``, ``kwargs``) raise one error saying what to do
 instead, rather than a bare ``AttributeError``.
 """
 
@@ -134,6 +134,25 @@ class CeleryResultNames:
             "the tasks a task sends are not listed on its handle; return their ids from the "
             "task and follow each with app.handle(id), or chain the tasks, and the last "
             "step's handle walks back through .parent",
+        )
+
+    @property
+    def collect(self) -> NoReturn:
+        """Not in nbtask: a handle does not walk a graph of results."""
+        raise _not_in_nbtask(
+            "collect()",
+            "a chain's last handle walks back through .parent (h.parent.get()), and a "
+            "group's handle gets every result at once (group([...]).delay().get())",
+        )
+
+    @property
+    def then(self) -> NoReturn:
+        """Not in nbtask: Celery's promise callback; a handle is a ``Future``."""
+        raise _not_in_nbtask(
+            "then()",
+            "a handle is a concurrent.futures.Future: h.add_done_callback(fn) calls fn(h) "
+            "once the task ended, and apply_async(..., on_event=fn) or h.on_event(fn) gets its "
+            "progress and states as they come",
         )
 
     @property

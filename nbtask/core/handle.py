@@ -182,6 +182,9 @@ class TaskHandle(CeleryResultNames, TaskEvents):
         *,
         propagate: bool = True,
         disable_sync_subtasks: bool = True,
+        interval: float | None = None,
+        no_ack: bool = True,
+        follow_parents: bool = True,
     ) -> Any:
         """Wait for the result, up to ``timeout`` seconds.
 
@@ -199,6 +202,9 @@ class TaskHandle(CeleryResultNames, TaskEvents):
             instead of raising it.
         disable_sync_subtasks
             Refuse to wait inside a task running on a worker (the default).
+        interval, no_ack, follow_parents
+            Celery's, taken and unused: the outcome arrives as a message, so nothing
+            polls, acknowledges or walks the parents' results.
 
         Returns
         -------
@@ -226,6 +232,7 @@ class TaskHandle(CeleryResultNames, TaskEvents):
         BlobError, SerializationError
             The result cannot be loaded here (see :meth:`result`).
         """
+        del interval, no_ack, follow_parents  # Celery's polling backends' options
         request = current_request()
         if disable_sync_subtasks and request is not None and request.in_worker:
             raise RuntimeError(

@@ -480,6 +480,26 @@ class Task(CeleryTaskNames):
         """
         return Signature(self, args, kwargs)
 
+    def signature(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Signature:
+        """Celery's long form of :meth:`s`: ``add.signature((2, 2), countdown=10)``.
+
+        Parameters
+        ----------
+        args, kwargs
+            Arguments given now, as a sequence and a mapping.
+        **options
+            ``apply_async`` options for when the signature is sent (``immutable=True``
+            makes it an :meth:`si` one).
+        """
+        immutable = bool(options.pop("immutable", False))
+        signature = Signature(self, tuple(args or ()), dict(kwargs or {}), immutable=immutable)
+        return signature.set(**options) if options else signature
+
     def si(self, *args: Any, **kwargs: Any) -> Signature:
         """An immutable signature: in a chain it ignores the previous task's result.
 

@@ -13,7 +13,7 @@ import pytest
 from helpers import wait_until
 
 import nbtask
-from nbtask import App, State
+from nbtask import App, State, chain, group
 
 pytestmark = pytest.mark.brokers
 
@@ -92,6 +92,8 @@ def test_celerys_names_nbtask_has_no_counterpart_for_say_what_to_do_instead(app:
     expected = {
         "forget": r"forget\(\) is Celery's; .*result_ttl",
         "children": r"children is Celery's; .*app\.handle\(id\)",
+        "collect": r"collect\(\) is Celery's; .*\.parent",
+        "then": r"then\(\) is Celery's; .*add_done_callback",
     }
     for name, message in expected.items():
         with pytest.raises(AttributeError, match=message):
@@ -184,3 +186,21 @@ def test_date_done_is_when_the_task_ended(app: App, start_worker) -> None:
     done = h.date_done
     assert isinstance(done, dt.datetime) and done.tzinfo is not None
     assert done.timestamp() == pytest.approx(h.finished_at, abs=1e-5)  # microseconds
+
+
+def test_celerys_call_spellings_send_and_wait_as_nbtasks_do(app: App, start_worker) -> None:
+    start_worker()
+
+    @app.task
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    h = add.delay(2, 3)
+    # get()'s options for Celery's polling backends are taken and unused.
+    assert h.get(timeout=10, interval=0.5, no_ack=False, follow_parents=False) == 5
+    assert add.signature((9,), {"y": 1}).delay().get(timeout=10) == 10
+    later = add.signature((1, 1), countdown=0.2, immutable=True)
+    assert later.immutable and later.options == {"countdown": 0.2}
+    assert group([add.s(1, 1), add.s(2, 2)])().get(timeout=10) == [2, 4]
+    assert chain(add.s(1, 1), add.s(10))().get(timeout=10) == 12
+    assert (add.s(2) | add.s(3))(4).get(timeout=10) == 9  # extra arguments go first
