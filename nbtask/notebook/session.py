@@ -41,7 +41,7 @@ from nbtask.notebook.releases import Releases, ReleaseTask
 from nbtask.notebook.shipping import analyzed, prepare, transformed
 from nbtask.notebook.version_warnings import VersionWarnings, modules_used
 from nbtask.notebook.wait_inserter import WAIT_NAME, WaitInserter
-from nbtask.notebook.waitline import follow_to_the_end, out_value
+from nbtask.notebook.waitline import follow_to_the_end, out_value, show_after_out
 from nbtask.notebook.widgets import TaskView, TaskWidget, make_view, widgets_enabled
 from nbtask.wire.blobs import ByteProgress
 from nbtask.wire.holdings import holdings_lines
@@ -354,15 +354,18 @@ class Session:
         Called while ``presses`` counts Stop, never raised in the middle of a step: a
         Stop, or several, cancels the task and the cell says so once.
         """
-        result = follow_to_the_end(run.handle, run.label, self.shell, timeout, presses)
-        while not (presses.count or run.handle.done()):
-            time.sleep(0.02)  # its final event came: its outcome follows
-        if presses.count and not run.handle.done():
-            raise self.pending.interrupted(run, presses) from None
-        self.pending.deliver(run, raise_errors=True)
-        out = f"Out[{self.shell.execution_count}]"
-        shown, run.shown = run.shown, None  # nor the notebook's objects it names, once shown
-        return out_value(shown, result, self.shell.user_ns, self.pending.took_kept, out)
+        result, later = follow_to_the_end(run.handle, run.label, self.shell, timeout, presses)
+        try:
+            while not (presses.count or run.handle.done()):
+                time.sleep(0.02)  # its final event came: its outcome follows
+            if presses.count and not run.handle.done():
+                raise self.pending.interrupted(run, presses) from None
+            self.pending.deliver(run, raise_errors=True)
+            out = f"Out[{self.shell.execution_count}]"
+            shown, run.shown = run.shown, None  # nor the notebook's objects it names, once shown
+            return out_value(shown, result, self.shell.user_ns, self.pending.took_kept, out)
+        finally:
+            show_after_out(self.shell, later)
 
     # %tasks and status -----------------------------------------------------------------------
     def attach(self, task_id: str, *, show: bool = True) -> TaskView:

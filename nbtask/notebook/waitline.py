@@ -18,19 +18,23 @@ from nbtask.wire.events import FINAL_STATES, Event, EventType
 if TYPE_CHECKING:
     from nbtask.core.handle import TaskHandle
 
-__all__ = ["ProgressLine", "follow_to_the_end", "out_value", "show_output"]
+__all__ = ["ProgressLine", "follow_to_the_end", "out_value", "show_after_out", "show_output"]
 
 #: How long a waiting cell waits for an event before it looks at its deadline and says
 #: why the task waits.
 _WAIT_TICK = 0.1
+#: What a cell shows in its output area (not its progress line).
+_OUTPUT = frozenset({EventType.STDOUT, EventType.STDERR, EventType.DISPLAY})
 
 
 def follow_to_the_end(
     handle: TaskHandle, label: str, shell: Any, timeout: float | None, presses: StopPresses
-) -> dict[str, Any] | None:
+) -> tuple[dict[str, Any] | None, list[Event]]:
     """Show a ``--wait`` cell's output and progress until its task ends or Stop is pressed.
 
-    Returns the worker's display of the cell's last expression, if it showed one.
+    Returns the worker's display of the cell's last expression, if it showed one, and the
+    output the worker's cell made after it (the figures its inline backend draws once the
+    cell has run), for :func:`show_after_out`: locally, those come after the ``Out``.
 
     Raises
     ------
@@ -41,6 +45,7 @@ def follow_to_the_end(
     follow(handle, events.put)
     line = ProgressLine(label, shell)
     result: dict[str, Any] | None = None
+    later: list[Event] = []
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         while not presses.count:
@@ -57,13 +62,37 @@ def follow_to_the_end(
                 continue
             if event.type is EventType.PROGRESS:
                 line.show(event)
+            elif result is not None and event.type in _OUTPUT:
+                later.append(event)
             else:
                 result = show_output(event) or result
             if event.state in FINAL_STATES:
                 break
     finally:
         line.close()
-    return result
+    return result, later
+
+
+def show_after_out(shell: Any, events: list[Event]) -> None:
+    """Show ``events`` once the running cell has shown its ``Out`` (as the cell ends).
+
+    The kernel shows a cell's ``Out`` when the magic returns, so what the worker's cell
+    made after its last expression waits for the kernel's ``post_execute``, where the
+    inline backend would have drawn it locally.
+    """
+    if not events:
+        return
+    if shell is None or getattr(shell, "events", None) is None:
+        for event in events:
+            show_output(event)
+        return
+
+    def show_once() -> None:
+        shell.events.unregister("post_execute", show_once)
+        for event in events:
+            show_output(event)
+
+    shell.events.register("post_execute", show_once)
 
 
 def _timed_out(handle: TaskHandle, label: str, timeout: float | None) -> TimeoutError:
@@ -135,9 +164,11 @@ def show_output(event: Event) -> dict[str, Any] | None:
     Returns the cell's last expression (a display bundle) when the event carries it.
     """
     if event.type in (EventType.STDOUT, EventType.STDERR):
+        # Not flushed here: the kernel sends a stream's text as it does for a local cell
+        # (at its flush interval, and before any display), so a line printed in two
+        # pieces is one output, as locally.
         stream = sys.stdout if event.type is EventType.STDOUT else sys.stderr
         stream.write(str(event.data.get("text", "")))
-        stream.flush()
     elif event.type is EventType.DISPLAY:
         data = dict(event.data)
         if data.get("metadata", {}).get("nbtask", {}).get("execute_result"):

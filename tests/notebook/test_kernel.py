@@ -149,6 +149,26 @@ def test_wait_cell_output_is_the_cells_own(kc: Any) -> None:
     assert "line 3" in traceback and "raise KeyError" in traceback, traceback
 
 
+def test_a_wait_cells_figure_comes_after_its_out_as_locally(kc: Any) -> None:
+    """The inline backend draws a cell's figures once it has run: after its ``Out``."""
+    execute(kc, "%load_ext nbtask\n%matplotlib inline\nimport matplotlib.pyplot as plt")
+    cell = "print('drawing')\nplt.plot([1, 2, 3])\n6 * 7"
+    orders = []
+    for source in (cell, "%%task --wait\n" + cell):
+        _, msgs, reply = execute(kc, source)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        orders.append(
+            [
+                "png" if "image/png" in m["content"].get("data", {}) else m["msg_type"]
+                for m in msgs
+                if m["msg_type"] in ("stream", "display_data", "execute_result")
+            ]
+        )
+    local, remote = orders
+    assert local == ["stream", "execute_result", "png"]
+    assert remote == local
+
+
 def test_a_wait_cells_out_is_its_value_shown_by_the_kernel(kc: Any) -> None:
     """``_`` and ``Out[n]`` hold the value, and the kernel renders it, as locally."""
     execute(kc, "%load_ext nbtask")
