@@ -17,14 +17,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import kombu
 import pytest
 from helpers import AMQP_URL, ledger_runs, wait_until
 from raw_broker import raw_broker
-from tcp_proxy import TcpProxy, proxying, via
+from tcp_proxy import TcpProxy, via
 
 from nbtask import App, Settings, State, TaskHandle
 from nbtask.brokers import amqp_links
@@ -36,22 +36,6 @@ from nbtask.errors import BrokerUnavailable, TaskRevoked
 RECORD = "tests.sample_tasks.record_id"  # appends its id to a file: counts runs
 
 pytestmark = pytest.mark.brokers("amqp")
-
-
-@pytest.fixture
-def proxy(settings: Settings) -> Iterator[TcpProxy]:
-    """A proxy in front of RabbitMQ for the test's client."""
-    with proxying(AMQP_URL, 5672) as opened:
-        yield opened
-
-
-@pytest.fixture
-def client(settings: Settings, proxy: TcpProxy) -> Iterator[App]:
-    """A client app whose AMQP connections go through ``proxy``."""
-    url = via(AMQP_URL, proxy.url_port)
-    application = App("confirms", settings=settings.replace(broker_url=url))
-    yield application
-    application.close()
 
 
 def sending_link(app: App) -> Link:

@@ -3,20 +3,12 @@ block (a stopping worker's) gives up on it once, then fails at once, not once pe
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-from tcp_proxy import TcpProxy, proxying, via
+from tcp_proxy import TcpProxy, via
 
 from nbtask import Settings
 from nbtask.brokers import open_broker
 from nbtask.errors import BrokerUnavailable
-
-
-@pytest.fixture
-def proxy(settings: Settings) -> Iterator[TcpProxy]:
-    with proxying(settings.broker_url or "", 6379) as started:
-        yield started
 
 
 def test_a_bounded_block_gives_up_on_a_silent_redis_once_then_at_once(

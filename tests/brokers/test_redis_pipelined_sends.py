@@ -45,22 +45,6 @@ from nbtask.errors import BrokerUnavailable, TaskRevoked
 RECORD = "tests.sample_tasks.record_id"  # appends its id to a file: counts runs
 
 
-@pytest.fixture
-def proxy(settings: Settings) -> Iterator[TcpProxy]:
-    """A proxy in front of Redis for the test's client."""
-    with proxying(settings.broker_url or "", 6379) as opened:
-        yield opened
-
-
-@pytest.fixture
-def client(settings: Settings, proxy: TcpProxy) -> Iterator[App]:
-    """A client app whose Redis connections go through ``proxy``."""
-    url = via(settings.broker_url or "", proxy.url_port)
-    application = App("pipelined", settings=settings.replace(broker_url=url))
-    yield application
-    application.close()
-
-
 def transport_of(app: App) -> StreamsTransport:
     transport = app.transport
     assert isinstance(transport, StreamsTransport)

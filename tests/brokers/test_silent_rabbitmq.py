@@ -11,35 +11,18 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import AMQP_URL
-from tcp_proxy import TcpProxy, proxying, via
+from tcp_proxy import TcpProxy
 
-from nbtask import App, Settings, State, TaskHandle
+from nbtask import App, State, TaskHandle
 from nbtask.errors import BrokerUnavailable, TaskRevoked
 
 RECORD = "tests.sample_tasks.record_id"  # appends its id to a file: counts runs
 
 pytestmark = pytest.mark.brokers("amqp")
-
-
-@pytest.fixture
-def proxy(settings: Settings) -> Iterator[TcpProxy]:
-    """A proxy in front of RabbitMQ for the test's client."""
-    with proxying(AMQP_URL, 5672) as opened:
-        yield opened
-
-
-@pytest.fixture
-def client(settings: Settings, proxy: TcpProxy) -> Iterator[App]:
-    """A client app whose AMQP connections go through ``proxy``."""
-    url = via(AMQP_URL, proxy.url_port)
-    application = App("silent", settings=settings.replace(broker_url=url))
-    yield application
-    application.close()
 
 
 def on_a_thread(proxy: TcpProxy, call: Callable[[], None]) -> BaseException | None:
