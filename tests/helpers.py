@@ -457,3 +457,36 @@ def display_event(
     if update:
         data["update"] = True
     return Event(EventType.DISPLAY, "t", seq, data)
+
+
+# A notebook's functools caches: a cached function and a class with a cached property and
+# a cached method (``__hash__`` lets the method cache its calls).
+NOTEBOOK_CACHES = """
+import functools
+
+@functools.lru_cache(maxsize=3, typed=True)
+def kind(v):
+    return type(v).__name__
+
+class Model:
+    def __init__(self, v):
+        self.v = v
+    @functools.cached_property
+    def double(self):
+        return self.v * 2
+    @functools.lru_cache(maxsize=4)
+    def plus(self, a):
+        return self.v + a
+    def __hash__(self):
+        return hash(self.v)
+"""
+
+
+def notebook_namespace(source: str, **names: Any) -> dict[str, Any]:
+    """The namespace of a notebook that ran ``source``, with ``names`` defined first.
+
+    Named ``__main__``, as a notebook's is: no other process can import what it defines.
+    """
+    namespace: dict[str, Any] = {"__name__": "__main__", **names}
+    exec(compile(source, "<notebook cell>", "exec"), namespace)
+    return namespace

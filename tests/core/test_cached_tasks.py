@@ -8,36 +8,19 @@ tasks are defined as a notebook defines them: code run in a namespace of its own
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
+from helpers import NOTEBOOK_CACHES, notebook_namespace
 
 import nbtask
 from nbtask import App
 from nbtask.core.task_errors import unloadable, unloadable_values
 
-CACHED = """
-import functools
-
+CACHED = (
+    NOTEBOOK_CACHES
+    + """
 @functools.lru_cache(maxsize=None)
 def cube(n):
     return n ** 3
-
-@functools.lru_cache(maxsize=8, typed=True)
-def kind(v):
-    return type(v).__name__
-
-class Model:
-    def __init__(self, v):
-        self.v = v
-    @functools.cached_property
-    def double(self):
-        return self.v * 2
-    @functools.lru_cache(maxsize=4)
-    def plus(self, a):
-        return self.v + a
-    def __hash__(self):
-        return hash(self.v)
 
 @app.task
 def cubes(n):
@@ -51,30 +34,24 @@ def read(model):
 def give_back(f):
     return f
 """
-
-
-def notebook(app: App, source: str) -> dict[str, Any]:
-    """The namespace of a notebook that ran ``source`` (with ``app`` defined)."""
-    namespace: dict[str, Any] = {"__name__": "__main__", "app": app}
-    exec(compile(source, "<notebook cell>", "exec"), namespace)
-    return namespace
+)
 
 
 def test_a_task_calls_a_cached_function_of_the_notebook(app: App, start_worker) -> None:
     start_worker()
-    cells = notebook(app, CACHED)
+    cells = notebook_namespace(CACHED, app=app)
     total, info, kinds = cells["cubes"].delay(3).get(timeout=10)
     # The worker's copy starts empty, with the notebook's settings: one miss, one hit.
     assert (total, tuple(info), kinds) == (54, (1, 1, None, 1), ("int", "float"))
     back = cells["give_back"].delay(cells["kind"]).get(timeout=10)
-    assert back(2) == "int" and back.cache_parameters() == {"maxsize": 8, "typed": True}
+    assert back(2) == "int" and back.cache_parameters() == {"maxsize": 3, "typed": True}
 
 
 def test_objects_with_cached_properties_and_methods_travel_both_ways(
     app: App, start_worker
 ) -> None:
     start_worker()
-    cells = notebook(app, CACHED)
+    cells = notebook_namespace(CACHED, app=app)
     model = cells["Model"](4)
     assert model.double == 8  # cached here: the value travels in the object
     double, plus, other, back = cells["read"].delay(model).get(timeout=10)
@@ -85,14 +62,14 @@ def test_objects_with_cached_properties_and_methods_travel_both_ways(
 def test_an_exception_keeps_an_attribute_with_a_cached_property(app: App, start_worker) -> None:
     """Its lock is left out; the object with a ``cached_property`` travels."""
     start_worker()
-    cells = notebook(
-        app,
+    cells = notebook_namespace(
         CACHED + "import threading\n"
         "class FitFailed(Exception):\n"
         "    def __init__(self, model):\n"
         "        super().__init__('fit failed')\n"
         "        self.model, self.lock = model, threading.Lock()\n"
         "@app.task\ndef fit(v):\n    raise FitFailed(Model(v))\n",
+        app=app,
     )
     with pytest.raises(cells["FitFailed"], match="fit failed") as info:
         cells["fit"].delay(3).get(timeout=10)
@@ -102,13 +79,13 @@ def test_an_exception_keeps_an_attribute_with_a_cached_property(app: App, start_
 def test_a_notebook_object_pickled_by_name_says_what_it_is(app: App, start_worker) -> None:
     """The result names an object of the worker's ``__main__``: nothing to install here."""
     start_worker()
-    cells = notebook(
-        app,
+    cells = notebook_namespace(
         "import sys\n"
         "class Registry:\n    def __reduce__(self):\n        return 'ONLY_ON_THE_WORKER'\n"
         "@app.task\ndef registry():\n"
         "    sys.modules['__main__'].ONLY_ON_THE_WORKER = made = Registry()\n"
         "    return made\n",
+        app=app,
     )
     with pytest.raises(nbtask.SerializationError) as info:
         cells["registry"].delay().get(timeout=10)

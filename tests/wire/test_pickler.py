@@ -15,38 +15,18 @@ from typing import Any
 
 import cloudpickle
 import pytest
+from helpers import NOTEBOOK_CACHES, notebook_namespace
 
 from nbtask.wire.envelope import dumps
 
-CELL = """
-import functools
-
+CELL = (
+    NOTEBOOK_CACHES
+    + """
 @functools.cache
 def fib(n):
     return n if n < 2 else fib(n - 1) + fib(n - 2)
-
-@functools.lru_cache(maxsize=3, typed=True)
-def kind(v):
-    return type(v).__name__
-
-class Model:
-    def __init__(self, v):
-        self.v = v
-    @functools.cached_property
-    def double(self):
-        return self.v * 2
-    @functools.lru_cache(maxsize=4)
-    def plus(self, a):
-        return self.v + a
-    def __hash__(self):
-        return hash(self.v)
 """
-
-
-def notebook(source: str = CELL) -> dict[str, Any]:
-    namespace: dict[str, Any] = {"__name__": "__main__"}
-    exec(compile(source, "<notebook cell>", "exec"), namespace)
-    return namespace
+)
 
 
 def round_trip(value: Any) -> Any:
@@ -54,7 +34,7 @@ def round_trip(value: Any) -> Any:
 
 
 def test_a_cached_function_of_the_notebook_travels_with_its_settings_and_no_cache() -> None:
-    cells = notebook()
+    cells = notebook_namespace(CELL)
     kind = cells["kind"]
     kind(1)
     kind.note = "kept"
@@ -67,7 +47,7 @@ def test_a_cached_function_of_the_notebook_travels_with_its_settings_and_no_cach
 
 
 def test_a_recursive_cached_function_calls_its_own_copy() -> None:
-    fib = round_trip(notebook()["fib"])
+    fib = round_trip(notebook_namespace(CELL)["fib"])
     assert fib(60) == 1548008755920
     assert fib.__wrapped__.__globals__["fib"] is fib
     assert fib.cache_parameters() == {"maxsize": None, "typed": False}
@@ -76,7 +56,7 @@ def test_a_recursive_cached_function_calls_its_own_copy() -> None:
 
 def test_classes_with_cached_properties_and_cached_methods_travel() -> None:
     """Loaded in another process, where the class is rebuilt from its pickle."""
-    cells = notebook()
+    cells = notebook_namespace(CELL)
     model = cells["Model"](4)
     assert model.double == 8
     copy = round_trip(model)  # here the class comes back as itself (cloudpickle tracks it)
