@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,41 @@ from tests.celery_tasks import read_records
 pytestmark = pytest.mark.brokers
 
 
-def _tasks(app: App) -> tuple[Any, Any, Any]:
-    """A step that notes its run and sleeps, the same with a hard time limit, and a note."""
+@dataclass
+class Noted:
+    """A test's tasks on ``app`` and the files they note in: a step that notes its run in
+    ``ledger`` and sleeps, the same with a hard time limit, and a note of its calls in
+    ``calls``."""
+
+    app: App
+    step: Any
+    stuck: Any
+    note: Any
+    ledger: Path
+    calls: Path
+
+    def follow_ups(self) -> tuple[dict[str, Any], Any]:
+        """``link`` and ``link_error`` options that note their calls in ``calls``, and
+        the handle of the errback's run."""
+        errback_id = uuid.uuid4().hex
+        options = {
+            "link": self.note.s(str(self.calls)),
+            "link_error": self.note.s(str(self.calls)).set(task_id=errback_id),
+        }
+        return options, self.app.expect(errback_id, self.note.name)
+
+    def called_once_for(self, errback: Any, task_id: str) -> None:
+        """The errback ran for ``task_id``, and once only: nothing else noted a call
+        once the workers are done with the task's follow-ups."""
+        assert errback.get(timeout=20) == task_id
+        wait_for_housekeeping(self.app)
+        wait_for_housekeeping(self.app)
+        assert [r["value"] for r in read_records(self.calls)] == [task_id]
+
+
+@pytest.fixture
+def noted(app: App, tmp_path: Path) -> Noted:
+    """The tasks the tests send, defined on ``app``."""
 
     @app.task
     def step(x: int, path: str, seconds: float) -> int:
@@ -51,7 +85,7 @@ def _tasks(app: App) -> tuple[Any, Any, Any]:
         record(path, value=value)
         return value
 
-    return step, stuck, note
+    return Noted(app, step, stuck, note, tmp_path / "ledger", tmp_path / "calls")
 
 
 def _kill_the_run_of(path: Path, step: int) -> None:
@@ -62,13 +96,12 @@ def _kill_the_run_of(path: Path, step: int) -> None:
 
 
 def test_chain_with_a_killed_middle_step_fails_its_later_steps(
-    app: App, start_worker, tmp_path: Path
+    app: App, start_worker, noted: Noted
 ) -> None:
     start_worker(concurrency=2)
-    step, _, _ = _tasks(app)
-    ledger = tmp_path / "ledger"
-    last = (step.s(1, str(ledger), 0) | step.s(str(ledger), 60) | step.s(str(ledger), 0)).delay()
-    _kill_the_run_of(ledger, 2)
+    step, ledger = noted.step, str(noted.ledger)
+    last = (step.s(1, ledger, 0) | step.s(ledger, 60) | step.s(ledger, 0)).delay()
+    _kill_the_run_of(noted.ledger, 2)
     with pytest.raises(nbtask.WorkerLost) as info:
         last.get(timeout=30)
     assert "an earlier task in its chain" in str(info.value)
@@ -80,16 +113,15 @@ def test_chain_with_a_killed_middle_step_fails_its_later_steps(
         middle.get(timeout=10)
     assert app.store.get_record(last.id).state == "WORKER_LOST"
     wait_for_housekeeping(app)
-    assert [r["step"] for r in read_records(ledger)] == [1, 2]  # the last step never ran
+    assert [r["step"] for r in read_records(noted.ledger)] == [1, 2]  # the last step never ran
 
 
 def test_chain_with_a_time_limited_middle_step_fails_its_later_steps(
-    app: App, start_worker, tmp_path: Path
+    app: App, start_worker, noted: Noted
 ) -> None:
     start_worker(concurrency=2)
-    step, stuck, _ = _tasks(app)
-    ledger = tmp_path / "ledger"
-    last = (step.s(1, str(ledger), 0) | stuck.s(str(ledger), 60) | step.s(str(ledger), 0)).delay()
+    step, ledger = noted.step, str(noted.ledger)
+    last = (step.s(1, ledger, 0) | noted.stuck.s(ledger, 60) | step.s(ledger, 0)).delay()
     with pytest.raises(nbtask.RemoteError) as info:
         last.get(timeout=40)
     assert remote_of(info.value).ename == "TimeLimitExceeded"
@@ -100,15 +132,13 @@ def test_chain_with_a_time_limited_middle_step_fails_its_later_steps(
         middle.get(timeout=10)
     assert remote_of(middle_info.value).ename == "TimeLimitExceeded"
     wait_for_housekeeping(app)
-    assert [r["step"] for r in read_records(ledger)] == [1, 2]
+    assert [r["step"] for r in read_records(noted.ledger)] == [1, 2]
 
 
 def test_chain_with_a_step_killed_after_its_cancel_grace_fails_its_later_steps(
-    app: App, start_worker, tmp_path: Path
+    app: App, start_worker, noted: Noted
 ) -> None:
     start_worker(concurrency=2)
-    step, _, note = _tasks(app)
-    ledger, calls = tmp_path / "ledger", tmp_path / "calls"
 
     @app.task
     def stubborn(x: int, path: str) -> int:
@@ -123,88 +153,52 @@ def test_chain_with_a_step_killed_after_its_cancel_grace_fails_its_later_steps(
             except KeyboardInterrupt:
                 record(path, ignored=x)
 
-    errback_id = uuid.uuid4().hex
-    errback = app.expect(errback_id, note.name)
-    first_sig = stubborn.s(1, str(ledger)).set(
-        link_error=note.s(str(calls)).set(task_id=errback_id)
-    )
-    last = (first_sig | step.s(str(ledger), 0) | step.s(str(ledger), 0)).delay()
+    options, errback = noted.follow_ups()
+    step, ledger = noted.step, str(noted.ledger)
+    first_sig = stubborn.s(1, ledger).set(link_error=options["link_error"])
+    last = (first_sig | step.s(ledger, 0) | step.s(ledger, 0)).delay()
     first = last.parent.parent
     wait_until(lambda: first.state is State.STARTED, 20, "the first step to start")
-    wait_until(lambda: len(read_records(ledger)) == 1, 20, "the first step to run")
+    wait_until(lambda: len(read_records(noted.ledger)) == 1, 20, "the first step to run")
     assert app.revoke(first.id, terminate=True, grace=0.5) is True
     with pytest.raises(nbtask.TaskRevoked) as info:
         last.get(timeout=30)
     assert first.id in str(info.value)
     assert last.state is State.REVOKED
-    assert errback.get(timeout=20) == first.id
-    wait_for_housekeeping(app)
-    assert [r["step"] for r in read_records(ledger) if "step" in r] == [1]
-    assert [r["value"] for r in read_records(calls)] == [first.id]
+    noted.called_once_for(errback, first.id)
+    assert [r["step"] for r in read_records(noted.ledger) if "step" in r] == [1]
 
 
 def test_link_error_is_called_once_for_a_time_limit_kill(
-    app: App, start_worker, tmp_path: Path
+    app: App, start_worker, noted: Noted
 ) -> None:
     start_worker(concurrency=2)
-    _, stuck, note = _tasks(app)
-    ledger, calls = tmp_path / "ledger", tmp_path / "calls"
-    errback_id = uuid.uuid4().hex
-    errback = app.expect(errback_id, note.name)
-    h = stuck.apply_async(
-        (1, str(ledger), 60),
-        link=note.s(str(calls)),
-        link_error=note.s(str(calls)).set(task_id=errback_id),
-    )
+    options, errback = noted.follow_ups()
+    h = noted.stuck.apply_async((1, str(noted.ledger), 60), **options)
     with pytest.raises(nbtask.RemoteError):
         h.get(timeout=30)
-    assert errback.get(timeout=20) == h.id
-    wait_for_housekeeping(app)
-    wait_for_housekeeping(app)
-    assert [r["value"] for r in read_records(calls)] == [h.id]  # once; the link never
+    noted.called_once_for(errback, h.id)  # once; the link never
 
 
-def test_link_error_is_called_once_for_a_worker_lost(
-    app: App, start_worker, tmp_path: Path
-) -> None:
+def test_link_error_is_called_once_for_a_worker_lost(app: App, start_worker, noted: Noted) -> None:
     start_worker(concurrency=2)
-    step, _, note = _tasks(app)
-    ledger, calls = tmp_path / "ledger", tmp_path / "calls"
-    errback_id = uuid.uuid4().hex
-    errback = app.expect(errback_id, note.name)
-    h = step.apply_async(
-        (1, str(ledger), 60),
-        link=note.s(str(calls)),
-        link_error=note.s(str(calls)).set(task_id=errback_id),
-    )
-    _kill_the_run_of(ledger, 1)
+    options, errback = noted.follow_ups()
+    h = noted.step.apply_async((1, str(noted.ledger), 60), **options)
+    _kill_the_run_of(noted.ledger, 1)
     with pytest.raises(nbtask.WorkerLost):
         h.get(timeout=30)
-    assert errback.get(timeout=20) == h.id
-    wait_for_housekeeping(app)
-    wait_for_housekeeping(app)
-    assert [r["value"] for r in read_records(calls)] == [h.id]
+    noted.called_once_for(errback, h.id)
 
 
 def test_link_error_is_called_once_for_a_dead_lettered_task_and_never_on_a_redelivery(
-    app: App, start_worker, tmp_path: Path
+    app: App, start_worker, noted: Noted, tmp_path: Path
 ) -> None:
     start_worker(concurrency=1)
-    _, _, note = _tasks(app)
-    starts, calls = tmp_path / "starts", tmp_path / "calls"
-    errback_id = uuid.uuid4().hex
-    errback = app.expect(errback_id, note.name)
-    h = app.send_task(
-        "tests.sample_tasks.poison",
-        (str(starts),),
-        acks_late=True,
-        link=note.s(str(calls)),
-        link_error=note.s(str(calls)).set(task_id=errback_id),
-    )
+    starts = tmp_path / "starts"
+    options, errback = noted.follow_ups()
+    h = app.send_task("tests.sample_tasks.poison", (str(starts),), acks_late=True, **options)
     with pytest.raises(nbtask.RemoteError) as info:
         h.get(timeout=60)
     assert "dead-letter" in remote_of(info.value).evalue
-    assert errback.get(timeout=20) == h.id
+    noted.called_once_for(errback, h.id)
     assert len(starts.read_text().split()) == 1 + app.settings.max_redeliveries
-    wait_for_housekeeping(app)
-    assert [r["value"] for r in read_records(calls)] == [h.id]
