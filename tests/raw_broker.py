@@ -60,6 +60,10 @@ class RawBroker(abc.ABC):
         return not any(self.leftover(queue).values())
 
     @abc.abstractmethod
+    def queued(self, queue: str = "default") -> int:
+        """How many messages ``queue`` holds (on RabbitMQ, those not taken by a worker)."""
+
+    @abc.abstractmethod
     def queue_exists(self, queue: str) -> bool:
         """Whether the broker still has ``queue`` (a stream, or an AMQP queue)."""
 
@@ -118,6 +122,9 @@ class _RedisQueues(RawBroker):
         raw: bytes = fields[b"e"]
         return raw
 
+    def queued(self, queue: str = "default") -> int:
+        return int(self.store.xlen(self._stream(queue)))
+
     def queue_exists(self, queue: str) -> bool:
         return bool(self.store.exists(self._stream(queue)))
 
@@ -127,7 +134,7 @@ class _RedisQueues(RawBroker):
             pending = int(self.store.xpending(stream, "workers")["pending"])
         except redis.ResponseError:  # no worker ever read it: nothing can be pending
             pending = 0
-        return {"queued": int(self.store.xlen(stream)), "pending": pending}
+        return {"queued": self.queued(queue), "pending": pending}
 
     def push_event(self, channel: str, raw: bytes) -> None:
         self.store.xadd(channel, {"e": raw})
@@ -178,6 +185,10 @@ class _AmqpQueues(RawBroker):
         raw = bytes(message.body)
         self.channel.basic_reject(message.delivery_info["delivery_tag"], requeue=True)
         return raw
+
+    def queued(self, queue: str = "default") -> int:
+        _, waiting, _ = self.channel.queue_declare(queue=self._queue(queue), passive=True)
+        return int(waiting)
 
     def queue_exists(self, queue: str) -> bool:
         return self._exists(self._queue(queue))
