@@ -7,7 +7,8 @@ Put it in front of a real service (Redis, RabbitMQ) and point clients at ``url_p
 still reach it: a reply, an AMQP publisher confirm, is lost on the way) until ``cut()``
 (with ``new_ones=True``, on connections made later too, until ``hear()``), ``hold()``
 keeps what clients send on live connections from the service until ``release()``.
-The real service is never touched, so it stays shared by all tests.
+The real service is never touched, so it stays shared by all tests. ``on_a_thread()``
+runs a call that may wait on a silent service for ever, and ends the wait if it does.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
-__all__ = ["TcpProxy", "proxying", "via"]
+__all__ = ["TcpProxy", "on_a_thread", "proxying", "via"]
 
 _CHUNK = 1 << 16
 
@@ -243,3 +244,31 @@ def via(url: str, port: int) -> str:
     parts = urlsplit(url)
     user = f"{parts.username}:{parts.password}@" if parts.username else ""
     return parts._replace(netloc=f"{user}127.0.0.1:{port}").geturl()
+
+
+def on_a_thread(proxy: TcpProxy, call: Callable[[], None]) -> BaseException | None:
+    """Run ``call`` on a thread of its own (its own connections); what it raised.
+
+    A call still waiting after a minute fails the test; the proxy then cuts the
+    connection, ending the wait.
+    """
+    raised: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:  # the test looks at what it raised
+            raised.append(exc)
+        else:
+            raised.append(None)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(60)
+    try:
+        assert not thread.is_alive(), "the call still waits for the service's answer"
+    finally:
+        proxy.cut()  # (ends a wait that did not end)
+        thread.join(30)
+    assert len(raised) == 1
+    return raised[0]

@@ -24,7 +24,7 @@ import kombu
 import pytest
 from helpers import AMQP_URL, ledger_runs, wait_until
 from raw_broker import raw_broker
-from tcp_proxy import TcpProxy, via
+from tcp_proxy import TcpProxy, on_a_thread, via
 
 from nbtask import App, Settings, State, TaskHandle
 from nbtask.brokers import amqp_links
@@ -190,24 +190,9 @@ def test_a_flush_taking_over_a_thread_that_ended_gives_up_on_a_silent_rabbitmq(
     ``BrokerUnavailable``, and the tasks, in doubt, are revoked."""
     ledger = tmp_path / "ledger"
     _, *lost = _send_from_a_thread_that_ends(client, proxy, ledger, lambda: None, read=False)
-    raised: list[BaseException] = []
-
-    def flush() -> None:
-        try:
-            client.flush()
-        except BaseException as exc:  # the test looks at what it raised
-            raised.append(exc)
-
-    flusher = threading.Thread(target=flush, daemon=True)
-    flusher.start()
-    flusher.join(60)
-    try:
-        assert not flusher.is_alive(), "the flush still waits for RabbitMQ's confirms"
-    finally:
-        proxy.cut()  # (ends a wait that did not end)
-        flusher.join(30)
-    assert len(raised) == 1 and isinstance(raised[0], BrokerUnavailable), raised
-    assert "did not answer within" in str(raised[0])
+    raised = on_a_thread(proxy, client.flush)
+    assert isinstance(raised, BrokerUnavailable), repr(raised)
+    assert "did not answer within" in str(raised)
     for handle in lost:
         with pytest.raises(TaskRevoked, match="not confirmed by the broker"):
             handle.get(timeout=5)

@@ -9,13 +9,11 @@ whose messages are in doubt are revoked, their handles saying so, not dropped.
 
 from __future__ import annotations
 
-import threading
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tcp_proxy import TcpProxy
+from tcp_proxy import TcpProxy, on_a_thread
 
 from nbtask import App, State, TaskHandle
 from nbtask.errors import BrokerUnavailable, TaskRevoked
@@ -23,34 +21,6 @@ from nbtask.errors import BrokerUnavailable, TaskRevoked
 RECORD = "tests.sample_tasks.record_id"  # appends its id to a file: counts runs
 
 pytestmark = pytest.mark.brokers("amqp")
-
-
-def on_a_thread(proxy: TcpProxy, call: Callable[[], None]) -> BaseException | None:
-    """Run ``call`` on a thread of its own (its own link); what it raised.
-
-    A call still waiting after a minute fails the test; the proxy then cuts the
-    connection, ending the wait.
-    """
-    raised: list[BaseException | None] = []
-
-    def run() -> None:
-        try:
-            call()
-        except BaseException as exc:  # the test looks at what it raised
-            raised.append(exc)
-        else:
-            raised.append(None)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(60)
-    try:
-        assert not thread.is_alive(), "the call still waits for RabbitMQ's answer"
-    finally:
-        proxy.cut()  # (ends a wait that did not end)
-        thread.join(30)
-    assert len(raised) == 1
-    return raised[0]
 
 
 def test_a_flush_of_a_threads_own_sends_gives_up_on_a_silent_rabbitmq(
