@@ -13,7 +13,7 @@ import pytest
 from helpers import ROOT, SECRET, WorkerProcess
 
 import nbtask
-from nbtask import App, Settings
+from nbtask import App
 
 
 def run(
@@ -40,6 +40,27 @@ def run(
         check=False,
         input=stdin,
     )
+
+
+Run = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def on_redis(redis_url: str, prefix: str) -> Run:
+    """``run(COMMAND, *ARGS)`` on the real Redis under the test's key prefix, with the
+    suite's secret (or ``secret=``)."""
+
+    def command(name: str, *args: str, secret: str = SECRET) -> subprocess.CompletedProcess[str]:
+        cli = ("-b", redis_url, "--key-prefix", prefix)
+        return run(name, *args, *cli, env={"NBTASK_SECRET": secret})
+
+    return command
+
+
+def fields_of(result: subprocess.CompletedProcess[str]) -> dict[str, str]:
+    """The ``name: value`` lines of what a command that succeeded printed."""
+    assert result.returncode == 0, result.stderr
+    return dict(line.split(": ", 1) for line in result.stdout.strip().splitlines())
 
 
 def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
@@ -194,10 +215,10 @@ def test_status_and_inspect_need_a_broker(command: str) -> None:
 
 # Against the real Redis ----------------------------------------------------------------------
 def test_status_lists_a_running_worker(
-    redis_url: str, prefix: str, start_worker: Callable[..., WorkerProcess]
+    on_redis: Run, start_worker: Callable[..., WorkerProcess]
 ) -> None:
     worker = start_worker(concurrency=2)
-    result = run("status", "-b", redis_url, "--key-prefix", prefix, env={"NBTASK_SECRET": SECRET})
+    result = on_redis("status")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1, result.stdout
@@ -207,7 +228,7 @@ def test_status_lists_a_running_worker(
 
 
 def test_status_lists_what_each_process_holds(
-    redis_url: str, prefix: str, app: App, start_worker: Callable[..., WorkerProcess]
+    on_redis: Run, app: App, start_worker: Callable[..., WorkerProcess]
 ) -> None:
     start_worker("--data", "squares=tests.sample_tasks:load_squares", concurrency=1)
 
@@ -216,7 +237,7 @@ def test_status_lists_what_each_process_holds(
         return len(squares)
 
     assert count.delay().get(timeout=30) == 10  # the dataset is loaded, and announced
-    result = run("status", "-b", redis_url, "--key-prefix", prefix, env={"NBTASK_SECRET": SECRET})
+    result = on_redis("status")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert "queues default,data.squares " in lines[0]  # a process's own queue is not listed
@@ -224,8 +245,8 @@ def test_status_lists_what_each_process_holds(
     assert lines[2].startswith("    dataset squares  0.0 MB")
 
 
-def test_status_with_no_workers(redis_url: str, prefix: str) -> None:
-    result = run("status", "-b", redis_url, "--key-prefix", prefix, env={"NBTASK_SECRET": SECRET})
+def test_status_with_no_workers(on_redis: Run) -> None:
+    result = on_redis("status")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "no live workers"
 
@@ -244,26 +265,12 @@ def test_status_with_secret_file(
 
 
 def test_inspect_finished_task(
-    app: App,
-    settings: Settings,
-    redis_url: str,
-    prefix: str,
-    start_worker: Callable[..., WorkerProcess],
+    app: App, on_redis: Run, start_worker: Callable[..., WorkerProcess]
 ) -> None:
     worker = start_worker(concurrency=1)
     handle = app.send_task("tests.sample_tasks.add", (2, 3))
     assert handle.get(timeout=15) == 5
-    result = run(
-        "inspect",
-        handle.id,
-        "-b",
-        redis_url,
-        "--key-prefix",
-        prefix,
-        env={"NBTASK_SECRET": SECRET},
-    )
-    assert result.returncode == 0, result.stderr
-    fields = dict(line.split(": ", 1) for line in result.stdout.strip().splitlines())
+    fields = fields_of(on_redis("inspect", handle.id))
     assert fields["state"] == "SUCCESS"
     assert fields["name"] == "tests.sample_tasks.add"
     assert int(fields["pid"]) in {c.pid for c in worker.children()}
@@ -271,62 +278,38 @@ def test_inspect_finished_task(
 
 
 def test_inspect_failed_task_shows_its_error(
-    app: App, redis_url: str, prefix: str, start_worker: Callable[..., WorkerProcess]
+    app: App, on_redis: Run, start_worker: Callable[..., WorkerProcess]
 ) -> None:
     start_worker(concurrency=1)
     failed = app.send_task("tests.sample_tasks.explode", ("boom\nsecond line",))
     with pytest.raises(ValueError):
         failed.get(timeout=15)
-    cli = ("-b", redis_url, "--key-prefix", prefix)
-    result = run("inspect", failed.id, *cli, env={"NBTASK_SECRET": SECRET})
-    assert result.returncode == 0, result.stderr
-    fields = dict(line.split(": ", 1) for line in result.stdout.strip().splitlines())
+    fields = fields_of(on_redis("inspect", failed.id))
     assert fields["state"] == "FAILURE"
     assert fields["error"] == "ValueError: boom ..."  # its first line
-    other = run("inspect", failed.id, *cli, env={"NBTASK_SECRET": "another-secret"})
+    other = on_redis("inspect", failed.id, secret="another-secret")
     assert "error: (the stored outcome cannot be read: " in other.stdout
 
 
-def test_inspect_pending_task(app: App, redis_url: str, prefix: str) -> None:
+def test_inspect_pending_task(app: App, on_redis: Run) -> None:
     handle = app.send_task("tests.sample_tasks.add", (2, 3))  # no worker: stays pending
-    result = run(
-        "inspect",
-        handle.id,
-        "-b",
-        redis_url,
-        "--key-prefix",
-        prefix,
-        env={"NBTASK_SECRET": SECRET},
-    )
+    result = on_redis("inspect", handle.id)
     assert result.returncode == 0, result.stderr
     assert "state: PENDING" in result.stdout
 
 
-def test_inspect_unknown_id(redis_url: str, prefix: str) -> None:
-    result = run(
-        "inspect",
-        "no-such-task-id",
-        "-b",
-        redis_url,
-        "--key-prefix",
-        prefix,
-        env={"NBTASK_SECRET": SECRET},
-    )
+def test_inspect_unknown_id(on_redis: Run) -> None:
+    result = on_redis("inspect", "no-such-task-id")
     assert result.returncode == 1
     assert result.stdout == ""
     assert "no-such-task-id" in one_error_line(result)
 
 
 def test_cancel_queued_running_and_unknown(
-    app: App,
-    redis_url: str,
-    prefix: str,
-    tmp_path: Path,
-    start_worker: Callable[..., WorkerProcess],
+    app: App, on_redis: Run, tmp_path: Path, start_worker: Callable[..., WorkerProcess]
 ) -> None:
-    cli = ("-b", redis_url, "--key-prefix", prefix)
     queued = app.send_task("tests.sample_tasks.add", (2, 3))  # no worker yet
-    result = run("cancel", queued.id, *cli, env={"NBTASK_SECRET": SECRET})
+    result = on_redis("cancel", queued.id)
     assert result.returncode == 0, result.stderr
     assert "revoked" in result.stdout
     with pytest.raises(nbtask.TaskRevoked):
@@ -340,7 +323,7 @@ def test_cancel_queued_running_and_unknown(
         while not marker.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert marker.exists(), "the task did not start"
-        result = run("cancel", running.id, "--grace", "1", *cli, env={"NBTASK_SECRET": SECRET})
+        result = on_redis("cancel", running.id, "--grace", "1")
         assert result.returncode == 0, result.stderr
         assert "interrupt sent" in result.stdout
         with pytest.raises(nbtask.TaskRevoked):
@@ -348,54 +331,44 @@ def test_cancel_queued_running_and_unknown(
     finally:
         go.touch()
 
-    result = run("cancel", "no-such-task", *cli, env={"NBTASK_SECRET": SECRET})
+    result = on_redis("cancel", "no-such-task")
     assert result.returncode == 1
     assert "no-such-task" in one_error_line(result)
 
 
-def test_inspect_log_and_cancel_take_a_unique_id_prefix(
-    app: App, redis_url: str, prefix: str
-) -> None:
-    cli = ("-b", redis_url, "--key-prefix", prefix)
-    env = {"NBTASK_SECRET": SECRET}
+def test_inspect_log_and_cancel_take_a_unique_id_prefix(app: App, on_redis: Run) -> None:
     handle = app.send_task("tests.sample_tasks.add", (2, 3))  # no worker: stays pending
     app.store.append_journal(handle.id, ["INFO said about it"])
     short = handle.id[:8]  # as %tasks and the waiting lines show it
 
-    shown = run("inspect", short, *cli, env=env)
-    assert shown.returncode == 0, shown.stderr
-    fields = dict(line.split(": ", 1) for line in shown.stdout.strip().splitlines())
+    fields = fields_of(on_redis("inspect", short))
     assert (fields["id"], fields["state"]) == (handle.id, "PENDING")
-    logged = run("log", short, *cli, env=env)
+    logged = on_redis("log", short)
     assert logged.returncode == 0, logged.stderr
     assert logged.stdout == "INFO said about it\n"
-    cancelled = run("cancel", short, *cli, env=env)
+    cancelled = on_redis("cancel", short)
     assert cancelled.returncode == 0, cancelled.stderr
     assert cancelled.stdout == f"{handle.id}: revoked\n"
     with pytest.raises(nbtask.TaskRevoked):
         handle.get(timeout=10)
 
 
-def test_an_id_prefix_of_several_tasks_or_none_is_one_error_line(
-    app: App, redis_url: str, prefix: str
-) -> None:
-    cli = ("-b", redis_url, "--key-prefix", prefix)
-    env = {"NBTASK_SECRET": SECRET}
+def test_an_id_prefix_of_several_tasks_or_none_is_one_error_line(app: App, on_redis: Run) -> None:
     for task_id in ("feedface0a", "feedface0b"):
         app.send_task("tests.sample_tasks.add", (2, 3), task_id=task_id)
     for command in ("inspect", "log", "cancel"):
-        several = run(command, "feedface", *cli, env=env)
+        several = on_redis(command, "feedface")
         assert several.returncode == 1
         assert one_error_line(several) == (
             f"nbtask {command}: 'feedface' begins the ids of several tasks (feedface0a, "
             "feedface0b): give more of the id"
         )
-        none = run(command, "0123456789abcdef", *cli, env=env)
+        none = on_redis(command, "0123456789abcdef")
         assert none.returncode == 1
         assert "'0123456789abcdef' in the result store, nor one whose id begins with it" in (
             one_error_line(none)
         )
-        short = run(command, "feed", *cli, env=env)  # fewer than 8 characters: no prefix
+        short = on_redis(command, "feed")  # fewer than 8 characters: no prefix
         assert short.returncode == 1
         assert "nor one whose id" not in one_error_line(short)
-    assert run("cancel", "feedface0a", *cli, env=env).returncode == 0  # the whole id
+    assert on_redis("cancel", "feedface0a").returncode == 0  # the whole id
