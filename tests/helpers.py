@@ -27,6 +27,7 @@ import pytest
 from nbtask import App, RemoteError, Settings
 from nbtask.brokers import open_broker
 from nbtask.wire.events import Event, EventType
+from nbtask.wire.holdings import Held
 from nbtask.wire.message import TaskMessage
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -425,6 +426,12 @@ def interrupt_once_printed(ip: Any, text: str = "started", handle: str = "h") ->
         os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=interrupt, daemon=True).start()
+
+
+def held_values(app: App) -> list[Held]:
+    """The kept values the live worker processes of ``app``'s cluster announce they hold."""
+    consumers = [c for info in app.workers().values() for c in info.consumers]
+    return [held for found in app.store.holdings(consumers).values() for held in found.values]
 
 
 def task_message(**fields: Any) -> TaskMessage:

@@ -20,7 +20,7 @@ import numpy as np
 import psutil
 import pytest
 import redis
-from helpers import WorkerProcess, wait_until
+from helpers import WorkerProcess, held_values, wait_until
 from helpers import cell_task as task
 from IPython.core.interactiveshell import InteractiveShell
 from raw_broker import RawBroker
@@ -667,9 +667,7 @@ def test_a_value_changed_in_place_on_its_holder_is_held_as_new(
 
 def holds(session: Session, name: str) -> bool:
     """Whether any live worker process says it holds a value called ``name``."""
-    consumers = [c for info in session.app.workers().values() for c in info.consumers]
-    found = session.app.store.holdings(consumers).values()
-    return any(held.name == name for holding in found for held in holding.values)
+    return any(held.name == name for held in held_values(session.app))
 
 
 def test_deleting_the_last_reference_in_the_notebook_releases_the_value_on_its_holder(

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from helpers import cell_run as run
 from helpers import cell_task as task
+from helpers import held_values
 from IPython.core.interactiveshell import InteractiveShell
 
 from nbtask import Settings
@@ -45,9 +46,7 @@ def fetched(nb: Session, monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 def held_on_workers(nb: Session) -> list[tuple[str, int]]:
     """The kept values the worker processes announce they hold: (name, size)."""
-    consumers = [c for info in nb.app.workers().values() for c in info.consumers]
-    holdings = nb.app.store.holdings(consumers).values()
-    return [(held.name, held.size) for found in holdings for held in found.values]
+    return [(held.name, held.size) for held in held_values(nb.app)]
 
 
 @pytest.mark.parametrize("count", [300_000, 5_000_000], ids=["2.4MB", "40MB-sealed"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 from helpers import cell_run as run
 from helpers import cell_task as task
+from helpers import held_values
 from IPython.core.interactiveshell import InteractiveShell
 
 from nbtask import Settings
@@ -47,9 +48,7 @@ def settings(settings: Settings) -> Settings:
 
 def held_on_workers(nb: Session) -> list[str]:
     """The names of the kept values the worker processes announce they hold."""
-    consumers = [c for info in nb.app.workers().values() for c in info.consumers]
-    holdings = nb.app.store.holdings(consumers).values()
-    return [held.name for found in holdings for held in found.values]
+    return [held.name for held in held_values(nb.app)]
 
 
 def test_a_named_list_a_cell_changes_inside_a_dict_is_changed_under_its_name(

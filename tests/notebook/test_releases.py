@@ -20,7 +20,7 @@ import cloudpickle
 import numpy as np
 import pytest
 import redis
-from helpers import WorkerProcess, wait_until
+from helpers import WorkerProcess, held_values, wait_until
 from helpers import cell_task as task
 from IPython.core.interactiveshell import InteractiveShell
 from raw_broker import RawBroker
@@ -207,7 +207,7 @@ def test_a_release_without_the_secret_frees_nothing(
     access.inject(forged, queue=x.holder)
     wait_until(lambda: access.drained(x.holder or ""), 20, "the forgery to be taken")
     assert blob_keys(store, shell.app.settings) == keys
-    assert any(held.name == "x" for held in _holdings(shell))
+    assert any(held.name == "x" for held in held_values(shell.app))
 
 
 def test_ending_the_session_frees_the_store_copies(
@@ -285,8 +285,3 @@ def _release_message(shell: Session, value: RemoteValue, signer: Signer) -> byte
     }
     body: bytes = cloudpickle.dumps((([value.key],), {}), protocol=5)
     return signer.seal(header, body)
-
-
-def _holdings(shell: Session) -> list[Any]:
-    consumers = [c for info in shell.app.workers().values() for c in info.consumers]
-    return [h for holding in shell.app.store.holdings(consumers).values() for h in holding.values]

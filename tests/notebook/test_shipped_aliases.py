@@ -15,7 +15,7 @@ import weakref
 import pytest
 from helpers import cell_run as run
 from helpers import cell_task as task
-from helpers import wait_until
+from helpers import held_values, wait_until
 from IPython.core.interactiveshell import InteractiveShell
 
 from nbtask import Settings
@@ -33,9 +33,7 @@ def settings(settings: Settings) -> Settings:
 
 def held_on_workers(nb: Session) -> list[str]:
     """The names of the kept values the worker processes announce they hold."""
-    consumers = [c for info in nb.app.workers().values() for c in info.consumers]
-    holdings = nb.app.store.holdings(consumers).values()
-    return [held.name for found in holdings for held in found.values]
+    return [held.name for held in held_values(nb.app)]
 
 
 @pytest.mark.parametrize(
