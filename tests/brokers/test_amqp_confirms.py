@@ -190,7 +190,7 @@ def test_a_flush_taking_over_a_thread_that_ended_gives_up_on_a_silent_rabbitmq(
     ``BrokerUnavailable``, and the tasks, in doubt, are revoked."""
     ledger = tmp_path / "ledger"
     _, *lost = _send_from_a_thread_that_ends(client, proxy, ledger, lambda: None, read=False)
-    raised = on_a_thread(proxy, client.flush)
+    raised = on_a_thread(client.flush, cut=proxy)
     assert isinstance(raised, BrokerUnavailable), repr(raised)
     assert "did not answer within" in str(raised)
     for handle in lost:

@@ -39,7 +39,7 @@ def test_a_flush_of_a_threads_own_sends_gives_up_on_a_silent_rabbitmq(
         handles.extend(client.send_task(RECORD, (str(ledger),)) for _ in range(3))
         client.flush()
 
-    raised = on_a_thread(proxy, send_and_flush)
+    raised = on_a_thread(send_and_flush, cut=proxy)
     assert isinstance(raised, BrokerUnavailable), repr(raised)
     assert "did not answer within" in str(raised) and "send them again" in str(raised)
     first, *lost = handles
@@ -66,7 +66,7 @@ def test_a_send_that_waits_for_its_confirm_gives_up_on_a_silent_rabbitmq(
         proxy.hold()
         client.send_task(RECORD, (str(ledger),), task_id=task_id)
 
-    raised = on_a_thread(proxy, send)
+    raised = on_a_thread(send, cut=proxy)
     assert isinstance(raised, BrokerUnavailable), repr(raised)
     assert "did not answer within" in str(raised) and "send them again" in str(raised)
     record = client.store.get_record(task_id)

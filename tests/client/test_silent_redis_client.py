@@ -3,11 +3,10 @@ proxy that stops passing on what it says): ``get(timeout=...)`` and ``close()`` 
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
-from tcp_proxy import TcpProxy, proxying, via
+from tcp_proxy import TcpProxy, on_a_thread, proxying, via
 
 from nbtask import App, Settings
 
@@ -18,28 +17,6 @@ ADD = "tests.sample_tasks.add"
 def proxy(settings: Settings) -> Iterator[TcpProxy]:
     with proxying(settings.broker_url or "", 6379) as started:
         yield started
-
-
-def ended(call: Callable[[], object]) -> BaseException | None:
-    """What ``call`` raised (``None`` if nothing), failing the test if it does not end.
-
-    The bound only tells a hang from an end: it is no speed target.
-    """
-    raised: list[BaseException | None] = []
-
-    def run() -> None:
-        try:
-            call()
-        except BaseException as exc:
-            raised.append(exc)
-        else:
-            raised.append(None)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(60)
-    assert not thread.is_alive(), f"{call} did not end"
-    return raised[0]
 
 
 def test_get_with_a_timeout_and_close_end_when_redis_stopped_answering(
@@ -53,8 +30,8 @@ def test_get_with_a_timeout_and_close_end_when_redis_stopped_answering(
         h = app.send_task(ADD, (1, 2))  # no worker: it stays queued
         app.flush()  # Redis took it
         proxy.deafen(new_ones=True)
-        raised = ended(lambda: h.get(timeout=5))
+        raised = on_a_thread(lambda: h.get(timeout=5))
         assert isinstance(raised, TimeoutError), raised
         assert "is still PENDING after 5 s" in str(raised)
     finally:
-        assert ended(app.close) is None
+        assert on_a_thread(app.close) is None
