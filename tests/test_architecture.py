@@ -34,7 +34,7 @@ def test_no_line_is_squeezed_past_the_formatter() -> None:
 
 def test_every_package_says_what_it_owns() -> None:
     packages = [p for p in PACKAGE.iterdir() if (p / "__init__.py").exists()]
-    layers = {"cli", "notebook", "client", "worker", "core", "brokers", "wire"}
+    layers = {"cli", "notebook", "client", "worker", "core", "brokers", "wire", "settings"}
     assert {p.name for p in packages} == layers
     for package in packages:
         source = (package / "__init__.py").read_text()
