@@ -1,16 +1,16 @@
 """The :class:`Task` base class: a unit of work, its options, and how it is sent.
 
 What one call passes (arguments, times, callbacks) is checked in
-:mod:`nbtask.core.call_checks`.
+:mod:`nbtask.core.call_checks`; what the task's own code calls while it runs (``request``,
+``update_state``, ``retry``) and Celery's handlers are in :mod:`nbtask.core.task_running`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar, NoReturn, Protocol
+from typing import Any, ClassVar, Protocol
 
 from nbtask.core.call_checks import (
     call_arguments,
@@ -23,10 +23,8 @@ from nbtask.core.call_checks import (
 )
 from nbtask.core.canvas import Call, Sender, Signature, current_sender
 from nbtask.core.celery_task import CeleryTaskNames
-from nbtask.core.context import Request, current_request, progress
 from nbtask.core.datasets import data_queue, dataset_names
 from nbtask.core.handle import TaskHandle
-from nbtask.core.handlers import ExceptionInfo
 from nbtask.core.holding import is_holder_queue
 from nbtask.core.options import (
     check_task_id,
@@ -35,7 +33,8 @@ from nbtask.core.options import (
     queue_name,
     seconds,
 )
-from nbtask.errors import ConfigurationError, MaxRetriesExceededError, Retry
+from nbtask.core.task_running import RunningTask
+from nbtask.errors import ConfigurationError
 from nbtask.wire.events import Event
 from nbtask.wire.records import WorkerInfo
 
@@ -55,7 +54,7 @@ class TaskApp(Sender, Protocol):
         """Whether work the app sent to ``queue`` has not ended yet."""
 
 
-class Task(CeleryTaskNames):
+class Task(RunningTask, CeleryTaskNames):
     """A unit of work that workers run; subclass it for custom task classes.
 
     ``@app.task`` makes a subclass whose ``run`` is the decorated function and returns
@@ -128,140 +127,6 @@ class Task(CeleryTaskNames):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the task here, in this process."""
         return self.run(*args, **kwargs)
-
-    @property
-    def request(self) -> Request:
-        """The current execution's request; only inside a running task."""
-        request = current_request()
-        if request is None:
-            raise RuntimeError(f"{self.name}.request is only available while the task runs")
-        return request
-
-    def update_progress(self, done: float, total: float | None = None, message: str = "") -> None:
-        """Report progress from inside the running task (as :func:`nbtask.progress`).
-
-        Parameters
-        ----------
-        done, total
-            Units of work done so far, and in all if known.
-        message
-            A short note shown beside the progress bar.
-        """
-        progress(done, total, message)
-
-    def update_state(self, state: str, meta: Mapping[str, Any] | None = None) -> None:
-        """Report a custom state from inside the running task.
-
-        The client sees it as ``handle.state`` and ``handle.info["meta"]`` until the
-        task's next state.
-
-        Parameters
-        ----------
-        state
-            The state's name, e.g. ``"PROGRESS"``.
-        meta
-            JSON-safe details of it.
-        """
-        request = self.request
-        if request.emit is not None:
-            request.emit("state", {"state": str(state), "meta": dict(meta or {})})
-
-    def retry(
-        self,
-        exc: BaseException | None = None,
-        countdown: float | None = None,
-        eta: dt.datetime | float | None = None,
-        max_retries: int | None = None,
-    ) -> NoReturn:
-        """Send this task again later with the same arguments; call as ``raise self.retry()``.
-
-        Parameters
-        ----------
-        exc
-            The cause; re-raised as the task's error once retries are exhausted.
-        countdown
-            Seconds until the retry (default: ``default_retry_delay``, or the backoff).
-        eta
-            When to retry, instead of ``countdown``.
-        max_retries
-            Override the task's ``max_retries`` for this decision.
-
-        Raises
-        ------
-        Retry
-            Always, unless retries are exhausted.
-        MaxRetriesExceededError
-            Retries are exhausted and there is no ``exc`` to re-raise.
-        """
-        if exc is not None and not isinstance(exc, BaseException):
-            raise ConfigurationError(
-                f"retry(exc=...) takes the exception that caused the retry, got {exc!r}"
-            )
-        countdown = seconds("countdown", countdown)
-        request = self.request
-        limit = self.max_retries if max_retries is None else max_retries
-        if limit is not None and request.retries >= limit:
-            if exc is not None:
-                raise exc
-            raise MaxRetriesExceededError(
-                f"task {self.name}[{request.id}] gave up after {request.retries} retries"
-            )
-        if eta is not None:
-            when = max(0.0, (epoch(eta, absolute=True) or 0.0) - time.time())
-        elif countdown is not None:
-            when = float(countdown)
-        else:
-            when = self.retry_delay(request.retries)
-        raise Retry(f"retry in {when:.3g} s" + (f": {exc!r}" if exc else ""), exc, when)
-
-    def retry_delay(self, retries: int) -> float:
-        """Seconds before retry number ``retries + 1``: fixed, or exponential with jitter."""
-        if not self.retry_backoff:
-            return float(self.default_retry_delay)
-        factor = 1.0 if self.retry_backoff is True else float(self.retry_backoff)
-        delay = min(factor * (2**retries), float(self.retry_backoff_max))
-        # Full jitter, as Celery: spreads retries of many failing tasks apart.
-        return random.uniform(0, delay) if self.retry_jitter else delay
-
-    # Handlers: called on the worker, after the outcome is stored; errors are logged. ---------
-    def before_start(self, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
-        """Called before the task runs."""
-
-    def on_success(
-        self, retval: Any, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]
-    ) -> None:
-        """Called when the task returned ``retval``."""
-
-    def on_failure(
-        self,
-        exc: BaseException,
-        task_id: str,
-        args: tuple[Any, ...],
-        kwargs: Mapping[str, Any],
-        einfo: ExceptionInfo,
-    ) -> None:
-        """Called when the task raised ``exc``."""
-
-    def on_retry(
-        self,
-        exc: BaseException,
-        task_id: str,
-        args: tuple[Any, ...],
-        kwargs: Mapping[str, Any],
-        einfo: ExceptionInfo,
-    ) -> None:
-        """Called when the task is to be retried."""
-
-    def after_return(
-        self,
-        status: str,
-        retval: Any,
-        task_id: str,
-        args: tuple[Any, ...],
-        kwargs: Mapping[str, Any],
-        einfo: ExceptionInfo | None,
-    ) -> None:
-        """Called after every run, whatever the outcome (``status`` is the state)."""
 
     # Calling -------------------------------------------------------------------------------
     def delay(self, *args: Any, **kwargs: Any) -> TaskHandle:

@@ -1,0 +1,196 @@
+"""What a task's own code calls while it runs, and the handlers called around it.
+
+:class:`RunningTask` is mixed into :class:`~nbtask.Task`: the current ``request``,
+``update_progress`` and ``update_state``, ``retry`` (and the delay before a retry), and
+Celery's handlers (``before_start``, ``on_success``, ``on_failure``, ``on_retry``,
+``after_return``), which do nothing until a task class overrides them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import time
+from collections.abc import Mapping
+from typing import Any, NoReturn, Protocol
+
+from nbtask.core.call_checks import epoch
+from nbtask.core.context import Request, current_request, progress
+from nbtask.core.handlers import ExceptionInfo
+from nbtask.core.options import seconds
+from nbtask.errors import ConfigurationError, MaxRetriesExceededError, Retry
+
+__all__ = ["RunningTask"]
+
+
+class _Running(Protocol):
+    """What running and retrying use of a task (a :class:`~nbtask.Task`)."""
+
+    @property
+    def name(self) -> str:
+        """The task's registered name."""
+
+    @property
+    def max_retries(self) -> int | None:
+        """How many retries the task may make (``None``: no limit)."""
+
+    @property
+    def default_retry_delay(self) -> float:
+        """Seconds before a retry without backoff."""
+
+    @property
+    def retry_backoff(self) -> bool | float:
+        """Whether (and by what factor) retries back off."""
+
+    @property
+    def retry_backoff_max(self) -> float:
+        """The longest backoff delay, seconds."""
+
+    @property
+    def retry_jitter(self) -> bool:
+        """Whether a backoff delay is drawn at random up to its value."""
+
+    @property
+    def request(self) -> Request:
+        """The current execution's request."""
+
+    def retry_delay(self, retries: int) -> float:
+        """Seconds before retry number ``retries + 1``."""
+
+
+class RunningTask:
+    """The part of :class:`~nbtask.Task` its code calls while it runs, and its handlers."""
+
+    @property
+    def request(self: _Running) -> Request:
+        """The current execution's request; only inside a running task."""
+        request = current_request()
+        if request is None:
+            raise RuntimeError(f"{self.name}.request is only available while the task runs")
+        return request
+
+    def update_progress(self, done: float, total: float | None = None, message: str = "") -> None:
+        """Report progress from inside the running task (as :func:`nbtask.progress`).
+
+        Parameters
+        ----------
+        done, total
+            Units of work done so far, and in all if known.
+        message
+            A short note shown beside the progress bar.
+        """
+        progress(done, total, message)
+
+    def update_state(self: _Running, state: str, meta: Mapping[str, Any] | None = None) -> None:
+        """Report a custom state from inside the running task.
+
+        The client sees it as ``handle.state`` and ``handle.info["meta"]`` until the
+        task's next state.
+
+        Parameters
+        ----------
+        state
+            The state's name, e.g. ``"PROGRESS"``.
+        meta
+            JSON-safe details of it.
+        """
+        request = self.request
+        if request.emit is not None:
+            request.emit("state", {"state": str(state), "meta": dict(meta or {})})
+
+    def retry(
+        self: _Running,
+        exc: BaseException | None = None,
+        countdown: float | None = None,
+        eta: dt.datetime | float | None = None,
+        max_retries: int | None = None,
+    ) -> NoReturn:
+        """Send this task again later with the same arguments; call as ``raise self.retry()``.
+
+        Parameters
+        ----------
+        exc
+            The cause; re-raised as the task's error once retries are exhausted.
+        countdown
+            Seconds until the retry (default: ``default_retry_delay``, or the backoff).
+        eta
+            When to retry, instead of ``countdown``.
+        max_retries
+            Override the task's ``max_retries`` for this decision.
+
+        Raises
+        ------
+        Retry
+            Always, unless retries are exhausted.
+        MaxRetriesExceededError
+            Retries are exhausted and there is no ``exc`` to re-raise.
+        """
+        if exc is not None and not isinstance(exc, BaseException):
+            raise ConfigurationError(
+                f"retry(exc=...) takes the exception that caused the retry, got {exc!r}"
+            )
+        countdown = seconds("countdown", countdown)
+        request = self.request
+        limit = self.max_retries if max_retries is None else max_retries
+        if limit is not None and request.retries >= limit:
+            if exc is not None:
+                raise exc
+            raise MaxRetriesExceededError(
+                f"task {self.name}[{request.id}] gave up after {request.retries} retries"
+            )
+        if eta is not None:
+            when = max(0.0, (epoch(eta, absolute=True) or 0.0) - time.time())
+        elif countdown is not None:
+            when = float(countdown)
+        else:
+            when = self.retry_delay(request.retries)
+        raise Retry(f"retry in {when:.3g} s" + (f": {exc!r}" if exc else ""), exc, when)
+
+    def retry_delay(self: _Running, retries: int) -> float:
+        """Seconds before retry number ``retries + 1``: fixed, or exponential with jitter."""
+        if not self.retry_backoff:
+            return float(self.default_retry_delay)
+        factor = 1.0 if self.retry_backoff is True else float(self.retry_backoff)
+        delay = min(factor * (2**retries), float(self.retry_backoff_max))
+        # Full jitter, as Celery: spreads retries of many failing tasks apart.
+        return random.uniform(0, delay) if self.retry_jitter else delay
+
+    # Handlers: called on the worker, after the outcome is stored; errors are logged. ---------
+    def before_start(self, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        """Called before the task runs."""
+
+    def on_success(
+        self, retval: Any, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> None:
+        """Called when the task returned ``retval``."""
+
+    def on_failure(
+        self,
+        exc: BaseException,
+        task_id: str,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        einfo: ExceptionInfo,
+    ) -> None:
+        """Called when the task raised ``exc``."""
+
+    def on_retry(
+        self,
+        exc: BaseException,
+        task_id: str,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        einfo: ExceptionInfo,
+    ) -> None:
+        """Called when the task is to be retried."""
+
+    def after_return(
+        self,
+        status: str,
+        retval: Any,
+        task_id: str,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        einfo: ExceptionInfo | None,
+    ) -> None:
+        """Called after every run, whatever the outcome (``status`` is the state)."""
