@@ -5,25 +5,21 @@ place) *pending*. A later cell that reads one waits for that task first (an AST 
 inserts the wait as the cell's first statement, so the kernel's interrupt stops it like any
 code); cells that read no pending name run at once. Finished tasks' values are written into
 the namespace only from the kernel's main thread: in that wait, or in a ``pre_run_cell``
-hook — never from the listener thread.
+hook — never from the listener thread. How they are written is
+:mod:`nbtask.notebook.write_back`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import pickle
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from nbtask.core.task_errors import unloadable_value, unloadable_values
 from nbtask.errors import BlobError, TaskRevoked, WorkerLost
 from nbtask.notebook import process_state
-from nbtask.notebook.analysis import is_history_name
-from nbtask.notebook.carried import WithObjects, load_each, load_values, share_namespace
-from nbtask.notebook.cell_run import CellRun, lost_error, revoked_error, sent_objects_of
-from nbtask.notebook.fingerprints import changed_since
+from nbtask.notebook.cell_run import CellRun, lost_error, revoked_error
 from nbtask.notebook.follow import (
     POLL_SECONDS,
     StopPresses,
@@ -34,13 +30,10 @@ from nbtask.notebook.follow import (
     wait_interruptibly,
 )
 from nbtask.notebook.guard import awaited, pending_objects, run_of
-from nbtask.notebook.inplace import bring_back
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.remote_errors import local_exception
-from nbtask.wire.blobs import Packed
-from nbtask.wire.envelope import Envelope
-from nbtask.wire.events import State, lacks_code
-from nbtask.wire.item_loads import SharedWithFailed
+from nbtask.notebook.write_back import WriteBack
+from nbtask.wire.events import State
 
 if TYPE_CHECKING:
     from nbtask.core.handle import TaskHandle
@@ -52,7 +45,7 @@ __all__ = ["Pending"]
 _STOPPING_SECONDS = 10.0
 
 
-class Pending:
+class Pending(WriteBack):
     """The notebook's cell runs and the names they will assign.
 
     Parameters
@@ -81,12 +74,6 @@ class Pending:
     def kept(self, names: Iterable[str]) -> list[str]:
         """Those of ``names`` bound to values kept on the workers."""
         return [n for n in names if isinstance(self.namespace.get(n), RemoteValue)]
-
-    def took_kept(self, value: RemoteValue) -> None:
-        """A kept value reached the notebook: bound to be fetched, and looked for in cells."""
-        if self._on_kept is not None:
-            self._on_kept(value)
-            self.holds_kept = True
 
     def add(self, run: CellRun, *, pending: bool = True) -> None:
         """Track a run; with ``pending`` its names wait for it."""
@@ -305,200 +292,3 @@ class Pending:
         finally:
             run.sent, run.prints = {}, {}
             self.forget(mine)
-
-    def _apply(self, run: CellRun, effects: Mapping[str, Any]) -> None:
-        """Write a cell's names and process-wide state changes into this kernel."""
-        # The notebook's objects its values hold: loaded as they are, not as copies.
-        objects = {n: run.sent[n] for n in effects.get("sent_inside", ()) if n in run.sent}
-        arrived, unloaded = _loaded(run, effects, objects)
-        run.shown = _with_objects(effects.get("shown"), objects)
-        del objects
-        known = self._known_references(arrived)
-        # No loop variable left holding one of the values: bring_back counts references.
-        for kept in [v for v in arrived.values() if isinstance(v, RemoteValue)]:
-            if not any(kept is mine for mine in known):
-                self.took_kept(kept)
-        del known
-        changed = effects.get("kept_in_place", ())
-        self._changed_kept(arrived, [n for n in changed if n not in run.superseded])
-        in_place = [n for n in effects.get("in_place", ()) if n not in run.superseded]
-        for name in self._changed_meanwhile(run, in_place):
-            in_place.remove(name)
-            arrived.pop(name, None)  # the notebook keeps its object, with its own change
-        sent = sent_objects_of(run, effects.get("sent", {}))
-        run.sent = {}  # not counted as a holder of the objects bring_back writes into
-        arrived = bring_back(self.namespace, arrived, in_place, _say)  # empties the first
-        arrived.update(sent)
-        del sent
-        for name, value in arrived.items():
-            if name not in run.superseded:
-                self.namespace[name] = value
-        for name in effects.get("deleted", ()):
-            if name not in run.superseded:
-                self.namespace.pop(name, None)
-        self._rehome(effects.get("held"))
-        share_namespace(self.namespace, arrived)
-        skipped = {**effects.get("skipped", {}), **unloaded}
-        unknown = "the object it was bound to is no longer known here"
-        skipped.update({n: unknown for n in effects.get("sent", {}) if n not in arrived})
-        for name, why in skipped.items():
-            self._not_brought_back(run, name, why)
-        self._say_modules_changed(effects.get("modules_changed", ()))
-        state = effects.get("state")
-        if state and state != process_state.NO_CHANGES:
-            self._apply_state(Envelope({}, state).load_body())
-
-    def _changed_meanwhile(self, run: CellRun, names: Iterable[str]) -> list[str]:
-        """Those of ``names`` whose notebook object changed since ``run`` was sent; said.
-
-        The cell changed its copy; writing that into the notebook's object would undo what
-        the notebook did to it meanwhile (through a name no guard saw: an attribute of
-        another object, ``exec``). The notebook's change is kept, and one line says so.
-        """
-        prints, run.prints = run.prints, {}
-        changed = changed_since(prints, self.namespace, names)
-        for name in changed:
-            _say(
-                f"nbtask: {name}: the changes task {run.label!r} [{run.handle.id[:8]}] made "
-                f"to it were not applied: the notebook changed {name} while the task ran, "
-                "and applying them would have undone that. The notebook keeps its own "
-                f"{name}; to have both, run the cell again (it starts from this {name}), "
-                "or run such cells with --wait"
-            )
-        return changed
-
-    def _say_modules_changed(self, names: Iterable[str]) -> None:
-        """Say once per module that a cell changed its state on a worker, not here."""
-        for name in names:
-            if not isinstance(name, str) or name in self._modules_told:
-                continue
-            self._modules_told.add(name)
-            _say(
-                f"nbtask: the cell changed the state of the notebook's module {name!r} "
-                "(its top-level values) on the worker; such changes stay there and this "
-                "kernel's module is as it was. Return what you need as a variable of the cell"
-            )
-
-    def _known_references(self, arrived: dict[str, Any]) -> list[RemoteValue]:
-        """Put the notebook's own reference in place of each that stands for the same value.
-
-        A cell that binds a kept value it read to another name (``alias = big``) sends
-        back the reference it was given (same keeper): the notebook's, so both names are
-        bound to one object, as locally. Returns the references put in (already tracked);
-        one whose value the cell's process now holds is told so.
-        """
-        if not any(isinstance(value, RemoteValue) for value in arrived.values()):
-            return []  # the usual cell: no scan of a namespace that grows with every cell
-        held = [v for v in self.namespace.values() if isinstance(v, RemoteValue) and v.keeper]
-        known = {(value.key, value.keeper): value for value in held}
-        put = []
-        for name, value in arrived.items():
-            mine = known.get((value.key, value.keeper)) if isinstance(value, RemoteValue) else None
-            if mine is None or mine is value:
-                continue
-            if (mine.holder, mine.holder_pid) != (value.holder, value.holder_pid):
-                mine.holder, mine.holder_pid = value.holder, value.holder_pid
-                self.took_kept(mine)
-            arrived[name] = mine
-            put.append(mine)
-        return put
-
-    def _changed_kept(self, arrived: Mapping[str, Any], names: Iterable[str]) -> None:
-        """Kept values a cell changed in place: every name bound to one sees the change.
-
-        The change comes back under a new reference for the names the cell used; the
-        notebook's other names for the old reference (``alias`` of ``alias = big``, when
-        the cell changed ``big``) are bound to the new one too, as locally.
-        """
-        for name in names:
-            old, new = self.namespace.get(name), arrived.get(name)
-            if not isinstance(old, RemoteValue) or new is None or new is old:
-                continue
-            for other in self.names_of(old):
-                if other not in arrived:
-                    self.namespace[other] = new
-
-    def names_of(self, value: RemoteValue) -> list[str]:
-        """The names bound to ``value``, but IPython's history names (``_``, ``_3``)."""
-        found = [n for n, bound in list(self.namespace.items()) if bound is value]
-        return [n for n in found if not is_history_name(n)]
-
-    def _not_brought_back(self, run: CellRun, name: str, why: str) -> None:
-        """Say that the cell's value for ``name`` could not come back (it cannot be pickled).
-
-        A name the cell bound anew would no longer hold its old value locally: it goes, so
-        that no later cell uses the old one unawares. One it changed in place keeps the
-        value it had before the cell.
-        """
-        if name in run.superseded:
-            return
-        if name in run.rebound:
-            self.namespace.pop(name, None)
-            said = "it is not defined in the notebook after this cell"
-        else:
-            said = "the notebook keeps its value from before the cell"
-        print(f"nbtask: {name} did not come back from the worker ({why}): {said}", file=sys.stderr)
-
-    def _rehome(self, held: Mapping[str, list[Any]] | None) -> None:
-        """Kept values the cell read and its process now holds: later work goes there.
-
-        The cell loaded them from their store copy (their holder was gone, or another
-        process ran it); a name rebound meanwhile is left alone.
-        """
-        for name, (key, holder, pid) in (held or {}).items():
-            value = self.namespace.get(name)
-            if isinstance(value, RemoteValue) and value.key == key:
-                value.holder, value.holder_pid = str(holder), int(pid)
-                if self._on_kept is not None:
-                    self._on_kept(value)
-
-
-def _loaded(
-    run: CellRun, effects: Mapping[str, Any], objects: Mapping[str, Any]
-) -> tuple[dict[str, Any], dict[str, str]]:
-    """A cell's values, and why each that cannot be loaded here did not come back.
-
-    They are loaded together (names that share an object share it); if they do not load
-    so (a class only the workers can import, a ``__setstate__`` raising here), one at a
-    time: one that cannot be loaded loses no other.
-    """
-    try:
-        return load_values(effects, objects), {}
-    except Exception as exc:
-        whole = exc
-    try:
-        arrived, failed = load_each(effects, objects)
-    except Exception:  # not one value's failure: none is bound
-        raise one_line(
-            unloadable_values(run.label, _why(whole), missing=_missing(whole))
-        ) from whole
-    unloaded = {
-        name: str(exc)
-        if isinstance(exc, SharedWithFailed)
-        else unloadable_value(_why(exc), missing=_missing(exc))
-        for name, exc in failed.items()
-    }
-    return arrived, unloaded
-
-
-def _why(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _missing(exc: BaseException) -> bool | None:
-    """Whether what ``exc`` says is missing here: ``None`` if it says it all."""
-    # An UnpicklingError: a notebook object they name is gone, as it says.
-    return None if isinstance(exc, pickle.UnpicklingError) else lacks_code(exc)
-
-
-def _with_objects(shown: Any, objects: Mapping[str, Any]) -> Any:
-    """A ``--wait`` cell's last expression as it came, loaded with ``objects`` when asked."""
-    if objects and isinstance(shown, tuple) and len(shown) == 2 and shown[0] == "value":
-        how, packed = shown
-        if isinstance(packed, Packed):
-            return (how, WithObjects(packed, dict(objects)))
-    return shown
-
-
-def _say(line: str) -> None:
-    print(line, file=sys.stderr)
