@@ -210,3 +210,37 @@ def hard_limited_sleep(seconds: float) -> int:
     """Sleep ``seconds``; its hard time limit (1 s) is declared here, on the worker's side."""
     time.sleep(seconds)
     return os.getpid()
+
+
+# An argument that kills the process loading it, once --------------------------------------
+class KillsItsLoader:
+    """Pickles to a call that SIGKILLs the process unpickling it, the first time only.
+
+    ``flag`` is a file the first loader creates; a later loader gets the flag's path.
+    Copying it (``copy``/``deepcopy``, as sending may) keeps it as it is.
+    """
+
+    def __init__(self, flag: str) -> None:
+        self.flag = flag
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (_load_once, (self.flag,))
+
+    def __copy__(self) -> KillsItsLoader:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> KillsItsLoader:
+        return self
+
+
+def _load_once(flag: str) -> str:
+    """SIGKILL this process if ``flag`` did not exist yet (creating it); else return it."""
+    import signal
+
+    try:
+        fd = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return flag
+    os.close(fd)
+    os.kill(os.getpid(), signal.SIGKILL)
+    return flag  # (never reached)

@@ -2,8 +2,9 @@
 
 A message that does not verify is dead-lettered; one whose task may not start (already
 finished, revoked, or its record overwritten) is dropped; one too old or expired is
-settled here without running. A task taken before its eta, or over its rate limit, is
-parked until it may start, so it does not hold the child's slot while it waits.
+settled here without running, and followed up as a failure is (its errbacks, its chain's
+later steps). A task taken before its eta, or over its rate limit, is parked until it may
+start, so it does not hold the child's slot while it waits.
 """
 
 from __future__ import annotations
@@ -62,8 +63,14 @@ class Admitted:
 class Settle(Protocol):
     """How the child settles a task that will not run: store, tell the client, maybe ack."""
 
-    def __call__(self, admitted: Admitted, outcome: Outcome, *, ack: bool = ...) -> object:
-        """Settle ``admitted`` with ``outcome``; acknowledge its delivery if ``ack``."""
+    def __call__(
+        self, admitted: Admitted, outcome: Outcome, *, ack: bool = ..., owes: bool = ...
+    ) -> object:
+        """Settle ``admitted`` with ``outcome``; acknowledge its delivery if ``ack``.
+
+        With ``owes`` the stored outcome says its follow-ups are owed
+        (``FollowUps.run_owed``).
+        """
 
 
 class Admission:
@@ -157,14 +164,32 @@ class Admission:
             self._too_old(admitted, age)
             return True
         if message.expires is not None and now > message.expires:
+            # Celery's way: revoked with reason "expired", its errbacks called.
             reason = {"reason": "expired"}
-            expired = Outcome(
-                Event(EventType.REVOKED, message.id, FINAL_SEQ, reason, run=message.run)
-            )
-            self.settle(admitted, expired)
-            self.follow_ups.run(message, expired, admitted.callbacks, None)
+            expired = Event(EventType.REVOKED, message.id, FINAL_SEQ, reason, run=message.run)
+            self._end_unrun(admitted, Outcome(expired))
             return True
         return False
+
+    def _end_unrun(
+        self, admitted: Admitted, outcome: Outcome, *, dead_letter: bool = False
+    ) -> None:
+        """Settle a task that will not run with ``outcome``, then follow it up, once.
+
+        As for a task its worker lost: its errbacks are sent and its chain's later steps end
+        with its outcome. The outcome is stored owing them before its message is let go
+        (dead-lettered, or acknowledged): a process that dies in between leaves both to
+        whoever settles the message then (its supervisor; on RabbitMQ, whoever it comes
+        back to), which runs them if still owed (``FollowUps.run_owed``).
+        """
+        self.settle(admitted, outcome, ack=False, owes=True)
+        try:
+            self.follow_ups.run_owed(admitted.message, admitted.callbacks)
+        finally:
+            if dead_letter:
+                self.transport.dead_letter(admitted.delivery)
+            else:
+                self.transport.discard(admitted.delivery)
 
     def _park(self, admitted: Admitted, due: float) -> None:
         """Put a task back to PENDING (the start check marked it STARTED) until ``due``."""
@@ -260,9 +285,8 @@ class Admission:
         """Dead-letter a genuine message that may not run now or ever, and fail its task."""
         message = admitted.message
         log.error("rejected task %s: %s", message.id, why)
-        self.transport.dead_letter(admitted.delivery)
         failed = failure_event(message.id, FINAL_SEQ, NbtaskError(why), run=message.run)
-        self.settle(admitted, Outcome(failed), ack=False)
+        self._end_unrun(admitted, Outcome(failed), dead_letter=True)
 
 
 def _from_the_future(ahead: float) -> str:

@@ -39,6 +39,7 @@ from nbtask.settings import Settings
 from nbtask.wire.envelope import Signer
 from nbtask.wire.events import CODE_DIFFERS, FINAL_SEQ, Event, EventType, run_seq_base
 from nbtask.wire.message import TaskMessage, decode_value
+from nbtask.wire.records import FOLLOW_UPS, FOLLOW_UPS_OWED
 from nbtask.worker.admit import Admission, Admitted
 from nbtask.worker.finder import TaskFinder
 from nbtask.worker.holdings import process_holding
@@ -52,6 +53,7 @@ from nbtask.worker.settle import (
     failure_outcome,
     has_handlers,
     outcome_fields,
+    owes_follow_ups,
     revoked_body,
     success_outcome,
 )
@@ -286,13 +288,24 @@ class Child:
         later = bool(admitted.callbacks or message.args_layout) or (
             task is not None and has_handlers(task)
         )
+        # Errbacks or a chain's later steps to fail: the message is held until they are
+        # sent (see owes_follow_ups), so that a process killed meanwhile does not lose them.
+        owed = owes_follow_ups(outcome, admitted.callbacks)
         try:
             following = self._settle(
-                admitted, outcome, fetch_next=not later and not store.holds_writes()
+                admitted,
+                outcome,
+                ack=not owed,
+                owes=owed,
+                fetch_next=not later and not store.holds_writes(),
             )
         finally:
             store.start_writes()
-        self.follow_ups.run(message, outcome, admitted.callbacks, task)
+        try:
+            self.follow_ups.run(message, outcome, admitted.callbacks, task, owed=owed)
+        finally:
+            if owed:  # (never left held: RabbitMQ would give this process nothing more)
+                self.transport.discard(admitted.delivery)
         return following
 
     def _note_code_differs(self, message: TaskMessage, task: Task | None) -> None:
@@ -426,12 +439,19 @@ class Child:
 
     # Settle ------------------------------------------------------------------------------------
     def _settle(
-        self, admitted: Admitted, outcome: Outcome, *, ack: bool = True, fetch_next: bool = False
+        self,
+        admitted: Admitted,
+        outcome: Outcome,
+        *,
+        ack: bool = True,
+        owes: bool = False,
+        fetch_next: bool = False,
     ) -> Delivery | None:
         """Store the outcome, tell the client and acknowledge (re-sending a retry).
 
-        With ``fetch_next`` (and unless the child is stopping) the same round trip also
-        waits for the next message.
+        With ``owes`` the record says the outcome's follow-ups are owed (see
+        ``FollowUps.run_owed``). With ``fetch_next`` (and unless the child is stopping) the
+        same round trip also waits for the next message.
         """
         message = admitted.message
         try:
@@ -442,6 +462,8 @@ class Child:
             outcome.body = b""
             raw = self.signer.seal(outcome.event.to_header())
         fields = outcome_fields(self.signer, message, outcome, raw)
+        if owes:
+            fields[FOLLOW_UPS] = FOLLOW_UPS_OWED
         requeue = None
         if outcome.retry_in is not None:
             due = time.time() + outcome.retry_in

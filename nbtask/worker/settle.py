@@ -47,6 +47,7 @@ __all__ = [
     "failure_outcome",
     "has_handlers",
     "outcome_fields",
+    "owes_follow_ups",
     "report",
     "revoked_body",
     "send_stored_outcome",
@@ -290,13 +291,28 @@ class FollowUps:
         self.signer = signer
         self.publisher = publisher
 
-    def run(self, message: TaskMessage, outcome: Outcome, links: Buffer, task: Task | None) -> None:
+    def run(
+        self,
+        message: TaskMessage,
+        outcome: Outcome,
+        links: Buffer,
+        task: Task | None,
+        *,
+        owed: bool = False,
+    ) -> None:
         """Send linked tasks (or fail a chain's later steps), call the handlers.
 
         ``links`` is the message's pickled callbacks. Then, once the task has ended, its
-        argument blobs may go.
+        argument blobs may go. With ``owed`` the stored outcome says its follow-ups are
+        owed (:func:`owes_follow_ups`): they are taken in the store first, and left to
+        whoever took them before (the supervisor of a process that died meanwhile).
         """
+        # Loaded before they are taken: a process that dies loading them (a callback
+        # argument whose loading kills it) leaves them owed, for its supervisor.
         callbacks = _callbacks(message, links)
+        if owed and self.transport.store.take_follow_ups(message.id) is False:
+            log.warning("the follow-ups of task %s were run by another process", message.id)
+            callbacks = None
         try:
             if callbacks:
                 self._send_callbacks(message, outcome, callbacks)
@@ -317,7 +333,7 @@ class FollowUps:
         holds the task's message later (RabbitMQ gives a killed child's message back after
         its outcome was stored), runs them; taking them in the store makes that once.
         Returns what the take said: True (run now), False (run before), ``None`` (none
-        owed: the task's own process stored its outcome and ran its follow-ups).
+        owed: the task's own process stored an outcome that owes none).
         """
         taken = self.transport.store.take_follow_ups(message.id)
         if taken:
@@ -395,6 +411,17 @@ class FollowUps:
             nested = sig.options.get("callbacks")
             if isinstance(nested, Callbacks):
                 self._fail_downstream(message, outcome, nested.link)
+
+
+def owes_follow_ups(outcome: Outcome, links: Buffer) -> bool:
+    """Whether a task's own process stores ``outcome`` saying its follow-ups are owed.
+
+    An outcome that sends errbacks or fails a chain's later steps: stored owing them, with
+    the task's message held until they are sent, a process killed in between leaves them
+    to whoever settles that message (its supervisor; on RabbitMQ, whoever the message comes
+    back to), which runs them once (:meth:`FollowUps.run_owed`).
+    """
+    return bool(links) and outcome.state in (State.FAILURE, State.REVOKED)
 
 
 def _stamp(sent: object) -> float | None:

@@ -1,0 +1,172 @@
+"""What follows a task its worker refuses to run, and a task whose process is killed after
+storing its own failure, on both brokers. A message expired, older than ``max_age`` or made
+too far in the worker's future is not run: its chain's later steps end with its error
+(never ``PENDING`` for ever) and its errbacks run once. A child killed between storing its
+task's failure and sending what follows it leaves that to its supervisor (or, on RabbitMQ,
+to whoever the message comes back to): the errbacks still run once."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import wait_for_housekeeping, wait_until
+
+import nbtask
+from nbtask import App, State, TaskHandle
+from nbtask.core import outgoing
+from tests.celery_tasks import KillsItsLoader, read_records
+
+pytestmark = pytest.mark.brokers
+
+
+def _tasks(app: App) -> tuple[Any, Any, Any]:
+    """A step that notes its run, one that fails, and an errback that notes its call."""
+
+    @app.task
+    def step(x: int, path: str) -> int:
+        from tests.celery_tasks import record
+
+        record(path, step=x)
+        return x + 1
+
+    @app.task
+    def fails(x: int, path: str) -> int:
+        from tests.celery_tasks import record
+
+        record(path, step=x)
+        raise ValueError(f"step {x} fails")
+
+    @app.task
+    def note(value: object, path: str, *_: object) -> object:
+        from tests.celery_tasks import record
+
+        record(path, value=value)
+        return value
+
+    return step, fails, note
+
+
+def _chain(app: App, first: Any, tmp_path: Path, **options: Any) -> tuple[TaskHandle, TaskHandle]:
+    """Send ``first | step | step`` with an errback on ``first``; the last handle, the errback's."""
+    step, _, note = _tasks(app)
+    ledger, calls = str(tmp_path / "ledger"), str(tmp_path / "calls")
+    errback_id = uuid.uuid4().hex
+    errback = app.expect(errback_id, note.name)
+    head = first.set(link_error=note.s(calls).set(task_id=errback_id), **options)
+    return (head | step.s(ledger) | step.s(ledger)).delay(), errback
+
+
+def _later_steps(last: TaskHandle) -> list[TaskHandle]:
+    middle = last.parent
+    assert middle is not None and middle.parent is not None
+    return [middle, last]
+
+
+def _first(last: TaskHandle) -> TaskHandle:
+    head = _later_steps(last)[0].parent
+    assert head is not None
+    return head
+
+
+def _errback_called_once(app: App, errback: TaskHandle, head: TaskHandle, tmp_path: Path) -> None:
+    assert errback.get(timeout=20) == head.id
+    wait_for_housekeeping(app)
+    wait_for_housekeeping(app)
+    assert [r["value"] for r in read_records(tmp_path / "calls")] == [head.id]
+    assert read_records(tmp_path / "ledger") == []  # no step ran
+
+
+def test_chain_whose_first_step_expired_ends_its_later_steps_and_calls_its_errback_once(
+    app: App, start_worker, tmp_path: Path
+) -> None:
+    step, _, _ = _tasks(app)
+    last, errback = _chain(app, step.s(1, str(tmp_path / "ledger")), tmp_path, expires=0.5)
+    head = _first(last)
+    time.sleep(1.0)  # expired before any worker takes it
+    start_worker(concurrency=1)
+    with pytest.raises(nbtask.TaskRevoked):
+        head.get(timeout=20)
+    for later in _later_steps(last):
+        with pytest.raises(nbtask.TaskRevoked) as info:
+            later.get(timeout=20)
+        assert head.id in str(info.value)
+        assert later.state is State.REVOKED
+    _errback_called_once(app, errback, head, tmp_path)
+
+
+def test_chain_whose_first_step_is_older_than_max_age_ends_its_later_steps_and_calls_its_errback(
+    app: App, start_worker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NBTASK_MAX_AGE", "2.0")  # for the workers (start_worker copies it)
+    step, _, _ = _tasks(app)
+    last, errback = _chain(app, step.s(1, str(tmp_path / "ledger")), tmp_path)
+    head = _first(last)
+    time.sleep(2.5)  # older than max_age before any worker takes it
+    start_worker(concurrency=1)
+    with pytest.raises(nbtask.NbtaskError, match="older than max_age"):
+        head.get(timeout=20)
+    for later in _later_steps(last):
+        with pytest.raises(nbtask.NbtaskError, match="older than max_age"):
+            later.get(timeout=20)  # the same error as its first step
+        assert later.state is State.FAILURE
+    _errback_called_once(app, errback, head, tmp_path)
+
+
+class _ClockAhead:
+    """The ``time`` module as a client whose clock is an hour ahead sees it."""
+
+    @staticmethod
+    def time() -> float:
+        return time.time() + 3600.0
+
+
+def test_chain_whose_first_step_comes_from_the_workers_future_ends_its_later_steps(
+    app: App, start_worker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    step, _, _ = _tasks(app)
+    monkeypatch.setattr(outgoing, "time", _ClockAhead)
+    last, errback = _chain(app, step.s(1, str(tmp_path / "ledger")), tmp_path)
+    monkeypatch.undo()
+    head = _first(last)
+    start_worker(concurrency=1)
+    with pytest.raises(nbtask.NbtaskError, match="in this worker's future"):
+        head.get(timeout=20)
+    for later in _later_steps(last):
+        with pytest.raises(nbtask.NbtaskError, match="in this worker's future"):
+            later.get(timeout=20)
+        assert later.state is State.FAILURE
+    _errback_called_once(app, errback, head, tmp_path)
+
+
+def test_a_child_killed_after_storing_its_failure_still_has_its_errback_and_chain_followed(
+    app: App, start_worker, tmp_path: Path
+) -> None:
+    """Loading the errback's arguments (after the failure is stored, before anything that
+    follows it is sent) kills the child, once; its supervisor, or the worker the message
+    comes back to, sends what is still owed."""
+    _, fails, note = _tasks(app)
+    worker = start_worker(concurrency=1)
+    ledger, calls, flag = (str(tmp_path / name) for name in ("ledger", "calls", "flag"))
+    step, _, _ = _tasks(app)
+    errback_id = uuid.uuid4().hex
+    errback = app.expect(errback_id, note.name)
+    dies = note.s(calls, KillsItsLoader(flag)).set(task_id=errback_id)
+    last = (fails.s(1, ledger).set(link_error=dies) | step.s(ledger) | step.s(ledger)).delay()
+    head = _first(last)
+    with pytest.raises(ValueError, match="step 1 fails"):
+        head.get(timeout=20)
+    wait_until(lambda: Path(flag).exists(), 20, "the child to load the errback")
+    for later in _later_steps(last):
+        with pytest.raises(ValueError, match="step 1 fails"):
+            later.get(timeout=30)
+        assert later.state is State.FAILURE
+    assert errback.get(timeout=30) == head.id
+    wait_for_housekeeping(app)
+    wait_for_housekeeping(app)
+    assert [r["value"] for r in read_records(calls)] == [head.id]
+    assert [r["step"] for r in read_records(ledger)] == [1]  # no later step ran
+    assert "exited" in worker.log.read_text() or "died" in worker.log.read_text()
