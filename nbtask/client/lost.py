@@ -14,7 +14,8 @@ Never declared lost: a task whose publish is not answered yet (its thread sends 
 after a reconnect), one this client did not send (re-attached by id), one that started (a
 worker holds it; a live worker's heartbeat names what it runs), one sent longer than
 ``result_ttl`` ago (its record may have expired), and a chain's later step, which has no
-record until a worker sends it, unless an earlier step of its chain was lost.
+record until a worker sends it, unless an earlier step of its chain was lost or the step
+before it succeeded (its worker sent it then: lost in the outage like any queued task).
 """
 
 from __future__ import annotations
@@ -128,11 +129,17 @@ class LostTasks:
                 confirmed.append(handle)
             else:
                 still[handle.id] = now if since is None else since
-        # A live worker's heartbeat names what it runs: one whose start went unseen.
+        # A live worker's heartbeat names what it runs: one whose start went unseen, and
+        # an earlier step whose process is still sending what follows it.
         workers = self._store.workers().values() if confirmed else ()
         running = {task_id for info in workers for task_id in info.busy}
         self._missing = still  # (kept as it was if a read failed: looked at again)
-        lost = {handle.id: handle for handle in confirmed if handle.id not in running}
+        lost = {
+            handle.id: handle
+            for handle in confirmed
+            if handle.id not in running
+            and (handle.parent is None or handle.parent.id not in running)
+        }
         if lost:
             self._end_lost(lost, handles)
 
@@ -154,18 +161,30 @@ class LostTasks:
         oldest = time.time() - self._result_ttl + _EXPIRY_MARGIN_SECONDS
         return (
             not handle.done()
-            # Sent by this client, which knows what it has not been answered for: not a
-            # chain's later step (no queue known), which a worker sends, nor a handle
-            # re-attached by id (``outcomes_after`` set), which another process may send
-            # again with its next command.
-            and bool(handle.queue)
-            and handle.parent is None
+            # Sent by this client, which knows what it has not been answered for, or a
+            # chain's later step whose earlier step succeeded (a worker sent it then);
+            # not a later step whose earlier one is still to end, nor a handle re-attached
+            # by id (``outcomes_after`` set), which another process may send again with
+            # its next command.
+            and ((bool(handle.queue) and handle.parent is None) or _sent_by_a_worker(handle))
             and handle.outcomes_after is None
             # One that started is held by a worker, which reports its end.
             and handle.state in (State.PENDING, State.RETRY)
             and handle.sent is not None
             and handle.sent >= oldest
         )
+
+
+def _sent_by_a_worker(handle: TaskHandle) -> bool:
+    """Whether ``handle`` is a chain's later step whose earlier step succeeded.
+
+    The earlier step's worker stores its outcome, then sends this step: the two looks at a
+    missing record, some seconds apart, leave it time to, and a step whose earlier one a
+    live worker's heartbeat still names (its process still sending what follows it) is
+    never declared lost.
+    """
+    earlier = handle.parent
+    return earlier is not None and earlier.done() and earlier.state is State.SUCCESS
 
 
 def _lost_earlier_step(handle: TaskHandle, lost: dict[str, TaskHandle]) -> TaskHandle | None:

@@ -193,3 +193,50 @@ def test_a_send_answered_before_the_restart_but_read_after_it_ends_as_lost(
     finally:
         raw.close()
         app.close()
+
+
+def test_a_later_chain_step_queued_when_redis_restarts_empty_ends_as_lost_not_one_unsent(
+    private_redis: PrivateRedis,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    worker_on: list[subprocess.Popen[bytes]],
+) -> None:
+    caplog.set_level(logging.WARNING, logger="nbtask")
+    worker_on.append(_start_worker(private_redis.url, tmp_path / "worker.log"))
+    app = App("lost-step", broker=private_redis.url, secret=_SECRET)
+    try:
+
+        @app.task
+        def add(x: int, y: int) -> int:
+            return x + y
+
+        @app.task
+        def slow_number(x: int, seconds: float) -> int:
+            time.sleep(seconds)
+            return x
+
+        # Its first step succeeds; the worker then sends the second to a queue no worker
+        # serves, where it waits through the restart (as a step waits behind others).
+        queued = (add.s(1, 1) | add.s(10).set(queue="nobody-serves") | add.s(100)).delay()
+        middle = queued.parent
+        assert middle is not None and middle.parent is not None
+        assert middle.parent.get(timeout=30) == 2
+        wait_until(lambda: app.store.get_record(middle.id) is not None, 10, "the step's send")
+        # Its first step runs through the restart: the step after it, not sent yet, is
+        # never taken for lost, and runs once its first step succeeds.
+        unsent = (slow_number.s(6, 12) | add.s(1)).delay()
+        assert unsent.parent is not None
+        wait_until(lambda: unsent.parent.state == "STARTED", 30, "the slow step to start")
+        app.flush()
+
+        _restart(private_redis, caplog)
+
+        with pytest.raises(TaskNotFound, match="lost by the broker") as lost:
+            middle.get(timeout=60)
+        assert middle.id in str(lost.value) and "send it again" in str(lost.value)
+        with pytest.raises(TaskNotFound, match="an earlier task in the chain") as lost:
+            queued.get(timeout=30)
+        assert middle.id in str(lost.value)
+        assert unsent.get(timeout=60) == 7
+    finally:
+        app.close()
