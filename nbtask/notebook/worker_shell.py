@@ -269,6 +269,11 @@ def _install_tqdm() -> None:
     def trange(*args: Any, **kwargs: Any) -> Any:
         return ProgressTqdm(range(*args), **kwargs)
 
+    # Named as what they stand for, so a cell that imports them gives the notebook its
+    # own tqdm.tqdm and tqdm.trange (pickled by reference), as the import would there.
+    for stand_in, name in ((ProgressTqdm, "tqdm"), (trange, "trange")):
+        stand_in.__module__, stand_in.__qualname__ = "tqdm.std", name
+
     modules: list[Any] = [tqdm, tqdm.std, tqdm.auto, sys.modules.get("tqdm.autonotebook")]
     for module in modules:
         if module is not None:

@@ -138,6 +138,22 @@ def test_tqdm_loop_becomes_progress(ip: InteractiveShell, nb: Session) -> None:
     assert ip.user_ns["total"] == 190
 
 
+def test_tqdm_imported_in_a_cell_is_the_notebooks_tqdm_after_it(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    import tqdm
+    import tqdm.auto
+
+    ip.run_cell_magic(
+        "task",
+        "--wait",
+        "from tqdm import tqdm\nfrom tqdm.auto import trange as tr\n"
+        "for i in tqdm(range(3)):\n    pass\nbar = tqdm",
+    )
+    assert ip.user_ns["tqdm"] is ip.user_ns["bar"] is tqdm.tqdm
+    assert ip.user_ns["tr"] is tqdm.trange
+
+
 def test_nested_tqdm_loops_show_the_outer_bar_as_progress(
     ip: InteractiveShell, nb: Session
 ) -> None:
