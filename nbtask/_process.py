@@ -13,6 +13,7 @@ from pathlib import Path
 from types import FrameType
 
 __all__ = [
+    "current_pid",
     "die_with_parent",
     "group_members",
     "interrupts_held",
@@ -21,6 +22,27 @@ __all__ = [
 ]
 
 _PR_SET_PDEATHSIG = 1
+
+# This process's id, renewed in every child ``os.fork`` makes (``multiprocessing``'s
+# too): ``os.getpid()`` is a system call each time, and the broker connections ask on
+# every use, so that a fork never talks on its parent's socket.
+_pid = [os.getpid()]
+
+
+def _renew_pid() -> None:
+    _pid[0] = os.getpid()
+
+
+os.register_at_fork(after_in_child=_renew_pid)
+
+
+def current_pid() -> int:
+    """The id of the calling process, without a system call (right in a forked child too).
+
+    A child forked outside Python (C code calling ``fork()`` and running Python on
+    without exec) would keep its parent's id here: use ``os.getpid()`` there.
+    """
+    return _pid[0]
 
 
 def die_with_parent(signum: int) -> None:

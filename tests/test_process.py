@@ -1,4 +1,4 @@
-"""The process helpers: Ctrl-C held back while a step must not stop half done."""
+"""The process helpers: Ctrl-C held back while a step must not stop half done; the pid."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from nbtask._process import interrupts_held
+from nbtask._process import current_pid, interrupts_held
 
 
 def test_ctrl_c_during_a_held_step_comes_once_the_step_is_done() -> None:
@@ -39,3 +39,20 @@ def test_a_held_step_without_ctrl_c_raises_nothing_and_elsewhere_holds_nothing()
     thread.start()
     thread.join()
     assert errors == []
+
+
+def test_the_pid_kept_without_a_system_call_is_a_forked_childs_own() -> None:
+    assert current_pid() == os.getpid()
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: report what it sees, then leave at once
+        os.write(write, f"{current_pid()} {os.getpid()}".encode())
+        os._exit(0)
+    os.close(write)
+    try:
+        seen, real = os.read(read, 100).decode().split()
+    finally:
+        os.close(read)
+        os.waitpid(child, 0)
+    assert seen == real == str(child)
+    assert current_pid() == os.getpid()

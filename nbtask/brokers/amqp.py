@@ -33,11 +33,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import socket
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
+from nbtask._process import current_pid
 from nbtask.brokers.amqp_guards import (
     DELIVERIES_HEADER,
     ID_HEADER,
@@ -341,7 +341,7 @@ class AmqpTransport(AmqpUpkeep):
         return consumer
 
     def _starter(self, consumer: str) -> StartBy:
-        pid = os.getpid()
+        pid = current_pid()
         if self._whoami[1] != pid:
             self._whoami = (socket.gethostname(), pid)
         return StartBy(self._whoami[0], str(pid), consumer)

@@ -7,7 +7,6 @@ connections; on others (``memory://``) kombu's own calls write them.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from collections import deque
@@ -17,6 +16,7 @@ from amqp.channel import Channel as AmqpChannel
 from amqp.exceptions import RecoverableConnectionError
 from kombu.exceptions import OperationalError
 
+from nbtask._process import current_pid
 from nbtask.brokers.amqp_confirms import Confirms, Outgoing
 from nbtask.brokers.amqp_frames import ack_frame, publish_frames
 from nbtask.brokers.amqp_reads import BufferedTCPTransport
@@ -40,7 +40,7 @@ class Link:
 
     def __init__(self, conn: Any, generation: int) -> None:
         self.conn = conn
-        self.pid = os.getpid()
+        self.pid = current_pid()
         #: The thread whose link this is (made by it, or taking it over once that one
         #: ended): once it ends, the link is closed.
         self.thread = threading.current_thread()

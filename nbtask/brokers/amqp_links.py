@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -15,6 +14,7 @@ from typing import Any
 import kombu as _kombu
 from amqp.exceptions import ConsumerCancelled
 
+from nbtask._process import current_pid
 from nbtask._text import redact_url
 from nbtask.brokers.amqp_confirms import Outgoing, size_limit
 from nbtask.brokers.amqp_guards import GUARDED
@@ -80,7 +80,7 @@ class Links(OtherThreads):
     def current(self) -> Link | None:
         """The calling thread's link, if it has one."""
         link: Link | None = getattr(self._local, "link", None)
-        if link is not None and link.pid != os.getpid():
+        if link is not None and link.pid != current_pid():
             return None  # a process forked meanwhile never uses its parent's connection
         return link
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import os
 import threading
 import time
 from collections.abc import Callable
 
+from nbtask._process import current_pid
 from nbtask._text import redact_url
 from nbtask.brokers.amqp_link import Link
 from nbtask.brokers.amqp_strays import Strays
@@ -85,7 +85,7 @@ class OtherThreads(abc.ABC):
         it is noted unsent (:meth:`take_unsent`), not sent again. Returns the error saying
         so, if that happened.
         """
-        me, pid, current = threading.current_thread(), os.getpid(), self.current()
+        me, pid, current = threading.current_thread(), current_pid(), self.current()
         with self._lock:
             linked = {k.thread for k in self._links if k.pid == pid}
             links = [
@@ -150,7 +150,7 @@ class OtherThreads(abc.ABC):
         raises :class:`BrokerUnavailable`.
         """
         deadline = time.monotonic() + OWED_SECONDS
-        pid, current, astray = os.getpid(), self.current(), self._strays.astray()
+        pid, current, astray = current_pid(), self.current(), self._strays.astray()
         with self._lock:
             links = [
                 k

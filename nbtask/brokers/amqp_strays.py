@@ -11,9 +11,9 @@ RabbitMQ refused, is noted *unsent*, for the app to revoke (see
 
 from __future__ import annotations
 
-import os
 import threading
 
+from nbtask._process import current_pid
 from nbtask.brokers.amqp_confirms import Outgoing
 
 __all__ = ["Strays"]
@@ -42,12 +42,12 @@ class Strays:
         if orphans is None:
             orphans = self._local.orphans = []
             with self._lock:
-                self._lists.append((os.getpid(), threading.current_thread(), orphans))
+                self._lists.append((current_pid(), threading.current_thread(), orphans))
         return orphans
 
     def astray(self) -> set[threading.Thread]:
         """The threads of this process that have orphans."""
-        pid = os.getpid()
+        pid = current_pid()
         with self._lock:
             return {thread for p, thread, orphans in self._lists if p == pid and orphans}
 
@@ -57,7 +57,7 @@ class Strays:
         Called under the lock, ``linked`` holding the threads of this process that have
         a link listed: such a thread's next link sends its orphans first.
         """
-        me, pid, mine = threading.current_thread(), os.getpid(), self.mine()
+        me, pid, mine = threading.current_thread(), current_pid(), self.mine()
         for entry in list(self._lists):
             entry_pid, thread, orphans = entry
             alive = thread.is_alive()
@@ -71,7 +71,7 @@ class Strays:
 
     def forget_all(self) -> None:
         """Closing: note every orphan left in this process unsent, and forget the lists."""
-        pid = os.getpid()
+        pid = current_pid()
         with self._lock:
             left = [o for p, _, orphans in self._lists if p == pid for o in orphans]
             self._lists = []

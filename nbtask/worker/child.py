@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 from typing import Any
 
-from nbtask._process import die_with_parent
+from nbtask._process import current_pid, die_with_parent
 from nbtask.brokers import Delivery, Verdict, open_broker
 from nbtask.core.canvas import sending_through
 from nbtask.core.context import Request, running
@@ -252,7 +252,7 @@ class Child:
 
         The copy must not report an outcome or take messages: it has no supervisor.
         """
-        if os.getpid() != self._pid:
+        if current_pid() != self._pid:
             os._exit(code)
 
     # Run ---------------------------------------------------------------------------------------
