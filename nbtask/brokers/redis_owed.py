@@ -14,7 +14,7 @@ from typing import Any
 from nbtask.brokers.base import Publish
 from nbtask.brokers.redis_resp import LARGE_BYTES, Command
 
-__all__ = ["OWED_BYTES", "Owed", "unanswered"]
+__all__ = ["OWED_BYTES", "Owed", "looking", "unanswered"]
 
 #: Bytes of publishes a thread may have sent unanswered (kept to be sent again) before
 #: its next send reads Redis's replies: a loop sending large arguments holds little.
@@ -49,3 +49,16 @@ def unanswered(messages: Sequence[Publish], wait: bool) -> Publish | None:
     if wait or len(messages) != 1 or len(messages[0].raw) >= LARGE_BYTES:
         return None
     return messages[0]
+
+
+def looking(command: Command) -> Command:
+    """A publish script's command sent as new (ARGV[7] ``"1"``), as one that looks first.
+
+    An id its sender just drew is written without looking whether a task holds it
+    (:data:`~nbtask.brokers.scripts.WRITE_PENDING`); sent again (its connection dropped
+    before Redis answered) it must look: the first copy may have run, and its task may
+    be queued, running or ended already. ``command`` is ``EVALSHA sha numkeys keys...
+    args...``.
+    """
+    at = 3 + int(command[2]) + 6
+    return (*command[:at], "0", *command[at + 1 :])

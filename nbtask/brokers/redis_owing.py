@@ -89,7 +89,9 @@ class OwedReplies(abc.ABC):
     def read_lost(self, value: bool) -> None:
         self._local.read_lost = value
 
-    def send_unanswered(self, command: Command, task_id: str) -> None:
+    def send_unanswered(
+        self, command: Command, task_id: str, *, again: Command | None = None
+    ) -> None:
         """Send task ``task_id``'s publish script without waiting for Redis's reply.
 
         The reply is read by this thread's next command, by :meth:`settle_owed` or by
@@ -99,6 +101,8 @@ class OwedReplies(abc.ABC):
         cannot be sent again, or Redis answered with an error) is noted for
         :meth:`take_unsent`. Sending one again is safe: the script refuses a task id that
         already has a record, so a copy that did get through is never queued twice.
+        ``again`` is the command sent again instead, when ``command`` does not look (see
+        :func:`~nbtask.brokers.redis_owed.looking`).
 
         One whose reply Redis does not send in time (it is stalled, or the way back is
         cut) is not sent again: Redis may run the copy it has when it wakes. The command
@@ -106,9 +110,9 @@ class OwedReplies(abc.ABC):
         """
         owed = self._owed()
         with owed.using:
-            self._send_unanswered(owed, command, task_id)
+            self._send_unanswered(owed, command, task_id, command if again is None else again)
 
-    def _send_unanswered(self, owed: Owed, command: Command, task_id: str) -> None:
+    def _send_unanswered(self, owed: Owed, command: Command, task_id: str, again: Command) -> None:
         if len(owed.sent) >= PIPELINE_WINDOW or owed.size >= OWED_BYTES:
             self.settle_owed()
         if owed.connection._sock is None:
@@ -119,7 +123,7 @@ class OwedReplies(abc.ABC):
         try:
             # Owed before it is written: a Ctrl-C right after the write must not leave
             # its reply unaccounted for, to be read as the answer to another command.
-            self._owe(owed, [(command, task_id)], len(packed))
+            self._owe(owed, [(again, task_id)], len(packed))
             # Looked at once the command is on its way (looking lets go of the GIL): a
             # server gone since the last reply (stopped, restarted) never read it.
             sent = send_first(owed.connection, [packed])
@@ -146,7 +150,7 @@ class OwedReplies(abc.ABC):
             # Sent as a call instead, which reads what is owed before it (sending that
             # again), then reconnects or raises at once.
             self._forget_last(owed)
-            self.run_scripts([command])
+            self.run_scripts([again])
 
     @property
     def owed(self) -> int:

@@ -42,7 +42,7 @@ from nbtask.brokers.redis_channels import (
 )
 from nbtask.brokers.redis_holdings import RedisHoldings
 from nbtask.brokers.redis_link import LARGE_BYTES, RedisLink
-from nbtask.brokers.redis_owed import unanswered
+from nbtask.brokers.redis_owed import looking, unanswered
 from nbtask.brokers.redis_workers import RedisWorkers
 from nbtask.brokers.scripts import INDEX_UPKEEP_SECONDS, STORE_SCRIPTS
 from nbtask.settings import Settings
@@ -151,15 +151,26 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisChannels):
         return sorted(found)
 
     def pending_command(
-        self, task_id: str, queue: str, fields: RecordFields, member: bytes = b"", due: float = 0.0
+        self,
+        task_id: str,
+        queue: str,
+        fields: RecordFields,
+        member: bytes = b"",
+        due: float = 0.0,
+        *,
+        new: bool = False,
     ) -> tuple[Any, ...]:
-        """The command writing a PENDING record (and parking ``member`` until ``due``)."""
+        """The command writing a PENDING record (and parking ``member`` until ``due``).
+
+        ``new``: the sender drew ``task_id`` itself just now, so no task holds it and the
+        write need not look (its refusal would not be read anyway).
+        """
         client = fields.get("client")
         index = self.client_tasks_key(str(client)) if client else ""
         keys = (self.record_key(task_id), self.eta_key(queue), index)
         now, upkeep = repr(time.time()), self.index_upkeep(index)
-        args = (self.ttl, now, task_id, repr(due), member, upkeep, *_flat(fields))
-        return self.link.evalsha("record", keys, *args)
+        args = (self.ttl, now, task_id, repr(due), member, upkeep, "1" if new else "0")
+        return self.link.evalsha("record", keys, *args, *_flat(fields))
 
     def index_upkeep(self, index: str) -> str:
         """``"1"`` when this send is to trim ``index`` (a client's tasks), else ``"0"``.
@@ -184,20 +195,21 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisChannels):
         new.
         """
         now = time.time()
-        commands = [self._pending_of(msg, now) for msg in messages]
         if (msg := unanswered(messages, wait)) is not None:
             with self.link.translate_errors():
-                self.link.send_unanswered(commands[0], msg.task_id)
+                command = self._pending_of(msg, now, new=True)
+                self.link.send_unanswered(command, msg.task_id, again=looking(command))
             return [""]
+        commands = [self._pending_of(msg, now) for msg in messages]
         with self.link.translate_errors():
             replies = self.link.run_scripts(commands, large=True)
         return [r.decode() if isinstance(r, bytes) else str(r or "") for r in replies]
 
-    def _pending_of(self, msg: Publish, now: float) -> tuple[Any, ...]:
+    def _pending_of(self, msg: Publish, now: float, *, new: bool = False) -> tuple[Any, ...]:
         parked = msg.eta is not None and msg.eta > now
         member = msg.task_id.encode() + b":" + msg.raw if parked else b""
         due = msg.eta if parked and msg.eta is not None else 0.0
-        return self.pending_command(msg.task_id, msg.queue, msg.record, member, due)
+        return self.pending_command(msg.task_id, msg.queue, msg.record, member, due, new=new)
 
     def start(self, task_id: str, by: StartBy, *, redelivered: bool = False) -> str:
         """The one start check: ``"OK"`` (now STARTED) or the state that forbids a start."""

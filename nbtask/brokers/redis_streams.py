@@ -35,7 +35,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from nbtask.brokers.base import OWED_SECONDS, Delivery, Publish, Settlement, Verdict
 from nbtask.brokers.redis_link import LARGE_BYTES, Command
 from nbtask.brokers.redis_moves import StreamsMoves
-from nbtask.brokers.redis_owed import unanswered
+from nbtask.brokers.redis_owed import looking, unanswered
 from nbtask.brokers.redis_store import RedisStore
 from nbtask.brokers.redis_upkeep import GROUP, _delivery
 from nbtask.brokers.streams_scripts import STREAMS_SCRIPTS
@@ -99,7 +99,10 @@ class StreamsTransport(StreamsMoves):
         now = time.time()
         if (msg := unanswered(messages, wait)) is not None:
             with self.link.translate_errors():
-                self.link.send_unanswered(self._publish_command(msg, now), msg.task_id)
+                # Its sender made the id itself: no task can hold it, nothing to look up
+                # (unless it is sent again: the first copy may have run).
+                command = self._publish_command(msg, now, new=True)
+                self.link.send_unanswered(command, msg.task_id, again=looking(command))
             return [""]
         commands: list[Command] = []
         large = False
@@ -141,7 +144,7 @@ class StreamsTransport(StreamsMoves):
             replies = self.link.run_scripts(commands, large=large)
         return _refusals(replies)
 
-    def _publish_command(self, msg: Publish, now: float) -> Command:
+    def _publish_command(self, msg: Publish, now: float, *, new: bool = False) -> Command:
         client = msg.record.get("client")
         index = self.store.client_tasks_key(str(client)) if client else ""
         keys = (
@@ -160,6 +163,7 @@ class StreamsTransport(StreamsMoves):
             msg.task_id,
             repr(now),
             self.store.index_upkeep(index),
+            "1" if new else "0",
             *fields,
         )
 

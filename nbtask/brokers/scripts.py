@@ -188,7 +188,11 @@ end
 # Write the PENDING record of a task being sent, and note it among its client's tasks
 # (`index`, '' for none). Task ids are single-use: a task that has a record (queued,
 # running, waiting to retry, or final: revoked before a worker sent a chain's next step,
-# or an id reused) stays as it is, and its state is returned; else ''. The index is
+# or an id reused) stays as it is, and its state is returned; else ''. An id its sender
+# has just drawn at random (`new` = '1': no reply is awaited, so no refusal could be
+# told) cannot be held by any task: it is written without looking (two commands less
+# per delay()); a copy sent again looks (redis_owed.looking: `new` is ARGV[7] of every
+# script calling this). The index is
 # trimmed to `ttl` and its expiry pushed back unless `upkeep` is '0': a client sending
 # many tasks does that once every INDEX_UPKEEP_SECONDS, and the index is kept that much
 # longer than `ttl` so it never goes before the newest task it names.
@@ -197,10 +201,12 @@ WRITE_PENDING = _lua(
     _ENDED,
     _ZADD_REPLACING,
     """
-local function write_pending(key, ttl, index, now, task_id, fields, upkeep)
-  local state, outcome = own_record(key)
-  if state then return state end
-  if outcome or ended(key) then return 'FINISHED' end
+local function write_pending(key, ttl, index, now, task_id, fields, upkeep, new)
+  if new ~= '1' then
+    local state, outcome = own_record(key)
+    if state then return state end
+    if outcome or ended(key) then return 'FINISHED' end
+  end
   redis.call('HSET', key, unpack(fields))
   redis.call('EXPIRE', key, ttl)
   if index ~= '' then
@@ -262,12 +268,13 @@ return check_start(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 
 # Write a PENDING record, and park the message until its ETA (member '' = not parked).
 # KEYS: record, eta set, client index
-# ARGV: ttl, now, task id, due, member, index upkeep ('0' = not now), fields...
+# ARGV: ttl, now, task id, due, member, index upkeep ('0' = not now), new ('1' = an id
+# just drawn), fields...
 _RECORD = (
     WRITE_PENDING
     + """
-local refused = write_pending(KEYS[1], ARGV[1], KEYS[3], ARGV[2], ARGV[3], {unpack(ARGV, 7)},
-                              ARGV[6])
+local refused = write_pending(KEYS[1], ARGV[1], KEYS[3], ARGV[2], ARGV[3], {unpack(ARGV, 8)},
+                              ARGV[6], ARGV[7])
 if refused ~= '' then return refused end
 if ARGV[5] ~= '' then zadd_replacing(KEYS[2], ARGV[4], ARGV[5]) end
 return ''

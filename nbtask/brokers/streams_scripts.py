@@ -29,12 +29,12 @@ end
 
 # Enqueue one message (or park it until its ETA) and write its PENDING record.
 # KEYS: stream, eta set, record, client index; ARGV: raw, ttl, due ('' = now), task id,
-# now, index upkeep ('0' = not now), fields...
+# now, index upkeep ('0' = not now), new ('1' = an id just drawn), fields...
 _PUBLISH = (
     WRITE_PENDING
     + """
-local refused = write_pending(KEYS[3], ARGV[2], KEYS[4], ARGV[5], ARGV[4], {unpack(ARGV, 7)},
-                              ARGV[6])
+local refused = write_pending(KEYS[3], ARGV[2], KEYS[4], ARGV[5], ARGV[4], {unpack(ARGV, 8)},
+                              ARGV[6], ARGV[7])
 if refused ~= '' then return refused end
 if ARGV[3] == '' then
   redis.call('XADD', KEYS[1], '*', 'e', ARGV[1], 'n', '0', 'i', ARGV[4])

@@ -96,6 +96,32 @@ def test_replies_lost_with_their_connection_are_sent_again_and_each_task_runs_on
     each_ran_once([first, *handles], ledger)
 
 
+def test_copies_sent_again_of_sends_that_got_through_queue_nothing(
+    client: App, proxy: TcpProxy, r: redis.Redis, tmp_path: Path
+) -> None:
+    """A lone send is written without looking whether a task holds its id (its sender
+    just drew it); the copy sent again after its reply was lost looks, and is refused:
+    one message per task on the queue, and each record as the first copy wrote it."""
+    ledger = tmp_path / "ledger"
+    client.send_task(RECORD, (str(ledger),))
+    client.flush()
+    transport = transport_of(client)
+    queue_key, record_key = transport.queue_key("default"), transport.store.record_key
+    proxy.deafen()
+    handles = [client.send_task(RECORD, (str(ledger),)) for _ in range(5)]
+    wait_until(lambda: r.xlen(queue_key) == 6, 10, "the first copies queued")
+    records = {h.id: r.hgetall(record_key(h.id)) for h in handles}
+    r.hset(record_key(handles[0].id), "state", "STARTED")  # as if a worker had it
+    proxy.cut()
+
+    client.flush()  # each sent again on a new connection
+    assert client.transport.take_unsent() == []
+    assert r.xlen(queue_key) == 6
+    assert r.hget(record_key(handles[0].id), "state") == b"STARTED"
+    for handle in handles[1:]:
+        assert r.hgetall(record_key(handle.id)) == records[handle.id]
+
+
 def test_sends_a_thread_that_ended_left_unanswered_are_sent_again_by_the_next_flush(
     client: App, proxy: TcpProxy, start_worker, tmp_path: Path
 ) -> None:
