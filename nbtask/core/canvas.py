@@ -65,6 +65,9 @@ class Signable(Protocol):
     def sender(self) -> Sender:
         """What sends this task now: its app, or the worker running the current task."""
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the task here (a direct call)."""
+
 
 #: One call to send: ``(task, args, kwargs, message options)``.
 Call = tuple[Signable, Sequence[Any], Mapping[str, Any], Mapping[str, Any]]
@@ -159,6 +162,14 @@ class Signature:
         call_args = self.args if self.immutable else (*args, *self.args)
         merged = {**self.kwargs, **(kwargs or {})}
         return self.task.apply_async(call_args, merged, **{**self.options, **options})
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the task here and now, as a direct call of it (Celery's ``sig(*args)``).
+
+        Arguments are merged as :meth:`apply_async` merges them; nothing is sent.
+        """
+        call_args = self.args if self.immutable else (*args, *self.args)
+        return self.task(*call_args, **{**self.kwargs, **kwargs})
 
     def __or__(self, other: Signature | Chain) -> Chain:
         return Chain((self,)) | other

@@ -63,6 +63,15 @@ def test_signatures_partial_and_immutable(app: App, start_worker) -> None:
     assert h.get(timeout=10) == 2
 
 
+def test_calling_a_signature_runs_the_task_here_with_its_arguments_merged(app: App) -> None:
+    add, mul, _, _ = _tasks(app)
+    # Celery's order: the call's arguments first, then the signature's.
+    assert add.s(2)(8) == 10
+    assert mul.s(3)(5) == 15
+    assert add.si(1, 2)(100) == 3  # immutable: the call's arguments are ignored
+    assert add.s(y=4)(1) == 5
+
+
 # link / link_error ----------------------------------------------------------------------------
 def test_link_gets_the_result(app: App, start_worker) -> None:
     start_worker()
