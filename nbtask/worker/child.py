@@ -288,9 +288,9 @@ class Child:
         later = bool(admitted.callbacks or message.args_layout) or (
             task is not None and has_handlers(task)
         )
-        # Errbacks or a chain's later steps to fail: the message is held until they are
+        # Callbacks, errbacks or a chain's later steps: the message is held until they are
         # sent (see owes_follow_ups), so that a process killed meanwhile does not lose them.
-        owed = owes_follow_ups(outcome, admitted.callbacks)
+        owed = owes_follow_ups(message, outcome, admitted.callbacks)
         try:
             following = self._settle(
                 admitted,

@@ -27,7 +27,17 @@ from nbtask.core.task import Task
 from nbtask.errors import NbtaskError, SerializationError
 from nbtask.wire.blobs import argument_keeper, blob_sizes, parse_layout
 from nbtask.wire.envelope import Buffer, Signer, dumps
-from nbtask.wire.events import FINAL_SEQ, FINAL_STATES, Event, EventType, Run, State
+from nbtask.wire.events import (
+    FINAL_SEQ,
+    FINAL_STATES,
+    Deferred,
+    Event,
+    EventType,
+    Run,
+    State,
+    Unloadable,
+    decode_event,
+)
 from nbtask.wire.exceptions import portable_exception
 from nbtask.wire.message import TaskMessage, decode_value, split
 from nbtask.wire.records import (
@@ -327,18 +337,20 @@ class FollowUps:
             self._release_arguments(message)
 
     def run_owed(self, message: TaskMessage, links: Buffer) -> bool | None:
-        """Run the follow-ups of an outcome stated on the task's behalf, if still owed.
+        """Run the follow-ups of a stored outcome, if still owed.
 
         The supervisor that stored it (a lost, killed or dead-lettered task), or whoever
-        holds the task's message later (RabbitMQ gives a killed child's message back after
-        its outcome was stored), runs them; taking them in the store makes that once.
+        holds the task's message later (a child that died after storing its task's
+        outcome; RabbitMQ gives a killed child's message back after its outcome was
+        stored), runs them; taking them in the store makes that once. A success's
+        callbacks and next chain step are given its stored result.
         Returns what the take said: True (run now), False (run before), ``None`` (none
         owed: the task's own process stored an outcome that owes none).
         """
         taken = self.transport.store.take_follow_ups(message.id)
         if taken:
             outcome = self._stored_outcome(message.id)
-            if outcome is None or outcome.state is State.SUCCESS:
+            if outcome is None:
                 log.error("task %s owes follow-ups but its stored outcome is gone", message.id)
             else:
                 self.run(message, outcome, links, None)
@@ -356,7 +368,23 @@ class FollowUps:
             return None
         if event.task_id != task_id or event.state not in FINAL_STATES:
             return None
-        return Outcome(event, bytes(envelope.body))
+        outcome = Outcome(event, bytes(envelope.body))
+        if event.type is EventType.SUCCESS:
+            return self._with_result(outcome, record.result)
+        return outcome
+
+    def _with_result(self, outcome: Outcome, raw: bytes) -> Outcome | None:
+        """A stored success with its result (what its callbacks are given), if it loads."""
+        try:
+            _, value = decode_event(self.signer, raw, self.transport.store.get_blob)
+            value = value.load() if isinstance(value, Deferred) else value
+        except Exception as exc:
+            value = Unloadable.of(exc)
+        if outcome.event.data.get("result_kept") is False or isinstance(value, Unloadable):
+            log.error("the result of task %s is not kept or does not load", outcome.event.task_id)
+            return None
+        outcome.retval = value
+        return outcome
 
     def _release_arguments(self, message: TaskMessage) -> None:
         """Let the store delete the ended task's argument blobs that no other use needs.
@@ -413,15 +441,22 @@ class FollowUps:
                 self._fail_downstream(message, outcome, nested.link)
 
 
-def owes_follow_ups(outcome: Outcome, links: Buffer) -> bool:
+def owes_follow_ups(message: TaskMessage, outcome: Outcome, links: Buffer) -> bool:
     """Whether a task's own process stores ``outcome`` saying its follow-ups are owed.
 
-    An outcome that sends errbacks or fails a chain's later steps: stored owing them, with
-    the task's message held until they are sent, a process killed in between leaves them
-    to whoever settles that message (its supervisor; on RabbitMQ, whoever the message comes
-    back to), which runs them once (:meth:`FollowUps.run_owed`).
+    An outcome that sends callbacks or a chain's next step (a success), or errbacks and
+    fails a chain's later steps: stored owing them, with the task's message held until they
+    are sent, a process killed in between leaves them to whoever settles that message (its
+    supervisor; on RabbitMQ, whoever the message comes back to), which runs them once
+    (:meth:`FollowUps.run_owed`). A success whose result is not kept (``ignore_result``,
+    no backend) is not: its result, which its callbacks are given, is nowhere else.
     """
-    return bool(links) and outcome.state in (State.FAILURE, State.REVOKED)
+    if not links:
+        return False  # (the hot path: a task without follow-ups costs nothing more)
+    if outcome.state is State.SUCCESS:
+        # Sent again from the stored result: only where the record keeps it.
+        return message.store_result and not message.ignore_result
+    return outcome.state in (State.FAILURE, State.REVOKED)
 
 
 def _stamp(sent: object) -> float | None:

@@ -3,7 +3,9 @@ storing its own failure, on both brokers. A message expired, older than ``max_ag
 too far in the worker's future is not run: its chain's later steps end with its error
 (never ``PENDING`` for ever) and its errbacks run once. A child killed between storing its
 task's failure and sending what follows it leaves that to its supervisor (or, on RabbitMQ,
-to whoever the message comes back to): the errbacks still run once."""
+to whoever the message comes back to): the errbacks still run once. So does one killed
+between storing its task's success and sending its link and its chain's next step: each is
+sent once, with the stored result."""
 
 from __future__ import annotations
 
@@ -169,4 +171,63 @@ def test_a_child_killed_after_storing_its_failure_still_has_its_errback_and_chai
     wait_for_housekeeping(app)
     assert [r["value"] for r in read_records(calls)] == [head.id]
     assert [r["step"] for r in read_records(ledger)] == [1]  # no later step ran
+    assert "exited" in worker.log.read_text() or "died" in worker.log.read_text()
+
+
+def test_a_child_killed_after_storing_its_success_still_sends_its_chains_next_step_once(
+    app: App, start_worker, tmp_path: Path
+) -> None:
+    """Loading the next step's arguments (after the success is stored, before that step is
+    sent) kills the child, once; its supervisor, or the worker the message comes back to,
+    sends it with the stored result, once."""
+    step, _, _ = _tasks(app)
+
+    @app.task
+    def then(x: int, path: str, *_: object) -> int:
+        from tests.celery_tasks import record
+
+        record(path, step=x)
+        return x + 1
+
+    worker = start_worker(concurrency=1)
+    ledger, flag = str(tmp_path / "ledger"), str(tmp_path / "flag")
+    last = (step.s(1, ledger) | then.s(ledger, KillsItsLoader(flag)) | step.s(ledger)).delay()
+    head = _first(last)
+    assert head.get(timeout=20) == 2
+    wait_until(lambda: Path(flag).exists(), 20, "the child to load the next step")
+    assert last.get(timeout=30) == 4
+    assert [later.state for later in _later_steps(last)] == [State.SUCCESS, State.SUCCESS]
+    wait_for_housekeeping(app)
+    wait_for_housekeeping(app)
+    assert [r["step"] for r in read_records(ledger)] == [1, 2, 3]  # each step ran once
+    assert "exited" in worker.log.read_text() or "died" in worker.log.read_text()
+
+
+def test_a_child_killed_after_storing_its_success_still_sends_its_link_once(
+    app: App, start_worker, tmp_path: Path
+) -> None:
+    """The same for a ``link``: loading its arguments kills the child, once; it is sent
+    once, given the stored result (a large one, kept out of band)."""
+    _, _, note = _tasks(app)
+
+    @app.task
+    def large(path: str) -> bytes:
+        from tests.celery_tasks import record
+
+        record(path, step=1)
+        return b"x" * 4_000_000
+
+    worker = start_worker(concurrency=1)
+    ledger, calls, flag = (str(tmp_path / name) for name in ("ledger", "calls", "flag"))
+    link_id = uuid.uuid4().hex
+    linked = app.expect(link_id, note.name)
+    dies = note.s(calls, KillsItsLoader(flag)).set(task_id=link_id)
+    head = large.apply_async((ledger,), link=dies)
+    assert head.get(timeout=20) == b"x" * 4_000_000
+    wait_until(lambda: Path(flag).exists(), 20, "the child to load the link")
+    assert linked.get(timeout=30) == b"x" * 4_000_000
+    wait_for_housekeeping(app)
+    wait_for_housekeeping(app)
+    assert len(read_records(calls)) == 1
+    assert [r["step"] for r in read_records(ledger)] == [1]
     assert "exited" in worker.log.read_text() or "died" in worker.log.read_text()
