@@ -237,16 +237,24 @@ class Chain:
         sent = time.time()
         following: Signature | None = None
         for step, task_id in zip(reversed(self.steps[1:]), reversed(ids[1:]), strict=True):
-            extra: dict[str, Any] = {"task_id": task_id, "root_id": root, "sent": sent}
+            prepared = step.for_worker(task_id=task_id, root_id=root, sent=sent)
             if following is not None:
-                extra["callbacks"] = Callbacks(link=(following,))
-            following = step.for_worker(**extra)
+                # Beside the step's own links and errbacks, as Celery adds the next step.
+                own: Callbacks = prepared.options.get("callbacks") or Callbacks()
+                callbacks = Callbacks((*own.link, following), own.link_error)
+                prepared = prepared.for_worker(callbacks=callbacks)
+            following = prepared
         app = self.steps[0].task.sender()
         later = zip(self.steps[1:], ids[1:], strict=True)
         handles = [app.expect(task_id, step.task.name, sent) for step, task_id in later]
         first = self.steps[0].set(task_id=root)
         if following is not None:
-            first = first.set(link=following)
+            own_links = first.options.get("link")
+            if own_links is None:
+                own_links = []
+            elif not isinstance(own_links, (list, tuple)):
+                own_links = [own_links]
+            first = first.set(link=[*own_links, following])
         head = first.apply_async(args, kwargs)
         previous = head
         for handle in handles:

@@ -145,6 +145,27 @@ def test_chain_with_a_failing_middle_step(app: App, start_worker, tmp_path: Path
     assert read_records(ledger) == []
 
 
+def test_a_chain_steps_own_links_and_errbacks_are_kept_beside_the_next_step(
+    app: App, start_worker, tmp_path: Path
+) -> None:
+    start_worker()
+    add, _, fail, note = _tasks(app)
+    ledger = tmp_path / "ledger"
+    first_link, second_link, errback = (uuid.uuid4().hex for _ in range(3))
+    followers = [app.expect(i, note.name) for i in (first_link, second_link, errback)]
+    last = (
+        add.s(1, 1).set(link=note.s(str(ledger)).set(task_id=first_link))
+        | add.s(10).set(link=[note.s(str(ledger)).set(task_id=second_link)])
+        | fail.s().set(link_error=note.s(str(ledger)).set(task_id=errback))
+    ).delay()
+    with pytest.raises(ValueError):
+        last.get(timeout=15)
+    # Each step's own link got its result, and the chain went on; the last step's errback
+    # got its id, as Celery's would.
+    assert [f.get(timeout=15) for f in followers] == [2, 12, last.id]
+    assert sorted(str(rec["value"]) for rec in read_records(ledger)) == sorted(["2", "12", last.id])
+
+
 # Groups ---------------------------------------------------------------------------------------
 def test_group_get_returns_results_in_order(app: App, start_worker) -> None:
     start_worker(concurrency=2)
