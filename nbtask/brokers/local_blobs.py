@@ -16,6 +16,7 @@ cluster stops, or earlier when the store says no use needs the blob any more
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import mmap
@@ -111,8 +112,13 @@ class LocalBlobs:
             return None
         return cls(directory, settings.result_ttl)
 
-    def put(self, blobs: Mapping[str, Stored]) -> None:
-        """Write each blob not already here (touching those that are)."""
+    def put(self, blobs: Mapping[str, Stored]) -> dict[str, Stored]:
+        """Write each blob not already here (touching those that are).
+
+        Returns the blobs there was no room for (the directory's filesystem is full),
+        which must go through the store instead; one log line says so.
+        """
+        no_room: dict[str, Stored] = {}
         for digest, data in blobs.items():
             path = self.directory / digest
             try:
@@ -122,11 +128,28 @@ class LocalBlobs:
                 pass
             # Written under a private name, then renamed: a reader never sees half a blob.
             partial = self.directory / f".{digest}.{os.getpid()}.{threading.get_ident()}"
-            with open(partial, "wb") as file:
-                for piece in pieces(data):
-                    file.write(piece)
+            try:
+                with open(partial, "wb") as file:
+                    for piece in pieces(data):
+                        file.write(piece)
+            except OSError as exc:
+                partial.unlink(missing_ok=True)  # half a blob would fill it for everyone
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                no_room[digest] = data
+                continue
             os.replace(partial, path)
+        if no_room:
+            size = sum(memoryview(p).nbytes for d in no_room.values() for p in pieces(d))
+            log.warning(
+                "no room for %s bytes of large values in %s (its filesystem is full): they "
+                "go through the store instead; free space there, or set NBTASK_BLOB_DIR to a "
+                "larger directory",
+                f"{size:,}",
+                self.directory,
+            )
         self._sweep()
+        return no_room
 
     def touch(self, digests: Iterable[str]) -> None:
         """Restart the TTL of the blobs here (missing ones are left missing)."""

@@ -163,11 +163,13 @@ class RedisBlobs:
         chunk, in the same round trip as the chunk: a write waiting its turn is alive too.
         """
         if self.local_blobs is not None:
+            no_room: dict[str, Stored] = {}
             for digest, data in blobs.items():
                 if renew:
                     self._run_writes(self._renewals())
-                self.local_blobs.put({digest: data})
-            return
+                no_room.update(self.local_blobs.put({digest: data}))
+            # Read from the store when their files are missing (see get_blob).
+            blobs = no_room
         writes: list[tuple[object, ...]] = []
         for digest, data in blobs.items():
             views = [memoryview(piece).cast("B") for piece in pieces(data)]

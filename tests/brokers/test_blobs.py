@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -244,6 +245,46 @@ def test_a_tampered_blob_in_the_shared_directory_is_refused(
     with pytest.raises(BlobError, match="does not match its signed digest"):
         handle.get(timeout=30)
     assert not trace.exists(), "a tampered blob was unpickled"
+
+
+@pytest.fixture
+def full_blob_dir(
+    app: App, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[App, Path]]:
+    """``on_one_host`` with its directory on a 1 MiB memory filesystem (mounted as root)."""
+    if os.geteuid() != 0:
+        pytest.fail("mounting a small tmpfs needs root: run the suite as root (scripts/test)")
+    directory = tmp_path / "small"
+    directory.mkdir(mode=0o700)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(directory)], check=True
+    )
+    monkeypatch.setenv("NBTASK_BLOB_DIR", str(directory))
+    local = App("local", settings=app.settings.replace(blob_dir=str(directory)))
+    try:
+        yield local, directory
+    finally:
+        local.close()
+        subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
+def test_large_values_a_full_blob_directory_has_no_room_for_go_through_the_store(
+    full_blob_dir: tuple[App, Path], start_worker, caplog: pytest.LogCaptureFixture
+) -> None:
+    local, directory = full_blob_dir
+    start_worker()
+
+    @local.task
+    def reversed_array(values: Any) -> Any:
+        return values[::-1].copy()
+
+    values = np.frombuffer(os.urandom(ARRAY_BYTES), dtype=np.uint8)  # past the 1 MiB there is
+    with caplog.at_level("WARNING", logger="nbtask"):
+        assert np.array_equal(reversed_array.delay(values).get(timeout=60), values[::-1])
+    said = [r.getMessage() for r in caplog.records if "no room for" in r.getMessage()]
+    assert said and str(directory) in said[0] and "NBTASK_BLOB_DIR" in said[0]
+    # Nothing half-written is left to fill the directory for every other process.
+    assert [p.name for p in directory.iterdir() if p.name.startswith(".")] == []
 
 
 def test_a_blob_directory_others_may_write_to_is_not_used(app: App, tmp_path: Path) -> None:
