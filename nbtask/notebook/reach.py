@@ -46,15 +46,23 @@ def named_inside(
     functions or methods), and not the values themselves, nor values kept on the workers (used
     where they are kept), nor the shell's own names (``hidden``, IPython's history).
     """
-    shipped = {id(value) for value in values.values()}
+    # The values' entries first: most cells read no container holding anything, and then
+    # the namespace (which grows with every cell's history names) is not read at all.
+    reached = _reached(values)
+    if not reached:
+        return {}
     named: dict[int, str] = {}
     for name, value in namespace.items():
-        if _nameable(name, value, values, hidden) and id(value) not in shipped:
-            named.setdefault(id(value), name)
-    if not named:
-        return {}
-    found: dict[str, Any] = {}
-    seen = set(shipped)
+        key = id(value)
+        if key in reached and key not in named and _nameable(name, value, values, hidden):
+            named[key] = name
+    return {named[key]: item for key, item in reached.items() if key in named}
+
+
+def _reached(values: Mapping[str, Any]) -> dict[int, Any]:
+    """``{id: object}`` for what a bounded look inside ``values`` meets, in that order."""
+    seen = {id(value) for value in values.values()}
+    reached: dict[int, Any] = {}
     level = list(values.values())
     looked_at = 0
     for _ in range(_LEVELS):
@@ -63,15 +71,14 @@ def named_inside(
             for item in _entries(holder):
                 looked_at += 1
                 if looked_at > _LOOKED_AT:
-                    return found
+                    return reached
                 if id(item) in seen:
                     continue
                 seen.add(id(item))
-                if id(item) in named:
-                    found[named[id(item)]] = item
+                reached[id(item)] = item
                 below.append(item)
         level = below
-    return found
+    return reached
 
 
 def _nameable(name: str, value: Any, values: Mapping[str, Any], hidden: Container[str]) -> bool:

@@ -143,3 +143,22 @@ def test_the_look_for_named_objects_inside_values_is_bounded_and_skips_what_cann
     for _ in range(4):  # buried five levels down: not looked for
         holder = [holder]
     assert named_inside({"h": holder}, {"h": holder, "buried": buried}) == {}
+
+
+class _Unreadable(dict[str, object]):
+    """A namespace that fails if it is looked through."""
+
+    def items(self):  # type: ignore[override]
+        raise AssertionError("the namespace was looked through")
+
+
+def test_values_holding_nothing_leave_the_namespace_unread() -> None:
+    """A cell reading only plain values costs no look through the notebook's namespace.
+
+    The namespace grows with every cell (IPython's ``_i<n>`` history names), so a look
+    through it for every cell would cost more with every cell run.
+    """
+    from nbtask.notebook.reach import named_inside
+
+    namespace = _Unreadable(x=1, s="text", l=[1, 2])
+    assert named_inside({"x": 1, "s": "text", "e": []}, namespace) == {}
