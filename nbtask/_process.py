@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import _signal  # type: ignore[import-not-found]  # the C module under signal: no stubs
 import contextlib
 import ctypes
 import os
@@ -110,18 +109,16 @@ def sigint_handled_by(handler: Callable[[int, FrameType | None], None]) -> Itera
     Signals reach only the main thread; elsewhere, and under a handler set outside Python
     (``None``, which could not be put back), the handler is left alone.
     """
-    # ``_signal``'s own functions: ``signal``'s wrappers turn each handler into an enum
-    # member, some ten times the cost of the call, and every waited-for cell makes three.
     if threading.current_thread() is not threading.main_thread() or (
-        _signal.getsignal(signal.SIGINT) is None
+        signal.getsignal(signal.SIGINT) is None
     ):
         yield
         return
-    previous = _signal.signal(signal.SIGINT, handler)
+    previous = signal.signal(signal.SIGINT, handler)
     try:
         yield
     finally:
-        _signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager

@@ -56,27 +56,3 @@ def test_the_pid_kept_without_a_system_call_is_a_forked_childs_own() -> None:
         os.waitpid(child, 0)
     assert seen == real == str(child)
     assert current_pid() == os.getpid()
-
-
-def test_a_handler_is_set_and_put_back_without_signals_enum_wrappers(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Every waited-for cell sets a handler: set through the C module, as it is cheap.
-
-    ``signal.signal`` turns the handler it returns into an enum member (through an
-    exception when it is a function), some ten times the cost of the call itself.
-    """
-    from nbtask._process import sigint_handled_by
-
-    def wrapped(*args: object) -> None:
-        raise AssertionError("went through signal's wrappers")
-
-    seen: list[object] = []
-    with monkeypatch.context() as patched:
-        patched.setattr(signal, "signal", wrapped)
-        patched.setattr(signal, "getsignal", wrapped)
-        with sigint_handled_by(lambda signum, _frame: seen.append(signum)):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
-    assert seen == [signal.SIGINT]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
