@@ -116,8 +116,21 @@ class NamedCell(Task):
         return self.app
 
     def map(self, inputs: Iterable[Mapping[str, Any]]) -> list[Any]:
-        """Send the cell once per mapping of inputs; return the handles."""
-        return [self.apply_async((), dict(each)) for each in inputs]
+        """Send the cell once per mapping of inputs; return the handles.
+
+        Raises
+        ------
+        CellError
+            An item is not a mapping of the cell's inputs by name; nothing was sent.
+        """
+        items = list(inputs)
+        for each in items:
+            if not isinstance(each, Mapping):
+                raise CellError(
+                    f"cell {self.name!r} takes its inputs by name: map() takes one dict per "
+                    f"run, {{name: value}} of {list(self.inputs)}, got {each!r}; nothing was sent"
+                )
+        return [self.apply_async((), dict(each)) for each in items]
 
     def run(self, **inputs: Any) -> dict[str, Any]:
         """Run the cell here, in this process (plain Python, no magics)."""

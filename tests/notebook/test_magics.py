@@ -121,6 +121,8 @@ def test_named_cell_rerun_with_other_inputs(ip: InteractiveShell, nb: Session) -
     assert cell.delay(factor=10).get(timeout=20) == {"scaled": 20, "label": "2x10"}
     handles = cell.map([{"base": 1}, {"base": 5}])
     assert [h.get(timeout=20)["scaled"] for h in handles] == [3, 15]
+    with pytest.raises(CellError, match=r"one dict per run, \{name: value\} of \['base', "):
+        cell.map([{"base": 1}, [2]])  # nothing sent, not even the first
 
 
 def test_tqdm_loop_becomes_progress(ip: InteractiveShell, nb: Session) -> None:
