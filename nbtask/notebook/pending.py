@@ -211,11 +211,7 @@ class Pending(WriteBack):
         runs = list(dict.fromkeys(pair[0] for pair in found.values() if pair is not None))
         for run in runs:
             if not run.handle.done():
-                mine = ", ".join(
-                    pair[1] if pair[1] == n else f"{pair[1]} ({n} is the same object)"
-                    for n, pair in found.items()
-                    if pair is not None and pair[0] is run
-                )
+                mine = _assigned_as_read(run, found)
                 print(
                     f"nbtask: waiting for task {run.label!r} [{run.handle.id[:8]}], "
                     f"which assigns {mine}",
@@ -292,3 +288,22 @@ class Pending(WriteBack):
         finally:
             run.sent, run.prints = {}, {}
             self.forget(mine)
+
+
+def _assigned_as_read(run: CellRun, found: Mapping[str, tuple[CellRun, str] | None]) -> str:
+    """``lst, d (alias is the same object)``: what ``run`` assigns that a cell reads.
+
+    Each of its names once, with the other names the cell reads it by.
+    """
+    aliases: dict[str, list[str]] = {}
+    for name, pair in found.items():
+        if pair is not None and pair[0] is run:
+            others = aliases.setdefault(pair[1], [])
+            if name != pair[1]:
+                others.append(name)
+    return ", ".join(
+        f"{own} ({', '.join(others)} {'is' if len(others) == 1 else 'are'} the same object)"
+        if others
+        else own
+        for own, others in aliases.items()
+    )

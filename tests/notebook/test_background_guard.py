@@ -40,9 +40,13 @@ def _run(kc: Any, code: str) -> str:
 def test_a_cell_changing_another_name_of_a_pending_object_waits_for_its_cell(kc: Any) -> None:
     _run(kc, "lst = [1]\nalias = lst")
     _run(kc, _BACKGROUND)
-    said = _run(kc, "alias.append(4)")
-    assert "waiting for task 'bg'" in said and "lst (alias is the same object)" in said
-    assert "[1, 2, 4] [1, 2, 4] True" in _run(kc, "print(lst, alias, lst is alias)")
+    said = _run(kc, "alias.append(4)\nlst.append(5)")
+    # Each name the cell assigns once, with the other names it is read by.
+    assert (
+        "waiting for task 'bg' [" in said
+        and "], which assigns lst (alias is the same object)\n" in said
+    )
+    assert "[1, 2, 4, 5] [1, 2, 4, 5] True" in _run(kc, "print(lst, alias, lst is alias)")
 
 
 def test_a_cell_calling_a_function_that_changes_a_pending_value_waits_for_its_cell(
