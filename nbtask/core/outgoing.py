@@ -11,6 +11,7 @@ import functools
 import hashlib
 import sys
 import time
+import types
 import weakref
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
@@ -68,12 +69,48 @@ def code_for(task: Task, cache: MutableMapping[Task, ShippedCode]) -> tuple[str 
     try:
         code = dumps(task)
     except Exception as exc:
+        culprit = _unpicklable_read(task)
+        why = str(exc) if culprit is None else f"it reads {culprit}, which cannot be pickled: {exc}"
         raise SerializationError(
-            f"task {task.name!r} cannot be shipped to workers: {exc}"
+            f"task {task.name!r} cannot be shipped to workers: {why}. Create such a resource "
+            "inside the task (a connection, a lock, an open file), or define the task in a "
+            "module the workers import"
         ) from None
     shipped = ShippedCode(hashlib.sha256(code).hexdigest()[:32], code, captured)
     cache[task] = shipped
     return shipped.digest, shipped.code
+
+
+def _unpicklable_read(task: Task) -> str | None:
+    """``the global 'lock' (lock)``: what a task's own functions read that cannot be pickled."""
+    for cls in type(task).__mro__:
+        if cls.__module__.split(".")[0] in ("nbtask", "builtins"):
+            continue
+        for attribute in vars(cls).values():
+            function = getattr(attribute, "__func__", attribute)
+            code = getattr(function, "__code__", None)
+            if code is None:
+                continue
+            namespace = getattr(function, "__globals__", {})
+            reads = [(f"the global {n!r}", namespace[n]) for n in _names(code) if n in namespace]
+            closure = getattr(function, "__closure__", None) or ()
+            cells = zip(code.co_freevars, closure, strict=False)
+            reads += [(f"the variable {n!r} of its closure", c.cell_contents) for n, c in cells]
+            for label, value in reads:
+                try:
+                    dumps(value)
+                except Exception:
+                    return f"{label} ({type(value).__name__})"
+    return None
+
+
+def _names(code: types.CodeType) -> list[str]:
+    """The global names ``code`` and the functions defined in it may read."""
+    names = list(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names += _names(const)
+    return list(dict.fromkeys(names))
 
 
 def _importable(task: Task) -> bool:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import functools
+import sqlite3
+import threading
 from typing import Any
 
 import pytest
 from raw_broker import RawBroker
 
 from nbtask import App, Task, group
-from nbtask.errors import ConfigurationError, RemoteError
+from nbtask.errors import ConfigurationError, RemoteError, SerializationError
 
 
 @pytest.fixture
@@ -21,6 +23,31 @@ def add(app: App) -> Task:
         return x + y
 
     return add
+
+
+_GUARD = threading.Lock()  # a notebook's global a task reads, which cannot be pickled
+
+
+def test_a_task_reading_what_cannot_be_pickled_names_it_and_sends_nothing(
+    app: App, access: RawBroker
+) -> None:
+    @app.task
+    def guarded(x: int) -> int:
+        with _GUARD:
+            return x
+
+    with pytest.raises(SerializationError, match=r"reads the global '_GUARD' \(lock\)"):
+        guarded.delay(1)
+    db = sqlite3.connect(":memory:")
+
+    @app.task
+    def counted() -> int:
+        return int(db.execute("select 1").fetchone()[0])
+
+    with pytest.raises(SerializationError, match=r"'db' of its closure \(Connection\)"):
+        counted.delay()
+    db.close()
+    assert access.drained()
 
 
 def test_a_countdown_that_is_no_number_names_the_option_and_sends_nothing(
