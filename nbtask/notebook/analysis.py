@@ -11,6 +11,8 @@ import functools
 import sys
 from collections.abc import Iterable
 
+from nbtask.notebook.indirect_names import Magic, magic_of, namespace_key, writes_namespace
+
 __all__ = ["SHELL_NAMES", "CellAnalysis", "analyze", "is_history_name"]
 
 # Method names that change their receiver: `xs.append(1)` makes `xs` an output of the cell.
@@ -98,6 +100,9 @@ class CellAnalysis:
         Those of ``reads`` read only where the cell expects them maybe undefined: in the
         body of a ``try`` whose handlers catch ``NameError``, or under ``if "x" in
         globals()``. Shipped when defined, never refused: the cell handles their absence.
+    namespace : bool
+        Whether the cell reaches its namespace as a mapping (``globals()['x'] = 1``,
+        ``vars()``, ``locals()`` at top level): it may bind and read names unseen here.
     """
 
     reads: tuple[str, ...]
@@ -109,6 +114,7 @@ class CellAnalysis:
     named_strings: tuple[str, ...] = ()
     deleted: tuple[str, ...] = ()
     guarded: tuple[str, ...] = ()
+    namespace: bool = False
 
 
 def analyze(source: str | ast.Module) -> CellAnalysis:
@@ -158,6 +164,7 @@ def _analyze_tree(tree: ast.Module) -> CellAnalysis:
         tuple(scan.named_strings),
         tuple(scan.deleted),
         tuple(n for n in scan.guarded if n not in scan.unguarded),
+        scan.namespace,
     )
 
 
@@ -182,6 +189,7 @@ class _Scan(ast.NodeVisitor):
         self.tested: list[str] = []
         self.guarded: dict[str, None] = {}
         self.unguarded: set[str] = set()
+        self.namespace = False
 
     def _load(self, name: str) -> None:
         if any(name in local for local, _ in self.scopes if name not in _):
@@ -264,7 +272,41 @@ class _Scan(ast.NodeVisitor):
             and isinstance(first.value, str)
         ):
             self.named_strings.update(dict.fromkeys(_names_in_statements(first.value)))
+        self.namespace |= writes_namespace(node, not self.scopes)
+        if (magic := magic_of(node)) is not None:
+            self._magic(magic)
         self.generic_visit(node)
+
+    def _magic(self, magic: Magic) -> None:
+        """What a magic's code reads and binds (``%time y = x ** 2``, ``!echo $x``)."""
+        for name in magic.expanded:
+            self._load_if_defined(name)  # expanded only when defined, as IPython does
+        for statement in magic.code:
+            self.visit(statement)
+        for statements in magic.timed:  # ``%timeit``: in a function scope of its own
+            self.scopes.append((_bound_in(statements), set()))
+            for statement in statements:
+                self.visit(statement)
+            self.scopes.pop()
+        for name in magic.binds:
+            self._store(name)
+
+    def visit_Subscript(self, node: ast.Subscript) -> None:
+        key = namespace_key(node, not self.scopes)  # ``globals()["gx"] = 42``
+        if key is not None and isinstance(node.ctx, ast.Store):
+            self._store(key)
+        elif key is not None:
+            self._load_if_defined(key)  # undefined: a KeyError on the worker, as locally
+        self.generic_visit(node)
+
+    def _load_if_defined(self, name: str) -> None:
+        self.catching += 1
+        self._load(name)
+        self.catching -= 1
+
+    def visit_Compare(self, node: ast.Compare) -> None:
+        if _defined_test(node)[0] is None:  # ``"x" in globals()`` reads only the test
+            self.generic_visit(node)
 
     def _mark_mutated(self, target: ast.expr, deep: bool = False) -> None:
         node: ast.expr = target

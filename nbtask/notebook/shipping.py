@@ -317,8 +317,9 @@ def _values(
             continue  # the cell catches the NameError, or tests for the name, itself
         elif name not in found.assigned:
             undefined.append(name)
-    # Magics can bind names the analysis cannot see (``%time v = 3``): let the worker judge.
-    if undefined and "get_ipython()" not in python:
+    # Magics can bind names the analysis cannot see (``%run script.py``), and so can a cell
+    # writing to ``globals()``: let the worker judge.
+    if undefined and "get_ipython()" not in python and not found.namespace:
         more = f" (nor {', '.join(map(repr, undefined[1:]))})" if len(undefined) > 1 else ""
         raise CellNameError(f"name {undefined[0]!r} is not defined{more}")
     # Names reached through strings (``display('df1')``, ``eval('x')``): shipped when they

@@ -1,0 +1,207 @@
+"""Names a cell reaches without spelling them as names: inside magics, through ``globals()``.
+
+For a cell's analysis (:mod:`nbtask.notebook.analysis`). IPython turns ``%time y = x **
+2`` into ``get_ipython().run_line_magic('time', 'y = x ** 2')``, ``%%time`` into
+``run_cell_magic('time', '', body)`` and ``!echo $x`` into ``get_ipython().system('echo
+$x')``: the code the magic runs, and the names its shell expansion reads, are strings.
+:func:`magic_of` finds them, as a kernel would use them:
+
+* the statements the code magics run (``%time``, ``%timeit``, ``%prun``, ``%%time``,
+  ``%%timeit``, ``%%prun``, ``%%capture``), and the name ``%%capture out`` binds;
+* the names IPython's variable expansion reads (``$name``, ``{expr}``) in a shell command
+  (``!cmd``, ``v = !cmd``) and in the argument line of any magic that expands it.
+
+A cell can also bind and read names through its namespace as a mapping
+(``globals()["gx"] = 42``): :func:`writes_namespace`, :func:`namespace_key`.
+
+Nothing here imports IPython until a cell holds a magic or shell command that needs it.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import re
+from typing import Any
+
+__all__ = ["Magic", "expanded_names", "magic_of", "namespace_key", "writes_namespace"]
+
+# Magics running code in the notebook's namespace, and the options each takes: letters
+# followed by ":" take a value (IPython's ``parse_options`` specs).
+_CODE_LINE = {"time": "", "timeit": "n:r:tcp:qo", "prun": "D:l:rs:T:q"}
+_CODE_CELL = {"time": "", "timeit": "n:r:tcp:qo", "prun": "D:l:rs:T:q", "capture": ""}
+# Those whose line IPython passes as typed (``@no_var_expand``), unexpanded.
+_UNEXPANDED = frozenset({"time", "timeit", "prun", "debug"})
+_SHELL_CALLS = frozenset({"system", "getoutput"})
+_MAX_CODE = 100_000
+_WORD = re.compile(r"[A-Za-z_]\w*")
+# Calls returning the namespace a cell binds its names in (``locals()``, ``vars()`` only
+# at top level: in a function they are its own).
+_NAMESPACE_CALLS = frozenset({"globals", "locals", "vars"})
+
+
+def writes_namespace(call: ast.Call, top_level: bool) -> bool:
+    """Whether ``call`` returns the cell's namespace (``globals()``).
+
+    Through it the cell may bind and read names unseen.
+    """
+    func = call.func
+    if not isinstance(func, ast.Name) or call.args or call.keywords:
+        return False
+    return func.id == "globals" or (top_level and func.id in _NAMESPACE_CALLS)
+
+
+def namespace_key(node: ast.Subscript, top_level: bool) -> str | None:
+    """``"gx"`` for ``globals()["gx"]``: the name the cell reaches through its namespace."""
+    key = node.slice
+    if (
+        isinstance(node.value, ast.Call)
+        and writes_namespace(node.value, top_level)
+        and isinstance(key, ast.Constant)
+        and isinstance(key.value, str)
+        and key.value.isidentifier()
+    ):
+        return key.value
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Magic:
+    """What one magic call reads and binds.
+
+    Attributes
+    ----------
+    code : tuple of ast.stmt
+        The statements it runs in the notebook's namespace, in order.
+    timed : tuple of tuple of ast.stmt
+        Statements it runs in a scope of their own (``%timeit``: what they bind is theirs,
+        what they read is the notebook's).
+    expanded : tuple of str
+        Names its shell expansion reads (``$x``, ``{x + 1}``): expanded when defined, left
+        as typed otherwise, as IPython does.
+    binds : tuple of str
+        Names the magic itself binds (``%%capture out``).
+    """
+
+    code: tuple[ast.stmt, ...] = ()
+    timed: tuple[tuple[ast.stmt, ...], ...] = ()
+    expanded: tuple[str, ...] = ()
+    binds: tuple[str, ...] = ()
+
+
+def magic_of(call: ast.Call) -> Magic | None:
+    """What the magic ``call`` (``get_ipython().run_line_magic(...)``...) reads and binds.
+
+    ``None`` if ``call`` is not one with constant arguments.
+    """
+    func = call.func
+    if not (
+        isinstance(func, ast.Attribute)
+        and isinstance(func.value, ast.Call)
+        and isinstance(func.value.func, ast.Name)
+        and func.value.func.id == "get_ipython"
+        and not func.value.args
+    ):
+        return None
+    args = [a.value if isinstance(a, ast.Constant) else None for a in call.args]
+    if not args or not all(isinstance(a, str) for a in args):
+        return None
+    texts: list[str] = [a for a in args if isinstance(a, str)]
+    if func.attr in _SHELL_CALLS:
+        return Magic(expanded=expanded_names(texts[0]))
+    if func.attr == "run_line_magic" and len(texts) == 2:
+        name, line = texts
+        return _line_magic(name, line)
+    if func.attr == "run_cell_magic" and len(texts) == 3:
+        name, line, body = texts
+        return _cell_magic(name, line, body)
+    return None
+
+
+def _line_magic(name: str, line: str) -> Magic:
+    if name not in _CODE_LINE:
+        return Magic(expanded=() if name in _UNEXPANDED else expanded_names(line))
+    code = _parsed(_after_options(line, _CODE_LINE[name]))
+    if name == "timeit":
+        return Magic(timed=(code,))
+    return Magic(code=code)
+
+
+def _cell_magic(name: str, line: str, body: str) -> Magic:
+    expanded = () if name in _UNEXPANDED else expanded_names(line)
+    if name not in _CODE_CELL:
+        return Magic(expanded=expanded)
+    if name == "capture":
+        # ``%%capture [--no-stdout] [--no-stderr] [--no-display] [output]``
+        words = [w for w in line.split() if not w.startswith("-")]
+        binds = tuple(w for w in words[-1:] if _WORD.fullmatch(w))
+        return Magic(code=_parsed(body), expanded=expanded, binds=binds)
+    rest = _after_options(line, _CODE_CELL[name])
+    if name == "timeit":  # the rest of the line is setup code, run before the body
+        return Magic(timed=(_parsed(f"{rest}\n{body}"),), expanded=expanded)
+    if name == "prun":
+        return Magic(code=_parsed(f"{rest}\n{body}"), expanded=expanded)
+    return Magic(code=_parsed(body), expanded=expanded)
+
+
+def _parsed(code: str) -> tuple[ast.stmt, ...]:
+    """The statements of ``code``, IPython's syntax in it transformed; none if not code."""
+    if len(code) > _MAX_CODE or not code.strip():
+        return ()
+    try:
+        return tuple(ast.parse(code).body)
+    except (SyntaxError, ValueError):
+        pass
+    try:
+        return tuple(ast.parse(_transformer()(code)).body)
+    except Exception:  # not code after all: the worker says so, as a kernel would
+        return ()
+
+
+@functools.cache
+def _transformer() -> Any:
+    """IPython's transform of its syntax to Python (``%time``, ``!cmd`` in a magic's code)."""
+    from IPython.core.inputtransformer2 import TransformerManager  # noqa: PLC0415 - heavy
+
+    return TransformerManager().transform_cell
+
+
+def _after_options(line: str, spec: str) -> str:
+    """``line`` without the leading options of ``spec`` (``-n 3 -r 1 arr.sum()``)."""
+    rest = line.lstrip()
+    while rest.startswith("-") and len(rest) > 1 and not rest[1].isspace():
+        token, _, after = rest.partition(" ")
+        if token == "--":
+            return after.lstrip()
+        letters = token[1:]
+        for i, letter in enumerate(letters):
+            at = spec.find(letter) if letter != ":" else -1
+            if at < 0:
+                return rest  # not one of its options: the code starts here
+            if spec[at + 1 : at + 2] == ":":
+                if i == len(letters) - 1:  # its value is the next word
+                    _, _, after = after.lstrip().partition(" ")
+                break
+        rest = after.lstrip()
+    return rest
+
+
+def expanded_names(text: str) -> tuple[str, ...]:
+    """The names IPython's variable expansion of ``text`` reads (``$x``, ``{x + 1}``)."""
+    if "$" not in text and "{" not in text:
+        return ()
+    from IPython.utils.text import DollarFormatter  # noqa: PLC0415 - heavy
+
+    names: dict[str, None] = {}
+    try:
+        fields = [field for _, field, _, _ in DollarFormatter().parse(text) if field]
+    except Exception:  # unbalanced braces: IPython leaves the text as typed
+        return ()
+    for field in fields:
+        try:
+            tree = ast.parse(field.strip(), mode="eval")
+        except (SyntaxError, ValueError):
+            continue
+        names.update(dict.fromkeys(n.id for n in ast.walk(tree) if isinstance(n, ast.Name)))
+    return tuple(names)
