@@ -3,11 +3,15 @@ through ``globals()``: shipped with it, and what it binds comes back, as locally
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from helpers import cell_run as run
 from helpers import cell_task as task
+from helpers import execute, kernel_env, stream_text
 from IPython.core.interactiveshell import InteractiveShell
 
+from nbtask import Settings
 from nbtask.notebook.analysis import analyze
 from nbtask.notebook.session import Session
 
@@ -35,6 +39,21 @@ def test_names_read_only_inside_a_code_magic_are_shipped_and_what_it_binds_comes
     assert "NameError" not in said and ip.user_ns["z"] == 6, said
     said = _said(ip, "%%capture out\nw = x + 1\nprint(w)")
     assert ip.user_ns["w"] == 5 and ip.user_ns["out"].stdout == "5\n", said
+
+
+def test_in_a_kernel_a_cell_magic_and_a_shell_command_read_the_notebooks_names(
+    settings: Settings, start_worker: Any, kernel: Any
+) -> None:
+    start_worker()
+    kc = kernel(kernel_env(settings))[1]
+    execute(kc, "%load_ext nbtask\ndata = [1, 2, 3]\nx = 'hello'")
+    _, msgs, reply = execute(kc, "%%task -w\n%%time\ntotal = sum(data)")
+    assert reply["content"]["status"] == "ok" and "Wall time" in stream_text(msgs)
+    assert "NameError" not in stream_text(msgs), stream_text(msgs)
+    _, msgs, _ = execute(kc, "%%task -w\n!echo $x\nv = !echo {x}")
+    assert stream_text(msgs).split() == ["hello"]
+    _, msgs, _ = execute(kc, "print(total, v)")
+    assert stream_text(msgs) == "6 ['hello']\n"
 
 
 def test_names_a_shell_command_expands_are_shipped(ip: InteractiveShell, nb: Session) -> None:
