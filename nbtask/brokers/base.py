@@ -121,6 +121,9 @@ class Store(Protocol):
     def close(self) -> None:
         """Release connections."""
 
+    def restarts_seen(self) -> int:
+        """How many times a connection found the store's server restarted (0 if not known)."""
+
     # Records -------------------------------------------------------------------------------
     def get_record(self, task_id: str) -> TaskRecord | None:
         """A task's record; ``None`` when unknown or expired."""

@@ -47,6 +47,7 @@ from nbtask.brokers.redis_resp import (
     read_replies,
     send_first,
 )
+from nbtask.brokers.redis_runs import ServerRuns
 from nbtask.errors import BrokerUnavailable, ConfigurationError, SendUnconfirmed
 
 __all__ = ["LARGE_BYTES", "Command", "RedisLink"]
@@ -80,8 +81,15 @@ class RedisLink(OwedReplies):
         # Typed as Any: redis-py's reply types are unions over decode_responses that would
         # need a cast at every call; the callers check the shapes they read instead.
         # RESP2 keeps raw replies in one known shape for the hot path.
+        # Every connection made reads the server's run id: a restart is seen even where
+        # a connection is made again at once, with no outage seen (see ServerRuns).
+        self.runs = ServerRuns(url)
         self._redis: Any = redis.Redis.from_url(
-            url, socket_connect_timeout=5, socket_timeout=ANSWER_SECONDS, protocol=2
+            url,
+            socket_connect_timeout=5,
+            socket_timeout=ANSWER_SECONDS,
+            protocol=2,
+            redis_connect_func=self.runs.connected,
         )
         self._patience = Patience(self._redis)
         super().__init__()

@@ -125,6 +125,10 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisChannels):
         """Release connections."""
         self.link.close()
 
+    def restarts_seen(self) -> int:
+        """How many times a new connection found the server restarted (a new run id)."""
+        return self.link.runs.restarts
+
     # Records ---------------------------------------------------------------------------------
     def get_record(self, task_id: str) -> TaskRecord | None:
         """The task's stored record; ``None`` if unknown or expired."""
