@@ -35,7 +35,7 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 
 from nbtask._process import current_pid
 from nbtask.brokers.amqp_guards import (
@@ -226,6 +226,10 @@ class AmqpTransport(AmqpUpkeep):
                     return out
             elif foreign:
                 return self.store.read_events(foreign, min(remaining, 0.5))
+
+    def still_queued(self, queues: Mapping[str, Collection[str]]) -> set[str]:
+        """Nothing: a missing record never means a durable queue lost its message."""
+        return set()
 
     def events_lost(self, channel: str, after: str) -> bool:
         """Whether events of ``channel`` went unread (trimmed from its stream).

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Protocol
 
 from nbtask.wire.blobs import ByteProgress
@@ -328,6 +328,14 @@ class Transport(Protocol):
 
         The broker's answer (or the record's write) is still to be read: such a task may
         have no record now and be queued, or sent again, a moment later.
+        """
+
+    def still_queued(self, queues: Mapping[str, Collection[str]]) -> set[str]:
+        """Which of the task ids given per queue still have a message waiting there.
+
+        Queued, parked until its ETA, or held unacknowledged by a worker. A slow scan of
+        the queues, for the rare look after an outage; an empty set where the queues do
+        not live beside the records (:attr:`queues_beside_records` false).
         """
 
     #: Whether the task queues live in the same server as the records: a record gone

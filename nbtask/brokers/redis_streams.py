@@ -27,7 +27,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from redis.exceptions import NoScriptError, ResponseError
@@ -36,6 +36,7 @@ from nbtask.brokers.base import OWED_SECONDS, Delivery, Publish, Settlement, Ver
 from nbtask.brokers.redis_link import LARGE_BYTES, Command
 from nbtask.brokers.redis_moves import StreamsMoves
 from nbtask.brokers.redis_owed import looking, unanswered
+from nbtask.brokers.redis_queued import QUEUED_SCRIPTS, still_queued
 from nbtask.brokers.redis_store import RedisStore
 from nbtask.brokers.redis_upkeep import GROUP, _delivery
 from nbtask.brokers.streams_scripts import STREAMS_SCRIPTS
@@ -69,6 +70,7 @@ class StreamsTransport(StreamsMoves):
         # A fetch's read and start check, by (queue, consumer, block, pid): made once.
         self._reads: dict[tuple[str, str, int, int], tuple[str, Command, Command]] = {}
         self.link.add_scripts(STREAMS_SCRIPTS)
+        self.link.add_scripts(QUEUED_SCRIPTS)
 
     def ping(self) -> None:
         """Raise :class:`~nbtask.errors.BrokerUnavailable` unless the server answers."""
@@ -199,6 +201,15 @@ class StreamsTransport(StreamsMoves):
     ) -> list[tuple[str, str, bytes]]:
         """Block on client channels (streams in the store)."""
         return self.store.read_events(channels, block_seconds)
+
+    def still_queued(self, queues: Mapping[str, Collection[str]]) -> set[str]:
+        """Which of the task ids given per queue still have a message there (a scan).
+
+        In its stream (held by a worker or not) or its ETA set: see
+        :mod:`~nbtask.brokers.redis_queued`.
+        """
+        keys = {q: (self.store.eta_key(q), self.queue_key(q)) for q in queues}
+        return still_queued(self.link, keys, queues)
 
     def events_lost(self, channel: str, after: str) -> bool:
         """Whether events of ``channel`` after entry ``after`` were trimmed unread."""
