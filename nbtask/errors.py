@@ -49,7 +49,7 @@ class BrokerUnavailable(NbtaskError, ConnectionError):
 
 
 class SendUnconfirmed(BrokerUnavailable):
-    """The broker took tasks' messages but never said whether it queued them: they may run.
+    """The broker was sent tasks' messages but never said whether it queued them: they may run.
 
     ``task_ids`` names those tasks. Their handles stay live: once the broker answers
     again, a task that was queued runs and its handle gets its result.

@@ -169,11 +169,12 @@ class RedisLink(OwedReplies):
         except Unanswered as exc:
             ids = ", ".join(exc.task_ids)
             raise SendUnconfirmed(
-                f"the Redis {self._role} at {redact_url(self.url)} took task(s) {ids} but did "
-                f"not answer whether it queued them: {sentence(exc)} They may still run once "
-                "it answers again (is it stalled: a long command, a save, swapping?). Wait "
-                "for them with get() then; a task the store has no record of then "
-                "(app.store.get_record(task_id) is None) was never queued: send it again",
+                f"the Redis {self._role} at {redact_url(self.url)} was sent task(s) {ids} but "
+                f"did not answer whether it queued them: {sentence(exc)} Those it read may "
+                "still run once it answers again (is it stalled: a long command, a save, "
+                "swapping?). Wait for them with get() then; a task the store has no record "
+                "of then (app.store.get_record(task_id) is None) was never queued: send it "
+                "again",
                 exc.task_ids,
             ) from exc
         except (RedisConnectionError, RedisTimeoutError) as exc:
