@@ -161,6 +161,7 @@ class AppConnection:
                     self.settings.key_prefix,
                     recover,
                     self._sends_in_doubt,
+                    transport.still_queued,
                     self.settings.result_ttl,
                     ends_missing=self.transport.queues_beside_records,
                     heartbeat_interval=self.settings.heartbeat_interval,
