@@ -9,7 +9,6 @@ connection is made, a new one says the server restarted since this process last 
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
 from redis.exceptions import ResponseError
@@ -32,7 +31,6 @@ class ServerRuns:
         self._url = url
         self._run_id: bytes | None = None
         self._asks = True  # False once INFO is refused (an ACL without it): none seen
-        self._lock = threading.Lock()
         #: How many times a connection found a server run other than the one before.
         self.restarts = 0
 
@@ -50,11 +48,13 @@ class ServerRuns:
         run_id = _run_id(reply)
         if run_id is None:
             return
-        with self._lock:
-            before, self._run_id = self._run_id, run_id
-            if before is None or before == run_id:
-                return
-            self.restarts += 1
+        # No lock (a process may fork while another thread connects): two threads that
+        # find the same restart at once may count it twice, and a count that changed is
+        # all that is read.
+        before, self._run_id = self._run_id, run_id
+        if before is None or before == run_id:
+            return
+        self.restarts += 1
         log.warning(
             "the Redis server at %s restarted (a new run id): what it did not persist is gone",
             redact_url(self._url),

@@ -24,6 +24,7 @@ import redis
 from helpers import ROOT, PrivateRedis, wait_until
 
 from nbtask import App, BrokerUnavailable, TaskNotFound, errors
+from nbtask.brokers.redis_link import RedisLink
 
 _SECRET = "lost-checked-secret"
 
@@ -244,3 +245,41 @@ def test_a_stalled_redis_is_said_to_have_been_sent_the_tasks_it_did_not_answer_f
         assert f"was sent task(s) {handle.id}" in said and " took " not in said, said
     finally:
         app.close()
+
+
+def test_a_link_counts_restarts_and_one_refused_info_still_connects(
+    private_redis: PrivateRedis,
+) -> None:
+    def refuse_info() -> None:
+        admin = redis.Redis.from_url(private_redis.url)
+        admin.acl_setuser(
+            "noinfo", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-info"]
+        )
+        admin.close()
+
+    refuse_info()
+    links = [
+        RedisLink(private_redis.url, "broker"),
+        RedisLink(f"redis://noinfo:pw@127.0.0.1:{private_redis.port}/0", "broker"),
+    ]
+    try:
+        for link in links:
+            assert link.run([("SET", "k", "1"), ("GET", "k")])[1] == b"1"
+        private_redis.stop()
+        private_redis.start()
+        refuse_info()  # (the restarted server forgot its users)
+        for link in links:
+            wait_until(lambda link=link: _answers(link), 10, "the link to answer again")
+        # The second never learns: a restart it cannot see is not counted.
+        assert [link.runs.restarts for link in links] == [1, 0]
+    finally:
+        for link in links:
+            link.close()
+
+
+def _answers(link: RedisLink) -> bool:
+    try:
+        link.run([("PING",)])
+    except Exception:
+        return False
+    return True
