@@ -1,16 +1,29 @@
-"""How errors of a Redis server read: what to check when it cannot be reached, its words."""
+"""How errors of a Redis server read: what to check when it cannot be reached, its words.
+
+And which of its error replies are refusals that pass (:func:`refusal`): a server that is
+full, a read-only replica, one loading its data or busy with a long script answers, but
+takes no writes for a while. nbtask treats those as an outage: what it writes waits.
+"""
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit
 
-from redis.exceptions import ResponseError
+from redis.exceptions import (
+    BusyLoadingError,
+    MasterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 __all__ = [
     "REFUSED_AT_ONCE",
     "Unanswered",
     "is_wrong_type",
+    "refusal",
     "sent_unanswered",
     "sentence",
     "unreachable_hint",
@@ -47,7 +60,7 @@ def unreachable_hint(role: str, url: str) -> str:
     )
 
 
-def sentence(exc: BaseException) -> str:
+def sentence(exc: BaseException | str) -> str:
     """redis-py's message, ending with one stop (its own end with ".", "?" or nothing)."""
     text = str(exc).rstrip(".")
     return text if text.endswith("?") else f"{text}."
@@ -68,3 +81,67 @@ def sent_unanswered(exc: BaseException) -> bool:
         return False
     text = str(exc)
     return not text.startswith("Timeout connecting") and text != REFUSED_AT_ONCE
+
+
+#: The error codes of a Redis refusing commands for a while, with what its state is and
+#: what to do about it.
+_PASSING = {
+    "OOM": (
+        "is full",
+        "Free memory there or raise its maxmemory (an eviction policy would drop queued "
+        "tasks and results)",
+    ),
+    "READONLY": (
+        "is a read-only replica",
+        "Point nbtask at its primary, or make it a primary again (REPLICAOF NO ONE)",
+    ),
+    "MASTERDOWN": (
+        "is a replica that lost its primary",
+        "Bring its primary back, or make it a primary (REPLICAOF NO ONE)",
+    ),
+    "LOADING": ("is loading its data into memory", "Wait for it to finish"),
+    "BUSY": (
+        "is busy running a script past its time limit",
+        "Wait for it to end, or end it (SCRIPT KILL)",
+    ),
+    "MISCONF": (
+        "cannot save its data to disk (stop-writes-on-bgsave-error)",
+        "Read its log: free disk space, or fix its dir's permissions",
+    ),
+    "NOREPLICAS": (
+        "has fewer good replicas than its min-replicas-to-write",
+        "Bring its replicas back, or lower that setting",
+    ),
+    "UNBLOCKED": ("ended a waiting read (did it become a replica?)", "Check its role"),
+}
+_BY_CLASS = (
+    (OutOfMemoryError, "OOM"),
+    (ReadOnlyError, "READONLY"),
+    (MasterDownError, "MASTERDOWN"),
+    (BusyLoadingError, "LOADING"),  # (a connection error to redis-py)
+)
+# A code at the start of the reply, or after a script's words (Redis before 7 wraps the
+# error a command met in a script: "Error running script (...): ...: -OOM command ...").
+_CODE = re.compile(r"(?:^|: -)(" + "|".join(_PASSING) + r") ")
+# Where Redis 7 says which script met it: "... script: <sha>, on @user_script:12."
+_SCRIPT_WHERE = re.compile(r"\.?\s*script: \w+, on @user_script:\d+\.?$")
+
+
+def refusal(exc: BaseException) -> tuple[str, str, str] | None:
+    """How a Redis that refuses commands for a while (``exc``) is, its words, what to do.
+
+    ``None`` unless ``exc`` is such a refusal: out of memory under ``noeviction``, a
+    read-only replica, a replica without its primary, loading, busy with a script, unable
+    to save, short of replicas, or an ended wait. Each passes; nothing was written.
+    """
+    if not isinstance(exc, (ResponseError, BusyLoadingError)):
+        return None
+    text = str(exc)
+    code = next((code for kind, code in _BY_CLASS if isinstance(exc, kind)), None)
+    if code is None:
+        match = _CODE.search(text)
+        if match is None:
+            return None
+        code, text = match[1], text[match.end() :]  # (a script's wrapping left out)
+    state, advice = _PASSING[code]
+    return state, sentence(_SCRIPT_WHERE.sub("", text)), advice

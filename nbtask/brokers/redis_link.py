@@ -20,9 +20,9 @@ import redis
 from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
+    BusyLoadingError,
     InvalidResponse,
     NoScriptError,
-    OutOfMemoryError,
     ResponseError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -33,6 +33,7 @@ from nbtask.brokers.forks import close_copies_in_forks
 from nbtask.brokers.redis_errors import (
     Unanswered,
     is_wrong_type,
+    refusal,
     sent_unanswered,
     sentence,
     unreachable_hint,
@@ -163,7 +164,11 @@ class RedisLink(OwedReplies):
 
     @contextlib.contextmanager
     def translate_errors(self) -> Iterator[None]:
-        """Turn connection errors, and a full server's refusals, into :class:`BrokerUnavailable`."""
+        """Turn connection errors, and refusals that pass, into :class:`BrokerUnavailable`.
+
+        Refusals that pass: a server that is full, read-only, loading... (see
+        :func:`~nbtask.brokers.redis_errors.refusal`).
+        """
         try:
             yield
         except Unanswered as exc:
@@ -177,6 +182,8 @@ class RedisLink(OwedReplies):
                 "again",
                 exc.task_ids,
             ) from exc
+        except BusyLoadingError as exc:
+            raise self._refused(exc) from exc
         except (RedisConnectionError, RedisTimeoutError) as exc:
             if self._gave_up(exc):
                 raise BrokerUnavailable(
@@ -193,12 +200,25 @@ class RedisLink(OwedReplies):
             if isinstance(exc, (AuthenticationError, AuthorizationError)):
                 hint = "Check the user name and password in the URL (redis://user:password@host)"
             raise BrokerUnavailable(f"{what}: {sentence(exc)} {hint}") from exc
-        except OutOfMemoryError as exc:  # it answers, but takes no writes: as good as gone
-            raise BrokerUnavailable(
-                f"the Redis {self._role} at {redact_url(self.url)} is full: {sentence(exc)} "
-                "Free memory there or raise its maxmemory (an eviction policy would drop "
-                "queued tasks and results)"
-            ) from exc
+        except ResponseError as exc:
+            if refusal(exc) is None:
+                raise
+            raise self._refused(exc) from exc
+
+    def _refused(self, exc: BaseException) -> BrokerUnavailable:
+        """What a refusal that passes (``exc``, see ``refusal``) raises: as an outage.
+
+        The server answers but takes no writes for now. A read served in the same round
+        trip may have delivered an entry: the Streams transport looks for it next.
+        """
+        self.read_lost = True
+        refused = refusal(exc)
+        assert refused is not None
+        state, said, advice = refused
+        return BrokerUnavailable(
+            f"the Redis {self._role} at {redact_url(self.url)} refuses writes: it {state}: "
+            f"{said} {advice}"
+        )
 
     def ping(self) -> None:
         """Raise :class:`BrokerUnavailable` unless the server answers; load the scripts."""

@@ -18,6 +18,9 @@ Delivery rules (see the README's "Delivery semantics"):
 * A read whose reply is lost with its connection may still have delivered an entry (and
   marked its task STARTED): after any connection error the consumer's next fetch takes
   such an entry back from its own pending list before it reads new ones.
+* A last write that Redis refuses (full, read-only...) while the read sent with it
+  delivered the next entry keeps that entry: the task's next successful last write, or
+  the next fetch, returns it, so it is handled even by a child asked to stop meanwhile.
 """
 
 from __future__ import annotations
@@ -69,6 +72,8 @@ class StreamsTransport(StreamsMoves):
         self._whoami: tuple[str, int] = ("", -1)
         # A fetch's read and start check, by (queue, consumer, block, pid): made once.
         self._reads: dict[tuple[str, str, int, int], tuple[str, Command, Command]] = {}
+        # An entry a refused last write's read delivered, by that task's id (see finish).
+        self._kept: tuple[str, Delivery] | None = None
         self.link.add_scripts(STREAMS_SCRIPTS)
         self.link.add_scripts(QUEUED_SCRIPTS)
 
@@ -243,6 +248,9 @@ class StreamsTransport(StreamsMoves):
         The delivery comes with its start verdict (``Delivery.verdict``), decided by
         Redis in the same round trip.
         """
+        if self._kept is not None:  # delivered by a read beside a refused last write
+            kept, self._kept = self._kept[1], None
+            return kept
         with self.link.translate_errors():
             if self.link.read_lost:
                 recovered = self._recover_lost_read(queues, consumer)
@@ -268,18 +276,41 @@ class StreamsTransport(StreamsMoves):
         leading: Sequence[Command],
         *,
         large: bool = False,
+        task_id: str = "",
     ) -> Delivery | None:
         # One write: [leading commands,] a blocking read, and the start check that Redis
         # runs as soon as the read is served. One queue: the server hands each entry to
-        # exactly one blocked consumer.
+        # exactly one blocked consumer. ``task_id``: the task the leading commands finish.
         stream, read, check = self._read_commands(queue, consumer, block_seconds)
         commands = [*leading, read, (*check, self._last_seen.get(stream, "0-0"))]
         replies = self.link.run(
             commands, block_seconds=block_seconds, raise_errors=False, large=large
         )
-        if any(isinstance(r, ResponseError) for r in replies):  # rare: looked at apart
-            replies = self._mended(queue, commands, replies)
+        if not any(isinstance(r, ResponseError) for r in replies):
+            return self._delivered(queue, stream, replies[-2], replies[-1])
+        # Rare: looked at apart. Whatever the read delivered is handled, whatever failed.
+        replies = self._mended(queue, commands, replies)
         entries, verdict = replies[-2], replies[-1]
+        delivery = None
+        if not isinstance(entries, ResponseError):
+            # A refused start check did not run: the worker asks the store.
+            checked = None if isinstance(verdict, ResponseError) else verdict
+            delivery = self._delivered(queue, stream, entries, checked)
+        failed = next((r for r in replies[: len(leading)] if isinstance(r, ResponseError)), None)
+        if failed is not None:
+            if delivery is not None:  # for the task's next last write, or the next fetch
+                self._kept = (task_id, delivery)
+            raise failed
+        if isinstance(entries, ResponseError):
+            if not leading:
+                raise entries
+            # What came before it is done (a task's last write): not this task's failure.
+            # The next fetch reads again, and says what fails.
+            log.info("could not take the next message after task %s: %s", task_id, entries)
+        return delivery
+
+    def _delivered(self, queue: str, stream: str, entries: Any, verdict: Any) -> Delivery | None:
+        """The delivery a blocking read's reply holds, if any, with its start verdict."""
         if not entries:
             return None
         entry_id, fields = entries[0][1][0]
@@ -306,7 +337,11 @@ class StreamsTransport(StreamsMoves):
         return made
 
     def _mended(self, queue: str, commands: Sequence[Command], replies: list[Any]) -> list[Any]:
-        """The replies of a fetch that met errors, once what can be mended is; else raise."""
+        """The replies of a fetch that met errors, once what can be mended is.
+
+        A read from a queue that is gone raises (see ``_queues_may_be_gone``), or reads
+        as nothing; other errors stay in their places.
+        """
         if any(isinstance(r, NoScriptError) for r in replies):
             # A restarted server forgot the scripts: nothing they do happened. Run them
             # again now that they are loaded (the read itself did happen).
@@ -318,9 +353,6 @@ class StreamsTransport(StreamsMoves):
             with self._queues_may_be_gone([queue]):
                 raise replies[-2] if isinstance(replies[-2], ResponseError) else replies[-1]
             replies[-2:] = [None, None]  # the caller simply fetches again
-        for reply in replies:
-            if isinstance(reply, ResponseError):
-                raise reply
         return replies
 
     def _recover_lost_read(self, queues: Sequence[str], consumer: str) -> Delivery | None:
@@ -404,13 +436,20 @@ class StreamsTransport(StreamsMoves):
         keys = (record, channel_key, self.queue_key(queue), eta)
         command = self.link.evalsha("finish", keys, ttl, maxlen, event, entry, member, due, *rest)
         large = len(raw_event) >= LARGE_BYTES
-        if then_fetch is None or len(then_fetch[0]) != 1 or self.link.read_lost:
+        kept = self._kept
+        if then_fetch is None or len(then_fetch[0]) != 1 or self.link.read_lost or kept is not None:
             with self.link.translate_errors():
                 self.link.run_scripts([command], large=large)
+            if kept is not None and kept[0] == task_id:
+                # Taken by this task's last write that Redis refused: handled now.
+                self._kept = None
+                return kept[1]
             return None
         queues, consumer, block_seconds = then_fetch
         with self.link.translate_errors():
-            return self._read_one(queues[0], consumer, block_seconds, [command], large=large)
+            return self._read_one(
+                queues[0], consumer, block_seconds, [command], large=large, task_id=task_id
+            )
 
 
 def _due(msg: Publish, now: float) -> float | None:

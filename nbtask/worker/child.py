@@ -232,20 +232,20 @@ class Child:
                 # A failure while reporting (an exception whose str() raises, an outcome
                 # that cannot be sent): the task must still end, and say why.
                 log.exception("could not settle task %s; reporting it failed", delivery.task_id)
-                self._settle_unreported(admitted, exc)
-                return None
+                return self._settle_unreported(admitted, exc)
         finally:
             self.journal.about("")
             self.slot.clear(holds=self.holding.ever_held)
 
-    def _settle_unreported(self, admitted: Admitted, exc: Exception) -> None:
+    def _settle_unreported(self, admitted: Admitted, exc: Exception) -> Delivery | None:
+        # (The next message, if a refused earlier write took it: handled, never dropped.)
         why = NbtaskError(
             f"the task ended but nbtask could not report its outcome "
             f"({type(exc).__name__}); the worker's log has the details"
         )
         message = admitted.message
         event = failure_event(message.id, FINAL_SEQ, why, self._whoami, run=message.run)
-        self._settle(admitted, Outcome(event))
+        return self._settle(admitted, Outcome(event))
 
     def _exit_if_forked(self, code: int) -> None:
         """End a process that task code forked from this child: only the child reports.
