@@ -14,6 +14,7 @@ pickled afresh on every send (``capture`` returns ``None``).
 from __future__ import annotations
 
 import operator
+import sys
 import types
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sized
@@ -21,6 +22,7 @@ from typing import Any
 
 import cloudpickle
 
+from nbtask.core.named import reduced_by_name
 from nbtask.core.task import Task
 
 __all__ = ["Capture", "capture"]
@@ -184,6 +186,9 @@ class _Walk:
         elif isinstance(obj, property):
             self.value((obj.fget, obj.fset, obj.fdel, obj.__doc__))
         elif isinstance(obj, Task):  # pickled as its class and its __dict__ but the app
+            if reduced_by_name(obj, Task) is not None:
+                self.named(obj)
+                return
             if not _pickled_as_tasks_are(type(obj)):
                 raise Uncacheable(obj)
             self.value(type(obj))
@@ -196,6 +201,14 @@ class _Walk:
             )
         ):
             raise Uncacheable(obj)
+
+    def named(self, task: Task) -> None:
+        """A task pickled by name: by value again once its module holds another object."""
+        cls = type(task)
+        if "." in cls.__qualname__:
+            raise Uncacheable(task)
+        namespace = vars(sys.modules[cls.__module__])
+        self.capture.record(namespace, cls.__qualname__, task, in_mapping=True)
 
     def function(self, func: types.FunctionType) -> None:
         self.attributes_of(func, _FUNCTION_SLOTS)

@@ -21,6 +21,7 @@ from nbtask.core.canvas import Call, Callbacks, Signable
 from nbtask.core.captured import Capture, capture
 from nbtask.core.fingerprint import code_fingerprint
 from nbtask.core.holding import is_holder_queue
+from nbtask.core.named import importable
 from nbtask.core.options import new_task_id
 from nbtask.core.placement import Moving, holder_queue_for
 from nbtask.core.refs import ValueRef, blobs_of, noting_refs
@@ -60,7 +61,7 @@ def code_for(task: Task, cache: MutableMapping[Task, ShippedCode]) -> tuple[str 
     while all of those are the same objects (see :mod:`nbtask.core.captured`); a task that
     reads a value which can change in place (a list, a DataFrame) is pickled on every send.
     """
-    if not type(task).__module__ or _importable(task):  # "" marks send_task's stand-ins
+    if not type(task).__module__ or importable(task):  # "" marks stand-ins sent by name
         return None, b""
     cached = cache.get(task)
     if cached is not None and cached.captured is not None and cached.captured.unchanged():
@@ -113,17 +114,6 @@ def _names(code: types.CodeType) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _importable(task: Task) -> bool:
-    cls = type(task)
-    module = sys.modules.get(cls.__module__)
-    if module is None or cls.__module__ == "__main__":
-        return False
-    target: Any = module
-    for part in cls.__qualname__.split("."):
-        target = getattr(target, part, None)
-    return target is task
-
-
 class MessageBuilder:
     """Builds the signed messages of task calls, for one client's channel or for any.
 
@@ -135,12 +125,25 @@ class MessageBuilder:
         The default queue, ``task_ignore_result`` and ``blob_threshold``.
     store
         Where large arguments go, out of band (without one, everything travels inline).
+    through_apps
+        Whether a task given a kept value goes to the process holding it, as the task's
+        app sees the live workers. ``False`` for a worker's chain steps and callbacks:
+        the app of a module the worker imported was never connected in that process
+        (connecting one without a broker would start an embedded cluster there).
     """
 
-    def __init__(self, signer: Signer, settings: Settings, store: Store | None = None) -> None:
+    def __init__(
+        self,
+        signer: Signer,
+        settings: Settings,
+        store: Store | None = None,
+        *,
+        through_apps: bool = True,
+    ) -> None:
         self.signer = signer
         self.settings = settings
         self.store = store
+        self.through_apps = through_apps
         # Tasks pickled by value, kept while what they read is unchanged; weak so a
         # redefined task's entry goes away.
         self._code: weakref.WeakKeyDictionary[Task, ShippedCode] = weakref.WeakKeyDictionary()
@@ -208,7 +211,7 @@ class MessageBuilder:
             expires=options.get("expires"),
             acks_late=bool(task.acks_late),
             ignore_result=bool(options.get("ignore_result", ignore_result)),
-            module=type(task).__module__,
+            module=type(task).__module__ or getattr(task, "_sent_module", ""),
             code=digest,
             code_len=len(code),
             callbacks_len=len(links),
@@ -258,7 +261,7 @@ class MessageBuilder:
         ``None`` too when that process is busy and moving the value beats waiting: the
         task then goes to the default queue.
         """
-        if not any(ref.holder for ref in refs) or task.app is None:
+        if not self.through_apps or task.app is None or not any(ref.holder for ref in refs):
             return None
         moving = None
         if self.store is not None:

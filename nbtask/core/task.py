@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, SupportsIndex
 
 from nbtask.core.call_checks import (
     call_arguments,
@@ -26,6 +26,7 @@ from nbtask.core.celery_task import CeleryTaskNames
 from nbtask.core.datasets import data_queue, dataset_names
 from nbtask.core.handle import TaskHandle
 from nbtask.core.holding import is_holder_queue
+from nbtask.core.named import reduced_by_name
 from nbtask.core.options import (
     check_task_id,
     check_time_limits,
@@ -391,6 +392,15 @@ class Task(RunningTask, CeleryTaskNames):
         return self.app
 
     # Pickling --------------------------------------------------------------------------------
+    def __reduce_ex__(self, protocol: SupportsIndex) -> str | tuple[Any, ...]:
+        # A task of an importable module is pickled by name, as Celery's are: a chain's
+        # later step, a link, run on the instance the worker's own import holds (the one
+        # delay() runs), with that module's state. Others by value, their app left out.
+        reference = reduced_by_name(self, Task)
+        if reference is not None:
+            return reference
+        return super().__reduce_ex__(protocol)
+
     def __getstate__(self) -> dict[str, Any]:
         # The app holds connections and threads: a shipped task travels without it.
         state = dict(self.__dict__)

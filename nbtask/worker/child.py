@@ -127,7 +127,11 @@ class Child:
         self.publisher = SubtaskPublisher(
             self.transport, MessageBuilder(self.signer, self.settings, self.transport.store)
         )
-        self.follow_ups = FollowUps(self.transport, self.signer, self.publisher)
+        # Chain steps and callbacks: never placed through an imported module's app.
+        steps = MessageBuilder(self.signer, self.settings, self.transport.store, through_apps=False)
+        self.follow_ups = FollowUps(
+            self.transport, self.signer, SubtaskPublisher(self.transport, steps)
+        )
         self.admission = Admission(
             self.settings,
             self.transport,

@@ -57,7 +57,7 @@ class LostTasks:
         self.signer = signer
         self.settings = settings
         self.running = running
-        builder = MessageBuilder(signer, settings, transport.store)
+        builder = MessageBuilder(signer, settings, transport.store, through_apps=False)
         self.follow_ups = FollowUps(transport, signer, SubtaskPublisher(transport, builder))
 
     def settle(

@@ -1,0 +1,101 @@
+"""Tasks of importable modules, pickled by name: each process uses its own import.
+
+``@app.task`` makes a class per task, which no module holds under its name, so a plain
+pickle would carry the class, its function and the globals that function reads by value.
+A task a module holds under its name (not ``__main__``, not a module shipped by value)
+is pickled as a reference instead, as Celery does: wherever it is loaded (a chain's later
+step, a ``link``, a task in a cell's variables), that process imports the module and uses
+the task it holds, the very instance ``delay`` runs there, with that module's state.
+Tasks defined in a notebook or inside a function still travel by value.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import cloudpickle
+
+__all__ = ["importable", "reduced_by_name", "task_named"]
+
+#: The class options a message is built from (see :mod:`nbtask.core.outgoing`): carried
+#: with a reference, for a process that cannot import the task's module to send it.
+_CARRIED = (
+    "acks_late",
+    "ignore_result",
+    "time_limit",
+    "soft_time_limit",
+    "reject_on_worker_lost",
+    "serializer",
+    "store_result",
+    "requires",
+    "queue",
+    "expires",
+)
+
+
+def importable(task: object) -> bool:
+    """Whether ``task`` is what its module holds under its class's name, so is found by name.
+
+    Never one of ``__main__`` (a notebook, a script): the workers do not have it.
+    """
+    cls = type(task)
+    module = sys.modules.get(cls.__module__)
+    if module is None or cls.__module__ == "__main__":
+        return False
+    target: Any = module
+    for part in cls.__qualname__.split("."):
+        target = getattr(target, part, None)
+    return target is task
+
+
+def reduced_by_name(task: object, base: type) -> tuple[Any, ...] | None:
+    """How to pickle ``task`` as a reference (see :func:`task_named`), else ``None``.
+
+    Not for a task of a module cloudpickle ships by value (one beside the notebook, which
+    a cell carries with its code): the task goes with it. A stand-in :func:`task_named`
+    made keeps its reference; ``base`` is the class such a stand-in derives from.
+    """
+    reference = type(task).__dict__.get("_by_name")
+    if isinstance(reference, tuple):
+        return task_named, reference
+    cls = type(task)
+    if not importable(task) or _shipped_by_value(cls.__module__):
+        return None
+    carried = {name: getattr(task, name) for name in _CARRIED}
+    return task_named, (cls.__module__, cls.__qualname__, getattr(task, "name", ""), base, carried)
+
+
+def _shipped_by_value(module: str) -> bool:
+    """Whether cloudpickle ships ``module`` by value (one beside the notebook, for a cell)."""
+    return bool(cloudpickle.cloudpickle._is_registered_pickle_by_value(sys.modules[module]))
+
+
+def task_named(
+    module: str, qualname: str, name: str, base: type, carried: Mapping[str, Any]
+) -> Any:
+    """The task ``module`` holds as ``qualname`` in this process, imported if need be.
+
+    Where the module cannot be imported (a worker that does not have it, which sends a
+    chain's next step on to another queue), a stand-in that sends the task by name, its
+    message naming ``module`` for the worker that runs it; as ``send_task`` does.
+    """
+    try:
+        target: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            target = getattr(target, part)
+    except Exception:
+        target = None
+    if isinstance(target, base) and getattr(target, "name", None) == name:
+        return target
+    attrs = {
+        **carried,
+        "name": name,
+        "abstract": False,
+        "__module__": "",  # sent by name: never shipped by value (see code_for)
+        "_sent_module": module,
+        "_by_name": (module, qualname, name, base, dict(carried)),
+    }
+    return type("RemoteTask", (base,), attrs)()
