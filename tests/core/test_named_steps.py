@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from nbtask import App, Settings, Task
+from nbtask import App, Settings, Task, group
 from nbtask.core.holding import holder_queue
 from nbtask.core.named import task_named
 from nbtask.core.outgoing import MessageBuilder, code_for
@@ -54,6 +54,7 @@ def test_a_chain_step_and_a_link_run_the_workers_import_of_their_module(
     assert app.send_task(named_tasks.site.name).get(timeout=10) == "imported"
     assert (add.s(1, 1) | named_tasks.site.s()).delay().get(timeout=10) == "imported"
     assert _linked(app, add, (1, 1), named_tasks.site.s()) == "imported"
+    assert group([add.s(0, 0), named_tasks.site.s()]).delay().get(timeout=10) == [0, "imported"]
     # One process, one module: each call counts on from the last, whichever way it came.
     counts = [(add.s(1, 1) | named_tasks.bump.s()).delay().get(timeout=10) for _ in range(3)]
     counts.append(_linked(app, add, (1, 1), named_tasks.bump.s()))
