@@ -126,6 +126,10 @@ class Signature:
         """A copy with these :meth:`~nbtask.Task.apply_async` options added."""
         return dataclasses.replace(self, options={**self.options, **options})
 
+    def extended(self, key: str, more: object) -> Signature:
+        """A copy whose ``link`` or ``link_error`` list has ``more`` added after its own."""
+        return self.set(**{key: [*listed(self.options.get(key)), *listed(more)]})
+
     def for_worker(self, **extra: Any) -> Signature:
         """A copy whose options are checked and converted now, for a worker to send later.
 
@@ -179,6 +183,13 @@ class Signature:
         return f"{self.task.name}{'!' if self.immutable else ''}({', '.join(parts)})"
 
 
+def listed(value: object) -> list[Any]:
+    """A ``link``/``link_error`` option as a list: ``None``, one signature, or several."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 @dataclasses.dataclass(frozen=True)
 class Callbacks:
     """Signatures to send when the task succeeds (``link``) or fails (``link_error``)."""
@@ -217,7 +228,7 @@ class Chain:
         return self.apply_async(args, kwargs)
 
     def apply_async(
-        self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None
+        self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, **options: Any
     ) -> TaskHandle:
         """Start the chain and return the last step's handle (``.parent`` walks back).
 
@@ -225,18 +236,24 @@ class Chain:
         ----------
         args, kwargs
             Extra arguments of the first step, as for :meth:`Signature.apply_async`.
+        **options
+            As Celery's: ``link`` is added to the last step's links, ``link_error`` to
+            every step's errbacks (whichever step fails calls it, once), ``task_id`` is
+            the last step's id; the others (``countdown``, ``eta``, ``queue``...) are
+            the first step's :meth:`~nbtask.Task.apply_async` options.
         """
         if not self.steps:
             raise ConfigurationError("an empty chain has nothing to run")
+        steps = self._with_options(options)
         self._check_later_steps()
-        ids = [step.options.get("task_id") or new_task_id() for step in self.steps]
+        ids = [step.options.get("task_id") or new_task_id() for step in steps]
         root = ids[0]
         # The later steps are sent by workers: the send their events name is stamped here,
         # signed with the chain, so a replayed event of an earlier step with the same id
         # is told apart (see nbtask.wire.events.Run).
         sent = time.time()
         following: Signature | None = None
-        for step, task_id in zip(reversed(self.steps[1:]), reversed(ids[1:]), strict=True):
+        for step, task_id in zip(reversed(steps[1:]), reversed(ids[1:]), strict=True):
             prepared = step.for_worker(task_id=task_id, root_id=root, sent=sent)
             if following is not None:
                 # Beside the step's own links and errbacks, as Celery adds the next step.
@@ -244,23 +261,34 @@ class Chain:
                 callbacks = Callbacks((*own.link, following), own.link_error)
                 prepared = prepared.for_worker(callbacks=callbacks)
             following = prepared
-        app = self.steps[0].task.sender()
-        later = zip(self.steps[1:], ids[1:], strict=True)
+        app = steps[0].task.sender()
+        later = zip(steps[1:], ids[1:], strict=True)
         handles = [app.expect(task_id, step.task.name, sent) for step, task_id in later]
-        first = self.steps[0].set(task_id=root)
+        first = steps[0].set(task_id=root)
         if following is not None:
-            own_links = first.options.get("link")
-            if own_links is None:
-                own_links = []
-            elif not isinstance(own_links, (list, tuple)):
-                own_links = [own_links]
-            first = first.set(link=[*own_links, following])
+            first = first.set(link=[*listed(first.options.get("link")), following])
         head = first.apply_async(args, kwargs)
         previous = head
         for handle in handles:
             handle.parent = previous
             previous = handle
         return previous
+
+    def _with_options(self, options: Mapping[str, Any]) -> list[Signature]:
+        """The steps with the chain's own ``apply_async`` options put where Celery puts them."""
+        rest = dict(options)
+        link, link_error = rest.pop("link", None), rest.pop("link_error", None)
+        last_id = rest.pop("task_id", None)
+        steps = list(self.steps)
+        if link_error is not None:
+            steps = [step.extended("link_error", link_error) for step in steps]
+        if link is not None:
+            steps[-1] = steps[-1].extended("link", link)
+        if last_id is not None:
+            steps[-1] = steps[-1].set(task_id=last_id)
+        if rest:
+            steps[0] = steps[0].set(**rest)
+        return steps
 
     def _check_later_steps(self) -> None:
         """Refuse, before anything is sent, a later step that its arguments do not fit.
@@ -305,26 +333,51 @@ class Group:
 
     tasks: tuple[Signature, ...]
 
-    def delay(self) -> GroupHandle:
-        """Send every task, in one round trip."""
-        return self.apply_async()
+    def delay(self, *args: Any, **kwargs: Any) -> GroupHandle:
+        """Send every task, in one round trip; extra arguments go to each (Celery's)."""
+        return self.apply_async(args, kwargs)
 
-    def __call__(self) -> GroupHandle:
-        """Celery's ``group(...)()``: the same as :meth:`apply_async`."""
-        return self.apply_async()
+    def __call__(self, *args: Any, **options: Any) -> GroupHandle:
+        """Celery's ``group(...)(*args, **options)``: ``apply_async(args, **options)``."""
+        return self.apply_async(args, **options)
 
-    def apply_async(self) -> GroupHandle:
-        """Send every task, in one round trip; return their :class:`GroupHandle`."""
+    def apply_async(
+        self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, **options: Any
+    ) -> GroupHandle:
+        """Send every task, in one round trip; return their :class:`GroupHandle`.
+
+        Parameters
+        ----------
+        args, kwargs
+            Extra arguments of every task, merged as :meth:`Signature.apply_async` merges
+            them: ``group([add.s(2), add.s(4)]).delay(10)`` runs ``add(10, 2)`` and
+            ``add(10, 4)``.
+        **options
+            :meth:`~nbtask.Task.apply_async` options of every task, over each one's own
+            (``countdown``, ``eta``, ``queue``...); ``task_id`` is the group's id.
+            ``link`` and ``link_error`` are refused with ``TypeError``, as Celery's.
+        """
+        if options.get("link") is not None:
+            raise TypeError(
+                "Cannot add link to group: a task after the whole group is Celery's chord, "
+                "which nbtask does not have; send it with the group's results instead: "
+                "task.delay(group([...]).delay().get())"
+            )
+        if options.get("link_error") is not None:
+            raise TypeError("Cannot add link_error to group: do that on individual tasks")
+        options = {k: v for k, v in options.items() if k not in ("link", "link_error")}
+        group_id = options.pop("task_id", None) or new_task_id()
         if not self.tasks:
-            return GroupHandle([])
+            return GroupHandle([], group_id)
         app = self.tasks[0].task.sender()
+        calls = []
         for sig in self.tasks:
-            sig.task.check_arguments(sig.args, sig.kwargs, sig.options.get("requires"))
-        calls = [
-            (sig.task, sig.args, dict(sig.kwargs), sig.task.send_options(**sig.options))
-            for sig in self.tasks
-        ]
-        return GroupHandle(app.send_batch(calls))
+            call_args = sig.args if sig.immutable else (*args, *sig.args)
+            call_kwargs = {**sig.kwargs, **(kwargs or {})}
+            sig_options = {**sig.options, **options}
+            sig.task.check_arguments(call_args, call_kwargs, sig_options.get("requires"))
+            calls.append((sig.task, call_args, call_kwargs, sig.task.send_options(**sig_options)))
+        return GroupHandle(app.send_batch(calls), group_id)
 
     def __or__(self, other: object) -> NoReturn:
         raise ConfigurationError(NO_CHORD)
@@ -355,18 +408,22 @@ def chord(header: Iterable[Signature], body: Signature | None = None) -> NoRetur
     raise ConfigurationError(NO_CHORD)
 
 
-def group(tasks: Iterable[Signature]) -> Group:
-    """``group([add.s(1, 1), add.s(2, 2)])``: run tasks in parallel.
+def group(*tasks: Signature | Iterable[Signature]) -> Group:
+    """``group(add.s(1, 1), add.s(2, 2))`` or ``group([...])``: run tasks in parallel.
 
     Parameters
     ----------
-    tasks
-        Signatures, one per task.
+    *tasks
+        Signatures, one per task; or, as Celery's, one iterable of them.
     """
-    items = tuple(tasks)
-    if not all(isinstance(t, Signature) for t in items):
+    if len(tasks) == 1 and not isinstance(tasks[0], Signature):
+        items: tuple[object, ...] = tuple(tasks[0])
+    else:
+        items = tasks
+    signatures = tuple(t for t in items if isinstance(t, Signature))
+    if len(signatures) != len(items):
         raise ConfigurationError("group() takes signatures (task.s(...))")
-    return Group(items)
+    return Group(signatures)
 
 
 class GroupHandle:
@@ -376,10 +433,13 @@ class GroupHandle:
     ----------
     handles
         One :class:`~nbtask.TaskHandle` per task, in the group's order.
+    group_id
+        The group's id (Celery's ``GroupResult.id``); a new one by default.
     """
 
-    def __init__(self, handles: Sequence[TaskHandle]) -> None:
+    def __init__(self, handles: Sequence[TaskHandle], group_id: str | None = None) -> None:
         self.handles = list(handles)
+        self.id = group_id or new_task_id()
 
     def get(self, timeout: float | None = None, *, propagate: bool = True) -> list[Any]:
         """Every result, in order; raises the first error met.
