@@ -10,6 +10,7 @@ from typing import Any
 
 from nbtask._version import __version__
 from nbtask.client.app import App
+from nbtask.client.celery_names import signature
 from nbtask.client.default import default_app as app
 from nbtask.core.canvas import Chain, Group, GroupHandle, Signature, chain, chord, group
 from nbtask.core.context import current_request, progress, track
@@ -96,6 +97,7 @@ __all__ = [
     "group",
     "load_ipython_extension",
     "progress",
+    "signature",
     "track",
     "unload_ipython_extension",
 ]

@@ -14,7 +14,7 @@ from nbtask.client.connection import AppConnection
 from nbtask.client.reattach import reattach, resolve_task_id
 from nbtask.client.routes import Routes
 from nbtask.client.unsent import give_back, restore_refused, reused_ids
-from nbtask.core.canvas import Call
+from nbtask.core.canvas import Call, Signature
 from nbtask.core.datasets import Loader, check_loader, dataset_names
 from nbtask.core.declare import task_class
 from nbtask.core.handle import FetchWatch, TaskHandle
@@ -328,12 +328,32 @@ class App(AppConnection):
         """
         if not isinstance(name, str) or not name.strip():
             raise ConfigurationError(f"send_task needs a task's name, got {name!r}")
+        return self._named(name, acks_late).apply_async(args, kwargs, **options)
+
+    def _named(self, name: str, acks_late: bool = False) -> BaseTask:
+        """The task of that name: this app's own, else one only the workers define."""
         task = self.tasks.get(name)
         if task is None:
             attrs = {"name": name, "abstract": False, "acks_late": acks_late, "__module__": ""}
             task = type("RemoteTask", (self.Task,), attrs)()
             task.app = self
-        return task.apply_async(args, kwargs, **options)
+        return task
+
+    def signature(
+        self,
+        name: str,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Signature:
+        """Celery's ``app.signature(name, args, kwargs, **options)``: a task's signature by name.
+
+        The name may be one of this app's tasks or one only the workers define (as for
+        :meth:`send_task`); ``options`` as for :meth:`Task.signature`.
+        """
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigurationError(f"signature() needs a task's name, got {name!r}")
+        return self._named(name).signature(args, kwargs, **options)
 
     # Following tasks -------------------------------------------------------------------------
     def handle(self, task_id: str) -> TaskHandle:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NoReturn, Protocol
 
+from nbtask.core.celery_canvas import CeleryGroupNames, CelerySignatureNames
 from nbtask.core.handle import TaskHandle
 from nbtask.core.options import new_task_id
 from nbtask.errors import ConfigurationError
@@ -106,7 +107,7 @@ def sending_through(sender: Sender) -> Iterator[None]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Signature:
+class Signature(CelerySignatureNames):
     """A task with (some of) its arguments and options, to send later.
 
     Arguments given when it is sent come first, then the signature's own, as in Celery:
@@ -426,7 +427,7 @@ def group(*tasks: Signature | Iterable[Signature]) -> Group:
     return Group(signatures)
 
 
-class GroupHandle:
+class GroupHandle(CeleryGroupNames):
     """The handles of a group's tasks, gathered.
 
     Parameters
