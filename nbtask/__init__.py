@@ -10,7 +10,7 @@ from typing import Any
 
 from nbtask._version import __version__
 from nbtask.client.app import App
-from nbtask.client.celery_names import signature
+from nbtask.client.celery_names import shared_task, signature, uuid
 from nbtask.client.default import default_app as app
 from nbtask.core.canvas import Chain, Group, GroupHandle, Signature, chain, chord, group
 from nbtask.core.context import current_request, progress, track
@@ -39,7 +39,14 @@ from nbtask.errors import (
     WorkerLost,
 )
 from nbtask.settings import Settings
+from nbtask.wire import states
 from nbtask.wire.events import Event, EventType, Progress, State
+
+#: Celery's name for :class:`TaskRevoked` (``celery.exceptions.TaskRevokedError``).
+TaskRevokedError = TaskRevoked
+#: Celery's ``celery.exceptions.TimeoutError``: what ``get(timeout=...)`` raises when the
+#: task has not ended in time; in nbtask, the built-in ``TimeoutError`` itself.
+TimeoutError = TimeoutError  # noqa: PLW0127 - re-exported under Celery's import path
 
 
 def load_ipython_extension(shell: Any) -> None:
@@ -86,7 +93,9 @@ __all__ = [
     "TaskHandle",
     "TaskNotFound",
     "TaskRevoked",
+    "TaskRevokedError",
     "TimeLimitExceeded",
+    "TimeoutError",
     "TooLarge",
     "WorkerLost",
     "__version__",
@@ -97,7 +106,10 @@ __all__ = [
     "group",
     "load_ipython_extension",
     "progress",
+    "shared_task",
     "signature",
+    "states",
     "track",
     "unload_ipython_extension",
+    "uuid",
 ]

@@ -1,6 +1,6 @@
-"""Celery's module-level names that need an app: ``signature()`` and ``shared_task``.
+"""Celery's module-level names that need an app: ``signature()``, ``shared_task``, ``uuid``.
 
-Both use the app given, else the process's default app (:func:`nbtask.app`).
+The first two use the app given, else the process's default app (:func:`nbtask.app`).
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ from typing import Any
 from nbtask.client.app import App
 from nbtask.client.default import default_app
 from nbtask.core.canvas import Signature
+from nbtask.core.options import new_task_id
 from nbtask.core.task import Task
 from nbtask.errors import ConfigurationError
 
-__all__ = ["signature"]
+__all__ = ["shared_task", "signature", "uuid"]
 
 
 def signature(
@@ -55,3 +56,35 @@ def signature(
     raise ConfigurationError(
         f"signature() takes a task's name, a task or a signature, not {varies!r}"
     )
+
+
+def shared_task(*args: Any, **options: Any) -> Any:
+    """Celery's ``@shared_task``: ``@app.task`` on the process's default app.
+
+    The default app is :func:`nbtask.app`: in a notebook, the notebook's own (the one
+    ``%nbtask connect`` chose), else one configured from the ``NBTASK_*`` environment
+    (``NBTASK_BROKER``...; with none, the embedded cluster). Unlike Celery's, an
+    ``App(...)`` made elsewhere does not become the app of shared tasks: decorate with
+    that app's ``@app.task`` to send through it. Workers find a shared task as any other,
+    by its module (``nbtask worker -A proj.tasks``).
+
+    Parameters
+    ----------
+    *args, **options
+        As for :meth:`nbtask.App.task`: bare (``@shared_task``), a name, or options
+        (``@shared_task(bind=True, max_retries=3)``).
+
+    Returns
+    -------
+    Task or decorator
+        The task, used bare; else the decorator that makes it.
+    """
+    return default_app().task(*args, **options)
+
+
+def uuid() -> str:
+    """Celery's ``uuid()``: a fresh task id, for ``apply_async(task_id=uuid())``.
+
+    nbtask's form of id: 32 hex digits (``uuid.uuid4().hex``), not Celery's dashed one.
+    """
+    return new_task_id()

@@ -12,7 +12,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from nbtask.core.call_checks import CELERY_SEND_OPTIONS, call_arguments
+from nbtask.core.canvas import Signature
 from nbtask.core.eager import EagerResult, run_here
+from nbtask.core.handle import TaskHandle
 from nbtask.core.handlers import HandledTask
 from nbtask.core.options import check_task_id, new_task_id
 from nbtask.errors import ConfigurationError
@@ -25,6 +27,18 @@ _SEND_ONLY = frozenset(
     {"queue", "countdown", "eta", "expires", "time_limit", "soft_time_limit", "label"}
     | {"logfile", "loglevel", *CELERY_SEND_OPTIONS}
 )
+
+
+class _Named(Protocol):
+    """What the Celery aliases use of a task."""
+
+    def signature(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Signature:
+        """The long form of ``s()``."""
 
 
 class _Applied(HandledTask, Protocol):
@@ -129,6 +143,34 @@ class CeleryTaskNames:
             retries=retries,
             throw=bool(throw),
         )
+
+    @property
+    def __name__(self) -> str:
+        """The name of the task's class: the decorated function's (Celery's ``add.__name__``)."""
+        return type(self).__qualname__.rpartition(".")[2]
+
+    def subtask(
+        self: _Named,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Signature:
+        """Celery's older name for :meth:`~nbtask.Task.signature`."""
+        return self.signature(args, kwargs, **options)
+
+    def AsyncResult(self: _Named, task_id: str) -> TaskHandle:
+        """Celery's ``task.AsyncResult(id)``: a task's handle by id, :meth:`nbtask.App.handle`.
+
+        Raises
+        ------
+        TaskNotFound
+            The store has no record of that id (Celery's would read ``PENDING``).
+        """
+        app: Any = getattr(self, "app", None)
+        if app is None:
+            raise ConfigurationError(f"task {self!r} is not bound to an App; use app.handle(id)")
+        handle: TaskHandle = app.handle(task_id)
+        return handle
 
     @property
     def map(self) -> Callable[..., Any]:
