@@ -100,7 +100,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     worker = sub.add_parser("worker", help="serve tasks from a broker")
-    broker_options(worker)
+    broker_options(worker, from_app=True)
     worker.add_argument("-Q", "--queues", default=None, help=QUEUES_HELP)
     worker.add_argument(
         "-c",
@@ -115,7 +115,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         action="append",
         default=[],
         metavar="MODULE",
-        help="import MODULE[:attr] and register the tasks it defines (repeatable)",
+        help="import MODULE[:attr] and register the tasks it defines (repeatable); as with "
+        "Celery's -A, the App it defines gives the broker, secret and key prefix: -b and the "
+        "other options win over the App's settings, which win over NBTASK_* variables (as "
+        "the App itself sends)",
     )
     data_option(worker)
     _loglevel_option(worker)
@@ -138,7 +141,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         action="append",
         default=[],
         metavar="MODULE",
-        help="import MODULE[:attr] and register the tasks it defines (repeatable)",
+        help="import MODULE[:attr] and register the tasks it defines (repeatable); as with "
+        "Celery's -A, the App it defines gives the broker, secret and key prefix: -b and the "
+        "other options win over the App's settings, which win over NBTASK_* variables (as "
+        "the App itself sends)",
     )
     data_option(cluster)
     cluster.add_argument("--dir", default=None, help=argparse.SUPPRESS)

@@ -24,14 +24,20 @@ __all__ = [
 ]
 
 
-def broker_options(parser: argparse.ArgumentParser) -> None:
-    """The options naming a broker and its secret, shared by the commands that use one."""
-    parser.add_argument("-b", "--broker", default=None, help="broker URL (default: $NBTASK_BROKER)")
+def broker_options(parser: argparse.ArgumentParser, *, from_app: bool = False) -> None:
+    """The options naming a broker and its secret, shared by the commands that use one.
+
+    ``from_app``: the command reads the settings of the ``-A`` module's App (``worker``).
+    """
+    app = "the -A module's App(broker=...), else " if from_app else ""
+    parser.add_argument(
+        "-b", "--broker", default=None, help=f"broker URL (default: {app}$NBTASK_BROKER)"
+    )
     parser.add_argument(
         "--secret-file",
         default=None,
-        help="file holding the signing secret (default: $NBTASK_SECRET, else the file "
-        "$NBTASK_SECRET_FILE names)",
+        help=f"file holding the signing secret (default: {app.replace('broker', 'secret')}"
+        "$NBTASK_SECRET, else the file $NBTASK_SECRET_FILE names)",
     )
     parser.add_argument(
         "--insecure",
@@ -92,8 +98,13 @@ def positive_int(text: str) -> int:
     return value
 
 
-def settings_for(args: argparse.Namespace) -> Settings:
-    """The settings a command runs with: its options over the environment, checked."""
+def settings_for(args: argparse.Namespace, app_settings: Settings | None = None) -> Settings:
+    """The settings a command runs with: its options over the environment, checked.
+
+    ``app_settings``: those of the App the ``-A`` modules define (``worker``), which the
+    options override and which override the environment, as the App itself does when it
+    sends: its workers then serve where it sends.
+    """
     # An option given empty is a mistake to report, not a reason to fall back on the
     # environment's value (or the default key prefix).
     overrides: dict[str, object] = {}
@@ -105,12 +116,18 @@ def settings_for(args: argparse.Namespace) -> Settings:
         overrides["insecure"] = True
     if getattr(args, "key_prefix", None) is not None:
         overrides["key_prefix"] = args.key_prefix
-    settings = Settings.from_env(None, **overrides)
+    if app_settings is not None:
+        settings = app_settings.replace(**overrides)
+    else:
+        settings = Settings.from_env(None, **overrides)
     if args.command == "run" and settings.broker_url is None:
         return settings  # the embedded cluster, like ``cluster``
     if args.command != "cluster":
         if settings.broker_url is None:
-            raise ConfigurationError("no broker: pass -b URL or set NBTASK_BROKER")
+            raise ConfigurationError(
+                "no broker: pass -b URL, set NBTASK_BROKER"
+                + (", or give the -A module's App(broker=...)" if args.command == "worker" else "")
+            )
         if not (settings.secret or settings.insecure):
             how = (
                 "set NBTASK_SECRET or NBTASK_SECRET_FILE (the workers' secret), or "

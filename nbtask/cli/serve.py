@@ -24,6 +24,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TextIO
 
+from nbtask._text import redact_url
 from nbtask.brokers.local_blobs import remove_local_blobs
 from nbtask.cli.options import queue_names, settings_for
 from nbtask.client.app import App
@@ -143,10 +144,43 @@ def _logging(level: str) -> None:
     )
 
 
+def _app_of(specs: Sequence[str]) -> App | None:
+    """The App the ``-A`` modules define (or name, ``-A module:app``), if any.
+
+    Several that send to different places (broker, key prefix) are refused: which one the
+    worker serves would be a guess.
+    """
+    apps: dict[int, App] = {}
+    for spec in specs:
+        module_name, _, attr = spec.partition(":")
+        module = sys.modules.get(module_name) or sys.modules.get(module_name.rpartition(".")[0])
+        named = getattr(module, attr or module_name.rpartition(".")[2], None)
+        found = [named] if isinstance(named, App) else _apps_in(module)
+        apps.update((id(app), app) for app in found)
+    places = {(a.settings.broker_url, a.settings.key_prefix): a for a in apps.values()}
+    if len(places) > 1:
+        shown = ", ".join(
+            f"{a.name!r} ({redact_url(url or 'no broker')}, key prefix {prefix!r})"
+            for (url, prefix), a in places.items()
+        )
+        raise ConfigurationError(
+            f"-A: the modules define Apps that send to different places: {shown}; name one "
+            "with -A MODULE:app, or give -b URL and --key-prefix"
+        )
+    return next(iter(places.values()), None)
+
+
 def run_worker(args: argparse.Namespace) -> int:
-    """``nbtask worker``: serve the queues of a broker until stopped."""
-    settings = settings_for(args)
+    """``nbtask worker``: serve the queues of a broker until stopped.
+
+    The settings: the options, over those of the App the ``-A`` modules define (as with
+    Celery's ``-A``), over the ``NBTASK_*`` environment (see :func:`settings_for`).
+    """
+    tasks = _import_tasks(args.app)
+    app = _app_of(args.app)
+    settings = settings_for(args, app.settings if app is not None else None)
     _logging(args.loglevel)
+    _say_whose_broker(args, settings, app)
     queues = queue_names(args.queues, settings)
     assert settings.broker_url is not None
     worker = Worker(
@@ -155,13 +189,29 @@ def run_worker(args: argparse.Namespace) -> int:
         settings.secret,
         queues=queues,
         concurrency=args.concurrency,
-        tasks=_import_tasks(args.app),
+        tasks=tasks,
         datasets=_datasets(args),
         on_notebook=_ready_for_cells,
     )
     worker.connect()  # the banner says a worker is serving: not before it can
     print(worker.banner(), flush=True)
     return worker.run()
+
+
+def _say_whose_broker(args: argparse.Namespace, settings: Settings, app: App | None) -> None:
+    """Log the one line saying which broker won when the App's and the environment's differ."""
+    from_env = os.environ.get(ENVIRONMENT["broker_url"])
+    if app is None or not from_env or from_env == app.settings.broker_url:
+        return
+    used = "-b" if args.broker is not None else f"the -A App {app.name!r}'s broker="
+    logging.getLogger("nbtask.worker").warning(
+        "serving %s (%s), not %s=%s: -b wins over the App's settings, which win over "
+        "NBTASK_* variables, as when the App sends",
+        redact_url(settings.broker_url or ""),
+        used,
+        ENVIRONMENT["broker_url"],
+        redact_url(from_env),
+    )
 
 
 def run_cluster(args: argparse.Namespace) -> int:
