@@ -13,7 +13,7 @@ from nbtask.client.celery_app import NO_CONF, Control
 from nbtask.client.connection import AppConnection
 from nbtask.client.reattach import reattach, resolve_task_id
 from nbtask.client.routes import Routes
-from nbtask.client.unsent import give_back, restore_refused, reused_ids
+from nbtask.client.unsent import expected_handle, give_back, restore_refused, reused_ids
 from nbtask.core.canvas import Call, Signature
 from nbtask.core.datasets import Loader, check_loader, dataset_names
 from nbtask.core.declare import task_class
@@ -253,10 +253,12 @@ class App(AppConnection):
         built = [builder.build(call, channel) for call in calls]
         live = self._live_workers()
         live.check_secret({message.queue for message, _ in built})
-        handles = [
-            TaskHandle(self, m.id, m.name, m.queue, m.label or "", sent=m.created) for m, _ in built
-        ]
         listener = self._listen()
+        handles = [
+            expected_handle(listener, m.id, m.name, m.queue, m.label or "", m.created)
+            or TaskHandle(self, m.id, m.name, m.queue, m.label or "", sent=m.created)
+            for m, _ in built
+        ]
         # A refused call must leave the handle of the task holding its id in place.
         previous = []
         for handle in handles:

@@ -27,6 +27,7 @@ from nbtask.wire.events import FINAL_SEQ, FINAL_STATES, Event, EventType
 __all__ = [
     "CLOSED_REASON",
     "UNSENT_REASON",
+    "expected_handle",
     "give_back",
     "restore_refused",
     "reused_ids",
@@ -115,6 +116,29 @@ def restore_refused(
     ]
     give_back(listener, [handle for handle, _, _ in taken], [before for *_, before in taken])
     return [(handle.id, state) for handle, state, _ in taken]
+
+
+def expected_handle(
+    listener: Listener, task_id: str, name: str, queue: str, label: str, sent: float
+) -> TaskHandle | None:
+    """The handle already expecting this send, now its own handle; ``None`` if there is none.
+
+    A handle made ahead for a task id (``Signature.freeze()``, ``app.expect()`` without a
+    send stamp) that nothing was sent for yet follows the send this process makes with that
+    id, rather than being replaced by a new handle and left waiting.
+    """
+    before = listener.get(task_id)
+    if (
+        before is None
+        or before.done()
+        or before.sent is not None
+        or before.outcomes_after is not None
+        or before.name != name
+        or before.queue
+    ):
+        return None
+    before.queue, before.label, before.sent = queue, label, sent
+    return before
 
 
 def give_back(

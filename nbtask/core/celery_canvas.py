@@ -100,10 +100,9 @@ class CelerySignatureNames:
 
         As Celery's: the id is kept in the signature's options (its own ``task_id`` if it
         has one, else ``_id``, else a new one), so sending it later uses that id. The
-        handle returned follows the task when a worker sends it: as a ``link`` or
-        ``link_error`` (``errback.freeze()`` before ``on_error(errback)``), or a chain's
-        step. When this process sends the signature itself, follow the handle that
-        send returns (``sig.delay()``): the frozen one is replaced by it.
+        handle returned follows the task once it is sent: by this process
+        (``sig.delay()`` then returns that same handle), or by a worker, as a ``link`` or
+        ``link_error`` (``errback.freeze()`` before ``on_error(errback)``).
 
         Parameters
         ----------

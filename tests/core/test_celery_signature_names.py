@@ -64,13 +64,12 @@ def test_a_signature_answers_to_celerys_signature_names(
     )
     assert copy.delay().get(timeout=15) == 10
 
-    # freeze(): the id is given now, and a send uses it; the handle frozen follows a
-    # task that a worker sends (a link, an errback, a chain's step).
+    # freeze(): the id is given now, and the handle frozen is the one its send returns.
     frozen = add.s(3, 4)
     later = frozen.freeze()
-    assert frozen.options["task_id"] == later.id == frozen.freeze().id
-    sent = frozen.delay()
-    assert sent.id == later.id and sent.get(timeout=15) == 7
+    assert frozen.options["task_id"] == later.id
+    assert frozen.delay() is later
+    assert later.get(timeout=15) == 7
 
     # Celery's errback gist: task.s(x).on_error(err.s()).delay()
     errors = tmp_path / "errors"
