@@ -157,6 +157,44 @@ def handled_retry(self: Recording, path: str) -> int:
     return self.request.retries
 
 
+class SeesRequest(app.Task):
+    """Records what ``self.request`` is in each handler, to the file named by its first argument."""
+
+    def _seen(self, handler: str) -> None:
+        r = self.request
+        record(r.args[0], h=handler, request=[r.id, r.retries, list(r.args), r.called_directly])
+
+    def before_start(self, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        self._seen("before_start")
+
+    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        self._seen("on_success")
+
+    def on_failure(self, exc: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        self._seen("on_failure")
+
+    def on_retry(self, exc: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        self._seen("on_retry")
+
+    def after_return(self, *args: Any) -> None:
+        self._seen("after_return")
+
+
+@app.task(base=SeesRequest, bind=True, max_retries=1)
+def req_h(self: SeesRequest, path: str, outcome: str) -> str:
+    """Retried once at once, then returns ``outcome``, or fails if it is ``"fail"``."""
+    if self.request.retries == 0:
+        raise self.retry(exc=ConnectionError("flaky"), countdown=0)
+    if outcome == "fail":
+        raise ValueError(outcome)
+    return outcome
+
+
+def requests_seen(path: str | Path) -> list[tuple[str, list[Any]]]:
+    """What :class:`SeesRequest` recorded: ``(handler, [id, retries, args, called_directly])``."""
+    return [(r["h"], r["request"]) for r in read_records(path)]
+
+
 class FaultyHandlers(app.Task):
     """Every completion handler raises: the task's outcome must still be delivered."""
 

@@ -16,7 +16,10 @@ __all__ = [
     "PARTIAL_RESULT",
     "Request",
     "current_request",
+    "directly_called",
+    "own_request",
     "progress",
+    "request_of",
     "run_started",
     "running",
     "runs_started",
@@ -59,6 +62,29 @@ class Request:
     holding: Holding | None = None
     #: Seals the kept values' blobs this process writes, and checks those it reads.
     signer: Signer | None = None
+    #: True when the task was called as a function (``add(1, 2)``) or its request is read
+    #: outside a run (Celery's empty ``Context``): no id, no worker.
+    called_directly: bool = False
+
+
+def directly_called(
+    name: str, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None
+) -> Request:
+    """The request of a task called as a function, or read outside a run: Celery's empty one.
+
+    ``called_directly`` is True, the id, queue and hostname are empty, ``args`` and
+    ``kwargs`` are the call's.
+    """
+    return Request(
+        id="",
+        name=name,
+        args=args,
+        kwargs=dict(kwargs or {}),
+        queue="",
+        hostname="",
+        in_worker=False,
+        called_directly=True,
+    )
 
 
 T = TypeVar("T")
@@ -67,6 +93,13 @@ _current: contextvars.ContextVar[Request | None] = contextvars.ContextVar(
     "nbtask_request", default=None
 )
 
+
+# The request one task object sees as its own (``self.request``) apart from the run
+# current here: while it is called as a function, and in its handlers after its run.
+# Innermost last: a handler may call another task as a function.
+_own: contextvars.ContextVar[tuple[tuple[object, Request], ...]] = contextvars.ContextVar(
+    "nbtask_own_request", default=()
+)
 
 _started = [0]  # tasks and other code of the user's begun here: see runs_started()
 
@@ -99,6 +132,29 @@ def running(request: Request) -> Iterator[None]:
         yield
     finally:
         _current.reset(token)
+
+
+@contextlib.contextmanager
+def own_request(task: object, request: Request) -> Iterator[None]:
+    """Let ``task`` alone see ``request`` as its ``self.request`` for the block.
+
+    Nothing else changes: progress, waiting for results and sending keep to the run
+    current here, if any (a task called as a function inside another's run reports the
+    outer run's progress).
+    """
+    token = _own.set((*_own.get(), (task, request)))
+    try:
+        yield
+    finally:
+        _own.reset(token)
+
+
+def request_of(task: object) -> Request | None:
+    """What ``task`` sees as its own request: set by :func:`own_request`, else the run's."""
+    for owner, request in reversed(_own.get()):
+        if owner is task:
+            return request
+    return _current.get()
 
 
 def progress(done: float, total: float | None = None, message: str = "") -> None:

@@ -211,15 +211,21 @@ def run_here(
         cause = retry.exc if retry.exc is not None else retry
         log.info("task %s[%s] retry: %s", task.name, task_id, cause)
         einfo = exception_info(cause)
-        call_handlers(log, task, State.RETRY, task_id, args, kwargs, exc=cause, einfo=einfo)
+        call_handlers(
+            log, task, State.RETRY, task_id, args, kwargs, exc=cause, einfo=einfo, request=request
+        )
         retries += 1
     label = f"{task.name}[{task_id}]"
     if not isinstance(outcome, ExceptionInfo):
-        call_handlers(log, task, State.SUCCESS, task_id, args, kwargs, retval=outcome.value)
+        call_handlers(
+            log, task, State.SUCCESS, task_id, args, kwargs, retval=outcome.value, request=request
+        )
         return EagerResult(task_id, task.name, State.SUCCESS, outcome.value, retries=retries)
     exc, tb = outcome.exception, user_traceback(outcome.exception)
     log_failure(log, task, f"task {label} raised {type(exc).__name__}: {exc}", exc, tb)
-    call_handlers(log, task, State.FAILURE, task_id, args, kwargs, exc=exc, einfo=outcome)
+    call_handlers(
+        log, task, State.FAILURE, task_id, args, kwargs, exc=exc, einfo=outcome, request=request
+    )
     if throw:
         raise exc
     return EagerResult(task_id, task.name, State.FAILURE, exc, traceback=tb, retries=retries)

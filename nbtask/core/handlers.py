@@ -13,6 +13,7 @@ import traceback
 from collections.abc import Mapping
 from typing import Any, NoReturn, Protocol
 
+from nbtask.core.context import Request, own_request
 from nbtask.errors import Retry
 from nbtask.wire.events import State
 
@@ -205,12 +206,32 @@ def call_handlers(
     retval: Any = None,
     exc: BaseException | None = None,
     einfo: ExceptionInfo | None = None,
+    request: Request | None = None,
 ) -> None:
     """Celery's handlers of a run that ended in ``state``, in Celery's order.
 
     ``on_success``, ``on_retry`` or ``on_failure``, then ``after_return`` (not for a
-    retry: the task has not returned yet).
+    retry: the task has not returned yet). The run's ``request`` is the task's
+    ``self.request`` in them, as in Celery (its events are sent: it reports no more).
     """
+    if request is None:
+        _call_handlers(log, task, state, task_id, args, kwargs, retval, exc, einfo)
+        return
+    with own_request(task, dataclasses.replace(request, emit=None)):
+        _call_handlers(log, task, state, task_id, args, kwargs, retval, exc, einfo)
+
+
+def _call_handlers(
+    log: logging.Logger,
+    task: HandledTask,
+    state: State,
+    task_id: str,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    retval: Any,
+    exc: BaseException | None,
+    einfo: ExceptionInfo | None,
+) -> None:
     if state is State.SUCCESS:
         call_handler(log, task.on_success, retval, task_id, args, kwargs)
     elif state is State.RETRY and exc is not None and einfo is not None:

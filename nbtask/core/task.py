@@ -23,6 +23,7 @@ from nbtask.core.call_checks import (
 )
 from nbtask.core.canvas import Call, Sender, Signature, current_sender
 from nbtask.core.celery_task import CeleryTaskNames
+from nbtask.core.context import directly_called, own_request
 from nbtask.core.datasets import data_queue, dataset_names
 from nbtask.core.handle import TaskHandle
 from nbtask.core.holding import is_holder_queue
@@ -126,8 +127,12 @@ class Task(RunningTask, CeleryTaskNames):
         raise NotImplementedError(f"{type(self).__name__}.run is not implemented")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the task here, in this process."""
-        return self.run(*args, **kwargs)
+        """Run the task here, in this process, as a function.
+
+        Its ``self.request`` is Celery's empty one (``called_directly`` is True).
+        """
+        with own_request(self, directly_called(self.name, args, kwargs)):
+            return self.run(*args, **kwargs)
 
     # Calling -------------------------------------------------------------------------------
     def delay(self, *args: Any, **kwargs: Any) -> TaskHandle:

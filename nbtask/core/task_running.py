@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any, NoReturn, Protocol
 
 from nbtask.core.call_checks import epoch
-from nbtask.core.context import Request, current_request, progress
+from nbtask.core.context import Request, directly_called, progress, request_of
 from nbtask.core.handlers import ExceptionInfo
 from nbtask.core.options import seconds
 from nbtask.errors import ConfigurationError, MaxRetriesExceededError, Retry
@@ -63,11 +63,14 @@ class RunningTask:
 
     @property
     def request(self: _Running) -> Request:
-        """The current execution's request; only inside a running task."""
-        request = current_request()
-        if request is None:
-            raise RuntimeError(f"{self.name}.request is only available while the task runs")
-        return request
+        """The current execution's request, also in the handlers after the run.
+
+        Outside a run (the task called as a function, ``add(1, 2)``, or read from
+        elsewhere) it is Celery's empty one: ``called_directly`` is True, the id empty,
+        ``args`` and ``kwargs`` the call's.
+        """
+        request = request_of(self)
+        return request if request is not None else directly_called(self.name)
 
     def update_progress(self, done: float, total: float | None = None, message: str = "") -> None:
         """Report progress from inside the running task (as :func:`nbtask.progress`).
@@ -95,6 +98,8 @@ class RunningTask:
             JSON-safe details of it.
         """
         request = self.request
+        if request.called_directly:
+            raise RuntimeError(f"{self.name}.update_state is only available while the task runs")
         if request.emit is not None:
             request.emit("state", {"state": str(state), "meta": dict(meta or {})})
 
@@ -121,7 +126,8 @@ class RunningTask:
         Raises
         ------
         Retry
-            Always, unless retries are exhausted.
+            Always, unless retries are exhausted (or, called as a function, there is an
+            ``exc``: it is raised, as in Celery).
         MaxRetriesExceededError
             Retries are exhausted and there is no ``exc`` to re-raise.
         """
@@ -131,6 +137,8 @@ class RunningTask:
             )
         countdown = seconds("countdown", countdown)
         request = self.request
+        if request.called_directly:  # as Celery's: nothing to send again
+            raise exc if exc is not None else Retry("Task can be retried", None)
         limit = self.max_retries if max_retries is None else max_retries
         if limit is not None and request.retries >= limit:
             if exc is not None:

@@ -386,7 +386,7 @@ class Child:
             except BaseException as exc:
                 outcome = self._after_exception(message, task, exc)
         self._exit_if_forked(outcome.exit_code)
-        outcome.args, outcome.kwargs = tuple(args), kwargs
+        outcome.args, outcome.kwargs, outcome.request = tuple(args), kwargs, request
         return outcome
 
     def _call(

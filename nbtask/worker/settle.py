@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from nbtask.brokers import Delivery, Transport
 from nbtask.core.canvas import Callbacks, Signature
-from nbtask.core.context import PARTIAL_RESULT
+from nbtask.core.context import PARTIAL_RESULT, Request
 from nbtask.core.handlers import (
     ExceptionInfo,
     call_handlers,
@@ -85,6 +86,8 @@ class Outcome:
     retry_in: float | None = None
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: The run's request: ``self.request`` in the handlers (``None``: the task did not run).
+    request: Request | None = None
 
     @property
     def state(self) -> State:
@@ -502,4 +505,22 @@ def _call_handlers(task: Task, message: TaskMessage, outcome: Outcome) -> None:
         retval=outcome.retval,
         exc=outcome.exc,
         einfo=outcome.einfo,
+        request=outcome.request or _unrun_request(message, outcome),
+    )
+
+
+def _unrun_request(message: TaskMessage, outcome: Outcome) -> Request:
+    """The request of a task whose arguments could not be loaded (it never ran)."""
+    return Request(
+        id=message.id,
+        name=message.name,
+        args=outcome.args,
+        kwargs=outcome.kwargs,
+        queue=message.queue,
+        hostname=socket.gethostname(),
+        retries=message.retries,
+        eta=message.eta,
+        expires=message.expires,
+        parent_id=message.parent_id,
+        root_id=message.root_id,
     )

@@ -23,11 +23,19 @@ from nbtask import (
     ConfigurationError,
     EagerResult,
     MaxRetriesExceededError,
+    Retry,
     State,
     Task,
     current_request,
 )
-from tests.celery_tasks import handled_fail, handled_ok, handled_retry, read_records
+from tests.celery_tasks import (
+    handled_fail,
+    handled_ok,
+    handled_retry,
+    read_records,
+    req_h,
+    requests_seen,
+)
 
 pytestmark = pytest.mark.timeout(60)  # a retry that waited out its countdown would hang
 
@@ -115,8 +123,7 @@ def test_a_bound_task_has_its_request_in_apply(app: App) -> None:
         "current": True,
     }
     assert current_request() is None
-    with pytest.raises(RuntimeError, match="only available while the task runs"):
-        introspect.request  # noqa: B018
+    assert introspect.request.called_directly  # outside a run: Celery's empty request
 
     @app.task(bind=True)
     def outer(self: Task) -> tuple[str, dict[str, Any]]:
@@ -151,6 +158,51 @@ def test_handlers_run_in_celerys_order_as_on_a_worker(tmp_path: Path) -> None:
         "has_traceback": True,
     }
     assert (after["status"], after["retval"]) == ("FAILURE", "ValueError")
+
+
+def test_handlers_see_the_runs_request_in_apply(tmp_path: Path) -> None:
+    path = str(tmp_path / "seen")
+    result = req_h.apply((path, "fail"), task_id="the-id")
+    assert isinstance(result.result, ValueError)
+    args = [path, "fail"]
+    assert requests_seen(path) == [
+        ("before_start", ["the-id", 0, args, False]),
+        ("on_retry", ["the-id", 0, args, False]),
+        ("before_start", ["the-id", 1, args, False]),
+        ("on_failure", ["the-id", 1, args, False]),
+        ("after_return", ["the-id", 1, args, False]),
+    ]
+
+
+def test_a_task_called_as_a_function_has_celerys_empty_request(app: App) -> None:
+    @app.task(bind=True)
+    def whoami(self: Task, x: int, *, y: int = 0) -> tuple[Any, ...]:
+        r = self.request
+        return (r.called_directly, r.id, r.args, dict(r.kwargs), r.retries, r.is_eager)
+
+    assert whoami(1, y=2) == (True, "", (1,), {"y": 2}, 0, False)
+    assert whoami.request.called_directly and whoami.request.args == ()
+
+    @app.task(bind=True)
+    def flaky(self: Task, cause: bool) -> None:
+        raise self.retry(exc=KeyError("gone") if cause else None)
+
+    with pytest.raises(KeyError, match="gone"):  # as Celery's: the cause, nothing sent
+        flaky(True)
+    with pytest.raises(Retry):
+        flaky(False)
+
+    # Called as a function inside a run, a task has its own empty request; the run keeps its.
+    @app.task(bind=True)
+    def outer(self: Task) -> tuple[Any, ...]:
+        inner = whoami(5)
+        return (self.request.id, self.request.called_directly, inner)
+
+    assert outer.apply(task_id="the-run").get() == (
+        "the-run",
+        False,
+        (True, "", (5,), {}, 0, False),
+    )
 
 
 def test_a_retry_runs_again_at_once_in_place(tmp_path: Path) -> None:

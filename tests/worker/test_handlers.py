@@ -23,6 +23,7 @@ HANDLED_RETRY = "tests.celery_tasks.handled_retry"
 FAULTY_OK = "tests.celery_tasks.faulty_ok"
 FAULTY_FAIL = "tests.celery_tasks.faulty_fail"
 SLOW_HANDLER = "tests.celery_tasks.slow_handler"
+REQ_H = "tests.celery_tasks.req_h"
 
 
 def _per_process(results: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
@@ -281,3 +282,30 @@ def test_journals_are_shown_without_control_codes(app: App) -> None:
     # Journals are unsigned: someone with broker access can write one, but it is only text.
     app.store.append_journal("forged", ["\x1b[2Jcleared\tscreen", "plain"])
     assert app.store.read_journal("forged") == ["?[2Jcleared\tscreen", "plain"]
+
+
+def test_handlers_see_the_runs_request_as_celerys_do(
+    app: App, start_worker, tmp_path: Path
+) -> None:
+    # Celery's handlers run while the task's request is current: self.request there is the
+    # run's (before, it raised RuntimeError and the handler was skipped, only logged).
+    worker = start_worker("-A", "tests.celery_tasks", concurrency=1)
+    for outcome in ("fail", "done"):
+        path = str(tmp_path / outcome)
+        h = app.send_task(REQ_H, (path, outcome))
+        if outcome == "fail":
+            with pytest.raises(ValueError, match="fail"):
+                h.get(timeout=10)
+        else:
+            assert h.get(timeout=10) == "done"
+        wait_until(lambda p=path: "after_return" in _handlers(Path(p)), 10, "after_return")
+        last = "on_failure" if outcome == "fail" else "on_success"
+        args = [path, outcome]
+        assert celery_tasks.requests_seen(path) == [
+            ("before_start", [h.id, 0, args, False]),
+            ("on_retry", [h.id, 0, args, False]),
+            ("before_start", [h.id, 1, args, False]),
+            (last, [h.id, 1, args, False]),
+            ("after_return", [h.id, 1, args, False]),
+        ]
+    assert "raised; the task's outcome is unaffected" not in worker.log.read_text()
