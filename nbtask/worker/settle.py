@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import socket
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -48,6 +47,7 @@ from nbtask.wire.records import (
     TaskRecord,
     final_fields,
 )
+from nbtask.worker.errbacks import errback_calls, unrun_request
 from nbtask.worker.subtasks import SubtaskPublisher
 
 __all__ = [
@@ -408,7 +408,8 @@ class FollowUps:
         if state is State.SUCCESS:
             calls = [(sig, () if sig.immutable else (outcome.retval,)) for sig in callbacks.link]
         elif state in (State.FAILURE, State.REVOKED, State.WORKER_LOST):
-            calls = [(sig, () if sig.immutable else (message.id,)) for sig in callbacks.link_error]
+            request = outcome.request or unrun_request(message, outcome.args, outcome.kwargs)
+            calls = errback_calls(message, request, outcome, callbacks.link_error)
             # Later steps of a chain will never run: tell their handles why, now.
             self._fail_downstream(message, outcome, callbacks.link)
         else:
@@ -505,22 +506,5 @@ def _call_handlers(task: Task, message: TaskMessage, outcome: Outcome) -> None:
         retval=outcome.retval,
         exc=outcome.exc,
         einfo=outcome.einfo,
-        request=outcome.request or _unrun_request(message, outcome),
-    )
-
-
-def _unrun_request(message: TaskMessage, outcome: Outcome) -> Request:
-    """The request of a task whose arguments could not be loaded (it never ran)."""
-    return Request(
-        id=message.id,
-        name=message.name,
-        args=outcome.args,
-        kwargs=outcome.kwargs,
-        queue=message.queue,
-        hostname=socket.gethostname(),
-        retries=message.retries,
-        eta=message.eta,
-        expires=message.expires,
-        parent_id=message.parent_id,
-        root_id=message.root_id,
+        request=outcome.request or unrun_request(message, outcome.args, outcome.kwargs),
     )

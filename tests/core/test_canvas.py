@@ -106,6 +106,42 @@ def test_link_error_gets_the_failed_task_id(app: App, start_worker, tmp_path: Pa
     assert len(read_records(ledger)) == 1
 
 
+def test_an_errback_taking_request_exc_and_traceback_gets_them_as_celerys(
+    app: App, start_worker
+) -> None:
+    # Celery's documented errback, error_handler(request, exc, traceback): before, the worker
+    # sent it the failed task's id alone and it failed with a TypeError.
+    start_worker()
+
+    class Unpicklable(KeyError):
+        def __init__(self, word: str) -> None:
+            import threading
+
+            super().__init__(f"no {word}")
+            self.lock = threading.Lock()  # does not pickle: left out, the rest travels
+
+    @app.task
+    def boom(word: str, *, plain: bool = True) -> None:
+        raise KeyError(f"no {word}") if plain else Unpicklable(word)
+
+    @app.task
+    def error_handler(request: Any, exc: BaseException, traceback: str) -> list[Any]:
+        return [request.id, request.args, request.kwargs, type(exc).__name__, exc.args, traceback]
+
+    for plain in (True, False):
+        errback_id = uuid.uuid4().hex
+        errback = app.expect(errback_id, error_handler.name)
+        h = boom.apply_async(
+            ("le",), {"plain": plain}, link_error=error_handler.s().set(task_id=errback_id)
+        )
+        with pytest.raises(KeyError):
+            h.get(timeout=10)
+        task_id, args, kwargs, kind, exc_args, traceback = errback.get(timeout=10)
+        assert (task_id, args, kwargs, exc_args) == (h.id, ("le",), {"plain": plain}, ("no le",))
+        assert kind == ("KeyError" if plain else "Unpicklable")
+        assert traceback.startswith("Traceback") and "no le" in traceback
+
+
 # Chains ---------------------------------------------------------------------------------------
 def test_chain_of_three_returns_the_last_result_with_parents(app: App, start_worker) -> None:
     start_worker()
