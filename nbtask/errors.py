@@ -7,6 +7,7 @@ import linecache
 import re
 import sys
 from collections.abc import Mapping
+from typing import Any
 
 __all__ = [
     "BlobError",
@@ -150,12 +151,23 @@ class Retry(NbtaskError):
         The exception that caused the retry, if any.
     when
         Seconds until the retry runs.
+    new_args, new_kwargs
+        The arguments the retry runs with, if not the task's own (``retry(args=...)``).
     """
 
-    def __init__(self, message: str = "", exc: BaseException | None = None, when: float = 0.0):
+    def __init__(
+        self,
+        message: str = "",
+        exc: BaseException | None = None,
+        when: float = 0.0,
+        new_args: tuple[Any, ...] | None = None,
+        new_kwargs: dict[str, Any] | None = None,
+    ):
         super().__init__(message or (f"retry: {exc!r}" if exc else "retry"))
         self.exc = exc
         self.when = when
+        self.new_args = new_args
+        self.new_kwargs = new_kwargs
 
 
 class MaxRetriesExceededError(NbtaskError):

@@ -179,7 +179,8 @@ def run_here(
     """Run ``task`` here until it returns, fails, or has no retry left (``Task.apply``).
 
     A retry (``raise self.retry()``, or an exception in ``autoretry_for``) runs the task
-    again at once, with ``self.request.retries`` one more and the same id.
+    again at once, with ``self.request.retries`` one more and the same id (and the
+    arguments the retry gave, if any).
 
     Raises
     ------
@@ -215,6 +216,9 @@ def run_here(
             log, task, State.RETRY, task_id, args, kwargs, exc=cause, einfo=einfo, request=request
         )
         retries += 1
+        # retry(args=..., kwargs=...): the next run's arguments, as in Celery.
+        args = args if retry.new_args is None else retry.new_args
+        kwargs = kwargs if retry.new_kwargs is None else retry.new_kwargs
     label = f"{task.name}[{task_id}]"
     if not isinstance(outcome, ExceptionInfo):
         call_handlers(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn, Protocol
 
 from nbtask.core.call_checks import epoch
@@ -109,8 +109,11 @@ class RunningTask:
         countdown: float | None = None,
         eta: dt.datetime | float | None = None,
         max_retries: int | None = None,
+        *,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
     ) -> NoReturn:
-        """Send this task again later with the same arguments; call as ``raise self.retry()``.
+        """Send this task again later; call as ``raise self.retry()``.
 
         Parameters
         ----------
@@ -122,6 +125,9 @@ class RunningTask:
             When to retry, instead of ``countdown``.
         max_retries
             Override the task's ``max_retries`` for this decision.
+        args, kwargs
+            The arguments the retry runs with, as in Celery: each one given replaces the
+            task's own (default: the same).
 
         Raises
         ------
@@ -135,6 +141,10 @@ class RunningTask:
             raise ConfigurationError(
                 f"retry(exc=...) takes the exception that caused the retry, got {exc!r}"
             )
+        if args is not None and (isinstance(args, (str, bytes)) or not isinstance(args, Sequence)):
+            raise ConfigurationError(f"retry(args=...) takes a list or tuple, got {args!r}")
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            raise ConfigurationError(f"retry(kwargs=...) takes a dict, got {kwargs!r}")
         countdown = seconds("countdown", countdown)
         request = self.request
         if request.called_directly:  # as Celery's: nothing to send again
@@ -152,7 +162,10 @@ class RunningTask:
             when = float(countdown)
         else:
             when = self.retry_delay(request.retries)
-        raise Retry(f"retry in {when:.3g} s" + (f": {exc!r}" if exc else ""), exc, when)
+        said = f"retry in {when:.3g} s" + (f": {exc!r}" if exc else "")
+        new_args = None if args is None else tuple(args)
+        new_kwargs = None if kwargs is None else dict(kwargs)
+        raise Retry(said, exc, when, new_args, new_kwargs)
 
     def retry_delay(self: _Running, retries: int) -> float:
         """Seconds before retry number ``retries + 1``: fixed, or exponential with jitter."""

@@ -46,6 +46,7 @@ from nbtask.worker.holdings import process_holding
 from nbtask.worker.interrupts import TaskInterrupts
 from nbtask.worker.journal import Journal
 from nbtask.worker.outbox import Outbox, TaskStream
+from nbtask.worker.retry_arguments import with_retry_arguments
 from nbtask.worker.settle import (
     FollowUps,
     Outcome,
@@ -387,6 +388,11 @@ class Child:
                 outcome = self._after_exception(message, task, exc)
         self._exit_if_forked(outcome.exit_code)
         outcome.args, outcome.kwargs, outcome.request = tuple(args), kwargs, request
+        if outcome.retry_arguments is not None:  # retry(args=..., kwargs=...)
+            store = self.transport.store
+            return with_retry_arguments(
+                admitted, outcome, self.settings.blob_threshold, store.put_blobs, self._failed
+            )
         return outcome
 
     def _call(
@@ -434,6 +440,8 @@ class Child:
         data = {"reason": str(cause), "retries": message.retries + 1, "eta": time.time() + exc.when}
         outcome = Outcome(Event(EventType.RETRY, message.id, seq, data, run=message.run), exc=cause)
         outcome.einfo, outcome.retry_in = exception_info(cause), exc.when
+        if exc.new_args is not None or exc.new_kwargs is not None:
+            outcome.retry_arguments = (exc.new_args, exc.new_kwargs)
         return outcome
 
     def _failed(
@@ -473,8 +481,9 @@ class Child:
             due = time.time() + outcome.retry_in
             # ``created`` is kept: it names the send, which the retry's events name too
             # (its age counts from its signed eta).
-            header = {**message.to_header(), "retries": message.retries + 1, "eta": due}
-            requeue = (self.signer.seal(header, admitted.envelope.body), due)
+            retried, body = outcome.retry_send or (message, admitted.envelope.body)
+            header = {**retried.to_header(), "retries": message.retries + 1, "eta": due}
+            requeue = (self.signer.seal(header, body), due)
         then_fetch = (self.served(), self.consumer, 1.0) if fetch_next and not self._stop else None
         delivery = admitted.delivery if ack else None
         backoff = 0.1

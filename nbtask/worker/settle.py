@@ -88,6 +88,11 @@ class Outcome:
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     #: The run's request: ``self.request`` in the handlers (``None``: the task did not run).
     request: Request | None = None
+    #: A retry's own arguments, ``retry(args=..., kwargs=...)``: ``(args, kwargs)``, each
+    #: ``None`` where the task's are kept.
+    retry_arguments: tuple[tuple[Any, ...] | None, dict[str, Any] | None] | None = None
+    #: The message a retry with its own arguments is sent as, and its body's parts.
+    retry_send: tuple[TaskMessage, tuple[Buffer, ...]] | None = None
 
     @property
     def state(self) -> State:

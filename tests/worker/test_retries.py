@@ -240,3 +240,30 @@ def test_request_fields_inside_a_bound_task(app: App, start_worker) -> None:
 
     later = introspect.apply_async((3,), countdown=0.2)
     assert later.get(timeout=10)["eta"] is not None
+
+
+def test_a_retry_with_its_own_arguments_runs_with_them(
+    app: App, start_worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Celery's self.retry(args=..., kwargs=...); before, it failed the task with a TypeError.
+    # The worker splits arguments of 1000 bytes or more into blobs: the retry's large one too.
+    monkeypatch.setenv("NBTASK_BLOB_THRESHOLD", "1000")
+    start_worker()
+
+    @app.task(bind=True, max_retries=3)
+    def count_down(self: Task, n: int, *, seen: tuple = (), big: bytes = b"") -> tuple:
+        if n > 0:
+            more = {"seen": (*seen, n), "big": b"x" * 5000 * n}
+            raise self.retry(args=(n - 1,), kwargs=more, countdown=0)
+        return seen, len(big), self.request.retries, self.request.args
+
+    assert count_down.delay(3).get(timeout=20) == ((3, 2, 1), 5000, 3, (0,))
+
+    @app.task(bind=True, max_retries=1)
+    def only_args(self: Task, n: int, *, label: str = "default") -> tuple:
+        if self.request.retries == 0:
+            raise self.retry(args=[n + 1], countdown=0)  # its own kwargs are kept
+        return n, label
+
+    assert only_args.delay(1, label="kept").get(timeout=10) == (2, "kept")
+    assert only_args.apply((1,), {"label": "here"}).get() == (2, "here")
