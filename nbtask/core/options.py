@@ -90,15 +90,13 @@ def validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
         )
     attrs = dict(options)
     _check_types(attrs)
-    for name in (
-        "time_limit",
-        "soft_time_limit",
-        "expires",
-        "default_retry_delay",
-        "retry_backoff_max",
-    ):
+    for name in ("time_limit", "soft_time_limit", "expires", "retry_backoff_max"):
         if attrs.get(name) is not None:
             attrs[name] = positive(name, attrs[name])
+    if attrs.get("default_retry_delay") is not None:  # 0, as in Celery: retry at once
+        attrs["default_retry_delay"] = not_negative(
+            "default_retry_delay", attrs["default_retry_delay"]
+        )
     check_time_limits(attrs.get("time_limit"), attrs.get("soft_time_limit"))
     if "rate_limit" in attrs:
         attrs["rate_limit"] = parse_rate(attrs["rate_limit"])
@@ -233,6 +231,13 @@ def positive(name: str, value: float) -> float:
     """``value`` as a float, if it is a positive number of seconds; else a clear error."""
     if not is_finite_number(value) or value <= 0:
         raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def not_negative(name: str, value: float) -> float:
+    """``value`` as a float, if it is a number of seconds, 0 or more; else a clear error."""
+    if not is_finite_number(value) or value < 0:
+        raise ConfigurationError(f"{name} must be a number of seconds, 0 or more, got {value!r}")
     return float(value)
 
 

@@ -166,13 +166,19 @@ def test_bad_rate_limit(local: App, rate: object) -> None:
 
 @pytest.mark.parametrize(
     "option",
-    ["time_limit", "soft_time_limit", "expires", "default_retry_delay", "retry_backoff_max"],
+    ["time_limit", "soft_time_limit", "expires", "retry_backoff_max"],
 )
 @pytest.mark.parametrize("value", [-1, 0, "5", True])
 def test_limits_must_be_positive_seconds(local: App, option: str, value: object) -> None:
     text = _refused(local, **{option: value})
     assert option in text
     assert "positive" in text
+
+
+@pytest.mark.parametrize("value", [-1, "5", True, float("nan")])
+def test_default_retry_delay_must_be_seconds_0_or_more(local: App, value: object) -> None:
+    text = _refused(local, default_retry_delay=value)
+    assert "default_retry_delay" in text and "0 or more" in text
 
 
 @pytest.mark.parametrize("value", [-1, 1.5, "3"])

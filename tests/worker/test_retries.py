@@ -267,3 +267,19 @@ def test_a_retry_with_its_own_arguments_runs_with_them(
 
     assert only_args.delay(1, label="kept").get(timeout=10) == (2, "kept")
     assert only_args.apply((1,), {"label": "here"}).get() == (2, "here")
+
+
+def test_default_retry_delay_0_retries_at_once(app: App, start_worker) -> None:
+    # Accepted as Celery accepts it; before, it was refused when decorated.
+    start_worker()
+
+    @app.task(bind=True, default_retry_delay=0, max_retries=2)
+    def flaky(self: Task) -> int:
+        if self.request.retries < 2:
+            raise self.retry(exc=ConnectionError("not yet"))
+        return self.request.retries
+
+    assert flaky.default_retry_delay == 0.0
+    assert flaky.retry_delay(0) == 0.0
+    assert flaky.delay().get(timeout=10) == 2
+    assert flaky.apply().get() == 2
