@@ -18,7 +18,7 @@ from nbtask.core.canvas import Call, Signature
 from nbtask.core.datasets import Loader, check_loader, dataset_names
 from nbtask.core.declare import task_class
 from nbtask.core.handle import FetchWatch, TaskHandle
-from nbtask.core.options import check_task_id, queue_name, validate_options
+from nbtask.core.options import check_task_id, queue_name, terminate_signal, validate_options
 from nbtask.core.task import Task as BaseTask
 from nbtask.errors import ConfigurationError
 from nbtask.settings import MAX_SECONDS, Settings
@@ -424,7 +424,14 @@ class App(AppConnection):
         """Not in nbtask: settings are ``App(...)`` keywords or ``NBTASK_*`` variables."""
         raise AttributeError(NO_CONF)
 
-    def revoke(self, task_id: str, *, terminate: bool = False, grace: float = 5.0) -> bool:
+    def revoke(
+        self,
+        task_id: str,
+        *,
+        terminate: bool = False,
+        grace: float = 5.0,
+        signal: str | int = "SIGTERM",
+    ) -> bool:
         """Revoke a task: a queued one never starts; with ``terminate``, a running one stops.
 
         Parameters
@@ -440,6 +447,13 @@ class App(AppConnection):
             the task has not ended by then. Its state becomes ``REVOKED``.
         grace
             Seconds between the interrupt and the kill (a finite number, 0 or more).
+        signal
+            Celery's: the signal that terminates it, a name (``"SIGKILL"``, ``"KILL"``)
+            or a number. ``SIGTERM`` (the default) or ``SIGINT`` is the interrupt above;
+            ``SIGKILL`` kills its worker process at once (``REVOKED``); any other is sent
+            to that process as is (a signal the task does not handle ends it: ``REVOKED``),
+            which is killed ``grace`` seconds later if the task has not ended by then;
+            but ``SIGALRM`` and ``SIGUSR1``, which worker processes use, are refused.
 
         Returns
         -------
@@ -456,6 +470,7 @@ class App(AppConnection):
         if not (isinstance(grace, (int, float)) and 0 <= grace <= MAX_SECONDS):
             # NaN or infinity would never kill a task that ignores the interrupt.
             raise ConfigurationError(f"grace must be a number of seconds >= 0, got {grace!r}")
+        signame = terminate_signal(signal)
         task_id = self._task_id(task_id, unsent=True)
         record = self.store.get_record(task_id)
         if self._revoke_pending(task_id, record, "revoked"):
@@ -463,7 +478,7 @@ class App(AppConnection):
         if not terminate or record is None or record.state is not State.STARTED:
             return False
         command = {"kind": "control", "cmd": "terminate", "id": task_id, "grace": float(grace)}
-        self.store.send_control(self.signer.seal(command))
+        self.store.send_control(self.signer.seal({**command, "signal": signame}))
         return True
 
     def _revoke_pending(self, task_id: str, record: TaskRecord | None, reason: str) -> bool:

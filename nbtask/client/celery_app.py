@@ -22,7 +22,14 @@ NO_CONF = (
 class Revoker(Protocol):
     """What :class:`Control` revokes through (an :class:`~nbtask.App`)."""
 
-    def revoke(self, task_id: str, *, terminate: bool = False, grace: float = 5.0) -> bool:
+    def revoke(
+        self,
+        task_id: str,
+        *,
+        terminate: bool = False,
+        grace: float = 5.0,
+        signal: str | int = "SIGTERM",
+    ) -> bool:
         """Revoke a task; see :meth:`nbtask.App.revoke`."""
 
 
@@ -39,7 +46,12 @@ class Control:
         self._app = app
 
     def revoke(
-        self, task_id: str | Sequence[str], *, terminate: bool = False, grace: float = 5.0
+        self,
+        task_id: str | Sequence[str],
+        *,
+        terminate: bool = False,
+        grace: float = 5.0,
+        signal: str | int = "SIGTERM",
     ) -> bool:
         """Revoke a task, or each of a list of tasks: :meth:`nbtask.App.revoke`.
 
@@ -49,7 +61,9 @@ class Control:
             Whether any of them was revoked before it started or sent a terminate request.
         """
         ids = [task_id] if isinstance(task_id, str) else list(task_id)
-        revoked = [self._app.revoke(one, terminate=terminate, grace=grace) for one in ids]
+        revoked = [
+            self._app.revoke(one, terminate=terminate, grace=grace, signal=signal) for one in ids
+        ]
         return any(revoked)
 
     def __getattr__(self, name: str) -> NoReturn:

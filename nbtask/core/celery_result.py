@@ -47,7 +47,7 @@ class _Handle(Protocol):
     ) -> Any:
         """Wait for the result."""
 
-    def send_revoke(self, *, terminate: bool, grace: float) -> bool:
+    def send_revoke(self, *, terminate: bool, grace: float, signal: str | int = "SIGTERM") -> bool:
         """Revoke the task through its app."""
 
 
@@ -91,12 +91,19 @@ class CeleryResultNames:
         done = self.finished_at
         return None if done is None else dt.datetime.fromtimestamp(done, dt.timezone.utc)
 
-    def revoke(self: _Handle, terminate: bool = False, *, grace: float = 5.0) -> bool:
+    def revoke(
+        self: _Handle,
+        terminate: bool = False,
+        *,
+        grace: float = 5.0,
+        signal: str | int = "SIGTERM",
+    ) -> bool:
         """Celery's ``AsyncResult.revoke``: :meth:`nbtask.App.revoke` of this task.
 
         A queued task never starts; a running one runs on unless ``terminate`` (then it
         gets ``KeyboardInterrupt``, and is killed ``grace`` seconds later if it has not
-        ended). :meth:`cancel` is ``revoke(terminate=True)``.
+        ended; ``signal=`` as for :meth:`nbtask.App.revoke`). :meth:`cancel` is
+        ``revoke(terminate=True)``.
 
         Returns
         -------
@@ -104,7 +111,7 @@ class CeleryResultNames:
             True if the task was revoked before it started, or a terminate request was
             sent; False if it had already finished (or is running, without ``terminate``).
         """
-        return self.send_revoke(terminate=terminate, grace=grace)
+        return self.send_revoke(terminate=terminate, grace=grace, signal=signal)
 
     def wait(
         self: _Handle,

@@ -53,7 +53,14 @@ class Client(Protocol):
     #: Shows the progress of a large result's fetch, if set.
     fetch_watch: FetchWatch | None
 
-    def revoke(self, task_id: str, *, terminate: bool = False, grace: float = 5.0) -> bool:
+    def revoke(
+        self,
+        task_id: str,
+        *,
+        terminate: bool = False,
+        grace: float = 5.0,
+        signal: str | int = "SIGTERM",
+    ) -> bool:
         """Revoke a task; see :meth:`nbtask.App.revoke`."""
 
     def waiting_reason(self, queue: str, started_by: tuple[str, int] | None = None) -> str | None:
@@ -383,14 +390,14 @@ class TaskHandle(CeleryResultNames, TaskEvents):
         """
         return False if self.done() else self.send_revoke(terminate=True, grace=5.0)
 
-    def send_revoke(self, *, terminate: bool, grace: float) -> bool:
+    def send_revoke(self, *, terminate: bool, grace: float, signal: str | int = "SIGTERM") -> bool:
         """:meth:`nbtask.App.revoke` of this task, through the app that follows it."""
         if self.app is None:
             raise NbtaskError(
                 f"task {self.id} was sent from inside another task; revoke it from a client "
                 "with app.revoke(task_id, terminate=True)"
             )
-        return self.app.revoke(self.id, terminate=terminate, grace=grace)
+        return self.app.revoke(self.id, terminate=terminate, grace=grace, signal=signal)
 
     def __repr__(self) -> str:
         waiting = self.waiting_reason

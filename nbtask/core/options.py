@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import signal
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -15,6 +16,7 @@ from nbtask.settings import is_finite_number
 
 __all__ = [
     "TASK_OPTIONS",
+    "WORKER_OWN_SIGNALS",
     "check_task_function",
     "check_task_id",
     "exception_classes",
@@ -24,6 +26,7 @@ __all__ = [
     "queue_name",
     "retry_kwargs",
     "seconds",
+    "terminate_signal",
     "validate_options",
 ]
 
@@ -239,6 +242,39 @@ def not_negative(name: str, value: float) -> float:
     if not is_finite_number(value) or value < 0:
         raise ConfigurationError(f"{name} must be a number of seconds, 0 or more, got {value!r}")
     return float(value)
+
+
+#: Signals a worker process uses itself (a soft time limit, an interrupt's recheck).
+WORKER_OWN_SIGNALS = ("SIGALRM", "SIGUSR1")
+
+
+def terminate_signal(value: str | int) -> str:
+    """The name of the signal ``value`` names (``"SIGKILL"``, ``"KILL"``, ``9``); else an error.
+
+    A revoke's ``signal=``, as Celery's: sent by name, which means the same on every
+    platform (a number may not). One a worker process uses itself is refused.
+    """
+    name = None
+    try:
+        if isinstance(value, int) and not isinstance(value, bool):
+            name = signal.Signals(value).name
+        elif isinstance(value, str):
+            upper = value.strip().upper()
+            name = signal.Signals[upper if upper.startswith("SIG") else f"SIG{upper}"].name
+    except (KeyError, ValueError):
+        pass
+    if name is None:
+        raise ConfigurationError(
+            f"signal={value!r} names no signal here: use e.g. 'SIGTERM' (the default), "
+            "'SIGKILL' or 9"
+        )
+    if name in WORKER_OWN_SIGNALS:
+        raise ConfigurationError(
+            f"signal={value!r}: nbtask's worker processes use {name} themselves (the soft "
+            "time limit, an interrupt's recheck); use 'SIGTERM' (an interrupt, the default) "
+            "or 'SIGKILL'"
+        )
+    return name
 
 
 def seconds(name: str, value: float | None) -> float | None:

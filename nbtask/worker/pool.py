@@ -22,6 +22,7 @@ from contextlib import suppress
 from multiprocessing.process import BaseProcess
 from typing import NamedTuple
 
+from nbtask.core.options import WORKER_OWN_SIGNALS
 from nbtask.worker.child import Child
 from nbtask.worker.left_running import LeftRunning
 from nbtask.worker.slots import SlotState
@@ -70,7 +71,7 @@ class ChildPool:
         # slot -> (task id, why it is being stopped, when to SIGKILL it)
         self._stopping: dict[int, tuple[str, str, float]] = {}
         # task id -> (when to stop looking for it, grace period)
-        self._terminates: dict[str, tuple[float, float]] = {}
+        self._terminates: dict[str, tuple[float, float, signal.Signals]] = {}
         self._killed: set[int] = set()
         self._spawned_at: dict[int, float] = {}
         self._backoff: dict[int, float] = {}
@@ -213,27 +214,43 @@ class ChildPool:
         if process.pid:
             os.kill(process.pid, signal.SIGKILL)
 
-    def terminate(self, task_id: str, grace: float) -> None:
-        """Interrupt ``task_id`` where it runs; kill its child if still there after ``grace``."""
+    def terminate(self, task_id: str, grace: float, signame: str = "SIGTERM") -> None:
+        """Interrupt ``task_id`` where it runs; kill its child if still there after ``grace``.
+
+        ``signame`` is the revoke's signal: ``SIGTERM`` or ``SIGINT`` interrupt the task
+        (SIGINT to its child, a ``KeyboardInterrupt``), ``SIGKILL`` kills the child at once,
+        any other is sent to the child as is but those it uses itself (``SIGTERM`` instead).
+        """
+        sent = getattr(signal, signame, None) if signame.startswith("SIG") else None
+        if not isinstance(sent, signal.Signals) or signame in WORKER_OWN_SIGNALS:
+            log.warning("terminate of task %s: SIGTERM, not %r", task_id, signame)
+            sent = signal.SIGTERM
+        if sent is signal.SIGTERM:
+            sent = signal.SIGINT  # the child's interrupt: SIGTERM would stop it after the task
         # Remembered for a while: the request can overtake the delivery it is about (the
         # task is STARTED in Redis a moment before its child records it in its slot).
-        self._terminates[task_id] = (time.monotonic() + _TERMINATE_MEMORY_SECONDS, grace)
+        forget_at = time.monotonic() + _TERMINATE_MEMORY_SECONDS
+        self._terminates[task_id] = (forget_at, grace, sent)
         self.apply_terminates()
 
     def apply_terminates(self) -> None:
         """Interrupt the tasks of the terminate requests whose task a child now runs."""
         now = time.monotonic()
-        for task_id, (forget_at, grace) in list(self._terminates.items()):
+        for task_id, (forget_at, grace, sent) in list(self._terminates.items()):
             for slot, process in self.processes.items():
                 if self.slots[slot].task_id == task_id and process.pid:
+                    killed = sent is signal.SIGKILL
                     log.warning(
-                        "terminating task %s in child %d (SIGINT, SIGKILL after %.1f s)",
+                        "terminating task %s in child %d (%s%s)",
                         task_id,
                         slot,
-                        grace,
+                        sent.name,
+                        "" if killed else f", SIGKILL after {grace:.1f} s",
                     )
                     self._stopping[slot] = (task_id, "revoked", time.time() + grace)
-                    os.kill(process.pid, signal.SIGINT)
+                    if killed:  # (enforce_limits kills it no second time)
+                        self._killed.add(process.pid)
+                    os.kill(process.pid, sent)
                     del self._terminates[task_id]
                     break
             else:

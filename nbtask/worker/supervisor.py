@@ -448,4 +448,5 @@ class Worker:
                 log.error("ignored a control message that does not verify: %s", exc)
                 continue
             if command.get("kind") == "control" and command.get("cmd") == "terminate":
-                self._pool.terminate(str(command.get("id")), float(command.get("grace", 5.0)))
+                grace, signame = float(command.get("grace", 5.0)), command.get("signal")
+                self._pool.terminate(str(command.get("id")), grace, str(signame or "SIGTERM"))

@@ -4,6 +4,7 @@ interrupted then killed, and no revoked task runs anyway, even under load."""
 from __future__ import annotations
 
 import concurrent.futures
+import signal
 from collections import Counter
 from pathlib import Path
 
@@ -278,3 +279,52 @@ def test_a_terminate_during_an_import_waits_for_it_to_end(
     again = app.send_task(IMPORT_THEN_WAIT, (str(tmp_path), "slowpkg", 0.0))
     # The same process (not killed after the grace): its package was imported whole once.
     assert again.get(timeout=10) == int(marker.read_text())
+
+
+def test_a_terminate_uses_the_signal_celerys_signal_argument_names(
+    app: App, start_worker, tmp_path: Path
+) -> None:
+    # Celery's revoke(terminate=True, signal=...), by name or number; before, a TypeError.
+    # The task ignores the interrupt and the grace is long: only the signal named ends it.
+    start_worker(concurrency=1)
+
+    @app.task
+    def stubborn(path: str) -> str:
+        import time as t
+
+        from tests.celery_tasks import record
+
+        record(path, h="started")
+        while True:
+            try:
+                t.sleep(30)
+            except KeyboardInterrupt:
+                record(path, h="interrupted")
+
+    def run(ledger: Path) -> tuple[nbtask.TaskHandle, int]:
+        h = stubborn.delay(str(ledger))
+        wait_until(lambda: len(read_records(ledger)) == 1, 10, "the task to start")
+        wait_until(lambda: _busy(app, h.id), 10, "the worker to report the task running")
+        return h, read_records(ledger)[0]["pid"]
+
+    for how in ("control", "handle"):
+        ledger = tmp_path / how
+        h, pid = run(ledger)
+        if how == "control":
+            assert app.control.revoke(h.id, terminate=True, signal="SIGKILL", grace=600) is True
+        else:  # a number, sent as is: the child does not handle SIGUSR2, which ends it
+            assert h.revoke(terminate=True, signal=int(signal.SIGUSR2), grace=600) is True
+        with pytest.raises(nbtask.TaskRevoked):
+            h.get(timeout=10)
+        assert [rec["h"] for rec in read_records(ledger)] == ["started"]  # never interrupted
+        wait_until(lambda pid=pid: not psutil.pid_exists(pid), 10, "the child to be gone")
+
+    h, _ = run(tmp_path / "refused")
+    with pytest.raises(nbtask.ConfigurationError, match="signal='SIGNOPE' names no signal"):
+        app.revoke(h.id, terminate=True, signal="SIGNOPE")
+    with pytest.raises(nbtask.ConfigurationError, match="use SIGALRM themselves"):
+        h.revoke(terminate=True, signal="ALRM")
+    assert not h.done()  # nothing was sent
+    assert app.revoke(h.id, terminate=True, signal="kill") is True
+    with pytest.raises(nbtask.TaskRevoked):
+        h.get(timeout=10)
