@@ -123,7 +123,11 @@ def errback_calls(
         else:
             if full is None:
                 label = f"{message.name}[{message.id}]"
-                full = errback_arguments(request, ended.exc, ended.event, label)
+                # The datasets it required stay on this worker, as they never travel.
+                requires = set(message.requires or ())
+                kwargs = {k: v for k, v in request.kwargs.items() if k not in requires}
+                travelling = dataclasses.replace(request, kwargs=kwargs)
+                full = errback_arguments(travelling, ended.exc, ended.event, label)
             calls.append((sig, full))
     return calls
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import client_env, wait_until
@@ -86,3 +88,29 @@ def test_an_app_declares_a_dataset_for_the_workers_that_import_it(app: App, star
 def test_requires_takes_dataset_names(app: App, bad: object) -> None:
     with pytest.raises(ConfigurationError, match="dataset names that are Python identifiers"):
         app.task(requires=bad)(lambda: None)
+
+
+def test_an_errbacks_request_leaves_out_the_dataset_and_a_retry_gets_it_again(
+    app: App, start_worker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A dataset stays on its workers: not in the request an errback is sent
+    # (error_handler(request, exc, traceback)), nor in a retry's new arguments.
+    monkeypatch.setenv("NBTASK_TEST_LOADS", str(tmp_path / "loads"))
+    start_worker("--data", SQUARES, concurrency=1)
+
+    @app.task(bind=True, requires="squares", max_retries=1)
+    def total(self: Any, offset: int, squares: list[int]) -> int:
+        if self.request.retries == 0:
+            raise self.retry(args=(offset + 1,), countdown=0)
+        raise ValueError(offset + sum(squares))
+
+    @app.task
+    def error_handler(request: Any, exc: BaseException, traceback: str) -> tuple:
+        return sorted(request.kwargs), request.args, str(exc)
+
+    errback_id = uuid.uuid4().hex
+    errback = app.expect(errback_id, error_handler.name)
+    h = total.apply_async((1,), link_error=error_handler.s().set(task_id=errback_id))
+    with pytest.raises(ValueError, match="287"):
+        h.get(timeout=20)
+    assert errback.get(timeout=20) == ([], (2,), "287")
