@@ -70,7 +70,7 @@ class ChildPool:
         self.slots = [SlotState() for _ in range(concurrency)]
         # slot -> (task id, why it is being stopped, when to SIGKILL it)
         self._stopping: dict[int, tuple[str, str, float]] = {}
-        # task id -> (when to stop looking for it, grace period)
+        # task id -> (when to stop looking for it, grace period, the signal to send)
         self._terminates: dict[str, tuple[float, float, signal.Signals]] = {}
         self._killed: set[int] = set()
         self._spawned_at: dict[int, float] = {}
