@@ -1,10 +1,13 @@
 """Admitting a delivery: verify it, and decide whether its task may start now.
 
 A message that does not verify is dead-lettered; one whose task may not start (already
-finished, revoked, or its record overwritten) is dropped; one too old or expired is
-settled here without running, and followed up as a failure is (its errbacks, its chain's
-later steps). A task taken before its eta, or over its rate limit, is parked until it may
-start, so it does not hold the child's slot while it waits.
+finished, revoked, or its record overwritten) is dropped; one too old, expired or from
+the worker's future is settled here without running. What follows a task (its errbacks,
+its chain's later steps) is sent only where no replay of a captured message can have it
+sent again: once, as its signed stored outcome owes (``FollowUps.run_owed``), and never
+for a message older than ``max_age``, which may be a replay. A task taken before its eta,
+or over its rate limit, is parked until it may start, so it does not hold the child's slot
+while it waits.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from nbtask.worker.settle import (
     send_stored_outcome,
 )
 
-__all__ = ["Admission", "Admitted", "Settle"]
+__all__ = ["Admission", "Admitted", "Settle", "message_age"]
 
 log = logging.getLogger("nbtask.worker")
 
@@ -153,18 +156,23 @@ class Admission:
         """Park a task taken before its eta; settle one too old or expired. True if so."""
         message, now = admitted.message, time.time()
         if message.created > now + AHEAD_SECONDS:
-            self._refuse(admitted, _from_the_future(message.created - now))
+            ahead = message.created - now
+            # Followed up only if the record of this refusal outlives the time a copy of
+            # the message would be refused so again: a replay then finds it, and is
+            # dropped. From further ahead, a replay once the record is gone would be.
+            remembered = ahead - AHEAD_SECONDS < int(self.settings.result_ttl)
+            self._refuse(admitted, _from_the_future(ahead), follow_up=remembered)
             return True
         if message.eta is not None and message.eta > now + _EARLY_SECONDS:
             self._park(admitted, message.eta)
             return True
-        # Counted from the signed due time: a countdown or retry does not age while it waits.
-        age = now - max(message.created, message.eta or 0.0)
+        age = message_age(message, now)
         if age > self.settings.replay_window:
             self._too_old(admitted, age)
             return True
         if message.expires is not None and now > message.expires:
-            # Celery's way: revoked with reason "expired", its errbacks called.
+            # Celery's way: revoked with reason "expired", its errbacks called. Within
+            # max_age, so its record (kept result_ttl >= max_age) refuses any replay.
             reason = {"reason": "expired"}
             expired = Event(EventType.REVOKED, message.id, FINAL_SEQ, reason, run=message.run)
             self._end_unrun(admitted, Outcome(expired))
@@ -240,6 +248,10 @@ class Admission:
         return None if verdict == Verdict.OK else verdict
 
     def _drop(self, admitted: Admitted, refused: str) -> None:
+        """Let go of a message whose task may not start; follow it up if its outcome owes it.
+
+        Never for a message older than ``max_age``, which may be a replay.
+        """
         message = admitted.message
         if refused == Verdict.BAD_RECORD:
             why = NbtaskError(
@@ -253,12 +265,14 @@ class Admission:
             return
         log.warning("dropped a message for task %s: it is already %s", message.id, refused)
         self.transport.discard(admitted.delivery)
-        owed: bool | None = None
-        if refused in _ENDED:
-            self._tell_outcome_again(message)
-            # Its supervisor stated how it ended (a killed child whose message RabbitMQ
-            # gave back): its follow-ups are run here, if no one ran them yet.
-            owed = self.follow_ups.run_owed(message, admitted.callbacks)
+        if refused not in _ENDED:
+            return
+        self._tell_outcome_again(message)
+        if message_age(message) > self.settings.replay_window:
+            return  # it may be a replay: nothing it carries is acted on
+        # Its supervisor stated how it ended (a killed child whose message RabbitMQ gave
+        # back): its follow-ups are run here, if no one ran them yet.
+        owed = self.follow_ups.run_owed(message, admitted.callbacks)
         if refused == State.REVOKED.value and owed is None:
             # Revoked before it started: no worker followed it up.
             reason = {"reason": "revoked"}
@@ -275,18 +289,39 @@ class Admission:
         send_stored_outcome(self.transport, message.client, record)
 
     def _too_old(self, admitted: Admitted, age: float) -> None:
+        """Refuse a message past ``max_age``, and act on nothing it carries.
+
+        It may be a replay (its task ran, and its record and ended-task entry are gone):
+        its errbacks are not sent, nor its chain's later steps failed.
+        """
         why = (
             f"the message was {age:.0f} s old, older than max_age "
             f"({self.settings.replay_window:.0f} s); it was not run"
         )
         self._refuse(admitted, why)
 
-    def _refuse(self, admitted: Admitted, why: str) -> None:
-        """Dead-letter a genuine message that may not run now or ever, and fail its task."""
+    def _refuse(self, admitted: Admitted, why: str, *, follow_up: bool = False) -> None:
+        """Dead-letter a genuine message that may not run now or ever, and fail its task.
+
+        With ``follow_up`` its errbacks are sent and its chain's later steps fail, once:
+        only where no replay of the message can be refused so again.
+        """
         message = admitted.message
         log.error("rejected task %s: %s", message.id, why)
-        failed = failure_event(message.id, FINAL_SEQ, NbtaskError(why), run=message.run)
-        self._end_unrun(admitted, Outcome(failed), dead_letter=True)
+        failed = Outcome(failure_event(message.id, FINAL_SEQ, NbtaskError(why), run=message.run))
+        if follow_up:
+            self._end_unrun(admitted, failed, dead_letter=True)
+            return
+        self.settle(admitted, failed, ack=False)
+        self.transport.dead_letter(admitted.delivery)
+
+
+def message_age(message: TaskMessage, now: float | None = None) -> float:
+    """How old a message is, from its signed due time: past ``max_age`` it may be a replay.
+
+    A countdown or a retry does not age while it waits.
+    """
+    return (time.time() if now is None else now) - max(message.created, message.eta or 0.0)
 
 
 def _from_the_future(ahead: float) -> str:

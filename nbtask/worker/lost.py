@@ -3,7 +3,9 @@
 The supervisor settles a delivery whose child died (or that a dead worker held, or whose
 lease lapsed) here, and reports a task it killed on purpose (time limit, terminate). Each
 such final outcome is followed as a task's own failure is: its errbacks are sent and its
-chain's later steps fail with it (see ``FollowUps.run_owed``). It also moves the messages
+chain's later steps fail with it (see ``FollowUps.run_owed``), unless its message is older
+than ``max_age``: such a delivery may be a replay made to look lost, so nothing it carries
+is acted on (as a worker refusing it as too old does). It also moves the messages
 still waiting on a gone process's own queue (a cell sent to the process holding its kept
 values) to the queue they name for that case.
 """
@@ -22,7 +24,14 @@ from nbtask.settings import Settings
 from nbtask.wire.envelope import Envelope, Signer
 from nbtask.wire.events import FINAL_SEQ, Event, EventType, State
 from nbtask.wire.message import TaskMessage
-from nbtask.worker.settle import FollowUps, report, send_stored_outcome, stopped_event
+from nbtask.worker.admit import message_age
+from nbtask.worker.settle import (
+    FollowUps,
+    failure_event,
+    report,
+    send_stored_outcome,
+    stopped_event,
+)
 from nbtask.worker.subtasks import SubtaskPublisher
 
 __all__ = ["LostTasks"]
@@ -30,6 +39,10 @@ __all__ = ["LostTasks"]
 log = logging.getLogger("nbtask.worker")
 
 _REHOME_RETRY_SECONDS = 0.1  # between tries to delete a gone process's queue
+_TOO_OLD_TO_FOLLOW_UP = (
+    "its message is older than max_age and may be a replay: its errbacks are not sent, "
+    "nor its chain's later steps ended"
+)
 
 
 class LostTasks:
@@ -86,6 +99,9 @@ class LostTasks:
         stopped: tuple[str, str, float] | None = None,
     ) -> None:
         record = self.store.get_record(message.id)
+        # Past max_age the delivery may be a replay made to look lost: the task's own
+        # outcome is still settled, but nothing the message carries is acted on.
+        follow_up = message_age(message) <= self.settings.replay_window
         if record is not None and (record.final or record.result is not None):
             # It finished (its signed outcome says so, whatever the plain state field
             # says): the acknowledgement was lost, and maybe the outcome's event. Or its
@@ -93,7 +109,8 @@ class LostTasks:
             # follow-ups are owed, and run here.
             self.transport.discard(delivery)
             send_stored_outcome(self.transport, message.client, record)
-            self._follow_up(message, envelope)
+            if follow_up:
+                self._follow_up(message, envelope)
             return
         if message.id in self.running():
             # A live process runs the task, holding its own delivery: this is a copy
@@ -101,9 +118,13 @@ class LostTasks:
             log.warning("dropped a copy of task %s's message: a live process runs it", message.id)
             self.transport.discard(delivery)
             return
+        if not follow_up and (record is None or record.state is State.PENDING):
+            # Never started, as a worker taking it now would refuse it: too old to run.
+            self._refuse_too_old(delivery, envelope, message)
+            return
         if stopped is not None and stopped[0] == message.id:
             event = stopped_event(stopped, reason, message.name, message.run)
-            self._report(message, envelope, event, delivery)
+            self._report(message, envelope, event, delivery, follow_up=follow_up)
             return
         redeliver = message.acks_late and message.reject_on_worker_lost is not False
         if redeliver and delivery.deliveries < self.settings.max_redeliveries:
@@ -119,12 +140,14 @@ class LostTasks:
             data = {"ename": "WorkerLost", "reason": reason, "evalue": evalue}
             event = Event(EventType.FAILURE, message.id, FINAL_SEQ, data, run=message.run)
             self.transport.dead_letter(delivery)
-            self._report(message, envelope, event)
+            self._report(message, envelope, event, follow_up=follow_up)
             return
         self.note(message, f"{reason}; reported WORKER_LOST", logging.ERROR)
+        if not follow_up:
+            self.note(message, _TOO_OLD_TO_FOLLOW_UP, logging.WARNING)
         lost = {"reason": reason}
         event = Event(EventType.WORKER_LOST, message.id, FINAL_SEQ, lost, run=message.run)
-        self._report(message, envelope, event, delivery)
+        self._report(message, envelope, event, delivery, follow_up=follow_up)
 
     def _report(
         self,
@@ -132,6 +155,8 @@ class LostTasks:
         envelope: Envelope,
         event: Event,
         delivery: Delivery | None = None,
+        *,
+        follow_up: bool = True,
     ) -> None:
         """Store and send how the task ended (and ack ``delivery``), then follow it up."""
         report(
@@ -141,9 +166,21 @@ class LostTasks:
             message.client,
             event,
             delivery,
-            owes_follow_ups=True,
+            owes_follow_ups=follow_up,
         )
-        self._follow_up(message, envelope)
+        if follow_up:
+            self._follow_up(message, envelope)
+
+    def _refuse_too_old(self, delivery: Delivery, envelope: Envelope, message: TaskMessage) -> None:
+        """Dead-letter a lost delivery of a message past ``max_age`` that never started."""
+        why = (
+            f"the message is older than max_age ({self.settings.replay_window:.0f} s) and "
+            "may be a replay; it was not run"
+        )
+        self.note(message, f"rejected: {why}", logging.ERROR)
+        self.transport.dead_letter(delivery)
+        event = failure_event(message.id, FINAL_SEQ, NbtaskError(why), run=message.run)
+        self._report(message, envelope, event, follow_up=False)
 
     def _follow_up(self, message: TaskMessage, envelope: Envelope) -> None:
         """Fail the chain's later steps and send the errbacks, if the stored outcome owes it."""

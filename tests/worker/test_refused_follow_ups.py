@@ -1,7 +1,8 @@
 """What follows a task its worker refuses to run, and a task whose process is killed after
-storing its own failure, on both brokers. A message expired, older than ``max_age`` or made
-too far in the worker's future is not run: its chain's later steps end with its error
-(never ``PENDING`` for ever) and its errbacks run once. A child killed between storing its
+storing its own failure, on both brokers. A message expired, or made too far in the
+worker's future (by less than ``result_ttl``), is not run: its chain's later steps end with
+its error (never ``PENDING`` for ever) and its errbacks run once. A message older than
+``max_age`` may be a replay: nothing it carries is acted on. A child killed between storing its
 task's failure and sending what follows it leaves that to its supervisor (or, on RabbitMQ,
 to whoever the message comes back to): the errbacks still run once. So does one killed
 between storing its task's success and sending its link and its chain's next step: each is
@@ -100,9 +101,12 @@ def test_chain_whose_first_step_expired_ends_its_later_steps_and_calls_its_errba
     _errback_called_once(app, errback, head, tmp_path)
 
 
-def test_chain_whose_first_step_is_older_than_max_age_ends_its_later_steps_and_calls_its_errback(
+def test_chain_whose_first_step_is_older_than_max_age_has_nothing_it_carries_acted_on(
     app: App, start_worker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Past max_age a message may be a replay (its task ran, and what remembered that is
+    gone: tests/security/test_replayed_follow_ups.py), so nothing it carries is acted on:
+    no errback is sent and its chain's later steps are not ended (they stay PENDING)."""
     monkeypatch.setenv("NBTASK_MAX_AGE", "2.0")  # for the workers (start_worker copies it)
     step, _, _ = _tasks(app)
     last, errback = _chain(app, step.s(1, str(tmp_path / "ledger")), tmp_path)
@@ -111,26 +115,32 @@ def test_chain_whose_first_step_is_older_than_max_age_ends_its_later_steps_and_c
     start_worker(concurrency=1)
     with pytest.raises(nbtask.NbtaskError, match="older than max_age"):
         head.get(timeout=20)
-    for later in _later_steps(last):
-        with pytest.raises(nbtask.NbtaskError, match="older than max_age"):
-            later.get(timeout=20)  # the same error as its first step
-        assert later.state is State.FAILURE
-    _errback_called_once(app, errback, head, tmp_path)
+    wait_for_housekeeping(app)
+    wait_for_housekeeping(app)
+    assert read_records(tmp_path / "calls") == []
+    assert not errback.done()
+    assert [later.state for later in _later_steps(last)] == [State.PENDING, State.PENDING]
+    assert read_records(tmp_path / "ledger") == []
 
 
-class _ClockAhead:
-    """The ``time`` module as a client whose clock is an hour ahead sees it."""
+def _clock_ahead(seconds: float) -> Any:
+    """The ``time`` module as a client whose clock is ``seconds`` ahead sees it."""
 
-    @staticmethod
-    def time() -> float:
-        return time.time() + 3600.0
+    class ClockAhead:
+        @staticmethod
+        def time() -> float:
+            return time.time() + seconds
+
+    return ClockAhead
 
 
 def test_chain_whose_first_step_comes_from_the_workers_future_ends_its_later_steps(
     app: App, start_worker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Five minutes ahead, within result_ttl (600 s here): the record of its refusal
+    outlives the time a copy of the message would be refused so again."""
     step, _, _ = _tasks(app)
-    monkeypatch.setattr(outgoing, "time", _ClockAhead)
+    monkeypatch.setattr(outgoing, "time", _clock_ahead(300.0))
     last, errback = _chain(app, step.s(1, str(tmp_path / "ledger")), tmp_path)
     monkeypatch.undo()
     head = _first(last)
@@ -231,3 +241,23 @@ def test_a_child_killed_after_storing_its_success_still_sends_its_link_once(
     assert len(read_records(calls)) == 1
     assert [r["step"] for r in read_records(ledger)] == [1]
     assert "exited" in worker.log.read_text() or "died" in worker.log.read_text()
+
+
+def test_chain_whose_first_step_comes_from_further_ahead_than_result_ttl_is_not_followed_up(
+    app: App, start_worker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An hour ahead, past result_ttl (600 s here): a copy replayed once the record of
+    its refusal is gone would be refused so again, so nothing it carries is acted on."""
+    step, _, _ = _tasks(app)
+    monkeypatch.setattr(outgoing, "time", _clock_ahead(3600.0))
+    last, errback = _chain(app, step.s(1, str(tmp_path / "ledger")), tmp_path)
+    monkeypatch.undo()
+    head = _first(last)
+    start_worker(concurrency=1)
+    with pytest.raises(nbtask.NbtaskError, match="in this worker's future"):
+        head.get(timeout=20)
+    wait_for_housekeeping(app)
+    wait_for_housekeeping(app)
+    assert read_records(tmp_path / "calls") == []
+    assert not errback.done()
+    assert [later.state for later in _later_steps(last)] == [State.PENDING, State.PENDING]

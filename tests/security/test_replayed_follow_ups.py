@@ -1,0 +1,185 @@
+"""What follows a task (its errbacks, its chain's later steps), against an outsider with
+write access to the broker and the store but not the secret, who keeps a queued task's
+genuine message and replays it later. A worker never sends the follow-ups of a message
+older than ``max_age``: such a replay sends no errback and signs no outcome for a chain's
+later step. Both brokers."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import wait_for_housekeeping, wait_until
+from raw_broker import RawBroker
+
+from nbtask import App, TaskHandle
+from tests.celery_tasks import read_records
+
+pytestmark = pytest.mark.brokers
+
+#: The workers' max_age where a replay comes past it: long enough for a worker to start and
+#: run the genuine message first.
+MAX_AGE = 6.0
+
+
+def _tasks(app: App) -> tuple[Any, Any]:
+    """A step that notes its run, and an errback that notes its call."""
+
+    @app.task
+    def step(x: int, path: str) -> int:
+        from tests.celery_tasks import record
+
+        record(path, step=x)
+        return x + 1
+
+    @app.task
+    def note(value: object, path: str) -> object:
+        from tests.celery_tasks import record
+
+        record(path, value=value)
+        return value
+
+    return step, note
+
+
+def _log_count(worker: Any, text: str) -> int:
+    return str(worker.log.read_text()).count(text)
+
+
+def _waiting(access: RawBroker) -> bool:
+    try:
+        access.peek()
+    except (AssertionError, ValueError):
+        return False
+    return True
+
+
+def _captured(access: RawBroker) -> bytes:
+    """The one message waiting on the default queue, as an outsider copies it."""
+    wait_until(lambda: _waiting(access), 10, "the message on its queue")
+    return access.peek()
+
+
+def _chain(app: App, tmp_path: Path) -> tuple[TaskHandle, TaskHandle]:
+    """``step(1) | step`` with an errback on the first step, sent with no worker up."""
+    step, note = _tasks(app)
+    ledger, calls = str(tmp_path / "ledger"), str(tmp_path / "calls")
+    last = (step.s(1, ledger).set(link_error=note.s(calls)) | step.s(ledger)).delay()
+    head = last.parent
+    assert head is not None
+    return head, last
+
+
+def _forget(access: RawBroker, *task_ids: str) -> None:
+    """Delete what remembers that the tasks ran: their records and ended-task entries."""
+    for task_id in task_ids:
+        access.store.delete(access.keys.record_key(task_id))
+        access.store.zrem(access.keys.done_key, task_id)
+
+
+def _nothing_followed(app: App, tmp_path: Path) -> None:
+    wait_for_housekeeping(app)
+    wait_for_housekeeping(app)
+    assert read_records(tmp_path / "calls") == [], "an errback ran"
+
+
+def test_a_message_replayed_past_max_age_sends_no_errback_and_ends_no_later_step(
+    app: App, access: RawBroker, start_worker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chain ran and succeeded; past ``max_age`` its first step's message is replayed
+    with the records and ended-task entries deleted: refused as too old, and nothing it
+    carries is acted on (no errback for a task that succeeded, no FAILURE signed for its
+    later step, which also succeeded)."""
+    monkeypatch.setenv("NBTASK_MAX_AGE", str(MAX_AGE))  # for the workers (start_worker copies it)
+    sent = time.time()
+    head, last = _chain(app, tmp_path)
+    raw = _captured(access)
+    worker = start_worker(concurrency=1)
+    assert last.get(timeout=20) == 3
+    wait_until(lambda: time.time() > sent + MAX_AGE + 0.5, 10, "max_age to pass since it was sent")
+    _forget(access, head.id, last.id)
+    access.inject(raw, task_id=head.id)
+    wait_until(lambda: _log_count(worker, "older than max_age") == 1, 20, "the replay refused")
+    access.inject(raw)  # again: the refusal's record drops it
+    dropped = f"dropped a message for task {head.id}"
+    wait_until(lambda: _log_count(worker, dropped) == 1, 20, "the second replay dropped")
+    _nothing_followed(app, tmp_path)
+    assert access.record(last.id) == {}, "an outcome was stored for the later step"
+    assert [r["step"] for r in read_records(tmp_path / "ledger")] == [1, 2]
+
+
+def test_a_message_replayed_once_its_task_is_forgotten_sends_no_errback(
+    app: App, access: RawBroker, start_worker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No store write at all: once ``result_ttl`` has let the record and the ended-task
+    entry go, one plain replay of the message is refused as too old, and sends nothing."""
+    monkeypatch.setenv("NBTASK_RESULT_TTL", str(MAX_AGE + 2))
+    monkeypatch.setenv("NBTASK_MAX_AGE", str(MAX_AGE))
+    step, note = _tasks(app)
+    calls = str(tmp_path / "calls")
+    h = step.apply_async((1, str(tmp_path / "ledger")), link_error=note.s(calls))
+    raw = _captured(access)
+    worker = start_worker(concurrency=1)
+    assert h.get(timeout=20) == 2
+    record = access.keys.record_key(h.id)
+
+    def forgotten() -> bool:
+        gone = not access.store.exists(record)
+        return gone and access.store.zscore(access.keys.done_key, h.id) is None
+
+    wait_until(forgotten, 30, "the record and the ended-task entry to expire")
+    access.inject(raw)
+    wait_until(lambda: _log_count(worker, "older than max_age") == 1, 20, "the replay refused")
+    _nothing_followed(app, tmp_path)
+    assert [r["step"] for r in read_records(tmp_path / "ledger")] == [1]
+
+
+def _left_as_lost(access: RawBroker, broker_kind: str, raw: bytes, task_id: str) -> None:
+    """Make ``raw`` look like a dead holder's delivery, as anyone with broker access can:
+    on Redis, taken by a made-up consumer and left idle past the visibility timeout; on
+    RabbitMQ, parked as lost under ``task_id``."""
+    if broker_kind == "redis":
+        stream = access.streams.queue_key("default")
+        taking = access.store.pipeline(transaction=True)  # no worker's child takes it first
+        taking.xadd(stream, {"e": raw, "n": 0, "i": task_id})
+        taking.xreadgroup("workers", "ghost-0", {stream: ">"}, count=1)
+        entry_id, _ = taking.execute()
+        access.store.xclaim(stream, "workers", "ghost-0", 0, [entry_id], idle=60_000)
+        return
+    lost = f"{access.settings.key_prefix}:lost"
+    fields = {"e": raw, "q": "default", "n": 0, "h": "ghost-0", "p": "1"}
+    access.store.hset(f"{lost}:{task_id}", mapping=fields)
+    access.store.zadd(lost, {task_id: time.time()})
+
+
+def test_a_message_made_to_look_lost_past_max_age_sends_no_errback_and_ends_no_later_step(
+    app: App,
+    access: RawBroker,
+    start_worker,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    broker_kind: str,
+) -> None:
+    """The same replay past ``max_age``, made to look like a dead holder's delivery so that
+    a supervisor settles it (a lost task is reported and followed up): the supervisor
+    neither reports it lost nor sends anything it carries."""
+    monkeypatch.setenv("NBTASK_MAX_AGE", str(MAX_AGE))
+    sent = time.time()
+    head, last = _chain(app, tmp_path)
+    raw = _captured(access)
+    worker = start_worker(concurrency=1)
+    assert last.get(timeout=20) == 3
+    wait_until(lambda: time.time() > sent + MAX_AGE + 0.5, 10, "max_age to pass since it was sent")
+    _forget(access, head.id, last.id)
+    _left_as_lost(access, broker_kind, raw, head.id)
+    wait_until(
+        lambda: access.drained() and not access.store.zcard(f"{access.settings.key_prefix}:lost"),
+        30,
+        "the copy settled",
+    )
+    _nothing_followed(app, tmp_path)
+    assert access.record(last.id) == {}, "an outcome was stored for the later step"
+    assert b"WORKER_LOST" not in access.record(head.id).get(b"state", b"")
+    assert "older than max_age" in worker.log.read_text()
