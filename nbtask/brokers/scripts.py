@@ -292,7 +292,9 @@ return 1
 """
 )
 
-# Mark a task that has not started REVOKED and tell its client.
+# Mark a task that has not started REVOKED and tell its client. Its signed outcome owes
+# its follow-ups (errbacks, failing a chain's later steps): the first worker that drops its
+# message takes them, once (nbtask.wire.records.FOLLOW_UPS); a replay finds them taken.
 # KEYS: record, channel; ARGV: event, ttl, maxlen
 _REVOKE = _lua(
     _OWN_RECORD,
@@ -304,7 +306,7 @@ local state, outcome = own_record(KEYS[1])
 if state and state ~= 'PENDING' and state ~= 'RETRY' then return 0 end
 if outcome or ended(KEYS[1]) then return 0 end
 mark_ended(KEYS[1], ARGV[2])
-redis.call('HSET', KEYS[1], 'state', 'REVOKED', 'result', ARGV[1])
+redis.call('HSET', KEYS[1], 'state', 'REVOKED', 'result', ARGV[1], 'follow_ups', 'owed')
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 xadd_replacing(KEYS[2], ARGV[3], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[2])

@@ -35,10 +35,13 @@ _MAX_INFO_BYTES = 64 * 1024  # a worker's entry is a few hundred bytes; more is 
 _PENDING = State.PENDING.value
 
 #: The record field saying what follows an outcome nbtask stated on a task's behalf (lost,
-#: killed, dead-lettered, refused unrun), a failure with errbacks or later chain steps, or
-#: a success with callbacks or a chain's next step: :data:`FOLLOW_UPS_OWED` until one
-#: process holding the task's message takes it (``Store.take_follow_ups``) to send them
-#: (or fail the chain's later steps), once. Absent from the records of other outcomes.
+#: killed, dead-lettered, refused unrun, revoked before it started), a failure with
+#: errbacks or later chain steps, or a success with callbacks or a chain's next step:
+#: :data:`FOLLOW_UPS_OWED` until one process holding the task's message takes it
+#: (``Store.take_follow_ups``) to send them (or fail the chain's later steps), once, as
+#: the signed outcome beside it says. Absent from the records of other outcomes. A plain
+#: field anyone with write access can set again: what it makes a worker send is bounded by
+#: the verified outcome, and by the message's ``max_age``, as a rerun of the task is.
 FOLLOW_UPS = "follow_ups"
 FOLLOW_UPS_OWED = "owed"
 

@@ -250,7 +250,9 @@ class Admission:
     def _drop(self, admitted: Admitted, refused: str) -> None:
         """Let go of a message whose task may not start; follow it up if its outcome owes it.
 
-        Never for a message older than ``max_age``, which may be a replay.
+        Only through a signed stored outcome owing follow-ups, taken once: a task whose
+        record merely says ``REVOKED`` (a plain field anyone with write access can set)
+        has nothing sent for it, and neither has a message older than ``max_age``.
         """
         message = admitted.message
         if refused == Verdict.BAD_RECORD:
@@ -270,14 +272,16 @@ class Admission:
         self._tell_outcome_again(message)
         if message_age(message) > self.settings.replay_window:
             return  # it may be a replay: nothing it carries is acted on
-        # Its supervisor stated how it ended (a killed child whose message RabbitMQ gave
+        # Revoked before it started (the revoke stored its signed outcome owing them), or
+        # its supervisor stated how it ended (a killed child whose message RabbitMQ gave
         # back): its follow-ups are run here, if no one ran them yet.
         owed = self.follow_ups.run_owed(message, admitted.callbacks)
-        if refused == State.REVOKED.value and owed is None:
-            # Revoked before it started: no worker followed it up.
-            reason = {"reason": "revoked"}
-            gone = Outcome(Event(EventType.REVOKED, message.id, FINAL_SEQ, reason, run=message.run))
-            self.follow_ups.run(message, gone, admitted.callbacks, None)
+        if owed is None and refused == State.REVOKED.value and admitted.callbacks:
+            log.warning(
+                "task %s's record says REVOKED without a signed outcome owing its follow-ups: "
+                "its errbacks are not sent and its chain's later steps not ended",
+                message.id,
+            )
 
     def _tell_outcome_again(self, message: TaskMessage) -> None:
         """Send a finished task's stored outcome to its client (see send_stored_outcome)."""

@@ -1,8 +1,9 @@
 """What follows a task (its errbacks, its chain's later steps), against an outsider with
 write access to the broker and the store but not the secret, who keeps a queued task's
-genuine message and replays it later. A worker never sends the follow-ups of a message
-older than ``max_age``: such a replay sends no errback and signs no outcome for a chain's
-later step. Both brokers."""
+genuine message and replays it later, or rewrites the plain fields of its record. A
+worker sends a task's follow-ups only as its signed stored outcome owes them, once, and
+never for a message older than ``max_age``: a replay (or a record's plain ``REVOKED``)
+sends no errback and signs no outcome for a chain's later step. Both brokers."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from helpers import wait_for_housekeeping, wait_until
 from raw_broker import RawBroker
 
+import nbtask
 from nbtask import App, TaskHandle
 from tests.celery_tasks import read_records
 
@@ -134,6 +136,48 @@ def test_a_message_replayed_once_its_task_is_forgotten_sends_no_errback(
     wait_until(lambda: _log_count(worker, "older than max_age") == 1, 20, "the replay refused")
     _nothing_followed(app, tmp_path)
     assert [r["step"] for r in read_records(tmp_path / "ledger")] == [1]
+
+
+def test_a_record_whose_plain_state_says_revoked_sends_no_errback_and_ends_no_later_step(
+    app: App, access: RawBroker, start_worker, tmp_path: Path
+) -> None:
+    """One plain field (``state REVOKED``) on a queued task's record: the task is not run,
+    but with no signed REVOKED outcome in the record the worker neither sends its errbacks
+    nor signs REVOKED for its chain's later step."""
+    head, last = _chain(app, tmp_path)
+    _captured(access)
+    access.store.hset(access.keys.record_key(head.id), "state", "REVOKED")
+    worker = start_worker(concurrency=1)
+    wait_until(lambda: _log_count(worker, f"dropped a message for task {head.id}") == 1, 20, "drop")
+    _nothing_followed(app, tmp_path)
+    assert "without a signed outcome owing its follow-ups" in worker.log.read_text()
+    assert access.record(last.id) == {}, "an outcome was stored for the later step"
+    assert not last.done()
+    assert read_records(tmp_path / "ledger") == []
+
+
+def test_a_revoked_tasks_replayed_message_sends_its_errback_once(
+    app: App, access: RawBroker, start_worker, tmp_path: Path
+) -> None:
+    """A task revoked while queued: the worker that drops its message sends its errback and
+    ends its chain's later step, once; replays of the message (no store write) find them
+    taken and send nothing."""
+    head, last = _chain(app, tmp_path)  # its errback has no id of its own: each send runs
+    ledger, calls = tmp_path / "ledger", tmp_path / "calls"
+    raw = _captured(access)
+    assert app.revoke(head.id)
+    worker = start_worker(concurrency=1)
+    wait_until(lambda: bool(read_records(calls)), 20, "the errback to run")
+    with pytest.raises(nbtask.TaskRevoked, match=head.id):
+        last.get(timeout=20)
+    access.inject(raw, task_id=head.id)
+    access.inject(raw)  # and without the id beside it
+    dropped = f"dropped a message for task {head.id}"
+    wait_until(lambda: _log_count(worker, dropped) == 3, 20, "the replays dropped")
+    wait_for_housekeeping(app)
+    wait_for_housekeeping(app)
+    assert [r["value"] for r in read_records(calls)] == [head.id]
+    assert read_records(ledger) == []
 
 
 def _left_as_lost(access: RawBroker, broker_kind: str, raw: bytes, task_id: str) -> None:
