@@ -10,6 +10,7 @@ reads a bounded page, so a long queue never holds the server for long.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -17,8 +18,13 @@ from nbtask.brokers.redis_link import RedisLink
 
 __all__ = ["QUEUED_SCRIPTS", "still_queued"]
 
+log = logging.getLogger(__name__)
+
 #: Entries (or ETA members) one script call reads.
 _PAGE = 500
+#: Pages read of one queue's stream or ETA set in one look: past them, the tasks not found
+#: yet are taken as still queued (a look that cannot finish declares nothing lost).
+_MOST_PAGES = 200
 
 # The task ids among ARGV[4..] that a page of a queue's stream or ETA set holds.
 # KEYS[1]: the stream or the set; ARGV: 'stream' or 'eta', where the page starts (an entry
@@ -38,10 +44,9 @@ if ARGV[1] == 'stream' then
       if fields[j] == 'i' and wanted[fields[j + 1]] then table.insert(out, fields[j + 1]) end
     end
   end
-  if #entries == size then
-    local ms, seq = string.match(entries[#entries][1], '^(%d+)-(%d+)$')
-    out[1] = ms .. '-' .. string.format('%d', tonumber(seq) + 1)
-  end
+  -- After the last entry read, by its id as text: an id's sequence may be past what a
+  -- Lua number holds exactly (2^53), and one computed from it could point back.
+  if #entries == size then out[1] = '(' .. entries[#entries][1] end
 else
   if kind ~= 'zset' then return out end
   local start = tonumber(ARGV[2])
@@ -70,10 +75,20 @@ def still_queued(
         eta, stream = keys[queue]
         for kind, key, first in (("eta", eta, "0"), ("stream", stream, "-")):
             wanted = [task_id for task_id in task_ids if task_id not in found]
-            start = first
+            start, pages = first, 0
             while wanted and start:
+                if pages == _MOST_PAGES:
+                    log.warning(
+                        "%s holds more than %s entries: %s task(s) not found in it are taken "
+                        "as still queued",
+                        key,
+                        f"{_MOST_PAGES * _PAGE:,}",
+                        len(wanted),
+                    )
+                    found.update(wanted)
+                    break
                 reply: Any = link.call("queued_ids", [key], kind, start, _PAGE, *wanted)
-                start = reply[0].decode()
+                start, pages = reply[0].decode(), pages + 1
                 found.update(raw.decode() for raw in reply[1:])
                 wanted = [task_id for task_id in wanted if task_id not in found]
     return found

@@ -283,3 +283,19 @@ def _answers(link: RedisLink) -> bool:
     except Exception:
         return False
     return True
+
+
+@pytest.mark.timeout(60)
+def test_the_queue_scan_ends_on_entry_ids_past_what_a_lua_number_holds(
+    app: App, r: redis.Redis
+) -> None:
+    """Entries planted with sequence numbers near 2**62 (anyone may add entries) are read
+    page after page to the end, not read again for ever by the client looking for lost
+    tasks (every handle of the client waited meanwhile)."""
+    stream = app.transport.queue_key("planted")  # type: ignore[attr-defined]
+    at = int(time.time() * 1000) + 1
+    for k in range(1200):  # past two pages
+        r.xadd(stream, {"x": "y"}, id=f"{at}-{2**62 + k}")
+    r.xadd(stream, {"i": "queued-after-them"}, id=f"{at}-{2**62 + 5000}")
+    found = app.transport.still_queued({"planted": ["queued-after-them", "nowhere"]})
+    assert found == {"queued-after-them"}
