@@ -113,19 +113,21 @@ def revoked(label: str, data: Mapping[str, Any]) -> TaskRevoked:
 
 
 def worker_lost(label: str, task_id: str, data: Mapping[str, Any]) -> WorkerLost:
-    """The worker running task ``label`` died, and the task was not run again.
+    """The worker running task ``label`` was lost, and the task was not run again.
 
-    Or, for a later step of a chain (``upstream`` in ``data``), the earlier step's did.
+    Lost, not died: the reason says what is known (a process that died, or a worker
+    that stopped answering, which may have been paused or cut off). Or, for a later
+    step of a chain (``upstream`` in ``data``), the earlier step's was.
     """
     upstream = data.get("upstream")
     if isinstance(upstream, str) and upstream:
         why = (
             f"task {label} was not run: the worker running an earlier task in its chain "
-            f"({upstream}) died, and that task was not run again"
+            f"({upstream}) was lost, and that task was not run again"
         )
         return WorkerLost("WorkerLost", why, "", task_id)
     why = (
-        f"the worker running task {label} died "
+        f"the worker running task {label} was lost "
         f"({data.get('reason', 'no reason known')}); it was not run again (early "
         "ack, or acks_late with reject_on_worker_lost=False)"
     )

@@ -8,6 +8,7 @@ the worker is forgotten once the broker lets its queues go.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 from nbtask.brokers import Transport
@@ -67,7 +68,7 @@ class DeadWorkers:
                 log.warning("dropped unreadable worker entry %r from the registry", worker_id)
                 store.forget_worker(worker_id)
                 continue
-            reason = f"worker {worker_id} stopped sending heartbeats"
+            reason = _silent(worker_id, info)
             # Only leases nobody renewed for the visibility timeout: a worker that merely
             # paused past its heartbeats keeps the tasks it is still running.
             idle = self.visibility_timeout
@@ -134,6 +135,12 @@ class DeadWorkers:
             "left dead worker %r to a worker with its secrets: this one cannot verify its messages",
         )
         return False
+
+
+def _silent(worker_id: str, info: WorkerInfo) -> str:
+    """Why a dead worker's tasks are lost: all that is known is that it stopped answering."""
+    since = f" for {time.time() - info.seen:.0f} s" if info.seen > 0 else ""
+    return f"worker {worker_id} stopped answering{since}: it died, or was paused or cut off"
 
 
 def _say_once(said: set[str], worker_id: str, message: str, *args: object) -> None:

@@ -287,8 +287,10 @@ class Worker:
             self.lost.settle(delivery, "its worker process died (redelivered by the broker)")
 
     def _settle_stale(self) -> None:
+        timeout = self.settings.visibility_timeout
+        why = f"its worker stopped answering for over {timeout:g} s, the visibility timeout"
         for delivery in self.transport.stale(self.queues, self.worker_id):
-            self.lost.settle(delivery, "its lease expired (visibility timeout)")
+            self.lost.settle(delivery, f"{why}: it died, or was paused or cut off")
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals += 1
