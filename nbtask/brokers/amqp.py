@@ -410,7 +410,7 @@ class AmqpTransport(AmqpUpkeep):
         """Store the outcome (and park ``requeue``), tell the client, then acknowledge."""
         queue = delivery.queue if delivery is not None else ""
         end = Settlement(task_id, channel, raw_event, fields, queue=queue, later=requeue)
-        self.store.settle(end)
+        self.store.settle(end)  # says in the log if it ended after it was reported lost
         # The event and the ack leave in one write (RabbitMQ gets them in one packet).
         with self.links.writes_together():
             if raw_event and channel:

@@ -140,8 +140,11 @@ class Store(Protocol):
     def forget_unsent(self, task_id: str) -> None:
         """Delete a record that only a start check wrote: no client ever sent that task."""
 
-    def settle(self, end: Settlement) -> None:
-        """Store a task's end (no fields: delete its record) and tell its client."""
+    def settle(self, end: Settlement) -> str:
+        """Store a task's end (no fields: delete its record) and tell its client.
+
+        Returns ``''``, or the final state the record had already, which keeps it.
+        """
 
     def revoke_pending(self, task_id: str, raw_event: bytes, channel: str) -> bool:
         """Mark a task REVOKED if it has not started; return whether it was."""

@@ -44,6 +44,7 @@ from nbtask.brokers.redis_holdings import RedisHoldings
 from nbtask.brokers.redis_link import LARGE_BYTES, RedisLink
 from nbtask.brokers.redis_owed import looking, unanswered
 from nbtask.brokers.redis_workers import RedisWorkers
+from nbtask.brokers.refused_ends import refused_by
 from nbtask.brokers.scripts import INDEX_UPKEEP_SECONDS, STORE_SCRIPTS
 from nbtask.settings import Settings
 from nbtask.wire.records import RecordFields, TaskRecord
@@ -244,14 +245,16 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisChannels):
         args = (self.ttl, CHANNEL_MAXLEN, end.raw_event, member, repr(due), *fields)
         return keys, args
 
-    def settle(self, end: Settlement) -> None:
+    def settle(self, end: Settlement) -> str:
         """Store a task's end and tell its client (no message to acknowledge).
 
         No ``fields`` deletes the task's record; ``later`` (a message and its due time)
-        is parked until then: a retry.
+        is parked until then: a retry. Returns ``''``, or the final state the record had
+        already, which keeps it (nothing stored, nothing told).
         """
         keys, args = self.settle_args(end)
-        self.link.call("settle", keys, *args, large=len(end.raw_event) >= LARGE_BYTES)
+        reply = self.link.call("settle", keys, *args, large=len(end.raw_event) >= LARGE_BYTES)
+        return refused_by(end, reply)
 
     def reset_pending(self, task_id: str) -> None:
         """Set a task that is to run again back to PENDING (a redelivery)."""

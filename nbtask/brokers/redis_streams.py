@@ -42,6 +42,7 @@ from nbtask.brokers.redis_owed import looking, unanswered
 from nbtask.brokers.redis_queued import QUEUED_SCRIPTS, still_queued
 from nbtask.brokers.redis_store import RedisStore
 from nbtask.brokers.redis_upkeep import GROUP, _delivery
+from nbtask.brokers.refused_ends import refused_by
 from nbtask.brokers.streams_scripts import STREAMS_SCRIPTS
 from nbtask.errors import BrokerUnavailable
 
@@ -276,17 +277,21 @@ class StreamsTransport(StreamsMoves):
         leading: Sequence[Command],
         *,
         large: bool = False,
-        task_id: str = "",
+        end: Settlement | None = None,
     ) -> Delivery | None:
         # One write: [leading commands,] a blocking read, and the start check that Redis
         # runs as soon as the read is served. One queue: the server hands each entry to
-        # exactly one blocked consumer. ``task_id``: the task the leading commands finish.
+        # exactly one blocked consumer. ``end``: the task's end the leading command (the
+        # finish script) stores.
+        task_id = end.task_id if end is not None else ""
         stream, read, check = self._read_commands(queue, consumer, block_seconds)
         commands = [*leading, read, (*check, self._last_seen.get(stream, "0-0"))]
         replies = self.link.run(
             commands, block_seconds=block_seconds, raise_errors=False, large=large
         )
         if not any(isinstance(r, ResponseError) for r in replies):
+            if end is not None:
+                refused_by(end, replies[0])
             return self._delivered(queue, stream, replies[-2], replies[-1])
         # Rare: looked at apart. Whatever the read delivered is handled, whatever failed.
         replies = self._mended(queue, commands, replies)
@@ -301,6 +306,8 @@ class StreamsTransport(StreamsMoves):
             if delivery is not None:  # for the task's next last write, or the next fetch
                 self._kept = (task_id, delivery)
             raise failed
+        if end is not None:
+            refused_by(end, replies[0])
         if isinstance(entries, ResponseError):
             if not leading:
                 raise entries
@@ -439,7 +446,7 @@ class StreamsTransport(StreamsMoves):
         kept = self._kept
         if then_fetch is None or len(then_fetch[0]) != 1 or self.link.read_lost or kept is not None:
             with self.link.translate_errors():
-                self.link.run_scripts([command], large=large)
+                refused_by(end, self.link.run_scripts([command], large=large)[0])
             if kept is not None and kept[0] == task_id:
                 # Taken by this task's last write that Redis refused: handled now.
                 self._kept = None
@@ -448,7 +455,7 @@ class StreamsTransport(StreamsMoves):
         queues, consumer, block_seconds = then_fetch
         with self.link.translate_errors():
             return self._read_one(
-                queues[0], consumer, block_seconds, [command], large=large, task_id=task_id
+                queues[0], consumer, block_seconds, [command], large=large, end=end
             )
 
 

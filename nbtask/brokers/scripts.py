@@ -227,7 +227,7 @@ end
 # The end of a task (or a retry): store its record (no fields and an event: delete it)
 # and append the event to its client's channel. A field value '=event' stands for the
 # event itself (a stored result), so it is sent only once. A final state is remembered,
-# and never replaced.
+# and never replaced. Returns '' once written, else the final state that refused it.
 WRITE_FINAL = _lua(
     _OWN_RECORD,
     _MARK_ENDED,
@@ -237,7 +237,8 @@ local FINAL = {SUCCESS = true, FAILURE = true, REVOKED = true, WORKER_LOST = tru
 local function write_final(key, channel, ttl, maxlen, event, fields)
   -- A final state stays final: a second outcome (a race between a worker reporting a
   -- task lost and the task ending after all) is neither stored nor sent.
-  if FINAL[own_record(key)] then return end
+  local state = own_record(key)
+  if FINAL[state] then return state end
   if #fields > 0 then
     for i = 2, #fields, 2 do
       if fields[i] == '=event' then fields[i] = event end
@@ -252,6 +253,7 @@ local function write_final(key, channel, ttl, maxlen, event, fields)
     xadd_replacing(channel, maxlen, event)
     redis.call('EXPIRE', channel, ttl)
   end
+  return ''
 end
 """,
 )
@@ -286,9 +288,9 @@ return ''
 _SETTLE = (
     WRITE_FINAL
     + """
-write_final(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], {unpack(ARGV, 6)})
+local refused = write_final(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], {unpack(ARGV, 6)})
 if ARGV[4] ~= '' then zadd_replacing(KEYS[3], ARGV[5], ARGV[4]) end
-return 1
+return refused
 """
 )
 

@@ -46,20 +46,21 @@ return ''
 )
 
 # The last step of a task, atomically: store the record, tell the client, park a
-# message for later (a retry) and acknowledge the delivery.
+# message for later (a retry) and acknowledge the delivery. Returns '' once the record
+# is written, else the final state that refused it (see WRITE_FINAL).
 # KEYS: record, channel, stream, eta set
 # ARGV: ttl, maxlen, event ('' = none), entry id ('' = no ack), later ('' = none), due,
 # fields...
 _FINISH = (
     WRITE_FINAL
     + """
-write_final(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], {unpack(ARGV, 7)})
+local refused = write_final(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], {unpack(ARGV, 7)})
 if ARGV[5] ~= '' then zadd_replacing(KEYS[4], ARGV[6], ARGV[5]) end
 if ARGV[4] ~= '' then
   redis.call('XACK', KEYS[3], 'workers', ARGV[4])
   redis.call('XDEL', KEYS[3], ARGV[4])
 end
-return 1
+return refused
 """
 )
 

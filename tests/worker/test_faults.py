@@ -201,6 +201,44 @@ def test_paused_worker_keeps_its_running_task(
     assert access.drained()
 
 
+@pytest.mark.brokers("redis")
+def test_task_of_a_worker_paused_past_its_leases_is_lost_and_its_late_end_said(
+    app: App, start_worker, tmp_path: Path
+) -> None:
+    # Supervisor and child stopped past the visibility timeout: the other worker reports
+    # the (early-ack) task lost, without claiming its worker died. Continued, the paused
+    # worker runs the task to its end; that outcome is not kept, and its log says why.
+    # (On RabbitMQ a paused worker's connection holds its deliveries until the broker
+    # drops it; the store's side of the late end is tested in tests/brokers.)
+    first = start_worker(concurrency=1)
+    second = start_worker(concurrency=1)
+    marker = tmp_path / "marker"
+    h = app.send_task(SLOW_EARLY, (str(marker), 2.0))
+    wait_until(lambda: len(pids_in(marker)) == 1, 10, "the task to start")
+    runner = pids_in(marker)[0]
+    paused = first if runner in {c.pid for c in first.children()} else second
+    stopped = [paused.pid, *(c.pid for c in paused.children())]
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(nbtask.WorkerLost) as lost:
+            h.get(timeout=20)
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    said = str(lost.value)
+    # (Said by the sweep of dead workers, or of leases left unrenewed: whichever came first.)
+    assert "stopped answering for " in said, said
+    assert "it died, or was paused or cut off" in said and "it was not run again" in said
+    assert "died (" not in said and "heartbeats" not in said, said
+    late = f"task {h.id} ended (SUCCESS) after it had been reported lost"
+    wait_until(lambda: late in paused.log.read_text(), 20, "the late end to be said")
+    line = next(x for x in paused.log.read_text().splitlines() if late in x)
+    assert "not kept (the record stays WORKER_LOST)" in line and "paused" in line, line
+    assert pids_in(marker) == [runner], "the task was run a second time"
+    assert app.store.get_record(h.id).state == "WORKER_LOST"
+
+
 def test_task_longer_than_visibility_timeout_runs_once(
     app: App, start_worker, tmp_path: Path, access: RawBroker
 ) -> None:
