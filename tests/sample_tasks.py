@@ -151,3 +151,13 @@ def load_squares() -> list[int]:
         with open(ledger, "a") as f:
             f.write(f"{os.getpid()}\n")
     return [i * i for i in range(10)]
+
+
+@app.task
+def prints_and_warns(rows: int) -> int:
+    """Print a row and a warning about it on stderr, ``rows`` times; then ``done``."""
+    for i in range(rows):
+        print("row", i, "ok")
+        print(f"row {i}: value clipped", file=sys.stderr)
+    print("done")
+    return rows

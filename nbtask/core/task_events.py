@@ -16,7 +16,16 @@ from typing import Any
 
 from nbtask.core.fingerprint import warn_code_differs
 from nbtask.core.outcome import final_outcome
-from nbtask.wire.events import CODE_DIFFERS, FINAL_STATES, Event, EventType, Progress, State
+from nbtask.wire.events import (
+    CODE_DIFFERS,
+    FINAL_SEQ,
+    FINAL_STATES,
+    RUN_SEQ_SPAN,
+    Event,
+    EventType,
+    Progress,
+    State,
+)
 
 __all__ = ["TaskEvents"]
 
@@ -157,6 +166,9 @@ class TaskEvents(concurrent.futures.Future[Any]):
             every one.
             A task that ran gives ``STARTED`` before its final event even when it ended
             before the worker sent one (made from the final event; ``seq`` 0).
+            Where events of the task never reached the client (it did not read its
+            channel for long, which keeps a bounded number), a ``STDERR`` event (``seq``
+            0) says so in one line, in their place; it is in :attr:`stderr` too.
 
         Notes
         -----
@@ -189,8 +201,10 @@ class TaskEvents(concurrent.futures.Future[Any]):
         with self._lock:
             if self.done() or (not final and event.seq and event.seq <= self._last_seq):
                 return
+            applied = _lost_note(event, self._unseen(event)) + event.parts()
             self._last_seq = max(self._last_seq, event.seq)
-            self._apply(event)
+            for part in applied:
+                self._apply(part)
         if event.data.get(CODE_DIFFERS):
             warn_code_differs(self.name, event.data.get("worker"), event.data.get("pid"))
         if final:
@@ -201,6 +215,10 @@ class TaskEvents(concurrent.futures.Future[Any]):
                     self.set_exception(error)
             except concurrent.futures.InvalidStateError:
                 return  # another thread settled it first (e.g. a revoke racing the result)
+        for part in applied:
+            self._call_back(part)
+
+    def _call_back(self, event: Event) -> None:
         for callback in list(self._listeners):
             try:
                 callback(event)
@@ -211,6 +229,21 @@ class TaskEvents(concurrent.futures.Future[Any]):
                     self.id,
                     event.type.value,
                 )
+
+    def _unseen(self, event: Event) -> int:
+        """How many events of the run ``event`` is of came before it and never here.
+
+        A run numbers its events one by one from its base (see ``run_seq_base``), its
+        ``started`` first; only that ``started`` can be skipped (a task that ended before
+        it went out). Counted only once an event of the run came: a handle that follows a
+        task from its record alone knows of no output to miss.
+        """
+        if not 0 < event.seq < FINAL_SEQ:
+            return 0
+        base = event.seq - event.seq % RUN_SEQ_SPAN
+        if self._last_seq <= base:
+            return 0
+        return max(0, event.seq - self._last_seq - 1)
 
     def _skipped_start(self, final: Event) -> Event | None:
         """The STARTED event a worker skipped for a run that ended before it went out.
@@ -265,3 +298,18 @@ class TaskEvents(concurrent.futures.Future[Any]):
             self.set_result(outcome.value)
         else:
             self.set_exception(outcome.error)
+
+
+def _lost_note(event: Event, unseen: int) -> list[Event]:
+    """The line on stderr saying that ``unseen`` events before ``event`` never came (if any).
+
+    Its output among them is lost (a client that did not read its channel for long, or a
+    worker that could not send): the task's output says so where it is missing.
+    """
+    if not unseen:
+        return []
+    text = (
+        f"[nbtask: output lost here: {unseen} event(s) of this task never reached this "
+        "client (it did not read them in time, or its worker could not send them)]\n"
+    )
+    return [Event(EventType.STDERR, event.task_id, 0, {"text": text}, event.timestamp, event.run)]

@@ -18,6 +18,7 @@ __all__ = [
     "CODE_DIFFERS",
     "FINAL_SEQ",
     "FINAL_STATES",
+    "OUTPUT_PARTS",
     "RUN_SEQ_SPAN",
     "Deferred",
     "Event",
@@ -85,6 +86,9 @@ class EventType(str, enum.Enum):
     STDERR = "stderr"
     DISPLAY = "display"
     STATE = "state"
+    #: On the wire only: several outputs (the kinds above) of one send, in order. A
+    #: client applies and hands out its parts; callbacks never get one.
+    OUTPUT = "output"
     RETRY = "retry"
     SUCCESS = "success"
     FAILURE = "failure"
@@ -94,6 +98,8 @@ class EventType(str, enum.Enum):
 
 # By value, for reading a header without the Enum call's cost.
 _EVENT_TYPES = {kind.value: kind for kind in EventType}
+#: What an ``output`` event's parts can be.
+OUTPUT_PARTS = frozenset({EventType.STDOUT, EventType.STDERR, EventType.DISPLAY, EventType.STATE})
 
 _STATE_OF = {
     EventType.STARTED: State.STARTED,
@@ -145,7 +151,8 @@ class Event:
         Per-task sequence number, so a client can order and de-duplicate.
     data
         JSON-safe details: ``text`` for output, ``done/total/message`` for progress,
-        ``ename/evalue/traceback`` for failures, ``worker``/``pid`` for started.
+        ``ename/evalue/traceback`` for failures, ``worker``/``pid`` for started,
+        ``parts`` (``[kind, data]`` pairs, see :meth:`parts`) for ``output``.
     timestamp
         When the worker created it (``time.time()``).
     run
@@ -174,6 +181,25 @@ class Event:
             None if self.data.get("total") is None else float(self.data["total"]),
             str(self.data.get("message", "")),
         )
+
+    def parts(self) -> list[Event]:
+        """The outputs an ``output`` event carries, in order; any other event alone.
+
+        Each part is an event of its own kind (``stdout``, ``stderr``, ``display`` or
+        ``state``) with this one's task, number, time and send. A part that is not one of
+        these, or not shaped as one, is left out.
+        """
+        if self.type is not EventType.OUTPUT:
+            return [self]
+        found = self.data.get("parts")
+        parts = []
+        for part in found if isinstance(found, list) else ():
+            if not (isinstance(part, list) and len(part) == 2 and isinstance(part[1], dict)):
+                continue
+            kind = _EVENT_TYPES.get(part[0]) if isinstance(part[0], str) else None
+            if kind in OUTPUT_PARTS:
+                parts.append(Event(kind, self.task_id, self.seq, part[1], self.timestamp, self.run))
+        return parts
 
     def to_header(self) -> dict[str, Any]:
         """The JSON header that carries this event."""

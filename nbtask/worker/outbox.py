@@ -19,9 +19,10 @@ from nbtask.wire.events import Event, EventType, Run
 from nbtask.worker.journal import Journal
 from nbtask.worker.wakeup import Alarm, Bell, wait_for
 
-__all__ = ["CAP_SECONDS", "STARTED_AFTER_SECONDS", "Outbox", "TaskStream"]
+__all__ = ["CAP_SECONDS", "PACK_CHARS", "STARTED_AFTER_SECONDS", "Outbox", "TaskStream"]
 
 log = logging.getLogger("nbtask.worker")
+_Output = tuple[EventType, dict[str, Any]]  # an output's kind and data
 # The rate cap: a task's events go out at most once per this many seconds (on average:
 # see Outbox._due). Well below what a person notices, and the widget repaints at most
 # ~15 times a second on its own.
@@ -29,6 +30,9 @@ CAP_SECONDS = 1 / 100
 # A task's ``started`` goes out once the task has run this long: one that ends sooner needs
 # none (its final event says when it started), and costs no wake of the outbox's thread.
 STARTED_AFTER_SECONDS = 0.0005
+#: Outputs of one send go packed in events of about this many characters of text at most
+#: (one output larger than that goes alone).
+PACK_CHARS = 256 * 1024
 
 
 class Outbox:
@@ -40,9 +44,11 @@ class Outbox:
     :data:`STARTED_AFTER_SECONDS` (or with its first other event, if that comes sooner).
     Events that come sooner than :data:`CAP_SECONDS` after the send before wait for the end
     of the cap and go out together (the trailing edge): text concatenated in order,
-    displays and custom states in their place, progress coalesced. A progress report
-    superseded by a later one before it went out is the only thing ever dropped. The cap
-    is each task's own: a task's ``started`` never waits on what the task before it sent.
+    displays and custom states in their place, packed in one ``output`` event however
+    often the task switched between them (see :func:`_packed`), progress coalesced. A
+    progress report superseded by a later one before it went out is the only thing ever
+    dropped. The cap is each task's own: a task's ``started`` never waits on what the task
+    before it sent.
 
     :meth:`end` flushes everything buffered before the task's final event, which is never
     delayed and never overtakes the task's earlier events: sequence numbers rise in the
@@ -239,7 +245,7 @@ class Outbox:
         with self._lock:
             events = [] if self._started is None else [self._started]
             self._started = None
-            for kind, data in self._output:
+            for kind, data in _packed(self._output):
                 self._seq += 1
                 events.append(Event(kind, self._task_id, self._seq, data, run=self._run))
             if self._progress is not None:
@@ -313,6 +319,47 @@ class TaskStream(io.TextIOBase):
     def flush(self) -> None:
         """Flush the worker's own stream (a task's text is sent in batches anyway)."""
         self._fallback.flush()
+
+
+def _packed(output: list[_Output]) -> list[_Output]:
+    """A batch's outputs as few events: consecutive ones packed into ``output`` events.
+
+    However often a task switches between stdout and stderr (a print and a log line in
+    each turn of a loop), one send carries a few events, not one per switch: a client
+    reads them far faster than it would thousands, and its channel, which keeps a bounded
+    number of events, keeps the whole batch. A pack ends once its text passes
+    :data:`PACK_CHARS` (a very large batch goes as several events of about that size,
+    or of its largest output); a lone output goes as an event of its own kind.
+    """
+    events: list[_Output] = []
+    pack: list[list[Any]] = []
+    size = 0
+    for kind, data in output:
+        pack.append([kind.value, data])
+        size += _size(kind, data)
+        if size >= PACK_CHARS:
+            events.append(_pack(pack))
+            pack, size = [], 0
+    if pack:
+        events.append(_pack(pack))
+    return events
+
+
+def _pack(parts: list[list[Any]]) -> _Output:
+    if len(parts) == 1:
+        kind, data = parts[0]
+        return EventType(kind), data
+    return EventType.OUTPUT, {"parts": parts}
+
+
+def _size(kind: EventType, data: Mapping[str, Any]) -> int:
+    """About how many characters an output adds to an event (its text, a display's data)."""
+    if kind is EventType.DISPLAY:
+        bundle = data.get("data")
+        values = bundle.values() if isinstance(bundle, dict) else ()
+        return sum(len(v) if isinstance(v, str) else 64 for v in values)
+    text = data.get("text")
+    return len(text) if isinstance(text, str) else 64
 
 
 def _disown(outbox: Outbox | None) -> None:

@@ -8,11 +8,13 @@ The client here is a process of its own, stopped with SIGSTOP while its tasks ru
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,8 +22,11 @@ import pytest
 import redis
 from helpers import ROOT, WorkerProcess
 
-from nbtask import Settings
+from nbtask import Event, EventType, Settings
+from nbtask.brokers import open_broker
 from nbtask.brokers.redis_channels import CHANNEL_MAXLEN
+from nbtask.wire.envelope import Signer
+from nbtask.worker.outbox import Outbox
 
 pytestmark = [pytest.mark.brokers, pytest.mark.timeout(400)]
 
@@ -85,3 +90,79 @@ def test_a_client_stopped_while_more_tasks_ended_than_its_channel_keeps_gets_eve
             client.kill()
             client.wait()
     assert f"ended {TASKS} right {TASKS}" in out, out
+
+
+WATCHER = """
+import json, sys, time
+from nbtask import App
+
+app = App("watching")
+h = app.expect(sys.argv[1], "printer")
+print(app.channel, flush=True)
+while "first" not in h.stdout:
+    time.sleep(0.01)
+print("first", flush=True)
+sys.stdin.readline()  # the test stopped this process meanwhile, then let it go on
+h.get(timeout=120)
+print(json.dumps({"stdout": h.stdout, "stderr": h.stderr}), flush=True)
+app.close()
+"""
+
+
+def test_a_client_stopped_while_a_task_sent_more_than_its_channel_keeps_says_output_was_lost(
+    settings: Settings, broker_kind: str, tmp_path: Path
+) -> None:
+    # A task that sends more events than a channel keeps while its client reads none:
+    # sent by a worker's own outbox, one send per line (a long task printing now and then).
+    script = tmp_path / "watcher.py"
+    script.write_text(WATCHER)
+    task_id = uuid.uuid4().hex
+    env = {**settings.to_env(), **os.environ, "PYTHONPATH": str(ROOT)}
+    client = subprocess.Popen(
+        [sys.executable, str(script), task_id],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=ROOT,
+        text=True,
+    )
+    transport = open_broker(settings, settings.broker_url or "")
+    signer = Signer.for_settings(settings, settings.secret)
+    run = (settings.key_prefix, None)
+    lines = CHANNEL_MAXLEN + 1_000
+    try:
+        assert client.stdout is not None and client.stdin is not None
+        channel = client.stdout.readline().strip()
+        outbox = Outbox(transport, signer)
+        outbox.begin(task_id, channel, {"worker": "w", "pid": 1}, run=run)
+        outbox.write(EventType.STDOUT, "first\n")
+        outbox.flush()
+        assert client.stdout.readline().strip() == "first"
+        client.send_signal(signal.SIGSTOP)  # no reading from here on
+        for i in range(lines):
+            outbox.write(EventType.STDOUT, f"{i}\n")
+            outbox.flush()
+        end = Event(EventType.SUCCESS, task_id, outbox.end(), {"worker": "w"}, run=run)
+        transport.emit(channel, [signer.seal(end.to_header())])
+        client.send_signal(signal.SIGCONT)
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        out, err = client.communicate(timeout=120)
+    finally:
+        client.send_signal(signal.SIGCONT)
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+        transport.close()
+    assert out.strip(), err
+    got = json.loads(out.strip().splitlines()[-1])
+    everything = "first\n" + "".join(f"{i}\n" for i in range(lines))
+    if broker_kind == "amqp":  # the reply queue kept every event
+        assert (got["stdout"], got["stderr"]) == (everything, "")
+        return
+    # The oldest were trimmed unread: the output says where, in one line on stderr.
+    assert got["stdout"].startswith("first\n") and got["stdout"].endswith(f"\n{lines - 1}\n")
+    assert len(got["stdout"]) < len(everything)
+    assert got["stderr"].count("\n") == 1
+    assert got["stderr"].startswith("[nbtask: output lost here: ")

@@ -145,10 +145,12 @@ def test_the_first_event_goes_at_once_a_burst_waits_for_the_cap_and_goes_as_one(
 
     clock.advance(CAP_SECONDS)
     wait_until(lambda: recording.count() == 2, 10, "the burst, at the cap's end")
-    # One send: the text concatenated in order, the display in its place, and of the
-    # hundred progress reports only the latest.
-    assert recording.kinds(1) == ["stdout", "display", "stdout", "progress"]
-    text, _, after, progress = recording.sends[1]
+    # One send: the text concatenated in order, the display in its place (all packed in
+    # one event), and of the hundred progress reports only the latest.
+    assert recording.kinds(1) == ["output", "progress"]
+    packed, progress = recording.sends[1]
+    text, _, after = packed.parts()
+    assert [part.type.value for part in packed.parts()] == ["stdout", "display", "stdout"]
     assert text.data["text"] == "".join(f"line {i}\n" for i in range(1, 101))
     assert after.data["text"] == "after\n"
     assert progress.data["done"] == 100

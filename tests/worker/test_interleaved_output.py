@@ -1,0 +1,103 @@
+"""A task switching between stdout and stderr in a long loop: all its output, in order.
+
+A worker sends what a task wrote within each rate cap as one send. Each switch between
+stdout and stderr used to start an event of its own, so a loop printing a row and a
+warning 20,000 times made some 40,000 events, more than a client's channel keeps
+(``CHANNEL_MAXLEN``): a client that fell behind lost thousands of rows (and its final
+``done``), with only a log line saying events were trimmed. The client here is a process
+of its own, stopped with SIGSTOP while the task runs, so it reads only once all was sent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+from helpers import ROOT, WorkerProcess
+
+from nbtask import Settings
+
+pytestmark = [pytest.mark.brokers, pytest.mark.timeout(300)]
+
+ROWS = 20_000
+
+CLIENT = """
+import json, sys
+from nbtask import App
+
+app = App("interleaved")
+h = app.send_task("tests.sample_tasks.prints_and_warns", ({rows},))
+print("sent", flush=True)
+sys.stdin.readline()  # the test stopped this process meanwhile, then let it go on
+value = h.get(timeout=120)
+merged = []  # adjacent outputs of one kind joined: the task's output as it switched
+for event in h.outputs:
+    if merged and merged[-1][0] == event.type.value:
+        merged[-1][1] += event.data["text"]
+    else:
+        merged.append([event.type.value, event.data["text"]])
+print(json.dumps({{"value": value, "merged": merged}}), flush=True)
+app.close()
+"""
+
+
+def _ended(r: redis.Redis, prefix: str) -> int:
+    """How many tasks of ``prefix`` have ended (the store's ended-task set)."""
+    return int(r.zcard(f"{prefix}:done"))
+
+
+def test_a_task_switching_between_stdout_and_stderr_loses_no_output_of_a_client_behind(
+    settings: Settings,
+    start_worker: Callable[..., WorkerProcess],
+    r: redis.Redis,
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT.format(rows=ROWS))
+    env = {**settings.to_env(), **os.environ, "PYTHONPATH": str(ROOT)}
+    client = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=ROOT,
+        text=True,
+    )
+    try:
+        assert client.stdout is not None and client.stdin is not None
+        assert client.stdout.readline().strip() == "sent"
+        client.send_signal(signal.SIGSTOP)  # no reading from here on
+        start_worker()
+        deadline = time.monotonic() + 120
+        while _ended(r, settings.key_prefix) < 1:
+            assert time.monotonic() < deadline, "the task did not end"
+            time.sleep(0.2)
+        client.send_signal(signal.SIGCONT)
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        out, err = client.communicate(timeout=120)
+    finally:
+        client.send_signal(signal.SIGCONT)
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    assert out.strip(), err
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["value"] == ROWS
+    expected = []
+    for i in range(ROWS):
+        expected += [["stdout", f"row {i} ok\n"], ["stderr", f"row {i}: value clipped\n"]]
+    expected.append(["stdout", "done\n"])
+    merged = got["merged"]
+    assert len(merged) == len(expected), f"{len(merged)} outputs of {len(expected)}: {err[-500:]}"
+    assert merged == expected
+    assert "trimmed" not in err
