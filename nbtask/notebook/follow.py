@@ -101,9 +101,11 @@ def follow(handle: TaskHandle, callback: Callable[[Event], None]) -> None:
     """Call ``callback`` with every event of ``handle``: those already applied, then new ones.
 
     Output events applied before this call are replayed first; an event is never passed
-    twice (they are told apart by sequence number).
+    twice. They are told apart as objects, not by sequence number: the outputs a worker
+    sent packed in one event share its number. A replayed event stays in the handle's
+    outputs, so no other event takes its ``id`` meanwhile.
     """
-    seen: set[int] = set()
+    seen: set[int] = set()  # ids of the output events replayed
     lock = threading.Lock()
     backlog: list[Event] = []
     replaying = True
@@ -113,14 +115,13 @@ def follow(handle: TaskHandle, callback: Callable[[Event], None]) -> None:
             if replaying:
                 backlog.append(event)
                 return
-            if event.seq and event.seq in seen:
+            if id(event) in seen:
                 return
-            seen.add(event.seq)
         callback(event)
 
     handle.on_event(on_event)
     for event in handle.outputs:
-        seen.add(event.seq)
+        seen.add(id(event))
         callback(event)
     with lock:
         replaying = False
@@ -130,8 +131,7 @@ def follow(handle: TaskHandle, callback: Callable[[Event], None]) -> None:
         for event in _catch_up(handle):
             callback(event)
     for event in pending:
-        if not (event.seq and event.seq in seen):
-            seen.add(event.seq)
+        if id(event) not in seen:
             callback(event)
     if handle.done() and not any(e.state in FINAL_STATES for e in pending):
         callback(_final_event(handle))
