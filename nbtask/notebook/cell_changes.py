@@ -165,21 +165,31 @@ def state(name: str, value: Any, references: Mapping[str, RemoteValue]) -> bytes
 def digest(value: Any) -> bytes:
     """A digest of a value's pickled state, its buffers hashed where they are (no copy).
 
-    A function's state is its attributes (``f.calls += 1``): its code does not change, and
-    its globals are values of their own.
+    A function's state is its attributes (``f.calls += 1``) and its defaults (``seen`` of
+    ``def remember(v, seen=[])``): its code does not change, and its globals are values
+    of their own.
     """
     return _digest_and_size(value)[0]
 
 
 def _digest_and_size(value: Any) -> tuple[bytes, int]:
     """:func:`digest`, and the size of the pickle it hashed (``b""``, 0: none)."""
-    if isinstance(value, types.FunctionType):
-        value = vars(value)
     try:
-        packed = Packed.of(value)
+        if isinstance(value, types.FunctionType):
+            packed = _function_state(value)
+        else:
+            packed = Packed.of(value)
     except Exception:
         return b"", 0
     hashed = hashlib.blake2b(packed.stream, digest_size=16)
     for buffer in packed.buffers:
         hashed.update(buffer)
     return hashed.digest(), packed.size
+
+
+def _function_state(function: types.FunctionType) -> Packed:
+    """A function's attributes and defaults pickled; its attributes alone if that fails."""
+    try:
+        return Packed.of((vars(function), function.__defaults__, function.__kwdefaults__))
+    except Exception:  # a default that cannot be pickled (a lock): not looked at
+        return Packed.of(vars(function))

@@ -19,7 +19,7 @@ from nbtask.brokers.base import Store
 from nbtask.core.context import current_request
 from nbtask.core.holding import HeldValue, Holding
 from nbtask.errors import CellError
-from nbtask.notebook import cell_changes, process_state
+from nbtask.notebook import cell_changes, class_state, process_state
 from nbtask.notebook.kept import RemoteValue, Sealing, keep
 from nbtask.notebook.shipping import CellSpec, open_file
 from nbtask.wire.blobs import Packed
@@ -140,6 +140,7 @@ def pack(effects: dict[str, Any], spec: CellSpec, *, plain: bool) -> Any:
         if plain:
             return out
         blob = Packed.of(out, named)
+    classes, unsent = class_state.pack(effects.get("classes_changed", []))
     changed = effects["state"]
     try:
         state = dumps(changed) if changed else process_state.NO_CHANGES
@@ -161,6 +162,10 @@ def pack(effects: dict[str, Any], spec: CellSpec, *, plain: bool) -> Any:
         "sent_inside": inside.used if inside is not None else {},
         # The notebook's own modules whose top-level state the cell changed here.
         "modules_changed": effects.get("modules_changed", []),
+        # The notebook's classes whose own attributes the cell changed, and what of them
+        # could not come back (one line each).
+        "classes_changed": classes,
+        "classes_unsent": unsent,
     }
 
 

@@ -20,7 +20,13 @@ from typing import Any
 
 from nbtask.core.context import PARTIAL_RESULT
 from nbtask.errors import BlobError, BlobGone
-from nbtask.notebook import cell_changes, cell_values, module_state, process_state
+from nbtask.notebook import (
+    cell_changes,
+    cell_values,
+    class_state,
+    module_state,
+    process_state,
+)
 from nbtask.notebook.carried import share_namespace
 from nbtask.notebook.kept import RemoteValue, key_by_content
 from nbtask.notebook.module_code import say_which_differ
@@ -89,6 +95,8 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
         shipped.update({n: namespace[n] for n in shipped if namespace[n] is not shipped[n]})
         shipped.update(carried)
         before.update(cell_changes.digests(carried, sizes=sizes))
+        # The notebook's classes it was sent or reaches: their own attributes, as given.
+        classes = class_state.snapshot(shipped)
         # The notebook's own objects (not datasets, not values kept on the workers): one
         # the cell changes without rebinding it is written into the notebook's object.
         notebook_objects = {*spec.names, *carried} - set(references)
@@ -121,6 +129,7 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
     _add_kept(effects, namespace, shipped, before, references, rehomed)
     effects["state"] = _APPLIED.leave(spec.state, state_before)
     effects["modules_changed"] = module_state.changed(modules_before)
+    effects["classes_changed"] = class_state.changes(classes)
     if error is not None:
         raise _from_cell(error, spec.filename, cell_values.pack(effects, spec, plain=False))
     shown, shows = result.result, getattr(spec, "shows", "")  # "": an older kernel's spec

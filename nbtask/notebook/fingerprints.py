@@ -78,7 +78,7 @@ def changed_since(
 
 def fingerprint(value: Any) -> Fingerprint | None:
     """``value``'s fingerprint; ``None`` for a kind whose changes are not looked for."""
-    found = _container_print(value)
+    found = _container_print(value) or _definition_print(value)
     if found is not None:
         return found
     numpy = sys.modules.get("numpy")  # imported already if the value is an array
@@ -87,9 +87,6 @@ def fingerprint(value: Any) -> Fingerprint | None:
     pandas = sys.modules.get("pandas")
     if pandas is not None and isinstance(value, (pandas.DataFrame, pandas.Series)):
         return _pandas_print(value, pandas, numpy)
-    if isinstance(value, types.FunctionType):
-        defaults = (value.__defaults__, value.__kwdefaults__)
-        return _attributes_print(value, vars(value), [*defaults])
     attributes = _own_dict(value)
     if attributes is not None and changeable(value):
         return _attributes_print(value, attributes, [])
@@ -111,6 +108,30 @@ def _container_print(value: Any) -> Fingerprint | None:
 def _attributes_print(value: Any, attributes: Mapping[str, Any], more: list[Any]) -> Fingerprint:
     keys, items = _sample(attributes), _sample(attributes.values())
     return Fingerprint(id(value), (len(attributes),), [*keys, *items, *more])
+
+
+def _definition_print(value: Any) -> Fingerprint | None:
+    """A function's or notebook class's print; ``None`` for another kind."""
+    if isinstance(value, types.FunctionType):
+        defaults = (value.__defaults__, value.__kwdefaults__)
+        return _attributes_print(value, vars(value), [*defaults])
+    if isinstance(value, type) and value.__module__ == "__main__":
+        return _class_print(value)
+    return None
+
+
+def _class_print(value: type) -> Fingerprint:
+    """A notebook class's own attributes, and the length of those that are containers.
+
+    ``Counter.registry.append(1)`` in the notebook changes the length it holds.
+    """
+    attributes = dict(vars(value))
+    found = _attributes_print(value, attributes, [])
+    sizes = [len(v) for v in attributes.values() if isinstance(v, _SIZED)]
+    return Fingerprint(found.of, (*found.size, *sizes), found.items)
+
+
+_SIZED = (list, dict, set, collections.deque, bytearray)
 
 
 def _sample(items: Any) -> list[Any]:

@@ -39,7 +39,7 @@ from nbtask.notebook.analysis import is_history_name
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.reach import SCANNED_ITEMS, attributes_of
 
-__all__ = ["bring_back"]
+__all__ = ["bring_back", "write_into"]
 
 _HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class made at run time (a ``class`` statement)
 _POINTER = struct.calcsize("P")
@@ -185,6 +185,19 @@ class _Holding:
         return self._tuples[id(value)][1]
 
 
+def write_into(old: Any, new: Any) -> str | None:
+    """Write ``new``'s state into ``old`` if it can be; else why not (``old`` left as it was)."""
+    update = _update_for(old, new)
+    if isinstance(update, str):
+        return update
+    update(old, new, _same)
+    return None
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
 def _update_for(old: Any, new: Any) -> Update | str:
     """How to write ``new``'s state into ``old``, or why it cannot be."""
     if old is new:  # pickled by reference (a module's constant, an enum member)
@@ -276,9 +289,35 @@ _BY_TYPE: dict[type, Update] = {
 def _function(old: Any, new: Any, swap: Swap) -> None:
     """A function's state a cell can change: its attributes and defaults (not its globals)."""
     _replace_dict(vars(old), vars(new), swap)
-    old.__defaults__ = new.__defaults__
-    old.__kwdefaults__ = new.__kwdefaults__
+    old.__defaults__ = _defaults(old.__defaults__, new.__defaults__, swap)
+    kwdefaults = _defaults(old.__kwdefaults__, new.__kwdefaults__, swap)
+    old.__kwdefaults__ = kwdefaults
     old.__doc__ = new.__doc__
+
+
+def _defaults(old: Any, new: Any, swap: Swap) -> Any:
+    """``new`` defaults, where each changed in place is written into the old default.
+
+    ``def remember(v, seen=[])``: the cell's ``seen.append(v)`` is made to the notebook's
+    own list, which whatever holds it sees. A tuple of positional defaults, or a dict of
+    keyword-only ones.
+    """
+    if old is None or new is None or type(old) is not type(new) or len(old) != len(new):
+        return new
+    pairs = zip(old, new, strict=True) if isinstance(old, tuple) else None
+    if pairs is None:
+        if old.keys() != new.keys():
+            return new
+        return {key: _default(old[key], new[key], swap) for key in new}
+    return tuple(_default(before, after, swap) for before, after in pairs)
+
+
+def _default(old: Any, new: Any, swap: Swap) -> Any:
+    update = _update_for(old, new)
+    if isinstance(update, str):
+        return swap(new)
+    update(old, new, swap)
+    return old
 
 
 def _array_update(old: Any, new: Any) -> Update | str:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
 from nbtask.core.task_errors import unloadable_value, unloadable_values
-from nbtask.notebook import process_state
+from nbtask.notebook import class_state, process_state
 from nbtask.notebook.analysis import is_history_name
 from nbtask.notebook.carried import WithObjects, load_each, load_values, share_namespace
 from nbtask.notebook.cell_run import CellRun, sent_objects_of
@@ -49,6 +49,9 @@ class WriteBack:
 
     def _apply(self, run: CellRun, effects: Mapping[str, Any]) -> None:
         """Write a cell's names and process-wide state changes into this kernel."""
+        # Found before its values load and bind names (a notebook class they hold is set
+        # anew as it loads): the notebook's classes whose attributes it changed.
+        classes = self._classes_changed(run, effects)
         # The notebook's objects its values hold: loaded as they are, not as copies.
         objects = {n: run.sent[n] for n in effects.get("sent_inside", ()) if n in run.sent}
         arrived, unloaded = _loaded(run, effects, objects)
@@ -85,6 +88,7 @@ class WriteBack:
         for name, why in skipped.items():
             self._not_brought_back(run, name, why)
         self._say_modules_changed(effects.get("modules_changed", ()))
+        class_state.apply(classes, _say)
         state = effects.get("state")
         if state and state != process_state.NO_CHANGES:
             self._apply_state(Envelope({}, state).load_body())
@@ -107,6 +111,36 @@ class WriteBack:
                 "or run such cells with --wait"
             )
         return changed
+
+    def _classes_changed(
+        self, run: CellRun, effects: Mapping[str, Any]
+    ) -> list[tuple[Mapping[str, Any], type | str]]:
+        """What the cell changed of the notebook's classes' own attributes, with each class.
+
+        Or why it is not applied: a class the notebook defined anew, or changed (where no
+        guard saw), while the cell ran: applying the cell's changes would undo the
+        notebook's. What could not come back at all is said here.
+        """
+        for line in effects.get("classes_unsent", ()):
+            _say(line)
+        packed = effects.get("classes_changed")
+        if not isinstance(packed, Packed):
+            return []
+        try:
+            changed: list[Mapping[str, Any]] = packed.load()
+        except Exception as exc:
+            _say(f"nbtask: the cell's changes to the notebook's classes did not come back: {exc}")
+            return []
+        found = [(change, class_state.target(self.namespace, change)) for change in changed]
+        prints = run.prints  # a background cell's: its classes as they were sent
+        named = {id(v): n for n, v in self.namespace.items() if isinstance(v, type) and n in prints}
+        meanwhile = set(changed_since(prints, self.namespace, named.values()))
+        label = f"task {run.label!r} [{run.handle.id[:8]}]"
+        why = (
+            f"the notebook changed it while {label} ran, and applying them would have undone "
+            "that; run such cells with --wait"
+        )
+        return [(c, why if named.get(id(cls)) in meanwhile else cls) for c, cls in found]
 
     def _say_modules_changed(self, names: Iterable[str]) -> None:
         """Say once per module that a cell changed its state on a worker, not here."""
