@@ -53,7 +53,10 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
         ``{"values": pickled {name: value}, "names": [...], "skipped": {name: why},
         "deleted": [...], "in_place": [...], "state": {kind: state}, "modules_changed":
         [...]}`` (``modules_changed``: the notebook's modules whose state the cell changed
-        here, see :mod:`~nbtask.notebook.module_state`; ``in_place``: the
+        here, see :mod:`~nbtask.notebook.module_state`; ``"classes_changed"``, the
+        notebook's classes whose own attributes it changed, pickled, and
+        ``"classes_unsent"``, lines for what of them cannot come back, see
+        :mod:`~nbtask.notebook.class_state`; ``in_place``: the
         shipped values the cell changed without rebinding them; ``"sent"``: ``{name: shipped
         name}``, names bound to a notebook object the cell was sent and left unchanged, and
         ``"sent_inside"``, the shipped names of those the values hold, pickled as persistent

@@ -4,8 +4,10 @@
 when a run's values are written; this is how: its values are loaded (together, else one at
 a time, so one that cannot be loaded here loses no other), a kept value's reference is the
 notebook's own where it has one, a value changed in place is written into the notebook's
-object (unless the notebook changed that object meanwhile), deleted names go, process-wide
-state changes are applied, and what could not come back is said.
+object (unless the notebook changed that object meanwhile), deleted names go, the
+attributes the cell changed of the notebook's classes are set on them
+(:mod:`nbtask.notebook.class_state`), process-wide state changes are applied, and what
+could not come back is said.
 """
 
 from __future__ import annotations
@@ -126,15 +128,16 @@ class WriteBack:
         packed = effects.get("classes_changed")
         if not isinstance(packed, Packed):
             return []
+        # Told before the changes load (a notebook class they hold is set anew as it loads).
+        prints = run.prints  # a background cell's: its classes as they were sent
+        named = {id(v): n for n, v in self.namespace.items() if isinstance(v, type) and n in prints}
+        meanwhile = set(changed_since(prints, self.namespace, named.values()))
         try:
             changed: list[Mapping[str, Any]] = packed.load()
         except Exception as exc:
             _say(f"nbtask: the cell's changes to the notebook's classes did not come back: {exc}")
             return []
         found = [(change, class_state.target(self.namespace, change)) for change in changed]
-        prints = run.prints  # a background cell's: its classes as they were sent
-        named = {id(v): n for n, v in self.namespace.items() if isinstance(v, type) and n in prints}
-        meanwhile = set(changed_since(prints, self.namespace, named.values()))
         label = f"task {run.label!r} [{run.handle.id[:8]}]"
         why = (
             f"the notebook changed it while {label} ran, and applying them would have undone "
