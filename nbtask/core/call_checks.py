@@ -18,11 +18,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from nbtask.core.canvas import Callbacks, Signature
-from nbtask.core.options import NO_PRIORITY
+from nbtask.core.options import NO_PRIORITY, new_task_id
 from nbtask.errors import ConfigurationError
 from nbtask.settings import is_finite_number
 
+#: The option of a follow-up whose task id was drawn for it (see :func:`link_callbacks`).
+AUTO_ID = "auto_id"
+
 __all__ = [
+    "AUTO_ID",
     "CELERY_SEND_OPTIONS",
     "call_arguments",
     "epoch",
@@ -91,9 +95,21 @@ def link_callbacks(
         return tuple(signatures)
 
     return Callbacks(
-        tuple(sig.for_worker() for sig in as_tuple(link, "link")),
-        tuple(sig.for_worker() for sig in as_tuple(link_error, "link_error")),
+        tuple(_with_own_id(sig) for sig in as_tuple(link, "link")),
+        tuple(_with_own_id(sig) for sig in as_tuple(link_error, "link_error")),
     )
+
+
+def _with_own_id(sig: Signature) -> Signature:
+    """``sig`` for a worker to send, with a task id of its own fixed now, in the message.
+
+    A follow-up sent again (a replay of its task's message, that task's follow-ups
+    marked owed again) then has a task that ran already: it is never queued twice.
+    ``AUTO_ID`` marks an id nobody asked for: no handle waits on it.
+    """
+    if sig.prepared or sig.options.get("task_id"):
+        return sig.for_worker()
+    return sig.for_worker(task_id=new_task_id(), **{AUTO_ID: True})
 
 
 def epoch(when: dt.datetime | float | None, *, absolute: bool) -> float | None:

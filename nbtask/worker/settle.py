@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from nbtask.brokers import Delivery, Transport
+from nbtask.core.call_checks import AUTO_ID
 from nbtask.core.canvas import Callbacks, Signature
 from nbtask.core.context import PARTIAL_RESULT, Request
 from nbtask.core.handlers import (
@@ -433,7 +434,7 @@ class FollowUps:
     ) -> None:
         for sig in links:
             task_id = sig.options.get("task_id")
-            if not task_id:
+            if not task_id or sig.options.get(AUTO_ID):  # a link no handle waits on
                 continue
             data = {
                 **outcome.event.data,

@@ -227,3 +227,35 @@ def test_a_message_made_to_look_lost_past_max_age_sends_no_errback_and_ends_no_l
     assert access.record(last.id) == {}, "an outcome was stored for the later step"
     assert b"WORKER_LOST" not in access.record(head.id).get(b"state", b"")
     assert "older than max_age" in worker.log.read_text()
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["link", "link_error"])
+def test_follow_ups_marked_owed_again_and_replayed_are_sent_once(
+    app: App, access: RawBroker, start_worker, tmp_path: Path, fails: bool
+) -> None:
+    """A link or errback has a task id of its own, fixed in the signed message: marking its
+    task's follow-ups owed again (one plain field) and replaying the task's message makes
+    the worker send it again, and the copy finds that task run already: it runs once."""
+    step, note = _tasks(app)
+    calls = str(tmp_path / "calls")
+
+    @app.task
+    def broken(path: str) -> None:
+        raise ValueError("broken")
+
+    h = (
+        broken.apply_async((str(tmp_path / "ledger"),), link_error=note.s(calls))
+        if fails
+        else step.apply_async((1, str(tmp_path / "ledger")), link=note.s(calls))
+    )
+    raw = _captured(access)
+    worker = start_worker(concurrency=1)
+    wait_until(lambda: bool(read_records(calls)), 20, "the follow-up to run")
+    for _ in range(2):
+        access.store.hset(access.keys.record_key(h.id), "follow_ups", "owed")
+        access.inject(raw, task_id=h.id)
+    dropped = f"dropped a message for task {h.id}"
+    wait_until(lambda: _log_count(worker, dropped) == 2, 20, "the replays dropped")
+    wait_for_housekeeping(app)
+    wait_for_housekeeping(app)
+    assert [r["value"] for r in read_records(calls)] == [h.id if fails else 2]
