@@ -175,7 +175,7 @@ def test_a_kept_value_whose_store_copy_is_gone_says_so_in_one_line_naming_it(
         ("eval('x.mean()')", AttributeError, "x.mean"),
         ("eval('x[0]')", TypeError, r"x\[...\]"),
         ("eval('len(x)')", TypeError, r"len\(x\)"),
-        ("list(globals()['x'])", TypeError, r"iter\(x\)"),
+        ("list(vars()[chr(120)])", TypeError, r"iter\(x\)"),
         ("import numpy as np\nnp.mean(eval('x'))", TypeError, r"numpy.asarray\(x\)"),
     ],
 )
