@@ -32,7 +32,9 @@ from redis.exceptions import ResponseError
 from nbtask._text import printable
 from nbtask.brokers.base import Delivery, Publish, Settlement, StartBy
 from nbtask.brokers.blob_scripts import BLOB_SCRIPTS
+from nbtask.brokers.follow_up_scripts import FOLLOW_UP_SCRIPTS
 from nbtask.brokers.local_blobs import LocalBlobs
+from nbtask.brokers.lost_scripts import LOST_SCRIPTS
 from nbtask.brokers.redis_blobs import RedisBlobs
 from nbtask.brokers.redis_channels import (
     CHANNEL_MAXLEN,
@@ -78,6 +80,8 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisChannels):
         self.local_blobs = LocalBlobs.open(link.url, settings)
         self.max_event_bytes = settings.max_message_bytes
         link.add_scripts(STORE_SCRIPTS)
+        link.add_scripts(FOLLOW_UP_SCRIPTS)
+        link.add_scripts(LOST_SCRIPTS)
         link.add_scripts(CHANNEL_SCRIPTS)
         link.add_scripts(BLOB_SCRIPTS)
 

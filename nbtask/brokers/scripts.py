@@ -6,7 +6,9 @@ transports is written once, as Lua functions the scripts are built from:
 when its message is sent) and :data:`WRITE_FINAL` (its record and event when it ends).
 The store's scripts (:data:`STORE_SCRIPTS`) serve any transport;
 :mod:`nbtask.brokers.streams_scripts` fuses the same steps with the Redis Streams
-transport's own commands, so each step of a task is one round trip there.
+transport's own commands, so each step of a task is one round trip there. The scripts
+taking a task's owed follow-ups and those of lost deliveries are in
+:mod:`nbtask.brokers.follow_up_scripts` and :mod:`nbtask.brokers.lost_scripts`.
 
 ETA members are ``"<task id>:<message>"``, so the move to a queue can name the task.
 """
@@ -456,45 +458,6 @@ return out
 """
 )
 
-# Park a lost delivery (idempotent), with the consumer (and process) that held it.
-# KEYS: lost set, lost hash, record; ARGV: task id, raw, queue, deliveries, now
-_PARK_LOST = """
-local by = redis.pcall('HMGET', KEYS[3], 'consumer', 'pid')
-if type(by) ~= 'table' or by.err then by = {} end
-redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[2], 'e', ARGV[2], 'q', ARGV[3], 'n', ARGV[4],
-           'h', by[1] or '', 'p', by[2] or '')
-redis.call('ZADD', KEYS[1], 'NX', ARGV[5], ARGV[1])
-return 1
-"""
-
-# Take the follow-ups a stated outcome owes, once (nbtask.wire.records.FOLLOW_UPS).
-# KEYS: record. Returns 1 (taken now), 0 (taken before), -1 (none owed, or no record).
-_TAKE_FOLLOW_UPS = """
-local owed = redis.pcall('HGET', KEYS[1], 'follow_ups')
-if type(owed) == 'table' or not owed then return -1 end
-if owed ~= 'owed' then return 0 end
-redis.call('HSET', KEYS[1], 'follow_ups', 'taken')
-return 1
-"""
-
-# Claim lost deliveries that are claimable now, or that this claimant claimed before.
-# KEYS: lost set; ARGV: now, lease, claimant, ids...
-_CLAIM_LOST = """
-local out = {}
-for i = 4, #ARGV do
-  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
-  local entry = KEYS[1] .. ':' .. ARGV[i]
-  if score and (tonumber(score) <= tonumber(ARGV[1])
-                or redis.call('HGET', entry, 'c') == ARGV[3]) then
-    redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]), ARGV[i])
-    redis.call('HSET', entry, 'c', ARGV[3])
-    table.insert(out, ARGV[i])
-  end
-end
-return out
-"""
-
 STORE_SCRIPTS = {
     "start": _START,
     "record": _RECORD,
@@ -505,7 +468,4 @@ STORE_SCRIPTS = {
     "rate": _RATE,
     "forget_unsent": _FORGET_UNSENT,
     "claim_due": _CLAIM_DUE,
-    "park_lost": _PARK_LOST,
-    "claim_lost": _CLAIM_LOST,
-    "take_follow_ups": _TAKE_FOLLOW_UPS,
 }
