@@ -7,12 +7,12 @@ Keys, all under ``<key_prefix>:``:
   and ``result_ttl`` after (:mod:`nbtask.brokers.redis_channels`).
 * ``client-tasks:<client id>`` and ``client-group:<group>``: what a client sent, and a
   notebook's clients across kernel restarts (for re-attaching).
-* ``eta:<queue>``: messages waiting for their due time (a sorted set).
+* ``eta:<queue>``: messages waiting for their due time (a sorted set), and ``dead``:
+  messages given up on (a stream) (:mod:`nbtask.brokers.redis_parked`).
 * ``control``: signed control messages to every worker (a stream).
 * ``workers``, ``hb:<worker id>``, ``versions:<worker id>``: the worker registry
   (:mod:`nbtask.brokers.redis_workers`).
 * ``log:<task id>``: what workers said about a task (its journal).
-* ``dead``: messages given up on (a stream).
 * ``rate:<bucket>``: rate-limit buckets.
 * ``blob:<digest>:<n>``: large values sent out of band, and ``blobref:<digest>`` the uses
   of each (:mod:`nbtask.brokers.redis_blobs`).
@@ -20,31 +20,26 @@ Keys, all under ``<key_prefix>:``:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from redis.exceptions import ResponseError
 
 from nbtask._text import printable
-from nbtask.brokers.base import Delivery, Publish, Settlement, StartBy
+from nbtask.brokers.base import Publish, Settlement, StartBy
 from nbtask.brokers.blob_scripts import BLOB_SCRIPTS
 from nbtask.brokers.follow_up_scripts import FOLLOW_UP_SCRIPTS
 from nbtask.brokers.local_blobs import LocalBlobs
 from nbtask.brokers.lost_scripts import LOST_SCRIPTS
 from nbtask.brokers.redis_blobs import RedisBlobs
-from nbtask.brokers.redis_channels import (
-    CHANNEL_MAXLEN,
-    CHANNEL_SCRIPTS,
-    RedisChannels,
-    event_of,
-)
+from nbtask.brokers.redis_channels import CHANNEL_MAXLEN, CHANNEL_SCRIPTS, event_of
 from nbtask.brokers.redis_holdings import RedisHoldings
 from nbtask.brokers.redis_link import LARGE_BYTES, RedisLink
 from nbtask.brokers.redis_owed import looking, unanswered
+from nbtask.brokers.redis_parked import DEAD_LETTER_BYTES, RedisParked, log_set_aside
 from nbtask.brokers.redis_workers import RedisWorkers
 from nbtask.brokers.refused_ends import refused_by
 from nbtask.brokers.scripts import INDEX_UPKEEP_SECONDS, STORE_SCRIPTS
@@ -55,12 +50,10 @@ __all__ = ["DEAD_LETTER_BYTES", "RedisStore"]
 
 log = logging.getLogger(__name__)
 
-#: The bytes of a message kept in the dead-letter stream (more: its start, size and hash).
-DEAD_LETTER_BYTES = 1 << 20
 _JOURNAL_LINES = 1_000
 
 
-class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisChannels):
+class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
     """A :class:`~nbtask.brokers.base.Store` on Redis.
 
     Parameters
@@ -94,15 +87,6 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisChannels):
         """The tasks a client sent, by send time (written at publish, for recent_tasks)."""
         return f"{self.prefix}:client-tasks:{channel.rsplit(':', 1)[-1]}"
 
-    def eta_key(self, queue: str) -> str:
-        """The sorted set holding ``queue``'s messages that are not due yet."""
-        return f"{self.prefix}:eta:{queue}"
-
-    @property
-    def dead_letter_key(self) -> str:
-        """The stream of messages given up on."""
-        return f"{self.prefix}:dead"
-
     @property
     def done_key(self) -> str:
         """The sorted set of ended tasks (id by end time), kept for ``max_age``."""
@@ -114,7 +98,7 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisChannels):
         A key of another type in the ended-task set's place is set aside (logged).
         """
         if self.link.call("forget_ended", [self.done_key], repr(time.time() - seconds)):
-            _log_set_aside(self.done_key, "the ended-task set")
+            log_set_aside(self.done_key, "the ended-task set")
 
     @property
     def control_key(self) -> str:
@@ -300,7 +284,7 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisChannels):
         now = time.time()
         with self.link.translate_errors():
             if self.link.call("set_aside", [key]):
-                _log_set_aside(key, "a notebook's clients")
+                log_set_aside(key, "a notebook's clients")
             pipe = self.link.redis.pipeline(transaction=False)
             pipe.zadd(key, {channel: now})
             pipe.zremrangebyscore(key, "-inf", now - self.ttl)
@@ -338,68 +322,6 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisChannels):
             (entry_id.decode(), event_of(fields))
             for _stream, entries in reply or ()
             for entry_id, fields in entries
-        ]
-
-    # ETA -------------------------------------------------------------------------------------
-    def claim_due(
-        self, queues: Sequence[str], moving_key: Callable[[str], str], stuck_after: float
-    ) -> tuple[float | None, list[tuple[str, bytes]]]:
-        """Claim due ETA messages of ``queues`` into their ``moving_key(queue)`` sets.
-
-        Returns the next due time and ``(queue, member)`` pairs to publish; a member
-        claimed ``stuck_after`` seconds ago and still there is claimed again.
-        """
-        keys = [self.dead_letter_key]
-        for queue in queues:
-            keys += [self.eta_key(queue), moving_key(queue)]
-        now = time.time()
-        reply = self.link.call(
-            "claim_due", keys, repr(now), repr(now - stuck_after), CHANNEL_MAXLEN
-        )
-        nxt, moved = self.due_reply(reply[:3]), reply[3:]
-        return nxt, [
-            (queues[int(index) - 1], bytes(member))
-            for index, member in zip(moved[::2], moved[1::2], strict=True)
-        ]
-
-    def due_reply(self, reply: Sequence[Any]) -> float | None:
-        """The next due time from an ETA script's ``{next, quarantined, set aside}``.
-
-        Logs what was quarantined or set aside.
-        """
-        for key in reply[2]:
-            _log_set_aside(key.decode("utf-8", "replace"), "an ETA set")
-        if int(reply[1]):
-            log.error(
-                "moved %d ETA entr%s without a task id to the dead-letter stream %s "
-                "(not written by nbtask)",
-                int(reply[1]),
-                "y" if int(reply[1]) == 1 else "ies",
-                self.dead_letter_key,
-            )
-        return float(reply[0]) if reply[0] else None
-
-    def drop_moved(self, members: Sequence[tuple[str, bytes]]) -> None:
-        """Forget ``(moving set, member)`` pairs once their messages are published."""
-        with self.link.translate_errors():
-            pipe = self.link.redis.pipeline(transaction=False)
-            for key, member in members:
-                pipe.zrem(key, member)
-            pipe.execute()
-
-    def take_waiting(self, queues: Sequence[str]) -> list[str]:
-        """Delete the ETA messages of ``queues``; the task ids they named."""
-        with self.link.translate_errors():
-            pipe = self.link.redis.pipeline(transaction=True)
-            for queue in queues:
-                pipe.zrange(self.eta_key(queue), 0, -1)
-                pipe.delete(self.eta_key(queue))
-            replies = pipe.execute(raise_on_error=False)
-        return [
-            bytes(member).partition(b":")[0].decode("utf-8", "replace")
-            for members in replies[::2]
-            if isinstance(members, list)  # else another type, holding no messages
-            for member in members
         ]
 
     # Rate limits -----------------------------------------------------------------------------
@@ -442,48 +364,6 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisChannels):
             except ResponseError:  # not a list: nbtask did not write it
                 return []
         return [printable(line.decode("utf-8", "replace")) for line in lines]
-
-    # Dead letters ----------------------------------------------------------------------------
-    def dead_letter_command(self, delivery: Delivery) -> tuple[Any, ...]:
-        """The command keeping a message given up on in the dead-letter stream.
-
-        A message over :data:`DEAD_LETTER_BYTES` keeps only its start, with its size and
-        SHA-256: whoever may publish to RabbitMQ, but not write to the store, must not
-        fill the store with copies of huge messages nbtask refused.
-        """
-        raw = delivery.raw
-        whole = len(raw) <= DEAD_LETTER_BYTES
-        extra = () if whole else ("size", len(raw), "sha256", hashlib.sha256(raw).hexdigest())
-        kept = raw if whole else bytes(memoryview(raw)[:DEAD_LETTER_BYTES])
-        return (
-            "XADD",
-            self.dead_letter_key,
-            "MAXLEN",
-            "~",
-            CHANNEL_MAXLEN,
-            "*",
-            "e",
-            kept,
-            "q",
-            delivery.queue,
-            "n",
-            delivery.deliveries,
-            *extra,
-        )
-
-    def dead_letter(self, delivery: Delivery) -> None:
-        """Keep a message given up on in the dead-letter stream."""
-        command = self.dead_letter_command(delivery)
-        self.append_replacing(self.dead_letter_key, [command], large=True)
-
-
-def _log_set_aside(key: str, what: str) -> None:
-    log.error(
-        "set aside %s: a key of another Redis type than %s (a sorted set), not written by "
-        "nbtask; deleted",
-        key,
-        what,
-    )
 
 
 def _flat(fields: Mapping[str, str | bytes], raw_event: bytes = b"") -> list[str | bytes]:
