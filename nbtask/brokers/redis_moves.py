@@ -73,17 +73,8 @@ class StreamsMoves(StreamsUpkeep):
             return
         queue = str(add[1])
         with self.link.translate_errors():
-            if is_wrong_type(reply):
-                self.replace_queue(queue, reply)
-                try:
-                    self.link.run([add], large=True)
-                    return
-                except ResponseError as exc:
-                    reply = exc
-            elif "last possible" in str(reply):
-                ahead = str(int((time.time() + _AHEAD_SECONDS) * 1000))
-                deleted = self.link.call("repair_queue", [queue], ahead)
-                log.error("deleted %s entries past the clock from %s (%s)", deleted, queue, reply)
+            if is_wrong_type(reply) or "last possible" in str(reply):
+                self._repair(queue, reply)
                 try:
                     self.link.run([add], large=True)
                     return
@@ -92,6 +83,19 @@ class StreamsMoves(StreamsUpkeep):
             log.error("kept a message %s refused in the dead-letter stream: %s", queue, reply)
             command = self.store.dead_letter_command(delivery)
             self.store.append_replacing(self.store.dead_letter_key, [command], large=True)
+
+    def _repair(self, queue: str, refused: ResponseError) -> None:
+        """Make ``queue`` take entries again after Redis ``refused`` one.
+
+        A key of another type is replaced; a stream whose ids were used up has its entries
+        past the clock deleted.
+        """
+        if is_wrong_type(refused):
+            self.replace_queue(queue, refused)
+            return
+        ahead = str(int((time.time() + _AHEAD_SECONDS) * 1000))
+        deleted = self.link.call("repair_queue", [queue], ahead)
+        log.error("deleted %s entries past the clock from %s (%s)", deleted, queue, refused)
 
     def dead_letter(self, delivery: Delivery) -> None:
         """Move the message to the dead-letter stream and acknowledge it."""
