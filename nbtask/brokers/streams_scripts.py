@@ -151,20 +151,31 @@ return {next_due(KEYS, 2), bad, aside}
 """
 )
 
+# A consumer group as XINFO GROUPS lists it (field, value, ...): its name and the last id
+# delivered to it.
+_GROUP_OF = """
+local function group_of(g)
+  local name, delivered
+  for j = 1, #g, 2 do
+    if g[j] == 'name' then name = g[j + 1] end
+    if g[j] == 'last-delivered-id' then delivered = g[j + 1] end
+  end
+  return name, delivered
+end
+"""
+
 # Delete every message still waiting: stream entries no worker was given yet (after the
 # group's last-delivered id; ones being run stay) and the whole ETA set. Returns the task
 # ids the entries named. KEYS: stream, eta set, ...; ARGV: group
-_PURGE = """
+_PURGE = (
+    _GROUP_OF
+    + """
 local ids = {}
 for i = 1, #KEYS, 2 do
   local last = '0-0'
   if redis.call('EXISTS', KEYS[i]) == 1 then
     for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[i])) do
-      local name, delivered
-      for j = 1, #g, 2 do
-        if g[j] == 'name' then name = g[j + 1] end
-        if g[j] == 'last-delivered-id' then delivered = g[j + 1] end
-      end
+      local name, delivered = group_of(g)
       if name == ARGV[1] then last = delivered end
     end
   end
@@ -184,13 +195,16 @@ for i = 1, #KEYS, 2 do
 end
 return ids
 """
+)
 
 # Make a task queue whose ids were used up (an entry put at, or near, the last possible
 # id: Redis numbers entries by its clock, so someone else put it there) take entries
 # again: its entries past the clock are deleted, its last id set back to its newest
 # remaining entry, and a group given one of them set back as well. Returns how many were
 # deleted. KEYS: the queue; ARGV: the clock plus a day, in ms
-_REPAIR_QUEUE = """
+_REPAIR_QUEUE = (
+    _GROUP_OF
+    + """
 local deleted = 0
 for _, entry in ipairs(redis.call('XRANGE', KEYS[1], ARGV[1], '+')) do
   deleted = deleted + redis.call('XDEL', KEYS[1], entry[1])
@@ -199,16 +213,13 @@ local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local last = newest[1] and newest[1][1] or '0-1'
 redis.call('XSETID', KEYS[1], last)
 for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  local name, delivered
-  for j = 1, #g, 2 do
-    if g[j] == 'name' then name = g[j + 1] end
-    if g[j] == 'last-delivered-id' then delivered = g[j + 1] end
-  end
+  local name, delivered = group_of(g)
   local ms = tonumber(string.match(delivered, '^%d+'))
   if ms and ms >= tonumber(ARGV[1]) then redis.call('XGROUP', 'SETID', KEYS[1], name, last) end
 end
 return deleted
 """
+)
 
 # Make a task queue's key, found to be of another type (nbtask writes only streams there:
 # someone else put it there), the queue again: an empty stream with the workers' group.
