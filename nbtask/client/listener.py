@@ -87,7 +87,8 @@ class Listener(EventReads):
         self._reading = threading.local()  # whether this thread is inside a read now
         # Handles whose end wakes the waiting threads (a revoke settles one off the turn):
         # hooked once each, however often a get() with a timeout comes back to wait.
-        self._watched: weakref.WeakSet[TaskHandle] = weakref.WeakSet()
+        # Keyed by the handle object: handles of one task are equal (they compare by id).
+        self._watched: weakref.WeakValueDictionary[int, TaskHandle] = weakref.WeakValueDictionary()
         self._listener_turn = threading.Condition(self._lock)
         self._waiters_turn = threading.Condition(self._lock)
         # After a read error only the listener thread reads, with its backoff, until a
@@ -191,8 +192,8 @@ class Listener(EventReads):
                         if self._reader is None and not self._failing:
                             self._take(me)
                         elif not handle.done():
-                            if handle not in self._watched:  # settled off the turn: wake
-                                self._watched.add(handle)
+                            if id(handle) not in self._watched:  # settled off the turn: wake
+                                self._watched[id(handle)] = handle
                                 handle.add_done_callback(self._wake_waiters)
                             self._waiters_turn.wait(left)
                             continue

@@ -2,9 +2,10 @@
 
 Code written for Celery reads ``status``, ``task_id`` and ``traceback`` and calls
 ``revoke()`` and ``wait()``, and ``date_done``: each is an alias of what the handle already
-does. The names nbtask has no counterpart for (``forget``, ``children``, ``collect``,
-``then``, ``args``, ``kwargs``) raise one error saying what to do
-instead, rather than a bare ``AttributeError``.
+does. As Celery's ``AsyncResult``, a handle equals its id string (``h == h.id``) and any
+handle of the same task, and hashes as its id. The names nbtask has no counterpart for
+(``forget``, ``children``, ``collect``, ``then``, ``args``, ``kwargs``) raise one error
+saying what to do instead, rather than a bare ``AttributeError``.
 """
 
 from __future__ import annotations
@@ -57,6 +58,20 @@ def _not_in_nbtask(name: str, instead: str) -> AttributeError:
 
 class CeleryResultNames:
     """Celery's ``AsyncResult`` names, mixed into :class:`~nbtask.TaskHandle`."""
+
+    id: str
+
+    def __eq__(self, other: object) -> bool:
+        """Celery's: equal to a handle of the same task, or to the task's id string."""
+        if isinstance(other, CeleryResultNames):
+            return other.id == self.id
+        if isinstance(other, str):
+            return other == self.id
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        """Celery's ``hash(h) == hash(h.id)``: a handle and its id find the same entry."""
+        return hash(self.id)
 
     @property
     def status(self: _Handle) -> str:

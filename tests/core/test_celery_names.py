@@ -49,6 +49,24 @@ def test_a_handle_answers_to_celerys_result_names(app: App, start_worker) -> Non
     assert text is not None and "_explode_helper" in text and "broken on purpose" in text
 
 
+def test_a_handle_equals_its_id_and_hashes_as_it_as_celerys_async_result(
+    app: App, start_worker
+) -> None:
+    start_worker()
+
+    @app.task
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    h, other = add.delay(2, 3), add.delay(1, 1)
+    assert h == h.id and h.id == h and h != other and h != other.id
+    assert hash(h) == hash(h.id) and {h.id: "found"}[h] == "found"
+    assert h.get(timeout=10) == 5 and other.get(timeout=10) == 2
+    again = app.AsyncResult(h.id)  # another handle of the same task
+    assert again is not h and again == h and len({h, again, h.id}) == 1
+    assert h != 5 and h != None  # noqa: E711 - neither an id nor a handle
+
+
 def test_revoke_on_a_handle_and_app_control_revoke_are_app_revoke(
     app: App, start_worker, tmp_path: Path
 ) -> None:
