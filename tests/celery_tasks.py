@@ -77,6 +77,7 @@ def _einfo(einfo: ExceptionInfo | None) -> dict[str, Any] | None:
         "type": einfo.type.__name__,
         "exception": type(einfo.exception).__name__,
         "has_traceback": "Traceback" in einfo.traceback,
+        "str": str(einfo),  # Celery's ExceptionInfo: its traceback text
     }
 
 

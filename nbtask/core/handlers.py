@@ -36,6 +36,8 @@ _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class ExceptionInfo:
     """What failure handlers get as ``einfo``: the exception and its traceback text.
 
+    As Celery's (billiard's) ``ExceptionInfo``, ``str(einfo)`` is the traceback text.
+
     Parameters
     ----------
     exception
@@ -51,6 +53,10 @@ class ExceptionInfo:
     def type(self) -> type[BaseException]:
         """The exception's class."""
         return type(self.exception)
+
+    def __str__(self) -> str:
+        """The traceback text, as Celery's ``str(einfo)``."""
+        return self.traceback
 
 
 class HandledTask(Protocol):

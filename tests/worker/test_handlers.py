@@ -198,6 +198,8 @@ def test_handlers_on_failure_in_order_with_celerys_arguments(
     assert failure["einfo"]["type"] == "ValueError"
     assert failure["einfo"]["exception"] == "ValueError"
     assert failure["einfo"]["has_traceback"]
+    text = failure["einfo"]["str"]
+    assert text.startswith("Traceback") and text.endswith("ValueError: bad thing\n")
     assert (after["status"], after["retval"], after["task_id"]) == ("FAILURE", "ValueError", h.id)
 
 
