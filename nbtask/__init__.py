@@ -10,10 +10,11 @@ from typing import Any
 
 from nbtask._version import __version__
 from nbtask.client.app import App
-from nbtask.client.celery_names import shared_task, signature, uuid
+from nbtask.client.celery_names import current_app, shared_task, signature, uuid
 from nbtask.client.default import default_app as app
 from nbtask.core.canvas import Chain, Group, GroupHandle, Signature, chain, chord, group
 from nbtask.core.context import current_request, progress, track
+from nbtask.core.current import current_task
 from nbtask.core.eager import EagerResult
 from nbtask.core.handle import TaskHandle
 from nbtask.core.handlers import ExceptionInfo
@@ -102,7 +103,9 @@ __all__ = [
     "app",
     "chain",
     "chord",
+    "current_app",
     "current_request",
+    "current_task",
     "group",
     "load_ipython_extension",
     "progress",

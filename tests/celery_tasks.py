@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from nbtask import App, ExceptionInfo
+from nbtask import App, ExceptionInfo, current_app, current_task
 
 app = App("celery-tasks", insecure=True)
 
@@ -283,3 +283,16 @@ def _load_once(flag: str) -> str:
     os.close(fd)
     os.kill(os.getpid(), signal.SIGKILL)
     return flag  # (never reached)
+
+
+# Celery's current_task and current_app ------------------------------------------------------
+@app.task(bind=True)
+def who_runs(self: Any) -> dict[str, Any]:
+    """What ``current_task`` and ``current_app`` are inside a task a worker imported."""
+    return {
+        "task_is_self": current_task._get_current_object() is self,
+        "id": current_task.request.id,
+        "name": current_task.name,
+        "app_is_own": current_app._get_current_object() is app,
+        "app_has_it": self.name in current_app.tasks,
+    }

@@ -1,6 +1,6 @@
 """Celery's module-level names that need an app: ``signature()``, ``shared_task``, ``uuid``.
 
-The first two use the app given, else the process's default app (:func:`nbtask.app`).
+And ``current_app``. They use the app given, else the process's default app (:func:`nbtask.app`).
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ from typing import Any
 from nbtask.client.app import App
 from nbtask.client.default import default_app
 from nbtask.core.canvas import Signature
+from nbtask.core.context import current_request
+from nbtask.core.current import Proxy, running_task
 from nbtask.core.options import new_task_id
 from nbtask.core.task import Task
 from nbtask.errors import ConfigurationError
 
-__all__ = ["shared_task", "signature", "uuid"]
+__all__ = ["current_app", "shared_task", "signature", "uuid"]
 
 
 def signature(
@@ -88,3 +90,26 @@ def uuid() -> str:
     nbtask's form of id: 32 hex digits (``uuid.uuid4().hex``), not Celery's dashed one.
     """
     return new_task_id()
+
+
+def _current_app() -> App:
+    """The running task's app, else the process's default app; see :data:`current_app`."""
+    task = running_task()
+    app = getattr(task, "app", None)
+    if isinstance(app, App):
+        return app
+    request = current_request()
+    if task is not None and request is not None and request.in_worker:
+        raise ConfigurationError(
+            f"current_app: task {getattr(task, 'name', task)!r} was shipped to this worker "
+            "without its app (it was defined in a notebook or a script); send other tasks "
+            "from it with other.delay(...), which goes through this worker, or define the "
+            "task in a module the worker imports (nbtask worker -A proj.tasks)"
+        )
+    return default_app()
+
+
+#: Celery's ``celery.current_app``: in a running task, the app the task is registered on
+#: (on a worker, that of the module the worker imported it from); elsewhere the process's
+#: default app, :func:`nbtask.app`. A proxy, found each time it is used.
+current_app: Any = Proxy(_current_app, "current_app")

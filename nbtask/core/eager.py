@@ -19,6 +19,7 @@ from collections.abc import Coroutine, Mapping
 from typing import Any
 
 from nbtask.core.context import Request, current_request, running
+from nbtask.core.current import task_running
 from nbtask.core.handlers import (
     ExceptionInfo,
     HandledTask,
@@ -204,7 +205,7 @@ def run_here(
             in_worker=parent is not None and parent.in_worker,
         )
         # The request stays current until the outcome is decided: a retry reads it.
-        with running(request):
+        with running(request), task_running(task):
             outcome = _run_once(task, request)
         if not (isinstance(outcome, ExceptionInfo) and isinstance(outcome.exception, Retry)):
             break

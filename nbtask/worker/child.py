@@ -24,6 +24,7 @@ from nbtask._process import current_pid, die_with_parent
 from nbtask.brokers import Delivery, Verdict, open_broker
 from nbtask.core.canvas import sending_through
 from nbtask.core.context import Request, running
+from nbtask.core.current import task_running
 from nbtask.core.datasets import DatasetCache, Loader
 from nbtask.core.fingerprint import code_differs
 from nbtask.core.handlers import autoretries, autoretry_kwargs, call_handler, exception_info
@@ -380,7 +381,8 @@ class Child:
         deadline = time.time() + request.time_limit if request.time_limit else 0.0
         self.slot.occupy(message.id, deadline)
         # The request stays current until the outcome is decided: an autoretry needs it.
-        with running(request), sending_through(WorkerSender(self.publisher, message)):
+        sender = WorkerSender(self.publisher, message)
+        with running(request), task_running(task), sending_through(sender):
             try:
                 call_handler(log, task.before_start, message.id, tuple(args), kwargs)
                 outcome = self._call(message, task, args, kwargs, request.soft_time_limit)

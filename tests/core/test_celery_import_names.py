@@ -9,7 +9,7 @@ import builtins
 import pytest
 
 import nbtask
-from nbtask import App, shared_task, states, uuid
+from nbtask import App, ConfigurationError, current_app, current_task, shared_task, states, uuid
 from nbtask.client import default
 
 pytestmark = pytest.mark.brokers
@@ -51,3 +51,40 @@ def test_celerys_import_line_names_work_on_the_default_app(
     with pytest.raises(nbtask.TaskRevokedError):
         later.get(timeout=15)
     assert later.state == states.REVOKED and states.REVOKED in states.PROPAGATE_STATES
+
+
+def test_current_task_and_current_app_are_the_running_task_and_its_app(
+    app: App, start_worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    start_worker("-A", "tests.celery_tasks")
+    h = app.send_task("tests.celery_tasks.who_runs")
+    assert h.get(timeout=15) == {
+        "task_is_self": True,
+        "id": h.id,
+        "name": "tests.celery_tasks.who_runs",
+        "app_is_own": True,
+        "app_has_it": True,
+    }
+
+    @app.task
+    def shipped() -> tuple[str, str, bool, str]:
+        said = "its own app"
+        try:
+            current_app.tasks  # noqa: B018 - shipped by value: no app travels with it
+        except ConfigurationError as exc:
+            said = str(exc)
+        return current_task.request.id, current_task.name, bool(current_task), said
+
+    sent = shipped.delay()
+    task_id, name, truthy, said = sent.get(timeout=15)
+    assert (task_id, name, truthy) == (sent.id, shipped.name, True)
+    assert "shipped to this worker without its app" in said
+
+    # Here, in the client: no task runs; the app is the default one.
+    monkeypatch.setattr(default, "_default", app)
+    assert not current_task and current_task == None  # noqa: E711 - a proxy of None
+    with pytest.raises(AttributeError, match="no task is running in this thread"):
+        current_task.request  # noqa: B018
+    assert current_app._get_current_object() is app and current_app.tasks is app.tasks
+    ran = shipped.apply()  # in this process: the task's own app
+    assert ran.get() == (ran.id, shipped.name, True, "its own app")
