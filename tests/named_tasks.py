@@ -51,3 +51,26 @@ def count_calls(self: CountingTask, previous: object = None) -> tuple[int, int, 
     """``(process id, instance id, calls on this instance so far)``."""
     self.calls += 1
     return os.getpid(), id(self), self.calls
+
+
+class RegisteredSite(app.Task):
+    """A class-based task registered as Celery's guide does: ``app.register_task(...)``.
+
+    No module name holds the instance (only the class's name is the module's), yet it
+    travels by name: it reads the module's lock, which no pickle can carry.
+    """
+
+    def run(self, previous: object = None) -> tuple[str, bool]:
+        """The module's ``SITE``, and whether this is the instance the module registered."""
+        with _LOCK:
+            return SITE, self is app.tasks[self.name]
+
+
+class HeldSite(RegisteredSite):
+    """The same, its registered instance held under another name than its class's."""
+
+    name = "tests.named_tasks.HeldSite"
+
+
+app.register_task(RegisteredSite())
+held_site = app.register_task(HeldSite())

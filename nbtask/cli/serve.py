@@ -30,6 +30,7 @@ from nbtask.cli.options import queue_names, settings_for
 from nbtask.client.app import App
 from nbtask.client.embedded import start_redis_server
 from nbtask.core.datasets import Loader, load_data_spec
+from nbtask.core.named import module_tasks
 from nbtask.core.task import Task
 from nbtask.errors import ConfigurationError
 from nbtask.settings import ENVIRONMENT, Settings
@@ -94,7 +95,7 @@ def _tasks_of(spec: str, source: object) -> dict[str, Task]:
         return {source.name: source}
     found = getattr(source, "tasks", None)
     if isinstance(source, ModuleType):
-        values = list(vars(source).values())
+        values = module_tasks(source)  # with app.register_task(AddTask()) instances
     elif isinstance(found, dict):
         values = list(found.values())
     else:

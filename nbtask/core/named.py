@@ -7,18 +7,25 @@ is pickled as a reference instead, as Celery does: wherever it is loaded (a chai
 step, a ``link``, a task in a cell's variables), that process imports the module and uses
 the task it holds, the very instance ``delay`` runs there, with that module's state.
 Tasks defined in a notebook or inside a function still travel by value.
+
+A class-based task registered as Celery's guide does, ``app.register_task(AddTask())``,
+is found by name too: where the module holds its class under the class's name, the
+instance is the one of that class, with that name, that the module holds under another
+name or registered on an app the module holds (see :func:`held_instance`).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 from collections.abc import Mapping
+from types import ModuleType
 from typing import Any
 
 import cloudpickle
 
-__all__ = ["importable", "reduced_by_name", "task_named"]
+__all__ = ["held_instance", "importable", "module_tasks", "reduced_by_name", "task_named"]
 
 #: The class options a message is built from (see :mod:`nbtask.core.outgoing`): carried
 #: with a reference, for a process that cannot import the task's module to send it.
@@ -48,7 +55,38 @@ def importable(task: object) -> bool:
     target: Any = module
     for part in cls.__qualname__.split("."):
         target = getattr(target, part, None)
+    if target is cls:  # a class-based task: its instance is held otherwise
+        target = held_instance(module, cls, getattr(task, "name", ""))
     return target is task
+
+
+def module_tasks(module: ModuleType) -> list[object]:
+    """What ``module`` holds that may be a task, with what its apps registered.
+
+    Its globals, and the tasks registered on apps among them whose class the module
+    defines (``app.register_task(AddTask())``, held by no name). Callers keep the tasks
+    among them (``isinstance(value, Task)``).
+    """
+    values = list(vars(module).values())
+    for value in list(values):
+        # Looked up statically: a proxy (current_app) or a lazy object is not woken.
+        tasks = None if isinstance(value, type) else inspect.getattr_static(value, "tasks", None)
+        if isinstance(tasks, Mapping):
+            values += [t for t in tasks.values() if type(t).__module__ == module.__name__]
+    return values
+
+
+def held_instance(module: ModuleType, cls: type, name: str) -> object | None:
+    """The instance of ``cls`` named ``name`` that ``module`` holds, else ``None``.
+
+    Under a name of its own (``add = app.register_task(AddTask())``), or registered on an
+    app the module holds (``app.register_task(AddTask())``): in the module's globals, or
+    in the ``tasks`` of one of them.
+    """
+    for value in module_tasks(module):
+        if type(value) is cls and getattr(value, "name", None) == name:
+            return value
+    return None
 
 
 def reduced_by_name(task: object, base: type) -> tuple[Any, ...] | None:
@@ -83,9 +121,12 @@ def task_named(
     message naming ``module`` for the worker that runs it; as ``send_task`` does.
     """
     try:
-        target: Any = importlib.import_module(module)
+        imported = importlib.import_module(module)
+        target: Any = imported
         for part in qualname.split("."):
             target = getattr(target, part)
+        if isinstance(target, type):  # a class-based task: the instance the module holds
+            target = held_instance(imported, target, name)
     except Exception:
         target = None
     if isinstance(target, base) and getattr(target, "name", None) == name:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 
+from nbtask.core.named import module_tasks
 from nbtask.core.task import Task
 from nbtask.errors import NotRegistered
 from nbtask.wire.envelope import Buffer
@@ -56,7 +57,7 @@ class TaskFinder:
         except ImportError as exc:
             why = f"importing {message.module!r} failed: {exc}"
             raise NotRegistered(self._unknown(message, why)) from None
-        for value in vars(module).values():
+        for value in module_tasks(module):  # with app.register_task(AddTask()) instances
             if isinstance(value, Task) and not type(value).is_abstract():
                 self._by_name.setdefault(value.name, value)
         task = self._by_name.get(message.name)

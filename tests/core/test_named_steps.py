@@ -140,3 +140,18 @@ def test_a_workers_chain_step_given_a_kept_value_is_not_placed_through_its_modul
     builder = MessageBuilder(Signer("a secret"), Settings(), through_apps=False)
     assert builder._holder_queue(task, [held], ()) is None
     app.close()
+
+
+def test_a_class_based_task_registered_on_an_app_travels_by_name(
+    app: App, start_worker: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``app.register_task(Task())``, held by no name or by another than its class's."""
+    start_worker("-A", "tests.named_tasks", concurrency=1)
+    add = _add(app)
+    monkeypatch.setattr(named_tasks, "SITE", "client")
+    registered = named_tasks.app.tasks["tests.named_tasks.RegisteredSite"]
+    for task in (registered, named_tasks.held_site):
+        assert pickle.loads(dumps(task)) is task  # by name: this process's own instance
+        assert code_for(task, {}) == (None, b"")  # sent by name, not shipped
+        assert (add.s(1, 1) | task.s()).delay().get(timeout=10) == ("imported", True)
+        assert _linked(app, add, (1, 1), task.s()) == ("imported", True)
