@@ -18,10 +18,12 @@ __all__ = [
     "CodeDiffersWarning",
     "ConfigurationError",
     "DecodeError",
+    "Ignore",
     "MaxRetriesExceededError",
     "NbtaskError",
     "NotRegistered",
     "NotebookFailed",
+    "Reject",
     "RemoteError",
     "ResultNotReady",
     "Retry",
@@ -30,6 +32,7 @@ __all__ = [
     "SignatureError",
     "SoftTimeLimitExceeded",
     "TaskNotFound",
+    "TaskPredicate",
     "TaskRevoked",
     "TimeLimitExceeded",
     "TooLarge",
@@ -172,6 +175,50 @@ class Retry(NbtaskError):
 
 class MaxRetriesExceededError(NbtaskError):
     """A task asked for another retry after using all of ``max_retries``."""
+
+
+class TaskPredicate(NbtaskError):
+    """Base of what task code raises to tell its worker how to settle it (Celery's)."""
+
+
+class Ignore(TaskPredicate):
+    """Raised by task code: its worker stores no outcome (Celery's ``Ignore``).
+
+    The message is acknowledged and nothing follows: no result, no handlers, no links;
+    the task's record keeps what the task itself set (``STARTED``, or the state it gave
+    ``self.update_state``), so its handle's ``get()`` waits until its timeout.
+    """
+
+
+class Reject(TaskPredicate):
+    """Raised by task code: its worker rejects the message (Celery's ``Reject``).
+
+    No handler runs (``on_failure``, ``after_return``), nor an automatic retry. With
+    ``requeue=False`` the task fails with this exception as its error (Celery 5's
+    FAILURE result; its errbacks are sent). With ``requeue=True`` the message goes back
+    to its queue to run again, bounded so that a task that always rejects does not loop:
+    it comes back after 1 s, then 2, 4, 8... (its record ``PENDING`` meanwhile), and
+    once it was put back ``max_redeliveries`` times (a setting, 5 by default) it fails
+    as with ``requeue=False``.
+
+    Parameters
+    ----------
+    reason
+        Why; logged by the worker, and the error's text.
+    requeue
+        Put the message back to run again instead of failing the task.
+    """
+
+    def __init__(self, reason: object = None, requeue: bool = False) -> None:
+        super().__init__(reason, requeue)
+        self.reason = reason
+        self.requeue = requeue
+
+    def __str__(self) -> str:
+        return str(self.reason) if self.reason is not None else "rejected"
+
+    def __repr__(self) -> str:
+        return f"reject requeue={self.requeue}: {self.reason}"
 
 
 class RemoteError(NbtaskError):

@@ -35,6 +35,7 @@ from nbtask.errors import (
     BrokerUnavailable,
     NbtaskError,
     Retry,
+    TaskPredicate,
 )
 from nbtask.settings import Settings
 from nbtask.wire.envelope import Signer
@@ -47,6 +48,7 @@ from nbtask.worker.holdings import process_holding
 from nbtask.worker.interrupts import TaskInterrupts
 from nbtask.worker.journal import Journal
 from nbtask.worker.outbox import Outbox, TaskStream
+from nbtask.worker.predicates import Predicates, predicate_outcome
 from nbtask.worker.retry_arguments import with_retry_arguments
 from nbtask.worker.settle import (
     FollowUps,
@@ -144,6 +146,7 @@ class Child:
             consumer=self.consumer,
             worker_id=self.worker_id,
         )
+        self.predicates = Predicates(self.transport, self.settings)
         self.holding, self.served = process_holding(
             self.settings,
             self.transport.store,
@@ -287,6 +290,10 @@ class Child:
             outcome = Outcome(Event(EventType.REVOKED, message.id, seq, reason, run=message.run))
         else:
             outcome = self._execute(admitted, task)
+        if isinstance(outcome.exc, TaskPredicate):  # Reject, Ignore: no handlers (Celery's)
+            task = None
+            if self.predicates.set_aside(admitted, outcome):
+                return None
         # Callbacks, handlers, freeing argument blobs and writing kept values' store copies
         # come after the outcome is stored; only without them may the last write also wait
         # for the next message.
@@ -430,6 +437,8 @@ class Child:
             reason = {"reason": "terminated"}
             event = Event(EventType.REVOKED, message.id, seq, reason, run=message.run)
             return Outcome(event, revoked_body(exc), exc=exc)
+        if isinstance(exc, TaskPredicate):
+            return predicate_outcome(message, exc, self.outbox.end(), self._whoami)
         if autoretries(task, exc):
             try:
                 task.retry(exc=exc, **autoretry_kwargs(task))

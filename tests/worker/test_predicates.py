@@ -1,0 +1,70 @@
+"""Celery's ``Reject`` and ``Ignore`` raised by task code, on a real worker.
+
+``Ignore``: nothing stored beyond what the task did (its record stays ``STARTED``), the
+message acknowledged, no handler called. ``Reject``: no handler, no automatic retry; the
+task fails with it, or with ``requeue=True`` runs again later, at most
+``max_redeliveries`` times before it fails so (never a hot loop).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import wait_until
+
+import nbtask
+from nbtask import App, Reject, State
+from tests.predicate_tasks import notes
+
+pytestmark = pytest.mark.brokers
+
+TASKS = "tests.predicate_tasks"
+
+
+def test_ignore_stores_nothing_acknowledges_and_calls_no_handler(
+    app: App, start_worker: Any, tmp_path: Path
+) -> None:
+    worker = start_worker("-A", TASKS, concurrency=1)
+    early, late = tmp_path / "early", tmp_path / "late"
+    handles = [
+        app.send_task(f"{TASKS}.ignored", (str(early),)),
+        app.send_task(f"{TASKS}.ignored", (str(late),), acks_late=True),
+    ]
+    wait_until(lambda: worker.log.read_text().count("] ignored") == 2, 15, "both ignored")
+    assert app.send_task("tests.sample_tasks.add", (1, 2)).get(timeout=10) == 3  # slot free
+    for h, path in zip(handles, (early, late), strict=True):
+        with pytest.raises(TimeoutError):
+            h.get(timeout=1)  # no outcome, ever: Celery's Ignore
+        assert h.state is State.STARTED and app.handle(h.id).state is State.STARTED
+        assert h.stdout == "ran, then ignored\n"
+        assert notes(path) == ["run"]  # no handler; acknowledged, so never run again
+
+
+def test_reject_fails_the_task_without_handlers_or_autoretry(
+    app: App, start_worker: Any, tmp_path: Path
+) -> None:
+    start_worker("-A", TASKS)
+    path = tmp_path / "notes"
+    h = app.send_task(f"{TASKS}.rejected", (str(path),), acks_late=True)
+    with pytest.raises(Reject, match="bad input"):
+        h.get(timeout=10)
+    assert h.state is State.FAILURE and isinstance(h.error, nbtask.Reject)
+    assert notes(path) == ["run"]
+
+
+def test_reject_with_requeue_runs_again_and_is_bounded(
+    app: App, start_worker: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NBTASK_MAX_REDELIVERIES", "1")  # for the worker
+    worker = start_worker("-A", TASKS)
+    once, always = tmp_path / "once", tmp_path / "always"
+    first = app.send_task(f"{TASKS}.rejects_once", (str(once),), acks_late=True)
+    second = app.send_task(f"{TASKS}.rejects_always", (str(always),))
+    assert first.get(timeout=20) == 2
+    with pytest.raises(Reject, match="never"):
+        second.get(timeout=20)
+    assert notes(once) == ["run", "run", "after_return"]  # the handler of the run that returned
+    assert notes(always) == ["run", "run"]  # put back once (max_redeliveries=1), then failed
+    assert "rejected and put back on its queue (never)" in worker.log.read_text()
