@@ -9,18 +9,14 @@ The client here is a process of its own, stopped with SIGSTOP while its tasks ru
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import redis
-from helpers import ROOT, WorkerProcess
+from helpers import WorkerProcess
+from stopped_client import stopped_client, stopped_while_tasks_end
 
 from nbtask import Event, EventType, Settings
 from nbtask.brokers import open_broker
@@ -48,48 +44,17 @@ app.close()
 """
 
 
-def _ended(r: redis.Redis, prefix: str) -> int:
-    """How many tasks of ``prefix`` have ended (the store's ended-task set)."""
-    return int(r.zcard(f"{prefix}:done"))
-
-
 def test_a_client_stopped_while_more_tasks_ended_than_its_channel_keeps_gets_every_outcome(
     settings: Settings,
     start_worker: Callable[..., WorkerProcess],
     r: redis.Redis,
     tmp_path: Path,
 ) -> None:
-    script = tmp_path / "client.py"
-    script.write_text(CLIENT.format(tasks=TASKS))
-    env = {**settings.to_env(), **os.environ, "PYTHONPATH": str(ROOT)}
-    client = subprocess.Popen(
-        [sys.executable, str(script)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=ROOT,
-        text=True,
+    client = CLIENT.format(tasks=TASKS)
+    out, err = stopped_while_tasks_end(
+        client, settings, start_worker, r, tmp_path, tasks=TASKS, timeout=240
     )
-    try:
-        assert client.stdout is not None and client.stdin is not None
-        assert client.stdout.readline().strip() == "sent"
-        client.send_signal(signal.SIGSTOP)  # no reading from here on
-        start_worker()
-        deadline = time.monotonic() + 240
-        while _ended(r, settings.key_prefix) < TASKS:
-            assert time.monotonic() < deadline, f"{_ended(r, settings.key_prefix)} ended"
-            time.sleep(0.5)
-        client.send_signal(signal.SIGCONT)
-        client.stdin.write("go\n")
-        client.stdin.flush()
-        out, _ = client.communicate(timeout=120)
-    finally:
-        client.send_signal(signal.SIGCONT)
-        if client.poll() is None:
-            client.kill()
-            client.wait()
-    assert f"ended {TASKS} right {TASKS}" in out, out
+    assert f"ended {TASKS} right {TASKS}" in out, out + err
 
 
 WATCHER = """
@@ -114,47 +79,28 @@ def test_a_client_stopped_while_a_task_sent_more_than_its_channel_keeps_says_out
 ) -> None:
     # A task that sends more events than a channel keeps while its client reads none:
     # sent by a worker's own outbox, one send per line (a long task printing now and then).
-    script = tmp_path / "watcher.py"
-    script.write_text(WATCHER)
     task_id = uuid.uuid4().hex
-    env = {**settings.to_env(), **os.environ, "PYTHONPATH": str(ROOT)}
-    client = subprocess.Popen(
-        [sys.executable, str(script), task_id],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        cwd=ROOT,
-        text=True,
-    )
-    transport = open_broker(settings, settings.broker_url or "")
-    signer = Signer.for_settings(settings, settings.secret)
-    run = (settings.key_prefix, None)
     lines = CHANNEL_MAXLEN + 1_000
-    try:
-        assert client.stdout is not None and client.stdin is not None
-        channel = client.stdout.readline().strip()
-        outbox = Outbox(transport, signer)
-        outbox.begin(task_id, channel, {"worker": "w", "pid": 1}, run=run)
-        outbox.write(EventType.STDOUT, "first\n")
-        outbox.flush()
-        assert client.stdout.readline().strip() == "first"
-        client.send_signal(signal.SIGSTOP)  # no reading from here on
-        for i in range(lines):
-            outbox.write(EventType.STDOUT, f"{i}\n")
+    with stopped_client(WATCHER, settings, tmp_path, task_id) as client:
+        transport = open_broker(settings, settings.broker_url or "")
+        signer = Signer.for_settings(settings, settings.secret)
+        run = (settings.key_prefix, None)
+        try:
+            channel = client.readline()
+            outbox = Outbox(transport, signer)
+            outbox.begin(task_id, channel, {"worker": "w", "pid": 1}, run=run)
+            outbox.write(EventType.STDOUT, "first\n")
             outbox.flush()
-        end = Event(EventType.SUCCESS, task_id, outbox.end(), {"worker": "w"}, run=run)
-        transport.emit(channel, [signer.seal(end.to_header())])
-        client.send_signal(signal.SIGCONT)
-        client.stdin.write("go\n")
-        client.stdin.flush()
-        out, err = client.communicate(timeout=120)
-    finally:
-        client.send_signal(signal.SIGCONT)
-        if client.poll() is None:
-            client.kill()
-            client.wait()
-        transport.close()
+            assert client.readline() == "first"
+            client.stop()
+            for i in range(lines):
+                outbox.write(EventType.STDOUT, f"{i}\n")
+                outbox.flush()
+            end = Event(EventType.SUCCESS, task_id, outbox.end(), {"worker": "w"}, run=run)
+            transport.emit(channel, [signer.seal(end.to_header())])
+            out, err = client.resume()
+        finally:
+            transport.close()
     assert out.strip(), err
     got = json.loads(out.strip().splitlines()[-1])
     everything = "first\n" + "".join(f"{i}\n" for i in range(lines))

@@ -11,17 +11,13 @@ of its own, stopped with SIGSTOP while the task runs, so it reads only once all 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import redis
-from helpers import ROOT, WorkerProcess
+from helpers import WorkerProcess
+from stopped_client import stopped_while_tasks_end
 
 from nbtask import Settings
 
@@ -49,47 +45,16 @@ app.close()
 """
 
 
-def _ended(r: redis.Redis, prefix: str) -> int:
-    """How many tasks of ``prefix`` have ended (the store's ended-task set)."""
-    return int(r.zcard(f"{prefix}:done"))
-
-
 def test_a_task_switching_between_stdout_and_stderr_loses_no_output_of_a_client_behind(
     settings: Settings,
     start_worker: Callable[..., WorkerProcess],
     r: redis.Redis,
     tmp_path: Path,
 ) -> None:
-    script = tmp_path / "client.py"
-    script.write_text(CLIENT.format(rows=ROWS))
-    env = {**settings.to_env(), **os.environ, "PYTHONPATH": str(ROOT)}
-    client = subprocess.Popen(
-        [sys.executable, str(script)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        cwd=ROOT,
-        text=True,
+    client = CLIENT.format(rows=ROWS)
+    out, err = stopped_while_tasks_end(
+        client, settings, start_worker, r, tmp_path, tasks=1, timeout=120
     )
-    try:
-        assert client.stdout is not None and client.stdin is not None
-        assert client.stdout.readline().strip() == "sent"
-        client.send_signal(signal.SIGSTOP)  # no reading from here on
-        start_worker()
-        deadline = time.monotonic() + 120
-        while _ended(r, settings.key_prefix) < 1:
-            assert time.monotonic() < deadline, "the task did not end"
-            time.sleep(0.2)
-        client.send_signal(signal.SIGCONT)
-        client.stdin.write("go\n")
-        client.stdin.flush()
-        out, err = client.communicate(timeout=120)
-    finally:
-        client.send_signal(signal.SIGCONT)
-        if client.poll() is None:
-            client.kill()
-            client.wait()
     assert out.strip(), err
     got = json.loads(out.strip().splitlines()[-1])
     assert got["value"] == ROWS
