@@ -18,35 +18,10 @@ from tests.celery_tasks import read_records
 pytestmark = pytest.mark.brokers
 
 
-def _tasks(app: App):
-    """A few small tasks defined like a notebook's (shipped by value)."""
-
-    @app.task
-    def add(x: int, y: int) -> int:
-        return x + y
-
-    @app.task
-    def mul(x: int, y: int) -> int:
-        return x * y
-
-    @app.task
-    def fail(x: object, message: str = "middle step failed") -> None:
-        raise ValueError(message)
-
-    @app.task
-    def note(value: object, path: str) -> object:
-        from tests.celery_tasks import record
-
-        record(path, value=value)
-        return value
-
-    return add, mul, fail, note
-
-
 # Signatures -----------------------------------------------------------------------------------
-def test_signatures_partial_and_immutable(app: App, start_worker) -> None:
+def test_signatures_partial_and_immutable(app: App, start_worker, steps: tuple[Any, ...]) -> None:
     start_worker()
-    add, mul, _, _ = _tasks(app)
+    add, mul, _, _ = steps
     sig = add.s(2)
     assert (sig.task, sig.args, sig.immutable) == (add, (2,), False)
     # Arguments given when sending come first, as in Celery: add.s(2).delay(8) -> add(8, 2).
@@ -63,8 +38,10 @@ def test_signatures_partial_and_immutable(app: App, start_worker) -> None:
     assert h.get(timeout=10) == 2
 
 
-def test_calling_a_signature_runs_the_task_here_with_its_arguments_merged(app: App) -> None:
-    add, mul, _, _ = _tasks(app)
+def test_calling_a_signature_runs_the_task_here_with_its_arguments_merged(
+    app: App, steps: tuple[Any, ...]
+) -> None:
+    add, mul, _, _ = steps
     # Celery's order: the call's arguments first, then the signature's.
     assert add.s(2)(8) == 10
     assert mul.s(3)(5) == 15
@@ -73,9 +50,9 @@ def test_calling_a_signature_runs_the_task_here_with_its_arguments_merged(app: A
 
 
 # link / link_error ----------------------------------------------------------------------------
-def test_link_gets_the_result(app: App, start_worker) -> None:
+def test_link_gets_the_result(app: App, start_worker, steps: tuple[Any, ...]) -> None:
     start_worker()
-    add, mul, _, _ = _tasks(app)
+    add, mul, _, _ = steps
     link_id = uuid.uuid4().hex
     follow = app.expect(link_id, mul.name)
     h = add.apply_async((2, 3), link=mul.s(10).set(task_id=link_id))
@@ -83,9 +60,11 @@ def test_link_gets_the_result(app: App, start_worker) -> None:
     assert follow.get(timeout=10) == 50
 
 
-def test_link_error_gets_the_failed_task_id(app: App, start_worker, tmp_path: Path) -> None:
+def test_link_error_gets_the_failed_task_id(
+    app: App, start_worker, tmp_path: Path, steps: tuple[Any, ...]
+) -> None:
     start_worker()
-    add, _, fail, note = _tasks(app)
+    add, _, fail, note = steps
     errback_id, never_id = uuid.uuid4().hex, uuid.uuid4().hex
     ledger = tmp_path / "ledger"
     errback = app.expect(errback_id, note.name)
@@ -143,9 +122,11 @@ def test_an_errback_taking_request_exc_and_traceback_gets_them_as_celerys(
 
 
 # Chains ---------------------------------------------------------------------------------------
-def test_chain_of_three_returns_the_last_result_with_parents(app: App, start_worker) -> None:
+def test_chain_of_three_returns_the_last_result_with_parents(
+    app: App, start_worker, steps: tuple[Any, ...]
+) -> None:
     start_worker()
-    add, mul, _, _ = _tasks(app)
+    add, mul, _, _ = steps
     last = (add.s(1, 2) | add.s(3) | mul.s(10)).delay()
     assert last.get(timeout=15) == 60
     second, first = last.parent, last.parent.parent
@@ -160,9 +141,11 @@ def test_chain_of_three_returns_the_last_result_with_parents(app: App, start_wor
     assert chain(add.s(1), add.si(10, 10), mul.s(2)).delay(5).get(timeout=15) == 40
 
 
-def test_chain_with_a_failing_middle_step(app: App, start_worker, tmp_path: Path) -> None:
+def test_chain_with_a_failing_middle_step(
+    app: App, start_worker, tmp_path: Path, steps: tuple[Any, ...]
+) -> None:
     start_worker()
-    add, _, fail, note = _tasks(app)
+    add, _, fail, note = steps
     ledger = tmp_path / "ledger"
     last = (add.s(1, 1) | fail.s() | note.s(str(ledger))).delay()
     with pytest.raises(ValueError) as info:
@@ -182,10 +165,10 @@ def test_chain_with_a_failing_middle_step(app: App, start_worker, tmp_path: Path
 
 
 def test_a_chain_steps_own_links_and_errbacks_are_kept_beside_the_next_step(
-    app: App, start_worker, tmp_path: Path
+    app: App, start_worker, tmp_path: Path, steps: tuple[Any, ...]
 ) -> None:
     start_worker()
-    add, _, fail, note = _tasks(app)
+    add, _, fail, note = steps
     ledger = tmp_path / "ledger"
     first_link, second_link, errback = (uuid.uuid4().hex for _ in range(3))
     followers = [app.expect(i, note.name) for i in (first_link, second_link, errback)]
@@ -203,9 +186,9 @@ def test_a_chain_steps_own_links_and_errbacks_are_kept_beside_the_next_step(
 
 
 # Groups ---------------------------------------------------------------------------------------
-def test_group_get_returns_results_in_order(app: App, start_worker) -> None:
+def test_group_get_returns_results_in_order(app: App, start_worker, steps: tuple[Any, ...]) -> None:
     start_worker(concurrency=2)
-    add, mul, _, _ = _tasks(app)
+    add, mul, _, _ = steps
     g = group([add.s(i, i) for i in range(10)] + [mul.s(3, 4)])
     gh = g.delay()
     assert len(gh) == 11
@@ -216,10 +199,12 @@ def test_group_get_returns_results_in_order(app: App, start_worker) -> None:
     assert group([]).delay().get() == []
 
 
-def test_a_group_handle_reads_like_a_task_handle(app: App, start_worker) -> None:
+def test_a_group_handle_reads_like_a_task_handle(
+    app: App, start_worker, steps: tuple[Any, ...]
+) -> None:
     # Celery's GroupResult habits: get(propagate=False), iterating, successful(), failed().
     start_worker(concurrency=2)
-    add, _, fail, _ = _tasks(app)
+    add, _, fail, _ = steps
     gh = group([add.s(1, 1), fail.s(0), add.s(2, 2)]).delay()
     two, failure, four = gh.get(timeout=15, propagate=False)
     assert (two, four) == (2, 4)
@@ -231,9 +216,11 @@ def test_a_group_handle_reads_like_a_task_handle(app: App, start_worker) -> None
     assert fine.successful() and not fine.failed()
 
 
-def test_group_progress_and_completed_count(app: App, start_worker, tmp_path: Path) -> None:
+def test_group_progress_and_completed_count(
+    app: App, start_worker, tmp_path: Path, steps: tuple[Any, ...]
+) -> None:
     start_worker(concurrency=3)
-    add, _, fail, _ = _tasks(app)
+    add, _, fail, _ = steps
     marker, go = tmp_path / "marker", tmp_path / "go"
 
     @app.task
@@ -265,9 +252,11 @@ def test_group_progress_and_completed_count(app: App, start_worker, tmp_path: Pa
 
 
 # Tasks that wait for, or send, other tasks ---------------------------------------------------
-def test_get_inside_a_task_raises_and_points_to_chains(app: App, start_worker) -> None:
+def test_get_inside_a_task_raises_and_points_to_chains(
+    app: App, start_worker, steps: tuple[Any, ...]
+) -> None:
     start_worker(concurrency=2)
-    add, _, _, _ = _tasks(app)
+    add, _, _, _ = steps
 
     @app.task
     def waits_for_subtask() -> str:
@@ -290,11 +279,13 @@ def test_get_inside_a_task_raises_and_points_to_chains(app: App, start_worker) -
         uncaught.delay().get(timeout=10)
 
 
-def test_get_inside_a_task_when_explicitly_allowed(app: App, start_worker) -> None:
+def test_get_inside_a_task_when_explicitly_allowed(
+    app: App, start_worker, steps: tuple[Any, ...]
+) -> None:
     # disable_sync_subtasks=False is the guide's explicit escape hatch: the wait must
     # then actually return the subtask's result.
     start_worker(concurrency=2)
-    add, _, _, _ = _tasks(app)
+    add, _, _, _ = steps
 
     @app.task
     def waits_anyway() -> int:
@@ -303,11 +294,13 @@ def test_get_inside_a_task_when_explicitly_allowed(app: App, start_worker) -> No
     assert waits_anyway.delay().get(timeout=15) == 42
 
 
-def test_get_inside_a_task_applied_here_waits_as_its_caller_would(app: App, start_worker) -> None:
+def test_get_inside_a_task_applied_here_waits_as_its_caller_would(
+    app: App, start_worker, steps: tuple[Any, ...]
+) -> None:
     # apply() runs the task in this process: no worker slot blocks while it waits. Applied
     # inside a task on a worker, it still refuses.
     start_worker(concurrency=2)
-    add, _, _, _ = _tasks(app)
+    add, _, _, _ = steps
 
     @app.task(bind=True)
     def waits(self: Task) -> tuple[bool, int]:
@@ -378,12 +371,12 @@ def test_subtask_sent_from_a_task_can_be_reattached(app: App, start_worker) -> N
 
 
 def test_a_chains_later_step_not_sent_yet_says_so_when_another_process_attaches(
-    app: App, settings: Any
+    app: App, settings: Any, steps: tuple[Any, ...]
 ) -> None:
     # No worker: the first step waits in its queue, and the later step has no record
     # until a worker sends it. Another process (a restarted kernel) asking for it is
     # told why, rather than only that the id is wrong or too old.
-    add, mul, _, _ = _tasks(app)
+    add, mul, _, _ = steps
     last = (add.s(1, 2) | mul.s(10)).delay()
     with App("restarted", settings=settings) as later:
         with pytest.raises(TaskNotFound, match="a later step of a chain not sent yet"):

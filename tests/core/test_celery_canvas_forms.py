@@ -4,6 +4,7 @@ arguments and options, as Celery sends them."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import wait_for_housekeeping
@@ -14,30 +15,11 @@ from tests.celery_tasks import read_records
 pytestmark = pytest.mark.brokers
 
 
-def _tasks(app: App):
-    @app.task
-    def add(x: int, y: int) -> int:
-        return x + y
-
-    @app.task
-    def fail(x: object) -> None:
-        raise ValueError("step failed")
-
-    @app.task
-    def note(value: object, path: str) -> object:
-        from tests.celery_tasks import record
-
-        record(path, value=value)
-        return value
-
-    return add, fail, note
-
-
 def test_a_group_takes_celerys_call_forms_partial_arguments_and_options(
-    app: App, start_worker
+    app: App, start_worker, steps: tuple[Any, ...]
 ) -> None:
     start_worker("-Q", f"{app.settings.default_queue},elsewhere")
-    add, _, _ = _tasks(app)
+    add, _, _, _ = steps
     # Signatures as separate arguments, or one iterable of them.
     assert group(add.s(2, 2), add.s(4, 4)).delay().get(timeout=15) == [4, 8]
     assert group(add.s(i, i) for i in range(3)).delay().get(timeout=15) == [0, 2, 4]
@@ -57,10 +39,10 @@ def test_a_group_takes_celerys_call_forms_partial_arguments_and_options(
 
 
 def test_a_chain_takes_celerys_options_first_step_links_last_errbacks_every_step(
-    app: App, start_worker, tmp_path: Path
+    app: App, start_worker, tmp_path: Path, steps: tuple[Any, ...]
 ) -> None:
     start_worker("-Q", f"{app.settings.default_queue},elsewhere")
-    add, fail, note = _tasks(app)
+    add, _, fail, note = steps
     # countdown, queue... are the first step's options.
     last = chain(add.s(1, 1), add.s(10)).apply_async(countdown=0.5, queue="elsewhere")
     assert last.get(timeout=15) == 12

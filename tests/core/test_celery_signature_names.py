@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import wait_for_housekeeping
@@ -15,28 +16,11 @@ from tests.celery_tasks import read_records
 pytestmark = pytest.mark.brokers
 
 
-def _tasks(app: App):
-    @app.task
-    def add(x: int, y: int) -> int:
-        return x + y
-
-    @app.task
-    def fail(x: object) -> None:
-        raise ValueError("failed on purpose")
-
-    @app.task
-    def note(value: object, path: str) -> object:
-        from tests.celery_tasks import record
-
-        record(path, value=value)
-        return value
-
-    return add, fail, note
-
-
-def test_a_group_handle_answers_to_celerys_group_result_names(app: App, start_worker) -> None:
+def test_a_group_handle_answers_to_celerys_group_result_names(
+    app: App, start_worker, steps: tuple[Any, ...]
+) -> None:
     start_worker()
-    add, fail, _ = _tasks(app)
+    add, _, fail, _ = steps
     gh = group(add.s(1, 1), add.s(2, 2)).delay()
     assert isinstance(gh.id, str) and gh.id
     assert [h.id for h in gh.results] == [h.id for h in gh.handles] == [h.id for h in gh.children]
@@ -49,10 +33,10 @@ def test_a_group_handle_answers_to_celerys_group_result_names(app: App, start_wo
 
 
 def test_a_signature_answers_to_celerys_signature_names(
-    app: App, start_worker, tmp_path: Path
+    app: App, start_worker, tmp_path: Path, steps: tuple[Any, ...]
 ) -> None:
     start_worker()
-    add, fail, note = _tasks(app)
+    add, _, fail, note = steps
     sig = add.s(2)
     assert sig.name == add.name
     copy = sig.clone((8,), countdown=0.1)
@@ -75,7 +59,7 @@ def test_a_signature_answers_to_celerys_signature_names(
     errors = tmp_path / "errors"
     errback = note.s(str(errors))
     errback_handle = errback.freeze()
-    failed = fail.s(1).on_error(errback).delay()
+    failed = fail.s(1, "failed on purpose").on_error(errback).delay()
     with pytest.raises(ValueError, match="failed on purpose"):
         failed.get(timeout=15)
     assert errback_handle.get(timeout=15) == failed.id
