@@ -16,17 +16,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import redis
-from helpers import ROOT, PrivateRedis, wait_until
+from helpers import PrivateRedis, wait_until
 
 from nbtask import App, BrokerUnavailable, TaskNotFound, errors
 from nbtask.brokers.redis_link import RedisLink
-
-_SECRET = "lost-checked-secret"
 
 # A client that sends four tasks, sees the first start, stops itself (SIGSTOP), and once
 # continued waits for each; it writes how each ended to the file it is given. Each task
@@ -71,53 +69,6 @@ app.close()
 """
 
 
-def _env() -> dict[str, str]:
-    return dict(
-        os.environ,
-        NBTASK_SECRET=_SECRET,
-        NBTASK_HEARTBEAT_INTERVAL="0.2",
-        NBTASK_VISIBILITY_TIMEOUT="2",
-        PYTHONPATH=str(ROOT),
-    )
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """Stop a worker (two SIGTERMs at most, then SIGKILL) or a client."""
-    for _ in range(2):
-        if process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-            return
-        except subprocess.TimeoutExpired:
-            pass
-    process.kill()
-    process.wait(5)
-
-
-@pytest.fixture
-def started(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Worker and client processes a test starts, stopped after it."""
-    processes: list[subprocess.Popen[bytes]] = []
-    yield processes
-    for process in processes:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGCONT)  # a client left stopped
-        _stop(process)
-
-
-def _worker(url: str, log: Path, *queues: str) -> subprocess.Popen[bytes]:
-    chosen = ["-Q", ",".join(queues)] if queues else []
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "nbtask", "worker", "-b", url, "-c", "1", *chosen],
-            env=_env(),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-
 def _said(words: str, caplog: pytest.LogCaptureFixture) -> bool:
     return any(words in record.getMessage() for record in caplog.records)
 
@@ -128,18 +79,22 @@ def _process_state(pid: int) -> str:
 
 
 def test_a_client_stopped_while_redis_restarts_empty_is_told_honestly_what_was_lost(
-    private_redis: PrivateRedis, tmp_path: Path, started: list[subprocess.Popen[bytes]]
+    private_redis: PrivateRedis,
+    tmp_path: Path,
+    private_env: dict[str, str],
+    private_processes: list[subprocess.Popen[bytes]],
+    private_worker: Callable[..., subprocess.Popen[bytes]],
 ) -> None:
     ran, out, script = tmp_path / "ran", tmp_path / "ended.json", tmp_path / "client.py"
     script.write_text(_CLIENT)
-    started.append(_worker(private_redis.url, tmp_path / "worker.log"))
+    private_worker()
     client = subprocess.Popen(
         [sys.executable, str(script), private_redis.url, str(ran), str(out)],
-        env=_env(),
+        env=private_env,
         stdout=subprocess.PIPE,
         stderr=(tmp_path / "client.log").open("wb"),
     )
-    started.append(client)
+    private_processes.append(client)
     assert client.stdout is not None
     assert client.stdout.readline().split() == [b"stopping", b"STARTED"]
     wait_until(lambda: _process_state(client.pid) == "T", 10, "the client to stop")
@@ -171,12 +126,12 @@ def test_a_client_stopped_while_redis_restarts_empty_is_told_honestly_what_was_l
 
 def test_a_task_whose_record_is_gone_but_message_is_queued_is_not_taken_for_lost(
     private_redis: PrivateRedis,
-    tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
-    started: list[subprocess.Popen[bytes]],
+    private_worker: Callable[..., subprocess.Popen[bytes]],
+    private_app: Callable[[str], App],
 ) -> None:
     caplog.set_level(logging.WARNING, logger="nbtask")
-    app = App("queued", broker=private_redis.url, secret=_SECRET)
+    app = private_app("queued")
     raw = redis.Redis.from_url(private_redis.url)
     try:
 
@@ -210,41 +165,37 @@ def test_a_task_whose_record_is_gone_but_message_is_queued_is_not_taken_for_lost
         said = str(lost.value)
         assert "never received it" in said and "a new run id" not in said, said
         assert "only if running it twice is acceptable" in said, said
-        started.append(_worker(private_redis.url, tmp_path / "worker.log", "later"))
+        private_worker("later")
         assert queued.get(timeout=60) == 3
         assert not parked.done(), parked.error
     finally:
         raw.close()
-        app.close()
 
 
 def test_a_stalled_redis_is_said_to_have_been_sent_the_tasks_it_did_not_answer_for(
-    private_redis: PrivateRedis,
+    private_redis: PrivateRedis, private_app: Callable[[str], App]
 ) -> None:
-    app = App("stalled", broker=private_redis.url, secret=_SECRET)
+    app = private_app("stalled")
+
+    @app.task
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    add.delay(0, 0)
+    app.flush()
+    private_redis.pause()
     try:
-
-        @app.task
-        def add(x: int, y: int) -> int:
-            return x + y
-
-        add.delay(0, 0)
-        app.flush()
-        private_redis.pause()
-        try:
-            handle = add.delay(1, 2)
-            with pytest.raises(BrokerUnavailable) as info:
-                handle.get(timeout=30)
-        finally:
-            assert private_redis.process is not None
-            os.kill(private_redis.process.pid, signal.SIGCONT)
-        raised = info.value
-        assert isinstance(raised, errors.SendUnconfirmed), repr(raised)
-        said = str(raised)
-        # A stalled server reads nothing: it was sent the task, it did not take it.
-        assert f"was sent task(s) {handle.id}" in said and " took " not in said, said
+        handle = add.delay(1, 2)
+        with pytest.raises(BrokerUnavailable) as info:
+            handle.get(timeout=30)
     finally:
-        app.close()
+        assert private_redis.process is not None
+        os.kill(private_redis.process.pid, signal.SIGCONT)
+    raised = info.value
+    assert isinstance(raised, errors.SendUnconfirmed), repr(raised)
+    said = str(raised)
+    # A stalled server reads nothing: it was sent the task, it did not take it.
+    assert f"was sent task(s) {handle.id}" in said and " took " not in said, said
 
 
 def test_a_link_counts_restarts_and_one_refused_info_still_connects(
