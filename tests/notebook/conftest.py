@@ -1,4 +1,4 @@
-"""Fixtures of the notebook tests: a real IPython shell with the extension loaded."""
+"""Fixtures of the notebook tests: a real IPython shell, or kernel, with the extension loaded."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ROOT, broker_env
+from helpers import ROOT, broker_env, execute, kernel_env, stream_text
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.testing.globalipapp import start_ipython
 from jupyter_client.manager import KernelManager
@@ -72,3 +72,23 @@ def nb(loaded: Session, start_worker: Any) -> Session:
     """A shell with the extension loaded against the real Redis and two worker processes."""
     start_worker()
     return loaded
+
+
+@pytest.fixture
+def run_in_kernel(settings: Settings, start_worker: Any, kernel: Any) -> Callable[[str], str]:
+    """Run code in a kernel with the extension loaded and two worker processes.
+
+    It returns what the code printed (stdout and stderr), and fails on an error.
+    """
+    start_worker()
+    client = kernel(kernel_env(settings))[1]
+    _, msgs, reply = execute(client, "%load_ext nbtask")
+    assert reply["content"]["status"] == "ok", stream_text(msgs)
+
+    def run(code: str) -> str:
+        _, msgs, reply = execute(client, code)
+        text = stream_text(msgs)
+        assert reply["content"]["status"] == "ok", (reply["content"], text)
+        return text
+
+    return run

@@ -10,80 +10,60 @@ real kernel (jupyter_client) and real worker processes.
 
 from __future__ import annotations
 
-from typing import Any
-
-import pytest
-from helpers import execute, kernel_env, stream_text
-
-from nbtask import Settings
+from collections.abc import Callable
 
 _BACKGROUND = "%%task bg\nimport time\ntime.sleep(3)\nlst.append(2)"
 
 
-@pytest.fixture
-def kc(settings: Settings, start_worker: Any, kernel: Any) -> Any:
-    start_worker()
-    client = kernel(kernel_env(settings))[1]
-    _, msgs, reply = execute(client, "%load_ext nbtask")
-    assert reply["content"]["status"] == "ok", stream_text(msgs)
-    return client
-
-
-def _run(kc: Any, code: str) -> str:
-    """Run ``code``; what it printed (stdout and stderr), failing on an error."""
-    _, msgs, reply = execute(kc, code)
-    text = stream_text(msgs)
-    assert reply["content"]["status"] == "ok", (reply["content"], text)
-    return text
-
-
-def test_a_cell_changing_another_name_of_a_pending_object_waits_for_its_cell(kc: Any) -> None:
-    _run(kc, "lst = [1]\nalias = lst")
-    _run(kc, _BACKGROUND)
-    said = _run(kc, "alias.append(4)\nlst.append(5)")
+def test_a_cell_changing_another_name_of_a_pending_object_waits_for_its_cell(
+    run_in_kernel: Callable[[str], str],
+) -> None:
+    run_in_kernel("lst = [1]\nalias = lst")
+    run_in_kernel(_BACKGROUND)
+    said = run_in_kernel("alias.append(4)\nlst.append(5)")
     # Each name the cell assigns once, with the other names it is read by.
     assert (
         "waiting for task 'bg' [" in said
         and "], which assigns lst (alias is the same object)\n" in said
     )
-    assert "[1, 2, 4, 5] [1, 2, 4, 5] True" in _run(kc, "print(lst, alias, lst is alias)")
+    assert "[1, 2, 4, 5] [1, 2, 4, 5] True" in run_in_kernel("print(lst, alias, lst is alias)")
 
 
 def test_a_cell_calling_a_function_that_changes_a_pending_value_waits_for_its_cell(
-    kc: Any,
+    run_in_kernel: Callable[[str], str],
 ) -> None:
-    _run(kc, "lst = [1]\ndef add3():\n    lst.append(3)")
-    _run(kc, _BACKGROUND)
-    said = _run(kc, "add3()")
+    run_in_kernel("lst = [1]\ndef add3():\n    lst.append(3)")
+    run_in_kernel(_BACKGROUND)
+    said = run_in_kernel("add3()")
     assert "waiting for task 'bg'" in said and "which assigns lst" in said
-    assert "[1, 2, 3]" in _run(kc, "print(lst)")
+    assert "[1, 2, 3]" in run_in_kernel("print(lst)")
 
 
 def test_a_change_no_guard_sees_is_kept_and_the_cells_change_to_it_is_said_not_applied(
-    kc: Any,
+    run_in_kernel: Callable[[str], str],
 ) -> None:
     """Through an attribute of another object, or ``exec``: the notebook's change stays."""
-    _run(kc, "lst = [1]\nclass Box:\n    pass\nbox = Box()\nbox.items = lst")
-    _run(kc, _BACKGROUND)
-    assert "waiting" not in _run(kc, "box.items.append(4)")  # no guard sees lst in it
-    said = _run(kc, "import time\ntime.sleep(5)\nprint(lst, box.items is lst)")
+    run_in_kernel("lst = [1]\nclass Box:\n    pass\nbox = Box()\nbox.items = lst")
+    run_in_kernel(_BACKGROUND)
+    assert "waiting" not in run_in_kernel("box.items.append(4)")  # no guard sees lst in it
+    said = run_in_kernel("import time\ntime.sleep(5)\nprint(lst, box.items is lst)")
     assert "[1, 4] True" in said
     assert "lst: the changes task 'bg'" in said and "were not applied" in said
     assert "--wait" in said
 
-    _run(kc, "d = {'a': 1}")
-    _run(kc, "%%task bg2\nimport time\ntime.sleep(3)\nd['b'] = 2")
-    assert "waiting" not in _run(kc, "exec(\"d['c'] = 3\")")
-    said = _run(kc, "import time\ntime.sleep(5)\nprint(sorted(d.items()))")
+    run_in_kernel("d = {'a': 1}")
+    run_in_kernel("%%task bg2\nimport time\ntime.sleep(3)\nd['b'] = 2")
+    assert "waiting" not in run_in_kernel("exec(\"d['c'] = 3\")")
+    said = run_in_kernel("import time\ntime.sleep(5)\nprint(sorted(d.items()))")
     assert "[('a', 1), ('c', 3)]" in said and "d: the changes task 'bg2'" in said
 
 
 def test_a_background_cells_change_to_a_value_the_notebook_left_alone_comes_back(
-    kc: Any,
+    run_in_kernel: Callable[[str], str],
 ) -> None:
     """Only a change the notebook made meanwhile stops the cell's from being written."""
-    _run(kc, "lst = [1]\nalias = lst\nother = [0]")
-    _run(kc, _BACKGROUND)
-    assert "waiting" not in _run(kc, "other.append(1)")
-    said = _run(kc, "import time\ntime.sleep(5)\nprint(lst, alias is lst, other)")
+    run_in_kernel("lst = [1]\nalias = lst\nother = [0]")
+    run_in_kernel(_BACKGROUND)
+    assert "waiting" not in run_in_kernel("other.append(1)")
+    said = run_in_kernel("import time\ntime.sleep(5)\nprint(lst, alias is lst, other)")
     assert "[1, 2] True [0, 1]" in said and "not applied" not in said

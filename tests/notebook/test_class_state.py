@@ -9,15 +9,13 @@ worker processes.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 from helpers import cell_run as run
 from helpers import cell_task as task
-from helpers import execute, kernel_env, stream_text
 from IPython.core.interactiveshell import InteractiveShell
 
-from nbtask import Settings
 from nbtask.notebook.session import Session
 
 _COUNTER = "class Counter:\n    count = 0\n    registry = []\n"
@@ -107,47 +105,32 @@ def test_a_class_attribute_that_cannot_come_back_is_said_in_one_line(
     assert said[0].startswith("nbtask: Counter.lock: the cell's change to it did not come back")
 
 
-@pytest.fixture
-def kc(settings: Settings, start_worker: Any, kernel: Any) -> Any:
-    start_worker()
-    client = kernel(kernel_env(settings))[1]
-    _, msgs, reply = execute(client, "%load_ext nbtask")
-    assert reply["content"]["status"] == "ok", stream_text(msgs)
-    return client
-
-
-def _run(kc: Any, code: str) -> str:
-    """Run ``code``; what it printed (stdout and stderr), failing on an error."""
-    _, msgs, reply = execute(kc, code)
-    text = stream_text(msgs)
-    assert reply["content"]["status"] == "ok", (reply["content"], text)
-    return text
-
-
-def test_in_a_kernel_a_cells_changes_to_a_class_and_a_default_come_back(kc: Any) -> None:
-    _run(kc, _COUNTER + _REMEMBER)
-    assert _run(kc, "%%task -w\nCounter.count += 1") == ""
-    assert _run(kc, "%%task -w\nCounter.registry.append('x')") == ""
-    assert _run(kc, "%%task -w\nn = remember(1)") == ""
-    said = _run(kc, "print(Counter.count, Counter.registry, (n, remember(2)))")
+def test_in_a_kernel_a_cells_changes_to_a_class_and_a_default_come_back(
+    run_in_kernel: Callable[[str], str],
+) -> None:
+    run_in_kernel(_COUNTER + _REMEMBER)
+    assert run_in_kernel("%%task -w\nCounter.count += 1") == ""
+    assert run_in_kernel("%%task -w\nCounter.registry.append('x')") == ""
+    assert run_in_kernel("%%task -w\nn = remember(1)") == ""
+    said = run_in_kernel("print(Counter.count, Counter.registry, (n, remember(2)))")
     assert said == "1 ['x'] (1, 2)\n"
 
 
 def test_a_background_cells_class_change_the_notebook_overtook_is_said_not_applied(
-    kc: Any,
+    run_in_kernel: Callable[[str], str],
 ) -> None:
-    _run(kc, _COUNTER)
-    _run(kc, "%%task bg\nimport time\ntime.sleep(3)\nCounter.count += 1")
-    assert "waiting" not in _run(kc, "exec('Counter.count = 10')")  # no guard sees it
-    said = _run(kc, "import time\ntime.sleep(5)\nprint(Counter.count)")
-    said += _run(kc, "print(Counter.count)")
+    run_in_kernel(_COUNTER)
+    run_in_kernel("%%task bg\nimport time\ntime.sleep(3)\nCounter.count += 1")
+    assert "waiting" not in run_in_kernel("exec('Counter.count = 10')")  # no guard sees it
+    said = run_in_kernel("import time\ntime.sleep(5)\nprint(Counter.count)")
+    said += run_in_kernel("print(Counter.count)")
     assert said.endswith("10\n10\n")
     lines = [line for line in said.splitlines() if "not applied" in line]
     assert len(lines) == 1, said
     assert lines[0].startswith("nbtask: the cell's changes to class Counter (count) were not")
     assert "--wait" in lines[0]
 
-    _run(kc, "%%task bg2\nimport time\ntime.sleep(1)\nCounter.registry.append(1)")
-    said = _run(kc, "import time\ntime.sleep(4)\nprint(Counter.registry)")
-    said += _run(kc, "print(Counter.registry, Counter.count)")
+    run_in_kernel("%%task bg2\nimport time\ntime.sleep(1)\nCounter.registry.append(1)")
+    said = run_in_kernel("import time\ntime.sleep(4)\nprint(Counter.registry)")
+    said += run_in_kernel("print(Counter.registry, Counter.count)")
     assert said.endswith("[1] 10\n") and "not applied" not in said
