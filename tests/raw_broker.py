@@ -52,6 +52,15 @@ class RawBroker(abc.ABC):
         """Put ``raw`` on a task queue, as anyone with broker access could."""
 
     @abc.abstractmethod
+    def inject_lost(self, raw: bytes, task_id: str) -> None:
+        """Make ``raw`` look like a dead holder's delivery of ``task_id`` on the default queue.
+
+        As anyone with broker access can: on Redis, taken by a made-up consumer and left
+        idle past the visibility timeout (the sweep of expired leases finds it); on
+        RabbitMQ, parked as lost under ``task_id``.
+        """
+
+    @abc.abstractmethod
     def peek(self, queue: str = "default") -> bytes:
         """The one message waiting on ``queue``, left there."""
 
@@ -117,6 +126,14 @@ class _RedisQueues(RawBroker):
             fields["i"] = task_id
         self.store.xadd(self._stream(queue), fields)
 
+    def inject_lost(self, raw: bytes, task_id: str) -> None:
+        stream = self._stream()
+        taking = self.store.pipeline(transaction=True)  # no worker's child takes it first
+        taking.xadd(stream, {"e": raw, "n": 0, "i": task_id})
+        taking.xreadgroup("workers", "ghost-0", {stream: ">"}, count=1)
+        entry_id, _ = taking.execute()
+        self.store.xclaim(stream, "workers", "ghost-0", 0, [entry_id], idle=60_000)
+
     def peek(self, queue: str = "default") -> bytes:
         [(_, fields)] = self.store.xrange(self._stream(queue))
         raw: bytes = fields[b"e"]
@@ -178,6 +195,12 @@ class _AmqpQueues(RawBroker):
         if task_id is not None:
             headers["nbtask-id"] = task_id
         self._publish(name, raw, headers)
+
+    def inject_lost(self, raw: bytes, task_id: str) -> None:
+        lost = f"{self.settings.key_prefix}:lost"
+        fields = {"e": raw, "q": "default", "n": 0, "h": "ghost-0", "p": "1"}
+        self.store.hset(f"{lost}:{task_id}", mapping=fields)
+        self.store.zadd(lost, {task_id: time.time()})
 
     def peek(self, queue: str = "default") -> bytes:
         message = self.channel.basic_get(self._queue(queue), no_ack=False)

@@ -180,31 +180,12 @@ def test_a_revoked_tasks_replayed_message_sends_its_errback_once(
     assert read_records(ledger) == []
 
 
-def _left_as_lost(access: RawBroker, broker_kind: str, raw: bytes, task_id: str) -> None:
-    """Make ``raw`` look like a dead holder's delivery, as anyone with broker access can:
-    on Redis, taken by a made-up consumer and left idle past the visibility timeout; on
-    RabbitMQ, parked as lost under ``task_id``."""
-    if broker_kind == "redis":
-        stream = access.streams.queue_key("default")
-        taking = access.store.pipeline(transaction=True)  # no worker's child takes it first
-        taking.xadd(stream, {"e": raw, "n": 0, "i": task_id})
-        taking.xreadgroup("workers", "ghost-0", {stream: ">"}, count=1)
-        entry_id, _ = taking.execute()
-        access.store.xclaim(stream, "workers", "ghost-0", 0, [entry_id], idle=60_000)
-        return
-    lost = f"{access.settings.key_prefix}:lost"
-    fields = {"e": raw, "q": "default", "n": 0, "h": "ghost-0", "p": "1"}
-    access.store.hset(f"{lost}:{task_id}", mapping=fields)
-    access.store.zadd(lost, {task_id: time.time()})
-
-
 def test_a_message_made_to_look_lost_past_max_age_sends_no_errback_and_ends_no_later_step(
     app: App,
     access: RawBroker,
     start_worker,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    broker_kind: str,
 ) -> None:
     """The same replay past ``max_age``, made to look like a dead holder's delivery so that
     a supervisor settles it (a lost task is reported and followed up): the supervisor
@@ -217,7 +198,7 @@ def test_a_message_made_to_look_lost_past_max_age_sends_no_errback_and_ends_no_l
     assert last.get(timeout=20) == 3
     wait_until(lambda: time.time() > sent + MAX_AGE + 0.5, 10, "max_age to pass since it was sent")
     _forget(access, head.id, last.id)
-    _left_as_lost(access, broker_kind, raw, head.id)
+    access.inject_lost(raw, head.id)
     wait_until(
         lambda: access.drained() and not access.store.zcard(f"{access.settings.key_prefix}:lost"),
         30,

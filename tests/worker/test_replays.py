@@ -418,27 +418,9 @@ def _running(
     return h, raw, worker
 
 
-def _left_as_lost(access: RawBroker, broker_kind: str, raw: bytes, task_id: str) -> None:
-    """Make ``raw`` look like a dead holder's delivery, as anyone with broker access can:
-    on Redis, taken by a made-up consumer and left idle past the visibility timeout (the
-    sweep of expired leases finds it); on RabbitMQ, parked as lost under ``task_id``."""
-    if broker_kind == "redis":
-        stream = access.streams.queue_key("default")
-        taking = access.store.pipeline(transaction=True)  # no worker's child takes it first
-        taking.xadd(stream, {"e": raw, "n": 0, "i": task_id})
-        taking.xreadgroup("workers", "ghost-0", {stream: ">"}, count=1)
-        entry_id, _ = taking.execute()
-        access.store.xclaim(stream, "workers", "ghost-0", 0, [entry_id], idle=60_000)
-        return
-    lost = f"{access.settings.key_prefix}:lost"
-    fields = {"e": raw, "q": "default", "n": 0, "h": "ghost-0", "p": "1"}
-    access.store.hset(f"{lost}:{task_id}", mapping=fields)
-    access.store.zadd(lost, {task_id: time.time()})
-
-
 @pytest.mark.parametrize("name", RUNNING_TASKS)
 def test_a_copy_of_a_running_tasks_message_made_to_look_lost_does_not_end_it(
-    app: App, access: RawBroker, start_worker, tmp_path: Path, name: str, broker_kind: str
+    app: App, access: RawBroker, start_worker, tmp_path: Path, name: str
 ) -> None:
     """A copy of a running task's message made to look like a dead holder's delivery (on
     RabbitMQ under another task id, the one the parked entry is known by): the task is
@@ -446,7 +428,7 @@ def test_a_copy_of_a_running_tasks_message_made_to_look_lost_does_not_end_it(
     result."""
     marker = tmp_path / "marker"
     h, raw, worker = _running(app, access, start_worker, marker, name)
-    _left_as_lost(access, broker_kind, raw, "other-id")
+    access.inject_lost(raw, "other-id")
     pid = h.get(timeout=30)
     assert [int(line) for line in marker.read_text().split()] == [pid]
     assert access.record(h.id)[b"state"] == b"SUCCESS"
@@ -461,13 +443,12 @@ def test_a_finished_tasks_message_made_to_look_lost_leaves_its_signed_result(
     access: RawBroker,
     start_worker,
     tmp_path: Path,
-    broker_kind: str,
 ) -> None:
     """The same with a finished task whose plain state field was rewritten to STARTED:
     its signed outcome says it ended, and a restarted kernel still gets its result."""
     h, raw, _ = _sent_then_run(app, access, start_worker, tmp_path / "ledger")
     access.store.hset(access.keys.record_key(h.id), "state", "STARTED")
-    _left_as_lost(access, broker_kind, raw, h.id)
+    access.inject_lost(raw, h.id)
     wait_until(access.drained, 15, "the copy to be settled")
     reader = App("reader", settings=settings)
     try:
