@@ -19,6 +19,11 @@ def _restart(server: PrivateRedis, caplog: pytest.LogCaptureFixture) -> None:
     caplog.clear()
     server.stop()
     server.start()
+    _wait_for_the_client(caplog)
+
+
+def _wait_for_the_client(caplog: pytest.LogCaptureFixture) -> None:
+    """Until the client's listener says, since ``caplog`` was cleared, it reads again."""
     wait_until(
         lambda: any("readable again" in r.getMessage() for r in caplog.records),
         30,
@@ -100,11 +105,7 @@ def test_a_send_not_answered_for_across_a_restart_is_not_taken_for_lost(
     private_redis.kill()
     caplog.clear()
     private_redis.start()
-    wait_until(
-        lambda: any("readable again" in r.getMessage() for r in caplog.records),
-        30,
-        "the listener to read again",
-    )
+    _wait_for_the_client(caplog)
     # No record, but its send is in doubt: left waiting through several looks.
     time.sleep(12)
     assert not handle.done(), handle.error
