@@ -25,8 +25,8 @@ from nbtask.settings import Settings
 from nbtask.wire.envelope import Buffer, Envelope, Signer
 from nbtask.wire.events import FINAL_SEQ, FINAL_STATES, Event, EventType, State
 from nbtask.wire.message import TaskMessage
+from nbtask.worker.follow_ups import FollowUps
 from nbtask.worker.settle import (
-    FollowUps,
     Outcome,
     failure_event,
     report,

@@ -44,6 +44,7 @@ from nbtask.wire.message import TaskMessage, decode_value
 from nbtask.wire.records import FOLLOW_UPS, FOLLOW_UPS_OWED
 from nbtask.worker.admit import Admission, Admitted
 from nbtask.worker.finder import TaskFinder
+from nbtask.worker.follow_ups import FollowUps, has_handlers, owes_follow_ups
 from nbtask.worker.holdings import process_holding
 from nbtask.worker.interrupts import TaskInterrupts
 from nbtask.worker.journal import Journal
@@ -51,13 +52,10 @@ from nbtask.worker.outbox import Outbox, TaskStream
 from nbtask.worker.predicates import Predicates, predicate_outcome
 from nbtask.worker.retry_arguments import with_retry_arguments
 from nbtask.worker.settle import (
-    FollowUps,
     Outcome,
     failure_event,
     failure_outcome,
-    has_handlers,
     outcome_fields,
-    owes_follow_ups,
     revoked_body,
     success_outcome,
 )

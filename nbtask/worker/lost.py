@@ -25,8 +25,8 @@ from nbtask.wire.envelope import Envelope, Signer
 from nbtask.wire.events import FINAL_SEQ, Event, EventType, State
 from nbtask.wire.message import TaskMessage
 from nbtask.worker.admit import message_age
+from nbtask.worker.follow_ups import FollowUps
 from nbtask.worker.settle import (
-    FollowUps,
     failure_event,
     report,
     send_stored_outcome,

@@ -10,7 +10,8 @@ from helpers import task_message
 from nbtask.core.task import Task
 from nbtask.wire.events import EventType
 from nbtask.wire.message import decode_value, split
-from nbtask.worker.settle import has_handlers, success_outcome
+from nbtask.worker.follow_ups import has_handlers
+from nbtask.worker.settle import success_outcome
 
 
 def _outcome(retval: Any, serializer: str = "cloudpickle") -> Any:
