@@ -1,16 +1,15 @@
 """A worker's child process.
 
 It takes one message at a time and handles it in four steps: **admit** (verify it, check
-that it may start), **run** (the task, under its limits, streaming its output and
-progress), **settle** (store the outcome, tell the client, acknowledge) and **follow up**
-(linked tasks, a chain's next step, the handlers).
+that it may start: :mod:`~nbtask.worker.admit`), **run** (the task, under its limits,
+streaming its output and progress: :mod:`~nbtask.worker.run`), **settle** (store the
+outcome, tell the client, acknowledge) and **follow up** (linked tasks, a chain's next
+step, the handlers: :mod:`~nbtask.worker.follow_ups`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import inspect
 import logging
 import os
 import signal
@@ -22,25 +21,15 @@ from typing import Any
 
 from nbtask._process import current_pid, die_with_parent
 from nbtask.brokers import Delivery, Verdict, open_broker
-from nbtask.core.canvas import sending_through
-from nbtask.core.context import Request, running
-from nbtask.core.current import task_running
 from nbtask.core.datasets import DatasetCache, Loader
 from nbtask.core.fingerprint import code_differs
-from nbtask.core.handlers import autoretries, autoretry_kwargs, call_handler, exception_info
 from nbtask.core.outgoing import MessageBuilder
-from nbtask.core.refs import resolving
 from nbtask.core.task import Task
-from nbtask.errors import (
-    BrokerUnavailable,
-    NbtaskError,
-    Retry,
-    TaskPredicate,
-)
+from nbtask.errors import BrokerUnavailable, NbtaskError, TaskPredicate
 from nbtask.settings import Settings
 from nbtask.wire.envelope import Signer
 from nbtask.wire.events import CODE_DIFFERS, FINAL_SEQ, Event, EventType, run_seq_base
-from nbtask.wire.message import TaskMessage, decode_value
+from nbtask.wire.message import TaskMessage
 from nbtask.wire.records import FOLLOW_UPS, FOLLOW_UPS_OWED
 from nbtask.worker.admit import Admission, Admitted
 from nbtask.worker.finder import TaskFinder
@@ -49,18 +38,11 @@ from nbtask.worker.holdings import process_holding
 from nbtask.worker.interrupts import TaskInterrupts
 from nbtask.worker.journal import Journal
 from nbtask.worker.outbox import Outbox, TaskStream
-from nbtask.worker.predicates import Predicates, predicate_outcome
-from nbtask.worker.retry_arguments import with_retry_arguments
-from nbtask.worker.settle import (
-    Outcome,
-    failure_event,
-    failure_outcome,
-    outcome_fields,
-    revoked_body,
-    success_outcome,
-)
+from nbtask.worker.predicates import Predicates
+from nbtask.worker.run import Runner
+from nbtask.worker.settle import Outcome, failure_event, outcome_fields
 from nbtask.worker.slots import SlotState
-from nbtask.worker.subtasks import SubtaskPublisher, WorkerSender
+from nbtask.worker.subtasks import SubtaskPublisher
 
 __all__ = ["Child"]
 
@@ -152,6 +134,20 @@ class Child:
             self.queues,
             self.datasets,
             replaces=self.replaces,
+        )
+        self.runner = Runner(
+            self.settings,
+            self.transport,
+            self.signer,
+            outbox=self.outbox,
+            publisher=self.publisher,
+            holding=self.holding,
+            datasets=self.datasets,
+            interrupts=self.interrupts,
+            slot=self.slot,
+            hostname=self.hostname,
+            whoami=self._whoami,
+            exit_if_forked=self._exit_if_forked,
         )
         self._pid = os.getpid()
         self._whoami["pid"] = self._pid
@@ -281,13 +277,13 @@ class Child:
         self.slot.occupy(message.id, 0.0)
         if task is None:
             assert resolve_error is not None
-            outcome = self._failed(message, resolve_error, self.outbox.end())
+            outcome = self.runner.failed(message, resolve_error, self.outbox.end())
         elif self.interrupts.terminated:
             reason = {"reason": "terminated"}
             seq = self.outbox.end()
             outcome = Outcome(Event(EventType.REVOKED, message.id, seq, reason, run=message.run))
         else:
-            outcome = self._execute(admitted, task)
+            outcome = self.runner.run(admitted, task)
         if isinstance(outcome.exc, TaskPredicate):  # Reject, Ignore: no handlers (Celery's)
             task = None
             if self.predicates.set_aside(admitted, outcome):
@@ -336,127 +332,6 @@ class Child:
                 "sender's",
                 message.name,
             )
-
-    def _request(self, admitted: Admitted, task: Task, args: Any, kwargs: Any) -> Request:
-        message, delivery = admitted.message, admitted.delivery
-        # A limit in the message (set by the caller) wins; else the task's own, which a
-        # task sent by name only has here.
-        time_limit = message.time_limit if message.time_limit is not None else task.time_limit
-        soft_limit = message.soft_time_limit
-        if soft_limit is None:
-            soft_limit = task.soft_time_limit
-        return Request(
-            id=message.id,
-            name=message.name,
-            args=tuple(args),
-            kwargs=kwargs,
-            queue=message.queue,
-            hostname=self.hostname,
-            retries=message.retries,
-            eta=message.eta,
-            expires=message.expires,
-            time_limit=time_limit,
-            soft_time_limit=soft_limit,
-            parent_id=message.parent_id,
-            root_id=message.root_id,
-            emit=self.outbox.emit,
-            blob_store=self.transport.store,
-            holding=self.holding,
-            signer=self.signer,
-            delivery_info={"queue": delivery.queue, "redelivered": delivery.deliveries > 0},
-        )
-
-    def _execute(self, admitted: Admitted, task: Task) -> Outcome:
-        message = admitted.message
-        try:
-            with resolving(
-                self.transport.store, self.signer, self.settings.key_prefix, self.holding
-            ):
-                args, kwargs = decode_value(
-                    admitted.arguments,
-                    message.serializer,
-                    message.args_layout,
-                    self.transport.store.get_blob,
-                )
-            # Named datasets come from this process, never through the message.
-            kwargs.update(self.datasets.values_for(message.requires or ()))
-        except Exception as exc:
-            return self._failed(message, exc, self.outbox.end())
-        request = self._request(admitted, task, args, kwargs)
-        deadline = time.time() + request.time_limit if request.time_limit else 0.0
-        self.slot.occupy(message.id, deadline)
-        # The request stays current until the outcome is decided: an autoretry needs it.
-        sender = WorkerSender(self.publisher, message)
-        with running(request), task_running(task), sending_through(sender):
-            try:
-                call_handler(log, task.before_start, message.id, tuple(args), kwargs)
-                outcome = self._call(message, task, args, kwargs, request.soft_time_limit)
-            except BaseException as exc:
-                outcome = self._after_exception(message, task, exc)
-        self._exit_if_forked(outcome.exit_code)
-        outcome.args, outcome.kwargs, outcome.request = tuple(args), kwargs, request
-        if outcome.retry_arguments is not None:  # retry(args=..., kwargs=...)
-            store = self.transport.store
-            return with_retry_arguments(
-                admitted, outcome, self.settings.blob_threshold, store.put_blobs, self._failed
-            )
-        return outcome
-
-    def _call(
-        self, message: TaskMessage, task: Task, args: Any, kwargs: Any, soft_limit: float | None
-    ) -> Outcome:
-        self.interrupts.start()  # raises if a terminate came while it was being set up
-        if soft_limit:
-            signal.setitimer(signal.ITIMER_REAL, soft_limit)
-        started = time.perf_counter()
-        try:
-            retval = task.run(*args, **kwargs)
-            if inspect.iscoroutine(retval):  # an ``async def`` task: run it to its end here
-                retval = asyncio.run(retval)
-        finally:
-            self.interrupts.stop()
-            signal.setitimer(signal.ITIMER_REAL, 0)
-        return self._succeeded(message, retval, time.perf_counter() - started)
-
-    def _succeeded(self, message: TaskMessage, retval: Any, runtime: float) -> Outcome:
-        return success_outcome(
-            message,
-            retval,
-            self._whoami,
-            runtime,
-            self.outbox.end(),
-            self.settings.blob_threshold,
-            self.transport.store.put_blobs,
-        )
-
-    def _after_exception(self, message: TaskMessage, task: Task, exc: BaseException) -> Outcome:
-        if self.interrupts.terminated:
-            seq = self.outbox.end()
-            reason = {"reason": "terminated"}
-            event = Event(EventType.REVOKED, message.id, seq, reason, run=message.run)
-            return Outcome(event, revoked_body(exc), exc=exc)
-        if isinstance(exc, TaskPredicate):
-            return predicate_outcome(message, exc, self.outbox.end(), self._whoami)
-        if autoretries(task, exc):
-            try:
-                task.retry(exc=exc, **autoretry_kwargs(task))
-            except BaseException as decided:
-                exc = decided
-        if not isinstance(exc, Retry):
-            return self._failed(message, exc, self.outbox.end(), task)
-        seq = self.outbox.end()
-        cause = exc.exc if exc.exc is not None else exc
-        data = {"reason": str(cause), "retries": message.retries + 1, "eta": time.time() + exc.when}
-        outcome = Outcome(Event(EventType.RETRY, message.id, seq, data, run=message.run), exc=cause)
-        outcome.einfo, outcome.retry_in = exception_info(cause), exc.when
-        if exc.new_args is not None or exc.new_kwargs is not None:
-            outcome.retry_arguments = (exc.new_args, exc.new_kwargs)
-        return outcome
-
-    def _failed(
-        self, message: TaskMessage, exc: BaseException, seq: int, task: Task | None = None
-    ) -> Outcome:
-        return failure_outcome(message, exc, seq, self._whoami, task)
 
     # Settle ------------------------------------------------------------------------------------
     def _settle(

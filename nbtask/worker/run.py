@@ -1,0 +1,225 @@
+"""Running one admitted task in a worker's child: its request, its limits, how it ended.
+
+The **run** step of a child (:mod:`nbtask.worker.child`): the task's arguments are loaded
+(its named datasets come from this process), ``before_start`` is called, the task's code
+runs under its soft time limit and the terminate interrupt, and how it ended becomes an
+:class:`~nbtask.worker.settle.Outcome`: its result, its failure, a retry (asked for or
+automatic), or its stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+from nbtask.brokers import Transport
+from nbtask.core.canvas import sending_through
+from nbtask.core.context import Request, running
+from nbtask.core.current import task_running
+from nbtask.core.datasets import DatasetCache
+from nbtask.core.handlers import autoretries, autoretry_kwargs, call_handler, exception_info
+from nbtask.core.holding import Holding
+from nbtask.core.refs import resolving
+from nbtask.core.task import Task
+from nbtask.errors import Retry, TaskPredicate
+from nbtask.settings import Settings
+from nbtask.wire.envelope import Signer
+from nbtask.wire.events import Event, EventType
+from nbtask.wire.message import TaskMessage, decode_value
+from nbtask.worker.admit import Admitted
+from nbtask.worker.interrupts import TaskInterrupts
+from nbtask.worker.outbox import Outbox
+from nbtask.worker.predicates import predicate_outcome
+from nbtask.worker.retry_arguments import with_retry_arguments
+from nbtask.worker.settle import Outcome, failure_outcome, revoked_body, success_outcome
+from nbtask.worker.slots import SlotState
+from nbtask.worker.subtasks import SubtaskPublisher, WorkerSender
+
+__all__ = ["Runner"]
+
+log = logging.getLogger("nbtask.worker")
+
+
+class Runner:
+    """Runs admitted tasks in this child process, one at a time, to their outcomes.
+
+    Parameters
+    ----------
+    settings, transport, signer
+        The child's.
+    outbox
+        Streams the run's events; its sequence numbers end with the outcome's.
+    publisher
+        Sends the tasks a task sends while it runs.
+    holding, datasets
+        The values this process keeps, and its named datasets.
+    interrupts, slot
+        The terminate interrupt, and the memory shared with the supervisor (the run's
+        hard time limit).
+    hostname
+        The worker's, in each request.
+    whoami
+        What every event of the run says of the process (kept up to date by the child).
+    exit_if_forked
+        Ends a process the task's code forked, with the exit code of how its code ended.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        transport: Transport,
+        signer: Signer,
+        *,
+        outbox: Outbox,
+        publisher: SubtaskPublisher,
+        holding: Holding,
+        datasets: DatasetCache,
+        interrupts: TaskInterrupts,
+        slot: SlotState,
+        hostname: str,
+        whoami: dict[str, Any],
+        exit_if_forked: Callable[[int], None],
+    ) -> None:
+        self.settings = settings
+        self.transport = transport
+        self.signer = signer
+        self.outbox = outbox
+        self.publisher = publisher
+        self.holding = holding
+        self.datasets = datasets
+        self.interrupts = interrupts
+        self.slot = slot
+        self.hostname = hostname
+        self._whoami = whoami
+        self._exit_if_forked = exit_if_forked
+
+    def _request(self, admitted: Admitted, task: Task, args: Any, kwargs: Any) -> Request:
+        message, delivery = admitted.message, admitted.delivery
+        # A limit in the message (set by the caller) wins; else the task's own, which a
+        # task sent by name only has here.
+        time_limit = message.time_limit if message.time_limit is not None else task.time_limit
+        soft_limit = message.soft_time_limit
+        if soft_limit is None:
+            soft_limit = task.soft_time_limit
+        return Request(
+            id=message.id,
+            name=message.name,
+            args=tuple(args),
+            kwargs=kwargs,
+            queue=message.queue,
+            hostname=self.hostname,
+            retries=message.retries,
+            eta=message.eta,
+            expires=message.expires,
+            time_limit=time_limit,
+            soft_time_limit=soft_limit,
+            parent_id=message.parent_id,
+            root_id=message.root_id,
+            emit=self.outbox.emit,
+            blob_store=self.transport.store,
+            holding=self.holding,
+            signer=self.signer,
+            delivery_info={"queue": delivery.queue, "redelivered": delivery.deliveries > 0},
+        )
+
+    def run(self, admitted: Admitted, task: Task) -> Outcome:
+        """Run ``task`` for ``admitted`` and return how it ended.
+
+        A copy of this process that the task's code forked ends here, with its exit code.
+        """
+        message = admitted.message
+        try:
+            with resolving(
+                self.transport.store, self.signer, self.settings.key_prefix, self.holding
+            ):
+                args, kwargs = decode_value(
+                    admitted.arguments,
+                    message.serializer,
+                    message.args_layout,
+                    self.transport.store.get_blob,
+                )
+            # Named datasets come from this process, never through the message.
+            kwargs.update(self.datasets.values_for(message.requires or ()))
+        except Exception as exc:
+            return self.failed(message, exc, self.outbox.end())
+        request = self._request(admitted, task, args, kwargs)
+        deadline = time.time() + request.time_limit if request.time_limit else 0.0
+        self.slot.occupy(message.id, deadline)
+        # The request stays current until the outcome is decided: an autoretry needs it.
+        sender = WorkerSender(self.publisher, message)
+        with running(request), task_running(task), sending_through(sender):
+            try:
+                call_handler(log, task.before_start, message.id, tuple(args), kwargs)
+                outcome = self._call(message, task, args, kwargs, request.soft_time_limit)
+            except BaseException as exc:
+                outcome = self._after_exception(message, task, exc)
+        self._exit_if_forked(outcome.exit_code)
+        outcome.args, outcome.kwargs, outcome.request = tuple(args), kwargs, request
+        if outcome.retry_arguments is not None:  # retry(args=..., kwargs=...)
+            store = self.transport.store
+            return with_retry_arguments(
+                admitted, outcome, self.settings.blob_threshold, store.put_blobs, self.failed
+            )
+        return outcome
+
+    def _call(
+        self, message: TaskMessage, task: Task, args: Any, kwargs: Any, soft_limit: float | None
+    ) -> Outcome:
+        self.interrupts.start()  # raises if a terminate came while it was being set up
+        if soft_limit:
+            signal.setitimer(signal.ITIMER_REAL, soft_limit)
+        started = time.perf_counter()
+        try:
+            retval = task.run(*args, **kwargs)
+            if inspect.iscoroutine(retval):  # an ``async def`` task: run it to its end here
+                retval = asyncio.run(retval)
+        finally:
+            self.interrupts.stop()
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        return self._succeeded(message, retval, time.perf_counter() - started)
+
+    def _succeeded(self, message: TaskMessage, retval: Any, runtime: float) -> Outcome:
+        return success_outcome(
+            message,
+            retval,
+            self._whoami,
+            runtime,
+            self.outbox.end(),
+            self.settings.blob_threshold,
+            self.transport.store.put_blobs,
+        )
+
+    def _after_exception(self, message: TaskMessage, task: Task, exc: BaseException) -> Outcome:
+        if self.interrupts.terminated:
+            seq = self.outbox.end()
+            reason = {"reason": "terminated"}
+            event = Event(EventType.REVOKED, message.id, seq, reason, run=message.run)
+            return Outcome(event, revoked_body(exc), exc=exc)
+        if isinstance(exc, TaskPredicate):
+            return predicate_outcome(message, exc, self.outbox.end(), self._whoami)
+        if autoretries(task, exc):
+            try:
+                task.retry(exc=exc, **autoretry_kwargs(task))
+            except BaseException as decided:
+                exc = decided
+        if not isinstance(exc, Retry):
+            return self.failed(message, exc, self.outbox.end(), task)
+        seq = self.outbox.end()
+        cause = exc.exc if exc.exc is not None else exc
+        data = {"reason": str(cause), "retries": message.retries + 1, "eta": time.time() + exc.when}
+        outcome = Outcome(Event(EventType.RETRY, message.id, seq, data, run=message.run), exc=cause)
+        outcome.einfo, outcome.retry_in = exception_info(cause), exc.when
+        if exc.new_args is not None or exc.new_kwargs is not None:
+            outcome.retry_arguments = (exc.new_args, exc.new_kwargs)
+        return outcome
+
+    def failed(
+        self, message: TaskMessage, exc: BaseException, seq: int, task: Task | None = None
+    ) -> Outcome:
+        """The outcome of ``message``'s task that raised ``exc`` (or could not be run)."""
+        return failure_outcome(message, exc, seq, self._whoami, task)
