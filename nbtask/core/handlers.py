@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import os
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn, Protocol
 
 from nbtask.core.context import Request, own_request
@@ -98,44 +98,27 @@ class HandledTask(Protocol):
     ) -> NoReturn:
         """Raise ``Retry``, or the cause once retries are exhausted."""
 
-    def before_start(self, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
-        """Called before the task runs."""
+    # Celery's handlers: what they are given and when they are called is said once, on
+    # the task (nbtask.core.task_running.RunningTask); running a task only calls them.
+    @property
+    def before_start(self) -> Callable[..., object]:
+        """:meth:`~nbtask.Task.before_start`."""
 
-    def on_success(
-        self, retval: Any, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]
-    ) -> None:
-        """Called when the task returned ``retval``."""
+    @property
+    def on_success(self) -> Callable[..., object]:
+        """:meth:`~nbtask.Task.on_success`."""
 
-    def on_failure(
-        self,
-        exc: BaseException,
-        task_id: str,
-        args: tuple[Any, ...],
-        kwargs: Mapping[str, Any],
-        einfo: ExceptionInfo,
-    ) -> None:
-        """Called when the task raised ``exc``."""
+    @property
+    def on_failure(self) -> Callable[..., object]:
+        """:meth:`~nbtask.Task.on_failure`."""
 
-    def on_retry(
-        self,
-        exc: BaseException,
-        task_id: str,
-        args: tuple[Any, ...],
-        kwargs: Mapping[str, Any],
-        einfo: ExceptionInfo,
-    ) -> None:
-        """Called when the task is to be retried."""
+    @property
+    def on_retry(self) -> Callable[..., object]:
+        """:meth:`~nbtask.Task.on_retry`."""
 
-    def after_return(
-        self,
-        status: str,
-        retval: Any,
-        task_id: str,
-        args: tuple[Any, ...],
-        kwargs: Mapping[str, Any],
-        einfo: ExceptionInfo | None,
-    ) -> None:
-        """Called after every run, whatever the outcome."""
+    @property
+    def after_return(self) -> Callable[..., object]:
+        """:meth:`~nbtask.Task.after_return`."""
 
 
 def autoretries(task: HandledTask, exc: BaseException) -> bool:

@@ -176,7 +176,8 @@ class RunningTask:
         # Full jitter, as Celery: spreads retries of many failing tasks apart.
         return random.uniform(0, delay) if self.retry_jitter else delay
 
-    # Handlers: called on the worker, after the outcome is stored; errors are logged. ---------
+    # Handlers: called on the worker, after the outcome is stored; errors are logged. What
+    # they are given and when they are called is said here only (HandledTask names them).
     def before_start(self, task_id: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
         """Called before the task runs."""
 
