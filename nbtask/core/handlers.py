@@ -6,11 +6,13 @@ by themselves (:func:`autoretries`), and how a failure is logged (:func:`log_fai
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import traceback
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any, NoReturn, Protocol
 
 from nbtask.core.context import Request, own_request
@@ -203,31 +205,17 @@ def call_handlers(
     retry: the task has not returned yet). The run's ``request`` is the task's
     ``self.request`` in them, as in Celery (its events are sent: it reports no more).
     """
-    if request is None:
-        _call_handlers(log, task, state, task_id, args, kwargs, retval, exc, einfo)
-        return
-    with own_request(task, dataclasses.replace(request, emit=None)):
-        _call_handlers(log, task, state, task_id, args, kwargs, retval, exc, einfo)
-
-
-def _call_handlers(
-    log: logging.Logger,
-    task: HandledTask,
-    state: State,
-    task_id: str,
-    args: tuple[Any, ...],
-    kwargs: Mapping[str, Any],
-    retval: Any,
-    exc: BaseException | None,
-    einfo: ExceptionInfo | None,
-) -> None:
-    if state is State.SUCCESS:
-        call_handler(log, task.on_success, retval, task_id, args, kwargs)
-    elif state is State.RETRY and exc is not None and einfo is not None:
-        call_handler(log, task.on_retry, exc, task_id, args, kwargs, einfo)
-    elif exc is not None and einfo is not None:
-        call_handler(log, task.on_failure, exc, task_id, args, kwargs, einfo)
-    if state is State.RETRY:
-        return
-    returned = retval if state is State.SUCCESS else exc
-    call_handler(log, task.after_return, state.value, returned, task_id, args, kwargs, einfo)
+    own: AbstractContextManager[None] = contextlib.nullcontext()
+    if request is not None:
+        own = own_request(task, dataclasses.replace(request, emit=None))
+    with own:
+        if state is State.SUCCESS:
+            call_handler(log, task.on_success, retval, task_id, args, kwargs)
+        elif state is State.RETRY and exc is not None and einfo is not None:
+            call_handler(log, task.on_retry, exc, task_id, args, kwargs, einfo)
+        elif exc is not None and einfo is not None:
+            call_handler(log, task.on_failure, exc, task_id, args, kwargs, einfo)
+        if state is State.RETRY:
+            return
+        returned = retval if state is State.SUCCESS else exc
+        call_handler(log, task.after_return, state.value, returned, task_id, args, kwargs, einfo)

@@ -16,19 +16,15 @@ from typing import Any, NoReturn, Protocol
 
 from nbtask.core.call_checks import epoch
 from nbtask.core.context import Request, directly_called, progress, request_of
-from nbtask.core.handlers import ExceptionInfo
+from nbtask.core.handlers import ExceptionInfo, HandledTask
 from nbtask.core.options import seconds
 from nbtask.errors import ConfigurationError, MaxRetriesExceededError, Retry
 
 __all__ = ["RunningTask"]
 
 
-class _Running(Protocol):
+class _Running(HandledTask, Protocol):
     """What running and retrying use of a task (a :class:`~nbtask.Task`)."""
-
-    @property
-    def name(self) -> str:
-        """The task's registered name."""
 
     @property
     def max_retries(self) -> int | None:
@@ -37,10 +33,6 @@ class _Running(Protocol):
     @property
     def default_retry_delay(self) -> float:
         """Seconds before a retry without backoff."""
-
-    @property
-    def retry_backoff(self) -> bool | float:
-        """Whether (and by what factor) retries back off."""
 
     @property
     def retry_backoff_max(self) -> float:
