@@ -182,8 +182,10 @@ class RedisLink(OwedReplies):
                 "again",
                 exc.task_ids,
             ) from exc
-        except BusyLoadingError as exc:
-            raise self._refused(exc) from exc
+        except (BusyLoadingError, ResponseError) as exc:  # (BusyLoadingError: before its base)
+            if (refused := refusal(exc)) is None:
+                raise
+            raise self._refused(refused) from exc
         except (RedisConnectionError, RedisTimeoutError) as exc:
             if self._gave_up(exc):
                 raise BrokerUnavailable(
@@ -200,20 +202,14 @@ class RedisLink(OwedReplies):
             if isinstance(exc, (AuthenticationError, AuthorizationError)):
                 hint = "Check the user name and password in the URL (redis://user:password@host)"
             raise BrokerUnavailable(f"{what}: {sentence(exc)} {hint}") from exc
-        except ResponseError as exc:
-            if refusal(exc) is None:
-                raise
-            raise self._refused(exc) from exc
 
-    def _refused(self, exc: BaseException) -> BrokerUnavailable:
-        """What a refusal that passes (``exc``, see ``refusal``) raises: as an outage.
+    def _refused(self, refused: tuple[str, str, str]) -> BrokerUnavailable:
+        """What a refusal that passes (as ``refusal`` reads it) raises: as an outage.
 
         The server answers but takes no writes for now. A read served in the same round
         trip may have delivered an entry: the Streams transport looks for it next.
         """
         self.read_lost = True
-        refused = refusal(exc)
-        assert refused is not None
         state, said, advice = refused
         return BrokerUnavailable(
             f"the Redis {self._role} at {redact_url(self.url)} refuses writes: it {state}: "
