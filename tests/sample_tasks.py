@@ -119,8 +119,11 @@ def poison(path: str) -> None:
 
 
 @app.task
-def record_id(path: str) -> str:
-    """Append this task's id to ``path`` (to count executions) and return it."""
+def record_id(path: str, padding: str = "") -> str:
+    """Append this task's id to ``path`` (to count executions) and return it.
+
+    ``padding`` only makes the message as large as a test needs.
+    """
     from nbtask import current_request
 
     request = current_request()

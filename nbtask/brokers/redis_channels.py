@@ -140,6 +140,7 @@ class RedisChannels:
             scripted, woken = self.link.run_scripts(
                 [self.link.evalsha("read_events", list(channels), *args), waiting],
                 block_seconds=block_seconds,
+                reads=True,
             )
         # (What waits makes the blocking read return at once, with a copy of its first.)
         if scripted:

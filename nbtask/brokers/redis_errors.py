@@ -17,10 +17,13 @@ from redis.exceptions import (
     ReadOnlyError,
     ResponseError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 __all__ = [
     "REFUSED_AT_ONCE",
+    "REPLIES_LOST",
+    "RepliesLost",
     "Unanswered",
     "is_wrong_type",
     "refusal",
@@ -31,6 +34,20 @@ __all__ = [
 
 #: Why a command of a bounded block fails at once, sent nowhere (see ``redis_patience``).
 REFUSED_AT_ONCE = "it left an earlier command unanswered just now"
+
+
+#: What a command whose connection dropped before its replies came is said to have done.
+REPLIES_LOST = (
+    "The connection dropped after the command was sent, before Redis answered: Redis may "
+    "have run it, so it was not sent again (a copy could run twice)"
+)
+
+
+class RepliesLost(RedisConnectionError):
+    """The connection dropped once commands were written, before all their replies came.
+
+    Redis may have run them: they are not sent again on a new connection.
+    """
 
 
 class Unanswered(RedisTimeoutError):

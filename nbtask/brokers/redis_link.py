@@ -31,6 +31,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from nbtask._text import redact_url
 from nbtask.brokers.forks import close_copies_in_forks
 from nbtask.brokers.redis_errors import (
+    REPLIES_LOST,
+    RepliesLost,
     Unanswered,
     is_wrong_type,
     refusal,
@@ -43,6 +45,7 @@ from nbtask.brokers.redis_patience import Patience
 from nbtask.brokers.redis_resp import (
     LARGE_BYTES,
     Command,
+    closed_by_server,
     pack,
     pack_one,
     read_replies,
@@ -280,16 +283,21 @@ class RedisLink(OwedReplies):
             return self.run_scripts([self.evalsha(script, keys, *args)], large=large)[0]
 
     def run_scripts(
-        self, commands: Sequence[Command], *, large: bool = False, block_seconds: float = 0.0
+        self,
+        commands: Sequence[Command],
+        *,
+        large: bool = False,
+        block_seconds: float = 0.0,
+        reads: bool = False,
     ) -> list[Any]:
         """Run commands (scripts among them), loading the scripts if the server lost them."""
         try:
-            return self.run(commands, large=large, block_seconds=block_seconds)
+            return self.run(commands, large=large, block_seconds=block_seconds, reads=reads)
         except NoScriptError:
             # Only a restarted (emptied) server answers NOSCRIPT, and it answers it for
             # every script of the batch, so running the batch again runs each once.
             self.load_scripts()
-            return self.run(commands, large=large, block_seconds=block_seconds)
+            return self.run(commands, large=large, block_seconds=block_seconds, reads=reads)
 
     def _connection(self) -> Any:
         # One connection per thread, kept: taking one from the pool on every call costs
@@ -313,6 +321,7 @@ class RedisLink(OwedReplies):
         block_seconds: float = 0.0,
         raise_errors: bool = True,
         large: bool = False,
+        reads: bool = False,
     ) -> list[Any]:
         """Send ``commands`` in one write and read every reply.
 
@@ -321,40 +330,56 @@ class RedisLink(OwedReplies):
         false, error replies are returned in their places instead of raised. ``large``
         says an argument may be big enough to send without copying it.
 
+        Commands whose connection drops once they are written, before their replies come,
+        raise :class:`~nbtask.brokers.redis_errors.RepliesLost`: Redis may have run them,
+        and a copy sent again could run twice. Unless they only read (``reads``): then
+        they are sent once more on a new connection.
+
         A pipeline without redis-py's per-command bookkeeping: on the hot path (publish,
         fetch, start, finish) that bookkeeping costs more than the round trip itself, so
         commands are packed by hiredis directly, and a blocking read's timeout is set once
         for all its replies.
         """
         with self._guard():  # (a closing link does not read or close it meanwhile)
-            return self._run(commands, block_seconds, raise_errors, large)
+            return self._run(commands, block_seconds, raise_errors, large, reads)
 
     def _run(
-        self, commands: Sequence[Command], block_seconds: float, raise_errors: bool, large: bool
+        self,
+        commands: Sequence[Command],
+        block_seconds: float,
+        raise_errors: bool,
+        large: bool,
+        reads: bool,
     ) -> list[Any]:
         self.settle_owed()  # replies come in order: this thread's earlier ones first
         packed = None
         for attempt in (1, 2):
             connection = self._connection()
-            fresh = connection._sock is None  # redis-py has no public "is connected"
+            fresh, written = True, False  # (a connection failing to be made: an outage)
             replies: list[Any] = []
             try:
                 if packed is None:
                     packed = pack(commands) if large else [b"".join(map(pack_one, commands))]
+                fresh = _made_anew(connection)
+                written = True
                 if not send_first(connection, packed):
+                    written = False  # the first write was refused: not a byte left
                     raise RedisConnectionError("Redis closed the connection")
                 read_replies(connection, len(commands), block_seconds, replies)
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 # A half-read connection cannot be reused; the next call reconnects.
                 connection.disconnect()
                 self.read_lost = True
-                # A connection that went stale while idle (the server restarted) fails
-                # before the first reply: the server never ran these commands. Once more
-                # on a new connection; a fresh one failing is a real outage. Never after
-                # a timeout: a stalled server runs what it took once it wakes, so a copy
-                # sent again could run twice (and a bounded block would wait twice).
-                gave_up = self._gave_up(exc)
-                if gave_up or sent_unanswered(exc) or attempt == 2 or fresh or replies:
+                # Once more on a new connection only when Redis got none of it, or they
+                # only read; a fresh one failing is a real outage. Never after a write
+                # otherwise: Redis may have run the commands and lost only the replies
+                # (the connection dropped, or it stalled and runs them once it wakes), and
+                # a copy would run twice (a task queued twice, follow-ups taken for no one).
+                if self._gave_up(exc) or sent_unanswered(exc):
+                    raise
+                if written and not reads:
+                    raise RepliesLost(f"{sentence(exc)} {REPLIES_LOST}") from exc
+                if attempt == 2 or fresh:
                     raise
                 continue
             except BaseException:
@@ -366,3 +391,17 @@ class RedisLink(OwedReplies):
                 if isinstance(reply, ResponseError):
                     raise reply
         return replies
+
+
+def _made_anew(connection: Any) -> bool:
+    """Connect ``connection`` unless it is open; whether it was made here.
+
+    One Redis closed while it was idle (a restart, ``CLIENT KILL``, a server timeout) is
+    made anew: nothing was sent on it since its last reply was read, so nothing is lost.
+    """
+    sock = connection._sock  # redis-py has no public "is connected"
+    if sock is not None and not closed_by_server(sock):
+        return False
+    connection.disconnect()
+    connection.connect()
+    return True
