@@ -267,6 +267,9 @@ class Store(Protocol):
     def workers(self) -> dict[str, WorkerInfo]:
         """Live workers."""
 
+    def workers_if_known(self) -> dict[str, WorkerInfo] | None:
+        """Live workers; ``None`` if what one of them runs cannot be read (not nbtask's)."""
+
     def dead_workers(self) -> dict[str, WorkerInfo | None]:
         """Registered workers whose heartbeat lapsed (``None``: an unreadable entry)."""
 

@@ -77,19 +77,33 @@ class RedisWorkers:
 
     def workers(self) -> dict[str, WorkerInfo]:
         """Workers whose heartbeat is current (unreadable entries are left out)."""
-        return {w: i for w, i in self._registered(alive=True).items() if i is not None}
+        live = self._registered(alive=True) or {}
+        return {w: i for w, i in live.items() if i is not None}
+
+    def workers_if_known(self) -> dict[str, WorkerInfo] | None:
+        """Workers whose heartbeat is current; ``None`` if one's entry cannot be read.
+
+        Or if the registry is not a hash. Either was written by someone with write access
+        to Redis, not by nbtask: what that live worker runs is then unknown, and a task it
+        may run must not be taken for one no live worker runs.
+        """
+        live = self._registered(alive=True)
+        if live is None or None in live.values():
+            return None
+        return {w: i for w, i in live.items() if i is not None}
 
     def dead_workers(self) -> dict[str, WorkerInfo | None]:
         """Registered workers whose heartbeat lapsed (``None``: an unreadable entry)."""
-        return self._registered(alive=False)
+        return self._registered(alive=False) or {}
 
-    def _registered(self, *, alive: bool) -> dict[str, WorkerInfo | None]:
+    def _registered(self, *, alive: bool) -> dict[str, WorkerInfo | None] | None:
+        """The registered workers whose heartbeat is (or is not) current; ``None``: no hash."""
         with self.link.translate_errors():
             try:
                 registered: dict[bytes, bytes] = self.link.redis.hgetall(self._workers_key)
             except ResponseError:  # not a hash: nbtask did not write it
                 log.error("the worker registry %s is not a hash; ignored", self._workers_key)
-                return {}
+                return None
             names = {raw: _utf8(raw) for raw in registered}
             junk = [raw for raw, name in names.items() if name is None]
             if junk:  # an id nbtask never wrote: drop it, or it would be read forever

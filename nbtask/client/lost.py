@@ -161,22 +161,36 @@ class LostTasks:
             else:
                 still[handle.id] = now if since is None else since
         lost = self._confirm(confirmed)
+        if lost is None:  # what a live worker runs is unknown: looked at again later
+            still.update({h.id: missing[h.id] for h in confirmed})
+            lost = {}
         self._missing = still  # (kept as it was if a read failed: looked at again)
         if lost:
             self._end_lost(lost, handles)
 
-    def _confirm(self, confirmed: list[TaskHandle]) -> dict[str, TaskHandle]:
+    def _confirm(self, confirmed: list[TaskHandle]) -> dict[str, TaskHandle] | None:
         """Those of ``confirmed`` (no record at two looks) that are lost, by id.
 
         Not one a live worker's heartbeat names (one whose start went unseen, one that
         runs on through the outage), nor an earlier step whose process is still sending
         what follows it; then not one whose record is back (it ended meanwhile), nor one
         still queued. Read in that order, so a task that starts or ends between two reads
-        is never missed.
+        is never missed. ``None`` when a live worker's registry entry cannot be read (not
+        nbtask's: anyone with write access to Redis can put one there): what it runs is
+        unknown, so none is lost for now.
         """
         if not confirmed:
             return {}
-        workers = list(self._store.workers().values())
+        live = self._store.workers_if_known()
+        if live is None:
+            log.warning(
+                "a live worker's entry in the worker registry cannot be read (nbtask did not "
+                "write it): %d task(s) whose records are missing are not taken for lost while "
+                "it is there",
+                len(confirmed),
+            )
+            return None
+        workers = list(live.values())
         running = {task_id for info in workers for task_id in info.busy}
         left = [
             handle

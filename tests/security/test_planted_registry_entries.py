@@ -1,0 +1,90 @@
+"""An outsider with write access to Redis (no secret) cannot make a client end a live task.
+
+A client ends a task as lost when its record and message are gone and no live worker's
+registry entry names it (see :mod:`nbtask.client.lost`). Anyone who can write to Redis can
+delete a record and a message, but not forge a worker's entry: an entry nbtask cannot read
+(garbage put where a live worker's entry is) says nothing of what that worker runs, so the
+client takes no task for lost while it is there.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import pytest
+import redis
+from helpers import wait_until
+
+from nbtask import App
+
+pytestmark = pytest.mark.brokers("redis")
+
+WAIT_FOR_FILE = "tests.sample_tasks.wait_for_file"
+
+
+def _said(words: str, caplog: pytest.LogCaptureFixture) -> bool:
+    return any(words in record.getMessage() for record in caplog.records)
+
+
+def test_a_garbage_entry_of_a_live_worker_does_not_make_its_running_task_lost(
+    app: App,
+    r: redis.Redis,
+    prefix: str,
+    start_worker,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="nbtask")
+    marker, go = tmp_path / "marker", tmp_path / "go"
+    start_worker(concurrency=1)
+    handle = app.send_task(WAIT_FOR_FILE, (str(marker), str(go), 120.0))
+    app.flush()  # its publish answered for: not a send in doubt
+    wait_until(marker.exists, 30, "the task to start")
+    wait_until(lambda: handle.state == "STARTED", 30, "the client to see it start")
+    (worker_id,) = r.hkeys(f"{prefix}:workers")
+
+    # The outsider keeps garbage where the live worker's entry is (its heartbeats write
+    # it back), and deletes the task's record and message.
+    stop = threading.Event()
+
+    def plant() -> None:
+        while not stop.wait(0.01):
+            r.hset(f"{prefix}:workers", worker_id, b"\xff not json")
+
+    planter = threading.Thread(target=plant, daemon=True)
+    planter.start()
+    try:
+        r.delete(f"{prefix}:r:{handle.id}")
+        queue = f"{prefix}:q:default"
+        for entry_id, fields in r.xrange(queue):
+            if fields.get(b"i") == handle.id.encode():
+                r.xdel(queue, entry_id)
+        # And makes the client's channel unreadable for a moment: an outage, after which
+        # the client looks for tasks the broker lost.
+        waiter: dict[str, object] = {}
+        reader = threading.Thread(target=lambda: waiter.update(result=_get(handle)), daemon=True)
+        reader.start()
+        r.set(app.channel, b"not a stream")
+        wait_until(lambda: _said("error reading the event channel", caplog), 30, "a read error")
+        r.delete(app.channel)
+        wait_until(
+            lambda: handle.done() or _said("cannot be read", caplog),
+            60,
+            "the client to look at the missing record twice",
+        )
+        assert not handle.done(), handle.error  # (before: TaskNotFound, "was lost")
+    finally:
+        stop.set()
+        planter.join(10)
+    go.touch()
+    reader.join(60)
+    assert isinstance(waiter.get("result"), int), waiter
+
+
+def _get(handle) -> object:
+    try:
+        return handle.get(timeout=90)
+    except Exception as exc:  # the test looks at what it raised
+        return exc
