@@ -122,6 +122,9 @@ class RedisChannels:
                 log.error("replaced %s, which nbtask did not write: %s", stream, exc)
                 self.link.run([("DEL", stream), *commands], large=large)
 
+    #: Whether the last read of client channels brought entries (more may wait).
+    _behind = False
+
     def read_events(
         self, channels: Mapping[str, str], block_seconds: float
     ) -> list[tuple[str, str, bytes]]:
@@ -130,21 +133,30 @@ class RedisChannels:
         In one round trip: a script reads what waits, sending no entry too large and
         stopping at the read's budget; then, if it found nothing, a blocking read waits
         for the next entry, one per channel (Redis cannot leave out a large one there:
-        it is dropped here).
+        it is dropped here). After a read that brought entries, the script reads alone
+        until it finds none: with entries waiting, the blocking read would send a copy of
+        the first one after each position, however large (anyone with write access can
+        put one there), at every read until the script reached it.
         """
         budget = read_budget(self.max_event_bytes)
         args = (READ_COUNT, self.max_event_bytes, budget, *channels.values())
+        read = self.link.evalsha("read_events", list(channels), *args)
         block = max(1, int(block_seconds * 1000))
         waiting = ("XREAD", "COUNT", 1, "BLOCK", block, "STREAMS", *channels, *channels.values())
+        woken: Any = None
         with self.link.translate_errors():
-            scripted, woken = self.link.run_scripts(
-                [self.link.evalsha("read_events", list(channels), *args), waiting],
-                block_seconds=block_seconds,
-                reads=True,
-            )
+            scripted = self._behind and self.link.run_scripts([read], reads=True)[0]
+            if not scripted:
+                scripted, woken = self.link.run_scripts(
+                    [read, waiting], block_seconds=block_seconds, reads=True
+                )
         # (What waits makes the blocking read return at once, with a copy of its first.)
-        if scripted:
-            return [self._sized(*entry) for entry in scripted]
+        out = [self._sized(*entry) for entry in scripted] if scripted else self._woken(woken)
+        self._behind = bool(out)
+        return out
+
+    def _woken(self, woken: Any) -> list[tuple[str, str, bytes]]:
+        """The entries a blocking read of client channels returned; a too large one empty."""
         out = []
         for stream, entries in woken or ():
             for entry_id, fields in entries:
