@@ -128,6 +128,9 @@ class Store(Protocol):
     def get_record(self, task_id: str) -> TaskRecord | None:
         """A task's record; ``None`` when unknown or expired."""
 
+    def get_records(self, task_ids: Sequence[str]) -> dict[str, TaskRecord | None]:
+        """Tasks' records by id, in one round trip; ``None`` when unknown or expired."""
+
     def task_ids_starting(self, start: str, limit: int) -> list[str]:
         """Up to ``limit`` ids of kept records that begin with ``start``, sorted."""
 

@@ -128,6 +128,18 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
                 return None
         return TaskRecord.parse(fields)
 
+    def get_records(self, task_ids: Sequence[str]) -> dict[str, TaskRecord | None]:
+        """Tasks' records by id, read in one round trip (see :meth:`get_record`)."""
+        with self.link.translate_errors():
+            pipe = self.link.redis.pipeline(transaction=False)
+            for task_id in task_ids:
+                pipe.hgetall(self.record_key(task_id))
+            replies = pipe.execute(raise_on_error=False) if task_ids else []
+        return {
+            task_id: None if isinstance(fields, ResponseError) else TaskRecord.parse(fields)
+            for task_id, fields in zip(task_ids, replies, strict=True)
+        }
+
     def task_ids_starting(self, start: str, limit: int) -> list[str]:
         """Up to ``limit`` ids of kept records that begin with ``start``, sorted.
 

@@ -148,7 +148,9 @@ class LostTasks:
         # lost it): looked at again once it is answered for. One sent again between the
         # two reads of what is in doubt has no record yet, and is in doubt after it.
         doubt = self._in_doubt()
-        absent = [h for h in watched if h.id not in doubt and self._store.get_record(h.id) is None]
+        looked = [h for h in watched if h.id not in doubt]
+        records = self._store.get_records([h.id for h in looked]) if looked else {}
+        absent = [h for h in looked if records[h.id] is None]
         doubt = {*doubt, *self._in_doubt()}
         still: dict[str, float | None] = {h.id: None for h in watched if h.id in doubt}
         confirmed = []
@@ -192,13 +194,14 @@ class LostTasks:
             return None
         workers = list(live.values())
         running = {task_id for info in workers for task_id in info.busy}
-        left = [
+        unnamed = [
             handle
             for handle in confirmed
             if handle.id not in running
             and (handle.parent is None or handle.parent.id not in running)
-            and self._store.get_record(handle.id) is None
         ]
+        records = self._store.get_records([h.id for h in unnamed]) if unnamed else {}
+        left = [handle for handle in unnamed if records[handle.id] is None]
         if not left:
             return {}
         # A chain's later step does not know its queue: looked for on every queue known.
