@@ -145,10 +145,10 @@ class RedisChannels:
         waiting = ("XREAD", "COUNT", 1, "BLOCK", block, "STREAMS", *channels, *channels.values())
         woken: Any = None
         with self.link.translate_errors():
-            scripted = self._behind and self.link.run_scripts([read], reads=True)[0]
+            scripted = self._behind and self.link.run_scripts([read], idempotent=True)[0]
             if not scripted:
                 scripted, woken = self.link.run_scripts(
-                    [read, waiting], block_seconds=block_seconds, reads=True
+                    [read, waiting], block_seconds=block_seconds, idempotent=True
                 )
         # (What waits makes the blocking read return at once, with a copy of its first.)
         out = [self._sized(*entry) for entry in scripted] if scripted else self._woken(woken)

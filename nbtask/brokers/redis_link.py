@@ -242,7 +242,7 @@ class RedisLink(OwedReplies):
         On this thread's own connection: a pooled one taken by a call that a Ctrl-C then
         interrupts is never given back, and the pool is soon exhausted.
         """
-        self.run([("SCRIPT", "LOAD", body) for body in self._scripts.values()])
+        self.run([("SCRIPT", "LOAD", body) for body in self._scripts.values()], idempotent=True)
 
     def hset_replacing(self, key: str, field: str, value: str | bytes) -> None:
         """``HSET``; a key of another type there was not written by nbtask, and is replaced."""
@@ -288,16 +288,20 @@ class RedisLink(OwedReplies):
         *,
         large: bool = False,
         block_seconds: float = 0.0,
-        reads: bool = False,
+        idempotent: bool = False,
     ) -> list[Any]:
         """Run commands (scripts among them), loading the scripts if the server lost them."""
         try:
-            return self.run(commands, large=large, block_seconds=block_seconds, reads=reads)
+            return self.run(
+                commands, large=large, block_seconds=block_seconds, idempotent=idempotent
+            )
         except NoScriptError:
             # Only a restarted (emptied) server answers NOSCRIPT, and it answers it for
             # every script of the batch, so running the batch again runs each once.
             self.load_scripts()
-            return self.run(commands, large=large, block_seconds=block_seconds, reads=reads)
+            return self.run(
+                commands, large=large, block_seconds=block_seconds, idempotent=idempotent
+            )
 
     def _connection(self) -> Any:
         # One connection per thread, kept: taking one from the pool on every call costs
@@ -321,7 +325,7 @@ class RedisLink(OwedReplies):
         block_seconds: float = 0.0,
         raise_errors: bool = True,
         large: bool = False,
-        reads: bool = False,
+        idempotent: bool = False,
     ) -> list[Any]:
         """Send ``commands`` in one write and read every reply.
 
@@ -332,8 +336,9 @@ class RedisLink(OwedReplies):
 
         Commands whose connection drops once they are written, before their replies come,
         raise :class:`~nbtask.brokers.redis_errors.RepliesLost`: Redis may have run them,
-        and a copy sent again could run twice. Unless they only read (``reads``): then
-        they are sent once more on a new connection.
+        and a copy sent again could run twice. Unless running them twice changes nothing
+        (``idempotent``: reads, script loads): then they are sent once more on a new
+        connection.
 
         A pipeline without redis-py's per-command bookkeeping: on the hot path (publish,
         fetch, start, finish) that bookkeeping costs more than the round trip itself, so
@@ -341,7 +346,7 @@ class RedisLink(OwedReplies):
         for all its replies.
         """
         with self._guard():  # (a closing link does not read or close it meanwhile)
-            return self._run(commands, block_seconds, raise_errors, large, reads)
+            return self._run(commands, block_seconds, raise_errors, large, idempotent)
 
     def _run(
         self,
@@ -349,7 +354,7 @@ class RedisLink(OwedReplies):
         block_seconds: float,
         raise_errors: bool,
         large: bool,
-        reads: bool,
+        idempotent: bool,
     ) -> list[Any]:
         self.settle_owed()  # replies come in order: this thread's earlier ones first
         packed = None
@@ -371,13 +376,13 @@ class RedisLink(OwedReplies):
                 connection.disconnect()
                 self.read_lost = True
                 # Once more on a new connection only when Redis got none of it, or they
-                # only read; a fresh one failing is a real outage. Never after a write
+                # are idempotent; a fresh one failing is a real outage. Never after a write
                 # otherwise: Redis may have run the commands and lost only the replies
                 # (the connection dropped, or it stalled and runs them once it wakes), and
                 # a copy would run twice (a task queued twice, follow-ups taken for no one).
                 if self._gave_up(exc) or sent_unanswered(exc):
                     raise
-                if written and not reads:
+                if written and not idempotent:
                     raise RepliesLost(f"{sentence(exc)} {REPLIES_LOST}") from exc
                 if attempt == 2 or fresh:
                     raise

@@ -71,6 +71,20 @@ def test_a_command_redis_ran_is_not_sent_again_when_its_reply_is_lost(
         link.close()
 
 
+def test_an_idempotent_command_whose_reply_is_lost_is_sent_once_more(
+    proxy: TcpProxy, settings: Settings, r: redis.Redis, prefix: str
+) -> None:
+    # (A client's read of its event channel, a script load: running them twice is safe.)
+    link = RedisLink(via(settings.broker_url or "", proxy.url_port), "broker")
+    key = f"{prefix}:value"
+    try:
+        assert link.run([("PING",)]) == [b"PONG"]
+        with reply_lost_once(proxy, lambda: r.get(key) is not None):
+            assert link.run([("SET", key, "v")], idempotent=True) == [b"OK"]
+    finally:
+        link.close()
+
+
 def test_a_connection_redis_closed_while_idle_is_made_anew_without_an_error(
     proxy: TcpProxy, settings: Settings, r: redis.Redis, prefix: str
 ) -> None:
