@@ -50,6 +50,7 @@ class OwedReplies(abc.ABC):
         block_seconds: float = 0.0,
         raise_errors: bool = True,
         large: bool = False,
+        idempotent: bool = False,
     ) -> list[Any]:
         """Send ``commands`` in one write and read every reply."""
 
@@ -312,7 +313,10 @@ class OwedReplies(abc.ABC):
             self._owe_again(entries)
             raise
         try:
-            replies = self.run([command for command, _ in entries], raise_errors=False)
+            # (Sent once more if this connection drops too: a copy that got through is
+            # refused by its task's record, as these are.)
+            commands = [command for command, _ in entries]
+            replies = self.run(commands, raise_errors=False, idempotent=True)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             if sent_unanswered(exc):
                 raise self._unconfirmed(entries, exc) from exc
