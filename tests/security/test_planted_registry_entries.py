@@ -1,10 +1,11 @@
-"""An outsider with write access to Redis (no secret) cannot make a client end a live task.
+"""Garbage planted in the worker registry does not make a client end a live task.
 
 A client ends a task as lost when its record and message are gone and no live worker's
 registry entry names it (see :mod:`nbtask.client.lost`). Anyone who can write to Redis can
-delete a record and a message, but not forge a worker's entry: an entry nbtask cannot read
-(garbage put where a live worker's entry is) says nothing of what that worker runs, so the
-client takes no task for lost while it is there.
+delete a record and a message; an entry nbtask cannot read (garbage put where a live
+worker's entry is) says nothing of what that worker runs, so the client takes no task for
+lost while it is there. The registry is not signed: an entry forged to be readable is
+taken at its word (the README's security section says what that allows).
 """
 
 from __future__ import annotations
