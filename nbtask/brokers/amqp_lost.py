@@ -14,6 +14,7 @@ connection dropped between claiming and settling settles it as soon as it is bac
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Sequence
@@ -26,6 +27,8 @@ __all__ = ["CLAIM_LEASE", "LostDeliveries"]
 #: Seconds after which a claimed but unsettled lost delivery may be claimed again.
 CLAIM_LEASE = 30.0
 _DELIVERY_PREFIX = "lost:"  # delivery ids of parked deliveries
+
+log = logging.getLogger(__name__)
 
 
 class LostDeliveries:
@@ -63,7 +66,17 @@ class LostDeliveries:
             ids = list(dict.fromkeys([*due_ids, *self._claimed]))
             if not ids:
                 return []
-            live = self.store.workers().values()
+            known = self.store.workers_if_known()
+            if known is None:
+                # A live worker's entry cannot be read (nbtask did not write it): what it
+                # runs is unknown, and a copy made to look lost may be of its running task.
+                log.warning(
+                    "%d lost delivery(ies) left unclaimed: a live worker's registry entry "
+                    "cannot be read (nbtask did not write it)",
+                    len(ids),
+                )
+                return []
+            live = known.values()
             busy = {task for info in live for task in info.busy}
             # Holders still alive, as their supervisors last saw them: (consumer, pid).
             alive = {

@@ -55,7 +55,8 @@ class LostTasks:
     settings
         ``max_redeliveries``.
     running
-        The ids of the tasks live worker processes run now (none known by default).
+        The ids of the tasks live worker processes run now (none known by default);
+        ``None`` when that is unknown (a live worker's registry entry cannot be read).
     """
 
     def __init__(
@@ -63,7 +64,7 @@ class LostTasks:
         transport: Transport,
         signer: Signer,
         settings: Settings,
-        running: Callable[[], Collection[str]] = tuple,
+        running: Callable[[], Collection[str] | None] = tuple,
     ) -> None:
         self.transport = transport
         self.store = transport.store
@@ -112,11 +113,7 @@ class LostTasks:
             if follow_up:
                 self._follow_up(message, envelope)
             return
-        if message.id in self.running():
-            # A live process runs the task, holding its own delivery: this is a copy
-            # (someone with broker access made it), neither a loss to report nor to rerun.
-            log.warning("dropped a copy of task %s's message: a live process runs it", message.id)
-            self.transport.discard(delivery)
+        if self._live_process_may_run(delivery, message):
             return
         if not follow_up and (record is None or record.state is State.PENDING):
             # Never started, as a worker taking it now would refuse it: too old to run.
@@ -148,6 +145,28 @@ class LostTasks:
         lost = {"reason": reason}
         event = Event(EventType.WORKER_LOST, message.id, FINAL_SEQ, lost, run=message.run)
         self._report(message, envelope, event, delivery, follow_up=follow_up)
+
+    def _live_process_may_run(self, delivery: Delivery, message: TaskMessage) -> bool:
+        """Whether a live process runs the task, or may: the delivery is then left alone.
+
+        One that runs it holds its own delivery: this one is a copy (someone with broker
+        access made it), neither a loss to report nor to rerun, and is dropped. When a live
+        worker's registry entry cannot be read (nbtask did not write it), that worker may
+        run it: the delivery is left for a later look.
+        """
+        running = self.running()
+        if running is None:
+            log.warning(
+                "left task %s's delivery unsettled: a live worker's registry entry cannot be "
+                "read (nbtask did not write it), so whether a live process runs it is unknown",
+                message.id,
+            )
+            return True
+        if message.id in running:
+            log.warning("dropped a copy of task %s's message: a live process runs it", message.id)
+            self.transport.discard(delivery)
+            return True
+        return False
 
     def _report(
         self,

@@ -276,11 +276,17 @@ class Worker:
             if self._failing.pop(name, None) is not None:
                 log.info("housekeeping step %r works again", name)
 
-    def _running_now(self) -> set[str]:
-        """The tasks this worker's children run, and those other live workers announced."""
+    def _running_now(self) -> set[str] | None:
+        """The tasks this worker's children run, and those other live workers announced.
+
+        ``None`` when a live worker's registry entry cannot be read (nbtask did not write
+        it): what that worker runs is unknown.
+        """
         here = {slot.task_id for slot in self._pool.slots if slot.task_id}
-        live = self.store.workers().items()
-        return here.union(*(info.busy for worker, info in live if worker != self.worker_id))
+        live = self.store.workers_if_known()
+        if live is None:
+            return None
+        return here.union(*(info.busy for worker, info in live.items() if worker != self.worker_id))
 
     def _settle_orphans(self) -> None:
         for delivery in self.transport.orphans(self.queues):
