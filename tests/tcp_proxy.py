@@ -21,7 +21,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
-__all__ = ["TcpProxy", "on_a_thread", "proxying", "via"]
+from helpers import wait_until
+
+__all__ = ["TcpProxy", "on_a_thread", "proxying", "reply_lost_once", "via"]
 
 _CHUNK = 1 << 16
 
@@ -237,6 +239,27 @@ def proxying(url: str, default_port: int) -> Iterator[TcpProxy]:
         yield proxy
     finally:
         proxy.stop()
+
+
+@contextlib.contextmanager
+def reply_lost_once(proxy: TcpProxy, done: Callable[[], bool]) -> Iterator[None]:
+    """In the block, the service's replies are lost; the connection drops once ``done()``.
+
+    ``done`` says the service ran the command (looked at directly, not through the proxy).
+    """
+    proxy.deafen()  # on live connections: one made again after the cut hears the service
+
+    def cut_once_done() -> None:
+        wait_until(done, 30, "the service to run the command")
+        proxy.cut()
+
+    cutter = threading.Thread(target=cut_once_done, daemon=True)
+    cutter.start()
+    try:
+        yield
+    finally:
+        cutter.join(40)
+    assert not cutter.is_alive()
 
 
 def via(url: str, port: int) -> str:

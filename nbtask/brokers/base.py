@@ -152,8 +152,8 @@ class Store(Protocol):
     def revoke_pending(self, task_id: str, raw_event: bytes, channel: str) -> bool:
         """Mark a task REVOKED if it has not started; return whether it was."""
 
-    def take_follow_ups(self, task_id: str) -> bool | None:
-        """Take the follow-ups its stated outcome owes: True once, False after, None if none."""
+    def take_follow_ups(self, task_id: str, taker: str) -> bool | None:
+        """Take the follow-ups its outcome owes: True for their ``taker``, False, None if none."""
 
     # Client channels -----------------------------------------------------------------------
     def channel_key(self, client_id: str) -> str:

@@ -266,12 +266,16 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
         keys = [self.record_key(task_id), channel]
         return bool(self.link.call("revoke", keys, raw_event, self.ttl, CHANNEL_MAXLEN))
 
-    def take_follow_ups(self, task_id: str) -> bool | None:
-        """Take the follow-ups a task's stated outcome owes: True once, then False.
+    def take_follow_ups(self, task_id: str, taker: str) -> bool | None:
+        """Take the follow-ups a task's stated outcome owes: True for ``taker``, else False.
 
-        ``None`` when none were owed (see nbtask.wire.records.FOLLOW_UPS).
+        ``None`` when none were owed (see nbtask.wire.records.FOLLOW_UPS). The first taker
+        has them; its own take sent again says True again, so the take is sent once more
+        when its reply is lost (Redis may have run it): a taker is one attempt's own.
         """
-        taken = int(self.link.call("take_follow_ups", [self.record_key(task_id)]))
+        take = self.link.evalsha("take_follow_ups", [self.record_key(task_id)], taker)
+        with self.link.translate_errors():
+            taken = int(self.link.run_scripts([take], idempotent=True)[0])
         return None if taken < 0 else bool(taken)
 
     def forget_pending(self, publishes: Iterable[tuple[str, str]]) -> None:

@@ -10,6 +10,9 @@ handlers run, in Celery's order. An outcome stored owing its follow-ups
 from __future__ import annotations
 
 import logging
+import os
+import time
+import uuid
 from collections.abc import Sequence
 
 from nbtask.brokers import Transport
@@ -17,7 +20,7 @@ from nbtask.core.call_checks import AUTO_ID
 from nbtask.core.canvas import Callbacks, Signature
 from nbtask.core.handlers import call_handlers
 from nbtask.core.task import Task
-from nbtask.errors import NbtaskError
+from nbtask.errors import BrokerUnavailable, NbtaskError
 from nbtask.wire.blobs import argument_keeper, blob_sizes, parse_layout
 from nbtask.wire.envelope import Buffer, Signer
 from nbtask.wire.events import (
@@ -40,6 +43,8 @@ __all__ = ["FollowUps", "has_handlers", "owes_follow_ups"]
 log = logging.getLogger("nbtask.worker")
 
 _AFTER_HANDLERS = ("on_success", "on_failure", "on_retry", "after_return")
+#: How long a take of owed follow-ups is sent again while the broker is away, seconds.
+_TAKE_PATIENCE = 60.0
 
 
 class FollowUps:
@@ -77,7 +82,7 @@ class FollowUps:
         # Loaded before they are taken: a process that dies loading them (a callback
         # argument whose loading kills it) leaves them owed, for its supervisor.
         callbacks = _callbacks(message, links)
-        if owed and self.transport.store.take_follow_ups(message.id) is False:
+        if owed and self._take(message.id) is False:
             log.warning("the follow-ups of task %s were run by another process", message.id)
             callbacks = None
         try:
@@ -104,7 +109,7 @@ class FollowUps:
         Returns what the take said: True (run now), False (run before), ``None`` (none
         owed: the task's own process stored an outcome that owes none).
         """
-        taken = self.transport.store.take_follow_ups(message.id)
+        taken = self._take(message.id)
         if taken:
             outcome = self._stored_outcome(message.id)
             if outcome is None:
@@ -112,6 +117,31 @@ class FollowUps:
             else:
                 self.run(message, outcome, links, None)
         return taken
+
+    def _take(self, task_id: str) -> bool | None:
+        """Take the task's owed follow-ups (see ``Store.take_follow_ups``), as one taker.
+
+        While the broker is away (up to ``_TAKE_PATIENCE`` seconds) the take is sent again
+        as the same taker: one Redis ran whose reply was lost takes them again, where a new
+        taker would find them taken, and no one would send them.
+        """
+        taker = f"{os.getpid()}:{uuid.uuid4().hex}"
+        give_up = time.monotonic() + _TAKE_PATIENCE
+        backoff = 0.1
+        while True:
+            try:
+                return self.transport.store.take_follow_ups(task_id, taker)
+            except BrokerUnavailable as exc:
+                if time.monotonic() + backoff > give_up:
+                    raise
+                log.warning(
+                    "cannot take the follow-ups of task %s yet (%s); retrying in %.1f s",
+                    task_id,
+                    exc,
+                    backoff,
+                )
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
 
     def _stored_outcome(self, task_id: str) -> Outcome | None:
         """The task's stored final outcome, verified; ``None`` if there is none."""

@@ -13,16 +13,13 @@ connection. Workers reach Redis directly.
 
 from __future__ import annotations
 
-import threading
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import redis
 from helpers import ledger_runs, wait_until
-from tcp_proxy import TcpProxy, via
+from tcp_proxy import TcpProxy, reply_lost_once, via
 
 from nbtask import App, Settings
 from nbtask.brokers.redis_errors import RepliesLost
@@ -33,24 +30,6 @@ from nbtask.errors import BrokerUnavailable
 RECORD = "tests.sample_tasks.record_id"  # appends its id to a file: counts runs
 
 pytestmark = pytest.mark.brokers("redis")
-
-
-@contextmanager
-def reply_lost_once(proxy: TcpProxy, done: Callable[[], bool]) -> Iterator[None]:
-    """In the block, Redis's replies are lost; the connection drops once ``done()``."""
-    proxy.deafen()  # on live connections: one made again after the cut hears Redis
-
-    def cut_once_done() -> None:
-        wait_until(done, 30, "Redis to run the command")
-        proxy.cut()
-
-    cutter = threading.Thread(target=cut_once_done, daemon=True)
-    cutter.start()
-    try:
-        yield
-    finally:
-        cutter.join(40)
-    assert not cutter.is_alive()
 
 
 def test_a_command_redis_ran_is_not_sent_again_when_its_reply_is_lost(

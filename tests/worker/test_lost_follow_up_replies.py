@@ -1,0 +1,115 @@
+"""Owed follow-ups whose take's reply was lost are still sent, once. Both brokers.
+
+A task revoked while queued has its follow-ups (its errback) owed in its record; whoever
+settles its message takes them in the store, then sends them. When the connection to the
+store drops after Redis ran the take, before its reply came, the take is sent again as the
+same taker, which takes them again: the errback is sent. Before, the take was refused a
+second send (a copy could run twice) and, sent again, found them taken by no one else
+than itself: nothing was sent, ever. A replay (another taker) still finds them taken.
+
+The process settling the message is this test's, reaching the store through a
+:class:`~tcp_proxy.TcpProxy` (``deafen()`` loses Redis's reply while the take reaches it,
+``cut()`` then drops the connection); the worker started after it reaches Redis directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from helpers import wait_for_housekeeping, wait_until
+from raw_broker import RawBroker
+from tcp_proxy import TcpProxy, proxying, reply_lost_once, via
+
+import nbtask
+from nbtask import App, Settings
+from nbtask.brokers import Transport, open_broker
+from nbtask.core.outgoing import MessageBuilder
+from nbtask.wire.envelope import Signer
+from nbtask.wire.message import TaskMessage
+from nbtask.worker.follow_ups import FollowUps
+from nbtask.worker.subtasks import SubtaskPublisher
+from tests.celery_tasks import read_records
+
+pytestmark = pytest.mark.brokers
+
+
+@pytest.fixture
+def store_proxy(redis_url: str) -> Iterator[TcpProxy]:
+    """A proxy in front of the store (the real Redis, on both brokers)."""
+    with proxying(redis_url, 6379) as opened:
+        yield opened
+
+
+@pytest.fixture
+def proxied(settings: Settings, store_proxy: TcpProxy) -> Iterator[Transport]:
+    """A worker's transport whose store connections go through ``store_proxy``."""
+    if settings.result_url:  # RabbitMQ: the store is the Redis beside it
+        settings = settings.replace(result_url=via(settings.result_url, store_proxy.url_port))
+        transport = open_broker(settings, settings.broker_url or "")
+    else:
+        transport = open_broker(settings, via(settings.broker_url or "", store_proxy.url_port))
+    yield transport
+    transport.close()
+
+
+def _follow_ups(settings: Settings, transport: Transport) -> FollowUps:
+    """What a worker process follows a settled task up with."""
+    signer = Signer.for_settings(settings, settings.secret)
+    builder = MessageBuilder(signer, settings, transport.store, through_apps=False)
+    return FollowUps(transport, signer, SubtaskPublisher(transport, builder))
+
+
+def test_an_errback_whose_takes_reply_was_lost_is_sent_once(
+    app: App,
+    access: RawBroker,
+    proxied: Transport,
+    store_proxy: TcpProxy,
+    settings: Settings,
+    r: redis.Redis,
+    start_worker,
+    tmp_path: Path,
+) -> None:
+    @app.task
+    def step(path: str) -> None:
+        from tests.celery_tasks import record
+
+        record(path, step=1)
+
+    @app.task
+    def note(value: object, path: str) -> object:
+        from tests.celery_tasks import record
+
+        record(path, value=value)
+        return value
+
+    calls, ledger = tmp_path / "calls", tmp_path / "ledger"
+    h = step.apply_async((str(ledger),), link_error=note.s(str(calls)))
+    app.flush()
+    wait_until(lambda: access.queued() == 1, 10, "the message on its queue")
+    raw = access.peek()
+    assert app.revoke(h.id)  # its errback is owed: the revoke stores that, signed
+    record = access.keys.record_key(h.id)
+    assert r.hget(record, "follow_ups") == b"owed"
+
+    follow_ups = _follow_ups(settings, proxied)
+    signer = Signer.for_settings(settings, settings.secret)
+    envelope = signer.open(raw)
+    message = TaskMessage.from_header(envelope.header)
+    links = message.split(envelope)[1]
+    assert proxied.store.link.run([("PING",)]) == [b"PONG"]  # connected, and answered on
+    with reply_lost_once(store_proxy, lambda: r.hget(record, "follow_ups") != b"owed"):
+        assert follow_ups.run_owed(message, links) is True  # (before: BrokerUnavailable)
+    # A replay's take (another process's) finds them taken.
+    assert _follow_ups(settings, proxied).run_owed(message, links) is False
+
+    start_worker(concurrency=1)  # runs the errback; drops the revoked task's message
+    wait_until(lambda: bool(read_records(calls)), 30, "the errback to run")
+    with pytest.raises(nbtask.TaskRevoked):
+        h.get(timeout=20)
+    wait_until(access.drained, 30, "the revoked task's message dropped")
+    wait_for_housekeeping(app)
+    assert [c["value"] for c in read_records(calls)] == [h.id]
+    assert read_records(ledger) == []
