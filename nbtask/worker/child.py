@@ -40,7 +40,7 @@ from nbtask.worker.journal import Journal
 from nbtask.worker.outbox import Outbox, TaskStream
 from nbtask.worker.predicates import Predicates
 from nbtask.worker.run import Runner
-from nbtask.worker.settle import Outcome, failure_event, outcome_fields
+from nbtask.worker.settle import Outcome, failure_event, outcome_fields, retry_requeue
 from nbtask.worker.slots import SlotState
 from nbtask.worker.subtasks import SubtaskPublisher
 
@@ -360,14 +360,7 @@ class Child:
         fields = outcome_fields(self.signer, message, outcome, raw)
         if owes:
             fields[FOLLOW_UPS] = FOLLOW_UPS_OWED
-        requeue = None
-        if outcome.retry_in is not None:
-            due = time.time() + outcome.retry_in
-            # ``created`` is kept: it names the send, which the retry's events name too
-            # (its age counts from its signed eta).
-            retried, body = outcome.retry_send or (message, admitted.envelope.body)
-            header = {**retried.to_header(), "retries": message.retries + 1, "eta": due}
-            requeue = (self.signer.seal(header, body), due)
+        requeue = retry_requeue(self.signer, message, outcome, admitted.envelope.body)
         then_fetch = (self.served(), self.consumer, 1.0) if fetch_next and not self._stop else None
         delivery = admitted.delivery if ack else None
         backoff = 0.1

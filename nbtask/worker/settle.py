@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -48,6 +49,7 @@ __all__ = [
     "failure_outcome",
     "outcome_fields",
     "report",
+    "retry_requeue",
     "revoked_body",
     "send_stored_outcome",
     "stopped_event",
@@ -212,6 +214,22 @@ def revoked_body(exc: BaseException) -> bytes:
         return dumps({"partial": partial})
     except Exception:
         return b""
+
+
+def retry_requeue(
+    signer: Signer, message: TaskMessage, outcome: Outcome, body: Buffer
+) -> tuple[bytes, float] | None:
+    """A retry's message (``body``: the retried message's) and when it is due, else ``None``.
+
+    ``created`` is kept: it names the send, which the retry's events name too (its age
+    counts from its signed eta).
+    """
+    if outcome.retry_in is None:
+        return None
+    due = time.time() + outcome.retry_in
+    retried, parts = outcome.retry_send or (message, body)
+    header = {**retried.to_header(), "retries": message.retries + 1, "eta": due}
+    return signer.seal(header, parts), due
 
 
 def outcome_fields(
