@@ -19,6 +19,7 @@ __all__ = [
     "CHECK_START",
     "ETA_MEMBER",
     "INDEX_UPKEEP_SECONDS",
+    "PARKED_BEFORE",
     "STORE_SCRIPTS",
     "WRITE_FINAL",
     "WRITE_PENDING",
@@ -260,6 +261,19 @@ end
 """,
 )
 
+# A retry is parked once per task and retry number: its record names the last one parked
+# (the 'parked' field, among the retry's own fields: nbtask.wire.records.PARKED). The same
+# retry's end sent again (its reply lost with its connection, after Redis ran it) finds it
+# there: it is neither told nor parked again (the ETA mover may have queued the first).
+PARKED_BEFORE = """
+local function parked_before(key, fields)
+  for i = 1, #fields - 1, 2 do
+    if fields[i] == 'parked' then return redis.pcall('HGET', key, 'parked') == fields[i + 1] end
+  end
+  return false
+end
+"""
+
 # Store scripts ------------------------------------------------------------------------------
 
 # KEYS: record; ARGV: ttl, worker, pid, consumer, redelivered
@@ -285,12 +299,16 @@ return ''
 """
 )
 
-# A task's end, told to its client and stored, and a retry parked until it is due.
+# A task's end, told to its client and stored, and a retry parked until it is due (once:
+# the same retry sent again is not, see PARKED_BEFORE).
 # KEYS: record, channel, eta set; ARGV: ttl, maxlen, event, member ('' = none), due, fields...
 _SETTLE = (
     WRITE_FINAL
+    + PARKED_BEFORE
     + """
-local refused = write_final(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], {unpack(ARGV, 6)})
+local fields = {unpack(ARGV, 6)}
+if parked_before(KEYS[1], fields) then return '' end
+local refused = write_final(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], fields)
 if ARGV[4] ~= '' then zadd_replacing(KEYS[3], ARGV[5], ARGV[4]) end
 return refused
 """

@@ -7,7 +7,13 @@ start, finish) is one round trip.
 
 from __future__ import annotations
 
-from nbtask.brokers.scripts import CHECK_START, ETA_MEMBER, WRITE_FINAL, WRITE_PENDING
+from nbtask.brokers.scripts import (
+    CHECK_START,
+    ETA_MEMBER,
+    PARKED_BEFORE,
+    WRITE_FINAL,
+    WRITE_PENDING,
+)
 
 __all__ = ["STREAMS_SCRIPTS"]
 
@@ -47,15 +53,20 @@ return ''
 
 # The last step of a task, atomically: store the record, tell the client, park a
 # message for later (a retry) and acknowledge the delivery. Returns '' once the record
-# is written, else the final state that refused it (see WRITE_FINAL).
+# is written (or the same retry was parked before: PARKED_BEFORE), else the final state
+# that refused it (see WRITE_FINAL).
 # KEYS: record, channel, stream, eta set
 # ARGV: ttl, maxlen, event ('' = none), entry id ('' = no ack), later ('' = none), due,
 # fields...
 _FINISH = (
     WRITE_FINAL
+    + PARKED_BEFORE
     + """
-local refused = write_final(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], {unpack(ARGV, 7)})
-if ARGV[5] ~= '' then zadd_replacing(KEYS[4], ARGV[6], ARGV[5]) end
+local fields, refused = {unpack(ARGV, 7)}, ''
+if not parked_before(KEYS[1], fields) then
+  refused = write_final(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], fields)
+  if ARGV[5] ~= '' then zadd_replacing(KEYS[4], ARGV[6], ARGV[5]) end
+end
 if ARGV[4] ~= '' then
   redis.call('XACK', KEYS[3], 'workers', ARGV[4])
   redis.call('XDEL', KEYS[3], ARGV[4])

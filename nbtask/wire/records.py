@@ -44,6 +44,11 @@ _PENDING = State.PENDING.value
 #: the verified outcome, and by the message's ``max_age``, as a rerun of the task is.
 FOLLOW_UPS = "follow_ups"
 FOLLOW_UPS_OWED = "owed"
+#: The record field naming the retry (its number, the retried message's ``retries``) last
+#: parked for the task: a retry is parked once per task and retry number, so the same
+#: retry's end sent again (its reply lost after the store ran it) is neither told nor
+#: parked again (see ``PARKED_BEFORE`` in nbtask.brokers.scripts).
+PARKED = "parked"
 
 
 def pending_fields(

@@ -360,6 +360,8 @@ class Child:
         fields = outcome_fields(self.signer, message, outcome, raw)
         if owes:
             fields[FOLLOW_UPS] = FOLLOW_UPS_OWED
+        # Sent again below (after a lost reply, too), a retry is parked once: its record
+        # names its number (see outcome_fields).
         requeue = retry_requeue(self.signer, message, outcome, admitted.envelope.body)
         then_fetch = (self.served(), self.consumer, 1.0) if fetch_next and not self._stop else None
         delivery = admitted.delivery if ack else None

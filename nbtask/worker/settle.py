@@ -37,6 +37,7 @@ from nbtask.wire.message import TaskMessage, split
 from nbtask.wire.records import (
     FOLLOW_UPS,
     FOLLOW_UPS_OWED,
+    PARKED,
     RecordFields,
     TaskRecord,
     final_fields,
@@ -222,7 +223,8 @@ def retry_requeue(
     """A retry's message (``body``: the retried message's) and when it is due, else ``None``.
 
     ``created`` is kept: it names the send, which the retry's events name too (its age
-    counts from its signed eta).
+    counts from its signed eta). Its ``retries`` is the number its record says is parked
+    (see :func:`outcome_fields`).
     """
     if outcome.retry_in is None:
         return None
@@ -238,7 +240,8 @@ def outcome_fields(
     """The record kept of a run: its state, and its signed result unless told otherwise."""
     state = outcome.state
     if state is State.RETRY:
-        return final_fields(state, b"")
+        # Parked once per retry number (see nbtask.wire.records.PARKED).
+        return {**final_fields(state, b""), PARKED: str(message.retries + 1)}
     header = outcome.event.to_header()
     if not message.store_result:
         # backend=None: no result at all, only a signed note that the task ended, kept
