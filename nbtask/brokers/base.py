@@ -146,7 +146,8 @@ class Store(Protocol):
     def settle(self, end: Settlement) -> str:
         """Store a task's end (no fields: delete its record) and tell its client.
 
-        Returns ``''``, or the final state the record had already, which keeps it.
+        Returns ``''``, or what says the task ended already, which keeps its outcome: the
+        record's final state (held with a signed outcome), or ``'ENDED'``.
         """
 
     def revoke_pending(self, task_id: str, raw_event: bytes, channel: str) -> bool:

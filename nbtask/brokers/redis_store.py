@@ -249,8 +249,8 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
         """Store a task's end and tell its client (no message to acknowledge).
 
         No ``fields`` deletes the task's record; ``later`` (a message and its due time)
-        is parked until then: a retry. Returns ``''``, or the final state the record had
-        already, which keeps it (nothing stored, nothing told).
+        is parked until then: a retry. Returns ``''``, or what says the task ended already,
+        which keeps its outcome (nothing stored, nothing told): see ``Store.settle``.
         """
         keys, args = self.settle_args(end)
         reply = self.link.call("settle", keys, *args, large=len(end.raw_event) >= LARGE_BYTES)

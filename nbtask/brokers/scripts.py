@@ -229,24 +229,37 @@ end
 
 # The end of a task (or a retry): store its record (no fields and an event: delete it)
 # and append the event to its client's channel. A field value '=event' stands for the
-# event itself (a stored result), so it is sent only once. A final state is remembered,
-# and never replaced. Returns '' once written, else the final state that refused it.
+# event itself (a stored result), so it is sent only once. A task ends once: a second
+# outcome (a worker reported the task lost, then it ended after all) is neither stored
+# nor sent, but it is remembered as ended. Only signed facts say a task ended: the record's
+# signed outcome (written with its state, in one write) or the ended-task set. A final plain
+# state alone was not written by nbtask (someone with write access to Redis put it there,
+# to drop the outcome and have a replay run): it is written over. Returns '' once written,
+# '!' .. that plain state once written over it, else what refused it: the record's final
+# state (held with a signed outcome), or 'ENDED'.
 WRITE_FINAL = _lua(
     _OWN_RECORD,
+    _ENDED,
     _MARK_ENDED,
     _XADD_REPLACING,
     """
 local FINAL = {SUCCESS = true, FAILURE = true, REVOKED = true, WORKER_LOST = true}
 local function write_final(key, channel, ttl, maxlen, event, fields)
-  -- A final state stays final: a second outcome (a race between a worker reporting a
-  -- task lost and the task ending after all) is neither stored nor sent.
-  local state = own_record(key)
-  if FINAL[state] then return state end
+  local ends = false
+  for i = 1, #fields, 2 do
+    if fields[i] == 'state' and FINAL[fields[i + 1]] then ends = true end
+  end
+  local state, outcome = own_record(key)
+  if outcome or ended(key) then
+    if ends then mark_ended(key, ttl) end  -- this run too (its entry may have gone)
+    if outcome and FINAL[state] then return state end
+    return 'ENDED'
+  end
   if #fields > 0 then
     for i = 2, #fields, 2 do
       if fields[i] == '=event' then fields[i] = event end
-      if fields[i - 1] == 'state' and FINAL[fields[i]] then mark_ended(key, ttl) end
     end
+    if ends then mark_ended(key, ttl) end
     redis.call('HSET', key, unpack(fields))
     redis.call('EXPIRE', key, ttl)
   elseif event ~= '' then
@@ -256,6 +269,7 @@ local function write_final(key, channel, ttl, maxlen, event, fields)
     xadd_replacing(channel, maxlen, event)
     redis.call('EXPIRE', channel, ttl)
   end
+  if FINAL[state] then return '!' .. state end
   return ''
 end
 """,

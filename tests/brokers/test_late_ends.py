@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+from raw_broker import RawBroker
 
 from nbtask import App, State
 from nbtask.brokers.base import Settlement
@@ -23,7 +24,7 @@ ADD = "tests.sample_tasks.add"
 
 @pytest.mark.parametrize("fetch_next", [False, True])
 def test_an_end_after_the_task_was_reported_lost_is_not_kept_and_is_said(
-    app: App, caplog: pytest.LogCaptureFixture, fetch_next: bool
+    app: App, access: RawBroker, caplog: pytest.LogCaptureFixture, fetch_next: bool
 ) -> None:
     transport = app.transport
     queue = [app.settings.default_queue]
@@ -35,16 +36,20 @@ def test_an_end_after_the_task_was_reported_lost_is_not_kept_and_is_said(
     lost = final_fields(State.WORKER_LOST, b"lost")
     # Another worker reported it lost meanwhile.
     assert app.store.settle(Settlement(h.id, app.channel, b"lost", lost)) == ""
-    done = final_fields(State.SUCCESS, b"done")
+    # Its ended-task entry gone (as anyone with write access can make it): the stored
+    # signed outcome still refuses the late end, which puts the entry back.
+    access.store.zrem(access.keys.done_key, h.id)
+    ended = final_fields(State.SUCCESS, b"done")
     then_fetch = (queue, "c1", 0.1) if fetch_next else None
     with caplog.at_level(logging.WARNING, logger="nbtask"):
-        transport.finish(taken, h.id, app.channel, b"done", done, then_fetch=then_fetch)
+        transport.finish(taken, h.id, app.channel, b"done", ended, then_fetch=then_fetch)
     said = [r.getMessage() for r in caplog.records if h.id in r.getMessage()]
     assert len(said) == 1, said
     assert said[0].startswith(f"task {h.id} ended (SUCCESS) after it had been reported lost: ")
     assert "not kept (the record stays WORKER_LOST)" in said[0] and "paused" in said[0]
     record = app.store.get_record(h.id)
     assert record is not None and record.state == "WORKER_LOST"
+    assert access.store.zscore(access.keys.done_key, h.id) is not None
     # Stored once: a second report of the same loss is no late end, and is not said.
     caplog.clear()
     assert app.store.settle(Settlement(h.id, app.channel, b"lost", lost)) == "WORKER_LOST"
