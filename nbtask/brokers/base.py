@@ -55,6 +55,9 @@ class Verdict:
     FINISHED = "FINISHED"
     #: The task's record is not one nbtask wrote (another Redis type): nothing may start.
     BAD_RECORD = "BADRECORD"
+    #: Its client revoked it while its record said it had started: that signed revoke is
+    #: now its stored outcome (owing its follow-ups), for the worker to send its client.
+    REVOKED = "REVOKEDNOW"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +154,11 @@ class Store(Protocol):
         """
 
     def revoke_pending(self, task_id: str, raw_event: bytes, channel: str) -> bool:
-        """Mark a task REVOKED if it has not started; return whether it was."""
+        """Mark a task REVOKED if it has not started; return whether it was.
+
+        One whose record says it started (its plain state, which anyone with write access
+        can set) keeps ``raw_event`` so that it never starts (again) after all.
+        """
 
     def take_follow_ups(self, task_id: str, taker: str) -> bool | None:
         """Take the follow-ups its outcome owes: True for their ``taker``, False, None if none."""

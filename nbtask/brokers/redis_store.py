@@ -262,9 +262,13 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
             self.link.redis.hset(self.record_key(task_id), "state", "PENDING")
 
     def revoke_pending(self, task_id: str, raw_event: bytes, channel: str) -> bool:
-        """Mark a not-yet-started task REVOKED and tell its client; whether it was."""
+        """Mark a not-yet-started task REVOKED and tell its client; whether it was.
+
+        A task whose record says it has started keeps ``raw_event`` in its record: its
+        next start is refused as revoked, whatever that record's plain state says then.
+        """
         keys = [self.record_key(task_id), channel]
-        return bool(self.link.call("revoke", keys, raw_event, self.ttl, CHANNEL_MAXLEN))
+        return int(self.link.call("revoke", keys, raw_event, self.ttl, CHANNEL_MAXLEN)) == 1
 
     def take_follow_ups(self, task_id: str, taker: str) -> bool | None:
         """Take the follow-ups a task's stated outcome owes: True for ``taker``, else False.

@@ -152,20 +152,31 @@ end
 # May the task whose record is at `key` start now? A task starts only from PENDING or
 # RETRY (or with no record, e.g. an expired one): duplicates of a running task, replays
 # of a finished one and revoked tasks are refused. Returns 'OK' (and marks it STARTED by
-# worker/pid/consumer) or the state that forbids it. A final state refuses; so does a
-# record holding a signed outcome, or a task remembered as ended, whatever the plain
-# state field says: 'FINISHED'. Only then is "STARTED by this very consumer process"
-# weighed: it means its own earlier check, whose reply was lost with its connection (a
-# consumer runs one task at a time, and is not running this one): 'OK'. A redelivered
-# message (redelivered = '1') whose task is STARTED by someone else was lost by a dead
-# holder: 'LOST'. A key of another type: 'BADRECORD'.
+# worker/pid/consumer) or the state that forbids it. A record holding its client's signed
+# revoke (`revoked`: revoked while its plain state said it had started) refuses first,
+# whatever the plain state says: the revoke becomes its stored outcome, owing its
+# follow-ups, and 'REVOKEDNOW' is returned (the worker sends it to the client). A final
+# state refuses; so does a record holding a signed outcome, or a task remembered as
+# ended, whatever the plain state field says: 'FINISHED'. Only then is "STARTED by this
+# very consumer process" weighed: it means its own earlier check, whose reply was lost
+# with its connection (a consumer runs one task at a time, and is not running this one):
+# 'OK'. A redelivered message (redelivered = '1') whose task is STARTED by someone else
+# was lost by a dead holder: 'LOST'. A key of another type: 'BADRECORD'.
 CHECK_START = _lua(
-    _STATE_AND_OUTCOME,
     _ENDED,
+    _MARK_ENDED,
     """
 local function check_start(key, ttl, worker, pid, consumer, redelivered)
-  local state, outcome = state_and_outcome(key)
-  if state == 'bad' then return 'BADRECORD' end
+  local got = redis.pcall('HMGET', key, 'state', 'result', 'revoked')
+  if got.err then return 'BADRECORD' end
+  local state, outcome, revoked = got[1], got[2], got[3]
+  if revoked and not outcome and not ended(key) then
+    redis.call('HSET', key, 'state', 'REVOKED', 'result', revoked, 'follow_ups', 'owed')
+    redis.call('HDEL', key, 'revoked')
+    redis.call('EXPIRE', key, ttl)
+    mark_ended(key, ttl)
+    return 'REVOKEDNOW'
+  end
   if state and state ~= 'PENDING' and state ~= 'RETRY' and state ~= 'STARTED' then
     return state
   end
@@ -331,6 +342,10 @@ return refused
 # Mark a task that has not started REVOKED and tell its client. Its signed outcome owes
 # its follow-ups (errbacks, failing a chain's later steps): the first worker that drops its
 # message takes them, once (nbtask.wire.records.FOLLOW_UPS); a replay finds them taken.
+# Returns 1 once revoked, 0 if it ended (a signed outcome, or the ended-task set). A task
+# whose plain state says it has started (or ended, with nothing signed saying so) may run
+# now, or that state was not written by nbtask: the client's signed revoke is kept in the
+# record (`revoked`) and refuses its next start (CHECK_START): 2.
 # KEYS: record, channel; ARGV: event, ttl, maxlen
 _REVOKE = _lua(
     _OWN_RECORD,
@@ -339,8 +354,12 @@ _REVOKE = _lua(
     _XADD_REPLACING,
     """
 local state, outcome = own_record(KEYS[1])
-if state and state ~= 'PENDING' and state ~= 'RETRY' then return 0 end
 if outcome or ended(KEYS[1]) then return 0 end
+if state and state ~= 'PENDING' and state ~= 'RETRY' then
+  redis.call('HSET', KEYS[1], 'revoked', ARGV[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  return 2
+end
 mark_ended(KEYS[1], ARGV[2])
 redis.call('HSET', KEYS[1], 'state', 'REVOKED', 'result', ARGV[1], 'follow_ups', 'owed')
 redis.call('EXPIRE', KEYS[1], ARGV[2])

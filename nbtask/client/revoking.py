@@ -66,7 +66,10 @@ class Revoking(AppConnection):
         -------
         bool
             True if the task was revoked before it started, or a terminate request was
-            sent to the workers; False if it had already finished.
+            sent to the workers; False if it had already finished, or (without
+            ``terminate``) its record says it has started. Either way a task that has not
+            finished does not start after this call, nor does a redelivery of one that
+            runs.
 
         Raises
         ------

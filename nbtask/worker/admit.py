@@ -38,7 +38,7 @@ __all__ = ["Admission", "Admitted", "Settle", "message_age"]
 log = logging.getLogger("nbtask.worker")
 
 #: Start verdicts of a task that ended: its record holds a final state or a signed outcome.
-_ENDED = frozenset({Verdict.FINISHED, *(state.value for state in FINAL_STATES)})
+_ENDED = frozenset({Verdict.FINISHED, Verdict.REVOKED, *(state.value for state in FINAL_STATES)})
 # A message taken this long before its signed eta was moved early in the store (clocks of
 # the sender and the worker may differ by less): it is parked again until its eta.
 _EARLY_SECONDS = 1.0
@@ -265,11 +265,13 @@ class Admission:
             failed = failure_event(message.id, FINAL_SEQ, why, run=message.run)
             self.settle(admitted, Outcome(failed), ack=False)
             return
-        log.warning("dropped a message for task %s: it is already %s", message.id, refused)
+        said = State.REVOKED.value if refused == Verdict.REVOKED else refused
+        log.warning("dropped a message for task %s: it is already %s", message.id, said)
         self.transport.discard(admitted.delivery)
         if refused not in _ENDED:
             return
-        self._tell_outcome_again(message)
+        # Revoked only now (its client's revoke was held in the record): not told yet.
+        self._tell_outcome_again(message, first=refused == Verdict.REVOKED)
         if message_age(message) > self.settings.replay_window:
             return  # it may be a replay: nothing it carries is acted on
         # Revoked before it started (the revoke stored its signed outcome owing them), or
@@ -283,12 +285,18 @@ class Admission:
                 message.id,
             )
 
-    def _tell_outcome_again(self, message: TaskMessage) -> None:
-        """Send a finished task's stored outcome to its client (see send_stored_outcome)."""
+    def _tell_outcome_again(self, message: TaskMessage, *, first: bool = False) -> None:
+        """Send a finished task's stored outcome to its client (see send_stored_outcome).
+
+        ``first``: its client's channel has not had it yet, and keeps it now.
+        """
         try:
             record = self.transport.store.get_record(message.id)
         except NbtaskError as exc:
             log.warning("could not read task %s's stored outcome to send: %s", message.id, exc)
+            return
+        if first and record is not None and record.result:
+            self.transport.emit(message.client, [record.result])
             return
         send_stored_outcome(self.transport, message.client, record)
 

@@ -11,14 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import WorkerProcess, wait_until
+from helpers import WorkerProcess, ledger_runs, wait_until
 from raw_broker import RawBroker
 
+import nbtask
 from nbtask import App
 
 pytestmark = pytest.mark.brokers
 
 WAIT = "tests.sample_tasks.wait_for_file"
+RECORD_ID = "tests.sample_tasks.record_id"
 
 
 def _waiting(access: RawBroker) -> bool:
@@ -72,3 +74,30 @@ def test_a_plain_worker_lost_state_keeps_no_outcome_from_being_stored_nor_lets_a
     assert marker.read_text().split() == [str(pid)], "the task ran again"
     assert _log_count(worker, said) == 1
     assert "after it had been reported lost" not in worker.log.read_text()
+
+
+@pytest.mark.parametrize("terminate", [True, False], ids=["terminate", "plain"])
+def test_a_queued_task_revoked_while_its_plain_state_says_started_never_runs(
+    app: App, access: RawBroker, start_worker, tmp_path: Path, terminate: bool
+) -> None:
+    """Before, the revoke took the plain ``STARTED`` at its word: with ``terminate`` it
+    sent a terminate request no process acted on and returned True, without it returned
+    False; nothing signed said the task was revoked, and once the state was reset to
+    ``PENDING`` the task ran and succeeded."""
+    ledger = tmp_path / "ledger"
+    h = app.send_task(RECORD_ID, (str(ledger),))
+    _captured(access)
+    record = access.keys.record_key(h.id)
+    access.store.hset(record, "state", "STARTED")
+    assert app.revoke(h.id, terminate=terminate) is terminate
+    access.store.hset(record, "state", "PENDING")
+    worker = start_worker(concurrency=1)
+    with pytest.raises(nbtask.TaskRevoked, match=h.id):
+        h.get(timeout=20)
+    with pytest.raises(nbtask.TaskRevoked, match=h.id):
+        app.handle(h.id).get(timeout=10)
+    dropped = f"dropped a message for task {h.id}: it is already REVOKED"
+    wait_until(lambda: _log_count(worker, dropped) == 1, 20, "the message dropped")
+    assert _state(access, h.id) == b"REVOKED"
+    assert access.store.zscore(access.keys.done_key, h.id) is not None
+    assert ledger_runs(ledger) == {}, "the revoked task ran"
