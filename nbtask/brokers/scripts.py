@@ -89,13 +89,13 @@ local function record_state(key)
   return state
 end
 """
-# The record's state and whether it holds a signed outcome, in one read ('bad' for
+# The record's state and its signed outcome (false for none), in one read ('bad' for
 # another type). The outcome is read whole, but only a task that ended has one.
 _STATE_AND_OUTCOME = """
 local function state_and_outcome(key)
   local got = redis.pcall('HMGET', key, 'state', 'result')
   if got.err then return 'bad', false end
-  return got[1], got[2] ~= false
+  return got[1], got[2]
 end
 """
 # The record's state, once anything of another type at `key` is deleted (nil then), and
@@ -242,12 +242,13 @@ end
 # and append the event to its client's channel. A field value '=event' stands for the
 # event itself (a stored result), so it is sent only once. A task ends once: a second
 # outcome (a worker reported the task lost, then it ended after all) is neither stored
-# nor sent, but it is remembered as ended. Only signed facts say a task ended: the record's
-# signed outcome (written with its state, in one write) or the ended-task set. A final plain
-# state alone was not written by nbtask (someone with write access to Redis put it there,
-# to drop the outcome and have a replay run): it is written over. Returns '' once written,
-# '!' .. that plain state once written over it, else what refused it: the record's final
-# state (held with a signed outcome), or 'ENDED'.
+# nor sent, but it is remembered as ended. Only what nbtask writes with a task's end says
+# it ended: the record's signed outcome (the task's final event, written with its state
+# in one write) or the ended-task set. A final plain state alone, or another event as
+# its result, was not written by nbtask (someone with write access to Redis put it there,
+# to drop the outcome and have a replay run): it is written over. Returns '' once
+# written, '!' .. that plain state once written over it, else what refused it: the
+# record's final state (held with its outcome), or 'ENDED'.
 WRITE_FINAL = _lua(
     _OWN_RECORD,
     _ENDED,
@@ -255,12 +256,25 @@ WRITE_FINAL = _lua(
     _XADD_REPLACING,
     """
 local FINAL = {SUCCESS = true, FAILURE = true, REVOKED = true, WORKER_LOST = true}
+local ENDS = {success = true, failure = true, revoked = true, worker_lost = true}
+-- Whether `raw` (a record's result) is this task's final event: an envelope (magic,
+-- version and header length, 8 bytes) whose header begins with a final event type and
+-- the task's id, as nbtask seals them. Its signature is checked by whoever reads it
+-- (Redis has no secret); this tells an outcome from another event put there.
+local function ends_task(raw, key)
+  if not raw then return false end
+  local kind, id = string.match(string.sub(raw, 9, 200),
+                                '^{"kind":"event","type":"([a-z_]+)","id":"([^"]+)"')
+  local _, task_id = done_of(key)
+  return ENDS[kind] == true and id == task_id
+end
 local function write_final(key, channel, ttl, maxlen, event, fields)
   local ends = false
   for i = 1, #fields, 2 do
     if fields[i] == 'state' and FINAL[fields[i + 1]] then ends = true end
   end
   local state, outcome = own_record(key)
+  outcome = ends_task(outcome, key)
   if outcome or ended(key) then
     if ends then mark_ended(key, ttl) end  -- this run too (its entry may have gone)
     if outcome and FINAL[state] then return state end

@@ -15,6 +15,7 @@ from raw_broker import RawBroker
 
 from nbtask import App, State
 from nbtask.brokers.base import Settlement
+from nbtask.wire.events import FINAL_SEQ, Event, EventType
 from nbtask.wire.records import final_fields
 
 pytestmark = pytest.mark.brokers
@@ -33,9 +34,12 @@ def test_an_end_after_the_task_was_reported_lost_is_not_kept_and_is_said(
     app.flush()
     taken = transport.fetch(queue, "c1", 5.0)
     assert taken is not None and taken.task_id == h.id
-    lost = final_fields(State.WORKER_LOST, b"lost")
-    # Another worker reported it lost meanwhile.
-    assert app.store.settle(Settlement(h.id, app.channel, b"lost", lost)) == ""
+    # Another worker reported it lost meanwhile: its signed event, stored and sent.
+    run = (app.settings.key_prefix, h.sent)
+    report = Event(EventType.WORKER_LOST, h.id, FINAL_SEQ, {"reason": "lost"}, run=run)
+    raw = app.signer.seal(report.to_header())
+    lost = final_fields(State.WORKER_LOST, raw)
+    assert app.store.settle(Settlement(h.id, app.channel, raw, lost)) == ""
     # Its ended-task entry gone (as anyone with write access can make it): the stored
     # signed outcome still refuses the late end, which puts the entry back.
     access.store.zrem(access.keys.done_key, h.id)
@@ -52,5 +56,5 @@ def test_an_end_after_the_task_was_reported_lost_is_not_kept_and_is_said(
     assert access.store.zscore(access.keys.done_key, h.id) is not None
     # Stored once: a second report of the same loss is no late end, and is not said.
     caplog.clear()
-    assert app.store.settle(Settlement(h.id, app.channel, b"lost", lost)) == "WORKER_LOST"
+    assert app.store.settle(Settlement(h.id, app.channel, raw, lost)) == "WORKER_LOST"
     assert not [r for r in caplog.records if h.id in r.getMessage()]
