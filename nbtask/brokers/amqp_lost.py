@@ -20,13 +20,19 @@ import uuid
 from collections.abc import Sequence
 
 from nbtask.brokers.base import Delivery
+from nbtask.brokers.bounded_reads import read_bounded
 from nbtask.brokers.redis_store import RedisStore
+from nbtask.wire.records import MAX_PLAIN_BYTES
 
 __all__ = ["CLAIM_LEASE", "LostDeliveries"]
 
 #: Seconds after which a claimed but unsettled lost delivery may be claimed again.
 CLAIM_LEASE = 30.0
 _DELIVERY_PREFIX = "lost:"  # delivery ids of parked deliveries
+# A parked entry's fields: message, queue, deliveries, holder (consumer, pid), claimant.
+_PARKED_FIELDS = ("e", "q", "n", "h", "p", "c")
+
+log = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +92,7 @@ class LostDeliveries:
             }
             entries = {}
             for task_id in ids:
-                fields = redis.hgetall(self._entry(task_id))
+                fields = self._parked(task_id)
                 if not fields:  # settled meanwhile
                     redis.zrem(self._key, task_id)
                     self._claimed.discard(task_id)
@@ -126,6 +132,19 @@ class LostDeliveries:
                 )
             )
         return out
+
+    def _parked(self, task_id: str) -> dict[bytes, bytes]:
+        """A parked entry's fields, each read only up to the size nbtask writes it at."""
+        bounds = dict.fromkeys(_PARKED_FIELDS, MAX_PLAIN_BYTES)
+        bounds["e"] = self.store.max_event_bytes  # the message (a larger one is refused)
+        fields, over = read_bounded(self.store.link, self._entry(task_id), bounds)
+        if over:
+            log.warning(
+                "the lost delivery %s holds %s larger than nbtask writes: not read",
+                self._entry(task_id),
+                ", ".join(over),
+            )
+        return fields
 
     def _ended(self, task_id: str) -> bool:
         record = self.store.get_record(task_id)

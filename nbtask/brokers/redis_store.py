@@ -31,6 +31,7 @@ from redis.exceptions import ResponseError
 from nbtask._text import printable
 from nbtask.brokers.base import Publish, Settlement, StartBy
 from nbtask.brokers.blob_scripts import BLOB_SCRIPTS
+from nbtask.brokers.bounded_reads import BOUNDED_SCRIPTS, read_record, read_records
 from nbtask.brokers.follow_up_scripts import FOLLOW_UP_SCRIPTS
 from nbtask.brokers.local_blobs import LocalBlobs
 from nbtask.brokers.lost_scripts import LOST_SCRIPTS
@@ -40,7 +41,7 @@ from nbtask.brokers.redis_holdings import RedisHoldings
 from nbtask.brokers.redis_link import LARGE_BYTES, RedisLink
 from nbtask.brokers.redis_owed import looking, unanswered
 from nbtask.brokers.redis_parked import DEAD_LETTER_BYTES, RedisParked, log_set_aside
-from nbtask.brokers.redis_workers import RedisWorkers
+from nbtask.brokers.redis_workers import WORKER_SCRIPTS, RedisWorkers
 from nbtask.brokers.refused_ends import refused_by
 from nbtask.brokers.scripts import INDEX_UPKEEP_SECONDS, STORE_SCRIPTS
 from nbtask.settings import Settings
@@ -77,6 +78,7 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
         link.add_scripts(LOST_SCRIPTS)
         link.add_scripts(CHANNEL_SCRIPTS)
         link.add_scripts(BLOB_SCRIPTS)
+        link.add_scripts({**BOUNDED_SCRIPTS, **WORKER_SCRIPTS})
 
     # Keys ----------------------------------------------------------------------------------
     def record_key(self, task_id: str) -> str:
@@ -120,25 +122,14 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
 
     # Records ---------------------------------------------------------------------------------
     def get_record(self, task_id: str) -> TaskRecord | None:
-        """The task's stored record; ``None`` if unknown or expired."""
-        with self.link.translate_errors():
-            try:
-                fields = self.link.redis.hgetall(self.record_key(task_id))
-            except ResponseError:  # WRONGTYPE: not a record nbtask wrote
-                return None
-        return TaskRecord.parse(fields)
+        """The task's stored record; ``None`` if unknown or expired (see read_record)."""
+        return read_record(self.link, self.record_key(task_id), self.max_event_bytes)
 
     def get_records(self, task_ids: Sequence[str]) -> dict[str, TaskRecord | None]:
         """Tasks' records by id, read in one round trip (see :meth:`get_record`)."""
-        with self.link.translate_errors():
-            pipe = self.link.redis.pipeline(transaction=False)
-            for task_id in task_ids:
-                pipe.hgetall(self.record_key(task_id))
-            replies = pipe.execute(raise_on_error=False) if task_ids else []
-        return {
-            task_id: None if isinstance(fields, ResponseError) else TaskRecord.parse(fields)
-            for task_id, fields in zip(task_ids, replies, strict=True)
-        }
+        keys = [self.record_key(task_id) for task_id in task_ids]
+        records = read_records(self.link, keys, self.max_event_bytes)
+        return dict(zip(task_ids, records, strict=True))
 
     def task_ids_starting(self, start: str, limit: int) -> list[str]:
         """Up to ``limit`` ids of kept records that begin with ``start``, sorted.

@@ -4,6 +4,9 @@ Keys, under ``<key_prefix>:``: ``workers`` (a hash of worker id -> :class:`Worke
 JSON), ``hb:<worker id>`` (a heartbeat, expiring after three intervals),
 ``reclaim:<worker id>`` (who cleans up a dead worker), ``versions:<worker id>`` and
 ``notebooks`` (a notebook session uses these workers: the modules of its settings).
+
+Every client and worker reads the registry again and again: an entry larger than nbtask
+writes one (``MAX_INFO_BYTES``) is never read, but deleted with one log line.
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ from redis.exceptions import ResponseError
 from nbtask.brokers.redis_errors import is_wrong_type
 from nbtask.brokers.redis_link import RedisLink
 from nbtask.settings import Settings
-from nbtask.wire.records import WorkerInfo
+from nbtask.wire.records import MAX_INFO_BYTES, WorkerInfo
 
-__all__ = ["RedisWorkers"]
+__all__ = ["WORKER_SCRIPTS", "RedisWorkers"]
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +102,20 @@ class RedisWorkers:
     def _registered(self, *, alive: bool) -> dict[str, WorkerInfo | None] | None:
         """The registered workers whose heartbeat is (or is not) current; ``None``: no hash."""
         with self.link.translate_errors():
-            try:
-                registered: dict[bytes, bytes] = self.link.redis.hgetall(self._workers_key)
-            except ResponseError:  # not a hash: nbtask did not write it
+            dropped, entries = self.link.call("registered", [self._workers_key], MAX_INFO_BYTES)
+            if dropped < 0:  # not a hash: nbtask did not write it
                 log.error("the worker registry %s is not a hash; ignored", self._workers_key)
                 return None
+            if dropped:  # read whole by every client and worker, again and again
+                log.error(
+                    "dropped %d entr(ies) of the worker registry larger than %s bytes (not "
+                    "written by nbtask)",
+                    dropped,
+                    f"{MAX_INFO_BYTES:,}",
+                )
+            registered = {
+                bytes(entries[i]): bytes(entries[i + 1]) for i in range(0, len(entries), 2)
+            }
             names = {raw: _utf8(raw) for raw in registered}
             junk = [raw for raw, name in names.items() if name is None]
             if junk:  # an id nbtask never wrote: drop it, or it would be read forever
@@ -193,6 +205,30 @@ class RedisWorkers:
             return []
         return [m for m in modules if isinstance(m, str)] if isinstance(modules, list) else []
 
+
+# The worker registry's entries, each read only if its id and value are no larger than
+# nbtask writes them (ARGV[1] bytes): a larger one is deleted, since every client and
+# worker would read it again and again. KEYS: the registry; returns {-1, {}} if it is not a
+# hash, else {how many were deleted, {id, entry, ...}}.
+_REGISTERED = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'none' then return {0, {}} end
+if kind ~= 'hash' then return {-1, {}} end
+local bound, dropped, out = tonumber(ARGV[1]), 0, {}
+for _, id in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if #id > bound or redis.call('HSTRLEN', KEYS[1], id) > bound then
+    redis.call('HDEL', KEYS[1], id)
+    dropped = dropped + 1
+  else
+    table.insert(out, id)
+    table.insert(out, redis.call('HGET', KEYS[1], id))
+  end
+end
+return {dropped, out}
+"""
+
+#: The worker registry's scripts (see RedisLink.add_scripts).
+WORKER_SCRIPTS = {"registered": _REGISTERED}
 
 # A claim nbtask made always expires: one without an expiry (of any type) was planted,
 # and would keep the dead worker's work (on its processes' own queues) waiting forever.

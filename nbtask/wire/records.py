@@ -19,6 +19,9 @@ from nbtask.wire.events import FINAL_STATES, State
 __all__ = [
     "FOLLOW_UPS",
     "FOLLOW_UPS_OWED",
+    "MAX_INFO_BYTES",
+    "MAX_PLAIN_BYTES",
+    "RECORD_FIELDS",
     "RecordFields",
     "TaskRecord",
     "WorkerInfo",
@@ -29,7 +32,11 @@ __all__ = [
 
 #: A record as written: field name -> text or bytes (the signed result).
 RecordFields = dict[str, str | bytes]
-_MAX_INFO_BYTES = 64 * 1024  # a worker's entry is a few hundred bytes; more is not one
+#: A worker's registry entry is a few hundred bytes: a larger one was not written by nbtask.
+MAX_INFO_BYTES = 64 * 1024
+#: A record's plain fields (all but its signed result) are short texts: a larger one was
+#: not written by nbtask, and is not read.
+MAX_PLAIN_BYTES = 64 * 1024
 
 
 _PENDING = State.PENDING.value
@@ -97,6 +104,23 @@ def _number(value: object) -> float | None:
         return float(_text(value))
     except ValueError:
         return None
+
+
+#: The fields of a record that :meth:`TaskRecord.parse` reads: a reader reads no others.
+RECORD_FIELDS = (
+    "state",
+    "name",
+    "client",
+    "queue",
+    "worker",
+    "pid",
+    "consumer",
+    "started_at",
+    "finished_at",
+    "result",
+    "label",
+    "sent",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +237,7 @@ class WorkerInfo:
     @classmethod
     def parse(cls, raw: object) -> WorkerInfo | None:
         """An entry read from the registry; ``None`` for anything that is not one."""
-        value = json_object(raw, _MAX_INFO_BYTES)
+        value = json_object(raw, MAX_INFO_BYTES)
         if value is None:
             return None
         try:

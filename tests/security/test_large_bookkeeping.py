@@ -1,0 +1,118 @@
+"""Large entries planted in the bookkeeping every client and worker reads, by an outsider
+with write access to the store but not the secret: the worker registry (an entry with a
+live-looking heartbeat key, so no one cleans it up) and a task record (an extra field, or
+a plain field far larger than nbtask writes it). Before, each was read whole by every
+reader, again and again: memory grew with what was planted. Now only what nbtask writes
+is read, up to the size it writes it at; the rest is set aside with one log line. What is
+read is measured in the client's own allocations (tracemalloc), not timed. Both brokers
+(the store is Redis on both)."""
+
+from __future__ import annotations
+
+import logging
+import tracemalloc
+from collections.abc import Callable
+from typing import TypeVar
+
+import pytest
+from raw_broker import RawBroker
+
+from nbtask import App
+from nbtask.brokers.amqp_lost import LostDeliveries
+from nbtask.brokers.redis_store import RedisStore
+
+pytestmark = pytest.mark.brokers
+
+ADD = "tests.sample_tasks.add"
+#: What is planted: many times what any reader should take for one entry or field.
+PLANTED = 16 << 20
+#: What a bounded read may allocate at its peak (a record's plain fields, a few entries).
+READ_AT_MOST = 2 << 20
+
+T = TypeVar("T")
+
+
+def _plant(access: RawBroker, key: str, field: str, size: int) -> None:
+    """A field of ``size`` bytes in hash ``key``, built inside Redis (no copy sent)."""
+    access.store.eval(
+        "redis.call('HSET', KEYS[1], ARGV[1], string.rep('x', tonumber(ARGV[2])))",
+        1,
+        key,
+        field,
+        size,
+    )
+
+
+def _peak(call: Callable[[], T]) -> tuple[T, int]:
+    """What ``call`` returns, and the most this process's allocations grew while it ran."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        got = call()
+        return got, tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+
+
+def _said(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+def test_a_large_worker_registry_entry_is_not_read_and_is_set_aside(
+    app: App, access: RawBroker, start_worker, caplog: pytest.LogCaptureFixture
+) -> None:
+    workers = f"{app.settings.key_prefix}:workers"
+    heartbeat = f"{app.settings.key_prefix}:hb:planted"
+    _plant(access, workers, "planted", PLANTED)
+    access.store.set(heartbeat, b"1", ex=600)  # looks alive: no supervisor forgets it
+    with caplog.at_level(logging.ERROR, logger="nbtask"):
+        live, peak = _peak(app.workers)
+    assert peak < READ_AT_MOST, f"reading the registry took {peak:,} bytes"
+    assert "planted" not in live
+    assert len(_said(caplog, "entr(ies) of the worker registry larger than")) == 1
+    assert not access.store.hexists(workers, "planted")
+    # Planted again, with workers up: they and their clients set it aside as well, and
+    # the tasks run.
+    _plant(access, workers, "planted", PLANTED)
+    start_worker(concurrency=1)
+    assert app.send_task(ADD, (1, 2)).get(timeout=30) == 3
+    assert not access.store.hexists(workers, "planted")
+    access.store.delete(heartbeat)
+
+
+def test_large_fields_in_a_task_record_are_not_read(
+    app: App, access: RawBroker, start_worker, caplog: pytest.LogCaptureFixture
+) -> None:
+    start_worker(concurrency=1)
+    h = app.send_task(ADD, (1, 2))
+    assert h.get(timeout=30) == 3
+    record = access.keys.record_key(h.id)
+    _plant(access, record, "junk", PLANTED)  # a field nbtask never writes
+    _plant(access, record, "label", 1 << 20)  # one it writes, far larger than it does
+    with caplog.at_level(logging.WARNING, logger="nbtask"):
+        kept, peak = _peak(lambda: app.store.get_record(h.id))
+    assert peak < READ_AT_MOST, f"reading the record took {peak:,} bytes"
+    assert kept is not None and kept.result and kept.label == ""
+    said = _said(caplog, f"the task record {record} holds label larger than nbtask writes")
+    assert len(said) == 1, said
+    assert app.handle(h.id).get(timeout=10) == 3  # a re-attached handle finds the result
+
+
+@pytest.mark.brokers("amqp")
+def test_a_large_field_in_a_parked_lost_delivery_is_not_read(
+    app: App, access: RawBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RabbitMQ only: a lost delivery parked in the store for a supervisor to settle,
+    given a field nbtask never writes and a holder far larger than nbtask writes it."""
+    assert isinstance(app.store, RedisStore)
+    lost = LostDeliveries(app.store)
+    lost.park("t-lost", b"signed message", "default", 1)
+    entry = f"{app.settings.key_prefix}:lost:t-lost"
+    _plant(access, entry, "junk", PLANTED)
+    _plant(access, entry, "h", 1 << 20)
+    with caplog.at_level(logging.WARNING, logger="nbtask"):
+        claimed, peak = _peak(lambda: lost.claim(None, ["default"]))
+    assert peak < READ_AT_MOST, f"reading the parked delivery took {peak:,} bytes"
+    assert [(d.task_id, d.raw) for d in claimed] == [("t-lost", b"signed message")]
+    assert len(_said(caplog, f"the lost delivery {entry} holds h larger than")) == 1
+    assert lost.settle(claimed[0])
