@@ -152,16 +152,15 @@ end
 # May the task whose record is at `key` start now? A task starts only from PENDING or
 # RETRY (or with no record, e.g. an expired one): duplicates of a running task, replays
 # of a finished one and revoked tasks are refused. Returns 'OK' (and marks it STARTED by
-# worker/pid/consumer) or the state that forbids it. A record holding its client's signed
-# revoke (`revoked`: revoked while its plain state said it had started) refuses first,
-# whatever the plain state says: the revoke becomes its stored outcome, owing its
-# follow-ups, and 'REVOKEDNOW' is returned (the worker sends it to the client). A final
-# state refuses; so does a record holding a signed outcome, or a task remembered as
-# ended, whatever the plain state field says: 'FINISHED'. Only then is "STARTED by this
-# very consumer process" weighed: it means its own earlier check, whose reply was lost
-# with its connection (a consumer runs one task at a time, and is not running this one):
-# 'OK'. A redelivered message (redelivered = '1') whose task is STARTED by someone else
-# was lost by a dead holder: 'LOST'. A key of another type: 'BADRECORD'.
+# worker/pid/consumer) or the state that forbids it. Its client's signed revoke kept in
+# the record (`revoked`, see _REVOKE) refuses first: it becomes the stored outcome, owing
+# its follow-ups, and 'REVOKEDNOW' is returned (the worker tells the client). A final
+# state refuses; so does a signed outcome, or a task remembered as ended, whatever the
+# plain state says: 'FINISHED'. Only then is "STARTED by this very consumer process"
+# weighed: it means its own earlier check, whose reply was lost with its connection (a
+# consumer runs one task at a time, and is not running this one): 'OK'. A redelivered
+# message (redelivered = '1') whose task is STARTED by someone else was lost by a dead
+# holder: 'LOST'. A key of another type: 'BADRECORD'.
 CHECK_START = _lua(
     _ENDED,
     _MARK_ENDED,
@@ -172,7 +171,6 @@ local function check_start(key, ttl, worker, pid, consumer, redelivered)
   local state, outcome, revoked = got[1], got[2], got[3]
   if revoked and not outcome and not ended(key) then
     redis.call('HSET', key, 'state', 'REVOKED', 'result', revoked, 'follow_ups', 'owed')
-    redis.call('HDEL', key, 'revoked')
     redis.call('EXPIRE', key, ttl)
     mark_ended(key, ttl)
     return 'REVOKEDNOW'
@@ -241,14 +239,12 @@ end
 # The end of a task (or a retry): store its record (no fields and an event: delete it)
 # and append the event to its client's channel. A field value '=event' stands for the
 # event itself (a stored result), so it is sent only once. A task ends once: a second
-# outcome (a worker reported the task lost, then it ended after all) is neither stored
-# nor sent, but it is remembered as ended. Only what nbtask writes with a task's end says
-# it ended: the record's signed outcome (the task's final event, written with its state
-# in one write) or the ended-task set. A final plain state alone, or another event as
-# its result, was not written by nbtask (someone with write access to Redis put it there,
-# to drop the outcome and have a replay run): it is written over. Returns '' once
-# written, '!' .. that plain state once written over it, else what refused it: the
-# record's final state (held with its outcome), or 'ENDED'.
+# outcome (a worker reported the task lost, then it ended after all) is neither stored nor
+# sent, but remembered as ended. Only what nbtask writes as a task ends refuses it: the
+# record's signed outcome (its final event) or the ended-task set. A final plain state
+# alone, or another event as its result, was put there by someone else: written over.
+# Returns '' once written, '!' .. the plain state it wrote over, else what refused it:
+# the record's final state (held with its outcome), or 'ENDED'.
 WRITE_FINAL = _lua(
     _OWN_RECORD,
     _ENDED,
@@ -257,10 +253,8 @@ WRITE_FINAL = _lua(
     """
 local FINAL = {SUCCESS = true, FAILURE = true, REVOKED = true, WORKER_LOST = true}
 local ENDS = {success = true, failure = true, revoked = true, worker_lost = true}
--- Whether `raw` (a record's result) is this task's final event: an envelope (magic,
--- version and header length, 8 bytes) whose header begins with a final event type and
--- the task's id, as nbtask seals them. Its signature is checked by whoever reads it
--- (Redis has no secret); this tells an outcome from another event put there.
+-- Whether `raw` is this task's final event as nbtask seals one (magic, version and header
+-- length: 8 bytes; then its type and id). Its readers check its signature.
 local function ends_task(raw, key)
   if not raw then return false end
   local kind, id = string.match(string.sub(raw, 9, 200),
@@ -270,20 +264,17 @@ local function ends_task(raw, key)
 end
 local function write_final(key, channel, ttl, maxlen, event, fields)
   local ends = false
-  for i = 1, #fields, 2 do
-    if fields[i] == 'state' and FINAL[fields[i + 1]] then ends = true end
+  for i = 2, #fields, 2 do
+    if fields[i] == '=event' then fields[i] = event end
+    if fields[i - 1] == 'state' and FINAL[fields[i]] then ends = true end
   end
   local state, outcome = own_record(key)
   outcome = ends_task(outcome, key)
   if outcome or ended(key) then
     if ends then mark_ended(key, ttl) end  -- this run too (its entry may have gone)
-    if outcome and FINAL[state] then return state end
-    return 'ENDED'
+    return (outcome and FINAL[state]) and state or 'ENDED'
   end
   if #fields > 0 then
-    for i = 2, #fields, 2 do
-      if fields[i] == '=event' then fields[i] = event end
-    end
     if ends then mark_ended(key, ttl) end
     redis.call('HSET', key, unpack(fields))
     redis.call('EXPIRE', key, ttl)
@@ -294,8 +285,7 @@ local function write_final(key, channel, ttl, maxlen, event, fields)
     xadd_replacing(channel, maxlen, event)
     redis.call('EXPIRE', channel, ttl)
   end
-  if FINAL[state] then return '!' .. state end
-  return ''
+  return FINAL[state] and ('!' .. state) or ''
 end
 """,
 )
@@ -356,10 +346,9 @@ return refused
 # Mark a task that has not started REVOKED and tell its client. Its signed outcome owes
 # its follow-ups (errbacks, failing a chain's later steps): the first worker that drops its
 # message takes them, once (nbtask.wire.records.FOLLOW_UPS); a replay finds them taken.
-# Returns 1 once revoked, 0 if it ended (a signed outcome, or the ended-task set). A task
-# whose plain state says it has started (or ended, with nothing signed saying so) may run
-# now, or that state was not written by nbtask: the client's signed revoke is kept in the
-# record (`revoked`) and refuses its next start (CHECK_START): 2.
+# Returns 1, or 0 if it ended (a signed outcome, the ended-task set). One whose plain state
+# says it started may run, or someone else wrote that: the client's signed revoke is kept
+# (`revoked`) and refuses its next start (CHECK_START): 2.
 # KEYS: record, channel; ARGV: event, ttl, maxlen
 _REVOKE = _lua(
     _OWN_RECORD,
