@@ -11,7 +11,15 @@ import functools
 import sys
 from collections.abc import Iterable
 
-from nbtask.notebook.indirect_names import Magic, magic_of, namespace_key, writes_namespace
+from nbtask.notebook.indirect_names import (
+    Magic,
+    code_string,
+    defined_test,
+    magic_of,
+    names_in_expression,
+    namespace_key,
+    writes_namespace,
+)
 
 __all__ = ["SHELL_NAMES", "CellAnalysis", "analyze", "is_history_name"]
 
@@ -49,14 +57,8 @@ SHELL_NAMES = frozenset({"get_ipython", "exit", "quit", "In", "Out", "_ih", "_oh
 _HISTORY_NAMES = frozenset({"_", "__", "___", "_i", "_ii", "_iii", "In", "Out", "_ih", "_oh"})
 _SCOPE_NODES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
 _COMP_NODES = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
-_MAX_EXPRESSION = 500  # longer strings passed to calls are text, not code
-# Calls whose string argument is code, maybe statements: ``exec("y = x + 1")``.
-_CODE_CALLS = frozenset({"exec", "eval", "compile"})
-_MAX_STATEMENTS = 5_000
 # Handlers that catch a NameError: ``except NameError``, ``except Exception``, bare.
 _CATCH_NAME_ERROR = frozenset({"NameError", "Exception", "BaseException"})
-# ``"x" in globals()``: a test of whether the notebook defines ``x``.
-_NAMESPACE_CALLS = frozenset({"globals", "locals", "dir", "vars"})
 
 
 def is_history_name(name: str) -> bool:
@@ -262,16 +264,9 @@ class _Scan(ast.NodeVisitor):
         for arg in node.args:
             value = arg.value if isinstance(arg, ast.Constant) else None
             if isinstance(value, str):
-                self.named_strings.update(dict.fromkeys(_names_in_expression(value)))
-        # ``exec('y = x + 1')``: the names a statement string reads.
-        first = node.args[0] if node.args else None
-        if (
-            isinstance(func, ast.Name)
-            and func.id in _CODE_CALLS
-            and isinstance(first, ast.Constant)
-            and isinstance(first.value, str)
-        ):
-            self.named_strings.update(dict.fromkeys(_names_in_statements(first.value)))
+                self.named_strings.update(dict.fromkeys(names_in_expression(value)))
+        if (code := code_string(node)) is not None:  # ``exec('y = x + 1')``
+            self.named_strings.update(dict.fromkeys(_names_in_statements(code)))
         self.namespace |= writes_namespace(node, not self.scopes)
         if (magic := magic_of(node)) is not None:
             self._magic(magic)
@@ -305,7 +300,7 @@ class _Scan(ast.NodeVisitor):
         self.catching -= 1
 
     def visit_Compare(self, node: ast.Compare) -> None:
-        if _defined_test(node)[0] is None:  # ``"x" in globals()`` reads only the test
+        if defined_test(node)[0] is None:  # ``"x" in globals()`` reads only the test
             self.generic_visit(node)
 
     def _mark_mutated(self, target: ast.expr, deep: bool = False) -> None:
@@ -371,7 +366,7 @@ class _Scan(ast.NodeVisitor):
 
     def _branch(self, node: ast.If | ast.IfExp) -> None:
         self.visit(node.test)
-        name, defined = _defined_test(node.test)
+        name, defined = defined_test(node.test)
         for branch, guarded in ((node.body, defined), (node.orelse, not defined)):
             if name and guarded:
                 self.tested.append(name)
@@ -461,39 +456,8 @@ def _catches_name_error(handler: ast.expr | None) -> bool:
     return isinstance(handler, ast.Name) and handler.id in _CATCH_NAME_ERROR
 
 
-def _defined_test(test: ast.expr) -> tuple[str | None, bool]:
-    """``("x", True)`` for ``"x" in globals()``, ``("x", False)`` for ``not in``."""
-    if not (isinstance(test, ast.Compare) and len(test.ops) == 1):
-        return None, False
-    left, op, right = test.left, test.ops[0], test.comparators[0]
-    if not (
-        isinstance(left, ast.Constant)
-        and isinstance(left.value, str)
-        and isinstance(op, (ast.In, ast.NotIn))
-        and isinstance(right, ast.Call)
-        and isinstance(right.func, ast.Name)
-        and right.func.id in _NAMESPACE_CALLS
-        and not right.args
-    ):
-        return None, False
-    return left.value, isinstance(op, ast.In)
-
-
-def _names_in_expression(text: str) -> list[str]:
-    """The names a string would read if evaluated (``'df1'``, ``"pd.merge(a, b)"``)."""
-    if len(text) > _MAX_EXPRESSION or not text.strip():
-        return []
-    try:
-        tree = ast.parse(text.strip(), mode="eval")
-    except (SyntaxError, ValueError):
-        return []  # prose, a path, a format string: not code
-    return [n.id for n in ast.walk(tree) if isinstance(n, ast.Name)]
-
-
 def _names_in_statements(text: str) -> list[str]:
     """The names statements in a string read (``exec("y = x + 1")``: ``x``)."""
-    if len(text) > _MAX_STATEMENTS:
-        return []
     try:
         return list(_analyze_text(text).reads)
     except (SyntaxError, ValueError):

@@ -12,7 +12,10 @@ $x')``: the code the magic runs, and the names its shell expansion reads, are st
   (``!cmd``, ``v = !cmd``) and in the argument line of any magic that expands it.
 
 A cell can also bind and read names through its namespace as a mapping
-(``globals()["gx"] = 42``): :func:`writes_namespace`, :func:`namespace_key`.
+(``globals()["gx"] = 42``): :func:`writes_namespace`, :func:`namespace_key`; test whether
+one is defined (``"x" in globals()``): :func:`defined_test`; and name them in strings it
+runs as code (``exec("y = x + 1")``): :func:`code_string`, or may evaluate
+(``display('df1')``): :func:`names_in_expression`.
 
 Nothing here imports IPython until a cell holds a magic or shell command that needs it.
 """
@@ -25,7 +28,16 @@ import functools
 import re
 from typing import Any
 
-__all__ = ["Magic", "expanded_names", "magic_of", "namespace_key", "writes_namespace"]
+__all__ = [
+    "Magic",
+    "code_string",
+    "defined_test",
+    "expanded_names",
+    "magic_of",
+    "names_in_expression",
+    "namespace_key",
+    "writes_namespace",
+]
 
 # Magics running code in the notebook's namespace, and the options each takes: letters
 # followed by ":" take a value (IPython's ``parse_options`` specs).
@@ -39,6 +51,12 @@ _WORD = re.compile(r"[A-Za-z_]\w*")
 # Calls returning the namespace a cell binds its names in (``locals()``, ``vars()`` only
 # at top level: in a function they are its own).
 _NAMESPACE_CALLS = frozenset({"globals", "locals", "vars"})
+# ``"x" in globals()``: a test of whether the notebook defines ``x``.
+_TEST_CALLS = frozenset({"globals", "locals", "dir", "vars"})
+# Calls whose string argument is code, maybe statements: ``exec("y = x + 1")``.
+_CODE_CALLS = frozenset({"exec", "eval", "compile"})
+_MAX_STATEMENTS = 5_000
+_MAX_EXPRESSION = 500  # longer strings passed to calls are text, not code
 
 
 def writes_namespace(call: ast.Call, top_level: bool) -> bool:
@@ -64,6 +82,49 @@ def namespace_key(node: ast.Subscript, top_level: bool) -> str | None:
     ):
         return key.value
     return None
+
+
+def defined_test(test: ast.expr) -> tuple[str | None, bool]:
+    """``("x", True)`` for ``"x" in globals()``, ``("x", False)`` for ``not in``."""
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1):
+        return None, False
+    left, op, right = test.left, test.ops[0], test.comparators[0]
+    if not (
+        isinstance(left, ast.Constant)
+        and isinstance(left.value, str)
+        and isinstance(op, (ast.In, ast.NotIn))
+        and isinstance(right, ast.Call)
+        and isinstance(right.func, ast.Name)
+        and right.func.id in _TEST_CALLS
+        and not right.args
+    ):
+        return None, False
+    return left.value, isinstance(op, ast.In)
+
+
+def code_string(call: ast.Call) -> str | None:
+    """``"y = x + 1"`` for ``exec("y = x + 1")``: the code a call runs, if constant."""
+    func, first = call.func, call.args[0] if call.args else None
+    if (
+        isinstance(func, ast.Name)
+        and func.id in _CODE_CALLS
+        and isinstance(first, ast.Constant)
+        and isinstance(first.value, str)
+        and len(first.value) <= _MAX_STATEMENTS
+    ):
+        return first.value
+    return None
+
+
+def names_in_expression(text: str) -> list[str]:
+    """The names a string would read if evaluated (``'df1'``, ``"pd.merge(a, b)"``)."""
+    if len(text) > _MAX_EXPRESSION or not text.strip():
+        return []
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except (SyntaxError, ValueError):
+        return []  # prose, a path, a format string: not code
+    return [n.id for n in ast.walk(tree) if isinstance(n, ast.Name)]
 
 
 @dataclasses.dataclass(frozen=True)
