@@ -137,7 +137,7 @@ def out_value(
     and one line says so. ``None``: the cell shows nothing (``;``, or a ``None`` value).
     """
     if shown is None:  # none, or a worker that sends its display only
-        return _Result(bundle) if bundle is not None else None
+        return _worker_display(bundle)
     how, what = shown
     why = str(what)
     if how == "name" and what in namespace:
@@ -155,7 +155,21 @@ def out_value(
         why = f"{what} is not defined in the notebook"
     said = "it shows the worker's display of the value" if bundle else "it shows nothing"
     print(f"nbtask: {out} did not come back from the worker ({why}): {said}", file=sys.stderr)
-    return _Result(bundle) if bundle is not None else None
+    return _worker_display(bundle)
+
+
+def _worker_display(bundle: dict[str, Any] | None) -> _Result | None:
+    """The worker's display of the last expression, shown in its stead.
+
+    Its formatters' failures (a ``__repr__`` that raises) are shown first: locally, the
+    kernel's formatters would have failed so, and shown the same.
+    """
+    if bundle is None:
+        return None
+    failed = bundle.get("metadata", {}).get("nbtask", {}).get("format_error")
+    if failed:
+        sys.stderr.write(str(failed))
+    return _Result(bundle) if bundle.get("data") else None
 
 
 def show_output(event: Event) -> dict[str, Any] | None:

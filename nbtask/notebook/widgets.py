@@ -121,7 +121,12 @@ class TaskView:
         elif event.type in (EventType.STDOUT, EventType.STDERR):
             self.pending_output.append(event)
         elif event.type is EventType.DISPLAY:
-            if dict(data.get("metadata", {})).get("nbtask", {}).get("execute_result"):
+            own = dict(data.get("metadata", {})).get("nbtask", {})
+            if own.get("execute_result") and own.get("format_error"):
+                # Its formatters failed on the worker: shown as they would be locally.
+                text = {"text": str(own["format_error"])}
+                self.pending_output.append(Event(EventType.STDERR, event.task_id, event.seq, text))
+            if own.get("execute_result") and data.get("data"):
                 self.result = dict(data)
             else:
                 self.pending_output.append(event)

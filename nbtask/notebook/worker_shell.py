@@ -14,7 +14,6 @@ import functools
 import logging
 import os
 import sys
-import traceback
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -69,22 +68,33 @@ def _make_shell() -> Any:
 
     class Hook(DisplayHook):  # type: ignore[misc]
         cell_source = ""
+        #: While the last expression is shown: the tracebacks of its failing formatters
+        #: (a ``__repr__`` that raises), sent with its display rather than as the cell's
+        #: stderr. The notebook shows the value with its own formatters, which fail there
+        #: as they would for a local cell; these are shown only where it cannot.
+        format_errors: list[str] | None = None
 
         def quiet(self) -> bool:
             return bool(self.semicolon_at_end_of_expression(self.cell_source))
 
         def start_displayhook(self) -> None:
-            pass
+            self.format_errors = []
 
         def write_output_prompt(self) -> None:
             pass
 
         def write_format_data(self, format_dict: Any, md_dict: Any = None) -> None:
-            metadata = {**_jsonable(md_dict or {}), "nbtask": {"execute_result": True}}
+            own: dict[str, Any] = {"execute_result": True}
+            if self.format_errors:
+                own["format_error"] = "".join(self.format_errors)
+                self.format_errors = []
+            metadata = {**_jsonable(md_dict or {}), "nbtask": own}
             _emit_display({"data": _jsonable(format_dict), "metadata": metadata})
 
         def finish_displayhook(self) -> None:
-            pass
+            if self.format_errors:  # no formatter gave anything: the errors alone
+                self.write_format_data({})
+            self.format_errors = None
 
     class Compiler(CachingCompiler):  # type: ignore[misc]
         cell_filename = "<cell>"
@@ -155,8 +165,14 @@ def _make_shell() -> Any:
             if kwargs.get("running_compiled_code") or isinstance(value, SystemExit):
                 return
             # Anything else (a failing _repr_html_, say) is shown, as a kernel shows it.
-            if value is not None:
-                sys.stderr.write("".join(traceback.format_exception(kind, value, tb)))
+            if value is None:
+                return
+            structured = self.InteractiveTB.structured_traceback(kind, value, tb)
+            text = self.InteractiveTB.stb2text(structured) + "\n"
+            if self.displayhook.format_errors is not None:  # the last expression's
+                self.displayhook.format_errors.append(text)
+            else:
+                sys.stderr.write(text)
 
         def showsyntaxerror(self, *args: Any, **kwargs: Any) -> None:
             pass
