@@ -1,5 +1,6 @@
-"""A ``%%task`` cell shows and binds what the same cell would locally, through a real kernel:
-a last expression whose ``__repr__`` raises."""
+"""A ``%%task`` cell shows and binds what the same cell would locally: a last expression
+whose ``__repr__`` raises (through a real kernel), a class the cell defines anew under a
+name the notebook already has."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import re
 from typing import Any
 
 import pytest
+from helpers import cell_run as run
 from helpers import execute, kernel_env
+from IPython.core.interactiveshell import InteractiveShell
 
 from nbtask import Settings
+from nbtask.notebook.session import Session
 
 
 @pytest.fixture
@@ -58,3 +62,34 @@ def test_a_value_that_cannot_come_back_shows_the_workers_repr_failure_once(kc: A
     text = shown_text(remote)
     assert text.count("ValueError: bad repr") == 1 and "__repr__" in text, text
     assert "did not come back from the worker" in text, text
+
+
+@pytest.mark.parametrize(
+    "cell",
+    [
+        "class P:\n    kind = 'new'\n    def again(self):\n        return P()\n"
+        "p = P()\nmade = {'p': p.again()}\nP()",
+        "base = P.kind\nclass P:\n    kind = 'new'\nold.__class__.kind = 'changed'\np = P()",
+        "old.registry.append(1)\nclass P:\n    kind = 'new'\n    registry = []\np = P()",
+        "class P(P):\n    kind = 'sub'\np = P()\nP.__bases__[0].kind = 'base changed'",
+    ],
+)
+def test_a_class_defined_anew_leaves_the_notebooks_old_class_as_locally(
+    ip: InteractiveShell, nb: Session, cell: str
+) -> None:
+    """The notebook's ``P`` becomes the cell's; the old class, and its instances, are
+    changed only as the cell changed them, as locally."""
+    setup = "class P:\n    kind = 'old'\n    registry = []\nold = P()\nOldP = P"
+    look = (
+        "(P is OldP, OldP.kind, OldP.registry, P.kind, vars(P).get('registry'), "
+        "type(p) is P, isinstance(old, P), type(_) is P)"
+    )
+    seen = []
+    for prefix in ("", "%%task --wait\n"):
+        run(ip, setup)
+        ip.user_ns["_"] = None  # what the cell shows, if anything, is ``_`` after it
+        result = ip.run_cell(prefix + cell, store_history=True)
+        assert result.error_in_exec is None, result
+        seen.append(run(ip, look))
+    local, remote = seen
+    assert remote == local
