@@ -323,7 +323,11 @@ class CellError(NbtaskError):
 
 
 class CellNameError(CellError, NameError):
-    """The cell reads a name defined nowhere: Python's own ``NameError``, found before sending."""
+    """The cell reads a name defined nowhere: Python's own ``NameError``, found before sending.
+
+    Also raised when a worker lacked a name the notebook defines, which the cell read in a
+    way nbtask could not see: it says how to have it sent.
+    """
 
 
 def _user_facing_name(exc: BaseException) -> str:

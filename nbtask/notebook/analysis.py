@@ -6,6 +6,7 @@ Nothing here imports IPython, so this module imports cheaply.
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import functools
 import sys
@@ -105,6 +106,8 @@ class CellAnalysis:
     namespace : bool
         Whether the cell reaches its namespace as a mapping (``globals()['x'] = 1``,
         ``vars()``, ``locals()`` at top level): it may bind and read names unseen here.
+    scripts : tuple of str
+        Files the cell runs in its namespace (``%run -i script.py``), as named.
     """
 
     reads: tuple[str, ...]
@@ -117,6 +120,7 @@ class CellAnalysis:
     deleted: tuple[str, ...] = ()
     guarded: tuple[str, ...] = ()
     namespace: bool = False
+    scripts: tuple[str, ...] = ()
 
 
 def analyze(source: str | ast.Module) -> CellAnalysis:
@@ -167,6 +171,7 @@ def _analyze_tree(tree: ast.Module) -> CellAnalysis:
         tuple(scan.deleted),
         tuple(n for n in scan.guarded if n not in scan.unguarded),
         scan.namespace,
+        tuple(scan.scripts),
     )
 
 
@@ -192,6 +197,7 @@ class _Scan(ast.NodeVisitor):
         self.guarded: dict[str, None] = {}
         self.unguarded: set[str] = set()
         self.namespace = False
+        self.scripts: dict[str, None] = {}
 
     def _load(self, name: str) -> None:
         if any(name in local for local, _ in self.scopes if name not in _):
@@ -265,8 +271,9 @@ class _Scan(ast.NodeVisitor):
             value = arg.value if isinstance(arg, ast.Constant) else None
             if isinstance(value, str):
                 self.named_strings.update(dict.fromkeys(names_in_expression(value)))
-        if (code := code_string(node)) is not None:  # ``exec('y = x + 1')``
-            self.named_strings.update(dict.fromkeys(_names_in_statements(code)))
+        if (code := code_string(node)) is not None:  # ``exec('y = x + 1')``: reads x
+            with contextlib.suppress(SyntaxError, ValueError):  # not code after all
+                self.named_strings.update(dict.fromkeys(_analyze_text(code).reads))
         self.namespace |= writes_namespace(node, not self.scopes)
         if (magic := magic_of(node)) is not None:
             self._magic(magic)
@@ -285,6 +292,7 @@ class _Scan(ast.NodeVisitor):
             self.scopes.pop()
         for name in magic.binds:
             self._store(name)
+        self.scripts.update(dict.fromkeys(magic.scripts))
 
     def visit_Subscript(self, node: ast.Subscript) -> None:
         key = namespace_key(node, not self.scopes)  # ``globals()["gx"] = 42``
@@ -454,14 +462,6 @@ def _catches_name_error(handler: ast.expr | None) -> bool:
     if isinstance(handler, ast.Attribute):  # builtins.NameError
         return handler.attr in _CATCH_NAME_ERROR
     return isinstance(handler, ast.Name) and handler.id in _CATCH_NAME_ERROR
-
-
-def _names_in_statements(text: str) -> list[str]:
-    """The names statements in a string read (``exec("y = x + 1")``: ``x``)."""
-    try:
-        return list(_analyze_text(text).reads)
-    except (SyntaxError, ValueError):
-        return []
 
 
 def _bound_in(nodes: Iterable[ast.AST]) -> set[str]:

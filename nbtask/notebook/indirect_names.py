@@ -9,7 +9,8 @@ $x')``: the code the magic runs, and the names its shell expansion reads, are st
 * the statements the code magics run (``%time``, ``%timeit``, ``%prun``, ``%%time``,
   ``%%timeit``, ``%%prun``, ``%%capture``), and the name ``%%capture out`` binds;
 * the names IPython's variable expansion reads (``$name``, ``{expr}``) in a shell command
-  (``!cmd``, ``v = !cmd``) and in the argument line of any magic that expands it.
+  (``!cmd``, ``v = !cmd``) and in the argument line of any magic that expands it;
+* the scripts ``%run -i`` runs in the notebook's namespace.
 
 A cell can also bind and read names through its namespace as a mapping
 (``globals()["gx"] = 42``): :func:`writes_namespace`, :func:`namespace_key`; test whether
@@ -26,6 +27,7 @@ import ast
 import dataclasses
 import functools
 import re
+import shlex
 from typing import Any
 
 __all__ = [
@@ -45,6 +47,8 @@ _CODE_LINE = {"time": "", "timeit": "n:r:tcp:qo", "prun": "D:l:rs:T:q"}
 _CODE_CELL = {"time": "", "timeit": "n:r:tcp:qo", "prun": "D:l:rs:T:q", "capture": ""}
 # Those whose line IPython passes as typed (``@no_var_expand``), unexpanded.
 _UNEXPANDED = frozenset({"time", "timeit", "prun", "debug"})
+# ``%run``'s options (``-i``: the script runs in the notebook's namespace).
+_RUN_OPTIONS = "nidtN:b:pD:l:rs:T:em:G"
 _SHELL_CALLS = frozenset({"system", "getoutput"})
 _MAX_CODE = 100_000
 _WORD = re.compile(r"[A-Za-z_]\w*")
@@ -143,12 +147,15 @@ class Magic:
         as typed otherwise, as IPython does.
     binds : tuple of str
         Names the magic itself binds (``%%capture out``).
+    scripts : tuple of str
+        Files it runs in the notebook's namespace (``%run -i script.py``), as named.
     """
 
     code: tuple[ast.stmt, ...] = ()
     timed: tuple[tuple[ast.stmt, ...], ...] = ()
     expanded: tuple[str, ...] = ()
     binds: tuple[str, ...] = ()
+    scripts: tuple[str, ...] = ()
 
 
 def magic_of(call: ast.Call) -> Magic | None:
@@ -181,6 +188,8 @@ def magic_of(call: ast.Call) -> Magic | None:
 
 
 def _line_magic(name: str, line: str) -> Magic:
+    if name == "run":
+        return _run_magic(line)
     if name not in _CODE_LINE:
         return Magic(expanded=() if name in _UNEXPANDED else expanded_names(line))
     code = _parsed(_after_options(line, _CODE_LINE[name]))
@@ -230,22 +239,42 @@ def _transformer() -> Any:
 
 def _after_options(line: str, spec: str) -> str:
     """``line`` without the leading options of ``spec`` (``-n 3 -r 1 arr.sum()``)."""
-    rest = line.lstrip()
+    return _options(line, spec)[1]
+
+
+def _options(line: str, spec: str) -> tuple[str, str]:
+    """The option letters ``line`` starts with, of those of ``spec``, and what follows."""
+    rest, seen = line.lstrip(), ""
     while rest.startswith("-") and len(rest) > 1 and not rest[1].isspace():
         token, _, after = rest.partition(" ")
         if token == "--":
-            return after.lstrip()
+            return seen, after.lstrip()
         letters = token[1:]
         for i, letter in enumerate(letters):
             at = spec.find(letter) if letter != ":" else -1
             if at < 0:
-                return rest  # not one of its options: the code starts here
+                return seen, rest  # not one of its options: the code starts here
+            seen += letter
             if spec[at + 1 : at + 2] == ":":
                 if i == len(letters) - 1:  # its value is the next word
                     _, _, after = after.lstrip().partition(" ")
                 break
         rest = after.lstrip()
-    return rest
+    return seen, rest
+
+
+def _run_magic(line: str) -> Magic:
+    """``%run -i script.py``: the script runs in the notebook's namespace, reading its names.
+
+    Named here, read where the cell is sent from (the file may change between runs).
+    """
+    letters, rest = _options(line, _RUN_OPTIONS)
+    try:
+        words = shlex.split(rest)
+    except ValueError:  # unbalanced quotes: %run says so on the worker
+        words = []
+    scripts = tuple(words[:1]) if "i" in letters and "m" not in letters else ()
+    return Magic(expanded=expanded_names(line), scripts=scripts)
 
 
 def expanded_names(text: str) -> tuple[str, ...]:

@@ -3,20 +3,23 @@
 A worker sends a cell's exception as a :class:`~nbtask.errors.RemoteError` naming its type
 (``"module.QualName"``) and carrying the worker's traceback; :func:`local_exception` rebuilds
 the user's type where it can, its display the worker's traceback, which points at the
-cell's own lines.
+cell's own lines. A ``NameError`` for a name the notebook defines says how to send it.
 """
 
 from __future__ import annotations
 
 import builtins
 import importlib
+import re
 import sys
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
-from nbtask.errors import RemoteError
+from nbtask.errors import CellNameError, RemoteError
 
 __all__ = ["exception_type", "local_exception"]
+
+_NOT_DEFINED = re.compile(r"name '(\w+)' is not defined")
 
 
 def local_exception(exc: BaseException, namespace: MutableMapping[str, Any]) -> BaseException:
@@ -30,6 +33,9 @@ def local_exception(exc: BaseException, namespace: MutableMapping[str, Any]) -> 
     traceback, which points at the cell's own lines. A type that cannot be found or
     rebuilt from its message stays a :class:`RemoteError`.
     """
+    unsent = _unsent_name(exc, namespace)
+    if unsent is not None:
+        return unsent
     if not isinstance(exc, RemoteError):
         return exc
     cls = exception_type(exc.etype or None, exc.ename, namespace)
@@ -48,6 +54,32 @@ def local_exception(exc: BaseException, namespace: MutableMapping[str, Any]) -> 
         return exc
     rebuilt.__suppress_context__ = True
     return rebuilt
+
+
+def _unsent_name(exc: BaseException, namespace: Mapping[str, Any]) -> CellNameError | None:
+    """What to do when the worker lacked a name the notebook defines; ``None``: it did not.
+
+    Every name a cell is seen to read is sent, so the cell reached this one unseen: by
+    code it builds and runs (``exec(code)``), say. Locally it would have found it. The
+    worker's ``NameError`` comes as itself, or as a :class:`RemoteError` naming it.
+    """
+    if isinstance(exc, RemoteError):
+        said = exc.evalue if exc.ename == "NameError" else ""
+    else:
+        said = str(exc) if type(exc) is NameError else ""
+    found = _NOT_DEFINED.fullmatch(said)
+    if found is None or found[1] not in namespace:
+        return None
+    name = found[1]
+    error = CellNameError(
+        f"name {name!r} is not defined on the worker, though the notebook defines it: the "
+        "cell reads it in a way nbtask cannot see (code it builds and runs, as exec(code) "
+        f"or %run -i of a file this kernel cannot read), so it was not sent. Name it in "
+        f"the cell before that code runs (a line `{name}` is enough)"
+    )
+    error.remote_traceback = getattr(exc, "remote_traceback", getattr(exc, "traceback", ""))  # type: ignore[attr-defined]
+    error.task_id = getattr(exc, "task_id", "")  # type: ignore[attr-defined]
+    return error
 
 
 def exception_type(

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import importlib
 import io
+import os
 import re
 import sys
 from collections.abc import Container, Iterable, Mapping
@@ -322,14 +323,37 @@ def _values(
     if undefined and "get_ipython()" not in python and not found.namespace:
         more = f" (nor {', '.join(map(repr, undefined[1:]))})" if len(undefined) > 1 else ""
         raise CellNameError(f"name {undefined[0]!r} is not defined{more}")
-    # Names reached through strings (``display('df1')``, ``eval('x')``): shipped when they
-    # can be, as locally they would be found in the namespace.
-    for name in found.named_strings:
+    # Names reached through strings (``display('df1')``, ``eval('x')``) or read by a
+    # script run in the namespace (``%run -i``): shipped when they can be, as locally
+    # they would be found in the namespace.
+    for name in [*found.named_strings, *_script_reads(found.scripts)]:
         if name in namespace and name not in values and name not in hidden:
             with contextlib.suppress(Exception):
                 dumps(namespace[name])
                 values[name] = namespace[name]
     return values
+
+
+def _script_reads(scripts: Iterable[str]) -> list[str]:
+    """The names the Python scripts ``%run -i`` runs read, as found here now.
+
+    Found as ``%run`` finds them (``~`` expanded, ``.py`` added if need be), from this
+    kernel's working directory. One that cannot be read or parsed here reads nothing
+    known: ``%run`` on the worker says what it makes of it.
+    """
+    reads: list[str] = []
+    for script in scripts:
+        path = os.path.expanduser(script)
+        if not os.path.isfile(path) and os.path.isfile(f"{path}.py"):
+            path = f"{path}.py"
+        if path.endswith((".ipy", ".ipynb")):
+            continue  # IPython's own syntax, not looked into
+        try:
+            with open(path, encoding="utf-8") as file:
+                reads += analyze(file.read()).reads
+        except (OSError, SyntaxError, ValueError):
+            continue
+    return reads
 
 
 def _star_names(modules: Iterable[str]) -> set[str]:

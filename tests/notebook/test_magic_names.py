@@ -3,6 +3,7 @@ through ``globals()``: shipped with it, and what it binds comes back, as locally
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -121,3 +122,31 @@ def test_a_name_test_on_globals_still_refuses_an_unguarded_read() -> None:
     found = analyze("globals()['gx'] = 1\nprint(globals()['gy'])")
     assert found.namespace and found.assigned == ("gx",) and found.guarded == ("gy",)
     assert not analyze("def f():\n    return locals()").namespace  # the function's own
+
+
+def test_names_a_script_run_in_the_namespace_reads_are_shipped(
+    ip: InteractiveShell, nb: Session, tmp_path: Path
+) -> None:
+    """``%run -i script.py`` reads the notebook's names, as locally; a plain ``%run`` none."""
+    script = tmp_path / "scale.py"
+    script.write_text("def scaled():\n    return factor * 10\nz = x * 10 + scaled()\n")
+    run(ip, "x = 5\nfactor = 2")
+    said = _said(ip, f"%run -i {script}")
+    assert "NameError" not in said and ip.user_ns["z"] == 70, said
+    assert analyze(f"get_ipython().run_line_magic('run', '-i -t {script} a b')").scripts == (
+        str(script),
+    )
+    assert analyze(f"get_ipython().run_line_magic('run', '{script}')").scripts == ()
+
+
+def test_a_name_reached_by_code_the_cell_builds_is_asked_for_in_one_line(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    """``exec(code)`` reads names no analysis can see: the error says how to send them."""
+    run(ip, "x = 5\ncode = 'y = x + 1'")
+    with pytest.raises(NameError, match=r"name 'x' is not defined on the worker.*a line `x`"):
+        task(ip, "exec(code)")
+    task(ip, "x\nexec(code)")  # as the error says
+    assert ip.user_ns["y"] == 6
+    with pytest.raises(NameError, match=r"^name 'nowhere' is not defined$"):
+        task(ip, "exec('nowhere')")  # defined nowhere: Python's own error, as locally
