@@ -104,11 +104,15 @@ def revoked_error(run: CellRun, names: Iterable[str]) -> TaskRevoked:
 
 
 def lost_error(run: CellRun, names: Iterable[str], exc: WorkerLost) -> WorkerLost:
-    """The error of a cell whose worker process died, where its names are read: one line."""
+    """The error of a cell whose worker was lost, where its names are read: one line.
+
+    Lost, not died: the reason says what is known (a process that exited, or one that
+    stopped answering, which may have been paused or cut off).
+    """
     reason = run.handle.info.get("reason") or exc.evalue
     wanted = ", ".join(names) or "what it assigns"
     said = (
         f"task {run.label!r} [{run.handle.id[:8]}] did not end: the worker process running "
-        f"it died ({reason}); run the cell again to set {wanted}"
+        f"it was lost ({reason}); run the cell again to set {wanted}"
     )
     return one_line(WorkerLost("WorkerLost", said, "", run.handle.id))

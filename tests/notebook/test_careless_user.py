@@ -254,7 +254,7 @@ def test_reading_a_name_of_a_cell_whose_worker_died_names_the_cell_and_the_name(
     assert isinstance(error, WorkerLost), error
     assert rendered(error) == [
         f"WorkerLost: task 'train' [{handle.id[:8]}] did not end: the worker process running "
-        f"it died (its worker process {handle.info['pid']} exited with code -9); run the cell "
+        f"it was lost (its worker process {handle.info['pid']} exited with code -9); run the cell "
         "again to set model"
     ]
 
