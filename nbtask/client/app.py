@@ -100,6 +100,9 @@ class App(Revoking):
         self.Task = type("Task", (BaseTask,), {"abstract": True, "__module__": __name__})
         #: Shows the progress of a large result's fetch in ``get()`` (set by the notebook).
         self.fetch_watch: FetchWatch | None = None
+        #: What :meth:`handle` gives for a task, given its handle (set by the notebook:
+        #: a cell's handle, whose result is the cell's values); ``None``: the handle.
+        self.reattached: Callable[[TaskHandle], TaskHandle] | None = None
         # Last: it registers the app to be closed at exit, once all of it is made.
         super().__init__(name, settings)
 
@@ -378,18 +381,18 @@ class App(Revoking):
         """
         task_id = self._task_id(task_id)
         listener = self._listen()
-        existing = listener.get(task_id)
-        if existing is not None:
-            return existing
-        return reattach(
-            task_id,
-            owner=self,
-            store=self.store,
-            signer=self.signer,
-            listener=listener,
-            result_ttl=self.settings.result_ttl,
-            prefix=self.settings.key_prefix,
-        )
+        handle = listener.get(task_id)
+        if handle is None:
+            handle = reattach(
+                task_id,
+                owner=self,
+                store=self.store,
+                signer=self.signer,
+                listener=listener,
+                result_ttl=self.settings.result_ttl,
+                prefix=self.settings.key_prefix,
+            )
+        return handle if self.reattached is None else self.reattached(handle)
 
     def AsyncResult(self, task_id: str) -> TaskHandle:  # Celery's spelling
         """Celery's name for :meth:`handle`.

@@ -4,16 +4,38 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from nbtask.errors import CellError
+from nbtask.notebook.cell_run import CellRun
+from nbtask.notebook.celltask import CellTask
 
 if TYPE_CHECKING:
     from nbtask.core.handle import TaskHandle
-    from nbtask.notebook.cell_run import CellRun
     from nbtask.notebook.pending import Pending
 
-__all__ = ["CellHandle"]
+__all__ = ["CellHandle", "reattached_cell"]
+
+
+def reattached_cell(handle: TaskHandle, pending: Pending) -> TaskHandle:
+    """What ``app.handle(task_id)`` gives in the notebook: a cell's task as its cell handle.
+
+    A cell's task handle's result is what its worker sent back; its cell handle's, the
+    cell's values, as ``%%task --out h`` binds it. A cell this kernel did not send (an
+    earlier kernel of the notebook did, before a restart) is tracked from now on: its
+    values are written into the notebook by :meth:`CellHandle.get`, or once it ends if it
+    ends after nbtask was loaded here (no kernel got them then); never over a name the
+    notebook binds. One that ended before stays unwritten until asked: locally its values
+    went with the kernel that ran it.
+    """
+    if handle.name != CellTask.name:
+        return handle
+    run = next((r for r in pending.runs if r.handle.id == handle.id), None)
+    if run is None:
+        run = CellRun(handle, handle.label or handle.name, (), reattached=True)
+        pending.add(run, pending=False)
+    # It stands in for the task handle: what it does not define is the handle's own.
+    return cast("TaskHandle", CellHandle(run, pending))
 
 
 class CellHandle:
@@ -91,6 +113,8 @@ class CellHandle:
             names = list(sent.get("names", ())) if isinstance(sent, Mapping) else []
             del sent
             if not run.delivered:
+                if run.reattached:  # an earlier kernel's cell: not over the notebook's names
+                    run.superseded.update(n for n in names if n in self._pending.namespace)
                 # Not those a later cell bound meanwhile (once delivered, it marks them all).
                 names = [n for n in names if n not in run.superseded]
                 # The namespace is written on the kernel's main thread only (pending.py).

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
 __all__ = ["CellRun", "lost_error", "named_in", "revoked_error", "sent_objects_of"]
 
+#: When nbtask was loaded in this kernel (see :meth:`CellRun.ended_unasked`).
+_LOADED = time.time()
+
 
 @dataclasses.dataclass(eq=False)
 class CellRun:
@@ -48,6 +51,22 @@ class CellRun:
     #: A background cell's shipped and carried values as they were sent, by name: one the
     #: notebook changed meanwhile is not written over by the cell's change to it.
     prints: dict[str, Fingerprint] = dataclasses.field(default_factory=dict)
+    #: Sent by an earlier kernel of the notebook, re-attached here (``app.handle(id)``):
+    #: only its names the notebook does not bind are written, and nothing else it did
+    #: (to objects, classes, process state of that kernel, gone with it).
+    reattached: bool = False
+
+    def ended_unasked(self) -> bool:
+        """Whether its values are written only when asked for (``get()``), not as it ends.
+
+        A re-attached cell that ended before nbtask was loaded in this kernel: it may have
+        ended while the kernel that sent it ran, and locally its values went with that
+        kernel. One that ended since ended with no kernel to take them: they are written.
+        """
+        if not self.reattached:
+            return False
+        finished = getattr(self.handle, "finished_at", None)
+        return finished is None or finished < _LOADED
 
     def ended(self, handle: Any) -> None:
         """Let go of the objects it was sent that its values do not name (a done callback).

@@ -18,6 +18,7 @@ from nbtask.client.reattach import journal_of, resolve_task_id
 from nbtask.core.holding import is_holder_queue
 from nbtask.errors import TaskNotFound
 from nbtask.notebook.board import Row, TaskBoard, format_row
+from nbtask.notebook.cell_handle import CellHandle
 from nbtask.notebook.cell_run import CellRun
 from nbtask.notebook.follow import follow
 from nbtask.notebook.pending import Pending
@@ -59,6 +60,8 @@ class TaskOverview:
         view = self.views.get(task_id)
         if view is None:
             handle = self.app.handle(task_id)
+            if isinstance(handle, CellHandle):  # a cell's: its view follows the task
+                handle = handle.handle
             label = self.attached.get(task_id) or _label_of(handle, self.pending.runs)
             view = make_view(handle, label, self.shell, show=show)
             if show and isinstance(view, TaskWidget):

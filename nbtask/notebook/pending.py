@@ -185,7 +185,7 @@ class Pending(WriteBack):
             if not run.handle.done():
                 unfinished.append(run)
                 continue
-            if not run.delivered and run.handle.error is None:
+            if not run.delivered and run.handle.error is None and not run.ended_unasked():
                 self.deliver(run)
             # A failed run keeps the objects its values name until a cell reads its names
             # (they are delivered then, bound to those objects as locally).
@@ -273,6 +273,8 @@ class Pending(WriteBack):
         try:
             # A failed cell's effects before its failing line happened too, as locally.
             effects = run.handle.partial if exc is not None else run.handle.result(0)
+            if run.reattached and isinstance(effects, Mapping):
+                effects = _from_earlier_kernel(run, effects, self.namespace)
             came: Iterable[str] = ()
             if isinstance(effects, Mapping):
                 self._apply(run, effects)
@@ -288,6 +290,22 @@ class Pending(WriteBack):
         finally:
             run.sent, run.prints = {}, {}
             self.forget(mine)
+
+
+#: What a cell did to the kernel that sent it, gone with it: never applied to another.
+_THAT_KERNELS = ("in_place", "kept_in_place", "deleted", "state", "classes_changed")
+
+
+def _from_earlier_kernel(
+    run: CellRun, effects: Mapping[str, Any], namespace: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The effects of a cell an earlier kernel sent, as this one takes them.
+
+    Its names the notebook does not bind (the notebook's own win, as a later cell's
+    would); not its changes to that kernel's objects, classes or process state.
+    """
+    run.superseded.update(n for n in effects.get("names", ()) if n in namespace)
+    return {k: v for k, v in effects.items() if k not in _THAT_KERNELS}
 
 
 def _assigned_as_read(run: CellRun, found: Mapping[str, tuple[CellRun, str] | None]) -> str:

@@ -20,12 +20,13 @@ from IPython.display import display
 from nbtask._process import interrupts_held
 from nbtask.client.app import App
 from nbtask.client.default import default_app, use_as_default
+from nbtask.core.handle import TaskHandle
 from nbtask.core.placement import Moving, holder_queue_for
 from nbtask.errors import CellError
 from nbtask.notebook import process_state
 from nbtask.notebook.board import TaskBoard, notebook_group
 from nbtask.notebook.carried import carried_names
-from nbtask.notebook.cell_handle import CellHandle
+from nbtask.notebook.cell_handle import CellHandle, reattached_cell
 from nbtask.notebook.cell_run import CellRun
 from nbtask.notebook.celltask import NamedCell, cell_task
 from nbtask.notebook.fetchbar import fetch_progress
@@ -74,6 +75,7 @@ class Session(TaskOverview):
         self.owns_app = app is None
         self.app = app if app is not None else default_app()
         self.app.fetch_watch = self._watch_fetch
+        self.app.reattached = self._reattached
         #: The kernel's process-wide state each cell ships (the environment as changed
         #: since nbtask was loaded), pickled again only when it changed.
         self.kernel_state = process_state.KernelState()
@@ -130,6 +132,8 @@ class Session(TaskOverview):
         self.shell.user_ns_hidden.pop(WAIT_NAME, None)
         if self.app.fetch_watch == self._watch_fetch:  # an app that outlives the session
             self.app.fetch_watch = None
+        if self.app.reattached == self._reattached:
+            self.app.reattached = None
         self._stop.set()
         for timer in self._timers:
             timer.cancel()
@@ -190,6 +194,7 @@ class Session(TaskOverview):
             self.app.close()
         self.app, self.owns_app = app, True
         self.app.fetch_watch = self._watch_fetch
+        self.app.reattached = self._reattached
         for value in self.releases.values():  # the same store: fetched through the new app
             self._bind(value)
         use_as_default(app)
@@ -210,6 +215,10 @@ class Session(TaskOverview):
             signer=self.app.signer,
             names=self.pending.names_of,
         )
+
+    def _reattached(self, handle: TaskHandle) -> TaskHandle:
+        """``app.handle(id)`` of a cell's task: its cell handle (see :func:`reattached_cell`)."""
+        return reattached_cell(handle, self.pending)
 
     def _watch_fetch(self, label: str, total: int) -> AbstractContextManager[ByteProgress]:
         """A bar for a fetch of ``keep_threshold`` bytes or more (see ``fetchbar.py``)."""

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from helpers import cell_run as run
-from helpers import execute, kernel_env
+from helpers import execute, kernel_env, stream_text, wait_until
 from IPython.core.interactiveshell import InteractiveShell
 
 from nbtask import Settings
@@ -93,3 +93,41 @@ def test_a_class_defined_anew_leaves_the_notebooks_old_class_as_locally(
         seen.append(run(ip, look))
     local, remote = seen
     assert remote == local
+
+
+def test_app_handle_of_a_cell_gives_the_cells_values(ip: InteractiveShell, nb: Session) -> None:
+    """``app.handle(id)`` of a cell's task gives what its ``--out`` handle gives."""
+    run(ip, "base = 40")
+    ip.run_cell_magic("task", "--out h", "m = base + 2")
+    task_id = ip.user_ns["h"].id
+    assert nb.app.handle(task_id).get(timeout=30) == {"m": 42}
+    assert ip.user_ns["m"] == 42
+
+
+def test_a_cell_that_ends_across_a_restart_is_written_back_on_reattach(
+    settings: Settings, start_worker: Any, kernel: Any
+) -> None:
+    """Re-attached (``%tasks --all``), its values come into the restarted kernel once it
+    ends, as they would have into the kernel that sent it; not over a name it binds."""
+    start_worker()
+    km, kc = kernel(kernel_env(settings))
+    execute(kc, "%load_ext nbtask")
+    execute(kc, "%%task --out h\nimport time\ntime.sleep(8)\nacross = 42\nmine = 'the cell'")
+    _, msgs, _ = execute(kc, "print(h.id)")
+    task_id = stream_text(msgs).strip()
+    km.restart_kernel(now=True)
+    kc.wait_for_ready(timeout=30)
+    execute(kc, "%load_ext nbtask")
+    execute(kc, "mine = 'the notebook'")
+    _, msgs, reply = execute(kc, "%tasks --all")
+    assert reply["content"]["status"] == "ok", reply["content"]
+    # Each cell looks for what ended before it runs, as a notebook's next cell would.
+    wait_until(
+        lambda: stream_text(execute(kc, "print('across' in dir())")[1]) == "True\n",
+        40,
+        "the re-attached cell's values",
+    )
+    _, msgs, _ = execute(kc, "print(across, mine)")
+    assert stream_text(msgs) == "42 the notebook\n"
+    asked = f"import nbtask\nprint(nbtask.app().handle({task_id!r}).get(timeout=10)['across'])"
+    assert stream_text(execute(kc, asked)[1]) == "42\n"
