@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 from nbtask.errors import CellError
-from nbtask.notebook.cell_run import CellRun
+from nbtask.notebook.cell_run import CellRun, sent_label
 from nbtask.notebook.celltask import CellTask
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ def reattached_cell(handle: TaskHandle, pending: Pending) -> TaskHandle:
         return handle
     run = next((r for r in pending.runs if r.handle.id == handle.id), None)
     if run is None:
-        run = CellRun(handle, handle.label or handle.name, (), reattached=True)
+        run = CellRun(handle, sent_label(handle), (), reattached=True)
         pending.add(run, pending=False)
     # It stands in for the task handle: what it does not define is the handle's own.
     return cast("TaskHandle", CellHandle(run, pending))

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from nbtask.notebook.fingerprints import Fingerprint
     from nbtask.notebook.widgets import TaskView
 
-__all__ = ["CellRun", "lost_error", "named_in", "revoked_error", "sent_objects_of"]
+__all__ = ["CellRun", "lost_error", "named_in", "revoked_error", "sent_label", "sent_objects_of"]
 
 #: When nbtask was loaded in this kernel (see :meth:`CellRun.ended_unasked`).
 _LOADED = time.time()
@@ -89,6 +89,12 @@ class CellRun:
         sent = self.sent
         for name in [n for n in sent if n not in needed]:
             sent.pop(name, None)
+
+
+def sent_label(handle: Any) -> str:
+    """A task's label as it was sent (a restarted kernel reads it from the task's record)."""
+    name = "cell" if handle.name == "nbtask.cell" else handle.name
+    return str(handle.label) or f"{name} {handle.id[:8]}"
 
 
 def sent_objects_of(run: CellRun, names: Mapping[str, str]) -> dict[str, Any]:

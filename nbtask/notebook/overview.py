@@ -19,7 +19,7 @@ from nbtask.core.holding import is_holder_queue
 from nbtask.errors import TaskNotFound
 from nbtask.notebook.board import Row, TaskBoard, format_row
 from nbtask.notebook.cell_handle import CellHandle
-from nbtask.notebook.cell_run import CellRun
+from nbtask.notebook.cell_run import CellRun, sent_label
 from nbtask.notebook.follow import follow
 from nbtask.notebook.pending import Pending
 from nbtask.notebook.widgets import TaskView, TaskWidget, make_view, widgets_enabled
@@ -166,6 +166,4 @@ def _label_of(handle: Any, runs: list[CellRun]) -> str:
     for run in runs:
         if run.handle.id == handle.id:
             return run.label
-    # As it was sent (a restarted kernel reads it from the task's record).
-    name = "cell" if handle.name == "nbtask.cell" else handle.name
-    return str(handle.label) or f"{name} {handle.id[:8]}"
+    return sent_label(handle)
