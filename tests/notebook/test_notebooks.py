@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import shlex
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from helpers import ROOT
 from nbclient import NotebookClient
 
 from nbtask import Settings
+from nbtask.cli import _parser
+from nbtask.cli.options import settings_for
 
 NOTEBOOKS = ROOT / "notebooks"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
@@ -93,6 +96,42 @@ def assert_no_unexpected_errors(nb: Any) -> None:
         errors = [o for o in cell.outputs if o.output_type == "error"]
         if "raises-exception" not in cell.metadata.get("tags", []):
             assert not errors, f"{cell.source[:60]!r} failed:\n{text(cell)}"
+
+
+def setup_commands(nb: Any) -> list[list[str]]:
+    """The shell commands of the notebook's markdown ``bash`` blocks, as words."""
+    commands = []
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            for block in re.findall(r"```bash\n(.*?)```", cell.source, re.DOTALL):
+                lines = block.splitlines()
+                commands += [words for ln in lines if (words := shlex.split(ln, comments=True))]
+    return commands
+
+
+@pytest.mark.parametrize("name", ["cluster.ipynb", "data.ipynb"])
+def test_setup_commands_start_workers_as_written(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each ``nbtask worker`` a notebook tells the user to start finds its broker and secret.
+
+    In a fresh shell: only what the block itself exports is set (its secret's value made up).
+    """
+    for var in [v for v in os.environ if v.startswith("NBTASK_")]:
+        monkeypatch.delenv(var)
+    parser, _ = _parser()
+    workers = 0
+    for line in setup_commands(nbformat.read(NOTEBOOKS / name, as_version=4)):
+        if line[0] == "export":
+            var, _, value = line[1].partition("=")
+            monkeypatch.setenv(var, "0" * 64 if value.startswith("$(") else value)
+            continue
+        words = list(itertools.dropwhile(lambda w: re.match(r"^[A-Z_]+=", w), line))
+        if words[:2] == ["nbtask", "worker"]:
+            settings = settings_for(parser.parse_args(words[1:]))
+            assert settings.broker_url == "redis://127.0.0.1:6379/0", words
+            workers += 1
+    assert workers == 2, f"{name}: the two workers it describes"
 
 
 def test_quickstart() -> None:
