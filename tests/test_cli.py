@@ -262,6 +262,13 @@ def test_status_with_secret_file(
     )
     assert result.returncode == 0, result.stderr
     assert f"pid {worker.pid}" in result.stdout
+    # ``--secret-file='~/...'``: quoted, so no shell expanded the ``~``.
+    home = {"HOME": str(tmp_path)}
+    result = run(
+        "status", "-b", redis_url, "--key-prefix", prefix, "--secret-file=~/secret", env=home
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"pid {worker.pid}" in result.stdout
 
 
 def test_inspect_finished_task(

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from nbtask import App, ConfigurationError, Settings
-from nbtask.settings import ENVIRONMENT
+from nbtask.settings import ENVIRONMENT, read_secret_file
 
 REDIS = "redis://127.0.0.1:6379/0"
 
@@ -95,6 +95,18 @@ def test_from_env_secret_file(tmp_path: Path) -> None:
     path = tmp_path / "secret"
     path.write_text("  from-a-file\n")
     assert Settings.from_env({"NBTASK_SECRET_FILE": str(path)}).secret == "from-a-file"
+
+
+def test_a_secret_file_under_home_may_be_named_with_a_tilde(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".nbtask-secret").write_text("from-home\n")
+    env = {"NBTASK_SECRET_FILE": "~/.nbtask-secret"}  # quoted in the shell: not expanded
+    assert Settings.from_env(env).secret == "from-home"
+    assert read_secret_file("~/.nbtask-secret") == "from-home"
+    with pytest.raises(ConfigurationError, match="~nbtask-no-such-user/s: no such user"):
+        read_secret_file("~nbtask-no-such-user/s")
 
 
 def test_from_env_secret_wins_over_secret_file(tmp_path: Path) -> None:

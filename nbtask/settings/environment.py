@@ -144,11 +144,17 @@ def _check_names(env: Mapping[str, str]) -> None:
 
 
 def read_secret_file(path: str | os.PathLike[str]) -> str:
-    """Read a secret from a file, stripping surrounding whitespace."""
+    """Read a secret from a file, stripping surrounding whitespace.
+
+    A leading ``~`` means the home directory, as in a shell: the path may come from where
+    no shell expanded it (a magic's argument, a quoted ``NBTASK_SECRET_FILE``).
+    """
     if not str(path).strip():
         raise ConfigurationError("the secret file's name is empty: give the path of a file")
     try:
-        secret = Path(path).read_text(encoding="utf-8").strip()
+        secret = Path(path).expanduser().read_text(encoding="utf-8").strip()
+    except RuntimeError:  # ``~user`` whose home cannot be found
+        raise ConfigurationError(f"cannot read the secret file {path}: no such user") from None
     except OSError as exc:
         raise ConfigurationError(f"cannot read the secret file {path}: {exc.strerror}") from None
     if not secret:

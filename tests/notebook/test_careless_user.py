@@ -359,9 +359,9 @@ def test_a_connect_without_a_secret_names_the_magics_ways_to_give_one(
     assert "%nbtask connect URL --secret-file FILE" in said and "%env NBTASK_SECRET" in said
     assert "secret=" not in said.replace("NBTASK_SECRET=", ""), "no App argument named"
     assert loaded.app is before
-    secret = tmp_path / "secret"
-    secret.write_text(f"{settings.secret}\n")
-    ip.run_line_magic("nbtask", f"connect {settings.broker_url} --secret-file {secret}")
+    monkeypatch.setenv("HOME", str(tmp_path))  # IPython passes ``~`` on as it is
+    (tmp_path / ".nbtask-secret").write_text(f"{settings.secret}\n")
+    ip.run_line_magic("nbtask", f"connect {settings.broker_url} --secret-file ~/.nbtask-secret")
     assert loaded.app is not before and loaded.app.settings.secret == settings.secret
 
 
