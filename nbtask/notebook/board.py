@@ -24,6 +24,7 @@ from typing import Any
 
 import ipywidgets as w
 
+from nbtask._text import count_text
 from nbtask.core.handle import TaskHandle
 from nbtask.notebook.widgets import TaskView, duration_text
 
@@ -69,11 +70,7 @@ class Row:
             duration = view.elapsed_text()
         else:
             report = handle.progress
-            progress = (
-                ""
-                if report is None
-                else f"{report.done:g}" + (f"/{report.total:g}" if report.total else "")
-            )
+            progress = "" if report is None else count_text(report.done, report.total)
             info = handle.info
             worker = f"{info['worker']} pid {info.get('pid', '')}" if "worker" in info else ""
             waiting = info.get("waiting", "")

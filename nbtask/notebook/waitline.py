@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from IPython.display import clear_output, display, publish_display_data
 
+from nbtask._text import count_text
 from nbtask.notebook.carried import share_value
 from nbtask.notebook.follow import StopPresses, cancel_task, follow, next_event, one_line
 from nbtask.notebook.kept import RemoteValue
@@ -221,8 +222,8 @@ class ProgressLine:
         progress = event.progress
         if progress is None:
             return
-        total = f"/{progress.total:g}" if progress.total else ""
-        self._put(f"[{self.label}] {progress.done:g}{total} {progress.message}".rstrip())
+        count = count_text(progress.done, progress.total)
+        self._put(f"[{self.label}] {count} {progress.message}".rstrip())
 
     def waiting(self, why: str | None) -> None:
         """Say why the task waits (``None``: it does not, or it cannot be told); on change."""

@@ -18,6 +18,7 @@ from typing import Any
 import ipywidgets as w
 from IPython.display import display
 
+from nbtask._text import count_text
 from nbtask.core.handle import TaskHandle
 from nbtask.notebook.follow import cancel_task
 from nbtask.notebook.outputs import ChunkedOutput, OutputLog
@@ -186,7 +187,7 @@ class TaskView:
         """``3/10 message, ETA 4 s`` (empty without progress)."""
         if self._rate_start is None:
             return ""
-        count = f"{self.done:g}/{self.total:g}" if self.total else f"{self.done:g}"
+        count = count_text(self.done, self.total)
         eta = self.eta()
         parts = [count, self.message, f"ETA {eta:.0f} s" if eta is not None else ""]
         return " ".join(p for p in parts if p)

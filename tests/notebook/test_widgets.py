@@ -8,6 +8,7 @@ import tracemalloc
 import pytest
 from helpers import display_event as display
 
+from nbtask._text import count_text
 from nbtask.core.handle import TaskHandle
 from nbtask.notebook.board import Row, notebook_group
 from nbtask.notebook.outputs import OutputLog
@@ -99,6 +100,23 @@ def test_a_view_says_how_long_a_task_ran_only_when_it_knows() -> None:
     # A %tasks row of a task without a view tells the same from the task's handle.
     assert Row(ran.handle, "ran", None).cells()[4] == ran.elapsed_text() == "2.5 s"
     assert Row(never.handle, "never", None).cells()[4] == never.elapsed_text() == ""
+
+
+def test_progress_counts_read_in_full_never_in_exponent_notation() -> None:
+    """``nbtask.track(range(10**7))``: counts past a million, sent as floats."""
+    view = TextView(TaskHandle(None, "t", "x"), "crunch", in_kernel=False)
+    for event in (
+        Event(EventType.STARTED, "t", 1, {"worker": "host", "pid": 1}),
+        Event(EventType.PROGRESS, "t", 2, {"done": 1288990.0, "total": 1e7}),
+    ):
+        view.apply(event)
+        view.handle.apply(event)
+    assert view.status_text().startswith("[crunch] STARTED 1,288,990/10,000,000"), (
+        view.status_text()
+    )
+    assert Row(view.handle, "crunch", None).cells()[2].startswith("1,288,990/10,000,000")
+    assert count_text(1 / 3, 1) == "0.3333/1" and count_text(2.5) == "2.5"
+    assert count_text(1234567.891) == "1,234,568" and count_text(1e-7) == "0.0000001"
 
 
 def test_notebook_group_is_stable_per_notebook() -> None:
