@@ -54,7 +54,7 @@ def test_redis_url_pointing_at_rabbitmq(command: list[str], prefix: str) -> None
 def test_database_out_of_range_is_an_error_not_an_empty_answer(prefix: str) -> None:
     url = "redis://127.0.0.1:6379/999999"
     result = run("status", "-b", url, "--key-prefix", prefix, env={"NBTASK_SECRET": SECRET})
-    clean_error(result, "DB index is out of range")
+    clean_error(result, "DB index is out of range (database 999999)", "0-15", "/0")
 
 
 def test_status_reaches_the_amqp_broker_it_is_given(redis_url: str, prefix: str) -> None:

@@ -231,10 +231,22 @@ class RedisLink(OwedReplies):
                     f"and port. {hint}"
                 ) from exc
             except ResponseError as exc:  # refused while connecting: "DB index is out of range"
-                raise BrokerUnavailable(f"{what}: the server refused: {exc}") from exc
+                raise BrokerUnavailable(
+                    f"{what}: the server refused: {exc}{self._database_advice(exc)}"
+                ) from exc
             except TypeError as exc:  # redis-py passes a URL's unknown ?option= on, as a keyword
                 raise ConfigurationError(f"{what}: the URL has an unknown option ({exc})") from exc
             self.load_scripts()
+
+    def _database_advice(self, exc: ResponseError) -> str:
+        """What to do about a database number the server does not have, if that was refused."""
+        if "DB index is out of range" not in str(exc):
+            return ""
+        number = self.redis.connection_pool.connection_kwargs.get("db", 0)
+        return (
+            f" (database {number}): a Redis server has databases 0 to its `databases` setting "
+            "less one (0-15 unless changed); end the URL with one of them, e.g. /0"
+        )
 
     def load_scripts(self) -> None:
         """Load every script (a restarted server forgets them), in one round trip.
