@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import subprocess
 import sys
@@ -104,6 +105,13 @@ def test_worker_help_documents_its_options() -> None:
     out = run("worker", "--help").stdout
     for option in ("--broker", "--secret-file", "--insecure", "--concurrency", "--app", "-Q"):
         assert option in out
+
+
+def test_cluster_help_says_an_apps_broker_is_not_used() -> None:
+    """``cluster`` has no -b, and serves its own Redis whatever the -A App names."""
+    out = " ".join(run("cluster", "--help").stdout.split())
+    assert "-b and the other options win" not in out, out
+    assert "an App's broker, secret and key prefix are not used" in out, out
 
 
 def test_no_command_is_a_usage_error() -> None:
@@ -281,7 +289,13 @@ def test_inspect_finished_task(
     assert fields["state"] == "SUCCESS"
     assert fields["name"] == "tests.sample_tasks.add"
     assert int(fields["pid"]) in {c.pid for c in worker.children()}
-    assert float(fields["finished_at"]) >= float(fields["started_at"])
+    # ISO times in UTC (the worker's clock), as h.date_done gives, not epoch seconds.
+    started, finished = (
+        dt.datetime.fromisoformat(fields[k]) for k in ("started_at", "finished_at")
+    )
+    assert started.utcoffset() == dt.timedelta(0) and finished >= started, fields
+    done = handle.date_done
+    assert done is not None and abs(done - finished) < dt.timedelta(milliseconds=1), fields
 
 
 def test_inspect_failed_task_shows_its_error(

@@ -141,10 +141,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         action="append",
         default=[],
         metavar="MODULE",
-        help="import MODULE[:attr] and register the tasks it defines (repeatable); as with "
-        "Celery's -A, the App it defines gives the broker, secret and key prefix: -b and the "
-        "other options win over the App's settings, which win over NBTASK_* variables (as "
-        "the App itself sends)",
+        help="import MODULE[:attr] and register the tasks it defines (repeatable); the "
+        "cluster runs its own private Redis with its own secret: an App's broker, secret and "
+        "key prefix are not used (a client reaches the cluster with the exports it prints)",
     )
     data_option(cluster)
     cluster.add_argument("--dir", default=None, help=argparse.SUPPRESS)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -89,14 +90,21 @@ def run_inspect(args: argparse.Namespace) -> int:
         "state": record.state.value if record.state is not None else "",
         "worker": record.worker,
         "pid": record.pid,
-        "started_at": "" if record.started_at is None else repr(record.started_at),
-        "finished_at": "" if record.finished_at is None else repr(record.finished_at),
+        "started_at": _utc_time(record.started_at),
+        "finished_at": _utc_time(record.finished_at),
         "error": _why_it_ended(settings_for(args), record.result),
     }
     for key, value in fields.items():
         if value:
             print(f"{key}: {printable(value)}")
     return 0
+
+
+def _utc_time(stamp: float | None) -> str:
+    """``2026-12-06T10:03:31.590+00:00``: a time in a record (its worker's clock), in UTC."""
+    if stamp is None:
+        return ""
+    return dt.datetime.fromtimestamp(stamp, dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _why_it_ended(settings: Settings, result: bytes | None) -> str:
