@@ -23,6 +23,7 @@ __all__ = [
     "NbtaskError",
     "NotRegistered",
     "NotebookFailed",
+    "NotebookInterrupted",
     "Reject",
     "RemoteError",
     "ResultNotReady",
@@ -353,6 +354,24 @@ class NotebookFailed(NbtaskError):
     def __init__(self, message: str, result: object) -> None:
         super().__init__(message)
         self.result = result
+
+
+class NotebookInterrupted(NotebookFailed):
+    """``nbtask run`` was stopped by a signal (Ctrl-C's ``SIGINT``, or ``SIGTERM``).
+
+    The kernel was interrupted, which cancels the task a cell waited for (and the
+    background cells are cancelled), then shut down; the notebook as far as it ran has
+    been written.
+
+    Attributes
+    ----------
+    signal_number : int
+        The signal that stopped it: a command exits with ``128 + signal_number``.
+    """
+
+    def __init__(self, message: str, result: object, signal_number: int) -> None:
+        super().__init__(message, result)
+        self.signal_number = signal_number
 
 
 class CodeDiffersWarning(NbtaskError, UserWarning):

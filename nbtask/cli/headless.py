@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from nbtask.cli.options import settings_for
-from nbtask.errors import ConfigurationError, NotebookFailed
+from nbtask.errors import ConfigurationError, NotebookFailed, NotebookInterrupted
 
 __all__ = ["run_headless"]
 
@@ -26,6 +26,9 @@ def run_headless(args: argparse.Namespace) -> int:
         _check_output(args.output)
     try:
         run_notebook(args.notebook, args.output, broker=args.broker, timeout=args.timeout)
+    except NotebookInterrupted as exc:  # Ctrl-C, or SIGTERM: exits as a shell reports it
+        print(f"nbtask run: {exc}", file=sys.stderr)
+        return 128 + exc.signal_number
     except NotebookFailed as exc:
         print(f"nbtask run: error: {exc}", file=sys.stderr)
         return 1

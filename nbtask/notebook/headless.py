@@ -17,9 +17,11 @@ light.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -35,17 +37,13 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
 from nbtask._text import redact_url
-from nbtask.errors import ConfigurationError, NotebookFailed
-from nbtask.wire.events import FINAL_STATES
+from nbtask.errors import ConfigurationError, NotebookFailed, NotebookInterrupted
+from nbtask.notebook.run_terminal import Terminal
 
 __all__ = ["RunResult", "default_output", "run_notebook"]
 
 nbformat: Any = _nbformat  # partly annotated: read/write are untyped
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-# The text view's first line: "[label] STATE ..." (see nbtask.widgets.TextView).
-_STATUS = re.compile(r"^\[(?P<label>[^\]]*)\] (?P<state>[A-Z_]+)\b")
-_STATUS_INTERVAL = 1.0
 #: Run in the kernel after the last cell: the background cells still running are waited
 #: for (nbtask.notebook.run_end), if nbtask was loaded. ``{timeout}``: seconds, or None;
 #: ``{may_fail}``: the numbers (In[N]) of the cells tagged ``raises-exception``.
@@ -59,9 +57,17 @@ _FINISH = (
 #: How much longer than the kernel's own wait the runner waits for it to say so.
 _FINISH_MARGIN = 30.0
 _CELL_NUMBER = re.compile(r"\bcell In\[(\d+)\]")
-_FINAL_STATES = frozenset(state.value for state in FINAL_STATES)
 #: The tag of a cell that may raise (nbclient's), whether it waits or runs in the background.
 _ALLOWED_ERRORS = "raises-exception"
+#: The signals that stop a run: the kernel is interrupted, as Stop in a frontend would.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: Seconds between the interrupts sent to the kernel until its cell ends: one that came
+#: as a cell was being sent, before it ran, found the kernel idle, which ignores it.
+_INTERRUPT_AGAIN = 1.0
+
+
+class _Interrupted(Exception):
+    """Raised out of nbclient's loop: a stop signal came, and no cell is to run any more."""
 
 
 @dataclasses.dataclass
@@ -102,24 +108,22 @@ class _StreamingClient(NotebookClient):
 
     def __init__(self, nb: Any, out: TextIO, **kwargs: Any) -> None:
         super().__init__(nb, **kwargs)
-        self.out = out
-        self.color = bool(getattr(out, "isatty", lambda: False)())
+        self.terminal = Terminal(out)
         self.code_total = sum(1 for c in nb.cells if c.cell_type == "code" and c.source.strip())
         self.code_seen = 0
         self.started_at = time.monotonic()
-        self._displays: dict[str, tuple[str, str, float]] = {}  # id -> (status, body, time)
-        self._line_start = True
-        #: The task view whose output the open line ends with, if one does: its output goes
-        #: on on that line, as the task printed it (``print(i, end="")``).
-        self._open: str | None = None
-        # A task view updated while a printed line is still open: shown once the line ends
-        # (a print's pieces may come in several stream messages), never in the middle of it.
-        self._held: dict[str, str] = {}  # display id -> its latest text
         self.on_cell_execute = self._announce
         #: Set while the background cells are waited for, after the last cell.
         self.finishing = False
         #: The notebook's position (0-based) of each cell by its number in the kernel (In[N]).
         self.numbers: dict[int, int] = {}
+        #: The first stop signal that came (SIGINT, SIGTERM), and how many did.
+        self.interrupted: signal.Signals | None = None
+        self.signals = 0
+        #: Set once a second stop signal shut the kernel down under the running cell.
+        self.killed = False
+        self._cleaning = False
+        self._signalled: set[asyncio.Future[None]] = set()  # kept until done
 
     def create_kernel_manager(self) -> Any:
         name = self.kernel_name or self.nb.metadata.get("kernelspec", {}).get("name") or "python3"
@@ -136,6 +140,14 @@ class _StreamingClient(NotebookClient):
         )
         return self.km
 
+    async def async_start_new_kernel(self, **kwargs: Any) -> None:
+        self._catch_signals()  # in place of nbclient's, set just before
+        await super().async_start_new_kernel(**kwargs)
+
+    async def _async_cleanup_kernel(self) -> None:
+        self._cleaning = True  # the kernel is being shut down: a signal has nothing to stop
+        await super()._async_cleanup_kernel()
+
     async def async_execute_cell(
         self,
         cell: Any,
@@ -144,10 +156,64 @@ class _StreamingClient(NotebookClient):
         store_history: bool = True,
     ) -> Any:
         """Execute a cell; after the last, wait for the background cells still running."""
+        if self.interrupted is not None:
+            raise _Interrupted
         done = await super().async_execute_cell(cell, cell_index, execution_count, store_history)
+        if self.interrupted is not None:  # the cell ended, interrupted, without an error
+            raise _Interrupted
         if cell_index == len(self.nb.cells) - 1 and not self.finishing:
             await self._finish_background()
         return done
+
+    def _catch_signals(self) -> None:
+        """Handle SIGINT and SIGTERM in the run's event loop (:meth:`_on_signal`).
+
+        nbclient's handlers shut the kernel down under the running cell, which then fails
+        with nbclient's own errors. Without an event loop in the main thread, none is set.
+        """
+        loop = asyncio.get_running_loop()
+        for signum in _STOP_SIGNALS:
+            try:
+                loop.add_signal_handler(signum, self._on_signal, signum)
+            except (RuntimeError, ValueError, NotImplementedError):
+                return
+
+    def _on_signal(self, signum: int) -> None:
+        """The first stop signal interrupts the kernel; another shuts it down at once.
+
+        Interrupted, a cell waiting for its task cancels it, and the wait for the
+        background cells cancels them (:mod:`.run_end`); the cell ends with an error, and
+        no cell runs after it. One that comes while the kernel shuts down changes nothing.
+        """
+        if self._cleaning:
+            return
+        self.signals += 1
+        if self.interrupted is None:
+            self.interrupted = signal.Signals(signum)
+        if self.km is None or self.kc is None:
+            return  # the kernel is still starting: no cell will run
+        if self.signals == 1:
+            self._interrupt()
+        elif not self.killed:
+            self.killed = True
+            self._signal_kernel(self.km.shutdown_kernel(now=True))
+
+    def _interrupt(self) -> None:
+        """Interrupt the kernel, and again every second until it is shut down.
+
+        A cell that waits for its task, or the wait for the background cells, counts the
+        interrupts (cancelling once, whatever number came).
+        """
+        if self._cleaning or self.killed or self.km is None:
+            return
+        self._signal_kernel(self.km.interrupt_kernel())
+        asyncio.get_running_loop().call_later(_INTERRUPT_AGAIN, self._interrupt)
+
+    def _signal_kernel(self, step: Any) -> None:
+        """Run ``step`` (the kernel's interrupt, or shutdown) in the background."""
+        future = asyncio.ensure_future(_quietly(step))
+        self._signalled.add(future)
+        future.add_done_callback(self._signalled.discard)
 
     async def _finish_background(self) -> None:
         """Run :data:`_FINISH` as a cell of its own, kept out of the executed notebook.
@@ -178,115 +244,25 @@ class _StreamingClient(NotebookClient):
             return int(timeout + _FINISH_MARGIN)
         return timeout
 
-    # Terminal ------------------------------------------------------------------------------
-    def _write(self, text: str, *, raw: bool = False) -> None:
-        """Write a line (ended with a newline), or ``raw`` text as it comes (a stream)."""
-        if not text:
-            return
-        if not self.color:
-            text = _ANSI.sub("", text)
-        if not raw:
-            if not self._line_start:
-                text = "\n" + text
-            if not text.endswith("\n"):
-                text += "\n"
-        self.out.write(text)
-        self.out.flush()
-        self._line_start = text.endswith("\n")
-        self._open = None
-
     def _announce(self, cell: Any, cell_index: int, **_kw: Any) -> None:
-        self.release_held()
+        self.terminal.release_held()
         if self.finishing:  # not a cell of the notebook
             return
         self.numbers[self.code_cells_executed + 1] = cell_index  # its In[N], as the kernel counts
         self.code_seen += 1
         first = next((ln for ln in cell.source.splitlines() if ln.strip()), "")
         elapsed = time.monotonic() - self.started_at
-        self._write(
+        self.terminal.write(
             f"── [{self.code_seen}/{self.code_total}] cell {cell_index + 1} "
             f"(at {elapsed:.1f} s): {first[:70]}"
         )
 
     def process_message(self, msg: dict[str, Any], cell: Any, cell_index: int) -> Any:
         try:
-            self._echo(msg)
+            self.terminal.echo(msg)
         except Exception as exc:  # the terminal copy must never break the run
             self.log.debug("could not echo %s: %s", msg.get("msg_type"), exc)
         return super().process_message(msg, cell, cell_index)
-
-    def _echo(self, msg: dict[str, Any]) -> None:
-        kind = msg["msg_type"]
-        content = msg["content"]
-        if kind == "stream":
-            if self._open is not None:  # a line a task view left open: not continued here
-                self._write("\n", raw=True)
-            self._write(str(content.get("text", "")), raw=True)
-            if self._line_start:
-                self.release_held()
-            return
-        display_id = (content.get("transient") or {}).get("display_id")
-        data = content.get("data", {})
-        in_place = display_id and kind == "update_display_data" and data.keys() == {"text/plain"}
-        if in_place and not self._line_start and self._open is None:  # a printed line
-            self._held[str(display_id)] = str(data["text/plain"])
-            return
-        self.release_held()
-        if kind == "error":
-            self._write("\n".join(content.get("traceback", [])))
-        elif kind in ("execute_result", "display_data", "update_display_data"):
-            text = data.get("text/plain")
-            if text is not None and display_id and data.keys() == {"text/plain"}:
-                self._echo_display(str(display_id), str(text), kind != "update_display_data")
-            elif text is not None:
-                self._write(str(text))
-            elif data:
-                self._write(f"[{', '.join(sorted(data))}]")
-
-    def release_held(self) -> None:
-        """Show the task views held back while a printed line was open."""
-        held, self._held = self._held, {}
-        for display_id, text in held.items():
-            self._echo_display(display_id, text, new=False)
-
-    def _echo_display(self, display_id: str, text: str, new: bool) -> None:
-        """A display updated in place (a task's text view): print only what changed.
-
-        Its first line is the task's status: printed when the state changes, at most once a
-        second otherwise, and never in the middle of a line the task printed (until the
-        task ends). The rest is output that only grows: printed as it grows, as the task
-        printed it (a line printed in pieces stays one line).
-        """
-        status, _, body = text.partition("\n")
-        old_status, old_body, last = self._displays.get(display_id, ("", "", 0.0))
-        now = time.monotonic()
-        going_on = self._open == display_id  # the open line is the end of its output
-        if new or not body.startswith(old_body):
-            old_body, going_on = "", False  # replaced, not appended to: show it whole
-        added = body[len(old_body) :]
-        old_state = _STATUS.match(old_status)
-        state = _STATUS.match(status)
-        changed = (state and state["state"]) != (old_state and old_state["state"])
-        due = status != old_status and (changed or now - last >= _STATUS_INTERVAL)
-        ended = state is not None and state["state"] in _FINAL_STATES
-        if going_on and added.startswith("\n"):  # the line the view left open has ended
-            self._write("\n", raw=True)
-            added = added[1:]
-        elif not going_on:
-            added = added.lstrip("\n")
-        if due and self._line_start and added and not ended:  # before the output after it
-            self._write(status)
-            old_status, last, due = status, now, False
-        if added:
-            if not self._line_start and not going_on:
-                self._write("\n", raw=True)
-            self._write(added, raw=True)
-            # The view leaves its last line open: what ends it comes with the next update.
-            self._open = display_id if not self._line_start else None
-        if due and (self._line_start or ended):
-            self._write(status)
-            old_status, last = status, now
-        self._displays[display_id] = (old_status, body, last)
 
 
 def run_notebook(
@@ -360,49 +336,97 @@ def run_notebook(
     code_cells = client.code_total
     where = broker or kernel_env.get("NBTASK_BROKER") or "the embedded cluster"
     plural = "s" if code_cells != 1 else ""
-    client._write(f"nbtask run: {source} ({code_cells} code cell{plural}) on {redact_url(where)}")
+    client.terminal.write(
+        f"nbtask run: {source} ({code_cells} code cell{plural}) on {redact_url(where)}"
+    )
     started = time.monotonic()
-    failure: str | None = None
     # The kernel process's own stderr (its log, not the cells' output, which arrives as
     # messages) is kept out of the terminal; its last line explains a kernel that died.
     with tempfile.TemporaryFile() as kernel_log:
-        try:
-            client.execute(env=kernel_env, stderr=kernel_log)
-        except CellExecutionError as exc:
-            failure = _describe_error(nb, client, exc)
-        except CellTimeoutError:
-            failure = (
-                f"cell {_current_cell(nb, client)} did not finish within {timeout:g} s "
-                "(raise --timeout)"
-            )
-            if client.finishing:
-                failure = (
-                    f"the background cells did not finish within {timeout:g} s (raise --timeout)"
-                )
-        except DeadKernelError:
-            running = (
-                "waiting for the background cells"
-                if client.finishing
-                else (f"running cell {_current_cell(nb, client)}")
-            )
-            failure = f"the kernel died while {running}{_last_words(kernel_log)}"
-        except NoSuchKernel as exc:
-            raise ConfigurationError(f"no kernel named {exc.args[0]!r}") from None
-        except RuntimeError as exc:  # nbclient: "Kernel didn't respond in 60 seconds"
-            failure = f"the kernel did not start: {exc}{_last_words(kernel_log)}"
+        failure = _execute(client, kernel_env, kernel_log)
     seconds = time.monotonic() - started
     result = RunResult(nb, target if write else None, client.code_seen, seconds)
     if write:
         nbformat.write(nb, target)
+    if client.interrupted is not None:
+        written = f"; the notebook as far as it ran is in {target}" if write else ""
+        raise NotebookInterrupted(
+            _describe_interrupt(nb, client, failure) + written, result, client.interrupted
+        )
     if failure is not None:
         written = f"; the executed notebook is in {target}" if write else ""
         raise NotebookFailed(failure + written, result)
-    client.release_held()
-    client._write(
+    client.terminal.release_held()
+    client.terminal.write(
         f"nbtask run: {client.code_seen} cells ran in {seconds:.1f} s"
         + (f"; wrote {target}" if write else "")
     )
     return result
+
+
+def _execute(client: _StreamingClient, env: dict[str, str], kernel_log: IO[bytes]) -> str | None:
+    """Run the notebook's cells: what went wrong, if anything.
+
+    After a stop signal, the interrupted cell's own word on it, if it said one.
+    """
+    try:
+        client.execute(env=env, stderr=kernel_log)
+    except NoSuchKernel as exc:
+        raise ConfigurationError(f"no kernel named {exc.args[0]!r}") from None
+    except (_Interrupted, CellExecutionError, CellTimeoutError, RuntimeError) as exc:
+        return _describe_stop(client, exc, kernel_log)
+    return None
+
+
+def _describe_stop(client: _StreamingClient, exc: Exception, kernel_log: IO[bytes]) -> str | None:
+    """What stopped the run early, in one line (``None``: a stop signal, said alone)."""
+    nb, timeout = client.nb, client.timeout
+    where = "waiting for the background cells" if client.finishing else None
+    if isinstance(exc, _Interrupted):
+        said = None
+    elif isinstance(exc, CellExecutionError):
+        interrupted = client.interrupted is not None
+        said = (
+            (_first_line(client, exc) or None) if interrupted else _describe_error(nb, client, exc)
+        )
+    elif isinstance(exc, CellTimeoutError):
+        what = "the background cells" if where else f"cell {_current_cell(nb, client)}"
+        said = f"{what} did not finish within {timeout:g} s (raise --timeout)"
+    elif isinstance(exc, DeadKernelError):
+        running = where or f"running cell {_current_cell(nb, client)}"
+        said = f"the kernel died while {running}{_last_words(kernel_log)}"
+    else:  # nbclient: "Kernel didn't respond in 60 seconds"
+        said = f"the kernel did not start: {exc}{_last_words(kernel_log)}"
+    return said
+
+
+async def _quietly(step: Any) -> None:
+    """Await ``step`` (the kernel's interrupt, or its shutdown) whatever it raises.
+
+    The kernel may have ended meanwhile: the run's own end says what happened.
+    """
+    try:
+        await step
+    except Exception:  # the run goes on to its end regardless, and says how it ended
+        return
+
+
+def _describe_interrupt(nb: Any, client: _StreamingClient, said: str | None) -> str:
+    """``interrupted (SIGINT) in cell 2: task 'x' cancelled``: what a stop signal stopped."""
+    assert client.interrupted is not None
+    if client.finishing:
+        where = "while waiting for the background cells"
+    elif client.code_seen:
+        where = f"in cell {_current_cell(nb, client)}"
+    else:
+        where = "before the first cell"
+    if client.killed:  # the cell could not say how it ended
+        said, stopped = None, " (signalled again: the kernel was stopped at once)"
+    else:
+        stopped = ""
+    return (
+        f"interrupted ({client.interrupted.name}) {where}" + (f": {said}" if said else "") + stopped
+    )
 
 
 def _last_words(log: IO[bytes]) -> str:
@@ -425,12 +449,21 @@ def _current_cell(nb: Any, client: _StreamingClient) -> str:
 
 def _describe_error(nb: Any, client: _StreamingClient, exc: CellExecutionError) -> str:
     ename = getattr(exc, "ename", "") or "error"
-    evalue = str(getattr(exc, "evalue", "") or "").strip().splitlines()
-    if client.finishing:  # said by run_end.py, naming cells by their In[N]
-        said = evalue[0] if evalue else ename
-        return "in the background, " + _CELL_NUMBER.sub(lambda m: _cell_at(client, m), said)
-    detail = f"{ename}: {evalue[0]}" if evalue else ename
+    said = _first_line(client, exc)
+    if client.finishing:  # said by run_end.py
+        return "in the background, " + (said or ename)
+    detail = f"{ename}: {said}" if said else ename
     return f"cell {_current_cell(nb, client)} failed with {detail}"
+
+
+def _first_line(client: _StreamingClient, exc: CellExecutionError) -> str:
+    """The first line of a cell's error message, naming cells by their notebook position.
+
+    (run_end.py names them by their number in the kernel, ``cell In[3]``.)
+    """
+    lines = str(getattr(exc, "evalue", "") or "").strip().splitlines()
+    said = lines[0] if lines else ""
+    return _CELL_NUMBER.sub(lambda m: _cell_at(client, m), said) if client.finishing else said
 
 
 def _cell_at(client: _StreamingClient, number: re.Match[str]) -> str:

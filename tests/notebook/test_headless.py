@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -208,9 +209,8 @@ def test_background_cells_still_running_at_the_end_are_waited_for(tmp_path: Path
     result = nbtask_run(str(notebook), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert made.read_text() == "done"
-    assert "waiting for 1 cell still running in the background: cell In[2] ('train')" in (
-        result.stdout
-    )
+    said = "waiting for 1 cell still queued or running in the background: cell In[2] ('train')"
+    assert said in result.stdout
     assert "[train] SUCCESS" in result.stdout
     written = nbformat.read(tmp_path / "background.out.ipynb", as_version=4)
     assert len(written.cells) == 3  # the wait is not a cell of the notebook
@@ -273,3 +273,101 @@ def test_background_cells_past_the_timeout_are_cancelled_and_fail_the_run(tmp_pa
     written = nbformat.read(tmp_path / "slow.out.ipynb", as_version=4)
     view = written.cells[1].outputs[0]["data"]["text/plain"]
     assert view.startswith("[forever] REVOKED"), view
+
+
+def started_run(notebook: Path, until: str, *args: str) -> subprocess.Popen[str]:
+    """``nbtask run NOTEBOOK`` in the background, once its output showed ``until``."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("NBTASK_")}
+    run = subprocess.Popen(
+        [sys.executable, "-m", "nbtask", "run", str(notebook), *args],
+        env=base,
+        cwd=notebook.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert run.stdout is not None
+    seen = ""
+    while until not in seen:
+        line = run.stdout.readline()
+        assert line, f"the run ended before {until!r}:\n{seen}{run.communicate()[1]}"
+        seen += line
+    return run
+
+
+def test_ctrl_c_on_nbtask_run_cancels_the_cell_and_says_so_in_one_line(tmp_path: Path) -> None:
+    """SIGINT: the cell's task is cancelled, the notebook so far written, exit 130."""
+    notebook = write_notebook(
+        tmp_path / "slow.ipynb",
+        "%load_ext nbtask",
+        "%%task --wait\nimport time\nprint('task started', flush=True)\ntime.sleep(120)",
+        "print('after')",
+    )
+    run = started_run(notebook, "task started")
+    run.send_signal(signal.SIGINT)
+    stdout, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130, stdout + stderr
+    assert stderr.splitlines() == [
+        "nbtask run: interrupted (SIGINT) in cell 2: task 'import time' cancelled; the "
+        f"notebook as far as it ran is in {tmp_path / 'slow.out.ipynb'}"
+    ], stderr
+    assert "Traceback" not in stdout and "after" not in stdout, stdout
+    written = nbformat.read(tmp_path / "slow.out.ipynb", as_version=4)
+    (error,) = written.cells[1].outputs[-1:]
+    assert (error.output_type, error.ename) == ("error", "KeyboardInterrupt"), error
+    assert written.cells[2].execution_count is None
+
+
+def test_sigterm_while_background_cells_are_waited_for_cancels_them(tmp_path: Path) -> None:
+    notebook = write_notebook(
+        tmp_path / "background.ipynb",
+        "%load_ext nbtask",
+        "%%task bg\nimport time\ntime.sleep(120)",
+        "print('last cell')",
+    )
+    run = started_run(notebook, "[bg] STARTED")
+    run.send_signal(signal.SIGTERM)
+    stdout, stderr = run.communicate(timeout=120)
+    assert run.returncode == 128 + signal.SIGTERM, stdout + stderr
+    assert stderr.splitlines() == [
+        "nbtask run: interrupted (SIGTERM) while waiting for the background cells: 1 cell "
+        "not done was cancelled: cell 2 ('bg'); the notebook as far as it ran is in "
+        f"{tmp_path / 'background.out.ipynb'}"
+    ], stderr
+    assert "Traceback" not in stdout, stdout
+    written = nbformat.read(tmp_path / "background.out.ipynb", as_version=4)
+    view = written.cells[1].outputs[0]["data"]["text/plain"]
+    assert view.startswith("[bg] REVOKED"), view
+
+
+def test_a_background_cell_no_worker_can_take_fails_the_run_with_why(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Not after the whole --timeout (600 s here), and not telling to raise it."""
+    notebook = write_notebook(
+        tmp_path / "stuck.ipynb",
+        "%load_ext nbtask",
+        "%%task stuck --queue nobody-serves-this\ny = 1",
+        "print('last cell')",
+    )
+    env = {**settings.to_env(), "NBTASK_SECRET": settings.secret or ""}
+    why = (
+        "cell 2 ('stuck') never started: no live worker consumes queue 'nobody-serves-this' "
+        "(start one: nbtask worker -Q nobody-serves-this)"
+    )
+    result = nbtask_run(str(notebook), env=env, cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        f"nbtask run: error: in the background, {why}; the executed notebook is in "
+        f"{tmp_path / 'stuck.out.ipynb'}"
+    ], result.stderr
+    written = nbformat.read(tmp_path / "stuck.out.ipynb", as_version=4)
+    view = written.cells[1].outputs[0]["data"]["text/plain"]
+    assert view.startswith("[stuck] REVOKED"), view
+    # A timeout shorter than the 10 s of grace: the same reason, and no advice to raise it.
+    result = nbtask_run(str(notebook), "--timeout", "6", env=env, cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.startswith(
+        "nbtask run: error: in the background, 1 cell still ran 6 s after the last cell, and "
+        f"was cancelled: {why}; the executed"
+    ), result.stderr
