@@ -207,6 +207,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         help="broker URL (default: $NBTASK_BROKER, else the embedded cluster)",
     )
     run.add_argument(
+        "--secret-file",
+        default=None,
+        help="file holding the workers' signing secret, for a --broker (default: "
+        "$NBTASK_SECRET, else the file $NBTASK_SECRET_FILE names)",
+    )
+    run.add_argument(
         "--timeout",
         type=functools.partial(seconds, zero=False),
         default=600.0,

@@ -21,11 +21,14 @@ def run_headless(args: argparse.Namespace) -> int:
     # nbclient and the kernel machinery load only for this command.
     from nbtask.notebook.headless import run_notebook  # noqa: PLC0415 - heavy
 
-    settings_for(args)  # a bad broker URL or a missing secret, said before any kernel starts
+    # A bad broker URL or a missing secret, said before any kernel starts.
+    settings = settings_for(args)
     if args.output is not None:
         _check_output(args.output)
+    # The kernel reads its settings from the environment, as a notebook's does.
+    env = {"NBTASK_SECRET": settings.secret} if args.secret_file and settings.secret else {}
     try:
-        run_notebook(args.notebook, args.output, broker=args.broker, timeout=args.timeout)
+        run_notebook(args.notebook, args.output, broker=args.broker, timeout=args.timeout, env=env)
     except NotebookInterrupted as exc:  # Ctrl-C, or SIGTERM: exits as a shell reports it
         print(f"nbtask run: {exc}", file=sys.stderr)
         return 128 + exc.signal_number

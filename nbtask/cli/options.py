@@ -130,7 +130,7 @@ def settings_for(args: argparse.Namespace, app_settings: Settings | None = None)
             )
         if not (settings.secret or settings.insecure):
             how = (
-                "set NBTASK_SECRET or NBTASK_SECRET_FILE (the workers' secret), or "
+                "pass --secret-file FILE or set NBTASK_SECRET (the workers' secret), or "
                 "NBTASK_INSECURE=1"
                 if args.command == "run"
                 else "set NBTASK_SECRET or pass --secret-file FILE (the same secret as the "

@@ -185,6 +185,28 @@ def test_broker_option_runs_on_a_real_broker(
     assert pid in {c.pid for c in worker.children()}
 
 
+def test_secret_file_option_gives_the_kernel_the_workers_secret(
+    settings: Settings, start_worker: Any, tmp_path: Path
+) -> None:
+    """As ``worker``, ``status`` and the other commands with a broker option take it."""
+    worker = start_worker(concurrency=1)
+    secret = tmp_path / "secret"
+    secret.write_text(f"{settings.secret}\n")
+    notebook = write_notebook(
+        tmp_path / "signed.ipynb",
+        "%load_ext nbtask",
+        "%%task --wait\nimport os\nprint('worker pid', os.getpid())",
+    )
+    env = settings.to_env()
+    for given in ("NBTASK_BROKER", "NBTASK_SECRET"):  # by the options only
+        env.pop(given, None)
+    url = settings.broker_url or ""
+    result = nbtask_run(str(notebook), "-b", url, "--secret-file", str(secret), env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    pid = int(result.stdout.split("worker pid ")[1].split()[0])
+    assert pid in {c.pid for c in worker.children()}
+
+
 def test_import_nbtask_stays_light() -> None:
     code = (
         "import sys, nbtask, nbtask.cli; "
