@@ -30,7 +30,7 @@ def open_broker(settings: Settings, url: str) -> Transport:
     if not settings.result_url:
         raise ConfigurationError(
             f"the broker {redact_url(url)} needs a result store: set NBTASK_RESULT_URL (or "
-            "Settings(result_url=...)) to a Redis URL, e.g. redis://127.0.0.1:6379/0. "
+            "App(result_url=...)) to a Redis URL, e.g. redis://127.0.0.1:6379/0. "
             "Task records, exactly-once starts, revoke, ETA/countdown and re-attach "
             "(app.handle(id)) live there"
         )

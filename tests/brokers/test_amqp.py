@@ -123,8 +123,9 @@ def test_reattach_from_a_second_process(
 
 
 def test_amqp_without_result_store_is_refused_with_how_to_fix(prefix: str) -> None:
-    with pytest.raises(ConfigurationError, match="NBTASK_RESULT_URL"):
+    with pytest.raises(ConfigurationError, match="NBTASK_RESULT_URL") as info:
         App("x", settings=Settings(broker_url=AMQP_URL, secret=SECRET, key_prefix=prefix)).connect()
+    assert "App(result_url=...)" in str(info.value), "the keyword App takes, as the README shows"
 
 
 def test_memory_transport_round_trip_events_eta_and_redelivery(redis_url: str, prefix: str) -> None:
