@@ -13,7 +13,7 @@ Keys, all under ``<key_prefix>:``:
 * ``workers``, ``hb:<worker id>``, ``versions:<worker id>``: the worker registry
   (:mod:`nbtask.brokers.redis_workers`).
 * ``log:<task id>``: what workers said about a task (its journal).
-* ``rate:<bucket>``: rate-limit buckets.
+* ``rate:<bucket>``: rate-limit buckets (and their ``:schedule`` and ``:given`` starts).
 * ``blob:<digest>:<n>``: large values sent out of band, and ``blobref:<digest>`` the uses
   of each (:mod:`nbtask.brokers.redis_blobs`).
 """
@@ -344,7 +344,7 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
         off (a message older than it would not run).
         """
         key = f"{self.prefix}:rate:{bucket}"
-        keys = [key, f"{key}:schedule", self.record_key(task_id)]
+        keys = [key, f"{key}:schedule", self.record_key(task_id), f"{key}:given"]
         wait, bad = self.link.call("rate", keys, repr(rate), repr(time.time()), repr(horizon))
         if bad:
             log.warning("reset rate-limit bucket %s, which nbtask did not write", key)

@@ -6,11 +6,13 @@ import concurrent.futures
 import contextlib
 import itertools
 import math
+import time
 from pathlib import Path
 
 import psutil
 import pytest
 import redis
+from helpers import wait_until
 from raw_broker import RawBroker
 
 import nbtask
@@ -300,6 +302,25 @@ def test_a_start_another_workers_bucket_gave_is_no_start_in_this_ones(access: Ra
     assert wait("here", "later") == 30
     assert wait("idle", "far") == 0, "waited for a start another worker's schedule gave"
     assert wait("idle", "far-next") == 10  # the idle one's schedule holds
+
+
+@pytest.mark.brokers("redis")  # (the store is Redis on both)
+def test_tasks_put_back_that_all_come_back_late_keep_their_turns(access: RawBroker) -> None:
+    """A worker slow to take back the tasks it put back (a loaded machine) finds every
+    start they were given past: the first starts, and each after it is given the start
+    after the one before it, in turn, not one start for all of them to race for (whichever
+    came back first would take it)."""
+    store, rate, horizon = access.keys, 1.0, 3600.0  # a start a second
+
+    def wait(task_id: str) -> int:
+        """The wait, in whole starts' worth of seconds (calls take a moment in between)."""
+        return math.ceil(store.rate_wait("slow:limited", rate, task_id, horizon))
+
+    assert [wait(task) for task in ("first", "a", "b", "c")] == [0, 1, 2, 3]
+    late = time.time() + 3.5
+    wait_until(lambda: time.time() > late, 10, "every start given out to be past")
+    assert wait("a") == 0  # late: at once
+    assert [wait("b"), wait("c")] == [1, 2], "the tasks after a late start lost their turns"
 
 
 def test_a_task_given_a_start_by_a_worker_now_gone_runs_when_another_is_free(
