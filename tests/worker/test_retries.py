@@ -4,16 +4,16 @@ backoff, the RETRY state on the handle, and retries parked in the ETA set."""
 from __future__ import annotations
 
 import itertools
-import time
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
-from helpers import wait_until
 from raw_broker import RawBroker
 
 import nbtask
-from nbtask import App, State, Task
+from nbtask import App, Event, State, Task
 from tests.celery_tasks import read_records
 
 pytestmark = pytest.mark.brokers
@@ -22,35 +22,57 @@ pytestmark = pytest.mark.brokers
 def test_retry_waits_in_the_eta_set_with_state_retry_and_its_reason(
     app: App, start_worker, prefix: str, r: redis.Redis, access: RawBroker, tmp_path: Path
 ) -> None:
-    start_worker()
+    """The retry is a new message parked in the sorted set until its countdown passed.
+
+    Looked at while no worker is up to take it (the first stopped once it parked it), so
+    the look cannot race its countdown; the states come as the client's events, in order.
+    """
+    worker = start_worker()
     ledger = tmp_path / "ledger"
 
     @app.task(bind=True, max_retries=3)
     def flaky(self: Task, path: str) -> int:
+        import time as t
+
         from tests.celery_tasks import record
 
-        record(path, retries=self.request.retries, id=self.request.id)
+        record(path, retries=self.request.retries, id=self.request.id, at=t.time())
         if self.request.retries < 2:
             raise self.retry(exc=ConnectionError(f"not yet {self.request.retries}"), countdown=2.0)
         return self.request.retries
 
-    h = flaky.delay(str(ledger))
-    wait_until(lambda: h.state is State.RETRY, 10, "the first retry")
+    states: list[tuple[State, dict[str, Any]]] = []
+    retried = threading.Event()
+
+    def seen(event: Event) -> None:
+        if event.state is not None:
+            states.append((event.state, dict(event.data)))
+        if event.state is State.RETRY:
+            retried.set()
+
+    h = flaky.apply_async((str(ledger),), on_event=seen)
+    assert retried.wait(30), f"no RETRY; states {states}"
+    worker.stop()  # idle: the retry waits in the sorted set, for no one
+    assert h.state is State.RETRY
     assert "not yet 0" in h.info["reason"]
     assert h.info["retries"] == 1
-    assert h.info["eta"] > time.time()
+    assert h.info["eta"] >= read_records(ledger)[0]["at"] + 2.0
     assert not h.done()
-    # The retry is a new message parked in the sorted set: not in the stream, and not
-    # held unacknowledged by a worker.
+    # Not in the stream, and not held unacknowledged by a worker.
     assert r.zcard(f"{prefix}:eta:default") == 1
     assert access.drained()
     assert app.store.get_record(h.id).state == "RETRY"
 
-    wait_until(lambda: h.info.get("retries") == 2, 10, "the second retry")
-    assert "not yet 1" in h.info["reason"]
-
-    assert h.get(timeout=15) == 2
+    start_worker()
+    assert h.get(timeout=30) == 2
     assert h.state is State.SUCCESS
+    retries = [data for state, data in states if state is State.RETRY]
+    assert [state for state, _ in states] == [State.STARTED, State.RETRY] * 2 + [
+        State.STARTED,
+        State.SUCCESS,
+    ]
+    assert [d["retries"] for d in retries] == [1, 2]
+    assert "not yet 0" in retries[0]["reason"] and "not yet 1" in retries[1]["reason"]
     runs = read_records(ledger)
     assert [run["retries"] for run in runs] == [0, 1, 2]
     assert {run["id"] for run in runs} == {h.id}, "a retry must keep the task id"
