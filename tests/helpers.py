@@ -26,6 +26,7 @@ import pytest
 
 from nbtask import App, RemoteError, Settings
 from nbtask.brokers import open_broker
+from nbtask.errors import BrokerUnavailable
 from nbtask.wire.events import Event, EventType
 from nbtask.wire.holdings import Held
 from nbtask.wire.message import TaskMessage
@@ -253,14 +254,21 @@ class WorkerProcess:
         """The worker's child processes, without the short-lived probe of its versions."""
         return [c for c in psutil.Process(self.pid).children() if not _is_versions_probe(c)]
 
-    def wait_ready(self, timeout: float = 20.0) -> None:
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until the registry names the worker and its children: a start is no speed target
+        (a loaded machine, a slow shared Redis), so a read not answered in time is retried."""
         broker = open_broker(self.settings, self.settings.broker_url or "")
         deadline = time.monotonic() + timeout
+        unanswered = ""
         try:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
                     raise AssertionError(f"worker exited early:\n{self.log.read_text()}")
-                live = [i for i in broker.store.workers().values() if i.pid == self.pid]
+                try:
+                    registered = broker.store.workers()
+                except BrokerUnavailable as exc:  # slow, not gone: the deadline says when
+                    registered, unanswered = {}, f" (the registry's last read: {exc})"
+                live = [i for i in registered.values() if i.pid == self.pid]
                 # Ready once the registry names the children that run: the worker starts
                 # its versions probe (a child too, for a moment) before it says so.
                 children = {c.pid for c in self.children()}
@@ -269,7 +277,9 @@ class WorkerProcess:
                 time.sleep(0.05)
         finally:
             broker.close()
-        raise AssertionError(f"worker not ready after {timeout} s:\n{self.log.read_text()}")
+        raise AssertionError(
+            f"worker not ready after {timeout} s{unanswered}:\n{self.log.read_text()}"
+        )
 
     def stop(self) -> None:
         """Warm shutdown, as an operator's Ctrl-C: running tasks finish first."""
