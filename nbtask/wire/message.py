@@ -74,6 +74,10 @@ class TaskMessage:
     #: later step): a time its client chose and signed in the chain, and so knows, for its
     #: handle. ``None``: the send is this message's own ``created``.
     sent: float | None = None
+    #: How many times a ``Reject(requeue=True)`` put this task back: the worker that puts
+    #: it back signs the count in the message, so no unsigned store entry decides when it
+    #: stops. Workers before it ignore it.
+    rejects: int = 0
 
     @classmethod
     def from_header(cls, header: Mapping[str, Any]) -> TaskMessage:

@@ -126,7 +126,7 @@ class Child:
             consumer=self.consumer,
             worker_id=self.worker_id,
         )
-        self.predicates = Predicates(self.transport, self.settings)
+        self.predicates = Predicates(self.transport, self.settings, self.signer)
         self.holding, self.served = process_holding(
             self.settings,
             self.transport.store,

@@ -3,10 +3,11 @@
 Neither calls the task's handlers nor retries it by itself (Celery's trace does not).
 ``Ignore``: the message is acknowledged and nothing is stored. ``Reject(requeue=True)``:
 the message is put back after a delay that doubles each time (1 s, 2 s, 4 s...), at most
-``max_redeliveries`` times: the times already put back are counted in the task's journal
-(the worker's own log lines about it, kept in the store), so the count holds whichever
-worker takes it next. Then, or with ``requeue=False``, the task fails with the
-``Reject`` as its error, as Celery 5 records it (its errbacks are sent).
+``max_redeliveries`` times: the times already put back travel in the message itself
+(``rejects``, signed by the worker that put it back), so the count holds whichever worker
+takes it next, and nothing an outsider can write in the store changes it. Then, or with
+``requeue=False``, the task fails with the ``Reject`` as its error, as Celery 5 records it
+(its errbacks are sent).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from nbtask.brokers import Transport
 from nbtask.core.handlers import exception_info
 from nbtask.errors import Ignore, Reject, TaskPredicate
 from nbtask.settings import Settings
+from nbtask.wire.envelope import Signer
 from nbtask.wire.events import State
 from nbtask.wire.message import TaskMessage
 from nbtask.worker.admit import Admitted
@@ -29,7 +31,7 @@ __all__ = ["REQUEUED", "Predicates", "predicate_outcome"]
 
 log = logging.getLogger("nbtask.worker")
 
-#: Said in the worker's log (and so in the task's journal) each time a reject requeues it.
+#: Said in the worker's log each time a reject puts a task back on its queue.
 REQUEUED = "rejected and put back on its queue"
 _FIRST_DELAY_SECONDS = 1.0
 
@@ -51,11 +53,14 @@ class Predicates:
         Where the message is acknowledged or put back.
     settings
         ``max_redeliveries``: how many times a reject may put a message back.
+    signer
+        Seals a message put back, with the times it was put back.
     """
 
-    def __init__(self, transport: Transport, settings: Settings) -> None:
+    def __init__(self, transport: Transport, settings: Settings, signer: Signer) -> None:
         self.transport = transport
         self.settings = settings
+        self.signer = signer
 
     def set_aside(self, admitted: Admitted, outcome: Outcome) -> bool:
         """Acknowledge an ignored task, or put a rejected one back; True if so.
@@ -71,11 +76,14 @@ class Predicates:
             return True
         assert isinstance(exc, Reject)
         if exc.requeue:
-            times = self._times_put_back(message.id)
+            times = message.rejects
             if times < self.settings.max_redeliveries:
                 delay = _FIRST_DELAY_SECONDS * 2**times
                 log.warning("%s %s (%s); runs again in %.0f s", said, REQUEUED, exc, delay)
-                back = (delivery.raw, time.time() + delay)
+                # Sealed again with the count; its signed eta stays the sender's, so it
+                # ages (max_age) as it would have.
+                header = {**message.to_header(), "rejects": times + 1}
+                back = (self.signer.seal(header, admitted.envelope.body), time.time() + delay)
                 state = {"state": State.PENDING.value}
                 self.transport.finish(
                     delivery, message.id, message.client, b"", state, requeue=back
@@ -85,6 +93,3 @@ class Predicates:
             return False
         log.warning("%s rejected: %s", said, exc)
         return False
-
-    def _times_put_back(self, task_id: str) -> int:
-        return sum(REQUEUED in line for line in self.transport.store.read_journal(task_id))

@@ -51,6 +51,7 @@ def test_a_header_leaves_out_fields_at_their_defaults_and_reads_back_the_same() 
         serializer="json",
         parent_id="p1",
         root_id="r1",
+        rejects=3,
     )
     assert TaskMessage.from_header(changed.to_header()) == changed
     # A header with every field, as an earlier nbtask wrote it, reads the same.

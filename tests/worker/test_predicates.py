@@ -68,3 +68,17 @@ def test_reject_with_requeue_runs_again_and_is_bounded(
     assert notes(once) == ["run", "run", "after_return"]  # the handler of the run that returned
     assert notes(always) == ["run", "run"]  # put back once (max_redeliveries=1), then failed
     assert "rejected and put back on its queue (never)" in worker.log.read_text()
+
+
+def test_reject_with_requeue_is_bounded_whatever_the_logging_level(
+    app: App, start_worker: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The times a task was put back are not counted from what the worker logs."""
+    monkeypatch.setenv("NBTASK_MAX_REDELIVERIES", "1")  # for the worker
+    start_worker("-A", TASKS, "-l", "ERROR")
+    path = tmp_path / "always"
+    h = app.send_task(f"{TASKS}.rejects_always", (str(path),))
+    with pytest.raises(Reject, match="never"):
+        h.get(timeout=20)
+    assert h.state is State.FAILURE
+    assert notes(path) == ["run", "run"]  # put back once (max_redeliveries=1), then failed
