@@ -13,7 +13,6 @@ takes it next, and nothing an outsider can write in the store changes it. Then, 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,7 +24,7 @@ from nbtask.wire.envelope import Signer
 from nbtask.wire.events import State
 from nbtask.wire.message import TaskMessage
 from nbtask.worker.admit import Admitted
-from nbtask.worker.settle import Outcome, failure_body, failure_event
+from nbtask.worker.settle import Outcome, failure_body, failure_event, reject_requeue
 
 __all__ = ["REQUEUED", "Predicates", "predicate_outcome"]
 
@@ -80,10 +79,7 @@ class Predicates:
             if times < self.settings.max_redeliveries:
                 delay = _FIRST_DELAY_SECONDS * 2**times
                 log.warning("%s %s (%s); runs again in %.0f s", said, REQUEUED, exc, delay)
-                # Sealed again with the count; its signed eta stays the sender's, so it
-                # ages (max_age) as it would have.
-                header = {**message.to_header(), "rejects": times + 1}
-                back = (self.signer.seal(header, admitted.envelope.body), time.time() + delay)
+                back = reject_requeue(self.signer, message, admitted.envelope.body, delay)
                 state = {"state": State.PENDING.value}
                 self.transport.finish(
                     delivery, message.id, message.client, b"", state, requeue=back

@@ -49,6 +49,7 @@ __all__ = [
     "failure_event",
     "failure_outcome",
     "outcome_fields",
+    "reject_requeue",
     "report",
     "retry_requeue",
     "revoked_body",
@@ -232,6 +233,20 @@ def retry_requeue(
     retried, parts = outcome.retry_send or (message, body)
     header = {**retried.to_header(), "retries": message.retries + 1, "eta": due}
     return signer.seal(header, parts), due
+
+
+def reject_requeue(
+    signer: Signer, message: TaskMessage, body: Buffer, delay: float
+) -> tuple[bytes, float]:
+    """The message a ``Reject(requeue=True)`` puts back, and when it is due (``delay`` on).
+
+    Sealed again as a retry's is: its ``rejects`` (the times put back, which bound it) one
+    more, and its ``eta`` the due time, so no unsigned count decides when it stops and
+    moving it early in the store does not run it early.
+    """
+    due = time.time() + delay
+    header = {**message.to_header(), "rejects": message.rejects + 1, "eta": due}
+    return signer.seal(header, body), due
 
 
 def outcome_fields(
