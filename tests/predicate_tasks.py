@@ -6,6 +6,7 @@ argument, for the test to read from the client.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,3 +67,13 @@ def rejects_always(path: str) -> None:
     """Rejected with requeue every time."""
     note(path, "run")
     raise Reject("never", requeue=True)
+
+
+@app.task(acks_late=True)
+def rejects_once_told(path: str, go: str) -> None:
+    """Rejected with requeue every time, once the file ``go`` exists (at most 30 s on)."""
+    note(path, "run")
+    end = time.monotonic() + 30
+    while not Path(go).exists() and time.monotonic() < end:
+        time.sleep(0.05)
+    raise Reject("told to", requeue=True)

@@ -65,7 +65,9 @@ def test_reject_with_requeue_runs_again_and_is_bounded(
     assert first.get(timeout=20) == 2
     with pytest.raises(Reject, match="never"):
         second.get(timeout=20)
-    assert notes(once) == ["run", "run", "after_return"]  # the handler of the run that returned
+    # The handler of the run that returned (it runs once that run's outcome is sent).
+    wait_until(lambda: "after_return" in notes(once), 10, "the returning run's handler")
+    assert notes(once) == ["run", "run", "after_return"]
     assert notes(always) == ["run", "run"]  # put back once (max_redeliveries=1), then failed
     assert "rejected and put back on its queue (never)" in worker.log.read_text()
 
@@ -82,3 +84,25 @@ def test_reject_with_requeue_is_bounded_whatever_the_logging_level(
         h.get(timeout=20)
     assert h.state is State.FAILURE
     assert notes(path) == ["run", "run"]  # put back once (max_redeliveries=1), then failed
+
+
+def test_a_task_revoked_while_it_runs_is_not_run_again_when_it_rejects_with_requeue(
+    app: App, start_worker: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Celery drops the message of a revoked task when it comes back: its state REVOKED."""
+    monkeypatch.setenv("NBTASK_MAX_REDELIVERIES", "1")  # for the worker
+    worker = start_worker("-A", TASKS)
+    path, go = tmp_path / "notes", tmp_path / "go"
+    h = app.send_task(f"{TASKS}.rejects_once_told", (str(path), str(go)))
+    wait_until(lambda: notes(path) == ["run"], 15, "the task running")
+    assert app.revoke(h.id) is False  # running: it runs on
+    go.touch()
+    with pytest.raises(nbtask.TaskRevoked):
+        h.get(timeout=20)
+    assert app.handle(h.id).state is State.REVOKED
+    # Its message, put back, comes back after its delay and is dropped: never run again.
+    dropped = f"dropped a message for task {h.id}: it is already REVOKED"
+    wait_until(lambda: dropped in worker.log.read_text(), 15, "its message dropped")
+    assert notes(path) == ["run"]
+    assert app.send_task("tests.sample_tasks.add", (1, 2)).get(timeout=10) == 3
+    assert app.handle(h.id).state is State.REVOKED
