@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn, TypeVar, overload
 
 from nbtask.client.celery_app import NO_CONF, Control
-from nbtask.client.reattach import reattach
+from nbtask.client.reattach import reattach, settle_ended
 from nbtask.client.revoking import Revoking
 from nbtask.client.routes import Routes
 from nbtask.client.unsent import expected_handle, give_back, restore_refused, reused_ids
@@ -302,10 +302,18 @@ class App(Revoking):
         """A handle for a task that a worker will send (a later step of a chain).
 
         ``sent``: the send its events name (a chain stamps it); ``None`` takes any send
-        of this app's task with that id.
+        of this app's task with that id. A task that already ended (a ``link`` that ran
+        before this call) ends the handle at once, with the outcome its record keeps.
         """
         handle = TaskHandle(self, task_id, name, sent=sent)
-        self._listen().register(handle)
+        listener = self._listen()
+        listener.register(handle)
+        # Registered first: an end sent from now on reaches the handle; one sent before
+        # reached no handle, and the record has it.
+        prefix = self.settings.key_prefix
+        settle_ended(handle, store=self.store, signer=self.signer, prefix=prefix)
+        if handle.done() and listener.get(task_id) is handle:
+            listener.forget(task_id)
         return handle
 
     def send_task(

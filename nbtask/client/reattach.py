@@ -17,7 +17,14 @@ from nbtask.wire.envelope import Signer
 from nbtask.wire.events import FINAL_STATES, Event, EventType, State, decode_event
 from nbtask.wire.records import TaskRecord
 
-__all__ = ["SHORT_ID_LENGTH", "journal_of", "reattach", "resolve_task_id", "settle_from_records"]
+__all__ = [
+    "SHORT_ID_LENGTH",
+    "journal_of",
+    "reattach",
+    "resolve_task_id",
+    "settle_ended",
+    "settle_from_records",
+]
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +180,31 @@ def settle_from_records(
             continue
         if stored is not None:
             _end(handle, record, *stored)
+
+
+def settle_ended(handle: TaskHandle, *, store: Store, signer: Signer, prefix: str) -> None:
+    """End ``handle``, just registered, if its task already ended: output first, then outcome.
+
+    The task's events went to its client's channel once each: read before the handle was
+    registered, they reached no handle (on either broker, however soon after it was made).
+    Its record keeps the signed outcome, and the channel its output while it is kept. A
+    record with no outcome of the handle's send leaves it waiting for its events.
+    """
+    record = store.get_record(handle.id)
+    if record is None:
+        return
+    try:
+        stored = _stored_outcome(handle, record.result, store, signer, prefix)
+    except NbtaskError as exc:  # not its own outcome: its events may still come
+        log.warning("task %s: %s", handle.id, exc)
+        return
+    if stored is None:
+        return
+    channel = record.client if store.is_channel(record.client) else ""
+    for event in _kept_events(store, signer, channel, handle.id, prefix):
+        if event.state not in FINAL_STATES and handle.refusal(event, prefix) is None:
+            handle.apply(event)
+    _end(handle, record, *stored)
 
 
 def _kept_events(
