@@ -68,6 +68,28 @@ class AddTask(app.Task):
 add_task = app.register_task(AddTask())
 
 
+class DoubledAddTask(AddTask):
+    """A subclass of a registered class: a task of its own, under a name of its own."""
+
+    def run(self, x: int, y: int) -> int:
+        return 2 * super().run(x, y)
+
+
+doubled_add_task = app.register_task(DoubledAddTask())
+
+
+class NamedAddTask(AddTask):
+    """A subclass of a registered class that names itself."""
+
+    name = "tests.celery_tasks.named_add"
+
+    def run(self, x: int, y: int) -> int:
+        return 100 + super().run(x, y)
+
+
+named_add_task = app.register_task(NamedAddTask())
+
+
 # Handlers, recorded in order ---------------------------------------------------------------
 def _einfo(einfo: ExceptionInfo | None) -> dict[str, Any] | None:
     if einfo is None:

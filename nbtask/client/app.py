@@ -203,11 +203,21 @@ class App(Revoking):
         return register
 
     def register_task(self, task: BaseTask) -> BaseTask:
-        """Register a task instance (a class-based task with ``run``) under its name."""
-        if type(task).is_abstract():
-            raise ConfigurationError(f"{type(task).__name__} is abstract and cannot be registered")
-        if not task.name:
-            cls = type(task)
+        """Register a task instance (a class-based task with ``run``) under its name.
+
+        A class with no name given gets ``module.qualname``, its own: a subclass of a
+        registered class is a task of its own too. A name given in a class body is
+        inherited, as Celery's are: a subclass registered beside it names itself.
+
+        Raises
+        ------
+        ConfigurationError
+            The class is abstract, or another task's code holds its name.
+        """
+        cls = type(task)
+        if cls.is_abstract():
+            raise ConfigurationError(f"{cls.__name__} is abstract and cannot be registered")
+        if not _given_name(cls):
             type.__setattr__(cls, "name", f"{cls.__module__}.{cls.__qualname__}")
         existing = self.tasks.get(task.name)
         # Re-running a notebook cell redefines a task: that replaces it. Two different
@@ -444,6 +454,17 @@ class App(Revoking):
     def __repr__(self) -> str:
         where = self.settings.broker_url or "embedded"
         return f"<App {self.name!r} broker={where} tasks={len(self.tasks)}>"
+
+
+def _given_name(cls: type[BaseTask]) -> bool:
+    """Whether ``cls`` has a name that was given to it or to the class it inherits it from.
+
+    Not one made from the module and qualname of the class that holds it (registering a
+    class without a name writes one there): that name is that class's alone.
+    """
+    holder = next(klass for klass in cls.__mro__ if "name" in klass.__dict__)
+    made = f"{holder.__module__}.{holder.__qualname__}"
+    return bool(cls.name) and (holder is cls or cls.name != made)
 
 
 def _origin(task: BaseTask) -> str:

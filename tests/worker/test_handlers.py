@@ -17,6 +17,8 @@ pytestmark = pytest.mark.brokers
 
 USE_DB = "tests.celery_tasks.use_db"
 ADD_TASK = "tests.celery_tasks.AddTask"
+DOUBLED_ADD = "tests.celery_tasks.DoubledAddTask"
+NAMED_ADD = "tests.celery_tasks.named_add"
 HANDLED_OK = "tests.celery_tasks.handled_ok"
 HANDLED_FAIL = "tests.celery_tasks.handled_fail"
 HANDLED_RETRY = "tests.celery_tasks.handled_retry"
@@ -102,6 +104,47 @@ def test_class_based_task_registered_with_register_task(app: App, start_worker) 
     assert mul.delay(6, 7).get(timeout=10) == 42
     assert mul.apply_async((2,), {"y": 5}).get(timeout=10) == 10
     assert mul(3, 3) == 9
+
+
+def test_a_subclass_of_a_registered_class_is_a_task_of_its_own(app: App, start_worker: Any) -> None:
+    start_worker("-A", "tests.celery_tasks")
+    # Registered in the module, after the class they derive from: each under its own name.
+    assert celery_tasks.add_task.name == ADD_TASK
+    assert celery_tasks.doubled_add_task.name == DOUBLED_ADD
+    assert celery_tasks.named_add_task.name == NAMED_ADD
+    assert app.send_task(ADD_TASK, (2, 3)).get(timeout=10) == 5
+    assert app.send_task(DOUBLED_ADD, (2, 3)).get(timeout=10) == 10
+    assert app.send_task(NAMED_ADD, (2, 3)).get(timeout=10) == 105
+
+    # Defined here (a notebook's classes): registered on the client's app and shipped.
+    class Mul(app.Task):
+        def run(self, x: int, y: int) -> int:
+            return x * y
+
+    class Square(Mul):
+        def run(self, x: int) -> int:
+            return super().run(x, x)
+
+    mul, square = app.register_task(Mul()), app.register_task(Square())
+    assert square.name == f"{__name__}.{Square.__qualname__}" != mul.name
+    assert app.tasks[mul.name] is mul and app.tasks[square.name] is square
+    assert square.delay(4).get(timeout=10) == 16
+    assert mul.delay(2, 3).get(timeout=10) == 6
+
+    # A name the class was given is inherited, as Celery's: the subclass needs its own.
+    class Named(app.Task):
+        name = "local.named"
+
+        def run(self) -> int:
+            return 1
+
+    class Unnamed(Named):
+        def run(self) -> int:
+            return 2
+
+    app.register_task(Named())
+    with pytest.raises(ConfigurationError, match=r"'local\.named' is already used"):
+        app.register_task(Unnamed())
 
 
 def test_abstract_bases_are_never_registered(app: App, start_worker) -> None:
