@@ -80,7 +80,9 @@ class CeleryTaskNames:
         order, a retry (``raise self.retry()``, or ``autoretry_for``) runs the task again
         at once, up to ``max_retries``, without waiting out its countdown (as Celery's
         ``apply`` does), and a failure is logged (in one line if ``throws`` expects it).
-        Calling the task, ``add(2, 2)``, still just runs its body.
+        ``Reject`` and ``Ignore`` end it as on a worker: no handler, no automatic retry
+        (see :class:`~nbtask.EagerResult` for the states they leave). Calling the task,
+        ``add(2, 2)``, still just runs its body.
 
         Parameters
         ----------
@@ -93,7 +95,8 @@ class CeleryTaskNames:
             The retry count the run starts from (``self.request.retries``).
         throw
             Raise the task's exception from ``apply()`` (after its handlers ran) instead
-            of returning a failed result (Celery's ``throw``).
+            of returning a failed result (Celery's ``throw``); a ``Reject`` too, not an
+            ``Ignore`` (no failure).
         link, link_error
             Refused: a linked task would be sent to the workers. Apply the next task to
             the result instead: ``second.apply((first.apply(args).get(),))``.

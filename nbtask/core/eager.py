@@ -3,6 +3,9 @@
 As Celery's ``apply``: the task runs at once on the calling thread, as a worker would run
 it (``self.request``, ``before_start``, retries, handlers), and nothing touches the broker.
 A retry runs again in place, at once: its countdown is not waited for (nor is Celery's).
+``Reject`` and ``Ignore`` end the run as a worker ends it (no handlers, no automatic
+retry), in the states a worker's handle shows, nbtask having no ``REJECTED`` or ``IGNORED``
+(see :class:`EagerResult`).
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ from nbtask.core.handlers import (
     log_failure,
     user_traceback,
 )
-from nbtask.errors import Retry
-from nbtask.wire.events import State
+from nbtask.errors import Ignore, Retry, TaskPredicate
+from nbtask.wire.events import FINAL_STATES, State
 
 __all__ = ["EagerResult", "run_here"]
 
@@ -46,6 +49,13 @@ class EagerResult:
     Unlike a :class:`~nbtask.TaskHandle` (a ``concurrent.futures.Future``, whose
     ``result()`` is a method), :attr:`result` is Celery's attribute: the return value,
     or the exception the task raised.
+
+    Where Celery's reports ``REJECTED`` or ``IGNORED``, the states nbtask's worker gives
+    such a task are reported instead: a task that raised ``Reject`` is a ``FAILURE`` with
+    the ``Reject`` as its error (with ``requeue=True`` too: nothing is queued here to put
+    back, so it ends as a worker's does once it may put it back no more); one that raised
+    ``Ignore`` stays ``STARTED``, with no outcome (not :meth:`ready`, and :meth:`get`
+    raises ``TimeoutError`` at once), as a worker leaves its record.
 
     Attributes
     ----------
@@ -84,7 +94,7 @@ class EagerResult:
 
     @property
     def state(self) -> State:
-        """``SUCCESS``, or ``FAILURE`` if the task raised."""
+        """``SUCCESS``, ``FAILURE`` if the task raised, ``STARTED`` if it raised ``Ignore``."""
         return self._state
 
     @property
@@ -113,8 +123,8 @@ class EagerResult:
         return dt.datetime.fromtimestamp(self.finished_at, dt.timezone.utc)
 
     def ready(self) -> bool:
-        """Always True: the task ended before its result was returned."""
-        return True
+        """True, unless the task raised ``Ignore``: it has no outcome, as on a worker."""
+        return self._state in FINAL_STATES
 
     def successful(self) -> bool:
         """True if the task returned."""
@@ -143,7 +153,15 @@ class EagerResult:
         ------
         Exception
             The exception the task raised, itself, unless ``propagate=False``.
+        TimeoutError
+            The task raised ``Ignore``: it has no outcome to wait for (a worker's handle
+            of it waits out its timeout).
         """
+        if not self.ready():
+            raise TimeoutError(
+                f"task {self.name}[{self.id}] raised Ignore: it has no outcome, and is "
+                f"{self.status} for ever (as on a worker)"
+            )
         error = self.error
         if error is not None and propagate:
             raise error
@@ -227,6 +245,8 @@ def run_here(
         )
         return EagerResult(task_id, task.name, State.SUCCESS, outcome.value, retries=retries)
     exc, tb = outcome.exception, user_traceback(outcome.exception)
+    if isinstance(exc, TaskPredicate):
+        return _set_aside(task.name, task_id, exc, tb, retries=retries, throw=throw)
     log_failure(log, task, f"task {label} raised {type(exc).__name__}: {exc}", exc, tb)
     call_handlers(
         log, task, State.FAILURE, task_id, args, kwargs, exc=exc, einfo=outcome, request=request
@@ -234,6 +254,24 @@ def run_here(
     if throw:
         raise exc
     return EagerResult(task_id, task.name, State.FAILURE, exc, traceback=tb, retries=retries)
+
+
+def _set_aside(
+    name: str, task_id: str, exc: TaskPredicate, tb: str, *, retries: int, throw: bool
+) -> EagerResult:
+    """The end of a run that raised ``Reject`` or ``Ignore``: no handler runs, as on a worker.
+
+    ``Ignore`` leaves it ``STARTED``, with no outcome; ``Reject`` fails it (see
+    :class:`EagerResult`), and is raised with ``throw``.
+    """
+    label = f"{name}[{task_id}]"
+    if isinstance(exc, Ignore):
+        log.info("task %s ignored", label)
+        return EagerResult(task_id, name, State.STARTED, exc, retries=retries)
+    log.warning("task %s rejected: %s", label, exc)
+    if throw:
+        raise exc
+    return EagerResult(task_id, name, State.FAILURE, exc, traceback=tb, retries=retries)
 
 
 class _Returned:

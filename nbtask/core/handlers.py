@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager
 from typing import Any, NoReturn, Protocol
 
 from nbtask.core.context import Request, own_request
-from nbtask.errors import Retry
+from nbtask.errors import Retry, TaskPredicate
 from nbtask.wire.events import State
 
 __all__ = [
@@ -126,9 +126,10 @@ class HandledTask(Protocol):
 def autoretries(task: HandledTask, exc: BaseException) -> bool:
     """Whether ``exc`` retries ``task`` by itself: ``autoretry_for`` less ``dont_autoretry_for``.
 
-    A ``Retry`` (``raise self.retry()``) is a retry already.
+    A ``Retry`` (``raise self.retry()``) is a retry already; ``Reject`` and ``Ignore``
+    say how the run ends, and are never retried (Celery's), whatever ``autoretry_for`` says.
     """
-    if isinstance(exc, Retry) or not task.autoretry_for:
+    if isinstance(exc, (Retry, TaskPredicate)) or not task.autoretry_for:
         return False
     return isinstance(exc, task.autoretry_for) and not isinstance(exc, task.dont_autoretry_for)
 

@@ -22,7 +22,9 @@ from nbtask import (
     App,
     ConfigurationError,
     EagerResult,
+    Ignore,
     MaxRetriesExceededError,
+    Reject,
     Retry,
     State,
     Task,
@@ -36,6 +38,7 @@ from tests.celery_tasks import (
     req_h,
     requests_seen,
 )
+from tests.predicate_tasks import ignored, notes, rejected, rejects_always
 
 pytestmark = pytest.mark.timeout(60)  # a retry that waited out its countdown would hang
 
@@ -281,6 +284,45 @@ def test_autoretry_for_retries_in_place_and_keeps_the_one_instance(app: App) -> 
     assert fetch.runs == 3 + 4  # the same instance, from apply to apply
     assert isinstance(fetch.apply((0, True)).result, ConnectionRefusedError)
     assert fetch.runs == 3 + 4 + 1
+
+
+def test_reject_fails_an_apply_with_no_handler_or_autoretry_as_on_a_worker(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "rejected"
+    with caplog.at_level(logging.INFO, logger="nbtask.apply"):
+        result = rejected.apply((str(path),))  # autoretry_for=(Exception,), max_retries=3
+    assert (result.state, result.failed(), result.ready(), result.retries) == (
+        State.FAILURE,
+        True,
+        True,
+        0,
+    )
+    assert isinstance(result.result, Reject) and result.error is result.result
+    with pytest.raises(Reject, match="bad input"):
+        result.get()
+    assert notes(path) == ["run"]  # not retried; no on_failure, no after_return
+    assert f"task {rejected.name}[{result.id}] rejected: bad input" in caplog.text
+    with pytest.raises(Reject, match="bad input"):
+        rejected.apply((str(path),), throw=True)
+    # Nothing is queued here to put back: it fails as a worker's does once it can no more.
+    always = tmp_path / "always"
+    result = rejects_always.apply((str(always),))
+    assert result.state is State.FAILURE and isinstance(result.result, Reject)
+    assert notes(always) == ["run"]
+
+
+def test_ignore_leaves_an_apply_started_with_no_outcome_as_on_a_worker(tmp_path: Path) -> None:
+    path = tmp_path / "ignored"
+    result = ignored.apply((str(path),), throw=True)  # not a failure: nothing to throw
+    assert (result.state, result.status) == (State.STARTED, "STARTED")
+    assert (result.ready(), result.successful(), result.failed()) == (False, False, False)
+    assert isinstance(result.result, Ignore)
+    with pytest.raises(TimeoutError, match=r"raised Ignore.*no outcome"):
+        result.get()
+    with pytest.raises(TimeoutError):
+        result.get(propagate=False)
+    assert notes(path) == ["run"]  # no handler
 
 
 def test_a_failure_is_logged_in_one_line_when_throws_expects_it(

@@ -16,7 +16,7 @@ from helpers import wait_until
 
 import nbtask
 from nbtask import App, Reject, State
-from tests.predicate_tasks import notes
+from tests.predicate_tasks import ignored, notes, rejected
 
 pytestmark = pytest.mark.brokers
 
@@ -106,3 +106,25 @@ def test_a_task_revoked_while_it_runs_is_not_run_again_when_it_rejects_with_requ
     assert notes(path) == ["run"]
     assert app.send_task("tests.sample_tasks.add", (1, 2)).get(timeout=10) == 3
     assert app.handle(h.id).state is State.REVOKED
+
+
+def test_apply_ends_reject_and_ignore_as_a_worker_does(
+    app: App, start_worker: Any, tmp_path: Path
+) -> None:
+    worker = start_worker("-A", TASKS, concurrency=1)
+    sent, here = tmp_path / "rejected-sent", tmp_path / "rejected-here"
+    h = app.send_task(f"{TASKS}.rejected", (str(sent),))
+    with pytest.raises(Reject, match="bad input"):
+        h.get(timeout=10)
+    eager = rejected.apply((str(here),))
+    assert eager.state is h.state is State.FAILURE
+    assert type(eager.result) is type(h.error) is Reject
+    assert notes(here) == notes(sent) == ["run"]
+
+    sent, here = tmp_path / "ignored-sent", tmp_path / "ignored-here"
+    h = app.send_task(f"{TASKS}.ignored", (str(sent),))
+    wait_until(lambda: "] ignored" in worker.log.read_text(), 15, "the task ignored")
+    eager = ignored.apply((str(here),))
+    assert eager.state is h.state is State.STARTED
+    assert not eager.ready() and not h.ready()
+    assert notes(here) == notes(sent) == ["run"]
