@@ -195,8 +195,8 @@ def settle_ended(handle: TaskHandle, *, store: Store, signer: Signer, prefix: st
         return
     try:
         stored = _stored_outcome(handle, record.result, store, signer, prefix)
-    except NbtaskError as exc:  # not its own outcome: its events may still come
-        log.warning("task %s: %s", handle.id, exc)
+    except NbtaskError as exc:  # an earlier use of the id, say: its events may still come
+        log.info("task %s: %s; waiting for its events", handle.id, exc)
         return
     if stored is None:
         return
