@@ -312,12 +312,15 @@ class App(Revoking):
         """A handle for a task that a worker will send (a later step of a chain).
 
         ``sent``: the send its events name (a chain stamps it); ``None`` takes any send
-        of this app's task with that id. A task that already ended (a ``link`` that ran
-        before this call) ends the handle at once, with the outcome its record keeps.
+        of this app's task with that id. Without ``sent``, a task that already ended (a
+        ``link`` that ran before this call) ends the handle at once, with the outcome its
+        record keeps.
         """
         handle = TaskHandle(self, task_id, name, sent=sent)
         listener = self._listen()
         listener.register(handle)
+        if sent is not None:  # a send the caller stamps is expected before it is made
+            return handle
         # Registered first: an end sent from now on reaches the handle; one sent before
         # reached no handle, and the record has it.
         prefix = self.settings.key_prefix
