@@ -35,6 +35,7 @@ from nbtask.brokers.bounded_reads import BOUNDED_SCRIPTS, read_record, read_reco
 from nbtask.brokers.follow_up_scripts import FOLLOW_UP_SCRIPTS
 from nbtask.brokers.local_blobs import LocalBlobs
 from nbtask.brokers.lost_scripts import LOST_SCRIPTS
+from nbtask.brokers.rate_scripts import RATE_SCRIPTS
 from nbtask.brokers.redis_blobs import RedisBlobs
 from nbtask.brokers.redis_channels import CHANNEL_MAXLEN, CHANNEL_SCRIPTS, event_of
 from nbtask.brokers.redis_holdings import RedisHoldings
@@ -76,6 +77,7 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
         link.add_scripts(STORE_SCRIPTS)
         link.add_scripts(FOLLOW_UP_SCRIPTS)
         link.add_scripts(LOST_SCRIPTS)
+        link.add_scripts(RATE_SCRIPTS)
         link.add_scripts(CHANNEL_SCRIPTS)
         link.add_scripts(BLOB_SCRIPTS)
         link.add_scripts({**BOUNDED_SCRIPTS, **WORKER_SCRIPTS})
