@@ -69,7 +69,8 @@ def bring_back(
         worker saw the object it was shipped); only those the notebook still holds count.
     say
         Called with the line to show for an object that came back as a new one while
-        something besides its name still holds the old one.
+        something besides its name still holds the old one, or whose writing into the old
+        one failed (that name alone comes back new; the cell's others are still written).
 
     Returns
     -------
@@ -87,8 +88,17 @@ def bring_back(
     def swap(value: Any) -> Any:
         return swapped.get(id(value), value)
 
-    for name, update in updates.items():
-        update(olds[name], arrived[name], swap)
+    for name, update in list(updates.items()):
+        try:
+            update(olds[name], arrived[name], swap)
+        except Exception as exc:  # one name lost, never the cell's others
+            del updates[name]
+            swapped.pop(id(arrived[name]), None)
+            say(
+                f"nbtask: {name} came back as a new object (writing it into the notebook's "
+                f"object failed: {type(exc).__name__}: {exc}): other references to the old "
+                "one may see it partly changed"
+            )
     # Kept on the workers (``--keep``, or it grew large): the old object's other names
     # are bound to the reference too, as locally they would see the change.
     aliases = {
@@ -376,6 +386,10 @@ def _state_is_attributes(kind: type) -> bool:
     while kind is not object:
         base = kind.__base__
         if base is None or not kind.__flags__ & _HEAPTYPE:
+            return False
+        # A C type made at run time (``functools.partial``) has members no ``__slots__``
+        # names, read-only ones among them.
+        if _own_slots(kind) and "__slots__" not in vars(kind):
             return False
         pointers = len(_own_slots(kind))
         pointers += bool(kind.__weakrefoffset__) and not base.__weakrefoffset__

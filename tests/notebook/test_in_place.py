@@ -174,3 +174,16 @@ def test_a_value_changed_in_place_is_the_notebooks_object_deep_in_the_cells_valu
     assert tree.value == 3 and tree.children[0].parent is tree
     assert ip.user_ns["held"] == [ip.user_ns["model"], tree]
     assert ip.user_ns["held"][0] is ip.user_ns["model"] and ip.user_ns["held"][1] is tree
+
+
+def test_a_partial_of_a_notebook_method_loses_none_of_the_cells_other_values(
+    ip: InteractiveShell, nb: Session, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # ``partial``'s members are read-only and in C: it cannot be written into, only bound anew.
+    run(ip, "import functools\nl2 = []\nl3 = [0]\npart = functools.partial(l2.insert, 0)")
+    run(ip, "parts = [part]")
+    task(ip, "z = 5\nl3.append(2)\npart(-1)")
+    assert ip.user_ns["z"] == 5 and ip.user_ns["l3"] == [0, 2]
+    assert (
+        "nbtask: part came back as a new object (a partial keeps state" in capsys.readouterr().err
+    )
