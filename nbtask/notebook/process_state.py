@@ -273,7 +273,8 @@ def capture(baseline: Baseline | None = None, applied: Mapping[str, Any] | None 
         state.setdefault("rcParams", None)
         state.setdefault("pandas", None)
         state["environ"] = baseline.environ_changes()
-        state["sys.path"] = baseline.path_additions()
+        added = baseline.path_additions()
+        state["sys.path"] = [*(p for p in _cwd_entries() if p not in added), *added]
         removed = baseline.path_removals()
         if removed:  # rare: the usual state's pickle stays as it was
             state["sys.path removed"] = removed
@@ -281,6 +282,17 @@ def capture(baseline: Baseline | None = None, applied: Mapping[str, Any] | None 
         state["environ"] = _environ()
         state["sys.path"] = list(sys.path)
     return state
+
+
+def _cwd_entries() -> list[str]:
+    """The kernel's ``sys.path`` entries that stand for the working directory (``''``).
+
+    A kernel imports modules beside the notebook (its working directory, which a cell's
+    ``os.chdir`` moves) through ``''``; a worker started elsewhere, or given absolute paths,
+    has no such entry. Shipped with every cell (not only once added), the worker puts it on
+    while the kernel's cells run there, and takes it off for another kernel's that lacks it.
+    """
+    return [entry for entry in sys.path if entry in ("", ".")]
 
 
 class _EnvironReader:
