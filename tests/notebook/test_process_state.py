@@ -407,6 +407,26 @@ def test_a_kernels_variables_and_paths_are_not_left_to_another_kernels_cell(
     assert first_path not in sys.path and cell_path not in sys.path
 
 
+def test_the_kernels_working_directory_entry_goes_with_each_cell_and_is_taken_off_after(
+    restored: None, applied: list[object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel's ``''`` is on a worker's sys.path for its cells, not for another kernel's."""
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])
+    kernel = process_state.Baseline()
+    sys.path.insert(0, "")  # the kernel's, already there when nbtask was loaded
+    kernel.path = list(sys.path)
+    state = process_state.capture(kernel)
+    assert state["sys.path"] == [""]
+    sys.path.remove("")  # the worker, started elsewhere
+    worker = process_state.Applied()
+    with running(Request("id", "cell", (), {}, "q", "host")):
+        worker.leave(pickle.dumps(state), worker.enter(pickle.dumps(state), state))
+        assert sys.path[0] == ""
+        other = {"sys.path": []}  # another kernel's cell, whose kernel has no ''
+        worker.enter(pickle.dumps(other), other)
+    assert "" not in sys.path
+
+
 def test_settings_are_read_again_only_once_they_changed(
     restored: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
