@@ -9,6 +9,7 @@ values sent back hold them) to its own objects rather than to copies.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import types
 from collections.abc import Container, Iterable, Mapping
@@ -188,8 +189,15 @@ def _digest_and_size(value: Any) -> tuple[bytes, int]:
 
 
 def _function_state(function: types.FunctionType) -> Packed:
-    """A function's attributes and defaults pickled; its attributes alone if that fails."""
+    """A function's attributes, defaults and closure pickled; its attributes alone if that fails.
+
+    A closure's cells hold what it keeps (``nonlocal c; c += 1``, a list it appends to).
+    """
+    cells = []
+    for cell in function.__closure__ or ():
+        with contextlib.suppress(ValueError):  # an empty cell
+            cells.append(cell.cell_contents)
     try:
-        return Packed.of((vars(function), function.__defaults__, function.__kwdefaults__))
+        return Packed.of((vars(function), function.__defaults__, function.__kwdefaults__, cells))
     except Exception:  # a default that cannot be pickled (a lock): not looked at
         return Packed.of(vars(function))

@@ -36,6 +36,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, MutableMapp
 from typing import Any
 
 from nbtask.notebook.analysis import is_history_name
+from nbtask.notebook.inplace_callables import callable_update
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.reach import SCANNED_ITEMS, attributes_of
 
@@ -228,8 +229,9 @@ def _update_of_kind(old: Any, new: Any) -> Update | str:
     kind = type(old)
     if kind is collections.deque:
         return _deque if old.maxlen == new.maxlen else "its maxlen changed"
-    if kind is types.FunctionType:
-        return _function if old.__code__ == new.__code__ else "its code changed"
+    called = callable_update(old, new, _update_for)
+    if called is not None:
+        return called
     numpy = sys.modules.get("numpy")  # imported already if the value is an array
     if numpy is not None and kind is numpy.ndarray:
         return _array_update(old, new)
@@ -294,40 +296,6 @@ _BY_TYPE: dict[type, Update] = {
     set: _set,
     bytearray: _bytearray,
 }
-
-
-def _function(old: Any, new: Any, swap: Swap) -> None:
-    """A function's state a cell can change: its attributes and defaults (not its globals)."""
-    _replace_dict(vars(old), vars(new), swap)
-    old.__defaults__ = _defaults(old.__defaults__, new.__defaults__, swap)
-    kwdefaults = _defaults(old.__kwdefaults__, new.__kwdefaults__, swap)
-    old.__kwdefaults__ = kwdefaults
-    old.__doc__ = new.__doc__
-
-
-def _defaults(old: Any, new: Any, swap: Swap) -> Any:
-    """``new`` defaults, where each changed in place is written into the old default.
-
-    ``def remember(v, seen=[])``: the cell's ``seen.append(v)`` is made to the notebook's
-    own list, which whatever holds it sees. A tuple of positional defaults, or a dict of
-    keyword-only ones.
-    """
-    if old is None or new is None or type(old) is not type(new) or len(old) != len(new):
-        return new
-    pairs = zip(old, new, strict=True) if isinstance(old, tuple) else None
-    if pairs is None:
-        if old.keys() != new.keys():
-            return new
-        return {key: _default(old[key], new[key], swap) for key in new}
-    return tuple(_default(before, after, swap) for before, after in pairs)
-
-
-def _default(old: Any, new: Any, swap: Swap) -> Any:
-    update = _update_for(old, new)
-    if isinstance(update, str):
-        return swap(new)
-    update(old, new, swap)
-    return old
 
 
 def _array_update(old: Any, new: Any) -> Update | str:

@@ -17,6 +17,7 @@ a copy inside its holder, as before.
 from __future__ import annotations
 
 import collections
+import functools
 import types
 from collections.abc import Container, Iterable, Mapping
 from typing import Any
@@ -97,8 +98,38 @@ def _entries(value: Any) -> Iterable[Any]:
         return value if len(value) <= SCANNED_ITEMS else ()
     if isinstance(value, dict):
         return list(value.values()) if len(value) <= SCANNED_ITEMS else ()
+    called = _callback_entries(value)
+    if called is not None:
+        return called
     attributes = attributes_of(value)
     return list(attributes.values()) if len(attributes) <= SCANNED_ITEMS else ()
+
+
+def _callback_entries(value: Any) -> list[Any] | None:
+    """What a callback changes when called; ``None`` for another kind of value.
+
+    A bound method's object, a partial's function and arguments, a function's closure
+    cells and attributes.
+    """
+    if isinstance(value, types.MethodType):
+        return [value.__self__, value.__func__]
+    if isinstance(value, types.BuiltinMethodType):  # ``lst.append``; a module's function
+        owner = value.__self__
+        return [] if isinstance(owner, types.ModuleType) or owner is None else [owner]
+    if isinstance(value, functools.partial):
+        return [value.func, *value.args, *value.keywords.values()]
+    if isinstance(value, types.FunctionType):
+        cells = [cell.cell_contents for cell in value.__closure__ or () if _is_set(cell)]
+        return [*cells, *vars(value).values()]
+    return None
+
+
+def _is_set(cell: types.CellType) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018  # an empty cell raises
+    except ValueError:
+        return False
+    return True
 
 
 def attributes_of(value: Any) -> Mapping[str, Any]:
