@@ -36,7 +36,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, MutableMapp
 from typing import Any
 
 from nbtask.notebook.analysis import is_history_name
-from nbtask.notebook.inplace_callables import callable_update
+from nbtask.notebook.inplace_callables import callable_update, is_callback
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.reach import SCANNED_ITEMS, attributes_of
 
@@ -89,6 +89,7 @@ def bring_back(
     def swap(value: Any) -> Any:
         return swapped.get(id(value), value)
 
+    held = {n: _callbacks_in(olds[n]) for n in updates}  # before the writing replaces them
     for name, update in list(updates.items()):
         try:
             update(olds[name], arrived[name], swap)
@@ -100,6 +101,8 @@ def bring_back(
                 f"object failed: {type(exc).__name__}: {exc}): other references to the old "
                 "one may see it partly changed"
             )
+    for name, callbacks in held.items():
+        _say_callbacks_copied(name, olds[name], callbacks, say)
     # Kept on the workers (``--keep``, or it grew large): the old object's other names
     # are bound to the reference too, as locally they would see the change.
     aliases = {
@@ -163,6 +166,32 @@ def _swap_deeper(bound: dict[str, Any], swapped: Mapping[int, Any]) -> None:
                 value[key] = held
             if id(item) not in swapped:  # an old object's items were swapped already
                 stack.append(held)
+
+
+def _callbacks_in(value: Any) -> dict[Any, Any]:
+    """``{key: callback}`` of a list's or dict's items that are bound methods or partials."""
+    return {key: item for key, item in _keyed_items(value) if is_callback(item)}
+
+
+def _say_callbacks_copied(
+    name: str, old: Any, callbacks: Mapping[Any, Any], say: Callable[[str], None]
+) -> None:
+    """Say which callbacks ``old`` held came back as copies, calling copies of their objects.
+
+    ``handlers = {"add": data["k"].append}``: an item is replaced, not written into (the cell
+    may have bound another callback there), so the copy calls a copy of ``data["k"]``.
+    """
+    now = dict(_keyed_items(old))
+    copied = [f"{name}[{key!r}]" for key, item in callbacks.items() if now.get(key) is not item]
+    if copied:
+        more = " and more" if len(copied) > _NAMED_HOLDERS else ""
+        shown = ", ".join(copied[:_NAMED_HOLDERS]) + more
+        say(
+            f"nbtask: {name}: the changes the cell made through {shown} were not applied: a "
+            "callback held in a container comes back calling a copy of what it called, and "
+            "later calls change the copy. Call it through a name of its own (add = "
+            f"{copied[0]}, before the cell)"
+        )
 
 
 def _keyed_items(value: Any) -> list[tuple[Any, Any]]:

@@ -15,7 +15,7 @@ import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["callable_update"]
+__all__ = ["callable_update", "is_callback"]
 
 Swap = Callable[[Any], Any]
 Update = Callable[[Any, Any, Swap], None]
@@ -57,6 +57,11 @@ def _parts_update(old: Any, new: Any, update_for: UpdateFor) -> Update | str | N
             write(part, new_part, swap)  # type: ignore[operator]  # each is an Update
 
     return update
+
+
+def is_callback(value: Any) -> bool:
+    """Whether ``value`` is a bound method or a partial (held in a dict of handlers)."""
+    return _parts(value)[0] is not None
 
 
 def _parts(value: Any) -> tuple[tuple[Any, ...] | None, list[Any]]:

@@ -61,3 +61,21 @@ def test_changes_made_through_bound_methods_partials_and_closures_come_back(
     assert ip.user_ns["put"].__closure__[0].cell_contents is ip.user_ns["data"]
     assert ip.user_ns["inc"].__self__ is ip.user_ns["counter"]
     assert capsys.readouterr().err == ""
+
+
+def test_a_callback_held_in_a_container_says_its_changes_were_not_applied(
+    ip: InteractiveShell, nb: Session, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(ip, "data = {'k': []}\nhandlers = {'add': data['k'].append}\nadd = handlers['add']")
+    task(ip, "handlers['add'](2)")
+    assert ip.user_ns["data"] == {"k": []}  # replaced, not written into: the cell may rebind it
+    assert capsys.readouterr().err.splitlines() == [
+        "nbtask: handlers: the changes the cell made through handlers['add'] were not applied: "
+        "a callback held in a container comes back calling a copy of what it called, and later "
+        "calls change the copy. Call it through a name of its own (add = handlers['add'], "
+        "before the cell)"
+    ]
+    task(ip, "add(3)")  # as the line says
+    assert (
+        ip.user_ns["data"] == {"k": [3]} and ip.user_ns["add"].__self__ is ip.user_ns["data"]["k"]
+    )
