@@ -36,7 +36,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, MutableMapp
 from typing import Any
 
 from nbtask.notebook.analysis import is_history_name
-from nbtask.notebook.inplace_callables import callable_update, is_callback
+from nbtask.notebook.inplace_callables import callable_update, is_callback, replace_dict
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.reach import SCANNED_ITEMS, attributes_of
 
@@ -409,7 +409,7 @@ def _own_slots(kind: type) -> list[Any]:
 def _attributes(old: Any, new: Any, swap: Swap) -> None:
     """Make ``old``'s ``__dict__`` and slots those of ``new``, bypassing any ``__setattr__``."""
     if type(new).__dictoffset__:  # not hasattr: a ``__getattr__`` would be asked
-        _replace_dict(vars(old), vars(new), swap)
+        replace_dict(vars(old), vars(new), swap)
     for kind in type(new).__mro__:
         for slot in _own_slots(kind):
             try:
@@ -427,12 +427,6 @@ def _is_set(slot: Any, value: Any, kind: type) -> bool:
     except AttributeError:
         return False
     return True
-
-
-def _replace_dict(old: dict[str, Any], new: Mapping[str, Any], swap: Swap) -> None:
-    items = [(key, swap(value)) for key, value in new.items()]
-    old.clear()
-    old.update(items)
 
 
 def _stale_line(name: str, why: str, holders: Collection[str]) -> str:

@@ -15,7 +15,7 @@ import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["callable_update", "is_callback"]
+__all__ = ["callable_update", "is_callback", "replace_dict"]
 
 Swap = Callable[[Any], Any]
 Update = Callable[[Any, Any, Swap], None]
@@ -89,7 +89,7 @@ def _nothing(old: Any, new: Any, swap: Swap) -> None:
 
 def _function(old: Any, new: Any, swap: Swap, *, update_for: UpdateFor) -> None:
     """Attributes, defaults and closure cells of ``new`` into ``old`` (not its globals)."""
-    _replace_dict(vars(old), vars(new), swap)
+    replace_dict(vars(old), vars(new), swap)
     old.__defaults__ = _defaults(old.__defaults__, new.__defaults__, swap, update_for)
     kwdefaults = _defaults(old.__kwdefaults__, new.__kwdefaults__, swap, update_for)
     old.__kwdefaults__ = kwdefaults
@@ -150,7 +150,8 @@ def _is_set(cell: types.CellType) -> bool:
     return True
 
 
-def _replace_dict(old: dict[str, Any], new: Mapping[str, Any], swap: Swap) -> None:
+def replace_dict(old: dict[str, Any], new: Mapping[str, Any], swap: Swap) -> None:
+    """Make ``old`` hold ``new``'s items, each value through ``swap``, as the same dict."""
     items = [(key, swap(value)) for key, value in new.items()]
     old.clear()
     old.update(items)

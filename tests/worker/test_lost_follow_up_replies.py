@@ -14,18 +14,17 @@ The process settling the message is this test's, reaching the store through a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 from helpers import wait_for_housekeeping, wait_until
 from raw_broker import RawBroker
-from tcp_proxy import TcpProxy, proxying, reply_lost_once, via
+from tcp_proxy import TcpProxy, reply_lost_once
 
 import nbtask
 from nbtask import App, Settings
-from nbtask.brokers import Transport, open_broker
+from nbtask.brokers import Transport
 from nbtask.core.outgoing import MessageBuilder
 from nbtask.wire.envelope import Signer
 from nbtask.wire.message import TaskMessage
@@ -34,25 +33,6 @@ from nbtask.worker.subtasks import SubtaskPublisher
 from tests.celery_tasks import read_records
 
 pytestmark = pytest.mark.brokers
-
-
-@pytest.fixture
-def store_proxy(redis_url: str) -> Iterator[TcpProxy]:
-    """A proxy in front of the store (the real Redis, on both brokers)."""
-    with proxying(redis_url, 6379) as opened:
-        yield opened
-
-
-@pytest.fixture
-def proxied(settings: Settings, store_proxy: TcpProxy) -> Iterator[Transport]:
-    """A worker's transport whose store connections go through ``store_proxy``."""
-    if settings.result_url:  # RabbitMQ: the store is the Redis beside it
-        settings = settings.replace(result_url=via(settings.result_url, store_proxy.url_port))
-        transport = open_broker(settings, settings.broker_url or "")
-    else:
-        transport = open_broker(settings, via(settings.broker_url or "", store_proxy.url_port))
-    yield transport
-    transport.close()
 
 
 def _follow_ups(settings: Settings, transport: Transport) -> FollowUps:

@@ -15,16 +15,14 @@ it, ``cut()`` then drops the connection).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import redis
 from helpers import wait_until
 from raw_broker import RawBroker
-from tcp_proxy import TcpProxy, proxying, reply_lost_once, via
+from tcp_proxy import TcpProxy, reply_lost_once
 
 from nbtask import App, Settings
-from nbtask.brokers import Transport, open_broker
+from nbtask.brokers import Transport
 from nbtask.errors import BrokerUnavailable
 from nbtask.wire.envelope import Signer
 from nbtask.wire.events import Event, EventType
@@ -34,25 +32,6 @@ from nbtask.worker.settle import Outcome, outcome_fields, retry_requeue
 pytestmark = pytest.mark.brokers
 
 RECORD = "tests.sample_tasks.record_id"
-
-
-@pytest.fixture
-def store_proxy(redis_url: str) -> Iterator[TcpProxy]:
-    """A proxy in front of the store (the real Redis, on both brokers)."""
-    with proxying(redis_url, 6379) as opened:
-        yield opened
-
-
-@pytest.fixture
-def proxied(settings: Settings, store_proxy: TcpProxy) -> Iterator[Transport]:
-    """A worker's transport whose store connections go through ``store_proxy``."""
-    if settings.result_url:  # RabbitMQ: the store is the Redis beside it
-        settings = settings.replace(result_url=via(settings.result_url, store_proxy.url_port))
-        transport = open_broker(settings, settings.broker_url or "")
-    else:
-        transport = open_broker(settings, via(settings.broker_url or "", store_proxy.url_port))
-    yield transport
-    transport.close()
 
 
 def test_a_retry_settled_again_after_its_reply_was_lost_is_queued_once(
