@@ -22,6 +22,13 @@ from nbtask.notebook.session import Session
 @pytest.fixture
 def ip() -> Iterator[InteractiveShell]:
     shell = start_ipython() or InteractiveShell.instance()  # the one global test shell
+    # The output history starts afresh: an earlier test of this process may have left
+    # values of a session since ended in `Out` (which a cell reading `Out` ships), or
+    # `_` bound apart from the display hook (IPython then stops updating it for good).
+    shell.history_manager.output_hist.clear()
+    for name in ("_", "__", "___"):
+        shell.user_ns.pop(name, None)
+        setattr(shell.displayhook, name, "")
     before = set(shell.user_ns)
     yield shell
     shell.run_line_magic("unload_ext", "nbtask")
