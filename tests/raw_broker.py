@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import redis
+from helpers import wait_until
 
 from nbtask import Settings
 from nbtask.brokers.redis_link import RedisLink
@@ -63,6 +64,19 @@ class RawBroker(abc.ABC):
     @abc.abstractmethod
     def peek(self, queue: str = "default") -> bytes:
         """The one message waiting on ``queue``, left there."""
+
+    def waiting(self, queue: str = "default") -> bool:
+        """Whether one message waits on ``queue`` (looked at, left there)."""
+        try:
+            self.peek(queue)
+        except (AssertionError, ValueError):
+            return False
+        return True
+
+    def captured(self, queue: str = "default") -> bytes:
+        """The one message waiting on ``queue``, once it is there, as an outsider copies it."""
+        wait_until(lambda: self.waiting(queue), 10, "the message on its queue")
+        return self.peek(queue)
 
     def drained(self, queue: str = "default") -> bool:
         """Nothing waiting on ``queue`` and nothing taken but unacknowledged."""

@@ -23,20 +23,6 @@ WAIT = "tests.sample_tasks.wait_for_file"
 RECORD_ID = "tests.sample_tasks.record_id"
 
 
-def _waiting(access: RawBroker) -> bool:
-    try:
-        access.peek()
-    except (AssertionError, ValueError):
-        return False
-    return True
-
-
-def _captured(access: RawBroker) -> bytes:
-    """The one message waiting on the default queue, as an outsider copies it."""
-    wait_until(lambda: _waiting(access), 10, "the message on its queue")
-    return access.peek()
-
-
 def _log_count(worker: WorkerProcess, text: str) -> int:
     return worker.log.read_text().count(text)
 
@@ -53,7 +39,7 @@ def test_a_plain_worker_lost_state_keeps_no_outcome_from_being_stored_nor_lets_a
     once the state was reset to ``PENDING`` a copy of its message ran it again."""
     marker, go = tmp_path / "marker", tmp_path / "go"
     h = app.send_task(WAIT, (str(marker), str(go)))
-    raw = _captured(access)
+    raw = access.captured()
     worker = start_worker(concurrency=1)
     wait_until(lambda: _state(access, h.id) == b"STARTED", 20, "the task to start")
     access.store.hset(access.keys.record_key(h.id), "state", "WORKER_LOST")
@@ -86,7 +72,7 @@ def test_a_queued_task_revoked_while_its_plain_state_says_started_never_runs(
     ``PENDING`` the task ran and succeeded."""
     ledger = tmp_path / "ledger"
     h = app.send_task(RECORD_ID, (str(ledger),))
-    _captured(access)
+    access.captured()
     record = access.keys.record_key(h.id)
     access.store.hset(record, "state", "STARTED")
     assert app.revoke(h.id, terminate=terminate) is terminate

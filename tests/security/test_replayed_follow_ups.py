@@ -50,20 +50,6 @@ def _log_count(worker: Any, text: str) -> int:
     return str(worker.log.read_text()).count(text)
 
 
-def _waiting(access: RawBroker) -> bool:
-    try:
-        access.peek()
-    except (AssertionError, ValueError):
-        return False
-    return True
-
-
-def _captured(access: RawBroker) -> bytes:
-    """The one message waiting on the default queue, as an outsider copies it."""
-    wait_until(lambda: _waiting(access), 10, "the message on its queue")
-    return access.peek()
-
-
 def _chain(app: App, tmp_path: Path) -> tuple[TaskHandle, TaskHandle]:
     """``step(1) | step`` with an errback on the first step, sent with no worker up."""
     step, note = _tasks(app)
@@ -97,7 +83,7 @@ def test_a_message_replayed_past_max_age_sends_no_errback_and_ends_no_later_step
     monkeypatch.setenv("NBTASK_MAX_AGE", str(MAX_AGE))  # for the workers (start_worker copies it)
     sent = time.time()
     head, last = _chain(app, tmp_path)
-    raw = _captured(access)
+    raw = access.captured()
     worker = start_worker(concurrency=1)
     assert last.get(timeout=20) == 3
     wait_until(lambda: time.time() > sent + MAX_AGE + 0.5, 10, "max_age to pass since it was sent")
@@ -122,7 +108,7 @@ def test_a_message_replayed_once_its_task_is_forgotten_sends_no_errback(
     step, note = _tasks(app)
     calls = str(tmp_path / "calls")
     h = step.apply_async((1, str(tmp_path / "ledger")), link_error=note.s(calls))
-    raw = _captured(access)
+    raw = access.captured()
     worker = start_worker(concurrency=1)
     assert h.get(timeout=20) == 2
     record = access.keys.record_key(h.id)
@@ -145,7 +131,7 @@ def test_a_record_whose_plain_state_says_revoked_sends_no_errback_and_ends_no_la
     but with no signed REVOKED outcome in the record the worker neither sends its errbacks
     nor signs REVOKED for its chain's later step."""
     head, last = _chain(app, tmp_path)
-    _captured(access)
+    access.captured()
     access.store.hset(access.keys.record_key(head.id), "state", "REVOKED")
     worker = start_worker(concurrency=1)
     wait_until(lambda: _log_count(worker, f"dropped a message for task {head.id}") == 1, 20, "drop")
@@ -164,7 +150,7 @@ def test_a_revoked_tasks_replayed_message_sends_its_errback_once(
     taken and send nothing."""
     head, last = _chain(app, tmp_path)  # its errback has no id of its own: each send runs
     ledger, calls = tmp_path / "ledger", tmp_path / "calls"
-    raw = _captured(access)
+    raw = access.captured()
     assert app.revoke(head.id)
     worker = start_worker(concurrency=1)
     wait_until(lambda: bool(read_records(calls)), 20, "the errback to run")
@@ -193,7 +179,7 @@ def test_a_message_made_to_look_lost_past_max_age_sends_no_errback_and_ends_no_l
     monkeypatch.setenv("NBTASK_MAX_AGE", str(MAX_AGE))
     sent = time.time()
     head, last = _chain(app, tmp_path)
-    raw = _captured(access)
+    raw = access.captured()
     worker = start_worker(concurrency=1)
     assert last.get(timeout=20) == 3
     wait_until(lambda: time.time() > sent + MAX_AGE + 0.5, 10, "max_age to pass since it was sent")
@@ -229,7 +215,7 @@ def test_follow_ups_marked_owed_again_and_replayed_are_sent_once(
         if fails
         else step.apply_async((1, str(tmp_path / "ledger")), link=note.s(calls))
     )
-    raw = _captured(access)
+    raw = access.captured()
     worker = start_worker(concurrency=1)
     wait_until(lambda: bool(read_records(calls)), 20, "the follow-up to run")
     for _ in range(2):

@@ -37,19 +37,11 @@ def _log_count(worker: object, text: str) -> int:
 def _sent_then_run(app: App, access: RawBroker, start_worker, ledger: Path, **options):
     """Send a task with no worker up, keep its message as sent, then run it."""
     h = app.send_task(RECORD_ID, (str(ledger),), **options)
-    wait_until(lambda: _waiting(access), 5, "the message on its queue")
+    wait_until(access.waiting, 5, "the message on its queue")
     raw = access.peek()
     worker = start_worker(concurrency=1)
     assert h.get(timeout=15) == h.id
     return h, raw, worker
-
-
-def _waiting(access: RawBroker, queue: str = "default") -> bool:
-    try:
-        access.peek(queue)
-    except (AssertionError, ValueError):
-        return False
-    return True
 
 
 def test_replay_of_a_backend_none_task_never_runs_it_again(
@@ -68,7 +60,7 @@ def test_replay_of_a_backend_none_task_never_runs_it_again(
         return request.id
 
     h = unrecorded.delay(str(ledger))
-    wait_until(lambda: _waiting(access), 5, "the message on its queue")
+    wait_until(access.waiting, 5, "the message on its queue")
     raw = access.peek()
     worker = start_worker(concurrency=1)
     assert h.get(timeout=15) == h.id
@@ -219,7 +211,7 @@ def test_message_copied_to_another_app_or_queue_is_refused(
     other, other_access = other_app
     ledger = tmp_path / "ledger"
     h = app.send_task(RECORD_ID, (str(ledger),))
-    wait_until(lambda: _waiting(access), 5, "the message on its queue")
+    wait_until(access.waiting, 5, "the message on its queue")
     raw = access.peek()
     # The other app's worker, same secret: the message is not for its key prefix.
     stranger = start_worker("--key-prefix", other.key_prefix, concurrency=1, wait=False)
@@ -357,7 +349,7 @@ def test_a_message_for_another_queue_left_on_a_dead_process_queue_is_not_moved(
     ledger = tmp_path / "ledger"
     h = app.send_task(RECORD_ID, (str(ledger),), queue="gpu")  # nobody serves gpu yet
     app.flush()
-    wait_until(lambda: _waiting(access, "gpu"), 5, "the message on its queue")
+    wait_until(lambda: access.waiting("gpu"), 5, "the message on its queue")
     raw = access.peek("gpu")
     access.inject(raw, task_id=h.id, queue=holder_queue("ghost-0"))
     _dead_process(access, "ghost-0")
@@ -390,7 +382,7 @@ def test_a_message_older_than_max_age_left_on_a_dead_process_queue_is_refused(
     own = holder_queue("ghost-0")
     h = app.send_task(RECORD_ID, (str(ledger),), queue=own)
     app.flush()
-    wait_until(lambda: _waiting(access, own), 5, "the message on its queue")
+    wait_until(lambda: access.waiting(own), 5, "the message on its queue")
     raw = access.peek(own)
     _dead_process(access, "ghost-0")
     worker = start_worker(concurrency=1)
@@ -423,7 +415,7 @@ def _running(
     sent, and the worker."""
     h = app.send_task(name, (str(marker), 4.0))
     app.flush()
-    wait_until(lambda: _waiting(access), 5, "the message on its queue")
+    wait_until(access.waiting, 5, "the message on its queue")
     raw = access.peek()
     worker = start_worker(concurrency=2)
     wait_until(marker.exists, 15, "the task to start")
