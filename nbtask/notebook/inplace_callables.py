@@ -15,6 +15,8 @@ import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from nbtask.notebook.reach import cell_is_set
+
 __all__ = ["callable_update", "is_callback", "replace_dict"]
 
 Swap = Callable[[Any], Any]
@@ -133,21 +135,13 @@ def _closure_cell(
     try:
         after = new.cell_contents
     except ValueError:  # empty: the cell deleted it
-        if _is_set(old):
+        if cell_is_set(old):
             del old.cell_contents
         return
-    if not _is_set(old):
+    if not cell_is_set(old):
         old.cell_contents = swap(after)
     elif not isinstance(old.cell_contents, types.FunctionType):
         old.cell_contents = _default(old.cell_contents, after, swap, update_for)
-
-
-def _is_set(cell: types.CellType) -> bool:
-    try:
-        cell.cell_contents  # noqa: B018  # an empty cell raises
-    except ValueError:
-        return False
-    return True
 
 
 def replace_dict(old: dict[str, Any], new: Mapping[str, Any], swap: Swap) -> None:

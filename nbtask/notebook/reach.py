@@ -26,7 +26,7 @@ from nbtask.notebook.analysis import SHELL_NAMES, is_history_name
 from nbtask.notebook.carried import may_change
 from nbtask.notebook.kept import RemoteValue
 
-__all__ = ["SCANNED_ITEMS", "attributes_of", "named_inside"]
+__all__ = ["SCANNED_ITEMS", "attributes_of", "cell_is_set", "named_inside"]
 
 #: A container or object with more entries than this is not looked into.
 SCANNED_ITEMS = 1000
@@ -119,12 +119,13 @@ def _callback_entries(value: Any) -> list[Any] | None:
     if isinstance(value, functools.partial):
         return [value.func, *value.args, *value.keywords.values()]
     if isinstance(value, types.FunctionType):
-        cells = [cell.cell_contents for cell in value.__closure__ or () if _is_set(cell)]
+        cells = [cell.cell_contents for cell in value.__closure__ or () if cell_is_set(cell)]
         return [*cells, *vars(value).values()]
     return None
 
 
-def _is_set(cell: types.CellType) -> bool:
+def cell_is_set(cell: types.CellType) -> bool:
+    """Whether a closure cell holds a value (an empty one raises when read)."""
     try:
         cell.cell_contents  # noqa: B018  # an empty cell raises
     except ValueError:
