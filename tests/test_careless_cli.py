@@ -188,6 +188,7 @@ def test_app_option_naming_one_task_registers_it(
     worker = start_worker("-A", "tests.celery_tasks:use_db", concurrency=1)
     banner = worker.log.read_text()
     assert "  . tests.celery_tasks.use_db" in banner, banner
+    assert "  concurrency: 1 child process\n" in banner, banner  # not "1 child processes"
 
 
 def test_celerys_spellings_of_a_worker_option_start_the_worker(

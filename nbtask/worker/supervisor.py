@@ -178,11 +178,12 @@ class Worker:
             "\n".join(f"  . {name}" for name in sorted(self.tasks))
             or "  (none: tasks sent by value only)"
         )
+        processes = "process" if self.concurrency == 1 else "processes"
         return (
             f"nbtask worker {self.worker_id}\n"
             f"  broker:      {redact_url(self.url)}\n"
             f"  queues:      {', '.join(self.shared_queues)} (and one per child process)\n"
-            f"  concurrency: {self.concurrency} child processes\n"
+            f"  concurrency: {self.concurrency} child {processes}\n"
             f"[tasks]\n{names}"
         )
 
