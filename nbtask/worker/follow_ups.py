@@ -109,9 +109,11 @@ class FollowUps:
         Returns what the take said: True (run now), False (run before), ``None`` (none
         owed: the task's own process stored an outcome that owes none).
         """
+        # Read before the take: a store that goes away in between leaves them owed, for
+        # the next settle of the message, instead of taken by a process that cannot run them.
+        outcome = self._stored_outcome(message.id)
         taken = self._take(message.id)
         if taken:
-            outcome = self._stored_outcome(message.id)
             if outcome is None:
                 log.error("task %s owes follow-ups but its stored outcome is gone", message.id)
             else:
