@@ -164,8 +164,9 @@ class TaskEvents(concurrent.futures.Future[Any]):
             final one. Progress reports are coalesced at the worker (a task's events go out
             at most ~100 times a second, with the latest report), so a callback may not see
             every one.
-            A task that ran gives ``STARTED`` before its final event even when it ended
-            before the worker sent one (made from the final event; ``seq`` 0).
+            Each run of a task gives ``STARTED`` before the event that ends it (final, or
+            ``RETRY``) even when it ended before the worker sent one (made from that
+            event; ``seq`` 0).
             Where events of the task never reached the client (it did not read its
             channel for long, which keeps a bounded number), a ``STDERR`` event (``seq``
             0) says so in one line, in their place; it is in :attr:`stderr` too.
@@ -192,9 +193,9 @@ class TaskEvents(concurrent.futures.Future[Any]):
         error the task ends with, in place of the one a worker's event would carry.
         """
         final = event.state in FINAL_STATES
-        # Only callbacks can tell the STARTED made from a final event: the final event
-        # leaves the handle in the same state with or without it.
-        if final and self._listeners and not self.done():
+        # Only callbacks can tell the STARTED made from a run's end: the end leaves the
+        # handle in the same state with or without it.
+        if self._listeners and self._ends_a_run(event, final):
             started = self._skipped_start(event)
             if started is not None:
                 self.apply(started)
@@ -245,16 +246,25 @@ class TaskEvents(concurrent.futures.Future[Any]):
             return 0
         return max(0, event.seq - self._last_seq - 1)
 
-    def _skipped_start(self, final: Event) -> Event | None:
+    def _ends_a_run(self, event: Event, final: bool) -> bool:
+        """Whether ``event`` ends a run and is new here: a final event, or a later RETRY."""
+        if self.done():
+            return False
+        if final:
+            return True
+        return event.state is State.RETRY and event.seq > max(self._last_seq, 0)
+
+    def _skipped_start(self, end: Event) -> Event | None:
         """The STARTED event a worker skipped for a run that ended before it went out.
 
-        The final event of a task that ran carries ``started_at``.
+        The event ending a run (final, or ``RETRY``) of a task that ran carries
+        ``started_at``; a run whose STARTED did arrive left the handle ``STARTED``.
         """
-        began = final.data.get("started_at")
+        began = end.data.get("started_at")
         if self._task_state is State.STARTED or not isinstance(began, (int, float)):
             return None
-        data = {k: final.data[k] for k in ("worker", "pid", "started_at") if k in final.data}
-        return Event(EventType.STARTED, self.id, 0, data, float(began))
+        data = {k: end.data[k] for k in ("worker", "pid", "started_at") if k in end.data}
+        return Event(EventType.STARTED, self.id, 0, data, float(began), end.run)
 
     def _apply(self, event: Event) -> None:
         kind, data = event.type, event.data

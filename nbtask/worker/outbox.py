@@ -53,8 +53,8 @@ class Outbox:
     :meth:`end` flushes everything buffered before the task's final event, which is never
     delayed and never overtakes the task's earlier events: sequence numbers rise in the
     order events reach the client. A task that ends before its ``started`` event went
-    out, with nothing else to send, skips it (its final event names the worker and when
-    it started; a client's handle makes the ``started`` from it).
+    out, with nothing else to send, skips it (its final or ``retry`` event names the
+    worker and when the run started; a client's handle makes the ``started`` from it).
 
     Output belongs to the task whose code wrote it: a thread a task started and left
     running is remembered as that task's, and what it writes later is dropped (logged once)

@@ -211,7 +211,12 @@ class Runner:
             return self.failed(message, exc, self.outbox.end(), task)
         seq = self.outbox.end()
         cause = exc.exc if exc.exc is not None else exc
-        data = {"reason": str(cause), "retries": message.retries + 1, "eta": time.time() + exc.when}
+        data = {
+            **self._whoami,  # says when the run began: a client makes its skipped STARTED
+            "reason": str(cause),
+            "retries": message.retries + 1,
+            "eta": time.time() + exc.when,
+        }
         outcome = Outcome(Event(EventType.RETRY, message.id, seq, data, run=message.run), exc=cause)
         outcome.einfo, outcome.retry_in = exception_info(cause), exc.when
         if exc.new_args is not None or exc.new_kwargs is not None:

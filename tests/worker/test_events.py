@@ -320,6 +320,25 @@ def test_a_skipped_started_is_made_from_the_final_event_once() -> None:
     assert seen.kinds() == ["revoked"]
 
 
+def test_a_skipped_started_is_made_from_the_retry_that_ended_its_run() -> None:
+    """Client side alone: a run that ended in a retry before its STARTED went out."""
+    seen = Seen()
+    handle = TaskHandle(None, "t1", "flaky")
+    handle.on_event(seen)
+    whoami = {"worker": "host", "pid": 7}
+    first = {**whoami, "started_at": 100.0, "reason": "not yet", "retries": 1, "eta": 102.0}
+    handle.apply(Event(EventType.RETRY, "t1", 2, first))
+    handle.apply(Event(EventType.RETRY, "t1", 2, first))  # read twice: applied once
+    # The second run's STARTED did arrive: none is made from its retry.
+    handle.apply(Event(EventType.STARTED, "t1", 1_000_001, {**whoami, "started_at": 102.5}))
+    second = {**first, "started_at": 102.5, "retries": 2}
+    handle.apply(Event(EventType.RETRY, "t1", 1_000_002, second))
+    assert seen.kinds() == ["started", "retry", "started", "retry"]
+    assert seen.events[0].timestamp == 100.0
+    assert dict(seen.events[0].data) == {**whoami, "started_at": 100.0}
+    assert handle.state is State.RETRY and not handle.running()
+
+
 def test_a_task_that_ends_before_its_started_is_due_sends_none_and_a_longer_one_does(
     app: App, patient_outbox: Any, outbox: Any
 ) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import redis
+from helpers import wait_until
 from raw_broker import RawBroker
 
 import nbtask
@@ -25,7 +26,7 @@ def test_retry_waits_in_the_eta_set_with_state_retry_and_its_reason(
     """The retry is a new message parked in the sorted set until its countdown passed.
 
     Looked at while no worker is up to take it (the first stopped once it parked it), so
-    the look cannot race its countdown; its ends come as the client's events, in order.
+    the look cannot race its countdown; the states come as the client's events, in order.
     """
     worker = start_worker()
     ledger = tmp_path / "ledger"
@@ -67,16 +68,41 @@ def test_retry_waits_in_the_eta_set_with_state_retry_and_its_reason(
     assert h.get(timeout=30) == 2
     assert h.state is State.SUCCESS
     retries = [data for state, data in states if state is State.RETRY]
-    # The ends, in order. (On RabbitMQ the first run's STARTED was once not seen here: the
-    # states began with RETRY. Why is not known yet; this test is about the retries.)
-    ends = [state for state, _ in states if state is not State.STARTED]
-    assert ends == [State.RETRY, State.RETRY, State.SUCCESS], states
+    assert [state for state, _ in states] == [State.STARTED, State.RETRY] * 2 + [
+        State.STARTED,
+        State.SUCCESS,
+    ], states
     assert [d["retries"] for d in retries] == [1, 2]
     assert "not yet 0" in retries[0]["reason"] and "not yet 1" in retries[1]["reason"]
     runs = read_records(ledger)
     assert [run["retries"] for run in runs] == [0, 1, 2]
     assert {run["id"] for run in runs} == {h.id}, "a retry must keep the task id"
     assert r.zcard(f"{prefix}:eta:default") == 0
+
+
+def test_each_run_of_a_retried_task_gives_started_first(app: App, start_worker) -> None:
+    """Runs that end in a retry at once, before their worker sent STARTED, still give one.
+
+    Each retry names the worker and when its run began, and the client makes the run's
+    STARTED from it, as from a final event.
+    """
+    start_worker()
+
+    @app.task(bind=True, max_retries=3)
+    def quick(self: Task) -> int:
+        if self.request.retries < 3:
+            raise self.retry(exc=ConnectionError("not yet"), countdown=0.01)
+        return self.request.retries
+
+    events: list[Event] = []
+    h = quick.apply_async(on_event=events.append)
+    assert h.get(timeout=30) == 3
+    wait_until(lambda: events and events[-1].state is State.SUCCESS, 15, "the final callback")
+    states = [event.state for event in events if event.state is not None]
+    assert states == [State.STARTED, State.RETRY] * 3 + [State.STARTED, State.SUCCESS], events
+    for event in events:
+        if event.state in (State.RETRY, State.SUCCESS):
+            assert {"worker", "pid", "started_at"} <= set(event.data), event
 
 
 def test_max_retries_exhausted_reraises_the_original_exception(
