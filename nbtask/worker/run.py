@@ -197,8 +197,8 @@ class Runner:
     def _after_exception(self, message: TaskMessage, task: Task, exc: BaseException) -> Outcome:
         if self.interrupts.terminated:
             seq = self.outbox.end()
-            reason = {"reason": "terminated"}
-            event = Event(EventType.REVOKED, message.id, seq, reason, run=message.run)
+            data = {**self._whoami, "reason": "terminated"}  # the run began: see _whoami
+            event = Event(EventType.REVOKED, message.id, seq, data, run=message.run)
             return Outcome(event, revoked_body(exc), exc=exc)
         if isinstance(exc, TaskPredicate):
             return predicate_outcome(message, exc, self.outbox.end(), self._whoami)

@@ -15,7 +15,7 @@ from helpers import wait_until
 from raw_broker import RawBroker
 
 import nbtask
-from nbtask import App, State
+from nbtask import App, Event, State
 from tests.celery_tasks import read_records
 
 pytestmark = pytest.mark.brokers
@@ -118,7 +118,8 @@ def test_cancel_a_running_task_interrupts_it(app: App, start_worker, tmp_path: P
 
         return os.getpid()
 
-    h = long_loop.delay(str(ledger))
+    events: list[Event] = []
+    h = long_loop.apply_async((str(ledger),), on_event=events.append)
     wait_until(lambda: len(read_records(ledger)) == 1, 10, "the task to start")
     wait_until(lambda: _busy(app, h.id), 10, "the worker to report the task running")
     pid = read_records(ledger)[0]["pid"]
@@ -126,6 +127,11 @@ def test_cancel_a_running_task_interrupts_it(app: App, start_worker, tmp_path: P
     with pytest.raises(nbtask.TaskRevoked):
         h.get(timeout=10)
     assert h.state is State.REVOKED
+    # Its REVOKED says where and since when it ran (a run cut short before its STARTED
+    # went out gets one made from it).
+    wait_until(lambda: events and events[-1].state is State.REVOKED, 10, "the final callback")
+    assert [event.state for event in events] == [State.STARTED, State.REVOKED], events
+    assert events[-1].data["pid"] == pid and "started_at" in events[-1].data, events[-1]
     records = read_records(ledger)
     assert [rec["h"] for rec in records] == ["started", "interrupted"]
     assert app.store.get_record(h.id).state == "REVOKED"
