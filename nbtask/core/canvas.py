@@ -6,13 +6,13 @@ the current task).
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NoReturn, Protocol
 
+from nbtask.core.bound import Bound
 from nbtask.core.celery_canvas import CeleryGroupNames, CelerySignatureNames
 from nbtask.core.handle import TaskHandle
 from nbtask.core.options import new_task_id
@@ -96,14 +96,9 @@ def current_sender() -> Sender | None:
     return _sender.get()
 
 
-@contextlib.contextmanager
-def sending_through(sender: Sender) -> Iterator[None]:
-    """Tasks sent inside the block go through ``sender`` (a worker, for a running task)."""
-    token = _sender.set(sender)
-    try:
-        yield
-    finally:
-        _sender.reset(token)
+def sending_through(sender: Sender) -> Bound[Sender | None]:
+    """Tasks sent inside the ``with`` block go through ``sender`` (a worker, for a task)."""
+    return Bound(_sender, sender)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from typing import Any, TypeVar
 
 from nbtask.brokers.base import Store
+from nbtask.core.bound import Bound
 from nbtask.core.holding import Holding
 from nbtask.wire.envelope import Signer
 
@@ -123,15 +124,10 @@ def run_started() -> None:
     _started[0] += 1
 
 
-@contextlib.contextmanager
-def running(request: Request) -> Iterator[None]:
-    """Run the block as the task ``request`` describes (a worker does this)."""
+def running(request: Request) -> Bound[Request | None]:
+    """Run the ``with`` block as the task ``request`` describes (a worker does this)."""
     run_started()
-    token = _current.set(request)
-    try:
-        yield
-    finally:
-        _current.reset(token)
+    return Bound(_current, request)
 
 
 @contextlib.contextmanager

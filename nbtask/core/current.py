@@ -8,10 +8,11 @@ and it is false outside a run.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
+
+from nbtask.core.bound import Bound
 
 __all__ = ["Proxy", "current_task", "running_task", "task_running"]
 
@@ -20,14 +21,9 @@ _task: contextvars.ContextVar[object | None] = contextvars.ContextVar(
 )
 
 
-@contextlib.contextmanager
-def task_running(task: object) -> Iterator[None]:
-    """Make ``task`` the :data:`current_task` of this thread for the block."""
-    token = _task.set(task)
-    try:
-        yield
-    finally:
-        _task.reset(token)
+def task_running(task: object) -> Bound[object | None]:
+    """Make ``task`` the :data:`current_task` of this thread for the ``with`` block."""
+    return Bound(_task, task)
 
 
 def running_task() -> object | None:

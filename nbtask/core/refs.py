@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from nbtask.brokers.base import Store
+from nbtask.core.bound import Bound
 from nbtask.core.holding import Holding, value_key
 from nbtask.errors import BlobError, ResultNotReady, SignatureError
 from nbtask.wire.blobs import Fetch, Packed, Part, blob_sizes, join_value
@@ -206,11 +207,10 @@ def noting_refs() -> Iterator[list[ValueRef]]:
         _noted.reset(token)
 
 
-@contextlib.contextmanager
 def resolving(
     store: Store, signer: Signer, prefix: str, holding: Holding | None = None
-) -> Iterator[None]:
-    """Within the block, references that are unpickled load their values from ``store``.
+) -> Bound[_Resolver | None]:
+    """Within the ``with`` block, references that are unpickled load their values from ``store``.
 
     A worker of the app ``prefix`` (its key prefix) decodes a task's arguments in it. A
     value ``holding`` holds is lent as it is (no blob is read). Errors name the value that
@@ -231,8 +231,4 @@ def resolving(
                 f"cannot be loaded: {exc}"
             ) from None
 
-    token = _resolver.set(resolve)
-    try:
-        yield
-    finally:
-        _resolver.reset(token)
+    return Bound(_resolver, resolve)
