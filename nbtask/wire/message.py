@@ -20,6 +20,7 @@ from typing import Any
 from nbtask.errors import DecodeError, NbtaskError, SerializationError
 from nbtask.wire.blobs import Fetch, Part, SplitValue, join_value, parse_layout, split_value
 from nbtask.wire.envelope import Buffer, Envelope, dumps
+from nbtask.wire.frozen import FrozenMaker
 
 __all__ = ["SERIALIZERS", "LayoutJSON", "TaskMessage", "decode_value", "encode_value", "split"]
 
@@ -84,13 +85,12 @@ class TaskMessage:
         """Check field types; raise :class:`~nbtask.errors.DecodeError` naming a bad field."""
         if header.get("kind") != "task":
             raise DecodeError("not a task message")
+        # The header's own fields, not every field: a plain call's header leaves most out.
         values: dict[str, Any] = {}
-        for name, kinds, required in _MESSAGE_FIELDS:
-            if name not in header:
-                if required:
-                    raise DecodeError(f"field {name!r} is missing")
-                continue
-            value = header[name]
+        for name, value in header.items():
+            kinds = _FIELD_KINDS.get(name)
+            if kinds is None:
+                continue  # "kind", or a field of a later nbtask: ignored
             # JSON gives exactly these types; anything else is checked in full. bool is an
             # int subclass: accept it only where a bool is expected.
             if type(value) not in kinds and (
@@ -98,10 +98,15 @@ class TaskMessage:
             ):
                 raise DecodeError(f"field {name!r} has a wrong type")
             values[name] = value
+        if not values.keys() >= _REQUIRED_SET:
+            missing = next(name for name in _REQUIRED if name not in values)
+            raise DecodeError(f"field {missing!r} is missing")
         if not all(isinstance(n, str) for n in values.get("requires") or ()):
             raise DecodeError("field 'requires' is not a list of names")
         if values.get("serializer", "cloudpickle") not in SERIALIZERS:
             raise DecodeError("field 'serializer' names no known serializer")
+        if cls is TaskMessage:  # (every task a worker runs comes here)
+            return _make_message(**values)
         return cls(**values)
 
     def to_header(self) -> dict[str, Any]:
@@ -158,6 +163,11 @@ _MESSAGE_FIELDS = tuple(
     (f.name, _field_kinds(str(f.type)), f.default is dataclasses.MISSING)
     for f in dataclasses.fields(TaskMessage)
 )
+# Accepted types by field name; the required fields' names, in order.
+_FIELD_KINDS = {name: kinds for name, kinds, _ in _MESSAGE_FIELDS}
+_REQUIRED = tuple(name for name, _, required in _MESSAGE_FIELDS if required)
+_REQUIRED_SET = frozenset(_REQUIRED)
+_make_message = FrozenMaker(TaskMessage)
 # (name, default) of each TaskMessage field that has one.
 _DEFAULTS = tuple(
     (f.name, f.default)
