@@ -86,6 +86,7 @@ class Child:
         self.datasets = DatasetCache(datasets or {})
         self.replaces = replaces  # another child served this slot (and its own queue) before
         self.slot = slot
+        self._claimed = ""  # the task id this child last wrote in its slot
         self._on_notebook = on_notebook  # called once, idle, when a notebook uses the worker
         self._next_notebook_look = 0.0
         self._stop = False
@@ -219,7 +220,7 @@ class Child:
         # terminate request finds this child even before the task begins to run.
         self.interrupts.begin()
         if delivery.verdict == Verdict.OK and delivery.task_id:
-            self.slot.occupy(delivery.task_id, 0.0)
+            self._claim(delivery.task_id)
         self.journal.about(delivery.task_id or "")
         try:
             admitted = self.admission.admit(delivery)
@@ -239,6 +240,17 @@ class Child:
         finally:
             self.journal.about("")
             self.slot.clear(holds=self.holding.ever_held)
+            self._claimed = ""
+
+    def _claim(self, task_id: str) -> None:
+        """Show the supervisor that this child runs ``task_id`` (it has no time limit yet).
+
+        Written once per task: the slot is memory shared with the supervisor, which only
+        reads it while this child lives.
+        """
+        if task_id != self._claimed:
+            self.slot.occupy(task_id, 0.0)
+            self._claimed = task_id
 
     def _settle_unreported(self, admitted: Admitted, exc: Exception) -> Delivery | None:
         # (The next message, if a refused earlier write took it: handled, never dropped.)
@@ -274,7 +286,7 @@ class Child:
         self.outbox.begin(
             message.id, message.client, self._whoami, first_seq=first_seq, run=message.run
         )
-        self.slot.occupy(message.id, 0.0)
+        self._claim(message.id)
         if task is None:
             assert resolve_error is not None
             outcome = self.runner.failed(message, resolve_error, self.outbox.end())
@@ -292,9 +304,8 @@ class Child:
         # come after the outcome is stored; only without them may the last write also wait
         # for the next message.
         store = self.transport.store
-        later = bool(admitted.callbacks or message.args_layout) or (
-            task is not None and has_handlers(task)
-        )
+        handlers = task is not None and has_handlers(task)
+        later = handlers or bool(admitted.callbacks or message.args_layout)
         # Callbacks, errbacks or a chain's later steps: the message is held until they are
         # sent (see owes_follow_ups), so that a process killed meanwhile does not lose them.
         owed = owes_follow_ups(message, outcome, admitted.callbacks)
@@ -309,7 +320,9 @@ class Child:
         finally:
             store.start_writes()
         try:
-            self.follow_ups.run(message, outcome, admitted.callbacks, task, owed=owed)
+            # (None: looked for, it has no handlers of its own.)
+            handled = task if handlers else None
+            self.follow_ups.run(message, outcome, admitted.callbacks, handled, owed=owed)
         finally:
             if owed:  # (never left held: RabbitMQ would give this process nothing more)
                 self.transport.discard(admitted.delivery)

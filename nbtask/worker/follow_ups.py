@@ -43,6 +43,8 @@ __all__ = ["FollowUps", "has_handlers", "owes_follow_ups"]
 log = logging.getLogger("nbtask.worker")
 
 _AFTER_HANDLERS = ("on_success", "on_failure", "on_retry", "after_return")
+# Task's own handlers (which do nothing), by name.
+_BASE_HANDLERS = {name: getattr(Task, name) for name in ("before_start", *_AFTER_HANDLERS)}
 #: How long a take of owed follow-ups is sent again while the broker is away, seconds.
 _TAKE_PATIENCE = 60.0
 
@@ -268,14 +270,22 @@ def _callbacks(message: TaskMessage, links: Buffer) -> Callbacks | None:
     return callbacks if isinstance(callbacks, Callbacks) else None
 
 
-def has_handlers(task: Task) -> bool:
+def has_handlers(task: Task, names: Sequence[str] = _AFTER_HANDLERS) -> bool:
     """True if the task has any handler of its own that runs after the outcome.
 
     Its class's (a subclass, or ``@app.task(on_success=...)``) or one set on the instance.
+    ``names``: of these handlers instead (``before_start``, ``on_success``, ``on_failure``,
+    ``on_retry``, ``after_return``).
     """
-    for name in _AFTER_HANDLERS:
-        handler = getattr(task, name)
-        if getattr(handler, "__func__", None) is not getattr(Task, name):
+    # Asked of every task: the class's attribute, and the instance's only if it has one
+    # (no bound method is made).
+    cls, own = type(task), vars(task)
+    for name in names:
+        base = _BASE_HANDLERS[name]
+        if name in own:
+            if getattr(own[name], "__func__", None) is not base:
+                return True
+        elif getattr(cls, name) is not base:
             return True
     return False
 

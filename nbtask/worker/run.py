@@ -10,11 +10,11 @@ automatic), or its stop.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import signal
 import time
 from collections.abc import Callable
+from types import CoroutineType
 from typing import Any
 
 from nbtask.brokers import Transport
@@ -30,8 +30,10 @@ from nbtask.errors import Retry, TaskPredicate
 from nbtask.settings import Settings
 from nbtask.wire.envelope import Signer
 from nbtask.wire.events import Event, EventType
+from nbtask.wire.frozen import FrozenMaker
 from nbtask.wire.message import TaskMessage, decode_value
 from nbtask.worker.admit import Admitted
+from nbtask.worker.follow_ups import has_handlers
 from nbtask.worker.interrupts import TaskInterrupts
 from nbtask.worker.outbox import Outbox
 from nbtask.worker.predicates import predicate_outcome
@@ -43,6 +45,8 @@ from nbtask.worker.subtasks import SubtaskPublisher, WorkerSender
 __all__ = ["Runner"]
 
 log = logging.getLogger("nbtask.worker")
+_make_request = FrozenMaker(Request)  # (one per task)
+_BEFORE_START = ("before_start",)
 
 
 class Runner:
@@ -106,7 +110,7 @@ class Runner:
         soft_limit = message.soft_time_limit
         if soft_limit is None:
             soft_limit = task.soft_time_limit
-        return Request(
+        return _make_request(
             id=message.id,
             name=message.name,
             args=tuple(args),
@@ -130,7 +134,8 @@ class Runner:
     def run(self, admitted: Admitted, task: Task) -> Outcome:
         """Run ``task`` for ``admitted`` and return how it ended.
 
-        A copy of this process that the task's code forked ends here, with its exit code.
+        The slot already names the task (with no deadline); a time limit is added here. A
+        copy of this process that the task's code forked ends here, with its exit code.
         """
         message = admitted.message
         try:
@@ -148,13 +153,14 @@ class Runner:
         except Exception as exc:
             return self.failed(message, exc, self.outbox.end())
         request = self._request(admitted, task, args, kwargs)
-        deadline = time.time() + request.time_limit if request.time_limit else 0.0
-        self.slot.occupy(message.id, deadline)
+        if request.time_limit:  # (else the slot says so already: see Child._claim)
+            self.slot.occupy(message.id, time.time() + request.time_limit)
         # The request stays current until the outcome is decided: an autoretry needs it.
         sender = WorkerSender(self.publisher, message)
         with running(request), task_running(task), sending_through(sender):
             try:
-                call_handler(log, task.before_start, message.id, tuple(args), kwargs)
+                if has_handlers(task, _BEFORE_START):  # (Task's own does nothing)
+                    call_handler(log, task.before_start, message.id, tuple(args), kwargs)
                 outcome = self._call(message, task, args, kwargs, request.soft_time_limit)
             except BaseException as exc:
                 outcome = self._after_exception(message, task, exc)
@@ -176,7 +182,7 @@ class Runner:
         started = time.perf_counter()
         try:
             retval = task.run(*args, **kwargs)
-            if inspect.iscoroutine(retval):  # an ``async def`` task: run it to its end here
+            if isinstance(retval, CoroutineType):  # an ``async def`` task: run it here
                 retval = asyncio.run(retval)
         finally:
             self.interrupts.stop()

@@ -257,15 +257,15 @@ def outcome_fields(
     if state is State.RETRY:
         # Parked once per retry number (see nbtask.wire.records.PARKED).
         return {**final_fields(state, b""), PARKED: str(message.retries + 1)}
-    header = outcome.event.to_header()
     if not message.store_result:
         # backend=None: no result at all, only a signed note that the task ended, kept
         # like any record so that a replay of its message cannot run it again.
-        return final_fields(state, signer.seal({**header, "data": {"result_kept": False}}))
+        header = {**outcome.event.to_header(), "data": {"result_kept": False}}
+        return final_fields(state, signer.seal(header))
     if message.ignore_result and state is State.SUCCESS:
         # The outcome is still signed in the store; only the value is left out.
         kept = {**outcome.event.data, "result_kept": False}
-        return final_fields(state, signer.seal({**header, "data": kept}))
+        return final_fields(state, signer.seal({**outcome.event.to_header(), "data": kept}))
     return final_fields(state, raw_event)
 
 

@@ -75,6 +75,8 @@ class Alarm:
         whole, part = divmod(seconds, 1.0)
         self._armed = _Itimerspec(_Timespec(0, 0), _Timespec(int(whole), int(part * 1e9)))
         self._off = _Itimerspec(_Timespec(0, 0), _Timespec(0, 0))
+        # Made once: arm() and disarm() run on every task.
+        self._armed_ref, self._off_ref = ctypes.byref(self._armed), ctypes.byref(self._off)
 
     @property
     def available(self) -> bool:
@@ -87,11 +89,11 @@ class Alarm:
 
     def arm(self) -> None:
         """Expire once, the given seconds from now (re-arming forgets an earlier expiry)."""
-        self._settime(self._fd, 0, ctypes.byref(self._armed), None)
+        self._settime(self._fd, 0, self._armed_ref, None)
 
     def disarm(self) -> None:
         """Never expire (until armed again)."""
-        self._settime(self._fd, 0, ctypes.byref(self._off), None)
+        self._settime(self._fd, 0, self._off_ref, None)
 
     def drain(self) -> None:
         """Take note of an expiry."""
