@@ -289,7 +289,10 @@ class StreamsTransport(StreamsMoves):
         replies = self.link.run(
             commands, block_seconds=block_seconds, raise_errors=False, large=large
         )
-        if not any(isinstance(r, ResponseError) for r in replies):
+        for reply in replies:  # (a loop, not any() over a generator: on every task)
+            if isinstance(reply, ResponseError):
+                break
+        else:
             if end is not None:
                 refused_by(end, replies[0])
             return self._delivered(queue, stream, replies[-2], replies[-1])

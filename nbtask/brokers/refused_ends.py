@@ -34,6 +34,8 @@ def refused_by(end: Settlement, reply: object) -> str:
     ended-task set alone), or ``''``. A task that ended after it had been reported lost,
     and an end stored over a plain final state nbtask did not write, are said in the log.
     """
+    if not reply:  # stored: the usual answer, nothing to weigh
+        return ""
     refused = _text(reply)
     state = _text(end.fields.get("state", b""))
     if refused.startswith(_WROTE_OVER):
