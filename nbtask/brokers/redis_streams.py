@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import socket
 import time
 from collections.abc import Collection, Mapping, Sequence
@@ -35,6 +34,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError, ResponseError
 
+from nbtask._process import current_pid
 from nbtask.brokers.base import OWED_SECONDS, Delivery, Publish, Settlement, Verdict
 from nbtask.brokers.redis_link import LARGE_BYTES, Command
 from nbtask.brokers.redis_moves import StreamsMoves
@@ -412,8 +412,8 @@ class StreamsTransport(StreamsMoves):
 
     def _identity(self) -> tuple[str, int]:
         # Who marks tasks STARTED: this host and process (children call this after fork,
-        # so the cache is keyed by pid).
-        pid = os.getpid()
+        # so the cache is keyed by pid; current_pid: no system call, on every task).
+        pid = current_pid()
         if self._whoami[1] != pid:
             self._whoami = (socket.gethostname(), pid)
         return self._whoami
