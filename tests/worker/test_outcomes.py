@@ -60,3 +60,15 @@ def test_handlers_are_found_on_the_class_in_options_and_on_the_instance() -> Non
     instance = _Plain()
     instance.on_failure = _after  # type: ignore[method-assign]
     assert has_handlers(instance)
+
+
+def test_handlers_asked_for_by_name_before_start_among_them() -> None:
+    assert not has_handlers(_Plain(), ("before_start",))
+    assert not has_handlers(_OwnSuccess(), ("before_start", "on_failure"))
+    assert has_handlers(_OwnSuccess(), ("on_success",))
+    starts = type("starts", (Task,), {"name": "starts", "before_start": _after})()
+    assert has_handlers(starts, ("before_start",)) and not has_handlers(starts)
+    # The instance's own attribute wins over its class's: Task's own handler does nothing.
+    instance = _OwnSuccess()
+    instance.on_success = Task.on_success.__get__(instance)  # type: ignore[method-assign]
+    assert not has_handlers(instance)
