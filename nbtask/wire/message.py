@@ -101,7 +101,8 @@ class TaskMessage:
         if not values.keys() >= _REQUIRED_SET:
             missing = next(name for name in _REQUIRED if name not in values)
             raise DecodeError(f"field {missing!r} is missing")
-        if not all(isinstance(n, str) for n in values.get("requires") or ()):
+        requires = values.get("requires")
+        if requires and not all(isinstance(n, str) for n in requires):
             raise DecodeError("field 'requires' is not a list of names")
         if values.get("serializer", "cloudpickle") not in SERIALIZERS:
             raise DecodeError("field 'serializer' names no known serializer")
