@@ -20,7 +20,7 @@ import importlib
 import inspect
 import sys
 from collections.abc import Mapping
-from types import ModuleType
+from types import FunctionType, ModuleType
 from typing import Any
 
 import cloudpickle
@@ -41,6 +41,16 @@ _CARRIED = (
     "queue",
     "expires",
 )
+
+#: Exact types whose values have no ``tasks`` (no instance dict, none on the class), and
+#: ``from __future__ import ...`` flags: skipped without getattr_static, which costs
+#: microseconds a global, for every send of a class-based task (the cell task among them).
+_HOLD_NO_TASKS = frozenset(
+    {str, bytes, int, float, bool, complex, type(None), tuple, list, dict, set, frozenset}
+    | {type(annotations)}  # the flag ``from __future__ import annotations`` binds
+)
+#: A module's globals the import system sets (its loader, its spec): never an app.
+_IMPORT_SYSTEM_NAMES = frozenset({"__loader__", "__spec__"})
 
 
 def importable(task: object) -> bool:
@@ -67,10 +77,16 @@ def module_tasks(module: ModuleType) -> list[object]:
     defines (``app.register_task(AddTask())``, held by no name). Callers keep the tasks
     among them (``isinstance(value, Task)``).
     """
-    values = list(vars(module).values())
-    for value in list(values):
-        # Looked up statically: a proxy (current_app) or a lazy object is not woken.
-        tasks = None if isinstance(value, type) else inspect.getattr_static(value, "tasks", None)
+    held = list(vars(module).items())
+    values = [value for _, value in held]
+    for name, value in held:
+        kind = type(value)
+        if kind in _HOLD_NO_TASKS or isinstance(value, type) or name in _IMPORT_SYSTEM_NAMES:
+            continue
+        if kind is FunctionType or kind is ModuleType:  # what getattr_static finds on them
+            tasks = value.__dict__.get("tasks")
+        else:  # looked up statically: a proxy (current_app) or a lazy object is not woken
+            tasks = inspect.getattr_static(value, "tasks", None)
         if isinstance(tasks, Mapping):
             values += [t for t in tasks.values() if type(t).__module__ == module.__name__]
     return values
