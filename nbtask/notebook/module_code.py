@@ -14,6 +14,7 @@ has not imported yet is imported fresh by the cell: nothing to say.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import weakref
@@ -141,7 +142,17 @@ def is_local_file(name: str, path: str | None) -> bool:
     """Whether module ``name``, loaded from ``path``, is the user's own (:func:`is_local`)."""
     if not path or name in ("__main__", "nbtask") or name in sys.builtin_module_names:
         return False
-    path = os.path.abspath(path)
+    return _local_path(path if os.path.isabs(path) else os.path.abspath(path))
+
+
+@functools.lru_cache(maxsize=1024)
+def _local_path(path: str) -> bool:
+    """Whether absolute ``path`` lies outside the installed packages.
+
+    Remembered: every cell asks again of the same few files (on a worker, for each function
+    in its namespace), and the answer depends on the path alone.
+    """
+    path = os.path.abspath(path)  # normalized
     installed = {os.path.abspath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
     if any(path.startswith(p + os.sep) for p in installed):
         return False
