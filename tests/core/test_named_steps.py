@@ -8,6 +8,7 @@ of a custom task class per worker process. Tasks defined in a function travel by
 from __future__ import annotations
 
 import pickle
+import types
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 
 from nbtask import App, Settings, Task, group
 from nbtask.core.holding import holder_queue
-from nbtask.core.named import task_named
+from nbtask.core.named import module_tasks, task_named
 from nbtask.core.outgoing import MessageBuilder, code_for
 from nbtask.core.refs import ValueRef
 from nbtask.wire.envelope import Signer, dumps
@@ -155,3 +156,23 @@ def test_a_class_based_task_registered_on_an_app_travels_by_name(
         assert code_for(task, {}) == (None, b"")  # sent by name, not shipped
         assert (add.s(1, 1) | task.s()).delay().get(timeout=10) == ("imported", True)
         assert _linked(app, add, (1, 1), task.s()) == ("imported", True)
+
+
+def test_module_tasks_finds_the_tasks_registered_on_whatever_holds_them() -> None:
+    """An app, a function or a module the module holds: each one's ``tasks`` are looked in."""
+    module = types.ModuleType("nbtask_holding_tasks")
+    own = type("Own", (), {"__module__": module.__name__})
+    on_app, on_function, on_module = own(), own(), own()
+    module.app = types.SimpleNamespace(tasks={"a": on_app})  # type: ignore[attr-defined]
+
+    def helper() -> None:
+        pass
+
+    helper.tasks = {"f": on_function}  # type: ignore[attr-defined]
+    module.helper = helper  # type: ignore[attr-defined]
+    inner = types.ModuleType("inner")
+    inner.tasks = {"m": on_module, "other": object()}  # type: ignore[attr-defined]
+    module.inner = inner  # type: ignore[attr-defined]
+    module.settings = {"tasks": {"x": own()}}  # type: ignore[attr-defined]  # plain data
+    found = module_tasks(module)
+    assert [v for v in found if isinstance(v, own)] == [on_app, on_function, on_module]
