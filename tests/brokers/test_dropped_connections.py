@@ -261,10 +261,12 @@ def test_broker_outage_then_everyone_carries_on(
 
     down = time.monotonic()
     refused_ids = []
+    plain_ids: list[str | None] = []
     # RabbitMQ alone first (its store still up), then both; Redis is broker and store.
     for proxies in [[route.broker], route.proxies] if route.store else [[route.broker]]:
         for proxy in proxies:
             proxy.refuse()
+        plain_ids.append(_plain_send_during_an_outage(app, never, proxies))
         refused_ids.append(uuid.uuid4().hex)
         with pytest.raises(nbtask.BrokerUnavailable) as info:
             app.send_task(SLOW_EARLY, (str(never), 0.0), task_id=refused_ids[-1])
@@ -291,6 +293,30 @@ def test_broker_outage_then_everyone_carries_on(
     assert [app.store.get_record(task_id) for task_id in refused_ids] == [None] * len(refused_ids)
     assert not never.exists()
     assert worker.process.poll() is None
+    # A plain send that returned was revoked (RabbitMQ: in its store, if that was up).
+    for task_id in filter(None, plain_ids):
+        record = app.store.get_record(task_id)
+        assert record is None or record.state is State.REVOKED, record
+
+
+def _plain_send_during_an_outage(app: App, never: Path, down: list[TcpProxy]) -> str | None:
+    """A plain ``delay()`` (one that does not wait for the broker's answer) as the first
+    call after the services behind ``down`` went away; the id of the task if it returned.
+
+    Whether the sending thread's connection is seen closed before the message is written
+    is a race: if it is, ``delay()`` raises at once; if not, it returns and the next
+    ``flush()`` raises instead, the task revoked (its handle says so).
+    """
+    try:
+        handle = app.send_task(SLOW_EARLY, (str(never), 0.0))
+    except nbtask.BrokerUnavailable as error:
+        assert any(f"127.0.0.1:{proxy.url_port}" in str(error) for proxy in down), error
+        return None
+    with pytest.raises(nbtask.BrokerUnavailable, match="cannot reach"):
+        app.flush()
+    with pytest.raises(nbtask.TaskRevoked, match="not confirmed by the broker"):
+        handle.get(timeout=5)
+    return handle.id
 
 
 def test_client_offline_catches_up_on_missed_results(
