@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from helpers import AMQP_URL, ROOT, SECRET, client_env, wait_for_housekeeping, wait_until
-from raw_broker import raw_broker
+from raw_broker import RawBroker, raw_broker
 
 import nbtask
 from nbtask import App, Settings, State
@@ -30,7 +30,7 @@ def pids_in(path: Path) -> list[int]:
     return [int(x) for x in path.read_text().split()] if path.exists() else []
 
 
-def test_round_trip_main_function_by_value(app: App, start_worker) -> None:
+def test_round_trip_main_function_by_value(app: App, start_worker, access: RawBroker) -> None:
     start_worker()
     assert app.send_task("tests.sample_tasks.add", (2, 3)).get(timeout=10) == 5
 
@@ -39,7 +39,14 @@ def test_round_trip_main_function_by_value(app: App, start_worker) -> None:
         return x * y
 
     assert mul.__module__ == __name__  # shipped by value: the worker cannot import this
-    assert mul.delay(6, 7).get(timeout=10) == 42
+    handle = mul.delay(6, 7)
+    assert handle.get(timeout=10) == 42
+    # The finished task's three effects: its result stored, one final event, its message
+    # acknowledged (RabbitMQ may take the acknowledgement a moment after the event).
+    record = access.record(handle.id)
+    assert record[b"state"] == b"SUCCESS" and record.get(b"result"), record
+    assert access.stored_event_types(app.signer, app.channel, handle.id).count("success") == 1
+    wait_until(access.drained, 10, "the message acknowledged")
 
 
 def test_many_concurrent_tasks_none_lost(app: App, start_worker) -> None:

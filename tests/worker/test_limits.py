@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 import redis
-from helpers import wait_until
+from helpers import wait_for_housekeeping, wait_until
 from raw_broker import RawBroker
 
 import nbtask
@@ -78,13 +78,14 @@ def test_soft_limit_does_not_leak_into_the_next_task(app: App, start_worker) -> 
 
 
 # Hard limit ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("acks_late", [False, True], ids=["early_ack", "acks_late"])
 def test_hard_time_limit_kills_the_child_which_is_replaced(
-    app: App, start_worker, tmp_path: Path
+    app: App, start_worker, access: RawBroker, tmp_path: Path, acks_late: bool
 ) -> None:
     worker = start_worker(concurrency=1)
     ledger = tmp_path / "ledger"
 
-    @app.task(time_limit=1)
+    @app.task(time_limit=1, acks_late=acks_late)
     def stuck(path: str) -> None:
         import time as t
 
@@ -116,6 +117,13 @@ def test_hard_time_limit_kills_the_child_which_is_replaced(
     assert after != killed
     assert after in _child_pids(worker)
     assert worker.process.poll() is None
+    # Not run again, acks_late or not: a kill for the time limit is an outcome, not a loss
+    # (a message put back would have run on the only child before whoami's).
+    wait_for_housekeeping(app)
+    wait_for_housekeeping(app)
+    assert len(read_records(ledger)) == 1
+    assert access.drained()
+    assert h.state is State.FAILURE
 
 
 def test_per_call_time_limit_overrides_the_task(app: App, start_worker) -> None:

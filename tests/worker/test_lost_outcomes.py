@@ -9,7 +9,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from helpers import wait_until
+from helpers import wait_for_housekeeping, wait_until
 from raw_broker import RawBroker
 
 import nbtask
@@ -69,7 +69,7 @@ def test_child_killed_after_the_task_returned(
 
 
 def test_acks_late_without_reject_on_worker_lost_reports_worker_lost(
-    app: App, start_worker, tmp_path: Path
+    app: App, start_worker, tmp_path: Path, access: RawBroker
 ) -> None:
     worker = start_worker(concurrency=1)
     ledger = tmp_path / "ledger"
@@ -88,5 +88,11 @@ def test_acks_late_without_reject_on_worker_lost_reports_worker_lost(
     os.kill(int(lines_in(ledger)[0]), signal.SIGKILL)
     with pytest.raises(nbtask.WorkerLost):
         h.get(timeout=20)
+    # A redelivery would come after the outcome: give one the time to show (each wait
+    # sees a whole housekeeping round begun after the last), then look.
+    wait_for_housekeeping(app)
+    wait_for_housekeeping(app)
+    assert access.drained()
     assert len(lines_in(ledger)) == 1  # not run again
+    assert h.state is State.WORKER_LOST
     assert worker.process.poll() is None
