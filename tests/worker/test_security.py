@@ -354,9 +354,11 @@ def test_worker_drops_replay_of_finished_task(
 def test_worker_rejects_message_older_than_max_age(
     app: App, access: RawBroker, small_worker: WorkerProcess, tmp_path: Path
 ) -> None:
-    attack = Attack(app, tmp_path)
-    # Genuinely signed, but created eight days ago (max_age is seven by default).
-    raw = attack.valid(created=time.time() - 8 * 86400)
+    (tmp_path / "old").mkdir()
+    attack = Attack(app, tmp_path / "old")
+    # Genuinely signed, but made just over max_age ago: unset, it is result_ttl.
+    assert app.settings.max_age is None
+    raw = attack.valid(created=time.time() - app.settings.result_ttl - 5)
     children = {c.pid for c in small_worker.children()}
     access.inject(raw)
     wait_for(lambda: len(access.dead_letters()) == 1, what="the worker to dead-letter it")
@@ -367,6 +369,12 @@ def test_worker_rejects_message_older_than_max_age(
     lines = [line for line in small_worker.log.read_text().splitlines() if attack.task_id in line]
     assert len(lines) == 1, lines
     assert "max_age" in lines[0]
+    # Control: the same, made well within max_age, runs.
+    (tmp_path / "recent").mkdir()
+    recent = Attack(app, tmp_path / "recent")
+    access.inject(recent.valid(created=time.time() - app.settings.result_ttl + 30))
+    wait_for(lambda: access.record(recent.task_id).get(b"state") == b"SUCCESS", what="the control")
+    assert recent.marker.read_text().count("\n") == 1
 
 
 def test_worker_runs_the_same_message_when_genuine(
