@@ -169,8 +169,9 @@ def test_dead_workers_tasks_wait_for_a_worker_that_can_verify_them(
     assert access.dead_letters() == []
 
 
+@pytest.mark.parametrize("task", [SLOW_EARLY, SLOW_MARKER], ids=["early_ack", "acks_late"])
 def test_paused_worker_keeps_its_running_task(
-    app: App, start_worker, tmp_path: Path, access: RawBroker
+    app: App, start_worker, tmp_path: Path, access: RawBroker, task: str
 ) -> None:
     # A supervisor that stops for longer than three heartbeats (but less than the
     # visibility timeout) looks dead to the other worker, yet its child still runs the
@@ -178,7 +179,7 @@ def test_paused_worker_keeps_its_running_task(
     first = start_worker(concurrency=1)
     start_worker(concurrency=1)
     marker = tmp_path / "marker"
-    h = app.send_task(SLOW_MARKER, (str(marker), 2.5), acks_late=True)
+    h = app.send_task(task, (str(marker), 2.5))
     wait_until(lambda: len(pids_in(marker)) == 1, 10, "the task to start")
     runner = pids_in(marker)[0]
     paused = first.pid if runner in {c.pid for c in first.children()} else None
