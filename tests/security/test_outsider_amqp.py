@@ -271,6 +271,10 @@ PRE_DECLARED: dict[str, dict[str, Any]] = {
 }
 
 
+# RabbitMQ's words for a queue declared with other properties, or held exclusive.
+RABBITMQ_REASONS = ("PRECONDITION_FAILED - inequivalent arg", "RESOURCE_LOCKED")
+
+
 @pytest.mark.parametrize("kind", list(PRE_DECLARED))
 def test_a_queue_declared_beforehand_with_other_properties_is_named_with_the_fix(
     kind: str,
@@ -291,7 +295,9 @@ def test_a_queue_declared_beforehand_with_other_properties_is_named_with_the_fix
         app.send_task(ADD_TASK, (1, 1))
     for said in (lines[0], str(refused.value)):
         assert f"cannot use the queue '{name}'" in said and "delete_queue" in said, said
+        assert any(reason in said for reason in RABBITMQ_REASONS), said
         assert "Is RabbitMQ running" not in said, said
+    assert channel.queue_declare(queue=name, passive=True).message_count == 0  # nothing sent
 
     channel.queue_delete(name)  # the operator's fix
     start_worker(concurrency=1)
