@@ -93,12 +93,14 @@ def stopped_while_tasks_end(
     *,
     tasks: int,
     timeout: float,
+    before_resume: Callable[[], None] | None = None,
 ) -> tuple[str, str]:
     """What the client script ``source`` wrote (stdout, stderr), stopped while its tasks ran.
 
     The script sends its tasks and prints ``sent``; it is stopped, a worker starts, and it
     goes on once ``tasks`` tasks have ended. However long a loaded machine takes to run
-    them: it fails once ``timeout`` seconds went by with no task ending.
+    them: it fails once ``timeout`` seconds went by with no task ending. ``before_resume``
+    is called then, the client still stopped.
     """
     with stopped_client(source, settings, tmp_path) as client:
         assert client.readline() == "sent"
@@ -110,6 +112,8 @@ def stopped_while_tasks_end(
                 deadline, before = time.monotonic() + timeout, ended
             assert time.monotonic() < deadline, f"{ended} of {tasks} tasks ended"
             time.sleep(0.2)
+        if before_resume is not None:
+            before_resume()
         # The client has every outcome to take in: however long a loaded machine takes
         # (its script gives up once a minute brought none).
         return client.resume(timeout=300)

@@ -29,6 +29,9 @@ pytestmark = [pytest.mark.brokers, pytest.mark.timeout(600)]
 #: More tasks than the channel keeps events, each with one event (its end).
 TASKS = CHANNEL_MAXLEN + 1_000
 
+#: The client's one log line on finding events trimmed unread (nbtask/client/event_reads.py).
+TRIMMED = "events of this client were trimmed before it read them"
+
 CLIENT = """
 import concurrent.futures, sys
 from nbtask import App
@@ -53,15 +56,33 @@ app.close()
 
 def test_a_client_stopped_while_more_tasks_ended_than_its_channel_keeps_gets_every_outcome(
     settings: Settings,
+    broker_kind: str,
     start_worker: Callable[..., WorkerProcess],
     r: redis.Redis,
     tmp_path: Path,
 ) -> None:
     client = CLIENT.format(tasks=TASKS)
+    kept: list[int] = []
+
+    def channel_kept() -> None:
+        channels = r.keys(f"{settings.key_prefix}:c:*")  # the stopped client's alone
+        kept.extend(r.xlen(channel) for channel in channels)
+
     out, err = stopped_while_tasks_end(
-        client, settings, start_worker, r, tmp_path, tasks=TASKS, timeout=60
+        client,
+        settings,
+        start_worker,
+        r,
+        tmp_path,
+        tasks=TASKS,
+        timeout=60,
+        before_resume=channel_kept,
     )
     assert f"ended {TASKS} right {TASKS}" in out, out + err
+    # Its channel (in the store, on RabbitMQ too) kept fewer events than the tasks sent.
+    assert len(kept) == 1 and kept[0] < TASKS, kept
+    # Redis: the client saw the gap and said so once. RabbitMQ: its reply queue kept them all.
+    assert err.count(TRIMMED) == (1 if broker_kind == "redis" else 0), err
 
 
 WATCHER = """
