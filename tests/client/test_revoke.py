@@ -266,8 +266,9 @@ def test_terminate_right_after_the_worker_started(app: App, start_worker, tmp_pa
     assert h.state is State.REVOKED
 
 
+@pytest.mark.parametrize("interrupt", ["cancel", "soft_time_limit"])
 def test_a_terminate_during_an_import_waits_for_it_to_end(
-    app: App, start_worker, tmp_path: Path
+    app: App, start_worker, tmp_path: Path, interrupt: str
 ) -> None:
     # Cut in half, the import would leave the package broken for the process's later
     # tasks (as pandas' "option has already been registered").
@@ -277,11 +278,16 @@ def test_a_terminate_during_an_import_waits_for_it_to_end(
     package.mkdir()
     for name, text in SLOW_PACKAGE.items():
         (package / name).write_text(text.replace("MARKER", repr(str(marker))))
-    h = app.send_task(IMPORT_THEN_WAIT, (str(tmp_path), "slowpkg", 30.0))
-    wait_until(marker.exists, 10, "the import to start")
-    assert h.cancel() is True
-    with pytest.raises(nbtask.TaskRevoked):
-        h.get(timeout=10)
+    if interrupt == "cancel":
+        h = app.send_task(IMPORT_THEN_WAIT, (str(tmp_path), "slowpkg", 30.0))
+        wait_until(marker.exists, 10, "the import to start")
+        assert h.cancel() is True
+        with pytest.raises(nbtask.TaskRevoked):
+            h.get(timeout=10)
+    else:  # the limit passes 0.5 s into the import's 2 s: it interrupts the sleep after it
+        h = app.send_task(IMPORT_THEN_WAIT, (str(tmp_path), "slowpkg", 30.0), soft_time_limit=0.5)
+        with pytest.raises(nbtask.SoftTimeLimitExceeded):
+            h.get(timeout=20)
     again = app.send_task(IMPORT_THEN_WAIT, (str(tmp_path), "slowpkg", 0.0))
     # The same process (not killed after the grace): its package was imported whole once.
     assert again.get(timeout=10) == int(marker.read_text())
