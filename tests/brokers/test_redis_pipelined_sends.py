@@ -96,6 +96,38 @@ def test_replies_lost_with_their_connection_are_sent_again_and_each_task_runs_on
     each_ran_once([first, *handles], ledger)
 
 
+@pytest.mark.brokers("amqp")
+def test_record_writes_whose_replies_were_lost_are_sent_again_and_each_task_runs_once(
+    settings: Settings, start_worker, tmp_path: Path
+) -> None:
+    """On RabbitMQ a lone ``delay()`` writes its task's record to the store (Redis) without
+    waiting for the reply, as a send on Redis does: writes whose replies were lost with
+    their connection (half of them never reached Redis) are written again on a new one,
+    and each task runs once."""
+    ledger = tmp_path / "ledger"
+    with proxying(settings.result_url or "", 6379) as proxy:
+        url = via(settings.result_url or "", proxy.url_port)
+        client = App("records", settings=settings.replace(result_url=url))
+        try:
+            first = client.send_task(RECORD, (str(ledger),))
+            client.flush()
+            proxy.deafen()  # record writes still reach Redis; its replies never come back
+            handles = [client.send_task(RECORD, (str(ledger),)) for _ in range(10)]
+            proxy.hold()  # and now the writes never reach it either
+            handles += [client.send_task(RECORD, (str(ledger),)) for _ in range(10)]
+            assert link_of(client).owed == 20
+            proxy.cut()
+
+            client.flush()  # writes all 20 again on a new connection
+            assert link_of(client).owed == 0
+            assert client.transport.take_unsent() == []
+            assert all(client.store.get_record(h.id) is not None for h in handles)
+            start_worker(concurrency=2)
+            each_ran_once([first, *handles], ledger)
+        finally:
+            client.close()
+
+
 def test_copies_sent_again_of_sends_that_got_through_queue_nothing(
     client: App, proxy: TcpProxy, r: redis.Redis, tmp_path: Path
 ) -> None:
