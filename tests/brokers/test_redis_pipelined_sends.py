@@ -58,13 +58,13 @@ def link_of(app: App) -> RedisLink:
     return store.link
 
 
-@pytest.mark.brokers()
 def each_ran_once(handles: list[Any], ledger: Path) -> None:
     """Every task of ``handles`` ended with its id as result, having run exactly once."""
     assert [h.get(timeout=30) for h in handles] == [h.id for h in handles]
     assert ledger_runs(ledger) == {h.id: 1 for h in handles}
 
 
+@pytest.mark.brokers()
 def test_a_loop_of_delay_does_not_wait_for_each_reply_and_each_task_runs_once(
     app: App, start_worker, tmp_path: Path
 ) -> None:
