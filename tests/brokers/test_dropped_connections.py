@@ -24,6 +24,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import redis
 from helpers import AMQP_URL, SECRET, amqp_reachable, wait_until
 from raw_broker import raw_broker
 from tcp_proxy import TcpProxy, via
@@ -317,6 +318,32 @@ def _plain_send_during_an_outage(app: App, never: Path, down: list[TcpProxy]) ->
     with pytest.raises(nbtask.TaskRevoked, match="not confirmed by the broker"):
         handle.get(timeout=5)
     return handle.id
+
+
+@pytest.mark.parametrize("route", ["amqp"], indirect=True)
+def test_a_queued_task_whose_record_the_store_lost_still_runs_on_rabbitmq(
+    app: App, start_worker, route: Route, redis_url: str
+) -> None:
+    """RabbitMQ's durable queue keeps a task's message while the store loses its record (as
+    a store restarted without persistence does): the client, back from an outage of the
+    store, does not take the task for lost; it runs once a worker comes, its result arrives.
+    """
+    assert route.store is not None
+    handle = app.send_task(ADD, (2, 3))
+    app.flush()
+    direct = redis.Redis.from_url(redis_url)
+    try:
+        assert direct.delete(app.store.record_key(handle.id)) == 1
+    finally:
+        direct.close()
+    route.store.refuse()  # the store away while the record is missing, then back
+    with pytest.raises(nbtask.BrokerUnavailable):
+        app.store.get_record(handle.id)
+    route.store.accept_again()
+    assert app.store.get_record(handle.id) is None
+    start_worker(concurrency=1)
+    assert handle.get(timeout=20) == 5  # not TaskNotFound
+    assert app.store.get_record(handle.id).state is State.SUCCESS
 
 
 def test_client_offline_catches_up_on_missed_results(
