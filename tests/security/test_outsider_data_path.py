@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import wait_until
+from helpers import ledger_runs, wait_until
 from raw_broker import RawBroker
 
 from nbtask import App
@@ -29,6 +29,7 @@ pytestmark = pytest.mark.brokers
 
 ADD = "tests.sample_tasks.add"
 SLOW_EARLY = "tests.sample_tasks.slow_early"
+RECORD_ID = "tests.sample_tasks.record_id"  # appends its id to a file: counts runs
 ARRAY_BYTES = 6 * 1024 * 1024  # over the default 4 MiB blob threshold
 
 
@@ -300,18 +301,23 @@ def test_re_attaching_to_a_task_whose_record_names_a_channel_of_another_type(
 
 # The ETA sets ----------------------------------------------------------------------------------
 def test_an_eta_entry_moved_earlier_in_the_store_does_not_run_the_task_early(
-    app: App, start_worker, access: RawBroker
+    app: App, start_worker, access: RawBroker, tmp_path: Path
 ) -> None:
     eta_key = access.keys.eta_key("default")
+    ledger = tmp_path / "ledger"
     sent = time.time()
-    handle = app.send_task(ADD, (2, 3), countdown=4.0)
+    handle = app.send_task(RECORD_ID, (str(ledger),), countdown=4.0)
     ((member, _),) = access.store.zrange(eta_key, 0, -1, withscores=True)
     access.store.zadd(eta_key, {member: sent - 60})  # due long ago, says the store
     start_worker()
-    assert handle.get(timeout=30) == 5
+    assert handle.get(timeout=30) == handle.id
     record = app.store.get_record(handle.id)
     assert record is not None and record.started_at is not None
     assert record.started_at >= sent + 4.0, "the task ran before its signed eta"
+    # Once: its ETA entry gone and nothing left on its queue, and it ran once.
+    assert access.store.zcard(eta_key) == 0
+    assert access.drained()
+    assert ledger_runs(ledger) == {handle.id: 1}
 
 
 # A client's own event channel ------------------------------------------------------------------

@@ -454,6 +454,11 @@ def test_a_finished_tasks_message_made_to_look_lost_leaves_its_signed_result(
     access.store.hset(access.keys.record_key(h.id), "state", "STARTED")
     access.inject_lost(raw, h.id)
     wait_until(access.drained, 15, "the copy to be settled")
+    # Its client's channel keeps the one outcome, never a WORKER_LOST (the stored result is
+    # sent again to a live client on RabbitMQ only: a Redis channel is where it is kept).
+    kept = access.stored_event_types(app.signer, app.channel, h.id)
+    assert kept.count("success") == 1 and "worker_lost" not in kept, kept
+    assert access.record(h.id)[b"state"] == b"STARTED"  # the plain field left as rewritten
     reader = App("reader", settings=settings)
     try:
         assert reader.handle(h.id).get(timeout=5) == h.id
