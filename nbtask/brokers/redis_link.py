@@ -101,6 +101,7 @@ class RedisLink(OwedReplies):
         self._sha: dict[str, str] = {}
         self._own: weakref.WeakSet[Any] = weakref.WeakSet()  # every thread's own connection
         close_copies_in_forks(self, RedisLink._sockets)
+        self._translating = _Translating(self)
 
     @property
     def redis(self) -> Any:
@@ -165,16 +166,18 @@ class RedisLink(OwedReplies):
             self._scripts[name] = body
             self._sha[name] = hashlib.sha1(body.encode()).hexdigest()
 
-    @contextlib.contextmanager
-    def translate_errors(self) -> Iterator[None]:
+    def translate_errors(self) -> contextlib.AbstractContextManager[None]:
         """Turn connection errors, and refusals that pass, into :class:`BrokerUnavailable`.
 
         Refusals that pass: a server that is full, read-only, loading... (see
-        :func:`~nbtask.brokers.redis_errors.refusal`).
+        :func:`~nbtask.brokers.redis_errors.refusal`). One object per link, entered by
+        every publish and read: a generator-made context manager costs several calls more.
         """
-        try:
-            yield
-        except Unanswered as exc:
+        return self._translating
+
+    def _translate(self, exc: BaseException) -> None:
+        """Raise what :meth:`translate_errors` turns ``exc`` into; return to let it pass."""
+        if isinstance(exc, Unanswered):
             ids = ", ".join(exc.task_ids)
             raise SendUnconfirmed(
                 f"the Redis {self._role} at {redact_url(self.url)} was sent task(s) {ids} but "
@@ -185,11 +188,11 @@ class RedisLink(OwedReplies):
                 "again",
                 exc.task_ids,
             ) from exc
-        except (BusyLoadingError, ResponseError) as exc:  # (BusyLoadingError: before its base)
-            if (refused := refusal(exc)) is None:
-                raise
-            raise self._refused(refused) from exc
-        except (RedisConnectionError, RedisTimeoutError) as exc:
+        if isinstance(exc, (BusyLoadingError, ResponseError)):
+            if (refused := refusal(exc)) is not None:
+                raise self._refused(refused) from exc
+            return
+        if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
             if self._gave_up(exc):
                 raise BrokerUnavailable(
                     f"the Redis {self._role} at {redact_url(self.url)} did not answer within "
@@ -408,6 +411,22 @@ class RedisLink(OwedReplies):
                 if isinstance(reply, ResponseError):
                     raise reply
         return replies
+
+
+class _Translating:
+    """:meth:`RedisLink.translate_errors`: stateless, so one serves every thread and nesting."""
+
+    __slots__ = ("_link",)
+
+    def __init__(self, link: RedisLink) -> None:
+        self._link = link
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, traceback: object) -> None:
+        if exc is not None:
+            self._link._translate(exc)  # raises what it becomes, or returns: it passes
 
 
 def _made_anew(connection: Any) -> bool:
