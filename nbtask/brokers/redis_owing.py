@@ -181,9 +181,15 @@ class OwedReplies(abc.ABC):
         :class:`~nbtask.brokers.redis_errors.Unanswered` naming every task Redis took but
         did not answer for (each thread's are read all the same).
         """
-        pid = os.getpid()
+        if not self._owing:  # (read unlocked: only a live thread adds to it)
+            return
+        pid, mine = os.getpid(), getattr(self._local, "owed", None)
         with self._lock:  # taken out while read: two threads never read one connection
-            ended = [o for o in self._owing.values() if o.pid == pid and not o.thread.is_alive()]
+            ended = [
+                o
+                for o in self._owing.values()
+                if o is not mine and o.pid == pid and not o.thread.is_alive()
+            ]
             for owed in ended:
                 del self._owing[id(owed)]
         failed: Exception | None = None
@@ -221,6 +227,8 @@ class OwedReplies(abc.ABC):
 
     def take_unsent(self) -> list[str]:
         """Ids of tasks sent by :meth:`send_unanswered` that Redis never queued; each once."""
+        if not self._unsent:  # (read unlocked, as after every send: one noted later is taken next)
+            return []
         with self._lock:
             out, self._unsent = self._unsent, []
         return out

@@ -65,8 +65,11 @@ def revoke_unsent(
     ``why`` the reason the events and the log give; ``also``, more tasks to revoke (ones
     the broker took and never answered for, at close).
     """
+    unsent = transport.take_unsent()
+    if not unsent and not also:  # (after every send and flush: nearly always)
+        return []
     revoked: list[tuple[str, Event, bytes]] = []
-    for task_id in dict.fromkeys([*also, *transport.take_unsent()]):
+    for task_id in dict.fromkeys([*also, *unsent]):
         handle = listener.get(task_id) if listener is not None else None
         run = (prefix, handle.sent if handle is not None else None)
         reason = {"reason": why}
