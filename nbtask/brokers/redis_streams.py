@@ -26,6 +26,7 @@ Delivery rules (see the README's "Delivery semantics"):
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import socket
 import time
@@ -153,26 +154,26 @@ class StreamsTransport(StreamsMoves):
         return _refusals(replies)
 
     def _publish_command(self, msg: Publish, now: float, *, new: bool = False) -> Command:
-        client = msg.record.get("client")
-        index = self.store.client_tasks_key(str(client)) if client else ""
+        store, record = self._store, msg.record
+        client = record.get("client")
+        index = store.client_tasks_key(str(client)) if client else ""
         keys = (
             self.queue_key(msg.queue),
-            self.store.eta_key(msg.queue),
-            self.store.record_key(msg.task_id),
+            store.eta_key(msg.queue),
+            store.record_key(msg.task_id),
             index,
         )
-        fields = [part for item in msg.record.items() for part in item]
         return self.link.evalsha(
             "publish",
             keys,
             msg.raw,
-            self.store.ttl,
+            store.ttl,
             "" if (due := _due(msg, now)) is None else repr(due),
             msg.task_id,
             repr(now),
-            self.store.index_upkeep(index),
+            store.index_upkeep(index),
             "1" if new else "0",
-            *fields,
+            *itertools.chain.from_iterable(record.items()),
         )
 
     def flush(self) -> None:

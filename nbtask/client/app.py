@@ -280,7 +280,7 @@ class App(Revoking):
             previous.append(listener.register(handle))
         # A lone call (delay()) does not wait for the broker's answer; a batch waits once
         # for all, and so does a call with its own task_id (it may be refused as reused).
-        wait = len(built) > 1 or any(options.get("task_id") for *_, options in calls)
+        wait = len(calls) != 1 or bool(calls[0][3].get("task_id"))
         try:
             try:
                 refused = self.transport.publish([p for _, p in built], wait=wait)
