@@ -120,7 +120,11 @@ class _Mac:
     __slots__ = ("_keyed",)
 
     def __init__(self, key: bytes) -> None:
-        self._keyed = hmac.new(key, digestmod=hashlib.sha256)
+        keyed = hmac.new(key, digestmod=hashlib.sha256)
+        # The OpenSSL HMAC inside, where hmac wraps one (CPython's does): its copy, update
+        # and digest are then C calls, without hmac's Python method around each (typed as
+        # the wrapper: the same three methods).
+        self._keyed: hmac.HMAC = getattr(keyed, "_hmac", None) or keyed
 
     def digest(self, *parts: Buffer) -> bytes:
         """The MAC of ``parts`` joined (fed one by one: nothing is copied)."""
