@@ -122,7 +122,7 @@ class RedisChannels:
                 log.error("replaced %s, which nbtask did not write: %s", stream, exc)
                 self.link.run([("DEL", stream), *commands], large=large)
 
-    #: Whether the last read of client channels brought entries (more may wait).
+    #: Whether the last read's script brought entries (more may wait, unread by it).
     _behind = False
 
     def read_events(
@@ -133,10 +133,13 @@ class RedisChannels:
         In one round trip: a script reads what waits, sending no entry too large and
         stopping at the read's budget; then, if it found nothing, a blocking read waits
         for the next entry, one per channel (Redis cannot leave out a large one there:
-        it is dropped here). After a read that brought entries, the script reads alone
-        until it finds none: with entries waiting, the blocking read would send a copy of
-        the first one after each position, however large (anyone with write access can
-        put one there), at every read until the script reached it.
+        it is dropped here). After a read whose script brought entries, the script reads
+        alone until it finds none: with entries waiting, the blocking read would send a
+        copy of the first one after each position, however large (anyone with write
+        access can put one there), at every read until the script reached it. A read the
+        blocking read answered is not followed so: the script had found nothing, so what
+        may wait came after the entries it returned, and the next blocking read copies
+        the first of that at most once (its script then brought entries).
         """
         budget = read_budget(self.max_event_bytes)
         args = (READ_COUNT, self.max_event_bytes, budget, *channels.values())
@@ -151,9 +154,8 @@ class RedisChannels:
                     [read, waiting], block_seconds=block_seconds, idempotent=True
                 )
         # (What waits makes the blocking read return at once, with a copy of its first.)
-        out = [self._sized(*entry) for entry in scripted] if scripted else self._woken(woken)
-        self._behind = bool(out)
-        return out
+        self._behind = bool(scripted)
+        return [self._sized(*entry) for entry in scripted] if scripted else self._woken(woken)
 
     def _woken(self, woken: Any) -> list[tuple[str, str, bytes]]:
         """The entries a blocking read of client channels returned; a too large one empty."""

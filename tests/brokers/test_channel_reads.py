@@ -5,7 +5,10 @@ every record its client sent. The store is Redis on both brokers."""
 from __future__ import annotations
 
 import logging
+import threading
+import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from helpers import wait_until
@@ -97,3 +100,54 @@ def test_genuine_events_after_an_outsiders_large_entries_still_arrive(
         )
     finally:
         app.close()
+
+
+def _copies(reply: Any, payload: bytes) -> int:
+    """How many times ``payload`` is in a (nested) Redis reply."""
+    if isinstance(reply, list):
+        return sum(_copies(part, payload) for part in reply)
+    return int(reply == payload)
+
+
+def test_a_read_the_blocking_read_answered_is_followed_by_one_write(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the blocking read returned an event, the next read sent the script alone
+    (which found nothing), then the script with the blocking read: one more write and
+    reply per event. The script had found nothing before that blocking read, so nothing
+    it skipped waits: now the script goes with the blocking read at once. An oversized
+    entry put behind the returned one still reaches the client at most once."""
+    channel = store.channel_key(uuid.uuid4().hex)
+    redis = store.link.redis
+    oversized = b"x" * (2 * MIB)
+    run_scripts = store.link.run_scripts
+    writes: list[int] = []
+    replies: list[Any] = []
+    appended = threading.Event()
+
+    def append_while_blocked() -> None:
+        pipe = redis.pipeline(transaction=True)  # both at once: one wakes the reader
+        pipe.xadd(channel, {"e": b"genuine"})
+        pipe.xadd(channel, {"e": oversized})
+        pipe.execute()
+        appended.set()
+
+    def counted(commands: Any, **kwargs: Any) -> list[Any]:
+        writes.append(len(commands))
+        if len(commands) == 2 and not writes[:-1]:  # the first read blocks: append then
+            threading.Timer(0.5, append_while_blocked).start()
+        reply = run_scripts(commands, **kwargs)
+        replies.append(reply)
+        return reply
+
+    monkeypatch.setattr(store.link, "run_scripts", counted)
+    try:
+        (woken,) = store.read_events({channel: "0-0"}, 10)
+        assert appended.wait(10) and woken[2] == b"genuine" and writes == [2]
+        ((_, entry, raw),) = store.read_events({channel: woken[1]}, 0.1)
+        assert raw == b"", "the oversized entry is sent"
+        assert writes == [2, 2], "the read after a woken one sent the script alone first"
+        assert store.read_events({channel: entry}, 0.1) == []
+        assert _copies(replies, oversized) <= 1
+    finally:
+        redis.delete(channel)
