@@ -51,7 +51,8 @@ def read_budget(max_event_bytes: int) -> int:
 # client accepts. ARGV: count, largest entry, budget, then one id per stream. An entry's
 # size counts all its fields; only its event is sent, or '' with its size when too large.
 # Entries stop at `count`, or before the one that would take the total past the budget
-# (the first is always taken). Returns {stream, id, event, size of one too large or 0}...
+# (the first is always taken). Returns {{stream, id, event, size of one too large or 0}...,
+# cut}: cut is 1 when it stopped so (more may wait), 0 when it read every stream to its end.
 _READ = """
 local count, largest, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local out, total, taken = {}, 0, 0
@@ -63,15 +64,15 @@ for i, key in ipairs(KEYS) do
     if size > largest then
       table.insert(out, {key, entry[1], '', size})
     else
-      if taken > 0 and total + size > budget then return out end
+      if taken > 0 and total + size > budget then return {out, 1} end
       total = total + size
       table.insert(out, {key, entry[1], fields[1] == 'e' and fields[2] or '', 0})
     end
     taken = taken + 1
   end
-  if taken >= count then return out end
+  if taken >= count then return {out, 1} end
 end
-return out
+return {out, 0}
 """
 
 #: The scripts reading client channels, by name.
@@ -122,7 +123,8 @@ class RedisChannels:
                 log.error("replaced %s, which nbtask did not write: %s", stream, exc)
                 self.link.run([("DEL", stream), *commands], large=large)
 
-    #: Whether the last read's script brought entries (more may wait, unread by it).
+    #: Whether entries may wait that the last read's script did not return, or that
+    #: its blocking read sent (see :meth:`read_events`).
     _behind = False
 
     def read_events(
@@ -133,13 +135,14 @@ class RedisChannels:
         In one round trip: a script reads what waits, sending no entry too large and
         stopping at the read's budget; then, if it found nothing, a blocking read waits
         for the next entry, one per channel (Redis cannot leave out a large one there:
-        it is dropped here). After a read whose script brought entries, the script reads
-        alone until it finds none: with entries waiting, the blocking read would send a
-        copy of the first one after each position, however large (anyone with write
-        access can put one there), at every read until the script reached it. A read the
-        blocking read answered is not followed so: the script had found nothing, so what
-        may wait came after the entries it returned, and the next blocking read copies
-        the first of that at most once (its script then brought entries).
+        it is dropped here). With entries waiting, the blocking read sends a copy of the
+        first one after each position at once, however large (anyone with write access
+        can put one there): so that it does not at every read until the script reached
+        it, the script reads alone while entries it did not return may wait (it stopped
+        at its count or budget), or its blocking read copied an entry it did not return
+        (one that came in between), until it reads to the end. Else every entry the
+        blocking read copied is one this read returns, and the next read's blocking read
+        copies none of them: each entry reaches the client at most once in a copy.
         """
         budget = read_budget(self.max_event_bytes)
         args = (READ_COUNT, self.max_event_bytes, budget, *channels.values())
@@ -148,14 +151,17 @@ class RedisChannels:
         waiting = ("XREAD", "COUNT", 1, "BLOCK", block, "STREAMS", *channels, *channels.values())
         woken: Any = None
         with self.link.translate_errors():
-            scripted = self._behind and self.link.run_scripts([read], idempotent=True)[0]
-            if not scripted:
-                scripted, woken = self.link.run_scripts(
+            found = self._behind and self.link.run_scripts([read], idempotent=True)[0]
+            if not (found and found[0]):
+                found, woken = self.link.run_scripts(
                     [read, waiting], block_seconds=block_seconds, idempotent=True
                 )
-        # (What waits makes the blocking read return at once, with a copy of its first.)
-        self._behind = bool(scripted)
-        return [self._sized(*entry) for entry in scripted] if scripted else self._woken(woken)
+        scripted, cut = found
+        if not scripted:
+            self._behind = False
+            return self._woken(woken)
+        self._behind = bool(cut) or _copied_unreturned(scripted, woken)
+        return [self._sized(*entry) for entry in scripted]
 
     def _woken(self, woken: Any) -> list[tuple[str, str, bytes]]:
         """The entries a blocking read of client channels returned; a too large one empty."""
@@ -239,12 +245,14 @@ class RedisChannels:
         while len(out) < CHANNEL_MAXLEN:
             count = min(READ_COUNT, CHANNEL_MAXLEN - len(out))
             args = (count, self.max_event_bytes, budget, after)
-            entries = self.link.run_scripts([self.link.evalsha("read_events", [channel], *args)])
-            if not entries[0]:
-                break
-            for entry in entries[0]:
+            ((entries, cut),) = self.link.run_scripts(
+                [self.link.evalsha("read_events", [channel], *args)]
+            )
+            for entry in entries:
                 _, after, raw = self._sized(*entry)
                 out.append((after, raw))
+            if not cut:  # read to the channel's end
+                break
         return out
 
     def wake(self, channel: str) -> None:
@@ -275,6 +283,12 @@ def refuses_entries(exc: BaseException) -> bool:
 @functools.lru_cache(maxsize=8)
 def _channel_name(prefix: str) -> re.Pattern[str]:
     return re.compile(re.escape(prefix) + r"[0-9a-f]{1,32}")
+
+
+def _copied_unreturned(scripted: list[Any], woken: Any) -> bool:
+    """Whether a blocking read sent with the script copied an entry the script did not return."""
+    returned = {entry[1] for entry in scripted}
+    return any(entry[0] not in returned for _stream, entries in woken or () for entry in entries)
 
 
 def _stream_id(entry_id: bytes) -> tuple[int, int]:

@@ -151,3 +151,46 @@ def test_a_read_the_blocking_read_answered_is_followed_by_one_write(
         assert _copies(replies, oversized) <= 1
     finally:
         redis.delete(channel)
+
+
+def test_an_entry_copied_between_the_script_and_the_blocking_read_is_copied_once(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read whose script read every channel to its end is followed by the script with
+    the blocking read (the script read alone first, finding nothing: one more write and
+    reply per event whenever the event had come before the read). An oversized entry put
+    on another channel between the script and the blocking read (which copies it) is
+    then read by the script alone: a second blocking read would copy it again."""
+    own, adopted = (store.channel_key(uuid.uuid4().hex) for _ in range(2))
+    redis = store.link.redis
+    oversized = b"x" * (2 * MIB)
+    run_scripts = store.link.run_scripts
+    writes: list[int] = []
+    replies: list[Any] = []
+
+    def interleaved(commands: Any, **kwargs: Any) -> list[Any]:
+        writes.append(len(commands))
+        if len(commands) == 2 and len(writes) == 2:  # the second read: append in between
+            reply = run_scripts(commands[:1], **kwargs)
+            redis.xadd(adopted, {"e": oversized})
+            reply += run_scripts(commands[1:], **kwargs)
+        else:
+            reply = run_scripts(commands, **kwargs)
+        replies.append(reply)
+        return reply
+
+    monkeypatch.setattr(store.link, "run_scripts", interleaved)
+    try:
+        first = redis.xadd(own, {"e": b"first"}).decode()
+        ((_, _, raw),) = store.read_events({own: "0-0", adopted: "0-0"}, 0.1)
+        assert raw == b"first" and writes == [2]
+        second = redis.xadd(own, {"e": b"second"}).decode()
+        ((_, _, raw),) = store.read_events({own: first, adopted: "0-0"}, 0.1)
+        assert raw == b"second"
+        assert writes == [2, 2], "the read after one that read to the end sent the script alone"
+        ((channel, entry, raw),) = store.read_events({own: second, adopted: "0-0"}, 0.1)
+        assert (channel, raw) == (adopted, b"") and writes == [2, 2, 1]
+        assert store.read_events({own: second, adopted: entry}, 0.1) == []
+        assert _copies(replies, oversized) == 1
+    finally:
+        redis.delete(own, adopted)
