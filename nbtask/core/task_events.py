@@ -30,6 +30,14 @@ from nbtask.wire.events import (
 __all__ = ["TaskEvents"]
 
 log = logging.getLogger("nbtask.core.handle")
+# The states of a Future that is done (concurrent.futures.Future.done's).
+_DONE_STATES = frozenset(
+    (
+        concurrent.futures._base.CANCELLED,
+        concurrent.futures._base.CANCELLED_AND_NOTIFIED,
+        concurrent.futures._base.FINISHED,
+    )
+)
 
 
 class TaskEvents(concurrent.futures.Future[Any]):
@@ -62,6 +70,14 @@ class TaskEvents(concurrent.futures.Future[Any]):
         self._lock = threading.Lock()
 
     # State -------------------------------------------------------------------------------------
+    def done(self) -> bool:
+        """True once the task ended, or its handle was cancelled (:class:`Future`'s).
+
+        Read without the ``Future``'s lock, which orders nothing here (the answer may
+        change as soon as it is given either way): asked several times per event read.
+        """
+        return self._state in _DONE_STATES
+
     @property
     def state(self) -> State | str:
         """The latest known state (``PENDING`` until the first event).

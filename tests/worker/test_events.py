@@ -8,6 +8,7 @@ end and goes as one send. The client side (``on_event``) is tried through real w
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
@@ -337,6 +338,20 @@ def test_a_skipped_started_is_made_from_the_retry_that_ended_its_run() -> None:
     assert seen.events[0].timestamp == 100.0
     assert dict(seen.events[0].data) == {**whoami, "started_at": 100.0}
     assert handle.state is State.RETRY and not handle.running()
+
+
+def test_a_handle_is_done_when_its_future_is() -> None:
+    """Client side alone: ``done()``, read without the Future's lock, is the Future's."""
+    pending, running, ended, failed, cancelled = (
+        TaskHandle(None, f"t{n}", "quick") for n in range(5)
+    )
+    running.apply(Event(EventType.STARTED, "t1", 1, {}))
+    ended.apply(Event(EventType.SUCCESS, "t2", 2, {}), 42)
+    failed.apply(Event(EventType.FAILURE, "t3", 2, {"ename": "KeyError", "evalue": "'k'"}))
+    concurrent.futures.Future.cancel(cancelled)
+    handles = [pending, running, ended, failed, cancelled]
+    assert [h.done() for h in handles] == [False, False, True, True, True]
+    assert [h.done() for h in handles] == [concurrent.futures.Future.done(h) for h in handles]
 
 
 def test_a_task_that_ends_before_its_started_is_due_sends_none_and_a_longer_one_does(
