@@ -37,8 +37,7 @@ class Journal(logging.Handler):
 
     def about(self, task_id: str) -> None:
         """From now on, what is said is about ``task_id`` (``""``: about no task)."""
-        if self._partial:  # (read unlocked: "" needs no flush, and a write after is the next's)
-            self._flush_partial()
+        self._flush_partial()  # (under its lock: a line another thread is writing is kept)
         self._task_id = task_id
 
     def emit(self, record: logging.LogRecord) -> None:
