@@ -13,7 +13,8 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from nbtask.brokers import Transport
 from nbtask.core.call_checks import AUTO_ID
@@ -45,8 +46,10 @@ log = logging.getLogger("nbtask.worker")
 _AFTER_HANDLERS = ("on_success", "on_failure", "on_retry", "after_return")
 # Task's own handlers (which do nothing), by name.
 _BASE_HANDLERS = {name: getattr(Task, name) for name in ("before_start", *_AFTER_HANDLERS)}
-#: How long a take of owed follow-ups is sent again while the broker is away, seconds.
+#: How long a take of owed follow-ups (and the read of their outcome) is sent again while
+#: the broker is away, seconds.
 _TAKE_PATIENCE = 60.0
+T = TypeVar("T")
 
 
 class FollowUps:
@@ -111,11 +114,12 @@ class FollowUps:
         Returns what the take said: True (run now), False (run before), ``None`` (none
         owed: the task's own process stored an outcome that owes none).
         """
-        # Read before the take: a store that goes away in between leaves them owed, for
-        # the next settle of the message, instead of taken by a process that cannot run them.
-        outcome = self._stored_outcome(message.id)
         taken = self._take(message.id)
         if taken:
+            # Taken: the outcome is read however long the store is away (up to the same
+            # patience), or the follow-ups would be taken and never sent.
+            what = f"read the stored outcome of task {message.id}"
+            outcome = self._patiently(what, lambda: self._stored_outcome(message.id))
             if outcome is None:
                 log.error("task %s owes follow-ups but its stored outcome is gone", message.id)
             else:
@@ -130,20 +134,20 @@ class FollowUps:
         taker would find them taken, and no one would send them.
         """
         taker = f"{os.getpid()}:{uuid.uuid4().hex}"
+        what = f"take the follow-ups of task {task_id}"
+        return self._patiently(what, lambda: self.transport.store.take_follow_ups(task_id, taker))
+
+    def _patiently(self, what: str, call: Callable[[], T]) -> T:
+        """``call()``, again while the broker is away, for up to ``_TAKE_PATIENCE`` seconds."""
         give_up = time.monotonic() + _TAKE_PATIENCE
         backoff = 0.1
         while True:
             try:
-                return self.transport.store.take_follow_ups(task_id, taker)
+                return call()
             except BrokerUnavailable as exc:
                 if time.monotonic() + backoff > give_up:
                     raise
-                log.warning(
-                    "cannot take the follow-ups of task %s yet (%s); retrying in %.1f s",
-                    task_id,
-                    exc,
-                    backoff,
-                )
+                log.warning("cannot %s yet (%s); retrying in %.1f s", what, exc, backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
@@ -169,6 +173,8 @@ class FollowUps:
         try:
             _, value = decode_event(self.signer, raw, self.transport.store.get_blob)
             value = value.load() if isinstance(value, Deferred) else value
+        except BrokerUnavailable:
+            raise  # read again (see run_owed), not taken for a result that does not load
         except Exception as exc:
             value = Unloadable.of(exc)
         if outcome.event.data.get("result_kept") is False or isinstance(value, Unloadable):

@@ -5,8 +5,7 @@ settles its message takes them in the store, then sends them. When the connectio
 store drops after Redis ran the take, before its reply came, the take is sent again as the
 same taker, which takes them again: the errback is sent. Before, the take was refused a
 second send (a copy could run twice) and, sent again, found them taken by no one else
-than itself: nothing was sent, ever. A replay (another taker) still finds them taken. The
-task's stored outcome is read before the take: a store gone at that read leaves them owed.
+than itself: nothing was sent, ever. A replay (another taker) still finds them taken.
 
 The process settling the message is this test's, reaching the store through a
 :class:`~tcp_proxy.TcpProxy` (``deafen()`` loses Redis's reply while the take reaches it,
@@ -15,8 +14,7 @@ The process settling the message is this test's, reaching the store through a
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+import threading
 from pathlib import Path
 
 import pytest
@@ -45,24 +43,6 @@ def _follow_ups(settings: Settings, transport: Transport) -> FollowUps:
     return FollowUps(transport, signer, SubtaskPublisher(transport, builder))
 
 
-@contextlib.contextmanager
-def take_reply_lost(
-    transport: Transport, proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch, done: Callable[[], bool]
-) -> Iterator[None]:
-    """``reply_lost_once`` from the take on: the stored outcome is read before it, heard."""
-    read_record = transport.store.get_record
-    with contextlib.ExitStack() as stack:
-
-        def read_then_deafen(task_id: str) -> object:
-            record = read_record(task_id)
-            stack.enter_context(reply_lost_once(proxy, done))
-            return record
-
-        monkeypatch.setattr(transport.store, "get_record", read_then_deafen)
-        yield
-    monkeypatch.setattr(transport.store, "get_record", read_record)
-
-
 def test_an_errback_whose_takes_reply_was_lost_is_sent_once(
     app: App,
     access: RawBroker,
@@ -71,7 +51,6 @@ def test_an_errback_whose_takes_reply_was_lost_is_sent_once(
     settings: Settings,
     r: redis.Redis,
     start_worker,
-    monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
     @app.task
@@ -102,11 +81,7 @@ def test_an_errback_whose_takes_reply_was_lost_is_sent_once(
     message = TaskMessage.from_header(envelope.header)
     links = message.split(envelope)[1]
     assert proxied.store.link.run([("PING",)]) == [b"PONG"]  # connected, and answered on
-
-    def taken() -> bool:
-        return bool(r.hget(record, "follow_ups") != b"owed")
-
-    with take_reply_lost(proxied, store_proxy, monkeypatch, taken):
+    with reply_lost_once(store_proxy, lambda: r.hget(record, "follow_ups") != b"owed"):
         assert follow_ups.run_owed(message, links) is True  # (before: BrokerUnavailable)
     # A replay's take (another process's) finds them taken.
     assert _follow_ups(settings, proxied).run_owed(message, links) is False
@@ -121,7 +96,7 @@ def test_an_errback_whose_takes_reply_was_lost_is_sent_once(
     assert read_records(ledger) == []
 
 
-def test_owed_follow_ups_are_not_taken_while_their_outcome_cannot_be_read(
+def test_owed_follow_ups_taken_as_the_store_goes_away_are_sent_once_it_is_back(
     app: App,
     access: RawBroker,
     proxied: Transport,
@@ -131,9 +106,8 @@ def test_owed_follow_ups_are_not_taken_while_their_outcome_cannot_be_read(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
-    # The store goes away just as the settling process reads the task's stored outcome.
-    # Before, the follow-ups were taken first: taken, then never sent by anyone (a later
-    # settle of the message found them taken).
+    # The store goes away just after the take, as the task's stored outcome is read.
+    # Before, the read was not made again: the follow-ups were taken, and never sent.
     @app.task
     def step(path: str) -> None:
         from tests.celery_tasks import record
@@ -145,21 +119,23 @@ def test_owed_follow_ups_are_not_taken_while_their_outcome_cannot_be_read(
     wait_until(lambda: access.queued() == 1, 10, "the message on its queue")
     raw = access.peek()
     assert app.revoke(h.id)  # its errback is owed
-    record = access.keys.record_key(h.id)
     envelope = Signer.for_settings(settings, settings.secret).open(raw)
     message = TaskMessage.from_header(envelope.header)
     links = message.split(envelope)[1]
     read_record = proxied.store.get_record
+    back = threading.Timer(1.0, store_proxy.accept_again)
 
     def read_as_the_store_goes_away(task_id: str) -> object:
-        store_proxy.refuse()
+        if not back.is_alive() and not back.finished.is_set():
+            store_proxy.refuse()
+            back.start()
         return read_record(task_id)
 
     monkeypatch.setattr(proxied.store, "get_record", read_as_the_store_goes_away)
-    with pytest.raises(nbtask.BrokerUnavailable):
-        _follow_ups(settings, proxied).run_owed(message, links)
-    assert r.hget(record, "follow_ups") == b"owed"  # (before: taken)
-    monkeypatch.undo()
-    store_proxy.accept_again()
-    assert _follow_ups(settings, proxied).run_owed(message, links) is True
-    assert r.hget(record, "follow_ups") != b"owed"
+    try:
+        assert _follow_ups(settings, proxied).run_owed(message, links) is True
+    finally:
+        back.join(10)
+    assert back.finished.is_set()  # the store was away at the read
+    assert r.hget(access.keys.record_key(h.id), "follow_ups") != b"owed"
+    wait_until(lambda: access.queued() == 2, 10, "the errback sent")
