@@ -56,6 +56,8 @@ class TaskEvents(concurrent.futures.Future[Any]):
         self._started_at: float | None = None
         self._finished_at: float | None = None
         self._task_state: State = State.PENDING
+        #: When the run of the last STARTED applied began (see ``_skipped_start``).
+        self._run_began: float | None = None
         self._progress: Progress | None = None
         self._stdout: list[str] = []
         self._stderr: list[str] = []
@@ -274,10 +276,14 @@ class TaskEvents(concurrent.futures.Future[Any]):
         """The STARTED event a worker skipped for a run that ended before it went out.
 
         The event ending a run (final, or ``RETRY``) of a task that ran carries
-        ``started_at``; a run whose STARTED did arrive left the handle ``STARTED``.
+        ``started_at``; a run whose STARTED did arrive left the handle ``STARTED`` since
+        that time (one ``STARTED`` since an earlier run's is not this run's: that run's
+        ``RETRY`` went unread).
         """
         began = end.data.get("started_at")
-        if self._task_state is State.STARTED or not isinstance(began, (int, float)):
+        if not isinstance(began, (int, float)):
+            return None
+        if self._task_state is State.STARTED and self._run_began == began:
             return None
         data = {k: end.data[k] for k in ("worker", "pid", "started_at") if k in end.data}
         return Event(EventType.STARTED, self.id, 0, data, float(began), end.run)
@@ -300,6 +306,9 @@ class TaskEvents(concurrent.futures.Future[Any]):
         if event.state is not None:
             self._task_state = event.state
             self._custom_state = None
+        if kind is EventType.STARTED:
+            began = data.get("started_at")
+            self._run_began = began if isinstance(began, (int, float)) else event.timestamp
         self._note_times(event)
         self._info.update(
             {k: v for k, v in data.items() if k in ("worker", "pid", "reason", "retries", "eta")}

@@ -340,6 +340,20 @@ def test_a_skipped_started_is_made_from_the_retry_that_ended_its_run() -> None:
     assert handle.state is State.RETRY and not handle.running()
 
 
+def test_a_run_whose_started_and_retry_went_unread_still_gives_started_first() -> None:
+    """Client side alone: after an earlier run's STARTED, its RETRY never read (trimmed)."""
+    seen = Seen()
+    handle = TaskHandle(None, "t1", "flaky")
+    handle.on_event(seen)
+    whoami = {"worker": "host", "pid": 7}
+    handle.apply(Event(EventType.STARTED, "t1", 1, {**whoami, "started_at": 100.0}))
+    # The first run's RETRY and the second run's STARTED went unread.
+    second = {**whoami, "started_at": 102.5, "reason": "not yet", "retries": 2, "eta": 104.0}
+    handle.apply(Event(EventType.RETRY, "t1", 1_000_002, second))
+    assert seen.kinds() == ["started", "started", "retry"]  # (before: started, retry)
+    assert seen.events[1].timestamp == 102.5
+
+
 def test_a_handle_is_done_when_its_future_is() -> None:
     """Client side alone: ``done()``, read without the Future's lock, is the Future's."""
     pending, running, ended, failed, cancelled = (
