@@ -353,9 +353,12 @@ class Links(OtherThreads):
         """
         confirms = link.confirms
         while True:
-            if (
-                not window
-                or confirms.sent_since_read >= COLLECT_EVERY
+            if not window:
+                # All are waited for just below: a read that does not wait first would
+                # take nothing the waiting one does not (and mostly fail: none is in yet).
+                confirms.sent_since_read = 0
+            elif (
+                confirms.sent_since_read >= COLLECT_EVERY
                 or time.monotonic() - confirms.heard_at >= QUIET_SECONDS
             ):
                 confirms.sent_since_read = 0

@@ -96,9 +96,10 @@ class OtherThreads(abc.ABC):
                 # This thread's own (one a Ctrl-C left behind), or an ended thread's.
                 and (
                     k.thread is me
+                    # (What it owes looked at first: cheaper than asking the thread.)
                     or (
-                        not k.thread.is_alive()
-                        and (not owing or k.confirms.unconfirmed or k.confirms.returned)
+                        (not owing or k.confirms.unconfirmed or k.confirms.returned)
+                        and not k.thread.is_alive()
                     )
                 )
             ]

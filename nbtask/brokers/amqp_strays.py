@@ -60,8 +60,10 @@ class Strays:
         me, pid, mine = threading.current_thread(), current_pid(), self.mine()
         for entry in list(self._lists):
             entry_pid, thread, orphans = entry
+            if entry_pid != pid or thread is me:
+                continue
             alive = thread.is_alive()
-            if entry_pid != pid or thread is me or (alive and (not owing or thread in linked)):
+            if alive and (not owing or thread in linked):
                 continue  # its own next link sends them first (a flush: if it has none)
             if orphans:
                 mine.extend(orphans)
