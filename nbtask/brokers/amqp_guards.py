@@ -221,12 +221,13 @@ class _GuardedConnection(pyamqp.Connection):  # type: ignore[misc]
         (py-amqp sets the socket's timeout, and back, around every frame it reads.)
         """
         transport = self.transport
-        frame = None
         if isinstance(transport, BufferedTCPTransport):
             if timeout != 0:
                 transport.flush_writes()  # the answer to a frame held may be awaited
             frame = transport.buffered_frame()
-        if frame is None:
+            if frame is None:
+                frame = transport.read_frame_within(timeout)
+        else:
             with transport.having_timeout(timeout):
                 frame = transport.read_frame()
         return self.on_inbound_frame(frame)

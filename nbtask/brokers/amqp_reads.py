@@ -66,6 +66,28 @@ class BufferedTCPTransport(TCPTransport):  # type: ignore[misc]
         self._read_buffer = rbuf[end + 1 :]
         return frame_type, channel, rbuf[7:end]
 
+    def read_frame_within(self, timeout: float | None) -> tuple[int, int, Any]:
+        """``read_frame`` waiting ``timeout`` seconds at most (``None``: the socket's own).
+
+        What py-amqp's ``having_timeout`` does around it, without a generator per read
+        (nothing of its TLS handling applies to plain TCP).
+        """
+        if timeout is None:
+            return self.read_frame()  # type: ignore[no-any-return]
+        sock = self.sock
+        prev = sock.gettimeout()
+        if prev != timeout:
+            sock.settimeout(timeout)
+        try:
+            return self.read_frame()  # type: ignore[no-any-return]
+        except OSError as exc:
+            if exc.errno == errno.EWOULDBLOCK:
+                raise TimeoutError() from exc
+            raise
+        finally:
+            if timeout != prev:
+                sock.settimeout(prev)
+
     def has_frame(self) -> bool:
         """Whether a whole frame was read off the socket already."""
         return _frame_end(self._read_buffer) is not None
