@@ -300,7 +300,7 @@ class AmqpTransport(AmqpUpkeep):
                     if remaining <= 0:
                         return None
                     try:
-                        link.conn.drain_events(timeout=remaining)
+                        link.drain_events(timeout=remaining)
                     except TimeoutError:
                         return None
                 queue, message = link.inbox.popleft()

@@ -10,6 +10,7 @@ import contextlib
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from amqp.channel import Channel as AmqpChannel
@@ -61,6 +62,11 @@ class Link:
         self.replies: deque[Message] = deque()
         self.confirms = Confirms(self.channel)
         self._amqp_channel = isinstance(self.channel, AmqpChannel)
+        #: Reads until a whole method is in, ``timeout`` seconds at most: py-amqp's own
+        #: on its connections (kombu's wrapper only hands the call on), kombu's on others.
+        self.drain_events: Callable[..., Any] = (
+            self.channel.connection.drain_events if self._amqp_channel else conn.drain_events
+        )
         transport = getattr(self.channel.connection, "transport", None)
         #: The plain TCP transport, which reads ahead and can hold writes (else None).
         self.buffered = transport if isinstance(transport, BufferedTCPTransport) else None
@@ -92,7 +98,7 @@ class Link:
         more = True if most_replies is None else len(self.replies) < most_replies
         with contextlib.suppress(TimeoutError):  # nothing (more) is in
             while more and (self.buffered is None or self.buffered.has_frame()):
-                self.conn.drain_events(timeout=0)
+                self.drain_events(timeout=0)
                 more = most_replies is None or len(self.replies) < most_replies
 
     @property
@@ -110,7 +116,7 @@ class Link:
         """
         try:
             while self.confirms.unconfirmed and (left := deadline - time.monotonic()) > 0:
-                self.conn.drain_events(timeout=left)
+                self.drain_events(timeout=left)
         except TimeoutError:
             return None  # the time is up; the connection may be fine
         except self.errors as exc:

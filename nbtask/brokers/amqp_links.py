@@ -364,9 +364,9 @@ class Links(OtherThreads):
                 confirms.sent_since_read = 0
                 with contextlib.suppress(TimeoutError):
                     while confirms.unconfirmed:
-                        link.conn.drain_events(timeout=0)
+                        link.drain_events(timeout=0)
             while len(confirms.unconfirmed) > window:
-                link.conn.drain_events(timeout=None)
+                link.drain_events(timeout=None)
             if not confirms.returned:
                 break
             self._send_returned(link)

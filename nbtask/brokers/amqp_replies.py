@@ -93,7 +93,7 @@ class Replies:
                     out += self._consume(link, channel)
                 if not link.replies and not out:  # (no wait at all for 0 seconds)
                     with contextlib.suppress(TimeoutError):
-                        link.conn.drain_events(timeout=max(block_seconds, 0.0))
+                        link.drain_events(timeout=max(block_seconds, 0.0))
                 # Anything else already in comes along without waiting.
                 link.drain_ready(READ_COUNT)
         except _Taken:
