@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -27,7 +28,7 @@ import nbtask
 from nbtask import App, Settings
 from nbtask.brokers import Transport
 from nbtask.core.outgoing import MessageBuilder
-from nbtask.wire.envelope import Signer
+from nbtask.wire.envelope import Buffer, Signer
 from nbtask.wire.message import TaskMessage
 from nbtask.worker.follow_ups import FollowUps
 from nbtask.worker.subtasks import SubtaskPublisher
@@ -41,6 +42,20 @@ def _follow_ups(settings: Settings, transport: Transport) -> FollowUps:
     signer = Signer.for_settings(settings, settings.secret)
     builder = MessageBuilder(signer, settings, transport.store, through_apps=False)
     return FollowUps(transport, signer, SubtaskPublisher(transport, builder))
+
+
+def _revoked_owing(
+    app: App, access: RawBroker, settings: Settings, task: Any, errback: Any, path: Path
+) -> tuple[Any, TaskMessage, Buffer]:
+    """``task`` queued, then revoked: its errback owed. Its handle, message and links."""
+    h = task.apply_async((str(path),), link_error=errback)
+    app.flush()
+    wait_until(lambda: access.queued() == 1, 10, "the message on its queue")
+    raw = access.peek()
+    assert app.revoke(h.id)  # its errback is owed: the revoke stores that, signed
+    envelope = Signer.for_settings(settings, settings.secret).open(raw)
+    message = TaskMessage.from_header(envelope.header)
+    return h, message, message.split(envelope)[1]
 
 
 def test_an_errback_whose_takes_reply_was_lost_is_sent_once(
@@ -67,19 +82,11 @@ def test_an_errback_whose_takes_reply_was_lost_is_sent_once(
         return value
 
     calls, ledger = tmp_path / "calls", tmp_path / "ledger"
-    h = step.apply_async((str(ledger),), link_error=note.s(str(calls)))
-    app.flush()
-    wait_until(lambda: access.queued() == 1, 10, "the message on its queue")
-    raw = access.peek()
-    assert app.revoke(h.id)  # its errback is owed: the revoke stores that, signed
+    h, message, links = _revoked_owing(app, access, settings, step, note.s(str(calls)), ledger)
     record = access.keys.record_key(h.id)
     assert r.hget(record, "follow_ups") == b"owed"
 
     follow_ups = _follow_ups(settings, proxied)
-    signer = Signer.for_settings(settings, settings.secret)
-    envelope = signer.open(raw)
-    message = TaskMessage.from_header(envelope.header)
-    links = message.split(envelope)[1]
     assert proxied.store.link.run([("PING",)]) == [b"PONG"]  # connected, and answered on
     with reply_lost_once(store_proxy, lambda: r.hget(record, "follow_ups") != b"owed"):
         assert follow_ups.run_owed(message, links) is True  # (before: BrokerUnavailable)
@@ -114,14 +121,8 @@ def test_owed_follow_ups_taken_as_the_store_goes_away_are_sent_once_it_is_back(
 
         record(path, step=1)
 
-    h = step.apply_async((str(tmp_path / "ledger"),), link_error=step.s(str(tmp_path / "x")))
-    app.flush()
-    wait_until(lambda: access.queued() == 1, 10, "the message on its queue")
-    raw = access.peek()
-    assert app.revoke(h.id)  # its errback is owed
-    envelope = Signer.for_settings(settings, settings.secret).open(raw)
-    message = TaskMessage.from_header(envelope.header)
-    links = message.split(envelope)[1]
+    errback = step.s(str(tmp_path / "x"))
+    h, message, links = _revoked_owing(app, access, settings, step, errback, tmp_path / "ledger")
     read_record = proxied.store.get_record
     back = threading.Timer(1.0, store_proxy.accept_again)
 
