@@ -14,6 +14,7 @@ The process settling the message is this test's, reaching the store through a
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -140,3 +141,38 @@ def test_owed_follow_ups_taken_as_the_store_goes_away_are_sent_once_it_is_back(
     assert back.finished.is_set()  # the store was away at the read
     assert r.hget(access.keys.record_key(h.id), "follow_ups") != b"owed"
     wait_until(lambda: access.queued() == 2, 10, "the errback sent")
+
+
+def test_a_replayed_message_of_a_task_owing_nothing_reads_no_outcome(
+    app: App,
+    access: RawBroker,
+    proxied: Transport,
+    settings: Settings,
+    r: redis.Redis,
+    start_worker,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A genuine message of a task that ended, handled again (anyone with write access to
+    # the queue can put it back, as often as they like): nothing is owed, so its stored
+    # result is neither fetched nor loaded, and nothing is logged as wrong with it.
+    @app.task(ignore_result=True)
+    def quiet() -> int:
+        return 1
+
+    h = quiet.delay()
+    app.flush()
+    wait_until(lambda: access.queued() == 1, 10, "the message on its queue")
+    raw = access.peek()
+    start_worker(concurrency=1)
+    record = access.keys.record_key(h.id)
+    wait_until(lambda: r.hget(record, "state") == b"SUCCESS", 30, "the task to end")
+    envelope = Signer.for_settings(settings, settings.secret).open(raw)
+    message = TaskMessage.from_header(envelope.header)
+    reads: list[str] = []
+    read_record = proxied.store.get_record
+    monkeypatch.setattr(proxied.store, "get_record", lambda i: reads.append(i) or read_record(i))
+    with caplog.at_level(logging.ERROR, logger="nbtask"):
+        assert _follow_ups(settings, proxied).run_owed(message, message.split(envelope)[1]) is None
+    assert reads == []  # (read first, it was fetched and loaded at every replay)
+    assert not caplog.records, [rec.getMessage() for rec in caplog.records]
