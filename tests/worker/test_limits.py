@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import math
 import time
+import types
 from pathlib import Path
 
 import psutil
@@ -287,6 +288,19 @@ def test_a_rate_limit_bucket_nbtask_did_not_write_is_reset_not_waited_for(
     second = limited.delay()  # the bucket is nbtask's again: the limit holds
     with pytest.raises(TimeoutError):
         second.get(timeout=1)
+
+
+@pytest.mark.brokers("redis")  # (the store is Redis on both)
+def test_a_start_is_a_gap_after_the_last_to_the_microsecond(
+    access: RawBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The times a bucket keeps are written in full: Lua's ``tostring`` keeps 14 digits,
+    which put a start given at 1796564382.87735 at 1796564382.8774 (50 us later)."""
+    now = 1796564382.87735
+    monkeypatch.setattr("nbtask.brokers.redis_store.time", types.SimpleNamespace(time=lambda: now))
+    store = access.keys
+    assert store.rate_wait("w:limited", 0.1, "first", 3600.0) == 0
+    assert store.rate_wait("w:limited", 0.1, "next", 3600.0) == pytest.approx(10.0, abs=1e-6)
 
 
 @pytest.mark.brokers("redis")  # (the store is Redis on both)
