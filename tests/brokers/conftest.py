@@ -93,11 +93,13 @@ def private_worker(
 ) -> Callable[..., subprocess.Popen[bytes]]:
     """Start a worker process on ``private_redis`` (one task at a time), reading ``queues``.
 
-    Its default queue when none is named; its log in ``worker.log``; stopped after the test.
+    Its default queue when none is named; the tasks of ``tasks_module`` (``-A``) registered
+    when one is given; its log in ``worker.log``; stopped after the test.
     """
 
-    def start(*queues: str) -> subprocess.Popen[bytes]:
+    def start(*queues: str, tasks_module: str | None = None) -> subprocess.Popen[bytes]:
         chosen = ["-Q", ",".join(queues)] if queues else []
+        chosen += ["-A", tasks_module] if tasks_module else []
         command = ["-m", "nbtask", "worker", "-b", private_redis.url, "-c", "1", *chosen]
         with (tmp_path / "worker.log").open("ab") as out:
             process = subprocess.Popen(
