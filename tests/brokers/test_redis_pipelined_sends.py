@@ -299,6 +299,44 @@ def test_a_server_that_lost_its_scripts_still_queues_the_sends_it_refused(
     each_ran_once([first, *handles], ledger)
 
 
+def test_a_process_ending_without_closing_its_app_first_sends_what_redis_refused(
+    private_redis: PrivateRedis,
+    private_env: dict[str, str],
+    private_app,
+    private_worker,
+    tmp_path: Path,
+) -> None:
+    ledger, ids = tmp_path / "ledger", tmp_path / "ids"
+    script = tmp_path / "ends.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        from pathlib import Path
+        import redis
+        from nbtask import App, Settings
+        app = App("ends", settings=Settings.from_env())
+        sent = [app.send_task({RECORD!r}, ({str(ledger)!r},)).id]
+        app.flush()
+        redis.Redis.from_url({private_redis.url!r}).script_flush()
+        sent += [app.send_task({RECORD!r}, ({str(ledger)!r},)).id for _ in range(5)]
+        Path({str(ids)!r}).write_text("\\n".join(sent))
+        # Ends without app.close(): the refusals are still unread.
+    """)
+    )
+    env = dict(private_env, NBTASK_BROKER=private_redis.url)
+    ended = subprocess.run(
+        [sys.executable, str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ended.returncode == 0, ended.stderr
+    private_worker(tasks_module="tests.sample_tasks")
+    later = private_app("later")
+    each_ran_once([later.handle(task_id) for task_id in ids.read_text().split()], ledger)
+
+
 def test_a_send_redis_answers_with_an_error_is_revoked_not_dropped(
     app: App, settings: Settings, r: redis.Redis, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
