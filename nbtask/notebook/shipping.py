@@ -372,13 +372,15 @@ def _star_names(modules: Iterable[str]) -> set[str]:
 
 
 def open_file(value: Any) -> str | None:
-    """Why ``value`` cannot travel if it is an open file; else ``None``.
+    """Why ``value`` cannot travel if it is a file; else ``None``.
 
     Pickled, a file opened for reading would arrive as a ``StringIO`` of its text, not
-    the open file the cell holds: it is named instead. In-memory ones travel.
+    the open file the cell holds, and a closed one (``with open(...) as f``) does not
+    pickle at all: it is named instead. In-memory ones travel.
     """
     if isinstance(value, io.IOBase) and not isinstance(value, (io.StringIO, io.BytesIO)):
-        return f"{type(value).__name__} is an open file, which cannot travel between processes"
+        kind = "a closed file" if value.closed else "an open file"
+        return f"{type(value).__name__} is {kind}, which cannot travel between processes"
     return None
 
 

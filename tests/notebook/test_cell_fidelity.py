@@ -153,6 +153,13 @@ def test_an_open_file_does_not_travel_as_another_kind_of_object(
         with pytest.raises(CellError, match="variable 'g': TextIOWrapper is an open file"):
             task(ip, "text = g.read()")
     assert "text" not in ip.user_ns
+    # Closed by its with block, it is named as what it is.
+    task(ip, "with open(path) as h:\n    rest = h.read()")
+    assert ip.user_ns["rest"] == "first\nsecond\n"
+    assert "h" not in ip.user_ns
+    assert "nbtask: h did not come back from the worker (TextIOWrapper is a closed file" in (
+        capfd.readouterr().err
+    )
 
 
 def test_rc_params_environment_cwd_and_path_follow_the_notebook(
