@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,9 +23,26 @@ from nbtask.wire.blobs import Fetch, Part, SplitValue, join_value, parse_layout,
 from nbtask.wire.envelope import Buffer, Envelope, dumps
 from nbtask.wire.frozen import FrozenMaker
 
-__all__ = ["SERIALIZERS", "LayoutJSON", "TaskMessage", "decode_value", "encode_value", "split"]
+__all__ = [
+    "LATEST_TIME",
+    "SERIALIZERS",
+    "LayoutJSON",
+    "TaskMessage",
+    "decode_value",
+    "encode_value",
+    "split",
+]
 
 SERIALIZERS = ("cloudpickle", "json")
+#: The latest time (epoch seconds) a message may name, and minus it the earliest: the
+#: last second of year 9999, past which a ``datetime`` cannot show it (an eta ten
+#: thousand years off is a slip, or an attack). An eta in the past means "now".
+LATEST_TIME = 253402300799.0
+# Each time field (epoch seconds) and duration field (seconds), with its bounds.
+_TIME_BOUNDS = (
+    *((name, -LATEST_TIME, LATEST_TIME) for name in ("created", "eta", "expires", "sent")),
+    *((name, 0.0, sys.float_info.max) for name in ("time_limit", "soft_time_limit")),
+)
 #: A value's layout as the header carries it (see :mod:`nbtask.wire.blobs`).
 LayoutJSON = list[Any]
 #: A list of names, as the header carries it.
@@ -101,6 +119,7 @@ class TaskMessage:
         if not values.keys() >= _REQUIRED_SET:
             missing = next(name for name in _REQUIRED if name not in values)
             raise DecodeError(f"field {missing!r} is missing")
+        _check_times(values)
         requires = values.get("requires")
         if requires and not all(isinstance(n, str) for n in requires):
             raise DecodeError("field 'requires' is not a list of names")
@@ -144,6 +163,20 @@ class TaskMessage:
         body = envelope.body
         end = self.code_len + self.callbacks_len
         return body[: self.code_len], body[self.code_len : end], body[end:]
+
+
+def _check_times(values: Mapping[str, Any]) -> None:
+    """Refuse a time or duration that is NaN, infinite, negative or past its bound.
+
+    JSON as Python reads it takes ``NaN``, ``Infinity`` and integers of any size: a NaN
+    ``created`` never ages past ``max_age``, and an integer no float holds raises
+    ``OverflowError`` wherever a worker computes with it.
+    """
+    for name, least, most in _TIME_BOUNDS:
+        value = values.get(name)
+        # Compared as they are: an int too large for a float compares without converting.
+        if value is not None and not least <= value <= most:
+            raise DecodeError(f"field {name!r} is not a time nbtask can keep: {value!r:.40}")
 
 
 def _field_kinds(spec: str) -> tuple[type, ...]:

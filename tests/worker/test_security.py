@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import os
 import time
 import uuid
@@ -203,6 +204,23 @@ def _signed_bad_field_types(a: Attack) -> bytes:
     return a.valid(created="yesterday", code_len="many")
 
 
+def _signed_nan_created(a: Attack) -> bytes:
+    # JSON as Python writes it takes NaN: no age, so never too old (a replay ran).
+    return a.valid(created=math.nan)
+
+
+def _signed_huge_created(a: Attack) -> bytes:
+    return a.valid(created=10**400)  # JSON integers have no bound: no float holds it
+
+
+def _signed_infinite_eta(a: Attack) -> bytes:
+    return a.valid(eta=math.inf)
+
+
+def _signed_absurd_eta(a: Attack) -> bytes:
+    return a.valid(eta=1e300)
+
+
 FORGERIES: dict[str, Callable[[Attack], bytes]] = {
     "unsigned-pickle": _unsigned_pickle,
     "unsigned-trace-object": _unsigned_trace,
@@ -219,6 +237,17 @@ FORGERIES: dict[str, Callable[[Attack], bytes]] = {
     "oversized-signed": _oversized_signed,
     "signed-event-as-task": _signed_event_as_task,
     "signed-bad-field-types": _signed_bad_field_types,
+    "signed-nan-created": _signed_nan_created,
+    "signed-huge-created": _signed_huge_created,
+    "signed-infinite-eta": _signed_infinite_eta,
+    "signed-absurd-eta": _signed_absurd_eta,
+}
+# The field the log line names, for a signed message refused for one of its times.
+NAMED_FIELD = {
+    "signed-nan-created": "'created'",
+    "signed-huge-created": "'created'",
+    "signed-infinite-eta": "'eta'",
+    "signed-absurd-eta": "'eta'",
 }
 
 
@@ -263,6 +292,7 @@ def test_worker_rejects_forged_message(
     assert not attack.marker.exists(), "the forged message was executed"
     lines = _log_lines(small_worker, "rejected")
     assert len(lines) == 1, lines
+    assert NAMED_FIELD.get(kind, "") in lines[0], lines
     assert "Traceback" not in small_worker.log.read_text()
 
 
