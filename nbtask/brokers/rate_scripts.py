@@ -7,6 +7,8 @@ given the next start, kept in its record so that it takes no other when it comes
 
 from __future__ import annotations
 
+from nbtask.brokers.scripts import TEXT
+
 __all__ = ["RATE_SCRIPTS"]
 
 # A schedule per (worker, task name): tasks start at most `rate` per second, in turn.
@@ -23,11 +25,11 @@ __all__ = ["RATE_SCRIPTS"]
 # type, not a number, NaN, infinity, a time past `horizon`, which no message waits for)
 # would park its tasks for ever, and reads as 0.
 # KEYS: bucket, schedule, record, given; ARGV: rate, now, horizon (seconds)
-_RATE = """
+_RATE = (
+    TEXT
+    + """
 local rate, now, horizon = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local gap, bad = 1 / rate, 0
--- Times written in full: tostring() keeps 14 digits, a start up to 50 us later than given.
-local function text(x) return string.format('%.17g', x) end
 local function time_at(got)  -- a time nbtask wrote, else 0 (and bad)
   if not got then return 0 end
   local at = type(got) ~= 'table' and tonumber(got) or nil
@@ -69,5 +71,6 @@ if slot <= now then return start_now(now) end
 redis.call('HSET', KEYS[3], 'rate_slot', text(slot), 'rate_bucket', KEYS[1])
 return {text(slot - now), bad}
 """
+)
 
 RATE_SCRIPTS = {"rate": _RATE}

@@ -22,6 +22,7 @@ __all__ = [
     "INDEX_UPKEEP_SECONDS",
     "PARKED_BEFORE",
     "STORE_SCRIPTS",
+    "TEXT",
     "WRITE_FINAL",
     "WRITE_PENDING",
 ]
@@ -45,6 +46,11 @@ def _lua(*parts: str | tuple[str, ...]) -> str:
     return "".join(_with(*parts))
 
 
+# A number as text, in full: Lua's tostring() keeps 14 significant digits, which put a
+# Unix time up to 50 us off (a start, a due time).
+TEXT = """
+local function text(x) return string.format('%.17g', x) end
+"""
 # The ended-task set and the ETA sets are sorted sets: a key of another type there was
 # not written by nbtask (someone with write access to Redis put it there). Reading, it
 # holds nothing; writing (zadd_replacing) replaces it; the supervisor's housekeeping sets
@@ -165,6 +171,7 @@ end
 CHECK_START = _lua(
     _ENDED,
     _MARK_ENDED,
+    TEXT,
     """
 local function check_start(key, ttl, worker, pid, consumer, redelivered)
   local got = redis.pcall('HMGET', key, 'state', 'result', 'revoked')
@@ -191,7 +198,7 @@ local function check_start(key, ttl, worker, pid, consumer, redelivered)
   local now = redis.call('TIME')
   redis.call('HSET', key, 'state', 'STARTED', 'worker', worker, 'pid', pid,
              'consumer', consumer,
-             'started_at', tostring(tonumber(now[1]) + tonumber(now[2]) / 1e6))
+             'started_at', text(tonumber(now[1]) + tonumber(now[2]) / 1e6))
   redis.call('EXPIRE', key, ttl)
   return 'OK'
 end
@@ -404,6 +411,7 @@ return 0
 # set_aside_every: the keys of another type among keys[first], keys[first + step], ...
 ETA_MEMBER = (
     SET_ASIDE
+    + TEXT
     + """
 local function split_member(member, eta_key, dead_key, maxlen)
   local cut = string.find(member, ':', 1, true)
@@ -418,7 +426,7 @@ local function next_due(keys, first)
     local head = redis.call('ZRANGE', keys[i], 0, 0, 'WITHSCORES')
     if head[2] and (not nxt or tonumber(head[2]) < nxt) then nxt = tonumber(head[2]) end
   end
-  if nxt then return tostring(nxt) end
+  if nxt then return text(nxt) end
   return ''
 end
 local function set_aside_every(keys, first, step)
