@@ -34,8 +34,6 @@ _PARKED_FIELDS = ("e", "q", "n", "h", "p", "c")
 
 log = logging.getLogger(__name__)
 
-log = logging.getLogger(__name__)
-
 
 class LostDeliveries:
     """The parked lost deliveries of one key prefix, in the Redis store."""
@@ -45,6 +43,9 @@ class LostDeliveries:
         self._key = f"{store.prefix}:lost"
         self._claimant = uuid.uuid4().hex  # who made a claim, in the parked entry
         self._claimed: set[str] = set()  # claimed here and not settled yet
+        # Those last said left unclaimed for an unreadable live registry entry: said again
+        # only when they change, not at every claim while the entry is there.
+        self._left_unclaimed: set[str] = set()
 
     def _entry(self, task_id: str) -> str:
         return f"{self._key}:{task_id}"
@@ -76,12 +77,16 @@ class LostDeliveries:
             if known is None:
                 # A live worker's entry cannot be read (nbtask did not write it): what it
                 # runs is unknown, and a copy made to look lost may be of its running task.
-                log.warning(
-                    "%d lost delivery(ies) left unclaimed: a live worker's registry entry "
-                    "cannot be read (nbtask did not write it)",
-                    len(ids),
-                )
+                if set(ids) != self._left_unclaimed:
+                    log.warning(
+                        "%d lost delivery(ies) left unclaimed: a live worker's registry entry "
+                        "cannot be read (nbtask did not write it); looked at again at later "
+                        "sweeps, said again if they change",
+                        len(ids),
+                    )
+                self._left_unclaimed = set(ids)
                 return []
+            self._left_unclaimed = set()
             live = known.values()
             busy = {task for info in live for task in info.busy}
             # Holders still alive, as their supervisors last saw them: (consumer, pid).

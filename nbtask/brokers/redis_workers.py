@@ -34,6 +34,9 @@ class RedisWorkers:
     settings: Settings
     prefix: str
     ttl: int
+    #: Whether "the registry is not a hash" was said and still holds: a client reads the
+    #: registry every few seconds, and would say it at every read.
+    _said_not_a_hash = False
 
     def _hb_key(self, worker_id: str) -> str:
         return f"{self.prefix}:hb:{worker_id}"
@@ -104,8 +107,15 @@ class RedisWorkers:
         with self.link.translate_errors():
             dropped, entries = self.link.call("registered", [self._workers_key], MAX_INFO_BYTES)
             if dropped < 0:  # not a hash: nbtask did not write it
-                log.error("the worker registry %s is not a hash; ignored", self._workers_key)
+                if not self._said_not_a_hash:
+                    log.error(
+                        "the worker registry %s is not a hash; ignored until it is one (a "
+                        "worker's heartbeat replaces it)",
+                        self._workers_key,
+                    )
+                self._said_not_a_hash = True
                 return None
+            self._said_not_a_hash = False
             if dropped:  # read whole by every client and worker, again and again
                 log.error(
                     "dropped %d entr(ies) of the worker registry larger than %s bytes (not "

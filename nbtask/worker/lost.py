@@ -71,6 +71,9 @@ class LostTasks:
         self.signer = signer
         self.settings = settings
         self.running = running
+        # Tasks whose deliveries were left for an unreadable live registry entry, said once
+        # each: they are looked at again at every sweep while it is there.
+        self._left_unknown: set[str] = set()
         builder = MessageBuilder(signer, settings, transport.store, through_apps=False)
         self.follow_ups = FollowUps(transport, signer, SubtaskPublisher(transport, builder))
 
@@ -156,12 +159,16 @@ class LostTasks:
         """
         running = self.running()
         if running is None:
-            log.warning(
-                "left task %s's delivery unsettled: a live worker's registry entry cannot be "
-                "read (nbtask did not write it), so whether a live process runs it is unknown",
-                message.id,
-            )
+            if message.id not in self._left_unknown:
+                self._left_unknown.add(message.id)
+                log.warning(
+                    "left task %s's delivery unsettled: a live worker's registry entry cannot "
+                    "be read (nbtask did not write it), so whether a live process runs it is "
+                    "unknown; looked at again at later sweeps, said once",
+                    message.id,
+                )
             return True
+        self._left_unknown.clear()  # the registry reads again: said anew if it stops
         if message.id in running:
             log.warning("dropped a copy of task %s's message: a live process runs it", message.id)
             self.transport.discard(delivery)
