@@ -2,7 +2,9 @@
 
 Events for a client are kept on its stream in the store, then published to its exclusive
 auto-delete reply queue. The queue is declared when the client first reads, and again on
-each new connection; what was sent while it did not exist is read from the stream.
+each new connection; what was sent while it did not exist is read from the stream. An
+event both ways bring (kept before that catch-up and published after the queue began, or
+received live before a reconnect) is handed over once (:mod:`~.amqp_overlap`).
 
 The queue's name is in every record of the client's tasks, so anyone with store access
 can declare it first, exclusive to their own connection (or with other properties), and
@@ -29,6 +31,7 @@ from amqp.exceptions import PreconditionFailed, ResourceLocked
 from nbtask.brokers.amqp_guards import body_of, oversized
 from nbtask.brokers.amqp_link import Link
 from nbtask.brokers.amqp_links import Links, kombu
+from nbtask.brokers.amqp_overlap import Overlap
 from nbtask.brokers.amqp_reads import BodyLimits
 from nbtask.brokers.redis_channels import READ_COUNT, read_budget
 from nbtask.brokers.redis_store import RedisStore
@@ -68,6 +71,8 @@ class Replies:
         self._ids = itertools.count(1)
         self._taken: dict[str, float] = {}  # channel: when to try declaring it again
         self._lost: set[str] = set()  # channels whose stream trimmed events unread
+        # What both the catch-up and the queue bring is handed over once, by channel.
+        self._overlaps: dict[str, Overlap] = {}
 
     def take_lost(self, channel: str) -> bool:
         """Whether a catch-up of ``channel`` found events trimmed unread since it last said."""
@@ -123,9 +128,14 @@ class Replies:
                     f"{self.store.max_event_bytes:,}",
                 )
                 continue
+            if not self._overlap(channel).received(body):
+                continue  # the catch-up read it already
             size += len(body)
             out.append((channel, self._next_id(), body))
         return out
+
+    def _overlap(self, channel: str) -> Overlap:
+        return self._overlaps.setdefault(channel, Overlap())
 
     def _next_id(self) -> str:
         return f"{int(time.time() * 1000)}-{next(self._ids)}"
@@ -176,7 +186,8 @@ class Replies:
         # What was sent before the queue existed (or while it was gone) reached only the
         # store: catch up from there, from where the last catch-up stopped. Without the
         # store, the next read starts over on a new connection (queue and catch-up both)
-        # instead of carrying on with a gap.
+        # instead of carrying on with a gap. Live reads do not move the position: the
+        # catch-up also reads what came live since the last one (handed over once).
         after = self._positions.get(channel, "0-0")
         try:
             self._note_trimmed(channel, after)
@@ -186,10 +197,12 @@ class Replies:
             self.links.drop()
             raise
         out = []
-        for entry_id, raw in missed:
-            self._positions[channel] = entry_id
-            if raw:
+        kept = [raw for _, raw in missed if raw]
+        for raw, new in zip(kept, self._overlap(channel).caught_up(kept), strict=True):
+            if new:  # not received live since the last catch-up
                 out.append((channel, self._next_id(), raw))
+        if missed:
+            self._positions[channel] = missed[-1][0]
         if end is not None:
             self._positions[channel] = end
         return out
