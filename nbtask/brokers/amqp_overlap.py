@@ -14,7 +14,10 @@ signed event is unique to its task, run and number; a copy sent again is the sam
 and only across the two ways: a message published again to the queue (a replay, or a
 worker's sending again of an outcome) is handed over as often as it comes, and the handle
 it is for says what it makes of it; only the first copy of an event the last catch-up read
-goes (it is that event's live copy, or the client has the event already).
+goes (it is that event's live copy, or the client has the event already). Whether a live
+copy will come cannot be known (one published before the queue was there never does), so
+a copy put on the queue later of an event read by the catch-up alone is dropped without
+the handle's log line. Exact would need the stream position in each published event.
 """
 
 from __future__ import annotations
