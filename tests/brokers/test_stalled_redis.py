@@ -86,6 +86,45 @@ def test_a_send_a_stalled_redis_did_not_answer_for_is_said_to_be_in_doubt_and_ma
     assert ledger_runs(ledger)[h.id] == 1
 
 
+def test_a_get_reading_its_own_events_says_its_send_to_a_stalled_redis_is_in_doubt(
+    app: App, private_redis: PrivateRedis, start_worker, tmp_path: Path
+) -> None:
+    """get() settles its send while its first read is on its way: it raises all the same."""
+    ledger = tmp_path / "ledger"
+    start_worker(concurrency=1)
+    first = app.send_task(RECORD, (str(ledger),))
+    assert first.get(timeout=30) == first.id  # read by this thread: the next get() reads too
+    with stalled(private_redis):
+        h = app.send_task(RECORD, (str(ledger),))
+        with pytest.raises(BrokerUnavailable) as info:
+            h.get(timeout=30)
+    raised = info.value
+    assert isinstance(raised, errors.SendUnconfirmed), repr(raised)
+    assert h.id in raised.task_ids
+    assert not h.done()
+    assert h.get(timeout=30) == h.id
+    assert ledger_runs(ledger)[h.id] == 1
+
+
+def test_a_get_reading_its_own_events_ends_for_a_send_a_full_redis_refused(
+    app: App, admin: redis.Redis, start_worker, tmp_path: Path
+) -> None:
+    """The send its read was on its way with is revoked: the get() ends, raising why."""
+    ledger = tmp_path / "ledger"
+    start_worker(concurrency=1)
+    first = app.send_task(RECORD, (str(ledger),))
+    assert first.get(timeout=30) == first.id  # read by this thread: the next get() reads too
+    admin.config_set("maxmemory-policy", "noeviction")
+    admin.config_set("maxmemory", 1)  # every write is refused: out of memory
+    try:
+        h = app.send_task(RECORD, (str(ledger),))
+        with pytest.raises(errors.TaskRevoked, match="not confirmed by the broker"):
+            h.get(timeout=30)
+    finally:
+        admin.config_set("maxmemory", 0)
+    assert h.id not in ledger_runs(ledger)
+
+
 def connections_to(server: PrivateRedis) -> set[int]:
     """The local ports of this process's open TCP connections to ``server``."""
     return {
