@@ -35,7 +35,7 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 
 from nbtask._process import current_pid
 from nbtask.brokers.amqp_guards import (
@@ -200,18 +200,13 @@ class AmqpTransport(AmqpUpkeep):
         return [*self.store.link.take_unsent(), *self.links.take_unsent()]
 
     def read_events(
-        self,
-        channels: Mapping[str, str],
-        block_seconds: float,
-        meanwhile: Callable[[], None] | None = None,
+        self, channels: Mapping[str, str], block_seconds: float
     ) -> list[tuple[str, str, bytes]]:
         """Events of this client's reply queue, and of adopted channels (from the store).
 
         A channel this transport keeps alive (:meth:`keep_channel`) is read from its AMQP
-        reply queue; any other from the store's stream. ``meanwhile`` is called first.
+        reply queue; any other from the store's stream.
         """
-        if meanwhile is not None:
-            meanwhile()
         own = [c for c in channels if c in self._own_channels]
         foreign = {c: p for c, p in channels.items() if c not in self._own_channels}
         deadline = time.monotonic() + block_seconds

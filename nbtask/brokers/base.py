@@ -373,17 +373,9 @@ class Transport(Protocol):
     events_from_any_thread: bool
 
     def read_events(
-        self,
-        channels: Mapping[str, str],
-        block_seconds: float,
-        meanwhile: Callable[[], None] | None = None,
+        self, channels: Mapping[str, str], block_seconds: float
     ) -> list[tuple[str, str, bytes]]:
-        """Wait for events on ``{channel: last_id}``; return ``(channel, id, raw)`` triples.
-
-        ``meanwhile`` is called once, before the wait: once the read is sent where the
-        broker lets it be (Redis), so the caller's other waits overlap it. What it raises
-        is raised, nothing read.
-        """
+        """Wait for events on ``{channel: last_id}``; return ``(channel, id, raw)`` triples."""
 
     def events_lost(self, channel: str, after: str) -> bool:
         """Whether events of ``channel`` after ``after`` (a :meth:`read_events` id) went unread.

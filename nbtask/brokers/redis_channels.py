@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from redis.exceptions import ResponseError
@@ -128,15 +128,9 @@ class RedisChannels:
     _behind = False
 
     def read_events(
-        self,
-        channels: Mapping[str, str],
-        block_seconds: float,
-        meanwhile: Callable[[], None] | None = None,
+        self, channels: Mapping[str, str], block_seconds: float
     ) -> list[tuple[str, str, bytes]]:
         """Block on client channels ``{channel: after id}``; ``(channel, id, raw)`` triples.
-
-        ``meanwhile`` is called once the read is written, before its reply is read (see
-        :meth:`~nbtask.brokers.redis_link.RedisLink.run`).
 
         In one round trip: a script reads what waits, sending no entry too large and
         stopping at the read's budget; then, if it found nothing, a blocking read waits
@@ -155,18 +149,12 @@ class RedisChannels:
         read = self.link.evalsha("read_events", list(channels), *args)
         block = max(1, int(block_seconds * 1000))
         waiting = ("XREAD", "COUNT", 1, "BLOCK", block, "STREAMS", *channels, *channels.values())
-        found: Any = False
         woken: Any = None
         with self.link.translate_errors():
-            if self._behind:
-                found = self.link.run_scripts([read], idempotent=True, meanwhile=meanwhile)[0]
-                meanwhile = None
+            found = self._behind and self.link.run_scripts([read], idempotent=True)[0]
             if not (found and found[0]):
                 found, woken = self.link.run_scripts(
-                    [read, waiting],
-                    block_seconds=block_seconds,
-                    idempotent=True,
-                    meanwhile=meanwhile,
+                    [read, waiting], block_seconds=block_seconds, idempotent=True
                 )
         scripted, cut = found
         if not scripted:

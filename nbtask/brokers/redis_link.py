@@ -13,7 +13,7 @@ import hashlib
 import logging
 import os
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import redis
@@ -304,19 +304,11 @@ class RedisLink(OwedReplies):
         large: bool = False,
         block_seconds: float = 0.0,
         idempotent: bool = False,
-        meanwhile: Callable[[], None] | None = None,
     ) -> list[Any]:
-        """Run commands (scripts among them), loading the scripts if the server lost them.
-
-        ``meanwhile``: as :meth:`run`'s, called once.
-        """
+        """Run commands (scripts among them), loading the scripts if the server lost them."""
         try:
             return self.run(
-                commands,
-                large=large,
-                block_seconds=block_seconds,
-                idempotent=idempotent,
-                meanwhile=meanwhile,
+                commands, large=large, block_seconds=block_seconds, idempotent=idempotent
             )
         except NoScriptError:
             # Only a restarted (emptied) server answers NOSCRIPT, and it answers it for
@@ -349,7 +341,6 @@ class RedisLink(OwedReplies):
         raise_errors: bool = True,
         large: bool = False,
         idempotent: bool = False,
-        meanwhile: Callable[[], None] | None = None,
     ) -> list[Any]:
         """Send ``commands`` in one write and read every reply.
 
@@ -364,20 +355,13 @@ class RedisLink(OwedReplies):
         (``idempotent``: reads, script loads): then they are sent once more on a new
         connection.
 
-        ``meanwhile`` is called once the commands are written, before their replies are
-        read: a thread about to wait on a blocking read reads other answers it is owed
-        (its publishes', on another link) while Redis serves it, and sleeps once, not
-        twice. It must not use this link (the replies wait on its connection). If it
-        raises, the replies are left unread (the commands ran, or will) and the
-        connection dropped.
-
         A pipeline without redis-py's per-command bookkeeping: on the hot path (publish,
         fetch, start, finish) that bookkeeping costs more than the round trip itself, so
         commands are packed by hiredis directly, and a blocking read's timeout is set once
         for all its replies.
         """
         with self._guard():  # (a closing link does not read or close it meanwhile)
-            return self._run(commands, block_seconds, raise_errors, large, idempotent, meanwhile)
+            return self._run(commands, block_seconds, raise_errors, large, idempotent)
 
     def _run(
         self,
@@ -386,7 +370,6 @@ class RedisLink(OwedReplies):
         raise_errors: bool,
         large: bool,
         idempotent: bool,
-        meanwhile: Callable[[], None] | None,
     ) -> list[Any]:
         self.settle_owed()  # replies come in order: this thread's earlier ones first
         packed = None
@@ -402,9 +385,6 @@ class RedisLink(OwedReplies):
                 if not send_first(connection, packed):
                     written = False  # the first write was refused: not a byte left
                     raise RedisConnectionError("Redis closed the connection")
-                if meanwhile is not None:
-                    call, meanwhile = meanwhile, None  # once, even if sent again below
-                    call()
                 read_replies(connection, len(commands), block_seconds, replies)
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 # A half-read connection cannot be reused; the next call reconnects.

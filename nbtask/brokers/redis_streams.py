@@ -30,7 +30,7 @@ import itertools
 import logging
 import socket
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from redis.exceptions import NoScriptError, ResponseError
@@ -204,16 +204,10 @@ class StreamsTransport(StreamsMoves):
         return self.link.take_unsent()
 
     def read_events(
-        self,
-        channels: Mapping[str, str],
-        block_seconds: float,
-        meanwhile: Callable[[], None] | None = None,
+        self, channels: Mapping[str, str], block_seconds: float
     ) -> list[tuple[str, str, bytes]]:
-        """Block on client channels (streams in the store).
-
-        ``meanwhile`` is called once the read is written, before Redis's reply is read.
-        """
-        return self.store.read_events(channels, block_seconds, meanwhile)
+        """Block on client channels (streams in the store)."""
+        return self.store.read_events(channels, block_seconds)
 
     def still_queued(self, queues: Mapping[str, Collection[str]]) -> set[str]:
         """Which of the task ids given per queue still have a message there (a scan).

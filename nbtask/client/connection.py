@@ -187,17 +187,13 @@ class AppConnection:
         handle: TaskHandle,
         timeout: float | None,
         until: Callable[[], bool] | None = None,
-        flush: Callable[[], None] | None = None,
     ) -> None:
         """Read events on this thread until ``handle`` is done, ``timeout`` passes or ``until()``.
 
-        See :meth:`Listener.wait_for` (``flush`` too); returns at once on a closed app,
-        once ``flush`` is called.
+        See :meth:`Listener.wait_for`; returns at once on a closed app.
         """
         if not self.closed:
-            self._listen().wait_for(handle, timeout, until, flush)
-        elif flush is not None:
-            flush()
+            self._listen().wait_for(handle, timeout, until)
 
     def flush(self) -> None:
         """Wait until the broker answered for every task this thread sent.

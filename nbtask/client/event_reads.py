@@ -11,7 +11,6 @@ other clients once they fail or no handle needs them.
 from __future__ import annotations
 
 import collections
-import functools
 import logging
 import threading
 import time
@@ -69,24 +68,20 @@ class EventReads:
             return [handle for handle in self._handles.values() if not handle.done()]
 
     # Reading (by the holder of the turn) -------------------------------------------------------
-    def _read(self, block_seconds: float, meanwhile: Callable[[], None] | None = None) -> bool:
+    def _read(self, block_seconds: float) -> bool:
         """One blocking read and the dispatch of what it brought; False after an error.
 
         The channel is a stream and the positions are kept: after the broker is back (or
         the error passes), every event sent meanwhile is read, so no final state is
-        missed. No reader dies of an error. ``meanwhile`` is called once the read is sent
-        (see :meth:`~nbtask.brokers.base.Transport.read_events`); what it raises is
-        raised here, not taken for a read error.
+        missed. No reader dies of an error.
         """
         self._reading.now = True
         try:
-            return self._read_and_apply(block_seconds, meanwhile)
+            return self._read_and_apply(block_seconds)
         finally:
             self._reading.now = False
 
-    def _read_and_apply(self, block_seconds: float, meanwhile: Callable[[], None] | None) -> bool:
-        failed: list[Exception] = []  # what ``meanwhile`` raised
-        aside = None if meanwhile is None else functools.partial(_noting, meanwhile, failed)
+    def _read_and_apply(self, block_seconds: float) -> bool:
         try:
             if time.monotonic() >= self._next_keepalive:
                 self._transport.keep_channel(self.channel)
@@ -94,13 +89,9 @@ class EventReads:
             with self._lock:
                 positions = dict(self._positions)
             stalled = time.monotonic() - self._last_read >= _STALLED_SECONDS
-            entries = self._transport.read_events(
-                positions, block_seconds=block_seconds, meanwhile=aside
-            )
+            entries = self._transport.read_events(positions, block_seconds=block_seconds)
             self._last_read = time.monotonic()
         except Exception as exc:
-            if failed:
-                raise  # the caller's own (its sends'), not the channel's
             if not isinstance(exc, BrokerUnavailable) and self._drop_adopted_channels(exc):
                 return True
             self._say_read_error(exc)
@@ -246,15 +237,6 @@ class EventReads:
         with self._lock:
             if len(self._positions) > 1 and not self._handles:
                 self._positions = {self.channel: self._positions[self.channel]}
-
-
-def _noting(call: Callable[[], None], failed: list[Exception]) -> None:
-    """Call ``call``, noting in ``failed`` what it raises (and raising it)."""
-    try:
-        call()
-    except Exception as exc:
-        failed.append(exc)
-        raise
 
 
 def _past_the_clock(entry_id: str) -> bool:

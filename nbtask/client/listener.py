@@ -13,7 +13,6 @@ read does is :mod:`nbtask.client.event_reads`'s; here is who reads, and when.
 from __future__ import annotations
 
 import contextlib
-import functools
 import threading
 import time
 import weakref
@@ -160,7 +159,6 @@ class Listener(EventReads):
         handle: TaskHandle,
         timeout: float | None,
         until: Callable[[], bool] | None = None,
-        flush: Callable[[], None] | None = None,
     ) -> None:
         """Read events on this thread until ``handle`` is done, or ``timeout`` passes.
 
@@ -172,23 +170,7 @@ class Listener(EventReads):
         (the listener is stopped, the transport is read by one thread only, or this
         thread is applying events already: a callback waiting on a task); the caller then
         waits on the handle alone.
-
-        ``flush`` (settling this thread's sends) is called once, before this thread
-        waits: while this thread's first read is on its way where the transport allows it
-        (one sleep for both answers, not two), else before waiting for another reader, or
-        before returning. What it raises is raised.
         """
-        once = _Once(flush)
-        self._wait_for(handle, timeout, until, once)
-        once()
-
-    def _wait_for(
-        self,
-        handle: TaskHandle,
-        timeout: float | None,
-        until: Callable[[], bool] | None,
-        flush: _Once,
-    ) -> None:
         if not self._transport.events_from_any_thread:
             return
         me = threading.current_thread()
@@ -206,56 +188,22 @@ class Listener(EventReads):
                 if left is not None and left <= 0:
                     return
                 try:
-                    step = self._next_step(me, handle, left, flush.due)
-                    if step == "done":
-                        return
-                    if step == "flush":
-                        flush()
-                    elif step == "read" and not self._read_flushing(left, flush, handle, until):
-                        return
+                    with self._lock:
+                        if self._reader is None and not self._failing:
+                            self._take(me)
+                        elif not handle.done():
+                            if id(handle) not in self._watched:  # settled off the turn: wake
+                                self._watched[id(handle)] = handle
+                                handle.add_done_callback(self._wake_waiters)
+                            self._waiters_turn.wait(left)
+                            continue
+                        else:
+                            return
+                    self._read(min(left, BLOCK_SECONDS) if left is not None else BLOCK_SECONDS)
                 finally:
                     self._hand_on(me)
         finally:
             self._stop_waiting(me)
-
-    def _next_step(
-        self, me: threading.Thread, handle: TaskHandle, left: float | None, flush_due: bool
-    ) -> str:
-        """What a waiting thread does next: "read" (it took the turn), "flush", "waited", "done".
-
-        A thread that may not read now flushes first, then waits for another reader.
-        """
-        with self._lock:
-            if self._reader is None and not self._failing:
-                self._take(me)
-                return "read"
-            if flush_due:
-                return "flush"
-            if handle.done():
-                return "done"
-            if id(handle) not in self._watched:  # settled off the turn: wake
-                self._watched[id(handle)] = handle
-                handle.add_done_callback(self._wake_waiters)
-            self._waiters_turn.wait(left)
-            return "waited"
-
-    def _read_flushing(
-        self,
-        left: float | None,
-        flush: _Once,
-        handle: TaskHandle,
-        until: Callable[[], bool] | None,
-    ) -> bool:
-        """The turn's read; ``flush`` with it if due. False: the flush ended the wait."""
-        block = min(left, BLOCK_SECONDS) if left is not None else BLOCK_SECONDS
-        if not flush.due:
-            self._read(block)
-            return True
-        try:
-            self._read(block, functools.partial(_flush_then_look, flush, handle, until))
-        except _Settled:
-            return False  # the flush ended it (a send revoked): its read is dropped
-        return True
 
     def _stop_waiting(self, me: threading.Thread) -> None:
         """``me`` waits no more; a turn it still holds (a Ctrl-C cut its hand-on) goes too."""
@@ -358,33 +306,6 @@ class Listener(EventReads):
             self._listener_turn.wait(max(sleep, 0.0))
             self._parked = False
             return False
-
-
-class _Settled(Exception):
-    """A flush made during a read ended what the reading thread waits for."""
-
-
-def _flush_then_look(flush: _Once, handle: TaskHandle, until: Callable[[], bool] | None) -> None:
-    # What a read sent ahead is abandoned for: the flush revoked the handle's task, and no
-    # event need come (the store may have refused to keep it: a full Redis).
-    flush()
-    if _waited_for(handle, until):
-        raise _Settled
-
-
-class _Once:
-    """A call made at most once (none given: nothing); ``due`` until it was made."""
-
-    __slots__ = ("_call", "due")
-
-    def __init__(self, call: Callable[[], None] | None) -> None:
-        self._call = call
-        self.due = call is not None
-
-    def __call__(self) -> None:
-        if self.due and self._call is not None:
-            self.due = False  # (first: what it raises is raised once)
-            self._call()
 
 
 def _waited_for(handle: TaskHandle, until: Callable[[], bool] | None) -> bool:

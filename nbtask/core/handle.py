@@ -74,13 +74,11 @@ class Client(Protocol):
         handle: TaskHandle,
         timeout: float | None,
         until: Callable[[], bool] | None = None,
-        flush: Callable[[], None] | None = None,
     ) -> None:
         """Read the client's events on this thread until ``handle`` is done or ``timeout``.
 
         Or until ``until()`` is true. May return earlier, the handle not done (when this
-        thread cannot read). ``flush`` is called once, before this thread waits (while
-        its first read is on its way, where the broker allows it).
+        thread cannot read).
         """
 
 
@@ -291,16 +289,23 @@ class TaskHandle(CeleryResultNames, TaskEvents):
                 "wait until the task ends"
             )
         if not self.done() and self.app is not None:
-            # This thread reads the events itself when no other thread is reading: its
-            # result then reaches it without a hop through the listener thread. Its
-            # message may still await the broker's answer (sent by this thread): that is
-            # settled before it waits, so an undelivered task fails now, and one the
-            # broker never answered for is said to be in doubt now; on Redis, while its
-            # first read is on its way (one wait for both answers).
-            deadline = None if timeout is None else time.monotonic() + timeout
-            self.app.wait_for(self, timeout, flush=self._flush)
-            if deadline is not None:
-                timeout = max(0.0, deadline - time.monotonic())
+            # Its message may still await the broker's answer (sent by this thread, which
+            # is about to wait): settle that first, so an undelivered task fails now, and
+            # one the broker never answered for is said to be in doubt now.
+            try:
+                self.app.flush()
+            except SendUnconfirmed as exc:
+                if self.id in exc.task_ids:
+                    raise
+            except BrokerUnavailable:
+                pass
+            if not self.done():
+                # This thread reads the events itself when no other thread is reading: its
+                # result then reaches it without a hop through the listener thread.
+                deadline = None if timeout is None else time.monotonic() + timeout
+                self.app.wait_for(self, timeout)
+                if deadline is not None:
+                    timeout = max(0.0, deadline - time.monotonic())
         self._raise_if_unfollowed()
         try:
             value = super().result(timeout)
@@ -314,18 +319,6 @@ class TaskHandle(CeleryResultNames, TaskEvents):
                 watch = self.app.fetch_watch if self.app is not None else None
                 self._loaded = (load_result(value, self.name, self.id, watch),)
             return self._loaded[0]
-
-    def _flush(self) -> None:
-        """Settle this thread's sends; raise only what says this task's send is in doubt."""
-        if self.app is None:
-            return
-        try:
-            self.app.flush()
-        except SendUnconfirmed as exc:
-            if self.id in exc.task_ids:
-                raise
-        except BrokerUnavailable:
-            pass
 
     def refusal(self, event: Event, prefix: str) -> str | None:
         """Why ``event`` is not about this send of the task by app ``prefix``, if so.
