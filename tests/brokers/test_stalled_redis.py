@@ -89,7 +89,7 @@ def test_a_send_a_stalled_redis_did_not_answer_for_is_said_to_be_in_doubt_and_ma
 def test_a_get_reading_its_own_events_says_its_send_to_a_stalled_redis_is_in_doubt(
     app: App, private_redis: PrivateRedis, start_worker, tmp_path: Path
 ) -> None:
-    """get() settles its send while its first read is on its way: it raises all the same."""
+    """A get() that reads the events itself (no other reader) says so, as one that waits."""
     ledger = tmp_path / "ledger"
     start_worker(concurrency=1)
     first = app.send_task(RECORD, (str(ledger),))
@@ -109,7 +109,7 @@ def test_a_get_reading_its_own_events_says_its_send_to_a_stalled_redis_is_in_dou
 def test_a_get_reading_its_own_events_ends_for_a_send_a_full_redis_refused(
     app: App, admin: redis.Redis, start_worker, tmp_path: Path
 ) -> None:
-    """The send its read was on its way with is revoked: the get() ends, raising why."""
+    """A get() that reads the events itself (no other reader) fails at once, saying why."""
     ledger = tmp_path / "ledger"
     start_worker(concurrency=1)
     first = app.send_task(RECORD, (str(ledger),))
