@@ -259,8 +259,10 @@ WRITE_FINAL = _lua(
     _MARK_ENDED,
     _XADD_REPLACING,
     """
-local FINAL = {SUCCESS = true, FAILURE = true, REVOKED = true, WORKER_LOST = true}
-local ENDS = {success = true, failure = true, revoked = true, worker_lost = true}
+-- Compared, not looked up in a table: a table would be built anew on every run.
+local function final(state)
+  return state == 'SUCCESS' or state == 'FAILURE' or state == 'REVOKED' or state == 'WORKER_LOST'
+end
 -- Whether `raw` is this task's final event as nbtask seals one (magic, version and header
 -- length: 8 bytes; then its type and id). Its readers check its signature.
 local function ends_task(raw, key)
@@ -268,19 +270,20 @@ local function ends_task(raw, key)
   local kind, id = string.match(string.sub(raw, 9, 200),
                                 '^{"kind":"event","type":"([a-z_]+)","id":"([^"]+)"')
   local _, task_id = done_of(key)
-  return ENDS[kind] == true and id == task_id
+  return (kind == 'success' or kind == 'failure' or kind == 'revoked' or kind == 'worker_lost')
+         and id == task_id
 end
 local function write_final(key, channel, ttl, maxlen, event, fields)
   local ends = false
   for i = 2, #fields, 2 do
     if fields[i] == '=event' then fields[i] = event end
-    if fields[i - 1] == 'state' and FINAL[fields[i]] then ends = true end
+    if fields[i - 1] == 'state' and final(fields[i]) then ends = true end
   end
   local state, outcome = own_record(key)
   outcome = ends_task(outcome, key)
   if outcome or ended(key) then
     if ends then mark_ended(key, ttl) end  -- this run too (its entry may have gone)
-    return (outcome and FINAL[state]) and state or 'ENDED'
+    return (outcome and final(state)) and state or 'ENDED'
   end
   if #fields > 0 then
     if ends then mark_ended(key, ttl) end
@@ -293,7 +296,7 @@ local function write_final(key, channel, ttl, maxlen, event, fields)
     xadd_replacing(channel, maxlen, event)
     redis.call('EXPIRE', channel, ttl)
   end
-  return FINAL[state] and ('!' .. state) or ''
+  return final(state) and ('!' .. state) or ''
 end
 """,
 )
