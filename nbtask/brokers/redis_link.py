@@ -290,7 +290,7 @@ class RedisLink(OwedReplies):
 
     def evalsha(self, script: str, keys: Sequence[str], *args: Any) -> Command:
         """The command that runs the script named ``script``."""
-        return ("EVALSHA", self._sha[script], len(keys), *keys, *args)
+        return ("EVALSHA", self._sha[script], str(len(keys)), *keys, *args)  # (a str packs faster)
 
     def call(self, script: str, keys: Sequence[str], *args: Any, large: bool = False) -> Any:
         """Run one script and return its reply."""

@@ -22,6 +22,7 @@ from redis.exceptions import ResponseError
 __all__ = [
     "LARGE_BYTES",
     "Command",
+    "as_text",
     "closed_by_server",
     "pack",
     "pack_one",
@@ -46,6 +47,11 @@ def pack_one(command: Command) -> bytes:
     args: Any = [a if a.__class__ is str or a.__class__ is bytes else _text(a) for a in command]
     packed: bytes = pack_command(tuple(args))
     return packed
+
+
+def as_text(command: Command) -> Command:
+    """``command`` with its numbers written out: one kept for reuse is packed without them."""
+    return tuple(a if a.__class__ is str or a.__class__ is bytes else _text(a) for a in command)
 
 
 def _text(arg: Any) -> Any:

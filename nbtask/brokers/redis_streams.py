@@ -41,6 +41,7 @@ from nbtask.brokers.redis_link import LARGE_BYTES, Command
 from nbtask.brokers.redis_moves import StreamsMoves
 from nbtask.brokers.redis_owed import looking, unanswered
 from nbtask.brokers.redis_queued import QUEUED_SCRIPTS, still_queued
+from nbtask.brokers.redis_resp import as_text
 from nbtask.brokers.redis_store import RedisStore
 from nbtask.brokers.redis_upkeep import GROUP, _delivery
 from nbtask.brokers.refused_ends import refused_by
@@ -344,7 +345,9 @@ class StreamsTransport(StreamsMoves):
             stream = self.queue_key(queue)
             read = ("XREADGROUP", "GROUP", GROUP, consumer, "COUNT", 1, "BLOCK", block)
             check = self.link.evalsha("started", [stream], *self._start_args(consumer))
-            made = self._reads[key] = (stream, (*read, "STREAMS", stream, ">"), check)
+            # Numbers written out once, not on every task's read.
+            made = (stream, as_text((*read, "STREAMS", stream, ">")), as_text(check))
+            self._reads[key] = made
         return made
 
     def _mended(self, queue: str, commands: Sequence[Command], replies: list[Any]) -> list[Any]:
