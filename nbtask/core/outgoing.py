@@ -61,11 +61,15 @@ def code_for(task: Task, cache: MutableMapping[Task, ShippedCode]) -> tuple[str 
     while all of those are the same objects (see :mod:`nbtask.core.captured`); a task that
     reads a value which can change in place (a list, a DataFrame) is pickled on every send.
     """
-    if not type(task).__module__ or importable(task):  # "" marks stand-ins sent by name
+    if not type(task).__module__:  # "" marks stand-ins sent by name
         return None, b""
+    # The pickle kept first: telling a task importable scans its module (tens of
+    # microseconds on every send of a class-based task, such as a notebook's cells).
     cached = cache.get(task)
     if cached is not None and cached.captured is not None and cached.captured.unchanged():
         return cached.digest, cached.code
+    if importable(task):
+        return None, b""
     captured = capture(task)  # before pickling: a change in between only costs a new pickle
     try:
         code = dumps(task)
