@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from nbtask import App, ConfigurationError, Settings
-from nbtask.settings import ENVIRONMENT, read_secret_file
+from nbtask.settings import ENVIRONMENT, MAX_SECONDS, is_finite_number, read_secret_file
 
 REDIS = "redis://127.0.0.1:6379/0"
 
@@ -188,6 +188,14 @@ def test_from_env_invalid_value_names_the_setting(var: str, value: str, field: s
         Settings.from_env({var: value})
     text = str(info.value)
     assert var in text or field in text, text
+
+
+@pytest.mark.parametrize("value", [10**400, 1e300, float("inf")], ids=["10**400", "1e300", "inf"])
+def test_a_duration_no_float_holds_is_refused_naming_the_setting(value: float) -> None:
+    """Before, an integer too large for a float raised OverflowError, naming nothing."""
+    assert not is_finite_number(value) or value > MAX_SECONDS
+    with pytest.raises(ConfigurationError, match=r"result_ttl .*at most 1e\+09"):
+        Settings(result_ttl=value)
 
 
 def test_from_env_nan_is_rejected() -> None:

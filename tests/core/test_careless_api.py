@@ -103,6 +103,22 @@ def test_retry_misuse_fails_the_task_naming_the_argument(app: App, start_worker:
         text.delay().get(timeout=30)
 
 
+@pytest.mark.parametrize("countdown", [1e300, 10**400], ids=["1e300", "10**400"])
+def test_a_retry_too_far_off_fails_the_task_naming_the_countdown(
+    app: App, start_worker: Any, countdown: float
+) -> None:
+    """Before, 1e300 was sent on and refused by the worker as a bad header, and an integer
+    no float holds failed the task with OverflowError."""
+    start_worker()
+
+    @app.task(bind=True, max_retries=1)
+    def far(self: Any) -> None:
+        raise self.retry(countdown=countdown)
+
+    with pytest.raises(ConfigurationError, match=r"countdown=.* past the end of year 9999"):
+        far.delay().get(timeout=30)
+
+
 def test_a_call_that_does_not_fit_the_task_is_refused_in_the_caller_and_sends_nothing(
     app: App, add: Task, access: RawBroker
 ) -> None:
@@ -249,6 +265,77 @@ def test_a_task_time_limit_that_is_not_finite_is_refused_when_the_task_is_made(
 ) -> None:
     with pytest.raises(ConfigurationError, match="time_limit must be a positive number"):
         app.task(time_limit=value)(lambda: None)
+
+
+_LAST_SECOND = dt.datetime(9999, 12, 31, 23, 59, 59, 500000, tzinfo=dt.timezone.utc)
+_WEST = dt.timezone(dt.timedelta(hours=-5))  # 9999-12-31 23:00 there is year 10000 in UTC
+_PAST_9999 = r"is out of range: it makes a time past the end of year 9999.*nothing was sent"
+_BEFORE_1970 = r"more than 8,000 years before 1970.*nothing was sent"
+_LIMIT = r"must be a positive number of seconds, at most 1e\+09 \(about 31 years\), got "
+
+
+def _short(value: object) -> str:
+    """A test id: an integer of 400 digits is not spelt out."""
+    return f"{value!r:.24}"
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("countdown", 1e300, rf"countdown=1e\+300 {_PAST_9999}"),
+        ("countdown", 10**400, rf"countdown=1000000000000\.\.\. \(401 digits\) {_PAST_9999}"),
+        ("countdown", 2.53e11, _PAST_9999),  # under the latest time, but not from now
+        ("countdown", -1e300, rf"countdown=-1e\+300 is out of range.*{_BEFORE_1970}"),
+        ("eta", 1e300, rf"eta=1e\+300 {_PAST_9999}.*give an earlier one"),
+        ("eta", 10**400, _PAST_9999),
+        ("eta", -(10**400), _BEFORE_1970),
+        ("eta", _LAST_SECOND, rf"eta=datetime.datetime\(9999, 12, 31, .* {_PAST_9999}"),
+        ("eta", dt.datetime(9999, 12, 31, 23, tzinfo=_WEST), _PAST_9999),
+        ("expires", 1e300, rf"expires=1e\+300 {_PAST_9999}.*leave expires out"),
+        ("expires", 10**400, _PAST_9999),
+        ("expires", dt.datetime(9999, 12, 31, 23, tzinfo=_WEST), _PAST_9999),
+        ("time_limit", 1e300, rf"time_limit {_LIMIT}1e\+300"),
+        ("time_limit", 10**400, rf"time_limit {_LIMIT}1000000000000\.\.\. \(401 digits\)"),
+        ("soft_time_limit", 1e12, rf"soft_time_limit {_LIMIT}1000000000000\.0"),
+        ("soft_time_limit", 10**400, rf"soft_time_limit {_LIMIT}"),
+    ],
+    ids=_short,
+)
+def test_a_time_nbtask_cannot_keep_names_the_option_and_sends_nothing(
+    app: App, add: Task, access: RawBroker, option: str, value: Any, message: str
+) -> None:
+    """Before, such a task was sent: a worker refused it (dead-lettered naming the header
+    field), or it waited for good in the ETA set, or its soft limit raised OverflowError in
+    the worker; an integer no float holds raised OverflowError in the caller."""
+    for send in (
+        lambda: add.apply_async((1, 2), task_id="far-1", **{option: value}),
+        lambda: add.s(1, 2).set(task_id="far-2", **{option: value}).delay(),
+        lambda: app.send_task("elsewhere.add", (1, 2), task_id="far-3", **{option: value}),
+        lambda: add.apply_async((1, 2), task_id="far-4", link=add.s(3).set(**{option: value})),
+    ):
+        with pytest.raises(ConfigurationError, match=message):
+            send()
+    assert access.drained()
+    assert not any(access.record(f"far-{n}") for n in range(1, 5))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"expires": 1e300}, rf"expires {_LIMIT}1e\+300"),
+        ({"time_limit": 10**400}, rf"time_limit {_LIMIT}1000000000000\.\.\. \(401 digits\)"),
+        ({"soft_time_limit": 1e12}, rf"soft_time_limit {_LIMIT}"),
+        ({"retry_backoff_max": 1e300}, rf"retry_backoff_max {_LIMIT}"),
+        ({"default_retry_delay": 10**400}, r"default_retry_delay must be a number of seconds"),
+        ({"retry_kwargs": {"countdown": 10**400}}, rf"retry_kwargs' countdown=.* {_PAST_9999}"),
+    ],
+    ids=_short,
+)
+def test_a_task_time_nbtask_cannot_keep_is_refused_when_the_task_is_made(
+    app: App, options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        app.task(**options)(lambda: None)
 
 
 def test_a_soft_time_limit_not_below_the_hard_one_is_refused(
