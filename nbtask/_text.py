@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["count_text", "printable", "redact_url"]
+__all__ = ["count_text", "printable", "redact_url", "value_text"]
 
 #: Significant digits of a progress count that is not a whole number.
 _COUNT_DIGITS = 4
@@ -27,6 +27,17 @@ def printable(text: str) -> str:
     move a terminal's cursor or recolour what follows.
     """
     return "".join(ch if ch.isprintable() or ch == "\t" else "?" for ch in text)
+
+
+def value_text(value: object) -> str:
+    """``repr(value)`` for an error message, an integer of hundreds of digits cut short.
+
+    ``1000000000000... (401 digits)``: the message stays one readable line.
+    """
+    text = repr(value)
+    if isinstance(value, int) and len(text) > 24:
+        return f"{text[:13]}... ({len(text.lstrip('-'))} digits)"
+    return text
 
 
 def count_text(done: float, total: float | None = None) -> str:

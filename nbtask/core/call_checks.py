@@ -17,10 +17,10 @@ import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from nbtask._text import value_text
 from nbtask.core.canvas import Callbacks, Signature
-from nbtask.core.options import NO_PRIORITY, new_task_id
+from nbtask.core.options import NO_PRIORITY, is_seconds, new_task_id, time_at
 from nbtask.errors import ConfigurationError
-from nbtask.settings import is_finite_number
 
 #: The option of a follow-up whose task id was drawn for it (see :func:`link_callbacks`).
 AUTO_ID = "auto_id"
@@ -116,6 +116,7 @@ def epoch(when: dt.datetime | float | None, *, absolute: bool) -> float | None:
     """Turn a datetime or seconds into epoch seconds (relative seconds unless absolute).
 
     ``absolute`` is the ``eta`` option's meaning; else it is ``expires``'s (named in errors).
+    A time past year 9999 (or as far before 1970) is refused: a worker would refuse it.
     """
     if when is None:
         return None
@@ -127,11 +128,11 @@ def epoch(when: dt.datetime | float | None, *, absolute: bool) -> float | None:
                 f"an aware datetime ({option}=datetime.now(timezone.utc) + timedelta(seconds=30))"
                 f", or seconds ({'countdown' if absolute else 'expires'}=30)"
             )
-        return when.timestamp()
-    if is_finite_number(when):
-        return float(when) if absolute else time.time() + float(when)
+        return time_at(_when_option(absolute), when.timestamp(), 0.0, when)
+    if is_seconds(when):
+        return time_at(_when_option(absolute), when, 0.0 if absolute else time.time())
     raise ConfigurationError(
-        f"{_when_option(absolute)}={when!r} is not a datetime or a number of seconds"
+        f"{_when_option(absolute)}={value_text(when)} is not a datetime or a number of seconds"
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any, NoReturn, Protocol
 from nbtask.core.bound import Bound
 from nbtask.core.celery_canvas import CeleryGroupNames, CelerySignatureNames
 from nbtask.core.handle import TaskHandle
-from nbtask.core.options import new_task_id
+from nbtask.core.options import new_task_id, seconds_from_now
 from nbtask.errors import ConfigurationError
 from nbtask.wire.events import Event
 
@@ -138,7 +138,7 @@ class Signature(CelerySignatureNames):
         countdown = options.pop("countdown", None)
         converted = self.task.send_options(**options)
         if countdown is not None:
-            converted["countdown"] = float(countdown)
+            converted["countdown"] = seconds_from_now("countdown", countdown)
         return dataclasses.replace(self, options={**converted, **extra}, prepared=True)
 
     def delay(self, *args: Any, **kwargs: Any) -> TaskHandle:

@@ -7,12 +7,15 @@ import os
 import re
 import signal
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from nbtask._text import value_text
 from nbtask.core.datasets import dataset_names
 from nbtask.errors import ConfigurationError
-from nbtask.settings import is_finite_number
+from nbtask.settings import MAX_SECONDS, is_finite_number
+from nbtask.wire.message import LATEST_TIME
 
 __all__ = [
     "TASK_OPTIONS",
@@ -20,13 +23,16 @@ __all__ = [
     "check_task_function",
     "check_task_id",
     "exception_classes",
+    "is_seconds",
     "new_task_id",
     "parse_rate",
     "positive",
     "queue_name",
     "retry_kwargs",
     "seconds",
+    "seconds_from_now",
     "terminate_signal",
+    "time_at",
     "validate_options",
 ]
 
@@ -230,17 +236,26 @@ def parse_rate(rate: object) -> float | None:
     )
 
 
+# A duration's bound, as a setting's: a soft time limit past about 9.2e9 s cannot even be
+# set (OverflowError in the worker), and a limit or an expiry of decades is a slip.
+_AT_MOST = f"at most {MAX_SECONDS:.0e} (about 31 years)"
+
+
 def positive(name: str, value: float) -> float:
-    """``value`` as a float, if it is a positive number of seconds; else a clear error."""
-    if not is_finite_number(value) or value <= 0:
-        raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
+    """``value`` as a float, if a positive number of seconds, at most ``MAX_SECONDS``."""
+    if not is_finite_number(value) or not 0 < value <= MAX_SECONDS:
+        raise ConfigurationError(
+            f"{name} must be a positive number of seconds, {_AT_MOST}, got {value_text(value)}"
+        )
     return float(value)
 
 
 def not_negative(name: str, value: float) -> float:
-    """``value`` as a float, if it is a number of seconds, 0 or more; else a clear error."""
-    if not is_finite_number(value) or value < 0:
-        raise ConfigurationError(f"{name} must be a number of seconds, 0 or more, got {value!r}")
+    """``value`` as a float, if a number of seconds from 0 to ``MAX_SECONDS``."""
+    if not is_finite_number(value) or not 0 <= value <= MAX_SECONDS:
+        raise ConfigurationError(
+            f"{name} must be a number of seconds, 0 or more, {_AT_MOST}, got {value_text(value)}"
+        )
     return float(value)
 
 
@@ -277,11 +292,68 @@ def terminate_signal(value: str | int) -> str:
     return name
 
 
+def is_seconds(value: object) -> bool:
+    """A finite number of any size (an integer no float holds too), not a bool."""
+    return is_finite_number(value) or (isinstance(value, int) and not isinstance(value, bool))
+
+
 def seconds(name: str, value: float | None) -> float | None:
-    """``value`` (any real number, or ``None``) as seconds; else one error naming the option."""
-    if value is None or is_finite_number(value):
-        return None if value is None else float(value)
-    raise ConfigurationError(f"{name}={value!r} is not a number of seconds")
+    """``value`` (a number, or ``None``) as seconds; else one error naming the option.
+
+    Refused too past ``LATEST_TIME`` seconds either way: no time a worker keeps is that
+    far from 1970, and so none is from now.
+    """
+    if value is None:
+        return None
+    if not is_seconds(value):
+        raise ConfigurationError(f"{name}={value_text(value)} is not a number of seconds")
+    return time_at(name, value, 0.0)
+
+
+def seconds_from_now(name: str, value: float | None) -> float | None:
+    """``value`` as :func:`seconds`, refused too if as many seconds from now are too far.
+
+    A countdown: a worker counts it from when it sends the task.
+    """
+    checked = seconds(name, value)
+    if checked is not None:
+        time_at(name, checked, time.time())
+    return checked
+
+
+# What to do instead, per option, of a time too late and of one too early.
+_LATER = {
+    "eta": "give an earlier one (epoch seconds or an aware datetime)",
+    "expires": "give an earlier one, or leave expires out for a task that never expires",
+}
+_EARLIER = {"expires": "give a time still to come (a task past it is never run)"}
+
+
+def time_at(name: str, value: float, base: float, given: object = None) -> float:
+    """``base`` (epoch seconds) plus ``value`` seconds, if a time a worker keeps.
+
+    Else one error naming the option ``name`` and the value ``given`` (default
+    ``value``): a worker refuses a task whose times are past
+    :data:`~nbtask.wire.message.LATEST_TIME` (or before minus it), and an integer no
+    float holds would raise ``OverflowError``.
+    """
+    # Compared first as given: an integer too large for a float compares without converting.
+    if -2 * LATEST_TIME <= value <= 2 * LATEST_TIME:
+        moment = base + float(value)
+        if -LATEST_TIME <= moment <= LATEST_TIME:  # the worker's own check, on the same float
+            return moment
+    option = name.rpartition(" ")[2]  # "retry_kwargs' countdown": its advice is countdown's
+    if value > 0:
+        where = "past the end of year 9999, the latest"
+        advice = _LATER.get(option, "give fewer seconds")
+    else:
+        where = "more than 8,000 years before 1970, the earliest"
+        advice = _EARLIER.get(option, f"a time already past means now: leave {option} out")
+    raise ConfigurationError(
+        f"{name}={value_text(value if given is None else given)} is out of range: it makes "
+        f"a time {where} nbtask keeps (a worker would refuse the task); {advice}; "
+        "nothing was sent"
+    )
 
 
 def check_task_function(func: object, requires: Sequence[str] = ()) -> None:

@@ -34,6 +34,7 @@ from nbtask.core.options import (
     positive,
     queue_name,
     seconds,
+    time_at,
 )
 from nbtask.core.task_running import RunningTask
 from nbtask.errors import ConfigurationError
@@ -275,7 +276,11 @@ class Task(RunningTask, CeleryTaskNames):
         if queue:  # "" or None: the usual queue
             queue_name(queue, "queue")
         countdown = seconds("countdown", countdown)
-        due = time.time() + countdown if countdown is not None else epoch(eta, absolute=True)
+        due = (
+            time_at("countdown", countdown, time.time())
+            if countdown is not None
+            else epoch(eta, absolute=True)
+        )
         needs = dataset_names(requires) if requires is not None else self.requires
         usual = self.usual_queue(requires)  # (the task's own requires are checked already)
         options: dict[str, Any] = {

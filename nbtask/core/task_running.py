@@ -17,7 +17,7 @@ from typing import Any, NoReturn, Protocol
 from nbtask.core.call_checks import epoch
 from nbtask.core.context import Request, directly_called, progress, request_of
 from nbtask.core.handlers import ExceptionInfo, HandledTask
-from nbtask.core.options import seconds
+from nbtask.core.options import seconds_from_now
 from nbtask.errors import ConfigurationError, MaxRetriesExceededError, Retry
 
 __all__ = ["RunningTask"]
@@ -137,7 +137,7 @@ class RunningTask:
             raise ConfigurationError(f"retry(args=...) takes a list or tuple, got {args!r}")
         if kwargs is not None and not isinstance(kwargs, Mapping):
             raise ConfigurationError(f"retry(kwargs=...) takes a dict, got {kwargs!r}")
-        countdown = seconds("countdown", countdown)
+        countdown = seconds_from_now("countdown", countdown)
         request = self.request
         if request.called_directly:  # as Celery's: nothing to send again
             raise exc if exc is not None else Retry("Task can be retried", None)

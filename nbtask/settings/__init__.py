@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable, Mapping
 from urllib.parse import urlsplit
 
-from nbtask._text import redact_url
+from nbtask._text import redact_url, value_text
 from nbtask.errors import ConfigurationError
 from nbtask.settings.environment import (
     ENVIRONMENT,
@@ -232,7 +232,7 @@ class Settings:
             if not is_finite_number(value) or not 0 < value <= MAX_SECONDS:
                 raise ConfigurationError(
                     f"{_label(name)} must be a positive number of seconds, at most "
-                    f"{MAX_SECONDS:.0e}, got {value!r}"
+                    f"{MAX_SECONDS:.0e}, got {value_text(value)}"
                 )
         if self.result_ttl < 1:
             raise ConfigurationError(
@@ -347,12 +347,16 @@ def _is_word(text: str) -> bool:
 
 
 def is_finite_number(value: object) -> bool:
-    """A real number that is not a bool, nan or infinite: a time nbtask can wait for."""
-    return (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool)
-        and math.isfinite(float(value))
-    )
+    """A real number that is not a bool, nan or infinite: a time nbtask can wait for.
+
+    An integer too large for a float is not one either (a float of it raises).
+    """
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 # Celery's names for a setting nbtask has under another name, or keeps elsewhere: a

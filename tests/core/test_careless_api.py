@@ -269,8 +269,8 @@ def test_a_task_time_limit_that_is_not_finite_is_refused_when_the_task_is_made(
 
 _LAST_SECOND = dt.datetime(9999, 12, 31, 23, 59, 59, 500000, tzinfo=dt.timezone.utc)
 _WEST = dt.timezone(dt.timedelta(hours=-5))  # 9999-12-31 23:00 there is year 10000 in UTC
-_PAST_9999 = r"is out of range: it makes a time past the end of year 9999.*nothing was sent"
-_BEFORE_1970 = r"more than 8,000 years before 1970.*nothing was sent"
+_PAST_9999 = r"is out of range: it makes a time past the end of year 9999"
+_BEFORE_1970 = r"more than 8,000 years before 1970"
 _LIMIT = r"must be a positive number of seconds, at most 1e\+09 \(about 31 years\), got "
 
 
