@@ -424,6 +424,15 @@ def test_a_get_timeout_that_is_no_number_of_seconds_is_one_clear_error(
         handle.get(timeout=timeout)
 
 
+@pytest.mark.parametrize("timeout", [10**400, 1e300, 1e12], ids=["10**400", "1e300", "1e12"])
+def test_a_get_timeout_no_wait_can_take_is_one_clear_error(add: Task, timeout: float) -> None:
+    """Before, OverflowError (int too large to convert to float; timestamp out of range)."""
+    handle = add.delay(1, 2)
+    message = r"timeout=.{1,40} is not a number of seconds up to 1e\+09; give seconds, or None"
+    with pytest.raises(ConfigurationError, match=message):
+        handle.get(timeout=timeout)
+
+
 @pytest.mark.parametrize(
     "target", [functools.partial(max, 3), type("Doubler", (), {"__call__": lambda s, x: 2 * x})()]
 )
