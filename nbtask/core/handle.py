@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
+from nbtask._text import value_text
 from nbtask.core.celery_result import CeleryResultNames
 from nbtask.core.context import current_request
 from nbtask.core.outcome import FetchWatch, load_result
@@ -24,7 +25,7 @@ from nbtask.errors import (
     ResultNotReady,
     SendUnconfirmed,
 )
-from nbtask.settings import is_finite_number
+from nbtask.settings import MAX_SECONDS, is_finite_number
 from nbtask.wire.events import Deferred, Event, State
 
 __all__ = ["Client", "FetchWatch", "TaskHandle", "refusing_handles"]
@@ -281,12 +282,13 @@ class TaskHandle(CeleryResultNames, TaskEvents):
         SerializationError
             The result needs a class this process cannot import, or does not rebuild here.
         ConfigurationError
-            ``timeout`` is neither ``None`` nor a number of seconds.
+            ``timeout`` is neither ``None`` nor a number of seconds, at most 1e9.
         """
-        if timeout is not None and not is_finite_number(timeout):
+        # Past about 9.2e9 s a wait raises OverflowError; 1e9 is the settings' own bound.
+        if timeout is not None and not (is_finite_number(timeout) and timeout <= MAX_SECONDS):
             raise ConfigurationError(
-                f"timeout={timeout!r} is not a number of seconds; give seconds, or None to "
-                "wait until the task ends"
+                f"timeout={value_text(timeout)} is not a number of seconds up to "
+                f"{MAX_SECONDS:.0e}; give seconds, or None to wait until the task ends"
             )
         if not self.done() and self.app is not None:
             # Its message may still await the broker's answer (sent by this thread, which
