@@ -379,7 +379,11 @@ def open_file(value: Any) -> str | None:
     pickle at all: it is named instead. In-memory ones travel.
     """
     if isinstance(value, io.IOBase) and not isinstance(value, (io.StringIO, io.BytesIO)):
-        kind = "a closed file" if value.closed else "an open file"
+        try:
+            closed = value.closed
+        except ValueError:  # its buffer detached: no file any more either
+            closed = True
+        kind = "a closed file" if closed else "an open file"
         return f"{type(value).__name__} is {kind}, which cannot travel between processes"
     return None
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from collections.abc import Mapping
 from typing import Any
 
 from nbtask.errors import DecodeError, NbtaskError, SerializationError
+from nbtask.settings import MAX_SECONDS
 from nbtask.wire.blobs import Fetch, Part, SplitValue, join_value, parse_layout, split_value
 from nbtask.wire.envelope import Buffer, Envelope, dumps
 from nbtask.wire.frozen import FrozenMaker
@@ -35,13 +35,16 @@ __all__ = [
 
 SERIALIZERS = ("cloudpickle", "json")
 #: The latest time (epoch seconds) a message may name, and minus it the earliest: the
-#: last second of year 9999, past which a ``datetime`` cannot show it (an eta ten
-#: thousand years off is a slip, or an attack). An eta in the past means "now".
-LATEST_TIME = 253402300799.0
-# Each time field (epoch seconds) and duration field (seconds), with its bounds.
+#: end of year 9999, past which a ``datetime`` cannot show it (an eta ten thousand years
+#: off is a slip, or an attack). ``datetime.max`` ("never") is this, as a float rounds
+#: it. An eta in the past means "now".
+LATEST_TIME = 253402300800.0
+# Each time field (epoch seconds) and duration field (seconds), with its bounds. A limit
+# is bounded as a setting is (about 31 years): past about 9.2e9 s the worker could not
+# even set a soft one (OverflowError in the task's process).
 _TIME_BOUNDS = (
     *((name, -LATEST_TIME, LATEST_TIME) for name in ("created", "eta", "expires", "sent")),
-    *((name, 0.0, sys.float_info.max) for name in ("time_limit", "soft_time_limit")),
+    *((name, 0.0, MAX_SECONDS) for name in ("time_limit", "soft_time_limit")),
 )
 #: A value's layout as the header carries it (see :mod:`nbtask.wire.blobs`).
 LayoutJSON = list[Any]

@@ -160,6 +160,12 @@ def test_an_open_file_does_not_travel_as_another_kind_of_object(
     assert "nbtask: h did not come back from the worker (TextIOWrapper is a closed file" in (
         capfd.readouterr().err
     )
+    # One whose buffer was detached cannot even say whether it is closed: closed too.
+    task(ip, "d = open(path)\nd.detach().close()\nafter = 1")
+    assert ip.user_ns["after"] == 1
+    assert "nbtask: d did not come back from the worker (TextIOWrapper is a closed file" in (
+        capfd.readouterr().err
+    )
 
 
 def test_rc_params_environment_cwd_and_path_follow_the_notebook(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from typing import Any
 
@@ -26,6 +27,8 @@ NOW = 1_765_000_000.123456
         ("sent", math.nan),
         ("time_limit", math.nan),
         ("soft_time_limit", -1.0),
+        ("soft_time_limit", 1e12),  # a worker could not set it: OverflowError in the task
+        ("time_limit", 1e300),
     ],
 )
 def test_a_signed_header_with_a_time_no_worker_can_keep_is_refused_naming_it(
@@ -44,8 +47,11 @@ def test_a_signed_header_with_a_time_no_worker_can_keep_is_refused_naming_it(
 
 
 def test_times_in_their_bounds_are_kept_as_sent() -> None:
-    """The far future up to year 9999, and an eta in the past (which means now)."""
-    message = task_message(created=NOW, eta=LATEST_TIME, expires=-1.0, time_limit=1e12)
+    """The far future up to the end of year 9999 (``datetime.max``: never), an eta in the
+    past (which means now), a limit of about 31 years."""
+    never = dt.datetime.max.replace(tzinfo=dt.timezone.utc).timestamp()
+    assert never == LATEST_TIME
+    message = task_message(created=NOW, eta=never, expires=-1.0, time_limit=1e9)
     signer = Signer(SECRET)
     envelope = signer.open(signer.seal(message.to_header()))
     assert TaskMessage.from_header(envelope.header) == message
