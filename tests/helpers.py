@@ -444,6 +444,28 @@ def held_values(app: App) -> list[Held]:
     return [held for found in app.store.holdings(consumers).values() for held in found.values]
 
 
+def task_header(app: App, task_id: str, name: str, **changes: Any) -> dict[str, Any]:
+    """A header of task ``name`` (in ``tests.sample_tasks``) as ``app`` writes it, to seal."""
+    header: dict[str, Any] = {
+        "kind": "task",
+        "id": task_id,
+        "name": name,
+        "prefix": app.settings.key_prefix,
+        "queue": "default",
+        "client": app.channel,
+        "created": time.time(),
+        "eta": None,
+        "expires": None,
+        "acks_late": False,
+        "ignore_result": False,
+        "module": "tests.sample_tasks",
+        "code": None,
+        "code_len": 0,
+    }
+    header.update(changes)
+    return header
+
+
 def task_message(**fields: Any) -> TaskMessage:
     """A task message with plain fields (``fields`` replace them), never sent."""
     plain: dict[str, Any] = {

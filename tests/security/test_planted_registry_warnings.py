@@ -10,12 +10,12 @@ garbage stayed. The store is Redis on both brokers: the looks are run here direc
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import Iterator
 
 import pytest
 import redis
+from helpers import task_header
 from raw_broker import RawBroker
 
 from nbtask import App
@@ -52,7 +52,7 @@ def test_a_delivery_left_for_a_garbage_entry_is_said_once_not_at_every_sweep(
         return None if store.workers_if_known() is None else set()
 
     lost = LostTasks(access.streams, app.signer, app.settings, running)
-    header = {**_task_header(app), "id": "t-left"}
+    header = task_header(app, "t-left", "tests.sample_tasks.add")
     delivery = Delivery("default", "1-0", app.signer.seal(header), 1, task_id="t-left")
     for _ in range(SWEEPS):
         lost.settle(delivery, "its worker process died")
@@ -97,21 +97,3 @@ def test_a_registry_of_another_type_is_said_once_until_it_is_a_hash_again(
     for _ in range(SWEEPS):
         assert access.keys.workers() == {}
     assert _said(caplog, "is not a hash") == 2
-
-
-def _task_header(app: App) -> dict[str, object]:
-    return {
-        "kind": "task",
-        "name": "tests.sample_tasks.add",
-        "prefix": app.settings.key_prefix,
-        "queue": "default",
-        "client": app.channel,
-        "created": time.time(),
-        "eta": None,
-        "expires": None,
-        "acks_late": False,
-        "ignore_result": False,
-        "module": "tests.sample_tasks",
-        "code": None,
-        "code_len": 0,
-    }

@@ -25,7 +25,7 @@ from typing import Any
 import cloudpickle
 import pytest
 import redis
-from helpers import SECRET, Touch, WorkerProcess
+from helpers import SECRET, Touch, WorkerProcess, task_header
 from raw_broker import RawBroker
 
 import nbtask
@@ -67,28 +67,6 @@ def pickled(value: object) -> bytes:
     return data
 
 
-def task_header(app: App, task_id: str, **changes: Any) -> dict[str, Any]:
-    """A task header as a client writes it, for the sample marker task."""
-    header: dict[str, Any] = {
-        "kind": "task",
-        "id": task_id,
-        "name": MARKER_TASK,
-        "prefix": app.settings.key_prefix,
-        "queue": "default",
-        "client": app.channel,
-        "created": time.time(),
-        "eta": None,
-        "expires": None,
-        "acks_late": False,
-        "ignore_result": False,
-        "module": "tests.sample_tasks",
-        "code": None,
-        "code_len": 0,
-    }
-    header.update(changes)
-    return header
-
-
 def flip(raw: bytes, index: int) -> bytes:
     return raw[:index] + bytes((raw[index] ^ 0x01,)) + raw[index + 1 :]
 
@@ -126,7 +104,9 @@ class Attack:
         return pickled(((str(self.marker), ZeroSeconds(self.trace)), {}))
 
     def valid(self, **changes: Any) -> bytes:
-        return self.app.signer.seal(task_header(self.app, self.task_id, **changes), self.body())
+        return self.app.signer.seal(
+            task_header(self.app, self.task_id, MARKER_TASK, **changes), self.body()
+        )
 
 
 # The forged task messages ------------------------------------------------------------------
@@ -139,7 +119,7 @@ def _unsigned_trace(a: Attack) -> bytes:
 
 
 def _wrong_key(a: Attack) -> bytes:
-    return Signer("not-the-secret").seal(task_header(a.app, a.task_id), a.body())
+    return Signer("not-the-secret").seal(task_header(a.app, a.task_id, MARKER_TASK), a.body())
 
 
 def _tampered_header(a: Attack) -> bytes:
@@ -454,7 +434,7 @@ def test_client_ignores_forged_events(
         "wrong-key-failure": Signer("x").seal(
             Event(EventType.FAILURE, tid, 99, {"ename": "Forged", "evalue": "x"}).to_header()
         ),
-        "signed-task-message": signer.seal(task_header(app, tid), trace_body),
+        "signed-task-message": signer.seal(task_header(app, tid, MARKER_TASK), trace_body),
     }
     for raw in forged.values():
         access.push_event(app.channel, raw)
