@@ -77,14 +77,14 @@ class LostDeliveries:
             if known is None:
                 # A live worker's entry cannot be read (nbtask did not write it): what it
                 # runs is unknown, and a copy made to look lost may be of its running task.
-                if set(ids) != self._left_unclaimed:
+                left, self._left_unclaimed = self._left_unclaimed, set(ids)
+                if self._left_unclaimed != left:
                     log.warning(
                         "%d lost delivery(ies) left unclaimed: a live worker's registry entry "
                         "cannot be read (nbtask did not write it); looked at again at later "
                         "sweeps, said again if they change",
                         len(ids),
                     )
-                self._left_unclaimed = set(ids)
                 return []
             self._left_unclaimed = set()
             live = known.values()
