@@ -26,13 +26,12 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from redis.exceptions import ResponseError
-
-from nbtask._text import printable
+from nbtask.brokers import journals
 from nbtask.brokers.base import Publish, Settlement, StartBy
 from nbtask.brokers.blob_scripts import BLOB_SCRIPTS
 from nbtask.brokers.bounded_reads import BOUNDED_SCRIPTS, read_record, read_records
 from nbtask.brokers.follow_up_scripts import FOLLOW_UP_SCRIPTS
+from nbtask.brokers.journals import JOURNAL_SCRIPTS
 from nbtask.brokers.local_blobs import LocalBlobs
 from nbtask.brokers.lost_scripts import LOST_SCRIPTS
 from nbtask.brokers.rate_scripts import RATE_SCRIPTS
@@ -51,8 +50,6 @@ from nbtask.wire.records import RecordFields, TaskRecord
 __all__ = ["DEAD_LETTER_BYTES", "RedisStore"]
 
 log = logging.getLogger(__name__)
-
-_JOURNAL_LINES = 1_000
 
 
 class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
@@ -80,7 +77,7 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
         link.add_scripts(RATE_SCRIPTS)
         link.add_scripts(CHANNEL_SCRIPTS)
         link.add_scripts(BLOB_SCRIPTS)
-        link.add_scripts({**BOUNDED_SCRIPTS, **WORKER_SCRIPTS})
+        link.add_scripts({**BOUNDED_SCRIPTS, **WORKER_SCRIPTS, **JOURNAL_SCRIPTS})
 
     # Keys ----------------------------------------------------------------------------------
     def record_key(self, task_id: str) -> str:
@@ -358,25 +355,12 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
         return f"{self.prefix}:log:{task_id}"
 
     def append_journal(self, task_id: str, lines: Sequence[str]) -> None:
-        """Keep ``lines`` with the task, for ``result_ttl`` (the newest 1,000)."""
-        key = self.journal_key(task_id)
-        with self.link.translate_errors():
-            self.link.run(
-                [
-                    ("RPUSH", key, *lines),
-                    ("LTRIM", key, -_JOURNAL_LINES, -1),
-                    ("EXPIRE", key, self.ttl),
-                ]
-            )
+        """Keep ``lines`` with the task for ``result_ttl`` (:mod:`nbtask.brokers.journals`)."""
+        journals.append(self.link, self.journal_key(task_id), lines, self.ttl)
 
     def read_journal(self, task_id: str) -> list[str]:
         """What workers said about a task, oldest first (unsigned: shown printable)."""
-        with self.link.translate_errors():
-            try:
-                lines = self.link.redis.lrange(self.journal_key(task_id), 0, -1)
-            except ResponseError:  # not a list: nbtask did not write it
-                return []
-        return [printable(line.decode("utf-8", "replace")) for line in lines]
+        return journals.read(self.link, self.journal_key(task_id))
 
 
 def _flat(fields: Mapping[str, str | bytes], raw_event: bytes = b"") -> list[str | bytes]:

@@ -116,3 +116,44 @@ def test_a_large_field_in_a_parked_lost_delivery_is_not_read(
     assert [(d.task_id, d.raw) for d in claimed] == [("t-lost", b"signed message")]
     assert len(_said(caplog, f"the lost delivery {entry} holds h larger than")) == 1
     assert lost.settle(claimed[0])
+
+
+def test_a_planted_task_journal_is_read_only_as_nbtask_writes_it(
+    app: App, access: RawBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``nbtask log`` and ``%nbtask log`` read a journal: planted with 20,000 lines and
+    one far longer than a worker writes, only its newest 1,000 lines are read, the long
+    one left out with one log line."""
+    assert isinstance(app.store, RedisStore)
+    key = app.store.journal_key("t-planted")
+    access.store.eval(
+        "for i = 1, 20000 do redis.call('RPUSH', KEYS[1], 'line ' .. i) end "
+        "redis.call('RPUSH', KEYS[1], string.rep('x', tonumber(ARGV[1]))) "
+        "redis.call('RPUSH', KEYS[1], 'last') redis.call('EXPIRE', KEYS[1], 600)",
+        1,
+        key,
+        PLANTED,
+    )
+    with caplog.at_level(logging.WARNING, logger="nbtask"):
+        lines, peak = _peak(lambda: app.store.read_journal("t-planted"))
+    assert peak < READ_AT_MOST, f"reading the journal took {peak:,} bytes"
+    assert lines == [f"line {i}" for i in range(19_003, 20_001)] + ["last"]
+    said = _said(caplog, f"the task journal {key} holds 1 line(s) longer than nbtask writes")
+    assert len(said) == 1, said
+    access.store.delete(key)
+
+
+def test_a_journal_line_longer_than_a_journal_keeps_is_kept_cut(app: App) -> None:
+    """What a handler prints is kept a line at a time, each cut to what a reader takes."""
+    assert isinstance(app.store, RedisStore)
+    long_line, accented = "x" * 100_000, "é" * 3_000  # (é: two bytes, cut between them)
+    app.store.append_journal("t-long", [long_line, accented, "short"])
+    try:
+        kept = app.store.read_journal("t-long")
+        assert len(kept) == 3 and kept[2] == "short"
+        for line, original in zip(kept[:2], (long_line, accented), strict=True):
+            assert line.endswith(" [nbtask: line cut here]"), line[-40:]
+            assert original.startswith(line.removesuffix(" [nbtask: line cut here]"))
+            assert len(line.encode()) <= 4_096
+    finally:
+        app.store.link.redis.delete(app.store.journal_key("t-long"))
