@@ -410,8 +410,10 @@ def test_refusals_are_one_line_before_anything_is_sent(ip: InteractiveShell, nb:
     assert undefined.value._render_traceback_() == ["NameError: name 'nowhere' is not defined"]
     for source, why in [
         ("%pip install six", "acts on this kernel"),
+        ("%conda install six", "acts on this kernel"),
         ("%who", "acts on this kernel"),
         ("import ipywidgets\nw = ipywidgets.IntSlider()", "widgets live in the kernel"),
+        ("from ipywidgets import interact\ninteract(print, x=1)", "widgets live in the kernel"),
     ]:
         with pytest.raises(CellError, match=why) as refused:
             task(ip, source)
