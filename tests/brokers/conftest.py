@@ -5,6 +5,9 @@ or RabbitMQ), so that a test can lose what the client sends or what the broker a
 (``hold()``, ``deafen()``, ``cut()``, ``refuse()``). On RabbitMQ the client reaches its
 store (the real Redis) directly; workers reach both directly.
 
+A RabbitMQ test of the transport itself has ``transport`` (a client's, or a worker's:
+an :class:`~nbtask.brokers.amqp.AmqpTransport` with its store).
+
 A test on a redis-server of its own (``private_redis``) has its apps, worker processes
 and client processes made by ``private_app``, ``private_worker`` and ``private_processes``:
 one secret, short heartbeats, all closed or stopped after the test.
@@ -24,6 +27,9 @@ from helpers import ROOT, PrivateRedis
 from tcp_proxy import TcpProxy, proxying, via
 
 from nbtask import App, Settings
+from nbtask.brokers.amqp import AmqpTransport
+from nbtask.brokers.redis_link import RedisLink
+from nbtask.brokers.redis_store import RedisStore
 
 
 @pytest.fixture
@@ -32,6 +38,19 @@ def proxy(settings: Settings) -> Iterator[TcpProxy]:
     url = settings.broker_url or ""
     with proxying(url, 5672 if url.startswith("amqp") else 6379) as opened:
         yield opened
+
+
+def _amqp_transport(settings: Settings, url: str | None = None) -> AmqpTransport:
+    store = RedisStore(RedisLink(settings.result_url or "", "result store"), settings)
+    return AmqpTransport(url or settings.broker_url or "", store)
+
+
+@pytest.fixture
+def transport(settings: Settings) -> Iterator[AmqpTransport]:
+    """An AMQP transport on the test's settings (RabbitMQ tests), closed after the test."""
+    opened = _amqp_transport(settings)
+    yield opened
+    opened.close()
 
 
 @pytest.fixture

@@ -8,24 +8,11 @@ reads not moving the stream position) for every event received live before a rec
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
-from nbtask import Settings
 from nbtask.brokers.amqp import AmqpTransport
-from nbtask.brokers.redis_link import RedisLink
-from nbtask.brokers.redis_store import RedisStore
 
 pytestmark = pytest.mark.brokers("amqp")
-
-
-@pytest.fixture
-def transport(settings: Settings) -> Iterator[AmqpTransport]:
-    store = RedisStore(RedisLink(settings.result_url or "", "result store"), settings)
-    opened = AmqpTransport(settings.broker_url or "", store)
-    yield opened
-    opened.close()
 
 
 @pytest.fixture

@@ -18,8 +18,6 @@ from helpers import AMQP_URL
 from nbtask import Settings
 from nbtask.brokers.amqp import AmqpTransport
 from nbtask.brokers.redis_channels import READ_COUNT, read_budget
-from nbtask.brokers.redis_link import RedisLink
-from nbtask.brokers.redis_store import RedisStore
 
 pytestmark = pytest.mark.brokers("amqp")
 
@@ -27,17 +25,9 @@ MIB = 1024 * 1024
 
 
 @pytest.fixture
-def small(settings: Settings) -> Settings:
+def settings(settings: Settings) -> Settings:
     """Messages of at most 1 MiB: the largest event a client accepts."""
     return settings.replace(max_message_bytes=MIB)
-
-
-@pytest.fixture
-def transport(small: Settings) -> Iterator[AmqpTransport]:
-    store = RedisStore(RedisLink(small.result_url or "", "result store"), small)
-    opened = AmqpTransport(small.broker_url or "", store)
-    yield opened
-    opened.close()
 
 
 @pytest.fixture
@@ -57,7 +47,7 @@ def reads_until(transport: AmqpTransport, channel: str, last: bytes) -> list[lis
 
 
 def test_one_read_of_a_reply_queue_takes_a_bounded_number_of_bytes_and_no_oversized_message(
-    transport: AmqpTransport, small: Settings, outsider: Any, caplog: pytest.LogCaptureFixture
+    transport: AmqpTransport, settings: Settings, outsider: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A message as large as RabbitMQ takes (128 MiB by default) was read whole, then
     handed over as one event. Now a body over ``max_message_bytes`` (no event nbtask
@@ -80,7 +70,7 @@ def test_one_read_of_a_reply_queue_takes_a_bounded_number_of_bytes_and_no_oversi
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    budget = read_budget(small.max_message_bytes)
+    budget = read_budget(settings.max_message_bytes)
     assert max(sum(map(len, read)) for read in reads) <= budget
     assert max(map(len, reads)) <= READ_COUNT
     assert [raw for read in reads for raw in read] == [*halves[:6], *tiny, *halves[6:], b"genuine"]
