@@ -40,6 +40,7 @@ from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from nbtask._process import current_pid
 from nbtask.brokers.amqp_guards import (
     DELIVERIES_HEADER,
+    ENTRY_HEADER,
     ID_HEADER,
     body_of,
     read_headers,
@@ -254,16 +255,27 @@ class AmqpTransport(AmqpUpkeep):
         self._own_channels.add(channel)
         self.store.keep_channel(channel)
 
-    def notify(self, channel: str, raw_events: Sequence[bytes], *, wait: bool = True) -> None:
+    def notify(
+        self,
+        channel: str,
+        raw_events: Sequence[bytes],
+        *,
+        wait: bool = True,
+        entries: Sequence[str] = (),
+    ) -> None:
         """Publish events to a client's reply queue (dropped if the client is gone).
 
         Without ``wait`` the confirms are collected later, by the thread's next use of
         its link; events a dropped connection left unconfirmed are sent again then.
+        ``entries``: none, or the id each event was kept under on the client's stream
+        (``''`` where unknown), sent beside it (:data:`~.amqp_guards.ENTRY_HEADER`).
         """
+        kept = entries or [""] * len(raw_events)
 
         def send(link: Link) -> None:
-            for raw in raw_events:
-                self.links.send(link, channel, raw, persistent=False)
+            for raw, entry in zip(raw_events, kept, strict=True):
+                headers = {ENTRY_HEADER: entry} if entry else None
+                self.links.send(link, channel, raw, persistent=False, headers=headers)
 
         self.links.publishing(send, wait=wait)
 
@@ -393,8 +405,7 @@ class AmqpTransport(AmqpUpkeep):
         """
         if not channel:
             return
-        self.store.append_events(channel, raw_events)
-        self.notify(channel, raw_events)
+        self.notify(channel, raw_events, entries=self.store.append_events(channel, raw_events))
 
     def finish(
         self,
@@ -410,7 +421,7 @@ class AmqpTransport(AmqpUpkeep):
         """Store the outcome (and park ``requeue``), tell the client, then acknowledge."""
         queue = delivery.queue if delivery is not None else ""
         end = Settlement(task_id, channel, raw_event, fields, queue=queue, later=requeue)
-        self.store.settle(end)  # says in the log if it ended after it was reported lost
+        kept = self.store.settle_kept(end)[1]  # (logs an end after it was reported lost)
         # The event and the ack leave in one write (RabbitMQ gets them in one packet).
         with self.links.writes_together():
             if raw_event and channel:
@@ -418,7 +429,7 @@ class AmqpTransport(AmqpUpkeep):
                 # is safe: RabbitMQ takes a channel's frames in order, so an ack that
                 # arrives comes after the event; if neither arrives, the thread's next
                 # link (its next fetch) sends the event again.
-                self.notify(channel, [raw_event], wait=False)
+                self.notify(channel, [raw_event], wait=False, entries=[kept])
             if delivery is not None:
                 self._settle(delivery)
         if then_fetch is not None and then_fetch[0]:

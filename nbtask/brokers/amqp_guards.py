@@ -22,12 +22,15 @@ from kombu.transport import pyamqp as _pyamqp
 
 from nbtask.brokers.amqp_frames import read_confirm
 from nbtask.brokers.amqp_reads import OVERSIZED_HEADER, BodyLimits, BufferedTCPTransport
+from nbtask.brokers.redis_channels import entry_key
 
 __all__ = [
     "DELIVERIES_HEADER",
+    "ENTRY_HEADER",
     "GUARDED",
     "ID_HEADER",
     "body_of",
+    "entry_of",
     "oversized",
     "read_headers",
     "redelivered",
@@ -36,6 +39,8 @@ __all__ = [
 
 ID_HEADER = "nbtask-id"
 DELIVERIES_HEADER = "nbtask-deliveries"
+#: Beside an event on a reply queue: the id it was kept under on its client's stream.
+ENTRY_HEADER = "nbtask-entry"
 
 # kombu would decompress a body whose headers name a compression before nbtask sees it:
 # a bz2 bomb of a few hundred bytes grows to hundreds of MB before any signature or size
@@ -285,6 +290,20 @@ def read_headers(headers: object) -> tuple[str | None, int]:
     count = headers.get(DELIVERIES_HEADER)
     deliveries = count if isinstance(count, int) and 0 <= count < 1 << 31 else 0
     return (task_id if isinstance(task_id, str) and task_id else None), deliveries
+
+
+def entry_of(headers: object) -> str:
+    """The stream entry id beside an event (:data:`ENTRY_HEADER`); ``''`` if none is.
+
+    Anyone who can publish to the reply queue may have set it, with anything in it: only
+    a well-formed id is read, and it is a hint (see :mod:`~nbtask.brokers.amqp_overlap`).
+    """
+    if not isinstance(headers, Mapping):
+        return ""
+    entry = headers.get(ENTRY_HEADER)
+    if isinstance(entry, bytes):
+        entry = entry.decode("ascii", "replace")
+    return entry if isinstance(entry, str) and entry_key(entry) is not None else ""
 
 
 def body_of(message: Any) -> bytes:

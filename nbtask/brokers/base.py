@@ -153,8 +153,8 @@ class Store(Protocol):
         record's final state (held with a signed outcome), or ``'ENDED'``.
         """
 
-    def revoke_pending(self, task_id: str, raw_event: bytes, channel: str) -> bool:
-        """Mark a task REVOKED if it has not started; return whether it was.
+    def revoke_pending(self, task_id: str, raw_event: bytes, channel: str) -> str:
+        """Mark a task REVOKED if it has not started; the id its event was kept under, or ``''``.
 
         One whose record says it started (its plain state, which anyone with write access
         can set) keeps ``raw_event`` so that it never starts (again) after all.
@@ -387,8 +387,14 @@ class Transport(Protocol):
     def wake(self, channel: str) -> None:
         """Make a reader blocked on ``channel`` return at once."""
 
-    def notify(self, channel: str, raw_events: Sequence[bytes]) -> None:
-        """Deliver events the store already keeps to a live client (nothing more is kept)."""
+    def notify(
+        self, channel: str, raw_events: Sequence[bytes], *, entries: Sequence[str] = ()
+    ) -> None:
+        """Deliver events the store already keeps to a live client (nothing more is kept).
+
+        ``entries``: the ids they were kept under on ``channel``, one per event, where
+        known (a RabbitMQ client's next catch-up may start after them).
+        """
 
     def keep_channel(self, channel: str) -> None:
         """Keep ``channel``: its client reads it and is alive."""

@@ -28,6 +28,9 @@ __all__ = [
     "CHANNEL_SCRIPTS",
     "READ_COUNT",
     "RedisChannels",
+    "entry_before",
+    "entry_key",
+    "entry_text",
     "event_of",
     "read_budget",
     "refuses_entries",
@@ -100,28 +103,30 @@ class RedisChannels:
         """The command appending one event to a client's channel."""
         return ("XADD", channel, "MAXLEN", "~", CHANNEL_MAXLEN, "*", "e", raw)
 
-    def append_events(self, channel: str, raw_events: Sequence[bytes]) -> None:
-        """Append events to a client's channel, in one round trip."""
-        self.append_replacing(channel, [self.event_command(channel, raw) for raw in raw_events])
+    def append_events(self, channel: str, raw_events: Sequence[bytes]) -> list[str]:
+        """Append events to a client's channel, in one round trip; the ids they were kept under."""
+        commands = [self.event_command(channel, raw) for raw in raw_events]
+        return [entry_text(reply) for reply in self.append_replacing(channel, commands)]
 
     def append_replacing(
         self, stream: str, commands: list[tuple[Any, ...]], *, large: bool = False
-    ) -> None:
+    ) -> list[Any]:
         """Run ``commands``, which append to ``stream``, replacing it if Redis refuses.
 
         A stream Redis refuses an entry for (a key of another type, or a stream whose ids
         were used up by an entry put at the last one) was not written by nbtask, and
         nothing could be appended to it again (the store's scripts do the same for a
-        client's channel: WRITE_FINAL). ``large``: as :meth:`RedisLink.run`'s.
+        client's channel: WRITE_FINAL). ``large``: as :meth:`RedisLink.run`'s. Returns
+        the replies of ``commands``.
         """
         with self.link.translate_errors():
             try:
-                self.link.run(commands, large=large)
+                return self.link.run(commands, large=large)
             except ResponseError as exc:
                 if not refuses_entries(exc):
                     raise
                 log.error("replaced %s, which nbtask did not write: %s", stream, exc)
-                self.link.run([("DEL", stream), *commands], large=large)
+                return self.link.run([("DEL", stream), *commands], large=large)[1:]
 
     #: Whether entries may wait that the last read's script did not return, or that
     #: its blocking read sent (see :meth:`read_events`).
@@ -195,6 +200,24 @@ class RedisChannels:
         """``(id, raw)`` of the events on ``channel`` after entry ``after`` (``"0-0"``: all)."""
         with self.link.translate_errors():
             return self._kept(channel, after)
+
+    def event_at(self, channel: str, entry_id: str) -> bytes | None:
+        """The event kept under ``entry_id`` on ``channel``; ``None`` if there is none.
+
+        Read as :meth:`read_events` reads (an entry too large reads as empty).
+        """
+        before = entry_before(entry_id)
+        if before is None:
+            return None
+        args = (1, self.max_event_bytes, read_budget(self.max_event_bytes), before)
+        with self.link.translate_errors():
+            ((entries, _),) = self.link.run_scripts(
+                [self.link.evalsha("read_events", [channel], *args)], idempotent=True
+            )
+        if not entries or entries[0][1].decode() != entry_id:
+            return None
+        _, _, raw = self._sized(*entries[0])
+        return raw
 
     def channel_end(self, channel: str) -> str:
         """The id of the newest event on a channel (``"0-0"`` when empty)."""
@@ -289,6 +312,34 @@ def _copied_unreturned(scripted: list[Any], woken: Any) -> bool:
     """Whether a blocking read sent with the script copied an entry the script did not return."""
     returned = {entry[1] for entry in scripted}
     return any(entry[0] not in returned for _stream, entries in woken or () for entry in entries)
+
+
+#: The largest part of a stream entry id (both are unsigned 64-bit numbers).
+_ID_PART_MAX = (1 << 64) - 1
+_ENTRY_ID = re.compile(r"(\d{1,20})-(\d{1,20})")
+
+
+def entry_key(entry_id: str) -> tuple[int, int] | None:
+    """A stream entry id (``"<ms>-<seq>"``) as numbers, to compare ids; ``None`` if not one."""
+    match = _ENTRY_ID.fullmatch(entry_id)
+    if match is None:
+        return None
+    millis, seq = int(match[1]), int(match[2])
+    return (millis, seq) if millis <= _ID_PART_MAX and seq <= _ID_PART_MAX else None
+
+
+def entry_before(entry_id: str) -> str | None:
+    """The id just before ``entry_id`` (none before ``0-0``, nor an id that is not one)."""
+    key = entry_key(entry_id)
+    if key is None or key == (0, 0):
+        return None
+    millis, seq = key
+    return f"{millis}-{seq - 1}" if seq else f"{millis - 1}-{_ID_PART_MAX}"
+
+
+def entry_text(reply: object) -> str:
+    """An entry id a script or XADD replied with, as text; ``''`` for anything else."""
+    return reply.decode() if isinstance(reply, bytes) else reply if isinstance(reply, str) else ""
 
 
 def _stream_id(entry_id: bytes) -> tuple[int, int]:

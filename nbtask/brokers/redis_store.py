@@ -36,7 +36,7 @@ from nbtask.brokers.local_blobs import LocalBlobs
 from nbtask.brokers.lost_scripts import LOST_SCRIPTS
 from nbtask.brokers.rate_scripts import RATE_SCRIPTS
 from nbtask.brokers.redis_blobs import RedisBlobs
-from nbtask.brokers.redis_channels import CHANNEL_MAXLEN, CHANNEL_SCRIPTS, event_of
+from nbtask.brokers.redis_channels import CHANNEL_MAXLEN, CHANNEL_SCRIPTS, entry_text, event_of
 from nbtask.brokers.redis_holdings import RedisHoldings
 from nbtask.brokers.redis_link import LARGE_BYTES, RedisLink
 from nbtask.brokers.redis_owed import looking, unanswered
@@ -242,23 +242,33 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
         is parked until then: a retry. Returns ``''``, or what says the task ended already,
         which keeps its outcome (nothing stored, nothing told): see ``Store.settle``.
         """
+        return self.settle_kept(end)[0]
+
+    def settle_kept(self, end: Settlement) -> tuple[str, str]:
+        """:meth:`settle`, and the id the event was kept under on its channel (``''``: none).
+
+        On RabbitMQ the event is then published with that id beside it: where its client's
+        next catch-up may start (:mod:`~nbtask.brokers.amqp_overlap`).
+        """
         keys, args = self.settle_args(end)
         reply = self.link.call("settle", keys, *args, large=len(end.raw_event) >= LARGE_BYTES)
-        return refused_by(end, reply)
+        refused, kept = reply if isinstance(reply, list) and len(reply) == 2 else ("", b"")
+        return refused_by(end, refused), entry_text(kept)
 
     def reset_pending(self, task_id: str) -> None:
         """Set a task that is to run again back to PENDING (a redelivery)."""
         with self.link.translate_errors():
             self.link.redis.hset(self.record_key(task_id), "state", "PENDING")
 
-    def revoke_pending(self, task_id: str, raw_event: bytes, channel: str) -> bool:
-        """Mark a not-yet-started task REVOKED and tell its client; whether it was.
+    def revoke_pending(self, task_id: str, raw_event: bytes, channel: str) -> str:
+        """Mark a not-yet-started task REVOKED and tell its client.
 
-        A task whose record says it has started keeps ``raw_event`` in its record: its
-        next start is refused as revoked, whatever that record's plain state says then.
+        Returns the id ``raw_event`` was kept under on ``channel``, or ``''`` if the task
+        was not revoked so. A task whose record says it has started keeps ``raw_event`` in
+        its record: its next start is refused as revoked, whatever its plain state says then.
         """
         keys = [self.record_key(task_id), channel]
-        return int(self.link.call("revoke", keys, raw_event, self.ttl, CHANNEL_MAXLEN)) == 1
+        return entry_text(self.link.call("revoke", keys, raw_event, self.ttl, CHANNEL_MAXLEN))
 
     def take_follow_ups(self, task_id: str, taker: str) -> bool | None:
         """Take the follow-ups a task's stated outcome owes: True for ``taker``, else False.

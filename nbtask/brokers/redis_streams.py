@@ -231,7 +231,9 @@ class StreamsTransport(StreamsMoves):
         """Keep a live client's channel."""
         self.store.keep_channel(channel)
 
-    def notify(self, channel: str, raw_events: Sequence[bytes]) -> None:
+    def notify(
+        self, channel: str, raw_events: Sequence[bytes], *, entries: Sequence[str] = ()
+    ) -> None:
         """Nothing to do: the store's stream is the channel its client reads."""
 
     def purge(self, queues: Sequence[str]) -> list[str]:

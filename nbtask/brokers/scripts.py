@@ -76,14 +76,14 @@ end
 # A client's channel Redis refuses an event for (a key of another type, or a stream whose
 # ids were used up by an entry put at the last one) was not written by nbtask: replaced,
 # or no event would reach that client again. Any other error is raised as redis.call
-# raises it.
+# raises it. Returns the id the event was kept under (published beside it on RabbitMQ).
 _XADD_REPLACING = """
 local function xadd_replacing(key, maxlen, event)
   local reply = redis.pcall('XADD', key, 'MAXLEN', '~', maxlen, '*', 'e', event)
-  if type(reply) ~= 'table' or not reply.err then return end
+  if type(reply) ~= 'table' or not reply.err then return reply end
   local used_up = string.find(reply.err, 'last possible', 1, true)
   if string.sub(reply.err, 1, 9) == 'WRONGTYPE' or used_up then redis.call('DEL', key) end
-  redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', 'e', event)
+  return redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', 'e', event)
 end
 """
 
@@ -252,7 +252,8 @@ end
 # record's signed outcome (its final event) or the ended-task set. A final plain state
 # alone, or another event as its result, was put there by someone else: written over.
 # Returns '' once written, '!' .. the plain state it wrote over, else what refused it:
-# the record's final state (held with its outcome), or 'ENDED'.
+# the record's final state (held with its outcome), or 'ENDED'; and second, the id the
+# event was kept under on the channel ('' if it was not).
 WRITE_FINAL = _lua(
     _OWN_RECORD,
     _ENDED,
@@ -292,11 +293,12 @@ local function write_final(key, channel, ttl, maxlen, event, fields)
   elseif event ~= '' then
     redis.call('DEL', key)
   end
+  local kept = ''
   if event ~= '' and channel ~= '' then
-    xadd_replacing(channel, maxlen, event)
+    kept = xadd_replacing(channel, maxlen, event)
     redis.call('EXPIRE', channel, ttl)
   end
-  return final(state) and ('!' .. state) or ''
+  return final(state) and ('!' .. state) or '', kept
 end
 """,
 )
@@ -340,26 +342,28 @@ return ''
 )
 
 # A task's end, told to its client and stored, and a retry parked until it is due (once:
-# the same retry sent again is not, see PARKED_BEFORE).
+# the same retry sent again is not, see PARKED_BEFORE). Returns {what refused it, as
+# WRITE_FINAL says, or ''; the id its event was kept under on the channel, or ''}.
 # KEYS: record, channel, eta set; ARGV: ttl, maxlen, event, member ('' = none), due, fields...
 _SETTLE = (
     WRITE_FINAL
     + PARKED_BEFORE
     + """
 local fields = {unpack(ARGV, 6)}
-if parked_before(KEYS[1], fields) then return '' end
-local refused = write_final(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], fields)
+if parked_before(KEYS[1], fields) then return {'', ''} end
+local refused, kept = write_final(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], fields)
 if ARGV[4] ~= '' then zadd_replacing(KEYS[3], ARGV[5], ARGV[4]) end
-return refused
+return {refused, kept or ''}  -- (a nil would end the list)
 """
 )
 
 # Mark a task that has not started REVOKED and tell its client. Its signed outcome owes
 # its follow-ups (errbacks, failing a chain's later steps): the first worker that drops its
 # message takes them, once (nbtask.wire.records.FOLLOW_UPS); a replay finds them taken.
-# Returns 1, or 0 if it ended (a signed outcome, the ended-task set). One whose plain state
-# says it started may run, or someone else wrote that: the client's signed revoke is kept
-# (`revoked`) and refuses its next start (CHECK_START): 2.
+# Returns the id the event was kept under on the channel, or 0 if it ended (a signed
+# outcome, the ended-task set). One whose plain state says it started may run, or someone
+# else wrote that: the client's signed revoke is kept (`revoked`) and refuses its next
+# start (CHECK_START): 2.
 # KEYS: record, channel; ARGV: event, ttl, maxlen
 _REVOKE = _lua(
     _OWN_RECORD,
@@ -377,9 +381,9 @@ end
 mark_ended(KEYS[1], ARGV[2])
 redis.call('HSET', KEYS[1], 'state', 'REVOKED', 'result', ARGV[1], 'follow_ups', 'owed')
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-xadd_replacing(KEYS[2], ARGV[3], ARGV[1])
+local kept = xadd_replacing(KEYS[2], ARGV[3], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
-return 1
+return kept
 """,
 )
 

@@ -102,9 +102,11 @@ class Revoking(AppConnection):
         run = (self.settings.key_prefix, sent)
         event = Event(EventType.REVOKED, task_id, FINAL_SEQ, {"reason": reason}, run=run)
         raw = self.signer.seal(event.to_header())
-        if not self.store.revoke_pending(task_id, raw, channel):
+        kept = self.store.revoke_pending(task_id, raw, channel)
+        if not kept:
             return False
-        self.transport.notify(channel, [raw])  # the store keeps it; a live client hears it
+        # The store keeps it; a live client hears it.
+        self.transport.notify(channel, [raw], entries=[kept])
         if handle is not None:
             handle.apply(event)  # at once; the same event arriving later is ignored
         return True

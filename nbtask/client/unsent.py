@@ -69,14 +69,17 @@ def revoke_unsent(
     if not unsent and not also:  # (after every send and flush: nearly always)
         return []
     revoked: list[tuple[str, Event, bytes]] = []
+    kept: list[str] = []  # where each revoked one was kept on the channel ('' unknown)
     for task_id in dict.fromkeys([*also, *unsent]):
         handle = listener.get(task_id) if listener is not None else None
         run = (prefix, handle.sent if handle is not None else None)
         reason = {"reason": why}
         event = Event(EventType.REVOKED, task_id, FINAL_SEQ, reason, run=run)
         raw = signer.seal(event.to_header())
+        entry = ""
         try:
-            if not transport.store.revoke_pending(task_id, raw, channel):
+            entry = transport.store.revoke_pending(task_id, raw, channel)
+            if not entry:
                 continue  # it started: its message did get through
         except BrokerUnavailable as exc:
             log.error(
@@ -89,10 +92,11 @@ def revoke_unsent(
         else:
             log.error("task %s: %s", task_id, why)
         revoked.append((task_id, event, raw))
+        kept.append(entry)
     if revoked:
         with contextlib.suppress(BrokerUnavailable):
             # The store keeps them; this reaches a client re-attached elsewhere at once.
-            transport.notify(channel, [raw for _, _, raw in revoked])
+            transport.notify(channel, [raw for _, _, raw in revoked], entries=kept)
     for task_id, event, _ in revoked:
         handle = listener.get(task_id) if listener is not None else None
         if handle is not None:
