@@ -243,6 +243,11 @@ class AmqpTransport(AmqpUpkeep):
             return self.replies.take_lost(channel)
         return self.store.trimmed_after(channel, after)
 
+    def event_verified(self, channel: str, entry_id: str) -> None:
+        """Note that an event read verified: the position beside it may be used (own channels)."""
+        if channel in self._own_channels:
+            self.replies.verified(channel, entry_id)
+
     def wake(self, channel: str) -> None:
         """Send an empty event so a reader blocked on ``channel`` returns."""
         if channel in self._own_channels:

@@ -4,7 +4,9 @@ Events for a client are kept on its stream in the store, then published to its e
 auto-delete reply queue. The queue is declared when the client first reads, and again on
 each new connection; what was sent while it did not exist is read from the stream. An
 event both ways bring (kept before that catch-up and published after the queue began, or
-received live before a reconnect) is handed over once (:mod:`~.amqp_overlap`).
+received live shortly before a reconnect) is handed over once (:mod:`~.amqp_overlap`),
+which also says where a catch-up starts: each event comes with the id it was kept under
+on the stream.
 
 The queue's name is in every record of the client's tasks, so anyone with store access
 can declare it first, exclusive to their own connection (or with other properties), and
@@ -28,7 +30,7 @@ import time
 
 from amqp.exceptions import PreconditionFailed, ResourceLocked
 
-from nbtask.brokers.amqp_guards import body_of, oversized
+from nbtask.brokers.amqp_guards import body_of, entry_of, oversized
 from nbtask.brokers.amqp_link import Link
 from nbtask.brokers.amqp_links import Links, kombu
 from nbtask.brokers.amqp_overlap import Overlap
@@ -128,11 +130,18 @@ class Replies:
                     f"{self.store.max_event_bytes:,}",
                 )
                 continue
-            if not self._overlap(channel).received(body):
+            handed_as = self._next_id()
+            if not self._overlap(channel).received(body, handed_as, entry_of(message.headers)):
                 continue  # the catch-up read it already
             size += len(body)
-            out.append((channel, self._next_id(), body))
+            out.append((channel, handed_as, body))
         return out
+
+    def verified(self, channel: str, handed_as: str) -> None:
+        """The event handed over as ``handed_as`` verified: the position beside it may count."""
+        overlap = self._overlaps.get(channel)
+        if overlap is not None:
+            overlap.verified(handed_as)
 
     def _overlap(self, channel: str) -> Overlap:
         return self._overlaps.setdefault(channel, Overlap())
@@ -184,12 +193,15 @@ class Replies:
         consumer.consume()
         link.reply, link.reply_consumer = channel, consumer
         # What was sent before the queue existed (or while it was gone) reached only the
-        # store: catch up from there, from where the last catch-up stopped. Without the
-        # store, the next read starts over on a new connection (queue and catch-up both)
-        # instead of carrying on with a gap. Live reads do not move the position: the
-        # catch-up also reads what came live since the last one (handed over once).
+        # store: catch up from there, from where the last catch-up stopped or from just
+        # before the newest event received live (with its position; what comes both ways
+        # is handed over once: amqp_overlap). Without the store, the next read starts over
+        # on a new connection (queue and catch-up both) instead of carrying on with a gap.
         after = self._positions.get(channel, "0-0")
         try:
+            after = self._overlap(channel).catch_up_from(
+                after, lambda entry: self.store.event_at(channel, entry)
+            )
             self._note_trimmed(channel, after)
             missed = self.store.events_after(channel, after)
             end = None if missed else self.store.channel_end(channel)

@@ -396,6 +396,12 @@ class Transport(Protocol):
         known (a RabbitMQ client's next catch-up may start after them).
         """
 
+    def event_verified(self, channel: str, entry_id: str) -> None:
+        """Note that the event :meth:`read_events` gave as ``entry_id`` of ``channel`` verified.
+
+        Only then may a position sent beside it, unsigned, move where a catch-up starts.
+        """
+
     def keep_channel(self, channel: str) -> None:
         """Keep ``channel``: its client reads it and is alive."""
 

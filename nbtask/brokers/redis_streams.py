@@ -236,6 +236,9 @@ class StreamsTransport(StreamsMoves):
     ) -> None:
         """Nothing to do: the store's stream is the channel its client reads."""
 
+    def event_verified(self, channel: str, entry_id: str) -> None:
+        """Nothing to do: a client's position is the last entry it read of the stream."""
+
     def purge(self, queues: Sequence[str]) -> list[str]:
         """Delete the messages waiting on ``queues`` (ETA ones too); their task ids."""
         keys = [k for q in queues for k in (self.queue_key(q), self.store.eta_key(q))]

@@ -108,8 +108,9 @@ class EventReads:
         for channel, entry_id, raw in entries:
             # Past an event only once it is applied: a Ctrl-C in a waiting thread that
             # reads must not skip one (it is read again; a handle ignores what it has).
-            if raw:
-                self._dispatch(raw)
+            if raw and self._dispatch(raw):
+                # Only a verified event's position may count (RabbitMQ: see amqp_overlap).
+                self._transport.event_verified(channel, entry_id)
             if _past_the_clock(entry_id):
                 # Redis numbers entries by its clock: one this far ahead was put there by
                 # someone else, and the events after it are numbered after it (or not at
@@ -194,20 +195,21 @@ class EventReads:
         else:
             log.exception("error reading the event channel; retrying until it reads")
 
-    def _dispatch(self, raw: bytes) -> None:
+    def _dispatch(self, raw: bytes) -> bool:
+        """Apply one event to its handle, if it has one; whether the event verified."""
         try:
             event, result = decode_event(self._signer, raw, self._transport.store.get_blob)
         except Exception as exc:
             log.warning("dropped an event that does not verify: %s", exc)
-            return
+            return False
         with self._lock:
             handle = self._handles.get(event.task_id)
         if handle is None:
-            return
+            return True
         why = handle.refusal(event, self._prefix)
         if why is not None:
             log.warning("dropped an event of task %s: %s", event.task_id, why)
-            return
+            return True
         try:
             handle.apply(event, result)
         except Exception:
@@ -215,6 +217,7 @@ class EventReads:
         if handle.done():
             with self._lock:
                 self._handles.pop(event.task_id, None)
+        return True
 
     def _drop_adopted_channels(self, exc: Exception) -> bool:
         """After a read error that is not an outage, stop reading other clients' channels.

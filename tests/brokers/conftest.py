@@ -6,7 +6,9 @@ or RabbitMQ), so that a test can lose what the client sends or what the broker a
 store (the real Redis) directly; workers reach both directly.
 
 A RabbitMQ test of the transport itself has ``transport`` (a client's, or a worker's:
-an :class:`~nbtask.brokers.amqp.AmqpTransport` with its store).
+an :class:`~nbtask.brokers.amqp.AmqpTransport` with its store), ``worker_transport``
+(another one, with connections of its own) and ``proxied_transport`` (one reaching
+RabbitMQ through ``proxy``).
 
 A test on a redis-server of its own (``private_redis``) has its apps, worker processes
 and client processes made by ``private_app``, ``private_worker`` and ``private_processes``:
@@ -49,6 +51,22 @@ def _amqp_transport(settings: Settings, url: str | None = None) -> AmqpTransport
 def transport(settings: Settings) -> Iterator[AmqpTransport]:
     """An AMQP transport on the test's settings (RabbitMQ tests), closed after the test."""
     opened = _amqp_transport(settings)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def worker_transport(settings: Settings) -> Iterator[AmqpTransport]:
+    """Another AMQP transport, as a worker's: connections of its own."""
+    opened = _amqp_transport(settings)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def proxied_transport(settings: Settings, proxy: TcpProxy) -> Iterator[AmqpTransport]:
+    """An AMQP transport reaching RabbitMQ through ``proxy`` (its store directly)."""
+    opened = _amqp_transport(settings, via(settings.broker_url or "", proxy.url_port))
     yield opened
     opened.close()
 
