@@ -316,7 +316,7 @@ def _copied_unreturned(scripted: list[Any], woken: Any) -> bool:
 
 #: The largest part of a stream entry id (both are unsigned 64-bit numbers).
 _ID_PART_MAX = (1 << 64) - 1
-_ENTRY_ID = re.compile(r"(\d{1,20})-(\d{1,20})")
+_ENTRY_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 
 
 def entry_key(entry_id: str) -> tuple[int, int] | None:

@@ -87,6 +87,35 @@ def test_events_received_live_are_not_read_again_by_the_catch_up_after_a_reconne
     assert read_until(transport, channel, b"after") == [b"after"]
 
 
+def test_each_event_is_published_with_the_id_it_was_kept_under(
+    worker_transport: AmqpTransport,
+) -> None:
+    """A worker's events (sent as its task runs, and the task's end) and a revoke are kept
+    on the client's stream, then published with the id each was kept under beside it:
+    where the client's next catch-up may start."""
+    store = worker_transport.store
+    channel = store.channel_key(uuid.uuid4().hex[:16])
+    published: dict[bytes, str] = {}
+    with kombu.Connection(AMQP_URL, connect_timeout=5) as conn:
+        reader = conn.channel()
+        reader.queue_declare(queue=channel, auto_delete=True)  # stands for the client's
+        worker_transport.emit(channel, [b"one", b"two"])
+        ended = {"state": "SUCCESS", "result": "=event"}
+        worker_transport.finish(None, f"ended-{uuid.uuid4().hex}", channel, b"end", ended)
+        revoked = store.revoke_pending(f"revoked-{uuid.uuid4().hex}", b"revoked", channel)
+        worker_transport.notify(channel, [b"revoked"], entries=[revoked])  # as a client does
+
+        def all_came() -> bool:
+            message = reader.basic_get(queue=channel, no_ack=True)
+            if message is not None:
+                published[bytes(message.body)] = message.headers.get(ENTRY_HEADER)
+            return len(published) == 4
+
+        wait_until(all_came, 10, "the four events on the queue")
+    kept = {raw: entry for entry, raw in store.events_after(channel, "0-0")}
+    assert published == kept and len(kept) == 4
+
+
 class Followed:
     """A client listening on its own channel (through ``proxy``) to one task's progress.
 
