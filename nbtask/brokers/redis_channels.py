@@ -241,7 +241,7 @@ class RedisChannels:
         first, length = fields.get(b"first-entry"), fields.get(b"length")
         if not isinstance(length, int) or length < CHANNEL_MAXLEN or not first:
             return False
-        return _stream_id(first[0]) > _stream_id(after.encode())
+        return (entry_key(entry_text(first[0])) or (0, 0)) > (entry_key(after) or (0, 0))
 
     def drop_event(self, channel: str, entry_id: str) -> None:
         """Delete one entry of a client's channel."""
@@ -340,14 +340,6 @@ def entry_before(entry_id: str) -> str | None:
 def entry_text(reply: object) -> str:
     """An entry id a script or XADD replied with, as text; ``''`` for anything else."""
     return reply.decode() if isinstance(reply, bytes) else reply if isinstance(reply, str) else ""
-
-
-def _stream_id(entry_id: bytes) -> tuple[int, int]:
-    """A stream entry id (``b"<ms>-<seq>"``) as numbers, to compare ids; junk is ``(0, 0)``."""
-    millis, _, seq = entry_id.partition(b"-")
-    if not (millis.isdigit() and seq.isdigit()):
-        return (0, 0)
-    return (int(millis), int(seq))
 
 
 def event_of(fields: Any) -> bytes:
