@@ -113,15 +113,24 @@ class Session(TaskOverview):
         self._ticker.start()
         # A kernel shutting down unloads no extension: its session ends at exit, before
         # the app closes (atexit runs the later registration first).
-        atexit.register(self.stop)
+        atexit.register(self._exit)
         print(self.describe())
 
-    def stop(self) -> None:
+    def _exit(self) -> None:
+        """The kernel ends (shut down, or restarted gracefully as JupyterLab's Restart does).
+
+        Its background cells run on, as after a kernel killed: a restarted kernel finds
+        them with ``%tasks --all``. What they read stays kept for them (until its TTL).
+        """
+        self.stop(cancel=False)
+
+    def stop(self, *, cancel: bool = True) -> None:
         """End the session: its running cells are cancelled, what it kept is released.
 
-        Removes the hooks and closes the app if this session made it.
+        Removes the hooks and closes the app if this session made it. Without ``cancel``
+        running cells are left to run, and while any runs nothing kept is released.
         """
-        atexit.unregister(self.stop)
+        atexit.unregister(self._exit)
         if self._stop.is_set():
             return
         if self.inserter in self.shell.ast_transformers:
@@ -142,9 +151,11 @@ class Session(TaskOverview):
         with contextlib.suppress(Exception):  # the broker may be gone: the TTL still holds
             # Results of cells still running would reach no one: those that end meanwhile
             # are delivered, so the values they kept are released with the rest.
-            self.pending.cancel_running(timeout=_CANCEL_SECONDS)
+            if cancel:
+                self.pending.cancel_running(timeout=_CANCEL_SECONDS)
             self.pending.harvest()
-            self.releases.release_all(_SESSION_ENDED)
+            if cancel or not self.pending.running():
+                self.releases.release_all(_SESSION_ENDED)
         if self.owns_app:
             self.app.close()
 

@@ -20,7 +20,7 @@ from helpers import (
     wait_until,
 )
 
-from nbtask import Settings
+from nbtask import App, Settings, State
 
 
 @pytest.fixture
@@ -319,6 +319,29 @@ def test_exception_types_from_modules_are_reraised(kc: Any) -> None:
     assert errors and errors[0]["content"]["ename"] == "StatisticsError", errors
     traceback = "\n".join(errors[0]["content"]["traceback"])
     assert "line 3" in traceback
+
+
+def test_a_graceful_restart_leaves_background_cells_running(
+    settings: Settings, start_worker: Any, kernel: Any
+) -> None:
+    """JupyterLab's Restart shuts the kernel down gracefully (``atexit`` runs, unlike a
+    kill): its background cells run on all the same, and end as they would have."""
+    start_worker()
+    km, kc = kernel(kernel_env(settings))
+    execute(kc, "%load_ext nbtask")
+    execute(kc, "%%task\nimport time\ntime.sleep(3)\nlater = 1")
+    _, msgs, _ = execute(
+        kc,
+        "from nbtask.notebook.magics import session_of\n"
+        "print(*(v.handle.id for v in session_of(get_ipython()).views.values()))",
+    )
+    (task_id,) = stream_text(msgs).split()
+    km.restart_kernel(now=False)
+    kc.wait_for_ready(timeout=30)
+    with App(settings=settings) as app:
+        handle = app.handle(task_id)
+        handle.get(timeout=60)
+        assert handle.state is State.SUCCESS, handle.state
 
 
 def test_restart_then_tasks_all_reattaches_and_replays(
