@@ -308,6 +308,19 @@ class TaskStream(io.TextIOBase):
         """Always: this stream only writes."""
         return True
 
+    @property
+    def encoding(self) -> str:  # type: ignore[override]  # (TextIOBase's says None)
+        """UTF-8, as a kernel's streams say: the text goes to the client as text."""
+        return "utf-8"
+
+    def fileno(self) -> int:
+        """The worker's own stream's descriptor, as a kernel's streams give their terminal's.
+
+        What is written to it directly (a subprocess handed this stream, ``faulthandler``)
+        goes to the worker's log, as the output of ``os.system`` does.
+        """
+        return int(self._fallback.fileno())
+
     def write(self, text: str) -> int:
         """Queue ``text`` for the running task's client (or the worker's log)."""
         if not self._outbox.write(self._kind, text):

@@ -131,3 +131,18 @@ def test_a_cell_that_ends_across_a_restart_is_written_back_on_reattach(
     assert stream_text(msgs) == "42 the notebook\n"
     asked = f"import nbtask\nprint(nbtask.app().handle({task_id!r}).get(timeout=10)['across'])"
     assert stream_text(execute(kc, asked)[1]) == "42\n"
+
+
+def test_the_cells_streams_are_files_with_a_descriptor_and_an_encoding(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    """As a kernel's: a subprocess may be handed ``sys.stderr`` (its output goes to the
+    worker's log, as ``os.system``'s), and ``sys.stdout.encoding`` names one."""
+    run(
+        ip,
+        "%%task --wait\nimport subprocess, sys\n"
+        "code = subprocess.run(['true'], stdout=sys.stdout, stderr=sys.stderr).returncode\n"
+        "encodings = (sys.stdout.encoding.lower(), sys.stderr.encoding.lower())",
+    )
+    assert ip.user_ns["code"] == 0
+    assert ip.user_ns["encodings"] == ("utf-8", "utf-8")
