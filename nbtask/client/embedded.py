@@ -52,6 +52,22 @@ def redis_server_binary() -> str:
     )
 
 
+#: ``python -m nbtask``, with the notebook's folder off ``sys.path`` while nbtask and its
+#: libraries are imported: a module there named like a standard one (``secrets.py``,
+#: ``queue.py``) must not replace it for them, as it does not in the kernel, which imported
+#: its own first. The folder is back before anything runs: the notebook's modules import.
+_LAUNCH = """\
+import os, sys
+here = {"", os.getcwd()}
+kept = [(i, p) for i, p in enumerate(sys.path) if p in here]
+sys.path[:] = [p for p in sys.path if p not in here]
+from nbtask.cli import main
+for i, p in kept:
+    sys.path.insert(i, p)
+sys.exit(main())
+"""
+
+
 def start_redis_server(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
     """Start a private ``redis-server`` on a unix socket in ``directory``.
 
@@ -162,8 +178,8 @@ class EmbeddedCluster:
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
         command = [
             sys.executable,
-            "-m",
-            "nbtask",
+            "-c",
+            _LAUNCH,
             "cluster",
             "--embedded",
             "--dir",

@@ -295,3 +295,38 @@ def _no_broker_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("NBTASK_"):
             monkeypatch.delenv(name)
+
+
+#: A notebook whose folder holds modules named like standard ones: the kernel imported
+#: its own first (here: nbtask, before moving there), as a kernel started elsewhere has.
+SHADOWED_SCRIPT = r"""
+import os, sys
+import nbtask
+os.chdir(sys.argv[1])
+sys.path.insert(0, "")
+app = nbtask.App("shadowed")
+task = app.task(lambda x: x + 1, name="plus")
+print("RESULT", task.delay(41).get(timeout=60), flush=True)
+app.close()
+"""
+
+
+def test_modules_beside_the_notebook_named_like_standard_ones_do_not_stop_the_cluster(
+    tmp_path: Path,
+) -> None:
+    """``secrets.py`` or ``queue.py`` beside a notebook: the embedded cluster started in
+    that folder imports the standard modules, as the kernel did."""
+    folder = tmp_path / "notebook"
+    folder.mkdir()
+    (folder / "secrets.py").write_text("API_KEY = 'abc'\n")
+    (folder / "queue.py").write_text("JOBS = []\n")
+    done = subprocess.run(
+        [sys.executable, "-c", SHADOWED_SCRIPT, str(folder)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert "RESULT 42" in done.stdout, done.stdout + done.stderr[-3000:]
