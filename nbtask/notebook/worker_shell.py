@@ -11,11 +11,13 @@ from __future__ import annotations
 import base64
 import contextlib
 import functools
+import importlib.abc
+import importlib.machinery
 import logging
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from IPython.core.compilerop import CachingCompiler
@@ -285,16 +287,74 @@ def _install_tqdm() -> None:
     def trange(*args: Any, **kwargs: Any) -> Any:
         return ProgressTqdm(range(*args), **kwargs)
 
+    class NotebookTqdm(ProgressTqdm):  # tqdm.notebook's, whose widget no kernel would show
+        pass
+
+    def tnrange(*args: Any, **kwargs: Any) -> Any:
+        return NotebookTqdm(range(*args), **kwargs)
+
     # Named as what they stand for, so a cell that imports them gives the notebook its
     # own tqdm.tqdm and tqdm.trange (pickled by reference), as the import would there.
-    for stand_in, name in ((ProgressTqdm, "tqdm"), (trange, "trange")):
-        stand_in.__module__, stand_in.__qualname__ = "tqdm.std", name
+    for stand_in, where, name in (
+        (ProgressTqdm, "tqdm.std", "tqdm"),
+        (trange, "tqdm.std", "trange"),
+        (NotebookTqdm, "tqdm.notebook", "tqdm"),
+        (tnrange, "tqdm.notebook", "trange"),
+    ):
+        stand_in.__module__, stand_in.__qualname__ = where, name
 
     modules: list[Any] = [tqdm, tqdm.std, tqdm.auto, sys.modules.get("tqdm.autonotebook")]
     for module in modules:
         if module is not None:
             module.tqdm = ProgressTqdm
             module.trange = trange
+
+    def notebook_bars(module: Any) -> None:
+        module.tqdm = module.tqdm_notebook = NotebookTqdm
+        module.trange = module.tnrange = tnrange
+
+    patched_on_import("tqdm.notebook", notebook_bars)
+
+
+def patched_on_import(name: str, patch: Callable[[Any], None]) -> None:
+    """Call ``patch`` on module ``name`` once it is imported (at once if it is already).
+
+    For modules too costly to import into every worker process ahead of a cell that may
+    use them (``tqdm.notebook`` imports ipywidgets): a cell's import, or the unpickling of
+    a notebook value that names it, imports it patched.
+    """
+    module = sys.modules.get(name)
+    if module is not None:
+        patch(module)
+        return
+    sys.meta_path.insert(0, _PatchOnImport(name, patch))
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Finds one module as the other finders do, and patches it once it has run."""
+
+    def __init__(self, name: str, patch: Callable[[Any], None]) -> None:
+        self._name, self._patch = name, patch
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != self._name:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _PatchingLoader(spec.loader, self._patch)
+        return spec
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    def __init__(self, loader: Any, patch: Callable[[Any], None]) -> None:
+        self._loader, self._patch = loader, patch
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self._loader.exec_module(module)
+        self._patch(module)
 
 
 def _inner_bar(bar: Any) -> str:

@@ -315,3 +315,31 @@ def test_exception_type_from_a_module_is_reraised(ip: InteractiveShell, nb: Sess
     with pytest.raises(json.JSONDecodeError) as decoded:
         ip.run_cell_magic("task", "--wait", "import json\njson.loads('{')")
     assert decoded.value.pos == 1
+
+
+def test_a_tqdm_notebook_bar_becomes_progress_not_a_widget_no_kernel_has(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    """``tqdm.notebook`` draws an ipywidgets bar: made on a worker, its model would exist
+    in no kernel ("model not found"). Its loop is the cell's progress, as ``tqdm``'s is;
+    imported in the notebook first, the cell still gets the notebook's own back."""
+    import tqdm.notebook
+
+    ip.run_cell("from tqdm.notebook import tqdm as notebook_bar")
+    ip.run_cell_magic(
+        "task",
+        "--wait --out h",
+        "from tqdm.notebook import trange\ntotal = 0\n"
+        "for i in trange(3):\n    total += i\n"
+        "for i in notebook_bar(range(5), desc='adding'):\n    total += i\nagain = notebook_bar",
+    )
+    handle = ip.user_ns["h"]
+    assert handle.progress is not None
+    assert (handle.progress.done, handle.progress.total, handle.progress.message) == (
+        5,
+        5,
+        "adding",
+    )
+    assert not any("widget" in str(e.data) for e in handle.outputs), handle.outputs
+    assert ip.user_ns["total"] == 13
+    assert ip.user_ns["again"] is ip.user_ns["notebook_bar"] is tqdm.notebook.tqdm
