@@ -262,7 +262,8 @@ def _update_of_kind(old: Any, new: Any) -> Update | str:
     if called is not None:
         return called
     numpy = sys.modules.get("numpy")  # imported already if the value is an array
-    if numpy is not None and kind is numpy.ndarray:
+    # (A memory-mapped array too: written into, it stays mapped to its file.)
+    if numpy is not None and kind in (numpy.ndarray, numpy.memmap):
         return _array_update(old, new)
     pandas = sys.modules.get("pandas")
     if pandas is not None and kind in (pandas.DataFrame, pandas.Series):

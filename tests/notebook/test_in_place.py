@@ -9,6 +9,8 @@ A real IPython shell against the real Redis and worker processes.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from helpers import cell_run as run
@@ -44,6 +46,22 @@ def test_an_array_changed_in_place_is_seen_through_its_aliases_and_views(
     assert ip.user_ns["arrays"][0] is ip.user_ns["arr"]
     np.testing.assert_array_equal(ip.user_ns["arrays"][0], [0.0, 5.0, 5.0, 5.0])
     np.testing.assert_array_equal(ip.user_ns["tail"], [5.0, 5.0])  # a view, as locally
+
+
+def test_a_memory_mapped_array_changed_in_place_stays_mapped_to_its_file(
+    ip: InteractiveShell, nb: Session, tmp_path: Path
+) -> None:
+    """An ``np.memmap`` is written into, as an array is: it stays the notebook's own,
+    mapped to its file, which then holds what the cell wrote."""
+    path = tmp_path / "x.dat"
+    run(
+        ip,
+        f"import numpy as np\nmm = np.memmap({str(path)!r}, dtype=float, mode='w+', shape=(4,))",
+    )
+    mapped = ip.user_ns["mm"]
+    task(ip, "mm[:] = 3.0\nmm.flush()")
+    assert ip.user_ns["mm"] is mapped and mapped.filename == str(path)
+    np.testing.assert_array_equal(np.fromfile(path), [3.0, 3.0, 3.0, 3.0])
 
 
 def test_an_object_changed_in_place_is_seen_through_an_attribute_holding_it(
