@@ -410,7 +410,7 @@ def _own_slots(kind: type) -> list[Any]:
 def _attributes(old: Any, new: Any, swap: Swap) -> None:
     """Make ``old``'s ``__dict__`` and slots those of ``new``, bypassing any ``__setattr__``."""
     if type(new).__dictoffset__:  # not hasattr: a ``__getattr__`` would be asked
-        replace_dict(vars(old), vars(new), swap)
+        replace_dict(vars(old), _attributes_shipped(old, new), swap)
     for kind in type(new).__mro__:
         for slot in _own_slots(kind):
             try:
@@ -420,6 +420,27 @@ def _attributes(old: Any, new: Any, swap: Swap) -> None:
                     slot.__delete__(old)
                 continue
             slot.__set__(old, swap(value))
+
+
+def _attributes_shipped(old: Any, new: Any) -> dict[str, Any]:
+    """``new``'s attributes to write into ``old``: those its pickled state holds.
+
+    All of them, unless its class pickles only some (a ``__getstate__`` of its own that
+    leaves out a connection or a lock, which ``__setstate__`` makes anew when unpickled
+    here): those stay ``old``'s own, which the cell never had, as locally.
+    """
+    shipped: dict[str, Any] = vars(new)
+    if getattr(type(new), "__getstate__", None) is getattr(object, "__getstate__", None):
+        return shipped
+    try:
+        state = new.__getstate__()
+    except Exception:  # (its own method: whatever it raises, the state is not known)
+        return shipped
+    if not isinstance(state, dict):
+        return shipped
+    own = vars(old)
+    remade = {key: own[key] for key in own if key not in state}
+    return {**{key: value for key, value in shipped.items() if key in state}, **remade}
 
 
 def _is_set(slot: Any, value: Any, kind: type) -> bool:

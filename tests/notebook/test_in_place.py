@@ -64,6 +64,31 @@ def test_a_memory_mapped_array_changed_in_place_stays_mapped_to_its_file(
     np.testing.assert_array_equal(np.fromfile(path), [3.0, 3.0, 3.0, 3.0])
 
 
+def test_what_an_objects_class_leaves_out_of_its_pickled_state_stays_the_notebooks(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    """A class that pickles all but a live resource (its own ``__getstate__``) and makes
+    it anew when unpickled (``__setstate__``): the cell's change is written in, and the
+    notebook's resource (its in-memory database) stays, as locally."""
+    run(
+        ip,
+        "import sqlite3\n"
+        "class Store:\n"
+        "    def __init__(self):\n"
+        "        self.conn, self.queries = sqlite3.connect(':memory:'), 0\n"
+        "    def __getstate__(self):\n"
+        "        return {k: v for k, v in self.__dict__.items() if k != 'conn'}\n"
+        "    def __setstate__(self, state):\n"
+        "        self.__dict__.update(state, conn=sqlite3.connect(':memory:'))\n"
+        "store = Store()\nstore.conn.execute('create table t (x int)')\n"
+        "conn = store.conn",
+    )
+    task(ip, "store.queries += 1")
+    store = ip.user_ns["store"]
+    assert store.queries == 1 and store.conn is ip.user_ns["conn"]
+    assert store.conn.execute("select count(*) from t").fetchone() == (0,)
+
+
 def test_an_object_changed_in_place_is_seen_through_an_attribute_holding_it(
     ip: InteractiveShell, nb: Session
 ) -> None:
