@@ -436,7 +436,9 @@ def _attributes_shipped(old: Any, new: Any) -> dict[str, Any]:
         state = new.__getstate__()
     except Exception:  # (its own method: whatever it raises, the state is not known)
         return shipped
-    if not isinstance(state, dict):
+    # Only a state that is some of its attributes as they are (a state of other names,
+    # turned into attributes by ``__setstate__``, says nothing of which were left out).
+    if not isinstance(state, dict) or not state.keys() <= shipped.keys():
         return shipped
     own = vars(old)
     remade = {key: own[key] for key in own if key not in state}
