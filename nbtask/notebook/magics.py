@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import re
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -37,9 +38,15 @@ def _typed(decorator: Any) -> Callable[[F], F]:
     return cast("Callable[[F], F]", decorator)
 
 
+#: A ``#`` comment ending a ``%%task`` line: a ``#`` at its start or after a space.
+_COMMENT = re.compile(r"(^|\s)#.*$")
+
+
 @functools.lru_cache(maxsize=64)
 def _task_options(line: str) -> argparse.Namespace:
     """The options of a ``%%task`` line (not to be changed: shared by every such line)."""
+    # A comment after the options, as a cell's first line may have (``# on the big box``).
+    line = _COMMENT.sub("", line)
     options: argparse.Namespace = parse_argstring(TaskMagics.task, line)
     options.name_after = _name_after(line, options.name) if options.name else ""
     return _checked(options)

@@ -150,3 +150,13 @@ def test_a_name_reached_by_code_the_cell_builds_is_asked_for_in_one_line(
     assert ip.user_ns["y"] == 6
     with pytest.raises(NameError, match=r"^name 'nowhere' is not defined$"):
         task(ip, "exec('nowhere')")  # defined nowhere: Python's own error, as locally
+
+
+def test_a_comment_after_the_options_of_a_task_line_is_a_comment(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    """``%%task --wait  # on the big box``: as a comment on any line of Python."""
+    ip.run_cell_magic("task", "--wait  # on the big box", "y = 2")
+    ip.run_cell_magic("task", "named --wait #no space after it", "z = 3")
+    assert (ip.user_ns["y"], ip.user_ns["z"]) == (2, 3)
+    assert "named" in nb.app.cells
