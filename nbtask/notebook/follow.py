@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from nbtask._process import sigint_handled_by
+from nbtask.settings import MAX_SECONDS
 from nbtask.wire.events import FINAL_STATES, Event, EventType, State
 
 if TYPE_CHECKING:
@@ -23,9 +25,9 @@ if TYPE_CHECKING:
 __all__ = [
     "POLL_SECONDS",
     "StopPresses",
+    "Stopping",
     "cancel_task",
     "cancelled",
-    "ended_within",
     "follow",
     "next_event",
     "one_line",
@@ -69,16 +71,81 @@ def stop_presses() -> Iterator[StopPresses]:
         yield presses
 
 
-def ended_within(handle: TaskHandle, seconds: float, presses: StopPresses) -> bool:
-    """Whether a task cancelled a moment ago ends within ``seconds``.
+#: How long a cell waits for the task a second Stop killed to be reported ended.
+_KILLED_SECONDS = 10.0
 
-    Another Stop, counted in ``presses``, stops the wait: ``False``.
+
+class Stopping:
+    """What the Stops pressed while a ``--wait`` cell waits do to its task, as in a kernel.
+
+    The first interrupts it: a ``KeyboardInterrupt`` in its code, which may handle it and
+    go on, and whose ``finally`` blocks run however long they take (the cell follows it
+    to its end meanwhile). The second kills it, saying so; the cell then waits for it to
+    be reported ended :data:`_KILLED_SECONDS` at most, and a third Stop ends that wait.
     """
-    deadline = time.monotonic() + seconds
-    before = presses.count
-    while not handle.done() and time.monotonic() < deadline and presses.count == before:
-        time.sleep(0.02)
-    return handle.done()
+
+    def __init__(self, handle: TaskHandle, label: str, presses: StopPresses) -> None:
+        self.handle = handle
+        self.label = label
+        self.presses = presses
+        self.seen = 0  # the Stops acted on
+        self._killed_at: float | None = None
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether Stop was pressed (and the task interrupted)."""
+        return self.seen > 0
+
+    @property
+    def killed(self) -> bool:
+        """Whether a second Stop killed the task."""
+        return self._killed_at is not None
+
+    def act(self) -> bool:
+        """Act on the Stops pressed since the last call; whether to stop waiting for the task.
+
+        Called between the steps of the wait, never from the signal handler: a Stop
+        pressed while the task's interrupt is sent is acted on next.
+        """
+        while self.seen < self.presses.count:
+            self.seen += 1
+            if self.seen == 1:
+                interrupt_task(self.handle)
+            elif self.seen == 2:
+                print(
+                    f"nbtask: Stop pressed again: killing task {self.label!r} "
+                    f"[{self.handle.id[:8]}]",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                kill_task(self.handle)
+                self._killed_at = time.monotonic()
+            else:
+                return True
+        killed_at = self._killed_at
+        return killed_at is not None and time.monotonic() - killed_at > _KILLED_SECONDS
+
+    def error(self) -> KeyboardInterrupt:
+        """The cell's error: its task was cancelled (and killed, after a second Stop)."""
+        return cancelled(self.label, " (killed at the second Stop)" if self.killed else "")
+
+
+def interrupt_task(handle: TaskHandle) -> bool:
+    """Interrupt a running task (revoke a queued one) and leave it all the time it takes.
+
+    A ``KeyboardInterrupt`` in its code, as Stop raises in a local cell: it is never killed
+    for running on (:func:`kill_task` does that).
+    """
+    if handle.done():
+        return False
+    return handle.send_revoke(terminate=True, grace=MAX_SECONDS, signal="SIGINT")
+
+
+def kill_task(handle: TaskHandle) -> bool:
+    """Kill a running task's worker process at once (revoke a queued task)."""
+    if handle.done():
+        return False
+    return handle.send_revoke(terminate=True, grace=0.0, signal="SIGKILL")
 
 
 def one_line(error: _E) -> _E:
@@ -92,9 +159,12 @@ def one_line(error: _E) -> _E:
     return error
 
 
-def cancelled(label: str) -> KeyboardInterrupt:
-    """The error of a cell interrupted while it waited for a task: it says that was cancelled."""
-    return one_line(KeyboardInterrupt(f"task {label!r} cancelled"))
+def cancelled(label: str, how: str = "") -> KeyboardInterrupt:
+    """The error of a cell interrupted while it waited for a task: it says that was cancelled.
+
+    ``how``: said after it (`` (killed ...)``).
+    """
+    return one_line(KeyboardInterrupt(f"task {label!r} cancelled{how}"))
 
 
 def follow(handle: TaskHandle, callback: Callable[[Event], None]) -> None:

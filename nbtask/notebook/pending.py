@@ -11,7 +11,6 @@ hook — never from the listener thread. How they are written is
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
@@ -22,10 +21,8 @@ from nbtask.notebook import process_state
 from nbtask.notebook.cell_run import CellRun, lost_error, revoked_error
 from nbtask.notebook.follow import (
     POLL_SECONDS,
-    StopPresses,
     cancel_task,
     cancelled,
-    ended_within,
     one_line,
     wait_interruptibly,
 )
@@ -39,10 +36,6 @@ if TYPE_CHECKING:
     from nbtask.core.handle import TaskHandle
 
 __all__ = ["Pending"]
-
-#: How long an interrupted cell waits for its task to end: the worker's grace before it
-#: kills a task that ignores the interrupt (5 s), and some.
-_STOPPING_SECONDS = 10.0
 
 
 class Pending(WriteBack):
@@ -159,20 +152,6 @@ class Pending(WriteBack):
         deadline = time.monotonic() + timeout
         while any(not run.handle.done() for run in started) and time.monotonic() < deadline:
             time.sleep(POLL_SECONDS)
-
-    def interrupted(self, run: CellRun, presses: StopPresses) -> KeyboardInterrupt:
-        """Cancel the task of a waited-for cell that Stop stopped; its error.
-
-        Called while ``presses`` counts the Stops, so none cuts the cancelling short. The
-        names the cell bound before the interrupt reached it come back first, as an
-        interrupted cell leaves them bound locally (the worker sends them as it stops); a
-        further Stop ends that wait.
-        """
-        cancel_task(run.handle)
-        if ended_within(run.handle, _STOPPING_SECONDS, presses):
-            with contextlib.suppress(TaskRevoked):  # as it should: it was cancelled
-                self.deliver(run, raise_errors=True)
-        return cancelled(run.label)
 
     def harvest(self) -> None:
         """Write the values of every successfully finished run (main thread only).

@@ -22,7 +22,7 @@ from nbtask.client.app import App
 from nbtask.client.default import default_app, use_as_default
 from nbtask.core.handle import TaskHandle
 from nbtask.core.placement import Moving, holder_queue_for
-from nbtask.errors import CellError
+from nbtask.errors import CellError, TaskRevoked, WorkerLost
 from nbtask.notebook import process_state
 from nbtask.notebook.board import TaskBoard, notebook_group
 from nbtask.notebook.carried import carried_names
@@ -32,6 +32,7 @@ from nbtask.notebook.celltask import NamedCell, cell_task
 from nbtask.notebook.fetchbar import fetch_progress
 from nbtask.notebook.fingerprints import fingerprints
 from nbtask.notebook.follow import (
+    Stopping,
     StopPresses,
     cancel_task,
     follow,
@@ -47,11 +48,14 @@ from nbtask.notebook.wait_inserter import WAIT_NAME, WaitInserter
 from nbtask.notebook.waitline import follow_to_the_end, out_value, show_after_out
 from nbtask.notebook.widgets import TaskView, TaskWidget, make_view
 from nbtask.wire.blobs import ByteProgress
+from nbtask.wire.events import State
 
 __all__ = ["Session"]
 
 _SESSION_ENDED = "when its nbtask session ended (%unload_ext nbtask, or the kernel shut down)"
 _RECONNECTED = "when the notebook connected to another broker (%nbtask connect)"
+#: How a task Stop interrupted (or killed) ends when its code did not handle the interrupt.
+_STOPPED = frozenset({State.REVOKED, State.WORKER_LOST})
 _RESIZED = "when the embedded cluster was started anew to resize it (%nbtask workers N)"
 #: How long an ending session waits for the cells it cancels to end.
 _CANCEL_SECONDS = 10.0
@@ -362,15 +366,24 @@ class Session(TaskOverview):
     def _wait(self, run: CellRun, timeout: float | None, presses: StopPresses) -> Any:
         """Stream a task's output into this cell as it comes; return its last expression.
 
-        Called while ``presses`` counts Stop, never raised in the middle of a step: a
-        Stop, or several, cancels the task and the cell says so once.
+        Called while ``presses`` counts Stop, never raised in the middle of a step. Stop
+        interrupts the task and the cell follows it to its end, as a local cell's code
+        goes on after an interrupt it handles: one that ends well ends the cell as any
+        other; one the interrupt ended (or a second Stop killed) leaves the names it bound
+        so far, and the cell says once that its task was cancelled.
         """
-        result, later = follow_to_the_end(run.handle, run.label, self.shell, timeout, presses)
+        stopping = Stopping(run.handle, run.label, presses)
+        result, later = follow_to_the_end(run.handle, run.label, self.shell, timeout, stopping)
         try:
-            while not (presses.count or run.handle.done()):
-                time.sleep(0.02)  # its final event came: its outcome follows
-            if presses.count and not run.handle.done():
-                raise self.pending.interrupted(run, presses) from None
+            # Its final event came: its outcome follows (unless Stop ended the wait).
+            while not (run.handle.done() or stopping.act()):
+                time.sleep(0.02)
+            if not run.handle.done():
+                raise stopping.error() from None
+            if stopping.interrupted and run.handle.state in _STOPPED:
+                with contextlib.suppress(TaskRevoked, WorkerLost):  # as it should: stopped
+                    self.pending.deliver(run, raise_errors=True)
+                raise stopping.error() from None
             self.pending.deliver(run, raise_errors=True)
             out = f"Out[{self.shell.execution_count}]"
             shown, run.shown = run.shown, None  # nor the notebook's objects it names, once shown

@@ -12,7 +12,7 @@ from IPython.display import clear_output, display, publish_display_data
 
 from nbtask._text import count_text
 from nbtask.notebook.carried import share_value
-from nbtask.notebook.follow import StopPresses, cancel_task, follow, next_event, one_line
+from nbtask.notebook.follow import Stopping, cancel_task, follow, next_event, one_line
 from nbtask.notebook.kept import RemoteValue
 from nbtask.wire.events import FINAL_STATES, Event, EventType
 
@@ -29,9 +29,14 @@ _OUTPUT = frozenset({EventType.STDOUT, EventType.STDERR, EventType.DISPLAY})
 
 
 def follow_to_the_end(
-    handle: TaskHandle, label: str, shell: Any, timeout: float | None, presses: StopPresses
+    handle: TaskHandle, label: str, shell: Any, timeout: float | None, stopping: Stopping
 ) -> tuple[dict[str, Any] | None, list[Event]]:
-    """Show a ``--wait`` cell's output and progress until its task ends or Stop is pressed.
+    """Show a ``--wait`` cell's output and progress until its task ends.
+
+    Stop (counted by ``stopping``) interrupts the task, which is followed on to its end,
+    its output shown as it comes: its code may handle the interrupt, and its cleanup takes
+    the time it takes. A second Stop kills it; the wait ends once the task is reported
+    ended, or when :meth:`Stopping.act` says to stop waiting.
 
     Returns the worker's display of the cell's last expression, if it showed one, and the
     output the worker's cell made after it (the figures its inline backend draws once the
@@ -40,7 +45,8 @@ def follow_to_the_end(
     Raises
     ------
     TimeoutError
-        Past ``timeout`` seconds: the task is cancelled, and the error says why it waited.
+        Past ``timeout`` seconds (unless Stop was pressed first: the user then decides):
+        the task is cancelled, and the error says why it waited.
     """
     events: queue.SimpleQueue[Event] = queue.SimpleQueue()
     follow(handle, events.put)
@@ -49,17 +55,22 @@ def follow_to_the_end(
     later: list[Event] = []
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        while not presses.count:
+        while not stopping.act():
             # Checked before each event, not only when none came for a while: a task
             # that prints every few milliseconds must time out all the same.
-            if deadline is not None and time.monotonic() > deadline and not handle.done():
+            late = deadline is not None and time.monotonic() > deadline
+            if late and not stopping.interrupted and not handle.done():
                 error = _timed_out(handle, label, timeout)  # says why, before cancelling
                 cancel_task(handle)
                 raise error from None
             try:
                 event = next_event(handle, events, _WAIT_TICK)
             except queue.Empty:
-                line.waiting(handle.waiting_reason)
+                said = _stopping_reason(stopping)
+                if said:
+                    line.say(said)
+                else:
+                    line.waiting(handle.waiting_reason)
                 continue
             if event.type is EventType.PROGRESS:
                 line.show(event)
@@ -72,6 +83,15 @@ def follow_to_the_end(
     finally:
         line.close()
     return result, later
+
+
+def _stopping_reason(stopping: Stopping) -> str | None:
+    """What the progress line says once Stop was pressed: what the task is left to do."""
+    if stopping.killed:
+        return "killed at the second Stop; waiting for its worker to say so"
+    if stopping.interrupted:
+        return "interrupted; waiting for it to end (press Stop again to kill it)"
+    return None
 
 
 def show_after_out(shell: Any, events: list[Event]) -> None:
@@ -234,6 +254,13 @@ class ProgressLine:
             self._put(f"[{self.label}] waiting: {why}")
         elif self.in_kernel:
             self._put("")
+
+    def say(self, text: str) -> None:
+        """Say ``text`` (what Stop left the task to do); on change."""
+        if text == self.why:
+            return
+        self.why = text
+        self._put(f"[{self.label}] {text}")
 
     def _put(self, text: str) -> None:
         if not self.in_kernel:
