@@ -61,8 +61,8 @@ _CELL_NUMBER = re.compile(r"\bcell In\[(\d+)\]")
 _ALLOWED_ERRORS = "raises-exception"
 #: The signals that stop a run: the kernel is interrupted, as Stop in a frontend would.
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-#: Seconds between the interrupts sent to the kernel until its cell ends: one that came
-#: as a cell was being sent, before it ran, found the kernel idle, which ignores it.
+#: Seconds between the interrupts sent to the kernel until it is seen running a cell: one
+#: that came as a cell was being sent, before it ran, found the kernel idle, which ignores it.
 _INTERRUPT_AGAIN = 1.0
 
 
@@ -122,6 +122,8 @@ class _StreamingClient(NotebookClient):
         self.signals = 0
         #: Set once a second stop signal shut the kernel down under the running cell.
         self.killed = False
+        #: Whether the kernel said it runs the cell sent last (its status: busy, then idle).
+        self.kernel_busy = False
         self._cleaning = False
         self._signalled: set[asyncio.Future[None]] = set()  # kept until done
 
@@ -199,15 +201,18 @@ class _StreamingClient(NotebookClient):
             self._signal_kernel(self.km.shutdown_kernel(now=True))
 
     def _interrupt(self) -> None:
-        """Interrupt the kernel, and again every second until it is shut down.
+        """Interrupt the kernel, and again every second while it was not seen running a cell.
 
-        A cell that waits for its task, or the wait for the background cells, counts the
-        interrupts (cancelling once, whatever number came).
+        One interrupt, as one Stop in a frontend: a cell waiting for its task interrupts
+        the task and follows it to its end (a second would kill it), and the wait for the
+        background cells cancels them. Sent again only while the kernel may have been idle
+        (the cell not run yet), which ignores it.
         """
         if self._cleaning or self.killed or self.km is None:
             return
         self._signal_kernel(self.km.interrupt_kernel())
-        asyncio.get_running_loop().call_later(_INTERRUPT_AGAIN, self._interrupt)
+        if not self.kernel_busy:
+            asyncio.get_running_loop().call_later(_INTERRUPT_AGAIN, self._interrupt)
 
     def _signal_kernel(self, step: Any) -> None:
         """Run ``step`` (the kernel's interrupt, or shutdown) in the background."""
@@ -258,6 +263,8 @@ class _StreamingClient(NotebookClient):
         )
 
     def process_message(self, msg: dict[str, Any], cell: Any, cell_index: int) -> Any:
+        if msg.get("msg_type") == "status":
+            self.kernel_busy = msg.get("content", {}).get("execution_state") == "busy"
         try:
             self.terminal.echo(msg)
         except Exception as exc:  # the terminal copy must never break the run

@@ -340,6 +340,30 @@ def test_ctrl_c_on_nbtask_run_cancels_the_cell_and_says_so_in_one_line(tmp_path:
     assert written.cells[2].execution_count is None
 
 
+def test_ctrl_c_on_nbtask_run_lets_the_cells_cleanup_end_as_one_stop_would(
+    tmp_path: Path,
+) -> None:
+    """One Ctrl-C is one Stop: the task's ``finally`` runs to its end, shown, not killed."""
+    notebook = write_notebook(
+        tmp_path / "cleanup.ipynb",
+        "%load_ext nbtask",
+        "%%task --wait\nimport time\ntry:\n    print('task started', flush=True)\n"
+        "    time.sleep(120)\nfinally:\n    print('cleaning up', flush=True)\n"
+        "    time.sleep(3)\n    print('cleaned up', flush=True)",
+        "print('after')",
+    )
+    run = started_run(notebook, "task started")
+    run.send_signal(signal.SIGINT)
+    stdout, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130, stdout + stderr
+    assert stderr.splitlines() == [
+        "nbtask run: interrupted (SIGINT) in cell 2: task 'import time' cancelled; the "
+        f"notebook as far as it ran is in {tmp_path / 'cleanup.out.ipynb'}"
+    ], stderr
+    assert "after" not in stdout, stdout
+    assert "cleaned up" in stdout.split("cleaning up", 1)[-1], stdout
+
+
 def test_sigterm_while_background_cells_are_waited_for_cancels_them(tmp_path: Path) -> None:
     notebook = write_notebook(
         tmp_path / "background.ipynb",
