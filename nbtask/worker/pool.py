@@ -192,9 +192,13 @@ class ChildPool:
             if stopping is not None and stopping[0] != task_id:
                 del self._stopping[slot]  # that task ended by itself
                 stopping = None
+            # A task interrupted with a grace past its hard time limit is killed at that
+            # limit all the same (a notebook's Stop leaves its cleanup the time it takes,
+            # within the task's limits).
+            limited = stopping is None or stopping[1] == "revoked"
             if stopping is not None and now >= stopping[2]:
                 self._kill(slot, process, stopping)
-            elif task_id and deadline and now >= deadline and stopping is None:
+            elif task_id and deadline and now >= deadline and limited:
                 self._kill(slot, process, (task_id, "time_limit", now))
 
     def _kill(self, slot: int, process: BaseProcess, stopping: tuple[str, str, float]) -> None:

@@ -127,6 +127,29 @@ def test_hard_time_limit_kills_the_child_which_is_replaced(
     assert h.state is State.FAILURE
 
 
+def test_a_task_interrupted_with_a_long_grace_still_ends_at_its_hard_time_limit(
+    app: App, start_worker
+) -> None:
+    """A terminate's grace (a notebook's Stop gives one without end) never outlasts the limit."""
+    start_worker(concurrency=1)
+
+    @app.task(time_limit=3)
+    def stubborn() -> None:
+        import time as t
+
+        print("started", flush=True)
+        while True:  # ignores everything but SIGKILL
+            with contextlib.suppress(BaseException):
+                t.sleep(30)
+
+    h = stubborn.delay()
+    wait_until(lambda: "started" in h.stdout, 15, "the task to start")
+    assert app.revoke(h.id, terminate=True, grace=3600.0)
+    with pytest.raises(nbtask.RemoteError) as info:
+        h.get(timeout=30)
+    assert info.value.ename == "TimeLimitExceeded"
+
+
 def test_per_call_time_limit_overrides_the_task(app: App, start_worker) -> None:
     start_worker(concurrency=1)
 
