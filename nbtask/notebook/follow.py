@@ -90,6 +90,7 @@ class Stopping:
         self.presses = presses
         self.seen = 0  # the Stops acted on
         self._killed_at: float | None = None
+        self._gave_up = False
 
     @property
     def interrupted(self) -> bool:
@@ -121,9 +122,11 @@ class Stopping:
                 kill_task(self.handle)
                 self._killed_at = time.monotonic()
             else:
-                return True
+                self._gave_up = True
         killed_at = self._killed_at
-        return killed_at is not None and time.monotonic() - killed_at > _KILLED_SECONDS
+        if killed_at is not None and time.monotonic() - killed_at > _KILLED_SECONDS:
+            self._gave_up = True
+        return self._gave_up
 
     def error(self) -> KeyboardInterrupt:
         """The cell's error: its task was cancelled (and killed, after a second Stop)."""

@@ -54,9 +54,9 @@ __all__ = ["Session"]
 
 _SESSION_ENDED = "when its nbtask session ended (%unload_ext nbtask, or the kernel shut down)"
 _RECONNECTED = "when the notebook connected to another broker (%nbtask connect)"
+_RESIZED = "when the embedded cluster was started anew to resize it (%nbtask workers N)"
 #: How a task Stop interrupted (or killed) ends when its code did not handle the interrupt.
 _STOPPED = frozenset({State.REVOKED, State.WORKER_LOST})
-_RESIZED = "when the embedded cluster was started anew to resize it (%nbtask workers N)"
 #: How long an ending session waits for the cells it cancels to end.
 _CANCEL_SECONDS = 10.0
 #: A session says it uses the workers for this long, again every third of it (warmup.py).
