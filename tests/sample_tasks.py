@@ -26,6 +26,12 @@ def change_process_state(folder: str) -> None:
     random.seed(1234)
 
 
+@app.task
+def recursion_limit() -> int:
+    """This worker process's recursion limit, as a plain task finds it."""
+    return sys.getrecursionlimit()
+
+
 @app.task(acks_late=True)
 def slow_marker(path: str, seconds: float) -> int:
     """Append this process's pid to ``path``, sleep, and return the pid."""

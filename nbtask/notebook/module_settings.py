@@ -1,4 +1,6 @@
-"""matplotlib's rcParams and pandas' options as snapshots, and setting them back.
+"""Settings of matplotlib, pandas and numpy as snapshots, and setting them back.
+
+matplotlib's rcParams, pandas' options, numpy's print options and error handling.
 
 A snapshot is taken in the kernel for every cell it ships and on the worker after every
 cell; reading every setting anew costs more than a trivial cell's own work (pandas' 75
@@ -18,14 +20,37 @@ from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 __all__ = [
+    "NUMPY_ERRORS_DEFAULTS",
+    "NUMPY_PRINT_DEFAULTS",
+    "numpy_print_options",
     "pandas_defaults",
     "pandas_options",
     "rc_params",
     "registered_options",
     "same",
+    "set_numpy_errors",
+    "set_numpy_print_options",
     "set_pandas_options",
     "set_rc_params",
 ]
+
+#: numpy's print options and floating-point error handling in a fresh process, as its
+#: documentation gives them (numpy keeps no public copy; a key this numpy lacks is left).
+NUMPY_PRINT_DEFAULTS: dict[str, Any] = {
+    "edgeitems": 3,
+    "threshold": 1000,
+    "floatmode": "maxprec",
+    "precision": 8,
+    "suppress": False,
+    "linewidth": 75,
+    "nanstr": "nan",
+    "infstr": "inf",
+    "sign": "-",
+    "formatter": None,
+    "legacy": False,
+    "override_repr": None,
+}
+NUMPY_ERRORS_DEFAULTS = {"divide": "warn", "over": "warn", "under": "ignore", "invalid": "warn"}
 
 
 def same(a: Any, b: Any) -> bool:
@@ -152,6 +177,43 @@ def set_pandas_options(pandas: Any, options: Mapping[str, Any]) -> None:
                 continue
             with contextlib.suppress(Exception):  # an option this pandas lacks
                 pandas.set_option(key, copy.deepcopy(value))
+
+
+def set_numpy_print_options(numpy: Any, options: Mapping[str, Any]) -> None:
+    """Make numpy's print options what ``options`` says (a key this numpy lacks: none).
+
+    All at once, the others as they are: ``set_printoptions`` puts ``formatter`` and
+    ``override_repr`` back to ``None`` unless given, so a call naming only the keys that
+    differ would lose them.
+    """
+    current = numpy_print_options(numpy)
+    wanted = {k: options.get(k, v) for k, v in current.items()}
+    if not same(current, wanted):  # as is usual between cells: nothing to set
+        # A copy of the formatters: ``options`` stays as it was, whatever a cell does.
+        numpy.set_printoptions(**{**wanted, "formatter": _formatters(wanted.get("formatter"))})
+
+
+def numpy_print_options(numpy: Any) -> dict[str, Any]:
+    """The print options, as ``numpy.get_printoptions`` gives them, the formatters copied.
+
+    numpy gives its own dict of formatters: a snapshot sharing it would change with it.
+    """
+    options = dict(numpy.get_printoptions())
+    if "formatter" in options:
+        options["formatter"] = _formatters(options["formatter"])
+    return options
+
+
+def _formatters(value: Any) -> Any:
+    return dict(value) if isinstance(value, dict) else value
+
+
+def set_numpy_errors(numpy: Any, errors: Mapping[str, Any]) -> None:
+    """Make numpy's floating-point error handling what ``errors`` (``geterr()``) says."""
+    current = numpy.geterr()
+    wanted = {k: errors.get(k, v) for k, v in current.items()}
+    if wanted != current:
+        numpy.seterr(**wanted)
 
 
 class _Snapshots:

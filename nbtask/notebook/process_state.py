@@ -1,7 +1,8 @@
 """Process-wide state that a cell can read or change without naming a variable.
 
 matplotlib's rcParams (``plt.rc``, ``plt.style.use``, seaborn themes), the global random
-generators of :mod:`random` and :mod:`numpy.random`, pandas options, warnings filters, the
+generators of :mod:`random` and :mod:`numpy.random`, numpy's print options and
+floating-point error handling, pandas options, warnings filters, the recursion limit, the
 working directory, environment variables and ``sys.path`` additions made from the
 notebook. A ``%%task`` cell is shipped with a snapshot of the kernel's (:func:`capture`),
 the worker applies it before the cell runs (:func:`apply`), and what the cell changed comes
@@ -26,10 +27,15 @@ from typing import Any, cast
 
 from nbtask.core.context import runs_started
 from nbtask.notebook.module_settings import (
+    NUMPY_ERRORS_DEFAULTS,
+    NUMPY_PRINT_DEFAULTS,
+    numpy_print_options,
     pandas_defaults,
     pandas_options,
     rc_params,
     same,
+    set_numpy_errors,
+    set_numpy_print_options,
     set_pandas_options,
     set_rc_params,
 )
@@ -54,6 +60,10 @@ State = dict[str, Any]
 #: The modules whose settings a snapshot holds when they are imported: a worker applying
 #: it imports them.
 STATE_MODULES = ("numpy", "matplotlib", "pandas")
+
+#: The settings of a module a snapshot names ``None`` when the kernel has not imported it:
+#: a worker puts its own back as a fresh process has them (see :func:`_apply_settings`).
+_RESET_WHEN_NOT_IMPORTED = ("rcParams", "pandas", "numpy.printoptions", "numpy.errors")
 
 #: A cell's changes to the state when it changed none, pickled (as :func:`dumps` does).
 NO_CHANGES = dumps({})
@@ -157,6 +167,10 @@ class Applied:
     with the same pickled state, changed none of it and left no thread of its own
     running, and no other task (nor a dataset's loader) ran here since: any of those could
     have changed it.
+
+    The recursion limit is the cell's only while it runs: a plain task run here next finds
+    the process's own (a kernel's higher one could let its runaway recursion overflow the
+    C stack instead of raising :class:`RecursionError`).
     """
 
     def __init__(self) -> None:
@@ -164,6 +178,7 @@ class Applied:
         self._after: State = {}  # its snapshot, taken after the cell that left it so
         self._runs = -1  # tasks begun in this process when that cell began
         self._lent = _Lent()
+        self._own_limit: int | None = None  # the recursion limit to put back after the cell
 
     def enter(self, pickled: bytes, state: Mapping[str, Any], *, again: bool = False) -> State:
         """Be in ``state`` (``pickled`` as shipped) for a cell; the snapshot before it.
@@ -174,7 +189,11 @@ class Applied:
         in_it = not again and pickled == self._pickled and runs - 1 == self._runs
         # Until this cell is known to have left the state as it found it (see leave()).
         self._pickled, self._runs = None, runs
+        if self._own_limit is None:  # (set already: a retry, or a cell that never left)
+            self._own_limit = sys.getrecursionlimit()
         if in_it:
+            if "recursionlimit" in state:  # put back to the process's own after each cell
+                _set_recursion_limit(state["recursionlimit"])
             return self._after
         self._lent.take_back(state)
         apply(state)
@@ -186,6 +205,9 @@ class Applied:
         # snapshot, so with one alive the next cell applies the state whatever.
         others = _task_threads_alive()
         after = capture()
+        if self._own_limit is not None:
+            _set_recursion_limit(self._own_limit)
+            self._own_limit = None
         changed = changes(before, after)
         own = before.get("environ", {})
         self._lent.note(changed.get("environ", {}), changed.get("sys.path", []), own)
@@ -263,6 +285,10 @@ def capture(baseline: Baseline | None = None, applied: Mapping[str, Any] | None 
         state["numpy.random"] = applied["numpy.random"]
     elif numpy is not None:
         state["numpy.random"] = numpy.random.get_state()
+    if numpy is not None:
+        state["numpy.printoptions"] = numpy_print_options(numpy)
+        state["numpy.errors"] = numpy.geterr()
+    state["recursionlimit"] = sys.getrecursionlimit()
     matplotlib = sys.modules.get("matplotlib")
     if matplotlib is not None:
         state["rcParams"] = rc_params(matplotlib.rcParams)
@@ -270,8 +296,8 @@ def capture(baseline: Baseline | None = None, applied: Mapping[str, Any] | None 
     if pandas is not None:
         state["pandas"] = pandas_options(pandas)
     if baseline is not None:
-        state.setdefault("rcParams", None)
-        state.setdefault("pandas", None)
+        for kind in _RESET_WHEN_NOT_IMPORTED:
+            state.setdefault(kind, None)
         state["environ"] = baseline.environ_changes()
         added = baseline.path_additions()
         state["sys.path"] = [*(p for p in _cwd_entries() if p not in added), *added]
@@ -343,6 +369,8 @@ def apply(state: Mapping[str, Any], *, keep_own_paths: bool = True) -> None:
     if "numpy.random" in state:
         # The kernel had it, so the cell's code expects it here too.
         importlib.import_module("numpy").random.set_state(state["numpy.random"])
+    if "recursionlimit" in state:
+        _set_recursion_limit(state["recursionlimit"])
     _apply_settings(state)
     _set_environ(dict(state.get("environ", {})))
     _remove_from_path(state.get("sys.path removed", []), keep_own=keep_own_paths)
@@ -367,8 +395,14 @@ def _remove_from_path(entries: Iterable[str], *, keep_own: bool = True) -> None:
             sys.path.remove(entry)
 
 
+def _set_recursion_limit(limit: int) -> None:
+    """Set the recursion limit; one below this thread's depth now is left (it cannot be)."""
+    with contextlib.suppress(RecursionError, ValueError):
+        sys.setrecursionlimit(limit)
+
+
 def _apply_settings(state: Mapping[str, Any]) -> None:
-    """Set rcParams and pandas options; ``None``: as a fresh process has them.
+    """Set rcParams, pandas' and numpy's options; ``None``: as a fresh process has them.
 
     Only what differs is set: putting every setting back costs milliseconds per cell
     (pandas' ``reset_option("all")`` about 5 ms), and they rarely differ.
@@ -388,6 +422,18 @@ def _apply_settings(state: Mapping[str, Any]) -> None:
             options = pandas_defaults(sys.modules["pandas"])
         if options is not None:
             set_pandas_options(importlib.import_module("pandas"), options)
+    for kind, put, defaults in _NUMPY_SETTINGS:
+        if kind in state:
+            value = defaults if state[kind] is None else state[kind]
+            if state[kind] is not None or "numpy" in sys.modules:
+                put(importlib.import_module("numpy"), value)
+
+
+#: numpy's settings a snapshot holds: kind, how to set it, numpy's defaults.
+_NUMPY_SETTINGS = (
+    ("numpy.printoptions", set_numpy_print_options, NUMPY_PRINT_DEFAULTS),
+    ("numpy.errors", set_numpy_errors, NUMPY_ERRORS_DEFAULTS),
+)
 
 
 def changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> State:

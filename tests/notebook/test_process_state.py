@@ -6,6 +6,7 @@ import _thread
 import os
 import pickle
 import random
+import subprocess
 import sys
 import threading
 import warnings
@@ -140,6 +141,19 @@ def test_settings_the_notebook_has_not_imported_are_put_back_as_their_libraries_
     matplotlib.rc_file_defaults()
     assert process_state.changes(put_back, process_state.capture()) == {}
     assert pd.get_option("display.max_rows") != 7 and matplotlib.rcParams["font.size"] != 31.0
+
+
+def test_numpy_settings_the_notebook_has_not_imported_are_put_back_as_a_fresh_numpy_has_them(
+    restored: None,
+) -> None:
+    """``None`` from a kernel without numpy: its print options and error handling too."""
+    np.set_printoptions(precision=3, suppress=True, formatter={"float": "{:.1f}".format})
+    np.seterr(all="raise")
+    process_state.apply({"numpy.printoptions": None, "numpy.errors": None})
+    fresh = "import numpy as np\nprint(np.get_printoptions(), np.geterr())"
+    printed = subprocess.check_output([sys.executable, "-c", fresh], text=True)
+    assert printed.strip() == f"{np.get_printoptions()} {np.geterr()}"
+    assert np.get_printoptions()["precision"] != 3 and np.geterr()["divide"] != "raise"
 
 
 def test_pandas_options_are_read_as_get_option_reads_them(restored: None) -> None:

@@ -1,0 +1,81 @@
+"""numpy's print options and floating-point error handling, and the recursion limit, follow
+the notebook both ways, as the other process-wide settings do (test_cell_fidelity.py)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from helpers import cell_run as run
+from helpers import cell_task as task
+from IPython.core.interactiveshell import InteractiveShell
+
+from nbtask.notebook.session import Session
+
+#: A function recursing ``n`` deep, defined in the cell that calls it.
+_DOWN = "def down(n):\n    return 0 if n == 0 else 1 + down(n - 1)\n"
+
+
+@pytest.fixture
+def numpy_settings() -> Iterator[None]:
+    """This process's numpy print options and error handling, put back after the test."""
+    options, errors = np.get_printoptions(), np.geterr()
+    yield
+    np.set_printoptions(**options)
+    np.seterr(**errors)
+
+
+@pytest.fixture
+def recursion_limit() -> Iterator[int]:
+    """This process's recursion limit, put back after the test."""
+    limit = sys.getrecursionlimit()
+    yield limit
+    sys.setrecursionlimit(limit)
+
+
+def test_numpy_print_options_follow_the_notebook_both_ways(
+    ip: InteractiveShell, nb: Session, numpy_settings: None
+) -> None:
+    run(ip, "import numpy as np\nnp.set_printoptions(precision=2)")
+    task(ip, "shown = str(np.array([1 / 3]))")
+    assert ip.user_ns["shown"] == "[0.33]"  # as locally
+    task(ip, "np.set_printoptions(precision=3, suppress=True)")
+    assert (np.get_printoptions()["precision"], np.get_printoptions()["suppress"]) == (3, True)
+    task(ip, "again = str(np.array([1 / 3]))")  # the cell's setting stays, as locally
+    assert ip.user_ns["again"] == "[0.333]"
+
+
+def test_numpy_error_handling_follows_the_notebook_both_ways(
+    ip: InteractiveShell, nb: Session, numpy_settings: None
+) -> None:
+    run(ip, "import numpy as np\nnp.seterr(all='raise')")
+    with pytest.raises(FloatingPointError, match="divide by zero"):
+        task(ip, "np.array([1.0]) / 0")
+    task(ip, "np.seterr(divide='ignore', under='warn')")
+    assert np.geterr() == {"divide": "ignore", "over": "raise", "under": "warn", "invalid": "raise"}
+    task(ip, "quotient = (np.array([1.0]) / 0)[0]")  # ignored now, as it would be locally
+    assert ip.user_ns["quotient"] == np.inf
+
+
+def test_the_recursion_limit_follows_the_notebook_both_ways_and_plain_tasks_keep_their_own(
+    ip: InteractiveShell, loaded: Session, start_worker: Any, recursion_limit: int
+) -> None:
+    start_worker(concurrency=1)  # every cell and task in one process
+    # The worker's own limit once it runs cells (IPython's completer, jedi, raises it).
+    task(ip, "first = 1")
+    own = loaded.app.send_task("tests.sample_tasks.recursion_limit").get(30)
+    run(ip, "import sys\nsys.setrecursionlimit(5000)")
+    task(ip, _DOWN + "depth = down(3000)")
+    # The state as the cell before left it (not applied again): the limit is still the cell's.
+    task(ip, _DOWN + "again = (down(3000), sys.getrecursionlimit())")
+    assert (ip.user_ns["depth"], ip.user_ns["again"]) == (3000, (3000, 5000))
+    # A plain task in the same process finds the process's own limit, not the notebook's.
+    assert loaded.app.send_task("tests.sample_tasks.recursion_limit").get(30) == own
+    task(ip, "sys.setrecursionlimit(4321)")
+    assert sys.getrecursionlimit() == 4321  # as the cell would have left it locally
+    task(ip, "seen = sys.getrecursionlimit()")
+    assert ip.user_ns["seen"] == 4321
+    assert loaded.app.send_task("tests.sample_tasks.recursion_limit").get(30) == own
