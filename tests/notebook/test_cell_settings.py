@@ -4,7 +4,7 @@ the notebook both ways, as the other process-wide settings do (test_cell_fidelit
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -79,3 +79,17 @@ def test_the_recursion_limit_follows_the_notebook_both_ways_and_plain_tasks_keep
     task(ip, "seen = sys.getrecursionlimit()")
     assert ip.user_ns["seen"] == 4321
     assert loaded.app.send_task("tests.sample_tasks.recursion_limit").get(30) == own
+
+
+def test_numpy_settings_a_background_cell_changes_stay_in_a_real_kernel(
+    run_in_kernel: Callable[[str], str],
+) -> None:
+    """Brought back as the next cell starts, they stay for the cells after it, as locally.
+
+    numpy keeps them in context variables: in the kernel's context, not in one of its own.
+    """
+    run_in_kernel("import numpy as np\nnp.set_printoptions(precision=2)\nnp.seterr(divide='raise')")
+    run_in_kernel("%%task\nshown = str(np.array([1 / 3]))\nnp.set_printoptions(precision=4)")
+    assert "[0.33]" in run_in_kernel("print(shown)")  # waits for the cell, takes its changes
+    printed = run_in_kernel("print(np.array([1 / 3]), np.geterr()['divide'])")
+    assert printed.strip() == "[0.3333] raise"
