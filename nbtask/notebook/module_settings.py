@@ -1,6 +1,7 @@
 """Settings of matplotlib, pandas and numpy as snapshots, and setting them back.
 
-matplotlib's rcParams, pandas' options, numpy's print options and error handling.
+matplotlib's rcParams, the inline backend's figure formats, pandas' options, numpy's print
+options and error handling.
 
 A snapshot is taken in the kernel for every cell it ships and on the worker after every
 cell; reading every setting anew costs more than a trivial cell's own work (pandas' 75
@@ -22,12 +23,14 @@ from typing import Any, cast
 __all__ = [
     "NUMPY_ERRORS_DEFAULTS",
     "NUMPY_PRINT_DEFAULTS",
+    "inline_backend",
     "numpy_print_options",
     "pandas_defaults",
     "pandas_options",
     "rc_params",
     "registered_options",
     "same",
+    "set_inline_backend",
     "set_numpy_errors",
     "set_numpy_print_options",
     "set_pandas_options",
@@ -177,6 +180,58 @@ def set_pandas_options(pandas: Any, options: Mapping[str, Any]) -> None:
                 continue
             with contextlib.suppress(Exception):  # an option this pandas lacks
                 pandas.set_option(key, copy.deepcopy(value))
+
+
+#: The inline backend's settings that make a figure's image (``%config InlineBackend....``).
+_INLINE_SETTINGS = ("figure_formats", "print_figure_kwargs")
+
+
+def inline_backend(shell: Any) -> dict[str, Any] | None:
+    """The inline backend's figure formats and print arguments in ``shell``'s process.
+
+    Its own once it is set up (once a figure was shown); before, what ``%config`` gave it
+    in the shell's config, which it is set up from. ``None``: neither (its defaults).
+    """
+    backend = _set_up_inline_backend()
+    if backend is not None:
+        instance = backend.instance()
+        return {name: copy.deepcopy(getattr(instance, name)) for name in _INLINE_SETTINGS}
+    section = shell.config.get("InlineBackend", {}) if shell is not None else {}
+    given = {name: copy.deepcopy(section[name]) for name in _INLINE_SETTINGS if name in section}
+    if section.get("figure_format") and "figure_formats" not in given:  # the older name
+        given["figure_formats"] = {section["figure_format"]}
+    if "figure_formats" in given:
+        given["figure_formats"] = set(given["figure_formats"])  # as the backend holds them
+    return given or None
+
+
+def set_inline_backend(shell: Any, settings: Mapping[str, Any] | None) -> None:
+    """Give the inline backend ``settings`` (a key left out, or ``None``: its defaults).
+
+    Set up already, it selects the shell's figure formatters anew; else they go into the
+    shell's config, which it is set up from when the first figure is shown (as ``%config``
+    before that does). Nothing here imports matplotlib.
+    """
+    settings = settings or {}
+    backend = _set_up_inline_backend()
+    if backend is not None:
+        instance, traits = backend.instance(), backend.class_traits()
+        for name in _INLINE_SETTINGS:
+            value = settings.get(name, traits[name].default())
+            if not same(getattr(instance, name), value):
+                with contextlib.suppress(Exception):  # a format it cannot make here (jpeg)
+                    setattr(instance, name, copy.deepcopy(value))
+    elif shell is not None and inline_backend(shell) != (dict(settings) or None):
+        section = shell.config.InlineBackend
+        for name in (*_INLINE_SETTINGS, "figure_format"):
+            section.pop(name, None)
+        section.update(copy.deepcopy(dict(settings)))
+
+
+def _set_up_inline_backend() -> Any:
+    """matplotlib_inline's ``InlineBackend`` once set up in this process, else ``None``."""
+    backend = getattr(sys.modules.get("matplotlib_inline.config"), "InlineBackend", None)
+    return backend if backend is not None and backend.initialized() else None
 
 
 def set_numpy_print_options(numpy: Any, options: Mapping[str, Any]) -> None:

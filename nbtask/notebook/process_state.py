@@ -1,6 +1,7 @@
 """Process-wide state that a cell can read or change without naming a variable.
 
-matplotlib's rcParams (``plt.rc``, ``plt.style.use``, seaborn themes), the global random
+matplotlib's rcParams (``plt.rc``, ``plt.style.use``, seaborn themes), the inline backend's
+figure formats (``%config InlineBackend.figure_formats``), the global random
 generators of :mod:`random` and :mod:`numpy.random`, numpy's print options and
 floating-point error handling, pandas options, warnings filters, the recursion limit, the
 working directory, environment variables and ``sys.path`` additions made from the
@@ -29,11 +30,13 @@ from nbtask.core.context import runs_started
 from nbtask.notebook.module_settings import (
     NUMPY_ERRORS_DEFAULTS,
     NUMPY_PRINT_DEFAULTS,
+    inline_backend,
     numpy_print_options,
     pandas_defaults,
     pandas_options,
     rc_params,
     same,
+    set_inline_backend,
     set_numpy_errors,
     set_numpy_print_options,
     set_pandas_options,
@@ -63,7 +66,7 @@ STATE_MODULES = ("numpy", "matplotlib", "pandas")
 
 #: The settings of a module a snapshot names ``None`` when the kernel has not imported it:
 #: a worker puts its own back as a fresh process has them (see :func:`_apply_settings`).
-_RESET_WHEN_NOT_IMPORTED = ("rcParams", "pandas", "numpy.printoptions", "numpy.errors")
+_RESET_WHEN_NOT_IMPORTED = ("rcParams", "inline", "pandas", "numpy.printoptions", "numpy.errors")
 
 #: A cell's changes to the state when it changed none, pickled (as :func:`dumps` does).
 NO_CHANGES = dumps({})
@@ -292,6 +295,9 @@ def capture(baseline: Baseline | None = None, applied: Mapping[str, Any] | None 
     matplotlib = sys.modules.get("matplotlib")
     if matplotlib is not None:
         state["rcParams"] = rc_params(matplotlib.rcParams)
+    figures = inline_backend(_shell())
+    if figures is not None:
+        state["inline"] = figures
     pandas = sys.modules.get("pandas")
     if pandas is not None:
         state["pandas"] = pandas_options(pandas)
@@ -308,6 +314,12 @@ def capture(baseline: Baseline | None = None, applied: Mapping[str, Any] | None 
         state["environ"] = _environ()
         state["sys.path"] = list(sys.path)
     return state
+
+
+def _shell() -> Any:
+    """The IPython shell of this process (the kernel's, or a worker's), if it has one."""
+    ipython = sys.modules.get("IPython")
+    return ipython.get_ipython() if ipython is not None else None
 
 
 def _cwd_entries() -> list[str]:
@@ -402,7 +414,7 @@ def _set_recursion_limit(limit: int) -> None:
 
 
 def _apply_settings(state: Mapping[str, Any]) -> None:
-    """Set rcParams, pandas' and numpy's options; ``None``: as a fresh process has them.
+    """Set rcParams, figure formats, pandas' and numpy's options; ``None``: their defaults.
 
     Only what differs is set: putting every setting back costs milliseconds per cell
     (pandas' ``reset_option("all")`` about 5 ms), and they rarely differ.
@@ -416,6 +428,8 @@ def _apply_settings(state: Mapping[str, Any]) -> None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     matplotlib.rc_file_defaults()
+    if "inline" in state:
+        set_inline_backend(_shell(), state["inline"])
     if "pandas" in state:
         options = state["pandas"]
         if options is None and "pandas" in sys.modules:

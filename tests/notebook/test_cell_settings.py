@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from helpers import cell_run as run
 from helpers import cell_task as task
+from helpers import execute, kernel_env, stream_text
 from IPython.core.interactiveshell import InteractiveShell
 
+from nbtask import Settings
 from nbtask.notebook.session import Session
 
 #: A function recursing ``n`` deep, defined in the cell that calls it.
@@ -93,3 +95,33 @@ def test_numpy_settings_a_background_cell_changes_stay_in_a_real_kernel(
     assert "[0.33]" in run_in_kernel("print(shown)")  # waits for the cell, takes its changes
     printed = run_in_kernel("print(np.array([1 / 3]), np.geterr()['divide'])")
     assert printed.strip() == "[0.3333] raise"
+
+
+def test_the_inline_backends_figure_formats_follow_the_notebook_both_ways(
+    settings: Settings, start_worker: Any, kernel: Any
+) -> None:
+    """``%config InlineBackend.figure_formats``: a cell's figures come as the notebook's."""
+    start_worker()
+    client = kernel(kernel_env(settings))[1]
+
+    def shown(code: str) -> list[dict[str, Any]]:
+        """Run ``code`` in the kernel: the displays it showed (their data and metadata)."""
+        _, msgs, reply = execute(client, code)
+        assert reply["content"]["status"] == "ok", (reply["content"], stream_text(msgs))
+        return [m["content"] for m in msgs if m["msg_type"] == "display_data"]
+
+    shown("%load_ext nbtask")
+    shown("import matplotlib.pyplot as plt\n%config InlineBackend.figure_formats = ['svg']")
+    figures = shown("%%task --wait\nplt.plot([1, 2])\nplt.show()")
+    assert [sorted(figure["data"]) for figure in figures] == [["image/svg+xml", "text/plain"]]
+    shown("%%task --wait\n%config InlineBackend.figure_formats = ['retina']")
+    figures = shown("plt.plot([1, 2])\nplt.show()")  # in the kernel: as the cell set it
+    assert [sorted(figure["data"]) for figure in figures] == [["image/png", "text/plain"]]
+    assert "width" in figures[0]["metadata"]["image/png"]  # a retina PNG is shown half size
+    # The kernel's backend is set up now (it showed a figure): its own settings go and come.
+    shown("%%task --wait\n%config InlineBackend.figure_format = 'svg'")
+    figures = shown("plt.plot([1, 2])\nplt.show()")
+    assert [sorted(figure["data"]) for figure in figures] == [["image/svg+xml", "text/plain"]]
+    shown("%config InlineBackend.figure_formats = ['retina']")
+    figures = shown("%%task --wait\nplt.plot([1, 2])\nplt.show()")
+    assert "width" in figures[0]["metadata"]["image/png"]
