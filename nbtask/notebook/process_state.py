@@ -437,10 +437,9 @@ def _apply_settings(state: Mapping[str, Any]) -> None:
         if options is not None:
             set_pandas_options(importlib.import_module("pandas"), options)
     for kind, put, defaults in _NUMPY_SETTINGS:
-        if kind in state:
-            value = defaults if state[kind] is None else state[kind]
-            if state[kind] is not None or "numpy" in sys.modules:
-                put(importlib.import_module("numpy"), value)
+        if kind not in state or (state[kind] is None and "numpy" not in sys.modules):
+            continue  # (None, numpy not imported here: it will start with its defaults)
+        put(importlib.import_module("numpy"), defaults if state[kind] is None else state[kind])
 
 
 #: numpy's settings a snapshot holds: kind, how to set it, numpy's defaults.
