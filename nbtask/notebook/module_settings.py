@@ -189,13 +189,20 @@ _INLINE_SETTINGS = ("figure_formats", "print_figure_kwargs")
 def inline_backend(shell: Any) -> dict[str, Any] | None:
     """The inline backend's figure formats and print arguments in ``shell``'s process.
 
-    Its own once it is set up (once a figure was shown); before, what ``%config`` gave it
-    in the shell's config, which it is set up from. ``None``: neither (its defaults).
+    Its own once it is set up (once a figure was shown), those that are not its defaults;
+    before, what ``%config`` gave it in the shell's config, which it is set up from.
+    ``None``: neither. A backend set up at its defaults is as one not set up: a worker's
+    that a cell set up (to show a figure) does not come back as a change.
     """
     backend = _set_up_inline_backend()
     if backend is not None:
-        instance = backend.instance()
-        return {name: copy.deepcopy(getattr(instance, name)) for name in _INLINE_SETTINGS}
+        instance, traits = backend.instance(), backend.class_traits()
+        own = {name: getattr(instance, name) for name in _INLINE_SETTINGS}
+        return {
+            name: copy.deepcopy(value)
+            for name, value in own.items()
+            if not same(value, traits[name].default())
+        } or None
     section = shell.config.get("InlineBackend", {}) if shell is not None else {}
     given = {name: copy.deepcopy(section[name]) for name in _INLINE_SETTINGS if name in section}
     if section.get("figure_format") and "figure_formats" not in given:  # the older name

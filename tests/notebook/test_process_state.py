@@ -156,6 +156,28 @@ def test_numpy_settings_the_notebook_has_not_imported_are_put_back_as_a_fresh_nu
     assert np.get_printoptions()["precision"] != 3 and np.geterr()["divide"] != "raise"
 
 
+@pytest.mark.filterwarnings("ignore:InlineBackend._figure_formats_changed:DeprecationWarning")
+def test_the_inline_backend_comes_and_goes_only_with_settings_other_than_its_defaults(
+    restored: None,
+) -> None:
+    """One a cell set up at its defaults (showing a figure) is no change; ``None`` resets."""
+    from matplotlib_inline.config import InlineBackend
+
+    backend = InlineBackend.instance()
+    formats = backend.figure_formats
+    try:
+        backend.figure_formats = {"png"}
+        before = process_state.capture()
+        assert "inline" not in before
+        backend.figure_formats = {"svg"}
+        changed = process_state.changes(before, process_state.capture())
+        assert changed == {"inline": {"figure_formats": {"svg"}}}
+        process_state.apply({"inline": None})  # from a notebook whose backend has its defaults
+        assert backend.figure_formats == {"png"} and "inline" not in process_state.capture()
+    finally:
+        backend.figure_formats = formats
+
+
 def test_pandas_options_are_read_as_get_option_reads_them(restored: None) -> None:
     """Read from pandas' own store (get_option's pattern search costs ~10 µs an option)."""
     pd.set_option("display.max_rows", 7)
