@@ -423,26 +423,33 @@ def _attributes(old: Any, new: Any, swap: Swap) -> None:
 
 
 def _attributes_shipped(old: Any, new: Any) -> dict[str, Any]:
-    """``new``'s attributes to write into ``old``: those its pickled state holds.
+    """``new``'s attributes to write into ``old``, less the live resources ``old`` holds.
 
-    All of them, unless its class pickles only some (a ``__getstate__`` of its own that
-    leaves out a connection or a lock, which ``__setstate__`` makes anew when unpickled
-    here): those stay ``old``'s own, which the cell never had, as locally.
+    A class that pickles all but a resource (a ``__getstate__`` of its own leaving out a
+    connection or a lock, which ``__setstate__`` makes anew when unpickled here) sent the
+    cell none of it: ``old``'s own stays, as locally. Everything else is ``new``'s, what
+    ``__setstate__`` rebuilt from the cell's state included (an index of its rows).
     """
     shipped: dict[str, Any] = vars(new)
     if getattr(type(new), "__getstate__", None) is getattr(object, "__getstate__", None):
         return shipped
+    live = {key: value for key, value in vars(old).items() if _cannot_be_pickled(value)}
+    return {**shipped, **live}
+
+
+def _cannot_be_pickled(value: Any) -> bool:
+    """Whether ``value`` refuses to be pickled at all (a connection, a lock, a file).
+
+    Told by its own reduce, which such a type refuses at once; no content is copied
+    (protocol 5 hands arrays over as buffers).
+    """
     try:
-        state = new.__getstate__()
-    except Exception:  # (its own method: whatever it raises, the state is not known)
-        return shipped
-    # Only a state that is some of its attributes as they are (a state of other names,
-    # turned into attributes by ``__setstate__``, says nothing of which were left out).
-    if not isinstance(state, dict) or not state.keys() <= shipped.keys():
-        return shipped
-    own = vars(old)
-    remade = {key: own[key] for key in own if key not in state}
-    return {**{key: value for key, value in shipped.items() if key in state}, **remade}
+        value.__reduce_ex__(5)
+    except TypeError:
+        return True
+    except Exception:  # (its own method: anything else says nothing of a resource)
+        return False
+    return False
 
 
 def _is_set(slot: Any, value: Any, kind: type) -> bool:

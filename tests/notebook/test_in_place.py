@@ -89,6 +89,33 @@ def test_what_an_objects_class_leaves_out_of_its_pickled_state_stays_the_noteboo
     assert store.conn.execute("select count(*) from t").fetchone() == (0,)
 
 
+def test_what_a_class_rebuilds_from_its_pickled_state_comes_back_as_the_cell_left_it(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    """An index ``__setstate__`` rebuilds from the rows it pickles: the cell's new row is in
+    both, as locally."""
+    run(
+        ip,
+        "class Index:\n"
+        "    def __init__(self, rows):\n"
+        "        self.rows = list(rows)\n"
+        "        self.by_key = {r: i for i, r in enumerate(self.rows)}\n"
+        "    def add(self, r):\n"
+        "        self.rows.append(r)\n"
+        "        self.by_key[r] = len(self.rows) - 1\n"
+        "    def __getstate__(self):\n"
+        "        return {'rows': self.rows}\n"
+        "    def __setstate__(self, state):\n"
+        "        self.rows = state['rows']\n"
+        "        self.by_key = {r: i for i, r in enumerate(self.rows)}\n"
+        "idx = Index(['a', 'b'])\nsame = idx",
+    )
+    task(ip, "idx.add('c')")
+    idx = ip.user_ns["idx"]
+    assert idx is ip.user_ns["same"]
+    assert (idx.rows, idx.by_key) == (["a", "b", "c"], {"a": 0, "b": 1, "c": 2})
+
+
 def test_an_object_changed_in_place_is_seen_through_an_attribute_holding_it(
     ip: InteractiveShell, nb: Session
 ) -> None:
