@@ -2,7 +2,8 @@
 
 A journal is a plain list anyone with write access can add to, so it is read only as
 nbtask writes it: its newest :data:`JOURNAL_LINES` lines, each up to
-:data:`JOURNAL_LINE_BYTES`. A worker cuts a longer line to that size as it writes it; a
+:data:`JOURNAL_LINE_BYTES`. A worker cuts a longer line to that size as it writes it (its
+middle goes); a
 longer one in the list was planted, and reading it would cost the reader (``nbtask log``,
 ``%nbtask log``) memory in proportion to what was planted: it is left out, with one line
 saying so.
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 #: The newest lines a journal keeps.
 JOURNAL_LINES = 1_000
-#: The longest line a journal keeps, in UTF-8 bytes (a longer one is cut to it).
+#: The longest line a journal keeps, in UTF-8 bytes (a longer one loses its middle).
 JOURNAL_LINE_BYTES = 4_096
 
 # The newest ARGV[1] lines of list KEYS[1], leaving out those over ARGV[2] bytes; a key of
@@ -38,18 +39,24 @@ return {lines, over}
 
 JOURNAL_SCRIPTS = {"read_journal": _READ}
 
-_CUT = " [nbtask: line cut here]"
+_CUT = " [nbtask: line cut here] "
 
 
 def _kept(line: str) -> bytes:
-    """``line`` as the journal keeps it: cut to :data:`JOURNAL_LINE_BYTES`, saying so."""
+    """``line`` as the journal keeps it: at most :data:`JOURNAL_LINE_BYTES`, saying so.
+
+    A longer one keeps its head and its tail: a traceback logged as one record ends with
+    the exception itself.
+    """
     data = line.encode("utf-8", "replace")
     if len(data) <= JOURNAL_LINE_BYTES:
         return data
     cut = _CUT.encode()
+    half = (JOURNAL_LINE_BYTES - len(cut)) // 2
     # (A character split by the cut is dropped, not kept half.)
-    head = data[: JOURNAL_LINE_BYTES - len(cut)].decode("utf-8", "ignore").encode()
-    return head + cut
+    head = data[:half].decode("utf-8", "ignore").encode()
+    tail = data[-half:].decode("utf-8", "ignore").encode()
+    return head + cut + tail
 
 
 def append(link: RedisLink, key: str, lines: Sequence[str], ttl: int) -> None:
@@ -76,4 +83,6 @@ def read(link: RedisLink, key: str) -> list[str]:
             over,
             f"{JOURNAL_LINE_BYTES:,}",
         )
-    return [printable(bytes(line).decode("utf-8", "replace")) for line in lines]
+    # A record of several lines (a traceback) is kept as one entry: shown as its lines.
+    text = (bytes(line).decode("utf-8", "replace") for line in lines)
+    return [printable(part) for entry in text for part in entry.split("\n")]

@@ -144,16 +144,21 @@ def test_a_planted_task_journal_is_read_only_as_nbtask_writes_it(
 
 
 def test_a_journal_line_longer_than_a_journal_keeps_is_kept_cut(app: App) -> None:
-    """What a handler prints is kept a line at a time, each cut to what a reader takes."""
+    """What a handler prints is kept a line at a time, each cut to what a reader takes: its
+    head and its tail (a traceback, logged as one record of many lines, ends with the
+    exception itself, and reads as its lines)."""
     assert isinstance(app.store, RedisStore)
-    long_line, accented = "x" * 100_000, "é" * 3_000  # (é: two bytes, cut between them)
-    app.store.append_journal("t-long", [long_line, accented, "short"])
+    cut = " [nbtask: line cut here] "
+    traceback = "Traceback:\n" + "  File x, line 1, in f\n" * 4_000 + "ValueError: the reason"
+    accented = "é" * 3_000  # (é: two bytes, cut between them)
+    app.store.append_journal("t-long", [traceback, accented, "short"])
     try:
-        kept = app.store.read_journal("t-long")
-        assert len(kept) == 3 and kept[2] == "short"
-        for line, original in zip(kept[:2], (long_line, accented), strict=True):
-            assert line.endswith(" [nbtask: line cut here]"), line[-40:]
-            assert original.startswith(line.removesuffix(" [nbtask: line cut here]"))
-            assert len(line.encode()) <= 4_096
+        *traced, accented_kept, short = app.store.read_journal("t-long")
+        assert traced[0] == "Traceback:" and traced[-1] == "ValueError: the reason"
+        assert sum(cut in line for line in traced) == 1
+        assert len("\n".join(traced).encode()) <= 4_096
+        head, tail = accented_kept.split(cut)
+        assert accented.startswith(head) and accented.endswith(tail) and head and tail
+        assert len(accented_kept.encode()) <= 4_096 and short == "short"
     finally:
         app.store.link.redis.delete(app.store.journal_key("t-long"))
