@@ -1,12 +1,11 @@
 """Task journals in Redis: what workers said about a task, kept with it for ``result_ttl``.
 
 A journal is a plain list anyone with write access can add to, so it is read only as
-nbtask writes it: its newest :data:`JOURNAL_LINES` lines, each up to
-:data:`JOURNAL_LINE_BYTES`. A worker cuts a longer line to that size as it writes it (its
-middle goes); a
-longer one in the list was planted, and reading it would cost the reader (``nbtask log``,
-``%nbtask log``) memory in proportion to what was planted: it is left out, with one line
-saying so.
+nbtask writes it: its newest :data:`JOURNAL_LINES` entries, each up to
+:data:`JOURNAL_LINE_BYTES`. A worker cuts a longer one to that size as it writes it (its
+middle goes); a longer one in the list was planted, and reading it would cost the reader
+(``nbtask log``, ``%nbtask log``) memory in proportion to what was planted: it is left
+out, with one line saying so.
 """
 
 from __future__ import annotations
