@@ -98,8 +98,7 @@ class Releases:
         """Count ``value`` as a reference to what it stands for, until it is collected."""
         if not value.holder and not value.keeper:
             return
-        blobs = tuple(sorted(value.blob_sizes.items()))
-        kept = (value.holder or "", value.holder_pid, value.key, value.keeper, blobs)
+        kept = _kept_of(value)
         with self._lock:
             self._counts[kept] += 1
             self._values.add(value)
@@ -140,16 +139,23 @@ class Releases:
         with self._lock:
             return list(self._values)
 
-    def release_all(self, why: str) -> None:
+    def release_all(self, why: str, *, sparing_running: bool = False) -> None:
         """The session ends: release every value it still references.
 
-        The references left in the notebook say so (``why``) when used.
+        The references left in the notebook say so (``why``) when used. ``sparing_running``:
+        not those a task still running reads (the kernel ends, its cells run on).
         """
         with self._lock:
-            due = list(self._counts)
+            spared = {
+                _kept_of(value)
+                for handle, values in self._held
+                if sparing_running and not handle.done()
+                for value in values
+            }
+            due = [kept for kept in self._counts if kept not in spared]
             self._counts.clear()
             self._held.clear()
-            values = list(self._values)
+            values = [value for value in self._values if _kept_of(value) not in spared]
             self._values.clear()
         for value in values:
             value.release(why)
@@ -172,3 +178,9 @@ class Releases:
         for (holder, pid), keys in by_holder.items():
             if (holder, pid) in live:  # a holder that ended holds nothing any more
                 self._send(holder, sorted(keys))
+
+
+def _kept_of(value: RemoteValue) -> Kept:
+    """What ``value`` references: its holder process, key, keeper and blobs."""
+    blobs = tuple(sorted(value.blob_sizes.items()))
+    return (value.holder or "", value.holder_pid, value.key, value.keeper, blobs)

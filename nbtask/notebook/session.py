@@ -124,7 +124,7 @@ class Session(TaskOverview):
         """The kernel ends (shut down, or restarted gracefully as JupyterLab's Restart does).
 
         Its background cells run on, as after a kernel killed: a restarted kernel finds
-        them with ``%tasks --all``. What they read stays kept for them (until its TTL).
+        them with ``%tasks --all``. The kept values they read stay kept for them.
         """
         self.stop(cancel=False)
 
@@ -132,7 +132,7 @@ class Session(TaskOverview):
         """End the session: its running cells are cancelled, what it kept is released.
 
         Removes the hooks and closes the app if this session made it. Without ``cancel``
-        running cells are left to run, and while any runs nothing kept is released.
+        running cells are left to run, and the kept values they read stay kept for them.
         """
         atexit.unregister(self._exit)
         if self._stop.is_set():
@@ -158,8 +158,7 @@ class Session(TaskOverview):
             if cancel:
                 self.pending.cancel_running(timeout=_CANCEL_SECONDS)
             self.pending.harvest()
-            if cancel or not self.pending.running():
-                self.releases.release_all(_SESSION_ENDED)
+            self.releases.release_all(_SESSION_ENDED, sparing_running=not cancel)
         if self.owns_app:
             self.app.close()
 
