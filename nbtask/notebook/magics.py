@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import re
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -38,15 +37,28 @@ def _typed(decorator: Any) -> Callable[[F], F]:
     return cast("Callable[[F], F]", decorator)
 
 
-#: A ``#`` comment ending a ``%%task`` line: a ``#`` at its start or after a space.
-_COMMENT = re.compile(r"(^|\s)#.*$")
+def _without_comment(line: str) -> str:
+    """``line`` less the ``#`` comment ending it, if any.
+
+    A comment starts at a ``#`` outside quotes, at the start or after a space
+    (``--queue "gpu #2"`` names a queue).
+    """
+    quote = ""
+    for at, char in enumerate(line):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and (at == 0 or line[at - 1].isspace()):
+            return line[:at]
+    return line
 
 
 @functools.lru_cache(maxsize=64)
 def _task_options(line: str) -> argparse.Namespace:
     """The options of a ``%%task`` line (not to be changed: shared by every such line)."""
     # A comment after the options, as a cell's first line may have (``# on the big box``).
-    line = _COMMENT.sub("", line)
+    line = _without_comment(line)
     options: argparse.Namespace = parse_argstring(TaskMagics.task, line)
     options.name_after = _name_after(line, options.name) if options.name else ""
     return _checked(options)
