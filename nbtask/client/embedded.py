@@ -56,14 +56,20 @@ def redis_server_binary() -> str:
 #: libraries are imported: a module there named like a standard one (``secrets.py``,
 #: ``queue.py``) must not replace it for them, as it does not in the kernel, which imported
 #: its own first. The folder is back before anything runs: the notebook's modules import.
+#: (Unless nbtask is found only there, a checkout of it: then it is imported from there.)
 _LAUNCH = """\
 import os, sys
 here = {"", os.getcwd()}
 kept = [(i, p) for i, p in enumerate(sys.path) if p in here]
 sys.path[:] = [p for p in sys.path if p not in here]
-from nbtask.cli import main
+try:
+    from nbtask.cli import main
+except ImportError:
+    main = None
 for i, p in kept:
     sys.path.insert(i, p)
+if main is None:
+    from nbtask.cli import main
 sys.exit(main())
 """
 

@@ -7,9 +7,11 @@ import os
 import queue
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 from pathlib import Path
@@ -19,9 +21,10 @@ import numpy as np
 import psutil
 import pytest
 import redis
-from helpers import exited, processes_mentioning, wait_until
+from helpers import ROOT, exited, processes_mentioning, wait_until
 
 from nbtask import App, Settings
+from nbtask.client import embedded
 
 
 def clean_env() -> dict[str, str]:
@@ -330,3 +333,22 @@ def test_modules_beside_the_notebook_named_like_standard_ones_do_not_stop_the_cl
         timeout=120,
     )
     assert "RESULT 42" in done.stdout, done.stdout + done.stderr[-3000:]
+
+
+def test_the_cluster_starts_where_nbtask_is_found_only_in_the_notebooks_folder(
+    tmp_path: Path,
+) -> None:
+    """A checkout of nbtask beside the notebook, not installed: imported from there."""
+    folder = tmp_path / "notebook"
+    shutil.copytree(ROOT / "nbtask", folder / "nbtask")
+    site = sysconfig.get_paths()["purelib"]  # its libraries, without the installed nbtask
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", embedded._LAUNCH, "cluster", "--help"],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**clean_env(), "PYTHONPATH": os.pathsep.join([site, str(folder)])},
+        cwd=folder,
+        timeout=60,
+    )
+    assert done.returncode == 0 and "usage" in done.stdout, done.stderr[-2000:]
