@@ -318,34 +318,10 @@ def started_run(notebook: Path, until: str, *args: str) -> subprocess.Popen[str]
 
 
 def test_ctrl_c_on_nbtask_run_cancels_the_cell_and_says_so_in_one_line(tmp_path: Path) -> None:
-    """SIGINT: the cell's task is cancelled, the notebook so far written, exit 130."""
+    """SIGINT: the cell's task is cancelled, the notebook so far written, exit 130. One
+    Ctrl-C is one Stop: the task's ``finally`` runs to its end, shown, not killed."""
     notebook = write_notebook(
         tmp_path / "slow.ipynb",
-        "%load_ext nbtask",
-        "%%task --wait\nimport time\nprint('task started', flush=True)\ntime.sleep(120)",
-        "print('after')",
-    )
-    run = started_run(notebook, "task started")
-    run.send_signal(signal.SIGINT)
-    stdout, stderr = run.communicate(timeout=120)
-    assert run.returncode == 130, stdout + stderr
-    assert stderr.splitlines() == [
-        "nbtask run: interrupted (SIGINT) in cell 2: task 'import time' cancelled; the "
-        f"notebook as far as it ran is in {tmp_path / 'slow.out.ipynb'}"
-    ], stderr
-    assert "Traceback" not in stdout and "after" not in stdout, stdout
-    written = nbformat.read(tmp_path / "slow.out.ipynb", as_version=4)
-    (error,) = written.cells[1].outputs[-1:]
-    assert (error.output_type, error.ename) == ("error", "KeyboardInterrupt"), error
-    assert written.cells[2].execution_count is None
-
-
-def test_ctrl_c_on_nbtask_run_lets_the_cells_cleanup_end_as_one_stop_would(
-    tmp_path: Path,
-) -> None:
-    """One Ctrl-C is one Stop: the task's ``finally`` runs to its end, shown, not killed."""
-    notebook = write_notebook(
-        tmp_path / "cleanup.ipynb",
         "%load_ext nbtask",
         "%%task --wait\nimport time\ntry:\n    print('task started', flush=True)\n"
         "    time.sleep(120)\nfinally:\n    print('cleaning up', flush=True)\n"
@@ -358,10 +334,14 @@ def test_ctrl_c_on_nbtask_run_lets_the_cells_cleanup_end_as_one_stop_would(
     assert run.returncode == 130, stdout + stderr
     assert stderr.splitlines() == [
         "nbtask run: interrupted (SIGINT) in cell 2: task 'import time' cancelled; the "
-        f"notebook as far as it ran is in {tmp_path / 'cleanup.out.ipynb'}"
+        f"notebook as far as it ran is in {tmp_path / 'slow.out.ipynb'}"
     ], stderr
-    assert "after" not in stdout, stdout
+    assert "Traceback" not in stdout and "after" not in stdout, stdout
     assert "cleaned up" in stdout.split("cleaning up", 1)[-1], stdout
+    written = nbformat.read(tmp_path / "slow.out.ipynb", as_version=4)
+    (error,) = written.cells[1].outputs[-1:]
+    assert (error.output_type, error.ename) == ("error", "KeyboardInterrupt"), error
+    assert written.cells[2].execution_count is None
 
 
 def test_sigterm_while_background_cells_are_waited_for_cancels_them(tmp_path: Path) -> None:
