@@ -49,6 +49,11 @@ _make_request = FrozenMaker(Request)  # (one per task)
 _BEFORE_START = ("before_start",)
 
 
+#: What a terminated task's code ends with that keeps it revoked: the interrupt itself, or
+#: how a task says to settle it (a revoked task is neither retried nor put back).
+_ENDS_A_REVOKED_RUN = (KeyboardInterrupt, TaskPredicate, Retry)
+
+
 class Runner:
     """Runs admitted tasks in this child process, one at a time, to their outcomes.
 
@@ -201,11 +206,16 @@ class Runner:
         )
 
     def _after_exception(self, message: TaskMessage, task: Task, exc: BaseException) -> Outcome:
-        if self.interrupts.terminated:
+        if self.interrupts.terminated and isinstance(exc, _ENDS_A_REVOKED_RUN):
             seq = self.outbox.end()
             data = {**self._whoami, "reason": "terminated"}  # the run began: see _whoami
             event = Event(EventType.REVOKED, message.id, seq, data, run=message.run)
             return Outcome(event, revoked_body(exc), exc=exc)
+        if self.interrupts.terminated:
+            # The code handled the interrupt and ended with an error of its own (a cleanup
+            # that failed, ``except KeyboardInterrupt: raise ValueError(...)``): that error
+            # is how it ended, as in a kernel. A revoked task is not retried.
+            return self.failed(message, exc, self.outbox.end(), task)
         if isinstance(exc, TaskPredicate):
             return predicate_outcome(message, exc, self.outbox.end(), self._whoami)
         if autoretries(task, exc):

@@ -340,3 +340,46 @@ def test_a_terminate_uses_the_signal_celerys_signal_argument_names(
     assert app.revoke(h.id, terminate=True, signal="kill") is True
     with pytest.raises(nbtask.TaskRevoked):
         h.get(timeout=10)
+
+
+def test_a_terminated_task_that_ends_with_an_error_of_its_own_fails_with_it(
+    app: App, start_worker, tmp_path: Path
+) -> None:
+    # Before, any exception after a terminate was reported REVOKED, the task's own error
+    # lost; an interrupt the task turns into a retry still ends it revoked, not run again.
+    start_worker(concurrency=1)
+
+    @app.task(bind=True, max_retries=3)
+    def cleanup_fails(self: nbtask.Task, path: str, how: str) -> None:
+        import time as t
+
+        from tests.celery_tasks import record
+
+        record(path, h="started", retries=self.request.retries)
+        try:
+            t.sleep(30)
+        except KeyboardInterrupt:
+            if how == "retry":
+                raise self.retry(countdown=0) from None
+            raise OSError("could not write the checkpoint") from None
+
+    @app.task
+    def after() -> int:
+        return 1
+
+    for how in ("error", "retry"):
+        ledger = tmp_path / how
+        h = cleanup_fails.delay(str(ledger), how)
+        wait_until(lambda ledger=ledger: len(read_records(ledger)) == 1, 10, "the task to start")
+        wait_until(lambda h=h: _busy(app, h.id), 10, "the worker to report the task running")
+        assert h.revoke(terminate=True, grace=10) is True
+        if how == "error":
+            with pytest.raises(OSError, match="could not write the checkpoint"):
+                h.get(timeout=15)
+            assert h.state is State.FAILURE
+        else:
+            with pytest.raises(nbtask.TaskRevoked):
+                h.get(timeout=15)
+            assert h.state is State.REVOKED
+        assert after.delay().get(timeout=15) == 1  # behind a retry, had one been queued
+        assert [rec["retries"] for rec in read_records(ledger)] == [0]

@@ -1,8 +1,9 @@
 """Stop on a ``--wait`` cell whose code sees the interrupt, as in a local kernel.
 
 Stop raises ``KeyboardInterrupt`` in the running code: code that handles it goes on and
-the cell ends as any other; code that does not ends with it, after its ``finally`` blocks
-ran however long they take, the names bound so far staying bound. A second Stop kills it.
+the cell ends as any other (with an error of its own if it raises one); code that does not
+ends with it, after its ``finally`` blocks ran however long they take, the names bound so far
+staying bound. A second Stop kills it.
 
 A real IPython shell against the real Redis and worker processes.
 """
@@ -41,6 +42,15 @@ finally:
     time.sleep({cleanup})
     saved = True
     print('saved')"""
+
+_REPLACED = """\
+import time
+try:
+    print('started', flush=True)
+    for epoch in range(1200):
+        time.sleep(0.05)
+except KeyboardInterrupt:
+    raise ValueError(f'stopped at epoch {epoch}: no checkpoint was written')"""
 
 
 def rendered(exc: BaseException) -> list[str]:
@@ -96,3 +106,18 @@ def test_a_second_stop_kills_a_stopped_cells_cleanup_and_says_so(
     handle = ip.user_ns["h"]
     wait_until(handle.done, 15, "the task to be killed")
     assert handle.state is State.REVOKED
+
+
+def test_a_stop_the_cells_code_turns_into_an_error_of_its_own_shows_that_error(
+    ip: InteractiveShell, nb: Session, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As locally: the cell's own error, not "cancelled" (which said nothing of it)."""
+    interrupt_once_printed(ip)
+    result = ip.run_cell(f"%%task --wait --out h\n{_REPLACED}")
+    error = result.error_in_exec
+    assert isinstance(error, ValueError), repr(error)
+    epoch = ip.user_ns["epoch"]
+    assert str(error) == f"stopped at epoch {epoch}: no checkpoint was written"
+    shown = "".join(rendered(error))
+    assert "raise ValueError" in shown and "cancelled" not in shown, shown
+    assert ip.user_ns["h"].state is State.FAILURE
