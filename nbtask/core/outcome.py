@@ -10,7 +10,7 @@ import contextlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from nbtask.core.task_errors import revoked, task_exception, unloadable, worker_lost
+from nbtask.core.task_errors import not_kept, revoked, task_exception, unloadable, worker_lost
 from nbtask.errors import NbtaskError
 from nbtask.wire.blobs import ByteProgress
 from nbtask.wire.events import Deferred, Event, EventType, Unloadable, lacks_code
@@ -49,6 +49,8 @@ def final_outcome(event: Event, result: Any, task_id: str, label: str) -> Outcom
     data = event.data
     if event.type is EventType.SUCCESS and isinstance(result, Unloadable):
         return Outcome(None, unloadable(label, result.why, missing=result.missing), None)
+    if event.type is EventType.SUCCESS and data.get("result_kept") is False:
+        return Outcome(None, not_kept(label), None)  # the stored note, read by id
     if event.type is EventType.SUCCESS:
         return Outcome(result, None, None)
     if event.type is EventType.REVOKED:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from nbtask.errors import (
+    BlobError,
     RemoteError,
     SerializationError,
     TaskRevoked,
@@ -16,6 +17,7 @@ from nbtask.errors import (
 )
 
 __all__ = [
+    "not_kept",
     "revoked",
     "task_exception",
     "unloadable",
@@ -103,6 +105,15 @@ def unloadable_value(why: str, *, missing: bool | None) -> str:
     """
     advice = "" if missing is None else f": {_if_missing(why) if missing else _REBUILD_FAILED}"
     return f"its value cannot be loaded in this kernel ({why}){advice}"
+
+
+def not_kept(label: str) -> BlobError:
+    """Task ``label`` succeeded, and its store kept no value: never ``None`` in its place."""
+    return BlobError(
+        f"task {label} succeeded, but its result was not kept (ignore_result=True, or no "
+        "result backend): only the handle that sent it got the value. Keep the results "
+        "of tasks you read again by id (ignore_result=False)"
+    )
 
 
 def revoked(label: str, data: Mapping[str, Any]) -> TaskRevoked:

@@ -14,6 +14,7 @@ from helpers import wait_until
 
 import nbtask
 from nbtask import App, Event, EventType, Settings, State, Task
+from nbtask.errors import BlobError
 from nbtask.wire.records import TaskRecord
 
 pytestmark = pytest.mark.brokers
@@ -58,7 +59,8 @@ def test_reattach_to_a_finished_ignore_result_task(
     app: App, start_worker, settings: Settings, who: str
 ) -> None:
     # The store knows the task succeeded but keeps no value: a re-attached handle must
-    # say SUCCESS (with no result), not PENDING forever.
+    # say SUCCESS, not PENDING forever, and its get() must say the value was not kept,
+    # never return None in its place (before, it returned None).
     start_worker()
 
     @app.task(ignore_result=True)
@@ -72,6 +74,8 @@ def test_reattach_to_a_finished_ignore_result_task(
         again = client.handle(h.id)
         wait_until(again.ready, 5, f"the handle re-attached by the {who} to settle")
         assert again.state is State.SUCCESS
+        with pytest.raises(BlobError, match=r"succeeded, but its result was not kept"):
+            again.get(timeout=5)
     finally:
         if client is not app:
             client.close()
@@ -122,7 +126,8 @@ def test_backend_none_keeps_no_result_only_that_the_task_ended(app: App, start_w
     record = app.store.get_record(h.id)
     assert record is not None and record.state is State.SUCCESS
     assert _no_value_kept(app, record)
-    assert app.handle(h.id).get(timeout=5) is None  # re-attached: it ended, no value kept
+    with pytest.raises(BlobError, match="not kept"):  # re-attached: it ended, no value kept
+        app.handle(h.id).get(timeout=5)
 
     bad = unrecorded_failure.delay()
     with pytest.raises(KeyError, match="told, not stored"):
