@@ -300,6 +300,15 @@ class Store(Protocol):
     def forget_holdings(self, consumers: Sequence[str]) -> None:
         """Drop the announcements of worker processes that ended."""
 
+    def mark_named(self, namers: Sequence[str], seconds: float) -> None:
+        """Say for ``seconds`` that a live notebook session names these kept values.
+
+        ``namers`` as :mod:`nbtask.core.holding` makes them (a session, a kept value).
+        """
+
+    def named(self, namers: Sequence[str]) -> set[str]:
+        """Those of ``namers`` whose mark (:meth:`mark_named`) has not lapsed."""
+
 
 class Transport(Protocol):
     """Moves messages: task queues and the events sent to clients."""
