@@ -63,6 +63,9 @@ class Request:
     holding: Holding | None = None
     #: Seals the kept values' blobs this process writes, and checks those it reads.
     signer: Signer | None = None
+    #: The channel of the client that sent the task ("" where none did): who can name
+    #: the values it keeps (:func:`~nbtask.core.holding.session_namer`).
+    client: str = ""
     #: True when the task was called as a function (``add(1, 2)``) or its request is read
     #: outside a run (Celery's empty ``Context``): no id, no worker.
     called_directly: bool = False

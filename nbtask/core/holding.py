@@ -8,6 +8,17 @@ there while the process lives, and finds the object here without reading a blob.
 The memory is bounded by ``worker_memory_budget``: past it, the least recently used values
 are dropped from memory. That is the spill: their store copy remains (until
 ``result_ttl``), so a later cell that reads one loads it from the store again.
+
+A value is also dropped once no one can name it any more. A notebook session that ends
+releases what it kept, but a kernel killed (SIGKILL, the OOM killer, a crashed machine)
+sends no release. So each held value notes its *namers*: the session whose cell kept, loaded
+or used it (:func:`session_namer`, by its client channel), and its keeper id
+(:func:`keeper_namer`, one per kept value). A live session marks its own namer and its kept
+values' keepers in the store every :func:`naming_interval`, for ``result_ttl``, however long
+it sits idle (a restarted kernel that re-attached a value tracks its keeper too). A value
+none of whose namers is marked, and that no work used for ``result_ttl``, is one no live
+session names and no re-attach can reach (the records that name it went after
+``result_ttl`` too): the holder drops it (:meth:`Holding.drop_unnamed`).
 """
 
 from __future__ import annotations
@@ -19,7 +30,8 @@ import json
 import logging
 import sys
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 from nbtask.wire.blobs import Packed, Part, split_value
@@ -29,7 +41,10 @@ __all__ = [
     "Holding",
     "holder_queue",
     "is_holder_queue",
+    "keeper_namer",
     "key_of",
+    "naming_interval",
+    "session_namer",
     "size_of",
     "value_key",
 ]
@@ -37,6 +52,27 @@ __all__ = [
 log = logging.getLogger("nbtask.worker")
 
 _HOLDER_PREFIX = "held."
+#: The longest between two marks of a live session (and two looks of a holder).
+_NAMING_SECONDS = 300.0
+
+
+def session_namer(client: str) -> str:
+    """The namer of the values a session's cells kept, loaded or used (its client channel)."""
+    return f"s:{client}"
+
+
+def keeper_namer(keeper: str) -> str:
+    """The namer of one kept value, whichever session references it (its keeper id)."""
+    return f"k:{keeper}"
+
+
+def naming_interval(result_ttl: float) -> float:
+    """Seconds between a live session's marks, and between a holder's looks at them.
+
+    A quarter of ``result_ttl`` (the marks' lifetime), at most five minutes: a mark is
+    renewed well before it lapses, at a rate that costs the store nothing.
+    """
+    return min(result_ttl / 4, _NAMING_SECONDS)
 
 
 def holder_queue(consumer: str) -> str:
@@ -95,6 +131,11 @@ class HeldValue:
     #: A sealed value's key by content (what :func:`key_of` gives it unchanged), known
     #: once its store copy was sealed ("" before); ``None``: its key is by content.
     content_key: Callable[[], str] | None = None
+    #: Who can name it (:func:`session_namer`, :func:`keeper_namer`): while none of them is
+    #: marked alive in the store, it is kept only ``result_ttl`` from its last use.
+    namers: set[str] = dataclasses.field(default_factory=set)
+    #: When it was last held or used (``time.monotonic()``).
+    used: float = dataclasses.field(default_factory=time.monotonic)
 
     def key_by_content(self, key: str) -> str:
         """What :func:`key_of` gives the value held under ``key`` while it is unchanged."""
@@ -139,9 +180,10 @@ class Holding:
         """Bytes held now."""
         return sum(held.size for held in self._held.values())
 
-    def get(self, key: str) -> HeldValue | None:
+    def get(self, key: str, namers: Iterable[str] = ()) -> HeldValue | None:
         """The value held under ``key`` (now the most recently used), or ``None``.
 
+        ``namers``: who names it in the work it is handed to (they are noted with it).
         A value lent to a function task is checked first (one hash): if the task changed
         it in place, it no longer is what ``key`` names, and is dropped (its store copy
         still is). A value is handed out only once its store copy is written (see
@@ -151,6 +193,8 @@ class Holding:
             held = self._held.get(key)
             if held is not None:
                 self._held.move_to_end(key)
+                held.used = time.monotonic()
+                held.namers.update(namers)
         if held is not None and self._before_use is not None:
             self._before_use()
         if held is not None and held.lent:
@@ -177,6 +221,9 @@ class Holding:
             return False
         with self._lock:
             self.ever_held = True
+            before = self._held.get(key)
+            if before is not None:  # the same bytes kept again: named by both
+                held.namers.update(before.namers)
             self._held[key] = held
             self._held.move_to_end(key)
             total = sum(h.size for h in self._held.values())
@@ -199,6 +246,38 @@ class Holding:
         if found:
             self._changed()
         return found
+
+    def idle_namers(self, window: float, now: float) -> set[str]:
+        """The namers of the values no work held or used in the ``window`` seconds to ``now``."""
+        with self._lock:
+            return {
+                namer
+                for held in self._held.values()
+                if now - held.used >= window
+                for namer in held.namers
+            }
+
+    def drop_unnamed(self, alive: Collection[str], window: float, now: float) -> list[HeldValue]:
+        """Drop the values no live session names: none of their namers is in ``alive``.
+
+        Only those no work held or used in the ``window`` seconds to ``now`` (``result_ttl``:
+        a session killed since may yet be re-attached to them), with ``now`` the time
+        :meth:`idle_namers` was asked at: a value used since, or first held since, stays
+        whatever its namers. A value without namers (held for a reference made before
+        namers existed) stays. Returns those dropped.
+        """
+        named = set(alive)
+        with self._lock:
+            gone = {
+                key: held
+                for key, held in self._held.items()
+                if held.namers and now - held.used >= window and not held.namers & named
+            }
+            for key in gone:
+                del self._held[key]
+        if gone:
+            self._changed()
+        return list(gone.values())
 
     def values(self) -> list[HeldValue]:
         """The held values, least recently used first."""

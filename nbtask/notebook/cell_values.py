@@ -17,7 +17,7 @@ from typing import Any
 
 from nbtask.brokers.base import Store
 from nbtask.core.context import current_request
-from nbtask.core.holding import HeldValue, Holding
+from nbtask.core.holding import HeldValue, Holding, keeper_namer, session_namer
 from nbtask.errors import CellError
 from nbtask.notebook import cell_changes, class_state, process_state
 from nbtask.notebook.kept import RemoteValue, Sealing, keep
@@ -32,6 +32,7 @@ __all__ = [
     "holding_here",
     "keep_here",
     "name_of",
+    "namers_of",
     "pack",
     "shown_value",
 ]
@@ -57,9 +58,22 @@ def cell_signer() -> Signer | None:
     return request.signer if request is not None else None
 
 
+def namers_of(reference: RemoteValue) -> set[str]:
+    """Who names ``reference``'s value here: the running cell's session, and its keeper.
+
+    A holder keeps the value while a live session marks one of them (``core.holding``).
+    """
+    request = current_request()
+    client = request.client if request is not None else ""
+    namers = {session_namer(client)} if client else set()
+    if reference.keeper:
+        namers.add(keeper_namer(reference.keeper))
+    return namers
+
+
 def held_value(name: str, value: Any, reference: RemoteValue) -> HeldValue:
     """``value``, kept under ``reference``, as this process holds it."""
-    return HeldValue(value, name, reference.size, reference.made_by)
+    return HeldValue(value, name, reference.size, reference.made_by, namers=namers_of(reference))
 
 
 def keep_here(name: str, value: Any, packed: Packed, spec: CellSpec) -> RemoteValue:

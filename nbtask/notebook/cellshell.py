@@ -212,7 +212,8 @@ def _resolve_kept(shipped: dict[str, Any]) -> tuple[dict[str, list[Any]], dict[s
             continue
         key = reference.key
         here = [key, holding.queue if holding else "", os.getpid()]
-        held = holding.get(key) if holding is not None else None
+        namers = cell_values.namers_of(reference)  # a re-attached session's cell, say
+        held = holding.get(key, namers) if holding is not None else None
         if held is not None:
             shipped[name] = held.value
             by_content[name] = held.key_by_content(key).encode()

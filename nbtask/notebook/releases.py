@@ -22,6 +22,12 @@ reads ``x`` does not delete what the cell may load, nor what a name it binds to 
 
 Finalizers only note what went (they run wherever garbage is collected); the session's
 ticker thread sends the releases.
+
+A kernel killed sends no release. So while the session lives its ticker marks the keepers
+of the values it references in the store (:meth:`Releases.namers`; a value's holder drops
+it once no live session marks it: :mod:`nbtask.core.holding`), those tracked since the last
+mark at once (a restarted kernel re-attached to them), all of them every
+:func:`~nbtask.core.holding.naming_interval`.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from nbtask.core.context import current_request
 from nbtask.core.handle import TaskHandle
+from nbtask.core.holding import keeper_namer
 from nbtask.core.placement import live_holders
 from nbtask.core.task import Task
 from nbtask.notebook.kept import RemoteValue
@@ -93,6 +100,8 @@ class Releases:
         #: The references tracked, told when everything is released (they may outlive it).
         self._values: weakref.WeakSet[RemoteValue] = weakref.WeakSet()
         self._lock = threading.Lock()
+        #: Keepers tracked since they were last given by :meth:`namers`.
+        self._unmarked: set[str] = set()
 
     def track(self, value: RemoteValue) -> None:
         """Count ``value`` as a reference to what it stands for, until it is collected."""
@@ -102,6 +111,8 @@ class Releases:
         with self._lock:
             self._counts[kept] += 1
             self._values.add(value)
+            if kept[3]:
+                self._unmarked.add(kept[3])
         # The finalizer must not take the lock: it may run inside track() itself.
         weakref.finalize(value, self._gone.put, kept)
 
@@ -133,6 +144,17 @@ class Releases:
                     due.append(kept)
             live = {kept[:3] for kept in self._counts}
         self._release(due, still_referenced=live)
+
+    def namers(self, *, every: bool) -> list[str]:
+        """The keepers' namers to mark in the store now (see :mod:`nbtask.core.holding`).
+
+        Those tracked since the last call, or (``every``) those of every value still
+        referenced, as a live session renews them.
+        """
+        with self._lock:
+            keepers = {kept[3] for kept in self._counts} if every else set(self._unmarked)
+            self._unmarked.clear()
+        return sorted(keeper_namer(keeper) for keeper in keepers if keeper)
 
     def values(self) -> list[RemoteValue]:
         """The references tracked that are still in use."""

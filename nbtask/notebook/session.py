@@ -21,6 +21,7 @@ from nbtask._process import interrupts_held
 from nbtask.client.app import App
 from nbtask.client.default import default_app, use_as_default
 from nbtask.core.handle import TaskHandle
+from nbtask.core.holding import naming_interval, session_namer
 from nbtask.core.placement import Moving, holder_queue_for
 from nbtask.errors import CellError, TaskRevoked, WorkerLost
 from nbtask.notebook import process_state
@@ -165,15 +166,18 @@ class Session(TaskOverview):
     def _tick(self) -> None:
         """Twice a second: elapsed times of running tasks, and the ``%tasks`` boards.
 
-        It also renews the session's note that it uses the workers (:mod:`.warmup`).
+        It also renews the session's note that it uses the workers (:mod:`.warmup`), and
+        its marks that it names its kept values (:meth:`_mark_named`).
 
         One thread, so views are not repainted only when an event arrives; it never
         prints (output from a thread lands in whichever cell runs now).
         """
-        noted = time.monotonic()
+        noted, named = time.monotonic(), float("-inf")
         while not self._stop.wait(0.5):
             with contextlib.suppress(Exception):
                 self.releases.flush()
+            with contextlib.suppress(Exception):  # tried again at the next tick
+                named = self._mark_named(named)
             if time.monotonic() - noted > _NOTEBOOK_SECONDS / 3:
                 noted = time.monotonic()
                 with contextlib.suppress(Exception):
@@ -244,6 +248,23 @@ class Session(TaskOverview):
         if not isinstance(release, ReleaseTask):
             release = self.app.register_task(ReleaseTask())
         release.apply_async((keys,), queue=holder)
+
+    def _mark_named(self, renewed: float) -> float:
+        """Mark in the store, for ``result_ttl``, that this live session names its kept values.
+
+        The values tracked since the last tick at once; every ``naming_interval`` (since
+        ``renewed``), all of them and the session itself, for what its cells keep before
+        their values reach the notebook. Holders drop what no live session marks
+        (:mod:`nbtask.core.holding`). Returns when all were last marked.
+        """
+        settings = self.app.settings
+        every = time.monotonic() - renewed >= naming_interval(settings.result_ttl)
+        namers = self.releases.namers(every=every)
+        if every:
+            namers.append(session_namer(self.app.channel))
+        if namers:
+            self.app.store.mark_named(namers, settings.result_ttl)
+        return time.monotonic() if every else renewed
 
     def _note_notebook(self) -> None:
         """Tell the workers a notebook uses them: each makes ready for cells (warmup.py)."""

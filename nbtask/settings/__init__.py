@@ -90,7 +90,9 @@ class Settings:
     default_queue
         Queue used when a task names none.
     result_ttl
-        How long final states and results are kept for re-attaching, seconds.
+        How long final states and results are kept for re-attaching, seconds. Also how
+        long a worker process holds a kept value that no live notebook session names any
+        more (its kernel was killed), counted from the last sign of one.
     visibility_timeout
         How long an unacknowledged message may go without a lease renewal before
         another worker reclaims it, seconds. Live workers renew leases every heartbeat.

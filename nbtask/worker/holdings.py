@@ -1,16 +1,22 @@
-"""A worker process's holding: what it announces, and when it serves its own queue."""
+"""A worker process's holding: what it announces, when it serves its own queue, what it drops.
+
+It drops the values no live notebook session names any more (:mod:`nbtask.core.holding`).
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 
 from nbtask.brokers import Store
 from nbtask.core.datasets import DatasetCache
-from nbtask.core.holding import HeldValue, Holding, size_of
+from nbtask.core.holding import HeldValue, Holding, naming_interval, size_of
+from nbtask.errors import BrokerUnavailable
 from nbtask.settings import Settings
 from nbtask.wire.holdings import Held, Holdings
+from nbtask.worker.journal import UNTIED
 
 __all__ = ["ServedQueues", "process_holding"]
 
@@ -54,10 +60,52 @@ def process_holding(
             log.exception("could not announce the datasets this process holds")
 
     datasets.on_load = loaded
+    # A thread, not the child's loop between tasks: a child busy for days still looks, and
+    # a task never waits on the look.
+    threading.Thread(
+        target=_drop_unnamed,
+        args=(holding, store, settings.result_ttl),
+        name="nbtask-unnamed",
+        daemon=True,
+    ).start()
     # Only a replacement can find cells sent to the process before it: a worker's first
     # children have queues no one knew of.
     grace = 3 * settings.heartbeat_interval if replaces else 0.0
     return holding, ServedQueues(own, shared, holding, grace)
+
+
+def _drop_unnamed(holding: Holding, store: Store, window: float) -> None:
+    """Every :func:`naming_interval`, drop the held values no live session names any more.
+
+    One read of the store, only when some value went unused for ``window`` seconds
+    (``result_ttl``): which of its namers a live session still marks. A store that cannot
+    be reached drops nothing (the next look asks again).
+    """
+    while True:
+        time.sleep(naming_interval(window))
+        now = time.monotonic()
+        try:
+            namers = holding.idle_namers(window, now)
+            if not namers:
+                continue
+            dropped = holding.drop_unnamed(store.named(sorted(namers)), window, now)
+        except BrokerUnavailable as exc:
+            log.debug("could not look for kept values no session names (%s)", exc)
+            continue
+        except Exception:  # never end the thread: the next look may do better
+            log.exception("could not look for kept values no session names", extra=UNTIED)
+            continue
+        for held in dropped:
+            log.info(
+                "dropped %s (%d bytes, from %s) from memory: no live notebook session has "
+                "named it for result_ttl (%g s); the kernel that kept it ended without "
+                "releasing it",
+                held.name,
+                held.size,
+                held.made_by or "a cell",
+                window,
+                extra=UNTIED,
+            )
 
 
 class ServedQueues:

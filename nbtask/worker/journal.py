@@ -13,9 +13,12 @@ import threading
 
 from nbtask.brokers import Store
 
-__all__ = ["Journal"]
+__all__ = ["UNTIED", "Journal"]
 
 log = logging.getLogger("nbtask.worker")
+
+#: ``extra=`` of a log line a background thread says about no task: the worker's log alone.
+UNTIED = {"untied": True}
 
 
 class Journal(logging.Handler):
@@ -42,7 +45,7 @@ class Journal(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         """Keep a log record of the worker with the task it is handling."""
-        if self._task_id:
+        if self._task_id and not getattr(record, "untied", False):
             self._keep([self.format(record)])
 
     def write(self, text: str) -> None:

@@ -133,6 +133,7 @@ class Runner:
             blob_store=self.transport.store,
             holding=self.holding,
             signer=self.signer,
+            client=message.client,
             delivery_info={"queue": delivery.queue, "redelivered": delivery.deliveries > 0},
         )
 

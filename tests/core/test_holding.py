@@ -38,3 +38,42 @@ def test_dropping_says_whether_it_was_held() -> None:
 def test_a_process_queue_is_told_from_shared_queues() -> None:
     assert is_holder_queue(holder_queue("host-1-abc-0"))
     assert not is_holder_queue("default") and not is_holder_queue("data.iris")
+
+
+def test_only_values_no_live_session_names_and_no_work_used_for_the_window_go() -> None:
+    holding = Holding(100)
+    for name in ("killed", "live", "reattached", "old"):
+        holding.hold(name, held(name, 1))
+    values = {v.name: v for v in holding.values()}
+    values["killed"].namers = {"s:killed", "k:1"}
+    values["live"].namers = {"s:live", "k:2"}
+    values["reattached"].namers = {"s:killed", "k:3"}  # a later session marks its keeper
+    # "old": held for a reference made before namers existed: never dropped for them.
+    now = values["old"].used + 10
+    assert holding.idle_namers(10, now) == {"s:killed", "k:1", "s:live", "k:2", "k:3"}
+    assert holding.idle_namers(11, now) == set()  # not idle for that long yet
+    assert holding.drop_unnamed({"s:live", "k:3"}, 11, now) == []
+    dropped = holding.drop_unnamed({"s:live", "k:3"}, 10, now)
+    assert [v.name for v in dropped] == ["killed"]
+    assert sorted(v.name for v in holding.values()) == ["live", "old", "reattached"]
+
+
+def test_a_value_used_since_the_look_began_stays_and_names_its_user() -> None:
+    holding = Holding(100)
+    holding.hold("x", held("x", 1))
+    (value,) = holding.values()
+    value.namers = {"s:killed"}
+    now = value.used + 10
+    assert holding.idle_namers(10, now) == {"s:killed"}
+    assert holding.get("x", {"s:new", "k:1"}) is value  # a cell of another session uses it
+    assert value.namers == {"s:killed", "s:new", "k:1"}
+    assert holding.drop_unnamed(set(), 10, now) == []
+
+
+def test_the_same_bytes_kept_again_are_named_by_both() -> None:
+    holding = Holding(100)
+    first, second = held("a", 1), held("b", 1)
+    first.namers, second.namers = {"k:1"}, {"k:2"}
+    holding.hold("key", first)
+    holding.hold("key", second)
+    assert [v.namers for v in holding.values()] == [{"k:1", "k:2"}]
