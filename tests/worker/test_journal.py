@@ -8,12 +8,13 @@ lock), never lost nor given to the next task.
 from __future__ import annotations
 
 import inspect
+import logging
 import sys
 import threading
 from types import FrameType
 from typing import Any
 
-from nbtask.worker.journal import Journal
+from nbtask.worker.journal import UNTIED, Journal
 
 
 class _Store:
@@ -65,3 +66,18 @@ def test_a_line_another_thread_is_adding_to_as_the_task_ends_stays_the_tasks() -
     journal.write("B's line\n")
     journal.about("")
     assert store.kept == [("A", ["A's partial still A"]), ("B", ["B's line"])]
+
+
+def test_a_line_a_background_thread_logs_about_no_task_is_not_the_running_tasks() -> None:
+    """The holder's drop of a value no session names is logged while any task may run."""
+    store = _Store()
+    journal = Journal(store)  # type: ignore[arg-type]
+    logger = logging.getLogger("nbtask.test-journal")
+    logger.addHandler(journal)
+    try:
+        journal.about("A")
+        logger.warning("dropped x from memory", extra=UNTIED)
+        logger.warning("about A")
+    finally:
+        logger.removeHandler(journal)
+    assert store.kept == [("A", ["WARNING about A"])]
