@@ -29,9 +29,10 @@ from nbtask.notebook import (
 )
 from nbtask.notebook.carried import share_namespace
 from nbtask.notebook.kept import RemoteValue, key_by_content
+from nbtask.notebook.logging_state import cell_logging
 from nbtask.notebook.module_code import say_which_differ
 from nbtask.notebook.shipping import CellSpec
-from nbtask.notebook.worker_shell import BASE_NS, cell_logging, worker_shell
+from nbtask.notebook.worker_shell import BASE_NS, worker_shell
 from nbtask.wire.blobs import Packed
 from nbtask.wire.envelope import Envelope
 
@@ -112,7 +113,8 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
             namespace.values(), [n for n, _ in getattr(spec, "modules", ())]
         )
         _name_cell(shell, spec)
-        with cell_logging():
+        logs = cell_logging(kernel_state.get("logging"))
+        with logs.running():
             result = shell.run_cell(spec.source, store_history=False)
         error = result.error_before_exec or result.error_in_exec
         if error is None or attempt == spec.retries or not isinstance(error, Exception):
@@ -130,7 +132,7 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
         n: sizes.get(n, 0) for n in notebook_objects if n in out and out[n] is shipped[n]
     }
     _add_kept(effects, namespace, shipped, before, references, rehomed)
-    effects["state"] = _APPLIED.leave(spec.state, state_before)
+    effects["state"] = _APPLIED.leave(spec.state, state_before) | logs.changes()
     effects["modules_changed"] = module_state.changed(modules_before)
     effects["classes_changed"] = class_state.changes(classes)
     if error is not None:

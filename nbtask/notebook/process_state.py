@@ -4,11 +4,12 @@ matplotlib's rcParams (``plt.rc``, ``plt.style.use``, seaborn themes), the inlin
 figure formats (``%config InlineBackend.figure_formats``), the global random
 generators of :mod:`random` and :mod:`numpy.random`, numpy's print options and
 floating-point error handling, pandas options, warnings filters, the recursion limit, the
-working directory, environment variables and ``sys.path`` additions made from the
-notebook. A ``%%task`` cell is shipped with a snapshot of the kernel's (:func:`capture`),
-the worker applies it before the cell runs (:func:`apply`), and what the cell changed comes
-back (:func:`changes`) to be applied in the kernel: a sequence of cells gives the same
-numbers and the same figures whichever worker runs each, and as if they had run locally.
+logging setup (:mod:`~nbtask.notebook.logging_state`), the working directory, environment
+variables and ``sys.path`` additions made from the notebook. A ``%%task`` cell is shipped
+with a snapshot of the kernel's (:func:`capture`), the worker applies it before the cell
+runs (:func:`apply`), and what the cell changed comes back (:func:`changes`) to be applied
+in the kernel: a sequence of cells gives the same numbers and the same figures whichever
+worker runs each, and as if they had run locally.
 
 Only state of modules already imported is captured; nothing here imports matplotlib,
 numpy or pandas.
@@ -27,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 from nbtask.core.context import runs_started
+from nbtask.notebook import logging_state
 from nbtask.notebook.module_settings import (
     NUMPY_ERRORS_DEFAULTS,
     NUMPY_PRINT_DEFAULTS,
@@ -143,6 +145,8 @@ class KernelState:
         the kernel started with.
         """
         apply(changed, keep_own_paths=False)
+        if "logging" in changed:
+            logging_state.set_in_kernel(changed["logging"])
         self.baseline.note_changes(changed)
 
     def pickled(self) -> bytes:
@@ -302,6 +306,7 @@ def capture(baseline: Baseline | None = None, applied: Mapping[str, Any] | None 
     if pandas is not None:
         state["pandas"] = pandas_options(pandas)
     if baseline is not None:
+        state["logging"] = logging_state.snapshot()  # the cell's while it runs (see there)
         for kind in _RESET_WHEN_NOT_IMPORTED:
             state.setdefault(kind, None)
         state["environ"] = baseline.environ_changes()

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import functools
 import importlib.abc
 import importlib.machinery
-import logging
 import os
 import sys
 import warnings
@@ -29,7 +27,7 @@ from traitlets.config import Config
 
 from nbtask.core.context import current_request, progress
 
-__all__ = ["BASE_NS", "cell_logging", "worker_shell"]
+__all__ = ["BASE_NS", "worker_shell"]
 
 _SHELL: Any = None  # the worker's one IPython shell, made on first use in this process
 #: The names every cell's namespace starts with (the shell's own).
@@ -361,44 +359,3 @@ def _inner_bar(bar: Any) -> str:
     """``desc 42/100``: where an inner ``tqdm`` bar is."""
     done = f"{bar.n}/{bar.total}" if bar.total else f"{bar.n}"
     return f"{bar.desc} {done}" if bar.desc else done
-
-
-class _CellLog(logging.Handler):
-    """A cell's log records in the cell's output, as a kernel with no logging set up shows them.
-
-    A kernel shows warnings and errors on stderr: a named logger's message alone (logging's
-    last resort), the root logger's as ``WARNING:root:message`` (``logging.warning()``
-    sets up the root logger first). The worker's own log still gets them too.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self._root = logging.Formatter(logging.BASIC_FORMAT)
-        self._named = logging.Formatter("%(message)s")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name == "nbtask" or record.name.startswith("nbtask."))
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            formatter = self._root if record.name == "root" else self._named
-            sys.stderr.write(formatter.format(record) + "\n")  # the cell's stderr
-        except Exception:  # as logging's handlers do: never the cell's failure
-            self.handleError(record)
-
-
-@functools.cache
-def _cell_log() -> _CellLog:
-    # One per process, made once: it writes to whatever sys.stderr is when it emits.
-    return _CellLog()
-
-
-@contextlib.contextmanager
-def cell_logging() -> Iterator[None]:
-    """While a cell runs, what it logs shows in the cell (see :class:`_CellLog`)."""
-    root = logging.getLogger()
-    root.addHandler(_cell_log())
-    try:
-        yield
-    finally:
-        root.removeHandler(_cell_log())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -30,10 +31,18 @@ def ip() -> Iterator[InteractiveShell]:
         shell.user_ns.pop(name, None)
         setattr(shell.displayhook, name, "")
     before = set(shell.user_ns)
+    # A cell's logging setup comes back to this process, as to a kernel: put back after.
+    loggers = [logging.root, *logging.root.manager.loggerDict.values()]
+    setups = [
+        (lg, lg.level, lg.propagate, list(lg.handlers)) for lg in loggers if hasattr(lg, "handlers")
+    ]
     yield shell
     shell.run_line_magic("unload_ext", "nbtask")
     for name in set(shell.user_ns) - before:
         shell.user_ns.pop(name, None)
+    for logger, level, propagate, handlers in setups:
+        logger.setLevel(level)
+        logger.propagate, logger.handlers = propagate, handlers
 
 
 @pytest.fixture

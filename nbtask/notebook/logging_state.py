@@ -1,0 +1,214 @@
+"""The notebook's logging setup, carried with each cell and back, as a kernel keeps it.
+
+In a kernel, ``logging.basicConfig(level=logging.INFO)`` run once makes every later cell's
+``log.info(...)`` show under that cell, in the format given, and
+``logging.getLogger("lib").setLevel(logging.ERROR)`` quiets a library. A ``%%task`` cell
+runs with the kernel's setup instead of its worker's: the levels of the loggers, whether
+they propagate, and the handlers that write to the notebook's output (``sys.stdout``,
+``sys.stderr``) with their levels and formats, which write to the cell's output there.
+What the cell changes of it comes back, as it would stay set in a kernel
+(``logging.basicConfig`` in the cell; ``logging.warning()``, which sets up the root
+logger first). A kernel with nothing set up shows a logger's warnings and errors as its
+message alone (logging's last resort), on the cell's stderr too.
+
+Handlers that write elsewhere (a file on the kernel's machine, the kernel's terminal)
+stay the kernel's own. On the worker, its own setup (its log) is put back after each
+cell, and nbtask's own records go to the worker's log only, never the cell.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator, Mapping
+from typing import Any, TextIO
+
+__all__ = ["CellLogging", "Setup", "cell_logging", "set_in_kernel", "snapshot"]
+
+#: A handler writing to the notebook's output: ``stdout`` or ``stderr``, its level, and
+#: its format (the format string, date format and style; ``None``: logging's default).
+HandlerSpec = tuple[str, int, str | None, str | None, str]
+#: A logger's level, whether it propagates, and its handlers writing to the output.
+LoggerSpec = tuple[int, bool, tuple[HandlerSpec, ...]]
+#: Every logger that differs from a fresh one, by name (``""``: the root logger).
+Setup = dict[str, LoggerSpec]
+
+#: A fresh kernel's: the root logger at WARNING with no handler, no other logger set.
+_FRESH: Setup = {"": (logging.WARNING, True, ())}
+_UNSET: LoggerSpec = (logging.NOTSET, True, ())
+_STYLES = {logging.PercentStyle: "%", logging.StrFormatStyle: "{", logging.StringTemplateStyle: "$"}
+
+
+class _OutputHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A handler writing to this process's ``sys.stdout`` or ``sys.stderr`` as it is now.
+
+    Looked up at each record, so on a worker it writes to the output of the cell that
+    logs, whichever that is.
+    """
+
+    def __init__(self, output: str) -> None:
+        super().__init__()
+        self.output = output
+
+    @property
+    def stream(self) -> TextIO:
+        stream: TextIO = getattr(sys, self.output)
+        return stream
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass  # (StreamHandler.__init__ sets it): always the current one
+
+
+def snapshot() -> Setup:
+    """The logging setup of this process, as a cell carries it (nbtask's own left out)."""
+    return _setup_of(_set_loggers())
+
+
+def _set_loggers() -> list[tuple[str, logging.Logger]]:
+    """The loggers set otherwise than fresh ones, by name, the root one (``""``) first.
+
+    One pass with no call per logger: most of a process's loggers are not set, and a
+    cell's run looks at them all three times.
+    """
+    found: list[tuple[str, logging.Logger]] = [("", logging.root)]
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and (
+            logger.level or logger.handlers or not logger.propagate
+        ):
+            found.append((name, logger))
+    return found
+
+
+def _setup_of(loggers: list[tuple[str, logging.Logger]]) -> Setup:
+    setup: Setup = {}
+    for name, logger in loggers:
+        if not _nbtask_own(name):
+            spec = _logger_spec(logger)
+            if spec != _UNSET or name == "":
+                setup[name] = spec
+    return setup
+
+
+def _nbtask_own(name: str) -> bool:
+    return name == "nbtask" or name.startswith("nbtask.")
+
+
+def _logger_spec(logger: logging.Logger) -> LoggerSpec:
+    handlers = (_handler_spec(h) for h in logger.handlers)
+    return logger.level, logger.propagate, tuple(h for h in handlers if h is not None)
+
+
+def _handler_spec(handler: logging.Handler) -> HandlerSpec | None:
+    """How ``handler`` writes to the notebook's output; ``None`` if it writes elsewhere."""
+    if isinstance(handler, _OutputHandler):
+        output = handler.output
+    elif type(handler) is logging.StreamHandler and handler.stream is sys.stdout:
+        output = "stdout"
+    elif type(handler) is logging.StreamHandler and handler.stream is sys.stderr:
+        output = "stderr"
+    else:
+        return None
+    formatter = handler.formatter
+    if formatter is None:
+        return output, handler.level, None, None, "%"
+    style = _STYLES.get(type(formatter._style), "%")
+    return output, handler.level, formatter._fmt, formatter.datefmt, style
+
+
+def _handler(spec: HandlerSpec) -> logging.Handler:
+    output, level, fmt, datefmt, style = spec
+    handler = _OutputHandler(output)
+    handler.setLevel(level)
+    if fmt is not None:
+        handler.setFormatter(logging.Formatter(fmt, datefmt, style))  # type: ignore[arg-type]
+    return handler
+
+
+def _set(logger: logging.Logger, spec: LoggerSpec) -> None:
+    """Make ``logger`` as ``spec`` says, keeping its handlers that write elsewhere.
+
+    Its level is set as an attribute: :meth:`logging.Logger.setLevel` clears every
+    logger's cache each time; the caller clears them once (:func:`_levels_changed`).
+    """
+    level, propagate, wanted = spec
+    logger.level = level
+    logger.propagate = propagate
+    elsewhere = [h for h in logger.handlers if _handler_spec(h) is None]
+    present = {_handler_spec(h): h for h in logger.handlers}
+    logger.handlers = elsewhere + [present.get(h) or _handler(h) for h in wanted]
+
+
+def _levels_changed() -> None:
+    logging.root.manager._clear_cache()  # type: ignore[attr-defined]
+
+
+def _logger(name: str) -> logging.Logger:
+    return logging.root if name == "" else logging.getLogger(name)
+
+
+def set_in_kernel(changed: Mapping[str, LoggerSpec]) -> None:
+    """Set in this kernel the loggers a cell changed (``changed``), as the cell left them."""
+    for name, spec in changed.items():
+        _set(_logger(name), spec)
+    _levels_changed()
+
+
+class CellLogging:
+    """A cell's logging setup on a worker: its kernel's while it runs, then the worker's.
+
+    ``changed``: the loggers the cell changed, as it left them (empty if none).
+    """
+
+    def __init__(self, given: Setup) -> None:
+        self.given = given
+        self.changed: Setup = {}
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Run the cell with its kernel's setup; put the worker's own back after it.
+
+        Put back: the root logger (the worker's log), nbtask's, and those the kernel's
+        setup names. What the cell, or a library it imported, did to other loggers stays,
+        as an import's setup stays in a kernel.
+        """
+        set_before = _set_loggers()
+        ours = logging.getLogger("nbtask")
+        touched = [logging.root, ours, *(_logger(n) for n in self.given if n)]
+        own = [(lg, lg.level, lg.propagate, list(lg.handlers)) for lg in touched]
+        # nbtask's records go on to the worker's log only, at the worker's level.
+        ours.handlers = [*ours.handlers, *logging.root.handlers]
+        ours.propagate = False
+        if ours.level == logging.NOTSET:
+            ours.level = logging.root.level
+        logging.root.handlers = []
+        before: Setup | None = None
+        try:
+            for name, spec in self.given.items():
+                _set(_logger(name), spec)
+            _levels_changed()
+            # What the cell starts from: the setup given, and the worker's own loggers it
+            # does not name (not looked for again among all of them).
+            unnamed = [(n, lg) for n, lg in set_before if n and n not in self.given]
+            given = {n: _logger_spec(_logger(n)) for n in self.given}
+            before = {**_setup_of(unnamed), **given}
+            yield
+        finally:
+            if before is not None:
+                after = _setup_of(_set_loggers())
+                self.changed = {n: s for n, s in after.items() if before.get(n) != s}
+                self.changed.update({n: _UNSET for n in before.keys() - after.keys()})
+            for logger, level, propagate, handlers in own:
+                logger.level, logger.propagate, logger.handlers = level, propagate, handlers
+            _levels_changed()
+
+    def changes(self) -> dict[str, Setup]:
+        """The cell's changes to the process state that concern logging (see there)."""
+        # Not part of the state a process stays in between cells: put back after each.
+        return {"logging": self.changed} if self.changed else {}
+
+
+def cell_logging(given: Setup | None) -> CellLogging:
+    """The logging of a cell its kernel gave ``given`` (``None``: an older kernel's, fresh)."""
+    return CellLogging(dict(_FRESH if given is None else given))

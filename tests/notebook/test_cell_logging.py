@@ -1,0 +1,69 @@
+"""The notebook's logging setup follows a ``%%task`` cell both ways, as in one kernel.
+
+Each cell runs in a real kernel, once locally and once as ``%%task --wait`` on a worker,
+and what each prints is compared: the same lines, in the same formats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+#: A cell logging at every level through a named logger, a quiet one and the root logger.
+_LOGS = """\
+import logging
+log = logging.getLogger('train')
+log.debug('step 1')
+log.info('epoch 1: loss 0.5')
+log.warning('learning rate is high')
+logging.getLogger('noisy.lib').warning('chatter')
+logging.info('root info')
+"""
+
+
+def test_a_notebooks_basic_config_formats_and_levels_apply_to_a_cell_as_locally(
+    run_in_kernel: Callable[[str], str],
+) -> None:
+    # Before, the worker's setup applied: a cell showed warnings only, as unformatted text.
+    run_in_kernel(
+        "import logging\n"
+        "logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')\n"
+        "logging.getLogger('noisy').setLevel(logging.ERROR)"
+    )
+    local = run_in_kernel(_LOGS)
+    assert local.splitlines() == [
+        "INFO train: epoch 1: loss 0.5",
+        "WARNING train: learning rate is high",
+        "INFO root: root info",
+    ], local
+    assert run_in_kernel(f"%%task --wait\n{_LOGS}") == local
+
+
+def test_a_logging_setup_a_cell_makes_stays_for_the_notebook_and_later_cells(
+    run_in_kernel: Callable[[str], str],
+) -> None:
+    printed = run_in_kernel(
+        "%%task --wait\nimport logging\n"
+        "logging.basicConfig(level=logging.DEBUG, format='[%(name)s] %(message)s')\n"
+        "logging.getLogger('train').debug('set up')"
+    )
+    assert printed == "[train] set up\n", printed
+    # As locally, the kernel is set up so from then on: here and in the next cells.
+    assert run_in_kernel("logging.getLogger('eval').debug('here')") == "[eval] here\n"
+    assert run_in_kernel("%%task --wait\nlogging.getLogger('eval').info('there')") == (
+        "[eval] there\n"
+    )
+    # A fresh kernel's last resort, in a cell that sets nothing up: the message alone.
+    assert run_in_kernel("%%task --wait\nlogging.getLogger('x').propagate = False") == ""
+    said = run_in_kernel("%%task --wait\nlogging.getLogger('x').warning('alone')")
+    assert said == run_in_kernel("logging.getLogger('x').warning('alone')") == "alone\n"
+
+
+def test_nbtasks_own_records_stay_out_of_a_cell_whatever_the_notebooks_level(
+    run_in_kernel: Callable[[str], str],
+) -> None:
+    run_in_kernel("import logging\nlogging.basicConfig(level=logging.DEBUG)")
+    printed = run_in_kernel(
+        "%%task --wait\nimport logging\n"
+        "logging.getLogger('nbtask.worker').warning('from nbtask itself')\nprint('done')"
+    )
+    assert printed == "done\n", printed
