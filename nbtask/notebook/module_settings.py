@@ -205,11 +205,21 @@ def inline_backend(shell: Any) -> dict[str, Any] | None:
         } or None
     section = shell.config.get("InlineBackend", {}) if shell is not None else {}
     given = {name: copy.deepcopy(section[name]) for name in _INLINE_SETTINGS if name in section}
-    if section.get("figure_format") and "figure_formats" not in given:  # the older name
-        given["figure_formats"] = {section["figure_format"]}
+    if section.get("figure_format") and _set_later(section, "figure_format", "figure_formats"):
+        given["figure_formats"] = {section["figure_format"]}  # the older name
     if "figure_formats" in given:
         given["figure_formats"] = set(given["figure_formats"])  # as the backend holds them
     return given or None
+
+
+def _set_later(section: Mapping[str, Any], name: str, other: str) -> bool:
+    """Whether ``name`` was put in a config section after ``other`` (or ``other`` is not there).
+
+    The backend takes its traits from the section in that order, so of ``figure_format``
+    and ``figure_formats`` the one put there last wins.
+    """
+    keys = list(section)
+    return other not in keys or keys.index(name) > keys.index(other)
 
 
 def set_inline_backend(shell: Any, settings: Mapping[str, Any] | None) -> None:

@@ -125,3 +125,24 @@ def test_the_inline_backends_figure_formats_follow_the_notebook_both_ways(
     shown("%config InlineBackend.figure_formats = ['retina']")
     figures = shown("%%task --wait\nplt.plot([1, 2])\nplt.show()")
     assert "width" in figures[0]["metadata"]["image/png"]
+
+
+def test_the_older_figure_format_a_cell_sets_before_any_figure_comes_back(
+    settings: Settings, start_worker: Any, kernel: Any
+) -> None:
+    """``%config InlineBackend.figure_format`` (the older name) after ``figure_formats``,
+    in a process that has shown no figure yet: the one set last wins, as the backend
+    takes them from the config. Before, a worker kept the ``figure_formats`` it was given."""
+    start_worker(concurrency=1)
+    client = kernel(kernel_env(settings))[1]
+
+    def shown(code: str) -> list[dict[str, Any]]:
+        _, msgs, reply = execute(client, code)
+        assert reply["content"]["status"] == "ok", (reply["content"], stream_text(msgs))
+        return [m["content"] for m in msgs if m["msg_type"] == "display_data"]
+
+    shown("%load_ext nbtask")
+    shown("import matplotlib.pyplot as plt\n%config InlineBackend.figure_formats = ['retina']")
+    shown("%%task --wait\n%config InlineBackend.figure_format = 'svg'")
+    figures = shown("plt.plot([1, 2])\nplt.show()")
+    assert [sorted(figure["data"]) for figure in figures] == [["image/svg+xml", "text/plain"]]
