@@ -112,6 +112,12 @@ class Task(RunningTask, CeleryTaskNames):
     #: Check a call's arguments against ``run`` before it is sent (Celery's ``typing``),
     #: so a wrong call fails at once, in the caller, and nothing is sent.
     typing: ClassVar[bool] = True
+    #: Whether what the worker's process writes to its file descriptors 1 and 2 while the
+    #: task's code runs (``os.system``, a subprocess that does not capture its output, C
+    #: code's ``printf``, ``faulthandler``) is the task's stdout and stderr, as a Jupyter
+    #: kernel shows it in the running cell. ``%%task`` cells say so; otherwise it goes to
+    #: the worker's log.
+    output_descriptors: ClassVar[bool] = False
     # Abstract classes (the app's Task base, user base classes) are never registered.
     abstract: ClassVar[bool] = True
 

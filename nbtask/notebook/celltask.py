@@ -26,6 +26,7 @@ class CellTask(Task):
 
     name = "nbtask.cell"
     abstract = False
+    output_descriptors = True  # what its subprocesses and C code print, as in a kernel
 
     def run(self, spec: CellSpec, blob: Packed, **datasets: Any) -> Any:
         """Run ``spec`` with the values packed in ``blob`` and the worker's ``datasets``.

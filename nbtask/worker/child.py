@@ -32,6 +32,7 @@ from nbtask.wire.events import CODE_DIFFERS, FINAL_SEQ, Event, EventType, run_se
 from nbtask.wire.message import TaskMessage
 from nbtask.wire.records import FOLLOW_UPS, FOLLOW_UPS_OWED
 from nbtask.worker.admit import Admission, Admitted
+from nbtask.worker.descriptors import DescriptorOutput
 from nbtask.worker.finder import TaskFinder
 from nbtask.worker.follow_ups import FollowUps, has_handlers, owes_follow_ups
 from nbtask.worker.holdings import process_holding
@@ -109,6 +110,7 @@ class Child:
         self.transport = open_broker(self.settings, self.url)
         self.signer = Signer.for_settings(self.settings, self.secret)
         self.outbox = Outbox(self.transport, self.signer)
+        self.descriptors = DescriptorOutput(self.outbox, (sys.stdout, sys.stderr))
         self.publisher = SubtaskPublisher(
             self.transport, MessageBuilder(self.signer, self.settings, self.transport.store)
         )
@@ -141,6 +143,7 @@ class Child:
             self.transport,
             self.signer,
             outbox=self.outbox,
+            descriptors=self.descriptors,
             publisher=self.publisher,
             holding=self.holding,
             datasets=self.datasets,
@@ -156,8 +159,9 @@ class Child:
         # the worker's log, and text from threads a task left behind to no other task.
         self.journal = Journal(self.transport.store)
         logging.getLogger("nbtask").addHandler(self.journal)
-        sys.stdout = TaskStream(self.outbox, EventType.STDOUT, sys.stdout, self.journal)
-        sys.stderr = TaskStream(self.outbox, EventType.STDERR, sys.stderr, self.journal)
+        out, err = EventType.STDOUT, EventType.STDERR
+        sys.stdout = TaskStream(self.outbox, out, sys.stdout, self.journal, self.descriptors)
+        sys.stderr = TaskStream(self.outbox, err, sys.stderr, self.journal, self.descriptors)
         self._serve()
         # Kept values' store copies still being written: the only copy once this ends.
         self.transport.store.finish_writes()

@@ -16,6 +16,7 @@ from nbtask.brokers import Transport
 from nbtask.errors import BrokerUnavailable
 from nbtask.wire.envelope import Signer
 from nbtask.wire.events import Event, EventType, Run
+from nbtask.worker.descriptors import DescriptorOutput
 from nbtask.worker.journal import Journal
 from nbtask.worker.wakeup import Alarm, Bell, wait_for
 
@@ -117,6 +118,11 @@ class Outbox:
         threading.Thread(target=self._pump, name="nbtask-outbox", daemon=True).start()
         outbox = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _disown(outbox()))
+
+    def own_thread(self, ident: int) -> None:
+        """Thread ``ident`` is nbtask's own, started while a task runs: not one it left."""
+        with self._lock:
+            self._threads_before.add(ident)
 
     def _disown(self) -> None:
         """In a process forked from the child (only the forking thread runs on there)."""
@@ -295,14 +301,22 @@ class TaskStream(io.TextIOBase):
 
     Text written while no task runs (a handler after the outcome) goes to ``fallback``,
     the worker's own stream, a line at a time: the worker's log gets it as it is written,
-    in order with the log records, even where that stream is a buffered file.
+    in order with the log records, even where that stream is a buffered file. While
+    ``descriptors`` capture the task's descriptors 1 and 2, text written here takes its
+    place after what they hold (see :mod:`~nbtask.worker.descriptors`).
     """
 
     def __init__(
-        self, outbox: Outbox, kind: EventType, fallback: Any, journal: Journal | None = None
+        self,
+        outbox: Outbox,
+        kind: EventType,
+        fallback: Any,
+        journal: Journal | None = None,
+        descriptors: DescriptorOutput | None = None,
     ) -> None:
         self._outbox, self._kind, self._fallback = outbox, kind, fallback
         self._journal = journal
+        self._descriptors = descriptors
 
     def writable(self) -> bool:
         """Always: this stream only writes."""
@@ -314,16 +328,22 @@ class TaskStream(io.TextIOBase):
         return "utf-8"
 
     def fileno(self) -> int:
-        """The worker's own stream's descriptor, as a kernel's streams give their terminal's.
+        """The worker's own stream's descriptor (1 or 2).
 
         What is written to it directly (a subprocess handed this stream, ``faulthandler``)
-        goes to the worker's log, as the output of ``os.system`` does.
+        goes where that descriptor's other output goes: a ``%%task`` cell's output while
+        one runs (see :mod:`~nbtask.worker.descriptors`), else the worker's log.
         """
         return int(self._fallback.fileno())
 
     def write(self, text: str) -> int:
         """Queue ``text`` for the running task's client (or the worker's log)."""
-        if not self._outbox.write(self._kind, text):
+        descriptors = self._descriptors
+        if descriptors is not None and descriptors.capturing:
+            queued = descriptors.write(self._kind, text)
+        else:
+            queued = self._outbox.write(self._kind, text)
+        if not queued:
             self._fallback.write(text)
             if "\n" in text:
                 self._fallback.flush()

@@ -33,6 +33,7 @@ from nbtask.wire.events import Event, EventType
 from nbtask.wire.frozen import FrozenMaker
 from nbtask.wire.message import TaskMessage, decode_value
 from nbtask.worker.admit import Admitted
+from nbtask.worker.descriptors import DescriptorOutput
 from nbtask.worker.follow_ups import has_handlers
 from nbtask.worker.interrupts import TaskInterrupts
 from nbtask.worker.outbox import Outbox
@@ -63,6 +64,8 @@ class Runner:
         The child's.
     outbox
         Streams the run's events; its sequence numbers end with the outcome's.
+    descriptors
+        Make descriptors 1 and 2 a task's output while it runs, for a task that asks.
     publisher
         Sends the tasks a task sends while it runs.
     holding, datasets
@@ -85,6 +88,7 @@ class Runner:
         signer: Signer,
         *,
         outbox: Outbox,
+        descriptors: DescriptorOutput,
         publisher: SubtaskPublisher,
         holding: Holding,
         datasets: DatasetCache,
@@ -98,6 +102,7 @@ class Runner:
         self.transport = transport
         self.signer = signer
         self.outbox = outbox
+        self.descriptors = descriptors
         self.publisher = publisher
         self.holding = holding
         self.datasets = datasets
@@ -182,6 +187,22 @@ class Runner:
     def _call(
         self, message: TaskMessage, task: Task, args: Any, kwargs: Any, soft_limit: float | None
     ) -> Outcome:
+        # Descriptors 1 and 2 are the task's from before its interrupts can raise to after
+        # they no longer can: given back whichever way its code ends.
+        captured = task.output_descriptors
+        if captured:
+            self.descriptors.start()
+        try:
+            retval, runtime = self._run_code(task, args, kwargs, soft_limit)
+        finally:
+            if captured:
+                self.descriptors.end()
+        return self._succeeded(message, retval, runtime)
+
+    def _run_code(
+        self, task: Task, args: Any, kwargs: Any, soft_limit: float | None
+    ) -> tuple[Any, float]:
+        """The task's return value and how long its code ran, under its interrupts."""
         self.interrupts.start()  # raises if a terminate came while it was being set up
         if soft_limit:
             signal.setitimer(signal.ITIMER_REAL, soft_limit)
@@ -193,7 +214,7 @@ class Runner:
         finally:
             self.interrupts.stop()
             signal.setitimer(signal.ITIMER_REAL, 0)
-        return self._succeeded(message, retval, time.perf_counter() - started)
+        return retval, time.perf_counter() - started
 
     def _succeeded(self, message: TaskMessage, retval: Any, runtime: float) -> Outcome:
         return success_outcome(

@@ -134,15 +134,18 @@ def test_a_cell_that_ends_across_a_restart_is_written_back_on_reattach(
 
 
 def test_the_cells_streams_are_files_with_a_descriptor_and_an_encoding(
-    ip: InteractiveShell, nb: Session
+    ip: InteractiveShell, nb: Session, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """As a kernel's: a subprocess may be handed ``sys.stderr`` (its output goes to the
-    worker's log, as ``os.system``'s), and ``sys.stdout.encoding`` names one."""
+    """As a kernel's: a subprocess may be handed ``sys.stdout`` and ``sys.stderr`` (what it
+    writes shows in the cell, as ``os.system``'s does), and ``sys.stdout.encoding`` names
+    one."""
     run(
         ip,
         "%%task --wait\nimport subprocess, sys\n"
-        "code = subprocess.run(['true'], stdout=sys.stdout, stderr=sys.stderr).returncode\n"
+        "command = ['sh', '-c', 'echo handed; echo also >&2']\n"
+        "code = subprocess.run(command, stdout=sys.stdout, stderr=sys.stderr).returncode\n"
         "encodings = (sys.stdout.encoding.lower(), sys.stderr.encoding.lower())",
     )
     assert ip.user_ns["code"] == 0
     assert ip.user_ns["encodings"] == ("utf-8", "utf-8")
+    assert capsys.readouterr()[:] == ("handed\n", "also\n")
