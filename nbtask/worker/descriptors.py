@@ -34,7 +34,6 @@ import functools
 import logging
 import os
 import select
-import selectors
 import sys
 import threading
 import weakref
@@ -55,14 +54,9 @@ _CHUNK = 64 * 1024
 #: large pipe makes that rare, as wurlitzer does.
 _PIPE_BYTES = 1024 * 1024
 _SET_PIPE_SIZE = getattr(fcntl, "F_SETPIPE_SZ", None)  # (Linux's)
-#: Reads that take what a pipe held before a print: its capacity, and one to see it empty.
+#: Reads that take what a pipe held before a print or the run's end: its capacity, and
+#: one to see it empty (or ended).
 _PENDING_READS = _PIPE_BYTES // _CHUNK + 1
-# Selectors whose waiting thread sees a descriptor registered meanwhile; others are woken.
-_LIVE_SELECTORS = tuple(
-    getattr(selectors, name)
-    for name in ("EpollSelector", "KqueueSelector", "DevpollSelector")
-    if hasattr(selectors, name)
-)
 _utf8 = codecs.getincrementaldecoder("utf-8")
 
 
@@ -79,13 +73,53 @@ class OutputSink(Protocol):
 class _Pipe:
     """One pipe standing for descriptor ``target`` during a run (and after, if held)."""
 
-    __slots__ = ("decoder", "kind", "open", "read", "target", "task")
+    __slots__ = ("decoder", "kind", "open", "read", "target", "task", "watched")
 
     def __init__(self, read: int, target: int, kind: EventType) -> None:
         self.read, self.target, self.kind = read, target, kind
         self.decoder = _utf8(errors="replace")  # (a character may span two reads)
         self.task = True  # False once the run ended: what comes then goes to the log
         self.open = True
+        self.watched = False  # by the reading thread
+
+
+class _Watch:
+    """The pipes the reading thread waits on.
+
+    Linux's epoll: a pipe added while the thread waits is seen at once, no thread woken.
+    Elsewhere poll, whose waiting thread a bell wakes to see a pipe added.
+    """
+
+    def __init__(self) -> None:
+        self._bell: Bell | None = None
+        self._poll: Any
+        if hasattr(select, "epoll"):
+            self._poll, self._readable = select.epoll(), select.EPOLLIN
+        else:
+            self._poll, self._readable, self._bell = select.poll(), select.POLLIN, Bell()
+            self._poll.register(self._bell.fileno(), select.POLLIN)
+
+    def add(self, fd: int) -> None:
+        """Wait on ``fd`` too."""
+        self._poll.register(fd, self._readable)
+        if self._bell is not None:
+            self._bell.ring()
+
+    def remove(self, fd: int) -> None:
+        """No longer wait on ``fd`` (before it is closed)."""
+        self._poll.unregister(fd)
+
+    def ready(self) -> bool:
+        """Whether some pipe may hold something now (where it cannot tell: True)."""
+        return self._bell is not None or bool(self._poll.poll(0))  # (epoll: any thread)
+
+    def wait(self) -> list[int]:
+        """Block until some of the pipes can be read (or have ended): those."""
+        ready = [fd for fd, _ in self._poll.poll()]
+        if self._bell is not None and self._bell.fileno() in ready:
+            self._bell.drain()
+            ready.remove(self._bell.fileno())
+        return ready
 
 
 class DescriptorOutput:
@@ -109,17 +143,13 @@ class DescriptorOutput:
         self._pipes: dict[int, _Pipe] = {}  # read end -> pipe: the run's, and those held
         self._current: list[_Pipe] = []  # the running task's (none between runs)
         self._saved: dict[int, int] = {}  # 1, 2 -> copies of what they were, made once
-        self._selector: selectors.BaseSelector | None = None
-        self._bell: Bell | None = None
-        self._pending = select.poll()  # the running task's pipes: whether they hold any
+        self._watch: _Watch | None = None  # made at the first capture, with its thread
+        self._reading = False  # the reading thread has read what it has not passed on yet
+        #: Whether a task's run has descriptors 1 and 2 now.
+        self.capturing = False
         self._forked = False
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _disown(ref()))
-
-    @property
-    def capturing(self) -> bool:
-        """Whether a task's run has descriptors 1 and 2 now."""
-        return bool(self._current)
 
     def start(self) -> None:
         """Make descriptors 1 and 2 the running task's until :meth:`end`.
@@ -128,9 +158,9 @@ class DescriptorOutput:
         forked from the child, nothing happens. If the pipes cannot be made (no descriptor
         left), the log says so and the output goes there, as a function task's does.
         """
-        if self._forked or self._current:
+        if self._forked or self.capturing:
             return
-        if self._selector is None:
+        if self._watch is None:
             self._first_use()
         _flush(self._originals)  # (what was written before is not the task's)
         pipes: list[_Pipe] = []
@@ -143,49 +173,45 @@ class DescriptorOutput:
                 os.close(pipe.read)
             log.warning("cannot capture the task's descriptors 1 and 2 (%s): this log has it", exc)
             return
-        selector = self._selector
-        assert selector is not None
         with self._lock:
             for pipe in pipes:
                 self._pipes[pipe.read] = pipe
-                self._pending.register(pipe.read, select.POLLIN)
-                selector.register(pipe.read, selectors.EVENT_READ)
-            self._current = pipes
-        self._wake()
+                self._watched(pipe, True)
+            self._current, self.capturing = pipes, True
 
     def end(self) -> None:
         """Give descriptors 1 and 2 back, and the task what its pipes still hold."""
-        if not self._current:
+        if not self.capturing:
             return
         _flush(self._originals)  # (into the pipes: written by the task)
-        held = False
         with self._lock:
-            current, self._current = self._current, []
-            for pipe in current:
-                self._unwatch(pipe)
+            current, self._current, self.capturing = self._current, [], False
+            for pipe in current:  # (else their end, just below, would wake the thread)
+                self._watched(pipe, False)
             for pipe in current:  # closes the pipes' write ends that 1 and 2 were
                 os.dup2(self._saved[pipe.target], pipe.target)
-            for pipe in current:
-                self._take_all(pipe)
+            for pipe in current:  # (what a process left running writes meanwhile: later)
+                self._take_all(pipe, _PENDING_READS)
                 tail = pipe.decoder.decode(b"", final=True)
                 if tail:
                     self._deliver(pipe, tail)
                 pipe.task = False
                 if pipe.open:  # a process the task left running holds it: to the log
-                    self._watch(pipe)
-                    held = True
-        if held:
-            self._wake()
+                    self._watched(pipe, True)
 
     def write(self, kind: EventType, text: str) -> bool:
         """Queue text the task wrote through ``sys.stdout``/``sys.stderr``, in its place.
 
         What the pipes hold, written before, goes first. False if no task runs.
         """
+        watch = self._watch
+        # Most text comes with nothing in the pipes: no lock. Something read from them
+        # but not yet passed on (by the reading thread) is waited for: it comes first.
+        if watch is None or not (watch.ready() or self._reading):
+            return self._sink.write(kind, text)
         with self._lock:
-            if self._current and self._pending.poll(0):
-                for pipe in self._current:
-                    self._take_all(pipe, _PENDING_READS)
+            for pipe in self._current:
+                self._take_all(pipe, _PENDING_READS)
             return self._sink.write(kind, text)
 
     # Setting up --------------------------------------------------------------------------
@@ -194,10 +220,7 @@ class DescriptorOutput:
         self._log_to_copies()
         if faulthandler.is_enabled():  # the worker's own crash, in its log (-X faulthandler)
             faulthandler.enable(self._saved[2])
-        self._selector = selectors.DefaultSelector()
-        if not isinstance(self._selector, _LIVE_SELECTORS):
-            self._bell = Bell()
-            self._selector.register(self._bell.fileno(), selectors.EVENT_READ)
+        self._watch = _Watch()
         thread = threading.Thread(target=self._read_forever, name="nbtask-descriptors")
         thread.daemon = True
         thread.start()
@@ -247,44 +270,39 @@ class DescriptorOutput:
             os.close(write)
         return _Pipe(read, target, kind)
 
-    def _watch(self, pipe: _Pipe) -> None:
-        assert self._selector is not None
-        self._selector.register(pipe.read, selectors.EVENT_READ)
-
-    def _unwatch(self, pipe: _Pipe) -> None:
-        if not pipe.open:
+    def _watched(self, pipe: _Pipe, watched: bool) -> None:
+        """Have the reading thread wait on ``pipe``, or no longer."""
+        watch = self._watch
+        assert watch is not None
+        if not pipe.open or pipe.watched == watched:
             return
-        assert self._selector is not None
-        with contextlib.suppress(KeyError, ValueError):
-            self._selector.unregister(pipe.read)
-        if pipe.task:
-            with contextlib.suppress(KeyError):
-                self._pending.unregister(pipe.read)
-
-    def _wake(self) -> None:
-        if self._bell is not None:
-            self._bell.ring()
+        if watched:
+            watch.add(pipe.read)
+        else:
+            watch.remove(pipe.read)
+        pipe.watched = watched
 
     # Reading (lock held) -----------------------------------------------------------------
     def _read_forever(self) -> None:
-        selector, bell = self._selector, self._bell
-        assert selector is not None
+        watch = self._watch
+        assert watch is not None
         while True:
-            for key, _ in selector.select():
-                if bell is not None and key.fd == bell.fileno():
-                    bell.drain()
-                    continue
+            for fd in watch.wait():
                 try:
                     with self._lock:
-                        pipe = self._pipes.get(key.fd)  # (closed meanwhile: gone)
+                        pipe = self._pipes.get(fd)  # (closed meanwhile: gone)
                         if pipe is not None:
-                            self._take(pipe)
+                            self._reading = True  # (before the read: see write())
+                            try:
+                                self._take(pipe)
+                            finally:
+                                self._reading = False
                 except Exception:  # never the end of the reading thread
                     log.exception("could not read a task's descriptor output")
 
-    def _take_all(self, pipe: _Pipe, reads: int = -1) -> None:
-        """Read what ``pipe`` holds (at most ``reads`` times, unless -1)."""
-        while reads != 0 and self._take(pipe):
+    def _take_all(self, pipe: _Pipe, reads: int) -> None:
+        """Read what ``pipe`` holds, at most ``reads`` times."""
+        while reads and self._take(pipe):
             reads -= 1
 
     def _take(self, pipe: _Pipe) -> bool:
@@ -311,7 +329,7 @@ class DescriptorOutput:
             _write_all(self._saved[pipe.target], text.encode(errors="backslashreplace"))
 
     def _close(self, pipe: _Pipe) -> None:
-        self._unwatch(pipe)
+        self._watched(pipe, False)
         pipe.open = False
         self._pipes.pop(pipe.read, None)
         os.close(pipe.read)
@@ -319,7 +337,7 @@ class DescriptorOutput:
     def _disown(self) -> None:
         """In a process forked from the child: the pipes and the thread are the child's."""
         self._forked = True
-        self._current = []
+        self._current, self.capturing = [], False
         self._lock = threading.RLock()  # (another thread may have held it at the fork)
 
 
@@ -346,8 +364,10 @@ def _handlers() -> list[logging.Handler]:
 def _flush(streams: Iterable[Any]) -> None:
     """Flush ``streams`` and C's own output buffers: what they hold goes where it belongs."""
     for stream in streams:
-        with contextlib.suppress(Exception):  # (a closed stream: nothing in it)
+        try:
             stream.flush()
+        except Exception:  # (a closed stream: nothing in it)
+            continue
     fflush = _c_fflush()
     if fflush is not None:
         fflush(None)
