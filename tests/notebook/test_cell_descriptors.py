@@ -149,3 +149,24 @@ def test_what_a_process_the_cell_left_running_writes_goes_to_the_workers_log(
     ip.run_cell_magic("task", "--wait", "import os\nos.system('echo still served')")
     assert capsys.readouterr().out == "still served\n"
     assert "still served" not in Path(worker.log).read_text()
+
+
+def test_a_function_tasks_descriptor_output_still_goes_to_the_workers_log(
+    ip: InteractiveShell, one_process: Any
+) -> None:
+    """Only cells take their process's descriptors: a function task's prints are its
+    output, what its subprocesses write is the worker's log's, as before."""
+    worker = one_process
+    ip.run_cell_magic(
+        "task", "--wait", "import os\nos.system('echo from a cell')"
+    )  # (the process has taken a cell's descriptors once)
+    code = (
+        "import nbtask, os\n@nbtask.app().task\ndef shout():\n"
+        "    os.system('echo from a function task')\n    print('printed')\n"
+        "h = shout.delay()\nh.get(timeout=30)"
+    )
+    run_result = ip.run_cell(code)
+    assert run_result.error_in_exec is None, run_result
+    assert ip.user_ns["h"].stdout == "printed\n"
+    wait_until(lambda: "from a function task" in worker.log.read_text(), 15, "the log line")
+    assert "from a cell" not in worker.log.read_text()
