@@ -17,7 +17,9 @@ the runner ends the capture only once no interrupt can be raised), descriptors 1
 are given back what they were and what the pipes hold goes to the task. A process the
 task started and left running may still hold a pipe: what it writes later goes to the
 worker's log, where such output went before, never into a later task's output; the pipe
-is closed once it has no writer left. The worker's own log lines never pass through the
+is closed once it has no writer left. (Hence new pipes for each run, a few tens of
+microseconds: one kept from run to run could not tell what a process left running writes
+from what the next task writes.) The worker's own log lines never pass through the
 pipes: its logging handlers that wrote to descriptor 1 or 2 write, from the first capture
 on, to copies of those made before it, and so does ``faulthandler`` if the worker enabled
 it (a crash's traceback must reach the log, not a pipe no one reads any more).
