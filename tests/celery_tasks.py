@@ -218,6 +218,23 @@ def requests_seen(path: str | Path) -> list[tuple[str, list[Any]]]:
     return [(r["h"], r["request"]) for r in read_records(path)]
 
 
+class SessionTask(app.Task):
+    """Celery's guide's base class that opens a session around every run in ``__call__``."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        r = self.request
+        record(args[0], h="__call__", request=[r.id, r.called_directly])
+        return super().__call__(*args, **kwargs)
+
+
+@app.task(base=SessionTask, bind=True)
+def in_session(self: SessionTask, path: str, x: int) -> int:
+    """Records its own request after its class's ``__call__`` did, and returns ``x``."""
+    r = self.request
+    record(path, h="run", request=[r.id, r.called_directly, list(r.args)])
+    return x
+
+
 class FaultyHandlers(app.Task):
     """Every completion handler raises: the task's outcome must still be delivered."""
 

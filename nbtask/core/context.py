@@ -18,9 +18,11 @@ __all__ = [
     "Request",
     "current_request",
     "directly_called",
+    "entering_run",
     "own_request",
     "progress",
     "request_of",
+    "run_entering",
     "run_started",
     "running",
     "runs_started",
@@ -105,6 +107,12 @@ _own: contextvars.ContextVar[tuple[tuple[object, Request], ...]] = contextvars.C
     "nbtask_own_request", default=()
 )
 
+# The task whose own ``__call__`` a run (a worker's, ``apply()``'s) is calling: the base
+# class's ``__call__`` then keeps the run's request, not a direct call's (Celery's order).
+_entering: contextvars.ContextVar[object | None] = contextvars.ContextVar(
+    "nbtask_entering_run", default=None
+)
+
 _started = [0]  # tasks and other code of the user's begun here: see runs_started()
 
 
@@ -154,6 +162,19 @@ def request_of(task: object) -> Request | None:
         if owner is task:
             return request
     return _current.get()
+
+
+def entering_run(task: object | None) -> Bound[object | None]:
+    """Mark ``task``'s ``__call__`` in the ``with`` block as a run's call of its code.
+
+    ``None`` ends the mark: a direct call of the task inside its own code is a direct call.
+    """
+    return Bound(_entering, task)
+
+
+def run_entering(task: object) -> bool:
+    """Whether ``task`` is being called by a run, through its class's own ``__call__``."""
+    return _entering.get() is task
 
 
 def progress(done: float, total: float | None = None, message: str = "") -> None:

@@ -290,7 +290,7 @@ def _run_once(task: HandledTask, request: Request) -> _Returned | ExceptionInfo:
     args, kwargs = request.args, request.kwargs
     call_handler(log, task.before_start, request.id, args, kwargs)
     try:
-        retval = task.run(*args, **kwargs)
+        retval = task.call_from_run(args, kwargs)
         if inspect.iscoroutine(retval):  # an ``async def`` task: run it to its end here
             retval = _finish(retval)
         return _Returned(retval)

@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import os
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, NoReturn, Protocol
 
@@ -90,6 +90,9 @@ class HandledTask(Protocol):
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         """The task's body."""
+
+    def call_from_run(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+        """Run the task's code for a run: through its class's own ``__call__``, if any."""
 
     def retry(
         self,

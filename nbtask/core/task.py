@@ -23,7 +23,7 @@ from nbtask.core.call_checks import (
 )
 from nbtask.core.canvas import Call, Sender, Signature, current_sender
 from nbtask.core.celery_task import CeleryTaskNames
-from nbtask.core.context import directly_called, own_request
+from nbtask.core.context import directly_called, entering_run, own_request, run_entering
 from nbtask.core.datasets import data_queue, dataset_names
 from nbtask.core.handle import TaskHandle
 from nbtask.core.holding import is_holder_queue
@@ -136,10 +136,27 @@ class Task(RunningTask, CeleryTaskNames):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the task here, in this process, as a function.
 
-        Its ``self.request`` is Celery's empty one (``called_directly`` is True).
+        Its ``self.request`` is Celery's empty one (``called_directly`` is True). A class
+        that overrides it (to open a session around every run, as Celery's guide does) has
+        its ``__call__`` called by every run too, on a worker and in ``apply()``, as
+        Celery's: there ``super().__call__`` keeps the run's request.
         """
+        if run_entering(self):  # a run's call, through the class's own __call__
+            with entering_run(None):  # the task called as a function inside: a direct call
+                return self.run(*args, **kwargs)
         with own_request(self, directly_called(self.name, args, kwargs)):
             return self.run(*args, **kwargs)
+
+    def call_from_run(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+        """Run the task's code for a run (a worker's, ``apply()``'s) whose request is current.
+
+        Through the class's own ``__call__`` if it overrides Task's, as Celery's worker
+        calls it; else ``run`` alone (one call less on every task's path).
+        """
+        if type(self).__call__ is Task.__call__:
+            return self.run(*args, **kwargs)
+        with entering_run(self):
+            return self(*args, **kwargs)
 
     # Calling -------------------------------------------------------------------------------
     def delay(self, *args: Any, **kwargs: Any) -> TaskHandle:

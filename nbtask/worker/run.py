@@ -208,7 +208,7 @@ class Runner:
             signal.setitimer(signal.ITIMER_REAL, soft_limit)
         started = time.perf_counter()
         try:
-            retval = task.run(*args, **kwargs)
+            retval = task.call_from_run(args, kwargs)
             if isinstance(retval, CoroutineType):  # an ``async def`` task: run it here
                 retval = asyncio.run(retval)
         finally:

@@ -34,6 +34,7 @@ from tests.celery_tasks import (
     handled_fail,
     handled_ok,
     handled_retry,
+    in_session,
     read_records,
     req_h,
     requests_seen,
@@ -176,6 +177,20 @@ def test_handlers_see_the_runs_request_in_apply(tmp_path: Path) -> None:
         ("before_start", ["the-id", 1, args, False]),
         ("on_failure", ["the-id", 1, args, False]),
         ("after_return", ["the-id", 1, args, False]),
+    ]
+
+
+def test_a_base_classs_own_call_runs_around_apply_and_a_direct_call(tmp_path: Path) -> None:
+    # apply() calls the class's own __call__, as a worker does, with the run's request
+    # inside (before, apply() called run alone); a direct call goes through it as before.
+    path = str(tmp_path / "session")
+    assert in_session.apply((path, 3), task_id="the-apply").get() == 3
+    assert in_session(path, 4) == 4
+    assert [(r["h"], r["request"]) for r in read_records(path)] == [
+        ("__call__", ["the-apply", False]),
+        ("run", ["the-apply", False, [path, 3]]),
+        ("__call__", ["", True]),
+        ("run", ["", True, [path, 4]]),
     ]
 
 

@@ -26,6 +26,7 @@ FAULTY_OK = "tests.celery_tasks.faulty_ok"
 FAULTY_FAIL = "tests.celery_tasks.faulty_fail"
 SLOW_HANDLER = "tests.celery_tasks.slow_handler"
 REQ_H = "tests.celery_tasks.req_h"
+IN_SESSION = "tests.celery_tasks.in_session"
 
 
 def _per_process(results: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
@@ -354,3 +355,20 @@ def test_handlers_see_the_runs_request_as_celerys_do(
             ("after_return", [h.id, 1, args, False]),
         ]
     assert "raised; the task's outcome is unaffected" not in worker.log.read_text()
+
+
+def test_a_base_classs_own_call_runs_around_every_run_on_the_worker(
+    app: App, start_worker, tmp_path: Path
+) -> None:
+    # As Celery's worker calls task.__call__: a base class's session opened there is open
+    # for every run, and super().__call__ keeps the run's request (before, only a direct
+    # call went through it: the worker called run alone).
+    start_worker("-A", "tests.celery_tasks", concurrency=1)
+    path = str(tmp_path / "session")
+    handles = [app.send_task(IN_SESSION, (path, x)) for x in (1, 2)]
+    assert [h.get(timeout=10) for h in handles] == [1, 2]
+    assert [(r["h"], r["request"]) for r in read_records(path)] == [
+        entry
+        for h, x in zip(handles, (1, 2), strict=True)
+        for entry in (("__call__", [h.id, False]), ("run", [h.id, False, [path, x]]))
+    ]
