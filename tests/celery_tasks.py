@@ -235,6 +235,18 @@ def in_session(self: SessionTask, path: str, x: int) -> int:
     return x
 
 
+class RatedBase(app.Task):
+    """A base class setting a task option in its body, in Celery's form."""
+
+    rate_limit = "100/s"
+
+
+@app.task(base=RatedBase)
+def class_rated(x: int) -> int:
+    """Returns ``x``, under its base class's rate limit."""
+    return x
+
+
 class FaultyHandlers(app.Task):
     """Every completion handler raises: the task's outcome must still be delivered."""
 

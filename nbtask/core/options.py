@@ -22,6 +22,7 @@ __all__ = [
     "WORKER_OWN_SIGNALS",
     "check_task_function",
     "check_task_id",
+    "class_options",
     "exception_classes",
     "is_seconds",
     "new_task_id",
@@ -125,6 +126,22 @@ def validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
             )
         attrs["store_result"] = bool(backend)
     return attrs
+
+
+def class_options(body: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The task options a class body sets (``rate_limit = "100/s"``), as ``@app.task``'s.
+
+    Checked and converted by :func:`validate_options`, so a base class's options work as
+    the decorator's do, and a wrong one fails when the class is made, with the same
+    error, after ``where`` (the class).
+    """
+    given = {name: value for name, value in body.items() if name in TASK_OPTIONS - {"base"}}
+    if not given:
+        return {}
+    try:
+        return validate_options(given)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{where}: {exc}") from None
 
 
 def _refuse_unsupported(attrs: dict[str, Any]) -> None:

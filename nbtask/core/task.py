@@ -31,6 +31,7 @@ from nbtask.core.named import reduced_by_name
 from nbtask.core.options import (
     check_task_id,
     check_time_limits,
+    class_options,
     positive,
     queue_name,
     seconds,
@@ -123,6 +124,15 @@ class Task(RunningTask, CeleryTaskNames):
 
     #: The app the task is registered on (``None`` for a task shipped to a worker).
     app: TaskApp | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Options a class body sets (a base class's rate_limit = "100/s") are checked and
+        # converted as @app.task's are, when the class is made: a worker reads them as is.
+        super().__init_subclass__(**kwargs)
+        where = f"class {cls.__qualname__}"
+        for name, value in class_options(cls.__dict__, where).items():
+            type.__setattr__(cls, name, value)
+        check_time_limits(cls.time_limit, cls.soft_time_limit, f" ({where}, with what it inherits)")
 
     @classmethod
     def is_abstract(cls) -> bool:
