@@ -118,13 +118,32 @@ class Signature(CelerySignatureNames):
     #: Options already converted by :meth:`for_worker` (message options, not call options).
     prepared: bool = False
 
-    def set(self, **options: Any) -> Signature:
-        """A copy with these :meth:`~nbtask.Task.apply_async` options added."""
+    def set(self, immutable: bool | None = None, **options: Any) -> Signature:
+        """Add these :meth:`~nbtask.Task.apply_async` options to the signature; return it.
+
+        As Celery's, the signature itself changes (``sig.set(queue="q")`` alone is
+        enough); a frozen dataclass all the same, so nothing else changes it unawares.
+
+        Parameters
+        ----------
+        immutable
+            ``True`` makes it an immutable one (as ``task.si()``: in a chain it ignores
+            the previous task's result), ``False`` a partial one again.
+        **options
+            Over the signature's own.
+        """
+        if immutable is not None:
+            object.__setattr__(self, "immutable", bool(immutable))
+        object.__setattr__(self, "options", {**self.options, **options})
+        return self
+
+    def with_options(self, **options: Any) -> Signature:
+        """A copy with these options added; the signature itself is left as it is."""
         return dataclasses.replace(self, options={**self.options, **options})
 
     def extended(self, key: str, more: object) -> Signature:
         """A copy whose ``link`` or ``link_error`` list has ``more`` added after its own."""
-        return self.set(**{key: [*listed(self.options.get(key)), *listed(more)]})
+        return self.with_options(**{key: [*listed(self.options.get(key)), *listed(more)]})
 
     def for_worker(self, **extra: Any) -> Signature:
         """A copy whose options are checked and converted now, for a worker to send later.
@@ -260,9 +279,9 @@ class Chain:
         app = steps[0].task.sender()
         later = zip(steps[1:], ids[1:], strict=True)
         handles = [app.expect(task_id, step.task.name, sent) for step, task_id in later]
-        first = steps[0].set(task_id=root)
+        first = steps[0].with_options(task_id=root)
         if following is not None:
-            first = first.set(link=[*listed(first.options.get("link")), following])
+            first = first.with_options(link=[*listed(first.options.get("link")), following])
         head = first.apply_async(args, kwargs)
         previous = head
         for handle in handles:
@@ -281,9 +300,9 @@ class Chain:
         if link is not None:
             steps[-1] = steps[-1].extended("link", link)
         if last_id is not None:
-            steps[-1] = steps[-1].set(task_id=last_id)
+            steps[-1] = steps[-1].with_options(task_id=last_id)
         if rest:
-            steps[0] = steps[0].set(**rest)
+            steps[0] = steps[0].with_options(**rest)
         return steps
 
     def _check_later_steps(self) -> None:

@@ -39,9 +39,9 @@ class _Signed(Protocol):
 class CelerySignatureNames:
     """Celery's ``Signature`` names, mixed into :class:`~nbtask.Signature`.
 
-    As Celery's, :meth:`link`, :meth:`link_error`, :meth:`on_error` and :meth:`freeze`
-    change the signature itself (``sig.link(cb); sig.delay()`` sends the link); the
-    other ways of changing one (``set``, ``clone``) return a new signature.
+    As Celery's, ``set``, :meth:`link`, :meth:`link_error`, :meth:`on_error` and
+    :meth:`freeze` change the signature itself (``sig.link(cb); sig.delay()`` sends the
+    link); :meth:`clone` returns a new signature.
     """
 
     @property

@@ -405,9 +405,7 @@ class Task(RunningTask, CeleryTaskNames):
             ``apply_async`` options for when the signature is sent (``immutable=True``
             makes it an :meth:`si` one).
         """
-        immutable = bool(options.pop("immutable", False))
-        signature = Signature(self, tuple(args or ()), dict(kwargs or {}), immutable=immutable)
-        return signature.set(**options) if options else signature
+        return Signature(self, tuple(args or ()), dict(kwargs or {})).set(**options)
 
     def si(self, *args: Any, **kwargs: Any) -> Signature:
         """An immutable signature: in a chain it ignores the previous task's result.

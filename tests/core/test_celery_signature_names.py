@@ -84,3 +84,29 @@ def test_a_signature_answers_to_celerys_signature_names(
     assert nbtask.signature(add.s(1), (6,)).delay().get(timeout=15) == 7
     # A task only the workers define, by name.
     assert app.signature("tests.sample_tasks.add", (2, 3)).delay().get(timeout=15) == 5
+
+
+def test_set_changes_the_signature_itself_and_immutable_makes_it_so(
+    app: App, start_worker, steps: tuple[Any, ...]
+) -> None:
+    # As Celery's set(): the signature itself changes and is returned (before, a copy was
+    # returned and the signature left as it was), and set(immutable=True) makes it an si()
+    # one (before, a chain still gave it the previous result, and delay() raised
+    # TypeError: apply_async() got an unexpected keyword argument 'immutable').
+    start_worker()
+    add, *_ = steps
+    sig = add.s(1, 2)
+    assert sig.set(countdown=0.1) is sig
+    assert sig.options == {"countdown": 0.1}
+    assert sig.delay().get(timeout=15) == 3
+    fixed = add.s(5, 5)
+    fixed.set(immutable=True)
+    assert fixed.immutable and fixed.options == {}
+    assert (add.s(1, 1) | fixed).delay().get(timeout=15) == 10
+    assert add.s(5, 5).set(immutable=True).delay().get(timeout=15) == 10
+    # Sending a chain, with its options, leaves its steps' signatures as they were.
+    first, second = add.s(1, 1), add.s(2)
+    workflow = first | second
+    assert workflow.apply_async(countdown=0.1, task_id="the-chains-last").get(timeout=15) == 4
+    assert (first.options, second.options) == ({}, {})
+    assert workflow.delay().get(timeout=15) == 4
