@@ -72,6 +72,11 @@ class Request:
     #: outside a run (Celery's empty ``Context``): no id, no worker.
     called_directly: bool = False
 
+    @property
+    def task(self) -> str:
+        """Celery's name for :attr:`name`: the task's registered name."""
+        return self.name
+
 
 def directly_called(
     name: str, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None

@@ -270,6 +270,7 @@ def test_request_fields_inside_a_bound_task(app: App, start_worker) -> None:
             "root_id": req.root_id,
             "delivery_info": dict(req.delivery_info),
             "name": self.name,
+            "task": req.task,
         }
 
     h = introspect.apply_async((1,), {"y": 2})
@@ -284,7 +285,7 @@ def test_request_fields_inside_a_bound_task(app: App, start_worker) -> None:
     assert seen["parent_id"] is None
     assert seen["root_id"] == h.id
     assert seen["delivery_info"]["queue"] == "default"
-    assert seen["name"] == introspect.name
+    assert seen["name"] == seen["task"] == introspect.name  # request.task: Celery's name
 
     later = introspect.apply_async((3,), countdown=0.2)
     assert later.get(timeout=10)["eta"] is not None
