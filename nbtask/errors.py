@@ -157,6 +157,8 @@ class Retry(NbtaskError):
         Seconds until the retry runs.
     new_args, new_kwargs
         The arguments the retry runs with, if not the task's own (``retry(args=...)``).
+    queue
+        The queue the retry is sent to, if not the task's own (``retry(queue=...)``).
     """
 
     def __init__(
@@ -166,12 +168,14 @@ class Retry(NbtaskError):
         when: float = 0.0,
         new_args: tuple[Any, ...] | None = None,
         new_kwargs: dict[str, Any] | None = None,
+        queue: str | None = None,
     ):
         super().__init__(message or (f"retry: {exc!r}" if exc else "retry"))
         self.exc = exc
         self.when = when
         self.new_args = new_args
         self.new_kwargs = new_kwargs
+        self.queue = queue
 
 
 class MaxRetriesExceededError(NbtaskError):

@@ -95,7 +95,7 @@ class Settlement:
 
     An empty ``fields`` deletes the task's record and an empty ``raw_event`` tells the
     client nothing; ``later`` (a message and its due time, epoch seconds) is parked on
-    ``queue``'s ETA set until then: a retry.
+    the ETA set of ``later_queue``, else of ``queue``, until then: a retry.
     """
 
     task_id: str
@@ -104,6 +104,8 @@ class Settlement:
     fields: Mapping[str, str | bytes]
     queue: str = ""
     later: tuple[bytes, float] | None = None
+    #: The queue a retry goes to when not its own (``self.retry(queue=...)``).
+    later_queue: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -439,9 +441,12 @@ class Transport(Protocol):
         fields: Mapping[str, str | bytes],
         *,
         requeue: tuple[bytes, float] | None = None,
+        requeue_queue: str = "",
         then_fetch: tuple[Sequence[str], str, float] | None = None,
     ) -> Delivery | None:
         """Store the record, tell the client, park ``requeue`` for later, acknowledge.
+
+        ``requeue`` is parked for ``requeue_queue`` if given, else for the delivery's queue.
 
         With ``then_fetch=(queues, consumer, block_seconds)`` the transport may also take
         the next message in the same round trip and return it (else it returns ``None``).

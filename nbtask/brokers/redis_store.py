@@ -230,7 +230,11 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
         due time, record fields.
         """
         member, due = _member(end.task_id, end.later)
-        keys = (self.record_key(end.task_id), end.channel, self.eta_key(end.queue))
+        keys = (
+            self.record_key(end.task_id),
+            end.channel,
+            self.eta_key(end.later_queue or end.queue),
+        )
         fields = _flat(end.fields, end.raw_event)
         args = (self.ttl, CHANNEL_MAXLEN, end.raw_event, member, repr(due), *fields)
         return keys, args

@@ -436,6 +436,7 @@ class StreamsTransport(StreamsMoves):
         fields: Mapping[str, str | bytes],
         *,
         requeue: tuple[bytes, float] | None = None,
+        requeue_queue: str = "",
         then_fetch: tuple[Sequence[str], str, float] | None = None,
     ) -> Delivery | None:
         """Store the record, send the event, park ``requeue`` until its due time, and ack.
@@ -446,7 +447,15 @@ class StreamsTransport(StreamsMoves):
         queue only) and returns it.
         """
         queue = delivery.queue if delivery is not None else ""
-        end = Settlement(task_id, channel, raw_event, fields, queue=queue, later=requeue)
+        end = Settlement(
+            task_id,
+            channel,
+            raw_event,
+            fields,
+            queue=queue,
+            later=requeue,
+            later_queue=requeue_queue,
+        )
         (record, channel_key, eta), (ttl, maxlen, event, member, due, *rest) = (
             self.store.settle_args(end)
         )

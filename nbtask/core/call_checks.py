@@ -60,16 +60,19 @@ CELERY_SEND_OPTIONS = {
 }
 
 
-def refuse_celery_options(options: Mapping[str, Any]) -> None:
-    """Refuse ``apply_async`` keywords it does not take: Celery's with what to do instead."""
+def refuse_celery_options(options: Mapping[str, Any], call: str = "apply_async") -> None:
+    """Refuse keywords ``call`` does not take: Celery's send options with what to do instead.
+
+    ``call`` is ``apply_async``, or ``retry``, to which Celery passes them on.
+    """
     for name in options:
         advice = CELERY_SEND_OPTIONS.get(name)
         if advice is None:
-            raise TypeError(f"apply_async() got an unexpected keyword argument {name!r}")
+            raise TypeError(f"{call}() got an unexpected keyword argument {name!r}")
         if name == "priority":
             raise ConfigurationError(NO_PRIORITY)
         raise ConfigurationError(
-            f"apply_async({name}=...) is Celery's, not nbtask's: {advice.format(name=name)}; "
+            f"{call}({name}=...) is Celery's, not nbtask's: {advice.format(name=name)}; "
             "nothing was sent"
         )
 

@@ -14,10 +14,10 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn, Protocol
 
-from nbtask.core.call_checks import epoch
+from nbtask.core.call_checks import epoch, refuse_celery_options
 from nbtask.core.context import Request, directly_called, progress, request_of
 from nbtask.core.handlers import ExceptionInfo, HandledTask
-from nbtask.core.options import seconds_from_now
+from nbtask.core.options import queue_name, seconds_from_now
 from nbtask.errors import ConfigurationError, MaxRetriesExceededError, Retry
 
 __all__ = ["RunningTask"]
@@ -104,6 +104,8 @@ class RunningTask:
         *,
         args: Sequence[Any] | None = None,
         kwargs: Mapping[str, Any] | None = None,
+        queue: str | None = None,
+        **celery_only: Any,
     ) -> NoReturn:
         """Send this task again later; call as ``raise self.retry()``.
 
@@ -120,6 +122,11 @@ class RunningTask:
         args, kwargs
             The arguments the retry runs with, as in Celery: each one given replaces the
             task's own (default: the same).
+        queue
+            The queue the retry is sent to, as in Celery (default: the one it ran from).
+        celery_only
+            Celery's other ``apply_async`` options, which its ``retry`` passes on: refused
+            with what to do instead (as :meth:`~nbtask.Task.apply_async` refuses them).
 
         Raises
         ------
@@ -137,6 +144,9 @@ class RunningTask:
             raise ConfigurationError(f"retry(args=...) takes a list or tuple, got {args!r}")
         if kwargs is not None and not isinstance(kwargs, Mapping):
             raise ConfigurationError(f"retry(kwargs=...) takes a dict, got {kwargs!r}")
+        refuse_celery_options(celery_only, "retry")
+        if queue:  # "" or None: the queue it ran from
+            queue_name(queue, "retry(queue=...)")
         countdown = seconds_from_now("countdown", countdown)
         request = self.request
         if request.called_directly:  # as Celery's: nothing to send again
@@ -157,7 +167,7 @@ class RunningTask:
         said = f"retry in {when:.3g} s" + (f": {exc!r}" if exc else "")
         new_args = None if args is None else tuple(args)
         new_kwargs = None if kwargs is None else dict(kwargs)
-        raise Retry(said, exc, when, new_args, new_kwargs)
+        raise Retry(said, exc, when, new_args, new_kwargs, queue or None)
 
     def retry_delay(self: _Running, retries: int) -> float:
         """Seconds before retry number ``retries + 1``: fixed, or exponential with jitter."""

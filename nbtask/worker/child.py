@@ -394,6 +394,7 @@ class Child:
                     raw,
                     fields,
                     requeue=requeue,
+                    requeue_queue=outcome.retry_queue or "",
                     then_fetch=then_fetch,
                 )
             except BrokerUnavailable as exc:

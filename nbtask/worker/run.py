@@ -257,6 +257,7 @@ class Runner:
         }
         outcome = Outcome(Event(EventType.RETRY, message.id, seq, data, run=message.run), exc=cause)
         outcome.einfo, outcome.retry_in = exception_info(cause), exc.when
+        outcome.retry_queue = exc.queue
         if exc.new_args is not None or exc.new_kwargs is not None:
             outcome.retry_arguments = (exc.new_args, exc.new_kwargs)
         return outcome

@@ -75,6 +75,8 @@ class Outcome:
     exc: BaseException | None = None
     einfo: ExceptionInfo | None = None
     retry_in: float | None = None
+    #: The queue a retry is sent to, if not the task's own (``retry(queue=...)``).
+    retry_queue: str | None = None
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     #: The run's request: ``self.request`` in the handlers (``None``: the task did not run).
@@ -232,6 +234,9 @@ def retry_requeue(
     due = time.time() + outcome.retry_in
     retried, parts = outcome.retry_send or (message, body)
     header = {**retried.to_header(), "retries": message.retries + 1, "eta": due}
+    if outcome.retry_queue:  # retry(queue=...): signed as sent there (no fallback)
+        header["queue"] = outcome.retry_queue
+        header.pop("fallback_queue", None)
     return signer.seal(header, parts), due
 
 

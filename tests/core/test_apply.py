@@ -194,6 +194,27 @@ def test_a_base_classs_own_call_runs_around_apply_and_a_direct_call(tmp_path: Pa
     ]
 
 
+def test_retry_takes_a_queue_and_refuses_other_send_options_saying_why(app: App) -> None:
+    # Celery's retry passes send options on to apply_async: queue= is taken (ignored here,
+    # where the retry runs in place), Celery's others are refused as apply_async refuses
+    # them, any other is a TypeError (before, queue= too: unexpected keyword argument).
+    @app.task(bind=True)
+    def moves(self: Task, **options: Any) -> str:
+        if self.request.retries == 0:
+            raise self.retry(countdown=0, **options)
+        return self.request.task
+
+    assert moves.apply(kwargs={"queue": "special"}).get() == moves.name
+    refused = moves.apply(kwargs={"routing_key": "special"}).result
+    assert isinstance(refused, ConfigurationError)
+    assert str(refused).startswith("retry(routing_key=...) is Celery's, not nbtask's")
+    unknown = moves.apply(kwargs={"bogus": 1}).result
+    assert isinstance(unknown, TypeError)
+    assert str(unknown) == "retry() got an unexpected keyword argument 'bogus'"
+    badly_named = moves.apply(kwargs={"queue": " special"}).result
+    assert isinstance(badly_named, ConfigurationError) and "retry(queue=...)" in str(badly_named)
+
+
 def test_a_task_called_as_a_function_has_celerys_empty_request(app: App) -> None:
     @app.task(bind=True)
     def whoami(self: Task, x: int, *, y: int = 0) -> tuple[Any, ...]:

@@ -332,3 +332,18 @@ def test_default_retry_delay_0_retries_at_once(app: App, start_worker) -> None:
     assert flaky.retry_delay(0) == 0.0
     assert flaky.delay().get(timeout=10) == 2
     assert flaky.apply().get() == 2
+
+
+def test_a_retry_given_a_queue_is_sent_to_that_queue(app: App, start_worker) -> None:
+    # As Celery's retry passes queue= on to apply_async (before: TypeError, unexpected
+    # keyword argument 'queue'). Only a worker serving "special" can run the retry.
+    start_worker(concurrency=1)
+    start_worker("-Q", "special", concurrency=1)
+
+    @app.task(bind=True)
+    def moves(self: Task) -> tuple[str, str]:
+        if self.request.retries == 0:
+            raise self.retry(countdown=0, queue="special")
+        return self.request.queue, self.request.delivery_info["queue"]
+
+    assert moves.delay().get(timeout=15) == ("special", "special")
