@@ -38,6 +38,11 @@ __all__ = [
 
 _BY_QUEUE = "nbtask routes by queue name alone: pass queue=... (or the app's routes=)"
 _ON_THE_TASK = "it is the task's own option here: set it with @app.task({name}=...)"
+_CONNECTED = "each App keeps its own connections to the broker: leave it out"
+_FAMILY = (
+    "a task sent from inside a running task gets that task's ids by itself (its "
+    "self.request.parent_id and root_id): leave it out"
+)
 _RETRIED = (
     "nbtask sends again what a dropped connection lost, and raises BrokerUnavailable "
     "when the broker cannot be reached: leave it out"
@@ -57,6 +62,22 @@ CELERY_SEND_OPTIONS = {
     "compression": "nbtask does not compress messages; large values travel as blobs",
     "headers": "nbtask messages carry no custom headers: pass the values as arguments",
     "shadow": "a task is shown by its name: give it another with @app.task(name=...)",
+    "connection": _CONNECTED,
+    "producer": _CONNECTED,
+    "publisher": _CONNECTED,
+    "reply_to": "outcomes come back to the app that sent the task, by themselves: leave it out",
+    "delivery_mode": "task messages are always kept (persistent on RabbitMQ): leave it out",
+    "add_to_parent": (
+        "a task keeps no list of those it sent (no h.children): keep the handles, or chain "
+        "the tasks; leave it out"
+    ),
+    "parent_id": _FAMILY,
+    "root_id": _FAMILY,
+    "group_id": "a group's id is group([...]).apply_async(task_id=...): send them as a group",
+    "chord": (
+        "nbtask has no chords: send the group, then the task with its results, "
+        "task.delay(group([...]).delay().get())"
+    ),
 }
 
 

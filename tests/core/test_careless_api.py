@@ -235,6 +235,16 @@ def test_an_eta_or_expires_of_another_kind_names_the_option(add: Task, access: R
         ({"serializer": "json"}, r"serializer=\.\.\.\) is Celery's.*@app.task\(serializer="),
         ({"routing_key": "urgent"}, r"routing_key=\.\.\.\) is Celery's.*pass queue="),
         ({"retry": True}, r"retry=\.\.\.\) is Celery's.*leave it out"),
+        # Before, these were a bare TypeError (unexpected keyword argument).
+        ({"add_to_parent": False}, r"add_to_parent=\.\.\.\) is Celery's.*keep the handles"),
+        ({"reply_to": "q"}, r"reply_to=\.\.\.\) is Celery's.*leave it out"),
+        ({"producer": object()}, r"producer=\.\.\.\) is Celery's.*own connections"),
+        ({"connection": object()}, r"connection=\.\.\.\) is Celery's.*own connections"),
+        ({"delivery_mode": 2}, r"delivery_mode=\.\.\.\) is Celery's.*always kept"),
+        ({"group_id": "g"}, r"group_id=\.\.\.\) is Celery's.*as a group"),
+        ({"parent_id": "p"}, r"parent_id=\.\.\.\) is Celery's.*by itself"),
+        ({"root_id": "r"}, r"root_id=\.\.\.\) is Celery's.*by itself"),
+        ({"chord": object()}, r"chord=\.\.\.\) is Celery's.*no chords"),
     ],
 )
 def test_a_celery_send_option_nbtask_has_no_counterpart_for_says_what_to_do_and_sends_nothing(
