@@ -398,6 +398,10 @@ def test_from_env_unknown_flag_word_is_refused(value: str) -> None:
         ("result_expires", "result_ttl"),
         ("task_serializer", "@app.task(serializer=...)"),
         ("include", "nbtask worker -A module"),
+        # Before, these were unknown settings with no advice.
+        ("task_always_eager", "task.apply(args) to run a task here"),
+        ("task_track_started", "nothing: every task reports STARTED"),
+        ("task_reject_on_worker_lost", "@app.task(reject_on_worker_lost=...)"),
     ],
 )
 def test_a_celery_setting_names_nbtasks_own_not_a_lookalike(celery: str, nbtask: str) -> None:

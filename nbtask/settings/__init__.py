@@ -377,6 +377,10 @@ _CELERY_SETTINGS = {
     "task_routes": "App(routes=...)",
     "include": "nbtask worker -A module (once per module)",
     "imports": "nbtask worker -A module (once per module)",
+    "task_always_eager": "task.apply(args) to run a task here, in this process",
+    "task_eager_propagates": "task.apply(args, throw=True)",
+    "task_track_started": "nothing: every task reports STARTED when a worker begins it",
+    "task_reject_on_worker_lost": "@app.task(reject_on_worker_lost=...)",
 }
 
 
