@@ -119,18 +119,10 @@ class Signature(CelerySignatureNames):
     prepared: bool = False
 
     def set(self, immutable: bool | None = None, **options: Any) -> Signature:
-        """Add these :meth:`~nbtask.Task.apply_async` options to the signature; return it.
+        """Add :meth:`~nbtask.Task.apply_async` options to the signature itself; return it.
 
-        As Celery's, the signature itself changes (``sig.set(queue="q")`` alone is
-        enough); a frozen dataclass all the same, so nothing else changes it unawares.
-
-        Parameters
-        ----------
-        immutable
-            ``True`` makes it an immutable one (as ``task.si()``: in a chain it ignores
-            the previous task's result), ``False`` a partial one again.
-        **options
-            Over the signature's own.
+        As Celery's: ``sig.set(queue="q")`` alone is enough. ``immutable=True`` makes it
+        an immutable one (as ``task.si()``), ``False`` a partial one again.
         """
         if immutable is not None:
             object.__setattr__(self, "immutable", bool(immutable))
