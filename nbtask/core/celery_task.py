@@ -194,6 +194,16 @@ class CeleryTaskNames:
         )
 
     @property
+    def replace(self) -> Callable[..., Any]:
+        """Not in nbtask: Celery's ``self.replace(sig)``, a running task ending as ``sig``."""
+        raise _not_in_nbtask(
+            "replace(sig)",
+            "a running task does not hand its outcome over to another task: run that task's "
+            "code here and return its value (return add.run(x, 100)), or have the caller "
+            "chain the two: (first.s(x) | add.s(100)).delay()",
+        )
+
+    @property
     def chunks(self) -> Callable[..., Any]:
         """Not in nbtask: Celery's split of many calls into tasks of ``n`` calls each."""
         raise _not_in_nbtask(

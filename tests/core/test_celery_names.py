@@ -184,6 +184,7 @@ def test_celerys_spellings_nbtask_does_not_have_say_the_celery_name_and_nbtasks_
         "map": r"map\(items\) is Celery's; .*add\.delay_many",
         "starmap": r"starmap\(items\) is Celery's; .*add\.delay_many\(items\)",
         "chunks": r"chunks\(items, n\) is Celery's; .*group\(add_chunk",
+        "replace": r"replace\(sig\) is Celery's; .*return add\.run\(x, 100\)",
     }
     for name, message in expected.items():
         with pytest.raises(AttributeError, match=message):
@@ -222,3 +223,21 @@ def test_celerys_call_spellings_send_and_wait_as_nbtasks_do(app: App, start_work
     assert group([add.s(1, 1), add.s(2, 2)])().get(timeout=10) == [2, 4]
     assert chain(add.s(1, 1), add.s(10))().get(timeout=10) == 12
     assert (add.s(2) | add.s(3))(4).get(timeout=10) == 9  # extra arguments go first
+
+
+def test_replace_in_a_running_task_says_celerys_name_and_nbtasks_way(
+    app: App, start_worker
+) -> None:
+    # Before, a bare AttributeError naming the task's class ("'replacer' object has no ...").
+    start_worker()
+
+    @app.task(bind=True)
+    def replacer(self: nbtask.Task, x: int) -> str:
+        try:
+            self.replace(self.s(x))
+        except AttributeError as exc:
+            return str(exc)
+        return "replaced"
+
+    said = replacer.delay(1).get(timeout=15)
+    assert said.startswith("task.replace(sig) is Celery's; nbtask has no counterpart"), said
