@@ -97,19 +97,23 @@ def test_numpy_settings_a_background_cell_changes_stay_in_a_real_kernel(
     assert printed.strip() == "[0.3333] raise"
 
 
+def _displays_of(client: Any) -> Callable[[str], list[dict[str, Any]]]:
+    """What runs code in a kernel (``client``'s), giving the displays it showed."""
+
+    def shown(code: str) -> list[dict[str, Any]]:
+        _, msgs, reply = execute(client, code)
+        assert reply["content"]["status"] == "ok", (reply["content"], stream_text(msgs))
+        return [m["content"] for m in msgs if m["msg_type"] == "display_data"]
+
+    return shown
+
+
 def test_the_inline_backends_figure_formats_follow_the_notebook_both_ways(
     settings: Settings, start_worker: Any, kernel: Any
 ) -> None:
     """``%config InlineBackend.figure_formats``: a cell's figures come as the notebook's."""
     start_worker()
-    client = kernel(kernel_env(settings))[1]
-
-    def shown(code: str) -> list[dict[str, Any]]:
-        """Run ``code`` in the kernel: the displays it showed (their data and metadata)."""
-        _, msgs, reply = execute(client, code)
-        assert reply["content"]["status"] == "ok", (reply["content"], stream_text(msgs))
-        return [m["content"] for m in msgs if m["msg_type"] == "display_data"]
-
+    shown = _displays_of(kernel(kernel_env(settings))[1])
     shown("%load_ext nbtask")
     shown("import matplotlib.pyplot as plt\n%config InlineBackend.figure_formats = ['svg']")
     figures = shown("%%task --wait\nplt.plot([1, 2])\nplt.show()")
@@ -134,13 +138,7 @@ def test_the_older_figure_format_a_cell_sets_before_any_figure_comes_back(
     in a process that has shown no figure yet: the one set last wins, as the backend
     takes them from the config. Before, a worker kept the ``figure_formats`` it was given."""
     start_worker(concurrency=1)
-    client = kernel(kernel_env(settings))[1]
-
-    def shown(code: str) -> list[dict[str, Any]]:
-        _, msgs, reply = execute(client, code)
-        assert reply["content"]["status"] == "ok", (reply["content"], stream_text(msgs))
-        return [m["content"] for m in msgs if m["msg_type"] == "display_data"]
-
+    shown = _displays_of(kernel(kernel_env(settings))[1])
     shown("%load_ext nbtask")
     shown("import matplotlib.pyplot as plt\n%config InlineBackend.figure_formats = ['retina']")
     shown("%%task --wait\n%config InlineBackend.figure_format = 'svg'")
