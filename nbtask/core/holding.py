@@ -136,6 +136,9 @@ class HeldValue:
     namers: set[str] = dataclasses.field(default_factory=set)
     #: When it was last held or used (``time.monotonic()``).
     used: float = dataclasses.field(default_factory=time.monotonic)
+    #: When a look first found none of its namers marked, of the looks in a row that did
+    #: (``None``: the last look found one).
+    unnamed_since: float | None = None
 
     def key_by_content(self, key: str) -> str:
         """What :func:`key_of` gives the value held under ``key`` while it is unchanged."""
@@ -265,14 +268,24 @@ class Holding:
         :meth:`idle_namers` was asked at: a value used since, or first held since, stays
         whatever its namers. A value without namers (held for a reference made before
         namers existed) stays. Returns those dropped.
+
+        A value is dropped only once its namers were found unmarked at looks spanning
+        1.5 :func:`naming_interval` (three looks in a row): by then its store copy has
+        expired too, so the holder may have the only copy, and a live session renews its
+        marks every interval. A mark lost for a moment (a store that restarted empty, a
+        key deleted) is renewed before then, and the value stays.
         """
         named = set(alive)
+        patience = 1.5 * naming_interval(window)
+        gone: dict[str, HeldValue] = {}
         with self._lock:
-            gone = {
-                key: held
-                for key, held in self._held.items()
-                if held.namers and now - held.used >= window and not held.namers & named
-            }
+            for key, held in self._held.items():
+                if not held.namers or now - held.used < window or held.namers & named:
+                    held.unnamed_since = None
+                elif held.unnamed_since is None or held.unnamed_since < held.used:
+                    held.unnamed_since = now  # (used since the last such look: anew)
+                elif now - held.unnamed_since >= patience:
+                    gone[key] = held
             for key in gone:
                 del self._held[key]
         if gone:

@@ -53,9 +53,27 @@ def test_only_values_no_live_session_names_and_no_work_used_for_the_window_go() 
     assert holding.idle_namers(10, now) == {"s:killed", "k:1", "s:live", "k:2", "k:3"}
     assert holding.idle_namers(11, now) == set()  # not idle for that long yet
     assert holding.drop_unnamed({"s:live", "k:3"}, 11, now) == []
-    dropped = holding.drop_unnamed({"s:live", "k:3"}, 10, now)
+    # Unmarked at looks spanning 1.5 naming intervals (2.5 s for a 10 s window): three.
+    for look in (now, now + 2.5):
+        assert holding.drop_unnamed({"s:live", "k:3"}, 10, look) == []
+    dropped = holding.drop_unnamed({"s:live", "k:3"}, 10, now + 5)
     assert [v.name for v in dropped] == ["killed"]
     assert sorted(v.name for v in holding.values()) == ["live", "old", "reattached"]
+
+
+def test_a_mark_missing_at_one_look_and_back_at_the_next_drops_nothing() -> None:
+    # A store that lost its keys (restarted empty, a mark deleted) while the session
+    # lives: its marks are back within an interval. Before, one look without them dropped
+    # the value, whose store copy had expired: the only copy was lost.
+    holding = Holding(100)
+    holding.hold("x", held("x", 1))
+    (value,) = holding.values()
+    value.namers = {"s:live"}
+    now = value.used + 10
+    for look, alive in ((now, set()), (now + 2.5, {"s:live"}), (now + 5, set())):
+        assert holding.drop_unnamed(alive, 10, look) == [], look
+    assert holding.drop_unnamed(set(), 10, now + 7.5) == []  # two looks in a row only
+    assert [v.name for v in holding.drop_unnamed(set(), 10, now + 10)] == ["x"]
 
 
 def test_a_value_used_since_the_look_began_stays_and_names_its_user() -> None:
