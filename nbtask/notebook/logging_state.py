@@ -20,15 +20,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import pickle
 import sys
 from collections.abc import Iterator, Mapping
 from typing import Any, TextIO
 
+from nbtask.wire.envelope import dumps
+
 __all__ = ["CellLogging", "Setup", "cell_logging", "set_in_kernel", "snapshot"]
 
 #: A handler writing to the notebook's output: ``stdout`` or ``stderr``, its level, and
-#: its format (the format string, date format and style; ``None``: logging's default).
-HandlerSpec = tuple[str, int, str | None, str | None, str]
+#: its format (the format string, date format and style; ``None``: logging's default), and
+#: its formatter pickled when it is not logging's own class (a JSON formatter), else b"".
+HandlerSpec = tuple[str, int, str | None, str | None, str, bytes]
 #: A logger's level, whether it propagates, and its handlers writing to the output.
 LoggerSpec = tuple[int, bool, tuple[HandlerSpec, ...]]
 #: Every logger that differs from a fresh one, by name (``""``: the root logger).
@@ -101,28 +105,48 @@ def _logger_spec(logger: logging.Logger) -> LoggerSpec:
 
 
 def _handler_spec(handler: logging.Handler) -> HandlerSpec | None:
-    """How ``handler`` writes to the notebook's output; ``None`` if it writes elsewhere."""
+    """How ``handler`` writes to the notebook's output; ``None`` if it writes elsewhere.
+
+    Any stream handler writing to ``sys.stdout`` or ``sys.stderr`` (a library's subclass
+    too) writes to the cell's output, with its formatter; its other behaviour and its
+    filters stay the kernel's.
+    """
     if isinstance(handler, _OutputHandler):
         output = handler.output
-    elif type(handler) is logging.StreamHandler and handler.stream is sys.stdout:
+    elif not isinstance(handler, logging.StreamHandler):
+        return None
+    elif handler.stream is sys.stdout:
         output = "stdout"
-    elif type(handler) is logging.StreamHandler and handler.stream is sys.stderr:
+    elif handler.stream is sys.stderr:
         output = "stderr"
     else:
         return None
     formatter = handler.formatter
     if formatter is None:
-        return output, handler.level, None, None, "%"
+        return output, handler.level, None, None, "%", b""
     style = _STYLES.get(type(formatter._style), "%")
-    return output, handler.level, formatter._fmt, formatter.datefmt, style
+    custom = b"" if type(formatter) is logging.Formatter else _pickled(formatter)
+    return output, handler.level, formatter._fmt, formatter.datefmt, style, custom
+
+
+def _pickled(formatter: logging.Formatter) -> bytes:
+    try:
+        return dumps(formatter)
+    except Exception:  # its format string still travels
+        return b""
 
 
 def _handler(spec: HandlerSpec) -> logging.Handler:
-    output, level, fmt, datefmt, style = spec
+    output, level, fmt, datefmt, style, custom = spec
     handler = _OutputHandler(output)
     handler.setLevel(level)
-    if fmt is not None:
-        handler.setFormatter(logging.Formatter(fmt, datefmt, style))  # type: ignore[arg-type]
+    formatter: logging.Formatter | None = None
+    if custom:
+        with contextlib.suppress(Exception):  # its class cannot be loaded here
+            formatter = pickle.loads(custom)
+    if formatter is None and fmt is not None:
+        formatter = logging.Formatter(fmt, datefmt, style)  # type: ignore[arg-type]
+    handler.setFormatter(formatter)
     return handler
 
 
@@ -169,14 +193,15 @@ class CellLogging:
     def running(self) -> Iterator[None]:
         """Run the cell with its kernel's setup; put the worker's own back after it.
 
-        Put back: the root logger (the worker's log), nbtask's, and those the kernel's
-        setup names. What the cell, or a library it imported, did to other loggers stays,
-        as an import's setup stays in a kernel.
+        Every logger is put back as it was before the cell (one the cell made, or a library
+        it imported set up, is left unset but for its ``NullHandler``): nothing a cell sets
+        up reaches the next task, which may be another notebook's. What the cell changed
+        comes back to its own kernel (:attr:`changed`), which sends it with its next cells.
         """
         set_before = _set_loggers()
         ours = logging.getLogger("nbtask")
-        touched = [logging.root, ours, *(_logger(n) for n in self.given if n)]
-        own = [(lg, lg.level, lg.propagate, list(lg.handlers)) for lg in touched]
+        touched = [*(lg for _, lg in set_before), *(_logger(n) for n in self.given if n), ours]
+        own = {id(lg): (lg, lg.level, lg.propagate, list(lg.handlers)) for lg in touched}
         # nbtask's records go on to the worker's log only, at the worker's level.
         ours.handlers = [*ours.handlers, *logging.root.handlers]
         ours.propagate = False
@@ -195,18 +220,31 @@ class CellLogging:
             before = {**_setup_of(unnamed), **given}
             yield
         finally:
+            set_after = _set_loggers()
             if before is not None:
-                after = _setup_of(_set_loggers())
+                after = _setup_of(set_after)
                 self.changed = {n: s for n, s in after.items() if before.get(n) != s}
                 self.changed.update({n: _UNSET for n in before.keys() - after.keys()})
-            for logger, level, propagate, handlers in own:
-                logger.level, logger.propagate, logger.handlers = level, propagate, handlers
-            _levels_changed()
+            _put_back(own, set_after)
 
     def changes(self) -> dict[str, Setup]:
         """The cell's changes to the process state that concern logging (see there)."""
         # Not part of the state a process stays in between cells: put back after each.
         return {"logging": self.changed} if self.changed else {}
+
+
+def _put_back(
+    own: dict[int, tuple[logging.Logger, int, bool, list[logging.Handler]]],
+    set_now: list[tuple[str, logging.Logger]],
+) -> None:
+    """Put the loggers back as ``own`` has them; others set now unset but for null handlers."""
+    for _, logger in set_now:
+        if id(logger) not in own:
+            logger.level, logger.propagate = logging.NOTSET, True
+            logger.handlers = [h for h in logger.handlers if type(h) is logging.NullHandler]
+    for logger, level, propagate, handlers in own.values():
+        logger.level, logger.propagate, logger.handlers = level, propagate, handlers
+    _levels_changed()
 
 
 def cell_logging(given: Setup | None) -> CellLogging:

@@ -7,6 +7,11 @@ and what each prints is compared: the same lines, in the same formats.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
+
+from helpers import execute, kernel_env, stream_text
+
+from nbtask import Settings
 
 #: A cell logging at every level through a named logger, a quiet one and the root logger.
 _LOGS = """\
@@ -67,3 +72,57 @@ def test_nbtasks_own_records_stay_out_of_a_cell_whatever_the_notebooks_level(
         "logging.getLogger('nbtask.worker').warning('from nbtask itself')\nprint('done')"
     )
     assert printed == "done\n", printed
+
+
+def _kernel_runner(client: Any) -> Callable[[str], str]:
+    """What runs code in a kernel with nbtask loaded, giving what it printed."""
+
+    def run(code: str) -> str:
+        _, msgs, reply = execute(client, code)
+        text = stream_text(msgs)
+        assert reply["content"]["status"] == "ok", (reply["content"], text)
+        return text
+
+    run("%load_ext nbtask")
+    return run
+
+
+def test_what_one_notebooks_cell_sets_up_reaches_no_other_notebooks_cell(
+    settings: Settings, start_worker: Any, kernel: Any
+) -> None:
+    # One worker process serves both kernels. Before, the first's level on 'lib' and its
+    # handler on 'leak' stayed there, and the second's cell logged through them.
+    start_worker(concurrency=1)
+    first = _kernel_runner(kernel(kernel_env(settings))[1])
+    second = _kernel_runner(kernel(kernel_env(settings))[1])
+    first(
+        "%%task --wait\nimport logging, sys\n"
+        "logging.getLogger('lib').setLevel(logging.ERROR)\n"
+        "leak = logging.getLogger('leak')\n"
+        "leak.addHandler(logging.StreamHandler(sys.stdout))\nleak.propagate = False"
+    )
+    cell = (
+        "import logging\n"
+        "logging.getLogger('lib').warning('lib')\nlogging.getLogger('leak').warning('leak')"
+    )
+    assert second(f"%%task --wait\n{cell}") == second(cell) == "lib\nleak\n"
+
+
+def test_a_handler_subclass_and_a_formatter_of_its_own_write_to_a_cell_as_locally(
+    run_in_kernel: Callable[[str], str],
+) -> None:
+    # Before, a StreamHandler subclass's lines were lost, and a formatter class's own
+    # format became its format string.
+    run_in_kernel(
+        "import json, logging, sys\n"
+        "class Handler(logging.StreamHandler):\n    pass\n"
+        "class AsJson(logging.Formatter):\n"
+        "    def format(self, record):\n"
+        "        return json.dumps({'level': record.levelname, 'msg': record.getMessage()})\n"
+        "handler = Handler(sys.stdout)\nhandler.setFormatter(AsJson())\n"
+        "app = logging.getLogger('app')\napp.setLevel(logging.INFO)\napp.addHandler(handler)\n"
+        "app.propagate = False"
+    )
+    local = run_in_kernel("app.info('started')")
+    assert local == '{"level": "INFO", "msg": "started"}\n', local
+    assert run_in_kernel("%%task --wait\napp.info('started')") == local
