@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from nbtask.brokers import Transport
+from nbtask.brokers import Publish, Transport
 from nbtask.core.call_checks import AUTO_ID
 from nbtask.core.canvas import Callbacks, Signature
 from nbtask.core.handlers import call_handlers
@@ -209,13 +209,37 @@ class FollowUps:
         else:
             return
         family = {"parent_id": message.id, "root_id": message.root_id}
-        self.publisher.publish(
+        sends = self.publisher.publish_each(
             message.client,
             [
                 Signature(sig.task, (*first, *sig.args), sig.kwargs, {**sig.options, **family})
                 for sig, first in calls
             ],
         )
+        for step, publish, refused in sends:
+            if refused:
+                self._follow_unsent(step, publish)
+
+    def _follow_unsent(self, step: TaskMessage, publish: Publish) -> None:
+        """Run the owed follow-ups of a task whose message its record refused (not queued).
+
+        A chain's later step revoked ahead (before this worker sent it): the revoke stored
+        its outcome owing its errbacks and the ending of the steps after it, and no worker
+        will ever hold its message to take them, so this one does, once (a copy taken by
+        another, a large message the start check drops, finds them taken). A record that
+        owes none (a rerun sending a step again) is left as it is.
+        """
+        try:
+            _, links, _ = step.split(self.signer.open(publish.raw))
+            if self.run_owed(step, links):
+                log.warning(
+                    "task %s was revoked before it was sent: its errbacks were sent and the "
+                    "steps after it ended",
+                    step.id,
+                )
+        except Exception:
+            # The outcome that sent it is stored; only this step's follow-ups are lost.
+            log.exception("could not run the follow-ups of revoked task %s", step.id)
 
     def _fail_downstream(
         self, message: TaskMessage, outcome: Outcome, links: Sequence[Signature]

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from nbtask.brokers import Transport
+from nbtask.brokers import Publish, Transport
 from nbtask.core.canvas import Call, Signature
 from nbtask.core.handle import TaskHandle
 from nbtask.core.outgoing import MessageBuilder
@@ -41,13 +41,26 @@ class SubtaskPublisher:
         not queued: a chain step revoked before this worker sent it, or one a rerun of its
         parent sends again while the first copy is queued or running.
         """
+        return [(message.id, message.run[1]) for message, _, _ in self.publish_each(channel, sigs)]
+
+    def publish_each(
+        self, channel: str, sigs: Sequence[Signature]
+    ) -> list[tuple[TaskMessage, Publish, str]]:
+        """:meth:`publish`, saying of each its message and ``""`` or the state that refused it.
+
+        A refused message was not queued (see ``Transport.publish``): its task's record
+        was there before, a revoke ahead's say.
+        """
         built = [
             self.builder.build((sig.task, sig.args, sig.kwargs, sig.options), channel)
             for sig in sigs
         ]
-        if built:
-            self.transport.publish([publish for _, publish in built])
-        return [(message.id, message.run[1]) for message, _ in built]
+        if not built:
+            return []
+        refused = self.transport.publish([publish for _, publish in built])
+        return [
+            (message, publish, why) for (message, publish), why in zip(built, refused, strict=True)
+        ]
 
 
 class WorkerSender:

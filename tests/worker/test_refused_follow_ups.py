@@ -101,6 +101,35 @@ def test_chain_whose_first_step_expired_ends_its_later_steps_and_calls_its_errba
     _errback_called_once(app, errback, head, tmp_path)
 
 
+def test_a_chain_step_revoked_before_it_is_sent_ends_the_steps_after_it_and_calls_its_errback(
+    app: App, start_worker, tmp_path: Path
+) -> None:
+    """Revoked ahead (as Celery: ``ch.parent.revoke()``), the middle step is never queued:
+    the worker of the step before it, which would send it, ends the last step with its
+    ``TaskRevoked`` and sends its errback, once. Before, the last step stayed PENDING."""
+    step, _, note = _tasks(app)
+    ledger, calls = str(tmp_path / "ledger"), str(tmp_path / "calls")
+    errback_id = uuid.uuid4().hex
+    errback = app.expect(errback_id, note.name)
+    middle_step = step.s(ledger).set(link_error=note.s(calls).set(task_id=errback_id))
+    last = (step.s(1, ledger) | middle_step | step.s(ledger)).delay()
+    middle, head = _later_steps(last)[0], _first(last)
+    assert app.revoke(middle.id) is True
+    start_worker(concurrency=1)
+    assert head.get(timeout=20) == 2
+    with pytest.raises(nbtask.TaskRevoked):
+        middle.get(timeout=20)
+    with pytest.raises(nbtask.TaskRevoked) as info:
+        last.get(timeout=20)
+    assert middle.id in str(info.value)
+    assert last.state is State.REVOKED
+    assert errback.get(timeout=20) == middle.id
+    wait_for_housekeeping(app)
+    wait_for_housekeeping(app)
+    assert [r["value"] for r in read_records(calls)] == [middle.id]
+    assert [r["step"] for r in read_records(ledger)] == [1]  # only the first step ran
+
+
 def test_chain_whose_first_step_is_older_than_max_age_has_nothing_it_carries_acted_on(
     app: App, start_worker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
