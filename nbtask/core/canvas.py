@@ -10,9 +10,10 @@ import contextvars
 import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, NoReturn, Protocol
+from typing import Any, ClassVar, NoReturn, Protocol
 
 from nbtask.core.bound import Bound
+from nbtask.core.canvas_refusals import NO_CHORD, chord, not_a_signature
 from nbtask.core.celery_canvas import CeleryGroupNames, CelerySignatureNames
 from nbtask.core.handle import TaskHandle
 from nbtask.core.options import new_task_id, seconds_from_now
@@ -217,13 +218,14 @@ class Chain:
     """
 
     steps: tuple[Signature, ...]
+    #: What it is, for the canvas's errors (see nbtask.core.canvas_refusals).
+    canvas_kind: ClassVar[str] = "chain"
 
     def __or__(self, other: Signature | Chain) -> Chain:
         more = other.steps if isinstance(other, Chain) else (other,)
-        if not all(isinstance(step, Signature) for step in more):
-            raise ConfigurationError(
-                f"only signatures can be chained, got {other!r}; make one with task.s(...)"
-            )
+        for step in more:
+            if not isinstance(step, Signature):
+                raise not_a_signature("chain", step, first=not self.steps)
         return Chain(self.steps + more)
 
     def delay(self, *args: Any, **kwargs: Any) -> TaskHandle:
@@ -339,6 +341,8 @@ class Group:
     """Tasks sent together to run in parallel."""
 
     tasks: tuple[Signature, ...]
+    #: What it is, for the canvas's errors (see nbtask.core.canvas_refusals).
+    canvas_kind: ClassVar[str] = "group"
 
     def delay(self, *args: Any, **kwargs: Any) -> GroupHandle:
         """Send every task, in one round trip; extra arguments go to each (Celery's)."""
@@ -390,31 +394,6 @@ class Group:
         raise ConfigurationError(NO_CHORD)
 
 
-#: Why ``group(...) | sig`` and ``chord(...)`` are refused, and what to do instead.
-NO_CHORD = (
-    "a group followed by a task (group([...]) | task.s(), chord([...])(task.s())) is "
-    "Celery's chord, which nbtask does not have. Send the group, and the task with the "
-    "group's results once they are in: task.delay(group([...]).delay().get())"
-)
-
-
-def chord(header: Iterable[Signature], body: Signature | None = None) -> NoReturn:
-    """Celery's chord: refused with what to do instead (nbtask has no chords).
-
-    Parameters
-    ----------
-    header, body
-        The group's signatures, and the task Celery would send with their results.
-
-    Raises
-    ------
-    ConfigurationError
-        Always: send the group, then the task with its results,
-        ``task.delay(group([...]).delay().get())``.
-    """
-    raise ConfigurationError(NO_CHORD)
-
-
 def group(*tasks: Signature | Iterable[Signature]) -> Group:
     """``group(add.s(1, 1), add.s(2, 2))`` or ``group([...])``: run tasks in parallel.
 
@@ -427,10 +406,10 @@ def group(*tasks: Signature | Iterable[Signature]) -> Group:
         items: tuple[object, ...] = tuple(tasks[0])
     else:
         items = tasks
-    signatures = tuple(t for t in items if isinstance(t, Signature))
-    if len(signatures) != len(items):
-        raise ConfigurationError("group() takes signatures (task.s(...))")
-    return Group(signatures)
+    for item in items:
+        if not isinstance(item, Signature):
+            raise not_a_signature("group", item)
+    return Group(tuple(t for t in items if isinstance(t, Signature)))
 
 
 class GroupHandle(CeleryGroupNames):

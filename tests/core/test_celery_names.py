@@ -197,6 +197,40 @@ def test_celerys_spellings_nbtask_does_not_have_say_the_celery_name_and_nbtasks_
             getattr(h, name)
 
 
+@pytest.mark.brokers("redis")
+def test_nested_canvases_are_refused_saying_what_nbtask_does_instead(app: App) -> None:
+    """A group inside a chain, a chain or a group inside a group: each error says nbtask's
+    way. Before, "only signatures can be chained, got Group(...)" and "group() takes
+    signatures", as if a signature were all that was missing."""
+
+    @app.task
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task
+    def tsum(numbers: list[int]) -> int:
+        return sum(numbers)
+
+    calls = nbtask.group([add.s(1, 1), add.s(2, 2)])
+    chord_way = r"Celery's chord.*task\.delay\(group\(\[\.\.\.\]\)\.delay\(\)\.get\(\)\)"
+    with pytest.raises(nbtask.ConfigurationError, match=chord_way):
+        nbtask.chain(calls, tsum.s())
+    after_a_step = r"group after a chain's step.*group\(\[\.\.\.\]\)\.delay\(task\.delay\(\)"
+    with pytest.raises(nbtask.ConfigurationError, match=after_a_step):
+        nbtask.chain(add.s(1, 1), calls)
+    with pytest.raises(nbtask.ConfigurationError, match=after_a_step):
+        add.s(1, 1) | calls  # type: ignore[operator]
+    with pytest.raises(nbtask.ConfigurationError, match=r"chain in a group.*Send each chain"):
+        nbtask.group(add.s(1, 1) | add.s(1), add.s(2, 2) | add.s(2))
+    with pytest.raises(nbtask.ConfigurationError, match=r"group in a group.*in one group"):
+        nbtask.group([calls, add.s(1, 1)])
+    # Anything else still says how to make a signature, naming what it got.
+    with pytest.raises(nbtask.ConfigurationError, match=r"only signatures can be chained, got 3"):
+        nbtask.chain(add.s(1, 1), 3)  # type: ignore[arg-type]
+    with pytest.raises(nbtask.ConfigurationError, match=r"group\(\) takes signatures.*got 3"):
+        nbtask.group(add.s(1, 1), 3)  # type: ignore[arg-type]
+
+
 def test_date_done_is_when_the_task_ended(app: App, start_worker) -> None:
     start_worker()
     h = app.send_task("tests.sample_tasks.add", (2, 3))
