@@ -180,6 +180,18 @@ def handled_retry(self: Recording, path: str) -> int:
     return self.request.retries
 
 
+@app.task(base=Recording, bind=True, time_limit=1)
+def handled_stuck(self: Recording, path: str, x: int) -> None:
+    """Runs past its hard time limit, ignoring everything but SIGKILL."""
+    import contextlib
+    import time
+
+    record(path, h="run", task_id=self.request.id, pid=os.getpid())
+    while True:
+        with contextlib.suppress(BaseException):
+            time.sleep(30)
+
+
 class SeesRequest(app.Task):
     """Records what ``self.request`` is in each handler, to the file named by its first argument."""
 

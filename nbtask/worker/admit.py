@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from nbtask.brokers import Delivery, StartBy, Transport, Verdict
@@ -89,6 +90,9 @@ class Admission:
         How the child settles a task it will not run.
     hostname, consumer, worker_id
         Who takes the task (for its start check) and whose rate-limit buckets count it.
+    handled
+        The task whose handlers run for an outcome its own process did not live to
+        handle, ready to (see ``FollowUps.run_owed``); ``None`` if it has none.
     """
 
     def __init__(
@@ -102,8 +106,10 @@ class Admission:
         hostname: str,
         consumer: str,
         worker_id: str,
+        handled: Callable[[Admitted, Outcome], Task | None] | None = None,
     ) -> None:
         self.settings = settings
+        self.handled = handled
         self.transport = transport
         self.signer = signer
         self.follow_ups = follow_ups
@@ -277,7 +283,12 @@ class Admission:
         # Revoked before it started (the revoke stored its signed outcome owing them), or
         # its supervisor stated how it ended (a killed child whose message RabbitMQ gave
         # back): its follow-ups are run here, if no one ran them yet.
-        owed = self.follow_ups.run_owed(message, admitted.callbacks)
+        handled = self.handled
+        owed = self.follow_ups.run_owed(
+            message,
+            admitted.callbacks,
+            None if handled is None else lambda outcome: handled(admitted, outcome),
+        )
         if owed is None and refused == State.REVOKED.value and admitted.callbacks:
             log.warning(
                 "task %s's record says REVOKED without a signed outcome owing its follow-ups: "

@@ -128,6 +128,7 @@ class Child:
             hostname=self.hostname,
             consumer=self.consumer,
             worker_id=self.worker_id,
+            handled=self._handled,
         )
         self.predicates = Predicates(self.transport, self.settings, self.signer)
         self.holding, self.served = process_holding(
@@ -331,6 +332,26 @@ class Child:
             if owed:  # (never left held: RabbitMQ would give this process nothing more)
                 self.transport.discard(admitted.delivery)
         return following
+
+    def _handled(self, admitted: Admitted, outcome: Outcome) -> Task | None:
+        """The task whose handlers run for ``outcome``, which its killed process never ran.
+
+        A hard time limit's (see ``FollowUps.run_owed``), with its run's arguments and
+        request set on ``outcome``. ``None`` if it has no handlers, or its code or
+        arguments do not load here (said in the log: its follow-ups are still run).
+        """
+        message = admitted.message
+        try:
+            task = self.tasks.find(message, admitted.code)
+            if not has_handlers(task):
+                return None
+            args, kwargs = self.runner.arguments(admitted)
+        except Exception:
+            log.exception("could not load task %s to run its handlers", message.id)
+            return None
+        outcome.args, outcome.kwargs = tuple(args), kwargs
+        outcome.request = self.runner.request(admitted, task, args, kwargs)
+        return task
 
     def _note_code_differs(self, message: TaskMessage, task: Task | None) -> None:
         """Say in this run's events (and once in the log) that the sender's code differs.

@@ -19,7 +19,8 @@ from typing import TypeVar
 from nbtask.brokers import Publish, Transport
 from nbtask.core.call_checks import AUTO_ID
 from nbtask.core.canvas import Callbacks, Signature
-from nbtask.core.handlers import call_handlers
+from nbtask.core.handlers import ExceptionInfo, call_handlers
+from nbtask.core.outcome import final_outcome
 from nbtask.core.task import Task
 from nbtask.errors import BrokerUnavailable, NbtaskError
 from nbtask.wire.blobs import argument_keeper, blob_sizes, parse_layout
@@ -39,7 +40,7 @@ from nbtask.worker.errbacks import errback_calls, unrun_request
 from nbtask.worker.settle import Outcome, report
 from nbtask.worker.subtasks import SubtaskPublisher
 
-__all__ = ["FollowUps", "has_handlers", "owes_follow_ups"]
+__all__ = ["FollowUps", "has_handlers", "killed_past_its_time_limit", "owes_follow_ups"]
 
 log = logging.getLogger("nbtask.worker")
 
@@ -103,14 +104,22 @@ class FollowUps:
         if message.args_layout and outcome.state in FINAL_STATES:
             self._release_arguments(message)
 
-    def run_owed(self, message: TaskMessage, links: Buffer) -> bool | None:
+    def run_owed(
+        self,
+        message: TaskMessage,
+        links: Buffer,
+        handled: Callable[[Outcome], Task | None] | None = None,
+    ) -> bool | None:
         """Run the follow-ups of a stored outcome, if still owed.
 
         The supervisor that stored it (a lost, killed or dead-lettered task), or whoever
         holds the task's message later (a child that died after storing its task's
         outcome; RabbitMQ gives a killed child's message back after its outcome was
         stored), runs them; taking them in the store makes that once. A success's
-        callbacks and next chain step are given its stored result.
+        callbacks and next chain step are given its stored result. ``handled``, from a
+        child process: the task whose handlers run too for an outcome its process did
+        not live to handle (a hard time limit's, see :func:`killed_past_its_time_limit`),
+        its run's arguments and request set on the outcome; ``None`` if it has none.
         Returns what the take said: True (run now), False (run before), ``None`` (none
         owed: the task's own process stored an outcome that owes none).
         """
@@ -123,7 +132,16 @@ class FollowUps:
             if outcome is None:
                 log.error("task %s owes follow-ups but its stored outcome is gone", message.id)
             else:
-                self.run(message, outcome, links, None)
+                task = None
+                if handled is not None and killed_past_its_time_limit(outcome):
+                    task = handled(outcome)
+                    # What its handle raises (TimeLimitExceeded), as Celery's on_failure gets.
+                    label = f"{message.name}[{message.id}]"
+                    exc = final_outcome(outcome.event, None, message.id, label).error
+                    if exc is not None:
+                        tb = str(outcome.event.data.get("traceback", ""))
+                        outcome.exc, outcome.einfo = exc, ExceptionInfo(exc, tb)
+                self.run(message, outcome, links, task)
         return taken
 
     def _take(self, task_id: str) -> bool | None:
@@ -279,6 +297,20 @@ def owes_follow_ups(message: TaskMessage, outcome: Outcome, links: Buffer) -> bo
         # Sent again from the stored result: only where the record keeps it.
         return message.store_result and not message.ignore_result
     return outcome.state in (State.FAILURE, State.REVOKED)
+
+
+def killed_past_its_time_limit(outcome: Outcome) -> bool:
+    """Whether ``outcome`` is the one a supervisor stored for a task it killed past its limit.
+
+    Its hard time limit (:func:`~nbtask.worker.settle.stopped_event`): the task's handlers
+    did not run in its process, and run with its follow-ups in a child process.
+    """
+    data = outcome.event.data
+    return (
+        outcome.event.type is EventType.FAILURE
+        and data.get("ename") == "TimeLimitExceeded"
+        and "reason" in data
+    )
 
 
 def _stamp(sent: object) -> float | None:

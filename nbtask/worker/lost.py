@@ -5,7 +5,10 @@ lease lapsed) here, and reports a task it killed on purpose (time limit, termina
 such final outcome is followed as a task's own failure is: its errbacks are sent and its
 chain's later steps fail with it (see ``FollowUps.run_owed``), unless its message is older
 than ``max_age``: such a delivery may be a replay made to look lost, so nothing it carries
-is acted on (as a worker refusing it as too old does). It also moves the messages
+is acted on (as a worker refusing it as too old does). A task killed past its hard time
+limit has its message put back on its queue instead: the child that takes it runs its
+follow-ups and its class's handlers, which this process (running no task code) cannot.
+It also moves the messages
 still waiting on a gone process's own queue (a cell sent to the process holding its kept
 values) to the queue they name for that case.
 """
@@ -124,7 +127,10 @@ class LostTasks:
             return
         if stopped is not None and stopped[0] == message.id:
             event = stopped_event(stopped, reason, message.name, message.run)
-            self._report(message, envelope, event, delivery, follow_up=follow_up)
+            if follow_up and event.type is EventType.FAILURE:
+                self._past_time_limit(message, event, delivery)
+            else:
+                self._report(message, envelope, event, delivery, follow_up=follow_up)
             return
         redeliver = message.acks_late and message.reject_on_worker_lost is not False
         if redeliver and delivery.deliveries < self.settings.max_redeliveries:
@@ -196,6 +202,17 @@ class LostTasks:
         )
         if follow_up:
             self._follow_up(message, envelope)
+
+    def _past_time_limit(self, message: TaskMessage, event: Event, delivery: Delivery) -> None:
+        """Store the end of a task killed past its hard time limit; its message goes back.
+
+        Its handlers (``on_failure``, ``after_return``) did not run in its process, and
+        this one runs no task code: the child that takes the message again finds the task
+        ended, and runs them with its follow-ups, once (see ``FollowUps.run_owed``), as
+        whoever RabbitMQ gives a killed child's message back to does.
+        """
+        report(self.transport, self.signer, message.id, message.client, event, owes_follow_ups=True)
+        self.transport.move(delivery, delivery.queue, delivery.raw, message.id)
 
     def _refuse_too_old(self, delivery: Delivery, envelope: Envelope, message: TaskMessage) -> None:
         """Dead-letter a lost delivery of a message past ``max_age`` that never started."""

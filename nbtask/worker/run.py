@@ -112,7 +112,22 @@ class Runner:
         self._whoami = whoami
         self._exit_if_forked = exit_if_forked
 
-    def _request(self, admitted: Admitted, task: Task, args: Any, kwargs: Any) -> Request:
+    def arguments(self, admitted: Admitted) -> tuple[Any, Any]:
+        """The task's ``(args, kwargs)``, loaded, with the datasets it requires."""
+        message = admitted.message
+        with resolving(self.transport.store, self.signer, self.settings.key_prefix, self.holding):
+            args, kwargs = decode_value(
+                admitted.arguments,
+                message.serializer,
+                message.args_layout,
+                self.transport.store.get_blob,
+            )
+        # Named datasets come from this process, never through the message.
+        kwargs.update(self.datasets.values_for(message.requires or ()))
+        return args, kwargs
+
+    def request(self, admitted: Admitted, task: Task, args: Any, kwargs: Any) -> Request:
+        """The run's request (``self.request``) of ``task`` for ``admitted``."""
         message, delivery = admitted.message, admitted.delivery
         # A limit in the message (set by the caller) wins; else the task's own, which a
         # task sent by name only has here.
@@ -150,20 +165,10 @@ class Runner:
         """
         message = admitted.message
         try:
-            with resolving(
-                self.transport.store, self.signer, self.settings.key_prefix, self.holding
-            ):
-                args, kwargs = decode_value(
-                    admitted.arguments,
-                    message.serializer,
-                    message.args_layout,
-                    self.transport.store.get_blob,
-                )
-            # Named datasets come from this process, never through the message.
-            kwargs.update(self.datasets.values_for(message.requires or ()))
+            args, kwargs = self.arguments(admitted)
         except Exception as exc:
             return self.failed(message, exc, self.outbox.end())
-        request = self._request(admitted, task, args, kwargs)
+        request = self.request(admitted, task, args, kwargs)
         if request.time_limit:  # (else the slot says so already: see Child._claim)
             self.slot.occupy(message.id, time.time() + request.time_limit)
         # The request stays current until the outcome is decided: an autoretry needs it.

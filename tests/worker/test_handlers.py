@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import wait_until
+from helpers import wait_for_housekeeping, wait_until
 
-from nbtask import App, ConfigurationError, State
+from nbtask import App, ConfigurationError, RemoteError, State
 from tests import celery_tasks
 from tests.celery_tasks import read_records
 
@@ -22,6 +22,7 @@ NAMED_ADD = "tests.celery_tasks.named_add"
 HANDLED_OK = "tests.celery_tasks.handled_ok"
 HANDLED_FAIL = "tests.celery_tasks.handled_fail"
 HANDLED_RETRY = "tests.celery_tasks.handled_retry"
+HANDLED_STUCK = "tests.celery_tasks.handled_stuck"
 FAULTY_OK = "tests.celery_tasks.faulty_ok"
 FAULTY_FAIL = "tests.celery_tasks.faulty_fail"
 SLOW_HANDLER = "tests.celery_tasks.slow_handler"
@@ -246,6 +247,41 @@ def test_handlers_on_failure_in_order_with_celerys_arguments(
     text = failure["einfo"]["str"]
     assert text.startswith("Traceback") and text.endswith("ValueError: bad thing\n")
     assert (after["status"], after["retval"], after["task_id"]) == ("FAILURE", "ValueError", h.id)
+
+
+def test_a_task_killed_past_its_hard_time_limit_has_on_failure_and_after_return_called(
+    app: App, start_worker, tmp_path: Path
+) -> None:
+    """As Celery calls them (in its main process): once, with TimeLimitExceeded and the
+    run's arguments and request, in a child process (the supervisor runs no task code).
+    Before, neither ran."""
+    start_worker("-A", "tests.celery_tasks", concurrency=1)
+    log = tmp_path / "calls"
+    h = app.send_task(HANDLED_STUCK, (str(log), 7))
+    with pytest.raises(RemoteError) as info:
+        h.get(timeout=15)
+    assert info.value.ename == "TimeLimitExceeded"
+    wait_until(lambda: "after_return" in _handlers(log), 15, "after_return")
+    wait_for_housekeeping(app)
+    wait_for_housekeeping(app)
+    records = read_records(log)
+    assert [r["h"] for r in records] == ["before_start", "run", "on_failure", "after_return"]
+    failure, after = records[2], records[3]
+    assert (failure["exc"], failure["task_id"], failure["args"], failure["kwargs"]) == (
+        "TimeLimitExceeded",
+        h.id,
+        [str(log), 7],
+        {},
+    )
+    assert "hard time limit" in failure["exc_text"]
+    assert failure["einfo"]["exception"] == "TimeLimitExceeded"
+    assert (after["status"], after["retval"], after["task_id"]) == (
+        "FAILURE",
+        "TimeLimitExceeded",
+        h.id,
+    )
+    assert failure["pid"] != records[1]["pid"]  # not the killed process: its replacement's
+    assert h.state is State.FAILURE
 
 
 def test_handlers_on_retry_then_success(app: App, start_worker, tmp_path: Path) -> None:
