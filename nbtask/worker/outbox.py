@@ -124,6 +124,11 @@ class Outbox:
         with self._lock:
             self._threads_before.add(ident)
 
+    def threads_left_running(self) -> bool:
+        """Whether a thread an earlier task left running is alive (as the task began)."""
+        with self._lock:
+            return bool(self._leftovers)
+
     def _disown(self) -> None:
         """In a process forked from the child (only the forking thread runs on there)."""
         self._forked = True

@@ -193,8 +193,10 @@ class Runner:
         self, message: TaskMessage, task: Task, args: Any, kwargs: Any, soft_limit: float | None
     ) -> Outcome:
         # Descriptors 1 and 2 are the task's from before its interrupts can raise to after
-        # they no longer can: given back whichever way its code ends.
-        captured = task.output_descriptors
+        # they no longer can: given back whichever way its code ends. Not while a thread
+        # an earlier task left running lives: what it writes there would be this task's
+        # output, maybe another notebook's cell (its prints are dropped: outbox.py).
+        captured = task.output_descriptors and not self.outbox.threads_left_running()
         if captured:
             self.descriptors.start()
         try:

@@ -171,3 +171,25 @@ def test_a_function_tasks_descriptor_output_still_goes_to_the_workers_log(
     assert ip.user_ns["h"].stdout == "printed\n"
     wait_until(lambda: "from a function task" in worker.log.read_text(), 15, "the log line")
     assert "from a cell" not in worker.log.read_text()
+
+
+def test_what_a_thread_an_earlier_cell_left_running_writes_reaches_no_later_cell(
+    ip: InteractiveShell, one_process: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its descriptor writes go to the worker's log while it lives, as its prints are
+    dropped: the later cell may be another notebook's. Before, they showed in it. (The
+    thread imports what it uses: the cell's namespace is cleared once the cell ends.)"""
+    worker = one_process
+    ip.run_cell_magic(
+        "task",
+        "--wait",
+        "import threading\n"
+        "def tick():\n    import os, time\n    for _ in range(15):\n"
+        "        os.write(1, b'fd tick\\n')\n        time.sleep(0.2)\n"
+        "threading.Thread(target=tick, daemon=True).start()",
+    )
+    capsys.readouterr()  # (what it wrote while its cell ran is that cell's)
+    ip.run_cell_magic("task", "--wait", "import time\ntime.sleep(2)\nprint('later cell')")
+    shown = capsys.readouterr().out
+    assert shown == "later cell\n", shown
+    wait_until(lambda: "fd tick" in worker.log.read_text(), 15, "the ticks in the log")
