@@ -346,7 +346,9 @@ class AmqpTransport(AmqpChannels, AmqpUpkeep):
     ) -> Delivery | None:
         """Store the outcome (and park ``requeue``), tell the client, then acknowledge."""
         queue = delivery.queue if delivery is not None else ""
-        end = Settlement(task_id, channel, raw_event, fields, queue, requeue, requeue_queue)
+        end = Settlement(
+            task_id, channel, raw_event, fields, queue, later=requeue, later_queue=requeue_queue
+        )
         kept = self.store.settle_kept(end)[1]  # (logs an end after it was reported lost)
         # The event and the ack leave in one write (RabbitMQ gets them in one packet).
         with self.links.writes_together():

@@ -447,7 +447,9 @@ class StreamsTransport(StreamsMoves):
         queue only) and returns it.
         """
         queue = delivery.queue if delivery is not None else ""
-        end = Settlement(task_id, channel, raw_event, fields, queue, requeue, requeue_queue)
+        end = Settlement(
+            task_id, channel, raw_event, fields, queue, later=requeue, later_queue=requeue_queue
+        )
         (record, channel_key, eta), (ttl, maxlen, event, member, due, *rest) = (
             self.store.settle_args(end)
         )

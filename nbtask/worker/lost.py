@@ -8,9 +8,8 @@ than ``max_age``: such a delivery may be a replay made to look lost, so nothing 
 is acted on (as a worker refusing it as too old does). A task killed past its hard time
 limit has its message put back on its queue instead: the child that takes it runs its
 follow-ups and its class's handlers, which this process (running no task code) cannot.
-It also moves the messages
-still waiting on a gone process's own queue (a cell sent to the process holding its kept
-values) to the queue they name for that case.
+It also moves the messages still waiting on a gone process's own queue (a cell sent to the
+process holding its kept values) to the queue they name for that case.
 """
 
 from __future__ import annotations
