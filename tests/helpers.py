@@ -180,6 +180,22 @@ def stream_text(msgs: list[dict[str, Any]]) -> str:
     return "".join(m["content"]["text"] for m in msgs if m["msg_type"] == "stream")
 
 
+def kernel_runner(client: Any) -> Callable[[str], str]:
+    """Load nbtask in ``client``'s kernel; what then runs code there, giving what it printed.
+
+    It fails on an error, with the error and the output.
+    """
+
+    def run(code: str) -> str:
+        _, msgs, reply = execute(client, code)
+        text = stream_text(msgs)
+        assert reply["content"]["status"] == "ok", (reply["content"], text)
+        return text
+
+    run("%load_ext nbtask")
+    return run
+
+
 def client_env(settings: Settings) -> dict[str, str]:
     """The environment of a client process with these settings and no others."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NBTASK_")}

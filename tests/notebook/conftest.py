@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ROOT, broker_env, execute, kernel_env, stream_text
+from helpers import ROOT, broker_env, kernel_env, kernel_runner
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.testing.globalipapp import start_ipython
 from jupyter_client.manager import KernelManager
@@ -97,14 +97,4 @@ def run_in_kernel(settings: Settings, start_worker: Any, kernel: Any) -> Callabl
     It returns what the code printed (stdout and stderr), and fails on an error.
     """
     start_worker()
-    client = kernel(kernel_env(settings))[1]
-    _, msgs, reply = execute(client, "%load_ext nbtask")
-    assert reply["content"]["status"] == "ok", stream_text(msgs)
-
-    def run(code: str) -> str:
-        _, msgs, reply = execute(client, code)
-        text = stream_text(msgs)
-        assert reply["content"]["status"] == "ok", (reply["content"], text)
-        return text
-
-    return run
+    return kernel_runner(kernel(kernel_env(settings))[1])

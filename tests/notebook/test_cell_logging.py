@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from helpers import execute, kernel_env, stream_text
+from helpers import kernel_env, kernel_runner
 
 from nbtask import Settings
 
@@ -74,27 +74,14 @@ def test_nbtasks_own_records_stay_out_of_a_cell_whatever_the_notebooks_level(
     assert printed == "done\n", printed
 
 
-def _kernel_runner(client: Any) -> Callable[[str], str]:
-    """What runs code in a kernel with nbtask loaded, giving what it printed."""
-
-    def run(code: str) -> str:
-        _, msgs, reply = execute(client, code)
-        text = stream_text(msgs)
-        assert reply["content"]["status"] == "ok", (reply["content"], text)
-        return text
-
-    run("%load_ext nbtask")
-    return run
-
-
 def test_what_one_notebooks_cell_sets_up_reaches_no_other_notebooks_cell(
     settings: Settings, start_worker: Any, kernel: Any
 ) -> None:
     # One worker process serves both kernels. Before, the first's level on 'lib' and its
     # handler on 'leak' stayed there, and the second's cell logged through them.
     start_worker(concurrency=1)
-    first = _kernel_runner(kernel(kernel_env(settings))[1])
-    second = _kernel_runner(kernel(kernel_env(settings))[1])
+    first = kernel_runner(kernel(kernel_env(settings))[1])
+    second = kernel_runner(kernel(kernel_env(settings))[1])
     first(
         "%%task --wait\nimport logging, sys\n"
         "logging.getLogger('lib').setLevel(logging.ERROR)\n"

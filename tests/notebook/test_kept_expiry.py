@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import WorkerProcess, execute, held_values, kernel_env, stream_text, wait_until
+from helpers import WorkerProcess, held_values, kernel_env, kernel_runner, wait_until
 from helpers import cell_task as task
 from IPython.core.interactiveshell import InteractiveShell
 
@@ -59,15 +59,7 @@ def blob_keys(settings: Settings) -> list[bytes]:
 def start_kernel(kernel: Kernel, settings: Settings) -> tuple[Any, Callable[[str], str]]:
     """A kernel with the extension loaded; and what runs code there, returning its output."""
     km, client = kernel(kernel_env(settings))
-
-    def run(code: str) -> str:
-        _, msgs, reply = execute(client, code)
-        text = stream_text(msgs)
-        assert reply["content"]["status"] == "ok", (reply["content"], text)
-        return text
-
-    run("%load_ext nbtask")
-    return km, run
+    return km, kernel_runner(client)
 
 
 def kill(km: Any) -> None:
