@@ -113,7 +113,7 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
             namespace.values(), [n for n, _ in getattr(spec, "modules", ())]
         )
         _name_cell(shell, spec)
-        logs = cell_logging(kernel_state.get("logging"))
+        logs = cell_logging(kernel_state)
         with logs.running():
             result = shell.run_cell(spec.source, store_history=False)
         error = result.error_before_exec or result.error_in_exec

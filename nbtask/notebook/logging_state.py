@@ -6,10 +6,13 @@ In a kernel, ``logging.basicConfig(level=logging.INFO)`` run once makes every la
 runs with the kernel's setup instead of its worker's: the levels of the loggers, whether
 they propagate, and the handlers that write to the notebook's output (``sys.stdout``,
 ``sys.stderr``) with their levels and formats, which write to the cell's output there.
-What the cell changes of it comes back, as it would stay set in a kernel
-(``logging.basicConfig`` in the cell; ``logging.warning()``, which sets up the root
-logger first). A kernel with nothing set up shows a logger's warnings and errors as its
-message alone (logging's last resort), on the cell's stderr too.
+Loggers the notebook turned off (``logger.disabled = True``, as
+``logging.config.dictConfig`` does to the loggers it does not name) and the level at and
+below which ``logging.disable()`` drops every record are carried too. What the cell
+changes of it comes back, as it would stay set in a kernel (``logging.basicConfig`` in the
+cell; ``logging.warning()``, which sets up the root logger first). A kernel with nothing
+set up shows a logger's warnings and errors as its message alone (logging's last resort),
+on the cell's stderr too.
 
 Handlers that write elsewhere (a file on the kernel's machine, the kernel's terminal)
 stay the kernel's own. On the worker, its own setup (its log) is put back after each
@@ -29,18 +32,23 @@ from nbtask.wire.envelope import dumps
 
 __all__ = ["CellLogging", "Setup", "cell_logging", "set_in_kernel", "snapshot"]
 
+#: The kinds of process state this module carries (see :mod:`~nbtask.notebook.process_state`):
+#: the loggers' setup, and the level ``logging.disable()`` set (only when not 0).
+SETUP, DISABLED_AT = "logging", "logging.disable"
+
 #: A handler writing to the notebook's output: ``stdout`` or ``stderr``, its level, and
 #: its format (the format string, date format and style; ``None``: logging's default), and
 #: its formatter pickled when it is not logging's own class (a JSON formatter), else b"".
 HandlerSpec = tuple[str, int, str | None, str | None, str, bytes]
-#: A logger's level, whether it propagates, and its handlers writing to the output.
-LoggerSpec = tuple[int, bool, tuple[HandlerSpec, ...]]
+#: A logger's level, whether it propagates, its handlers writing to the output, and
+#: whether it is turned off (``logger.disabled``).
+LoggerSpec = tuple[int, bool, tuple[HandlerSpec, ...], bool]
 #: Every logger that differs from a fresh one, by name (``""``: the root logger).
 Setup = dict[str, LoggerSpec]
 
 #: A fresh kernel's: the root logger at WARNING with no handler, no other logger set.
-_FRESH: Setup = {"": (logging.WARNING, True, ())}
-_UNSET: LoggerSpec = (logging.NOTSET, True, ())
+_FRESH: Setup = {"": (logging.WARNING, True, (), False)}
+_UNSET: LoggerSpec = (logging.NOTSET, True, (), False)
 _STYLES = {logging.PercentStyle: "%", logging.StrFormatStyle: "{", logging.StringTemplateStyle: "$"}
 
 
@@ -65,9 +73,16 @@ class _OutputHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass  # (StreamHandler.__init__ sets it): always the current one
 
 
-def snapshot() -> Setup:
-    """The logging setup of this process, as a cell carries it (nbtask's own left out)."""
-    return _setup_of(_set_loggers())
+def snapshot() -> dict[str, Any]:
+    """The logging setup of this process, as a cell carries it (nbtask's own left out).
+
+    By kind: :data:`SETUP`, and :data:`DISABLED_AT` when ``logging.disable()`` is in force
+    (a kernel's state pickles the same as before while it is not).
+    """
+    state: dict[str, Any] = {SETUP: _setup_of(_set_loggers())}
+    if logging.root.manager.disable:
+        state[DISABLED_AT] = logging.root.manager.disable
+    return state
 
 
 def _set_loggers() -> list[tuple[str, logging.Logger]]:
@@ -79,7 +94,7 @@ def _set_loggers() -> list[tuple[str, logging.Logger]]:
     found: list[tuple[str, logging.Logger]] = [("", logging.root)]
     for name, logger in list(logging.root.manager.loggerDict.items()):
         if isinstance(logger, logging.Logger) and (
-            logger.level or logger.handlers or not logger.propagate
+            logger.level or logger.handlers or not logger.propagate or logger.disabled
         ):
             found.append((name, logger))
     return found
@@ -101,7 +116,8 @@ def _nbtask_own(name: str) -> bool:
 
 def _logger_spec(logger: logging.Logger) -> LoggerSpec:
     handlers = (_handler_spec(h) for h in logger.handlers)
-    return logger.level, logger.propagate, tuple(h for h in handlers if h is not None)
+    kept = tuple(h for h in handlers if h is not None)
+    return logger.level, logger.propagate, kept, logger.disabled
 
 
 def _handler_spec(handler: logging.Handler) -> HandlerSpec | None:
@@ -156,9 +172,10 @@ def _set(logger: logging.Logger, spec: LoggerSpec) -> None:
     Its level is set as an attribute: :meth:`logging.Logger.setLevel` clears every
     logger's cache each time; the caller clears them once (:func:`_levels_changed`).
     """
-    level, propagate, wanted = spec
+    level, propagate, wanted, *disabled = spec  # (an older kernel's has no ``disabled``)
     logger.level = level
     logger.propagate = propagate
+    logger.disabled = bool(disabled and disabled[0])
     elsewhere = [h for h in logger.handlers if _handler_spec(h) is None]
     present = {_handler_spec(h): h for h in logger.handlers}
     logger.handlers = elsewhere + [present.get(h) or _handler(h) for h in wanted]
@@ -172,22 +189,30 @@ def _logger(name: str) -> logging.Logger:
     return logging.root if name == "" else logging.getLogger(name)
 
 
-def set_in_kernel(changed: Mapping[str, LoggerSpec]) -> None:
-    """Set in this kernel the loggers a cell changed (``changed``), as the cell left them."""
-    for name, spec in changed.items():
+def set_in_kernel(changed: Mapping[str, Any]) -> None:
+    """Set in this kernel the logging a cell changed (a cell's state changes), as it left it."""
+    if SETUP not in changed and DISABLED_AT not in changed:
+        return
+    for name, spec in changed.get(SETUP, {}).items():
         _set(_logger(name), spec)
+    if DISABLED_AT in changed:
+        logging.root.manager.disable = changed[DISABLED_AT]
     _levels_changed()
 
 
 class CellLogging:
     """A cell's logging setup on a worker: its kernel's while it runs, then the worker's.
 
-    ``changed``: the loggers the cell changed, as it left them (empty if none).
+    ``given``: its kernel's loggers; ``disabled_at``: the level its kernel's
+    ``logging.disable()`` set (0: none). ``changed``: the loggers the cell changed, as it
+    left them (empty if none); ``disabled_after``: the level it left set, if it changed it.
     """
 
-    def __init__(self, given: Setup) -> None:
+    def __init__(self, given: Setup, disabled_at: int = 0) -> None:
         self.given = given
+        self.disabled_at = disabled_at
         self.changed: Setup = {}
+        self.disabled_after: int | None = None
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
@@ -201,7 +226,9 @@ class CellLogging:
         set_before = _set_loggers()
         ours = logging.getLogger("nbtask")
         touched = [*(lg for _, lg in set_before), *(_logger(n) for n in self.given if n), ours]
-        own = {id(lg): (lg, lg.level, lg.propagate, list(lg.handlers)) for lg in touched}
+        own = {id(lg): (lg, _as_it_is(lg)) for lg in touched}
+        manager = logging.root.manager
+        own_disabled_at = manager.disable
         # nbtask's records go on to the worker's log only, at the worker's level.
         ours.handlers = [*ours.handlers, *logging.root.handlers]
         ours.propagate = False
@@ -210,6 +237,7 @@ class CellLogging:
         logging.root.handlers = []
         before: Setup | None = None
         try:
+            manager.disable = self.disabled_at
             for name, spec in self.given.items():
                 _set(_logger(name), spec)
             _levels_changed()
@@ -225,28 +253,43 @@ class CellLogging:
                 after = _setup_of(set_after)
                 self.changed = {n: s for n, s in after.items() if before.get(n) != s}
                 self.changed.update({n: _UNSET for n in before.keys() - after.keys()})
+                if manager.disable != self.disabled_at:
+                    self.disabled_after = manager.disable
+            manager.disable = own_disabled_at
             _put_back(own, set_after)
 
-    def changes(self) -> dict[str, Setup]:
+    def changes(self) -> dict[str, Any]:
         """The cell's changes to the process state that concern logging (see there)."""
         # Not part of the state a process stays in between cells: put back after each.
-        return {"logging": self.changed} if self.changed else {}
+        changes: dict[str, Any] = {SETUP: self.changed} if self.changed else {}
+        if self.disabled_after is not None:
+            changes[DISABLED_AT] = self.disabled_after
+        return changes
+
+
+#: A logger as it is, to put back whole: level, propagate, its handlers, disabled.
+_Whole = tuple[int, bool, list[logging.Handler], bool]
+
+
+def _as_it_is(logger: logging.Logger) -> _Whole:
+    return logger.level, logger.propagate, list(logger.handlers), logger.disabled
 
 
 def _put_back(
-    own: dict[int, tuple[logging.Logger, int, bool, list[logging.Handler]]],
-    set_now: list[tuple[str, logging.Logger]],
+    own: dict[int, tuple[logging.Logger, _Whole]], set_now: list[tuple[str, logging.Logger]]
 ) -> None:
     """Put the loggers back as ``own`` has them; others set now unset but for null handlers."""
     for _, logger in set_now:
         if id(logger) not in own:
-            logger.level, logger.propagate = logging.NOTSET, True
+            logger.level, logger.propagate, logger.disabled = logging.NOTSET, True, False
             logger.handlers = [h for h in logger.handlers if type(h) is logging.NullHandler]
-    for logger, level, propagate, handlers in own.values():
+    for logger, (level, propagate, handlers, disabled) in own.values():
         logger.level, logger.propagate, logger.handlers = level, propagate, handlers
+        logger.disabled = disabled
     _levels_changed()
 
 
-def cell_logging(given: Setup | None) -> CellLogging:
-    """The logging of a cell its kernel gave ``given`` (``None``: an older kernel's, fresh)."""
-    return CellLogging(dict(_FRESH if given is None else given))
+def cell_logging(state: Mapping[str, Any]) -> CellLogging:
+    """The logging of a cell whose kernel's state is ``state`` (an older kernel's: fresh)."""
+    given = state.get(SETUP)
+    return CellLogging(dict(_FRESH if given is None else given), state.get(DISABLED_AT, 0))

@@ -145,8 +145,7 @@ class KernelState:
         the kernel started with.
         """
         apply(changed, keep_own_paths=False)
-        if "logging" in changed:
-            logging_state.set_in_kernel(changed["logging"])
+        logging_state.set_in_kernel(changed)
         self.baseline.note_changes(changed)
 
     def pickled(self) -> bytes:
@@ -306,7 +305,7 @@ def capture(baseline: Baseline | None = None, applied: Mapping[str, Any] | None 
     if pandas is not None:
         state["pandas"] = pandas_options(pandas)
     if baseline is not None:
-        state["logging"] = logging_state.snapshot()  # the cell's while it runs (see there)
+        state.update(logging_state.snapshot())  # the cell's while it runs (see there)
         for kind in _RESET_WHEN_NOT_IMPORTED:
             state.setdefault(kind, None)
         state["environ"] = baseline.environ_changes()

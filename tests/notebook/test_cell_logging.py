@@ -86,13 +86,15 @@ def test_what_one_notebooks_cell_sets_up_reaches_no_other_notebooks_cell(
         "%%task --wait\nimport logging, sys\n"
         "logging.getLogger('lib').setLevel(logging.ERROR)\n"
         "leak = logging.getLogger('leak')\n"
-        "leak.addHandler(logging.StreamHandler(sys.stdout))\nleak.propagate = False"
+        "leak.addHandler(logging.StreamHandler(sys.stdout))\nleak.propagate = False\n"
+        "logging.getLogger('off').disabled = True\nlogging.disable(logging.ERROR)"
     )
     cell = (
         "import logging\n"
-        "logging.getLogger('lib').warning('lib')\nlogging.getLogger('leak').warning('leak')"
+        "logging.getLogger('lib').warning('lib')\nlogging.getLogger('leak').warning('leak')\n"
+        "logging.getLogger('off').warning('off')"
     )
-    assert second(f"%%task --wait\n{cell}") == second(cell) == "lib\nleak\n"
+    assert second(f"%%task --wait\n{cell}") == second(cell) == "lib\nleak\noff\n"
 
 
 def test_a_handler_subclass_and_a_formatter_of_its_own_write_to_a_cell_as_locally(
@@ -113,3 +115,36 @@ def test_a_handler_subclass_and_a_formatter_of_its_own_write_to_a_cell_as_locall
     local = run_in_kernel("app.info('started')")
     assert local == '{"level": "INFO", "msg": "started"}\n', local
     assert run_in_kernel("%%task --wait\napp.info('started')") == local
+
+
+def test_loggers_the_notebook_turned_off_stay_off_in_a_cell_as_locally(
+    run_in_kernel: Callable[[str], str],
+) -> None:
+    # Before, a cell logged through them: 'noisy: chatter' and 'train: hidden' showed.
+    run_in_kernel(
+        "import logging\n"
+        "logging.basicConfig(level=logging.INFO, format='%(name)s: %(message)s')\n"
+        "logging.getLogger('noisy').disabled = True\nlogging.disable(logging.INFO)"
+    )
+    cell = (
+        "import logging\nlogging.getLogger('noisy').error('chatter')\n"
+        "logging.getLogger('train').info('hidden')\nlogging.getLogger('train').warning('shown')"
+    )
+    local = run_in_kernel(cell)
+    assert local == "train: shown\n", local
+    assert run_in_kernel(f"%%task --wait\n{cell}") == local
+
+
+def test_logging_a_cell_turns_off_stays_off_for_the_notebook_and_back_on(
+    run_in_kernel: Callable[[str], str],
+) -> None:
+    state = "import logging\nprint(logging.root.manager.disable, logging.getLogger('lib').disabled)"
+    run_in_kernel(
+        "%%task --wait\nimport logging\n"
+        "logging.disable(logging.WARNING)\nlogging.getLogger('lib').disabled = True"
+    )
+    assert run_in_kernel(state) == "30 True\n"  # before: '0 False'
+    run_in_kernel(
+        "%%task --wait\nlogging.disable(logging.NOTSET)\nlogging.getLogger('lib').disabled = False"
+    )
+    assert run_in_kernel(state) == "0 False\n"
