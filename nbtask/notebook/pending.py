@@ -28,7 +28,7 @@ from nbtask.notebook.follow import (
 )
 from nbtask.notebook.guard import awaited, pending_objects, run_of
 from nbtask.notebook.kept import RemoteValue
-from nbtask.notebook.remote_errors import local_exception
+from nbtask.notebook.remote_errors import local_exception, said_first
 from nbtask.notebook.write_back import WriteBack
 from nbtask.wire.events import State
 
@@ -264,6 +264,15 @@ class Pending(WriteBack):
                 raise revoked_error(run, unset) from None
             if isinstance(exc, WorkerLost):
                 raise lost_error(run, unset, exc) from None
+            if exc is not None and read:
+                # Raised in the cell that reads its names: it says which cell failed.
+                named = [n for n in mine if n in set(read)] or mine
+                line = (
+                    f"nbtask: task {run.label!r} [{run.handle.id[:8]}], which assigns "
+                    f"{', '.join(named)}, failed in the background; the names it bound "
+                    "before its error are set:"
+                )
+                raise said_first(local_exception(exc, self.namespace), line)
             if exc is not None:
                 raise local_exception(exc, self.namespace)
         finally:

@@ -9,15 +9,17 @@ cell's own lines. A ``NameError`` for a name the notebook defines says how to se
 from __future__ import annotations
 
 import builtins
+import contextlib
 import importlib
 import re
 import sys
+import traceback
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
 from nbtask.errors import CellNameError, RemoteError
 
-__all__ = ["exception_type", "local_exception"]
+__all__ = ["exception_type", "local_exception", "said_first"]
 
 _NOT_DEFINED = re.compile(r"name '(\w+)' is not defined")
 
@@ -54,6 +56,16 @@ def local_exception(exc: BaseException, namespace: MutableMapping[str, Any]) -> 
         return exc
     rebuilt.__suppress_context__ = True
     return rebuilt
+
+
+def said_first(error: BaseException, line: str) -> BaseException:
+    """``error``, shown with ``line`` above its traceback (where it came from)."""
+    render = getattr(error, "_render_traceback_", None)
+    below = render() if callable(render) else traceback.format_exception_only(error)
+    shown = [line, *(part.rstrip("\n") for part in below)]
+    with contextlib.suppress(AttributeError):  # (a type with __slots__: shown as it is)
+        error._render_traceback_ = lambda: shown  # type: ignore[attr-defined]
+    return error
 
 
 def _unsent_name(exc: BaseException, namespace: Mapping[str, Any]) -> CellNameError | None:

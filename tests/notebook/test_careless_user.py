@@ -478,3 +478,22 @@ def test_a_stop_just_as_a_wait_cell_is_sent_cancels_its_task(
     handle = nb.pending.runs[-1].handle
     wait_until(handle.done, 15, "the task to stop")
     assert handle.state is State.REVOKED
+
+
+def test_reading_a_name_of_a_failed_background_cell_says_which_cell_failed(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    # Before, the cell's KeyError alone, in the cell that read a name: nothing said where
+    # it came from.
+    ip.run_cell_magic("task", "load --out h", "small = 1\nraise KeyError('k')")
+    handle = ip.user_ns["h"]
+    wait_until(handle.done, 30, "the cell to fail")
+    error = ip.run_cell("print(small)").error_in_exec
+    assert isinstance(error, KeyError), error
+    shown = rendered(error)
+    assert shown[0] == (
+        f"nbtask: task 'load' [{handle.id[:8]}], which assigns small, failed in the "
+        "background; the names it bound before its error are set:"
+    ), shown
+    assert shown[-1] == "KeyError: 'k'", shown
+    assert ip.run_cell("print(small)").error_in_exec is None  # bound before the error
