@@ -146,6 +146,7 @@ class Child:
             outbox=self.outbox,
             descriptors=self.descriptors,
             publisher=self.publisher,
+            follow_ups=self.follow_ups,
             holding=self.holding,
             datasets=self.datasets,
             interrupts=self.interrupts,

@@ -236,16 +236,17 @@ class FollowUps:
         )
         for step, publish, refused in sends:
             if refused:
-                self._follow_unsent(step, publish)
+                self.follow_unsent(step, publish)
 
-    def _follow_unsent(self, step: TaskMessage, publish: Publish) -> None:
+    def follow_unsent(self, step: TaskMessage, publish: Publish) -> None:
         """Run the owed follow-ups of a task whose message its record refused (not queued).
 
-        A chain's later step revoked ahead (before this worker sent it): the revoke stored
-        its outcome owing its errbacks and the ending of the steps after it, and no worker
-        will ever hold its message to take them, so this one does, once (a copy taken by
-        another, a large message the start check drops, finds them taken). A record that
-        owes none (a rerun sending a step again) is left as it is.
+        A chain's later step, or a task a running task sends (:class:`WorkerSender
+        <nbtask.worker.subtasks.WorkerSender>`), revoked ahead (before this worker sent
+        it): the revoke stored its outcome owing its errbacks and the ending of the steps
+        after it, and no worker will ever hold its message to take them, so this one does,
+        once (a copy taken by another, a large message the start check drops, finds them
+        taken). A record that owes none (a rerun sending a step again) is left as it is.
         """
         try:
             _, links, _ = step.split(self.signer.open(publish.raw))

@@ -34,7 +34,7 @@ from nbtask.wire.frozen import FrozenMaker
 from nbtask.wire.message import TaskMessage, decode_value
 from nbtask.worker.admit import Admitted
 from nbtask.worker.descriptors import DescriptorOutput
-from nbtask.worker.follow_ups import has_handlers
+from nbtask.worker.follow_ups import FollowUps, has_handlers
 from nbtask.worker.interrupts import TaskInterrupts
 from nbtask.worker.outbox import Outbox
 from nbtask.worker.predicates import predicate_outcome
@@ -68,6 +68,8 @@ class Runner:
         Make descriptors 1 and 2 a task's output while it runs, for a task that asks.
     publisher
         Sends the tasks a task sends while it runs.
+    follow_ups
+        Runs the owed follow-ups of such a task revoked ahead (never queued).
     holding, datasets
         The values this process keeps, and its named datasets.
     interrupts, slot
@@ -90,6 +92,7 @@ class Runner:
         outbox: Outbox,
         descriptors: DescriptorOutput,
         publisher: SubtaskPublisher,
+        follow_ups: FollowUps,
         holding: Holding,
         datasets: DatasetCache,
         interrupts: TaskInterrupts,
@@ -104,6 +107,7 @@ class Runner:
         self.outbox = outbox
         self.descriptors = descriptors
         self.publisher = publisher
+        self.follow_ups = follow_ups
         self.holding = holding
         self.datasets = datasets
         self.interrupts = interrupts
@@ -172,7 +176,7 @@ class Runner:
         if request.time_limit:  # (else the slot says so already: see Child._claim)
             self.slot.occupy(message.id, time.time() + request.time_limit)
         # The request stays current until the outcome is decided: an autoretry needs it.
-        sender = WorkerSender(self.publisher, message)
+        sender = WorkerSender(self.publisher, message, self.follow_ups.follow_unsent)
         with running(request), task_running(task), sending_through(sender):
             try:
                 if has_handlers(task, _BEFORE_START):  # (Task's own does nothing)

@@ -32,24 +32,16 @@ class SubtaskPublisher:
         self.transport = transport
         self.builder = builder
 
-    def publish(self, channel: str, sigs: Sequence[Signature]) -> list[tuple[str, float]]:
-        """Send signatures (with their final arguments) for ``channel``'s client.
-
-        Returns each one's task id and send (see nbtask.wire.events.Run).
-
-        A signature whose task already has a record stays as it is, and its message is
-        not queued: a chain step revoked before this worker sent it, or one a rerun of its
-        parent sends again while the first copy is queued or running.
-        """
-        return [(message.id, message.run[1]) for message, _, _ in self.publish_each(channel, sigs)]
-
     def publish_each(
         self, channel: str, sigs: Sequence[Signature]
     ) -> list[tuple[TaskMessage, Publish, str]]:
-        """:meth:`publish`, saying of each its message and ``""`` or the state that refused it.
+        """Send signatures (with their final arguments) for ``channel``'s client.
 
+        Returns each one's message, its publish, and ``""`` or the state that refused it.
         A refused message was not queued (see ``Transport.publish``): its task's record
-        was there before, a revoke ahead's say.
+        was there before, and stays as it is: a chain step or a task revoked before this
+        worker sent it, or one a rerun of its parent sends again while the first copy is
+        queued or running.
         """
         built = [
             self.builder.build((sig.task, sig.args, sig.kwargs, sig.options), channel)
@@ -69,11 +61,28 @@ class WorkerSender:
     The client can re-attach to the tasks it sends by id. Waiting on them here is refused
     (``get()`` inside a task) unless asked for with ``disable_sync_subtasks=False``: then
     the handle follows the client's event channel itself while it waits.
+
+    Parameters
+    ----------
+    publisher
+        Sends them.
+    message
+        The running task's: they are its children, for its client.
+    follow_unsent
+        Called with the message and publish of each task whose record refused it (not
+        queued): one revoked ahead owes its errbacks, as a chain's later step does (see
+        :meth:`FollowUps.follow_unsent <nbtask.worker.follow_ups.FollowUps.follow_unsent>`).
     """
 
-    def __init__(self, publisher: SubtaskPublisher, message: TaskMessage) -> None:
+    def __init__(
+        self,
+        publisher: SubtaskPublisher,
+        message: TaskMessage,
+        follow_unsent: Callable[[TaskMessage, Publish], None],
+    ) -> None:
         self._publisher = publisher
         self._message = message
+        self._follow_unsent = follow_unsent
 
     def send_batch(
         self, calls: Sequence[Call], *, on_event: Callable[[Event], None] | None = None
@@ -89,11 +98,11 @@ class WorkerSender:
             Signature(task, tuple(args), kwargs, {**options, **family})
             for task, args, kwargs, options in calls
         ]
-        sends = self._publisher.publish(message.client, sigs)
-        handles = [
-            self.expect(task_id, sig.task.name, sent)
-            for sig, (task_id, sent) in zip(sigs, sends, strict=True)
-        ]
+        sends = self._publisher.publish_each(message.client, sigs)
+        for sent, publish, refused in sends:
+            if refused:  # e.g. revoked ahead: never queued, so no worker will end it
+                self._follow_unsent(sent, publish)
+        handles = [self.expect(sent.id, sent.name, sent.run[1]) for sent, _, _ in sends]
         if on_event is not None:
             for handle in handles:
                 handle.on_event(on_event)

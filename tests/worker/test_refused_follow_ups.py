@@ -290,3 +290,37 @@ def test_chain_whose_first_step_comes_from_further_ahead_than_result_ttl_is_not_
     assert read_records(tmp_path / "calls") == []
     assert not errback.done()
     assert [later.state for later in _later_steps(last)] == [State.PENDING, State.PENDING]
+
+
+def test_a_task_a_running_task_sends_revoked_before_it_is_sent_calls_its_errback_once(
+    app: App, start_worker, tmp_path: Path
+) -> None:
+    """Revoked ahead (``app.control.revoke(id)`` before it is sent), a task a running task
+    sends with that id (``apply_async(task_id=...)``, or a signature's ``delay()``) and a
+    ``link_error`` is never queued: the worker that sends it ends it REVOKED and sends its
+    errback, once, as for a chain's step revoked ahead. Before, its errback never ran."""
+    step, _, note = _tasks(app)
+    ledger, calls = str(tmp_path / "ledger"), str(tmp_path / "calls")
+    first, second, first_errback, second_errback = (uuid.uuid4().hex for _ in range(4))
+
+    @app.task
+    def sends(path: str) -> str:
+        errback = note.s(calls).set(task_id=first_errback)
+        step.apply_async((1, path), task_id=first, link_error=errback)
+        errback = note.s(calls).set(task_id=second_errback)
+        step.s(2, path).set(task_id=second, link_error=errback).delay()
+        return "sent"
+
+    errbacks = [app.expect(task_id, note.name) for task_id in (first_errback, second_errback)]
+    for task_id in (first, second):
+        assert app.control.revoke(task_id) is True
+    start_worker(concurrency=1)
+    assert sends.delay(ledger).get(timeout=20) == "sent"
+    assert [errback.get(timeout=20) for errback in errbacks] == [first, second]
+    for task_id in (first, second):
+        with pytest.raises(nbtask.TaskRevoked):
+            app.handle(task_id).get(timeout=20)
+    wait_for_housekeeping(app)
+    wait_for_housekeeping(app)
+    assert sorted(r["value"] for r in read_records(calls)) == sorted([first, second])
+    assert read_records(ledger) == []  # neither ran
