@@ -247,6 +247,15 @@ def in_session(self: SessionTask, path: str, x: int) -> int:
     return x
 
 
+@app.task(bind=True)
+def calls_in_session(self: Any, path: str) -> int:
+    """Calls :func:`in_session` as a function inside its run, then records its own request."""
+    x: int = in_session(path, 5)
+    r = self.request
+    record(path, h="caller", request=[r.id, r.called_directly])
+    return x
+
+
 class RatedBase(app.Task):
     """A base class setting a task option in its body, in Celery's form."""
 

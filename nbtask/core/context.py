@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from nbtask.brokers.base import Store
 from nbtask.core.bound import Bound
+from nbtask.core.current import running_task
 from nbtask.core.holding import Holding
 from nbtask.wire.envelope import Signer
 
@@ -141,7 +142,11 @@ def run_started() -> None:
 
 
 def running(request: Request) -> Bound[Request | None]:
-    """Run the ``with`` block as the task ``request`` describes (a worker does this)."""
+    """Run the ``with`` block as the task ``request`` describes (a worker does this).
+
+    Marked with :func:`~nbtask.core.current.task_running` too: only that task sees
+    ``request`` as its ``self.request`` (see :func:`request_of`).
+    """
     run_started()
     return Bound(_current, request)
 
@@ -162,11 +167,17 @@ def own_request(task: object, request: Request) -> Iterator[None]:
 
 
 def request_of(task: object) -> Request | None:
-    """What ``task`` sees as its own request: set by :func:`own_request`, else the run's."""
+    """What ``task`` sees as its own request: set by :func:`own_request`, else its run's.
+
+    The run current here is another task's when ``task`` is called as a function inside
+    it (its class's own ``__call__`` is entered before the base class's can set its
+    request), or read by another task's code: then ``task`` has none (``None``), as each
+    Celery task has its own request stack.
+    """
     for owner, request in reversed(_own.get()):
         if owner is task:
             return request
-    return _current.get()
+    return _current.get() if running_task() is task else None
 
 
 def entering_run(task: object | None) -> Bound[object | None]:

@@ -146,10 +146,12 @@ class Task(RunningTask, CeleryTaskNames):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the task here, in this process, as a function.
 
-        Its ``self.request`` is Celery's empty one (``called_directly`` is True). A class
-        that overrides it (to open a session around every run, as Celery's guide does) has
-        its ``__call__`` called by every run too, on a worker and in ``apply()``, as
-        Celery's: there ``super().__call__`` keeps the run's request.
+        Its ``self.request`` is Celery's empty one (``called_directly`` is True), inside
+        another task's run too, in its class's own ``__call__`` as well (each task has its
+        own request: :func:`~nbtask.core.context.request_of`). A class that overrides it
+        (to open a session around every run, as Celery's guide does) has its ``__call__``
+        called by every run too, on a worker and in ``apply()``, as Celery's: there
+        ``super().__call__`` keeps the run's request.
         """
         if run_entering(self):  # a run's call, through the class's own __call__
             with entering_run(None):  # the task called as a function inside: a direct call

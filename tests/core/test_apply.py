@@ -31,6 +31,7 @@ from nbtask import (
     current_request,
 )
 from tests.celery_tasks import (
+    calls_in_session,
     handled_fail,
     handled_ok,
     handled_retry,
@@ -191,6 +192,20 @@ def test_a_base_classs_own_call_runs_around_apply_and_a_direct_call(tmp_path: Pa
         ("run", ["the-apply", False, [path, 3]]),
         ("__call__", ["", True]),
         ("run", ["", True, [path, 4]]),
+    ]
+
+
+def test_a_base_classs_own_call_of_a_task_called_as_a_function_in_apply_sees_an_empty_request(
+    tmp_path: Path,
+) -> None:
+    # Called as a function inside another task's run, a task's class's __call__ sees its
+    # own empty request, as outside any run (before, the caller's); the caller its own after.
+    path = str(tmp_path / "session")
+    assert calls_in_session.apply((path,), task_id="the-caller").get() == 5
+    assert [(r["h"], r["request"]) for r in read_records(path)] == [
+        ("__call__", ["", True]),
+        ("run", ["", True, [path, 5]]),
+        ("caller", ["the-caller", False]),
     ]
 
 

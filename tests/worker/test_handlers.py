@@ -28,6 +28,7 @@ FAULTY_FAIL = "tests.celery_tasks.faulty_fail"
 SLOW_HANDLER = "tests.celery_tasks.slow_handler"
 REQ_H = "tests.celery_tasks.req_h"
 IN_SESSION = "tests.celery_tasks.in_session"
+CALLS_IN_SESSION = "tests.celery_tasks.calls_in_session"
 CLASS_RATED = "tests.celery_tasks.class_rated"
 
 
@@ -408,6 +409,23 @@ def test_a_base_classs_own_call_runs_around_every_run_on_the_worker(
         entry
         for h, x in zip(handles, (1, 2), strict=True)
         for entry in (("__call__", [h.id, False]), ("run", [h.id, False, [path, x]]))
+    ]
+
+
+def test_a_base_classs_own_call_of_a_task_called_as_a_function_in_a_run_sees_an_empty_request(
+    app: App, start_worker, tmp_path: Path
+) -> None:
+    # As Celery's: each task has its own request, so a task called as a function inside
+    # another's run sees Celery's empty one in its class's __call__ too, and the caller
+    # its own again after (before, that __call__ saw the caller's request).
+    start_worker("-A", "tests.celery_tasks", concurrency=1)
+    path = str(tmp_path / "session")
+    handle = app.send_task(CALLS_IN_SESSION, (path,))
+    assert handle.get(timeout=10) == 5
+    assert [(r["h"], r["request"]) for r in read_records(path)] == [
+        ("__call__", ["", True]),
+        ("run", ["", True, [path, 5]]),
+        ("caller", [handle.id, False]),
     ]
 
 
