@@ -16,7 +16,28 @@ from nbtask.brokers.redis_streams import StreamsTransport
 from nbtask.errors import ConfigurationError
 from nbtask.settings import KOMBU_SCHEMES, Settings
 
-__all__ = ["Delivery", "Publish", "StartBy", "Store", "Transport", "Verdict", "open_broker"]
+__all__ = [
+    "Delivery",
+    "Publish",
+    "StartBy",
+    "Store",
+    "Transport",
+    "Verdict",
+    "broker_kind",
+    "open_broker",
+]
+
+
+def broker_kind(url: str) -> str:
+    """The kind of broker ``url`` names: ``"redis"`` (Redis Streams), ``"amqp"``, ``"memory"``.
+
+    Workers of different kinds on one key prefix (their store on the same Redis) share
+    its bookkeeping but not their queues nor their clients' event channels.
+    """
+    scheme = url.split("://", 1)[0].lower()
+    if scheme not in KOMBU_SCHEMES:
+        return "redis"
+    return "amqp" if scheme.startswith("amqp") else scheme
 
 
 def open_broker(settings: Settings, url: str) -> Transport:

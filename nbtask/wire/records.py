@@ -221,6 +221,9 @@ class WorkerInfo:
     #: The id of the task each consumer's child runs ("" while idle), in order; empty in
     #: an entry from an older nbtask, which did not say which child runs what.
     running: tuple[str, ...] = ()
+    #: The kind of broker it serves (:func:`nbtask.brokers.broker_kind`); "" in an entry
+    #: from an older nbtask, which did not say.
+    broker: str = ""
 
     def verifiable_with(self, accepted: Sequence[str]) -> bool:
         """True if a worker accepting the secrets ``accepted`` names verifies all this one did.
@@ -255,6 +258,7 @@ class WorkerInfo:
                 pids=_ints(value.get("pids", [])),
                 datasets=_strings(value.get("datasets", [])),
                 running=_strings(value.get("running", [])),
+                broker=_field(value, "broker", str, ""),
             )
         except (TypeError, ValueError, OverflowError):  # JSON integers have no bound
             return None

@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 
 from nbtask._text import redact_url
-from nbtask.brokers import Transport, open_broker
+from nbtask.brokers import Transport, broker_kind, open_broker
 from nbtask.core.datasets import Loader, data_queue
 from nbtask.core.holding import holder_queue
 from nbtask.core.task import Task
@@ -43,6 +43,7 @@ from nbtask.wire.versions import probe_result, start_probe
 from nbtask.worker.child import Child
 from nbtask.worker.dead_workers import DeadWorkers
 from nbtask.worker.lost import LostTasks
+from nbtask.worker.mixed_brokers import say_if_brokers_mixed
 from nbtask.worker.pool import ChildPool
 from nbtask.worker.slots import SlotState
 
@@ -101,6 +102,7 @@ class Worker:
     ) -> None:
         self.settings = settings
         self.url = url
+        self.broker = broker_kind(url)
         self.secret = secret
         self.datasets = dict(datasets or {})
         # The holders of a dataset also serve its queue: tasks that require it go there.
@@ -148,6 +150,11 @@ class Worker:
             self.worker_id, self.transport, self.signer, self.lost, self.settings.visibility_timeout
         )
         self.transport.ensure_queues(self.queues)
+        # Said, not refused: the registry is unsigned (an entry anyone with write access
+        # planted would keep every worker of the prefix from starting), and a worker of
+        # the other broker just stopped stays listed for a few heartbeats.
+        live = self.store.workers()
+        say_if_brokers_mixed(self.broker, self.settings.key_prefix, live, self.worker_id)
 
     def run(self) -> int:
         """Serve until stopped; return the process exit code."""
@@ -400,6 +407,7 @@ class Worker:
             seen=time.time(),
             keys=self.signer.accepted_key_ids,
             pids=self._pool.pids(),
+            broker=self.broker,
         )
 
     def _announce_versions(self) -> None:
