@@ -143,8 +143,9 @@ class Magic:
         Statements it runs in a scope of their own (``%timeit``: what they bind is theirs,
         what they read is the notebook's).
     expanded : tuple of str
-        Names its shell expansion reads (``$x``, ``{x + 1}``): expanded when defined, left
-        as typed otherwise, as IPython does.
+        Names it reads only when the notebook defines them: its shell expansion (``$x``,
+        ``{x + 1}``: expanded when defined, left as typed otherwise, as IPython does), the
+        names ``%store`` saves.
     binds : tuple of str
         Names the magic itself binds (``%%capture out``).
     scripts : tuple of str
@@ -190,12 +191,26 @@ def magic_of(call: ast.Call) -> Magic | None:
 def _line_magic(name: str, line: str) -> Magic:
     if name == "run":
         return _run_magic(line)
+    if name == "store":
+        return _store_magic(line)
     if name not in _CODE_LINE:
         return Magic(expanded=() if name in _UNEXPANDED else expanded_names(line))
     code = _parsed(_after_options(line, _CODE_LINE[name]))
     if name == "timeit":
         return Magic(timed=(code,))
     return Magic(code=code)
+
+
+def _store_magic(line: str) -> Magic:
+    """``%store x y`` and ``%store x > file`` read ``x`` (and ``y``): the values, as locally.
+
+    Its options (``-r``, ``-d``, ``-z``) read no name of the notebook.
+    """
+    words = line.split()
+    if not words or words[0].startswith("-"):
+        return Magic()
+    stored = words[: next((i for i, w in enumerate(words) if w.startswith(">")), len(words))]
+    return Magic(expanded=tuple(w for w in stored if _WORD.fullmatch(w)))
 
 
 def _cell_magic(name: str, line: str, body: str) -> Magic:

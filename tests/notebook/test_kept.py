@@ -53,6 +53,21 @@ def test_a_local_cell_that_reads_a_kept_value_fetches_it(
     assert "fetching x (2.4 MB) from the workers" in capsys.readouterr().out
 
 
+def test_store_of_a_kept_value_stores_the_value_as_locally(
+    ip: InteractiveShell, nb: Session, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before, %store saved the reference (`Stored 'x' (RemoteValue)`), which a new kernel
+    # could not fetch once this session released it.
+    database = type(ip.db)  # IPython's own (pickleshare), in a folder of the test's
+    monkeypatch.setattr(ip, "db", database(tmp_path / "db"))
+    ip.extension_manager.load_extension("storemagic")
+    task(ip, MAKE_X)
+    run(ip, "%store x")
+    assert isinstance(ip.user_ns["x"], np.ndarray)
+    stored = database(tmp_path / "db")["autorestore/x"]
+    assert isinstance(stored, np.ndarray) and stored.shape == (300_000,)
+
+
 def test_a_later_task_cell_uses_a_kept_value_in_place(ip: InteractiveShell, nb: Session) -> None:
     task(ip, MAKE_X)
     reference = ip.user_ns["x"]

@@ -106,6 +106,8 @@ def test_a_cell_writing_through_globals_runs_and_its_names_come_back(
         ("%env V=$x", {"x"}, set()),
         ("x = 1\n%time x", set(), {"x"}),
         ("%timeit -x", {"x"}, set()),  # not an option of %timeit: the statement
+        ("%store x y > out.txt", {"x", "y"}, set()),  # the values it saves
+        ("%store -r x", set(), set()),
     ],
 )
 def test_the_analysis_reads_the_code_and_expansions_inside_magics(
