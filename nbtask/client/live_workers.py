@@ -19,6 +19,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 
+from nbtask._text import printable
 from nbtask.brokers import Store
 from nbtask.core.datasets import dataset_of_queue
 from nbtask.core.handle import TaskHandle
@@ -33,6 +34,9 @@ REFRESH_SECONDS = 2.0
 #: The oldest snapshot that may say a queue or a process has no live worker, seconds: a
 #: worker (or child) that started since is seen before a task is said to lack one.
 NEGATIVE_SECONDS = 0.25
+
+#: How much of a worker's id (unsigned: anyone's text) an error names.
+_NAMED_CHARS = 60
 
 
 def _runs(snapshot: _Snapshot, hostname: str, pid: int) -> bool:
@@ -116,11 +120,14 @@ class LiveWorkers:
             )
             if strangers:
                 also = "also " if len(strangers) < len(serving) else ""
+                named = ", ".join(printable(w[:_NAMED_CHARS]) for w in strangers[:3])
                 raise ConfigurationError(
                     f"queue {queue!r} is {also}served by workers that do not share this "
-                    f"client's secret ({', '.join(strangers[:3])}): they would refuse its "
-                    "tasks. Set NBTASK_SECRET to the workers' secret, or give apps with "
-                    "different secrets different key prefixes (NBTASK_KEY_PREFIX)"
+                    f"client's secret ({named}): they would refuse its tasks. Set "
+                    "NBTASK_SECRET to the workers' secret, or give apps with different "
+                    "secrets different key prefixes (NBTASK_KEY_PREFIX). If no such "
+                    "worker runs (`nbtask status` lists each one's host and pid), someone "
+                    "wrote these registry entries: the registry is not signed"
                 )
             snapshot.trusted.add(queue)
 

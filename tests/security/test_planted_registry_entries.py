@@ -11,8 +11,10 @@ taken at its word (the README's security section says what that allows).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ import redis
 from helpers import wait_until
 
 from nbtask import App
+from nbtask.errors import ConfigurationError
 
 pytestmark = pytest.mark.brokers("redis")
 
@@ -100,3 +103,26 @@ def _get(handle) -> object:
         return handle.get(timeout=90)
     except Exception as exc:  # the test looks at what it raised
         return exc
+
+
+def test_a_forged_entry_of_a_worker_with_another_secret_is_said_to_be_maybe_forged(
+    app: App, r: redis.Redis, prefix: str, start_worker
+) -> None:
+    """One readable entry serving ``default`` under a made-up secret id refuses sends (a
+    worker with another secret would lose them): the error says it may be forged, and the
+    id it names (anyone's text) is shown without its control codes and cut short."""
+    start_worker(concurrency=1)
+    wait_until(lambda: r.hlen(f"{prefix}:workers") == 1, 30, "the worker to register")
+    (genuine,) = r.hvals(f"{prefix}:workers")
+    forged_id = "evil\x1b[2J" + "x" * 200
+    fields = json.loads(genuine)
+    fields.update(hostname="evil", pid=4242, pids=[4243], keys=["0000000000000000"])
+    fields.update(queues=["default"], seen=time.time(), consumers=["evil-c-0"])
+    r.hset(f"{prefix}:workers", forged_id, json.dumps(fields))
+    r.set(f"{prefix}:hb:{forged_id}", json.dumps(fields), ex=60)
+    with pytest.raises(ConfigurationError) as raised:
+        app.send_task("tests.sample_tasks.add", (1, 1))
+    said = str(raised.value)
+    # Before, it told the user to change their secret, and nothing else.
+    assert said.endswith("someone wrote these registry entries: the registry is not signed")
+    assert "\x1b" not in said and "x" * 61 not in said, said
