@@ -1,7 +1,8 @@
-"""Settings of matplotlib, pandas and numpy as snapshots, and setting them back.
+"""Settings of matplotlib, pandas, numpy and decimal as snapshots, and setting them back.
 
 matplotlib's rcParams, the inline backend's figure formats, pandas' options, numpy's print
-options and error handling.
+options and error handling, and the ``decimal`` module's context (its precision, rounding,
+exponent limits and traps: ``getcontext().prec = 50`` changes every later result).
 
 A snapshot is taken in the kernel for every cell it ships and on the worker after every
 cell; reading every setting anew costs more than a trivial cell's own work (pandas' 75
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import decimal
 import pickle
 import sys
 import warnings
@@ -23,6 +25,7 @@ from typing import Any, cast
 __all__ = [
     "NUMPY_ERRORS_DEFAULTS",
     "NUMPY_PRINT_DEFAULTS",
+    "decimal_context",
     "inline_backend",
     "numpy_print_options",
     "pandas_defaults",
@@ -30,6 +33,7 @@ __all__ = [
     "rc_params",
     "registered_options",
     "same",
+    "set_decimal_context",
     "set_inline_backend",
     "set_numpy_errors",
     "set_numpy_print_options",
@@ -286,6 +290,30 @@ def set_numpy_errors(numpy: Any, errors: Mapping[str, Any]) -> None:
     wanted = {k: errors.get(k, v) for k, v in current.items()}
     if wanted != current:
         numpy.seterr(**wanted)
+
+
+#: The settings of a decimal context a snapshot holds (not its flags: what a cell raised).
+_DECIMAL_SETTINGS = ("prec", "rounding", "Emin", "Emax", "capitals", "clamp")
+
+
+def decimal_context() -> dict[str, Any]:
+    """The ``decimal`` context of this thread as plain values: settings, trapped signals."""
+    context = decimal.getcontext()
+    settings: dict[str, Any] = {name: getattr(context, name) for name in _DECIMAL_SETTINGS}
+    settings["traps"] = sorted(signal.__name__ for signal, on in context.traps.items() if on)
+    return settings
+
+
+def set_decimal_context(settings: Mapping[str, Any]) -> None:
+    """Make this thread's ``decimal`` context what ``settings`` says (its flags stay)."""
+    context = decimal.getcontext()
+    for name in _DECIMAL_SETTINGS:
+        if name in settings and getattr(context, name) != settings[name]:
+            setattr(context, name, settings[name])
+    if "traps" in settings:
+        trapped = set(settings["traps"])
+        for signal in list(context.traps):
+            context.traps[signal] = signal.__name__ in trapped
 
 
 class _Snapshots:

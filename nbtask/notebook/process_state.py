@@ -3,7 +3,8 @@
 matplotlib's rcParams (``plt.rc``, ``plt.style.use``, seaborn themes), the inline backend's
 figure formats (``%config InlineBackend.figure_formats``), the global random
 generators of :mod:`random` and :mod:`numpy.random`, numpy's print options and
-floating-point error handling, pandas options, warnings filters, the recursion limit, the
+floating-point error handling, pandas options, the ``decimal`` context (its precision,
+rounding and traps), warnings filters, the recursion limit, the
 logging setup (:mod:`~nbtask.notebook.logging_state`), the working directory, environment
 variables and ``sys.path`` additions made from the notebook. A ``%%task`` cell is shipped
 with a snapshot of the kernel's (:func:`capture`), the worker applies it before the cell
@@ -32,12 +33,14 @@ from nbtask.notebook import logging_state
 from nbtask.notebook.module_settings import (
     NUMPY_ERRORS_DEFAULTS,
     NUMPY_PRINT_DEFAULTS,
+    decimal_context,
     inline_backend,
     numpy_print_options,
     pandas_defaults,
     pandas_options,
     rc_params,
     same,
+    set_decimal_context,
     set_inline_backend,
     set_numpy_errors,
     set_numpy_print_options,
@@ -295,6 +298,7 @@ def capture(baseline: Baseline | None = None, applied: Mapping[str, Any] | None 
         state["numpy.printoptions"] = numpy_print_options(numpy)
         state["numpy.errors"] = numpy.geterr()
     state["recursionlimit"] = sys.getrecursionlimit()
+    state["decimal"] = decimal_context()
     matplotlib = sys.modules.get("matplotlib")
     if matplotlib is not None:
         state["rcParams"] = rc_params(matplotlib.rcParams)
@@ -387,6 +391,8 @@ def apply(state: Mapping[str, Any], *, keep_own_paths: bool = True) -> None:
         importlib.import_module("numpy").random.set_state(state["numpy.random"])
     if "recursionlimit" in state:
         _set_recursion_limit(state["recursionlimit"])
+    if "decimal" in state:
+        set_decimal_context(state["decimal"])
     _apply_settings(state)
     _set_environ(dict(state.get("environ", {})))
     _remove_from_path(state.get("sys.path removed", []), keep_own=keep_own_paths)

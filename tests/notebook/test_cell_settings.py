@@ -1,8 +1,10 @@
-"""numpy's print options and floating-point error handling, and the recursion limit, follow
-the notebook both ways, as the other process-wide settings do (test_cell_fidelity.py)."""
+"""numpy's print options and floating-point error handling, the ``decimal`` context and the
+recursion limit follow the notebook both ways, as the other process-wide settings do
+(test_cell_fidelity.py)."""
 
 from __future__ import annotations
 
+import decimal
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -28,6 +30,14 @@ def numpy_settings() -> Iterator[None]:
     yield
     np.set_printoptions(**options)
     np.seterr(**errors)
+
+
+@pytest.fixture
+def decimal_settings() -> Iterator[None]:
+    """This thread's decimal context, put back after the test."""
+    context = decimal.getcontext().copy()
+    yield
+    decimal.setcontext(context)
 
 
 @pytest.fixture
@@ -60,6 +70,24 @@ def test_numpy_error_handling_follows_the_notebook_both_ways(
     assert np.geterr() == {"divide": "ignore", "over": "raise", "under": "warn", "invalid": "raise"}
     task(ip, "quotient = (np.array([1.0]) / 0)[0]")  # ignored now, as it would be locally
     assert ip.user_ns["quotient"] == np.inf
+
+
+def test_the_decimal_context_follows_the_notebook_both_ways(
+    ip: InteractiveShell, nb: Session, decimal_settings: None
+) -> None:
+    # Before, a cell computed with the worker's context: 28 digits, rounded half even.
+    run(ip, "import decimal\ndecimal.getcontext().prec = 40\n")
+    run(ip, "decimal.getcontext().rounding = decimal.ROUND_UP")
+    task(ip, "third = str(decimal.Decimal(1) / 3)")
+    assert ip.user_ns["third"] == "0." + "3" * 39 + "4"  # as locally
+    task(
+        ip, "decimal.getcontext().prec = 5\ndecimal.getcontext().traps[decimal.DivisionByZero] = 0"
+    )
+    context = decimal.getcontext()
+    assert (context.prec, context.rounding) == (5, decimal.ROUND_UP)  # as the cell left it
+    assert not context.traps[decimal.DivisionByZero] and context.traps[decimal.InvalidOperation]
+    task(ip, "again = str(decimal.Decimal(2) / 3)\ninfinite = str(decimal.Decimal(1) / 0)")
+    assert (ip.user_ns["again"], ip.user_ns["infinite"]) == ("0.66667", "Infinity")
 
 
 def test_the_recursion_limit_follows_the_notebook_both_ways_and_plain_tasks_keep_their_own(
