@@ -306,6 +306,8 @@ class AmqpTransport(AmqpChannels, AmqpUpkeep):
         if task_id:
             by = self._starter(consumer)
             verdict = self.store.start(task_id, by, redelivered=redelivered(message))
+            if verdict == Verdict.ASK:  # its message was put back: asked again once verified
+                verdict = None
             if verdict == Verdict.LOST:
                 log.warning(
                     "task %s was redelivered after its worker lost it; parked for its "

@@ -45,8 +45,9 @@ class Verdict:
 
     #: It may run: it is now STARTED by the asking consumer.
     OK = "OK"
-    #: The delivery carries no task id beside it: ask :meth:`Store.start` once the signed
-    #: header is read.
+    #: The delivery carries no task id beside it, or its task's message was put back
+    #: (only its signed header tells which copy it is): ask :meth:`Store.start` once the
+    #: signed header is read.
     ASK = "NOID"
     #: A redelivered message whose task another holder STARTED and then lost (it died).
     LOST = "LOST"
@@ -58,6 +59,9 @@ class Verdict:
     #: Its client revoked it while its record said it had started: that signed revoke is
     #: now its stored outcome (owing its follow-ups), for the worker to send its client.
     REVOKED = "REVOKEDNOW"
+    #: An earlier copy of a message that was put back since (a retry, a
+    #: ``Reject(requeue=True)``): that copy ran already, and the one put back is due.
+    SUPERSEDED = "SUPERSEDED"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,8 +143,21 @@ class Store(Protocol):
     def task_ids_starting(self, start: str, limit: int) -> list[str]:
         """Up to ``limit`` ids of kept records that begin with ``start``, sorted."""
 
-    def start(self, task_id: str, by: StartBy, *, redelivered: bool = False) -> str:
-        """The start check: ``"OK"`` (now STARTED by ``by``) or the state forbidding it."""
+    def start(
+        self,
+        task_id: str,
+        by: StartBy,
+        *,
+        redelivered: bool = False,
+        copy: tuple[int, int] | None = None,
+    ) -> str:
+        """The start check: ``"OK"`` (now STARTED by ``by``) or the state forbidding it.
+
+        ``copy``: the delivered message's signed ``(retries, rejects)``, once it verified.
+        Without it, a task whose message was put back (a retry, a ``Reject`` requeue)
+        gets :attr:`Verdict.ASK`: only a verified copy tells whether it is the one put
+        back or an earlier one (:attr:`Verdict.SUPERSEDED`).
+        """
 
     def forget_ended_before(self, seconds: float) -> None:
         """Forget which tasks ended more than ``seconds`` ago (their replays are too old)."""

@@ -206,7 +206,14 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
         due = msg.eta if parked and msg.eta is not None else 0.0
         return self.pending_command(msg.task_id, msg.queue, msg.record, member, due, new=new)
 
-    def start(self, task_id: str, by: StartBy, *, redelivered: bool = False) -> str:
+    def start(
+        self,
+        task_id: str,
+        by: StartBy,
+        *,
+        redelivered: bool = False,
+        copy: tuple[int, int] | None = None,
+    ) -> str:
         """The one start check: ``"OK"`` (now STARTED) or the state that forbids a start."""
         reply = self.link.call(
             "start",
@@ -216,6 +223,7 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
             by.pid,
             by.consumer,
             "1" if redelivered else "0",
+            "" if copy is None else f"{copy[0]}:{copy[1]}",
         )
         return reply.decode() if isinstance(reply, bytes) else str(reply)
 

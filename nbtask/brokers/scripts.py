@@ -168,13 +168,32 @@ end
 # consumer runs one task at a time, and is not running this one): 'OK'. A redelivered
 # message (redelivered = '1') whose task is STARTED by someone else was lost by a dead
 # holder: 'LOST'. A key of another type: 'BADRECORD'.
+#
+# A task whose message was put back (a retry parked, 'parked'; a Reject(requeue=True),
+# 'requeued': "<retries>:<rejects>" of the copy put back) starts only from that copy or a
+# later one: `copy` is the "<retries>:<rejects>" of the delivered message, read from its
+# signed header once it verified. An earlier copy (a replay of one that ran already) is
+# refused: 'SUPERSEDED'. Asked before the header is read (`copy` ''), such a task is
+# neither marked nor refused: 'NOID', and the worker asks again once it verified.
 CHECK_START = _lua(
     _ENDED,
     _MARK_ENDED,
     TEXT,
     """
-local function check_start(key, ttl, worker, pid, consumer, redelivered)
-  local got = redis.pcall('HMGET', key, 'state', 'result', 'revoked')
+-- Whether the copy "<retries>:<rejects>" is earlier than the last one put back.
+local function superseded(copy, parked, requeued)
+  local r, j = string.match(copy, '^(%d+):(%d+)$')
+  if not r then return false end
+  r, j = tonumber(r), tonumber(j)
+  local p = tonumber(parked or '')
+  if p and r < p then return true end
+  local qr, qj = string.match(requeued or '', '^(%d+):(%d+)$')
+  if not qr then return false end
+  qr, qj = tonumber(qr), tonumber(qj)
+  return r < qr or (r == qr and j < qj)
+end
+local function check_start(key, ttl, worker, pid, consumer, redelivered, copy)
+  local got = redis.pcall('HMGET', key, 'state', 'result', 'revoked', 'parked', 'requeued')
   if got.err then return 'BADRECORD' end
   local state, outcome, revoked = got[1], got[2], got[3]
   if revoked and not outcome and not ended(key) then
@@ -194,6 +213,10 @@ local function check_start(key, ttl, worker, pid, consumer, redelivered)
     if by[1] == worker and by[2] == pid and by[3] == consumer then return 'OK' end
     if redelivered == '1' then return 'LOST' end
     return state
+  end
+  if got[4] or got[5] then
+    if not copy or copy == '' then return 'NOID' end
+    if superseded(copy, got[4], got[5]) then return 'SUPERSEDED' end
   end
   local now = redis.call('TIME')
   redis.call('HSET', key, 'state', 'STARTED', 'worker', worker, 'pid', pid,
@@ -318,11 +341,11 @@ end
 
 # Store scripts ------------------------------------------------------------------------------
 
-# KEYS: record; ARGV: ttl, worker, pid, consumer, redelivered
+# KEYS: record; ARGV: ttl, worker, pid, consumer, redelivered, copy ('' = not read yet)
 _START = (
     CHECK_START
     + """
-return check_start(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+return check_start(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 """
 )
 

@@ -20,7 +20,7 @@ __all__ = ["STREAMS_SCRIPTS"]
 # The task id of a stream entry's fields: its plain 'i' field (the worker checks it
 # against the signed header before running anything). Entries without one were not
 # written by nbtask: 'NOID', and the worker asks the store itself once it has read the
-# signed header.
+# signed header (as for a task whose message was put back: see CHECK_START).
 _ENTRY_START = (
     CHECK_START
     + """

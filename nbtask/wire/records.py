@@ -21,7 +21,9 @@ __all__ = [
     "FOLLOW_UPS_OWED",
     "MAX_INFO_BYTES",
     "MAX_PLAIN_BYTES",
+    "PARKED",
     "RECORD_FIELDS",
+    "REQUEUED_COPY",
     "RecordFields",
     "TaskRecord",
     "WorkerInfo",
@@ -54,8 +56,14 @@ FOLLOW_UPS_OWED = "owed"
 #: The record field naming the retry (its number, the retried message's ``retries``) last
 #: parked for the task: a retry is parked once per task and retry number, so the same
 #: retry's end sent again (its reply lost after the store ran it) is neither told nor
-#: parked again (see ``PARKED_BEFORE`` in nbtask.brokers.scripts).
+#: parked again (see ``PARKED_BEFORE`` in nbtask.brokers.scripts); and an earlier copy
+#: of the task's message (a replay) does not start (see ``CHECK_START`` there).
 PARKED = "parked"
+#: The record field naming the copy a ``Reject(requeue=True)`` last put back,
+#: ``"<retries>:<rejects>"`` of its signed header. With :data:`PARKED` it lets the start
+#: check refuse an earlier copy (a replay of one that ran already): see ``CHECK_START``
+#: in nbtask.brokers.scripts.
+REQUEUED_COPY = "requeued"
 
 
 def pending_fields(

@@ -247,10 +247,11 @@ class Admission:
 
         A duplicate or a replay of a finished task leaves that task's record as it is.
         """
-        verdict = admitted.delivery.verdict
+        verdict, message = admitted.delivery.verdict, admitted.message
         if verdict is None:
             by = StartBy(self.hostname, str(os.getpid()), self.consumer)
-            verdict = self.transport.store.start(admitted.message.id, by)
+            copy = (message.retries, message.rejects)
+            verdict = self.transport.store.start(message.id, by, copy=copy)
         return None if verdict == Verdict.OK else verdict
 
     def _drop(self, admitted: Admitted, refused: str) -> None:
@@ -270,6 +271,16 @@ class Admission:
             # The message verified, so its client is known: tell it (the record is replaced).
             failed = failure_event(message.id, FINAL_SEQ, why, run=message.run)
             self.settle(admitted, Outcome(failed), ack=False)
+            return
+        if refused == Verdict.SUPERSEDED:
+            log.warning(
+                "dropped a message for task %s: a copy of it (retries %d, put back %d "
+                "time(s)) that ran before a later one was put back (a duplicate)",
+                message.id,
+                message.retries,
+                message.rejects,
+            )
+            self.transport.discard(admitted.delivery)
             return
         said = State.REVOKED.value if refused == Verdict.REVOKED else refused
         log.warning("dropped a message for task %s: it is already %s", message.id, said)

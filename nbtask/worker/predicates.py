@@ -23,6 +23,7 @@ from nbtask.settings import Settings
 from nbtask.wire.envelope import Signer
 from nbtask.wire.events import State
 from nbtask.wire.message import TaskMessage
+from nbtask.wire.records import REQUEUED_COPY
 from nbtask.worker.admit import Admitted
 from nbtask.worker.settle import Outcome, failure_body, failure_event, reject_requeue
 
@@ -80,7 +81,12 @@ class Predicates:
                 delay = _FIRST_DELAY_SECONDS * 2**times
                 log.warning("%s %s (%s); runs again in %.0f s", said, REQUEUED, exc, delay)
                 back = reject_requeue(self.signer, message, admitted.envelope.body, delay)
-                state = {"state": State.PENDING.value}
+                # The copy put back is named in the record: an earlier one (this one,
+                # replayed) is refused at its start check.
+                state = {
+                    "state": State.PENDING.value,
+                    REQUEUED_COPY: f"{message.retries}:{message.rejects + 1}",
+                }
                 self.transport.finish(
                     delivery, message.id, message.client, b"", state, requeue=back
                 )
