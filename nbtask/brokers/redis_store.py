@@ -26,6 +26,8 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from redis.exceptions import ResponseError
+
 from nbtask.brokers import journals
 from nbtask.brokers.base import Publish, Settlement, StartBy
 from nbtask.brokers.blob_scripts import BLOB_SCRIPTS
@@ -37,6 +39,7 @@ from nbtask.brokers.lost_scripts import LOST_SCRIPTS
 from nbtask.brokers.rate_scripts import RATE_SCRIPTS
 from nbtask.brokers.redis_blobs import RedisBlobs
 from nbtask.brokers.redis_channels import CHANNEL_MAXLEN, CHANNEL_SCRIPTS, entry_text, event_of
+from nbtask.brokers.redis_errors import is_wrong_type
 from nbtask.brokers.redis_holdings import RedisHoldings
 from nbtask.brokers.redis_link import LARGE_BYTES, RedisLink
 from nbtask.brokers.redis_owed import looking, unanswered
@@ -51,6 +54,10 @@ __all__ = ["DEAD_LETTER_BYTES", "RedisStore"]
 
 log = logging.getLogger(__name__)
 
+#: A control entry id this far past the clock was not given by Redis (clocks of hosts
+#: differ by far less).
+_AHEAD_SECONDS = 86_400.0
+
 
 class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
     """A :class:`~nbtask.brokers.base.Store` on Redis.
@@ -62,6 +69,10 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
     settings
         Key prefix, TTLs, heartbeat interval.
     """
+
+    #: Whether "the control stream is not a stream" was said and still holds (a worker
+    #: reads it on every tick).
+    _said_control = False
 
     def __init__(self, link: RedisLink, settings: Settings) -> None:
         self.link = link
@@ -340,21 +351,48 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
 
     # Control ---------------------------------------------------------------------------------
     def send_control(self, raw: bytes) -> None:
-        """Broadcast a signed control message (e.g. terminate) to every worker."""
-        with self.link.translate_errors():
-            self.link.run([("XADD", self.control_key, "MAXLEN", "~", 1000, "*", "e", raw)])
+        """Broadcast a signed control message (e.g. terminate) to every worker.
+
+        A control stream Redis refuses it for (a key of another type, or its ids used up
+        by an entry put at the last one) was not written by nbtask: it is replaced, with
+        one log line (:meth:`append_replacing`).
+        """
+        key = self.control_key
+        self.append_replacing(key, [("XADD", key, "MAXLEN", "~", 1000, "*", "e", raw)])
 
     def read_control(self, after: str) -> list[tuple[str, bytes]]:
-        """Control messages after entry ``after`` (``"$"``: from now on), without waiting."""
-        if after == "$":
-            return [(self.channel_end(self.control_key), b"")]
-        with self.link.translate_errors():
-            (reply,) = self.link.run([("XREAD", "COUNT", 100, "STREAMS", self.control_key, after)])
-        return [
-            (entry_id.decode(), event_of(fields))
-            for _stream, entries in reply or ()
-            for entry_id, fields in entries
-        ]
+        """Control messages after entry ``after`` (``"$"``: from now on), without waiting.
+
+        An entry whose id is past the clock was not given by Redis: a position there would
+        miss every later message, so it is deleted (one log line) and never moved past. A
+        key of another type holds none (said once; the next message sent replaces it).
+        """
+        key = self.control_key
+        ahead = str(int((time.time() + _AHEAD_SECONDS) * 1000))
+        try:
+            with self.link.translate_errors():
+                if after == "$":
+                    (last,) = self.link.run([("XREVRANGE", key, ahead, "-", "COUNT", 1)])
+                    return [(last[0][0].decode() if last else "0-0", b"")]
+                (reply,) = self.link.run([("XREAD", "COUNT", 100, "STREAMS", key, after)])
+        except ResponseError as exc:
+            if not is_wrong_type(exc):
+                raise
+            if not self._said_control:
+                self._said_control = True
+                log.error("%s is not a stream nbtask wrote (%s): it holds no message", key, exc)
+            return [] if after != "$" else [("0-0", b"")]
+        self._said_control = False
+        found: list[tuple[str, bytes]] = []
+        for _stream, entries in reply or ():
+            for raw_id, fields in entries:
+                entry_id = raw_id.decode()
+                if int(entry_id.split("-")[0]) > int(ahead):
+                    self.link.run([("XDEL", key, entry_id)])
+                    log.error("deleted entry %s of %s: past the clock, not nbtask's", entry_id, key)
+                    return found
+                found.append((entry_id, event_of(fields)))
+        return found
 
     # Rate limits -----------------------------------------------------------------------------
     def rate_wait(self, bucket: str, rate: float, task_id: str, horizon: float) -> float:

@@ -122,6 +122,35 @@ def test_a_dead_letter_stream_redis_refuses_entries_for_is_replaced_and_the_work
     assert len(said) == 1 and dead in said[0], said
 
 
+@pytest.mark.parametrize("how", ["another type", "ids used up"])
+def test_a_control_stream_redis_refuses_entries_for_is_replaced_and_cancel_works(
+    app: App, access: RawBroker, start_worker, tmp_path: Path, how: str
+) -> None:
+    """The control stream (how a cancel reaches the workers) planted while a worker reads
+    it: before, ``h.cancel()`` raised Redis's own error (``WRONGTYPE``, or the ids used
+    up), the task ran on, and the supervisor logged a traceback at every tick. Now the
+    cancel replaces the stream (one log line), the worker deletes the entry past the
+    clock rather than move past it, and the task is stopped."""
+    control = access.keys.control_key
+    worker = start_worker(concurrency=1)
+    marker, go = tmp_path / "marker", tmp_path / "go"
+    h = app.send_task(WAIT_FOR_FILE, (str(marker), str(go), 30.0))
+    wait_until(lambda: access.record(h.id).get(b"state") == b"STARTED", 15, "the task to start")
+    if how == "another type":
+        access.store.delete(control)
+        access.store.set(control, "not a stream")
+    else:
+        access.store.xadd(control, {"e": b"junk"}, id=f"{2**64 - 1}-{2**64 - 1}")
+    time.sleep(0.5)  # a few ticks of the worker reading it
+    assert h.cancel() is True
+    with pytest.raises(nbtask.TaskRevoked):
+        h.get(timeout=15)
+    assert not go.exists() and len(marker.read_text().split()) == 1
+    said = [line for line in worker.log.read_text().splitlines() if control in line]
+    assert len(said) == 1, said
+    assert "Traceback" not in worker.log.read_text()
+
+
 def test_unreadable_registry_entries_do_not_stop_dead_worker_recovery(
     app: App, settings: Settings, access: RawBroker, start_worker, tmp_path: Path
 ) -> None:
