@@ -17,10 +17,12 @@ from collections.abc import Mapping, Sequence
 
 from redis.exceptions import ResponseError
 
+from nbtask.brokers.bounded_reads import read_bounded
 from nbtask.brokers.redis_errors import is_wrong_type
 from nbtask.brokers.redis_link import RedisLink
 from nbtask.settings import Settings
 from nbtask.wire.records import MAX_INFO_BYTES, WorkerInfo
+from nbtask.wire.versions import MAX_VERSION_BYTES
 
 __all__ = ["WORKER_SCRIPTS", "RedisWorkers"]
 
@@ -159,8 +161,12 @@ class RedisWorkers:
         return f"{self.prefix}:versions:{worker_id}"
 
     def announce_versions(self, worker_id: str, versions: Mapping[str, str]) -> None:
-        """Keep the versions a worker runs (for as long as its registry entry lives)."""
+        """Keep the versions a worker runs (for as long as its registry entry lives).
+
+        Only those of at most :data:`MAX_VERSION_BYTES`: no longer one is read.
+        """
         key = self._versions_key(worker_id)
+        versions = {m: v for m, v in versions.items() if len(v.encode()) <= MAX_VERSION_BYTES}
         with self.link.translate_errors():
             pipe = self.link.redis.pipeline(transaction=True)
             pipe.delete(key)
@@ -170,18 +176,27 @@ class RedisWorkers:
             pipe.execute()
 
     def versions(self, worker_id: str, modules: Sequence[str]) -> dict[str, str]:
-        """The versions of ``modules`` a worker announced (those it has)."""
+        """The versions of ``modules`` a worker announced (those it has).
+
+        The hash is anyone's to write: each version is read only up to
+        :data:`MAX_VERSION_BYTES`, what a worker announces; a longer one (not written by
+        nbtask) reads as absent, with one log line, as a key of another type does.
+        """
         if not modules:
             return {}
+        key = self._versions_key(worker_id)
         with self.link.translate_errors():
-            try:
-                found = self.link.redis.hmget(self._versions_key(worker_id), list(modules))
-            except ResponseError:
-                return {}
+            found, over = read_bounded(self.link, key, dict.fromkeys(modules, MAX_VERSION_BYTES))
+        if over:
+            log.warning(
+                "left out versions of %s longer than nbtask writes in %s (not nbtask's)",
+                ", ".join(over)[:200],
+                key,
+            )
         return {
             module: value.decode("utf-8", "replace")
-            for module, value in zip(modules, found, strict=True)
-            if isinstance(value, bytes)
+            for module in modules
+            if isinstance(value := found.get(module.encode()), bytes)
         }
 
     # Notebook sessions --------------------------------------------------------------------

@@ -13,10 +13,20 @@ import platform
 import subprocess
 import sys
 
-__all__ = ["PYTHON", "installed_versions", "probe_result", "start_probe", "version_of"]
+__all__ = [
+    "MAX_VERSION_BYTES",
+    "PYTHON",
+    "installed_versions",
+    "probe_result",
+    "start_probe",
+    "version_of",
+]
 
 #: The key of the Python version among a process's versions.
 PYTHON = "python"
+#: The longest version a worker announces (a release with a long local label is far
+#: shorter): a longer one announced was not written by nbtask, and is not read.
+MAX_VERSION_BYTES = 256
 
 
 def installed_versions() -> dict[str, str]:
