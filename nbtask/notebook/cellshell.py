@@ -32,7 +32,7 @@ from nbtask.notebook.kept import RemoteValue, key_by_content
 from nbtask.notebook.logging_state import cell_logging
 from nbtask.notebook.module_code import say_which_differ
 from nbtask.notebook.shipping import CellSpec
-from nbtask.notebook.worker_shell import BASE_NS, worker_shell
+from nbtask.notebook.worker_shell import fresh_namespace, worker_shell
 from nbtask.wire.blobs import Packed
 from nbtask.wire.envelope import Envelope
 
@@ -83,9 +83,9 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
         sizes: dict[str, int] = {}  # the pickled size of each, as the notebook holds it
         before = cell_changes.digests(shipped, skip=references, sizes=sizes)
         before.update(kept_before)
-        namespace = shell.user_ns
-        namespace.clear()
-        namespace.update(BASE_NS)
+        # A new namespace, the last one left to a thread its cell left running: one that
+        # calls its cell's functions reads and writes that cell's names, never this one's.
+        namespace = fresh_namespace(shell, empty_last=not process_state.task_threads_alive())
         namespace.update(shipped)
         namespace.update(datasets or {})
         # A dataset is the worker's: like a shipped value, it returns only if changed.

@@ -59,6 +59,7 @@ __all__ = [
     "capture",
     "changes",
     "imported_state_modules",
+    "task_threads_alive",
 ]
 
 #: One snapshot: kind -> its state (each kind optional).
@@ -212,7 +213,7 @@ class Applied:
         """What the cell changed since ``before``; noted, to skip the next apply if nothing."""
         # Threads first: one the cell left running could change the state after the
         # snapshot, so with one alive the next cell applies the state whatever.
-        others = _task_threads_alive()
+        others = task_threads_alive()
         after = capture()
         if self._own_limit is not None:
             _set_recursion_limit(self._own_limit)
@@ -255,7 +256,7 @@ class _Lent:
         self.paths += [p for p in paths if p not in self.paths and p not in _OWN_PATH]
 
 
-def _task_threads_alive() -> bool:
+def task_threads_alive() -> bool:
     """Whether a thread other than this one and the process's own is alive.
 
     Threads are counted by their frames too: one started with ``_thread.start_new_thread``

@@ -14,6 +14,7 @@ import importlib.abc
 import importlib.machinery
 import os
 import sys
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -27,7 +28,7 @@ from traitlets.config import Config
 
 from nbtask.core.context import current_request, progress
 
-__all__ = ["BASE_NS", "worker_shell"]
+__all__ = ["BASE_NS", "fresh_namespace", "worker_shell"]
 
 _SHELL: Any = None  # the worker's one IPython shell, made on first use in this process
 #: The names every cell's namespace starts with (the shell's own).
@@ -46,6 +47,34 @@ def worker_shell() -> Any:
         _SHELL = _make_shell()
         BASE_NS.update(_SHELL.user_ns)
     return _SHELL
+
+
+def fresh_namespace(shell: Any, *, empty_last: bool) -> dict[str, Any]:
+    """Give ``shell`` a new namespace for the next cell, holding only :data:`BASE_NS`.
+
+    A new dict, not the last cell's emptied: the functions a cell defined have that dict as
+    their globals, so a thread the cell left running (a ``threading.Timer``, a pool's, a
+    library's that calls the cell back) goes on reading and writing its own cell's names,
+    as in a kernel, and never the next cell's, which may be another notebook's. Whatever
+    of IPython looks up the namespace (``exec``'s globals, the display hook's ``_``,
+    ``%who``, ``sys.modules["__main__"]`` that ``pickle`` finds the cell's names in) is
+    given the new one.
+
+    ``empty_last``: no such thread is alive, and the last namespace is emptied at once, so
+    its values are freed now, as the cell ends, not whenever the garbage collector gets to
+    them (a function it holds refers back to it). With one alive, the thread keeps it.
+    """
+    last, last_module = shell.user_ns, shell.user_module
+    module = types.ModuleType("__main__")
+    namespace: dict[str, Any] = module.__dict__
+    namespace.update(BASE_NS)
+    shell.user_module, shell.user_ns = module, namespace
+    shell.ns_table["user_global"] = shell.ns_table["user_local"] = namespace
+    if sys.modules.get("__main__") is last_module:
+        sys.modules["__main__"] = module
+    if empty_last:
+        last.clear()
+    return namespace
 
 
 def _make_shell() -> Any:

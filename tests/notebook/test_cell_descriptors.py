@@ -177,8 +177,7 @@ def test_what_a_thread_an_earlier_cell_left_running_writes_reaches_no_later_cell
     ip: InteractiveShell, one_process: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Its descriptor writes go to the worker's log while it lives, as its prints are
-    dropped: the later cell may be another notebook's. Before, they showed in it. (The
-    thread imports what it uses: the cell's namespace is cleared once the cell ends.)"""
+    dropped: the later cell may be another notebook's. Before, they showed in it."""
     worker = one_process
     ip.run_cell_magic(
         "task",
