@@ -45,7 +45,8 @@ def effects(
     kernel loads them so (``spec.sent_inside``).
     """
     out: dict[str, Any] = {}
-    for name, value in namespace.items():
+    # A copy (taken at once): a thread the cell left running may bind names meanwhile.
+    for name, value in list(namespace.items()):
         if name in BASE_NS and BASE_NS[name] is value:
             continue
         # Read, not rebound: send it back only if its pickled state changed.

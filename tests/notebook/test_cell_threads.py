@@ -134,3 +134,20 @@ def test_a_cell_finds_its_own_names_through_main_as_pickle_does(
             "again = pickle.loads(pickle.dumps(Point))\ngot, same = again.v, again is Point",
         )
         assert (ip.user_ns["got"], ip.user_ns["same"]) == (value, True)
+
+
+def test_a_cell_ends_well_while_a_thread_it_left_running_binds_new_names(
+    ip: InteractiveShell, one_process: Any
+) -> None:
+    """What the cell bound is read from its namespace while the thread adds to it: the
+    names bound by then come back, as they would be in a kernel's namespace."""
+    cell_task(
+        ip,
+        "import threading, time\n"
+        "def grow():\n    for i in range(200_000):\n        globals()[f'g{i}'] = i\n"
+        "        if i % 50 == 0:\n            time.sleep(0.0005)\n"
+        "threading.Thread(target=grow, daemon=True).start()\n"
+        "time.sleep(0.3)",
+    )
+    grown = sorted(n for n in ip.user_ns if n.startswith("g") and n[1:].isdigit())
+    assert len(grown) > 100, len(grown)
