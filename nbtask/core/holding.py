@@ -85,10 +85,17 @@ def is_holder_queue(queue: str) -> bool:
     return queue.startswith(_HOLDER_PREFIX)
 
 
-def value_key(layout: Sequence[Part], inline: bytes) -> str:
-    """A kept value's key in a holding: a digest of its layout (blob digests) and inline bytes."""
+def value_key(layout: Sequence[Part], inline: bytes, keeper: str = "") -> str:
+    """A kept value's key in a holding: a digest of its layout, inline bytes and keeper id.
+
+    Without ``keeper``, its key by content (what :func:`key_of` gives it). With it, two
+    values kept apart with the same bytes (``seen = []``, ``errors = []``) are held apart:
+    two objects, as they were where they were made, so changing one leaves the other as it
+    was. Names bound to one kept value (``alias = x``) share its keeper, and so one object.
+    """
     text = json.dumps([part.to_json() for part in layout]).encode()
-    return hashlib.sha256(text + b"\x00" + inline).hexdigest()
+    extra = b"\x00" + keeper.encode() if keeper else b""
+    return hashlib.sha256(text + b"\x00" + inline + extra).hexdigest()
 
 
 def key_of(value: Any) -> str:
@@ -128,8 +135,9 @@ class HeldValue:
     made_by: str
     #: Given to a function task as it is: it may have been changed in place since.
     lent: bool = False
-    #: A sealed value's key by content (what :func:`key_of` gives it unchanged), known
-    #: once its store copy was sealed ("" before); ``None``: its key is by content.
+    #: Its key by content (what :func:`key_of` gives it unchanged): a sealed value's is
+    #: known once its store copy was sealed ("" before); ``None``: its key is by content
+    #: (held without a keeper id).
     content_key: Callable[[], str] | None = None
     #: Who can name it (:func:`session_namer`, :func:`keeper_namer`): while none of them is
     #: marked alive in the store, it is kept only ``result_ttl`` from its last use.
@@ -225,7 +233,7 @@ class Holding:
         with self._lock:
             self.ever_held = True
             before = self._held.get(key)
-            if before is not None:  # the same bytes kept again: named by both
+            if before is not None:  # the same kept value held again: named by both
                 held.namers.update(before.namers)
             self._held[key] = held
             self._held.move_to_end(key)

@@ -66,6 +66,10 @@ class ValueRef:
         there while that process lives (:mod:`nbtask.core.placement`).
     """
 
+    #: The id made for this value alone when it was kept (a notebook's keeper), "" if it has
+    #: none (a reference pickled before keepers existed): part of its key in a holding.
+    keeper = ""
+
     def __init__(self, name: str, layout: list[Part], inline: bytes) -> None:
         self.name = name
         self.layout = layout
@@ -75,7 +79,15 @@ class ValueRef:
 
     @property
     def key(self) -> str:
-        """The value's key in a worker's holding (:func:`~nbtask.core.holding.value_key`)."""
+        """The value's key in a worker's holding (:func:`~nbtask.core.holding.value_key`).
+
+        Its own (by its keeper): another value kept with the same bytes is another object.
+        """
+        return value_key(self.layout, self.inline, self.keeper)
+
+    @property
+    def content_key(self) -> str:
+        """Its key by content, unsealed: what :func:`~nbtask.core.holding.key_of` gives it."""
         return value_key(self.layout, self.inline)
 
     @property

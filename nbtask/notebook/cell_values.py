@@ -72,8 +72,15 @@ def namers_of(reference: RemoteValue) -> set[str]:
 
 
 def held_value(name: str, value: Any, reference: RemoteValue) -> HeldValue:
-    """``value``, kept under ``reference``, as this process holds it."""
-    return HeldValue(value, name, reference.size, reference.made_by, namers=namers_of(reference))
+    """``value``, kept under ``reference``, as this process holds it.
+
+    Held under its own key (:attr:`~nbtask.core.refs.ValueRef.key`), its key by content
+    tells whether work changed it; a sealed value's is set once known.
+    """
+    held = HeldValue(value, name, reference.size, reference.made_by, namers=namers_of(reference))
+    if not reference.sealed:
+        held.content_key = functools.partial(str, reference.content_key)
+    return held
 
 
 def keep_here(name: str, value: Any, packed: Packed, spec: CellSpec) -> RemoteValue:

@@ -79,7 +79,6 @@ class RemoteValue(ValueRef):
         Its use of its blobs in the store, released with it ("" if it has none).
     """
 
-    keeper = ""  # a reference pickled before keepers existed
     #: Why the value is gone (its session ended and released it), or "".
     released = ""
     _signer: Signer | None = None  # also for a reference pickled before seals existed

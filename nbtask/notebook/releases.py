@@ -187,7 +187,7 @@ class Releases:
         by_holder: dict[tuple[str, int], set[str]] = collections.defaultdict(set)
         blobs: dict[str, dict[str, int]] = {}
         for holder, pid, key, keeper, sizes in due:
-            # Another reference of the same bytes, kept apart, may still use the live object.
+            # Another reference of the same kept value (its keeper) may still use it.
             if holder and (holder, pid, key) not in still_referenced:
                 by_holder[holder, pid].add(key)
             if keeper:

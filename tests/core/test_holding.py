@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from nbtask.core.holding import HeldValue, Holding, holder_queue, is_holder_queue
+from nbtask.core.refs import ValueRef
+from nbtask.wire.blobs import Part
 
 
 def held(name: str, size: int) -> HeldValue:
@@ -95,3 +97,18 @@ def test_the_same_bytes_kept_again_are_named_by_both() -> None:
     holding.hold("key", first)
     holding.hold("key", second)
     assert [v.namers for v in holding.values()] == [{"k:1", "k:2"}]
+
+
+def reference(keeper: str) -> ValueRef:
+    value = ValueRef("x", [Part(100, "d1")], b"inline")
+    value.keeper = keeper
+    return value
+
+
+def test_two_kept_values_with_the_same_bytes_are_held_under_two_keys() -> None:
+    # Held by content, two values equal when kept were one object on their holder:
+    # changing one changed the other.
+    assert reference("k1").key != reference("k2").key
+    assert reference("k1").key == reference("k1").key  # one value, however many names
+    assert reference("k1").content_key == reference("k2").content_key
+    assert reference("").key == reference("").content_key  # a reference without a keeper

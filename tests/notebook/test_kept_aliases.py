@@ -1,5 +1,7 @@
 """Names bound to one kept value stand for one object: kept once, fetched once, ``is`` holds.
 
+Two kept values stand for two objects, though their contents are equal.
+
 A real IPython shell against the real Redis and worker processes, with ``keep_threshold``
 lowered to 1 MiB so that a 2.4 MB array is kept.
 """
@@ -119,3 +121,43 @@ def test_a_kept_value_is_named_by_a_name_the_notebook_binds_to_it(
     assert "x.fetch()" not in said and "alias.fetch() does so now" in said
     with pytest.raises(TypeError, match=r"^len\(alias\): alias \(numpy.ndarray\) is kept"):
         len(ip.user_ns["alias"])
+
+
+@pytest.mark.brokers()
+@pytest.mark.parametrize(
+    "cells",
+    [
+        [("seen = []\nerrors = []", "--wait --keep seen --keep errors")],
+        [("seen = np.zeros(300_000)", "--wait"), ("errors = np.zeros(300_000)", "--wait")],
+    ],
+    ids=["two-lists-one-cell", "two-arrays-two-cells"],
+)
+def test_two_kept_values_with_equal_contents_stay_two_objects(
+    ip: InteractiveShell, nb: Session, broker_kind: str, cells: list[tuple[str, str]]
+) -> None:
+    """Equal bytes, two objects in the notebook: two on the workers (were one, held by content)."""
+    run(ip, "import numpy as np")
+    for cell, line in cells:
+        task(ip, cell, line)
+    assert ip.user_ns["seen"].keeper != ip.user_ns["errors"].keeper
+    task(ip, "same = seen is errors\nseen += [1.0]\ntotal = float(sum(errors))")
+    assert ip.user_ns["same"] is False, "two kept values were one object in a %%task cell"
+    assert ip.user_ns["total"] == 0.0, "changing seen changed errors"
+    assert run(ip, "seen is not errors and float(sum(seen)) > 0.0 == float(sum(errors))")
+
+
+@pytest.mark.brokers()
+def test_a_function_task_given_two_kept_values_with_equal_contents_gets_two_objects(
+    ip: InteractiveShell, nb: Session, broker_kind: str
+) -> None:
+    """A value passed twice (``f(seen, seen)``) is one object still, as locally."""
+    task(ip, "seen = []\nerrors = []", "--wait --keep seen --keep errors")
+
+    @nb.app.task
+    def add_and_len(a: list[str], b: list[str]) -> list[Any]:
+        a.append("a.csv")
+        return [len(b), a is b]
+
+    ip.user_ns["add_and_len"] = add_and_len
+    assert run(ip, "add_and_len.delay(seen, errors).get(timeout=30)") == [0, False]
+    assert run(ip, "add_and_len.delay(errors, errors).get(timeout=30)") == [1, True]
