@@ -41,6 +41,7 @@ from nbtask.notebook.follow import (
 )
 from nbtask.notebook.kept import RemoteValue
 from nbtask.notebook.overview import TaskOverview
+from nbtask.notebook.own_lines import OwnLines
 from nbtask.notebook.pending import Pending
 from nbtask.notebook.releases import Releases, ReleaseTask
 from nbtask.notebook.shipping import analyzed, prepare, transformed
@@ -104,6 +105,7 @@ class Session(TaskOverview):
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
         self._timers: list[threading.Timer] = []
+        self._own_lines = OwnLines()  # nbtask's own warnings, as its other lines look
 
     # Lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -114,6 +116,7 @@ class Session(TaskOverview):
         self.shell.push({WAIT_NAME: self.pending.wait}, interactive=False)
         self.shell.ast_transformers.append(self.inserter)
         self.shell.events.register("pre_run_cell", self._pre_run_cell)
+        self._own_lines.add()
         self._ticker = threading.Thread(target=self._tick, name="nbtask-ticker", daemon=True)
         self._ticker.start()
         # A kernel shutting down unloads no extension: its session ends at exit, before
@@ -142,6 +145,7 @@ class Session(TaskOverview):
             self.shell.ast_transformers.remove(self.inserter)
         with contextlib.suppress(ValueError):  # not registered
             self.shell.events.unregister("pre_run_cell", self._pre_run_cell)
+        self._own_lines.remove()
         self.shell.user_ns.pop(WAIT_NAME, None)
         self.shell.user_ns_hidden.pop(WAIT_NAME, None)
         if self.app.fetch_watch == self._watch_fetch:  # an app that outlives the session

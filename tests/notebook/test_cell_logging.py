@@ -148,3 +148,24 @@ def test_logging_a_cell_turns_off_stays_off_for_the_notebook_and_back_on(
         "%%task --wait\nlogging.disable(logging.NOTSET)\nlogging.getLogger('lib').disabled = False"
     )
     assert run_in_kernel(state) == "0 False\n"
+
+
+def test_nbtasks_own_warnings_in_the_kernel_are_one_line_saying_they_are_nbtasks(
+    run_in_kernel: Callable[[str], str],
+) -> None:
+    # Before, logging's last resort showed them bare ('event channel readable again after
+    # 6.5 s'), an error with a traceback of nbtask's frames.
+    listener = "import logging\nlog = logging.getLogger('nbtask.client.listener')\n"
+    said = run_in_kernel(f"{listener}log.warning('event channel readable again after 6.5 s')")
+    assert said == "nbtask: event channel readable again after 6.5 s\n", said
+    said = run_in_kernel(
+        "try:\n    {}['gone']\nexcept KeyError:\n"
+        "    log.exception('error reading the event channel; retrying until it reads')"
+    )
+    assert said == (
+        "nbtask: error reading the event channel; retrying until it reads (KeyError: 'gone')\n"
+    ), said
+    # A notebook that set up logging gets them through its own handlers, once.
+    run_in_kernel("logging.basicConfig(format='%(levelname)s %(name)s: %(message)s')")
+    said = run_in_kernel("log.warning('event channel unreachable (refused)')")
+    assert said == "WARNING nbtask.client.listener: event channel unreachable (refused)\n", said
