@@ -80,7 +80,13 @@ def test_a_killed_kernels_kept_value_leaves_its_holders_memory_saying_so(
     kill(km)
     # Before: held for ever (only the spill past worker_memory_budget dropped it).
     wait_until(lambda: not held(app), 120, "the holder to drop x")
-    said = [line for line in worker.log.read_text().splitlines() if "dropped x (" in line]
+
+    # The holder announces what it holds as it drops x, then logs why: read the log after.
+    def said_dropped() -> list[str]:
+        return [line for line in worker.log.read_text().splitlines() if "dropped x (" in line]
+
+    wait_until(lambda: bool(said_dropped()), 10, "the holder to log why it dropped x")
+    said = said_dropped()
     assert len(said) == 1, said
     assert "no live notebook session has named it for result_ttl (10 s)" in said[0], said
 
