@@ -162,14 +162,8 @@ class Store(Protocol):
     def forget_ended_before(self, seconds: float) -> None:
         """Forget which tasks ended more than ``seconds`` ago (their replays are too old)."""
 
-    def unclaim(self, task_id: str, by: StartBy) -> None:
-        """Undo ``by``'s start check of a message that then failed verification.
-
-        The task id beside a message is anyone's to write: a record only that check
-        wrote (no client sent the task) is deleted, and one still STARTED by ``by`` is
-        PENDING again, so the task's own message runs (or runs on) as if the forgery
-        had not come.
-        """
+    def forget_unsent(self, task_id: str) -> None:
+        """Delete a record that only a start check wrote: no client ever sent that task."""
 
     def settle(self, end: Settlement) -> str:
         """Store a task's end (no fields: delete its record) and tell its client.

@@ -238,9 +238,9 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
         )
         return reply.decode() if isinstance(reply, bytes) else str(reply)
 
-    def unclaim(self, task_id: str, by: StartBy) -> None:
-        """Undo ``by``'s start check of a message that failed verification (see base)."""
-        self.link.call("unclaim", [self.record_key(task_id)], by.worker, by.pid, by.consumer)
+    def forget_unsent(self, task_id: str) -> None:
+        """Delete a record that only a start check wrote (it names no client)."""
+        self.link.call("forget_unsent", [self.record_key(task_id)])
 
     def settle_args(self, end: Settlement) -> tuple[tuple[str, str, str], tuple[Any, ...]]:
         """Keys and arguments of the step ending a task (see :meth:`settle`).

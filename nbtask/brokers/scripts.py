@@ -425,23 +425,14 @@ return aside
 # script). KEYS: the key. Returns 1 if it held another type, else 0.
 _SET_ASIDE = SET_ASIDE + "return set_aside(KEYS[1])\n"
 
-# Undo a start check's mark for a message that then failed verification (the task id
-# beside it is anyone's to write). A record without a client was written by that check
-# alone (no client sent that task): deleted, 1. One this consumer still holds STARTED is
-# PENDING again, as the check found it: 2 (the task's own message runs, or runs on, as if
-# the forgery had not come). KEYS: record; ARGV: worker, pid, consumer
-_UNCLAIM = (
+# A record without a client was written by a start check alone, for a task id that came
+# beside a message no client sent (it then failed verification): delete it. KEYS: record
+_FORGET_UNSENT = (
     _RECORD_STATE
     + """
 if record_state(KEYS[1]) == 'bad' then return 0 end
 if redis.call('HEXISTS', KEYS[1], 'client') == 0 then return redis.call('DEL', KEYS[1]) end
-local by = redis.call('HMGET', KEYS[1], 'state', 'worker', 'pid', 'consumer')
-if by[1] ~= 'STARTED' or by[2] ~= ARGV[1] or by[3] ~= ARGV[2] or by[4] ~= ARGV[3] then
-  return 0
-end
-redis.call('HSET', KEYS[1], 'state', 'PENDING')
-redis.call('HDEL', KEYS[1], 'worker', 'pid', 'consumer', 'started_at')
-return 2
+return 0
 """
 )
 
@@ -517,6 +508,6 @@ STORE_SCRIPTS = {
     "revoke": _REVOKE,
     "forget_ended": _FORGET_ENDED,
     "set_aside": _SET_ASIDE,
-    "unclaim": _UNCLAIM,
+    "forget_unsent": _FORGET_UNSENT,
     "claim_due": _CLAIM_DUE,
 }

@@ -30,6 +30,7 @@ from nbtask.worker.follow_ups import FollowUps
 from nbtask.worker.settle import (
     Outcome,
     failure_event,
+    report,
     send_stored_outcome,
 )
 
@@ -222,11 +223,24 @@ class Admission:
         )
         self.transport.dead_letter(delivery)
         if delivery.verdict == Verdict.OK and delivery.task_id:
-            # The start check marked the task the id beside it names STARTED: undone. No
-            # failure is stated for that task: nothing signed says which task this message
-            # was (a forgery may name one that is queued, or running elsewhere).
-            by = StartBy(self.hostname, str(os.getpid()), self.consumer)
-            self.transport.store.unclaim(delivery.task_id, by)
+            self._report_unverifiable(delivery.task_id, exc)
+
+    def _report_unverifiable(self, task_id: str, exc: BaseException) -> None:
+        """Settle a task whose message failed verification (it was marked STARTED)."""
+        record = self.transport.store.get_record(task_id)
+        if record is None or not self.transport.store.is_channel(record.client):
+            # No client sent this task: the id beside the message was forged, and the
+            # record is the start check's alone.
+            self.transport.store.forget_unsent(task_id)
+            return
+        why = NbtaskError(f"the message for this task failed verification and was not run: {exc}")
+        report(
+            self.transport,
+            self.signer,
+            task_id,
+            record.client,
+            failure_event(task_id, FINAL_SEQ, why, run=(self.settings.key_prefix, record.sent)),
+        )
 
     def _start_verdict(self, admitted: Admitted) -> str | None:
         """``None`` if the task may start (it is now STARTED), else the state forbidding it.

@@ -3,10 +3,8 @@ broker and the store but not the secret. Written while a task runs (``WORKER_LOS
 reset to ``PENDING`` with a copy of the genuine message put back: the task's outcome is
 stored and sent all the same, and the copy is dropped. Written while a task waits
 (``STARTED``) as its client revokes it with ``terminate=True``, then reset to ``PENDING``:
-the task never runs. Set to ``PENDING`` while a task runs, with a forgery naming the
-task: the task is not failed, and its run ends it. Only signed facts (a stored signed
-outcome, the ended-task set, a revoke's signed event) say that a task ended or may not
-start. Both brokers."""
+the task never runs. Only signed facts (a stored signed outcome, the ended-task set, a
+revoke's signed event) say that a task ended or may not start. Both brokers."""
 
 from __future__ import annotations
 
@@ -31,28 +29,6 @@ def _log_count(worker: WorkerProcess, text: str) -> int:
 
 def _state(access: RawBroker, task_id: str) -> bytes:
     return access.record(task_id).get(b"state", b"")
-
-
-def test_a_forgery_naming_a_running_task_reset_to_pending_does_not_fail_it(
-    app: App, access: RawBroker, start_worker, tmp_path: Path
-) -> None:
-    """While a task runs, its plain state set to ``PENDING`` and a message that does not
-    verify put on its queue with the task's id beside it: before, the worker signed a
-    FAILURE for the task ("failed verification and was not run", though it ran) and its
-    real end was then dropped. Now the forgery is dead-lettered, the start check's mark
-    undone, and the task's own run ends it."""
-    marker, go = tmp_path / "marker", tmp_path / "go"
-    h = app.send_task(WAIT, (str(marker), str(go)))
-    worker = start_worker(concurrency=2)
-    wait_until(lambda: _state(access, h.id) == b"STARTED", 20, "the task to start")
-    access.store.hset(access.keys.record_key(h.id), "state", "PENDING")
-    access.inject(b"NBT\x02 this is not a signed message", task_id=h.id)
-    wait_until(lambda: _log_count(worker, "rejected message") == 1, 20, "the forgery rejected")
-    go.touch()
-    pid = h.get(timeout=20)
-    assert marker.read_text().split() == [str(pid)]
-    assert _state(access, h.id) == b"SUCCESS"
-    assert app.handle(h.id).get(timeout=10) == pid
 
 
 def test_a_plain_worker_lost_state_keeps_no_outcome_from_being_stored_nor_lets_a_replay_run(

@@ -310,21 +310,19 @@ def test_forged_message_naming_an_unknown_task_leaves_no_record(
     assert len(_log_lines(small_worker, "rejected")) == 1
 
 
-def test_forged_message_naming_a_pending_task_leaves_it_to_its_own_message(
+def test_forged_message_naming_a_pending_task_fails_it_and_says_why(
     app: App, access: RawBroker, start_worker: Callable[..., WorkerProcess], tmp_path: Path
 ) -> None:
     """A message that does not verify, beside the id of a real queued task, is refused; the
-    start check had already claimed that task: it is PENDING again, and its own message
-    runs it. Before, the worker signed a FAILURE for it ("failed verification") on the
-    strength of an id anyone can write beside a message."""
+    start check had already claimed that task, so its client is told it was not run."""
     attack = Attack(app, tmp_path)
     # The genuine message waits for its countdown; the forgery is on the queue now.
     genuine = app.send_task(ADD_TASK, (1, 2), countdown=3.0)
     access.inject(_wrong_key(attack), task_id=genuine.id)
     worker = start_worker(concurrency=1)
-    assert genuine.get(timeout=15) == 3
-    assert len(access.dead_letters()) == 1
-    assert access.record(genuine.id)[b"state"] == b"SUCCESS"
+    with pytest.raises(nbtask.NbtaskError, match="failed verification"):
+        genuine.get(timeout=15)
+    assert access.record(genuine.id)[b"state"] == b"FAILURE"
     assert not attack.trace.exists() and not attack.marker.exists()
     assert len(_log_lines(worker, "rejected")) == 1
     assert app.send_task(ADD_TASK, (2, 2)).get(timeout=15) == 4
