@@ -328,6 +328,16 @@ def test_forged_message_naming_a_pending_task_fails_it_and_says_why(
     assert app.send_task(ADD_TASK, (2, 2)).get(timeout=15) == 4
 
 
+def test_a_genuine_message_over_the_workers_size_limit_fails_its_task_saying_why(
+    app: App, small_worker: WorkerProcess
+) -> None:
+    """A worker whose ``max_message_bytes`` is below its client's cannot take the message:
+    the task fails saying so, not left PENDING for ever."""
+    handle = app.send_task(ADD_TASK, ("x" * (2 * SMALL_LIMIT), "y"))
+    with pytest.raises(nbtask.NbtaskError, match=r"failed verification.*over the limit"):
+        handle.get(timeout=15)
+
+
 @pytest.mark.parametrize("named", [True, False], ids=["id-named", "id-unnamed"])
 def test_worker_drops_replay_of_finished_task(
     named: bool,
