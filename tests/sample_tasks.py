@@ -32,6 +32,14 @@ def recursion_limit() -> int:
     return sys.getrecursionlimit()
 
 
+@app.task
+def decimal_third() -> str:
+    """One third in this worker process's decimal context, as a plain task finds it."""
+    import decimal
+
+    return str(decimal.Decimal(1) / 3)
+
+
 @app.task(acks_late=True)
 def slow_marker(path: str, seconds: float) -> int:
     """Append this process's pid to ``path``, sleep, and return the pid."""

@@ -19,6 +19,7 @@ numpy or pandas.
 from __future__ import annotations
 
 import contextlib
+import decimal
 import importlib
 import os
 import random
@@ -178,9 +179,10 @@ class Applied:
     running, and no other task (nor a dataset's loader) ran here since: any of those could
     have changed it.
 
-    The recursion limit is the cell's only while it runs: a plain task run here next finds
-    the process's own (a kernel's higher one could let its runaway recursion overflow the
-    C stack instead of raising :class:`RecursionError`).
+    The recursion limit and the ``decimal`` context are the cell's only while it runs: a
+    plain task run here next finds the process's own (a kernel's higher limit could let its
+    runaway recursion overflow the C stack instead of raising :class:`RecursionError`; a
+    notebook's 5 digits would round a task's sums).
     """
 
     def __init__(self) -> None:
@@ -189,6 +191,7 @@ class Applied:
         self._runs = -1  # tasks begun in this process when that cell began
         self._lent = _Lent()
         self._own_limit: int | None = None  # the recursion limit to put back after the cell
+        self._own_decimal: decimal.Context | None = None  # and the decimal context
 
     def enter(self, pickled: bytes, state: Mapping[str, Any], *, again: bool = False) -> State:
         """Be in ``state`` (``pickled`` as shipped) for a cell; the snapshot before it.
@@ -201,9 +204,14 @@ class Applied:
         self._pickled, self._runs = None, runs
         if self._own_limit is None:  # (set already: a retry, or a cell that never left)
             self._own_limit = sys.getrecursionlimit()
+            self._own_decimal = decimal.getcontext()
+            decimal.setcontext(self._own_decimal.copy())  # the cell's, changed in its place
         if in_it:
-            if "recursionlimit" in state:  # put back to the process's own after each cell
+            # Put back to the process's own after each cell.
+            if "recursionlimit" in state:
                 _set_recursion_limit(state["recursionlimit"])
+            if "decimal" in state:
+                set_decimal_context(state["decimal"])
             return self._after
         self._lent.take_back(state)
         apply(state)
@@ -218,6 +226,9 @@ class Applied:
         if self._own_limit is not None:
             _set_recursion_limit(self._own_limit)
             self._own_limit = None
+        if self._own_decimal is not None:
+            decimal.setcontext(self._own_decimal)
+            self._own_decimal = None
         changed = changes(before, after)
         own = before.get("environ", {})
         self._lent.note(changed.get("environ", {}), changed.get("sys.path", []), own)

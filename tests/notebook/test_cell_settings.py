@@ -72,9 +72,12 @@ def test_numpy_error_handling_follows_the_notebook_both_ways(
     assert ip.user_ns["quotient"] == np.inf
 
 
-def test_the_decimal_context_follows_the_notebook_both_ways(
-    ip: InteractiveShell, nb: Session, decimal_settings: None
+def test_the_decimal_context_follows_the_notebook_both_ways_and_plain_tasks_keep_their_own(
+    ip: InteractiveShell, loaded: Session, start_worker: Any, decimal_settings: None
 ) -> None:
+    start_worker(concurrency=1)  # every cell and task in one process
+    own = loaded.app.send_task("tests.sample_tasks.decimal_third").get(30)
+    assert own == "0." + "3" * 28  # decimal's default context
     # Before, a cell computed with the worker's context: 28 digits, rounded half even.
     run(ip, "import decimal\ndecimal.getcontext().prec = 40\n")
     run(ip, "decimal.getcontext().rounding = decimal.ROUND_UP")
@@ -88,6 +91,10 @@ def test_the_decimal_context_follows_the_notebook_both_ways(
     assert not context.traps[decimal.DivisionByZero] and context.traps[decimal.InvalidOperation]
     task(ip, "again = str(decimal.Decimal(2) / 3)\ninfinite = str(decimal.Decimal(1) / 0)")
     assert (ip.user_ns["again"], ip.user_ns["infinite"]) == ("0.66667", "Infinity")
+    # A plain task in the same process finds the process's own context, not the notebook's.
+    assert loaded.app.send_task("tests.sample_tasks.decimal_third").get(30) == own
+    task(ip, "last = str(decimal.Decimal(1) / 3)")  # and the next cell the notebook's again
+    assert ip.user_ns["last"] == "0.33334"
 
 
 def test_the_recursion_limit_follows_the_notebook_both_ways_and_plain_tasks_keep_their_own(
