@@ -85,7 +85,7 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
         before.update(kept_before)
         # A new namespace, the last one left to a thread its cell left running: one that
         # calls its cell's functions reads and writes that cell's names, never this one's.
-        namespace = fresh_namespace(shell, empty_last=not process_state.task_threads_alive())
+        namespace = fresh_namespace(shell, threads=process_state.task_threads())
         namespace.update(shipped)
         namespace.update(datasets or {})
         # A dataset is the worker's: like a shipped value, it returns only if changed.

@@ -60,6 +60,7 @@ __all__ = [
     "capture",
     "changes",
     "imported_state_modules",
+    "task_threads",
     "task_threads_alive",
 ]
 
@@ -268,13 +269,18 @@ class _Lent:
 
 
 def task_threads_alive() -> bool:
-    """Whether a thread other than this one and the process's own is alive.
+    """Whether a thread other than this one and the process's own is alive."""
+    return bool(task_threads())
+
+
+def task_threads() -> set[int | None]:
+    """The threads alive other than this one and the process's own, by ident.
 
     Threads are counted by their frames too: one started with ``_thread.start_new_thread``
     (as some libraries do) runs Python code, once begun, that :mod:`threading` does not list.
     """
     alive = {t.ident for t in threading.enumerate()} | set(sys._current_frames())
-    return bool(alive - _own_threads() - {threading.get_ident()})
+    return alive - _own_threads() - {threading.get_ident()}
 
 
 def _own_threads() -> set[int | None]:

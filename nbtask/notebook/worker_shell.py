@@ -49,7 +49,11 @@ def worker_shell() -> Any:
     return _SHELL
 
 
-def fresh_namespace(shell: Any, *, empty_last: bool) -> dict[str, Any]:
+#: The threads of tasks alive as the last cell began (see :func:`fresh_namespace`).
+_THREADS_AT_LAST_CELL: set[int | None] = set()
+
+
+def fresh_namespace(shell: Any, *, threads: set[int | None]) -> dict[str, Any]:
     """Give ``shell`` a new namespace for the next cell, holding only :data:`BASE_NS`.
 
     A new dict, not the last cell's emptied: the functions a cell defined have that dict as
@@ -60,10 +64,14 @@ def fresh_namespace(shell: Any, *, empty_last: bool) -> dict[str, Any]:
     ``%who``, ``sys.modules["__main__"]`` that ``pickle`` finds the cell's names in) is
     given the new one.
 
-    ``empty_last``: no such thread is alive, and the last namespace is emptied at once, so
-    its values are freed now, as the cell ends, not whenever the garbage collector gets to
-    them (a function it holds refers back to it). With one alive, the thread keeps it.
+    ``threads``: the threads of tasks alive now. When none of them began since the last
+    cell began (none was started by it), the last namespace is emptied at once, so its
+    values are freed now, not whenever the garbage collector gets to them (a function it
+    holds refers back to it). A thread an earlier cell left running keeps only its own.
     """
+    empty_last = not threads - _THREADS_AT_LAST_CELL
+    _THREADS_AT_LAST_CELL.clear()
+    _THREADS_AT_LAST_CELL.update(threads)
     last, last_module = shell.user_ns, shell.user_module
     module = types.ModuleType("__main__")
     namespace: dict[str, Any] = module.__dict__
