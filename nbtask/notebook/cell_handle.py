@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 from nbtask.errors import CellError
 from nbtask.notebook.cell_run import CellRun, sent_label
 from nbtask.notebook.celltask import CellTask
+from nbtask.notebook.kept import RemoteValue
 
 if TYPE_CHECKING:
     from nbtask.core.handle import TaskHandle
     from nbtask.notebook.pending import Pending
 
-__all__ = ["CellHandle", "reattached_cell"]
+__all__ = ["CellHandle", "CellValues", "reattached_cell"]
 
 
 def reattached_cell(handle: TaskHandle, pending: Pending) -> TaskHandle:
@@ -46,8 +47,10 @@ class CellHandle:
     returns for a named cell. They are the notebook's objects (``h.get()["df"] is df``),
     as the notebook holds them when first asked: the cell's values are written into the
     notebook first if they were not yet, as a later cell reading one of them would, and a
-    name a later cell bound before that is left out. The cell's failure is raised as the
-    task handle's ``get()`` raises it.
+    name a later cell bound before that is left out. A value kept on the workers is
+    fetched where it is read (``h.get()["arr"]``), as a cell reading its name fetches it
+    (see :class:`CellValues`). The cell's failure is raised as the task handle's
+    ``get()`` raises it.
 
     Everything else is the task's :class:`~nbtask.core.handle.TaskHandle` (:attr:`handle`):
     ``id``, ``state``, ``stdout``, ``done()``, ``cancel()``, ``revoke()``...
@@ -96,7 +99,7 @@ class CellHandle:
             return outcome
         return self._delivered()
 
-    def result(self, timeout: float | None = None) -> dict[str, Any]:
+    def result(self, timeout: float | None = None) -> CellValues:
         """The cell's values, as :meth:`get` (``concurrent.futures.Future``'s name)."""
         self.handle.result(timeout)
         return self._delivered()
@@ -105,7 +108,7 @@ class CellHandle:
         """The cell's values, as :meth:`get` (Celery's ``AsyncResult.wait``)."""
         return self.get(timeout, propagate=propagate)
 
-    def _delivered(self) -> dict[str, Any]:
+    def _delivered(self) -> CellValues:
         """The values of the finished cell, written into the notebook if not yet."""
         if self._values is None:
             run = self._run
@@ -127,7 +130,7 @@ class CellHandle:
                 self._pending.deliver(run, raise_errors=True)
             namespace = self._pending.namespace
             self._values = {n: namespace[n] for n in names if n in namespace}
-        return dict(self._values)
+        return CellValues(self._values, self._pending.fetched)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name in ("_run", "_pending", "_values"):
@@ -148,3 +151,40 @@ class CellHandle:
     def __repr__(self) -> str:
         handle = self.handle
         return f"<CellHandle {self._run.label!r} {handle.name}[{handle.id}] {handle.state}>"
+
+
+class CellValues(dict[str, Any]):
+    """A cell's values, ``{name: value}``, as :meth:`CellHandle.get` returns them.
+
+    A value kept on the workers is fetched where it is read (``values["arr"]``,
+    ``values.get("arr")``), as a cell reading ``arr`` fetches it: the notebook's names
+    for it are bound to the value fetched, so ``values["arr"] is arr``. Until then it is
+    its reference (``.items()`` gives that): what a function task or a ``%%task`` cell
+    it is passed to loads on its worker, the bytes never passing through the kernel.
+
+    Parameters
+    ----------
+    values
+        The cell's values, as the notebook holds them.
+    fetch
+        What fetches a kept value read under a name (the notebook's :class:`Pending`).
+    """
+
+    def __init__(self, values: Mapping[str, Any], fetch: Callable[[str, RemoteValue], Any]) -> None:
+        super().__init__(values)
+        self._fetch = fetch
+
+    def __getitem__(self, name: str) -> Any:
+        value = super().__getitem__(name)
+        if isinstance(value, RemoteValue):
+            value = self._fetch(name, value)
+            super().__setitem__(name, value)
+        return value
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """The value of ``name`` (fetched if kept), or ``default``."""
+        return self[name] if name in self else default  # noqa: SIM401 (fetched by [])
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # Sent to a cell or a task: a plain dict, kept values in it as their references.
+        return dict, (dict(self),)

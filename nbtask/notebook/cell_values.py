@@ -26,6 +26,7 @@ from nbtask.wire.blobs import Packed
 from nbtask.wire.envelope import Signer, dumps
 
 __all__ = [
+    "ReadKept",
     "blob_store",
     "cell_signer",
     "held_value",
@@ -36,6 +37,9 @@ __all__ = [
     "pack",
     "shown_value",
 ]
+
+#: A kept value a cell read: ``(value, its reference, its key by content when read)``.
+ReadKept = tuple[Any, RemoteValue, str]
 
 
 def blob_store() -> Store:

@@ -29,6 +29,7 @@ from nbtask.notebook import (
 )
 from nbtask.notebook.carried import share_namespace
 from nbtask.notebook.kept import RemoteValue, key_by_content
+from nbtask.notebook.kept_inside import replace_inside
 from nbtask.notebook.logging_state import cell_logging
 from nbtask.notebook.module_code import say_which_differ
 from nbtask.notebook.shipping import CellSpec
@@ -76,7 +77,7 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
     for attempt in range(spec.retries + 1):
         loaded: dict[str, Any] = blob.load()
         references = {n: v for n, v in loaded.items() if isinstance(v, RemoteValue)}
-        rehomed, kept_before = _resolve_kept(loaded)
+        rehomed, kept_before, kept_read = _resolve_all(loaded, references)
         shipped = loaded
         # A kept value's state is its key by content, known already: it is hashed after
         # the cell only.
@@ -132,6 +133,7 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
         n: sizes.get(n, 0) for n in notebook_objects if n in out and out[n] is shipped[n]
     }
     _add_kept(effects, namespace, shipped, before, references, rehomed)
+    effects["kept_read"] = kept_read  # named by their references where the values hold them
     effects["state"] = _APPLIED.leave(spec.state, state_before) | logs.changes()
     effects["modules_changed"] = module_state.changed(modules_before)
     effects["classes_changed"] = class_state.changes(classes)
@@ -191,6 +193,20 @@ def _shipped_state(shell: Any, pickled: bytes) -> Any:
     return state
 
 
+def _resolve_all(
+    shipped: dict[str, Any], references: Mapping[str, RemoteValue]
+) -> tuple[dict[str, list[Any]], dict[str, bytes], dict[int, cell_values.ReadKept]]:
+    """The kept values shipped, named or held inside containers, replaced by the values.
+
+    Returns :func:`_resolve_kept`'s, and every kept value the cell got so, by id.
+    """
+    rehomed, by_content = _resolve_kept(shipped)
+    read = _resolve_inside(shipped, references)
+    for name, reference in references.items():
+        read[id(shipped[name])] = (shipped[name], reference, by_content[name].decode())
+    return rehomed, by_content, read
+
+
 def _resolve_kept(shipped: dict[str, Any]) -> tuple[dict[str, list[Any]], dict[str, bytes]]:
     """Replace shipped references to values kept on the workers by the values, in place.
 
@@ -212,38 +228,71 @@ def _resolve_kept(shipped: dict[str, Any]) -> tuple[dict[str, list[Any]], dict[s
             if same in rehomed:
                 rehomed[name] = rehomed[same]
             continue
-        key = reference.key
-        here = [key, holding.queue if holding else "", os.getpid()]
-        namers = cell_values.namers_of(reference)  # a re-attached session's cell, say
-        held = holding.get(key, namers) if holding is not None else None
-        if held is not None:
-            shipped[name] = held.value
-            by_content[name] = held.key_by_content(key).encode()
-            if [reference.holder, reference.holder_pid] != here[1:]:
-                rehomed[name] = here  # held here since, which the notebook did not know
-            continue
-        digests: dict[str, str] = {}  # a sealed value's, checked as it is read
-        try:
-            shipped[name] = reference.load(
-                cell_values.blob_store().get_blob, cell_values.cell_signer(), digests
-            )
-        except BlobError as exc:
-            made_by = reference.made_by or "the cell that made it"
-            holder = reference.holder or "none"
-            why = exc.reason if isinstance(exc, BlobGone) else str(exc)  # its remedy is ours
-            raise BlobError(
-                f"{name} is lost: the worker process that held it ({holder}) is gone or did "
-                f"not run this cell, and its store copy cannot be read ({why}). Run {made_by} "
-                "again to make it"
-            ) from None
-        content = key_by_content(reference, digests)
-        by_content[name] = content.encode()
-        held = cell_values.held_value(name, shipped[name], reference)
-        if reference.sealed:
-            held.content_key = functools.partial(str, content)
-        if holding is not None and holding.hold(key, held):
-            rehomed[name] = here
+        value, content, held_here = _kept_value(name, reference)
+        shipped[name], by_content[name] = value, content.encode()
+        here = [reference.key, holding.queue if holding else "", os.getpid()]
+        if held_here and [reference.holder, reference.holder_pid] != here[1:]:
+            rehomed[name] = here  # held here since, which the notebook did not know
     return rehomed, by_content
+
+
+def _kept_value(name: str, reference: RemoteValue) -> tuple[Any, str, bool]:
+    """The value ``reference`` stands for, its key by content, whether this process holds it.
+
+    A value this process holds is used as it is (no blob is read); any other is loaded
+    from its store copy, and then held here too.
+    """
+    holding = cell_values.holding_here()
+    key = reference.key
+    namers = cell_values.namers_of(reference)  # a re-attached session's cell, say
+    held = holding.get(key, namers) if holding is not None else None
+    if held is not None:
+        return held.value, held.key_by_content(key), True
+    digests: dict[str, str] = {}  # a sealed value's, checked as it is read
+    try:
+        value = reference.load(
+            cell_values.blob_store().get_blob, cell_values.cell_signer(), digests
+        )
+    except BlobError as exc:
+        made_by = reference.made_by or "the cell that made it"
+        holder = reference.holder or "none"
+        why = exc.reason if isinstance(exc, BlobGone) else str(exc)  # its remedy is ours
+        raise BlobError(
+            f"{name} is lost: the worker process that held it ({holder}) is gone or did "
+            f"not run this cell, and its store copy cannot be read ({why}). Run {made_by} "
+            "again to make it"
+        ) from None
+    content = key_by_content(reference, digests)
+    held = cell_values.held_value(name, value, reference)
+    if reference.sealed:
+        held.content_key = functools.partial(str, content)
+    return value, content, holding is not None and holding.hold(key, held)
+
+
+def _resolve_inside(
+    shipped: dict[str, Any], references: Mapping[str, RemoteValue]
+) -> dict[int, cell_values.ReadKept]:
+    """Replace the references that shipped values hold by the values, in place.
+
+    A notebook's container may hold kept values (``d = {"k": arr}``, sent back so that
+    ``d["k"]`` and ``arr`` are one object; a cell's ``Out``): the cell gets them as their
+    values, ``d["k"] is arr`` when it is sent both, as a named one is got
+    (:func:`_resolve_kept`). Returns those got so, by id: each with its reference and its
+    key by content (the notebook's container gets the reference back while it is so).
+    """
+    values = {reference.key: shipped[name] for name, reference in references.items()}
+    found: dict[int, cell_values.ReadKept] = {}
+
+    def value_of(reference: RemoteValue) -> Any:
+        if reference.key not in values:
+            value, content, _ = _kept_value(reference.name, reference)
+            values[reference.key] = value
+            found[id(value)] = (value, reference, content)
+        return values[reference.key]
+
+    for name in [n for n in shipped if n not in references]:
+        shipped[name] = replace_inside(shipped[name], value_of)
+    return found
 
 
 def _add_kept(

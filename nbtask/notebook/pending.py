@@ -11,6 +11,7 @@ hook — never from the listener thread. How they are written is
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
@@ -28,6 +29,7 @@ from nbtask.notebook.follow import (
 )
 from nbtask.notebook.guard import awaited, pending_objects, run_of
 from nbtask.notebook.kept import RemoteValue
+from nbtask.notebook.kept_inside import kept_inside, replace_inside
 from nbtask.notebook.remote_errors import local_exception, said_first
 from nbtask.notebook.write_back import WriteBack
 from nbtask.wire.events import State
@@ -62,6 +64,8 @@ class Pending(WriteBack):
         self._on_kept = on_kept
         #: A kept value was ever delivered (so cells are looked at for reads of one).
         self.holds_kept = False
+        #: Names whose values arrived holding kept values' references (``d = {"k": arr}``).
+        self.kept_holders: set[str] = set()
         self._modules_told: set[str] = set()  # said to be changed on a worker
 
     def kept(self, names: Iterable[str]) -> list[str]:
@@ -171,11 +175,18 @@ class Pending(WriteBack):
             self._let_go([run])
         self._unfinished = unfinished
 
-    def wait(self, names: Iterable[str], stay: Iterable[str] = ()) -> None:
+    def wait(
+        self,
+        names: Iterable[str],
+        stay: Iterable[str] = (),
+        parts: Mapping[str, list[Any]] | None = None,
+    ) -> None:
         """Wait for the runs that assign ``names``, deliver their values, fetch kept ones.
 
         Kept values named in ``stay`` are not fetched: the cell only shows them, passes
         them to tasks, deletes them, or is a ``%%task`` cell (which uses them in place).
+        Those a container bound to a name holds are fetched into it: only its items under
+        ``parts[name]``, if given (a cell reading ``Out[5]`` only).
 
         Raises
         ------
@@ -202,37 +213,77 @@ class Pending(WriteBack):
                     raise cancelled(run.label) from None
             self.deliver(run, raise_errors=True, read=wanted)
         staying = set(stay)
-        for name in self.kept(n for n in wanted if n not in staying):
+        self.fetch([n for n in wanted if n not in staying], parts)
+
+    def fetch(self, names: Iterable[str], parts: Mapping[str, list[Any]] | None = None) -> None:
+        """Fetch the kept values ``names`` are bound to, or hold inside (see :meth:`wait`).
+
+        Each name is bound to the value fetched, and so is every other name bound to its
+        reference, as a local cell reading the name would have it.
+
+        Raises
+        ------
+        BlobError
+            A value cannot be fetched (over the fetch budget, its store copy gone...).
+        """
+        wanted = list(names)
+        for name in self.kept(wanted):
+            if isinstance(self.namespace[name], RemoteValue):  # not one fetched under another
+                # No local name holds the reference: the traceback of a failed fetch (which
+                # the notebook keeps) would keep it, and its value on its holder.
+                self.namespace[name] = self.fetched(name, self.namespace[name])
+        for name in self.holding_kept(wanted):
+            keys = (parts or {}).get(name)
             value = self.namespace[name]
-            if not isinstance(value, RemoteValue):  # bound to one fetched under another name
-                continue
-            if not value.fetched:
-                print(
-                    f"nbtask: fetching {name} ({value.size / 1e6:,.1f} MB) from the workers",
-                    flush=True,
-                )
-            try:
-                fetched = value.fetch()
-                self.namespace[name] = fetched
-                # Its other names are bound to the one object, as locally (IPython's own
-                # output history is left to IPython).
-                for other in self.names_of(value):
-                    self.namespace[other] = fetched
-                del fetched
-                continue
-            except KeyboardInterrupt:
-                said = f"fetching {name} was interrupted: it is still the reference"
-                error: BaseException = KeyboardInterrupt(said)
-            except BlobError as exc:  # one line that names the variable, no nbtask frames
-                said = str(exc)
-                if not any(said.startswith(f"{n} ") for n in [name, *self.names_of(value)]):
-                    said = f"{name} cannot be fetched: {said}"
-                error = BlobError(said)
-            # Raised out of the handler, with no context: the notebook keeps the traceback
-            # (sys.last_traceback), which would keep the reference, and so the value on its
-            # holder, once the cell that follows the error's advice rebinds the name.
-            del value
-            raise one_line(error)
+            fetch = functools.partial(self._fetched_inside, name)
+            whole = replace_inside(value, fetch, keys)
+            if whole is not value:  # a tuple made anew around the values
+                self.namespace[name] = whole
+
+    def holding_kept(self, names: Iterable[str]) -> list[str]:
+        """Those of ``names`` bound to a container holding kept values' references.
+
+        A cell's value holding a kept value it bound to a name too (``d = {"k": arr}``),
+        the output history (``Out``) holding a cell's large last expression.
+        """
+        chosen = [n for n in names if n in self.kept_holders or n in ("Out", "_oh")]
+        found = [n for n in chosen if kept_inside(self.namespace.get(n))]
+        self.kept_holders.difference_update(n for n in chosen if n not in found)
+        return found
+
+    def _fetched_inside(self, holder: str, value: RemoteValue) -> Any:
+        return self.fetched(value.name, value, holder)
+
+    def fetched(self, name: str, value: RemoteValue, holder: str = "") -> Any:
+        """``value`` fetched, as a cell that reads ``name`` (in ``holder``, if given) wants.
+
+        Its names are bound to the one object fetched, as locally (IPython's own output
+        history is left to IPython).
+        """
+        where = f" (in {holder})" if holder else ""
+        if not value.fetched:
+            print(
+                f"nbtask: fetching {name}{where} ({value.size / 1e6:,.1f} MB) from the workers",
+                flush=True,
+            )
+        try:
+            fetched = value.fetch()
+            for other in self.names_of(value):
+                self.namespace[other] = fetched
+            return fetched
+        except KeyboardInterrupt:
+            said = f"fetching {name}{where} was interrupted: it is still the reference"
+            error: BaseException = KeyboardInterrupt(said)
+        except BlobError as exc:  # one line that names the variable, no nbtask frames
+            said = str(exc)
+            if not any(said.startswith(f"{n} ") for n in [name, *self.names_of(value)]):
+                said = f"{name}{where} cannot be fetched: {said}"
+            error = BlobError(said)
+        # Raised out of the handler, with no context: the notebook keeps the traceback
+        # (sys.last_traceback), which would keep the reference, and so the value on its
+        # holder, once the cell that follows the error's advice rebinds the name.
+        del value
+        raise one_line(error)
 
     def deliver(
         self, run: CellRun, *, raise_errors: bool = False, read: Iterable[str] = ()

@@ -59,6 +59,11 @@ class WaitInserter(ast.NodeTransformer):
         stay = {n for n in found.reads if _only_as_reference(node, n) or _only_deleted(node, n)}
         stay.update(name for name in [_shown_name(node)] if name is not None)
         kept = set(pending.kept(found.reads)) - stay
+        # Containers holding kept values (``d`` of ``d = {"k": arr}``, ``Out``): fetched
+        # into, only the items read if the cell reads only some (``Out[5]``).
+        holders = [n for n in pending.holding_kept(found.reads) if n not in stay]
+        kept.update(holders)
+        parts = {n: keys for n in holders if (keys := _items_read(node, n)) is not None}
         # A pending name is waited for all the same: its value (kept or not) comes first;
         # so are names bound to a pending name's object, and those the notebook's functions
         # the cell reads read in turn.
@@ -68,7 +73,8 @@ class WaitInserter(ast.NodeTransformer):
         if not needed:
             return node
         staying = sorted(stay.intersection(needed))
-        call = ast.parse(f"{WAIT_NAME}({needed!r}, {staying!r})").body[0]
+        given = f", {parts!r}" if parts else ""
+        call = ast.parse(f"{WAIT_NAME}({needed!r}, {staying!r}{given})").body[0]
         first = node.body[0]
         for sub in ast.walk(call):
             if isinstance(sub, (ast.expr, ast.stmt)):
@@ -107,6 +113,24 @@ def _only_as_reference(cell: ast.Module, name: str) -> bool:
         if isinstance(node, ast.Name) and node.id == name and isinstance(node.ctx, ast.Load)
     ]
     return bool(reads) and all(id(read) in used for read in reads)
+
+
+def _items_read(cell: ast.Module, name: str) -> list[Any] | None:
+    """The constant keys ``cell`` reads ``name`` at (``Out[5]``), if it reads it only so."""
+    keys: list[Any] = []
+    for node in ast.walk(cell):
+        if not (isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name)):
+            continue
+        if node.value.id == name and isinstance(node.slice, ast.Constant):
+            keys.append(node.slice.value)
+    reads = [
+        node
+        for node in ast.walk(cell)
+        if isinstance(node, ast.Name) and node.id == name and isinstance(node.ctx, ast.Load)
+    ]
+    if len(keys) != len(reads) or not all(isinstance(k, (int, str)) for k in keys):
+        return None
+    return list(dict.fromkeys(keys))
 
 
 def _only_deleted(cell: ast.Module, name: str) -> bool:

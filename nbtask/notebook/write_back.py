@@ -26,6 +26,7 @@ from nbtask.notebook.fingerprints import changed_since
 from nbtask.notebook.follow import one_line
 from nbtask.notebook.inplace import bring_back
 from nbtask.notebook.kept import RemoteValue
+from nbtask.notebook.kept_inside import kept_inside, replace_inside
 from nbtask.wire.blobs import Packed
 from nbtask.wire.envelope import Envelope
 from nbtask.wire.events import lacks_code
@@ -39,6 +40,7 @@ class WriteBack:
 
     namespace: MutableMapping[str, Any]
     holds_kept: bool
+    kept_holders: set[str]
     _on_kept: Callable[[RemoteValue], None] | None
     _apply_state: Callable[[Mapping[str, Any]], None]
     _modules_told: set[str]
@@ -65,6 +67,7 @@ class WriteBack:
             if not any(kept is mine for mine in known):
                 self.took_kept(kept)
         del known
+        self._took_kept_inside(arrived)
         changed = effects.get("kept_in_place", ())
         self._changed_kept(arrived, [n for n in changed if n not in run.superseded])
         in_place = [n for n in effects.get("in_place", ()) if n not in run.superseded]
@@ -94,6 +97,33 @@ class WriteBack:
         state = effects.get("state")
         if state and state != process_state.NO_CHANGES:
             self._apply_state(Envelope({}, state).load_body())
+
+    def _took_kept_inside(self, arrived: dict[str, Any]) -> None:
+        """Note the values that hold kept values' references (``d = {"k": arr}``).
+
+        A cell that reads one fetches those it holds (:meth:`Pending.wait`). Each stands
+        for the notebook's own reference of its value where it has one (``d["k"] is
+        arr``), else is bound to be fetched here.
+        """
+        holders = {n: inside for n, v in arrived.items() if (inside := _kept_inside(v))}
+        if not holders:
+            return
+        self.kept_holders.update(holders)
+        values = [*self.namespace.values(), *arrived.values()]
+        mine: list[RemoteValue] = [v for v in values if isinstance(v, RemoteValue)]
+        del values
+        known = {(value.key, value.keeper): value for value in mine}
+        for name, inside in holders.items():
+            swap = {}
+            for kept in inside:
+                own = known.setdefault((kept.key, kept.keeper), kept)
+                if own is kept and not any(kept is value for value in mine):
+                    self.took_kept(kept)
+                    mine.append(kept)
+                elif own is not kept:
+                    swap[id(kept)] = own
+            if swap:
+                arrived[name] = replace_inside(arrived[name], lambda ref: swap.get(id(ref), ref))  # noqa: B023
 
     def _changed_meanwhile(self, run: CellRun, names: Iterable[str]) -> list[str]:
         """Those of ``names`` whose notebook object changed since ``run`` was sent; said.
@@ -186,7 +216,8 @@ class WriteBack:
 
         The change comes back under a new reference for the names the cell used; the
         notebook's other names for the old reference (``alias`` of ``alias = big``, when
-        the cell changed ``big``) are bound to the new one too, as locally.
+        the cell changed ``big``) are bound to the new one too, as locally, and the
+        containers that hold it hold the new one.
         """
         for name in names:
             old, new = self.namespace.get(name), arrived.get(name)
@@ -195,6 +226,13 @@ class WriteBack:
             for other in self.names_of(old):
                 if other not in arrived:
                     self.namespace[other] = new
+            # So do the containers holding it (``data = {"train": df}``).
+            swap = {id(old): new}
+            for holder in [n for n in self.kept_holders if n not in arrived]:
+                value = self.namespace.get(holder)
+                renewed = replace_inside(value, lambda ref: swap.get(id(ref), ref))  # noqa: B023
+                if renewed is not value:
+                    self.namespace[holder] = renewed
 
     def names_of(self, value: RemoteValue) -> list[str]:
         """The names bound to ``value``, but IPython's history names (``_``, ``_3``)."""
@@ -276,6 +314,10 @@ def _with_objects(shown: Any, objects: Mapping[str, Any]) -> Any:
         if isinstance(packed, Packed):
             return (how, WithObjects(packed, dict(objects)))
     return shown
+
+
+def _kept_inside(value: Any) -> list[RemoteValue]:
+    return [] if isinstance(value, RemoteValue) else kept_inside(value)
 
 
 def _say(line: str) -> None:

@@ -171,3 +171,44 @@ def test_a_large_last_expression_is_kept_as_its_out_and_fetched_when_read(
     # Shown by the name it is assigned to: one reference, one copy on the workers.
     ip.run_cell("%%task --wait\n" + MAKE_X + "\nx", True)
     assert isinstance(ip.user_ns["x"], RemoteValue) and ip.user_ns["_"] is ip.user_ns["x"]
+
+
+def test_a_kept_value_a_cells_handle_gives_is_fetched_where_read_as_the_notebooks_own(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    """``h.get()["x"]`` (and ``app.handle(id).get()``) is the notebook's ``x``, fetched."""
+    task(ip, MAKE_X, "--wait --out h")
+    assert run(ip, "float(h.get()['x'][2])") == 2.0
+    assert isinstance(ip.user_ns["x"], np.ndarray), "x was fetched, but not as x"
+    assert run(ip, "h.get()['x'] is x, h.get().get('x') is x") == (True, True)
+    task(ip, MAKE_X.replace("x", "y"), "--wait --out g")
+    ip.user_ns["app"] = nb.app
+    assert run(ip, "float(app.handle(g.id).get()['y'][2])") == 2.0
+
+
+def test_a_container_holding_a_kept_value_is_usable_in_a_task_cell_and_a_local_cell(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    """``r = h.get()`` holds ``x``'s reference: a ``%%task`` cell sent ``r`` gets the array,
+    the kernel fetching nothing; a local cell reading ``r`` fetches it into ``r``."""
+    task(ip, MAKE_X, "--wait --out h")
+    run(ip, "r = h.get()")
+    task(ip, "first = float(r['x'][1])\nsame = r['x'] is x\nn = len(r['x'])")
+    assert ip.user_ns["first"] == 1.0 and ip.user_ns["n"] == 300_000
+    assert isinstance(ip.user_ns["x"], RemoteValue), "the kernel fetched a value it only sent"
+    task(ip, "same = r['x'] is x")
+    assert ip.user_ns["same"] is True, "one kept value came into the cell as two objects"
+    assert run(ip, "float(r['x'][2]), r['x'] is x") == (2.0, True)
+
+
+def test_a_large_last_expression_read_through_out_is_fetched_alone(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    """``Out[n][:3]`` fetches that output, as ``_n[:3]`` does; other kept outputs stay."""
+    ip.run_cell("%%task --wait\nimport numpy as np\nnp.arange(300_000.0)", True)
+    first = ip.execution_count - 1
+    ip.run_cell("%%task --wait\nimport numpy as np\nnp.arange(300_000.0) * 2", True)
+    second = ip.execution_count - 1
+    assert run(ip, f"float(Out[{second}][2])") == 4.0
+    out = ip.user_ns["Out"]
+    assert isinstance(out[second], np.ndarray) and isinstance(out[first], RemoteValue)
