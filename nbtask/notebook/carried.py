@@ -14,6 +14,7 @@ import types
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
+from nbtask.core.refs import ValueRef
 from nbtask.wire.blobs import Packed
 
 __all__ = [
@@ -65,9 +66,15 @@ class WithObjects:
 
 
 def _finder(objects: Mapping[str, Any]) -> Callable[[Any], Any]:
-    """An unpickler's ``persistent_load``: the notebook object a shipped name stands for."""
+    """An unpickler's ``persistent_load``: the notebook object a shipped name stands for.
+
+    Or a kept value's reference, where the worker named a kept value by it
+    (:func:`~nbtask.notebook.cell_values.pack`).
+    """
 
     def find(name: Any) -> Any:
+        if isinstance(name, ValueRef):  # a kept value the values hold: its reference
+            return name
         try:
             return objects[name]
         except (KeyError, TypeError):

@@ -17,7 +17,7 @@ from typing import Any
 
 from nbtask.brokers.base import Store
 from nbtask.core.context import current_request
-from nbtask.core.holding import HeldValue, Holding, keeper_namer, session_namer
+from nbtask.core.holding import HeldValue, Holding, keeper_namer, key_of, session_namer
 from nbtask.errors import CellError
 from nbtask.notebook import cell_changes, class_state, process_state
 from nbtask.notebook.kept import RemoteValue, Sealing, keep
@@ -144,6 +144,7 @@ def pack(effects: dict[str, Any], spec: CellSpec, *, plain: bool) -> Any:
     home = {id(out[n]): in_place[n] for n in in_place if n in out and n not in spec.keep}
     blob = None if plain or kept else _packed_whole(out, spec, named)
     if blob is None:  # some value may stay here, or cannot be pickled: each packed
+        packs: dict[str, tuple[Packed, bool]] = {}
         for name, value in list(out.items()):
             if id(value) in kept and name not in spec.fetch:
                 out[name] = kept[id(value)]
@@ -151,20 +152,16 @@ def pack(effects: dict[str, Any], spec: CellSpec, *, plain: bool) -> Any:
             given = inside.given if inside is not None else 0
             try:
                 # Large arrays stay uncopied, to travel out of band.
-                packed = Packed.of(value, named)
+                packs[name] = Packed.of(value, named), inside is not None and inside.given > given
             except Exception as exc:
                 skipped[name] = f"{type(value).__name__} cannot be pickled: {exc}"
                 del out[name]
-                continue
-            grown = packed.size - home.get(id(value), 0)
-            if plain or not _stays_here(name, grown if id(value) in home else packed.size, spec):
-                continue
-            if inside is not None and inside.given > given:  # kept whole: it names nothing
-                packed = Packed.of(value)
-            out[name] = kept[id(value)] = keep_here(name, value, packed, spec)
         if plain:
             return out
-        blob = Packed.of(out, named)
+        read: Mapping[int, ReadKept] = effects.get("kept_read", {})
+        naming = _KeptNaming(kept, named, read) if getattr(spec, "kept_inside", False) else None
+        _keep_large(out, packs, kept, home, spec, naming)
+        blob = Packed.of(out, naming or named)
     classes, unsent = class_state.pack(effects.get("classes_changed", []))
     changed = effects["state"]
     try:
@@ -192,6 +189,80 @@ def pack(effects: dict[str, Any], spec: CellSpec, *, plain: bool) -> Any:
         "classes_changed": classes,
         "classes_unsent": unsent,
     }
+
+
+def _keep_large(
+    out: dict[str, Any],
+    packs: Mapping[str, tuple[Packed, bool]],
+    kept: dict[int, RemoteValue],
+    home: Mapping[int, int],
+    spec: CellSpec,
+    naming: _KeptNaming | None,
+) -> None:
+    """Keep here the values of ``out`` that stay (by size, or ``--keep``): references in it.
+
+    ``packs``: each packed, and whether it names a notebook object. ``kept``: those kept
+    (or sent back as the references they came as) so far, by id, added to.
+    """
+    # Smallest first: one that holds another kept here (``d = {"k": arr}``) holds its
+    # reference, so that both names stand for one object in the notebook too.
+    for name in sorted(packs, key=lambda n: packs[n][0].size):
+        value = out[name]
+        if id(value) in kept and name not in spec.fetch:  # kept under another name
+            out[name] = kept[id(value)]
+            continue
+        packed, names_objects = packs[name]
+        if naming is not None and naming.may_name() and _stays_here(name, packed.size, spec):
+            given = naming.given
+            packed = Packed.of(value, naming)  # its size without the kept ones in it
+            names_objects = names_objects or naming.given > given
+        grown = packed.size - home.get(id(value), 0)
+        if not _stays_here(name, grown if id(value) in home else packed.size, spec):
+            continue
+        if names_objects:  # kept whole: it names nothing
+            packed = Packed.of(value)
+        out[name] = kept[id(value)] = keep_here(name, value, packed, spec)
+
+
+class _KeptNaming:
+    """A pickler's ``persistent_id``: a value kept here by its reference, else as ``named``.
+
+    A value holding one (``d = {"k": arr}``) comes back holding the reference the notebook
+    binds to ``arr``: fetched, ``d["k"] is arr``, and the bytes are not sent twice. So
+    does one holding a kept value the cell read (``read``), if the cell left it unchanged.
+    """
+
+    def __init__(
+        self,
+        kept: Mapping[int, RemoteValue],
+        named: Callable[[Any], str | None] | None,
+        read: Mapping[int, ReadKept],
+    ) -> None:
+        self.kept, self.named, self.read = kept, named, read
+        self._unchanged: dict[int, RemoteValue | None] = {}
+        #: How many objects were named (a value pickled with none holds none).
+        self.given = 0
+
+    def may_name(self) -> bool:
+        """Whether any kept value may be named by its reference."""
+        return bool(self.kept or self.read)
+
+    def __call__(self, value: Any) -> Any:
+        found: RemoteValue | str | None = self.kept.get(id(value))
+        if found is None and id(value) in self.read:
+            found = self._if_unchanged(id(value))
+        if found is None and self.named is not None:
+            found = self.named(value)
+        if found is not None:
+            self.given += 1
+        return found
+
+    def _if_unchanged(self, key: int) -> RemoteValue | None:
+        """The reference of a kept value the cell read, if it left it unchanged."""
+        if key not in self._unchanged:
+            value, reference, content = self.read[key]
+            self._unchanged[key] = reference if key_of(value) == content else None
+        return self._unchanged[key]
 
 
 def _packed_whole(

@@ -81,6 +81,9 @@ class CellSpec:
     sent_inside : bool
         The kernel also loads such an object where the values sent back hold it
         (``pair = (small, 1)``), named there by a persistent id: its shipped name.
+    kept_inside : bool
+        The kernel loads a kept value's reference where the values sent back hold one
+        (``d = {"k": arr}``, ``arr`` kept): named there by a persistent id, the reference.
     inside : tuple of str
         Those of ``names`` the cell does not read but reaches inside the values it reads
         (``l`` of ``l = d["a"]`` for a cell reading ``d``): shipped with them, so that a
@@ -106,6 +109,7 @@ class CellSpec:
     binds_sent: bool = False
     sent_inside: bool = False
     inside: tuple[str, ...] = ()
+    kept_inside: bool = False
 
 
 _TRANSFORMS_KEPT = 256
@@ -249,6 +253,7 @@ def prepare(
         binds_sent=not plain,
         sent_inside=not plain,
         inside=tuple(inside),
+        kept_inside=not plain,
     )
     return spec, blob, found
 

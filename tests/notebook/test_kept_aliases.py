@@ -161,3 +161,46 @@ def test_a_function_task_given_two_kept_values_with_equal_contents_gets_two_obje
     ip.user_ns["add_and_len"] = add_and_len
     assert run(ip, "add_and_len.delay(seen, errors).get(timeout=30)") == [0, False]
     assert run(ip, "add_and_len.delay(errors, errors).get(timeout=30)") == [1, True]
+
+
+def test_a_kept_value_inside_a_container_of_its_cell_is_one_object_with_its_name(
+    ip: InteractiveShell, nb: Session, fetched: list[int]
+) -> None:
+    """``d = {"k": x}``, ``pair = (x, 1)``: kept once, and ``d["k"] is x`` once fetched."""
+    task(ip, MAKE_X + "\nd = {'k': x}\npair = (x, 1)\nnested = [[x]]")
+    assert [name for name, _ in held_on_workers(nb)] == ["x"], "x was kept more than once"
+    assert ip.user_ns["d"]["k"] is ip.user_ns["x"], "d came back holding a copy of x"
+    assert not fetched, "the kernel fetched values no cell read"
+    run(ip, "x[0] = 5.0")
+    assert run(ip, "float(d['k'][0]), d['k'] is x, pair[0] is x, nested[0][0] is x") == (
+        5.0,
+        True,
+        True,
+        True,
+    )
+    assert X_BYTES <= sum(fetched) < 2 * X_BYTES, f"fetched {sum(fetched):,} bytes"
+
+
+def test_a_container_of_a_kept_value_sees_a_later_task_cells_change_to_it(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    """A later ``%%task`` cell that changes ``df`` in place changes ``data["train"]`` too."""
+    task(ip, "import pandas as pd\ndf = pd.DataFrame({'a': range(300_000)})\ndata = {'train': df}")
+    assert isinstance(ip.user_ns["df"], RemoteValue)
+    task(ip, "df['g'] = 1")
+    task(ip, "same = data['train'] is df\ncolumns = list(data['train'].columns)")
+    assert ip.user_ns["same"] is True and ip.user_ns["columns"] == ["a", "g"]
+    assert run(ip, "list(data['train'].columns), data['train'] is df") == (["a", "g"], True)
+
+
+def test_a_container_a_later_task_cell_changes_comes_back_holding_the_kept_value_itself(
+    ip: InteractiveShell, nb: Session, fetched: list[int]
+) -> None:
+    """``d["n"] = 1`` on a ``d`` holding ``x``: ``d`` comes back holding ``x``'s reference,
+    ``x``'s bytes neither sent to the kernel nor kept a second time."""
+    task(ip, MAKE_X + "\nd = {'k': x}")
+    task(ip, "d['n'] = 1\nsame = d['k'] is x")
+    assert ip.user_ns["same"] is True
+    assert ip.user_ns["d"]["k"] is ip.user_ns["x"] and ip.user_ns["d"]["n"] == 1
+    assert [name for name, _ in held_on_workers(nb)] == ["x"], "x was kept more than once"
+    assert not fetched, "the kernel fetched values no cell read"
