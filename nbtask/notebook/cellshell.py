@@ -29,7 +29,7 @@ from nbtask.notebook import (
 )
 from nbtask.notebook.carried import share_namespace
 from nbtask.notebook.kept import RemoteValue, key_by_content
-from nbtask.notebook.kept_inside import replace_inside
+from nbtask.notebook.kept_inside import may_hold_kept, replace_inside
 from nbtask.notebook.logging_state import cell_logging
 from nbtask.notebook.module_code import say_which_differ
 from nbtask.notebook.shipping import CellSpec
@@ -77,7 +77,7 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
     for attempt in range(spec.retries + 1):
         loaded: dict[str, Any] = blob.load()
         references = {n: v for n, v in loaded.items() if isinstance(v, RemoteValue)}
-        rehomed, kept_before, kept_read = _resolve_all(loaded, references)
+        rehomed, kept_before, kept_read = _resolve_all(loaded, references, may_hold_kept(blob))
         shipped = loaded
         # A kept value's state is its key by content, known already: it is hashed after
         # the cell only.
@@ -194,14 +194,15 @@ def _shipped_state(shell: Any, pickled: bytes) -> Any:
 
 
 def _resolve_all(
-    shipped: dict[str, Any], references: Mapping[str, RemoteValue]
+    shipped: dict[str, Any], references: Mapping[str, RemoteValue], inside: bool
 ) -> tuple[dict[str, list[Any]], dict[str, bytes], dict[int, cell_values.ReadKept]]:
     """The kept values shipped, named or held inside containers, replaced by the values.
 
+    ``inside``: whether the containers may hold any (else they are not looked into).
     Returns :func:`_resolve_kept`'s, and every kept value the cell got so, by id.
     """
     rehomed, by_content = _resolve_kept(shipped)
-    read = _resolve_inside(shipped, references)
+    read = _resolve_inside(shipped, references) if inside else {}
     for name, reference in references.items():
         read[id(shipped[name])] = (shipped[name], reference, by_content[name].decode())
     return rehomed, by_content, read

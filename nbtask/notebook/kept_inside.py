@@ -18,12 +18,26 @@ from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 from nbtask.notebook.kept import RemoteValue
+from nbtask.wire.blobs import Packed
 
-__all__ = ["kept_inside", "replace_inside"]
+__all__ = ["kept_inside", "may_hold_kept", "replace_inside"]
 
 _CONTAINERS = (dict, list, tuple, set, frozenset)
+_NAMED = RemoteValue.__qualname__.encode()
 #: What gives a kept value for its reference (fetched, loaded...).
 Load = Callable[[RemoteValue], Any]
+
+
+def may_hold_kept(packed: object) -> bool:
+    """Whether values ``packed`` (a :class:`Packed`) may hold a kept value's reference.
+
+    Its class is named in the pickle of any that does: values without it are not walked
+    (a list of ten million numbers, say).
+    """
+    if not isinstance(packed, Packed):
+        return False
+    stream = packed.stream
+    return _NAMED in (stream if isinstance(stream, bytes) else bytes(stream))
 
 
 def kept_inside(value: Any) -> list[RemoteValue]:

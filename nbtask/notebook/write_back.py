@@ -26,7 +26,7 @@ from nbtask.notebook.fingerprints import changed_since
 from nbtask.notebook.follow import one_line
 from nbtask.notebook.inplace import bring_back
 from nbtask.notebook.kept import RemoteValue
-from nbtask.notebook.kept_inside import kept_inside, replace_inside
+from nbtask.notebook.kept_inside import kept_inside, may_hold_kept, replace_inside
 from nbtask.wire.blobs import Packed
 from nbtask.wire.envelope import Envelope
 from nbtask.wire.events import lacks_code
@@ -67,7 +67,8 @@ class WriteBack:
             if not any(kept is mine for mine in known):
                 self.took_kept(kept)
         del known
-        self._took_kept_inside(arrived)
+        if may_hold_kept(effects.get("values")):
+            self._took_kept_inside(arrived)
         changed = effects.get("kept_in_place", ())
         self._changed_kept(arrived, [n for n in changed if n not in run.superseded])
         in_place = [n for n in effects.get("in_place", ()) if n not in run.superseded]
