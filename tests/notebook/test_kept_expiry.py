@@ -136,3 +136,21 @@ def test_a_value_a_restarted_kernel_reattached_stays_held_while_it_lives(
     assert held(app) == {"x"}
     assert again("print([v.name for v in s.releases.values()])").strip() == "['x']"
     assert "300000" in again("%%task --wait\nprint(len(x))")  # on its holder
+
+
+def test_a_kept_value_read_through_a_reattached_cells_handle_is_the_notebooks_own(
+    settings: Settings, start_worker: StartWorker, kernel: Kernel
+) -> None:
+    """A restarted kernel re-attaches the killed one's cell (``app.handle(id)``): its
+    ``get()["x"]`` is ``x``, fetched and bound as a cell reading ``x`` has it."""
+    start_worker(concurrency=1)
+    km, run = start_kernel(kernel, settings)
+    session = "from nbtask.notebook.magics import session_of\ns = session_of(get_ipython())"
+    run(session)
+    run(f"%%task --wait\n{MAKE_X}")
+    task_id = run("print(s.pending.runs[-1].handle.id)").strip()
+    _, again = start_kernel(kernel, settings)  # started first: it re-attaches at once
+    again(session)
+    kill(km)
+    read = f"h = s.app.handle({task_id!r})\nprint(h.get()['x'][:3].tolist(), h.get()['x'] is x)"
+    assert "[0.0, 1.0, 2.0] True" in again(read)
