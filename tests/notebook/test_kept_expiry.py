@@ -30,6 +30,8 @@ MAKE_X = "import numpy as np\nx = np.arange(300_000.0)"
 #: Other bytes (the same would be held once, under one key, for both names).
 MAKE_Y = "import numpy as np\ny = np.arange(300_000.0) + 1"
 TOTAL = float(sum(range(300_000)))
+#: Binds ``s``, the kernel's nbtask session, in a kernel that loaded nbtask.
+SESSION = "from nbtask.notebook.magics import session_of\ns = session_of(get_ipython())"
 
 
 @pytest.fixture
@@ -123,13 +125,12 @@ def test_a_value_a_restarted_kernel_reattached_stays_held_while_it_lives(
     ``x`` alone (``app.handle(id).get()``, within ``result_ttl``): ``z`` goes, ``x`` stays."""
     start_worker(concurrency=1)
     km, run = start_kernel(kernel, settings)
-    session = "from nbtask.notebook.magics import session_of\ns = session_of(get_ipython())"
-    run(session)
+    run(SESSION)
     run(f"%%task --wait --keep x\n{MAKE_X}")
     task_id = run("print(s.pending.runs[-1].handle.id)").strip()
     run(f"%%task --wait --keep z\n{MAKE_Y.replace('y =', 'z =')}")
     _, again = start_kernel(kernel, settings)  # started first: it re-attaches at once
-    again(session)
+    again(SESSION)
     kill(km)
     again(f"values = s.app.handle({task_id!r}).get()\nassert type(x).__name__ == 'RemoteValue'")
     wait_until(lambda: "z" not in held(app), 120, "the holder to drop z, which no one re-attached")
@@ -145,12 +146,11 @@ def test_a_kept_value_read_through_a_reattached_cells_handle_is_the_notebooks_ow
     ``get()["x"]`` is ``x``, fetched and bound as a cell reading ``x`` has it."""
     start_worker(concurrency=1)
     km, run = start_kernel(kernel, settings)
-    session = "from nbtask.notebook.magics import session_of\ns = session_of(get_ipython())"
-    run(session)
+    run(SESSION)
     run(f"%%task --wait\n{MAKE_X}")
     task_id = run("print(s.pending.runs[-1].handle.id)").strip()
     _, again = start_kernel(kernel, settings)  # started first: it re-attaches at once
-    again(session)
+    again(SESSION)
     kill(km)
     read = f"h = s.app.handle({task_id!r})\nprint(h.get()['x'][:3].tolist(), h.get()['x'] is x)"
     assert "[0.0, 1.0, 2.0] True" in again(read)
