@@ -243,7 +243,8 @@ def _final_event(handle: TaskHandle) -> Event:
         data.update(
             ename=getattr(exc, "ename", type(exc).__name__),
             evalue=getattr(exc, "evalue", str(exc)),
-            traceback=getattr(exc, "traceback", ""),
+            # A rebuilt exception of the task's own type keeps it as remote_traceback.
+            traceback=getattr(exc, "traceback", None) or getattr(exc, "remote_traceback", ""),
         )
     if handle.started_at is not None:
         data["started_at"] = handle.started_at

@@ -15,8 +15,6 @@ from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from typing import Any
 
-from IPython.display import display
-
 from nbtask._process import interrupts_held
 from nbtask.client.app import App
 from nbtask.client.default import default_app, use_as_default
@@ -45,6 +43,7 @@ from nbtask.notebook.own_lines import OwnLines
 from nbtask.notebook.pending import Pending
 from nbtask.notebook.releases import Releases, ReleaseTask
 from nbtask.notebook.shipping import analyzed, prepare, transformed
+from nbtask.notebook.textchunks import note_latest_request
 from nbtask.notebook.version_warnings import VersionWarnings, modules_used
 from nbtask.notebook.wait_inserter import WAIT_NAME, WaitInserter
 from nbtask.notebook.waitline import follow_to_the_end, out_value, show_after_out
@@ -194,6 +193,7 @@ class Session(TaskOverview):
                     board.refresh()
 
     def _pre_run_cell(self, *_info: Any) -> None:
+        note_latest_request(self.shell)  # what a view's end is sent as a reply to
         self.pending.harvest()
 
     def reconnect(self, app: App, *, resize: bool = False) -> None:
@@ -371,7 +371,7 @@ class Session(TaskOverview):
             run.view = view
             self.views[handle.id] = view
             if isinstance(view, TaskWidget):
-                display(view)
+                view.show()
             follow(handle, view.apply)
             if args.timeout:
                 timer = threading.Timer(args.timeout, cancel_task, (handle,))

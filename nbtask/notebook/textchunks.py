@@ -21,11 +21,12 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+from IPython import get_ipython
 from IPython.display import display
 
 from nbtask.notebook.outputs import Chunks, OutputLog, text_of
 
-__all__ = ["CellChunks", "following_request"]
+__all__ = ["CellChunks", "as_latest_request", "following_request", "note_latest_request"]
 
 
 def following_request(shell: Any) -> dict[str, Any] | None:
@@ -42,6 +43,38 @@ def following_request(shell: Any) -> dict[str, Any] | None:
     request = get_parent("shell")
     content = request.get("content") if isinstance(request, dict) else None
     return request if isinstance(content, dict) and content.get("allow_stdin") else None
+
+
+#: The request of the cell that began last, as the main thread saw it (another thread
+#: sees the request current when it was started: ipykernel keeps it per context).
+_LATEST: dict[str, Any] = {}
+
+
+def note_latest_request(shell: Any) -> None:
+    """Note the request of the cell beginning now (on the main thread, as each cell begins)."""
+    get_parent = getattr(getattr(shell, "kernel", None), "get_parent", None)
+    if callable(get_parent):
+        _LATEST["request"] = get_parent("shell")
+
+
+@contextlib.contextmanager
+def as_latest_request() -> Iterator[None]:
+    """Send this thread's display messages as replies to the latest request noted.
+
+    A frontend takes a display update only while the request it answers is the latest
+    one (JupyterLab keeps listening to a request until the next cell runs; nbclient reads
+    those of the running cell): a task ends while later cells run.
+    """
+    publisher: Any = getattr(get_ipython(), "display_pub", None)
+    latest = _LATEST.get("request")
+    if not latest or not hasattr(publisher, "set_thread_parent"):
+        yield
+        return
+    token = publisher.set_thread_parent(latest)
+    try:
+        yield
+    finally:
+        publisher.reset_thread_parent(token)
 
 
 class CellChunks(Chunks):

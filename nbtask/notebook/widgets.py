@@ -22,7 +22,7 @@ from nbtask._text import count_text
 from nbtask.core.handle import TaskHandle
 from nbtask.notebook.follow import cancel_task
 from nbtask.notebook.outputs import ChunkedOutput, OutputLog
-from nbtask.notebook.textchunks import CellChunks, following_request
+from nbtask.notebook.textchunks import CellChunks, as_latest_request, following_request
 from nbtask.settings import env_flag
 from nbtask.wire.events import FINAL_STATES, Event, EventType, State
 
@@ -207,6 +207,12 @@ class TaskView:
             + where
         )
 
+    def end_text(self) -> str:
+        """How the task ended, as text: its error (a traceback), else its result's text."""
+        if self.error:
+            return self.error
+        return str(self.result.get("data", {}).get("text/plain", "")) if self.result else ""
+
     def timing_text(self) -> str:
         """``12.3 s · host pid 123``."""
         where = f" · {self.worker} pid {self.pid}" if self.worker else ""
@@ -245,7 +251,9 @@ class TaskWidget(TaskView):
     The output goes to the frontend chunk by chunk (:class:`ChunkedOutput`): a repaint
     sends what changed, not everything printed so far.
 
-    Display it with ``display(widget)``; feed it with :meth:`apply` (or :func:`follow`).
+    Display it with :meth:`show` (or ``display(widget)``); feed it with :meth:`apply` (or
+    :func:`follow`). Shown so, its display is updated once the task ends, so that a notebook
+    saved then keeps the end as text beside the widget (see :meth:`saved_text`).
     """
 
     def __init__(self, handle: TaskHandle, label: str) -> None:
@@ -262,8 +270,13 @@ class TaskWidget(TaskView):
         self.cancel_button.on_click(self._on_cancel)
         head = w.HBox([self.badge, self.bar, self.detail, self.cancel_button])
         self.box = w.VBox([head, self.timing, self.output.box, self.outcome])
+        self._display: Any = None  # its display, to update with the end once (see show())
         with self._lock:
             self._repaint()
+
+    def show(self) -> None:
+        """Display the widget under the cell running now."""
+        self._display = display(self, display_id=True)
 
     def _on_cancel(self, _button: Any) -> None:
         self.cancel_button.disabled = True
@@ -306,15 +319,28 @@ class TaskWidget(TaskView):
             f'<b>{html.escape(self.label)}</b> <span style="background:{color};color:white;'
             f'padding:1px 6px;border-radius:3px">{self.state.value}</span>'
         )
+        if self.finished is not None and self._display is not None:
+            # The frontend keeps the text of the display's last update in the notebook it
+            # saves: the end, not the state the task was in when it was first shown.
+            display_handle, self._display = self._display, None
+            with as_latest_request():
+                display_handle.update(self)
 
     def _tick(self) -> None:
         self.timing.value = self.timing_text()
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
         bundle = self.box._repr_mimebundle_(**kwargs)
-        if isinstance(bundle, dict):  # frontends without widgets show the status line
-            bundle["text/plain"] = self.status_text()
+        if isinstance(bundle, dict):  # frontends without widgets (a saved notebook) show it
+            bundle["text/plain"] = self.saved_text()
         return bundle
+
+    def saved_text(self) -> str:
+        """The status line; once the task ended, its output and its result or error too."""
+        if self.finished is None:
+            return self.status_text()
+        parts = [self.status_text(), self.log.text().rstrip("\n"), self.end_text().rstrip("\n")]
+        return "\n".join(p for p in parts if p)
 
 
 class TextView(TaskView):
@@ -372,11 +398,7 @@ class TextView(TaskView):
                 bundle = dict(event.data.get("data", {}))
                 chunks.append(str(bundle.get("text/plain", "")) + "\n")
         new = "".join(chunks)
-        tail = ""
-        if self.finished is not None:
-            tail = self.error or (
-                str(self.result.get("data", {}).get("text/plain", "")) if self.result else ""
-            )
+        tail = self.end_text() if self.finished is not None else ""
         if self.quiet:
             return
         if self._chunks is not None:

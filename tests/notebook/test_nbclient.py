@@ -47,7 +47,11 @@ def test_notebook_runs_with_tasks_and_saves_widget_state(
                 "%%task --wait\nimport matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\n"
                 "plt.show()\n'plotted'"
             ),
-            new_code_cell("import time\ntime.sleep(1)  # the widget's last repaint is saved"),
+            # It fails while the next cell runs: its end is sent as that cell's reply.
+            new_code_cell(
+                "%%task broken\nimport time\ntime.sleep(1)\nraise ValueError('bad thing')"
+            ),
+            new_code_cell("import time\ntime.sleep(3)  # the widget's last repaint is saved"),
         ]
     )
     NotebookClient(
@@ -56,7 +60,14 @@ def test_notebook_runs_with_tasks_and_saves_widget_state(
 
     assert "worker process" in nb.cells[0].outputs[0]["text"]
     view = next(o for o in nb.cells[2].outputs if WIDGET_VIEW in o.get("data", {}))
-    assert "prep" in view["data"]["text/plain"]  # a status line for frontends without widgets
+    # For frontends without widgets (a saved notebook opened elsewhere, nbconvert): the
+    # end, as text. Before, the status line the widget was first shown with: PENDING.
+    saved = view["data"]["text/plain"]
+    assert saved.startswith("[prep] SUCCESS") and saved.endswith("total 30"), saved
+    failed = next(o for o in nb.cells[5].outputs if WIDGET_VIEW in o.get("data", {}))
+    saved = failed["data"]["text/plain"]
+    assert saved.startswith("[broken] FAILURE"), saved
+    assert "line 4" in saved and saved.endswith("ValueError: bad thing"), saved
     printed = "".join(o.get("text", "") for o in nb.cells[3].outputs)
     assert "waiting for task 'prep'" in printed and "30 ['a', 'b']" in printed
     kinds = {o["output_type"] for o in nb.cells[4].outputs}
