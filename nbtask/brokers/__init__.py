@@ -46,7 +46,7 @@ def open_broker(settings: Settings, url: str) -> Transport:
     Redis Streams for ``redis``/``rediss``/``unix`` (the server is its own store); AMQP
     for ``amqp``/``amqps``/``memory``, with the Redis store at ``settings.result_url``.
     """
-    if url.split("://", 1)[0].lower() not in KOMBU_SCHEMES:
+    if broker_kind(url) == "redis":
         return StreamsTransport(RedisStore(RedisLink(url, "broker"), settings))
     if not settings.result_url:
         raise ConfigurationError(

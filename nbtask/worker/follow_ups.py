@@ -227,22 +227,31 @@ class FollowUps:
         else:
             return
         family = {"parent_id": message.id, "root_id": message.root_id}
-        sends = self.publisher.publish_each(
+        self.send(
             message.client,
             [
                 Signature(sig.task, (*first, *sig.args), sig.kwargs, {**sig.options, **family})
                 for sig, first in calls
             ],
         )
+
+    def send(self, channel: str, sigs: Sequence[Signature]) -> list[TaskMessage]:
+        """Send ``sigs`` for ``channel``'s client; their messages, queued or not.
+
+        One its task's record refused (not queued: revoked ahead, say) has its owed
+        follow-ups run here (:meth:`_follow_unsent`).
+        """
+        sends = self.publisher.publish_each(channel, sigs)
         for step, publish, refused in sends:
             if refused:
-                self.follow_unsent(step, publish)
+                self._follow_unsent(step, publish)
+        return [step for step, _, _ in sends]
 
-    def follow_unsent(self, step: TaskMessage, publish: Publish) -> None:
+    def _follow_unsent(self, step: TaskMessage, publish: Publish) -> None:
         """Run the owed follow-ups of a task whose message its record refused (not queued).
 
-        A chain's later step, or a task a running task sends (:class:`WorkerSender
-        <nbtask.worker.subtasks.WorkerSender>`), revoked ahead (before this worker sent
+        A chain's later step, or a task a running task sends (through :meth:`send`),
+        revoked ahead (before this worker sent
         it): the revoke stored its outcome owing its errbacks and the ending of the steps
         after it, and no worker will ever hold its message to take them, so this one does,
         once (a copy taken by another, a large message the start check drops, finds them

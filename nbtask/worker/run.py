@@ -176,7 +176,7 @@ class Runner:
         if request.time_limit:  # (else the slot says so already: see Child._claim)
             self.slot.occupy(message.id, time.time() + request.time_limit)
         # The request stays current until the outcome is decided: an autoretry needs it.
-        sender = WorkerSender(self.publisher, message, self.follow_ups.follow_unsent)
+        sender = WorkerSender(self.publisher, message, self.follow_ups.send)
         with running(request), task_running(task), sending_through(sender):
             try:
                 if has_handlers(task, _BEFORE_START):  # (Task's own does nothing)

@@ -68,21 +68,21 @@ class WorkerSender:
         Sends them.
     message
         The running task's: they are its children, for its client.
-    follow_unsent
-        Called with the message and publish of each task whose record refused it (not
-        queued): one revoked ahead owes its errbacks, as a chain's later step does (see
-        :meth:`FollowUps.follow_unsent <nbtask.worker.follow_ups.FollowUps.follow_unsent>`).
+    send
+        Sends signatures for a client, giving their messages, and runs the owed follow-ups
+        of one its record refused (revoked ahead: its errbacks, as a chain's later step's;
+        see :meth:`FollowUps.send <nbtask.worker.follow_ups.FollowUps.send>`).
     """
 
     def __init__(
         self,
         publisher: SubtaskPublisher,
         message: TaskMessage,
-        follow_unsent: Callable[[TaskMessage, Publish], None],
+        send: Callable[[str, Sequence[Signature]], list[TaskMessage]],
     ) -> None:
         self._publisher = publisher
         self._message = message
-        self._follow_unsent = follow_unsent
+        self._send = send
 
     def send_batch(
         self, calls: Sequence[Call], *, on_event: Callable[[Event], None] | None = None
@@ -98,11 +98,8 @@ class WorkerSender:
             Signature(task, tuple(args), kwargs, {**options, **family})
             for task, args, kwargs, options in calls
         ]
-        sends = self._publisher.publish_each(message.client, sigs)
-        for sent, publish, refused in sends:
-            if refused:  # e.g. revoked ahead: never queued, so no worker will end it
-                self._follow_unsent(sent, publish)
-        handles = [self.expect(sent.id, sent.name, sent.run[1]) for sent, _, _ in sends]
+        sent = self._send(message.client, sigs)
+        handles = [self.expect(step.id, step.name, step.run[1]) for step in sent]
         if on_event is not None:
             for handle in handles:
                 handle.on_event(on_event)
