@@ -74,6 +74,8 @@ REDIS_URL = os.environ.get("NBTASK_TEST_REDIS", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("NBTASK_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
 BROKERS = ("redis", "amqp")
 SECRET = "test-secret-" + uuid.uuid4().hex
+#: The mime type of an output that shows an ipywidget.
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:

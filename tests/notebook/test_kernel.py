@@ -11,6 +11,7 @@ from typing import Any
 import psutil
 import pytest
 from helpers import (
+    WIDGET_VIEW,
     drain_until,
     execute,
     exited,
@@ -21,8 +22,6 @@ from helpers import (
 )
 
 from nbtask import App, Settings, State
-
-WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
 @pytest.fixture

@@ -6,13 +6,12 @@ from typing import Any
 
 import nbformat
 import pytest
-from helpers import ROOT
+from helpers import ROOT, WIDGET_VIEW
 from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell, new_notebook
 
 from nbtask import Settings
 
-WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 
 

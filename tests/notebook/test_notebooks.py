@@ -17,7 +17,7 @@ from typing import Any
 
 import nbformat
 import pytest
-from helpers import ROOT
+from helpers import ROOT, WIDGET_VIEW
 from nbclient import NotebookClient
 
 from nbtask import Settings
@@ -25,7 +25,6 @@ from nbtask.cli import _parser
 from nbtask.cli.options import settings_for
 
 NOTEBOOKS = ROOT / "notebooks"
-WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 # The quickstart's crunch cell: 20 chunks of sum(i * i for i < 150_000).
 CRUNCH_TOTAL = 20 * (149_999 * 150_000 * 299_999 // 6)
