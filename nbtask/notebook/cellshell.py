@@ -26,6 +26,7 @@ from nbtask.notebook import (
     class_state,
     module_state,
     process_state,
+    task_threads,
 )
 from nbtask.notebook.carried import share_namespace
 from nbtask.notebook.kept import RemoteValue, key_by_content
@@ -86,7 +87,7 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
         before.update(kept_before)
         # A new namespace, the last one left to a thread its cell left running: one that
         # calls its cell's functions reads and writes that cell's names, never this one's.
-        namespace = fresh_namespace(shell, threads=process_state.task_threads())
+        namespace = fresh_namespace(shell, threads=task_threads.running())
         namespace.update(shipped)
         namespace.update(datasets or {})
         # A dataset is the worker's: like a shipped value, it returns only if changed.

@@ -24,13 +24,12 @@ import importlib
 import os
 import random
 import sys
-import threading
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 from nbtask.core.context import runs_started
-from nbtask.notebook import logging_state
+from nbtask.notebook import logging_state, task_threads
 from nbtask.notebook.module_settings import (
     NUMPY_ERRORS_DEFAULTS,
     NUMPY_PRINT_DEFAULTS,
@@ -60,8 +59,6 @@ __all__ = [
     "capture",
     "changes",
     "imported_state_modules",
-    "task_threads",
-    "task_threads_alive",
 ]
 
 #: One snapshot: kind -> its state (each kind optional).
@@ -222,7 +219,7 @@ class Applied:
         """What the cell changed since ``before``; noted, to skip the next apply if nothing."""
         # Threads first: one the cell left running could change the state after the
         # snapshot, so with one alive the next cell applies the state whatever.
-        others = task_threads_alive()
+        others = task_threads.alive()
         after = capture()
         if self._own_limit is not None:
             _set_recursion_limit(self._own_limit)
@@ -266,26 +263,6 @@ class _Lent:
         for key in environ:
             self.environ.setdefault(key, own.get(key))
         self.paths += [p for p in paths if p not in self.paths and p not in _OWN_PATH]
-
-
-def task_threads_alive() -> bool:
-    """Whether a thread other than this one and the process's own is alive."""
-    return bool(task_threads())
-
-
-def task_threads() -> set[int | None]:
-    """The threads alive other than this one and the process's own, by ident.
-
-    Threads are counted by their frames too: one started with ``_thread.start_new_thread``
-    (as some libraries do) runs Python code, once begun, that :mod:`threading` does not list.
-    """
-    alive = {t.ident for t in threading.enumerate()} | set(sys._current_frames())
-    return alive - _own_threads() - {threading.get_ident()}
-
-
-def _own_threads() -> set[int | None]:
-    """The threads a worker process runs itself, by ident: nbtask's are named ``nbtask-*``."""
-    return {t.ident for t in threading.enumerate() if t.name.startswith("nbtask-")}
 
 
 def imported_state_modules() -> list[str]:

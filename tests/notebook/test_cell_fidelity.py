@@ -350,7 +350,7 @@ def test_a_worker_process_runs_no_thread_but_its_own_between_cells(
 ) -> None:
     """Else no cell would find the state left by the cell before, and all would apply it."""
     start_worker(concurrency=1)
-    task(ip, "from nbtask.notebook import process_state as ps\nothers = ps.task_threads_alive()")
+    task(ip, "from nbtask.notebook import task_threads\nothers = task_threads.alive()")
     assert ip.user_ns["others"] is False
 
 

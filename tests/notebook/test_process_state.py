@@ -20,7 +20,7 @@ import pytest
 from cycler import cycler
 
 from nbtask.core.context import Request, running
-from nbtask.notebook import module_settings, process_state
+from nbtask.notebook import module_settings, process_state, task_threads
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def applied(monkeypatch: pytest.MonkeyPatch) -> list[object]:
         process_state, "apply", lambda state, **how: calls.append(real_apply(state, **how))
     )
     own = {t.ident for t in threading.enumerate()} | set(sys._current_frames())
-    monkeypatch.setattr(process_state, "_own_threads", lambda: own)
+    monkeypatch.setattr(task_threads, "_own_threads", lambda: own)
     return calls
 
 
