@@ -245,8 +245,7 @@ class Child:
                 return self._settle_unreported(admitted, exc)
         finally:
             self.journal.about("")
-            self.slot.clear(holds=self.holding.ever_held)
-            self._claimed = ""
+            self._release()
 
     def _claim(self, task_id: str) -> None:
         """Show the supervisor that this child runs ``task_id`` (it has no time limit yet).
@@ -257,6 +256,11 @@ class Child:
         if task_id != self._claimed:
             self.slot.occupy(task_id, 0.0)
             self._claimed = task_id
+
+    def _release(self) -> None:
+        """Show the supervisor that this child runs no task now."""
+        self.slot.clear(holds=self.holding.ever_held)
+        self._claimed = ""
 
     def _settle_unreported(self, admitted: Admitted, exc: Exception) -> Delivery | None:
         # (The next message, if a refused earlier write took it: handled, never dropped.)
@@ -403,6 +407,12 @@ class Child:
         # names its number (see outcome_fields).
         requeue = retry_requeue(self.signer, message, outcome, admitted.envelope.body)
         then_fetch = (self.served(), self.consumer, 1.0) if fetch_next and not self._stop else None
+        if then_fetch is not None:
+            # The write also waits (up to a second) for the next message: meanwhile this
+            # child runs nothing. A slot still naming the task would have the supervisor
+            # take the loss of its next run (a retry due at once, run by another child) for
+            # a copy of a running task's message, and drop it: the task left STARTED.
+            self._release()
         delivery = admitted.delivery if ack else None
         backoff = 0.1
         while True:

@@ -92,6 +92,111 @@ def test_early_ack_child_killed_reports_worker_lost(
     assert len(pids_in(marker)) == 1
 
 
+def _kill_the_rerun(worker: WorkerProcess, h: TaskHandle, ledger: Path) -> None:
+    """Kill the child running ``h``'s second run (its pid is the ledger's second line)."""
+    wait_until(lambda: len(pids_in(ledger)) == 2, 20, "the task's second run to start")
+    wait_until(lambda: h.state is State.STARTED, 10, "the client to see it start again")
+    rerun = pids_in(ledger)[1]
+    assert rerun in {c.pid for c in worker.children()}
+    os.kill(rerun, signal.SIGKILL)
+
+
+def _retried_once_then_slow(app: App, acks_late: bool) -> nbtask.Task:
+    """A task that retries at once on its first run, sleeps long on its second (to be
+    killed), and returns its pid on a third; each run appends its pid to ``path``."""
+
+    @app.task(bind=True, max_retries=3, acks_late=acks_late)
+    def retried_once_then_slow(self: nbtask.Task, path: str) -> int:
+        with open(path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        if self.request.retries == 0:
+            raise self.retry(countdown=0)
+        with open(path) as f:
+            runs = len(f.read().split())
+        time.sleep(30.0 if runs == 2 else 0.1)
+        return os.getpid()
+
+    return retried_once_then_slow
+
+
+def test_acks_late_retried_task_whose_rerun_child_is_killed_is_redelivered_and_finishes_once(
+    app: App, start_worker, tmp_path: Path, access: RawBroker
+) -> None:
+    """A retry due at once runs in the other child while the first one, its retry stored,
+    still waits for its next message. That child's slot named the task until its wait
+    ended: its supervisor took the rerun's loss for a copy of a running task's message,
+    dropped it, and the task stayed STARTED."""
+    worker = start_worker(concurrency=2)
+    ledger = tmp_path / "ledger"
+    h = _retried_once_then_slow(app, acks_late=True).delay(str(ledger))
+    _kill_the_rerun(worker, h, ledger)
+
+    result = h.get(timeout=15)
+    assert h.state is State.SUCCESS
+    starts = pids_in(ledger)
+    assert len(starts) == 3, f"expected a run, its retry and one redelivery, got {starts}"
+    assert result == starts[2] != starts[1]
+    assert worker.process.poll() is None
+    types = event_types(access, app, h.id)
+    assert types.count("retry") == 1 and types.count("success") == 1, types
+    assert "worker_lost" not in types and "failure" not in types, types
+    assert access.record(h.id)[b"state"] == b"SUCCESS"
+    assert "dropped a copy" not in worker.log.read_text()
+    assert access.drained()
+
+
+def test_early_ack_retried_task_whose_rerun_child_is_killed_reports_worker_lost(
+    app: App, start_worker, tmp_path: Path, access: RawBroker
+) -> None:
+    """The same for a task acknowledged early: its rerun is lost, and said so at once."""
+    worker = start_worker(concurrency=2)
+    ledger = tmp_path / "ledger"
+    h = _retried_once_then_slow(app, acks_late=False).delay(str(ledger))
+    _kill_the_rerun(worker, h, ledger)
+
+    with pytest.raises(nbtask.WorkerLost):
+        h.get(timeout=5)
+    assert h.state is State.WORKER_LOST
+    assert access.record(h.id)[b"state"] == b"WORKER_LOST"
+    assert access.drained()
+    assert len(pids_in(ledger)) == 2  # not rerun
+    assert "dropped a copy" not in worker.log.read_text()
+    assert worker.process.poll() is None
+
+
+def test_acks_late_task_rejected_once_whose_rerun_child_is_killed_finishes_once(
+    app: App, start_worker, tmp_path: Path, access: RawBroker
+) -> None:
+    """The same for a task put back by ``Reject(requeue=True)``: its copy put back runs,
+    its child is killed, and it is put back again and finishes once."""
+    worker = start_worker(concurrency=2)
+    ledger = tmp_path / "ledger"
+
+    @app.task(acks_late=True)
+    def rejected_once_then_slow(path: str) -> int:
+        with open(path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        with open(path) as f:
+            runs = len(f.read().split())
+        if runs == 1:
+            raise nbtask.Reject("not yet", requeue=True)
+        time.sleep(30.0 if runs == 2 else 0.1)
+        return os.getpid()
+
+    h = rejected_once_then_slow.delay(str(ledger))
+    _kill_the_rerun(worker, h, ledger)
+
+    result = h.get(timeout=15)
+    assert h.state is State.SUCCESS
+    starts = pids_in(ledger)
+    assert len(starts) == 3, f"expected a run, its copy put back and one redelivery: {starts}"
+    assert result == starts[2] != starts[1]
+    types = event_types(access, app, h.id)
+    assert types.count("success") == 1 and "worker_lost" not in types, types
+    assert access.record(h.id)[b"state"] == b"SUCCESS"
+    assert access.drained()
+
+
 def _kill_a_worker_running_two_tasks(
     app: App, worker: WorkerProcess, tmp_path: Path
 ) -> tuple[TaskHandle, TaskHandle]:
