@@ -454,7 +454,7 @@ class GroupHandle(CeleryGroupNames):
         return all(h.successful() for h in self.handles)
 
     def failed(self) -> bool:
-        """True if a task finished without a result."""
+        """True if a task failed (Celery's ``GroupResult.failed``: a revoked one has not)."""
         return any(h.failed() for h in self.handles)
 
     def completed_count(self) -> int:

@@ -5,7 +5,8 @@ Code written for Celery reads ``status``, ``task_id`` and ``traceback`` and call
 does. As Celery's ``AsyncResult``, a handle equals its id string (``h == h.id``) and any
 handle of the same task, and hashes as its id. The names nbtask has no counterpart for
 (``forget``, ``children``, ``collect``, ``then``, ``args``, ``kwargs``) raise one error
-saying what to do instead, rather than a bare ``AttributeError``.
+saying what to do instead, rather than a bare ``AttributeError``. ``str(h)`` is the id, as
+Celery's.
 """
 
 from __future__ import annotations
@@ -72,6 +73,13 @@ class CeleryResultNames:
     def __hash__(self) -> int:
         """Celery's ``hash(h) == hash(h.id)``: a handle and its id find the same entry."""
         return hash(self.id)
+
+    def __str__(self) -> str:
+        """Celery's ``str(AsyncResult)``: the task id (``json.dumps({"id": str(h)})``).
+
+        ``repr(h)`` still names the task and its state.
+        """
+        return self.id
 
     @property
     def status(self: _Handle) -> str:

@@ -182,6 +182,10 @@ class EagerResult:
         """
         return self.get(timeout, propagate, disable_sync_subtasks)
 
+    def __str__(self) -> str:
+        """Celery's: the task id."""
+        return self.id
+
     def __repr__(self) -> str:
         return f"<EagerResult {self.name}[{self.id}] {self.status}>"
 

@@ -26,7 +26,7 @@ from nbtask.errors import (
     SendUnconfirmed,
 )
 from nbtask.settings import MAX_SECONDS, is_finite_number
-from nbtask.wire.events import Deferred, Event, State
+from nbtask.wire.events import FAILED_STATES, Deferred, Event, State
 
 __all__ = ["Client", "FetchWatch", "TaskHandle", "refusing_handles"]
 
@@ -181,8 +181,13 @@ class TaskHandle(CeleryResultNames, TaskEvents):
         return self._task_state is State.SUCCESS
 
     def failed(self) -> bool:
-        """True if the task finished without a result."""
-        return self.done() and self._task_state is not State.SUCCESS
+        """True if the task ended ``FAILURE`` (it raised) or ``WORKER_LOST``.
+
+        As Celery's ``failed()``, false for a revoked task (``REVOKED``: cancelled, revoked
+        or expired), which neither :meth:`successful` nor failed; a lost worker is Celery's
+        ``WorkerLostError``, a ``FAILURE``.
+        """
+        return self.done() and self._task_state in FAILED_STATES
 
     def get(
         self,

@@ -16,6 +16,7 @@ from nbtask.wire.message import SERIALIZERS, decode_value
 
 __all__ = [
     "CODE_DIFFERS",
+    "FAILED_STATES",
     "FINAL_SEQ",
     "FINAL_STATES",
     "OUTPUT_PARTS",
@@ -75,6 +76,10 @@ class State(str, enum.Enum):
 
 
 FINAL_STATES = frozenset({State.SUCCESS, State.FAILURE, State.REVOKED, State.WORKER_LOST})
+#: The final states in which a handle's ``failed()`` is true: Celery's is ``FAILURE`` alone
+#: (a revoked task has not failed), and a lost worker is Celery's ``WorkerLostError``,
+#: itself a ``FAILURE``.
+FAILED_STATES = frozenset({State.FAILURE, State.WORKER_LOST})
 
 
 class EventType(str, enum.Enum):

@@ -72,6 +72,7 @@ def test_apply_runs_the_task_here_and_returns_an_eager_result(app: App) -> None:
     assert re.fullmatch(r"[0-9a-f]{32}", result.id) and result.task_id == result.id
     assert result.date_done.tzinfo is not None
     assert repr(result) == f"<EagerResult {where.name}[{result.id}] SUCCESS>"
+    assert str(result) == result.id  # Celery's str(EagerResult)
     assert where.apply(kwargs={"x": 1, "y": 1}).get()[0] == 2
     # Calling the task still runs its body alone.
     assert where(1, 2)[0] == 3

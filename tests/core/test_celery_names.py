@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import datetime as dt
+import json
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import wait_until
@@ -61,10 +63,36 @@ def test_a_handle_equals_its_id_and_hashes_as_it_as_celerys_async_result(
     h, other = add.delay(2, 3), add.delay(1, 1)
     assert h == h.id and h.id == h and h != other and h != other.id
     assert hash(h) == hash(h.id) and {h.id: "found"}[h] == "found"
+    # str() is the id, as Celery's str(AsyncResult): stored with json, it is the id.
+    assert str(h) == h.id and f"{h}" == h.id
+    assert json.loads(json.dumps({"id": str(h)})) == {"id": h.id}
+    assert repr(h).startswith(f"<TaskHandle {add.name}[{h.id}] ")
     assert h.get(timeout=10) == 5 and other.get(timeout=10) == 2
     again = app.AsyncResult(h.id)  # another handle of the same task
     assert again is not h and again == h and len({h, again, h.id}) == 1
     assert h != 5 and h != None  # noqa: E711 - neither an id nor a handle
+
+
+def test_failed_is_celerys_a_revoked_task_and_a_group_with_one_have_not_failed(
+    app: App, start_worker, steps: tuple[Any, ...]
+) -> None:
+    """As Celery's, ``failed()`` is a ``FAILURE`` (a lost worker, Celery's
+    ``WorkerLostError``, is one: see ``test_lost_outcomes.py``), not a revoke."""
+    add, _, fail, _ = steps
+    revoked = app.send_task(WAIT_FOR_FILE, ("-", "-"))
+    members = group([add.s(1, 1), add.s(2, 2)]).delay()
+    assert revoked.revoke() is True and members.handles[1].revoke() is True
+    start_worker()
+    with pytest.raises(nbtask.TaskRevoked):
+        revoked.get(timeout=10)
+    assert revoked.ready() and not revoked.failed() and not revoked.successful()
+    two, gone = members.get(timeout=10, propagate=False)
+    assert two == 2 and isinstance(gone, nbtask.TaskRevoked)
+    assert members.ready() and not members.failed() and not members.successful()
+
+    failing = group([add.s(1, 1), fail.s(0)]).delay()
+    failing.get(timeout=10, propagate=False)
+    assert failing.handles[1].failed() and failing.failed() and not failing.successful()
 
 
 def test_revoke_on_a_handle_and_app_control_revoke_are_app_revoke(

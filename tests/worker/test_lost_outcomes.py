@@ -95,4 +95,5 @@ def test_acks_late_without_reject_on_worker_lost_reports_worker_lost(
     assert access.drained()
     assert len(lines_in(ledger)) == 1  # not run again
     assert h.state is State.WORKER_LOST
+    assert h.failed() and not h.successful()  # Celery's WorkerLostError is a FAILURE
     assert worker.process.poll() is None
