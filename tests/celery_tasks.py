@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import traceback
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -100,6 +101,9 @@ def _einfo(einfo: ExceptionInfo | None) -> dict[str, Any] | None:
         "exception": type(einfo.exception).__name__,
         "has_traceback": "Traceback" in einfo.traceback,
         "str": str(einfo),  # Celery's ExceptionInfo: its traceback text
+        # Celery's einfo.tb and exc_info: the traceback object, down to the raising frame
+        "tb_last": traceback.extract_tb(einfo.tb)[-1].name if einfo.tb is not None else None,
+        "exc_info": einfo.exc_info == (einfo.type, einfo.exception, einfo.tb),
     }
 
 

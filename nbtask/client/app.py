@@ -15,6 +15,8 @@ from nbtask.client.revoking import Revoking
 from nbtask.client.routes import Routes
 from nbtask.client.unsent import expected_handle, give_back, restore_refused, reused_ids
 from nbtask.core.canvas import Call, Signature
+from nbtask.core.celery_canvas import NO_GROUP_RECORD
+from nbtask.core.celery_result import not_in_nbtask
 from nbtask.core.datasets import Loader, check_loader, dataset_names
 from nbtask.core.declare import task_class
 from nbtask.core.handle import FetchWatch, TaskHandle
@@ -432,6 +434,11 @@ class App(Revoking):
     def control(self) -> Control:
         """Celery's ``app.control``: ``app.control.revoke(id, terminate=...)`` is :meth:`revoke`."""
         return Control(self)
+
+    @property
+    def GroupResult(self) -> NoReturn:  # Celery's name, capitalised as a class
+        """Not in nbtask: a group is gathered again from its tasks' ids (``GroupHandle``)."""
+        raise not_in_nbtask("app.GroupResult", NO_GROUP_RECORD)
 
     @property
     def conf(self) -> NoReturn:

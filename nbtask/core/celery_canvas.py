@@ -3,19 +3,29 @@
 Code written for Celery builds signatures with ``clone()``, ``link()``, ``on_error()``
 and ``freeze()``, and reads a ``GroupResult``'s ``id``, ``results``, ``join()`` and
 ``waiting()``: each is mixed into :class:`~nbtask.Signature` and
-:class:`~nbtask.GroupHandle` here.
+:class:`~nbtask.GroupHandle` here. A group's ``save()`` and ``forget()`` (and the app's
+``GroupResult``) raise one error saying what to do instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
+from nbtask.core.celery_result import NO_FORGET, not_in_nbtask
 from nbtask.core.handle import TaskHandle
 from nbtask.core.options import new_task_id
 
-__all__ = ["CeleryGroupNames", "CelerySignatureNames"]
+__all__ = ["NO_GROUP_RECORD", "CeleryGroupNames", "CelerySignatureNames"]
+
+#: Why a group handle cannot be saved, nor restored by its id (Celery's
+#: ``GroupResult.save()``, ``app.GroupResult``, ``GroupResult.restore(id)``).
+NO_GROUP_RECORD = (
+    "nbtask keeps no record of a group, only of each task: keep the tasks' ids, "
+    "ids = [h.id for h in gh], and gather them again, in any process, with "
+    "nbtask.GroupHandle([app.handle(i) for i in ids], group_id)"
+)
 
 _S = TypeVar("_S")
 
@@ -189,3 +199,13 @@ class CeleryGroupNames:
         """
         revoked = [h.revoke(terminate, grace=grace) for h in self.handles]
         return any(revoked)
+
+    @property
+    def save(self) -> NoReturn:
+        """Not in nbtask: Celery's ``GroupResult.save()``; no group record is kept."""
+        raise not_in_nbtask("GroupHandle.save()", NO_GROUP_RECORD)
+
+    @property
+    def forget(self) -> NoReturn:
+        """Not in nbtask: the tasks' records are dropped ``result_ttl`` after they end."""
+        raise not_in_nbtask("GroupHandle.forget()", NO_FORGET)

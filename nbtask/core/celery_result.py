@@ -17,7 +17,14 @@ from typing import Any, NoReturn, Protocol
 from nbtask.errors import RemoteError
 from nbtask.wire.events import State
 
-__all__ = ["CeleryResultNames"]
+__all__ = ["NO_FORGET", "CeleryResultNames", "not_in_nbtask"]
+
+#: Why ``forget()`` (a task handle's, a group handle's) is not needed.
+NO_FORGET = (
+    "a task's record and result are dropped by the store result_ttl seconds after it "
+    "ends (App(result_ttl=...) or NBTASK_RESULT_TTL); a task with "
+    "@app.task(ignore_result=True) keeps no result at all"
+)
 
 
 class _Handle(Protocol):
@@ -53,8 +60,21 @@ class _Handle(Protocol):
         """Revoke the task through its app."""
 
 
+def not_in_nbtask(spelling: str, instead: str) -> AttributeError:
+    """The error of a Celery name nbtask has no counterpart for, saying what to do instead.
+
+    Parameters
+    ----------
+    spelling
+        The name as a Celery user writes it (``"TaskHandle.forget()"``).
+    instead
+        What nbtask offers in its place.
+    """
+    return AttributeError(f"{spelling} is Celery's; nbtask has no counterpart: {instead}")
+
+
 def _not_in_nbtask(name: str, instead: str) -> AttributeError:
-    return AttributeError(f"TaskHandle.{name} is Celery's; nbtask has no counterpart: {instead}")
+    return not_in_nbtask(f"TaskHandle.{name}", instead)
 
 
 class CeleryResultNames:
@@ -149,12 +169,7 @@ class CeleryResultNames:
     @property
     def forget(self) -> NoReturn:
         """Not in nbtask: a task's record and result are dropped ``result_ttl`` after it ends."""
-        raise _not_in_nbtask(
-            "forget()",
-            "a task's record and result are dropped by the store result_ttl seconds after it "
-            "ends (App(result_ttl=...) or NBTASK_RESULT_TTL); a task with "
-            "@app.task(ignore_result=True) keeps no result at all",
-        )
+        raise _not_in_nbtask("forget()", NO_FORGET)
 
     @property
     def children(self) -> NoReturn:

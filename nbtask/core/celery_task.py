@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from nbtask.core.call_checks import CELERY_SEND_OPTIONS, call_arguments
 from nbtask.core.canvas import Signature
+from nbtask.core.celery_result import not_in_nbtask
 from nbtask.core.eager import EagerResult, run_here
 from nbtask.core.handle import TaskHandle
 from nbtask.core.handlers import HandledTask
@@ -50,7 +51,7 @@ class _Applied(HandledTask, Protocol):
 
 
 def _not_in_nbtask(name: str, instead: str) -> AttributeError:
-    return AttributeError(f"task.{name} is Celery's; nbtask has no counterpart: {instead}")
+    return not_in_nbtask(f"task.{name}", instead)
 
 
 class CeleryTaskNames:
@@ -211,4 +212,15 @@ class CeleryTaskNames:
             "write a task that runs one chunk, @app.task def add_chunk(pairs): return "
             "[x + y for x, y in pairs], and send one per chunk: group(add_chunk.s(items[i:i "
             "+ n]) for i in range(0, len(items), n)).delay()",
+        )
+
+    @property
+    def backend(self) -> Any:
+        """Not in nbtask: Celery's result backend object, ``self.backend`` in a task."""
+        raise _not_in_nbtask(
+            "backend",
+            "a task's state and result go to nbtask's store by themselves; inside a task, "
+            "self.update_state(state=..., meta=...) records a state of its own, and a "
+            "client reads any task's with app.handle(id) (state, info, get()); "
+            "@app.task(backend=None) keeps no result",
         )

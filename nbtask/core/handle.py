@@ -30,6 +30,15 @@ from nbtask.wire.events import FAILED_STATES, Deferred, Event, State
 
 __all__ = ["Client", "FetchWatch", "TaskHandle", "refusing_handles"]
 
+#: Why ``get(on_message=...)`` is refused, and what to use.
+NO_ON_MESSAGE = (
+    "get(on_message=...) is Celery's; nbtask's handle calls a callback with each event of "
+    "the task instead: h.on_event(fn), or apply_async(..., on_event=fn) to miss none. What "
+    "the task sets with self.update_state(state=..., meta=...) arrives as an event of type "
+    "EventType.STATE (event.data['state'], event.data['meta']), its progress as PROGRESS, "
+    "its end as SUCCESS, FAILURE, REVOKED or WORKER_LOST; then h.get(timeout=...) as usual"
+)
+
 #: Set while a notebook cell's variables are pickled: a handle does not travel into a cell.
 _refused: contextvars.ContextVar[bool] = contextvars.ContextVar("nbtask_no_handles", default=False)
 
@@ -198,6 +207,7 @@ class TaskHandle(CeleryResultNames, TaskEvents):
         interval: float | None = None,
         no_ack: bool = True,
         follow_parents: bool = True,
+        on_message: Callable[[dict[str, Any]], object] | None = None,
     ) -> Any:
         """Wait for the result, up to ``timeout`` seconds.
 
@@ -218,6 +228,9 @@ class TaskHandle(CeleryResultNames, TaskEvents):
         interval, no_ack, follow_parents
             Celery's, taken and unused: the outcome arrives as a message, so nothing
             polls, acknowledges or walks the parents' results.
+        on_message
+            Celery's, refused (``ConfigurationError`` saying what to use): a task's
+            events go to ``h.on_event(fn)`` or ``apply_async(..., on_event=fn)``.
 
         Returns
         -------
@@ -242,10 +255,14 @@ class TaskHandle(CeleryResultNames, TaskEvents):
             The task is not done after ``timeout`` seconds (it keeps running).
         RuntimeError
             Called inside a task on a worker without ``disable_sync_subtasks=False``.
+        ConfigurationError
+            ``on_message`` was given.
         BlobError, SerializationError
             The result cannot be loaded here (see :meth:`result`).
         """
         del interval, no_ack, follow_parents  # Celery's polling backends' options
+        if on_message is not None:
+            raise ConfigurationError(NO_ON_MESSAGE)
         request = current_request()
         if disable_sync_subtasks and request is not None and request.in_worker:
             raise RuntimeError(

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import traceback
+import types
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, NoReturn, Protocol
@@ -34,11 +35,16 @@ __all__ = [
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+#: What ``sys.exc_info()`` returns for an exception.
+_ExcInfo = tuple[type[BaseException], BaseException, types.TracebackType | None]
+
+
 @dataclasses.dataclass(frozen=True)
 class ExceptionInfo:
     """What failure handlers get as ``einfo``: the exception and its traceback text.
 
-    As Celery's (billiard's) ``ExceptionInfo``, ``str(einfo)`` is the traceback text.
+    As Celery's (billiard's) ``ExceptionInfo``, ``str(einfo)`` is the traceback text, and
+    ``type``, ``tb`` and ``exc_info`` are there too.
 
     Parameters
     ----------
@@ -55,6 +61,20 @@ class ExceptionInfo:
     def type(self) -> type[BaseException]:
         """The exception's class."""
         return type(self.exception)
+
+    @property
+    def tb(self) -> types.TracebackType | None:
+        """The exception's traceback object, if it has one (Celery's ``einfo.tb``).
+
+        ``None`` for an error nbtask made for the task, never raised in it (its process
+        killed past its hard time limit): :attr:`traceback` says what happened.
+        """
+        return self.exception.__traceback__
+
+    @property
+    def exc_info(self) -> _ExcInfo:
+        """``(type, exception, tb)``, as ``sys.exc_info()`` (Celery's ``einfo.exc_info``)."""
+        return self.type, self.exception, self.tb
 
     def __str__(self) -> str:
         """The traceback text, as Celery's ``str(einfo)``."""

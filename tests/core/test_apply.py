@@ -164,6 +164,8 @@ def test_handlers_run_in_celerys_order_as_on_a_worker(tmp_path: Path) -> None:
         "type": "ValueError",
         "exception": "ValueError",
         "has_traceback": True,
+        "tb_last": "handled_fail",  # Celery's einfo.tb: the traceback object
+        "exc_info": True,
     }
     assert (after["status"], after["retval"]) == ("FAILURE", "ValueError")
 

@@ -152,6 +152,42 @@ def test_celerys_names_nbtask_has_no_counterpart_for_say_what_to_do_instead(app:
         app.control.inspect()
 
 
+@pytest.mark.brokers("redis")
+def test_more_celery_names_say_what_to_do_instead(app: App) -> None:
+    """A group's save() and forget(), app.GroupResult, get(on_message=), self.backend.
+
+    Before: bare errors, "'GroupHandle' object has no attribute 'save'", "get() got an
+    unexpected keyword argument 'on_message'", "'uses_backend' object has no attribute
+    'backend'"."""
+
+    @app.task
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task(bind=True)
+    def uses_backend(self: nbtask.Task) -> str:
+        try:
+            self.backend.store_result(self.request.id, 1, "SUCCESS")
+        except AttributeError as exc:
+            return str(exc)
+        return "stored"
+
+    gh = group([add.s(1, 1), add.s(2, 2)]).delay()
+    gathered = r"GroupHandle\(\[app\.handle\(i\) for i in ids\], group_id\)"
+    with pytest.raises(AttributeError, match=rf"GroupHandle\.save\(\) is Celery's; .*{gathered}"):
+        gh.save()
+    with pytest.raises(AttributeError, match=r"GroupHandle\.forget\(\) is Celery's; .*result_ttl"):
+        gh.forget()
+    with pytest.raises(AttributeError, match=rf"app\.GroupResult is Celery's; .*{gathered}"):
+        app.GroupResult(gh.id, gh.results)
+    assert not hasattr(gh, "save") and not hasattr(app, "GroupResult")
+    with pytest.raises(nbtask.ConfigurationError, match=r"on_message.*h\.on_event\(fn\)"):
+        gh.handles[0].get(timeout=1, on_message=print)
+    said = uses_backend.apply().get()
+    assert said.startswith("task.backend is Celery's; nbtask has no counterpart"), said
+    assert "self.update_state(" in said and "app.handle(id)" in said
+
+
 def test_a_handle_keeps_the_future_contract_while_running_and_once_cancelled(
     app: App, start_worker, tmp_path: Path
 ) -> None:

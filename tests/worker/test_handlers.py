@@ -245,6 +245,8 @@ def test_handlers_on_failure_in_order_with_celerys_arguments(
     assert failure["einfo"]["type"] == "ValueError"
     assert failure["einfo"]["exception"] == "ValueError"
     assert failure["einfo"]["has_traceback"]
+    # Celery's einfo.tb, the traceback object (before, AttributeError in on_failure)
+    assert (failure["einfo"]["tb_last"], failure["einfo"]["exc_info"]) == ("handled_fail", True)
     text = failure["einfo"]["str"]
     assert text.startswith("Traceback") and text.endswith("ValueError: bad thing\n")
     assert (after["status"], after["retval"], after["task_id"]) == ("FAILURE", "ValueError", h.id)
@@ -276,6 +278,7 @@ def test_a_task_killed_past_its_hard_time_limit_has_on_failure_and_after_return_
     )
     assert "hard time limit" in failure["exc_text"]
     assert failure["einfo"]["exception"] == "TimeLimitExceeded"
+    assert failure["einfo"]["tb_last"] is None  # made by nbtask, never raised in the task
     assert (after["status"], after["retval"], after["task_id"]) == (
         "FAILURE",
         "TimeLimitExceeded",
