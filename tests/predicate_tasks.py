@@ -45,6 +45,12 @@ def ignored(path: str) -> None:
     raise Ignore()
 
 
+@app.task
+def ignored_at_once() -> None:
+    """Ignored before it sent anything: no output, no state of its own."""
+    raise Ignore()
+
+
 @app.task(base=Noted, acks_late=True, autoretry_for=(Exception,), max_retries=3)
 def rejected(path: str) -> None:
     """Rejected without requeue (and would be retried, were it a failure)."""

@@ -19,8 +19,12 @@ from nbtask.core.context import Request, directly_called, progress, request_of
 from nbtask.core.handlers import ExceptionInfo, HandledTask
 from nbtask.core.options import queue_name, seconds_from_now
 from nbtask.errors import ConfigurationError, MaxRetriesExceededError, Retry
+from nbtask.wire.events import FINAL_STATES
 
 __all__ = ["RunningTask"]
+
+#: The states ``update_state`` refuses: those a task reaches only by ending.
+_ENDS = frozenset(state.value for state in FINAL_STATES)
 
 
 class _Running(HandledTask, Protocol):
@@ -82,16 +86,33 @@ class RunningTask:
         The client sees it as ``handle.state`` and ``handle.info["meta"]`` until the
         task's next state.
 
+        A task's end is not a state it sets: ``SUCCESS``, ``FAILURE``, ``REVOKED`` and
+        ``WORKER_LOST`` are refused, since the handle would show an end that is neither
+        ``ready()`` nor what ``get()`` gives. Return the value, or raise the exception.
+
         Parameters
         ----------
         state
             The state's name, e.g. ``"PROGRESS"``.
         meta
             JSON-safe details of it.
+
+        Raises
+        ------
+        ConfigurationError
+            ``state`` names a task's end.
         """
         request = self.request
         if request.called_directly:
             raise RuntimeError(f"{self.name}.update_state is only available while the task runs")
+        if str(state) in _ENDS:
+            raise ConfigurationError(
+                f"update_state(state={str(state)!r}) is a task's end, which nbtask stores "
+                "only as the task ends: return the value for SUCCESS, raise the exception "
+                "for FAILURE (raise ValueError('custom'); with @app.task(throws=(ValueError,)) "
+                "the worker logs it in one line), revoke it for REVOKED; update_state sets "
+                "the states of a running task, such as 'PROGRESS'"
+            )
         if request.emit is not None:
             request.emit("state", {"state": str(state), "meta": dict(meta or {})})
 

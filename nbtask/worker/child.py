@@ -25,7 +25,7 @@ from nbtask.core.datasets import DatasetCache, Loader
 from nbtask.core.fingerprint import code_differs
 from nbtask.core.outgoing import MessageBuilder
 from nbtask.core.task import Task
-from nbtask.errors import BrokerUnavailable, NbtaskError, TaskPredicate
+from nbtask.errors import BrokerUnavailable, Ignore, NbtaskError, TaskPredicate
 from nbtask.settings import Settings
 from nbtask.wire.envelope import Signer
 from nbtask.wire.events import CODE_DIFFERS, FINAL_SEQ, Event, EventType, run_seq_base
@@ -308,6 +308,8 @@ class Child:
             outcome = self.runner.run(admitted, task)
         if isinstance(outcome.exc, TaskPredicate):  # Reject, Ignore: no handlers (Celery's)
             task = None
+            if isinstance(outcome.exc, Ignore):  # no final event will say the run began
+                self.outbox.send_skipped_start()
             if self.predicates.set_aside(admitted, outcome):
                 return None
         # Callbacks, handlers, freeing argument blobs and writing kept values' store copies

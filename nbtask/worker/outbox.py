@@ -105,6 +105,8 @@ class Outbox:
         self._channel = ""
         self._seq = 0
         self._started: Event | None = None
+        # The started that end() left out, for a run that then has no final event.
+        self._skipped: Event | None = None
         # Output in the order produced: stdout/stderr text (adjacent chunks merged) and
         # rich displays. Progress is kept apart because only its latest value matters.
         self._output: list[tuple[EventType, dict[str, Any]]] = []
@@ -157,6 +159,7 @@ class Outbox:
             self._run = run
             self._output, self._progress = [], None
             self._started = Event(EventType.STARTED, task_id, first_seq + 1, details, run=run)
+            self._skipped = None
             self._due, self._first_at = -math.inf, self._clock()
             self._started_due = not self._timed
         if self._timed:
@@ -233,7 +236,8 @@ class Outbox:
             self._alarm.disarm()
         with self._lock:
             if not self._output and self._progress is None:
-                self._started = None  # alone, it would cost a round trip the final event saves
+                # Alone, it would cost a round trip the final event saves.
+                self._skipped, self._started = self._started, None
             self._active = False
             for thread in left - self._threads_before:
                 self._leftovers[thread] = self._task_id
@@ -241,6 +245,18 @@ class Outbox:
         with self._lock:
             self._seq += 1
             return self._seq
+
+    def send_skipped_start(self) -> None:
+        """Send the ``started`` that :meth:`end` left out, if it did: no final event follows.
+
+        For a run that ends without an outcome (it raised ``Ignore``): its handle then shows
+        ``STARTED``, as the task's record does, on every broker.
+        """
+        with self._lock:
+            skipped, self._skipped = self._skipped, None
+        if skipped is not None and not self._forked:
+            with self._flush_lock:
+                self._send(self._channel, [skipped])
 
     def flush(self) -> None:
         """Send what is buffered now.
@@ -272,6 +288,9 @@ class Outbox:
             if not events:
                 return
             self._due = max(self._first_at, self._due + CAP_SECONDS)
+        self._send(channel, events)
+
+    def _send(self, channel: str, events: list[Event]) -> None:
         try:
             raws = [self._signer.seal(e.to_header()) for e in events]
             self._transport.emit(channel, raws)

@@ -42,6 +42,46 @@ def test_ignore_stores_nothing_acknowledges_and_calls_no_handler(
         assert notes(path) == ["run"]  # no handler; acknowledged, so never run again
 
 
+def test_a_task_ignored_before_it_sent_anything_shows_started_on_every_broker(
+    app: App, start_worker: Any
+) -> None:
+    """Its record says ``STARTED``, and so does its handle. Before, on RabbitMQ the handle
+    stayed ``PENDING``: the run skipped its ``started`` event, which a final event (none
+    comes after ``Ignore``) would have stood for."""
+    worker = start_worker("-A", TASKS, concurrency=1)
+    handles = [app.send_task(f"{TASKS}.ignored_at_once") for _ in range(3)]
+    wait_until(lambda: worker.log.read_text().count("] ignored") == 3, 15, "all ignored")
+    for h in handles:
+        wait_until(lambda h=h: h.state is State.STARTED, 10, "the handle to show STARTED")
+        assert app.handle(h.id).state is State.STARTED and not h.ready()
+        assert h.info["worker"] and h.info["pid"]
+
+
+def test_update_state_to_an_end_is_refused_so_the_handle_ends_as_it_shows(
+    app: App, start_worker: Any
+) -> None:
+    """Celery's ``update_state(state="FAILURE", meta=...)`` then ``raise Ignore()``: refused
+    in the task, which fails saying what to do. Before, the handle said ``FAILURE`` (or
+    ``SUCCESS``) while ``ready()`` was false and ``get()`` timed out, "still FAILURE"."""
+
+    @app.task(bind=True)
+    def ends_itself(self: nbtask.Task, state: str) -> None:
+        self.update_state(state=state, meta={"exc_type": "ValueError", "exc_message": ["x"]})
+        raise nbtask.Ignore()
+
+    start_worker()
+    for state in (State.FAILURE, "SUCCESS", "REVOKED"):
+        h = ends_itself.delay(state)
+        said = rf"update_state\(state='{state}'\) is a task's end.*raise the exception"
+        with pytest.raises(nbtask.ConfigurationError, match=said):
+            h.get(timeout=15)
+        assert (h.state, h.ready(), h.failed()) == (State.FAILURE, True, True)
+        assert app.handle(h.id).state is State.FAILURE
+    applied = ends_itself.apply(("FAILURE",))
+    assert applied.ready() and applied.failed()
+    assert isinstance(applied.result, nbtask.ConfigurationError)
+
+
 def test_reject_fails_the_task_without_handlers_or_autoretry(
     app: App, start_worker: Any, tmp_path: Path
 ) -> None:
