@@ -158,7 +158,7 @@ class Runner:
             holding=self.holding,
             signer=self.signer,
             client=message.client,
-            delivery_info={"queue": delivery.queue, "redelivered": delivery.deliveries > 0},
+            delivery_info=_delivery_info(delivery.queue, delivery.deliveries > 0),
         )
 
     def run(self, admitted: Admitted, task: Task) -> Outcome:
@@ -278,3 +278,19 @@ class Runner:
     ) -> Outcome:
         """The outcome of ``message``'s task that raised ``exc`` (or could not be run)."""
         return failure_outcome(message, exc, seq, self._whoami, task)
+
+
+def _delivery_info(queue: str, redelivered: bool) -> dict[str, Any]:
+    """``self.request.delivery_info``, with Celery's keys.
+
+    Celery's code reads ``delivery_info["routing_key"]`` for the queue a task came from:
+    here it is the queue's name, as ``queue`` is. nbtask sends to queues directly (the
+    default exchange, ``""``) and has no priorities (``None``).
+    """
+    return {
+        "queue": queue,
+        "routing_key": queue,
+        "exchange": "",
+        "priority": None,
+        "redelivered": redelivered,
+    }

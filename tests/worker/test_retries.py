@@ -284,7 +284,14 @@ def test_request_fields_inside_a_bound_task(app: App, start_worker) -> None:
     assert seen["eta"] is None
     assert seen["parent_id"] is None
     assert seen["root_id"] == h.id
-    assert seen["delivery_info"]["queue"] == "default"
+    # Celery's keys too (code written for Celery reads delivery_info["routing_key"]).
+    assert seen["delivery_info"] == {
+        "queue": "default",
+        "routing_key": "default",
+        "exchange": "",
+        "priority": None,
+        "redelivered": False,
+    }
     assert seen["name"] == seen["task"] == introspect.name  # request.task: Celery's name
 
     later = introspect.apply_async((3,), countdown=0.2)
