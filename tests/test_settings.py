@@ -402,6 +402,10 @@ def test_from_env_unknown_flag_word_is_refused(value: str) -> None:
         ("task_always_eager", "task.apply(args) to run a task here"),
         ("task_track_started", "nothing: every task reports STARTED"),
         ("task_reject_on_worker_lost", "@app.task(reject_on_worker_lost=...)"),
+        ("beat_schedule", "nothing: nbtask has no periodic scheduler (no beat); run a loop"),
+        ("broker_transport_options", "visibility_timeout=... (seconds)"),
+        ("timezone", "nothing: nbtask's times are instants, epoch seconds or aware"),
+        ("enable_utc", "nothing: nbtask's times are instants"),
     ],
 )
 def test_a_celery_setting_names_nbtasks_own_not_a_lookalike(celery: str, nbtask: str) -> None:

@@ -361,6 +361,13 @@ def is_finite_number(value: object) -> bool:
         return False
 
 
+#: Why Celery's ``timezone`` and ``enable_utc`` are not needed.
+_NO_TIMEZONE = (
+    "nothing: nbtask's times are instants, epoch seconds or aware datetimes "
+    "(apply_async(eta=datetime(..., tzinfo=...)); a naive eta is refused), and "
+    "h.date_done is an aware UTC datetime: show it in a zone with .astimezone(zone)"
+)
+
 # Celery's names for a setting nbtask has under another name, or keeps elsewhere: a
 # resemblance of spelling would point a migrating user at the wrong one.
 _CELERY_SETTINGS = {
@@ -381,6 +388,19 @@ _CELERY_SETTINGS = {
     "task_eager_propagates": "task.apply(args, throw=True)",
     "task_track_started": "nothing: every task reports STARTED when a worker begins it",
     "task_reject_on_worker_lost": "@app.task(reject_on_worker_lost=...)",
+    "beat_schedule": (
+        "nothing: nbtask has no periodic scheduler (no beat); run a loop or a cron job "
+        "that calls task.delay(...) on schedule, or task.apply_async(eta=...) for one "
+        "later run"
+    ),
+    "broker_transport_options": (
+        "visibility_timeout=... (seconds), the option Celery's users set there: how long "
+        "an unacknowledged message goes without a lease renewal before another worker "
+        "takes it (a live worker renews its leases); nbtask's transports take no other "
+        "options"
+    ),
+    "timezone": _NO_TIMEZONE,
+    "enable_utc": _NO_TIMEZONE,
 }
 
 
