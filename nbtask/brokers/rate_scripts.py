@@ -7,7 +7,7 @@ given the next start, kept in its record so that it takes no other when it comes
 
 from __future__ import annotations
 
-from nbtask.brokers.scripts import TEXT
+from nbtask.brokers.lua_parts import TEXT
 
 __all__ = ["RATE_SCRIPTS"]
 

@@ -3,7 +3,9 @@
 Each step that must be atomic is one Lua script. The bookkeeping shared by both
 transports is written once, as Lua functions the scripts are built from:
 :data:`CHECK_START` (may a delivered task start?), :data:`WRITE_PENDING` (a task's record
-when its message is sent) and :data:`WRITE_FINAL` (its record and event when it ends).
+when its message is sent) and :data:`WRITE_FINAL` (its record and event when it ends),
+themselves built from the small ones of :mod:`nbtask.brokers.lua_parts` (a record's
+state, the ended-task set, writes replacing a key nbtask did not write).
 The store's scripts (:data:`STORE_SCRIPTS`) serve any transport;
 :mod:`nbtask.brokers.streams_scripts` fuses the same steps with the Redis Streams
 transport's own commands, so each step of a task is one round trip there. The scripts
@@ -16,145 +18,30 @@ ETA members are ``"<task id>:<message>"``, so the move to a queue can name the t
 
 from __future__ import annotations
 
+from nbtask.brokers.lua_parts import (
+    ENDED,
+    MARK_ENDED,
+    OWN_RECORD,
+    RECORD_STATE,
+    SET_ASIDE,
+    TEXT,
+    XADD_REPLACING,
+    ZADD_REPLACING,
+    lua,
+)
+
 __all__ = [
     "CHECK_START",
     "ETA_MEMBER",
     "INDEX_UPKEEP_SECONDS",
     "PARKED_BEFORE",
     "STORE_SCRIPTS",
-    "TEXT",
     "WRITE_FINAL",
     "WRITE_PENDING",
 ]
 
 #: How often a client sending tasks trims its index of tasks (see WRITE_PENDING), seconds.
 INDEX_UPKEEP_SECONDS = 1
-
-# Each script is built from only the Lua functions it calls: every function a script
-# defines is made anew on each run (a closure, then garbage), on the hot path too.
-
-
-def _with(*parts: str | tuple[str, ...]) -> tuple[str, ...]:
-    """Lua functions, each once, in order: a tuple part is one with those it calls."""
-    return tuple(
-        dict.fromkeys(p for part in parts for p in ((part,) if isinstance(part, str) else part))
-    )
-
-
-def _lua(*parts: str | tuple[str, ...]) -> str:
-    """The Lua of :func:`_with`'s functions, a function before the ones calling it."""
-    return "".join(_with(*parts))
-
-
-# A number as text, in full: Lua's tostring() keeps 14 significant digits, which put a
-# Unix time up to 50 us off (a start, a due time).
-TEXT = """
-local function text(x) return string.format('%.17g', x) end
-"""
-# The ended-task set and the ETA sets are sorted sets: a key of another type there was
-# not written by nbtask (someone with write access to Redis put it there). Reading, it
-# holds nothing; writing (zadd_replacing) replaces it; the supervisor's housekeeping sets
-# it aside with a log line (set_aside returns 1 when it deleted one).
-SET_ASIDE = """
-local function set_aside(key)
-  local kind = redis.call('TYPE', key)['ok']
-  if kind == 'zset' or kind == 'none' then return 0 end
-  redis.call('DEL', key)
-  return 1
-end
-"""
-# Written first, looked at only if refused: a key of another type is replaced, any other
-# error raised as redis.call raises it (one command, not TYPE then ZADD, on every write).
-_ZADD_REPLACING = """
-local function zadd_replacing(key, score, member)
-  local reply = redis.pcall('ZADD', key, score, member)
-  if type(reply) ~= 'table' then return end
-  if string.sub(reply.err or '', 1, 9) == 'WRONGTYPE' then redis.call('DEL', key) end
-  redis.call('ZADD', key, score, member)
-end
-"""
-# A client's channel Redis refuses an event for (a key of another type, or a stream whose
-# ids were used up by an entry put at the last one) was not written by nbtask: replaced,
-# or no event would reach that client again. Any other error is raised as redis.call
-# raises it. Returns the id the event was kept under (published beside it on RabbitMQ).
-_XADD_REPLACING = """
-local function xadd_replacing(key, maxlen, event)
-  local reply = redis.pcall('XADD', key, 'MAXLEN', '~', maxlen, '*', 'e', event)
-  if type(reply) ~= 'table' or not reply.err then return reply end
-  local used_up = string.find(reply.err, 'last possible', 1, true)
-  if string.sub(reply.err, 1, 9) == 'WRONGTYPE' or used_up then redis.call('DEL', key) end
-  return redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', 'e', event)
-end
-"""
-
-# The record at `key` as a hash: anything else there was not written by nbtask (someone
-# with write access to Redis put it there). Reading: 'bad'; writing: it is replaced.
-_RECORD_STATE = """
-local function record_state(key)
-  local state = redis.pcall('HGET', key, 'state')
-  if type(state) == 'table' then return 'bad' end
-  return state
-end
-"""
-# The record's state and its signed outcome (false for none), in one read ('bad' for
-# another type). The outcome is read whole, but only a task that ended has one.
-_STATE_AND_OUTCOME = """
-local function state_and_outcome(key)
-  local got = redis.pcall('HMGET', key, 'state', 'result')
-  if got.err then return 'bad', false end
-  return got[1], got[2]
-end
-"""
-# The record's state, once anything of another type at `key` is deleted (nil then), and
-# whether it holds a signed outcome.
-_OWN_RECORD = _with(
-    _STATE_AND_OUTCOME,
-    """
-local function own_record(key)
-  local state, outcome = state_and_outcome(key)
-  if state == 'bad' then
-    redis.call('DEL', key)
-    return nil, false
-  end
-  return state, outcome
-end
-""",
-)
-# Ended tasks are also remembered apart from their records, in '<prefix>:done' (task id
-# by end time, trimmed to max_age by the workers; with none left, gone ttl >= max_age after
-# its last write): a replay must find both gone to run.
-_DONE_OF = """
-local function done_of(key)
-  local prefix, task_id = string.match(key, '^(.*):r:([^:]+)$')
-  if prefix then return prefix .. ':done', task_id end
-  return nil, nil
-end
-"""
-_ENDED = _with(
-    _DONE_OF,
-    """
-local function ended(key)
-  local done, task_id = done_of(key)
-  if done == nil then return false end
-  local score = redis.pcall('ZSCORE', done, task_id)
-  return score ~= false and type(score) ~= 'table'  -- a table: an error (another type)
-end
-""",
-)
-_MARK_ENDED = _with(
-    _DONE_OF,
-    _ZADD_REPLACING,
-    """
-local function mark_ended(key, ttl)
-  local done, task_id = done_of(key)
-  if done then
-    local now = redis.call('TIME')
-    zadd_replacing(done, tonumber(now[1]) + tonumber(now[2]) / 1e6, task_id)
-    redis.call('EXPIRE', done, ttl)
-  end
-end
-""",
-)
 
 # May the task whose record is at `key` start now? A task starts only from PENDING or
 # RETRY (or with no record, e.g. an expired one): duplicates of a running task, replays
@@ -175,9 +62,9 @@ end
 # signed header once it verified. An earlier copy (a replay of one that ran already) is
 # refused: 'SUPERSEDED'. Asked before the header is read (`copy` ''), such a task is
 # neither marked nor refused: 'NOID', and the worker asks again once it verified.
-CHECK_START = _lua(
-    _ENDED,
-    _MARK_ENDED,
+CHECK_START = lua(
+    ENDED,
+    MARK_ENDED,
     TEXT,
     """
 -- Whether the copy "<retries>:<rejects>" is earlier than the last one put back.
@@ -239,10 +126,10 @@ end
 # trimmed to `ttl` and its expiry pushed back unless `upkeep` is '0': a client sending
 # many tasks does that once every INDEX_UPKEEP_SECONDS, and the index is kept that much
 # longer than `ttl` so it never goes before the newest task it names.
-WRITE_PENDING = _lua(
-    _OWN_RECORD,
-    _ENDED,
-    _ZADD_REPLACING,
+WRITE_PENDING = lua(
+    OWN_RECORD,
+    ENDED,
+    ZADD_REPLACING,
     """
 local function write_pending(key, ttl, index, now, task_id, fields, upkeep, new)
   if new ~= '1' then
@@ -277,11 +164,11 @@ end
 # Returns '' once written, '!' .. the plain state it wrote over, else what refused it:
 # the record's final state (held with its outcome), or 'ENDED'; and second, the id the
 # event was kept under on the channel ('' if it was not).
-WRITE_FINAL = _lua(
-    _OWN_RECORD,
-    _ENDED,
-    _MARK_ENDED,
-    _XADD_REPLACING,
+WRITE_FINAL = lua(
+    OWN_RECORD,
+    ENDED,
+    MARK_ENDED,
+    XADD_REPLACING,
     """
 -- Compared, not looked up in a table: a table would be built anew on every run.
 local function final(state)
@@ -388,11 +275,11 @@ return {refused, kept or ''}  -- (a nil would end the list)
 # else wrote that: the client's signed revoke is kept (`revoked`) and refuses its next
 # start (CHECK_START): 2.
 # KEYS: record, channel; ARGV: event, ttl, maxlen
-_REVOKE = _lua(
-    _OWN_RECORD,
-    _ENDED,
-    _MARK_ENDED,
-    _XADD_REPLACING,
+_REVOKE = lua(
+    OWN_RECORD,
+    ENDED,
+    MARK_ENDED,
+    XADD_REPLACING,
     """
 local state, outcome = own_record(KEYS[1])
 if outcome or ended(KEYS[1]) then return 0 end
@@ -428,7 +315,7 @@ _SET_ASIDE = SET_ASIDE + "return set_aside(KEYS[1])\n"
 # A record without a client was written by a start check alone, for a task id that came
 # beside a message no client sent (it then failed verification): delete it. KEYS: record
 _FORGET_UNSENT = (
-    _RECORD_STATE
+    RECORD_STATE
     + """
 if record_state(KEYS[1]) == 'bad' then return 0 end
 if redis.call('HEXISTS', KEYS[1], 'client') == 0 then return redis.call('DEL', KEYS[1]) end
