@@ -9,7 +9,8 @@ a transport module beside ``redis_streams`` and ``amqp`` and choose it in
 from __future__ import annotations
 
 from nbtask._text import redact_url
-from nbtask.brokers.base import Delivery, Publish, StartBy, Store, Transport, Verdict
+from nbtask.brokers.base import Store, Transport
+from nbtask.brokers.handoffs import Delivery, Publish, StartBy, Verdict
 from nbtask.brokers.redis_link import RedisLink
 from nbtask.brokers.redis_store import RedisStore
 from nbtask.brokers.redis_streams import StreamsTransport

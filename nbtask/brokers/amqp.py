@@ -52,7 +52,8 @@ from nbtask.brokers.amqp_links import Links, kombu
 from nbtask.brokers.amqp_lost import LostDeliveries
 from nbtask.brokers.amqp_replies import Replies
 from nbtask.brokers.amqp_upkeep import AmqpUpkeep
-from nbtask.brokers.base import OWED_SECONDS, Delivery, Publish, Settlement, StartBy, Verdict
+from nbtask.brokers.base import OWED_SECONDS
+from nbtask.brokers.handoffs import Delivery, Publish, Settlement, StartBy, Verdict
 from nbtask.brokers.redis_store import RedisStore
 from nbtask.errors import BrokerUnavailable
 

@@ -19,8 +19,8 @@ import time
 import uuid
 from collections.abc import Sequence
 
-from nbtask.brokers.base import Delivery
 from nbtask.brokers.bounded_reads import read_bounded
+from nbtask.brokers.handoffs import Delivery
 from nbtask.brokers.redis_store import RedisStore
 from nbtask.wire.records import MAX_PLAIN_BYTES
 

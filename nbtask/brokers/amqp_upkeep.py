@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from nbtask.brokers.amqp_guards import body_of, read_headers
 from nbtask.brokers.amqp_links import Links
 from nbtask.brokers.amqp_lost import LostDeliveries
-from nbtask.brokers.base import Delivery
+from nbtask.brokers.handoffs import Delivery
 
 __all__ = ["AmqpUpkeep"]
 

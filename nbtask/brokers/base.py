@@ -6,30 +6,27 @@ checked atomically or must outlive a client: task records and the start check, c
 channels, control messages, ETA parking, rate limits, the worker registry and the large
 values sent out of band (blobs). A transport
 never looks inside a body, and nothing above ``brokers/`` knows which broker is in use.
+What is handed to them and back (a message to publish, a delivery, a task's end, the
+start check's verdict) is in :mod:`nbtask.brokers.handoffs`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Protocol
 
+from nbtask.brokers.handoffs import Delivery, Publish, Settlement, StartBy
 from nbtask.wire.blobs import ByteProgress
 from nbtask.wire.envelope import Buffer
 from nbtask.wire.holdings import Holdings
-from nbtask.wire.records import RecordFields, TaskRecord, WorkerInfo
+from nbtask.wire.records import TaskRecord, WorkerInfo
 
 __all__ = [
     "OWED_SECONDS",
     "PIPELINE_WINDOW",
-    "Delivery",
-    "Publish",
-    "Settlement",
-    "StartBy",
     "Store",
     "Transport",
-    "Verdict",
 ]
 
 #: Task messages a thread may have published without the broker's answer (RabbitMQ's
@@ -38,87 +35,6 @@ PIPELINE_WINDOW = 1000
 #: How long closing waits, in all, for the answers the broker still owes to what other
 #: threads sent without waiting (RabbitMQ's confirms, Redis's replies).
 OWED_SECONDS = 3.0
-
-
-class Verdict:
-    """What the start check says of a delivered task (besides a state that forbids it)."""
-
-    #: It may run: it is now STARTED by the asking consumer.
-    OK = "OK"
-    #: The delivery carries no task id beside it, or its task's message was put back
-    #: (only its signed header tells which copy it is): ask :meth:`Store.start` once the
-    #: signed header is read.
-    ASK = "NOID"
-    #: A redelivered message whose task another holder STARTED and then lost (it died).
-    LOST = "LOST"
-    #: The task already ended: its record holds a signed final outcome (whatever the
-    #: plain state field says).
-    FINISHED = "FINISHED"
-    #: The task's record is not one nbtask wrote (another Redis type): nothing may start.
-    BAD_RECORD = "BADRECORD"
-    #: Its client revoked it while its record said it had started: that signed revoke is
-    #: now its stored outcome (owing its follow-ups), for the worker to send its client.
-    REVOKED = "REVOKEDNOW"
-    #: An earlier copy of a message that was put back since (a retry, a
-    #: ``Reject(requeue=True)``): that copy ran already, and the one put back is due.
-    SUPERSEDED = "SUPERSEDED"
-
-
-@dataclasses.dataclass(frozen=True)
-class Delivery:
-    """A message handed to a worker and not yet acknowledged.
-
-    ``deliveries`` counts earlier deliveries that ended with the worker dead. ``verdict``
-    is set when the transport already ran the start check: ``"OK"`` (the task is now
-    STARTED) or the state that forbids it; ``None`` means "ask :meth:`Store.start`".
-    """
-
-    queue: str
-    delivery_id: str
-    raw: bytes
-    deliveries: int = 0
-    verdict: str | None = None
-    #: The task id as the transport saw it (unverified; checked against the signed header).
-    task_id: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Publish:
-    """One message to enqueue: ``raw`` for ``queue``, due at ``eta`` (epoch seconds) if set."""
-
-    queue: str
-    task_id: str
-    raw: bytes
-    record: RecordFields
-    eta: float | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Settlement:
-    """A task's end as the store keeps it: its record, its client's event, a retry to park.
-
-    An empty ``fields`` deletes the task's record and an empty ``raw_event`` tells the
-    client nothing; ``later`` (a message and its due time, epoch seconds) is parked on
-    the ETA set of ``later_queue``, else of ``queue``, until then: a retry.
-    """
-
-    task_id: str
-    channel: str
-    raw_event: bytes
-    fields: Mapping[str, str | bytes]
-    queue: str = ""
-    later: tuple[bytes, float] | None = None
-    #: The queue a retry goes to when not its own (``self.retry(queue=...)``).
-    later_queue: str = ""
-
-
-@dataclasses.dataclass(frozen=True)
-class StartBy:
-    """Who asks the start check: a worker host, a process and its consumer name."""
-
-    worker: str
-    pid: str
-    consumer: str
 
 
 class Store(Protocol):
@@ -155,8 +71,9 @@ class Store(Protocol):
 
         ``copy``: the delivered message's signed ``(retries, rejects)``, once it verified.
         Without it, a task whose message was put back (a retry, a ``Reject`` requeue)
-        gets :attr:`Verdict.ASK`: only a verified copy tells whether it is the one put
-        back or an earlier one (:attr:`Verdict.SUPERSEDED`).
+        gets :attr:`~nbtask.brokers.handoffs.Verdict.ASK`: only a verified copy tells
+        whether it is the one put back or an earlier one
+        (:attr:`~nbtask.brokers.handoffs.Verdict.SUPERSEDED`).
         """
 
     def forget_ended_before(self, seconds: float) -> None:

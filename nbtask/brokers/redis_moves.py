@@ -15,7 +15,7 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from nbtask.brokers.base import Delivery
+from nbtask.brokers.handoffs import Delivery
 from nbtask.brokers.redis_channels import CHANNEL_MAXLEN, refuses_entries
 from nbtask.brokers.redis_errors import is_wrong_type
 from nbtask.brokers.redis_link import Command

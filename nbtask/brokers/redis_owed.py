@@ -11,7 +11,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from nbtask.brokers.base import Publish
+from nbtask.brokers.handoffs import Publish
 from nbtask.brokers.redis_resp import LARGE_BYTES, Command
 
 __all__ = ["OWED_BYTES", "Owed", "looking", "unanswered"]

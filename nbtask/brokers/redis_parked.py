@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from nbtask.brokers.base import Delivery
+from nbtask.brokers.handoffs import Delivery
 from nbtask.brokers.redis_channels import CHANNEL_MAXLEN, RedisChannels
 
 __all__ = ["DEAD_LETTER_BYTES", "RedisParked", "log_set_aside"]

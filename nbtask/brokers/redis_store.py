@@ -29,10 +29,10 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from nbtask.brokers import journals
-from nbtask.brokers.base import Publish, Settlement, StartBy
 from nbtask.brokers.blob_scripts import BLOB_SCRIPTS
 from nbtask.brokers.bounded_reads import BOUNDED_SCRIPTS, read_record, read_records
 from nbtask.brokers.follow_up_scripts import FOLLOW_UP_SCRIPTS
+from nbtask.brokers.handoffs import Publish, Settlement, StartBy
 from nbtask.brokers.journals import JOURNAL_SCRIPTS
 from nbtask.brokers.local_blobs import LocalBlobs
 from nbtask.brokers.lost_scripts import LOST_SCRIPTS

@@ -36,7 +36,8 @@ from typing import Any
 from redis.exceptions import NoScriptError, ResponseError
 
 from nbtask._process import current_pid
-from nbtask.brokers.base import OWED_SECONDS, Delivery, Publish, Settlement, Verdict
+from nbtask.brokers.base import OWED_SECONDS
+from nbtask.brokers.handoffs import Delivery, Publish, Settlement, Verdict
 from nbtask.brokers.redis_link import LARGE_BYTES, Command
 from nbtask.brokers.redis_moves import StreamsMoves
 from nbtask.brokers.redis_owed import looking, unanswered

@@ -16,7 +16,7 @@ from typing import Any
 from redis.client import Pipeline
 from redis.exceptions import ResponseError
 
-from nbtask.brokers.base import Delivery
+from nbtask.brokers.handoffs import Delivery
 from nbtask.brokers.redis_errors import is_wrong_type
 from nbtask.brokers.redis_link import RedisLink
 from nbtask.settings import Settings

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 
-from nbtask.brokers.base import Settlement
+from nbtask.brokers.handoffs import Settlement
 
 __all__ = ["refused_by"]
 

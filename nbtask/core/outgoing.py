@@ -16,7 +16,8 @@ import weakref
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
-from nbtask.brokers.base import Publish, Store
+from nbtask.brokers.base import Store
+from nbtask.brokers.handoffs import Publish
 from nbtask.core.canvas import Call, Callbacks, Signable
 from nbtask.core.captured import Capture, capture
 from nbtask.core.fingerprint import code_fingerprint

@@ -14,7 +14,7 @@ import pytest
 from raw_broker import RawBroker
 
 from nbtask import App, State
-from nbtask.brokers.base import Settlement
+from nbtask.brokers.handoffs import Settlement
 from nbtask.wire.events import FINAL_SEQ, Event, EventType
 from nbtask.wire.records import final_fields
 
