@@ -15,6 +15,7 @@ __all__ = [
     "MARK_ENDED",
     "OWN_RECORD",
     "RECORD_STATE",
+    "REVOKES_TASK",
     "SET_ASIDE",
     "STATE_AND_OUTCOME",
     "TEXT",
@@ -146,6 +147,21 @@ local function mark_ended(key, ttl)
     zadd_replacing(done, tonumber(now[1]) + tonumber(now[2]) / 1e6, task_id)
     redis.call('EXPIRE', done, ttl)
   end
+end
+""",
+)
+# Whether `raw` (a record's `revoked` field) is a revoke of the task whose record is at
+# `key`, as nbtask seals one (magic, version and header length: 8 bytes; then its type and
+# id); its readers check its signature. A genuine revoke copied from another task's record
+# names that task: it revokes nothing here.
+REVOKES_TASK = with_parts(
+    DONE_OF,
+    """
+local function revokes_task(raw, key)
+  local id = string.match(string.sub(raw, 9, 200),
+                          '^{"kind":"event","type":"revoked","id":"([^"]+)"')
+  local _, task_id = done_of(key)
+  return id ~= nil and id == task_id
 end
 """,
 )

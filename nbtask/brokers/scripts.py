@@ -23,6 +23,7 @@ from nbtask.brokers.lua_parts import (
     MARK_ENDED,
     OWN_RECORD,
     RECORD_STATE,
+    REVOKES_TASK,
     SET_ASIDE,
     TEXT,
     XADD_REPLACING,
@@ -48,7 +49,8 @@ INDEX_UPKEEP_SECONDS = 1
 # of a finished one and revoked tasks are refused. Returns 'OK' (and marks it STARTED by
 # worker/pid/consumer) or the state that forbids it. Its client's signed revoke kept in
 # the record (`revoked`, see _REVOKE) refuses first: it becomes the stored outcome, owing
-# its follow-ups, and 'REVOKEDNOW' is returned (the worker tells the client). A final
+# its follow-ups, and 'REVOKEDNOW' is returned (the worker tells the client). Only a
+# revoke naming this task does: one naming another (copied from its record) is deleted. A final
 # state refuses; so does a signed outcome, or a task remembered as ended, whatever the
 # plain state says: 'FINISHED'. Only then is "STARTED by this very consumer process"
 # weighed: it means its own earlier check, whose reply was lost with its connection (a
@@ -65,6 +67,7 @@ INDEX_UPKEEP_SECONDS = 1
 CHECK_START = lua(
     ENDED,
     MARK_ENDED,
+    REVOKES_TASK,
     TEXT,
     """
 -- Whether the copy "<retries>:<rejects>" is earlier than the last one put back.
@@ -83,6 +86,11 @@ local function check_start(key, ttl, worker, pid, consumer, redelivered, copy)
   local got = redis.pcall('HMGET', key, 'state', 'result', 'revoked', 'parked', 'requeued')
   if got.err then return 'BADRECORD' end
   local state, outcome, revoked = got[1], got[2], got[3]
+  if revoked and not revokes_task(revoked, key) then
+    -- Not this task's (a revoke copied from another's record): it revokes nothing.
+    redis.call('HDEL', key, 'revoked')
+    revoked = false
+  end
   if revoked and not outcome and not ended(key) then
     redis.call('HSET', key, 'state', 'REVOKED', 'result', revoked, 'follow_ups', 'owed')
     redis.call('EXPIRE', key, ttl)

@@ -1,0 +1,47 @@
+"""A client's signed revoke kept in a task's record (``revoked``: the task's plain state
+said it had started when it was revoked), against an outsider with write access to the
+broker and the store but not the secret. A genuine revoke copied from another task's
+record into this one's names that other task: it does not revoke this one, which runs
+(or fails) as if it were not there, and the task it names stays revoked. Both brokers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import ledger_runs
+from raw_broker import RawBroker
+
+import nbtask
+from nbtask import App
+
+pytestmark = pytest.mark.brokers
+
+RECORD_ID = "tests.sample_tasks.record_id"
+
+
+def test_a_revoke_copied_from_another_tasks_record_does_not_revoke_nor_hang_this_task(
+    app: App, access: RawBroker, start_worker, tmp_path: Path
+) -> None:
+    """Before, the start check took any ``revoked`` field for this task's revoke: it stored
+    the other task's revoke event as this task's outcome, marked it ended and dropped its
+    message; its client, which found no outcome of its own, waited for ever
+    (``get()`` timed out)."""
+    ledger = tmp_path / "ledger"
+    revoked = app.send_task(RECORD_ID, (str(ledger),))
+    victim = app.send_task(RECORD_ID, (str(ledger),))
+    app.flush()
+    # A genuine signed revoke, kept in the revoked task's record (its plain state said it
+    # had started), copied by the outsider into the victim's record.
+    access.store.hset(access.keys.record_key(revoked.id), "state", "STARTED")
+    assert app.revoke(revoked.id) is False
+    access.store.hset(access.keys.record_key(revoked.id), "state", "PENDING")
+    signed = access.record(revoked.id)[b"revoked"]
+    access.store.hset(access.keys.record_key(victim.id), "revoked", signed)
+
+    start_worker(concurrency=1)
+    assert victim.get(timeout=60) == victim.id
+    assert ledger_runs(ledger) == {victim.id: 1}, "the revoked task ran, or the victim twice"
+    with pytest.raises(nbtask.TaskRevoked, match=revoked.id):
+        revoked.get(timeout=30)
+    assert app.handle(victim.id).get(timeout=10) == victim.id
