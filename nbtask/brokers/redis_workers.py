@@ -6,7 +6,9 @@ JSON), ``hb:<worker id>`` (a heartbeat, expiring after three intervals),
 ``notebooks`` (a notebook session uses these workers: the modules of its settings).
 
 Every client and worker reads the registry again and again: an entry larger than nbtask
-writes one (``MAX_INFO_BYTES``) is never read, but deleted with one log line.
+writes one (``MAX_INFO_BYTES``) is never read, but deleted with one log line, and of a
+registry holding more entries than nbtask writes (:data:`MAX_REGISTERED`) only that many
+are read, those with a current heartbeat first (or, for the dead workers, without one).
 """
 
 from __future__ import annotations
@@ -24,9 +26,15 @@ from nbtask.settings import Settings
 from nbtask.wire.records import MAX_INFO_BYTES, WorkerInfo
 from nbtask.wire.versions import MAX_VERSION_BYTES
 
-__all__ = ["WORKER_SCRIPTS", "RedisWorkers"]
+__all__ = ["MAX_REGISTERED", "WORKER_SCRIPTS", "RedisWorkers"]
 
 log = logging.getLogger(__name__)
+
+#: The most entries of the worker registry a read takes: one per worker that runs (or died
+#: and is not cleaned up yet), so a registry holding more was written by someone else.
+MAX_REGISTERED = 1000
+#: The registries this process said hold more entries than nbtask writes (and still do).
+_SAID_OVERFULL: set[str] = set()
 
 
 class RedisWorkers:
@@ -91,11 +99,12 @@ class RedisWorkers:
     def workers_if_known(self) -> dict[str, WorkerInfo] | None:
         """Workers whose heartbeat is current; ``None`` if one's entry cannot be read.
 
-        Or if the registry is not a hash. Either was written by someone with write access
-        to Redis, not by nbtask: what that live worker runs is then unknown, and a task it
+        Or if the registry is not a hash, or holds more live entries than a read takes
+        (:data:`MAX_REGISTERED`). Each was written by someone with write access to Redis,
+        not by nbtask: what that live worker runs is then unknown, and a task it
         may run must not be taken for one no live worker runs.
         """
-        live = self._registered(alive=True)
+        live = self._registered(alive=True, whole=True)
         if live is None or None in live.values():
             return None
         return {w: i for w, i in live.items() if i is not None}
@@ -104,10 +113,22 @@ class RedisWorkers:
         """Registered workers whose heartbeat lapsed (``None``: an unreadable entry)."""
         return self._registered(alive=False) or {}
 
-    def _registered(self, *, alive: bool) -> dict[str, WorkerInfo | None] | None:
-        """The registered workers whose heartbeat is (or is not) current; ``None``: no hash."""
+    def _registered(
+        self, *, alive: bool, whole: bool = False
+    ) -> dict[str, WorkerInfo | None] | None:
+        """The registered workers whose heartbeat is (or is not) current; ``None``: no hash.
+
+        ``whole``: ``None`` too when there may be more of them than a read takes.
+        """
         with self.link.translate_errors():
-            dropped, entries = self.link.call("registered", [self._workers_key], MAX_INFO_BYTES)
+            dropped, entries, held, cut = self.link.call(
+                "registered",
+                [self._workers_key],
+                MAX_INFO_BYTES,
+                MAX_REGISTERED,
+                self._hb_key(""),
+                int(alive),
+            )
             if dropped < 0:  # not a hash: nbtask did not write it
                 if not self._said_not_a_hash:
                     log.error(
@@ -118,6 +139,7 @@ class RedisWorkers:
                 self._said_not_a_hash = True
                 return None
             self._said_not_a_hash = False
+            self._say_overfull(held)
             if dropped:  # read whole by every client and worker, again and again
                 log.error(
                     "dropped %d entr(ies) of the worker registry larger than %s bytes (not "
@@ -135,11 +157,34 @@ class RedisWorkers:
                 self.link.redis.hdel(self._workers_key, *junk)
             ids = [(raw, name) for raw, name in names.items() if name is not None]
             beats = self.link.redis.mget([self._hb_key(n) for _, n in ids]) if ids else []
+        if whole and cut:
+            return None
         return {
             name: WorkerInfo.parse(registered[raw])
             for (raw, name), beat in zip(ids, beats, strict=True)
             if bool(beat) is alive
         }
+
+    def _say_overfull(self, held: int) -> None:
+        """Say once per process (until it is back within bounds) that the registry holds too much.
+
+        Once per process, not per store: a client may hold several, all reading it.
+        """
+        key = self._workers_key
+        if not held:
+            _SAID_OVERFULL.discard(key)
+            return
+        if key not in _SAID_OVERFULL:
+            _SAID_OVERFULL.add(key)
+            log.warning(
+                "the worker registry %s holds %s entries, more than nbtask writes (one per "
+                "worker, at most %s are read): someone else wrote them. Only that many "
+                "are read, those with a current heartbeat first (live workers clean up "
+                "after those without, a few at each heartbeat)",
+                self._workers_key,
+                f"{held:,}",
+                f"{MAX_REGISTERED:,}",
+            )
 
     def claim_dead_worker(self, worker_id: str) -> bool:
         """Win the right to clean up ``worker_id`` for the next two heartbeats."""
@@ -233,23 +278,42 @@ class RedisWorkers:
 
 # The worker registry's entries, each read only if its id and value are no larger than
 # nbtask writes them (ARGV[1] bytes): a larger one is deleted, since every client and
-# worker would read it again and again. KEYS: the registry; returns {-1, {}} if it is not a
-# hash, else {how many were deleted, {id, entry, ...}}.
+# worker would read it again and again. At most ARGV[2] entries are read: a registry
+# holding more (HLEN: one command more on the usual path) was written by someone else, and
+# of it only entries whose heartbeat (ARGV[3] .. id) is current are read when ARGV[4] is
+# '1', only those whose heartbeat lapsed when it is '0'. KEYS: the registry. Returns
+# {-1, {}, 0, 0} if it is not a hash, else {how many were deleted, {id, entry, ...},
+# how many it held if more than ARGV[2] (else 0), 1 if entries were left unread as it
+# read ARGV[2] (else 0)}.
 _REGISTERED = """
 local kind = redis.call('TYPE', KEYS[1])['ok']
-if kind == 'none' then return {0, {}} end
-if kind ~= 'hash' then return {-1, {}} end
-local bound, dropped, out = tonumber(ARGV[1]), 0, {}
-for _, id in ipairs(redis.call('HKEYS', KEYS[1])) do
+if kind == 'none' then return {0, {}, 0, 0} end
+if kind ~= 'hash' then return {-1, {}, 0, 0} end
+local bound, most = tonumber(ARGV[1]), tonumber(ARGV[2])
+local dropped, taken, out = 0, 0, {}
+local function take(id)
   if #id > bound or redis.call('HSTRLEN', KEYS[1], id) > bound then
     redis.call('HDEL', KEYS[1], id)
     dropped = dropped + 1
-  else
-    table.insert(out, id)
-    table.insert(out, redis.call('HGET', KEYS[1], id))
+    return
+  end
+  taken = taken + 1
+  table.insert(out, id)
+  table.insert(out, redis.call('HGET', KEYS[1], id))
+end
+local held = redis.call('HLEN', KEYS[1])
+if held <= most then
+  for _, id in ipairs(redis.call('HKEYS', KEYS[1])) do take(id) end
+  return {dropped, out, 0, 0}
+end
+local alive = ARGV[4] == '1'
+for _, id in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if (redis.call('EXISTS', ARGV[3] .. id) == 1) == alive then
+    if taken >= most then return {dropped, out, held, 1} end
+    take(id)
   end
 end
-return {dropped, out}
+return {dropped, out, held, 0}
 """
 
 #: The worker registry's scripts (see RedisLink.add_scripts).

@@ -21,6 +21,11 @@ __all__ = ["DeadWorkers"]
 
 log = logging.getLogger(__name__)
 
+#: Dead workers one heartbeat cleans up after at most, the rest at the next ones: a
+#: registry holding thousands of dead entries (planted: nbtask writes one per worker)
+#: would keep this worker from its next heartbeats, and others would take it for dead.
+RECLAIM_PER_BEAT = 100
+
 
 class DeadWorkers:
     """The clean-up after dead workers that one worker does at its heartbeats.
@@ -59,11 +64,15 @@ class DeadWorkers:
     def reclaim(self) -> None:
         """Settle what dead workers held, send on what waits for their processes, forget them."""
         store = self.transport.store
+        claimed = 0
         for worker_id, info in store.dead_workers().items():
+            if claimed >= RECLAIM_PER_BEAT:
+                break
             if worker_id == self.worker_id or not self._can_verify_for(worker_id, info):
                 continue
             if not store.claim_dead_worker(worker_id):
                 continue
+            claimed += 1
             if info is None:  # an entry nbtask did not write: nothing to settle
                 log.warning("dropped unreadable worker entry %r from the registry", worker_id)
                 store.forget_worker(worker_id)

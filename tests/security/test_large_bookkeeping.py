@@ -15,11 +15,13 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import pytest
+from helpers import wait_until
 from raw_broker import RawBroker
 
 from nbtask import App
 from nbtask.brokers.amqp_lost import LostDeliveries
 from nbtask.brokers.redis_store import RedisStore
+from nbtask.wire.records import WorkerInfo
 
 pytestmark = pytest.mark.brokers
 
@@ -162,3 +164,36 @@ def test_a_journal_line_longer_than_a_journal_keeps_is_kept_cut(app: App) -> Non
         assert len(accented_kept.encode()) <= 4_096 and short == "short"
     finally:
         app.store.link.redis.delete(app.store.journal_key("t-long"))
+
+
+def test_a_registry_of_many_planted_entries_is_read_only_as_far_as_nbtask_writes_it(
+    app: App, access: RawBroker, start_worker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """100,000 readable entries planted in the worker registry (each a few hundred bytes,
+    no heartbeat). Before, every read took them all, again and again: 81 MB and some
+    twenty seconds per read here, for every client and worker. Now at most 1,000
+    (``MAX_REGISTERED``) are read, those with a current heartbeat first, and one line
+    says someone else wrote them; a genuine worker is still seen and runs tasks."""
+    workers = f"{app.settings.key_prefix}:workers"
+    planted = WorkerInfo(
+        hostname="planted", pid=1, queues=("nbtest-nowhere",), concurrency=1, consumers=()
+    )
+    access.store.eval(
+        "for i = 1, tonumber(ARGV[1]) do redis.call('HSET', KEYS[1], 'p' .. i, ARGV[2]) end",
+        1,
+        workers,
+        100_000,
+        planted.to_json(),
+    )
+    with caplog.at_level(logging.WARNING, logger="nbtask"):
+        live, peak = _peak(app.workers)
+        assert peak < READ_AT_MOST, f"reading the registry took {peak:,} bytes"
+        assert live == {}
+        start_worker(concurrency=1)
+        wait_until(lambda: len(app.workers()) == 1, 60, "the genuine worker to be seen")
+        assert app.send_task(ADD, (1, 2)).get(timeout=30) == 3
+        known = app.store.workers_if_known()
+        assert known is not None and list(known) == list(app.workers())
+    said = _said(caplog, f"the worker registry {workers} holds 100,000 entries, more than")
+    assert len(said) == 1, said
+    assert "at most 1,000 are read): someone else wrote them" in said[0]
