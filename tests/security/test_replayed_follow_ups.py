@@ -22,8 +22,8 @@ from tests.celery_tasks import read_records
 pytestmark = pytest.mark.brokers
 
 #: The workers' max_age where a replay comes past it: long enough for a worker to start and
-#: run the genuine message first.
-MAX_AGE = 6.0
+#: run the genuine message first, on a loaded machine too (6 s was not always).
+MAX_AGE = 10.0
 
 
 def _tasks(app: App) -> tuple[Any, Any]:
@@ -86,7 +86,7 @@ def test_a_message_replayed_past_max_age_sends_no_errback_and_ends_no_later_step
     raw = access.captured()
     worker = start_worker(concurrency=1)
     assert last.get(timeout=20) == 3
-    wait_until(lambda: time.time() > sent + MAX_AGE + 0.5, 10, "max_age to pass since it was sent")
+    wait_until(lambda: time.time() > sent + MAX_AGE + 0.5, 20, "max_age to pass since it was sent")
     _forget(access, head.id, last.id)
     access.inject(raw, task_id=head.id)
     wait_until(lambda: _log_count(worker, "older than max_age") == 1, 20, "the replay refused")
@@ -182,7 +182,7 @@ def test_a_message_made_to_look_lost_past_max_age_sends_no_errback_and_ends_no_l
     raw = access.captured()
     worker = start_worker(concurrency=1)
     assert last.get(timeout=20) == 3
-    wait_until(lambda: time.time() > sent + MAX_AGE + 0.5, 10, "max_age to pass since it was sent")
+    wait_until(lambda: time.time() > sent + MAX_AGE + 0.5, 20, "max_age to pass since it was sent")
     _forget(access, head.id, last.id)
     access.inject_lost(raw, head.id)
     wait_until(
