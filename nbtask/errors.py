@@ -6,7 +6,7 @@ import concurrent.futures
 import linecache
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
@@ -241,10 +241,20 @@ class RemoteError(NbtaskError):
         The id of the task that failed.
     etype
         The original type's ``module.QualName``, when the worker sent it.
+    shown_traceback
+        The traceback as a kernel shows it (IPython's coloured lines), when the worker
+        sent it (a notebook cell's); IPython shows it instead of ``traceback``.
     """
 
     def __init__(
-        self, ename: str, evalue: str, traceback: str = "", task_id: str = "", etype: str = ""
+        self,
+        ename: str,
+        evalue: str,
+        traceback: str = "",
+        task_id: str = "",
+        etype: str = "",
+        *,
+        shown_traceback: Sequence[str] = (),
     ) -> None:
         super().__init__(ename, evalue)
         self.ename = ename
@@ -252,6 +262,7 @@ class RemoteError(NbtaskError):
         self.traceback = traceback
         self.task_id = task_id
         self.etype = etype
+        self.shown_traceback = list(shown_traceback)
 
     def __str__(self) -> str:
         # Python prints ``type: str(exc)``: an error that is its own type (WorkerLost)
@@ -267,6 +278,8 @@ class RemoteError(NbtaskError):
     def _render_traceback_(self) -> list[str]:
         # IPython calls this instead of printing the local traceback, so the notebook shows
         # the worker's traceback, which is the one that points at the user's code.
+        if self.shown_traceback:  # in colour, as the kernel would have shown it
+            return list(self.shown_traceback)
         text = self.traceback.rstrip() if self.traceback else ""
         last = f"{self.ename}: {self.evalue}" if self.evalue else self.ename
         # A worker's traceback ends with that line already (its type's name, qualified

@@ -9,6 +9,7 @@ import collections
 import importlib.util
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -76,6 +77,12 @@ BROKERS = ("redis", "amqp")
 SECRET = "test-secret-" + uuid.uuid4().hex
 #: The mime type of an output that shows an ipywidget.
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+_COLOURS = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def without_colours(text: str) -> str:
+    """``text`` without its ANSI colour codes: a traceback IPython shows, as plain text."""
+    return _COLOURS.sub("", text)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:

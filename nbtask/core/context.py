@@ -16,6 +16,7 @@ from nbtask.wire.envelope import Signer
 
 __all__ = [
     "PARTIAL_RESULT",
+    "SHOWN_TRACEBACK",
     "Request",
     "current_request",
     "directly_called",
@@ -33,6 +34,9 @@ __all__ = [
 #: An exception raised by task code may carry, under this attribute, what the task did
 #: before it failed (a notebook cell's names): it travels with the failure, signed.
 PARTIAL_RESULT = "__nbtask_partial__"
+#: ... and, under this one, its traceback as a notebook would show it (IPython's coloured
+#: lines, a list of str): the FAILURE event carries it as ``shown_traceback``.
+SHOWN_TRACEBACK = "__nbtask_shown_traceback__"
 
 
 @dataclasses.dataclass(frozen=True)

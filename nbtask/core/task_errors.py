@@ -145,6 +145,14 @@ def worker_lost(label: str, task_id: str, data: Mapping[str, Any]) -> WorkerLost
     return WorkerLost("WorkerLost", why, "", task_id)
 
 
+def _shown_lines(data: Mapping[str, Any]) -> list[str]:
+    """A FAILURE event's ``shown_traceback`` (IPython's coloured lines); empty without."""
+    shown = data.get("shown_traceback")
+    if not isinstance(shown, list):
+        return []
+    return [str(line) for line in shown]
+
+
 def task_exception(task_id: str, data: Mapping[str, Any], original: object) -> BaseException:
     """The task's own exception when it travelled and loads here, else a RemoteError.
 
@@ -159,6 +167,7 @@ def task_exception(task_id: str, data: Mapping[str, Any], original: object) -> B
         str(data.get("traceback", "")),
         task_id,
         str(data.get("etype", "")),
+        shown_traceback=_shown_lines(data),
     )
     # Not an Exception (SystemExit, KeyboardInterrupt): raised as is here it would end
     # the caller's program, or pass for the user's own Ctrl-C.

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from nbtask.core.context import PARTIAL_RESULT
+from nbtask.core.context import PARTIAL_RESULT, SHOWN_TRACEBACK
 from nbtask.errors import BlobError, BlobGone
 from nbtask.notebook import (
     cell_changes,
@@ -34,7 +34,7 @@ from nbtask.notebook.kept_inside import may_hold_kept, replace_inside
 from nbtask.notebook.logging_state import cell_logging
 from nbtask.notebook.module_code import say_which_differ
 from nbtask.notebook.shipping import CellSpec
-from nbtask.notebook.worker_shell import fresh_namespace, worker_shell
+from nbtask.notebook.worker_shell import fresh_namespace, shown_traceback, worker_shell
 from nbtask.wire.blobs import Packed
 from nbtask.wire.envelope import Envelope
 
@@ -397,7 +397,10 @@ def _from_cell(error: BaseException, filename: str, partial: Any) -> BaseExcepti
         if node.tb_next.tb_frame.f_code.co_filename == _SHELL_FILE:
             node.tb_next = None
         node = node.tb_next
+    error = error.with_traceback(tb)
     # An exception type without attributes of its own cannot carry them: they are lost.
     with contextlib.suppress(AttributeError, TypeError):
         setattr(error, PARTIAL_RESULT, partial)
-    return error.with_traceback(tb)
+        if tb is not None and not isinstance(error, SyntaxError):  # else its text says all
+            setattr(error, SHOWN_TRACEBACK, shown_traceback(error))
+    return error

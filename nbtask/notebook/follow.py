@@ -245,6 +245,9 @@ def _final_event(handle: TaskHandle) -> Event:
             evalue=getattr(exc, "evalue", str(exc)),
             # A rebuilt exception of the task's own type keeps it as remote_traceback.
             traceback=getattr(exc, "traceback", None) or getattr(exc, "remote_traceback", ""),
+            # The task's own type holds the worker's RemoteError as its cause.
+            shown_traceback=getattr(exc, "shown_traceback", None)
+            or getattr(getattr(exc, "__cause__", None), "shown_traceback", []),
         )
     if handle.started_at is not None:
         data["started_at"] = handle.started_at

@@ -17,9 +17,11 @@ import traceback
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
+from nbtask.core.task_errors import task_exception
 from nbtask.errors import CellNameError, RemoteError
+from nbtask.wire.events import Event
 
-__all__ = ["exception_type", "local_exception", "said_first"]
+__all__ = ["exception_type", "failure_output", "local_exception", "said_first"]
 
 _NOT_DEFINED = re.compile(r"name '(\w+)' is not defined")
 
@@ -47,7 +49,9 @@ def local_exception(exc: BaseException, namespace: MutableMapping[str, Any]) -> 
         rebuilt = cls(exc.evalue)
     except Exception:
         return exc
-    lines = exc.traceback.rstrip().splitlines() or [f"{exc.ename}: {exc.evalue}"]
+    lines = exc.shown_traceback or (
+        exc.traceback.rstrip().splitlines() or [f"{exc.ename}: {exc.evalue}"]
+    )
     try:
         rebuilt._render_traceback_ = lambda: lines  # type: ignore[attr-defined]
         rebuilt.remote_traceback = exc.traceback  # type: ignore[attr-defined]
@@ -56,6 +60,23 @@ def local_exception(exc: BaseException, namespace: MutableMapping[str, Any]) -> 
         return exc
     rebuilt.__suppress_context__ = True
     return rebuilt
+
+
+def failure_output(event: Event) -> dict[str, Any]:
+    """A FAILURE event as the ``error`` output a kernel shows for it.
+
+    Its traceback is the one IPython shows for the task's exception raised here
+    (``--wait``, or a later cell reading the cell's names): in colour, the cell's lines.
+    """
+    error = task_exception(event.task_id, event.data, None)
+    render = getattr(error, "_render_traceback_", None)
+    lines = render() if callable(render) else [str(error)]
+    return {
+        "output_type": "error",
+        "ename": str(event.data.get("ename", "Exception")),
+        "evalue": str(event.data.get("evalue", "")),
+        "traceback": [str(line) for line in lines],
+    }
 
 
 def said_first(error: BaseException, line: str) -> BaseException:

@@ -22,6 +22,7 @@ from nbtask._text import count_text
 from nbtask.core.handle import TaskHandle
 from nbtask.notebook.follow import cancel_task
 from nbtask.notebook.outputs import ChunkedOutput, OutputLog
+from nbtask.notebook.remote_errors import failure_output
 from nbtask.notebook.textchunks import CellChunks, as_latest_request, following_request
 from nbtask.settings import env_flag
 from nbtask.wire.events import FINAL_STATES, Event, EventType, State
@@ -72,6 +73,9 @@ class TaskView:
         self.started: float | None = None
         self.finished: float | None = None
         self.error = ""
+        #: How a kernel would show the task's failure (an nbformat ``error`` output, its
+        #: traceback IPython's coloured lines when the worker sent them), once it failed.
+        self.failure: dict[str, Any] | None = None
         #: Why the task waits, while it is PENDING (or STARTED by a worker that is gone)
         #: and nbtask can tell (see :attr:`TaskHandle.waiting_reason`); empty otherwise.
         self.waiting = handle.waiting_reason or ""
@@ -157,6 +161,8 @@ class TaskView:
                     f"{data.get('ename', event.type.value)}: "
                     f"{data.get('evalue', data.get('reason', ''))}"
                 )
+            if event.type is EventType.FAILURE:
+                self.failure = failure_output(event)
 
     def shows_end(self) -> bool:
         """Whether the task's final state is applied and painted (read under the paint's lock)."""
@@ -301,7 +307,9 @@ class TaskWidget(TaskView):
         self.output.sync()  # only the chunks that changed
         if self.finished is not None:
             self.cancel_button.layout.display = "none"
-            if not self.outcome.outputs and self.error:
+            if not self.outcome.outputs and self.failure is not None:
+                self.outcome.outputs = (self.failure,)  # the frontend colours it
+            elif not self.outcome.outputs and self.error:
                 self.outcome.outputs = (
                     {"output_type": "stream", "name": "stderr", "text": self.error},
                 )

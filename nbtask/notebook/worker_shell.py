@@ -12,6 +12,7 @@ import base64
 import contextlib
 import importlib.abc
 import importlib.machinery
+import linecache
 import os
 import sys
 import types
@@ -24,11 +25,12 @@ from IPython.core.displayhook import DisplayHook
 from IPython.core.displaypub import DisplayPublisher
 from IPython.core.error import StdinNotImplementedError, UsageError
 from IPython.core.interactiveshell import InteractiveShell
+from IPython.core.ultratb import AutoFormattedTB
 from traitlets.config import Config
 
 from nbtask.core.context import current_request, progress
 
-__all__ = ["BASE_NS", "fresh_namespace", "worker_shell"]
+__all__ = ["BASE_NS", "fresh_namespace", "shown_traceback", "worker_shell"]
 
 _SHELL: Any = None  # the worker's one IPython shell, made on first use in this process
 #: The names every cell's namespace starts with (the shell's own).
@@ -141,6 +143,13 @@ def _make_shell() -> Any:
         def get_code_name(self, raw_code: str, transformed_code: str, number: int) -> str:
             return self.cell_filename
 
+        def format_code_name(self, name: str) -> tuple[str, str] | None:
+            # A cell's frames read "Cell In[7], line 3" in tracebacks, as in the kernel.
+            label, _, cell = name.partition(" ")
+            if label == "Cell" and cell.startswith("In["):
+                return label, cell
+            return super().format_code_name(name)  # type: ignore[no-any-return]
+
         # Shift line numbers (and the cached source) so tracebacks match the notebook's cell.
         def cache(self, transformed_code: str, number: int = 0, raw_code: Any = None) -> str:
             padded = "\n" * self.line_offset + transformed_code
@@ -243,6 +252,29 @@ def _make_shell() -> Any:
     shell.user_ns["input"] = shell.raw_input  # as a kernel replaces it for its cells
     _install_tqdm()
     return shell
+
+
+def shown_traceback(error: BaseException) -> list[str]:
+    """``error``'s traceback as a kernel shows it: IPython's coloured lines (ANSI).
+
+    The frames of the cell's own code read ``Cell In[7], line 3`` with the lines around
+    the failing one, as when the cell runs in the kernel. The kernel's colours
+    (``Neutral``), whatever the worker shell's (no colours: what it writes is text).
+    Empty when a frame's source cannot be read here.
+    """
+    tb = error.__traceback__
+    while tb is not None:
+        if not linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno):
+            # A frame of code only the kernel can read (a function of an earlier cell run
+            # there): the kernel names it and shows its line from the text traceback.
+            return []
+        tb = tb.tb_next
+    formatter = AutoFormattedTB(mode="Context", color_scheme="Neutral", tb_offset=0)
+    try:
+        shown = formatter.structured_traceback(type(error), error, error.__traceback__)
+    except Exception:  # a frame IPython cannot read: the kernel shows the text then
+        return []
+    return [str(line) for line in shown]
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from nbtask.brokers import Delivery, Transport
-from nbtask.core.context import PARTIAL_RESULT, Request
+from nbtask.core.context import PARTIAL_RESULT, SHOWN_TRACEBACK, Request
 from nbtask.core.handlers import (
     ExceptionInfo,
     exception_info,
@@ -157,7 +157,11 @@ def failure_event(
     *,
     run: Run,
 ) -> Event:
-    """The FAILURE event for ``exc``, its traceback starting in the user's code."""
+    """The FAILURE event for ``exc``, its traceback starting in the user's code.
+
+    An exception that carries its traceback as a notebook shows it
+    (:data:`~nbtask.core.context.SHOWN_TRACEBACK`, a cell's) sends it as ``shown_traceback``.
+    """
     text = user_traceback(exc)
     kind = type(exc)
     data = {
@@ -167,6 +171,9 @@ def failure_event(
         "evalue": _text_of(exc),
         "traceback": text,
     }
+    shown = getattr(exc, SHOWN_TRACEBACK, None)
+    if shown and isinstance(shown, list) and all(isinstance(line, str) for line in shown):
+        data["shown_traceback"] = shown
     return Event(EventType.FAILURE, task_id, seq, data, run=run)
 
 
@@ -188,6 +195,8 @@ def failure_body(exc: BaseException) -> bytes:
     that does not pickle (or load) leaves the event's text, and a ``RemoteError``.
     """
     partial = exc.__dict__.pop(PARTIAL_RESULT, None) if hasattr(exc, "__dict__") else None
+    if hasattr(exc, "__dict__"):  # the event has it already
+        exc.__dict__.pop(SHOWN_TRACEBACK, None)
     tb = exc.__traceback__
     try:
         exc.__traceback__ = None  # frames do not travel; the event has their text

@@ -19,6 +19,7 @@ from helpers import (
     processes_mentioning,
     stream_text,
     wait_until,
+    without_colours,
 )
 
 from nbtask import App, Settings, State
@@ -146,8 +147,47 @@ def test_wait_cell_output_is_the_cells_own(kc: Any) -> None:
     _, msgs, reply = execute(kc, "%%task --wait\nx = 1\nraise KeyError('missing')\n")
     errors = [m for m in msgs if m["msg_type"] == "error"]
     assert errors and errors[0]["content"]["ename"] == "KeyError"
-    traceback = "\n".join(errors[0]["content"]["traceback"])
+    traceback = without_colours("\n".join(errors[0]["content"]["traceback"]))
     assert "line 3" in traceback and "raise KeyError" in traceback, traceback
+
+
+def test_a_background_cells_failure_shows_in_its_widget_as_a_kernel_shows_it(kc: Any) -> None:
+    """The widget shows IPython's coloured traceback, the cell's lines: an ``error`` output."""
+    execute(kc, "%load_ext nbtask")
+    _, msgs, _ = execute(kc, "x = 1\nraise KeyError('missing')")
+    local = next(m["content"]["traceback"] for m in msgs if m["msg_type"] == "error")
+    _, msgs, reply = execute(kc, "%%task failing\nx = 1\nraise KeyError('missing')")
+    assert reply["content"]["status"] == "ok", "a background cell returns at once"
+    opens = comm_opens(msgs)
+    badge, outputs = opens["HTMLModel"][0], set(opens["OutputModel"])
+    later = drain_until(kc, lambda m: m["msg_type"] == "update_display_data")
+    assert any(
+        m["msg_type"] == "comm_msg"
+        and m["content"]["comm_id"] == badge
+        and "FAILURE" in str(m["content"]["data"]["state"].get("value"))
+        for m in later
+    )
+    shown = [
+        output
+        for m in later
+        if m["msg_type"] == "comm_msg" and m["content"]["comm_id"] in outputs
+        for output in m["content"]["data"]["state"].get("outputs", [])
+    ]
+    assert [o["output_type"] for o in shown] == ["error"], shown
+    error = shown[0]
+    assert (error["ename"], error["evalue"]) == ("KeyError", "'missing'")
+    # As the kernel shows the cell's error locally: coloured, its frame the cell's lines.
+    assert error["traceback"][0] == local[0] and error["traceback"][-1] == local[-1], error
+    text = without_colours("\n".join(error["traceback"]))
+    assert "Cell In[" in text and "----> 3 raise KeyError('missing')" in text, text
+    # The same traceback a later cell reading its name raises.
+    _, msgs, _ = execute(kc, "x")
+    raised = next(m["content"]["traceback"] for m in msgs if m["msg_type"] == "error")
+    assert raised[1:] == [line.rstrip("\n") for line in error["traceback"]], raised
+    # A notebook saved now keeps the end as plain text beside the widget.
+    saved = later[-1]["content"]["data"]["text/plain"]
+    assert "[failing] FAILURE" in saved and "KeyError: 'missing'" in saved, saved
+    assert "\x1b" not in saved, saved
 
 
 def test_a_wait_cells_figure_comes_after_its_out_as_locally(kc: Any) -> None:
