@@ -28,7 +28,7 @@ from nbtask._text import count_text
 from nbtask.core.handle import TaskHandle
 from nbtask.notebook.widgets import TaskView, duration_text
 
-__all__ = ["Row", "TaskBoard", "format_row", "notebook_group"]
+__all__ = ["COLUMNS", "Row", "TaskBoard", "cut_text", "fit", "format_row", "notebook_group"]
 
 
 def notebook_group(environ: dict[str, str] | None = None, cwd: str | None = None) -> str:
@@ -79,11 +79,35 @@ class Row:
 
 
 def format_row(row: Row) -> str:
-    """One text line of the board."""
+    """One text line of the board; a label too long for its column ends in ``…``."""
     label, state, progress, worker, duration = row.cells()
     return (
-        f"{row.handle.id[:8]}  {label[:30]:30}  {state:11} {progress:18} {worker:22} {duration}"
+        f"{row.handle.id[:8]}  {fit(label, 30):30}  {state:11} {progress:18} {worker:22} {duration}"
     ).rstrip()
+
+
+def fit(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters, its last one ``…`` when it was cut."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+#: The board's columns (task, state, progress, worker, time, Open). The text columns may
+#: shrink below their text (``minmax(0, …)``: a grid column is as wide as its longest
+#: text otherwise, and a long label pushes the board past the cell), each cut with an
+#: ellipsis and its full text in its tooltip; state, time and the button keep theirs.
+COLUMNS = "minmax(0, 3fr) max-content minmax(0, 2fr) minmax(0, 2fr) max-content max-content"
+
+
+def cut_text(text: str) -> str:
+    """``text`` as HTML cut with an ellipsis where its column is narrower, whole on hover.
+
+    A Label's tooltip is not shown by every frontend; an element's ``title`` is.
+    """
+    shown = html.escape(text)
+    return (
+        f'<div title="{shown}" style="overflow:hidden;text-overflow:ellipsis;'
+        f'white-space:nowrap">{shown}</div>'
+    )
 
 
 class TaskBoard:
@@ -107,7 +131,12 @@ class TaskBoard:
         header = [w.HTML(f"<b>{t}</b>") for t in ("task", "state", "progress", "worker", "time")]
         self.table = w.GridBox(
             header,
-            layout=w.Layout(grid_template_columns="2fr 1fr 2fr 2fr 1fr auto", grid_gap="2px 8px"),
+            layout=w.Layout(
+                grid_template_columns=COLUMNS,
+                grid_gap="2px 8px",
+                width="100%",
+                align_items="center",
+            ),
         )
         self._header = [*header, w.HTML("")]
         self.table.children = tuple(self._header)
@@ -131,17 +160,23 @@ class TaskBoard:
             for row in rows:
                 label, state, progress, worker, duration = row.cells()
                 name, badge, bar, where, took, _ = self._shown[row.handle.id]
-                name.value = label
+                for cell, text in ((name, label), (bar, progress), (where, worker)):
+                    cell.value = cut_text(text)
                 badge.value = f"<span>{html.escape(state)}</span>"
-                bar.value = progress
-                where.value = worker
                 took.value = duration
 
     def _make_row(self, task_id: str) -> tuple[Any, ...]:
         w = self._w
         button = w.Button(description="Open", tooltip=f"show task {task_id}")
         button.on_click(lambda _b: self.open(task_id))
-        return (w.Label(), w.HTML(), w.Label(), w.Label(), w.Label(), button)
+        # Blocks, not flex boxes (the widgets' own display): only a block's text can end
+        # in an ellipsis.
+        texts = [
+            w.HTML(layout=w.Layout(min_width="0", overflow="hidden", display="block"))
+            for _ in range(3)
+        ]
+        name, progress, worker = texts
+        return (name, w.HTML(), progress, worker, w.Label(), button)
 
     def open(self, task_id: str) -> TaskView:
         """Show the task's own widget under the board (what a row's button does)."""

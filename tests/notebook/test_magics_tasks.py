@@ -303,13 +303,39 @@ def test_task_board_rows_open_the_tasks_widget(ip: InteractiveShell, nb: Session
 
     board = TaskBoard(nb.rows, opener)
     label, badge, *_rest, button = board._shown[handle.id]
-    assert label.value.startswith("print(") and "SUCCESS" in badge.value
+    assert ">print(" in label.value and "SUCCESS" in badge.value
     button.click()
     assert board.detail.children == (widgets[handle.id].box,)
     assert "in the widget" in str(widgets[handle.id].output.shown())
     ip.run_cell_magic("task", "--wait", "x = 1")
     board.refresh()  # a new task gets a row
     assert len(board._shown) == 2
+
+
+def test_task_board_cuts_long_text_with_an_ellipsis_its_tooltip_whole(
+    ip: InteractiveShell, nb: Session
+) -> None:
+    """A long name fits its column (cut, ``…``) in the board, and is read whole on hover."""
+    from nbtask.notebook.board import TaskBoard, format_row
+
+    name = "a_cell_name_long_enough_to_be_cut_in_any_column_of_the_board"
+    ip.run_cell_magic("task", f"--wait {name}", "x = 1")
+    board = TaskBoard(nb.rows, lambda task_id: pytest.fail(f"opened {task_id}"))
+    (task_id,) = board._shown
+    label, _badge, _progress, worker, _took, _button = board._shown[task_id]
+    # Whole, and whole in its tooltip: the frontend cuts it to its column.
+    assert f'title="{name}"' in str(label.value), label.value
+    assert f">{name}<" in str(label.value) and "text-overflow:ellipsis" in str(label.value)
+    where = nb.rows()[0].cells()[3]  # "host pid 123"
+    assert " pid " in where and f'title="{where}"' in worker.value and f">{where}<" in worker.value
+    # Its column may shrink below its text (a block, so that its text ends in "…").
+    columns = board.table.layout.grid_template_columns
+    assert columns.startswith("minmax(0, "), columns
+    assert (label.layout.min_width, label.layout.display) == ("0", "block")
+    # The text board cuts it at its column, saying so.
+    (row,) = nb.rows()
+    line = format_row(row)
+    assert f"{name[:29]}…" in line and name not in line, line
 
 
 @pytest.mark.brokers
