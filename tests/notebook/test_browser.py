@@ -68,6 +68,9 @@ for step in range(200):
 """
 PRINTED = 200 * (20 * len(f"step   0 line  0 {'.' * 80}\n") + 1)  # print() adds a newline
 
+FAILING = "%%task failing\nx = 1\nraise KeyError('missing')"
+LONG_NAME = "a_task_whose_name_is_far_too_long_for_its_column_" * 4
+
 pytestmark = pytest.mark.timeout(300)
 
 
@@ -114,6 +117,18 @@ def lab(tmp_path: Path) -> Iterator[str]:
             metadata={"kernelspec": {"name": "python3", "display_name": "Python 3"}},
         ),
         root / "text-view.ipynb",
+    )
+    nbformat.write(  # a background cell that fails, and the board with a long name
+        new_notebook(
+            cells=[
+                new_code_cell("%load_ext nbtask"),
+                new_code_cell(FAILING),
+                new_code_cell(f"%%task {LONG_NAME}\nx = 2"),
+                new_code_cell("%tasks"),
+            ],
+            metadata={"kernelspec": {"name": "python3", "display_name": "Python 3"}},
+        ),
+        root / "failing.ipynb",
     )
     cfg = tmp_path / "cfg"
     (cfg / "labconfig").mkdir(parents=True)  # no news/update toast over the screenshot
@@ -354,3 +369,43 @@ def test_the_text_view_shows_all_output_under_its_cell_for_bytes_linear_in_it(
         # Resending all output at each repaint took 14 MB here.
         _shows_all_printed(output.inner_text(), received)
         assert "step" not in meanwhile.inner_text()
+
+
+def test_a_background_cells_failure_and_the_board_read_well_in_jupyterlab(lab: str) -> None:
+    """The widget shows the traceback in colour, as a kernel shows the cell's error; the
+    board keeps a long name inside its column, cut with an ellipsis, whole in its tooltip."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    with _counting_frames(lab, "failing.ipynb") as (page, cells, _received):
+        page.evaluate(RUN_CELL, 1)
+        failing = cells.nth(1)
+        badge = failing.locator(".widget-html").first
+        badge.wait_for(timeout=30_000)
+        page.wait_for_function(
+            "(e) => e.innerText.includes('FAILURE')",
+            arg=badge.element_handle(),
+            timeout=60_000,
+        )
+        # IPython's colours, rendered by the frontend, and the cell's failing line.
+        shown = failing.locator(".widget-output .jp-OutputArea-output")
+        shown.locator(".ansi-red-fg").first.wait_for(timeout=10_000)
+        text = shown.last.inner_text()
+        assert "----> 3 raise KeyError('missing')" in text, text
+        assert text.rstrip().endswith("KeyError: 'missing'"), text
+        failing.screenshot(path=str(ARTIFACTS / "widget-failure.png"))
+
+        page.evaluate(RUN_CELL, 2)
+        cells.nth(2).locator(".widget-html").first.wait_for(timeout=30_000)
+        page.evaluate(RUN_CELL, 3)
+        board = cells.nth(3)
+        name = board.get_by_title(LONG_NAME)
+        name.wait_for(timeout=30_000)
+        cut = name.evaluate(
+            "e => e.scrollWidth > e.clientWidth && getComputedStyle(e).textOverflow === 'ellipsis'"
+        )
+        box = name.bounding_box()
+        area = board.locator(".jp-OutputArea-output").first.bounding_box()
+        assert cut, "the long name is cut in its column"
+        assert box is not None and area is not None
+        assert box["x"] + box["width"] <= area["x"] + area["width"], (box, area)
+        assert board.get_by_role("button", name="Open").first.is_visible()
+        board.screenshot(path=str(ARTIFACTS / "board-long-name.png"))
