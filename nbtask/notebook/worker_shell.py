@@ -32,6 +32,8 @@ from nbtask.core.context import current_request, progress
 
 __all__ = ["BASE_NS", "fresh_namespace", "shown_traceback", "worker_shell"]
 
+#: nbtask's own source files (this module's package's package).
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 _SHELL: Any = None  # the worker's one IPython shell, made on first use in this process
 #: The names every cell's namespace starts with (the shell's own).
 BASE_NS: dict[str, Any] = {}
@@ -262,13 +264,18 @@ def shown_traceback(error: BaseException) -> list[str]:
     (``Neutral``), whatever the worker shell's (no colours: what it writes is text).
     Empty when a frame's source cannot be read here.
     """
-    tb = error.__traceback__
-    while tb is not None:
-        if not linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno):
+    chained: BaseException | None = error
+    while chained is not None:
+        tb = chained.__traceback__
+        while tb is not None:
+            filename = tb.tb_frame.f_code.co_filename
             # A frame of code only the kernel can read (a function of an earlier cell run
-            # there): the kernel names it and shows its line from the text traceback.
-            return []
-        tb = tb.tb_next
+            # there), or nbtask's own (a stop, raised in the cell): the text traceback,
+            # which the kernel names and fills in, and which leaves nbtask's frames out.
+            if filename.startswith(_PACKAGE_DIR) or not linecache.getline(filename, tb.tb_lineno):
+                return []
+            tb = tb.tb_next
+        chained = chained.__cause__ or chained.__context__
     formatter = AutoFormattedTB(mode="Context", color_scheme="Neutral", tb_offset=0)
     try:
         shown = formatter.structured_traceback(type(error), error, error.__traceback__)
