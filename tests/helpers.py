@@ -85,6 +85,13 @@ def without_colours(text: str) -> str:
     return _COLOURS.sub("", text)
 
 
+def rendered(exc: BaseException) -> list[str]:
+    """What IPython shows for ``exc`` instead of a traceback, as plain text."""
+    render = getattr(exc, "_render_traceback_", None)
+    assert render is not None, f"{exc!r} would show nbtask's frames"
+    return [without_colours(line) for line in render()]
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     """Poll ``predicate`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import psutil
 import pytest
-from helpers import interrupt_once_printed, wait_until
+from helpers import interrupt_once_printed, rendered, wait_until
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from tcp_proxy import TcpProxy
@@ -27,14 +27,6 @@ from tcp_proxy import TcpProxy
 from nbtask import App, Settings, State
 from nbtask.errors import BrokerUnavailable, CellError, TaskRevoked, WorkerLost
 from nbtask.notebook.session import Session
-
-
-def rendered(exc: BaseException) -> list[str]:
-    """What IPython shows for ``exc`` instead of a traceback."""
-    render = getattr(exc, "_render_traceback_", None)
-    assert render is not None, f"{exc!r} would show nbtask's frames"
-    lines: list[str] = render()
-    return lines
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ROOT, SECRET, broker_env, wait_until, without_colours
+from helpers import ROOT, SECRET, broker_env, rendered, wait_until
 from helpers import cell_run as run
 from helpers import cell_task as task
 from IPython.core.error import UsageError
@@ -111,7 +111,7 @@ def test_input_in_a_cell_is_refused_at_the_cells_line_without_nbtask_frames(
     with pytest.raises(Exception, match="input\\(\\) cannot be answered in a %%task cell") as info:
         task(ip, "before = 1\nname = input('name? ')")
     assert type(info.value).__name__ == "StdinNotImplementedError"
-    lines = [without_colours(line) for line in info.value._render_traceback_()]  # type: ignore[attr-defined]
+    lines = rendered(info.value)
     assert "name = input('name? ')" in "\n".join(lines)
     assert not [line for line in lines if "nbtask" in line.split(":")[0]], lines
     assert ip.user_ns["before"] == 1

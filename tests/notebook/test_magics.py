@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 import pytest
-from helpers import cell_run, wait_until, without_colours
+from helpers import cell_run, rendered, wait_until
 from IPython.core.interactiveshell import InteractiveShell
 
 from nbtask import State
@@ -208,7 +208,7 @@ def test_exception_is_the_users_type_with_cell_lines(ip: InteractiveShell, nb: S
     with pytest.raises(ZeroDivisionError) as info:
         ip.run_cell_magic("task", "--wait", "a = 1\n\ndef f(v):\n    return v / 0\n\nf(a)\n")
     # IPython's coloured traceback, as the kernel shows the cell's error locally.
-    lines = [without_colours(line) for line in info.value._render_traceback_()]  # type: ignore[attr-defined]
+    lines = rendered(info.value)
     assert lines[-1] == "ZeroDivisionError: division by zero"
     assert lines.count(lines[-1]) == 1, lines  # said once, as Python says it
     text = "\n".join(lines)

@@ -11,7 +11,7 @@ A real IPython shell against the real Redis and worker processes.
 from __future__ import annotations
 
 import pytest
-from helpers import interrupt_once_printed, wait_until
+from helpers import interrupt_once_printed, rendered, wait_until
 from IPython.core.interactiveshell import InteractiveShell
 
 from nbtask import State
@@ -51,14 +51,6 @@ try:
         time.sleep(0.05)
 except KeyboardInterrupt:
     raise ValueError(f'stopped at epoch {epoch}: no checkpoint was written')"""
-
-
-def rendered(exc: BaseException) -> list[str]:
-    """What IPython shows for ``exc`` instead of a traceback."""
-    render = getattr(exc, "_render_traceback_", None)
-    assert render is not None, f"{exc!r} would show nbtask's frames"
-    lines: list[str] = render()
-    return lines
 
 
 def test_a_stop_the_cells_code_handles_ends_the_cell_as_a_normal_one(
