@@ -209,7 +209,7 @@ def show_output(event: Event) -> dict[str, Any] | None:
         if data.get("metadata", {}).get("nbtask", {}).get("execute_result"):
             return data
         if data.get("clear"):
-            clear_output()
+            clear_output(wait=bool(data.get("wait")))
         else:  # display ids too: an update replaces the display, as locally
             publish_display_data(
                 data.get("data", {}),

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import getpass
 import importlib.abc
 import importlib.machinery
 import linecache
 import os
+import pdb
 import sys
 import types
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 from IPython.core.compilerop import CachingCompiler
 from IPython.core.displayhook import DisplayHook
@@ -105,7 +107,7 @@ def _make_shell() -> Any:
             _emit_display(bundle)
 
         def clear_output(self, wait: bool = False) -> None:
-            _emit_display({"data": {}, "metadata": {}, "clear": True})
+            _emit_display({"data": {}, "metadata": {}, "clear": True, "wait": bool(wait)})
 
     class Hook(DisplayHook):  # type: ignore[misc]
         cell_source = ""
@@ -203,7 +205,7 @@ def _make_shell() -> Any:
             return known
 
         def run_cell(self, *args: Any, **kwargs: Any) -> Any:
-            with _exit_hint_left_to_the_kernel():
+            with _exit_hint_left_to_the_kernel(), _no_terminal_in_the_cell():
                 return super().run_cell(*args, **kwargs)
 
         def showtraceback(self, *args: Any, **kwargs: Any) -> None:
@@ -233,10 +235,7 @@ def _make_shell() -> Any:
             return super().enable_matplotlib(gui)
 
         def raw_input(self, prompt: str = "") -> str:
-            raise StdinNotImplementedError(
-                "input() cannot be answered in a %%task cell (it runs on a worker): ask "
-                "for the value in a cell of its own and use the variable"
-            )
+            _refuse_terminal("input()")
 
         def ask_exit(self) -> None:  # what exit() and quit() call
             raise UsageError(
@@ -303,6 +302,50 @@ def _exit_hint_left_to_the_kernel() -> Iterator[None]:
     finally:
         if warnings.showwarning is show:  # unless the cell set its own
             warnings.showwarning = shown
+
+
+def _refuse_terminal(
+    what: str, instead: str = "ask for the value in a cell of its own and use the variable"
+) -> NoReturn:
+    """Refuse what would wait for the user to type on a worker, in one line."""
+    raise StdinNotImplementedError(
+        f"{what} cannot be answered in a %%task cell (it runs on a worker): {instead}"
+    )
+
+
+def _refuse_getpass(prompt: str = "Password: ", stream: Any = None) -> str:
+    _refuse_terminal("getpass()")
+
+
+def _refuse_debugger(*args: Any, **kwargs: Any) -> None:
+    _refuse_terminal(
+        "the debugger (breakpoint(), pdb.set_trace())", "run the cell without %%task to debug it"
+    )
+
+
+@contextlib.contextmanager
+def _no_terminal_in_the_cell() -> Iterator[None]:
+    """While a cell runs, ``getpass()`` and the debugger are refused as ``input()`` is.
+
+    A worker has no one at its terminal: ``getpass()`` would fail reading it (a warning and
+    an ``EOFError``), and ``breakpoint()`` would end the cell silently (pdb reads an empty
+    stdin and quits). A kernel likewise replaces ``getpass`` for the cells it runs. Each is
+    put back after, unless the cell set its own.
+    """
+    patched = [
+        (getpass, "getpass", _refuse_getpass),
+        (sys, "breakpointhook", _refuse_debugger),
+        (pdb, "set_trace", _refuse_debugger),
+    ]
+    before = [getattr(owner, name) for owner, name, _ in patched]
+    for owner, name, refusal in patched:
+        setattr(owner, name, refusal)
+    try:
+        yield
+    finally:
+        for (owner, name, refusal), old in zip(patched, before, strict=True):
+            if getattr(owner, name) is refusal:
+                setattr(owner, name, old)
 
 
 def _refuse_screen(gui: str | None) -> None:

@@ -1,0 +1,71 @@
+"""A ``%%task`` cell in a real kernel shows as it would run locally.
+
+What a worker cannot answer (``getpass()``, the debugger) is refused in one line, as
+``input()`` is; ``clear_output(wait=True)`` keeps its ``wait``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from helpers import execute, kernel_env, stream_text
+
+from nbtask import Settings
+
+
+@pytest.fixture
+def kc(settings: Settings, start_worker: Any, kernel: Any) -> Any:
+    start_worker()
+    client = kernel(kernel_env(settings))[1]
+    _, _, reply = execute(client, "%load_ext nbtask")
+    assert reply["content"]["status"] == "ok", reply["content"]
+    return client
+
+
+def _the_error(msgs: list[dict[str, Any]]) -> dict[str, Any]:
+    errors = [m["content"] for m in msgs if m["msg_type"] == "error"]
+    assert len(errors) == 1, [m["msg_type"] for m in msgs]
+    return errors[0]
+
+
+def test_getpass_is_refused_in_one_line_as_input_is(kc: Any) -> None:
+    _, msgs, _ = execute(
+        kc, "%%task --wait\nimport getpass\nbefore = 1\npw = getpass.getpass('pw: ')"
+    )
+    error = _the_error(msgs)
+    assert error["ename"] == "StdinNotImplementedError", error
+    assert error["evalue"].startswith("getpass() cannot be answered in a %%task cell"), error
+    shown = "\n".join(error["traceback"]) + stream_text(msgs)
+    assert "pw = getpass.getpass('pw: ')" in shown, shown
+    for noise in ("EOFError", "GetPassWarning", "termios"):
+        assert noise not in shown, shown
+    _, msgs, _ = execute(kc, "print(before)")
+    assert stream_text(msgs) == "1\n"  # what ran before it came back, as for any error
+
+
+@pytest.mark.parametrize("stop", ["breakpoint()", "import pdb; pdb.set_trace()"])
+def test_the_debugger_in_a_cell_is_refused_in_one_line_not_ended_silently(
+    kc: Any, stop: str
+) -> None:
+    _, msgs, reply = execute(kc, f"%%task --wait\nprint('before')\n{stop}\nprint('after')")
+    assert reply["content"]["status"] == "error", reply["content"]
+    error = _the_error(msgs)
+    assert error["ename"] == "StdinNotImplementedError", error
+    assert "the debugger" in error["evalue"], error
+    assert "run the cell without %%task to debug it" in error["evalue"], error
+    assert stream_text(msgs) == "before\n"
+    assert "BdbQuit" not in "\n".join(error["traceback"])
+    _, msgs, reply = execute(kc, "%%task --wait\nprint('next cell')")
+    assert reply["content"]["status"] == "ok" and stream_text(msgs) == "next cell\n"
+
+
+def test_clear_output_keeps_its_wait(kc: Any) -> None:
+    cell = (
+        "%%task --wait\nfrom IPython.display import clear_output\n"
+        "print('one')\nclear_output(wait=True)\nprint('two')\nclear_output()\nprint('three')"
+    )
+    _, msgs, reply = execute(kc, cell)
+    assert reply["content"]["status"] == "ok", reply["content"]
+    clears = [m["content"]["wait"] for m in msgs if m["msg_type"] == "clear_output"]
+    assert clears == [True, False], clears
