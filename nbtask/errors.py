@@ -282,10 +282,21 @@ class RemoteError(NbtaskError):
             return list(self.shown_traceback)
         text = self.traceback.rstrip() if self.traceback else ""
         last = f"{self.ename}: {self.evalue}" if self.evalue else self.ename
-        # A worker's traceback ends with that line already (its type's name, qualified
-        # when it is not a built-in): said once, as Python says it.
+        # A worker's traceback says that line already (its type's name, qualified when it
+        # is not a built-in), though not always last: the exception's notes follow it, and
+        # an exception group's tree. Said once, as Python says it.
         lines = _cells_named(text.splitlines())
-        return [*lines, *([] if text.endswith(last) else [last])]
+        said = _says_exception(lines, last.splitlines()[0])
+        return [*lines, *([] if said else [last])]
+
+
+def _says_exception(lines: list[str], first: str) -> bool:
+    """Whether a traceback's ``lines`` have the exception line starting ``first``."""
+    for line in lines:
+        bare = line.lstrip(" |")  # an exception group's lines are drawn in a margin
+        if bare == first or bare.endswith("." + first):
+            return True
+    return False
 
 
 _FRAME = re.compile(r'^(?P<indent> *)File "(?P<file>[^"]+)", line (?P<line>\d+)(?P<rest>.*)$')

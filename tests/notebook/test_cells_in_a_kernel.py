@@ -69,3 +69,20 @@ def test_clear_output_keeps_its_wait(kc: Any) -> None:
     assert reply["content"]["status"] == "ok", reply["content"]
     clears = [m["content"]["wait"] for m in msgs if m["msg_type"] == "clear_output"]
     assert clears == [True, False], clears
+
+
+def test_an_exception_with_notes_is_said_once(kc: Any) -> None:
+    _, msgs, _ = execute(kc, "%%task --wait\ne = ValueError('x')\ne.add_note('a note')\nraise e")
+    lines = _the_error(msgs)["traceback"]
+    shown = "\n".join(lines)
+    assert shown.count("ValueError: x") == 1 and shown.endswith("ValueError: x\na note"), lines
+
+
+def test_an_exception_groups_summary_is_said_once(kc: Any) -> None:
+    cell = "%%task --wait\nraise ExceptionGroup('eg', [ValueError(1), TypeError(2)])"
+    _, msgs, _ = execute(kc, cell)
+    error = _the_error(msgs)
+    shown = "\n".join(error["traceback"])
+    assert error["ename"] == "ExceptionGroup", error
+    assert shown.count("ExceptionGroup: eg (2 sub-exceptions)") == 1, shown
+    assert "ValueError: 1" in shown and "TypeError: 2" in shown, shown
