@@ -27,6 +27,7 @@ from nbtask.notebook.board import TaskBoard, notebook_group
 from nbtask.notebook.carried import carried_names
 from nbtask.notebook.cell_handle import CellHandle, reattached_cell
 from nbtask.notebook.cell_run import CellRun
+from nbtask.notebook.cell_source import keep_cell_source
 from nbtask.notebook.celltask import NamedCell, cell_task
 from nbtask.notebook.fetchbar import fetch_progress
 from nbtask.notebook.fingerprints import fingerprints
@@ -285,11 +286,12 @@ class Session(TaskOverview):
         self.pending.wait(waited, stay=waited)  # kept values are used where they are
         _refuse_names_not_assigned(args, {*found.assigned, *found.mutated})
         label = args.name or _first_line(cell)
+        filename = f"Cell In[{self.shell.execution_count}]"
         spec, blob, found = prepare(
             cell,
             python,
             self.shell.user_ns,
-            filename=f"Cell In[{self.shell.execution_count}]",
+            filename=filename,
             retries=args.retries,
             # The shell's own names, and the datasets the worker provides, are not shipped.
             hidden={*self.shell.user_ns_hidden, *args.requires},
@@ -302,6 +304,7 @@ class Session(TaskOverview):
             # A waited-for cell's last expression is its Out here: its value comes back.
             shows=f"_{self.shell.execution_count}" if args.wait else "",
         )
+        keep_cell_source(self.shell, filename, python, line_offset=1)
         if args.name:
             self.app.cells[args.name] = NamedCell(
                 self.app, args.name, cell, python, self.shell.user_ns

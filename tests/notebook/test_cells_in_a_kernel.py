@@ -6,6 +6,7 @@ What a worker cannot answer (``getpass()``, the debugger) is refused in one line
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -21,6 +22,11 @@ def kc(settings: Settings, start_worker: Any, kernel: Any) -> Any:
     _, _, reply = execute(client, "%load_ext nbtask")
     assert reply["content"]["status"] == "ok", reply["content"]
     return client
+
+
+def _plain(lines: list[str]) -> str:
+    """A traceback as text, without IPython's colours."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(lines))
 
 
 def _the_error(msgs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -86,3 +92,17 @@ def test_an_exception_groups_summary_is_said_once(kc: Any) -> None:
     assert error["ename"] == "ExceptionGroup", error
     assert shown.count("ExceptionGroup: eg (2 sub-exceptions)") == 1, shown
     assert "ValueError: 1" in shown and "TypeError: 2" in shown, shown
+
+
+def test_what_a_cell_defines_keeps_its_source_in_the_notebook(kc: Any) -> None:
+    cell = (
+        "%%task --wait\ndef tfun(x):\n    y = x + 1\n    return y\n\ndef bad(v):\n    return v / 0"
+    )
+    _, _, reply = execute(kc, cell)
+    assert reply["content"]["status"] == "ok", reply["content"]
+    _, msgs, reply = execute(kc, "import inspect\nprint(inspect.getsource(tfun), end='')")
+    assert reply["content"]["status"] == "ok", reply["content"]
+    assert stream_text(msgs) == "def tfun(x):\n    y = x + 1\n    return y\n"
+    _, msgs, _ = execute(kc, "bad(1)")
+    shown = _plain(_the_error(msgs)["traceback"])
+    assert "In[2], line 7, in bad" in shown and "----> 7     return v / 0" in shown, shown
