@@ -27,7 +27,7 @@ from nbtask.notebook.board import TaskBoard, notebook_group
 from nbtask.notebook.carried import carried_names
 from nbtask.notebook.cell_handle import CellHandle, reattached_cell
 from nbtask.notebook.cell_run import CellRun
-from nbtask.notebook.cell_source import keep_cell_source
+from nbtask.notebook.cell_source import CellSyntaxCheck, cell_filename, keep_cell_source
 from nbtask.notebook.celltask import NamedCell, cell_task
 from nbtask.notebook.fetchbar import fetch_progress
 from nbtask.notebook.fingerprints import fingerprints
@@ -96,6 +96,7 @@ class Session(TaskOverview):
             self.pending.unwritten,
         )
         self.inserter = WaitInserter(self.pending)
+        self.syntax_check = CellSyntaxCheck(self.shell, transformed)
         self.views: dict[str, TaskView] = {}
         self.attached: dict[str, str] = {}  # task id -> label, for tasks re-opened by id
         self.boards: list[TaskBoard] = []
@@ -115,6 +116,7 @@ class Session(TaskOverview):
         self._note_notebook()
         self.shell.push({WAIT_NAME: self.pending.wait}, interactive=False)
         self.shell.ast_transformers.append(self.inserter)
+        self.shell.input_transformer_manager.line_transforms.insert(0, self.syntax_check)
         self.shell.events.register("pre_run_cell", self._pre_run_cell)
         self._own_lines.add()
         self._ticker = threading.Thread(target=self._tick, name="nbtask-ticker", daemon=True)
@@ -143,6 +145,8 @@ class Session(TaskOverview):
             return
         if self.inserter in self.shell.ast_transformers:
             self.shell.ast_transformers.remove(self.inserter)
+        with contextlib.suppress(ValueError):  # not added
+            self.shell.input_transformer_manager.line_transforms.remove(self.syntax_check)
         with contextlib.suppress(ValueError):  # not registered
             self.shell.events.unregister("pre_run_cell", self._pre_run_cell)
         self._own_lines.remove()
@@ -280,13 +284,16 @@ class Session(TaskOverview):
     def submit_cell(self, cell: str, args: Any) -> Any:
         """Check, send and follow one cell; see :meth:`TaskMagics.task`."""
         python = transformed(self.shell, cell)
-        found = analyzed(python, line_offset=1)  # the %%task line is the cell's first
+        filename = cell_filename(self.shell)
+        # The %%task line is the cell's first. Its lines are kept first: a SyntaxError
+        # shows its line, as for a cell of the notebook.
+        keep_cell_source(self.shell, filename, python, line_offset=1)
+        found = analyzed(python, 1, filename, self.shell.compile.ast_parse)
         self.pending.harvest()
         waited = self.pending.awaited(found.reads)
         self.pending.wait(waited, stay=waited)  # kept values are used where they are
         _refuse_names_not_assigned(args, {*found.assigned, *found.mutated})
         label = args.name or _first_line(cell)
-        filename = f"Cell In[{self.shell.execution_count}]"
         spec, blob, found = prepare(
             cell,
             python,
@@ -304,7 +311,6 @@ class Session(TaskOverview):
             # A waited-for cell's last expression is its Out here: its value comes back.
             shows=f"_{self.shell.execution_count}" if args.wait else "",
         )
-        keep_cell_source(self.shell, filename, python, line_offset=1)
         if args.name:
             self.app.cells[args.name] = NamedCell(
                 self.app, args.name, cell, python, self.shell.user_ns

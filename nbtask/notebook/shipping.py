@@ -14,7 +14,7 @@ import io
 import os
 import re
 import sys
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from typing import Any
 
 import cloudpickle
@@ -22,6 +22,7 @@ import cloudpickle
 from nbtask.core.handle import refusing_handles
 from nbtask.errors import BlobError, CellError, CellNameError
 from nbtask.notebook.analysis import SHELL_NAMES, CellAnalysis, analyze, is_history_name
+from nbtask.notebook.cell_source import cell_syntax_error
 from nbtask.notebook.module_code import cell_modules, module_name_of, ships_by_value
 from nbtask.notebook.reach import named_inside
 from nbtask.wire.blobs import Packed
@@ -144,13 +145,21 @@ def _transformer_lists(shell: Any, manager: Any) -> list[Any]:
     return [*lists, shell.input_transformers_post]
 
 
-def analyzed(python: str, line_offset: int = 0) -> CellAnalysis:
-    """The cell's analysis, or :class:`CellError` naming the line (as the notebook counts)."""
+def analyzed(
+    python: str,
+    line_offset: int = 0,
+    filename: str = "<cell>",
+    parse: Callable[[str, str], Any] | None = None,
+) -> CellAnalysis:
+    """The cell's analysis, or the ``SyntaxError`` the notebook would raise for it.
+
+    ``filename`` and ``line_offset``: where the notebook has the cell's lines; ``parse``
+    its parser (see :func:`~nbtask.notebook.cell_source.cell_syntax_error`).
+    """
     try:
         return analyze(python)
     except SyntaxError as exc:
-        where = f" (line {exc.lineno + line_offset})" if exc.lineno else ""
-        raise CellError(f"the cell does not parse: {exc.msg}{where}") from None
+        raise cell_syntax_error(exc, python, line_offset, filename, parse) from None
 
 
 def prepare(
@@ -204,7 +213,7 @@ def prepare(
     (CellSpec, Packed, CellAnalysis)
         The spec, the pickled ``{name: value}`` of the shipped names, and the analysis.
     """
-    found = found or analyzed(python, line_offset)
+    found = found or analyzed(python, line_offset, filename)
     _refuse_what_a_worker_cannot_do(python, found, namespace)
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(found.reads))

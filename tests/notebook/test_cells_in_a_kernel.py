@@ -106,3 +106,24 @@ def test_what_a_cell_defines_keeps_its_source_in_the_notebook(kc: Any) -> None:
     _, msgs, _ = execute(kc, "bad(1)")
     shown = _plain(_the_error(msgs)["traceback"])
     assert "In[2], line 7, in bad" in shown and "----> 7     return v / 0" in shown, shown
+
+
+def test_a_cell_that_does_not_parse_raises_the_syntax_error_a_local_cell_would(kc: Any) -> None:
+    _, msgs, _ = execute(kc, "x_syn = (1,\nprint('no')")
+    local = _the_error(msgs)
+    _, msgs, reply = execute(kc, "%%task --wait\nx_syn = (1,\nprint('no')")
+    assert reply["content"]["status"] == "error", reply["content"]
+    error = _the_error(msgs)
+    assert (error["ename"], error["evalue"]) == (
+        "SyntaxError",
+        "incomplete input (Cell In[3], line 3)",
+    )
+    # Shown as the local cell's: its line and caret, one line down (below %%task).
+    said = _plain(local["traceback"]).replace("In[2], line 2", "In[3], line 3")
+    assert _plain(error["traceback"]) == said, error["traceback"]
+    _, msgs, _ = execute(
+        kc,
+        "try:\n    get_ipython().run_cell_magic('task', '--wait', 'x = (')\n"
+        "except SyntaxError as e:\n    print(type(e).__name__, e.lineno)",
+    )
+    assert stream_text(msgs) == "SyntaxError 2\n"
