@@ -4,6 +4,8 @@ A worker sends a cell's exception as a :class:`~nbtask.errors.RemoteError` namin
 (``"module.QualName"``) and carrying the worker's traceback; :func:`local_exception` rebuilds
 the user's type where it can, its display the worker's traceback, which points at the
 cell's own lines. A ``NameError`` for a name the notebook defines says how to send it.
+Its frames are the worker's: ``%debug`` (and ``%pdb``) say so in one line instead of
+opening the debugger in nbtask's frames, where it was raised again.
 """
 
 from __future__ import annotations
@@ -21,9 +23,19 @@ from nbtask.core.task_errors import task_exception
 from nbtask.errors import CellNameError, RemoteError
 from nbtask.wire.events import Event
 
-__all__ = ["exception_type", "failure_output", "local_exception", "said_first"]
+__all__ = [
+    "WorkerErrorDebugger",
+    "exception_type",
+    "failure_output",
+    "local_exception",
+    "said_first",
+]
 
 _NOT_DEFINED = re.compile(r"name '(\w+)' is not defined")
+_ON_A_WORKER = (
+    "nbtask: the error was raised on a worker, and its frames are not in this kernel: "
+    "run the cell without %%task to debug it"
+)
 
 
 def local_exception(exc: BaseException, namespace: MutableMapping[str, Any]) -> BaseException:
@@ -153,3 +165,38 @@ def _walk(obj: Any, names: Iterable[str]) -> Any:
     for name in names:
         obj = getattr(obj, name, None)
     return obj
+
+
+class WorkerErrorDebugger:
+    """The shell's debugger (``%debug``, ``%pdb``), saying that a worker's error has no frames here.
+
+    The exception a ``%%task`` cell raises in the notebook was raised on a worker: the
+    frames of this kernel's traceback are nbtask's, which raised it again. For such an
+    error, one line says to run the cell without ``%%task`` to debug it; any other error
+    is debugged as IPython would.
+    """
+
+    def __init__(self, shell: Any) -> None:
+        self._shell = shell
+        self._debugger = shell.debugger
+
+    def install(self) -> None:
+        """Be the shell's debugger (IPython's ``%debug`` and ``%pdb`` call it)."""
+        self._shell.debugger = self
+
+    def remove(self) -> None:
+        """Give the shell back its own debugger, unless another took over since."""
+        if vars(self._shell).get("debugger") is self:
+            del self._shell.debugger
+
+    def __call__(self, force: bool = False) -> None:
+        """Debug the last error, as IPython's ``debugger``, unless a worker raised it."""
+        error = getattr(sys, "last_value", None)
+        if (force or self._shell.call_pdb) and _raised_on_a_worker(error):
+            print(_ON_A_WORKER, file=sys.stderr)
+            return
+        self._debugger(force)
+
+
+def _raised_on_a_worker(error: object) -> bool:
+    return isinstance(error, RemoteError) or hasattr(error, "remote_traceback")

@@ -127,3 +127,20 @@ def test_a_cell_that_does_not_parse_raises_the_syntax_error_a_local_cell_would(k
         "except SyntaxError as e:\n    print(type(e).__name__, e.lineno)",
     )
     assert stream_text(msgs) == "SyntaxError 2\n"
+
+
+def test_debug_after_a_cells_error_says_its_frames_are_on_the_worker(kc: Any) -> None:
+    cell = "%%task --wait\ndef g5(v):\n    w = v + 10\n    return 1 / v\ng5(0)"
+    _, msgs, _ = execute(kc, cell)
+    assert _the_error(msgs)["ename"] == "ZeroDivisionError"
+    said = "the error was raised on a worker, and its frames are not in this kernel"
+    _, msgs, _ = execute(kc, "%debug", allow_stdin=False)
+    execute(kc, "%pdb on")
+    _, again, _ = execute(kc, cell, allow_stdin=False)
+    for text in (stream_text(msgs), stream_text(again)):
+        assert said in text and "run the cell without %%task to debug it" in text, text
+        assert "pending.py" not in text and "ipdb>" not in text, text
+    execute(kc, "%pdb off")
+    execute(kc, "1 / 0")  # a local error is debugged as IPython would
+    _, msgs, _ = execute(kc, "%debug", allow_stdin=False)
+    assert said not in stream_text(msgs)
