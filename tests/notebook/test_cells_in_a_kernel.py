@@ -6,11 +6,10 @@ What a worker cannot answer (``getpass()``, the debugger) is refused in one line
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import pytest
-from helpers import execute, kernel_env, stream_text
+from helpers import execute, kernel_env, stream_text, without_colours
 
 from nbtask import Settings
 
@@ -26,7 +25,7 @@ def kc(settings: Settings, start_worker: Any, kernel: Any) -> Any:
 
 def _plain(lines: list[str]) -> str:
     """A traceback as text, without IPython's colours."""
-    return re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(lines))
+    return without_colours("\n".join(lines))
 
 
 def _the_error(msgs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -42,7 +41,7 @@ def test_getpass_is_refused_in_one_line_as_input_is(kc: Any) -> None:
     error = _the_error(msgs)
     assert error["ename"] == "StdinNotImplementedError", error
     assert error["evalue"].startswith("getpass() cannot be answered in a %%task cell"), error
-    shown = "\n".join(error["traceback"]) + stream_text(msgs)
+    shown = _plain(error["traceback"]) + stream_text(msgs)
     assert "pw = getpass.getpass('pw: ')" in shown, shown
     for noise in ("EOFError", "GetPassWarning", "termios"):
         assert noise not in shown, shown
@@ -77,21 +76,36 @@ def test_clear_output_keeps_its_wait(kc: Any) -> None:
     assert clears == [True, False], clears
 
 
-def test_an_exception_with_notes_is_said_once(kc: Any) -> None:
-    _, msgs, _ = execute(kc, "%%task --wait\ne = ValueError('x')\ne.add_note('a note')\nraise e")
-    lines = _the_error(msgs)["traceback"]
-    shown = "\n".join(lines)
-    assert shown.count("ValueError: x") == 1 and shown.endswith("ValueError: x\na note"), lines
+def _shown_locally_and_in_a_task_cell(kc: Any, body: str) -> tuple[str, str]:
+    """The error ``body`` shows run locally and as a ``%%task --wait`` cell, as plain text."""
+    _, msgs, _ = execute(kc, body)
+    local = _plain(_the_error(msgs)["traceback"])
+    _, msgs, _ = execute(kc, f"%%task --wait\n{body}")
+    return local, _plain(_the_error(msgs)["traceback"])
 
 
-def test_an_exception_groups_summary_is_said_once(kc: Any) -> None:
-    cell = "%%task --wait\nraise ExceptionGroup('eg', [ValueError(1), TypeError(2)])"
-    _, msgs, _ = execute(kc, cell)
-    error = _the_error(msgs)
-    shown = "\n".join(error["traceback"])
-    assert error["ename"] == "ExceptionGroup", error
+@pytest.mark.parametrize("where", ["in the cell", "in a function of an earlier cell"])
+def test_an_exception_with_notes_is_said_once(kc: Any, where: str) -> None:
+    raising = "e = ValueError('x')\ne.add_note('a note')\nraise e"
+    if where != "in the cell":  # the worker cannot show that frame: its text is filled in here
+        execute(kc, "def boom():\n" + "".join(f"    {line}\n" for line in raising.splitlines()))
+        raising = "boom()"
+    local, shown = _shown_locally_and_in_a_task_cell(kc, raising)
+    assert shown.count("ValueError: x") == 1, shown
+    # The line a local cell ends with (the text Python gives, where the worker could not
+    # show a frame, goes on with the note).
+    assert local.splitlines()[-1] in shown, (shown, local)
+
+
+@pytest.mark.parametrize("where", ["in the cell", "in a function of an earlier cell"])
+def test_an_exception_groups_summary_is_said_once(kc: Any, where: str) -> None:
+    raising = "raise ExceptionGroup('eg', [ValueError(1), TypeError(2)])"
+    if where != "in the cell":
+        execute(kc, f"def boom():\n    {raising}\n")
+        raising = "boom()"
+    local, shown = _shown_locally_and_in_a_task_cell(kc, raising)
     assert shown.count("ExceptionGroup: eg (2 sub-exceptions)") == 1, shown
-    assert "ValueError: 1" in shown and "TypeError: 2" in shown, shown
+    assert local.splitlines()[-1] in shown, (shown, local)
 
 
 def test_what_a_cell_defines_keeps_its_source_in_the_notebook(kc: Any) -> None:
