@@ -464,7 +464,7 @@ def interrupt_once_printed(ip: Any, text: str = "started", handle: str = "h") ->
 
     def interrupt() -> None:
         printed = lambda: text in getattr(ip.user_ns.get(handle), "stdout", "")  # noqa: E731
-        wait_until(printed, 15, "the cell to start")
+        wait_until(printed, 60, "the cell to start")
         os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=interrupt, daemon=True).start()
