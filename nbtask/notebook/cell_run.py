@@ -39,9 +39,6 @@ class CellRun:
     rebound: frozenset[str] = frozenset()
     #: The notebook's process-wide state it was sent with (random generators included).
     state: bytes = b""
-    #: What other cells' state changes that came back since made of that state: not the
-    #: notebook's own changes (see :mod:`~nbtask.notebook.state_merge`).
-    state_since: dict[str, Any] = dataclasses.field(default_factory=dict)
     #: How its last expression's value came back (a ``--wait`` cell's ``Out``), if it did.
     shown: Any = None
     #: The notebook's objects it was sent, by name, until it is seen finished: a name the

@@ -30,7 +30,7 @@ from typing import Any, TextIO
 
 from nbtask.wire.envelope import dumps
 
-__all__ = ["UNSET", "CellLogging", "Setup", "cell_logging", "set_in_kernel", "snapshot"]
+__all__ = ["CellLogging", "Setup", "cell_logging", "set_in_kernel", "snapshot"]
 
 #: The kinds of process state this module carries (see :mod:`~nbtask.notebook.process_state`):
 #: the loggers' setup, and the level ``logging.disable()`` set (only when not 0).
@@ -48,8 +48,7 @@ Setup = dict[str, LoggerSpec]
 
 #: A fresh kernel's: the root logger at WARNING with no handler, no other logger set.
 _FRESH: Setup = {"": (logging.WARNING, True, (), False)}
-#: A logger as a fresh one is: what a setup that leaves it out has for it.
-UNSET: LoggerSpec = (logging.NOTSET, True, (), False)
+_UNSET: LoggerSpec = (logging.NOTSET, True, (), False)
 _STYLES = {logging.PercentStyle: "%", logging.StrFormatStyle: "{", logging.StringTemplateStyle: "$"}
 
 
@@ -106,7 +105,7 @@ def _setup_of(loggers: list[tuple[str, logging.Logger]]) -> Setup:
     for name, logger in loggers:
         if not _nbtask_own(name):
             spec = _logger_spec(logger)
-            if spec != UNSET or name == "":
+            if spec != _UNSET or name == "":
                 setup[name] = spec
     return setup
 
@@ -253,7 +252,7 @@ class CellLogging:
             if before is not None:
                 after = _setup_of(set_after)
                 self.changed = {n: s for n, s in after.items() if before.get(n) != s}
-                self.changed.update({n: UNSET for n in before.keys() - after.keys()})
+                self.changed.update({n: _UNSET for n in before.keys() - after.keys()})
                 if manager.disable != self.disabled_at:
                     self.disabled_after = manager.disable
             manager.disable = own_disabled_at

@@ -53,11 +53,10 @@ class Pending(WriteBack):
         self,
         namespace: MutableMapping[str, Any],
         on_kept: Callable[[RemoteValue], None] | None = None,
-        kernel_state: process_state.KernelState | None = None,
+        apply_state: Callable[[Mapping[str, Any]], None] = process_state.apply,
     ) -> None:
         self.namespace = namespace
-        # Where what a cell changed of the process's state is applied.
-        self.kernel_state = kernel_state or process_state.KernelState()
+        self._apply_state = apply_state  # what a cell changed of the process's state
         self.runs: list[CellRun] = []
         #: Runs not seen finished yet: all that :meth:`harvest` looks at, however many ran.
         self._unfinished: list[CellRun] = []

@@ -87,7 +87,7 @@ class Session(TaskOverview):
         #: since nbtask was loaded), pickled again only when it changed.
         self.kernel_state = process_state.KernelState()
         self.pending = Pending(
-            shell.user_ns, on_kept=self._bind_kept, kernel_state=self.kernel_state
+            shell.user_ns, on_kept=self._bind_kept, apply_state=self.kernel_state.apply_changes
         )
         # Lambdas: %nbtask connect may replace the app.
         self.releases = Releases(

@@ -6,9 +6,8 @@ a time, so one that cannot be loaded here loses no other), a kept value's refere
 notebook's own where it has one, a value changed in place is written into the notebook's
 object (unless the notebook changed that object meanwhile), deleted names go, the
 attributes the cell changed of the notebook's classes are set on them
-(:mod:`nbtask.notebook.class_state`), process-wide state changes are applied (merged
-with the notebook's own: :mod:`nbtask.notebook.state_merge`), and what could not come
-back is said.
+(:mod:`nbtask.notebook.class_state`), process-wide state changes are applied, and what
+could not come back is said.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
 from nbtask.core.task_errors import unloadable_value, unloadable_values
-from nbtask.notebook import class_state, process_state, state_merge
+from nbtask.notebook import class_state, process_state
 from nbtask.notebook.analysis import is_history_name
 from nbtask.notebook.carried import WithObjects, load_each, load_values, share_namespace
 from nbtask.notebook.cell_run import CellRun, sent_objects_of
@@ -43,8 +42,7 @@ class WriteBack:
     holds_kept: bool
     kept_holders: set[str]
     _on_kept: Callable[[RemoteValue], None] | None
-    runs: list[CellRun]
-    kernel_state: process_state.KernelState
+    _apply_state: Callable[[Mapping[str, Any]], None]
     _modules_told: set[str]
 
     def took_kept(self, value: RemoteValue) -> None:
@@ -99,25 +97,7 @@ class WriteBack:
         class_state.apply(classes, _say)
         state = effects.get("state")
         if state and state != process_state.NO_CHANGES:
-            self._apply_process_state(run, Envelope({}, state).load_body())
-
-    def _apply_process_state(self, run: CellRun, changed: Mapping[str, Any]) -> None:
-        """Apply what a cell changed of the process-wide state, merged with the notebook's.
-
-        What the notebook itself changed since the cell was sent stays (the rule is
-        :mod:`~nbtask.notebook.state_merge`'s); what is applied is noted for the cells
-        still to come back, sent before it: it is not the notebook's own change.
-        """
-        label = f"task {run.label!r} [{run.handle.id[:8]}]"
-        applied, lines = state_merge.merged(
-            changed, run.state, run.state_since, self.kernel_state, label
-        )
-        for line in lines:
-            _say(line)
-        self.kernel_state.apply_changes(applied)
-        for other in self.runs:
-            if other is not run and other.state and not other.delivered:
-                other.state_since = state_merge.overlay(other.state_since, applied)
+            self._apply_state(Envelope({}, state).load_body())
 
     def _took_kept_inside(self, arrived: dict[str, Any]) -> None:
         """Note the values that hold kept values' references (``d = {"k": arr}``).
