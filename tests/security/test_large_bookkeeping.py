@@ -192,8 +192,12 @@ def test_a_registry_of_many_planted_entries_is_read_only_as_far_as_nbtask_writes
         start_worker(concurrency=1)
         wait_until(lambda: len(app.workers()) == 1, 60, "the genuine worker to be seen")
         assert app.send_task(ADD, (1, 2)).get(timeout=30) == 3
-        known = app.store.workers_if_known()
-        assert known is not None and list(known) == list(app.workers())
+
+        def agree() -> bool:  # (a heartbeat late on a loaded machine hides it a moment)
+            known = app.store.workers_if_known()
+            return known is not None and list(known) == list(app.workers()) != []
+
+        wait_until(agree, 30, "workers_if_known() to give the genuine worker as workers() does")
     said = _said(caplog, f"the worker registry {workers} holds 100,000 entries, more than")
     assert len(said) == 1, said
     assert "at most 1,000 are read): someone else wrote them" in said[0]
