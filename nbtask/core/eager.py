@@ -35,7 +35,7 @@ from nbtask.core.handlers import (
     user_traceback,
 )
 from nbtask.errors import Ignore, Retry, TaskPredicate
-from nbtask.wire.events import FINAL_STATES, State
+from nbtask.wire.events import FAILED_STATES, FINAL_STATES, State
 
 __all__ = ["EagerResult", "run_here"]
 
@@ -131,8 +131,8 @@ class EagerResult:
         return self._state is State.SUCCESS
 
     def failed(self) -> bool:
-        """True if the task raised."""
-        return self._state is State.FAILURE
+        """True if the task raised (the same rule as a handle's ``failed()``)."""
+        return self._state in FAILED_STATES
 
     def get(
         self,
