@@ -75,5 +75,11 @@ class AmqpUpkeep:
     def renew(self, consumers: Sequence[str], queues: Sequence[str]) -> None:
         """Nothing to renew: AMQP keeps a delivery as long as its connection lives."""
 
+    def set_aside(self, delivery: Delivery, consumer: str) -> None:
+        """Nothing to move: a parked lost delivery left unsettled is claimed anew.
+
+        By the supervisor that claimed it, at its next sweeps (see :meth:`orphans`).
+        """
+
     def forget_consumers(self, consumers: Sequence[str], queues: Sequence[str]) -> None:
         """Nothing to forget: a consumer ends with its connection."""

@@ -410,6 +410,13 @@ class Transport(Protocol):
     def renew(self, consumers: Sequence[str], queues: Sequence[str]) -> None:
         """Renew the leases that live ``consumers`` hold."""
 
+    def set_aside(self, delivery: Delivery, consumer: str) -> None:
+        """Hold ``delivery`` (a dead holder's, left unsettled) as ``consumer``, from now.
+
+        ``consumer`` is one whose lease nobody renews: :meth:`stale` (or :meth:`orphans`)
+        gives the delivery again once it lapses, to be looked at again.
+        """
+
     def forget_consumers(self, consumers: Sequence[str], queues: Sequence[str]) -> None:
         """Forget the consumers of a worker that stopped."""
 

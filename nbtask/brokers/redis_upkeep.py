@@ -132,6 +132,16 @@ class StreamsUpkeep:
                         # the lease renewal that keeps long tasks from being reclaimed.
                         redis.xclaim(stream, GROUP, consumer, 0, ids, justid=True)
 
+    def set_aside(self, delivery: Delivery, consumer: str) -> None:
+        """Claim ``delivery``'s entry for ``consumer``: its lease starts anew, unrenewed.
+
+        Left with a live process's consumer, it would be renewed at every heartbeat, and
+        never be given by :meth:`stale`.
+        """
+        stream = self.queue_key(delivery.queue)
+        with self.link.translate_errors(), self._queues_may_be_gone([delivery.queue]):
+            self.link.redis.xclaim(stream, GROUP, consumer, 0, [delivery.delivery_id], justid=True)
+
     def forget_consumers(self, consumers: Sequence[str], queues: Sequence[str]) -> None:
         """Delete the (idle) consumers of a worker that stopped."""
         with self.link.translate_errors():

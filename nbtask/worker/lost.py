@@ -80,12 +80,22 @@ class LostTasks:
         self.follow_ups = FollowUps(transport, signer, SubtaskPublisher(transport, builder))
 
     def settle(
-        self, delivery: Delivery, reason: str, stopped: tuple[str, str, float] | None = None
+        self,
+        delivery: Delivery,
+        reason: str,
+        stopped: tuple[str, str, float] | None = None,
+        *,
+        ran: str = "",
+        aside: str = "",
     ) -> None:
         """Settle a delivery whose worker died: redeliver (acks_late) or report it lost.
 
         ``stopped`` names a task this supervisor killed on purpose (time limit, revoke):
-        that one is reported as such, never redelivered.
+        that one is reported as such, never redelivered. ``aside`` is given for a loss
+        seen just now (a child of this worker died; ``ran``: the task its slot named): a
+        delivery whose task a live process is said to run is then held by ``aside``, a
+        consumer whose lease nobody renews, to be looked at again (see
+        :meth:`_live_process_may_run`).
         """
         try:
             envelope = self.signer.open(delivery.raw)
@@ -94,7 +104,7 @@ class LostTasks:
             log.error("dead-lettered an unverifiable message %s: %s", delivery.delivery_id, exc)
             self.transport.dead_letter(delivery)
             return
-        self._settle_verified(delivery, envelope, message, reason, stopped)
+        self._settle_verified(delivery, envelope, message, reason, stopped, ran=ran, aside=aside)
 
     def _settle_verified(
         self,
@@ -103,6 +113,9 @@ class LostTasks:
         message: TaskMessage,
         reason: str,
         stopped: tuple[str, str, float] | None = None,
+        *,
+        ran: str = "",
+        aside: str = "",
     ) -> None:
         record = self.store.get_record(message.id)
         # Past max_age the delivery may be a replay made to look lost: the task's own
@@ -118,7 +131,9 @@ class LostTasks:
             if follow_up:
                 self._follow_up(message, envelope)
             return
-        if self._live_process_may_run(delivery, message):
+        # The dead child ran this very task (its slot named it): its delivery is the
+        # task's latest run, whatever a live worker announced before (an earlier run's).
+        if message.id != ran and self._live_process_may_run(delivery, message, reason, aside):
             return
         if not follow_up and (record is None or record.state is State.PENDING):
             # Never started, as a worker taking it now would refuse it: too old to run.
@@ -154,16 +169,27 @@ class LostTasks:
         event = Event(EventType.WORKER_LOST, message.id, FINAL_SEQ, lost, run=message.run)
         self._report(message, envelope, event, delivery, follow_up=follow_up)
 
-    def _live_process_may_run(self, delivery: Delivery, message: TaskMessage) -> bool:
+    def _live_process_may_run(
+        self, delivery: Delivery, message: TaskMessage, reason: str, aside: str
+    ) -> bool:
         """Whether a live process runs the task, or may: the delivery is then left alone.
 
         One that runs it holds its own delivery: this one is a copy (someone with broker
         access made it), neither a loss to report nor to rerun, and is dropped. When a live
         worker's registry entry cannot be read (nbtask did not write it), that worker may
         run it: the delivery is left for a later look.
+
+        A loss seen just now (``aside``) is not judged by what live workers announced:
+        that was written before it, and may name a run that ended since (a retry's first
+        run, whose rerun was lost here). Its delivery is left, held by ``aside``: the
+        sweep of lapsed leases gives it again past the visibility timeout (longer than
+        three heartbeats), when every live worker has announced anew (RabbitMQ's parked
+        lost deliveries are claimed anew at every sweep).
         """
         running = self.running()
         if running is None:
+            if aside:
+                self.transport.set_aside(delivery, aside)
             if message.id not in self._left_unknown:
                 self._left_unknown.add(message.id)
                 log.warning(
@@ -174,11 +200,16 @@ class LostTasks:
                 )
             return True
         self._left_unknown.clear()  # the registry reads again: said anew if it stops
-        if message.id in running:
-            log.warning("dropped a copy of task %s's message: a live process runs it", message.id)
-            self.transport.discard(delivery)
+        if message.id not in running:
+            return False
+        if aside:
+            why = "a live worker said it runs the task: looked at again past the visibility timeout"
+            self.note(message, f"{reason}; {why}", logging.WARNING)
+            self.transport.set_aside(delivery, aside)
             return True
-        return False
+        log.warning("dropped a copy of task %s's message: a live process runs it", message.id)
+        self.transport.discard(delivery)
+        return True
 
     def _report(
         self,

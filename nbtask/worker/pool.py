@@ -43,8 +43,8 @@ class Ended(NamedTuple):
     reason: str
     #: The stop this supervisor ordered for it, if any: (task id, why, when to kill).
     stopped: tuple[str, str, float] | None
-    #: Whether its slot held a task when it ended.
-    had_task: bool
+    #: The task its slot named when it ended ("" if none): the task it ran.
+    task_id: str
 
 
 class ChildPool:
@@ -140,9 +140,8 @@ class ChildPool:
             self._left_running.end_soon(process.pid, stopped[0] if stopped else task_id)
         elif process.pid:
             self._left_running.keep(process.pid)
-        had_task = bool(task_id)
         self.slots[slot].clear(holds=False)
-        return Ended(reason, stopped, had_task)
+        return Ended(reason, stopped, task_id)
 
     def replace(self, slot: int, *, had_task: bool) -> None:
         """Fork a new child for ``slot`` whose child ended, later if it keeps dying at start."""

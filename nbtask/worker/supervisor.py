@@ -328,12 +328,13 @@ class Worker:
 
     def _child_exited(self, slot: int, *, respawn: bool) -> None:
         """Settle what the child of ``slot`` held, and replace it if ``respawn``."""
-        reason, stopped, had_task = self._pool.ended(slot, replaced=respawn)
+        reason, stopped, ran = self._pool.ended(slot, replaced=respawn)
+        had_task = bool(ran)
         try:
             self.store.forget_holdings([self.consumers[slot]])  # its memory is gone
             lost = self.transport.held(self.queues, self.consumers[slot])
             for delivery in lost:
-                self.lost.settle(delivery, reason, stopped)
+                self.lost.settle(delivery, reason, stopped, ran=ran, aside=self.worker_id)
             had_task = had_task or bool(lost)
             if stopped is not None and not any(d.task_id == stopped[0] for d in lost):
                 # A broker that gives a dead child's message back by itself (AMQP) may
