@@ -137,15 +137,17 @@ class RedisChannels:
     ) -> list[tuple[str, str, bytes]]:
         """Block on client channels ``{channel: after id}``; ``(channel, id, raw)`` triples.
 
-        In one round trip: a script reads what waits, sending no entry too large and
-        stopping at the read's budget; then, if it found nothing, a blocking read waits
-        for the next entry, one per channel (Redis cannot leave out a large one there:
-        it is dropped here). With entries waiting, the blocking read sends a copy of the
-        first one after each position at once, however large (anyone with write access
-        can put one there): so that it does not at every read until the script reached
-        it, the script reads alone while entries it did not return may wait (it stopped
-        at its count or budget), or its blocking read copied an entry it did not return
-        (one that came in between), until it reads to the end. Else every entry the
+        In one write: a blocking read waits for the next entry after each position (at
+        once if one waits), then a script reads what waits, sending no entry too large
+        and stopping at the read's budget. Both replies come back together, so the
+        reading thread sleeps once per read. What the read returns is the script's (the
+        blocking read's only when the script found nothing: it was trimmed in between,
+        an entry too large dropped here). The blocking read sends a copy of the first
+        entry after each position, however large (anyone with write access can put one
+        there), which the script, run after it, returns too; so that it does not copy
+        one again at every read until the script reached it, the script reads alone
+        while entries it did not return may wait (it stopped at its count or budget
+        before a channel's copied entry), until it reads to the end. Else every entry the
         blocking read copied is one this read returns, and the next read's blocking read
         copies none of them: each entry reaches the client at most once in a copy.
         """
@@ -158,8 +160,10 @@ class RedisChannels:
         with self.link.translate_errors():
             found = self._behind and self.link.run_scripts([read], idempotent=True)[0]
             if not (found and found[0]):
-                found, woken = self.link.run_scripts(
-                    [read, waiting], block_seconds=block_seconds, idempotent=True
+                # The blocking read first: Redis runs the script once it returns, and
+                # sends both replies at once.
+                woken, found = self.link.run_scripts(
+                    [waiting, read], block_seconds=block_seconds, idempotent=True
                 )
         scripted, cut = found
         if not scripted:

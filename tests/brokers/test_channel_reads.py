@@ -14,6 +14,7 @@ import pytest
 from helpers import wait_until
 
 from nbtask import App, Settings
+from nbtask.brokers.redis_channels import READ_COUNT
 from nbtask.brokers.redis_link import RedisLink
 from nbtask.brokers.redis_store import RedisStore
 
@@ -109,14 +110,15 @@ def _copies(reply: Any, payload: bytes) -> int:
     return int(reply == payload)
 
 
-def test_a_read_the_blocking_read_answered_is_followed_by_one_write(
+def test_a_read_the_blocking_read_answered_brings_what_came_with_its_entry(
     store: RedisStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """After the blocking read returned an event, the next read sent the script alone
-    (which found nothing), then the script with the blocking read: one more write and
-    reply per event. The script had found nothing before that blocking read, so nothing
-    it skipped waits: now the script goes with the blocking read at once. An oversized
-    entry put behind the returned one still reaches the client at most once."""
+    """A read sent the script, then the blocking read: Redis answered the script at once
+    and the blocking read later, so the reading thread slept twice per event, and took
+    only the one entry that woke it (the next read took the rest). Now the blocking read
+    goes first and the script after it, in the same write: the entries that came with
+    the one that woke it arrive in the same read, bounded as the script bounds them (an
+    oversized one reads as empty, never copied), and the next read finds nothing."""
     channel = store.channel_key(uuid.uuid4().hex)
     redis = store.link.redis
     oversized = b"x" * (2 * MIB)
@@ -142,25 +144,24 @@ def test_a_read_the_blocking_read_answered_is_followed_by_one_write(
 
     monkeypatch.setattr(store.link, "run_scripts", counted)
     try:
-        (woken,) = store.read_events({channel: "0-0"}, 10)
-        assert appended.wait(10) and woken[2] == b"genuine" and writes == [2]
-        ((_, entry, raw),) = store.read_events({channel: woken[1]}, 0.1)
-        assert raw == b"", "the oversized entry is sent"
-        assert writes == [2, 2], "the read after a woken one sent the script alone first"
-        assert store.read_events({channel: entry}, 0.1) == []
-        assert _copies(replies, oversized) <= 1
+        read = store.read_events({channel: "0-0"}, 10)
+        assert appended.wait(10) and writes == [2]
+        assert [raw for _, _, raw in read] == [b"genuine", b""], "one entry a read"
+        assert store.read_events({channel: read[-1][1]}, 0.1) == []
+        assert writes == [2, 2]
+        assert _copies(replies, oversized) == 0
     finally:
         redis.delete(channel)
 
 
-def test_an_entry_copied_between_the_script_and_the_blocking_read_is_copied_once(
+def test_an_entry_copied_beyond_where_the_script_stopped_is_copied_once(
     store: RedisStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A read whose script read every channel to its end is followed by the script with
-    the blocking read (the script read alone first, finding nothing: one more write and
-    reply per event whenever the event had come before the read). An oversized entry put
-    on another channel between the script and the blocking read (which copies it) is
-    then read by the script alone: a second blocking read would copy it again."""
+    """The blocking read copies the first entry waiting on each channel; the script after
+    it stops at its count. An oversized entry on an adopted channel behind a full read of
+    the client's own is copied by the first read's blocking read, and is then read by the
+    script alone (as empty) until the script reached it: a second blocking read would
+    copy it again."""
     own, adopted = (store.channel_key(uuid.uuid4().hex) for _ in range(2))
     redis = store.link.redis
     oversized = b"x" * (2 * MIB)
@@ -168,29 +169,31 @@ def test_an_entry_copied_between_the_script_and_the_blocking_read_is_copied_once
     writes: list[int] = []
     replies: list[Any] = []
 
-    def interleaved(commands: Any, **kwargs: Any) -> list[Any]:
+    def counted(commands: Any, **kwargs: Any) -> list[Any]:
         writes.append(len(commands))
-        if len(commands) == 2 and len(writes) == 2:  # the second read: append in between
-            reply = run_scripts(commands[:1], **kwargs)
-            redis.xadd(adopted, {"e": oversized})
-            reply += run_scripts(commands[1:], **kwargs)
-        else:
-            reply = run_scripts(commands, **kwargs)
+        reply = run_scripts(commands, **kwargs)
         replies.append(reply)
         return reply
 
-    monkeypatch.setattr(store.link, "run_scripts", interleaved)
+    monkeypatch.setattr(store.link, "run_scripts", counted)
     try:
-        first = redis.xadd(own, {"e": b"first"}).decode()
-        ((_, _, raw),) = store.read_events({own: "0-0", adopted: "0-0"}, 0.1)
-        assert raw == b"first" and writes == [2]
-        second = redis.xadd(own, {"e": b"second"}).decode()
-        ((_, _, raw),) = store.read_events({own: first, adopted: "0-0"}, 0.1)
-        assert raw == b"second"
-        assert writes == [2, 2], "the read after one that read to the end sent the script alone"
-        ((channel, entry, raw),) = store.read_events({own: second, adopted: "0-0"}, 0.1)
-        assert (channel, raw) == (adopted, b"") and writes == [2, 2, 1]
-        assert store.read_events({own: second, adopted: entry}, 0.1) == []
+        pipe = redis.pipeline(transaction=False)
+        for i in range(READ_COUNT + 1):
+            pipe.xadd(own, {"e": b"event %d" % i})
+        pipe.execute()
+        redis.xadd(adopted, {"e": oversized})
+        positions = {own: "0-0", adopted: "0-0"}
+        first = store.read_events(positions, 0.1)
+        assert len(first) == READ_COUNT and writes == [2]
+        positions[own] = first[-1][1]
+        second = store.read_events(positions, 0.1)
+        assert [(c, raw) for c, _, raw in second] == [
+            (own, b"event %d" % READ_COUNT),
+            (adopted, b""),
+        ]
+        assert writes == [2, 1], "the read after one that stopped at its count copied again"
+        positions.update({c: entry for c, entry, _ in second})
+        assert store.read_events(positions, 0.1) == []
         assert _copies(replies, oversized) == 1
     finally:
         redis.delete(own, adopted)
