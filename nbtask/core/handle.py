@@ -57,6 +57,12 @@ def refusing_handles() -> Iterator[None]:
         _refused.reset(token)
 
 
+#: How long ``get()`` waits for a task's events before it reads the broker's answers to
+#: the sends of its thread (see :meth:`TaskHandle.result`): a no-op's result comes in
+#: about a millisecond; an undelivered task fails this much later than at once.
+_SETTLE_AFTER = 0.05
+
+
 class Client(Protocol):
     """What a handle reaches its client through (an :class:`~nbtask.App`)."""
 
@@ -313,9 +319,17 @@ class TaskHandle(CeleryResultNames, TaskEvents):
                 f"{MAX_SECONDS:.0e}; give seconds, or None to wait until the task ends"
             )
         if not self.done() and self.app is not None:
-            # Its message may still await the broker's answer (sent by this thread, which
-            # is about to wait): settle that first, so an undelivered task fails now, and
-            # one the broker never answered for is said to be in doubt now.
+            # This thread reads the events itself when no other thread is reading: its
+            # result then reaches it without a hop through the listener thread.
+            deadline = None if timeout is None else time.monotonic() + timeout
+            # Its message may still await the broker's answer (sent by this thread just
+            # now). Its events are waited for first, a short while: a quick task's come
+            # after that answer, which is then read without waiting for it (the thread
+            # sleeps once, for its result, not also for the answer). Then the answer is
+            # read, so an undelivered task fails, and one the broker never answered for
+            # is said to be in doubt, before the thread waits any longer.
+            first = _SETTLE_AFTER if timeout is None else min(timeout, _SETTLE_AFTER)
+            self.app.wait_for(self, first)
             try:
                 self.app.flush()
             except SendUnconfirmed as exc:
@@ -324,12 +338,10 @@ class TaskHandle(CeleryResultNames, TaskEvents):
             except BrokerUnavailable:
                 pass
             if not self.done():
-                # This thread reads the events itself when no other thread is reading: its
-                # result then reaches it without a hop through the listener thread.
-                deadline = None if timeout is None else time.monotonic() + timeout
-                self.app.wait_for(self, timeout)
-                if deadline is not None:
-                    timeout = max(0.0, deadline - time.monotonic())
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                self.app.wait_for(self, left)
+            if deadline is not None:
+                timeout = max(0.0, deadline - time.monotonic())
         self._raise_if_unfollowed()
         try:
             value = super().result(timeout)
