@@ -111,6 +111,9 @@ def _make_shell() -> Any:
 
     class Hook(DisplayHook):  # type: ignore[misc]
         cell_source = ""
+        #: A plain attribute, not IPython's trait: set twice per cell, and traitlets'
+        #: checks and change notices (nothing here listens) cost a tenth of a trivial cell.
+        exec_result: Any = None
         #: While the last expression is shown: the tracebacks of its failing formatters
         #: (a ``__repr__`` that raises), sent with its display rather than as the cell's
         #: stderr. The notebook shows the value with its own formatters, which fail there
@@ -172,6 +175,9 @@ def _make_shell() -> Any:
         #: The cell about to run and the kernel's transform of it, used instead of
         #: transforming it again here (the kernel's is what the cell means there).
         kernel_transform: tuple[str, str] = ("", "")
+        #: Plain attributes, not IPython's traits: set for every cell (see Hook.exec_result).
+        last_execution_succeeded: bool = True
+        last_execution_result: Any = None
 
         def transform_cell(self, raw_cell: str) -> str:
             source, python = self.kernel_transform
