@@ -9,7 +9,6 @@ refused with one line saying why.
 from __future__ import annotations
 
 import base64
-import contextlib
 import getpass
 import importlib.abc
 import importlib.machinery
@@ -19,7 +18,7 @@ import pdb
 import sys
 import types
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from IPython.core.compilerop import CachingCompiler
@@ -211,7 +210,7 @@ def _make_shell() -> Any:
             return known
 
         def run_cell(self, *args: Any, **kwargs: Any) -> Any:
-            with _exit_hint_left_to_the_kernel(), _no_terminal_in_the_cell():
+            with _CellGuards():
                 return super().run_cell(*args, **kwargs)
 
         def showtraceback(self, *args: Any, **kwargs: Any) -> None:
@@ -289,27 +288,6 @@ def shown_traceback(error: BaseException) -> list[str]:
     return [str(line) for line in shown]
 
 
-@contextlib.contextmanager
-def _exit_hint_left_to_the_kernel() -> Iterator[None]:
-    """IPython's warning after a cell's ``sys.exit()`` is not shown on the worker.
-
-    The ``SystemExit`` is raised again in the kernel, whose IPython shows the warning: a
-    kernel shows it once.
-    """
-    shown = warnings.showwarning
-
-    def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
-        if not (category is UserWarning and str(message) == _EXIT_HINT):
-            shown(message, category, *args, **kwargs)
-
-    warnings.showwarning = show
-    try:
-        yield
-    finally:
-        if warnings.showwarning is show:  # unless the cell set its own
-            warnings.showwarning = shown
-
-
 def _refuse_terminal(
     what: str, instead: str = "ask for the value in a cell of its own and use the variable"
 ) -> NoReturn:
@@ -329,29 +307,45 @@ def _refuse_debugger(*args: Any, **kwargs: Any) -> None:
     )
 
 
-@contextlib.contextmanager
-def _no_terminal_in_the_cell() -> Iterator[None]:
-    """While a cell runs, ``getpass()`` and the debugger are refused as ``input()`` is.
+class _CellGuards:
+    """What a cell runs with on a worker, put back after it (unless the cell set its own).
 
-    A worker has no one at its terminal: ``getpass()`` would fail reading it (a warning and
-    an ``EOFError``), and ``breakpoint()`` would end the cell silently (pdb reads an empty
-    stdin and quits). A kernel likewise replaces ``getpass`` for the cells it runs. Each is
-    put back after, unless the cell set its own.
+    IPython's warning after a cell's ``sys.exit()`` is not shown: the ``SystemExit`` is
+    raised again in the kernel, whose IPython shows the warning, once.
+
+    ``getpass()`` and the debugger are refused as ``input()`` is. A worker has no one at
+    its terminal: ``getpass()`` would fail reading it (a warning and an ``EOFError``), and
+    ``breakpoint()`` would end the cell silently (pdb reads an empty stdin and quits). A
+    kernel likewise replaces ``getpass`` for the cells it runs.
+
+    A class, not two generator context managers: entered for every cell, they cost a
+    quarter of a trivial cell's run.
     """
-    patched = [
-        (getpass, "getpass", _refuse_getpass),
-        (sys, "breakpointhook", _refuse_debugger),
-        (pdb, "set_trace", _refuse_debugger),
-    ]
-    before = [getattr(owner, name) for owner, name, _ in patched]
-    for owner, name, refusal in patched:
-        setattr(owner, name, refusal)
-    try:
-        yield
-    finally:
-        for (owner, name, refusal), old in zip(patched, before, strict=True):
-            if getattr(owner, name) is refusal:
-                setattr(owner, name, old)
+
+    def __enter__(self) -> None:
+        shown = warnings.showwarning
+
+        def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+            if not (category is UserWarning and str(message) == _EXIT_HINT):
+                shown(message, category, *args, **kwargs)
+
+        self._show = show
+        self._before = (shown, getpass.getpass, sys.breakpointhook, pdb.set_trace)
+        warnings.showwarning = show
+        getpass.getpass = _refuse_getpass
+        sys.breakpointhook = _refuse_debugger
+        pdb.set_trace = _refuse_debugger
+
+    def __exit__(self, *_exc: object) -> None:
+        shown, own_getpass, own_hook, own_trace = self._before
+        if warnings.showwarning is self._show:
+            warnings.showwarning = shown
+        if getpass.getpass is _refuse_getpass:
+            getpass.getpass = own_getpass
+        if sys.breakpointhook is _refuse_debugger:
+            sys.breakpointhook = own_hook
+        if pdb.set_trace is _refuse_debugger:
+            pdb.set_trace = own_trace
 
 
 def _refuse_screen(gui: str | None) -> None:
