@@ -19,6 +19,7 @@ __all__ = [
     "SET_ASIDE",
     "STATE_AND_OUTCOME",
     "TEXT",
+    "XADD_KEEPING",
     "XADD_REPLACING",
     "ZADD_REPLACING",
     "lua",
@@ -60,12 +61,13 @@ end
 """
 # Written first, looked at only if refused: a key of another type is replaced, any other
 # error raised as redis.call raises it (one command, not TYPE then ZADD, on every write).
+# Returns ZADD's reply (1: the member is new), and true when the key was made anew.
 ZADD_REPLACING = """
 local function zadd_replacing(key, score, member)
   local reply = redis.pcall('ZADD', key, score, member)
-  if type(reply) ~= 'table' then return end
+  if type(reply) ~= 'table' then return reply, false end
   if string.sub(reply.err or '', 1, 9) == 'WRONGTYPE' then redis.call('DEL', key) end
-  redis.call('ZADD', key, score, member)
+  return redis.call('ZADD', key, score, member), true
 end
 """
 # A client's channel Redis refuses an event for (a key of another type, or a stream whose
@@ -81,6 +83,26 @@ local function xadd_replacing(key, maxlen, event)
   return redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', 'e', event)
 end
 """
+
+# Append an event to a client's channel and push the channel's expiry back to `ttl`; with
+# `keep` '0' (a worker settling tasks pushes it back once a second per channel: see
+# WRITE_FINAL) only a channel that exists takes it (NOMKSTREAM), and one this append makes
+# anew (it expired, or was deleted) still gets its expiry: else it would never go.
+# Returns the id the event was kept under.
+XADD_KEEPING = with_parts(
+    XADD_REPLACING,
+    """
+local function xadd_keeping(key, maxlen, event, ttl, keep)
+  if keep == '0' then
+    local id = redis.pcall('XADD', key, 'NOMKSTREAM', 'MAXLEN', '~', maxlen, '*', 'e', event)
+    if type(id) == 'string' then return id end  -- (false: no such stream; a table: an error)
+  end
+  local id = xadd_replacing(key, maxlen, event)
+  redis.call('EXPIRE', key, ttl)
+  return id
+end
+""",
+)
 
 # The record at `key` as a hash: anything else there was not written by nbtask (someone
 # with write access to Redis put it there). Reading: 'bad'; writing: it is replaced.
@@ -136,17 +158,21 @@ local function ended(key)
 end
 """,
 )
+# Remember the task at `key` as ended now. The set's expiry is pushed back to `ttl` unless
+# `keep` is '0' (a worker settling tasks does it once a second: see WRITE_FINAL), and
+# whenever the write replaced a key of another type. Returns whether the task was not
+# there yet (false: it had ended before), as a look first would tell, in one command.
 MARK_ENDED = with_parts(
     DONE_OF,
     ZADD_REPLACING,
     """
-local function mark_ended(key, ttl)
+local function mark_ended(key, ttl, keep)
   local done, task_id = done_of(key)
-  if done then
-    local now = redis.call('TIME')
-    zadd_replacing(done, tonumber(now[1]) + tonumber(now[2]) / 1e6, task_id)
-    redis.call('EXPIRE', done, ttl)
-  end
+  if not done then return true end
+  local now = redis.call('TIME')
+  local added, made = zadd_replacing(done, tonumber(now[1]) + tonumber(now[2]) / 1e6, task_id)
+  if keep ~= '0' or made then redis.call('EXPIRE', done, ttl) end
+  return added == 1
 end
 """,
 )

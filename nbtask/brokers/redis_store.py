@@ -46,13 +46,17 @@ from nbtask.brokers.redis_owed import looking, unanswered
 from nbtask.brokers.redis_parked import DEAD_LETTER_BYTES, RedisParked, log_set_aside
 from nbtask.brokers.redis_workers import WORKER_SCRIPTS, RedisWorkers
 from nbtask.brokers.refused_ends import refused_by
-from nbtask.brokers.scripts import INDEX_UPKEEP_SECONDS, STORE_SCRIPTS
+from nbtask.brokers.scripts import EXPIRY_UPKEEP_SECONDS, INDEX_UPKEEP_SECONDS, STORE_SCRIPTS
 from nbtask.settings import Settings
+from nbtask.wire.events import FINAL_STATES
 from nbtask.wire.records import RecordFields, TaskRecord
 
 __all__ = ["DEAD_LETTER_BYTES", "RedisStore"]
 
 log = logging.getLogger(__name__)
+
+# The states a settle that ends a task writes (as text, as its record fields hold them).
+_FINAL_STATES = frozenset(state.value for state in FINAL_STATES)
 
 #: A control entry id this far past the clock was not given by Redis (clocks of hosts
 #: differ by far less).
@@ -79,7 +83,9 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
         self.settings = settings
         self.prefix = settings.key_prefix
         self.ttl = int(settings.result_ttl)
-        self._upkeep_due: dict[str, float] = {}  # client index: when to trim it next
+        # A client index, channel or the ended-task set: when this process next trims it or
+        # pushes its expiry back.
+        self._upkeep_due: dict[str, float] = {}
         self.local_blobs = LocalBlobs.open(link.url, settings)
         self.max_event_bytes = settings.max_message_bytes
         link.add_scripts(STORE_SCRIPTS)
@@ -109,7 +115,8 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
 
         A key of another type in the ended-task set's place is set aside (logged).
         """
-        if self.link.call("forget_ended", [self.done_key], repr(time.time() - seconds)):
+        keep = self.ttl + 2 * EXPIRY_UPKEEP_SECONDS  # (as a settle's push: see WRITE_FINAL)
+        if self.link.call("forget_ended", [self.done_key], repr(time.time() - seconds), keep):
             log_set_aside(self.done_key, "the ended-task set")
 
     @property
@@ -184,12 +191,18 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
         Once every :data:`~nbtask.brokers.scripts.INDEX_UPKEEP_SECONDS` per index: two
         commands less per send.
         """
-        now = time.monotonic()
-        if not index or now < self._upkeep_due.get(index, 0.0):
+        if not index:
             return "0"  # (no index: nothing to trim)
-        if len(self._upkeep_due) >= 1024:  # a worker sends for many clients' indexes
+        return self._upkeep(index, INDEX_UPKEEP_SECONDS)
+
+    def _upkeep(self, key: str, seconds: float) -> str:
+        """``"1"`` if this process last kept ``key`` up ``seconds`` ago or more (now it does)."""
+        now = time.monotonic()
+        if now < self._upkeep_due.get(key, 0.0):
+            return "0"
+        if len(self._upkeep_due) >= 1024:  # a worker writes for many clients' keys
             self._upkeep_due.clear()
-        self._upkeep_due[index] = now + INDEX_UPKEEP_SECONDS
+        self._upkeep_due[key] = now + seconds
         return "1"
 
     def write_pending(self, messages: Sequence[Publish], *, wait: bool = True) -> list[str]:
@@ -246,7 +259,8 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
         """Keys and arguments of the step ending a task (see :meth:`settle`).
 
         Keys: record, channel, ETA set; arguments: ttl, channel length, event, ETA member,
-        due time, record fields.
+        due time, whether to push back the expiry of the ended-task set and of the channel
+        (once a second: see ``WRITE_FINAL``), record fields.
         """
         member, due = _member(end.task_id, end.later)
         keys = (
@@ -255,7 +269,21 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
             self.eta_key(end.later_queue or end.queue),
         )
         fields = _flat(end.fields, end.raw_event)
-        args = (self.ttl, CHANNEL_MAXLEN, end.raw_event, member, repr(due), *fields)
+        # Taken only by a settle that writes the key (a final state marks the task ended).
+        ends = end.fields.get("state") in _FINAL_STATES
+        keep_done = self._upkeep(self.done_key, EXPIRY_UPKEEP_SECONDS) if ends else "0"
+        tells = end.channel and end.raw_event
+        keep_channel = self._upkeep(end.channel, EXPIRY_UPKEEP_SECONDS) if tells else "0"
+        args = (
+            self.ttl,
+            CHANNEL_MAXLEN,
+            end.raw_event,
+            member,
+            repr(due),
+            keep_done,
+            keep_channel,
+            *fields,
+        )
         return keys, args
 
     def settle(self, end: Settlement) -> str:

@@ -26,6 +26,7 @@ from nbtask.brokers.lua_parts import (
     REVOKES_TASK,
     SET_ASIDE,
     TEXT,
+    XADD_KEEPING,
     XADD_REPLACING,
     ZADD_REPLACING,
     lua,
@@ -34,6 +35,7 @@ from nbtask.brokers.lua_parts import (
 __all__ = [
     "CHECK_START",
     "ETA_MEMBER",
+    "EXPIRY_UPKEEP_SECONDS",
     "INDEX_UPKEEP_SECONDS",
     "PARKED_BEFORE",
     "STORE_SCRIPTS",
@@ -43,6 +45,9 @@ __all__ = [
 
 #: How often a client sending tasks trims its index of tasks (see WRITE_PENDING), seconds.
 INDEX_UPKEEP_SECONDS = 1
+#: How often a process settling tasks pushes back the expiry of the ended-task set and of
+#: each client channel it writes to (see WRITE_FINAL), seconds.
+EXPIRY_UPKEEP_SECONDS = 1
 
 # May the task whose record is at `key` start now? A task starts only from PENDING or
 # RETRY (or with no record, e.g. an expired one): duplicates of a running task, replays
@@ -172,11 +177,19 @@ end
 # Returns '' once written, '!' .. the plain state it wrote over, else what refused it:
 # the record's final state (held with its outcome), or 'ENDED'; and second, the id the
 # event was kept under on the channel ('' if it was not).
+#
+# The ended-task set and the channel live `ttl` (and a little: EXPIRY_UPKEEP_SECONDS twice)
+# past their last write, but a process settling many tasks pushes their expiry back only
+# once every EXPIRY_UPKEEP_SECONDS (`keep_done`, `keep_channel`: '1' then, else '0'; its
+# done flag only on a settle that ends the task, which always marks it ended), so none goes
+# before the newest entry it holds: two commands less per task. A channel this write makes
+# anew still gets its expiry (XADD_KEEPING); so does an ended-task set that replaced a key
+# of another type, and the workers' housekeeping pushes the set's back too (_FORGET_ENDED).
 WRITE_FINAL = lua(
     OWN_RECORD,
     ENDED,
     MARK_ENDED,
-    XADD_REPLACING,
+    XADD_KEEPING,
     """
 -- Compared, not looked up in a table: a table would be built anew on every run.
 local function final(state)
@@ -192,7 +205,7 @@ local function ends_task(raw, key)
   return (kind == 'success' or kind == 'failure' or kind == 'revoked' or kind == 'worker_lost')
          and id == task_id
 end
-local function write_final(key, channel, ttl, maxlen, event, fields)
+local function write_final(key, channel, ttl, maxlen, event, fields, keep_done, keep_channel)
   local ends = false
   for i = 2, #fields, 2 do
     if fields[i] == '=event' then fields[i] = event end
@@ -200,12 +213,22 @@ local function write_final(key, channel, ttl, maxlen, event, fields)
   end
   local state, outcome = own_record(key)
   outcome = ends_task(outcome, key)
-  if outcome or ended(key) then
-    if ends then mark_ended(key, ttl) end  -- this run too (its entry may have gone)
+  local kept_ttl = math.ceil(tonumber(ttl)) + """
+    + str(2 * EXPIRY_UPKEEP_SECONDS)
+    + """
+  -- Marked ended whether or not it is refused (this run too: its entry may have gone);
+  -- whether it was there already is the mark's own reply.
+  local ended_before
+  if ends then
+    ended_before = not mark_ended(key, kept_ttl, keep_done)
+  elseif not outcome then
+    ended_before = ended(key)
+  end
+  if outcome or ended_before then
+    if keep_channel == '1' and channel ~= '' then redis.call('EXPIRE', channel, kept_ttl) end
     return (outcome and final(state)) and state or 'ENDED'
   end
   if #fields > 0 then
-    if ends then mark_ended(key, ttl) end
     redis.call('HSET', key, unpack(fields))
     redis.call('EXPIRE', key, ttl)
   elseif event ~= '' then
@@ -213,8 +236,7 @@ local function write_final(key, channel, ttl, maxlen, event, fields)
   end
   local kept = ''
   if event ~= '' and channel ~= '' then
-    kept = xadd_replacing(channel, maxlen, event)
-    redis.call('EXPIRE', channel, ttl)
+    kept = xadd_keeping(channel, maxlen, event, kept_ttl, keep_channel)
   end
   return final(state) and ('!' .. state) or '', kept
 end
@@ -262,14 +284,16 @@ return ''
 # A task's end, told to its client and stored, and a retry parked until it is due (once:
 # the same retry sent again is not, see PARKED_BEFORE). Returns {what refused it, as
 # WRITE_FINAL says, or ''; the id its event was kept under on the channel, or ''}.
-# KEYS: record, channel, eta set; ARGV: ttl, maxlen, event, member ('' = none), due, fields...
+# KEYS: record, channel, eta set; ARGV: ttl, maxlen, event, member ('' = none), due,
+# keep_done, keep_channel (see WRITE_FINAL), fields...
 _SETTLE = (
     WRITE_FINAL
     + PARKED_BEFORE
     + """
-local fields = {unpack(ARGV, 6)}
+local fields = {unpack(ARGV, 8)}
 if parked_before(KEYS[1], fields) then return {'', ''} end
-local refused, kept = write_final(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], fields)
+local refused, kept = write_final(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], fields,
+                                  ARGV[6], ARGV[7])
 if ARGV[4] ~= '' then zadd_replacing(KEYS[3], ARGV[5], ARGV[4]) end
 return {refused, kept or ''}  -- (a nil would end the list)
 """
@@ -305,13 +329,16 @@ return kept
 """,
 )
 
-# Forget ended tasks that ended before ARGV[1] (their messages are too old to run).
-# KEYS: ended-task set. Returns 1 if it was of another type and was set aside, else 0.
+# Forget ended tasks that ended before ARGV[1] (their messages are too old to run), and
+# push the set's expiry back to ARGV[2] (a worker's settles do it only once a second: see
+# WRITE_FINAL). KEYS: ended-task set. Returns 1 if it was of another type and was set
+# aside, else 0.
 _FORGET_ENDED = (
     SET_ASIDE
     + """
 local aside = set_aside(KEYS[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])  -- (nothing, if no task is left)
 return aside
 """
 )

@@ -57,14 +57,14 @@ return ''
 # that refused it (see WRITE_FINAL).
 # KEYS: record, channel, stream, eta set
 # ARGV: ttl, maxlen, event ('' = none), entry id ('' = no ack), later ('' = none), due,
-# fields...
+# keep_done, keep_channel (see WRITE_FINAL), fields...
 _FINISH = (
     WRITE_FINAL
     + PARKED_BEFORE
     + """
-local fields, refused = {unpack(ARGV, 7)}, ''
+local fields, refused = {unpack(ARGV, 9)}, ''
 if not parked_before(KEYS[1], fields) then
-  refused = write_final(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], fields)
+  refused = write_final(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], fields, ARGV[7], ARGV[8])
   if ARGV[5] ~= '' then zadd_replacing(KEYS[4], ARGV[6], ARGV[5]) end
 end
 if ARGV[4] ~= '' then
