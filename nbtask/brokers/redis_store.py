@@ -115,8 +115,8 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
 
         A key of another type in the ended-task set's place is set aside (logged).
         """
-        keep = self.ttl + 2 * EXPIRY_UPKEEP_SECONDS  # (as a settle's push: see WRITE_FINAL)
-        if self.link.call("forget_ended", [self.done_key], repr(time.time() - seconds), keep):
+        expiry = self.ttl + 2 * EXPIRY_UPKEEP_SECONDS  # (as a settle's: see WRITE_FINAL)
+        if self.link.call("forget_ended", [self.done_key], repr(time.time() - seconds), expiry):
             log_set_aside(self.done_key, "the ended-task set")
 
     @property

@@ -184,7 +184,8 @@ end
 # done flag only on a settle that ends the task, which always marks it ended), so none goes
 # before the newest entry it holds: two commands less per task. A channel this write makes
 # anew still gets its expiry (XADD_KEEPING); so does an ended-task set that replaced a key
-# of another type, and the workers' housekeeping pushes the set's back too (_FORGET_ENDED).
+# of another type, and the workers' housekeeping gives one to a set left without
+# (_FORGET_ENDED).
 WRITE_FINAL = lua(
     OWN_RECORD,
     ENDED,
@@ -329,16 +330,17 @@ return kept
 """,
 )
 
-# Forget ended tasks that ended before ARGV[1] (their messages are too old to run), and
-# push the set's expiry back to ARGV[2] (a worker's settles do it only once a second: see
-# WRITE_FINAL). KEYS: ended-task set. Returns 1 if it was of another type and was set
-# aside, else 0.
+# Forget ended tasks that ended before ARGV[1] (their messages are too old to run). A set
+# left without an expiry gets ARGV[2]: one a settle made anew within the second its process
+# last pushed the expiry back (someone deleted it; see WRITE_FINAL). One with an expiry
+# keeps it: with none left, the set goes that long after its last write.
+# KEYS: ended-task set. Returns 1 if it was of another type and was set aside, else 0.
 _FORGET_ENDED = (
     SET_ASIDE
     + """
 local aside = set_aside(KEYS[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[2])  -- (nothing, if no task is left)
+if redis.call('TTL', KEYS[1]) == -1 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 return aside
 """
 )
