@@ -325,12 +325,28 @@ class Links(OtherThreads):
         if RabbitMQ did not confirm in time what such a thread sent (those tasks are then
         in :meth:`take_unsent`).
         """
+        if self._nothing_owed():
+            return  # (a get() flushes first: most often there is nothing to wait for)
         silent = self._take_over(owing=True)
         if self.current() is not None or self._strays.mine():
             # A link kept sends the orphans taken over on it (a new one sends them first).
             self.publishing(self._send_orphans)
         if silent is not None:
             raise silent
+
+    def _nothing_owed(self) -> bool:
+        """Whether a flush has nothing to do: no link of this process owes anything.
+
+        That is, none has messages unconfirmed, returned or refused, none is this thread's
+        but not its current one (left by a Ctrl-C), and no thread has orphans. Read
+        without the lock: a link or orphan added meanwhile belongs to a send that
+        returned after this flush began.
+        """
+        me, pid, current = threading.current_thread(), current_pid(), self.current()
+        for link in list(self._links):
+            if link.pid == pid and (link.owing or (link.thread is me and link is not current)):
+                return False
+        return not self._strays.any_orphans()
 
     def take_unsent(self) -> list[str]:
         """Ids of tasks whose messages RabbitMQ refused or that could not be sent again."""

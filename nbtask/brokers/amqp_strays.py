@@ -45,6 +45,11 @@ class Strays:
                 self._lists.append((current_pid(), threading.current_thread(), orphans))
         return orphans
 
+    def any_orphans(self) -> bool:
+        """Whether any thread of this process has orphans (read without the lock)."""
+        pid = current_pid()
+        return any(orphans for p, _, orphans in list(self._lists) if p == pid)
+
     def astray(self) -> set[threading.Thread]:
         """The threads of this process that have orphans."""
         pid = current_pid()
