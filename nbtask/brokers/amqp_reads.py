@@ -12,11 +12,12 @@ bytes read so far for the next read, as before.
 Nothing else looks at the socket to learn whether a frame is waiting (py-amqp and kombu
 read it only through the transport), so frames buffered here are never missed.
 
-Writes can be held too: frames written one after the other (a worker's last event of a
-task, then the acknowledgement of its message) then leave in one ``send``, and RabbitMQ
-gets them in one packet. Whoever reads first writes what is held (see
-``_GuardedConnection.blocking_read``), so nothing waits for the answer to a frame that
-was never sent.
+A write goes straight to the socket's descriptor, without the poll ``sendall`` makes
+first on a socket with a timeout. Writes can be held too: frames written one after the
+other (a worker's last event of a task, then the acknowledgement of its message) then
+leave in one ``send``, and RabbitMQ gets them in one packet. Whoever reads first writes
+what is held (see ``_GuardedConnection.blocking_read``), so nothing waits for the answer
+to a frame that was never sent.
 
 A delivery can be screened by its size before py-amqp gathers its body
 (:class:`BodyLimits`): anyone who may publish to a client's reply queue (its name is in
@@ -29,6 +30,7 @@ one header that says how large it was (:data:`OVERSIZED_HEADER`).
 from __future__ import annotations
 
 import errno
+import os
 import struct
 from typing import Any
 
@@ -104,6 +106,28 @@ class BufferedTCPTransport(TCPTransport):  # type: ignore[misc]
         """Keep what is written from now on, to write it whole with :meth:`release_writes`."""
         if self._held is None:
             self._held = []
+
+    def _setup_transport(self) -> None:
+        super()._setup_transport()
+        self._write = self._write_first
+
+    def _write_first(self, data: Any) -> None:
+        """``sendall``, but the first write straight to the descriptor.
+
+        ``sendall`` on a socket with a timeout (py-amqp keeps one) polls before it
+        writes: a system call per publish or acknowledgement for nothing, since the
+        socket's buffer almost always has room, and a moment without the GIL in which
+        another thread takes it while the frames wait. What does not fit (or a socket
+        without a timeout, which the descriptor would block on just the same) goes by
+        ``sendall``.
+        """
+        sock = self.sock
+        try:
+            written = os.write(sock.fileno(), data)
+        except BlockingIOError:  # the socket's buffer is full: sendall waits for room
+            written = 0
+        if written < len(data):
+            sock.sendall(memoryview(data)[written:])
 
     def write(self, s: Any) -> None:
         """py-amqp's write, or kept while writes are held (copied: py-amqp reuses its buffer)."""
