@@ -19,7 +19,7 @@ from nbtask.core.celery_canvas import NO_GROUP_RECORD
 from nbtask.core.celery_result import not_in_nbtask
 from nbtask.core.datasets import Loader, check_loader, dataset_names
 from nbtask.core.declare import task_class
-from nbtask.core.handle import FetchWatch, TaskHandle
+from nbtask.core.handle import FetchWatch, StartedBy, TaskHandle
 from nbtask.core.options import validate_options
 from nbtask.core.task import Task as BaseTask
 from nbtask.errors import ConfigurationError
@@ -300,7 +300,7 @@ class App(Revoking):
         live.note_sent([h for h, state in zip(handles, refused, strict=True) if not state])
         raise ConfigurationError(reused_ids(taken))
 
-    def waiting_reason(self, queue: str, started_by: tuple[str, int] | None = None) -> str | None:
+    def waiting_reason(self, queue: str, started_by: StartedBy | None = None) -> str | None:
         """Why a task on ``queue`` waits, if known: see :attr:`TaskHandle.waiting_reason`."""
         live, transport = self._live, self._transport
         if live is None or transport is None:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from nbtask._text import printable
 from nbtask.brokers import Store
 from nbtask.core.datasets import dataset_of_queue
-from nbtask.core.handle import TaskHandle
+from nbtask.core.handle import StartedBy, TaskHandle
 from nbtask.core.holding import is_holder_queue
 from nbtask.errors import BrokerUnavailable, ConfigurationError
 from nbtask.wire.records import WorkerInfo
@@ -131,15 +131,15 @@ class LiveWorkers:
                 )
             snapshot.trusted.add(queue)
 
-    def waiting_reason(self, queue: str, started_by: tuple[str, int] | None = None) -> str | None:
+    def waiting_reason(self, queue: str, started_by: StartedBy | None = None) -> str | None:
         """Why a task sent to ``queue`` waits, if no live worker consumes it; else ``None``.
 
-        For a task ``started_by`` a process (hostname, pid): why it may not end, see
+        For a task ``started_by`` a run (a worker process): why it may not end, see
         :meth:`lost_reason`. Never raises: when the registry cannot be read, nothing is
         claimed (and it is not tried again for a few seconds).
         """
         if started_by is not None:
-            return self.lost_reason(*started_by, queue)
+            return self.lost_reason(started_by, queue)
         snapshot = self._quiet_read(lambda snapshot: queue in snapshot.queues)
         if snapshot is None or queue in snapshot.queues:
             return None
@@ -173,24 +173,77 @@ class LiveWorkers:
             return None
         return snapshot
 
-    def lost_reason(self, hostname: str, pid: int, queue: str) -> str | None:
-        """Why a task that process ``pid`` on ``hostname`` started may not end; else ``None``.
+    def lost_reason(self, run: StartedBy, queue: str) -> str | None:
+        """Why a task whose ``run`` is in a process no live worker names may not end.
 
-        Its worker left the registry (no heartbeat): the task ends only when a live worker
-        of ``queue`` settles it, so a notebook waiting for it is told rather than left
-        waiting without a word. Never raises, as :meth:`waiting_reason`.
+        ``None`` while a live worker names that process (or it cannot be told). Else the
+        task's record says who ran it (its consumer): a child of a worker that still
+        sends heartbeats died, and that worker settles the task itself; or the worker
+        left the registry (no heartbeat), and the task ends only when a live worker of
+        the queue its message was on settles it, so a notebook waiting for it is told
+        rather than left waiting without a word. ``queue``: the queue it was sent to,
+        named when that of the worker that ran it is not known. Never raises, as
+        :meth:`waiting_reason`.
         """
+        hostname, pid = run.hostname, run.pid
         snapshot = self._quiet_read(lambda snapshot: _runs(snapshot, hostname, pid))
         if snapshot is None or _runs(snapshot, hostname, pid):
             return None
+        try:
+            record = self._store.get_record(run.task_id)
+        except BrokerUnavailable:
+            self._failed_at = time.monotonic()
+            return None
+        if record is not None and (record.worker, record.pid) != (hostname, str(pid)):
+            return None  # it started again since: the new run's events are on their way
+        consumer = record.consumer if record is not None else ""
+        owner = next((i for i in snapshot.workers.values() if consumer in i.consumers), None)
+        if owner is not None:
+            began = run.began if run.began is not None else record and record.started_at
+            # A worker that has not announced since the run began has not named its
+            # process yet (a child that just replaced another): nothing is wrong.
+            if not began or owner.seen <= began:
+                return None
+            return (
+                f"the process running it (host {hostname}, pid {pid}) stopped; its worker "
+                f"(pid {owner.pid}) is alive and settles it: WORKER_LOST, or it runs again "
+                "if acks_late"
+            )
+        dead = self._dead_worker(consumer)
+        queues = [queue]
+        if dead is not None:  # a retry may have sent the task to another of its queues
+            served = [q for q in dead.queues if not is_holder_queue(q)]
+            queues = queues if queue in served or not served else served
+        named = " or ".join(repr(q) for q in queues)
+        if dead is None and run.retried:  # its retry may have named another queue
+            named = f"{queue!r} (or the one its retry named)"
         settled = (
-            f"a live worker of queue {queue!r} settles it (WORKER_LOST, or runs it again if "
+            f"a live worker of queue {named} settles it (WORKER_LOST, or runs it again if "
             "acks_late) once the visibility timeout has passed"
-            if queue in snapshot.queues
-            else f"it is settled once a worker of queue {queue!r} runs (nbtask worker -Q "
-            f"{queue}); none is live now"
+            if any(q in snapshot.queues for q in queues)
+            else f"it is settled once a worker of queue {named} runs (nbtask worker -Q "
+            f"{','.join(queues)}); none is live now"
         )
-        return f"its worker (host {hostname}, pid {pid}) stopped sending heartbeats: {settled}"
+        who = (
+            f"its worker (host {hostname}, pid {dead.pid})"
+            if dead is not None
+            else f"the worker of its process (host {hostname}, pid {pid})"
+        )
+        return f"{who} stopped sending heartbeats: {settled}"
+
+    def _dead_worker(self, consumer: str) -> WorkerInfo | None:
+        """The registry entry of the dead worker one of whose processes was ``consumer``.
+
+        ``None`` if not known: no consumer, or a live worker has cleaned up after that
+        worker already (its entry is gone), or the registry cannot be read.
+        """
+        if not consumer:
+            return None
+        try:
+            dead = self._store.dead_workers()
+        except BrokerUnavailable:
+            return None
+        return next((i for i in dead.values() if i is not None and consumer in i.consumers), None)
 
     def note_sent(self, handles: Sequence[TaskHandle]) -> None:
         """Remember the work sent to worker processes' own queues until it ends."""

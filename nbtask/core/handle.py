@@ -8,7 +8,7 @@ import contextvars
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from nbtask._text import value_text
 from nbtask.core.celery_result import CeleryResultNames
@@ -28,7 +28,7 @@ from nbtask.errors import (
 from nbtask.settings import MAX_SECONDS, is_finite_number
 from nbtask.wire.events import FAILED_STATES, Deferred, Event, State
 
-__all__ = ["Client", "FetchWatch", "TaskHandle", "refusing_handles"]
+__all__ = ["Client", "FetchWatch", "StartedBy", "TaskHandle", "refusing_handles"]
 
 #: Why ``get(on_message=...)`` is refused, and what to use.
 NO_ON_MESSAGE = (
@@ -63,6 +63,19 @@ def refusing_handles() -> Iterator[None]:
 _SETTLE_AFTER = 0.05
 
 
+class StartedBy(NamedTuple):
+    """The run of a ``STARTED`` task, as its events named it: what its handle asks about."""
+
+    task_id: str
+    #: The host and process id of the worker process that runs it (a worker's child).
+    hostname: str
+    pid: int
+    #: When that run began (epoch seconds, its worker's clock); ``None`` if not known.
+    began: float | None = None
+    #: Whether the task was retried: its message may be on another queue than its first.
+    retried: bool = False
+
+
 class Client(Protocol):
     """What a handle reaches its client through (an :class:`~nbtask.App`)."""
 
@@ -79,7 +92,7 @@ class Client(Protocol):
     ) -> bool:
         """Revoke a task; see :meth:`nbtask.App.revoke`."""
 
-    def waiting_reason(self, queue: str, started_by: tuple[str, int] | None = None) -> str | None:
+    def waiting_reason(self, queue: str, started_by: StartedBy | None = None) -> str | None:
         """Why a task on ``queue`` waits, if known (``App.waiting_reason``)."""
 
     def flush(self) -> None:
@@ -171,17 +184,20 @@ class TaskHandle(CeleryResultNames, TaskEvents):
         While the task is ``PENDING`` and no live worker consumes its queue, this reads
         ``"no live worker consumes queue 'gpu'"``: the task waits, queued, until a worker
         of that queue starts (``nbtask worker -Q gpu``), and then this is ``None`` again.
-        While it is ``STARTED`` by a worker that stopped sending heartbeats (killed, its
-        machine gone), it says so and what settles the task. It goes by the workers'
-        registry as read at most every few seconds (no broker round trip per look);
-        ``None`` once the task ended.
+        While it is ``STARTED`` by a worker process that is gone (a child killed, its
+        worker alive; or a worker that stopped sending heartbeats: killed, its machine
+        gone), it says so and what settles the task. It goes by the workers' registry as
+        read at most every few seconds (no broker round trip per look; the task's record
+        is read too while its process is gone); ``None`` once the task ended.
         """
         if self.app is None or not self.queue or self.done():
             return None
         if self._task_state is State.STARTED:
             host, pid = self._info.get("worker"), self._info.get("pid")
             if isinstance(host, str) and isinstance(pid, int):
-                return self.app.waiting_reason(self.queue, (host, pid))
+                retried = bool(self._info.get("retries"))
+                run = StartedBy(self.id, host, pid, self._run_began, retried)
+                return self.app.waiting_reason(self.queue, run)
             return None
         if self._task_state is not State.PENDING:
             return None
