@@ -259,7 +259,7 @@ class AmqpTransport(AmqpChannels, AmqpUpkeep):
         for consumer in link.task_consumers:
             consumer.cancel()
         for name in names:
-            self.links.queues.declare(link, name)
+            self.links.queues.declare(link, name, again=True)
         # One unacknowledged message per child: for several queues the limit is global to
         # the channel (RabbitMQ applies a non-global one per consumer).
         link.channel.basic_qos(0, 1, len(names) > 1)

@@ -40,9 +40,9 @@ class TaskQueues:
         """The messages waiting on task queue ``name``, taken one by one (``basic_get``).
 
         With ``ack`` each is acknowledged as it is taken; without, it stays unacknowledged
-        on ``link`` until settled.
+        on ``link`` until settled. Declared again first (see :meth:`declare`).
         """
-        self.declare(link, name)
+        self.declare(link, name, again=True)
         waiting = kombu.Queue(name, exchange="", routing_key=name, no_declare=True)
         bound = waiting.bind(link.channel)
         while (message := bound.get(no_ack=ack)) is not None:
@@ -62,9 +62,16 @@ class TaskQueues:
         link.declared.discard(name)
         return True
 
-    def declare(self, link: Link, name: str) -> None:
-        """Declare a durable task queue (once per link)."""
-        if name in link.declared:
+    def declare(self, link: Link, name: str, *, again: bool = False) -> None:
+        """Declare a durable task queue (once per link, unless ``again``).
+
+        ``again`` for a read of the queue (``basic_get``, ``basic_consume``): RabbitMQ
+        answers one on a queue deleted since this link declared it with 404, closing the
+        channel. An empty, unconsumed queue is deleted by others: a worker's own
+        processes' queues by whoever cleans up after that worker once it looks dead.
+        A publish needs no such care (the message comes back, and is sent again).
+        """
+        if name in link.declared and not again:
             return
         arguments: dict[str, Any] = {}
         if self._supports_consumer_timeout(link):

@@ -259,3 +259,50 @@ def test_a_reply_read_that_does_not_wait_takes_an_event_already_sent(settings: S
     finally:
         reader.close()
         sender.close()
+
+
+def _delete_as_a_clean_up_does(settings: Settings, queue: str) -> None:
+    """Delete ``queue`` if empty and unconsumed, as a worker cleaning up after one it takes
+    for dead does with that worker's processes' own queues."""
+    cleaner = open_broker(settings, AMQP_URL)
+    try:
+        assert cleaner.drop_queue(queue)
+    finally:
+        cleaner.close()
+
+
+@pytest.mark.brokers("amqp")
+def test_a_process_consumes_its_own_queue_again_after_someone_deleted_it(
+    settings: Settings, access: RawBroker
+) -> None:
+    """A child serves its own queue, then (its grace over) only the shared ones; the
+    queue, empty and unconsumed, is deleted; once it holds a value it serves it again.
+    Its connection had declared the queue: it consumed without declaring, and RabbitMQ
+    answered 404 NOT_FOUND."""
+    child = open_broker(settings, AMQP_URL)
+    try:
+        assert child.fetch(["held.p-0", "default"], "p-0", 0.05) is None
+        assert child.fetch(["default"], "p-0", 0.05) is None
+        _delete_as_a_clean_up_does(settings, "held.p-0")
+        assert child.fetch(["held.p-0", "default"], "p-0", 0.05) is None
+        assert access.queue_exists("held.p-0")
+    finally:
+        child.close()
+
+
+@pytest.mark.brokers("amqp")
+def test_a_worker_whose_process_queue_someone_deleted_still_stops_cleanly(
+    app: App, settings: Settings, start_worker, access: RawBroker
+) -> None:
+    """Its supervisor had declared its processes' queues at its start: at its stop it read
+    the deleted one without declaring it, got 404 NOT_FOUND, could not move what waits
+    there, and left its queues and registry entry to another worker's clean-up."""
+    worker = start_worker(concurrency=1)
+    [info] = [i for i in app.workers().values() if i.pid == worker.pid]
+    own = f"held.{info.consumers[0]}"
+    _delete_as_a_clean_up_does(settings, own)
+
+    log = worker.stops_on_one_sigterm()
+    assert "could not move" not in log and "left queue" not in log, log
+    assert not access.queue_exists(own)
+    assert all(i.pid != worker.pid for i in app.workers().values())
