@@ -145,11 +145,10 @@ def analyze(source: str | ast.Module) -> CellAnalysis:
 def _analyze_text(source: str) -> CellAnalysis:
     # A cell is analysed on each run, and more than once per run (the check before
     # sending, the pending names): by its text, which is all the analysis depends on.
-    tree = ast.parse(source)
-    # What parses may still not compile ('return' or 'yield' outside a function): say so
-    # before sending, as a kernel would before running. Top-level await compiles there.
-    compile(tree, "<cell>", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, dont_inherit=True)
-    return _analyze_tree(tree)
+    # What parses but does not compile ('return' or 'yield' outside a function) is not
+    # refused here: a kernel compiles and runs a cell one statement at a time, so the
+    # statements before that one run first, and so they do on the worker.
+    return _analyze_tree(ast.parse(source))
 
 
 def _analyze_tree(tree: ast.Module) -> CellAnalysis:

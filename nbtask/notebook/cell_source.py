@@ -50,8 +50,7 @@ def cell_syntax_error(
 
     ``parse`` is the notebook's own (``shell.compile.ast_parse``): its error is the one a
     cell of the notebook shows (``incomplete input`` where :func:`ast.parse` says ``'('
-    was never closed``). Where the cell parses but does not compile (``return`` outside
-    a function), ``error`` is said, moved to the cell's name and lines.
+    was never closed``); without it, ``error`` is said, moved to the cell's name and lines.
     """
     if parse is not None:
         try:
@@ -69,8 +68,8 @@ class CellSyntaxCheck:
 
     Raised while IPython transforms the cell, its ``SyntaxError`` is shown as a cell's of
     the notebook (its line and a caret), not below the frames of the magic, which would
-    raise it later. A cell that parses but does not compile (``return`` outside a
-    function) is refused by the magic, as a ``SyntaxError`` too.
+    raise it later. A statement that parses but does not compile (``return`` outside a
+    function) fails on the worker once those before it ran, as in a kernel.
 
     ``transform``: IPython's transform of the cell's body (remembered for the magic).
     """

@@ -34,7 +34,12 @@ from nbtask.notebook.kept_inside import may_hold_kept, replace_inside
 from nbtask.notebook.logging_state import cell_logging
 from nbtask.notebook.module_code import say_which_differ
 from nbtask.notebook.shipping import CellSpec
-from nbtask.notebook.worker_shell import fresh_namespace, shown_traceback, worker_shell
+from nbtask.notebook.worker_shell import (
+    fresh_namespace,
+    shown_syntax_error,
+    shown_traceback,
+    worker_shell,
+)
 from nbtask.wire.blobs import Packed
 from nbtask.wire.envelope import Envelope
 
@@ -403,4 +408,11 @@ def _from_cell(error: BaseException, filename: str, partial: Any) -> BaseExcepti
         setattr(error, PARTIAL_RESULT, partial)
         if tb is not None and not isinstance(error, SyntaxError):  # else its text says all
             setattr(error, SHOWN_TRACEBACK, shown_traceback(error))
+        elif isinstance(error, SyntaxError) and error.filename == filename:  # its own line
+            setattr(error, SHOWN_TRACEBACK, shown_syntax_error(error))
+    if type(error) is SyntaxError:
+        # Its place travels in its args, which alone travel (not its attributes): a
+        # compiler's error (``nonlocal`` at top level) has only its message there.
+        place = (error.filename, error.lineno, error.offset, error.text)
+        error.args = (error.msg, (*place, error.end_lineno, error.end_offset))
     return error

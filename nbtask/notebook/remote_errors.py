@@ -53,7 +53,7 @@ def local_exception(exc: BaseException, namespace: MutableMapping[str, Any]) -> 
     if unsent is not None:
         return unsent
     if not isinstance(exc, RemoteError):
-        return exc
+        return _placed(exc) if type(exc) is SyntaxError else exc
     cls = exception_type(exc.etype or None, exc.ename, namespace)
     if cls is None:
         return exc
@@ -72,6 +72,25 @@ def local_exception(exc: BaseException, namespace: MutableMapping[str, Any]) -> 
         return exc
     rebuilt.__suppress_context__ = True
     return rebuilt
+
+
+def _placed(exc: SyntaxError) -> SyntaxError:
+    """A worker's ``SyntaxError`` with its place again: as the kernel shows its own.
+
+    It arrives without its ``msg``, ``filename``, ``lineno``... (rebuilt from its ``args``
+    and attributes, not by its ``__init__``): made again from ``args``. IPython shows a
+    ``SyntaxError`` by its place, its line and a caret (never by ``_render_traceback_``),
+    after its cause: the worker's text, which says the same, is not its cause here.
+    """
+    if not isinstance(exc.__cause__, RemoteError):  # not a worker's
+        return exc
+    try:
+        placed = SyntaxError(*exc.args)
+    except TypeError:  # not the (msg, (filename, lineno, ...)) it is made with
+        return exc
+    placed.__dict__.update(vars(exc))
+    placed.__suppress_context__ = True
+    return placed
 
 
 def failure_output(event: Event) -> dict[str, Any]:

@@ -26,12 +26,12 @@ from IPython.core.displayhook import DisplayHook
 from IPython.core.displaypub import DisplayPublisher
 from IPython.core.error import StdinNotImplementedError, UsageError
 from IPython.core.interactiveshell import InteractiveShell
-from IPython.core.ultratb import AutoFormattedTB
+from IPython.core.ultratb import AutoFormattedTB, SyntaxTB
 from traitlets.config import Config
 
 from nbtask.core.context import current_request, progress
 
-__all__ = ["BASE_NS", "fresh_namespace", "shown_traceback", "worker_shell"]
+__all__ = ["BASE_NS", "fresh_namespace", "shown_syntax_error", "shown_traceback", "worker_shell"]
 
 #: nbtask's own source files (this module's package's package).
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
@@ -219,6 +219,10 @@ def _make_shell() -> Any:
             # re-raised to the client instead, which shows it as a kernel does.
             if kwargs.get("running_compiled_code") or isinstance(value, SystemExit):
                 return
+            # A statement of the cell that parses but does not compile ('return' outside a
+            # function), once those before it ran, as a kernel runs them: raised too.
+            if isinstance(value, SyntaxError) and value.filename == self.compile.cell_filename:
+                return
             # Anything else (a failing _repr_html_, say) is shown, as a kernel shows it.
             if value is None:
                 return
@@ -285,6 +289,15 @@ def shown_traceback(error: BaseException) -> list[str]:
         shown = formatter.structured_traceback(type(error), error, error.__traceback__)
     except Exception:  # a frame IPython cannot read: the kernel shows the text then
         return []
+    return [str(line) for line in shown]
+
+
+def shown_syntax_error(error: SyntaxError) -> list[str]:
+    """A statement of the cell that does not compile, as a kernel shows it: no frames.
+
+    Its line and a caret under it (``Cell In[7], line 3``), in the kernel's colours.
+    """
+    shown = SyntaxTB(color_scheme="Neutral").structured_traceback(type(error), error, [])
     return [str(line) for line in shown]
 
 

@@ -389,22 +389,23 @@ def test_a_cell_that_does_not_parse_names_its_line_as_the_notebook_counts(
 
 
 @pytest.mark.parametrize(
-    ("cell", "why", "line"),
+    ("cell", "why", "line", "bound"),
     [
-        ("q = 1\nreturn q", "'return' outside function", 3),
-        ("yield 1", "'yield' outside function", 2),
-        ("for q in []:\n    pass\nbreak", "'break' outside loop", 4),
-        ("nonlocal q", "nonlocal declaration not allowed at module level", 2),
+        ("q = 1\nreturn q", "'return' outside function", 3, 1),
+        ("yield 1", "'yield' outside function", 2, None),
+        ("for q in [2]:\n    pass\nbreak", "'break' outside loop", 4, 2),
+        ("nonlocal q", "nonlocal declaration not allowed at module level", 2, None),
     ],
 )
-def test_a_cell_that_parses_but_cannot_compile_is_refused_before_sending(
-    ip: InteractiveShell, loaded: Session, cell: str, why: str, line: int
+def test_a_statement_that_parses_but_cannot_compile_fails_once_those_before_it_ran(
+    ip: InteractiveShell, nb: Session, cell: str, why: str, line: int, bound: int | None
 ) -> None:
-    """As a kernel refuses it before running: its SyntaxError, nothing sent."""
+    """As a kernel compiles and runs a cell one statement at a time: its SyntaxError after."""
     with pytest.raises(SyntaxError) as info:
         ip.run_cell_magic("task", "--wait", cell)
     assert (info.value.msg, info.value.lineno) == (why, line)
-    assert loaded.pending.runs == []
+    assert info.value.filename == f"Cell In[{ip.execution_count}]"
+    assert ip.user_ns.get("q") == bound
 
 
 def stop_again_when_revoking(nb: Session, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -143,6 +143,27 @@ def test_a_cell_that_does_not_parse_raises_the_syntax_error_a_local_cell_would(k
     assert stream_text(msgs) == "SyntaxError 2\n"
 
 
+def test_a_statement_that_does_not_compile_fails_after_those_before_it_ran(kc: Any) -> None:
+    """``return`` outside a function: the kernel runs the lines before it, then refuses it."""
+    _, msgs, _ = execute(kc, "q_ret = 1\nreturn q_ret")
+    local = _the_error(msgs)
+    _, msgs, _ = execute(kc, "print(q_ret)\ndel q_ret")
+    assert stream_text(msgs) == "1\n"
+    _, msgs, reply = execute(kc, "%%task --wait\nq_ret = 1\nreturn q_ret")
+    assert reply["content"]["status"] == "error", reply["content"]
+    error = _the_error(msgs)
+    assert (error["ename"], error["evalue"]) == (
+        "SyntaxError",
+        "'return' outside function (Cell In[4], line 3)",
+    )
+    # Its line and caret as the local cell's, one line down (below %%task), after the
+    # frames IPython shows for a SyntaxError raised by a magic.
+    said = [line.replace("In[2], line 2", "In[4], line 3") for line in local["traceback"]]
+    assert error["traceback"][-1:] == said, error["traceback"]
+    _, msgs, _ = execute(kc, "print(q_ret)")
+    assert stream_text(msgs) == "1\n"
+
+
 def test_debug_after_a_cells_error_says_its_frames_are_on_the_worker(kc: Any) -> None:
     cell = "%%task --wait\ndef g5(v):\n    w = v + 10\n    return 1 / v\ng5(0)"
     _, msgs, _ = execute(kc, cell)
