@@ -29,6 +29,7 @@ from nbtask.notebook import (
     task_threads,
 )
 from nbtask.notebook.carried import share_namespace
+from nbtask.notebook.cell_guards import refuse_terminal
 from nbtask.notebook.kept import RemoteValue, key_by_content
 from nbtask.notebook.kept_inside import may_hold_kept, replace_inside
 from nbtask.notebook.logging_state import cell_logging
@@ -386,8 +387,8 @@ def _drop_changed(
             holding.drop(reference.key)
 
 
-#: The worker shell's source file: its frames are left out of a cell's traceback.
-_SHELL_FILE = worker_shell.__code__.co_filename
+#: The worker shell's source files: their frames are left out of a cell's traceback.
+_SHELL_FILES = frozenset([worker_shell.__code__.co_filename, refuse_terminal.__code__.co_filename])
 
 
 def _from_cell(error: BaseException, filename: str, partial: Any) -> BaseException:
@@ -399,7 +400,7 @@ def _from_cell(error: BaseException, filename: str, partial: Any) -> BaseExcepti
     # traceback leaves out the kernel's own frames.
     node = tb
     while node is not None and node.tb_next is not None:
-        if node.tb_next.tb_frame.f_code.co_filename == _SHELL_FILE:
+        if node.tb_next.tb_frame.f_code.co_filename in _SHELL_FILES:
             node.tb_next = None
         node = node.tb_next
     error = error.with_traceback(tb)

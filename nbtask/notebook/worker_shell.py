@@ -9,27 +9,25 @@ refused with one line saying why.
 from __future__ import annotations
 
 import base64
-import getpass
 import importlib.abc
 import importlib.machinery
 import linecache
 import os
-import pdb
 import sys
 import types
-import warnings
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any
 
 from IPython.core.compilerop import CachingCompiler
 from IPython.core.displayhook import DisplayHook
 from IPython.core.displaypub import DisplayPublisher
-from IPython.core.error import StdinNotImplementedError, UsageError
+from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.ultratb import AutoFormattedTB, SyntaxTB
 from traitlets.config import Config
 
 from nbtask.core.context import current_request, progress
+from nbtask.notebook.cell_guards import CellGuards, refuse_terminal
 
 __all__ = ["BASE_NS", "fresh_namespace", "shown_syntax_error", "shown_traceback", "worker_shell"]
 
@@ -41,8 +39,6 @@ BASE_NS: dict[str, Any] = {}
 #: Whether each recently run cell (as Python) runs as a coroutine; up to this many cells.
 _ASYNC_CELLS: dict[str, bool] = {}
 _ASYNC_CELLS_KEPT = 256
-#: What IPython warns after a cell's ``sys.exit()``.
-_EXIT_HINT = "To exit: use 'exit', 'quit', or Ctrl-D."
 
 
 def worker_shell() -> Any:
@@ -210,7 +206,7 @@ def _make_shell() -> Any:
             return known
 
         def run_cell(self, *args: Any, **kwargs: Any) -> Any:
-            with _CellGuards():
+            with CellGuards():
                 return super().run_cell(*args, **kwargs)
 
         def showtraceback(self, *args: Any, **kwargs: Any) -> None:
@@ -244,7 +240,7 @@ def _make_shell() -> Any:
             return super().enable_matplotlib(gui)
 
         def raw_input(self, prompt: str = "") -> str:
-            _refuse_terminal("input()")
+            refuse_terminal("input()")
 
         def ask_exit(self) -> None:  # what exit() and quit() call
             raise UsageError(
@@ -299,66 +295,6 @@ def shown_syntax_error(error: SyntaxError) -> list[str]:
     """
     shown = SyntaxTB(color_scheme="Neutral").structured_traceback(type(error), error, [])
     return [str(line) for line in shown]
-
-
-def _refuse_terminal(
-    what: str, instead: str = "ask for the value in a cell of its own and use the variable"
-) -> NoReturn:
-    """Refuse what would wait for the user to type on a worker, in one line."""
-    raise StdinNotImplementedError(
-        f"{what} cannot be answered in a %%task cell (it runs on a worker): {instead}"
-    )
-
-
-def _refuse_getpass(prompt: str = "Password: ", stream: Any = None) -> str:
-    _refuse_terminal("getpass()")
-
-
-def _refuse_debugger(*args: Any, **kwargs: Any) -> None:
-    _refuse_terminal(
-        "the debugger (breakpoint(), pdb.set_trace())", "run the cell without %%task to debug it"
-    )
-
-
-class _CellGuards:
-    """What a cell runs with on a worker, put back after it (unless the cell set its own).
-
-    IPython's warning after a cell's ``sys.exit()`` is not shown: the ``SystemExit`` is
-    raised again in the kernel, whose IPython shows the warning, once.
-
-    ``getpass()`` and the debugger are refused as ``input()`` is. A worker has no one at
-    its terminal: ``getpass()`` would fail reading it (a warning and an ``EOFError``), and
-    ``breakpoint()`` would end the cell silently (pdb reads an empty stdin and quits). A
-    kernel likewise replaces ``getpass`` for the cells it runs.
-
-    A class, not two generator context managers: entered for every cell, it costs a
-    fifth of what they did (about 2 µs against 9).
-    """
-
-    def __enter__(self) -> None:
-        shown = warnings.showwarning
-
-        def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
-            if not (category is UserWarning and str(message) == _EXIT_HINT):
-                shown(message, category, *args, **kwargs)
-
-        self._show = show
-        self._before = (shown, getpass.getpass, sys.breakpointhook, pdb.set_trace)
-        warnings.showwarning = show
-        getpass.getpass = _refuse_getpass
-        sys.breakpointhook = _refuse_debugger
-        pdb.set_trace = _refuse_debugger
-
-    def __exit__(self, *_exc: object) -> None:
-        shown, own_getpass, own_hook, own_trace = self._before
-        if warnings.showwarning is self._show:
-            warnings.showwarning = shown
-        if getpass.getpass is _refuse_getpass:
-            getpass.getpass = own_getpass
-        if sys.breakpointhook is _refuse_debugger:
-            sys.breakpointhook = own_hook
-        if pdb.set_trace is _refuse_debugger:
-            pdb.set_trace = own_trace
 
 
 def _refuse_screen(gui: str | None) -> None:

@@ -1,17 +1,22 @@
 """A ``%%task`` cell in a real kernel shows as it would run locally.
 
-What a worker cannot answer (``getpass()``, the debugger) is refused in one line, as
-``input()`` is; ``clear_output(wait=True)`` keeps its ``wait``.
+What a worker cannot answer (``getpass()``, reading ``sys.stdin``, the debugger) is
+refused in one line, as ``input()`` is; ``clear_output(wait=True)`` keeps its ``wait``.
 """
 
 from __future__ import annotations
 
+import bdb
+import pdb
+import sys
 from typing import Any
 
 import pytest
 from helpers import execute, kernel_env, stream_text, without_colours
+from IPython.core.error import StdinNotImplementedError
 
 from nbtask import Settings
+from nbtask.notebook.cell_guards import CellGuards
 
 
 @pytest.fixture
@@ -49,7 +54,9 @@ def test_getpass_is_refused_in_one_line_as_input_is(kc: Any) -> None:
     assert stream_text(msgs) == "1\n"  # what ran before it came back, as for any error
 
 
-@pytest.mark.parametrize("stop", ["breakpoint()", "import pdb; pdb.set_trace()"])
+@pytest.mark.parametrize(
+    "stop", ["breakpoint()", "import pdb; pdb.set_trace()", "import pdb; pdb.Pdb().set_trace()"]
+)
 def test_the_debugger_in_a_cell_is_refused_in_one_line_not_ended_silently(
     kc: Any, stop: str
 ) -> None:
@@ -61,8 +68,48 @@ def test_the_debugger_in_a_cell_is_refused_in_one_line_not_ended_silently(
     assert "run the cell without %%task to debug it" in error["evalue"], error
     assert stream_text(msgs) == "before\n"
     assert "BdbQuit" not in "\n".join(error["traceback"])
+    assert "nbtask" not in _plain(error["traceback"])  # ends at the cell's line
     _, msgs, reply = execute(kc, "%%task --wait\nprint('next cell')")
     assert reply["content"]["status"] == "ok" and stream_text(msgs) == "next cell\n"
+
+
+@pytest.mark.parametrize(
+    ("read", "said"),
+    [
+        ("sys.stdin.readline()", "sys.stdin.readline()"),
+        ("sys.stdin.read()", "sys.stdin.read()"),
+        ("[line for line in sys.stdin]", "sys.stdin"),
+    ],
+)
+def test_reading_stdin_in_a_cell_is_refused_in_one_line_as_input_is(
+    kc: Any, read: str, said: str
+) -> None:
+    """Not an empty line at once, as if the user had typed nothing."""
+    _, msgs, reply = execute(kc, f"%%task --wait\nimport sys\nbefore_in = 1\ntyped = {read}")
+    assert reply["content"]["status"] == "error", reply["content"]
+    error = _the_error(msgs)
+    assert error["ename"] == "StdinNotImplementedError", error
+    assert error["evalue"] == (
+        f"{said} cannot be answered in a %%task cell (it runs on a worker): ask for the "
+        "value in a cell of its own and use the variable"
+    ), error
+    shown = _plain(error["traceback"])
+    assert f"typed = {read}" in shown and "nbtask" not in shown, shown  # the cell's line
+    _, msgs, _ = execute(kc, "print(before_in, 'typed' in globals())")
+    assert stream_text(msgs) == "1 False\n"
+
+
+def test_what_a_cell_is_refused_is_put_back_after_it() -> None:
+    """The worker process's own stdin and debugger, for what runs there after the cell."""
+    stdin, trace, set_trace = sys.stdin, pdb.Pdb.set_trace, pdb.set_trace
+    with CellGuards():
+        with pytest.raises(StdinNotImplementedError):
+            sys.stdin.readline()
+        with pytest.raises(StdinNotImplementedError):
+            pdb.Pdb().set_trace()
+    assert sys.stdin is stdin
+    assert pdb.Pdb.set_trace is trace is bdb.Bdb.set_trace and "set_trace" not in vars(pdb.Pdb)
+    assert pdb.set_trace is set_trace
 
 
 def test_clear_output_keeps_its_wait(kc: Any) -> None:
