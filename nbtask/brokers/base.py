@@ -66,6 +66,7 @@ class Store(Protocol):
         *,
         redelivered: bool = False,
         copy: tuple[int, int] | None = None,
+        revoke: tuple[bytes, bool] | None = None,
     ) -> str:
         """The start check: ``"OK"`` (now STARTED by ``by``) or the state forbidding it.
 
@@ -74,7 +75,15 @@ class Store(Protocol):
         gets :attr:`~nbtask.brokers.handoffs.Verdict.ASK`: only a verified copy tells
         whether it is the one put back or an earlier one
         (:attr:`~nbtask.brokers.handoffs.Verdict.SUPERSEDED`).
+
+        ``revoke``: the revoke kept in the task's record (:meth:`kept_revoke`) and whether
+        its signature verified. Without it, a kept revoke naming the task gets
+        :attr:`~nbtask.brokers.handoffs.Verdict.KEPT_REVOKE`; with it, a genuine one
+        revokes the task and a forged one is deleted (the check goes on).
         """
+
+    def kept_revoke(self, task_id: str) -> bytes | None:
+        """The revoke kept in the task's record, unverified; ``None`` if there is none."""
 
     def forget_ended_before(self, seconds: float) -> None:
         """Forget which tasks ended more than ``seconds`` ago (their replays are too old)."""

@@ -36,6 +36,10 @@ class Verdict:
     #: Its client revoked it while its record said it had started: that signed revoke is
     #: now its stored outcome (owing its follow-ups), for the worker to send its client.
     REVOKED = "REVOKEDNOW"
+    #: Its record keeps a revoke naming it, whose signature the start check cannot check:
+    #: nothing is marked; ask :meth:`~nbtask.brokers.base.Store.start` again with that
+    #: revoke (``revoke=``) once its signature is checked.
+    KEPT_REVOKE = "KEPTREVOKE"
     #: An earlier copy of a message that was put back since (a retry, a
     #: ``Reject(requeue=True)``): that copy ran already, and the one put back is due.
     SUPERSEDED = "SUPERSEDED"

@@ -30,7 +30,7 @@ from redis.exceptions import ResponseError
 
 from nbtask.brokers import journals
 from nbtask.brokers.blob_scripts import BLOB_SCRIPTS
-from nbtask.brokers.bounded_reads import BOUNDED_SCRIPTS, read_record, read_records
+from nbtask.brokers.bounded_reads import BOUNDED_SCRIPTS, read_bounded, read_record, read_records
 from nbtask.brokers.follow_up_scripts import FOLLOW_UP_SCRIPTS
 from nbtask.brokers.handoffs import Publish, Settlement, StartBy
 from nbtask.brokers.journals import JOURNAL_SCRIPTS
@@ -237,8 +237,10 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
         *,
         redelivered: bool = False,
         copy: tuple[int, int] | None = None,
+        revoke: tuple[bytes, bool] | None = None,
     ) -> str:
         """The one start check: ``"OK"`` (now STARTED) or the state that forbids a start."""
+        vetted, genuine = revoke if revoke is not None else (b"", False)
         reply = self.link.call(
             "start",
             [self.record_key(task_id)],
@@ -248,8 +250,16 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
             by.consumer,
             "1" if redelivered else "0",
             "" if copy is None else f"{copy[0]}:{copy[1]}",
+            vetted,
+            "1" if genuine else "0",
         )
         return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+    def kept_revoke(self, task_id: str) -> bytes | None:
+        """The revoke kept in the task's record (unverified); ``None`` if none, or too large."""
+        key = self.record_key(task_id)
+        fields, _ = read_bounded(self.link, key, {"revoked": self.max_event_bytes})
+        return fields.get(b"revoked")
 
     def forget_unsent(self, task_id: str) -> None:
         """Delete a record that only a start check wrote (it names no client)."""

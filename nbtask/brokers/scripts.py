@@ -55,7 +55,11 @@ EXPIRY_UPKEEP_SECONDS = 1
 # worker/pid/consumer) or the state that forbids it. Its client's signed revoke kept in
 # the record (`revoked`, see _REVOKE) refuses first: it becomes the stored outcome, owing
 # its follow-ups, and 'REVOKEDNOW' is returned (the worker tells the client). Only a
-# revoke naming this task does: one naming another (copied from its record) is deleted. A final
+# revoke naming this task does: one naming another (copied from its record) is deleted.
+# Lua cannot check its signature (anyone with write access can put one there): until the
+# worker has, nothing is marked and 'KEPTREVOKE' is returned; the worker asks again with
+# the revoke it checked (`vetted`) and whether it verified (`genuine` '1'). A forged one is
+# deleted and the check goes on; one changed since it was read is handed back again. A final
 # state refuses; so does a signed outcome, or a task remembered as ended, whatever the
 # plain state says: 'FINISHED'. Only then is "STARTED by this very consumer process"
 # weighed: it means its own earlier check, whose reply was lost with its connection (a
@@ -87,16 +91,18 @@ local function superseded(copy, parked, requeued)
   qr, qj = tonumber(qr), tonumber(qj)
   return r < qr or (r == qr and j < qj)
 end
-local function check_start(key, ttl, worker, pid, consumer, redelivered, copy)
+local function check_start(key, ttl, worker, pid, consumer, redelivered, copy, vetted, genuine)
   local got = redis.pcall('HMGET', key, 'state', 'result', 'revoked', 'parked', 'requeued')
   if got.err then return 'BADRECORD' end
   local state, outcome, revoked = got[1], got[2], got[3]
-  if revoked and not revokes_task(revoked, key) then
-    -- Not this task's (a revoke copied from another's record): it revokes nothing.
+  if revoked and (not revokes_task(revoked, key) or (revoked == vetted and genuine ~= '1')) then
+    -- Not this task's (copied from another's record), or its signature is forged: it
+    -- revokes nothing.
     redis.call('HDEL', key, 'revoked')
     revoked = false
   end
   if revoked and not outcome and not ended(key) then
+    if revoked ~= vetted then return 'KEPTREVOKE' end
     redis.call('HSET', key, 'state', 'REVOKED', 'result', revoked, 'follow_ups', 'owed')
     redis.call('EXPIRE', key, ttl)
     mark_ended(key, ttl)
@@ -259,11 +265,13 @@ end
 
 # Store scripts ------------------------------------------------------------------------------
 
-# KEYS: record; ARGV: ttl, worker, pid, consumer, redelivered, copy ('' = not read yet)
+# KEYS: record; ARGV: ttl, worker, pid, consumer, redelivered, copy ('' = not read yet),
+# vetted (the kept revoke the worker checked, '' = none), genuine ('1' = it verified)
 _START = (
     CHECK_START
     + """
-return check_start(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+return check_start(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7],
+                   ARGV[8])
 """
 )
 

@@ -40,6 +40,9 @@ log = logging.getLogger("nbtask.worker")
 
 #: Start verdicts of a task that ended: its record holds a final state or a signed outcome.
 _ENDED = frozenset({Verdict.FINISHED, Verdict.REVOKED, *(state.value for state in FINAL_STATES)})
+#: How many times a start check is asked again with a revoke kept in the task's record,
+#: checked (it is changed in between only by someone writing there behind nbtask's back).
+_VET_ROUNDS = 3
 # A message taken this long before its signed eta was moved early in the store (clocks of
 # the sender and the worker may differ by less): it is parked again until its eta.
 _EARLY_SECONDS = 1.0
@@ -248,11 +251,39 @@ class Admission:
         A duplicate or a replay of a finished task leaves that task's record as it is.
         """
         verdict, message = admitted.delivery.verdict, admitted.message
-        if verdict is None:
-            by = StartBy(self.hostname, str(os.getpid()), self.consumer)
-            copy = (message.retries, message.rejects)
-            verdict = self.transport.store.start(message.id, by, copy=copy)
+        by = StartBy(self.hostname, str(os.getpid()), self.consumer)
+        copy = (message.retries, message.rejects)
+        # A revoke kept in its record is checked here (the start check cannot), then the
+        # check asked again with it; one that changed in between is handed back again.
+        for _ in range(_VET_ROUNDS):
+            if verdict is not None and verdict != Verdict.KEPT_REVOKE:
+                break
+            revoke = self._vet_revoke(message) if verdict == Verdict.KEPT_REVOKE else None
+            verdict = self.transport.store.start(message.id, by, copy=copy, revoke=revoke)
         return None if verdict == Verdict.OK else verdict
+
+    def _vet_revoke(self, message: TaskMessage) -> tuple[bytes, bool]:
+        """The revoke kept in the task's record, and whether it is a genuine one of it.
+
+        Anyone with write access to the store can put one there: one whose signature does
+        not verify, or that is not a revoke of this task, is deleted by the start check
+        (logged here), and the task starts as if it were not there.
+        """
+        raw = self.transport.store.kept_revoke(message.id) or b""
+        try:
+            event = Event.from_header(self.signer.open(raw).header)
+            if event.type is not EventType.REVOKED or event.task_id != message.id:
+                raise NbtaskError("it is not a revoke of this task")
+        except NbtaskError as exc:
+            if raw:
+                log.warning(
+                    "deleted a revoke kept in task %s's record that was not its client's "
+                    "(%s); the task was not revoked",
+                    message.id,
+                    exc,
+                )
+            return raw, False
+        return raw, True
 
     def _drop(self, admitted: Admitted, refused: str) -> None:
         """Let go of a message whose task may not start; follow it up if its outcome owes it.
@@ -262,10 +293,13 @@ class Admission:
         has nothing sent for it, and neither has a message older than ``max_age``.
         """
         message = admitted.message
-        if refused == Verdict.BAD_RECORD:
+        if refused in (Verdict.BAD_RECORD, Verdict.KEPT_REVOKE):
             why = NbtaskError(
                 f"the record of task {message.id} in the store is not one nbtask wrote (it "
                 "was overwritten with another type); the task was not run"
+                if refused == Verdict.BAD_RECORD
+                else f"the revoke kept in the record of task {message.id} kept changing "
+                "while it was checked (not written by nbtask); the task was not run"
             )
             self._reject(admitted.delivery, why)
             # The message verified, so its client is known: tell it (the record is replaced).

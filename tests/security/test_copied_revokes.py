@@ -2,7 +2,9 @@
 said it had started when it was revoked), against an outsider with write access to the
 broker and the store but not the secret. A genuine revoke copied from another task's
 record into this one's names that other task: it does not revoke this one, which runs
-(or fails) as if it were not there, and the task it names stays revoked. Both brokers."""
+(or fails) as if it were not there, and the task it names stays revoked. A revoke naming
+this task but not signed with the secret is deleted by its worker, which runs the task.
+Both brokers."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from raw_broker import RawBroker
 
 import nbtask
 from nbtask import App
+from nbtask.wire.envelope import Signer
+from nbtask.wire.events import FINAL_SEQ, Event, EventType
 
 pytestmark = pytest.mark.brokers
 
@@ -45,3 +49,24 @@ def test_a_revoke_copied_from_another_tasks_record_does_not_revoke_nor_hang_this
     with pytest.raises(nbtask.TaskRevoked, match=revoked.id):
         revoked.get(timeout=30)
     assert app.handle(victim.id).get(timeout=10) == victim.id
+
+
+def test_a_forged_revoke_in_this_tasks_record_is_deleted_and_the_task_runs(
+    app: App, access: RawBroker, start_worker, tmp_path: Path
+) -> None:
+    """Before, the start check (Lua, which cannot check a signature) took a revoke naming
+    this task whatever its signature: it stored it as the task's outcome and dropped its
+    message; its client refused the unsigned revoke and waited for ever (``get()`` timed
+    out, the task PENDING)."""
+    ledger = tmp_path / "ledger"
+    victim = app.send_task(RECORD_ID, (str(ledger),))
+    app.flush()
+    run = (app.settings.key_prefix, float(access.record(victim.id)[b"sent"]))
+    forged = Event(EventType.REVOKED, victim.id, FINAL_SEQ, {"reason": "revoked"}, run=run)
+    raw = Signer("not-the-secret").seal(forged.to_header())
+    access.store.hset(access.keys.record_key(victim.id), "revoked", raw)
+
+    start_worker(concurrency=1)
+    assert victim.get(timeout=60) == victim.id
+    assert ledger_runs(ledger) == {victim.id: 1}
+    assert b"revoked" not in access.record(victim.id), "the forged revoke was kept"
