@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -28,6 +27,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from nbtask._process import current_pid
 from nbtask._text import redact_url
 from nbtask.brokers.forks import close_copies_in_forks
 from nbtask.brokers.redis_errors import (
@@ -138,7 +138,7 @@ class RedisLink(OwedReplies):
     def _wait_at_most(self, seconds: float | None) -> None:
         """Set how long this thread's own connection waits for an answer (made or not yet)."""
         connection = getattr(self._local, "connection", None)
-        if connection is None or getattr(self._local, "pid", None) != os.getpid():
+        if connection is None or getattr(self._local, "pid", None) != current_pid():
             return
         connection.socket_timeout = seconds  # read again when it (re)connects
         if connection._sock is not None:
@@ -321,13 +321,14 @@ class RedisLink(OwedReplies):
     def _connection(self) -> Any:
         # One connection per thread, kept: taking one from the pool on every call costs
         # a health-check syscall, more than the command itself on a local server. A
-        # process forked meanwhile (by task code) never uses its parent's socket.
+        # process forked meanwhile (by task code) never uses its parent's socket
+        # (current_pid(): renewed in every fork, where os.getpid() is a system call).
         connection = getattr(self._local, "connection", None)
-        if connection is None or getattr(self._local, "pid", None) != os.getpid():
+        if connection is None or getattr(self._local, "pid", None) != current_pid():
             self._patience.refuse_if_silent()  # (a bounded block's, dropped on giving up)
             pool = self._redis.connection_pool
             connection = pool.connection_class(**pool.connection_kwargs)
-            self._local.connection, self._local.pid = connection, os.getpid()
+            self._local.connection, self._local.pid = connection, current_pid()
             self._own.add(connection)
             if (seconds := self._patience.seconds) is not None:
                 connection.socket_timeout = seconds

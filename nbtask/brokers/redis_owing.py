@@ -11,7 +11,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from nbtask._process import current_pid
 from nbtask.brokers.base import PIPELINE_WINDOW
 from nbtask.brokers.redis_errors import Unanswered, sent_unanswered, sentence
 from nbtask.brokers.redis_owed import OWED_BYTES, Owed
@@ -73,7 +73,7 @@ class OwedReplies(abc.ABC):
     def _guard(self) -> contextlib.AbstractContextManager[Any]:
         """Held while this thread uses its connection: a closing link then leaves it be."""
         owed: Owed | None = getattr(self._local, "owed", None)
-        if owed is None or owed.pid != os.getpid():  # (a fork's copy may be held for ever)
+        if owed is None or owed.pid != current_pid():  # (a fork's copy may be held for ever)
             return _UNGUARDED
         return owed.using
 
@@ -157,7 +157,7 @@ class OwedReplies(abc.ABC):
     def owed(self) -> int:
         """How many replies to :meth:`send_unanswered` this thread has not read yet."""
         owed = getattr(self._local, "owed", None)
-        return len(owed.sent) if owed is not None and owed.pid == os.getpid() else 0
+        return len(owed.sent) if owed is not None and owed.pid == current_pid() else 0
 
     def settle_owed(self) -> None:
         """Read the replies this thread owes (see :meth:`send_unanswered`).
@@ -168,7 +168,7 @@ class OwedReplies(abc.ABC):
         not answer in time: they may run, and are forgotten (neither sent nor noted).
         """
         owed = getattr(self._local, "owed", None)
-        if owed is not None and owed.sent and owed.pid == os.getpid():
+        if owed is not None and owed.sent and owed.pid == current_pid():
             with owed.using:
                 self._settle(owed)
 
@@ -183,7 +183,7 @@ class OwedReplies(abc.ABC):
         """
         if not self._owing:  # (read unlocked: only a live thread adds to it)
             return
-        pid, mine = os.getpid(), getattr(self._local, "owed", None)
+        pid, mine = current_pid(), getattr(self._local, "owed", None)
         with self._lock:  # taken out while read: two threads never read one connection
             ended = [
                 o
@@ -219,7 +219,7 @@ class OwedReplies(abc.ABC):
         and not taken yet: a task among them may have no record now and still be queued
         (or revoked) soon.
         """
-        pid = os.getpid()
+        pid = current_pid()
         with self._lock:
             owing = [owed for owed in self._owing.values() if owed.pid == pid]
             found = {task_id for owed in owing for _, task_id in owed.sent}
@@ -237,7 +237,7 @@ class OwedReplies(abc.ABC):
         connection = self._connection()
         owed: Owed | None = getattr(self._local, "owed", None)
         if owed is None or owed.connection is not connection:
-            owed = self._local.owed = Owed(connection, os.getpid())
+            owed = self._local.owed = Owed(connection, current_pid())
         return owed
 
     def _owe(self, owed: Owed, entries: list[tuple[Command, str]], size: int) -> None:
@@ -380,7 +380,7 @@ class OwedReplies(abc.ABC):
         deadline = time.monotonic() + seconds
         mine = getattr(self._local, "owed", None)
         with self._lock:
-            owing = [o for o in self._owing.values() if o.pid == os.getpid() and o is not mine]
+            owing = [o for o in self._owing.values() if o.pid == current_pid() and o is not mine]
         failed: Exception | None = None
         for owed in owing:
             try:
@@ -422,7 +422,7 @@ class OwedReplies(abc.ABC):
         (a command of its own): it reads them itself, and its connection is left to it.
         """
         with self._lock:
-            owing = [owed for owed in self._owing.values() if owed.pid == os.getpid()]
+            owing = [owed for owed in self._owing.values() if owed.pid == current_pid()]
         for owed in owing:
             if not owed.using.acquire(timeout=wait):
                 log.warning(
