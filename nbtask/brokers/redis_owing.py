@@ -24,7 +24,13 @@ from nbtask._process import current_pid
 from nbtask.brokers.base import PIPELINE_WINDOW
 from nbtask.brokers.redis_errors import Unanswered, sent_unanswered, sentence
 from nbtask.brokers.redis_owed import OWED_BYTES, Owed
-from nbtask.brokers.redis_resp import Command, closed_by_server, pack_one, send_first
+from nbtask.brokers.redis_resp import (
+    Command,
+    closed_by_server,
+    pack_one,
+    read_reply,
+    send_first,
+)
 
 __all__ = ["OwedReplies"]
 
@@ -276,7 +282,7 @@ class OwedReplies(abc.ABC):
         try:
             for entry in owed.sent:
                 try:
-                    owed.connection.read_response()
+                    read_reply(owed.connection)
                 except NoScriptError:  # the server restarted empty: nothing ran
                     again.append(entry)
                 except ResponseError as exc:

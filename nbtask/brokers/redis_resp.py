@@ -17,7 +17,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from hiredis import pack_command
+from redis._parsers.hiredis import NOT_ENOUGH_DATA, _HiredisParser
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 __all__ = [
     "LARGE_BYTES",
@@ -27,6 +30,7 @@ __all__ = [
     "pack",
     "pack_one",
     "read_replies",
+    "read_reply",
     "send_first",
 ]
 
@@ -34,6 +38,8 @@ __all__ = [
 LARGE_BYTES = 1 << 20
 #: A Redis command: its name, then its arguments.
 Command = tuple[Any, ...]
+#: What redis-py says of a connection the server closed.
+SERVER_CLOSED = "Connection closed by server."
 
 
 def pack_one(command: Command) -> bytes:
@@ -86,14 +92,20 @@ def pack(commands: Sequence[Command]) -> list[bytes | memoryview]:
 def read_replies(connection: Any, count: int, block_seconds: float, replies: list[Any]) -> None:
     """Read ``count`` replies on ``connection`` into ``replies``, error replies in place.
 
-    ``block_seconds`` is how long a blocking command may wait, added to the socket's read
-    timeout for the batch. ``replies`` fills as they come: a caller whose connection fails
-    midway must know whether the server already ran some of the commands.
+    ``block_seconds`` is how long a blocking command may wait, added to the read timeout
+    for the batch. ``replies`` fills as they come: a caller whose connection fails midway
+    must know whether the server already ran some of the commands.
     """
-    stretched = block_seconds and connection._sock is not None
-    if stretched:
+    timeout = connection.socket_timeout
+    stretched = block_seconds + (timeout or 5.0) if block_seconds else None
+    if _lean(connection):
+        wait = connection._sock.gettimeout() if stretched is None else stretched
+        for _ in range(count):
+            replies.append(_read(connection, wait))
+        return
+    if stretched is not None and connection._sock is not None:
         # Once for the whole batch (redis-py would set and reset it around every read).
-        connection._sock.settimeout(block_seconds + (connection.socket_timeout or 5.0))
+        connection._sock.settimeout(stretched)
     try:
         for _ in range(count):
             try:
@@ -101,8 +113,79 @@ def read_replies(connection: Any, count: int, block_seconds: float, replies: lis
             except ResponseError as exc:
                 replies.append(exc)
     finally:
-        if stretched and connection._sock is not None:
-            connection._sock.settimeout(connection.socket_timeout)
+        if stretched is not None and connection._sock is not None:
+            connection._sock.settimeout(timeout)
+
+
+def read_reply(connection: Any) -> Any:
+    """Read one reply on ``connection`` as redis-py's ``read_response`` does (errors raised)."""
+    if not _lean(connection):
+        return connection.read_response()
+    reply = _read(connection, connection._sock.gettimeout())
+    if isinstance(reply, ResponseError):
+        raise reply
+    return reply
+
+
+def _lean(connection: Any) -> bool:
+    """Whether ``connection``'s replies are read here: a plain socket, hiredis, no pings.
+
+    A TLS socket (its bytes need decrypting), redis-py's own parser, or a connection that
+    pings between commands (``health_check_interval``) is read by redis-py.
+    """
+    return (
+        connection._sock.__class__ is socket.socket
+        and connection._parser.__class__ is _HiredisParser
+        and not connection.health_check_interval
+    )
+
+
+def _read(connection: Any, wait: float | None) -> Any:
+    """One reply on a :func:`_lean` connection, an error reply returned, not raised.
+
+    What redis-py's ``read_response`` does, less what costs on every reply: its error
+    text built in advance, and the socket's own wait before each read (a system call
+    each, and two more to change it for a blocking command). Here the wait is one
+    ``poll`` for at most ``wait`` seconds (the socket's timeout, as redis-py waits, or a
+    blocking command's), and the read goes to the descriptor. A wait that runs out, a
+    connection closed or reset, or an interruption drops the connection, as redis-py's
+    does, with redis-py's errors.
+    """
+    reader = connection._parser._reader
+    reply = reader.gets()
+    if reply is not NOT_ENOUGH_DATA:
+        return reply
+    sock = connection._sock
+    fd = sock.fileno()
+    buffer = connection._parser._buffer
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    timeout_ms = None if wait is None else wait * 1000.0
+    try:
+        while reply is NOT_ENOUGH_DATA:
+            if not poller.poll(timeout_ms):
+                raise RedisTimeoutError(f"Timeout reading from {connection._host_error()}")
+            try:
+                got = os.readv(fd, [buffer])
+            except BlockingIOError:  # woken with nothing to read after all: wait again
+                continue
+            except OSError as exc:
+                raise RedisConnectionError(
+                    f"Error while reading from {connection._host_error()} : {exc.args}"
+                ) from exc
+            if not got:
+                raise RedisConnectionError(SERVER_CLOSED)
+            reader.feed(buffer, 0, got)
+            reply = reader.gets()
+    except BaseException:
+        connection.disconnect()  # half read: never reused
+        raise
+    # (As redis-py's parser checks: a refusal that ends the connection, alone or first.)
+    first = reply[0] if reply.__class__ is list and reply else reply
+    if isinstance(first, RedisConnectionError):
+        connection.disconnect()
+        raise first
+    return reply
 
 
 def send_first(connection: Any, chunks: Sequence[bytes | memoryview]) -> bool:
