@@ -381,7 +381,7 @@ class RedisLink(OwedReplies):
             try:
                 if packed is None:
                     packed = pack(commands) if large else [b"".join(map(pack_one, commands))]
-                fresh = _made_anew(connection)
+                fresh = _made_anew(connection, look=not idempotent)
                 written = True
                 if not send_first(connection, packed):
                     written = False  # the first write was refused: not a byte left
@@ -430,14 +430,16 @@ class _Translating:
             self._link._translate(exc)  # raises what it becomes, or returns: it passes
 
 
-def _made_anew(connection: Any) -> bool:
+def _made_anew(connection: Any, *, look: bool) -> bool:
     """Connect ``connection`` unless it is open; whether it was made here.
 
-    One Redis closed while it was idle (a restart, ``CLIENT KILL``, a server timeout) is
-    made anew: nothing was sent on it since its last reply was read, so nothing is lost.
+    With ``look``, one Redis closed while it was idle (a restart, ``CLIENT KILL``, a server
+    timeout) is made anew: nothing was sent on it since its last reply was read, so
+    nothing is lost. Without (commands safe to run twice), the system call that looks is
+    saved: such commands sent on a closed connection are sent again on a new one.
     """
     sock = connection._sock  # redis-py has no public "is connected"
-    if sock is not None and not closed_by_server(sock):
+    if sock is not None and not (look and closed_by_server(sock)):
         return False
     connection.disconnect()
     connection.connect()
