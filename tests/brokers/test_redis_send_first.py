@@ -70,3 +70,30 @@ def test_a_write_bigger_than_the_sockets_buffer_goes_whole_and_in_order(
         assert r.mget(keys) == values
     finally:
         link.close()
+
+
+@pytest.mark.parametrize("idempotent", [True, False])
+def test_a_command_on_a_connection_redis_closed_while_idle_runs_once_on_a_new_one(
+    r: redis.Redis, redis_url: str, prefix: str, idempotent: bool
+) -> None:
+    # Commands safe to run twice are sent without looking whether Redis closed the
+    # connection first (they are sent again on a new one); the others are looked for.
+    link = RedisLink(redis_url, "broker")
+    key = f"{prefix}:runs"
+    try:
+        assert link.run([("INCR", key)]) == [1]
+        closed = link._connection()._sock
+        kill_this_threads_connection(link, r)
+        command = ("INCRBY", key, "0") if idempotent else ("INCR", key)
+        assert link.run([command, ("GET", key)], idempotent=idempotent)[1] == (
+            b"1" if idempotent else b"2"
+        )
+        assert link._connection()._sock not in (None, closed)
+        assert r.get(key) == (b"1" if idempotent else b"2")
+        error = ("HGET", key, "field")  # (a string, not a hash): an error reply
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            link.run([error], idempotent=idempotent)
+        assert link.run([error, ("GET", key)], raise_errors=False)[1] == r.get(key)
+    finally:
+        link.close()
+        r.delete(key)
