@@ -439,7 +439,7 @@ def _made_anew(connection: Any, *, look: bool) -> bool:
     saved: such commands sent on a closed connection are sent again on a new one.
     """
     sock = connection._sock  # redis-py has no public "is connected"
-    if sock is not None and not (look and closed_by_server(sock)):
+    if sock is not None and not (look and closed_by_server(connection)):
         return False
     connection.disconnect()
     connection.connect()

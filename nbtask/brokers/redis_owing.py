@@ -134,7 +134,7 @@ class OwedReplies(abc.ABC):
             # Looked at once the command is on its way (looking lets go of the GIL): a
             # server gone since the last reply (stopped, restarted) never read it.
             sent = send_first(owed.connection, [packed])
-            gone = not sent or closed_by_server(owed.connection._sock)
+            gone = not sent or closed_by_server(owed.connection)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             owed.connection.disconnect()
             self._gave_up(exc)

@@ -118,10 +118,14 @@ def read_replies(connection: Any, count: int, block_seconds: float, replies: lis
 
 
 def read_reply(connection: Any) -> Any:
-    """Read one reply on ``connection`` as redis-py's ``read_response`` does (errors raised)."""
+    """Read one reply on ``connection`` as redis-py's ``read_response`` does (errors raised).
+
+    For a command sent a while before (a publish sent without waiting): its reply has
+    most likely come, and is read before waiting for it.
+    """
     if not _lean(connection):
         return connection.read_response()
-    reply = _read(connection, connection._sock.gettimeout())
+    reply = _read(connection, connection._sock.gettimeout(), sent_before=True)
     if isinstance(reply, ResponseError):
         raise reply
     return reply
@@ -140,7 +144,7 @@ def _lean(connection: Any) -> bool:
     )
 
 
-def _read(connection: Any, wait: float | None) -> Any:
+def _read(connection: Any, wait: float | None, *, sent_before: bool = False) -> Any:
     """One reply on a :func:`_lean` connection, an error reply returned, not raised.
 
     What redis-py's ``read_response`` does, less what costs on every reply: its error
@@ -149,7 +153,8 @@ def _read(connection: Any, wait: float | None) -> Any:
     ``poll`` for at most ``wait`` seconds (the socket's timeout, as redis-py waits, or a
     blocking command's), and the read goes to the descriptor. A wait that runs out, a
     connection closed or reset, or an interruption drops the connection, as redis-py's
-    does, with redis-py's errors.
+    does, with redis-py's errors. ``sent_before``: the reply has most likely come; the
+    descriptor is read before waiting (one system call where it has, one more if not).
     """
     reader = connection._parser._reader
     reply = reader.gets()
@@ -163,8 +168,9 @@ def _read(connection: Any, wait: float | None) -> Any:
     timeout_ms = None if wait is None else wait * 1000.0
     try:
         while reply is NOT_ENOUGH_DATA:
-            if not poller.poll(timeout_ms):
+            if not sent_before and not poller.poll(timeout_ms):
                 raise RedisTimeoutError(f"Timeout reading from {connection._host_error()}")
+            sent_before = False
             try:
                 got = os.readv(fd, [buffer])
             except BlockingIOError:  # woken with nothing to read after all: wait again
@@ -218,8 +224,13 @@ def send_first(connection: Any, chunks: Sequence[bytes | memoryview]) -> bool:
     return True
 
 
-def closed_by_server(sock: socket.socket | None) -> bool:
-    """Whether ``sock`` is missing or the server closed it (it reads as at its end)."""
+def closed_by_server(connection: Any) -> bool:
+    """Whether ``connection`` is not connected, or the server closed it (reads as at its end).
+
+    On a :func:`_lean` connection, what there is to read is read into its parser rather
+    than peeked at: the reply it holds is then read without waiting or reading again.
+    """
+    sock = connection._sock  # redis-py has no public accessor
     if sock is None:
         return True
     # Polled first: a socket with a timeout (redis-py sets one) would wait for data to
@@ -228,9 +239,25 @@ def closed_by_server(sock: socket.socket | None) -> bool:
     poller.register(sock, select.POLLIN)
     if not poller.poll(0):
         return False  # nothing to read: open, every reply read
+    if _lean(connection):
+        return not _read_ahead(connection)
     try:
         # On the socket itself: a TLS one (rediss://) refuses flags. Its bytes are
         # encrypted, but only "some" or "the end" matters here.
         return socket.socket.recv(sock, 1, socket.MSG_PEEK) == b""
     except OSError:  # reset by the server
         return True
+
+
+def _read_ahead(connection: Any) -> bool:
+    """Read what has come on a :func:`_lean` connection into its parser; False at its end."""
+    buffer = connection._parser._buffer
+    try:
+        got = os.readv(connection._sock.fileno(), [buffer])
+    except BlockingIOError:
+        return True
+    except OSError:  # reset by the server
+        return False
+    if got:
+        connection._parser._reader.feed(buffer, 0, got)
+    return bool(got)
