@@ -11,8 +11,7 @@ import contextlib
 import functools
 import threading
 import time
-import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -353,8 +352,7 @@ class Session(TaskOverview):
             carried = carried_names(dict(zip(spec.names, shipped, strict=True)), self.shell.user_ns)
             # And the notebook's objects it reaches inside the values it reads (``l`` of
             # ``l = d["a"]``, changed by ``d["a"].append(3)``).
-            changes = [*found.assigned, *_changed_through(found.mutated, self.shell.user_ns)]
-            changes += [*carried, *spec.inside]
+            changes = [*found.assigned, *found.mutated, *carried, *spec.inside]
             names = tuple(dict.fromkeys(changes))
             # What the notebook may change while a background cell runs, as it was sent.
             sent_names = [*spec.names, *carried, *spec.inside]
@@ -429,17 +427,6 @@ class Session(TaskOverview):
             return out_value(shown, result, self.shell.user_ns, self.pending.took_kept, out)
         finally:
             show_after_out(self.shell, later)
-
-
-def _changed_through(mutated: Iterable[str], namespace: Mapping[str, Any]) -> list[str]:
-    """Those of the names a cell may change in place whose value may come back changed.
-
-    Not a module's (``os.environ["X"] = "1"``, ``np.random.seed(0)``): the name keeps the
-    notebook's module, whose state the cell changes on the worker only (its environment
-    and ``sys.path`` come back as the kernel's process state, not through the name), so
-    a later cell reading the name has nothing to wait for.
-    """
-    return [n for n in mutated if not isinstance(namespace.get(n), types.ModuleType)]
 
 
 def _refuse_names_not_assigned(args: Any, back: set[str]) -> None:
