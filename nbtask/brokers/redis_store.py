@@ -48,15 +48,13 @@ from nbtask.brokers.redis_workers import WORKER_SCRIPTS, RedisWorkers
 from nbtask.brokers.refused_ends import refused_by
 from nbtask.brokers.scripts import EXPIRY_UPKEEP_SECONDS, INDEX_UPKEEP_SECONDS, STORE_SCRIPTS
 from nbtask.settings import Settings
-from nbtask.wire.events import FINAL_STATES
+from nbtask.wire.events import FINAL_STATE_NAMES
 from nbtask.wire.records import RecordFields, TaskRecord
 
 __all__ = ["DEAD_LETTER_BYTES", "RedisStore"]
 
 log = logging.getLogger(__name__)
 
-# The states a settle that ends a task writes (as text, as its record fields hold them).
-_FINAL_STATES = frozenset(state.value for state in FINAL_STATES)
 
 #: A control entry id this far past the clock was not given by Redis (clocks of hosts
 #: differ by far less).
@@ -280,7 +278,7 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
         )
         fields = _flat(end.fields, end.raw_event)
         # Taken only by a settle that writes the key (a final state marks the task ended).
-        ends = end.fields.get("state") in _FINAL_STATES
+        ends = end.fields.get("state") in FINAL_STATE_NAMES
         keep_done = self._upkeep(self.done_key, EXPIRY_UPKEEP_SECONDS) if ends else "0"
         tells = end.channel and end.raw_event
         keep_channel = self._upkeep(end.channel, EXPIRY_UPKEEP_SECONDS) if tells else "0"

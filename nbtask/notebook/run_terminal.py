@@ -11,7 +11,7 @@ import re
 import time
 from typing import Any, TextIO
 
-from nbtask.wire.events import FINAL_STATES
+from nbtask.wire.events import FINAL_STATE_NAMES
 
 __all__ = ["Terminal"]
 
@@ -19,7 +19,6 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # The text view's first line: "[label] STATE ..." (see nbtask.widgets.TextView).
 _STATUS = re.compile(r"^\[(?P<label>[^\]]*)\] (?P<state>[A-Z_]+)\b")
 _STATUS_INTERVAL = 1.0
-_FINAL_STATES = frozenset(state.value for state in FINAL_STATES)
 
 
 class Terminal:
@@ -107,7 +106,7 @@ class Terminal:
         state = _STATUS.match(status)
         changed = (state and state["state"]) != (old_state and old_state["state"])
         due = status != old_status and (changed or now - last >= _STATUS_INTERVAL)
-        ended = state is not None and state["state"] in _FINAL_STATES
+        ended = state is not None and state["state"] in FINAL_STATE_NAMES
         if going_on and added.startswith("\n"):  # the line the view left open has ended
             self.write("\n", raw=True)
             added = added[1:]

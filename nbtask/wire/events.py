@@ -19,6 +19,7 @@ __all__ = [
     "FAILED_STATES",
     "FINAL_SEQ",
     "FINAL_STATES",
+    "FINAL_STATE_NAMES",
     "OUTPUT_PARTS",
     "RUN_SEQ_SPAN",
     "Deferred",
@@ -76,6 +77,8 @@ class State(str, enum.Enum):
 
 
 FINAL_STATES = frozenset({State.SUCCESS, State.FAILURE, State.REVOKED, State.WORKER_LOST})
+#: The same as text, as a stored record's ``state`` field holds them.
+FINAL_STATE_NAMES = frozenset(state.value for state in FINAL_STATES)
 #: The final states in which a handle's ``failed()`` is true: Celery's is ``FAILURE`` alone
 #: (a revoked task has not failed), and a lost worker is Celery's ``WorkerLostError``,
 #: itself a ``FAILURE``.
