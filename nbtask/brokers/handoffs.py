@@ -40,6 +40,10 @@ class Verdict:
     #: nothing is marked; ask :meth:`~nbtask.brokers.base.Store.start` again with that
     #: revoke (``revoke=``) once its signature is checked.
     KEPT_REVOKE = "KEPTREVOKE"
+    #: Its record kept a revoke larger than any nbtask writes
+    #: (:data:`~nbtask.wire.records.MAX_REVOKE_BYTES`): a forged one, deleted unread.
+    #: Nothing is marked: ask :meth:`~nbtask.brokers.base.Store.start` again.
+    BIG_REVOKE = "BIGREVOKE"
     #: An earlier copy of a message that was put back since (a retry, a
     #: ``Reject(requeue=True)``): that copy ran already, and the one put back is due.
     SUPERSEDED = "SUPERSEDED"

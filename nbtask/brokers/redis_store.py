@@ -49,7 +49,7 @@ from nbtask.brokers.refused_ends import refused_by
 from nbtask.brokers.scripts import EXPIRY_UPKEEP_SECONDS, INDEX_UPKEEP_SECONDS, STORE_SCRIPTS
 from nbtask.settings import Settings
 from nbtask.wire.events import FINAL_STATE_NAMES
-from nbtask.wire.records import RecordFields, TaskRecord
+from nbtask.wire.records import MAX_REVOKE_BYTES, RecordFields, TaskRecord
 
 __all__ = ["DEAD_LETTER_BYTES", "RedisStore"]
 
@@ -256,7 +256,7 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
     def kept_revoke(self, task_id: str) -> bytes | None:
         """The revoke kept in the task's record (unverified); ``None`` if none, or too large."""
         key = self.record_key(task_id)
-        fields, _ = read_bounded(self.link, key, {"revoked": self.max_event_bytes})
+        fields, _ = read_bounded(self.link, key, {"revoked": MAX_REVOKE_BYTES})
         return fields.get(b"revoked")
 
     def forget_unsent(self, task_id: str) -> None:

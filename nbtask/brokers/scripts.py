@@ -31,6 +31,7 @@ from nbtask.brokers.lua_parts import (
     ZADD_REPLACING,
     lua,
 )
+from nbtask.wire.records import MAX_REVOKE_BYTES
 
 __all__ = [
     "CHECK_START",
@@ -59,7 +60,9 @@ EXPIRY_UPKEEP_SECONDS = 1
 # Lua cannot check its signature (anyone with write access can put one there): until the
 # worker has, nothing is marked and 'KEPTREVOKE' is returned; the worker asks again with
 # the revoke it checked (`vetted`) and whether it verified (`genuine` '1'). A forged one is
-# deleted and the check goes on; one changed since it was read is handed back again. A final
+# deleted and the check goes on; one changed since it was read is handed back again. One
+# larger than any nbtask writes (MAX_REVOKE_BYTES) is forged: deleted unread, and
+# 'BIGREVOKE' is returned (the worker says so, and asks again). A final
 # state refuses; so does a signed outcome, or a task remembered as ended, whatever the
 # plain state says: 'FINISHED'. Only then is "STARTED by this very consumer process"
 # weighed: it means its own earlier check, whose reply was lost with its connection (a
@@ -78,6 +81,9 @@ CHECK_START = lua(
     MARK_ENDED,
     REVOKES_TASK,
     TEXT,
+    f"""
+local MAX_REVOKE_BYTES = {MAX_REVOKE_BYTES}
+""",
     """
 -- Whether the copy "<retries>:<rejects>" is earlier than the last one put back.
 local function superseded(copy, parked, requeued)
@@ -92,6 +98,11 @@ local function superseded(copy, parked, requeued)
   return r < qr or (r == qr and j < qj)
 end
 local function check_start(key, ttl, worker, pid, consumer, redelivered, copy, vetted, genuine)
+  local size = redis.pcall('HSTRLEN', key, 'revoked')
+  if type(size) == 'number' and size > MAX_REVOKE_BYTES then
+    redis.call('HDEL', key, 'revoked')
+    return 'BIGREVOKE'
+  end
   local got = redis.pcall('HMGET', key, 'state', 'result', 'revoked', 'parked', 'requeued')
   if got.err then return 'BADRECORD' end
   local state, outcome, revoked = got[1], got[2], got[3]

@@ -21,6 +21,7 @@ __all__ = [
     "FOLLOW_UPS_OWED",
     "MAX_INFO_BYTES",
     "MAX_PLAIN_BYTES",
+    "MAX_REVOKE_BYTES",
     "PARKED",
     "RECORD_FIELDS",
     "REQUEUED_COPY",
@@ -39,6 +40,11 @@ MAX_INFO_BYTES = 64 * 1024
 #: A record's plain fields (all but its signed result) are short texts: a larger one was
 #: not written by nbtask, and is not read.
 MAX_PLAIN_BYTES = 64 * 1024
+#: A client's signed revoke kept in a task's record (``revoked``) is some 260 bytes, under
+#: 600 with the longest reason, a 64-character id and a 100-character key prefix: a larger
+#: one was not written by nbtask. It is not read, let alone checked: it is deleted as
+#: forged, and the task runs.
+MAX_REVOKE_BYTES = 8 * 1024
 
 
 _PENDING = State.PENDING.value

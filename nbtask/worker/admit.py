@@ -26,6 +26,7 @@ from nbtask.settings import Settings
 from nbtask.wire.envelope import Buffer, Envelope, Signer
 from nbtask.wire.events import FINAL_SEQ, FINAL_STATES, Event, EventType, State
 from nbtask.wire.message import TaskMessage
+from nbtask.wire.records import MAX_REVOKE_BYTES
 from nbtask.worker.follow_ups import FollowUps
 from nbtask.worker.settle import (
     Outcome,
@@ -41,8 +42,25 @@ log = logging.getLogger("nbtask.worker")
 #: Start verdicts of a task that ended: its record holds a final state or a signed outcome.
 _ENDED = frozenset({Verdict.FINISHED, Verdict.REVOKED, *(state.value for state in FINAL_STATES)})
 #: How many times a start check is asked again with a revoke kept in the task's record,
-#: checked (it is changed in between only by someone writing there behind nbtask's back).
+#: checked, or after it deleted one too large to check (a revoke is changed or put back in
+#: between only by someone writing there behind nbtask's back).
 _VET_ROUNDS = 3
+#: Why a task whose start check could not be settled (its record kept being rewritten
+#: behind nbtask's back) was not run.
+_UNCHECKABLE = {
+    Verdict.BAD_RECORD: (
+        "the record of task {task} in the store is not one nbtask wrote (it was overwritten "
+        "with another type); the task was not run"
+    ),
+    Verdict.KEPT_REVOKE: (
+        "the revoke kept in the record of task {task} kept changing while it was checked "
+        "(not written by nbtask); the task was not run"
+    ),
+    Verdict.BIG_REVOKE: (
+        "a revoke larger than nbtask writes was put in the record of task {task} again each "
+        "time it was deleted (not written by nbtask); the task was not run"
+    ),
+}
 # A message taken this long before its signed eta was moved early in the store (clocks of
 # the sender and the worker may differ by less): it is parked again until its eta.
 _EARLY_SECONDS = 1.0
@@ -254,12 +272,17 @@ class Admission:
         by = StartBy(self.hostname, str(os.getpid()), self.consumer)
         copy = (message.retries, message.rejects)
         # A revoke kept in its record is checked here (the start check cannot), then the
-        # check asked again with it; one that changed in between is handed back again.
+        # check asked again with it; one that changed in between is handed back again. One
+        # too large to be nbtask's was deleted unread by the check, which is asked again.
         for _ in range(_VET_ROUNDS):
-            if verdict is not None and verdict != Verdict.KEPT_REVOKE:
+            if verdict == Verdict.BIG_REVOKE:
+                _deleted_big_revoke(message.id)
+            elif verdict is not None and verdict != Verdict.KEPT_REVOKE:
                 break
             revoke = self._vet_revoke(message) if verdict == Verdict.KEPT_REVOKE else None
             verdict = self.transport.store.start(message.id, by, copy=copy, revoke=revoke)
+        if verdict == Verdict.BIG_REVOKE:
+            _deleted_big_revoke(message.id)
         return None if verdict == Verdict.OK else verdict
 
     def _vet_revoke(self, message: TaskMessage) -> tuple[bytes, bool]:
@@ -293,14 +316,8 @@ class Admission:
         has nothing sent for it, and neither has a message older than ``max_age``.
         """
         message = admitted.message
-        if refused in (Verdict.BAD_RECORD, Verdict.KEPT_REVOKE):
-            why = NbtaskError(
-                f"the record of task {message.id} in the store is not one nbtask wrote (it "
-                "was overwritten with another type); the task was not run"
-                if refused == Verdict.BAD_RECORD
-                else f"the revoke kept in the record of task {message.id} kept changing "
-                "while it was checked (not written by nbtask); the task was not run"
-            )
+        if refused in _UNCHECKABLE:
+            why = NbtaskError(_UNCHECKABLE[refused].format(task=message.id))
             self._reject(admitted.delivery, why)
             # The message verified, so its client is known: tell it (the record is replaced).
             failed = failure_event(message.id, FINAL_SEQ, why, run=message.run)
@@ -382,6 +399,15 @@ class Admission:
             return
         self.settle(admitted, failed, ack=False)
         self.transport.dead_letter(admitted.delivery)
+
+
+def _deleted_big_revoke(task_id: str) -> None:
+    log.warning(
+        "deleted a revoke kept in task %s's record that was not its client's (it was larger "
+        "than any nbtask writes, %s bytes, and was not read); the task was not revoked",
+        task_id,
+        f"{MAX_REVOKE_BYTES:,}",
+    )
 
 
 def message_age(message: TaskMessage, now: float | None = None) -> float:

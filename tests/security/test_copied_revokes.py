@@ -66,7 +66,34 @@ def test_a_forged_revoke_in_this_tasks_record_is_deleted_and_the_task_runs(
     raw = Signer("not-the-secret").seal(forged.to_header())
     access.store.hset(access.keys.record_key(victim.id), "revoked", raw)
 
-    start_worker(concurrency=1)
+    worker = start_worker(concurrency=1)
     assert victim.get(timeout=60) == victim.id
     assert ledger_runs(ledger) == {victim.id: 1}
     assert b"revoked" not in access.record(victim.id), "the forged revoke was kept"
+    assert f"deleted a revoke kept in task {victim.id}'s record" in worker.log.read_text()
+
+
+def test_a_forged_revoke_too_large_to_check_is_deleted_and_the_task_runs(
+    app: App, access: RawBroker, start_worker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, a revoke larger than the worker reads (its ``max_message_bytes``) could not
+    be checked: it was handed back three times, then the task failed unrun ("the revoke
+    kept in the record ... kept changing", which it did not) and its message was
+    dead-lettered. A revoke larger than nbtask writes is forged, whatever the limit."""
+    monkeypatch.setenv("NBTASK_MAX_MESSAGE_BYTES", str(64 * 1024))  # the worker's alone
+    ledger = tmp_path / "ledger"
+    victim = app.send_task(RECORD_ID, (str(ledger),))
+    app.flush()
+    run = (app.settings.key_prefix, float(access.record(victim.id)[b"sent"]))
+    padded = {"reason": "revoked" + " " * (100 * 1024)}  # over the worker's limit
+    forged = Event(EventType.REVOKED, victim.id, FINAL_SEQ, padded, run=run)
+    raw = Signer("not-the-secret").seal(forged.to_header())
+    access.store.hset(access.keys.record_key(victim.id), "revoked", raw)
+
+    worker = start_worker(concurrency=1)
+    assert victim.get(timeout=60) == victim.id
+    assert ledger_runs(ledger) == {victim.id: 1}
+    assert b"revoked" not in access.record(victim.id), "the forged revoke was kept"
+    said = worker.log.read_text()
+    assert f"deleted a revoke kept in task {victim.id}'s record" in said
+    assert "kept changing" not in said
