@@ -18,6 +18,7 @@ from nbtask.settings import MAX_SECONDS, is_finite_number
 from nbtask.wire.message import LATEST_TIME
 
 __all__ = [
+    "MAX_TASK_ID_CHARS",
     "TASK_OPTIONS",
     "WORKER_OWN_SIGNALS",
     "check_task_function",
@@ -406,16 +407,18 @@ def check_task_function(func: object, requires: Sequence[str] = ()) -> None:
         )
 
 
+#: The longest task id (``apply_async(task_id=...)``); a worker's slot keeps one whole.
+MAX_TASK_ID_CHARS = 64
 # Task ids end up in Redis key names, shared memory slots and ETA members.
-_TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+_TASK_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.\-]{{0,{MAX_TASK_ID_CHARS - 1}}}")
 
 
 def check_task_id(value: object, what: str = "task_id") -> str:
     """``value`` if it can be a task's id; else one error naming ``what``."""
     if not isinstance(value, str) or not _TASK_ID.fullmatch(value):
         raise ConfigurationError(
-            f"{what}={value!r} is not a valid id: use 1 to 64 letters, digits, '_', '-' or "
-            "'.', starting with a letter or digit"
+            f"{what}={value!r} is not a valid id: use 1 to {MAX_TASK_ID_CHARS} letters, "
+            "digits, '_', '-' or '.', starting with a letter or digit"
         )
     return value
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 
+from nbtask.core.options import MAX_TASK_ID_CHARS
+
 __all__ = ["SlotState"]
+
+#: What a slot keeps of an id it cannot keep whole, too long or holding a NUL byte (no
+#: task id is: see MAX_TASK_ID_CHARS; only a queue entry or a message not made by
+#: nbtask's client names one): its start, then this mark, which no task id has. Cut
+#: plainly, it could read as another task's id, and be taken for that task (terminated,
+#: or failed past its time limit, in its stead).
+_CUT = b"*"
 
 
 class SlotState:
@@ -17,7 +26,8 @@ class SlotState:
     """
 
     def __init__(self) -> None:
-        self._task = multiprocessing.RawArray(ctypes.c_char, 64)
+        # Every task id whole (ASCII), and the NUL ending it.
+        self._task = multiprocessing.RawArray(ctypes.c_char, MAX_TASK_ID_CHARS + 1)
         self._deadline = multiprocessing.RawValue(ctypes.c_double, 0.0)
         self._holds = multiprocessing.RawValue(ctypes.c_bool, False)
 
@@ -39,7 +49,10 @@ class SlotState:
     def occupy(self, task_id: str, deadline: float) -> None:
         """Record the task now running."""
         self._deadline.value = 0.0
-        self._task.value = task_id.encode()[:63]
+        raw = task_id.encode()
+        if len(raw) > MAX_TASK_ID_CHARS or b"\0" in raw:
+            raw = raw.split(b"\0", 1)[0][: MAX_TASK_ID_CHARS - len(_CUT)] + _CUT
+        self._task.value = raw
         self._deadline.value = deadline
 
     def clear(self, *, holds: bool) -> None:
