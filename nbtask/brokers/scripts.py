@@ -98,14 +98,13 @@ local function superseded(copy, parked, requeued)
   return r < qr or (r == qr and j < qj)
 end
 local function check_start(key, ttl, worker, pid, consumer, redelivered, copy, vetted, genuine)
-  local size = redis.pcall('HSTRLEN', key, 'revoked')
-  if type(size) == 'number' and size > MAX_REVOKE_BYTES then
-    redis.call('HDEL', key, 'revoked')
-    return 'BIGREVOKE'
-  end
   local got = redis.pcall('HMGET', key, 'state', 'result', 'revoked', 'parked', 'requeued')
   if got.err then return 'BADRECORD' end
   local state, outcome, revoked = got[1], got[2], got[3]
+  if revoked and #revoked > MAX_REVOKE_BYTES then
+    redis.call('HDEL', key, 'revoked')
+    return 'BIGREVOKE'
+  end
   if revoked and (not revokes_task(revoked, key) or (revoked == vetted and genuine ~= '1')) then
     -- Not this task's (copied from another's record), or its signature is forged: it
     -- revokes nothing.
