@@ -291,6 +291,7 @@ def test_durations_must_be_positive(name: str, value: float) -> None:
         ({"key_prefix": "a b"}, "key_prefix"),
         ({"key_prefix": "a{b}"}, "key_prefix"),
         ({"key_prefix": "a\nb"}, "key_prefix"),
+        ({"key_prefix": "p" * 101}, "is 101 characters long: use at most 100"),
     ],
 )
 def test_other_checks(changes: dict[str, object], name: str) -> None:

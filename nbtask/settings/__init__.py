@@ -43,6 +43,9 @@ KOMBU_SCHEMES = ("amqp", "amqps", "memory")
 #: The longest duration a setting takes (about 31 years): Redis refuses expiry times far
 #: beyond it, and a longer one is a slip of the keyboard.
 MAX_SECONDS = 1e9
+# Every key and queue name starts with the prefix: RabbitMQ refuses a queue name over 255
+# bytes, and a worker deletes a signed revoke over MAX_REVOKE_BYTES (8 KiB) as forged.
+MAX_KEY_PREFIX_CHARS = 100
 _FLAGS = ("insecure", "task_ignore_result", "worker_disable_rate_limits")
 _OPTIONAL_TEXTS = ("broker_url", "result_url", "secret", "blob_dir")
 _DURATIONS = ("result_ttl", "visibility_timeout", "heartbeat_interval", "max_age")
@@ -214,6 +217,11 @@ class Settings:
             raise ConfigurationError(
                 f"{_label('key_prefix')} must be a non-empty word without spaces or braces, "
                 f"got {prefix!r}"
+            )
+        if len(prefix) > MAX_KEY_PREFIX_CHARS:
+            raise ConfigurationError(
+                f"{_label('key_prefix')} is {len(prefix)} characters long: use at most "
+                f"{MAX_KEY_PREFIX_CHARS} (every key and queue name starts with it)"
             )
         if self.blob_dir is not None and not self.blob_dir.strip():
             raise ConfigurationError(
