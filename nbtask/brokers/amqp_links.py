@@ -19,7 +19,7 @@ from nbtask._text import redact_url
 from nbtask.brokers.amqp_confirms import Outgoing, size_limit
 from nbtask.brokers.amqp_guards import GUARDED
 from nbtask.brokers.amqp_link import ANSWER_SECONDS, Link
-from nbtask.brokers.amqp_others import OtherThreads
+from nbtask.brokers.amqp_others import OtherThreads, left_behind
 from nbtask.brokers.amqp_queues import TaskQueues
 from nbtask.brokers.amqp_strays import Strays
 from nbtask.brokers.base import PIPELINE_WINDOW
@@ -335,16 +335,18 @@ class Links(OtherThreads):
             raise silent
 
     def _nothing_owed(self) -> bool:
-        """Whether a flush has nothing to do: no link of this process owes anything.
+        """Whether a flush has nothing to do.
 
-        That is, none has messages unconfirmed, returned or refused, none is this thread's
-        but not its current one (left by a Ctrl-C), and no thread has orphans. Read
-        without the lock: a link or orphan added meanwhile belongs to a send that
-        returned after this flush began.
+        That is, this thread's link owes nothing (messages unconfirmed, returned or
+        refused), its take-over would take no link over (the same test as
+        :meth:`_take_over`'s), and no thread has orphans. Read without the lock: a link or
+        orphan added meanwhile belongs to a send that returned after this flush began.
         """
         me, pid, current = threading.current_thread(), current_pid(), self.current()
+        if current is not None and current.owing:
+            return False
         for link in list(self._links):
-            if link.pid == pid and (link.owing or (link.thread is me and link is not current)):
+            if left_behind(link, me, pid, current, owing=True):
                 return False
         return not self._strays.any_orphans()
 

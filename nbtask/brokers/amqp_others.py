@@ -21,7 +21,7 @@ from nbtask.brokers.amqp_strays import Strays
 from nbtask.brokers.base import OWED_SECONDS
 from nbtask.errors import BrokerUnavailable
 
-__all__ = ["TAKE_OVER_SECONDS", "OtherThreads"]
+__all__ = ["TAKE_OVER_SECONDS", "OtherThreads", "left_behind"]
 
 #: How long, in all, a thread waits for the confirms of the links it takes over from
 #: threads that ended: RabbitMQ may take what is sent and say nothing back.
@@ -88,21 +88,7 @@ class OtherThreads(abc.ABC):
         me, pid, current = threading.current_thread(), current_pid(), self.current()
         with self._lock:
             linked = {k.thread for k in self._links if k.pid == pid}
-            links = [
-                k
-                for k in self._links
-                if k.pid == pid
-                and k is not current
-                # This thread's own (one a Ctrl-C left behind), or an ended thread's.
-                and (
-                    k.thread is me
-                    # (What it owes looked at first: cheaper than asking the thread.)
-                    or (
-                        (not owing or k.confirms.unconfirmed or k.confirms.returned)
-                        and not k.thread.is_alive()
-                    )
-                )
-            ]
+            links = [k for k in self._links if left_behind(k, me, pid, current, owing=owing)]
             for link in links:
                 link.thread = me  # claimed: other threads leave it alone
             self._strays.adopt(linked, owing=owing)
@@ -194,3 +180,24 @@ class OtherThreads(abc.ABC):
             self._give_up(link, cause)
         finally:
             link.in_use.release()
+
+
+def left_behind(
+    link: Link, me: threading.Thread, pid: int, current: Link | None, *, owing: bool
+) -> bool:
+    """Whether thread ``me``'s take-over takes ``link`` over (``owing``: a flush's).
+
+    That is, a link of this process (``pid``) other than ``me``'s ``current`` one: ``me``'s
+    own (one a Ctrl-C left behind), or that of a thread that ended, for a flush only if
+    it has messages in it. Both a take-over and a flush's return with nothing to do
+    (:meth:`~nbtask.brokers.amqp_links.Links.flush`) ask this, so what the one skips is
+    what the other would leave. Takes no lock, and asks a thread whether it ended only
+    after what its link owes (cheaper): a flush with nothing owed never asks.
+    """
+    if link.pid != pid or link is current:
+        return False
+    if link.thread is me:
+        return True
+    if owing and not (link.confirms.unconfirmed or link.confirms.returned):
+        return False
+    return not link.thread.is_alive()
