@@ -22,6 +22,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from nbtask._process import current_pid
+
 __all__ = [
     "LARGE_BYTES",
     "Command",
@@ -40,6 +42,8 @@ LARGE_BYTES = 1 << 20
 Command = tuple[Any, ...]
 #: What redis-py says of a connection the server closed.
 SERVER_CLOSED = "Connection closed by server."
+#: The attribute of a redis-py connection that keeps its poll object (:func:`_poll_of`).
+_POLL = "_nbtask_poll"
 
 
 def pack_one(command: Command) -> bytes:
@@ -163,8 +167,7 @@ def _read(connection: Any, wait: float | None, *, sent_before: bool = False) -> 
     sock = connection._sock
     fd = sock.fileno()
     buffer = connection._parser._buffer
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
+    poller = _poll_of(connection, fd)
     timeout_ms = None if wait is None else wait * 1000.0
     try:
         while reply is NOT_ENOUGH_DATA:
@@ -192,6 +195,26 @@ def _read(connection: Any, wait: float | None, *, sent_before: bool = False) -> 
         connection.disconnect()
         raise first
     return reply
+
+
+def _poll_of(connection: Any, fd: int) -> Any:
+    """The poll object kept on ``connection``, for its socket's descriptor ``fd``.
+
+    Made and registered once, not for every reply waited for and every look at an idle
+    connection (a few hundred nanoseconds each time). A connection made anew may have
+    another descriptor, and then gets a new one. A poll object holds descriptor numbers
+    only, no kernel state (unlike epoll's), but a fork also copies whether a thread of the
+    parent was in its ``poll()`` (the copy would then refuse to poll): each process makes
+    its own (though a fork never reads its parent's connections: it makes its own too).
+    """
+    kept: tuple[int, int, Any] | None = getattr(connection, _POLL, None)
+    pid = current_pid()
+    if kept is None or kept[0] != fd or kept[1] != pid:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        kept = (fd, pid, poller)
+        setattr(connection, _POLL, kept)
+    return kept[2]
 
 
 def send_first(connection: Any, chunks: Sequence[bytes | memoryview]) -> bool:
@@ -235,9 +258,7 @@ def closed_by_server(connection: Any) -> bool:
         return True
     # Polled first: a socket with a timeout (redis-py sets one) would wait for data to
     # peek at, and most of the time there is none.
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    if not poller.poll(0):
+    if not _poll_of(connection, sock.fileno()).poll(0):
         return False  # nothing to read: open, every reply read
     if _lean(connection):
         return not _read_ahead(connection)
