@@ -10,14 +10,16 @@ connection, not how the bytes go; the link calls these functions directly.
 
 from __future__ import annotations
 
+import importlib
+import logging
 import os
 import select
 import socket
 from collections.abc import Sequence
 from typing import Any
 
+import redis
 from hiredis import pack_command
-from redis._parsers.hiredis import NOT_ENOUGH_DATA, _HiredisParser
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -44,6 +46,30 @@ Command = tuple[Any, ...]
 SERVER_CLOSED = "Connection closed by server."
 #: The attribute of a redis-py connection that keeps its poll object (:func:`_poll_of`).
 _POLL = "_nbtask_poll"
+log = logging.getLogger(__name__)
+
+
+def _hiredis_parts() -> tuple[Any, Any]:
+    """redis-py's hiredis parser class, and what its reader returns for "no whole reply yet".
+
+    Private to redis-py: (None, None) where a release moved them (its replies are then
+    read by redis-py throughout).
+    """
+    try:
+        parsers = importlib.import_module("redis._parsers.hiredis")
+    except ImportError:
+        return None, None
+    return getattr(parsers, "_HiredisParser", None), getattr(parsers, "NOT_ENOUGH_DATA", None)
+
+
+_HiredisParser, NOT_ENOUGH_DATA = _hiredis_parts()
+#: Whether this redis-py's hiredis connections have what :func:`_read` reads (private
+#: fields of its parser): None until the first connected one tells (:func:`_fits`).
+_fitting: list[bool | None] = [
+    None if _HiredisParser is not None and NOT_ENOUGH_DATA is not None else False
+]
+#: An attribute that is not there (None may be a field's value).
+_MISSING = object()
 
 
 def pack_one(command: Command) -> bytes:
@@ -138,14 +164,56 @@ def read_reply(connection: Any) -> Any:
 def _lean(connection: Any) -> bool:
     """Whether ``connection``'s replies are read here: a plain socket, hiredis, no pings.
 
-    A TLS socket (its bytes need decrypting), redis-py's own parser, or a connection that
-    pings between commands (``health_check_interval``) is read by redis-py.
+    A TLS socket (its bytes need decrypting), redis-py's own parser, a connection that
+    pings between commands (``health_check_interval``), or any where this redis-py's
+    parser lacks the fields read here (:func:`_fits`) is read by redis-py.
     """
     return (
-        connection._sock.__class__ is socket.socket
+        (_fitting[0] or (_fitting[0] is None and _fits(connection)))
+        and connection._sock.__class__ is socket.socket
         and connection._parser.__class__ is _HiredisParser
         and not connection.health_check_interval
     )
+
+
+def _fits(connection: Any) -> bool:
+    """Whether this redis-py's hiredis connections have what :func:`_read` reads.
+
+    The reader reads redis-py's private fields (the parser's hiredis reader and buffer),
+    which a release may rename: told once, by the first connected hiredis connection
+    (:data:`_fitting`). Where they do not fit, every reply is read by redis-py; until a
+    connection tells, this one's are.
+    """
+    parser = getattr(connection, "_parser", _MISSING)
+    sock = getattr(connection, "_sock", _MISSING)
+    fits = parser is not _MISSING and sock is not _MISSING
+    if fits:
+        if parser.__class__ is not _HiredisParser or sock is None:
+            return False  # redis-py's own parser, or not connected: no hiredis reader yet
+        reader: Any = getattr(parser, "_reader", _MISSING)
+        if reader is None:
+            return False  # disconnected meanwhile
+        buffer = getattr(parser, "_buffer", _MISSING)
+        fits = (
+            all(callable(getattr(reader, name, None)) for name in ("gets", "feed", "has_data"))
+            and isinstance(buffer, bytearray)
+            and len(buffer) > 0
+            and callable(getattr(connection, "_host_error", None))
+            and hasattr(connection, "health_check_interval")
+        )
+        if fits:
+            if reader.has_data():
+                return False  # part of a reply in: a later look tells
+            # Empty, the reader answers what redis-py made it say for "not yet".
+            fits = reader.gets() is NOT_ENOUGH_DATA
+    _fitting[0] = fits
+    if not fits:
+        log.debug(
+            "redis-py %s: its hiredis parser lacks the fields nbtask reads replies with; "
+            "they are read by redis-py",
+            redis.__version__,
+        )
+    return fits
 
 
 def _read(connection: Any, wait: float | None, *, sent_before: bool = False) -> Any:
