@@ -13,11 +13,14 @@ from pathlib import Path
 from types import FrameType
 
 __all__ = [
+    "boot_id",
     "current_pid",
     "die_with_parent",
     "group_members",
     "interrupts_held",
     "pid_alive",
+    "pid_runs",
+    "process_started",
     "sigint_handled_by",
 ]
 
@@ -68,6 +71,58 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def pid_runs(pid: int) -> bool:
+    """True if process ``pid`` exists and has not ended.
+
+    A zombie (ended, not yet reaped by its parent) does not run. Where there is no
+    ``/proc`` (not Linux), as :func:`pid_alive`.
+    """
+    if not pid_alive(pid):
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return not Path("/proc/self/stat").exists()  # gone meanwhile, or no /proc at all
+    except OSError:
+        return True
+    fields = stat.rpartition(") ")[2].split()
+    return not fields or fields[0] not in ("Z", "X")
+
+
+def boot_id() -> str:
+    """The id the kernel drew at this boot (Linux); "" where there is none to read.
+
+    Processes on one kernel share it (containers too); another host's, or this one's
+    after a reboot, differs.
+    """
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:64]
+    except OSError:
+        return ""
+
+
+def process_started(pid: int) -> float | None:
+    """When process ``pid`` started (epoch seconds, to about a clock tick), from ``/proc``.
+
+    ``None`` if it does not exist, or where there is no ``/proc`` to read (not Linux).
+    Tells a process from a later one given the same pid.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = Path("/proc/stat").read_text()
+        ticks = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+    # "pid (name) state ...": the name may hold spaces and parentheses; starttime is the
+    # 22nd field, the 20th after the name.
+    fields = stat.rpartition(") ")[2].split()
+    booted = next((line.split()[1] for line in boot.splitlines() if line.startswith("btime ")), "")
+    try:
+        return int(booted) + int(fields[19]) / ticks
+    except (IndexError, ValueError, ZeroDivisionError):
+        return None
 
 
 def group_members(pgid: int) -> list[tuple[int, str]] | None:

@@ -1,15 +1,19 @@
-"""The process helpers: Ctrl-C held back while a step must not stop half done; the pid."""
+"""The process helpers: Ctrl-C held back while a step must not stop half done; the pid;
+whether a process runs, and since when."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from nbtask._process import current_pid, interrupts_held
+from nbtask._process import boot_id, current_pid, interrupts_held, pid_runs, process_started
 
 
 def test_ctrl_c_during_a_held_step_comes_once_the_step_is_done() -> None:
@@ -56,3 +60,22 @@ def test_the_pid_kept_without_a_system_call_is_a_forked_childs_own() -> None:
         os.waitpid(child, 0)
     assert seen == real == str(child)
     assert current_pid() == os.getpid()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_process_ended_but_not_reaped_does_not_run() -> None:
+    before = time.time()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert pid_runs(child.pid)
+        began = process_started(child.pid)
+        assert began is not None and before - 1.0 <= began <= time.time() + 1.0
+        child.kill()
+        while Path(f"/proc/{child.pid}/stat").read_text().rpartition(") ")[2][0] != "Z":
+            time.sleep(0.01)
+        assert not pid_runs(child.pid)  # a zombie: its parent (this one) has not reaped it
+    finally:
+        child.kill()
+        child.wait()
+    assert not pid_runs(child.pid) and process_started(child.pid) is None
+    assert len(boot_id()) == 36 and boot_id() == boot_id()
