@@ -81,5 +81,15 @@ class AmqpUpkeep:
         By the supervisor that claimed it, at its next sweeps (see :meth:`orphans`).
         """
 
+    def still_reading(self, consumers: Sequence[str], queues: Sequence[str], within: float) -> bool:
+        """False: RabbitMQ cannot tell (see ``Transport.still_reading``).
+
+        A consumer it lists may be a dead process's connection that a fork of it holds
+        open; what waits on that process's own queue must still be moved. A consumed
+        queue is not deleted either way (``queue.delete`` with ``if-unused``), and the
+        worker's entry stays while it is.
+        """
+        return False
+
     def forget_consumers(self, consumers: Sequence[str], queues: Sequence[str]) -> None:
         """Nothing to forget: a consumer ends with its connection."""

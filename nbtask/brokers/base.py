@@ -229,6 +229,9 @@ class Store(Protocol):
     def dead_workers(self) -> dict[str, WorkerInfo | None]:
         """Registered workers whose heartbeat lapsed (``None``: an unreadable entry)."""
 
+    def beats(self, worker_id: str) -> bool:
+        """True if ``worker_id``'s heartbeat is current (it beat again since it lapsed)."""
+
     def claim_dead_worker(self, worker_id: str) -> bool:
         """Take the right to clean up after a dead worker (only one claimant wins)."""
 
@@ -424,6 +427,16 @@ class Transport(Protocol):
 
         ``consumer`` is one whose lease nobody renews: :meth:`stale` (or :meth:`orphans`)
         gives the delivery again once it lapses, to be looked at again.
+        """
+
+    def still_reading(self, consumers: Sequence[str], queues: Sequence[str], within: float) -> bool:
+        """True if one of ``consumers`` read one of ``queues`` in the last ``within`` s.
+
+        Asked of a worker whose heartbeat lapsed: its processes reading on show it alive
+        (only its supervisor is stopped or slow). ``queues`` are those its clean-up does
+        not read as its consumers (their own queues are: the shared ones). Always False
+        where the broker cannot tell (RabbitMQ: a consumer there may be a dead process's
+        connection still held open; it refuses to delete a consumed queue anyway).
         """
 
     def forget_consumers(self, consumers: Sequence[str], queues: Sequence[str]) -> None:

@@ -142,6 +142,31 @@ class StreamsUpkeep:
         with self.link.translate_errors(), self._queues_may_be_gone([delivery.queue]):
             self.link.redis.xclaim(stream, GROUP, consumer, 0, [delivery.delivery_id], justid=True)
 
+    def still_reading(self, consumers: Sequence[str], queues: Sequence[str], within: float) -> bool:
+        """True if one of ``consumers`` read one of ``queues`` in the last ``within`` s.
+
+        From the group's consumers (``XINFO CONSUMERS``): on Redis 7.2 and later their
+        idle time is since their last read, which an idle process repeats at least once
+        a second; before, since their last read that took a message (an idle process's
+        reads then tell nothing, and its worker is judged by its heartbeat alone). A
+        queue that is gone, or not a stream, tells nothing (it is not made again here).
+        """
+        names = set(consumers)
+        with self.link.translate_errors():
+            pipe = self.link.redis.pipeline(transaction=False)
+            for queue in queues:
+                pipe.xinfo_consumers(self.queue_key(queue), GROUP)
+            replies = pipe.execute(raise_on_error=False)
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                continue
+            for consumer in reply:
+                name = consumer.get("name", b"")
+                name = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+                if name in names and int(consumer.get("idle", within * 1000)) < within * 1000:
+                    return True
+        return False
+
     def forget_consumers(self, consumers: Sequence[str], queues: Sequence[str]) -> None:
         """Delete the (idle) consumers of a worker that stopped."""
         with self.link.translate_errors():

@@ -186,6 +186,11 @@ class RedisWorkers:
                 f"{MAX_REGISTERED:,}",
             )
 
+    def beats(self, worker_id: str) -> bool:
+        """True if ``worker_id``'s heartbeat is current (it beat again since it lapsed)."""
+        with self.link.translate_errors():
+            return bool(self.link.redis.exists(self._hb_key(worker_id)))
+
     def claim_dead_worker(self, worker_id: str) -> bool:
         """Win the right to clean up ``worker_id`` for the next two heartbeats."""
         with self.link.translate_errors():

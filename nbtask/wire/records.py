@@ -238,6 +238,9 @@ class WorkerInfo:
     #: The kind of broker it serves (:func:`nbtask.brokers.broker_kind`); "" in an entry
     #: from an older nbtask, which did not say.
     broker: str = ""
+    #: The boot id of its host's kernel (Linux; "" elsewhere, and in an entry from an
+    #: older nbtask): with the hostname, tells whether its process is one of this host's.
+    boot: str = ""
 
     def verifiable_with(self, accepted: Sequence[str]) -> bool:
         """True if a worker accepting the secrets ``accepted`` names verifies all this one did.
@@ -273,6 +276,7 @@ class WorkerInfo:
                 datasets=_strings(value.get("datasets", [])),
                 running=_strings(value.get("running", [])),
                 broker=_field(value, "broker", str, ""),
+                boot=_field(value, "boot", str, ""),
             )
         except (TypeError, ValueError, OverflowError):  # JSON integers have no bound
             return None

@@ -3,6 +3,12 @@
 What a dead worker's processes held is settled as lost, what waits on their own queues
 is sent on to the queues it falls back to (as a stopping worker does for its own), and
 the worker is forgotten once the broker lets its queues go.
+
+A lapsed heartbeat is not proof of death: a live worker misses its heartbeats when its
+supervisor pauses (a long GC pause, SIGSTOP, a stopped VM, a slow broker). Before
+anything of its is deleted, the worker is looked at again: one that beats again, whose
+process still runs on this host, or whose processes still read its queues, keeps its
+queues and registry entry (leases unrenewed for the visibility timeout are still lost).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import logging
 import time
 from collections.abc import Sequence
 
+from nbtask._process import pid_runs, process_started
 from nbtask.brokers import Transport
 from nbtask.core.holding import holder_queue
 from nbtask.wire.envelope import Signer
@@ -25,6 +32,12 @@ log = logging.getLogger(__name__)
 #: registry holding thousands of dead entries (planted: nbtask writes one per worker)
 #: would keep this worker from its next heartbeats, and others would take it for dead.
 RECLAIM_PER_BEAT = 100
+#: Seconds between the reads of an idle worker process at most (its fetch's wait, see
+#: ``Child._serve``): one that read within heartbeats and this is taken for alive.
+_READ_EVERY = 1.0
+#: Seconds a process may seem to have started after its worker did and still be that
+#: worker's (the two clocks read: /proc's boot time is whole seconds).
+_CLOCK_SLACK = 2.0
 
 
 class DeadWorkers:
@@ -43,6 +56,11 @@ class DeadWorkers:
         Settles lost deliveries and moves what waits on a gone process's queue.
     visibility_timeout
         Seconds a lease goes unrenewed before its delivery counts as lost.
+    heartbeat_interval
+        Seconds between heartbeats (a worker misses three before it looks dead).
+    hostname, boot
+        This host, and its kernel's boot id: a worker of it whose process still runs is
+        alive, not dead.
     """
 
     def __init__(
@@ -52,14 +70,21 @@ class DeadWorkers:
         signer: Signer,
         lost: LostTasks,
         visibility_timeout: float,
+        heartbeat_interval: float,
+        hostname: str,
+        boot: str,
     ) -> None:
         self.worker_id = worker_id
         self.transport = transport
         self.signer = signer
         self.lost = lost
         self.visibility_timeout = visibility_timeout
+        self.hostname = hostname
+        self.boot = boot
+        self._read_within = 3 * heartbeat_interval + _READ_EVERY
         self._left_to_others: set[str] = set()  # dead workers whose secrets this one lacks
         self._queues_left: set[str] = set()  # dead workers whose queues are still consumed
+        self._alive: set[str] = set()  # workers that missed heartbeats, yet were alive
 
     def reclaim(self) -> None:
         """Settle what dead workers held, send on what waits for their processes, forget them."""
@@ -77,6 +102,8 @@ class DeadWorkers:
                 log.warning("dropped unreadable worker entry %r from the registry", worker_id)
                 store.forget_worker(worker_id)
                 continue
+            # Asked first: settling below reads as its consumers, which looks like a read.
+            alive = self._alive_yet(worker_id, info)
             reason = _silent(worker_id, info)
             # Only leases nobody renewed for the visibility timeout: a worker that merely
             # paused past its heartbeats keeps the tasks it is still running.
@@ -88,6 +115,16 @@ class DeadWorkers:
                     settled += 1
             if settled:
                 log.warning("settled %d task(s) of dead worker %s", settled, worker_id)
+            if alive:
+                # Nothing of its deleted: it is looked at again at a later heartbeat.
+                _say_once(
+                    self._alive,
+                    worker_id,
+                    "worker %s missed its heartbeats but is alive (%s); its queues and "
+                    "registry entry are kept",
+                    alive,
+                )
+                continue
             still_held = self.transport.holds_any(info.queues, info.consumers)
             # After holds_any, which would recreate its queues. One the broker still sees
             # consumed (RabbitMQ notices a dropped connection late, or never while a fork
@@ -101,6 +138,7 @@ class DeadWorkers:
                 store.forget_holdings(info.consumers)
                 self.transport.forget_consumers(info.consumers, info.queues)
                 self._queues_left.discard(worker_id)
+                self._alive.discard(worker_id)
                 log.warning("cleaned up after dead worker %s", worker_id)
 
     def _note_queues_left(self, worker_id: str, queues: Sequence[str]) -> None:
@@ -129,6 +167,33 @@ class DeadWorkers:
                 left.append(queue)
         return left
 
+    def _alive_yet(self, worker_id: str, info: WorkerInfo) -> str:
+        """How a worker whose heartbeat lapsed shows it is alive; "" if it does not.
+
+        It beat again since it was read, its supervisor's process still runs on this host,
+        or its processes still read its queues (Redis: they read at least once a second
+        when idle). Only the queues its clean-up does not read as its consumers are
+        looked at: not its processes' own.
+        """
+        if self.transport.store.beats(worker_id):
+            return "it beats again"
+        if self._here(info) and _runs(info.pid, info.started):
+            return f"its process {info.pid} runs on this host"
+        own = {holder_queue(consumer) for consumer in info.consumers}
+        shared = [queue for queue in info.queues if queue not in own]
+        if self.transport.still_reading(info.consumers, shared, self._read_within):
+            return "its processes still read its queues"
+        return ""
+
+    def _here(self, info: WorkerInfo) -> bool:
+        """Whether ``info``'s worker ran on this host, since its last boot.
+
+        Two hosts may share a name: where both said their boot id, that decides too.
+        """
+        if info.hostname != self.hostname:
+            return False
+        return not (info.boot and self.boot) or info.boot == self.boot
+
     def _can_verify_for(self, worker_id: str, info: WorkerInfo | None) -> bool:
         """Whether this worker may clean up after a dead one: it can verify its messages.
 
@@ -144,6 +209,19 @@ class DeadWorkers:
             "left dead worker %r to a worker with its secrets: this one cannot verify its messages",
         )
         return False
+
+
+def _runs(pid: int, started: float) -> bool:
+    """True if ``pid`` is that of a worker started at ``started`` (epoch s), still running.
+
+    A process with that pid that started later is another (the pid was used again); one
+    ended but not yet reaped by its parent (a zombie) is dead. A stopped worker writes pid
+    0 (see ``Worker._say_goodbye``): its process may run on.
+    """
+    if pid <= 0 or not pid_runs(pid):
+        return False
+    began = process_started(pid)
+    return began is None or not started or began <= started + _CLOCK_SLACK
 
 
 def _silent(worker_id: str, info: WorkerInfo) -> str:

@@ -20,6 +20,7 @@ that of a child killed or replaced while the worker serves on is ended at once (
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -30,6 +31,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 
+from nbtask._process import boot_id
 from nbtask._text import redact_url
 from nbtask.brokers import Transport, broker_kind, open_broker
 from nbtask.core.datasets import Loader, data_queue
@@ -113,6 +115,7 @@ class Worker:
         self.tasks = dict(tasks or {})
         self.parent_pid = parent_pid
         self.hostname = socket.gethostname()
+        self._boot = boot_id()
         self.worker_id = f"{self.hostname}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.consumers = [f"{self.worker_id}-{slot}" for slot in range(self.concurrency)]
         # Each child also serves a queue of its own: work on the values it holds goes there.
@@ -147,7 +150,14 @@ class Worker:
         self.signer = Signer.for_settings(self.settings, self.secret)
         self.lost = LostTasks(self.transport, self.signer, self.settings, self._running_now)
         self.dead = DeadWorkers(
-            self.worker_id, self.transport, self.signer, self.lost, self.settings.visibility_timeout
+            self.worker_id,
+            self.transport,
+            self.signer,
+            self.lost,
+            self.settings.visibility_timeout,
+            self.settings.heartbeat_interval,
+            self.hostname,
+            self._boot,
         )
         self.transport.ensure_queues(self.queues)
         # Said, not refused: the registry is unsigned (an entry anyone with write access
@@ -382,7 +392,10 @@ class Worker:
             self.store.forget_holdings(self.consumers)
             if left:
                 # Left to the next worker that cleans up after dead ones: it looks again
-                # until the broker lets it delete them (see DeadWorkers.reclaim).
+                # until the broker lets it delete them (see DeadWorkers.reclaim). Pid 0:
+                # stopped, though this process may run on (a worker run in a program).
+                with contextlib.suppress(BrokerUnavailable):  # shown stopped all the same
+                    self.store.heartbeat(self.worker_id, dataclasses.replace(self._info(), pid=0))
                 self.store.end_heartbeat(self.worker_id)
                 log.warning("left queue(s) %s to another worker's clean-up", ", ".join(left))
             else:
@@ -409,6 +422,7 @@ class Worker:
             keys=self.signer.accepted_key_ids,
             pids=self._pool.pids(),
             broker=self.broker,
+            boot=self._boot,
         )
 
     def _announce_versions(self) -> None:
