@@ -6,13 +6,14 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import kombu as _kombu
-from amqp.exceptions import ConsumerCancelled
+from amqp.exceptions import ChannelError, ConsumerCancelled
 
 from nbtask._process import current_pid
 from nbtask._text import redact_url
@@ -175,8 +176,11 @@ class Links(OtherThreads):
                 f"({limit} bytes): {exc}. Pass large data by reference, or keep "
                 "NBTASK_BLOB_THRESHOLD below that size"
             )
+        code = getattr(exc, "code", None)
+        if isinstance(exc, ChannelError) and code == 404:
+            return BrokerUnavailable(_not_found(redact_url(self.url), exc))
         # RabbitMQ answered, and refused: 403 ACCESS_REFUSED (login), 530 NOT_ALLOWED (vhost).
-        refused = getattr(exc, "code", None) in (403, 530)
+        refused = code in (403, 530)
         hint = (
             "Check the user name, password and vhost in the URL"
             if refused
@@ -435,3 +439,21 @@ class Links(OtherThreads):
         call = getattr(self._local, "call", 0)
         outgoing = Outgoing(routing_key, raw, persistent, dict(headers or {}), task_id, call)
         link.publish(outgoing)
+
+
+def _not_found(url: str, exc: ChannelError) -> str:
+    """What a 404 NOT_FOUND means: RabbitMQ runs, but what was used is not there.
+
+    Most often a queue deleted while in use: by nbtask's clean-up after a worker taken for
+    dead, an operator (``rabbitmqctl delete_queue``), a policy, or another program.
+    """
+    said = str(exc).rstrip(".")
+    queue = re.search(r"no queue '([^']*)'", getattr(exc, "reply_text", "") or said)
+    if queue is None:
+        return f"RabbitMQ at {url} runs, but has no such object ({said})"
+    return (
+        f"RabbitMQ at {url} runs, but has no queue {queue.group(1)!r} ({said}): it was "
+        "deleted while in use (by nbtask's clean-up after a worker that looked dead, "
+        "'rabbitmqctl delete_queue', a policy, or another program). A new connection "
+        "declares it again at its next use; if this keeps happening, find what deletes it"
+    )
