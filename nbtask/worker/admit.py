@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import Protocol
 
+from nbtask._process import current_pid
 from nbtask.brokers import Delivery, StartBy, Transport, Verdict
 from nbtask.core.task import Task
 from nbtask.errors import NbtaskError
@@ -269,7 +269,10 @@ class Admission:
         A duplicate or a replay of a finished task leaves that task's record as it is.
         """
         verdict, message = admitted.delivery.verdict, admitted.message
-        by = StartBy(self.hostname, str(os.getpid()), self.consumer)
+        if verdict == Verdict.OK:  # decided with the delivery: the usual case
+            return None
+        # The pid the transport's own start check names (current_pid: no system call).
+        by = StartBy(self.hostname, str(current_pid()), self.consumer)
         copy = (message.retries, message.rejects)
         # A revoke kept in its record is checked here (the start check cannot), then the
         # check asked again with it; one that changed in between is handed back again. One
