@@ -324,11 +324,16 @@ def closed_by_server(connection: Any) -> bool:
     sock = connection._sock  # redis-py has no public accessor
     if sock is None:
         return True
-    # Polled first: a socket with a timeout (redis-py sets one) would wait for data to
-    # peek at, and most of the time there is none.
+    lean = _lean(connection)
+    if lean and sock.gettimeout() is not None:
+        # A socket with a timeout is non-blocking underneath: read at once, one system
+        # call whether or not something came (a reply owed for a publish most often has).
+        return not _read_ahead(connection)
+    # Polled first: a blocking socket would wait for data to read or peek at, and most of
+    # the time there is none.
     if not _poll_of(connection, sock.fileno()).poll(0):
         return False  # nothing to read: open, every reply read
-    if _lean(connection):
+    if lean:
         return not _read_ahead(connection)
     try:
         # On the socket itself: a TLS one (rediss://) refuses flags. Its bytes are

@@ -10,6 +10,8 @@ socket's buffer (the rest follows in order).
 
 from __future__ import annotations
 
+import select
+import types
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,9 @@ import redis
 from helpers import ledger_runs
 
 from nbtask import App
+from nbtask.brokers import redis_resp
 from nbtask.brokers.redis_link import RedisLink
+from nbtask.brokers.redis_resp import closed_by_server, send_first
 from nbtask.brokers.redis_store import RedisStore
 
 RECORD = "tests.sample_tasks.record_id"  # appends its id to a file: counts runs
@@ -97,3 +101,39 @@ def test_a_command_on_a_connection_redis_closed_while_idle_runs_once_on_a_new_on
     finally:
         link.close()
         r.delete(key)
+
+
+def test_the_look_for_a_closed_connection_reads_at_once_without_polling(
+    r: redis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A connection with a timeout is non-blocking underneath: the look after each publish
+    # is one read, whether nothing came, a reply came (kept in the parser, read later
+    # without waiting) or the server closed the connection; never a poll before it.
+    polls: list[object] = []
+
+    def counted_poll() -> object:
+        polls.append(None)
+        return select.poll()
+
+    counted = types.SimpleNamespace(poll=counted_poll, POLLIN=select.POLLIN)
+    monkeypatch.setattr(redis_resp, "select", counted)
+    link = RedisLink(redis_url, "broker")
+    try:
+        assert link.run([("PING",)]) == [b"PONG"]
+        connection = link._connection()
+        sock = connection._sock
+        assert sock is not None and sock.gettimeout() is not None
+        polls.clear()  # (the PING's own read waited for its reply)
+        assert closed_by_server(connection) is False  # nothing came: open
+
+        assert send_first(connection, [b"*1\r\n$4\r\nPING\r\n"])
+        assert select.select([sock], [], [], 30)[0]  # the reply has come
+        assert closed_by_server(connection) is False
+        assert connection._parser._reader.gets() == b"PONG"  # read by the look itself
+
+        kill_this_threads_connection(link, r)
+        assert select.select([sock], [], [], 30)[0]  # the end of the connection has come
+        assert closed_by_server(connection) is True
+        assert polls == []
+    finally:
+        link.close()
