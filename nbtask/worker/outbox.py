@@ -232,7 +232,9 @@ class Outbox:
     def end(self) -> int:
         """Flush what the task left and return the sequence number for its final event."""
         left = _thread_ids()
-        if self._timed:
+        if self._timed and not self._started_due:
+            # An alarm that went off is spent (it fires once): only a task that ended
+            # before its ``started`` was due costs the system call that disarms it.
             self._alarm.disarm()
         with self._lock:
             if not self._output and self._progress is None:

@@ -390,3 +390,39 @@ def test_a_task_that_ends_before_its_started_is_due_sends_none_and_a_longer_one_
     wait_until(lambda: quick_recording.count() == 1, 10, "the started event, once due")
     assert quick_recording.kinds(0) == ["started"]
     other_seen.wait_for(EventType.STARTED)
+
+
+def counted_disarms(box: Outbox, monkeypatch: pytest.MonkeyPatch) -> list[None]:
+    """The calls of ``box``'s alarm's disarm() from now on (it still disarms)."""
+    calls: list[None] = []
+    disarm = box._alarm.disarm
+
+    def counted() -> None:
+        calls.append(None)
+        disarm()
+
+    monkeypatch.setattr(box._alarm, "disarm", counted)
+    return calls
+
+
+def test_an_alarm_that_went_off_is_not_disarmed_and_the_next_task_still_announces_itself(
+    app: App, outbox: Any, patient_outbox: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    box, recording, _clock = outbox  # the default: due after half a millisecond
+    if not box._alarm.available:
+        pytest.skip("no timerfd here: the outbox rings its bell at once instead")
+    disarms = counted_disarms(box, monkeypatch)
+    for sent in (1, 2):
+        handle, seen = following(app)
+        box.begin(handle.id, app.channel, {"worker": "w", "pid": 1}, run=run_of(app))
+        wait_until(lambda n=sent: recording.count() == n, 10, "the started event, once due")
+        box.end()
+        seen.wait_for(EventType.STARTED)
+    assert disarms == [], "an alarm that had gone off (spent) was disarmed"
+
+    patient, patient_recording = patient_outbox  # due after a minute
+    patient_disarms = counted_disarms(patient, monkeypatch)
+    patient.begin(uuid.uuid4().hex, app.channel, {"worker": "w", "pid": 1}, run=run_of(app))
+    patient.end()
+    assert patient_disarms == [None], "the alarm of a task that ended before it was due"
+    assert patient_recording.count() == 0
