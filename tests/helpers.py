@@ -31,6 +31,7 @@ from nbtask.errors import BrokerUnavailable
 from nbtask.wire.events import Event, EventType
 from nbtask.wire.holdings import Held
 from nbtask.wire.message import TaskMessage
+from nbtask.wire.records import WorkerInfo
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -285,6 +286,21 @@ class WorkerProcess:
     def children(self) -> list[psutil.Process]:
         """The worker's child processes, without the short-lived probe of its versions."""
         return [c for c in psutil.Process(self.pid).children() if not _is_versions_probe(c)]
+
+    def entry(self) -> tuple[str, WorkerInfo]:
+        """This worker's id and registry entry, read now whether or not its last heartbeat
+        is still fresh (on a loaded machine a short heartbeat can lapse for a moment, and
+        ``app.workers()`` then lists it not)."""
+        broker = open_broker(self.settings, self.settings.broker_url or "")
+        try:
+            [(worker_id, info)] = [
+                (worker_id, info)
+                for worker_id, info in broker.store.workers().items()
+                if info.pid == self.pid
+            ]
+        finally:
+            broker.close()
+        return worker_id, info
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Until the registry names the worker and its children: a start is no speed target

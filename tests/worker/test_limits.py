@@ -315,7 +315,7 @@ def test_a_rate_limit_bucket_nbtask_did_not_write_is_reset_not_waited_for(
     def limited() -> int:
         return 1
 
-    (worker_id,) = app.workers()
+    worker_id, _ = worker.entry()
     bucket = f"{prefix}:rate:{worker_id}:{limited.name}"
     if planted == "another type":
         r.hset(bucket, "junk", "1")

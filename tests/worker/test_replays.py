@@ -20,6 +20,7 @@ import nbtask
 from nbtask import App, Settings
 from nbtask.brokers.scripts import EXPIRY_UPKEEP_SECONDS
 from nbtask.core.holding import holder_queue
+from nbtask.wire.records import WorkerInfo
 
 pytestmark = pytest.mark.brokers
 
@@ -107,10 +108,14 @@ def test_state_reset_and_forgotten_as_ended_then_replayed_never_runs_again(
 def _started_by_the_live_child(app: App, access: RawBroker, task_id: str) -> None:
     """Rewrite a record's plain fields to "STARTED by the worker's own child": the
     registry names its host, pid and consumer to anyone with broker access."""
-    wait_until(
-        lambda: any(i.pids and i.pids[0] for i in app.workers().values()), 10, "the child's pid"
-    )
-    [info] = app.workers().values()
+    seen: list[WorkerInfo] = []
+
+    def child_listed() -> bool:  # kept as seen: a short heartbeat can lapse a moment after
+        seen[:] = [i for i in app.workers().values() if i.pids and i.pids[0]]
+        return bool(seen)
+
+    wait_until(child_listed, 10, "the child's pid")
+    [info] = seen
     fields = {
         "state": "STARTED",
         "worker": info.hostname,
