@@ -181,9 +181,9 @@ class LiveWorkers:
         sends heartbeats died, and that worker settles the task itself; or the worker
         left the registry (no heartbeat), and the task ends only when a live worker of
         the queue its message was on settles it, so a notebook waiting for it is told
-        rather than left waiting without a word. ``queue``: the queue it was sent to,
-        named when that of the worker that ran it is not known. Never raises, as
-        :meth:`waiting_reason`.
+        rather than left waiting without a word. ``queue``: the queue it was sent to (or
+        its last retry sent it to), named when that of the worker that ran it is not
+        known. Never raises, as :meth:`waiting_reason`.
         """
         hostname, pid = run.hostname, run.pid
         snapshot = self._quiet_read(lambda snapshot: _runs(snapshot, hostname, pid))
@@ -215,7 +215,7 @@ class LiveWorkers:
             served = [q for q in dead.queues if not is_holder_queue(q)]
             queues = queues if queue in served or not served else served
         named = " or ".join(repr(q) for q in queues)
-        if dead is None and run.retried:  # its retry may have named another queue
+        if dead is None and run.queue_unsure:  # its retry may have named another queue
             named = f"{queue!r} (or the one its retry named)"
         settled = (
             f"a live worker of queue {named} settles it (WORKER_LOST, or runs it again if "

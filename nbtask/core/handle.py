@@ -26,7 +26,7 @@ from nbtask.errors import (
     SendUnconfirmed,
 )
 from nbtask.settings import MAX_SECONDS, is_finite_number
-from nbtask.wire.events import FAILED_STATES, Deferred, Event, State
+from nbtask.wire.events import FAILED_STATES, Deferred, Event, EventType, State
 
 __all__ = ["Client", "FetchWatch", "StartedBy", "TaskHandle", "refusing_handles"]
 
@@ -72,8 +72,9 @@ class StartedBy(NamedTuple):
     pid: int
     #: When that run began (epoch seconds, its worker's clock); ``None`` if not known.
     began: float | None = None
-    #: Whether the task was retried: its message may be on another queue than its first.
-    retried: bool = False
+    #: Whether the task was retried to a queue its events did not name (a worker of an
+    #: older nbtask): its message may be on another queue than the handle's.
+    queue_unsure: bool = False
 
 
 class Client(Protocol):
@@ -133,7 +134,8 @@ class TaskHandle(CeleryResultNames, TaskEvents):
     name : str
         The task's registered name.
     queue : str
-        The queue it was sent to (empty when not known, e.g. a chain's later step).
+        The queue it was sent to (empty when not known, e.g. a chain's later step); after
+        a retry, the queue the retry sent it to (``self.retry(queue=...)`` may name another).
     label : str
         How the call is named on screen (``apply_async(label=...)``), empty if unnamed.
     sent : float or None
@@ -166,6 +168,8 @@ class TaskHandle(CeleryResultNames, TaskEvents):
         self._loading = threading.Lock()
         self._loaded: tuple[Any] | None = None
         self._closed_note: str | None = None  # why nothing follows it any more (AppClosed)
+        #: A retry's event named no queue (see :attr:`StartedBy.queue_unsure`).
+        self._queue_unsure = False
 
     @property
     def info(self) -> dict[str, Any]:
@@ -195,13 +199,23 @@ class TaskHandle(CeleryResultNames, TaskEvents):
         if self._task_state is State.STARTED:
             host, pid = self._info.get("worker"), self._info.get("pid")
             if isinstance(host, str) and isinstance(pid, int):
-                retried = bool(self._info.get("retries"))
-                run = StartedBy(self.id, host, pid, self._run_began, retried)
+                run = StartedBy(self.id, host, pid, self._run_began, self._queue_unsure)
                 return self.app.waiting_reason(self.queue, run)
             return None
         if self._task_state is not State.PENDING:
             return None
         return self.app.waiting_reason(self.queue)
+
+    def _apply(self, event: Event) -> None:
+        super()._apply(event)
+        if event.type is EventType.RETRY:
+            # Its signed event names where the retry waits and runs: the handle's queue
+            # from now on (what it waits for, who settles it if its worker dies).
+            queue = event.data.get("queue")
+            if isinstance(queue, str) and queue:
+                self.queue, self._queue_unsure = queue, False
+            else:
+                self._queue_unsure = True
 
     def ready(self) -> bool:
         """True once the task reached a final state."""

@@ -265,6 +265,9 @@ class Runner:
             "reason": str(cause),
             "retries": message.retries + 1,
             "eta": time.time() + exc.when,
+            # Where the retry waits and runs (retry(queue=...) may name another queue):
+            # its client's handle follows it there.
+            "queue": exc.queue or message.queue,
         }
         outcome = Outcome(Event(EventType.RETRY, message.id, seq, data, run=message.run), exc=cause)
         outcome.einfo, outcome.retry_in = exception_info(cause), exc.when

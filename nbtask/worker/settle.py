@@ -270,7 +270,10 @@ def outcome_fields(
     state = outcome.state
     if state is State.RETRY:
         # Parked once per retry number (see nbtask.wire.records.PARKED).
-        return {**final_fields(state, b""), PARKED: str(message.retries + 1)}
+        fields = {**final_fields(state, b""), PARKED: str(message.retries + 1)}
+        if outcome.retry_queue:  # retry(queue=...): the record names where it waits now
+            fields["queue"] = outcome.retry_queue
+        return fields
     if not message.store_result:
         # backend=None: no result at all, only a signed note that the task ended, kept
         # like any record so that a replay of its message cannot run it again.
