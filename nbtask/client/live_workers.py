@@ -73,6 +73,8 @@ class LiveWorkers:
         self._key_id = key_id
         self._snapshot: _Snapshot | None = None
         self._failed_at = float("-inf")  # when a quiet read last failed
+        # (run, queue) -> when lost_reason last read the run's record, and what it said.
+        self._lost_said: dict[tuple[StartedBy, str], tuple[float, str | None]] = {}
         # Own queue -> the handles of work sent there, oldest first; weakly held, so a
         # handle (and its result) the notebook let go is not kept for this.
         self._at_holders: dict[str, collections.OrderedDict[str, weakref.ref[TaskHandle]]] = {}
@@ -189,6 +191,22 @@ class LiveWorkers:
         snapshot = self._quiet_read(lambda snapshot: _runs(snapshot, hostname, pid))
         if snapshot is None or _runs(snapshot, hostname, pid):
             return None
+        # Views ask often (a waiting cell ten times a second, a widget every second): what
+        # the task's record and the dead workers' entries said of this run is said again
+        # for REFRESH_SECONDS, as the registry's snapshot is, not read anew per look.
+        now, key = time.monotonic(), (run, queue)
+        said = self._lost_said.get(key)
+        if said is not None and now - said[0] <= REFRESH_SECONDS:
+            return said[1]
+        reason = self._lost_reason(run, queue, snapshot)
+        kept = {k: v for k, v in self._lost_said.items() if now - v[0] <= REFRESH_SECONDS}
+        kept[key] = (now, reason)
+        self._lost_said = kept  # (replaced whole: read by other threads without a lock)
+        return reason
+
+    def _lost_reason(self, run: StartedBy, queue: str, snapshot: _Snapshot) -> str | None:
+        """:meth:`lost_reason` once ``snapshot`` names no live process of ``run``."""
+        hostname, pid = run.hostname, run.pid
         try:
             record = self._store.get_record(run.task_id)
         except BrokerUnavailable:

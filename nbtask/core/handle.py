@@ -191,8 +191,8 @@ class TaskHandle(CeleryResultNames, TaskEvents):
         While it is ``STARTED`` by a worker process that is gone (a child killed, its
         worker alive; or a worker that stopped sending heartbeats: killed, its machine
         gone), it says so and what settles the task. It goes by the workers' registry as
-        read at most every few seconds (no broker round trip per look; the task's record
-        is read too while its process is gone); ``None`` once the task ended.
+        read at most every few seconds (no broker round trip per look), and so is the
+        task's record while its process is gone; ``None`` once the task ended.
         """
         if self.app is None or not self.queue or self.done():
             return None
