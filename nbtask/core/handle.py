@@ -185,7 +185,8 @@ class TaskHandle(CeleryResultNames, TaskEvents):
     def waiting_reason(self) -> str | None:
         """Why the task has not started, or may not end, when nbtask can tell; else ``None``.
 
-        While the task is ``PENDING`` and no live worker consumes its queue, this reads
+        While the task is ``PENDING`` (or waits for its retry) and no live worker consumes
+        its queue (the one its retry named), this reads
         ``"no live worker consumes queue 'gpu'"``: the task waits, queued, until a worker
         of that queue starts (``nbtask worker -Q gpu``), and then this is ``None`` again.
         While it is ``STARTED`` by a worker process that is gone (a child killed, its
@@ -202,7 +203,7 @@ class TaskHandle(CeleryResultNames, TaskEvents):
                 run = StartedBy(self.id, host, pid, self._run_began, self._queue_unsure)
                 return self.app.waiting_reason(self.queue, run)
             return None
-        if self._task_state is not State.PENDING:
+        if self._task_state not in (State.PENDING, State.RETRY):
             return None
         return self.app.waiting_reason(self.queue)
 

@@ -61,6 +61,29 @@ def test_a_task_retried_on_another_queue_is_on_that_queue_in_its_record_and_hand
     assert h.get(timeout=20) == "second"
 
 
+def test_a_task_retried_onto_a_queue_no_worker_consumes_says_so_while_it_waits(
+    app: App, start_worker
+) -> None:
+    """Retried to 'nowhere', which no live worker consumes: while it waits there its
+    waiting reason says so, as a task first sent there does. Before, a task waiting for
+    its retry gave no reason at all."""
+    start_worker(concurrency=1)
+
+    @app.task(bind=True, max_retries=1)
+    def strands(self: nbtask.Task) -> int:
+        raise self.retry(countdown=0, queue="nowhere")
+
+    h = strands.delay()
+    wait_until(lambda: h.state is State.RETRY, 20, "the retry")
+    assert h.queue == "nowhere"
+    wait_until(
+        lambda: h.waiting_reason == "no live worker consumes queue 'nowhere'",
+        10,
+        "the waiting reason to name the queue",
+    )
+    h.revoke()
+
+
 class _Asked:
     """A client that records what a handle asks it about its task's wait."""
 
