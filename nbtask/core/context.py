@@ -15,6 +15,7 @@ from nbtask.core.holding import Holding
 from nbtask.wire.envelope import Signer
 
 __all__ = [
+    "CELL_FRAMES",
     "PARTIAL_RESULT",
     "SHOWN_TRACEBACK",
     "Request",
@@ -37,6 +38,10 @@ PARTIAL_RESULT = "__nbtask_partial__"
 #: ... and, under this one, its traceback as a notebook would show it (IPython's coloured
 #: lines, a list of str): the FAILURE event carries it as ``shown_traceback``.
 SHOWN_TRACEBACK = "__nbtask_shown_traceback__"
+#: ... and a cell's ``SyntaxError``, under this one, the frames of the cell it passed
+#: through (``(filename, lineno, name, line)``, none when the cell's statement did not
+#: compile): it travels with the exception, and the notebook shows them as its own.
+CELL_FRAMES = "__nbtask_cell_frames__"
 
 
 @dataclasses.dataclass(frozen=True)

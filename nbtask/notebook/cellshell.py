@@ -15,10 +15,11 @@ import contextlib
 import functools
 import os
 import sys
+import traceback
 from collections.abc import Mapping
 from typing import Any
 
-from nbtask.core.context import PARTIAL_RESULT, SHOWN_TRACEBACK
+from nbtask.core.context import CELL_FRAMES, PARTIAL_RESULT, SHOWN_TRACEBACK
 from nbtask.errors import BlobError, BlobGone
 from nbtask.notebook import (
     cell_changes,
@@ -411,7 +412,10 @@ def _from_cell(error: BaseException, filename: str, partial: Any) -> BaseExcepti
             setattr(error, SHOWN_TRACEBACK, shown_traceback(error))
         elif isinstance(error, SyntaxError) and error.filename == filename:  # its own line
             setattr(error, SHOWN_TRACEBACK, shown_syntax_error(error))
-    if type(error) is SyntaxError:
+        if isinstance(error, SyntaxError):  # the notebook shows its frames as IPython does
+            frames = traceback.extract_tb(tb)
+            setattr(error, CELL_FRAMES, [(f.filename, f.lineno, f.name, f.line) for f in frames])
+    if isinstance(error, SyntaxError) and type(error) in (SyntaxError, IndentationError, TabError):
         # Its place travels in its args, which alone travel (not its attributes): a
         # compiler's error (``nonlocal`` at top level) has only its message there.
         place = (error.filename, error.lineno, error.offset, error.text)

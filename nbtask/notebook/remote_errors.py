@@ -5,7 +5,9 @@ A worker sends a cell's exception as a :class:`~nbtask.errors.RemoteError` namin
 the user's type where it can, its display the worker's traceback, which points at the
 cell's own lines. A ``NameError`` for a name the notebook defines says how to send it.
 Its frames are the worker's: ``%debug`` (and ``%pdb``) say so in one line instead of
-opening the debugger in nbtask's frames, where it was raised again.
+opening the debugger in nbtask's frames, where it was raised again. A ``SyntaxError``,
+which IPython shows by its frames (never by ``_render_traceback_``), is shown by the
+frames it would have had in the kernel, not by nbtask's.
 """
 
 from __future__ import annotations
@@ -17,20 +19,27 @@ import re
 import sys
 import traceback
 from collections.abc import Iterable, Mapping, MutableMapping
+from types import TracebackType
 from typing import Any
 
+from nbtask.core.context import CELL_FRAMES
 from nbtask.core.task_errors import task_exception
 from nbtask.errors import CellNameError, RemoteError
 from nbtask.wire.events import Event
 
 __all__ = [
     "WorkerErrorDebugger",
+    "WorkerSyntaxErrors",
     "exception_type",
     "failure_output",
     "local_exception",
     "said_first",
 ]
 
+#: The built-in ``SyntaxError`` types: made from ``(msg, (filename, lineno, ...))``.
+_SYNTAX_ERRORS = (SyntaxError, IndentationError, TabError)
+#: The line :func:`said_first` puts above an error, kept for a ``SyntaxError``'s frames.
+_SAID_FIRST = "__nbtask_said_first__"
 _NOT_DEFINED = re.compile(r"name '(\w+)' is not defined")
 _ON_A_WORKER = (
     "nbtask: the error was raised on a worker, and its frames are not in this kernel: "
@@ -53,7 +62,7 @@ def local_exception(exc: BaseException, namespace: MutableMapping[str, Any]) -> 
     if unsent is not None:
         return unsent
     if not isinstance(exc, RemoteError):
-        return _placed(exc) if type(exc) is SyntaxError else exc
+        return _placed(exc)
     cls = exception_type(exc.etype or None, exc.ename, namespace)
     if cls is None:
         return exc
@@ -74,18 +83,19 @@ def local_exception(exc: BaseException, namespace: MutableMapping[str, Any]) -> 
     return rebuilt
 
 
-def _placed(exc: SyntaxError) -> SyntaxError:
+def _placed(exc: BaseException) -> BaseException:
     """A worker's ``SyntaxError`` with its place again: as the kernel shows its own.
 
     It arrives without its ``msg``, ``filename``, ``lineno``... (rebuilt from its ``args``
     and attributes, not by its ``__init__``): made again from ``args``. IPython shows a
     ``SyntaxError`` by its place, its line and a caret (never by ``_render_traceback_``),
     after its cause: the worker's text, which says the same, is not its cause here.
+    ``IndentationError`` and ``TabError`` too, which are made as a ``SyntaxError`` is.
     """
-    if not isinstance(exc.__cause__, RemoteError):  # not a worker's
-        return exc
+    if type(exc) not in _SYNTAX_ERRORS or not isinstance(exc.__cause__, RemoteError):
+        return exc  # not a worker's built-in SyntaxError
     try:
-        placed = SyntaxError(*exc.args)
+        placed = type(exc)(*exc.args)
     except TypeError:  # not the (msg, (filename, lineno, ...)) it is made with
         return exc
     placed.__dict__.update(vars(exc))
@@ -117,6 +127,8 @@ def said_first(error: BaseException, line: str) -> BaseException:
     shown = [line, *(part.rstrip("\n") for part in below)]
     with contextlib.suppress(AttributeError):  # (a type with __slots__: shown as it is)
         error._render_traceback_ = lambda: shown  # type: ignore[attr-defined]
+        # A SyntaxError is shown by its frames instead (WorkerSyntaxErrors): above them.
+        setattr(error, _SAID_FIRST, line)
     return error
 
 
@@ -219,3 +231,72 @@ class WorkerErrorDebugger:
 
 def _raised_on_a_worker(error: object) -> bool:
     return isinstance(error, RemoteError) or hasattr(error, "remote_traceback")
+
+
+class WorkerSyntaxErrors:
+    """The shell's ``showsyntaxerror``, showing a worker's ``SyntaxError`` as the kernel's own.
+
+    IPython shows a ``SyntaxError`` raised as a cell runs below the frames of its
+    traceback: for a ``%%task`` cell's, the magic's and nbtask's, which raised it again.
+    Here its frames are those it would have had if the cell had run in the kernel: the
+    kernel's own above the cell, then the cell's on the worker. A statement of the cell
+    that did not compile has none, as IPython shows a cell's. Any other ``SyntaxError``
+    is shown as IPython shows it.
+    """
+
+    def __init__(self, shell: Any) -> None:
+        self._shell = shell
+        self._show = shell.showsyntaxerror
+
+    def install(self) -> None:
+        """Be the shell's ``showsyntaxerror`` (its ``showtraceback`` calls it)."""
+        self._shell.showsyntaxerror = self
+
+    def remove(self) -> None:
+        """Give the shell back its own ``showsyntaxerror``, unless another took over since."""
+        if vars(self._shell).get("showsyntaxerror") is self:
+            del self._shell.showsyntaxerror
+
+    def __call__(self, filename: str | None = None, running_compiled_code: bool = False) -> None:
+        """Show the last ``SyntaxError``, as IPython's ``showsyntaxerror``."""
+        # As IPython finds it, and kept as the last error (%debug, %tb) as IPython keeps it.
+        kind, error, tb = self._shell._get_exc_info()
+        frames = _cell_frames(error)
+        if frames is None:
+            self._show(filename, running_compiled_code)
+            return
+        shown = [*self._kernel_frames(tb), *frames] if frames else []
+        lines = self._shell.SyntaxTB.structured_traceback(kind, error, shown)
+        said = getattr(error, _SAID_FIRST, None)
+        self._shell._showtraceback(kind, error, [said, *lines] if said else lines)
+
+    def _kernel_frames(self, tb: TracebackType | None) -> list[traceback.FrameSummary]:
+        """The frames above the cell's call of ``%%task``: where the kernel ran the cell.
+
+        None when the magic was not called by the shell's ``run_cell_magic``.
+        """
+        magic = getattr(type(self._shell).run_cell_magic, "__code__", None)
+        above = 0
+        node = tb
+        while node is not None and node.tb_next is not None:
+            if node.tb_next.tb_frame.f_code is magic:
+                # Without the cell's line that calls it: the worker's frames of the cell.
+                return traceback.extract_tb(tb, limit=above)
+            above += 1
+            node = node.tb_next
+        return []
+
+
+def _cell_frames(error: object) -> list[traceback.FrameSummary] | None:
+    """A worker's ``SyntaxError``'s frames in the cell that raised it; ``None``: not one."""
+    frames = getattr(error, CELL_FRAMES, None)
+    if not isinstance(error, SyntaxError) or not isinstance(frames, list):
+        return None
+    try:
+        # A line the worker could not read (a function of an earlier cell) is read here.
+        return [
+            traceback.FrameSummary(str(filename), int(lineno), str(name), line=line or None)
+            for filename, lineno, name, line in frames
+        ]
+    except (TypeError, ValueError):  # not the frames a worker sends
+        return None

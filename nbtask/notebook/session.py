@@ -43,7 +43,7 @@ from nbtask.notebook.overview import TaskOverview
 from nbtask.notebook.own_lines import OwnLines
 from nbtask.notebook.pending import Pending
 from nbtask.notebook.releases import Releases, ReleaseTask
-from nbtask.notebook.remote_errors import WorkerErrorDebugger
+from nbtask.notebook.remote_errors import WorkerErrorDebugger, WorkerSyntaxErrors
 from nbtask.notebook.shipping import analyzed, prepare, transformed
 from nbtask.notebook.textchunks import note_latest_request
 from nbtask.notebook.version_warnings import VersionWarnings, modules_used
@@ -99,6 +99,7 @@ class Session(TaskOverview):
         self.inserter = WaitInserter(self.pending)
         self.syntax_check = CellSyntaxCheck(self.shell, transformed)
         self.debugger = WorkerErrorDebugger(self.shell)
+        self.syntax_errors = WorkerSyntaxErrors(self.shell)
         self.views: dict[str, TaskView] = {}
         self.attached: dict[str, str] = {}  # task id -> label, for tasks re-opened by id
         self.boards: list[TaskBoard] = []
@@ -120,6 +121,7 @@ class Session(TaskOverview):
         self.shell.ast_transformers.append(self.inserter)
         self.shell.input_transformer_manager.line_transforms.insert(0, self.syntax_check)
         self.debugger.install()
+        self.syntax_errors.install()
         self.shell.events.register("pre_run_cell", self._pre_run_cell)
         self._own_lines.add()
         self._ticker = threading.Thread(target=self._tick, name="nbtask-ticker", daemon=True)
@@ -151,6 +153,7 @@ class Session(TaskOverview):
         with contextlib.suppress(ValueError):  # not added
             self.shell.input_transformer_manager.line_transforms.remove(self.syntax_check)
         self.debugger.remove()
+        self.syntax_errors.remove()
         with contextlib.suppress(ValueError):  # not registered
             self.shell.events.unregister("pre_run_cell", self._pre_run_cell)
         self._own_lines.remove()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bdb
 import pdb
+import re
 import sys
 from typing import Any
 
@@ -203,12 +204,79 @@ def test_a_statement_that_does_not_compile_fails_after_those_before_it_ran(kc: A
         "SyntaxError",
         "'return' outside function (Cell In[4], line 3)",
     )
-    # Its line and caret as the local cell's, one line down (below %%task), after the
-    # frames IPython shows for a SyntaxError raised by a magic.
+    # Its line and caret alone, as the local cell's, one line down (below %%task): not
+    # below the frames of the magic, which raised it in the kernel.
     said = [line.replace("In[2], line 2", "In[4], line 3") for line in local["traceback"]]
-    assert error["traceback"][-1:] == said, error["traceback"]
+    assert error["traceback"] == said, error["traceback"]
     _, msgs, _ = execute(kc, "print(q_ret)")
     assert stream_text(msgs) == "1\n"
+
+
+def _cell_lines_moved(shown: dict[str, Any], below: int) -> list[str]:
+    """An error's traceback, plain, its own cell's lines counted ``below`` lines down.
+
+    That cell is named ``Cell In[N]``, whatever its number: a ``%%task`` cell's lines are
+    counted one down (below the ``%%task`` line), the same code run locally is not.
+    """
+    number = shown["execution_count"]
+
+    def moved(found: re.Match[str]) -> str:
+        if int(found[1]) != number:  # an earlier cell's, the same either way
+            return found[0]
+        return f"Cell In[N], line {int(found[2]) + below}"
+
+    return [_CELL_LINE.sub(moved, without_colours(line)) for line in shown["traceback"]]
+
+
+_CELL_LINE = re.compile(r"Cell In\[(\d+)\], line (\d+)")
+
+
+@pytest.mark.parametrize(
+    "raising",
+    [
+        'q_rt = 1\ncompile("x x", "f", "exec")',
+        'def q_exec():\n    exec("1 +")\nq_exec()',
+        'q_rt = 1\nexec("  x")',  # an IndentationError
+        "q_earlier()",  # through a function of an earlier cell, whose lines only the kernel has
+    ],
+)
+def test_a_syntax_error_the_cells_code_raises_shows_as_in_a_local_cell(
+    kc: Any, raising: str
+) -> None:
+    """As IPython shows any SyntaxError raised as a cell runs: the frames, then its place.
+
+    The frames are those a local cell's would be, not the magic's that raised it again.
+    """
+    execute(kc, 'def q_earlier():\n    compile("(", "g", "exec")')
+    errors = []
+    for cell in (raising, f"%%task --wait\n{raising}"):
+        _, msgs, reply = execute(kc, cell)
+        assert reply["content"]["status"] == "error", reply["content"]
+        errors.append({**_the_error(msgs), "execution_count": reply["content"]["execution_count"]})
+    local, task = errors
+    assert (task["ename"], task["evalue"]) == (local["ename"], local["evalue"]), task
+    shown = _cell_lines_moved(task, 0)
+    assert shown == _cell_lines_moved(local, 1), shown
+
+
+def test_a_background_cells_syntax_error_says_which_cell_above_its_frames(kc: Any) -> None:
+    """Raised in a later cell that reads its names, as any error of a background cell."""
+    _, _, reply = execute(kc, '%%task\nq_bg = 1\ncompile("x x", "f", "exec")')
+    assert reply["content"]["status"] == "ok", reply["content"]
+    _, msgs, reply = execute(kc, "print(q_bg)")
+    assert reply["content"]["status"] == "error", reply["content"]
+    error = _the_error(msgs)
+    shown = [without_colours(line) for line in error["traceback"]]
+    assert shown[0].startswith("nbtask: task 'q_bg = 1' ["), shown
+    assert shown[0].endswith(
+        "failed in the background; the names it bound before its error are set:"
+    )
+    # The cell's frame on the worker, then the error's place: not nbtask's frames.
+    assert shown[1:3] == [
+        "Traceback (most recent call last):\n",
+        '  Cell In[2], line 3\n    compile("x x", "f", "exec")\n',
+    ], shown
+    assert shown[3:] == ["  File f:1\n    x x\n      ^\nSyntaxError: invalid syntax\n"], shown
 
 
 def test_debug_after_a_cells_error_says_its_frames_are_on_the_worker(kc: Any) -> None:
