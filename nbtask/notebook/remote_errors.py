@@ -198,7 +198,26 @@ def _walk(obj: Any, names: Iterable[str]) -> Any:
     return obj
 
 
-class WorkerErrorDebugger:
+class _InTheShell:
+    """Stands in for one of the shell's methods (``method``) while installed."""
+
+    method = ""
+
+    def __init__(self, shell: Any) -> None:
+        self._shell = shell
+        self._own = getattr(shell, self.method)
+
+    def install(self) -> None:
+        """Be the shell's method (IPython calls it where it would call its own)."""
+        setattr(self._shell, self.method, self)
+
+    def remove(self) -> None:
+        """Give the shell back its own method, unless another took over since."""
+        if vars(self._shell).get(self.method) is self:
+            delattr(self._shell, self.method)
+
+
+class WorkerErrorDebugger(_InTheShell):
     """The shell's debugger (``%debug``, ``%pdb``), saying that a worker's error has no frames here.
 
     The exception a ``%%task`` cell raises in the notebook was raised on a worker: the
@@ -207,18 +226,7 @@ class WorkerErrorDebugger:
     is debugged as IPython would.
     """
 
-    def __init__(self, shell: Any) -> None:
-        self._shell = shell
-        self._debugger = shell.debugger
-
-    def install(self) -> None:
-        """Be the shell's debugger (IPython's ``%debug`` and ``%pdb`` call it)."""
-        self._shell.debugger = self
-
-    def remove(self) -> None:
-        """Give the shell back its own debugger, unless another took over since."""
-        if vars(self._shell).get("debugger") is self:
-            del self._shell.debugger
+    method = "debugger"
 
     def __call__(self, force: bool = False) -> None:
         """Debug the last error, as IPython's ``debugger``, unless a worker raised it."""
@@ -226,14 +234,14 @@ class WorkerErrorDebugger:
         if (force or self._shell.call_pdb) and _raised_on_a_worker(error):
             print(_ON_A_WORKER, file=sys.stderr)
             return
-        self._debugger(force)
+        self._own(force)
 
 
 def _raised_on_a_worker(error: object) -> bool:
     return isinstance(error, RemoteError) or hasattr(error, "remote_traceback")
 
 
-class WorkerSyntaxErrors:
+class WorkerSyntaxErrors(_InTheShell):
     """The shell's ``showsyntaxerror``, showing a worker's ``SyntaxError`` as the kernel's own.
 
     IPython shows a ``SyntaxError`` raised as a cell runs below the frames of its
@@ -244,18 +252,7 @@ class WorkerSyntaxErrors:
     is shown as IPython shows it.
     """
 
-    def __init__(self, shell: Any) -> None:
-        self._shell = shell
-        self._show = shell.showsyntaxerror
-
-    def install(self) -> None:
-        """Be the shell's ``showsyntaxerror`` (its ``showtraceback`` calls it)."""
-        self._shell.showsyntaxerror = self
-
-    def remove(self) -> None:
-        """Give the shell back its own ``showsyntaxerror``, unless another took over since."""
-        if vars(self._shell).get("showsyntaxerror") is self:
-            del self._shell.showsyntaxerror
+    method = "showsyntaxerror"  # (its showtraceback calls it)
 
     def __call__(self, filename: str | None = None, running_compiled_code: bool = False) -> None:
         """Show the last ``SyntaxError``, as IPython's ``showsyntaxerror``."""
@@ -263,7 +260,7 @@ class WorkerSyntaxErrors:
         kind, error, tb = self._shell._get_exc_info()
         frames = _cell_frames(error)
         if frames is None:
-            self._show(filename, running_compiled_code)
+            self._own(filename, running_compiled_code)
             return
         shown = [*self._kernel_frames(tb), *frames] if frames else []
         lines = self._shell.SyntaxTB.structured_traceback(kind, error, shown)
