@@ -149,9 +149,13 @@ end
 # running, waiting to retry, or final: revoked before a worker sent a chain's next step,
 # or an id reused) stays as it is, and its state is returned; else ''. An id its sender
 # has just drawn at random (`new` = '1': no reply is awaited, so no refusal could be
-# told) cannot be held by any task: it is written without looking (two commands less
-# per delay()); a copy sent again looks (redis_owed.looking: `new` is ARGV[7] of every
-# script calling this). The index is
+# told) cannot be held by any task: it is written without the full look (one command
+# less per delay()); a copy sent again looks (redis_owed.looking: `new` is ARGV[7] of
+# every script calling this). Its state is still written only where there is none: on
+# RabbitMQ the message goes apart, and Redis, which runs what several connections sent in
+# the order it reads them, may run the worker's start check (or the task's end) first;
+# PENDING over it would make the running task look unstarted (a revoke would not stop it).
+# The index is
 # trimmed to `ttl` and its expiry pushed back unless `upkeep` is '0': a client sending
 # many tasks does that once every INDEX_UPKEEP_SECONDS, and the index is kept that much
 # longer than `ttl` so it never goes before the newest task it names.
@@ -165,8 +169,18 @@ local function write_pending(key, ttl, index, now, task_id, fields, upkeep, new)
     local state, outcome = own_record(key)
     if state then return state end
     if outcome or ended(key) then return 'FINISHED' end
+  else
+    for i = 1, #fields, 2 do
+      if fields[i] == 'state' then
+        if redis.call('HSETNX', key, 'state', fields[i + 1]) == 0 then
+          table.remove(fields, i + 1)
+          table.remove(fields, i)
+        end
+        break
+      end
+    end
   end
-  redis.call('HSET', key, unpack(fields))
+  if #fields > 0 then redis.call('HSET', key, unpack(fields)) end
   redis.call('EXPIRE', key, ttl)
   if index ~= '' then
     -- Another type there was not written by nbtask, and would stop every send.

@@ -1,0 +1,54 @@
+"""A task's PENDING record that Redis writes after its start check leaves it started.
+
+On RabbitMQ a client writes the record to Redis, then publishes the message apart. The
+record's write is sent first, but Redis runs what several connections sent in the order
+it reads them: on a busy machine a worker that got the message at once may have its
+start check run first. Before, the PENDING written then made the running task look
+unstarted, and ``revoke(terminate=True)`` marked it revoked without stopping it.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from raw_broker import RawBroker
+
+from nbtask.brokers import Publish, StartBy
+from nbtask.wire.events import State
+
+pytestmark = pytest.mark.brokers("redis")
+
+
+def test_a_pending_record_written_after_the_start_check_leaves_the_task_started(
+    access: RawBroker,
+) -> None:
+    store = access.keys
+    task_id = uuid.uuid4().hex
+    channel = store.channel_key(uuid.uuid4().hex[:16])
+    assert store.start(task_id, StartBy("host", "1", "consumer")) == "OK"
+    record = {"state": "PENDING", "client": channel, "name": "t", "queue": "default"}
+    # A lone send that waits for nothing: written as new, its reply read later.
+    store.write_pending([Publish("default", task_id, b"message", record)], wait=False)
+    store.link.settle_owed()
+    kept = store.get_record(task_id)
+    assert kept is not None
+    assert kept.state is State.STARTED
+    raw = access.record(task_id)  # the rest of the record is written
+    assert (raw[b"client"], raw[b"name"]) == (channel.encode(), b"t")
+    # So a revoke sees it running (it keeps the revoke for the task's next start).
+    assert store.revoke_pending(task_id, b"revoked", channel) == ""
+    after = store.get_record(task_id)
+    assert after is not None and after.state is State.STARTED
+
+
+def test_a_new_tasks_pending_record_is_written_whole(access: RawBroker) -> None:
+    store = access.keys
+    task_id = uuid.uuid4().hex
+    channel = store.channel_key(uuid.uuid4().hex[:16])
+    record = {"state": "PENDING", "client": channel, "name": "t", "queue": "default"}
+    store.write_pending([Publish("default", task_id, b"message", record)], wait=False)
+    store.link.settle_owed()
+    kept = store.get_record(task_id)
+    assert kept is not None
+    assert (kept.state, kept.client, kept.name) == (State.PENDING, channel, "t")
