@@ -151,10 +151,12 @@ end
 # has just drawn at random (`new` = '1': no reply is awaited, so no refusal could be
 # told) cannot be held by any task: it is written without the full look (one command
 # less per delay()); a copy sent again looks (redis_owed.looking: `new` is ARGV[7] of
-# every script calling this). Its state is still written only where there is none: on
-# RabbitMQ the message goes apart, and Redis, which runs what several connections sent in
-# the order it reads them, may run the worker's start check (or the task's end) first;
-# PENDING over it would make the running task look unstarted (a revoke would not stop it).
+# every script calling this). Where the message goes apart (RabbitMQ: `with_message`
+# false), its state is still written only where there is none: Redis, which runs what
+# several connections sent in the order it reads them, may run the worker's start check
+# (or the task's end) first, and PENDING over it would make the running task look
+# unstarted (a revoke would not stop it). A Streams publish queues the message in the
+# same script: nothing can have started it.
 # The index is
 # trimmed to `ttl` and its expiry pushed back unless `upkeep` is '0': a client sending
 # many tasks does that once every INDEX_UPKEEP_SECONDS, and the index is kept that much
@@ -164,12 +166,12 @@ WRITE_PENDING = lua(
     ENDED,
     ZADD_REPLACING,
     """
-local function write_pending(key, ttl, index, now, task_id, fields, upkeep, new)
+local function write_pending(key, ttl, index, now, task_id, fields, upkeep, new, with_message)
   if new ~= '1' then
     local state, outcome = own_record(key)
     if state then return state end
     if outcome or ended(key) then return 'FINISHED' end
-  else
+  elseif not with_message then
     for i = 1, #fields, 2 do
       if fields[i] == 'state' then
         if redis.call('HSETNX', key, 'state', fields[i + 1]) == 0 then

@@ -40,7 +40,7 @@ _PUBLISH = (
     WRITE_PENDING
     + """
 local refused = write_pending(KEYS[3], ARGV[2], KEYS[4], ARGV[5], ARGV[4], {unpack(ARGV, 8)},
-                              ARGV[6], ARGV[7])
+                              ARGV[6], ARGV[7], true)
 if refused ~= '' then return refused end
 if ARGV[3] == '' then
   redis.call('XADD', KEYS[1], '*', 'e', ARGV[1], 'n', '0', 'i', ARGV[4])
