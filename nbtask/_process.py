@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -18,13 +19,18 @@ __all__ = [
     "die_with_parent",
     "group_members",
     "interrupts_held",
+    "is_this_host",
     "pid_alive",
     "pid_runs",
     "process_started",
+    "runs_here",
     "sigint_handled_by",
 ]
 
 _PR_SET_PDEATHSIG = 1
+#: Seconds a process may seem to have started after its owner says it did and still be
+#: that one (the two clocks read: /proc's boot time is whole seconds).
+_CLOCK_SLACK = 2.0
 
 # This process's id, renewed in every child ``os.fork`` makes (``multiprocessing``'s
 # too): ``os.getpid()`` is a system call each time, and the broker connections ask on
@@ -189,3 +195,26 @@ def interrupts_held() -> Iterator[None]:
         yield
     if caught:
         signal.raise_signal(signal.SIGINT)  # through the handler now in place, as it came
+
+
+def is_this_host(hostname: str, boot: str) -> bool:
+    """True if a process of host ``hostname`` whose kernel said ``boot`` runs on this one.
+
+    Two hosts may share a name: where both say their kernel's boot id, that decides too
+    (another host's differs, as does this one's after a reboot).
+    """
+    here = boot_id()
+    return hostname == socket.gethostname() and (not (boot and here) or boot == here)
+
+
+def runs_here(hostname: str, boot: str, pid: int, started: float) -> bool:
+    """True if process ``pid`` of ``hostname`` (:func:`is_this_host`) runs here now.
+
+    The process with that pid must run (not a zombie) and not have started after
+    ``started`` (epoch s; then the pid was used again). ``pid`` 0 or less: nothing runs
+    (a stopped worker says so).
+    """
+    if pid <= 0 or not is_this_host(hostname, boot) or not pid_runs(pid):
+        return False
+    began = process_started(pid)
+    return began is None or not started or began <= started + _CLOCK_SLACK

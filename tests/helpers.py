@@ -293,10 +293,11 @@ class WorkerProcess:
         ``app.workers()`` then lists it not)."""
         broker = open_broker(self.settings, self.settings.broker_url or "")
         try:
+            registered = {**broker.store.dead_workers(), **broker.store.workers()}
             [(worker_id, info)] = [
                 (worker_id, info)
-                for worker_id, info in broker.store.workers().items()
-                if info.pid == self.pid
+                for worker_id, info in registered.items()
+                if info is not None and info.pid == self.pid
             ]
         finally:
             broker.close()

@@ -5,6 +5,10 @@ workers of a queue share this client's secret (else the send is refused), and wh
 live worker consumes the queue at all (else the task's handle says why it waits). Both
 read one snapshot of the registry, read again at most every :data:`REFRESH_SECONDS`.
 
+A worker whose heartbeat lapsed is not said gone at once: one paused a moment (a loaded
+host, a long collection) misses heartbeats too. Its process is looked at if it ran on this
+host; one of another host is taken for late for :data:`LATE_SECONDS`.
+
 It also keeps what the registry cannot say yet: the work this client sent to one worker
 process's own queue (where a kept value is held) and has not seen end, so work on kept
 values sent back to back knows that process is busy before the process announces it.
@@ -19,6 +23,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 
+from nbtask._process import is_this_host, runs_here
 from nbtask._text import printable
 from nbtask.brokers import Store
 from nbtask.core.datasets import dataset_of_queue
@@ -27,13 +32,17 @@ from nbtask.core.holding import is_holder_queue
 from nbtask.errors import BrokerUnavailable, ConfigurationError
 from nbtask.wire.records import WorkerInfo
 
-__all__ = ["REFRESH_SECONDS", "LiveWorkers"]
+__all__ = ["LATE_SECONDS", "REFRESH_SECONDS", "LiveWorkers"]
 
 #: The oldest snapshot of the registry that sending and handles go by, seconds.
 REFRESH_SECONDS = 2.0
 #: The oldest snapshot that may say a queue or a process has no live worker, seconds: a
 #: worker (or child) that started since is seen before a task is said to lack one.
 NEGATIVE_SECONDS = 0.25
+
+#: How long a worker of another host whose heartbeat lapsed is taken for late, not gone,
+#: from when this client first found it lapsed, seconds (its process cannot be looked at).
+LATE_SECONDS = 5.0
 
 #: How much of a worker's id (unsigned: anyone's text) an error names.
 _NAMED_CHARS = 60
@@ -52,6 +61,8 @@ class _Snapshot:
     queues: frozenset[str] = dataclasses.field(init=False)
     #: Queues whose workers in this snapshot were found to share the client's secret.
     trusted: set[str] = dataclasses.field(default_factory=set)
+    #: The registered workers whose heartbeat lapsed, read when first needed.
+    lapsed: dict[str, WorkerInfo] | None = None
 
     def __post_init__(self) -> None:
         self.queues = frozenset(q for info in self.workers.values() for q in info.queues)
@@ -73,6 +84,8 @@ class LiveWorkers:
         self._key_id = key_id
         self._snapshot: _Snapshot | None = None
         self._failed_at = float("-inf")  # when a quiet read last failed
+        # Worker id -> when this client first found its heartbeat lapsed (time.monotonic()).
+        self._lapse_seen: dict[str, float] = {}
         # (run, queue) -> when lost_reason last read the run's record, and what it said.
         self._lost_said: dict[tuple[StartedBy, str], tuple[float, str | None]] = {}
         # Own queue -> the handles of work sent there, oldest first; weakly held, so a
@@ -144,6 +157,12 @@ class LiveWorkers:
             return self.lost_reason(started_by, queue)
         snapshot = self._quiet_read(lambda snapshot: queue in snapshot.queues)
         if snapshot is None or queue in snapshot.queues:
+            return None
+        try:
+            if self._late(snapshot, lambda info: queue in info.queues):
+                return None
+        except BrokerUnavailable:
+            self._failed_at = time.monotonic()
             return None
         dataset = dataset_of_queue(queue)
         if dataset is None:
@@ -227,7 +246,13 @@ class LiveWorkers:
                 f"(pid {owner.pid}) is alive and settles it: WORKER_LOST, or it runs again "
                 "if acks_late"
             )
-        dead = self._dead_worker(consumer)
+        try:
+            if consumer and self._late(snapshot, lambda info: consumer in info.consumers):
+                return None
+            lapsed = self._lapsed(snapshot).values()
+            dead = next((i for i in lapsed if consumer and consumer in i.consumers), None)
+        except BrokerUnavailable:  # the dead worker is not known: its process is named
+            dead = None
         queues = [queue]
         if dead is not None:  # a retry may have sent the task to another of its queues
             served = [q for q in dead.queues if not is_holder_queue(q)]
@@ -249,19 +274,42 @@ class LiveWorkers:
         )
         return f"{who} stopped sending heartbeats: {settled}"
 
-    def _dead_worker(self, consumer: str) -> WorkerInfo | None:
-        """The registry entry of the dead worker one of whose processes was ``consumer``.
+    def _lapsed(self, snapshot: _Snapshot) -> dict[str, WorkerInfo]:
+        """The workers whose heartbeat lapsed, as read once for ``snapshot``.
 
-        ``None`` if not known: no consumer, or a live worker has cleaned up after that
-        worker already (its entry is gone), or the registry cannot be read.
+        Raises
+        ------
+        BrokerUnavailable
+            The registry cannot be read.
         """
-        if not consumer:
-            return None
-        try:
+        if snapshot.lapsed is None:
             dead = self._store.dead_workers()
-        except BrokerUnavailable:
-            return None
-        return next((i for i in dead.values() if i is not None and consumer in i.consumers), None)
+            snapshot.lapsed = {w: i for w, i in dead.items() if i is not None}
+            now, seen = time.monotonic(), self._lapse_seen
+            self._lapse_seen = {w: seen.get(w, now) for w in snapshot.lapsed}
+        return snapshot.lapsed
+
+    def _late(self, snapshot: _Snapshot, serves: Callable[[WorkerInfo], bool]) -> bool:
+        """Whether a worker that ``serves`` whose heartbeat lapsed may only be late.
+
+        Of this host: its process still runs. Of another: it was first found lapsed less
+        than :data:`LATE_SECONDS` ago.
+
+        Raises
+        ------
+        BrokerUnavailable
+            The registry cannot be read.
+        """
+        now = time.monotonic()
+        for worker_id, info in self._lapsed(snapshot).items():
+            if not serves(info):
+                continue
+            if is_this_host(info.hostname, info.boot):
+                if runs_here(info.hostname, info.boot, info.pid, info.started):
+                    return True
+            elif now - self._lapse_seen.get(worker_id, now) < LATE_SECONDS:
+                return True
+        return False
 
     def note_sent(self, handles: Sequence[TaskHandle]) -> None:
         """Remember the work sent to worker processes' own queues until it ends."""

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Sequence
 
-from nbtask._process import pid_runs, process_started
+from nbtask._process import runs_here
 from nbtask.brokers import Transport
 from nbtask.core.holding import holder_queue
 from nbtask.wire.envelope import Signer
@@ -35,9 +35,6 @@ RECLAIM_PER_BEAT = 100
 #: Seconds between the reads of an idle worker process at most (its fetch's wait, see
 #: ``Child._serve``): one that read within heartbeats and this is taken for alive.
 _READ_EVERY = 1.0
-#: Seconds a process may seem to have started after its worker did and still be that
-#: worker's (the two clocks read: /proc's boot time is whole seconds).
-_CLOCK_SLACK = 2.0
 
 
 class DeadWorkers:
@@ -58,9 +55,6 @@ class DeadWorkers:
         Seconds a lease goes unrenewed before its delivery counts as lost.
     heartbeat_interval
         Seconds between heartbeats (a worker misses three before it looks dead).
-    hostname, boot
-        This host, and its kernel's boot id: a worker of it whose process still runs is
-        alive, not dead.
     """
 
     def __init__(
@@ -71,16 +65,12 @@ class DeadWorkers:
         lost: LostTasks,
         visibility_timeout: float,
         heartbeat_interval: float,
-        hostname: str,
-        boot: str,
     ) -> None:
         self.worker_id = worker_id
         self.transport = transport
         self.signer = signer
         self.lost = lost
         self.visibility_timeout = visibility_timeout
-        self.hostname = hostname
-        self.boot = boot
         self._read_within = 3 * heartbeat_interval + _READ_EVERY
         self._left_to_others: set[str] = set()  # dead workers whose secrets this one lacks
         self._queues_left: set[str] = set()  # dead workers whose queues are still consumed
@@ -177,22 +167,13 @@ class DeadWorkers:
         """
         if self.transport.store.beats(worker_id):
             return "it beats again"
-        if self._here(info) and _runs(info.pid, info.started):
+        if runs_here(info.hostname, info.boot, info.pid, info.started):
             return f"its process {info.pid} runs on this host"
         own = {holder_queue(consumer) for consumer in info.consumers}
         shared = [queue for queue in info.queues if queue not in own]
         if self.transport.still_reading(info.consumers, shared, self._read_within):
             return "its processes still read its queues"
         return ""
-
-    def _here(self, info: WorkerInfo) -> bool:
-        """Whether ``info``'s worker ran on this host, since its last boot.
-
-        Two hosts may share a name: where both said their boot id, that decides too.
-        """
-        if info.hostname != self.hostname:
-            return False
-        return not (info.boot and self.boot) or info.boot == self.boot
 
     def _can_verify_for(self, worker_id: str, info: WorkerInfo | None) -> bool:
         """Whether this worker may clean up after a dead one: it can verify its messages.
@@ -209,19 +190,6 @@ class DeadWorkers:
             "left dead worker %r to a worker with its secrets: this one cannot verify its messages",
         )
         return False
-
-
-def _runs(pid: int, started: float) -> bool:
-    """True if ``pid`` is that of a worker started at ``started`` (epoch s), still running.
-
-    A process with that pid that started later is another (the pid was used again); one
-    ended but not yet reaped by its parent (a zombie) is dead. A stopped worker writes pid
-    0 (see ``Worker._say_goodbye``): its process may run on.
-    """
-    if pid <= 0 or not pid_runs(pid):
-        return False
-    began = process_started(pid)
-    return began is None or not started or began <= started + _CLOCK_SLACK
 
 
 def _silent(worker_id: str, info: WorkerInfo) -> str:

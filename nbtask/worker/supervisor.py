@@ -156,8 +156,6 @@ class Worker:
             self.lost,
             self.settings.visibility_timeout,
             self.settings.heartbeat_interval,
-            self.hostname,
-            self._boot,
         )
         self.transport.ensure_queues(self.queues)
         # Said, not refused: the registry is unsigned (an entry anyone with write access

@@ -8,14 +8,18 @@ counts its reads.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import os
+import socket
+import subprocess
 import time
 from typing import cast
 
 import pytest
 
 from nbtask.brokers import Store
-from nbtask.client.live_workers import REFRESH_SECONDS, LiveWorkers
+from nbtask.client.live_workers import LATE_SECONDS, REFRESH_SECONDS, LiveWorkers
 from nbtask.core.handle import StartedBy, TaskHandle
 from nbtask.core.holding import holder_queue
 from nbtask.wire.events import State
@@ -76,6 +80,14 @@ class _Reads:
         return {"host-10": self.worker}
 
 
+class _Clock:
+    """``time.monotonic`` as live_workers reads it, moved on by hand."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.now = time.monotonic()
+        monkeypatch.setattr(time, "monotonic", lambda: self.now)
+
+
 def test_a_lost_run_asked_about_often_has_its_record_read_once_per_refresh(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -83,8 +95,12 @@ def test_a_lost_run_asked_about_often_has_its_record_read_once_per_refresh(
     cell waits): the task's record and the dead workers' entries are read once, and again
     once the answer is older than the registry's snapshot may be. Before, both were read
     at every look."""
+    clock = _Clock(monkeypatch)
     reads = _Reads()
     live = LiveWorkers(cast(Store, reads), "key")
+    live.lost_reason(StartedBy("t0", "host", 11, 100.0), "second")  # the lapse is seen
+    clock.now += LATE_SECONDS + REFRESH_SECONDS + 1.0
+    reads.records = reads.dead = 0
     run = StartedBy("t1", "host", 11, 100.0)
     said = "its worker (host host, pid 10) stopped sending heartbeats"
     answers = [live.lost_reason(run, "second") for _ in range(5)]
@@ -93,7 +109,48 @@ def test_a_lost_run_asked_about_often_has_its_record_read_once_per_refresh(
     # Another run is asked about on its own (this one's record names the first process).
     assert live.lost_reason(run._replace(pid=12), "second") is None
     assert (reads.records, reads.dead) == (2, 1)
-    later = time.monotonic() + REFRESH_SECONDS + 1.0
-    monkeypatch.setattr(time, "monotonic", lambda: later)  # the clock live_workers reads
+    clock.now += REFRESH_SECONDS + 1.0
     assert live.lost_reason(run, "second") == answers[0]
     assert (reads.records, reads.dead) == (3, 2)
+
+
+def test_a_worker_of_another_host_whose_heartbeat_lapsed_is_late_for_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its process cannot be looked at from here: for LATE_SECONDS after this client first
+    found its heartbeat lapsed, neither its queue nor the run of its process is said to
+    lack a live worker (a pause, not a death, as far as can be told); then both are.
+    Before, both were said at the first look."""
+    clock = _Clock(monkeypatch)
+    live = LiveWorkers(cast(Store, _Reads()), "key")
+    run = StartedBy("t1", "host", 11, 100.0)
+    assert (live.waiting_reason("second"), live.lost_reason(run, "second")) == (None, None)
+    clock.now += LATE_SECONDS - 0.5
+    assert (live.waiting_reason("second"), live.lost_reason(run, "second")) == (None, None)
+    clock.now += 1.0
+    assert live.waiting_reason("second") == "no live worker consumes queue 'second'"
+    clock.now += REFRESH_SECONDS  # what was said of the run is said again until then
+    assert "stopped sending heartbeats" in (live.lost_reason(run, "second") or "")
+
+
+def test_a_worker_of_this_host_whose_heartbeat_lapsed_is_late_while_its_process_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its process is looked at: this one (it runs) is late, not gone; a pid that runs no
+    process here is gone at the first look, with no wait."""
+    _Clock(monkeypatch)
+    here = socket.gethostname()
+    reads = _Reads()
+    reads.worker = dataclasses.replace(reads.worker, hostname=here, pid=os.getpid())
+    assert LiveWorkers(cast(Store, reads), "key").waiting_reason("second") is None
+    gone = _free_pid()
+    reads.worker = dataclasses.replace(reads.worker, hostname=here, pid=gone)
+    said = LiveWorkers(cast(Store, reads), "key").waiting_reason("second")
+    assert said == "no live worker consumes queue 'second'"
+
+
+def _free_pid() -> int:
+    """A pid no process has now (one that just ended, reaped)."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
