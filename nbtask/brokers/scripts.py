@@ -150,13 +150,14 @@ end
 # or an id reused) stays as it is, and its state is returned; else ''. An id its sender
 # has just drawn at random (`new` = '1': no reply is awaited, so no refusal could be
 # told) cannot be held by any task: it is written without the full look (one command
-# less per delay()); a copy sent again looks (redis_owed.looking: `new` is ARGV[7] of
-# every script calling this). Where the message goes apart (RabbitMQ: `with_message`
-# false), its state is still written only where there is none: Redis, which runs what
-# several connections sent in the order it reads them, may run the worker's start check
-# (or the task's end) first, and PENDING over it would make the running task look
-# unstarted (a revoke would not stop it). A Streams publish queues the message in the
-# same script: nothing can have started it.
+# less per delay()). Where the message goes apart (RabbitMQ: `with_message` false), its
+# state is still written only where there is none: Redis, which runs what several
+# connections sent in the order it reads them, may run the worker's start check (or the
+# task's end) first, and PENDING over it would make the running task look unstarted (a
+# revoke would not stop it). Its other fields then fill in only what is missing: a retry
+# onto another queue has named that queue already. A copy sent again looks
+# (redis_owed.looking: `new` is ARGV[7] of every script calling this). A Streams publish
+# queues the message in the same script: nothing can have started it.
 # The index is
 # trimmed to `ttl` and its expiry pushed back unless `upkeep` is '0': a client sending
 # many tasks does that once every INDEX_UPKEEP_SECONDS, and the index is kept that much
@@ -175,8 +176,10 @@ local function write_pending(key, ttl, index, now, task_id, fields, upkeep, new,
     for i = 1, #fields, 2 do
       if fields[i] == 'state' then
         if redis.call('HSETNX', key, 'state', fields[i + 1]) == 0 then
-          table.remove(fields, i + 1)
-          table.remove(fields, i)
+          -- Written first by another (a start check, an end, a revoke): each field only
+          -- where it is missing (a retry onto another queue named it already).
+          for j = 1, #fields, 2 do redis.call('HSETNX', key, fields[j], fields[j + 1]) end
+          fields = {}
         end
         break
       end

@@ -5,6 +5,9 @@ record's write is sent first, but Redis runs what several connections sent in th
 it reads them: on a busy machine a worker that got the message at once may have its
 start check run first. Before, the PENDING written then made the running task look
 unstarted, and ``revoke(terminate=True)`` marked it revoked without stopping it.
+
+Its other fields then fill in only what is missing: a task that retried onto another
+queue in the meantime keeps that queue.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import pytest
 from raw_broker import RawBroker
 
 from nbtask.brokers import Publish, StartBy
+from nbtask.brokers.handoffs import Settlement
 from nbtask.wire.events import State
+from nbtask.wire.records import final_fields
 
 pytestmark = pytest.mark.brokers("redis")
 
@@ -52,3 +57,19 @@ def test_a_new_tasks_pending_record_is_written_whole(access: RawBroker) -> None:
     kept = store.get_record(task_id)
     assert kept is not None
     assert (kept.state, kept.client, kept.name) == (State.PENDING, channel, "t")
+
+
+def test_a_late_pending_record_leaves_the_queue_a_retry_named(access: RawBroker) -> None:
+    store = access.keys
+    task_id = uuid.uuid4().hex
+    channel = store.channel_key(uuid.uuid4().hex[:16])
+    assert store.start(task_id, StartBy("host", "1", "consumer")) == "OK"
+    # The task ran at once and retried onto another queue, before its record's write ran.
+    retry = {**final_fields(State.RETRY, b""), "parked": "1", "queue": "other"}
+    assert store.settle(Settlement(task_id, channel, b"", retry, "default")) == ""
+    record = {"state": "PENDING", "client": channel, "name": "t", "queue": "default"}
+    store.write_pending([Publish("default", task_id, b"message", record)], wait=False)
+    store.link.settle_owed()
+    raw = access.record(task_id)
+    assert (raw[b"state"], raw[b"queue"]) == (b"RETRY", b"other")
+    assert (raw[b"client"], raw[b"name"]) == (channel.encode(), b"t")
