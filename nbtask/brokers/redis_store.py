@@ -42,7 +42,7 @@ from nbtask.brokers.redis_channels import CHANNEL_MAXLEN, CHANNEL_SCRIPTS, entry
 from nbtask.brokers.redis_errors import is_wrong_type
 from nbtask.brokers.redis_holdings import RedisHoldings
 from nbtask.brokers.redis_link import LARGE_BYTES, RedisLink
-from nbtask.brokers.redis_owed import looking, unanswered
+from nbtask.brokers.redis_owed import unanswered
 from nbtask.brokers.redis_parked import DEAD_LETTER_BYTES, RedisParked, log_set_aside
 from nbtask.brokers.redis_workers import WORKER_SCRIPTS, RedisWorkers
 from nbtask.brokers.refused_ends import refused_by
@@ -209,13 +209,15 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
         Returns, per message, ``""`` or the final state that refused it. Without ``wait``
         a lone message's record is written without waiting for Redis's reply (see
         :meth:`~nbtask.brokers.redis_link.RedisLink.send_unanswered`): its task id must be
-        new.
+        new. Sent again (its connection dropped, or Redis lost its scripts), it is written
+        as new again: its message went apart and may have started already, so a look
+        would refuse the record the start check made, which would never name its client.
         """
         now = time.time()
         if (msg := unanswered(messages, wait)) is not None:
             with self.link.translate_errors():
                 command = self._pending_of(msg, now, new=True)
-                self.link.send_unanswered(command, msg.task_id, again=looking(command))
+                self.link.send_unanswered(command, msg.task_id)
             return [""]
         commands = [self._pending_of(msg, now) for msg in messages]
         with self.link.translate_errors():

@@ -155,9 +155,11 @@ end
 # connections sent in the order it reads them, may run the worker's start check (or the
 # task's end) first, and PENDING over it would make the running task look unstarted (a
 # revoke would not stop it). Its other fields then fill in only what is missing: a retry
-# onto another queue has named that queue already. A copy sent again looks
-# (redis_owed.looking: `new` is ARGV[7] of every script calling this). A Streams publish
-# queues the message in the same script: nothing can have started it.
+# onto another queue has named that queue already. A copy sent again there (its
+# connection dropped, or Redis lost its scripts) is written the same way: the message
+# left whatever Redis says. A Streams publish queues the message in the same script:
+# nothing can have started it, and a copy it sends again looks (redis_owed.looking: `new`
+# is ARGV[7] of every script calling this), as its first may have queued the message.
 # The index is
 # trimmed to `ttl` and its expiry pushed back unless `upkeep` is '0': a client sending
 # many tasks does that once every INDEX_UPKEEP_SECONDS, and the index is kept that much

@@ -7,7 +7,9 @@ start check run first. Before, the PENDING written then made the running task lo
 unstarted, and ``revoke(terminate=True)`` marked it revoked without stopping it.
 
 Its other fields then fill in only what is missing: a task that retried onto another
-queue in the meantime keeps that queue.
+queue in the meantime keeps that queue. And a write whose connection dropped before Redis
+read it is written again the same way, not refused for the record the start check made
+(which then never named its client, its name nor its send).
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ import uuid
 
 import pytest
 from raw_broker import RawBroker
+from tcp_proxy import proxying, via
 
 from nbtask.brokers import Publish, StartBy
 from nbtask.brokers.handoffs import Settlement
+from nbtask.brokers.redis_link import RedisLink
+from nbtask.brokers.redis_store import RedisStore
 from nbtask.wire.events import State
 from nbtask.wire.records import final_fields
 
@@ -73,3 +78,29 @@ def test_a_late_pending_record_leaves_the_queue_a_retry_named(access: RawBroker)
     raw = access.record(task_id)
     assert (raw[b"state"], raw[b"queue"]) == (b"RETRY", b"other")
     assert (raw[b"client"], raw[b"name"]) == (channel.encode(), b"t")
+
+
+def test_a_pending_record_written_again_after_the_start_check_names_its_client(
+    access: RawBroker,
+) -> None:
+    task_id = uuid.uuid4().hex
+    channel = access.keys.channel_key(uuid.uuid4().hex[:16])
+    url = access.settings.result_url or access.settings.broker_url or ""
+    with proxying(url, 6379) as proxy:
+        store = RedisStore(RedisLink(via(url, proxy.url_port), "client"), access.settings)
+        try:
+            store.link.run([("PING",)])  # this thread's own connection is made
+            proxy.hold()  # what it sends from now on never reaches Redis
+            record = {"state": "PENDING", "client": channel, "name": "t", "queue": "default"}
+            store.write_pending([Publish("default", task_id, b"message", record)], wait=False)
+            # The message went apart (RabbitMQ), and a worker's start check ran first.
+            assert access.keys.start(task_id, StartBy("host", "1", "consumer")) == "OK"
+            proxy.cut()
+            store.link.settle_owed()  # no reply: written again on a new connection
+            assert store.link.take_unsent() == []
+        finally:
+            store.close()
+    kept = access.keys.get_record(task_id)
+    assert kept is not None
+    assert (kept.state, kept.client, kept.name) == (State.STARTED, channel, "t")
+    assert access.store.zscore(access.keys.client_tasks_key(channel), task_id) is not None
