@@ -344,14 +344,22 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
         return None if taken < 0 else bool(taken)
 
     def forget_pending(self, publishes: Iterable[tuple[str, str]]) -> None:
-        """Delete the PENDING records of ``(task id, channel)`` never queued after all."""
-        with self.link.translate_errors():
-            pipe = self.link.redis.pipeline(transaction=False)
-            for task_id, channel in publishes:
-                pipe.delete(self.record_key(task_id))
-                if channel:
-                    pipe.zrem(self.client_tasks_key(channel), task_id)
-            pipe.execute()
+        """Delete the PENDING records of ``(task id, channel)`` never queued after all.
+
+        Only where they still say PENDING: RabbitMQ may have taken a message whose answer
+        was lost, and a worker that started its task keeps its record.
+        """
+        commands = [
+            self.link.evalsha(
+                "forget_pending",
+                [self.record_key(task_id), self.client_tasks_key(channel) if channel else ""],
+                task_id,
+            )
+            for task_id, channel in publishes
+        ]
+        if commands:
+            with self.link.translate_errors():
+                self.link.run_scripts(commands)
 
     def recent_tasks(self, group: str, channel: str, limit: int) -> list[tuple[str, str, float]]:
         """Note ``channel`` as a client of ``group``; return the group's newest tasks.

@@ -399,6 +399,21 @@ return 0
 """
 )
 
+# Delete the PENDING record of a task whose message was never queued after all, and its
+# entry in its client's index. A record a start check (or a revoke, an end) wrote since
+# stays: the broker may have taken the message though its answer was lost, and a worker
+# runs the task. KEYS: record, client index ('' for none); ARGV: task id
+_FORGET_PENDING = (
+    RECORD_STATE
+    + """
+local state = record_state(KEYS[1])
+if state and state ~= 'PENDING' then return 0 end
+redis.call('DEL', KEYS[1])
+if KEYS[2] ~= '' then redis.pcall('ZREM', KEYS[2], ARGV[1]) end
+return 1
+"""
+)
+
 # An ETA member "<task id>:<message>", split; a member without a task id (not written by
 # nbtask) is moved to the dead-letter stream instead, so it cannot stop the others.
 # set_aside_every: the keys of another type among keys[first], keys[first + step], ...
@@ -472,5 +487,6 @@ STORE_SCRIPTS = {
     "forget_ended": _FORGET_ENDED,
     "set_aside": _SET_ASIDE,
     "forget_unsent": _FORGET_UNSENT,
+    "forget_pending": _FORGET_PENDING,
     "claim_due": _CLAIM_DUE,
 }

@@ -9,7 +9,8 @@ unstarted, and ``revoke(terminate=True)`` marked it revoked without stopping it.
 Its other fields then fill in only what is missing: a task that retried onto another
 queue in the meantime keeps that queue. And a write whose connection dropped before Redis
 read it is written again the same way, not refused for the record the start check made
-(which then never named its client, its name nor its send).
+(which then never named its client, its name nor its send). A send that failed deletes
+its records, but not one a worker's start check marked: RabbitMQ took that message.
 """
 
 from __future__ import annotations
@@ -104,3 +105,23 @@ def test_a_pending_record_written_again_after_the_start_check_names_its_client(
     assert kept is not None
     assert (kept.state, kept.client, kept.name) == (State.STARTED, channel, "t")
     assert access.store.zscore(access.keys.client_tasks_key(channel), task_id) is not None
+
+
+def test_a_failed_sends_record_is_deleted_unless_a_worker_started_its_task(
+    access: RawBroker,
+) -> None:
+    """RabbitMQ may take a message whose answer is lost: the send fails, and its records
+    are deleted, but one a worker's start check marked meanwhile stays (the task runs)."""
+    store = access.keys
+    channel = store.channel_key(uuid.uuid4().hex[:16])
+    started, queued = uuid.uuid4().hex, uuid.uuid4().hex
+    record = {"state": "PENDING", "client": channel, "name": "t", "queue": "default"}
+    store.write_pending([Publish("default", i, b"message", record) for i in (started, queued)])
+    assert store.start(started, StartBy("host", "1", "consumer")) == "OK"
+    store.forget_pending([(started, channel), (queued, channel)])
+    kept = store.get_record(started)
+    assert kept is not None and kept.state is State.STARTED
+    assert store.get_record(queued) is None
+    index = store.client_tasks_key(channel)
+    assert access.store.zscore(index, queued) is None
+    assert access.store.zscore(index, started) is not None
