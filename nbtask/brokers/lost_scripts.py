@@ -3,10 +3,13 @@
 A copy of a message RabbitMQ gave back after its holder died is parked under
 ``<key_prefix>:lost`` (a sorted set of task ids by when they may be claimed) and
 ``<key_prefix>:lost:<task id>`` (a hash: the message, its queue, its delivery count and
-who held it); a supervisor claims it for a lease, then settles it.
+who held it); a supervisor claims it for a lease, then settles it (a task it sends
+again is set back to PENDING first).
 """
 
 from __future__ import annotations
+
+from nbtask.brokers.lua_parts import ENDED, OWN_RECORD, lua
 
 __all__ = ["LOST_SCRIPTS"]
 
@@ -39,4 +42,24 @@ end
 return out
 """
 
-LOST_SCRIPTS = {"park_lost": _PARK_LOST, "claim_lost": _CLAIM_LOST}
+# Set a task whose worker died back to PENDING, before its message is sent again (RabbitMQ
+# gives a dead holder's delivery back). Only a record still STARTED: one that ended since
+# (its holder was paused, not dead, and settled it) keeps its final state, and a record
+# gone is not made anew without an expiry; the start check refuses or allows the copy
+# sent again either way. KEYS: record. Returns 1 if it was set back, else 0.
+_RESET_PENDING = lua(
+    OWN_RECORD,
+    ENDED,
+    """
+local state, outcome = own_record(KEYS[1])
+if state ~= 'STARTED' or outcome or ended(KEYS[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'PENDING')
+return 1
+""",
+)
+
+LOST_SCRIPTS = {
+    "park_lost": _PARK_LOST,
+    "claim_lost": _CLAIM_LOST,
+    "reset_pending": _RESET_PENDING,
+}

@@ -317,9 +317,11 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
         return refused_by(end, refused), entry_text(kept)
 
     def reset_pending(self, task_id: str) -> None:
-        """Set a task that is to run again back to PENDING (a redelivery)."""
-        with self.link.translate_errors():
-            self.link.redis.hset(self.record_key(task_id), "state", "PENDING")
+        """Set a task that is to run again back to PENDING (a redelivery).
+
+        Only while its record says STARTED: one that ended meanwhile keeps its end.
+        """
+        self.link.call("reset_pending", [self.record_key(task_id)])
 
     def revoke_pending(self, task_id: str, raw_event: bytes, channel: str) -> str:
         """Mark a not-yet-started task REVOKED and tell its client.

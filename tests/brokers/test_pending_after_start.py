@@ -11,6 +11,7 @@ queue in the meantime keeps that queue. And a write whose connection dropped bef
 read it is written again the same way, not refused for the record the start check made
 (which then never named its client, its name nor its send). A send that failed deletes
 its records, but not one a worker's start check marked: RabbitMQ took that message.
+A task sent again after its worker died is set back to PENDING only while it is STARTED.
 """
 
 from __future__ import annotations
@@ -125,3 +126,23 @@ def test_a_failed_sends_record_is_deleted_unless_a_worker_started_its_task(
     index = store.client_tasks_key(channel)
     assert access.store.zscore(index, queued) is None
     assert access.store.zscore(index, started) is not None
+
+
+def test_a_task_put_back_after_its_worker_died_keeps_an_end_stored_meanwhile(
+    access: RawBroker,
+) -> None:
+    """A supervisor sending a dead holder's task again sets its record back to PENDING,
+    but not one whose holder (paused, not dead) stored its end since."""
+    store = access.keys
+    lost, ended = uuid.uuid4().hex, uuid.uuid4().hex
+    for task_id in (lost, ended):
+        assert store.start(task_id, StartBy("host", "1", "consumer")) == "OK"
+    success = final_fields(State.SUCCESS, b"outcome")
+    assert store.settle(Settlement(ended, "", b"", success, "default")) == ""
+    store.reset_pending(lost)
+    store.reset_pending(ended)
+    assert access.record(lost)[b"state"] == b"PENDING"
+    assert access.record(ended)[b"state"] == b"SUCCESS"
+    gone = uuid.uuid4().hex  # its record expired: none is made (it would never expire)
+    store.reset_pending(gone)
+    assert access.record(gone) == {}
