@@ -11,6 +11,7 @@ are defined once.
 from __future__ import annotations
 
 import abc
+import json
 import subprocess
 import time
 from typing import Any
@@ -110,6 +111,20 @@ class RawBroker(abc.ABC):
     def dead_letters(self) -> list[dict[bytes, bytes]]:
         """The dead-letter stream's entries' fields, oldest first."""
         return [fields for _, fields in self.store.xrange(self.keys.dead_letter_key)]
+
+    def forge_dead_process(self, consumer: str) -> None:
+        """A dead worker's registry entry naming the process ``consumer``: a live worker
+        then moves what waits on that process's own queue elsewhere."""
+        entry = {
+            "hostname": "elsewhere",
+            "pid": 4242,
+            "queues": ["default"],
+            "concurrency": 1,
+            "consumers": [consumer],
+            "seen": time.time() - 60,
+        }
+        registry = f"{self.settings.key_prefix}:workers"
+        self.store.hset(registry, f"dead-{consumer}", json.dumps(entry))
 
     def stored_event_types(self, signer: Signer, channel: str, task_id: str) -> list[str]:
         """Types of the events about ``task_id`` kept on ``channel``'s stream, in order."""

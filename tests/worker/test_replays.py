@@ -5,7 +5,6 @@ never ends it. Both brokers (a broker's own bookkeeping, on that broker alone)."
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -338,21 +337,6 @@ def test_the_ended_task_memory_goes_result_ttl_after_its_last_write(
     assert 0 < access.store.ttl(done) <= app.settings.result_ttl + 2 * EXPIRY_UPKEEP_SECONDS
 
 
-def _dead_process(access: RawBroker, consumer: str) -> None:
-    """A dead worker's registry entry, as anyone with store access can write one: a live
-    worker then moves what waits on that process's own queue elsewhere."""
-    entry = {
-        "hostname": "elsewhere",
-        "pid": 4242,
-        "queues": ["default"],
-        "concurrency": 1,
-        "consumers": [consumer],
-        "seen": time.time() - 60,
-    }
-    registry = f"{access.settings.key_prefix}:workers"
-    access.store.hset(registry, f"dead-{consumer}", json.dumps(entry))
-
-
 def test_a_message_for_another_queue_left_on_a_dead_process_queue_is_not_moved(
     app: App, access: RawBroker, start_worker, tmp_path: Path
 ) -> None:
@@ -364,7 +348,7 @@ def test_a_message_for_another_queue_left_on_a_dead_process_queue_is_not_moved(
     wait_until(lambda: access.waiting("gpu"), 5, "the message on its queue")
     raw = access.peek("gpu")
     access.inject(raw, task_id=h.id, queue=holder_queue("ghost-0"))
-    _dead_process(access, "ghost-0")
+    access.forge_dead_process("ghost-0")
     worker = start_worker(concurrency=1)  # serves default, the queue it would go to
     wait_until(lambda: bool(access.dead_letters() or runs_in(ledger)), 15, "the copy refused")
     assert runs_in(ledger) == [], "a message sent to queue gpu ran on default"
@@ -396,7 +380,7 @@ def test_a_message_older_than_max_age_left_on_a_dead_process_queue_is_refused(
     app.flush()
     wait_until(lambda: access.waiting(own), 5, "the message on its queue")
     raw = access.peek(own)
-    _dead_process(access, "ghost-0")
+    access.forge_dead_process("ghost-0")
     worker = start_worker(concurrency=1)
     assert h.get(timeout=15) == h.id  # moved to default, and run there
 
@@ -405,7 +389,7 @@ def test_a_message_older_than_max_age_left_on_a_dead_process_queue_is_refused(
     access.store.delete(access.keys.record_key(h.id))  # expired, and forgotten as ended
     access.store.zrem(access.keys.done_key, h.id)
     access.inject(raw, task_id=h.id, queue=own)
-    _dead_process(access, "ghost-0")
+    access.forge_dead_process("ghost-0")
     wait_until(
         lambda: "older than max_age" in worker.log.read_text() or len(runs_in(ledger)) > 1,
         15,
