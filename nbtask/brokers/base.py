@@ -91,6 +91,12 @@ class Store(Protocol):
     def forget_unsent(self, task_id: str) -> None:
         """Delete a record that only a start check wrote: no client ever sent that task."""
 
+    def note_moved(self, task_id: str, queue: str) -> bool:
+        """Name ``queue`` in the PENDING record of a task whose waiting message moved there.
+
+        True once written; False for a task with no record, or one that is not PENDING.
+        """
+
     def settle(self, end: Settlement) -> str:
         """Store a task's end (no fields: delete its record) and tell its client.
 

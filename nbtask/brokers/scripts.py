@@ -479,6 +479,19 @@ return out
 """
 )
 
+# A task whose message waiting on a gone process's own queue was moved to another: its
+# PENDING record names that queue (KEYS: record; ARGV: queue). Only a PENDING one: no
+# record is made (one without an expiry would stay for good), and one that moved on
+# (started, ended) is left as it is. Returns 1 once written, else 0.
+_MOVED = (
+    RECORD_STATE
+    + """
+if record_state(KEYS[1]) ~= 'PENDING' then return 0 end
+redis.call('HSET', KEYS[1], 'queue', ARGV[1])
+return 1
+"""
+)
+
 STORE_SCRIPTS = {
     "start": _START,
     "record": _RECORD,
@@ -489,4 +502,5 @@ STORE_SCRIPTS = {
     "forget_unsent": _FORGET_UNSENT,
     "forget_pending": _FORGET_PENDING,
     "claim_due": _CLAIM_DUE,
+    "moved": _MOVED,
 }

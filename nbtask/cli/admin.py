@@ -88,6 +88,9 @@ def run_inspect(args: argparse.Namespace) -> int:
         "id": task_id,
         "name": record.name,
         "state": record.state.value if record.state is not None else "",
+        # Where it waits or ran: the queue it was sent to, or its retry, or the move off a
+        # gone process's own queue sent it to.
+        "queue": record.queue,
         "worker": record.worker,
         "pid": record.pid,
         "started_at": _utc_time(record.started_at),

@@ -310,6 +310,14 @@ class App(Revoking):
         with transport.answers_within(_REASON_SECONDS):
             return live.waiting_reason(queue, started_by)
 
+    def moved_to(self, task_id: str, queue: str) -> str | None:
+        """The queue a task left a gone process's own ``queue`` for (:attr:`TaskHandle.queue`)."""
+        live, transport = self._live, self._transport
+        if live is None or transport is None:
+            return None
+        with transport.answers_within(_REASON_SECONDS):
+            return live.moved_to(task_id, queue)
+
     def expect(self, task_id: str, name: str, sent: float | None = None) -> TaskHandle:
         """A handle for a task that a worker will send (a later step of a chain).
 

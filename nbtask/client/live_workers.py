@@ -88,6 +88,8 @@ class LiveWorkers:
         self._lapse_seen: dict[str, float] = {}
         # (run, queue) -> when lost_reason last read the run's record, and what it said.
         self._lost_said: dict[tuple[StartedBy, str], tuple[float, str | None]] = {}
+        # (task id, queue) -> when moved_to last read the task's record, and what it said.
+        self._moved_said: dict[tuple[str, str], tuple[float, str | None]] = {}
         # Own queue -> the handles of work sent there, oldest first; weakly held, so a
         # handle (and its result) the notebook let go is not kept for this.
         self._at_holders: dict[str, collections.OrderedDict[str, weakref.ref[TaskHandle]]] = {}
@@ -174,6 +176,35 @@ class LiveWorkers:
             f"{', '.join(held) or 'none'}); start one with nbtask worker --data "
             f"{dataset}=module:function"
         )
+
+    def moved_to(self, task_id: str, queue: str) -> str | None:
+        """The queue a task sent to one process's own ``queue`` was moved to, if it was.
+
+        What waits on such a queue is moved by a live worker once that process is gone
+        (see ``LostTasks.rehome``), and its record then names the queue it went to: read
+        only while no live worker consumes ``queue``, and at most every
+        :data:`REFRESH_SECONDS` per task, as :meth:`lost_reason` reads one. ``None`` while
+        it was not moved, or when that cannot be told. Never raises.
+        """
+        if not is_holder_queue(queue):
+            return None  # (only work on a process's own queue is moved without an event)
+        snapshot = self._quiet_read(lambda snapshot: queue in snapshot.queues)
+        if snapshot is None or queue in snapshot.queues:
+            return None
+        now, key = time.monotonic(), (task_id, queue)
+        said = self._moved_said.get(key)
+        if said is not None and now - said[0] <= REFRESH_SECONDS:
+            return said[1]
+        try:
+            record = self._store.get_record(task_id)
+        except BrokerUnavailable:
+            self._failed_at = now
+            return None
+        moved = record.queue if record is not None and record.queue != queue else ""
+        kept = {k: v for k, v in self._moved_said.items() if now - v[0] <= REFRESH_SECONDS}
+        kept[key] = (now, moved or None)
+        self._moved_said = kept  # (replaced whole: read by other threads without a lock)
+        return moved or None
 
     def _quiet_read(self, live: Callable[[_Snapshot], bool]) -> _Snapshot | None:
         """The registry to say from whether something is ``live``; ``None`` if unreadable.

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple, Protocol
 from nbtask._text import value_text
 from nbtask.core.celery_result import CeleryResultNames
 from nbtask.core.context import current_request
+from nbtask.core.holding import is_holder_queue
 from nbtask.core.outcome import FetchWatch, load_result
 from nbtask.core.refs import ResultRef
 from nbtask.core.task_events import TaskEvents
@@ -96,6 +97,9 @@ class Client(Protocol):
     def waiting_reason(self, queue: str, started_by: StartedBy | None = None) -> str | None:
         """Why a task on ``queue`` waits, if known (``App.waiting_reason``)."""
 
+    def moved_to(self, task_id: str, queue: str) -> str | None:
+        """The queue a task was moved to off a gone process's own ``queue`` (``App.moved_to``)."""
+
     def flush(self) -> None:
         """Wait for the broker's confirms of this thread's tasks (``App.flush``)."""
 
@@ -136,6 +140,9 @@ class TaskHandle(CeleryResultNames, TaskEvents):
     queue : str
         The queue it was sent to (empty when not known, e.g. a chain's later step); after
         a retry, the queue the retry sent it to (``self.retry(queue=...)`` may name another).
+        Work sent to a worker process's own queue (where a kept value is held) and moved
+        off it when that process died names the queue it was moved to once
+        :attr:`waiting_reason` was asked (views ask it), as its record does.
     label : str
         How the call is named on screen (``apply_async(label=...)``), empty if unnamed.
     sent : float or None
@@ -193,10 +200,18 @@ class TaskHandle(CeleryResultNames, TaskEvents):
         worker alive; or a worker that stopped sending heartbeats: killed, its machine
         gone), it says so and what settles the task. It goes by the workers' registry as
         read at most every few seconds (no broker round trip per look), and so is the
-        task's record while its process is gone; ``None`` once the task ended.
+        task's record while its process is gone. Work that waited on a gone process's own
+        queue and was moved to another (see :attr:`queue`) is said of that queue, which
+        this looks up in the task's record, read as rarely. ``None`` once the task ended.
         """
         if self.app is None or not self.queue or self.done():
             return None
+        if is_holder_queue(self.queue):
+            # Work waiting on a process's own queue is moved when that process is gone,
+            # and no event says so: its record names the queue it went to.
+            moved = self.app.moved_to(self.id, self.queue)
+            if moved:
+                self._now_on(moved)
         if self._task_state is State.STARTED:
             host, pid = self._info.get("worker"), self._info.get("pid")
             if isinstance(host, str) and isinstance(pid, int):
@@ -214,9 +229,13 @@ class TaskHandle(CeleryResultNames, TaskEvents):
             # from now on (what it waits for, who settles it if its worker dies).
             queue = event.data.get("queue")
             if isinstance(queue, str) and queue:
-                self.queue, self._queue_unsure = queue, False
+                self._now_on(queue)
             else:
                 self._queue_unsure = True
+
+    def _now_on(self, queue: str) -> None:
+        """The task waits and runs on ``queue`` from now on (retried, or moved there)."""
+        self.queue, self._queue_unsure = queue, False
 
     def ready(self) -> bool:
         """True once the task reached a final state."""

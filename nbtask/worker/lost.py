@@ -329,6 +329,11 @@ class LostTasks:
                 # Its signed due time stays the sender's: it ages (max_age) as it would have.
                 header = {**message.to_header(), "queue": target}
                 raw = self.signer.seal(header, envelope.body)
+                if record is not None:
+                    # Named before any worker of the target can start it: its record
+                    # (what `nbtask inspect` shows, and a handle asking why the task waits
+                    # reads) says where it waits from now on.
+                    self.store.note_moved(message.id, target)
                 self.transport.move(delivery, target, raw, message.id)
                 why = f"the process whose queue it waited on is gone; moved to queue {target!r}"
                 self.note(message, why, logging.WARNING)

@@ -220,13 +220,14 @@ def test_a_cell_waiting_for_a_holder_whose_worker_dies_runs_elsewhere(
 ) -> None:
     workers = [start_worker(concurrency=1), start_worker(concurrency=1)]
     holder, busy, queued = queue_behind_busy_holder(ip, shell, workers)
+    own = queued.queue  # (the handle names the queue it is moved to once a view asks)
     for process in [*holder.children(), psutil.Process(holder.pid)]:
         process.kill()  # the whole worker at once: none of it cleans up
     queued.get(timeout=60)  # moved by the other worker once the heartbeats lapse
     assert read(ip, "total") == TOTAL  # from the store copy
     # The cell it was running is reported lost, and its queue deleted, once settled.
     wait_until(lambda: busy.state is State.WORKER_LOST, 30, "the running cell to be lost")
-    wait_until(lambda: not access.queue_exists(queued.queue), 10, "the queue to be deleted")
+    wait_until(lambda: not access.queue_exists(own), 10, "the queue to be deleted")
 
 
 @pytest.mark.brokers()
@@ -236,13 +237,14 @@ def test_a_worker_stopping_sends_on_the_cells_waiting_for_its_processes(
 ) -> None:
     workers = [start_worker(concurrency=1), start_worker(concurrency=1)]
     holder, busy, queued = queue_behind_busy_holder(ip, shell, workers)
+    own = queued.queue  # (the handle names the queue it is moved to once a view asks)
     holder.stop()  # warm: the running cell finishes, the queued one goes elsewhere
     assert holder.process.returncode == 0
     busy.get(timeout=20)
     assert read(ip, "head") == 1.0
     queued.get(timeout=20)
     assert read(ip, "total") == TOTAL
-    assert not access.queue_exists(queued.queue)
+    assert not access.queue_exists(own)
 
 
 def forking_a_lingerer(busy_seconds: float, linger: float) -> str:
@@ -297,6 +299,9 @@ class Lingering(NamedTuple):
     busy: TaskHandle
     queued: TaskHandle
     lingerer: psutil.Process
+    #: The holder's own queue, where the queued cell waited (its handle names the queue it
+    #: is moved to once a view asks).
+    own: str
 
 
 @contextlib.contextmanager
@@ -317,7 +322,7 @@ def lingering_holder(
     holder, busy, queued = queue_behind_busy_holder(ip, shell, workers, busy_cell)
     lingerer = the_lingerer(holder)
     try:
-        yield Lingering(holder, busy, queued, lingerer)
+        yield Lingering(holder, busy, queued, lingerer, queued.queue)
     finally:
         gate.touch()
         lingerer.wait(10)
@@ -347,7 +352,7 @@ def test_a_worker_stopping_sends_on_the_cell_its_process_was_given_but_had_not_s
         held.queued.get(timeout=20)  # while the lingering fork still holds the connection
         assert held.lingerer.is_running()
         assert read(ip, "total") == TOTAL
-        assert not access.queue_exists(held.queued.queue)
+        assert not access.queue_exists(held.own)
 
 
 @pytest.mark.brokers()
@@ -370,7 +375,7 @@ def test_a_worker_stopped_cold_settles_the_cell_its_killed_process_ran_and_moves
         held.queued.get(timeout=20)
         assert read(ip, "total") == TOTAL
         wait_until(lambda: held.busy.state is State.WORKER_LOST, 20, "the running cell to be lost")
-        assert not access.queue_exists(held.queued.queue)
+        assert not access.queue_exists(held.own)
 
 
 @pytest.mark.brokers("amqp")
@@ -391,12 +396,10 @@ def test_a_holders_queue_still_consumed_when_its_worker_stopped_is_cleaned_up_by
     with lingering_holder(ip, shell, start_worker, gate, busy_seconds=60, linger=60) as held:
         held.holder.end()  # cold: the holder is killed while it runs the busy cell
         held.queued.get(timeout=20)  # moved by the stopping worker all the same
-        assert held.lingerer.is_running() and access.queue_exists(held.queued.queue)
+        assert held.lingerer.is_running() and access.queue_exists(held.own)
         gate.touch()  # the connection ends: the running cell's message is back
         wait_until(lambda: held.busy.state is State.WORKER_LOST, 30, "the running cell to be lost")
-        wait_until(
-            lambda: not access.queue_exists(held.queued.queue), 10, "the queue to be deleted"
-        )
+        wait_until(lambda: not access.queue_exists(held.own), 10, "the queue to be deleted")
 
 
 @pytest.mark.brokers("amqp")
@@ -420,12 +423,10 @@ def test_a_dead_holders_queue_the_broker_still_sees_consumed_is_cleaned_up_once_
         for process in [*held.holder.children(), psutil.Process(held.holder.pid)]:
             process.kill()  # the whole worker at once: none of it cleans up
         held.queued.get(timeout=60)  # moved by the other worker once the heartbeats lapse
-        assert held.lingerer.is_running() and access.queue_exists(held.queued.queue)
+        assert held.lingerer.is_running() and access.queue_exists(held.own)
         gate.touch()  # the connection ends: the running cell's message is back
         wait_until(lambda: held.busy.state is State.WORKER_LOST, 30, "the running cell to be lost")
-        wait_until(
-            lambda: not access.queue_exists(held.queued.queue), 10, "the queue to be deleted"
-        )
+        wait_until(lambda: not access.queue_exists(held.own), 10, "the queue to be deleted")
 
 
 HOLD_UNTIL_GATE = (
