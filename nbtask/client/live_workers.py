@@ -21,7 +21,8 @@ import dataclasses
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import Generic, TypeVar
 
 from nbtask._process import is_this_host, runs_here
 from nbtask._text import printable
@@ -43,6 +44,8 @@ NEGATIVE_SECONDS = 0.25
 #: How long a worker of another host whose heartbeat lapsed is taken for late, not gone,
 #: from when this client first found it lapsed, seconds (its process cannot be looked at).
 LATE_SECONDS = 5.0
+
+_Key = TypeVar("_Key", bound=Hashable)
 
 #: How much of a worker's id (unsigned: anyone's text) an error names.
 _NAMED_CHARS = 60
@@ -68,6 +71,31 @@ class _Snapshot:
         self.queues = frozenset(q for info in self.workers.values() for q in info.queues)
 
 
+class _Recent(Generic[_Key]):
+    """Answers read from the store, said again for :data:`REFRESH_SECONDS` per key.
+
+    Views ask often (a waiting cell ten times a second, a widget every second): what a
+    task's record (and the dead workers' entries) said is said again for as long as the
+    registry's snapshot is, not read anew per look.
+    """
+
+    def __init__(self) -> None:
+        # Key -> when it was answered, and what was said.
+        self._said: dict[_Key, tuple[float, str | None]] = {}
+
+    def answer(self, key: _Key, read: Callable[[], str | None]) -> str | None:
+        """What was said of ``key`` within :data:`REFRESH_SECONDS`; else ``read()`` now."""
+        now = time.monotonic()
+        said = self._said.get(key)
+        if said is not None and now - said[0] <= REFRESH_SECONDS:
+            return said[1]
+        answer = read()
+        kept = {k: v for k, v in self._said.items() if now - v[0] <= REFRESH_SECONDS}
+        kept[key] = (now, answer)
+        self._said = kept  # (replaced whole: read by other threads without a lock)
+        return answer
+
+
 class LiveWorkers:
     """The live workers of one broker, as of a recent read of its registry.
 
@@ -86,10 +114,9 @@ class LiveWorkers:
         self._failed_at = float("-inf")  # when a quiet read last failed
         # Worker id -> when this client first found its heartbeat lapsed (time.monotonic()).
         self._lapse_seen: dict[str, float] = {}
-        # (run, queue) -> when lost_reason last read the run's record, and what it said.
-        self._lost_said: dict[tuple[StartedBy, str], tuple[float, str | None]] = {}
-        # (task id, queue) -> when moved_to last read the task's record, and what it said.
-        self._moved_said: dict[tuple[str, str], tuple[float, str | None]] = {}
+        # What lost_reason said of a (run, queue), and moved_to of a (task id, queue).
+        self._lost_said: _Recent[tuple[StartedBy, str]] = _Recent()
+        self._moved_said: _Recent[tuple[str, str]] = _Recent()
         # Own queue -> the handles of work sent there, oldest first; weakly held, so a
         # handle (and its result) the notebook let go is not kept for this.
         self._at_holders: dict[str, collections.OrderedDict[str, weakref.ref[TaskHandle]]] = {}
@@ -191,20 +218,16 @@ class LiveWorkers:
         snapshot = self._quiet_read(lambda snapshot: queue in snapshot.queues)
         if snapshot is None or queue in snapshot.queues:
             return None
-        now, key = time.monotonic(), (task_id, queue)
-        said = self._moved_said.get(key)
-        if said is not None and now - said[0] <= REFRESH_SECONDS:
-            return said[1]
+        return self._moved_said.answer((task_id, queue), lambda: self._moved(task_id, queue))
+
+    def _moved(self, task_id: str, queue: str) -> str | None:
+        """:meth:`moved_to` once no live worker consumes ``queue``: its record read."""
         try:
             record = self._store.get_record(task_id)
         except BrokerUnavailable:
-            self._failed_at = now
+            self._failed_at = time.monotonic()
             return None
-        moved = record.queue if record is not None and record.queue != queue else ""
-        kept = {k: v for k, v in self._moved_said.items() if now - v[0] <= REFRESH_SECONDS}
-        kept[key] = (now, moved or None)
-        self._moved_said = kept  # (replaced whole: read by other threads without a lock)
-        return moved or None
+        return record.queue if record is not None and record.queue != queue else None
 
     def _quiet_read(self, live: Callable[[_Snapshot], bool]) -> _Snapshot | None:
         """The registry to say from whether something is ``live``; ``None`` if unreadable.
@@ -241,18 +264,7 @@ class LiveWorkers:
         snapshot = self._quiet_read(lambda snapshot: _runs(snapshot, hostname, pid))
         if snapshot is None or _runs(snapshot, hostname, pid):
             return None
-        # Views ask often (a waiting cell ten times a second, a widget every second): what
-        # the task's record and the dead workers' entries said of this run is said again
-        # for REFRESH_SECONDS, as the registry's snapshot is, not read anew per look.
-        now, key = time.monotonic(), (run, queue)
-        said = self._lost_said.get(key)
-        if said is not None and now - said[0] <= REFRESH_SECONDS:
-            return said[1]
-        reason = self._lost_reason(run, queue, snapshot)
-        kept = {k: v for k, v in self._lost_said.items() if now - v[0] <= REFRESH_SECONDS}
-        kept[key] = (now, reason)
-        self._lost_said = kept  # (replaced whole: read by other threads without a lock)
-        return reason
+        return self._lost_said.answer((run, queue), lambda: self._lost_reason(run, queue, snapshot))
 
     def _lost_reason(self, run: StartedBy, queue: str, snapshot: _Snapshot) -> str | None:
         """:meth:`lost_reason` once ``snapshot`` names no live process of ``run``."""
