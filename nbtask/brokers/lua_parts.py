@@ -9,6 +9,8 @@ tuple part is one with the parts it calls, in order (:func:`with_parts`, :func:`
 
 from __future__ import annotations
 
+from nbtask.wire.events import WAITING_STATE_NAMES
+
 __all__ = [
     "DONE_OF",
     "ENDED",
@@ -23,6 +25,7 @@ __all__ = [
     "XADD_REPLACING",
     "ZADD_REPLACING",
     "lua",
+    "waits_unstarted",
     "with_parts",
 ]
 
@@ -113,6 +116,17 @@ local function record_state(key)
   return state
 end
 """
+
+
+def waits_unstarted(state: str) -> str:
+    """A Lua test that the record state held in ``state`` says its message waits unstarted.
+
+    Spelled from :data:`~nbtask.wire.events.WAITING_STATE_NAMES` (``PENDING``, ``RETRY``):
+    inline, not a Lua function, which each run of a script would make anew.
+    """
+    return "(" + " or ".join(f"{state} == '{name}'" for name in WAITING_STATE_NAMES) + ")"
+
+
 # The record's state and its signed outcome (false for none), in one read ('bad' for
 # another type). The outcome is read whole, but only a task that ended has one.
 STATE_AND_OUTCOME = """

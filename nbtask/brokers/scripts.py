@@ -30,6 +30,7 @@ from nbtask.brokers.lua_parts import (
     XADD_REPLACING,
     ZADD_REPLACING,
     lua,
+    waits_unstarted,
 )
 from nbtask.wire.records import MAX_REVOKE_BYTES
 
@@ -118,7 +119,9 @@ local function check_start(key, ttl, worker, pid, consumer, redelivered, copy, v
     mark_ended(key, ttl)
     return 'REVOKEDNOW'
   end
-  if state and state ~= 'PENDING' and state ~= 'RETRY' and state ~= 'STARTED' then
+  if state and not """
+    + waits_unstarted("state")
+    + """ and state ~= 'STARTED' then
     return state
   end
   -- Signed facts first: the plain fields naming who started a task are anyone's to
@@ -355,7 +358,9 @@ _REVOKE = lua(
     """
 local state, outcome = own_record(KEYS[1])
 if outcome or ended(KEYS[1]) then return 0 end
-if state and state ~= 'PENDING' and state ~= 'RETRY' then
+if state and not """
+    + waits_unstarted("state")
+    + """ then
   redis.call('HSET', KEYS[1], 'revoked', ARGV[1])
   redis.call('EXPIRE', KEYS[1], ARGV[2])
   return 2

@@ -32,7 +32,7 @@ from collections.abc import Callable, Collection, Mapping
 from nbtask.brokers import Store
 from nbtask.core.handle import TaskHandle
 from nbtask.errors import TaskNotFound
-from nbtask.wire.events import FINAL_SEQ, Event, EventType, State
+from nbtask.wire.events import FINAL_SEQ, WAITING_STATES, Event, EventType, State
 
 __all__ = ["LOST_ADVICE", "LostTasks"]
 
@@ -242,7 +242,7 @@ class LostTasks:
             and handle.outcomes_after is None
             # One that started and runs on is named by its worker's heartbeats; one that
             # ended while its outcome went unread lost that outcome with its record.
-            and (handle.running() or handle.state in (State.PENDING, State.RETRY))
+            and (handle.running() or handle.state in WAITING_STATES)
             and handle.sent is not None
             and handle.sent >= oldest
         )

@@ -27,7 +27,14 @@ from nbtask.errors import (
     SendUnconfirmed,
 )
 from nbtask.settings import MAX_SECONDS, is_finite_number
-from nbtask.wire.events import FAILED_STATES, Deferred, Event, EventType, State
+from nbtask.wire.events import (
+    FAILED_STATES,
+    WAITING_STATES,
+    Deferred,
+    Event,
+    EventType,
+    State,
+)
 
 __all__ = ["Client", "FetchWatch", "StartedBy", "TaskHandle", "refusing_handles"]
 
@@ -218,7 +225,7 @@ class TaskHandle(CeleryResultNames, TaskEvents):
                 run = StartedBy(self.id, host, pid, self._run_began, self._queue_unsure)
                 return self.app.waiting_reason(self.queue, run)
             return None
-        if self._task_state not in (State.PENDING, State.RETRY):
+        if self._task_state not in WAITING_STATES:
             return None
         return self.app.waiting_reason(self.queue)
 

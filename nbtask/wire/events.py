@@ -22,6 +22,8 @@ __all__ = [
     "FINAL_STATE_NAMES",
     "OUTPUT_PARTS",
     "RUN_SEQ_SPAN",
+    "WAITING_STATES",
+    "WAITING_STATE_NAMES",
     "Deferred",
     "Event",
     "EventType",
@@ -83,6 +85,12 @@ FINAL_STATE_NAMES = frozenset(state.value for state in FINAL_STATES)
 #: (a revoked task has not failed), and a lost worker is Celery's ``WorkerLostError``,
 #: itself a ``FAILURE``.
 FAILED_STATES = frozenset({State.FAILURE, State.WORKER_LOST})
+#: The states of a record whose task's message waits, not started: sent (``PENDING``), or
+#: put back by a retry (``RETRY``, until its next run starts). The one place this rule is
+#: written: the store's scripts spell it from :data:`WAITING_STATE_NAMES`.
+WAITING_STATES = frozenset({State.PENDING, State.RETRY})
+#: The same as text, in a fixed order, as a stored record's ``state`` field holds them.
+WAITING_STATE_NAMES = tuple(sorted(state.value for state in WAITING_STATES))
 
 
 class EventType(str, enum.Enum):
