@@ -92,9 +92,11 @@ class Store(Protocol):
         """Delete a record that only a start check wrote: no client ever sent that task."""
 
     def note_moved(self, task_id: str, queue: str) -> bool:
-        """Name ``queue`` in the PENDING record of a task whose waiting message moved there.
+        """Name ``queue`` in the record of a task whose waiting message moved there.
 
-        True once written; False for a task with no record, or one that is not PENDING.
+        True once written; False for a task with no record, or one whose message does not
+        wait unstarted (its state not one of :data:`~nbtask.wire.events.WAITING_STATES`:
+        ``PENDING``, or ``RETRY`` for a retry waiting to run again).
         """
 
     def settle(self, end: Settlement) -> str:

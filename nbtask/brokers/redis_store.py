@@ -324,7 +324,7 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
         self.link.call("reset_pending", [self.record_key(task_id)])
 
     def note_moved(self, task_id: str, queue: str) -> bool:
-        """Name ``queue`` in a PENDING task's record (its waiting message moved there)."""
+        """Name ``queue`` in a waiting task's record (PENDING or RETRY: its message moved there)."""
         return bool(self.link.call("moved", [self.record_key(task_id)], queue))
 
     def revoke_pending(self, task_id: str, raw_event: bytes, channel: str) -> str:

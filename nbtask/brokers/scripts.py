@@ -485,13 +485,17 @@ return out
 )
 
 # A task whose message waiting on a gone process's own queue was moved to another: its
-# PENDING record names that queue (KEYS: record; ARGV: queue). Only a PENDING one: no
-# record is made (one without an expiry would stay for good), and one that moved on
-# (started, ended) is left as it is. Returns 1 once written, else 0.
+# record names that queue (KEYS: record; ARGV: queue). Only a record whose message waits
+# unstarted (PENDING, or RETRY: a retry waiting there): no record is made (one without an
+# expiry would stay for good), and one that moved on (started, ended) is left as it is.
+# Returns 1 once written, else 0.
 _MOVED = (
     RECORD_STATE
     + """
-if record_state(KEYS[1]) ~= 'PENDING' then return 0 end
+local state = record_state(KEYS[1])
+if not """
+    + waits_unstarted("state")
+    + """ then return 0 end
 redis.call('HSET', KEYS[1], 'queue', ARGV[1])
 return 1
 """

@@ -24,7 +24,7 @@ from nbtask.core.outgoing import MessageBuilder
 from nbtask.errors import BrokerUnavailable, NbtaskError
 from nbtask.settings import Settings
 from nbtask.wire.envelope import Envelope, Signer
-from nbtask.wire.events import FINAL_SEQ, Event, EventType, State
+from nbtask.wire.events import FINAL_SEQ, WAITING_STATES, Event, EventType, State
 from nbtask.wire.message import TaskMessage
 from nbtask.worker.admit import message_age
 from nbtask.worker.follow_ups import FollowUps
@@ -320,8 +320,9 @@ class LostTasks:
                     self.transport.dead_letter(delivery)
                     continue
                 record = self.store.get_record(message.id)
-                if record is not None and record.state is not State.PENDING:
+                if record is not None and record.state not in WAITING_STATES:
                     # Started by the gone process, and given back by the broker (AMQP).
+                    # A retry waiting here (its record RETRY) never started: it moves.
                     why = "its worker process died (redelivered by the broker)"
                     self._settle_verified(delivery, envelope, message, why)
                     continue

@@ -1,8 +1,8 @@
 """Work waiting on one worker process's own queue (where a kept value is held) is moved to
 the queue it falls back to once that process is gone (see ``LostTasks.rehome``): from
 then on its record, ``nbtask inspect``, its handle and a handle re-attached by id name
-that queue, and its handle says why it waits there. A retry's move is in
-``test_retry_queue``."""
+that queue, and its handle says why it waits there (a retry waiting there too: see
+``test_holders``). A retry's move to a queue it names is in ``test_retry_queue``."""
 
 from __future__ import annotations
 
@@ -116,20 +116,26 @@ def test_a_handle_on_a_process_queue_asks_where_its_task_was_moved_and_follows_i
     assert (usual.queue, len(moved.moves)) == ("gpu", 1)
 
 
-def test_only_a_pending_record_is_named_where_its_message_moved(
+def test_only_a_waiting_record_is_named_where_its_message_moved(
     app: App, access: RawBroker
 ) -> None:
-    """The worker moving a message names its queue in a PENDING record alone: none is
-    made where there is none (it would have no expiry), and one that started is left."""
+    """The worker moving a message names its queue in a record whose message waits
+    unstarted alone: PENDING, or RETRY (a retry waiting to run again; before, only a
+    PENDING one was named). None is made where there is none (it would have no expiry),
+    and one that started is left."""
     h = app.send_task(RECORD_ID, ("unused",), queue="gpu")  # nobody serves gpu
     app.flush()
     assert app.store.note_moved(h.id, "default")
     assert access.record(h.id)[b"queue"] == b"default"
     assert not app.store.note_moved("no-such-task", "default")
     assert access.record("no-such-task") == {}
-    access.store.hset(access.keys.record_key(h.id), "state", "STARTED")
+    record = access.keys.record_key(h.id)
+    access.store.hset(record, "state", "RETRY")
+    assert app.store.note_moved(h.id, "other")
+    assert access.record(h.id)[b"queue"] == b"other"
+    access.store.hset(record, "state", "STARTED")
     assert not app.store.note_moved(h.id, "elsewhere")
-    assert access.record(h.id)[b"queue"] == b"default"
+    assert access.record(h.id)[b"queue"] == b"other"
 
 
 class _Registry:

@@ -232,6 +232,58 @@ def test_a_cell_waiting_for_a_holder_whose_worker_dies_runs_elsewhere(
 
 @pytest.mark.brokers()
 @X_STAYS
+def test_a_retry_waiting_on_the_queue_of_a_holder_whose_worker_dies_runs_elsewhere(
+    ip: InteractiveShell,
+    shell: Session,
+    start_worker: StartWorker,
+    access: RawBroker,
+    tmp_path: Path,
+) -> None:
+    """A function task given ``x`` retries on its holder (countdown 0) once a cell is
+    queued behind it there: the holder runs that cell, and the retry waits on the holder's
+    queue, its record RETRY (on RabbitMQ it may be handed to the busy process, which gives
+    it back as it dies). The holder's worker is killed whole: the other worker moves the
+    retry to the queue it falls back to, where it runs on the store copy. Before, the move
+    took the retry for a task the gone process had started and reported it WORKER_LOST."""
+    workers = [start_worker(concurrency=1), start_worker(concurrency=1)]
+    kept = keep_x(ip)
+    holder, _ = holder_of(shell, kept, workers)
+    sent = tmp_path / "sent"
+
+    @shell.app.task(bind=True, max_retries=1)
+    def retries_once(self: Any, values: Any, sent: str) -> tuple[float, str]:
+        if self.request.retries == 0:
+            while not os.path.exists(sent):  # until the cell is queued behind it
+                time.sleep(0.05)
+            raise self.retry(countdown=0)
+        return float(values.sum()), str(self.request.delivery_info["queue"])
+
+    retried = retries_once.delay(kept, str(sent))
+    assert retried.queue == kept.holder
+    wait_until(lambda: running_on(shell, kept.holder or "") == retried.id, 20, "its first run")
+    ip.user_ns["gate"] = str(tmp_path / "gate")  # never made: the cell runs until killed
+    task(ip, HOLD_UNTIL_GATE, "--out busy")
+    busy = ip.user_ns["busy"]
+    assert busy.queue == kept.holder
+    sent.touch()
+    wait_until(lambda: running_on(shell, kept.holder or "") == busy.id, 20, "the holder busy")
+    wait_until(lambda: retried.state is State.RETRY, 20, "the retry")
+    eta = access.keys.eta_key(kept.holder or "")
+    wait_until(lambda: not access.store.zcard(eta), 20, "the retry back on the holder's queue")
+    for process in [*holder.children(), psutil.Process(holder.pid)]:
+        process.kill()  # the whole worker at once: none of it cleans up
+    # Moved by the other worker once the heartbeats lapse, and run there; its record
+    # named that queue from the move on (`nbtask inspect`, its handle read it).
+    default = shell.app.settings.default_queue
+    assert retried.get(timeout=60) == (TOTAL, default)
+    record = shell.app.store.get_record(retried.id)
+    assert record is not None and record.queue == default
+    wait_until(lambda: busy.state is State.WORKER_LOST, 30, "the running cell to be lost")
+    wait_until(lambda: not access.queue_exists(kept.holder or ""), 10, "the queue to be deleted")
+
+
+@pytest.mark.brokers()
+@X_STAYS
 def test_a_worker_stopping_sends_on_the_cells_waiting_for_its_processes(
     ip: InteractiveShell, shell: Session, start_worker: StartWorker, access: RawBroker
 ) -> None:
