@@ -274,6 +274,8 @@ class App(Revoking):
             or TaskHandle(self, m.id, m.name, m.queue, m.label or "", sent=m.created)
             for m, _ in built
         ]
+        for handle, (message, _) in zip(handles, built, strict=True):
+            handle.fallback_queue = message.fallback_queue or ""
         # A refused call must leave the handle of the task holding its id in place.
         previous = []
         for handle in handles:

@@ -149,7 +149,11 @@ class TaskHandle(CeleryResultNames, TaskEvents):
         a retry, the queue the retry sent it to (``self.retry(queue=...)`` may name another).
         Work sent to a worker process's own queue (where a kept value is held) and moved
         off it when that process died names the queue it was moved to once
-        :attr:`waiting_reason` was asked (views ask it), as its record does.
+        :attr:`waiting_reason` was asked (views ask it), as its record does, if that is
+        its :attr:`fallback_queue` (the record is not signed).
+    fallback_queue : str
+        Where its signed message goes when moved off a gone process's own queue; empty
+        when not known (not sent to such a queue, or re-attached by id).
     label : str
         How the call is named on screen (``apply_async(label=...)``), empty if unnamed.
     sent : float or None
@@ -184,6 +188,7 @@ class TaskHandle(CeleryResultNames, TaskEvents):
         self._closed_note: str | None = None  # why nothing follows it any more (AppClosed)
         #: A retry's event named no queue (see :attr:`StartedBy.queue_unsure`).
         self._queue_unsure = False
+        self.fallback_queue = ""  # (set by its sender; see the class docstring)
 
     @property
     def info(self) -> dict[str, Any]:
@@ -217,7 +222,8 @@ class TaskHandle(CeleryResultNames, TaskEvents):
             # Work waiting on a process's own queue is moved when that process is gone,
             # and no event says so: its record names the queue it went to.
             moved = self.app.moved_to(self.id, self.queue)
-            if moved:
+            # The record is unsigned: only the fallback its signed message names, if known.
+            if moved and self.fallback_queue in ("", moved):
                 self._now_on(moved)
         if self._task_state is State.STARTED:
             host, pid = self._info.get("worker"), self._info.get("pid")
@@ -236,6 +242,8 @@ class TaskHandle(CeleryResultNames, TaskEvents):
             # from now on (what it waits for, who settles it if its worker dies).
             queue = event.data.get("queue")
             if isinstance(queue, str) and queue:
+                if queue != self.queue:  # retry(queue=...) sends it with no fallback
+                    self.fallback_queue = ""
                 self._now_on(queue)
             else:
                 self._queue_unsure = True

@@ -173,3 +173,27 @@ def test_where_a_task_moved_is_read_only_off_a_gone_process_queue_once_per_refre
     monkeypatch.setattr(time, "monotonic", lambda: later)  # the clock live_workers reads
     assert live.moved_to("t1", own) == "default"
     assert store.records == 2
+
+
+def test_a_forged_queue_in_the_record_is_not_taken_for_where_the_task_moved(
+    app: App, access: RawBroker
+) -> None:
+    """Someone with write access to Redis, not the secret, names another queue in the
+    record of a task waiting on a gone process's own queue. A move sends it only to the
+    fallback queue its signed message names ('default'): the handle does not take the
+    forged one, so it never says (nor, under ``nbtask run``, cancels its cell because) no
+    live worker consumes a queue the task is not on, nor prints its control codes. Before,
+    the handle took any queue the record named."""
+    own = holder_queue("ghost-0")
+    h = app.send_task(RECORD_ID, ("unused",), queue=own)
+    app.flush()
+    forged = "nowhere\x1b[2J"
+    access.store.hset(access.keys.record_key(h.id), "queue", forged)
+    reason = h.waiting_reason
+    assert h.queue == own
+    assert reason is None or "nowhere" not in reason
+    # The queue its signed message falls back to is still followed.
+    access.store.hset(access.keys.record_key(h.id), "queue", "default")
+    time.sleep(REFRESH_SECONDS + 0.5)  # (the last answer is kept that long: read again)
+    assert h.waiting_reason == "no live worker consumes queue 'default'"
+    assert h.queue == "default"
