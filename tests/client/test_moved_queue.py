@@ -187,6 +187,8 @@ def test_a_forged_queue_in_the_record_is_not_taken_for_where_the_task_moved(
     own = holder_queue("ghost-0")
     h = app.send_task(RECORD_ID, ("unused",), queue=own)
     app.flush()
+    # Forged once the client's own write landed (a lone send's is not waited for).
+    wait_until(lambda: access.record(h.id).get(b"queue") == own.encode(), 5, "its record")
     forged = "nowhere\x1b[2J"
     access.store.hset(access.keys.record_key(h.id), "queue", forged)
     reason = h.waiting_reason
