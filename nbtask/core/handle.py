@@ -149,11 +149,8 @@ class TaskHandle(CeleryResultNames, TaskEvents):
         a retry, the queue the retry sent it to (``self.retry(queue=...)`` may name another).
         Work sent to a worker process's own queue (where a kept value is held) and moved
         off it when that process died names the queue it was moved to once
-        :attr:`waiting_reason` was asked (views ask it), as its record does, if that is
-        its :attr:`fallback_queue` (the record is not signed).
-    fallback_queue : str
-        Where its signed message goes when moved off a gone process's own queue; empty
-        when not known (not sent to such a queue, or re-attached by id).
+        :attr:`waiting_reason` was asked (views ask it), as its record does (unsigned: only
+        if it names ``fallback_queue``, where its signed message goes, when that is known).
     label : str
         How the call is named on screen (``apply_async(label=...)``), empty if unnamed.
     sent : float or None
@@ -188,7 +185,7 @@ class TaskHandle(CeleryResultNames, TaskEvents):
         self._closed_note: str | None = None  # why nothing follows it any more (AppClosed)
         #: A retry's event named no queue (see :attr:`StartedBy.queue_unsure`).
         self._queue_unsure = False
-        self.fallback_queue = ""  # (set by its sender; see the class docstring)
+        self.fallback_queue = ""  # where a move sends it, as signed (set by its sender)
 
     @property
     def info(self) -> dict[str, Any]:
@@ -220,9 +217,8 @@ class TaskHandle(CeleryResultNames, TaskEvents):
             return None
         if is_holder_queue(self.queue):
             # Work waiting on a process's own queue is moved when that process is gone,
-            # and no event says so: its record names the queue it went to.
+            # and no event says so: its (unsigned) record names the queue it went to.
             moved = self.app.moved_to(self.id, self.queue)
-            # The record is unsigned: only the fallback its signed message names, if known.
             if moved and self.fallback_queue in ("", moved):
                 self._now_on(moved)
         if self._task_state is State.STARTED:
@@ -242,8 +238,8 @@ class TaskHandle(CeleryResultNames, TaskEvents):
             # from now on (what it waits for, who settles it if its worker dies).
             queue = event.data.get("queue")
             if isinstance(queue, str) and queue:
-                if queue != self.queue:  # retry(queue=...) sends it with no fallback
-                    self.fallback_queue = ""
+                # retry(queue=...) sends it on with no fallback: not known from now on.
+                self.fallback_queue = self.fallback_queue if queue == self.queue else ""
                 self._now_on(queue)
             else:
                 self._queue_unsure = True
