@@ -112,8 +112,10 @@ class LiveWorkers:
         self._key_id = key_id
         self._snapshot: _Snapshot | None = None
         self._failed_at = float("-inf")  # when a quiet read last failed
-        # Worker id -> when this client first found its heartbeat lapsed (time.monotonic()).
-        self._lapse_seen: dict[str, float] = {}
+        # (Worker id, its last heartbeat's time as its entry says) -> when this client first
+        # found that heartbeat lapsed (time.monotonic()): a worker that beat again since
+        # lapses anew, even where nothing was asked while it was live.
+        self._lapse_seen: dict[tuple[str, float], float] = {}
         # What lost_reason said of a (run, queue), and moved_to of a (task id, queue).
         self._lost_said: _Recent[tuple[StartedBy, str]] = _Recent()
         self._moved_said: _Recent[tuple[str, str]] = _Recent()
@@ -329,14 +331,15 @@ class LiveWorkers:
             dead = self._store.dead_workers()
             snapshot.lapsed = {w: i for w, i in dead.items() if i is not None}
             now, seen = time.monotonic(), self._lapse_seen
-            self._lapse_seen = {w: seen.get(w, now) for w in snapshot.lapsed}
+            lapses = [(w, i.seen) for w, i in snapshot.lapsed.items()]
+            self._lapse_seen = {lapse: seen.get(lapse, now) for lapse in lapses}
         return snapshot.lapsed
 
     def _late(self, snapshot: _Snapshot, serves: Callable[[WorkerInfo], bool]) -> bool:
         """Whether a worker that ``serves`` whose heartbeat lapsed may only be late.
 
         Of this host: its process still runs. Of another: it was first found lapsed less
-        than :data:`LATE_SECONDS` ago.
+        than :data:`LATE_SECONDS` ago, and did not say it stopped (pid 0).
 
         Raises
         ------
@@ -350,7 +353,10 @@ class LiveWorkers:
             if is_this_host(info.hostname, info.boot):
                 if runs_here(info.hostname, info.boot, info.pid, info.started):
                     return True
-            elif now - self._lapse_seen.get(worker_id, now) < LATE_SECONDS:
+            elif (
+                info.pid > 0
+                and now - self._lapse_seen.get((worker_id, info.seen), now) < LATE_SECONDS
+            ):
                 return True
         return False
 

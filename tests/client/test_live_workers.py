@@ -154,3 +154,48 @@ def _free_pid() -> int:
     process = subprocess.Popen(["true"])
     process.wait()
     return process.pid
+
+
+class _Beats(_Reads):
+    """The same worker of another host, live again whenever ``live`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = False
+
+    def workers(self) -> dict[str, WorkerInfo]:
+        return {"host-10": self.worker} if self.live else {}
+
+    def dead_workers(self) -> dict[str, WorkerInfo | None]:
+        return {} if self.live else {"host-10": self.worker}
+
+
+def test_a_worker_of_another_host_that_lapses_again_is_late_again_for_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its heartbeat lapsed once (and it was said gone past LATE_SECONDS), then it beat
+    again for a long while, and lapsed again: a new pause, given LATE_SECONDS again, even
+    where nothing asked while it was live. Before, the first lapse was taken for this
+    one's start: it was said gone at once."""
+    clock = _Clock(monkeypatch)
+    beats = _Beats()
+    live = LiveWorkers(cast(Store, beats), "key")
+    assert live.waiting_reason("second") is None  # its first lapse is seen
+    clock.now += LATE_SECONDS + REFRESH_SECONDS + 1.0
+    assert live.waiting_reason("second") == "no live worker consumes queue 'second'"
+    beats.live = True  # it beats again (its entry says when: seen)
+    beats.worker = dataclasses.replace(beats.worker, seen=beats.worker.seen + 600.0)
+    clock.now += 600.0
+    beats.live = False  # and lapses again
+    assert live.waiting_reason("second") is None
+
+
+def test_a_worker_of_another_host_that_said_it_stopped_is_not_late() -> None:
+    """A worker stopping while a queue of its is still consumed leaves its entry, its
+    pid 0 (stopped, not paused), and ends its heartbeat: its queue is said to lack a live
+    worker at once, as one of this host's is. Before, it was taken for late for
+    LATE_SECONDS."""
+    reads = _Reads()
+    reads.worker = dataclasses.replace(reads.worker, pid=0)
+    live = LiveWorkers(cast(Store, reads), "key")
+    assert live.waiting_reason("second") == "no live worker consumes queue 'second'"
