@@ -12,19 +12,23 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
+from typing import NamedTuple
 
 __all__ = [
+    "Place",
     "boot_id",
     "current_pid",
     "die_with_parent",
     "group_members",
     "interrupts_held",
-    "is_this_host",
     "pid_alive",
+    "pid_namespace",
     "pid_runs",
     "process_started",
     "runs_here",
+    "sees_pids_of",
     "sigint_handled_by",
+    "this_place",
 ]
 
 _PR_SET_PDEATHSIG = 1
@@ -197,24 +201,55 @@ def interrupts_held() -> Iterator[None]:
         signal.raise_signal(signal.SIGINT)  # through the handler now in place, as it came
 
 
-def is_this_host(hostname: str, boot: str) -> bool:
-    """True if a process of host ``hostname`` whose kernel said ``boot`` runs on this one.
+class Place(NamedTuple):
+    """Where a process runs, as far as its pid means something: ``""`` where not known.
 
-    Two hosts may share a name: where both say their kernel's boot id, that decides too
-    (another host's differs, as does this one's after a reboot).
+    Two hosts may share a name, and containers on one kernel share its boot id: the pid
+    namespace tells the last apart (a pid is looked up in the looker's own).
     """
-    here = boot_id()
-    return hostname == socket.gethostname() and (not (boot and here) or boot == here)
+
+    hostname: str
+    #: The id its host's kernel drew at boot (:func:`boot_id`).
+    boot: str = ""
+    #: Its pid namespace (:func:`pid_namespace`).
+    pid_space: str = ""
 
 
-def runs_here(hostname: str, boot: str, pid: int, started: float) -> bool:
-    """True if process ``pid`` of ``hostname`` (:func:`is_this_host`) runs here now.
+def pid_namespace() -> str:
+    """The pid namespace of this process (Linux), e.g. ``pid:[4026531836]``; else ``""``."""
+    try:
+        return os.readlink("/proc/self/ns/pid")[:64]
+    except OSError:
+        return ""
+
+
+def this_place() -> Place:
+    """Where this process runs (:class:`Place`)."""
+    return Place(socket.gethostname(), boot_id(), pid_namespace())
+
+
+def sees_pids_of(place: Place) -> bool:
+    """True if a pid said by a process at ``place`` names the same process here.
+
+    Its host's name must be this one's; where both sides say their boot id and pid
+    namespace, those must match too (another host, a reboot, or a container of its own
+    pid namespace, whose pid 1 is another process here).
+    """
+    here = this_place()
+    return place.hostname == here.hostname and all(
+        not (theirs and ours) or theirs == ours
+        for theirs, ours in ((place.boot, here.boot), (place.pid_space, here.pid_space))
+    )
+
+
+def runs_here(place: Place, pid: int, started: float) -> bool:
+    """True if process ``pid`` of ``place`` (:func:`sees_pids_of`) runs here now.
 
     The process with that pid must run (not a zombie) and not have started after
     ``started`` (epoch s; then the pid was used again). ``pid`` 0 or less: nothing runs
     (a stopped worker says so).
     """
-    if pid <= 0 or not is_this_host(hostname, boot) or not pid_runs(pid):
+    if pid <= 0 or not sees_pids_of(place) or not pid_runs(pid):
         return False
     began = process_started(pid)
     return began is None or not started or began <= started + _CLOCK_SLACK

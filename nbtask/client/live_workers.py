@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Generic, TypeVar
 
-from nbtask._process import is_this_host, runs_here
+from nbtask._process import runs_here, sees_pids_of
 from nbtask._text import printable
 from nbtask.brokers import Store
 from nbtask.core.datasets import dataset_of_queue
@@ -350,8 +350,8 @@ class LiveWorkers:
         for worker_id, info in self._lapsed(snapshot).items():
             if not serves(info):
                 continue
-            if is_this_host(info.hostname, info.boot):
-                if runs_here(info.hostname, info.boot, info.pid, info.started):
+            if sees_pids_of(info.place):
+                if runs_here(info.place, info.pid, info.started):
                     return True
             elif (
                 info.pid > 0

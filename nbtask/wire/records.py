@@ -14,6 +14,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from nbtask._process import Place
 from nbtask.wire.events import FINAL_STATES, State
 
 __all__ = [
@@ -241,6 +242,14 @@ class WorkerInfo:
     #: The boot id of its host's kernel (Linux; "" elsewhere, and in an entry from an
     #: older nbtask): with the hostname, tells whether its process is one of this host's.
     boot: str = ""
+    #: Its pid namespace (Linux; "" elsewhere, and in an entry from an older nbtask): a
+    #: container's pids name other processes outside it.
+    pid_space: str = ""
+
+    @property
+    def place(self) -> Place:
+        """Where its supervisor runs: whether its :attr:`pid` can be looked up here."""
+        return Place(self.hostname, self.boot, self.pid_space)
 
     def verifiable_with(self, accepted: Sequence[str]) -> bool:
         """True if a worker accepting the secrets ``accepted`` names verifies all this one did.
@@ -277,6 +286,7 @@ class WorkerInfo:
                 running=_strings(value.get("running", [])),
                 broker=_field(value, "broker", str, ""),
                 boot=_field(value, "boot", str, ""),
+                pid_space=_field(value, "pid_space", str, ""),
             )
         except (TypeError, ValueError, OverflowError):  # JSON integers have no bound
             return None

@@ -24,14 +24,13 @@ import dataclasses
 import logging
 import os
 import signal
-import socket
 import subprocess
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 
-from nbtask._process import boot_id
+from nbtask._process import this_place
 from nbtask._text import redact_url
 from nbtask.brokers import Transport, broker_kind, open_broker
 from nbtask.core.datasets import Loader, data_queue
@@ -114,8 +113,8 @@ class Worker:
         self.concurrency = concurrency or settings.worker_concurrency or os.cpu_count() or 1
         self.tasks = dict(tasks or {})
         self.parent_pid = parent_pid
-        self.hostname = socket.gethostname()
-        self._boot = boot_id()
+        self._place = this_place()
+        self.hostname = self._place.hostname
         self.worker_id = f"{self.hostname}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.consumers = [f"{self.worker_id}-{slot}" for slot in range(self.concurrency)]
         # Each child also serves a queue of its own: work on the values it holds goes there.
@@ -420,7 +419,8 @@ class Worker:
             keys=self.signer.accepted_key_ids,
             pids=self._pool.pids(),
             broker=self.broker,
-            boot=self._boot,
+            boot=self._place.boot,
+            pid_space=self._place.pid_space,
         )
 
     def _announce_versions(self) -> None:

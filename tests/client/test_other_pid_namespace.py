@@ -18,6 +18,7 @@ import pytest
 from helpers import ROOT, wait_until
 
 from nbtask import App, Settings
+from nbtask.brokers import open_broker
 from nbtask.client.live_workers import LATE_SECONDS, REFRESH_SECONDS
 
 ADD = "tests.sample_tasks.add"
@@ -55,17 +56,14 @@ def namespaced(settings: Settings, tmp_path: Path) -> Iterator[subprocess.Popen[
     process.wait(timeout=30)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runs_here looks the registered pid up in this pid namespace: an unrelated "
-    "process there (pid 1) keeps the dead worker late for good",
-)
 def test_a_dead_worker_of_another_pid_namespace_is_not_late_for_good(
-    app: App, namespaced: subprocess.Popen[bytes]
+    app: App, namespaced: subprocess.Popen[bytes], start_worker
 ) -> None:
     """Killed whole, a worker that registered pid 1 (of its namespace) is said gone once
     its heartbeat lapsed and LATE_SECONDS passed: pid 1 of the client's namespace is
-    another process, which started long before the worker."""
+    another process, which started long before the worker. A worker of this namespace
+    cleans up after it (it kept it "alive: its process 1 runs on this host")."""
+    sweeper = start_worker(concurrency=1)
 
     def serving() -> str | None:
         return next((w for w, i in app.workers().items() if QUEUE in i.queues), None)
@@ -87,3 +85,14 @@ def test_a_dead_worker_of_another_pid_namespace_is_not_late_for_good(
         10,
         "the handle to say no live worker consumes its queue",
     )
+    wait_until(lambda: worker_id not in _registered(app), 30, "its entry to be cleaned up")
+    assert "cleaned up after dead worker" in sweeper.log.read_text()
+
+
+def _registered(app: App) -> set[str]:
+    """The ids of every worker in the registry, live or not."""
+    broker = open_broker(app.settings, app.settings.broker_url or "")
+    try:
+        return {*broker.store.workers(), *broker.store.dead_workers()}
+    finally:
+        broker.close()
