@@ -24,6 +24,7 @@ __all__ = [
     "pid_alive",
     "pid_namespace",
     "pid_runs",
+    "pid_stopped",
     "process_started",
     "runs_here",
     "sees_pids_of",
@@ -91,14 +92,27 @@ def pid_runs(pid: int) -> bool:
     """
     if not pid_alive(pid):
         return False
+    state = _state(pid)
+    if state is None:
+        return not Path("/proc/self/stat").exists()  # gone meanwhile, or no /proc at all
+    return state not in ("Z", "X")
+
+
+def pid_stopped(pid: int) -> bool:
+    """True if process ``pid`` is stopped (SIGSTOP, or Ctrl-Z in its terminal; Linux)."""
+    return _state(pid) == "T"
+
+
+def _state(pid: int) -> str | None:
+    """The state letter ``/proc`` gives process ``pid`` ("" if unreadable); ``None``: none."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except FileNotFoundError:
-        return not Path("/proc/self/stat").exists()  # gone meanwhile, or no /proc at all
+        return None
     except OSError:
-        return True
+        return ""
     fields = stat.rpartition(") ")[2].split()
-    return not fields or fields[0] not in ("Z", "X")
+    return fields[0] if fields else ""
 
 
 def boot_id() -> str:

@@ -7,7 +7,8 @@ read one snapshot of the registry, read again at most every :data:`REFRESH_SECON
 
 A worker whose heartbeat lapsed is not said gone at once: one paused a moment (a loaded
 host, a long collection) misses heartbeats too. Its process is looked at if it ran on this
-host; one of another host is taken for late for :data:`LATE_SECONDS`.
+host (one stopped is said to be); one of another host is taken for late for
+:data:`LATE_SECONDS`.
 
 It also keeps what the registry cannot say yet: the work this client sent to one worker
 process's own queue (where a kept value is held) and has not seen end, so work on kept
@@ -24,7 +25,7 @@ import weakref
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Generic, TypeVar
 
-from nbtask._process import runs_here, sees_pids_of
+from nbtask._process import pid_stopped, runs_here, sees_pids_of
 from nbtask._text import printable
 from nbtask.brokers import Store
 from nbtask.core.datasets import dataset_of_queue
@@ -49,6 +50,15 @@ _Key = TypeVar("_Key", bound=Hashable)
 
 #: How much of a worker's id (unsigned: anyone's text) an error names.
 _NAMED_CHARS = 60
+
+
+def _stopped(info: WorkerInfo) -> str:
+    """Why work waits on a worker whose process is stopped (it sends no heartbeats)."""
+    return (
+        f"its worker (host {printable(info.hostname[:_NAMED_CHARS])}, pid {info.pid}) is "
+        f"stopped (SIGSTOP, or Ctrl-Z in its terminal): it goes on once continued "
+        f"(kill -CONT {info.pid}, or fg there)"
+    )
 
 
 def _runs(snapshot: _Snapshot, hostname: str, pid: int) -> bool:
@@ -190,11 +200,12 @@ class LiveWorkers:
         if snapshot is None or queue in snapshot.queues:
             return None
         try:
-            if self._late(snapshot, lambda info: queue in info.queues):
-                return None
+            late = self._late(snapshot, lambda info: queue in info.queues)
         except BrokerUnavailable:
             self._failed_at = time.monotonic()
             return None
+        if late is not None:
+            return late or None
         dataset = dataset_of_queue(queue)
         if dataset is None:
             return f"no live worker consumes queue {queue!r}"
@@ -292,8 +303,11 @@ class LiveWorkers:
                 "if acks_late"
             )
         try:
-            if consumer and self._late(snapshot, lambda info: consumer in info.consumers):
-                return None
+            late = None
+            if consumer:
+                late = self._late(snapshot, lambda info: consumer in info.consumers)
+            if late is not None:
+                return late or None
             lapsed = self._lapsed(snapshot).values()
             dead = next((i for i in lapsed if consumer and consumer in i.consumers), None)
         except BrokerUnavailable:  # the dead worker is not known: its process is named
@@ -335,11 +349,13 @@ class LiveWorkers:
             self._lapse_seen = {lapse: seen.get(lapse, now) for lapse in lapses}
         return snapshot.lapsed
 
-    def _late(self, snapshot: _Snapshot, serves: Callable[[WorkerInfo], bool]) -> bool:
-        """Whether a worker that ``serves`` whose heartbeat lapsed may only be late.
+    def _late(self, snapshot: _Snapshot, serves: Callable[[WorkerInfo], bool]) -> str | None:
+        """What to say of a worker that ``serves`` whose heartbeat lapsed, if it may be late.
 
-        Of this host: its process still runs. Of another: it was first found lapsed less
-        than :data:`LATE_SECONDS` ago, and did not say it stopped (pid 0).
+        ``None`` if none may be (gone, as far as can be told). Else ``""`` (nothing is
+        wrong yet), or why it does not go on: its process is stopped. Of this host: its
+        process still runs. Of another: it was first found lapsed less than
+        :data:`LATE_SECONDS` ago, and did not say it stopped (pid 0).
 
         Raises
         ------
@@ -352,13 +368,13 @@ class LiveWorkers:
                 continue
             if sees_pids_of(info.place):
                 if runs_here(info.place, info.pid, info.started):
-                    return True
+                    return _stopped(info) if pid_stopped(info.pid) else ""
             elif (
                 info.pid > 0
                 and now - self._lapse_seen.get((worker_id, info.seen), now) < LATE_SECONDS
             ):
-                return True
-        return False
+                return ""
+        return None
 
     def note_sent(self, handles: Sequence[TaskHandle]) -> None:
         """Remember the work sent to worker processes' own queues until it ends."""
