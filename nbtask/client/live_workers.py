@@ -34,7 +34,7 @@ from nbtask.core.holding import is_holder_queue
 from nbtask.errors import BrokerUnavailable, ConfigurationError
 from nbtask.wire.records import WorkerInfo
 
-__all__ = ["LATE_SECONDS", "REFRESH_SECONDS", "LiveWorkers"]
+__all__ = ["LATE_SECONDS", "REFRESH_SECONDS", "LiveWorkers", "unserved_reason"]
 
 #: The oldest snapshot of the registry that sending and handles go by, seconds.
 REFRESH_SECONDS = 2.0
@@ -50,6 +50,11 @@ _Key = TypeVar("_Key", bound=Hashable)
 
 #: How much of a worker's id (unsigned: anyone's text) an error names.
 _NAMED_CHARS = 60
+
+
+def unserved_reason(queue: str) -> str:
+    """Why a task on ``queue`` waits when no live worker consumes it (nor may be late)."""
+    return f"no live worker consumes queue {queue!r}"
 
 
 def _stopped(info: WorkerInfo) -> str:
@@ -208,7 +213,7 @@ class LiveWorkers:
             return late or None
         dataset = dataset_of_queue(queue)
         if dataset is None:
-            return f"no live worker consumes queue {queue!r}"
+            return unserved_reason(queue)
         # Required by name: a misspelt name waits as long as a dataset no one started.
         held = sorted({d for info in snapshot.workers.values() for d in info.datasets})
         return (

@@ -13,7 +13,8 @@ import time
 from collections.abc import Collection
 from typing import Any
 
-from nbtask.core.datasets import dataset_of_queue
+from nbtask._text import printable
+from nbtask.client.live_workers import unserved_reason
 from nbtask.core.holding import is_holder_queue
 from nbtask.errors import TaskRevoked
 from nbtask.notebook.cell_run import CellRun
@@ -154,8 +155,10 @@ def _unserved(run: CellRun) -> str | None:
     if not reason:
         return None
     queue = handle.queue or ""
-    if dataset_of_queue(queue) is None and not is_holder_queue(queue):
-        reason += f" (start one: nbtask worker -Q {queue})"
+    # Advice only where no worker of the queue is known at all (not one stopped, or for
+    # a dataset or a process's own queue, whose reasons say what to do).
+    if reason == unserved_reason(queue) and not is_holder_queue(queue):
+        reason += f" (start one: nbtask worker -Q {printable(queue)})"
     return reason
 
 
