@@ -52,8 +52,18 @@ def namespaced(settings: Settings, tmp_path: Path) -> Iterator[subprocess.Popen[
     process = _namespaced_worker(settings, tmp_path / "worker.log")
     yield process
     if process.poll() is None:
+        # Its pid 1 first: killed, it takes the whole namespace with it (unshare alone
+        # would leave the worker running).
+        for pid in _children(process.pid):
+            os.kill(pid, signal.SIGKILL)
         process.kill()
     process.wait(timeout=30)
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (the namespace's pid 1, as this namespace numbers it)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()] if path.exists() else []
 
 
 def test_a_dead_worker_of_another_pid_namespace_is_not_late_for_good(
@@ -71,9 +81,7 @@ def test_a_dead_worker_of_another_pid_namespace_is_not_late_for_good(
     wait_until(lambda: serving() is not None, 60, "the namespaced worker to register")
     worker_id = serving()
     assert app.workers()[worker_id].pid == 1  # (as its namespace numbers it)
-    init = int(
-        Path(f"/proc/{namespaced.pid}/task/{namespaced.pid}/children").read_text().split()[0]
-    )
+    [init] = _children(namespaced.pid)
     os.kill(init, signal.SIGKILL)  # its pid 1: the whole namespace ends with it
     namespaced.wait(timeout=30)
     h = app.send_task(ADD, (1, 2), queue=QUEUE)
