@@ -15,6 +15,7 @@ __all__ = [
     "DONE_OF",
     "ENDED",
     "MARK_ENDED",
+    "NOTE_MOVED",
     "OWN_RECORD",
     "RECORD_STATE",
     "REVOKES_TASK",
@@ -125,6 +126,26 @@ def waits_unstarted(state: str) -> str:
     inline, not a Lua function, which each run of a script would make anew.
     """
     return "(" + " or ".join(f"{state} == '{name}'" for name in WAITING_STATE_NAMES) + ")"
+
+
+# Name `queue` in the record at `key` of a task whose waiting message was moved there
+# (off a gone process's own queue). Only a record whose message waits unstarted (PENDING,
+# or RETRY: a retry waiting there): no record is made (one without an expiry would stay
+# for good), and one that moved on (started, ended) is left as it is. Returns 1 once
+# written, else 0.
+NOTE_MOVED = with_parts(
+    RECORD_STATE,
+    """
+local function note_moved(key, queue)
+  local state = record_state(key)
+  if not """
+    + waits_unstarted("state")
+    + """ then return 0 end
+  redis.call('HSET', key, 'queue', queue)
+  return 1
+end
+""",
+)
 
 
 # The record's state and its signed outcome (false for none), in one read ('bad' for

@@ -31,6 +31,7 @@ from redis.exceptions import ResponseError
 from nbtask.brokers import journals
 from nbtask.brokers.blob_scripts import BLOB_SCRIPTS
 from nbtask.brokers.bounded_reads import BOUNDED_SCRIPTS, read_bounded, read_record, read_records
+from nbtask.brokers.eta_scripts import ETA_SCRIPTS
 from nbtask.brokers.follow_up_scripts import FOLLOW_UP_SCRIPTS
 from nbtask.brokers.handoffs import Publish, Settlement, StartBy
 from nbtask.brokers.journals import JOURNAL_SCRIPTS
@@ -86,7 +87,7 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
         self._upkeep_due: dict[str, float] = {}
         self.local_blobs = LocalBlobs.open(link.url, settings)
         self.max_event_bytes = settings.max_message_bytes
-        link.add_scripts(STORE_SCRIPTS)
+        link.add_scripts({**STORE_SCRIPTS, **ETA_SCRIPTS})
         link.add_scripts(FOLLOW_UP_SCRIPTS)
         link.add_scripts(LOST_SCRIPTS)
         link.add_scripts(RATE_SCRIPTS)

@@ -9,11 +9,10 @@ state, the ended-task set, writes replacing a key nbtask did not write).
 The store's scripts (:data:`STORE_SCRIPTS`) serve any transport;
 :mod:`nbtask.brokers.streams_scripts` fuses the same steps with the Redis Streams
 transport's own commands, so each step of a task is one round trip there. The scripts
-taking a task's owed follow-ups, those of lost deliveries and the rate limit's are in
-:mod:`nbtask.brokers.follow_up_scripts`, :mod:`nbtask.brokers.lost_scripts` and
-:mod:`nbtask.brokers.rate_scripts`.
-
-ETA members are ``"<task id>:<message>"``, so the move to a queue can name the task.
+taking a task's owed follow-ups, those of lost deliveries, the rate limit's and those of
+messages parked until their due time (ETA sets) are in
+:mod:`nbtask.brokers.follow_up_scripts`, :mod:`nbtask.brokers.lost_scripts`,
+:mod:`nbtask.brokers.rate_scripts` and :mod:`nbtask.brokers.eta_scripts`.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from __future__ import annotations
 from nbtask.brokers.lua_parts import (
     ENDED,
     MARK_ENDED,
+    NOTE_MOVED,
     OWN_RECORD,
     RECORD_STATE,
     REVOKES_TASK,
@@ -36,7 +36,6 @@ from nbtask.wire.records import MAX_REVOKE_BYTES
 
 __all__ = [
     "CHECK_START",
-    "ETA_MEMBER",
     "EXPIRY_UPKEEP_SECONDS",
     "INDEX_UPKEEP_SECONDS",
     "PARKED_BEFORE",
@@ -419,87 +418,9 @@ return 1
 """
 )
 
-# An ETA member "<task id>:<message>", split; a member without a task id (not written by
-# nbtask) is moved to the dead-letter stream instead, so it cannot stop the others.
-# set_aside_every: the keys of another type among keys[first], keys[first + step], ...
-ETA_MEMBER = (
-    SET_ASIDE
-    + TEXT
-    + """
-local function split_member(member, eta_key, dead_key, maxlen)
-  local cut = string.find(member, ':', 1, true)
-  if cut and cut > 1 then return string.sub(member, 1, cut - 1), string.sub(member, cut + 1) end
-  redis.call('XADD', dead_key, 'MAXLEN', '~', maxlen, '*', 'e', member, 'q', eta_key, 'n', '0')
-  redis.call('ZREM', eta_key, member)
-  return nil, nil
-end
-local function next_due(keys, first)
-  local nxt = false
-  for i = first, #keys, 2 do
-    local head = redis.call('ZRANGE', keys[i], 0, 0, 'WITHSCORES')
-    if head[2] and (not nxt or tonumber(head[2]) < nxt) then nxt = tonumber(head[2]) end
-  end
-  if nxt then return text(nxt) end
-  return ''
-end
-local function set_aside_every(keys, first, step)
-  local aside = {}
-  for i = first, #keys, step do
-    if set_aside(keys[i]) == 1 then table.insert(aside, keys[i]) end
-  end
-  return aside
-end
-"""
-)
-
-# Claim due ETA messages (and ones stuck mid-move) into the moving sets, for a transport
-# that publishes them itself. KEYS: dead letters, eta set, moving set, ...
-# ARGV: now, stuck-before, maxlen
-# Returns {next due or '', quarantined, keys set aside, queue index, member, ...}.
-_CLAIM_DUE = (
-    ETA_MEMBER
-    + """
-local out, bad = {'', 0, set_aside_every(KEYS, 2, 1)}, 0
-for i = 2, #KEYS, 2 do
-  local q = tostring(i / 2)
-  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', ARGV[1], 'LIMIT', 0, 500)) do
-    if split_member(m, KEYS[i], KEYS[1], ARGV[3]) then
-      redis.call('ZREM', KEYS[i], m)
-      redis.call('ZADD', KEYS[i + 1], ARGV[1], m)
-      table.insert(out, q)
-      table.insert(out, m)
-    else
-      bad = bad + 1
-    end
-  end
-  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[i + 1], '-inf', ARGV[2], 'LIMIT', 0, 500)) do
-    redis.call('ZADD', KEYS[i + 1], ARGV[1], m)
-    table.insert(out, q)
-    table.insert(out, m)
-  end
-end
-out[1] = next_due(KEYS, 2)
-out[2] = bad
-return out
-"""
-)
-
 # A task whose message waiting on a gone process's own queue was moved to another: its
-# record names that queue (KEYS: record; ARGV: queue). Only a record whose message waits
-# unstarted (PENDING, or RETRY: a retry waiting there): no record is made (one without an
-# expiry would stay for good), and one that moved on (started, ended) is left as it is.
-# Returns 1 once written, else 0.
-_MOVED = (
-    RECORD_STATE
-    + """
-local state = record_state(KEYS[1])
-if not """
-    + waits_unstarted("state")
-    + """ then return 0 end
-redis.call('HSET', KEYS[1], 'queue', ARGV[1])
-return 1
-"""
-)
+# record names that queue (see NOTE_MOVED). KEYS: record; ARGV: queue.
+_MOVED = lua(NOTE_MOVED, "return note_moved(KEYS[1], ARGV[1])\n")
 
 STORE_SCRIPTS = {
     "start": _START,
@@ -510,6 +431,5 @@ STORE_SCRIPTS = {
     "set_aside": _SET_ASIDE,
     "forget_unsent": _FORGET_UNSENT,
     "forget_pending": _FORGET_PENDING,
-    "claim_due": _CLAIM_DUE,
     "moved": _MOVED,
 }

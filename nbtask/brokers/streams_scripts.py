@@ -7,9 +7,9 @@ start, finish) is one round trip.
 
 from __future__ import annotations
 
+from nbtask.brokers.eta_scripts import ETA_MEMBER
 from nbtask.brokers.scripts import (
     CHECK_START,
-    ETA_MEMBER,
     PARKED_BEFORE,
     WRITE_FINAL,
     WRITE_PENDING,

@@ -12,13 +12,14 @@ import re
 
 import pytest
 
+from nbtask.brokers.eta_scripts import ETA_SCRIPTS
 from nbtask.brokers.follow_up_scripts import FOLLOW_UP_SCRIPTS
 from nbtask.brokers.lost_scripts import LOST_SCRIPTS
 from nbtask.brokers.rate_scripts import RATE_SCRIPTS
 from nbtask.brokers.scripts import STORE_SCRIPTS
 from nbtask.brokers.streams_scripts import STREAMS_SCRIPTS
 
-STORE = {**STORE_SCRIPTS, **FOLLOW_UP_SCRIPTS, **LOST_SCRIPTS, **RATE_SCRIPTS}
+STORE = {**STORE_SCRIPTS, **ETA_SCRIPTS, **FOLLOW_UP_SCRIPTS, **LOST_SCRIPTS, **RATE_SCRIPTS}
 SCRIPTS = {f"store {k}": v for k, v in STORE.items()}
 SCRIPTS.update({f"streams {k}": v for k, v in STREAMS_SCRIPTS.items()})
 
