@@ -103,9 +103,6 @@ class AmqpTransport(AmqpChannels, AmqpUpkeep):
         head = f"{self._prefix}:q:"
         return amqp_name[len(head) :] if amqp_name.startswith(head) else amqp_name
 
-    def _moving_key(self, queue: str) -> str:
-        return f"{self._prefix}:eta-moving:{queue}"
-
     # Lifecycle -------------------------------------------------------------------------------
     def ping(self) -> None:
         """Raise :class:`BrokerUnavailable` unless both RabbitMQ and the store answer."""

@@ -3,7 +3,8 @@
 The part of :class:`~nbtask.brokers.amqp.AmqpTransport` that looks after dead consumers'
 deliveries (RabbitMQ gives them back by itself; only the ones parked as lost are left to
 settle) and the messages still waiting on a gone process's own queue (taken, to be moved
-elsewhere, then the queue dropped).
+elsewhere, then the queue dropped), or parked for it in the store until their due time
+(parked again for another queue).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from collections.abc import Sequence
 from nbtask.brokers.amqp_guards import body_of, read_headers
 from nbtask.brokers.amqp_links import Links
 from nbtask.brokers.amqp_lost import LostDeliveries
-from nbtask.brokers.handoffs import Delivery
+from nbtask.brokers.handoffs import Delivery, Parked
+from nbtask.brokers.redis_store import RedisStore
 
 __all__ = ["AmqpUpkeep"]
 
@@ -24,10 +26,15 @@ class AmqpUpkeep:
     links: Links
     lost: LostDeliveries
     _prefix: str
+    _store: RedisStore
 
     def queue_name(self, queue: str) -> str:
         """The AMQP queue holding ``queue``'s messages."""
         return f"{self._prefix}:q:{queue}"
+
+    def _moving_key(self, queue: str) -> str:
+        """The store's set of ``queue``'s due ETA messages claimed to be published."""
+        return f"{self._prefix}:eta-moving:{queue}"
 
     def take_waiting(self, queue: str, consumer: str, limit: int = 100) -> list[Delivery]:
         """Take up to ``limit`` waiting messages, unacknowledged, to move them."""
@@ -47,6 +54,24 @@ class AmqpUpkeep:
         """Delete ``queue`` if nothing is on it and nobody consumes it; True if it is gone."""
         with self.links.using() as link:
             return self.links.queues.drop_if_idle(link, self.queue_name(queue))
+
+    def parked(self, queue: str, limit: int = 100) -> list[Parked]:
+        """Up to ``limit`` messages parked for ``queue``, soonest first, left there.
+
+        Those of its ETA set, then those claimed to be published that were not dropped
+        once published (whoever claimed them died first: published again, as a stuck
+        claim is).
+        """
+        keys = [self._store.eta_key(queue), self._moving_key(queue)]
+        return self._store.parked(queue, keys, limit)
+
+    def repark(self, parked: Parked, queue: str, raw: bytes, task_id: str) -> bool:
+        """Park ``raw`` for ``queue``, due as ``parked`` was (see ``Transport.repark``)."""
+        return self._store.repark(parked, queue, raw, task_id, self._store.record_key(task_id))
+
+    def dead_letter_parked(self, parked: Parked) -> bool:
+        """Keep ``parked`` in the dead-letter stream and drop it; False if it was gone."""
+        return self._store.dead_letter_parked(parked)
 
     def held(self, queues: Sequence[str], consumer: str, min_idle: float = 0.0) -> list[Delivery]:
         """Parked deliveries that ``consumer`` had lost (``min_idle`` does not apply).

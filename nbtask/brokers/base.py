@@ -16,7 +16,7 @@ import contextlib
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Protocol
 
-from nbtask.brokers.handoffs import Delivery, Publish, Settlement, StartBy
+from nbtask.brokers.handoffs import Delivery, Parked, Publish, Settlement, StartBy
 from nbtask.wire.blobs import ByteProgress
 from nbtask.wire.envelope import Buffer
 from nbtask.wire.holdings import Holdings
@@ -458,6 +458,23 @@ class Transport(Protocol):
 
     def drop_queue(self, queue: str) -> bool:
         """Delete ``queue`` if nothing is on it; True if it is gone."""
+
+    def parked(self, queue: str, limit: int = 100) -> list[Parked]:
+        """Up to ``limit`` messages parked for ``queue`` until their due time, soonest first.
+
+        Read to be parked elsewhere (``queue`` is a gone process's own), and left in place.
+        """
+
+    def repark(self, parked: Parked, queue: str, raw: bytes, task_id: str) -> bool:
+        """Park ``raw`` (``parked``'s message sealed for ``queue``) for ``queue``, due as it was.
+
+        In one step, ``parked`` is dropped and the task's record names ``queue`` (see
+        :meth:`Store.note_moved`). False, with nothing done, if ``parked`` is gone: the
+        supervisor serving its old queue moved it there meanwhile.
+        """
+
+    def dead_letter_parked(self, parked: Parked) -> bool:
+        """Keep ``parked`` in the dead-letter stream and drop it; False if it was gone."""
 
     def move_due(self, queues: Sequence[str]) -> float | None:
         """Move due ETA messages onto their queues; return the next due time, if any."""

@@ -3,12 +3,14 @@
 A message sent with a countdown or an ETA, and a retry with one, waits in
 ``<key_prefix>:eta:<queue>``, a sorted set of ``"<task id>:<message>"`` members by due
 time (the task id so that the move to its queue can name the task). Only the supervisors
-serving ``queue`` move what is due there.
+serving ``queue`` move what is due there; a process's own queue is served by its own
+alone, so once that process is gone what is parked for its queue is parked again for the
+queue it falls back to (:data:`ETA_SCRIPTS` ``repark``, ``dead_letter_parked``).
 """
 
 from __future__ import annotations
 
-from nbtask.brokers.lua_parts import SET_ASIDE, TEXT
+from nbtask.brokers.lua_parts import NOTE_MOVED, SET_ASIDE, TEXT, ZADD_REPLACING, lua
 
 __all__ = ["ETA_MEMBER", "ETA_SCRIPTS"]
 
@@ -77,6 +79,74 @@ return out
 """
 )
 
+# What is parked for one queue, soonest first, at most ARGV[1] members in all: read to be
+# parked again elsewhere, and left in place (see _REPARK). A key of another type (nbtask
+# writes only sorted sets there) is set aside. KEYS: the sets it may wait in (its ETA set;
+# on RabbitMQ its moving set too). Returns {keys set aside, key index, member, due, ...}.
+_PARKED = (
+    SET_ASIDE
+    + """
+local out, left = {{}}, tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  if set_aside(key) == 1 then table.insert(out[1], key) end
+  if left > 0 then
+    local got = redis.call('ZRANGE', key, 0, left - 1, 'WITHSCORES')
+    for j = 1, #got, 2 do
+      table.insert(out, i)
+      table.insert(out, got[j])
+      table.insert(out, got[j + 1])
+    end
+    left = left - #got / 2
+  end
+end
+return out
+"""
+)
+
+# Park a message again for another queue, due when it was (sealed again for that queue by
+# the caller), and name that queue in its task's record (NOTE_MOVED). Only if it is still
+# where it was read: the supervisor serving its old queue may have moved it there
+# meanwhile (a paused one, woken), and then nothing is done. Written in its new place
+# before it is taken off the old one, so that an error on the way loses nothing.
+# KEYS: the set it was read in, the new queue's ETA set, record
+# ARGV: member, due, new member, new queue. Returns 1 once moved, else 0.
+_REPARK = lua(
+    ZADD_REPLACING,
+    NOTE_MOVED,
+    """
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+zadd_replacing(KEYS[2], ARGV[2], ARGV[3])
+note_moved(KEYS[3], ARGV[4])
+redis.call('ZREM', KEYS[1], ARGV[1])
+return 1
+""",
+)
+
+# Keep a parked message in the dead-letter stream (one that cannot be parked again: it
+# does not verify), taking it off its set; only if it is still there (see _REPARK). A
+# dead-letter stream Redis refuses it for (another type, or ids used up: nbtask wrote
+# neither) is replaced, as the store does for its other dead letters.
+# KEYS: the set it was read in, dead letters; ARGV: member, XADD's arguments after the key.
+# Returns 0 if it was gone, 1 once kept, 2 once kept in a stream made anew.
+_DEAD_LETTER_PARKED = """
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+local kept, made = redis.pcall('XADD', KEYS[2], unpack(ARGV, 2)), 1
+if type(kept) == 'table' and kept.err then
+  local used_up = string.find(kept.err, 'last possible', 1, true)
+  if string.sub(kept.err, 1, 9) ~= 'WRONGTYPE' and not used_up then
+    return redis.error_reply(kept.err)
+  end
+  redis.call('DEL', KEYS[2])
+  redis.call('XADD', KEYS[2], unpack(ARGV, 2))
+  made = 2
+end
+redis.call('ZREM', KEYS[1], ARGV[1])
+return made
+"""
+
 ETA_SCRIPTS = {
     "claim_due": _CLAIM_DUE,
+    "parked": _PARKED,
+    "repark": _REPARK,
+    "dead_letter_parked": _DEAD_LETTER_PARKED,
 }

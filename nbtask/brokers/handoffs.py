@@ -1,8 +1,9 @@
 """What passes between the layers above and a broker, besides raw bytes.
 
-A message to publish (:class:`Publish`), a delivery a worker holds (:class:`Delivery`),
-a task's end as the store keeps it (:class:`Settlement`), who asks the start check
-(:class:`StartBy`) and what it answers (:class:`Verdict`). The broker's protocols,
+A message to publish (:class:`Publish`), a delivery a worker holds (:class:`Delivery`), a
+message parked until its due time (:class:`Parked`), a task's end as the store keeps it
+(:class:`Settlement`), who asks the start check (:class:`StartBy`) and what it answers
+(:class:`Verdict`). The broker's protocols,
 :class:`~nbtask.brokers.base.Transport` and :class:`~nbtask.brokers.base.Store`, take
 and return these.
 """
@@ -14,7 +15,7 @@ from collections.abc import Mapping
 
 from nbtask.wire.records import RecordFields
 
-__all__ = ["Delivery", "Publish", "Settlement", "StartBy", "Verdict"]
+__all__ = ["Delivery", "Parked", "Publish", "Settlement", "StartBy", "Verdict"]
 
 
 class Verdict:
@@ -66,6 +67,27 @@ class Delivery:
     verdict: str | None = None
     #: The task id as the transport saw it (unverified; checked against the signed header).
     task_id: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Parked:
+    """A message parked for ``queue`` until ``due`` (epoch seconds): a countdown, an ETA.
+
+    As the broker keeps it: ``member`` is ``"<task id>:<message>"`` (the task id unverified,
+    checked against the signed header) and ``where`` names where it waits, for the
+    broker alone.
+    """
+
+    queue: str
+    where: str
+    member: bytes
+    due: float
+
+    @property
+    def raw(self) -> bytes:
+        """The message (the whole member when no task id is kept beside it)."""
+        cut = self.member.find(b":")
+        return self.member[cut + 1 :] if cut > 0 else self.member
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 The part of :class:`~nbtask.brokers.redis_streams.StreamsTransport` that drops a delivery,
 puts it back (requeued, or moved to another queue), or dead-letters it, each in one
-transaction with the acknowledgement of its entry; and that moves due ETA messages from
-the store to their streams.
+transaction with the acknowledgement of its entry; that moves due ETA messages from the
+store to their streams; and that parks again for another queue what is parked for a gone
+process's own.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from nbtask.brokers.handoffs import Delivery
+from nbtask.brokers.handoffs import Delivery, Parked
 from nbtask.brokers.redis_channels import CHANNEL_MAXLEN, refuses_entries
 from nbtask.brokers.redis_errors import is_wrong_type
 from nbtask.brokers.redis_link import Command
@@ -132,3 +133,15 @@ class StreamsMoves(StreamsUpkeep):
             keys += [self.store.eta_key(queue), self.queue_key(queue)]
         reply = self.link.call("move_due", keys, repr(time.time()), CHANNEL_MAXLEN)
         return self.store.due_reply(reply)
+
+    def parked(self, queue: str, limit: int = 100) -> list[Parked]:
+        """Up to ``limit`` messages of ``queue``'s ETA set, soonest first, left there."""
+        return self.store.parked(queue, [self.store.eta_key(queue)], limit)
+
+    def repark(self, parked: Parked, queue: str, raw: bytes, task_id: str) -> bool:
+        """Park ``raw`` for ``queue``, due as ``parked`` was (see ``Transport.repark``)."""
+        return self.store.repark(parked, queue, raw, task_id, self.store.record_key(task_id))
+
+    def dead_letter_parked(self, parked: Parked) -> bool:
+        """Keep ``parked`` in the dead-letter stream and drop it; False if it was gone."""
+        return self.store.dead_letter_parked(parked)

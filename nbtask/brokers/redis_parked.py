@@ -2,7 +2,8 @@
 
 Keys, under ``<key_prefix>:``: ``eta:<queue>``, the messages of ``queue`` not due yet (a
 sorted set of ``"<task id>:<message>"`` members by due time), and ``dead``, the messages
-given up on (a stream; an ETA member without a task id is moved there too).
+given up on (a stream; an ETA member without a task id is moved there too). What is parked
+for a gone process's own queue is parked again for another (:meth:`RedisParked.repark`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from nbtask.brokers.handoffs import Delivery
+from nbtask.brokers.handoffs import Delivery, Parked
 from nbtask.brokers.redis_channels import CHANNEL_MAXLEN, RedisChannels
 
 __all__ = ["DEAD_LETTER_BYTES", "RedisParked", "log_set_aside"]
@@ -102,6 +103,40 @@ class RedisParked(RedisChannels):
             if isinstance(members, list)  # else another type, holding no messages
             for member in members
         ]
+
+    def parked(self, queue: str, keys: Sequence[str], limit: int) -> list[Parked]:
+        """Up to ``limit`` messages parked for ``queue`` in ``keys``, soonest first, left there.
+
+        The sorted sets ``keys`` are read in turn; a key of another type is set aside.
+        """
+        reply = self.link.call("parked", keys, limit)
+        for key in reply[0]:
+            log_set_aside(key.decode("utf-8", "replace"), "an ETA set")
+        found = reply[1:]
+        return [
+            Parked(queue, keys[int(index) - 1], bytes(member), float(due))
+            for index, member, due in zip(found[::3], found[1::3], found[2::3], strict=True)
+        ]
+
+    def repark(self, parked: Parked, queue: str, raw: bytes, task_id: str, record: str) -> bool:
+        """Park ``raw`` for ``queue``, due as ``parked`` was, and drop ``parked``, at once.
+
+        The task's ``record`` (its key) names ``queue`` (see ``note_moved``). False, with
+        nothing done, if ``parked`` is gone.
+        """
+        keys = [parked.where, self.eta_key(queue), record]
+        member = task_id.encode() + b":" + raw
+        due = repr(parked.due)
+        return bool(self.link.call("repark", keys, parked.member, due, member, queue, large=True))
+
+    def dead_letter_parked(self, parked: Parked) -> bool:
+        """Keep ``parked`` in the dead-letter stream and drop it, at once; False if gone."""
+        add = self.dead_letter_command(Delivery(parked.queue, "", parked.raw))
+        keys = [parked.where, self.dead_letter_key]
+        kept = int(self.link.call("dead_letter_parked", keys, parked.member, *add[2:], large=True))
+        if kept == 2:
+            log.error("replaced %s, which nbtask did not write: Redis refused an entry", keys[1])
+        return kept > 0
 
     # Dead letters ----------------------------------------------------------------------------
     def dead_letter_command(self, delivery: Delivery) -> tuple[Any, ...]:

@@ -1,7 +1,8 @@
 """Cleaning up after workers that stopped sending heartbeats.
 
 What a dead worker's processes held is settled as lost, what waits on their own queues
-is sent on to the queues it falls back to (as a stopping worker does for its own), and
+(or is parked for them until its due time) is sent on to the queues it falls back to (as
+a stopping worker does for its own), and
 the worker is forgotten once the broker lets its queues go.
 
 A lapsed heartbeat is not proof of death: a live worker misses its heartbeats when its
@@ -136,8 +137,9 @@ class DeadWorkers:
         _say_once(
             self._queues_left,
             worker_id,
-            "dead worker %s: queue(s) %s cannot be deleted yet (still consumed, or a "
-            "message came meanwhile); looking again at later heartbeats",
+            "dead worker %s: queue(s) %s cannot be deleted yet (still consumed, a message "
+            "came meanwhile, or messages parked for it are left to move); looking again at "
+            "later heartbeats",
             ", ".join(repr(q) for q in queues),
         )
 

@@ -9,7 +9,9 @@ is acted on (as a worker refusing it as too old does). A task killed past its ha
 limit has its message put back on its queue instead: the child that takes it runs its
 follow-ups and its class's handlers, which this process (running no task code) cannot.
 It also moves the messages still waiting on a gone process's own queue (a cell sent to the
-process holding its kept values) to the queue they name for that case.
+process holding its kept values) to the queue they name for that case, and parks the ones
+parked for it until their due time (a countdown, a retry's) for that queue, due as they were:
+only the gone process's supervisor moved what was due there.
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ __all__ = ["LostTasks"]
 log = logging.getLogger("nbtask.worker")
 
 _REHOME_RETRY_SECONDS = 0.1  # between tries to delete a gone process's queue
+#: Messages parked for a gone process's queue that one look parks elsewhere at most: a
+#: planted set of millions must not hold up the heartbeat of the worker cleaning up (the
+#: queue counts as left meanwhile, and is looked at again, as ``RECLAIM_PER_BEAT`` does).
+PARKED_PER_LOOK = 100
 _TOO_OLD_TO_FOLLOW_UP = (
     "its message is older than max_age and may be a replay: its errbacks are not sent, "
     "nor its chain's later steps ended"
@@ -287,20 +293,27 @@ class LostTasks:
 
         Each message goes to its signed ``fallback_queue`` (the queue it would have gone
         to without the holder), sealed again for that queue; one that does not verify is
-        dead-lettered. Until ``until`` (``time.monotonic()``) this goes on while the queue
-        cannot be deleted: RabbitMQ gives back what a gone process held (and ends its
-        consumer) only once it sees that process's connection end. Returns how many were
-        moved, and whether the queue is gone.
+        dead-lettered. One parked for ``queue`` until its due time is parked for that
+        queue, due as it was (:data:`PARKED_PER_LOOK` at most per look). Until ``until``
+        (``time.monotonic()``) this goes on while the queue cannot be deleted: RabbitMQ
+        gives back what a gone process held (and ends its consumer) only once it sees
+        that process's connection end. Returns how many were moved, and whether the
+        queue is gone (not while messages parked for it are left to move).
         """
         moved = self._move_waiting(queue, consumer)
-        while not self.transport.drop_queue(queue):
+        while True:
+            reparked, more = self._move_parked(queue)
+            moved += reparked
+            if not more and self.transport.drop_queue(queue):
+                return moved, True
             if time.monotonic() >= until:
                 if until:
-                    log.warning("left queue %r: still consumed, or a message came meanwhile", queue)
+                    why = "messages parked for it left to move" if more else "still consumed"
+                    log.warning("left queue %r: %s, or a message came meanwhile", queue, why)
                 return moved, False
-            time.sleep(_REHOME_RETRY_SECONDS)
+            if not more:
+                time.sleep(_REHOME_RETRY_SECONDS)
             moved += self._move_waiting(queue, consumer)
-        return moved, True
 
     def _move_waiting(self, queue: str, consumer: str) -> int:
         moved = 0
@@ -326,10 +339,7 @@ class LostTasks:
                     why = "its worker process died (redelivered by the broker)"
                     self._settle_verified(delivery, envelope, message, why)
                     continue
-                target = message.fallback_queue or self.settings.default_queue
-                # Its signed due time stays the sender's: it ages (max_age) as it would have.
-                header = {**message.to_header(), "queue": target}
-                raw = self.signer.seal(header, envelope.body)
+                target, raw = self._sealed_for_fallback(message, envelope)
                 if record is not None:
                     # Named before any worker of the target can start it: its record
                     # (what `nbtask inspect` shows, and a handle asking why the task waits
@@ -340,3 +350,44 @@ class LostTasks:
                 self.note(message, why, logging.WARNING)
                 moved += 1
         return moved
+
+    def _move_parked(self, queue: str) -> tuple[int, bool]:
+        """Park what is parked for a gone process's ``queue`` elsewhere, due as it was.
+
+        Each for the queue it falls back to, :data:`PARKED_PER_LOOK` at most. Returns how
+        many were parked again, and whether more may be left.
+        """
+        moved = 0
+        batch = self.transport.parked(queue, PARKED_PER_LOOK)
+        for parked in batch:
+            try:
+                envelope = self.signer.open(parked.raw)
+                message = TaskMessage.from_header(envelope.header)
+            except NbtaskError as exc:
+                log.error("dead-lettered an unverifiable message parked for %s: %s", queue, exc)
+                self.transport.dead_letter_parked(parked)
+                continue
+            elsewhere = message.sent_elsewhere(self.settings.key_prefix, queue)
+            if elsewhere is not None:
+                log.error("dead-lettered a message parked for %s: %s", queue, elsewhere)
+                self.transport.dead_letter_parked(parked)
+                continue
+            # Whatever its record says: the start check judges it where it runs, as it
+            # would have on this queue (a task revoked meanwhile is refused there).
+            target, raw = self._sealed_for_fallback(message, envelope)
+            if not self.transport.repark(parked, target, raw, message.id):
+                continue  # moved to its queue meanwhile, by its supervisor after all
+            why = (
+                f"the process whose queue it was parked for is gone; parked for queue "
+                f"{target!r}, due as it was"
+            )
+            self.note(message, why, logging.WARNING)
+            moved += 1
+        return moved, len(batch) >= PARKED_PER_LOOK
+
+    def _sealed_for_fallback(self, message: TaskMessage, envelope: Envelope) -> tuple[str, bytes]:
+        """The queue a message on a gone process's queue falls back to, and it sealed for it."""
+        target = message.fallback_queue or self.settings.default_queue
+        # Its signed due time stays the sender's: it ages (max_age) as it would have.
+        header = {**message.to_header(), "queue": target}
+        return target, self.signer.seal(header, envelope.body)

@@ -1,8 +1,9 @@
 """Work waiting on one worker process's own queue (where a kept value is held) is moved to
-the queue it falls back to once that process is gone (see ``LostTasks.rehome``): from
-then on its record, ``nbtask inspect``, its handle and a handle re-attached by id name
-that queue, and its handle says why it waits there (a retry waiting there too: see
-``test_holders``). A retry's move to a queue it names is in ``test_retry_queue``."""
+the queue it falls back to once that process is gone (see ``LostTasks.rehome``), and work
+parked for it until its due time is parked for that queue: from then on its record,
+``nbtask inspect``, its handle and a handle re-attached by id name that queue, and its
+handle says why it waits there (a retry waiting there too: see ``test_holders``). A
+retry's move to a queue it names is in ``test_retry_queue``."""
 
 from __future__ import annotations
 
@@ -77,6 +78,41 @@ def test_a_task_moved_off_a_gone_process_queue_is_on_its_fallback_queue_everywhe
     assert h.get(timeout=20) == h.id
     assert ledger.read_text().split() == [h.id]
     assert _inspect(settings, h.id).get("queue") == "default"
+
+
+@pytest.mark.brokers()
+def test_a_task_parked_for_a_gone_process_queue_runs_on_its_fallback_queue_when_due(
+    app: App, access: RawBroker, start_worker, tmp_path: Path
+) -> None:
+    """Sent to process ghost-0's own queue with a countdown (as a retry with one is parked
+    there), ghost-0 gone: a worker of queue 'other' parks it for 'default', due as it was,
+    its record and handle naming 'default'; once a worker of 'default' starts, it runs
+    there, once. Before, it stayed parked for ghost-0's queue for good (only ghost-0's own
+    supervisor moves what is due there), and its handle said no live worker consumes it."""
+    ledger = tmp_path / "ledger"
+    own = holder_queue("ghost-0")
+    h = app.send_task(RECORD_ID, (str(ledger),), queue=own, countdown=3)
+    app.flush()
+    [(_, due)] = access.store.zrange(access.keys.eta_key(own), 0, -1, withscores=True)
+    access.forge_dead_process("ghost-0")
+    cleaner = start_worker("-Q", "other", concurrency=1)  # not of 'default'
+    said = "moved 1 task(s) waiting for process ghost-0 elsewhere"
+    wait_until(lambda: said in cleaner.log.read_text(), 20, "the move off ghost-0's queue")
+
+    assert not access.store.exists(access.keys.eta_key(own))
+    fallback = access.keys.eta_key("default")
+    [(member, moved_due)] = access.store.zrange(fallback, 0, -1, withscores=True)
+    assert member.startswith(f"{h.id}:".encode())
+    assert moved_due == due
+    record = app.store.get_record(h.id)
+    assert record is not None and record.state is State.PENDING
+    assert record.queue == "default"
+    assert h.waiting_reason == "no live worker consumes queue 'default'"
+    assert h.queue == "default"
+
+    start_worker(concurrency=1)
+    assert h.get(timeout=20) == h.id
+    assert ledger.read_text().split() == [h.id]
 
 
 class _Moved:

@@ -284,6 +284,43 @@ def test_a_retry_waiting_on_the_queue_of_a_holder_whose_worker_dies_runs_elsewhe
 
 @pytest.mark.brokers()
 @X_STAYS
+def test_a_retry_parked_for_the_queue_of_a_holder_whose_worker_dies_runs_elsewhere_when_due(
+    ip: InteractiveShell, shell: Session, start_worker: StartWorker, access: RawBroker
+) -> None:
+    """A function task given ``x`` retries on its holder with a countdown of 8 s: the retry
+    is parked for the holder's queue until then, and only the holder's own worker moves
+    what is due there. That worker is killed whole before it is due: the other worker
+    parks the retry for the queue it falls back to, due as it was, and it runs there on
+    the store copy, its record naming that queue. Before, it stayed parked for the dead
+    process's queue for good: the task stayed RETRY, its handle saying no live worker
+    consumes that queue."""
+    workers = [start_worker(concurrency=1), start_worker(concurrency=1)]
+    kept = keep_x(ip)
+    holder, _ = holder_of(shell, kept, workers)
+    default = shell.app.settings.default_queue
+
+    @shell.app.task(bind=True, max_retries=1)
+    def retries_later(self: Any, values: Any) -> tuple[float, str]:
+        if self.request.retries == 0:
+            raise self.retry(countdown=8)
+        return float(values.sum()), str(self.request.delivery_info["queue"])
+
+    retried = retries_later.delay(kept)
+    assert retried.queue == kept.holder
+    wait_until(lambda: retried.state is State.RETRY, 20, "the retry")
+    for process in [*holder.children(), psutil.Process(holder.pid)]:
+        process.kill()  # the whole worker at once: none of it cleans up
+    # Not due yet: parked, for the holder's queue (or for its fallback one already).
+    parked = [access.keys.eta_key(queue) for queue in (kept.holder or "", default)]
+    assert sum(access.store.zcard(key) for key in parked) == 1
+    assert retried.get(timeout=60) == (TOTAL, default)
+    record = shell.app.store.get_record(retried.id)
+    assert record is not None and record.queue == default
+    wait_until(lambda: not access.queue_exists(kept.holder or ""), 10, "the queue to be deleted")
+
+
+@pytest.mark.brokers()
+@X_STAYS
 def test_a_worker_stopping_sends_on_the_cells_waiting_for_its_processes(
     ip: InteractiveShell, shell: Session, start_worker: StartWorker, access: RawBroker
 ) -> None:
