@@ -319,19 +319,11 @@ class LostTasks:
         moved = 0
         while batch := self.transport.take_waiting(queue, consumer):
             for delivery in batch:
-                try:
-                    envelope = self.signer.open(delivery.raw)
-                    message = TaskMessage.from_header(envelope.header)
-                except NbtaskError as exc:
-                    log.error("dead-lettered an unverifiable message on %s: %s", queue, exc)
+                opened = self._to_move(delivery.raw, queue, "on")
+                if opened is None:
                     self.transport.dead_letter(delivery)
                     continue
-                # Sealed again below for another queue: only a message sent to this one.
-                elsewhere = message.sent_elsewhere(self.settings.key_prefix, queue)
-                if elsewhere is not None:
-                    log.error("dead-lettered a message on %s: %s", queue, elsewhere)
-                    self.transport.dead_letter(delivery)
-                    continue
+                envelope, message = opened
                 record = self.store.get_record(message.id)
                 if record is not None and record.state not in WAITING_STATES:
                     # Started by the gone process, and given back by the broker (AMQP).
@@ -360,18 +352,11 @@ class LostTasks:
         moved = 0
         batch = self.transport.parked(queue, PARKED_PER_LOOK)
         for parked in batch:
-            try:
-                envelope = self.signer.open(parked.raw)
-                message = TaskMessage.from_header(envelope.header)
-            except NbtaskError as exc:
-                log.error("dead-lettered an unverifiable message parked for %s: %s", queue, exc)
+            opened = self._to_move(parked.raw, queue, "parked for")
+            if opened is None:
                 self.transport.dead_letter_parked(parked)
                 continue
-            elsewhere = message.sent_elsewhere(self.settings.key_prefix, queue)
-            if elsewhere is not None:
-                log.error("dead-lettered a message parked for %s: %s", queue, elsewhere)
-                self.transport.dead_letter_parked(parked)
-                continue
+            envelope, message = opened
             # Whatever its record says: the start check judges it where it runs, as it
             # would have on this queue (a task revoked meanwhile is refused there).
             target, raw = self._sealed_for_fallback(message, envelope)
@@ -384,6 +369,24 @@ class LostTasks:
             self.note(message, why, logging.WARNING)
             moved += 1
         return moved, len(batch) >= PARKED_PER_LOOK
+
+    def _to_move(self, raw: bytes, queue: str, where: str) -> tuple[Envelope, TaskMessage] | None:
+        """A message found ``where`` a gone process's ``queue``, opened to be moved.
+
+        ``None`` (said why; the caller dead-letters it) if it does not verify, or was sent
+        to another queue: it is sealed again for another, so only one sent to this one.
+        """
+        try:
+            envelope = self.signer.open(raw)
+            message = TaskMessage.from_header(envelope.header)
+        except NbtaskError as exc:
+            log.error("dead-lettered an unverifiable message %s %s: %s", where, queue, exc)
+            return None
+        elsewhere = message.sent_elsewhere(self.settings.key_prefix, queue)
+        if elsewhere is not None:
+            log.error("dead-lettered a message %s %s: %s", where, queue, elsewhere)
+            return None
+        return envelope, message
 
     def _sealed_for_fallback(self, message: TaskMessage, envelope: Envelope) -> tuple[str, bytes]:
         """The queue a message on a gone process's queue falls back to, and it sealed for it."""
