@@ -274,12 +274,8 @@ def test_a_retry_waiting_on_the_queue_of_a_holder_whose_worker_dies_runs_elsewhe
         process.kill()  # the whole worker at once: none of it cleans up
     # Moved by the other worker once the heartbeats lapse, and run there; its record
     # named that queue from the move on (`nbtask inspect`, its handle read it).
-    default = shell.app.settings.default_queue
-    assert retried.get(timeout=60) == (TOTAL, default)
-    record = shell.app.store.get_record(retried.id)
-    assert record is not None and record.queue == default
+    ran_on_the_fallback_queue(shell, retried, access, kept.holder or "")
     wait_until(lambda: busy.state is State.WORKER_LOST, 30, "the running cell to be lost")
-    wait_until(lambda: not access.queue_exists(kept.holder or ""), 10, "the queue to be deleted")
 
 
 @pytest.mark.brokers()
@@ -313,10 +309,17 @@ def test_a_retry_parked_for_the_queue_of_a_holder_whose_worker_dies_runs_elsewhe
     # Not due yet: parked, for the holder's queue (or for its fallback one already).
     parked = [access.keys.eta_key(queue) for queue in (kept.holder or "", default)]
     assert sum(access.store.zcard(key) for key in parked) == 1
-    assert retried.get(timeout=60) == (TOTAL, default)
-    record = shell.app.store.get_record(retried.id)
+    ran_on_the_fallback_queue(shell, retried, access, kept.holder or "")
+
+
+def ran_on_the_fallback_queue(shell: Session, handle: Any, access: RawBroker, own: str) -> None:
+    """``handle``'s task ran on the default queue (its record naming it), and the gone
+    process's queue ``own`` it was moved off is deleted."""
+    default = shell.app.settings.default_queue
+    assert handle.get(timeout=60) == (TOTAL, default)
+    record = shell.app.store.get_record(handle.id)
     assert record is not None and record.queue == default
-    wait_until(lambda: not access.queue_exists(kept.holder or ""), 10, "the queue to be deleted")
+    wait_until(lambda: not access.queue_exists(own), 10, "the queue to be deleted")
 
 
 @pytest.mark.brokers()
