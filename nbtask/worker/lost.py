@@ -43,10 +43,11 @@ __all__ = ["LostTasks"]
 log = logging.getLogger("nbtask.worker")
 
 _REHOME_RETRY_SECONDS = 0.1  # between tries to delete a gone process's queue
-#: Messages parked for a gone process's queue that one look parks elsewhere at most: a
-#: planted set of millions must not hold up the heartbeat of the worker cleaning up (the
-#: queue counts as left meanwhile, and is looked at again, as ``RECLAIM_PER_BEAT`` does).
-PARKED_PER_LOOK = 100
+#: Messages waiting on a gone process's queue, and messages parked for it, that one look
+#: moves elsewhere at most, each: a planted queue or set of millions must not hold up the
+#: heartbeat of the worker cleaning up (the queue counts as left meanwhile, and is looked
+#: at again, as ``RECLAIM_PER_BEAT`` does).
+MOVED_PER_LOOK = 100
 _TOO_OLD_TO_FOLLOW_UP = (
     "its message is older than max_age and may be a replay: its errbacks are not sent, "
     "nor its chain's later steps ended"
@@ -294,63 +295,68 @@ class LostTasks:
         Each message goes to its signed ``fallback_queue`` (the queue it would have gone
         to without the holder), sealed again for that queue; one that does not verify is
         dead-lettered. One parked for ``queue`` until its due time is parked for that
-        queue, due as it was (:data:`PARKED_PER_LOOK` at most per look). Until ``until``
+        queue, due as it was (:data:`MOVED_PER_LOOK` of each at most per look). Until ``until``
         (``time.monotonic()``) this goes on while the queue cannot be deleted: RabbitMQ
         gives back what a gone process held (and ends its consumer) only once it sees
         that process's connection end. Returns how many were moved, and whether the
-        queue is gone (not while messages parked for it are left to move).
+        queue is gone (not while messages on it or parked for it are left to move).
         """
-        moved = self._move_waiting(queue, consumer)
+        moved = 0
         while True:
-            reparked, more = self._move_parked(queue)
-            moved += reparked
+            waiting, more_waiting = self._move_waiting(queue, consumer)
+            reparked, more_parked = self._move_parked(queue)
+            moved += waiting + reparked
+            more = more_waiting or more_parked
             if not more and self.transport.drop_queue(queue):
                 return moved, True
             if time.monotonic() >= until:
                 if until:
-                    why = "messages parked for it left to move" if more else "still consumed"
+                    why = "messages on it left to move" if more else "still consumed"
                     log.warning("left queue %r: %s, or a message came meanwhile", queue, why)
                 return moved, False
             if not more:
                 time.sleep(_REHOME_RETRY_SECONDS)
-            moved += self._move_waiting(queue, consumer)
 
-    def _move_waiting(self, queue: str, consumer: str) -> int:
+    def _move_waiting(self, queue: str, consumer: str) -> tuple[int, bool]:
+        """Move what waits on a gone process's ``queue``, :data:`MOVED_PER_LOOK` at most.
+
+        Returns how many were moved, and whether more may be left.
+        """
         moved = 0
-        while batch := self.transport.take_waiting(queue, consumer):
-            for delivery in batch:
-                opened = self._to_move(delivery.raw, queue, "on")
-                if opened is None:
-                    self.transport.dead_letter(delivery)
-                    continue
-                envelope, message = opened
-                record = self.store.get_record(message.id)
-                if record is not None and record.state not in WAITING_STATES:
-                    # Started by the gone process, and given back by the broker (AMQP).
-                    # A retry waiting here (its record RETRY) never started: it moves.
-                    why = "its worker process died (redelivered by the broker)"
-                    self._settle_verified(delivery, envelope, message, why)
-                    continue
-                target, raw = self._sealed_for_fallback(message, envelope)
-                if record is not None:
-                    # Named before any worker of the target can start it: its record
-                    # (what `nbtask inspect` shows, and a handle asking why the task waits
-                    # reads) says where it waits from now on.
-                    self.store.note_moved(message.id, target)
-                self.transport.move(delivery, target, raw, message.id)
-                why = f"the process whose queue it waited on is gone; moved to queue {target!r}"
-                self.note(message, why, logging.WARNING)
-                moved += 1
-        return moved
+        batch = self.transport.take_waiting(queue, consumer, MOVED_PER_LOOK)
+        for delivery in batch:
+            opened = self._to_move(delivery.raw, queue, "on")
+            if opened is None:
+                self.transport.dead_letter(delivery)
+                continue
+            envelope, message = opened
+            record = self.store.get_record(message.id)
+            if record is not None and record.state not in WAITING_STATES:
+                # Started by the gone process, and given back by the broker (AMQP).
+                # A retry waiting here (its record RETRY) never started: it moves.
+                why = "its worker process died (redelivered by the broker)"
+                self._settle_verified(delivery, envelope, message, why)
+                continue
+            target, raw = self._sealed_for_fallback(message, envelope)
+            if record is not None:
+                # Named before any worker of the target can start it: its record
+                # (what `nbtask inspect` shows, and a handle asking why the task waits
+                # reads) says where it waits from now on.
+                self.store.note_moved(message.id, target)
+            self.transport.move(delivery, target, raw, message.id)
+            why = f"the process whose queue it waited on is gone; moved to queue {target!r}"
+            self.note(message, why, logging.WARNING)
+            moved += 1
+        return moved, len(batch) >= MOVED_PER_LOOK
 
     def _move_parked(self, queue: str) -> tuple[int, bool]:
         """Park what is parked for a gone process's ``queue`` elsewhere, due as it was.
 
-        Each for the queue it falls back to, :data:`PARKED_PER_LOOK` at most. Returns how
+        Each for the queue it falls back to, :data:`MOVED_PER_LOOK` at most. Returns how
         many were parked again, and whether more may be left.
         """
         moved = 0
-        batch = self.transport.parked(queue, PARKED_PER_LOOK)
+        batch = self.transport.parked(queue, MOVED_PER_LOOK)
         for parked in batch:
             opened = self._to_move(parked.raw, queue, "parked for")
             if opened is None:
@@ -368,7 +374,7 @@ class LostTasks:
             )
             self.note(message, why, logging.WARNING)
             moved += 1
-        return moved, len(batch) >= PARKED_PER_LOOK
+        return moved, len(batch) >= MOVED_PER_LOOK
 
     def _to_move(self, raw: bytes, queue: str, where: str) -> tuple[Envelope, TaskMessage] | None:
         """A message found ``where`` a gone process's ``queue``, opened to be moved.

@@ -16,7 +16,7 @@ from raw_broker import RawBroker
 from nbtask import App, State
 from nbtask.brokers import Transport, open_broker
 from nbtask.core.holding import holder_queue
-from nbtask.worker.lost import PARKED_PER_LOOK, LostTasks
+from nbtask.worker.lost import MOVED_PER_LOOK, LostTasks
 
 pytestmark = pytest.mark.brokers()
 
@@ -55,7 +55,7 @@ def test_what_is_parked_for_a_gone_process_queue_is_parked_for_its_fallback_due_
     lost = LostTasks(transport, app.signer, app.settings)
 
     assert lost.rehome(OWN, "ghost-0") == (0, False)
-    assert access.store.zcard(own) == 151 - PARKED_PER_LOOK
+    assert access.store.zcard(own) == 151 - MOVED_PER_LOOK
     assert lost.rehome(OWN, "ghost-0") == (1, True)
     assert not access.store.exists(own)
 
@@ -105,3 +105,25 @@ def test_a_planted_key_of_another_type_where_a_queue_parks_is_set_aside(
     access.store.set(access.keys.eta_key(OWN), b"planted")
     assert transport.parked(OWN) == []
     assert not access.store.exists(access.keys.eta_key(OWN))
+
+
+def test_what_waits_on_a_gone_process_queue_is_moved_a_bounded_number_per_look(
+    app: App, access: RawBroker, transport: Transport
+) -> None:
+    """150 forgeries waiting on ghost-0's queue (anyone with broker access can put them
+    there): the first look dead-letters 100 at most and leaves the queue, the next the
+    rest, and the queue is gone. Before, one look took them all: a queue of millions held
+    up the heartbeat of the worker cleaning up."""
+    for i in range(150):
+        access.inject(f"forged {i}".encode(), queue=OWN)
+    lost = LostTasks(transport, app.signer, app.settings)
+
+    assert lost.rehome(OWN, "ghost-0") == (0, False)
+    assert len(_dead_lettered_from(access, OWN)) == MOVED_PER_LOOK
+    assert lost.rehome(OWN, "ghost-0") == (0, True)
+    assert len(_dead_lettered_from(access, OWN)) == 150
+    assert not access.queue_exists(OWN)
+
+
+def _dead_lettered_from(access: RawBroker, queue: str) -> list[dict[bytes, bytes]]:
+    return [fields for fields in access.dead_letters() if fields[b"q"] == queue.encode()]
