@@ -29,6 +29,7 @@ __all__ = [
     "runs_here",
     "sees_pids_of",
     "sigint_handled_by",
+    "start_ticks",
     "this_place",
 ]
 
@@ -131,21 +132,39 @@ def process_started(pid: int) -> float | None:
     """When process ``pid`` started (epoch seconds, to about a clock tick), from ``/proc``.
 
     ``None`` if it does not exist, or where there is no ``/proc`` to read (not Linux).
-    Tells a process from a later one given the same pid.
+    Tells a process from a later one given the same pid (:func:`start_ticks` does so
+    whatever the wall clock did since).
+    """
+    ticks = start_ticks(pid)
+    try:
+        boot = Path("/proc/stat").read_text()
+        per_second = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+    booted = next((line.split()[1] for line in boot.splitlines() if line.startswith("btime ")), "")
+    try:
+        return None if ticks is None else int(booted) + ticks / per_second
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since its host booted (``/proc``).
+
+    ``None`` if it does not exist, or where there is no ``/proc`` to read (not Linux).
+    Unlike :func:`process_started`, not moved by a step of the wall clock (NTP after a
+    resume): a process and a later one given its pid never share it.
     """
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        boot = Path("/proc/stat").read_text()
-        ticks = os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError):
+    except OSError:
         return None
     # "pid (name) state ...": the name may hold spaces and parentheses; starttime is the
     # 22nd field, the 20th after the name.
     fields = stat.rpartition(") ")[2].split()
-    booted = next((line.split()[1] for line in boot.splitlines() if line.startswith("btime ")), "")
     try:
-        return int(booted) + int(fields[19]) / ticks
-    except (IndexError, ValueError, ZeroDivisionError):
+        return int(fields[19])
+    except (IndexError, ValueError):
         return None
 
 
@@ -256,14 +275,17 @@ def sees_pids_of(place: Place) -> bool:
     )
 
 
-def runs_here(place: Place, pid: int, started: float) -> bool:
+def runs_here(place: Place, pid: int, started: float, ticks: int = 0) -> bool:
     """True if process ``pid`` of ``place`` (:func:`sees_pids_of`) runs here now.
 
-    The process with that pid must run (not a zombie) and not have started after
-    ``started`` (epoch s; then the pid was used again). ``pid`` 0 or less: nothing runs
-    (a stopped worker says so).
+    The process with that pid must run (not a zombie) and be the one that started
+    ``ticks`` clock ticks after boot (:func:`start_ticks`), where that is known (non-zero);
+    else not have started after ``started`` (epoch s). Either way, a later process given
+    the pid is not taken for it. ``pid`` 0 or less: nothing runs (a stopped worker says so).
     """
     if pid <= 0 or not sees_pids_of(place) or not pid_runs(pid):
         return False
+    if ticks:
+        return start_ticks(pid) == ticks
     began = process_started(pid)
     return began is None or not started or began <= started + _CLOCK_SLACK

@@ -13,7 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from nbtask._process import boot_id, current_pid, interrupts_held, pid_runs, process_started
+from nbtask._process import (
+    boot_id,
+    current_pid,
+    interrupts_held,
+    pid_runs,
+    process_started,
+    runs_here,
+    start_ticks,
+    this_place,
+)
 
 
 def test_ctrl_c_during_a_held_step_comes_once_the_step_is_done() -> None:
@@ -79,3 +88,19 @@ def test_a_process_ended_but_not_reaped_does_not_run() -> None:
         child.wait()
     assert not pid_runs(child.pid) and process_started(child.pid) is None
     assert len(boot_id()) == 36 and boot_id() == boot_id()
+
+
+def test_start_ticks_tell_a_process_from_a_later_one_whatever_the_clock_did() -> None:
+    """Told by when it started in ticks after boot, a running process is the one that
+    registered even after the wall clock stepped an hour forward since (NTP after a
+    resume: by wall-clock times it seemed to start after it registered, so its pid looked
+    used again, and a paused live worker dead); another tick is another process."""
+    here, me = this_place(), os.getpid()
+    ticks = start_ticks(me)
+    assert ticks is not None and ticks > 0
+    began = process_started(me)
+    assert began is not None
+    an_hour_before = began - 3600  # what it registered, before the clock stepped an hour
+    assert not runs_here(here, me, an_hour_before)  # (the wall clock alone cannot tell)
+    assert runs_here(here, me, an_hour_before, ticks)
+    assert not runs_here(here, me, 0.0, ticks + 1)

@@ -372,7 +372,7 @@ class LiveWorkers:
             if not serves(info):
                 continue
             if sees_pids_of(info.place):
-                if runs_here(info.place, info.pid, info.started):
+                if runs_here(info.place, info.pid, info.started, info.start_ticks):
                     return _stopped(info) if pid_stopped(info.pid) else ""
             elif (
                 info.pid > 0

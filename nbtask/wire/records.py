@@ -245,6 +245,10 @@ class WorkerInfo:
     #: Its pid namespace (Linux; "" elsewhere, and in an entry from an older nbtask): a
     #: container's pids name other processes outside it.
     pid_space: str = ""
+    #: When its process started, in clock ticks since its host booted (Linux; 0 elsewhere,
+    #: and in an entry from an older nbtask): tells it from a later process given its pid,
+    #: whatever the wall clock did since (:attr:`started` is the wall clock's).
+    start_ticks: int = 0
 
     @property
     def place(self) -> Place:
@@ -287,6 +291,7 @@ class WorkerInfo:
                 broker=_field(value, "broker", str, ""),
                 boot=_field(value, "boot", str, ""),
                 pid_space=_field(value, "pid_space", str, ""),
+                start_ticks=_field(value, "start_ticks", int, 0),
             )
         except (TypeError, ValueError, OverflowError):  # JSON integers have no bound
             return None

@@ -169,7 +169,7 @@ class DeadWorkers:
         """
         if self.transport.store.beats(worker_id):
             return "it beats again"
-        if runs_here(info.place, info.pid, info.started):
+        if runs_here(info.place, info.pid, info.started, info.start_ticks):
             return f"its process {info.pid} runs on this host"
         own = {holder_queue(consumer) for consumer in info.consumers}
         shared = [queue for queue in info.queues if queue not in own]

@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 
-from nbtask._process import this_place
+from nbtask._process import start_ticks, this_place
 from nbtask._text import redact_url
 from nbtask.brokers import Transport, broker_kind, open_broker
 from nbtask.core.datasets import Loader, data_queue
@@ -130,6 +130,7 @@ class Worker:
         # Ended tasks are remembered a little past max_age: a message older is refused.
         self._replays_after = settings.replay_window + 60.0
         self._started = time.time()
+        self._start_ticks = start_ticks(os.getpid()) or 0
         self._versions_probe: subprocess.Popen[bytes] | None = None
         self._versions: dict[str, str] | None = None  # found, not yet announced
         self._announced: tuple[tuple[int, ...], tuple[str, ...]] = ((), ())
@@ -421,6 +422,7 @@ class Worker:
             broker=self.broker,
             boot=self._place.boot,
             pid_space=self._place.pid_space,
+            start_ticks=self._start_ticks,
         )
 
     def _announce_versions(self) -> None:

@@ -19,6 +19,7 @@ import pytest
 from helpers import wait_until
 
 from nbtask import App, State
+from nbtask._process import start_ticks
 
 pytestmark = pytest.mark.brokers
 
@@ -34,7 +35,8 @@ def test_a_worker_paused_past_its_heartbeats_is_not_said_gone(
     to continue it, not that it is gone. They said "its worker ... stopped sending
     heartbeats" and "no live worker consumes queue 'default'"."""
     worker = start_worker(concurrency=1)
-    worker_id = worker.entry()[0]
+    worker_id, entry = worker.entry()
+    assert entry.start_ticks == start_ticks(worker.pid)  # (its process told by it)
     marker, go = tmp_path / "marker", tmp_path / "go"
     running = app.send_task(WAIT_FOR_FILE, (str(marker), str(go), 60.0))
     wait_until(lambda: running.state is State.STARTED, 20, "the task to start")
