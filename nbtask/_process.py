@@ -22,6 +22,7 @@ __all__ = [
     "group_members",
     "interrupts_held",
     "pid_alive",
+    "pid_is",
     "pid_namespace",
     "pid_runs",
     "pid_stopped",
@@ -136,6 +137,8 @@ def process_started(pid: int) -> float | None:
     whatever the wall clock did since).
     """
     ticks = start_ticks(pid)
+    if ticks is None:
+        return None
     try:
         boot = Path("/proc/stat").read_text()
         per_second = os.sysconf("SC_CLK_TCK")
@@ -143,7 +146,7 @@ def process_started(pid: int) -> float | None:
         return None
     booted = next((line.split()[1] for line in boot.splitlines() if line.startswith("btime ")), "")
     try:
-        return None if ticks is None else int(booted) + ticks / per_second
+        return int(booted) + ticks / per_second
     except (ValueError, ZeroDivisionError):
         return None
 
@@ -276,14 +279,19 @@ def sees_pids_of(place: Place) -> bool:
 
 
 def runs_here(place: Place, pid: int, started: float, ticks: int = 0) -> bool:
-    """True if process ``pid`` of ``place`` (:func:`sees_pids_of`) runs here now.
+    """True if process ``pid`` of ``place`` (:func:`sees_pids_of`) runs here (:func:`pid_is`)."""
+    return sees_pids_of(place) and pid_is(pid, started, ticks)
 
-    The process with that pid must run (not a zombie) and be the one that started
-    ``ticks`` clock ticks after boot (:func:`start_ticks`), where that is known (non-zero);
-    else not have started after ``started`` (epoch s). Either way, a later process given
-    the pid is not taken for it. ``pid`` 0 or less: nothing runs (a stopped worker says so).
+
+def pid_is(pid: int, started: float, ticks: int = 0) -> bool:
+    """True if this host's process ``pid`` runs and is the one that registered it.
+
+    It must run (not a zombie) and be the one that started ``ticks`` clock ticks after
+    boot (:func:`start_ticks`), where that is known (non-zero); else not have started
+    after ``started`` (epoch s). Either way, a later process given the pid is not taken
+    for it. ``pid`` 0 or less: nothing runs (a stopped worker says so).
     """
-    if pid <= 0 or not sees_pids_of(place) or not pid_runs(pid):
+    if pid <= 0 or not pid_runs(pid):
         return False
     if ticks:
         return start_ticks(pid) == ticks

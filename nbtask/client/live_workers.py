@@ -25,7 +25,7 @@ import weakref
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Generic, TypeVar
 
-from nbtask._process import pid_stopped, runs_here, sees_pids_of
+from nbtask._process import pid_is, pid_stopped, sees_pids_of
 from nbtask._text import printable
 from nbtask.brokers import Store
 from nbtask.core.datasets import dataset_of_queue
@@ -372,7 +372,7 @@ class LiveWorkers:
             if not serves(info):
                 continue
             if sees_pids_of(info.place):
-                if runs_here(info.place, info.pid, info.started, info.start_ticks):
+                if pid_is(info.pid, info.started, info.start_ticks):
                     return _stopped(info) if pid_stopped(info.pid) else ""
             elif (
                 info.pid > 0
