@@ -27,14 +27,7 @@ from nbtask.errors import (
     SendUnconfirmed,
 )
 from nbtask.settings import MAX_SECONDS, is_finite_number
-from nbtask.wire.events import (
-    FAILED_STATES,
-    WAITING_STATES,
-    Deferred,
-    Event,
-    EventType,
-    State,
-)
+from nbtask.wire.events import FAILED_STATES, WAITING_STATES, Deferred, Event, EventType, State
 
 __all__ = ["Client", "FetchWatch", "StartedBy", "TaskHandle", "refusing_handles"]
 
