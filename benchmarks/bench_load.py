@@ -9,19 +9,22 @@ so it travels by value, as a notebook's does), then waits for every result in or
 
 Timed: from the word to the last client's last result. CPU seconds per task, over the
 same window (psutil, user + system): the worker's supervisor and its children together,
-the clients together, and on RabbitMQ ``beam.smp``. The brokers alternate every round
-(Redis first in even rounds). Prints median [min-max] per broker, the ratio
-RabbitMQ / Redis and whether it meets the goal (<= 1.5x).
+the clients together, the ``redis-server`` listening on ``--redis``'s port (the broker,
+or on RabbitMQ the store) and on RabbitMQ ``beam.smp``, and all of them together (on a
+machine with few cores the wall time follows that total once it is CPU-bound). The
+brokers alternate every round (Redis first in even rounds). Prints median [min-max] per
+broker, the ratio RabbitMQ / Redis and whether it meets the goal (<= 1.5x).
 
     python benchmarks/bench_load.py                         # 3 rounds, both brokers
     python benchmarks/bench_load.py --rounds 1 --brokers amqp --profile-dir /tmp/prof
     PYTHONPATH=/path/to/tree python benchmarks/bench_load.py --json-out out.json
 
 ``beam.smp`` and ``redis-server`` serve everyone on the machine: their CPU counts any
-other traffic during the window. With ``--profile-dir`` py-spy records the worker
-(``--subprocesses``) and the first client at 2,000 Hz in raw (collapsed) form, with
-``--gil`` only the threads holding the GIL (Python's CPU, not its waits); that slows
-both, so the times of such a run are not comparable with others.
+other traffic during the window (a ``redis-server`` psutil cannot see is left out). With
+``--profile-dir`` py-spy records the worker (``--subprocesses``) and the first client at
+2,000 Hz in raw (collapsed) form, with ``--gil`` only the threads holding the GIL
+(Python's CPU, not its waits); that slows both, so the times of such a run are not
+comparable with others.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,6 +51,8 @@ HERE = Path(__file__).resolve().parent
 #: RabbitMQ's wall time at most this many times Redis's (issue 15).
 GOAL_RATIO = 1.5
 BROKERS = ("redis", "amqp")
+#: The name under which the summary gives every measured process's CPU per task together.
+TOTAL = "all measured"
 
 
 def noop() -> None:
@@ -82,6 +88,9 @@ def summary_lines(runs: Sequence[dict[str, Any]]) -> list[str]:
         for group in groups:
             cpu = [r["cpu_us_per_task"][group] for r in mine if group in r["cpu_us_per_task"]]
             lines.append(f"  CPU per task, {group}: {_spread(cpu, '{:.0f}')} µs")
+        if len(groups) > 1:
+            total = [sum(r["cpu_us_per_task"].values()) for r in mine]
+            lines.append(f"  CPU per task, {TOTAL}: {_spread(total, '{:.0f}')} µs")
     if len(walls) == len(BROKERS) and walls["redis"] > 0:
         ratio = walls["amqp"] / walls["redis"]
         met = "met" if ratio <= GOAL_RATIO else "NOT met"
@@ -156,6 +165,22 @@ def _by_name(name: str) -> list[Any]:
     return [p for p in psutil.process_iter(["name"]) if p.info["name"] == name]
 
 
+def _listening_on(url: str) -> list[Any]:
+    """The ``redis-server`` processes listening on the port of Redis URL ``url``."""
+    import psutil
+
+    port = urllib.parse.urlsplit(url).port or 6379
+    found = []
+    for p in _by_name("redis-server"):
+        with contextlib.suppress(psutil.Error):
+            if any(
+                c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                for c in p.net_connections("tcp")
+            ):
+                found.append(p)
+    return found
+
+
 def _spy(pid: int, out: Path, subprocesses: bool, gil: bool) -> subprocess.Popen[bytes]:
     cmd = ["py-spy", "record", "-r", "2000", "-f", "raw", "-o", str(out), "--pid", str(pid)]
     cmd += ["-s"] if subprocesses else []
@@ -208,7 +233,12 @@ def _case(kind: str, args: argparse.Namespace, tmp: Path, label: str) -> dict[st
             spies.append(_spy(worker.pid, out / f"{label}-worker.txt", True, args.gil))
             spies.append(_spy(clients[0].pid, out / f"{label}-client.txt", False, args.gil))
             time.sleep(1.0)  # py-spy attaches
-        before = {"worker": _cpu(_tree(worker.pid)), "beam.smp": _cpu(beam)}
+        redis_server = _listening_on(args.redis)
+        before = {
+            "worker": _cpu(_tree(worker.pid)),
+            "redis-server": _cpu(redis_server),
+            "beam.smp": _cpu(beam),
+        }
         start = time.time()
         for c in clients:
             assert c.stdin is not None
@@ -221,7 +251,11 @@ def _case(kind: str, args: argparse.Namespace, tmp: Path, label: str) -> dict[st
             if not line:
                 raise RuntimeError("a client failed (see its stderr above)")
             reports.append(json.loads(line))
-        after = {"worker": _cpu(_tree(worker.pid)), "beam.smp": _cpu(beam)}
+        after = {
+            "worker": _cpu(_tree(worker.pid)),
+            "redis-server": _cpu(redis_server),
+            "beam.smp": _cpu(beam),
+        }
         for c in clients:
             c.wait(timeout=60)
     except BaseException:
@@ -245,6 +279,8 @@ def _case(kind: str, args: argparse.Namespace, tmp: Path, label: str) -> dict[st
         "worker": _used(before["worker"], after["worker"]),
         "clients": sum(r["cpu_s"] for r in reports),
     }
+    if after["redis-server"]:
+        cpu["redis-server"] = _used(before["redis-server"], after["redis-server"])
     if kind == "amqp":
         cpu["beam.smp"] = _used(before["beam.smp"], after["beam.smp"])
     return {
