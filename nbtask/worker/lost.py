@@ -142,8 +142,8 @@ class LostTasks:
         # task's latest run, whatever a live worker announced before (an earlier run's).
         if message.id != ran and self._live_process_may_run(delivery, message, reason, aside):
             return
-        if not follow_up and (record is None or record.state is State.PENDING):
-            # Never started, as a worker taking it now would refuse it: too old to run.
+        if not follow_up and (record is None or record.state in WAITING_STATES):
+            # Never started (this run), as a worker taking it now would refuse it: too old.
             self._refuse_too_old(delivery, envelope, message)
             return
         if stopped is not None and stopped[0] == message.id:

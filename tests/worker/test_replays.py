@@ -460,3 +460,29 @@ def test_a_finished_tasks_message_made_to_look_lost_leaves_its_signed_result(
         assert reader.handle(h.id).get(timeout=5) == h.id
     finally:
         reader.close()
+
+
+@pytest.mark.parametrize("state", ["PENDING", "RETRY"])
+def test_a_lost_delivery_past_max_age_of_a_task_that_never_started_is_refused(
+    app: App,
+    access: RawBroker,
+    start_worker,
+    tmp_path: Path,
+    short_max_age: float,
+    state: str,
+) -> None:
+    """A dead holder's delivery past max_age of a task that never started (waiting for its
+    first run, or for its next one after a retry) is refused as too old, as a worker taking
+    it would refuse it: neither run nor reported lost by a worker that never ran it."""
+    ledger = tmp_path / "ledger"
+    sent = time.time()
+    h = app.send_task(RECORD_ID, (str(ledger),), queue="unserved")
+    raw = access.captured("unserved")
+    access.store.hset(access.keys.record_key(h.id), "state", state)
+    wait_until(lambda: time.time() > sent + short_max_age + 0.5, 10, "max_age to pass")
+    worker = start_worker(concurrency=1)
+    access.inject_lost(raw, h.id)
+    with pytest.raises(nbtask.NbtaskError, match="older than max_age"):
+        h.get(timeout=30)
+    assert runs_in(ledger) == []
+    assert _log_count(worker, "WORKER_LOST") == 0
