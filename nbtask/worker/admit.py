@@ -168,15 +168,21 @@ class Admission:
         message = admitted.message
         bucket = f"{self.worker_id}:{message.name}"
         horizon = self.settings.replay_window
+        # The start given is the time of asking plus the wait, not the wait counted from
+        # a later look at the clock: a child paused after the answer (a loaded machine)
+        # parked the task past its start, and the task given the start after it came
+        # back first and took its turn.
+        asked = time.time()
         wait = self.transport.store.rate_wait(bucket, task.rate_limit, message.id, horizon)
         if 0 < wait <= _RATE_HOLD_SECONDS:
             # Its start is this close: waited for here, not behind the tasks after it
             # (a task put back comes back a little late; the next may be on time).
-            time.sleep(wait)
+            time.sleep(max(0.0, asked + wait - time.time()))
+            asked = time.time()
             wait = self.transport.store.rate_wait(bucket, task.rate_limit, message.id, horizon)
         if wait <= 0:
             return False
-        self._park(admitted, time.time() + wait)
+        self._park(admitted, asked + wait)
         return True
 
     def _not_now(self, admitted: Admitted) -> bool:

@@ -18,6 +18,7 @@ from raw_broker import RawBroker
 
 import nbtask
 from nbtask import App, State
+from nbtask.worker import admit
 from tests.celery_tasks import read_records
 
 pytestmark = pytest.mark.brokers
@@ -259,6 +260,39 @@ def test_rate_limited_tasks_start_in_the_order_they_were_sent(app: App, start_wo
     order = sorted(range(8), key=lambda i: starts[i])
     assert order == list(range(8)), f"started in the order {order}"
     _assert_spaced(starts, rate=4)
+
+
+def test_a_task_over_its_rate_limit_is_parked_until_the_start_it_was_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Parked until the start the store gave it (the time of asking plus the wait), not
+    for the wait counted from a later look at the clock. Before, a child paused between
+    the store's answer and that look (a loaded machine) parked the task past its start,
+    and the task given the start after it could come back first and take its turn: the
+    order test above saw the starts 0, 1, 3, 4, 5, 6, 7, 2 on RabbitMQ."""
+    clock = [1000.0]
+    given = 1000.5  # the start the store gives
+    monkeypatch.setattr(admit, "time", types.SimpleNamespace(time=lambda: clock[0]))
+
+    def rate_wait(bucket: str, rate: float, task_id: str, horizon: float) -> float:
+        wait = given - clock[0]
+        clock[0] += 0.3  # the child pauses before it looks at the clock again
+        return wait
+
+    parked: list[float] = []
+
+    def finish(delivery, task_id, client, raw, fields, *, requeue) -> None:
+        parked.append(requeue[1])
+
+    store = types.SimpleNamespace(rate_wait=rate_wait)
+    transport = types.SimpleNamespace(store=store, finish=finish)
+    admission = admit.Admission(
+        nbtask.Settings(), transport, None, None, None, hostname="h", consumer="c", worker_id="w"
+    )
+    message = types.SimpleNamespace(id="t", name="limited", client="c")
+    admitted = types.SimpleNamespace(message=message, delivery=types.SimpleNamespace(raw=b"m"))
+    assert admission.rate_limited(admitted, types.SimpleNamespace(rate_limit=2.0))
+    assert parked == [given], f"parked until {parked}, given the start {given}"
 
 
 def test_rate_limit_per_minute_holds_back_the_second_call(app: App, start_worker) -> None:
