@@ -167,13 +167,25 @@ def test_a_journal_line_longer_than_a_journal_keeps_is_kept_cut(app: App) -> Non
 
 
 def test_a_registry_of_many_planted_entries_is_read_only_as_far_as_nbtask_writes_it(
-    app: App, access: RawBroker, start_worker, caplog: pytest.LogCaptureFixture
+    app: App,
+    access: RawBroker,
+    start_worker,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """100,000 readable entries planted in the worker registry (each a few hundred bytes,
     no heartbeat). Before, every read took them all, again and again: 81 MB and some
     twenty seconds per read here, for every client and worker. Now at most 1,000
     (``MAX_REGISTERED``) are read, those with a current heartbeat first, and one line
-    says someone else wrote them; a genuine worker is still seen and runs tasks."""
+    says someone else wrote them; a genuine worker is still seen and runs tasks.
+
+    The worker beats once a second, not every 0.2 s: the look for dead workers after each
+    heartbeat still has Redis walk the planted ids (0.3 to 0.6 s, more on a loaded
+    machine) before the next beat is due, and a heartbeat that lives 0.6 s lapsed between
+    two: the worker was seen dead about as often as alive, and the check that
+    ``workers_if_known()`` agrees with ``workers()`` timed out."""
+    monkeypatch.setenv("NBTASK_HEARTBEAT_INTERVAL", "1.0")  # its heartbeat lives 3 s
+    monkeypatch.setenv("NBTASK_VISIBILITY_TIMEOUT", "10.0")  # (more than three beats)
     workers = f"{app.settings.key_prefix}:workers"
     planted = WorkerInfo(
         hostname="planted", pid=1, queues=("nbtest-nowhere",), concurrency=1, consumers=()
