@@ -47,9 +47,16 @@ def test_poison_message_is_redelivered_up_to_the_cap_then_dead_lettered(
         raw.close()
 
 
+@pytest.mark.timeout(600)  # (10,000 tasks on a busy machine; each wait below is bounded)
 def test_load_from_four_clients_nothing_lost_nothing_twice(
-    settings: Settings, start_worker, tmp_path: Path
+    settings: Settings, start_worker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # nbtask's own heartbeat (1 s) and visibility timeout (10 s), not the suite's 0.2 s and
+    # 2 s: nothing here fails on purpose, and a supervisor the load starves of the CPU
+    # for 2 s would have the tasks its children run taken for lost.
+    monkeypatch.setenv("NBTASK_HEARTBEAT_INTERVAL", "1.0")  # (the workers')
+    monkeypatch.setenv("NBTASK_VISIBILITY_TIMEOUT", "10.0")
+    settings = settings.replace(heartbeat_interval=1.0, visibility_timeout=10.0)
     start_worker(concurrency=2)
     start_worker(concurrency=2)
     ledger = tmp_path / "ledger"
