@@ -26,6 +26,9 @@ def test_a_worker_takes_from_the_first_queue_it_names_first(
     # Queued while the process is busy: the ordinary work first, then the urgent.
     ordinary = [app.send_task(RECORD, (str(order),), queue="default") for _ in range(3)]
     urgent = [app.send_task(RECORD, (str(order),), queue="urgent") for _ in range(3)]
+    # All six queued (the broker answered for each) before the process is free: a send
+    # does not wait for that, and a loaded broker may take the urgent ones after it looked.
+    app.flush()
     go.touch()
     for handle in [busy, *ordinary, *urgent]:
         handle.get(timeout=30)
