@@ -141,7 +141,9 @@ def test_a_control_stream_redis_refuses_entries_for_is_replaced_and_cancel_works
         access.store.set(control, "not a stream")
     else:
         access.store.xadd(control, {"e": b"junk"}, id=f"{2**64 - 1}-{2**64 - 1}")
-    time.sleep(0.5)  # a few ticks of the worker reading it
+    # Read by the worker (the next tick, later on a loaded machine: waited for, not slept
+    # for, or the cancel replaces it unread and the worker has nothing to say).
+    wait_until(lambda: control in worker.log.read_text(), 15, "the worker to read it")
     assert h.cancel() is True
     with pytest.raises(nbtask.TaskRevoked):
         h.get(timeout=15)
