@@ -167,7 +167,11 @@ def test_output_of_a_thread_a_task_left_running_reaches_no_later_task(
 
         first = Path(path).stat().st_size
         print("hello from the second task")
-        time.sleep(0.3)  # the thread keeps printing meanwhile
+        # The thread prints meanwhile: waited for (a loaded machine can keep it from
+        # running for a fixed 0.3 s), up to a bound.
+        deadline = time.monotonic() + 10
+        while Path(path).stat().st_size == first and time.monotonic() < deadline:
+            time.sleep(0.02)
         return first, Path(path).stat().st_size
 
     first = leaves_a_thread.delay(str(ticks))
@@ -177,7 +181,7 @@ def test_output_of_a_thread_a_task_left_running_reaches_no_later_task(
     ended = ticks.stat().st_size
     wait_until(lambda: ticks.stat().st_size > ended, 10, "the thread to print after its task")
     second = says_hello.delay(str(ticks))
-    before, after = second.get(timeout=15)
+    before, after = second.get(timeout=30)
     assert after > before, "the thread did not print while the second task ran"
     assert second.stdout == "hello from the second task\n"
     lines = [line for line in worker.log.read_text().splitlines() if "dropped output" in line]
