@@ -19,6 +19,20 @@ def add(x: int, y: int) -> int:
     return x + y
 
 
+class Patient(app.Task):
+    """A task that says it started only once it has run for a minute (``started_after``)."""
+
+    name = "tests.sample_tasks.patient"
+    started_after = 60.0
+
+    def run(self, seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+
+patient = app.register_task(Patient())
+
+
 @app.task
 def change_process_state(folder: str) -> None:
     """Leave this worker process in another folder, its generator reseeded."""

@@ -119,6 +119,10 @@ class Task(RunningTask, CeleryTaskNames):
     #: kernel shows it in the running cell. ``%%task`` cells say so; otherwise it goes to
     #: the worker's log.
     output_descriptors: ClassVar[bool] = False
+    #: Seconds the task runs before its ``started`` event goes out (``None``: the worker's
+    #: half a millisecond). A run that ends sooner sends none: its final event says when it
+    #: started, and the client makes its ``started`` from that.
+    started_after: ClassVar[float | None] = None
     # Abstract classes (the app's Task base, user base classes) are never registered.
     abstract: ClassVar[bool] = True
 

@@ -27,6 +27,11 @@ class CellTask(Task):
     name = "nbtask.cell"
     abstract = False
     output_descriptors = True  # what its subprocesses and C code print, as in a kernel
+    # A cell's own work on the worker (its settings, its shell) takes a millisecond or
+    # two, so at the worker's half a millisecond every trivial cell sent a started event:
+    # a send there and a read in the notebook, for nothing the notebook shows. One that
+    # ends within 10 ms (the cap a burst of its output waits for) says so with its end.
+    started_after = 0.01
 
     def run(self, spec: CellSpec, blob: Packed, **datasets: Any) -> Any:
         """Run ``spec`` with the values packed in ``blob`` and the worker's ``datasets``.

@@ -294,7 +294,12 @@ class Child:
         self._whoami["started_at"] = time.time()  # in every event of this run, final ones too
         self._note_code_differs(message, task)
         self.outbox.begin(
-            message.id, message.client, self._whoami, first_seq=first_seq, run=message.run
+            message.id,
+            message.client,
+            self._whoami,
+            first_seq=first_seq,
+            run=message.run,
+            started_after=task.started_after if task is not None else None,
         )
         self._claim(message.id)
         if task is None:

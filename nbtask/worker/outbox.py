@@ -145,10 +145,13 @@ class Outbox:
         first_seq: int = 0,
         *,
         run: Run,
+        started_after: float | None = None,
     ) -> None:
         """Start sending for a task that was just marked STARTED: its ``started`` goes now.
 
-        ``run`` names the send of the task its events are about (its message's ``run``).
+        ``run`` names the send of the task its events are about (its message's ``run``);
+        ``started_after``: the seconds after which its ``started`` goes, if not the
+        outbox's (see :attr:`~nbtask.core.task.Task.started_after`).
         """
         alive = _thread_ids()
         with self._lock:
@@ -163,7 +166,7 @@ class Outbox:
             self._due, self._first_at = -math.inf, self._clock()
             self._started_due = not self._timed
         if self._timed:
-            self._alarm.arm()  # a new task begins with a cap of its own
+            self._alarm.arm(started_after)  # a new task begins with a cap of its own
         else:
             self._bell.ring()
 

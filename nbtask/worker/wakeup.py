@@ -17,6 +17,7 @@ import ctypes.util
 import os
 import select
 import sys
+from typing import Any
 
 __all__ = ["Alarm", "Bell", "wait_for"]
 
@@ -72,11 +73,21 @@ class Alarm:
         if fd < 0:
             return
         self._fd, self._settime = fd, libc.timerfd_settime
-        whole, part = divmod(seconds, 1.0)
-        self._armed = _Itimerspec(_Timespec(0, 0), _Timespec(int(whole), int(part * 1e9)))
+        # Made once per delay: arm() and disarm() run on every task.
+        self._specs: dict[float, tuple[_Itimerspec, Any]] = {}
+        self._armed_ref = self._spec(seconds)
         self._off = _Itimerspec(_Timespec(0, 0), _Timespec(0, 0))
-        # Made once: arm() and disarm() run on every task.
-        self._armed_ref, self._off_ref = ctypes.byref(self._armed), ctypes.byref(self._off)
+        self._off_ref = ctypes.byref(self._off)
+
+    def _spec(self, seconds: float) -> Any:
+        """The timer setting that expires once, ``seconds`` after it is set (by reference)."""
+        made = self._specs.get(seconds)
+        if made is None:
+            # At least a nanosecond: a timer set to zero is one turned off.
+            whole, nanoseconds = divmod(max(1, round(seconds * 1e9)), 10**9)
+            spec = _Itimerspec(_Timespec(0, 0), _Timespec(whole, nanoseconds))
+            made = self._specs[seconds] = (spec, ctypes.byref(spec))  # the spec kept alive
+        return made[1]
 
     @property
     def available(self) -> bool:
@@ -87,9 +98,13 @@ class Alarm:
         """What to wait on (see :func:`wait_for`)."""
         return self._fd
 
-    def arm(self) -> None:
-        """Expire once, the given seconds from now (re-arming forgets an earlier expiry)."""
-        self._settime(self._fd, 0, self._armed_ref, None)
+    def arm(self, seconds: float | None = None) -> None:
+        """Expire once, ``seconds`` (else the given seconds) from now.
+
+        Re-arming forgets an earlier expiry.
+        """
+        armed = self._armed_ref if seconds is None else self._spec(seconds)
+        self._settime(self._fd, 0, armed, None)
 
     def disarm(self) -> None:
         """Never expire (until armed again)."""

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.brokers
 
 CHATTY = "tests.sample_tasks.chatty"
 ADD = "tests.sample_tasks.add"
+PATIENT = "tests.sample_tasks.patient"
 
 
 class Clock:
@@ -426,3 +427,35 @@ def test_an_alarm_that_went_off_is_not_disarmed_and_the_next_task_still_announce
     patient.end()
     assert patient_disarms == [None], "the alarm of a task that ended before it was due"
     assert patient_recording.count() == 0
+
+
+def test_a_task_that_says_when_it_announces_itself_sends_no_started_before(
+    app: App, outbox: Any
+) -> None:
+    box, recording, _clock = outbox  # the worker's own: due after half a millisecond
+    if not box._alarm.available:
+        pytest.skip("no timerfd here: the outbox rings its bell at once instead")
+    handle, _seen = following(app)
+    box.begin(handle.id, app.channel, {"worker": "w"}, run=run_of(app), started_after=60.0)
+    time.sleep(0.05)  # a hundred times the worker's own delay
+    box.end()
+    assert recording.count() == 0, "a started event went out before the task's own delay"
+
+    handle, seen = following(app)  # at once: a delay of nothing still goes off
+    box.begin(handle.id, app.channel, {"worker": "w"}, run=run_of(app), started_after=0.0)
+    wait_until(lambda: recording.count() == 1, 10, "the started event, due at once")
+    box.end()
+    seen.wait_for(EventType.STARTED)
+
+
+def test_a_task_run_past_the_workers_delay_but_not_its_own_sends_no_started(
+    app: App, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    start_worker(concurrency=1)
+    seen = Seen()
+    handle = app.send_task(PATIENT, (0.05,), on_event=seen)  # a hundred times the worker's
+    assert handle.get(timeout=15) == 0.05
+    seen.wait_for(EventType.SUCCESS)
+    assert seen.kinds() == ["started", "success"]
+    # A started event the worker sent has a number of its own; one made from the end, 0.
+    assert seen.events[0].seq == 0, "the worker sent a started event before the task's delay"
