@@ -69,6 +69,7 @@ TASK_OPTIONS = frozenset(
         "typing",
         "track_started",
         "store_errors_even_if_ignored",
+        "started_after",  # nbtask's own: when a run's STARTED event goes
     }
 )
 #: What ``retry_kwargs`` may hold: the keywords of ``Task.retry`` an autoretry passes on.
@@ -104,10 +105,9 @@ def validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
     for name in ("time_limit", "soft_time_limit", "expires", "retry_backoff_max"):
         if attrs.get(name) is not None:
             attrs[name] = positive(name, attrs[name])
-    if attrs.get("default_retry_delay") is not None:  # 0, as in Celery: retry at once
-        attrs["default_retry_delay"] = not_negative(
-            "default_retry_delay", attrs["default_retry_delay"]
-        )
+    for name in ("default_retry_delay", "started_after"):  # 0: at once (as in Celery)
+        if attrs.get(name) is not None:
+            attrs[name] = not_negative(name, attrs[name])
     check_time_limits(attrs.get("time_limit"), attrs.get("soft_time_limit"))
     if "rate_limit" in attrs:
         attrs["rate_limit"] = parse_rate(attrs["rate_limit"])

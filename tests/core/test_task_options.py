@@ -57,6 +57,7 @@ GOOD: dict[str, Any] = {
     "reject_on_worker_lost": True,
     "queue": "slow",
     "expires": 600,
+    "started_after": 0.05,
 }
 
 
@@ -92,6 +93,7 @@ def test_every_option_is_accepted_and_kept(local: App) -> None:
     assert everything.reject_on_worker_lost is True
     assert everything.queue == "slow"
     assert everything.expires == 600
+    assert everything.started_after == 0.05
     # Calling it here runs it here (Celery's __call__), with self bound.
     assert everything(7) == 7
 
@@ -140,6 +142,7 @@ def test_options_a_base_class_sets_work_as_the_decorators_do(local: App) -> None
         ({"time_limit": "2"}, "time_limit must be a positive number of seconds"),
         ({"max_retries": "2"}, "max_retries must be a whole number >= 0 or None, got '2'"),
         ({"priority": 5}, "priority is not supported"),
+        ({"started_after": "10ms"}, "started_after must be a number of seconds, 0 or more"),
     ],
 )
 def test_a_wrong_option_a_base_class_sets_fails_when_it_is_made(
@@ -223,10 +226,12 @@ def test_limits_must_be_positive_seconds(local: App, option: str, value: object)
     assert "positive" in text
 
 
+@pytest.mark.parametrize("option", ["default_retry_delay", "started_after"])
 @pytest.mark.parametrize("value", [-1, "5", True, float("nan")])
-def test_default_retry_delay_must_be_seconds_0_or_more(local: App, value: object) -> None:
-    text = _refused(local, default_retry_delay=value)
-    assert "default_retry_delay" in text and "0 or more" in text
+def test_delays_must_be_seconds_0_or_more(local: App, option: str, value: object) -> None:
+    # started_after: refused when decorated, not on the worker at every run.
+    text = _refused(local, **{option: value})
+    assert option in text and "0 or more" in text
 
 
 @pytest.mark.parametrize("value", [-1, 1.5, "3"])
