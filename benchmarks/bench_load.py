@@ -234,11 +234,16 @@ def _case(kind: str, args: argparse.Namespace, tmp: Path, label: str) -> dict[st
             spies.append(_spy(clients[0].pid, out / f"{label}-client.txt", False, args.gil))
             time.sleep(1.0)  # py-spy attaches
         redis_server = _listening_on(args.redis)
-        before = {
-            "worker": _cpu(_tree(worker.pid)),
-            "redis-server": _cpu(redis_server),
-            "beam.smp": _cpu(beam),
-        }
+
+        def readings() -> dict[str, dict[int, float]]:
+            # The worker's tree is read anew: a child replaced meanwhile counts too.
+            return {
+                "worker": _cpu(_tree(worker.pid)),
+                "redis-server": _cpu(redis_server),
+                "beam.smp": _cpu(beam),
+            }
+
+        before = readings()
         start = time.time()
         for c in clients:
             assert c.stdin is not None
@@ -251,11 +256,7 @@ def _case(kind: str, args: argparse.Namespace, tmp: Path, label: str) -> dict[st
             if not line:
                 raise RuntimeError("a client failed (see its stderr above)")
             reports.append(json.loads(line))
-        after = {
-            "worker": _cpu(_tree(worker.pid)),
-            "redis-server": _cpu(redis_server),
-            "beam.smp": _cpu(beam),
-        }
+        after = readings()
         for c in clients:
             c.wait(timeout=60)
     except BaseException:
