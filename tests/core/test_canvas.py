@@ -12,7 +12,9 @@ import pytest
 from helpers import remote_of, wait_for_housekeeping, wait_until
 
 from nbtask import App, State, Task, TaskNotFound, chain, group
+from nbtask.client import event_reads
 from nbtask.client.listener import Listener
+from nbtask.wire.events import EventType
 from tests.celery_tasks import read_records
 
 pytestmark = pytest.mark.brokers
@@ -334,16 +336,22 @@ def test_a_subtask_ending_while_it_is_reattached_is_not_missed(
     def parent() -> str:
         return child.delay().id
 
+    read: list[tuple[str, EventType]] = []
+    decode = event_reads.decode_event
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        event, result = decode(*args, **kwargs)
+        read.append((event.task_id, event.type))
+        return event, result
+
+    monkeypatch.setattr(event_reads, "decode_event", recording)
     child_id = parent.delay().get(timeout=10)
     register = Listener.register
+    its_end = (child_id, EventType.SUCCESS)
 
     def register_after_the_end(self: Listener, handle: Any, *args: Any, **kwargs: Any) -> None:
-        def ended() -> bool:
-            record = app.store.get_record(handle.id)
-            return record is not None and record.result is not None
-
-        wait_until(ended, 10, "the subtask to end")
-        time.sleep(0.5)  # its final event has come through the listener, to no handle
+        # Its final event has come through this client's listener, to no handle.
+        wait_until(lambda: its_end in read, 10, "the subtask's end to be read")
         register(self, handle, *args, **kwargs)
 
     monkeypatch.setattr(Listener, "register", register_after_the_end)
