@@ -19,8 +19,9 @@ broker, the ratio RabbitMQ / Redis and whether it meets the goal (<= 1.5x).
     python benchmarks/bench_load.py --rounds 1 --brokers amqp --profile-dir /tmp/prof
     PYTHONPATH=/path/to/tree python benchmarks/bench_load.py --json-out out.json
 
-``beam.smp`` and ``redis-server`` serve everyone on the machine: their CPU counts any
-other traffic during the window (a ``redis-server`` psutil cannot see is left out). With
+``beam.smp`` and ``redis-server`` are the ones listening on ``--amqp``'s and ``--redis``'s
+ports; they serve everyone on the machine, so their CPU counts any other traffic to them
+during the window (one psutil cannot see is left out). With
 ``--profile-dir`` py-spy records the worker (``--subprocesses``) and the first client at
 2,000 Hz in raw (collapsed) form, with ``--gil`` only the threads holding the GIL
 (Python's CPU, not its waits); that slows both, so the times of such a run are not
@@ -165,13 +166,13 @@ def _by_name(name: str) -> list[Any]:
     return [p for p in psutil.process_iter(["name"]) if p.info["name"] == name]
 
 
-def _listening_on(url: str) -> list[Any]:
-    """The ``redis-server`` processes listening on the port of Redis URL ``url``."""
+def _listening_on(url: str, name: str, default_port: int) -> list[Any]:
+    """The processes called ``name`` listening on the port of ``url``."""
     import psutil
 
-    port = urllib.parse.urlsplit(url).port or 6379
+    port = urllib.parse.urlsplit(url).port or default_port
     found = []
-    for p in _by_name("redis-server"):
+    for p in _by_name(name):
         with contextlib.suppress(psutil.Error):
             if any(
                 c.status == psutil.CONN_LISTEN and c.laddr.port == port
@@ -226,14 +227,14 @@ def _case(kind: str, args: argparse.Namespace, tmp: Path, label: str) -> dict[st
             assert c.stdout is not None
             if c.stdout.readline().strip() != "ready":
                 raise RuntimeError("a client did not start (see its stderr above)")
-        beam = _by_name("beam.smp") if kind == "amqp" else []
+        beam = _listening_on(args.amqp, "beam.smp", 5672) if kind == "amqp" else []
         if args.profile_dir:
             out = Path(args.profile_dir)
             out.mkdir(parents=True, exist_ok=True)
             spies.append(_spy(worker.pid, out / f"{label}-worker.txt", True, args.gil))
             spies.append(_spy(clients[0].pid, out / f"{label}-client.txt", False, args.gil))
             time.sleep(1.0)  # py-spy attaches
-        redis_server = _listening_on(args.redis)
+        redis_server = _listening_on(args.redis, "redis-server", 6379)
 
         def readings() -> dict[str, dict[int, float]]:
             # The worker's tree is read anew: a child replaced meanwhile counts too.
