@@ -31,6 +31,7 @@ from nbtask.errors import ConfigurationError, SerializationError
 from nbtask.settings import Settings
 from nbtask.wire.blobs import SplitValue, argument_keeper
 from nbtask.wire.envelope import Signer, dumps
+from nbtask.wire.frozen import FrozenMaker
 from nbtask.wire.message import SERIALIZERS, TaskMessage, encode_value, split
 from nbtask.wire.records import pending_fields
 
@@ -165,13 +166,15 @@ class MessageBuilder:
         """
         signable, args, kwargs, options = call
         task = as_task(signable)
-        requires = options.get("requires", task.requires)
+        option = options.get  # (read a dozen times, for every task sent)
+        requires = option("requires", task.requires)
         digest, code = code_for(task, self._code)
         serializer = getattr(task, "serializer", "cloudpickle")
         if serializer not in SERIALIZERS:
             raise ConfigurationError(f"unknown serializer {serializer!r}; use one of {SERIALIZERS}")
-        threshold = self.settings.blob_threshold if self.store is not None else sys.maxsize
-        callbacks: Callbacks | None = options.get("callbacks")
+        settings = self.settings
+        threshold = settings.blob_threshold if self.store is not None else sys.maxsize
+        callbacks: Callbacks | None = option("callbacks")
         if args or kwargs or callbacks:
             with noting_refs() as carried:
                 try:
@@ -188,12 +191,12 @@ class MessageBuilder:
         # arguments (unless it is busy and moving the value beats waiting), else the
         # default queue.
         queue = (
-            options.get("queue")
+            option("queue")
             or task.queue
-            or self._holder_queue(task, in_arguments, requires)
-            or self.settings.default_queue
+            or (self._holder_queue(task, in_arguments, requires) if in_arguments else None)
+            or settings.default_queue
         )
-        task_id = options.get("task_id") or new_task_id()
+        task_id = option("task_id") or new_task_id()
         if self.store is not None and payload.blobs:
             # Kept until the task has ended (the worker releases them then), or result_ttl.
             self.store.put_blobs(payload.blobs, keeper=argument_keeper(task_id))
@@ -202,42 +205,43 @@ class MessageBuilder:
             self.store.pin_blobs(blobs_of(in_arguments))
         ignore_result = task.ignore_result
         if ignore_result is None:
-            ignore_result = self.settings.task_ignore_result
+            ignore_result = settings.task_ignore_result
         now = time.time()
-        countdown = options.get("countdown")
-        message = TaskMessage(
+        countdown = option("countdown")
+        # Made as TaskMessage(...) makes it, without its __init__'s setattr per field.
+        message = _new_message(
             id=task_id,
             name=task.name,
-            prefix=self.settings.key_prefix,
+            prefix=settings.key_prefix,
             queue=queue,
             client=channel,
             created=now,
-            eta=now + float(countdown) if countdown is not None else options.get("eta"),
-            expires=options.get("expires"),
+            eta=now + float(countdown) if countdown is not None else option("eta"),
+            expires=option("expires"),
             acks_late=bool(task.acks_late),
-            ignore_result=bool(options.get("ignore_result", ignore_result)),
+            ignore_result=bool(option("ignore_result", ignore_result)),
             module=type(task).__module__ or getattr(task, "_sent_module", ""),
             code=digest,
             code_len=len(code),
             callbacks_len=len(links),
-            retries=int(options.get("retries", 0)),
-            time_limit=options.get("time_limit", task.time_limit),
-            soft_time_limit=options.get("soft_time_limit", task.soft_time_limit),
+            retries=int(option("retries", 0)),
+            time_limit=option("time_limit", task.time_limit),
+            soft_time_limit=option("soft_time_limit", task.soft_time_limit),
             reject_on_worker_lost=task.reject_on_worker_lost,
             serializer=serializer,
-            parent_id=options.get("parent_id"),
-            root_id=options.get("root_id") or task_id,
+            parent_id=option("parent_id"),
+            root_id=option("root_id") or task_id,
             store_result=bool(task.store_result),
             args_layout=payload.layout_json,
             requires=list(requires) or None,
             fallback_queue=(
-                options.get("fallback_queue") or self.settings.default_queue
+                option("fallback_queue") or settings.default_queue
                 if is_holder_queue(queue)
                 else None
             ),
-            label=options.get("label"),
+            label=option("label"),
             fingerprint=code_fingerprint(task) if digest is None else None,
-            sent=options.get("sent"),
+            sent=option("sent"),
         )
         raw = self.signer.seal(message.to_header(), (code, links, *payload.inline))
         return message, to_publish(message, raw)
@@ -279,6 +283,9 @@ class MessageBuilder:
                 task.app.sent_to,
             )
         return holder_queue_for(refs, task.app.workers, requires, moving)
+
+
+_new_message = FrozenMaker(TaskMessage)
 
 
 def as_task(task: Signable) -> Task:
