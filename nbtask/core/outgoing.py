@@ -31,8 +31,7 @@ from nbtask.errors import ConfigurationError, SerializationError
 from nbtask.settings import Settings
 from nbtask.wire.blobs import SplitValue, argument_keeper
 from nbtask.wire.envelope import Signer, dumps
-from nbtask.wire.frozen import FrozenMaker
-from nbtask.wire.message import SERIALIZERS, TaskMessage, encode_value, split
+from nbtask.wire.message import SERIALIZERS, TaskMessage, encode_value, make_message, split
 from nbtask.wire.records import pending_fields
 
 __all__ = [
@@ -208,8 +207,7 @@ class MessageBuilder:
             ignore_result = settings.task_ignore_result
         now = time.time()
         countdown = option("countdown")
-        # Made as TaskMessage(...) makes it, without its __init__'s setattr per field.
-        message = _new_message(
+        message = make_message(
             id=task_id,
             name=task.name,
             prefix=settings.key_prefix,
@@ -283,9 +281,6 @@ class MessageBuilder:
                 task.app.sent_to,
             )
         return holder_queue_for(refs, task.app.workers, requires, moving)
-
-
-_new_message = FrozenMaker(TaskMessage)
 
 
 def as_task(task: Signable) -> Task:

@@ -30,6 +30,7 @@ __all__ = [
     "TaskMessage",
     "decode_value",
     "encode_value",
+    "make_message",
     "split",
 ]
 
@@ -129,7 +130,7 @@ class TaskMessage:
         if values.get("serializer", "cloudpickle") not in SERIALIZERS:
             raise DecodeError("field 'serializer' names no known serializer")
         if cls is TaskMessage:  # (every task a worker runs comes here)
-            return _make_message(**values)
+            return make_message(**values)
         return cls(**values)
 
     def to_header(self) -> dict[str, Any]:
@@ -204,7 +205,8 @@ _MESSAGE_FIELDS = tuple(
 _FIELD_KINDS = {name: kinds for name, kinds, _ in _MESSAGE_FIELDS}
 _REQUIRED = tuple(name for name, _, required in _MESSAGE_FIELDS if required)
 _REQUIRED_SET = frozenset(_REQUIRED)
-_make_message = FrozenMaker(TaskMessage)
+#: Makes a TaskMessage as ``TaskMessage(...)`` does, without its setattr per field (per task).
+make_message = FrozenMaker(TaskMessage)
 # (name, default) of each TaskMessage field that has one.
 _DEFAULTS = tuple(
     (f.name, f.default)
