@@ -229,7 +229,8 @@ def _delivery(
     queue: str, entry_id: bytes | str, fields: Any, verdict: str | None = None
 ) -> Delivery:
     if isinstance(fields, list):  # raw reply: a flat [k, v, k, v] list
-        fields = dict(zip(fields[::2], fields[1::2], strict=False))
+        pairs = iter(fields)  # (paired off one iterator: no two sliced copies, on every task)
+        fields = dict(zip(pairs, pairs, strict=False))
     entry = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
     task_id = fields.get(b"i")
     try:
