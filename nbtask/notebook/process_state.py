@@ -85,10 +85,12 @@ class Baseline:
     """What the kernel's environment and ``sys.path`` were when nbtask was loaded.
 
     Only what the notebook changed since is shipped: a worker keeps its own ``PATH``,
-    ``NBTASK_*`` and paths, which may rightly differ on another machine.
+    ``NBTASK_*`` and paths, which may rightly differ on another machine. ``shell``: the
+    kernel's IPython shell, whose inline backend's settings are read (``None``: looked up).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, shell: Any = None) -> None:
+        self.shell = shell
         self.environ = _environ()
         self.path = list(sys.path)
         self.set_since: set[str] = set()  # variables the notebook changed since, once shipped
@@ -102,7 +104,7 @@ class Baseline:
         would keep it otherwise, when the notebook deletes it or puts it back as it was.
         """
         now = _environ()
-        if now == self.environ and not self.set_since:
+        if (now is self.environ or now == self.environ) and not self.set_since:
             return {}
         changed: dict[str, str | None] = {k: v for k, v in now.items() if self.environ.get(k) != v}
         changed.update({k: None for k in self.environ if k not in now})
@@ -134,11 +136,12 @@ class KernelState:
     """The kernel's state for each cell it ships, pickled again only when it changed.
 
     Between cells it rarely changes, and comparing it costs a fraction of pickling it
-    (some 17 KB with numpy and matplotlib imported).
+    (some 17 KB with numpy and matplotlib imported). ``shell``: the kernel's (see
+    :class:`Baseline`).
     """
 
-    def __init__(self) -> None:
-        self.baseline = Baseline()
+    def __init__(self, shell: Any = None) -> None:
+        self.baseline = Baseline(shell)
         self.last: tuple[State, bytes] = ({}, b"")
 
     def apply_changes(self, changed: Mapping[str, Any]) -> None:
@@ -297,7 +300,9 @@ def capture(baseline: Baseline | None = None, applied: Mapping[str, Any] | None 
     matplotlib = sys.modules.get("matplotlib")
     if matplotlib is not None:
         state["rcParams"] = rc_params(matplotlib.rcParams)
-    figures = inline_backend(_shell())
+    # The kernel's shell as given: looking it up each cell cost as much as reading it.
+    shell = baseline.shell if baseline is not None and baseline.shell is not None else _shell()
+    figures = inline_backend(shell)
     if figures is not None:
         state["inline"] = figures
     pandas = sys.modules.get("pandas")
@@ -337,10 +342,12 @@ def _cwd_entries() -> list[str]:
 
 
 class _EnvironReader:
-    """Copies of ``os.environ``, decoded only when it changed since the last one.
+    """``os.environ`` as a dict, decoded only when it changed since the last one.
 
     Reading ``os.environ`` decodes every item, which cost more than the rest of a
-    snapshot; its raw items compare in about a microsecond.
+    snapshot; its raw items compare in about a microsecond. The dict given is the one
+    given last while the environment is unchanged, to be read, never changed: snapshots
+    holding it compare by identity (see :func:`~.module_settings.same`).
     """
 
     def __init__(self) -> None:
@@ -357,7 +364,7 @@ class _EnvironReader:
             environ: Any = os.environ
             decoded = {environ.decodekey(k): environ.decodevalue(v) for k, v in raw.items()}
             self.last = (raw, decoded)
-        return dict(decoded)
+        return decoded
 
 
 _environ = _EnvironReader()

@@ -85,7 +85,7 @@ class Session(TaskOverview):
         self.app.reattached = self._reattached
         #: The kernel's process-wide state each cell ships (the environment as changed
         #: since nbtask was loaded), pickled again only when it changed.
-        self.kernel_state = process_state.KernelState()
+        self.kernel_state = process_state.KernelState(shell)
         self.pending = Pending(
             shell.user_ns, on_kept=self._bind_kept, apply_state=self.kernel_state.apply_changes
         )
