@@ -118,8 +118,10 @@ def execute_cell(spec: CellSpec, blob: Packed, datasets: Mapping[str, Any] | Non
         # another backend.
         kernel_state = _shipped_state(shell, spec.state) if spec.state else {}
         state_before = _APPLIED.enter(spec.state, kernel_state, again=attempt > 0)
+        # The namespace's values but the shell's own (BASE_NS: none is a notebook module
+        # or function), which the cell was given as ``shipped``.
         modules_before = module_state.snapshot(
-            namespace.values(), [n for n, _ in getattr(spec, "modules", ())]
+            shipped.values(), [n for n, _ in getattr(spec, "modules", ())]
         )
         _name_cell(shell, spec)
         logs = cell_logging(kernel_state)

@@ -23,10 +23,11 @@ def running() -> set[int | None]:
     Threads are counted by their frames too: one started with ``_thread.start_new_thread``
     (as some libraries do) runs Python code, once begun, that :mod:`threading` does not list.
     """
-    alive_now = {t.ident for t in threading.enumerate()} | set(sys._current_frames())
-    return alive_now - _own_threads() - {threading.get_ident()}
+    threads = threading.enumerate()
+    alive_now = {t.ident for t in threads} | set(sys._current_frames())
+    return alive_now - _own_threads(threads) - {threading.get_ident()}
 
 
-def _own_threads() -> set[int | None]:
-    """The threads a worker process runs itself, by ident: nbtask's are named ``nbtask-*``."""
-    return {t.ident for t in threading.enumerate() if t.name.startswith("nbtask-")}
+def _own_threads(threads: list[threading.Thread]) -> set[int | None]:
+    """Those of ``threads`` a worker process runs itself: nbtask's are named ``nbtask-*``."""
+    return {t.ident for t in threads if t.name.startswith("nbtask-")}

@@ -32,7 +32,7 @@ def applied(monkeypatch: pytest.MonkeyPatch) -> list[object]:
         process_state, "apply", lambda state, **how: calls.append(real_apply(state, **how))
     )
     own = {t.ident for t in threading.enumerate()} | set(sys._current_frames())
-    monkeypatch.setattr(task_threads, "_own_threads", lambda: own)
+    monkeypatch.setattr(task_threads, "_own_threads", lambda _threads: own)
     return calls
 
 
