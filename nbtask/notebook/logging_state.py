@@ -88,8 +88,8 @@ def snapshot() -> dict[str, Any]:
 def _set_loggers() -> list[tuple[str, logging.Logger]]:
     """The loggers set otherwise than fresh ones, by name, the root one (``""``) first.
 
-    One pass with no call per logger: most of a process's loggers are not set, and a
-    cell's run looks at them all three times.
+    One pass with no call per logger: most of a process's loggers are not set, and the
+    kernel looks at them all for every cell it sends.
     """
     found: list[tuple[str, logging.Logger]] = [("", logging.root)]
     for name, logger in list(logging.root.manager.loggerDict.items()):
@@ -170,7 +170,8 @@ def _set(logger: logging.Logger, spec: LoggerSpec) -> None:
     """Make ``logger`` as ``spec`` says, keeping its handlers that write elsewhere.
 
     Its level is set as an attribute: :meth:`logging.Logger.setLevel` clears every
-    logger's cache each time; the caller clears them once (:func:`_levels_changed`).
+    logger's cache each time; the caller clears them once (:func:`_levels_changed`,
+    :func:`_others_set`).
     """
     level, propagate, wanted, *disabled = spec  # (an older kernel's has no ``disabled``)
     logger.level = level
@@ -187,6 +188,10 @@ def _levels_changed() -> None:
 
 def _logger(name: str) -> logging.Logger:
     return logging.root if name == "" else logging.getLogger(name)
+
+
+def _name(logger: logging.Logger) -> str:
+    return "" if logger is logging.root else logger.name
 
 
 def set_in_kernel(changed: Mapping[str, Any]) -> None:
@@ -222,11 +227,12 @@ class CellLogging:
         it imported set up, is left unset but for its ``NullHandler``): nothing a cell sets
         up reaches the next task, which may be another notebook's. What the cell changed
         comes back to its own kernel (:attr:`changed`), which sends it with its next cells.
+
+        Each way goes over every logger once (:func:`_others_set`), after the levels are set.
         """
-        set_before = _set_loggers()
         ours = logging.getLogger("nbtask")
-        touched = [*(lg for _, lg in set_before), *(_logger(n) for n in self.given if n), ours]
-        own = {id(lg): (lg, _as_it_is(lg)) for lg in touched}
+        named = [logging.root, *(_logger(n) for n in self.given if n), ours]
+        own = {id(lg): (lg, _as_it_is(lg)) for lg in named}
         manager = logging.root.manager
         own_disabled_at = manager.disable
         # nbtask's records go on to the worker's log only, at the worker's level.
@@ -236,27 +242,41 @@ class CellLogging:
             ours.level = logging.root.level
         logging.root.handlers = []
         before: Setup | None = None
+        unnamed: list[tuple[str, logging.Logger]] | None = None
         try:
             manager.disable = self.disabled_at
             for name, spec in self.given.items():
                 _set(_logger(name), spec)
-            _levels_changed()
             # What the cell starts from: the setup given, and the worker's own loggers it
-            # does not name (not looked for again among all of them).
-            unnamed = [(n, lg) for n, lg in set_before if n and n not in self.given]
+            # does not name, put back as they are after it.
+            unnamed = _others_set(own)
+            own.update({id(lg): (lg, _as_it_is(lg)) for _, lg in unnamed})
             given = {n: _logger_spec(_logger(n)) for n in self.given}
             before = {**_setup_of(unnamed), **given}
             yield
         finally:
-            set_after = _set_loggers()
+            if unnamed is None:  # setting the kernel's up failed: the others are as they were
+                own.update({id(lg): (lg, _as_it_is(lg)) for _, lg in _others_set(own)})
+            # As the cell left them, read before they are put back: those set before it...
+            left = _setup_of([(_name(lg), lg) for lg, _ in own.values()])
+            disabled_after = manager.disable
+            manager.disable = own_disabled_at
+            for logger, (level, propagate, handlers, disabled) in own.values():
+                logger.level, logger.propagate, logger.handlers = level, propagate, handlers
+                logger.disabled = disabled
+            # ...and those it set up anew, unset now but for their null handlers.
+            new = _others_set(own)
             if before is not None:
-                after = _setup_of(set_after)
+                after = {**left, **_setup_of(new)}
                 self.changed = {n: s for n, s in after.items() if before.get(n) != s}
                 self.changed.update({n: _UNSET for n in before.keys() - after.keys()})
-                if manager.disable != self.disabled_at:
-                    self.disabled_after = manager.disable
-            manager.disable = own_disabled_at
-            _put_back(own, set_after)
+                if disabled_after != self.disabled_at:
+                    self.disabled_after = disabled_after
+            for _, logger in new:
+                logger.level, logger.propagate, logger.disabled = logging.NOTSET, True, False
+                logger.handlers = [h for h in logger.handlers if type(h) is logging.NullHandler]
+            if new:  # their descendants' caches were cleared before their levels went
+                _levels_changed()
 
     def changes(self) -> dict[str, Any]:
         """The cell's changes to the process state that concern logging (see there)."""
@@ -275,18 +295,23 @@ def _as_it_is(logger: logging.Logger) -> _Whole:
     return logger.level, logger.propagate, list(logger.handlers), logger.disabled
 
 
-def _put_back(
-    own: dict[int, tuple[logging.Logger, _Whole]], set_now: list[tuple[str, logging.Logger]]
-) -> None:
-    """Put the loggers back as ``own`` has them; others set now unset but for null handlers."""
-    for _, logger in set_now:
-        if id(logger) not in own:
-            logger.level, logger.propagate, logger.disabled = logging.NOTSET, True, False
-            logger.handlers = [h for h in logger.handlers if type(h) is logging.NullHandler]
-    for logger, (level, propagate, handlers, disabled) in own.values():
-        logger.level, logger.propagate, logger.handlers = level, propagate, handlers
-        logger.disabled = disabled
-    _levels_changed()
+def _others_set(known: Mapping[int, Any]) -> list[tuple[str, logging.Logger]]:
+    """The loggers set otherwise than fresh ones but those ``known`` (by id), by name.
+
+    Every logger's cache (of which levels it logs at) is cleared on the way, for levels
+    just set: one pass over the loggers, where finding them and then clearing the caches
+    (:func:`_levels_changed`) made two, twice a cell.
+    """
+    found: list[tuple[str, logging.Logger]] = []
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger):
+            logger._cache.clear()  # type: ignore[attr-defined]
+            if id(logger) not in known and (
+                logger.level or logger.handlers or not logger.propagate or logger.disabled
+            ):
+                found.append((name, logger))
+    logging.root._cache.clear()  # type: ignore[attr-defined]
+    return found
 
 
 def cell_logging(state: Mapping[str, Any]) -> CellLogging:

@@ -6,12 +6,16 @@ and what each prints is compared: the same lines, in the same formats.
 
 from __future__ import annotations
 
+import io
+import logging
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from helpers import kernel_env, kernel_runner
 
 from nbtask import Settings
+from nbtask.notebook.logging_state import cell_logging
 
 #: A cell logging at every level through a named logger, a quiet one and the root logger.
 _LOGS = """\
@@ -169,3 +173,23 @@ def test_nbtasks_own_warnings_in_the_kernel_are_one_line_saying_they_are_nbtasks
     run_in_kernel("logging.basicConfig(format='%(levelname)s %(name)s: %(message)s')")
     said = run_in_kernel("log.warning('event channel unreachable (refused)')")
     assert said == "WARNING nbtask.client.listener: event channel unreachable (refused)\n", said
+
+
+def test_a_kernel_setup_that_cannot_be_made_leaves_the_workers_loggers_as_they_were() -> None:
+    # A handler whose format this Python refuses: the cell's logging fails to be set up,
+    # and the worker's own loggers (a level, a handler) are put back all the same.
+    lib = logging.getLogger("nbtask_test_lib")
+    lib.setLevel(logging.ERROR)
+    handler = logging.StreamHandler(io.StringIO())
+    lib.addHandler(handler)
+    broken = {"": (logging.INFO, True, (("stderr", 0, "%(message", None, "%", b""),), False)}
+    try:
+        with (
+            pytest.raises(ValueError, match="Invalid format"),
+            cell_logging({"logging": broken}).running(),
+        ):
+            pass
+        assert (lib.level, lib.handlers) == (logging.ERROR, [handler])
+    finally:
+        lib.setLevel(logging.NOTSET)
+        lib.removeHandler(handler)
