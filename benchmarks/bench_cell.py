@@ -8,7 +8,10 @@ With ``--kernel`` the cells run in a real kernel instead (jupyter_client, the ``
 kernelspec, ``%load_ext nbtask``): a plain ``x = 1`` cell and ``%%task --wait`` over
 ``x = 1``, interleaved, each timed from the execute request to its reply (the notebook
 goal's ratio), with the CPU each costs per cell in the kernel (all its threads, and its
-main thread's from ``pre_run_cell`` to ``post_run_cell``) and in the worker.
+main thread's from ``pre_run_cell`` to ``post_run_cell``) and in the worker. With
+``--against DIR`` as well, a second kernel and worker run the same cells from the nbtask of
+``DIR`` (a checkout of another commit: ``git worktree add /tmp/main main``), the two taking
+turns in blocks of cells, so that both meet the same load on the machine: an A/B of one run.
 
 Needs the Redis at 127.0.0.1:6379 (or NBTASK_TEST_REDIS). Run: ``python benchmarks/bench_cell.py``.
 """
@@ -47,7 +50,15 @@ def main() -> None:
         "--data-libraries", action="store_true", help="import numpy, pandas, matplotlib first"
     )
     parser.add_argument("--kernel", action="store_true", help="run the cells in a real kernel")
+    parser.add_argument(
+        "--against", metavar="DIR", help="with --kernel: also run them from the nbtask in DIR"
+    )
     args = parser.parse_args()
+    if args.against and not args.kernel:
+        parser.error("--against compares kernels: give --kernel too")
+    if args.kernel:
+        in_kernel(args.data_libraries, args.against)
+        return
     prefix = f"nbbench-{uuid.uuid4().hex[:8]}"
     os.environ.update(
         {
@@ -62,9 +73,6 @@ def main() -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        if args.kernel:
-            in_kernel(psutil.Process(worker.pid), args.data_libraries)
-            return
         from IPython.testing.globalipapp import start_ipython
 
         ip = start_ipython()
@@ -143,73 +151,154 @@ _CPU_REPORT = (
 )
 
 
-def in_kernel(worker: psutil.Process, data_libraries: bool) -> None:
-    """The cells in a real kernel: reply p50s, their ratio, CPU per cell."""
+#: With ``--against``: the turns each kernel takes (in blocks of cells, first one then the other).
+_TURNS = 6
+
+
+class _Kernel:
+    """A real kernel with ``%load_ext nbtask`` and a worker of its own, from one nbtask.
+
+    ``tree``: where its nbtask is imported from (first on ``PYTHONPATH``); ``None``: as
+    this process imports it.
+    """
+
+    def __init__(self, tree: str | None, folder: str) -> None:
+        from jupyter_client.manager import KernelManager
+
+        self.tree = tree
+        self.prefix = f"nbbench-{uuid.uuid4().hex[:8]}"
+        env = dict(
+            os.environ,
+            NBTASK_BROKER=URL,
+            NBTASK_SECRET="bench-" + uuid.uuid4().hex,
+            NBTASK_KEY_PREFIX=self.prefix,
+            IPYTHONDIR=folder,
+            JUPYTER_RUNTIME_DIR=folder,
+        )
+        if tree is not None:
+            env["PYTHONPATH"] = os.pathsep.join([tree, *filter(None, [env.get("PYTHONPATH")])])
+        command = ["worker", "-b", URL, "--key-prefix", self.prefix, "-c", "1"]
+        self.worker = subprocess.Popen(
+            [sys.executable, "-m", "nbtask", *command],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.manager = KernelManager(kernel_name="python3")
+        try:
+            self.manager.start_kernel(env=env)
+        except BaseException:
+            self.worker.terminate()
+            raise
+        self.client = self.manager.client()
+        self.printed: list[str] = []
+        self.times: dict[str, list[float]] = {kind: [] for kind in _CELLS}
+        self.cpu = {kind: [0.0, 0.0] for kind in _CELLS}  # [kernel, worker] seconds
+
+    def start(self, data_libraries: bool) -> None:
+        """Load nbtask (and the data libraries), note the main thread's CPU, warm up."""
+        self.client.start_channels()
+        self.client.wait_for_ready(timeout=60)
+        self.kernel = psutil.Process(self.manager.provisioner.process.pid)
+        self.workers = psutil.Process(self.worker.pid)
+        self.run("%load_ext nbtask")
+        if data_libraries:
+            self.run("import numpy, pandas, matplotlib.pyplot")
+        self.run(_CPU_HOOKS)
+        for _ in range(20):  # warm up
+            for code in _CELLS.values():
+                self.run(code)
+
+    def run(self, code: str) -> float:
+        """Run ``code``: the time from the execute request to its reply."""
+        t = time.perf_counter()
+        msg_id = self.client.execute(code, store_history=True)
+        while (reply := self.client.get_shell_msg(timeout=120))["parent_header"].get(
+            "msg_id"
+        ) != msg_id:
+            pass
+        took = time.perf_counter() - t
+        if reply["content"]["status"] != "ok":
+            raise RuntimeError(f"{code!r}: {reply['content'].get('evalue')}")
+        while True:  # to this cell's idle
+            msg = self.client.get_iopub_msg(timeout=120)
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "stream":
+                self.printed.append(msg["content"]["text"])
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                return took
+
+    def timed(self, n: int) -> None:
+        """Run ``n`` pairs of cells, a plain one then a ``%%task --wait`` one, timed."""
+        for _ in range(n):
+            for kind, code in _CELLS.items():
+                there, here = _cpu(self.workers), _cpu(self.kernel)
+                self.times[kind].append(self.run(code))
+                self.cpu[kind][0] += _cpu(self.kernel) - here
+                self.cpu[kind][1] += _cpu(self.workers) - there
+
+    def results(self) -> list[str]:
+        """Reply p50s, their ratio, CPU per cell."""
+        n = len(self.times["cell"])
+        self.run(_CPU_REPORT.format(n=n))
+        main = dict(zip(_CELLS, (float(v) for v in self.printed[-1].split()), strict=True))
+        p50 = {kind: statistics.median(ts) * 1e3 for kind, ts in self.times.items()}
+        lines = [
+            f"plain cell p50: {p50['plain']:.2f} ms",
+            f"%%task --wait cell p50: {p50['cell']:.2f} ms",
+            f"ratio: {p50['cell'] / p50['plain']:.2f}x (n={n})",
+        ]
+        for kind, (kernel_cpu, worker_cpu) in self.cpu.items():
+            lines.append(
+                f"CPU per {kind} cell: kernel {kernel_cpu / n * 1e3:.2f} ms (main thread "
+                f"{main[kind] * 1e3:.2f} ms, p50), worker {worker_cpu / n * 1e3:.2f} ms"
+            )
+        return lines
+
+    def close(self) -> None:
+        """Stop the kernel and the worker; delete the keys they made."""
+        with contextlib.suppress(Exception):
+            self.client.stop_channels()
+        self.manager.shutdown_kernel(now=False)
+        self.worker.terminate()
+        self.worker.wait(10)
+        import redis
+
+        client = redis.Redis.from_url(URL)
+        keys = list(client.scan_iter(match=f"{self.prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+
+
+#: The cells timed, by kind: a plain one and the same as a trivial ``%%task --wait`` one.
+_CELLS = {"plain": "x = 1", "cell": "%%task --wait\nx = 1"}
+
+
+def in_kernel(data_libraries: bool, against: str | None) -> None:
+    """The cells in a real kernel (and one from ``against``): reply p50s, ratio, CPU per cell."""
     import tempfile
 
-    from jupyter_client.manager import KernelManager
-
     with tempfile.TemporaryDirectory(prefix="nbbench-kernel-") as tmp:
-        env = dict(os.environ, IPYTHONDIR=tmp, JUPYTER_RUNTIME_DIR=tmp)
-        km = KernelManager(kernel_name="python3")
-        km.start_kernel(env=env)
-        kc = km.client()
+        kernels: list[_Kernel] = []
         try:
-            kc.start_channels()
-            kc.wait_for_ready(timeout=60)
-            kernel = psutil.Process(km.provisioner.process.pid)
-            printed: list[str] = []
-
-            def run(code: str) -> float:
-                t = time.perf_counter()
-                msg_id = kc.execute(code, store_history=True)
-                while (reply := kc.get_shell_msg(timeout=120))["parent_header"].get(
-                    "msg_id"
-                ) != msg_id:
-                    pass
-                took = time.perf_counter() - t
-                if reply["content"]["status"] != "ok":
-                    raise RuntimeError(f"{code!r}: {reply['content'].get('evalue')}")
-                while True:  # to this cell's idle
-                    msg = kc.get_iopub_msg(timeout=120)
-                    if msg["parent_header"].get("msg_id") != msg_id:
-                        continue
-                    if msg["msg_type"] == "stream":
-                        printed.append(msg["content"]["text"])
-                    if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-                        return took
-
-            run("%load_ext nbtask")
-            if data_libraries:
-                run("import numpy, pandas, matplotlib.pyplot")
-            run(_CPU_HOOKS)
-            cells = {"plain": "x = 1", "cell": "%%task --wait\nx = 1"}
-            for _ in range(20):  # warm up
-                for code in cells.values():
-                    run(code)
-            times: dict[str, list[float]] = {kind: [] for kind in cells}
-            cpu = {kind: [0.0, 0.0] for kind in cells}  # [kernel, worker] seconds
-            for _ in range(N):
-                for kind, code in cells.items():
-                    there, here = _cpu(worker), _cpu(kernel)
-                    times[kind].append(run(code))
-                    cpu[kind][0] += _cpu(kernel) - here
-                    cpu[kind][1] += _cpu(worker) - there
-            run(_CPU_REPORT.format(n=N))
-            main_plain, main_cell = (float(v) for v in printed[-1].split())
+            for tree in [None, *([against] if against else [])]:
+                folder = os.path.join(tmp, str(len(kernels)))
+                os.mkdir(folder)
+                kernels.append(_Kernel(tree, folder))
+                kernels[-1].start(data_libraries)
+            turns = _TURNS if against else 1
+            for turn in range(turns):
+                for kernel in kernels if turn % 2 == 0 else kernels[::-1]:
+                    kernel.timed(max(1, N // turns))
+            results = [kernel.results() for kernel in kernels]
         finally:
-            kc.stop_channels()
-            km.shutdown_kernel(now=False)
-    p50 = {kind: statistics.median(ts) * 1e3 for kind, ts in times.items()}
-    print(f"plain cell p50: {p50['plain']:.2f} ms")
-    print(f"%%task --wait cell p50: {p50['cell']:.2f} ms")
-    print(f"ratio: {p50['cell'] / p50['plain']:.2f}x (n={N})")
-    for kind, (kernel_cpu, worker_cpu) in cpu.items():
-        main = main_plain if kind == "plain" else main_cell
-        print(
-            f"CPU per {kind} cell: kernel {kernel_cpu / N * 1e3:.2f} ms (main thread "
-            f"{main * 1e3:.2f} ms, p50), worker {worker_cpu / N * 1e3:.2f} ms"
-        )
+            for kernel in kernels:
+                kernel.close()
+    for kernel, lines in zip(kernels, results, strict=True):
+        if against:
+            print(f"nbtask from {kernel.tree or 'this checkout'}:")
+        print("\n".join(("  " if against else "") + line for line in lines))
 
 
 if __name__ == "__main__":
