@@ -250,8 +250,9 @@ class _Kernel:
             f"ratio: {p50['cell'] / p50['plain']:.2f}x (n={n})",
         ]
         for kind, (kernel_cpu, worker_cpu) in self.cpu.items():
+            label = "plain" if kind == "plain" else "%%task --wait"
             lines.append(
-                f"CPU per {kind} cell: kernel {kernel_cpu / n * 1e3:.2f} ms (main thread "
+                f"CPU per {label} cell: kernel {kernel_cpu / n * 1e3:.2f} ms (main thread "
                 f"{main[kind] * 1e3:.2f} ms, p50), worker {worker_cpu / n * 1e3:.2f} ms"
             )
         return lines
