@@ -88,8 +88,9 @@ def snapshot() -> dict[str, Any]:
 def _set_loggers() -> list[tuple[str, logging.Logger]]:
     """The loggers set otherwise than fresh ones, by name, the root one (``""``) first.
 
-    One pass with no call per logger: most of a process's loggers are not set, and the
-    kernel looks at them all for every cell it sends.
+    One pass with no call per logger: most of a process's loggers are not set, and they
+    are all looked at for every cell (by the kernel sending it, by the worker before and
+    after running it).
     """
     found: list[tuple[str, logging.Logger]] = [("", logging.root)]
     for name, logger in list(logging.root.manager.loggerDict.items()):
@@ -170,8 +171,7 @@ def _set(logger: logging.Logger, spec: LoggerSpec) -> None:
     """Make ``logger`` as ``spec`` says, keeping its handlers that write elsewhere.
 
     Its level is set as an attribute: :meth:`logging.Logger.setLevel` clears every
-    logger's cache each time; the caller clears them once (:func:`_levels_changed`,
-    :func:`_others_set`).
+    logger's cache each time; the caller clears them once (:func:`_levels_changed`).
     """
     level, propagate, wanted, *disabled = spec  # (an older kernel's has no ``disabled``)
     logger.level = level
@@ -227,12 +227,13 @@ class CellLogging:
         it imported set up, is left unset but for its ``NullHandler``): nothing a cell sets
         up reaches the next task, which may be another notebook's. What the cell changed
         comes back to its own kernel (:attr:`changed`), which sends it with its next cells.
-
-        Each way goes over every logger once (:func:`_others_set`), after the levels are set.
         """
         ours = logging.getLogger("nbtask")
         named = [logging.root, *(_logger(n) for n in self.given if n), ours]
         own = {id(lg): (lg, _as_it_is(lg)) for lg in named}
+        # The worker's own loggers the setup given does not name: put back as they are too.
+        unnamed = _others_set(own)
+        own.update({id(lg): (lg, _as_it_is(lg)) for _, lg in unnamed})
         manager = logging.root.manager
         own_disabled_at = manager.disable
         # nbtask's records go on to the worker's log only, at the worker's level.
@@ -242,21 +243,17 @@ class CellLogging:
             ours.level = logging.root.level
         logging.root.handlers = []
         before: Setup | None = None
-        unnamed: list[tuple[str, logging.Logger]] | None = None
         try:
             manager.disable = self.disabled_at
             for name, spec in self.given.items():
                 _set(_logger(name), spec)
-            # What the cell starts from: the setup given, and the worker's own loggers it
-            # does not name, put back as they are after it.
-            unnamed = _others_set(own)
-            own.update({id(lg): (lg, _as_it_is(lg)) for _, lg in unnamed})
+            _levels_changed()
+            # What the cell starts from: the setup given, and the worker's loggers it does
+            # not name.
             given = {n: _logger_spec(_logger(n)) for n in self.given}
             before = {**_setup_of(unnamed), **given}
             yield
         finally:
-            if unnamed is None:  # setting the kernel's up failed: the others are as they were
-                own.update({id(lg): (lg, _as_it_is(lg)) for _, lg in _others_set(own)})
             # As the cell left them, read before they are put back: those set before it...
             left = _setup_of([(_name(lg), lg) for lg, _ in own.values()])
             disabled_after = manager.disable
@@ -275,8 +272,7 @@ class CellLogging:
             for _, logger in new:
                 logger.level, logger.propagate, logger.disabled = logging.NOTSET, True, False
                 logger.handlers = [h for h in logger.handlers if type(h) is logging.NullHandler]
-            if new:  # their descendants' caches were cleared before their levels went
-                _levels_changed()
+            _levels_changed()
 
     def changes(self) -> dict[str, Any]:
         """The cell's changes to the process state that concern logging (see there)."""
@@ -296,22 +292,8 @@ def _as_it_is(logger: logging.Logger) -> _Whole:
 
 
 def _others_set(known: Mapping[int, Any]) -> list[tuple[str, logging.Logger]]:
-    """The loggers set otherwise than fresh ones but those ``known`` (by id), by name.
-
-    Every logger's cache (of which levels it logs at) is cleared on the way, for levels
-    just set: one pass over the loggers, where finding them and then clearing the caches
-    (:func:`_levels_changed`) made two, twice a cell.
-    """
-    found: list[tuple[str, logging.Logger]] = []
-    for name, logger in list(logging.root.manager.loggerDict.items()):
-        if isinstance(logger, logging.Logger):
-            logger._cache.clear()  # type: ignore[attr-defined]
-            if id(logger) not in known and (
-                logger.level or logger.handlers or not logger.propagate or logger.disabled
-            ):
-                found.append((name, logger))
-    logging.root._cache.clear()  # type: ignore[attr-defined]
-    return found
+    """The loggers set otherwise than fresh ones (:func:`_set_loggers`) but those ``known``."""
+    return [(name, logger) for name, logger in _set_loggers() if id(logger) not in known]
 
 
 def cell_logging(state: Mapping[str, Any]) -> CellLogging:
