@@ -13,11 +13,11 @@ from pathlib import Path
 import psutil
 import pytest
 import redis
-from helpers import wait_for_housekeeping, wait_until
+from helpers import WorkerProcess, wait_for_housekeeping, wait_until
 from raw_broker import RawBroker
 
 import nbtask
-from nbtask import App, State
+from nbtask import App, State, Task
 from nbtask.worker import admit
 from tests.celery_tasks import read_records
 
@@ -213,11 +213,16 @@ def _assert_spaced(starts: list[float], rate: float) -> None:
         )
 
 
+def _rate_bucket(prefix: str, worker: WorkerProcess, task: Task) -> str:
+    """The key of ``worker``'s rate-limit bucket for ``task``: the last start it gave."""
+    worker_id, _ = worker.entry()
+    return f"{prefix}:rate:{worker_id}:{task.name}"
+
+
 def test_rate_limit_spaces_starts_without_delaying_other_tasks(
     app: App, start_worker, prefix: str, r: redis.Redis, redis_url: str
 ) -> None:
     worker = start_worker(concurrency=2)
-    worker_id, _ = worker.entry()
 
     @app.task(rate_limit="5/s")
     def limited(i: int) -> float:
@@ -226,7 +231,7 @@ def test_rate_limit_spaces_starts_without_delaying_other_tasks(
         with client.Redis.from_url(redis_url) as store:
             return float(store.get(bucket))  # this start (or the next, if run late)
 
-    bucket = f"{prefix}:rate:{worker_id}:{limited.name}"
+    bucket = _rate_bucket(prefix, worker, limited)
 
     @app.task
     def free(i: int) -> float:
@@ -257,7 +262,6 @@ def test_rate_limited_tasks_start_in_the_order_they_were_sent(
     """Each call over the limit is given the next free start when it is put back, so the
     calls start in turn, as from a queue: none waits behind calls sent after it."""
     worker = start_worker(concurrency=1)
-    worker_id, _ = worker.entry()
 
     @app.task(rate_limit="4/s")
     def limited(i: int) -> float:
@@ -267,7 +271,7 @@ def test_rate_limited_tasks_start_in_the_order_they_were_sent(
             # Its own start: one child, so the next is given once this body has run.
             return float(store.get(bucket))
 
-    bucket = f"{prefix}:rate:{worker_id}:{limited.name}"
+    bucket = _rate_bucket(prefix, worker, limited)
     handles = [limited.delay(i) for i in range(8)]
     starts = [h.get(timeout=30) for h in handles]
     order = sorted(range(8), key=lambda i: starts[i])
@@ -363,8 +367,7 @@ def test_a_rate_limit_bucket_nbtask_did_not_write_is_reset_not_waited_for(
     def limited() -> int:
         return 1
 
-    worker_id, _ = worker.entry()
-    bucket = f"{prefix}:rate:{worker_id}:{limited.name}"
+    bucket = _rate_bucket(prefix, worker, limited)
     if planted == "another type":
         r.hset(bucket, "junk", "1")
     else:
