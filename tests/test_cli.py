@@ -294,6 +294,7 @@ def test_inspect_finished_task(
         dt.datetime.fromisoformat(fields[k]) for k in ("started_at", "finished_at")
     )
     assert started.utcoffset() == dt.timedelta(0) and finished >= started, fields
+    # The same time as the handle's (the ending event's), printed to the millisecond.
     done = handle.date_done
     assert done is not None and abs(done - finished) < dt.timedelta(milliseconds=1), fields
 

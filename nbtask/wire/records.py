@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -93,16 +92,14 @@ def pending_fields(
     return fields
 
 
-def final_fields(state: State, result: bytes, *, at: float | None = None) -> RecordFields:
+def final_fields(state: State, result: bytes, at: float) -> RecordFields:
     """The fields of a task's record once it ended (or is to be retried).
 
     ``result`` is the signed event that ended it (empty for a retry, whose record keeps
-    no result).
+    no result); ``at`` is that event's time, so the record and the event (a handle's
+    ``finished_at``) give one time, not two read moments apart.
     """
-    fields: RecordFields = {
-        "state": state.value,
-        "finished_at": repr(time.time() if at is None else at),
-    }
+    fields: RecordFields = {"state": state.value, "finished_at": repr(at)}
     if result:
         fields["result"] = result
     return fields

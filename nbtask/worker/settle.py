@@ -267,10 +267,10 @@ def outcome_fields(
     signer: Signer, message: TaskMessage, outcome: Outcome, raw_event: bytes
 ) -> RecordFields:
     """The record kept of a run: its state, and its signed result unless told otherwise."""
-    state = outcome.state
+    state, at = outcome.state, outcome.event.timestamp
     if state is State.RETRY:
         # Parked once per retry number (see nbtask.wire.records.PARKED).
-        fields = {**final_fields(state, b""), PARKED: str(message.retries + 1)}
+        fields = {**final_fields(state, b"", at), PARKED: str(message.retries + 1)}
         if outcome.retry_queue:  # retry(queue=...): the record names where it waits now
             fields["queue"] = outcome.retry_queue
         return fields
@@ -278,12 +278,12 @@ def outcome_fields(
         # backend=None: no result at all, only a signed note that the task ended, kept
         # like any record so that a replay of its message cannot run it again.
         header = {**outcome.event.to_header(), "data": {"result_kept": False}}
-        return final_fields(state, signer.seal(header))
+        return final_fields(state, signer.seal(header), at)
     if message.ignore_result and state is State.SUCCESS:
         # The outcome is still signed in the store; only the value is left out.
         kept = {**outcome.event.data, "result_kept": False}
-        return final_fields(state, signer.seal({**outcome.event.to_header(), "data": kept}))
-    return final_fields(state, raw_event)
+        return final_fields(state, signer.seal({**outcome.event.to_header(), "data": kept}), at)
+    return final_fields(state, raw_event, at)
 
 
 def report(
@@ -305,7 +305,7 @@ def report(
     """
     raw = signer.seal(event.to_header(), body)
     assert event.state is not None
-    fields = final_fields(event.state, raw)
+    fields = final_fields(event.state, raw, event.timestamp)
     if owes_follow_ups:
         fields[FOLLOW_UPS] = FOLLOW_UPS_OWED
     transport.finish(delivery, task_id, channel, raw, fields)

@@ -9,6 +9,7 @@ the worker's log says so, from the answer of the very write that stores an end.
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 from raw_broker import RawBroker
@@ -38,12 +39,12 @@ def test_an_end_after_the_task_was_reported_lost_is_not_kept_and_is_said(
     run = (app.settings.key_prefix, h.sent)
     report = Event(EventType.WORKER_LOST, h.id, FINAL_SEQ, {"reason": "lost"}, run=run)
     raw = app.signer.seal(report.to_header())
-    lost = final_fields(State.WORKER_LOST, raw)
+    lost = final_fields(State.WORKER_LOST, raw, time.time())
     assert app.store.settle(Settlement(h.id, app.channel, raw, lost)) == ""
     # Its ended-task entry gone (as anyone with write access can make it): the stored
     # signed outcome still refuses the late end, which puts the entry back.
     access.store.zrem(access.keys.done_key, h.id)
-    ended = final_fields(State.SUCCESS, b"done")
+    ended = final_fields(State.SUCCESS, b"done", time.time())
     then_fetch = (queue, "c1", 0.1) if fetch_next else None
     with caplog.at_level(logging.WARNING, logger="nbtask"):
         transport.finish(taken, h.id, app.channel, b"done", ended, then_fetch=then_fetch)

@@ -16,6 +16,7 @@ A task sent again after its worker died is set back to PENDING only while it is 
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -72,7 +73,7 @@ def test_a_late_pending_record_leaves_the_queue_a_retry_named(access: RawBroker)
     channel = store.channel_key(uuid.uuid4().hex[:16])
     assert store.start(task_id, StartBy("host", "1", "consumer")) == "OK"
     # The task ran at once and retried onto another queue, before its record's write ran.
-    retry = {**final_fields(State.RETRY, b""), "parked": "1", "queue": "other"}
+    retry = {**final_fields(State.RETRY, b"", time.time()), "parked": "1", "queue": "other"}
     assert store.settle(Settlement(task_id, channel, b"", retry, "default")) == ""
     record = {"state": "PENDING", "client": channel, "name": "t", "queue": "default"}
     store.write_pending([Publish("default", task_id, b"message", record)], wait=False)
@@ -137,7 +138,7 @@ def test_a_task_put_back_after_its_worker_died_keeps_an_end_stored_meanwhile(
     lost, ended = uuid.uuid4().hex, uuid.uuid4().hex
     for task_id in (lost, ended):
         assert store.start(task_id, StartBy("host", "1", "consumer")) == "OK"
-    success = final_fields(State.SUCCESS, b"outcome")
+    success = final_fields(State.SUCCESS, b"outcome", time.time())
     assert store.settle(Settlement(ended, "", b"", success, "default")) == ""
     store.reset_pending(lost)
     store.reset_pending(ended)

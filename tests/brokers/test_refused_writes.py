@@ -6,6 +6,7 @@ On the test's own redis-server, whose ``maxmemory`` it changes.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -42,7 +43,7 @@ def _finish(transport: StreamsTransport, app: App, delivery, then_fetch=None):
     task_id = delivery.task_id
     record = app.store.get_record(task_id)
     assert record is not None
-    fields = final_fields(State.SUCCESS, b"done")
+    fields = final_fields(State.SUCCESS, b"done", time.time())
     return transport.finish(
         delivery, task_id, record.client, b"done", fields, then_fetch=then_fetch
     )

@@ -52,7 +52,7 @@ def _settle(app: App, task_id: str) -> str:
     """Store ``task_id`` as SUCCESS and tell ``app`` (as its worker does)."""
     run = (app.settings.key_prefix, time.time())
     raw = app.signer.seal(Event(EventType.SUCCESS, task_id, FINAL_SEQ, {}, run=run).to_header())
-    fields = final_fields(State.SUCCESS, raw)
+    fields = final_fields(State.SUCCESS, raw, time.time())
     return app.store.settle(Settlement(task_id, app.channel, raw, fields))
 
 

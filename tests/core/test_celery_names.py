@@ -305,6 +305,21 @@ def test_date_done_is_when_the_task_ended(app: App, start_worker) -> None:
     assert done.timestamp() == pytest.approx(h.finished_at, abs=1e-5)  # microseconds
 
 
+@pytest.mark.parametrize(
+    ("name", "args"), [("tests.sample_tasks.add", (2, 3)), ("tests.sample_tasks.explode", ("x",))]
+)
+def test_the_stored_record_ends_when_the_handle_says(
+    app: App, start_worker, name: str, args: tuple[object, ...]
+) -> None:
+    # One time, the ending event's: `nbtask inspect` (the record) and `h.date_done` (the
+    # event) must not disagree by however long the worker took between the two.
+    start_worker()
+    h = app.send_task(name, args)
+    h.wait(timeout=15, propagate=False)
+    record = app.store.get_record(h.id)
+    assert record is not None and record.finished_at == h.finished_at is not None
+
+
 def test_celerys_call_spellings_send_and_wait_as_nbtasks_do(app: App, start_worker) -> None:
     start_worker()
 
