@@ -2,7 +2,7 @@
 the queue it falls back to once that process is gone (see ``LostTasks.rehome``), and work
 parked for it until its due time is parked for that queue: from then on its record,
 ``nbtask inspect``, its handle and a handle re-attached by id name that queue, and its
-handle says why it waits there (a retry waiting there too: see ``test_holders``). A
+handle says why it waits there (a retry waiting there too: see ``test_holder_lost``). A
 retry's move to a queue it names is in ``test_retry_queue``."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The rule alone, on registry entries and kept values made here; the store's two answers
 (is the copy there, has the holder's task ended) are recorded, so each test also shows
-when the store is asked at all. ``tests/notebook/test_holders.py`` runs it for real.
+when the store is asked at all. ``tests/notebook/holders/test_holder_busy.py`` runs it for real.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ record naming that queue (``LostTasks.rehome``): only the supervisor serving a p
 own queue moves what is due there, so it stayed parked for good once that process was
 gone. A look parks a bounded number; a message that supervisor moved meanwhile is left
 where it went. Run here directly on each broker's transport; through workers in
-``test_moved_queue`` and ``test_holders``."""
+``test_moved_queue`` and ``test_holder_lost``."""
 
 from __future__ import annotations
 
