@@ -1,0 +1,47 @@
+"""Bytes anyone with broker access can write: sealed messages flipped, cut and re-signed.
+
+Shared by the tests that feed forged, tampered and truncated messages to a worker and to a
+client (DESIGN §4, §9).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections.abc import Callable
+
+import cloudpickle
+from helpers import SECRET
+
+MARKER_TASK = "tests.sample_tasks.slow_marker"
+ADD_TASK = "tests.sample_tasks.add"
+MAC_SIZE = 32
+
+
+def pickled(value: object) -> bytes:
+    data: bytes = cloudpickle.dumps(value, protocol=5)
+    return data
+
+
+def flip(raw: bytes, index: int) -> bytes:
+    return raw[:index] + bytes((raw[index] ^ 0x01,)) + raw[index + 1 :]
+
+
+def header_span(raw: bytes) -> tuple[int, int]:
+    """``(start, end)`` of the JSON header inside a sealed message."""
+    length = int.from_bytes(raw[4:8], "big")
+    return 8, 8 + length
+
+
+def resign(raw_unsigned: bytes, key: str = SECRET) -> bytes:
+    return raw_unsigned + hmac.new(key.encode(), raw_unsigned, hashlib.sha256).digest()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
