@@ -3,7 +3,8 @@
 Every test runs on the Redis broker. A module or test marked ``brokers`` runs once per
 broker it names, both by default: ``redis`` and ``amqp`` (RabbitMQ through kombu, with the
 real Redis as its result store); the ``settings`` fixture, and so ``app`` and
-``start_worker``, follow. Helpers a test imports by name are in ``helpers.py``.
+``start_worker``, follow. Helpers a test imports by name are in ``helpers.py`` and the
+modules beside it (``worker_process.py``, ``private_redis.py``, ``raw_broker.py``...).
 """
 
 from __future__ import annotations
@@ -20,17 +21,16 @@ import redis
 from helpers import (
     AMQP_URL,
     BROKERS,
-    REDIS_SERVER,
     REDIS_URL,
     ROOT,
     SECRET,
     SESSION_PREFIX,
-    PrivateRedis,
-    WorkerProcess,
     amqp_reachable,
     delete_amqp_queues,
 )
+from private_redis import REDIS_SERVER, PrivateRedis
 from raw_broker import RawBroker, raw_broker
+from worker_process import WorkerProcess
 
 from nbtask import App, Settings
 

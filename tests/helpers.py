@@ -1,6 +1,7 @@
-"""Helpers shared by the tests: the services' addresses, waiting, worker processes.
+"""Helpers shared by the tests: the services' addresses, waiting, kernels, cells, messages.
 
-Fixtures live in ``conftest.py``; everything a test imports by name lives here.
+Fixtures live in ``conftest.py``. A worker process a test started is a ``WorkerProcess``
+(``worker_process.py``), a redis-server of its own a ``PrivateRedis`` (``private_redis.py``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,12 +26,9 @@ import psutil
 import pytest
 
 from nbtask import App, RemoteError, Settings
-from nbtask.brokers import open_broker
-from nbtask.errors import BrokerUnavailable
 from nbtask.wire.events import Event, EventType
 from nbtask.wire.holdings import Held
 from nbtask.wire.message import TaskMessage
-from nbtask.wire.records import WorkerInfo
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -262,197 +259,6 @@ def delete_amqp_queues(prefix: str) -> None:
         channel = conn.channel()
         for name in names:
             channel.queue_delete(name)
-
-
-def _is_versions_probe(process: psutil.Process) -> bool:
-    try:
-        return "nbtask.wire.versions" in process.cmdline()
-    except psutil.Error:  # gone already
-        return True
-
-
-class WorkerProcess:
-    """A ``python -m nbtask worker`` subprocess."""
-
-    def __init__(self, process: subprocess.Popen[bytes], settings: Settings, log: Path) -> None:
-        self.process = process
-        self.settings = settings
-        self.log = log
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def children(self) -> list[psutil.Process]:
-        """The worker's child processes, without the short-lived probe of its versions."""
-        return [c for c in psutil.Process(self.pid).children() if not _is_versions_probe(c)]
-
-    def entry(self) -> tuple[str, WorkerInfo]:
-        """This worker's id and registry entry, read now whether or not its last heartbeat
-        is still fresh (on a loaded machine a short heartbeat can lapse for a moment, and
-        ``app.workers()`` then lists it not)."""
-        broker = open_broker(self.settings, self.settings.broker_url or "")
-        try:
-            registered = {**broker.store.dead_workers(), **broker.store.workers()}
-            [(worker_id, info)] = [
-                (worker_id, info)
-                for worker_id, info in registered.items()
-                if info is not None and info.pid == self.pid
-            ]
-        finally:
-            broker.close()
-        return worker_id, info
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        """Until the registry names the worker and its children: a start is no speed target
-        (a loaded machine, a slow shared Redis), so a read not answered in time is retried."""
-        broker = open_broker(self.settings, self.settings.broker_url or "")
-        deadline = time.monotonic() + timeout
-        unanswered = ""
-        try:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise AssertionError(f"worker exited early:\n{self.log.read_text()}")
-                try:
-                    registered = broker.store.workers()
-                except BrokerUnavailable as exc:  # slow, not gone: the deadline says when
-                    registered, unanswered = {}, f" (the registry's last read: {exc})"
-                live = [i for i in registered.values() if i.pid == self.pid]
-                # Ready once the registry names the children that run: the worker starts
-                # its versions probe (a child too, for a moment) before it says so.
-                children = {c.pid for c in self.children()}
-                if live and children and children == set(live[0].pids):
-                    return
-                time.sleep(0.05)
-        finally:
-            broker.close()
-        raise AssertionError(
-            f"worker not ready after {timeout} s{unanswered}:\n{self.log.read_text()}"
-        )
-
-    def stop(self) -> None:
-        """Warm shutdown, as an operator's Ctrl-C: running tasks finish first."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.end()
-
-    def stops_on_one_sigterm(self, timeout: float = 30.0) -> str:
-        """Send one SIGTERM (a warm stop) and wait for a clean exit; return the log.
-
-        Fails, showing the log, if the worker is still running after ``timeout``.
-        """
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"one SIGTERM did not stop the worker:\n{self.log.read_text()}"
-            ) from None
-        log = self.log.read_text()
-        assert self.process.returncode == 0, log
-        return log
-
-    def end(self) -> None:
-        """Cold shutdown (a second signal): children are killed, their tasks settled.
-
-        What a test's teardown needs: no waiting for idle children to notice a warm stop.
-        """
-        while self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(0.05)
-            except subprocess.TimeoutExpired:
-                continue
-        if self.process.returncode is None:  # pragma: no cover - wait() sets it
-            self.process.kill()
-            self.process.wait()
-
-
-#: The redis-server a test starts for itself (``PrivateRedis``).
-REDIS_SERVER = "/usr/bin/redis-server"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class PrivateRedis:
-    """A redis-server of this test's own, to stop, start or reconfigure at will.
-
-    For what must not touch the shared server: restarts, ``CONFIG SET maxmemory``.
-    """
-
-    def __init__(self, directory: Path, *, tls: bool = False) -> None:
-        self.port = _free_port()
-        self.directory = directory
-        self.tls = tls
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        if self.tls:
-            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.directory / 'cert.pem'}"
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                REDIS_SERVER,
-                *self._listen(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.directory),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.02)
-        raise AssertionError("private redis-server did not start")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
-
-    def pause(self) -> None:
-        """Stop the server's process (SIGSTOP): it takes what is sent and answers nothing."""
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGSTOP)
-
-    def kill(self) -> None:
-        """End the server at once (a paused one too): what it took unanswered never runs."""
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(10)
-            self.process = None
-
-    def _listen(self) -> list[str]:
-        if not self.tls:
-            return ["--port", str(self.port)]
-        # A self-signed certificate for 127.0.0.1, which the client trusts by its URL.
-        cert, key = self.directory / "cert.pem", self.directory / "key.pem"
-        if not cert.exists():
-            request = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-            names = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
-            files = ["-keyout", str(key), "-out", str(cert)]
-            subprocess.run([*request, *names, *files], check=True, capture_output=True)
-        served = ["--tls-cert-file", str(cert), "--tls-key-file", str(key)]
-        return ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no", *served]
 
 
 def ledger_runs(ledger: Path) -> collections.Counter[str]:

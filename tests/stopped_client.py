@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import redis
-from helpers import ROOT, WorkerProcess
+from helpers import ROOT
+from worker_process import WorkerProcess
 
 from nbtask import Settings
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import nbformat
 import pytest
 import redis
-from helpers import AMQP_URL, SECRET, WorkerProcess, amqp_reachable
+from helpers import AMQP_URL, SECRET, amqp_reachable
 from test_cli import one_error_line, run
+from worker_process import WorkerProcess
 
 from nbtask import App, ConfigurationError, Settings
 

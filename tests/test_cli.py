@@ -11,7 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, SECRET, WorkerProcess
+from helpers import ROOT, SECRET
+from worker_process import WorkerProcess
 
 import nbtask
 from nbtask import App

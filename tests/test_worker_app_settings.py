@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, WorkerProcess
+from helpers import ROOT
+from worker_process import WorkerProcess
 
 from nbtask import App, Settings
 

@@ -25,7 +25,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, PrivateRedis
+from helpers import ROOT
+from private_redis import PrivateRedis
 from tcp_proxy import TcpProxy, proxying, via
 
 from nbtask import App, Settings

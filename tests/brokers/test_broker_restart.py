@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ROOT, PrivateRedis, wait_until
+from helpers import ROOT, wait_until
+from private_redis import PrivateRedis
 
 from nbtask import App, BrokerUnavailable, TaskHandle
 

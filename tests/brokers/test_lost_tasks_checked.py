@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import PrivateRedis, wait_until
+from helpers import wait_until
+from private_redis import PrivateRedis
 
 from nbtask import App, BrokerUnavailable, TaskNotFound, errors
 from nbtask.brokers.redis_link import RedisLink

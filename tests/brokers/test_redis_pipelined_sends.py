@@ -32,7 +32,8 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import PrivateRedis, client_env, ledger_runs, wait_until
+from helpers import client_env, ledger_runs, wait_until
+from private_redis import PrivateRedis
 from tcp_proxy import TcpProxy, proxying, via
 
 from nbtask import App, Settings, State

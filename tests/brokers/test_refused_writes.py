@@ -11,7 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from helpers import SECRET, PrivateRedis
+from helpers import SECRET
+from private_redis import PrivateRedis
 
 from nbtask import App, BrokerUnavailable, Settings
 from nbtask.brokers.redis_streams import StreamsTransport

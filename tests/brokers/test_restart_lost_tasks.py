@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 import pytest
 import redis
-from helpers import PrivateRedis, wait_until
+from helpers import wait_until
+from private_redis import PrivateRedis
 
 from nbtask import App, TaskHandle, TaskNotFound
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import PrivateRedis
+from private_redis import PrivateRedis
 
 from nbtask import App, State
 from nbtask.brokers import redis_store

@@ -23,7 +23,8 @@ from pathlib import Path
 import psutil
 import pytest
 import redis
-from helpers import SECRET, PrivateRedis, ledger_runs, wait_until
+from helpers import SECRET, ledger_runs, wait_until
+from private_redis import PrivateRedis
 
 from nbtask import App, BrokerUnavailable, Settings, TaskHandle, errors
 from nbtask.brokers.redis_link import RedisLink

@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 import redis
 from forging import ADD_TASK, MAC_SIZE, MARKER_TASK, flip, header_span, pickled, resign, wait_for
-from helpers import SECRET, Touch, WorkerProcess, task_header
+from helpers import SECRET, Touch, task_header
 from raw_broker import RawBroker
+from worker_process import WorkerProcess
 
 import nbtask
 from nbtask import App, Settings

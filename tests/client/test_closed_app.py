@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import WorkerProcess
+from worker_process import WorkerProcess
 
 from nbtask import App, AppClosed, Settings
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import psutil
 import pytest
-from helpers import WorkerProcess
+from worker_process import WorkerProcess
 
 from nbtask import App, TaskHandle
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import redis
-from helpers import PrivateRedis
+from private_redis import PrivateRedis
 
 from nbtask import App
 from nbtask.client.lost import LostTasks

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import WorkerProcess
 from stopped_client import stopped_client, stopped_while_tasks_end
+from worker_process import WorkerProcess
 
 from nbtask import Event, EventType, Settings
 from nbtask.brokers import open_broker

@@ -16,8 +16,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from helpers import WorkerProcess, wait_until
+from helpers import wait_until
 from tcp_proxy import TcpProxy, via
+from worker_process import WorkerProcess
 
 from nbtask import App, Settings
 from nbtask.core.handle import TaskHandle

@@ -11,8 +11,8 @@ import uuid
 from collections.abc import Callable
 
 import pytest
-from helpers import WorkerProcess
 from raw_broker import RawBroker
+from worker_process import WorkerProcess
 
 from nbtask import App, Settings, State, TaskNotFound, TaskRevoked
 

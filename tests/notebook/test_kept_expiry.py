@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import WorkerProcess, held_values, kernel_env, kernel_runner, wait_until
 from helpers import cell_task as task
+from helpers import held_values, kernel_env, kernel_runner, wait_until
 from IPython.core.interactiveshell import InteractiveShell
+from worker_process import WorkerProcess
 
 from nbtask import App, Settings
 from nbtask.notebook.kept import RemoteValue

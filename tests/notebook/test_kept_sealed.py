@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-from helpers import WorkerProcess
 from helpers import cell_run as run
 from helpers import cell_task as task
 from IPython.core.interactiveshell import InteractiveShell
+from worker_process import WorkerProcess
 
 from nbtask import Settings
 from nbtask.notebook.kept import RemoteValue

@@ -20,10 +20,11 @@ import cloudpickle
 import numpy as np
 import pytest
 import redis
-from helpers import WorkerProcess, held_values, wait_until
 from helpers import cell_task as task
+from helpers import held_values, wait_until
 from IPython.core.interactiveshell import InteractiveShell
 from raw_broker import RawBroker
+from worker_process import WorkerProcess
 
 from nbtask import Settings
 from nbtask.notebook.kept import RemoteValue

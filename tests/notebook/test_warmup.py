@@ -18,9 +18,10 @@ from collections.abc import Callable
 
 import numpy  # noqa: F401 - the notebook's settings include numpy's (its random state)
 import pytest
-from helpers import WorkerProcess, broker_env, wait_until
+from helpers import broker_env, wait_until
 from IPython.core.interactiveshell import InteractiveShell
 from raw_broker import RawBroker
+from worker_process import WorkerProcess
 
 from nbtask import App, Settings
 from nbtask.notebook.magics import session_of

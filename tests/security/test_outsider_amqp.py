@@ -21,8 +21,9 @@ import amqp
 import amqp.serialization
 import kombu
 import pytest
-from helpers import AMQP_URL, WorkerProcess, wait_until
+from helpers import AMQP_URL, wait_until
 from raw_broker import RawBroker
+from worker_process import WorkerProcess
 
 from nbtask import App, BrokerUnavailable
 

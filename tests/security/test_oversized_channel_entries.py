@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import PrivateRedis
+from private_redis import PrivateRedis
 
 from nbtask import App
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import WorkerProcess, ledger_runs, wait_until
+from helpers import ledger_runs, wait_until
 from raw_broker import RawBroker
+from worker_process import WorkerProcess
 
 import nbtask
 from nbtask import App

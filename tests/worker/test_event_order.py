@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from helpers import WorkerProcess
+from worker_process import WorkerProcess
 
 from nbtask import App
 

@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
-from helpers import WorkerProcess, wait_until
+from helpers import wait_until
+from worker_process import WorkerProcess
 
 from nbtask import App, Event, EventType, State, TaskHandle
 from nbtask.brokers import Transport, open_broker

@@ -12,9 +12,10 @@ from pathlib import Path
 import cloudpickle
 import psutil
 import pytest
-from helpers import WorkerProcess, exited, wait_until
+from helpers import exited, wait_until
 from raw_broker import RawBroker
 from tcp_proxy import proxying, via
+from worker_process import WorkerProcess
 
 import nbtask
 from nbtask import App, Settings, State

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import WorkerProcess
 from stopped_client import stopped_while_tasks_end
+from worker_process import WorkerProcess
 
 from nbtask import Settings
 

@@ -16,8 +16,9 @@ from typing import Any
 
 import psutil
 import pytest
-from helpers import WorkerProcess, exited, wait_until
+from helpers import exited, wait_until
 from raw_broker import RawBroker
+from worker_process import WorkerProcess
 
 from nbtask import App, State
 from nbtask.core.holding import holder_queue

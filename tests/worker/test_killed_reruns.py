@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import WorkerProcess, wait_for_housekeeping, wait_until
+from helpers import wait_for_housekeeping, wait_until
 from raw_broker import RawBroker
 from test_faults import SLOW_EARLY, _kill_the_rerun, event_types, pids_in
+from worker_process import WorkerProcess
 
 import nbtask
 from nbtask import App, State

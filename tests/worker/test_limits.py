@@ -13,8 +13,9 @@ from pathlib import Path
 import psutil
 import pytest
 import redis
-from helpers import WorkerProcess, wait_for_housekeeping, wait_until
+from helpers import wait_for_housekeeping, wait_until
 from raw_broker import RawBroker
+from worker_process import WorkerProcess
 
 import nbtask
 from nbtask import App, State, Task

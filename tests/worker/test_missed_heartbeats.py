@@ -14,8 +14,9 @@ from collections.abc import Callable
 
 import pytest
 import redis
-from helpers import WorkerProcess, wait_until
+from helpers import wait_until
 from raw_broker import RawBroker
+from worker_process import WorkerProcess
 
 from nbtask import App
 from nbtask.core.holding import holder_queue

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import AMQP_URL, SECRET, PrivateRedis, amqp_reachable, wait_until
+from helpers import AMQP_URL, SECRET, amqp_reachable, wait_until
+from private_redis import PrivateRedis
 from redis._parsers.base import BaseParser
 
 from nbtask import App, Settings, TaskHandle

@@ -8,9 +8,10 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-from helpers import WorkerProcess, wait_until
 from helpers import cell_task as task
+from helpers import wait_until
 from IPython.core.interactiveshell import InteractiveShell
+from worker_process import WorkerProcess
 
 from nbtask import Settings, TaskHandle
 from nbtask.core.holding import holder_queue

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import WorkerProcess, wait_until
 from helpers import cell_task as task
+from helpers import wait_until
 from holding import (
     HOLD_UNTIL_GATE,
     TOTAL,
@@ -23,6 +23,7 @@ from holding import (
     running_on,
 )
 from IPython.core.interactiveshell import InteractiveShell
+from worker_process import WorkerProcess
 
 from nbtask import Settings, TaskHandle
 from nbtask.notebook.kept import RemoteValue

@@ -11,8 +11,8 @@ from typing import Any
 
 import psutil
 import pytest
-from helpers import WorkerProcess, wait_until
 from helpers import cell_task as task
+from helpers import wait_until
 from holding import (
     HOLD_UNTIL_GATE,
     TOTAL,
@@ -27,6 +27,7 @@ from holding import (
 )
 from IPython.core.interactiveshell import InteractiveShell
 from raw_broker import RawBroker
+from worker_process import WorkerProcess
 
 from nbtask import Settings
 from nbtask.errors import BlobError

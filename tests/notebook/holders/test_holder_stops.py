@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import psutil
 import pytest
-from helpers import WorkerProcess, wait_until
+from helpers import wait_until
 from holding import (
     TOTAL,
     X_STAYS,
@@ -20,6 +20,7 @@ from holding import (
 )
 from IPython.core.interactiveshell import InteractiveShell
 from raw_broker import RawBroker
+from worker_process import WorkerProcess
 
 from nbtask import TaskHandle
 from nbtask.notebook.session import Session
