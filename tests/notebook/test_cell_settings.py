@@ -1,6 +1,6 @@
 """numpy's print options and floating-point error handling, the ``decimal`` context and the
 recursion limit follow the notebook both ways, as the other process-wide settings do
-(test_cell_fidelity.py)."""
+(test_cell_environment.py)."""
 
 from __future__ import annotations
 
