@@ -1,4 +1,5 @@
-"""Fixtures of the core tests: small tasks to send in signatures, chains and groups."""
+"""Fixtures of the core tests: small tasks to send in signatures, chains and groups, and
+``add`` for the careless-caller tests."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from nbtask import App
+from nbtask import App, Task
 
 
 @pytest.fixture
@@ -37,3 +38,12 @@ def steps(app: App) -> tuple[Any, Any, Any, Any]:
         return value
 
     return add, mul, fail, note
+
+
+@pytest.fixture
+def add(app: App) -> Task:
+    @app.task
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    return add
