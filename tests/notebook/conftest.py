@@ -16,6 +16,7 @@ from IPython.testing.globalipapp import start_ipython
 from jupyter_client.manager import KernelManager
 
 from nbtask import Settings
+from nbtask.notebook import process_state
 from nbtask.notebook.magics import session_of
 from nbtask.notebook.session import Session
 
@@ -70,6 +71,14 @@ def kernel() -> Iterator[Callable[[dict[str, str]], tuple[Any, Any]]]:
         km.shutdown_kernel(now=True)
     for folder in folders:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def restored() -> Iterator[None]:
+    """This process's process-wide state (``process_state``) put back after the test."""
+    state = process_state.capture()
+    yield
+    process_state.apply(state)
 
 
 @pytest.fixture
