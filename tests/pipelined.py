@@ -1,0 +1,24 @@
+"""What the tests of pipelined sends to Redis share: the task that counts its runs, and the
+Redis link and transport a client sends through."""
+
+from __future__ import annotations
+
+from nbtask import App
+from nbtask.brokers.redis_link import RedisLink
+from nbtask.brokers.redis_store import RedisStore
+from nbtask.brokers.redis_streams import StreamsTransport
+
+RECORD = "tests.sample_tasks.record_id"  # appends its id to a file: counts runs
+
+
+def transport_of(app: App) -> StreamsTransport:
+    transport = app.transport
+    assert isinstance(transport, StreamsTransport)
+    return transport
+
+
+def link_of(app: App) -> RedisLink:
+    """The link of the Redis the client writes its tasks' records to (on both brokers)."""
+    store = app.transport.store
+    assert isinstance(store, RedisStore)
+    return store.link
