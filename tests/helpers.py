@@ -12,6 +12,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -384,3 +385,10 @@ def notebook_namespace(source: str, **names: Any) -> dict[str, Any]:
     namespace: dict[str, Any] = {"__name__": "__main__", **names}
     exec(compile(source, "<notebook cell>", "exec"), namespace)
     return namespace
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -21,6 +21,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from helpers import free_port
+
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
 EPMD = "/usr/bin/epmd"
 #: What a missing server says: the fixture fails (never skips) with this.
@@ -30,13 +32,6 @@ MISSING = (
 )
 _START_SECONDS = 90.0  # a loaded 2-core machine boots RabbitMQ in 5-30 s
 _STOP_SECONDS = 60.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def missing() -> str | None:
@@ -57,9 +52,9 @@ class PrivateRabbitMQ:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.name = f"nbtest-{secrets.token_hex(4)}@localhost"
-        self.port = _free_port()
-        self.dist_port = _free_port()
-        self.epmd_port = _free_port()
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.epmd_port = free_port()
         self.server: subprocess.Popen[bytes] | None = None
         self.epmd: subprocess.Popen[bytes] | None = None
         self._prepare()

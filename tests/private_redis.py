@@ -9,14 +9,10 @@ import subprocess
 import time
 from pathlib import Path
 
+from helpers import free_port
+
 #: The redis-server a test starts for itself (``PrivateRedis``).
 REDIS_SERVER = "/usr/bin/redis-server"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PrivateRedis:
@@ -26,7 +22,7 @@ class PrivateRedis:
     """
 
     def __init__(self, directory: Path, *, tls: bool = False) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.directory = directory
         self.tls = tls
         self.process: subprocess.Popen[bytes] | None = None

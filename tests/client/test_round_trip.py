@@ -1,18 +1,11 @@
 from __future__ import annotations
 
-import socket
 import traceback
 
 import pytest
-from helpers import AMQP_URL
+from helpers import AMQP_URL, free_port
 
 from nbtask import App, BrokerUnavailable, Settings
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_module_task_by_name_and_main_function_by_value(app: App, start_worker) -> None:

@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from typing import Any
 
 import nbformat
 import pytest
-from helpers import ROOT
+from helpers import ROOT, free_port
 from nbformat.v4 import new_code_cell, new_notebook
 
 CHROMIUM = "/usr/bin/chromium"
@@ -85,13 +84,6 @@ def _playwright() -> Any:
     except ImportError:
         pytest.fail("the browser tier needs Playwright: pip install -e '.[test]'")
     return sync_api
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture
