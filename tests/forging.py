@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import time
-from collections.abc import Callable
 
 import cloudpickle
 from helpers import SECRET
@@ -36,12 +34,3 @@ def header_span(raw: bytes) -> tuple[int, int]:
 
 def resign(raw_unsigned: bytes, key: str = SECRET) -> bytes:
     return raw_unsigned + hmac.new(key.encode(), raw_unsigned, hashlib.sha256).digest()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 import redis
-from forging import ADD_TASK, MAC_SIZE, MARKER_TASK, flip, header_span, pickled, resign, wait_for
-from helpers import SECRET, Touch, task_header
+from forging import ADD_TASK, MAC_SIZE, MARKER_TASK, flip, header_span, pickled, resign
+from helpers import SECRET, Touch, task_header, wait_until
 from raw_broker import RawBroker
 from worker_process import WorkerProcess
 
@@ -74,7 +74,7 @@ def test_client_ignores_forged_events(
     run = (app.settings.key_prefix, handle.sent)
     progress = Event(EventType.PROGRESS, tid, 0, {"done": 1, "total": 2}, run=run)
     access.push_event(app.channel, signer.seal(progress.to_header()))
-    wait_for(lambda: handle.progress is not None, what="the genuine progress event")
+    wait_until(lambda: handle.progress is not None, 15, "the genuine progress event")
     assert handle.state is nbtask.State.PENDING
     assert not handle.done()
     assert not trace.exists(), "a forged event was unpickled"

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from forging import ADD_TASK, MAC_SIZE, MARKER_TASK, flip, header_span, pickled, resign, wait_for
-from helpers import Touch, task_header
+from forging import ADD_TASK, MAC_SIZE, MARKER_TASK, flip, header_span, pickled, resign
+from helpers import Touch, task_header, wait_until
 from raw_broker import RawBroker
 from worker_process import WorkerProcess
 
@@ -229,7 +229,7 @@ def test_worker_rejects_forged_message(
     raw = FORGERIES[kind](attack)
     children = {c.pid for c in small_worker.children()}
     access.inject(raw)
-    wait_for(lambda: len(access.dead_letters()) == 1, what="the worker to dead-letter it")
+    wait_until(lambda: len(access.dead_letters()) == 1, 15, "the worker to dead-letter it")
     assert [fields[b"e"] for fields in access.dead_letters()] == [raw]
     assert access.record(attack.task_id) == {}
 
@@ -270,7 +270,7 @@ def test_forged_message_naming_an_unknown_task_leaves_no_record(
     attack = Attack(app, tmp_path)
     raw = FORGERIES[kind](attack)
     access.inject(raw, task_id=attack.task_id)
-    wait_for(lambda: len(access.dead_letters()) == 1, what="the worker to dead-letter it")
+    wait_until(lambda: len(access.dead_letters()) == 1, 15, "the worker to dead-letter it")
     _assert_still_serving(app, small_worker, {c.pid for c in small_worker.children()})
     assert access.record(attack.task_id) == {}
     assert not attack.trace.exists() and not attack.marker.exists()
@@ -328,7 +328,7 @@ def test_worker_drops_replay_of_finished_task(
     task_id = handle.id if named else None
     access.inject(genuine, task_id=task_id)
     access.inject(genuine, deliveries=3, task_id=task_id)
-    wait_for(lambda: len(_log_lines(worker, handle.id)) == 2, what="both replays to be dropped")
+    wait_until(lambda: len(_log_lines(worker, handle.id)) == 2, 15, "both replays to be dropped")
     _assert_still_serving(app, worker, children)
     assert marker.read_text().count("\n") == 1, "a replayed task ran again"
     assert access.record(handle.id)[b"state"] == b"SUCCESS"
@@ -348,7 +348,7 @@ def test_worker_rejects_message_older_than_max_age(
     raw = attack.valid(created=time.time() - app.settings.result_ttl - 5)
     children = {c.pid for c in small_worker.children()}
     access.inject(raw)
-    wait_for(lambda: len(access.dead_letters()) == 1, what="the worker to dead-letter it")
+    wait_until(lambda: len(access.dead_letters()) == 1, 15, "the worker to dead-letter it")
     assert [f[b"e"] for f in access.dead_letters()] == [raw]
     _assert_still_serving(app, small_worker, children)
     assert not attack.trace.exists()
@@ -360,7 +360,7 @@ def test_worker_rejects_message_older_than_max_age(
     (tmp_path / "recent").mkdir()
     recent = Attack(app, tmp_path / "recent")
     access.inject(recent.valid(created=time.time() - app.settings.result_ttl + 30))
-    wait_for(lambda: access.record(recent.task_id).get(b"state") == b"SUCCESS", what="the control")
+    wait_until(lambda: access.record(recent.task_id).get(b"state") == b"SUCCESS", 15, "the control")
     assert recent.marker.read_text().count("\n") == 1
 
 
@@ -370,8 +370,8 @@ def test_worker_runs_the_same_message_when_genuine(
     """Control for the forgeries: the same hand-built message, genuinely signed, runs once."""
     attack = Attack(app, tmp_path)
     access.inject(attack.valid())
-    wait_for(
-        lambda: access.record(attack.task_id).get(b"state") == b"SUCCESS", what="the control task"
+    wait_until(
+        lambda: access.record(attack.task_id).get(b"state") == b"SUCCESS", 15, "the control task"
     )
     assert attack.marker.read_text().count("\n") == 1
     assert attack.trace.exists()  # the control's arguments were (legitimately) unpickled
@@ -383,7 +383,7 @@ def test_a_huge_refused_message_leaves_only_its_start_size_and_hash_in_the_store
     """Whoever may publish to RabbitMQ, but not write to the store, cannot fill the store."""
     raw = MAGIC + bytes((FORMAT_VERSION,)) + os.urandom(DEAD_LETTER_BYTES * 3)
     access.inject(raw)
-    wait_for(lambda: len(access.dead_letters()) == 1, what="the worker to dead-letter it")
+    wait_until(lambda: len(access.dead_letters()) == 1, 15, "the worker to dead-letter it")
     [kept] = access.dead_letters()
     assert kept[b"e"] == raw[:DEAD_LETTER_BYTES]
     assert (int(kept[b"size"]), kept[b"sha256"].decode()) == (
