@@ -74,6 +74,8 @@ REDIS_URL = os.environ.get("NBTASK_TEST_REDIS", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("NBTASK_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
 BROKERS = ("redis", "amqp")
 SECRET = "test-secret-" + uuid.uuid4().hex
+#: A task that appends its id to a file, once per run: ledger_runs counts its runs.
+RECORD_ID = "tests.sample_tasks.record_id"
 #: The mime type of an output that shows an ipywidget.
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 _COLOURS = re.compile(r"\x1b\[[0-9;]*m")

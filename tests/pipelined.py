@@ -8,8 +8,6 @@ from nbtask.brokers.redis_link import RedisLink
 from nbtask.brokers.redis_store import RedisStore
 from nbtask.brokers.redis_streams import StreamsTransport
 
-RECORD = "tests.sample_tasks.record_id"  # appends its id to a file: counts runs
-
 
 def transport_of(app: App) -> StreamsTransport:
     transport = app.transport

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import kombu
 import pytest
-from helpers import AMQP_URL, ledger_runs, wait_until
-from pipelined import RECORD
+from helpers import AMQP_URL, RECORD_ID, ledger_runs, wait_until
 from raw_broker import raw_broker
 from tcp_proxy import TcpProxy, via
 
@@ -68,10 +67,10 @@ def test_confirms_lost_with_their_connection_are_sent_again(
     client: App, proxy: TcpProxy, start_worker, settings: Settings, tmp_path: Path
 ) -> None:
     ledger = tmp_path / "ledger"
-    first = client.send_task(RECORD, (str(ledger),))
+    first = client.send_task(RECORD_ID, (str(ledger),))
     client.flush()
     proxy.deafen()  # messages still reach RabbitMQ; its confirms never come back
-    handles = [client.send_task(RECORD, (str(ledger),)) for _ in range(20)]
+    handles = [client.send_task(RECORD_ID, (str(ledger),)) for _ in range(20)]
     assert len(sending_link(client).confirms.unconfirmed) == 20  # each delay() returned
     proxy.cut()
 
@@ -93,10 +92,10 @@ def test_unconfirmed_tasks_are_revoked_when_rabbitmq_cannot_be_reached(
     client: App, proxy: TcpProxy, start_worker, settings: Settings, tmp_path: Path
 ) -> None:
     ledger = tmp_path / "ledger"
-    first = client.send_task(RECORD, (str(ledger),))  # connected, its queue declared
+    first = client.send_task(RECORD_ID, (str(ledger),))  # connected, its queue declared
     client.flush()
     proxy.deafen()
-    handles = [client.send_task(RECORD, (str(ledger),)) for _ in range(5)]
+    handles = [client.send_task(RECORD_ID, (str(ledger),)) for _ in range(5)]
     proxy.refuse()  # the connection drops and RabbitMQ cannot be reached again
 
     with pytest.raises(BrokerUnavailable, match="cannot reach the AMQP broker"):
@@ -110,7 +109,7 @@ def test_unconfirmed_tasks_are_revoked_when_rabbitmq_cannot_be_reached(
     # Their messages did reach RabbitMQ: a worker drops them, and runs new tasks.
     proxy.accept_again()
     start_worker(concurrency=1)
-    probe = client.send_task(RECORD, (str(ledger),))
+    probe = client.send_task(RECORD_ID, (str(ledger),))
     assert probe.get(timeout=20) == probe.id
     access = raw_broker(settings)
     try:
@@ -239,17 +238,17 @@ def test_a_queue_refused_when_returned_tasks_are_sent_again_fails_only_those_tas
     caplog.set_level(logging.ERROR, logger="nbtask")
     ledger = tmp_path / "ledger"
     queue = f"{settings.key_prefix}:q:{settings.default_queue}"
-    app.send_task(RECORD, (str(ledger),))
+    app.send_task(RECORD_ID, (str(ledger),))
     app.flush()
     before = sending_link(app)
     returned: list[TaskHandle] = []
     direct = kombu.Connection(AMQP_URL)
 
     def run() -> None:
-        app.send_task(RECORD, (str(ledger),))  # declares the queue on this thread's link
+        app.send_task(RECORD_ID, (str(ledger),))  # declares the queue on this thread's link
         app.flush()
         direct.default_channel.queue_delete(queue)
-        returned.append(app.send_task(RECORD, (str(ledger),)))  # RabbitMQ returns it
+        returned.append(app.send_task(RECORD_ID, (str(ledger),)))  # RabbitMQ returns it
 
     if ended:
         thread = threading.Thread(target=run)
@@ -265,7 +264,7 @@ def test_a_queue_refused_when_returned_tasks_are_sent_again_fails_only_those_tas
             returned[0].get(timeout=5)
         assert any(f"cannot use the queue {queue!r}" in r.getMessage() for r in caplog.records)
         kept = sending_link(app)
-        app.send_task(RECORD, (str(ledger),), queue="elsewhere")
+        app.send_task(RECORD_ID, (str(ledger),), queue="elsewhere")
         app.flush()  # confirmed on the same connection
         assert sending_link(app) is kept and kept.confirms.unconfirmed == {}
     finally:

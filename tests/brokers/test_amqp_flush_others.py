@@ -17,15 +17,13 @@ from pathlib import Path
 
 import kombu
 import pytest
-from helpers import AMQP_URL
+from helpers import AMQP_URL, RECORD_ID
 from tcp_proxy import TcpProxy
 
 from nbtask import App, Settings
 from nbtask.brokers.amqp import AmqpTransport
 from nbtask.brokers.amqp_link import Link
 from nbtask.brokers.amqp_links import Links
-
-RECORD = "tests.sample_tasks.record_id"
 
 pytestmark = pytest.mark.brokers("amqp")
 
@@ -53,18 +51,18 @@ def test_a_flush_leaves_a_live_threads_unconfirmed_sends_to_it_and_takes_them_on
 ) -> None:
     ledger = str(tmp_path / "ledger")
     links = links_of(client)
-    client.send_task(RECORD, (ledger,))
+    client.send_task(RECORD_ID, (ledger,))
     client.flush()  # this thread's link: connected, nothing owed
 
     sent, go = threading.Event(), threading.Event()
     theirs: list[Link] = []
 
     def other() -> None:
-        client.send_task(RECORD, (ledger,))  # a link of its own
+        client.send_task(RECORD_ID, (ledger,))  # a link of its own
         client.flush()
         proxy.hold()  # its next messages, and so their confirms, are held back
         for _ in range(3):
-            client.send_task(RECORD, (ledger,))  # sent without waiting for the confirm
+            client.send_task(RECORD_ID, (ledger,))  # sent without waiting for the confirm
         link = links.current()
         assert link is not None
         theirs.append(link)

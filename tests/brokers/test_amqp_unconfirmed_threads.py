@@ -17,8 +17,7 @@ from pathlib import Path
 
 import kombu
 import pytest
-from helpers import AMQP_URL, ledger_runs
-from pipelined import RECORD
+from helpers import AMQP_URL, RECORD_ID, ledger_runs
 from tcp_proxy import TcpProxy, on_a_thread, via
 
 from nbtask import App, State, TaskHandle
@@ -39,10 +38,10 @@ def _send_from_a_thread_that_ends(
     failed: list[BrokerUnavailable] = []
 
     def run() -> None:
-        handles.append(client.send_task(RECORD, (str(ledger),)))  # its own connection
+        handles.append(client.send_task(RECORD_ID, (str(ledger),)))  # its own connection
         client.flush()
         proxy.hold()  # the messages below never reach RabbitMQ
-        handles.extend(client.send_task(RECORD, (str(ledger),)) for _ in range(5))
+        handles.extend(client.send_task(RECORD_ID, (str(ledger),)) for _ in range(5))
         outage()
         if read:
             try:
@@ -64,7 +63,7 @@ def test_unconfirmed_sends_of_a_thread_that_ended_are_sent_again_by_another(
     """What a thread that ended left unconfirmed (kept for its next send, or on its
     connection) is sent again by another thread's flush (here its ``get()``)."""
     ledger = tmp_path / "ledger"
-    first = client.send_task(RECORD, (str(ledger),))
+    first = client.send_task(RECORD_ID, (str(ledger),))
     client.flush()
     handles = [first, *_send_from_a_thread_that_ends(client, proxy, ledger, proxy.cut, read=read)]
     start_worker(concurrency=2)
@@ -77,7 +76,7 @@ def test_unconfirmed_sends_of_a_thread_that_ended_are_revoked_if_rabbitmq_is_gon
     client: App, proxy: TcpProxy, tmp_path: Path, read: bool
 ) -> None:
     ledger = tmp_path / "ledger"
-    client.send_task(RECORD, (str(ledger),))
+    client.send_task(RECORD_ID, (str(ledger),))
     client.flush()
     _, *lost = _send_from_a_thread_that_ends(client, proxy, ledger, proxy.refuse, read=read)
     with pytest.raises(BrokerUnavailable, match="cannot reach the AMQP broker"):
@@ -149,7 +148,7 @@ def test_a_ctrl_c_while_a_thread_that_ended_is_taken_over_loses_none_of_its_send
     unconfirmed (reading their confirms, closing it, sending them again): the next flush
     sends them, and each task runs once."""
     ledger = tmp_path / "ledger"
-    first = client.send_task(RECORD, (str(ledger),))
+    first = client.send_task(RECORD_ID, (str(ledger),))
     client.flush()
     handles = [first, *_send_from_a_thread_that_ends(client, proxy, ledger, proxy.cut, read=False)]
     _interrupt_once(monkeypatch, owner, name, after=after)
@@ -177,10 +176,10 @@ def test_unconfirmed_sends_of_a_live_thread_whose_link_dropped_in_a_read_are_sen
     outage = proxy.refuse if by == "close-with-rabbitmq-gone" else proxy.cut
 
     def run() -> None:
-        handles.append(client.send_task(RECORD, (str(ledger),)))
+        handles.append(client.send_task(RECORD_ID, (str(ledger),)))
         client.flush()
         proxy.hold()  # the messages below never reach RabbitMQ
-        handles.extend(client.send_task(RECORD, (str(ledger),)) for _ in range(5))
+        handles.extend(client.send_task(RECORD_ID, (str(ledger),)) for _ in range(5))
         outage()
         try:
             client.purge(["elsewhere"])

@@ -16,14 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import RECORD_ID
 from raw_broker import RawBroker
 from tcp_proxy import TcpProxy
 
 from nbtask import App, State
 from nbtask.brokers.redis_store import RedisStore
 from nbtask.errors import TaskRevoked
-
-RECORD = "tests.sample_tasks.record_id"  # appends its id to a file: counts runs
 
 pytestmark = pytest.mark.brokers()
 
@@ -61,11 +60,11 @@ def test_unconfirmed_sends_of_a_live_thread_are_revoked_when_the_app_closes(
     waited: list[BaseException | None] = []
 
     def run() -> None:
-        handles.append(client.send_task(RECORD, (str(ledger),)))  # its own connection
+        handles.append(client.send_task(RECORD_ID, (str(ledger),)))  # its own connection
         client.flush()
         if held:
             proxy.hold()  # the messages below never reach the broker
-        handles.extend(client.send_task(RECORD, (str(ledger),)) for _ in range(3))
+        handles.extend(client.send_task(RECORD_ID, (str(ledger),)) for _ in range(3))
         sent.set()
         finish.wait(60)  # alive and idle while the app closes
 

@@ -21,13 +21,12 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import SECRET, wait_until
+from helpers import RECORD_ID, SECRET, wait_until
 from private_rabbitmq import PrivateRabbitMQ, missing
 
 from nbtask import App, BrokerUnavailable, Settings, TaskRevoked
 
 ADD = "tests.sample_tasks.add"
-RECORD_ID = "tests.sample_tasks.record_id"  # early ack
 WAIT_FOR_FILE = "tests.sample_tasks.wait_for_file"  # early ack unless sent acks_late
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import ledger_runs, wait_until
+from helpers import RECORD_ID, ledger_runs, wait_until
 from tcp_proxy import TcpProxy, reply_lost_once, via
 
 from nbtask import App, Settings
@@ -26,8 +26,6 @@ from nbtask.brokers.redis_errors import RepliesLost
 from nbtask.brokers.redis_link import RedisLink
 from nbtask.brokers.redis_streams import StreamsTransport
 from nbtask.errors import BrokerUnavailable
-
-RECORD = "tests.sample_tasks.record_id"  # appends its id to a file: counts runs
 
 pytestmark = pytest.mark.brokers("redis")
 
@@ -89,7 +87,7 @@ def test_a_send_whose_reply_was_lost_with_its_connection_is_queued_once(
     size: int,
 ) -> None:
     ledger = tmp_path / "ledger"
-    client.send_task(RECORD, (str(ledger),))
+    client.send_task(RECORD_ID, (str(ledger),))
     client.flush()  # this thread's connection is made and answered on
     transport = client.transport
     assert isinstance(transport, StreamsTransport)
@@ -104,7 +102,7 @@ def test_a_send_whose_reply_was_lost_with_its_connection_is_queued_once(
         reply_lost_once(proxy, lambda: r.exists(record) == 1),
         pytest.raises(BrokerUnavailable, match="Redis may have run it"),
     ):
-        client.send_task(RECORD, (str(ledger), "x" * size), task_id=task_id)
+        client.send_task(RECORD_ID, (str(ledger), "x" * size), task_id=task_id)
     entries = r.xrange(queue)
     assert [fields[b"i"].decode() for _, fields in entries].count(task_id) == 1
     start_worker(concurrency=2)

@@ -30,8 +30,8 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import client_env, ledger_runs, wait_until
-from pipelined import RECORD, link_of, transport_of
+from helpers import RECORD_ID, client_env, ledger_runs, wait_until
+from pipelined import link_of, transport_of
 from private_redis import PrivateRedis
 from tcp_proxy import TcpProxy, proxying, via
 
@@ -50,8 +50,8 @@ def test_a_loop_of_delay_does_not_wait_for_each_reply_and_each_task_runs_once(
     app: App, start_worker, tmp_path: Path
 ) -> None:
     ledger = tmp_path / "ledger"
-    first = app.send_task(RECORD, (str(ledger),))  # connects, on this thread's connection
-    handles = [app.send_task(RECORD, (str(ledger),)) for _ in range(50)]
+    first = app.send_task(RECORD_ID, (str(ledger),))  # connects, on this thread's connection
+    handles = [app.send_task(RECORD_ID, (str(ledger),)) for _ in range(50)]
     assert link_of(app).owed == 51  # each returned once written
     app.flush()
     assert link_of(app).owed == 0
@@ -63,10 +63,10 @@ def test_replies_lost_with_their_connection_are_sent_again_and_each_task_runs_on
     client: App, proxy: TcpProxy, start_worker, tmp_path: Path
 ) -> None:
     ledger = tmp_path / "ledger"
-    first = client.send_task(RECORD, (str(ledger),))
+    first = client.send_task(RECORD_ID, (str(ledger),))
     client.flush()
     proxy.deafen()  # commands still reach Redis; its replies never come back
-    handles = [client.send_task(RECORD, (str(ledger),)) for _ in range(20)]
+    handles = [client.send_task(RECORD_ID, (str(ledger),)) for _ in range(20)]
     assert link_of(client).owed == 20
     proxy.cut()
 
@@ -90,12 +90,12 @@ def test_record_writes_whose_replies_were_lost_are_sent_again_and_each_task_runs
         url = via(settings.result_url or "", proxy.url_port)
         client = App("records", settings=settings.replace(result_url=url))
         try:
-            first = client.send_task(RECORD, (str(ledger),))
+            first = client.send_task(RECORD_ID, (str(ledger),))
             client.flush()
             proxy.deafen()  # record writes still reach Redis; its replies never come back
-            handles = [client.send_task(RECORD, (str(ledger),)) for _ in range(10)]
+            handles = [client.send_task(RECORD_ID, (str(ledger),)) for _ in range(10)]
             proxy.hold()  # and now the writes never reach it either
-            handles += [client.send_task(RECORD, (str(ledger),)) for _ in range(10)]
+            handles += [client.send_task(RECORD_ID, (str(ledger),)) for _ in range(10)]
             assert link_of(client).owed == 20
             proxy.cut()
 
@@ -116,12 +116,12 @@ def test_copies_sent_again_of_sends_that_got_through_queue_nothing(
     just drew it); the copy sent again after its reply was lost looks, and is refused:
     one message per task on the queue, and each record as the first copy wrote it."""
     ledger = tmp_path / "ledger"
-    client.send_task(RECORD, (str(ledger),))
+    client.send_task(RECORD_ID, (str(ledger),))
     client.flush()
     transport = transport_of(client)
     queue_key, record_key = transport.queue_key("default"), transport.store.record_key
     proxy.deafen()
-    handles = [client.send_task(RECORD, (str(ledger),)) for _ in range(5)]
+    handles = [client.send_task(RECORD_ID, (str(ledger),)) for _ in range(5)]
     wait_until(lambda: r.xlen(queue_key) == 6, 10, "the first copies queued")
     records = {h.id: r.hgetall(record_key(h.id)) for h in handles}
     r.hset(record_key(handles[0].id), "state", "STARTED")  # as if a worker had it
@@ -143,9 +143,9 @@ def test_sends_a_thread_that_ended_left_unanswered_are_sent_again_by_the_next_fl
     owed: list[int] = []
 
     def sender() -> None:
-        handles.append(client.send_task(RECORD, (str(ledger),)))
+        handles.append(client.send_task(RECORD_ID, (str(ledger),)))
         proxy.hold()  # what it sends now never reaches Redis
-        handles.extend(client.send_task(RECORD, (str(ledger),)) for _ in range(5))
+        handles.extend(client.send_task(RECORD_ID, (str(ledger),)) for _ in range(5))
         owed.append(link_of(client).owed)
 
     thread = threading.Thread(target=sender)
@@ -169,14 +169,14 @@ def test_a_server_that_lost_its_scripts_still_queues_the_sends_it_refused(
     # could never send those again.
     app = private_app("scripts")
     ledger = tmp_path / "ledger"
-    first = app.send_task(RECORD, (str(ledger),))
+    first = app.send_task(RECORD_ID, (str(ledger),))
     app.flush()
     server = redis.Redis.from_url(private_redis.url)
     try:
         server.script_flush()  # as after a restart of a server without persistence
     finally:
         server.close()
-    handles = [app.send_task(RECORD, (str(ledger),)) for _ in range(5)]  # each NOSCRIPT
+    handles = [app.send_task(RECORD_ID, (str(ledger),)) for _ in range(5)]  # each NOSCRIPT
     app.flush()
     assert app.transport.take_unsent() == []
     private_worker(tasks_module="tests.sample_tasks")
@@ -198,10 +198,10 @@ def test_a_process_ending_without_closing_its_app_first_sends_what_redis_refused
         import redis
         from nbtask import App, Settings
         app = App("ends", settings=Settings.from_env())
-        sent = [app.send_task({RECORD!r}, ({str(ledger)!r},)).id]
+        sent = [app.send_task({RECORD_ID!r}, ({str(ledger)!r},)).id]
         app.flush()
         redis.Redis.from_url({private_redis.url!r}).script_flush()
-        sent += [app.send_task({RECORD!r}, ({str(ledger)!r},)).id for _ in range(5)]
+        sent += [app.send_task({RECORD_ID!r}, ({str(ledger)!r},)).id for _ in range(5)]
         Path({str(ids)!r}).write_text("\\n".join(sent))
         # Ends without app.close(): the refusals are still unread.
     """)
@@ -258,10 +258,10 @@ def test_a_ctrl_c_while_lost_sends_are_sent_again_loses_none_of_them(
     client: App, proxy: TcpProxy, start_worker, tmp_path: Path
 ) -> None:
     ledger = tmp_path / "ledger"
-    first = client.send_task(RECORD, (str(ledger),))
+    first = client.send_task(RECORD_ID, (str(ledger),))
     client.flush()
     proxy.hold()  # the sends below never reach Redis: their connection drops with them
-    handles = [client.send_task(RECORD, (str(ledger),)) for _ in range(5)]
+    handles = [client.send_task(RECORD_ID, (str(ledger),)) for _ in range(5)]
     proxy.deafen(new_ones=True)  # and the connection that sends them again hears nothing
     proxy.cut()
     # flush() reads no replies (the connection dropped) and sends the five again on a new
@@ -316,13 +316,13 @@ def test_a_ctrl_c_while_a_command_is_packed_is_an_exception_not_a_crash(
 def test_this_threads_reads_see_the_tasks_it_sent_without_waiting(
     client: App, proxy: TcpProxy
 ) -> None:
-    client.send_task(RECORD, ("/dev/null",))
+    client.send_task(RECORD_ID, ("/dev/null",))
     client.flush()
     proxy.cut()  # every connection: the pooled ones opened while connecting too
-    client.send_task(RECORD, ("/dev/null",))  # this thread's connection, made again
+    client.send_task(RECORD_ID, ("/dev/null",))  # this thread's connection, made again
     client.flush()
     proxy.hold()  # the sends below stay on their way to Redis until released
-    handles = [client.send_task(RECORD, ("/dev/null",)) for _ in range(5)]
+    handles = [client.send_task(RECORD_ID, ("/dev/null",)) for _ in range(5)]
     assert link_of(client).owed == 5
     # The record is read on another connection (redis-py's pool), which the proxy does not
     # hold: it finds the tasks only if this thread's sends are settled first.
@@ -341,12 +341,12 @@ def test_a_loop_of_delay_over_tls_does_not_wait_either(tmp_path: Path) -> None:
     app = App("tls", broker=server.url, secret="tls-secret")
     admin = redis.Redis.from_url(server.url)  # another connection, which reads nothing owed
     try:
-        handles = [app.send_task(RECORD, (str(tmp_path / "ledger"),))]
+        handles = [app.send_task(RECORD_ID, (str(tmp_path / "ledger"),))]
         # Redis ran it (so its reply is on its way back) before the next send looks
         # whether the connection is still open, with a reply waiting on the socket.
         key = transport_of(app).store.record_key(handles[0].id)
         wait_until(lambda: bool(admin.exists(key)), 10, "the first task's record")
-        handles += [app.send_task(RECORD, (str(tmp_path / "ledger"),)) for _ in range(4)]
+        handles += [app.send_task(RECORD_ID, (str(tmp_path / "ledger"),)) for _ in range(4)]
         app.flush()
         records = [app.store.get_record(h.id) for h in handles]
         assert [r.state if r else None for r in records] == [State.PENDING] * 5

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import wait_until
-from pipelined import RECORD, link_of, transport_of
+from helpers import RECORD_ID, wait_until
+from pipelined import link_of, transport_of
 from private_redis import PrivateRedis
 from tcp_proxy import TcpProxy, proxying, via
 
@@ -30,10 +30,10 @@ def test_sends_redis_cannot_be_reached_for_are_revoked_and_their_handles_fail(
     client: App, proxy: TcpProxy, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     ledger = tmp_path / "ledger"
-    client.send_task(RECORD, (str(ledger),))
+    client.send_task(RECORD_ID, (str(ledger),))
     client.flush()
     proxy.deafen()
-    handles = [client.send_task(RECORD, (str(ledger),)) for _ in range(5)]
+    handles = [client.send_task(RECORD_ID, (str(ledger),)) for _ in range(5)]
     proxy.refuse()  # the connection drops and Redis cannot be reached again
 
     with caplog.at_level(logging.ERROR), pytest.raises(BrokerUnavailable, match="cannot reach"):
@@ -61,11 +61,11 @@ def test_unanswered_sends_of_a_thread_that_ended_are_revoked_when_the_app_closes
     connected, held = threading.Barrier(3), threading.Event()
 
     def sender() -> None:
-        confirmed.append(client.send_task(RECORD, (str(ledger),)))  # its own connection
+        confirmed.append(client.send_task(RECORD_ID, (str(ledger),)))  # its own connection
         client.flush()
         connected.wait(30)
         assert held.wait(30)  # the publishes below never reach Redis, nor an answer them
-        lost.extend(client.send_task(RECORD, (str(ledger),)) for _ in range(2))
+        lost.extend(client.send_task(RECORD_ID, (str(ledger),)) for _ in range(2))
 
     threads = [threading.Thread(target=sender) for _ in range(2)]
     for thread in threads:
@@ -100,10 +100,10 @@ def test_unanswered_record_writes_of_a_live_thread_are_revoked_when_the_app_clos
         client = App("closing", settings=settings.replace(result_url=url))
 
         def run() -> None:
-            handles.append(client.send_task(RECORD, (str(ledger),)))  # its own connections
+            handles.append(client.send_task(RECORD_ID, (str(ledger),)))  # its own connections
             client.flush()
             proxy.hold()  # the record writes below never reach Redis
-            handles.extend(client.send_task(RECORD, (str(ledger),)) for _ in range(3))
+            handles.extend(client.send_task(RECORD_ID, (str(ledger),)) for _ in range(3))
             sent.set()
             finish.wait(60)  # alive and idle while the app closes
 
@@ -127,13 +127,13 @@ def test_a_send_redis_answers_with_an_error_is_revoked_not_dropped(
     app: App, settings: Settings, r: redis.Redis, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     ledger = tmp_path / "ledger"
-    app.send_task(RECORD, (str(ledger),), queue="other")
+    app.send_task(RECORD_ID, (str(ledger),), queue="other")
     app.flush()
     # The queue's stream replaced by another type: Redis answers the publish with an error.
     queue_key = transport_of(app).queue_key("other")
     r.delete(queue_key)
     r.set(queue_key, "not a stream")
-    handle = app.send_task(RECORD, (str(ledger),), queue="other")
+    handle = app.send_task(RECORD_ID, (str(ledger),), queue="other")
     assert link_of(app).owed == 1
     with caplog.at_level(logging.ERROR):
         app.flush()  # an error reply is not an outage: the call returns, the error is logged
@@ -153,11 +153,11 @@ def test_sends_a_full_redis_refuses_are_revoked_and_their_handles_fail(
     app = App("full", broker=private_redis.url, secret="full-secret")
     admin = redis.Redis.from_url(private_redis.url)
     try:
-        app.send_task(RECORD, (str(ledger),))
+        app.send_task(RECORD_ID, (str(ledger),))
         app.flush()
         admin.config_set("maxmemory-policy", "noeviction")
         admin.config_set("maxmemory", 1)  # every write is refused: out of memory
-        handles = [app.send_task(RECORD, (str(ledger),)) for _ in range(3)]
+        handles = [app.send_task(RECORD_ID, (str(ledger),)) for _ in range(3)]
         assert link_of(app).owed == 3
         # Redis refuses each publish, then the revoke too: the handles fail all the same,
         # and the log says why, and what to do.
@@ -170,7 +170,7 @@ def test_sends_a_full_redis_refuses_are_revoked_and_their_handles_fail(
         assert any("is full" in m and "maxmemory" in m for m in messages), messages
         # A send that waits for Redis's answer says so at once.
         with pytest.raises(BrokerUnavailable, match=r"is full.*maxmemory"):
-            app.send_task(RECORD, (str(ledger),), task_id=uuid.uuid4().hex)
+            app.send_task(RECORD_ID, (str(ledger),), task_id=uuid.uuid4().hex)
     finally:
         admin.config_set("maxmemory", 0)
         admin.close()

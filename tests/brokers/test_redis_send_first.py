@@ -16,15 +16,13 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import ledger_runs
+from helpers import RECORD_ID, ledger_runs
 
 from nbtask import App
 from nbtask.brokers import redis_resp
 from nbtask.brokers.redis_link import RedisLink
 from nbtask.brokers.redis_resp import closed_by_server, send_first
 from nbtask.brokers.redis_store import RedisStore
-
-RECORD = "tests.sample_tasks.record_id"  # appends its id to a file: counts runs
 
 
 def link_of(app: App) -> RedisLink:
@@ -46,12 +44,12 @@ def test_a_delay_on_a_connection_redis_closed_while_idle_runs_once(
     app: App, r: redis.Redis, start_worker, tmp_path: Path
 ) -> None:
     ledger = tmp_path / "ledger"
-    first = app.send_task(RECORD, (str(ledger),))
+    first = app.send_task(RECORD_ID, (str(ledger),))
     app.flush()  # its reply read: nothing owed on the connection Redis then closes
     link = link_of(app)
     kill_this_threads_connection(link, r)
 
-    again = app.send_task(RECORD, (str(ledger),))  # written into the closed connection
+    again = app.send_task(RECORD_ID, (str(ledger),))  # written into the closed connection
     assert link.owed == 0  # seen closed at once, and sent as a call on a new connection
     assert app.transport.take_unsent() == []
     start_worker(concurrency=1)

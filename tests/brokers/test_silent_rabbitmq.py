@@ -13,12 +13,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+from helpers import RECORD_ID
 from tcp_proxy import TcpProxy, on_a_thread
 
 from nbtask import App, State, TaskHandle
 from nbtask.errors import BrokerUnavailable, TaskRevoked
-
-RECORD = "tests.sample_tasks.record_id"  # appends its id to a file: counts runs
 
 pytestmark = pytest.mark.brokers("amqp")
 
@@ -33,10 +32,10 @@ def test_a_flush_of_a_threads_own_sends_gives_up_on_a_silent_rabbitmq(
     handles: list[TaskHandle] = []
 
     def send_and_flush() -> None:
-        handles.append(client.send_task(RECORD, (str(ledger),)))  # its own connection
+        handles.append(client.send_task(RECORD_ID, (str(ledger),)))  # its own connection
         client.flush()
         proxy.hold()  # RabbitMQ gets nothing more, and so says nothing back
-        handles.extend(client.send_task(RECORD, (str(ledger),)) for _ in range(3))
+        handles.extend(client.send_task(RECORD_ID, (str(ledger),)) for _ in range(3))
         client.flush()
 
     raised = on_a_thread(send_and_flush, cut=proxy)
@@ -61,10 +60,10 @@ def test_a_send_that_waits_for_its_confirm_gives_up_on_a_silent_rabbitmq(
     task_id = str(uuid.uuid4())
 
     def send() -> None:
-        client.send_task(RECORD, (str(ledger),))
+        client.send_task(RECORD_ID, (str(ledger),))
         client.flush()
         proxy.hold()
-        client.send_task(RECORD, (str(ledger),), task_id=task_id)
+        client.send_task(RECORD_ID, (str(ledger),), task_id=task_id)
 
     raised = on_a_thread(send, cut=proxy)
     assert isinstance(raised, BrokerUnavailable), repr(raised)

@@ -23,14 +23,12 @@ from pathlib import Path
 import psutil
 import pytest
 import redis
-from helpers import SECRET, ledger_runs, wait_until
+from helpers import RECORD_ID, SECRET, ledger_runs, wait_until
 from private_redis import PrivateRedis
 
 from nbtask import App, BrokerUnavailable, Settings, TaskHandle, errors
 from nbtask.brokers.redis_link import RedisLink
 from nbtask.brokers.redis_streams import StreamsTransport
-
-RECORD = "tests.sample_tasks.record_id"  # appends its id to a file: counts runs
 
 
 @pytest.fixture
@@ -69,10 +67,10 @@ def test_a_send_a_stalled_redis_did_not_answer_for_is_said_to_be_in_doubt_and_ma
     app: App, private_redis: PrivateRedis, start_worker, tmp_path: Path
 ) -> None:
     ledger = tmp_path / "ledger"
-    app.send_task(RECORD, (str(ledger),))
+    app.send_task(RECORD_ID, (str(ledger),))
     app.flush()  # connected, nothing owed
     with stalled(private_redis):
-        h = app.send_task(RECORD, (str(ledger),))  # written; Redis reads it when it wakes
+        h = app.send_task(RECORD_ID, (str(ledger),))  # written; Redis reads it when it wakes
         # On this thread, which owes the reply. Not revoked: the task runs once Redis wakes.
         with pytest.raises(BrokerUnavailable) as info:
             h.get(timeout=30)
@@ -93,10 +91,10 @@ def test_a_get_reading_its_own_events_says_its_send_to_a_stalled_redis_is_in_dou
     """A get() that reads the events itself (no other reader) says so, as one that waits."""
     ledger = tmp_path / "ledger"
     start_worker(concurrency=1)
-    first = app.send_task(RECORD, (str(ledger),))
+    first = app.send_task(RECORD_ID, (str(ledger),))
     assert first.get(timeout=30) == first.id  # read by this thread: the next get() reads too
     with stalled(private_redis):
-        h = app.send_task(RECORD, (str(ledger),))
+        h = app.send_task(RECORD_ID, (str(ledger),))
         with pytest.raises(BrokerUnavailable) as info:
             h.get(timeout=30)
     raised = info.value
@@ -113,12 +111,12 @@ def test_a_get_reading_its_own_events_ends_for_a_send_a_full_redis_refused(
     """A get() that reads the events itself (no other reader) fails at once, saying why."""
     ledger = tmp_path / "ledger"
     start_worker(concurrency=1)
-    first = app.send_task(RECORD, (str(ledger),))
+    first = app.send_task(RECORD_ID, (str(ledger),))
     assert first.get(timeout=30) == first.id  # read by this thread: the next get() reads too
     admin.config_set("maxmemory-policy", "noeviction")
     admin.config_set("maxmemory", 1)  # every write is refused: out of memory
     try:
-        h = app.send_task(RECORD, (str(ledger),))
+        h = app.send_task(RECORD_ID, (str(ledger),))
         with pytest.raises(errors.TaskRevoked, match="not confirmed by the broker"):
             h.get(timeout=30)
     finally:
@@ -199,7 +197,7 @@ def test_a_send_with_its_own_id_a_stalled_redis_did_not_answer_runs_once(
     app: App, private_redis: PrivateRedis, start_worker, tmp_path: Path
 ) -> None:
     ledger = tmp_path / "ledger"
-    app.send_task(RECORD, (str(ledger),))
+    app.send_task(RECORD_ID, (str(ledger),))
     app.flush()  # this thread's connection is made and answered on
     task_id = uuid.uuid4().hex
     # A send with its own id waits for Redis's answer (it may be refused as reused). Sent
@@ -209,7 +207,7 @@ def test_a_send_with_its_own_id_a_stalled_redis_did_not_answer_runs_once(
         stalled_until_sent_again(private_redis, link_of(app)),
         pytest.raises(BrokerUnavailable, match="did not answer in time"),
     ):
-        app.send_task(RECORD, (str(ledger),), task_id=task_id)
+        app.send_task(RECORD_ID, (str(ledger),), task_id=task_id)
     start_worker(concurrency=2)
     assert app.handle(task_id).get(timeout=30) == task_id
     wait_until(lambda: len(ledger_runs(ledger)) == 2, 30, "both tasks to run")
@@ -288,11 +286,11 @@ def test_close_revokes_a_live_threads_unanswered_sends_without_a_wait_per_task(
     sent, finish = threading.Event(), threading.Event()
 
     def run() -> None:
-        handles.append(app.send_task(RECORD, (str(ledger),)))  # connected, answered
+        handles.append(app.send_task(RECORD_ID, (str(ledger),)))  # connected, answered
         app.flush()
         ready.set()
         assert stopped.wait(30)
-        handles.extend(app.send_task(RECORD, (str(ledger),)) for _ in range(40))
+        handles.extend(app.send_task(RECORD_ID, (str(ledger),)) for _ in range(40))
         sent.set()
         finish.wait(300)  # alive and idle while the app closes
 

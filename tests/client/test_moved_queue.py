@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import cast
 
 import pytest
-from helpers import ROOT, broker_env, client_env, wait_until
+from helpers import RECORD_ID, ROOT, broker_env, client_env, wait_until
 from raw_broker import RawBroker
 
 from nbtask import App, Settings, State
@@ -23,8 +23,6 @@ from nbtask.client.live_workers import REFRESH_SECONDS, LiveWorkers
 from nbtask.core.handle import Client, StartedBy, TaskHandle
 from nbtask.core.holding import holder_queue
 from nbtask.wire.records import TaskRecord, WorkerInfo
-
-RECORD_ID = "tests.sample_tasks.record_id"  # appends the task id to a file, per run
 
 
 def _inspect(settings: Settings, task_id: str) -> dict[str, str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import ledger_runs
+from helpers import RECORD_ID, ledger_runs
 from raw_broker import RawBroker
 
 import nbtask
@@ -20,8 +20,6 @@ from nbtask.wire.envelope import Signer
 from nbtask.wire.events import FINAL_SEQ, Event, EventType
 
 pytestmark = pytest.mark.brokers
-
-RECORD_ID = "tests.sample_tasks.record_id"
 
 
 def test_a_revoke_copied_from_another_tasks_record_does_not_revoke_nor_hang_this_task(

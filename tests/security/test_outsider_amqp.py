@@ -21,7 +21,7 @@ import amqp
 import amqp.serialization
 import kombu
 import pytest
-from helpers import AMQP_URL, wait_until
+from helpers import AMQP_URL, RECORD_ID, wait_until
 from raw_broker import RawBroker
 from worker_process import WorkerProcess
 
@@ -31,7 +31,6 @@ pytestmark = pytest.mark.brokers("amqp")
 
 ADD_TASK = "tests.sample_tasks.add"
 WAIT_TASK = "tests.sample_tasks.wait_for_file"
-MARKER_TASK = "tests.sample_tasks.record_id"
 
 
 @pytest.fixture
@@ -159,7 +158,7 @@ def test_a_message_for_another_queue_routed_here_through_an_exchange_is_refused(
     a genuine message for queue "gpu", published through an exchange bound to "default"
     with the routing key of "gpu", ran on a worker serving "default" alone."""
     marker = tmp_path / "ran"
-    handle = app.send_task(MARKER_TASK, (str(marker),), queue="gpu")
+    handle = app.send_task(RECORD_ID, (str(marker),), queue="gpu")
     app.flush()
     genuine = access.peek(queue="gpu")  # a copy: the message stays on "gpu"
     worker = start_worker(concurrency=1)  # serves "default" alone

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import ledger_runs, wait_until
+from helpers import RECORD_ID, ledger_runs, wait_until
 from raw_broker import RawBroker
 
 from nbtask import App
@@ -29,7 +29,6 @@ pytestmark = pytest.mark.brokers
 
 ADD = "tests.sample_tasks.add"
 SLOW_EARLY = "tests.sample_tasks.slow_early"
-RECORD_ID = "tests.sample_tasks.record_id"  # appends its id to a file: counts runs
 ARRAY_BYTES = 6 * 1024 * 1024  # over the default 4 MiB blob threshold
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import ledger_runs, wait_until
+from helpers import RECORD_ID, ledger_runs, wait_until
 from raw_broker import RawBroker
 from worker_process import WorkerProcess
 
@@ -21,7 +21,6 @@ from nbtask import App
 pytestmark = pytest.mark.brokers
 
 WAIT = "tests.sample_tasks.wait_for_file"
-RECORD_ID = "tests.sample_tasks.record_id"
 
 
 def _log_count(worker: WorkerProcess, text: str) -> int:

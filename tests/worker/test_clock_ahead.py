@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import wait_until
+from helpers import RECORD_ID, wait_until
 from raw_broker import RawBroker
 
 import nbtask
@@ -17,7 +17,6 @@ from nbtask.core import outgoing
 
 pytestmark = pytest.mark.brokers
 
-RECORD_ID = "tests.sample_tasks.record_id"  # appends the task id to a file, per run
 AHEAD = 3600.0
 
 

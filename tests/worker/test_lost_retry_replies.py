@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 import redis
-from helpers import wait_until
+from helpers import RECORD_ID, wait_until
 from raw_broker import RawBroker
 from tcp_proxy import TcpProxy, reply_lost_once
 
@@ -31,8 +31,6 @@ from nbtask.worker.settle import Outcome, outcome_fields, retry_requeue
 
 pytestmark = pytest.mark.brokers
 
-RECORD = "tests.sample_tasks.record_id"
-
 
 def test_a_retry_settled_again_after_its_reply_was_lost_is_queued_once(
     app: App,
@@ -42,7 +40,7 @@ def test_a_retry_settled_again_after_its_reply_was_lost_is_queued_once(
     settings: Settings,
     r: redis.Redis,
 ) -> None:
-    h = app.send_task(RECORD, ("unused",))
+    h = app.send_task(RECORD_ID, ("unused",))
     app.flush()
     wait_until(lambda: access.queued() == 1, 10, "the message on its queue")
     proxied.ensure_queues([settings.default_queue])  # as a worker does first

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from helpers import RECORD_ID
 from raw_broker import RawBroker
 
 from nbtask import App, State
@@ -20,7 +21,6 @@ from nbtask.worker.lost import MOVED_PER_LOOK, LostTasks
 
 pytestmark = pytest.mark.brokers()
 
-RECORD_ID = "tests.sample_tasks.record_id"
 OWN = holder_queue("ghost-0")
 
 

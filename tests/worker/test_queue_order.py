@@ -6,14 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import wait_until
+from helpers import RECORD_ID, wait_until
 
 from nbtask import App
 
 pytestmark = pytest.mark.brokers("redis")
 
 WAIT = "tests.sample_tasks.wait_for_file"
-RECORD = "tests.sample_tasks.record_id"
 
 
 def test_a_worker_takes_from_the_first_queue_it_names_first(
@@ -24,8 +23,8 @@ def test_a_worker_takes_from_the_first_queue_it_names_first(
     busy = app.send_task(WAIT, (str(busy_marker), str(go)), queue="default")
     wait_until(busy_marker.exists, 30, "the worker's only process to be busy")
     # Queued while the process is busy: the ordinary work first, then the urgent.
-    ordinary = [app.send_task(RECORD, (str(order),), queue="default") for _ in range(3)]
-    urgent = [app.send_task(RECORD, (str(order),), queue="urgent") for _ in range(3)]
+    ordinary = [app.send_task(RECORD_ID, (str(order),), queue="default") for _ in range(3)]
+    urgent = [app.send_task(RECORD_ID, (str(order),), queue="urgent") for _ in range(3)]
     # All six queued (the broker answered for each) before the process is free: a send
     # does not wait for that, and a loaded broker may take the urgent ones after it looked.
     app.flush()

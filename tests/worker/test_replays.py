@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import wait_for_housekeeping, wait_until
+from helpers import RECORD_ID, wait_for_housekeeping, wait_until
 from raw_broker import RawBroker, raw_broker
 
 import nbtask
@@ -24,7 +24,6 @@ from nbtask.wire.records import WorkerInfo
 pytestmark = pytest.mark.brokers
 
 ADD = "tests.sample_tasks.add"
-RECORD_ID = "tests.sample_tasks.record_id"  # appends the task id to a file, per run
 
 
 def runs_in(path: Path) -> list[str]:
