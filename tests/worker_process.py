@@ -106,6 +106,14 @@ class WorkerProcess:
         assert self.process.returncode == 0, log
         return log
 
+    def kill_whole(self) -> None:
+        """SIGKILL the supervisor and its children at once: none of the worker cleans up.
+
+        As a machine that dies does; other workers find it dead once its heartbeats lapse.
+        """
+        for process in [*self.children(), psutil.Process(self.pid)]:
+            process.kill()
+
     def end(self) -> None:
         """Cold shutdown (a second signal): children are killed, their tasks settled.
 

@@ -10,7 +10,6 @@ import signal
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from helpers import wait_until
 
@@ -89,8 +88,7 @@ def test_a_task_retried_on_another_queue_whose_worker_was_killed_names_that_queu
     h = retried_on_second.delay(str(marker))
     wait_until(lambda: len(_pids_in(marker)) == 2, 30, "the rerun to start")
     wait_until(lambda: h.info.get("pid") == _pids_in(marker)[1], 20, "its start to be seen")
-    for process in [*second.children(), psutil.Process(second.pid)]:
-        process.kill()
+    second.kill_whole()
 
     wait_until(lambda: "heartbeats" in (h.waiting_reason or ""), SAID_WITHIN, "the notice")
     host = h.info["worker"]

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlparse
 
-import psutil
 import pytest
 from helpers import interrupt_once_printed, rendered, wait_until
 from IPython.core.error import UsageError
@@ -285,8 +284,7 @@ def test_a_cell_whose_only_worker_was_killed_says_so_instead_of_running_on(
     handle = ip.user_ns["h"]
     wait_until(lambda: "started" in handle.stdout, 30, "the cell to start")
     assert handle.waiting_reason is None  # its worker is alive
-    for process in [*worker.children(), psutil.Process(worker.pid)]:
-        process.kill()
+    worker.kill_whole()
     lost = "stopped sending heartbeats: it is settled once a worker of queue 'default' runs"
     wait_until(lambda: lost in (handle.waiting_reason or ""), 30, "the notice")
     view = loaded.views[handle.id]

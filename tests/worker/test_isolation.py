@@ -441,8 +441,7 @@ def test_a_dead_worker_whose_task_left_a_fork_running_is_cleaned_up_while_the_fo
     assert whoami.delay().get(timeout=15) == child == doomed.children()[0].pid
     [(worker_id, info)] = [(w, i) for w, i in app.workers().items() if i.pid == doomed.pid]
     start_worker(concurrency=1)  # cleans up after the dead one
-    for process in [*doomed.children(), psutil.Process(doomed.pid)]:
-        process.kill()  # the whole worker at once: none of it cleans up
+    doomed.kill_whole()  # the whole worker at once: none of it cleans up
     doomed.process.wait()
     registry = access.keys
     wait_until(

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 from helpers import cell_task as task
 from helpers import wait_until
@@ -79,8 +78,7 @@ def test_a_cell_waiting_for_a_holder_whose_worker_dies_runs_elsewhere(
     workers = [start_worker(concurrency=1), start_worker(concurrency=1)]
     holder, busy, queued = queue_behind_busy_holder(ip, shell, workers)
     own = queued.queue  # (the handle names the queue it is moved to once a view asks)
-    for process in [*holder.children(), psutil.Process(holder.pid)]:
-        process.kill()  # the whole worker at once: none of it cleans up
+    holder.kill_whole()  # the whole worker at once: none of it cleans up
     queued.get(timeout=60)  # moved by the other worker once the heartbeats lapse
     assert read(ip, "total") == TOTAL  # from the store copy
     # The cell it was running is reported lost, and its queue deleted, once settled.
@@ -128,8 +126,7 @@ def test_a_retry_waiting_on_the_queue_of_a_holder_whose_worker_dies_runs_elsewhe
     wait_until(lambda: retried.state is State.RETRY, 20, "the retry")
     eta = access.keys.eta_key(kept.holder or "")
     wait_until(lambda: not access.store.zcard(eta), 20, "the retry back on the holder's queue")
-    for process in [*holder.children(), psutil.Process(holder.pid)]:
-        process.kill()  # the whole worker at once: none of it cleans up
+    holder.kill_whole()  # the whole worker at once: none of it cleans up
     # Moved by the other worker once the heartbeats lapse, and run there; its record
     # named that queue from the move on (`nbtask inspect`, its handle read it).
     ran_on_the_fallback_queue(shell, retried, access, kept.holder or "")
@@ -162,8 +159,7 @@ def test_a_retry_parked_for_the_queue_of_a_holder_whose_worker_dies_runs_elsewhe
     retried = retries_later.delay(kept)
     assert retried.queue == kept.holder
     wait_until(lambda: retried.state is State.RETRY, 20, "the retry")
-    for process in [*holder.children(), psutil.Process(holder.pid)]:
-        process.kill()  # the whole worker at once: none of it cleans up
+    holder.kill_whole()  # the whole worker at once: none of it cleans up
     # Not due yet: parked, for the holder's queue (or for its fallback one already).
     parked = [access.keys.eta_key(queue) for queue in (kept.holder or "", default)]
     assert sum(access.store.zcard(key) for key in parked) == 1
@@ -191,8 +187,7 @@ def test_a_countdown_sent_to_the_queue_of_a_holder_cleaned_up_after_runs_elsewhe
         return float(values.sum()), str(self.request.delivery_info["queue"])
 
     cleaned = f"cleaned up after dead worker {holder.entry()[0]}"
-    for process in [*holder.children(), psutil.Process(holder.pid)]:
-        process.kill()  # the whole worker at once: none of it cleans up
+    holder.kill_whole()  # the whole worker at once: none of it cleans up
     wait_until(lambda: cleaned in survivor.log.read_text(), 30, "the clean-up after the holder")
     late = total.apply_async((kept,), queue=kept.holder, countdown=1)
     ran_on_the_fallback_queue(shell, late, access, kept.holder or "")

@@ -217,8 +217,7 @@ def test_a_dead_holders_queue_the_broker_still_sees_consumed_is_cleaned_up_once_
     """
     gate = tmp_path / "gate"
     with lingering_holder(ip, shell, start_worker, gate, busy_seconds=60, linger=60) as held:
-        for process in [*held.holder.children(), psutil.Process(held.holder.pid)]:
-            process.kill()  # the whole worker at once: none of it cleans up
+        held.holder.kill_whole()  # the whole worker at once: none of it cleans up
         held.queued.get(timeout=60)  # moved by the other worker once the heartbeats lapse
         assert held.lingerer.is_running() and access.queue_exists(held.own)
         gate.touch()  # the connection ends: the running cell's message is back
