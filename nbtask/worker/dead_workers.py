@@ -17,7 +17,6 @@ queues and registry entry (leases unrenewed for the visibility timeout are still
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Sequence
 
@@ -36,10 +35,6 @@ log = logging.getLogger(__name__)
 #: registry holding thousands of dead entries (planted: nbtask writes one per worker)
 #: would keep this worker from its next heartbeats, and others would take it for dead.
 RECLAIM_PER_BEAT = 100
-#: Queues of processes no worker names that one heartbeat parks elsewhere from at most
-#: (each :data:`~nbtask.worker.lost.MOVED_PER_LOOK` messages at most): what is planted
-#: there, left in place when it does not verify, is read again at later heartbeats.
-FORGOTTEN_PER_LOOK = 8
 #: Seconds between the reads of an idle worker process at most (its fetch's wait, see
 #: ``Child._serve``): one that read within heartbeats and this is taken for alive.
 _READ_EVERY = 1.0
@@ -83,7 +78,6 @@ class DeadWorkers:
         self._left_to_others: set[str] = set()  # dead workers whose secrets this one lacks
         self._queues_left: set[str] = set()  # dead workers whose queues are still consumed
         self._alive: set[str] = set()  # workers that missed heartbeats, yet were alive
-        self._unverified_left: set[str] = set()  # forgotten queues said to hold such
 
     def reclaim(self) -> None:
         """Settle what dead workers held, send on what waits for their processes, forget them.
@@ -163,22 +157,10 @@ class DeadWorkers:
         if registered is None:
             return
         named = {consumer for info in registered.values() for consumer in info.consumers}
-        # A few at random per look: that bounds what planted ones cost a heartbeat, and
-        # the next looks reach the others (Redis gives a small set in one order each time).
-        forgotten = [consumer for consumer in parked if consumer not in named]
-        for consumer in random.sample(forgotten, min(len(forgotten), FORGOTTEN_PER_LOOK)):
-            queue = parked[consumer]
-            moved, unverified = self.lost.repark_forgotten(queue)
+        for consumer in parked.keys() - named:
+            moved = self.lost.repark_forgotten(parked[consumer])
             if moved:
                 log.warning("moved %d task(s) waiting for process %s elsewhere", moved, consumer)
-            if unverified:
-                _say_once(
-                    self._unverified_left,
-                    queue,
-                    "left what is parked for queue %s of a process no worker names: it does "
-                    "not verify with this worker's secrets (another app's on the same key "
-                    "prefix, or forged)",
-                )
 
     def _note_queues_left(self, worker_id: str, queues: Sequence[str]) -> None:
         """Say once per dead worker that some of its processes' queues are left for now."""
@@ -248,8 +230,8 @@ def _silent(worker_id: str, info: WorkerInfo) -> str:
     return f"worker {worker_id} stopped answering{since}: it died, or was paused or cut off"
 
 
-def _say_once(said: set[str], about: str, message: str, *args: object) -> None:
-    """Log ``message`` (its first ``%`` field ``about``: a worker, a queue) once per ``about``."""
-    if about not in said:
-        said.add(about)
-        log.warning(message, about, *args)
+def _say_once(said: set[str], worker_id: str, message: str, *args: object) -> None:
+    """Log ``message`` (its first ``%`` field the worker) once per dead worker in ``said``."""
+    if worker_id not in said:
+        said.add(worker_id)
+        log.warning(message, worker_id, *args)

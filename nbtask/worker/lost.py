@@ -304,7 +304,7 @@ class LostTasks:
         moved = 0
         while True:
             waiting, more_waiting = self._move_waiting(queue, consumer)
-            reparked, more_parked, _ = self._move_parked(queue)
+            reparked, more_parked = self._move_parked(queue)
             moved += waiting + reparked
             more = more_waiting or more_parked
             if not more and self.transport.drop_queue(queue):
@@ -349,31 +349,28 @@ class LostTasks:
             moved += 1
         return moved, len(batch) >= MOVED_PER_LOOK
 
-    def repark_forgotten(self, queue: str) -> tuple[int, int]:
+    def repark_forgotten(self, queue: str) -> int:
         """Park what was parked for ``queue`` after its gone process's clean-up elsewhere.
 
         As :meth:`rehome` parks what was parked there before it (that clean-up was over,
         and no supervisor serves ``queue``), but a message this worker cannot verify is
         left where it is: the worker that was cleaned up is not known any more, and the
         message may be another app's on the same key prefix, whose workers park it.
-        Returns how many were parked again, and how many were left unverified.
+        Returns how many were parked again.
         """
-        moved, _, unverified = self._move_parked(queue, keep_unverified=True)
-        return moved, unverified
+        return self._move_parked(queue, keep_unverified=True)[0]
 
-    def _move_parked(self, queue: str, *, keep_unverified: bool = False) -> tuple[int, bool, int]:
+    def _move_parked(self, queue: str, *, keep_unverified: bool = False) -> tuple[int, bool]:
         """Park what is parked for a gone process's ``queue`` elsewhere, due as it was.
 
         Each for the queue it falls back to, :data:`MOVED_PER_LOOK` at most. Returns how
-        many were parked again, whether more may be left, and how many were left where
-        they are as unverified (``keep_unverified``; else they are dead-lettered).
+        many were parked again, and whether more may be left.
         """
-        moved = unverified = 0
+        moved = 0
         batch = self.transport.parked(queue, MOVED_PER_LOOK)
         for parked in batch:
             if keep_unverified and not self._verifies(parked.raw):
-                unverified += 1
-                continue
+                continue  # (looked at again at later sweeps, not said each time)
             opened = self._to_move(parked.raw, queue, "parked for")
             if opened is None:
                 self.transport.dead_letter_parked(parked)
@@ -390,7 +387,7 @@ class LostTasks:
             )
             self.note(message, why, logging.WARNING)
             moved += 1
-        return moved, len(batch) >= MOVED_PER_LOOK, unverified
+        return moved, len(batch) >= MOVED_PER_LOOK
 
     def _to_move(self, raw: bytes, queue: str, where: str) -> tuple[Envelope, TaskMessage] | None:
         """A message found ``where`` a gone process's ``queue``, opened to be moved.

@@ -16,9 +16,8 @@ from raw_broker import RawBroker
 
 from nbtask import App, State
 from nbtask.brokers import Transport, open_broker
-from nbtask.brokers.handoffs import Parked
 from nbtask.core.holding import holder_queue
-from nbtask.worker.dead_workers import FORGOTTEN_PER_LOOK, DeadWorkers
+from nbtask.worker.dead_workers import DeadWorkers
 from nbtask.worker.lost import MOVED_PER_LOOK, LostTasks
 
 pytestmark = pytest.mark.brokers()
@@ -172,42 +171,3 @@ def test_what_is_parked_for_a_process_queue_after_its_clean_up_is_parked_for_its
     assert member.startswith(f"{kept.id}:".encode())
     access.store.zrem(access.keys.eta_key(OWN), *forged)
     assert OWN not in transport.store.parked_queues()
-
-
-def test_junk_parked_for_many_forgotten_process_queues_is_looked_at_a_few_queues_per_look(
-    app: App, access: RawBroker, transport: Transport, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Junk planted in the ETA sets of 20 process queues no worker names, each set noted
-    as a send notes it (anyone with broker access can). It does not verify, so it is left
-    where it is; a look reads at most FORGOTTEN_PER_LOOK of those queues (random ones: the
-    next looks reach the others), and says once per queue that it left what is there.
-    Before, every look read all of them, 100 messages each, at every heartbeat."""
-    queues = [holder_queue(f"ghost-junk-{n}") for n in range(20)]
-    for queue in queues:
-        access.store.zadd(access.keys.eta_key(queue), {f"junk:{n}".encode(): 1.0 for n in range(3)})
-        access.store.sadd(access.keys.eta_sets_key, access.keys.eta_key(queue))
-    read: list[str] = []
-    parked = transport.parked
-
-    def counted(queue: str, limit: int) -> list[Parked]:
-        read.append(queue)
-        return parked(queue, limit)
-
-    transport.parked = counted  # type: ignore[method-assign]
-    lost = LostTasks(transport, app.signer, app.settings)
-    dead = DeadWorkers("sweeper", transport, app.signer, lost, 2.0, 0.2)
-    looks = 0
-    while set(read) != set(queues) and looks < 100:
-        before = len(read)
-        dead.repark_forgotten()
-        assert len(read) - before == FORGOTTEN_PER_LOOK
-        looks += 1
-    assert set(read) == set(queues), f"{len(set(read))} of 20 queues read in {looks} looks"
-    for queue in queues:
-        assert access.store.zcard(access.keys.eta_key(queue)) == 3  # left: maybe another app's
-    said = [r.getMessage() for r in caplog.records if "of a process no worker names" in r.message]
-    assert sorted(said) == sorted(
-        f"left what is parked for queue {q} of a process no worker names: it does not verify "
-        "with this worker's secrets (another app's on the same key prefix, or forged)"
-        for q in queues
-    )
