@@ -80,11 +80,7 @@ class DeadWorkers:
         self._alive: set[str] = set()  # workers that missed heartbeats, yet were alive
 
     def reclaim(self) -> None:
-        """Settle what dead workers held, send on what waits for their processes, forget them.
-
-        Then park elsewhere what was parked for processes forgotten before
-        (:meth:`repark_forgotten`).
-        """
+        """Settle what dead workers held, send on what waits for their processes, forget them."""
         store = self.transport.store
         claimed = 0
         for worker_id, info in store.dead_workers().items():
