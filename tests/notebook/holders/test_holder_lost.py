@@ -166,33 +166,6 @@ def test_a_retry_parked_for_the_queue_of_a_holder_whose_worker_dies_runs_elsewhe
     ran_on_the_fallback_queue(shell, retried, access, kept.holder or "")
 
 
-@pytest.mark.brokers()
-def test_a_countdown_sent_to_the_queue_of_a_holder_cleaned_up_after_runs_elsewhere_when_due(
-    ip: InteractiveShell, shell: Session, start_worker: StartWorker, access: RawBroker
-) -> None:
-    """``x``'s holder's worker is killed whole and the other worker cleans up after it;
-    then a function task given ``x`` is sent to the holder's queue with a countdown (a
-    notebook whose read of the registry was a moment old sends it there). The other
-    worker parks it for the queue it falls back to, due as it was, and it runs there on
-    the store copy, its record naming that queue, as one parked there before the clean-up
-    does. Before, it stayed parked for the dead process's queue for good: the task stayed
-    PENDING, its handle saying no live worker consumes that queue."""
-    workers = [start_worker(concurrency=1), start_worker(concurrency=1)]
-    kept = keep_x(ip)
-    holder, _ = holder_of(shell, kept, workers)
-    [survivor] = [w for w in workers if w is not holder]
-
-    @shell.app.task(bind=True)
-    def total(self: Any, values: Any) -> tuple[float, str]:
-        return float(values.sum()), str(self.request.delivery_info["queue"])
-
-    cleaned = f"cleaned up after dead worker {holder.entry()[0]}"
-    holder.kill_whole()  # the whole worker at once: none of it cleans up
-    wait_until(lambda: cleaned in survivor.log.read_text(), 30, "the clean-up after the holder")
-    late = total.apply_async((kept,), queue=kept.holder, countdown=1)
-    ran_on_the_fallback_queue(shell, late, access, kept.holder or "")
-
-
 def ran_on_the_fallback_queue(shell: Session, handle: Any, access: RawBroker, own: str) -> None:
     """``handle``'s task ran on the default queue (its record naming it), and the gone
     process's queue ``own`` it was moved off is deleted."""
