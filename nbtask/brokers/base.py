@@ -237,15 +237,6 @@ class Store(Protocol):
     def dead_workers(self) -> dict[str, WorkerInfo | None]:
         """Registered workers whose heartbeat lapsed (``None``: an unreadable entry)."""
 
-    def registered_if_known(self) -> dict[str, WorkerInfo] | None:
-        """Every registered worker, live or not; ``None`` if that cannot be told whole."""
-
-    def parked_queues(self, limit: int = 500) -> list[str]:
-        """Up to ``limit`` queues messages were parked for at their send, still parked.
-
-        Whoever serves them (or no one: a process's own queue after its worker's clean-up).
-        """
-
     def beats(self, worker_id: str) -> bool:
         """True if ``worker_id``'s heartbeat is current (it beat again since it lapsed)."""
 

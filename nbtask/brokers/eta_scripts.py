@@ -5,10 +5,7 @@ A message sent with a countdown or an ETA, and a retry with one, waits in
 time (the task id so that the move to its queue can name the task). Only the supervisors
 serving ``queue`` move what is due there; a process's own queue is served by its own
 alone, so once that process is gone what is parked for its queue is parked again for the
-queue it falls back to (:data:`ETA_SCRIPTS` ``repark``, ``dead_letter_parked``). The ETA
-sets parked in at a send are noted in ``<key_prefix>:eta-sets`` (``parked_sets`` reads
-them): what is parked for a process's own queue after its worker was cleaned up is found
-there, though no worker names that process any more.
+queue it falls back to (:data:`ETA_SCRIPTS` ``repark``, ``dead_letter_parked``).
 """
 
 from __future__ import annotations
@@ -106,39 +103,6 @@ return out
 """
 )
 
-# The ETA sets noted as messages were parked in them at their send (by the scripts that
-# write a PENDING record, and note_parked) that still hold some, at most ARGV[1] of them
-# (at random: a planted set of many cannot hide the rest for good); those emptied since
-# (moved when due, parked again) are forgotten in the same step as the read, so a send
-# parking anew notes its set again. A key of another type (nbtask writes only a set
-# there) is deleted. KEYS: the set of them.
-# Returns {1 if it was deleted else 0, ETA set, ...}.
-_PARKED_SETS = """
-local kind = redis.call('TYPE', KEYS[1])['ok']
-if kind ~= 'set' then
-  if kind == 'none' then return {0} end
-  redis.call('DEL', KEYS[1])
-  return {1}
-end
-local out = {0}
-for _, key in ipairs(redis.call('SRANDMEMBER', KEYS[1], ARGV[1])) do
-  if redis.call('EXISTS', key) == 1 then
-    table.insert(out, key)
-  else
-    redis.call('SREM', KEYS[1], key)
-  end
-end
-return out
-"""
-
-# Note an ETA set a message was parked in at its send, as the record scripts do, for a
-# message too large to pass to a script (parked by a ZADD of its own).
-# KEYS: the set of them; ARGV: the ETA set.
-_NOTE_PARKED = """
-redis.pcall('SADD', KEYS[1], ARGV[1])
-return 0
-"""
-
 # Park a message again for another queue, due when it was (sealed again for that queue by
 # the caller), and name that queue in its task's record (NOTE_MOVED). Only if it is still
 # where it was read: the supervisor serving its old queue may have moved it there
@@ -182,8 +146,6 @@ return made
 
 ETA_SCRIPTS = {
     "claim_due": _CLAIM_DUE,
-    "parked_sets": _PARKED_SETS,
-    "note_parked": _NOTE_PARKED,
     "parked": _PARKED,
     "repark": _REPARK,
     "dead_letter_parked": _DEAD_LETTER_PARKED,

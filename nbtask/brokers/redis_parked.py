@@ -38,14 +38,6 @@ class RedisParked(RedisChannels):
         return f"{self.prefix}:eta:{queue}"
 
     @property
-    def eta_sets_key(self) -> str:
-        """The set of the ETA sets messages were parked in at their send.
-
-        See :meth:`parked_queues`.
-        """
-        return f"{self.prefix}:eta-sets"
-
-    @property
     def dead_letter_key(self) -> str:
         """The stream of messages given up on."""
         return f"{self.prefix}:dead"
@@ -111,31 +103,6 @@ class RedisParked(RedisChannels):
             if isinstance(members, list)  # else another type, holding no messages
             for member in members
         ]
-
-    def note_parked(self, queue: str) -> tuple[Any, ...]:
-        """The command noting ``queue``'s ETA set as the publish script's park notes it.
-
-        For a message parked by a command of its own (too large for a script).
-        """
-        return self.link.evalsha("note_parked", [self.eta_sets_key], self.eta_key(queue))
-
-    def parked_queues(self, limit: int = 500) -> list[str]:
-        """Queues messages were parked for at their send that still have some parked.
-
-        Up to ``limit`` of them. Found whoever serves them: a process's own queue parked
-        for after its worker was cleaned up is served by no one, and no supervisor moves
-        what is due there.
-        """
-        reply = self.link.call("parked_sets", [self.eta_sets_key], limit)
-        if int(reply[0]):
-            log.error(
-                "set aside %s: a key of another Redis type than a set, not written by nbtask; "
-                "deleted",
-                self.eta_sets_key,
-            )
-        head = self.eta_key("")
-        keys = (bytes(key).decode("utf-8", "replace") for key in reply[1:])
-        return [key[len(head) :] for key in keys if key.startswith(head)]
 
     def parked(self, queue: str, keys: Sequence[str], limit: int) -> list[Parked]:
         """Up to ``limit`` messages parked for ``queue`` in ``keys``, soonest first, left there.

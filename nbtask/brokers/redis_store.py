@@ -179,7 +179,7 @@ class RedisStore(RedisWorkers, RedisBlobs, RedisHoldings, RedisParked):
         """
         client = fields.get("client")
         index = self.client_tasks_key(str(client)) if client else ""
-        keys = (self.record_key(task_id), self.eta_key(queue), index, self.eta_sets_key)
+        keys = (self.record_key(task_id), self.eta_key(queue), index)
         now, upkeep = repr(time.time()), self.index_upkeep(index)
         args = (self.ttl, now, task_id, repr(due), member, upkeep, "1" if new else "0")
         return self.link.evalsha("record", keys, *args, *_flat(fields))

@@ -150,8 +150,7 @@ class StreamsTransport(StreamsMoves):
             record = self.store.pending_command(msg.task_id, msg.queue, msg.record)
             # Room for the ETA set (a key of another type there is replaced).
             room = self.link.evalsha("set_aside", [self.store.eta_key(msg.queue)])
-            note = [self.store.note_parked(msg.queue)] if due is not None else []
-            commands += [("MULTI",), record, room, queue_it, *note, ("EXEC",)]
+            commands += [("MULTI",), record, room, queue_it, ("EXEC",)]
         with self.link.translate_errors():
             replies = self.link.run_scripts(commands, large=large)
         return _refusals(replies)
@@ -165,7 +164,6 @@ class StreamsTransport(StreamsMoves):
             store.eta_key(msg.queue),
             store.record_key(msg.task_id),
             index,
-            store.eta_sets_key,
         )
         return self.link.evalsha(
             "publish",

@@ -113,24 +113,12 @@ class RedisWorkers:
         """Registered workers whose heartbeat lapsed (``None``: an unreadable entry)."""
         return self._registered(alive=False) or {}
 
-    def registered_if_known(self) -> dict[str, WorkerInfo] | None:
-        """Every registered worker, live or not, in one read; ``None`` if not known whole.
-
-        ``None`` as for :meth:`workers_if_known`, or if the registry holds more entries
-        than a read takes. A worker not among them was cleaned up after (or never ran).
-        """
-        both = self._registered(alive=None, whole=True)
-        if both is None or None in both.values():
-            return None
-        return {w: i for w, i in both.items() if i is not None}
-
     def _registered(
-        self, *, alive: bool | None, whole: bool = False
+        self, *, alive: bool, whole: bool = False
     ) -> dict[str, WorkerInfo | None] | None:
         """The registered workers whose heartbeat is (or is not) current; ``None``: no hash.
 
-        ``alive`` ``None``: all of them. ``whole``: ``None`` too when there may be more of
-        them than a read takes.
+        ``whole``: ``None`` too when there may be more of them than a read takes.
         """
         with self.link.translate_errors():
             dropped, entries, held, cut = self.link.call(
@@ -139,7 +127,7 @@ class RedisWorkers:
                 MAX_INFO_BYTES,
                 MAX_REGISTERED,
                 self._hb_key(""),
-                int(alive is not False),
+                int(alive),
             )
             if dropped < 0:  # not a hash: nbtask did not write it
                 if not self._said_not_a_hash:
@@ -169,12 +157,12 @@ class RedisWorkers:
                 self.link.redis.hdel(self._workers_key, *junk)
             ids = [(raw, name) for raw, name in names.items() if name is not None]
             beats = self.link.redis.mget([self._hb_key(n) for _, n in ids]) if ids else []
-        if whole and (cut or (alive is None and held)):
+        if whole and cut:
             return None
         return {
             name: WorkerInfo.parse(registered[raw])
             for (raw, name), beat in zip(ids, beats, strict=True)
-            if alive is None or bool(beat) is alive
+            if bool(beat) is alive
         }
 
     def _say_overfull(self, held: int) -> None:

@@ -309,8 +309,7 @@ return check_start(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 )
 
 # Write a PENDING record, and park the message until its ETA (member '' = not parked).
-# KEYS: record, eta set, client index, the ETA sets parked in at a send (the eta set is
-# noted there: see RedisParked.parked_queues; a key of another type there is left)
+# KEYS: record, eta set, client index
 # ARGV: ttl, now, task id, due, member, index upkeep ('0' = not now), new ('1' = an id
 # just drawn), fields...
 _RECORD = (
@@ -319,10 +318,7 @@ _RECORD = (
 local refused = write_pending(KEYS[1], ARGV[1], KEYS[3], ARGV[2], ARGV[3], {unpack(ARGV, 8)},
                               ARGV[6], ARGV[7])
 if refused ~= '' then return refused end
-if ARGV[5] ~= '' then
-  zadd_replacing(KEYS[2], ARGV[4], ARGV[5])
-  redis.pcall('SADD', KEYS[4], KEYS[2])
-end
+if ARGV[5] ~= '' then zadd_replacing(KEYS[2], ARGV[4], ARGV[5]) end
 return ''
 """
 )

@@ -34,9 +34,8 @@ end
 )
 
 # Enqueue one message (or park it until its ETA) and write its PENDING record.
-# KEYS: stream, eta set, record, client index, the ETA sets parked in at a send (as the
-# store's record script notes it there); ARGV: raw, ttl, due ('' = now), task id, now,
-# index upkeep ('0' = not now), new ('1' = an id just drawn), fields...
+# KEYS: stream, eta set, record, client index; ARGV: raw, ttl, due ('' = now), task id,
+# now, index upkeep ('0' = not now), new ('1' = an id just drawn), fields...
 _PUBLISH = (
     WRITE_PENDING
     + """
@@ -47,7 +46,6 @@ if ARGV[3] == '' then
   redis.call('XADD', KEYS[1], '*', 'e', ARGV[1], 'n', '0', 'i', ARGV[4])
 else
   zadd_replacing(KEYS[2], ARGV[3], ARGV[4] .. ':' .. ARGV[1])
-  redis.pcall('SADD', KEYS[5], KEYS[2])
 end
 return ''
 """

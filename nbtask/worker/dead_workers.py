@@ -3,9 +3,7 @@
 What a dead worker's processes held is settled as lost, what waits on their own queues
 (or is parked for them until its due time) is sent on to the queues it falls back to (as
 a stopping worker does for its own), and
-the worker is forgotten once the broker lets its queues go. What is parked for one of
-those queues later (sent by a client whose read of the registry was a moment old, or
-just as the clean-up ran) is parked for the queue it falls back to at a later heartbeat.
+the worker is forgotten once the broker lets its queues go.
 
 A lapsed heartbeat is not proof of death: a live worker misses its heartbeats when its
 supervisor pauses (a long GC pause, SIGSTOP, a stopped VM, a slow broker). Before
@@ -22,7 +20,7 @@ from collections.abc import Sequence
 
 from nbtask._process import runs_here
 from nbtask.brokers import Transport
-from nbtask.core.holding import holder_queue, is_holder_queue
+from nbtask.core.holding import holder_queue
 from nbtask.wire.envelope import Signer
 from nbtask.wire.records import WorkerInfo
 from nbtask.worker.lost import LostTasks
@@ -133,30 +131,6 @@ class DeadWorkers:
                 self._queues_left.discard(worker_id)
                 self._alive.discard(worker_id)
                 log.warning("cleaned up after dead worker %s", worker_id)
-        self.repark_forgotten()
-
-    def repark_forgotten(self) -> None:
-        """Park what is parked for the own queue of a process no registered worker names.
-
-        Parked after its worker was cleaned up (or stopped): no supervisor serves that
-        queue, so nothing would move it when due. It is parked for the queue it falls back
-        to, due as it was, as the clean-up parks what was parked there before it. Nothing
-        is done while the registry cannot be read whole (an entry nbtask did not write may
-        name that process).
-        """
-        store = self.transport.store
-        head = len(holder_queue(""))
-        parked = {queue[head:]: queue for queue in store.parked_queues() if is_holder_queue(queue)}
-        if not parked:
-            return
-        registered = store.registered_if_known()
-        if registered is None:
-            return
-        named = {consumer for info in registered.values() for consumer in info.consumers}
-        for consumer in parked.keys() - named:
-            moved = self.lost.repark_forgotten(parked[consumer])
-            if moved:
-                log.warning("moved %d task(s) waiting for process %s elsewhere", moved, consumer)
 
     def _note_queues_left(self, worker_id: str, queues: Sequence[str]) -> None:
         """Say once per dead worker that some of its processes' queues are left for now."""

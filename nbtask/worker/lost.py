@@ -349,18 +349,7 @@ class LostTasks:
             moved += 1
         return moved, len(batch) >= MOVED_PER_LOOK
 
-    def repark_forgotten(self, queue: str) -> int:
-        """Park what was parked for ``queue`` after its gone process's clean-up elsewhere.
-
-        As :meth:`rehome` parks what was parked there before it (that clean-up was over,
-        and no supervisor serves ``queue``), but a message this worker cannot verify is
-        left where it is: the worker that was cleaned up is not known any more, and the
-        message may be another app's on the same key prefix, whose workers park it.
-        Returns how many were parked again.
-        """
-        return self._move_parked(queue, keep_unverified=True)[0]
-
-    def _move_parked(self, queue: str, *, keep_unverified: bool = False) -> tuple[int, bool]:
+    def _move_parked(self, queue: str) -> tuple[int, bool]:
         """Park what is parked for a gone process's ``queue`` elsewhere, due as it was.
 
         Each for the queue it falls back to, :data:`MOVED_PER_LOOK` at most. Returns how
@@ -369,8 +358,6 @@ class LostTasks:
         moved = 0
         batch = self.transport.parked(queue, MOVED_PER_LOOK)
         for parked in batch:
-            if keep_unverified and not self._verifies(parked.raw):
-                continue  # (looked at again at later sweeps, not said each time)
             opened = self._to_move(parked.raw, queue, "parked for")
             if opened is None:
                 self.transport.dead_letter_parked(parked)
@@ -406,14 +393,6 @@ class LostTasks:
             log.error("dead-lettered a message %s %s: %s", where, queue, elsewhere)
             return None
         return envelope, message
-
-    def _verifies(self, raw: bytes) -> bool:
-        """Whether ``raw`` verifies with the secrets this worker accepts."""
-        try:
-            self.signer.open(raw)
-        except NbtaskError:
-            return False
-        return True
 
     def _sealed_for_fallback(self, message: TaskMessage, envelope: Envelope) -> tuple[str, bytes]:
         """The queue a message on a gone process's queue falls back to, and it sealed for it."""

@@ -113,33 +113,6 @@ def test_a_task_parked_for_a_gone_process_queue_runs_on_its_fallback_queue_when_
     assert ledger.read_text().split() == [h.id]
 
 
-@pytest.mark.brokers()
-def test_a_task_parked_for_a_process_queue_after_its_clean_up_runs_on_its_fallback_queue(
-    app: App, access: RawBroker, start_worker, tmp_path: Path
-) -> None:
-    """Sent to process ghost-0's own queue with a countdown once a live worker cleaned up
-    after ghost-0 (sent by a client whose read of the registry was a moment old, or to a
-    queue named by hand): that worker parks it for 'default', due as it was, as it does
-    one parked there before the clean-up, and it runs there, once, its record naming
-    'default'. Before, it stayed parked for ghost-0's queue for good: only ghost-0's own
-    supervisor moves what is due there, and the clean-up was over, so the task never ran
-    and its handle waited for ever."""
-    ledger = tmp_path / "ledger"
-    own = holder_queue("ghost-0")
-    access.forge_dead_process("ghost-0")
-    worker = start_worker(concurrency=1)
-    cleaned = "cleaned up after dead worker dead-ghost-0"
-    wait_until(lambda: cleaned in worker.log.read_text(), 20, "the clean-up after ghost-0")
-
-    h = app.send_task(RECORD_ID, (str(ledger),), queue=own, countdown=1)
-    assert h.get(timeout=30) == h.id
-    assert ledger.read_text().split() == [h.id]
-    record = app.store.get_record(h.id)
-    assert record is not None and record.queue == "default"
-    assert "moved 1 task(s) waiting for process ghost-0 elsewhere" in worker.log.read_text()
-    assert not access.store.exists(access.keys.eta_key(own))
-
-
 class _Moved:
     """A client that says a task was moved to 'default', and records what a handle asks."""
 

@@ -17,7 +17,6 @@ from raw_broker import RawBroker
 from nbtask import App, State
 from nbtask.brokers import Transport, open_broker
 from nbtask.core.holding import holder_queue
-from nbtask.worker.dead_workers import DeadWorkers
 from nbtask.worker.lost import MOVED_PER_LOOK, LostTasks
 
 pytestmark = pytest.mark.brokers()
@@ -128,46 +127,3 @@ def test_what_waits_on_a_gone_process_queue_is_moved_a_bounded_number_per_look(
 
 def _dead_lettered_from(access: RawBroker, queue: str) -> list[dict[bytes, bytes]]:
     return [fields for fields in access.dead_letters() if fields[b"q"] == queue.encode()]
-
-
-def test_what_is_parked_for_a_process_queue_after_its_clean_up_is_parked_for_its_fallback(
-    app: App, access: RawBroker, transport: Transport
-) -> None:
-    """Parked for ghost-0's queue, ghost-0 named by no registry entry any more (cleaned up
-    after, or stopped): a task sent with a countdown, one too large for the publish script
-    (parked beside it on Redis), and a forgery. A live worker's sweep parks both tasks for
-    'default', due as they were, their records naming it, and leaves the forgery (it may
-    be another app's on the same key prefix). What is parked for ghost-1's queue, ghost-1
-    still registered, is left to its worker (or its clean-up). The queues parked for are
-    noted as the messages are parked, and forgotten once nothing is parked there. Before,
-    no one looked at ghost-0's queue once its clean-up was over: they stayed parked."""
-    small, _, due = _park_on_own(app, access)
-    large = app.send_task(RECORD_ID, ("x" * (1 << 20),), queue=OWN, countdown=600)
-    app.flush()
-    forged = {b"forged:not a message": 1.0}
-    access.store.zadd(access.keys.eta_key(OWN), forged)
-    other = holder_queue("ghost-1")
-    kept = app.send_task(RECORD_ID, ("unused",), queue=other, countdown=600)
-    app.flush()
-    access.forge_dead_process("ghost-1")
-    assert {OWN, other} <= set(transport.store.parked_queues())
-    lost = LostTasks(transport, app.signer, app.settings)
-    dead = DeadWorkers("sweeper", transport, app.signer, lost, 2.0, 0.2)
-
-    dead.repark_forgotten()
-
-    fallback = access.store.zrange(access.keys.eta_key("default"), 0, -1, withscores=True)
-    assert sorted(member.partition(b":")[0].decode() for member, _ in fallback) == sorted(
-        [small, large.id]
-    )
-    assert due in [score for _, score in fallback]
-    assert max(len(member) for member, _ in fallback) > 1 << 20  # (Redis: no script took it)
-    for task_id in (small, large.id):
-        record = app.store.get_record(task_id)
-        assert record is not None and record.queue == "default"
-    assert access.store.zrange(access.keys.eta_key(OWN), 0, -1) == list(forged)
-    assert access.dead_letters() == []
-    [(member, _)] = access.store.zrange(access.keys.eta_key(other), 0, -1, withscores=True)
-    assert member.startswith(f"{kept.id}:".encode())
-    access.store.zrem(access.keys.eta_key(OWN), *forged)
-    assert OWN not in transport.store.parked_queues()
