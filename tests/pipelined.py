@@ -1,5 +1,5 @@
-"""What the tests of pipelined sends (Redis's replies, RabbitMQ's confirms) share: the task
-that counts its runs, and the Redis link and transport a client sends through."""
+"""What the tests of pipelined sends (Redis's replies, RabbitMQ's confirms) share: the Redis
+link and transport a client sends through."""
 
 from __future__ import annotations
 

@@ -17,18 +17,12 @@ from pathlib import Path
 import pytest
 import redis
 from helpers import RECORD_ID, ledger_runs
+from pipelined import link_of
 
 from nbtask import App
 from nbtask.brokers import redis_resp
 from nbtask.brokers.redis_link import RedisLink
 from nbtask.brokers.redis_resp import closed_by_server, send_first
-from nbtask.brokers.redis_store import RedisStore
-
-
-def link_of(app: App) -> RedisLink:
-    store = app.transport.store
-    assert isinstance(store, RedisStore)
-    return store.link
 
 
 def kill_this_threads_connection(link: RedisLink, r: redis.Redis) -> None:
